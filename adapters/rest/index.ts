@@ -1,0 +1,112 @@
+import type { FastifyInstance, FastifyRequest, FastifySchema, FastifyReply } from 'fastify'
+import { Ajv } from 'ajv'
+import addFormats from 'ajv-formats'
+import { CallContext } from '../../plugins/pipeline/index.js'
+import { MantleError } from '../../errors.js'
+import type { JsonSchema, Operation } from '../../manifest.js'
+
+// The REST face decodes (path params + query string or JSON body into one input), hands the
+// call to the pipeline and lets Fastify encode with the op's compiled output schema, so fields
+// the schema does not declare never reach the client. No policy lives here.
+
+const problem = { content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } } }
+const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/
+
+export interface RestAdapterOptions {
+  /** Adds the bearer security requirement to the OpenAPI document. */
+  secured: boolean
+}
+
+export function single (value: string | string[] | undefined): string | undefined {
+  return typeof value === 'string' ? value : undefined
+}
+
+/** Reads the Idempotency-Key header, refusing values no store could key on. */
+export function idempotencyKeyOf (request: FastifyRequest): string | undefined {
+  const key = single(request.headers['idempotency-key'])
+  if (key !== undefined && !IDEMPOTENCY_KEY.test(key)) {
+    throw new MantleError('VALIDATION_FAILED', 'The Idempotency-Key header must be 1 to 255 visible ASCII characters')
+  }
+  return key
+}
+
+export default async function restAdapter (app: FastifyInstance, opts: RestAdapterOptions): Promise<void> {
+  // Path params and query strings arrive as strings: this Ajv only coerces them to the types the
+  // input schema declares. Validation proper is the pipeline's, the same on every face.
+  const coercer = new Ajv({ coerceTypes: 'array', strict: false, allErrors: true, useDefaults: false })
+  addFormats.default(coercer)
+  const passthrough = (): true => true
+  const validatorCompiler = ({ schema, httpPart }: { schema: FastifySchema, httpPart?: string }) => {
+    if (httpPart === 'body' || httpPart === 'headers') return passthrough
+    const { required: _r, additionalProperties: _a, ...loose } = schema as JsonSchema
+    const coerce = coercer.compile(loose)
+    return (data: unknown) => { coerce(data); return true }
+  }
+
+  for (const op of app.pipeline.manifest.operations) {
+    app.route({
+      method: op.method,
+      url: op.path,
+      schema: routeSchema(op, opts.secured),
+      validatorCompiler,
+      handler: handlerFor(app, op)
+    })
+  }
+}
+
+function handlerFor (app: FastifyInstance, op: Operation) {
+  const entry = app.pipeline.entry(op.name)
+  const pathParams = op.pathParams
+  const inBody = op.inputInBody
+  return async function restHandler (request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
+    let input: Record<string, unknown>
+    if (inBody) {
+      const body = request.body
+      if (body === undefined || body === null) input = {}
+      else if (typeof body !== 'object' || Array.isArray(body)) throw new MantleError('VALIDATION_FAILED', 'The body must be a JSON object')
+      else input = body as Record<string, unknown>
+    } else {
+      input = request.query as Record<string, unknown>
+    }
+    if (pathParams.length > 0) {
+      const params = request.params as Record<string, unknown>
+      // The path wins over a body or query field of the same name.
+      for (const p of pathParams) input[p] = params[p]
+    }
+    const headers = request.headers
+    const ctx = new CallContext(request.id, 'rest', op, input, headers.authorization, single(headers.traceparent), op.type === 'mutation' ? idempotencyKeyOf(request) : undefined)
+    const result = await entry.run(ctx)
+    if (ctx.status !== 200) {
+      reply.code(ctx.status)
+      if (ctx.status === 204) return reply.send()
+    }
+    return result
+  }
+}
+
+function routeSchema (op: Operation, secured: boolean): FastifySchema {
+  const props = (op.input.properties ?? {}) as Record<string, JsonSchema>
+  const required = Array.isArray(op.input.required) ? op.input.required as string[] : []
+  const pick = (keep: (k: string) => boolean): Record<string, JsonSchema> =>
+    Object.fromEntries(Object.entries(props).filter(([k]) => keep(k)))
+  const isPath = (k: string): boolean => op.pathParams.includes(k)
+  const rest: JsonSchema = {
+    type: 'object',
+    properties: pick(k => !isPath(k)),
+    ...(required.some(k => !isPath(k)) ? { required: required.filter(k => !isPath(k)) } : {}),
+    ...(op.input.additionalProperties === false ? { additionalProperties: false } : {})
+  }
+  const schema: Record<string, unknown> = {
+    operationId: op.name,
+    tags: [op.type === 'query' ? 'queries' : 'mutations'],
+    response: { '2xx': op.output, '4xx': problem, '5xx': problem }
+  }
+  if (op.summary !== null) schema.summary = op.summary
+  if (op.description !== null) schema.description = op.description
+  if (op.deprecated) schema.deprecated = true
+  if (secured) schema.security = [{ bearerAuth: [] }]
+  if (op.pathParams.length > 0) schema.params = { type: 'object', properties: pick(isPath), required: [...op.pathParams] }
+  if (op.inputInBody) schema.body = rest
+  else if (Object.keys(rest.properties as object).length > 0) schema.querystring = rest
+  return schema as FastifySchema
+}

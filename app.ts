@@ -1,0 +1,101 @@
+import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply } from 'fastify'
+import { randomUUID } from 'node:crypto'
+import { readFileSync } from 'node:fs'
+import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems } from './schemas/config.js'
+import { ProblemSchema } from './schemas/manifest.js'
+import { loadManifestFile, type Manifest } from './manifest.js'
+import { toProblem, MantleError } from './errors.js'
+import pipeline from './plugins/pipeline/index.js'
+import metrics from './plugins/metrics/index.js'
+import auth from './plugins/auth/index.js'
+import kernel from './plugins/kernel/index.js'
+import openapi from './adapters/openapi/index.js'
+import rest from './adapters/rest/index.js'
+import health from './routes/health.js'
+
+/** The package version, read once at start-up (from the source tree or from dist/). */
+export const VERSION: string = ((): string => {
+  for (const candidate of ['./package.json', '../package.json']) {
+    try {
+      return (JSON.parse(readFileSync(new URL(candidate, import.meta.url), 'utf8')) as { version: string }).version
+    } catch {}
+  }
+  return '0.0.0'
+})()
+
+export interface BuildOptions {
+  /** A compiled manifest; by default the file named by BFF_MANIFEST is loaded. */
+  manifest?: Manifest
+  /** Overrides the Kernel origin (the demo Kernel's, or a test's). */
+  kernelUrl?: string
+  logger?: FastifyServerOptions['logger']
+  /** Kernel retry backoff (tests shorten it). */
+  kernelBackoff?: { baseMs: number, capMs: number }
+}
+
+// A client's request id is kept only when it is short and plain: it goes into logs and headers.
+const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/
+
+export async function buildApp (config: Readonly<Config>, options: BuildOptions = {}): Promise<FastifyInstance> {
+  const refused = productionProblems(config)
+  if (refused.length > 0) throw new ConfigError('Refusing to start in production: ' + refused.join('; '))
+  const manifest = options.manifest ?? await loadManifestFile(config.BFF_MANIFEST)
+
+  const app = Fastify({
+    logger: options.logger ?? {
+      level: config.LOG_LEVEL,
+      redact: { paths: ['req.headers.authorization', 'req.headers.cookie', 'req.query.access_token'], censor: '[redacted]' }
+    },
+    bodyLimit: config.BFF_BODY_LIMIT,
+    requestIdHeader: false,
+    requestIdLogLabel: 'requestId',
+    genReqId: (req) => {
+      const id = req.headers['x-request-id']
+      return typeof id === 'string' && REQUEST_ID.test(id) ? id : randomUUID()
+    },
+    return503OnClosing: true,
+    routerOptions: { ignoreTrailingSlash: true, maxParamLength: 256 },
+    ajv: { customOptions: { strict: false } }
+  })
+
+  app.addSchema(ProblemSchema)
+  app.setErrorHandler(errorHandler)
+  app.setNotFoundHandler((request, reply) => {
+    errorHandler(new MantleError('NOT_FOUND', `No route ${request.method} ${request.url.split('?')[0]}`), request, reply)
+  })
+  app.addHook('onRequest', (request, reply, done) => {
+    reply.header('x-request-id', request.id)
+    done()
+  })
+
+  // Every concern, its order and its switch, in one place (ARCHITECTURE.md).
+  await app.register(pipeline, { manifest })
+  if (config.BFF_METRICS_ENABLED) await app.register(metrics)
+  if (config.BFF_AUTH_ENABLED) {
+    if (config.BFF_JWT_SECRET === undefined) app.log.warn('BFF_JWT_SECRET is not set: using the well-known development secret')
+    await app.register(auth, {
+      secret: config.BFF_JWT_SECRET ?? DEV_JWT_SECRET,
+      issuer: config.BFF_JWT_ISSUER,
+      audience: config.BFF_JWT_AUDIENCE
+    })
+  }
+  await app.register(kernel, {
+    url: options.kernelUrl ?? config.KERNEL_URL,
+    resilience: config.BFF_CIRCUIT_BREAKER_ENABLED,
+    threshold: config.BFF_CIRCUIT_BREAKER_THRESHOLD,
+    resetTimeoutMs: config.BFF_CIRCUIT_BREAKER_TIMEOUT,
+    ...(options.kernelBackoff === undefined ? {} : { backoff: options.kernelBackoff })
+  })
+  if (config.BFF_OPENAPI_ENABLED) await app.register(openapi, { version: VERSION, secured: config.BFF_AUTH_ENABLED })
+  await app.register(rest, { prefix: '/api/v1', secured: config.BFF_AUTH_ENABLED })
+  await app.register(health)
+  return app
+}
+
+function errorHandler (err: FastifyError | MantleError | Error, request: FastifyRequest, reply: FastifyReply): void {
+  const { problem, headers } = toProblem(err, request.id)
+  if (problem.code === 'INTERNAL') request.log.error({ err }, 'unexpected error')
+  else if (problem.status >= 500) request.log.warn({ code: problem.code, detail: problem.detail }, 'call failed')
+  if (headers !== null) reply.headers(headers)
+  reply.code(problem.status).type('application/problem+json').send(problem)
+}

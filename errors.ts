@@ -1,0 +1,139 @@
+// Every contract error code (CONTRACT §5) in one table, and the one mapping from any thrown
+// value to an RFC 7807 problem. Adapters only encode what this module decides.
+// A small class of our own rather than @fastify/error: KERNEL_REJECTED carries the Kernel's
+// own 4xx status, and problems need a detail and headers beside the fixed code and status.
+
+export const ErrorCodes = {
+  UNAUTHENTICATED: { status: 401, title: 'Unauthenticated' },
+  FORBIDDEN: { status: 403, title: 'Forbidden' },
+  FIREWALL_BLOCKED: { status: 403, title: 'Blocked by the AI firewall' },
+  NOT_FOUND: { status: 404, title: 'Not found' },
+  VALIDATION_FAILED: { status: 400, title: 'Validation failed' },
+  PAYLOAD_TOO_LARGE: { status: 413, title: 'Payload too large' },
+  UNSUPPORTED_MEDIA_TYPE: { status: 415, title: 'Unsupported media type' },
+  IDEMPOTENCY_CONFLICT: { status: 409, title: 'Idempotent call still running' },
+  IDEMPOTENCY_KEY_REUSED: { status: 422, title: 'Idempotency key reused with another input' },
+  RATE_LIMITED: { status: 429, title: 'Rate limited' },
+  BAD_REQUEST: { status: 400, title: 'Bad request' },
+  KERNEL_REJECTED: { status: 400, title: 'Rejected by the Kernel' },
+  KERNEL_ERROR: { status: 502, title: 'Kernel error' },
+  KERNEL_UNAVAILABLE: { status: 503, title: 'Kernel unavailable' },
+  KERNEL_TIMEOUT: { status: 504, title: 'Kernel timeout' },
+  OVERLOADED: { status: 503, title: 'Overloaded' },
+  INTERNAL: { status: 500, title: 'Internal error' }
+} as const
+
+export type ErrorCode = keyof typeof ErrorCodes
+
+export interface Problem {
+  type: string
+  title: string
+  status: number
+  code: ErrorCode
+  detail?: string
+  requestId: string
+}
+
+export interface MantleErrorOptions {
+  status?: number
+  headers?: Record<string, string>
+  cause?: unknown
+  /** Refusals that can come at a high rate skip the stack trace: it is never shown anyway. */
+  stack?: boolean
+}
+
+export class MantleError extends Error {
+  readonly code: ErrorCode
+  readonly statusCode: number
+  readonly headers: Record<string, string> | null
+
+  constructor (code: ErrorCode, detail?: string, options: MantleErrorOptions = {}) {
+    const limit = Error.stackTraceLimit
+    if (options.stack !== true) Error.stackTraceLimit = 0
+    super(detail ?? ErrorCodes[code].title, options.cause === undefined ? undefined : { cause: options.cause })
+    if (options.stack !== true) Error.stackTraceLimit = limit
+    this.name = 'MantleError'
+    this.code = code
+    this.statusCode = options.status ?? ErrorCodes[code].status
+    this.headers = options.headers ?? null
+  }
+}
+
+export function problemType (code: ErrorCode): string {
+  return 'urn:mantle:problem:' + code.toLowerCase().replace(/_/g, '-')
+}
+
+interface FastifyLikeError {
+  code?: unknown
+  statusCode?: unknown
+  message?: unknown
+  validation?: Array<{ instancePath?: string, message?: string, params?: Record<string, unknown> }>
+  validationContext?: string
+}
+
+const statusToCode: Record<number, ErrorCode> = {
+  400: 'VALIDATION_FAILED',
+  401: 'UNAUTHENTICATED',
+  403: 'FORBIDDEN',
+  404: 'NOT_FOUND',
+  413: 'PAYLOAD_TOO_LARGE',
+  415: 'UNSUPPORTED_MEDIA_TYPE',
+  429: 'RATE_LIMITED'
+}
+
+// Fastify's own client errors, by code, with the detail we give instead of theirs.
+const fastifyClientErrors: Record<string, [ErrorCode, string]> = {
+  FST_ERR_CTP_BODY_TOO_LARGE: ['PAYLOAD_TOO_LARGE', 'The request body is larger than the limit'],
+  FST_ERR_CTP_INVALID_MEDIA_TYPE: ['UNSUPPORTED_MEDIA_TYPE', 'The request body must be application/json'],
+  FST_ERR_CTP_INVALID_CONTENT_LENGTH: ['BAD_REQUEST', 'The Content-Length header does not match the body'],
+  FST_ERR_CTP_EMPTY_JSON_BODY: ['VALIDATION_FAILED', 'The JSON body is empty'],
+  FST_ERR_CTP_INVALID_JSON_BODY: ['VALIDATION_FAILED', 'The body is not valid JSON']
+}
+
+/** Turns any thrown value into the problem a client sees; never exposes internals for 5xx. */
+export function toProblem (err: unknown, requestId: string): { problem: Problem, headers: Record<string, string> | null } {
+  if (err instanceof MantleError) {
+    return {
+      problem: { type: problemType(err.code), title: ErrorCodes[err.code].title, status: err.statusCode, code: err.code, detail: err.message, requestId },
+      headers: err.headers
+    }
+  }
+  const e = (err ?? {}) as FastifyLikeError
+  if (Array.isArray(e.validation)) {
+    return { problem: make('VALIDATION_FAILED', describeValidation(e.validation, e.validationContext), requestId), headers: null }
+  }
+  if (typeof e.code === 'string' && e.code in fastifyClientErrors) {
+    const [code, detail] = fastifyClientErrors[e.code]
+    return { problem: make(code, detail, requestId), headers: null }
+  }
+  if (err instanceof SyntaxError && typeof e.statusCode === 'number' && e.statusCode === 400) {
+    return { problem: make('VALIDATION_FAILED', 'The body is not valid JSON', requestId), headers: null }
+  }
+  const status = typeof e.statusCode === 'number' ? e.statusCode : 500
+  if (status >= 400 && status < 500) {
+    const code = statusToCode[status] ?? 'BAD_REQUEST'
+    return { problem: { ...make(code, ErrorCodes[code].title, requestId), status }, headers: null }
+  }
+  return { problem: make('INTERNAL', 'The gateway could not complete the call', requestId), headers: null }
+}
+
+function make (code: ErrorCode, detail: string, requestId: string): Problem {
+  return { type: problemType(code), title: ErrorCodes[code].title, status: ErrorCodes[code].status, code, detail, requestId }
+}
+
+/** "input/limit must be <= 100": names the field, as CONTRACT §5 asks. */
+export function describeValidation (errors: Array<{ instancePath?: string, message?: string, params?: Record<string, unknown> }>, context = 'input'): string {
+  const first = errors[0]
+  if (first === undefined) return 'The input is not valid'
+  let path = (first.instancePath ?? '').replace(/^\//, '').replace(/\//g, '.')
+  const params = first.params ?? {}
+  if (typeof params.missingProperty === 'string') {
+    return `${context}.${path === '' ? '' : path + '.'}${params.missingProperty} is required`
+  }
+  if (typeof params.additionalProperty === 'string') {
+    const where = path === '' ? '' : path + '.'
+    return `${context}.${where}${params.additionalProperty} is not allowed`
+  }
+  const field = path === '' ? context : context + '.' + path
+  return `${field} ${first.message ?? 'is not valid'}`
+}

@@ -1,0 +1,317 @@
+import { readFile } from 'node:fs/promises'
+import { extname } from 'node:path'
+import { parse as parseYaml } from 'yaml'
+import { Ajv } from 'ajv'
+import addFormats from 'ajv-formats'
+import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
+
+// The manifest is the one place operations are declared. This module turns the document into
+// frozen Operation objects, or throws one ManifestError naming the manifest path of each fault.
+
+export type JsonSchema = Record<string, unknown>
+export type HttpMethod = 'GET' | 'POST' | 'PUT' | 'PATCH' | 'DELETE'
+
+export interface Operation {
+  readonly name: string
+  readonly index: number
+  readonly type: 'query' | 'mutation'
+  /** REST: the method and the Fastify path under /api/v1, e.g. `/agents/:id`. */
+  readonly method: HttpMethod
+  readonly path: string
+  readonly pathParams: readonly string[]
+  /** REST: input comes from the body (POST, PUT, PATCH) or the query string (GET, DELETE). */
+  readonly inputInBody: boolean
+  readonly kernel: { readonly method: HttpMethod, readonly path: string, readonly pathParams: readonly string[], readonly sendsBody: boolean }
+  /** `$ref`s resolved; the document's own form is kept beside it for faces that name types. */
+  readonly input: JsonSchema
+  readonly output: JsonSchema
+  readonly inputDocument: JsonSchema
+  readonly outputDocument: JsonSchema
+  readonly roles: readonly string[]
+  readonly zone: Zone
+  readonly cache: { readonly ttlSeconds: number, readonly swrSeconds: number, readonly tags: readonly string[] } | null
+  readonly rateLimit: { readonly max: number, readonly windowMs: number } | null
+  readonly firewall: { readonly fields: readonly string[], readonly action: 'block' | 'redact' | 'monitor' } | null
+  readonly invalidates: readonly string[]
+  readonly timeoutMs: number
+  readonly summary: string | null
+  readonly description: string | null
+  readonly deprecated: boolean
+}
+
+export interface EventDefinition {
+  readonly name: string
+  readonly topic: string
+  readonly payload: JsonSchema
+  readonly payloadDocument: JsonSchema
+  readonly roles: readonly string[]
+  readonly description: string | null
+}
+
+export interface KernelSettings {
+  readonly url: string
+  readonly connections: number
+  readonly timeoutMs: number
+  readonly retries: number
+  readonly circuitBreaker: { readonly threshold: number, readonly resetTimeoutMs: number }
+  readonly maxInFlight: number
+}
+
+export interface Manifest {
+  readonly source: string
+  readonly kernel: KernelSettings
+  readonly schemas: Readonly<Record<string, JsonSchema>>
+  readonly operations: readonly Operation[]
+  readonly byName: ReadonlyMap<string, Operation>
+  readonly events: readonly EventDefinition[]
+}
+
+export class ManifestError extends Error {
+  readonly faults: readonly string[]
+  constructor (source: string, faults: string[]) {
+    super(`Invalid manifest ${source}:\n  - ${faults.join('\n  - ')}`)
+    this.name = 'ManifestError'
+    this.faults = faults
+  }
+}
+
+/** Paths the gateway serves itself under /api/v1; an operation may not take them. */
+const RESERVED_REST = new Set(['POST /batch'])
+const NAME = /^[A-Za-z_][A-Za-z0-9_]*$/
+const SCHEMA_REF = /^#\/schemas\/([A-Za-z_][A-Za-z0-9_]*)$/
+
+const ajv = new Ajv({ allErrors: true, strict: false })
+const validateDocument = ajv.compile(ManifestSchema)
+// A second Ajv, strict about JSON Schema itself, checks each declared schema compiles.
+const schemaChecker = new Ajv({ strict: true, strictRequired: false, allowUnionTypes: true, strictTypes: false, allErrors: true })
+addFormats.default(schemaChecker)
+schemaChecker.addVocabulary(['example', 'externalDocs', 'xml'])
+
+export async function loadManifestFile (file: string): Promise<Manifest> {
+  let text: string
+  try {
+    text = await readFile(file, 'utf8')
+  } catch (err) {
+    throw new ManifestError(file, [`cannot be read: ${(err as Error).message}`])
+  }
+  let doc: unknown
+  try {
+    doc = extname(file) === '.json' ? JSON.parse(text) : parseYaml(text, { prettyErrors: true })
+  } catch (err) {
+    throw new ManifestError(file, [`is not valid ${extname(file) === '.json' ? 'JSON' : 'YAML'}: ${(err as Error).message.split('\n')[0]}`])
+  }
+  return compileManifest(doc, file)
+}
+
+const dotted = (instancePath: string): string => instancePath.replace(/^\//, '').split('/').map(s => s.replace(/~1/g, '/').replace(/~0/g, '~')).join('.')
+
+/** Validates a parsed manifest document and builds the frozen catalog. */
+export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
+  if (!validateDocument(doc)) {
+    const faults = (validateDocument.errors ?? []).filter(e => e.keyword !== 'anyOf' && e.keyword !== 'const').map(e => {
+      const at = dotted(e.instancePath)
+      if (e.keyword === 'additionalProperties') return `${at === '' ? '' : at + '.'}${String(e.params.additionalProperty)}: unknown key`
+      if (e.keyword === 'required') return `${at === '' ? '' : at + '.'}${String(e.params.missingProperty)}: is required`
+      return `${at === '' ? '(root)' : at}: ${e.message ?? 'is invalid'}`
+    })
+    const unions = (validateDocument.errors ?? []).filter(e => e.keyword === 'anyOf' || e.keyword === 'const')
+    for (const e of unions) {
+      const at = dotted(e.instancePath)
+      if (e.keyword === 'const' && at === 'version') faults.push('version: must be 1')
+      else if (e.keyword === 'anyOf') faults.push(`${at}: must be one of the allowed values`)
+    }
+    throw new ManifestError(source, [...new Set(faults)])
+  }
+  const m = doc as ManifestDocument
+  const faults: string[] = []
+  const schemas = m.schemas ?? {}
+
+  for (const name of Object.keys(schemas)) {
+    if (!NAME.test(name)) faults.push(`schemas.${name}: the name must match ${NAME.source}`)
+  }
+  // Resolve named schemas first, so a cycle or a missing ref is reported once, at its place.
+  const resolvedSchemas: Record<string, JsonSchema> = {}
+  for (const [name, schema] of Object.entries(schemas)) {
+    resolvedSchemas[name] = resolveRefs(schema, schemas, `schemas.${name}`, faults, [name])
+  }
+
+  const defaults = m.defaults ?? {}
+  const kernelTimeout = m.kernel.timeoutMs ?? 5000
+  const operations: Operation[] = []
+  const routes = new Map<string, string>()
+  let index = 0
+  for (const [name, op] of Object.entries(m.operations)) {
+    const at = `operations.${name}`
+    if (!NAME.test(name)) faults.push(`${at}: the operation name must match ${NAME.source} (it is a tRPC procedure and a GraphQL field)`)
+    const built = buildOperation(name, index++, op, at, schemas, defaults, kernelTimeout, faults)
+    if (built === null) continue
+    const routeKey = `${built.method} ${built.path.replace(/:[^/]+/g, ':')}`
+    const seen = routes.get(routeKey)
+    if (seen !== undefined) faults.push(`${at}.rest: duplicate REST route ${op.rest} (also ${seen}.rest)`)
+    else routes.set(routeKey, at)
+    if (RESERVED_REST.has(`${built.method} ${built.path}`)) faults.push(`${at}.rest: ${op.rest} is reserved by the gateway`)
+    operations.push(built)
+  }
+
+  const events: EventDefinition[] = []
+  for (const [name, ev] of Object.entries(m.events ?? {})) {
+    const at = `events.${name}`
+    if (!NAME.test(name)) faults.push(`${at}: the event name must match ${NAME.source}`)
+    if (m.operations[name] !== undefined) faults.push(`${at}: an operation has the same name`)
+    const payload = resolveRefs(ev.payload, schemas, `${at}.payload`, faults, [])
+    checkSchema(payload, `${at}.payload`, faults)
+    events.push(Object.freeze({ name, topic: ev.topic, payload, payloadDocument: ev.payload, roles: Object.freeze([...(ev.roles ?? defaults.roles ?? [])]), description: ev.description ?? null }))
+  }
+
+  if (faults.length > 0) throw new ManifestError(source, faults)
+
+  const kernel: KernelSettings = Object.freeze({
+    url: m.kernel.url.replace(/\/$/, ''),
+    connections: m.kernel.connections ?? 128,
+    timeoutMs: kernelTimeout,
+    retries: m.kernel.retries ?? 2,
+    circuitBreaker: Object.freeze({ threshold: m.kernel.circuitBreaker?.threshold ?? 5, resetTimeoutMs: m.kernel.circuitBreaker?.resetTimeoutMs ?? 30000 }),
+    maxInFlight: m.kernel.maxInFlight ?? 1024
+  })
+  return Object.freeze({
+    source,
+    kernel,
+    schemas: Object.freeze(resolvedSchemas),
+    operations: Object.freeze(operations),
+    byName: new Map(operations.map(o => [o.name, o])),
+    events: Object.freeze(events)
+  })
+}
+
+function buildOperation (
+  name: string, index: number, op: OperationDocument, at: string, schemas: Record<string, JsonSchema>,
+  defaults: NonNullable<ManifestDocument['defaults']>, kernelTimeout: number, faults: string[]
+): Operation | null {
+  const before = faults.length
+  const [method, path] = op.rest.split(' ') as [HttpMethod, string]
+  const [kMethod, kPath] = op.kernel.split(' ') as [HttpMethod, string]
+  const inputDocument = op.input ?? { type: 'object', properties: {}, additionalProperties: false }
+  const input = resolveRefs(inputDocument, schemas, `${at}.input`, faults, [])
+  const output = resolveRefs(op.output, schemas, `${at}.output`, faults, [])
+  checkSchema(input, `${at}.input`, faults)
+  checkSchema(output, `${at}.output`, faults)
+  if (input.type !== 'object') faults.push(`${at}.input: must be a schema of type object (its properties are the call's arguments)`)
+  const props = (input.properties ?? {}) as Record<string, JsonSchema>
+  const declared = new Set(Object.keys(props))
+
+  const pathParams = [...path.matchAll(/:([A-Za-z_][A-Za-z0-9_]*)/g)].map(x => x[1])
+  if (/:(?![A-Za-z_])/.test(path)) faults.push(`${at}.rest: a path parameter needs a name`)
+  for (const p of pathParams) {
+    if (!declared.has(p)) faults.push(`${at}.rest: path parameter :${p} is not declared in ${at}.input.properties`)
+  }
+  const kernelParams = [...kPath.matchAll(/\{([^}]*)\}/g)].map(x => x[1])
+  for (const p of kernelParams) {
+    if (!declared.has(p)) faults.push(`${at}.kernel: path parameter {${p}} is not declared in ${at}.input.properties`)
+  }
+  const required = new Set(Array.isArray(input.required) ? input.required as string[] : [])
+  for (const p of new Set([...pathParams, ...kernelParams])) {
+    if (declared.has(p) && !required.has(p)) faults.push(`${at}.input.required: path parameter ${p} must be required`)
+  }
+  const inputInBody = method === 'POST' || method === 'PUT' || method === 'PATCH'
+  if (!inputInBody) {
+    for (const [prop, schema] of Object.entries(props)) {
+      if (!pathParams.includes(prop) && !isQueryable(schema)) {
+        faults.push(`${at}.input.properties.${prop}: ${method} takes its input from the query string, which carries only scalars and arrays of scalars`)
+      }
+    }
+  }
+  if (op.type === 'query' && inputInBody === false && method !== 'GET') {
+    faults.push(`${at}.rest: a query is served by GET`)
+  }
+  if (op.type === 'mutation' && method === 'GET') faults.push(`${at}.rest: a mutation cannot be served by GET`)
+  if (op.cache !== undefined && op.type !== 'query') faults.push(`${at}.cache: only queries are cached`)
+  const tags = [...(op.cache?.tags ?? []), ...(op.invalidates ?? [])]
+  for (const tag of tags) {
+    for (const [, p] of tag.matchAll(/\{([^}]*)\}/g)) {
+      if (!declared.has(p)) faults.push(`${at}: tag "${tag}" uses {${p}}, which is not declared in ${at}.input.properties`)
+    }
+  }
+  for (const f of op.firewall?.fields ?? []) {
+    if (!declared.has(f)) faults.push(`${at}.firewall.fields: ${f} is not declared in ${at}.input.properties`)
+  }
+  if (faults.length > before) return null
+
+  return Object.freeze({
+    name,
+    index,
+    type: op.type,
+    method,
+    path,
+    pathParams: Object.freeze(pathParams),
+    inputInBody,
+    kernel: Object.freeze({ method: kMethod, path: kPath, pathParams: Object.freeze(kernelParams), sendsBody: kMethod === 'POST' || kMethod === 'PUT' || kMethod === 'PATCH' }),
+    input,
+    output,
+    inputDocument,
+    outputDocument: op.output,
+    roles: Object.freeze([...(op.roles ?? defaults.roles ?? [])]),
+    zone: op.zone ?? defaults.zone ?? 'public',
+    cache: op.cache === undefined ? null : Object.freeze({ ttlSeconds: op.cache.ttlSeconds, swrSeconds: op.cache.swrSeconds ?? 0, tags: Object.freeze([...(op.cache.tags ?? [])]) }),
+    rateLimit: op.rateLimit ?? defaults.rateLimit ?? null,
+    firewall: op.firewall === undefined ? null : Object.freeze({ fields: Object.freeze([...op.firewall.fields]), action: op.firewall.action }),
+    invalidates: Object.freeze([...(op.invalidates ?? [])]),
+    timeoutMs: op.timeoutMs ?? defaults.timeoutMs ?? kernelTimeout,
+    summary: op.summary ?? null,
+    description: op.description ?? null,
+    deprecated: op.deprecated ?? false
+  })
+}
+
+function isQueryable (schema: JsonSchema): boolean {
+  const scalar = (s: JsonSchema): boolean => {
+    const t = s.type
+    const types = Array.isArray(t) ? t : [t]
+    if (s.enum !== undefined || s.const !== undefined) return true
+    return t !== undefined && types.every(x => x === 'string' || x === 'integer' || x === 'number' || x === 'boolean' || x === 'null')
+  }
+  if (scalar(schema)) return true
+  return schema.type === 'array' && typeof schema.items === 'object' && schema.items !== null && scalar(schema.items as JsonSchema)
+}
+
+function checkSchema (schema: JsonSchema, at: string, faults: string[]): void {
+  try {
+    schemaChecker.compile(schema)
+  } catch (err) {
+    faults.push(`${at}: not a valid JSON Schema: ${(err as Error).message}`)
+  }
+}
+
+/**
+ * Inlines `{ $ref: "#/schemas/Name" }` with a copy of the named schema. A missing name or a
+ * cycle is a fault at the path where it is used.
+ */
+function resolveRefs (node: unknown, schemas: Record<string, JsonSchema>, at: string, faults: string[], stack: string[]): JsonSchema {
+  const walk = (value: unknown, path: string, names: string[]): unknown => {
+    if (Array.isArray(value)) return value.map((v, i) => walk(v, `${path}.${i}`, names))
+    if (value === null || typeof value !== 'object') return value
+    const obj = value as Record<string, unknown>
+    if (typeof obj.$ref === 'string') {
+      const match = SCHEMA_REF.exec(obj.$ref)
+      if (match === null) {
+        faults.push(`${path}.$ref: "${obj.$ref}" must have the form #/schemas/Name`)
+        return {}
+      }
+      const target = schemas[match[1]]
+      if (target === undefined) {
+        faults.push(`${path}.$ref: "${obj.$ref}" names a schema that is not declared in schemas`)
+        return {}
+      }
+      if (names.includes(match[1])) {
+        faults.push(`${path}.$ref: "${obj.$ref}" is cyclic (${[...names, match[1]].join(' -> ')}), which the faces cannot express`)
+        return {}
+      }
+      const { $ref: _ignored, ...rest } = obj
+      const resolved = walk(target, path, [...names, match[1]]) as Record<string, unknown>
+      return Object.keys(rest).length === 0 ? resolved : { ...resolved, ...(walk(rest, path, names) as Record<string, unknown>) }
+    }
+    const out: Record<string, unknown> = {}
+    for (const [k, v] of Object.entries(obj)) out[k] = walk(v, `${path}.${k}`, names)
+    return out
+  }
+  return walk(node, at, stack) as JsonSchema
+}

@@ -1,0 +1,52 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { MantleError } from '../../errors.js'
+import { StageOrder } from '../pipeline/index.js'
+import { createIdentityVerifier, ZONE_RANK, type Identity, type IdentityOptions } from './identity.js'
+
+export { mintToken, type Identity } from './identity.js'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** Present when identity is on: the same verification every face and admin route uses. */
+    identify: (authorization: string | undefined) => Identity
+  }
+}
+
+async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise<void> {
+  const identify = createIdentityVerifier(opts)
+  app.decorate('identify', identify)
+
+  app.pipeline.addStage({
+    name: 'identity',
+    order: StageOrder.identity,
+    build: () => (ctx, next) => {
+      const id = identify(ctx.authorization)
+      ctx.tenant = id.tenant
+      ctx.user = id.user
+      ctx.roles = id.roles
+      ctx.zone = id.zone
+      return next(ctx)
+    }
+  })
+
+  app.pipeline.addStage({
+    name: 'authorization',
+    order: StageOrder.authorization,
+    build (op) {
+      // `roles: []` and the public zone ask only for an authenticated caller: nothing to check.
+      if (op.roles.length === 0 && op.zone === 'public') return null
+      const needed = op.roles
+      const zone = ZONE_RANK[op.zone]
+      return (ctx, next) => {
+        if (ZONE_RANK[ctx.zone] < zone) throw new MantleError('FORBIDDEN', `${op.name} is in the ${op.zone} zone, beyond the caller's`)
+        if (needed.length > 0 && !needed.some(r => ctx.roles.includes(r))) {
+          throw new MantleError('FORBIDDEN', `${op.name} needs one of the roles: ${needed.join(', ')}`)
+        }
+        return next(ctx)
+      }
+    }
+  })
+}
+
+export default fp(authPlugin, { name: 'mantle-auth', dependencies: ['mantle-pipeline'], fastify: '5.x' })

@@ -1,0 +1,247 @@
+import { Pool, type Dispatcher } from 'undici'
+import { randomBytes } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { MantleError } from '../../errors.js'
+import type { Operation } from '../../manifest.js'
+import type { CallContext, Next } from '../pipeline/index.js'
+import { CircuitBreaker, RetryBudget, DENIED, NORMAL, type BreakerState, type Permit } from './breaker.js'
+
+export interface KernelClientOptions {
+  origin: string
+  connections: number
+  retries: number
+  /** null: retries, breaker and bulkhead are off (BFF_CIRCUIT_BREAKER_ENABLED=false). */
+  resilience: { threshold: number, resetTimeoutMs: number, maxInFlight: number } | null
+  /** Largest Kernel answer read, in bytes; a larger one is a KERNEL_ERROR. */
+  maxResponseBytes?: number
+  /** Backoff before retry n (0-based) is a random delay in [0, min(cap, base * 2^n)]. */
+  backoff?: { baseMs: number, capMs: number }
+  metrics?: KernelMetrics
+}
+
+export type Outcome = 'ok' | 'client_error' | 'server_error' | 'timeout' | 'unavailable'
+
+/** What the client reports; a no-op implementation when metrics are off. */
+export interface KernelMetrics {
+  call: (op: string, outcome: Outcome, seconds: number) => void
+  retry: (op: string) => void
+  budgetExhausted: () => void
+  rejected: (reason: 'breaker_open' | 'bulkhead_full') => void
+  breaker: (state: BreakerState) => void
+  connected: () => void
+}
+
+const noMetrics: KernelMetrics = { call () {}, retry () {}, budgetExhausted () {}, rejected () {}, breaker () {}, connected () {} }
+
+// undici's own error codes, by what they mean for a call. Unknown codes count as unreachable.
+const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'])
+
+const TRACEPARENT = /^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$/
+const ZERO_TRACE = '0'.repeat(32)
+
+/** A W3C traceparent for the Kernel call: the caller's trace, with a new span as parent. */
+export function childTraceparent (incoming: string | undefined): string {
+  const ids = randomBytes(24).toString('hex')
+  const m = incoming === undefined ? null : TRACEPARENT.exec(incoming)
+  if (m !== null && m[1] !== ZERO_TRACE) return `00-${m[1]}-${ids.slice(0, 16)}-${m[2]}`
+  return `00-${ids.slice(16)}-${ids.slice(0, 16)}-01`
+}
+
+interface Attempt {
+  outcome: Outcome
+  status: number
+  value: unknown
+  message: string | undefined
+}
+
+export class KernelClient {
+  readonly origin: string
+  readonly pool: Pool
+  readonly breaker: CircuitBreaker | null
+  readonly budget: RetryBudget | null
+  private readonly retries: number
+  private readonly maxInFlight: number
+  private readonly maxBytes: number
+  private readonly backoff: { baseMs: number, capMs: number }
+  private readonly metrics: KernelMetrics
+  inFlight = 0
+
+  constructor (opts: KernelClientOptions) {
+    this.origin = opts.origin
+    this.metrics = opts.metrics ?? noMetrics
+    this.pool = new Pool(opts.origin, { connections: opts.connections, pipelining: 1, keepAliveTimeout: 10_000, connectTimeout: 2_000 })
+    this.pool.on('connect', () => this.metrics.connected())
+    const r = opts.resilience
+    this.breaker = r === null ? null : new CircuitBreaker(r.threshold, r.resetTimeoutMs, s => this.metrics.breaker(s))
+    this.budget = r === null ? null : new RetryBudget()
+    this.retries = r === null ? 0 : opts.retries
+    this.maxInFlight = r === null ? Infinity : r.maxInFlight
+    this.maxBytes = opts.maxResponseBytes ?? 10 * 1024 * 1024
+    this.backoff = opts.backoff ?? { baseMs: 25, capMs: 500 }
+  }
+
+  /** Builds the terminal stage of an operation: path template, query and body plans once. */
+  forOperation (op: Operation): Next {
+    const method = op.kernel.method
+    const parts = op.kernel.path.split(/\{([^}]+)\}/) // even indexes: literal text, odd: param names
+    const pathParams = new Set([...op.kernel.pathParams, ...op.pathParams])
+    const sendsBody = op.kernel.sendsBody
+    const idempotentMethod = method === 'GET'
+    const client = this
+
+    return function callKernel (ctx: CallContext) {
+      const input = ctx.input
+      let path = parts[0]
+      for (let i = 1; i < parts.length; i += 2) path += encodeURIComponent(String(input[parts[i]])) + parts[i + 1]
+      let body: string | undefined
+      if (sendsBody) {
+        const rest: Record<string, unknown> = {}
+        for (const key in input) if (!pathParams.has(key)) rest[key] = input[key]
+        body = JSON.stringify(rest)
+      } else {
+        const query = new URLSearchParams()
+        for (const key in input) {
+          if (pathParams.has(key)) continue
+          const v = input[key]
+          if (v === undefined || v === null) continue
+          if (Array.isArray(v)) for (const item of v) query.append(key, String(item))
+          else query.append(key, String(v))
+        }
+        const qs = query.toString()
+        if (qs !== '') path += '?' + qs
+      }
+      const headers: Record<string, string> = {
+        'x-request-id': ctx.requestId,
+        'x-tenant-id': ctx.tenant,
+        'x-user-id': ctx.user,
+        'x-user-roles': ctx.roles.join(','),
+        traceparent: childTraceparent(ctx.traceparent)
+      }
+      if (body !== undefined) headers['content-type'] = 'application/json'
+      if (ctx.idempotencyKey !== undefined) headers['idempotency-key'] = ctx.idempotencyKey
+      return client.execute(ctx, op, method, path, headers, body, idempotentMethod || ctx.idempotencyKey !== undefined)
+    }
+  }
+
+  async execute (ctx: CallContext, op: Operation, method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, idempotent: boolean): Promise<unknown> {
+    if (this.inFlight >= this.maxInFlight) {
+      this.metrics.rejected('bulkhead_full')
+      throw new MantleError('KERNEL_UNAVAILABLE', 'Too many calls are in flight to the Kernel', { headers: { 'retry-after': '1' } })
+    }
+    this.inFlight++
+    try {
+      this.budget?.deposit()
+      const deadline = ctx.startedAt + op.timeoutMs
+      for (let attempt = 0; ; attempt++) {
+        const permit: Permit = this.breaker === null ? NORMAL : this.breaker.acquire()
+        if (permit === DENIED) {
+          this.metrics.rejected('breaker_open')
+          const seconds = Math.max(1, Math.ceil(this.breaker!.retryAfterMs() / 1000))
+          throw new MantleError('KERNEL_UNAVAILABLE', 'The Kernel circuit breaker is open', { headers: { 'retry-after': String(seconds) } })
+        }
+        const remaining = deadline - performance.now()
+        const started = performance.now()
+        const result = remaining <= 0 ? timedOut : await this.attempt(method, path, headers, body, remaining)
+        this.metrics.call(op.name, result.outcome, (performance.now() - started) / 1000)
+        if (result.outcome === 'ok' || result.outcome === 'client_error') {
+          this.breaker?.success(permit)
+          if (result.outcome === 'ok') {
+            ctx.status = result.status
+            return result.value
+          }
+          throw clientError(result)
+        }
+        this.breaker?.failure(permit)
+        if (result.outcome !== 'timeout' && idempotent && attempt < this.retries) {
+          const wait = Math.random() * Math.min(this.backoff.capMs, this.backoff.baseMs * 2 ** attempt)
+          if (deadline - performance.now() - wait > 1) {
+            if (this.budget!.withdraw()) {
+              this.metrics.retry(op.name)
+              await sleep(wait)
+              continue
+            }
+            this.metrics.budgetExhausted()
+          }
+        }
+        throw failure(result, op)
+      }
+    } finally {
+      this.inFlight--
+    }
+  }
+
+  private async attempt (method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, remaining: number): Promise<Attempt> {
+    const controller = new AbortController()
+    const timer = setTimeout(() => controller.abort(), remaining)
+    try {
+      const res = await this.pool.request({ method, path, headers, body, signal: controller.signal })
+      const status = res.statusCode
+      if (status >= 200 && status < 300) {
+        const value = await readJson(res, this.maxBytes)
+        return value === INVALID
+          ? { outcome: 'server_error', status: 502, value: undefined, message: 'The Kernel answered with a body that is not JSON or too large' }
+          : { outcome: 'ok', status, value, message: undefined }
+      }
+      if (status >= 400 && status < 500) {
+        const value = await readJson(res, 64 * 1024)
+        const message = (value as { message?: unknown } | null)?.message
+        return { outcome: 'client_error', status, value: undefined, message: typeof message === 'string' ? message.slice(0, 300) : undefined }
+      }
+      await res.body.dump()
+      return { outcome: 'server_error', status, value: undefined, message: undefined }
+    } catch (err) {
+      if (controller.signal.aborted || TIMEOUT_CODES.has((err as { code?: string }).code ?? '')) return timedOut
+      return { outcome: 'unavailable', status: 503, value: undefined, message: (err as Error).message }
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+
+  async close (): Promise<void> {
+    await this.pool.close()
+  }
+}
+
+const timedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined }
+const INVALID = Symbol('invalid')
+
+async function readJson (res: Dispatcher.ResponseData, limit: number): Promise<unknown> {
+  const length = Number(res.headers['content-length'])
+  if (res.statusCode === 204 || length === 0) {
+    await res.body.dump()
+    return null
+  }
+  if (length > limit) {
+    await res.body.dump()
+    return INVALID
+  }
+  try {
+    if (length > 0) return await res.body.json()
+    // No length announced: read with a bound rather than trusting the stream.
+    const chunks: Buffer[] = []
+    let size = 0
+    for await (const chunk of res.body) {
+      size += (chunk as Buffer).length
+      if (size > limit) {
+        res.body.destroy()
+        return INVALID
+      }
+      chunks.push(chunk as Buffer)
+    }
+    return size === 0 ? null : JSON.parse(Buffer.concat(chunks).toString('utf8'))
+  } catch (err) {
+    if ((err as { name?: string }).name === 'AbortError') throw err
+    return INVALID
+  }
+}
+
+function clientError (result: Attempt): MantleError {
+  if (result.status === 404) return new MantleError('NOT_FOUND', result.message ?? 'The Kernel has no such resource')
+  return new MantleError('KERNEL_REJECTED', result.message ?? `The Kernel refused the call (status ${result.status})`, { status: result.status })
+}
+
+function failure (result: Attempt, op: Operation): MantleError {
+  if (result.outcome === 'timeout') return new MantleError('KERNEL_TIMEOUT', `The Kernel did not answer within ${op.timeoutMs} ms`)
+  if (result.outcome === 'unavailable') return new MantleError('KERNEL_UNAVAILABLE', 'The Kernel cannot be reached')
+  return new MantleError('KERNEL_ERROR', result.message ?? `The Kernel failed (status ${result.status})`)
+}

@@ -1,0 +1,97 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { Counter, Gauge, Histogram } from 'prom-client'
+import { KernelClient, type KernelMetrics } from './client.js'
+import type { BreakerState } from './breaker.js'
+import { LATENCY_BUCKETS } from '../metrics/index.js'
+
+export { KernelClient, childTraceparent } from './client.js'
+export { CircuitBreaker, RetryBudget, type BreakerState } from './breaker.js'
+
+export interface KernelPluginOptions {
+  /** KERNEL_URL, when set, wins over the manifest's kernel.url. */
+  url?: string | undefined
+  resilience: boolean
+  threshold?: number | undefined
+  resetTimeoutMs?: number | undefined
+  backoff?: { baseMs: number, capMs: number }
+}
+
+export interface KernelStatus {
+  readonly origin: string
+  /** `disabled` when retries, breaker and bulkhead are switched off. */
+  breakerState: () => BreakerState | 'disabled'
+  inFlight: () => number
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    kernel: KernelStatus
+  }
+}
+
+const BREAKER_VALUE: Record<BreakerState, number> = { closed: 0, 'half-open': 1, open: 2 }
+
+function kernelMetrics (app: FastifyInstance, origin: string, client: () => KernelClient): KernelMetrics | undefined {
+  if (!app.hasDecorator('metrics')) return undefined
+  const registers = [app.metrics.registry]
+  const duration = new Histogram({ name: 'mantle_kernel_request_duration_seconds', help: 'Duration of each attempt towards the Kernel, by operation and outcome', labelNames: ['op', 'outcome'] as const, buckets: LATENCY_BUCKETS, registers })
+  const retries = new Counter({ name: 'mantle_kernel_retries_total', help: 'Retries of idempotent Kernel calls', labelNames: ['op'] as const, registers })
+  const exhausted = new Counter({ name: 'mantle_kernel_retry_budget_exhausted_total', help: 'Retries refused because the retry budget was spent', registers })
+  const rejected = new Counter({ name: 'mantle_kernel_rejected_total', help: 'Calls failed fast without reaching the Kernel', labelNames: ['reason'] as const, registers })
+  const breaker = new Gauge({ name: 'mantle_kernel_breaker_state', help: 'Kernel circuit breaker: 0 closed, 1 half-open, 2 open', labelNames: ['origin'] as const, registers })
+  const connections = new Counter({ name: 'mantle_kernel_pool_connections_opened_total', help: 'Connections the Kernel pool opened (requests / connections = reuse)', registers })
+  breaker.set({ origin }, 0)
+  // Pool gauges are read when Prometheus scrapes, not on the hot path.
+  new Gauge({ // eslint-disable-line no-new
+    name: 'mantle_kernel_pool',
+    help: 'Kernel pool: connected, free, pending, queued, running sockets and requests',
+    labelNames: ['state'] as const,
+    registers,
+    collect () {
+      const s = client().pool.stats
+      this.set({ state: 'connected' }, s.connected)
+      this.set({ state: 'free' }, s.free)
+      this.set({ state: 'pending' }, s.pending)
+      this.set({ state: 'queued' }, s.queued)
+      this.set({ state: 'running' }, s.running)
+    }
+  })
+  new Gauge({ name: 'mantle_kernel_in_flight', help: 'Calls in flight to the Kernel (the bulkhead counts these)', registers, collect () { this.set(client().inFlight) } }) // eslint-disable-line no-new
+  return {
+    call: (op, outcome, seconds) => duration.labels(op, outcome).observe(seconds),
+    retry: op => retries.labels(op).inc(),
+    budgetExhausted: () => exhausted.inc(),
+    rejected: reason => rejected.labels(reason).inc(),
+    breaker: state => breaker.set({ origin }, BREAKER_VALUE[state]),
+    connected: () => connections.inc()
+  }
+}
+
+async function kernelPlugin (app: FastifyInstance, opts: KernelPluginOptions): Promise<void> {
+  const settings = app.pipeline.manifest.kernel
+  const origin = (opts.url ?? settings.url).replace(/\/$/, '')
+  let client: KernelClient | null = null
+  const metrics = kernelMetrics(app, origin, () => client!)
+  client = new KernelClient({
+    origin,
+    connections: settings.connections,
+    retries: settings.retries,
+    resilience: opts.resilience
+      ? { threshold: opts.threshold ?? settings.circuitBreaker.threshold, resetTimeoutMs: opts.resetTimeoutMs ?? settings.circuitBreaker.resetTimeoutMs, maxInFlight: settings.maxInFlight }
+      : null,
+    ...(opts.backoff === undefined ? {} : { backoff: opts.backoff }),
+    ...(metrics === undefined ? {} : { metrics })
+  })
+  const c = client
+  app.pipeline.setTerminal(op => c.forOperation(op))
+  app.decorate('kernel', {
+    origin,
+    breakerState: () => c.breaker?.state ?? 'disabled',
+    inFlight: () => c.inFlight
+  })
+  // Fastify has let in-flight requests finish before onClose: the pool can close now.
+  app.addHook('onClose', async () => { await c.close() })
+}
+
+export default fp(kernelPlugin, { name: 'mantle-kernel', dependencies: ['mantle-pipeline'], fastify: '5.x' })

@@ -1,0 +1,72 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { Registry, Histogram, Gauge, collectDefaultMetrics } from 'prom-client'
+import { StageOrder, PROTOCOLS, type Protocol } from '../pipeline/index.js'
+
+export interface Metrics {
+  readonly registry: Registry
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** Present when metrics are on; other plugins register their own metrics on its registry. */
+    metrics: Metrics
+  }
+}
+
+/** Seconds; a gateway's interesting range is sub-millisecond to the Kernel's timeouts. */
+export const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+
+const CLASSES = ['2xx', '4xx', '5xx'] as const
+const classOf = (err: unknown): 1 | 2 => {
+  const status = (err as { statusCode?: unknown } | null)?.statusCode
+  return typeof status === 'number' && status >= 400 && status < 500 ? 1 : 2
+}
+
+async function metricsPlugin (app: FastifyInstance): Promise<void> {
+  const registry = new Registry()
+  collectDefaultMetrics({ register: registry })
+
+  // Labels are the manifest's op names and fixed sets: cardinality is bounded by the catalog.
+  const duration = new Histogram({
+    name: 'mantle_request_duration_seconds',
+    help: 'Duration of operation calls through the pipeline, by protocol, operation and status class',
+    labelNames: ['protocol', 'op', 'status_class'] as const,
+    buckets: LATENCY_BUCKETS,
+    registers: [registry]
+  })
+  const inFlight = new Gauge({ name: 'mantle_requests_in_flight', help: 'Operation calls in the pipeline now', registers: [registry] })
+
+  app.decorate('metrics', { registry })
+
+  app.pipeline.addStage({
+    name: 'metrics',
+    order: StageOrder.metrics,
+    build (op) {
+      // Optimization: the label children of an op are resolved once, not per call.
+      const children = new Map<Protocol, Array<{ observe: (v: number) => void }>>()
+      for (const p of PROTOCOLS) children.set(p, CLASSES.map(c => duration.labels(p, op.name, c)))
+      return async (ctx, next) => {
+        inFlight.inc()
+        const observers = children.get(ctx.protocol)!
+        try {
+          const result = await next(ctx)
+          observers[0].observe((performance.now() - ctx.startedAt) / 1000)
+          return result
+        } catch (err) {
+          observers[classOf(err)].observe((performance.now() - ctx.startedAt) / 1000)
+          throw err
+        } finally {
+          inFlight.dec()
+        }
+      }
+    }
+  })
+
+  app.get('/metrics', { schema: { hide: true } }, async (_request, reply) => {
+    reply.type(registry.contentType)
+    return await registry.metrics()
+  })
+}
+
+export default fp(metricsPlugin, { name: 'mantle-metrics', dependencies: ['mantle-pipeline'], fastify: '5.x' })

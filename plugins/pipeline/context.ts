@@ -1,0 +1,47 @@
+import type { Operation } from '../../manifest.js'
+import type { Zone } from '../../schemas/manifest.js'
+
+export type Protocol = 'rest' | 'trpc' | 'graphql' | 'websocket' | 'batch'
+export const PROTOCOLS: readonly Protocol[] = ['rest', 'trpc', 'graphql', 'websocket', 'batch']
+
+const ANONYMOUS_ROLES: readonly string[] = Object.freeze([])
+
+/**
+ * The one object a call carries through the pipeline. Every field is set in the constructor,
+ * in the same order, so all contexts share one hidden class. Stages fill identity and
+ * outcome; they never reach back to the adapter's request.
+ */
+export class CallContext {
+  readonly requestId: string
+  readonly protocol: Protocol
+  readonly op: Operation
+  input: Record<string, unknown>
+  /** The raw `Authorization` value (or the WebSocket's token), read by the identity stage. */
+  readonly authorization: string | undefined
+  readonly traceparent: string | undefined
+  readonly idempotencyKey: string | undefined
+  tenant: string
+  user: string
+  roles: readonly string[]
+  zone: Zone
+  /** The Kernel's 2xx status for the answer (REST passes 201/202 on). */
+  status: number
+  readonly startedAt: number
+
+  constructor (requestId: string, protocol: Protocol, op: Operation, input: Record<string, unknown>, authorization: string | undefined, traceparent: string | undefined, idempotencyKey: string | undefined) {
+    this.requestId = requestId
+    this.protocol = protocol
+    this.op = op
+    this.input = input
+    this.authorization = authorization
+    this.traceparent = traceparent
+    this.idempotencyKey = idempotencyKey
+    // With identity off every call is the public tenant's anonymous user.
+    this.tenant = 'public'
+    this.user = 'anonymous'
+    this.roles = ANONYMOUS_ROLES
+    this.zone = 'public'
+    this.status = 200
+    this.startedAt = performance.now()
+  }
+}

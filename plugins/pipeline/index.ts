@@ -1,0 +1,128 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { Ajv, type ValidateFunction } from 'ajv'
+import addFormats from 'ajv-formats'
+import type { Manifest, Operation } from '../../manifest.js'
+import { MantleError, describeValidation } from '../../errors.js'
+import type { CallContext } from './context.js'
+
+export { CallContext, type Protocol, PROTOCOLS } from './context.js'
+
+export type Next = (ctx: CallContext) => Promise<unknown>
+/**
+ * A stage runs around the rest of the pipeline. It may answer itself (a cache hit), refuse by
+ * throwing a MantleError, or call `next`. Stages that only check are plain functions returning
+ * `next(ctx)`, not `async`, so they add no promise of their own.
+ */
+export type Stage = (ctx: CallContext, next: Next) => Promise<unknown>
+
+export interface StageDefinition {
+  name: string
+  order: number
+  /** Runs once per operation at start-up; `null` when the concern does not apply to it. */
+  build: (op: Operation) => Stage | null
+}
+
+/** The fixed order of ARCHITECTURE.md: outermost first. */
+export const StageOrder = {
+  metrics: 0,
+  audit: 10,
+  identity: 20,
+  authorization: 30,
+  validation: 40,
+  rateLimit: 50,
+  idempotency: 60,
+  firewall: 70,
+  cache: 80
+} as const
+
+export interface OperationEntry {
+  readonly op: Operation
+  /** Runs the call; set when the app is ready. May throw synchronously: await it. */
+  run: Next
+  stages: readonly string[]
+}
+
+export interface Pipeline {
+  readonly manifest: Manifest
+  addStage: (definition: StageDefinition) => void
+  setTerminal: (factory: (op: Operation) => Next) => void
+  /** The entry of an operation, stable from registration on, for adapters to hold. */
+  entry: (name: string) => OperationEntry
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    pipeline: Pipeline
+  }
+}
+
+const notReady: Next = () => { throw new Error('the pipeline is not compiled yet: the app is not ready') }
+
+export function createPipeline (manifest: Manifest): Pipeline & { compile: () => void } {
+  const definitions: StageDefinition[] = [validationStage()]
+  let terminal: ((op: Operation) => Next) | null = null
+  const entries = new Map<string, OperationEntry>()
+  for (const op of manifest.operations) entries.set(op.name, { op, run: notReady, stages: [] })
+  let compiled = false
+
+  return {
+    manifest,
+    addStage (definition) {
+      if (compiled) throw new Error(`stage ${definition.name} added after the pipeline was compiled`)
+      if (definitions.some(d => d.name === definition.name)) throw new Error(`stage ${definition.name} is added twice`)
+      definitions.push(definition)
+    },
+    setTerminal (factory) {
+      if (terminal !== null) throw new Error('the pipeline already has its terminal (the Kernel call)')
+      terminal = factory
+    },
+    entry (name) {
+      const entry = entries.get(name)
+      if (entry === undefined) throw new Error(`no operation ${name} in the manifest`)
+      return entry
+    },
+    compile () {
+      if (terminal === null) throw new Error('the pipeline has no terminal: register the kernel plugin')
+      const ordered = [...definitions].sort((a, b) => a.order - b.order)
+      for (const entry of entries.values()) {
+        // Optimization: each operation keeps only the stages that apply to it, chained once.
+        const stages = ordered.map(d => [d.name, d.build(entry.op)] as const).filter((s): s is readonly [string, Stage] => s[1] !== null)
+        let run = terminal(entry.op)
+        for (let i = stages.length - 1; i >= 0; i--) {
+          const stage = stages[i][1]
+          const next = run
+          run = (ctx) => stage(ctx, next)
+        }
+        entry.run = run
+        entry.stages = Object.freeze(stages.map(s => s[0]))
+      }
+      compiled = true
+    }
+  }
+}
+
+/** Input validation is not a switchable concern: every face validates with the op's compiled schema. */
+function validationStage (): StageDefinition {
+  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
+  addFormats.default(ajv)
+  return {
+    name: 'validation',
+    order: StageOrder.validation,
+    build (op) {
+      const validate: ValidateFunction = ajv.compile(op.input)
+      return (ctx, next) => {
+        if (!validate(ctx.input)) throw new MantleError('VALIDATION_FAILED', describeValidation(validate.errors ?? []))
+        return next(ctx)
+      }
+    }
+  }
+}
+
+async function pipelinePlugin (app: FastifyInstance, opts: { manifest: Manifest }): Promise<void> {
+  const pipeline = createPipeline(opts.manifest)
+  app.decorate('pipeline', pipeline)
+  app.addHook('onReady', async () => { pipeline.compile() })
+}
+
+export default fp(pipelinePlugin, { name: 'mantle-pipeline', fastify: '5.x' })

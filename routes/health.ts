@@ -1,0 +1,33 @@
+import type { FastifyInstance } from 'fastify'
+
+const HealthSchema = {
+  type: 'object',
+  properties: { status: { type: 'string' } }
+} as const
+
+const ReadySchema = {
+  type: 'object',
+  properties: {
+    status: { type: 'string' },
+    failing: { type: 'array', items: { type: 'string' } },
+    checks: { type: 'object', additionalProperties: { type: 'string' } }
+  }
+} as const
+
+/**
+ * `/healthz` answers while the process lives (no dependency is asked: a liveness probe must not
+ * restart pods because the Kernel is down). `/readyz` names every part that is not ready.
+ */
+export default async function healthRoutes (app: FastifyInstance): Promise<void> {
+  app.get('/healthz', { schema: { hide: true, response: { 200: HealthSchema } } }, async () => ({ status: 'ok' }))
+
+  app.get('/readyz', { schema: { hide: true, response: { 200: ReadySchema, 503: ReadySchema } } }, async (_request, reply) => {
+    const checks: Record<string, string> = {}
+    const failing: string[] = []
+    const breaker = app.kernel.breakerState()
+    checks.kernel = breaker === 'disabled' ? 'breaker disabled' : `breaker ${breaker}`
+    if (breaker === 'open') failing.push('kernel')
+    if (failing.length > 0) reply.code(503)
+    return { status: failing.length > 0 ? 'not-ready' : 'ready', failing, checks }
+  })
+}

@@ -1,0 +1,80 @@
+import { Type, type Static } from 'typebox'
+import envSchema from 'env-schema'
+import { fileURLToPath } from 'node:url'
+
+/** The demo manifest: the embedded default when BFF_MANIFEST is not set. */
+export const DEMO_MANIFEST = fileURLToPath(new URL('../kernel/manifest.yaml', import.meta.url))
+/** Outside production only: a known secret so `npm run token` mints tokens `npm start` accepts. */
+export const DEV_JWT_SECRET = 'mantle-dev-secret-not-for-production-0000'
+
+const Flag = (description: string) => Type.Boolean({ default: true, description })
+
+export const ConfigSchema = Type.Object({
+  PORT: Type.Integer({ minimum: 0, maximum: 65535, default: 3000, description: 'port the gateway listens on' }),
+  HOST: Type.String({ minLength: 1, default: '127.0.0.1', description: 'address the gateway listens on' }),
+  NODE_ENV: Type.Union([Type.Literal('development'), Type.Literal('production'), Type.Literal('test')], { default: 'development', description: 'development | production | test' }),
+  LOG_LEVEL: Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map(l => Type.Literal(l)), { default: 'info', description: 'fatal | error | warn | info | debug | trace | silent' }),
+  BFF_MANIFEST: Type.String({ minLength: 1, default: DEMO_MANIFEST, description: 'path of the manifest (YAML or JSON)' }),
+  KERNEL_URL: Type.Optional(Type.String({ pattern: '^https?://[^\\s/]+$', description: 'Kernel origin, http(s)://host:port, wins over the manifest' })),
+  BFF_AUTH_ENABLED: Flag('JWT identity, roles and zones'),
+  BFF_METRICS_ENABLED: Flag('Prometheus /metrics'),
+  BFF_OPENAPI_ENABLED: Flag('/openapi.json and /docs'),
+  BFF_CIRCUIT_BREAKER_ENABLED: Flag('Kernel retries, circuit breaker and bulkhead'),
+  BFF_CIRCUIT_BREAKER_THRESHOLD: Type.Optional(Type.Integer({ minimum: 1, description: 'consecutive Kernel failures that open the breaker (overrides the manifest)' })),
+  BFF_CIRCUIT_BREAKER_TIMEOUT: Type.Optional(Type.Integer({ minimum: 1, description: 'ms the breaker stays open before one probe (overrides the manifest)' })),
+  BFF_JWT_SECRET: Type.Optional(Type.String({ minLength: 1, description: 'HS256 secret (32 bytes or more in production)' })),
+  BFF_JWT_ISSUER: Type.Optional(Type.String({ minLength: 1, description: 'required `iss` of tokens' })),
+  BFF_JWT_AUDIENCE: Type.Optional(Type.String({ minLength: 1, description: 'required `aud` of tokens' })),
+  BFF_BODY_LIMIT: Type.Integer({ minimum: 1, default: 1048576, description: 'largest request body in bytes (beyond it 413)' }),
+  BFF_DEMO_KERNEL: Type.Boolean({ default: true, description: 'start the demo Kernel when KERNEL_URL is unset and the demo manifest is used' })
+}, { additionalProperties: true })
+
+export type Config = Static<typeof ConfigSchema>
+
+export class ConfigError extends Error {
+  constructor (message: string) {
+    super(message)
+    this.name = 'ConfigError'
+  }
+}
+
+const describe = (name: string): string => {
+  const prop = (ConfigSchema.properties as Record<string, { description?: string, type?: string, minimum?: number, maximum?: number }>)[name]
+  if (prop === undefined) return 'a valid value'
+  const range = prop.minimum !== undefined ? ` (${prop.minimum}${prop.maximum !== undefined ? '..' + prop.maximum : ' or more'})` : ''
+  const kind = prop.type === 'boolean' ? 'true or false' : prop.type === 'integer' ? 'an integer' + range : (prop.description ?? 'a valid value')
+  return kind
+}
+
+/**
+ * Reads and validates the configuration once. A bad value throws one ConfigError whose message
+ * names every bad variable and what it accepts; the returned object is frozen.
+ */
+export function loadConfig (env: Record<string, string | number | boolean | undefined> = process.env): Readonly<Config> {
+  const data: Record<string, unknown> = {}
+  for (const key of Object.keys(ConfigSchema.properties)) {
+    const value = env[key]
+    if (value !== undefined && value !== '') data[key] = value
+  }
+  let config: Config
+  try {
+    config = envSchema<Config>({ schema: ConfigSchema, data, dotenv: false })
+  } catch (err) {
+    const errors = (err as { errors?: Array<{ instancePath?: string, params?: { missingProperty?: string } }> }).errors ?? []
+    const names = [...new Set(errors.map(e => (e.instancePath ?? '').replace(/^\//, '') || e.params?.missingProperty || '?'))]
+    const parts = names.map(n => `${n}=${JSON.stringify(String(data[n] ?? ''))} is invalid: expected ${describe(n)}`)
+    throw new ConfigError('Invalid configuration: ' + (parts.length > 0 ? parts.join('; ') : (err as Error).message))
+  }
+  return Object.freeze(config)
+}
+
+/** Production refuses settings that are only safe on a developer's machine. */
+export function productionProblems (config: Config): string[] {
+  if (config.NODE_ENV !== 'production') return []
+  const problems: string[] = []
+  if (config.BFF_AUTH_ENABLED) {
+    if (config.BFF_JWT_SECRET === undefined) problems.push('BFF_JWT_SECRET is missing')
+    else if (Buffer.byteLength(config.BFF_JWT_SECRET) < 32) problems.push('BFF_JWT_SECRET is shorter than 32 bytes')
+  }
+  return problems
+}

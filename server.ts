@@ -1,0 +1,99 @@
+import closeWithGrace from 'close-with-grace'
+import { pathToFileURL } from 'node:url'
+import { resolve } from 'node:path'
+import type { FastifyInstance } from 'fastify'
+import { buildApp } from './app.js'
+import { loadConfig, DEMO_MANIFEST, DEV_JWT_SECRET, type Config } from './schemas/config.js'
+import { mintToken } from './plugins/auth/index.js'
+
+export interface Started {
+  app: FastifyInstance
+  url: string
+  kernelUrl: string | null
+  close: () => Promise<void>
+}
+
+/**
+ * Starts the gateway as `npm start` and `node dist/server.js` do: with no KERNEL_URL and the
+ * demo manifest, the demo Kernel starts alongside (the embedded default).
+ */
+export async function start (config: Readonly<Config>): Promise<Started> {
+  let stopKernel: (() => Promise<void>) | null = null
+  let kernelUrl: string | null = null
+  if (config.KERNEL_URL === undefined && config.BFF_DEMO_KERNEL && resolve(config.BFF_MANIFEST) === DEMO_MANIFEST) {
+    const { startKernel } = await import('./kernel/server.js')
+    const kernel = await startKernel({ port: 0, host: '127.0.0.1' })
+    kernelUrl = kernel.url
+    stopKernel = kernel.close
+  }
+  let app: FastifyInstance
+  try {
+    app = await buildApp(config, kernelUrl === null ? {} : { kernelUrl })
+    await app.listen({ port: config.PORT, host: config.HOST })
+  } catch (err) {
+    await stopKernel?.()
+    throw err
+  }
+  const address = app.server.address()
+  const port = typeof address === 'object' && address !== null ? address.port : config.PORT
+  const host = config.HOST === '0.0.0.0' || config.HOST === '::' ? '127.0.0.1' : config.HOST
+  return {
+    app,
+    url: `http://${host.includes(':') ? `[${host}]` : host}:${port}`,
+    kernelUrl,
+    async close () {
+      await app.close()
+      await stopKernel?.()
+    }
+  }
+}
+
+function banner (started: Started, config: Readonly<Config>): string {
+  const { url } = started
+  const lines = [
+    '',
+    `Mantle is listening on ${url}`,
+    `  REST        ${url}/api/v1/...`,
+    ...(config.BFF_OPENAPI_ENABLED ? [`  OpenAPI     ${url}/openapi.json   docs: ${url}/docs`] : []),
+    `  health      ${url}/healthz   ${url}/readyz`,
+    ...(config.BFF_METRICS_ENABLED ? [`  metrics     ${url}/metrics`] : []),
+    `  Kernel      ${started.kernelUrl === null ? (config.KERNEL_URL ?? 'from the manifest') : started.kernelUrl + ' (demo Kernel)'}`
+  ]
+  if (config.BFF_AUTH_ENABLED && config.NODE_ENV !== 'production') {
+    const token = mintToken(config.BFF_JWT_SECRET ?? DEV_JWT_SECRET, {
+      tenant: 'demo',
+      user: 'dev',
+      roles: ['viewer', 'editor', 'operator', 'admin', 'system'],
+      zone: 'restricted',
+      ttlSeconds: 24 * 3600,
+      issuer: config.BFF_JWT_ISSUER,
+      audience: config.BFF_JWT_AUDIENCE
+    })
+    lines.push('', 'Dev token (tenant demo, every demo role, 24 h):', token, '', `  curl -H "Authorization: Bearer $TOKEN" ${url}/api/v1/agents`)
+  }
+  return lines.join('\n') + '\n'
+}
+
+async function main (): Promise<void> {
+  let config: Readonly<Config>
+  let started: Started
+  try {
+    config = loadConfig()
+    started = await start(config)
+  } catch (err) {
+    process.stderr.write(`mantle: ${(err as Error).message}\n`)
+    process.exit(1)
+  }
+  process.stdout.write(banner(started, config))
+  // First SIGTERM/SIGINT: stop accepting, let in-flight calls finish, close the pool.
+  // A second signal exits at once (close-with-grace's default).
+  closeWithGrace({ delay: 10_000, logger: started.app.log }, async ({ err, signal }) => {
+    if (err !== undefined) started.app.log.error({ err }, 'closing after an error')
+    else started.app.log.info({ signal }, 'closing')
+    await started.close()
+  })
+}
+
+if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) {
+  await main()
+}
