@@ -48,7 +48,6 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     },
     bodyLimit: config.BFF_BODY_LIMIT,
     requestIdHeader: false,
-    requestIdLogLabel: 'requestId',
     genReqId: (req) => {
       const id = req.headers['x-request-id']
       return typeof id === 'string' && REQUEST_ID.test(id) ? id : randomUUID()
@@ -59,12 +58,26 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   })
 
   app.addSchema(ProblemSchema)
+  // Every face speaks JSON: any other body is a 415, not a string handed to the pipeline.
+  app.removeContentTypeParser('text/plain')
   app.setErrorHandler(errorHandler)
   app.setNotFoundHandler((request, reply) => {
     errorHandler(new MantleError('NOT_FOUND', `No route ${request.method} ${request.url.split('?')[0]}`), request, reply)
   })
   app.addHook('onRequest', (request, reply, done) => {
     reply.header('x-request-id', request.id)
+    done()
+  })
+  // Fastify closes idle keep-alive sockets once, when closing starts; a socket busy then would
+  // hold the shutdown until its keep-alive timeout. Reap sockets as they turn idle instead.
+  let reaper: NodeJS.Timeout | null = null
+  app.addHook('preClose', (done) => {
+    reaper = setInterval(() => app.server.closeIdleConnections(), 50)
+    reaper.unref()
+    done()
+  })
+  app.addHook('onClose', (_instance, done) => {
+    if (reaper !== null) clearInterval(reaper)
     done()
   })
 

@@ -522,7 +522,9 @@ interface Child { code: number | null, stdout: string, stderr: string }
 
 function runMain (env: Record<string, string>, onStdout?: (text: string, kill: (signal: NodeJS.Signals) => void) => void): Promise<Child> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', serverFile], {
+    // The parent's own loader flags: the child transpiles server.ts exactly as this process did,
+    // so tap can merge the child's coverage with ours.
+    const child = spawn(process.execPath, [...process.execArgv, serverFile], {
       env: { ...process.env, ...env },
       stdio: ['ignore', 'pipe', 'pipe']
     })

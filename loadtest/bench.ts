@@ -1,0 +1,323 @@
+// `npm run bench`: REST getAgent against the Kernel alone, a bare Fastify pass-through and the
+// gateway in two configurations, each in its own process, in interleaved rounds. The machine
+// is shared (2 cores for load generator, gateway and Kernel), so the figures to compare are the
+// ratios between targets measured side by side, not the absolute numbers.
+import autocannon from 'autocannon'
+import { randomBytes } from 'node:crypto'
+import { mkdirSync, writeFileSync } from 'node:fs'
+import { cpus, totalmem, type as osType, release, arch } from 'node:os'
+import { dirname, resolve } from 'node:path'
+import { parseArgs } from 'node:util'
+import {
+  REPO_ROOT, REST_TARGETS, benchToken, killAllNow, median, requestFor, startKernelProcess, startTargets, stopAll,
+  type RunningProcess, type Target, type TargetContext
+} from './harness.js'
+import { getAgent, type ScenarioDefinition } from './scenarios.js'
+
+interface Options {
+  duration: number
+  rounds: number
+  connections: number
+  only: string[] | null
+  out: string
+}
+
+interface RunFigures {
+  reqPerSec: number
+  p50Ms: number
+  p99Ms: number
+  /** p99 from every 2xx response time at µs resolution (autocannon's histogram keeps whole ms). */
+  p99FineMs: number
+  requests: number
+  non2xx: number
+  errors: number
+  timeouts: number
+}
+
+interface TargetReport {
+  name: string
+  description: string
+  request: string
+  warmup: RunFigures | null
+  rounds: RunFigures[]
+  reqPerSec: number
+  p50Ms: number
+  p99Ms: number
+  p99FineMs: number
+  non2xx: number
+  errors: number
+  timeouts: number
+  flagged: boolean
+  ratioToKernel: number | null
+  ratioToPassthrough: number | null
+  p99DiffToPassthroughMs: number | null
+}
+
+const GOAL = { minRatioToPassthrough: 0.8, maxP99OverPassthroughMs: 1.5 } as const
+const WARMUP_SECONDS = 1
+// Between runs: lets the previous run's sockets close and its garbage be collected.
+const PAUSE_MS = 250
+
+class UsageError extends Error {}
+
+function parseOptions (argv: string[]): Options {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    allowPositionals: false,
+    options: {
+      duration: { type: 'string', default: '5' },
+      rounds: { type: 'string', default: '5' },
+      connections: { type: 'string', default: '50' },
+      only: { type: 'string' },
+      out: { type: 'string' },
+      help: { type: 'boolean', default: false }
+    }
+  })
+  if (values.help === true) {
+    process.stdout.write('usage: npm run bench -- [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
+      `targets: ${REST_TARGETS.map((t) => t.name).join(', ')}\n`)
+    process.exit(0)
+  }
+  const positive = (name: string, raw: string, integer: boolean): number => {
+    const n = Number(raw)
+    if (!Number.isFinite(n) || n <= 0 || (integer && !Number.isInteger(n))) {
+      throw new UsageError(`--${name} must be a positive ${integer ? 'integer' : 'number'}, got ${JSON.stringify(raw)}`)
+    }
+    return n
+  }
+  let only: string[] | null = null
+  if (values.only !== undefined) {
+    only = values.only.split(',').map((s) => s.trim()).filter((s) => s !== '')
+    const unknown = only.filter((n) => !REST_TARGETS.some((t) => t.name === n))
+    if (only.length === 0 || unknown.length > 0) {
+      throw new UsageError(`--only: unknown target ${JSON.stringify(unknown.join(','))}; known: ${REST_TARGETS.map((t) => t.name).join(', ')}`)
+    }
+  }
+  const stamp = new Date().toISOString().replace(/[:.]/g, '-')
+  return {
+    duration: positive('duration', values.duration, false),
+    rounds: positive('rounds', values.rounds, true),
+    connections: positive('connections', values.connections, true),
+    only,
+    out: values.out === undefined ? resolve(REPO_ROOT, 'loadtest/results', `bench-${stamp}.json`) : resolve(values.out)
+  }
+}
+
+/** One autocannon run; response times are also collected at full resolution for p99FineMs. */
+async function measure (target: Target, scenario: ScenarioDefinition, seconds: number, connections: number): Promise<RunFigures> {
+  const req = requestFor(target, scenario)
+  const times: number[] = []
+  const instance = autocannon({
+    url: req.url,
+    method: req.method,
+    headers: req.headers,
+    ...(req.body === undefined ? {} : { body: req.body }),
+    connections,
+    pipelining: 1,
+    duration: seconds
+  })
+  instance.on('response', (_client, statusCode, _bytes, responseTime) => {
+    if (statusCode >= 200 && statusCode < 300) times.push(responseTime)
+  })
+  const result = await instance
+  times.sort((a, b) => a - b)
+  const fine = times.length === 0 ? Number.NaN : times[Math.min(times.length - 1, Math.ceil(times.length * 0.99) - 1)]
+  return {
+    reqPerSec: result.requests.average,
+    p50Ms: result.latency.p50,
+    p99Ms: result.latency.p99,
+    p99FineMs: fine,
+    requests: result.requests.total,
+    non2xx: result.non2xx,
+    errors: result.errors,
+    timeouts: result.timeouts
+  }
+}
+
+/** One request before measuring: a wrong status is reported with its body, not just counted. */
+async function preflight (target: Target, scenario: ScenarioDefinition): Promise<void> {
+  const req = requestFor(target, scenario)
+  const res = await fetch(req.url, { method: req.method, headers: req.headers, ...(req.body === undefined ? {} : { body: req.body }), signal: AbortSignal.timeout(5000) })
+  const text = await res.text()
+  if (res.status !== scenario.expectedStatus) {
+    process.stderr.write(`warning: ${target.name} answered ${res.status} (expected ${scenario.expectedStatus}) to ${req.method} ${req.url}: ${text.slice(0, 300)}\n`)
+  }
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms))
+const fmt = (n: number | null, digits: number): string => n === null || Number.isNaN(n) ? '-' : n.toFixed(digits)
+const signed = (n: number | null, digits: number): string => n === null || Number.isNaN(n) ? '-' : (n >= 0 ? '+' : '') + n.toFixed(digits)
+
+function table (rows: readonly TargetReport[]): string {
+  const header = ['target', 'req/s', 'p50 ms', 'p99 ms', 'x kernel', 'x passthrough', 'p99 vs passthrough ms', 'status']
+  const body = rows.map((r) => [
+    r.name,
+    fmt(r.reqPerSec, 0),
+    fmt(r.p50Ms, 2),
+    fmt(r.p99Ms, 2),
+    fmt(r.ratioToKernel, 2),
+    fmt(r.ratioToPassthrough, 2),
+    signed(r.p99DiffToPassthroughMs, 2),
+    r.flagged ? `FLAGGED: ${r.non2xx} non-2xx, ${r.errors} errors (${r.timeouts} timeouts)` : 'ok'
+  ])
+  const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => row[i].length)))
+  const line = (cells: string[]): string => cells.map((c, i) => i === 0 || i === cells.length - 1 ? c.padEnd(widths[i]) : c.padStart(widths[i])).join('  ').trimEnd()
+  return [line(header), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)].join('\n')
+}
+
+async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
+  const scenario = getAgent
+  const defs = REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name))
+  const started = new Date()
+  // Every target is measured once per round plus a warm-up; the token must outlive all of it.
+  const estimatedSeconds = defs.length * (opts.rounds * opts.duration + WARMUP_SECONDS + 5)
+  const secret = randomBytes(32).toString('hex')
+  const kernel = await startKernelProcess()
+  processes.push(kernel.process)
+  const ctx: TargetContext = { kernelUrl: kernel.url, secret, token: benchToken(secret, Math.max(3600, Math.ceil(estimatedSeconds * 2))) }
+  const targets = await startTargets(defs, ctx, processes)
+
+  for (const target of targets) await preflight(target, scenario)
+
+  const warmups = new Map<string, RunFigures>()
+  for (const target of targets) {
+    warmups.set(target.name, await measure(target, scenario, WARMUP_SECONDS, opts.connections))
+    await sleep(PAUSE_MS)
+  }
+
+  const perTarget = new Map<string, RunFigures[]>(targets.map((t) => [t.name, []]))
+  for (let round = 0; round < opts.rounds; round++) {
+    // Rotating the first target spreads slow drift of the shared machine over every target.
+    const order = targets.map((_, i) => targets[(i + round) % targets.length])
+    for (const target of order) {
+      const figures = await measure(target, scenario, opts.duration, opts.connections)
+      perTarget.get(target.name)?.push(figures)
+      process.stderr.write(`round ${round + 1}/${opts.rounds}  ${target.name.padEnd(14)} ${figures.reqPerSec.toFixed(0).padStart(7)} req/s  p50 ${figures.p50Ms} ms  p99 ${figures.p99Ms} ms` +
+        (figures.non2xx + figures.errors > 0 ? `  (${figures.non2xx} non-2xx, ${figures.errors} errors)` : '') + '\n')
+      await sleep(PAUSE_MS)
+    }
+  }
+
+  const reports: TargetReport[] = targets.map((target) => {
+    const rounds = perTarget.get(target.name) ?? []
+    const def = defs.find((d) => d.name === target.name)
+    const req = requestFor(target, scenario)
+    const sum = (pick: (r: RunFigures) => number): number => rounds.reduce((acc, r) => acc + pick(r), 0)
+    const non2xx = sum((r) => r.non2xx)
+    const errors = sum((r) => r.errors)
+    return {
+      name: target.name,
+      description: def?.description ?? '',
+      request: `${req.method} ${req.url.slice(target.url.length)}`,
+      warmup: warmups.get(target.name) ?? null,
+      rounds,
+      reqPerSec: median(rounds.map((r) => r.reqPerSec)),
+      p50Ms: median(rounds.map((r) => r.p50Ms)),
+      p99Ms: median(rounds.map((r) => r.p99Ms)),
+      p99FineMs: median(rounds.map((r) => r.p99FineMs)),
+      non2xx,
+      errors,
+      timeouts: sum((r) => r.timeouts),
+      // A fast error is not a result: any failed request disqualifies the target's figures.
+      flagged: non2xx + errors > 0,
+      ratioToKernel: null,
+      ratioToPassthrough: null,
+      p99DiffToPassthroughMs: null
+    }
+  })
+  const kernelRow = reports.find((r) => r.name === 'kernel-direct')
+  const passRow = reports.find((r) => r.name === 'passthrough')
+  for (const r of reports) {
+    if (kernelRow !== undefined) r.ratioToKernel = r.reqPerSec / kernelRow.reqPerSec
+    if (passRow !== undefined) {
+      r.ratioToPassthrough = r.reqPerSec / passRow.reqPerSec
+      r.p99DiffToPassthroughMs = r.p99Ms - passRow.p99Ms
+    }
+  }
+
+  const spine = reports.find((r) => r.name === 'gateway-spine')
+  let goal: { evaluated: boolean, met: boolean, text: string }
+  if (spine === undefined || passRow === undefined) {
+    goal = { evaluated: false, met: false, text: 'spine goal not evaluated: needs both gateway-spine and passthrough' }
+  } else {
+    const ratio = spine.reqPerSec / passRow.reqPerSec
+    const diff = spine.p99Ms - passRow.p99Ms
+    const throughputOk = ratio >= GOAL.minRatioToPassthrough
+    const latencyOk = diff <= GOAL.maxP99OverPassthroughMs
+    const clean = !spine.flagged && !passRow.flagged
+    const met = throughputOk && latencyOk && clean
+    goal = {
+      evaluated: true,
+      met,
+      text: `spine goal (req/s >= ${GOAL.minRatioToPassthrough * 100}% of passthrough, p99 <= passthrough + ${GOAL.maxP99OverPassthroughMs} ms): ` +
+        `${met ? 'goal met' : 'goal NOT met'} — req/s ${(ratio * 100).toFixed(1)}% ${throughputOk ? 'ok' : 'too low'}, ` +
+        `p99 ${signed(diff, 2)} ms ${latencyOk ? 'ok' : 'too high'}${clean ? '' : ', flagged targets (non-2xx or errors)'}`
+    }
+  }
+
+  const cpu = cpus()
+  const machine = {
+    cpu: cpu[0]?.model ?? 'unknown',
+    cores: cpu.length,
+    memoryGiB: Number((totalmem() / 2 ** 30).toFixed(1)),
+    os: `${osType()} ${release()} ${arch()}`
+  }
+  const header = [
+    `Mantle bench — ${scenario.operation} (${scenario.method} ${scenario.path})`,
+    `machine  ${machine.cpu} x ${machine.cores}, ${machine.memoryGiB} GiB, ${machine.os}`,
+    `node     ${process.version}`,
+    `date     ${started.toISOString()}`,
+    `options  duration ${opts.duration} s x ${opts.rounds} rounds (median), ${opts.connections} connections, warm-up ${WARMUP_SECONDS} s, targets ${targets.map((t) => t.name).join(',')}`
+  ]
+  process.stdout.write('\n' + header.join('\n') + '\n\n' + table(reports) + '\n\n' + goal.text + '\n')
+
+  mkdirSync(dirname(opts.out), { recursive: true })
+  writeFileSync(opts.out, JSON.stringify({
+    scenario,
+    machine,
+    node: process.version,
+    date: started.toISOString(),
+    options: { ...opts, warmupSeconds: WARMUP_SECONDS },
+    goal: { ...GOAL, ...goal },
+    targets: reports
+  }, null, 2) + '\n')
+  process.stdout.write(`results  ${opts.out}\n`)
+}
+
+async function main (): Promise<void> {
+  let opts: Options
+  try {
+    opts = parseOptions(process.argv.slice(2))
+  } catch (err) {
+    process.stderr.write(`bench: ${(err as Error).message}\n`)
+    process.exitCode = 2
+    return
+  }
+  const processes: RunningProcess[] = []
+  // Children must not outlive the harness, however it ends.
+  process.once('exit', killAllNow)
+  let interrupted = false
+  const onSignal = (signal: NodeJS.Signals): void => {
+    if (interrupted) return
+    interrupted = true
+    process.stderr.write(`bench: ${signal}, stopping the targets\n`)
+    stopAll(processes).finally(() => process.exit(signal === 'SIGINT' ? 130 : 143))
+  }
+  process.on('SIGINT', onSignal)
+  process.on('SIGTERM', onSignal)
+  try {
+    await run(opts, processes)
+  } catch (err) {
+    process.stderr.write(`bench: ${(err as Error).stack ?? String(err)}\n`)
+    process.exitCode = 1
+  } finally {
+    await stopAll(processes)
+  }
+  process.off('SIGINT', onSignal)
+  process.off('SIGTERM', onSignal)
+  // autocannon may leave timers or sockets behind; the harness is done once children are gone.
+  process.exit()
+}
+
+await main()

@@ -1,0 +1,322 @@
+// Reusable pieces of the load-test harness: statistics, free ports, target processes and the
+// shapes of scenarios and targets. Later faces (tRPC, GraphQL, WebSocket) add targets and
+// scenarios here without touching the runner in bench.ts.
+import { spawn, type ChildProcess } from 'node:child_process'
+import { createServer } from 'node:net'
+import { fileURLToPath } from 'node:url'
+import { mintToken } from '../plugins/auth/index.js'
+
+/** The repository root: children run from it so their relative imports and manifest resolve. */
+export const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url))
+
+export type HttpMethod = 'GET' | 'POST' | 'PUT' | 'PATCH' | 'DELETE'
+
+/** One request shape, as a client of the gateway sends it. */
+export interface Scenario {
+  name: string
+  method: HttpMethod
+  /** The gateway path (e.g. /api/v1/agents/a1); a target may rewrite it (the Kernel's /v1/...). */
+  path: string
+  headers?: Record<string, string>
+  body?: unknown
+}
+
+/** Something to measure: a running process with a URL, and how a scenario is addressed to it. */
+export interface Target {
+  name: string
+  url: string
+  /** Headers every request carries (tenant, bearer token). */
+  headers: Record<string, string>
+  /** Maps a scenario's gateway path to this target's path. Default: unchanged. */
+  rewritePath?: (path: string) => string
+}
+
+/** The gateway serves the Kernel's /v1/... under /api/v1/...: the direct target drops the prefix. */
+export const toKernelPath = (path: string): string => path.startsWith('/api/') ? path.slice(4) : path
+
+/** The request a scenario becomes on one target. */
+export function requestFor (target: Target, scenario: Scenario): { url: string, method: HttpMethod, headers: Record<string, string>, body?: string } {
+  const headers: Record<string, string> = { ...target.headers, ...scenario.headers }
+  const out: { url: string, method: HttpMethod, headers: Record<string, string>, body?: string } = {
+    url: target.url + (target.rewritePath ?? ((p: string) => p))(scenario.path),
+    method: scenario.method,
+    headers
+  }
+  if (scenario.body !== undefined) {
+    out.body = JSON.stringify(scenario.body)
+    headers['content-type'] = 'application/json'
+  }
+  return out
+}
+
+/** The median (mean of the two middle values for an even count); NaN for no values. */
+export function median (values: readonly number[]): number {
+  if (values.length === 0) return Number.NaN
+  const sorted = [...values].sort((a, b) => a - b)
+  const mid = Math.floor(sorted.length / 2)
+  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
+}
+
+/**
+ * A port nothing listens on right now. The OS picks it (port 0), we release it and hand the
+ * number to a child: the processes we start do not report the port they got, so we choose it.
+ * The small window in which another process could take it is acceptable for a benchmark.
+ */
+export function freePort (host = '127.0.0.1'): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer()
+    server.unref()
+    server.once('error', reject)
+    server.listen(0, host, () => {
+      const address = server.address()
+      const port = typeof address === 'object' && address !== null ? address.port : 0
+      server.close((err) => { if (err === undefined) resolve(port); else reject(err) })
+    })
+  })
+}
+
+export interface ProcessOptions {
+  name: string
+  /** A TypeScript entry point, relative to the repository root. */
+  script: string
+  env: Record<string, string>
+  /** Polled with GET until it answers 2xx. */
+  readyUrl: string
+  readyHeaders?: Record<string, string>
+  readyTimeoutMs?: number
+}
+
+export interface RunningProcess {
+  name: string
+  pid: number
+  stop: () => Promise<void>
+}
+
+// Inherited settings that would silently change what a child measures (a developer's shell
+// may export BFF_AUTH_ENABLED=false, say): every configuration is set explicitly instead.
+const CONTROLLED_ENV = /^(BFF_|KERNEL_|PORT$|HOST$|LOG_LEVEL$|NODE_ENV$|NODE_OPTIONS$)/
+
+const children = new Set<ChildProcess>()
+const TAIL_CHARS = 4000
+
+/**
+ * Starts `node --import tsx <script>` as its own process (never in the harness process, whose
+ * CPU time goes to the load generator) and waits until it answers. The child also loads
+ * child-guard.ts, which ends it when the harness disappears without cleaning up (SIGKILL).
+ */
+export async function startProcess (opts: ProcessOptions): Promise<RunningProcess> {
+  const env: Record<string, string> = {}
+  for (const [key, value] of Object.entries(process.env)) {
+    if (value !== undefined && !CONTROLLED_ENV.test(key)) env[key] = value
+  }
+  Object.assign(env, opts.env)
+  const child = spawn(process.execPath, ['--import', 'tsx', '--import', './loadtest/child-guard.ts', opts.script], {
+    cwd: REPO_ROOT,
+    env,
+    // stdin is the guard's lifeline; stdout/stderr are kept (tail only) to explain a failed start.
+    stdio: ['pipe', 'pipe', 'pipe']
+  })
+  children.add(child)
+  let tail = ''
+  const keep = (chunk: Buffer): void => { tail = (tail + chunk.toString('utf8')).slice(-TAIL_CHARS) }
+  child.stdout?.on('data', keep)
+  child.stderr?.on('data', keep)
+  // The child may die while we write to its stdin: that is reported by the exit, not as a crash.
+  child.stdin?.on('error', () => {})
+  const exited = new Promise<void>((resolve) => {
+    child.once('exit', () => {
+      children.delete(child)
+      resolve()
+    })
+  })
+  child.once('error', () => { children.delete(child) })
+
+  const stop = async (): Promise<void> => {
+    if (child.exitCode !== null || child.signalCode !== null) return
+    child.kill('SIGTERM')
+    const timer = setTimeout(() => child.kill('SIGKILL'), 5000)
+    await exited
+    clearTimeout(timer)
+  }
+
+  try {
+    await waitReady(opts, child, () => tail)
+  } catch (err) {
+    await stop()
+    throw err
+  }
+  if (child.pid === undefined) throw new Error(`${opts.name}: no pid`)
+  return { name: opts.name, pid: child.pid, stop }
+}
+
+async function waitReady (opts: ProcessOptions, child: ChildProcess, tail: () => string): Promise<void> {
+  const deadline = Date.now() + (opts.readyTimeoutMs ?? 30_000)
+  let last = 'no answer yet'
+  let spawnError: Error | null = null
+  child.once('error', (err) => { spawnError = err })
+  while (Date.now() < deadline) {
+    if (spawnError !== null) throw new Error(`${opts.name}: could not start: ${(spawnError as Error).message}`)
+    if (child.exitCode !== null || child.signalCode !== null) {
+      throw new Error(`${opts.name} exited (${child.exitCode ?? child.signalCode}) before it was ready:\n${tail()}`)
+    }
+    try {
+      const res = await fetch(opts.readyUrl, { headers: opts.readyHeaders ?? {}, signal: AbortSignal.timeout(1000) })
+      await res.body?.cancel()
+      if (res.ok) return
+      last = `answered ${res.status}`
+    } catch (err) {
+      last = (err as Error).message
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100))
+  }
+  throw new Error(`${opts.name} was not ready at ${opts.readyUrl} within ${opts.readyTimeoutMs ?? 30_000} ms (${last}):\n${tail()}`)
+}
+
+/** Stops every child still running (SIGTERM, then SIGKILL after 5 s). */
+export async function stopAll (processes: readonly RunningProcess[]): Promise<void> {
+  await Promise.allSettled(processes.map((p) => p.stop()))
+  killAllNow()
+}
+
+/** Last resort, synchronous (usable in an 'exit' listener): SIGKILL whatever is left. */
+export function killAllNow (): void {
+  for (const child of children) {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL')
+  }
+  children.clear()
+}
+
+/** Children started by this process and not yet exited. */
+export const liveChildren = (): number => children.size
+
+// --- targets -------------------------------------------------------------------------------
+
+/** What every target definition may depend on: the Kernel's URL and the gateway's JWT secret. */
+export interface TargetContext {
+  kernelUrl: string
+  secret: string
+  /** A bearer token the gateway accepts (tenant bench). */
+  token: string
+}
+
+export interface TargetDefinition {
+  name: string
+  description: string
+  /** The process that serves it; null: the Kernel itself, which is started once for all targets. */
+  process: null | {
+    script: string
+    env: (ctx: TargetContext, port: number) => Record<string, string>
+    /** Polled (with the target's headers) until it answers 2xx. */
+    readyPath: string
+  }
+  headers: (ctx: TargetContext) => Record<string, string>
+  rewritePath?: (path: string) => string
+}
+
+/** The tenant of every benchmark request (header for the Kernel and the pass-through, claim for the gateway). */
+export const BENCH_TENANT = 'bench'
+
+const GATEWAY_FLAGS = ['BFF_AUTH_ENABLED', 'BFF_METRICS_ENABLED', 'BFF_OPENAPI_ENABLED', 'BFF_CIRCUIT_BREAKER_ENABLED'] as const
+type GatewayFlag = typeof GATEWAY_FLAGS[number]
+
+function gatewayEnv (on: readonly GatewayFlag[]): TargetDefinition['process'] {
+  return {
+    script: 'server.ts',
+    env: (ctx, port) => {
+      const env: Record<string, string> = {
+        PORT: String(port),
+        HOST: '127.0.0.1',
+        KERNEL_URL: ctx.kernelUrl,
+        LOG_LEVEL: 'warn',
+        // Measured as deployed; production also insists on a secret of 32 bytes or more.
+        NODE_ENV: 'production',
+        BFF_JWT_SECRET: ctx.secret
+      }
+      for (const flag of GATEWAY_FLAGS) env[flag] = String(on.includes(flag))
+      return env
+    },
+    readyPath: '/healthz'
+  }
+}
+
+/**
+ * The REST targets, from the floor up: the Kernel alone, the least any Fastify gateway does
+ * (pass-through), the gateway with every concern off, and the gateway's spine (identity,
+ * validation, metrics, resilience; OpenAPI is on too since it costs nothing per request).
+ */
+export const REST_TARGETS: readonly TargetDefinition[] = [
+  {
+    name: 'kernel-direct',
+    description: 'the demo Kernel, no gateway',
+    process: null,
+    headers: () => ({ 'x-tenant-id': BENCH_TENANT }),
+    rewritePath: toKernelPath
+  },
+  {
+    name: 'passthrough',
+    description: 'bare Fastify 5 + undici.Pool forwarding to the Kernel',
+    process: {
+      script: 'loadtest/passthrough.ts',
+      env: (ctx, port) => ({ PORT: String(port), HOST: '127.0.0.1', KERNEL_URL: ctx.kernelUrl }),
+      readyPath: '/api/v1/agents/a1'
+    },
+    headers: () => ({ 'x-tenant-id': BENCH_TENANT })
+  },
+  {
+    name: 'gateway-off',
+    description: 'Mantle, every BFF_*_ENABLED false',
+    process: gatewayEnv([]),
+    // Identity off: the gateway calls the Kernel as the public tenant whatever the client says.
+    headers: () => ({})
+  },
+  {
+    name: 'gateway-spine',
+    description: 'Mantle, auth + metrics + OpenAPI + circuit breaker on',
+    process: gatewayEnv(GATEWAY_FLAGS),
+    headers: (ctx) => ({ authorization: `Bearer ${ctx.token}` })
+  }
+]
+
+/** A bearer token for the benchmark tenant; roles cover every demo REST scenario. */
+export function benchToken (secret: string, ttlSeconds: number): string {
+  return mintToken(secret, { tenant: BENCH_TENANT, user: 'bench', roles: ['viewer', 'operator'], zone: 'public', ttlSeconds })
+}
+
+/** Starts the demo Kernel in its own process on a free port. */
+export async function startKernelProcess (): Promise<{ url: string, process: RunningProcess }> {
+  const port = await freePort()
+  const url = `http://127.0.0.1:${port}`
+  const proc = await startProcess({
+    name: 'kernel',
+    script: 'kernel/server.ts',
+    env: { KERNEL_PORT: String(port), KERNEL_HOST: '127.0.0.1' },
+    readyUrl: url + '/v1/health'
+  })
+  return { url, process: proc }
+}
+
+/**
+ * Starts the given targets, each in its own process and one after the other so that start-up
+ * work does not compete. Every process is pushed onto `started` as soon as it is ready, so
+ * that the caller can stop them all even when a later one fails to start.
+ */
+export async function startTargets (defs: readonly TargetDefinition[], ctx: TargetContext, started: RunningProcess[]): Promise<Target[]> {
+  const targets: Target[] = []
+  for (const def of defs) {
+    const headers = def.headers(ctx)
+    let url = ctx.kernelUrl
+    if (def.process !== null) {
+      const port = await freePort()
+      url = `http://127.0.0.1:${port}`
+      started.push(await startProcess({
+        name: def.name,
+        script: def.process.script,
+        env: def.process.env(ctx, port),
+        readyUrl: url + def.process.readyPath,
+        readyHeaders: headers
+      }))
+    }
+    targets.push({ name: def.name, url, headers, ...(def.rewritePath === undefined ? {} : { rewritePath: def.rewritePath }) })
+  }
+  return targets
+}

@@ -1,0 +1,49 @@
+import { parseArgs } from 'node:util'
+import { pathToFileURL } from 'node:url'
+import { resolve } from 'node:path'
+import { mintToken } from '../plugins/auth/index.js'
+import { DEV_JWT_SECRET, loadConfig } from '../schemas/config.js'
+import type { Zone } from '../schemas/manifest.js'
+
+const USAGE = `Usage: npm run token -- [--tenant t1] [--user u1] [--roles viewer,editor] [--zone public|internal|restricted] [--ttl 3600]
+Mints an HS256 JWT with the Mantle claims, signed with BFF_JWT_SECRET (the development secret when unset).`
+
+/** Returns the token for argv, or throws with the usage text. */
+export function tokenFromArgs (args: string[], env: NodeJS.ProcessEnv = process.env): string {
+  const { values } = parseArgs({
+    args,
+    options: {
+      tenant: { type: 'string', default: 'demo' },
+      user: { type: 'string', default: 'dev' },
+      roles: { type: 'string', default: 'viewer' },
+      zone: { type: 'string', default: 'public' },
+      ttl: { type: 'string', default: '3600' },
+      help: { type: 'boolean', default: false }
+    },
+    strict: true
+  })
+  if (values.help) throw new Error(USAGE)
+  const zone = values.zone as Zone
+  if (!['public', 'internal', 'restricted'].includes(zone)) throw new Error(`--zone must be public, internal or restricted\n${USAGE}`)
+  const ttl = Number(values.ttl)
+  if (!Number.isInteger(ttl) || ttl <= 0) throw new Error(`--ttl must be a positive number of seconds\n${USAGE}`)
+  const config = loadConfig(env)
+  return mintToken(config.BFF_JWT_SECRET ?? DEV_JWT_SECRET, {
+    tenant: values.tenant,
+    user: values.user,
+    roles: values.roles.split(',').map(r => r.trim()).filter(r => r !== ''),
+    zone,
+    ttlSeconds: ttl,
+    issuer: config.BFF_JWT_ISSUER,
+    audience: config.BFF_JWT_AUDIENCE
+  })
+}
+
+if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) {
+  try {
+    process.stdout.write(tokenFromArgs(process.argv.slice(2)) + '\n')
+  } catch (err) {
+    process.stderr.write((err as Error).message + '\n')
+    process.exitCode = 2
+  }
+}

@@ -1,0 +1,74 @@
+import t from 'tap'
+import { Validator } from '@seriousme/openapi-schema-validator'
+import { buildDemoApp, demoManifest } from '../helper.js'
+
+interface OpenApiDoc {
+  openapi: string
+  paths: Record<string, Record<string, {
+    operationId: string
+    security?: unknown
+    parameters?: Array<{ name: string, in: string, required?: boolean, schema: Record<string, unknown> }>
+    requestBody?: { content: Record<string, { schema: Record<string, unknown> }> }
+    responses: Record<string, { content?: Record<string, { schema: Record<string, unknown> }> }>
+  }>>
+  components: { schemas: Record<string, unknown>, securitySchemes?: Record<string, unknown> }
+}
+
+t.test('/openapi.json is a valid OpenAPI 3.1 document of every operation', async t => {
+  const app = await buildDemoApp(t)
+  const res = await app.inject({ method: 'GET', url: '/openapi.json' })
+  t.equal(res.statusCode, 200)
+  const doc = res.json() as OpenApiDoc
+  t.equal(doc.openapi, '3.1.0')
+
+  const validator = new Validator()
+  const result = await validator.validate(doc as unknown as Record<string, unknown>)
+  t.same(result.errors ?? [], [], 'no schema error')
+  t.equal(result.valid, true)
+
+  const manifest = await demoManifest()
+  const ops = new Map<string, { path: string, method: string }>()
+  for (const [path, methods] of Object.entries(doc.paths)) {
+    for (const [method, op] of Object.entries(methods)) ops.set(op.operationId, { path, method })
+  }
+  for (const op of manifest.operations) {
+    const found = ops.get(op.name)
+    t.ok(found, `${op.name} is documented`)
+    t.equal(found?.method, op.method.toLowerCase())
+    t.equal(found?.path, '/api/v1' + op.path.replace(/:([A-Za-z_][A-Za-z0-9_]*)/g, '{$1}'))
+  }
+  t.equal(ops.size, manifest.operations.length, 'nothing but the operations is documented')
+  t.notOk(Object.keys(doc.paths).some(p => p.startsWith('/healthz') || p.startsWith('/metrics')))
+
+  const getAgent = doc.paths['/api/v1/agents/{id}'].get
+  t.same(getAgent.security, [{ bearerAuth: [] }])
+  t.same(doc.components.securitySchemes, { bearerAuth: { type: 'http', scheme: 'bearer', bearerFormat: 'JWT' } })
+  t.match(getAgent.parameters, [{ name: 'id', in: 'path', required: true }])
+  t.match(getAgent.responses['2XX'].content?.['application/json'].schema, { type: 'object', required: ['id', 'name', 'model', 'description', 'createdAt', 'updatedAt'] })
+  t.match(getAgent.responses['4XX'].content?.['application/problem+json'].schema, { $ref: '#/components/schemas/Problem' })
+  t.match(getAgent.responses['5XX'].content?.['application/problem+json'].schema, { $ref: '#/components/schemas/Problem' })
+  t.match(doc.components.schemas.Problem, { type: 'object', required: ['type', 'title', 'status', 'code', 'requestId'] })
+
+  const listAgents = doc.paths['/api/v1/agents'].get
+  t.match(listAgents.parameters?.find(p => p.name === 'limit'), { in: 'query', schema: { type: 'integer', minimum: 1, maximum: 100 } })
+  const runAgent = doc.paths['/api/v1/agents/{id}/runs'].post
+  t.match(runAgent.requestBody?.content['application/json'].schema, { type: 'object', required: ['prompt'], properties: { prompt: { type: 'string', maxLength: 20000 } } })
+  t.notOk((runAgent.requestBody?.content['application/json'].schema.properties as Record<string, unknown>).id, 'path params are not in the body schema')
+})
+
+t.test('/docs renders the document', async t => {
+  const app = await buildDemoApp(t)
+  const res = await app.inject({ method: 'GET', url: '/docs/' })
+  t.equal(res.statusCode, 200)
+  t.match(res.body, /swagger-ui/i)
+})
+
+t.test('without identity there is no security scheme; with OpenAPI off there is no document', async t => {
+  const open = await buildDemoApp(t, { BFF_AUTH_ENABLED: false })
+  const doc = (await open.inject({ method: 'GET', url: '/openapi.json' })).json() as OpenApiDoc
+  t.notOk(doc.components?.securitySchemes)
+  t.notOk(doc.paths['/api/v1/agents'].get.security)
+  const off = await buildDemoApp(t, { BFF_OPENAPI_ENABLED: false })
+  t.equal((await off.inject({ method: 'GET', url: '/openapi.json' })).statusCode, 404)
+  t.equal((await off.inject({ method: 'GET', url: '/docs' })).statusCode, 404)
+})

@@ -1,0 +1,188 @@
+import t from 'tap'
+import { createSigner } from 'fast-jwt'
+import { buildDemoApp, bearer, token, SECRET } from '../helper.js'
+
+t.test('REST reads reach the Kernel and answer only what the output schema declares', async t => {
+  const app = await buildDemoApp(t)
+  const res = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
+  t.equal(res.statusCode, 200)
+  t.match(res.headers['content-type'], /^application\/json/)
+  const agent = res.json()
+  t.match(agent, { id: 'a1', name: String, model: String })
+  t.notOk('internalCostCents' in agent, 'an undeclared Kernel field is removed')
+  t.notOk('ownerTenant' in agent)
+
+  const list = await app.inject({ method: 'GET', url: '/api/v1/agents?limit=2', headers: bearer() })
+  t.equal(list.statusCode, 200)
+  t.equal(list.json().length, 2, 'the query string is coerced to the integer the schema declares')
+  for (const a of list.json()) t.notOk('internalCostCents' in a)
+})
+
+t.test('tenants see only their own data', async t => {
+  const app = await buildDemoApp(t)
+  const created = await app.inject({ method: 'POST', url: '/api/v1/agents', headers: bearer({ tenant: 'A' }), payload: { name: 'only A' } })
+  t.equal(created.statusCode, 201)
+  const id = created.json().id as string
+  const fromA = await app.inject({ method: 'GET', url: `/api/v1/agents/${id}`, headers: bearer({ tenant: 'A' }) })
+  t.equal(fromA.statusCode, 200)
+  const fromB = await app.inject({ method: 'GET', url: `/api/v1/agents/${id}`, headers: bearer({ tenant: 'B' }) })
+  t.equal(fromB.statusCode, 404)
+  t.match(fromB.json(), { code: 'NOT_FOUND' })
+  // A tenant header sent by the client is not an identity: the token's tid wins.
+  const spoof = await app.inject({ method: 'GET', url: `/api/v1/agents/${id}`, headers: { ...bearer({ tenant: 'B' }), 'x-tenant-id': 'A' } })
+  t.equal(spoof.statusCode, 404)
+})
+
+t.test('mutations: body input, path params win, and the Kernel status is kept', async t => {
+  const app = await buildDemoApp(t)
+  const run = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: bearer(), payload: { id: 'a2', prompt: 'Summarise the report' } })
+  t.equal(run.statusCode, 201)
+  t.match(run.json(), { agentId: 'a1', status: 'queued' })
+  t.notOk('prompt' in run.json())
+  const patched = await app.inject({ method: 'PATCH', url: '/api/v1/agents/a2', headers: bearer(), payload: { name: 'Renamed' } })
+  t.equal(patched.statusCode, 200)
+  t.equal(patched.json().name, 'Renamed')
+  const deleted = await app.inject({ method: 'DELETE', url: '/api/v1/agents/a3', headers: bearer() })
+  t.equal(deleted.statusCode, 200)
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a3', headers: bearer() })).statusCode, 404)
+})
+
+t.test('bad input is a 400 VALIDATION_FAILED that names the field', async t => {
+  const app = await buildDemoApp(t)
+  const cases: Array<[string, string, unknown, RegExp]> = [
+    ['GET', '/api/v1/agents?limit=1000', undefined, /limit must be <= 100/],
+    ['GET', '/api/v1/agents?limit=abc', undefined, /input\.limit must be integer/],
+    ['GET', '/api/v1/agents?unknown=1', undefined, /input\.unknown is not allowed/],
+    ['POST', '/api/v1/agents/a1/runs', {}, /input\.prompt is required/],
+    ['POST', '/api/v1/agents/a1/runs', { prompt: 42 }, /input\.prompt must be string/],
+    ['POST', '/api/v1/agents/a1/runs', { prompt: 'x'.repeat(20001) }, /input\.prompt must NOT have more than 20000 characters/],
+    ['POST', '/api/v1/agents', { name: 'x', extra: true }, /input\.extra is not allowed/]
+  ]
+  for (const [method, url, payload, detail] of cases) {
+    const res = await app.inject({ method: method as 'GET', url, headers: bearer(), ...(payload === undefined ? {} : { payload: payload as object }) })
+    t.equal(res.statusCode, 400, `${method} ${url}`)
+    t.match(res.headers['content-type'], /^application\/problem\+json/)
+    t.match(res.json(), { code: 'VALIDATION_FAILED', status: 400, detail })
+  }
+})
+
+t.test('ugly bodies: malformed JSON, not an object, wrong media type, oversized', async t => {
+  const app = await buildDemoApp(t, { BFF_BODY_LIMIT: 2048 })
+  const h = { ...bearer(), 'content-type': 'application/json' }
+  const malformed = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: h, payload: '{"prompt": "x",' })
+  t.equal(malformed.statusCode, 400)
+  t.match(malformed.json(), { code: 'VALIDATION_FAILED', detail: 'The body is not valid JSON' })
+  const array = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: h, payload: '[1,2]' })
+  t.equal(array.statusCode, 400)
+  t.match(array.json(), { code: 'VALIDATION_FAILED', detail: 'The body must be a JSON object' })
+  const scalar = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: h, payload: '"text"' })
+  t.equal(scalar.statusCode, 400)
+  const empty = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: h, payload: '' })
+  t.equal(empty.statusCode, 400)
+  t.match(empty.json(), { code: 'VALIDATION_FAILED' })
+  const text = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: { ...bearer(), 'content-type': 'text/plain' }, payload: 'hello' })
+  t.equal(text.statusCode, 415)
+  t.match(text.json(), { code: 'UNSUPPORTED_MEDIA_TYPE' })
+  const big = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: h, payload: JSON.stringify({ prompt: 'x'.repeat(5000) }) })
+  t.equal(big.statusCode, 413)
+  t.match(big.json(), { code: 'PAYLOAD_TOO_LARGE', status: 413 })
+  const none = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: bearer() })
+  t.equal(none.statusCode, 400, 'no body is an empty input, refused by the schema')
+  t.match(none.json(), { detail: /prompt is required/ })
+})
+
+t.test('an unknown route is a 404 problem', async t => {
+  const app = await buildDemoApp(t)
+  const res = await app.inject({ method: 'GET', url: '/api/v1/nothing?x=1', headers: bearer() })
+  t.equal(res.statusCode, 404)
+  t.match(res.json(), { code: 'NOT_FOUND', detail: 'No route GET /api/v1/nothing', requestId: String })
+})
+
+t.test('identity: missing, malformed, forged, expired, not yet valid, alg none, wrong claims', async t => {
+  const app = await buildDemoApp(t)
+  const call = async (authorization?: string) => await app.inject({ method: 'GET', url: '/api/v1/agents', headers: authorization === undefined ? {} : { authorization } })
+  const now = Math.floor(Date.now() / 1000)
+  const sign = (payload: Record<string, unknown>, key = SECRET) => createSigner({ key, algorithm: 'HS256', noTimestamp: true })(payload)
+  const b64 = (v: unknown) => Buffer.from(JSON.stringify(v)).toString('base64url')
+  const cases: Array<[string, string | undefined, RegExp]> = [
+    ['no header', undefined, /bearer token is required/],
+    ['basic auth', 'Basic dXNlcjpwYXNz', /must be "Bearer <token>"/],
+    ['garbage', 'Bearer not-a-jwt', /malformed/],
+    ['forged (other secret)', `Bearer ${token({ secret: 'another-secret-of-sufficient-length-000000' })}`, /signature is invalid/],
+    ['expired', `Bearer ${sign({ sub: 'u', tid: 't', exp: now - 60 })}`, /expired/],
+    ['not yet valid', `Bearer ${sign({ sub: 'u', tid: 't', exp: now + 600, nbf: now + 300 })}`, /not valid yet/],
+    ['alg none', `Bearer ${b64({ alg: 'none', typ: 'JWT' })}.${b64({ sub: 'u', tid: 't', exp: now + 600 })}.`, /refused/],
+    ['no tenant', `Bearer ${sign({ sub: 'u', exp: now + 600 })}`, /required token claim is missing/],
+    ['no expiry', `Bearer ${sign({ sub: 'u', tid: 't' })}`, /required token claim is missing/],
+    ['roles not strings', `Bearer ${sign({ sub: 'u', tid: 't', exp: now + 600, roles: [1] })}`, /roles must be an array of strings/],
+    ['unknown zone', `Bearer ${sign({ sub: 'u', tid: 't', exp: now + 600, zone: 'galaxy' })}`, /zone must be/],
+    ['empty tenant', `Bearer ${sign({ sub: 'u', tid: '', exp: now + 600 })}`, /refused/]
+  ]
+  for (const [name, authorization, detail] of cases) {
+    const res = await call(authorization)
+    t.equal(res.statusCode, 401, name)
+    t.match(res.json(), { code: 'UNAUTHENTICATED', status: 401, detail }, name)
+  }
+  // A token that expired only within the allowed clock skew still passes.
+  const skewed = await call(`Bearer ${sign({ sub: 'u', tid: 't', exp: now - 2 })}`)
+  t.equal(skewed.statusCode, 200)
+})
+
+t.test('issuer and audience are checked when configured', async t => {
+  const app = await buildDemoApp(t, { BFF_JWT_ISSUER: 'https://issuer.example', BFF_JWT_AUDIENCE: 'mantle' })
+  const now = Math.floor(Date.now() / 1000)
+  const sign = (payload: Record<string, unknown>) => createSigner({ key: SECRET, algorithm: 'HS256' })(payload)
+  const good = await app.inject({ method: 'GET', url: '/api/v1/agents', headers: { authorization: `Bearer ${sign({ sub: 'u', tid: 't', exp: now + 60, iss: 'https://issuer.example', aud: 'mantle' })}` } })
+  t.equal(good.statusCode, 200)
+  const wrongAud = await app.inject({ method: 'GET', url: '/api/v1/agents', headers: { authorization: `Bearer ${sign({ sub: 'u', tid: 't', exp: now + 60, iss: 'https://issuer.example', aud: 'other' })}` } })
+  t.equal(wrongAud.statusCode, 401)
+  const wrongIss = await app.inject({ method: 'GET', url: '/api/v1/agents', headers: { authorization: `Bearer ${sign({ sub: 'u', tid: 't', exp: now + 60, iss: 'https://evil.example', aud: 'mantle' })}` } })
+  t.equal(wrongIss.statusCode, 401)
+  t.match(wrongIss.json(), { detail: /claim has a value that is not accepted/ })
+})
+
+t.test('authorization: roles and zones are 403 FORBIDDEN', async t => {
+  const app = await buildDemoApp(t)
+  const viewerOnly = bearer({ roles: ['viewer'], zone: 'restricted' })
+  const run = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: viewerOnly, payload: { prompt: 'hi' } })
+  t.equal(run.statusCode, 403)
+  t.match(run.json(), { code: 'FORBIDDEN', detail: 'runAgent needs one of the roles: operator' })
+  const anyone = await app.inject({ method: 'GET', url: '/api/v1/agents', headers: bearer({ roles: [] , zone: 'public' }) })
+  t.equal(anyone.statusCode, 200, 'roles [] lets any authenticated caller in')
+
+  const publicZone = await app.inject({ method: 'GET', url: '/api/v1/documents/d1', headers: bearer({ roles: ['viewer'], zone: 'internal' }) })
+  t.equal(publicZone.statusCode, 403)
+  t.match(publicZone.json(), { code: 'FORBIDDEN', detail: /restricted zone/ })
+  const restricted = await app.inject({ method: 'GET', url: '/api/v1/documents/d1', headers: bearer({ roles: ['viewer'], zone: 'restricted' }) })
+  t.equal(restricted.statusCode, 200)
+  const rightZoneWrongRole = await app.inject({ method: 'GET', url: '/api/v1/documents/d1', headers: bearer({ roles: ['editor'], zone: 'restricted' }) })
+  t.equal(rightZoneWrongRole.statusCode, 403)
+  // 401 comes before 400: an anonymous caller learns nothing about the input rules.
+  const anonymousBadInput = await app.inject({ method: 'GET', url: '/api/v1/agents?limit=1000' })
+  t.equal(anonymousBadInput.statusCode, 401)
+})
+
+t.test('the Kernel sees the caller identity', async t => {
+  const app = await buildDemoApp(t)
+  const res = await app.inject({ method: 'GET', url: '/api/v1/kernel/headers', headers: { ...bearer({ tenant: 'acme', user: 'zoe', roles: ['system', 'viewer'], zone: 'internal' }), 'x-request-id': 'trace-me-1' } })
+  t.equal(res.statusCode, 200)
+  t.match(res.json(), { 'x-request-id': 'trace-me-1', 'x-tenant-id': 'acme', 'x-user-id': 'zoe', 'x-user-roles': 'system,viewer', traceparent: /^00-[0-9a-f]{32}-[0-9a-f]{16}-01$/ })
+})
+
+t.test('with identity off, every call is the public tenant and no role is checked', async t => {
+  const app = await buildDemoApp(t, { BFF_AUTH_ENABLED: false })
+  const res = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', payload: { prompt: 'hello' } })
+  t.equal(res.statusCode, 201)
+  const headers = await app.inject({ method: 'GET', url: '/api/v1/kernel/headers', headers: { authorization: 'Bearer whatever' } })
+  t.match(headers.json(), { 'x-tenant-id': 'public', 'x-user-id': 'anonymous', 'x-user-roles': '' })
+  t.notOk(app.hasDecorator('identify'))
+})
+
+t.test('the pipeline keeps only the stages that apply to each operation', async t => {
+  const app = await buildDemoApp(t)
+  t.same(app.pipeline.entry('listAgents').stages, ['metrics', 'identity', 'validation'])
+  t.same(app.pipeline.entry('getDocument').stages, ['metrics', 'identity', 'authorization', 'validation'])
+  const off = await buildDemoApp(t, { BFF_AUTH_ENABLED: false, BFF_METRICS_ENABLED: false })
+  t.same(off.pipeline.entry('getDocument').stages, ['validation'])
+  t.throws(() => off.pipeline.entry('nope'), /no operation nope/)
+})

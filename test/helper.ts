@@ -1,0 +1,122 @@
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { fileURLToPath } from 'node:url'
+import type { FastifyInstance } from 'fastify'
+import { buildApp, type BuildOptions } from '../app.js'
+import { loadConfig, type Config } from '../schemas/config.js'
+import { compileManifest, loadManifestFile, type Manifest } from '../manifest.js'
+import { mintToken } from '../plugins/auth/index.js'
+import { startKernel } from '../kernel/server.js'
+import type { Zone } from '../schemas/manifest.js'
+
+export const SECRET = 'test-secret-that-is-long-enough-for-hs256-0123456789'
+export const fixture = (name: string): string => fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url))
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+export function testConfig (overrides: Record<string, string | number | boolean | undefined> = {}): Readonly<Config> {
+  return loadConfig({ NODE_ENV: 'test', LOG_LEVEL: 'silent', BFF_JWT_SECRET: SECRET, ...overrides })
+}
+
+export interface TokenOptions { tenant?: string, user?: string, roles?: string[], zone?: Zone, ttlSeconds?: number, secret?: string }
+
+export function token (opts: TokenOptions = {}): string {
+  return mintToken(opts.secret ?? SECRET, {
+    tenant: opts.tenant ?? 't1',
+    user: opts.user ?? 'u1',
+    roles: opts.roles ?? ['viewer', 'editor', 'operator', 'system'],
+    zone: opts.zone ?? 'restricted',
+    ttlSeconds: opts.ttlSeconds ?? 600
+  })
+}
+
+export const bearer = (opts: TokenOptions = {}): { authorization: string } => ({ authorization: `Bearer ${token(opts)}` })
+
+/** Builds the gateway from a test config; closed when the test ends. */
+export async function buildTestApp (t: Teardown, overrides: Record<string, string | number | boolean | undefined> = {}, options: BuildOptions = {}): Promise<FastifyInstance> {
+  const app = await buildApp(testConfig(overrides), { logger: false, kernelBackoff: { baseMs: 1, capMs: 5 }, ...options })
+  t.teardown(() => app.close())
+  await app.ready()
+  return app
+}
+
+/** The gateway on the demo manifest, in front of a real demo Kernel on a free port. */
+export async function buildDemoApp (t: Teardown, overrides: Record<string, string | number | boolean | undefined> = {}): Promise<FastifyInstance> {
+  const kernel = await startKernel({ port: 0, runDelayMs: 5 })
+  t.teardown(() => kernel.close())
+  return await buildTestApp(t, overrides, { kernelUrl: kernel.url })
+}
+
+export interface RecordedRequest {
+  method: string
+  url: string
+  headers: IncomingMessage['headers']
+  body: string
+}
+
+export type TestHandler = (req: RecordedRequest, res: ServerResponse) => void | Promise<void>
+
+export interface TestKernel {
+  url: string
+  /** Every request the test Kernel received, in order. */
+  requests: RecordedRequest[]
+  /** Replaces the handler of `METHOD /path` (path without query). */
+  on: (route: string, handler: TestHandler) => void
+  close: () => Promise<void>
+}
+
+export function json (res: ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body)
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) })
+  res.end(text)
+}
+
+/**
+ * A real upstream on port 0 whose answers a test chooses per route: it can answer any status,
+ * slowly, or with a broken body. Unknown routes answer 404.
+ */
+export async function startTestKernel (t: Teardown, handlers: Record<string, TestHandler> = {}): Promise<TestKernel> {
+  const routes = new Map(Object.entries(handlers))
+  const requests: RecordedRequest[] = []
+  const server = createServer((req, res) => {
+    const chunks: Buffer[] = []
+    req.on('data', (c: Buffer) => chunks.push(c))
+    req.on('end', () => {
+      const rec: RecordedRequest = { method: req.method ?? 'GET', url: req.url ?? '/', headers: req.headers, body: Buffer.concat(chunks).toString('utf8') }
+      requests.push(rec)
+      const handler = routes.get(`${rec.method} ${rec.url.split('?')[0]}`)
+      if (handler === undefined) return json(res, 404, { message: 'no such route' })
+      Promise.resolve(handler(rec, res)).catch(() => { res.destroy() })
+    })
+  })
+  server.keepAliveTimeout = 1000
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  const { port } = server.address() as AddressInfo
+  let closed = false
+  const close = async (): Promise<void> => {
+    if (closed) return
+    closed = true
+    server.closeAllConnections()
+    await new Promise<void>(resolve => server.close(() => resolve()))
+  }
+  t.teardown(close)
+  return { url: `http://127.0.0.1:${port}`, requests, on: (route, handler) => { routes.set(route, handler) }, close }
+}
+
+/** A manifest for a test Kernel, from an object (the same checks as a file). */
+export function testManifest (operations: Record<string, unknown>, kernel: Record<string, unknown> = {}, extra: Record<string, unknown> = {}): Manifest {
+  return compileManifest({ version: 1, kernel: { url: 'http://127.0.0.1:1', ...kernel }, operations, ...extra }, 'test-manifest')
+}
+
+export async function demoManifest (): Promise<Manifest> {
+  return await loadManifestFile(fileURLToPath(new URL('../kernel/manifest.yaml', import.meta.url)))
+}
+
+/** A port nothing listens on: connections to it are refused. */
+export async function closedPort (): Promise<number> {
+  const server = createServer()
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  const { port } = server.address() as AddressInfo
+  await new Promise<void>(resolve => server.close(() => resolve()))
+  return port
+}

@@ -1,0 +1,331 @@
+import t from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { buildTestApp, startTestKernel, testManifest, bearer, json, closedPort, type TestKernel } from '../../helper.js'
+
+const item = { type: 'object', required: ['id'], properties: { id: { type: 'string' }, name: { type: 'string' } } }
+const idInput = { type: 'object', required: ['id'], properties: { id: { type: 'string' } }, additionalProperties: false }
+
+function manifest (kernelSettings: Record<string, unknown> = {}) {
+  return testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item },
+    listItems: {
+      type: 'query',
+      rest: 'GET /items',
+      kernel: 'GET /v1/items',
+      input: { type: 'object', properties: { q: { type: 'string' }, limit: { type: 'integer', maximum: 50 }, tag: { type: 'array', items: { type: 'string' } } } },
+      output: { type: 'array', items: item }
+    },
+    createItem: { type: 'mutation', rest: 'POST /items', kernel: 'POST /v1/items', input: { type: 'object', required: ['name'], properties: { name: { type: 'string' } } }, output: item },
+    renameItem: { type: 'mutation', rest: 'PATCH /items/:id', kernel: 'PATCH /v1/items/{id}', input: { type: 'object', required: ['id', 'name'], properties: { id: { type: 'string' }, name: { type: 'string' } } }, output: item },
+    deleteItem: { type: 'mutation', rest: 'DELETE /items/:id', kernel: 'DELETE /v1/items/{id}', input: idInput, output: item },
+    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: 150 }
+  }, { retries: 2, circuitBreaker: { threshold: 3, resetTimeoutMs: 200 }, ...kernelSettings })
+}
+
+async function setup (t: Tap.Test, kernelSettings: Record<string, unknown> = {}, env: Record<string, string | boolean> = {}) {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/a1': (_req, res) => json(res, 200, { id: 'a1', name: 'first', secret: 'internal' }),
+    'POST /v1/items': (req, res) => json(res, 201, { id: 'n1', name: (JSON.parse(req.body) as { name: string }).name }),
+    'GET /v1/items': (_req, res) => json(res, 200, [{ id: 'a1', name: 'first' }])
+  })
+  const app = await buildTestApp(t, env, { manifest: manifest(kernelSettings), kernelUrl: kernel.url })
+  return { kernel, app }
+}
+
+type Setup = Awaited<ReturnType<typeof setup>>
+const hits = (kernel: TestKernel, path: string): number => kernel.requests.filter(r => r.url.split('?')[0] === path).length
+
+t.test('a 2xx JSON answer is the output, with fields the schema does not declare removed', async t => {
+  const { app } = await setup(t)
+  const res = await app.inject({ method: 'GET', url: '/api/v1/items/a1', headers: bearer() })
+  t.equal(res.statusCode, 200)
+  t.same(res.json(), { id: 'a1', name: 'first' })
+})
+
+t.test('the Kernel 2xx status is passed on (201 for a creation)', async t => {
+  const { app, kernel } = await setup(t)
+  const res = await app.inject({ method: 'POST', url: '/api/v1/items', headers: bearer(), payload: { name: 'new' } })
+  t.equal(res.statusCode, 201)
+  t.same(res.json(), { id: 'n1', name: 'new' })
+  t.same(JSON.parse(kernel.requests[0].body), { name: 'new' })
+  t.equal(kernel.requests[0].headers['content-type'], 'application/json')
+})
+
+t.test('the Kernel request carries the request id, tenant, user, roles and a child traceparent', async t => {
+  const { app, kernel } = await setup(t)
+  const traceId = '4bf92f3577b34da6a3ce929d0e0e4736'
+  const res = await app.inject({
+    method: 'GET',
+    url: '/api/v1/items/a1',
+    headers: { ...bearer({ tenant: 'acme', user: 'ann', roles: ['viewer', 'editor'] }), 'x-request-id': 'req-123', traceparent: `00-${traceId}-00f067aa0ba902b7-01` }
+  })
+  t.equal(res.statusCode, 200)
+  t.equal(res.headers['x-request-id'], 'req-123')
+  const h = kernel.requests[0].headers
+  t.equal(h['x-request-id'], 'req-123')
+  t.equal(h['x-tenant-id'], 'acme')
+  t.equal(h['x-user-id'], 'ann')
+  t.equal(h['x-user-roles'], 'viewer,editor')
+  t.match(h.traceparent, new RegExp(`^00-${traceId}-[0-9a-f]{16}-01$`))
+  t.not(h.traceparent, `00-${traceId}-00f067aa0ba902b7-01`, 'the gateway is a new span')
+})
+
+t.test('without a request id or traceparent, both are generated', async t => {
+  const { app, kernel } = await setup(t)
+  const res = await app.inject({ method: 'GET', url: '/api/v1/items/a1', headers: { ...bearer(), 'x-request-id': 'bad id with spaces', traceparent: 'junk' } })
+  t.match(res.headers['x-request-id'], /^[0-9a-f-]{36}$/)
+  t.equal(kernel.requests[0].headers['x-request-id'], res.headers['x-request-id'])
+  t.match(kernel.requests[0].headers.traceparent, /^00-[0-9a-f]{32}-[0-9a-f]{16}-01$/)
+})
+
+t.test('query input goes to the query string, path params are encoded', async t => {
+  const { app, kernel } = await setup(t)
+  kernel.on('GET /v1/items/a%2Fb c', (_req, res) => json(res, 200, { id: 'a/b c' }))
+  const list = await app.inject({ method: 'GET', url: '/api/v1/items?q=x%20y&limit=5&tag=a&tag=b', headers: bearer() })
+  t.equal(list.statusCode, 200)
+  t.equal(kernel.requests[0].url, '/v1/items?q=x+y&limit=5&tag=a&tag=b')
+  const one = await app.inject({ method: 'GET', url: '/api/v1/items/a%2Fb%20c', headers: bearer() })
+  t.equal(one.statusCode, 404, 'an encoded slash is one segment, sent encoded')
+  t.equal(kernel.requests[1].url, '/v1/items/a%2Fb%20c')
+})
+
+t.test('a Kernel 404 is NOT_FOUND, with the Kernel message', async t => {
+  const { app } = await setup(t)
+  const res = await app.inject({ method: 'GET', url: '/api/v1/items/zz', headers: bearer() })
+  t.equal(res.statusCode, 404)
+  t.match(res.headers['content-type'], /^application\/problem\+json/)
+  t.match(res.json(), { code: 'NOT_FOUND', status: 404, detail: 'no such route', type: 'urn:mantle:problem:not-found' })
+  t.ok(res.json().requestId)
+})
+
+t.test('another Kernel 4xx is KERNEL_REJECTED with its status, and is not retried', async t => {
+  const { app, kernel } = await setup(t)
+  kernel.on('GET /v1/items/c1', (_req, res) => json(res, 409, { message: 'item is locked' }))
+  kernel.on('GET /v1/items/c2', (_req, res) => { res.writeHead(422); res.end('not json') })
+  const res = await app.inject({ method: 'GET', url: '/api/v1/items/c1', headers: bearer() })
+  t.equal(res.statusCode, 409)
+  t.match(res.json(), { code: 'KERNEL_REJECTED', status: 409, detail: 'item is locked' })
+  t.equal(hits(kernel, '/v1/items/c1'), 1)
+  const res2 = await app.inject({ method: 'GET', url: '/api/v1/items/c2', headers: bearer() })
+  t.match(res2.json(), { code: 'KERNEL_REJECTED', status: 422, detail: 'The Kernel refused the call (status 422)' })
+})
+
+t.test('a Kernel 5xx on a GET is retried, then surfaces as 502 KERNEL_ERROR', async t => {
+  const { app, kernel } = await setup(t, { circuitBreaker: { threshold: 100, resetTimeoutMs: 1000 } })
+  kernel.on('GET /v1/items/e1', (_req, res) => json(res, 500, { message: 'boom' }))
+  const res = await app.inject({ method: 'GET', url: '/api/v1/items/e1', headers: bearer() })
+  t.equal(res.statusCode, 502)
+  t.match(res.json(), { code: 'KERNEL_ERROR', status: 502 })
+  t.notMatch(res.body, /boom/, 'the Kernel internals do not leak')
+  t.equal(hits(kernel, '/v1/items/e1'), 3, 'one call and two retries')
+})
+
+t.test('a GET that fails once and then succeeds answers 200', async t => {
+  const { app, kernel } = await setup(t)
+  let n = 0
+  kernel.on('GET /v1/items/f1', (_req, res) => { if (n++ === 0) json(res, 503, {}); else json(res, 200, { id: 'f1' }) })
+  const res = await app.inject({ method: 'GET', url: '/api/v1/items/f1', headers: bearer() })
+  t.equal(res.statusCode, 200)
+  t.equal(hits(kernel, '/v1/items/f1'), 2)
+})
+
+t.test('a POST without an Idempotency-Key is never retried', async t => {
+  const { app, kernel } = await setup(t, { circuitBreaker: { threshold: 100, resetTimeoutMs: 1000 } })
+  kernel.on('POST /v1/items', (_req, res) => json(res, 502, {}))
+  const res = await app.inject({ method: 'POST', url: '/api/v1/items', headers: bearer(), payload: { name: 'x' } })
+  t.equal(res.statusCode, 502)
+  t.equal(hits(kernel, '/v1/items'), 1)
+})
+
+t.test('a POST with an Idempotency-Key is retried and carries the key to the Kernel', async t => {
+  const { app, kernel } = await setup(t, { circuitBreaker: { threshold: 100, resetTimeoutMs: 1000 } })
+  kernel.on('POST /v1/items', (_req, res) => json(res, 502, {}))
+  const res = await app.inject({ method: 'POST', url: '/api/v1/items', headers: { ...bearer(), 'idempotency-key': 'k-1' }, payload: { name: 'x' } })
+  t.equal(res.statusCode, 502)
+  t.equal(hits(kernel, '/v1/items'), 3)
+  t.equal(kernel.requests[0].headers['idempotency-key'], 'k-1')
+  const bad = await app.inject({ method: 'POST', url: '/api/v1/items', headers: { ...bearer(), 'idempotency-key': 'has space' }, payload: { name: 'x' } })
+  t.equal(bad.statusCode, 400)
+  t.match(bad.json(), { code: 'VALIDATION_FAILED' })
+})
+
+t.test('a slow Kernel is a 504 KERNEL_TIMEOUT within the op timeout, not retried', async t => {
+  const { app, kernel } = await setup(t)
+  kernel.on('GET /v1/slow/s1', async (_req, res) => { await sleep(600); json(res, 200, { id: 's1' }) })
+  const started = Date.now()
+  const res = await app.inject({ method: 'GET', url: '/api/v1/slow/s1', headers: bearer() })
+  t.equal(res.statusCode, 504)
+  t.match(res.json(), { code: 'KERNEL_TIMEOUT', status: 504 })
+  t.ok(Date.now() - started < 550, 'the gateway answered before the Kernel did')
+  t.equal(hits(kernel, '/v1/slow/s1'), 1)
+})
+
+t.test('a Kernel that stalls in the middle of its body is a timeout too', async t => {
+  const { app, kernel } = await setup(t)
+  kernel.on('GET /v1/slow/s2', (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': '100' })
+    res.write('{"id":')
+  })
+  const res = await app.inject({ method: 'GET', url: '/api/v1/slow/s2', headers: bearer() })
+  t.equal(res.statusCode, 504)
+})
+
+t.test('a Kernel that refuses connections is 503 KERNEL_UNAVAILABLE', async t => {
+  const port = await closedPort()
+  const app = await buildTestApp(t, {}, { manifest: manifest({ circuitBreaker: { threshold: 100, resetTimeoutMs: 1000 } }), kernelUrl: `http://127.0.0.1:${port}` })
+  const res = await app.inject({ method: 'GET', url: '/api/v1/items/a1', headers: bearer() })
+  t.equal(res.statusCode, 503)
+  t.match(res.json(), { code: 'KERNEL_UNAVAILABLE', status: 503 })
+})
+
+t.test('a 2xx body that is not JSON, or none, is handled', async t => {
+  const { app, kernel } = await setup(t, { circuitBreaker: { threshold: 100, resetTimeoutMs: 1000 } })
+  kernel.on('GET /v1/items/j1', (_req, res) => { res.writeHead(200, { 'content-type': 'text/html' }); res.end('<html>') })
+  kernel.on('GET /v1/items/j2', (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': '5' }); res.end('{"id"') })
+  kernel.on('DELETE /v1/items/d1', (_req, res) => { res.writeHead(204); res.end() })
+  const r1 = await app.inject({ method: 'GET', url: '/api/v1/items/j1', headers: bearer() })
+  t.equal(r1.statusCode, 502)
+  t.match(r1.json(), { code: 'KERNEL_ERROR' })
+  const r2 = await app.inject({ method: 'GET', url: '/api/v1/items/j2', headers: bearer() })
+  t.equal(r2.statusCode, 502)
+  const r3 = await app.inject({ method: 'DELETE', url: '/api/v1/items/d1', headers: bearer() })
+  t.equal(r3.statusCode, 204)
+  t.equal(r3.body, '')
+  t.equal(kernel.requests.at(-1)?.url, '/v1/items/d1', 'DELETE input goes to the path and query, no body')
+})
+
+t.test('a Kernel answer larger than the bound is refused', async t => {
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/big': (_req, res) => json(res, 200, { id: 'x'.repeat(5000) }),
+    'GET /v1/items/chunked': (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }); res.write('{"id":"'); res.end('y'.repeat(5000) + '"}') },
+    'GET /v1/items/small': (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }); res.end('{"id":"s"}') }
+  })
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, resilience: null, maxResponseBytes: 1000 })
+  t.teardown(() => client.close())
+  const op = manifest().byName.get('getItem')!
+  const run = client.forOperation(op)
+  await t.rejects(run(new CallContext('r1', 'rest', op, { id: 'big' }, undefined, undefined, undefined)), { code: 'KERNEL_ERROR' })
+  await t.rejects(run(new CallContext('r2', 'rest', op, { id: 'chunked' }, undefined, undefined, undefined)), { code: 'KERNEL_ERROR' })
+  t.same(await run(new CallContext('r3', 'rest', op, { id: 'small' }, undefined, undefined, undefined)), { id: 's' }, 'a chunked answer within the bound is read')
+})
+
+t.test('the circuit breaker opens after the threshold, fails fast, and closes after one good probe', async t => {
+  const { app, kernel } = await setup(t, { retries: 0, circuitBreaker: { threshold: 3, resetTimeoutMs: 150 } })
+  let healthy = false
+  kernel.on('GET /v1/items/b1', (_req, res) => healthy ? json(res, 200, { id: 'b1' }) : json(res, 500, {}))
+  for (let i = 0; i < 3; i++) {
+    const res = await app.inject({ method: 'GET', url: '/api/v1/items/b1', headers: bearer() })
+    t.equal(res.statusCode, 502)
+  }
+  t.equal(app.kernel.breakerState(), 'open')
+  const ready = await app.inject({ method: 'GET', url: '/readyz' })
+  t.equal(ready.statusCode, 503)
+  t.same(ready.json().failing, ['kernel'])
+
+  const fast = await app.inject({ method: 'GET', url: '/api/v1/items/b1', headers: bearer() })
+  t.equal(fast.statusCode, 503)
+  t.match(fast.json(), { code: 'KERNEL_UNAVAILABLE' })
+  t.ok(Number(fast.headers['retry-after']) >= 1)
+  t.equal(hits(kernel, '/v1/items/b1'), 3, 'an open breaker does not call the Kernel')
+
+  await sleep(200)
+  healthy = true
+  // Half-open: two calls at once, only one probe reaches the Kernel.
+  const slowProbe = new Promise<void>(resolve => kernel.on('GET /v1/items/b1', async (_req, res) => { await sleep(50); json(res, 200, { id: 'b1' }); resolve() }))
+  const [probe, other] = await Promise.all([
+    app.inject({ method: 'GET', url: '/api/v1/items/b1', headers: bearer() }),
+    sleep(10).then(async () => await app.inject({ method: 'GET', url: '/api/v1/items/b1', headers: bearer() }))
+  ])
+  await slowProbe
+  t.equal(probe.statusCode, 200)
+  t.equal(other.statusCode, 503, 'a second call while the probe is out fails fast')
+  t.equal(hits(kernel, '/v1/items/b1'), 4)
+  t.equal(app.kernel.breakerState(), 'closed')
+  const after = await app.inject({ method: 'GET', url: '/api/v1/items/b1', headers: bearer() })
+  t.equal(after.statusCode, 200)
+  t.equal((await app.inject({ method: 'GET', url: '/readyz' })).statusCode, 200)
+})
+
+t.test('a failed probe opens the breaker again', async t => {
+  const { app, kernel } = await setup(t, { retries: 0, circuitBreaker: { threshold: 1, resetTimeoutMs: 100 } })
+  kernel.on('GET /v1/items/p1', (_req, res) => json(res, 500, {}))
+  await app.inject({ method: 'GET', url: '/api/v1/items/p1', headers: bearer() })
+  t.equal(app.kernel.breakerState(), 'open')
+  await sleep(130)
+  const probe = await app.inject({ method: 'GET', url: '/api/v1/items/p1', headers: bearer() })
+  t.equal(probe.statusCode, 502)
+  t.equal(app.kernel.breakerState(), 'open')
+  t.equal(hits(kernel, '/v1/items/p1'), 2)
+})
+
+t.test('retries stop when the breaker opens', async t => {
+  const { app, kernel } = await setup(t, { retries: 5, circuitBreaker: { threshold: 2, resetTimeoutMs: 10000 } })
+  kernel.on('GET /v1/items/r1', (_req, res) => json(res, 500, {}))
+  const res = await app.inject({ method: 'GET', url: '/api/v1/items/r1', headers: bearer() })
+  t.equal(res.statusCode, 503, 'the retry found the breaker open')
+  t.equal(hits(kernel, '/v1/items/r1'), 2)
+})
+
+t.test('the retry budget bounds retries under a failing Kernel', async t => {
+  const { app, kernel } = await setup(t, { retries: 2, circuitBreaker: { threshold: 100000, resetTimeoutMs: 1000 } })
+  kernel.on('GET /v1/items/x1', (_req, res) => json(res, 500, {}))
+  const calls = 100
+  for (let i = 0; i < calls; i++) await app.inject({ method: 'GET', url: '/api/v1/items/x1', headers: bearer() })
+  const retries = hits(kernel, '/v1/items/x1') - calls
+  // Reserve of 10 plus 0.2 per call: well under the 200 retries a naive policy would send.
+  t.ok(retries <= 10 + calls * 0.2 + 1, `retries (${retries}) stay within the budget`)
+  t.ok(retries >= 20, `retries (${retries}) do happen`)
+  const metrics = await app.inject({ method: 'GET', url: '/metrics' })
+  t.match(metrics.body, /mantle_kernel_retry_budget_exhausted_total [1-9]/)
+})
+
+t.test('the bulkhead fails fast beyond maxInFlight', async t => {
+  const { app, kernel } = await setup(t, { maxInFlight: 2 })
+  const release: Array<() => void> = []
+  kernel.on('GET /v1/items/h1', async (_req, res) => { await new Promise<void>(resolve => release.push(resolve)); json(res, 200, { id: 'h1' }) })
+  const first = [1, 2].map(async () => await app.inject({ method: 'GET', url: '/api/v1/items/h1', headers: bearer() }))
+  while (release.length < 2) await sleep(5)
+  const third = await app.inject({ method: 'GET', url: '/api/v1/items/h1', headers: bearer() })
+  t.equal(third.statusCode, 503)
+  t.match(third.json(), { code: 'KERNEL_UNAVAILABLE', detail: 'Too many calls are in flight to the Kernel' })
+  for (const r of release) r()
+  for (const res of await Promise.all(first)) t.equal(res.statusCode, 200)
+  t.equal(app.kernel.inFlight(), 0)
+})
+
+t.test('with resilience off: no retry, no breaker, no bulkhead, same status mapping', async t => {
+  const { app, kernel } = await setup(t, { maxInFlight: 1, circuitBreaker: { threshold: 1, resetTimeoutMs: 10000 } }, { BFF_CIRCUIT_BREAKER_ENABLED: false })
+  kernel.on('GET /v1/items/o1', (_req, res) => json(res, 500, {}))
+  for (let i = 0; i < 3; i++) {
+    const res = await app.inject({ method: 'GET', url: '/api/v1/items/o1', headers: bearer() })
+    t.equal(res.statusCode, 502)
+  }
+  t.equal(hits(kernel, '/v1/items/o1'), 3)
+  t.equal(app.kernel.breakerState(), 'disabled')
+  t.same((await app.inject({ method: 'GET', url: '/readyz' })).json().checks, { kernel: 'breaker disabled' })
+})
+
+t.test('env overrides the manifest breaker settings', async t => {
+  const { app, kernel } = await setup(t, { retries: 0, circuitBreaker: { threshold: 50, resetTimeoutMs: 10000 } }, { BFF_CIRCUIT_BREAKER_THRESHOLD: '1', BFF_CIRCUIT_BREAKER_TIMEOUT: '60000' })
+  kernel.on('GET /v1/items/v1', (_req, res) => json(res, 500, {}))
+  await app.inject({ method: 'GET', url: '/api/v1/items/v1', headers: bearer() })
+  t.equal(app.kernel.breakerState(), 'open')
+  const res = await app.inject({ method: 'GET', url: '/api/v1/items/v1', headers: bearer() })
+  t.ok(Number(res.headers['retry-after']) > 50, 'the reset timeout is the env one')
+})
+
+t.test('closing the app waits for a call in flight', async t => {
+  const { app, kernel }: Setup = await setup(t)
+  kernel.on('GET /v1/items/w1', async (_req, res) => { await sleep(100); json(res, 200, { id: 'w1' }) })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const pending = fetch(`http://127.0.0.1:${port}/api/v1/items/w1`, { headers: bearer() })
+  await sleep(30)
+  const closing = app.close()
+  const res = await pending
+  t.equal(res.status, 200)
+  t.same(await res.json(), { id: 'w1' })
+  await closing
+})

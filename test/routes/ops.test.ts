@@ -1,0 +1,71 @@
+import t from 'tap'
+import { createVerifier } from 'fast-jwt'
+import { buildDemoApp, bearer, SECRET } from '../helper.js'
+import { tokenFromArgs } from '../../scripts/token.js'
+
+t.test('/healthz answers without asking any dependency', async t => {
+  const app = await buildDemoApp(t)
+  const res = await app.inject({ method: 'GET', url: '/healthz' })
+  t.equal(res.statusCode, 200)
+  t.same(res.json(), { status: 'ok' })
+  t.ok(res.headers['x-request-id'])
+})
+
+t.test('/readyz reports the Kernel breaker', async t => {
+  const app = await buildDemoApp(t)
+  const res = await app.inject({ method: 'GET', url: '/readyz' })
+  t.equal(res.statusCode, 200)
+  t.same(res.json(), { status: 'ready', failing: [], checks: { kernel: 'breaker closed' } })
+})
+
+t.test('/metrics: call durations by protocol, op and status class; Kernel and pool metrics', async t => {
+  const app = await buildDemoApp(t)
+  await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
+  await app.inject({ method: 'GET', url: '/api/v1/agents/nope', headers: bearer() })
+  await app.inject({ method: 'GET', url: '/api/v1/agents/a1' })
+  await app.inject({ method: 'GET', url: '/api/v1/not-an-op/xyz', headers: bearer() })
+  const res = await app.inject({ method: 'GET', url: '/metrics' })
+  t.equal(res.statusCode, 200)
+  t.match(res.headers['content-type'], /^text\/plain/)
+  const body = res.body
+  t.match(body, /mantle_request_duration_seconds_count\{protocol="rest",op="getAgent",status_class="2xx"\} 1/)
+  t.match(body, /mantle_request_duration_seconds_count\{protocol="rest",op="getAgent",status_class="4xx"\} 2/)
+  t.match(body, /mantle_kernel_request_duration_seconds_count\{op="getAgent",outcome="ok"\} 1/)
+  t.match(body, /mantle_kernel_request_duration_seconds_count\{op="getAgent",outcome="client_error"\} 1/)
+  t.match(body, /mantle_kernel_breaker_state\{origin="http:\/\/127\.0\.0\.1:\d+"\} 0/)
+  t.match(body, /mantle_kernel_pool\{state="connected"\} \d+/)
+  t.match(body, /mantle_requests_in_flight 0/)
+  t.match(body, /process_cpu_seconds_total/)
+  t.notMatch(body, /not-an-op|xyz|\/api\/v1/, 'no raw path becomes a label')
+  t.notMatch(body, /tenant|t1"|u1"/, 'no tenant or user becomes a label')
+})
+
+t.test('the Kernel pool reuses its connections', async t => {
+  const app = await buildDemoApp(t)
+  for (let i = 0; i < 20; i++) await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
+  const body = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  const opened = Number(/mantle_kernel_pool_connections_opened_total (\d+)/.exec(body)?.[1])
+  t.ok(opened >= 1 && opened <= 3, `20 sequential calls opened ${opened} connections`)
+})
+
+t.test('with metrics off there is no /metrics and no metrics stage', async t => {
+  const app = await buildDemoApp(t, { BFF_METRICS_ENABLED: false })
+  t.equal((await app.inject({ method: 'GET', url: '/metrics' })).statusCode, 404)
+  t.notOk(app.pipeline.entry('getAgent').stages.includes('metrics'))
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })).statusCode, 200)
+})
+
+t.test('npm run token mints a token the gateway accepts', async t => {
+  const token = tokenFromArgs(['--tenant', 'acme', '--user', 'bob', '--roles', 'viewer, editor', '--zone', 'internal', '--ttl', '120'], { BFF_JWT_SECRET: SECRET })
+  const claims = createVerifier({ key: SECRET })(token) as Record<string, unknown>
+  t.match(claims, { sub: 'bob', tid: 'acme', roles: ['viewer', 'editor'], zone: 'internal' })
+  t.equal((claims.exp as number) - (claims.iat as number), 120)
+  const app = await buildDemoApp(t)
+  const res = await app.inject({ method: 'GET', url: '/api/v1/agents', headers: { authorization: `Bearer ${token}` } })
+  t.equal(res.statusCode, 200)
+  t.throws(() => tokenFromArgs(['--zone', 'space'], {}), /--zone must be/)
+  t.throws(() => tokenFromArgs(['--ttl=-1'], {}), /--ttl must be/)
+  t.throws(() => tokenFromArgs(['--help'], {}), /Usage/)
+  t.throws(() => tokenFromArgs(['--bogus'], {}), /Unknown option/)
+  t.ok(tokenFromArgs([], {}).split('.').length === 3, 'defaults work with the development secret')
+})
