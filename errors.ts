@@ -125,7 +125,7 @@ function make (code: ErrorCode, detail: string, requestId: string): Problem {
 export function describeValidation (errors: Array<{ instancePath?: string, message?: string, params?: Record<string, unknown> }>, context = 'input'): string {
   const first = errors[0]
   if (first === undefined) return 'The input is not valid'
-  let path = (first.instancePath ?? '').replace(/^\//, '').replace(/\//g, '.')
+  const path = (first.instancePath ?? '').replace(/^\//, '').replace(/\//g, '.')
   const params = first.params ?? {}
   if (typeof params.missingProperty === 'string') {
     return `${context}.${path === '' ? '' : path + '.'}${params.missingProperty} is required`

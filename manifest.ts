@@ -143,7 +143,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
   for (const [name, op] of Object.entries(m.operations)) {
     const at = `operations.${name}`
     if (!NAME.test(name)) faults.push(`${at}: the operation name must match ${NAME.source} (it is a tRPC procedure and a GraphQL field)`)
-    const built = buildOperation(name, index++, op, at, schemas, defaults, kernelTimeout, faults)
+    const built = buildOperation(name, index++, op, at, resolvedSchemas, defaults, kernelTimeout, faults)
     if (built === null) continue
     const routeKey = `${built.method} ${built.path.replace(/:[^/]+/g, ':')}`
     const seen = routes.get(routeKey)
@@ -158,7 +158,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     const at = `events.${name}`
     if (!NAME.test(name)) faults.push(`${at}: the event name must match ${NAME.source}`)
     if (m.operations[name] !== undefined) faults.push(`${at}: an operation has the same name`)
-    const payload = resolveRefs(ev.payload, schemas, `${at}.payload`, faults, [])
+    const payload = resolveRefs(ev.payload, resolvedSchemas, `${at}.payload`, faults, [])
     checkSchema(payload, `${at}.payload`, faults)
     events.push(Object.freeze({ name, topic: ev.topic, payload, payloadDocument: ev.payload, roles: Object.freeze([...(ev.roles ?? defaults.roles ?? [])]), description: ev.description ?? null }))
   }
@@ -220,8 +220,8 @@ function buildOperation (
       }
     }
   }
-  if (op.type === 'query' && inputInBody === false && method !== 'GET') {
-    faults.push(`${at}.rest: a query is served by GET`)
+  if (op.type === 'query' && method !== 'GET' && method !== 'POST') {
+    faults.push(`${at}.rest: a query is served by GET, or by POST when its input needs a body`)
   }
   if (op.type === 'mutation' && method === 'GET') faults.push(`${at}.rest: a mutation cannot be served by GET`)
   if (op.cache !== undefined && op.type !== 'query') faults.push(`${at}.cache: only queries are cached`)
@@ -235,6 +235,7 @@ function buildOperation (
     if (!declared.has(f)) faults.push(`${at}.firewall.fields: ${f} is not declared in ${at}.input.properties`)
   }
   if (faults.length > before) return null
+  const rateLimit = op.rateLimit ?? defaults.rateLimit
 
   return Object.freeze({
     name,
@@ -252,7 +253,7 @@ function buildOperation (
     roles: Object.freeze([...(op.roles ?? defaults.roles ?? [])]),
     zone: op.zone ?? defaults.zone ?? 'public',
     cache: op.cache === undefined ? null : Object.freeze({ ttlSeconds: op.cache.ttlSeconds, swrSeconds: op.cache.swrSeconds ?? 0, tags: Object.freeze([...(op.cache.tags ?? [])]) }),
-    rateLimit: op.rateLimit ?? defaults.rateLimit ?? null,
+    rateLimit: rateLimit === undefined ? null : Object.freeze({ max: rateLimit.max, windowMs: rateLimit.windowMs }),
     firewall: op.firewall === undefined ? null : Object.freeze({ fields: Object.freeze([...op.firewall.fields]), action: op.firewall.action }),
     invalidates: Object.freeze([...(op.invalidates ?? [])]),
     timeoutMs: op.timeoutMs ?? defaults.timeoutMs ?? kernelTimeout,

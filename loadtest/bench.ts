@@ -108,19 +108,20 @@ function parseOptions (argv: string[]): Options {
 async function measure (target: Target, scenario: ScenarioDefinition, seconds: number, connections: number): Promise<RunFigures> {
   const req = requestFor(target, scenario)
   const times: number[] = []
-  const instance = autocannon({
-    url: req.url,
-    method: req.method,
-    headers: req.headers,
-    ...(req.body === undefined ? {} : { body: req.body }),
-    connections,
-    pipelining: 1,
-    duration: seconds
+  const result = await new Promise<autocannon.Result>((resolve, reject) => {
+    const instance = autocannon({
+      url: req.url,
+      method: req.method,
+      headers: req.headers,
+      ...(req.body === undefined ? {} : { body: req.body }),
+      connections,
+      pipelining: 1,
+      duration: seconds
+    }, (err: unknown, res: autocannon.Result) => { if (err === null || err === undefined) resolve(res); else reject(err) })
+    instance.on('response', (_client, statusCode, _bytes, responseTime) => {
+      if (statusCode >= 200 && statusCode < 300) times.push(responseTime)
+    })
   })
-  instance.on('response', (_client, statusCode, _bytes, responseTime) => {
-    if (statusCode >= 200 && statusCode < 300) times.push(responseTime)
-  })
-  const result = await instance
   times.sort((a, b) => a - b)
   const fine = times.length === 0 ? Number.NaN : times[Math.min(times.length - 1, Math.ceil(times.length * 0.99) - 1)]
   return {

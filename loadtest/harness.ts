@@ -123,16 +123,22 @@ export async function startProcess (opts: ProcessOptions): Promise<RunningProces
   child.stderr?.on('data', keep)
   // The child may die while we write to its stdin: that is reported by the exit, not as a crash.
   child.stdin?.on('error', () => {})
+  // 'error' without 'exit' happens when the process could not be spawned at all.
+  const spawnFailure: { error: Error | null } = { error: null }
   const exited = new Promise<void>((resolve) => {
     child.once('exit', () => {
       children.delete(child)
       resolve()
     })
+    child.once('error', (err) => {
+      spawnFailure.error = err
+      children.delete(child)
+      resolve()
+    })
   })
-  child.once('error', () => { children.delete(child) })
 
   const stop = async (): Promise<void> => {
-    if (child.exitCode !== null || child.signalCode !== null) return
+    if (child.exitCode !== null || child.signalCode !== null || !children.has(child)) return
     child.kill('SIGTERM')
     const timer = setTimeout(() => child.kill('SIGKILL'), 5000)
     await exited
@@ -140,7 +146,7 @@ export async function startProcess (opts: ProcessOptions): Promise<RunningProces
   }
 
   try {
-    await waitReady(opts, child, () => tail)
+    await waitReady(opts, child, () => tail, spawnFailure)
   } catch (err) {
     await stop()
     throw err
@@ -149,13 +155,11 @@ export async function startProcess (opts: ProcessOptions): Promise<RunningProces
   return { name: opts.name, pid: child.pid, stop }
 }
 
-async function waitReady (opts: ProcessOptions, child: ChildProcess, tail: () => string): Promise<void> {
+async function waitReady (opts: ProcessOptions, child: ChildProcess, tail: () => string, spawnFailure: { error: Error | null }): Promise<void> {
   const deadline = Date.now() + (opts.readyTimeoutMs ?? 30_000)
   let last = 'no answer yet'
-  let spawnError: Error | null = null
-  child.once('error', (err) => { spawnError = err })
   while (Date.now() < deadline) {
-    if (spawnError !== null) throw new Error(`${opts.name}: could not start: ${(spawnError as Error).message}`)
+    if (spawnFailure.error !== null) throw new Error(`${opts.name}: could not start: ${spawnFailure.error.message}`)
     if (child.exitCode !== null || child.signalCode !== null) {
       throw new Error(`${opts.name} exited (${child.exitCode ?? child.signalCode}) before it was ready:\n${tail()}`)
     }

@@ -6,7 +6,7 @@ import { Type, type Static } from 'typebox'
 
 const Name = Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' })
 const JsonSchema = Type.Unsafe<Record<string, unknown>>(Type.Object({}, { additionalProperties: true }))
-const Zone = Type.Union([Type.Literal('public'), Type.Literal('internal'), Type.Literal('restricted')])
+const ZoneSchema = Type.Union([Type.Literal('public'), Type.Literal('internal'), Type.Literal('restricted')])
 const Roles = Type.Array(Type.String({ minLength: 1 }), { uniqueItems: true })
 const RateLimit = Type.Object({
   max: Type.Integer({ minimum: 1 }),
@@ -32,7 +32,7 @@ export const OperationSchema = Type.Object({
   input: Type.Optional(JsonSchema),
   output: JsonSchema,
   roles: Type.Optional(Roles),
-  zone: Type.Optional(Zone),
+  zone: Type.Optional(ZoneSchema),
   cache: Type.Optional(Cache),
   rateLimit: Type.Optional(RateLimit),
   firewall: Type.Optional(Firewall),
@@ -65,7 +65,7 @@ export const ManifestSchema = Type.Object({
   }, { additionalProperties: false }),
   defaults: Type.Optional(Type.Object({
     roles: Type.Optional(Roles),
-    zone: Type.Optional(Zone),
+    zone: Type.Optional(ZoneSchema),
     rateLimit: Type.Optional(RateLimit),
     timeoutMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 600000 }))
   }, { additionalProperties: false })),
@@ -78,7 +78,7 @@ export { Name as OperationNameSchema }
 export type ManifestDocument = Static<typeof ManifestSchema>
 export type OperationDocument = Static<typeof OperationSchema>
 export type EventDocument = Static<typeof EventSchema>
-export type Zone = Static<typeof Zone>
+export type Zone = Static<typeof ZoneSchema>
 
 /** RFC 7807 body, as every route declares it for its 4xx and 5xx answers. */
 export const ProblemSchema = {

@@ -147,7 +147,7 @@ t.test('authorization: roles and zones are 403 FORBIDDEN', async t => {
   const run = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: viewerOnly, payload: { prompt: 'hi' } })
   t.equal(run.statusCode, 403)
   t.match(run.json(), { code: 'FORBIDDEN', detail: 'runAgent needs one of the roles: operator' })
-  const anyone = await app.inject({ method: 'GET', url: '/api/v1/agents', headers: bearer({ roles: [] , zone: 'public' }) })
+  const anyone = await app.inject({ method: 'GET', url: '/api/v1/agents', headers: bearer({ roles: [], zone: 'public' }) })
   t.equal(anyone.statusCode, 200, 'roles [] lets any authenticated caller in')
 
   const publicZone = await app.inject({ method: 'GET', url: '/api/v1/documents/d1', headers: bearer({ roles: ['viewer'], zone: 'internal' }) })

@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { buildTestApp, startTestKernel, testManifest, bearer, json, closedPort, type TestKernel } from '../../helper.js'
 
@@ -22,7 +22,7 @@ function manifest (kernelSettings: Record<string, unknown> = {}) {
   }, { retries: 2, circuitBreaker: { threshold: 3, resetTimeoutMs: 200 }, ...kernelSettings })
 }
 
-async function setup (t: Tap.Test, kernelSettings: Record<string, unknown> = {}, env: Record<string, string | boolean> = {}) {
+async function setup (t: Test, kernelSettings: Record<string, unknown> = {}, env: Record<string, string | boolean> = {}) {
   const kernel = await startTestKernel(t, {
     'GET /v1/items/a1': (_req, res) => json(res, 200, { id: 'a1', name: 'first', secret: 'internal' }),
     'POST /v1/items': (req, res) => json(res, 201, { id: 'n1', name: (JSON.parse(req.body) as { name: string }).name }),

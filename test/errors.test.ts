@@ -1,0 +1,176 @@
+import t from 'tap'
+import { MantleError, toProblem, describeValidation, problemType, ErrorCodes, type ErrorCode } from '../errors.js'
+
+const RID = 'req-1'
+const INTERNAL_DETAIL = 'The gateway could not complete the call'
+
+t.test('every code has its contract status and a urn type', async t => {
+  const expected: Record<ErrorCode, number> = {
+    UNAUTHENTICATED: 401,
+    FORBIDDEN: 403,
+    FIREWALL_BLOCKED: 403,
+    NOT_FOUND: 404,
+    VALIDATION_FAILED: 400,
+    PAYLOAD_TOO_LARGE: 413,
+    UNSUPPORTED_MEDIA_TYPE: 415,
+    IDEMPOTENCY_CONFLICT: 409,
+    IDEMPOTENCY_KEY_REUSED: 422,
+    RATE_LIMITED: 429,
+    BAD_REQUEST: 400,
+    KERNEL_REJECTED: 400,
+    KERNEL_ERROR: 502,
+    KERNEL_UNAVAILABLE: 503,
+    KERNEL_TIMEOUT: 504,
+    OVERLOADED: 503,
+    INTERNAL: 500
+  }
+  t.same(Object.keys(ErrorCodes).sort(), Object.keys(expected).sort(), 'no code more, no code less')
+  for (const [code, status] of Object.entries(expected) as Array<[ErrorCode, number]>) {
+    t.equal(ErrorCodes[code].status, status, `${code} table`)
+    const err = new MantleError(code)
+    t.equal(err.statusCode, status, `${code} default status`)
+    t.equal(err.code, code)
+    t.equal(err.message, ErrorCodes[code].title, `${code}: the detail defaults to the title`)
+    t.equal(err.name, 'MantleError')
+    t.equal(err.headers, null)
+    t.type(err, Error)
+    const { problem, headers } = toProblem(err, RID)
+    t.same(problem, { type: problemType(code), title: ErrorCodes[code].title, status, code, detail: ErrorCodes[code].title, requestId: RID }, `${code} problem`)
+    t.equal(headers, null)
+  }
+  t.equal(problemType('NOT_FOUND'), 'urn:mantle:problem:not-found')
+  t.equal(problemType('IDEMPOTENCY_KEY_REUSED'), 'urn:mantle:problem:idempotency-key-reused')
+  t.equal(problemType('INTERNAL'), 'urn:mantle:problem:internal')
+})
+
+t.test('KERNEL_REJECTED carries the Kernel status', async t => {
+  const err = new MantleError('KERNEL_REJECTED', 'item is locked', { status: 409 })
+  t.equal(err.statusCode, 409)
+  t.same(toProblem(err, RID).problem, {
+    type: 'urn:mantle:problem:kernel-rejected',
+    title: 'Rejected by the Kernel',
+    status: 409,
+    code: 'KERNEL_REJECTED',
+    detail: 'item is locked',
+    requestId: RID
+  })
+})
+
+t.test('headers and cause are carried', async t => {
+  const cause = new Error('root')
+  const err = new MantleError('RATE_LIMITED', 'slow down', { headers: { 'retry-after': '3' }, cause })
+  t.same(err.headers, { 'retry-after': '3' })
+  t.equal(err.cause, cause)
+  const { problem, headers } = toProblem(err, RID)
+  t.same(headers, { 'retry-after': '3' })
+  t.match(problem, { code: 'RATE_LIMITED', status: 429, detail: 'slow down' })
+  t.equal(new MantleError('INTERNAL').cause, undefined, 'no cause unless given')
+})
+
+t.test('the stack trace is omitted by default and kept on request', async t => {
+  const limit = Error.stackTraceLimit
+  const bare = new MantleError('FORBIDDEN')
+  t.notMatch(bare.stack ?? '', /\n\s+at /, 'no frames by default')
+  t.equal(Error.stackTraceLimit, limit, 'the global limit is restored')
+  const withStack = new MantleError('FORBIDDEN', 'no', { stack: true })
+  t.match(withStack.stack, /\n\s+at /, 'frames with { stack: true }')
+  t.match(withStack.stack, /errors\.test\.ts/)
+  t.equal(Error.stackTraceLimit, limit)
+  t.match(new Error('plain').stack, /\n\s+at /, 'other errors still get their stack')
+})
+
+t.test('a Fastify validation error is VALIDATION_FAILED naming the field', async t => {
+  const err = Object.assign(new Error('body/limit must be <= 100'), {
+    statusCode: 400,
+    code: 'FST_ERR_VALIDATION',
+    validation: [{ instancePath: '/limit', message: 'must be <= 100', params: { limit: 100 } }],
+    validationContext: 'body'
+  })
+  const { problem, headers } = toProblem(err, RID)
+  t.same(problem, { type: 'urn:mantle:problem:validation-failed', title: 'Validation failed', status: 400, code: 'VALIDATION_FAILED', detail: 'body.limit must be <= 100', requestId: RID })
+  t.equal(headers, null)
+  t.equal(toProblem({ validation: [{ instancePath: '', params: { missingProperty: 'id' } }], validationContext: 'querystring' }, RID).problem.detail, 'querystring.id is required')
+  t.equal(toProblem({ validation: [{ instancePath: '/id', message: 'must be string' }] }, RID).problem.detail, 'input.id must be string', 'no context: input')
+})
+
+t.test('Fastify client errors map to contract codes with our own detail', async t => {
+  const cases: Array<[string, number, ErrorCode, string]> = [
+    ['FST_ERR_CTP_BODY_TOO_LARGE', 413, 'PAYLOAD_TOO_LARGE', 'The request body is larger than the limit'],
+    ['FST_ERR_CTP_INVALID_MEDIA_TYPE', 415, 'UNSUPPORTED_MEDIA_TYPE', 'The request body must be application/json'],
+    ['FST_ERR_CTP_EMPTY_JSON_BODY', 400, 'VALIDATION_FAILED', 'The JSON body is empty'],
+    ['FST_ERR_CTP_INVALID_JSON_BODY', 400, 'VALIDATION_FAILED', 'The body is not valid JSON'],
+    ['FST_ERR_CTP_INVALID_CONTENT_LENGTH', 400, 'BAD_REQUEST', 'The Content-Length header does not match the body']
+  ]
+  for (const [fst, status, code, detail] of cases) {
+    const err = Object.assign(new Error('fastify says something internal'), { code: fst, statusCode: status })
+    const { problem, headers } = toProblem(err, RID)
+    t.same(problem, { type: problemType(code), title: ErrorCodes[code].title, status, code, detail, requestId: RID }, fst)
+    t.equal(headers, null)
+  }
+  t.match(toProblem({ code: 'FST_ERR_CTP_BODY_TOO_LARGE' }, RID).problem, { code: 'PAYLOAD_TOO_LARGE', status: 413 }, 'by code alone, without statusCode')
+})
+
+t.test('a SyntaxError with status 400 is a bad JSON body', async t => {
+  const err = Object.assign(new SyntaxError('Unexpected token } in JSON at position 9'), { statusCode: 400 })
+  t.same(toProblem(err, RID).problem, { type: 'urn:mantle:problem:validation-failed', title: 'Validation failed', status: 400, code: 'VALIDATION_FAILED', detail: 'The body is not valid JSON', requestId: RID })
+  const bare = toProblem(new SyntaxError('Unexpected token'), RID).problem
+  t.same(bare, { type: 'urn:mantle:problem:internal', title: 'Internal error', status: 500, code: 'INTERNAL', detail: INTERNAL_DETAIL, requestId: RID }, 'without a status it is our own bug')
+})
+
+t.test('a generic error with a 4xx status keeps the status', async t => {
+  const cases: Array<[number, ErrorCode]> = [
+    [400, 'VALIDATION_FAILED'],
+    [401, 'UNAUTHENTICATED'],
+    [403, 'FORBIDDEN'],
+    [404, 'NOT_FOUND'],
+    [413, 'PAYLOAD_TOO_LARGE'],
+    [415, 'UNSUPPORTED_MEDIA_TYPE'],
+    [429, 'RATE_LIMITED'],
+    [418, 'BAD_REQUEST'],
+    [405, 'BAD_REQUEST']
+  ]
+  for (const [status, code] of cases) {
+    const err = Object.assign(new Error(`secret internal message ${status}`), { statusCode: status })
+    const { problem, headers } = toProblem(err, RID)
+    t.same(problem, { type: problemType(code), title: ErrorCodes[code].title, status, code, detail: ErrorCodes[code].title, requestId: RID }, `${status} → ${code}`)
+    t.notMatch(JSON.stringify(problem), /secret internal/, 'the message is not passed on')
+    t.equal(headers, null)
+  }
+})
+
+t.test('anything else is INTERNAL 500 and never shows its message', async t => {
+  const internal = { type: 'urn:mantle:problem:internal', title: 'Internal error', status: 500, code: 'INTERNAL', detail: INTERNAL_DETAIL, requestId: RID }
+  const values: Array<[string, unknown]> = [
+    ['an Error', new Error('db password is hunter2')],
+    ['a TypeError', new TypeError('cannot read hunter2 of undefined')],
+    ['a 5xx error', Object.assign(new Error('upstream hunter2'), { statusCode: 503 })],
+    ['a 3xx status', Object.assign(new Error('hunter2'), { statusCode: 302 })],
+    ['a string status', Object.assign(new Error('hunter2'), { statusCode: '404' })],
+    ['an unknown code', Object.assign(new Error('hunter2'), { code: 'ECONNRESET' })],
+    ['a string', 'hunter2'],
+    ['undefined', undefined],
+    ['null', null],
+    ['a number', 42],
+    ['a plain object', { message: 'hunter2' }]
+  ]
+  for (const [what, value] of values) {
+    const { problem, headers } = toProblem(value, RID)
+    t.same(problem, internal, what)
+    t.notMatch(JSON.stringify(problem), /hunter2/, `${what}: nothing leaks`)
+    t.equal(headers, null)
+  }
+})
+
+t.test('describeValidation names the field', async t => {
+  t.equal(describeValidation([{ instancePath: '/a', message: "must have required property 'b'", params: { missingProperty: 'b' } }]), 'input.a.b is required')
+  t.equal(describeValidation([{ instancePath: '', message: "must have required property 'id'", params: { missingProperty: 'id' } }]), 'input.id is required')
+  t.equal(describeValidation([{ instancePath: '', message: 'must NOT have additional properties', params: { additionalProperty: 'x' } }]), 'input.x is not allowed')
+  t.equal(describeValidation([{ instancePath: '/a', params: { additionalProperty: 'x' } }], 'body'), 'body.a.x is not allowed')
+  t.equal(describeValidation([{ instancePath: '/a/b', message: 'must be <= 5', params: { comparison: '<=', limit: 5 } }]), 'input.a.b must be <= 5')
+  t.equal(describeValidation([{ instancePath: '/items/0', message: 'must be string' }], 'body'), 'body.items.0 must be string')
+  t.equal(describeValidation([{ instancePath: '', message: 'must be object' }]), 'input must be object')
+  t.equal(describeValidation([{}]), 'input is not valid')
+  t.equal(describeValidation([{ instancePath: '/x', message: 'first' }, { instancePath: '/y', message: 'second' }]), 'input.x first', 'the first error only')
+  t.equal(describeValidation([]), 'The input is not valid')
+  t.equal(describeValidation([], 'body'), 'The input is not valid')
+})

@@ -1,0 +1,396 @@
+import t from 'tap'
+import { join } from 'node:path'
+import { compileManifest, loadManifestFile, ManifestError, type Manifest } from '../manifest.js'
+import { DEMO_MANIFEST } from '../schemas/config.js'
+
+type Doc = Record<string, unknown>
+
+const output = { type: 'object', properties: { id: { type: 'string' } } }
+const idInput = { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }
+const query = { type: 'query', rest: 'GET /a', kernel: 'GET /v1/a', output }
+const mutation = { type: 'mutation', rest: 'POST /a', kernel: 'POST /v1/a', output }
+
+/** A minimal valid document; `extra` adds or replaces top-level keys. */
+function doc (operations: Record<string, unknown> = { a: query }, extra: Doc = {}, kernel: Doc = {}): Doc {
+  return { version: 1, kernel: { url: 'http://127.0.0.1:4001', ...kernel }, operations, ...extra }
+}
+
+/** The faults of a document that must not compile; [] (a failing `same`) when it compiles. */
+function faultsOf (document: unknown, source = 'test.yaml'): string[] {
+  try {
+    compileManifest(document, source)
+  } catch (err) {
+    if (err instanceof ManifestError) return [...err.faults]
+    throw err
+  }
+  return []
+}
+
+const hasRef = (value: unknown): boolean => JSON.stringify(value).includes('"$ref"')
+
+t.test('the demo manifest loads', async t => {
+  const m = await loadManifestFile(DEMO_MANIFEST)
+  t.equal(m.source, DEMO_MANIFEST)
+  t.same(m.operations.map(o => o.name), [
+    'listAgents', 'getAgent', 'createAgent', 'updateAgent', 'deleteAgent', 'runAgent',
+    'getRun', 'listRuns', 'searchDocuments', 'getDocument', 'kernelHeaders'
+  ])
+  t.same(m.operations.map(o => o.index), m.operations.map((_o, i) => i), 'indexes follow the document order')
+  for (const op of m.operations) {
+    t.notOk(hasRef(op.input), `${op.name}: no $ref left in input`)
+    t.notOk(hasRef(op.output), `${op.name}: no $ref left in output`)
+    t.equal(op.input.type, 'object', `${op.name}: input is an object schema`)
+  }
+  t.same(m.kernel, { url: 'http://127.0.0.1:4001', connections: 128, timeoutMs: 5000, retries: 2, circuitBreaker: { threshold: 5, resetTimeoutMs: 30000 }, maxInFlight: 1024 })
+
+  const getAgent = m.byName.get('getAgent')
+  t.ok(getAgent)
+  t.same(getAgent?.outputDocument, { $ref: '#/schemas/Agent' }, 'the document form keeps the $ref')
+  t.same(getAgent?.output, m.schemas.Agent, 'the resolved form is the named schema')
+  t.match(getAgent, { method: 'GET', path: '/agents/:id', pathParams: ['id'], inputInBody: false, kernel: { method: 'GET', path: '/v1/agents/{id}', pathParams: ['id'], sendsBody: false } })
+  t.same(getAgent?.cache, { ttlSeconds: 30, swrSeconds: 0, tags: ['agent:{id}'] })
+
+  const listAgents = m.byName.get('listAgents')
+  t.equal(listAgents?.output.type, 'array')
+  t.same((listAgents?.output.items as Record<string, unknown>), m.schemas.Agent)
+
+  const runAgent = m.byName.get('runAgent')
+  t.match(runAgent, { type: 'mutation', method: 'POST', path: '/agents/:id/runs', inputInBody: true, roles: ['operator'], timeoutMs: 10000, cache: null, rateLimit: null })
+  t.same(runAgent?.firewall, { fields: ['prompt'], action: 'block' })
+  t.same(runAgent?.invalidates, ['runs:{id}'])
+  t.equal(runAgent?.kernel.sendsBody, true)
+
+  t.equal(m.byName.get('getDocument')?.zone, 'restricted')
+  t.equal(m.byName.get('kernelHeaders')?.zone, 'internal')
+  t.equal(m.byName.get('getRun')?.zone, 'public', 'zone defaults to public')
+  t.equal(m.byName.get('getRun')?.timeoutMs, 5000, 'timeoutMs defaults to kernel.timeoutMs')
+  t.equal(m.byName.get('searchDocuments')?.cache?.swrSeconds, 60)
+  t.same(m.byName.get('listAgents')?.roles, [])
+  t.equal(m.byName.get('listAgents')?.summary, 'List agents')
+  t.equal(m.byName.get('listAgents')?.deprecated, false)
+
+  t.equal(m.events.length, 1)
+  t.match(m.events[0], { name: 'runUpdated', topic: 'runs.updated', roles: ['viewer'] })
+  t.same(m.events[0].payload, m.schemas.Run)
+  t.same(m.events[0].payloadDocument, { $ref: '#/schemas/Run' })
+  t.equal(m.byName.get('nope'), undefined)
+})
+
+t.test('kernel settings get their defaults and the URL loses its trailing slash', async t => {
+  const m = compileManifest(doc({ a: query }, {}, { url: 'https://kernel.example:8443/' }), 'inline')
+  t.same(m.kernel, { url: 'https://kernel.example:8443', connections: 128, timeoutMs: 5000, retries: 2, circuitBreaker: { threshold: 5, resetTimeoutMs: 30000 }, maxInFlight: 1024 })
+  t.equal(m.source, 'inline')
+  t.same(m.events, [])
+  t.same(m.schemas, {})
+  const set = compileManifest(doc({ a: query }, {}, { connections: 8, timeoutMs: 750, retries: 0, circuitBreaker: { threshold: 1, resetTimeoutMs: 10 }, maxInFlight: 3 }))
+  t.same(set.kernel, { url: 'http://127.0.0.1:4001', connections: 8, timeoutMs: 750, retries: 0, circuitBreaker: { threshold: 1, resetTimeoutMs: 10 }, maxInFlight: 3 })
+  t.equal(set.source, 'manifest', 'the default source name')
+  t.equal(set.operations[0].timeoutMs, 750, 'an operation timeout defaults to kernel.timeoutMs')
+})
+
+t.test('defaults are merged into every operation that does not override them', async t => {
+  const m = compileManifest(doc({
+    plain: query,
+    own: { ...query, rest: 'GET /b', roles: ['editor'], zone: 'restricted', rateLimit: { max: 5, windowMs: 1000 }, timeoutMs: 42 }
+  }, {
+    defaults: { roles: ['viewer'], zone: 'internal', rateLimit: { max: 100, windowMs: 60000 }, timeoutMs: 900 },
+    events: { withDefaults: { topic: 't.a', payload: output }, withOwn: { topic: 't.b', payload: output, roles: ['system'], description: 'mine' } }
+  }, { timeoutMs: 3000 }))
+  t.match(m.byName.get('plain'), { roles: ['viewer'], zone: 'internal', rateLimit: { max: 100, windowMs: 60000 }, timeoutMs: 900 })
+  t.match(m.byName.get('own'), { roles: ['editor'], zone: 'restricted', rateLimit: { max: 5, windowMs: 1000 }, timeoutMs: 42 })
+  t.same(m.events[0].roles, ['viewer'], 'an event without roles gets the default roles')
+  t.equal(m.events[0].description, null)
+  t.same(m.events[1].roles, ['system'], 'an event keeps its own roles')
+  t.equal(m.events[1].description, 'mine')
+
+  const bare = compileManifest(doc({ a: query }, { events: { e: { topic: 't', payload: output } } }))
+  t.match(bare.operations[0], { roles: [], zone: 'public', rateLimit: null, timeoutMs: 5000, cache: null, firewall: null, invalidates: [], summary: null, description: null, deprecated: false })
+  t.same(bare.events[0].roles, [], 'no roles anywhere: any authenticated caller')
+  t.same(bare.operations[0].input, { type: 'object', properties: {}, additionalProperties: false }, 'no input: an empty object that takes nothing')
+})
+
+t.test('the manifest, its operations and their parts are frozen', async t => {
+  const m = compileManifest(doc({
+    a: { ...query, rest: 'GET /a/:id', kernel: 'GET /v1/a/{id}', input: idInput, roles: ['viewer'], cache: { ttlSeconds: 5, tags: ['a:{id}'] } },
+    b: { ...mutation, input: { type: 'object', required: ['p'], properties: { p: { type: 'string' } } }, firewall: { fields: ['p'], action: 'redact' }, invalidates: ['a'] }
+  }, { events: { e: { topic: 't', payload: output } } }))
+  t.ok(Object.isFrozen(m), 'manifest')
+  t.ok(Object.isFrozen(m.kernel), 'kernel settings')
+  t.ok(Object.isFrozen(m.kernel.circuitBreaker), 'breaker settings')
+  t.ok(Object.isFrozen(m.operations), 'operations list')
+  t.ok(Object.isFrozen(m.schemas), 'schemas')
+  t.ok(Object.isFrozen(m.events), 'events list')
+  t.ok(Object.isFrozen(m.events[0]), 'event')
+  t.ok(Object.isFrozen(m.events[0].roles), 'event roles')
+  for (const op of m.operations) {
+    t.ok(Object.isFrozen(op), `${op.name}`)
+    t.ok(Object.isFrozen(op.roles), `${op.name}.roles`)
+    t.ok(Object.isFrozen(op.pathParams), `${op.name}.pathParams`)
+    t.ok(Object.isFrozen(op.kernel), `${op.name}.kernel`)
+    t.ok(Object.isFrozen(op.invalidates), `${op.name}.invalidates`)
+  }
+  const a = m.byName.get('a') as Manifest['operations'][number]
+  t.ok(Object.isFrozen(a.cache), 'cache')
+  t.ok(Object.isFrozen(a.cache?.tags), 'cache tags')
+  t.ok(Object.isFrozen(m.byName.get('b')?.firewall), 'firewall')
+  t.ok(Object.isFrozen(m.byName.get('b')?.firewall?.fields), 'firewall fields')
+  t.throws(() => { (a as { name: string }).name = 'changed' }, TypeError)
+  t.equal(a.name, 'a')
+  t.throws(() => { (m.operations as unknown[]).push(a) }, TypeError)
+  t.equal(m.byName.size, 2)
+  t.equal(m.byName.get('b'), m.operations[1], 'byName gives the same object as the list')
+})
+
+t.test('a rateLimit taken from defaults is frozen like cache and firewall', async t => {
+  const m = compileManifest(doc({ a: query, b: { ...query, rest: 'GET /b' } }, { defaults: { rateLimit: { max: 10, windowMs: 1000 } } }))
+  t.ok(Object.isFrozen(m.operations[0].rateLimit))
+  t.not(m.operations[0].rateLimit, m.operations[1].rateLimit, 'not one shared mutable object')
+})
+
+t.test('a JSON manifest file loads', async t => {
+  const dir = t.testdir({
+    'm.json': JSON.stringify(doc({ getA: { ...query, rest: 'GET /a/:id', kernel: 'GET /v1/a/{id}', input: idInput, output: { $ref: '#/schemas/A' } } }, { schemas: { A: output } })),
+    'm.yml': 'version: 1\nkernel: { url: "http://k:1" }\noperations:\n  a: { type: query, rest: GET /a, kernel: GET /v1/a, output: { type: string } }\n'
+  })
+  const file = join(dir, 'm.json')
+  const m = await loadManifestFile(file)
+  t.equal(m.source, file)
+  t.same(m.byName.get('getA')?.output, output)
+  t.same(m.byName.get('getA')?.pathParams, ['id'])
+  const yml = await loadManifestFile(join(dir, 'm.yml'))
+  t.equal(yml.kernel.url, 'http://k:1')
+  t.same(yml.operations[0].output, { type: 'string' })
+})
+
+t.test('file faults: unreadable, invalid YAML, invalid JSON, invalid content', async t => {
+  const dir = t.testdir({
+    'bad.yaml': 'version: 1\noperations: [1, 2\n',
+    'bad.json': '{ "version": 1, ',
+    'wrong.json': JSON.stringify({ version: 1, kernel: { url: 'http://k:1' } })
+  })
+  const missing = join(dir, 'missing.yaml')
+  await t.rejects(loadManifestFile(missing), { name: 'ManifestError', faults: [`cannot be read: ENOENT: no such file or directory, open '${missing}'`] })
+  await t.rejects(loadManifestFile(dir), { name: 'ManifestError', faults: [/^cannot be read: EISDIR/] }, 'a directory is unreadable too')
+
+  const yaml = join(dir, 'bad.yaml')
+  const yamlErr = await loadManifestFile(yaml).then(() => null, (e: unknown) => e as ManifestError)
+  t.type(yamlErr, ManifestError)
+  t.equal(yamlErr?.faults.length, 1)
+  t.match(yamlErr?.faults[0], /^is not valid YAML: \S/)
+  t.notMatch(yamlErr?.faults[0], /\n/, 'only the first line of the parser message')
+  t.equal(yamlErr?.message, `Invalid manifest ${yaml}:\n  - ${yamlErr?.faults[0]}`)
+
+  const json = join(dir, 'bad.json')
+  const jsonErr = await loadManifestFile(json).then(() => null, (e: unknown) => e as ManifestError)
+  t.type(jsonErr, ManifestError)
+  t.match(jsonErr?.faults, [/^is not valid JSON: \S/])
+  t.match(jsonErr?.message, new RegExp(`^Invalid manifest ${json.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}:\\n {2}- is not valid JSON`))
+
+  const wrong = join(dir, 'wrong.json')
+  await t.rejects(loadManifestFile(wrong), { faults: ['operations: is required'], message: `Invalid manifest ${wrong}:\n  - operations: is required` })
+})
+
+t.test('unknown keys are named by their manifest path', async t => {
+  t.same(faultsOf({ ...doc(), extra: 1 }), ['extra: unknown key'], 'at the root')
+  t.same(faultsOf(doc({ a: query }, {}, { pool: 4 })), ['kernel.pool: unknown key'], 'in kernel')
+  t.same(faultsOf(doc({ a: query }, {}, { circuitBreaker: { threshold: 1, resetTimeoutMs: 1, halfOpen: 1 } })), ['kernel.circuitBreaker.halfOpen: unknown key'], 'in kernel.circuitBreaker')
+  t.same(faultsOf(doc({ a: query }, { defaults: { cache: {} } })), ['defaults.cache: unknown key'], 'in defaults')
+  t.same(faultsOf(doc({ a: { ...query, method: 'GET' } })), ['operations.a.method: unknown key'], 'in an operation')
+  t.same(faultsOf(doc({ a: { ...query, cache: { ttlSeconds: 1, ttl: 1 } } })), ['operations.a.cache.ttl: unknown key'], 'in cache')
+  t.same(faultsOf(doc({ a: { ...query, rateLimit: { max: 1, windowMs: 1, burst: 2 } } })), ['operations.a.rateLimit.burst: unknown key'], 'in rateLimit')
+  t.same(faultsOf(doc({ a: { ...mutation, input: { type: 'object', properties: { p: { type: 'string' } } }, firewall: { fields: ['p'], action: 'block', mode: 'x' } } })), ['operations.a.firewall.mode: unknown key'], 'in firewall')
+  t.same(faultsOf(doc({ a: query }, { events: { e: { topic: 't', payload: output, channel: 'x' } } })), ['events.e.channel: unknown key'], 'in an event')
+})
+
+t.test('the document shape: version, required keys, values', async t => {
+  t.same(faultsOf({ ...doc(), version: 2 }), ['version: must be 1'])
+  const stringVersion = faultsOf({ ...doc(), version: '1' })
+  t.ok(stringVersion.includes('version: must be 1'), stringVersion.join('\n'))
+  t.ok(stringVersion.every(f => f.startsWith('version: ')), 'every fault is about version')
+  t.same(faultsOf({ version: 1, kernel: { url: 'http://k:1' } }), ['operations: is required'])
+  t.same(faultsOf({ version: 1, operations: { a: query } }), ['kernel: is required'])
+  t.same(faultsOf(doc({})), ['operations: must NOT have fewer than 1 properties'])
+  t.same(faultsOf(doc({ a: { type: 'query', rest: 'GET /a', kernel: 'GET /v1/a' } })), ['operations.a.output: is required'])
+  t.same(faultsOf(doc({ a: { ...query, zone: 'secret' } })), ['operations.a.zone: must be one of the allowed values'])
+  t.same(faultsOf(doc({ a: { ...query, type: 'command' } })), ['operations.a.type: must be one of the allowed values'])
+  t.same(faultsOf(doc({ a: { ...query, rest: 'FETCH /a' } })), ['operations.a.rest: must match pattern "^(GET|POST|PUT|PATCH|DELETE) (/[A-Za-z0-9_.~:-]*)+$"'])
+  t.same(faultsOf(doc({ a: { ...query, rest: 'GET /a/:' } })), ['operations.a.rest: a path parameter needs a name'])
+  t.same(faultsOf(doc({ a: query }, {}, { url: 'ftp://k' })), ['kernel.url: must match pattern "^https?://[^\\s/]+/?$"'])
+  t.same(faultsOf(doc({ a: { ...query, timeoutMs: 0 } })), ['operations.a.timeoutMs: must be >= 1'])
+  t.same(faultsOf(null), ['(root): must be object'])
+})
+
+t.test('$ref faults name the place of the $ref', async t => {
+  t.same(faultsOf(doc({ a: { ...query, output: { $ref: '#/schemas/Nope' } } })),
+    ['operations.a.output.$ref: "#/schemas/Nope" names a schema that is not declared in schemas'])
+  t.same(faultsOf(doc({ a: { ...query, output: { anyOf: [{ type: 'null' }, { $ref: '#/schemas/Nope' }] } } })),
+    ['operations.a.output.anyOf.1.$ref: "#/schemas/Nope" names a schema that is not declared in schemas'], 'inside an array')
+  t.same(faultsOf(doc({ a: { ...query, output: { $ref: '#/definitions/A' } } }, { schemas: { A: output } })),
+    ['operations.a.output.$ref: "#/definitions/A" must have the form #/schemas/Name'])
+  t.same(faultsOf(doc({ a: { ...query, output: { $ref: 'A' } } }, { schemas: { A: output } })),
+    ['operations.a.output.$ref: "A" must have the form #/schemas/Name'])
+  t.same(faultsOf(doc({ a: { ...mutation, input: { type: 'object', properties: { x: { $ref: '#/schemas/Nope' } } } } })),
+    ['operations.a.input.properties.x.$ref: "#/schemas/Nope" names a schema that is not declared in schemas'], 'in input')
+})
+
+t.test('a cyclic $ref is refused', async t => {
+  t.same(faultsOf(doc({ a: query }, { schemas: { Node: { type: 'object', properties: { next: { $ref: '#/schemas/Node' } } } } })),
+    ['schemas.Node.properties.next.$ref: "#/schemas/Node" is cyclic (Node -> Node), which the faces cannot express'], 'direct')
+  const two = faultsOf(doc({ a: query }, { schemas: { A: { type: 'object', properties: { b: { $ref: '#/schemas/B' } } }, B: { type: 'object', properties: { a: { $ref: '#/schemas/A' } } } } }))
+  t.ok(two.includes('schemas.A.properties.b.properties.a.$ref: "#/schemas/A" is cyclic (A -> B -> A), which the faces cannot express'), 'through two schemas')
+  t.ok(two.every(f => f.includes('is cyclic')), two.join('\n'))
+})
+
+t.test('a $ref used twice without a cycle is fine', async t => {
+  const m = compileManifest(doc({ a: { ...query, output: { type: 'object', properties: { x: { $ref: '#/schemas/A' }, y: { $ref: '#/schemas/A' } } } } }, { schemas: { A: output } }))
+  t.same(m.operations[0].output, { type: 'object', properties: { x: output, y: output } })
+})
+
+t.test('a missing $ref inside a named schema is reported once, at its place in schemas', async t => {
+  t.same(faultsOf(doc({ a: { ...query, output: { $ref: '#/schemas/A' } } }, { schemas: { A: { type: 'object', properties: { x: { $ref: '#/schemas/Nope' } } } } })),
+    ['schemas.A.properties.x.$ref: "#/schemas/Nope" names a schema that is not declared in schemas'])
+})
+
+t.test('a $ref with sibling keys is merged, the siblings winning', async t => {
+  const m = compileManifest(doc({ a: { ...query, output: { $ref: '#/schemas/A', description: 'the A', required: ['id'] } } }, {
+    schemas: { A: { type: 'object', description: 'an A', properties: { id: { type: 'string' }, b: { $ref: '#/schemas/B' } } }, B: { type: 'integer' } }
+  }))
+  t.same(m.operations[0].output, { type: 'object', description: 'the A', required: ['id'], properties: { id: { type: 'string' }, b: { type: 'integer' } } })
+  t.same(m.schemas.A, { type: 'object', description: 'an A', properties: { id: { type: 'string' }, b: { type: 'integer' } } }, 'the named schema is resolved and unchanged')
+  t.same(m.operations[0].outputDocument, { $ref: '#/schemas/A', description: 'the A', required: ['id'] })
+})
+
+t.test('a duplicate REST route is refused, whatever the param names', async t => {
+  t.same(faultsOf(doc({
+    a: { ...query, rest: 'GET /a/:id', kernel: 'GET /v1/a/{id}', input: idInput },
+    b: { ...query, rest: 'GET /a/:key', kernel: 'GET /v1/b/{key}', input: { type: 'object', required: ['key'], properties: { key: { type: 'string' } } } }
+  })), ['operations.b.rest: duplicate REST route GET /a/:key (also operations.a.rest)'])
+  t.same(faultsOf(doc({ a: query, b: { ...query, kernel: 'GET /v1/b' } })), ['operations.b.rest: duplicate REST route GET /a (also operations.a.rest)'])
+  const ok = compileManifest(doc({ a: query, b: { ...mutation, rest: 'POST /a' }, c: { ...query, rest: 'GET /a/b' } }))
+  t.equal(ok.operations.length, 3, 'another method or another path is another route')
+})
+
+t.test('path params must be declared in input and required', async t => {
+  t.same(faultsOf(doc({ a: { ...query, rest: 'GET /a/:x' } })), ['operations.a.rest: path parameter :x is not declared in operations.a.input.properties'])
+  t.same(faultsOf(doc({ a: { ...query, kernel: 'GET /v1/a/{x}' } })), ['operations.a.kernel: path parameter {x} is not declared in operations.a.input.properties'])
+  t.same(faultsOf(doc({ a: { ...query, rest: 'GET /a/:id', input: { type: 'object', properties: { id: { type: 'string' } } } } })),
+    ['operations.a.input.required: path parameter id must be required'])
+  t.same(faultsOf(doc({ a: { ...query, kernel: 'GET /v1/a/{id}', input: { type: 'object', properties: { id: { type: 'string' } } } } })),
+    ['operations.a.input.required: path parameter id must be required'], 'a Kernel-only path param too')
+  const m = compileManifest(doc({ a: { ...query, rest: 'GET /a/:id/b/:n', kernel: 'GET /v1/{n}/{id}', input: { type: 'object', required: ['id', 'n'], properties: { id: { type: 'string' }, n: { type: 'integer' } } } } }))
+  t.same(m.operations[0].pathParams, ['id', 'n'])
+  t.same(m.operations[0].kernel.pathParams, ['n', 'id'])
+})
+
+t.test('input and output must be valid JSON Schemas, input an object', async t => {
+  t.same(faultsOf(doc({ a: { ...query, output: { type: 'nope' } } })),
+    ['operations.a.output: not a valid JSON Schema: schema is invalid: data/type must be equal to one of the allowed values, data/type must be array, data/type must match a schema in anyOf'])
+  const bad = faultsOf(doc({ a: { ...mutation, input: { type: 'object', properties: { x: { type: 'string', minLength: 'a' } } } } }))
+  t.same(bad, ['operations.a.input: not a valid JSON Schema: schema is invalid: data/properties/x/minLength must be integer'])
+  const unknownKeyword = faultsOf(doc({ a: { ...mutation, input: { type: 'object', properties: { x: { type: 'string', maxLenght: 3 } } } } }))
+  t.match(unknownKeyword, [/^operations\.a\.input: not a valid JSON Schema: strict mode: unknown keyword: "maxLenght"/], 'strict about keywords')
+  t.same(faultsOf(doc({ a: { ...query, input: { type: 'string' } } })),
+    ['operations.a.input: must be a schema of type object (its properties are the call\'s arguments)'])
+  t.same(faultsOf(doc({ a: { ...query, input: { type: 'array', items: { type: 'string' } } } })),
+    ['operations.a.input: must be a schema of type object (its properties are the call\'s arguments)'])
+  const annotated = compileManifest(doc({ a: { ...query, output: { ...output, example: { id: 'x' } } } }))
+  t.equal(annotated.operations.length, 1, 'annotation keywords such as example are allowed')
+})
+
+t.test('GET and DELETE input must fit in the query string', async t => {
+  t.same(faultsOf(doc({ a: { ...query, input: { type: 'object', properties: { filter: { type: 'object' } } } } })),
+    ['operations.a.input.properties.filter: GET takes its input from the query string, which carries only scalars and arrays of scalars'])
+  t.same(faultsOf(doc({ a: { ...query, input: { type: 'object', properties: { m: { type: 'array', items: { type: 'array' } } } } } })),
+    ['operations.a.input.properties.m: GET takes its input from the query string, which carries only scalars and arrays of scalars'], 'an array of arrays')
+  t.same(faultsOf(doc({ a: { ...mutation, rest: 'DELETE /a', kernel: 'DELETE /v1/a', input: { type: 'object', properties: { any: {} } } } })),
+    ['operations.a.input.properties.any: DELETE takes its input from the query string, which carries only scalars and arrays of scalars'], 'an untyped property')
+  const m = compileManifest(doc({
+    a: {
+      ...query,
+      input: {
+        type: 'object',
+        properties: {
+          s: { type: 'string' },
+          n: { type: ['integer', 'null'] },
+          b: { type: 'boolean' },
+          e: { enum: ['x', 'y'] },
+          c: { const: 1 },
+          list: { type: 'array', items: { type: 'number' } }
+        }
+      }
+    },
+    b: { ...mutation, rest: 'POST /b', input: { type: 'object', properties: { nested: { type: 'object' } } } }
+  }))
+  t.equal(m.operations.length, 2, 'scalars, enums, consts and arrays of scalars are queryable; a body takes anything')
+  t.equal(m.byName.get('b')?.inputInBody, true)
+})
+
+t.test('the method must fit the operation type', async t => {
+  t.same(faultsOf(doc({ a: { ...query, rest: 'DELETE /a' } })), ['operations.a.rest: a query is served by GET, or by POST when its input needs a body'])
+  t.same(faultsOf(doc({ a: { ...query, rest: 'PUT /a' } })), ['operations.a.rest: a query is served by GET, or by POST when its input needs a body'])
+  t.same(faultsOf(doc({ a: { ...query, rest: 'POST /a/search' } })), [], 'a query may take a body by POST')
+  t.same(faultsOf(doc({ a: { ...mutation, rest: 'GET /a' } })), ['operations.a.rest: a mutation cannot be served by GET'])
+  const m = compileManifest(doc({ a: { ...mutation, rest: 'DELETE /a' }, b: { ...mutation, rest: 'PUT /a' }, c: { ...mutation, rest: 'PATCH /a' } }))
+  t.same(m.operations.map(o => [o.method, o.inputInBody]), [['DELETE', false], ['PUT', true], ['PATCH', true]])
+})
+
+t.test('cache, tags and firewall are checked against the input', async t => {
+  t.same(faultsOf(doc({ a: { ...mutation, cache: { ttlSeconds: 5 } } })), ['operations.a.cache: only queries are cached'])
+  t.same(compileManifest(doc({ a: { ...query, cache: { ttlSeconds: 5 } } })).operations[0].cache, { ttlSeconds: 5, swrSeconds: 0, tags: [] }, 'a cache without tags')
+  t.same(faultsOf(doc({ a: { ...query, cache: { ttlSeconds: 5, tags: ['a:{id}'] } } })),
+    ['operations.a: tag "a:{id}" uses {id}, which is not declared in operations.a.input.properties'])
+  t.same(faultsOf(doc({ a: { ...mutation, invalidates: ['all', 'a:{id}'] } })),
+    ['operations.a: tag "a:{id}" uses {id}, which is not declared in operations.a.input.properties'], 'in invalidates')
+  t.same(faultsOf(doc({ a: { ...mutation, firewall: { fields: ['prompt'], action: 'monitor' } } })),
+    ['operations.a.firewall.fields: prompt is not declared in operations.a.input.properties'])
+  t.same(faultsOf(doc({ a: { ...mutation, input: { type: 'object', properties: { p: { type: 'string' } } }, firewall: { fields: ['p'], action: 'shout' } } })),
+    ['operations.a.firewall.action: must be one of the allowed values'])
+})
+
+t.test('names: operations, events and schemas', async t => {
+  t.same(faultsOf(doc({ 'get-a': query })),
+    ['operations.get-a: the operation name must match ^[A-Za-z_][A-Za-z0-9_]*$ (it is a tRPC procedure and a GraphQL field)'])
+  t.same(faultsOf(doc({ a: query }, { events: { 'run-updated': { topic: 't', payload: output } } })),
+    ['events.run-updated: the event name must match ^[A-Za-z_][A-Za-z0-9_]*$'])
+  t.same(faultsOf(doc({ a: query }, { events: { a: { topic: 't', payload: output } } })), ['events.a: an operation has the same name'])
+  t.same(faultsOf(doc({ a: query }, { events: { e: { topic: 't', payload: { $ref: '#/schemas/Nope' } } } })),
+    ['events.e.payload.$ref: "#/schemas/Nope" names a schema that is not declared in schemas'])
+  t.same(faultsOf(doc({ a: query }, { events: { e: { topic: 't', payload: { type: 'nope' } } } })),
+    ['events.e.payload: not a valid JSON Schema: schema is invalid: data/type must be equal to one of the allowed values, data/type must be array, data/type must match a schema in anyOf'])
+  t.same(faultsOf(doc({ a: query }, { schemas: { 'my-schema': output } })), ['schemas.my-schema: the name must match ^[A-Za-z_][A-Za-z0-9_]*$'])
+})
+
+t.test('POST /batch is reserved by the gateway', async t => {
+  t.same(faultsOf(doc({ a: { ...mutation, rest: 'POST /batch' } })), ['operations.a.rest: POST /batch is reserved by the gateway'])
+  t.equal(compileManifest(doc({ a: { ...query, rest: 'GET /batch' } })).operations[0].path, '/batch', 'GET /batch is free')
+})
+
+t.test('every fault is reported in one error', async t => {
+  let caught: unknown
+  try {
+    compileManifest(doc({
+      'bad-name': query,
+      b: { ...mutation, rest: 'GET /b' },
+      c: { ...query, rest: 'GET /c/:x' },
+      d: { ...query, rest: 'GET /d', output: { $ref: '#/schemas/Nope' } }
+    }, { events: { c: { topic: 't', payload: output } } }), 'many.yaml')
+  } catch (err) {
+    caught = err
+  }
+  t.type(caught, ManifestError)
+  const err = caught as ManifestError
+  t.equal(err.name, 'ManifestError')
+  t.same(err.faults, [
+    'operations.bad-name: the operation name must match ^[A-Za-z_][A-Za-z0-9_]*$ (it is a tRPC procedure and a GraphQL field)',
+    'operations.b.rest: a mutation cannot be served by GET',
+    'operations.c.rest: path parameter :x is not declared in operations.c.input.properties',
+    'operations.d.output.$ref: "#/schemas/Nope" names a schema that is not declared in schemas',
+    'events.c: an operation has the same name'
+  ])
+  t.equal(err.faults.length, 5)
+  t.equal(err.message, 'Invalid manifest many.yaml:\n  - ' + err.faults.join('\n  - '))
+
+  const shape = faultsOf({ version: 3, kernel: { url: 'http://k:1', x: 1 }, operations: { a: { ...query, y: 1 } }, z: 1 })
+  t.equal(shape.length, 4, shape.join('\n'))
+  t.same([...shape].sort(), ['kernel.x: unknown key', 'operations.a.y: unknown key', 'version: must be 1', 'z: unknown key'])
+})

@@ -1,0 +1,150 @@
+import t from 'tap'
+import { fileURLToPath } from 'node:url'
+import { loadConfig, productionProblems, ConfigError, ConfigSchema, DEMO_MANIFEST, type Config } from '../../schemas/config.js'
+
+const demoPath = fileURLToPath(new URL('../../kernel/manifest.yaml', import.meta.url))
+
+/** The ConfigError a bad environment throws, or null when it loads. */
+function errorOf (env: Record<string, string | number | boolean | undefined>): ConfigError | null {
+  try {
+    loadConfig(env)
+  } catch (err) {
+    if (err instanceof ConfigError) return err
+    throw err
+  }
+  return null
+}
+
+t.test('defaults: every concern on, port 3000, 1 MB bodies, the demo manifest', async t => {
+  const c = loadConfig({})
+  t.equal(c.PORT, 3000)
+  t.equal(c.HOST, '127.0.0.1')
+  t.equal(c.NODE_ENV, 'development')
+  t.equal(c.LOG_LEVEL, 'info')
+  t.equal(c.BFF_BODY_LIMIT, 1048576)
+  t.equal(c.BFF_MANIFEST, DEMO_MANIFEST)
+  t.equal(DEMO_MANIFEST, demoPath, 'DEMO_MANIFEST is kernel/manifest.yaml')
+  t.equal(c.BFF_DEMO_KERNEL, true)
+  t.equal(c.KERNEL_URL, undefined)
+  t.equal(c.BFF_JWT_SECRET, undefined)
+  t.equal(c.BFF_CIRCUIT_BREAKER_THRESHOLD, undefined)
+  t.equal(c.BFF_CIRCUIT_BREAKER_TIMEOUT, undefined)
+  for (const flag of ['BFF_AUTH_ENABLED', 'BFF_METRICS_ENABLED', 'BFF_OPENAPI_ENABLED', 'BFF_CIRCUIT_BREAKER_ENABLED'] as const) {
+    t.equal(c[flag], true, `${flag} defaults to true`)
+  }
+  const flags = Object.keys(ConfigSchema.properties).filter(k => /^BFF_.*_ENABLED$/.test(k))
+  t.ok(flags.length >= 4)
+  for (const flag of flags) t.equal((c as Record<string, unknown>)[flag], true, `${flag} (from the schema) defaults to true`)
+})
+
+t.test('strings are coerced to numbers and booleans', async t => {
+  const c = loadConfig({
+    PORT: '8080',
+    BFF_BODY_LIMIT: '2048',
+    BFF_AUTH_ENABLED: 'false',
+    BFF_METRICS_ENABLED: 'true',
+    BFF_OPENAPI_ENABLED: false,
+    BFF_CIRCUIT_BREAKER_THRESHOLD: '7',
+    BFF_CIRCUIT_BREAKER_TIMEOUT: 1500,
+    NODE_ENV: 'production',
+    LOG_LEVEL: 'silent',
+    KERNEL_URL: 'https://kernel.internal:8443',
+    BFF_MANIFEST: '/etc/mantle/manifest.json',
+    HOST: '0.0.0.0'
+  })
+  t.equal(c.PORT, 8080)
+  t.equal(c.BFF_BODY_LIMIT, 2048)
+  t.equal(c.BFF_AUTH_ENABLED, false)
+  t.equal(c.BFF_METRICS_ENABLED, true)
+  t.equal(c.BFF_OPENAPI_ENABLED, false)
+  t.equal(c.BFF_CIRCUIT_BREAKER_THRESHOLD, 7)
+  t.equal(c.BFF_CIRCUIT_BREAKER_TIMEOUT, 1500)
+  t.equal(c.NODE_ENV, 'production')
+  t.equal(c.LOG_LEVEL, 'silent')
+  t.equal(c.KERNEL_URL, 'https://kernel.internal:8443')
+  t.equal(c.BFF_MANIFEST, '/etc/mantle/manifest.json')
+  t.equal(c.HOST, '0.0.0.0')
+  t.equal(loadConfig({ PORT: 0 }).PORT, 0, 'port 0 picks a free port')
+  t.equal(loadConfig({ PORT: '65535' }).PORT, 65535)
+})
+
+t.test('an empty string is unset', async t => {
+  const c = loadConfig({ PORT: '', BFF_AUTH_ENABLED: '', BFF_MANIFEST: '', KERNEL_URL: '', BFF_JWT_SECRET: '', HOST: '', BFF_BODY_LIMIT: '' })
+  t.equal(c.PORT, 3000)
+  t.equal(c.BFF_AUTH_ENABLED, true)
+  t.equal(c.BFF_MANIFEST, DEMO_MANIFEST)
+  t.equal(c.HOST, '127.0.0.1')
+  t.equal(c.BFF_BODY_LIMIT, 1048576)
+  t.notOk('KERNEL_URL' in c)
+  t.notOk('BFF_JWT_SECRET' in c)
+})
+
+t.test('variables the schema does not know are not copied', async t => {
+  const c = loadConfig({ PATH: '/usr/bin', SOMETHING_ELSE: 'x' })
+  t.notOk('PATH' in c)
+  t.notOk('SOMETHING_ELSE' in c)
+})
+
+t.test('the result is frozen', async t => {
+  const c = loadConfig({ PORT: '1234' })
+  t.ok(Object.isFrozen(c))
+  t.throws(() => { (c as { PORT: number }).PORT = 1 }, TypeError)
+  t.equal(c.PORT, 1234)
+})
+
+t.test('one error names every bad variable and what it accepts', async t => {
+  const err = errorOf({ PORT: 'abc', LOG_LEVEL: 'loud', KERNEL_URL: 'ftp://x', BFF_AUTH_ENABLED: 'maybe', BFF_BODY_LIMIT: '0', HOST: 'fine' })
+  t.type(err, ConfigError)
+  t.equal(err?.name, 'ConfigError')
+  t.equal(err?.message, 'Invalid configuration: ' + [
+    'PORT="abc" is invalid: expected an integer (0..65535)',
+    'LOG_LEVEL="loud" is invalid: expected fatal | error | warn | info | debug | trace | silent',
+    'KERNEL_URL="ftp://x" is invalid: expected Kernel origin, http(s)://host:port, wins over the manifest',
+    'BFF_AUTH_ENABLED="maybe" is invalid: expected true or false',
+    'BFF_BODY_LIMIT="0" is invalid: expected an integer (1 or more)'
+  ].join('; '))
+  t.notMatch(err?.message, /HOST/, 'a good variable is not named')
+})
+
+t.test('each bad value alone', async t => {
+  t.equal(errorOf({ PORT: '70000' })?.message, 'Invalid configuration: PORT="70000" is invalid: expected an integer (0..65535)')
+  t.equal(errorOf({ PORT: '-1' })?.message, 'Invalid configuration: PORT="-1" is invalid: expected an integer (0..65535)')
+  t.equal(errorOf({ PORT: '80.5' })?.message, 'Invalid configuration: PORT="80.5" is invalid: expected an integer (0..65535)')
+  t.equal(errorOf({ NODE_ENV: 'prod' })?.message, 'Invalid configuration: NODE_ENV="prod" is invalid: expected development | production | test')
+  t.equal(errorOf({ KERNEL_URL: 'http://kernel:4001/v1' })?.message, 'Invalid configuration: KERNEL_URL="http://kernel:4001/v1" is invalid: expected Kernel origin, http(s)://host:port, wins over the manifest', 'an origin, without a path')
+  t.equal(errorOf({ BFF_CIRCUIT_BREAKER_THRESHOLD: '0' })?.message, 'Invalid configuration: BFF_CIRCUIT_BREAKER_THRESHOLD="0" is invalid: expected an integer (1 or more)')
+  t.equal(errorOf({ BFF_CIRCUIT_BREAKER_TIMEOUT: 'soon' })?.message, 'Invalid configuration: BFF_CIRCUIT_BREAKER_TIMEOUT="soon" is invalid: expected an integer (1 or more)')
+  t.equal(errorOf({ BFF_METRICS_ENABLED: 'yes' })?.message, 'Invalid configuration: BFF_METRICS_ENABLED="yes" is invalid: expected true or false')
+  t.equal(errorOf({ BFF_DEMO_KERNEL: 'off' })?.message, 'Invalid configuration: BFF_DEMO_KERNEL="off" is invalid: expected true or false')
+})
+
+t.test('loadConfig() with no argument reads process.env', async t => {
+  const before = process.env.PORT
+  const beforeLimit = process.env.BFF_BODY_LIMIT
+  t.teardown(() => {
+    if (before === undefined) delete process.env.PORT
+    else process.env.PORT = before
+    if (beforeLimit === undefined) delete process.env.BFF_BODY_LIMIT
+    else process.env.BFF_BODY_LIMIT = beforeLimit
+  })
+  process.env.PORT = '4321'
+  process.env.BFF_BODY_LIMIT = '777'
+  const c = loadConfig()
+  t.equal(c.PORT, 4321)
+  t.equal(c.BFF_BODY_LIMIT, 777)
+  process.env.PORT = 'not-a-port'
+  t.throws(() => loadConfig(), { name: 'ConfigError', message: /^Invalid configuration: PORT="not-a-port" is invalid: expected an integer \(0\.\.65535\)$/ })
+})
+
+t.test('production problems', async t => {
+  const prod = (env: Record<string, string>): Config => loadConfig({ NODE_ENV: 'production', ...env })
+  t.same(productionProblems(prod({})), ['BFF_JWT_SECRET is missing'])
+  t.same(productionProblems(prod({ BFF_JWT_SECRET: 'a'.repeat(31) })), ['BFF_JWT_SECRET is shorter than 32 bytes'])
+  t.same(productionProblems(prod({ BFF_JWT_SECRET: 'a'.repeat(32) })), [], '32 bytes is enough')
+  t.same(productionProblems(prod({ BFF_JWT_SECRET: 'é'.repeat(16) })), [], 'bytes, not characters: 16 × é is 32 bytes')
+  t.same(productionProblems(prod({ BFF_JWT_SECRET: 'é'.repeat(15) + 'a' })), ['BFF_JWT_SECRET is shorter than 32 bytes'], '31 bytes')
+  t.same(productionProblems(prod({ BFF_AUTH_ENABLED: 'false' })), [], 'no key needed when auth is off')
+  t.same(productionProblems(loadConfig({ NODE_ENV: 'development' })), [], 'nothing outside production')
+  t.same(productionProblems(loadConfig({ NODE_ENV: 'test', BFF_JWT_SECRET: 'short' })), [], 'nothing in test')
+  t.same(productionProblems(loadConfig({})), [], 'development is the default')
+})
