@@ -39,6 +39,9 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
   const validatorCompiler = ({ schema, httpPart }: { schema: FastifySchema, httpPart?: string }) => {
     if (httpPart === 'body' || httpPart === 'headers') return passthrough
     const { required: _r, additionalProperties: _a, ...loose } = schema as JsonSchema
+    // Optimization: string-only parts (most path params) need no coercion at all.
+    const props = Object.values((loose.properties ?? {}) as Record<string, JsonSchema>)
+    if (props.every(p => p.type === 'string')) return passthrough
     const coerce = coercer.compile(loose)
     return (data: unknown) => { coerce(data); return true }
   }

@@ -39,6 +39,9 @@ export function createIdentityVerifier (options: IdentityOptions): (authorizatio
     key: options.secret,
     algorithms: ['HS256'],
     cache: options.cacheSize ?? 10000,
+    // Optimization: the token itself is the cache key. fast-jwt's default hashes every token
+    // (SHA-256) on every call; the raw token is already in this process's memory anyway.
+    cacheKeyBuilder: (token: string) => token,
     clockTolerance: (options.clockToleranceSec ?? 5) * 1000,
     requiredClaims: ['sub', 'tid', 'exp'],
     ...(options.issuer === undefined ? {} : { allowedIss: options.issuer }),

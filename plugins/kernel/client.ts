@@ -1,6 +1,7 @@
 import { Pool, type Dispatcher } from 'undici'
-import { randomBytes } from 'node:crypto'
+import { randomFillSync } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
+import type { EventEmitter } from 'node:events'
 import { MantleError } from '../../errors.js'
 import type { Operation } from '../../manifest.js'
 import type { CallContext, Next } from '../pipeline/index.js'
@@ -23,15 +24,18 @@ export type Outcome = 'ok' | 'client_error' | 'server_error' | 'timeout' | 'unav
 
 /** What the client reports; a no-op implementation when metrics are off. */
 export interface KernelMetrics {
-  call: (op: string, outcome: Outcome, seconds: number) => void
-  retry: (op: string) => void
+  /** Resolved once per operation: an observer per outcome, so no label lookup per call. */
+  forOperation: (op: string) => { call: Record<Outcome, (seconds: number) => void>, retry: () => void }
+
   budgetExhausted: () => void
   rejected: (reason: 'breaker_open' | 'bulkhead_full') => void
   breaker: (state: BreakerState) => void
   connected: () => void
 }
 
-const noMetrics: KernelMetrics = { call () {}, retry () {}, budgetExhausted () {}, rejected () {}, breaker () {}, connected () {} }
+const nothing = (): void => {}
+const noOpMetrics = { call: { ok: nothing, client_error: nothing, server_error: nothing, timeout: nothing, unavailable: nothing }, retry: nothing }
+const noMetrics: KernelMetrics = { forOperation: () => noOpMetrics, budgetExhausted: nothing, rejected: nothing, breaker: nothing, connected: nothing }
 
 // undici's own error codes, by what they mean for a call. Unknown codes count as unreachable.
 const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'])
@@ -39,12 +43,26 @@ const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'
 const TRACEPARENT = /^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$/
 const ZERO_TRACE = '0'.repeat(32)
 
+// Optimization: trace and span ids are cut from a pooled buffer refilled 4 KiB at a time;
+// randomBytes per call was a syscall per request (5% of the gateway's CPU under load).
+const entropy = Buffer.allocUnsafe(4096)
+let entropyOffset = entropy.length
+function randomHex (bytes: number): string {
+  if (entropyOffset + bytes > entropy.length) {
+    randomFillSync(entropy)
+    entropyOffset = 0
+  }
+  const out = entropy.toString('hex', entropyOffset, entropyOffset + bytes)
+  entropyOffset += bytes
+  return out
+}
+
 /** A W3C traceparent for the Kernel call: the caller's trace, with a new span as parent. */
 export function childTraceparent (incoming: string | undefined): string {
-  const ids = randomBytes(24).toString('hex')
+  const span = randomHex(8)
   const m = incoming === undefined ? null : TRACEPARENT.exec(incoming)
-  if (m !== null && m[1] !== ZERO_TRACE) return `00-${m[1]}-${ids.slice(0, 16)}-${m[2]}`
-  return `00-${ids.slice(16)}-${ids.slice(0, 16)}-01`
+  if (m !== null && m[1] !== ZERO_TRACE) return `00-${m[1]}-${span}-${m[2]}`
+  return `00-${randomHex(16)}-${span}-01`
 }
 
 interface Attempt {
@@ -87,6 +105,7 @@ export class KernelClient {
     const pathParams = new Set([...op.kernel.pathParams, ...op.pathParams])
     const sendsBody = op.kernel.sendsBody
     const idempotentMethod = method === 'GET'
+    const metrics = this.metrics.forOperation(op.name)
     const client = this
 
     return function callKernel (ctx: CallContext) {
@@ -119,11 +138,11 @@ export class KernelClient {
       }
       if (body !== undefined) headers['content-type'] = 'application/json'
       if (ctx.idempotencyKey !== undefined) headers['idempotency-key'] = ctx.idempotencyKey
-      return client.execute(ctx, op, method, path, headers, body, idempotentMethod || ctx.idempotencyKey !== undefined)
+      return client.execute(ctx, op, metrics, method, path, headers, body, idempotentMethod || ctx.idempotencyKey !== undefined)
     }
   }
 
-  async execute (ctx: CallContext, op: Operation, method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, idempotent: boolean): Promise<unknown> {
+  async execute (ctx: CallContext, op: Operation, metrics: ReturnType<KernelMetrics['forOperation']>, method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, idempotent: boolean): Promise<unknown> {
     if (this.inFlight >= this.maxInFlight) {
       this.metrics.rejected('bulkhead_full')
       throw new MantleError('KERNEL_UNAVAILABLE', 'Too many calls are in flight to the Kernel', { headers: { 'retry-after': '1' } })
@@ -142,7 +161,7 @@ export class KernelClient {
         const remaining = deadline - performance.now()
         const started = performance.now()
         const result = remaining <= 0 ? timedOut : await this.attempt(method, path, headers, body, remaining)
-        this.metrics.call(op.name, result.outcome, (performance.now() - started) / 1000)
+        metrics.call[result.outcome]((performance.now() - started) / 1000)
         if (result.outcome === 'ok' || result.outcome === 'client_error') {
           this.breaker?.success(permit)
           if (result.outcome === 'ok') {
@@ -156,7 +175,7 @@ export class KernelClient {
           const wait = Math.random() * Math.min(this.backoff.capMs, this.backoff.baseMs * 2 ** attempt)
           if (deadline - performance.now() - wait > 1) {
             if (this.budget!.withdraw()) {
-              this.metrics.retry(op.name)
+              metrics.retry()
               await sleep(wait)
               continue
             }
@@ -171,10 +190,12 @@ export class KernelClient {
   }
 
   private async attempt (method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, remaining: number): Promise<Attempt> {
-    const controller = new AbortController()
-    const timer = setTimeout(() => controller.abort(), remaining)
+    // One precise timer bounds headers and body together by the op's deadline. undici's own
+    // headersTimeout/bodyTimeout run on its coarse timer wheel (a 150 ms timeout fired after
+    // more than 600 ms here), too loose for short per-op timeouts.
+    const deadline = new Deadline(remaining)
     try {
-      const res = await this.pool.request({ method, path, headers, body, signal: controller.signal })
+      const res = await this.pool.request({ method, path, headers, body, signal: deadline as unknown as EventEmitter })
       const status = res.statusCode
       if (status >= 200 && status < 300) {
         const value = await readJson(res, this.maxBytes)
@@ -190,16 +211,60 @@ export class KernelClient {
       await res.body.dump()
       return { outcome: 'server_error', status, value: undefined, message: undefined }
     } catch (err) {
-      if (controller.signal.aborted || TIMEOUT_CODES.has((err as { code?: string }).code ?? '')) return timedOut
+      if (deadline.aborted || TIMEOUT_CODES.has((err as { code?: string }).code ?? '')) return timedOut
       return { outcome: 'unavailable', status: 503, value: undefined, message: (err as Error).message }
     } finally {
-      clearTimeout(timer)
+      deadline.clear()
     }
   }
 
   async close (): Promise<void> {
     await this.pool.close()
   }
+}
+
+/**
+ * An attempt's deadline, handed to undici as its `signal`: undici accepts any EventEmitter-shaped
+ * signal (`on`/`once`/`removeListener`, `aborted`). Under load an AbortController cost about 5 µs
+ * of CPU per call (EventTarget listeners and garbage); this costs one timer.
+ */
+class Deadline {
+  aborted = false
+  private listener: (() => void) | null = null
+  private readonly timer: NodeJS.Timeout
+
+  constructor (ms: number) {
+    this.timer = setTimeout(fire, ms, this)
+  }
+
+  on (_event: 'abort', listener: () => void): this {
+    this.listener = listener
+    return this
+  }
+
+  once (event: 'abort', listener: () => void): this {
+    return this.on(event, listener)
+  }
+
+  removeListener (): this {
+    this.listener = null
+    return this
+  }
+
+  fire (): void {
+    this.aborted = true
+    const listener = this.listener
+    this.listener = null
+    if (listener !== null) listener()
+  }
+
+  clear (): void {
+    clearTimeout(this.timer)
+  }
+}
+
+function fire (deadline: Deadline): void {
+  deadline.fire()
 }
 
 const timedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined }

@@ -59,8 +59,14 @@ function kernelMetrics (app: FastifyInstance, origin: string, client: () => Kern
   })
   new Gauge({ name: 'mantle_kernel_in_flight', help: 'Calls in flight to the Kernel (the bulkhead counts these)', registers, collect () { this.set(client().inFlight) } }) // eslint-disable-line no-new
   return {
-    call: (op, outcome, seconds) => duration.labels(op, outcome).observe(seconds),
-    retry: op => retries.labels(op).inc(),
+    forOperation (op) {
+      const observer = (outcome: string) => { const child = duration.labels(op, outcome); return (seconds: number) => child.observe(seconds) }
+      const retry = retries.labels(op)
+      return {
+        call: { ok: observer('ok'), client_error: observer('client_error'), server_error: observer('server_error'), timeout: observer('timeout'), unavailable: observer('unavailable') },
+        retry: () => retry.inc()
+      }
+    },
     budgetExhausted: () => exhausted.inc(),
     rejected: reason => rejected.labels(reason).inc(),
     breaker: state => breaker.set({ origin }, BREAKER_VALUE[state]),
