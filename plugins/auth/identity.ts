@@ -1,4 +1,5 @@
 import { createVerifier, createSigner, TokenError } from 'fast-jwt'
+import { LRUCache } from 'lru-cache'
 import { MantleError } from '../../errors.js'
 import type { Zone } from '../../schemas/manifest.js'
 
@@ -15,7 +16,7 @@ export interface IdentityOptions {
   audience?: string | undefined
   /** Seconds of clock skew allowed on `exp` and `nbf`. */
   clockToleranceSec?: number
-  /** Verified tokens kept (fast-jwt's LRU, bounded; entries never outlive `exp`). */
+  /** Verified tokens kept (a bounded LRU; an entry never outlives its token's `exp`). */
   cacheSize?: number
   /** For tests: the verifier's clock, in ms. */
   clockTimestamp?: number
@@ -35,39 +36,41 @@ const reasons: Record<string, string> = {
 
 /** A verifier of bearer tokens to identities (CONTRACT §2). Throws UNAUTHENTICATED. */
 export function createIdentityVerifier (options: IdentityOptions): (authorization: string | undefined) => Identity {
+  const toleranceMs = (options.clockToleranceSec ?? 5) * 1000
   const verify = createVerifier({
     key: options.secret,
     algorithms: ['HS256'],
-    cache: options.cacheSize ?? 10000,
-    // Optimization: the token itself is the cache key. fast-jwt's default hashes every token
-    // (SHA-256) on every call; the raw token is already in this process's memory anyway.
-    cacheKeyBuilder: (token: string) => token,
-    clockTolerance: (options.clockToleranceSec ?? 5) * 1000,
+    clockTolerance: toleranceMs,
     requiredClaims: ['sub', 'tid', 'exp'],
     ...(options.issuer === undefined ? {} : { allowedIss: options.issuer }),
     ...(options.audience === undefined ? {} : { allowedAud: options.audience }),
     ...(options.clockTimestamp === undefined ? {} : { clockTimestamp: options.clockTimestamp })
   })
-  const identities = new WeakMap<object, Identity>()
+  // Verified identities by token. fast-jwt's own cache hashes every token (SHA-256) per call;
+  // keyed by the token itself, a hit costs one map lookup. Failures are never cached.
+  const verified = new LRUCache<string, { identity: Identity, expiresAt: number }>({ max: options.cacheSize ?? 10000 })
+  const now = (): number => options.clockTimestamp ?? Date.now()
 
   return function identify (authorization) {
     if (authorization === undefined || authorization === '') throw new MantleError('UNAUTHENTICATED', 'A bearer token is required')
     if (authorization.length < 8 || authorization.slice(0, 7).toLowerCase() !== 'bearer ') {
       throw new MantleError('UNAUTHENTICATED', 'The Authorization header must be "Bearer <token>"')
     }
+    const token = authorization.slice(7).trim()
+    const hit = verified.get(token)
+    if (hit !== undefined) {
+      if (now() < hit.expiresAt) return hit.identity
+      verified.delete(token)
+    }
     let claims: Record<string, unknown>
     try {
-      claims = verify(authorization.slice(7).trim())
+      claims = verify(token)
     } catch (err) {
       const code = err instanceof TokenError ? err.code : ''
       throw new MantleError('UNAUTHENTICATED', 'The token was refused: ' + (reasons[code] ?? 'it cannot be verified'))
     }
-    // fast-jwt hands back the same payload object for a cached token: parse its claims once.
-    let identity = identities.get(claims)
-    if (identity === undefined) {
-      identity = toIdentity(claims)
-      identities.set(claims, identity)
-    }
+    const identity = toIdentity(claims)
+    verified.set(token, { identity, expiresAt: (claims.exp as number) * 1000 + toleranceMs })
     return identity
   }
 }

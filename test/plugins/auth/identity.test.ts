@@ -1,0 +1,35 @@
+import t from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { createIdentityVerifier, mintToken } from '../../../plugins/auth/identity.js'
+
+const secret = 'identity-test-secret-of-at-least-32-bytes'
+
+t.test('a cached identity is refused once its token expires', async t => {
+  const identify = createIdentityVerifier({ secret, clockToleranceSec: 0 })
+  const header = `Bearer ${mintToken(secret, { tenant: 't1', user: 'u1', roles: ['viewer'], ttlSeconds: 1 })}`
+  const first = identify(header)
+  t.same(first, { tenant: 't1', user: 'u1', roles: ['viewer'], zone: 'public' })
+  t.equal(identify(header), first, 'the second call is served from the cache')
+  t.ok(Object.isFrozen(first) && Object.isFrozen(first.roles))
+  await sleep(1100)
+  t.throws(() => identify(header), { code: 'UNAUTHENTICATED', message: /expired/ })
+})
+
+t.test('the cache is bounded and failures are not cached', async t => {
+  const identify = createIdentityVerifier({ secret, cacheSize: 2 })
+  const tokens = ['a', 'b', 'c'].map(u => `Bearer ${mintToken(secret, { tenant: 't', user: u })}`)
+  const ids = tokens.map(tok => identify(tok))
+  t.not(identify(tokens[0]), ids[0], 'the oldest entry was evicted and verified again')
+  t.same(identify(tokens[0]), ids[0])
+  const forged = `Bearer ${mintToken('another-secret-of-at-least-32-bytes-long', { tenant: 't', user: 'x' })}`
+  for (let i = 0; i < 2; i++) t.throws(() => identify(forged), { code: 'UNAUTHENTICATED', message: /signature is invalid/ })
+})
+
+t.test('the scheme is case-insensitive and the token may be padded', async t => {
+  const identify = createIdentityVerifier({ secret })
+  const token = mintToken(secret, { tenant: 't', user: 'u' })
+  t.equal(identify(`bearer ${token}`).user, 'u')
+  t.equal(identify(`BEARER   ${token}  `).user, 'u')
+  t.throws(() => identify('Bearer'), { message: /must be "Bearer <token>"/ })
+  t.throws(() => identify(''), { message: /bearer token is required/ })
+})
