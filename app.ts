@@ -7,11 +7,18 @@ import { loadManifestFile, type Manifest } from './manifest.js'
 import { toProblem, MantleError } from './errors.js'
 import pipeline from './plugins/pipeline/index.js'
 import metrics from './plugins/metrics/index.js'
-import auth from './plugins/auth/index.js'
+import auth, { ANONYMOUS } from './plugins/auth/index.js'
 import kernel from './plugins/kernel/index.js'
+import events from './plugins/events/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
+import trpc from './adapters/trpc/index.js'
+import graphql from './adapters/graphql/index.js'
+import websocketFace from './adapters/websocket/index.js'
+import type { FaceOptions } from './adapters/face.js'
+import websocket from '@fastify/websocket'
 import health from './routes/health.js'
+import batch from './routes/batch.js'
 
 /** The package version, read once at start-up (from the source tree or from dist/). */
 export const VERSION: string = ((): string => {
@@ -91,6 +98,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       issuer: config.BFF_JWT_ISSUER,
       audience: config.BFF_JWT_AUDIENCE
     })
+  } else {
+    app.decorate('identify', () => ANONYMOUS)
   }
   await app.register(kernel, {
     url: options.kernelUrl ?? config.KERNEL_URL,
@@ -99,8 +108,24 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     resetTimeoutMs: config.BFF_CIRCUIT_BREAKER_TIMEOUT,
     ...(options.kernelBackoff === undefined ? {} : { backoff: options.kernelBackoff })
   })
+  await app.register(events, { redisUrl: config.REDIS_URL, internalToken: config.BFF_INTERNAL_TOKEN, checkRoles: config.BFF_AUTH_ENABLED })
   if (config.BFF_OPENAPI_ENABLED) await app.register(openapi, { version: VERSION, secured: config.BFF_AUTH_ENABLED })
   await app.register(rest, { prefix: '/api/v1', secured: config.BFF_AUTH_ENABLED })
+  await app.register(batch, { prefix: '/api/v1', maxCalls: config.BFF_BATCH_MAX_CALLS })
+  const face: FaceOptions = {
+    bodyLimit: config.BFF_BODY_LIMIT,
+    maxCalls: config.BFF_BATCH_MAX_CALLS,
+    maxDepth: config.BFF_GRAPHQL_MAX_DEPTH,
+    secured: config.BFF_AUTH_ENABLED,
+    development: config.NODE_ENV !== 'production'
+  }
+  // One WebSocket server for every face that upgrades (/ws, GraphQL and tRPC subscriptions).
+  if (config.BFF_WEBSOCKET_ENABLED || config.BFF_GRAPHQL_ENABLED || config.BFF_TRPC_ENABLED) {
+    await app.register(websocket, { options: { maxPayload: config.BFF_BODY_LIMIT } })
+  }
+  if (config.BFF_TRPC_ENABLED) await app.register(trpc, face)
+  if (config.BFF_GRAPHQL_ENABLED) await app.register(graphql, face)
+  if (config.BFF_WEBSOCKET_ENABLED) await app.register(websocketFace, face)
   await app.register(health)
   return app
 }

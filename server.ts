@@ -5,6 +5,7 @@ import type { FastifyInstance } from 'fastify'
 import { buildApp } from './app.js'
 import { loadConfig, DEMO_MANIFEST, DEV_JWT_SECRET, type Config } from './schemas/config.js'
 import { mintToken } from './plugins/auth/index.js'
+import type { KernelEventMessage } from './plugins/events/index.js'
 
 export interface Started {
   app: FastifyInstance
@@ -20,15 +21,19 @@ export interface Started {
 export async function start (config: Readonly<Config>): Promise<Started> {
   let stopKernel: (() => Promise<void>) | null = null
   let kernelUrl: string | null = null
+  // The demo Kernel publishes run changes straight into the gateway's event bus.
+  let publish: ((event: KernelEventMessage) => void) | null = null
   if (config.KERNEL_URL === undefined && config.BFF_DEMO_KERNEL && resolve(config.BFF_MANIFEST) === DEMO_MANIFEST) {
     const { startKernel } = await import('./kernel/server.js')
-    const kernel = await startKernel({ port: 0, host: '127.0.0.1' })
+    const kernel = await startKernel({ port: 0, host: '127.0.0.1', onEvent: event => publish?.(event) })
     kernelUrl = kernel.url
     stopKernel = kernel.close
   }
   let app: FastifyInstance
   try {
     app = await buildApp(config, kernelUrl === null ? {} : { kernelUrl })
+    const events = app.events
+    publish = (event) => { events.publish(event).catch(err => app.log.warn({ err }, 'event not published')) }
     await app.listen({ port: config.PORT, host: config.HOST })
   } catch (err) {
     await stopKernel?.()

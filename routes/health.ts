@@ -27,6 +27,11 @@ export default async function healthRoutes (app: FastifyInstance): Promise<void>
     const breaker = app.kernel.breakerState()
     checks.kernel = breaker === 'disabled' ? 'breaker disabled' : `breaker ${breaker}`
     if (breaker === 'open') failing.push('kernel')
+    const events = app.events.health()
+    if (events.store === 'redis') {
+      checks.redis = events.up ? 'up' : 'down'
+      if (!events.up) failing.push('redis')
+    }
     if (failing.length > 0) reply.code(503)
     return { status: failing.length > 0 ? 'not-ready' : 'ready', failing, checks }
   })

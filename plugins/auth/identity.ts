@@ -8,7 +8,12 @@ export interface Identity {
   readonly user: string
   readonly roles: readonly string[]
   readonly zone: Zone
+  /** When the token stops being valid, in ms since the epoch (connections close then). */
+  readonly expiresAt: number
 }
+
+/** Who calls when identity is off: every call is the public tenant's anonymous user. */
+export const ANONYMOUS: Identity = Object.freeze({ tenant: 'public', user: 'anonymous', roles: Object.freeze([]), zone: 'public', expiresAt: Infinity })
 
 export interface IdentityOptions {
   secret: string
@@ -69,13 +74,13 @@ export function createIdentityVerifier (options: IdentityOptions): (authorizatio
       const code = err instanceof TokenError ? err.code : ''
       throw new MantleError('UNAUTHENTICATED', 'The token was refused: ' + (reasons[code] ?? 'it cannot be verified'))
     }
-    const identity = toIdentity(claims)
-    verified.set(token, { identity, expiresAt: (claims.exp as number) * 1000 + toleranceMs })
+    const identity = toIdentity(claims, toleranceMs)
+    verified.set(token, { identity, expiresAt: identity.expiresAt })
     return identity
   }
 }
 
-function toIdentity (claims: Record<string, unknown>): Identity {
+function toIdentity (claims: Record<string, unknown>, toleranceMs: number): Identity {
   const { sub, tid, roles = [], zone = 'public' } = claims
   if (typeof sub !== 'string' || sub === '' || typeof tid !== 'string' || tid === '') {
     throw new MantleError('UNAUTHENTICATED', 'The token was refused: sub and tid must be non-empty strings')
@@ -86,7 +91,7 @@ function toIdentity (claims: Record<string, unknown>): Identity {
   if (typeof zone !== 'string' || !(zone in ZONE_RANK)) {
     throw new MantleError('UNAUTHENTICATED', 'The token was refused: zone must be public, internal or restricted')
   }
-  return Object.freeze({ tenant: tid, user: sub, roles: Object.freeze([...roles as string[]]), zone: zone as Zone })
+  return Object.freeze({ tenant: tid, user: sub, roles: Object.freeze([...roles as string[]]), zone: zone as Zone, expiresAt: (claims.exp as number) * 1000 + toleranceMs })
 }
 
 export interface TokenClaims {

@@ -4,11 +4,15 @@ import { MantleError } from '../../errors.js'
 import { StageOrder } from '../pipeline/index.js'
 import { createIdentityVerifier, ZONE_RANK, type Identity, type IdentityOptions } from './identity.js'
 
-export { mintToken, type Identity } from './identity.js'
+export { mintToken, ANONYMOUS, type Identity } from './identity.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
-    /** Present when identity is on: the same verification every face and admin route uses. */
+    /**
+     * The same verification every face, connection and admin route uses: `Bearer <token>` to
+     * an identity, or UNAUTHENTICATED. With identity off, app.ts decorates it with the
+     * anonymous identity instead.
+     */
     identify: (authorization: string | undefined) => Identity
   }
 }

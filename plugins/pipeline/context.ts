@@ -27,6 +27,12 @@ export class CallContext {
   /** The Kernel's 2xx status for the answer (REST passes 201/202 on). */
   status: number
   readonly startedAt: number
+  /**
+   * Shared by the calls of one request that carries several (a REST batch, a GraphQL document,
+   * a tRPC batch): identical query calls reach the Kernel once. Each call still runs every
+   * stage on its own. null for a call that comes alone.
+   */
+  memo: Map<string, Promise<unknown>> | null
 
   constructor (requestId: string, protocol: Protocol, op: Operation, input: Record<string, unknown>, authorization: string | undefined, traceparent: string | undefined, idempotencyKey: string | undefined) {
     this.requestId = requestId
@@ -43,5 +49,6 @@ export class CallContext {
     this.zone = 'public'
     this.status = 200
     this.startedAt = performance.now()
+    this.memo = null
   }
 }

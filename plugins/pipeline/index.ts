@@ -2,6 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { Ajv, type ValidateFunction } from 'ajv'
 import addFormats from 'ajv-formats'
+import fastJson from 'fast-json-stringify'
 import type { Manifest, Operation } from '../../manifest.js'
 import { MantleError, describeValidation } from '../../errors.js'
 import type { CallContext } from './context.js'
@@ -41,6 +42,11 @@ export interface OperationEntry {
   /** Runs the call; set when the app is ready. May throw synchronously: await it. */
   run: Next
   stages: readonly string[]
+  /**
+   * The op's output schema, compiled: JSON holding only what the schema declares. REST gets the
+   * same from its route's response schema; every other face and event uses this.
+   */
+  readonly serialize: (value: unknown) => string
 }
 
 export interface Pipeline {
@@ -63,7 +69,9 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
   const definitions: StageDefinition[] = [validationStage()]
   let terminal: ((op: Operation) => Next) | null = null
   const entries = new Map<string, OperationEntry>()
-  for (const op of manifest.operations) entries.set(op.name, { op, run: notReady, stages: [] })
+  for (const op of manifest.operations) {
+    entries.set(op.name, { op, run: notReady, stages: [], serialize: fastJson(op.output as unknown as Parameters<typeof fastJson>[0]) })
+  }
   let compiled = false
 
   return {
@@ -88,7 +96,7 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
       for (const entry of entries.values()) {
         // Optimization: each operation keeps only the stages that apply to it, chained once.
         const stages = ordered.map(d => [d.name, d.build(entry.op)] as const).filter((s): s is readonly [string, Stage] => s[1] !== null)
-        let run = terminal(entry.op)
+        let run = memoized(entry.op, terminal(entry.op))
         for (let i = stages.length - 1; i >= 0; i--) {
           const stage = stages[i][1]
           const next = run
@@ -100,6 +108,35 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
       compiled = true
     }
   }
+}
+
+/**
+ * Within one request that carries several calls, identical query calls share one Kernel call:
+ * the memo is keyed by operation and canonical input (the tenant is the request's own).
+ * Mutations always reach the Kernel.
+ */
+function memoized (op: Operation, call: Next): Next {
+  if (op.type !== 'query') return call
+  return (ctx) => {
+    const memo = ctx.memo
+    if (memo === null) return call(ctx)
+    const key = op.name + '\u0000' + canonicalJson(ctx.input)
+    let shared = memo.get(key)
+    if (shared === undefined) {
+      shared = call(ctx)
+      memo.set(key, shared)
+    }
+    return shared
+  }
+}
+
+/** JSON with object keys sorted, so `{a,b}` and `{b,a}` are the same input. */
+export function canonicalJson (value: unknown): string {
+  if (value === null || typeof value !== 'object') return JSON.stringify(value) ?? 'null'
+  if (Array.isArray(value)) return '[' + value.map(canonicalJson).join(',') + ']'
+  const obj = value as Record<string, unknown>
+  const keys = Object.keys(obj).filter(k => obj[k] !== undefined).sort()
+  return '{' + keys.map(k => JSON.stringify(k) + ':' + canonicalJson(obj[k])).join(',') + '}'
 }
 
 /** Input validation is not a switchable concern: every face validates with the op's compiled schema. */

@@ -8,7 +8,8 @@ t.test('a cached identity is refused once its token expires', async t => {
   const identify = createIdentityVerifier({ secret, clockToleranceSec: 0 })
   const header = `Bearer ${mintToken(secret, { tenant: 't1', user: 'u1', roles: ['viewer'], ttlSeconds: 1 })}`
   const first = identify(header)
-  t.same(first, { tenant: 't1', user: 'u1', roles: ['viewer'], zone: 'public' })
+  t.match(first, { tenant: 't1', user: 'u1', roles: ['viewer'], zone: 'public', expiresAt: Number })
+  t.ok(first.expiresAt > Date.now() && first.expiresAt <= Date.now() + 1000)
   t.equal(identify(header), first, 'the second call is served from the cache')
   t.ok(Object.isFrozen(first) && Object.isFrozen(first.roles))
   await sleep(1100)

@@ -1,0 +1,75 @@
+import type { FastifyInstance } from 'fastify'
+import { CallContext, type Protocol } from '../plugins/pipeline/index.js'
+import { toProblem, MantleError, type Problem } from '../errors.js'
+
+/** What app.ts hands every face besides REST. */
+export interface FaceOptions {
+  /** Largest request body or frame, in bytes (BFF_BODY_LIMIT). */
+  bodyLimit: number
+  /** Most calls one request may carry (BFF_BATCH_MAX_CALLS). */
+  maxCalls: number
+  /** Deepest GraphQL query (BFF_GRAPHQL_MAX_DEPTH). */
+  maxDepth: number
+  /** Whether identity is on (faces then document and require a bearer token). */
+  secured: boolean
+  /** GraphiQL and other developer aids, outside production only. */
+  development: boolean
+}
+
+export interface FaceCall {
+  requestId: string
+  protocol: Protocol
+  op: string
+  input: unknown
+  authorization: string | undefined
+  traceparent?: string | undefined
+  idempotencyKey?: string | undefined
+  /** Shared by the calls of one request: identical queries reach the Kernel once. */
+  memo?: Map<string, Promise<unknown>> | null
+}
+
+/** A call's answer as JSON shaped by the op's output schema; `value` parses it on first use. */
+export class FaceValue {
+  readonly ok = true
+  private parsed: unknown = undefined
+  private done = false
+  constructor (readonly json: string, readonly status: number) {}
+  get value (): unknown {
+    if (!this.done) {
+      this.parsed = JSON.parse(this.json)
+      this.done = true
+    }
+    return this.parsed
+  }
+}
+
+export interface FaceProblem { ok: false, problem: Problem, headers: Record<string, string> | null }
+export type FaceResult = FaceValue | FaceProblem
+
+/**
+ * One call through the pipeline, exactly as REST makes it, for the faces that carry calls in
+ * their own envelopes. Never throws: the outcome is a value or the problem every face encodes.
+ */
+export async function runCall (app: FastifyInstance, call: FaceCall): Promise<FaceResult> {
+  try {
+    const op = app.pipeline.manifest.byName.get(call.op)
+    if (op === undefined) throw new MantleError('NOT_FOUND', `No operation ${call.op}`)
+    const input = call.input === undefined || call.input === null ? {} : call.input
+    if (typeof input !== 'object' || Array.isArray(input)) throw new MantleError('VALIDATION_FAILED', 'input must be a JSON object')
+    const ctx = new CallContext(call.requestId, call.protocol, op, input as Record<string, unknown>, call.authorization, call.traceparent, op.type === 'mutation' ? call.idempotencyKey : undefined)
+    if (call.memo !== undefined) ctx.memo = call.memo
+    const entry = app.pipeline.entry(op.name)
+    const value = await entry.run(ctx)
+    let json: string
+    try {
+      json = value === null || value === undefined ? 'null' : entry.serialize(value)
+    } catch {
+      throw new MantleError('KERNEL_ERROR', `The Kernel's answer does not match the output schema of ${op.name}`)
+    }
+    return new FaceValue(json, ctx.status)
+  } catch (err) {
+    const { problem, headers } = toProblem(err, call.requestId)
+    if (problem.code === 'INTERNAL') app.log.error({ err, requestId: call.requestId }, 'unexpected error')
+    return { ok: false, problem, headers }
+  }
+}

@@ -1,0 +1,161 @@
+import fastJson from 'fast-json-stringify'
+import type { EventDefinition } from '../../manifest.js'
+import type { Identity } from '../auth/index.js'
+import { MantleError } from '../../errors.js'
+
+/** An event as the Kernel publishes it (CONTRACT §4). */
+export interface KernelEventMessage {
+  topic: string
+  tenantId: string
+  payload: unknown
+}
+
+/** Receives the cleaned payload and its JSON, serialized once per event for every subscriber. */
+export type Listener = (payload: unknown, json: string) => void
+
+export interface BusCounters {
+  delivered: (event: string, n: number) => void
+  dropped: (reason: 'invalid' | 'slow_consumer' | 'unknown_topic') => void
+}
+
+const noCounters: BusCounters = { delivered () {}, dropped () {} }
+
+export function isKernelEvent (value: unknown): value is KernelEventMessage {
+  const v = value as Partial<KernelEventMessage> | null
+  return v !== null && typeof v === 'object' && typeof v.topic === 'string' && v.topic !== '' &&
+    typeof v.tenantId === 'string' && v.tenantId !== '' && 'payload' in v
+}
+
+/**
+ * Fan-out of Kernel events to this instance's subscribers, by event name and tenant: a
+ * subscriber only ever receives its own tenant's events. Payloads are serialized through the
+ * event's schema, so fields it does not declare never reach a client. Bounded: at most
+ * `maxSubscriptions` listeners; beyond it a subscribe is refused with OVERLOADED.
+ */
+export class EventBus {
+  readonly definitions: ReadonlyMap<string, EventDefinition>
+  private readonly byTopic = new Map<string, EventDefinition[]>()
+  private readonly serializers = new Map<string, (payload: unknown) => string>()
+  private readonly listeners = new Map<string, Map<string, Set<Listener>>>()
+  private count = 0
+
+  constructor (
+    events: readonly EventDefinition[],
+    private readonly checkRoles: boolean,
+    private readonly maxSubscriptions = 100_000,
+    private readonly counters: BusCounters = noCounters
+  ) {
+    this.definitions = new Map(events.map(e => [e.name, e]))
+    for (const e of events) {
+      const list = this.byTopic.get(e.topic) ?? []
+      list.push(e)
+      this.byTopic.set(e.topic, list)
+      this.serializers.set(e.name, fastJson(e.payload as unknown as Parameters<typeof fastJson>[0]))
+      this.listeners.set(e.name, new Map())
+    }
+  }
+
+  get subscriptions (): number {
+    return this.count
+  }
+
+  /** The event a caller may subscribe to, or NOT_FOUND / FORBIDDEN. */
+  authorize (name: string, identity: Identity): EventDefinition {
+    const def = this.definitions.get(name)
+    if (def === undefined) throw new MantleError('NOT_FOUND', `No event ${name}`)
+    if (this.checkRoles && def.roles.length > 0 && !def.roles.some(r => identity.roles.includes(r))) {
+      throw new MantleError('FORBIDDEN', `${name} needs one of the roles: ${def.roles.join(', ')}`)
+    }
+    return def
+  }
+
+  subscribe (name: string, tenant: string, listener: Listener): () => void {
+    const byTenant = this.listeners.get(name)
+    if (byTenant === undefined) throw new MantleError('NOT_FOUND', `No event ${name}`)
+    if (this.count >= this.maxSubscriptions) throw new MantleError('OVERLOADED', 'Too many event subscriptions on this instance', { headers: { 'retry-after': '5' } })
+    let set = byTenant.get(tenant)
+    if (set === undefined) {
+      set = new Set()
+      byTenant.set(tenant, set)
+    }
+    set.add(listener)
+    this.count++
+    let active = true
+    return () => {
+      if (!active) return
+      active = false
+      set.delete(listener)
+      this.count--
+      if (set.size === 0) byTenant.delete(tenant)
+    }
+  }
+
+  /**
+   * The events of one name and tenant as an async iterable, for faces that pull (tRPC, GraphQL).
+   * It ends when `signal` aborts. A consumer more than `highWaterMark` events behind loses the
+   * oldest ones (counted as slow_consumer): memory stays bounded.
+   */
+  stream (name: string, tenant: string, signal: AbortSignal, highWaterMark = 256): AsyncIterable<unknown> {
+    const bus = this
+    return {
+      [Symbol.asyncIterator] () {
+        const queue: unknown[] = []
+        let wake: (() => void) | null = null
+        const unsubscribe = bus.subscribe(name, tenant, (payload) => {
+          if (queue.length >= highWaterMark) {
+            queue.shift()
+            bus.counters.dropped('slow_consumer')
+          }
+          queue.push(payload)
+          wake?.()
+        })
+        const onAbort = (): void => { unsubscribe(); wake?.() }
+        if (signal.aborted) unsubscribe()
+        else signal.addEventListener('abort', onAbort, { once: true })
+        const finish = (): IteratorResult<unknown> => {
+          unsubscribe()
+          signal.removeEventListener('abort', onAbort)
+          return { done: true, value: undefined }
+        }
+        return {
+          async next (): Promise<IteratorResult<unknown>> {
+            while (queue.length === 0) {
+              if (signal.aborted) return finish()
+              await new Promise<void>(resolve => { wake = resolve })
+              wake = null
+            }
+            return { done: false, value: queue.shift() }
+          },
+          async return (): Promise<IteratorResult<unknown>> {
+            return finish()
+          }
+        }
+      }
+    }
+  }
+
+  /** Delivers an event to this instance's subscribers of its tenant. */
+  dispatch (message: KernelEventMessage): void {
+    const defs = this.byTopic.get(message.topic)
+    if (defs === undefined) {
+      this.counters.dropped('unknown_topic')
+      return
+    }
+    for (const def of defs) {
+      const set = this.listeners.get(def.name)!.get(message.tenantId)
+      if (set === undefined || set.size === 0) continue
+      let json: string
+      let payload: unknown
+      try {
+        json = this.serializers.get(def.name)!(message.payload)
+        payload = JSON.parse(json)
+      } catch {
+        this.counters.dropped('invalid')
+        continue
+      }
+      // A copy: a listener that unsubscribes while we deliver does not skip its neighbour.
+      for (const listener of [...set]) listener(payload, json)
+      this.counters.delivered(def.name, set.size)
+    }
+  }
+}

@@ -1,0 +1,138 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { timingSafeEqual } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { Counter, Gauge } from 'prom-client'
+import { MantleError } from '../../errors.js'
+import { EventBus, isKernelEvent, type KernelEventMessage, type BusCounters } from './bus.js'
+
+export { EventBus, isKernelEvent, type KernelEventMessage, type Listener } from './bus.js'
+
+/** The Redis channel Kernel events travel on (CONTRACT §4). */
+export const EVENTS_CHANNEL = 'bff:events'
+
+export interface EventsOptions {
+  /** With a URL, events fan out through Redis to every gateway instance. */
+  redisUrl?: string | undefined
+  /** Bearer token for POST /internal/events; without one the route is not served. */
+  internalToken?: string | undefined
+  /** Role checks on subscribe (off when identity is off, like every role check). */
+  checkRoles: boolean
+  maxSubscriptions?: number
+}
+
+export interface Events {
+  readonly bus: EventBus
+  /** Publishes to every instance (through Redis when configured, else in process). */
+  publish: (message: KernelEventMessage) => Promise<void>
+  /** `memory`, or Redis and whether its subscriber connection is up. */
+  health: () => { store: 'memory' | 'redis', up: boolean }
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    events: Events
+  }
+}
+
+function counters (app: FastifyInstance, bus: () => EventBus, redisUp: () => number): { bus: BusCounters, published: (source: string) => void } | undefined {
+  if (!app.hasDecorator('metrics')) return undefined
+  const registers = [app.metrics.registry]
+  const published = new Counter({ name: 'mantle_events_published_total', help: 'Kernel events accepted, by source', labelNames: ['source'] as const, registers })
+  const delivered = new Counter({ name: 'mantle_events_delivered_total', help: 'Event deliveries to subscribers on this instance', labelNames: ['event'] as const, registers })
+  const dropped = new Counter({ name: 'mantle_events_dropped_total', help: 'Events not delivered: invalid payload, unknown topic, or a slow consumer behind its bound', labelNames: ['reason'] as const, registers })
+  new Gauge({ name: 'mantle_event_subscriptions', help: 'Event subscriptions open on this instance', registers, collect () { this.set(bus().subscriptions) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_events_redis_up', help: '1 when the Redis event subscriber is connected (absent without Redis)', registers, collect () { this.set(redisUp()) } }) // eslint-disable-line no-new
+  return {
+    bus: { delivered: (event, n) => delivered.labels(event).inc(n), dropped: reason => dropped.labels(reason).inc() },
+    published: source => published.labels(source).inc()
+  }
+}
+
+async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise<void> {
+  let subscriber: Redis | null = null
+  let publisher: Redis | null = null
+  let subscribed = false
+  const metrics = counters(app, () => bus, () => subscribed ? 1 : 0)
+  const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus)
+
+  if (opts.redisUrl !== undefined) {
+    // Two connections: a subscribed one cannot publish. No offline queue on the publisher: a
+    // publish while Redis is away must not pile up in memory; it is delivered locally instead.
+    const common = { lazyConnect: true, maxRetriesPerRequest: 1, retryStrategy: (n: number) => Math.min(n * 200, 2000) }
+    subscriber = new Redis(opts.redisUrl, { ...common, connectionName: 'mantle-events-sub' })
+    publisher = new Redis(opts.redisUrl, { ...common, enableOfflineQueue: false, connectionName: 'mantle-events-pub' })
+    for (const r of [subscriber, publisher]) r.on('error', (err: Error) => app.log.debug({ err }, 'redis events connection error'))
+    subscriber.on('ready', () => { subscribed = true })
+    subscriber.on('close', () => { subscribed = false })
+    subscriber.on('message', (_channel: string, text: string) => {
+      let message: unknown
+      try {
+        message = JSON.parse(text)
+      } catch {
+        message = null
+      }
+      if (isKernelEvent(message)) bus.dispatch(message)
+      else metrics?.bus.dropped('invalid')
+    })
+    // ioredis re-subscribes on reconnect. A Redis that is down at start-up leaves the gateway
+    // up, with events delivered locally and /readyz naming redis, until it comes back.
+    subscriber.connect().then(async () => await subscriber!.subscribe(EVENTS_CHANNEL)).catch((err: Error) => {
+      app.log.warn({ err: err.message }, 'Redis is unreachable: events stay on this instance until it is back')
+    })
+    publisher.connect().catch(() => {})
+  }
+
+  const publish = async (message: KernelEventMessage): Promise<void> => {
+    metrics?.published(publisher === null ? 'memory' : 'redis')
+    if (publisher !== null) {
+      try {
+        await publisher.publish(EVENTS_CHANNEL, JSON.stringify(message))
+        return
+      } catch (err) {
+        app.log.warn({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
+      }
+    }
+    bus.dispatch(message)
+  }
+
+  app.decorate('events', {
+    bus,
+    publish,
+    health: () => subscriber === null ? { store: 'memory' as const, up: true } : { store: 'redis' as const, up: subscribed }
+  })
+
+  if (opts.internalToken !== undefined) {
+    const expected = Buffer.from(`Bearer ${opts.internalToken}`)
+    app.post('/internal/events', {
+      schema: {
+        hide: true,
+        body: {
+          type: 'object',
+          required: ['topic', 'tenantId', 'payload'],
+          properties: { topic: { type: 'string', minLength: 1, maxLength: 256 }, tenantId: { type: 'string', minLength: 1, maxLength: 256 }, payload: {} }
+        },
+        response: { 202: { type: 'object', properties: { accepted: { type: 'boolean' } } } }
+      },
+      // The token is checked before the body is parsed: a stranger gets a 401, not a parse.
+      onRequest: (request, _reply, done) => {
+        const given = Buffer.from(request.headers.authorization ?? '')
+        if (given.length !== expected.length || !timingSafeEqual(given, expected)) {
+          done(new MantleError('UNAUTHENTICATED', 'The internal token is missing or wrong'))
+          return
+        }
+        done()
+      }
+    }, async (request, reply) => {
+      await publish(request.body as KernelEventMessage)
+      reply.code(202)
+      return { accepted: true }
+    })
+  }
+
+  app.addHook('onClose', async () => {
+    await Promise.all([subscriber?.quit().catch(() => {}), publisher?.quit().catch(() => {})])
+  })
+}
+
+export default fp(eventsPlugin, { name: 'mantle-events', dependencies: ['mantle-pipeline'], fastify: '5.x' })

@@ -1,0 +1,65 @@
+import type { FastifyInstance } from 'fastify'
+import { runCall } from '../adapters/face.js'
+import { MantleError } from '../errors.js'
+import { idempotencyKeyOf, single } from '../adapters/rest/index.js'
+
+export interface BatchOptions {
+  maxCalls: number
+}
+
+const CallSchema = {
+  type: 'object',
+  required: ['id', 'op'],
+  additionalProperties: false,
+  properties: {
+    id: { type: 'string', minLength: 1, maxLength: 128 },
+    op: { type: 'string', minLength: 1, maxLength: 128 },
+    input: { type: 'object' }
+  }
+}
+
+const problemContent = { content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } } }
+
+/**
+ * POST /api/v1/batch (CONTRACT §3): several calls in one request. Each runs the whole pipeline
+ * on its own (identity, roles, validation, ... as if it came alone); identical query calls share
+ * one Kernel call; results keep their ids and order. A call's failure is its own error entry.
+ */
+export default async function batchRoute (app: FastifyInstance, opts: BatchOptions): Promise<void> {
+  app.post('/batch', {
+    schema: {
+      hide: true,
+      body: {
+        type: 'object',
+        required: ['calls'],
+        additionalProperties: false,
+        properties: { calls: { type: 'array', minItems: 1, items: CallSchema } }
+      },
+      // 200 is written by hand below: each result is already JSON shaped by its op's schema.
+      response: {
+        '4xx': problemContent,
+        '5xx': problemContent
+      }
+    },
+    // Checked before validation: an oversized batch is refused whole, without running any call.
+    preValidation: async (request) => {
+      const calls = (request.body as { calls?: unknown } | null)?.calls
+      if (Array.isArray(calls) && calls.length > opts.maxCalls) {
+        throw new MantleError('PAYLOAD_TOO_LARGE', `A batch carries at most ${opts.maxCalls} calls`)
+      }
+    }
+  }, async (request, reply) => {
+    const { calls } = request.body as { calls: Array<{ id: string, op: string, input?: unknown }> }
+    const memo = new Map<string, Promise<unknown>>()
+    const authorization = request.headers.authorization
+    const traceparent = single(request.headers.traceparent)
+    const idempotencyKey = idempotencyKeyOf(request)
+    const parts = await Promise.all(calls.map(async (call, n) => {
+      const outcome = await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, idempotencyKey: idempotencyKey === undefined ? undefined : `${idempotencyKey}.${call.id}`, memo })
+      const id = JSON.stringify(call.id)
+      return outcome.ok ? `{"id":${id},"result":${outcome.json}}` : `{"id":${id},"error":${JSON.stringify(outcome.problem)}}`
+    }))
+    reply.type('application/json; charset=utf-8')
+    return `{"results":[${parts.join(',')}]}`
+  })
+}
