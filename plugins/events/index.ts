@@ -130,8 +130,14 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     })
   }
 
+  // quit() waits for the server: a client still retrying a Redis that is away must disconnect.
+  const close = async (r: Redis | null): Promise<void> => {
+    if (r === null) return
+    if (r.status === 'ready') await r.quit().catch(() => r.disconnect())
+    else r.disconnect()
+  }
   app.addHook('onClose', async () => {
-    await Promise.all([subscriber?.quit().catch(() => {}), publisher?.quit().catch(() => {})])
+    await Promise.all([close(subscriber), close(publisher)])
   })
 }
 

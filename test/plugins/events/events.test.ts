@@ -1,0 +1,155 @@
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { buildDemoApp, bearer, closedPort, testConfig } from '../../helper.js'
+import { EventBus, isKernelEvent } from '../../../plugins/events/index.js'
+import { ANONYMOUS, type Identity } from '../../../plugins/auth/index.js'
+import { start } from '../../../server.js'
+import type { EventDefinition } from '../../../manifest.js'
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
+const run = (id: string, extra: Record<string, unknown> = {}) => ({ id, agentId: 'a1', status: 'running', temperature: 1, promptChars: 3, output: null, error: null, createdAt: 'c', updatedAt: 'u', startedAt: null, finishedAt: null, ...extra })
+const viewer: Identity = { tenant: 't1', user: 'u', roles: ['viewer'], zone: 'public', expiresAt: Infinity }
+const def: EventDefinition = { name: 'runUpdated', topic: 'runs.updated', payload: { type: 'object', required: ['id'], properties: { id: { type: 'string' }, status: { type: 'string' } } }, payloadDocument: {}, roles: ['viewer'], description: null }
+
+async function until (check: () => boolean, what: string, ms = 5000): Promise<void> {
+  const end = Date.now() + ms
+  while (!check()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
+    await sleep(10)
+  }
+}
+
+t.test('the bus delivers an event to its tenant only, shaped by the event schema', async t => {
+  const dropped: string[] = []
+  const bus = new EventBus([def], true, 10, { delivered () {}, dropped: r => dropped.push(r) })
+  const got: Array<[string, unknown, string]> = []
+  const offA = bus.subscribe('runUpdated', 'A', (payload, json) => got.push(['A', payload, json]))
+  bus.subscribe('runUpdated', 'B', (payload) => got.push(['B', payload, '']))
+  bus.dispatch({ topic: 'runs.updated', tenantId: 'A', payload: { id: 'r1', status: 'running', secret: 'x' } })
+  t.same(got, [['A', { id: 'r1', status: 'running' }, '{"id":"r1","status":"running"}']])
+  bus.dispatch({ topic: 'runs.updated', tenantId: 'C', payload: { id: 'r2' } })
+  t.equal(got.length, 1, 'nobody of tenant C listens')
+  bus.dispatch({ topic: 'other.topic', tenantId: 'A', payload: {} })
+  bus.dispatch({ topic: 'runs.updated', tenantId: 'A', payload: { status: 'no id' } })
+  t.same(dropped, ['unknown_topic', 'invalid'])
+  t.equal(bus.subscriptions, 2)
+  offA()
+  offA()
+  t.equal(bus.subscriptions, 1, 'unsubscribing twice is harmless')
+  bus.dispatch({ topic: 'runs.updated', tenantId: 'A', payload: { id: 'r3' } })
+  t.equal(got.length, 1)
+})
+
+t.test('subscriptions are authorized and bounded', async t => {
+  const bus = new EventBus([def], true, 2)
+  t.equal(bus.authorize('runUpdated', viewer).name, 'runUpdated')
+  t.throws(() => bus.authorize('runUpdated', { ...viewer, roles: ['editor'] }), { code: 'FORBIDDEN' })
+  t.throws(() => bus.authorize('nope', viewer), { code: 'NOT_FOUND' })
+  t.throws(() => bus.subscribe('nope', 't', () => {}), { code: 'NOT_FOUND' })
+  const open = new EventBus([def], false)
+  t.equal(open.authorize('runUpdated', ANONYMOUS).name, 'runUpdated', 'no role check with identity off')
+  bus.subscribe('runUpdated', 't', () => {})
+  bus.subscribe('runUpdated', 't', () => {})
+  t.throws(() => bus.subscribe('runUpdated', 't', () => {}), { code: 'OVERLOADED' })
+})
+
+t.test('a stream yields events, ends on abort, and stays bounded for a slow consumer', async t => {
+  const dropped: string[] = []
+  const bus = new EventBus([def], true, 10, { delivered () {}, dropped: r => dropped.push(r) })
+  const controller = new AbortController()
+  const iterator = bus.stream('runUpdated', 'A', controller.signal, 2)[Symbol.asyncIterator]()
+  for (const id of ['1', '2', '3']) bus.dispatch({ topic: 'runs.updated', tenantId: 'A', payload: { id } })
+  t.same(dropped, ['slow_consumer'], 'the oldest event was dropped')
+  t.same(await iterator.next(), { done: false, value: { id: '2' } })
+  t.same(await iterator.next(), { done: false, value: { id: '3' } })
+  const pending = iterator.next()
+  bus.dispatch({ topic: 'runs.updated', tenantId: 'A', payload: { id: '4' } })
+  t.same(await pending, { done: false, value: { id: '4' } })
+  const waiting = iterator.next()
+  controller.abort()
+  t.same(await waiting, { done: true, value: undefined })
+  t.equal(bus.subscriptions, 0)
+  const aborted = bus.stream('runUpdated', 'A', AbortSignal.abort())[Symbol.asyncIterator]()
+  t.same(await aborted.next(), { done: true, value: undefined })
+  const returned = bus.stream('runUpdated', 'A', new AbortController().signal)[Symbol.asyncIterator]()
+  t.same(await returned.return!(), { done: true, value: undefined })
+  t.equal(bus.subscriptions, 0)
+})
+
+t.test('isKernelEvent checks the envelope', async t => {
+  t.ok(isKernelEvent({ topic: 'a', tenantId: 't', payload: null }))
+  for (const bad of [null, 1, {}, { topic: '', tenantId: 't', payload: 1 }, { topic: 'a', tenantId: '', payload: 1 }, { topic: 'a', tenantId: 't' }]) t.notOk(isKernelEvent(bad))
+})
+
+t.test('POST /internal/events needs the internal token', async t => {
+  const closed = await buildDemoApp(t)
+  t.equal((await closed.inject({ method: 'POST', url: '/internal/events', payload: {} })).statusCode, 404, 'not served without BFF_INTERNAL_TOKEN')
+  const token = 'internal-token-0123456789'
+  const app = await buildDemoApp(t, { BFF_INTERNAL_TOKEN: token })
+  const got: unknown[] = []
+  app.events.bus.subscribe('runUpdated', 'acme', payload => got.push(payload))
+  const event = { topic: 'runs.updated', tenantId: 'acme', payload: run('r1') }
+  for (const authorization of [undefined, 'Bearer wrong', `Bearer ${token}x`, token]) {
+    const res = await app.inject({ method: 'POST', url: '/internal/events', headers: authorization === undefined ? {} : { authorization }, payload: event })
+    t.equal(res.statusCode, 401)
+    t.match(res.json(), { code: 'UNAUTHENTICATED' })
+  }
+  const bad = await app.inject({ method: 'POST', url: '/internal/events', headers: { authorization: `Bearer ${token}` }, payload: { topic: 'runs.updated' } })
+  t.equal(bad.statusCode, 400)
+  const ok = await app.inject({ method: 'POST', url: '/internal/events', headers: { authorization: `Bearer ${token}` }, payload: event })
+  t.equal(ok.statusCode, 202)
+  t.same(ok.json(), { accepted: true })
+  t.match(got, [{ id: 'r1', status: 'running' }])
+  const metrics = await app.inject({ method: 'GET', url: '/metrics' })
+  t.match(metrics.body, /mantle_events_published_total\{source="memory"\} 1/)
+  t.match(metrics.body, /mantle_events_delivered_total\{event="runUpdated"\} 1/)
+  t.match(metrics.body, /mantle_event_subscriptions 1/)
+})
+
+t.test('two instances sharing Redis: an event published once reaches both, and only its tenant', async t => {
+  const tenant = 'tenant-' + randomUUID()
+  const token = 'internal-token-0123456789'
+  const one = await buildDemoApp(t, { REDIS_URL, BFF_INTERNAL_TOKEN: token })
+  const two = await buildDemoApp(t, { REDIS_URL })
+  await until(() => one.events.health().up && two.events.health().up, 'both Redis subscribers')
+  const got: string[] = []
+  one.events.bus.subscribe('runUpdated', tenant, (_p, json) => got.push('one ' + json))
+  two.events.bus.subscribe('runUpdated', tenant, (_p, json) => got.push('two ' + json))
+  two.events.bus.subscribe('runUpdated', tenant + '-other', () => got.push('other tenant'))
+  const res = await one.inject({ method: 'POST', url: '/internal/events', headers: { authorization: `Bearer ${token}` }, payload: { topic: 'runs.updated', tenantId: tenant, payload: run('r9') } })
+  t.equal(res.statusCode, 202)
+  await until(() => got.length >= 2, 'both deliveries')
+  await sleep(50)
+  t.same(got.sort(), [`one ${JSON.stringify(run('r9'))}`, `two ${JSON.stringify(run('r9'))}`])
+  const ready = await two.inject({ method: 'GET', url: '/readyz' })
+  t.equal(ready.statusCode, 200)
+  t.equal(ready.json().checks.redis, 'up')
+})
+
+t.test('a Redis that is down at start-up leaves the gateway up, degraded and saying so', async t => {
+  const port = await closedPort()
+  const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${port}` })
+  const ready = await app.inject({ method: 'GET', url: '/readyz' })
+  t.equal(ready.statusCode, 503)
+  t.match(ready.json(), { status: 'not-ready', failing: ['redis'], checks: { redis: 'down' } })
+  const got: unknown[] = []
+  app.events.bus.subscribe('runUpdated', 't1', p => got.push(p))
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run('r1') })
+  t.equal(got.length, 1, 'delivered on this instance')
+  const call = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
+  t.equal(call.statusCode, 200, 'calls are not affected')
+})
+
+t.test('the demo Kernel publishes run changes into the gateway', async t => {
+  const started = await start(testConfig({ PORT: 0 }))
+  t.teardown(() => started.close())
+  const got: Array<{ id: string, status: string }> = []
+  started.app.events.bus.subscribe('runUpdated', 'demo-events', p => got.push(p as { id: string, status: string }))
+  const res = await fetch(`${started.url}/api/v1/agents/a1/runs`, { method: 'POST', headers: { ...bearer({ tenant: 'demo-events' }), 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'hello there' }) })
+  t.equal(res.status, 201)
+  const { id } = await res.json() as { id: string }
+  await until(() => got.some(e => e.status === 'succeeded'), 'the run to succeed')
+  t.ok(got.every(e => e.id === id))
+  t.same(got.map(e => e.status).filter((s, i, all) => all.indexOf(s) === i), ['queued', 'running', 'succeeded'])
+})

@@ -1,0 +1,43 @@
+import t from 'tap'
+import { createPipeline, canonicalJson, CallContext } from '../../../plugins/pipeline/index.js'
+import { testManifest } from '../../helper.js'
+
+const manifest = () => testManifest({
+  getX: { type: 'query', rest: 'GET /x/:id', kernel: 'GET /x/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } } },
+  setX: { type: 'mutation', rest: 'POST /x', kernel: 'POST /x', input: { type: 'object', properties: { v: { type: 'integer' } } }, output: { type: 'object' } }
+})
+
+t.test('canonical JSON sorts keys at every depth and skips undefined', async t => {
+  t.equal(canonicalJson({ b: 1, a: { d: [1, { z: 1, y: 2 }], c: null }, u: undefined }), '{"a":{"c":null,"d":[1,{"y":2,"z":1}]},"b":1}')
+  t.equal(canonicalJson(undefined), 'null')
+  t.equal(canonicalJson('s'), '"s"')
+})
+
+t.test('the pipeline guards its own assembly', async t => {
+  const p = createPipeline(manifest())
+  t.throws(() => p.compile(), /no terminal/)
+  const calls: string[] = []
+  p.setTerminal(op => (ctx) => { calls.push(op.name + ':' + JSON.stringify(ctx.input)); return Promise.resolve({ id: 'k' }) })
+  t.throws(() => p.setTerminal(() => async () => null), /already has its terminal/)
+  const ctx = new CallContext('r', 'rest', manifest().byName.get('getX')!, { id: 'a' }, undefined, undefined, undefined)
+  t.throws(() => p.entry('getX').run(ctx), /not compiled yet/)
+  const order: string[] = []
+  p.addStage({ name: 'second', order: 50, build: () => (c, next) => { order.push('second'); return next(c) } })
+  p.addStage({ name: 'first', order: 10, build: op => op.type === 'query' ? (c, next) => { order.push('first'); return next(c) } : null })
+  t.throws(() => p.addStage({ name: 'first', order: 5, build: () => null }), /added twice/)
+  p.compile()
+  t.throws(() => p.addStage({ name: 'late', order: 1, build: () => null }), /after the pipeline was compiled/)
+  t.same(p.entry('getX').stages, ['first', 'validation', 'second'])
+  t.same(p.entry('setX').stages, ['validation', 'second'])
+  t.same(await p.entry('getX').run(ctx), { id: 'k' })
+  t.same(order, ['first', 'second'])
+
+  // Within one memo, identical queries share a call; mutations never do.
+  const memo = new Map<string, Promise<unknown>>()
+  const q = (input: Record<string, unknown>) => { const c = new CallContext('r', 'batch', manifest().byName.get('getX')!, input, undefined, undefined, undefined); c.memo = memo; return p.entry('getX').run(c) }
+  const m = () => { const c = new CallContext('r', 'batch', manifest().byName.get('setX')!, { v: 1 }, undefined, undefined, undefined); c.memo = memo; return p.entry('setX').run(c) }
+  calls.length = 0
+  await Promise.all([q({ id: 'a' }), q({ id: 'a' }), q({ id: 'b' }), m(), m()])
+  t.same(calls.sort(), ['getX:{"id":"a"}', 'getX:{"id":"b"}', 'setX:{"v":1}', 'setX:{"v":1}'])
+  t.equal(p.entry('getX').serialize({ id: 'x', extra: 1 }), '{"id":"x"}')
+})

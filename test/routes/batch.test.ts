@@ -1,0 +1,99 @@
+import t from 'tap'
+import { buildDemoApp, buildTestApp, startTestKernel, testManifest, bearer, json } from '../helper.js'
+
+t.test('a batch runs each call through the pipeline and keeps ids and order', async t => {
+  const app = await buildDemoApp(t)
+  const res = await app.inject({
+    method: 'POST',
+    url: '/api/v1/batch',
+    headers: bearer({ roles: ['viewer'], zone: 'public' }),
+    payload: {
+      calls: [
+        { id: 'a', op: 'getAgent', input: { id: 'a1' } },
+        { id: 'b', op: 'getAgent', input: { id: 'nope' } },
+        { id: 'c', op: 'listAgents', input: { limit: 1000 } },
+        { id: 'd', op: 'runAgent', input: { id: 'a1', prompt: 'hi' } },
+        { id: 'e', op: 'noSuchOp' },
+        { id: 'f', op: 'getDocument', input: { id: 'd1' } },
+        { id: 'g', op: 'listAgents' }
+      ]
+    }
+  })
+  t.equal(res.statusCode, 200)
+  t.match(res.headers['content-type'], /^application\/json/)
+  const { results } = res.json() as { results: Array<{ id: string, result?: Record<string, unknown>, error?: Record<string, unknown> }> }
+  t.same(results.map(r => r.id), ['a', 'b', 'c', 'd', 'e', 'f', 'g'])
+  t.match(results[0], { result: { id: 'a1', name: String } })
+  t.notOk('internalCostCents' in results[0].result!, 'results are shaped by the op output schema')
+  t.match(results[1], { error: { code: 'NOT_FOUND', status: 404 } })
+  t.match(results[2], { error: { code: 'VALIDATION_FAILED', detail: /limit must be <= 100/ } })
+  t.match(results[3], { error: { code: 'FORBIDDEN', detail: /operator/ } })
+  t.match(results[4], { error: { code: 'NOT_FOUND', detail: 'No operation noSuchOp' } })
+  t.match(results[5], { error: { code: 'FORBIDDEN', detail: /restricted zone/ } })
+  t.equal((results[6].result as unknown as unknown[]).length, 3)
+  const ids = results.filter(r => r.error !== undefined).map(r => r.error!.requestId as string)
+  t.equal(new Set(ids).size, ids.length, 'each call has its own request id')
+  for (const id of ids) t.match(id, new RegExp(`^${res.headers['x-request-id'] as string}\\.\\d+$`))
+})
+
+t.test('identical query calls in one batch reach the Kernel once; mutations always do', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/things/x': (_req, res) => json(res, 200, { id: 'x', secret: 's' }),
+    'POST /v1/things': (_req, res) => json(res, 201, { id: 'new' })
+  })
+  const manifest = testManifest({
+    getThing: { type: 'query', rest: 'GET /things/:id', kernel: 'GET /v1/things/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' }, v: { type: 'integer' } } }, output: { type: 'object', properties: { id: { type: 'string' } } } },
+    makeThing: { type: 'mutation', rest: 'POST /things', kernel: 'POST /v1/things', input: { type: 'object', properties: { n: { type: 'integer' } } }, output: { type: 'object', properties: { id: { type: 'string' } } } }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const res = await app.inject({
+    method: 'POST',
+    url: '/api/v1/batch',
+    headers: bearer(),
+    payload: {
+      calls: [
+        { id: '1', op: 'getThing', input: { id: 'x' } },
+        { id: '2', op: 'getThing', input: { id: 'x' } },
+        { id: '3', op: 'makeThing', input: { n: 1 } },
+        { id: '4', op: 'makeThing', input: { n: 1 } }
+      ]
+    }
+  })
+  t.equal(res.statusCode, 200)
+  t.same(res.json(), { results: [{ id: '1', result: { id: 'x' } }, { id: '2', result: { id: 'x' } }, { id: '3', result: { id: 'new' } }, { id: '4', result: { id: 'new' } }] })
+  t.equal(kernel.requests.filter(r => r.method === 'GET').length, 1)
+  t.equal(kernel.requests.filter(r => r.method === 'POST').length, 2)
+  // The memo lives for one request: the next batch calls the Kernel again.
+  await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls: [{ id: '1', op: 'getThing', input: { id: 'x' } }] } })
+  t.equal(kernel.requests.filter(r => r.method === 'GET').length, 2)
+})
+
+t.test('a call without a valid token is refused on its own; a bad envelope is a 400 or 413', async t => {
+  const app = await buildDemoApp(t, { BFF_BATCH_MAX_CALLS: 3 })
+  const anonymous = await app.inject({ method: 'POST', url: '/api/v1/batch', payload: { calls: [{ id: 'a', op: 'getAgent', input: { id: 'a1' } }] } })
+  t.equal(anonymous.statusCode, 200)
+  t.match(anonymous.json(), { results: [{ id: 'a', error: { code: 'UNAUTHENTICATED', status: 401 } }] })
+  const tooMany = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls: [1, 2, 3, 4].map(n => ({ id: String(n), op: 'listAgents' })) } })
+  t.equal(tooMany.statusCode, 413)
+  t.match(tooMany.json(), { code: 'PAYLOAD_TOO_LARGE', detail: 'A batch carries at most 3 calls' })
+  for (const payload of [{}, { calls: [] }, { calls: [{ op: 'listAgents' }] }, { calls: [{ id: 'a', op: 'listAgents', input: 'x' }] }, { calls: 'x' }]) {
+    const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload })
+    t.equal(res.statusCode, 400, JSON.stringify(payload))
+    t.match(res.json(), { code: 'VALIDATION_FAILED' })
+  }
+  const malformed = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: { ...bearer(), 'content-type': 'application/json' }, payload: '{"calls":[' })
+  t.equal(malformed.statusCode, 400)
+})
+
+t.test('a Kernel answer that breaks the output schema is a KERNEL_ERROR for that call only', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/things/bad': (_req, res) => json(res, 200, { name: 'no id' }),
+    'GET /v1/things/good': (_req, res) => json(res, 200, { id: 'good' })
+  })
+  const manifest = testManifest({
+    getThing: { type: 'query', rest: 'GET /things/:id', kernel: 'GET /v1/things/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } } }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls: [{ id: 'b', op: 'getThing', input: { id: 'bad' } }, { id: 'g', op: 'getThing', input: { id: 'good' } }] } })
+  t.match(res.json(), { results: [{ id: 'b', error: { code: 'KERNEL_ERROR', status: 502 } }, { id: 'g', result: { id: 'good' } }] })
+})
