@@ -283,18 +283,20 @@ export function buildKernel (opts: KernelOptions = {}): FastifyInstance {
     return agent ?? notFound(reply, 'agent', req.params.id)
   })
 
+  // One body schema for creating and changing an agent; creation also requires the name.
+  const agentBody = {
+    type: 'object',
+    additionalProperties: false,
+    properties: {
+      name: { type: 'string', minLength: 1, maxLength: 200 },
+      model: { type: 'string', minLength: 1, maxLength: 100 },
+      description: { type: ['string', 'null'], maxLength: 2000 }
+    }
+  }
+
   app.post<{ Body: { name: string, model?: string, description?: string | null } }>('/v1/agents', {
     schema: {
-      body: {
-        type: 'object',
-        required: ['name'],
-        additionalProperties: false,
-        properties: {
-          name: { type: 'string', minLength: 1, maxLength: 200 },
-          model: { type: 'string', minLength: 1, maxLength: 100 },
-          description: { type: ['string', 'null'], maxLength: 2000 }
-        }
-      }
+      body: { ...agentBody, required: ['name'] }
     }
   }, (req, reply) => {
     const { tenantId, store } = storeOf(req)
@@ -319,15 +321,7 @@ export function buildKernel (opts: KernelOptions = {}): FastifyInstance {
   app.patch<{ Params: IdParams, Body: { name?: string, model?: string, description?: string | null } }>('/v1/agents/:id', {
     schema: {
       params: idParams,
-      body: {
-        type: 'object',
-        additionalProperties: false,
-        properties: {
-          name: { type: 'string', minLength: 1, maxLength: 200 },
-          model: { type: 'string', minLength: 1, maxLength: 100 },
-          description: { type: ['string', 'null'], maxLength: 2000 }
-        }
-      }
+      body: agentBody
     }
   }, (req, reply) => {
     const agent = storeOf(req).store.agents.get(req.params.id)
