@@ -36,6 +36,8 @@ export interface BuildOptions {
   /** Overrides the Kernel origin (the demo Kernel's, or a test's). */
   kernelUrl?: string
   logger?: FastifyServerOptions['logger']
+  /** Where the gateway's own logger writes (default stdout); tests capture lines with it. */
+  logStream?: { write: (line: string) => void }
   /** Kernel retry backoff (tests shorten it). */
   kernelBackoff?: { baseMs: number, capMs: number }
 }
@@ -51,7 +53,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   const app = Fastify({
     logger: options.logger ?? {
       level: config.LOG_LEVEL,
-      redact: { paths: ['req.headers.authorization', 'req.headers.cookie', 'req.query.access_token'], censor: '[redacted]' }
+      redact: { paths: ['req.headers.authorization', 'req.headers.cookie'], censor: '[redacted]' },
+      serializers: { req: requestForLog },
+      ...(options.logStream === undefined ? {} : { stream: options.logStream })
     },
     bodyLimit: config.BFF_BODY_LIMIT,
     requestIdHeader: false,
@@ -121,13 +125,31 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   }
   // One WebSocket server for every face that upgrades (/ws, GraphQL and tRPC subscriptions).
   if (config.BFF_WEBSOCKET_ENABLED || config.BFF_GRAPHQL_ENABLED || config.BFF_TRPC_ENABLED) {
-    await app.register(websocket, { options: { maxPayload: config.BFF_BODY_LIMIT } })
+    await app.register(websocket, {
+      options: { maxPayload: config.BFF_BODY_LIMIT },
+      // A frame ws refuses (too large, bad UTF-8) is the client's doing, and ws has already
+      // closed with the right code: not a gateway error, or any client could fill the log.
+      errorHandler: (err, socket, request) => {
+        const code = (err as { code?: unknown }).code
+        if (typeof code === 'string' && code.startsWith('WS_ERR_')) request.log.debug({ err }, 'websocket protocol error')
+        else request.log.error({ err }, 'websocket error')
+        socket.terminate()
+      }
+    })
   }
   if (config.BFF_TRPC_ENABLED) await app.register(trpc, face)
   if (config.BFF_GRAPHQL_ENABLED) await app.register(graphql, face)
   if (config.BFF_WEBSOCKET_ENABLED) await app.register(websocketFace, face)
   await app.register(health)
   return app
+}
+
+/**
+ * The request as logs show it. A WebSocket upgrade may carry its token as `?access_token=`, and
+ * the default serializer logs the raw URL, which redact paths cannot reach into.
+ */
+export function requestForLog (req: FastifyRequest): Record<string, unknown> {
+  return { method: req.method, url: req.url.replace(/([?&]access_token=)[^&#]*/gi, '$1[redacted]'), host: req.host, remoteAddress: req.ip, remotePort: req.socket?.remotePort }
 }
 
 function errorHandler (err: FastifyError | MantleError | Error, request: FastifyRequest, reply: FastifyReply): void {

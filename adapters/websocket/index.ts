@@ -1,5 +1,104 @@
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { FaceOptions } from '../face.js'
+import { MantleError } from '../../errors.js'
+import { Connection, type ConnectionAuth, type FaceShared } from './connection.js'
+import { websocketMetrics } from './metrics.js'
 
-// Being written (issue 3): the websocket face.
-export default async function websocketAdapter (_app: FastifyInstance, _opts: FaceOptions): Promise<void> {}
+export { CLOSE_REASONS, type CloseReason } from './metrics.js'
+
+export interface WebSocketFaceSettings {
+  /** Event subscriptions one connection may hold. */
+  maxSubscriptions: number
+  /** Calls of one connection running at once; beyond it a call is refused with OVERLOADED. */
+  maxInFlight: number
+  /** Bytes queued for a client that does not read before it is closed with 1013. */
+  maxBufferedBytes: number
+  /** Largest frame, in bytes (1009 beyond it); never above BFF_BODY_LIMIT, ws's maxPayload. */
+  maxFrameBytes: number
+  /** Ping interval; a peer that has not answered the previous ping is dropped. */
+  heartbeatMs: number
+  /** Connections on this instance; beyond it an upgrade is refused with 503 OVERLOADED. */
+  maxConnections: number
+  /** How long a shutdown waits for clients to acknowledge 1001 before dropping them. */
+  closeGraceMs: number
+}
+
+export const DEFAULT_SETTINGS: Readonly<Omit<WebSocketFaceSettings, 'maxFrameBytes'>> = Object.freeze({
+  maxSubscriptions: 32,
+  maxInFlight: 64,
+  maxBufferedBytes: 4 * 1024 * 1024,
+  heartbeatMs: 30_000,
+  maxConnections: 100_000,
+  closeGraceMs: 2000
+})
+
+/** `Authorization` header, else `?access_token=` (browsers cannot set headers on an upgrade). */
+function authorizationOf (request: FastifyRequest): string | undefined {
+  const header = request.headers.authorization
+  if (header !== undefined) return header
+  const token = (request.query as Record<string, unknown> | null)?.access_token
+  return typeof token === 'string' && token !== '' ? `Bearer ${token}` : undefined
+}
+
+/**
+ * The WebSocket face (CONTRACT §3) at /ws with the given bounds. The default export uses the
+ * defaults; tests build one with short timers.
+ */
+export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = {}) {
+  return async function websocketFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
+    const limits = { ...DEFAULT_SETTINGS, maxFrameBytes: opts.bodyLimit, ...settings }
+    const connections = new Set<Connection>()
+    const eventPrefixes = new Map(app.pipeline.manifest.events.map(e => [e.name, '{"event":' + JSON.stringify(e.name) + ',"data":']))
+    const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes }
+    // Identity verified in the upgrade's onRequest hook, handed to the connection it opens.
+    const verified = new WeakMap<FastifyRequest, ConnectionAuth>()
+    const forget = (c: Connection): void => { connections.delete(c) }
+
+    app.route({
+      method: 'GET',
+      url: '/ws',
+      schema: { hide: true },
+      // Runs before the upgrade: without a valid token no socket is accepted, the client gets
+      // the 401 problem+json over plain HTTP.
+      onRequest: (request, _reply, done) => {
+        try {
+          if (connections.size >= limits.maxConnections) {
+            throw new MantleError('OVERLOADED', 'Too many WebSocket connections on this instance', { headers: { 'retry-after': '5' } })
+          }
+          const authorization = authorizationOf(request)
+          verified.set(request, { identity: app.identify(authorization), authorization })
+          done()
+        } catch (err) {
+          done(err as Error)
+        }
+      },
+      handler: async () => {
+        throw new MantleError('BAD_REQUEST', '/ws speaks WebSocket: send an upgrade request', { status: 426, headers: { upgrade: 'websocket' } })
+      },
+      wsHandler: (socket, request) => {
+        // This face closes its own connections (1001 on shutdown, below): taken out of the
+        // shared server's set, they are not sent the bare close of @fastify/websocket's preClose.
+        app.websocketServer.clients.delete(socket)
+        connections.add(new Connection(face, socket, verified.get(request)!, forget))
+        verified.delete(request)
+      }
+    })
+
+    // One timer for every connection rather than one each.
+    const heartbeat = setInterval(() => { for (const c of connections) c.heartbeat() }, limits.heartbeatMs)
+    heartbeat.unref()
+
+    app.addHook('preClose', async () => {
+      clearInterval(heartbeat)
+      if (connections.size === 0) return
+      let timer: NodeJS.Timeout | undefined
+      const grace = new Promise<void>(resolve => { timer = setTimeout(resolve, limits.closeGraceMs) })
+      await Promise.race([Promise.all([...connections].map(async c => await c.shutdown())), grace])
+      clearTimeout(timer)
+      // Clients that did not acknowledge the close in time would hold the server open.
+      for (const c of connections) c.socket.terminate()
+    })
+  }
+}
+
+export default createWebSocketFace()

@@ -69,3 +69,19 @@ t.test('npm run token mints a token the gateway accepts', async t => {
   t.throws(() => tokenFromArgs(['--bogus'], {}), /Unknown option/)
   t.ok(tokenFromArgs([], {}).split('.').length === 3, 'defaults work with the development secret')
 })
+
+t.test('logs never carry a token: header, cookie or ?access_token=', async t => {
+  const lines: string[] = []
+  const { buildApp } = await import('../../app.js')
+  const { testConfig } = await import('../helper.js')
+  const app = await buildApp(testConfig({ LOG_LEVEL: 'info' }), { logStream: { write: (line: string) => { lines.push(line) } } })
+  t.teardown(() => app.close())
+  const jwt = bearer().authorization
+  await app.inject({ method: 'GET', url: '/healthz?x=1&access_token=SECRET-TOKEN-1&y=2', headers: { authorization: jwt, cookie: 'session=SECRET-COOKIE' } })
+  await app.inject({ method: 'GET', url: '/healthz?ACCESS_TOKEN=SECRET-TOKEN-2' })
+  const text = lines.join('')
+  t.match(text, /incoming request/)
+  t.match(text, /access_token=\[redacted\]&y=2/)
+  t.notMatch(text, /SECRET-TOKEN|SECRET-COOKIE/)
+  t.notOk(text.includes(jwt.slice(7)), 'the bearer token is not logged')
+})

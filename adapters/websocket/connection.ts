@@ -1,0 +1,252 @@
+import type { FastifyInstance } from 'fastify'
+import { randomUUID } from 'node:crypto'
+import { once } from 'node:events'
+import { WebSocket, type RawData } from 'ws'
+import { runCall } from '../face.js'
+import { MantleError, toProblem, type Problem } from '../../errors.js'
+import type { Identity } from '../../plugins/auth/index.js'
+import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame, type AuthFrame } from './frames.js'
+import type { CloseReason, WebSocketCounters } from './metrics.js'
+
+/** Per-connection bounds (WebSocketFaceSettings in index.ts documents each). */
+export interface ConnectionLimits {
+  maxSubscriptions: number
+  maxInFlight: number
+  maxBufferedBytes: number
+  maxFrameBytes: number
+}
+
+/** What every connection of the face shares, built once at registration. */
+export interface FaceShared {
+  app: FastifyInstance
+  limits: ConnectionLimits
+  counters: WebSocketCounters
+  /** `{"event":"<name>","data":` per event name: an event frame is this + its JSON + `}`. */
+  eventPrefixes: ReadonlyMap<string, string>
+}
+
+/** Who a connection speaks for, and the header value its calls carry. */
+export interface ConnectionAuth {
+  identity: Identity
+  authorization: string | undefined
+}
+
+// setTimeout takes at most a signed 32-bit delay; a longer one would fire at once.
+const MAX_TIMER_MS = 2 ** 31 - 1
+
+/**
+ * One client on /ws. Frames are decoded here and every call goes through runCall, so identity,
+ * roles and validation are the pipeline's, per call, as on every other face.
+ */
+export class Connection {
+  /** Cleared by each heartbeat tick, set again by the client's pong. */
+  alive = true
+  private identity: Identity
+  private authorization: string | undefined
+  private readonly subscriptions = new Map<string, { id: string, unsubscribe: () => void }>()
+  private inFlight = 0
+  private expiry: NodeJS.Timeout | null = null
+  private reason: CloseReason = 'peer'
+  /** Set once the connection is closing: no frame is read and nothing is sent any more. */
+  private closing = false
+
+  constructor (private readonly face: FaceShared, readonly socket: WebSocket, auth: ConnectionAuth, onClose: (c: Connection) => void) {
+    this.identity = auth.identity
+    this.authorization = auth.authorization
+    socket.on('message', (data, isBinary) => this.onMessage(data, isBinary))
+    socket.on('pong', () => { this.alive = true })
+    // ws has already answered a protocol error with its own close code; remember why.
+    socket.on('error', () => { if (this.reason === 'peer') this.reason = 'protocol' })
+    socket.once('close', () => {
+      this.release()
+      face.counters.closed(this.reason)
+      onClose(this)
+    })
+    this.armExpiry()
+  }
+
+  /** One heartbeat tick: a peer that did not answer the previous ping is dropped. */
+  heartbeat (): void {
+    // A closing socket has ws's own close timer; its reason is already set.
+    if (this.closing) return
+    if (!this.alive) {
+      this.reason = 'heartbeat'
+      this.release()
+      this.socket.terminate()
+      return
+    }
+    this.alive = false
+    this.socket.ping()
+  }
+
+  /** Closes with 1001 (going away) and resolves once the socket is closed. */
+  async shutdown (): Promise<void> {
+    if (this.socket.readyState === WebSocket.CLOSED) return
+    const closed = once(this.socket, 'close')
+    this.close(1001, 'shutdown', 'The gateway is shutting down')
+    await closed
+  }
+
+  private close (code: number, reason: CloseReason, text: string): void {
+    if (this.closing) return
+    this.reason = reason
+    this.release()
+    this.socket.close(code, text)
+  }
+
+  /** Stops every subscription and the expiry timer; idempotent. */
+  private release (): void {
+    this.closing = true
+    if (this.expiry !== null) clearTimeout(this.expiry)
+    this.expiry = null
+    for (const sub of this.subscriptions.values()) sub.unsubscribe()
+    this.subscriptions.clear()
+  }
+
+  private armExpiry (): void {
+    if (this.expiry !== null) clearTimeout(this.expiry)
+    this.expiry = null
+    const expiresAt = this.identity.expiresAt
+    if (expiresAt === Infinity) return
+    this.expiry = setTimeout(() => {
+      this.expiry = null
+      if (Date.now() < expiresAt) this.armExpiry()
+      else this.close(4401, 'expired', 'The token has expired')
+    }, Math.min(Math.max(expiresAt - Date.now(), 0), MAX_TIMER_MS))
+    this.expiry.unref()
+  }
+
+  /** Sends a frame unless the client has stopped reading: then the connection ends with 1013. */
+  private send (text: string): void {
+    if (this.closing) return
+    if (this.socket.bufferedAmount > this.face.limits.maxBufferedBytes) {
+      this.close(1013, 'slow_reader', 'The client does not read its frames')
+      return
+    }
+    this.socket.send(text)
+    this.face.counters.frameOut()
+  }
+
+  private sendProblem (id: string | null, problem: Problem): void {
+    this.send('{"id":' + JSON.stringify(id) + ',"error":' + JSON.stringify(problem) + '}')
+  }
+
+  private refuse (id: string | null, err: unknown): void {
+    this.sendProblem(id, toProblem(err, randomUUID()).problem)
+  }
+
+  private onMessage (data: RawData, isBinary: boolean): void {
+    if (this.closing) return
+    this.face.counters.frameIn()
+    if (isBinary) {
+      this.refuse(null, new MantleError('VALIDATION_FAILED', 'Binary frames are not accepted: send JSON text frames'))
+      return
+    }
+    // With the default binaryType, a text frame is one Buffer, fragments already joined.
+    const buffer = data as Buffer
+    if (buffer.length > this.face.limits.maxFrameBytes) {
+      this.close(1009, 'too_large', `A frame may carry at most ${this.face.limits.maxFrameBytes} bytes`)
+      return
+    }
+    const frame = decodeFrame(buffer.toString('utf8'))
+    switch (frame.kind) {
+      case 'call': return this.call(frame)
+      case 'subscribe': return this.subscribe(frame)
+      case 'unsubscribe': return this.unsubscribe(frame)
+      case 'auth': return this.auth(frame)
+      default: return this.refuse(frame.id, new MantleError('VALIDATION_FAILED', frame.detail))
+    }
+  }
+
+  private call (frame: CallFrame): void {
+    const { maxInFlight } = this.face.limits
+    if (this.inFlight >= maxInFlight) {
+      this.refuse(frame.id, new MantleError('OVERLOADED', `A connection may have at most ${maxInFlight} calls in flight`))
+      return
+    }
+    this.inFlight++
+    const id = JSON.stringify(frame.id)
+    runCall(this.face.app, {
+      requestId: randomUUID(),
+      protocol: 'websocket',
+      op: frame.op,
+      input: frame.input,
+      authorization: this.authorization,
+      idempotencyKey: frame.idempotencyKey
+    }).then(outcome => {
+      this.inFlight--
+      // The answer is already JSON shaped by the op's output schema: it is spliced in as is.
+      if (outcome.ok) this.send('{"id":' + id + ',"result":' + outcome.json + '}')
+      else this.send('{"id":' + id + ',"error":' + JSON.stringify(outcome.problem) + '}')
+    }).catch((err: unknown) => {
+      // runCall never throws; a failure here is a bug of this face, not of the client.
+      this.face.app.log.error({ err }, 'websocket call failed')
+    })
+  }
+
+  private subscribe (frame: SubscribeFrame): void {
+    const name = frame.subscribe
+    const { bus } = this.face.app.events
+    try {
+      bus.authorize(name, this.identity)
+      if (!this.subscriptions.has(name)) {
+        const { maxSubscriptions } = this.face.limits
+        if (this.subscriptions.size >= maxSubscriptions) throw new MantleError('BAD_REQUEST', `A connection may hold at most ${maxSubscriptions} subscriptions`)
+        const prefix = this.face.eventPrefixes.get(name)!
+        // The bus serializes each event once for all its subscribers: the JSON is spliced in.
+        const unsubscribe = bus.subscribe(name, this.identity.tenant, (_payload, json) => this.send(prefix + json + '}'))
+        this.subscriptions.set(name, { id: frame.id, unsubscribe })
+      }
+    } catch (err) {
+      this.refuse(frame.id, err)
+      return
+    }
+    this.send('{"id":' + JSON.stringify(frame.id) + ',"subscribed":' + JSON.stringify(name) + '}')
+  }
+
+  private unsubscribe (frame: UnsubscribeFrame): void {
+    const name = frame.unsubscribe
+    if (!this.face.eventPrefixes.has(name)) {
+      this.refuse(frame.id, new MantleError('NOT_FOUND', `No event ${name}`))
+      return
+    }
+    const sub = this.subscriptions.get(name)
+    if (sub !== undefined) {
+      sub.unsubscribe()
+      this.subscriptions.delete(name)
+    }
+    this.send('{"id":' + JSON.stringify(frame.id) + ',"unsubscribed":' + JSON.stringify(name) + '}')
+  }
+
+  /** A fresh token for the same tenant and user; the old one stays if it is refused. */
+  private auth (frame: AuthFrame): void {
+    const authorization = 'Bearer ' + frame.auth
+    let identity: Identity
+    try {
+      identity = this.face.app.identify(authorization)
+      if (identity.tenant !== this.identity.tenant || identity.user !== this.identity.user) {
+        throw new MantleError('FORBIDDEN', 'The new token must be for the same tenant and user as the connection')
+      }
+    } catch (err) {
+      this.refuse(frame.id, err)
+      return
+    }
+    this.identity = identity
+    this.authorization = authorization
+    this.armExpiry()
+    const expiresAt = identity.expiresAt === Infinity ? 'null' : String(identity.expiresAt)
+    this.send('{"id":' + JSON.stringify(frame.id) + ',"authenticated":true,"expiresAt":' + expiresAt + '}')
+    // Roles may have changed: a subscription the new token does not allow ends with an error
+    // frame carrying the id of the subscribe frame that opened it.
+    const { bus } = this.face.app.events
+    for (const [name, sub] of this.subscriptions) {
+      try {
+        bus.authorize(name, identity)
+      } catch (err) {
+        sub.unsubscribe()
+        this.subscriptions.delete(name)
+        this.refuse(sub.id, err)
+      }
+    }
+  }
+}

@@ -1,0 +1,73 @@
+// The client frames of the WebSocket face (CONTRACT §3) and their decoding. Each kind has a
+// JSON Schema compiled once; refusals name the field the way REST names input fields.
+import { Ajv, type ValidateFunction } from 'ajv'
+import { describeValidation } from '../../errors.js'
+
+/** Longest frame id echoed back: ids go into every answer frame. */
+export const MAX_ID_LENGTH = 128
+
+export interface CallFrame { kind: 'call', id: string, op: string, input?: Record<string, unknown> | null, idempotencyKey?: string }
+export interface SubscribeFrame { kind: 'subscribe', id: string, subscribe: string }
+export interface UnsubscribeFrame { kind: 'unsubscribe', id: string, unsubscribe: string }
+export interface AuthFrame { kind: 'auth', id: string, auth: string }
+/** A frame refused before it reaches any handler; `id` is the client's when it was valid. */
+export interface Refusal { kind: 'refused', id: string | null, detail: string }
+export type Frame = CallFrame | SubscribeFrame | UnsubscribeFrame | AuthFrame
+
+const id = { type: 'string', minLength: 1, maxLength: MAX_ID_LENGTH }
+const name = { type: 'string', minLength: 1, maxLength: 128 }
+const frame = (key: string, value: object, extra: Record<string, object> = {}): object => ({
+  type: 'object',
+  required: ['id', key],
+  additionalProperties: false,
+  properties: { id, [key]: value, ...extra }
+})
+
+// The key that names a frame's kind, in the order they are looked for.
+const KINDS = [
+  ['op', 'call', frame('op', name, {
+    input: { type: ['object', 'null'] },
+    // The same rule as REST's Idempotency-Key header: what every store can key on.
+    idempotencyKey: { type: 'string', pattern: '^[\\x21-\\x7e]{1,255}$' }
+  })],
+  ['subscribe', 'subscribe', frame('subscribe', name)],
+  ['unsubscribe', 'unsubscribe', frame('unsubscribe', name)],
+  // A JWT well past any real one's size is junk; the frame bound alone would allow megabytes.
+  ['auth', 'auth', frame('auth', { type: 'string', minLength: 1, maxLength: 16384 })]
+] as const
+
+const ajv = new Ajv({ allErrors: false })
+const validators: ReadonlyArray<readonly [string, Frame['kind'], ValidateFunction]> = KINDS.map(([key, kind, schema]) => [key, kind, ajv.compile(schema)] as const)
+
+// JSON.parse keeps "__proto__" as an own key; REST refuses such bodies (secure-json-parse), so
+// this face does too. Only frames that mention one pay for the reviver.
+const SUSPECT = /"(?:__proto__|constructor)"/
+function guard (key: string, value: unknown): unknown {
+  if (key === '__proto__' || (key === 'constructor' && typeof value === 'object' && value !== null && 'prototype' in value)) {
+    throw new SyntaxError('forbidden prototype property')
+  }
+  return value
+}
+
+/** A text frame to a frame, or a refusal that says what is wrong with it. Never throws. */
+export function decodeFrame (text: string): Frame | Refusal {
+  let value: unknown
+  try {
+    value = SUSPECT.test(text) ? JSON.parse(text, guard) : JSON.parse(text)
+  } catch (err) {
+    const detail = (err as Error).message === 'forbidden prototype property' ? 'The frame contains a forbidden prototype property' : 'The frame is not valid JSON'
+    return { kind: 'refused', id: null, detail }
+  }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    return { kind: 'refused', id: null, detail: 'A frame must be a JSON object' }
+  }
+  const object = value as Record<string, unknown>
+  const given = typeof object.id === 'string' && object.id !== '' && object.id.length <= MAX_ID_LENGTH ? object.id : null
+  for (const [key, kind, validate] of validators) {
+    if (!(key in object)) continue
+    if (!validate(object)) return { kind: 'refused', id: given, detail: describeValidation(validate.errors ?? [], 'frame') }
+    object.kind = kind
+    return object as unknown as Frame
+  }
+  return { kind: 'refused', id: given, detail: 'A frame must carry one of op, subscribe, unsubscribe or auth' }
+}

@@ -1,0 +1,41 @@
+import type { FastifyInstance } from 'fastify'
+import { Counter, Gauge } from 'prom-client'
+
+/** Why a connection ended; a fixed set, so the label's cardinality is too. */
+export const CLOSE_REASONS = [
+  'peer', // the client closed, or the socket dropped
+  'protocol', // a frame `ws` refused (oversized for maxPayload, bad UTF-8, bad opcode)
+  'too_large', // 1009: over the face's own frame bound
+  'expired', // 4401: the token expired without a fresh one
+  'slow_reader', // 1013: the client did not read its frames
+  'heartbeat', // no pong to the last ping
+  'shutdown' // 1001: the gateway is closing
+] as const
+export type CloseReason = typeof CLOSE_REASONS[number]
+
+export interface WebSocketCounters {
+  frameIn: () => void
+  frameOut: () => void
+  closed: (reason: CloseReason) => void
+}
+
+const noop = (): void => {}
+const none: WebSocketCounters = { frameIn: noop, frameOut: noop, closed: noop }
+
+/** The face's metrics on the gateway registry, when metrics are on; no-ops otherwise. */
+export function websocketMetrics (app: FastifyInstance, openConnections: () => number): WebSocketCounters {
+  if (!app.hasDecorator('metrics')) return none
+  const registers = [app.metrics.registry]
+  new Gauge({ name: 'mantle_websocket_connections', help: 'Open connections of the WebSocket face (/ws)', registers, collect () { this.set(openConnections()) } }) // eslint-disable-line no-new
+  const frames = new Counter({ name: 'mantle_websocket_frames_total', help: 'Frames of the WebSocket face, by direction', labelNames: ['direction'] as const, registers })
+  const closes = new Counter({ name: 'mantle_websocket_closes_total', help: 'Connections of the WebSocket face that ended, by reason', labelNames: ['reason'] as const, registers })
+  // Label children resolved once: these run per frame.
+  const framesIn = frames.labels('in')
+  const framesOut = frames.labels('out')
+  const byReason = new Map(CLOSE_REASONS.map(r => [r, closes.labels(r)]))
+  return {
+    frameIn: () => framesIn.inc(),
+    frameOut: () => framesOut.inc(),
+    closed: reason => byReason.get(reason)!.inc()
+  }
+}

@@ -1,0 +1,154 @@
+// Shared by the WebSocket face's tests: a gateway listening on a port, and a real `ws` client
+// that queues the frames it receives so a test can take them in order.
+import { WebSocket, type ClientOptions } from 'ws'
+import type { FastifyInstance } from 'fastify'
+import websocket from '@fastify/websocket'
+import { buildApp, type BuildOptions } from '../../app.js'
+import { startKernel, type KernelOptions } from '../../kernel/server.js'
+import { createWebSocketFace, type WebSocketFaceSettings } from '../../adapters/websocket/index.js'
+import { testConfig, token, type TokenOptions } from '../helper.js'
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+type Env = Record<string, string | number | boolean | undefined>
+
+/** The other upgrading faces are off: these tests hold the WebSocket face alone. */
+const ONLY_WS: Env = { BFF_TRPC_ENABLED: false, BFF_GRAPHQL_ENABLED: false }
+
+export interface Frame { [key: string]: any }
+
+export interface WsSetup {
+  app: FastifyInstance
+  /** ws://127.0.0.1:<port>/ws */
+  url: string
+}
+
+export interface WsAppOptions {
+  env?: Env
+  /** Face bounds; with them the face is registered by the test instead of by app.ts. */
+  settings?: Partial<WebSocketFaceSettings>
+  build?: BuildOptions
+  /** Options of the demo Kernel started when build.kernelUrl is not given. */
+  kernel?: KernelOptions
+}
+
+/** A listening gateway with the WebSocket face; everything is closed at teardown. */
+export async function wsApp (t: Teardown, options: WsAppOptions = {}): Promise<WsSetup> {
+  let kernelUrl = options.build?.kernelUrl
+  if (kernelUrl === undefined) {
+    const kernel = await startKernel({ port: 0, runDelayMs: 5, ...options.kernel })
+    t.teardown(() => kernel.close())
+    kernelUrl = kernel.url
+  }
+  const custom = options.settings !== undefined
+  const config = testConfig({ ...ONLY_WS, ...options.env, ...(custom ? { BFF_WEBSOCKET_ENABLED: false } : {}) })
+  const app = await buildApp(config, { logger: false, kernelBackoff: { baseMs: 1, capMs: 5 }, ...options.build, kernelUrl })
+  t.teardown(() => app.close())
+  if (custom) {
+    // What app.ts does, with the test's bounds.
+    await app.register(websocket, { options: { maxPayload: config.BFF_BODY_LIMIT } })
+    await app.register(createWebSocketFace(options.settings), {
+      bodyLimit: config.BFF_BODY_LIMIT,
+      maxCalls: config.BFF_BATCH_MAX_CALLS,
+      maxDepth: config.BFF_GRAPHQL_MAX_DEPTH,
+      secured: config.BFF_AUTH_ENABLED,
+      development: true
+    })
+  }
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  return { app, url: `ws://127.0.0.1:${port}/ws` }
+}
+
+export interface Closed { code: number, reason: string }
+
+/** A real `ws` client whose received frames queue up until a test takes them. */
+export class Client {
+  readonly closed: Promise<Closed>
+  private readonly frames: Frame[] = []
+  private waiter: ((f: Frame) => void) | null = null
+
+  constructor (readonly ws: WebSocket) {
+    ws.on('message', (data) => {
+      const frame = JSON.parse(data.toString()) as Frame
+      if (this.waiter !== null) {
+        const w = this.waiter
+        this.waiter = null
+        w(frame)
+      } else {
+        this.frames.push(frame)
+      }
+    })
+    this.closed = new Promise(resolve => ws.once('close', (code, reason) => resolve({ code, reason: reason.toString() })))
+  }
+
+  /** Frames received and not yet taken. */
+  get pending (): number {
+    return this.frames.length
+  }
+
+  send (frame: unknown): void {
+    this.ws.send(typeof frame === 'string' ? frame : JSON.stringify(frame))
+  }
+
+  /** The next frame, or a rejection after `ms`. */
+  async next (ms = 3000): Promise<Frame> {
+    const queued = this.frames.shift()
+    if (queued !== undefined) return queued
+    return await new Promise<Frame>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiter = null
+        reject(new Error(`no frame within ${ms} ms`))
+      }, ms)
+      this.waiter = (f) => {
+        clearTimeout(timer)
+        resolve(f)
+      }
+    })
+  }
+
+  /** Sends a frame and takes the next one (for tests where nothing else is arriving). */
+  async request (frame: Record<string, unknown>): Promise<Frame> {
+    this.send(frame)
+    return await this.next()
+  }
+}
+
+/** Opens a client; closed at teardown. `auth` is a token, `null` for none. */
+export async function connect (t: Teardown, url: string, auth: TokenOptions | string | null = {}, options: ClientOptions = {}): Promise<Client> {
+  const headers: Record<string, string> = {}
+  if (auth !== null) headers.authorization = `Bearer ${typeof auth === 'string' ? auth : token(auth)}`
+  const ws = new WebSocket(url, { ...options, headers: { ...headers, ...options.headers } })
+  const client = new Client(ws)
+  t.teardown(() => ws.terminate())
+  await new Promise<void>((resolve, reject) => {
+    ws.once('open', () => resolve())
+    ws.once('error', reject)
+  })
+  return client
+}
+
+/** An upgrade the gateway refuses: its HTTP status, headers and problem+json body. */
+export async function refusedUpgrade (url: string, headers: Record<string, string> = {}): Promise<{ status: number, type: string, body: Frame }> {
+  const ws = new WebSocket(url, { headers })
+  return await new Promise((resolve, reject) => {
+    ws.once('open', () => {
+      ws.terminate()
+      reject(new Error('the upgrade was accepted'))
+    })
+    ws.once('error', () => {})
+    ws.once('unexpected-response', (req, res) => {
+      const chunks: Buffer[] = []
+      res.on('data', (c: Buffer) => chunks.push(c))
+      res.on('end', () => {
+        req.destroy()
+        resolve({ status: res.statusCode ?? 0, type: String(res.headers['content-type']), body: JSON.parse(Buffer.concat(chunks).toString()) as Frame })
+      })
+    })
+  })
+}
+
+/** A run as the Kernel publishes it, with one field the event schema does not declare. */
+export function run (id: string, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  const at = '2026-01-01T00:00:00.000Z'
+  return { id, agentId: 'a1', status: 'running', temperature: 0.7, promptChars: 5, output: null, error: null, createdAt: at, updatedAt: at, startedAt: at, finishedAt: null, internalCost: 42, ...extra }
+}

@@ -1,0 +1,216 @@
+import t from 'tap'
+import { connect as connectTcp, type Socket } from 'node:net'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { startTestKernel, testManifest, json, bearer } from '../helper.js'
+import { wsApp, connect, refusedUpgrade, run } from './websocket-helper.js'
+
+t.test('junk frames get a VALIDATION_FAILED error frame and the connection lives on', async t => {
+  const { url } = await wsApp(t)
+  const client = await connect(t, url)
+  const bystander = await connect(t, url)
+  const long = 'x'.repeat(129)
+  const cases: Array<[string, string, string | null, RegExp]> = [
+    ['invalid JSON', '{"id":"1","op":', null, /not valid JSON/],
+    ['empty text', '', null, /not valid JSON/],
+    ['array', '[1,2]', null, /must be a JSON object/],
+    ['number', '42', null, /must be a JSON object/],
+    ['null', 'null', null, /must be a JSON object/],
+    ['string', '"getAgent"', null, /must be a JSON object/],
+    ['no kind', '{"id":"k"}', 'k', /one of op, subscribe, unsubscribe or auth/],
+    ['missing id', '{"op":"getAgent"}', null, /frame\.id is required/],
+    ['empty id', '{"id":"","op":"getAgent"}', null, /frame\.id must NOT have fewer than 1 characters/],
+    ['long id', `{"id":"${long}","op":"getAgent"}`, null, /frame\.id must NOT have more than 128 characters/],
+    ['numeric id', '{"id":7,"op":"getAgent"}', null, /frame\.id must be string/],
+    ['op not a string', '{"id":"o","op":5}', 'o', /frame\.op must be string/],
+    ['input an array', '{"id":"i","op":"getAgent","input":[1]}', 'i', /frame\.input must be object,null/],
+    ['input a string', '{"id":"s","op":"getAgent","input":"a1"}', 's', /frame\.input must be object,null/],
+    ['unknown key', '{"id":"u","op":"getAgent","imput":{}}', 'u', /frame\.imput is not allowed/],
+    ['two kinds', '{"id":"t","op":"getAgent","subscribe":"runUpdated"}', 't', /frame\.subscribe is not allowed/],
+    ['bad idempotency key', '{"id":"b","op":"createAgent","idempotencyKey":"has space"}', 'b', /frame\.idempotencyKey must match pattern/],
+    ['subscribe a number', '{"id":"n","subscribe":1}', 'n', /frame\.subscribe must be string/],
+    ['empty auth', '{"id":"e","auth":""}', 'e', /frame\.auth must NOT have fewer than 1 characters/],
+    ['prototype pollution', '{"id":"p","op":"getAgent","input":{"__proto__":{"admin":true}}}', null, /forbidden prototype property/],
+    ['constructor pollution', '{"id":"c","op":"getAgent","input":{"constructor":{"prototype":{"x":1}}}}', null, /forbidden prototype property/]
+  ]
+  for (const [name, text, id, detail] of cases) {
+    client.send(text)
+    const frame = await client.next()
+    t.same(Object.keys(frame), ['id', 'error'], name)
+    t.equal(frame.id, id, name)
+    t.match(frame.error, { code: 'VALIDATION_FAILED', status: 400, detail, requestId: String }, name)
+  }
+  client.ws.send(Buffer.from('{"id":"bin","op":"listAgents"}'), { binary: true })
+  t.match(await client.next(), { id: null, error: { code: 'VALIDATION_FAILED', detail: /Binary frames/ } })
+
+  const harmless = await client.request({ id: 'ok', op: 'getAgent', input: { id: 'a1', constructor: 'x' } })
+  t.match(harmless.error, { code: 'VALIDATION_FAILED', detail: /input\.constructor is not allowed/ }, 'a plain "constructor" key is only input')
+  t.match(await client.request({ id: 'still', op: 'getAgent', input: { id: 'a1' } }), { id: 'still', result: { id: 'a1' } }, 'the connection still works')
+  t.match(await bystander.request({ id: 'b', op: 'getAgent', input: { id: 'a1' } }), { id: 'b', result: { id: 'a1' } }, 'and so does another one')
+})
+
+t.test('frames over the bounds close the connection with 1009; bad UTF-8 with 1007', async t => {
+  const { app, url } = await wsApp(t, { env: { BFF_BODY_LIMIT: 4096 }, settings: { maxFrameBytes: 1024 } })
+  const own = await connect(t, url)
+  own.send({ id: '1', op: 'createAgent', input: { name: 'x'.repeat(2000) } })
+  t.same(await own.closed, { code: 1009, reason: 'A frame may carry at most 1024 bytes' }, 'the face bound')
+
+  const global = await connect(t, url)
+  global.send({ id: '2', op: 'createAgent', input: { name: 'x'.repeat(5000) } })
+  t.equal((await global.closed).code, 1009, 'ws maxPayload (BFF_BODY_LIMIT)')
+
+  const utf8 = await connect(t, url)
+  utf8.ws.send(Buffer.from([0x7b, 0xff, 0x7d]), { binary: false })
+  t.equal((await utf8.closed).code, 1007, 'a text frame that is not UTF-8')
+
+  const fine = await connect(t, url)
+  t.match(await fine.request({ id: 'ok', op: 'listAgents' }), { id: 'ok', result: Array }, 'other connections are untouched')
+  await sleep(20)
+  const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  t.match(metrics, /mantle_websocket_closes_total\{reason="too_large"\} 1/)
+  t.match(metrics, /mantle_websocket_closes_total\{reason="protocol"\} 2/)
+})
+
+t.test('calls in flight are bounded per connection: OVERLOADED beyond it, none run', async t => {
+  let release: () => void = () => {}
+  const gate = new Promise<void>(resolve => { release = resolve })
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/slow': async (_req, res) => { await gate; json(res, 200, { id: 'slow' }) }
+  })
+  const op = { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } }, timeoutMs: 5000 }
+  const { url } = await wsApp(t, { build: { manifest: testManifest({ getItem: op }), kernelUrl: kernel.url } })
+  const client = await connect(t, url)
+  for (let i = 0; i < 70; i++) client.send({ id: String(i), op: 'getItem', input: { id: 'slow' } })
+  const refused = []
+  for (let i = 0; i < 6; i++) refused.push(await client.next())
+  t.same(refused.map(f => f.id), ['64', '65', '66', '67', '68', '69'])
+  for (const f of refused) t.match(f.error, { code: 'OVERLOADED', status: 503, detail: 'A connection may have at most 64 calls in flight' })
+  await sleep(50)
+  t.equal(kernel.requests.length, 64, 'the refused calls never reached the Kernel')
+  release()
+  const answered = new Set<string>()
+  for (let i = 0; i < 64; i++) {
+    const f = await client.next()
+    t.same(f.result, { id: 'slow' })
+    answered.add(f.id)
+  }
+  t.equal(answered.size, 64)
+  t.match(await client.request({ id: 'after', op: 'getItem', input: { id: 'slow' } }), { id: 'after', result: { id: 'slow' } }, 'room again once answered')
+})
+
+t.test('subscriptions and connections are bounded', async t => {
+  const payload = { type: 'object', properties: { id: { type: 'string' } } }
+  const manifest = testManifest(
+    { ping: { type: 'query', rest: 'GET /ping', kernel: 'GET /v1/ping', input: { type: 'object' }, output: { type: 'object' } } },
+    {},
+    { events: { first: { topic: 'a', payload }, second: { topic: 'b', payload } } }
+  )
+  const { url } = await wsApp(t, { build: { manifest }, settings: { maxSubscriptions: 1, maxConnections: 1 } })
+  const client = await connect(t, url)
+  t.same(await client.request({ id: '1', subscribe: 'first' }), { id: '1', subscribed: 'first' })
+  t.match(await client.request({ id: '2', subscribe: 'second' }), { id: '2', error: { code: 'BAD_REQUEST', status: 400, detail: 'A connection may hold at most 1 subscriptions' } })
+  t.same(await client.request({ id: '3', unsubscribe: 'first' }), { id: '3', unsubscribed: 'first' })
+  t.same(await client.request({ id: '4', subscribe: 'second' }), { id: '4', subscribed: 'second' }, 'room again after an unsubscribe')
+
+  const refused = await refusedUpgrade(url, bearer())
+  t.equal(refused.status, 503)
+  t.match(refused.body, { code: 'OVERLOADED' })
+  client.ws.close()
+  await client.closed
+  await sleep(20)
+  const again = await connect(t, url)
+  t.equal(again.ws.readyState, again.ws.OPEN, 'a closed connection frees its place')
+})
+
+t.test('a client that does not read is closed with 1013 instead of buffering without end', async t => {
+  const { app, url } = await wsApp(t, { settings: { maxBufferedBytes: 256 * 1024 } })
+  const slow = await connect(t, url, { roles: ['viewer'] })
+  const reader = await connect(t, url, { roles: ['viewer'] })
+  await slow.request({ id: 's', subscribe: 'runUpdated' })
+  await reader.request({ id: 's', subscribe: 'runUpdated' })
+  const socket = (slow.ws as unknown as { _socket: Socket })._socket
+  socket.pause()
+
+  const big = 'x'.repeat(100 * 1024)
+  let received = 0
+  reader.ws.on('message', () => { received++ })
+  // Far more than the kernel socket buffers can hold: the gateway's own queue must pass its bound.
+  for (let i = 0; i < 400 && app.events.bus.subscriptions === 2; i++) {
+    await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run(`r${i}`, { output: big }) })
+    await sleep(0)
+  }
+  t.equal(app.events.bus.subscriptions, 1, 'the slow reader lost its subscription at once')
+  socket.resume()
+  const closed = await slow.closed
+  t.same(closed, { code: 1013, reason: 'The client does not read its frames' })
+  t.equal(reader.ws.readyState, reader.ws.OPEN, 'a client that reads is untouched')
+  t.ok(received > 0)
+  await sleep(20)
+  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_websocket_closes_total\{reason="slow_reader"\} 1/)
+})
+
+t.test('heartbeats drop a peer that does not answer pings', async t => {
+  const { app, url } = await wsApp(t, { settings: { heartbeatMs: 40 } })
+  const dead = await connect(t, url, {}, { autoPong: false })
+  const alive = await connect(t, url)
+  const closed = await dead.closed
+  t.equal(closed.code, 1006, 'terminated, no close frame')
+  await sleep(150)
+  t.match(await alive.request({ id: 'a', op: 'listAgents', input: { limit: 1 } }), { id: 'a', result: Array }, 'a peer that answers stays')
+  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_websocket_closes_total\{reason="heartbeat"\} 1/)
+})
+
+t.test('metrics: open connections, frames in and out', async t => {
+  const { app, url } = await wsApp(t)
+  const a = await connect(t, url)
+  await connect(t, url)
+  await a.request({ id: '1', op: 'listAgents' })
+  a.send('junk')
+  await a.next()
+  const text = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  t.match(text, /\nmantle_websocket_connections 2\n/)
+  t.match(text, /mantle_websocket_frames_total\{direction="in"\} 2\n/)
+  t.match(text, /mantle_websocket_frames_total\{direction="out"\} 2\n/)
+})
+
+t.test('without the metrics plugin the face runs the same', async t => {
+  const { url } = await wsApp(t, { env: { BFF_METRICS_ENABLED: false } })
+  const client = await connect(t, url)
+  t.match(await client.request({ id: '1', op: 'listAgents' }), { id: '1', result: Array })
+})
+
+t.test('closing the gateway closes every connection with 1001', async t => {
+  const { app, url } = await wsApp(t, { settings: { closeGraceMs: 200 } })
+  const a = await connect(t, url)
+  const b = await connect(t, url)
+  const stuck = await connect(t, url)
+  // A client that never answers the close: dropped once the grace has passed.
+  ;(stuck.ws as unknown as { _socket: Socket })._socket.pause()
+  const started = Date.now()
+  await app.close()
+  t.same(await a.closed, { code: 1001, reason: 'The gateway is shutting down' })
+  t.same(await b.closed, { code: 1001, reason: 'The gateway is shutting down' })
+  t.ok(Date.now() - started < 2000, 'the close does not wait for the stuck client beyond the grace')
+})
+
+t.test('a malformed upgrade is refused over HTTP and harms nothing', async t => {
+  const { url } = await wsApp(t)
+  const { port } = new URL(url)
+  const client = await connect(t, url)
+  const auth = bearer().authorization
+  const requests = [
+    `GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nAuthorization: ${auth}\r\n\r\n`,
+    `GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: bad\r\nSec-WebSocket-Version: 99\r\nAuthorization: ${auth}\r\n\r\n`
+  ]
+  for (const raw of requests) {
+    const answer = await new Promise<string>((resolve, reject) => {
+      const socket = connectTcp(Number(port), '127.0.0.1', () => socket.write(raw))
+      let text = ''
+      socket.on('data', (c: Buffer) => { text += c.toString() })
+      socket.on('close', () => resolve(text))
+      socket.on('error', reject)
+      socket.setTimeout(2000, () => socket.destroy())
+    })
+    t.match(answer, /^HTTP\/1\.1 400 /, 'refused with a 400')
+  }
+  t.match(await client.request({ id: 'ok', op: 'listAgents', input: { limit: 1 } }), { id: 'ok', result: Array }, 'the open connection is untouched')
+})

@@ -1,0 +1,161 @@
+import t from 'tap'
+import { createSigner } from 'fast-jwt'
+import { startTestKernel, testManifest, json, bearer, token, closedPort, SECRET } from '../helper.js'
+import { wsApp, connect, refusedUpgrade } from './websocket-helper.js'
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
+
+t.test('calls answer the same JSON as REST, shaped by the output schema', async t => {
+  const { app, url } = await wsApp(t)
+  const client = await connect(t, url)
+  const frame = await client.request({ id: '1', op: 'getAgent', input: { id: 'a1' } })
+  const rest = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
+  t.same(frame, { id: '1', result: rest.json() }, 'the same agent as REST')
+  t.notOk('internalCostCents' in frame.result, 'an undeclared Kernel field is removed')
+
+  const list = await client.request({ id: 'list', op: 'listAgents', input: { limit: 2 } })
+  t.equal(list.id, 'list')
+  t.equal(list.result.length, 2)
+
+  const noInput = await client.request({ id: 'n', op: 'listAgents' })
+  t.ok(Array.isArray(noInput.result), 'input may be left out')
+  const nullInput = await client.request({ id: 'z', op: 'listAgents', input: null })
+  t.ok(Array.isArray(nullInput.result), 'input may be null')
+
+  const created = await client.request({ id: 'c', op: 'createAgent', input: { name: 'From a socket' } })
+  t.match(created, { id: 'c', result: { name: 'From a socket', model: String } })
+  const read = await client.request({ id: 'r', op: 'getAgent', input: { id: created.result.id } })
+  t.equal(read.result.name, 'From a socket', 'the mutation reached the Kernel for the token tenant')
+})
+
+t.test('calls in flight answer by id, in any order, each with its own request id', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/slow': async (req, res) => { await new Promise(resolve => setTimeout(resolve, 100)); json(res, 200, { id: 'slow', rid: req.headers['x-request-id'] }) },
+    'GET /v1/items/fast': (req, res) => json(res, 200, { id: 'fast', rid: req.headers['x-request-id'] }),
+    'POST /v1/items': (req, res) => json(res, 201, { id: 'n1', key: req.headers['idempotency-key'] ?? null })
+  })
+  const item = { type: 'object', properties: { id: { type: 'string' }, rid: { type: 'string' }, key: { type: ['string', 'null'] } } }
+  const manifest = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: item },
+    createItem: { type: 'mutation', rest: 'POST /items', kernel: 'POST /v1/items', input: { type: 'object' }, output: item }
+  })
+  const { url } = await wsApp(t, { build: { manifest, kernelUrl: kernel.url } })
+  const client = await connect(t, url)
+  client.send({ id: 's', op: 'getItem', input: { id: 'slow' } })
+  client.send({ id: 'f', op: 'getItem', input: { id: 'fast' } })
+  const first = await client.next()
+  const second = await client.next()
+  t.equal(first.id, 'f', 'the fast call answers first')
+  t.equal(second.id, 's')
+  t.match(first.result.rid, UUID)
+  t.match(second.result.rid, UUID)
+  t.not(first.result.rid, second.result.rid, 'a fresh request id per call')
+
+  const keyed = await client.request({ id: 'k', op: 'createItem', input: {}, idempotencyKey: 'key-1' })
+  t.equal(keyed.result.key, 'key-1', 'the idempotency key reaches the Kernel on a mutation')
+  const unkeyed = await client.request({ id: 'u', op: 'createItem', input: {} })
+  t.equal(unkeyed.result.key, null)
+})
+
+t.test('each error code as an error frame with the contract shape', async t => {
+  const { url } = await wsApp(t)
+  const client = await connect(t, url, { roles: [], zone: 'public' })
+  const cases: Array<[string, Record<string, unknown>, number, string, RegExp | undefined]> = [
+    ['NOT_FOUND from the Kernel', { op: 'getAgent', input: { id: 'nope' } }, 404, 'NOT_FOUND', undefined],
+    ['unknown op', { op: 'noSuchOp' }, 404, 'NOT_FOUND', /No operation noSuchOp/],
+    ['role', { op: 'getRun', input: { id: 'r1' } }, 403, 'FORBIDDEN', /getRun needs one of the roles: viewer/],
+    ['zone', { op: 'kernelHeaders' }, 403, 'FORBIDDEN', undefined],
+    ['field too big', { op: 'listAgents', input: { limit: 1000 } }, 400, 'VALIDATION_FAILED', /input\.limit must be <= 100/],
+    ['field of the wrong type', { op: 'listAgents', input: { limit: 'ten' } }, 400, 'VALIDATION_FAILED', /input\.limit must be integer/],
+    ['required field', { op: 'getAgent', input: {} }, 400, 'VALIDATION_FAILED', /input\.id is required/],
+    ['unknown field', { op: 'getAgent', input: { id: 'a1', extra: 1 } }, 400, 'VALIDATION_FAILED', /input\.extra is not allowed/]
+  ]
+  const ids = new Set<string>()
+  for (const [name, call, status, code, detail] of cases) {
+    const frame = await client.request({ id: name, ...call })
+    t.same(Object.keys(frame), ['id', 'error'], name)
+    t.equal(frame.id, name)
+    t.match(frame.error, { code, status, title: String, requestId: UUID, type: `urn:mantle:problem:${code.toLowerCase().replace(/_/g, '-')}` }, name)
+    if (detail !== undefined) t.match(frame.error.detail, detail, name)
+    ids.add(frame.error.requestId)
+  }
+  t.equal(ids.size, cases.length, 'every call has its own request id')
+})
+
+t.test('Kernel failures: 502, 503, 504 and a passed-on 4xx', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/boom': (_req, res) => json(res, 500, { message: 'internal detail' }),
+    'GET /v1/items/slow': async (_req, res) => { await new Promise(resolve => setTimeout(resolve, 400)); json(res, 200, { id: 'slow' }) },
+    'GET /v1/items/taken': (_req, res) => json(res, 409, { message: 'already taken' })
+  })
+  const op = { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } }, timeoutMs: 100 }
+  const { url } = await wsApp(t, { build: { manifest: testManifest({ getItem: op }, { retries: 0 }), kernelUrl: kernel.url } })
+  const client = await connect(t, url)
+  const boom = await client.request({ id: '1', op: 'getItem', input: { id: 'boom' } })
+  t.match(boom.error, { code: 'KERNEL_ERROR', status: 502 })
+  t.notMatch(JSON.stringify(boom), /internal detail/, 'no Kernel internals reach the client')
+  const slow = await client.request({ id: '2', op: 'getItem', input: { id: 'slow' } })
+  t.match(slow.error, { code: 'KERNEL_TIMEOUT', status: 504 })
+  const taken = await client.request({ id: '3', op: 'getItem', input: { id: 'taken' } })
+  t.match(taken.error, { code: 'KERNEL_REJECTED', status: 409, detail: 'already taken' })
+
+  const down = await wsApp(t, { build: { manifest: testManifest({ getItem: op }, { retries: 0 }), kernelUrl: `http://127.0.0.1:${await closedPort()}` } })
+  const other = await connect(t, down.url)
+  const unavailable = await other.request({ id: '4', op: 'getItem', input: { id: 'x' } })
+  t.match(unavailable.error, { code: 'KERNEL_UNAVAILABLE', status: 503 })
+})
+
+t.test('the upgrade needs a valid token: header or ?access_token=', async t => {
+  const { app, url } = await wsApp(t)
+  const now = Math.floor(Date.now() / 1000)
+  const expired = createSigner({ key: SECRET, algorithm: 'HS256', noTimestamp: true })({ sub: 'u1', tid: 't1', exp: now - 60 })
+  const forged = token({ secret: 'another-secret-of-sufficient-length-000000' })
+  const cases: Array<[string, string, Record<string, string>, RegExp]> = [
+    ['no token', url, {}, /bearer token is required/],
+    ['expired', url, { authorization: `Bearer ${expired}` }, /expired/],
+    ['forged', url, { authorization: `Bearer ${forged}` }, /signature is invalid/],
+    ['not bearer', url, { authorization: 'Basic dXNlcjpwYXNz' }, /must be "Bearer <token>"/],
+    ['expired in the query', `${url}?access_token=${expired}`, {}, /expired/],
+    ['empty query token', `${url}?access_token=`, {}, /bearer token is required/],
+    ['repeated query token', `${url}?access_token=a&access_token=b`, {}, /bearer token is required/]
+  ]
+  for (const [name, target, headers, detail] of cases) {
+    const refused = await refusedUpgrade(target, headers)
+    t.equal(refused.status, 401, name)
+    t.match(refused.type, /^application\/problem\+json/, name)
+    t.match(refused.body, { code: 'UNAUTHENTICATED', status: 401, detail }, name)
+  }
+
+  const viaQuery = await connect(t, `${url}?access_token=${token({ tenant: 'q' })}`, null)
+  const frame = await viaQuery.request({ id: 'q', op: 'kernelHeaders' })
+  t.equal(frame.result['x-tenant-id'], 'q', 'the query token is the connection identity')
+
+  const plain = await app.inject({ method: 'GET', url: '/ws', headers: bearer() })
+  t.equal(plain.statusCode, 426, 'a plain GET is told to upgrade')
+  t.equal(plain.headers.upgrade, 'websocket')
+  t.match(plain.json(), { code: 'BAD_REQUEST', status: 426 })
+})
+
+t.test('with identity off, connections are anonymous', async t => {
+  const { url } = await wsApp(t, { env: { BFF_AUTH_ENABLED: false } })
+  const client = await connect(t, url, null)
+  const frame = await client.request({ id: '1', op: 'kernelHeaders' })
+  t.match(frame.result, { 'x-tenant-id': 'public', 'x-user-id': 'anonymous' })
+  const auth = await client.request({ id: '2', auth: 'anything' })
+  t.same(auth, { id: '2', authenticated: true, expiresAt: null }, 'an anonymous connection never expires')
+  const sub = await client.request({ id: '3', subscribe: 'runUpdated' })
+  t.same(sub, { id: '3', subscribed: 'runUpdated' }, 'no role is checked')
+})
+
+t.test('the face is off when BFF_WEBSOCKET_ENABLED=false', async t => {
+  const { url } = await wsApp(t, { env: { BFF_WEBSOCKET_ENABLED: false, BFF_TRPC_ENABLED: false, BFF_GRAPHQL_ENABLED: false } })
+  const res = await fetch(url.replace('ws:', 'http:'), { headers: bearer() })
+  t.equal(res.status, 404)
+  await res.body?.cancel()
+})
+
+t.test('the face as app.ts wires it, beside the other upgrading faces', async t => {
+  const { url } = await wsApp(t, { env: { BFF_TRPC_ENABLED: true, BFF_GRAPHQL_ENABLED: true } })
+  const client = await connect(t, url)
+  t.match(await client.request({ id: '1', op: 'getAgent', input: { id: 'a1' } }), { id: '1', result: { id: 'a1' } })
+})
