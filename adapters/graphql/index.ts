@@ -1,5 +1,140 @@
-import type { FastifyInstance } from 'fastify'
-import type { FaceOptions } from '../face.js'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import mercurius from 'mercurius'
+import { runCall, type FaceOptions } from '../face.js'
+import { MantleError } from '../../errors.js'
+import { idempotencyKeyOf, single } from '../rest/index.js'
+import { buildSchema } from './schema.js'
+import { limitsRule, noSubscriptionOverHttp, MAX_FIELDS } from './limits.js'
+import { errorFormatter, fieldError } from './errors.js'
+import { createSubscriptions, upgradeAuthorization } from './subscriptions.js'
 
-// Being written (issue 3): the graphql face.
-export default async function graphqlAdapter (_app: FastifyInstance, _opts: FaceOptions): Promise<void> {}
+export { manifestSdl } from './schema.js'
+
+// The GraphQL face (CONTRACT §3): /graphql over HTTP (GET and POST) with mercurius, and
+// subscriptions over graphql-ws on the same path. It decodes GraphQL into calls and encodes
+// their answers; every call runs through runCall, the one pipeline of every face.
+
+/** Longest GraphQL document accepted (characters): mercurius caches parsed documents by text. */
+export const MAX_QUERY_LENGTH = 65536
+/** Parsed documents and JIT-compiled queries kept (each document at most MAX_QUERY_LENGTH). */
+const DOCUMENT_CACHE = 256
+/** Tokens one document may hold: parsing stops beyond it. */
+const MAX_TOKENS = 20000
+const GRAPHQL_RESPONSE = 'application/graphql-response+json'
+
+/** One HTTP request's context: its calls share the memo; each gets `${request.id}.${n}`. */
+interface RequestContext {
+  requestId: string
+  authorization: string | undefined
+  traceparent: string | undefined
+  idempotencyKey: string | undefined
+  memo: Map<string, Promise<unknown>>
+  n: number
+}
+
+export default async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise<void> {
+  const rules = [limitsRule({ maxDepth: opts.maxDepth, maxRootFields: opts.maxCalls, maxFields: MAX_FIELDS })]
+  const maxQuery = Math.min(MAX_QUERY_LENGTH, opts.bodyLimit)
+  const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules })
+  // HTTP validation results are cached by mercurius per document, so this costs nothing per request.
+  const httpRules = [...rules, noSubscriptionOverHttp]
+
+  const schema = buildSchema(app.pipeline.manifest, {
+    operation: (op, toInput) => async (_source, args: Record<string, unknown>, ctx: RequestContext, info) => {
+      const n = ctx.n++
+      const result = await runCall(app, {
+        requestId: `${ctx.requestId}.${n}`,
+        protocol: 'graphql',
+        op: op.name,
+        input: toInput(args),
+        authorization: ctx.authorization,
+        traceparent: ctx.traceparent,
+        // Each mutation field of a document is its own call: the key names the field, as a
+        // batch's key names the call.
+        idempotencyKey: ctx.idempotencyKey === undefined ? undefined : `${ctx.idempotencyKey}.${String(info.path.key)}`,
+        memo: ctx.memo
+      })
+      if (result.ok) return result.value
+      throw fieldError(result.problem)
+    },
+    subscribe: subscriptions.subscribe
+  })
+
+  // The face's routes stay out of the OpenAPI document, which describes REST.
+  app.addHook('onRoute', (route) => {
+    route.schema = { ...route.schema, hide: true }
+  })
+  // A WebSocket upgrade with credentials is refused at once when they are bad (a 401); without
+  // any, connection_init may still bring them.
+  app.addHook('onRequest', async (request) => {
+    if (!request.ws) return
+    const authorization = upgradeAuthorization(request)
+    if (authorization !== undefined) app.identify(authorization)
+  })
+  // GraphQL over HTTP's own media type, for clients that ask for it (the status codes are
+  // already those it prescribes: 4xx for a refused document, 200 once calls ran).
+  app.addHook('onSend', async (request, reply, payload) => {
+    if (request.headers.accept?.includes(GRAPHQL_RESPONSE) === true && String(reply.getHeader('content-type')).startsWith('application/json')) {
+      reply.header('content-type', GRAPHQL_RESPONSE + '; charset=utf-8')
+    }
+    return payload
+  })
+  app.addHook('preValidation', async (request) => {
+    if (!request.ws && request.routeOptions.url === '/graphql') checkRequest(request, maxQuery)
+  })
+
+  await app.register(mercurius, {
+    schema,
+    path: '/graphql',
+    jit: 1,
+    cache: DOCUMENT_CACHE,
+    graphiql: opts.development,
+    validationRules: httpRules,
+    graphql: { parseOptions: { maxTokens: MAX_TOKENS } },
+    errorFormatter,
+    context: (request): RequestContext => ({
+      requestId: request.id,
+      authorization: request.headers.authorization,
+      traceparent: single(request.headers.traceparent),
+      idempotencyKey: single(request.headers['idempotency-key']),
+      memo: new Map(),
+      n: 0
+    }),
+    subscription: app.pipeline.manifest.events.length === 0
+      ? false
+      // Event queues are the bus's streams, bounded (a slow subscriber loses the oldest events).
+      : { context: subscriptions.context, onConnect: subscriptions.onConnect }
+  })
+  app.graphql.addHook('preSubscriptionExecution', subscriptions.preSubscriptionExecution)
+  app.graphql.addHook('onSubscriptionEnd', subscriptions.onSubscriptionEnd)
+}
+
+/**
+ * The envelope of an HTTP request, before mercurius reads it: a `query` string within bounds,
+ * and `extensions: null` taken as absent (GraphQL over HTTP allows null; mercurius' schema not).
+ */
+function checkRequest (request: FastifyRequest, maxQuery: number): void {
+  let params: Record<string, unknown>
+  if (request.method === 'GET' || request.method === 'HEAD') {
+    params = request.query as Record<string, unknown>
+  } else {
+    const body = request.body
+    if (body === null || typeof body !== 'object' || Array.isArray(body)) throw new MantleError('VALIDATION_FAILED', 'The body must be a JSON object')
+    params = body as Record<string, unknown>
+    if (params.extensions === null) delete params.extensions
+  }
+  const query = params.query
+  if (typeof query !== 'string' || query === '') throw new MantleError('VALIDATION_FAILED', 'The request needs a `query` string holding a GraphQL document')
+  if (query.length > maxQuery) throw new MantleError('PAYLOAD_TOO_LARGE', `The GraphQL document is longer than ${maxQuery} characters`)
+  idempotencyKeyOf(request)
+  // Checked before Fastify's schema, which would coerce a number or a boolean to a string.
+  if (params.operationName !== undefined && params.operationName !== null && typeof params.operationName !== 'string') {
+    throw new MantleError('VALIDATION_FAILED', '`operationName` must be a string')
+  }
+  if (request.method === 'POST') {
+    for (const key of ['variables', 'extensions'] as const) {
+      const value = params[key]
+      if (value !== undefined && value !== null && (typeof value !== 'object' || Array.isArray(value))) throw new MantleError('VALIDATION_FAILED', `\`${key}\` must be a JSON object`)
+    }
+  }
+}

@@ -1,0 +1,78 @@
+import { GraphQLError, type ExecutionResult, type GraphQLFormattedError } from 'graphql'
+import mercurius from 'mercurius'
+import { ErrorCodes, toProblem, type ErrorCode, type Problem } from '../../errors.js'
+
+// Every GraphQL error carries the contract's code, the REST status of the same failure and the
+// request id in `extensions`, so a client handles GraphQL errors as it handles REST problems.
+
+export interface ErrorExtensions { code: ErrorCode, status: number, requestId: string }
+
+/** A failed call as the error of its field: the problem's detail, code, status and request id. */
+export function fieldError (problem: Problem): Error {
+  return new mercurius.ErrorWithProps(problem.detail ?? problem.title, { code: problem.code, status: problem.status, requestId: problem.requestId })
+}
+
+const isContractCode = (code: unknown): code is ErrorCode => typeof code === 'string' && Object.hasOwn(ErrorCodes, code)
+
+/** Where mercurius wraps the errors of a refused document (parse, validation, variables). */
+interface Wrapped { errors?: unknown, statusCode?: unknown }
+
+/**
+ * One error in the contract's shape. Errors that already carry a contract code (a failed call,
+ * a limit) keep it. GraphQL's own errors are VALIDATION_FAILED when the document was refused
+ * (syntax, validation, variables) and KERNEL_ERROR when they come from execution: resolvers
+ * only throw contract errors, so these are answers the schema cannot serialize (an enum value
+ * the manifest does not list), as runCall says of answers its output schema refuses. Other
+ * errors (Fastify's: body too large, wrong media type, malformed JSON) map as REST maps them.
+ */
+function formatOne (error: GraphQLError, refused: boolean, requestId: string, log: (err: unknown) => void): GraphQLFormattedError {
+  const json = error.toJSON()
+  const ext = error.extensions
+  if (isContractCode(ext.code)) {
+    return { ...json, extensions: { ...ext, status: typeof ext.status === 'number' ? ext.status : ErrorCodes[ext.code].status, requestId: typeof ext.requestId === 'string' ? ext.requestId : requestId } }
+  }
+  const original = error.originalError
+  if (original === undefined || original instanceof GraphQLError) {
+    return { ...json, extensions: refused ? { code: 'VALIDATION_FAILED', status: 400, requestId } : { code: 'KERNEL_ERROR', status: 502, requestId } }
+  }
+  const { problem } = toProblem(original, requestId)
+  if (problem.code === 'INTERNAL') log(original)
+  return { ...json, message: problem.detail ?? problem.title, extensions: { code: problem.code, status: problem.status, requestId } }
+}
+
+/** Flattens mercurius' wrapper of a refused document (parse, validation, GET mutation) into its errors. */
+function flatten (errors: readonly GraphQLError[], requestId: string): GraphQLError[] {
+  const out: GraphQLError[] = []
+  for (const error of errors) {
+    const wrapped = error.originalError as Wrapped | undefined
+    if (wrapped === undefined || !Array.isArray(wrapped.errors)) {
+      out.push(error)
+      continue
+    }
+    const { problem } = toProblem(wrapped, requestId)
+    for (const inner of wrapped.errors as Error[]) {
+      out.push(inner instanceof GraphQLError ? inner : new GraphQLError(inner.message, { extensions: { code: problem.code, status: problem.status } }))
+    }
+  }
+  return out
+}
+
+interface FormatterContext { reply?: { request: { id: string } }, request?: { id: string }, app: { log: { error: (obj: unknown, msg: string) => void } } }
+
+/**
+ * mercurius' errorFormatter. An answer with data (calls ran; some fields failed) is a 200, as
+ * GraphQL over HTTP asks; a document refused before execution (no data) gets the status of its
+ * first error: 400 for syntax, validation and variables, 413, 415 and 405 as Fastify and
+ * mercurius say, and then no `data` entry at all.
+ */
+export function errorFormatter (execution: ExecutionResult & { errors: readonly GraphQLError[] }, context: unknown): { statusCode: number, response: ExecutionResult } {
+  const ctx = context as FormatterContext
+  const requestId = ctx.reply?.request.id ?? ctx.request?.id ?? ''
+  const log = (err: unknown): void => ctx.app.log.error({ err, requestId }, 'unexpected GraphQL error')
+  const errors = flatten(execution.errors, requestId)
+  const refused = execution.data === undefined || execution.data === null
+  const formatted = errors.map(e => formatOne(e, refused, requestId, log))
+  if (!refused) return { statusCode: 200, response: { data: execution.data, errors: formatted as unknown as GraphQLError[] } }
+  const status = formatted[0]?.extensions?.status
+  return { statusCode: typeof status === 'number' ? status : 400, response: { errors: formatted as unknown as GraphQLError[] } }
+}

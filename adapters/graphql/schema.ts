@@ -1,0 +1,351 @@
+import {
+  GraphQLSchema, GraphQLObjectType, GraphQLInputObjectType, GraphQLEnumType, GraphQLScalarType, GraphQLList, GraphQLNonNull,
+  GraphQLString, GraphQLInt, GraphQLFloat, GraphQLBoolean, valueFromASTUntyped, printSchema,
+  type GraphQLOutputType, type GraphQLInputType, type GraphQLFieldConfigMap, type GraphQLFieldConfigArgumentMap,
+  type GraphQLInputFieldConfigMap, type GraphQLFieldResolver
+} from 'graphql'
+import type { EventDefinition, JsonSchema, Manifest, Operation } from '../../manifest.js'
+import { canonicalJson } from '../../plugins/pipeline/index.js'
+
+/*
+ * The GraphQL schema is generated from the manifest, one rule per case (README.md in this
+ * folder says the same for users):
+ *
+ *  1. Roots. Each query is a `Query` field, each mutation a `Mutation` field, each event a
+ *     `Subscription` field, named as the operation or event. Root fields are nullable, so one
+ *     failed call nulls its own field and not the whole answer. A manifest without queries gets
+ *     `Query { _: Boolean }` (GraphQL needs a query type); ops or events whose name starts with
+ *     `__` (reserved by GraphQL) are left out of the GraphQL face.
+ *  2. Arguments. The properties of an op's input become the field's arguments. When one of
+ *     them is not a valid GraphQL name, the field takes a single `input: JSON` argument instead.
+ *     An argument given as `null` is dropped when its schema does not accept null (GraphQL
+ *     clients send null for "unset"); every argument is then validated by the pipeline as REST.
+ *  3. Named types. A `schemas` entry that is an object becomes an object type of the same name
+ *     for outputs and an input type `<Name>Input` for inputs; a string enum keeps its name for
+ *     both. An inline schema identical to a named one is that named type.
+ *  4. Generated names. An inline object or enum is named after where it sits: an op's output
+ *     `<Op>Output`, an event payload `<Event>Payload`, an argument `<Op><Arg>` and a property
+ *     `<Parent><Property>` (PascalCase); input objects end in `Input`. Array items take the
+ *     array's name. A name already taken gets a number (`Agent2`).
+ *  5. Nullability. Required properties and required arguments are non-null (`!`), unless their
+ *     schema accepts null: `type: [X, 'null']`, an enum listing null, or `anyOf`/`oneOf` of X and
+ *     `{ type: 'null' }`. Array items are non-null unless their schema accepts null.
+ *  6. Scalars. string → String (every format stays String), number → Float, boolean → Boolean,
+ *     integer → Int when `minimum`/`maximum` keep it within 32 bits, else Float (GraphQL's Int is
+ *     32-bit; Float carries every integer up to 2^53 exactly, and input is still checked as an
+ *     integer by the pipeline).
+ *  7. Enums. A string enum whose values are all valid GraphQL enum names becomes an enum type;
+ *     otherwise it is a String.
+ *  8. Lists. An array with one `items` schema is a list of that type.
+ *  9. JSON. Whatever GraphQL cannot express is the `JSON` scalar, whose value is passed as is:
+ *     a schema without `type`, several types, `oneOf`/`anyOf`/`allOf`/`not`, an object without
+ *     properties, with `additionalProperties` allowed or `patternProperties`, an array without
+ *     `items` or with tuple items, and an object with a property name that is not a valid
+ *     GraphQL name (such as the demo's `x-request-id`): the whole object is JSON, so the answer
+ *     is exactly the op's shaped output, keys and all.
+ * 10. Descriptions. An op's `summary` and `description`, an event's `description`, a schema's or
+ *     property's `description` become GraphQL descriptions; a `deprecated` op is `@deprecated`.
+ */
+
+const NAME = /^[_A-Za-z][_0-9A-Za-z]*$/
+const RESERVED = ['Query', 'Mutation', 'Subscription', 'JSON', 'String', 'Int', 'Float', 'Boolean', 'ID']
+const INT32_MIN = -2147483648
+const INT32_MAX = 2147483647
+
+/** A valid GraphQL name that GraphQL does not reserve (`__*` is for introspection). */
+export const isGraphqlName = (name: string): boolean => NAME.test(name) && !name.startsWith('__')
+
+export const JSONScalar = new GraphQLScalarType({
+  name: 'JSON',
+  description: 'Any JSON value, passed as is. Used where GraphQL types cannot express the schema.',
+  serialize: (value) => value,
+  parseValue: (value) => value,
+  parseLiteral: (ast, variables) => valueFromASTUntyped(ast, variables)
+})
+
+export interface SchemaResolvers {
+  /** The resolver of an op's root field; `toInput` turns the field's arguments into the op's input. */
+  operation: (op: Operation, toInput: (args: Record<string, unknown>) => Record<string, unknown>) => GraphQLFieldResolver<unknown, any>
+  /** The source stream of an event's Subscription field. */
+  subscribe: (event: EventDefinition) => GraphQLFieldResolver<unknown, any>
+}
+
+type Kind =
+  | { kind: 'scalar', type: GraphQLScalarType }
+  | { kind: 'enum', values: string[] }
+  | { kind: 'list', items: JsonSchema }
+  | { kind: 'object', properties: Record<string, JsonSchema>, required: Set<string> }
+
+const pascal = (s: string): string => s.replace(/[^A-Za-z0-9]+(.)?/g, (_m, c: string | undefined) => (c ?? '').toUpperCase()).replace(/^./, c => c.toUpperCase())
+
+/** Accepts null, and the schema that remains once null is set aside. */
+function splitNull (schema: JsonSchema): { schema: JsonSchema, nullable: boolean } {
+  let nullable = false
+  let s = schema
+  for (const key of ['anyOf', 'oneOf'] as const) {
+    const branches = s[key]
+    if (!Array.isArray(branches)) continue
+    const rest = (branches as JsonSchema[]).filter(b => !(b !== null && typeof b === 'object' && b.type === 'null' && Object.keys(b).length === 1))
+    if (rest.length === branches.length) continue
+    nullable = true
+    const { [key]: _dropped, ...others } = s
+    // Only `X | null` with nothing else beside it is X; a wider union stays a union (JSON).
+    s = rest.length === 1 && Object.keys(others).every(k => k === 'description') ? { ...(rest[0]), ...others } : { ...others, [key]: rest }
+  }
+  if (Array.isArray(s.type) && s.type.includes('null')) {
+    nullable = true
+    const types = (s.type as string[]).filter(t => t !== 'null')
+    s = { ...s, type: types.length === 1 ? types[0] : types }
+  }
+  if (Array.isArray(s.enum) && s.enum.includes(null)) {
+    nullable = true
+    s = { ...s, enum: s.enum.filter(v => v !== null) }
+  }
+  if (s.nullable === true) nullable = true
+  return { schema: s, nullable }
+}
+
+function fitsInt32 (s: JsonSchema): boolean {
+  const low = typeof s.minimum === 'number' ? s.minimum : typeof s.exclusiveMinimum === 'number' ? s.exclusiveMinimum : -Infinity
+  const high = typeof s.maximum === 'number' ? s.maximum : typeof s.exclusiveMaximum === 'number' ? s.exclusiveMaximum : Infinity
+  return low >= INT32_MIN && high <= INT32_MAX
+}
+
+const UNEXPRESSIBLE = ['oneOf', 'anyOf', 'allOf', 'not', 'if', 'patternProperties', 'prefixItems', '$ref']
+
+/** What a (null-free) schema is in GraphQL terms (rules 6 to 9). */
+function classify (s: JsonSchema): Kind {
+  const json: Kind = { kind: 'scalar', type: JSONScalar }
+  if (UNEXPRESSIBLE.some(k => s[k] !== undefined)) return json
+  if (Array.isArray(s.enum)) {
+    const values = s.enum
+    if (values.length > 0 && values.every(v => typeof v === 'string' && isGraphqlName(v) && v !== 'true' && v !== 'false' && v !== 'null')) {
+      return { kind: 'enum', values: [...new Set(values as string[])] }
+    }
+    if (values.every(v => typeof v === 'string')) return { kind: 'scalar', type: GraphQLString }
+  }
+  const type = Array.isArray(s.type) && s.type.length === 1 ? s.type[0] : s.type
+  switch (type) {
+    case 'string': return { kind: 'scalar', type: GraphQLString }
+    case 'boolean': return { kind: 'scalar', type: GraphQLBoolean }
+    case 'number': return { kind: 'scalar', type: GraphQLFloat }
+    case 'integer': return { kind: 'scalar', type: fitsInt32(s) ? GraphQLInt : GraphQLFloat }
+    case 'array':
+      return s.items !== null && typeof s.items === 'object' && !Array.isArray(s.items) ? { kind: 'list', items: s.items as JsonSchema } : json
+    case 'object': {
+      const properties = (s.properties ?? {}) as Record<string, JsonSchema>
+      const names = Object.keys(properties)
+      const open = s.additionalProperties !== undefined && s.additionalProperties !== false
+      if (names.length === 0 || open || !names.every(isGraphqlName)) return json
+      return { kind: 'object', properties, required: new Set(Array.isArray(s.required) ? s.required as string[] : []) }
+    }
+    default: return json
+  }
+}
+
+/** Builds GraphQL types from JSON Schemas, once per manifest, naming them by rules 3 and 4. */
+class TypeFactory {
+  private readonly taken = new Set<string>(RESERVED)
+  /** Named schemas by their resolved form, so an inlined `$ref` finds its name again. */
+  private readonly namedByShape = new Map<string, string>()
+  private readonly typeNames = new Map<string, string>()
+  private readonly outputs = new Map<string, GraphQLOutputType>()
+  private readonly inputs = new Map<string, GraphQLInputType>()
+  private readonly enums = new Map<string, GraphQLEnumType>()
+
+  constructor (private readonly manifest: Manifest) {
+    for (const [name, schema] of Object.entries(manifest.schemas)) {
+      const kind = classify(splitNull(schema).schema).kind
+      if (kind !== 'object' && kind !== 'enum') continue
+      const shape = canonicalJson(schema)
+      if (!this.namedByShape.has(shape)) this.namedByShape.set(shape, name)
+      this.typeNames.set(name, this.claim(name))
+    }
+  }
+
+  /** A free type name: `base`, else `base2`, `base3`... */
+  claim (base: string): string {
+    let name = base
+    for (let n = 2; this.taken.has(name); n++) name = `${base}${n}`
+    this.taken.add(name)
+    return name
+  }
+
+  /** The schemas entry a node is (by `$ref` or by shape), if any. */
+  private named (schema: JsonSchema): string | undefined {
+    if (typeof schema.$ref === 'string') return /^#\/schemas\/(.+)$/.exec(schema.$ref)?.[1]
+    return this.namedByShape.get(canonicalJson(schema))
+  }
+
+  private resolve (schema: JsonSchema): JsonSchema {
+    if (typeof schema.$ref !== 'string') return schema
+    const name = this.named(schema)
+    return name === undefined ? {} : this.manifest.schemas[name] ?? {}
+  }
+
+  output (raw: JsonSchema, hint: string): { type: GraphQLOutputType, nullable: boolean } {
+    const named = this.named(raw)
+    const { schema, nullable } = splitNull(this.resolve(raw))
+    const kind = classify(schema)
+    return { type: this.outputOf(kind, schema, named, hint), nullable }
+  }
+
+  input (raw: JsonSchema, hint: string): { type: GraphQLInputType, nullable: boolean } {
+    const named = this.named(raw)
+    const { schema, nullable } = splitNull(this.resolve(raw))
+    const kind = classify(schema)
+    return { type: this.inputOf(kind, schema, named, hint), nullable }
+  }
+
+  private outputOf (kind: Kind, schema: JsonSchema, named: string | undefined, hint: string): GraphQLOutputType {
+    switch (kind.kind) {
+      case 'scalar': return kind.type
+      case 'enum': return this.enumOf(kind.values, schema, named, hint)
+      case 'list': {
+        const item = this.output(kind.items, hint)
+        return new GraphQLList(item.nullable ? item.type : new GraphQLNonNull(item.type))
+      }
+      case 'object': {
+        const key = named === undefined ? null : 'named:' + named
+        const cached = key === null ? undefined : this.outputs.get(key)
+        if (cached !== undefined) return cached
+        const name = named === undefined ? this.claim(hint) : this.typeNames.get(named)!
+        const type: GraphQLObjectType = new GraphQLObjectType({
+          name,
+          description: describe(schema),
+          fields: () => {
+            const fields: GraphQLFieldConfigMap<unknown, unknown> = {}
+            for (const [prop, propSchema] of Object.entries(kind.properties)) {
+              const field = this.output(propSchema, name + pascal(prop))
+              fields[prop] = { type: field.nullable || !kind.required.has(prop) ? field.type : new GraphQLNonNull(field.type), description: describe(propSchema) }
+            }
+            return fields
+          }
+        })
+        if (key !== null) this.outputs.set(key, type)
+        return type
+      }
+    }
+  }
+
+  private inputOf (kind: Kind, schema: JsonSchema, named: string | undefined, hint: string): GraphQLInputType {
+    switch (kind.kind) {
+      case 'scalar': return kind.type
+      case 'enum': return this.enumOf(kind.values, schema, named, hint)
+      case 'list': {
+        const item = this.input(kind.items, hint)
+        return new GraphQLList(item.nullable ? item.type : new GraphQLNonNull(item.type))
+      }
+      case 'object': {
+        const key = named === undefined ? null : 'named:' + named
+        const cached = key === null ? undefined : this.inputs.get(key)
+        if (cached !== undefined) return cached
+        const base = named === undefined ? hint : this.typeNames.get(named)!
+        const name = this.claim(base + 'Input')
+        const type: GraphQLInputObjectType = new GraphQLInputObjectType({
+          name,
+          description: describe(schema),
+          fields: () => this.inputFields(kind.properties, kind.required, base)
+        })
+        if (key !== null) this.inputs.set(key, type)
+        return type
+      }
+    }
+  }
+
+  /** Input fields, or field arguments: required and null-free → non-null (rule 5). */
+  inputFields (properties: Record<string, JsonSchema>, required: Set<string>, parent: string): GraphQLInputFieldConfigMap & GraphQLFieldConfigArgumentMap {
+    const fields: GraphQLInputFieldConfigMap = {}
+    for (const [prop, propSchema] of Object.entries(properties)) {
+      const field = this.input(propSchema, parent + pascal(prop))
+      fields[prop] = { type: field.nullable || !required.has(prop) ? field.type : new GraphQLNonNull(field.type), description: describe(propSchema) }
+    }
+    return fields
+  }
+
+  /** One enum type per named schema, or per place and value set, shared by inputs and outputs. */
+  private enumOf (values: string[], schema: JsonSchema, named: string | undefined, hint: string): GraphQLEnumType {
+    const key = named === undefined ? `${hint}\u0000${values.join('\u0000')}` : 'named:' + named
+    let type = this.enums.get(key)
+    if (type === undefined) {
+      type = new GraphQLEnumType({
+        name: named === undefined ? this.claim(hint) : this.typeNames.get(named)!,
+        description: describe(schema),
+        values: Object.fromEntries(values.map(v => [v, { value: v }]))
+      })
+      this.enums.set(key, type)
+    }
+    return type
+  }
+}
+
+const describe = (schema: JsonSchema): string | undefined => typeof schema.description === 'string' ? schema.description : undefined
+
+function describeOp (op: Operation): string | undefined {
+  const text = [op.summary, op.description].filter((s): s is string => s !== null && s !== '').join('\n\n')
+  return text === '' ? undefined : text
+}
+
+/** Turns a field's arguments into the op's input (rule 2), built once per op. */
+function inputMapper (op: Operation, whole: boolean): (args: Record<string, unknown>) => Record<string, unknown> {
+  if (whole) return (args) => (args.input ?? {}) as Record<string, unknown>
+  const properties = (op.input.properties ?? {}) as Record<string, JsonSchema>
+  const dropNull = Object.keys(properties).filter(p => !splitNull(properties[p]).nullable)
+  if (dropNull.length === 0) return (args) => args
+  return (args) => {
+    let input = args
+    for (const p of dropNull) {
+      if (input[p] === null) {
+        if (input === args) input = { ...args }
+        delete input[p]
+      }
+    }
+    return input
+  }
+}
+
+export function buildSchema (manifest: Manifest, resolvers: SchemaResolvers): GraphQLSchema {
+  const types = new TypeFactory(manifest)
+  const roots: Record<'query' | 'mutation', GraphQLFieldConfigMap<unknown, unknown>> = { query: {}, mutation: {} }
+  for (const op of manifest.operations) {
+    if (!isGraphqlName(op.name)) continue
+    const properties = (op.input.properties ?? {}) as Record<string, JsonSchema>
+    const required = new Set(Array.isArray(op.input.required) ? op.input.required as string[] : [])
+    const whole = !Object.keys(properties).every(isGraphqlName)
+    const hint = pascal(op.name)
+    const args = whole
+      ? { input: { type: required.size > 0 ? new GraphQLNonNull(JSONScalar) : JSONScalar, description: 'The whole input of the operation (its property names are not GraphQL names).' } }
+      : types.inputFields(properties, required, hint)
+    roots[op.type][op.name] = {
+      type: types.output(op.outputDocument, hint + 'Output').type,
+      args,
+      description: describeOp(op),
+      ...(op.deprecated ? { deprecationReason: 'Deprecated in the manifest' } : {}),
+      resolve: resolvers.operation(op, inputMapper(op, whole))
+    }
+  }
+  const subscription: GraphQLFieldConfigMap<unknown, unknown> = {}
+  for (const event of manifest.events) {
+    if (!isGraphqlName(event.name)) continue
+    subscription[event.name] = {
+      type: types.output(event.payloadDocument, pascal(event.name) + 'Payload').type,
+      description: event.description ?? undefined,
+      subscribe: resolvers.subscribe(event),
+      resolve: (payload: unknown) => payload
+    }
+  }
+  if (Object.keys(roots.query).length === 0) {
+    roots.query._ = { type: GraphQLBoolean, description: 'A placeholder: this manifest declares no query.', resolve: () => null }
+  }
+  return new GraphQLSchema({
+    query: new GraphQLObjectType({ name: 'Query', fields: roots.query }),
+    mutation: Object.keys(roots.mutation).length === 0 ? null : new GraphQLObjectType({ name: 'Mutation', fields: roots.mutation }),
+    subscription: Object.keys(subscription).length === 0 ? null : new GraphQLObjectType({ name: 'Subscription', fields: subscription })
+  })
+}
+
+/** The SDL of a manifest's GraphQL face (for documentation and tests). */
+export function manifestSdl (manifest: Manifest): string {
+  const none = (): never => { throw new Error('not executable') }
+  return printSchema(buildSchema(manifest, { operation: () => none, subscribe: () => none }))
+}

@@ -1,0 +1,184 @@
+import { randomUUID } from 'node:crypto'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import type { WebSocket } from 'ws'
+import { GraphQLError, specifiedRules, validate, type DocumentNode, type GraphQLFieldResolver, type GraphQLSchema, type ValidationRule } from 'graphql'
+import type { EventDefinition } from '../../manifest.js'
+import type { Identity } from '../../plugins/auth/index.js'
+import { toProblem } from '../../errors.js'
+import { fieldError } from './errors.js'
+
+// Subscriptions ride on mercurius' graphql-ws server (`subscription` option). What this module
+// adds: identity per connection, event streams from the events plugin's bus scoped to the
+// caller's tenant, validation of subscription documents with the same rules as HTTP, and bounds
+// (subscriptions per connection, one subscriber per id, one connection_init, token expiry).
+
+/** setTimeout's largest delay; a token valid for longer is not timed (24.8 days). */
+const MAX_TIMER_MS = 2 ** 31 - 1
+
+/** The upgrade request's credentials: the Authorization header, else `?access_token=`. */
+export function upgradeAuthorization (request: FastifyRequest): string | undefined {
+  const header = request.headers.authorization
+  if (typeof header === 'string' && header !== '') return header
+  const token = (request.query as Record<string, unknown> | undefined)?.access_token
+  return typeof token === 'string' && token !== '' ? `Bearer ${token}` : undefined
+}
+
+/** One graphql-ws connection: its credentials, its operations as mercurius holds them, its expiry. */
+export class GraphqlConnection {
+  /**
+   * Operation ids mercurius keeps for this connection: a running stream's controller, or null
+   * for one that failed (mercurius keeps those until the client completes them). Bounded.
+   */
+  readonly operations = new Map<string, AbortController | null>()
+  private expiry: NodeJS.Timeout | null = null
+  private closed = false
+
+  constructor (readonly socket: WebSocket, readonly upgradeAuthorization: string | undefined) {
+    socket.once('close', () => this.dispose())
+  }
+
+  /** Verifies the connection's token (cached by the identity plugin) and times its expiry once. */
+  identify (app: FastifyInstance, authorization: string | undefined): Identity {
+    const identity = app.identify(authorization)
+    if (this.expiry === null && Number.isFinite(identity.expiresAt)) {
+      const delay = identity.expiresAt - Date.now()
+      if (delay <= MAX_TIMER_MS) {
+        this.expiry = setTimeout(() => this.close(4401, 'Unauthorized: the token has expired'), Math.max(0, delay))
+        this.expiry.unref()
+      }
+    }
+    return identity
+  }
+
+  close (code: number, reason: string): void {
+    if (!this.closed) this.socket.close(code, reason)
+    this.dispose()
+  }
+
+  private dispose (): void {
+    this.closed = true
+    if (this.expiry !== null) clearTimeout(this.expiry)
+    this.expiry = null
+    for (const controller of this.operations.values()) controller?.abort()
+    this.operations.clear()
+  }
+}
+
+/** The context mercurius gives subscription resolvers and hooks (ours plus its own). */
+interface SubscriptionContext {
+  connection: GraphqlConnection
+  initAuthorization?: string
+  id: string | number
+}
+
+export interface SubscriptionSettings {
+  /** Operations one connection may hold at once. */
+  maxOperations: number
+  /** The validation rules of HTTP documents (beyond GraphQL's standard ones). */
+  rules: readonly ValidationRule[]
+}
+
+export function createSubscriptions (app: FastifyInstance, settings: SubscriptionSettings): {
+  context: (socket: WebSocket, request: FastifyRequest) => { connection: GraphqlConnection }
+  onConnect: (data: { payload?: unknown }) => true | { initAuthorization: string }
+  subscribe: (event: EventDefinition) => GraphQLFieldResolver<unknown, SubscriptionContext>
+  preSubscriptionExecution: (schema: GraphQLSchema, document: DocumentNode, context: SubscriptionContext, id: string | number) => Promise<void>
+  onSubscriptionEnd: (context: SubscriptionContext | null, id: string | number) => Promise<void>
+} {
+  const connections = new WeakMap<WebSocket, GraphqlConnection>()
+  const rules = [...specifiedRules, ...settings.rules]
+
+  return {
+    // mercurius calls this on each connection_init: a second one breaks the protocol (4429).
+    context (socket, request) {
+      let connection = connections.get(socket)
+      if (connection !== undefined) {
+        connection.close(4429, 'Too many initialisation requests')
+        return { connection }
+      }
+      connection = new GraphqlConnection(socket, upgradeAuthorization(request))
+      connections.set(socket, connection)
+      return { connection }
+    },
+
+    // `connection_init` may carry `{ authorization: "Bearer …" }`; it is verified on each
+    // subscribe, where a refusal can carry its code (mercurius' own refusal of a connection
+    // is not a message of the graphql-transport-ws protocol).
+    onConnect (data) {
+      const payload = data.payload
+      if (payload === null || typeof payload !== 'object' || !('authorization' in payload)) return true
+      const authorization = (payload as { authorization: unknown }).authorization
+      return { initAuthorization: typeof authorization === 'string' ? authorization : '' }
+    },
+
+    // Before each subscription runs: one subscriber per id, a bounded number, a valid document.
+    async preSubscriptionExecution (schema, document, context, rawId) {
+      const { connection } = context
+      const id = String(rawId)
+      if (connection.operations.has(id)) {
+        connection.close(4409, `Subscriber for ${id.slice(0, 64)} already exists`)
+        throw new GraphQLError('Subscriber already exists', { extensions: { code: 'VALIDATION_FAILED', status: 400 } })
+      }
+      if (connection.operations.size >= settings.maxOperations) {
+        connection.close(1008, `At most ${settings.maxOperations} subscriptions per connection`)
+        throw new GraphQLError('Too many subscriptions', { extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413 } })
+      }
+      connection.operations.set(id, null)
+      const errors = validate(schema, document, rules)
+      if (errors.length > 0) {
+        const first = errors[0]
+        throw new GraphQLError(first.message, { nodes: first.nodes, extensions: { code: 'VALIDATION_FAILED', status: 400, ...first.extensions, requestId: randomUUID() } })
+      }
+    },
+
+    // The client completed an operation (a running one is returned by mercurius itself).
+    async onSubscriptionEnd (context, rawId) {
+      // mercurius passes the context of the connection's last subscription, null before any.
+      const operations = context?.connection.operations
+      const id = String(rawId)
+      operations?.get(id)?.abort()
+      operations?.delete(id)
+    },
+
+    subscribe (event) {
+      return (_source, _args, context) => {
+        const { connection } = context
+        const id = String(context.id)
+        const requestId = randomUUID()
+        let identity: Identity
+        let iterator: AsyncIterator<unknown>
+        const controller = new AbortController()
+        try {
+          identity = connection.identify(app, context.initAuthorization ?? connection.upgradeAuthorization)
+          app.events.bus.authorize(event.name, identity)
+          // The bus only ever delivers the caller's own tenant's events.
+          iterator = app.events.bus.stream(event.name, identity.tenant, controller.signal)[Symbol.asyncIterator]()
+        } catch (err) {
+          const { problem } = toProblem(err, requestId)
+          // Nothing can succeed on a connection without a valid identity: once the error has
+          // gone out (mercurius sends it in this same turn of the event loop), close it.
+          if (problem.code === 'UNAUTHENTICATED') setImmediate(() => connection.close(4401, 'Unauthorized'))
+          throw fieldError(problem)
+        }
+        connection.operations.set(id, controller)
+        const end = (): void => {
+          controller.abort()
+          if (connection.operations.get(id) === controller) connection.operations.delete(id)
+        }
+        const stream: AsyncIterableIterator<unknown> = {
+          async next () {
+            const result = await iterator.next()
+            if (result.done === true) end()
+            return result
+          },
+          async return () {
+            end()
+            return await iterator.return!()
+          },
+          [Symbol.asyncIterator] () { return this }
+        }
+        return stream
+      }
+    }
+  }
+}

@@ -1,0 +1,254 @@
+import t from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { createClient, type Client, type FormattedExecutionResult } from 'graphql-ws'
+import { WebSocket, type ClientOptions } from 'ws'
+import { createSigner } from 'fast-jwt'
+import type { FastifyInstance } from 'fastify'
+import { buildDemoApp, token, SECRET } from '../helper.js'
+
+// GraphQL subscriptions over the graphql-ws protocol (graphql-transport-ws), with the real
+// graphql-ws client on `ws`, and raw `ws` sockets for what a well-behaved client never sends.
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+type Env = Record<string, string | number | boolean | undefined>
+
+const RUN = { id: 'r1', agentId: 'a1', status: 'running', temperature: 0.5, promptChars: 12, output: null, error: null, createdAt: '2026-01-01T00:00:00Z', updatedAt: '2026-01-01T00:00:01Z', startedAt: '2026-01-01T00:00:01Z', finishedAt: null }
+const SUBSCRIPTION = 'subscription { runUpdated { id agentId status temperature promptChars output startedAt } }'
+
+async function gateway (t: Teardown, env: Env = {}): Promise<{ app: FastifyInstance, url: string }> {
+  const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false, ...env })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  return { app, url: `ws://127.0.0.1:${port}/graphql` }
+}
+
+/** A graphql-ws client that never retries; `headers` go on the upgrade request. */
+function client (t: Teardown, url: string, connectionParams?: Record<string, unknown>, headers?: Record<string, string>): Client {
+  class HeaderSocket extends WebSocket {
+    constructor (address: string, protocols?: string | string[], options?: ClientOptions) {
+      super(address, protocols, { ...options, headers })
+    }
+  }
+  const c = createClient({ url, webSocketImpl: HeaderSocket, retryAttempts: 0, lazy: true, ...(connectionParams === undefined ? {} : { connectionParams }) })
+  t.teardown(() => c.dispose())
+  return c
+}
+
+async function until (check: () => boolean, what: string, ms = 3000): Promise<void> {
+  const end = Date.now() + ms
+  while (!check()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
+    await sleep(5)
+  }
+}
+
+/** Subscribes and collects: results, the error, and completion. */
+function collect (c: Client, query = SUBSCRIPTION): { results: Array<FormattedExecutionResult<Record<string, unknown>, unknown>>, error: () => unknown, done: () => boolean, stop: () => void } {
+  const results: Array<FormattedExecutionResult<Record<string, unknown>, unknown>> = []
+  let error: unknown
+  let done = false
+  const stop = c.subscribe({ query }, {
+    next: (r) => { results.push(r) },
+    error: (e) => { error = e; done = true },
+    complete: () => { done = true }
+  })
+  return { results, error: () => error, done: () => done, stop }
+}
+
+const auth = (opts: Parameters<typeof token>[0] = {}): { authorization: string } => ({ authorization: `Bearer ${token(opts)}` })
+
+t.test('an event reaches the subscribers of its tenant only, shaped by the payload schema', async t => {
+  const { app, url } = await gateway(t)
+  const a = collect(client(t, url, auth({ tenant: 'A', roles: ['viewer'] })))
+  const a2 = collect(client(t, url, auth({ tenant: 'A', roles: ['viewer'] })), 'subscription Mine { runUpdated { id status } }')
+  const b = collect(client(t, url, auth({ tenant: 'B', roles: ['viewer'] })))
+  await until(() => app.events.bus.subscriptions === 3, 'three subscriptions')
+
+  await app.events.publish({ topic: 'runs.updated', tenantId: 'A', payload: { ...RUN, secret: 'never sent' } })
+  await until(() => a.results.length === 1 && a2.results.length === 1, 'tenant A events')
+  t.same(a.results[0], { data: { runUpdated: { id: 'r1', agentId: 'a1', status: 'running', temperature: 0.5, promptChars: 12, output: null, startedAt: '2026-01-01T00:00:01Z' } } })
+  t.same(a2.results[0], { data: { runUpdated: { id: 'r1', status: 'running' } } })
+  await app.events.publish({ topic: 'runs.updated', tenantId: 'C', payload: RUN })
+  await app.events.publish({ topic: 'runs.updated', tenantId: 'B', payload: { ...RUN, id: 'r2', status: 'succeeded', output: 'done' } })
+  await until(() => b.results.length === 1, 'tenant B event')
+  t.same(b.results[0], { data: { runUpdated: { id: 'r2', agentId: 'a1', status: 'succeeded', temperature: 0.5, promptChars: 12, output: 'done', startedAt: '2026-01-01T00:00:01Z' } } })
+  await sleep(50)
+  t.equal(a.results.length, 1, 'A got nothing of B or C')
+  t.equal(b.results.length, 1, 'B got nothing of A or C')
+
+  // An event the payload schema refuses is dropped by the bus, for every face.
+  await app.events.publish({ topic: 'runs.updated', tenantId: 'A', payload: { id: 'r3' } })
+  await sleep(30)
+  t.equal(a.results.length, 1)
+
+  a.stop()
+  await until(() => app.events.bus.subscriptions === 2, 'the completed subscription to leave the bus')
+  t.notOk(a.error())
+  t.equal(a2.results.length, 1)
+})
+
+t.test('credentials: connection_init payload, upgrade header, ?access_token=', async t => {
+  const { app, url } = await gateway(t)
+  const viaHeader = collect(client(t, url, undefined, auth({ tenant: 'H', roles: ['viewer'] })))
+  const viaQuery = collect(client(t, `${url}?access_token=${token({ tenant: 'Q', roles: ['viewer'] })}`))
+  await until(() => app.events.bus.subscriptions === 2, 'two subscriptions')
+  await app.events.publish({ topic: 'runs.updated', tenantId: 'H', payload: RUN })
+  await app.events.publish({ topic: 'runs.updated', tenantId: 'Q', payload: { ...RUN, id: 'q1' } })
+  await until(() => viaHeader.results.length === 1 && viaQuery.results.length === 1, 'events')
+  t.equal((viaHeader.results[0].data as any).runUpdated.id, 'r1')
+  t.equal((viaQuery.results[0].data as any).runUpdated.id, 'q1')
+
+  // connection_init wins over the upgrade's credentials.
+  const both = collect(client(t, url, auth({ tenant: 'I', roles: ['viewer'] }), auth({ tenant: 'H', roles: ['viewer'] })))
+  await until(() => app.events.bus.subscriptions === 3, 'third subscription')
+  await app.events.publish({ topic: 'runs.updated', tenantId: 'I', payload: { ...RUN, id: 'i1' } })
+  await until(() => both.results.length === 1, 'event of I')
+  t.equal((both.results[0].data as any).runUpdated.id, 'i1')
+})
+
+t.test('refusals: no credentials, no role, bad tokens, unknown fields', async t => {
+  const { app, url } = await gateway(t)
+  const errorOf = async (c: Client, query = SUBSCRIPTION): Promise<any> => {
+    const s = collect(c, query)
+    await until(s.done, 'the subscription to end')
+    t.equal(s.results.length, 0)
+    return s.error()
+  }
+
+  const anonymous = await errorOf(client(t, url))
+  t.match(anonymous, [{ message: 'A bearer token is required', path: ['runUpdated'], extensions: { code: 'UNAUTHENTICATED', status: 401, requestId: String } }])
+
+  const noRole = await errorOf(client(t, url, auth({ roles: ['editor'] })))
+  t.match(noRole, [{ message: 'runUpdated needs one of the roles: viewer', extensions: { code: 'FORBIDDEN', status: 403 } }])
+
+  const unknown = await errorOf(client(t, url, auth({ roles: ['viewer'] })), 'subscription { runUpdated { id nope } }')
+  t.match(unknown, [{ message: /Cannot query field "nope"/, extensions: { code: 'VALIDATION_FAILED', status: 400, requestId: String } }])
+  const twoFields = await errorOf(client(t, url, auth({ roles: ['viewer'] })), 'subscription { runUpdated { id } runUpdated2: runUpdated { id } }')
+  t.match(twoFields, [{ message: /must select only one top level field/, extensions: { code: 'VALIDATION_FAILED' } }])
+  const syntax = await errorOf(client(t, url, auth({ roles: ['viewer'] })), 'subscription { runUpdated { id }')
+  t.match(syntax, [{ message: /Syntax Error/ }])
+  const query = await errorOf(client(t, url, auth({ roles: ['viewer'] })), '{ getAgent(id: "a1") { id } }')
+  t.match(query, [{ message: /Invalid operation: query/ }], 'queries and mutations go over HTTP')
+
+  // A bad token in connection_init: the subscription fails with the reason, then the
+  // connection, which can do nothing, is closed with 4401.
+  const closes: number[] = []
+  const onClosed = (c: Client): Client => { c.on('closed', (e) => { closes.push((e as { code: number }).code) }); return c }
+  const forged = await errorOf(onClosed(client(t, url, { authorization: `Bearer ${token({ secret: 'another-secret-of-sufficient-length-000000' })}` })))
+  t.match(forged, [{ message: 'The token was refused: the token signature is invalid', extensions: { code: 'UNAUTHENTICATED', status: 401 } }])
+  const junk = await errorOf(onClosed(client(t, url, { authorization: 42 })))
+  t.match(junk, [{ message: 'A bearer token is required', extensions: { code: 'UNAUTHENTICATED' } }])
+  await until(() => closes.length === 2, 'both connections to close')
+  t.same(closes, [4401, 4401])
+
+  // Bad credentials on the upgrade are a 401 before any WebSocket exists.
+  const now = Math.floor(Date.now() / 1000)
+  const expired = createSigner({ key: SECRET, algorithm: 'HS256', noTimestamp: true })({ sub: 'u', tid: 't', roles: ['viewer'], exp: now - 60 })
+  for (const authorization of [`Bearer ${expired}`, 'Bearer not-a-jwt', 'Basic dXNlcjpwYXNz']) {
+    const status = await new Promise<number>((resolve) => {
+      const ws = new WebSocket(url, 'graphql-transport-ws', { headers: { authorization } })
+      ws.on('unexpected-response', (_req, res) => { resolve(res.statusCode ?? 0); ws.terminate() })
+      ws.on('open', () => { resolve(101); ws.close() })
+      ws.on('error', () => {})
+    })
+    t.equal(status, 401, authorization.slice(0, 16))
+  }
+  t.equal(app.events.bus.subscriptions, 0, 'no refused subscription left a listener')
+})
+
+t.test('with identity off every subscriber is the public tenant', async t => {
+  const { app, url } = await gateway(t, { BFF_AUTH_ENABLED: false })
+  const s = collect(client(t, url))
+  await until(() => app.events.bus.subscriptions === 1, 'subscription')
+  await app.events.publish({ topic: 'runs.updated', tenantId: 'public', payload: RUN })
+  await until(() => s.results.length === 1, 'event')
+  t.equal((s.results[0].data as any).runUpdated.status, 'running')
+})
+
+/** A raw graphql-transport-ws socket: frames in order, and how it closed. */
+async function raw (t: Teardown, url: string): Promise<{ ws: WebSocket, send: (m: unknown) => void, next: () => Promise<any>, closed: Promise<{ code: number, reason: string }> }> {
+  const ws = new WebSocket(url, 'graphql-transport-ws')
+  t.teardown(() => ws.terminate())
+  const frames: any[] = []
+  const waiters: Array<(f: any) => void> = []
+  ws.on('message', (data) => {
+    const frame = JSON.parse(String(data))
+    const w = waiters.shift()
+    if (w !== undefined) w(frame)
+    else frames.push(frame)
+  })
+  const closed = new Promise<{ code: number, reason: string }>(resolve => ws.on('close', (code, reason) => resolve({ code, reason: String(reason) })))
+  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  return {
+    ws,
+    send: (m) => ws.send(typeof m === 'string' ? m : JSON.stringify(m)),
+    next: async () => frames.length > 0 ? frames.shift() : await new Promise(resolve => waiters.push(resolve)),
+    closed
+  }
+}
+
+t.test('protocol abuse: duplicate ids, a second init, too many subscriptions, junk frames', async t => {
+  const { app, url } = await gateway(t, { BFF_BATCH_MAX_CALLS: 2 })
+  const init = { type: 'connection_init', payload: auth({ roles: ['viewer'] }) }
+
+  const dup = await raw(t, url)
+  dup.send(init)
+  t.match(await dup.next(), { type: 'connection_ack' })
+  dup.send({ id: '1', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  await until(() => app.events.bus.subscriptions === 1, 'subscription 1')
+  dup.send({ id: '1', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  t.match(await dup.closed, { code: 4409, reason: 'Subscriber for 1 already exists' })
+  await until(() => app.events.bus.subscriptions === 0, 'the closed connection to leave the bus')
+
+  const twice = await raw(t, url)
+  twice.send(init)
+  t.match(await twice.next(), { type: 'connection_ack' })
+  twice.send(init)
+  t.match(await twice.closed, { code: 4429 })
+
+  const many = await raw(t, url)
+  many.send(init)
+  t.match(await many.next(), { type: 'connection_ack' })
+  many.send({ id: 'a', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  many.send({ id: 'b', type: 'subscribe', payload: { query: 'subscription { runUpdated { nope } }' } })
+  t.match(await many.next(), { id: 'b', type: 'error', payload: [{ extensions: { code: 'VALIDATION_FAILED' } }] })
+  // A failed operation counts until the client completes it.
+  many.send({ id: 'b', type: 'complete' })
+  many.send({ id: 'c', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  await until(() => app.events.bus.subscriptions === 2, 'two subscriptions')
+  many.send({ id: 'd', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  t.match(await many.closed, { code: 1008, reason: 'At most 2 subscriptions per connection' })
+  await until(() => app.events.bus.subscriptions === 0, 'the closed connection to leave the bus')
+
+  const junk = await raw(t, url)
+  junk.send('not json')
+  t.match(await junk.next(), { type: 'error' })
+  junk.send({ type: 'subscribe', id: 'x', payload: { query: SUBSCRIPTION } })
+  t.match(await junk.next(), { type: 'connection_error' }, 'subscribe before connection_init is refused')
+  await junk.closed
+
+  const big = await raw(t, url)
+  big.send({ type: 'connection_init', payload: { pad: 'x'.repeat(2 * 1024 * 1024) } })
+  t.equal((await big.closed).code, 1009, 'a frame over the body limit closes the socket')
+
+  // The server is still fine.
+  const after = await raw(t, url)
+  after.send(init)
+  t.match(await after.next(), { type: 'connection_ack' })
+})
+
+t.test('a connection is closed with 4401 when its token expires', async t => {
+  const { app, url } = await gateway(t)
+  // exp 3 s ago; the 5 s clock tolerance leaves it good for 1 to 2 more seconds.
+  const now = Math.floor(Date.now() / 1000)
+  const short = createSigner({ key: SECRET, algorithm: 'HS256', noTimestamp: true })({ sub: 'u', tid: 'T', roles: ['viewer'], exp: now - 3 })
+  const socket = await raw(t, url)
+  socket.send({ type: 'connection_init', payload: { authorization: `Bearer ${short}` } })
+  t.match(await socket.next(), { type: 'connection_ack' })
+  socket.send({ id: '1', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  await until(() => app.events.bus.subscriptions === 1, 'subscription')
+  const closed = await socket.closed
+  t.equal(closed.code, 4401)
+  t.match(closed.reason, /expired/)
+  await until(() => app.events.bus.subscriptions === 0, 'the expired connection to leave the bus')
+})
