@@ -1,5 +1,193 @@
-import type { FastifyInstance } from 'fastify'
+import { randomUUID } from 'node:crypto'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import { TRPCError } from '@trpc/server'
+import { fastifyRequestHandler } from '@trpc/server/adapters/fastify'
+import { getWSConnectionHandler } from '@trpc/server/adapters/ws'
+import type { WebSocket } from 'ws'
 import type { FaceOptions } from '../face.js'
+import { MantleError } from '../../errors.js'
+import { httpContext, socketContext, type TrpcContext } from './context.js'
+import { ProblemError, errorShape, isInternal } from './errors.js'
+import { buildRouter, earlyRequestIds } from './router.js'
+import { LiveSubscriptions, atExpiry } from './subscriptions.js'
 
-// Being written (issue 3): the trpc face.
-export default async function trpcAdapter (_app: FastifyInstance, _opts: FaceOptions): Promise<void> {}
+export { ProblemError, errorShape, trpcCodeOf, type MantleErrorShape, type MantleErrorData } from './errors.js'
+
+export interface TrpcFaceSettings {
+  /** Calls one WebSocket connection may run at once; beyond it a call is refused with OVERLOADED. */
+  maxInFlight: number
+  /** Event subscriptions one WebSocket connection may hold. */
+  maxSubscriptions: number
+  /** WebSocket connections at /trpc on this instance; beyond it an upgrade gets 503 OVERLOADED. */
+  maxConnections: number
+  /** A WebSocket that sends no connectionParams within this time is closed with 4401. */
+  authTimeoutMs: number
+  /** Idle time before a WebSocket is pinged (closed without a pong); SSE keep-alive interval. */
+  pingMs: number
+}
+
+export const DEFAULT_SETTINGS: Readonly<TrpcFaceSettings> = Object.freeze({
+  maxInFlight: 64,
+  maxSubscriptions: 32,
+  maxConnections: 100_000,
+  authTimeoutMs: 10_000,
+  pingMs: 30_000
+})
+
+/** 4401: the token is missing, refused or expired (the /ws face uses the same code). */
+const CLOSE_UNAUTHENTICATED = 4401
+
+interface Wildcard { '*'?: string }
+
+const JSON_TYPE = Object.freeze({ 'content-type': 'application/json' })
+
+/**
+ * Problem headers (Retry-After) of the errors in a response, for the HTTP response itself.
+ * A request tRPC could not read at all (`info` absent) gets its error without a content type:
+ * it is JSON like every other.
+ */
+function responseHeaders (info: unknown, errors: readonly TRPCError[]): { headers?: Record<string, string> } {
+  let headers: Record<string, string> | undefined = info === undefined ? JSON_TYPE : undefined
+  for (const error of errors) {
+    if (error instanceof ProblemError && error.headers !== null) headers = { ...headers, ...error.headers }
+  }
+  return headers === undefined ? {} : { headers }
+}
+
+/**
+ * The tRPC face (CONTRACT §3): `/trpc/<op>` over the standard tRPC HTTP protocol (no data
+ * transformer, `?batch=1` batching), events as subscriptions over SSE and over WebSocket at
+ * `/trpc`. Built on @trpc/server's Fastify request handler and WebSocket connection handler;
+ * the routes are our own so that a batch path longer than the router's parameter limit still
+ * routes, and so that refusals made before tRPC runs come out as tRPC errors too.
+ */
+export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
+  return async function trpcFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
+    const limits = { ...DEFAULT_SETTINGS, ...settings }
+    const live = new LiveSubscriptions(app.events.bus)
+    const router = buildRouter(app, live, { maxInFlight: limits.maxInFlight, maxSubscriptions: limits.maxSubscriptions, ssePingMs: limits.pingMs })
+
+    // tRPC parses the JSON body itself (a malformed one is its error); Fastify still reads it,
+    // so BFF_BODY_LIMIT applies. This scope only: other faces keep Fastify's parser.
+    app.removeContentTypeParser('application/json')
+    app.addContentTypeParser('application/json', { parseAs: 'string' }, (_request, body, done) => { done(null, body) })
+
+    // Refusals before tRPC runs (body too large, not JSON, batch too long, bad Host) are
+    // tRPC-shaped too, so tRPC clients read them like any other error.
+    app.setErrorHandler((err: Error, request: FastifyRequest, reply: FastifyReply) => {
+      const error = err instanceof TRPCError ? err : ProblemError.from(err, request.id)
+      const shape = errorShape(error, request.id)
+      if (shape.data.code === 'INTERNAL') request.log.error({ err }, 'unexpected error')
+      if (error instanceof ProblemError && error.headers !== null) reply.headers(error.headers)
+      reply.code(shape.data.httpStatus).type('application/json').send(JSON.stringify({ error: shape }))
+    })
+
+    const onError = ({ error, ctx, req }: { error: TRPCError, ctx?: TrpcContext | undefined, req: FastifyRequest }): void => {
+      if (ctx === undefined) earlyRequestIds.set(error, req.id)
+      if (isInternal(error)) req.log.error({ err: error.cause ?? error }, 'unexpected error')
+    }
+
+    // One tRPC call per procedure name in the path: a batch longer than BFF_BATCH_MAX_CALLS is
+    // refused whole, before its body is read and before any call runs.
+    const boundBatch = (request: FastifyRequest, _reply: FastifyReply, done: (err?: Error) => void): void => {
+      const path = (request.params as Wildcard)['*'] ?? ''
+      let calls = 1
+      for (let i = path.indexOf(','); i !== -1 && calls <= opts.maxCalls; i = path.indexOf(',', i + 1)) calls++
+      if (calls > opts.maxCalls) done(new MantleError('PAYLOAD_TOO_LARGE', `A batch carries at most ${opts.maxCalls} calls`))
+      else done()
+    }
+
+    app.route({
+      // HEAD is ours (tRPC answers 204): Fastify's automatic HEAD route cannot send a Response.
+      method: ['GET', 'HEAD', 'POST'],
+      url: '/trpc/*',
+      exposeHeadRoute: false,
+      bodyLimit: opts.bodyLimit,
+      schema: { hide: true },
+      onRequest: boundBatch,
+      handler: async (request, reply) => {
+        await fastifyRequestHandler({
+          router,
+          req: request,
+          res: reply,
+          path: (request.params as Wildcard)['*'] ?? '',
+          maxBodySize: opts.bodyLimit,
+          createContext: ({ req, info }) => httpContext(req, info.connectionParams, info.isBatchCall),
+          onError,
+          responseMeta: ({ info, errors }) => responseHeaders(info, errors)
+        })
+        return reply
+      }
+    })
+
+    const notHere = async (): Promise<never> => {
+      throw new MantleError('NOT_FOUND', 'Call a procedure at /trpc/<name>, or open a WebSocket at /trpc')
+    }
+
+    // WebSocket at /trpc on the @fastify/websocket server app.ts registers for every face.
+    if (!app.hasDecorator('websocketServer')) {
+      app.get('/trpc', { schema: { hide: true } }, notHere)
+    } else {
+      let connections = 0
+      const authenticated = new WeakSet<WebSocket>()
+      const onConnection = getWSConnectionHandler({
+        router,
+        wss: app.websocketServer,
+        maxBatchSize: opts.maxCalls,
+        keepAlive: { enabled: true, pingMs: limits.pingMs, pongWaitMs: Math.min(limits.pingMs, 10_000) },
+        // Once per connection, when it opens or when its connectionParams arrive. A connection
+        // without a valid token is refused (tRPC sends the error, then closes it); a valid one is
+        // closed with 4401 when its token expires, and wsLink reconnects with a fresh token.
+        createContext: ({ req, res: socket, info }) => {
+          const ctx = socketContext(req, new URL(req.url ?? '/', 'http://localhost'), info.connectionParams)
+          let expiresAt: number
+          try {
+            expiresAt = app.identify(ctx.authorization).expiresAt
+          } catch (err) {
+            throw ProblemError.from(err, randomUUID())
+          }
+          authenticated.add(socket)
+          const disarm = atExpiry(expiresAt, () => socket.close(CLOSE_UNAUTHENTICATED, 'The token has expired'))
+          socket.once('close', disarm)
+          return ctx
+        },
+        onError: ({ error }) => {
+          if (isInternal(error)) app.log.error({ err: error.cause ?? error }, 'unexpected error on a tRPC WebSocket')
+        }
+      })
+      app.route({
+        method: 'GET',
+        url: '/trpc',
+        schema: { hide: true },
+        onRequest: (request, _reply, done) => {
+          if (request.ws && connections >= limits.maxConnections) {
+            done(new MantleError('OVERLOADED', 'Too many WebSocket connections on this instance', { headers: { 'retry-after': '5' } }))
+          } else done()
+        },
+        handler: notHere,
+        wsHandler: (socket, request) => {
+          connections++
+          // A client that opens with ?connectionParams=1 and never sends them is not kept.
+          const timer = setTimeout(() => {
+            if (!authenticated.has(socket)) socket.close(CLOSE_UNAUTHENTICATED, 'No token was given in time')
+          }, limits.authTimeoutMs)
+          timer.unref()
+          socket.once('close', () => {
+            connections--
+            clearTimeout(timer)
+          })
+          onConnection(socket, request.raw)
+        }
+      })
+    }
+
+    // Open SSE responses would hold the shutdown: end every subscription (WebSockets are
+    // closed by @fastify/websocket).
+    app.addHook('preClose', (done) => {
+      live.closeAll()
+      done()
+    })
+  }
+}
+
+export default createTrpcFace()

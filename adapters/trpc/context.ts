@@ -1,0 +1,64 @@
+import type { FastifyRequest } from 'fastify'
+import type { IncomingMessage } from 'node:http'
+import { idempotencyKeyOf, single } from '../rest/index.js'
+
+/** What every procedure of one request (HTTP) or one connection (WebSocket) shares. */
+export interface TrpcContext {
+  /** The raw `Authorization` value each call hands the pipeline (identity is checked per call). */
+  readonly authorization: string | undefined
+  /** The HTTP request's id; null on a WebSocket, where every call gets a fresh one. */
+  readonly requestId: string | null
+  /** Several calls in one HTTP request: each gets `${requestId}.${batchIndex}`. */
+  readonly batch: boolean
+  /** One per HTTP request: identical queries of a batch reach the Kernel once. */
+  readonly memo: Map<string, Promise<unknown>> | null
+  readonly traceparent: string | undefined
+  readonly idempotencyKey: string | undefined
+  /** Calls of a WebSocket connection running now, and its event subscriptions (both bounded). */
+  inFlight: number
+  subscriptions: number
+}
+
+/** connectionParams may carry `{ token }` (a bare JWT) or `{ authorization: "Bearer ..." }`. */
+function fromParams (params: Readonly<Record<string, string | undefined>> | null): string | undefined {
+  if (params === null) return undefined
+  if (typeof params.authorization === 'string' && params.authorization !== '') return params.authorization
+  if (typeof params.token === 'string' && params.token !== '') return `Bearer ${params.token}`
+  return undefined
+}
+
+function fromAccessToken (token: unknown): string | undefined {
+  return typeof token === 'string' && token !== '' ? `Bearer ${token}` : undefined
+}
+
+/**
+ * The token of an HTTP request: the Authorization header, else connectionParams (which
+ * httpSubscriptionLink puts in the URL), else `?access_token=` (EventSource cannot set headers).
+ */
+export function httpContext (request: FastifyRequest, connectionParams: Readonly<Record<string, string | undefined>> | null, batch: boolean): TrpcContext {
+  const query = request.query as Record<string, unknown> | null
+  return {
+    authorization: request.headers.authorization ?? fromParams(connectionParams) ?? fromAccessToken(query?.access_token),
+    requestId: request.id,
+    batch,
+    memo: batch ? new Map() : null,
+    traceparent: single(request.headers.traceparent),
+    idempotencyKey: idempotencyKeyOf(request),
+    inFlight: 0,
+    subscriptions: 0
+  }
+}
+
+/** A WebSocket connection's token: connectionParams, else the upgrade's header or `?access_token=`. */
+export function socketContext (request: IncomingMessage, url: URL, connectionParams: Readonly<Record<string, string | undefined>> | null): TrpcContext {
+  return {
+    authorization: fromParams(connectionParams) ?? request.headers.authorization ?? fromAccessToken(url.searchParams.get('access_token')),
+    requestId: null,
+    batch: false,
+    memo: null,
+    traceparent: undefined,
+    idempotencyKey: undefined,
+    inFlight: 0,
+    subscriptions: 0
+  }
+}

@@ -1,0 +1,109 @@
+import { randomUUID } from 'node:crypto'
+import type { FastifyInstance } from 'fastify'
+import { initTRPC, type AnyTRPCProcedure, type AnyTRPCRouter } from '@trpc/server'
+import { runCall } from '../face.js'
+import { MantleError } from '../../errors.js'
+import type { TrpcContext } from './context.js'
+import { ProblemError, errorShape, type MantleErrorShape } from './errors.js'
+import type { LiveSubscriptions } from './subscriptions.js'
+
+export interface RouterLimits {
+  /** Calls one WebSocket connection may run at once. */
+  maxInFlight: number
+  /** Event subscriptions one WebSocket connection may hold. */
+  maxSubscriptions: number
+  /** SSE keep-alive comment interval. */
+  ssePingMs: number
+}
+
+/**
+ * Request ids of errors tRPC raises before a context exists (a malformed request), set by
+ * the adapter's onError, which tRPC calls before it formats the error.
+ */
+export const earlyRequestIds = new WeakMap<object, string>()
+
+// No validation here: the pipeline validates with the op's compiled schema and answers
+// VALIDATION_FAILED naming the field, as on every face.
+const rawInput = (input: unknown): unknown => input
+
+function callId (ctx: TrpcContext, batchIndex: number | undefined): string {
+  if (ctx.requestId === null) return randomUUID()
+  return ctx.batch ? `${ctx.requestId}.${batchIndex ?? 0}` : ctx.requestId
+}
+
+/**
+ * One procedure per manifest operation (query or mutation, named as the op) and one
+ * subscription per event, built once at registration. Resolvers only decode and encode:
+ * runCall runs the whole pipeline, and its problem becomes the tRPC error.
+ */
+export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limits: RouterLimits): AnyTRPCRouter {
+  const t = initTRPC.context<TrpcContext>().create({
+    isDev: false,
+    isServer: true,
+    errorFormatter: ({ error, ctx, path }): MantleErrorShape =>
+      errorShape(error, ctx?.requestId ?? earlyRequestIds.get(error) ?? undefined, path),
+    sse: {
+      ping: { enabled: true, intervalMs: limits.ssePingMs },
+      client: { reconnectAfterInactivityMs: limits.ssePingMs * 3 }
+    }
+  })
+  const procedures: Record<string, AnyTRPCProcedure> = {}
+
+  for (const op of app.pipeline.manifest.operations) {
+    const name = op.name
+    const resolve = async ({ ctx, input, batchIndex }: { ctx: TrpcContext, input: unknown, batchIndex?: number }): Promise<unknown> => {
+      const requestId = callId(ctx, batchIndex)
+      if (ctx.inFlight >= limits.maxInFlight) {
+        throw ProblemError.from(new MantleError('OVERLOADED', `A connection runs at most ${limits.maxInFlight} calls at once`, { headers: { 'retry-after': '1' } }), requestId)
+      }
+      ctx.inFlight++
+      try {
+        const key = ctx.idempotencyKey === undefined || !ctx.batch ? ctx.idempotencyKey : `${ctx.idempotencyKey}.${batchIndex ?? 0}`
+        const result = await runCall(app, { requestId, protocol: 'trpc', op: name, input, authorization: ctx.authorization, traceparent: ctx.traceparent, idempotencyKey: key, memo: ctx.memo })
+        if (result.ok) return result.value
+        throw ProblemError.of(result.problem, result.headers)
+      } finally {
+        ctx.inFlight--
+      }
+    }
+    const base = t.procedure.input(rawInput)
+    procedures[name] = op.type === 'query' ? base.query(resolve) : base.mutation(resolve)
+  }
+
+  for (const event of app.pipeline.manifest.events) {
+    const name = event.name
+    procedures[name] = t.procedure.subscription(async ({ ctx, signal }) => {
+      const requestId = ctx.requestId ?? randomUUID()
+      // Checked before the stream starts: a refusal is the subscription's error, not an event.
+      let identity
+      try {
+        identity = app.identify(ctx.authorization)
+        app.events.bus.authorize(name, identity)
+      } catch (err) {
+        throw ProblemError.from(err, requestId)
+      }
+      // Over WebSocket the connection itself closes when its token expires (adapters/trpc/index.ts).
+      const overHttp = ctx.requestId !== null
+      const stream = live.stream(name, identity, signal, requestId, overHttp)
+      return overHttp ? stream : limited(stream, ctx, limits.maxSubscriptions, requestId)
+    })
+  }
+
+  return t.router(procedures)
+}
+
+/**
+ * A WebSocket connection holds a bounded number of subscriptions. Counted from the first
+ * pull, so a subscription that tRPC drops before starting it never takes a slot.
+ */
+async function * limited (stream: AsyncGenerator<unknown, void, unknown>, ctx: TrpcContext, max: number, requestId: string): AsyncGenerator<unknown, void, unknown> {
+  if (ctx.subscriptions >= max) {
+    throw ProblemError.from(new MantleError('OVERLOADED', `A connection holds at most ${max} subscriptions`), requestId)
+  }
+  ctx.subscriptions++
+  try {
+    yield * stream
+  } finally {
+    ctx.subscriptions--
+  }
+}

@@ -1,0 +1,64 @@
+import type { EventBus } from '../../plugins/events/index.js'
+import type { Identity } from '../../plugins/auth/index.js'
+import { MantleError } from '../../errors.js'
+import { ProblemError } from './errors.js'
+
+// setTimeout takes at most 2^31-1 ms; a longer delay would fire at once.
+const MAX_TIMER_MS = 2 ** 31 - 1
+
+/**
+ * Calls `fn` once when `expiresAt` (ms since the epoch) has passed; returns the canceller.
+ * Nothing is armed for a token that never expires (identity off).
+ */
+export function atExpiry (expiresAt: number, fn: () => void): () => void {
+  if (!Number.isFinite(expiresAt)) return () => {}
+  let timer: NodeJS.Timeout
+  const arm = (): void => {
+    const delay = expiresAt - Date.now()
+    if (delay <= 0) {
+      fn()
+      return
+    }
+    timer = setTimeout(arm, Math.min(delay, MAX_TIMER_MS))
+    timer.unref()
+  }
+  arm()
+  return () => clearTimeout(timer)
+}
+
+/**
+ * The event subscriptions served over tRPC on this instance. Each is a pull stream on the
+ * bus, for its caller's tenant only; it ends when the client leaves, when the gateway shuts
+ * down (an open SSE response would otherwise hold the close), or, over SSE, with an
+ * UNAUTHENTICATED error when the token expires. Bounded by the bus's own subscription limit.
+ */
+export class LiveSubscriptions {
+  private readonly open = new Set<AbortController>()
+
+  constructor (private readonly bus: EventBus) {}
+
+  async * stream (name: string, identity: Identity, signal: AbortSignal | undefined, requestId: string, expires: boolean): AsyncGenerator<unknown, void, unknown> {
+    const controller = new AbortController()
+    const stop = (): void => controller.abort()
+    let expired = false
+    signal?.addEventListener('abort', stop, { once: true })
+    if (signal?.aborted === true) stop()
+    this.open.add(controller)
+    const disarm = expires ? atExpiry(identity.expiresAt, () => { expired = true; stop() }) : () => {}
+    try {
+      for await (const payload of this.bus.stream(name, identity.tenant, controller.signal)) yield payload
+      if (expired) throw new MantleError('UNAUTHENTICATED', 'The token has expired: subscribe again with a fresh one')
+    } catch (err) {
+      throw ProblemError.from(err, requestId)
+    } finally {
+      disarm()
+      signal?.removeEventListener('abort', stop)
+      this.open.delete(controller)
+    }
+  }
+
+  /** Ends every stream (at shutdown): clients see the subscription complete. */
+  closeAll (): void {
+    for (const controller of this.open) controller.abort()
+  }
+}

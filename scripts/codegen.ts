@@ -1,0 +1,181 @@
+// npm run codegen [-- --manifest path] [--out path]
+//
+// Writes a TypeScript declaration of the tRPC face's router, `AppRouter`, from the manifest:
+// a client imports it into `createTRPCClient<AppRouter>` and gets typed inputs and outputs
+// without the gateway's source. Named schemas become named interfaces.
+//
+// The JSON Schema to TypeScript mapping is ours: json-schema-to-typescript is not among the
+// project's packages, and the subset the manifest uses for faces is small (objects, arrays,
+// enums, consts, unions, nullable type arrays; anything else is `unknown`).
+import { mkdir, readFile, writeFile } from 'node:fs/promises'
+import { dirname, extname, resolve } from 'node:path'
+import { parseArgs } from 'node:util'
+import { pathToFileURL } from 'node:url'
+import { parse as parseYaml } from 'yaml'
+import { loadManifestFile, type JsonSchema, type Manifest } from '../manifest.js'
+import { ErrorCodes } from '../errors.js'
+
+const REF = /^#\/schemas\/([A-Za-z_][A-Za-z0-9_]*)$/
+const IDENTIFIER = /^[A-Za-z_$][A-Za-z0-9_$]*$/
+
+/** A single-quoted TypeScript string literal (the project's style), escaped as JSON escapes it. */
+const quote = (text: string): string => `'${JSON.stringify(text).slice(1, -1).replace(/\\"/g, '"').replace(/'/g, "\\'")}'`
+
+const key = (name: string): string => IDENTIFIER.test(name) ? name : quote(name)
+
+function literal (value: unknown): string {
+  if (typeof value === 'string') return quote(value)
+  return value === null || typeof value === 'number' || typeof value === 'boolean' ? String(value) : 'unknown'
+}
+
+function union (types: string[]): string {
+  const unique = [...new Set(types)]
+  if (unique.includes('unknown')) return 'unknown'
+  return unique.length === 0 ? 'never' : unique.join(' | ')
+}
+
+/** A JSDoc line from a schema's description (never closing the comment early). */
+function doc (schema: unknown, indent: string): string {
+  const text = (schema as JsonSchema | null)?.description
+  return typeof text === 'string' && text.trim() !== '' ? `${indent}/** ${text.trim().replace(/\*\//g, '*\\/').replace(/\s*\n\s*/g, ' ')} */\n` : ''
+}
+
+function objectType (schema: JsonSchema, indent: string): string {
+  const props = (schema.properties ?? {}) as Record<string, unknown>
+  const required = new Set(Array.isArray(schema.required) ? schema.required as string[] : [])
+  const extra = schema.additionalProperties
+  const names = Object.keys(props)
+  if (names.length === 0) {
+    if (extra === false) return 'Record<string, never>'
+    return `Record<string, ${typeof extra === 'object' && extra !== null ? toType(extra, indent) : 'unknown'}>`
+  }
+  const inner = indent + '  '
+  const lines = names.map(name => `${doc(props[name], inner)}${inner}${key(name)}${required.has(name) ? '' : '?'}: ${toType(props[name], inner)}`)
+  // Extra keys only where the schema says so outright; declared keys stay checked either way.
+  if (extra === true || (typeof extra === 'object' && extra !== null)) lines.push(`${inner}[key: string]: unknown`)
+  return `{\n${lines.join('\n')}\n${indent}}`
+}
+
+function typeFor (type: unknown, schema: JsonSchema, indent: string): string {
+  switch (type) {
+    case 'string': return 'string'
+    case 'number':
+    case 'integer': return 'number'
+    case 'boolean': return 'boolean'
+    case 'null': return 'null'
+    case 'array': {
+      const items = schema.items
+      if (typeof items !== 'object' || items === null || Array.isArray(items)) return 'unknown[]'
+      return `Array<${toType(items, indent)}>`
+    }
+    case 'object': return objectType(schema, indent)
+    default: return 'unknown'
+  }
+}
+
+/** The TypeScript type of a JSON Schema, with `{ $ref: "#/schemas/Name" }` as `Name`. */
+export function toType (schema: unknown, indent = ''): string {
+  if (schema === false) return 'never'
+  if (schema === null || typeof schema !== 'object' || Array.isArray(schema)) return 'unknown'
+  const s = schema as JsonSchema
+  if (typeof s.$ref === 'string') return REF.exec(s.$ref)?.[1] ?? 'unknown'
+  if ('const' in s) return literal(s.const)
+  if (Array.isArray(s.enum)) return union(s.enum.map(literal))
+  const alternatives = Array.isArray(s.anyOf) ? s.anyOf : Array.isArray(s.oneOf) ? s.oneOf : null
+  if (alternatives !== null) return union(alternatives.map(a => toType(a, indent)))
+  if (Array.isArray(s.allOf) && s.allOf.length > 0) return s.allOf.map(a => `(${toType(a, indent)})`).join(' & ')
+  const types = Array.isArray(s.type) ? s.type : s.type !== undefined ? [s.type] : s.properties !== undefined ? ['object'] : []
+  if (types.length === 0) return 'unknown'
+  return union(types.map(t => typeFor(t, s, indent)))
+}
+
+/** Whether a call may leave out its input: no property of it is required. */
+function inputOptional (schema: JsonSchema, named: Readonly<Record<string, unknown>>): boolean {
+  const ref = typeof schema.$ref === 'string' ? REF.exec(schema.$ref)?.[1] : undefined
+  const target = (ref === undefined ? schema : named[ref]) as JsonSchema | undefined
+  return !Array.isArray(target?.required) || target.required.length === 0
+}
+
+/**
+ * The declaration file. `namedSchemas` are the manifest's `schemas` as written (references
+ * between them kept); by default the compiled ones, whose references are inlined.
+ */
+export function generateRouterTypes (manifest: Manifest, namedSchemas: Readonly<Record<string, unknown>> = manifest.schemas): string {
+  const out: string[] = [
+    `// Generated by \`npm run codegen\` from ${manifest.source}. Do not edit: run it again.`,
+    '// The tRPC face of the Mantle gateway: createTRPCClient<AppRouter>({ links: [httpBatchLink({ url: \'.../trpc\' })] })',
+    "import type { TRPCBuiltRouter, TRPCMutationProcedure, TRPCQueryProcedure, TRPCSubscriptionProcedure, TRPC_ERROR_CODE_NUMBER } from '@trpc/server'",
+    ''
+  ]
+  for (const [name, schema] of Object.entries(namedSchemas)) {
+    const type = toType(schema)
+    out.push(doc(schema, '') + (type.startsWith('{') ? `export interface ${name} ${type}` : `export type ${name} = ${type}`), '')
+  }
+  out.push(
+    '/** The contract codes (CONTRACT §5) carried in `error.data.code`. */',
+    `export type MantleErrorCode = ${Object.keys(ErrorCodes).map(quote).join(' | ')}`,
+    '',
+    'export interface MantleErrorShape {',
+    '  message: string',
+    '  code: TRPC_ERROR_CODE_NUMBER',
+    '  data: {',
+    '    code: MantleErrorCode',
+    '    /** The status REST answers for the same call. */',
+    '    httpStatus: number',
+    '    requestId: string',
+    '    path?: string',
+    '  }',
+    '}',
+    '',
+    'interface Root { ctx: object, meta: object, errorShape: MantleErrorShape, transformer: false }',
+    '',
+    'export type AppRouter = TRPCBuiltRouter<Root, {'
+  )
+  for (const op of manifest.operations) {
+    const input = toType(op.inputDocument, '    ')
+    const kind = op.type === 'query' ? 'TRPCQueryProcedure' : 'TRPCMutationProcedure'
+    const summary = op.summary ?? op.description
+    if (summary !== null) out.push(doc({ description: summary }, '  ').trimEnd())
+    out.push(`  ${key(op.name)}: ${kind}<{`)
+    out.push(`    input: ${input}${inputOptional(op.inputDocument, namedSchemas) ? ' | void' : ''}`)
+    out.push(`    output: ${toType(op.outputDocument, '    ')}`)
+    out.push('    meta: object', '  }>')
+  }
+  for (const event of manifest.events) {
+    if (event.description !== null) out.push(doc(event, '  ').trimEnd())
+    out.push(`  ${key(event.name)}: TRPCSubscriptionProcedure<{`)
+    out.push('    input: void')
+    out.push(`    output: AsyncIterable<${toType(event.payloadDocument, '    ')}, void, any>`)
+    out.push('    meta: object', '  }>')
+  }
+  out.push('}>', '')
+  return out.join('\n')
+}
+
+/** The manifest's `schemas` as written, for named interfaces that name each other. */
+async function rawSchemas (file: string): Promise<Record<string, unknown>> {
+  const text = await readFile(file, 'utf8')
+  const doc = (extname(file) === '.json' ? JSON.parse(text) : parseYaml(text)) as { schemas?: Record<string, unknown> }
+  return doc.schemas ?? {}
+}
+
+/** The CLI: returns the path written. */
+export async function codegen (args: string[], env: NodeJS.ProcessEnv = process.env): Promise<string> {
+  const { values } = parseArgs({ args, options: { manifest: { type: 'string' }, out: { type: 'string' } }, strict: true })
+  const manifestPath = values.manifest ?? (env.BFF_MANIFEST === undefined || env.BFF_MANIFEST === '' ? 'kernel/manifest.yaml' : env.BFF_MANIFEST)
+  const outPath = resolve(values.out ?? 'generated/trpc-router.d.ts')
+  const manifest = await loadManifestFile(manifestPath)
+  await mkdir(dirname(outPath), { recursive: true })
+  await writeFile(outPath, generateRouterTypes(manifest, await rawSchemas(manifestPath)))
+  return outPath
+}
+
+if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) {
+  codegen(process.argv.slice(2)).then(
+    out => { console.log(`mantle: wrote ${out}`) },
+    (err: Error) => {
+      console.error(`mantle: ${err.message}`)
+      process.exitCode = 1
+    }
+  )
+}

@@ -1,0 +1,172 @@
+import t from 'tap'
+import { execFile } from 'node:child_process'
+import { mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { promisify } from 'node:util'
+import ts from 'typescript'
+import { ESLint } from 'eslint'
+import { codegen, generateRouterTypes, toType } from '../../scripts/codegen.js'
+import { demoManifest, fixture } from '../helper.js'
+
+const root = fileURLToPath(new URL('../..', import.meta.url))
+
+/** A scratch folder that resolves packages from the repository's node_modules. */
+function scratch (t: { teardown: (fn: () => unknown) => void }): string {
+  const dir = mkdtempSync(join(tmpdir(), 'mantle-codegen-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  symlinkSync(join(root, 'node_modules'), join(dir, 'node_modules'), 'dir')
+  writeFileSync(join(dir, 'package.json'), '{"type":"module"}')
+  return dir
+}
+
+/** Type-checks files as a client project would (strict, NodeNext): diagnostics as `file:line message`. */
+function typecheck (dir: string, files: string[]): string[] {
+  const program = ts.createProgram(files.map(f => join(dir, f)), {
+    strict: true,
+    noEmit: true,
+    skipLibCheck: true,
+    module: ts.ModuleKind.NodeNext,
+    moduleResolution: ts.ModuleResolutionKind.NodeNext,
+    target: ts.ScriptTarget.ES2022,
+    lib: ['lib.es2023.d.ts'],
+    types: ['node']
+  })
+  return ts.getPreEmitDiagnostics(program).map(d => {
+    const where = d.file === undefined || d.start === undefined ? '' : `${d.file.fileName.split('/').pop() ?? ''}:${d.file.getLineAndCharacterOfPosition(d.start).line + 1} `
+    return where + ts.flattenDiagnosticMessageText(d.messageText, ' ')
+  })
+}
+
+t.test('JSON Schema to TypeScript', async t => {
+  t.equal(toType({ type: 'string' }), 'string')
+  t.equal(toType({ type: 'integer' }), 'number')
+  t.equal(toType({ type: ['string', 'null'] }), 'string | null', 'nullable through a type array')
+  t.equal(toType({ enum: ['a', 1, true, null] }), "'a' | 1 | true | null")
+  t.equal(toType({ enum: ["it's", 'a"b', 'c\\d'] }), "'it\\'s' | 'a\"b' | 'c\\\\d'", 'string literals are escaped')
+  t.equal(toType({ enum: [{ a: 1 }] }), 'unknown')
+  t.equal(toType({ const: 'x' }), "'x'")
+  t.equal(toType({ anyOf: [{ type: 'string' }, { type: 'number' }] }), 'string | number')
+  t.equal(toType({ oneOf: [{ type: 'string' }, {}] }), 'unknown', 'a union with unknown is unknown')
+  t.equal(toType({ allOf: [{ $ref: '#/schemas/A' }, { $ref: '#/schemas/B' }] }), '(A) & (B)')
+  t.equal(toType({ $ref: '#/definitions/X' }), 'unknown', 'only #/schemas refs name a type')
+  t.equal(toType({ type: 'array', items: { $ref: '#/schemas/Agent' } }), 'Array<Agent>')
+  t.equal(toType({ type: 'array' }), 'unknown[]')
+  t.equal(toType({ type: 'array', items: [{ type: 'string' }] }), 'unknown[]', 'tuples are not modelled')
+  t.equal(toType({ type: 'object' }), 'Record<string, unknown>')
+  t.equal(toType({ type: 'object', additionalProperties: false }), 'Record<string, never>')
+  t.equal(toType({ type: 'object', additionalProperties: { type: 'integer' } }), 'Record<string, number>')
+  t.equal(toType({ type: 'object', required: ['a'], properties: { a: { type: 'string' }, 'b-c': { type: 'boolean', description: 'has */ inside\nand lines' } } }),
+    '{\n  a: string\n  /** has *\\/ inside and lines */\n  \'b-c\'?: boolean\n}')
+  t.equal(toType({ properties: { a: {} }, additionalProperties: true }), '{\n  a?: unknown\n  [key: string]: unknown\n}', 'properties imply an object')
+  t.equal(toType({ type: 'thing' }), 'unknown')
+  t.equal(toType({}), 'unknown')
+  t.equal(toType(true), 'unknown')
+  t.equal(toType(false), 'never')
+  t.equal(toType({ enum: [] }), 'never')
+})
+
+t.test('the generated AppRouter types a real @trpc/client; a wrong input is a compile error', async t => {
+  const dir = scratch(t)
+  const out = await codegen(['--out', join(dir, 'trpc-router.d.ts')], { BFF_MANIFEST: fileURLToPath(new URL('../../kernel/manifest.yaml', import.meta.url)) })
+  t.equal(out, join(dir, 'trpc-router.d.ts'))
+  const text = readFileSync(out, 'utf8')
+  t.match(text, /export interface Agent \{/)
+  t.match(text, /export type AppRouter = TRPCBuiltRouter</)
+  t.match(text, /runUpdated: TRPCSubscriptionProcedure<\{\n {4}input: void\n {4}output: AsyncIterable<Run, void, any>/)
+  t.notMatch(text, /from '\.\.\//, 'nothing of the gateway\'s source is imported')
+  const [lint] = await new ESLint({ cwd: root }).lintText(text, { filePath: join(root, 'generated', 'trpc-router.d.ts') })
+  t.same(lint.messages.map(m => `${m.line}: ${m.message}`), [], 'the generated file follows the house style')
+
+  writeFileSync(join(dir, 'good.ts'), `
+import { createTRPCClient, httpBatchLink, httpSubscriptionLink, splitLink, TRPCClientError } from '@trpc/client'
+import type { AppRouter, Agent, Run, MantleErrorCode } from './trpc-router.js'
+const client = createTRPCClient<AppRouter>({
+  links: [splitLink({ condition: op => op.type === 'subscription', true: httpSubscriptionLink({ url: 'http://h/trpc' }), false: httpBatchLink({ url: 'http://h/trpc' }) })]
+})
+export async function use (): Promise<void> {
+  const agent: Agent = await client.getAgent.query({ id: 'a1' })
+  const all: Agent[] = await client.listAgents.query()
+  const some: Agent[] = await client.listAgents.query({ limit: 5, model: 'm' })
+  const run: Run = await client.runAgent.mutate({ id: 'a1', prompt: 'p', temperature: 1 })
+  const status: 'queued' | 'running' | 'succeeded' | 'failed' = run.status
+  const description: string | null = agent.description
+  const headers = await client.kernelHeaders.query()
+  const rid: string | null = headers['x-request-id']
+  client.runUpdated.subscribe(undefined, { onData: (r) => { const id: string = r.id; console.log(id) } })
+  try { await client.deleteAgent.mutate({ id: 'a1' }) } catch (err) {
+    if (err instanceof TRPCClientError) {
+      const code: MantleErrorCode | undefined = (err as TRPCClientError<AppRouter>).data?.code
+      console.log(code)
+    }
+  }
+  console.log(all, some, status, description, rid)
+}
+`)
+  t.same(typecheck(dir, ['good.ts']), [], 'correct calls type-check')
+
+  writeFileSync(join(dir, 'bad.ts'), `
+import { createTRPCClient, httpBatchLink } from '@trpc/client'
+import type { AppRouter } from './trpc-router.js'
+const client = createTRPCClient<AppRouter>({ links: [httpBatchLink({ url: 'http://h/trpc' })] })
+export async function misuse (): Promise<void> {
+  await client.getAgent.query({ id: 42 })
+  await client.runAgent.mutate({ id: 'a1' })
+  await client.listAgents.query({ limit: 'ten' })
+  await client.createAgent.mutate({ name: 'x', admin: true })
+  await client.getAgent.query()
+  await client.noSuchOp.query()
+  await client.getAgent.mutate({ id: 'a1' })
+  const n: number = (await client.getAgent.query({ id: 'a' })).name
+  const s: 'done' = (await client.getRun.query({ id: 'r' })).status
+  console.log(n, s)
+}
+`)
+  const errors = typecheck(dir, ['bad.ts'])
+  const lines = errors.map(e => Number(/^bad\.ts:(\d+) /.exec(e)?.[1]))
+  t.same([...new Set(lines)].sort((a, b) => a - b), [6, 7, 8, 9, 10, 11, 12, 13, 14], 'every misuse is a compile error')
+  t.match(errors.find(e => e.startsWith('bad.ts:6 ')), /number.*not assignable to.*string/)
+  t.match(errors.find(e => e.startsWith('bad.ts:7 ')), /prompt/)
+})
+
+t.test('another domain generates and type-checks too', async t => {
+  const dir = scratch(t)
+  await codegen(['--manifest', fixture('library-manifest.yaml'), '--out', join(dir, 'library.d.ts')], {})
+  const text = readFileSync(join(dir, 'library.d.ts'), 'utf8')
+  t.match(text, /export interface Book \{/)
+  t.match(text, /format\?: 'hardcover' \| 'paperback' \| 'ebook'/)
+  writeFileSync(join(dir, 'use.ts'), `
+import { createTRPCClient, httpLink } from '@trpc/client'
+import type { AppRouter, Book } from './library.js'
+const client = createTRPCClient<AppRouter>({ links: [httpLink({ url: 'http://h/trpc' })] })
+export const books: Promise<Book[]> = client.findBooks.query({ format: ['ebook'], page: 2 })
+export const wrong = client.findBooks.query({ format: ['vinyl'] })
+`)
+  const errors = typecheck(dir, ['use.ts'])
+  t.equal(errors.length, 1)
+  t.match(errors[0], /^use\.ts:6 .*vinyl/)
+})
+
+t.test('named schemas keep their names when they refer to each other', async t => {
+  const manifest = await demoManifest()
+  const text = generateRouterTypes(manifest, { Pair: { type: 'object', required: ['left'], properties: { left: { $ref: '#/schemas/Agent' } } }, Id: { type: 'string' } })
+  t.match(text, /export interface Pair \{\n {2}left: Agent\n\}/)
+  t.match(text, /export type Id = string/)
+  t.match(generateRouterTypes(manifest), /export interface Run \{/, 'the compiled schemas by default')
+})
+
+t.test('npm run codegen: the CLI writes the file, and a bad manifest fails with its message', async t => {
+  const dir = scratch(t)
+  const run = promisify(execFile)
+  // Not followed by tap's coverage: a file run by tsx does not merge with the in-process one.
+  const env = { ...process.env, _TAPJS_PROCESSINFO_COVERAGE_: '0' }
+  const { stdout } = await run(process.execPath, ['--import', 'tsx', 'scripts/codegen.ts', '--out', join(dir, 'out.d.ts')], { cwd: root, env: { ...env, BFF_MANIFEST: '' } })
+  t.match(stdout, /mantle: wrote .*out\.d\.ts/)
+  t.match(readFileSync(join(dir, 'out.d.ts'), 'utf8'), /getAgent: TRPCQueryProcedure/)
+  writeFileSync(join(dir, 'bad.yaml'), 'version: 2\n')
+  const failed = await run(process.execPath, ['--import', 'tsx', 'scripts/codegen.ts', '--manifest', join(dir, 'bad.yaml'), '--out', join(dir, 'x.d.ts')], { cwd: root, env }).catch((err: { code: number, stderr: string }) => err)
+  t.equal((failed as { code: number }).code, 1)
+  t.match((failed as { stderr: string }).stderr, /mantle: Invalid manifest .*bad\.yaml/)
+  await t.rejects(codegen(['--bogus'], {}), /Unknown option/)
+})

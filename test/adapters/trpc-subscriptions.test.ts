@@ -1,0 +1,374 @@
+import t from 'tap'
+import type { AddressInfo } from 'node:net'
+import type { FastifyInstance } from 'fastify'
+import { createSigner } from 'fast-jwt'
+import { EventSource } from 'eventsource'
+import WebSocket from 'ws'
+import { createTRPCUntypedClient, createWSClient, httpLink, httpSubscriptionLink, wsLink, TRPCClientError } from '@trpc/client'
+import type { AnyTRPCRouter } from '@trpc/server'
+import { buildApp } from '../../app.js'
+import { createTrpcFace, type TrpcFaceSettings } from '../../adapters/trpc/index.js'
+import type { FaceOptions } from '../../adapters/face.js'
+import { startKernel } from '../../kernel/server.js'
+import { buildDemoApp, buildTestApp, startTestKernel, testConfig, testManifest, bearer, token, json, SECRET } from '../helper.js'
+
+type Headers = Record<string, string>
+type ClientError = TRPCClientError<AnyTRPCRouter>
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+const sleep = async (ms: number): Promise<void> => await new Promise(resolve => setTimeout(resolve, ms))
+
+async function until (what: string, check: () => boolean, timeoutMs = 5000): Promise<void> {
+  const end = Date.now() + timeoutMs
+  while (!check()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
+    await sleep(5)
+  }
+}
+
+async function listen (app: FastifyInstance): Promise<number> {
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  return (app.server.address() as AddressInfo).port
+}
+
+function run (id: string, status = 'running', extra: Record<string, unknown> = {}): Record<string, unknown> {
+  const now = new Date().toISOString()
+  return { id, agentId: 'a1', status, temperature: 0.7, promptChars: 5, output: null, error: null, createdAt: now, updatedAt: now, startedAt: null, finishedAt: null, ...extra }
+}
+
+/** What one subscription saw. */
+interface Seen { data: Array<Record<string, unknown>>, errors: ClientError[], started: boolean, stopped: boolean, unsubscribe: () => void }
+
+type SubscribeClient = ReturnType<typeof createTRPCUntypedClient<AnyTRPCRouter>>
+
+function watch (client: SubscribeClient, t: Teardown, name = 'runUpdated'): Seen {
+  const seen: Seen = { data: [], errors: [], started: false, stopped: false, unsubscribe: () => {} }
+  const sub = client.subscription(name, undefined, {
+    onStarted: () => { seen.started = true },
+    onData: (d: unknown) => { seen.data.push(d as Record<string, unknown>) },
+    onError: (err: unknown) => { seen.errors.push(err as ClientError) },
+    onStopped: () => { seen.stopped = true },
+    onComplete: () => { seen.stopped = true }
+  })
+  seen.unsubscribe = () => sub.unsubscribe()
+  t.teardown(() => sub.unsubscribe())
+  return seen
+}
+
+/** A tRPC client over SSE (EventSource from `eventsource`, which can send headers). */
+function sse (port: number, opts: { headers?: Headers, connectionParams?: Headers } = {}): SubscribeClient {
+  return createTRPCUntypedClient({
+    links: [httpSubscriptionLink({
+      url: `http://127.0.0.1:${port}/trpc`,
+      EventSource,
+      ...(opts.connectionParams === undefined ? {} : { connectionParams: opts.connectionParams }),
+      eventSourceOptions: {
+        fetch: async (input, init) => await fetch(input, { ...init, headers: { ...init?.headers as Headers, ...opts.headers } })
+      }
+    })]
+  })
+}
+
+/** A tRPC client over WebSocket at /trpc; closed at teardown. */
+function ws (t: Teardown, port: number, connectionParams: Headers | null, query = ''): { client: SubscribeClient, close: () => Promise<void> } {
+  const socket = createWSClient({
+    url: `ws://127.0.0.1:${port}/trpc${query}`,
+    WebSocket: WebSocket as unknown as typeof globalThis.WebSocket,
+    ...(connectionParams === null ? {} : { connectionParams }),
+    retryDelayMs: () => 60_000
+  })
+  const close = async (): Promise<void> => { await socket.close() }
+  t.teardown(close)
+  return { client: createTRPCUntypedClient({ links: [wsLink({ client: socket })] }), close }
+}
+
+/** A raw WebSocket, for what the tRPC client hides: close codes, messages as sent. */
+async function rawSocket (t: Teardown, port: number, path: string, headers: Headers = {}): Promise<{ socket: WebSocket, messages: unknown[], closed: Promise<number> }> {
+  const socket = new WebSocket(`ws://127.0.0.1:${port}${path}`, { headers })
+  t.teardown(() => socket.terminate())
+  const messages: unknown[] = []
+  socket.on('message', (data: Buffer) => messages.push(JSON.parse(data.toString())))
+  const closed = new Promise<number>(resolve => socket.on('close', (code: number) => resolve(code)))
+  await new Promise<void>((resolve, reject) => { socket.once('open', resolve); socket.once('error', reject) })
+  return { socket, messages, closed }
+}
+
+/** The gateway with a tRPC face of the given bounds, registered by the test (the app's own is off). */
+async function buildWithSettings (t: Teardown, settings: Partial<TrpcFaceSettings>, env: Record<string, string | number | boolean> = {}, kernelUrl?: string): Promise<FastifyInstance> {
+  const config = testConfig({ BFF_TRPC_ENABLED: false, ...env })
+  const app = await buildApp(config, { logger: false, ...(kernelUrl === undefined ? {} : { kernelUrl }) })
+  t.teardown(() => app.close())
+  const face: FaceOptions = { bodyLimit: config.BFF_BODY_LIMIT, maxCalls: config.BFF_BATCH_MAX_CALLS, maxDepth: 12, secured: true, development: false }
+  await app.register(createTrpcFace(settings), face)
+  await app.ready()
+  return app
+}
+
+t.test('SSE: a subscription receives its tenant\'s events, shaped by the event schema', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const mine = watch(sse(port, { headers: bearer({ tenant: 't1', roles: ['viewer'] }) }), t)
+  const other = watch(sse(port, { headers: bearer({ tenant: 't2', roles: ['viewer'] }) }), t)
+  await until('both subscriptions', () => app.events.bus.subscriptions === 2)
+  t.ok(mine.started)
+
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run('r1', 'running', { prompt: 'secret', ownerTenant: 't1' }) })
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run('r1', 'succeeded', { output: 'done' }) })
+  await until('two events', () => mine.data.length === 2)
+  t.match(mine.data, [{ id: 'r1', status: 'running' }, { id: 'r1', status: 'succeeded', output: 'done' }])
+  t.notOk('prompt' in mine.data[0], 'a field the event schema does not declare never reaches the client')
+  t.notOk('ownerTenant' in mine.data[0])
+
+  // Events are delivered in order: once t2's own event is there, t1's would have been too.
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't2', payload: run('r9') })
+  await until('t2 event', () => other.data.length === 1)
+  t.match(other.data, [{ id: 'r9' }], 'the other tenant received only its own event')
+  t.equal(mine.data.length, 2)
+  t.same(mine.errors, [])
+
+  mine.unsubscribe()
+  other.unsubscribe()
+  await until('unsubscribed on the bus', () => app.events.bus.subscriptions === 0)
+})
+
+t.test('SSE: the token may come in connectionParams; refusals are the subscription\'s error', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const viaParams = watch(sse(port, { connectionParams: { token: token({ tenant: 't3', roles: ['viewer'] }) } }), t)
+  await until('subscribed', () => app.events.bus.subscriptions === 1)
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't3', payload: run('r3') })
+  await until('event', () => viaParams.data.length === 1)
+  viaParams.unsubscribe()
+
+  const noRole = watch(sse(port, { headers: bearer({ roles: ['editor'] }) }), t)
+  await until('refusal', () => noRole.errors.length === 1)
+  t.match(noRole.errors[0].data, { code: 'FORBIDDEN', httpStatus: 403, requestId: String })
+  t.equal(noRole.errors[0].message, 'runUpdated needs one of the roles: viewer')
+  t.equal(noRole.errors[0].shape?.code, -32003)
+
+  const anonymous = watch(sse(port), t)
+  await until('refusal', () => anonymous.errors.length === 1)
+  t.match(anonymous.errors[0].data, { code: 'UNAUTHENTICATED', httpStatus: 401 })
+  t.equal(anonymous.errors[0].shape?.code, -32001)
+  const forged = watch(sse(port, { headers: { authorization: `Bearer ${token({ secret: 'another-secret-of-sufficient-length-000000' })}` } }), t)
+  await until('refusal', () => forged.errors.length === 1)
+  t.match(forged.errors[0].data, { code: 'UNAUTHENTICATED' })
+  await until('nothing left on the bus', () => app.events.bus.subscriptions === 0)
+
+  // An unknown subscription is a plain 404 (EventSource then gives up on it).
+  const unknown = watch(sse(port, { headers: bearer() }), t, 'noSuchEvent')
+  await until('refusal', () => unknown.errors.length === 1)
+  const raw = await app.inject({ method: 'GET', url: '/trpc/noSuchEvent', headers: { ...bearer(), accept: 'text/event-stream' } })
+  t.equal(raw.statusCode, 404)
+  t.match(raw.json(), { error: { data: { code: 'NOT_FOUND', httpStatus: 404 } } })
+})
+
+t.test('SSE: a subscription ends with UNAUTHENTICATED when its token expires', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  // Expired 3 s ago, inside the 5 s clock tolerance: valid for 2 to 3 more seconds.
+  const exp = Math.ceil(Date.now() / 1000) - 3
+  const almost = createSigner({ key: SECRET, algorithm: 'HS256', noTimestamp: true })({ sub: 'u', tid: 't1', roles: ['viewer'], exp })
+  const seen = watch(sse(port, { headers: { authorization: `Bearer ${almost}` } }), t)
+  await until('subscribed', () => app.events.bus.subscriptions === 1)
+  await until('expiry', () => seen.errors.length === 1, 6000)
+  t.match(seen.errors[0].data, { code: 'UNAUTHENTICATED', httpStatus: 401 })
+  t.match(seen.errors[0].message, /expired/)
+  await until('unsubscribed on the bus', () => app.events.bus.subscriptions === 0)
+})
+
+t.test('SSE: shutting down ends open subscriptions instead of hanging on them', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const seen = watch(sse(port, { headers: bearer() }), t)
+  await until('subscribed', () => app.events.bus.subscriptions === 1)
+  const started = Date.now()
+  await app.close()
+  t.ok(Date.now() - started < 2000, 'closed promptly')
+  await until('the client saw the end', () => seen.stopped)
+  t.equal(app.events.bus.subscriptions, 0)
+})
+
+t.test('runs started over tRPC stream their status changes from the demo Kernel', async t => {
+  // The Kernel's events go to the gateway as they would through /internal/events.
+  const target: { app?: FastifyInstance } = {}
+  const kernel = await startKernel({ port: 0, runDelayMs: 20, onEvent: (e) => { target.app?.events.publish(e).catch(() => {}) } })
+  t.teardown(() => kernel.close())
+  const gateway = target.app = await buildTestApp(t, {}, { kernelUrl: kernel.url })
+  const port = await listen(gateway)
+  const seen = watch(sse(port, { headers: bearer({ tenant: 'live', roles: ['viewer'] }) }), t)
+  await until('subscribed', () => gateway.events.bus.subscriptions === 1)
+  const calls = createTRPCUntypedClient({ links: [httpLink({ url: `http://127.0.0.1:${port}/trpc`, headers: bearer({ tenant: 'live', roles: ['operator'] }) })] })
+  const started = await calls.mutation('runAgent', { id: 'a1', prompt: 'Summarise the report' }) as { id: string }
+  await until('the run to finish', () => seen.data.some(r => r.status === 'succeeded' || r.status === 'failed'))
+  t.ok(seen.data.every(r => r.id === started.id))
+  t.same(seen.data.map(r => r.status).slice(0, 2), ['queued', 'running'])
+  t.notOk(seen.data.some(r => 'prompt' in r))
+})
+
+t.test('WebSocket at /trpc: calls, errors and subscriptions through wsLink', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const { client } = ws(t, port, { token: token({ tenant: 't1' }) })
+  t.match(await client.query('getAgent', { id: 'a1' }), { id: 'a1', name: 'Research Assistant' })
+  t.match(await client.mutation('createAgent', { name: 'over ws' }), { name: 'over ws' })
+  const invalid = await client.query('listAgents', { limit: 0 }).catch((err: unknown) => err as ClientError)
+  t.match((invalid as ClientError).data, { code: 'VALIDATION_FAILED', httpStatus: 400, requestId: /^[0-9a-f-]{36}$/ })
+  t.equal((invalid as ClientError).message, 'input.limit must be >= 1')
+
+  const seen = watch(client, t)
+  const other = ws(t, port, { token: token({ tenant: 't2' }) })
+  const theirs = watch(other.client, t)
+  await until('both subscriptions', () => app.events.bus.subscriptions === 2)
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run('w1', 'queued', { secret: 'x' }) })
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't2', payload: run('w2') })
+  await until('events', () => seen.data.length === 1 && theirs.data.length === 1)
+  t.match(seen.data, [{ id: 'w1', status: 'queued' }])
+  t.notOk('secret' in seen.data[0])
+  t.match(theirs.data, [{ id: 'w2' }])
+  seen.unsubscribe()
+  await until('unsubscribed', () => app.events.bus.subscriptions === 1)
+  await other.close()
+  await until('the closed connection unsubscribed', () => app.events.bus.subscriptions === 0)
+
+  const viewerless = ws(t, port, { token: token({ roles: ['editor'] }) })
+  const refused = watch(viewerless.client, t)
+  await until('refusal', () => refused.errors.length === 1)
+  t.match(refused.errors[0].data, { code: 'FORBIDDEN', httpStatus: 403 })
+})
+
+t.test('WebSocket: the token comes from connectionParams, the upgrade header or ?access_token=', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const query = JSON.stringify({ id: 1, method: 'query', params: { path: 'getAgent', input: { id: 'a2' } } })
+
+  const header = await rawSocket(t, port, '/trpc', bearer())
+  header.socket.send(query)
+  await until('answer', () => header.messages.length === 1)
+  t.match(header.messages[0], { id: 1, result: { type: 'data', data: { id: 'a2' } } })
+
+  const queryToken = await rawSocket(t, port, `/trpc?access_token=${token()}`)
+  queryToken.socket.send(query)
+  await until('answer', () => queryToken.messages.length === 1)
+  t.match(queryToken.messages[0], { id: 1, result: { data: { id: 'a2' } } })
+
+  const params = await rawSocket(t, port, '/trpc?connectionParams=1')
+  params.socket.send(JSON.stringify({ method: 'connectionParams', data: { authorization: `Bearer ${token()}` } }))
+  params.socket.send(query)
+  await until('answer', () => params.messages.length === 1)
+  t.match(params.messages[0], { id: 1, result: { data: { id: 'a2' } } })
+
+  // Junk on an authenticated connection is an error message, not a crash or a 5xx.
+  params.socket.send('{not json')
+  params.socket.send(JSON.stringify({ id: 2, method: 'query', params: { path: 'nope', input: {} } }))
+  params.socket.send(JSON.stringify({ id: 3, method: 'mutation', params: { path: 'createAgent', input: 'x' } }))
+  params.socket.send(Buffer.from([0, 159, 146, 150]), { binary: true })
+  params.socket.send(JSON.stringify({ id: 4, method: 'teleport', params: { path: 'getAgent' } }))
+  await until('answers', () => params.messages.length === 6)
+  // Answers to calls come when their call ends; refusals of junk come at once: match by id.
+  type Reply = { id: number | null, error?: { message: string, data: { code: string, httpStatus: number } } }
+  const replies = params.messages.slice(1) as Reply[]
+  t.match(replies.find(m => m.id === 2), { error: { data: { code: 'NOT_FOUND', httpStatus: 404 } } })
+  t.match(replies.find(m => m.id === 3), { error: { message: 'input must be a JSON object', data: { code: 'VALIDATION_FAILED' } } })
+  const junk = replies.filter(m => m.id === null)
+  t.equal(junk.length, 3, 'malformed JSON, a binary frame, an unknown method')
+  for (const m of junk) t.match(m, { error: { data: { code: 'VALIDATION_FAILED', httpStatus: 400 } } })
+  // Still serving after all that.
+  params.socket.send(query)
+  await until('answer', () => params.messages.length === 7)
+  t.match(params.messages[6], { id: 1, result: { data: { id: 'a2' } } })
+})
+
+t.test('WebSocket: a connection without a valid token is refused and closed', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const none = await rawSocket(t, port, '/trpc')
+  await until('refusal', () => none.messages.length === 1)
+  t.match(none.messages[0], { id: null, error: { code: -32001, data: { code: 'UNAUTHENTICATED', httpStatus: 401 } } })
+  t.ok(await none.closed, 'closed after the refusal')
+
+  const forged = await rawSocket(t, port, '/trpc?connectionParams=1')
+  forged.socket.send(JSON.stringify({ method: 'connectionParams', data: { token: token({ secret: 'another-secret-of-sufficient-length-000000' }) } }))
+  await until('refusal', () => forged.messages.length === 1)
+  t.match(forged.messages[0], { error: { data: { code: 'UNAUTHENTICATED' } } })
+  t.match((forged.messages[0] as { error: { message: string } }).error.message, /signature is invalid/)
+  await forged.closed
+
+  const junk = await rawSocket(t, port, '/trpc?connectionParams=1')
+  junk.socket.send('not json at all')
+  await until('refusal', () => junk.messages.length === 1)
+  t.match(junk.messages[0], { id: null, error: { data: { code: 'VALIDATION_FAILED', httpStatus: 400 } } })
+  await junk.closed
+
+  const plain = await app.inject({ method: 'GET', url: '/trpc', headers: bearer() })
+  t.equal(plain.statusCode, 404, 'plain GET /trpc is not a procedure')
+})
+
+t.test('WebSocket: closed with 4401 when the token expires; bounds per connection and per instance', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/slow': async (_req, res) => { await sleep(150); json(res, 200, { id: 'slow' }) }
+  })
+  const manifest = testManifest({
+    slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', output: { type: 'object', properties: { id: { type: 'string' } } } }
+  }, { url: kernel.url }, { events: { ticks: { topic: 'ticks', payload: { type: 'object', properties: { n: { type: 'integer' } } } } } })
+  const config = testConfig({ BFF_TRPC_ENABLED: false })
+  const app = await buildApp(config, { logger: false, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  await app.register(createTrpcFace({ authTimeoutMs: 100, maxSubscriptions: 2, maxInFlight: 1, maxConnections: 3 }), { bodyLimit: 4096, maxCalls: 5, maxDepth: 12, secured: true, development: false })
+  await app.ready()
+  const port = await listen(app)
+
+  const exp = Math.ceil(Date.now() / 1000) - 3
+  const almost = createSigner({ key: SECRET, algorithm: 'HS256', noTimestamp: true })({ sub: 'u', tid: 't1', exp })
+  const expiring = await rawSocket(t, port, '/trpc', { authorization: `Bearer ${almost}` })
+  t.equal(await expiring.closed, 4401, 'closed with 4401 when the token expired')
+
+  const silent = await rawSocket(t, port, '/trpc?connectionParams=1')
+  t.equal(await silent.closed, 4401, 'no connectionParams in time: closed with 4401')
+
+  const busy = await rawSocket(t, port, '/trpc', bearer())
+  busy.socket.send(JSON.stringify([
+    { id: 1, method: 'query', params: { path: 'slow', input: {} } },
+    { id: 2, method: 'query', params: { path: 'slow', input: {} } }
+  ]))
+  await until('answers', () => busy.messages.length === 2)
+  const byId = new Map((busy.messages as Array<{ id: number }>).map(m => [m.id, m]))
+  t.match(byId.get(1), { result: { data: { id: 'slow' } } })
+  t.match(byId.get(2), { error: { data: { code: 'OVERLOADED', httpStatus: 503 } } }, 'one call at a time on this connection')
+
+  const tooLong = Array.from({ length: 6 }, (_, i) => ({ id: 10 + i, method: 'query', params: { path: 'slow', input: {} } }))
+  busy.socket.send(JSON.stringify(tooLong))
+  await until('refusals', () => busy.messages.length === 8)
+  t.match(busy.messages[2], { id: 10, error: { data: { code: 'PAYLOAD_TOO_LARGE', httpStatus: 413 } } }, 'a batch message over BFF_BATCH_MAX_CALLS is refused')
+
+  for (let id = 20; id < 23; id++) busy.socket.send(JSON.stringify({ id, method: 'subscription', params: { path: 'ticks', input: null } }))
+  await until('two started and one refused', () => busy.messages.filter(m => (m as { id: number }).id >= 20).length >= 4)
+  const subs = (busy.messages as Array<{ id: number, result?: { type: string }, error?: { data: { code: string } } }>).filter(m => m.id >= 20)
+  t.equal(subs.filter(m => m.result?.type === 'started').length, 3, 'tRPC acknowledges each')
+  t.match(subs.find(m => m.error !== undefined), { id: 22, error: { data: { code: 'OVERLOADED' } } })
+  await until('two on the bus', () => app.events.bus.subscriptions === 2)
+
+  const more = await Promise.all([1, 2].map(async () => await rawSocket(t, port, '/trpc', bearer())))
+  t.equal(more.length, 2)
+  const status = await new Promise<number>(resolve => {
+    const refused = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer() })
+    refused.on('error', () => {})
+    refused.on('unexpected-response', (req, res) => {
+      resolve(res.statusCode ?? 0)
+      req.destroy()
+    })
+  })
+  t.equal(status, 503, 'beyond maxConnections an upgrade is refused')
+
+  // The face's bodyLimit applies to its routes.
+  const big = await app.inject({ method: 'POST', url: '/trpc/slow', headers: { ...bearer(), 'content-type': 'application/json' }, payload: JSON.stringify({ pad: 'x'.repeat(5000) }) })
+  t.equal(big.statusCode, 413)
+})
+
+t.test('without @fastify/websocket the face serves HTTP only', async t => {
+  const app = await buildWithSettings(t, {}, { BFF_WEBSOCKET_ENABLED: false, BFF_GRAPHQL_ENABLED: false })
+  t.notOk(app.hasDecorator('websocketServer'))
+  const res = await app.inject({ method: 'GET', url: '/trpc', headers: bearer() })
+  t.equal(res.statusCode, 404)
+  t.match(res.json(), { error: { data: { code: 'NOT_FOUND' } } })
+})

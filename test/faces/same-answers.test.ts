@@ -1,0 +1,210 @@
+import t, { type Test } from 'tap'
+import { randomUUID } from 'node:crypto'
+import WebSocket from 'ws'
+import {
+  buildClientSchema, getIntrospectionQuery, getNamedType, isObjectType, isLeafType,
+  type GraphQLSchema, type GraphQLField, type GraphQLOutputType, type IntrospectionQuery
+} from 'graphql'
+import type { FastifyInstance } from 'fastify'
+import { buildTestApp, startTestKernel, testManifest, token, json, closedPort, type TokenOptions } from '../helper.js'
+import { startKernel } from '../../kernel/server.js'
+import type { Operation } from '../../manifest.js'
+
+// CONTRACT §3: "The same input gives the same result and the same error code on every face."
+// Every op of the demo manifest and of a test-only manifest runs over REST, the REST batch,
+// tRPC, GraphQL and WebSocket; results and error codes must be the same on each.
+
+type Outcome = { ok: true, value: unknown } | { ok: false, code: string, status: number }
+type Face = (op: Operation, input: Record<string, unknown>, auth: string | undefined) => Promise<Outcome>
+const FACES = ['rest', 'batch', 'trpc', 'graphql', 'websocket'] as const
+
+/** GraphQL answers absent nullable fields with null where REST leaves them out: compare without. */
+function normalize (value: unknown): unknown {
+  if (Array.isArray(value)) return value.map(normalize)
+  if (value === null || typeof value !== 'object') return value
+  const out: Record<string, unknown> = {}
+  for (const [k, v] of Object.entries(value)) if (v !== null && v !== undefined) out[k] = normalize(v)
+  return out
+}
+
+async function faces (t: Test, app: FastifyInstance): Promise<Record<typeof FACES[number], Face>> {
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const headers = (auth: string | undefined): Record<string, string> => auth === undefined ? {} : { authorization: auth }
+
+  const rest: Face = async (op, input, auth) => {
+    let url = '/api/v1' + op.path
+    const rest: Record<string, unknown> = { ...input }
+    for (const p of op.pathParams) { url = url.replace(`:${p}`, encodeURIComponent(String(input[p]))); delete rest[p] }
+    const res = op.inputInBody
+      ? await app.inject({ method: op.method, url, headers: headers(auth), payload: rest })
+      : await app.inject({ method: op.method, url: url + '?' + new URLSearchParams(Object.entries(rest).map(([k, v]): [string, string] => [k, String(v)])).toString(), headers: headers(auth) })
+    if (res.statusCode < 300) return { ok: true, value: res.statusCode === 204 ? null : res.json() }
+    return { ok: false, code: res.json().code, status: res.statusCode }
+  }
+
+  const batch: Face = async (op, input, auth) => {
+    const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: headers(auth), payload: { calls: [{ id: 'x', op: op.name, input }] } })
+    const [r] = res.json().results as Array<{ result?: unknown, error?: { code: string, status: number } }>
+    return r.error === undefined ? { ok: true, value: r.result } : { ok: false, code: r.error.code, status: r.error.status }
+  }
+
+  const trpc: Face = async (op, input, auth) => {
+    const res = op.type === 'query'
+      ? await app.inject({ method: 'GET', url: `/trpc/${op.name}?input=${encodeURIComponent(JSON.stringify(input))}`, headers: headers(auth) })
+      : await app.inject({ method: 'POST', url: `/trpc/${op.name}`, headers: headers(auth), payload: input })
+    const body = res.json() as { result?: { data: unknown }, error?: { data: { code: string, httpStatus: number } } }
+    return body.error === undefined ? { ok: true, value: body.result!.data } : { ok: false, code: body.error.data.code, status: body.error.data.httpStatus }
+  }
+
+  const introspection = await app.inject({ method: 'POST', url: '/graphql', headers: { authorization: `Bearer ${token()}` }, payload: { query: getIntrospectionQuery() } })
+  const schema: GraphQLSchema = buildClientSchema((introspection.json() as { data: IntrospectionQuery }).data)
+  const selection = (type: GraphQLOutputType, depth = 0): string => {
+    const named = getNamedType(type)
+    if (isLeafType(named) || !isObjectType(named) || depth > 8) return ''
+    return '{ ' + Object.values(named.getFields()).map(f => f.name + ' ' + selection(f.type, depth + 1)).join(' ') + ' }'
+  }
+  const graphql: Face = async (op, input, auth) => {
+    const root = op.type === 'query' ? schema.getQueryType()! : schema.getMutationType()!
+    const field: GraphQLField<unknown, unknown> = root.getFields()[op.name]
+    const single = field.args.length === 1 && field.args[0].name === 'input' && !('input' in ((op.input.properties ?? {}) as object))
+    const variables: Record<string, unknown> = single ? { input } : input
+    const args = field.args.filter(a => a.name in variables)
+    const decl = args.length === 0 ? '' : '(' + args.map(a => `$${a.name}: ${String(a.type)}`).join(', ') + ')'
+    const pass = args.length === 0 ? '' : '(' + args.map(a => `${a.name}: $${a.name}`).join(', ') + ')'
+    const query = `${op.type === 'query' ? 'query' : 'mutation'} Call${decl} { ${op.name}${pass} ${selection(field.type)} }`
+    const res = await app.inject({ method: 'POST', url: '/graphql', headers: headers(auth), payload: { query, variables } })
+    const body = res.json() as { data?: Record<string, unknown> | null, errors?: Array<{ message: string, extensions?: { code: string, status: number } }> }
+    if (body.errors !== undefined && body.errors.length > 0) {
+      const e = body.errors[0]
+      if (e.extensions === undefined) throw new Error(`GraphQL error without extensions for ${op.name}: ${e.message} (${query})`)
+      return { ok: false, code: e.extensions.code, status: e.extensions.status }
+    }
+    return { ok: true, value: body.data![op.name] }
+  }
+
+  // One connection per token; a token the upgrade refuses gives the refusal's problem instead.
+  const sockets = new Map<string, WebSocket | { code: string, status: number }>()
+  t.teardown(() => { for (const s of sockets.values()) if (s instanceof WebSocket) s.terminate() })
+  const connect = async (auth: string | undefined): Promise<WebSocket | { code: string, status: number }> => {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/ws`, { headers: headers(auth) })
+    ws.on('error', () => {})
+    return await new Promise(resolve => {
+      ws.once('open', () => resolve(ws))
+      ws.once('unexpected-response', (req, res) => {
+        let text = ''
+        res.on('data', (c: Buffer) => { text += c.toString() })
+        res.on('end', () => { req.destroy(); resolve(JSON.parse(text) as { code: string, status: number }) })
+      })
+    })
+  }
+  const websocket: Face = async (op, input, auth) => {
+    const key = auth ?? ''
+    let ws = sockets.get(key)
+    if (ws === undefined) {
+      ws = await connect(auth)
+      sockets.set(key, ws)
+    }
+    if (!(ws instanceof WebSocket)) return { ok: false, code: ws.code, status: ws.status }
+    const socket = ws
+    const id = randomUUID()
+    const answer = new Promise<{ result?: unknown, error?: { code: string, status: number } }>(resolve => {
+      const onMessage = (data: WebSocket.RawData): void => {
+        const frame = JSON.parse(String(data)) as { id?: string, result?: unknown, error?: { code: string, status: number } }
+        if (frame.id === id) { socket.off('message', onMessage); resolve(frame) }
+      }
+      socket.on('message', onMessage)
+    })
+    socket.send(JSON.stringify({ id, op: op.name, input }))
+    const frame = await answer
+    return frame.error === undefined ? { ok: true, value: frame.result } : { ok: false, code: frame.error.code, status: frame.error.status }
+  }
+  return { rest, batch, trpc, graphql, websocket }
+}
+
+interface Case { name: string, op: string, input: Record<string, unknown>, auth?: TokenOptions | 'none', expect: { ok: true, strip?: string[] } | { code: string, status: number } }
+
+async function runTable (t: Test, app: FastifyInstance, cases: Case[]): Promise<void> {
+  const byFace = await faces(t, app)
+  for (const c of cases) {
+    const op = app.pipeline.manifest.byName.get(c.op)!
+    const outcomes: Partial<Record<typeof FACES[number], Outcome>> = {}
+    for (const face of FACES) {
+      // Each face works in a tenant of its own, so the same mutation gives the same answer.
+      const tokenOptions = c.auth === 'none' ? undefined : { tenant: `same-${face}`, ...c.auth }
+      const auth = tokenOptions === undefined ? undefined : `Bearer ${token(tokenOptions)}`
+      outcomes[face] = await byFace[face](op, structuredClone(c.input), auth)
+    }
+    const strip = 'ok' in c.expect ? c.expect.strip ?? [] : []
+    const view = (o: Outcome): unknown => o.ok ? { ok: true, value: normalize(JSON.parse(JSON.stringify(o.value, (k, v) => strip.includes(k) ? undefined : v))) } : o
+    if ('ok' in c.expect) t.ok(outcomes.rest!.ok, `${c.name}: REST succeeds`)
+    else t.same(outcomes.rest, { ok: false, ...c.expect }, `${c.name}: REST answers ${c.expect.code}`)
+    for (const face of FACES) t.same(view(outcomes[face]!), view(outcomes.rest!), `${c.name}: ${face} answers as REST`)
+  }
+}
+
+t.test('the demo manifest answers the same on every face', async t => {
+  // Runs stay queued (no background change) so every face reads the same run.
+  const kernel = await startKernel({ port: 0, runDelayMs: 600_000 })
+  t.teardown(() => kernel.close())
+  const app = await buildTestApp(t, {}, { kernelUrl: kernel.url })
+  const times = ['createdAt', 'updatedAt']
+  await runTable(t, app, [
+    { name: 'list agents', op: 'listAgents', input: { limit: 2 }, expect: { ok: true } },
+    { name: 'get an agent', op: 'getAgent', input: { id: 'a1' }, expect: { ok: true } },
+    { name: 'search documents', op: 'searchDocuments', input: { q: 'a' }, expect: { ok: true } },
+    { name: 'a restricted document', op: 'getDocument', input: { id: 'd1' }, expect: { ok: true } },
+    { name: 'create an agent', op: 'createAgent', input: { name: 'Same everywhere', model: 'm1' }, expect: { ok: true, strip: times } },
+    { name: 'update an agent', op: 'updateAgent', input: { id: 'a2', name: 'Renamed' }, expect: { ok: true, strip: times } },
+    { name: 'start a run', op: 'runAgent', input: { id: 'a1', prompt: 'Summarise the report' }, expect: { ok: true, strip: times } },
+    { name: 'read the run', op: 'getRun', input: { id: 'r1' }, expect: { ok: true, strip: times } },
+    { name: 'list the runs', op: 'listRuns', input: { id: 'a1' }, expect: { ok: true, strip: times } },
+    { name: 'delete an agent', op: 'deleteAgent', input: { id: 'a3' }, expect: { ok: true, strip: times } },
+    { name: 'no token', op: 'getAgent', input: { id: 'a1' }, auth: 'none', expect: { code: 'UNAUTHENTICATED', status: 401 } },
+    { name: 'expired token', op: 'getAgent', input: { id: 'a1' }, auth: { ttlSeconds: -60 }, expect: { code: 'UNAUTHENTICATED', status: 401 } },
+    { name: 'forged token', op: 'listAgents', input: {}, auth: { secret: 'a-different-secret-that-is-long-enough-0000' }, expect: { code: 'UNAUTHENTICATED', status: 401 } },
+    { name: 'missing role', op: 'runAgent', input: { id: 'a1', prompt: 'x' }, auth: { roles: ['viewer'] }, expect: { code: 'FORBIDDEN', status: 403 } },
+    { name: 'zone too low', op: 'getDocument', input: { id: 'd1' }, auth: { roles: ['viewer'], zone: 'internal' }, expect: { code: 'FORBIDDEN', status: 403 } },
+    { name: 'not system', op: 'kernelHeaders', input: {}, auth: { roles: ['viewer'], zone: 'restricted' }, expect: { code: 'FORBIDDEN', status: 403 } },
+    { name: 'limit out of range', op: 'listAgents', input: { limit: 1000 }, expect: { code: 'VALIDATION_FAILED', status: 400 } },
+    { name: 'prompt missing', op: 'runAgent', input: { id: 'a1' }, expect: { code: 'VALIDATION_FAILED', status: 400 } },
+    { name: 'unknown agent', op: 'getAgent', input: { id: 'zz' }, expect: { code: 'NOT_FOUND', status: 404 } },
+    { name: 'unknown run', op: 'getRun', input: { id: 'r999' }, expect: { code: 'NOT_FOUND', status: 404 } }
+  ])
+})
+
+t.test('a test-only manifest answers the same on every face, Kernel failures included', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/parcels/p1': (_req, res) => json(res, 200, { id: 'p1', weightGrams: 1200, fragile: true, tags: ['glass'], internal: 'x' }),
+    'GET /v1/parcels/broken': (_req, res) => json(res, 500, { message: 'database on fire' }),
+    'GET /v1/parcels/slow': (_req, res) => { setTimeout(() => json(res, 200, { id: 'slow' }), 400).unref() },
+    'POST /v1/parcels': (req, res) => json(res, 201, { id: 'p2', ...(JSON.parse(req.body) as object) }),
+    'POST /v1/parcels/locked/deliveries': (_req, res) => json(res, 409, { message: 'parcel is locked' })
+  })
+  const parcel = { type: 'object', required: ['id'], properties: { id: { type: 'string' }, weightGrams: { type: 'integer', minimum: 0, maximum: 100000 }, fragile: { type: 'boolean' }, tags: { type: 'array', items: { type: 'string' } } } }
+  const manifest = testManifest({
+    trackParcel: { type: 'query', rest: 'GET /parcels/:id', kernel: 'GET /v1/parcels/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { $ref: '#/schemas/Parcel' }, timeoutMs: 150 },
+    sendParcel: { type: 'mutation', rest: 'POST /parcels', kernel: 'POST /v1/parcels', input: { type: 'object', required: ['weightGrams'], additionalProperties: false, properties: { weightGrams: { type: 'integer', minimum: 1, maximum: 100000 }, fragile: { type: 'boolean' }, tags: { type: 'array', items: { type: 'string' } } } }, output: { $ref: '#/schemas/Parcel' } },
+    deliver: { type: 'mutation', rest: 'POST /parcels/:id/deliveries', kernel: 'POST /v1/parcels/{id}/deliveries', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { $ref: '#/schemas/Parcel' } }
+  }, { retries: 0, circuitBreaker: { threshold: 1000, resetTimeoutMs: 1000 } }, { schemas: { Parcel: parcel } })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  await runTable(t, app, [
+    { name: 'track', op: 'trackParcel', input: { id: 'p1' }, expect: { ok: true } },
+    { name: 'send', op: 'sendParcel', input: { weightGrams: 500, fragile: false, tags: ['a', 'b'] }, expect: { ok: true } },
+    { name: 'too heavy', op: 'sendParcel', input: { weightGrams: 1e6 }, expect: { code: 'VALIDATION_FAILED', status: 400 } },
+    { name: 'wrong type', op: 'sendParcel', input: { weightGrams: 5, fragile: 'yes' }, expect: { code: 'VALIDATION_FAILED', status: 400 } },
+    { name: 'Kernel 404', op: 'trackParcel', input: { id: 'nowhere' }, expect: { code: 'NOT_FOUND', status: 404 } },
+    { name: 'Kernel 409', op: 'deliver', input: { id: 'locked' }, expect: { code: 'KERNEL_REJECTED', status: 409 } },
+    { name: 'Kernel 500', op: 'trackParcel', input: { id: 'broken' }, expect: { code: 'KERNEL_ERROR', status: 502 } },
+    { name: 'Kernel too slow', op: 'trackParcel', input: { id: 'slow' }, expect: { code: 'KERNEL_TIMEOUT', status: 504 } }
+  ])
+})
+
+t.test('an unreachable Kernel is 503 on every face', async t => {
+  const port = await closedPort()
+  const manifest = testManifest({
+    ping: { type: 'query', rest: 'GET /ping', kernel: 'GET /v1/ping', output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
+  }, { retries: 0 })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: `http://127.0.0.1:${port}` })
+  await runTable(t, app, [{ name: 'refused', op: 'ping', input: {}, expect: { code: 'KERNEL_UNAVAILABLE', status: 503 } }])
+})
