@@ -1,18 +1,28 @@
-// `npm run bench`: REST getAgent against the Kernel alone, a bare Fastify pass-through and the
-// gateway in two configurations, each in its own process, in interleaved rounds. The machine
-// is shared (2 cores for load generator, gateway and Kernel), so the figures to compare are the
-// ratios between targets measured side by side, not the absolute numbers.
-import autocannon from 'autocannon'
+// `npm run bench`, in sections (--section, default all = spine + faces):
+// - spine: REST getAgent against the Kernel alone, a bare Fastify pass-through and the gateway
+//   in two configurations, each in its own process, in interleaved rounds;
+// - faces: getAgent over REST, tRPC, GraphQL and WebSocket against one gateway process with
+//   every face on (bench-faces.ts);
+// - ws-scale: N concurrent subscribed WebSocket connections, the gateway's memory and the
+//   fan-out time of events (bench-ws-scale.ts; only when asked for).
+// The machine is shared (2 cores for load generator, gateway and Kernel), so the figures to
+// compare are the ratios between targets measured side by side, not the absolute numbers.
 import { randomBytes } from 'node:crypto'
 import { mkdirSync, writeFileSync } from 'node:fs'
 import { cpus, totalmem, type as osType, release, arch } from 'node:os'
 import { dirname, resolve } from 'node:path'
 import { parseArgs } from 'node:util'
 import {
-  REPO_ROOT, REST_TARGETS, benchToken, killAllNow, median, requestFor, startKernelProcess, startTargets, stopAll,
+  GATEWAY_SPINE, REPO_ROOT, REST_TARGETS, benchToken, killAllNow, median, requestFor, startKernelProcess, startTargets, stopAll,
   type RunningProcess, type Target, type TargetContext
 } from './harness.js'
+import { fmt, measure, signed, sleep, textTable, type RunFigures } from './measure.js'
 import { getAgent, type ScenarioDefinition } from './scenarios.js'
+import { runFaces, type FacesReport } from './bench-faces.js'
+import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
+
+const SECTIONS = ['spine', 'faces', 'ws-scale'] as const
+type Section = typeof SECTIONS[number]
 
 interface Options {
   duration: number
@@ -20,18 +30,15 @@ interface Options {
   connections: number
   only: string[] | null
   out: string
-}
-
-interface RunFigures {
-  reqPerSec: number
-  p50Ms: number
-  p99Ms: number
-  /** p99 from every 2xx response time at µs resolution (autocannon's histogram keeps whole ms). */
-  p99FineMs: number
-  requests: number
-  non2xx: number
-  errors: number
-  timeouts: number
+  sections: Section[]
+  /** ws-scale: concurrent WebSocket connections. */
+  connectionsScale: number
+  /** ws-scale: client processes (null: enough for the file-descriptor limit, at least 2). */
+  scaleClients: number | null
+  /** ws-scale: connections being opened at once, over every client. */
+  scaleBatch: number
+  /** ws-scale: events published one after the other. */
+  scaleEvents: number
 }
 
 interface TargetReport {
@@ -71,12 +78,19 @@ function parseOptions (argv: string[]): Options {
       connections: { type: 'string', default: '50' },
       only: { type: 'string' },
       out: { type: 'string' },
+      section: { type: 'string', default: 'all' },
+      'connections-scale': { type: 'string', default: '10000' },
+      'scale-clients': { type: 'string' },
+      'scale-batch': { type: 'string', default: '500' },
+      'scale-events': { type: 'string', default: '5' },
       help: { type: 'boolean', default: false }
     }
   })
   if (values.help === true) {
-    process.stdout.write('usage: npm run bench -- [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
-      `targets: ${REST_TARGETS.map((t) => t.name).join(', ')}\n`)
+    process.stdout.write('usage: npm run bench -- [--section spine|faces|ws-scale|all (comma-separated; default all = spine,faces)]\n' +
+      '         [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
+      '         [--connections-scale <n>] [--scale-clients <n>] [--scale-batch <n>] [--scale-events <n>]\n' +
+      `spine targets: ${REST_TARGETS.map((t) => t.name).join(', ')}\n`)
     process.exit(0)
   }
   const positive = (name: string, raw: string, integer: boolean): number => {
@@ -94,45 +108,31 @@ function parseOptions (argv: string[]): Options {
       throw new UsageError(`--only: unknown target ${JSON.stringify(unknown.join(','))}; known: ${REST_TARGETS.map((t) => t.name).join(', ')}`)
     }
   }
+  const sections = new Set<Section>()
+  for (const name of values.section.split(',').map((s) => s.trim()).filter((s) => s !== '')) {
+    if (name === 'all') {
+      sections.add('spine')
+      sections.add('faces')
+    } else if ((SECTIONS as readonly string[]).includes(name)) {
+      sections.add(name as Section)
+    } else {
+      throw new UsageError(`--section: unknown section ${JSON.stringify(name)}; known: ${SECTIONS.join(', ')}, all`)
+    }
+  }
+  if (sections.size === 0) throw new UsageError('--section: name at least one section')
   const stamp = new Date().toISOString().replace(/[:.]/g, '-')
   return {
     duration: positive('duration', values.duration, false),
     rounds: positive('rounds', values.rounds, true),
     connections: positive('connections', values.connections, true),
     only,
-    out: values.out === undefined ? resolve(REPO_ROOT, 'loadtest/results', `bench-${stamp}.json`) : resolve(values.out)
-  }
-}
-
-/** One autocannon run; response times are also collected at full resolution for p99FineMs. */
-async function measure (target: Target, scenario: ScenarioDefinition, seconds: number, connections: number): Promise<RunFigures> {
-  const req = requestFor(target, scenario)
-  const times: number[] = []
-  const result = await new Promise<autocannon.Result>((resolve, reject) => {
-    const instance = autocannon({
-      url: req.url,
-      method: req.method,
-      headers: req.headers,
-      ...(req.body === undefined ? {} : { body: req.body }),
-      connections,
-      pipelining: 1,
-      duration: seconds
-    }, (err: unknown, res: autocannon.Result) => { if (err === null || err === undefined) resolve(res); else reject(err) })
-    instance.on('response', (_client, statusCode, _bytes, responseTime) => {
-      if (statusCode >= 200 && statusCode < 300) times.push(responseTime)
-    })
-  })
-  times.sort((a, b) => a - b)
-  const fine = times.length === 0 ? Number.NaN : times[Math.min(times.length - 1, Math.ceil(times.length * 0.99) - 1)]
-  return {
-    reqPerSec: result.requests.average,
-    p50Ms: result.latency.p50,
-    p99Ms: result.latency.p99,
-    p99FineMs: fine,
-    requests: result.requests.total,
-    non2xx: result.non2xx,
-    errors: result.errors,
-    timeouts: result.timeouts
+    out: values.out === undefined ? resolve(REPO_ROOT, 'loadtest/results', `bench-${stamp}.json`) : resolve(values.out),
+    // In the order they are run.
+    sections: SECTIONS.filter((name) => sections.has(name)),
+    connectionsScale: positive('connections-scale', values['connections-scale'], true),
+    scaleClients: values['scale-clients'] === undefined ? null : positive('scale-clients', values['scale-clients'], true),
+    scaleBatch: positive('scale-batch', values['scale-batch'], true),
+    scaleEvents: positive('scale-events', values['scale-events'], true)
   }
 }
 
@@ -146,10 +146,6 @@ async function preflight (target: Target, scenario: ScenarioDefinition): Promise
   }
 }
 
-const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms))
-const fmt = (n: number | null, digits: number): string => n === null || Number.isNaN(n) ? '-' : n.toFixed(digits)
-const signed = (n: number | null, digits: number): string => n === null || Number.isNaN(n) ? '-' : (n >= 0 ? '+' : '') + n.toFixed(digits)
-
 function table (rows: readonly TargetReport[]): string {
   const header = ['target', 'req/s', 'p50 ms', 'p99 ms', 'x kernel', 'x passthrough', 'p99 vs passthrough ms', 'status']
   const body = rows.map((r) => [
@@ -162,21 +158,24 @@ function table (rows: readonly TargetReport[]): string {
     signed(r.p99DiffToPassthroughMs, 2),
     r.flagged ? `FLAGGED: ${r.non2xx} non-2xx, ${r.errors} errors (${r.timeouts} timeouts)` : 'ok'
   ])
-  const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => row[i].length)))
-  const line = (cells: string[]): string => cells.map((c, i) => i === 0 || i === cells.length - 1 ? c.padEnd(widths[i]) : c.padStart(widths[i])).join('  ').trimEnd()
-  return [line(header), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)].join('\n')
+  return textTable(header, body)
 }
 
-async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
+interface Machine { cpu: string, cores: number, memoryGiB: number, os: string }
+
+interface SpineResult {
+  scenario: ScenarioDefinition
+  goal: typeof GOAL & { evaluated: boolean, met: boolean, text: string }
+  targets: TargetReport[]
+  /** The gateway-spine process, when this section started it: the faces section reuses it. */
+  gatewaySpine: Target | null
+}
+
+/** The spine section: the REST targets in interleaved rounds, the table and the spine goal. */
+async function runSpine (opts: Options, ctx: TargetContext, processes: RunningProcess[], machine: Machine): Promise<SpineResult> {
   const scenario = getAgent
   const defs = REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name))
   const started = new Date()
-  // Every target is measured once per round plus a warm-up; the token must outlive all of it.
-  const estimatedSeconds = defs.length * (opts.rounds * opts.duration + WARMUP_SECONDS + 5)
-  const secret = randomBytes(32).toString('hex')
-  const kernel = await startKernelProcess()
-  processes.push(kernel.process)
-  const ctx: TargetContext = { kernelUrl: kernel.url, secret, token: benchToken(secret, Math.max(3600, Math.ceil(estimatedSeconds * 2))) }
   const targets = await startTargets(defs, ctx, processes)
 
   for (const target of targets) await preflight(target, scenario)
@@ -257,13 +256,6 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     }
   }
 
-  const cpu = cpus()
-  const machine = {
-    cpu: cpu[0]?.model ?? 'unknown',
-    cores: cpu.length,
-    memoryGiB: Number((totalmem() / 2 ** 30).toFixed(1)),
-    os: `${osType()} ${release()} ${arch()}`
-  }
   const header = [
     `Mantle bench — ${scenario.operation} (${scenario.method} ${scenario.path})`,
     `machine  ${machine.cpu} x ${machine.cores}, ${machine.memoryGiB} GiB, ${machine.os}`,
@@ -272,18 +264,57 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     `options  duration ${opts.duration} s x ${opts.rounds} rounds (median), ${opts.connections} connections, warm-up ${WARMUP_SECONDS} s, targets ${targets.map((t) => t.name).join(',')}`
   ]
   process.stdout.write('\n' + header.join('\n') + '\n\n' + table(reports) + '\n\n' + goal.text + '\n')
+  return { scenario, goal: { ...GOAL, ...goal }, targets: reports, gatewaySpine: targets.find((t) => t.name === GATEWAY_SPINE.name) ?? null }
+}
 
-  mkdirSync(dirname(opts.out), { recursive: true })
-  writeFileSync(opts.out, JSON.stringify({
-    scenario,
+async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
+  const started = new Date()
+  const cpu = cpus()
+  const machine: Machine = {
+    cpu: cpu[0]?.model ?? 'unknown',
+    cores: cpu.length,
+    memoryGiB: Number((totalmem() / 2 ** 30).toFixed(1)),
+    os: `${osType()} ${release()} ${arch()}`
+  }
+  // Every target and face is measured once per round plus a warm-up; the token must outlive it all.
+  const spineTargets = opts.sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name)).length : 0
+  const faces = opts.sections.includes('faces') ? 4 : 0
+  const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5)
+  const secret = randomBytes(32).toString('hex')
+  const kernel = await startKernelProcess()
+  processes.push(kernel.process)
+  const ctx: TargetContext = { kernelUrl: kernel.url, secret, token: benchToken(secret, Math.max(3600, Math.ceil(estimatedSeconds * 2))) }
+
+  // The JSON keeps the spine section's fields at the top level, as before the other sections.
+  const report: Record<string, unknown> = {
+    sections: opts.sections,
     machine,
     node: process.version,
     date: started.toISOString(),
-    options: { ...opts, warmupSeconds: WARMUP_SECONDS },
-    goal: { ...GOAL, ...goal },
-    targets: reports
-  }, null, 2) + '\n')
-  process.stdout.write(`results  ${opts.out}\n`)
+    options: { ...opts, warmupSeconds: WARMUP_SECONDS }
+  }
+  let gatewaySpine: Target | null = null
+  if (opts.sections.includes('spine')) {
+    const spine = await runSpine(opts, ctx, processes, machine)
+    gatewaySpine = spine.gatewaySpine
+    Object.assign(report, { scenario: spine.scenario, goal: spine.goal, targets: spine.targets })
+  }
+  if (opts.sections.includes('faces')) {
+    const reused = gatewaySpine !== null
+    // One gateway process with every face on: the spine section's gateway-spine when it ran.
+    gatewaySpine ??= (await startTargets([GATEWAY_SPINE], ctx, processes))[0]
+    const faces: FacesReport = await runFaces({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, gatewaySpine, reused, machine)
+    report.faces = faces
+  }
+  if (opts.sections.includes('ws-scale')) {
+    const scale: WsScaleReport = await runWsScale({ connections: opts.connectionsScale, clients: opts.scaleClients, batch: opts.scaleBatch, events: opts.scaleEvents }, ctx, processes, machine)
+    report.wsScale = scale
+  }
+
+  mkdirSync(dirname(opts.out), { recursive: true })
+  // NaN (no value) becomes null.
+  writeFileSync(opts.out, JSON.stringify(report, null, 2) + '\n')
+  process.stdout.write(`\nresults  ${opts.out}\n`)
 }
 
 async function main (): Promise<void> {

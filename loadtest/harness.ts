@@ -1,7 +1,8 @@
-// Reusable pieces of the load-test harness: statistics, free ports, target processes and the
-// shapes of scenarios and targets. Later faces (tRPC, GraphQL, WebSocket) add targets and
-// scenarios here without touching the runner in bench.ts.
+// Reusable pieces of the load-test harness: statistics, free ports, target processes, worker
+// processes (load generators that are not autocannon), the shapes of scenarios and targets,
+// and the gateway configurations every section measures.
 import { spawn, type ChildProcess } from 'node:child_process'
+import { readFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { fileURLToPath } from 'node:url'
 import { mintToken } from '../plugins/auth/index.js'
@@ -98,29 +99,46 @@ const CONTROLLED_ENV = /^(BFF_|KERNEL_|PORT$|HOST$|LOG_LEVEL$|NODE_ENV$|NODE_OPT
 
 const children = new Set<ChildProcess>()
 const TAIL_CHARS = 4000
+// A worker's whole stdout is its report; anything beyond this is not a report.
+const MAX_STDOUT_CHARS = 4 * 1024 * 1024
+
+interface SpawnedChild {
+  child: ChildProcess
+  /** The last TAIL_CHARS of stdout and stderr together, to explain a failure. */
+  tail: () => string
+  /** All of stdout (up to MAX_STDOUT_CHARS). */
+  stdout: () => string
+  exited: Promise<void>
+  spawnFailure: { error: Error | null }
+  stop: () => Promise<void>
+}
 
 /**
- * Starts `node --import tsx <script>` as its own process (never in the harness process, whose
- * CPU time goes to the load generator) and waits until it answers. The child also loads
- * child-guard.ts, which ends it when the harness disappears without cleaning up (SIGKILL).
+ * `node --import tsx --import ./loadtest/child-guard.ts <script>` from the repository root,
+ * registered for stopAll/killAllNow. Inherited settings that change a configuration are dropped.
  */
-export async function startProcess (opts: ProcessOptions): Promise<RunningProcess> {
+function spawnChild (script: string, extraEnv: Record<string, string>, ipc: boolean, args: readonly string[] = []): SpawnedChild {
   const env: Record<string, string> = {}
   for (const [key, value] of Object.entries(process.env)) {
     if (value !== undefined && !CONTROLLED_ENV.test(key)) env[key] = value
   }
-  Object.assign(env, opts.env)
-  const child = spawn(process.execPath, ['--import', 'tsx', '--import', './loadtest/child-guard.ts', opts.script], {
+  Object.assign(env, extraEnv)
+  const child = spawn(process.execPath, ['--import', 'tsx', '--import', './loadtest/child-guard.ts', script, ...args], {
     cwd: REPO_ROOT,
     env,
-    // stdin is the guard's lifeline; stdout/stderr are kept (tail only) to explain a failed start.
-    stdio: ['pipe', 'pipe', 'pipe']
+    // stdin is the guard's lifeline; stdout/stderr are kept to explain a failed start (and, for
+    // a worker, stdout is its report); an IPC channel for the workers that are driven step by step.
+    stdio: ipc ? ['pipe', 'pipe', 'pipe', 'ipc'] : ['pipe', 'pipe', 'pipe']
   })
   children.add(child)
   let tail = ''
-  const keep = (chunk: Buffer): void => { tail = (tail + chunk.toString('utf8')).slice(-TAIL_CHARS) }
-  child.stdout?.on('data', keep)
-  child.stderr?.on('data', keep)
+  let out = ''
+  child.stdout?.on('data', (chunk: Buffer) => {
+    const text = chunk.toString('utf8')
+    tail = (tail + text).slice(-TAIL_CHARS)
+    if (out.length < MAX_STDOUT_CHARS) out += text
+  })
+  child.stderr?.on('data', (chunk: Buffer) => { tail = (tail + chunk.toString('utf8')).slice(-TAIL_CHARS) })
   // The child may die while we write to its stdin: that is reported by the exit, not as a crash.
   child.stdin?.on('error', () => {})
   // 'error' without 'exit' happens when the process could not be spawned at all.
@@ -144,15 +162,67 @@ export async function startProcess (opts: ProcessOptions): Promise<RunningProces
     await exited
     clearTimeout(timer)
   }
+  return { child, tail: () => tail, stdout: () => out, exited, spawnFailure, stop }
+}
 
+/**
+ * Starts `node --import tsx <script>` as its own process (never in the harness process, whose
+ * CPU time goes to the load generator) and waits until it answers. The child also loads
+ * child-guard.ts, which ends it when the harness disappears without cleaning up (SIGKILL).
+ */
+export async function startProcess (opts: ProcessOptions): Promise<RunningProcess> {
+  const { child, tail, spawnFailure, stop } = spawnChild(opts.script, opts.env, false)
   try {
-    await waitReady(opts, child, () => tail, spawnFailure)
+    await waitReady(opts, child, tail, spawnFailure)
   } catch (err) {
     await stop()
     throw err
   }
   if (child.pid === undefined) throw new Error(`${opts.name}: no pid`)
   return { name: opts.name, pid: child.pid, stop }
+}
+
+export interface WorkerOptions {
+  name: string
+  /** A TypeScript entry point, relative to the repository root. */
+  script: string
+  env: Record<string, string>
+  args?: readonly string[]
+  /** An IPC channel (child.send / process.send) for a worker driven step by step. */
+  ipc?: boolean
+}
+
+export interface Worker extends RunningProcess {
+  child: ChildProcess
+  /** Resolves when the worker exits, with its exit code and whole stdout. */
+  done: Promise<{ code: number | null, signal: NodeJS.Signals | null, stdout: string, tail: string }>
+}
+
+/**
+ * A load generator in its own process (the WebSocket runners), so that the harness process does
+ * not compete with it. No readiness poll: the worker reports on stdout or over IPC.
+ */
+export function startWorker (opts: WorkerOptions): Worker {
+  const spawned = spawnChild(opts.script, opts.env, opts.ipc === true, opts.args ?? [])
+  const { child } = spawned
+  const done = spawned.exited.then(() => {
+    if (spawned.spawnFailure.error !== null) throw new Error(`${opts.name}: could not start: ${spawned.spawnFailure.error.message}`)
+    return { code: child.exitCode, signal: child.signalCode, stdout: spawned.stdout(), tail: spawned.tail() }
+  })
+  // Whoever awaits `done` sees a failure; an unobserved one must not crash the harness.
+  done.catch(() => {})
+  return { name: opts.name, pid: child.pid ?? -1, child, done, stop: spawned.stop }
+}
+
+/** Resident set size of a process in KiB (VmRSS of /proc/<pid>/status); NaN off Linux. */
+export function rssKiB (pid: number): number {
+  try {
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8')
+    const match = /^VmRSS:\s+(\d+)\s+kB/m.exec(status)
+    return match === null ? Number.NaN : Number(match[1])
+  } catch {
+    return Number.NaN
+  }
 }
 
 async function waitReady (opts: ProcessOptions, child: ChildProcess, tail: () => string, spawnFailure: { error: Error | null }): Promise<void> {
@@ -220,10 +290,14 @@ export interface TargetDefinition {
 /** The tenant of every benchmark request (header for the Kernel and the pass-through, claim for the gateway). */
 export const BENCH_TENANT = 'bench'
 
-const GATEWAY_FLAGS = ['BFF_AUTH_ENABLED', 'BFF_METRICS_ENABLED', 'BFF_OPENAPI_ENABLED', 'BFF_CIRCUIT_BREAKER_ENABLED'] as const
+/** The concerns of the spine; each gateway target sets every one of them, on or off. */
+const SPINE_FLAGS = ['BFF_AUTH_ENABLED', 'BFF_METRICS_ENABLED', 'BFF_OPENAPI_ENABLED', 'BFF_CIRCUIT_BREAKER_ENABLED'] as const
+/** The faces besides REST (REST is always on). They default to on: the targets set them explicitly. */
+const FACE_FLAGS = ['BFF_TRPC_ENABLED', 'BFF_GRAPHQL_ENABLED', 'BFF_WEBSOCKET_ENABLED'] as const
+const GATEWAY_FLAGS = [...SPINE_FLAGS, ...FACE_FLAGS] as const
 type GatewayFlag = typeof GATEWAY_FLAGS[number]
 
-function gatewayEnv (on: readonly GatewayFlag[]): TargetDefinition['process'] {
+function gatewayEnv (on: readonly GatewayFlag[], extra: (ctx: TargetContext) => Record<string, string> = () => ({})): TargetDefinition['process'] {
   return {
     script: 'server.ts',
     env: (ctx, port) => {
@@ -237,9 +311,34 @@ function gatewayEnv (on: readonly GatewayFlag[]): TargetDefinition['process'] {
         BFF_JWT_SECRET: ctx.secret
       }
       for (const flag of GATEWAY_FLAGS) env[flag] = String(on.includes(flag))
-      return env
+      return { ...env, ...extra(ctx) }
     },
     readyPath: '/healthz'
+  }
+}
+
+/**
+ * The gateway as deployed: auth, metrics, OpenAPI and the circuit breaker on, and every face
+ * (tRPC, GraphQL, WebSocket) served by the same process. The spine section measures its REST
+ * face; the faces section measures all four faces of this one process.
+ */
+export const GATEWAY_SPINE: TargetDefinition = {
+  name: 'gateway-spine',
+  description: 'Mantle, auth + metrics + OpenAPI + circuit breaker on, every face on',
+  process: gatewayEnv(GATEWAY_FLAGS),
+  headers: (ctx) => ({ authorization: `Bearer ${ctx.token}` })
+}
+
+/**
+ * The gateway of the WebSocket scale run: the same configuration, plus BFF_INTERNAL_TOKEN so
+ * that the harness may publish events with POST /internal/events.
+ */
+export function gatewayScale (internalToken: string): TargetDefinition {
+  return {
+    name: 'gateway-scale',
+    description: 'Mantle, as gateway-spine, with BFF_INTERNAL_TOKEN set',
+    process: gatewayEnv(GATEWAY_FLAGS, () => ({ BFF_INTERNAL_TOKEN: internalToken })),
+    headers: () => ({})
   }
 }
 
@@ -268,22 +367,25 @@ export const REST_TARGETS: readonly TargetDefinition[] = [
   },
   {
     name: 'gateway-off',
-    description: 'Mantle, every BFF_*_ENABLED false',
+    description: 'Mantle, every BFF_*_ENABLED false (faces too: REST only)',
     process: gatewayEnv([]),
     // Identity off: the gateway calls the Kernel as the public tenant whatever the client says.
     headers: () => ({})
   },
-  {
-    name: 'gateway-spine',
-    description: 'Mantle, auth + metrics + OpenAPI + circuit breaker on',
-    process: gatewayEnv(GATEWAY_FLAGS),
-    headers: (ctx) => ({ authorization: `Bearer ${ctx.token}` })
-  }
+  GATEWAY_SPINE
 ]
 
 /** A bearer token for the benchmark tenant; roles cover every demo REST scenario. */
 export function benchToken (secret: string, ttlSeconds: number): string {
   return mintToken(secret, { tenant: BENCH_TENANT, user: 'bench', roles: ['viewer', 'operator'], zone: 'public', ttlSeconds })
+}
+
+/** The tenant of the WebSocket scale run. */
+export const SCALE_TENANT = 'scale'
+
+/** One token for every connection of the scale run: tenant scale, role viewer (runUpdated). */
+export function scaleToken (secret: string, ttlSeconds: number): string {
+  return mintToken(secret, { tenant: SCALE_TENANT, user: 'scale', roles: ['viewer'], zone: 'public', ttlSeconds })
 }
 
 /** Starts the demo Kernel in its own process on a free port. */

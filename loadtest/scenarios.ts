@@ -52,3 +52,102 @@ export const runAgent: ScenarioDefinition = {
 }
 
 export const SCENARIOS: readonly ScenarioDefinition[] = [getAgent, listAgents, runAgent]
+
+// --- the other faces (CONTRACT §3): the same operation, getAgent(id a1), over every face ---
+
+/** What a correct answer carries: the JSON value at `path` equals `equals`. */
+export interface AnswerCheck {
+  path: readonly string[]
+  equals: string
+}
+
+export interface FaceScenarioDefinition extends ScenarioDefinition {
+  face: 'rest' | 'trpc' | 'graphql'
+  /** A 200 is not enough (GraphQL answers errors with 200): the answer must carry this. */
+  check: AnswerCheck
+}
+
+/** The getAgent input every face sends. */
+export const GET_AGENT_INPUT = { id: 'a1' } as const
+
+/** REST getAgent as a face scenario: the baseline of the faces section. */
+export const restGetAgent: FaceScenarioDefinition = {
+  ...getAgent,
+  face: 'rest',
+  check: { path: ['id'], equals: 'a1' }
+}
+
+/** tRPC getAgent: standard tRPC HTTP, a query over GET with ?input=, no data transformer. */
+export const trpcGetAgent: FaceScenarioDefinition = {
+  name: 'trpc-getAgent',
+  operation: 'getAgent',
+  face: 'trpc',
+  method: 'GET',
+  path: '/trpc/getAgent?input=' + encodeURIComponent(JSON.stringify(GET_AGENT_INPUT)),
+  expectedStatus: 200,
+  check: { path: ['result', 'data', 'id'], equals: 'a1' },
+  thresholds: { p99Ms: 10, errorRate: 0.001 }
+}
+
+/**
+ * The argument type of getAgent's `id` in the generated SDL. The input schema says
+ * `{ type: string, pattern }`: the GraphQL face maps it to `String!` (required string). The
+ * harness reads the type from the schema by introspection and uses that if it differs.
+ */
+export const GRAPHQL_ID_TYPE = 'String!'
+
+/** GraphQL getAgent: GraphQL over HTTP, POST /graphql, the id as a variable. */
+export const graphqlGetAgent: FaceScenarioDefinition = {
+  name: 'graphql-getAgent',
+  operation: 'getAgent',
+  face: 'graphql',
+  method: 'POST',
+  path: '/graphql',
+  body: { query: `query($id:${GRAPHQL_ID_TYPE}){ getAgent(id:$id){ id name model } }`, variables: GET_AGENT_INPUT },
+  expectedStatus: 200,
+  check: { path: ['data', 'getAgent', 'id'], equals: 'a1' },
+  thresholds: { p99Ms: 10, errorRate: 0.001 }
+}
+
+/** A call over one WebSocket connection: a frame out, an answer frame with the same id back. */
+export interface WsCallScenarioDefinition {
+  name: string
+  operation: string
+  face: 'websocket'
+  /** The upgrade path; the token goes in ?access_token= (browsers cannot set headers). */
+  path: string
+  /** The call frame without its id: `{"id":"<n>", ...frame}` is sent. */
+  frame: { op: string, input: Record<string, unknown> }
+  /** In the answer `{"id":"<n>","result":{...}}`, the value at result + path. */
+  check: AnswerCheck
+  thresholds: Thresholds
+}
+
+/** WebSocket getAgent: `{"id":"<n>","op":"getAgent","input":{"id":"a1"}}` on /ws. */
+export const wsGetAgent: WsCallScenarioDefinition = {
+  name: 'ws-getAgent',
+  operation: 'getAgent',
+  face: 'websocket',
+  path: '/ws',
+  frame: { op: 'getAgent', input: GET_AGENT_INPUT },
+  check: { path: ['id'], equals: 'a1' },
+  thresholds: { p99Ms: 10, errorRate: 0.001 }
+}
+
+/** The faces section of `npm run bench`: one row each, REST first (the baseline). */
+export const FACE_SCENARIOS: readonly [FaceScenarioDefinition, FaceScenarioDefinition, FaceScenarioDefinition, WsCallScenarioDefinition] =
+  [restGetAgent, trpcGetAgent, graphqlGetAgent, wsGetAgent]
+
+/** The faces goals: a face's req/s (calls/s for WebSocket) over REST's, measured side by side. */
+export const FACE_GOALS = { trpc: 0.85, graphql: 0.70, websocket: 1.0 } as const
+
+/** The WebSocket scale run: every connection holds this one subscription (role viewer). */
+export const wsSubscribeRunUpdated = {
+  name: 'ws-subscribe-runUpdated',
+  event: 'runUpdated',
+  topic: 'runs.updated',
+  path: '/ws',
+  frame: { id: 's', subscribe: 'runUpdated' },
+  /** The answer that confirms the subscription. */
+  subscribed: { id: 's', subscribed: 'runUpdated' }
+} as const

@@ -1,0 +1,60 @@
+// A latency histogram of fixed size, in the manner of HdrHistogram: values (microseconds) below
+// 128 get a bucket each; above, every power of two is split into 128 buckets, so a recorded
+// value is known to within 1/128 (< 0.8 %) whatever the number of samples. 26 octaves cover
+// 0 µs .. 2^32 µs (71 minutes); larger values land in the last bucket. The runners of the
+// WebSocket face record millions of calls in it at constant memory (3,328 counters).
+
+const SUB_BITS = 7
+const SUB_BUCKETS = 1 << SUB_BITS
+const OCTAVES = 32 - SUB_BITS + 1
+const MAX_VALUE = 2 ** 32 - 1
+
+function indexOf (value: number): number {
+  const v = value <= 0 ? 0 : value >= MAX_VALUE ? MAX_VALUE : Math.round(value)
+  if (v < SUB_BUCKETS) return v
+  const exponent = 31 - Math.clz32(v)
+  const shift = exponent - SUB_BITS
+  return (shift + 1) * SUB_BUCKETS + ((v >>> shift) - SUB_BUCKETS)
+}
+
+/** The midpoint of a bucket's range, in the recorded unit. */
+function valueOf (index: number): number {
+  if (index < 2 * SUB_BUCKETS) return index
+  const shift = Math.floor(index / SUB_BUCKETS) - 1
+  const low = ((index % SUB_BUCKETS) + SUB_BUCKETS) * 2 ** shift
+  return low + (2 ** shift - 1) / 2
+}
+
+export class Histogram {
+  readonly counts = new Float64Array(OCTAVES * SUB_BUCKETS)
+  total = 0
+  min = Number.POSITIVE_INFINITY
+  max = 0
+  private sum = 0
+
+  /** Records a latency given in milliseconds (kept at microsecond resolution). */
+  recordMs (ms: number): void {
+    const us = ms * 1000
+    this.counts[indexOf(us)]++
+    this.total++
+    this.sum += us
+    if (us < this.min) this.min = us
+    if (us > this.max) this.max = us
+  }
+
+  /** The q-quantile (0..1) in milliseconds; NaN when empty. */
+  quantileMs (q: number): number {
+    if (this.total === 0) return Number.NaN
+    const rank = Math.max(1, Math.ceil(q * this.total))
+    let seen = 0
+    for (let i = 0; i < this.counts.length; i++) {
+      seen += this.counts[i]
+      if (seen >= rank) return Math.min(Math.max(valueOf(i), this.min), this.max) / 1000
+    }
+    return this.max / 1000
+  }
+
+  meanMs (): number {
+    return this.total === 0 ? Number.NaN : this.sum / this.total / 1000
+  }
+}

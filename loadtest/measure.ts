@@ -1,0 +1,74 @@
+// The HTTP measurement every section shares (autocannon in the harness process), and the
+// formatting of the printed tables.
+import autocannon from 'autocannon'
+import { requestFor, type Scenario, type Target } from './harness.js'
+
+export interface RunFigures {
+  reqPerSec: number
+  p50Ms: number
+  p99Ms: number
+  /** p50 from every 2xx response time at full resolution (autocannon's histogram keeps whole ms). */
+  p50FineMs: number
+  /** p99 from every 2xx response time at full resolution (autocannon's histogram keeps whole ms). */
+  p99FineMs: number
+  requests: number
+  non2xx: number
+  errors: number
+  timeouts: number
+  /** 2xx answers whose body was not the expected one (only when an expected body is given). */
+  mismatches: number
+  /** CPU time of the load generator (this process) over the run, in % of one core. */
+  generatorCpuPct: number
+}
+
+/**
+ * One autocannon run; response times are also collected at full resolution for p50FineMs and
+ * p99FineMs. With `expectBody`, an answer with another body counts as a mismatch.
+ */
+export async function measure (target: Target, scenario: Scenario, seconds: number, connections: number, expectBody?: string): Promise<RunFigures> {
+  const req = requestFor(target, scenario)
+  const times: number[] = []
+  const cpu = process.cpuUsage()
+  const result = await new Promise<autocannon.Result>((resolve, reject) => {
+    const instance = autocannon({
+      url: req.url,
+      method: req.method,
+      headers: req.headers,
+      ...(req.body === undefined ? {} : { body: req.body }),
+      ...(expectBody === undefined ? {} : { expectBody }),
+      connections,
+      pipelining: 1,
+      duration: seconds
+    }, (err: unknown, res: autocannon.Result) => { if (err === null || err === undefined) resolve(res); else reject(err) })
+    instance.on('response', (_client, statusCode, _bytes, responseTime) => {
+      if (statusCode >= 200 && statusCode < 300) times.push(responseTime)
+    })
+  })
+  const used = process.cpuUsage(cpu)
+  times.sort((a, b) => a - b)
+  const at = (q: number): number => times.length === 0 ? Number.NaN : times[Math.min(times.length - 1, Math.max(0, Math.ceil(times.length * q) - 1))]
+  return {
+    reqPerSec: result.requests.average,
+    p50Ms: result.latency.p50,
+    p99Ms: result.latency.p99,
+    p50FineMs: at(0.5),
+    p99FineMs: at(0.99),
+    requests: result.requests.total,
+    non2xx: result.non2xx,
+    errors: result.errors,
+    timeouts: result.timeouts,
+    mismatches: result.mismatches,
+    generatorCpuPct: (used.user + used.system) / 10 / (seconds * 1000)
+  }
+}
+
+export const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms))
+export const fmt = (n: number | null, digits: number): string => n === null || Number.isNaN(n) ? '-' : n.toFixed(digits)
+export const signed = (n: number | null, digits: number): string => n === null || Number.isNaN(n) ? '-' : (n >= 0 ? '+' : '') + n.toFixed(digits)
+
+/** A plain-text table: the first and last columns left-aligned, the others right-aligned. */
+export function textTable (header: readonly string[], body: ReadonlyArray<readonly string[]>): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => row[i].length)))
+  const line = (cells: readonly string[]): string => cells.map((c, i) => i === 0 || i === cells.length - 1 ? c.padEnd(widths[i]) : c.padStart(widths[i])).join('  ').trimEnd()
+  return [line(header), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)].join('\n')
+}
