@@ -59,14 +59,7 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     const ctx = new CallContext(call.requestId, call.protocol, op, input as Record<string, unknown>, call.authorization, call.traceparent, op.type === 'mutation' ? call.idempotencyKey : undefined)
     if (call.memo !== undefined) ctx.memo = call.memo
     const entry = app.pipeline.entry(op.name)
-    const value = await entry.run(ctx)
-    let json: string
-    try {
-      json = value === null || value === undefined ? 'null' : entry.serialize(value)
-    } catch {
-      throw new MantleError('KERNEL_ERROR', `The Kernel's answer does not match the output schema of ${op.name}`)
-    }
-    return new FaceValue(json, ctx.status)
+    return new FaceValue(entry.serialize(await entry.run(ctx)), ctx.status)
   } catch (err) {
     const { problem, headers } = toProblem(err, call.requestId)
     if (problem.code === 'INTERNAL') app.log.error({ err, requestId: call.requestId }, 'unexpected error')

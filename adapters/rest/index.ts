@@ -6,8 +6,8 @@ import { MantleError } from '../../errors.js'
 import type { JsonSchema, Operation } from '../../manifest.js'
 
 // The REST face decodes (path params + query string or JSON body into one input), hands the
-// call to the pipeline and lets Fastify encode with the op's compiled output schema, so fields
-// the schema does not declare never reach the client. No policy lives here.
+// call to the pipeline and encodes with the op's compiled output serializer, so fields the
+// schema does not declare never reach the client. No policy lives here.
 
 const problem = { content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } } }
 const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/
@@ -79,11 +79,13 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     const headers = request.headers
     const ctx = new CallContext(request.id, 'rest', op, input, headers.authorization, single(headers.traceparent), op.type === 'mutation' ? idempotencyKeyOf(request) : undefined)
     const result = await entry.run(ctx)
-    if (ctx.status !== 200) {
-      reply.code(ctx.status)
-      if (ctx.status === 204) return reply.send()
-    }
-    return result
+    if (ctx.status === 204) return reply.code(204).send()
+    // The same compiled output serializer as every other face (the route's 2xx schema is for
+    // OpenAPI): undeclared fields never leave, and an answer that breaks it is KERNEL_ERROR.
+    const json = entry.serialize(result)
+    if (ctx.status !== 200) reply.code(ctx.status)
+    reply.type('application/json; charset=utf-8')
+    return json
   }
 }
 

@@ -43,8 +43,8 @@ export interface OperationEntry {
   run: Next
   stages: readonly string[]
   /**
-   * The op's output schema, compiled: JSON holding only what the schema declares. REST gets the
-   * same from its route's response schema; every other face and event uses this.
+   * The op's output schema, compiled: JSON holding only what the schema declares, for every
+   * face. An answer that breaks the schema is the Kernel's fault: KERNEL_ERROR, on every face.
    */
   readonly serialize: (value: unknown) => string
 }
@@ -69,9 +69,7 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
   const definitions: StageDefinition[] = [validationStage()]
   let terminal: ((op: Operation) => Next) | null = null
   const entries = new Map<string, OperationEntry>()
-  for (const op of manifest.operations) {
-    entries.set(op.name, { op, run: notReady, stages: [], serialize: fastJson(op.output as unknown as Parameters<typeof fastJson>[0]) })
-  }
+  for (const op of manifest.operations) entries.set(op.name, { op, run: notReady, stages: [], serialize: outputSerializer(op) })
   let compiled = false
 
   return {
@@ -106,6 +104,18 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
         entry.stages = Object.freeze(stages.map(s => s[0]))
       }
       compiled = true
+    }
+  }
+}
+
+function outputSerializer (op: Operation): (value: unknown) => string {
+  const compiled = fastJson(op.output as unknown as Parameters<typeof fastJson>[0])
+  return (value) => {
+    if (value === null || value === undefined) return 'null'
+    try {
+      return compiled(value)
+    } catch {
+      throw new MantleError('KERNEL_ERROR', `The Kernel's answer does not match the output schema of ${op.name}`)
     }
   }
 }

@@ -208,3 +208,12 @@ t.test('an unreachable Kernel is 503 on every face', async t => {
   const app = await buildTestApp(t, {}, { manifest, kernelUrl: `http://127.0.0.1:${port}` })
   await runTable(t, app, [{ name: 'refused', op: 'ping', input: {}, expect: { code: 'KERNEL_UNAVAILABLE', status: 503 } }])
 })
+
+t.test('a Kernel answer that breaks the output schema is KERNEL_ERROR on every face', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/shapes/s1': (_req, res) => json(res, 200, { name: 'no id' }) })
+  const manifest = testManifest({
+    getShape: { type: 'query', rest: 'GET /shapes/:id', kernel: 'GET /v1/shapes/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', required: ['id'], properties: { id: { type: 'string' }, name: { type: 'string' } } } }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  await runTable(t, app, [{ name: 'broken answer', op: 'getShape', input: { id: 's1' }, expect: { code: 'KERNEL_ERROR', status: 502 } }])
+})
