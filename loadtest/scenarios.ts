@@ -1,6 +1,7 @@
 // The scenarios, as plain data: the one definition of each request, its expected status and
-// its thresholds. The Node harness (bench.ts) reads them from here; the k6 scripts in ./k6 must
-// stay self-contained at run time, so they repeat these numbers: change both together.
+// its thresholds. The Node harness (bench.ts) reads them from here. The k6 scripts read theirs
+// from k6/common.ts, which loads under k6 (no Node APIs); test/loadtest/k6-scenarios.test.ts
+// fails when the two differ.
 import type { Scenario } from './harness.js'
 
 export interface Thresholds {

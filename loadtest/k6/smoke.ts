@@ -3,36 +3,21 @@
 //
 //   k6 run -e BASE_URL=http://127.0.0.1:3000 -e TOKEN="$(npm run -s token)" loadtest/k6/smoke.ts
 //
-// Self-contained on purpose: plain k6 cannot import loadtest/scenarios.ts at run time. The
-// paths, expected statuses and thresholds below are the same numbers as in loadtest/scenarios.ts
-// (getAgent, listAgents): change both together.
+// The scenarios and their thresholds come from ./common.ts.
 import http from 'k6/http'
 import { check } from 'k6'
 import type { Options } from 'k6/options'
+import { GET_AGENT, LIST_AGENTS, thresholdsByOp } from './common.ts'
 
 const BASE_URL = (__ENV.BASE_URL ?? 'http://127.0.0.1:3000').replace(/\/+$/, '')
 const TOKEN = __ENV.TOKEN ?? ''
 
-// = loadtest/scenarios.ts
-const SCENARIOS = [
-  { name: 'rest-getAgent', operation: 'getAgent', method: 'GET', path: '/api/v1/agents/a1', expectedStatus: 200, thresholds: { p99Ms: 10, errorRate: 0.001 } },
-  { name: 'rest-listAgents', operation: 'listAgents', method: 'GET', path: '/api/v1/agents?limit=20', expectedStatus: 200, thresholds: { p99Ms: 10, errorRate: 0.001 } }
-] as const
-
-const thresholds: Record<string, string[]> = {
-  http_req_failed: ['rate<0.001'],
-  http_req_duration: ['p(99)<10']
-}
-// The same limits per operation, so a slow one is not hidden by a fast one in the totals.
-for (const s of SCENARIOS) {
-  thresholds[`http_req_failed{op:${s.operation}}`] = [`rate<${s.thresholds.errorRate}`]
-  thresholds[`http_req_duration{op:${s.operation}}`] = [`p(99)<${s.thresholds.p99Ms}`]
-}
+const SCENARIOS = [GET_AGENT, LIST_AGENTS] as const
 
 export const options: Options = {
   vus: 1,
   duration: '30s',
-  thresholds
+  thresholds: thresholdsByOp(SCENARIOS)
 }
 
 // No token: a gateway with BFF_AUTH_ENABLED=false (or the pass-through) is the target.

@@ -10,35 +10,18 @@
 // The token goes in ?access_token= (browsers cannot set headers on an upgrade). Uses k6's
 // `k6/websockets` module (the browser-like WebSocket API; k6 v0.57+).
 //
-// Self-contained on purpose: plain k6 cannot import loadtest/scenarios.ts at run time. The
-// frame, the answer check and the thresholds below are the same numbers as in
-// loadtest/scenarios.ts (wsGetAgent): change both together.
+// The scenario (frame, answer check, thresholds) comes from ./common.ts.
 import { WebSocket } from 'k6/websockets'
 import { setTimeout } from 'k6/timers'
 import { Counter, Rate, Trend } from 'k6/metrics'
 import type { Options } from 'k6/options'
+import { positiveInt, valueAt, WS_GET_AGENT } from './common.ts'
 
 const BASE_URL = (__ENV.BASE_URL ?? 'http://127.0.0.1:3000').replace(/\/+$/, '')
 const TOKEN = __ENV.TOKEN ?? ''
 const CONNECTIONS = positiveInt(__ENV.CONNECTIONS, 50)
 const DURATION = __ENV.DURATION ?? '1m'
 const SESSION_SECONDS = positiveInt(__ENV.SESSION, 10)
-
-// = loadtest/scenarios.ts
-const WS_GET_AGENT = {
-  name: 'ws-getAgent',
-  operation: 'getAgent',
-  face: 'websocket',
-  path: '/ws',
-  frame: { op: 'getAgent', input: { id: 'a1' } },
-  check: { path: ['id'], equals: 'a1' },
-  thresholds: { p99Ms: 10, errorRate: 0.001 }
-} as const
-
-function positiveInt (raw: string | undefined, fallback: number): number {
-  const n = Number(raw)
-  return raw !== undefined && Number.isInteger(n) && n > 0 ? n : fallback
-}
 
 /** Send -> answer of one call, in ms (k6 clocks have millisecond resolution). */
 const callDuration = new Trend('ws_call_duration', true)
@@ -74,9 +57,7 @@ function answerOk (data: unknown, id: string): boolean {
   if (typeof data !== 'string') return false
   try {
     const answer = JSON.parse(data) as { id?: unknown, result?: Record<string, unknown> }
-    let v: unknown = answer.result
-    for (const key of WS_GET_AGENT.check.path) v = typeof v === 'object' && v !== null ? (v as Record<string, unknown>)[key] : undefined
-    return answer.id === id && v === WS_GET_AGENT.check.equals
+    return answer.id === id && valueAt(answer.result, WS_GET_AGENT.check.path) === WS_GET_AGENT.check.equals
   } catch {
     return false
   }
