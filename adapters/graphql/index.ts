@@ -8,6 +8,9 @@ import { limitsRule, noSubscriptionOverHttp, MAX_FIELDS } from './limits.js'
 import { errorFormatter, fieldError } from './errors.js'
 import { createSubscriptions, upgradeAuthorization } from './subscriptions.js'
 
+import type { WebSocket } from 'ws'
+import type { IncomingMessage } from 'node:http'
+
 export { manifestSdl } from './schema.js'
 
 // The GraphQL face (CONTRACT §3): /graphql over HTTP (GET and POST) with mercurius, and
@@ -32,7 +35,37 @@ interface RequestContext {
   n: number
 }
 
-export default async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise<void> {
+export interface GraphqlFaceSettings {
+  /** A subscription socket that sends nothing (no connection_init) within this time is closed with 4408. */
+  initTimeoutMs: number
+}
+
+/** graphql-ws's own close code for a connection that never initialised. */
+const CLOSE_INIT_TIMEOUT = 4408
+
+/** The GraphQL face with the given bounds; the default export uses the defaults. */
+export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) {
+  const initTimeoutMs = settings.initTimeoutMs ?? 10_000
+  return async function graphqlFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
+    await graphqlAdapter(app, opts)
+    // mercurius keeps a socket that never sends connection_init open for ever: a client could
+    // hold sockets at no cost. graphql-ws prescribes closing it with 4408; any first message
+    // hands the socket to mercurius' own protocol handling.
+    if (!app.hasDecorator('websocketServer')) return
+    app.websocketServer.on('connection', (socket: WebSocket, request: IncomingMessage) => {
+      if ((request.url ?? '').split('?')[0] !== '/graphql') return
+      const timer = setTimeout(() => socket.close(CLOSE_INIT_TIMEOUT, 'Connection initialisation timeout'), initTimeoutMs)
+      timer.unref()
+      const disarm = (): void => clearTimeout(timer)
+      socket.once('message', disarm)
+      socket.once('close', disarm)
+    })
+  }
+}
+
+export default createGraphqlFace()
+
+async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise<void> {
   const rules = [limitsRule({ maxDepth: opts.maxDepth, maxRootFields: opts.maxCalls, maxFields: MAX_FIELDS })]
   const maxQuery = Math.min(MAX_QUERY_LENGTH, opts.bodyLimit)
   const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules })
