@@ -7,7 +7,7 @@ import { loadManifestFile, type Manifest } from './manifest.js'
 import { toProblem, MantleError } from './errors.js'
 import pipeline from './plugins/pipeline/index.js'
 import metrics from './plugins/metrics/index.js'
-import auth, { ANONYMOUS } from './plugins/auth/index.js'
+import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
 import kernel from './plugins/kernel/index.js'
 import events from './plugins/events/index.js'
 import openapi from './adapters/openapi/index.js'
@@ -40,6 +40,8 @@ export interface BuildOptions {
   logStream?: { write: (line: string) => void }
   /** Kernel retry backoff (tests shorten it). */
   kernelBackoff?: { baseMs: number, capMs: number }
+  /** JWKS timings (tests shorten them). */
+  identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number }
 }
 
 // A client's request id is kept only when it is short and plain: it goes into logs and headers.
@@ -96,11 +98,16 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   await app.register(pipeline, { manifest })
   if (config.BFF_METRICS_ENABLED) await app.register(metrics)
   if (config.BFF_AUTH_ENABLED) {
-    if (config.BFF_JWT_SECRET === undefined) app.log.warn('BFF_JWT_SECRET is not set: using the well-known development secret')
+    // The development secret is the fallback only when no key source is configured.
+    const noKeys = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined
+    if (noKeys) app.log.warn('no token key is configured: using the well-known development secret')
     await app.register(auth, {
-      secret: config.BFF_JWT_SECRET ?? DEV_JWT_SECRET,
+      secret: noKeys ? DEV_JWT_SECRET : config.BFF_JWT_SECRET,
+      publicKeys: config.BFF_JWT_PUBLIC_KEYS === undefined ? undefined : parsePublicKeys(config.BFF_JWT_PUBLIC_KEYS),
+      jwksUrl: config.BFF_JWKS_URL,
       issuer: config.BFF_JWT_ISSUER,
-      audience: config.BFF_JWT_AUDIENCE
+      audience: config.BFF_JWT_AUDIENCE,
+      ...options.identity
     })
   } else {
     app.decorate('identify', () => ANONYMOUS)

@@ -53,7 +53,7 @@ export async function start (config: Readonly<Config>): Promise<Started> {
   }
 }
 
-function banner (started: Started, config: Readonly<Config>): string {
+export function banner (started: Started, config: Readonly<Config>): string {
   const { url } = started
   const lines = [
     '',
@@ -64,7 +64,9 @@ function banner (started: Started, config: Readonly<Config>): string {
     ...(config.BFF_METRICS_ENABLED ? [`  metrics     ${url}/metrics`] : []),
     `  Kernel      ${started.kernelUrl === null ? (config.KERNEL_URL ?? 'from the manifest') : started.kernelUrl + ' (demo Kernel)'}`
   ]
-  if (config.BFF_AUTH_ENABLED && config.NODE_ENV !== 'production') {
+  // HS256 only: no dev token when the gateway takes only public keys (no secret, so no fallback).
+  const hs256 = config.BFF_JWT_SECRET !== undefined || (config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined)
+  if (config.BFF_AUTH_ENABLED && config.NODE_ENV !== 'production' && hs256) {
     const token = mintToken(config.BFF_JWT_SECRET ?? DEV_JWT_SECRET, {
       tenant: 'demo',
       user: 'dev',

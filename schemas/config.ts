@@ -1,6 +1,7 @@
 import { Type, type Static } from 'typebox'
 import envSchema from 'env-schema'
 import { fileURLToPath } from 'node:url'
+import { parsePublicKeys } from '../plugins/auth/keys.js'
 
 /** The demo manifest: the embedded default when BFF_MANIFEST is not set. */
 export const DEMO_MANIFEST = fileURLToPath(new URL('../kernel/manifest.yaml', import.meta.url))
@@ -30,6 +31,8 @@ export const ConfigSchema = Type.Object({
   BFF_CIRCUIT_BREAKER_THRESHOLD: Type.Optional(Type.Integer({ minimum: 1, description: 'consecutive Kernel failures that open the breaker (overrides the manifest)' })),
   BFF_CIRCUIT_BREAKER_TIMEOUT: Type.Optional(Type.Integer({ minimum: 1, description: 'ms the breaker stays open before one probe (overrides the manifest)' })),
   BFF_JWT_SECRET: Type.Optional(Type.String({ minLength: 1, description: 'HS256 secret (32 bytes or more in production)' })),
+  BFF_JWT_PUBLIC_KEYS: Type.Optional(Type.String({ minLength: 1, description: 'RS256 / ES256 public keys by kid, a JSON object {"<kid>": "<PEM public key>"}' })),
+  BFF_JWKS_URL: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'JWKS URL whose RS256 / ES256 signing keys are accepted by kid' })),
   BFF_JWT_ISSUER: Type.Optional(Type.String({ minLength: 1, description: 'required `iss` of tokens' })),
   BFF_JWT_AUDIENCE: Type.Optional(Type.String({ minLength: 1, description: 'required `aud` of tokens' })),
   BFF_BODY_LIMIT: Type.Integer({ minimum: 1, default: 1048576, description: 'largest request body in bytes (beyond it 413)' }),
@@ -72,6 +75,13 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
     const parts = names.map(n => `${n}=${JSON.stringify(String(data[n] ?? ''))} is invalid: expected ${describe(n)}`)
     throw new ConfigError('Invalid configuration: ' + (parts.length > 0 ? parts.join('; ') : (err as Error).message))
   }
+  if (config.BFF_JWT_PUBLIC_KEYS !== undefined) {
+    try {
+      parsePublicKeys(config.BFF_JWT_PUBLIC_KEYS)
+    } catch (err) {
+      throw new ConfigError('Invalid configuration: ' + (err as Error).message)
+    }
+  }
   return Object.freeze(config)
 }
 
@@ -80,8 +90,11 @@ export function productionProblems (config: Config): string[] {
   if (config.NODE_ENV !== 'production') return []
   const problems: string[] = []
   if (config.BFF_AUTH_ENABLED) {
-    if (config.BFF_JWT_SECRET === undefined) problems.push('BFF_JWT_SECRET is missing')
-    else if (Buffer.byteLength(config.BFF_JWT_SECRET) < 32) problems.push('BFF_JWT_SECRET is shorter than 32 bytes')
+    if (config.BFF_JWT_SECRET !== undefined) {
+      if (Buffer.byteLength(config.BFF_JWT_SECRET) < 32) problems.push('BFF_JWT_SECRET is shorter than 32 bytes')
+    } else if (config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined) {
+      problems.push('BFF_JWT_SECRET is missing (or set BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL)')
+    }
   }
   return problems
 }

@@ -3,7 +3,7 @@ import { spawn, execFile, type ChildProcess } from 'node:child_process'
 import { promisify } from 'node:util'
 import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
-import { start } from '../server.js'
+import { start, banner, type Started } from '../server.js'
 import { buildApp } from '../app.js'
 import { ConfigError } from '../schemas/config.js'
 import { ManifestError } from '../manifest.js'
@@ -125,4 +125,12 @@ t.test('the production build starts, serves, and shuts down gracefully', async t
     t.equal(code, 1)
     t.match(err, /Refusing to start in production: BFF_JWT_SECRET is missing/)
   })
+})
+
+t.test('the dev token is printed only when the gateway takes HS256 tokens', async t => {
+  const started = { url: 'http://127.0.0.1:1', kernelUrl: null } as unknown as Started
+  const pem = '{"k":"-----BEGIN PUBLIC KEY-----\\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEHJPwIt0Ojw2T3Wp01jbDFN+7+40j\\ntDbrWD+ml2uScVutvETMc+7FJCVxrINjBq8worp3Qvq9CN7+TFq9IZGkwg==\\n-----END PUBLIC KEY-----\\n"}'
+  t.match(banner(started, testConfig({ BFF_JWT_SECRET: undefined })), /Dev token/, 'no key source: the development secret')
+  t.match(banner(started, testConfig({ BFF_JWT_PUBLIC_KEYS: pem })), /Dev token/, 'a secret besides public keys')
+  t.notMatch(banner(started, testConfig({ BFF_JWT_SECRET: undefined, BFF_JWKS_URL: 'https://issuer.example/jwks' })), /Dev token/, 'JWKS only')
 })

@@ -1,6 +1,7 @@
 import { createVerifier, createSigner, TokenError } from 'fast-jwt'
 import { LRUCache } from 'lru-cache'
 import { MantleError } from '../../errors.js'
+import { JwksFetcher, type PublicKey } from './keys.js'
 import type { Zone } from '../../schemas/manifest.js'
 
 export interface Identity {
@@ -16,7 +17,17 @@ export interface Identity {
 export const ANONYMOUS: Identity = Object.freeze({ tenant: 'public', user: 'anonymous', roles: Object.freeze([]), zone: 'public', expiresAt: Infinity })
 
 export interface IdentityOptions {
-  secret: string
+  /** HS256 secret; HS256 tokens are refused without it. */
+  secret?: string | undefined
+  /** RS256 / ES256 public keys by kid (see parsePublicKeys). */
+  publicKeys?: ReadonlyMap<string, PublicKey> | undefined
+  /** A JWKS URL whose signing keys are accepted by kid. */
+  jwksUrl?: string | undefined
+  /** JWKS background refresh period, ms (10 minutes). */
+  jwksRefreshMs?: number | undefined
+  /** Least time between two JWKS fetches caused by an unknown kid, ms (30 s). */
+  jwksMinRefetchMs?: number | undefined
+  log?: { info: (obj: object, msg: string) => void, warn: (obj: object, msg: string) => void } | undefined
   issuer?: string | undefined
   audience?: string | undefined
   /** Seconds of clock skew allowed on `exp` and `nbf`. */
@@ -39,24 +50,97 @@ const reasons: Record<string, string> = {
   FAST_JWT_MISSING_REQUIRED_CLAIM: 'a required token claim is missing'
 }
 
-/** A verifier of bearer tokens to identities (CONTRACT §2). Throws UNAUTHENTICATED. */
-export function createIdentityVerifier (options: IdentityOptions): (authorization: string | undefined) => Identity {
+/** identify, plus the JWKS lifecycle (start: first fetch, never throws; close: stop refreshing). */
+export interface IdentityVerifier {
+  (authorization: string | undefined): Identity
+  start: () => Promise<void>
+  close: () => void
+}
+
+type Verify = (token: string) => Record<string, unknown>
+interface KeyVerifier { alg: string, verify: Verify }
+
+const MAX_HEADER = 1024
+
+/** The token's JOSE header (alg, kid), decoded without trusting it; undefined when malformed. */
+function tokenHeader (token: string): { alg: unknown, kid: unknown } | undefined {
+  const dot = token.indexOf('.')
+  if (dot <= 0 || dot > MAX_HEADER) return undefined
+  try {
+    const header: unknown = JSON.parse(Buffer.from(token.slice(0, dot), 'base64url').toString('utf8'))
+    if (header === null || typeof header !== 'object' || Array.isArray(header)) return undefined
+    return header as { alg: unknown, kid: unknown }
+  } catch {
+    return undefined
+  }
+}
+
+const refuse = (why: string): MantleError => new MantleError('UNAUTHENTICATED', 'The token was refused: ' + why)
+
+/**
+ * A verifier of bearer tokens to identities (CONTRACT §2). Throws UNAUTHENTICATED.
+ * HS256 is checked only against the secret; RS256 / ES256 only against the public key its
+ * `kid` names, with that key's own algorithm. Verification stays synchronous: keys live in
+ * memory, and the JWKS fetcher fills them in the background.
+ */
+export function createIdentityVerifier (options: IdentityOptions): IdentityVerifier {
   const toleranceMs = (options.clockToleranceSec ?? 5) * 1000
-  const verify = createVerifier({
-    key: options.secret,
-    algorithms: ['HS256'],
+  const verifierFor = (key: string, alg: string): Verify => createVerifier({
+    key,
+    algorithms: [alg as 'HS256'],
     clockTolerance: toleranceMs,
     requiredClaims: ['sub', 'tid', 'exp'],
     ...(options.issuer === undefined ? {} : { allowedIss: options.issuer }),
     ...(options.audience === undefined ? {} : { allowedAud: options.audience }),
     ...(options.clockTimestamp === undefined ? {} : { clockTimestamp: options.clockTimestamp })
   })
+  const hs = options.secret === undefined ? undefined : verifierFor(options.secret, 'HS256')
+  const toVerifiers = (keys: ReadonlyMap<string, PublicKey>): Map<string, KeyVerifier> =>
+    new Map([...keys].map(([kid, k]) => [kid, { alg: k.alg, verify: verifierFor(k.pem, k.alg) }]))
   // Verified identities by token. fast-jwt's own cache hashes every token (SHA-256) per call;
   // keyed by the token itself, a hit costs one map lookup. Failures are never cached.
   const verified = new LRUCache<string, { identity: Identity, expiresAt: number }>({ max: options.cacheSize ?? 10000 })
+  const configured = toVerifiers(options.publicKeys ?? new Map())
+  let fetched = new Map<string, KeyVerifier>()
+  let fetchedKeys: ReadonlyMap<string, PublicKey> = new Map()
+  const jwks = options.jwksUrl === undefined
+    ? undefined
+    : new JwksFetcher({
+      url: options.jwksUrl,
+      refreshMs: options.jwksRefreshMs,
+      minRefetchMs: options.jwksMinRefetchMs,
+      log: options.log,
+      onKeys: keys => {
+        // A kid withdrawn or replaced: identities verified with it are forgotten too.
+        const withdrawn = [...fetchedKeys].some(([kid, k]) => keys.get(kid)?.pem !== k.pem)
+        fetchedKeys = keys
+        fetched = toVerifiers(keys)
+        if (withdrawn) verified.clear()
+      }
+    })
+
   const now = (): number => options.clockTimestamp ?? Date.now()
 
-  return function identify (authorization) {
+  const pick = (token: string): Verify => {
+    const header = tokenHeader(token)
+    if (header === undefined) throw refuse(reasons.FAST_JWT_MALFORMED as string)
+    const { alg, kid } = header
+    if (alg === 'HS256') {
+      if (hs === undefined) throw refuse('HS256 tokens are not accepted here')
+      return hs
+    }
+    if (alg !== 'RS256' && alg !== 'ES256') throw refuse(`the algorithm ${JSON.stringify(String(alg))} is not accepted`)
+    if (typeof kid !== 'string' || kid === '') throw refuse(`an ${alg} token needs a key id (kid)`)
+    const key = configured.get(kid) ?? fetched.get(kid)
+    if (key === undefined) {
+      jwks?.unknownKid()
+      throw refuse(`unknown key id (kid) ${JSON.stringify(kid.slice(0, 64))}`)
+    }
+    if (key.alg !== alg) throw refuse(`the algorithm ${alg} does not match the key ${JSON.stringify(kid)} (${key.alg})`)
+    return key.verify
+  }
+
+  const identify = function identify (authorization: string | undefined): Identity {
     if (authorization === undefined || authorization === '') throw new MantleError('UNAUTHENTICATED', 'A bearer token is required')
     if (authorization.length < 8 || authorization.slice(0, 7).toLowerCase() !== 'bearer ') {
       throw new MantleError('UNAUTHENTICATED', 'The Authorization header must be "Bearer <token>"')
@@ -67,17 +151,22 @@ export function createIdentityVerifier (options: IdentityOptions): (authorizatio
       if (now() < hit.expiresAt) return hit.identity
       verified.delete(token)
     }
+    const verify = pick(token)
     let claims: Record<string, unknown>
     try {
       claims = verify(token)
     } catch (err) {
       const code = err instanceof TokenError ? err.code : ''
-      throw new MantleError('UNAUTHENTICATED', 'The token was refused: ' + (reasons[code] ?? 'it cannot be verified'))
+      throw refuse(reasons[code] ?? 'it cannot be verified')
     }
     const identity = toIdentity(claims, toleranceMs)
     verified.set(token, { identity, expiresAt: identity.expiresAt })
     return identity
   }
+  return Object.assign(identify, {
+    start: async (): Promise<void> => { await jwks?.start() },
+    close: (): void => { jwks?.close() }
+  })
 }
 
 function toIdentity (claims: Record<string, unknown>, toleranceMs: number): Identity {

@@ -5,6 +5,7 @@ import { StageOrder } from '../pipeline/index.js'
 import { createIdentityVerifier, ZONE_RANK, type Identity, type IdentityOptions } from './identity.js'
 
 export { mintToken, ANONYMOUS, type Identity } from './identity.js'
+export { parsePublicKeys, type PublicKey } from './keys.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -18,7 +19,11 @@ declare module 'fastify' {
 }
 
 async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise<void> {
-  const identify = createIdentityVerifier(opts)
+  const verifier = createIdentityVerifier({ log: app.log, ...opts })
+  // An unreachable JWKS is logged, not fatal: tokens are refused until its keys arrive.
+  await verifier.start()
+  app.addHook('onClose', (_instance, done) => { verifier.close(); done() })
+  const identify = (authorization: string | undefined): Identity => verifier(authorization)
   app.decorate('identify', identify)
 
   app.pipeline.addStage({

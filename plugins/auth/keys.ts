@@ -1,0 +1,150 @@
+import { createPublicKey, type KeyObject, type JsonWebKey } from 'node:crypto'
+import { request } from 'undici'
+
+/** The asymmetric algorithms accepted, each bound to one kind of key. */
+export type KeyAlgorithm = 'RS256' | 'ES256'
+
+export interface PublicKey {
+  readonly alg: KeyAlgorithm
+  /** SPKI PEM, what fast-jwt verifies with. */
+  readonly pem: string
+}
+
+/** The algorithm a public key signs with: RS256 for RSA, ES256 for EC P-256; undefined otherwise. */
+export function keyAlgorithm (key: KeyObject): KeyAlgorithm | undefined {
+  if (key.type !== 'public') return undefined
+  if (key.asymmetricKeyType === 'rsa') return 'RS256'
+  if (key.asymmetricKeyType === 'ec' && key.asymmetricKeyDetails?.namedCurve === 'prime256v1') return 'ES256'
+  return undefined
+}
+
+function toPublicKey (key: KeyObject): PublicKey | undefined {
+  const alg = keyAlgorithm(key)
+  return alg === undefined ? undefined : { alg, pem: key.export({ type: 'spki', format: 'pem' }).toString() }
+}
+
+/**
+ * Parses BFF_JWT_PUBLIC_KEYS: a JSON object of kid to PEM public key (RSA or EC P-256).
+ * Throws an Error naming the variable and the bad kid.
+ */
+export function parsePublicKeys (text: string): Map<string, PublicKey> {
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(text)
+  } catch {
+    throw new Error('BFF_JWT_PUBLIC_KEYS is not valid JSON: expected {"<kid>": "<PEM public key>", ...}')
+  }
+  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) {
+    throw new Error('BFF_JWT_PUBLIC_KEYS must be a JSON object {"<kid>": "<PEM public key>", ...}')
+  }
+  const keys = new Map<string, PublicKey>()
+  for (const [kid, pem] of Object.entries(parsed)) {
+    if (kid === '' || typeof pem !== 'string' || !pem.includes('-----BEGIN PUBLIC KEY-----')) {
+      throw new Error(`BFF_JWT_PUBLIC_KEYS: the key ${JSON.stringify(kid)} is not a PEM public key`)
+    }
+    let key: PublicKey | undefined
+    try {
+      key = toPublicKey(createPublicKey(pem))
+    } catch {
+      throw new Error(`BFF_JWT_PUBLIC_KEYS: the key ${JSON.stringify(kid)} is not a valid PEM public key`)
+    }
+    if (key === undefined) throw new Error(`BFF_JWT_PUBLIC_KEYS: the key ${JSON.stringify(kid)} is neither RSA nor EC P-256`)
+    keys.set(kid, key)
+  }
+  return keys
+}
+
+/** The signing keys of a JWKS document: RSA and EC P-256 keys with `use: sig` or no use, by kid. */
+export function keysOfJwks (doc: unknown): Map<string, PublicKey> {
+  const keys = new Map<string, PublicKey>()
+  const list = (doc as { keys?: unknown } | null)?.keys
+  if (!Array.isArray(list)) throw new Error('the JWKS document has no "keys" array')
+  for (const jwk of list as Array<Record<string, unknown>>) {
+    if (jwk === null || typeof jwk !== 'object' || typeof jwk.kid !== 'string' || jwk.kid === '') continue
+    if (jwk.use !== undefined && jwk.use !== 'sig') continue
+    if (jwk.kty !== 'RSA' && !(jwk.kty === 'EC' && jwk.crv === 'P-256')) continue
+    let key: PublicKey | undefined
+    try {
+      key = toPublicKey(createPublicKey({ key: jwk as JsonWebKey, format: 'jwk' }))
+    } catch {
+      continue
+    }
+    if (key === undefined || (jwk.alg !== undefined && jwk.alg !== key.alg)) continue
+    keys.set(jwk.kid, key)
+  }
+  return keys
+}
+
+interface Log { info: (obj: object, msg: string) => void, warn: (obj: object, msg: string) => void }
+
+export interface JwksOptions {
+  url: string
+  /** Background refresh period (ms). */
+  refreshMs?: number | undefined
+  /** Least time between two fetches triggered by an unknown kid (ms). */
+  minRefetchMs?: number | undefined
+  /** Called with every new key set (to build verifiers once per key). */
+  onKeys: (keys: Map<string, PublicKey>) => void
+  log?: Log | undefined
+}
+
+/**
+ * Keeps the keys of a JWKS URL: fetched at start, refreshed in the background, re-fetched on
+ * an unknown kid at most once per `minRefetchMs`. A failed fetch keeps the last good keys.
+ */
+export class JwksFetcher {
+  #options: JwksOptions
+  #timer: NodeJS.Timeout | null = null
+  #lastFetch = -Infinity
+  #inFlight: Promise<void> | null = null
+  #closed = false
+
+  constructor (options: JwksOptions) {
+    this.#options = options
+  }
+
+  /** First fetch (never throws) and the background refresh. */
+  async start (): Promise<void> {
+    await this.fetch()
+    if (this.#closed) return
+    this.#timer = setInterval(() => { this.fetch().catch(() => {}) }, this.#options.refreshMs ?? 10 * 60_000)
+    this.#timer.unref()
+  }
+
+  /** An unknown kid was seen: re-fetch, unless a fetch started less than minRefetchMs ago. */
+  unknownKid (): void {
+    if (this.#closed || this.#inFlight !== null) return
+    if (Date.now() - this.#lastFetch < (this.#options.minRefetchMs ?? 30_000)) return
+    this.fetch().catch(() => {})
+  }
+
+  fetch (): Promise<void> {
+    if (this.#inFlight !== null) return this.#inFlight
+    this.#lastFetch = Date.now()
+    this.#inFlight = this.#load().finally(() => { this.#inFlight = null })
+    return this.#inFlight
+  }
+
+  async #load (): Promise<void> {
+    const { url, log } = this.#options
+    try {
+      const res = await request(url, { headersTimeout: 5000, bodyTimeout: 5000, headers: { accept: 'application/json' } })
+      if (res.statusCode !== 200) {
+        await res.body.dump()
+        throw new Error(`status ${res.statusCode}`)
+      }
+      const keys = keysOfJwks(await res.body.json())
+      if (this.#closed) return
+      this.#options.onKeys(keys)
+      log?.info({ url, kids: [...keys.keys()] }, 'JWKS keys loaded')
+    } catch (err) {
+      log?.warn({ url, err: (err as Error).message }, 'the JWKS could not be fetched: keeping the last good keys')
+    }
+  }
+
+  close (): void {
+    this.#closed = true
+    if (this.#timer !== null) clearInterval(this.#timer)
+    this.#timer = null
+  }
+}

@@ -1,0 +1,231 @@
+import t from 'tap'
+import { generateKeyPairSync, type KeyObject } from 'node:crypto'
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { createSigner } from 'fast-jwt'
+import { createIdentityVerifier, mintToken } from '../../../plugins/auth/identity.js'
+import { parsePublicKeys, keysOfJwks } from '../../../plugins/auth/keys.js'
+import { loadConfig, productionProblems, ConfigError } from '../../../schemas/config.js'
+import { buildDemoApp, buildTestApp } from '../../helper.js'
+import { wsApp, connect } from '../../adapters/websocket-helper.js'
+
+const secret = 'keys-test-secret-of-at-least-32-bytes-long'
+
+interface Pair { publicKey: KeyObject, privateKey: KeyObject, pem: string, privatePem: string }
+const pair = (kind: 'rsa' | 'ec'): Pair => {
+  const { publicKey, privateKey } = kind === 'rsa'
+    ? generateKeyPairSync('rsa', { modulusLength: 2048 })
+    : generateKeyPairSync('ec', { namedCurve: 'P-256' })
+  return {
+    publicKey,
+    privateKey,
+    pem: publicKey.export({ type: 'spki', format: 'pem' }).toString(),
+    privatePem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString()
+  }
+}
+const rsa1 = pair('rsa')
+const rsa2 = pair('rsa')
+const ec1 = pair('ec')
+
+const claims = (extra: Record<string, unknown> = {}): Record<string, unknown> =>
+  ({ sub: 'u1', tid: 't1', roles: ['viewer', 'system'], zone: 'internal', ...extra })
+const sign = (key: Pair, algorithm: 'RS256' | 'ES256', kid: string | undefined, extra: Record<string, unknown> = {}): string =>
+  createSigner({ key: key.privatePem, algorithm, ...(kid === undefined ? {} : { kid }), expiresIn: 600_000 })(claims(extra))
+const b64 = (v: unknown): string => Buffer.from(JSON.stringify(v)).toString('base64url')
+const keysJson = (keys: Record<string, Pair>): string => JSON.stringify(Object.fromEntries(Object.entries(keys).map(([k, p]) => [k, p.pem])))
+const jwk = (p: Pair, kid: string, extra: Record<string, unknown> = {}): Record<string, unknown> => ({ ...p.publicKey.export({ format: 'jwk' }), kid, ...extra })
+
+/** A JWKS server on port 0 whose document and availability the test changes; it counts requests. */
+async function jwksServer (t: { teardown: (fn: () => unknown) => void }, initial: { keys: unknown[] }): Promise<{ url: string, hits: () => number, set: (doc: { keys: unknown[] }) => void, down: (d: boolean) => void }> {
+  let doc = initial
+  let hits = 0
+  let isDown = false
+  const server = createServer((req, res) => {
+    hits++
+    if (isDown) {
+      res.writeHead(503).end('down')
+      return
+    }
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(doc))
+  })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise(resolve => server.close(resolve)))
+  const { port } = server.address() as AddressInfo
+  return { url: `http://127.0.0.1:${port}/jwks.json`, hits: () => hits, set: d => { doc = d }, down: d => { isDown = d } }
+}
+
+t.test('RS256 and ES256 tokens are accepted by kid, each with its own key', async t => {
+  const identify = createIdentityVerifier({ publicKeys: parsePublicKeys(keysJson({ r1: rsa1, e1: ec1 })) })
+  t.match(identify(`Bearer ${sign(rsa1, 'RS256', 'r1')}`), { tenant: 't1', user: 'u1', zone: 'internal' })
+  t.match(identify(`Bearer ${sign(ec1, 'ES256', 'e1', { sub: 'u2' })}`), { tenant: 't1', user: 'u2' })
+  t.throws(() => identify(`Bearer ${sign(rsa2, 'RS256', 'r1')}`), { code: 'UNAUTHENTICATED', message: /signature is invalid/ }, 'another RSA key under a known kid')
+  t.throws(() => identify(`Bearer ${sign(rsa1, 'RS256', undefined)}`), { code: 'UNAUTHENTICATED', message: /needs a key id/ })
+  t.throws(() => identify(`Bearer ${mintToken(secret, { tenant: 't', user: 'u' })}`), { code: 'UNAUTHENTICATED', message: /HS256 tokens are not accepted/ }, 'no secret: no HS256')
+})
+
+t.test('rotation: two kids at once, then the old one removed', async t => {
+  const both = createIdentityVerifier({ publicKeys: parsePublicKeys(keysJson({ old: rsa1, new: rsa2 })) })
+  const oldToken = `Bearer ${sign(rsa1, 'RS256', 'old')}`
+  const newToken = `Bearer ${sign(rsa2, 'RS256', 'new')}`
+  t.equal(both(oldToken).user, 'u1')
+  t.equal(both(newToken).user, 'u1')
+  const after = createIdentityVerifier({ publicKeys: parsePublicKeys(keysJson({ new: rsa2 })) })
+  t.equal(after(newToken).user, 'u1')
+  t.throws(() => after(oldToken), { code: 'UNAUTHENTICATED', message: /unknown key id \(kid\) "old"/ })
+})
+
+t.test('refusals: unknown kid, alg none, key confusion, alg not the key\'s, claims', async t => {
+  const publicKeys = parsePublicKeys(keysJson({ r1: rsa1, e1: ec1 }))
+  const withSecret = createIdentityVerifier({ secret, publicKeys, issuer: 'https://iss', audience: 'mantle', clockToleranceSec: 0 })
+  const noSecret = createIdentityVerifier({ publicKeys })
+  const now = Math.floor(Date.now() / 1000)
+  const iss = { iss: 'https://iss', aud: 'mantle' }
+  t.equal(withSecret(`Bearer ${sign(rsa1, 'RS256', 'r1', iss)}`).user, 'u1', 'the good token passes')
+
+  const none = `Bearer ${b64({ alg: 'none', typ: 'JWT' })}.${b64({ ...claims(), exp: now + 600 })}.`
+  // Key confusion: HS256 with the public key's PEM text as the HMAC secret, claiming the RSA kid.
+  const confused = createSigner({ key: rsa1.pem, algorithm: 'HS256', kid: 'r1', expiresIn: 600_000 })(claims(iss))
+  const cases: Array<[string, string, RegExp]> = [
+    ['unknown kid', `Bearer ${sign(rsa1, 'RS256', 'nope', iss)}`, /unknown key id/],
+    ['alg none', none, /algorithm "none" is not accepted/],
+    ['HS384', `Bearer ${createSigner({ key: secret, algorithm: 'HS384' })(claims(iss))}`, /algorithm "HS384" is not accepted/],
+    ['key confusion', `Bearer ${confused}`, /signature is invalid/],
+    ['RS256 claiming the ES256 kid', `Bearer ${sign(rsa1, 'RS256', 'e1', iss)}`, /RS256 does not match the key "e1" \(ES256\)/],
+    ['ES256 claiming the RS256 kid', `Bearer ${sign(ec1, 'ES256', 'r1', iss)}`, /ES256 does not match the key "r1" \(RS256\)/],
+    ['wrong iss', `Bearer ${sign(rsa1, 'RS256', 'r1', { ...iss, iss: 'https://evil' })}`, /claim has a value that is not accepted/],
+    ['wrong aud', `Bearer ${sign(rsa1, 'RS256', 'r1', { ...iss, aud: 'other' })}`, /claim has a value that is not accepted/],
+    ['expired', `Bearer ${createSigner({ key: rsa1.privatePem, algorithm: 'RS256', kid: 'r1', noTimestamp: true })({ ...claims(iss), exp: now - 10 })}`, /expired/],
+    ['not yet valid', `Bearer ${createSigner({ key: rsa1.privatePem, algorithm: 'RS256', kid: 'r1', noTimestamp: true })({ ...claims(iss), exp: now + 600, nbf: now + 300 })}`, /not valid yet/],
+    ['header not JSON', `Bearer ${Buffer.from('{oops').toString('base64url')}.e30.x`, /malformed/],
+    ['header too long', `Bearer ${b64({ alg: 'RS256', kid: 'r1', pad: 'x'.repeat(2000) })}.e30.x`, /malformed/]
+  ]
+  for (const [name, authorization, detail] of cases) {
+    t.throws(() => withSecret(authorization), { code: 'UNAUTHENTICATED', message: detail }, name)
+  }
+  t.throws(() => noSecret(`Bearer ${confused}`), { code: 'UNAUTHENTICATED', message: /HS256 tokens are not accepted/ }, 'key confusion without a secret')
+  t.equal(withSecret(`Bearer ${mintToken(secret, { tenant: 't', user: 'hs', issuer: 'https://iss', audience: 'mantle' })}`).user, 'hs', 'HS256 still works with the secret')
+})
+
+t.test('over HTTP the refusals are 401, never 5xx', async t => {
+  const app = await buildDemoApp(t, { BFF_JWT_SECRET: secret, BFF_JWT_PUBLIC_KEYS: keysJson({ r1: rsa1, e1: ec1 }) })
+  const call = async (tok: string) => await app.inject({ method: 'GET', url: '/api/v1/kernel/headers', headers: { authorization: `Bearer ${tok}` } })
+  const ok = await call(sign(ec1, 'ES256', 'e1', { tid: 'ec-tenant' }))
+  t.equal(ok.statusCode, 200)
+  t.equal(ok.json()['x-tenant-id'], 'ec-tenant')
+  const confused = createSigner({ key: rsa1.pem, algorithm: 'HS256', kid: 'r1', expiresIn: 600_000 })(claims())
+  for (const [name, tok] of [['confused', confused], ['unknown kid', sign(rsa1, 'RS256', 'zz')], ['mismatch', sign(rsa1, 'RS256', 'e1')]] as const) {
+    const res = await call(tok)
+    t.equal(res.statusCode, 401, name)
+    t.match(res.json(), { code: 'UNAUTHENTICATED', detail: /refused/ }, name)
+  }
+})
+
+t.test('JWKS: keys fetched from the URL are accepted; unknown kids refetch at most once per interval', async t => {
+  const jwks = await jwksServer(t, {
+    keys: [
+      jwk(rsa1, 'j-rsa', { use: 'sig', alg: 'RS256' }),
+      jwk(ec1, 'j-ec'),
+      jwk(rsa2, 'j-enc', { use: 'enc' }),
+      { kty: 'oct', kid: 'j-oct', k: 'c2VjcmV0' },
+      { kty: 'RSA', kid: 'j-broken', n: 'x', e: 'y' }
+    ]
+  })
+  const identify = createIdentityVerifier({ jwksUrl: jwks.url, jwksRefreshMs: 60_000, jwksMinRefetchMs: 300 })
+  t.teardown(() => identify.close())
+  await identify.start()
+  t.equal(jwks.hits(), 1, 'fetched once at start')
+  t.equal(identify(`Bearer ${sign(rsa1, 'RS256', 'j-rsa')}`).user, 'u1')
+  const ecToken = `Bearer ${sign(ec1, 'ES256', 'j-ec')}`
+  t.equal(identify(ecToken).user, 'u1')
+  t.throws(() => identify(`Bearer ${sign(rsa2, 'RS256', 'j-enc')}`), { message: /unknown key id/ }, 'use: enc is not taken')
+
+  // A flood of forged kids right after a fetch causes no fetch at all...
+  for (let i = 0; i < 50; i++) t.throws(() => identify(`Bearer ${sign(rsa2, 'RS256', `forged-${i}`)}`), { code: 'UNAUTHENTICATED', message: /unknown key id/ })
+  await sleep(50)
+  t.equal(jwks.hits(), 1, 'no refetch within the interval')
+  // ...and after the interval, one fetch however many unknown kids come.
+  await sleep(300)
+  jwks.set({ keys: [jwk(rsa1, 'j-rsa'), jwk(rsa2, 'j-new')] })
+  const fresh = `Bearer ${sign(rsa2, 'RS256', 'j-new')}`
+  for (let i = 0; i < 50; i++) t.throws(() => identify(fresh), { message: /unknown key id/ })
+  await sleep(100)
+  t.equal(jwks.hits(), 2, 'exactly one refetch')
+  t.equal(identify(fresh).user, 'u1', 'the new kid is known after the refetch')
+  t.throws(() => identify(ecToken), { message: /unknown key id/ }, 'a kid removed from the JWKS is refused, even a token verified (cached) before')
+})
+
+t.test('JWKS down at start-up: the app starts, tokens are refused, then keys arrive on refresh', async t => {
+  const jwks = await jwksServer(t, { keys: [jwk(rsa1, 'k1')] })
+  jwks.down(true)
+  const app = await buildTestApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url }, { identity: { jwksRefreshMs: 200, jwksMinRefetchMs: 60_000 } })
+  t.ok(jwks.hits() >= 1, 'the JWKS was tried at start')
+  const tok = `Bearer ${sign(rsa1, 'RS256', 'k1')}`
+  t.throws(() => app.identify(tok), { code: 'UNAUTHENTICATED', message: /unknown key id/ })
+  t.throws(() => app.identify(`Bearer ${mintToken('mantle-dev-secret-not-for-production-0000', { tenant: 't', user: 'u' })}`),
+    { message: /HS256 tokens are not accepted/ }, 'the development secret is not the fallback when a JWKS is configured')
+  jwks.down(false)
+  await sleep(450)
+  t.equal(app.identify(tok).user, 'u1', 'accepted once the refresh brought the keys')
+  // Down again: the last good keys are kept.
+  jwks.down(true)
+  const before = jwks.hits()
+  await sleep(450)
+  t.ok(jwks.hits() > before, 'refreshes kept trying')
+  t.equal(app.identify(`Bearer ${sign(rsa1, 'RS256', 'k1', { sub: 'later' })}`).user, 'later', 'last good keys kept')
+})
+
+t.test('an unreachable JWKS (nothing listening) does not stop start-up', async t => {
+  const server = createServer()
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  const { port } = server.address() as AddressInfo
+  await new Promise(resolve => server.close(resolve))
+  const app = await buildTestApp(t, { BFF_JWKS_URL: `http://127.0.0.1:${port}/jwks` })
+  const res = await app.inject({ method: 'GET', url: '/api/v1/agents', headers: { authorization: `Bearer ${sign(rsa1, 'RS256', 'k1')}` } })
+  t.equal(res.statusCode, 401)
+  t.match(res.json(), { code: 'UNAUTHENTICATED', detail: /unknown key id/ })
+})
+
+t.test('the same RS256 identity on REST and on the WebSocket face', async t => {
+  const { app, url } = await wsApp(t, { env: { BFF_JWT_PUBLIC_KEYS: keysJson({ r1: rsa1 }) } })
+  const tok = sign(rsa1, 'RS256', 'r1', { tid: 'rs-tenant' })
+  const rest = await app.inject({ method: 'GET', url: '/api/v1/kernel/headers', headers: { authorization: `Bearer ${tok}` } })
+  t.equal(rest.statusCode, 200)
+  t.equal(rest.json()['x-tenant-id'], 'rs-tenant')
+  const client = await connect(t, `${url}?access_token=${tok}`, null)
+  const frame = await client.request({ id: 'h', op: 'kernelHeaders' })
+  t.equal(frame.result['x-tenant-id'], 'rs-tenant')
+})
+
+t.test('BFF_JWT_PUBLIC_KEYS is validated at start-up', async t => {
+  const bad: Array<[string, RegExp]> = [
+    ['{not json', /BFF_JWT_PUBLIC_KEYS is not valid JSON/],
+    ['["a"]', /BFF_JWT_PUBLIC_KEYS must be a JSON object/],
+    [JSON.stringify({ k: 'hello' }), /BFF_JWT_PUBLIC_KEYS: the key "k" is not a PEM public key/],
+    [JSON.stringify({ k: '-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n' }), /BFF_JWT_PUBLIC_KEYS: the key "k" is not a valid PEM public key/],
+    [JSON.stringify({ k: generateKeyPairSync('ed25519').publicKey.export({ type: 'spki', format: 'pem' }).toString() }), /neither RSA nor EC P-256/],
+    [JSON.stringify({ k: generateKeyPairSync('ec', { namedCurve: 'secp384r1' }).publicKey.export({ type: 'spki', format: 'pem' }).toString() }), /neither RSA nor EC P-256/]
+  ]
+  for (const [value, message] of bad) {
+    t.throws(() => loadConfig({ BFF_JWT_PUBLIC_KEYS: value }), { name: 'ConfigError', message }, value.slice(0, 30))
+  }
+  const keys = parsePublicKeys(keysJson({ r: rsa1, e: ec1 }))
+  t.same([...keys].map(([kid, k]) => [kid, k.alg]), [['r', 'RS256'], ['e', 'ES256']])
+  t.ok(loadConfig({ BFF_JWT_PUBLIC_KEYS: keysJson({ r: rsa1 }) }).BFF_JWT_PUBLIC_KEYS)
+  t.throws(() => loadConfig({ BFF_JWKS_URL: 'ftp://x' }), ConfigError)
+  t.throws(() => keysOfJwks({}), /no "keys" array/)
+})
+
+t.test('production: at least one key source; a given secret must be 32+ bytes', async t => {
+  const prod = (env: Record<string, string>) => productionProblems(loadConfig({ NODE_ENV: 'production', ...env }))
+  t.match(prod({}), [/BFF_JWT_SECRET is missing/])
+  t.same(prod({ BFF_JWT_PUBLIC_KEYS: keysJson({ r: rsa1 }) }), [], 'public keys are enough')
+  t.same(prod({ BFF_JWKS_URL: 'https://issuer.example/jwks.json' }), [], 'a JWKS URL is enough')
+  t.same(prod({ BFF_JWKS_URL: 'https://issuer.example/jwks.json', BFF_JWT_SECRET: 'short' }), ['BFF_JWT_SECRET is shorter than 32 bytes'], 'a weak secret is refused even with other keys')
+  t.same(prod({ BFF_JWT_SECRET: 'a'.repeat(32) }), [])
+  // And buildApp follows it: public keys alone start a production gateway, without the dev secret.
+  const app = await buildTestApp(t, { NODE_ENV: 'production', BFF_JWT_SECRET: undefined, BFF_JWT_PUBLIC_KEYS: keysJson({ r1: rsa1 }) })
+  t.equal(app.identify(`Bearer ${sign(rsa1, 'RS256', 'r1')}`).user, 'u1')
+  t.throws(() => app.identify(`Bearer ${mintToken('mantle-dev-secret-not-for-production-0000', { tenant: 't', user: 'u' })}`), { message: /HS256 tokens are not accepted/ })
+  await t.rejects(buildTestApp(t, { NODE_ENV: 'production', BFF_JWT_SECRET: undefined }), ConfigError)
+})
