@@ -1,7 +1,7 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply } from 'fastify'
 import { randomUUID } from 'node:crypto'
 import { readFileSync } from 'node:fs'
-import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems } from './schemas/config.js'
+import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins } from './schemas/config.js'
 import { ProblemSchema } from './schemas/manifest.js'
 import { loadManifestFile, type Manifest } from './manifest.js'
 import { toProblem, MantleError } from './errors.js'
@@ -17,6 +17,8 @@ import graphql from './adapters/graphql/index.js'
 import websocketFace from './adapters/websocket/index.js'
 import type { FaceOptions } from './adapters/face.js'
 import websocket from '@fastify/websocket'
+import helmet from '@fastify/helmet'
+import cors from '@fastify/cors'
 import health from './routes/health.js'
 import batch from './routes/batch.js'
 
@@ -55,7 +57,10 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   const app = Fastify({
     logger: options.logger ?? {
       level: config.LOG_LEVEL,
-      redact: { paths: ['req.headers.authorization', 'req.headers.cookie'], censor: '[redacted]' },
+      redact: {
+        paths: ['req.headers.authorization', 'req.headers.cookie', 'req.headers["proxy-authorization"]', 'req.headers["x-api-key"]', 'res.headers["set-cookie"]'],
+        censor: '[redacted]'
+      },
       serializers: { req: requestForLog },
       ...(options.logStream === undefined ? {} : { stream: options.logStream })
     },
@@ -93,6 +98,25 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     if (reaper !== null) clearInterval(reaper)
     done()
   })
+
+  // Security headers on every answer (errors, 404s and upgrades included). No Content-Security-
+  // Policy: the gateway answers JSON, where CSP protects nothing, and a strict one breaks the
+  // inline scripts of /docs (Swagger UI) and /graphiql. HSTS, nosniff, frame-ancestors via
+  // X-Frame-Options, Referrer-Policy and the cross-origin policies stay on.
+  await app.register(helmet, { global: true, contentSecurityPolicy: false })
+  // CORS only when origins are configured: unset, no CORS header at all (same-origin only).
+  if (config.BFF_CORS_ORIGINS !== undefined) {
+    const origins = corsOrigins(config.BFF_CORS_ORIGINS)
+    await app.register(cors, {
+      origin: origins.includes('*') ? '*' : origins,
+      credentials: false,
+      methods: ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'],
+      allowedHeaders: ['Authorization', 'Content-Type', 'Idempotency-Key', 'traceparent', 'x-request-id'],
+      exposedHeaders: ['x-request-id', 'Retry-After', 'RateLimit', 'RateLimit-Policy', 'RateLimit-Limit', 'RateLimit-Remaining', 'RateLimit-Reset'],
+      maxAge: 600,
+      strictPreflight: false
+    })
+  }
 
   // Every concern, its order and its switch, in one place (ARCHITECTURE.md).
   await app.register(pipeline, { manifest })

@@ -35,6 +35,7 @@ export const ConfigSchema = Type.Object({
   BFF_JWKS_URL: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'JWKS URL whose RS256 / ES256 signing keys are accepted by kid' })),
   BFF_JWT_ISSUER: Type.Optional(Type.String({ minLength: 1, description: 'required `iss` of tokens' })),
   BFF_JWT_AUDIENCE: Type.Optional(Type.String({ minLength: 1, description: 'required `aud` of tokens' })),
+  BFF_CORS_ORIGINS: Type.Optional(Type.String({ minLength: 1, description: 'comma-separated allowed CORS origins (https://app.example.com, or *); unset: no CORS headers' })),
   BFF_BODY_LIMIT: Type.Integer({ minimum: 1, default: 1048576, description: 'largest request body in bytes (beyond it 413)' }),
   BFF_DEMO_KERNEL: Type.Boolean({ default: true, description: 'start the demo Kernel when KERNEL_URL is unset and the demo manifest is used' })
 }, { additionalProperties: true })
@@ -82,7 +83,22 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
       throw new ConfigError('Invalid configuration: ' + (err as Error).message)
     }
   }
+  if (config.BFF_CORS_ORIGINS !== undefined) {
+    const bad = corsOrigins(config.BFF_CORS_ORIGINS).filter(o => o !== '*' && !ORIGIN.test(o))
+    if (bad.length > 0 || corsOrigins(config.BFF_CORS_ORIGINS).length === 0) {
+      throw new ConfigError(`Invalid configuration: BFF_CORS_ORIGINS=${JSON.stringify(config.BFF_CORS_ORIGINS)} is invalid: expected a comma-separated list of * or http(s) origins without a path` +
+        (bad.length > 0 ? ` (bad: ${bad.map(b => JSON.stringify(b)).join(', ')})` : ''))
+    }
+  }
   return Object.freeze(config)
+}
+
+// An origin as browsers send it: scheme, host, optional port; no path, query, user or trailing slash.
+const ORIGIN = /^https?:\/\/(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$/
+
+/** The entries of BFF_CORS_ORIGINS, trimmed, empty ones dropped. */
+export function corsOrigins (value: string): string[] {
+  return value.split(',').map(o => o.trim()).filter(o => o !== '')
 }
 
 /** Production refuses settings that are only safe on a developer's machine. */
@@ -95,6 +111,9 @@ export function productionProblems (config: Config): string[] {
     } else if (config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined) {
       problems.push('BFF_JWT_SECRET is missing (or set BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL)')
     }
+  }
+  if (config.BFF_CORS_ORIGINS !== undefined && corsOrigins(config.BFF_CORS_ORIGINS).includes('*')) {
+    problems.push('BFF_CORS_ORIGINS contains * (any site could call the API from a browser): list the allowed origins')
   }
   return problems
 }

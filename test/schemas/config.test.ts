@@ -148,3 +148,18 @@ t.test('production problems', async t => {
   t.same(productionProblems(loadConfig({ NODE_ENV: 'test', BFF_JWT_SECRET: 'short' })), [], 'nothing in test')
   t.same(productionProblems(loadConfig({})), [], 'development is the default')
 })
+
+t.test('BFF_CORS_ORIGINS: * or http(s) origins without a path; * refused in production only', async t => {
+  t.equal(loadConfig({}).BFF_CORS_ORIGINS, undefined, 'unset by default')
+  for (const good of ['https://app.example.com', 'http://localhost:5173', '*', 'https://a.example, https://b.example:8443', 'http://[::1]:3000']) {
+    t.equal(errorOf({ BFF_CORS_ORIGINS: good }), null, `accepts ${good}`)
+  }
+  for (const bad of ['https://app.example.com/', 'https://app.example.com/path', 'app.example.com', 'ftp://app.example.com', 'https://user@app.example.com', 'https://a.example,null', ' , ', 'https://a.example?x=1']) {
+    t.match(errorOf({ BFF_CORS_ORIGINS: bad })?.message, /^Invalid configuration: BFF_CORS_ORIGINS=.* is invalid: expected a comma-separated list of \* or http\(s\) origins/, `refuses ${JSON.stringify(bad)}`)
+  }
+  const prod = (origins: string): string[] => productionProblems(loadConfig({ NODE_ENV: 'production', BFF_JWT_SECRET: 'a'.repeat(32), BFF_CORS_ORIGINS: origins }))
+  t.same(prod('https://app.example.com'), [], 'a listed origin is fine in production')
+  t.match(prod('*'), [/^BFF_CORS_ORIGINS contains \*/])
+  t.match(prod('https://app.example.com, *'), [/^BFF_CORS_ORIGINS contains \*/], '* anywhere in the list')
+  t.same(productionProblems(loadConfig({ NODE_ENV: 'development', BFF_CORS_ORIGINS: '*' })), [], '* is allowed outside production')
+})
