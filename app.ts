@@ -17,7 +17,7 @@ import graphql from './adapters/graphql/index.js'
 import websocketFace from './adapters/websocket/index.js'
 import type { FaceOptions } from './adapters/face.js'
 import websocket from '@fastify/websocket'
-import helmet from '@fastify/helmet'
+import helmet from 'helmet'
 import cors from '@fastify/cors'
 import health from './routes/health.js'
 import batch from './routes/batch.js'
@@ -45,6 +45,25 @@ export interface BuildOptions {
   /** JWKS timings (tests shorten them). */
   identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number }
 }
+
+/**
+ * Security headers on every answer (errors and 404s included), as helmet computes them. Without
+ * CSP nonces they are the same for every response, so helmet runs once here: @fastify/helmet
+ * runs helmet's middleware chain per request, which cost the spine 14 points of throughput
+ * (0.86 -> 0.72 of the pass-through). No Content-Security-Policy: the gateway answers JSON,
+ * where CSP protects nothing, and a strict one breaks the inline scripts of /docs and
+ * /graphiql. HSTS, nosniff, X-Frame-Options, Referrer-Policy and the cross-origin policies stay.
+ */
+export const SECURITY_HEADERS: Readonly<Record<string, string>> = ((): Record<string, string> => {
+  const headers: Record<string, string> = {}
+  const res = {
+    setHeader: (name: string, value: unknown) => { headers[name.toLowerCase()] = String(value) },
+    removeHeader: (name: string) => { delete headers[name.toLowerCase()] },
+    getHeader: () => undefined
+  }
+  helmet({ contentSecurityPolicy: false })({} as never, res as never, () => {})
+  return Object.freeze(headers)
+})()
 
 // A client's request id is kept only when it is short and plain: it goes into logs and headers.
 const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/
@@ -84,6 +103,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   })
   app.addHook('onRequest', (request, reply, done) => {
     reply.header('x-request-id', request.id)
+    reply.headers(SECURITY_HEADERS)
     done()
   })
   // Fastify closes idle keep-alive sockets once, when closing starts; a socket busy then would
@@ -99,11 +119,6 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     done()
   })
 
-  // Security headers on every answer (errors, 404s and upgrades included). No Content-Security-
-  // Policy: the gateway answers JSON, where CSP protects nothing, and a strict one breaks the
-  // inline scripts of /docs (Swagger UI) and /graphiql. HSTS, nosniff, frame-ancestors via
-  // X-Frame-Options, Referrer-Policy and the cross-origin policies stay on.
-  await app.register(helmet, { global: true, contentSecurityPolicy: false })
   // CORS only when origins are configured: unset, no CORS header at all (same-origin only).
   if (config.BFF_CORS_ORIGINS !== undefined) {
     const origins = corsOrigins(config.BFF_CORS_ORIGINS)
