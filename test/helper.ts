@@ -120,3 +120,12 @@ export async function closedPort (): Promise<number> {
   await new Promise<void>(resolve => server.close(() => resolve()))
   return port
 }
+
+/** Polls `check` every 10 ms until it holds, or fails naming `what` after `ms`. */
+export async function until (check: () => boolean, what: string, ms = 5000): Promise<void> {
+  const end = Date.now() + ms
+  while (!check()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
+    await new Promise(resolve => setTimeout(resolve, 10))
+  }
+}

@@ -4,7 +4,7 @@ import { createClient, type Client, type FormattedExecutionResult } from 'graphq
 import { WebSocket, type ClientOptions } from 'ws'
 import { createSigner } from 'fast-jwt'
 import type { FastifyInstance } from 'fastify'
-import { buildDemoApp, token, SECRET } from '../helper.js'
+import { buildDemoApp, token, SECRET, until } from '../helper.js'
 
 // GraphQL subscriptions over the graphql-ws protocol (graphql-transport-ws), with the real
 // graphql-ws client on `ws`, and raw `ws` sockets for what a well-behaved client never sends.
@@ -32,14 +32,6 @@ function client (t: Teardown, url: string, connectionParams?: Record<string, unk
   const c = createClient({ url, webSocketImpl: HeaderSocket, retryAttempts: 0, lazy: true, ...(connectionParams === undefined ? {} : { connectionParams }) })
   t.teardown(() => c.dispose())
   return c
-}
-
-async function until (check: () => boolean, what: string, ms = 3000): Promise<void> {
-  const end = Date.now() + ms
-  while (!check()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
-    await sleep(5)
-  }
 }
 
 /** Subscribes and collects: results, the error, and completion. */

@@ -6,7 +6,7 @@ import { EventSource } from 'eventsource'
 import { createClient } from 'graphql-ws'
 import { createTRPCUntypedClient, httpSubscriptionLink } from '@trpc/client'
 import type { FastifyInstance } from 'fastify'
-import { buildDemoApp, token } from '../helper.js'
+import { buildDemoApp, token, until } from '../helper.js'
 
 // Two gateway instances share the machine's Redis. One event, published once on the first,
 // reaches a WebSocket subscriber on each, a GraphQL subscriber and a tRPC subscriber; a
@@ -18,14 +18,6 @@ const INTERNAL = 'internal-token-for-events-test'
 async function listen (app: FastifyInstance): Promise<string> {
   await app.listen({ port: 0, host: '127.0.0.1' })
   return `127.0.0.1:${(app.server.address() as { port: number }).port}`
-}
-
-async function until (check: () => boolean, what: string, ms = 5000): Promise<void> {
-  const end = Date.now() + ms
-  while (!check()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
-    await sleep(10)
-  }
 }
 
 t.test('one event reaches subscribers of its tenant on every face and every instance', async t => {

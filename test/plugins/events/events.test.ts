@@ -1,7 +1,7 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { buildDemoApp, bearer, closedPort, testConfig } from '../../helper.js'
+import { buildDemoApp, bearer, closedPort, testConfig, until } from '../../helper.js'
 import { EventBus, isKernelEvent } from '../../../plugins/events/index.js'
 import { ANONYMOUS, type Identity } from '../../../plugins/auth/index.js'
 import { start } from '../../../server.js'
@@ -11,14 +11,6 @@ const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const run = (id: string, extra: Record<string, unknown> = {}) => ({ id, agentId: 'a1', status: 'running', temperature: 1, promptChars: 3, output: null, error: null, createdAt: 'c', updatedAt: 'u', startedAt: null, finishedAt: null, ...extra })
 const viewer: Identity = { tenant: 't1', user: 'u', roles: ['viewer'], zone: 'public', expiresAt: Infinity }
 const def: EventDefinition = { name: 'runUpdated', topic: 'runs.updated', payload: { type: 'object', required: ['id'], properties: { id: { type: 'string' }, status: { type: 'string' } } }, payloadDocument: {}, roles: ['viewer'], description: null }
-
-async function until (check: () => boolean, what: string, ms = 5000): Promise<void> {
-  const end = Date.now() + ms
-  while (!check()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
-    await sleep(10)
-  }
-}
 
 t.test('the bus delivers an event to its tenant only, shaped by the event schema', async t => {
   const dropped: string[] = []
