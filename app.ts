@@ -10,6 +10,7 @@ import metrics from './plugins/metrics/index.js'
 import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
 import kernel from './plugins/kernel/index.js'
 import events from './plugins/events/index.js'
+import redis from './plugins/redis/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -136,6 +137,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // Every concern, its order and its switch, in one place (ARCHITECTURE.md).
   await app.register(pipeline, { manifest })
   if (config.BFF_METRICS_ENABLED) await app.register(metrics)
+  // One shared Redis connection for the stores that use Redis; absent without REDIS_URL.
+  if (config.REDIS_URL !== undefined) await app.register(redis, { url: config.REDIS_URL })
   if (config.BFF_AUTH_ENABLED) {
     // The development secret is the fallback only when no key source is configured.
     const noKeys = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined

@@ -1,5 +1,5 @@
 import type { FastifyInstance } from 'fastify'
-import { CallContext, type Protocol } from '../plugins/pipeline/index.js'
+import { CallContext, type Protocol, type CacheOutcome } from '../plugins/pipeline/index.js'
 import { toProblem, MantleError, type Problem } from '../errors.js'
 
 /** What app.ts hands every face besides REST. */
@@ -33,7 +33,12 @@ export class FaceValue {
   readonly ok = true
   private parsed: unknown = undefined
   private done = false
-  constructor (readonly json: string, readonly status: number) {}
+  /**
+   * @param headers the response headers the stages set (null: none), for faces that answer one
+   *   call per HTTP response
+   * @param cache the response cache's outcome (null: the cache does not apply)
+   */
+  constructor (readonly json: string, readonly status: number, readonly headers: Record<string, string> | null = null, readonly cache: CacheOutcome | null = null) {}
   get value (): unknown {
     if (!this.done) {
       this.parsed = JSON.parse(this.json)
@@ -59,7 +64,8 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     const ctx = new CallContext(call.requestId, call.protocol, op, input as Record<string, unknown>, call.authorization, call.traceparent, op.type === 'mutation' ? call.idempotencyKey : undefined)
     if (call.memo !== undefined) ctx.memo = call.memo
     const entry = app.pipeline.entry(op.name)
-    return new FaceValue(entry.serialize(await entry.run(ctx)), ctx.status)
+    const result = await entry.run(ctx)
+    return new FaceValue(entry.serialize(result), ctx.status, ctx.headers, ctx.cache)
   } catch (err) {
     const { problem, headers } = toProblem(err, call.requestId)
     if (problem.code === 'INTERNAL') app.log.error({ err, requestId: call.requestId }, 'unexpected error')

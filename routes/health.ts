@@ -27,10 +27,12 @@ export default async function healthRoutes (app: FastifyInstance): Promise<void>
     const breaker = app.kernel.breakerState()
     checks.kernel = breaker === 'disabled' ? 'breaker disabled' : `breaker ${breaker}`
     if (breaker === 'open') failing.push('kernel')
+    // Redis: the shared store connection and the events subscriber must both be up.
     const events = app.events.health()
-    if (events.store === 'redis') {
-      checks.redis = events.up ? 'up' : 'down'
-      if (!events.up) failing.push('redis')
+    if (events.store === 'redis' || app.hasDecorator('redis')) {
+      const up = events.up && (!app.hasDecorator('redis') || app.redis.up())
+      checks.redis = up ? 'up' : 'down (memory stores)'
+      if (!up) failing.push('redis')
     }
     if (failing.length > 0) reply.code(503)
     return { status: failing.length > 0 ? 'not-ready' : 'ready', failing, checks }

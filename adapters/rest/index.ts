@@ -79,6 +79,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     const headers = request.headers
     const ctx = new CallContext(request.id, 'rest', op, input, headers.authorization, single(headers.traceparent), op.type === 'mutation' ? idempotencyKeyOf(request) : undefined)
     const result = await entry.run(ctx)
+    if (ctx.headers !== null) reply.headers(ctx.headers)
     if (ctx.status === 204) return reply.code(204).send()
     // The same compiled output serializer as every other face (the route's 2xx schema is for
     // OpenAPI): undeclared fields never leave, and an answer that breaks it is KERNEL_ERROR.

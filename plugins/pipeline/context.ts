@@ -6,6 +6,22 @@ export const PROTOCOLS: readonly Protocol[] = ['rest', 'trpc', 'graphql', 'webso
 
 const ANONYMOUS_ROLES: readonly string[] = Object.freeze([])
 
+/** How risky a call's input looked to the AI firewall (none when it is off or found nothing). */
+export type RiskLevel = 'none' | 'low' | 'medium' | 'high' | 'critical'
+/** One kind of thing the AI firewall found in a call's input: never the matched text itself. */
+export interface Finding {
+  /** injection | secret | pii */
+  readonly category: 'injection' | 'secret' | 'pii'
+  /** The rule family, e.g. `aws-access-key`, `email`, `ignore-instructions`. */
+  readonly type: string
+  /** 0..1, how sure the rule is. */
+  readonly score: number
+  /** The input field it was found in. */
+  readonly field: string
+}
+/** Where a query's answer came from, when the response cache applies to the op. */
+export type CacheOutcome = 'hit' | 'miss' | 'stale'
+
 /**
  * The one object a call carries through the pipeline. Every field is set in the constructor,
  * in the same order, so all contexts share one hidden class. Stages fill identity and
@@ -33,6 +49,19 @@ export class CallContext {
    * stage on its own. null for a call that comes alone.
    */
   memo: Map<string, Promise<unknown>> | null
+  /**
+   * Response headers stages add for the HTTP faces (x-cache, ETag, Cache-Control, RateLimit-*,
+   * Idempotent-Replayed), applied by the adapter on success. null until a stage sets one.
+   * Refusals carry their headers on the MantleError instead.
+   */
+  headers: Record<string, string> | null
+  /** What the stages decided, for the audit entry and the faces: cache outcome (null: no cache). */
+  cache: CacheOutcome | null
+  /** True when the idempotency stage answered with a stored result. */
+  replayed: boolean
+  /** The firewall's verdict: the highest risk of its findings, and the findings (null: none). */
+  risk: RiskLevel
+  findings: readonly Finding[] | null
 
   constructor (requestId: string, protocol: Protocol, op: Operation, input: Record<string, unknown>, authorization: string | undefined, traceparent: string | undefined, idempotencyKey: string | undefined) {
     this.requestId = requestId
@@ -50,5 +79,16 @@ export class CallContext {
     this.status = 200
     this.startedAt = performance.now()
     this.memo = null
+    this.headers = null
+    this.cache = null
+    this.replayed = false
+    this.risk = 'none'
+    this.findings = null
+  }
+
+  /** Adds a response header for the HTTP faces. */
+  setHeader (name: string, value: string): void {
+    if (this.headers === null) this.headers = {}
+    this.headers[name] = value
   }
 }

@@ -7,7 +7,7 @@ import type { Manifest, Operation } from '../../manifest.js'
 import { MantleError, describeValidation } from '../../errors.js'
 import type { CallContext } from './context.js'
 
-export { CallContext, type Protocol, PROTOCOLS } from './context.js'
+export { CallContext, type Protocol, PROTOCOLS, type RiskLevel, type Finding, type CacheOutcome } from './context.js'
 
 export type Next = (ctx: CallContext) => Promise<unknown>
 /**
