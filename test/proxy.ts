@@ -1,0 +1,64 @@
+import { createServer, connect, type Socket } from 'node:net'
+import type { AddressInfo } from 'node:net'
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+export interface TcpProxy {
+  /** The port clients connect to (127.0.0.1). */
+  port: number
+  /** Connections made through the proxy so far. */
+  readonly connections: number
+  /**
+   * Cuts the link: open connections are destroyed, and new ones are `reset` at once or, with
+   * `stall`, accepted and never answered (a server that hangs, the harder case for clients).
+   */
+  cut: (mode?: 'reset' | 'stall') => void
+  /** Forwards again from now on. */
+  restore: () => void
+  close: () => Promise<void>
+}
+
+/**
+ * A TCP proxy on port 0 in front of `target` (a real Redis or PostgreSQL) that a test can cut
+ * and restore, so an outage is made without stopping the machine's shared server.
+ */
+export async function startTcpProxy (t: Teardown, targetPort: number, targetHost = '127.0.0.1'): Promise<TcpProxy> {
+  let mode: 'open' | 'reset' | 'stall' = 'open'
+  let connections = 0
+  const open = new Set<Socket>()
+  const track = (s: Socket): void => {
+    open.add(s)
+    s.on('close', () => open.delete(s))
+    s.on('error', () => s.destroy())
+  }
+  const server = createServer(client => {
+    track(client)
+    if (mode === 'reset') { client.resetAndDestroy(); return }
+    if (mode === 'stall') { client.pause(); return }
+    connections++
+    const upstream = connect(targetPort, targetHost)
+    track(upstream)
+    client.pipe(upstream)
+    upstream.pipe(client)
+    client.on('close', () => upstream.destroy())
+    upstream.on('close', () => client.destroy())
+  })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  const { port } = server.address() as AddressInfo
+  const destroyAll = (): void => { for (const s of open) s.destroy() }
+  let closed = false
+  const close = async (): Promise<void> => {
+    if (closed) return
+    closed = true
+    destroyAll()
+    await new Promise<void>(resolve => server.close(() => resolve()))
+  }
+  t.teardown(close)
+  return {
+    port,
+    get connections () { return connections },
+    cut (how = 'reset') { mode = how; destroyAll() },
+    restore () { mode = 'open' },
+    close
+  }
+}
