@@ -153,6 +153,12 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     })
   } else {
     app.decorate('identify', () => ANONYMOUS)
+    // No identity, no roles: the gateway's own endpoints are open on a developer's machine and
+    // closed in production, where nobody could prove the role they need.
+    const production = config.NODE_ENV === 'production'
+    app.decorate('requireRole', (role: string) => (_request, _reply, done) => {
+      done(production ? new MantleError('FORBIDDEN', `identity is off: nobody holds the role ${role}`) : undefined)
+    })
   }
   await app.register(kernel, {
     url: options.kernelUrl ?? config.KERNEL_URL,

@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, onRequestHookHandler } from 'fastify'
 import { MantleError } from '../../errors.js'
 import { StageOrder } from '../pipeline/index.js'
 import { createIdentityVerifier, ZONE_RANK, type Identity, type IdentityOptions } from './identity.js'
@@ -15,6 +15,25 @@ declare module 'fastify' {
      * anonymous identity instead.
      */
     identify: (authorization: string | undefined) => Identity
+    /**
+     * An onRequest hook for the gateway's own endpoints (/diagz, /admin/*): 401 without a valid
+     * token, 403 without `role`. With identity off, app.ts decorates one that lets every caller
+     * through outside production and refuses all in production.
+     */
+    requireRole: (role: string) => onRequestHookHandler
+  }
+}
+
+/** The guard of the gateway's own endpoints, from the identify every face uses. */
+export function roleGuard (identify: (authorization: string | undefined) => Identity, role: string): onRequestHookHandler {
+  return (request, _reply, done) => {
+    try {
+      const id = identify(request.headers.authorization)
+      if (!id.roles.includes(role)) throw new MantleError('FORBIDDEN', `${request.url.split('?')[0]} needs the role ${role}`)
+      done()
+    } catch (err) {
+      done(err as Error)
+    }
   }
 }
 
@@ -25,6 +44,7 @@ async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise
   app.addHook('onClose', (_instance, done) => { verifier.close(); done() })
   const identify = (authorization: string | undefined): Identity => verifier(authorization)
   app.decorate('identify', identify)
+  app.decorate('requireRole', (role: string) => roleGuard(identify, role))
 
   app.pipeline.addStage({
     name: 'identity',
