@@ -1,6 +1,7 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply } from 'fastify'
 import { randomUUID } from 'node:crypto'
 import { readFileSync } from 'node:fs'
+import { Counter } from 'prom-client'
 import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins } from './schemas/config.js'
 import { ProblemSchema } from './schemas/manifest.js'
 import { loadManifestFile, type Manifest } from './manifest.js'
@@ -22,6 +23,17 @@ import helmet from 'helmet'
 import cors from '@fastify/cors'
 import health from './routes/health.js'
 import batch from './routes/batch.js'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /**
+     * Reads BFF_MANIFEST again and applies it without dropping a call (SIGHUP does this in
+     * server.ts). A manifest that is invalid, or changes more than policies, is refused and the
+     * one in force is kept; the answer says why.
+     */
+    reloadManifest: () => Promise<{ applied: boolean, reasons: string[] }>
+  }
+}
 
 /** The package version, read once at start-up (from the source tree or from dist/). */
 export const VERSION: string = ((): string => {
@@ -136,7 +148,25 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
 
   // Every concern, its order and its switch, in one place (ARCHITECTURE.md).
   await app.register(pipeline, { manifest })
-  if (config.BFF_METRICS_ENABLED) await app.register(metrics)
+  let reloads: ((outcome: 'applied' | 'refused') => void) | null = null
+  app.decorate('reloadManifest', async () => {
+    let reasons: string[]
+    try {
+      reasons = app.pipeline.reload(await loadManifestFile(config.BFF_MANIFEST))
+    } catch (err) {
+      reasons = [(err as Error).message]
+    }
+    const applied = reasons.length === 0
+    if (applied) app.log.info({ manifest: config.BFF_MANIFEST }, 'manifest reloaded')
+    else app.log.warn({ manifest: config.BFF_MANIFEST, reasons }, 'manifest reload refused: the manifest in force is kept')
+    reloads?.(applied ? 'applied' : 'refused')
+    return { applied, reasons }
+  })
+  if (config.BFF_METRICS_ENABLED) {
+    await app.register(metrics)
+    const counter = new Counter({ name: 'mantle_manifest_reloads_total', help: 'Manifest reloads, applied or refused', labelNames: ['outcome'] as const, registers: [app.metrics.registry] })
+    reloads = outcome => counter.labels(outcome).inc()
+  }
   // One shared Redis connection for the stores that use Redis; absent without REDIS_URL.
   if (config.REDIS_URL !== undefined) await app.register(redis, { url: config.REDIS_URL })
   if (config.BFF_AUTH_ENABLED) {

@@ -92,6 +92,8 @@ async function main (): Promise<void> {
     process.exit(1)
   }
   process.stdout.write(banner(started, config))
+  // SIGHUP: apply a changed manifest without a restart and without dropping a call.
+  process.on('SIGHUP', () => { started.app.reloadManifest().catch(() => {}) })
   // First SIGTERM/SIGINT: stop accepting, let in-flight calls finish, close the pool.
   // A second signal exits at once (close-with-grace's default).
   closeWithGrace({ delay: 10_000, logger: started.app.log }, async ({ err, signal }) => {

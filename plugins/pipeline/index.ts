@@ -38,6 +38,7 @@ export const StageOrder = {
 } as const
 
 export interface OperationEntry {
+  /** The operation as the manifest in force declares it (a reload may replace its policies). */
   readonly op: Operation
   /** Runs the call; set when the app is ready. May throw synchronously: await it. */
   run: Next
@@ -50,11 +51,21 @@ export interface OperationEntry {
 }
 
 export interface Pipeline {
+  /** The manifest in force: the start-up one, or the last one a reload applied. */
   readonly manifest: Manifest
   addStage: (definition: StageDefinition) => void
   setTerminal: (factory: (op: Operation) => Next) => void
   /** The entry of an operation, stable from registration on, for adapters to hold. */
   entry: (name: string) => OperationEntry
+  /**
+   * Applies a changed manifest without dropping a call: every operation's chain is built anew
+   * beside the old one, then swapped in; calls in flight finish on the chain they started on.
+   * Only policies may change (roles, zone, rate limit, cache, firewall, invalidates, timeout,
+   * docs): a change to the operations, routes, schemas, events or Kernel settings needs a
+   * restart, because faces have compiled routes and types from them. Returns the reasons a
+   * manifest was refused (empty when it was applied).
+   */
+  reload: (next: Manifest) => string[]
 }
 
 declare module 'fastify' {
@@ -68,12 +79,15 @@ const notReady: Next = () => { throw new Error('the pipeline is not compiled yet
 export function createPipeline (manifest: Manifest): Pipeline & { compile: () => void } {
   const definitions: StageDefinition[] = [validationStage()]
   let terminal: ((op: Operation) => Next) | null = null
-  const entries = new Map<string, OperationEntry>()
+  // Entries are the adapters' handles: stable objects whose op and chain a reload replaces.
+  const entries = new Map<string, { op: Operation, run: Next, stages: readonly string[], readonly serialize: (value: unknown) => string }>()
   for (const op of manifest.operations) entries.set(op.name, { op, run: notReady, stages: [], serialize: outputSerializer(op) })
   let compiled = false
+  let current = manifest
+  let ordered: StageDefinition[] = []
 
   return {
-    manifest,
+    get manifest () { return current },
     addStage (definition) {
       if (compiled) throw new Error(`stage ${definition.name} added after the pipeline was compiled`)
       if (definitions.some(d => d.name === definition.name)) throw new Error(`stage ${definition.name} is added twice`)
@@ -90,22 +104,61 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
     },
     compile () {
       if (terminal === null) throw new Error('the pipeline has no terminal: register the kernel plugin')
-      const ordered = [...definitions].sort((a, b) => a.order - b.order)
+      ordered = [...definitions].sort((a, b) => a.order - b.order)
       for (const entry of entries.values()) {
-        // Optimization: each operation keeps only the stages that apply to it, chained once.
-        const stages = ordered.map(d => [d.name, d.build(entry.op)] as const).filter((s): s is readonly [string, Stage] => s[1] !== null)
-        let run = memoized(entry.op, terminal(entry.op))
-        for (let i = stages.length - 1; i >= 0; i--) {
-          const stage = stages[i][1]
-          const next = run
-          run = (ctx) => stage(ctx, next)
-        }
-        entry.run = run
-        entry.stages = Object.freeze(stages.map(s => s[0]))
+        const built = chain(entry.op)
+        entry.run = built.run
+        entry.stages = built.stages
       }
       compiled = true
+    },
+    reload (next) {
+      if (!compiled) return ['the pipeline is not compiled yet']
+      const refused = reloadProblems(current, next)
+      if (refused.length > 0) return refused
+      // Build every chain first: a stage that throws while building leaves the old ones in force.
+      const built = next.operations.map(op => ({ op, ...chain(op) }))
+      for (const b of built) {
+        const entry = entries.get(b.op.name)!
+        entry.op = b.op
+        entry.run = b.run
+        entry.stages = b.stages
+      }
+      current = next
+      return []
     }
   }
+
+  function chain (op: Operation): { run: Next, stages: readonly string[] } {
+    // Optimization: each operation keeps only the stages that apply to it, chained once.
+    const stages = ordered.map(d => [d.name, d.build(op)] as const).filter((s): s is readonly [string, Stage] => s[1] !== null)
+    let run = memoized(op, terminal!(op))
+    for (let i = stages.length - 1; i >= 0; i--) {
+      const stage = stages[i][1]
+      const next = run
+      run = (ctx) => stage(ctx, next)
+    }
+    return { run, stages: Object.freeze(stages.map(s => s[0])) }
+  }
+}
+
+/** What a reload may not change, because faces compiled routes, types or pools from it. */
+export function reloadProblems (current: Manifest, next: Manifest): string[] {
+  const problems: string[] = []
+  const same = (a: unknown, b: unknown): boolean => canonicalJson(a) === canonicalJson(b)
+  const names = (m: Manifest): string => m.operations.map(o => o.name).sort().join(',')
+  if (names(current) !== names(next)) problems.push('operations were added or removed')
+  for (const op of next.operations) {
+    const was = current.byName.get(op.name)
+    if (was === undefined) continue
+    for (const key of ['type', 'method', 'path', 'kernel', 'input', 'output', 'inputDocument', 'outputDocument'] as const) {
+      if (!same(was[key], op[key])) problems.push(`operations.${op.name}.${key === 'method' || key === 'path' ? 'rest' : key.replace('Document', '')} changed`)
+    }
+  }
+  if (!same(current.events, next.events)) problems.push('events changed')
+  if (!same(current.schemas, next.schemas)) problems.push('schemas changed')
+  if (!same(current.kernel, next.kernel)) problems.push('kernel settings changed')
+  return [...new Set(problems)]
 }
 
 function outputSerializer (op: Operation): (value: unknown) => string {

@@ -1,0 +1,101 @@
+import t from 'tap'
+import { mkdtempSync, writeFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { buildTestApp, startTestKernel, json, bearer } from '../../helper.js'
+
+// A manifest changed under load is applied without dropping a call; one that is invalid, or
+// changes more than policies, is refused and the one in force is kept.
+
+const manifest = (roles: string, extra = ''): string => `version: 1
+kernel: { url: "http://127.0.0.1:9", timeoutMs: 2000 }
+operations:
+  getThing:
+    type: query
+    rest: GET /things/:id
+    kernel: GET /things/{id}
+    input: { type: object, required: [id], properties: { id: { type: string } } }
+    output: { type: object, properties: { id: { type: string } } }
+    roles: [${roles}]
+${extra}`
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+async function setup (t: Teardown): Promise<{ app: Awaited<ReturnType<typeof buildTestApp>>, file: string }> {
+  const dir = mkdtempSync(join(tmpdir(), 'mantle-reload-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const file = join(dir, 'manifest.yaml')
+  writeFileSync(file, manifest('viewer'))
+  const kernel = await startTestKernel(t, {
+    'GET /things/a': (_req, res) => { setTimeout(() => json(res, 200, { id: 'a' }), 2) }
+  })
+  const app = await buildTestApp(t, { BFF_MANIFEST: file }, { kernelUrl: kernel.url })
+  return { app, file }
+}
+
+t.test('a policy change applied under load drops no call, and is in force afterwards', async t => {
+  const { app, file } = await setup(t)
+  const loader = bearer({ roles: ['viewer', 'operator'] })
+  const viewer = bearer({ roles: ['viewer'] })
+  t.equal((await app.inject({ url: '/api/v1/things/a', headers: viewer })).statusCode, 200, 'a viewer may call it before')
+
+  const state = { stop: false }
+  const statuses: number[] = []
+  const load = async (): Promise<void> => {
+    while (!state.stop) statuses.push((await app.inject({ url: '/api/v1/things/a', headers: loader })).statusCode)
+  }
+  const workers = Array.from({ length: 16 }, load)
+  const reloads: boolean[] = []
+  for (let i = 0; i < 6; i++) {
+    await new Promise(resolve => setTimeout(resolve, 20))
+    writeFileSync(file, manifest(i % 2 === 0 ? 'operator' : 'viewer, operator'))
+    reloads.push((await app.reloadManifest()).applied)
+  }
+  writeFileSync(file, manifest('operator'))
+  reloads.push((await app.reloadManifest()).applied)
+  state.stop = true
+  await Promise.all(workers)
+
+  t.same(reloads, [true, true, true, true, true, true, true], 'every reload applied')
+  t.ok(statuses.length > 50, `calls made under load (${statuses.length})`)
+  t.same(statuses.filter(s => s !== 200), [], 'no call failed while the manifest changed')
+  const after = await app.inject({ url: '/api/v1/things/a', headers: viewer })
+  t.equal(after.statusCode, 403, 'the new roles are in force')
+  t.same(app.pipeline.manifest.byName.get('getThing')?.roles, ['operator'])
+  const metrics = await app.inject({ url: '/metrics' })
+  t.match(metrics.body, /mantle_manifest_reloads_total\{outcome="applied"\} 7/)
+})
+
+t.test('an invalid manifest, or one that changes more than policies, is refused and the old one kept', async t => {
+  const { app, file } = await setup(t)
+  const viewer = bearer({ roles: ['viewer'] })
+
+  writeFileSync(file, 'version: 1\noperations: [this is not a manifest')
+  const junk = await app.reloadManifest()
+  t.equal(junk.applied, false)
+  t.match(junk.reasons[0], /manifest/i)
+
+  writeFileSync(file, manifest('viewer').replace('id: { type: string } } }\n    roles', 'id: { type: string }, name: { type: string } } }\n    roles'))
+  const schema = await app.reloadManifest()
+  t.equal(schema.applied, false)
+  t.same(schema.reasons, ['operations.getThing.output changed'])
+
+  writeFileSync(file, manifest('viewer').replace('GET /things/:id', 'GET /stuff/:id'))
+  t.same((await app.reloadManifest()).reasons, ['operations.getThing.rest changed'])
+
+  writeFileSync(file, manifest('viewer', `  other:
+    type: query
+    rest: GET /other
+    kernel: GET /other
+    output: { type: object }
+`))
+  t.same((await app.reloadManifest()).reasons, ['operations were added or removed'])
+
+  writeFileSync(file, manifest('viewer').replace('timeoutMs: 2000', 'timeoutMs: 3000'))
+  t.same((await app.reloadManifest()).reasons, ['kernel settings changed'])
+
+  const res = await app.inject({ url: '/api/v1/things/a', headers: viewer })
+  t.equal(res.statusCode, 200, 'the manifest in force still answers')
+  const metrics = await app.inject({ url: '/metrics' })
+  t.match(metrics.body, /mantle_manifest_reloads_total\{outcome="refused"\} 5/)
+})
