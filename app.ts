@@ -2,6 +2,7 @@ import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyE
 import { randomUUID } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import { Counter } from 'prom-client'
+import type { SpanExporter } from '@opentelemetry/sdk-trace'
 import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins } from './schemas/config.js'
 import { ProblemSchema } from './schemas/manifest.js'
 import { loadManifestFile, type Manifest } from './manifest.js'
@@ -12,6 +13,7 @@ import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
 import kernel from './plugins/kernel/index.js'
 import events from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
+import tracing from './plugins/tracing/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -55,6 +57,8 @@ export interface BuildOptions {
   logStream?: { write: (line: string) => void }
   /** Kernel retry backoff (tests shorten it). */
   kernelBackoff?: { baseMs: number, capMs: number }
+  /** Where spans go instead of OTLP (tests); tracing still needs an endpoint configured. */
+  traceExporter?: SpanExporter
   /** JWKS timings (tests shorten them). */
   identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number }
 }
@@ -162,6 +166,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     reloads?.(applied ? 'applied' : 'refused')
     return { applied, reasons }
   })
+  // Tracing costs nothing unless an OTLP endpoint is configured.
+  const traces = tracesUrl(config)
+  if (traces !== null) await app.register(tracing, { url: traces, serviceName: config.OTEL_SERVICE_NAME, version: VERSION, sampleRatio: config.BFF_TRACE_SAMPLE_RATIO, ...(options.traceExporter === undefined ? {} : { exporter: options.traceExporter }) })
   if (config.BFF_METRICS_ENABLED) {
     await app.register(metrics)
     const counter = new Counter({ name: 'mantle_manifest_reloads_total', help: 'Manifest reloads, applied or refused', labelNames: ['outcome'] as const, registers: [app.metrics.registry] })
@@ -227,6 +234,13 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   if (config.BFF_WEBSOCKET_ENABLED) await app.register(websocketFace, face)
   await app.register(health)
   return app
+}
+
+/** The OTLP traces URL from the standard OpenTelemetry variables, or null: tracing off. */
+export function tracesUrl (config: Readonly<Config>): string | null {
+  if (config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT !== undefined) return config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+  if (config.OTEL_EXPORTER_OTLP_ENDPOINT !== undefined) return config.OTEL_EXPORTER_OTLP_ENDPOINT.replace(/\/+$/, '') + '/v1/traces'
+  return null
 }
 
 /**

@@ -134,7 +134,7 @@ export class KernelClient {
         'x-tenant-id': ctx.tenant,
         'x-user-id': ctx.user,
         'x-user-roles': ctx.roles.join(','),
-        traceparent: childTraceparent(ctx.traceparent)
+        traceparent: ctx.traced ? ctx.traceparent! : childTraceparent(ctx.traceparent)
       }
       if (body !== undefined) headers['content-type'] = 'application/json'
       if (ctx.idempotencyKey !== undefined) headers['idempotency-key'] = ctx.idempotencyKey

@@ -34,7 +34,10 @@ export class CallContext {
   input: Record<string, unknown>
   /** The raw `Authorization` value (or the WebSocket's token), read by the identity stage. */
   readonly authorization: string | undefined
-  readonly traceparent: string | undefined
+  /** The caller's W3C traceparent; the tracing stage replaces it with the call's own span. */
+  traceparent: string | undefined
+  /** True when `traceparent` is the call's own span, which the Kernel call then continues. */
+  traced: boolean
   readonly idempotencyKey: string | undefined
   tenant: string
   user: string
@@ -70,6 +73,7 @@ export class CallContext {
     this.input = input
     this.authorization = authorization
     this.traceparent = traceparent
+    this.traced = false
     this.idempotencyKey = idempotencyKey
     // With identity off every call is the public tenant's anonymous user.
     this.tenant = 'public'

@@ -26,6 +26,7 @@ export interface StageDefinition {
 
 /** The fixed order of ARCHITECTURE.md: outermost first. */
 export const StageOrder = {
+  tracing: -10,
   metrics: 0,
   audit: 10,
   identity: 20,

@@ -1,0 +1,79 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { ROOT_CONTEXT, SpanKind, SpanStatusCode, TraceFlags, trace, type Context } from '@opentelemetry/api'
+import { TracerProvider, BatchSpanProcessor, ParentBasedSampler, TraceIdRatioBasedSampler, type SpanExporter } from '@opentelemetry/sdk-trace'
+import { OTLPTraceExporter } from '@opentelemetry/exporter-trace-otlp-http'
+import { resourceFromAttributes } from '@opentelemetry/resources'
+import { StageOrder } from '../pipeline/index.js'
+import { toProblem } from '../../errors.js'
+
+// One OpenTelemetry span per call, named by the operation, a child of the caller's
+// `traceparent`, and the parent of the Kernel call (the Kernel client sends this span's
+// context as its traceparent). Registered only when an OTLP endpoint is configured: without
+// one, no stage, no provider, nothing on the hot path.
+
+export interface TracingOptions {
+  /** The OTLP/HTTP traces URL, e.g. http://otel-collector:4318/v1/traces. */
+  url: string
+  serviceName: string
+  version: string
+  /** Share of new traces recorded (0..1); a caller's sampled flag is followed. */
+  sampleRatio: number
+  /** Tests hand their own exporter. */
+  exporter?: SpanExporter
+}
+
+const TRACEPARENT = /^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$/
+const ZERO_TRACE = '0'.repeat(32)
+const ZERO_SPAN = '0'.repeat(16)
+
+/** The caller's W3C traceparent as a remote parent context (ROOT_CONTEXT when absent or invalid). */
+export function parentContext (traceparent: string | undefined): Context {
+  const m = traceparent === undefined ? null : TRACEPARENT.exec(traceparent)
+  if (m === null || m[1] === ZERO_TRACE || m[2] === ZERO_SPAN) return ROOT_CONTEXT
+  return trace.setSpanContext(ROOT_CONTEXT, { traceId: m[1], spanId: m[2], traceFlags: parseInt(m[3], 16) & TraceFlags.SAMPLED, isRemote: true })
+}
+
+async function tracingPlugin (app: FastifyInstance, opts: TracingOptions): Promise<void> {
+  const provider = new TracerProvider({
+    resource: resourceFromAttributes({ 'service.name': opts.serviceName, 'service.version': opts.version }),
+    sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(opts.sampleRatio) }),
+    spanProcessors: [new BatchSpanProcessor({ exporter: opts.exporter ?? new OTLPTraceExporter({ url: opts.url }), maxQueueSize: 4096, maxExportBatchSize: 512, scheduledDelayMillis: 1000 })]
+  })
+  const tracer = provider.getTracer('mantle', opts.version)
+
+  app.pipeline.addStage({
+    name: 'tracing',
+    order: StageOrder.tracing,
+    build (op) {
+      const kind = op.type === 'query' ? 'query' : 'mutation'
+      return async (ctx, next) => {
+        const span = tracer.startSpan(op.name, {
+          kind: SpanKind.SERVER,
+          attributes: { 'mantle.operation': op.name, 'mantle.operation.type': kind, 'mantle.protocol': ctx.protocol, 'mantle.request_id': ctx.requestId }
+        }, parentContext(ctx.traceparent))
+        const sc = span.spanContext()
+        // The Kernel call continues this span: its traceparent names this span as parent.
+        ctx.traceparent = `00-${sc.traceId}-${sc.spanId}-0${sc.traceFlags & TraceFlags.SAMPLED}`
+        ctx.traced = true
+        try {
+          const result = await next(ctx)
+          span.setAttributes({ 'mantle.tenant': ctx.tenant, 'mantle.status_code': ctx.status })
+          return result
+        } catch (err) {
+          const { problem } = toProblem(err, ctx.requestId)
+          span.setAttributes({ 'mantle.tenant': ctx.tenant, 'mantle.status_code': problem.status, 'mantle.error_code': problem.code })
+          span.setStatus({ code: SpanStatusCode.ERROR, message: problem.code })
+          throw err
+        } finally {
+          span.end()
+        }
+      }
+    }
+  })
+
+  // Spans still queued are exported before the process goes.
+  app.addHook('onClose', async () => { await provider.shutdown().catch(err => app.log.warn({ err }, 'trace export at shutdown failed')) })
+}
+
+export default fp(tracingPlugin, { name: 'mantle-tracing', dependencies: ['mantle-pipeline'], fastify: '5.x' })

@@ -1,0 +1,96 @@
+import t from 'tap'
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { buildTestApp, startTestKernel, json, bearer, testManifest, testConfig } from '../../helper.js'
+import { tracesUrl } from '../../../app.js'
+import { parentContext } from '../../../plugins/tracing/index.js'
+import { trace } from '@opentelemetry/api'
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+interface OtlpSpan { traceId: string, spanId: string, parentSpanId?: string, name: string, kind: number, status?: { code?: number, message?: string }, attributes: Array<{ key: string, value: Record<string, unknown> }> }
+
+/** A real OTLP/HTTP collector on port 0 that keeps every span it is sent. */
+async function startCollector (t: Teardown): Promise<{ url: string, spans: OtlpSpan[] }> {
+  const spans: OtlpSpan[] = []
+  const server = createServer((req, res) => {
+    const chunks: Buffer[] = []
+    req.on('data', (c: Buffer) => chunks.push(c))
+    req.on('end', () => {
+      const body = JSON.parse(Buffer.concat(chunks).toString('utf8')) as { resourceSpans: Array<{ scopeSpans: Array<{ spans: OtlpSpan[] }> }> }
+      for (const rs of body.resourceSpans) for (const ss of rs.scopeSpans) spans.push(...ss.spans)
+      res.writeHead(200, { 'content-type': 'application/json' }).end('{}')
+    })
+  })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise<void>(resolve => server.close(() => resolve())))
+  return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/v1/traces`, spans }
+}
+
+const manifest = testManifest({
+  getThing: {
+    type: 'query',
+    rest: 'GET /things/:id',
+    kernel: 'GET /things/{id}',
+    input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } },
+    output: { type: 'object', properties: { id: { type: 'string' } } }
+  }
+})
+const attr = (span: OtlpSpan, key: string): unknown => {
+  const v = span.attributes.find(a => a.key === key)?.value
+  return v === undefined ? undefined : Object.values(v)[0]
+}
+
+t.test('a span per call, named by the op, child of the caller\'s traceparent and parent of the Kernel call', async t => {
+  const collector = await startCollector(t)
+  const kernel = await startTestKernel(t, {
+    'GET /things/a': (_req, res) => json(res, 200, { id: 'a' }),
+    'GET /things/b': (_req, res) => json(res, 500, { message: 'boom' })
+  })
+  const app = await buildTestApp({ teardown: () => {} }, { OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: collector.url, BFF_CIRCUIT_BREAKER_ENABLED: false }, { manifest, kernelUrl: kernel.url })
+  t.ok(app.pipeline.entry('getThing').stages.includes('tracing'))
+  const traceId = '4bf92f3577b34da6a3ce929d0e0e4736'
+  const parent = '00f067aa0ba902b7'
+  const ok = await app.inject({ url: '/api/v1/things/a', headers: { ...bearer(), traceparent: `00-${traceId}-${parent}-01` } })
+  t.equal(ok.statusCode, 200)
+  const failed = await app.inject({ url: '/api/v1/things/b', headers: bearer() })
+  t.equal(failed.statusCode, 502)
+  await app.close() // flushes the spans still queued
+
+  t.equal(collector.spans.length, 2)
+  const [span, error] = collector.spans
+  t.equal(span.name, 'getThing')
+  t.equal(span.traceId, traceId, 'continues the caller\'s trace')
+  t.equal(span.parentSpanId, parent, 'child of the caller\'s span')
+  t.equal(span.kind, 2, 'a server span')
+  t.equal(attr(span, 'mantle.protocol'), 'rest')
+  t.equal(attr(span, 'mantle.tenant'), 't1')
+  const sent = kernel.requests[0].headers.traceparent
+  t.equal(sent, `00-${traceId}-${span.spanId}-01`, 'the Kernel call names the gateway\'s span as parent')
+
+  t.not(error.traceId, traceId, 'a call without traceparent starts a trace')
+  t.equal(error.status?.code, 2, 'a failed call is an error span')
+  t.equal(attr(error, 'mantle.error_code'), 'KERNEL_ERROR')
+  t.equal(kernel.requests[1].headers.traceparent, `00-${error.traceId}-${error.spanId}-01`)
+})
+
+t.test('without an OTLP endpoint there is no tracing stage and the Kernel still gets a traceparent', async t => {
+  const kernel = await startTestKernel(t, { 'GET /things/a': (_req, res) => json(res, 200, { id: 'a' }) })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  t.notOk(app.pipeline.entry('getThing').stages.includes('tracing'))
+  await app.inject({ url: '/api/v1/things/a', headers: { ...bearer(), traceparent: '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01' } })
+  t.match(kernel.requests[0].headers.traceparent, /^00-4bf92f3577b34da6a3ce929d0e0e4736-[0-9a-f]{16}-01$/)
+})
+
+t.test('the traces URL comes from the standard OpenTelemetry variables', async t => {
+  t.equal(tracesUrl(testConfig()), null)
+  t.equal(tracesUrl(testConfig({ OTEL_EXPORTER_OTLP_ENDPOINT: 'http://collector:4318/' })), 'http://collector:4318/v1/traces')
+  t.equal(tracesUrl(testConfig({ OTEL_EXPORTER_OTLP_ENDPOINT: 'http://a:4318', OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: 'http://b:4318/v1/traces' })), 'http://b:4318/v1/traces')
+  t.throws(() => testConfig({ BFF_TRACE_SAMPLE_RATIO: 2 }), /BFF_TRACE_SAMPLE_RATIO/)
+})
+
+t.test('a malformed or all-zero traceparent starts a new trace', async t => {
+  for (const bad of [undefined, 'junk', '00-00000000000000000000000000000000-00f067aa0ba902b7-01', '00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01']) {
+    t.equal(trace.getSpanContext(parentContext(bad)), undefined, String(bad))
+  }
+  t.match(trace.getSpanContext(parentContext('00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00')), { traceFlags: 0, isRemote: true })
+})
