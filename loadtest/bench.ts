@@ -57,6 +57,8 @@ interface TargetReport {
   flagged: boolean
   ratioToKernel: number | null
   ratioToPassthrough: number | null
+  /** Against nginx as a reverse proxy, when nginx is installed. */
+  ratioToNginx: number | null
   p99DiffToPassthroughMs: number | null
 }
 
@@ -147,13 +149,14 @@ async function preflight (target: Target, scenario: ScenarioDefinition): Promise
 }
 
 function table (rows: readonly TargetReport[]): string {
-  const header = ['target', 'req/s', 'p50 ms', 'p99 ms', 'x kernel', 'x passthrough', 'p99 vs passthrough ms', 'status']
+  const header = ['target', 'req/s', 'p50 ms', 'p99 ms', 'x kernel', 'x nginx', 'x passthrough', 'p99 vs passthrough ms', 'status']
   const body = rows.map((r) => [
     r.name,
     fmt(r.reqPerSec, 0),
     fmt(r.p50Ms, 2),
     fmt(r.p99Ms, 2),
     fmt(r.ratioToKernel, 2),
+    fmt(r.ratioToNginx, 2),
     fmt(r.ratioToPassthrough, 2),
     signed(r.p99DiffToPassthroughMs, 2),
     r.flagged ? `FLAGGED: ${r.non2xx} non-2xx, ${r.errors} errors (${r.timeouts} timeouts)` : 'ok'
@@ -223,13 +226,16 @@ async function runSpine (opts: Options, ctx: TargetContext, processes: RunningPr
       flagged: non2xx + errors > 0,
       ratioToKernel: null,
       ratioToPassthrough: null,
+      ratioToNginx: null,
       p99DiffToPassthroughMs: null
     }
   })
   const kernelRow = reports.find((r) => r.name === 'kernel-direct')
   const passRow = reports.find((r) => r.name === 'passthrough')
+  const nginxRow = reports.find((r) => r.name === 'nginx')
   for (const r of reports) {
     if (kernelRow !== undefined) r.ratioToKernel = r.reqPerSec / kernelRow.reqPerSec
+    if (nginxRow !== undefined) r.ratioToNginx = r.reqPerSec / nginxRow.reqPerSec
     if (passRow !== undefined) {
       r.ratioToPassthrough = r.reqPerSec / passRow.reqPerSec
       r.p99DiffToPassthroughMs = r.p99Ms - passRow.p99Ms

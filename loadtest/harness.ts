@@ -1,6 +1,7 @@
 // Reusable pieces of the load-test harness: statistics, free ports, target processes, worker
 // processes (load generators that are not autocannon), the shapes of scenarios and targets,
 // and the gateway configurations every section measures.
+import { nginxPresent } from './nginx-proxy.js'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { createServer } from 'node:net'
@@ -355,6 +356,19 @@ export const REST_TARGETS: readonly TargetDefinition[] = [
     headers: () => ({ 'x-tenant-id': BENCH_TENANT }),
     rewritePath: toKernelPath
   },
+  // Debian's nginx as a reverse proxy, when it is installed.
+  ...(nginxPresent()
+    ? [{
+        name: 'nginx',
+        description: 'nginx reverse proxy (one worker, keep-alive upstream) to the Kernel',
+        process: {
+          script: 'loadtest/nginx-proxy.ts',
+          env: (ctx: TargetContext, port: number) => ({ PORT: String(port), HOST: '127.0.0.1', KERNEL_URL: ctx.kernelUrl }),
+          readyPath: '/api/v1/agents/a1'
+        },
+        headers: () => ({ 'x-tenant-id': BENCH_TENANT })
+      }]
+    : []),
   {
     name: 'passthrough',
     description: 'bare Fastify 5 + undici.Pool forwarding to the Kernel',
