@@ -13,7 +13,9 @@ export interface TcpProxy {
    * `stall`, accepted and never answered (a server that hangs, the harder case for clients).
    */
   cut: (mode?: 'reset' | 'stall') => void
-  /** Forwards again from now on. */
+  /** Holds every chunk from the server back this long (0: none): a slow upstream. */
+  delay: (ms: number) => void
+  /** Forwards again from now on (and without delay). */
   restore: () => void
   close: () => Promise<void>
 }
@@ -24,6 +26,7 @@ export interface TcpProxy {
  */
 export async function startTcpProxy (t: Teardown, targetPort: number, targetHost = '127.0.0.1'): Promise<TcpProxy> {
   let mode: 'open' | 'reset' | 'stall' = 'open'
+  let delayMs = 0
   let connections = 0
   const open = new Set<Socket>()
   const track = (s: Socket): void => {
@@ -39,7 +42,11 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
     const upstream = connect(targetPort, targetHost)
     track(upstream)
     client.pipe(upstream)
-    upstream.pipe(client)
+    // Chunks keep their order: each waits the same delay, and timers of one delay fire in order.
+    upstream.on('data', (chunk: Buffer) => {
+      if (delayMs === 0) client.write(chunk)
+      else setTimeout(() => { if (!client.destroyed) client.write(chunk) }, delayMs)
+    })
     client.on('close', () => upstream.destroy())
     upstream.on('close', () => client.destroy())
   })
@@ -58,7 +65,8 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
     port,
     get connections () { return connections },
     cut (how = 'reset') { mode = how; destroyAll() },
-    restore () { mode = 'open' },
+    delay (ms) { delayMs = ms },
+    restore () { mode = 'open'; delayMs = 0 },
     close
   }
 }
