@@ -204,7 +204,31 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
  * the default serializer logs the raw URL, which redact paths cannot reach into.
  */
 export function requestForLog (req: FastifyRequest): Record<string, unknown> {
-  return { method: req.method, url: req.url.replace(/([?&]access_token=)[^&#]*/gi, '$1[redacted]'), host: req.host, remoteAddress: req.ip, remotePort: req.socket?.remotePort }
+  return { method: req.method, url: redactUrl(req.url), host: req.host, remoteAddress: req.ip, remotePort: req.socket?.remotePort }
+}
+
+// Query parameters that carry credentials: `access_token` (WebSocket upgrades, EventSource) and
+// tRPC's `connectionParams` (httpSubscriptionLink puts the token there), matched by decoded name
+// as the query parser reads them, so `?access%5Ftoken=` is redacted as well.
+const SECRET_PARAMS = new Set(['access_token', 'connectionparams'])
+
+/** The URL with the values of credential-carrying query parameters replaced by `[redacted]`. */
+export function redactUrl (url: string): string {
+  const q = url.indexOf('?')
+  if (q === -1) return url
+  let changed = false
+  const parts = url.slice(q + 1).split('&').map(part => {
+    const eq = part.indexOf('=')
+    const raw = eq === -1 ? part : part.slice(0, eq)
+    let name = raw
+    if (name.includes('%') || name.includes('+')) {
+      try { name = decodeURIComponent(name.replace(/\+/g, ' ')) } catch {}
+    }
+    if (!SECRET_PARAMS.has(name.toLowerCase())) return part
+    changed = true
+    return raw + '=[redacted]'
+  })
+  return changed ? url.slice(0, q + 1) + parts.join('&') : url
 }
 
 function errorHandler (err: FastifyError | MantleError | Error, request: FastifyRequest, reply: FastifyReply): void {
