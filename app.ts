@@ -191,6 +191,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
         socket.terminate()
       }
     })
+    // The 101 of an upgrade is written by ws, not through a reply: it gets the same headers here.
+    const securityLines = Object.entries(SECURITY_HEADERS).map(([name, value]) => `${name}: ${value}`)
+    app.websocketServer.on('headers', (headers: string[]) => { headers.push(...securityLines) })
   }
   if (config.BFF_TRPC_ENABLED) await app.register(trpc, face)
   if (config.BFF_GRAPHQL_ENABLED) await app.register(graphql, face)
