@@ -228,6 +228,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
         socket.terminate()
       }
     })
+    // The 101 of an upgrade is written by ws, not through a reply: it gets the same headers here.
+    const securityLines = Object.entries(SECURITY_HEADERS).map(([name, value]) => `${name}: ${value}`)
+    app.websocketServer.on('headers', (headers: string[]) => { headers.push(...securityLines) })
   }
   if (config.BFF_TRPC_ENABLED) await app.register(trpc, face)
   if (config.BFF_GRAPHQL_ENABLED) await app.register(graphql, face)
@@ -248,7 +251,31 @@ export function tracesUrl (config: Readonly<Config>): string | null {
  * the default serializer logs the raw URL, which redact paths cannot reach into.
  */
 export function requestForLog (req: FastifyRequest): Record<string, unknown> {
-  return { method: req.method, url: req.url.replace(/([?&]access_token=)[^&#]*/gi, '$1[redacted]'), host: req.host, remoteAddress: req.ip, remotePort: req.socket?.remotePort }
+  return { method: req.method, url: redactUrl(req.url), host: req.host, remoteAddress: req.ip, remotePort: req.socket?.remotePort }
+}
+
+// Query parameters that carry credentials: `access_token` (WebSocket upgrades, EventSource) and
+// tRPC's `connectionParams` (httpSubscriptionLink puts the token there), matched by decoded name
+// as the query parser reads them, so `?access%5Ftoken=` is redacted as well.
+const SECRET_PARAMS = new Set(['access_token', 'connectionparams'])
+
+/** The URL with the values of credential-carrying query parameters replaced by `[redacted]`. */
+export function redactUrl (url: string): string {
+  const q = url.indexOf('?')
+  if (q === -1) return url
+  let changed = false
+  const parts = url.slice(q + 1).split('&').map(part => {
+    const eq = part.indexOf('=')
+    const raw = eq === -1 ? part : part.slice(0, eq)
+    let name = raw
+    if (name.includes('%') || name.includes('+')) {
+      try { name = decodeURIComponent(name.replace(/\+/g, ' ')) } catch {}
+    }
+    if (!SECRET_PARAMS.has(name.toLowerCase())) return part
+    changed = true
+    return raw + '=[redacted]'
+  })
+  return changed ? url.slice(0, q + 1) + parts.join('&') : url
 }
 
 function errorHandler (err: FastifyError | MantleError | Error, request: FastifyRequest, reply: FastifyReply): void {

@@ -89,7 +89,8 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
     key,
     algorithms: [alg as 'HS256'],
     clockTolerance: toleranceMs,
-    requiredClaims: ['sub', 'tid', 'exp'],
+    // fast-jwt checks iss and aud only when the token carries them: a configured one is required.
+    requiredClaims: ['sub', 'tid', 'exp', ...(options.issuer === undefined ? [] : ['iss']), ...(options.audience === undefined ? [] : ['aud'])],
     ...(options.issuer === undefined ? {} : { allowedIss: options.issuer }),
     ...(options.audience === undefined ? {} : { allowedAud: options.audience }),
     ...(options.clockTimestamp === undefined ? {} : { clockTimestamp: options.clockTimestamp })
@@ -169,13 +170,27 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
   })
 }
 
+/**
+ * What a header value can carry unchanged: visible Latin-1 characters, inner spaces and tabs,
+ * no surrounding whitespace. A control character or a code point above U+00FF made the Kernel
+ * request fail before it left (a 503 that also tripped the breaker for every tenant), and
+ * surrounding spaces are trimmed on the way, so " acme" would have reached acme's data.
+ */
+const HEADER_SAFE = /^[\x21-\x7e\xa1-\xff](?:[\t\x20-\x7e\xa0-\xff]{0,254}[\x21-\x7e\xa1-\xff])?$/
+
 function toIdentity (claims: Record<string, unknown>, toleranceMs: number): Identity {
   const { sub, tid, roles = [], zone = 'public' } = claims
   if (typeof sub !== 'string' || sub === '' || typeof tid !== 'string' || tid === '') {
     throw new MantleError('UNAUTHENTICATED', 'The token was refused: sub and tid must be non-empty strings')
   }
+  if (!HEADER_SAFE.test(sub) || !HEADER_SAFE.test(tid)) {
+    throw new MantleError('UNAUTHENTICATED', 'The token was refused: sub and tid must be visible characters (they travel as x-user-id and x-tenant-id)')
+  }
   if (!Array.isArray(roles) || !roles.every(r => typeof r === 'string')) {
     throw new MantleError('UNAUTHENTICATED', 'The token was refused: roles must be an array of strings')
+  }
+  if (!roles.every(r => HEADER_SAFE.test(r) && !r.includes(','))) {
+    throw new MantleError('UNAUTHENTICATED', 'The token was refused: each role must be visible characters without a comma (they travel as x-user-roles)')
   }
   if (typeof zone !== 'string' || !(zone in ZONE_RANK)) {
     throw new MantleError('UNAUTHENTICATED', 'The token was refused: zone must be public, internal or restricted')
