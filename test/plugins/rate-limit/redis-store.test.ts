@@ -101,16 +101,16 @@ t.test('Redis cut mid-load: no 5xx, limits keep working from memory, back to Red
 
       // Load: 8 callers in a loop until told to stop; every status is kept.
       const statuses = new Map<number, number>()
-      let running = true
+      const load = { running: true }
       let calls = 0
       const loop = async (): Promise<void> => {
-        while (running) {
+        while (load.running) {
           const res = await app.inject({ url: '/api/v1/loose', headers })
           calls++
           statuses.set(res.statusCode, (statuses.get(res.statusCode) ?? 0) + 1)
         }
       }
-      const load = Array.from({ length: 8 }, loop)
+      const callers = Array.from({ length: 8 }, loop)
       await until(() => calls >= 50, 'load before the cut')
       t.equal(await redis.hget(opKey(tenant, 'u1', 'loose'), 'c') !== null, true, 'counted in Redis before the cut')
       const before = await metric(app, 'mantle_rate_limit_fallback_total')
@@ -131,8 +131,8 @@ t.test('Redis cut mid-load: no 5xx, limits keep working from memory, back to Red
       proxy.restore()
       const atRestore = calls
       await until(() => !app.rateLimiter.fallbackActive && calls >= atRestore + 20, 'checks back on Redis', 15_000)
-      running = false
-      await Promise.all(load)
+      load.running = false
+      await Promise.all(callers)
       t.equal(await metric(app, 'mantle_rate_limit_fallback_active'), 0)
       const after = bearer({ tenant, user: 'after' })
       t.equal((await app.inject({ url: '/api/v1/tight', headers: after })).statusCode, 200)
