@@ -41,6 +41,7 @@ t.test('beyond the limit: 429 RATE_LIMITED problem+json with Retry-After and Rat
   // Every route, not only the operations': the batch endpoint, the faces, unknown ops of tRPC.
   t.equal((await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls: [] } })).statusCode, 429)
   t.equal((await app.inject({ url: '/trpc/ping', headers })).statusCode, 429)
+  t.equal((await app.inject({ method: 'HEAD', url: '/api/v1/ping', headers })).statusCode, 429, 'HEAD too')
   t.equal((await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ ping { ok } }' } })).statusCode, 429)
   const metrics = (await app.inject({ url: '/metrics' })).body
   t.match(metrics, /mantle_rate_limit_refusals_total\{scope="global",store="memory"\} [1-9]/)
