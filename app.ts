@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import { Counter } from 'prom-client'
 import type { SpanExporter } from '@opentelemetry/sdk-trace'
-import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins } from './schemas/config.js'
+import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins, rateLimitStore } from './schemas/config.js'
 import { ProblemSchema } from './schemas/manifest.js'
 import { loadManifestFile, type Manifest } from './manifest.js'
 import { toProblem, MantleError } from './errors.js'
@@ -14,6 +14,7 @@ import kernel from './plugins/kernel/index.js'
 import events from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
 import tracing from './plugins/tracing/index.js'
+import rateLimit from './plugins/rate-limit/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -61,6 +62,8 @@ export interface BuildOptions {
   traceExporter?: SpanExporter
   /** JWKS timings (tests shorten them). */
   identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number }
+  /** Rate-limit internals (tests: the memory store's clock, the Redis retry pause). */
+  rateLimit?: { now?: () => number, retryRedisMs?: number, memoryMaxKeys?: number }
 }
 
 /**
@@ -195,6 +198,16 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     const production = config.NODE_ENV === 'production'
     app.decorate('requireRole', (role: string) => (_request, _reply, done) => {
       done(production ? new MantleError('FORBIDDEN', `identity is off: nobody holds the role ${role}`) : undefined)
+    })
+  }
+  // After identity (the guard keys verified callers by tenant), before every route it guards.
+  if (config.BFF_RATE_LIMIT_ENABLED) {
+    await app.register(rateLimit, {
+      store: rateLimitStore(config),
+      globalMax: config.BFF_RATE_LIMIT_GLOBAL_MAX,
+      globalWindowMs: config.BFF_RATE_LIMIT_GLOBAL_WINDOW_MS,
+      perTenant: config.BFF_AUTH_ENABLED,
+      ...options.rateLimit
     })
   }
   await app.register(kernel, {

@@ -4,7 +4,9 @@
 // - faces: getAgent over REST, tRPC, GraphQL and WebSocket against one gateway process with
 //   every face on (bench-faces.ts);
 // - ws-scale: N concurrent subscribed WebSocket connections, the gateway's memory and the
-//   fan-out time of events (bench-ws-scale.ts; only when asked for).
+//   fan-out time of events (bench-ws-scale.ts; only when asked for);
+// - rate-limit: the cost of a Redis rate-limit check, alone and through REST (bench-rate-limit.ts;
+//   only when asked for: it needs Redis).
 // The machine is shared (2 cores for load generator, gateway and Kernel), so the figures to
 // compare are the ratios between targets measured side by side, not the absolute numbers.
 import { randomBytes } from 'node:crypto'
@@ -20,8 +22,9 @@ import { fmt, measure, signed, sleep, textTable, type RunFigures } from './measu
 import { getAgent, type ScenarioDefinition } from './scenarios.js'
 import { runFaces, type FacesReport } from './bench-faces.js'
 import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
+import { runRateLimit, type RateLimitReport } from './bench-rate-limit.js'
 
-const SECTIONS = ['spine', 'faces', 'ws-scale'] as const
+const SECTIONS = ['spine', 'faces', 'ws-scale', 'rate-limit'] as const
 type Section = typeof SECTIONS[number]
 
 interface Options {
@@ -39,6 +42,8 @@ interface Options {
   scaleBatch: number
   /** ws-scale: events published one after the other. */
   scaleEvents: number
+  /** rate-limit: store checks per micro-benchmark measurement. */
+  rateLimitChecks: number
 }
 
 interface TargetReport {
@@ -85,13 +90,15 @@ function parseOptions (argv: string[]): Options {
       'scale-clients': { type: 'string' },
       'scale-batch': { type: 'string', default: '500' },
       'scale-events': { type: 'string', default: '5' },
+      'rate-limit-checks': { type: 'string', default: '20000' },
       help: { type: 'boolean', default: false }
     }
   })
   if (values.help === true) {
-    process.stdout.write('usage: npm run bench -- [--section spine|faces|ws-scale|all (comma-separated; default all = spine,faces)]\n' +
+    process.stdout.write('usage: npm run bench -- [--section spine|faces|ws-scale|rate-limit|all (comma-separated; default all = spine,faces)]\n' +
       '         [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
       '         [--connections-scale <n>] [--scale-clients <n>] [--scale-batch <n>] [--scale-events <n>]\n' +
+      '         [--rate-limit-checks <n>]\n' +
       `spine targets: ${REST_TARGETS.map((t) => t.name).join(', ')}\n`)
     process.exit(0)
   }
@@ -134,7 +141,8 @@ function parseOptions (argv: string[]): Options {
     connectionsScale: positive('connections-scale', values['connections-scale'], true),
     scaleClients: values['scale-clients'] === undefined ? null : positive('scale-clients', values['scale-clients'], true),
     scaleBatch: positive('scale-batch', values['scale-batch'], true),
-    scaleEvents: positive('scale-events', values['scale-events'], true)
+    scaleEvents: positive('scale-events', values['scale-events'], true),
+    rateLimitChecks: positive('rate-limit-checks', values['rate-limit-checks'], true)
   }
 }
 
@@ -284,7 +292,7 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   }
   // Every target and face is measured once per round plus a warm-up; the token must outlive it all.
   const spineTargets = opts.sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name)).length : 0
-  const faces = opts.sections.includes('faces') ? 4 : 0
+  const faces = (opts.sections.includes('faces') ? 4 : 0) + (opts.sections.includes('rate-limit') ? 4 : 0)
   const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5)
   const secret = randomBytes(32).toString('hex')
   const kernel = await startKernelProcess()
@@ -315,6 +323,11 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   if (opts.sections.includes('ws-scale')) {
     const scale: WsScaleReport = await runWsScale({ connections: opts.connectionsScale, clients: opts.scaleClients, batch: opts.scaleBatch, events: opts.scaleEvents }, ctx, processes, machine)
     report.wsScale = scale
+  }
+
+  if (opts.sections.includes('rate-limit')) {
+    const rateLimit: RateLimitReport = await runRateLimit({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS, checks: opts.rateLimitChecks }, ctx, processes)
+    report.rateLimit = rateLimit
   }
 
   mkdirSync(dirname(opts.out), { recursive: true })

@@ -295,10 +295,10 @@ export const BENCH_TENANT = 'bench'
 const SPINE_FLAGS = ['BFF_AUTH_ENABLED', 'BFF_METRICS_ENABLED', 'BFF_OPENAPI_ENABLED', 'BFF_CIRCUIT_BREAKER_ENABLED'] as const
 /** The faces besides REST (REST is always on). They default to on: the targets set them explicitly. */
 const FACE_FLAGS = ['BFF_TRPC_ENABLED', 'BFF_GRAPHQL_ENABLED', 'BFF_WEBSOCKET_ENABLED'] as const
-const GATEWAY_FLAGS = [...SPINE_FLAGS, ...FACE_FLAGS] as const
+export const GATEWAY_FLAGS = [...SPINE_FLAGS, ...FACE_FLAGS] as const
 type GatewayFlag = typeof GATEWAY_FLAGS[number]
 
-function gatewayEnv (on: readonly GatewayFlag[], extra: (ctx: TargetContext) => Record<string, string> = () => ({})): TargetDefinition['process'] {
+export function gatewayEnv (on: readonly GatewayFlag[], extra: (ctx: TargetContext) => Record<string, string> = () => ({})): TargetDefinition['process'] {
   return {
     script: 'server.ts',
     env: (ctx, port) => {

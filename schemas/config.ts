@@ -41,6 +41,10 @@ export const ConfigSchema = Type.Object({
   OTEL_EXPORTER_OTLP_ENDPOINT: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'OTLP/HTTP base URL; traces go to <it>/v1/traces (the _TRACES_ variable wins)' })),
   OTEL_SERVICE_NAME: Type.String({ minLength: 1, default: 'mantle', description: 'service.name of exported spans' }),
   BFF_TRACE_SAMPLE_RATIO: Type.Number({ minimum: 0, maximum: 1, default: 1, description: 'share of new traces recorded, 0..1 (a caller\'s sampled flag is followed)' }),
+  BFF_RATE_LIMIT_ENABLED: Flag('rate limits: the manifest\'s per-operation limits and the HTTP guard'),
+  BFF_RATE_LIMIT_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
+  BFF_RATE_LIMIT_GLOBAL_MAX: Type.Optional(Type.Integer({ minimum: 1, description: 'requests per window the HTTP guard lets through per tenant (per address without a valid token); unset: no guard' })),
+  BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: Type.Integer({ minimum: 1, default: 60000, description: 'the HTTP guard\'s sliding window, ms' }),
   BFF_DEMO_KERNEL: Type.Boolean({ default: true, description: 'start the demo Kernel when KERNEL_URL is unset and the demo manifest is used' })
 }, { additionalProperties: true })
 
@@ -94,7 +98,15 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
         (bad.length > 0 ? ` (bad: ${bad.map(b => JSON.stringify(b)).join(', ')})` : ''))
     }
   }
+  if (config.BFF_RATE_LIMIT_STORE === 'redis' && config.REDIS_URL === undefined) {
+    throw new ConfigError('Invalid configuration: BFF_RATE_LIMIT_STORE="redis" needs REDIS_URL: set REDIS_URL, or BFF_RATE_LIMIT_STORE=memory')
+  }
   return Object.freeze(config)
+}
+
+/** Where rate limits are counted: BFF_RATE_LIMIT_STORE, else Redis when REDIS_URL is set. */
+export function rateLimitStore (config: Config): 'memory' | 'redis' {
+  return config.BFF_RATE_LIMIT_STORE ?? (config.REDIS_URL === undefined ? 'memory' : 'redis')
 }
 
 // An origin as browsers send it: scheme, host, optional port; no path, query, user or trailing slash.

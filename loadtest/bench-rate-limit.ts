@@ -1,0 +1,170 @@
+// The rate-limit section of `npm run bench` (only when asked for: it needs Redis):
+// - the store's check itself, in the harness process against the real Redis (REDIS_URL, else
+//   redis://127.0.0.1:6379): one check at a time and 50 in flight, with a plain PING as the
+//   round-trip floor and the memory store beside it;
+// - REST getAgent through gateways that differ only in getAgent's limit: none, a limit counted
+//   in memory, in Redis, and in Redis with the HTTP guard too (two Redis checks per request),
+//   in interleaved rounds (medians), as ratios to the gateway without a limit.
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { parse, stringify } from 'yaml'
+import { REPO_ROOT, gatewayEnv, GATEWAY_FLAGS, median, startTargets, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
+import { fmt, measure, signed, sleep, textTable, type RunFigures } from './measure.js'
+import { getAgent } from './scenarios.js'
+import { MemoryWindowStore, RedisWindowStore } from '../plugins/rate-limit/index.js'
+
+export interface RateLimitBenchOptions {
+  duration: number
+  rounds: number
+  connections: number
+  warmupSeconds: number
+  pauseMs: number
+  /** Checks per micro-benchmark measurement. */
+  checks: number
+}
+
+export interface CheckFigures { name: string, inFlight: number, checks: number, perSec: number, p50Us: number, p99Us: number, meanUs: number }
+export interface RestRow {
+  name: string
+  description: string
+  rounds: RunFigures[]
+  reqPerSec: number
+  p50Ms: number
+  p99Ms: number
+  flagged: boolean
+  ratioToNoLimit: number | null
+  p99DiffToNoLimitMs: number | null
+}
+export interface RateLimitReport {
+  redisUrl: string
+  checks: CheckFigures[]
+  rest: RestRow[]
+  goal: { maxRedisCheckP99Ms: number, redisCheckP99Ms: number, met: boolean, text: string }
+}
+
+const GOAL_P99_MS = 1
+// Never reached during a run: the section measures the cost of counting, not refusals.
+const HUGE = 1_000_000_000
+
+function figures (name: string, inFlight: number, micros: number[], seconds: number): CheckFigures {
+  micros.sort((a, b) => a - b)
+  const at = (q: number): number => micros[Math.min(micros.length - 1, Math.ceil(micros.length * q) - 1)]
+  return { name, inFlight, checks: micros.length, perSec: micros.length / seconds, p50Us: at(0.5), p99Us: at(0.99), meanUs: micros.reduce((a, b) => a + b, 0) / micros.length }
+}
+
+/** `n` calls of `call`, `inFlight` at a time, each timed from its start to its answer. */
+async function timed (name: string, n: number, inFlight: number, call: () => Promise<unknown> | unknown): Promise<CheckFigures> {
+  const micros: number[] = []
+  const started = performance.now()
+  let left = n
+  const worker = async (): Promise<void> => {
+    while (left-- > 0) {
+      const t0 = performance.now()
+      await call()
+      micros.push((performance.now() - t0) * 1000)
+    }
+  }
+  await Promise.all(Array.from({ length: inFlight }, worker))
+  return figures(name, inFlight, micros, (performance.now() - started) / 1000)
+}
+
+async function microBench (redisUrl: string, n: number): Promise<CheckFigures[]> {
+  const client = new Redis(redisUrl, { lazyConnect: true, enableOfflineQueue: false, maxRetriesPerRequest: 0, commandTimeout: 500 })
+  await client.connect()
+  const key = `bff:ratelimit:bench-${randomUUID()}:bench:getAgent`
+  try {
+    const redis = new RedisWindowStore(client)
+    const memory = new MemoryWindowStore()
+    // Warm-up: loads the script (the first EVALSHA meets NOSCRIPT and falls back to EVAL) and the JIT.
+    for (let i = 0; i < 2000; i++) await redis.check(key, 60_000, HUGE)
+    await timed('warm-up', 2000, 1, () => client.ping())
+    return [
+      await timed('Redis PING (round-trip floor)', n, 1, () => client.ping()),
+      await timed('Redis rate-limit check (Lua)', n, 1, () => redis.check(key, 60_000, HUGE)),
+      await timed('Redis PING (round-trip floor)', n, 50, () => client.ping()),
+      await timed('Redis rate-limit check (Lua)', n, 50, () => redis.check(key, 60_000, HUGE)),
+      await timed('memory rate-limit check', n, 1, () => memory.check(key, 60_000, HUGE))
+    ]
+  } finally {
+    await client.del(key)
+    client.disconnect()
+  }
+}
+
+/** The demo manifest with a limit on getAgent that the run never reaches, in a temporary file. */
+function limitedManifest (): string {
+  const manifest = parse(readFileSync(join(REPO_ROOT, 'kernel/manifest.yaml'), 'utf8')) as { operations: Record<string, Record<string, unknown>> }
+  manifest.operations.getAgent.rateLimit = { max: HUGE, windowMs: 60_000 }
+  const file = join(mkdtempSync(join(tmpdir(), 'mantle-bench-')), 'manifest-rate-limited.yaml')
+  writeFileSync(file, stringify(manifest))
+  return file
+}
+
+function targets (redisUrl: string, manifest: string): TargetDefinition[] {
+  const headers = (ctx: TargetContext): Record<string, string> => ({ authorization: `Bearer ${ctx.token}` })
+  const gateway = (name: string, description: string, env: Record<string, string>): TargetDefinition =>
+    ({ name, description, process: gatewayEnv(GATEWAY_FLAGS, () => ({ REDIS_URL: redisUrl, BFF_RATE_LIMIT_ENABLED: 'true', ...env })), headers })
+  return [
+    gateway('no-limit', 'gateway-spine with Redis, getAgent without a limit', { BFF_RATE_LIMIT_STORE: 'redis' }),
+    gateway('op-limit-memory', 'getAgent limited, counted in memory', { BFF_MANIFEST: manifest, BFF_RATE_LIMIT_STORE: 'memory' }),
+    gateway('op-limit-redis', 'getAgent limited, counted in Redis', { BFF_MANIFEST: manifest, BFF_RATE_LIMIT_STORE: 'redis' }),
+    gateway('op+guard-redis', 'getAgent limited and the HTTP guard, both in Redis', { BFF_MANIFEST: manifest, BFF_RATE_LIMIT_STORE: 'redis', BFF_RATE_LIMIT_GLOBAL_MAX: String(HUGE) })
+  ]
+}
+
+export async function runRateLimit (opts: RateLimitBenchOptions, ctx: TargetContext, processes: RunningProcess[]): Promise<RateLimitReport> {
+  const redisUrl = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
+  process.stderr.write(`rate-limit: ${opts.checks} checks per measurement against ${redisUrl}\n`)
+  const checks = await microBench(redisUrl, opts.checks)
+
+  const defs = targets(redisUrl, limitedManifest())
+  const running: Target[] = await startTargets(defs, ctx, processes)
+  for (const target of running) await measure(target, getAgent, opts.warmupSeconds, opts.connections)
+  const perTarget = new Map<string, RunFigures[]>(running.map((t) => [t.name, []]))
+  for (let round = 0; round < opts.rounds; round++) {
+    const order = running.map((_, i) => running[(i + round) % running.length])
+    for (const target of order) {
+      const f = await measure(target, getAgent, opts.duration, opts.connections)
+      perTarget.get(target.name)?.push(f)
+      process.stderr.write(`round ${round + 1}/${opts.rounds}  ${target.name.padEnd(16)} ${f.reqPerSec.toFixed(0).padStart(7)} req/s  p99 ${f.p99FineMs.toFixed(2)} ms` +
+        (f.non2xx + f.errors > 0 ? `  (${f.non2xx} non-2xx, ${f.errors} errors)` : '') + '\n')
+      await sleep(opts.pauseMs)
+    }
+  }
+  const rest: RestRow[] = defs.map((def) => {
+    const rounds = perTarget.get(def.name) ?? []
+    return {
+      name: def.name,
+      description: def.description,
+      rounds,
+      reqPerSec: median(rounds.map((r) => r.reqPerSec)),
+      p50Ms: median(rounds.map((r) => r.p50FineMs)),
+      p99Ms: median(rounds.map((r) => r.p99FineMs)),
+      flagged: rounds.some((r) => r.non2xx + r.errors > 0),
+      ratioToNoLimit: null,
+      p99DiffToNoLimitMs: null
+    }
+  })
+  const base = rest[0]
+  for (const r of rest) {
+    r.ratioToNoLimit = r.reqPerSec / base.reqPerSec
+    r.p99DiffToNoLimitMs = r.p99Ms - base.p99Ms
+  }
+
+  const redisCheck = checks.find((c) => c.name.startsWith('Redis rate-limit') && c.inFlight === 1)!
+  const p99Ms = redisCheck.p99Us / 1000
+  const met = p99Ms < GOAL_P99_MS
+  const goal = { maxRedisCheckP99Ms: GOAL_P99_MS, redisCheckP99Ms: p99Ms, met, text: `rate-limit goal (a Redis check's p99 under ${GOAL_P99_MS} ms on loopback): ${met ? 'goal met' : 'goal NOT met'} — p99 ${p99Ms.toFixed(3)} ms` }
+
+  const checkTable = textTable(['store check', 'in flight', 'checks/s', 'p50 µs', 'p99 µs', 'mean µs'],
+    checks.map((c) => [c.name, String(c.inFlight), fmt(c.perSec, 0), fmt(c.p50Us, 1), fmt(c.p99Us, 1), fmt(c.meanUs, 1)]))
+  const restTable = textTable(['target', 'req/s', 'p50 ms', 'p99 ms', 'x no-limit', 'p99 vs no-limit ms', 'status'],
+    rest.map((r) => [r.name, fmt(r.reqPerSec, 0), fmt(r.p50Ms, 2), fmt(r.p99Ms, 2), fmt(r.ratioToNoLimit, 2), signed(r.p99DiffToNoLimitMs, 2), r.flagged ? 'FLAGGED' : 'ok']))
+  process.stdout.write(`\nMantle bench — rate limits (Redis ${redisUrl})\n` +
+    `options  ${opts.checks} checks per store measurement; REST ${getAgent.method} ${getAgent.path}, duration ${opts.duration} s x ${opts.rounds} rounds (median), ${opts.connections} connections\n\n` +
+    checkTable + '\n\n' + restTable + '\n\n' + goal.text + '\n')
+  return { redisUrl, checks, rest, goal }
+}

@@ -1,0 +1,160 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance, FastifyRequest, onRequestHookHandler } from 'fastify'
+import fastifyRateLimit, { normalizeIP } from '@fastify/rate-limit'
+import { Counter, Gauge } from 'prom-client'
+import { MantleError } from '../../errors.js'
+import { StageOrder, type Stage } from '../pipeline/index.js'
+import type { Operation } from '../../manifest.js'
+import { MemoryWindowStore } from './memory-store.js'
+import { RedisWindowStore } from './redis-store.js'
+import { RateLimiter, fastifyStore, opKey, tenantKey, ipKey, type LimiterCounters, type Scope, type StoreKind } from './limiter.js'
+
+export { RateLimiter, opKey, tenantKey, ipKey, keyPart, fastifyStore } from './limiter.js'
+export { MemoryWindowStore } from './memory-store.js'
+export { RedisWindowStore } from './redis-store.js'
+export { hit, SLIDING_WINDOW_LUA, type WindowCount } from './window.js'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** The limiter both limits count with (its store, and whether it is on its memory fallback). */
+    rateLimiter: RateLimiter
+  }
+}
+
+export interface RateLimitPluginOptions {
+  /** Where limits are counted; `redis` needs the mantle-redis plugin (REDIS_URL). */
+  store: StoreKind
+  /** The HTTP guard's limit per window; undefined: no guard, only the operations' limits. */
+  globalMax?: number | undefined
+  globalWindowMs: number
+  /** Identity is on: the guard counts a caller with a verified token per tenant, others per IP. */
+  perTenant: boolean
+  /** Keys the memory store holds (100,000). */
+  memoryMaxKeys?: number
+  /** The memory store's clock (tests). */
+  now?: () => number
+  /** After a failed Redis check, how long checks stay in memory before trying Redis (1 s). */
+  retryRedisMs?: number
+}
+
+/** The gateway's own endpoints the guard never counts: probes and scrapes must always answer. */
+const UNGUARDED = new Set(['/healthz', '/readyz', '/metrics'])
+
+async function rateLimitPlugin (app: FastifyInstance, opts: RateLimitPluginOptions): Promise<void> {
+  if (opts.store === 'redis' && !app.hasDecorator('redis')) throw new Error('BFF_RATE_LIMIT_STORE=redis needs REDIS_URL')
+  const memory = new MemoryWindowStore({ maxKeys: opts.memoryMaxKeys, now: opts.now })
+  const redis = opts.store === 'redis' ? app.redis : null
+  const limiter: RateLimiter = new RateLimiter({
+    memory,
+    redis: redis === null ? null : new RedisWindowStore(redis.client),
+    up: redis === null ? undefined : redis.up,
+    log: app.log,
+    counters: counters(app, (): RateLimiter => limiter),
+    retryRedisMs: opts.retryRedisMs
+  })
+  app.decorate('rateLimiter', limiter)
+
+  // Every face's calls pass here, each WebSocket frame and batch call counted on its own.
+  app.pipeline.addStage({
+    name: 'rateLimit',
+    order: StageOrder.rateLimit,
+    build: op => op.rateLimit === null ? null : operationLimit(limiter, op, op.rateLimit)
+  })
+
+  if (opts.globalMax !== undefined) await guard(app, limiter, opts.globalMax, opts.globalWindowMs, opts.perTenant)
+}
+
+/** The per-operation limit: `RateLimit-*` headers on success, 429 RATE_LIMITED beyond it. */
+function operationLimit (limiter: RateLimiter, op: Operation, limit: { max: number, windowMs: number }): Stage {
+  const { max, windowMs } = limit
+  const name = op.name
+  const maxText = String(max)
+  const detail = `${name} allows ${max} calls per ${windowMs} ms`
+  const decide = (ctx: Parameters<Stage>[0], current: number, ttl: number, next: Parameters<Stage>[1]): Promise<unknown> => {
+    if (current > max) throw new MantleError('RATE_LIMITED', detail, { headers: refusalHeaders(max, ttl) })
+    ctx.setHeader('RateLimit-Limit', maxText)
+    ctx.setHeader('RateLimit-Remaining', String(max - current))
+    ctx.setHeader('RateLimit-Reset', String(Math.ceil(ttl / 1000)))
+    return next(ctx)
+  }
+  return (ctx, next) => {
+    const count = limiter.check('op', opKey(ctx.tenant, ctx.user, name), windowMs, max)
+    if (count instanceof Promise) return count.then(c => decide(ctx, c.current, c.ttl, next))
+    return decide(ctx, count.current, count.ttl, next)
+  }
+}
+
+function refusalHeaders (max: number, ttl: number): Record<string, string> {
+  const seconds = String(Math.ceil(ttl / 1000))
+  return { 'retry-after': seconds, 'ratelimit-limit': String(max), 'ratelimit-remaining': '0', 'ratelimit-reset': seconds }
+}
+
+/**
+ * The HTTP guard: @fastify/rate-limit with the limiter as its store, on every route (WebSocket
+ * upgrades of /ws, /graphql and /trpc included) but the probes. Its hook is put first on each
+ * route, ahead of a route's own hooks (the upgrades verify tokens in theirs), so a flood is
+ * refused before it costs anything else.
+ */
+async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, windowMs: number, perTenant: boolean): Promise<void> {
+  await app.register(fastifyRateLimit, {
+    global: false,
+    max,
+    timeWindow: windowMs,
+    store: fastifyStore(limiter, 'global'),
+    keyGenerator: perTenant ? (request) => guardKey(app, request) : (request) => ipKey(normalizeIP(request.ip)),
+    enableDraftSpec: true,
+    errorResponseBuilder: (_request, context) => new MantleError('RATE_LIMITED', `More than ${context.max} requests in ${windowMs} ms`, { headers: refusalHeaders(context.max, context.ttl) })
+  })
+  const hook = app.rateLimit() as onRequestHookHandler
+  app.addHook('onRoute', (route) => {
+    if (UNGUARDED.has(route.url ?? '')) return
+    const own = route.onRequest
+    route.onRequest = own === undefined ? [hook] : [hook, ...(Array.isArray(own) ? own : [own])]
+  })
+}
+
+/**
+ * A caller's tenant, only from a token app.identify verifies (its cache makes the pipeline's
+ * own identify of the same token a lookup): a forged or expired token must not spend a real
+ * tenant's budget, so it is counted by address like an anonymous caller.
+ */
+function guardKey (app: FastifyInstance, request: FastifyRequest): string {
+  let authorization = request.headers.authorization
+  if (authorization === undefined && request.url.includes('access_token=')) {
+    const token = new URLSearchParams(request.url.slice(request.url.indexOf('?') + 1)).get('access_token')
+    if (token !== null && token !== '') authorization = `Bearer ${token}`
+  }
+  if (authorization !== undefined) {
+    try {
+      return tenantKey(app.identify(authorization).tenant)
+    } catch {}
+  }
+  return ipKey(normalizeIP(request.ip))
+}
+
+function counters (app: FastifyInstance, limiter: () => RateLimiter): LimiterCounters | undefined {
+  if (!app.hasDecorator('metrics')) return undefined
+  const registers = [app.metrics.registry]
+  const checks = new Counter({ name: 'mantle_rate_limit_checks_total', help: 'Rate-limit checks, by scope (global HTTP guard or op) and the store that answered', labelNames: ['scope', 'store'] as const, registers })
+  const refusals = new Counter({ name: 'mantle_rate_limit_refusals_total', help: 'Calls refused with 429 RATE_LIMITED, by scope and store', labelNames: ['scope', 'store'] as const, registers })
+  const fallbacks = new Counter({ name: 'mantle_rate_limit_fallback_total', help: 'Checks answered from memory because Redis was unreachable, failed or timed out', registers })
+  new Gauge({ name: 'mantle_rate_limit_fallback_active', help: '1 while rate limits configured for Redis are counted in memory', registers, collect () { this.set(limiter().fallbackActive ? 1 : 0) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_rate_limit_memory_keys', help: 'Keys the in-memory rate-limit store holds (bounded)', registers, collect () { this.set(limiter().memoryKeys) } }) // eslint-disable-line no-new
+  // Optimization: the four label children of each counter are resolved once, not per check.
+  const children = (c: Counter<'scope' | 'store'>): Record<Scope, Record<StoreKind, Counter.Internal>> => ({
+    global: { memory: c.labels('global', 'memory'), redis: c.labels('global', 'redis') },
+    op: { memory: c.labels('op', 'memory'), redis: c.labels('op', 'redis') }
+  })
+  const checked = children(checks)
+  const refused = children(refusals)
+  return {
+    checked: (scope: Scope, store: StoreKind, wasRefused: boolean) => {
+      checked[scope][store].inc()
+      if (wasRefused) refused[scope][store].inc()
+    },
+    fellBack: () => fallbacks.inc()
+  }
+}
+
+// Not encapsulated: the guard's onRoute hook must reach every route registered after it.
+export default fp(rateLimitPlugin, { name: 'mantle-rate-limit', dependencies: ['mantle-pipeline'], fastify: '5.x' })

@@ -1,0 +1,143 @@
+import type { FastifyRateLimitStore, FastifyRateLimitStoreCtor } from '@fastify/rate-limit'
+import type { MemoryWindowStore } from './memory-store.js'
+import type { RedisWindowStore } from './redis-store.js'
+import type { WindowCount } from './window.js'
+
+/** Which limit a check is for: the HTTP guard of @fastify/rate-limit, or an operation's own. */
+export type Scope = 'global' | 'op'
+export type StoreKind = 'memory' | 'redis'
+
+export interface LimiterCounters {
+  /** A check answered by `store`; `refused` when it was over the limit. */
+  checked: (scope: Scope, store: StoreKind, refused: boolean) => void
+  /** A check that should have gone to Redis and was answered from memory. */
+  fellBack: () => void
+}
+
+export interface LimiterOptions {
+  memory: MemoryWindowStore
+  /** null: memory is the store. Otherwise memory is only the fallback while Redis is away. */
+  redis: RedisWindowStore | null
+  /** Whether the Redis connection is ready (checks skip Redis at once when it is not). */
+  up?: () => boolean
+  log: { warn: (obj: object, msg: string) => void, info: (msg: string) => void }
+  counters?: LimiterCounters | undefined
+  /** After a failed Redis command, checks stay in memory this long before trying Redis (ms). */
+  retryRedisMs?: number
+}
+
+/**
+ * The one sliding-window store of both limits. With Redis it counts in Redis; when Redis is not
+ * ready, or a check fails or times out there, the same check is answered from memory, the
+ * outage is logged once and counted, and the next check after `retryRedisMs` tries Redis again.
+ * Never throws and never rejects: a store outage is never a client's 5xx. Memory checks stay
+ * synchronous (no promise on the embedded default's hot path).
+ */
+export class RateLimiter {
+  readonly store: StoreKind
+  private readonly memory: MemoryWindowStore
+  private readonly redis: RedisWindowStore | null
+  private readonly up: () => boolean
+  private readonly log: LimiterOptions['log']
+  private readonly counters: LimiterCounters | undefined
+  private readonly retryRedisMs: number
+  private pausedUntil = 0
+  private outage = false
+
+  constructor (options: LimiterOptions) {
+    this.memory = options.memory
+    this.redis = options.redis
+    this.store = options.redis === null ? 'memory' : 'redis'
+    this.up = options.up ?? (() => true)
+    this.log = options.log
+    this.counters = options.counters
+    this.retryRedisMs = options.retryRedisMs ?? 1000
+  }
+
+  /** True while Redis is configured and checks are answered from memory. */
+  get fallbackActive (): boolean {
+    return this.outage
+  }
+
+  /** Keys the memory store holds (the embedded store, or the fallback's). */
+  get memoryKeys (): number {
+    return this.memory.size
+  }
+
+  /** Counts one call against `max` per `windowMs` under `key`. */
+  check (scope: Scope, key: string, windowMs: number, max: number): WindowCount | Promise<WindowCount> {
+    const redis = this.redis
+    if (redis === null) return this.local(scope, key, windowMs, max)
+    if (!this.up() || (this.pausedUntil !== 0 && Date.now() < this.pausedUntil)) return this.fallback(scope, key, windowMs, max, 'Redis is not connected')
+    return redis.check(key, windowMs, max).then(count => {
+      if (this.outage) this.recovered()
+      this.counters?.checked(scope, 'redis', count.current > max)
+      return count
+    }, (err: Error) => {
+      this.pausedUntil = Date.now() + this.retryRedisMs
+      return this.fallback(scope, key, windowMs, max, err.message)
+    })
+  }
+
+  private local (scope: Scope, key: string, windowMs: number, max: number): WindowCount {
+    const count = this.memory.check(key, windowMs, max)
+    this.counters?.checked(scope, 'memory', count.current > max)
+    return count
+  }
+
+  private fallback (scope: Scope, key: string, windowMs: number, max: number, why: string): WindowCount {
+    if (!this.outage) {
+      this.outage = true
+      this.log.warn({ err: why }, 'rate limits fall back to memory (per instance) until Redis is back')
+    }
+    this.counters?.fellBack()
+    return this.local(scope, key, windowMs, max)
+  }
+
+  private recovered (): void {
+    this.outage = false
+    this.pausedUntil = 0
+    this.log.info('rate limits are counted in Redis again')
+  }
+}
+
+// Key segments are escaped so that no tenant, user or address can write a `:` and make its key
+// another's, nor `*` (the guard's "any"), nor Redis Cluster's `{}` hash tags.
+const UNSAFE = /[%:*{}\s]/
+const UNSAFE_ALL = /[%:*{}\s]/g
+const escapeChar = (c: string): string => '%' + c.charCodeAt(0).toString(16).padStart(2, '0').toUpperCase()
+export const keyPart = (value: string): string => UNSAFE.test(value) ? value.replace(UNSAFE_ALL, escapeChar) : value
+
+/** An operation's limit for one user of one tenant: `bff:ratelimit:{tenant}:{user}:{op}`. */
+export const opKey = (tenant: string, user: string, op: string): string => `bff:ratelimit:${keyPart(tenant)}:${keyPart(user)}:${op}`
+/** The HTTP guard's key for a verified tenant (every user and op): `bff:ratelimit:{tenant}:*`. */
+export const tenantKey = (tenant: string): string => `bff:ratelimit:${keyPart(tenant)}:*`
+/** The HTTP guard's key for a caller without a verified identity: `bff:ratelimit:ip:{address}`. */
+export const ipKey = (address: string): string => `bff:ratelimit:ip:${keyPart(address)}`
+
+/**
+ * @fastify/rate-limit's custom store contract (`new Store(options)`, `incr(key, cb, timeWindow,
+ * max)`, `child(routeOptions)`) over the limiter, so the HTTP guard counts in the same sliding
+ * window, Redis and fallback as the operations. `incr` never reports an error.
+ */
+export function fastifyStore (limiter: RateLimiter, scope: Scope): FastifyRateLimitStoreCtor {
+  class MantleRateLimitStore implements FastifyRateLimitStore {
+    private readonly suffix: string
+
+    constructor (_options: unknown, suffix = '') {
+      this.suffix = suffix
+    }
+
+    incr (key: string, callback: (error: Error | null, result?: { current: number, ttl: number }) => void, timeWindow: number, max: number): void {
+      const count = limiter.check(scope, key + this.suffix, timeWindow, max)
+      if (count instanceof Promise) count.then(c => callback(null, c), callback)
+      else callback(null, count)
+    }
+
+    /** A route with a limit of its own counts apart: its method and URL end the key. */
+    child (routeOptions: { method?: unknown, url?: unknown }): FastifyRateLimitStore {
+      return new MantleRateLimitStore(routeOptions, this.suffix + ':' + keyPart(`${String(routeOptions.method)} ${String(routeOptions.url)}`).replace(/\//g, '%2F'))
+    }
+  }
+  return MantleRateLimitStore as unknown as FastifyRateLimitStoreCtor
+}

@@ -1,0 +1,96 @@
+// The sliding window every rate limit of Mantle counts with, in memory and in Redis (the Lua
+// script below is this function, line for line). Written here because no library offers a
+// sliding window that runs the same in process and as one atomic Redis script: @fastify/rate-limit's
+// own stores are fixed windows, and it takes custom stores for exactly this.
+//
+// Two buckets per key: the current fixed window's count `c` and the previous one's `p`. The
+// calls "in the last windowMs" are estimated as p weighted by how much of the previous window
+// still lies inside the sliding one, plus c. O(1) memory per key whatever the limit, where a
+// log of timestamps (a sorted set) grows with `max`; the estimate assumes the previous window's
+// calls were spread evenly.
+
+/** What @fastify/rate-limit's store contract answers: refused when `current > max`. */
+export interface WindowCount {
+  /** Calls in the window with this one; `max + 1` when this one is refused. */
+  current: number
+  /** Allowed: ms until the current window ends. Refused: ms until a call would be allowed. */
+  ttl: number
+}
+
+/** One key's counters: the fixed window's index and the two buckets. */
+export interface WindowState {
+  w: number
+  c: number
+  p: number
+}
+
+/**
+ * Counts one call at `now` against `max` per `windowMs`, updating `state` in place. A refused
+ * call is not counted: a client that keeps knocking is let back in as soon as its rate allows.
+ */
+export function hit (state: WindowState, now: number, windowMs: number, max: number): WindowCount {
+  const index = Math.floor(now / windowMs)
+  if (state.w !== index) {
+    state.p = state.w === index - 1 ? state.c : 0
+    state.c = 0
+    state.w = index
+  }
+  const elapsed = now - index * windowMs
+  const used = state.p * (windowMs - elapsed) / windowMs + state.c
+  if (used + 1 <= max) {
+    state.c++
+    return { current: Math.ceil(used) + 1, ttl: windowMs - elapsed }
+  }
+  return { current: max + 1, ttl: retryAfter(state, elapsed, windowMs, max) }
+}
+
+/** ms until `p * (W - e - d) / W + c + 1 <= max` holds, in this window or the next. */
+function retryAfter (state: WindowState, elapsed: number, windowMs: number, max: number): number {
+  if (state.c + 1 <= max) {
+    // Refused because of the previous window's weight: wait until enough of it slides out.
+    return Math.max(1, Math.ceil(windowMs - elapsed - (max - state.c - 1) * windowMs / state.p))
+  }
+  // The current window is full: in the next one it becomes the previous bucket.
+  return Math.max(1, windowMs - elapsed + Math.ceil(windowMs * (1 - (max - 1) / state.c)))
+}
+
+/**
+ * `hit` as one Redis script: one round trip, atomic across every gateway instance. The clock is
+ * Redis's own (TIME), so instances with skewed clocks still share one window. KEYS[1] is the
+ * limit's key, a hash {w, c, p}; ARGV: windowMs, max. Returns {current, ttl}.
+ */
+export const SLIDING_WINDOW_LUA = `
+local window = tonumber(ARGV[1])
+local max = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local index = math.floor(now / window)
+local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
+local w = tonumber(s[1])
+local c = tonumber(s[2]) or 0
+local p = tonumber(s[3]) or 0
+if w ~= index then
+  if w == index - 1 then p = c else p = 0 end
+  c = 0
+end
+local elapsed = now - index * window
+local used = p * (window - elapsed) / window + c
+if used + 1 <= max then
+  c = c + 1
+  redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p)
+  redis.call('PEXPIRE', KEYS[1], window * 2)
+  return {math.ceil(used) + 1, window - elapsed}
+end
+if w ~= index then
+  redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p)
+  redis.call('PEXPIRE', KEYS[1], window * 2)
+end
+local ttl
+if c + 1 <= max then
+  ttl = math.ceil(window - elapsed - (max - c - 1) * window / p)
+else
+  ttl = window - elapsed + math.ceil(window * (1 - (max - 1) / c))
+end
+if ttl < 1 then ttl = 1 end
+return {max + 1, ttl}
+`

@@ -1,0 +1,131 @@
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import WebSocket from 'ws'
+import { buildTestApp, startTestKernel, testManifest, bearer, token, json } from '../../helper.js'
+
+// The manifest's per-operation limit runs in the pipeline, so every face counts each call on its
+// own (a batch's calls, a document's fields, each frame) and refuses with the same code.
+
+async function setup (t: Parameters<typeof buildTestApp>[0]) {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/ok': (_req, res) => json(res, 200, { ok: true }),
+    'POST /v1/ok': (_req, res) => json(res, 200, { ok: true })
+  })
+  const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
+  const manifest = testManifest({
+    limited: { type: 'query', rest: 'GET /limited', kernel: 'GET /v1/ok', input: { type: 'object' }, output, rateLimit: { max: 2, windowMs: 60_000 } },
+    poke: { type: 'mutation', rest: 'POST /poke', kernel: 'POST /v1/ok', input: { type: 'object' }, output, rateLimit: { max: 1, windowMs: 60_000 } },
+    free: { type: 'query', rest: 'GET /free', kernel: 'GET /v1/ok', input: { type: 'object' }, output }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  return { app, kernel }
+}
+
+t.test('the limit is a stage only of the ops that have one', async t => {
+  const kernel = await startTestKernel(t)
+  const output = { type: 'object' }
+  const manifest = testManifest({
+    limited: { type: 'query', rest: 'GET /limited', kernel: 'GET /v1/ok', input: { type: 'object' }, output, rateLimit: { max: 2, windowMs: 1000 } },
+    free: { type: 'query', rest: 'GET /free', kernel: 'GET /v1/ok', input: { type: 'object' }, output }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  t.ok(app.pipeline.entry('limited').stages.includes('rateLimit'))
+  t.notOk(app.pipeline.entry('free').stages.includes('rateLimit'), 'no limit, no stage, no cost')
+  t.equal(app.rateLimiter.store, 'memory', 'no REDIS_URL: memory')
+  const defaults = testManifest({ free: { type: 'query', rest: 'GET /free', kernel: 'GET /v1/ok', input: { type: 'object' }, output } }, { url: kernel.url }, { defaults: { rateLimit: { max: 5, windowMs: 1000 } } })
+  const withDefaults = await buildTestApp(t, {}, { manifest: defaults, kernelUrl: kernel.url })
+  t.ok(withDefaults.pipeline.entry('free').stages.includes('rateLimit'), 'the manifest defaults give every op a limit')
+  const off = await buildTestApp(t, { BFF_RATE_LIMIT_ENABLED: false }, { manifest, kernelUrl: kernel.url })
+  t.notOk(off.pipeline.entry('limited').stages.includes('rateLimit'), 'off: no stage')
+  t.notOk(off.hasDecorator('rateLimiter'))
+})
+
+t.test('REST: RateLimit-* on success, then 429 RATE_LIMITED with Retry-After', async t => {
+  const { app, kernel } = await setup(t)
+  const headers = bearer({ tenant: 'f-' + randomUUID() })
+  const first = await app.inject({ url: '/api/v1/limited', headers })
+  t.equal(first.statusCode, 200)
+  t.equal(first.headers['ratelimit-limit'], '2')
+  t.equal(first.headers['ratelimit-remaining'], '1')
+  t.ok(Number(first.headers['ratelimit-reset']) >= 1)
+  t.equal((await app.inject({ url: '/api/v1/limited', headers })).headers['ratelimit-remaining'], '0')
+  const refused = await app.inject({ url: '/api/v1/limited', headers })
+  t.equal(refused.statusCode, 429)
+  t.match(refused.json(), { code: 'RATE_LIMITED', status: 429, detail: 'limited allows 2 calls per 60000 ms' })
+  t.ok(Number(refused.headers['retry-after']) >= 1)
+  t.equal(refused.headers['ratelimit-limit'], '2')
+  t.equal(refused.headers['ratelimit-remaining'], '0')
+  t.equal(kernel.requests.length, 2)
+  // A mutation's own limit, counted apart; an op without a limit sends no RateLimit-* headers.
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/poke', headers, payload: {} })).statusCode, 200)
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/poke', headers, payload: {} })).statusCode, 429)
+  for (let i = 0; i < 5; i++) {
+    const res = await app.inject({ url: '/api/v1/free', headers })
+    t.equal(res.statusCode, 200)
+    t.notOk(res.headers['ratelimit-limit'])
+  }
+  // Limits are per tenant and user: an anonymous caller is refused by identity first, uncounted.
+  t.equal((await app.inject({ url: '/api/v1/limited' })).statusCode, 401)
+  t.equal((await app.inject({ url: '/api/v1/limited', headers: bearer({ tenant: 'f-' + randomUUID() }) })).statusCode, 200)
+})
+
+t.test('batch: each call is counted on its own', async t => {
+  const { app } = await setup(t)
+  const headers = bearer({ tenant: 'f-' + randomUUID() })
+  const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls: [{ id: 'a', op: 'limited' }, { id: 'b', op: 'limited', input: { x: 1 } }, { id: 'c', op: 'limited', input: { x: 2 } }] } })
+  t.equal(res.statusCode, 200)
+  const [a, b, c] = res.json().results
+  t.same(a.result, { ok: true })
+  t.same(b.result, { ok: true })
+  t.match(c.error, { code: 'RATE_LIMITED', status: 429 })
+})
+
+t.test('tRPC: data.code RATE_LIMITED, httpStatus 429, Retry-After on the response', async t => {
+  const { app } = await setup(t)
+  const headers = bearer({ tenant: 'f-' + randomUUID() })
+  const url = '/trpc/limited?input=' + encodeURIComponent('{}')
+  const ok = await app.inject({ url, headers })
+  t.equal(ok.statusCode, 200)
+  await app.inject({ url, headers })
+  const refused = await app.inject({ url, headers })
+  t.equal(refused.statusCode, 429)
+  t.match(refused.json(), { error: { data: { code: 'RATE_LIMITED', httpStatus: 429 } } })
+  t.ok(Number(refused.headers['retry-after']) >= 1)
+  t.equal(refused.headers['ratelimit-remaining'], '0')
+  // In a tRPC batch, each call is its own.
+  const other = bearer({ tenant: 'f-' + randomUUID() })
+  const batch = await app.inject({ url: '/trpc/limited,limited,limited?batch=1&input=' + encodeURIComponent(JSON.stringify({ 0: {}, 1: { x: 1 }, 2: { x: 2 } })), headers: other })
+  const results = batch.json() as Array<{ result?: unknown, error?: { data: { code: string } } }>
+  t.equal(results.filter(r => r.result !== undefined).length, 2)
+  t.equal(results[2].error?.data.code, 'RATE_LIMITED')
+})
+
+t.test('GraphQL: each field is a call (identical ones too, which share one Kernel call); the third carries extensions.code RATE_LIMITED', async t => {
+  const { app } = await setup(t)
+  const headers = bearer({ tenant: 'f-' + randomUUID() })
+  const res = await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ a: limited { ok } b: limited { ok } c: limited { ok } }' } })
+  const body = res.json()
+  t.same(body.data.a, { ok: true })
+  t.same(body.data.b, { ok: true })
+  t.equal(body.data.c, null)
+  t.match(body.errors, [{ path: ['c'], extensions: { code: 'RATE_LIMITED', status: 429 } }])
+})
+
+t.test('WebSocket: every frame is counted; the error frame carries RATE_LIMITED', async t => {
+  const { app } = await setup(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/ws?access_token=${token({ tenant: 'f-' + randomUUID() })}`)
+  t.teardown(() => ws.terminate())
+  const frames: Array<Record<string, any>> = []
+  ws.on('message', (m) => frames.push(JSON.parse(String(m))))
+  await new Promise(resolve => ws.on('open', resolve))
+  for (const id of ['1', '2', '3']) {
+    ws.send(JSON.stringify({ id, op: 'limited', input: { n: id } }))
+    const n = Number(id)
+    while (frames.length < n) await new Promise(resolve => setTimeout(resolve, 5))
+  }
+  t.same(frames[0], { id: '1', result: { ok: true } })
+  t.same(frames[1], { id: '2', result: { ok: true } })
+  t.match(frames[2], { id: '3', error: { code: 'RATE_LIMITED', status: 429, title: 'Rate limited' } })
+})

@@ -1,0 +1,123 @@
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import WebSocket from 'ws'
+import type { FastifyInstance } from 'fastify'
+import { buildTestApp, startTestKernel, testManifest, bearer, token, json } from '../../helper.js'
+
+// The HTTP guard (@fastify/rate-limit with the sliding-window store): every request and every
+// WebSocket upgrade, per verified tenant, else per address; never the probes.
+
+const op = (rest: string) => ({ type: 'query', rest, kernel: 'GET /v1/ok', input: { type: 'object' }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } })
+const events = { runUpdated: { topic: 'runs.updated', payload: { type: 'object' } } }
+
+async function guarded (t: Parameters<typeof buildTestApp>[0], env: Record<string, string | number | boolean> = {}): Promise<FastifyInstance> {
+  const kernel = await startTestKernel(t, { 'GET /v1/ok': (_req, res) => json(res, 200, { ok: true }) })
+  return await buildTestApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 3, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: 60_000, ...env }, {
+    manifest: testManifest({ ping: op('GET /ping'), pong: op('GET /pong') }, { url: kernel.url }, { events }),
+    kernelUrl: kernel.url
+  })
+}
+
+t.test('beyond the limit: 429 RATE_LIMITED problem+json with Retry-After and RateLimit-*', async t => {
+  const app = await guarded(t)
+  const headers = bearer({ tenant: 'g-' + randomUUID() })
+  for (let i = 0; i < 3; i++) {
+    const res = await app.inject({ url: i === 1 ? '/api/v1/pong' : '/api/v1/ping', headers })
+    t.equal(res.statusCode, 200)
+    t.equal(res.headers['ratelimit-limit'], '3')
+    t.equal(res.headers['ratelimit-remaining'], String(2 - i))
+    const reset = Number(res.headers['ratelimit-reset'])
+    t.ok(reset >= 1 && reset <= 60, 'seconds until the window ends')
+  }
+  const res = await app.inject({ url: '/api/v1/ping', headers })
+  t.equal(res.statusCode, 429)
+  t.equal(res.headers['content-type'], 'application/problem+json; charset=utf-8')
+  t.match(res.json(), { code: 'RATE_LIMITED', status: 429, title: 'Rate limited', requestId: res.headers['x-request-id'] })
+  t.ok(Number(res.headers['retry-after']) >= 1 && Number(res.headers['retry-after']) <= 120)
+  t.equal(res.headers['ratelimit-limit'], '3')
+  t.equal(res.headers['ratelimit-remaining'], '0')
+  t.equal(res.headers['ratelimit-reset'], res.headers['retry-after'])
+  t.ok(res.headers['x-content-type-options'], 'security headers still on the refusal')
+  // Every route, not only the operations': the batch endpoint, the faces, unknown ops of tRPC.
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls: [] } })).statusCode, 429)
+  t.equal((await app.inject({ url: '/trpc/ping', headers })).statusCode, 429)
+  t.equal((await app.inject({ method: 'HEAD', url: '/api/v1/ping', headers })).statusCode, 429, 'HEAD too')
+  t.equal((await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ ping { ok } }' } })).statusCode, 429)
+  const metrics = (await app.inject({ url: '/metrics' })).body
+  t.match(metrics, /mantle_rate_limit_refusals_total\{scope="global",store="memory"\} [1-9]/)
+})
+
+t.test('the probes and the metrics scrape are never limited', async t => {
+  const app = await guarded(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1 })
+  for (let i = 0; i < 5; i++) {
+    for (const url of ['/healthz', '/readyz', '/metrics']) {
+      const res = await app.inject({ url })
+      t.equal(res.statusCode, 200, url)
+      t.notOk(res.headers['ratelimit-limit'], `${url} is not counted`)
+    }
+  }
+  t.equal((await app.inject({ url: '/api/v1/ping' })).statusCode, 401, 'the one request the limit allows')
+  t.equal((await app.inject({ url: '/api/v1/ping' })).statusCode, 429)
+})
+
+t.test('a forged token spends its address\'s budget, never the tenant it names', async t => {
+  const app = await guarded(t)
+  const tenant = 'g-' + randomUUID()
+  const forged = { authorization: `Bearer ${token({ tenant, secret: 'another-secret-that-is-long-enough-0123456789' })}` }
+  const statuses: number[] = []
+  for (let i = 0; i < 5; i++) statuses.push((await app.inject({ url: '/api/v1/ping', headers: forged })).statusCode)
+  t.same(statuses, [401, 401, 401, 429, 429], 'counted by address')
+  t.equal((await app.inject({ url: '/api/v1/ping' })).statusCode, 429, 'the same address without a token: the same budget')
+  const real = bearer({ tenant })
+  for (let i = 0; i < 3; i++) t.equal((await app.inject({ url: '/api/v1/ping', headers: real })).statusCode, 200, 'the real tenant keeps its whole budget')
+  t.equal((await app.inject({ url: '/api/v1/ping', headers: bearer({ tenant, user: 'other' }) })).statusCode, 429, 'which every user of the tenant shares')
+  t.equal((await app.inject({ url: '/api/v1/ping', headers: bearer({ tenant: 'g-' + randomUUID() }) })).statusCode, 200, 'another tenant has its own')
+})
+
+t.test('with identity off, every caller is counted by address', async t => {
+  const app = await guarded(t, { BFF_AUTH_ENABLED: false, BFF_RATE_LIMIT_GLOBAL_MAX: 2 })
+  const headers = bearer({ tenant: 'g-' + randomUUID() })
+  t.equal((await app.inject({ url: '/api/v1/ping', headers })).statusCode, 200)
+  t.equal((await app.inject({ url: '/api/v1/ping', remoteAddress: '10.0.0.9' })).statusCode, 200)
+  t.equal((await app.inject({ url: '/api/v1/ping', remoteAddress: '10.0.0.9' })).statusCode, 200, 'another address has its own budget')
+  t.equal((await app.inject({ url: '/api/v1/ping', headers })).statusCode, 200)
+  t.equal((await app.inject({ url: '/api/v1/ping', headers: bearer({ tenant: 'g-' + randomUUID() }) })).statusCode, 429, 'a token changes nothing')
+})
+
+t.test('WebSocket upgrades are guarded too (/ws, /graphql, /trpc), before their own checks', async t => {
+  const app = await guarded(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const base = `ws://127.0.0.1:${(app.server.address() as { port: number }).port}`
+  const tenant = 'g-' + randomUUID()
+  const tok = token({ tenant })
+  /** Resolves with 101 when the upgrade is accepted, else with the HTTP status and body. */
+  const upgrade = async (path: string, protocol?: string): Promise<{ status: number, body: string, headers: Record<string, unknown> }> => await new Promise((resolve, reject) => {
+    const ws = new WebSocket(base + path, protocol)
+    ws.on('open', () => { ws.close(); resolve({ status: 101, body: '', headers: {} }) })
+    ws.on('unexpected-response', (_req, res) => {
+      let body = ''
+      res.on('data', (c: Buffer) => { body += c.toString() })
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body, headers: res.headers }))
+    })
+    ws.on('error', reject)
+  })
+  t.equal((await upgrade(`/ws?access_token=${tok}`)).status, 101, 'the token in the query string names the tenant')
+  t.equal((await upgrade(`/graphql?access_token=${tok}`, 'graphql-transport-ws')).status, 101)
+  t.equal((await upgrade(`/trpc?access_token=${tok}`)).status, 101)
+  for (const [path, protocol] of [[`/ws?access_token=${tok}`], ['/graphql', 'graphql-transport-ws'], ['/trpc']] as Array<[string, string?]>) {
+    const refused = await upgrade(path, protocol)
+    if (path.startsWith('/ws')) {
+      t.equal(refused.status, 429, path)
+      t.match(JSON.parse(refused.body), { code: 'RATE_LIMITED', status: 429 })
+      t.ok(Number(refused.headers['retry-after']) >= 1)
+      t.equal(refused.headers['ratelimit-remaining'], '0')
+    } else {
+      t.equal(refused.status, 101, `${path} without a token counts by address, whose budget is fresh`)
+    }
+  }
+  // The address's budget: 2 used above; a bad token is refused by the guard before /ws checks it.
+  t.equal((await upgrade('/ws?access_token=forged')).status, 401)
+  t.equal((await upgrade('/ws?access_token=forged')).status, 429, 'the guard runs before the upgrade\'s own token check')
+  t.equal((await upgrade('/graphql', 'graphql-transport-ws')).status, 429)
+  t.equal((await upgrade('/trpc')).status, 429)
+})

@@ -1,0 +1,96 @@
+import t from 'tap'
+import { MemoryWindowStore, RateLimiter, hit, keyPart, opKey, tenantKey, ipKey, fastifyStore } from '../../../plugins/rate-limit/index.js'
+
+// The sliding window on a clock the test moves by hand: no sleeping, no timed assertion.
+
+const clock = (start = 0): { now: () => number, at: (ms: number) => void } => {
+  let now = start
+  return { now: () => now, at: (ms) => { now = ms } }
+}
+
+t.test('exactly max calls per window pass; the refused ones are not counted', async t => {
+  const c = clock(10_000)
+  const store = new MemoryWindowStore({ now: c.now })
+  const results = Array.from({ length: 15 }, () => store.check('k', 1000, 10))
+  t.same(results.map(r => r.current), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11, 11, 11, 11])
+  t.equal(results.filter(r => r.current <= 10).length, 10)
+  t.equal(results[0].ttl, 1000, 'allowed: ms until the window ends')
+  t.ok(results[10].ttl > 0)
+  t.equal(store.size, 1)
+})
+
+t.test('the window slides: the previous window weighs in as it slides out', async t => {
+  const c = clock(0)
+  const store = new MemoryWindowStore({ now: c.now })
+  for (let i = 0; i < 10; i++) t.ok(store.check('k', 1000, 10).current <= 10)
+  // A fixed window would let 10 more through at 1000; the sliding one lets none.
+  c.at(1000)
+  const refused = store.check('k', 1000, 10)
+  t.equal(refused.current, 11)
+  t.equal(refused.ttl, 100, 'at 1100 the previous window weighs 9: one call fits')
+  c.at(1099)
+  t.equal(store.check('k', 1000, 10).current, 11, 'still refused 1 ms before')
+  c.at(1100)
+  t.equal(store.check('k', 1000, 10).current, 10, 'allowed exactly when the retry time said')
+  // Halfway through: the previous 10 weigh 5, one is counted in this window: 4 more fit.
+  c.at(1500)
+  let allowed = 0
+  for (let i = 0; i < 10; i++) if (store.check('k', 1000, 10).current <= 10) allowed++
+  t.equal(allowed, 4)
+  // Two windows later nothing weighs any more.
+  c.at(3000)
+  allowed = 0
+  for (let i = 0; i < 12; i++) if (store.check('k', 1000, 10).current <= 10) allowed++
+  t.equal(allowed, 10)
+})
+
+t.test('a full window: Retry-After reaches into the next one', async t => {
+  const state = { w: 0, c: 0, p: 0 }
+  t.equal(hit(state, 0, 1000, 1).current, 1)
+  const refused = hit(state, 250, 1000, 1)
+  t.same(refused, { current: 2, ttl: 750 + 1000 }, 'one call per window: wait until it has slid out')
+  t.equal(hit(state, 1999, 1000, 1).current, 2)
+  t.equal(hit(state, 2000, 1000, 1).current, 1)
+  const two = { w: 0, c: 0, p: 0 }
+  hit(two, 0, 1000, 2)
+  hit(two, 0, 1000, 2)
+  t.same(hit(two, 400, 1000, 2), { current: 3, ttl: 600 + 500 }, 'at 1500 the previous 2 weigh 1: one more fits')
+  t.equal(hit(two, 1500, 1000, 2).current, 2)
+})
+
+t.test('keys are separate and bounded', async t => {
+  const store = new MemoryWindowStore({ maxKeys: 3 })
+  for (const k of ['a', 'b', 'c', 'd']) store.check(k, 60_000, 1)
+  t.equal(store.size, 3, 'the least recently used key is forgotten')
+  t.equal(store.check('d', 60_000, 1).current, 2, 'a kept key still counts')
+  t.equal(store.check('a', 60_000, 1).current, 1, 'an evicted key starts afresh')
+})
+
+t.test('key segments cannot forge another tenant\'s key', async t => {
+  t.equal(opKey('acme', 'ann', 'getAgent'), 'bff:ratelimit:acme:ann:getAgent')
+  t.not(opKey('a:b', 'c', 'op'), opKey('a', 'b:c', 'op'))
+  t.equal(opKey('a:b', 'c', 'op'), 'bff:ratelimit:a%3Ab:c:op')
+  t.equal(keyPart('50%'), '50%25')
+  t.equal(keyPart('{x} *'), '%7Bx%7D%20%2A')
+  t.equal(tenantKey('acme'), 'bff:ratelimit:acme:*')
+  t.not(tenantKey('acme'), opKey('acme', '*', '*'), 'a user named * is not the guard')
+  t.equal(ipKey('::1'), 'bff:ratelimit:ip:%3A%3A1')
+  t.not(ipKey('1.2.3.4'), tenantKey('ip'))
+})
+
+t.test('the @fastify/rate-limit store contract over the memory limiter', async t => {
+  const log = { warn: () => {}, info: () => {} }
+  const limiter = new RateLimiter({ memory: new MemoryWindowStore(), redis: null, log })
+  t.equal(limiter.store, 'memory')
+  t.equal(limiter.fallbackActive, false)
+  const Store = fastifyStore(limiter, 'global')
+  const store = new Store({})
+  const incr = async (s: typeof store, key: string): Promise<{ current: number, ttl: number }> =>
+    await new Promise((resolve, reject) => s.incr(key, (err, res) => err === null ? resolve(res!) : reject(err), 60_000, 2))
+  t.equal((await incr(store, 'k')).current, 1)
+  t.equal((await incr(store, 'k')).current, 2)
+  t.equal((await incr(store, 'k')).current, 3, 'over the limit: current > max')
+  const child = store.child({ method: 'GET', url: '/x', path: '/x', prefix: '' } as never)
+  t.equal((await incr(child, 'k')).current, 1, 'a route with its own limit counts apart')
+  t.equal(limiter.memoryKeys, 2)
+})

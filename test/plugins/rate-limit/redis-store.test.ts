@@ -1,0 +1,164 @@
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { buildTestApp, startTestKernel, testManifest, bearer, json, until } from '../../helper.js'
+import { startTcpProxy } from '../../proxy.js'
+import { opKey, tenantKey } from '../../../plugins/rate-limit/index.js'
+
+// Against the machine's real Redis: two gateway instances share one limit, and a Redis cut in
+// the middle of the load (a TCP proxy the test controls) costs no 5xx and no limit.
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
+const REDIS_PORT = Number(new URL(REDIS_URL).port || 6379)
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+function manifest (url: string) {
+  return testManifest({
+    limited: { type: 'query', rest: 'GET /limited', kernel: 'GET /v1/limited', input: { type: 'object' }, output: { type: 'object', properties: { ok: { type: 'boolean' } } }, rateLimit: { max: 20, windowMs: 60_000 } },
+    tight: { type: 'query', rest: 'GET /tight', kernel: 'GET /v1/limited', input: { type: 'object' }, output: { type: 'object', properties: { ok: { type: 'boolean' } } }, rateLimit: { max: 5, windowMs: 60_000 } },
+    loose: { type: 'query', rest: 'GET /loose', kernel: 'GET /v1/limited', input: { type: 'object' }, output: { type: 'object', properties: { ok: { type: 'boolean' } } }, rateLimit: { max: 100_000, windowMs: 60_000 } }
+  }, { url })
+}
+
+async function redisClient (t: Teardown, keys: string[]): Promise<Redis> {
+  const client = new Redis(REDIS_URL, { lazyConnect: true, maxRetriesPerRequest: 1 })
+  await client.connect()
+  t.teardown(async () => {
+    // Only this test's own keys: the Redis is shared.
+    if (keys.length > 0) await client.del(...keys)
+    client.disconnect()
+  })
+  return client
+}
+
+async function metric (app: { inject: (o: { url: string }) => Promise<{ body: string }> }, name: string): Promise<number> {
+  const text = (await app.inject({ url: '/metrics' })).body
+  const line = text.split('\n').find(l => l.startsWith(name + ' ') || l.startsWith(name + '{'))
+  return line === undefined ? 0 : Number(line.slice(line.lastIndexOf(' ') + 1))
+}
+
+t.test('two instances on one Redis: 100 concurrent calls split across both let exactly 20 through', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/limited': (_req, res) => json(res, 200, { ok: true }) })
+  const tenant = 'rl-' + randomUUID()
+  const key = opKey(tenant, 'u1', 'limited')
+  const redis = await redisClient(t, [key])
+  const one = await buildTestApp(t, { REDIS_URL }, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
+  const two = await buildTestApp(t, { REDIS_URL }, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
+  t.equal(one.rateLimiter.store, 'redis', 'REDIS_URL set: Redis is the default store')
+  const headers = bearer({ tenant, user: 'u1' })
+  const answers = await Promise.all(Array.from({ length: 100 }, async (_, i) => await (i % 2 === 0 ? one : two).inject({ url: '/api/v1/limited', headers })))
+  const ok = answers.filter(r => r.statusCode === 200)
+  const refused = answers.filter(r => r.statusCode === 429)
+  t.equal(ok.length, 20, 'exactly the limit passes')
+  t.equal(refused.length, 80)
+  t.equal(kernel.requests.length, 20, 'refused calls never reach the Kernel')
+  t.ok(ok.some(r => r.headers['ratelimit-remaining'] === '0'), 'the last allowed call has none remaining')
+  for (const r of ok) t.equal(r.headers['ratelimit-limit'], '20')
+  const problem = refused[0].json()
+  t.match(problem, { code: 'RATE_LIMITED', status: 429, type: 'urn:mantle:problem:rate-limited' })
+  t.equal(refused[0].headers['content-type'], 'application/problem+json; charset=utf-8')
+  t.ok(Number(refused[0].headers['retry-after']) >= 1)
+  t.equal(refused[0].headers['ratelimit-remaining'], '0')
+  t.equal(refused[0].headers['ratelimit-limit'], '20')
+  t.ok(Number(refused[0].headers['ratelimit-reset']) >= 1)
+  t.equal(await redis.hget(key, 'c'), '20', 'the count lives in Redis under bff:ratelimit:{tenant}:{user}:{op}')
+  const pttl = await redis.pttl(key)
+  t.ok(pttl > 0 && pttl <= 120_000, 'and expires two windows after')
+  // Another user of the same tenant has a budget of their own.
+  t.equal((await two.inject({ url: '/api/v1/limited', headers: bearer({ tenant, user: 'u2' }) })).statusCode, 200)
+  await redis.del(opKey(tenant, 'u2', 'limited'))
+  t.ok(await metric(one, 'mantle_rate_limit_checks_total{scope="op",store="redis"}') >= 50)
+  t.ok(await metric(one, 'mantle_rate_limit_refusals_total{scope="op",store="redis"}') >= 1)
+})
+
+t.test('the HTTP guard counts across instances in Redis, per verified tenant', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/limited': (_req, res) => json(res, 200, { ok: true }) })
+  const tenant = 'rl-' + randomUUID()
+  const redis = await redisClient(t, [tenantKey(tenant)])
+  const env = { REDIS_URL, BFF_RATE_LIMIT_GLOBAL_MAX: 6, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: 60_000 }
+  const one = await buildTestApp(t, env, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
+  const two = await buildTestApp(t, env, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
+  const headers = bearer({ tenant, user: 'u1' })
+  const other = bearer({ tenant, user: 'u2' })
+  const statuses: number[] = []
+  for (let i = 0; i < 8; i++) statuses.push((await (i % 2 === 0 ? one : two).inject({ url: '/api/v1/loose', headers: i < 3 ? headers : other })).statusCode)
+  t.same(statuses, [200, 200, 200, 200, 200, 200, 429, 429], 'every user of the tenant shares the guard, on both instances')
+  t.equal(await redis.hget(tenantKey(tenant), 'c'), '6')
+})
+
+t.test('Redis cut mid-load: no 5xx, limits keep working from memory, back to Redis after', async t => {
+  for (const mode of ['reset', 'stall'] as const) {
+    await t.test(`cut by ${mode}`, async t => {
+      const kernel = await startTestKernel(t, { 'GET /v1/limited': (_req, res) => json(res, 200, { ok: true }) })
+      const proxy = await startTcpProxy(t, REDIS_PORT)
+      const tenant = 'rl-' + randomUUID()
+      const keys = ['u1', 'during', 'after'].flatMap(u => [opKey(tenant, u, 'loose'), opKey(tenant, u, 'tight')])
+      const redis = await redisClient(t, keys)
+      const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, { manifest: manifest(kernel.url), kernelUrl: kernel.url, rateLimit: { retryRedisMs: 50 } })
+      t.equal(app.redis.up(), true)
+      const headers = bearer({ tenant, user: 'u1' })
+
+      // Load: 8 callers in a loop until told to stop; every status is kept.
+      const statuses = new Map<number, number>()
+      const load = { running: true }
+      let calls = 0
+      const loop = async (): Promise<void> => {
+        while (load.running) {
+          const res = await app.inject({ url: '/api/v1/loose', headers })
+          calls++
+          statuses.set(res.statusCode, (statuses.get(res.statusCode) ?? 0) + 1)
+        }
+      }
+      const callers = Array.from({ length: 8 }, loop)
+      await until(() => calls >= 50, 'load before the cut')
+      t.equal(await redis.hget(opKey(tenant, 'u1', 'loose'), 'c') !== null, true, 'counted in Redis before the cut')
+      const before = await metric(app, 'mantle_rate_limit_fallback_total')
+      proxy.cut(mode)
+      const atCut = calls
+      await until(() => app.rateLimiter.fallbackActive && calls >= atCut + 100, 'load on the fallback', 15_000)
+      t.equal(await metric(app, 'mantle_rate_limit_fallback_active'), 1)
+      t.ok(await metric(app, 'mantle_rate_limit_fallback_total') > before, 'the fallback is counted')
+      t.ok(await metric(app, 'mantle_rate_limit_checks_total{scope="op",store="memory"}') > 0)
+
+      // The limits still hold, from this instance's memory.
+      const during = bearer({ tenant, user: 'during' })
+      const tight = await Promise.all(Array.from({ length: 12 }, async () => (await app.inject({ url: '/api/v1/tight', headers: during })).statusCode))
+      t.equal(tight.filter(s => s === 200).length, 5, 'exactly the limit passes during the outage')
+      t.equal(tight.filter(s => s === 429).length, 7)
+      t.equal(await redis.exists(opKey(tenant, 'during', 'tight')), 0, 'nothing reached Redis')
+
+      proxy.restore()
+      const atRestore = calls
+      await until(() => !app.rateLimiter.fallbackActive && calls >= atRestore + 20, 'checks back on Redis', 15_000)
+      load.running = false
+      await Promise.all(callers)
+      t.equal(await metric(app, 'mantle_rate_limit_fallback_active'), 0)
+      const after = bearer({ tenant, user: 'after' })
+      t.equal((await app.inject({ url: '/api/v1/tight', headers: after })).statusCode, 200)
+      t.equal(await redis.hget(opKey(tenant, 'after', 'tight'), 'c'), '1', 'counted in Redis again')
+      const fiveXX = [...statuses].filter(([s]) => s >= 500).reduce((n, [, c]) => n + c, 0)
+      t.equal(fiveXX, 0, 'no 5xx at any point')
+      t.same([...statuses.keys()], [200], `every call of the load was answered 200 (${calls} calls)`)
+    })
+  }
+})
+
+t.test('a gateway configured for Redis that cannot reach it starts and limits from memory, logging once', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/limited': (_req, res) => json(res, 200, { ok: true }) })
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  proxy.cut('reset')
+  const lines: string[] = []
+  const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_RATE_LIMIT_STORE: 'redis', LOG_LEVEL: 'warn' }, {
+    manifest: manifest(kernel.url),
+    kernelUrl: kernel.url,
+    logger: undefined,
+    logStream: { write: (line: string) => { lines.push(line) } }
+  })
+  const headers = bearer({ tenant: 'rl-' + randomUUID(), user: 'u1' })
+  const statuses = []
+  for (let i = 0; i < 7; i++) statuses.push((await app.inject({ url: '/api/v1/tight', headers })).statusCode)
+  t.same(statuses, [200, 200, 200, 200, 200, 429, 429])
+  t.equal(app.rateLimiter.fallbackActive, true)
+  t.equal(lines.filter(l => l.includes('rate limits fall back to memory')).length, 1, 'logged once for the outage, not per call')
+})
