@@ -46,8 +46,10 @@ t.test('a policy change applied under load drops no call, and is in force afterw
   }
   const workers = Array.from({ length: 16 }, load)
   const reloads: boolean[] = []
-  for (let i = 0; i < 6; i++) {
-    await new Promise(resolve => setTimeout(resolve, 20))
+  // At least six reloads, each after some calls went through (the machine may be slow).
+  for (let i = 0; i < 6 || statuses.length < 100; i++) {
+    const before = statuses.length
+    while (statuses.length < before + 10) await new Promise(resolve => setTimeout(resolve, 5))
     writeFileSync(file, manifest(i % 2 === 0 ? 'operator' : 'viewer, operator'))
     reloads.push((await app.reloadManifest()).applied)
   }
@@ -56,14 +58,14 @@ t.test('a policy change applied under load drops no call, and is in force afterw
   state.stop = true
   await Promise.all(workers)
 
-  t.same(reloads, [true, true, true, true, true, true, true], 'every reload applied')
-  t.ok(statuses.length > 50, `calls made under load (${statuses.length})`)
+  t.ok(reloads.length >= 7 && reloads.every(Boolean), `every reload applied (${reloads.length})`)
+  t.ok(statuses.length >= 100, `calls made under load (${statuses.length})`)
   t.same(statuses.filter(s => s !== 200), [], 'no call failed while the manifest changed')
   const after = await app.inject({ url: '/api/v1/things/a', headers: viewer })
   t.equal(after.statusCode, 403, 'the new roles are in force')
   t.same(app.pipeline.manifest.byName.get('getThing')?.roles, ['operator'])
   const metrics = await app.inject({ url: '/metrics' })
-  t.match(metrics.body, /mantle_manifest_reloads_total\{outcome="applied"\} 7/)
+  t.match(metrics.body, `mantle_manifest_reloads_total{outcome="applied"} ${reloads.length}`)
 })
 
 t.test('an invalid manifest, or one that changes more than policies, is refused and the old one kept', async t => {
