@@ -178,7 +178,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     reloads = outcome => counter.labels(outcome).inc()
   }
   // One shared Redis connection for the stores that use Redis; absent without REDIS_URL.
-  if (config.REDIS_URL !== undefined) await app.register(redis, { url: config.REDIS_URL })
+  if (config.REDIS_URL !== undefined) await app.register(redis, { url: config.REDIS_URL, commandTimeoutMs: config.BFF_REDIS_COMMAND_TIMEOUT_MS })
   if (config.BFF_AUTH_ENABLED) {
     // The development secret is the fallback only when no key source is configured.
     const noKeys = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined
