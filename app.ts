@@ -11,6 +11,7 @@ import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
 import kernel from './plugins/kernel/index.js'
 import events from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
+import firewall from './plugins/firewall/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -78,7 +79,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     logger: options.logger ?? {
       level: config.LOG_LEVEL,
       redact: {
-        paths: ['req.headers.authorization', 'req.headers.cookie', 'req.headers["proxy-authorization"]', 'req.headers["x-api-key"]', 'res.headers["set-cookie"]'],
+        paths: ['req.headers.authorization', 'req.headers.cookie', 'req.headers["proxy-authorization"]', 'req.headers["x-api-key"]', 'res.headers["set-cookie"]',
+          // A call's input may hold what the AI firewall found (secrets, personal data): never logged.
+          'input', 'body', 'req.body', '*.input', '*.body'],
         censor: '[redacted]'
       },
       serializers: { req: requestForLog },
@@ -160,6 +163,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       done(production ? new MantleError('FORBIDDEN', `identity is off: nobody holds the role ${role}`) : undefined)
     })
   }
+  if (config.BFF_AI_FIREWALL_ENABLED) await app.register(firewall, { cacheSize: config.BFF_FIREWALL_CACHE_SIZE })
   await app.register(kernel, {
     url: options.kernelUrl ?? config.KERNEL_URL,
     resilience: config.BFF_CIRCUIT_BREAKER_ENABLED,
