@@ -160,7 +160,7 @@ function validCard (m: RegExpExecArray): number {
 function validPhone (m: RegExpExecArray, text: string): number {
   const raw = m[0]
   const digits = raw.replace(/\D/g, '')
-  const international = raw[0] === '+' || raw.startsWith('00')
+  const international = raw[0] === '+' || /^00[1-9]/.test(raw)
   if (digits.length < (international ? 8 : 9) || digits.length > 15) return 0
   const context = CONTEXT_BEFORE(text, m.index, PHONE_WORDS)
   if (international) return 0.8
@@ -171,7 +171,7 @@ function validPhone (m: RegExpExecArray, text: string): number {
   // Phone groups after the first have two digits or more (4 8 15 16 23 42 is not a number).
   if (groups.slice(1).some(g => g.length < 2)) return 0
   const shape = groups.map(g => g.length).join('-')
-  const national = raw[0] === '(' || (raw[0] === '0' && digits.length >= 9 && digits.length <= 11) ||
+  const national = raw[0] === '(' || (/^0[1-9]/.test(raw) && digits.length >= 9 && digits.length <= 11) ||
     shape === '3-3-4' || shape === '3-3-3' || shape === '3-7' || shape === '3-8'
   if (national) return context ? 0.8 : 0.65
   return context && digits.length <= 12 ? 0.7 : 0
