@@ -20,8 +20,9 @@ import { fmt, measure, signed, sleep, textTable, type RunFigures } from './measu
 import { getAgent, type ScenarioDefinition } from './scenarios.js'
 import { runFaces, type FacesReport } from './bench-faces.js'
 import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
+import { runFirewall, type FirewallReport } from './bench-firewall.js'
 
-const SECTIONS = ['spine', 'faces', 'ws-scale'] as const
+const SECTIONS = ['spine', 'faces', 'ws-scale', 'firewall'] as const
 type Section = typeof SECTIONS[number]
 
 interface Options {
@@ -87,7 +88,7 @@ function parseOptions (argv: string[]): Options {
     }
   })
   if (values.help === true) {
-    process.stdout.write('usage: npm run bench -- [--section spine|faces|ws-scale|all (comma-separated; default all = spine,faces)]\n' +
+    process.stdout.write('usage: npm run bench -- [--section spine|faces|ws-scale|firewall|all (comma-separated; default all = spine,faces)]\n' +
       '         [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
       '         [--connections-scale <n>] [--scale-clients <n>] [--scale-batch <n>] [--scale-events <n>]\n' +
       `spine targets: ${REST_TARGETS.map((t) => t.name).join(', ')}\n`)
@@ -278,7 +279,7 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   }
   // Every target and face is measured once per round plus a warm-up; the token must outlive it all.
   const spineTargets = opts.sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name)).length : 0
-  const faces = opts.sections.includes('faces') ? 4 : 0
+  const faces = (opts.sections.includes('faces') ? 4 : 0) + (opts.sections.includes('firewall') ? 2 : 0)
   const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5)
   const secret = randomBytes(32).toString('hex')
   const kernel = await startKernelProcess()
@@ -309,6 +310,11 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   if (opts.sections.includes('ws-scale')) {
     const scale: WsScaleReport = await runWsScale({ connections: opts.connectionsScale, clients: opts.scaleClients, batch: opts.scaleBatch, events: opts.scaleEvents }, ctx, processes, machine)
     report.wsScale = scale
+  }
+
+  if (opts.sections.includes('firewall')) {
+    const firewall: FirewallReport = await runFirewall({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, processes)
+    report.firewall = firewall
   }
 
   mkdirSync(dirname(opts.out), { recursive: true })

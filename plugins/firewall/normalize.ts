@@ -97,43 +97,48 @@ export function packKey (word: string): number {
 export interface RulesView {
   /** ' w1 w2 ... wn ': lowercase ASCII words, one space apart. */
   readonly words: string
-  /** The packed keys (packKey) of the words: the first four letters, and of long words the first two and three. */
-  readonly keys: Set<number>
+  /** Whether the text holds a word whose key (packKey) is this one: its first four letters, and of long words the first two and three. */
+  readonly has: (key: number) => boolean
 }
+
+// Word keys are 20-bit numbers. Instead of a Set per call, one table stamped with the number
+// of the call: a key is present when its slot holds the current stamp (no clearing, no hashing).
+const KEY_STAMPS = new Int32Array(1 << 20)
+let stamp = 0
 
 /**
  * One pass: ASCII letters lowercased, leetspeak read as letters, control characters dropped,
- * every other run one space. Reports whether three or more one-letter words came in a row.
+ * every other run one space; the key of each word stamped. Reports whether three or more
+ * one-letter words came in a row (letters spaced out). Returns the length written into buf.
  */
-function collapse (s: string, buf: Buffer, keys: Set<number>): { length: number, spaced: boolean } {
-  let len = 0
-  buf[len++] = 32
+function collapse (s: string, buf: Buffer, mark: number): { length: number, spaced: boolean } {
+  let len = 1
+  buf[0] = 32
   let wordStart = 1
   let singles = 0
   let spaced = false
-  const endWord = (): void => {
-    const n = len - wordStart
-    if (n === 0) return
-    let key = 0
-    for (let k = 0; k < 4; k++) key = key * 32 + (k < n ? buf[wordStart + k] - 96 : 0)
-    keys.add(key)
-    if (n >= 10) {
-      keys.add(((buf[wordStart] - 96) * 32 + (buf[wordStart + 1] - 96)) * 1024)
-      keys.add((((buf[wordStart] - 96) * 32 + (buf[wordStart + 1] - 96)) * 32 + (buf[wordStart + 2] - 96)) * 32)
+  const n = s.length
+  for (let i = 0; i <= n; i++) {
+    let c = i < n ? s.charCodeAt(i) : 32
+    if (c >= 65 && c <= 90) c += 32
+    else if (c < 128 && LEET_CODES[c] !== 0) c = LEET_CODES[c]
+    if (c >= 97 && c <= 122) { buf[len++] = c; continue }
+    if ((c < 32 && c !== 9 && c !== 10 && c !== 13) || c === 127) continue
+    const w = len - wordStart
+    if (w === 0) continue
+    const c0 = buf[wordStart] - 96
+    const c1 = w > 1 ? buf[wordStart + 1] - 96 : 0
+    const c2 = w > 2 ? buf[wordStart + 2] - 96 : 0
+    const c3 = w > 3 ? buf[wordStart + 3] - 96 : 0
+    KEY_STAMPS[((c0 * 32 + c1) * 32 + c2) * 32 + c3] = mark
+    if (w >= 10) {
+      KEY_STAMPS[(c0 * 32 + c1) * 1024] = mark
+      KEY_STAMPS[((c0 * 32 + c1) * 32 + c2) * 32] = mark
     }
-    if (n === 1) { if (++singles >= 3) spaced = true } else singles = 0
+    if (w === 1) { if (++singles >= 3) spaced = true } else singles = 0
     buf[len++] = 32
     wordStart = len
   }
-  for (let i = 0; i < s.length; i++) {
-    let c = s.charCodeAt(i)
-    if (c >= 65 && c <= 90) c += 32
-    else if (c < 128 && LEET_CODES[c] !== 0) c = LEET_CODES[c]
-    if (c >= 97 && c <= 122) buf[len++] = c
-    else if ((c < 32 && c !== 9 && c !== 10 && c !== 13) || c === 127) continue
-    else endWord()
-  }
-  endWord()
   return { length: len, spaced }
 }
 
@@ -153,14 +158,16 @@ export function rulesView (text: string): RulesView {
   if (s.includes('<!--') || s.includes('->') || s.includes('/*') || s.includes('*/') || s.includes('{#') || s.includes('#}')) s = s.replace(COMMENT_DELIMITERS, '')
   // Optimization: one pass into a byte buffer, decoded once (no per-match replace callbacks).
   const buf = Buffer.allocUnsafe(s.length * 2 + 2)
-  let keys = new Set<number>()
-  let { length, spaced } = collapse(s, buf, keys)
+  stamp = stamp === 0x7fffffff ? 1 : stamp + 1
+  let { length, spaced } = collapse(s, buf, stamp)
   if (spaced) {
-    keys = new Set<number>()
+    stamp = stamp === 0x7fffffff ? 1 : stamp + 1
     const joined = joinSpacedLetters(s.toLowerCase().replace(LEET_CHARS, (c) => LEET[c]))
-    length = collapse(joined, buf, keys).length
+    length = collapse(joined, buf, stamp).length
   }
-  return { words: buf.toString('latin1', 0, length), keys }
+  const mark = stamp
+  // The view is read right away, by the same synchronous scan, before any other call stamps.
+  return { words: buf.toString('latin1', 0, length), has: (key) => KEY_STAMPS[key] === mark }
 }
 
 /** The words of `rulesView`, alone. */

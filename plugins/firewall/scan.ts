@@ -41,8 +41,28 @@ function readable (s: string): boolean {
 
 interface Budget { decoded: number }
 
+// Base64 (with the URL alphabet and padding) and hex characters, for the one-pass pre-check.
+const B64_CHAR = new Uint8Array(128)
+const HEX_CHAR = new Uint8Array(128)
+for (const c of 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-=') B64_CHAR[c.charCodeAt(0)] = 1
+for (const c of '0123456789abcdefABCDEF') HEX_CHAR[c.charCodeAt(0)] = 1
+
+/** Whether the text holds a run long enough to be an encoded payload (one pass, no regex). */
+function hasLongRun (text: string): boolean {
+  let b64 = 0
+  let hex = 0
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i)
+    b64 = c < 128 && B64_CHAR[c] === 1 ? b64 + 1 : 0
+    hex = c < 128 && HEX_CHAR[c] === 1 ? hex + 1 : 0
+    if (b64 >= DECODE_LIMITS.minRun || hex >= 32) return true
+  }
+  return false
+}
+
 function decodeRuns (text: string, depth: number, budget: Budget, out: Detection[]): void {
-  if (depth >= DECODE_LIMITS.depth) return
+  // Optimization: most texts hold no run long enough; the regexes below are not even tried.
+  if (depth >= DECODE_LIMITS.depth || !hasLongRun(text)) return
   let runs = 0
   for (const [re, encoding] of [[BASE64_RUN, 'base64'], [HEX_RUN, 'hex']] as const) {
     re.lastIndex = 0
@@ -65,7 +85,7 @@ function decodeRuns (text: string, depth: number, budget: Budget, out: Detection
 }
 
 function detectInto (text: string, depth: number, budget: Budget, out: Detection[]): void {
-  const { words, keys } = rulesView(text)
+  const { words, has } = rulesView(text)
   let markers: string | null = null
   for (const rule of INJECTION_RULES) {
     let view = words
@@ -73,7 +93,7 @@ function detectInto (text: string, depth: number, budget: Budget, out: Detection
       markers ??= normalizeForMarkers(text)
       if (!MARKER_GATES.some(g => (markers as string).includes(g))) continue
       view = markers
-    } else if (!rule.keys.some(k => keys.has(k))) {
+    } else if (!rule.keys.some(has)) {
       // Optimization: a rule is tried only when a word it can start with is in the text.
       continue
     }

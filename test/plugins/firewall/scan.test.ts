@@ -24,7 +24,8 @@ t.test('normalization', async t => {
   t.equal(joinSpacedLetters('no spacing here'), 'no spacing here')
   t.equal(normalizeForMarkers('<|IM_START|>\u200bSystem'), '<|im_start|>system')
   const view = rulesView('Ignore this verylongwordhere')
-  t.ok(view.keys.has(packKey('igno')) && view.keys.has(packKey('this')) && view.keys.has(packKey('ve')) && view.keys.has(packKey('ver')))
+  t.ok(view.has(packKey('igno')) && view.has(packKey('this')) && view.has(packKey('ve')) && view.has(packKey('ver')))
+  t.notOk(view.has(packKey('zzzz')) || view.has(packKey('ig')), 'short prefixes only of long words')
   t.equal(packKey('do'), ((4 * 32 + 15) * 32) * 32)
 })
 
