@@ -15,6 +15,7 @@ import events from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
 import tracing from './plugins/tracing/index.js'
 import rateLimit from './plugins/rate-limit/index.js'
+import firewall from './plugins/firewall/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -97,7 +98,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     logger: options.logger ?? {
       level: config.LOG_LEVEL,
       redact: {
-        paths: ['req.headers.authorization', 'req.headers.cookie', 'req.headers["proxy-authorization"]', 'req.headers["x-api-key"]', 'res.headers["set-cookie"]'],
+        paths: ['req.headers.authorization', 'req.headers.cookie', 'req.headers["proxy-authorization"]', 'req.headers["x-api-key"]', 'res.headers["set-cookie"]',
+          // A call's input may hold what the AI firewall found (secrets, personal data): never logged.
+          'input', 'body', 'req.body', '*.input', '*.body'],
         censor: '[redacted]'
       },
       serializers: { req: requestForLog },
@@ -210,6 +213,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       ...options.rateLimit
     })
   }
+  if (config.BFF_AI_FIREWALL_ENABLED) await app.register(firewall, { cacheSize: config.BFF_FIREWALL_CACHE_SIZE })
   await app.register(kernel, {
     url: options.kernelUrl ?? config.KERNEL_URL,
     resilience: config.BFF_CIRCUIT_BREAKER_ENABLED,

@@ -23,8 +23,9 @@ import { getAgent, type ScenarioDefinition } from './scenarios.js'
 import { runFaces, type FacesReport } from './bench-faces.js'
 import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
 import { runRateLimit, type RateLimitReport } from './bench-rate-limit.js'
+import { runFirewall, type FirewallReport } from './bench-firewall.js'
 
-const SECTIONS = ['spine', 'faces', 'ws-scale', 'rate-limit'] as const
+const SECTIONS = ['spine', 'faces', 'ws-scale', 'rate-limit', 'firewall'] as const
 type Section = typeof SECTIONS[number]
 
 interface Options {
@@ -95,7 +96,7 @@ function parseOptions (argv: string[]): Options {
     }
   })
   if (values.help === true) {
-    process.stdout.write('usage: npm run bench -- [--section spine|faces|ws-scale|rate-limit|all (comma-separated; default all = spine,faces)]\n' +
+    process.stdout.write(`usage: npm run bench -- [--section ${SECTIONS.join('|')}|all (comma-separated; default all = spine,faces)]\n` +
       '         [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
       '         [--connections-scale <n>] [--scale-clients <n>] [--scale-batch <n>] [--scale-events <n>]\n' +
       '         [--rate-limit-checks <n>]\n' +
@@ -292,7 +293,9 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   }
   // Every target and face is measured once per round plus a warm-up; the token must outlive it all.
   const spineTargets = opts.sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name)).length : 0
-  const faces = (opts.sections.includes('faces') ? 4 : 0) + (opts.sections.includes('rate-limit') ? 4 : 0)
+  // Extra gateway measurements per round, by section.
+  const PER_SECTION: Partial<Record<Section, number>> = { faces: 4, 'rate-limit': 4, firewall: 2 }
+  const faces = opts.sections.reduce((n, s) => n + (PER_SECTION[s] ?? 0), 0)
   const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5)
   const secret = randomBytes(32).toString('hex')
   const kernel = await startKernelProcess()
@@ -328,6 +331,10 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   if (opts.sections.includes('rate-limit')) {
     const rateLimit: RateLimitReport = await runRateLimit({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS, checks: opts.rateLimitChecks }, ctx, processes)
     report.rateLimit = rateLimit
+  }
+  if (opts.sections.includes('firewall')) {
+    const firewall: FirewallReport = await runFirewall({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, processes)
+    report.firewall = firewall
   }
 
   mkdirSync(dirname(opts.out), { recursive: true })

@@ -29,6 +29,8 @@ export const ConfigSchema = Type.Object({
   BFF_METRICS_ENABLED: Flag('Prometheus /metrics'),
   BFF_OPENAPI_ENABLED: Flag('/openapi.json and /docs'),
   BFF_CIRCUIT_BREAKER_ENABLED: Flag('Kernel retries, circuit breaker and bulkhead'),
+  BFF_AI_FIREWALL_ENABLED: Flag('the AI firewall on the input fields operations name in `firewall`'),
+  BFF_FIREWALL_CACHE_SIZE: Type.Integer({ minimum: 0, maximum: 1000000, default: 10000, description: 'AI firewall verdicts cached for identical payloads (0: no cache)' }),
   BFF_CIRCUIT_BREAKER_THRESHOLD: Type.Optional(Type.Integer({ minimum: 1, description: 'consecutive Kernel failures that open the breaker (overrides the manifest)' })),
   BFF_CIRCUIT_BREAKER_TIMEOUT: Type.Optional(Type.Integer({ minimum: 1, description: 'ms the breaker stays open before one probe (overrides the manifest)' })),
   BFF_JWT_SECRET: Type.Optional(Type.String({ minLength: 1, description: 'HS256 secret (32 bytes or more in production)' })),

@@ -1,0 +1,108 @@
+// The firewall section of `npm run bench` (--section firewall):
+// - the scan's own cost per call, p50 and p99, for 1 KB, 4 KB and 20 KB prompts, with no verdict
+//   cache (firewall-micro.ts, in a child process);
+// - REST throughput of the firewalled mutation runAgent (POST /api/v1/agents/a1/runs, a 1 KB
+//   prompt) on two gateway processes measured in the same interleaved rounds: the firewall on
+//   with its verdict cache off (every call is scanned: autocannon repeats one body, which the
+//   cache would otherwise answer) and the firewall off.
+import { GATEWAY_SPINE, median, requestFor, startTargets, startWorker, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
+import { fmt, measure, signed, sleep, textTable, type RunFigures } from './measure.js'
+import { runAgent, type ScenarioDefinition } from './scenarios.js'
+import type { FirewallMicroReport, FirewallMicroRow } from './firewall-micro.js'
+
+export interface FirewallOptions { duration: number, rounds: number, connections: number, warmupSeconds: number, pauseMs: number }
+
+export const FIREWALL_GOALS = { microP99MsAt4K: 0.5, minThroughputRatio: 0.9 } as const
+
+function gatewayWithFirewall (on: boolean): TargetDefinition {
+  const base = GATEWAY_SPINE.process
+  if (base === null) throw new Error('gateway-spine has no process')
+  return {
+    name: on ? 'firewall-on' : 'firewall-off',
+    description: on ? 'gateway-spine with the AI firewall on, verdict cache off' : 'gateway-spine with the AI firewall off',
+    process: { ...base, env: (ctx, port) => ({ ...base.env(ctx, port), BFF_AI_FIREWALL_ENABLED: String(on), BFF_FIREWALL_CACHE_SIZE: '0' }) },
+    headers: GATEWAY_SPINE.headers
+  }
+}
+
+/** runAgent with a 1 KB prompt that the firewall lets through. */
+export const firewalledRun: ScenarioDefinition = {
+  ...runAgent,
+  name: 'rest-runAgent-1k',
+  body: {
+    prompt: ('Summarise the latest incident report in three sentences for the status page, naming the affected service, ' +
+      'the time window (14:02 to 14:37 UTC), the customer impact and the follow-up actions with their owners. ').repeat(5).slice(0, 1024)
+  }
+}
+
+export interface FirewallReport {
+  micro: FirewallMicroRow[]
+  rest: Array<{ name: string, description: string, rounds: RunFigures[], reqPerSec: number, p50Ms: number, p99Ms: number, flagged: boolean }>
+  throughputRatio: number
+  ratioPerRound: number[]
+  goals: Array<{ goal: string, met: boolean, text: string }>
+}
+
+async function runMicro (): Promise<FirewallMicroRow[]> {
+  const worker = startWorker({ name: 'firewall-micro', script: 'loadtest/firewall-micro.ts', env: {} })
+  const { code, stdout, tail } = await worker.done
+  if (code !== 0) throw new Error(`firewall-micro exited ${code}:\n${tail}`)
+  return (JSON.parse(stdout.trim().split('\n').pop() ?? '{}') as FirewallMicroReport).rows
+}
+
+async function preflight (target: Target, scenario: ScenarioDefinition): Promise<void> {
+  const req = requestFor(target, scenario)
+  const res = await fetch(req.url, { method: req.method, headers: req.headers, body: req.body, signal: AbortSignal.timeout(5000) })
+  const text = await res.text()
+  if (res.status !== scenario.expectedStatus) throw new Error(`${target.name} answered ${res.status} (expected ${scenario.expectedStatus}): ${text.slice(0, 300)}`)
+}
+
+export async function runFirewall (opts: FirewallOptions, ctx: TargetContext, processes: RunningProcess[]): Promise<FirewallReport> {
+  process.stderr.write('firewall: micro-benchmark of the scan (1, 4, 20 KB)\n')
+  const micro = await runMicro()
+  const targets = await startTargets([gatewayWithFirewall(true), gatewayWithFirewall(false)], ctx, processes)
+  for (const target of targets) await preflight(target, firewalledRun)
+  for (const target of targets) { await measure(target, firewalledRun, opts.warmupSeconds, opts.connections); await sleep(opts.pauseMs) }
+  const perTarget = new Map<string, RunFigures[]>(targets.map((t) => [t.name, []]))
+  for (let round = 0; round < opts.rounds; round++) {
+    const order = targets.map((_, i) => targets[(i + round) % targets.length])
+    for (const target of order) {
+      const figures = await measure(target, firewalledRun, opts.duration, opts.connections)
+      perTarget.get(target.name)?.push(figures)
+      process.stderr.write(`firewall round ${round + 1}/${opts.rounds}  ${target.name.padEnd(13)} ${figures.reqPerSec.toFixed(0).padStart(7)} req/s  p99 ${figures.p99FineMs.toFixed(2)} ms\n`)
+      await sleep(opts.pauseMs)
+    }
+  }
+  const rest = targets.map((target) => {
+    const rounds = perTarget.get(target.name) ?? []
+    return {
+      name: target.name,
+      description: target.name === 'firewall-on' ? 'AI firewall on (block), verdict cache off' : 'AI firewall off',
+      rounds,
+      reqPerSec: median(rounds.map((r) => r.reqPerSec)),
+      p50Ms: median(rounds.map((r) => r.p50FineMs)),
+      p99Ms: median(rounds.map((r) => r.p99FineMs)),
+      flagged: rounds.some((r) => r.non2xx + r.errors > 0)
+    }
+  })
+  const [on, off] = rest
+  const throughputRatio = on.reqPerSec / off.reqPerSec
+  const ratioPerRound = on.rounds.map((r, i) => r.reqPerSec / (off.rounds[i]?.reqPerSec ?? Number.NaN))
+  const at4k = micro.find((r) => r.bytes === 4096)
+  // The goal reads the CPU time per call: on the shared machine the wall-clock p99 is the scheduler's.
+  const microMet = at4k !== undefined && at4k.cpuP99Ms < FIREWALL_GOALS.microP99MsAt4K
+  const ratioMet = throughputRatio >= FIREWALL_GOALS.minThroughputRatio && !on.flagged && !off.flagged
+  const goals = [
+    { goal: 'scan p99 at 4 KB < 0.5 ms (CPU time)', met: microMet, text: `scan p99 at 4 KB ${fmt(at4k?.cpuP99Ms ?? null, 3)} ms CPU, ${fmt(at4k?.p99Ms ?? null, 3)} ms wall clock (goal < ${FIREWALL_GOALS.microP99MsAt4K} ms CPU): ${microMet ? 'goal met' : 'goal NOT met'}` },
+    { goal: 'firewalled throughput >= 90% of firewall off', met: ratioMet, text: `firewall-on req/s ${(throughputRatio * 100).toFixed(1)}% of firewall-off (goal >= ${FIREWALL_GOALS.minThroughputRatio * 100}%): ${ratioMet ? 'goal met' : 'goal NOT met'}` }
+  ]
+  const microTable = textTable(['prompt', 'calls', 'CPU p50 ms', 'CPU p99 ms', 'CPU mean ms', 'wall p50 ms', 'wall p99 ms'],
+    micro.map((r) => [`${r.bytes / 1024} KB`, String(r.calls), fmt(r.cpuP50Ms, 3), fmt(r.cpuP99Ms, 3), fmt(r.cpuMeanMs, 3), fmt(r.p50Ms, 3), fmt(r.p99Ms, 3)]))
+  const restTable = textTable(['target', 'req/s', 'p50 ms', 'p99 ms', 'x firewall-off', 'p99 vs off ms', 'status'], rest.map((r) => [
+    r.name, fmt(r.reqPerSec, 0), fmt(r.p50Ms, 2), fmt(r.p99Ms, 2), fmt(r.reqPerSec / off.reqPerSec, 2), signed(r.p99Ms - off.p99Ms, 2), r.flagged ? 'FLAGGED' : 'ok'
+  ]))
+  process.stdout.write(`\nFirewall — scan cost per call (scanFields, no cache, one field)\n\n${microTable}\n\n` +
+    `Firewall — REST runAgent with a 1 KB prompt (${firewalledRun.method} ${firewalledRun.path}), ${opts.rounds} rounds x ${opts.duration} s, ${opts.connections} connections\n\n${restTable}\n` +
+    `x firewall-off round by round: ${ratioPerRound.map((r) => r.toFixed(2)).join(', ')}\n\n${goals.map((g) => g.text).join('\n')}\n`)
+  return { micro, rest, throughputRatio, ratioPerRound, goals }
+}

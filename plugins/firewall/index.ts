@@ -1,0 +1,115 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { createHash } from 'node:crypto'
+import { LRUCache } from 'lru-cache'
+import { Counter, Gauge, Histogram } from 'prom-client'
+import { StageOrder, type Stage } from '../pipeline/index.js'
+import { MantleError } from '../../errors.js'
+import { scanFields, CLEAN, type Verdict } from './scan.js'
+import type { Category } from './detectors.js'
+
+// The AI firewall: scans the input fields an operation names in `firewall` for prompt
+// injection, secrets and personal data, and blocks, redacts or only records what it finds.
+// The detection is plain functions (scan.ts, injection.ts, detectors.ts, normalize.ts); this
+// plugin adds the pipeline stage, the verdict cache and the metrics.
+
+export interface FirewallOptions {
+  /** Verdicts kept for identical payloads (0: no cache). */
+  cacheSize: number
+}
+
+/** Readable names of the categories, for the refusal's detail. */
+const CATEGORY_NAMES: Readonly<Record<Category, string>> = { injection: 'prompt injection', secret: 'secret', pii: 'personal data' }
+// The cache also bounds the memory its redacted copies of payloads take.
+const CACHE_MAX_CHARS = 32 * 1024 * 1024
+
+async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Promise<void> {
+  const registry = app.hasDecorator('metrics') ? app.metrics.registry : null
+  const registers = registry === null ? [] : [registry]
+  const findingsTotal = new Counter({ name: 'mantle_firewall_findings_total', help: 'AI firewall findings, by category and the action of the operation', labelNames: ['category', 'action'] as const, registers })
+  const verdictsTotal = new Counter({ name: 'mantle_firewall_verdicts_total', help: 'AI firewall verdicts, by action and outcome (blocked, redacted, passed)', labelNames: ['action', 'outcome'] as const, registers })
+  const scanDuration = new Histogram({ name: 'mantle_firewall_scan_duration_seconds', help: 'Time to scan one call\'s input (verdict cache misses)', buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25], registers })
+  const cacheTotal = new Counter({ name: 'mantle_firewall_cache_total', help: 'AI firewall verdict cache lookups, by outcome (hit, miss)', labelNames: ['outcome'] as const, registers })
+  const cacheHit = cacheTotal.labels('hit')
+  const cacheMiss = cacheTotal.labels('miss')
+
+  const cache = opts.cacheSize > 0
+    ? new LRUCache<string, Verdict>({
+      max: opts.cacheSize,
+      maxSize: CACHE_MAX_CHARS,
+      sizeCalculation: (v, key) => key.length + (v.redacted === null ? 0 : Object.values(v.redacted).reduce((n, s) => n + s.length, 0)) + 64
+    })
+    : null
+  if (cache !== null) {
+    new Gauge({ name: 'mantle_firewall_cache_entries', help: 'Verdicts in the AI firewall cache', registers, collect () { this.set(cache.size) } }) // eslint-disable-line no-new
+  }
+
+  const scan = (fields: readonly string[], input: Readonly<Record<string, unknown>>): Verdict => {
+    const started = performance.now()
+    const verdict = scanFields(fields, input)
+    scanDuration.observe((performance.now() - started) / 1000)
+    return verdict
+  }
+
+  app.pipeline.addStage({
+    name: 'firewall',
+    order: StageOrder.firewall,
+    build (op) {
+      if (op.firewall === null) return null
+      const { fields, action } = op.firewall
+      // Optimization: label children resolved once per operation.
+      const blocked = verdictsTotal.labels(action, 'blocked')
+      const redacted = verdictsTotal.labels(action, 'redacted')
+      const passed = verdictsTotal.labels(action, 'passed')
+      const found = { injection: findingsTotal.labels('injection', action), secret: findingsTotal.labels('secret', action), pii: findingsTotal.labels('pii', action) }
+
+      const verdictOf = (input: Readonly<Record<string, unknown>>): Verdict => {
+        if (cache === null) return scan(fields, input)
+        const hash = createHash('sha256').update(op.name)
+        for (const field of fields) {
+          const value = input[field]
+          // A separator no string holds, then the value (or its absence): distinct inputs never share a key.
+          hash.update('\u0000' + field + '\u0000' + (typeof value === 'string' ? 's' + value : 'x'))
+        }
+        const key = hash.digest('base64')
+        const cached = cache.get(key)
+        if (cached !== undefined) {
+          cacheHit.inc()
+          return cached
+        }
+        cacheMiss.inc()
+        const verdict = scan(fields, input)
+        cache.set(key, verdict)
+        return verdict
+      }
+
+      const stage: Stage = (ctx, next) => {
+        const verdict = verdictOf(ctx.input)
+        if (verdict === CLEAN) {
+          passed.inc()
+          return next(ctx)
+        }
+        ctx.findings = verdict.findings
+        ctx.risk = verdict.risk
+        for (const f of verdict.findings) found[f.category].inc()
+        // Redaction cannot take an instruction out of a prompt (it may be spread over obfuscated
+        // text): in redact mode an injection is refused like in block mode.
+        if (action === 'block' || (action === 'redact' && verdict.categories.includes('injection'))) {
+          blocked.inc()
+          // The categories only: never the payload, never what matched.
+          throw new MantleError('FIREWALL_BLOCKED', 'The AI firewall refused the input: ' + verdict.categories.map(c => CATEGORY_NAMES[c]).join(', ') + ' found')
+        }
+        if (action === 'redact' && verdict.redacted !== null) {
+          ctx.input = { ...ctx.input, ...verdict.redacted }
+          redacted.inc()
+        } else {
+          passed.inc()
+        }
+        return next(ctx)
+      }
+      return stage
+    }
+  })
+}
+
+export default fp(firewallPlugin, { name: 'mantle-firewall', dependencies: ['mantle-pipeline'], fastify: '5.x', encapsulate: true })

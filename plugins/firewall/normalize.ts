@@ -1,0 +1,185 @@
+// Normalization for the injection rules: what a model would read, in one canonical spelling.
+// Written by hand: no maintained library folds homoglyphs, leetspeak and spacing tricks into
+// one form (confusables packages fold to a skeleton for identifier spoofing, not for prose).
+// Every step is a single linear pass (a character loop or a regex over one character class).
+
+// Zero-width, bidi and other invisible or control characters (tab, newline, CR are kept as
+// whitespace). Soft hyphen, variation selectors, Hangul fillers, the BOM.
+// eslint-disable-next-line no-control-regex, no-misleading-character-class -- these invisible characters are the point
+const INVISIBLE = /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0]/g
+// Combining marks left by NFD: diacritics are dropped so that rules are written once in ASCII.
+const COMBINING = /[\u0300-\u036f]/g
+// Markup comment delimiters: removed, so their content is read and words split by an empty
+// comment (ig<!---->nore) join again. HTML, C-style and Jinja/Twig comments.
+const COMMENT_DELIMITERS = /<!--|-{2,3}>|\/\*|\*\/|\{#|#\}/g
+// eslint-disable-next-line no-control-regex -- the ASCII range
+const NOT_ASCII = /[^\x00-\x7f]/
+const LEET_CHARS = /[0134578@$]/g
+const LEET: Readonly<Record<string, string>> = { 0: 'o', 1: 'i', 3: 'e', 4: 'a', 5: 's', 7: 't', 8: 'b', '@': 'a', $: 's' }
+
+/** Cyrillic, Greek and Armenian letters that look like Latin ones (lowercase; input is lowercased first). */
+const HOMOGLYPHS: ReadonlyMap<string, string> = new Map(
+  // Each entry is the look-alike character followed by the Latin letter(s) it reads as.
+  [
+    // Cyrillic
+    '\u0430a \u0431b \u0432b \u0435e \u0451e \u0454e \u043ak \u043cm \u043dh \u043eo \u0440p \u0441c \u0442t \u0443y \u0445x \u0456i \u0457i \u0458j \u0455s \u0501d \u051bq \u051dw \u04bbh \u0491r \u0433r \u043fn \u0438u \u044cb \u0261g',
+    // Greek
+    '\u03b1a \u03b2b \u03b5e \u03b7n \u03b9i \u03bak \u03bdv \u03bfo \u03c1p \u03c4t \u03c5u \u03c7x \u03b3y \u03c9w \u03bcu \u03c2s \u03b6z',
+    // Armenian
+    '\u0578n \u0585o \u057du \u0570h \u0566q \u0581g',
+    // Latin look-alikes that NFKC keeps
+    '\u0131i \u0237j \u00dfss \u00f8o \u0153oe \u00e6ae \u0142l \u0111d'
+  ].join(' ').split(' ').map(pair => [pair[0], pair.slice(1)] as [string, string])
+)
+
+function foldHomoglyphs (text: string): string {
+  let out = ''
+  let from = 0
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i)
+    if (c < 0x80) continue
+    const folded = HOMOGLYPHS.get(text[i])
+    if (folded !== undefined) {
+      out += text.slice(from, i) + folded
+      from = i + 1
+    }
+  }
+  return from === 0 ? text : out + text.slice(from)
+}
+
+const isLetter = (c: number): boolean => c >= 97 && c <= 122
+const isSpacer = (c: number): boolean => c === 32 || c === 46 || c === 45 || c === 95 || c === 42 || c === 9 || c === 47 || c === 124
+
+/**
+ * Joins letters spaced out one by one (`i g n o r e`, `i.g.n.o.r.e`): a run of at least three
+ * single letters each followed by one spacer becomes one word; two or more spacers end a word,
+ * so `i g n o r e   a l l` gives `ignore all`. One pass over the text.
+ */
+export function joinSpacedLetters (text: string): string {
+  let out = ''
+  let from = 0
+  const n = text.length
+  let i = 0
+  while (i < n) {
+    const c = text.charCodeAt(i)
+    if (isLetter(c) && (i === 0 || !isLetter(text.charCodeAt(i - 1))) && i + 2 < n && isSpacer(text.charCodeAt(i + 1)) && isLetter(text.charCodeAt(i + 2)) && (i + 3 >= n || !isLetter(text.charCodeAt(i + 3)))) {
+      let word = text[i]
+      let j = i
+      while (j + 2 < n && isSpacer(text.charCodeAt(j + 1)) && isLetter(text.charCodeAt(j + 2)) && (j + 3 >= n || !isLetter(text.charCodeAt(j + 3)))) {
+        word += text[j + 2]
+        j += 2
+      }
+      if (word.length >= 3) {
+        out += text.slice(from, i) + word
+        from = j + 1
+        i = j + 1
+        continue
+      }
+      i = j + 1
+      continue
+    }
+    i++
+  }
+  return from === 0 ? text : out + text.slice(from)
+}
+
+// Leetspeak, by char code: 0 1 3 4 5 7 8 @ $ read as o i e a s t b a s.
+const LEET_CODES = new Uint8Array(128)
+for (const [from, to] of Object.entries(LEET)) LEET_CODES[from.charCodeAt(0)] = to.charCodeAt(0)
+
+/** A word's key: its first four letters (or the whole word when shorter), packed 5 bits each. */
+export function packKey (word: string): number {
+  let key = 0
+  for (let i = 0; i < 4; i++) key = key * 32 + (i < word.length ? word.charCodeAt(i) - 96 : 0)
+  return key
+}
+
+export interface RulesView {
+  /** ' w1 w2 ... wn ': lowercase ASCII words, one space apart. */
+  readonly words: string
+  /** Whether the text holds a word whose key (packKey) is this one: its first four letters, and of long words the first two and three. */
+  readonly has: (key: number) => boolean
+}
+
+// Word keys are 20-bit numbers. Instead of a Set per call, one table stamped with the number
+// of the call: a key is present when its slot holds the current stamp (no clearing, no hashing).
+const KEY_STAMPS = new Int32Array(1 << 20)
+let stamp = 0
+
+/**
+ * One pass: ASCII letters lowercased, leetspeak read as letters, control characters dropped,
+ * every other run one space; the key of each word stamped. Reports whether three or more
+ * one-letter words came in a row (letters spaced out). Returns the length written into buf.
+ */
+function collapse (s: string, buf: Buffer, mark: number): { length: number, spaced: boolean } {
+  let len = 1
+  buf[0] = 32
+  let wordStart = 1
+  let singles = 0
+  let spaced = false
+  const n = s.length
+  for (let i = 0; i <= n; i++) {
+    let c = i < n ? s.charCodeAt(i) : 32
+    if (c >= 65 && c <= 90) c += 32
+    else if (c < 128 && LEET_CODES[c] !== 0) c = LEET_CODES[c]
+    if (c >= 97 && c <= 122) { buf[len++] = c; continue }
+    if ((c < 32 && c !== 9 && c !== 10 && c !== 13) || c === 127) continue
+    const w = len - wordStart
+    if (w === 0) continue
+    const c0 = buf[wordStart] - 96
+    const c1 = w > 1 ? buf[wordStart + 1] - 96 : 0
+    const c2 = w > 2 ? buf[wordStart + 2] - 96 : 0
+    const c3 = w > 3 ? buf[wordStart + 3] - 96 : 0
+    KEY_STAMPS[((c0 * 32 + c1) * 32 + c2) * 32 + c3] = mark
+    if (w >= 10) {
+      KEY_STAMPS[(c0 * 32 + c1) * 1024] = mark
+      KEY_STAMPS[((c0 * 32 + c1) * 32 + c2) * 32] = mark
+    }
+    if (w === 1) { if (++singles >= 3) spaced = true } else singles = 0
+    buf[len++] = 32
+    wordStart = len
+  }
+  return { length: len, spaced }
+}
+
+/**
+ * The text as the injection rules read it: lowercase ASCII letters, one space between words,
+ * with the keys of its words. NFKC (full-width and compatibility forms), invisible characters
+ * removed, diacritics dropped, homoglyphs folded, markup comment delimiters removed, leetspeak
+ * undone, letters spaced out one by one joined, everything that is not a letter one space.
+ */
+export function rulesView (text: string): RulesView {
+  let s = text
+  if (NOT_ASCII.test(s)) {
+    s = s.normalize('NFKC').replace(INVISIBLE, '').toLowerCase()
+    s = foldHomoglyphs(s)
+    s = s.normalize('NFD').replace(COMBINING, '')
+  }
+  if (s.includes('<!--') || s.includes('->') || s.includes('/*') || s.includes('*/') || s.includes('{#') || s.includes('#}')) s = s.replace(COMMENT_DELIMITERS, '')
+  // Optimization: one pass into a byte buffer, decoded once (no per-match replace callbacks).
+  const buf = Buffer.allocUnsafe(s.length * 2 + 2)
+  stamp = stamp === 0x7fffffff ? 1 : stamp + 1
+  let { length, spaced } = collapse(s, buf, stamp)
+  if (spaced) {
+    stamp = stamp === 0x7fffffff ? 1 : stamp + 1
+    const joined = joinSpacedLetters(s.toLowerCase().replace(LEET_CHARS, (c) => LEET[c]))
+    length = collapse(joined, buf, stamp).length
+  }
+  const mark = stamp
+  // The view is read right away, by the same synchronous scan, before any other call stamps.
+  return { words: buf.toString('latin1', 0, length), has: (key) => KEY_STAMPS[key] === mark }
+}
+
+/** The words of `rulesView`, alone. */
+export function normalizeForRules (text: string): string {
+  return rulesView(text).words
+}
+
+/**
+ * The text for rules that read punctuation (chat-template delimiters): NFKC, invisible
+ * characters removed, lowercase.
+ */
+export function normalizeForMarkers (text: string): string {
+  const s = NOT_ASCII.test(text) ? text.normalize('NFKC') : text
+  return s.replace(INVISIBLE, '').toLowerCase()
+}

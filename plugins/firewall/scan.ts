@@ -1,0 +1,186 @@
+// One scan of one text: injection rules on the normalized text, secrets and personal data on
+// the raw text, and the same again inside base64 and hex runs that decode to text (bounded in
+// count, size and depth). Plain functions: the plugin only wires them into the pipeline.
+import { rulesView, normalizeForMarkers } from './normalize.js'
+import { INJECTION_RULES, MARKER_GATES } from './injection.js'
+import { findSpans, type Category, type Detection } from './detectors.js'
+import type { Finding, RiskLevel } from '../pipeline/index.js'
+
+export type { Category, Detection } from './detectors.js'
+export type { Finding } from '../pipeline/index.js'
+export type { RiskLevel }
+
+/** Bounds of the decoding of embedded base64/hex runs. */
+export const DECODE_LIMITS = Object.freeze({
+  /** Nested encodings followed (base64 of base64 is 2). */
+  depth: 2,
+  /** Runs decoded per text. */
+  runsPerText: 8,
+  /** Characters of one run decoded (longer runs are decoded up to this). */
+  runChars: 16384,
+  /** Decoded characters scanned per top-level text, all runs and depths together. */
+  totalDecoded: 65536,
+  /** Shortest run looked at. */
+  minRun: 24
+})
+
+// Single character classes, greedy and global: each match consumes its whole run.
+const BASE64_RUN = /[A-Za-z0-9+/_-]{24,}={0,2}/g
+const HEX_RUN = /(?<![0-9A-Fa-f])[0-9A-Fa-f]{32,}(?![0-9A-Fa-f])/g
+
+/** The share of characters a human would read as text. */
+function readable (s: string): boolean {
+  if (s.length < 8) return false
+  let good = 0
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i)
+    if ((c >= 32 && c < 127) || c === 10 || c === 13 || c === 9 || (c >= 0xa0 && c !== 0xfffd)) good++
+  }
+  return good / s.length >= 0.9
+}
+
+interface Budget { decoded: number }
+
+// Base64 (with the URL alphabet and padding) and hex characters, for the one-pass pre-check.
+const B64_CHAR = new Uint8Array(128)
+const HEX_CHAR = new Uint8Array(128)
+for (const c of 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-=') B64_CHAR[c.charCodeAt(0)] = 1
+for (const c of '0123456789abcdefABCDEF') HEX_CHAR[c.charCodeAt(0)] = 1
+
+/** Whether the text holds a run long enough to be an encoded payload (one pass, no regex). */
+function hasLongRun (text: string): boolean {
+  let b64 = 0
+  let hex = 0
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i)
+    b64 = c < 128 && B64_CHAR[c] === 1 ? b64 + 1 : 0
+    hex = c < 128 && HEX_CHAR[c] === 1 ? hex + 1 : 0
+    if (b64 >= DECODE_LIMITS.minRun || hex >= 32) return true
+  }
+  return false
+}
+
+function decodeRuns (text: string, depth: number, budget: Budget, out: Detection[]): void {
+  // Optimization: most texts hold no run long enough; the regexes below are not even tried.
+  if (depth >= DECODE_LIMITS.depth || !hasLongRun(text)) return
+  let runs = 0
+  for (const [re, encoding] of [[BASE64_RUN, 'base64'], [HEX_RUN, 'hex']] as const) {
+    re.lastIndex = 0
+    let m: RegExpExecArray | null
+    while ((m = re.exec(text)) !== null && runs < DECODE_LIMITS.runsPerText && budget.decoded > 0) {
+      let run = m[0].slice(0, DECODE_LIMITS.runChars)
+      // A run of hex digits is decoded as hex, not as base64.
+      if (encoding === 'base64' && /^[0-9A-Fa-f]+$/.test(run)) continue
+      if (encoding === 'hex' && run.length % 2 === 1) run = run.slice(0, -1)
+      const decoded = Buffer.from(run, encoding).toString('utf8')
+      if (!readable(decoded)) continue
+      runs++
+      budget.decoded -= decoded.length
+      const inner: Detection[] = []
+      detectInto(decoded, depth + 1, budget, inner)
+      // What was found inside stands for the whole run: redaction replaces the run.
+      for (const d of inner) out.push({ category: d.category, type: d.type, score: d.score, start: m.index, end: m.index + m[0].length })
+    }
+  }
+}
+
+function detectInto (text: string, depth: number, budget: Budget, out: Detection[]): void {
+  const { words, has } = rulesView(text)
+  let markers: string | null = null
+  for (const rule of INJECTION_RULES) {
+    let view = words
+    if (rule.keys === null) {
+      markers ??= normalizeForMarkers(text)
+      if (!MARKER_GATES.some(g => (markers as string).includes(g))) continue
+      view = markers
+    } else if (!rule.keys.some(has)) {
+      // Optimization: a rule is tried only when a word it can start with is in the text.
+      continue
+    }
+    if (rule.pattern.test(view)) out.push({ category: 'injection', type: rule.type, score: rule.score, start: -1, end: -1 })
+  }
+  findSpans(text, out)
+  decodeRuns(text, depth, budget, out)
+}
+
+/** Every detection in one text, raw (a type may appear several times, with spans). */
+export function detect (text: string): Detection[] {
+  const out: Detection[] = []
+  detectInto(text, 0, { decoded: DECODE_LIMITS.totalDecoded }, out)
+  return out
+}
+
+/** The risk level of a score: >= 0.9 critical, >= 0.75 high, >= 0.5 medium, > 0 low. */
+export function riskOf (score: number): RiskLevel {
+  if (score >= 0.9) return 'critical'
+  if (score >= 0.75) return 'high'
+  if (score >= 0.5) return 'medium'
+  return score > 0 ? 'low' : 'none'
+}
+
+/** Replaces each span with `[REDACTED:<type>]`; overlapping spans are merged. */
+export function redact (text: string, detections: readonly Detection[]): string {
+  const spans = detections.filter(d => d.start >= 0).sort((a, b) => a.start - b.start || b.end - a.end)
+  if (spans.length === 0) return text
+  let out = ''
+  let at = 0
+  let i = 0
+  while (i < spans.length) {
+    const { start, type } = spans[i]
+    let end = spans[i].end
+    i++
+    while (i < spans.length && spans[i].start < end) { end = Math.max(end, spans[i].end); i++ }
+    if (start < at) continue
+    out += text.slice(at, start) + `[REDACTED:${type}]`
+    at = end
+  }
+  return out + text.slice(at)
+}
+
+/** What the firewall decided about one call's input, cached per operation and payload. */
+export interface Verdict {
+  /** One per (field, category, type), with the highest score; never the matched text. */
+  readonly findings: readonly Finding[]
+  readonly risk: RiskLevel
+  /** The categories found, in a fixed order (injection, secret, pii). */
+  readonly categories: readonly Category[]
+  /** The redacted value of each field that had a secret or personal data span (null: none). */
+  readonly redacted: Readonly<Record<string, string>> | null
+}
+
+export const CLEAN: Verdict = Object.freeze({ findings: Object.freeze([]), risk: 'none', categories: Object.freeze([]), redacted: null })
+const CATEGORY_ORDER: readonly Category[] = ['injection', 'secret', 'pii']
+
+/** Scans the named fields of an input (string values only; others are skipped). */
+export function scanFields (fields: readonly string[], input: Readonly<Record<string, unknown>>): Verdict {
+  let findings: Finding[] | null = null
+  let redacted: Record<string, string> | null = null
+  let top = 0
+  for (const field of fields) {
+    const value = input[field]
+    if (typeof value !== 'string' || value === '') continue
+    const detections = detect(value)
+    if (detections.length === 0) continue
+    findings ??= []
+    const byType = new Map<string, Finding>()
+    for (const d of detections) {
+      const key = d.category + ':' + d.type
+      const seen = byType.get(key)
+      if (seen === undefined || seen.score < d.score) byType.set(key, Object.freeze({ category: d.category, type: d.type, score: d.score, field }))
+      if (d.score > top) top = d.score
+    }
+    findings.push(...byType.values())
+    if (detections.some(d => d.start >= 0)) {
+      redacted ??= {}
+      redacted[field] = redact(value, detections)
+    }
+  }
+  if (findings === null) return CLEAN
+  const found = new Set(findings.map(f => f.category))
+  return Object.freeze({
+    findings: Object.freeze(findings),
+    risk: riskOf(top),
+    categories: Object.freeze(CATEGORY_ORDER.filter(c => found.has(c))),
+    redacted: redacted === null ? null : Object.freeze(redacted)
+  })
+}
