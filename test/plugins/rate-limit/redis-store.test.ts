@@ -32,6 +32,13 @@ async function redisClient (t: Teardown, keys: string[]): Promise<Redis> {
   return client
 }
 
+/**
+ * The machine is shared: an event loop starved of CPU can fire the Redis command timeout
+ * while the answer already waits in the socket, and the check then (rightly) falls back to
+ * memory. These tests are about what Redis counts, not about that timeout: they give it room.
+ */
+const PATIENT = { BFF_REDIS_COMMAND_TIMEOUT_MS: 10_000 }
+
 async function metric (app: { inject: (o: { url: string }) => Promise<{ body: string }> }, name: string): Promise<number> {
   const text = (await app.inject({ url: '/metrics' })).body
   const line = text.split('\n').find(l => l.startsWith(name + ' ') || l.startsWith(name + '{'))
@@ -43,10 +50,8 @@ t.test('two instances on one Redis: 100 concurrent calls split across both let e
   const tenant = 'rl-' + randomUUID()
   const key = opKey(tenant, 'u1', 'limited')
   const redis = await redisClient(t, [key])
-  // Exactness across instances is the point here, not an outage: a loaded machine must not
-  // time a Redis command out into the memory fallback.
-  const one = await buildTestApp(t, { REDIS_URL, BFF_REDIS_COMMAND_TIMEOUT_MS: 10_000 }, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
-  const two = await buildTestApp(t, { REDIS_URL, BFF_REDIS_COMMAND_TIMEOUT_MS: 10_000 }, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
+  const one = await buildTestApp(t, { REDIS_URL, ...PATIENT }, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
+  const two = await buildTestApp(t, { REDIS_URL, ...PATIENT }, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
   t.equal(one.rateLimiter.store, 'redis', 'REDIS_URL set: Redis is the default store')
   const headers = bearer({ tenant, user: 'u1' })
   const answers = await Promise.all(Array.from({ length: 100 }, async (_, i) => await (i % 2 === 0 ? one : two).inject({ url: '/api/v1/limited', headers })))
@@ -70,6 +75,7 @@ t.test('two instances on one Redis: 100 concurrent calls split across both let e
   // Another user of the same tenant has a budget of their own.
   t.equal((await two.inject({ url: '/api/v1/limited', headers: bearer({ tenant, user: 'u2' }) })).statusCode, 200)
   await redis.del(opKey(tenant, 'u2', 'limited'))
+  t.equal(await metric(one, 'mantle_rate_limit_fallback_total'), 0, 'every check was answered by Redis')
   t.ok(await metric(one, 'mantle_rate_limit_checks_total{scope="op",store="redis"}') >= 50)
   t.ok(await metric(one, 'mantle_rate_limit_refusals_total{scope="op",store="redis"}') >= 1)
 })
@@ -79,8 +85,8 @@ t.test('the HTTP guard counts across instances in Redis, per verified tenant', a
   const tenant = 'rl-' + randomUUID()
   const redis = await redisClient(t, [tenantKey(tenant)])
   const env = { REDIS_URL, BFF_RATE_LIMIT_GLOBAL_MAX: 6, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: 60_000 }
-  const one = await buildTestApp(t, env, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
-  const two = await buildTestApp(t, env, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
+  const one = await buildTestApp(t, { ...env, ...PATIENT }, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
+  const two = await buildTestApp(t, { ...env, ...PATIENT }, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
   const headers = bearer({ tenant, user: 'u1' })
   const other = bearer({ tenant, user: 'u2' })
   const statuses: number[] = []
@@ -97,7 +103,8 @@ t.test('Redis cut mid-load: no 5xx, limits keep working from memory, back to Red
       const tenant = 'rl-' + randomUUID()
       const keys = ['u1', 'during', 'after'].flatMap(u => [opKey(tenant, u, 'loose'), opKey(tenant, u, 'tight')])
       const redis = await redisClient(t, keys)
-      const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, { manifest: manifest(kernel.url), kernelUrl: kernel.url, rateLimit: { retryRedisMs: 50 } })
+      // The cut itself closes the connection (up() is false at once): no timeout is needed to see it.
+      const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, ...PATIENT }, { manifest: manifest(kernel.url), kernelUrl: kernel.url, rateLimit: { retryRedisMs: 50 } })
       t.equal(app.redis.up(), true)
       const headers = bearer({ tenant, user: 'u1' })
 
