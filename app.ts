@@ -11,6 +11,7 @@ import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
 import kernel from './plugins/kernel/index.js'
 import events from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
+import idempotency from './plugins/idempotency/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -128,7 +129,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       credentials: false,
       methods: ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'],
       allowedHeaders: ['Authorization', 'Content-Type', 'Idempotency-Key', 'traceparent', 'x-request-id'],
-      exposedHeaders: ['x-request-id', 'Retry-After', 'RateLimit', 'RateLimit-Policy', 'RateLimit-Limit', 'RateLimit-Remaining', 'RateLimit-Reset'],
+      exposedHeaders: ['x-request-id', 'Retry-After', 'RateLimit', 'RateLimit-Policy', 'RateLimit-Limit', 'RateLimit-Remaining', 'RateLimit-Reset', 'Idempotent-Replayed'],
       maxAge: 600,
       strictPreflight: false
     })
@@ -158,6 +159,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     const production = config.NODE_ENV === 'production'
     app.decorate('requireRole', (role: string) => (_request, _reply, done) => {
       done(production ? new MantleError('FORBIDDEN', `identity is off: nobody holds the role ${role}`) : undefined)
+    })
+  }
+  if (config.BFF_IDEMPOTENCY_ENABLED) {
+    await app.register(idempotency, {
+      store: config.BFF_IDEMPOTENCY_STORE ?? (config.REDIS_URL !== undefined ? 'redis' : 'memory'),
+      ttlSeconds: config.BFF_IDEMPOTENCY_TTL_SECONDS,
+      maxKeys: config.BFF_IDEMPOTENCY_MAX_KEYS,
+      waitMs: config.BFF_IDEMPOTENCY_WAIT_MS
     })
   }
   await app.register(kernel, {
