@@ -1,5 +1,6 @@
 // Shared by the idempotency tests: a test Kernel whose item creation counts its calls and can be
-// held open, and a gateway on a manifest with mutations for it, on either store.
+// held open, and a gateway on a manifest with mutations for it, on either store. Records live
+// 2 minutes (not 24 h): the tests share the machine's Redis.
 import { randomUUID } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
 import { buildTestApp, startTestKernel, testManifest, json, bearer, type TestKernel } from '../../helper.js'
@@ -50,7 +51,7 @@ export async function idemSetup (t: Teardown, store: StoreKind, env: Record<stri
     },
     'PATCH /v1/items/x': (req, res) => json(res, 200, { id: 'x', name: (JSON.parse(req.body) as { name: string }).name })
   })
-  const app = await buildTestApp(t, { BFF_IDEMPOTENCY_STORE: store, ...(store === 'redis' ? { REDIS_URL } : {}), ...env }, { manifest: idempotencyManifest(kernelSettings), kernelUrl: kernel.url })
+  const app = await buildTestApp(t, { BFF_IDEMPOTENCY_STORE: store, BFF_IDEMPOTENCY_TTL_SECONDS: 120, ...(store === 'redis' ? { REDIS_URL } : {}), ...env }, { manifest: idempotencyManifest(kernelSettings), kernelUrl: kernel.url })
   const tenant = 'idem-' + randomUUID()
   const headers = (key?: string, who = tenant): Record<string, string> => ({ ...bearer({ tenant: who }), ...(key === undefined ? {} : { 'idempotency-key': key }) })
   return {
