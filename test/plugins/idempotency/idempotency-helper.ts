@@ -17,7 +17,8 @@ export function idempotencyManifest (kernel: Record<string, unknown> = {}) {
   return testManifest({
     createItem: { type: 'mutation', rest: 'POST /items', kernel: 'POST /v1/items', input: { type: 'object', required: ['name'], properties: { name: { type: 'string' }, tags: { type: 'array', items: { type: 'string' } }, size: { type: 'integer' } } }, output: item, timeoutMs: 10000 },
     renameItem: { type: 'mutation', rest: 'PATCH /items/:id', kernel: 'PATCH /v1/items/{id}', input: { type: 'object', required: ['id', 'name'], properties: { id: { type: 'string' }, name: { type: 'string' } } }, output: item },
-    quickItem: { type: 'mutation', rest: 'POST /quick', kernel: 'POST /v1/quick', input: { type: 'object', properties: { name: { type: 'string' } } }, output: item, timeoutMs: 300 },
+    safeItem: { type: 'mutation', rest: 'POST /safe', kernel: 'POST /v1/safe', input: { type: 'object', properties: { name: { type: 'string' } } }, output: item, timeoutMs: 10000 },
+    quickItem: { type: 'mutation', rest: 'POST /quick', kernel: 'POST /v1/quick', input: { type: 'object', properties: { name: { type: 'string' } } }, output: item, timeoutMs: 1000 },
     getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: item }
   }, { retries: 0, ...kernel })
 }

@@ -95,9 +95,9 @@ for (const store of STORES) {
     t.test('a Kernel 5xx releases the key: the repeat runs again, and its success is then stored', async t => {
       const s = await idemSetup(t, store)
       let fail = true
-      s.kernel.on('POST /v1/quick', (_req, res) => { fail ? json(res, 500, { message: 'boom' }) : json(res, 201, { id: 'q1' }) })
+      s.kernel.on('POST /v1/safe', (_req, res) => { fail ? json(res, 500, { message: 'boom' }) : json(res, 201, { id: 'q1' }) })
       const key = randomUUID()
-      const call = async () => await s.app.inject({ method: 'POST', url: '/api/v1/quick', headers: s.headers(key), payload: { name: 'q' } })
+      const call = async () => await s.app.inject({ method: 'POST', url: '/api/v1/safe', headers: s.headers(key), payload: { name: 'q' } })
       const first = await call()
       t.equal(first.statusCode, 502)
       t.equal(first.json().code, 'KERNEL_ERROR')
@@ -107,14 +107,28 @@ for (const store of STORES) {
       t.notOk(second.headers['idempotent-replayed'])
       const third = await call()
       t.equal(third.headers['idempotent-replayed'], 'true')
-      t.equal(s.calls('POST /v1/quick'), 2)
+      t.equal(s.calls('POST /v1/safe'), 2)
+    })
+
+    t.test('a Kernel answer that breaks the output schema is KERNEL_ERROR and releases the key', async t => {
+      const s = await idemSetup(t, store)
+      let broken = true
+      s.kernel.on('POST /v1/safe', (_req, res) => json(res, 201, broken ? { name: 'no id' } : { id: 'q3' }))
+      const key = randomUUID()
+      const call = async () => await s.app.inject({ method: 'POST', url: '/api/v1/safe', headers: s.headers(key), payload: {} })
+      t.equal((await call()).json().code, 'KERNEL_ERROR')
+      broken = false
+      const second = await call()
+      t.equal(second.statusCode, 201)
+      t.notOk(second.headers['idempotent-replayed'], 'the repeat ran again')
+      t.equal(s.calls('POST /v1/safe'), 2)
     })
 
     t.test('a Kernel timeout releases the key: the repeat runs again carrying the same Idempotency-Key', async t => {
       const s = await idemSetup(t, store)
       let slow = true
       s.kernel.on('POST /v1/quick', async (_req, res) => {
-        if (slow) await new Promise(resolve => setTimeout(resolve, 1500))
+        if (slow) await new Promise(resolve => setTimeout(resolve, 2500))
         json(res, 201, { id: 'q2' })
       })
       const key = randomUUID()
@@ -133,8 +147,8 @@ for (const store of STORES) {
     t.test('a definitive Kernel refusal is stored and replayed; 429 and 404 behave as documented', async t => {
       const s = await idemSetup(t, store)
       let status = 409
-      s.kernel.on('POST /v1/quick', (_req, res) => json(res, status, { message: `refused ${status}` }))
-      const call = async (key: string) => await s.app.inject({ method: 'POST', url: '/api/v1/quick', headers: s.headers(key), payload: { name: 'q' } })
+      s.kernel.on('POST /v1/safe', (_req, res) => json(res, status, { message: `refused ${status}` }))
+      const call = async (key: string) => await s.app.inject({ method: 'POST', url: '/api/v1/safe', headers: s.headers(key), payload: { name: 'q' } })
       const key = randomUUID()
       const first = await call(key)
       t.equal(first.statusCode, 409)
@@ -143,13 +157,13 @@ for (const store of STORES) {
       t.equal(again.statusCode, 409)
       t.match(again.json(), { code: 'KERNEL_REJECTED', detail: 'refused 409' })
       t.equal(again.headers['idempotent-replayed'], 'true', 'a replayed refusal says so')
-      t.equal(s.calls('POST /v1/quick'), 1)
+      t.equal(s.calls('POST /v1/safe'), 1)
 
       status = 404
       const gone = randomUUID()
       t.equal((await call(gone)).json().code, 'NOT_FOUND')
       t.equal((await call(gone)).headers['idempotent-replayed'], 'true', 'NOT_FOUND is final too')
-      t.equal(s.calls('POST /v1/quick'), 2)
+      t.equal(s.calls('POST /v1/safe'), 2)
 
       status = 429
       const busy = randomUUID()
@@ -157,24 +171,24 @@ for (const store of STORES) {
       const retried = await call(busy)
       t.equal(retried.statusCode, 429)
       t.notOk(retried.headers['idempotent-replayed'], 'a Kernel 429 means later: the key is released')
-      t.equal(s.calls('POST /v1/quick'), 4)
+      t.equal(s.calls('POST /v1/safe'), 4)
     })
 
     t.test('with a key the Kernel client retries a failing mutation, and the outcome is stored once', async t => {
       const s = await idemSetup(t, store, {}, { retries: 2 })
       let failures = 2
-      s.kernel.on('POST /v1/quick', (_req, res) => { failures-- > 0 ? json(res, 503, {}) : json(res, 201, { id: 'r1' }) })
+      s.kernel.on('POST /v1/safe', (_req, res) => { failures-- > 0 ? json(res, 503, {}) : json(res, 201, { id: 'r1' }) })
       const key = randomUUID()
-      const call = async (withKey: boolean) => await s.app.inject({ method: 'POST', url: '/api/v1/quick', headers: s.headers(withKey ? key : undefined), payload: {} })
+      const call = async (withKey: boolean) => await s.app.inject({ method: 'POST', url: '/api/v1/safe', headers: s.headers(withKey ? key : undefined), payload: {} })
       const first = await call(true)
       t.equal(first.statusCode, 201, 'two 503s retried')
-      const sent = s.kernel.requests.filter(r => r.url === '/v1/quick')
+      const sent = s.kernel.requests.filter(r => r.url === '/v1/safe')
       t.same(sent.map(r => r.headers['idempotency-key']), [key, key, key], 'every attempt carries the key')
       t.equal((await call(true)).headers['idempotent-replayed'], 'true')
-      t.equal(s.calls('POST /v1/quick'), 3)
+      t.equal(s.calls('POST /v1/safe'), 3)
       failures = 1
       t.equal((await call(false)).statusCode, 502, 'without a key a mutation is never retried')
-      t.equal(s.calls('POST /v1/quick'), 4)
+      t.equal(s.calls('POST /v1/safe'), 4)
     })
 
     t.test('without a key every call runs; queries have no idempotency stage', async t => {

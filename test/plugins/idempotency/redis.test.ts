@@ -111,6 +111,26 @@ t.test('Redis cut through a proxy: no 5xx, keys held in memory, back to Redis af
   t.equal((await s.create({ name: 'before' }, before)).headers['idempotent-replayed'], 'true', 'keys from before the cut still replay')
 })
 
+t.test('Redis cut while the first call runs: the call still answers, its claim lapses with the lease', async t => {
+  const proxy = await startTcpProxy(t, 6379)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const key = randomUUID()
+  const gate = s.hold()
+  const pending = s.create({ name: 'mid' }, key)
+  await until(() => s.calls() === 1, 'the call to reach the Kernel')
+  proxy.cut('reset')
+  await until(() => !s.app.redis.up(), 'the shared connection to notice the cut')
+  gate.open()
+  const answer = await pending
+  t.equal(answer.statusCode, 201, 'the outcome could not be stored, and the client still gets it')
+  const redis = await redisClient(t)
+  const left = JSON.parse((await redis.get(storeKey(s.tenant, 'createItem', key)))!)
+  t.equal(left.state, 'running', 'the claim stays until its lease lapses')
+  const lease = await redis.pttl(storeKey(s.tenant, 'createItem', key))
+  t.ok(lease > 0 && lease <= 15_000, 'the lease is the op timeout plus 5 s')
+  await redis.del(storeKey(s.tenant, 'createItem', key))
+})
+
 t.test('a Redis unreachable at start-up: the gateway starts and keys are held in memory', async t => {
   const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${await closedPort()}` })
   const key = randomUUID()
