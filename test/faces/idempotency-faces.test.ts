@@ -56,7 +56,7 @@ t.test('WebSocket: a call frame\'s idempotencyKey, and one key across faces', as
   const first = await client.request({ id: '1', op: 'createItem', input: { name: 'w' }, idempotencyKey: key })
   t.same(first, { id: '1', result: { id: 'item-1', name: 'w', n: 1 } })
   const again = await client.request({ id: '2', op: 'createItem', input: { name: 'w' }, idempotencyKey: key })
-  t.same(again, { id: '2', result: first.result })
+  t.same(again, { id: '2', result: first.result, replayed: true }, 'a replay says so in the result frame')
   const reused = await client.request({ id: '3', op: 'createItem', input: { name: 'x' }, idempotencyKey: key })
   t.match(reused, { id: '3', error: { code: 'IDEMPOTENCY_KEY_REUSED', status: 422 } })
   t.equal(s.calls(), 1)
