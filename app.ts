@@ -16,6 +16,7 @@ import redis from './plugins/redis/index.js'
 import tracing from './plugins/tracing/index.js'
 import rateLimit from './plugins/rate-limit/index.js'
 import firewall from './plugins/firewall/index.js'
+import idempotency from './plugins/idempotency/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -150,7 +151,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       credentials: false,
       methods: ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'],
       allowedHeaders: ['Authorization', 'Content-Type', 'Idempotency-Key', 'traceparent', 'x-request-id'],
-      exposedHeaders: ['x-request-id', 'Retry-After', 'RateLimit', 'RateLimit-Policy', 'RateLimit-Limit', 'RateLimit-Remaining', 'RateLimit-Reset'],
+      exposedHeaders: ['x-request-id', 'Retry-After', 'RateLimit', 'RateLimit-Policy', 'RateLimit-Limit', 'RateLimit-Remaining', 'RateLimit-Reset', 'Idempotent-Replayed'],
       maxAge: 600,
       strictPreflight: false
     })
@@ -214,6 +215,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     })
   }
   if (config.BFF_AI_FIREWALL_ENABLED) await app.register(firewall, { cacheSize: config.BFF_FIREWALL_CACHE_SIZE })
+  if (config.BFF_IDEMPOTENCY_ENABLED) {
+    await app.register(idempotency, {
+      store: config.BFF_IDEMPOTENCY_STORE ?? (config.REDIS_URL !== undefined ? 'redis' : 'memory'),
+      ttlSeconds: config.BFF_IDEMPOTENCY_TTL_SECONDS,
+      maxKeys: config.BFF_IDEMPOTENCY_MAX_KEYS,
+      waitMs: config.BFF_IDEMPOTENCY_WAIT_MS
+    })
+  }
   await app.register(kernel, {
     url: options.kernelUrl ?? config.KERNEL_URL,
     resilience: config.BFF_CIRCUIT_BREAKER_ENABLED,

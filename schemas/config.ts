@@ -48,6 +48,11 @@ export const ConfigSchema = Type.Object({
   BFF_RATE_LIMIT_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
   BFF_RATE_LIMIT_GLOBAL_MAX: Type.Optional(Type.Integer({ minimum: 1, description: 'requests per window the HTTP guard lets through per tenant (per address without a valid token); unset: no guard' })),
   BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: Type.Integer({ minimum: 1, default: 60000, description: 'the HTTP guard\'s sliding window, ms' }),
+  BFF_IDEMPOTENCY_ENABLED: Flag('idempotency keys for mutations (Idempotency-Key header, WebSocket idempotencyKey)'),
+  BFF_IDEMPOTENCY_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
+  BFF_IDEMPOTENCY_TTL_SECONDS: Type.Integer({ minimum: 1, default: 86400, description: 'seconds a stored outcome answers repeats of its key' }),
+  BFF_IDEMPOTENCY_MAX_KEYS: Type.Integer({ minimum: 1, default: 100000, description: 'most keys the memory idempotency store holds (least recently used first out)' }),
+  BFF_IDEMPOTENCY_WAIT_MS: Type.Optional(Type.Integer({ minimum: 0, maximum: 600000, description: 'longest a repeat waits for the first call with its key before 409 (default: the op timeout)' })),
   BFF_DEMO_KERNEL: Type.Boolean({ default: true, description: 'start the demo Kernel when KERNEL_URL is unset and the demo manifest is used' })
 }, { additionalProperties: true })
 
@@ -93,6 +98,9 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
     } catch (err) {
       throw new ConfigError('Invalid configuration: ' + (err as Error).message)
     }
+  }
+  if (config.BFF_IDEMPOTENCY_STORE === 'redis' && config.REDIS_URL === undefined) {
+    throw new ConfigError('Invalid configuration: BFF_IDEMPOTENCY_STORE="redis" is invalid: expected REDIS_URL to be set (or BFF_IDEMPOTENCY_STORE=memory)')
   }
   if (config.BFF_CORS_ORIGINS !== undefined) {
     const bad = corsOrigins(config.BFF_CORS_ORIGINS).filter(o => o !== '*' && !ORIGIN.test(o))

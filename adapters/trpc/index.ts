@@ -139,6 +139,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         idempotencyKey: idempotencyKeyOf(request)
       })
       reply.type('application/json')
+      if (result.ok && result.headers !== null) reply.headers(result.headers)
       if (result.ok) return await reply.send('{"result":{"data":' + result.json + '}}')
       const shape = errorShape(ProblemError.of(result.problem, result.headers), request.id, path)
       if (result.headers !== null) reply.headers(result.headers)

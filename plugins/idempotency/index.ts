@@ -1,0 +1,208 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { createHash } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Counter, Gauge } from 'prom-client'
+import { StageOrder, canonicalJson, type CallContext, type Next } from '../pipeline/index.js'
+import { MantleError } from '../../errors.js'
+import type { Operation } from '../../manifest.js'
+import { MemoryIdempotencyStore } from './memory-store.js'
+import { RedisIdempotencyStore } from './redis-store.js'
+import { storeKey, type Claim, type DoneRecord, type IdempotencyStore } from './store.js'
+
+export { MemoryIdempotencyStore } from './memory-store.js'
+export { RedisIdempotencyStore, decode } from './redis-store.js'
+export { storeKey, type IdempotencyStore, type IdempotencyRecord, type DoneRecord, type Claim } from './store.js'
+
+// Mantle's own idea, by hand: no library keys a pipeline call by tenant, op and key with a
+// lease, a stored outcome and a memory fallback (the Fastify idempotency plugins wrap whole
+// HTTP routes, and Mantle has five faces that are not all routes).
+
+export interface IdempotencyOptions {
+  store: 'memory' | 'redis'
+  /** How long a stored outcome answers repeats (BFF_IDEMPOTENCY_TTL_SECONDS). */
+  ttlSeconds: number
+  /** Bound of the memory store (BFF_IDEMPOTENCY_MAX_KEYS). */
+  maxKeys: number
+  /** Longest a repeat waits for the first call (BFF_IDEMPOTENCY_WAIT_MS); default the op's timeout. */
+  waitMs?: number | undefined
+  /** A running claim lapses this long after the op's timeout (a crashed holder frees its key). */
+  leaseMarginMs?: number
+  /** Most bytes of answers the memory store holds. */
+  maxBytes?: number
+}
+
+export interface Idempotency {
+  /** The configured store's kind (the memory store also serves while Redis is away). */
+  readonly store: 'memory' | 'redis'
+  /** Keys the memory store holds now. */
+  memoryKeys: () => number
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    idempotency: Idempotency
+  }
+}
+
+const FIRST_POLL_MS = 5
+const MAX_POLL_MS = 200
+const LEASE_MARGIN_MS = 5000
+const MEMORY_MAX_BYTES = 64 * 1024 * 1024
+/** Kernel refusals that say "try later" rather than "no": a repeat must run again. */
+const TRANSIENT_STATUS = new Set([408, 425, 429])
+
+/** The hash of an input that a repeat must match: canonical JSON, so key order does not matter. */
+export function inputHash (input: unknown): string {
+  return createHash('sha256').update(canonicalJson(input)).digest('base64url')
+}
+
+interface OpMetrics { replay: () => void, conflict: () => void, reused: () => void }
+const nothing = (): void => {}
+const noOpMetrics: OpMetrics = { replay: nothing, conflict: nothing, reused: nothing }
+
+async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions): Promise<void> {
+  if (opts.store === 'redis' && !app.hasDecorator('redis')) throw new Error('BFF_IDEMPOTENCY_STORE=redis needs REDIS_URL')
+  const memory = new MemoryIdempotencyStore({ maxKeys: opts.maxKeys, maxBytes: opts.maxBytes ?? MEMORY_MAX_BYTES })
+  const redis = opts.store === 'redis' ? app.redis : null
+  const shared = redis === null ? null : new RedisIdempotencyStore(redis.client)
+  const ttlMs = opts.ttlSeconds * 1000
+  const leaseMargin = opts.leaseMarginMs ?? LEASE_MARGIN_MS
+
+  let metricsFor: (op: string) => OpMetrics = () => noOpMetrics
+  let fellBack: () => void = nothing
+  if (app.hasDecorator('metrics')) {
+    const registers = [app.metrics.registry]
+    const replays = new Counter({ name: 'mantle_idempotency_replays_total', help: 'Repeats answered with the stored outcome of the first call, by operation', labelNames: ['op'] as const, registers })
+    const conflicts = new Counter({ name: 'mantle_idempotency_conflicts_total', help: 'Repeats refused with 409 IDEMPOTENCY_CONFLICT because the first call was still running, by operation', labelNames: ['op'] as const, registers })
+    const reused = new Counter({ name: 'mantle_idempotency_key_reused_total', help: 'Keys refused with 422 IDEMPOTENCY_KEY_REUSED (same key, another input), by operation', labelNames: ['op'] as const, registers })
+    const fallbacks = new Counter({ name: 'mantle_idempotency_store_fallbacks_total', help: 'Claims made in the memory store because Redis was away or failed', registers })
+    new Gauge({ name: 'mantle_idempotency_memory_keys', help: 'Keys the memory idempotency store holds', registers, collect () { memory.purge(); this.set(memory.size) } }) // eslint-disable-line no-new
+    metricsFor = (op) => {
+      const r = replays.labels(op)
+      const c = conflicts.labels(op)
+      const k = reused.labels(op)
+      return { replay: () => r.inc(), conflict: () => c.inc(), reused: () => k.inc() }
+    }
+    fellBack = () => fallbacks.inc()
+  }
+
+  // Redis away: the memory store answers, logged once per outage. Two instances may then each
+  // run a call once; a 5xx for a store failure would be worse for the client than that.
+  let degraded = false
+  const fallBack = (err: unknown): void => {
+    fellBack()
+    if (!degraded) app.log.warn({ err: (err as Error | null)?.message }, 'idempotency: Redis is unavailable, keys are held in memory until it is back')
+    degraded = true
+  }
+  const claimIn = async (key: string, hash: string, leaseMs: number): Promise<[IdempotencyStore, Claim]> => {
+    if (shared !== null) {
+      if (redis!.up()) {
+        try {
+          const claim = await shared.claim(key, hash, leaseMs)
+          if (degraded) app.log.info('idempotency: Redis is back')
+          degraded = false
+          return [shared, claim]
+        } catch (err) {
+          fallBack(err)
+        }
+      } else {
+        fallBack(null)
+      }
+    }
+    return [memory, await memory.claim(key, hash, leaseMs)]
+  }
+  // A store write that fails leaves a running claim to lapse with its lease: never the call's error.
+  const settle = async (write: Promise<void>): Promise<void> => {
+    try {
+      await write
+    } catch (err) {
+      app.log.warn({ err: (err as Error).message }, 'idempotency: could not store the outcome of a call')
+    }
+  }
+
+  app.decorate('idempotency', { store: opts.store, memoryKeys: () => memory.size })
+
+  app.pipeline.addStage({
+    name: 'idempotency',
+    order: StageOrder.idempotency,
+    build (op: Operation) {
+      if (op.type !== 'mutation') return null
+      const entry = app.pipeline.entry(op.name)
+      const metrics = metricsFor(op.name)
+      const leaseMs = op.timeoutMs + leaseMargin
+      const waitMs = opts.waitMs ?? op.timeoutMs
+
+      const run = async (ctx: CallContext, next: Next, store: IdempotencyStore, key: string, token: string, hash: string): Promise<unknown> => {
+        let result: unknown
+        try {
+          result = await next(ctx)
+        } catch (err) {
+          if (err instanceof MantleError && (err.code === 'KERNEL_REJECTED' || err.code === 'NOT_FOUND') && !TRANSIENT_STATUS.has(err.statusCode)) {
+            const error = { code: err.code, status: err.statusCode, detail: err.message }
+            await settle(store.complete(key, token, { state: 'done', hash, status: err.statusCode, body: null, error }, ttlMs))
+          } else {
+            await settle(store.release(key, token))
+          }
+          throw err
+        }
+        let body: string
+        try {
+          body = entry.serialize(result)
+        } catch (err) {
+          await settle(store.release(key, token))
+          throw err
+        }
+        await settle(store.complete(key, token, { state: 'done', hash, status: ctx.status, body, error: null }, ttlMs))
+        return result
+      }
+
+      const once = async (ctx: CallContext, next: Next, idempotencyKey: string): Promise<unknown> => {
+        const key = storeKey(ctx.tenant, op.name, idempotencyKey)
+        const hash = inputHash(ctx.input)
+        const giveUp = performance.now() + waitMs
+        let delay = FIRST_POLL_MS
+        for (;;) {
+          const [store, claim] = await claimIn(key, hash, leaseMs)
+          if (claim.won) return await run(ctx, next, store, key, claim.token, hash)
+          const record = claim.record
+          if (record.hash !== hash) {
+            metrics.reused()
+            throw new MantleError('IDEMPOTENCY_KEY_REUSED', `The Idempotency-Key was already used for ${op.name} with another input`)
+          }
+          if (record.state === 'done') {
+            metrics.replay()
+            return replay(ctx, record)
+          }
+          const remaining = giveUp - performance.now()
+          if (remaining <= 0) {
+            metrics.conflict()
+            throw new MantleError('IDEMPOTENCY_CONFLICT', `The first ${op.name} call with this Idempotency-Key is still running`, { headers: { 'retry-after': '1' } })
+          }
+          // The first call may finish at any moment: poll often at first, then back off.
+          await sleep(Math.min(delay, remaining))
+          delay = Math.min(delay * 2, MAX_POLL_MS)
+        }
+      }
+
+      return (ctx, next) => {
+        const key = ctx.idempotencyKey
+        if (key === undefined) return next(ctx)
+        return once(ctx, next, key)
+      }
+    }
+  })
+}
+
+/** Answers a repeat with the first call's outcome, marked as replayed. */
+function replay (ctx: CallContext, record: DoneRecord): unknown {
+  ctx.replayed = true
+  if (record.error !== null) {
+    throw new MantleError(record.error.code, record.error.detail, { status: record.error.status, headers: { 'idempotent-replayed': 'true' } })
+  }
+  ctx.setHeader('idempotent-replayed', 'true')
+  ctx.status = record.status
+  return record.body === null ? null : JSON.parse(record.body)
+}
+
+export default fp(idempotencyPlugin, { name: 'mantle-idempotency', dependencies: ['mantle-pipeline'], fastify: '5.x' })

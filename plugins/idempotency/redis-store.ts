@@ -1,0 +1,81 @@
+import { randomUUID } from 'node:crypto'
+import type { Redis } from 'ioredis'
+import type { Claim, DoneRecord, IdempotencyRecord, IdempotencyStore } from './store.js'
+
+// Each step is one Lua script: one round trip, atomic for its key. The running record is its
+// holder's token: complete and release act only while the key still holds that exact value,
+// so a holder whose lease lapsed never overwrites or frees a newer claim.
+const CLAIM = `
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false`
+const COMPLETE = `
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0`
+const RELEASE = `
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0`
+
+interface Scripts {
+  mantleIdemClaim: (key: string, running: string, leaseMs: number) => Promise<string | null>
+  mantleIdemComplete: (key: string, running: string, done: string, ttlMs: number) => Promise<number>
+  mantleIdemRelease: (key: string, running: string) => Promise<number>
+}
+
+/**
+ * Idempotency records shared by every instance on one Redis, as JSON strings under
+ * `bff:idem:{tenant}:{op}:{key}` with a TTL: a running claim lapses after its lease, a result
+ * after the store's TTL. Every method throws when Redis fails; the stage then falls back.
+ */
+export class RedisIdempotencyStore implements IdempotencyStore {
+  readonly kind = 'redis'
+  private readonly scripts: Scripts
+
+  constructor (client: Redis) {
+    // Defined once per connection (ioredis sends EVALSHA, and the script on a cache miss).
+    if (typeof (client as unknown as Partial<Scripts>).mantleIdemClaim !== 'function') {
+      client.defineCommand('mantleIdemClaim', { numberOfKeys: 1, lua: CLAIM })
+      client.defineCommand('mantleIdemComplete', { numberOfKeys: 1, lua: COMPLETE })
+      client.defineCommand('mantleIdemRelease', { numberOfKeys: 1, lua: RELEASE })
+    }
+    this.scripts = client as unknown as Scripts
+  }
+
+  async claim (key: string, hash: string, leaseMs: number): Promise<Claim> {
+    const running = JSON.stringify({ state: 'running', hash, token: randomUUID() })
+    const found = await this.scripts.mantleIdemClaim(key, running, leaseMs)
+    if (found === null) return { won: true, token: running }
+    return { won: false, record: decode(found) }
+  }
+
+  async complete (key: string, token: string, record: DoneRecord, ttlMs: number): Promise<void> {
+    await this.scripts.mantleIdemComplete(key, token, JSON.stringify(record), ttlMs)
+  }
+
+  async release (key: string, token: string): Promise<void> {
+    await this.scripts.mantleIdemRelease(key, token)
+  }
+}
+
+/** A stored record, checked: anything else under our key is a store failure, not a result. */
+export function decode (text: string): IdempotencyRecord {
+  let value: Partial<Record<string, unknown>> | null = null
+  try {
+    value = JSON.parse(text) as Partial<Record<string, unknown>> | null
+  } catch {}
+  if (value !== null && typeof value === 'object' && typeof value.hash === 'string') {
+    if (value.state === 'running' && typeof value.token === 'string') return value as unknown as IdempotencyRecord
+    if (value.state === 'done' && typeof value.status === 'number' && (typeof value.body === 'string' || value.body === null)) {
+      const error = value.error as DoneRecord['error'] | undefined
+      if (error === null || (typeof error === 'object' && error !== undefined && (error.code === 'KERNEL_REJECTED' || error.code === 'NOT_FOUND'))) {
+        return value as unknown as IdempotencyRecord
+      }
+    }
+  }
+  throw new Error('unreadable idempotency record')
+}

@@ -1,0 +1,48 @@
+// What an idempotency store keeps per (tenant, op, key), and the interface both stores share.
+
+/** A call with this key is running: `token` names the holder, `hash` the input it runs with. */
+export interface RunningRecord { readonly state: 'running', readonly hash: string, readonly token: string }
+
+/**
+ * The final outcome of the first call with a key, as the client saw it: a 2xx with its status and
+ * the answer shaped by the op's output schema (JSON), or a definitive Kernel refusal.
+ */
+export interface DoneRecord {
+  readonly state: 'done'
+  readonly hash: string
+  readonly status: number
+  /** The answer's JSON (2xx), or null for a refusal. */
+  readonly body: string | null
+  /** A definitive Kernel refusal (KERNEL_REJECTED, NOT_FOUND): code, status and detail. */
+  readonly error: { code: 'KERNEL_REJECTED' | 'NOT_FOUND', status: number, detail: string } | null
+}
+
+export type IdempotencyRecord = RunningRecord | DoneRecord
+
+/** A claim either wins the key (the caller runs the call) or finds what is there. */
+export type Claim = { readonly won: true, readonly token: string } | { readonly won: false, readonly record: IdempotencyRecord }
+
+/**
+ * One store of idempotency records. Every method is atomic for its key. A store never runs a
+ * call and never decides what is final: the stage does.
+ */
+export interface IdempotencyStore {
+  readonly kind: 'memory' | 'redis'
+  /**
+   * Claims `key` for a call whose input hashes to `hash`, leased for `leaseMs` (after which a
+   * crashed holder's claim lapses and another call may claim it), or returns the record there.
+   */
+  claim: (key: string, hash: string, leaseMs: number) => Promise<Claim>
+  /** Stores the outcome for `ttlMs`, unless another call holds the key now. */
+  complete: (key: string, token: string, record: DoneRecord, ttlMs: number) => Promise<void>
+  /** Frees the key, if `token` still holds it, so that a retry runs again. */
+  release: (key: string, token: string) => Promise<void>
+}
+
+/**
+ * `bff:idem:{tenant}:{op}:{key}`. Op names cannot hold a colon (the manifest's name pattern) and
+ * the tenant is URI-encoded, so no tenant's key can spell another tenant's.
+ */
+export function storeKey (tenant: string, op: string, key: string): string {
+  return 'bff:idem:' + encodeURIComponent(tenant) + ':' + op + ':' + key
+}

@@ -1,0 +1,82 @@
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { idemSetup } from '../plugins/idempotency/idempotency-helper.js'
+import { connect } from '../adapters/websocket-helper.js'
+
+// One key, one call, whichever face carries it: on the shared Redis store.
+
+t.test('tRPC: the header keys a single call (with Idempotent-Replayed) and each call of a batch', async t => {
+  const s = await idemSetup(t, 'redis')
+  const key = randomUUID()
+  const call = async (k: string) => await s.app.inject({ method: 'POST', url: '/trpc/createItem', headers: { ...s.headers(k), 'content-type': 'application/json' }, payload: { name: 't' } })
+  const first = await call(key)
+  t.equal(first.statusCode, 200)
+  t.same(first.json(), { result: { data: { id: 'item-1', name: 't', n: 1 } } })
+  const again = await call(key)
+  t.equal(again.body, first.body)
+  t.equal(again.headers['idempotent-replayed'], 'true')
+  const reused = await s.app.inject({ method: 'POST', url: '/trpc/createItem', headers: { ...s.headers(key), 'content-type': 'application/json' }, payload: { name: 'other' } })
+  t.equal(reused.statusCode, 422)
+  t.match(reused.json(), { error: { data: { code: 'IDEMPOTENCY_KEY_REUSED', httpStatus: 422 } } })
+  t.equal(s.calls(), 1)
+
+  const batchKey = randomUUID()
+  const batch = async () => await s.app.inject({ method: 'POST', url: '/trpc/createItem,createItem?batch=1', headers: { ...s.headers(batchKey), 'content-type': 'application/json' }, payload: { 0: { name: 'b0' }, 1: { name: 'b1' } } })
+  const b1 = await batch()
+  t.equal(b1.statusCode, 200)
+  t.equal(s.calls(), 3, 'two calls of a batch are two keys')
+  const b2 = await batch()
+  t.equal(b2.body, b1.body, 'the batch replays call by call')
+  t.equal(s.calls(), 3)
+  t.same(s.kernel.requests.slice(1).map(r => r.headers['idempotency-key']).sort(), [`${batchKey}.0`, `${batchKey}.1`])
+})
+
+t.test('GraphQL: the header keys each mutation field of a document', async t => {
+  const s = await idemSetup(t, 'redis')
+  const key = randomUUID()
+  const gql = async (query: string) => await s.app.inject({ method: 'POST', url: '/graphql', headers: s.headers(key), payload: { query } })
+  const doc = 'mutation { one: createItem(name: "g1") { id n } two: createItem(name: "g2") { id n } }'
+  const first = await gql(doc)
+  t.equal(first.statusCode, 200)
+  t.same(first.json(), { data: { one: { id: 'item-1', n: 1 }, two: { id: 'item-2', n: 2 } } })
+  const again = await gql(doc)
+  t.equal(again.body, first.body, 'the same document replays')
+  t.equal(s.calls(), 2)
+  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']), [`${key}.one`, `${key}.two`])
+  const reused = await gql('mutation { one: createItem(name: "changed") { id } }')
+  t.match(reused.json(), { data: { one: null }, errors: [{ extensions: { code: 'IDEMPOTENCY_KEY_REUSED', status: 422 } }] })
+})
+
+t.test('WebSocket: a call frame\'s idempotencyKey, and one key across faces', async t => {
+  const s = await idemSetup(t, 'redis')
+  await s.app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = s.app.server.address() as { port: number }
+  const client = await connect(t, `ws://127.0.0.1:${port}/ws`, { tenant: s.tenant })
+  const key = randomUUID()
+  const first = await client.request({ id: '1', op: 'createItem', input: { name: 'w' }, idempotencyKey: key })
+  t.same(first, { id: '1', result: { id: 'item-1', name: 'w', n: 1 } })
+  const again = await client.request({ id: '2', op: 'createItem', input: { name: 'w' }, idempotencyKey: key })
+  t.same(again, { id: '2', result: first.result, replayed: true }, 'a replay says so in the result frame')
+  const reused = await client.request({ id: '3', op: 'createItem', input: { name: 'x' }, idempotencyKey: key })
+  t.match(reused, { id: '3', error: { code: 'IDEMPOTENCY_KEY_REUSED', status: 422 } })
+  t.equal(s.calls(), 1)
+
+  // The same tenant, op, key and input through REST: the call the WebSocket made.
+  const rest = await s.create({ name: 'w' }, key)
+  t.equal(rest.statusCode, 201)
+  t.same(rest.json(), first.result)
+  t.equal(rest.headers['idempotent-replayed'], 'true')
+  t.equal(s.calls(), 1)
+})
+
+t.test('REST batch: each call\'s key is the header\'s plus its id', async t => {
+  const s = await idemSetup(t, 'redis')
+  const key = randomUUID()
+  const batch = async () => await s.app.inject({ method: 'POST', url: '/api/v1/batch', headers: s.headers(key), payload: { calls: [{ id: 'a', op: 'createItem', input: { name: 'ba' } }, { id: 'b', op: 'createItem', input: { name: 'bb' } }] } })
+  const first = await batch()
+  t.equal(first.statusCode, 200)
+  const again = await batch()
+  t.same(again.json(), first.json())
+  t.equal(s.calls(), 2)
+  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']).sort(), [`${key}.a`, `${key}.b`])
+})

@@ -1,0 +1,140 @@
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { closedPort, until } from '../../helper.js'
+import { startTcpProxy } from '../../proxy.js'
+import { inputHash, storeKey } from '../../../plugins/idempotency/index.js'
+import { idemSetup, REDIS_URL } from './idempotency-helper.js'
+
+async function redisClient (t: { teardown: (fn: () => unknown) => void }): Promise<Redis> {
+  const client = new Redis(REDIS_URL, { lazyConnect: true })
+  await client.connect()
+  t.teardown(() => client.quit())
+  return client
+}
+
+const metric = async (app: { inject: (o: { method: 'GET', url: string }) => Promise<{ body: string }> }, name: string): Promise<number> => {
+  const m = new RegExp(`^${name} (\\d+)$`, 'm').exec((await app.inject({ method: 'GET', url: '/metrics' })).body)
+  return m === null ? NaN : Number(m[1])
+}
+
+t.test('two instances sharing Redis: a repeat on the other instance replays, concurrent repeats across both make one call', async t => {
+  const one = await idemSetup(t, 'redis')
+  const two = await idemSetup(t, 'redis', {}, {}, one.kernel)
+  const tenant = one.tenant
+  const key = randomUUID()
+  const first = await one.create({ name: 'shared' }, key, tenant)
+  const repeat = await two.create({ name: 'shared' }, key, tenant)
+  t.equal(repeat.statusCode, 201)
+  t.equal(repeat.body, first.body)
+  t.equal(repeat.headers['idempotent-replayed'], 'true')
+  t.equal(one.calls(), 1)
+
+  const burstKey = randomUUID()
+  const gate = one.hold()
+  const pending = Array.from({ length: 10 }, async (_, i) => await (i % 2 === 0 ? one : two).create({ name: 'burst' }, burstKey, tenant))
+  await until(() => one.calls() === 2, 'the first burst call to reach the Kernel')
+  await new Promise(resolve => setTimeout(resolve, 50))
+  gate.open()
+  const answers = await Promise.all(pending)
+  t.same(answers.map(a => a.statusCode), Array(10).fill(201))
+  t.equal(new Set(answers.map(a => a.body)).size, 1)
+  t.equal(one.calls(), 2, 'one Kernel call for ten calls on two instances')
+})
+
+t.test('Redis is the default store when REDIS_URL is set, and keys are where the README says', async t => {
+  const s = await idemSetup(t, 'redis', { BFF_IDEMPOTENCY_STORE: undefined })
+  t.equal(s.app.idempotency.store, 'redis')
+  const key = randomUUID()
+  await s.create({ name: 'where' }, key)
+  const redis = await redisClient(t)
+  const stored = JSON.parse((await redis.get(storeKey(s.tenant, 'createItem', key)))!)
+  t.same(stored, { state: 'done', hash: inputHash({ name: 'where' }), status: 201, body: '{"id":"item-1","name":"where","n":1}', error: null }, 'the shaped answer, never undeclared fields')
+  const ttl = await redis.pttl(storeKey(s.tenant, 'createItem', key))
+  t.ok(ttl > 0 && ttl <= 120_000, 'kept for the TTL')
+})
+
+t.test('a key held by a crashed instance frees itself when its lease lapses', async t => {
+  const s = await idemSetup(t, 'redis', { BFF_IDEMPOTENCY_WAIT_MS: 0 })
+  const key = randomUUID()
+  const redis = await redisClient(t)
+  // What an instance that died mid-call leaves behind: a running claim with a short lease.
+  await redis.set(storeKey(s.tenant, 'createItem', key), JSON.stringify({ state: 'running', hash: inputHash({ name: 'orphan' }), token: 'dead' }), 'PX', 300)
+  const blocked = await s.create({ name: 'orphan' }, key)
+  t.equal(blocked.statusCode, 409, 'while the lease runs')
+  t.equal(s.calls(), 0)
+  let answer = blocked
+  const end = Date.now() + 5000
+  while (answer.statusCode === 409 && Date.now() < end) {
+    await new Promise(resolve => setTimeout(resolve, 50))
+    answer = await s.create({ name: 'orphan' }, key)
+  }
+  t.equal(answer.statusCode, 201, 'claimed again after the lease')
+  t.equal(s.calls(), 1)
+})
+
+t.test('a record Redis holds that is not ours falls back to memory, without a 5xx', async t => {
+  const s = await idemSetup(t, 'redis')
+  const key = randomUUID()
+  const redis = await redisClient(t)
+  await redis.set(storeKey(s.tenant, 'createItem', key), 'garbage', 'PX', 60_000)
+  const first = await s.create({ name: 'x' }, key)
+  t.equal(first.statusCode, 201)
+  t.equal(await metric(s.app, 'mantle_idempotency_store_fallbacks_total'), 1)
+  t.equal((await s.create({ name: 'x' }, key)).headers['idempotent-replayed'], 'true', 'the memory store keeps the key')
+  t.equal(s.calls(), 1)
+})
+
+t.test('Redis cut through a proxy: no 5xx, keys held in memory, back to Redis after the cut', async t => {
+  const proxy = await startTcpProxy(t, 6379)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const redis = await redisClient(t)
+  const before = randomUUID()
+  t.equal((await s.create({ name: 'before' }, before)).statusCode, 201)
+  t.ok(await redis.exists(storeKey(s.tenant, 'createItem', before)), 'claimed in Redis')
+
+  for (const mode of ['reset', 'stall'] as const) {
+    proxy.cut(mode)
+    await until(() => !s.app.redis.up(), 'the shared connection to notice the cut')
+    const key = randomUUID()
+    const answers = await Promise.all(Array.from({ length: 5 }, async () => await s.create({ name: mode }, key)))
+    t.same(answers.map(a => a.statusCode), Array(5).fill(201), `no 5xx while Redis is cut (${mode})`)
+    t.equal(answers.filter(a => a.headers['idempotent-replayed'] === 'true').length, 4, 'still once per key, from memory')
+    t.notOk(await redis.exists(storeKey(s.tenant, 'createItem', key)), 'nothing reached Redis')
+    proxy.restore()
+    await until(() => s.app.redis.up(), 'Redis to be back', 10_000)
+  }
+  t.ok(await metric(s.app, 'mantle_idempotency_store_fallbacks_total') >= 10)
+  const after = randomUUID()
+  t.equal((await s.create({ name: 'after' }, after)).statusCode, 201)
+  t.ok(await redis.exists(storeKey(s.tenant, 'createItem', after)), 'back to Redis')
+  t.equal((await s.create({ name: 'before' }, before)).headers['idempotent-replayed'], 'true', 'keys from before the cut still replay')
+})
+
+t.test('Redis cut while the first call runs: the call still answers, its claim lapses with the lease', async t => {
+  const proxy = await startTcpProxy(t, 6379)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const key = randomUUID()
+  const gate = s.hold()
+  const pending = s.create({ name: 'mid' }, key)
+  await until(() => s.calls() === 1, 'the call to reach the Kernel')
+  proxy.cut('reset')
+  await until(() => !s.app.redis.up(), 'the shared connection to notice the cut')
+  gate.open()
+  const answer = await pending
+  t.equal(answer.statusCode, 201, 'the outcome could not be stored, and the client still gets it')
+  const redis = await redisClient(t)
+  const left = JSON.parse((await redis.get(storeKey(s.tenant, 'createItem', key)))!)
+  t.equal(left.state, 'running', 'the claim stays until its lease lapses')
+  const lease = await redis.pttl(storeKey(s.tenant, 'createItem', key))
+  t.ok(lease > 0 && lease <= 15_000, 'the lease is the op timeout plus 5 s')
+  await redis.del(storeKey(s.tenant, 'createItem', key))
+})
+
+t.test('a Redis unreachable at start-up: the gateway starts and keys are held in memory', async t => {
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${await closedPort()}` })
+  const key = randomUUID()
+  t.equal((await s.create({ name: 'x' }, key)).statusCode, 201)
+  t.equal((await s.create({ name: 'x' }, key)).headers['idempotent-replayed'], 'true')
+  t.equal(s.calls(), 1)
+})

@@ -1,0 +1,119 @@
+import t, { type Test } from 'tap'
+import { randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { MemoryIdempotencyStore, RedisIdempotencyStore, decode, storeKey, inputHash, type IdempotencyStore, type DoneRecord } from '../../../plugins/idempotency/index.js'
+import { testConfig } from '../../helper.js'
+import { REDIS_URL, STORES } from './idempotency-helper.js'
+
+const done = (hash: string, body = '{"id":"1"}'): DoneRecord => ({ state: 'done', hash, status: 201, body, error: null })
+
+async function makeStore (t: Test, kind: typeof STORES[number]): Promise<IdempotencyStore> {
+  if (kind === 'memory') return new MemoryIdempotencyStore({ maxKeys: 100, maxBytes: 1 << 20 })
+  const client = new Redis(REDIS_URL, { lazyConnect: true })
+  await client.connect()
+  t.teardown(() => client.quit())
+  return new RedisIdempotencyStore(client)
+}
+
+for (const kind of STORES) {
+  t.test(`${kind} store: claim, complete, release and the lease`, async t => {
+    const store = await makeStore(t, kind)
+    const key = storeKey('tenant-' + randomUUID(), 'createItem', randomUUID())
+    const first = await store.claim(key, 'h1', 60_000)
+    t.ok(first.won, 'the first claim wins')
+    const second = await store.claim(key, 'h1', 60_000)
+    t.match(second, { won: false, record: { state: 'running', hash: 'h1' } }, 'a repeat sees the running call')
+    if (!first.won) throw new Error('unreachable')
+    await store.release(key, 'not-the-holder')
+    t.match(await store.claim(key, 'h1', 60_000), { won: false }, 'only the holder releases')
+    await store.complete(key, 'not-the-holder', done('h1'), 60_000)
+    t.match(await store.claim(key, 'h1', 60_000), { won: false, record: { state: 'running' } }, 'only the holder completes')
+    await store.complete(key, first.token, done('h1'), 60_000)
+    t.match(await store.claim(key, 'h1', 60_000), { won: false, record: done('h1') }, 'the outcome is stored')
+    await store.release(key, first.token)
+    t.match(await store.claim(key, 'h1', 60_000), { won: false, record: { state: 'done' } }, 'a done record is not released')
+
+    const other = storeKey('tenant-' + randomUUID(), 'createItem', 'k')
+    const held = await store.claim(other, 'h2', 60_000)
+    if (!held.won) throw new Error('unreachable')
+    await store.release(other, held.token)
+    t.ok((await store.claim(other, 'h2', 60_000)).won, 'a released key is claimed again')
+
+    // A holder that crashed: its lease lapses and another call may claim the key.
+    const crashed = storeKey('tenant-' + randomUUID(), 'createItem', 'k')
+    const lost = await store.claim(crashed, 'h3', 50)
+    t.ok(lost.won)
+    let reclaimed = await store.claim(crashed, 'h3', 60_000)
+    const end = Date.now() + 5000
+    while (!reclaimed.won && Date.now() < end) {
+      await new Promise(resolve => setTimeout(resolve, 20))
+      reclaimed = await store.claim(crashed, 'h3', 60_000)
+    }
+    t.ok(reclaimed.won, 'the lapsed lease is reclaimed')
+    if (!lost.won || !reclaimed.won) throw new Error('unreachable')
+    await store.complete(crashed, lost.token, done('h3', '"late"'), 60_000)
+    t.match(await store.claim(crashed, 'h3', 60_000), { won: false, record: { state: 'running' } }, 'the late holder does not overwrite the new claim')
+    await store.complete(crashed, reclaimed.token, done('h3'), 60_000)
+
+    // A holder whose lease lapsed with nobody else claiming still stores its outcome.
+    const lapsed = storeKey('tenant-' + randomUUID(), 'createItem', 'k')
+    const slow = await store.claim(lapsed, 'h4', 30)
+    if (!slow.won) throw new Error('unreachable')
+    await new Promise(resolve => setTimeout(resolve, 100))
+    await store.complete(lapsed, slow.token, done('h4'), 60_000)
+    t.match(await store.claim(lapsed, 'h4', 60_000), { won: false, record: { state: 'done' } })
+  })
+}
+
+t.test('the memory store is bounded by keys and bytes', async t => {
+  const store = new MemoryIdempotencyStore({ maxKeys: 2, maxBytes: 4096 })
+  for (const k of ['a', 'b', 'c']) t.ok((await store.claim(k, 'h', 60_000)).won)
+  t.equal(store.size, 2, 'the least recently used key went')
+  t.ok((await store.claim('a', 'h', 60_000)).won, 'the evicted key is claimed again')
+  const big = await store.claim('big', 'h', 60_000)
+  if (!big.won) throw new Error('unreachable')
+  await store.complete('big', big.token, done('h', 'x'.repeat(10_000)), 60_000)
+  t.ok((await store.claim('big', 'h', 60_000)).won, 'an answer over the byte bound is not kept')
+  const small = new MemoryIdempotencyStore({ maxKeys: 10, maxBytes: 4096 })
+  await small.claim('gone', 'h', 20)
+  await new Promise(resolve => setTimeout(resolve, 60))
+  small.purge()
+  t.equal(small.size, 0, 'purge drops lapsed claims')
+})
+
+t.test('store keys: the tenant is encoded, so no tenant spells another tenant\'s key', async t => {
+  t.equal(storeKey('acme', 'createItem', 'k1'), 'bff:idem:acme:createItem:k1')
+  t.not(storeKey('a:createItem', 'x', 'k'), storeKey('a', 'createItem', 'x:k'))
+  t.equal(storeKey('a:b', 'op', 'k'), 'bff:idem:a%3Ab:op:k')
+})
+
+t.test('the input hash is canonical', async t => {
+  t.equal(inputHash({ a: 1, b: [1, { c: 2, d: 3 }] }), inputHash({ b: [1, { d: 3, c: 2 }], a: 1 }))
+  t.not(inputHash({ a: 1 }), inputHash({ a: '1' }))
+})
+
+t.test('decode accepts the records the stores write and refuses anything else', async t => {
+  const running = { state: 'running', hash: 'h', token: 't' }
+  t.same(decode(JSON.stringify(running)), running)
+  t.same(decode(JSON.stringify(done('h'))), done('h'))
+  const refused = { state: 'done', hash: 'h', status: 404, body: null, error: { code: 'NOT_FOUND', status: 404, detail: 'gone' } }
+  t.same(decode(JSON.stringify(refused)), refused)
+  for (const bad of ['not json', 'null', '{}', '{"state":"running","hash":"h"}', '{"state":"done","hash":"h","status":"201","body":null,"error":null}',
+    '{"state":"done","hash":"h","status":201,"body":1,"error":null}', '{"state":"done","hash":"h","status":400,"body":null,"error":{"code":"INTERNAL"}}',
+    '{"state":"other","hash":"h"}']) {
+    t.throws(() => decode(bad), /unreadable idempotency record/, bad)
+  }
+})
+
+t.test('configuration', async t => {
+  t.throws(() => testConfig({ BFF_IDEMPOTENCY_STORE: 'redis' }), /BFF_IDEMPOTENCY_STORE="redis" is invalid: expected REDIS_URL/)
+  t.throws(() => testConfig({ BFF_IDEMPOTENCY_STORE: 'disk' }), /BFF_IDEMPOTENCY_STORE="disk" is invalid: expected memory \| redis/)
+  t.throws(() => testConfig({ BFF_IDEMPOTENCY_TTL_SECONDS: 0 }), /BFF_IDEMPOTENCY_TTL_SECONDS="0" is invalid: expected an integer \(1 or more\)/)
+  t.throws(() => testConfig({ BFF_IDEMPOTENCY_MAX_KEYS: 'many' }), /BFF_IDEMPOTENCY_MAX_KEYS/)
+  t.throws(() => testConfig({ BFF_IDEMPOTENCY_WAIT_MS: -1 }), /BFF_IDEMPOTENCY_WAIT_MS/)
+  const config = testConfig()
+  t.equal(config.BFF_IDEMPOTENCY_ENABLED, true)
+  t.equal(config.BFF_IDEMPOTENCY_TTL_SECONDS, 86400)
+  t.equal(config.BFF_IDEMPOTENCY_STORE, undefined, 'chosen by REDIS_URL at start-up')
+  t.equal(testConfig({ BFF_IDEMPOTENCY_STORE: 'memory', REDIS_URL }).BFF_IDEMPOTENCY_STORE, 'memory')
+})
