@@ -11,6 +11,7 @@ import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
 import kernel from './plugins/kernel/index.js'
 import events from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
+import cache from './plugins/cache/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -43,6 +44,8 @@ export interface BuildOptions {
   logStream?: { write: (line: string) => void }
   /** Kernel retry backoff (tests shorten it). */
   kernelBackoff?: { baseMs: number, capMs: number }
+  /** The response cache's clock, epoch ms (tests move it). */
+  cacheClock?: () => number
   /** JWKS timings (tests shorten them). */
   identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number }
 }
@@ -167,6 +170,11 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     resetTimeoutMs: config.BFF_CIRCUIT_BREAKER_TIMEOUT,
     ...(options.kernelBackoff === undefined ? {} : { backoff: options.kernelBackoff })
   })
+  if (config.BFF_CACHE_ENABLED) {
+    // Redis when it is configured, unless BFF_CACHE_STORE says memory (config refuses redis without REDIS_URL).
+    const store = config.BFF_CACHE_STORE ?? (config.REDIS_URL === undefined ? 'memory' : 'redis')
+    await app.register(cache, { store, defaultTtlSeconds: config.BFF_CACHE_TTL, maxSize: config.BFF_CACHE_MAX_SIZE, now: options.cacheClock })
+  }
   await app.register(events, { redisUrl: config.REDIS_URL, internalToken: config.BFF_INTERNAL_TOKEN, checkRoles: config.BFF_AUTH_ENABLED })
   if (config.BFF_OPENAPI_ENABLED) await app.register(openapi, { version: VERSION, secured: config.BFF_AUTH_ENABLED })
   await app.register(rest, { prefix: '/api/v1', secured: config.BFF_AUTH_ENABLED })

@@ -37,6 +37,10 @@ export const ConfigSchema = Type.Object({
   BFF_JWT_AUDIENCE: Type.Optional(Type.String({ minLength: 1, description: 'required `aud` of tokens' })),
   BFF_CORS_ORIGINS: Type.Optional(Type.String({ minLength: 1, description: 'comma-separated allowed CORS origins (https://app.example.com, or *); unset: no CORS headers' })),
   BFF_BODY_LIMIT: Type.Integer({ minimum: 1, default: 1048576, description: 'largest request body in bytes (beyond it 413)' }),
+  BFF_CACHE_ENABLED: Flag('the response cache of query operations that declare `cache`'),
+  BFF_CACHE_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
+  BFF_CACHE_TTL: Type.Integer({ minimum: 1, maximum: 86400, default: 60, description: 'seconds an answer stays fresh when the operation\'s cache sets no ttlSeconds' }),
+  BFF_CACHE_MAX_SIZE: Type.Integer({ minimum: 1, maximum: 10000000, default: 10000, description: 'most entries of the in-process cache tier (LRU)' }),
   BFF_DEMO_KERNEL: Type.Boolean({ default: true, description: 'start the demo Kernel when KERNEL_URL is unset and the demo manifest is used' })
 }, { additionalProperties: true })
 
@@ -89,6 +93,9 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
       throw new ConfigError(`Invalid configuration: BFF_CORS_ORIGINS=${JSON.stringify(config.BFF_CORS_ORIGINS)} is invalid: expected a comma-separated list of * or http(s) origins without a path` +
         (bad.length > 0 ? ` (bad: ${bad.map(b => JSON.stringify(b)).join(', ')})` : ''))
     }
+  }
+  if (config.BFF_CACHE_STORE === 'redis' && config.REDIS_URL === undefined) {
+    throw new ConfigError('Invalid configuration: BFF_CACHE_STORE="redis" needs REDIS_URL')
   }
   return Object.freeze(config)
 }

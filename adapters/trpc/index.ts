@@ -139,7 +139,11 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         idempotencyKey: idempotencyKeyOf(request)
       })
       reply.type('application/json')
-      if (result.ok) return await reply.send('{"result":{"data":' + result.json + '}}')
+      if (result.ok) {
+        // One call, one response: x-cache (and any other stage header) goes on it.
+        if (result.headers !== null && result.headers['x-cache'] !== undefined) reply.header('x-cache', result.headers['x-cache'])
+        return await reply.send('{"result":{"data":' + result.json + '}}')
+      }
       const shape = errorShape(ProblemError.of(result.problem, result.headers), request.id, path)
       if (result.headers !== null) reply.headers(result.headers)
       return await reply.code(shape.data.httpStatus).send(JSON.stringify({ error: shape }))

@@ -176,7 +176,7 @@ export class Connection {
     }).then(outcome => {
       this.inFlight--
       // The answer is already JSON shaped by the op's output schema: it is spliced in as is.
-      if (outcome.ok) this.send('{"id":' + id + ',"result":' + outcome.json + '}')
+      if (outcome.ok) this.send('{"id":' + id + ',"result":' + outcome.json + (outcome.cache === null ? '}' : ',"cache":"' + outcome.cache + '"}'))
       else this.send('{"id":' + id + ',"error":' + JSON.stringify(outcome.problem) + '}')
     }).catch((err: unknown) => {
       // runCall never throws; a failure here is a bug of this face, not of the client.
