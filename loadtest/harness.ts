@@ -308,7 +308,10 @@ function gatewayEnv (on: readonly GatewayFlag[], extra: (ctx: TargetContext) => 
         LOG_LEVEL: 'warn',
         // Measured as deployed; production also insists on a secret of 32 bytes or more.
         NODE_ENV: 'production',
-        BFF_JWT_SECRET: ctx.secret
+        BFF_JWT_SECRET: ctx.secret,
+        // Concerns beyond the spine default to on in the gateway: off here unless a target's
+        // `extra` turns them on, so that each target measures exactly what its name says.
+        BFF_CACHE_ENABLED: 'false'
       }
       for (const flag of GATEWAY_FLAGS) env[flag] = String(on.includes(flag))
       return { ...env, ...extra(ctx) }
@@ -327,6 +330,19 @@ export const GATEWAY_SPINE: TargetDefinition = {
   description: 'Mantle, auth + metrics + OpenAPI + circuit breaker on, every face on',
   process: gatewayEnv(GATEWAY_FLAGS),
   headers: (ctx) => ({ authorization: `Bearer ${ctx.token}` })
+}
+
+/**
+ * gateway-spine plus the response cache on Redis (REDIS_URL, default the local one): getAgent
+ * is a cached query, so after the first request every answer is a hit of the in-process tier.
+ */
+export function gatewayCache (redisUrl: string): TargetDefinition {
+  return {
+    name: 'gateway-cache',
+    description: 'Mantle, as gateway-spine, with the response cache on (store redis)',
+    process: gatewayEnv(GATEWAY_FLAGS, () => ({ BFF_CACHE_ENABLED: 'true', BFF_CACHE_STORE: 'redis', REDIS_URL: redisUrl })),
+    headers: (ctx) => ({ authorization: `Bearer ${ctx.token}` })
+  }
 }
 
 /**
