@@ -60,6 +60,7 @@ export class ResponseCache {
   private readonly metrics: CacheMetrics
   private readonly now: () => number
   private redisHeldUntil = 0
+  private redisFailing = false
   private readonly pending = new Set<string>()
 
   constructor (private readonly opts: ResponseCacheOptions) {
@@ -108,6 +109,7 @@ export class ResponseCache {
       if (redis !== null) {
         try {
           const read = await redis.read(key, tagKeys)
+          this.redisFailing = false
           versions = read.versions
           if (read.answer !== null && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil)) {
             found = read.answer
@@ -277,7 +279,9 @@ export class ResponseCache {
   }
 
   private redisFailed (operation: 'read' | 'write' | 'invalidate', err: unknown): void {
-    if (this.redisHeldUntil === 0) this.opts.log.warn({ err: (err as Error).message, operation }, 'cache: Redis failed, serving from memory')
+    // Logged once per outage (a successful read ends it), counted every time.
+    if (!this.redisFailing) this.opts.log.warn({ err: (err as Error).message, operation }, 'cache: Redis failed, serving from memory')
+    this.redisFailing = true
     this.redisHeldUntil = performance.now() + REDIS_HOLD_MS
     this.metrics.fallback(operation)
   }
