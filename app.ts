@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import { Counter } from 'prom-client'
 import type { SpanExporter } from '@opentelemetry/sdk-trace'
-import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins, rateLimitStore } from './schemas/config.js'
+import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins, rateLimitStore, storeFor } from './schemas/config.js'
 import { ProblemSchema } from './schemas/manifest.js'
 import { loadManifestFile, type Manifest } from './manifest.js'
 import { toProblem, MantleError } from './errors.js'
@@ -17,6 +17,7 @@ import tracing from './plugins/tracing/index.js'
 import rateLimit from './plugins/rate-limit/index.js'
 import firewall from './plugins/firewall/index.js'
 import idempotency from './plugins/idempotency/index.js'
+import cache from './plugins/cache/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -62,6 +63,8 @@ export interface BuildOptions {
   kernelBackoff?: { baseMs: number, capMs: number }
   /** Where spans go instead of OTLP (tests); tracing still needs an endpoint configured. */
   traceExporter?: SpanExporter
+  /** The response cache's clock, epoch ms (tests move it). */
+  cacheClock?: () => number
   /** JWKS timings (tests shorten them). */
   identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number }
   /** Rate-limit internals (tests: the memory store's clock, the Redis retry pause). */
@@ -217,7 +220,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   if (config.BFF_AI_FIREWALL_ENABLED) await app.register(firewall, { cacheSize: config.BFF_FIREWALL_CACHE_SIZE })
   if (config.BFF_IDEMPOTENCY_ENABLED) {
     await app.register(idempotency, {
-      store: config.BFF_IDEMPOTENCY_STORE ?? (config.REDIS_URL !== undefined ? 'redis' : 'memory'),
+      store: storeFor(config, 'BFF_IDEMPOTENCY_STORE'),
       ttlSeconds: config.BFF_IDEMPOTENCY_TTL_SECONDS,
       maxKeys: config.BFF_IDEMPOTENCY_MAX_KEYS,
       waitMs: config.BFF_IDEMPOTENCY_WAIT_MS
@@ -230,6 +233,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     resetTimeoutMs: config.BFF_CIRCUIT_BREAKER_TIMEOUT,
     ...(options.kernelBackoff === undefined ? {} : { backoff: options.kernelBackoff })
   })
+  if (config.BFF_CACHE_ENABLED) {
+    await app.register(cache, { store: storeFor(config, 'BFF_CACHE_STORE'), defaultTtlSeconds: config.BFF_CACHE_TTL, maxSize: config.BFF_CACHE_MAX_SIZE, now: options.cacheClock })
+  }
   await app.register(events, { redisUrl: config.REDIS_URL, internalToken: config.BFF_INTERNAL_TOKEN, checkRoles: config.BFF_AUTH_ENABLED })
   if (config.BFF_OPENAPI_ENABLED) await app.register(openapi, { version: VERSION, secured: config.BFF_AUTH_ENABLED })
   await app.register(rest, { prefix: '/api/v1', secured: config.BFF_AUTH_ENABLED })

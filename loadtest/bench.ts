@@ -1,8 +1,10 @@
-// `npm run bench`, in sections (--section, default all = spine + faces):
+// `npm run bench`, in sections (--section, default all = spine + faces + cache):
 // - spine: REST getAgent against the Kernel alone, a bare Fastify pass-through and the gateway
 //   in two configurations, each in its own process, in interleaved rounds;
 // - faces: getAgent over REST, tRPC, GraphQL and WebSocket against one gateway process with
 //   every face on (bench-faces.ts);
+// - cache: REST getAgent answered from the response cache as a ratio to the pass-through, and
+//   the p99 of the cache's Redis lookup (bench-cache.ts);
 // - ws-scale: N concurrent subscribed WebSocket connections, the gateway's memory and the
 //   fan-out time of events (bench-ws-scale.ts; only when asked for);
 // - rate-limit: the cost of a Redis rate-limit check, alone and through REST (bench-rate-limit.ts;
@@ -24,8 +26,9 @@ import { runFaces, type FacesReport } from './bench-faces.js'
 import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
 import { runRateLimit, type RateLimitReport } from './bench-rate-limit.js'
 import { runFirewall, type FirewallReport } from './bench-firewall.js'
+import { runCache, type CacheReport } from './bench-cache.js'
 
-const SECTIONS = ['spine', 'faces', 'ws-scale', 'rate-limit', 'firewall'] as const
+const SECTIONS = ['spine', 'faces', 'cache', 'ws-scale', 'rate-limit', 'firewall'] as const
 type Section = typeof SECTIONS[number]
 
 interface Options {
@@ -96,7 +99,7 @@ function parseOptions (argv: string[]): Options {
     }
   })
   if (values.help === true) {
-    process.stdout.write(`usage: npm run bench -- [--section ${SECTIONS.join('|')}|all (comma-separated; default all = spine,faces)]\n` +
+    process.stdout.write(`usage: npm run bench -- [--section ${SECTIONS.join('|')}|all (comma-separated; default all = spine,faces,cache)]\n` +
       '         [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
       '         [--connections-scale <n>] [--scale-clients <n>] [--scale-batch <n>] [--scale-events <n>]\n' +
       '         [--rate-limit-checks <n>]\n' +
@@ -123,6 +126,7 @@ function parseOptions (argv: string[]): Options {
     if (name === 'all') {
       sections.add('spine')
       sections.add('faces')
+      sections.add('cache')
     } else if ((SECTIONS as readonly string[]).includes(name)) {
       sections.add(name as Section)
     } else {
@@ -294,7 +298,7 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   // Every target and face is measured once per round plus a warm-up; the token must outlive it all.
   const spineTargets = opts.sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name)).length : 0
   // Extra gateway measurements per round, by section.
-  const PER_SECTION: Partial<Record<Section, number>> = { faces: 4, 'rate-limit': 4, firewall: 2 }
+  const PER_SECTION: Partial<Record<Section, number>> = { faces: 4, cache: 3, 'rate-limit': 4, firewall: 2 }
   const faces = opts.sections.reduce((n, s) => n + (PER_SECTION[s] ?? 0), 0)
   const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5)
   const secret = randomBytes(32).toString('hex')
@@ -322,6 +326,18 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     gatewaySpine ??= (await startTargets([GATEWAY_SPINE], ctx, processes))[0]
     const faces: FacesReport = await runFaces({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, gatewaySpine, reused, machine)
     report.faces = faces
+  }
+  if (opts.sections.includes('cache')) {
+    const cache: CacheReport = await runCache({
+      duration: opts.duration,
+      rounds: opts.rounds,
+      connections: opts.connections,
+      warmupSeconds: WARMUP_SECONDS,
+      pauseMs: PAUSE_MS,
+      redisUrl: process.env.REDIS_URL ?? 'redis://127.0.0.1:6379',
+      lookups: 5000
+    }, ctx, processes, gatewaySpine)
+    report.cache = cache
   }
   if (opts.sections.includes('ws-scale')) {
     const scale: WsScaleReport = await runWsScale({ connections: opts.connectionsScale, clients: opts.scaleClients, batch: opts.scaleBatch, events: opts.scaleEvents }, ctx, processes, machine)

@@ -296,6 +296,8 @@ const SPINE_FLAGS = ['BFF_AUTH_ENABLED', 'BFF_METRICS_ENABLED', 'BFF_OPENAPI_ENA
 /** The faces besides REST (REST is always on). They default to on: the targets set them explicitly. */
 const FACE_FLAGS = ['BFF_TRPC_ENABLED', 'BFF_GRAPHQL_ENABLED', 'BFF_WEBSOCKET_ENABLED'] as const
 export const GATEWAY_FLAGS = [...SPINE_FLAGS, ...FACE_FLAGS] as const
+/** The concerns beyond the spine, off in every target unless it turns one on. */
+export const CONCERN_FLAGS = ['BFF_RATE_LIMIT_ENABLED', 'BFF_AI_FIREWALL_ENABLED', 'BFF_CACHE_ENABLED', 'BFF_IDEMPOTENCY_ENABLED', 'BFF_AUDIT_ENABLED', 'BFF_DIAGZ_ENABLED', 'BFF_COMPRESSION_ENABLED'] as const
 type GatewayFlag = typeof GATEWAY_FLAGS[number]
 
 export function gatewayEnv (on: readonly GatewayFlag[], extra: (ctx: TargetContext) => Record<string, string> = () => ({})): TargetDefinition['process'] {
@@ -309,8 +311,11 @@ export function gatewayEnv (on: readonly GatewayFlag[], extra: (ctx: TargetConte
         LOG_LEVEL: 'warn',
         // Measured as deployed; production also insists on a secret of 32 bytes or more.
         NODE_ENV: 'production',
-        BFF_JWT_SECRET: ctx.secret
+        BFF_JWT_SECRET: ctx.secret,
       }
+      // Concerns beyond the spine default to on in the gateway: off here unless a target's
+      // `extra` turns them on, so that each target measures exactly what its name says.
+      for (const flag of CONCERN_FLAGS) env[flag] = 'false'
       for (const flag of GATEWAY_FLAGS) env[flag] = String(on.includes(flag))
       return { ...env, ...extra(ctx) }
     },
@@ -328,6 +333,19 @@ export const GATEWAY_SPINE: TargetDefinition = {
   description: 'Mantle, auth + metrics + OpenAPI + circuit breaker on, every face on',
   process: gatewayEnv(GATEWAY_FLAGS),
   headers: (ctx) => ({ authorization: `Bearer ${ctx.token}` })
+}
+
+/**
+ * gateway-spine plus the response cache on Redis (REDIS_URL, default the local one): getAgent
+ * is a cached query, so after the first request every answer is a hit of the in-process tier.
+ */
+export function gatewayCache (redisUrl: string): TargetDefinition {
+  return {
+    name: 'gateway-cache',
+    description: 'Mantle, as gateway-spine, with the response cache on (store redis)',
+    process: gatewayEnv(GATEWAY_FLAGS, () => ({ BFF_CACHE_ENABLED: 'true', BFF_CACHE_STORE: 'redis', REDIS_URL: redisUrl })),
+    headers: (ctx) => ({ authorization: `Bearer ${ctx.token}` })
+  }
 }
 
 /**

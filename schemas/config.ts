@@ -53,6 +53,10 @@ export const ConfigSchema = Type.Object({
   BFF_IDEMPOTENCY_TTL_SECONDS: Type.Integer({ minimum: 1, default: 86400, description: 'seconds a stored outcome answers repeats of its key' }),
   BFF_IDEMPOTENCY_MAX_KEYS: Type.Integer({ minimum: 1, default: 100000, description: 'most keys the memory idempotency store holds (least recently used first out)' }),
   BFF_IDEMPOTENCY_WAIT_MS: Type.Optional(Type.Integer({ minimum: 0, maximum: 600000, description: 'longest a repeat waits for the first call with its key before 409 (default: the op timeout)' })),
+  BFF_CACHE_ENABLED: Flag('the response cache of query operations that declare `cache`'),
+  BFF_CACHE_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
+  BFF_CACHE_TTL: Type.Integer({ minimum: 1, maximum: 86400, default: 60, description: 'seconds an answer stays fresh when the operation\'s cache sets no ttlSeconds' }),
+  BFF_CACHE_MAX_SIZE: Type.Integer({ minimum: 1, maximum: 10000000, default: 10000, description: 'most entries of the in-process cache tier (LRU)' }),
   BFF_DEMO_KERNEL: Type.Boolean({ default: true, description: 'start the demo Kernel when KERNEL_URL is unset and the demo manifest is used' })
 }, { additionalProperties: true })
 
@@ -99,9 +103,6 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
       throw new ConfigError('Invalid configuration: ' + (err as Error).message)
     }
   }
-  if (config.BFF_IDEMPOTENCY_STORE === 'redis' && config.REDIS_URL === undefined) {
-    throw new ConfigError('Invalid configuration: BFF_IDEMPOTENCY_STORE="redis" is invalid: expected REDIS_URL to be set (or BFF_IDEMPOTENCY_STORE=memory)')
-  }
   if (config.BFF_CORS_ORIGINS !== undefined) {
     const bad = corsOrigins(config.BFF_CORS_ORIGINS).filter(o => o !== '*' && !ORIGIN.test(o))
     if (bad.length > 0 || corsOrigins(config.BFF_CORS_ORIGINS).length === 0) {
@@ -109,16 +110,22 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
         (bad.length > 0 ? ` (bad: ${bad.map(b => JSON.stringify(b)).join(', ')})` : ''))
     }
   }
-  if (config.BFF_RATE_LIMIT_STORE === 'redis' && config.REDIS_URL === undefined) {
-    throw new ConfigError('Invalid configuration: BFF_RATE_LIMIT_STORE="redis" needs REDIS_URL: set REDIS_URL, or BFF_RATE_LIMIT_STORE=memory')
+  // A store named redis needs the Redis to talk to.
+  for (const name of ['BFF_RATE_LIMIT_STORE', 'BFF_CACHE_STORE', 'BFF_IDEMPOTENCY_STORE'] as const) {
+    if (config[name] === 'redis' && config.REDIS_URL === undefined) {
+      throw new ConfigError(`Invalid configuration: ${name}="redis" needs REDIS_URL: set REDIS_URL, or ${name}=memory`)
+    }
   }
   return Object.freeze(config)
 }
 
-/** Where rate limits are counted: BFF_RATE_LIMIT_STORE, else Redis when REDIS_URL is set. */
-export function rateLimitStore (config: Config): 'memory' | 'redis' {
-  return config.BFF_RATE_LIMIT_STORE ?? (config.REDIS_URL === undefined ? 'memory' : 'redis')
+/** Where a concern keeps its state: its BFF_*_STORE, else Redis when REDIS_URL is set. */
+export function storeFor (config: Config, variable: 'BFF_RATE_LIMIT_STORE' | 'BFF_CACHE_STORE' | 'BFF_IDEMPOTENCY_STORE'): 'memory' | 'redis' {
+  return config[variable] ?? (config.REDIS_URL === undefined ? 'memory' : 'redis')
 }
+
+/** Where rate limits are counted. */
+export const rateLimitStore = (config: Config): 'memory' | 'redis' => storeFor(config, 'BFF_RATE_LIMIT_STORE')
 
 // An origin as browsers send it: scheme, host, optional port; no path, query, user or trailing slash.
 const ORIGIN = /^https?:\/\/(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$/

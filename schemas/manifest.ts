@@ -13,7 +13,7 @@ const RateLimit = Type.Object({
   windowMs: Type.Integer({ minimum: 1 })
 }, { additionalProperties: false })
 const Cache = Type.Object({
-  ttlSeconds: Type.Integer({ minimum: 1 }),
+  ttlSeconds: Type.Optional(Type.Integer({ minimum: 1 })),
   swrSeconds: Type.Optional(Type.Integer({ minimum: 0 })),
   tags: Type.Optional(Type.Array(Type.String({ minLength: 1 })))
 }, { additionalProperties: false })

@@ -1,4 +1,4 @@
-import type { FastifyInstance, FastifyRequest } from 'fastify'
+import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import mercurius from 'mercurius'
 import { runCall, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
@@ -33,6 +33,8 @@ interface RequestContext {
   idempotencyKey: string | undefined
   memo: Map<string, Promise<unknown>>
   n: number
+  /** Set by mercurius on HTTP requests. */
+  reply?: FastifyReply
 }
 
 export interface GraphqlFaceSettings {
@@ -87,7 +89,15 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise
         idempotencyKey: ctx.idempotencyKey === undefined ? undefined : `${ctx.idempotencyKey}.${String(info.path.key)}`,
         memo: ctx.memo
       })
-      if (result.ok) return result.value
+      if (result.ok) {
+        // x-cache only when this field is the document's one call (root query fields all start
+        // before any answers, so ctx.n is then their number).
+        if (result.cache !== null && ctx.reply !== undefined) {
+          if (ctx.n === 1) ctx.reply.header('x-cache', result.cache)
+          else ctx.reply.removeHeader('x-cache')
+        }
+        return result.value
+      }
       throw fieldError(result.problem)
     },
     subscribe: subscriptions.subscribe

@@ -61,6 +61,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   const entry = app.pipeline.entry(op.name)
   const pathParams = op.pathParams
   const inBody = op.inputInBody
+  const cached = op.cache !== null
   return async function restHandler (request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
     let input: Record<string, unknown>
     if (inBody) {
@@ -78,9 +79,10 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     }
     const headers = request.headers
     const ctx = new CallContext(request.id, 'rest', op, input, headers.authorization, single(headers.traceparent), op.type === 'mutation' ? idempotencyKeyOf(request) : undefined)
+    if (cached) ctx.ifNoneMatch = single(headers['if-none-match'])
     const result = await entry.run(ctx)
     if (ctx.headers !== null) reply.headers(ctx.headers)
-    if (ctx.status === 204) return reply.code(204).send()
+    if (ctx.status === 204 || ctx.status === 304) return reply.code(ctx.status).send()
     // The same compiled output serializer as every other face (the route's 2xx schema is for
     // OpenAPI): undeclared fields never leave, and an answer that breaks it is KERNEL_ERROR.
     const json = entry.serialize(result)

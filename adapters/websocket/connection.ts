@@ -176,8 +176,8 @@ export class Connection {
     }).then(outcome => {
       this.inFlight--
       // The answer is already JSON shaped by the op's output schema: it is spliced in as is.
-      // A replayed idempotent call says so, as REST's Idempotent-Replayed header does.
-      if (outcome.ok) this.send('{"id":' + id + ',"result":' + outcome.json + (outcome.headers?.['idempotent-replayed'] === 'true' ? ',"replayed":true}' : '}'))
+      // A replayed idempotent call and the cache's outcome say so, as REST's headers do.
+      if (outcome.ok) this.send('{"id":' + id + ',"result":' + outcome.json + (outcome.headers?.['idempotent-replayed'] === 'true' ? ',"replayed":true' : '') + (outcome.cache === null ? '}' : ',"cache":"' + outcome.cache + '"}'))
       else this.send('{"id":' + id + ',"error":' + JSON.stringify(outcome.problem) + '}')
     }).catch((err: unknown) => {
       // runCall never throws; a failure here is a bug of this face, not of the client.

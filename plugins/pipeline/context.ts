@@ -65,6 +65,8 @@ export class CallContext {
   /** The firewall's verdict: the highest risk of its findings, and the findings (null: none). */
   risk: RiskLevel
   findings: readonly Finding[] | null
+  /** REST's `If-None-Match` on a cached query (the cache answers 304 when it matches); else undefined. */
+  ifNoneMatch: string | undefined
 
   constructor (requestId: string, protocol: Protocol, op: Operation, input: Record<string, unknown>, authorization: string | undefined, traceparent: string | undefined, idempotencyKey: string | undefined) {
     this.requestId = requestId
@@ -88,6 +90,7 @@ export class CallContext {
     this.replayed = false
     this.risk = 'none'
     this.findings = null
+    this.ifNoneMatch = undefined
   }
 
   /** Adds a response header for the HTTP faces. */

@@ -10,7 +10,7 @@ t.test('calls answer the same JSON as REST, shaped by the output schema', async 
   const client = await connect(t, url)
   const frame = await client.request({ id: '1', op: 'getAgent', input: { id: 'a1' } })
   const rest = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
-  t.same(frame, { id: '1', result: rest.json() }, 'the same agent as REST')
+  t.same(frame, { id: '1', result: rest.json(), cache: 'miss' }, 'the same agent as REST (getAgent is cached: the frame says how it was answered)')
   t.notOk('internalCostCents' in frame.result, 'an undeclared Kernel field is removed')
 
   const list = await client.request({ id: 'list', op: 'listAgents', input: { limit: 2 } })

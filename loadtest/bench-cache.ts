@@ -1,0 +1,145 @@
+// The cache section of `npm run bench`:
+// - REST getAgent through the gateway with the response cache on (every answer after the first
+//   is a hit) against the bare Fastify pass-through (no cache, every request reaches the Kernel)
+//   and gateway-spine (cache off), in interleaved rounds: the hit path as a ratio to the pass-through;
+// - the Redis lookup of the cache (the one Lua script a miss of the in-process tier runs),
+//   sequential calls on loopback, timed one by one: its p50/p99, beside a plain Redis GET.
+import { randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { GATEWAY_SPINE, REST_TARGETS, gatewayCache, median, requestFor, startTargets, type RunningProcess, type Target, type TargetContext } from './harness.js'
+import { fmt, measure, sleep, textTable, type RunFigures } from './measure.js'
+import { getAgent } from './scenarios.js'
+import { RedisTier } from '../plugins/cache/redis.js'
+import { entryKey, tagKey, etagOf } from '../plugins/cache/keys.js'
+
+export const CACHE_GOALS = { minHitRatioToPassthrough: 2, maxRedisLookupP99Ms: 1 } as const
+
+export interface CacheOptions {
+  duration: number
+  rounds: number
+  connections: number
+  warmupSeconds: number
+  pauseMs: number
+  /** Redis of the gateway-cache target and of the lookup micro-benchmark. */
+  redisUrl: string
+  /** Sequential lookups timed in the micro-benchmark. */
+  lookups: number
+}
+
+export interface CacheTargetRow {
+  name: string
+  rounds: RunFigures[]
+  reqPerSec: number
+  p99FineMs: number
+  flagged: boolean
+  ratioToPassthrough: number | null
+}
+
+export interface LookupFigures { calls: number, p50Ms: number, p99Ms: number, maxMs: number }
+
+export interface CacheReport {
+  operation: string
+  targets: CacheTargetRow[]
+  /** The cache's Redis read (Lua: entry + tag versions) and, for scale, a plain GET of one key. */
+  redisLookup: LookupFigures
+  redisGet: LookupFigures
+  goals: Array<{ text: string, met: boolean }>
+}
+
+function percentile (sorted: readonly number[], p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))]
+}
+
+async function timeCalls (n: number, call: () => Promise<unknown>): Promise<LookupFigures> {
+  for (let i = 0; i < Math.min(200, n); i++) await call() // warm-up: script loaded, connection hot
+  const times: number[] = []
+  for (let i = 0; i < n; i++) {
+    const start = performance.now()
+    await call()
+    times.push(performance.now() - start)
+  }
+  times.sort((a, b) => a - b)
+  return { calls: n, p50Ms: percentile(times, 0.5), p99Ms: percentile(times, 0.99), maxMs: times[times.length - 1] }
+}
+
+/** The Redis read of a cached answer of the size of getAgent's, sequential calls on one connection. */
+async function redisLookup (redisUrl: string, lookups: number): Promise<{ lookup: LookupFigures, get: LookupFigures }> {
+  const client = new Redis(redisUrl, { lazyConnect: true, enableOfflineQueue: false, maxRetriesPerRequest: 0, commandTimeout: 500 })
+  await client.connect()
+  const tenant = 'bench-' + randomUUID()
+  const key = entryKey('getAgent', tenant, { id: 'a1' })
+  const tags = [tagKey(tenant, 'agent:a1')]
+  try {
+    const tier = new RedisTier(client, 600_000)
+    const json = JSON.stringify({ id: 'a1', name: 'Research assistant', model: 'mantle-small', description: 'Finds and summarises sources', createdAt: '2026-01-01T00:00:00.000Z', updatedAt: '2026-01-01T00:00:00.000Z' })
+    const now = Date.now()
+    const { versions } = await tier.read(key, tags)
+    await tier.write(key, tags, versions, { value: JSON.parse(json), json, status: 200, etag: etagOf(json), freshUntil: now + 600_000, staleUntil: now + 600_000, keepUntil: now + 600_000 }, now)
+    const lookup = await timeCalls(lookups, async () => {
+      const read = await tier.read(key, tags)
+      if (read.answer === null) throw new Error('the benchmark entry is missing')
+    })
+    const get = await timeCalls(lookups, async () => await client.get(key))
+    return { lookup, get }
+  } finally {
+    await client.del(key, ...tags)
+    client.disconnect()
+  }
+}
+
+export async function runCache (opts: CacheOptions, ctx: TargetContext, processes: RunningProcess[], spine: Target | null): Promise<CacheReport> {
+  const scenario = getAgent
+  const passthroughDef = REST_TARGETS.find((t) => t.name === 'passthrough')!
+  const defs = [passthroughDef, gatewayCache(opts.redisUrl), ...(spine === null ? [GATEWAY_SPINE] : [])]
+  const targets = [...await startTargets(defs, ctx, processes), ...(spine === null ? [] : [spine])]
+  for (const target of targets) {
+    const req = requestFor(target, scenario)
+    const res = await fetch(req.url, { headers: req.headers, signal: AbortSignal.timeout(5000) })
+    await res.text()
+    if (res.status !== 200) throw new Error(`${target.name} answered ${res.status} to ${req.url}`)
+    if (target.name === 'gateway-cache' && res.headers.get('x-cache') === null) throw new Error('gateway-cache answered without x-cache: the cache is not on')
+  }
+  for (const target of targets) {
+    await measure(target, scenario, opts.warmupSeconds, opts.connections)
+    await sleep(opts.pauseMs)
+  }
+  const perTarget = new Map<string, RunFigures[]>(targets.map((t) => [t.name, []]))
+  for (let round = 0; round < opts.rounds; round++) {
+    const order = targets.map((_, i) => targets[(i + round) % targets.length])
+    for (const target of order) {
+      const figures = await measure(target, scenario, opts.duration, opts.connections)
+      perTarget.get(target.name)?.push(figures)
+      process.stderr.write(`cache round ${round + 1}/${opts.rounds}  ${target.name.padEnd(14)} ${figures.reqPerSec.toFixed(0).padStart(7)} req/s  p99 ${figures.p99FineMs.toFixed(2)} ms\n`)
+      await sleep(opts.pauseMs)
+    }
+  }
+  const rows: CacheTargetRow[] = targets.map((target) => {
+    const rounds = perTarget.get(target.name) ?? []
+    return {
+      name: target.name,
+      rounds,
+      reqPerSec: median(rounds.map((r) => r.reqPerSec)),
+      p99FineMs: median(rounds.map((r) => r.p99FineMs)),
+      flagged: rounds.some((r) => r.non2xx + r.errors > 0),
+      ratioToPassthrough: null
+    }
+  })
+  const pass = rows.find((r) => r.name === 'passthrough')!
+  for (const r of rows) r.ratioToPassthrough = r.reqPerSec / pass.reqPerSec
+  const hit = rows.find((r) => r.name === 'gateway-cache')!
+
+  const { lookup, get } = await redisLookup(opts.redisUrl, opts.lookups)
+  const hitOk = !hit.flagged && !pass.flagged && hit.ratioToPassthrough! >= CACHE_GOALS.minHitRatioToPassthrough
+  const lookupOk = lookup.p99Ms < CACHE_GOALS.maxRedisLookupP99Ms
+  const goals = [
+    { text: `cache-hit REST req/s >= ${CACHE_GOALS.minHitRatioToPassthrough}x passthrough: ${hitOk ? 'goal met' : 'goal NOT met'} (${fmt(hit.ratioToPassthrough, 2)}x)`, met: hitOk },
+    { text: `Redis cache lookup p99 < ${CACHE_GOALS.maxRedisLookupP99Ms} ms: ${lookupOk ? 'goal met' : 'goal NOT met'} (${fmt(lookup.p99Ms, 3)} ms)`, met: lookupOk }
+  ]
+  const table = textTable(['target', 'req/s', 'p99 ms', 'x passthrough', 'status'], rows.map((r) => [r.name, fmt(r.reqPerSec, 0), fmt(r.p99FineMs, 2), fmt(r.ratioToPassthrough, 2), r.flagged ? 'FLAGGED' : 'ok']))
+  const lookups = textTable(['Redis call (sequential, loopback)', 'calls', 'p50 ms', 'p99 ms', 'max ms'], [
+    ['cache lookup (Lua: entry + tag versions)', String(lookup.calls), fmt(lookup.p50Ms, 3), fmt(lookup.p99Ms, 3), fmt(lookup.maxMs, 3)],
+    ['plain GET of the entry, for scale', String(get.calls), fmt(get.p50Ms, 3), fmt(get.p99Ms, 3), fmt(get.maxMs, 3)]
+  ])
+  process.stdout.write(`\nMantle bench — cache: ${scenario.operation} (${scenario.method} ${scenario.path}), gateway-cache answers hits after the first request\n\n${table}\n\n${lookups}\n\n${goals.map((g) => g.text).join('\n')}\n`)
+  return { operation: scenario.operation, targets: rows, redisLookup: lookup, redisGet: get, goals }
+}

@@ -1,0 +1,292 @@
+import { CallContext, type Next, type CacheOutcome } from '../pipeline/index.js'
+import type { Operation } from '../../manifest.js'
+import { MantleError } from '../../errors.js'
+import { MemoryTier, type CachedAnswer } from './memory.js'
+import type { RedisTier } from './redis.js'
+import { entryKey, etagOf, matchesIfNoneMatch, tagKey, tagTemplate } from './keys.js'
+
+/** How long an entry is kept past its swr window, to answer (marked stale) while the Kernel is down. */
+export const STALE_IF_ERROR_SECONDS = 300
+/** After a Redis failure the shared tier is left alone this long: calls use memory, not a timeout each. */
+const REDIS_HOLD_MS = 1000
+/** Invalidations that could not reach Redis, kept to be replayed when it is back. */
+const MAX_PENDING_TAGS = 10_000
+
+export interface CacheMetrics {
+  outcome: (op: string, outcome: CacheOutcome) => void
+  coalesced: (op: string) => void
+  invalidated: (source: InvalidationSource, tags: number) => void
+  fallback: (operation: 'read' | 'write' | 'invalidate') => void
+  discarded: (op: string) => void
+}
+
+export type InvalidationSource = 'mutation' | 'admin' | 'remote'
+
+export interface ResponseCacheOptions {
+  /** null: memory only. */
+  redis: { tier: RedisTier, up: () => boolean } | null
+  maxSize: number
+  defaultTtlSeconds: number
+  /** Whether the Kernel's circuit breaker is open (then stale entries answer). */
+  breakerOpen: () => boolean
+  /** The op's compiled output serializer: entries hold exactly what clients receive. */
+  serializer: (op: string) => (value: unknown) => string
+  /** The id this instance signs its invalidation messages with. */
+  instanceId: string
+  metrics?: CacheMetrics | undefined
+  now?: () => number
+  log: { warn: (obj: object, msg: string) => void, debug: (obj: object, msg: string) => void }
+}
+
+interface Fill {
+  readonly promise: Promise<CachedAnswer>
+}
+
+const noop = (): void => {}
+const noMetrics: CacheMetrics = { outcome: noop, coalesced: noop, invalidated: noop, fallback: noop, discarded: noop }
+
+/**
+ * The response cache: an in-process LRU before Redis, one Kernel call per key at a time, stale
+ * while revalidate, stale answers while the Kernel is down, tag invalidation on every instance.
+ *
+ * Not async-cache-dedupe: it dedupes and caches in one storage, but stores a result without
+ * checking that its tags were not invalidated while the call ran (an invalidation racing a
+ * refill would put the stale answer back), has no second tier, and reports hit or miss through
+ * global hooks rather than per call. The coalescing it would give is the small in-flight map below.
+ */
+export class ResponseCache {
+  readonly memory: MemoryTier
+  private readonly inflight = new Map<string, Fill>()
+  private readonly metrics: CacheMetrics
+  private readonly now: () => number
+  private redisHeldUntil = 0
+  private redisFailing = false
+  private readonly pending = new Set<string>()
+
+  constructor (private readonly opts: ResponseCacheOptions) {
+    this.now = opts.now ?? Date.now
+    this.memory = new MemoryTier(opts.maxSize, this.now)
+    this.metrics = opts.metrics ?? noMetrics
+  }
+
+  get inFlight (): number {
+    return this.inflight.size
+  }
+
+  /** The pipeline stage of a cached query, or of a mutation that invalidates tags; else null. */
+  stage (op: Operation): ((ctx: CallContext, next: Next) => Promise<unknown>) | null {
+    if (op.cache !== null) return this.queryStage(op, op.cache)
+    if (op.invalidates.length > 0) {
+      const templates = op.invalidates.map(tagTemplate)
+      return async (ctx, next) => {
+        const result = await next(ctx)
+        await this.invalidate(ctx.tenant, templates.map(t => t(ctx.input)), 'mutation')
+        return result
+      }
+    }
+    return null
+  }
+
+  private queryStage (op: Operation, spec: NonNullable<Operation['cache']>): (ctx: CallContext, next: Next) => Promise<unknown> {
+    const ttlMs = (spec.ttlSeconds ?? this.opts.defaultTtlSeconds) * 1000
+    const swrMs = spec.swrSeconds * 1000
+    const templates = spec.tags.map(tagTemplate)
+    const serialize = this.opts.serializer(op.name)
+    const name = op.name
+    const make = (value: unknown, status: number): CachedAnswer => {
+      const json = serialize(value)
+      const now = this.now()
+      return { value: JSON.parse(json), json, status, etag: etagOf(json), freshUntil: now + ttlMs, staleUntil: now + ttlMs + swrMs, keepUntil: now + ttlMs + swrMs + STALE_IF_ERROR_SECONDS * 1000 }
+    }
+    return async (ctx, next) => {
+      const key = entryKey(name, ctx.tenant, ctx.input)
+      const tagKeys = templates.map(t => tagKey(ctx.tenant, t(ctx.input)))
+      let found = this.memory.get(key)
+      if (found !== undefined && this.now() < found.freshUntil) return this.answer(ctx, name, found, 'hit')
+      const since = this.memory.clock.now()
+      let versions: string | null = null
+      const redis = this.redisTier('read')
+      if (redis !== null) {
+        try {
+          const read = await redis.read(key, tagKeys)
+          this.redisFailing = false
+          versions = read.versions
+          if (read.answer !== null && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil)) {
+            found = read.answer
+            this.memory.set(key, found, tagKeys, since)
+          }
+        } catch (err) {
+          this.redisFailed('read', err)
+        }
+      }
+      const now = this.now()
+      if (found !== undefined) {
+        if (now < found.freshUntil) return this.answer(ctx, name, found, 'hit')
+        if (now < found.staleUntil) {
+          this.refresh(name, key, tagKeys, since, versions, ctx, next, make)
+          return this.answer(ctx, name, found, 'stale')
+        }
+        if (this.opts.breakerOpen()) return this.answer(ctx, name, found, 'stale')
+      }
+      try {
+        const filled = await this.fill(name, key, tagKeys, since, versions, ctx, next, make)
+        return this.answer(ctx, name, filled, 'miss')
+      } catch (err) {
+        if (found !== undefined && kernelDown(err)) return this.answer(ctx, name, found, 'stale')
+        throw err
+      }
+    }
+  }
+
+  private answer (ctx: CallContext, op: string, a: CachedAnswer, outcome: CacheOutcome): unknown {
+    ctx.cache = outcome
+    ctx.status = a.status
+    ctx.setHeader('x-cache', outcome)
+    if (ctx.protocol === 'rest') {
+      ctx.setHeader('etag', a.etag)
+      const maxAge = outcome === 'stale' ? 0 : Math.max(0, Math.ceil((a.freshUntil - this.now()) / 1000))
+      ctx.setHeader('cache-control', `private, max-age=${maxAge}`)
+      if (ctx.ifNoneMatch !== undefined && matchesIfNoneMatch(ctx.ifNoneMatch, a.etag)) ctx.status = 304
+    }
+    this.metrics.outcome(op, outcome)
+    return a.value
+  }
+
+  /** One Kernel call per key at a time: later callers of the key wait for the first one's. */
+  private async fill (op: string, key: string, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): Promise<CachedAnswer> {
+    const running = this.inflight.get(key)
+    if (running !== undefined) {
+      this.metrics.coalesced(op)
+      return await running.promise
+    }
+    const promise = this.load(op, key, tagKeys, since, versions, ctx, next, make)
+    this.inflight.set(key, { promise })
+    try {
+      return await promise
+    } finally {
+      this.inflight.delete(key)
+    }
+  }
+
+  private async load (op: string, key: string, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): Promise<CachedAnswer> {
+    const value = await next(ctx)
+    const answer = make(value, ctx.status)
+    // Only 2xx answers return from the Kernel call (errors throw), but say it where it matters.
+    if (answer.status < 200 || answer.status > 299) return answer
+    let stored = true
+    const redis = versions === null ? null : this.redisTier('write')
+    if (redis !== null) {
+      try {
+        stored = await redis.write(key, tagKeys, versions!, answer, this.now())
+      } catch (err) {
+        this.redisFailed('write', err)
+      }
+    }
+    if (stored) stored = this.memory.set(key, answer, tagKeys, since)
+    if (!stored) this.metrics.discarded(op)
+    return answer
+  }
+
+  /** Stale while revalidate: one background refill per key, with a context of its own. */
+  private refresh (op: string, key: string, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): void {
+    if (this.inflight.has(key)) return
+    const own = new CallContext(ctx.requestId + '.refresh', ctx.protocol, ctx.op, ctx.input, ctx.authorization, ctx.traceparent, undefined)
+    own.tenant = ctx.tenant
+    own.user = ctx.user
+    own.roles = ctx.roles
+    own.zone = ctx.zone
+    this.fill(op, key, tagKeys, since, versions, own, next, make).catch((err: unknown) => {
+      this.opts.log.debug({ err, op }, 'cache refresh failed: the stale answer stays until its window ends')
+    })
+  }
+
+  /**
+   * Drops one tenant's tags on every instance: its own tier at once, Redis and the other
+   * instances' tiers through one script. Never throws: with Redis away the tags are kept and
+   * replayed when it is back.
+   */
+  async invalidate (tenant: string, tags: readonly string[], source: InvalidationSource): Promise<void> {
+    const keys = tags.map(t => tagKey(tenant, t))
+    this.memory.clock.invalidate(keys)
+    this.metrics.invalidated(source, keys.length)
+    if (this.opts.redis === null) return
+    const message = JSON.stringify({ from: this.opts.instanceId, keys })
+    const redis = this.redisTier('invalidate')
+    if (redis !== null) {
+      try {
+        await redis.invalidate(keys, message)
+        return
+      } catch (err) {
+        this.redisFailed('invalidate', err)
+      }
+    }
+    for (const k of keys) {
+      if (this.pending.size >= MAX_PENDING_TAGS) {
+        this.opts.log.warn({ tags: keys.length }, 'cache: too many invalidations waiting for Redis: some are lost, entries expire by their ttl')
+        break
+      }
+      this.pending.add(k)
+    }
+  }
+
+  /** A message of another instance: drops the tags from this instance's tier. */
+  received (text: string): void {
+    let message: { from?: unknown, keys?: unknown }
+    try {
+      message = JSON.parse(text)
+    } catch {
+      return
+    }
+    if (message.from === this.opts.instanceId || !Array.isArray(message.keys)) return
+    const keys = message.keys.filter((k): k is string => typeof k === 'string')
+    this.memory.clock.invalidate(keys)
+    this.metrics.invalidated('remote', keys.length)
+  }
+
+  /** Invalidations may have been missed (the subscriber was away): nothing in memory is trusted. */
+  resync (): void {
+    this.memory.clock.invalidateAll()
+    this.memory.clear()
+  }
+
+  /** Replays the invalidations Redis missed while it was away. */
+  async replayPending (): Promise<void> {
+    const redis = this.opts.redis
+    if (redis === null || this.pending.size === 0 || !redis.up()) return
+    const keys = [...this.pending]
+    this.pending.clear()
+    try {
+      await redis.tier.invalidate(keys, JSON.stringify({ from: this.opts.instanceId, keys }))
+    } catch (err) {
+      for (const k of keys) this.pending.add(k)
+      this.redisFailed('invalidate', err)
+    }
+  }
+
+  get pendingInvalidations (): number {
+    return this.pending.size
+  }
+
+  /** The Redis tier when it is usable; null (counted as a fallback when Redis is configured) when not. */
+  private redisTier (operation: 'read' | 'write' | 'invalidate'): RedisTier | null {
+    const redis = this.opts.redis
+    if (redis === null) return null
+    if (!redis.up() || performance.now() < this.redisHeldUntil) {
+      this.metrics.fallback(operation)
+      return null
+    }
+    return redis.tier
+  }
+
+  private redisFailed (operation: 'read' | 'write' | 'invalidate', err: unknown): void {
+    // Logged once per outage (a successful read ends it), counted every time.
+    if (!this.redisFailing) this.opts.log.warn({ err: (err as Error).message, operation }, 'cache: Redis failed, serving from memory')
+    this.redisFailing = true
+    this.redisHeldUntil = performance.now() + REDIS_HOLD_MS
+    this.metrics.fallback(operation)
+  }
+}
+
+function kernelDown (err: unknown): boolean {
+  return err instanceof MantleError && (err.code === 'KERNEL_UNAVAILABLE' || err.code === 'KERNEL_TIMEOUT')
+}

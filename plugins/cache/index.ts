@@ -1,0 +1,134 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { randomUUID } from 'node:crypto'
+import { Counter, Gauge } from 'prom-client'
+import { StageOrder } from '../pipeline/index.js'
+import { ResponseCache, STALE_IF_ERROR_SECONDS, type CacheMetrics } from './cache.js'
+import { RedisTier } from './redis.js'
+import { INVALIDATE_CHANNEL } from './keys.js'
+
+export { ResponseCache, STALE_IF_ERROR_SECONDS } from './cache.js'
+export { MemoryTier, TagClock, type CachedAnswer } from './memory.js'
+export { RedisTier } from './redis.js'
+export { entryKey, tagKey, tagTemplate, etagOf, matchesIfNoneMatch, INVALIDATE_CHANNEL } from './keys.js'
+
+export interface CacheOptions {
+  store: 'memory' | 'redis'
+  defaultTtlSeconds: number
+  maxSize: number
+  /** The clock entries are dated with (tests move it). */
+  now?: (() => number) | undefined
+}
+
+export interface CacheStatus {
+  readonly store: 'memory' | 'redis'
+  readonly cache: ResponseCache
+  /** Drops one tenant's tags on every instance (what a mutation's `invalidates` does). */
+  invalidate: (tenant: string, tags: readonly string[]) => Promise<void>
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** Present when BFF_CACHE_ENABLED. */
+    responseCache: CacheStatus
+  }
+}
+
+function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheMetrics | undefined {
+  if (!app.hasDecorator('metrics')) return undefined
+  const registers = [app.metrics.registry]
+  const outcomes = new Counter({ name: 'mantle_cache_requests_total', help: 'Cached-query calls by outcome (hit, miss, stale); hit rate = hit / sum', labelNames: ['op', 'outcome'] as const, registers })
+  const coalesced = new Counter({ name: 'mantle_cache_coalesced_total', help: 'Calls that waited for a Kernel call of the same key already in flight', labelNames: ['op'] as const, registers })
+  const invalidated = new Counter({ name: 'mantle_cache_invalidations_total', help: 'Tags invalidated, by source (mutation, admin, remote: another instance)', labelNames: ['source'] as const, registers })
+  const fallbacks = new Counter({ name: 'mantle_cache_redis_fallbacks_total', help: 'Cache operations that skipped Redis (away or failing) and used memory only', labelNames: ['operation'] as const, registers })
+  const discarded = new Counter({ name: 'mantle_cache_discarded_total', help: 'Kernel answers not stored because their tags were invalidated during the call', labelNames: ['op'] as const, registers })
+  new Gauge({ name: 'mantle_cache_memory_entries', help: 'Entries in the in-process cache tier (LRU, bounded by BFF_CACHE_MAX_SIZE)', registers, collect () { this.set(cache().memory.size) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_cache_in_flight', help: 'Keys with a Kernel call in flight (coalesced)', registers, collect () { this.set(cache().inFlight) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_cache_pending_invalidations', help: 'Invalidated tags waiting for Redis to come back', registers, collect () { this.set(cache().pendingInvalidations) } }) // eslint-disable-line no-new
+  return {
+    outcome: (op, outcome) => outcomes.labels(op, outcome).inc(),
+    coalesced: op => coalesced.labels(op).inc(),
+    invalidated: (source, n) => invalidated.labels(source).inc(n),
+    fallback: operation => fallbacks.labels(operation).inc(),
+    discarded: op => discarded.labels(op).inc()
+  }
+}
+
+async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<void> {
+  const manifest = app.pipeline.manifest
+  const shared = opts.store === 'redis' && app.hasDecorator('redis') ? app.redis : null
+  // A tag version must outlive every entry stored under it and every refill in flight.
+  let longestMs = 60_000
+  for (const op of manifest.operations) {
+    if (op.cache === null) continue
+    longestMs = Math.max(longestMs, ((op.cache.ttlSeconds ?? opts.defaultTtlSeconds) + op.cache.swrSeconds + STALE_IF_ERROR_SECONDS) * 1000 + op.timeoutMs + 60_000)
+  }
+  let cache: ResponseCache | null = null
+  const metrics = cacheMetrics(app, () => cache!)
+  cache = new ResponseCache({
+    redis: shared === null ? null : { tier: new RedisTier(shared.client, longestMs), up: shared.up },
+    maxSize: opts.maxSize,
+    defaultTtlSeconds: opts.defaultTtlSeconds,
+    breakerOpen: () => app.kernel.breakerState() === 'open',
+    serializer: name => app.pipeline.entry(name).serialize,
+    instanceId: randomUUID(),
+    metrics,
+    now: opts.now,
+    log: app.log
+  })
+  const c = cache
+
+  if (shared !== null) {
+    // A subscriber of its own (a subscribed connection runs no commands). Commands wait for it
+    // (offline queue), and ioredis subscribes again after a reconnect.
+    const subscriber = shared.client.duplicate({ lazyConnect: false, enableOfflineQueue: true, maxRetriesPerRequest: null, connectionName: 'mantle-cache-sub' })
+    let lost = false
+    subscriber.on('error', (err: Error) => app.log.debug({ err: err.message }, 'cache subscriber error'))
+    subscriber.on('close', () => { lost = true })
+    subscriber.on('ready', () => {
+      // Messages sent while it was away are lost: the in-process tier starts over.
+      if (lost) c.resync()
+      lost = false
+    })
+    subscriber.on('message', (_channel: string, text: string) => c.received(text))
+    subscriber.subscribe(INVALIDATE_CHANNEL).catch((err: Error) => app.log.warn({ err: err.message }, 'cache: cannot subscribe to invalidations'))
+    // Invalidations made while Redis was away reach it when it is back.
+    const replay = (): void => { c.replayPending().catch(() => {}) }
+    shared.client.on('ready', replay)
+    app.addHook('onClose', async () => {
+      shared.client.off('ready', replay)
+      subscriber.disconnect()
+    })
+  }
+
+  app.pipeline.addStage({ name: 'cache', order: StageOrder.cache, build: op => c.stage(op) })
+
+  const invalidate = async (tenant: string, tags: readonly string[]): Promise<void> => await c.invalidate(tenant, tags, 'mutation')
+  app.decorate('responseCache', { store: shared === null ? 'memory' : 'redis', cache: c, invalidate })
+
+  app.post('/admin/cache/invalidate', {
+    onRequest: app.requireRole('system'),
+    schema: {
+      hide: true,
+      body: {
+        type: 'object',
+        additionalProperties: false,
+        required: ['tags'],
+        properties: {
+          tags: { type: 'array', minItems: 1, maxItems: 1000, items: { type: 'string', minLength: 1, maxLength: 1024 } },
+          tenant: { type: 'string', minLength: 1, maxLength: 256 }
+        }
+      },
+      response: { 200: { type: 'object', properties: { tenant: { type: 'string' }, tags: { type: 'array', items: { type: 'string' } } } } }
+    }
+  }, async (request) => {
+    const body = request.body as { tags: string[], tenant?: string }
+    // By default the caller's own tenant; a system caller may name another one.
+    const tenant = body.tenant ?? app.identify(request.headers.authorization).tenant
+    const tags = [...new Set(body.tags)]
+    await c.invalidate(tenant, tags, 'admin')
+    return { tenant, tags }
+  })
+}
+
+export default fp(cachePlugin, { name: 'mantle-cache', dependencies: ['mantle-pipeline', 'mantle-kernel'], fastify: '5.x' })

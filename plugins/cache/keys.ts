@@ -1,0 +1,53 @@
+import { createHash } from 'node:crypto'
+import { canonicalJson } from '../pipeline/index.js'
+
+// Key shapes. The tenant is URI-encoded so that it never contains ':' and a key always reads
+// back as exactly one (op, tenant, input) or (tenant, tag): two tenants can never share a key.
+
+export const KEY_PREFIX = 'bff:cache:'
+/** Tag versions live beside the entries, under a prefix no operation name can produce. */
+export const TAG_PREFIX = 'bff:cache-tag:'
+/** The Redis channel invalidations travel on, to every instance's in-process tier. */
+export const INVALIDATE_CHANNEL = 'bff:cache:invalidate'
+
+/** `bff:cache:{op}:{tenant}:{hash of the canonical input}`. */
+export function entryKey (op: string, tenant: string, input: unknown): string {
+  const hash = createHash('sha256').update(canonicalJson(input)).digest('base64url')
+  return KEY_PREFIX + op + ':' + encodeURIComponent(tenant) + ':' + hash
+}
+
+/** The key of one tenant's tag: the version every entry tagged with it was stored under. */
+export function tagKey (tenant: string, tag: string): string {
+  return TAG_PREFIX + encodeURIComponent(tenant) + ':' + tag
+}
+
+/**
+ * A manifest tag such as `agent:{id}`, compiled once: `{x}` is filled from the call's input
+ * (an absent value fills as the empty string).
+ */
+export function tagTemplate (template: string): (input: Record<string, unknown>) => string {
+  const parts = template.split(/\{([^}]*)\}/) // even indexes: literal text, odd: input names
+  if (parts.length === 1) return () => template
+  return (input) => {
+    let out = parts[0]
+    for (let i = 1; i < parts.length; i += 2) {
+      const v = input[parts[i]]
+      out += (v === undefined || v === null ? '' : String(v)) + parts[i + 1]
+    }
+    return out
+  }
+}
+
+/** A strong ETag of an answer's JSON. */
+export function etagOf (json: string): string {
+  return '"' + createHash('sha256').update(json).digest('base64url').slice(0, 27) + '"'
+}
+
+/** RFC 9110 If-None-Match: `*` or a list of tags, compared weakly (a `W/` prefix is ignored). */
+export function matchesIfNoneMatch (header: string, etag: string): boolean {
+  for (const part of header.split(',')) {
+    const candidate = part.trim()
+    if (candidate === '*' || candidate === etag || (candidate.startsWith('W/') && candidate.slice(2) === etag)) return true
+  }
+  return false
+}

@@ -1,0 +1,108 @@
+import { LRUCache } from 'lru-cache'
+
+/** One cached answer: the Kernel's 2xx status and its output, shaped by the op's output schema. */
+export interface CachedAnswer {
+  /** The output, parsed from `json` (faces that need an object share it; nobody mutates it). */
+  readonly value: unknown
+  readonly json: string
+  readonly status: number
+  readonly etag: string
+  /** Epoch ms: fresh until then, served stale (and refreshed) until `staleUntil`. */
+  readonly freshUntil: number
+  readonly staleUntil: number
+  /** Epoch ms: kept until then, to be served stale while the Kernel is unavailable. */
+  readonly keepUntil: number
+}
+
+/**
+ * Invalidation clock of this instance's tier. Each invalidation takes the next tick and marks
+ * its tags with it; an entry stored from a read that began at tick `c` is valid while none of
+ * its tags was marked after `c`. So a refill whose Kernel call raced an invalidation is never
+ * served, whenever it lands. The marks are bounded: an evicted mark raises a floor that every
+ * unmarked tag then counts as, which can only drop more entries, never keep a stale one.
+ */
+export class TagClock {
+  private tick = 0
+  private floor = 0
+  private epoch = 0
+  private readonly marks: LRUCache<string, number>
+
+  constructor (maxTags: number) {
+    this.marks = new LRUCache<string, number>({
+      max: maxTags,
+      dispose: (value, _key, reason) => { if (reason === 'evict' && value > this.floor) this.floor = value }
+    })
+  }
+
+  /** The tick a read starts at: entries it stores are checked against later invalidations. */
+  now (): number {
+    return this.tick
+  }
+
+  invalidate (tagKeys: readonly string[]): void {
+    const t = ++this.tick
+    for (const k of tagKeys) this.marks.set(k, t)
+  }
+
+  /** Every entry stored so far becomes invalid (invalidations may have been missed). */
+  invalidateAll (): void {
+    this.epoch = ++this.tick
+  }
+
+  valid (tagKeys: readonly string[], since: number): boolean {
+    if (since < this.epoch) return false
+    for (const k of tagKeys) if ((this.marks.get(k) ?? this.floor) > since) return false
+    return true
+  }
+
+  get size (): number {
+    return this.marks.size
+  }
+}
+
+interface LocalEntry {
+  readonly answer: CachedAnswer
+  readonly tagKeys: readonly string[]
+  readonly since: number
+}
+
+/**
+ * The in-process tier: a bounded LRU of answers, each valid while its tags were not
+ * invalidated since the read that produced it began. It never holds more than `max` entries
+ * and never returns an entry past its `keepUntil` or invalidated.
+ */
+export class MemoryTier {
+  private readonly lru: LRUCache<string, LocalEntry>
+  readonly clock: TagClock
+
+  constructor (max: number, private readonly now: () => number) {
+    this.lru = new LRUCache<string, LocalEntry>({ max })
+    // Marks outlive the entries they guard by far: a tag mark per cached entry, and more.
+    this.clock = new TagClock(Math.max(1000, max * 4))
+  }
+
+  get (key: string): CachedAnswer | undefined {
+    const entry = this.lru.get(key)
+    if (entry === undefined) return undefined
+    if (entry.answer.keepUntil <= this.now() || !this.clock.valid(entry.tagKeys, entry.since)) {
+      this.lru.delete(key)
+      return undefined
+    }
+    return entry.answer
+  }
+
+  /** Stores unless the tags were invalidated since `since`; says whether it stored. */
+  set (key: string, answer: CachedAnswer, tagKeys: readonly string[], since: number): boolean {
+    if (!this.clock.valid(tagKeys, since)) return false
+    this.lru.set(key, { answer, tagKeys, since })
+    return true
+  }
+
+  clear (): void {
+    this.lru.clear()
+  }
+
+  get size (): number {
+    return this.lru.size
+  }
+}

@@ -1,0 +1,107 @@
+import type { Redis } from 'ioredis'
+import type { CachedAnswer } from './memory.js'
+import { INVALIDATE_CHANNEL } from './keys.js'
+
+// The shared tier. Each tag of a tenant has a version (a counter, absent = 0); an entry is
+// stored with the versions of its tags as they were BEFORE the Kernel call, and only if they
+// are still those (one Lua script: compare and set, atomic), and it is served only while they
+// are. An invalidation increments the versions and publishes on INVALIDATE_CHANNEL in the
+// same script, so every instance also drops the tags from its in-process tier.
+
+// KEYS[1] the entry, KEYS[2..] its tag keys. Returns {entry body or nil, current versions}.
+const READ = `
+local v = {}
+for i = 2, #KEYS do v[i - 1] = redis.call('GET', KEYS[i]) or '0' end
+local cur = table.concat(v, ',')
+local e = redis.call('GET', KEYS[1])
+if not e then return {false, cur} end
+local nl = string.find(e, '\\n', 1, true)
+if string.sub(e, 1, nl - 1) ~= cur then return {false, cur} end
+return {string.sub(e, nl + 1), cur}
+`
+// KEYS as READ; ARGV: versions read before the Kernel call, body, entry ms, tag ms. 1 stored, 0 raced.
+const WRITE = `
+local v = {}
+for i = 2, #KEYS do v[i - 1] = redis.call('GET', KEYS[i]) or '0' end
+if table.concat(v, ',') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2], 'PX', ARGV[3])
+for i = 2, #KEYS do
+  if redis.call('SET', KEYS[i], '0', 'NX', 'PX', ARGV[4]) == false then redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
+end
+return 1
+`
+// KEYS the tag keys; ARGV: tag ms, the message to publish.
+const INVALIDATE = `
+for i = 1, #KEYS do
+  redis.call('INCR', KEYS[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+redis.call('PUBLISH', '${INVALIDATE_CHANNEL}', ARGV[2])
+return #KEYS
+`
+
+interface CacheCommands {
+  mantleCacheRead: (n: number, ...args: string[]) => Promise<[string | null, string]>
+  mantleCacheWrite: (n: number, ...args: string[]) => Promise<number>
+  mantleCacheInvalidate: (n: number, ...args: string[]) => Promise<number>
+}
+
+export interface RedisRead {
+  answer: CachedAnswer | null
+  /** The tag versions at the time of the read, to be checked again when the refill is stored. */
+  versions: string
+}
+
+/**
+ * The Redis tier on the instance's shared command connection. Every method may throw (Redis
+ * away, command timeout): the caller falls back to its in-process tier. It never stores an
+ * answer whose tags were invalidated after the versions it was given were read.
+ */
+export class RedisTier {
+  private readonly commands: CacheCommands
+
+  /** @param tagMs how long a tag version outlives the last entry or invalidation that used it */
+  constructor (private readonly client: Redis, private readonly tagMs: number) {
+    // defineCommand runs EVALSHA and loads the script once when Redis does not know it.
+    if (!('mantleCacheRead' in client)) {
+      client.defineCommand('mantleCacheRead', { lua: READ })
+      client.defineCommand('mantleCacheWrite', { lua: WRITE })
+      client.defineCommand('mantleCacheInvalidate', { lua: INVALIDATE })
+    }
+    this.commands = client as unknown as CacheCommands
+  }
+
+  async read (key: string, tagKeys: readonly string[]): Promise<RedisRead> {
+    const [body, versions] = await this.commands.mantleCacheRead(1 + tagKeys.length, key, ...tagKeys)
+    return { answer: body === null ? null : decode(body), versions }
+  }
+
+  async write (key: string, tagKeys: readonly string[], versions: string, answer: CachedAnswer, now: number): Promise<boolean> {
+    const ms = answer.keepUntil - now
+    if (ms <= 0) return false
+    return await this.commands.mantleCacheWrite(1 + tagKeys.length, key, ...tagKeys, versions, encode(answer), String(ms), String(this.tagMs)) === 1
+  }
+
+  async invalidate (tagKeys: readonly string[], message: string): Promise<void> {
+    if (tagKeys.length === 0) return
+    await this.commands.mantleCacheInvalidate(tagKeys.length, ...tagKeys, String(this.tagMs), message)
+  }
+}
+
+// status, etag, freshUntil, staleUntil, keepUntil, then the JSON, one per line (the JSON holds no raw newline).
+function encode (a: CachedAnswer): string {
+  return `${a.status}\n${a.etag}\n${a.freshUntil}\n${a.staleUntil}\n${a.keepUntil}\n${a.json}`
+}
+
+function decode (body: string): CachedAnswer | null {
+  const fields = body.split('\n', 5)
+  if (fields.length < 5) return null
+  const json = body.slice(fields.reduce((n, f) => n + f.length + 1, 0))
+  let value: unknown
+  try {
+    value = JSON.parse(json)
+  } catch {
+    return null
+  }
+  return { value, json, status: Number(fields[0]), etag: fields[1], freshUntil: Number(fields[2]), staleUntil: Number(fields[3]), keepUntil: Number(fields[4]) }
+}

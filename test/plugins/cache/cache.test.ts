@@ -1,0 +1,302 @@
+// The response cache through the whole gateway, for both stores (memory, and Redis in front of
+// the machine's real Redis). Each test uses tenants of its own, so runs never share entries.
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { WebSocket } from 'ws'
+import { buildTestApp, bearer, json, until } from '../../helper.js'
+import { REDIS_URL, STORES, itemKernel, itemManifest, metric, eventually } from './items.js'
+
+const tenant = (): string => 'cache-' + randomUUID()
+
+for (const { store, env } of STORES) {
+  t.test(`${store}: a miss, then hits with ETag and Cache-Control, 304 on If-None-Match; undeclared fields stay out`, async t => {
+    const kernel = await itemKernel(t)
+    let now = Date.now()
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url, cacheClock: () => now })
+    const headers = bearer({ tenant: tenant() })
+    const first = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.equal(first.statusCode, 200)
+    t.equal(first.headers['x-cache'], 'miss')
+    t.equal(first.headers['cache-control'], 'private, max-age=10')
+    t.match(first.headers.etag, /^"[A-Za-z0-9_-]+"$/)
+    t.same(first.json(), { id: 'a', n: 1, tenant: first.json().tenant })
+    now += 4000
+    const second = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.equal(second.headers['x-cache'], 'hit')
+    t.equal(second.headers['cache-control'], 'private, max-age=6', 'the remaining freshness')
+    t.equal(second.headers.etag, first.headers.etag)
+    t.equal(second.body, first.body)
+    t.equal(kernel.reads(), 1, 'one Kernel call')
+    const notModified = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: { ...headers, 'if-none-match': `"other", W/${String(first.headers.etag)}` } })
+    t.equal(notModified.statusCode, 304)
+    t.equal(notModified.body, '')
+    t.equal(notModified.headers.etag, first.headers.etag)
+    t.equal(notModified.headers['x-cache'], 'hit')
+    const star = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: { ...headers, 'if-none-match': '*' } })
+    t.equal(star.statusCode, 304)
+    const changed = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: { ...headers, 'if-none-match': '"stale-tag"' } })
+    t.equal(changed.statusCode, 200)
+    t.equal(changed.body, first.body)
+    // The same input in another key order is the same entry; another input is not.
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a?q=x', headers })).headers['x-cache'], 'miss')
+    t.equal(kernel.reads(), 2)
+    // Ops without cache are not touched by it.
+    const plain = await app.inject({ method: 'GET', url: '/api/v1/plain/a', headers: { ...headers, 'if-none-match': '*' } })
+    t.equal(plain.statusCode, 200)
+    t.equal(plain.headers['x-cache'], undefined)
+    t.equal(plain.headers.etag, undefined)
+    t.equal(await metric(app, 'mantle_cache_requests_total', { op: 'getItem', outcome: 'hit' }), 4)
+    t.equal(await metric(app, 'mantle_cache_requests_total', { op: 'getItem', outcome: 'miss' }), 2)
+    t.equal(await metric(app, 'mantle_cache_memory_entries'), 2)
+  })
+
+  t.test(`${store}: a tenant never receives another tenant's entry`, async t => {
+    const kernel = await itemKernel(t)
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const one = tenant()
+    const two = tenant()
+    const a1 = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant: one }) })
+    const a2 = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant: two }) })
+    t.equal(a1.json().tenant, one)
+    t.equal(a2.json().tenant, two)
+    t.equal(a2.headers['x-cache'], 'miss')
+    t.equal(kernel.reads(), 2)
+    // A tenant whose name holds the separator cannot reach into another key either.
+    const tricky = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant: `${one}:x` }) })
+    t.equal(tricky.headers['x-cache'], 'miss')
+    t.equal(tricky.json().tenant, `${one}:x`)
+    // An invalidation of one tenant's tag leaves the other's entries.
+    t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers: bearer({ tenant: one }), payload: {} })).statusCode, 200)
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant: two }) })).headers['x-cache'], 'hit')
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant: one }) })).headers['x-cache'], 'miss')
+  })
+
+  t.test(`${store}: 100 concurrent cold reads of one key make exactly one Kernel call`, async t => {
+    const kernel = await itemKernel(t)
+    let release!: () => void
+    const gate = new Promise<void>(resolve => { release = resolve })
+    kernel.on('GET /v1/items/b', async (req, res) => { await gate; json(res, 200, { id: 'b', n: 7, tenant: req.headers['x-tenant-id'] }) })
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const headers = bearer({ tenant: tenant() })
+    const calls = Array.from({ length: 100 }, async () => await app.inject({ method: 'GET', url: '/api/v1/items/b', headers }))
+    // Every read but the first joins the one in flight before the Kernel answers.
+    await until(() => kernel.reads() >= 1, 'the Kernel call')
+    await eventually(async () => await metric(app, 'mantle_cache_coalesced_total', { op: 'getItem' }) === 99, '99 joined calls')
+    release()
+    const answers = await Promise.all(calls)
+    t.equal(kernel.reads(), 1, 'one Kernel call')
+    t.ok(answers.every(a => a.statusCode === 200 && a.json().n === 7 && a.headers['x-cache'] === 'miss'))
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/b', headers })).headers['x-cache'], 'hit')
+    t.equal(kernel.reads(), 1)
+  })
+
+  t.test(`${store}: a successful mutation drops its tags (filled from input); a failed one does not`, async t => {
+    const kernel = await itemKernel(t)
+    kernel.on('POST /v1/broken/a', (_req, res) => json(res, 409, { message: 'no' }))
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const headers = bearer({ tenant: tenant() })
+    await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    await app.inject({ method: 'GET', url: '/api/v1/items/b', headers })
+    t.equal((await app.inject({ method: 'POST', url: '/api/v1/items/a/fail', headers, payload: {} })).statusCode, 409)
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit', 'a failed mutation invalidates nothing')
+    t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
+    const after = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.equal(after.headers['x-cache'], 'miss')
+    t.equal(after.json().n, 3)
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/b', headers })).headers['x-cache'], 'hit', 'item:b is another tag')
+    t.equal(await metric(app, 'mantle_cache_invalidations_total', { source: 'mutation' }), 1)
+  })
+
+  t.test(`${store}: errors and non-2xx answers are never cached`, async t => {
+    const kernel = await itemKernel(t)
+    let calls = 0
+    kernel.on('GET /v1/broken/x', (_req, res) => { calls++; json(res, calls === 1 ? 500 : calls === 2 ? 404 : 200, { id: 'x', n: calls }) })
+    const app = await buildTestApp(t, { ...env, BFF_CIRCUIT_BREAKER_ENABLED: false }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const headers = bearer({ tenant: tenant() })
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/broken/x', headers })).statusCode, 502)
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/broken/x', headers })).statusCode, 404)
+    const ok = await app.inject({ method: 'GET', url: '/api/v1/broken/x', headers })
+    t.equal(ok.statusCode, 200)
+    t.equal(ok.headers['x-cache'], 'miss')
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/broken/x', headers })).headers['x-cache'], 'hit')
+    t.equal(calls, 3)
+  })
+
+  t.test(`${store}: stale while revalidate serves stale once expired and refreshes in the background, once`, async t => {
+    const kernel = await itemKernel(t)
+    let now = Date.now()
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url, cacheClock: () => now })
+    const headers = bearer({ tenant: tenant() })
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/fresh/a', headers })).json().n, 1)
+    now += 15_000 // past the ttl (10 s), inside the swr window (20 s)
+    let release!: () => void
+    const gate = new Promise<void>(resolve => { release = resolve })
+    kernel.on('GET /v1/items/a', async (_req, res) => { await gate; json(res, 200, { id: 'a', n: 2 }) })
+    const stale = await app.inject({ method: 'GET', url: '/api/v1/fresh/a', headers })
+    t.equal(stale.headers['x-cache'], 'stale')
+    t.equal(stale.headers['cache-control'], 'private, max-age=0')
+    t.equal(stale.json().n, 1)
+    const again = await app.inject({ method: 'GET', url: '/api/v1/fresh/a', headers })
+    t.equal(again.headers['x-cache'], 'stale', 'still stale while the refresh runs')
+    await until(() => kernel.reads() === 2, 'the background refresh')
+    release()
+    let fresh = await app.inject({ method: 'GET', url: '/api/v1/fresh/a', headers })
+    for (let i = 0; i < 200 && fresh.headers['x-cache'] !== 'hit'; i++) {
+      await new Promise(resolve => setTimeout(resolve, 10))
+      fresh = await app.inject({ method: 'GET', url: '/api/v1/fresh/a', headers })
+    }
+    t.equal(fresh.headers['x-cache'], 'hit')
+    t.equal(fresh.json().n, 2)
+    t.equal(kernel.reads(), 2, 'one refresh for every stale answer')
+    now += 40_000 // past ttl + swr: a miss (the Kernel is up)
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/fresh/a', headers })).headers['x-cache'], 'miss')
+  })
+
+  t.test(`${store}: with the breaker open, or the Kernel unreachable, an expired entry answers, marked stale`, async t => {
+    const kernel = await itemKernel(t)
+    kernel.on('GET /v1/broken/z', (_req, res) => json(res, 500, {}))
+    let now = Date.now()
+    const app = await buildTestApp(t, { ...env, BFF_CIRCUIT_BREAKER_THRESHOLD: 1, BFF_CIRCUIT_BREAKER_TIMEOUT: 600000 }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url, cacheClock: () => now })
+    const headers = bearer({ tenant: tenant() })
+    await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    now += 60_000 // expired (no swr on getItem)
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/broken/z', headers })).statusCode, 502)
+    t.equal(app.kernel.breakerState(), 'open')
+    const stale = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.equal(stale.statusCode, 200)
+    t.equal(stale.headers['x-cache'], 'stale')
+    t.equal(stale.json().n, 1)
+    t.equal(kernel.reads(), 1, 'no Kernel call while the breaker is open')
+    const none = await app.inject({ method: 'GET', url: '/api/v1/items/c', headers })
+    t.equal(none.statusCode, 503, 'nothing cached: the open breaker answers')
+
+    // Without a breaker: the Kernel is gone, the call fails with KERNEL_UNAVAILABLE, stale answers.
+    const kernel2 = await itemKernel(t)
+    let now2 = Date.now()
+    const app2 = await buildTestApp(t, { ...env, BFF_CIRCUIT_BREAKER_ENABLED: false }, { manifest: itemManifest(kernel2.url), kernelUrl: kernel2.url, cacheClock: () => now2 })
+    await app2.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    await kernel2.close()
+    now2 += 60_000
+    const down = await app2.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.equal(down.statusCode, 200)
+    t.equal(down.headers['x-cache'], 'stale')
+    now2 += 400_000 // beyond what is kept for a Kernel outage
+    t.equal((await app2.inject({ method: 'GET', url: '/api/v1/items/a', headers })).statusCode, 503)
+  })
+
+  t.test(`${store}: an invalidation racing a refill in flight does not let the refill put the old answer back`, async t => {
+    const kernel = await itemKernel(t)
+    let release!: () => void
+    const gate = new Promise<void>(resolve => { release = resolve })
+    let version = 1
+    kernel.on('GET /v1/items/c', async (_req, res) => {
+      const seen = version // what the Kernel reads now, answered later
+      if (seen === 1) await gate
+      json(res, 200, { id: 'c', n: seen })
+    })
+    kernel.on('PATCH /v1/items/c', (_req, res) => { version = 2; json(res, 200, { id: 'c', n: 2 }) })
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const headers = bearer({ tenant: tenant() })
+    const slow = app.inject({ method: 'GET', url: '/api/v1/items/c', headers })
+    await until(() => kernel.reads() === 1, 'the slow read at the Kernel')
+    t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/items/c', headers, payload: {} })).statusCode, 200)
+    release()
+    t.equal((await slow).json().n, 1, 'the racing caller gets what the Kernel said')
+    const next = await app.inject({ method: 'GET', url: '/api/v1/items/c', headers })
+    t.equal(next.headers['x-cache'], 'miss', 'the old answer was not stored')
+    t.equal(next.json().n, 2)
+    t.equal(await metric(app, 'mantle_cache_discarded_total', { op: 'getItem' }), 1)
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/c', headers })).json().n, 2)
+  })
+
+  t.test(`${store}: POST /admin/cache/invalidate needs the system role and drops the tags`, async t => {
+    const kernel = await itemKernel(t)
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const mine = tenant()
+    const other = tenant()
+    const headers = bearer({ tenant: mine, roles: ['viewer'] })
+    const system = bearer({ tenant: mine, roles: ['system'] })
+    await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant: other }) })
+    t.equal((await app.inject({ method: 'POST', url: '/admin/cache/invalidate', payload: { tags: ['items'] } })).statusCode, 401)
+    const forbidden = await app.inject({ method: 'POST', url: '/admin/cache/invalidate', headers, payload: { tags: ['items'] } })
+    t.equal(forbidden.statusCode, 403)
+    t.equal(forbidden.json().code, 'FORBIDDEN')
+    for (const payload of [{}, { tags: [] }, { tags: [''] }, { tags: [{}] }, { tags: ['x'], tenant: '' }]) {
+      const bad = await app.inject({ method: 'POST', url: '/admin/cache/invalidate', headers: system, payload })
+      t.equal(bad.statusCode, 400, JSON.stringify(payload))
+      t.equal(bad.json().code, 'VALIDATION_FAILED')
+    }
+    const done = await app.inject({ method: 'POST', url: '/admin/cache/invalidate', headers: system, payload: { tags: ['items', 'items'] } })
+    t.equal(done.statusCode, 200)
+    t.same(done.json(), { tenant: mine, tags: ['items'] })
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss', 'the caller tenant\'s tag')
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant: other }) })).headers['x-cache'], 'hit', 'another tenant\'s is left')
+    const named = await app.inject({ method: 'POST', url: '/admin/cache/invalidate', headers: system, payload: { tags: ['item:a'], tenant: other } })
+    t.same(named.json(), { tenant: other, tags: ['item:a'] })
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant: other }) })).headers['x-cache'], 'miss', 'a named tenant')
+    t.equal(await metric(app, 'mantle_cache_invalidations_total', { source: 'admin' }), 2)
+  })
+
+  t.test(`${store}: every face reports the outcome`, async t => {
+    const kernel = await itemKernel(t)
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const who = tenant()
+    const headers = bearer({ tenant: who })
+    const trpc1 = await app.inject({ method: 'GET', url: '/trpc/getItem?input=' + encodeURIComponent('{"id":"d"}'), headers })
+    t.equal(trpc1.statusCode, 200)
+    t.equal(trpc1.headers['x-cache'], 'miss')
+    t.equal(trpc1.headers.etag, undefined, 'ETag is REST\'s')
+    const trpc2 = await app.inject({ method: 'GET', url: '/trpc/getItem?input=' + encodeURIComponent('{"id":"d"}'), headers })
+    t.equal(trpc2.headers['x-cache'], 'hit')
+    t.same(trpc2.json(), trpc1.json())
+    const gql = await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ getItem(id: "d") { id n } }' } })
+    t.equal(gql.headers['x-cache'], 'hit')
+    t.same(gql.json().data.getItem, { id: 'd', n: 1 })
+    const two = await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ a: getItem(id: "d") { id } b: getItem(id: "a") { id } }' } })
+    t.equal(two.statusCode, 200)
+    t.equal(two.headers['x-cache'], undefined, 'two calls in one response: no single outcome')
+    const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls: [{ id: '1', op: 'getItem', input: { id: 'd' } }] } })
+    t.same(batch.json().results[0].result, { id: 'd', n: 1, tenant: who })
+
+    await app.listen({ port: 0, host: '127.0.0.1' })
+    const { port } = app.server.address() as { port: number }
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/ws`, { headers })
+    t.teardown(() => ws.close())
+    await new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject) })
+    const frames: string[] = []
+    ws.on('message', m => frames.push(String(m)))
+    ws.send(JSON.stringify({ id: '1', op: 'getItem', input: { id: 'd' } }))
+    ws.send(JSON.stringify({ id: '2', op: 'getPlain', input: { id: 'd' } }))
+    await until(() => frames.length === 2, 'two answers')
+    const byId = Object.fromEntries(frames.map(f => JSON.parse(f)).map(f => [f.id, f]))
+    t.same(byId['1'], { id: '1', result: { id: 'd', n: 1, tenant: who }, cache: 'hit' })
+    t.equal(byId['2'].cache, undefined, 'no cache on the op: no field')
+    t.equal(kernel.reads(), 3, 'getItem d once, getItem a once, getPlain once')
+  })
+
+  t.test(`${store}: an op's cache without ttlSeconds lives BFF_CACHE_TTL`, async t => {
+    const kernel = await itemKernel(t)
+    const app = await buildTestApp(t, { ...env, BFF_CACHE_TTL: 7 }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const res = await app.inject({ method: 'GET', url: '/api/v1/default/a', headers: bearer({ tenant: tenant() }) })
+    t.equal(res.headers['cache-control'], 'private, max-age=7')
+  })
+}
+
+t.test('BFF_CACHE_ENABLED=false: no stage, no header, every read reaches the Kernel', async t => {
+  const kernel = await itemKernel(t)
+  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const headers = bearer({ tenant: tenant() })
+  for (let i = 0; i < 2; i++) t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], undefined)
+  t.equal(kernel.reads(), 2)
+  t.notOk(app.pipeline.entry('getItem').stages.includes('cache'))
+  t.equal((await app.inject({ method: 'POST', url: '/admin/cache/invalidate', headers, payload: { tags: ['x'] } })).statusCode, 404)
+})
+
+t.test('the store: memory without REDIS_URL, redis with it, memory when asked', async t => {
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  t.equal((await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })).responseCache.store, 'memory')
+  t.equal((await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })).responseCache.store, 'redis')
+  t.equal((await buildTestApp(t, { REDIS_URL, BFF_CACHE_STORE: 'memory' }, { manifest, kernelUrl: kernel.url })).responseCache.store, 'memory')
+})

@@ -1,0 +1,107 @@
+// The cache shared by several gateway instances through the machine's real Redis, and a Redis
+// cut through a TCP proxy the test controls.
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { buildTestApp, bearer } from '../../helper.js'
+import { startTcpProxy } from '../../proxy.js'
+import { itemKernel, itemManifest, metric, eventually } from './items.js'
+import { entryKey, tagKey } from '../../../plugins/cache/index.js'
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
+const REDIS_PORT = Number(new URL(REDIS_URL).port || 6379)
+const tenant = (): string => 'cache-' + randomUUID()
+
+t.test('two instances: a read on one fills the other; a mutation on one invalidates the other, in both tiers', async t => {
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const one = await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })
+  const two = await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })
+  const who = tenant()
+  const headers = bearer({ tenant: who })
+  t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss')
+  const shared = await two.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+  t.equal(shared.headers['x-cache'], 'hit', 'from Redis')
+  t.equal(shared.json().n, 1)
+  t.equal((await two.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit', 'from its own memory now')
+  t.equal(two.responseCache.cache.memory.size, 1)
+  t.equal(kernel.reads(), 1)
+
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.disconnect())
+  t.ok(await redis.exists(entryKey('getItem', who, { id: 'a' })), 'the key shape bff:cache:{op}:{tenant}:{hash}')
+  t.match(entryKey('getItem', who, { id: 'a' }), new RegExp(`^bff:cache:getItem:${who}:[A-Za-z0-9_-]{43}$`))
+
+  t.equal((await one.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
+  t.equal(await redis.get(tagKey(who, 'item:a')), '1', 'the tag version went up in Redis')
+  // Other test processes share the channel: wait for this entry to leave, not for a count.
+  const key = entryKey('getItem', who, { id: 'a' })
+  await eventually(async () => two.responseCache.cache.memory.get(key) === undefined, 'the other instance drops it from memory')
+  t.ok(await metric(two, 'mantle_cache_invalidations_total', { source: 'remote' }) >= 1)
+  const after = await two.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+  t.equal(after.headers['x-cache'], 'miss', 'neither its memory nor Redis answers the old entry')
+  t.equal(after.json().n, 2)
+  t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/a', headers })).json().n, 2, 'and the first instance reads the refill from Redis')
+  t.equal(kernel.reads(), 2)
+  // An admin invalidation on one instance is seen by the other too.
+  t.equal((await two.inject({ method: 'POST', url: '/admin/cache/invalidate', headers, payload: { tags: ['items'] } })).statusCode, 200)
+  await eventually(async () => one.responseCache.cache.memory.get(key) === undefined, 'the first instance drops it from memory')
+  t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss')
+  // Junk on the channel is ignored.
+  await redis.publish('bff:cache:invalidate', 'not json')
+  await redis.publish('bff:cache:invalidate', '{"from":"x","keys":"nope"}')
+  t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit')
+})
+
+t.test('Redis cut mid-traffic: the cache serves from memory, never a 5xx, and invalidations made meanwhile reach Redis when it is back', async t => {
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  const cut = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, { manifest, kernelUrl: kernel.url })
+  const direct = await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })
+  const who = tenant()
+  const headers = bearer({ tenant: who })
+  t.equal((await cut.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss')
+  t.equal((await direct.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit', 'stored in Redis')
+
+  for (const mode of ['reset', 'stall'] as const) {
+    proxy.cut(mode)
+    const statuses: number[] = []
+    for (let i = 0; i < 20; i++) {
+      const ids = ['a', 'b', 'c']
+      const answers = await Promise.all(ids.map(async id => await cut.inject({ method: 'GET', url: `/api/v1/items/${id}`, headers })))
+      statuses.push(...answers.map(a => a.statusCode))
+    }
+    t.same([...new Set(statuses)], [200], `${mode}: every read answered 200`)
+    t.ok(await metric(cut, 'mantle_cache_redis_fallbacks_total') > 0, `${mode}: fallbacks are counted`)
+  }
+  // A mutation while Redis is away: its own memory drops the tag at once...
+  t.equal((await cut.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
+  t.equal((await cut.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss')
+  t.ok(cut.responseCache.cache.pendingInvalidations > 0, 'the invalidation waits for Redis')
+  // ...and Redis gets it when it is back, so no instance serves the old shared entry.
+  proxy.restore()
+  await eventually(async () => cut.redis.up() && cut.responseCache.cache.pendingInvalidations === 0, 'the replay')
+  const key = entryKey('getItem', who, { id: 'a' })
+  await eventually(async () => direct.responseCache.cache.memory.get(key) === undefined, 'the other instance drops it from memory')
+  const shared = await direct.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+  t.not(shared.json().n, 1, 'the entry stored before the cut is gone from Redis')
+  // And the cut instance uses Redis again.
+  let i = 0
+  await eventually(async () => {
+    const url = `/api/v1/items/d?q=${++i}`
+    t.equal((await cut.inject({ method: 'GET', url, headers })).statusCode, 200)
+    return (await direct.inject({ method: 'GET', url, headers })).headers['x-cache'] === 'hit'
+  }, 'what the cut instance stores is shared again')
+})
+
+t.test('a Redis down at start-up: the cache runs on memory', async t => {
+  const kernel = await itemKernel(t)
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  proxy.cut('reset')
+  const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const headers = bearer({ tenant: tenant() })
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss')
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit')
+  t.equal(kernel.reads(), 1)
+})

@@ -1,0 +1,87 @@
+import t from 'tap'
+import { TagClock, MemoryTier, tagTemplate, matchesIfNoneMatch, entryKey, tagKey, etagOf, type CachedAnswer } from '../../../plugins/cache/index.js'
+import { loadConfig, ConfigError } from '../../../schemas/config.js'
+
+const answer = (keepUntil: number): CachedAnswer => ({ value: { a: 1 }, json: '{"a":1}', status: 200, etag: etagOf('{"a":1}'), freshUntil: keepUntil, staleUntil: keepUntil, keepUntil })
+
+t.test('tag templates fill {x} from input; absent values fill as empty', async t => {
+  t.equal(tagTemplate('agents')({}), 'agents')
+  t.equal(tagTemplate('agent:{id}')({ id: 'a1' }), 'agent:a1')
+  t.equal(tagTemplate('{a}/{b}!')({ a: 1, b: true }), '1/true!')
+  t.equal(tagTemplate('agent:{id}')({}), 'agent:')
+  t.equal(tagTemplate('agent:{id}')({ id: null }), 'agent:')
+})
+
+t.test('keys: the same input in any key order is one key; tenants are encoded so keys never collide', async t => {
+  t.equal(entryKey('op', 't', { a: 1, b: 2 }), entryKey('op', 't', { b: 2, a: 1 }))
+  t.not(entryKey('op', 't', { a: 1 }), entryKey('op', 't', { a: '1' }))
+  t.not(entryKey('op', 'a:b', {}), entryKey('op', 'a', {}))
+  t.equal(tagKey('a:b', 'x'), 'bff:cache-tag:a%3Ab:x')
+  t.not(tagKey('a:b', 'c'), tagKey('a', 'b:c'))
+})
+
+t.test('If-None-Match: *, lists, weak tags', async t => {
+  const etag = '"abc"'
+  t.ok(matchesIfNoneMatch('*', etag))
+  t.ok(matchesIfNoneMatch('"x", "abc"', etag))
+  t.ok(matchesIfNoneMatch('W/"abc"', etag))
+  t.notOk(matchesIfNoneMatch('"abcd"', etag))
+  t.notOk(matchesIfNoneMatch('abc', etag))
+  t.notOk(matchesIfNoneMatch('', etag))
+})
+
+t.test('the tag clock: invalidations after a read began invalidate what it stores; evicted marks only over-invalidate', async t => {
+  const clock = new TagClock(2)
+  const before = clock.now()
+  clock.invalidate(['x'])
+  t.notOk(clock.valid(['x'], before), 'invalidated after the read began')
+  t.ok(clock.valid(['y'], before), 'another tag')
+  t.ok(clock.valid(['x'], clock.now()), 'a read that began after it')
+  const since = clock.now()
+  clock.invalidate(['y'])
+  clock.invalidate(['z']) // evicts the mark of x, raising the floor to its tick
+  clock.invalidate(['w']) // evicts y: the floor is now y's tick, after `since`
+  t.equal(clock.size, 2, 'bounded')
+  t.notOk(clock.valid(['y'], since), 'an evicted mark still invalidates')
+  t.notOk(clock.valid(['never-marked'], since), 'unknown tags count as the floor: conservative')
+  t.ok(clock.valid(['never-marked'], clock.now()))
+  const all = clock.now()
+  clock.invalidateAll()
+  t.notOk(clock.valid([], all), 'invalidateAll drops entries without tags too')
+  t.ok(clock.valid([], clock.now()))
+})
+
+t.test('the memory tier is bounded, drops expired and invalidated entries, and refuses a raced store', async t => {
+  let now = 1000
+  const tier = new MemoryTier(2, () => now)
+  tier.set('a', answer(2000), ['t'], tier.clock.now())
+  tier.set('b', answer(2000), [], tier.clock.now())
+  tier.set('c', answer(2000), [], tier.clock.now())
+  t.equal(tier.size, 2)
+  t.equal(tier.get('a'), undefined, 'the least recently used went')
+  t.ok(tier.get('c'))
+  now = 2000
+  t.equal(tier.get('c'), undefined, 'past keepUntil')
+  const since = tier.clock.now()
+  tier.clock.invalidate(['t'])
+  t.notOk(tier.set('d', answer(5000), ['t'], since), 'a store that raced an invalidation is refused')
+  t.ok(tier.set('d', answer(5000), ['t'], tier.clock.now()))
+  tier.clock.invalidate(['t'])
+  t.equal(tier.get('d'), undefined)
+  tier.set('e', answer(5000), [], tier.clock.now())
+  tier.clear()
+  t.equal(tier.size, 0)
+})
+
+t.test('config: BFF_CACHE_* are validated and redis needs REDIS_URL', async t => {
+  const c = loadConfig({})
+  t.equal(c.BFF_CACHE_ENABLED, true)
+  t.equal(c.BFF_CACHE_STORE, undefined, 'decided from REDIS_URL at start-up')
+  t.equal(c.BFF_CACHE_TTL, 60)
+  t.equal(c.BFF_CACHE_MAX_SIZE, 10000)
+  t.throws(() => loadConfig({ BFF_CACHE_STORE: 'redis' }), new ConfigError('Invalid configuration: BFF_CACHE_STORE="redis" needs REDIS_URL: set REDIS_URL, or BFF_CACHE_STORE=memory'))
+  t.throws(() => loadConfig({ BFF_CACHE_STORE: 'disk' }), /BFF_CACHE_STORE="disk" is invalid/)
+  t.throws(() => loadConfig({ BFF_CACHE_TTL: '0' }), /BFF_CACHE_TTL="0" is invalid: expected an integer \(1\.\.86400\)/)
+  t.throws(() => loadConfig({ BFF_CACHE_MAX_SIZE: 'lots' }), /BFF_CACHE_MAX_SIZE="lots" is invalid/)
+  t.equal(loadConfig({ BFF_CACHE_STORE: 'redis', REDIS_URL: 'redis://127.0.0.1:6379' }).BFF_CACHE_STORE, 'redis')
+})
