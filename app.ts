@@ -11,6 +11,7 @@ import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
 import kernel from './plugins/kernel/index.js'
 import events from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
+import audit from './plugins/audit/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -45,6 +46,8 @@ export interface BuildOptions {
   kernelBackoff?: { baseMs: number, capMs: number }
   /** JWKS timings (tests shorten them). */
   identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number }
+  /** Audit timings (tests shorten them). */
+  audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number }
 }
 
 /**
@@ -158,6 +161,20 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     const production = config.NODE_ENV === 'production'
     app.decorate('requireRole', (role: string) => (_request, _reply, done) => {
       done(production ? new MantleError('FORBIDDEN', `identity is off: nobody holds the role ${role}`) : undefined)
+    })
+  }
+  // After identity (its admin routes use requireRole); its stage still runs outermost but metrics.
+  if (config.BFF_AUDIT_ENABLED) {
+    await app.register(audit, {
+      store: config.BFF_AUDIT_STORE,
+      databaseUrl: config.DATABASE_URL,
+      production: config.NODE_ENV === 'production',
+      retentionDays: config.BFF_AUDIT_RETENTION_DAYS,
+      batchSize: config.BFF_AUDIT_BATCH_SIZE,
+      queueMax: config.BFF_AUDIT_QUEUE_MAX,
+      memoryMax: config.BFF_AUDIT_MEMORY_MAX,
+      spoolDir: config.BFF_AUDIT_SPOOL_DIR,
+      ...options.audit
     })
   }
   await app.register(kernel, {
