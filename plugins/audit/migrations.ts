@@ -1,6 +1,7 @@
 import Postgrator from 'postgrator'
 import pg from 'pg'
 import { fileURLToPath } from 'node:url'
+import { basename } from 'node:path'
 
 /** migrations/ beside the source tree, and beside dist/ in a build (scripts/copy-assets.mjs). */
 export const MIGRATIONS_DIR = fileURLToPath(new URL('../../migrations/', import.meta.url))
@@ -49,6 +50,6 @@ export async function migrate (databaseUrl: string, target?: number): Promise<{ 
   return await withMigrator(databaseUrl, async m => {
     const from = await m.getDatabaseVersion()
     const ran = await m.migrate(target === undefined ? 'max' : String(target))
-    return { from, to: await m.getDatabaseVersion(), ran: ran.map(r => r.filename) }
+    return { from, to: await m.getDatabaseVersion(), ran: ran.map(r => basename(r.filename)) }
   })
 }
