@@ -85,8 +85,10 @@ export class PostgresAuditStore implements AuditStore {
       keepAlive: true,
       application_name: 'mantle-audit'
     })
-    // An idle connection that breaks (PostgreSQL restarted, network cut) must not crash the process.
+    // A connection that breaks (PostgreSQL restarted, network cut), idle or checked out, must not
+    // crash the process: the query in flight fails and its batch is spooled.
     this.pool.on('error', () => {})
+    this.pool.on('connect', client => { client.on('error', () => {}) })
   }
 
   async write (batch: AuditEntry[]): Promise<void> {

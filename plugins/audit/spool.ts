@@ -55,7 +55,7 @@ export class Spool {
       await writeFile(lock, String(process.pid))
     }
     const spool = new Spool(dir)
-    spool.fh = await open(spool.path, 'a')
+    spool.fh = await open(spool.path, 'a+')
     spool.bytes = (await spool.fh.stat()).size
     await spool.cutTornTail()
     return spool
@@ -139,7 +139,7 @@ export class Spool {
       await writeFile(tmp, rest, { flush: true })
       await fh.close()
       await rename(tmp, this.path)
-      this.fh = await open(this.path, 'a')
+      this.fh = await open(this.path, 'a+')
     }
     this.bytes -= this.done
     this.done = 0

@@ -1,5 +1,8 @@
 import pg from 'pg'
 import { randomUUID } from 'node:crypto'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
@@ -53,4 +56,11 @@ export async function sql<T extends pg.QueryResultRow = Record<string, unknown>>
   } finally {
     await client.end()
   }
+}
+
+/** A spool directory of its own for one gateway, removed at teardown. */
+export function spoolDir (t: Teardown): string {
+  const dir = mkdtempSync(join(tmpdir(), 'mantle-audit-test-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  return dir
 }

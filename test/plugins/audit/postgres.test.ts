@@ -1,25 +1,16 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { mkdtempSync, rmSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import { buildApp } from '../../../app.js'
 import { ConfigError } from '../../../schemas/config.js'
 import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, until, SECRET } from '../../helper.js'
 import { connect } from '../../adapters/websocket-helper.js'
-import { postgresAvailable, createTestDatabase, databaseUrl, sql } from './db.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir } from './db.js'
 import { main as migrateMain } from '../../../scripts/migrate.js'
 import type { AuditEntry } from '../../../plugins/audit/index.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
-
-export function spoolDir (t: Teardown): string {
-  const dir = mkdtempSync(join(tmpdir(), 'mantle-audit-test-'))
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-  return dir
-}
 
 /** A gateway on the demo Kernel whose audit trail is the database `url`. */
 async function pgApp (t: Teardown, url: string, env: Record<string, string | number | boolean> = {}, kernelUrl?: string): Promise<FastifyInstance> {
