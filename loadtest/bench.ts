@@ -20,8 +20,9 @@ import { fmt, measure, signed, sleep, textTable, type RunFigures } from './measu
 import { getAgent, type ScenarioDefinition } from './scenarios.js'
 import { runFaces, type FacesReport } from './bench-faces.js'
 import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
+import { runAudit, type AuditReport } from './bench-audit.js'
 
-const SECTIONS = ['spine', 'faces', 'ws-scale'] as const
+const SECTIONS = ['spine', 'faces', 'ws-scale', 'audit'] as const
 type Section = typeof SECTIONS[number]
 
 interface Options {
@@ -87,7 +88,7 @@ function parseOptions (argv: string[]): Options {
     }
   })
   if (values.help === true) {
-    process.stdout.write('usage: npm run bench -- [--section spine|faces|ws-scale|all (comma-separated; default all = spine,faces)]\n' +
+    process.stdout.write('usage: npm run bench -- [--section spine|faces|ws-scale|audit|all (comma-separated; default all = spine,faces)]\n' +
       '         [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
       '         [--connections-scale <n>] [--scale-clients <n>] [--scale-batch <n>] [--scale-events <n>]\n' +
       `spine targets: ${REST_TARGETS.map((t) => t.name).join(', ')}\n`)
@@ -309,6 +310,10 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   if (opts.sections.includes('ws-scale')) {
     const scale: WsScaleReport = await runWsScale({ connections: opts.connectionsScale, clients: opts.scaleClients, batch: opts.scaleBatch, events: opts.scaleEvents }, ctx, processes, machine)
     report.wsScale = scale
+  }
+  if (opts.sections.includes('audit')) {
+    const audit: AuditReport = await runAudit({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, processes, machine)
+    report.audit = audit
   }
 
   mkdirSync(dirname(opts.out), { recursive: true })

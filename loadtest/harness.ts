@@ -308,7 +308,9 @@ function gatewayEnv (on: readonly GatewayFlag[], extra: (ctx: TargetContext) => 
         LOG_LEVEL: 'warn',
         // Measured as deployed; production also insists on a secret of 32 bytes or more.
         NODE_ENV: 'production',
-        BFF_JWT_SECRET: ctx.secret
+        BFF_JWT_SECRET: ctx.secret,
+        // Off unless a target turns it on (the audit section): production refuses a memory store.
+        BFF_AUDIT_ENABLED: 'false'
       }
       for (const flag of GATEWAY_FLAGS) env[flag] = String(on.includes(flag))
       return { ...env, ...extra(ctx) }

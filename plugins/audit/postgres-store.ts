@@ -15,10 +15,13 @@ export interface PostgresStoreOptions {
 
 const COLUMNS = 'id, seq, request_id, "timestamp", hash, previous_hash, tenant_id, user_id, method, path, protocol, action, category, risk_level, status, status_code, duration_ms, metadata'
 
-// One multi-row INSERT for a whole batch: each column travels as one array parameter.
-const INSERT = `INSERT INTO bff_audit_entries (${COLUMNS})
+// One multi-row INSERT for a whole batch (each column travels as one array parameter), and the
+// chain head moved in the same statement.
+const INSERT = `WITH inserted AS (INSERT INTO bff_audit_entries (${COLUMNS})
 SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::text[],
-  $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::integer[], $17::float8[], $18::jsonb[])`
+  $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::integer[], $17::float8[], $18::jsonb[])
+RETURNING 1)
+UPDATE bff_audit_chain SET head_seq = $19, head_hash = $20 WHERE id = 1 AND (SELECT count(*) FROM inserted) = $21`
 
 interface Row {
   id: string
@@ -96,8 +99,9 @@ export class PostgresAuditStore implements AuditStore {
     const client = await this.pool.connect()
     let broken = false
     try {
-      await client.query('BEGIN')
-      const head = await client.query<{ head_seq: string, head_hash: string }>('SELECT head_seq, head_hash FROM bff_audit_chain WHERE id = 1 FOR UPDATE')
+      // One round trip: open the transaction and take the chain head's row lock.
+      const opened = await client.query('BEGIN; SELECT head_seq, head_hash FROM bff_audit_chain WHERE id = 1 FOR UPDATE') as unknown as Array<pg.QueryResult<{ head_seq: string, head_hash: string }>>
+      const head = opened[1]
       let seq = Number(head.rows[0].head_seq)
       let prev = head.rows[0].head_hash
       const known = await client.query<{ id: string, request_id: string }>(
@@ -120,8 +124,8 @@ export class PostgresAuditStore implements AuditStore {
         prev = hash
       }
       if (cols[0].length > 0) {
-        await client.query(INSERT, cols)
-        await client.query('UPDATE bff_audit_chain SET head_seq = $1, head_hash = $2 WHERE id = 1', [seq, prev])
+        const moved = await client.query(INSERT, [...cols, seq, prev, cols[0].length])
+        if (moved.rowCount !== 1) throw new Error('the audit chain head did not move with the batch')
       }
       await client.query('COMMIT')
     } catch (err) {

@@ -72,7 +72,11 @@ export class AuditWriter {
       this.opts.store.write(batch).catch(err => this.fail(err as Error))
       return
     }
-    spool.append(batch).then(() => this.opts.hooks?.spooled?.(batch.length), (err: Error) => {
+    // Lines of at most one batch each: a replay never writes more than a batch per transaction.
+    const size = this.opts.batchSize
+    const lines: AuditEntry[][] = []
+    for (let i = 0; i < batch.length; i += size) lines.push(batch.slice(i, i + size))
+    spool.appendMany(lines).then(() => this.opts.hooks?.spooled?.(batch.length), (err: Error) => {
       // The disk refused too: keep the entries in memory, at the front, for the next flush.
       this.opts.log.error({ err: err.message }, 'audit spool write failed')
       this.queue = batch.concat(this.queue)
@@ -167,8 +171,12 @@ export class AuditWriter {
       const spool = this.opts.spool
       const rest = this.queue
       this.queue = []
-      if (spool !== null) await spool.append(rest)
-      else await this.opts.store.write(rest)
+      if (spool === null) await this.opts.store.write(rest)
+      else {
+        const lines: AuditEntry[][] = []
+        for (let i = 0; i < rest.length; i += this.opts.batchSize) lines.push(rest.slice(i, i + this.opts.batchSize))
+        await spool.appendMany(lines)
+      }
     }
   }
 }
