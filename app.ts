@@ -18,6 +18,7 @@ import rateLimit from './plugins/rate-limit/index.js'
 import firewall from './plugins/firewall/index.js'
 import idempotency from './plugins/idempotency/index.js'
 import cache from './plugins/cache/index.js'
+import audit from './plugins/audit/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -69,6 +70,8 @@ export interface BuildOptions {
   identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number }
   /** Rate-limit internals (tests: the memory store's clock, the Redis retry pause). */
   rateLimit?: { now?: () => number, retryRedisMs?: number, memoryMaxKeys?: number }
+  /** Audit timings (tests shorten them). */
+  audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number }
 }
 
 /**
@@ -224,6 +227,20 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       ttlSeconds: config.BFF_IDEMPOTENCY_TTL_SECONDS,
       maxKeys: config.BFF_IDEMPOTENCY_MAX_KEYS,
       waitMs: config.BFF_IDEMPOTENCY_WAIT_MS
+    })
+  }
+  // After identity (its admin routes use requireRole); its stage still runs outermost but metrics.
+  if (config.BFF_AUDIT_ENABLED) {
+    await app.register(audit, {
+      store: config.BFF_AUDIT_STORE,
+      databaseUrl: config.DATABASE_URL,
+      production: config.NODE_ENV === 'production',
+      retentionDays: config.BFF_AUDIT_RETENTION_DAYS,
+      batchSize: config.BFF_AUDIT_BATCH_SIZE,
+      queueMax: config.BFF_AUDIT_QUEUE_MAX,
+      memoryMax: config.BFF_AUDIT_MEMORY_MAX,
+      spoolDir: config.BFF_AUDIT_SPOOL_DIR,
+      ...options.audit
     })
   }
   await app.register(kernel, {

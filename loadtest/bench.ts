@@ -27,8 +27,9 @@ import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
 import { runRateLimit, type RateLimitReport } from './bench-rate-limit.js'
 import { runFirewall, type FirewallReport } from './bench-firewall.js'
 import { runCache, type CacheReport } from './bench-cache.js'
+import { runAudit, type AuditReport } from './bench-audit.js'
 
-const SECTIONS = ['spine', 'faces', 'cache', 'ws-scale', 'rate-limit', 'firewall'] as const
+const SECTIONS = ['spine', 'faces', 'cache', 'ws-scale', 'rate-limit', 'firewall', 'audit'] as const
 type Section = typeof SECTIONS[number]
 
 interface Options {
@@ -298,7 +299,7 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   // Every target and face is measured once per round plus a warm-up; the token must outlive it all.
   const spineTargets = opts.sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name)).length : 0
   // Extra gateway measurements per round, by section.
-  const PER_SECTION: Partial<Record<Section, number>> = { faces: 4, cache: 3, 'rate-limit': 4, firewall: 2 }
+  const PER_SECTION: Partial<Record<Section, number>> = { faces: 4, cache: 3, 'rate-limit': 4, firewall: 2, audit: 2 }
   const faces = opts.sections.reduce((n, s) => n + (PER_SECTION[s] ?? 0), 0)
   const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5)
   const secret = randomBytes(32).toString('hex')
@@ -342,6 +343,10 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   if (opts.sections.includes('ws-scale')) {
     const scale: WsScaleReport = await runWsScale({ connections: opts.connectionsScale, clients: opts.scaleClients, batch: opts.scaleBatch, events: opts.scaleEvents }, ctx, processes, machine)
     report.wsScale = scale
+  }
+  if (opts.sections.includes('audit')) {
+    const audit: AuditReport = await runAudit({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, processes, machine)
+    report.audit = audit
   }
 
   if (opts.sections.includes('rate-limit')) {

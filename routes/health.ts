@@ -34,6 +34,12 @@ export default async function healthRoutes (app: FastifyInstance): Promise<void>
       checks.redis = up ? 'up' : 'down (memory stores)'
       if (!up) failing.push('redis')
     }
+    // PostgreSQL behind the audit trail: down, entries are spooled to disk and /readyz says so.
+    if (app.hasDecorator('audit') && app.audit.health().store === 'postgres') {
+      const audit = app.audit.health()
+      checks.postgres = audit.up ? (audit.spooling ? `up (replaying ${audit.spoolBytes} spooled bytes)` : 'up') : `down (audit spooling, ${audit.spoolBytes} bytes)`
+      if (!audit.up) failing.push('postgres')
+    }
     if (failing.length > 0) reply.code(503)
     return { status: failing.length > 0 ? 'not-ready' : 'ready', failing, checks }
   })

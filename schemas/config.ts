@@ -1,6 +1,8 @@
 import { Type, type Static } from 'typebox'
 import envSchema from 'env-schema'
 import { fileURLToPath } from 'node:url'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { parsePublicKeys } from '../plugins/auth/keys.js'
 
 /** The demo manifest: the embedded default when BFF_MANIFEST is not set. */
@@ -57,6 +59,14 @@ export const ConfigSchema = Type.Object({
   BFF_CACHE_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
   BFF_CACHE_TTL: Type.Integer({ minimum: 1, maximum: 86400, default: 60, description: 'seconds an answer stays fresh when the operation\'s cache sets no ttlSeconds' }),
   BFF_CACHE_MAX_SIZE: Type.Integer({ minimum: 1, maximum: 10000000, default: 10000, description: 'most entries of the in-process cache tier (LRU)' }),
+  DATABASE_URL: Type.Optional(Type.String({ pattern: '^postgres(ql)?://', description: 'PostgreSQL URL (postgres://user@host:5432/db): the audit trail with BFF_AUDIT_STORE=postgres' })),
+  BFF_AUDIT_ENABLED: Flag('the hash-chained audit trail of every call'),
+  BFF_AUDIT_STORE: Type.Union([Type.Literal('memory'), Type.Literal('postgres')], { default: 'memory', description: 'memory | postgres (postgres needs DATABASE_URL)' }),
+  BFF_AUDIT_RETENTION_DAYS: Type.Integer({ minimum: 1, default: 90, description: 'days audit entries are kept' }),
+  BFF_AUDIT_BATCH_SIZE: Type.Integer({ minimum: 1, maximum: 10000, default: 500, description: 'most audit entries in one INSERT' }),
+  BFF_AUDIT_QUEUE_MAX: Type.Integer({ minimum: 1, default: 50000, description: 'audit entries waiting in memory before the queue is spooled to disk' }),
+  BFF_AUDIT_SPOOL_DIR: Type.String({ minLength: 1, default: join(tmpdir(), 'mantle-audit-spool'), description: 'directory of the audit spool file (one per gateway instance)' }),
+  BFF_AUDIT_MEMORY_MAX: Type.Integer({ minimum: 1, default: 100000, description: 'most entries the memory audit store keeps (the oldest are dropped)' }),
   BFF_DEMO_KERNEL: Type.Boolean({ default: true, description: 'start the demo Kernel when KERNEL_URL is unset and the demo manifest is used' })
 }, { additionalProperties: true })
 
@@ -116,6 +126,9 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
       throw new ConfigError(`Invalid configuration: ${name}="redis" needs REDIS_URL: set REDIS_URL, or ${name}=memory`)
     }
   }
+  if (config.BFF_AUDIT_ENABLED && config.BFF_AUDIT_STORE === 'postgres' && config.DATABASE_URL === undefined) {
+    throw new ConfigError('Invalid configuration: BFF_AUDIT_STORE=postgres needs DATABASE_URL')
+  }
   return Object.freeze(config)
 }
 
@@ -148,6 +161,9 @@ export function productionProblems (config: Config): string[] {
   }
   if (config.BFF_CORS_ORIGINS !== undefined && corsOrigins(config.BFF_CORS_ORIGINS).includes('*')) {
     problems.push('BFF_CORS_ORIGINS contains * (any site could call the API from a browser): list the allowed origins')
+  }
+  if (config.BFF_AUDIT_ENABLED && config.BFF_AUDIT_STORE === 'memory') {
+    problems.push('BFF_AUDIT_STORE is memory (the audit trail would be lost at every restart): set BFF_AUDIT_STORE=postgres and DATABASE_URL')
   }
   return problems
 }

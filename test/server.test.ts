@@ -47,7 +47,7 @@ t.test('the production build starts, serves, and shuts down gracefully', async t
   async function launch (env: Record<string, string>): Promise<{ child: ChildProcess, url: string, output: () => string }> {
     const child = spawn(process.execPath, ['dist/server.js'], {
       cwd: root,
-      env: { PATH: process.env.PATH, NODE_ENV: 'production', BFF_JWT_SECRET: SECRET, PORT: '0', LOG_LEVEL: 'warn', ...env },
+      env: { PATH: process.env.PATH, NODE_ENV: 'production', BFF_JWT_SECRET: SECRET, PORT: '0', LOG_LEVEL: 'warn', BFF_AUDIT_ENABLED: 'false', ...env },
       stdio: ['ignore', 'pipe', 'pipe']
     })
     let out = ''

@@ -137,7 +137,7 @@ t.test('loadConfig() with no argument reads process.env', async t => {
 })
 
 t.test('production problems', async t => {
-  const prod = (env: Record<string, string>): Config => loadConfig({ NODE_ENV: 'production', ...env })
+  const prod = (env: Record<string, string>): Config => loadConfig({ NODE_ENV: 'production', BFF_AUDIT_ENABLED: 'false', ...env })
   t.same(productionProblems(prod({})), ['BFF_JWT_SECRET is missing (or set BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL)'])
   t.same(productionProblems(prod({ BFF_JWT_SECRET: 'a'.repeat(31) })), ['BFF_JWT_SECRET is shorter than 32 bytes'])
   t.same(productionProblems(prod({ BFF_JWT_SECRET: 'a'.repeat(32) })), [], '32 bytes is enough')
@@ -157,7 +157,7 @@ t.test('BFF_CORS_ORIGINS: * or http(s) origins without a path; * refused in prod
   for (const bad of ['https://app.example.com/', 'https://app.example.com/path', 'app.example.com', 'ftp://app.example.com', 'https://user@app.example.com', 'https://a.example,null', ' , ', 'https://a.example?x=1']) {
     t.match(errorOf({ BFF_CORS_ORIGINS: bad })?.message, /^Invalid configuration: BFF_CORS_ORIGINS=.* is invalid: expected a comma-separated list of \* or http\(s\) origins/, `refuses ${JSON.stringify(bad)}`)
   }
-  const prod = (origins: string): string[] => productionProblems(loadConfig({ NODE_ENV: 'production', BFF_JWT_SECRET: 'a'.repeat(32), BFF_CORS_ORIGINS: origins }))
+  const prod = (origins: string): string[] => productionProblems(loadConfig({ NODE_ENV: 'production', BFF_AUDIT_ENABLED: 'false', BFF_JWT_SECRET: 'a'.repeat(32), BFF_CORS_ORIGINS: origins }))
   t.same(prod('https://app.example.com'), [], 'a listed origin is fine in production')
   t.match(prod('*'), [/^BFF_CORS_ORIGINS contains \*/])
   t.match(prod('https://app.example.com, *'), [/^BFF_CORS_ORIGINS contains \*/], '* anywhere in the list')

@@ -217,14 +217,14 @@ t.test('BFF_JWT_PUBLIC_KEYS is validated at start-up', async t => {
 })
 
 t.test('production: at least one key source; a given secret must be 32+ bytes', async t => {
-  const prod = (env: Record<string, string>) => productionProblems(loadConfig({ NODE_ENV: 'production', ...env }))
+  const prod = (env: Record<string, string>) => productionProblems(loadConfig({ NODE_ENV: 'production', BFF_AUDIT_ENABLED: 'false', ...env }))
   t.match(prod({}), [/BFF_JWT_SECRET is missing/])
   t.same(prod({ BFF_JWT_PUBLIC_KEYS: keysJson({ r: rsa1 }) }), [], 'public keys are enough')
   t.same(prod({ BFF_JWKS_URL: 'https://issuer.example/jwks.json' }), [], 'a JWKS URL is enough')
   t.same(prod({ BFF_JWKS_URL: 'https://issuer.example/jwks.json', BFF_JWT_SECRET: 'short' }), ['BFF_JWT_SECRET is shorter than 32 bytes'], 'a weak secret is refused even with other keys')
   t.same(prod({ BFF_JWT_SECRET: 'a'.repeat(32) }), [])
   // And buildApp follows it: public keys alone start a production gateway, without the dev secret.
-  const app = await buildTestApp(t, { NODE_ENV: 'production', BFF_JWT_SECRET: undefined, BFF_JWT_PUBLIC_KEYS: keysJson({ r1: rsa1 }) })
+  const app = await buildTestApp(t, { NODE_ENV: 'production', BFF_AUDIT_ENABLED: false, BFF_JWT_SECRET: undefined, BFF_JWT_PUBLIC_KEYS: keysJson({ r1: rsa1 }) })
   t.equal(app.identify(`Bearer ${sign(rsa1, 'RS256', 'r1')}`).user, 'u1')
   t.throws(() => app.identify(`Bearer ${mintToken('mantle-dev-secret-not-for-production-0000', { tenant: 't', user: 'u' })}`), { message: /HS256 tokens are not accepted/ })
   await t.rejects(buildTestApp(t, { NODE_ENV: 'production', BFF_JWT_SECRET: undefined }), ConfigError)

@@ -1,0 +1,141 @@
+import { createHash } from 'node:crypto'
+import type { Protocol, RiskLevel } from '../pipeline/index.js'
+
+/** What kind of call an entry records (README, "Audit trail"). */
+export type Category = 'read' | 'write' | 'auth' | 'admin' | 'security'
+
+/**
+ * One audit entry as the gateway builds it for a call: who, what, how it ended. Never the
+ * call's input or output, never a token.
+ */
+export interface AuditEntry {
+  /** uuid, made by the gateway: the identity replay deduplicates on. */
+  id: string
+  requestId: string
+  /** When the call started, ms since the epoch. */
+  timestamp: number
+  tenantId: string
+  userId: string
+  /** The HTTP method where the face fixes it (REST, batch); null on tRPC, GraphQL, WebSocket. */
+  method: string | null
+  /** The route template or the face's endpoint, never a concrete URL with input in it. */
+  path: string | null
+  protocol: Protocol | 'http'
+  /** The operation's name (admin.* for the gateway's own endpoints). */
+  action: string
+  category: Category
+  riskLevel: RiskLevel
+  /** `ok` or the contract error code. */
+  status: string
+  statusCode: number
+  durationMs: number
+  /** cache outcome, firewall finding kinds, idempotent replay: only the keys that apply. */
+  metadata: Record<string, unknown>
+}
+
+/** An entry as stored: its place in the chain and its hashes. */
+export interface StoredEntry extends AuditEntry {
+  seq: number
+  hash: string
+  previousHash: string
+}
+
+/** The previous hash of the first entry ever written. */
+export const GENESIS = '0'.repeat(64)
+
+/**
+ * Identity refusals are `auth`, the firewall's blocks, rate limits and high-risk input are
+ * `security`; every other call is `read` (query) or `write` (mutation).
+ */
+export function categoryOf (type: 'query' | 'mutation', code: string | null, risk: RiskLevel): Category {
+  if (code === 'UNAUTHENTICATED' || code === 'FORBIDDEN') return 'auth'
+  if (code === 'FIREWALL_BLOCKED' || code === 'RATE_LIMITED' || risk === 'high' || risk === 'critical') return 'security'
+  return type === 'query' ? 'read' : 'write'
+}
+
+/** JSON with object keys sorted: jsonb does not keep key order, the hash must not depend on it. */
+export function canonical (value: unknown): string {
+  if (value === null || typeof value !== 'object') return JSON.stringify(value) ?? 'null'
+  if (Array.isArray(value)) return '[' + value.map(canonical).join(',') + ']'
+  const obj = value as Record<string, unknown>
+  const keys = Object.keys(obj).filter(k => obj[k] !== undefined).sort()
+  return '{' + keys.map(k => JSON.stringify(k) + ':' + canonical(obj[k])).join(',') + '}'
+}
+
+/**
+ * hash = SHA-256(previous hash, "\n", the canonical encoding of every stored field in a fixed
+ * order, the chain position included): a changed field, a changed position or a changed link
+ * each changes it.
+ */
+export function hashEntry (previousHash: string, seq: number, e: AuditEntry): string {
+  const fields = [seq, e.id, e.requestId, new Date(e.timestamp).toISOString(), e.tenantId, e.userId, e.method, e.path,
+    e.protocol, e.action, e.category, e.riskLevel, e.status, e.statusCode, e.durationMs, canonical(e.metadata)]
+  return createHash('sha256').update(previousHash).update('\n').update(JSON.stringify(fields)).digest('hex')
+}
+
+export interface VerifyResult {
+  ok: boolean
+  checked: number
+  firstBroken: { id: string, requestId: string } | null
+}
+
+/**
+ * Walks entries in chain order from an anchor (the hash the first one must link to, and its
+ * position). Stops at the first entry whose position, link or hash is wrong.
+ */
+export class ChainWalker {
+  checked = 0
+  broken: StoredEntry | null = null
+  constructor (private prevSeq: number, private prevHash: string) {}
+
+  /** Returns false once the chain is broken. */
+  step (e: StoredEntry): boolean {
+    if (this.broken !== null) return false
+    this.checked++
+    if (e.seq !== this.prevSeq + 1 || e.previousHash !== this.prevHash || hashEntry(e.previousHash, e.seq, e) !== e.hash) {
+      this.broken = e
+      return false
+    }
+    this.prevSeq = e.seq
+    this.prevHash = e.hash
+    return true
+  }
+
+  /** The last entry walked must be the head the store recorded: a removed tail shows here. */
+  endsAt (headSeq: number, headHash: string, last: StoredEntry | null): void {
+    if (this.broken !== null || last === null) return
+    if (this.prevSeq !== headSeq || this.prevHash !== headHash) this.broken = last
+  }
+
+  result (): VerifyResult {
+    return { ok: this.broken === null, checked: this.checked, firstBroken: this.broken === null ? null : { id: this.broken.id, requestId: this.broken.requestId } }
+  }
+}
+
+export interface AuditQuery {
+  tenant?: string
+  from?: Date
+  to?: Date
+  requestId?: string
+  action?: string
+  status?: string
+  limit: number
+  /** Entries older (lower seq) than this position; from an opaque cursor. */
+  beforeSeq?: number
+}
+
+export interface AuditPage { entries: StoredEntry[], nextSeq: number | null }
+
+export interface AuditStore {
+  readonly kind: 'memory' | 'postgres'
+  /** Chains and stores a batch in order; an entry whose id is already stored is skipped. */
+  write: (batch: AuditEntry[]) => Promise<void>
+  verify: (range: { from?: Date, to?: Date }) => Promise<VerifyResult>
+  query: (q: AuditQuery) => Promise<AuditPage>
+  /** Removes up to `limit` of the oldest entries before `before`; returns how many. */
+  prune: (before: Date, limit: number) => Promise<number>
+  close: () => Promise<void>
+}
+
+/** The request id an entry is stored under when its own is taken: `~` never occurs in a client's. */
+export const suffixed = (e: AuditEntry): string => `${e.requestId}~${e.id}`

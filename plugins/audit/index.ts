@@ -1,0 +1,422 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
+import { randomUUID } from 'node:crypto'
+import { Counter, Gauge, Histogram } from 'prom-client'
+import { StageOrder, type CallContext, type Protocol } from '../pipeline/index.js'
+import { toProblem } from '../../errors.js'
+import { ConfigError } from '../../schemas/config.js'
+import type { Operation } from '../../manifest.js'
+import { type AuditEntry, type AuditStore, type AuditQuery, type Category, categoryOf } from './entry.js'
+import { MemoryAuditStore } from './memory-store.js'
+import { PostgresAuditStore } from './postgres-store.js'
+import { Spool } from './spool.js'
+import { AuditWriter } from './writer.js'
+import { migrate, migrationStatus } from './migrations.js'
+
+export { type AuditEntry, type StoredEntry, type VerifyResult, GENESIS, hashEntry, categoryOf } from './entry.js'
+
+export interface AuditHealth {
+  store: 'memory' | 'postgres'
+  /** The store took the last write (memory: always). */
+  up: boolean
+  /** Batches wait in the spool for PostgreSQL. */
+  spooling: boolean
+  queueDepth: number
+  spoolBytes: number
+  error: string | null
+}
+
+export interface Audit {
+  health: () => AuditHealth
+  /** Records an entry (off the hot path): for the gateway's own endpoints. */
+  enqueue: (entry: AuditEntry) => void
+  readonly store: AuditStore
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** Present when the audit trail is on (BFF_AUDIT_ENABLED). */
+    audit: Audit
+  }
+}
+
+export interface AuditOptions {
+  store: 'memory' | 'postgres'
+  databaseUrl?: string
+  production: boolean
+  retentionDays: number
+  batchSize: number
+  queueMax: number
+  memoryMax: number
+  spoolDir: string
+  /** How often retention runs (ms); tests shorten it. */
+  retentionIntervalMs?: number
+  /** How often the writer flushes at least (ms). */
+  flushIntervalMs?: number
+  /** PostgreSQL connect timeout (ms): how long a batch waits before it is spooled. */
+  connectTimeoutMs?: number
+}
+
+const PRUNE_BATCH = 1000
+const NO_METADATA: Readonly<Record<string, unknown>> = Object.freeze({})
+
+/** Where each face's calls arrive: the route template, never a URL with input in it. */
+function endpoints (op: Operation): Record<Protocol, readonly [string | null, string]> {
+  return {
+    rest: [op.method, '/api/v1' + op.path],
+    batch: ['POST', '/api/v1/batch'],
+    trpc: [null, '/trpc/' + op.name],
+    graphql: [null, '/graphql'],
+    websocket: [null, '/ws']
+  }
+}
+
+/** The entry of one call through the pipeline: built from the context, nothing awaited. */
+export function callEntry (ctx: CallContext, where: readonly [string | null, string], err: unknown): AuditEntry {
+  const elapsed = performance.now() - ctx.startedAt
+  let status = 'ok'
+  let statusCode = ctx.status
+  if (err !== null) {
+    const { problem } = toProblem(err, ctx.requestId)
+    status = problem.code
+    statusCode = problem.status
+  }
+  let metadata = NO_METADATA as Record<string, unknown>
+  if (ctx.cache !== null || ctx.replayed || ctx.findings !== null) {
+    metadata = {}
+    if (ctx.cache !== null) metadata.cache = ctx.cache
+    // The kinds of what the firewall found, never the text it matched.
+    if (ctx.findings !== null) metadata.findings = ctx.findings.map(f => ({ category: f.category, type: f.type }))
+    if (ctx.replayed) metadata.replayed = true
+  }
+  return {
+    id: randomUUID(),
+    requestId: ctx.requestId,
+    timestamp: Math.round(Date.now() - elapsed),
+    tenantId: ctx.tenant,
+    userId: ctx.user,
+    method: where[0],
+    path: where[1],
+    protocol: ctx.protocol,
+    action: ctx.op.name,
+    category: categoryOf(ctx.op.type, status === 'ok' ? null : status, ctx.risk),
+    riskLevel: ctx.risk,
+    status,
+    statusCode,
+    durationMs: Math.round(elapsed * 1000) / 1000,
+    metadata
+  }
+}
+
+function protocolOf (url: string): AuditEntry['protocol'] {
+  if (url.startsWith('/api/v1/batch')) return 'batch'
+  if (url.startsWith('/api/v1/')) return 'rest'
+  if (url.startsWith('/trpc')) return 'trpc'
+  if (url.startsWith('/graphql')) return 'graphql'
+  return 'http'
+}
+
+const DateTime = { type: 'string', format: 'date-time' } as const
+const EntrySchema = {
+  type: 'object',
+  properties: {
+    id: { type: 'string' },
+    seq: { type: 'integer' },
+    requestId: { type: 'string' },
+    timestamp: { type: 'string' },
+    hash: { type: 'string' },
+    previousHash: { type: 'string' },
+    tenantId: { type: 'string' },
+    userId: { type: 'string' },
+    method: { type: ['string', 'null'] },
+    path: { type: ['string', 'null'] },
+    protocol: { type: 'string' },
+    action: { type: 'string' },
+    category: { type: 'string' },
+    riskLevel: { type: 'string' },
+    status: { type: 'string' },
+    statusCode: { type: 'integer' },
+    durationMs: { type: 'number' },
+    metadata: { type: 'object', additionalProperties: true }
+  }
+} as const
+const problem = { content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } } }
+
+const encodeCursor = (seq: number): string => Buffer.from(JSON.stringify({ s: seq })).toString('base64url')
+function decodeCursor (cursor: string): number | null {
+  try {
+    const s = (JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8')) as { s?: unknown }).s
+    return typeof s === 'number' && Number.isSafeInteger(s) && s > 0 ? s : null
+  } catch {
+    return null
+  }
+}
+
+/** A problem+json 400 for a query or body the schema let through but that makes no sense. */
+function badRequest (reply: FastifyReply, request: FastifyRequest, detail: string): FastifyReply {
+  const { problem: body } = toProblem({ validation: [{ instancePath: '', message: detail }], validationContext: 'input' }, request.id)
+  return reply.code(400).type('application/problem+json').send({ ...body, detail })
+}
+
+async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n: number) => void): Promise<{ store: AuditStore, spool: Spool | null, ping: () => Promise<boolean> }> {
+  if (opts.store === 'memory') return { store: new MemoryAuditStore({ max: opts.memoryMax, onEvict: evicted }), spool: null, ping: async () => true }
+  const databaseUrl = opts.databaseUrl
+  if (databaseUrl === undefined) throw new ConfigError('BFF_AUDIT_STORE=postgres needs DATABASE_URL')
+  // Outside production the gateway migrates; in production it only checks, and refuses to run
+  // on an older schema (`npm run migrate` is a deploy step there).
+  const ensureSchema = async (): Promise<void> => {
+    if (!opts.production) {
+      await migrate(databaseUrl)
+      return
+    }
+    const status = await migrationStatus(databaseUrl)
+    if (status.pending.length > 0) throw new ConfigError(`Refusing to start in production: the audit database has pending migrations (${status.pending.join(', ')}): run npm run migrate`)
+  }
+  let schema: Promise<void> | null = null
+  const prepare = async (): Promise<void> => {
+    schema ??= ensureSchema().catch(err => { schema = null; throw err })
+    await schema
+  }
+  try {
+    await prepare()
+  } catch (err) {
+    if (err instanceof ConfigError) throw err
+    // Down at start-up: the gateway starts and spools; the schema is checked once it answers.
+    app.log.warn({ err: (err as Error).message }, 'PostgreSQL is unreachable at start-up: audit entries are spooled until it is back')
+  }
+  const spool = await Spool.open(opts.spoolDir).catch((err: Error) => { throw new ConfigError(err.message) })
+  const pg = new PostgresAuditStore({ databaseUrl, connectTimeoutMs: opts.connectTimeoutMs })
+  // Every use waits for the schema first (a no-op once it is there).
+  const store: AuditStore = {
+    kind: 'postgres',
+    write: async (batch) => { await prepare(); await pg.write(batch) },
+    verify: async (range) => { await prepare(); return await pg.verify(range) },
+    query: async (q) => { await prepare(); return await pg.query(q) },
+    prune: async (before, limit) => { await prepare(); return await pg.prune(before, limit) },
+    close: async () => { await pg.close() }
+  }
+  return { store, spool, ping: async () => await pg.ping() }
+}
+
+async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<void> {
+  const metrics = app.hasDecorator('metrics') ? app.metrics.registry : null
+  const entries = metrics === null
+    ? null
+    : new Counter({ name: 'mantle_audit_entries_total', help: 'Audit entries by what became of them: stored, spooled, replayed (from the spool), evicted (memory ring full), pruned (retention)', labelNames: ['outcome'] as const, registers: [metrics] })
+  const { store, spool } = await openStore(app, opts, n => entries?.inc({ outcome: 'evicted' }, n))
+
+  const flushSeconds = metrics === null ? null : new Histogram({ name: 'mantle_audit_flush_duration_seconds', help: 'Time to write one audit batch to the store', buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5], registers: [metrics] })
+  const failures = metrics === null ? null : new Counter({ name: 'mantle_audit_write_failures_total', help: 'Audit batch writes the store refused (the batch went to the spool)', registers: [metrics] })
+  const writer = new AuditWriter({
+    store,
+    spool,
+    batchSize: opts.batchSize,
+    queueMax: opts.queueMax,
+    intervalMs: opts.flushIntervalMs,
+    log: app.log,
+    hooks: metrics === null
+      ? undefined
+      : {
+          stored: (n, s) => { entries!.inc({ outcome: 'stored' }, n); flushSeconds!.observe(s) },
+          spooled: n => entries!.inc({ outcome: 'spooled' }, n),
+          replayed: n => entries!.inc({ outcome: 'replayed' }, n),
+          failed: () => failures!.inc()
+        }
+  })
+  if (metrics !== null) {
+    /* eslint-disable no-new */
+    new Gauge({ name: 'mantle_audit_queue_depth', help: 'Audit entries waiting in memory for the writer', registers: [metrics], collect () { this.set(writer.depth) } })
+    new Gauge({ name: 'mantle_audit_spool_bytes', help: 'Bytes of audit batches in the spool file, waiting for PostgreSQL', registers: [metrics], collect () { this.set(writer.spoolBytes) } })
+    new Gauge({ name: 'mantle_audit_store_up', help: '1 when the audit store took the last write', registers: [metrics], collect () { this.set(writer.up ? 1 : 0) } })
+    new Gauge({ name: 'mantle_audit_spool_corrupt_batches', help: 'Spool lines skipped on replay (torn by a crash or failing their checksum)', registers: [metrics], collect () { this.set(spool?.corrupt ?? 0) } })
+    /* eslint-enable no-new */
+  }
+  const enqueue = (entry: AuditEntry): void => writer.enqueue(entry)
+
+  app.decorate('audit', {
+    store,
+    enqueue,
+    health: (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, spoolBytes: writer.spoolBytes, error: writer.error })
+  })
+
+  app.pipeline.addStage({
+    name: 'audit',
+    order: StageOrder.audit,
+    build (op) {
+      const where = endpoints(op)
+      // Not async: the call's own promise is passed on, the entry is built when it settles.
+      return (ctx, next) => {
+        let result: Promise<unknown>
+        try {
+          result = next(ctx)
+        } catch (err) {
+          enqueue(callEntry(ctx, where[ctx.protocol], err))
+          throw err
+        }
+        return result.then(value => {
+          enqueue(callEntry(ctx, where[ctx.protocol], null))
+          return value
+        }, (err: unknown) => {
+          enqueue(callEntry(ctx, where[ctx.protocol], err))
+          throw err
+        })
+      }
+    }
+  })
+
+  /** Tenant and user of a request outside the pipeline, from its token when it has a valid one. */
+  const who = (request: FastifyRequest): { tenant: string, user: string } => {
+    try {
+      const id = app.identify(request.headers.authorization)
+      return { tenant: id.tenant, user: id.user }
+    } catch {
+      return { tenant: 'public', user: 'anonymous' }
+    }
+  }
+  const httpEntry = (request: FastifyRequest, reply: FastifyReply, action: string, category: Category, status: string, statusCode: number): AuditEntry => {
+    const { tenant, user } = who(request)
+    const elapsed = reply.elapsedTime
+    return {
+      id: randomUUID(),
+      requestId: request.id,
+      timestamp: Math.round(Date.now() - elapsed),
+      tenantId: tenant,
+      userId: user,
+      method: request.method,
+      path: request.routeOptions.url ?? null,
+      protocol: protocolOf(request.url),
+      action,
+      category,
+      riskLevel: 'none',
+      status,
+      statusCode,
+      durationMs: Math.round(elapsed * 1000) / 1000,
+      metadata: NO_METADATA as Record<string, unknown>
+    }
+  }
+
+  // A body Fastify refuses before any face sees it (too large, not JSON, malformed JSON) never
+  // becomes an operation call; it is still recorded, as `security`. Errors of the calls
+  // themselves are MantleErrors, recorded by the stage. Unmatched routes (404) are not recorded.
+  app.addHook('onError', (request, reply, error, done) => {
+    const code = (error as { code?: unknown }).code
+    if ((typeof code === 'string' && code.startsWith('FST_ERR_CTP_')) || (error instanceof SyntaxError && (error as { statusCode?: unknown }).statusCode === 400)) {
+      const { problem: p } = toProblem(error, request.id)
+      const schema = request.routeOptions.schema as { operationId?: string } | undefined
+      enqueue(httpEntry(request, reply, schema?.operationId ?? 'http', 'security', p.code, p.status))
+    }
+    done()
+  })
+
+  // The gateway's own audit endpoints are audited too (category admin), refusals included.
+  const adminAudit = (action: string) => (request: FastifyRequest, reply: FastifyReply, done: () => void): void => {
+    const status = reply.statusCode < 400 ? 'ok' : (reply.statusCode === 401 ? 'UNAUTHENTICATED' : reply.statusCode === 403 ? 'FORBIDDEN' : reply.statusCode === 400 ? 'VALIDATION_FAILED' : 'INTERNAL')
+    enqueue(httpEntry(request, reply, action, 'admin', status, reply.statusCode))
+    done()
+  }
+
+  app.get('/admin/audit', {
+    onRequest: app.requireRole('system'),
+    onResponse: adminAudit('admin.audit.query'),
+    schema: {
+      hide: true,
+      querystring: {
+        type: 'object',
+        additionalProperties: false,
+        properties: {
+          tenant: { type: 'string', minLength: 1, maxLength: 256 },
+          from: DateTime,
+          to: DateTime,
+          requestId: { type: 'string', minLength: 1, maxLength: 256 },
+          action: { type: 'string', minLength: 1, maxLength: 256 },
+          status: { type: 'string', minLength: 1, maxLength: 64 },
+          limit: { type: 'integer', minimum: 1, maximum: 500, default: 50 },
+          cursor: { type: 'string', minLength: 1, maxLength: 200 }
+        }
+      },
+      response: {
+        200: { type: 'object', properties: { entries: { type: 'array', items: EntrySchema }, nextCursor: { type: ['string', 'null'] } } },
+        '4xx': problem,
+        '5xx': problem
+      }
+    }
+  }, async (request, reply) => {
+    const q = request.query as { tenant?: string, from?: string, to?: string, requestId?: string, action?: string, status?: string, limit: number, cursor?: string }
+    const query: AuditQuery = { limit: q.limit, tenant: q.tenant, requestId: q.requestId, action: q.action, status: q.status }
+    if (q.from !== undefined) query.from = new Date(q.from)
+    if (q.to !== undefined) query.to = new Date(q.to)
+    if (q.cursor !== undefined) {
+      const seq = decodeCursor(q.cursor)
+      if (seq === null) return badRequest(reply, request, 'input.cursor is not a cursor this endpoint gave')
+      query.beforeSeq = seq
+    }
+    const page = await store.query(query)
+    return {
+      entries: page.entries.map(e => ({ ...e, timestamp: new Date(e.timestamp).toISOString() })),
+      nextCursor: page.nextSeq === null ? null : encodeCursor(page.nextSeq)
+    }
+  })
+
+  app.post('/admin/audit/verify', {
+    onRequest: app.requireRole('system'),
+    onResponse: adminAudit('admin.audit.verify'),
+    schema: {
+      hide: true,
+      body: { type: ['object', 'null'], additionalProperties: false, properties: { from: DateTime, to: DateTime } },
+      response: {
+        200: {
+          type: 'object',
+          properties: {
+            ok: { type: 'boolean' },
+            checked: { type: 'integer' },
+            firstBroken: { anyOf: [{ type: 'null' }, { type: 'object', properties: { id: { type: 'string' }, requestId: { type: 'string' } } }] }
+          }
+        },
+        '4xx': problem,
+        '5xx': problem
+      }
+    }
+  }, async (request, reply) => {
+    const body = (request.body ?? {}) as { from?: string, to?: string }
+    const from = body.from === undefined ? undefined : new Date(body.from)
+    const to = body.to === undefined ? undefined : new Date(body.to)
+    if (from !== undefined && to !== undefined && from > to) return badRequest(reply, request, 'input.from is after input.to')
+    return await store.verify({ from, to })
+  })
+
+  // Retention: the oldest entries go in small batches, each its own short transaction.
+  let pruning = false
+  const prune = async (): Promise<void> => {
+    if (pruning) return
+    pruning = true
+    try {
+      const before = new Date(Date.now() - opts.retentionDays * 86_400_000)
+      let n: number
+      do {
+        n = await store.prune(before, PRUNE_BATCH)
+        if (n > 0) entries?.inc({ outcome: 'pruned' }, n)
+      } while (n === PRUNE_BATCH)
+    } catch (err) {
+      app.log.warn({ err: (err as Error).message }, 'audit retention failed: retried at the next run')
+    } finally {
+      pruning = false
+    }
+  }
+  const retention = setInterval(() => { prune().catch(() => {}) }, opts.retentionIntervalMs ?? 3_600_000)
+  retention.unref()
+  app.addHook('onReady', async () => { prune().catch(() => {}) })
+
+  // Runs after the HTTP server has closed (Fastify closes it in its first onClose): every call
+  // has been answered and enqueued; what is left is stored or spooled before the process ends.
+  app.addHook('onClose', async () => {
+    clearInterval(retention)
+    try {
+      await writer.close()
+    } finally {
+      await spool?.close()
+      await store.close()
+    }
+  })
+}
+
+export default fp(auditPlugin, { name: 'mantle-audit', dependencies: ['mantle-pipeline'], fastify: '5.x' })

@@ -1,0 +1,251 @@
+import pg from 'pg'
+import { type AuditEntry, type AuditPage, type AuditQuery, type AuditStore, type StoredEntry, type VerifyResult, ChainWalker, GENESIS, hashEntry, suffixed } from './entry.js'
+
+// pg directly rather than @fastify/postgres: the audit writer owns the pool's lifetime (its last
+// flush in onClose must run before the pool ends) and must not hold start-up on a database
+// that is down: the gateway starts and spools.
+
+export interface PostgresStoreOptions {
+  databaseUrl: string
+  /** A connection attempt that takes longer fails, and the batch goes to the spool (ms). */
+  connectTimeoutMs?: number
+  /** A query that takes longer fails (ms). */
+  queryTimeoutMs?: number
+}
+
+const COLUMNS = 'id, seq, request_id, "timestamp", hash, previous_hash, tenant_id, user_id, method, path, protocol, action, category, risk_level, status, status_code, duration_ms, metadata'
+
+// One multi-row INSERT for a whole batch (each column travels as one array parameter), and the
+// chain head moved in the same statement.
+const INSERT = `WITH inserted AS (INSERT INTO bff_audit_entries (${COLUMNS})
+SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::text[],
+  $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::integer[], $17::float8[], $18::jsonb[])
+RETURNING 1)
+UPDATE bff_audit_chain SET head_seq = $19, head_hash = $20 WHERE id = 1 AND (SELECT count(*) FROM inserted) = $21`
+
+interface Row {
+  id: string
+  seq: string
+  request_id: string
+  timestamp: Date
+  hash: string
+  previous_hash: string
+  tenant_id: string
+  user_id: string
+  method: string | null
+  path: string | null
+  protocol: StoredEntry['protocol']
+  action: string
+  category: StoredEntry['category']
+  risk_level: StoredEntry['riskLevel']
+  status: string
+  status_code: number
+  duration_ms: number
+  metadata: Record<string, unknown>
+}
+
+function fromRow (r: Row): StoredEntry {
+  return {
+    id: r.id,
+    seq: Number(r.seq),
+    requestId: r.request_id,
+    timestamp: r.timestamp.getTime(),
+    hash: r.hash,
+    previousHash: r.previous_hash,
+    tenantId: r.tenant_id,
+    userId: r.user_id,
+    method: r.method,
+    path: r.path,
+    protocol: r.protocol,
+    action: r.action,
+    category: r.category,
+    riskLevel: r.risk_level,
+    status: r.status,
+    statusCode: r.status_code,
+    durationMs: r.duration_ms,
+    metadata: r.metadata
+  }
+}
+
+/**
+ * The audit trail in PostgreSQL, one hash chain for every gateway instance. A write holds the
+ * chain head's row lock for one transaction: it reads the head, skips entries already stored
+ * (by id: replay is idempotent), suffixes request ids already taken, chains the batch, inserts
+ * it with one statement and moves the head. It never leaves a gap or a fork in the chain; it
+ * never updates or deletes an entry except retention's removal of the oldest.
+ */
+export class PostgresAuditStore implements AuditStore {
+  readonly kind = 'postgres' as const
+  readonly pool: pg.Pool
+
+  constructor (opts: PostgresStoreOptions) {
+    this.pool = new pg.Pool({
+      connectionString: opts.databaseUrl,
+      max: 4,
+      connectionTimeoutMillis: opts.connectTimeoutMs ?? 2000,
+      query_timeout: opts.queryTimeoutMs ?? 10000,
+      idleTimeoutMillis: 10000,
+      keepAlive: true,
+      application_name: 'mantle-audit'
+    })
+    // A connection that breaks (PostgreSQL restarted, network cut), idle or checked out, must not
+    // crash the process: the query in flight fails and its batch is spooled.
+    this.pool.on('error', () => {})
+    this.pool.on('connect', client => { client.on('error', () => {}) })
+  }
+
+  async write (batch: AuditEntry[]): Promise<void> {
+    if (batch.length === 0) return
+    const client = await this.pool.connect()
+    let broken = false
+    try {
+      // One round trip: open the transaction and take the chain head's row lock.
+      const opened = await client.query('BEGIN; SELECT head_seq, head_hash FROM bff_audit_chain WHERE id = 1 FOR UPDATE') as unknown as Array<pg.QueryResult<{ head_seq: string, head_hash: string }>>
+      const head = opened[1]
+      let seq = Number(head.rows[0].head_seq)
+      let prev = head.rows[0].head_hash
+      const known = await client.query<{ id: string, request_id: string }>(
+        'SELECT id, request_id FROM bff_audit_entries WHERE id = ANY($1::uuid[]) OR request_id = ANY($2::text[])',
+        [batch.map(e => e.id), batch.map(e => e.requestId)])
+      const storedIds = new Set(known.rows.map(r => r.id))
+      const taken = new Set(known.rows.map(r => r.request_id))
+      const cols: unknown[][] = Array.from({ length: 18 }, () => [])
+      for (const e of batch) {
+        if (storedIds.has(e.id)) continue
+        storedIds.add(e.id)
+        const requestId = taken.has(e.requestId) ? suffixed(e) : e.requestId
+        taken.add(requestId)
+        seq++
+        const entry = requestId === e.requestId ? e : { ...e, requestId }
+        const hash = hashEntry(prev, seq, entry)
+        const values = [e.id, seq, requestId, new Date(e.timestamp).toISOString(), hash, prev, e.tenantId, e.userId, e.method, e.path,
+          e.protocol, e.action, e.category, e.riskLevel, e.status, e.statusCode, e.durationMs, JSON.stringify(e.metadata)]
+        for (let i = 0; i < 18; i++) cols[i].push(values[i])
+        prev = hash
+      }
+      if (cols[0].length > 0) {
+        const moved = await client.query(INSERT, [...cols, seq, prev, cols[0].length])
+        if (moved.rowCount !== 1) throw new Error('the audit chain head did not move with the batch')
+      }
+      await client.query('COMMIT')
+    } catch (err) {
+      broken = true
+      await client.query('ROLLBACK').catch(() => {})
+      throw err
+    } finally {
+      // A connection that failed mid-transaction is not handed out again.
+      client.release(broken)
+    }
+  }
+
+  /** True when PostgreSQL answers a trivial query. */
+  async ping (): Promise<boolean> {
+    try {
+      await this.pool.query('SELECT 1')
+      return true
+    } catch {
+      return false
+    }
+  }
+
+  async verify (range: { from?: Date, to?: Date }): Promise<VerifyResult> {
+    const client = await this.pool.connect()
+    try {
+      // One snapshot: writers may go on while the walk runs.
+      await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY')
+      const chain = (await client.query<{ head_seq: string, head_hash: string, anchor_seq: string, anchor_hash: string }>(
+        'SELECT head_seq, head_hash, anchor_seq, anchor_hash FROM bff_audit_chain WHERE id = 1')).rows[0]
+      const bounds = (await client.query<{ lo: string | null, hi: string | null }>(
+        `SELECT (SELECT min(seq) FROM bff_audit_entries WHERE $1::timestamptz IS NULL OR "timestamp" >= $1) AS lo,
+                (SELECT max(seq) FROM bff_audit_entries WHERE $2::timestamptz IS NULL OR "timestamp" <= $2) AS hi`,
+        [range.from ?? null, range.to ?? null])).rows[0]
+      if (bounds.lo === null || bounds.hi === null || Number(bounds.hi) < Number(bounds.lo)) return { ok: true, checked: 0, firstBroken: null }
+      const lo = Number(bounds.lo)
+      const hi = Number(bounds.hi)
+      // The anchor: the entry before the range, or the last one retention removed, or the genesis.
+      let anchor = { seq: 0, hash: GENESIS }
+      if (lo - 1 === Number(chain.anchor_seq)) anchor = { seq: lo - 1, hash: chain.anchor_hash }
+      else if (lo > 1) {
+        const before = await client.query<{ seq: string, hash: string }>('SELECT seq, hash FROM bff_audit_entries WHERE seq < $1 ORDER BY seq DESC LIMIT 1', [lo])
+        if (before.rows.length > 0) anchor = { seq: Number(before.rows[0].seq), hash: before.rows[0].hash }
+        else anchor = { seq: Number(chain.anchor_seq), hash: chain.anchor_hash }
+      }
+      const walker = new ChainWalker(anchor.seq, anchor.hash)
+      let last: StoredEntry | null = null
+      let after = lo - 1
+      for (;;) {
+        const page = await client.query<Row>(`SELECT ${COLUMNS} FROM bff_audit_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT 2000`, [after, hi])
+        let going = true
+        for (const row of page.rows) {
+          last = fromRow(row)
+          if (!walker.step(last)) { going = false; break }
+        }
+        if (!going || page.rows.length < 2000) break
+        after = Number(page.rows[page.rows.length - 1].seq)
+      }
+      if (hi === Number((await client.query<{ m: string }>('SELECT max(seq) AS m FROM bff_audit_entries')).rows[0].m)) {
+        walker.endsAt(Number(chain.head_seq), chain.head_hash, last)
+      }
+      return walker.result()
+    } finally {
+      await client.query('COMMIT').catch(() => {})
+      client.release()
+    }
+  }
+
+  async query (q: AuditQuery): Promise<AuditPage> {
+    const where: string[] = []
+    const params: unknown[] = []
+    const add = (sql: string, value: unknown): void => { params.push(value); where.push(sql.replace('?', '$' + params.length)) }
+    if (q.tenant !== undefined) add('tenant_id = ?', q.tenant)
+    if (q.from !== undefined) add('"timestamp" >= ?', q.from)
+    if (q.to !== undefined) add('"timestamp" <= ?', q.to)
+    if (q.requestId !== undefined) {
+      // The request id as sent, or as stored with its collision suffix.
+      params.push(q.requestId, q.requestId.replace(/[\\%_]/g, '\\$&') + '~%')
+      where.push(`(request_id = $${params.length - 1} OR request_id LIKE $${params.length})`)
+    }
+    if (q.action !== undefined) add('action = ?', q.action)
+    if (q.status !== undefined) add('status = ?', q.status)
+    if (q.beforeSeq !== undefined) add('seq < ?', q.beforeSeq)
+    params.push(q.limit + 1)
+    const sql = `SELECT ${COLUMNS} FROM bff_audit_entries ${where.length > 0 ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY seq DESC LIMIT $${params.length}`
+    const rows = (await this.pool.query<Row>(sql, params)).rows.map(fromRow)
+    const more = rows.length > q.limit
+    if (more) rows.pop()
+    return { entries: rows, nextSeq: more ? rows[rows.length - 1].seq : null }
+  }
+
+  /**
+   * Removes the oldest entries (a prefix of the chain, so no gap opens) whose timestamp is before
+   * `before`, at most `limit` in one short transaction, and moves the verification anchor to the
+   * last one removed.
+   */
+  async prune (before: Date, limit: number): Promise<number> {
+    const client = await this.pool.connect()
+    try {
+      await client.query('BEGIN')
+      await client.query('SELECT 1 FROM bff_audit_chain WHERE id = 1 FOR UPDATE')
+      const oldest = await client.query<{ seq: string, hash: string, old: boolean }>(
+        'SELECT seq, hash, "timestamp" < $1 AS old FROM bff_audit_entries ORDER BY seq LIMIT $2', [before, limit])
+      let n = 0
+      while (n < oldest.rows.length && oldest.rows[n].old) n++
+      if (n > 0) {
+        const last = oldest.rows[n - 1]
+        await client.query('DELETE FROM bff_audit_entries WHERE seq <= $1', [last.seq])
+        await client.query('UPDATE bff_audit_chain SET anchor_seq = $1, anchor_hash = $2 WHERE id = 1', [last.seq, last.hash])
+      }
+      await client.query('COMMIT')
+      return n
+    } catch (err) {
+      await client.query('ROLLBACK').catch(() => {})
+      throw err
+    } finally {
+      client.release()
+    }
+  }
+
+  async close (): Promise<void> {
+    await this.pool.end()
+  }
+}

@@ -1,0 +1,182 @@
+import { open, readFile, rename, mkdir, writeFile, unlink, type FileHandle } from 'node:fs/promises'
+import { createHash } from 'node:crypto'
+import { join } from 'node:path'
+import type { AuditEntry } from './entry.js'
+
+// An append-only file of batches, one JSON line each with its count and a SHA-256 of its
+// entries, written with one fsync per batch. Written by hand: it is the gateway's own
+// write-ahead log for the audit trail, and no library keeps these guarantees for us.
+
+export const SPOOL_FILE = 'audit.spool'
+const LOCK_FILE = 'audit.lock'
+
+interface SpoolLine { n: number, sum: string, entries: AuditEntry[] }
+
+const checksum = (json: string): string => createHash('sha256').update(json).digest('hex')
+
+export class SpoolInUseError extends Error {}
+
+/**
+ * Guarantees: a batch `append` resolved for is on disk; batches are read back in the order they
+ * were appended; `drain` removes a batch only after its handler resolved (the store committed),
+ * so a crash at any point replays it again rather than losing it. A torn last line (a crash
+ * mid-write) and a line whose checksum fails are skipped and counted, never replayed half.
+ */
+export class Spool {
+  private fh: FileHandle | null = null
+  private bytes = 0
+  // Appends, drains and compaction run one after another.
+  private chain: Promise<unknown> = Promise.resolve()
+  /** Bytes at the start of the file already committed to the store by this process. */
+  private done = 0
+  corrupt = 0
+
+  private constructor (readonly dir: string) {}
+
+  get path (): string { return join(this.dir, SPOOL_FILE) }
+  /** Bytes waiting to be replayed. */
+  get size (): number { return this.bytes - this.done }
+
+  /**
+   * Opens the spool of `dir`, taking its lock file: two processes on one spool would replay each
+   * other's batches. A lock left by a process that is gone is taken over.
+   */
+  static async open (dir: string): Promise<Spool> {
+    await mkdir(dir, { recursive: true })
+    const lock = join(dir, LOCK_FILE)
+    try {
+      await writeFile(lock, String(process.pid), { flag: 'wx' })
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
+      const owner = Number(await readFile(lock, 'utf8').catch(() => ''))
+      if (Number.isInteger(owner) && owner > 0 && alive(owner)) {
+        throw new SpoolInUseError(`BFF_AUDIT_SPOOL_DIR=${dir} is in use by process ${owner}: give each gateway instance its own spool directory`)
+      }
+      await writeFile(lock, String(process.pid))
+    }
+    const spool = new Spool(dir)
+    spool.fh = await open(spool.path, 'a+')
+    spool.bytes = (await spool.fh.stat()).size
+    await spool.cutTornTail()
+    return spool
+  }
+
+  /** A crash mid-append leaves a line without its newline: cut it, or the next batch would join it. */
+  private async cutTornTail (): Promise<void> {
+    if (this.bytes === 0 || this.fh === null) return
+    const tail = Buffer.alloc(Math.min(this.bytes, 1 << 20))
+    await this.fh.read(tail, 0, tail.length, this.bytes - tail.length)
+    if (tail[tail.length - 1] === 10) return
+    const nl = tail.lastIndexOf(10)
+    const keep = nl === -1 ? (tail.length === this.bytes ? 0 : this.bytes) : this.bytes - tail.length + nl + 1
+    if (keep === this.bytes) return
+    await this.fh.truncate(keep)
+    this.bytes = keep
+    this.corrupt++
+  }
+
+  private serial<T> (fn: () => Promise<T>): Promise<T> {
+    const run = this.chain.then(fn, fn)
+    this.chain = run.catch(() => {})
+    return run
+  }
+
+  /** Appends one batch and fsyncs it. */
+  async append (batch: AuditEntry[]): Promise<void> {
+    await this.appendMany([batch])
+  }
+
+  /** Appends batches, one line each, with one fsync for them all. */
+  async appendMany (batches: AuditEntry[][]): Promise<void> {
+    const text = batches.map(batch => {
+      const entries = JSON.stringify(batch)
+      return `{"n":${batch.length},"sum":"${checksum(entries)}","entries":${entries}}\n`
+    }).join('')
+    await this.serial(async () => {
+      const fh = this.fh
+      if (fh === null) throw new Error('the audit spool is closed')
+      await fh.write(text)
+      await fh.datasync()
+      this.bytes += Buffer.byteLength(text)
+    })
+  }
+
+  /**
+   * Hands each batch not yet replayed to `commit`, in order. When every batch is committed the
+   * replayed part is cut from the file (what was appended meanwhile stays); when `commit` throws,
+   * the rest stays for the next drain. Returns the entries replayed.
+   */
+  async drain (commit: (batch: AuditEntry[]) => Promise<void>): Promise<number> {
+    const start = this.done
+    const end = this.bytes
+    const fh = this.fh
+    if (end <= start || fh === null) return 0
+    // Appends only ever write past `end`: reading up to it needs no lock.
+    const buf = Buffer.alloc(end - start)
+    await fh.read(buf, 0, buf.length, start)
+    let pos = 0
+    let replayed = 0
+    while (pos < buf.length) {
+      const nl = buf.indexOf(10, pos)
+      if (nl === -1) break
+      const line = parse(buf.subarray(pos, nl).toString('utf8'))
+      if (line === null) this.corrupt++
+      else {
+        await commit(line.entries)
+        replayed += line.entries.length
+      }
+      pos = nl + 1
+      this.done = start + pos
+    }
+    await this.serial(async () => { await this.compact() })
+    return replayed
+  }
+
+  /** Cuts the replayed part: truncates, or rewrites what was appended since through a rename. */
+  private async compact (): Promise<void> {
+    const fh = this.fh
+    if (fh === null || this.done === 0) return
+    if (this.bytes === this.done) {
+      await fh.truncate(0)
+      await fh.datasync()
+    } else {
+      const rest = Buffer.alloc(this.bytes - this.done)
+      await fh.read(rest, 0, rest.length, this.done)
+      const tmp = this.path + '.tmp'
+      await writeFile(tmp, rest, { flush: true })
+      await fh.close()
+      await rename(tmp, this.path)
+      this.fh = await open(this.path, 'a+')
+    }
+    this.bytes -= this.done
+    this.done = 0
+  }
+
+  async close (): Promise<void> {
+    await this.serial(async () => {
+      await this.fh?.close()
+      this.fh = null
+      await unlink(join(this.dir, LOCK_FILE)).catch(() => {})
+    })
+  }
+}
+
+function parse (text: string): SpoolLine | null {
+  try {
+    const line = JSON.parse(text) as SpoolLine
+    if (!Array.isArray(line.entries) || line.entries.length !== line.n || checksum(JSON.stringify(line.entries)) !== line.sum) return null
+    return line
+  } catch {
+    return null
+  }
+}
+
+function alive (pid: number): boolean {
+  if (pid === process.pid) return true
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM'
+  }
+}

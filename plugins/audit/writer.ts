@@ -1,0 +1,182 @@
+import type { AuditEntry, AuditStore } from './entry.js'
+import type { Spool } from './spool.js'
+
+export interface WriterHooks {
+  /** A batch reached the store: its size and how long the write took (s). */
+  stored?: (n: number, seconds: number) => void
+  spooled?: (n: number) => void
+  replayed?: (n: number) => void
+  failed?: (err: Error) => void
+}
+
+export interface WriterOptions {
+  store: AuditStore
+  /** null for the memory store, which cannot fail. */
+  spool: Spool | null
+  batchSize: number
+  queueMax: number
+  /** The writer flushes at least this often (ms). */
+  intervalMs?: number
+  log: { warn: (obj: object, msg: string) => void, info: (msg: string) => void, error: (obj: object, msg: string) => void }
+  hooks?: WriterHooks
+}
+
+const MAX_BACKOFF_MS = 2000
+
+/**
+ * Takes entries off the hot path: `enqueue` only pushes to a bounded array. One flush at a time
+ * writes batches to the store; while the store fails (or the spool still holds batches, so that
+ * order is kept) batches go to the spool, which is replayed once the store answers again. A full
+ * queue is spooled at once. Guarantees: an entry enqueued is stored or spooled (fsynced) before
+ * `close` resolves; it is never dropped.
+ */
+export class AuditWriter {
+  private queue: AuditEntry[] = []
+  private flushing: Promise<void> | null = null
+  private readonly timer: NodeJS.Timeout
+  private kicked = false
+  private closed = false
+  private retryAt = 0
+  private backoff = 0
+  private storeUp = true
+  private lastError: string | null = null
+  private readonly intervalMs: number
+
+  constructor (private readonly opts: WriterOptions) {
+    this.intervalMs = opts.intervalMs ?? 50
+    this.timer = setInterval(() => this.tick(), this.intervalMs)
+    this.timer.unref()
+  }
+
+  get depth (): number { return this.queue.length }
+  get up (): boolean { return this.storeUp }
+  get spoolBytes (): number { return this.opts.spool?.size ?? 0 }
+  get error (): string | null { return this.lastError }
+
+  enqueue (entry: AuditEntry): void {
+    const queue = this.queue
+    queue.push(entry)
+    if (queue.length >= this.opts.queueMax) this.overflow()
+    else if (queue.length >= this.opts.batchSize && !this.kicked) {
+      this.kicked = true
+      setImmediate(() => { this.kicked = false; this.tick() })
+    }
+  }
+
+  /** The queue is full: it goes to disk (or, for memory, straight to the store) now. */
+  private overflow (): void {
+    const batch = this.queue
+    this.queue = []
+    const spool = this.opts.spool
+    if (spool === null) {
+      this.opts.store.write(batch).catch(err => this.fail(err as Error))
+      return
+    }
+    // Lines of at most one batch each: a replay never writes more than a batch per transaction.
+    const size = this.opts.batchSize
+    const lines: AuditEntry[][] = []
+    for (let i = 0; i < batch.length; i += size) lines.push(batch.slice(i, i + size))
+    spool.appendMany(lines).then(() => this.opts.hooks?.spooled?.(batch.length), (err: Error) => {
+      // The disk refused too: keep the entries in memory, at the front, for the next flush.
+      this.opts.log.error({ err: err.message }, 'audit spool write failed')
+      this.queue = batch.concat(this.queue)
+    })
+  }
+
+  private tick (): void {
+    if (this.flushing !== null) return
+    const spool = this.opts.spool
+    if (this.queue.length === 0 && (spool === null || spool.size === 0)) return
+    this.flushing = this.run().catch(() => {}).finally(() => { this.flushing = null })
+  }
+
+  /** Replays the spool when it is due, then writes the queue batch by batch. */
+  private async run (): Promise<void> {
+    const spool = this.opts.spool
+    if (spool !== null && spool.size > 0 && Date.now() >= this.retryAt) await this.replay(spool)
+    while (this.queue.length > 0) {
+      const batch = this.queue.length <= this.opts.batchSize ? this.queue : this.queue.slice(0, this.opts.batchSize)
+      this.queue = batch === this.queue ? [] : this.queue.slice(this.opts.batchSize)
+      await this.deliver(batch)
+    }
+  }
+
+  private async replay (spool: Spool): Promise<void> {
+    try {
+      const n = await spool.drain(async batch => { await this.opts.store.write(batch) })
+      if (n > 0) this.opts.log.info(`audit spool replayed: ${n} entries`)
+      this.opts.hooks?.replayed?.(n)
+      this.recovered()
+    } catch (err) {
+      this.fail(err as Error)
+    }
+  }
+
+  private async deliver (batch: AuditEntry[]): Promise<void> {
+    const spool = this.opts.spool
+    if (spool === null || (spool.size === 0 && Date.now() >= this.retryAt)) {
+      const started = performance.now()
+      try {
+        await this.opts.store.write(batch)
+        this.opts.hooks?.stored?.(batch.length, (performance.now() - started) / 1000)
+        this.recovered()
+        return
+      } catch (err) {
+        this.fail(err as Error)
+        if (spool === null) return
+      }
+    }
+    try {
+      await spool.append(batch)
+      this.opts.hooks?.spooled?.(batch.length)
+    } catch (err) {
+      this.opts.log.error({ err: (err as Error).message }, 'audit spool write failed')
+      this.queue = batch.concat(this.queue)
+      throw err
+    }
+  }
+
+  private recovered (): void {
+    if (!this.storeUp) this.opts.log.info('audit store is back')
+    this.storeUp = true
+    this.backoff = 0
+    this.retryAt = 0
+    this.lastError = null
+  }
+
+  private fail (err: Error): void {
+    if (this.storeUp) this.opts.log.warn({ err: err.message }, 'audit store write failed: spooling to disk until it is back')
+    this.storeUp = false
+    this.lastError = err.message
+    this.backoff = Math.min(this.backoff === 0 ? 100 : this.backoff * 2, MAX_BACKOFF_MS)
+    this.retryAt = Date.now() + this.backoff
+    this.opts.hooks?.failed?.(err)
+  }
+
+  /**
+   * Writes everything still queued: to the store when it is up, else to the spool. Retries the
+   * spool's replay once while the store is up.
+   */
+  async close (): Promise<void> {
+    if (this.closed) return
+    this.closed = true
+    clearInterval(this.timer)
+    // A flush already running finishes first; then whatever came meanwhile.
+    for (let i = 0; i < 3 && (this.flushing !== null || this.queue.length > 0); i++) {
+      if (this.flushing !== null) await this.flushing.catch(() => {})
+      else this.tick()
+    }
+    if (this.flushing !== null) await this.flushing.catch(() => {})
+    if (this.queue.length > 0) {
+      const spool = this.opts.spool
+      const rest = this.queue
+      this.queue = []
+      if (spool === null) await this.opts.store.write(rest)
+      else {
+        const lines: AuditEntry[][] = []
+        for (let i = 0; i < rest.length; i += this.opts.batchSize) lines.push(rest.slice(i, i + this.opts.batchSize))
+        await spool.appendMany(lines)
+      }
+    }
+  }
+}

@@ -1,0 +1,32 @@
+// npm run migrate [-- up | down [version] | status]: the audit database's schema, with the
+// same migrations the gateway runs at start-up outside production. Reads DATABASE_URL.
+import { migrate, migrationStatus } from '../plugins/audit/migrations.js'
+
+export async function main (argv: string[], env: Record<string, string | undefined> = process.env): Promise<string> {
+  const url = env.DATABASE_URL
+  if (url === undefined || url === '') throw new Error('DATABASE_URL is not set')
+  const [command = 'up', arg] = argv
+  if (command === 'status') {
+    const s = await migrationStatus(url)
+    return `version ${s.current} of ${s.max}; pending: ${s.pending.length === 0 ? 'none' : s.pending.join(', ')}`
+  }
+  if (command === 'up') {
+    const r = await migrate(url)
+    return `migrated up from ${r.from} to ${r.to}${r.ran.length > 0 ? ': ' + r.ran.join(', ') : ' (nothing to do)'}`
+  }
+  if (command === 'down') {
+    const s = await migrationStatus(url)
+    const target = arg === undefined ? Math.max(0, s.current - 1) : Number(arg)
+    if (!Number.isInteger(target) || target < 0 || target > s.current) throw new Error(`down needs a version from 0 to ${s.current}, not ${arg}`)
+    const r = await migrate(url, target)
+    return `migrated down from ${r.from} to ${r.to}${r.ran.length > 0 ? ': ' + r.ran.join(', ') : ' (nothing to do)'}`
+  }
+  throw new Error(`unknown command ${command}: use up, down [version] or status`)
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) {
+  main(process.argv.slice(2)).then(out => { process.stdout.write(out + '\n') }, (err: Error) => {
+    process.stderr.write(`migrate: ${err.message}\n`)
+    process.exitCode = 1
+  })
+}

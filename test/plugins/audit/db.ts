@@ -1,0 +1,66 @@
+import pg from 'pg'
+import { randomUUID } from 'node:crypto'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+export const PG_URL = process.env.TEST_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test'
+export const PG_PORT = Number(new URL(PG_URL).port || 5432)
+
+/** The server's URL with another database (and optionally another port: a proxy in front). */
+export function databaseUrl (name: string, port = PG_PORT): string {
+  const url = new URL(PG_URL)
+  url.pathname = '/' + name
+  url.port = String(port)
+  return url.toString()
+}
+
+/** True when the shared PostgreSQL answers. With CI=true a missing server fails the test file. */
+export async function postgresAvailable (): Promise<boolean> {
+  const client = new pg.Client({ connectionString: PG_URL, connectionTimeoutMillis: 2000 })
+  try {
+    await client.connect()
+    return true
+  } catch (err) {
+    if (process.env.CI === 'true') throw err
+    return false
+  } finally {
+    await client.end().catch(() => {})
+  }
+}
+
+/** A fresh database for one test file, dropped at teardown. Returns its name. */
+export async function createTestDatabase (t: Teardown): Promise<string> {
+  const name = 'mantle_t_' + randomUUID().replace(/-/g, '').slice(0, 16)
+  const admin = new pg.Client({ connectionString: PG_URL })
+  await admin.connect()
+  await admin.query(`CREATE DATABASE ${name}`)
+  await admin.end()
+  t.teardown(async () => {
+    const c = new pg.Client({ connectionString: PG_URL })
+    await c.connect()
+    await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
+    await c.end()
+  })
+  return name
+}
+
+/** Runs one query on its own connection. */
+export async function sql<T extends pg.QueryResultRow = Record<string, unknown>> (url: string, text: string, params: unknown[] = []): Promise<T[]> {
+  const client = new pg.Client({ connectionString: url })
+  await client.connect()
+  try {
+    return (await client.query<T>(text, params)).rows
+  } finally {
+    await client.end()
+  }
+}
+
+/** A spool directory of its own for one gateway, removed at teardown. */
+export function spoolDir (t: Teardown): string {
+  const dir = mkdtempSync(join(tmpdir(), 'mantle-audit-test-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  return dir
+}

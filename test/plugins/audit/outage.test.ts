@@ -1,0 +1,146 @@
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { spawn } from 'node:child_process'
+import { once } from 'node:events'
+import { fileURLToPath } from 'node:url'
+import { existsSync, statSync } from 'node:fs'
+import { join } from 'node:path'
+import { buildApp } from '../../../app.js'
+import { startKernel } from '../../../kernel/server.js'
+import { testConfig, bearer, until, SECRET } from '../../helper.js'
+import { startTcpProxy } from '../../proxy.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_PORT } from './db.js'
+
+const root = fileURLToPath(new URL('../../../', import.meta.url))
+const available = await postgresAvailable()
+if (!available) t.comment('PostgreSQL is not reachable on 127.0.0.1:5432: skipped (CI fails instead)')
+
+const rowsOf = async (url: string): Promise<string[]> => (await sql<{ request_id: string }>(url, 'SELECT request_id FROM bff_audit_entries')).map(r => r.request_id)
+
+if (available) {
+  t.test('PostgreSQL cut mid-load: calls go on, entries are spooled, and after the cut every entry is stored exactly once', async t => {
+    const name = await createTestDatabase(t)
+    const direct = databaseUrl(name)
+    const proxy = await startTcpProxy(t, PG_PORT)
+    const kernel = await startKernel({ port: 0, runDelayMs: 1 })
+    t.teardown(() => kernel.close())
+    const dir = spoolDir(t)
+    const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: databaseUrl(name, proxy.port), BFF_AUDIT_SPOOL_DIR: dir, BFF_AUDIT_BATCH_SIZE: 20 }),
+      { logger: false, kernelUrl: kernel.url, audit: { connectTimeoutMs: 300 } })
+    t.teardown(() => app.close())
+    await app.ready()
+
+    const run = randomUUID()
+    const sent: string[] = []
+    const statuses: number[] = []
+    const load = async (from: number, to: number): Promise<void> => {
+      for (let i = from; i < to; i += 10) {
+        await Promise.all(Array.from({ length: 10 }, async (_, k) => {
+          const id = `${run}-${i + k}`
+          sent.push(id)
+          const res = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: { ...bearer(), 'x-request-id': id } })
+          statuses.push(res.statusCode)
+        }))
+      }
+    }
+    await load(0, 100)
+    proxy.cut('reset')
+    await load(100, 200)
+    await until(() => app.audit.health().spoolBytes > 0, 'entries in the spool')
+    t.equal(app.audit.health().up, false)
+    const ready = await app.inject({ method: 'GET', url: '/readyz' })
+    t.equal(ready.statusCode, 503)
+    t.match(ready.json(), { failing: ['postgres'], checks: { postgres: /^down \(audit spooling, \d+ bytes\)$/ } })
+    t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_audit_store_up 0/)
+    // A server that hangs rather than refuses: connection attempts time out, the spool takes over.
+    proxy.cut('stall')
+    await load(200, 300)
+    t.ok(statuses.every(s => s === 200), 'every call succeeded during the outage')
+
+    proxy.restore()
+    for (let i = 0; i < 1500; i++) {
+      if ((await rowsOf(direct)).length >= 300 && app.audit.health().spoolBytes === 0) break
+      await new Promise(resolve => setTimeout(resolve, 20))
+    }
+    const rows = await rowsOf(direct)
+    t.equal(rows.length, 300, 'count equals calls')
+    t.same(rows.sort(), sent.sort(), 'each call once, none twice')
+    await until(() => app.audit.health().up, 'the store to be up')
+    t.equal(app.audit.health().spoolBytes, 0, 'the spool is empty once replayed')
+    t.equal(statSync(join(dir, 'audit.spool')).size, 0)
+    const verify = await app.inject({ method: 'POST', url: '/admin/audit/verify', headers: bearer() })
+    t.same(verify.json(), { ok: true, checked: 300, firstBroken: null })
+    t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_audit_entries_total\{outcome="replayed"\} [1-9]/)
+  })
+
+  t.test('a gateway that starts while PostgreSQL is down spools, then migrates and replays once it is back', async t => {
+    const name = await createTestDatabase(t)
+    const proxy = await startTcpProxy(t, PG_PORT)
+    proxy.cut('reset')
+    const kernel = await startKernel({ port: 0, runDelayMs: 1 })
+    t.teardown(() => kernel.close())
+    const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: databaseUrl(name, proxy.port), BFF_AUDIT_SPOOL_DIR: spoolDir(t) }),
+      { logger: false, kernelUrl: kernel.url, audit: { connectTimeoutMs: 300 } })
+    t.teardown(() => app.close())
+    await app.ready()
+    const ids = Array.from({ length: 20 }, (_, i) => `down-${i}`)
+    for (const id of ids) t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: { ...bearer(), 'x-request-id': id } })).statusCode, 200)
+    await until(() => app.audit.health().spoolBytes > 0, 'entries in the spool')
+    proxy.restore()
+    const direct = databaseUrl(name)
+    for (let i = 0; i < 1500; i++) {
+      const tables = await sql(direct, "SELECT 1 FROM pg_tables WHERE tablename = 'bff_audit_entries'")
+      if (tables.length > 0 && (await rowsOf(direct)).length >= 20) break
+      await new Promise(resolve => setTimeout(resolve, 20))
+    }
+    t.same((await rowsOf(direct)).sort(), ids.sort())
+  })
+
+  t.test('SIGTERM during load loses no entry', async t => {
+    const name = await createTestDatabase(t)
+    const url = databaseUrl(name)
+    const dir = spoolDir(t)
+    const child = spawn(process.execPath, ['--import', 'tsx', 'server.ts'], {
+      cwd: root,
+      env: { PATH: process.env.PATH, NODE_ENV: 'test', PORT: '0', LOG_LEVEL: 'warn', BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: dir, BFF_AUDIT_BATCH_SIZE: '50' },
+      stdio: ['ignore', 'pipe', 'pipe']
+    })
+    let out = ''
+    child.stdout.on('data', (d: Buffer) => { out += d.toString() })
+    child.stderr.on('data', (d: Buffer) => { out += d.toString() })
+    t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL') })
+    await until(() => /listening on (http:\S+)/.test(out) || child.exitCode !== null, 'the gateway to listen', 60_000)
+    const base = /listening on (http:\S+)/.exec(out)?.[1]
+    if (base === undefined) throw new Error('server.ts did not start: ' + out)
+
+    const answered: string[] = []
+    const state = { stop: false }
+    let n = 0
+    const auth = bearer()
+    const worker = async (w: number): Promise<void> => {
+      while (!state.stop) {
+        const id = `sig-${w}-${n++}`
+        try {
+          const res = await fetch(`${base}/api/v1/agents/a1`, { headers: { ...auth, 'x-request-id': id } })
+          await res.arrayBuffer()
+          if (res.status === 200) answered.push(id)
+        } catch {
+          return // the server is gone
+        }
+      }
+    }
+    const workers = Array.from({ length: 8 }, async (_, w) => await worker(w))
+    await until(() => answered.length >= 300, 'load to be under way', 60_000)
+    child.kill('SIGTERM')
+    const [code] = await once(child, 'exit')
+    state.stop = true
+    await Promise.all(workers)
+    t.equal(code, 0, 'a clean exit')
+    const rows = await rowsOf(url)
+    const stored = new Set(rows)
+    t.equal(stored.size, rows.length, 'no entry twice')
+    t.same(answered.filter(id => !stored.has(id)), [], 'every answered call has its entry')
+    t.ok(rows.length >= answered.length)
+    t.notOk(existsSync(join(dir, 'audit.lock')), 'the spool lock is released')
+  })
+}

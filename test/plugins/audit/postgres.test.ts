@@ -1,0 +1,292 @@
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import type { FastifyInstance } from 'fastify'
+import { buildApp } from '../../../app.js'
+import { ConfigError } from '../../../schemas/config.js'
+import { startKernel } from '../../../kernel/server.js'
+import { testConfig, bearer, until, SECRET } from '../../helper.js'
+import { connect } from '../../adapters/websocket-helper.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir } from './db.js'
+import { main as migrateMain } from '../../../scripts/migrate.js'
+import type { AuditEntry } from '../../../plugins/audit/index.js'
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+/** A gateway on the demo Kernel whose audit trail is the database `url`. */
+async function pgApp (t: Teardown, url: string, env: Record<string, string | number | boolean> = {}, kernelUrl?: string): Promise<FastifyInstance> {
+  if (kernelUrl === undefined) {
+    const kernel = await startKernel({ port: 0, runDelayMs: 1 })
+    t.teardown(() => kernel.close())
+    kernelUrl = kernel.url
+  }
+  const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t), ...env }), { logger: false, kernelUrl, audit: { retentionIntervalMs: 100 } })
+  t.teardown(() => app.close())
+  await app.ready()
+  return app
+}
+
+const count = async (url: string): Promise<number> => Number((await sql<{ n: string }>(url, 'SELECT count(*) AS n FROM bff_audit_entries'))[0].n)
+
+async function verify (app: FastifyInstance, body: Record<string, unknown> = {}): Promise<{ ok: boolean, checked: number, firstBroken: { id: string, requestId: string } | null }> {
+  const res = await app.inject({ method: 'POST', url: '/admin/audit/verify', headers: bearer(), payload: body })
+  if (res.statusCode !== 200) throw new Error(res.body)
+  return res.json()
+}
+
+/** `n` REST calls with request ids of their own; resolves when every entry is in the table. */
+async function restCalls (app: FastifyInstance, url: string, n: number, prefix = randomUUID()): Promise<string[]> {
+  const ids = Array.from({ length: n }, (_, i) => `${prefix}-${i}`)
+  for (const id of ids) {
+    const res = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: { ...bearer(), 'x-request-id': id } })
+    if (res.statusCode !== 200) throw new Error(res.body)
+  }
+  return ids
+}
+
+const available = await postgresAvailable()
+if (!available) t.comment('PostgreSQL is not reachable on 127.0.0.1:5432: skipped (CI fails instead)')
+
+if (available) {
+  t.test('every call on every face, refusals and failures included, gives exactly one row with its request id; the chain verifies', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    const app = await pgApp(t, url)
+    await app.listen({ port: 0, host: '127.0.0.1' })
+    const port = (app.server.address() as { port: number }).port
+    const run = randomUUID()
+    const expected: string[] = []
+    const rid = (name: string): Record<string, string> => ({ 'x-request-id': `${run}-${name}` })
+
+    for (let i = 0; i < 3; i++) {
+      const res = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: { ...bearer(), ...rid(`rest${i}`) } })
+      t.equal(res.statusCode, 200)
+      expected.push(`${run}-rest${i}`)
+    }
+    const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: { ...bearer(), ...rid('batch') }, payload: { calls: [{ id: 'a', op: 'getAgent', input: { id: 'a1' } }, { id: 'b', op: 'listAgents', input: {} }] } })
+    t.equal(batch.statusCode, 200)
+    expected.push(`${run}-batch.0`, `${run}-batch.1`)
+    const trpc = await app.inject({ method: 'GET', url: `/trpc/getAgent?input=${encodeURIComponent('{"id":"a1"}')}`, headers: { ...bearer(), ...rid('trpc') } })
+    t.equal(trpc.statusCode, 200)
+    expected.push(`${run}-trpc`)
+    const gql = await app.inject({ method: 'POST', url: '/graphql', headers: { ...bearer(), ...rid('gql') }, payload: { query: '{ a: getAgent(id: "a1") { id } b: getAgent(id: "a2") { id } }' } })
+    t.equal(gql.statusCode, 200)
+    expected.push(`${run}-gql.0`, `${run}-gql.1`)
+    const ws = await connect(t, `ws://127.0.0.1:${port}/ws`)
+    t.ok('result' in await ws.request({ id: '1', op: 'getAgent', input: { id: 'a1' } }))
+    t.ok('result' in await ws.request({ id: '2', op: 'listAgents', input: {} }))
+    ws.ws.close()
+
+    // Refused, failed and invalid calls are recorded too.
+    const denied = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: rid('noauth') })
+    t.equal(denied.statusCode, 401)
+    const forbidden = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: { ...bearer({ roles: [] }), ...rid('forbidden') }, payload: { prompt: 'hi' } })
+    t.equal(forbidden.statusCode, 403)
+    const missing = await app.inject({ method: 'GET', url: '/api/v1/agents/nope', headers: { ...bearer(), ...rid('missing') } })
+    t.equal(missing.statusCode, 404)
+    const invalid = await app.inject({ method: 'GET', url: '/api/v1/agents?limit=1000', headers: { ...bearer(), ...rid('invalid') } })
+    t.equal(invalid.statusCode, 400)
+    const malformed = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: { ...bearer(), ...rid('malformed'), 'content-type': 'application/json' }, payload: '{"prompt":' })
+    t.equal(malformed.statusCode, 400)
+    expected.push(`${run}-noauth`, `${run}-forbidden`, `${run}-missing`, `${run}-invalid`, `${run}-malformed`)
+
+    // 15 calls with known ids, 2 WebSocket calls whose ids the face makes.
+    let rows: Array<{ request_id: string, protocol: string, category: string, status: string, status_code: number, tenant_id: string, metadata: unknown }> = []
+    const total = expected.length + 2
+    for (let i = 0; i < 500 && rows.length < total; i++) {
+      rows = await sql(url, 'SELECT request_id, protocol, category, status, status_code, tenant_id, metadata FROM bff_audit_entries ORDER BY seq')
+      if (rows.length < total) await new Promise(resolve => setTimeout(resolve, 20))
+    }
+    t.equal(rows.length, total, 'exactly one row per call')
+    t.same(rows.filter(r => r.protocol !== 'websocket').map(r => r.request_id).sort(), [...expected].sort(), 'with their request ids')
+    t.equal(rows.filter(r => r.protocol === 'websocket').length, 2)
+    t.same([...new Set(rows.map(r => r.protocol))].sort(), ['batch', 'graphql', 'rest', 'trpc', 'websocket'])
+    const by = (name: string) => rows.find(r => r.request_id === `${run}-${name}`)
+    t.match(by('rest0'), { category: 'read', status: 'ok', status_code: 200, tenant_id: 't1' })
+    t.match(by('noauth'), { category: 'auth', status: 'UNAUTHENTICATED', status_code: 401, tenant_id: 'public' })
+    t.match(by('forbidden'), { category: 'auth', status: 'FORBIDDEN', status_code: 403 })
+    t.match(by('missing'), { category: 'read', status: 'NOT_FOUND', status_code: 404 })
+    t.match(by('invalid'), { category: 'read', status: 'VALIDATION_FAILED', status_code: 400 })
+    t.match(by('malformed'), { category: 'security', status: 'VALIDATION_FAILED', status_code: 400 })
+    const raw = JSON.stringify(await sql(url, 'SELECT * FROM bff_audit_entries'))
+    t.notMatch(raw, /hi"|Bearer|eyJ/, 'no payload and no token in the table')
+
+    t.same(await verify(app), { ok: true, checked: total, firstBroken: null })
+    t.match((await app.inject({ method: 'GET', url: '/readyz' })).json(), { status: 'ready', checks: { postgres: 'up' } })
+    const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
+    t.match(metrics, /mantle_audit_queue_depth \d+/)
+    t.match(metrics, /mantle_audit_entries_total\{outcome="stored"\} \d+/)
+    t.match(metrics, /mantle_audit_flush_duration_seconds_count \d+/)
+    t.match(metrics, /mantle_audit_spool_bytes 0/)
+  })
+
+  t.test('GET /admin/audit filters by tenant, time, request id, action and status, a page at a time', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    const app = await pgApp(t, url)
+    const prefix = randomUUID()
+    await restCalls(app, url, 5, prefix)
+    for (let i = 0; i < 2; i++) await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer({ tenant: 'other' }) })
+    await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: { ...bearer(), 'x-request-id': `${prefix}-0` } })
+    await app.inject({ method: 'GET', url: '/api/v1/agents/nope', headers: bearer() })
+    await until(() => app.audit.health().queueDepth === 0, 'the queue to drain')
+    await new Promise(resolve => setTimeout(resolve, 100))
+    const get = async (query: string): Promise<{ entries: Array<Record<string, any>>, nextCursor: string | null }> => {
+      const res = await app.inject({ method: 'GET', url: '/admin/audit?' + query, headers: bearer() })
+      t.equal(res.statusCode, 200, query)
+      return res.json()
+    }
+    t.equal((await get('tenant=other')).entries.length, 2)
+    const same = await get(`requestId=${prefix}-0`)
+    t.equal(same.entries.length, 2, 'a request id that came twice: the second is stored with a suffix and still found')
+    t.match(same.entries[0].requestId, new RegExp(`^${prefix}-0~[0-9a-f-]{36}$`))
+    t.equal(same.entries[1].requestId, `${prefix}-0`)
+    t.equal((await get('status=NOT_FOUND')).entries.length, 1)
+    t.equal((await get('action=getAgent&tenant=t1')).entries.length, 7)
+    t.equal((await get('from=2000-01-01T00:00:00Z&to=2001-01-01T00:00:00Z')).entries.length, 0)
+    t.ok((await get(`from=${encodeURIComponent(new Date(Date.now() - 60_000).toISOString())}&action=getAgent`)).entries.length >= 9)
+
+    const seen: string[] = []
+    let cursor: string | null = null
+    let pages = 0
+    do {
+      const page = await get('action=getAgent&limit=4' + (cursor === null ? '' : '&cursor=' + cursor))
+      seen.push(...page.entries.map(e => e.id as string))
+      cursor = page.nextCursor
+      pages++
+    } while (cursor !== null)
+    t.equal(pages, 3)
+    t.equal(new Set(seen).size, 9, 'every entry once across pages, newest first')
+
+    const bad = await app.inject({ method: 'GET', url: '/admin/audit?cursor=garbage', headers: bearer() })
+    t.equal(bad.statusCode, 400)
+    t.equal(bad.json().code, 'VALIDATION_FAILED')
+    t.equal((await app.inject({ method: 'GET', url: '/admin/audit?limit=501', headers: bearer() })).statusCode, 400)
+    t.equal((await app.inject({ method: 'GET', url: '/admin/audit?from=yesterday', headers: bearer() })).statusCode, 400)
+    t.equal((await app.inject({ method: 'GET', url: '/admin/audit', headers: bearer({ roles: ['viewer'] }) })).statusCode, 403)
+    t.equal((await app.inject({ method: 'GET', url: '/admin/audit' })).statusCode, 401)
+    // The audit endpoints are audited themselves.
+    await until(() => app.audit.health().queueDepth === 0, 'the queue to drain')
+    await new Promise(resolve => setTimeout(resolve, 100))
+    const admin = await sql<{ n: string }>(url, "SELECT count(*) AS n FROM bff_audit_entries WHERE category = 'admin'")
+    t.ok(Number(admin[0].n) >= 10)
+  })
+
+  t.test('tampering by SQL is found at the right entry: a changed field, a deleted row, a swapped pair, a removed tail', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    const app = await pgApp(t, url)
+    await restCalls(app, url, 10)
+    await until(() => app.audit.health().queueDepth === 0, 'the queue to drain')
+    for (let i = 0; i < 200 && await count(url) < 10; i++) await new Promise(resolve => setTimeout(resolve, 20))
+    const at = async (seq: number): Promise<{ id: string, request_id: string }> => (await sql<{ id: string, request_id: string }>(url, 'SELECT id, request_id FROM bff_audit_entries WHERE seq = $1', [seq]))[0]
+    t.same(await verify(app), { ok: true, checked: 10, firstBroken: null })
+
+    // A changed field.
+    const fourth = await at(4)
+    await sql(url, "UPDATE bff_audit_entries SET status = 'FORBIDDEN' WHERE seq = 4")
+    t.same(await verify(app), { ok: false, checked: 4, firstBroken: { id: fourth.id, requestId: fourth.request_id } })
+    await sql(url, "UPDATE bff_audit_entries SET status = 'ok' WHERE seq = 4")
+    t.equal((await verify(app)).ok, true, 'restored, it verifies again')
+
+    // A reordered pair: positions 6 and 7 exchanged.
+    const seventh = await at(7)
+    await sql(url, 'UPDATE bff_audit_entries SET seq = -1 WHERE seq = 6')
+    await sql(url, 'UPDATE bff_audit_entries SET seq = 6 WHERE seq = 7')
+    await sql(url, 'UPDATE bff_audit_entries SET seq = 7 WHERE seq = -1')
+    t.same(await verify(app), { ok: false, checked: 6, firstBroken: { id: seventh.id, requestId: seventh.request_id } }, 'found at the entry now first')
+    await sql(url, 'UPDATE bff_audit_entries SET seq = -1 WHERE seq = 7')
+    await sql(url, 'UPDATE bff_audit_entries SET seq = 7 WHERE seq = 6')
+    await sql(url, 'UPDATE bff_audit_entries SET seq = 6 WHERE seq = -1')
+    t.equal((await verify(app)).ok, true)
+
+    // A deleted row: the next one no longer links.
+    const ninth = await at(9)
+    await sql(url, 'DELETE FROM bff_audit_entries WHERE seq = 8')
+    t.same(await verify(app), { ok: false, checked: 8, firstBroken: { id: ninth.id, requestId: ninth.request_id } })
+    const ranged = await verify(app, { from: new Date(Date.now() + 60_000).toISOString() })
+    t.same(ranged, { ok: true, checked: 0, firstBroken: null }, 'an empty range has nothing to check')
+
+    // A removed tail: the last row left is not the head the writers recorded.
+    const tenth = await at(10)
+    t.ok(tenth)
+    await sql(url, 'DELETE FROM bff_audit_entries WHERE seq >= 8')
+    const tail = await verify(app)
+    t.equal(tail.ok, false)
+    t.same(tail.firstBroken, { id: (await at(7)).id, requestId: (await at(7)).request_id }, 'the chain breaks off after the last row left')
+    const bad = await app.inject({ method: 'POST', url: '/admin/audit/verify', headers: bearer(), payload: { from: '2030-01-01T00:00:00Z', to: '2020-01-01T00:00:00Z' } })
+    t.equal(bad.statusCode, 400)
+  })
+
+  t.test('two gateway instances writing at once keep one valid chain', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    const kernel = await startKernel({ port: 0, runDelayMs: 1 })
+    t.teardown(() => kernel.close())
+    const one = await pgApp(t, url, { BFF_AUDIT_BATCH_SIZE: 7 }, kernel.url)
+    const two = await pgApp(t, url, { BFF_AUDIT_BATCH_SIZE: 7 }, kernel.url)
+    const ids: string[] = []
+    const run = randomUUID()
+    await Promise.all([one, two].map(async (app, k) => {
+      for (let round = 0; round < 10; round++) {
+        await Promise.all(Array.from({ length: 15 }, async (_, i) => {
+          const id = `${run}-${k}-${round}-${i}`
+          ids.push(id)
+          const res = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: { ...bearer(), 'x-request-id': id } })
+          if (res.statusCode !== 200) throw new Error(res.body)
+        }))
+      }
+    }))
+    for (let i = 0; i < 500 && await count(url) < ids.length; i++) await new Promise(resolve => setTimeout(resolve, 20))
+    const rows = await sql<{ seq: string, request_id: string }>(url, 'SELECT seq, request_id FROM bff_audit_entries ORDER BY seq')
+    t.equal(rows.length, 300)
+    t.same(rows.map(r => Number(r.seq)), Array.from({ length: 300 }, (_, i) => i + 1), 'positions 1..300 without a gap')
+    t.same(rows.map(r => r.request_id).sort(), ids.sort())
+    t.same(await verify(one), { ok: true, checked: 300, firstBroken: null })
+    t.same(await verify(two), { ok: true, checked: 300, firstBroken: null })
+  })
+
+  t.test('retention removes the oldest entries in batches; verification starts from the oldest kept', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    const app = await pgApp(t, url, { BFF_AUDIT_RETENTION_DAYS: 30 })
+    const old = Date.now() - 40 * 86_400_000
+    // 1,005 entries from 40 days ago (more than one pruning batch), then calls of today.
+    for (let i = 0; i < 1005; i++) {
+      const entry: AuditEntry = { id: randomUUID(), requestId: `old-${i}`, timestamp: old + i, tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1, metadata: {} }
+      app.audit.enqueue(entry)
+    }
+    const fresh = await restCalls(app, url, 5)
+    for (let i = 0; i < 1000; i++) {
+      const rows = await sql<{ request_id: string }>(url, 'SELECT request_id FROM bff_audit_entries ORDER BY seq')
+      if (rows.length === 5 && rows.every(r => fresh.includes(r.request_id))) break
+      await new Promise(resolve => setTimeout(resolve, 20))
+    }
+    const rows = await sql<{ request_id: string, seq: string }>(url, 'SELECT request_id, seq FROM bff_audit_entries ORDER BY seq')
+    t.same(rows.map(r => r.request_id), fresh, 'only today\'s entries are left')
+    t.same((await sql(url, 'SELECT anchor_seq FROM bff_audit_chain'))[0], { anchor_seq: '1005' })
+    t.same(await verify(app), { ok: true, checked: 5, firstBroken: null }, 'verified from the anchor retention left')
+    const second = (await sql<{ id: string, request_id: string }>(url, 'SELECT id, request_id FROM bff_audit_entries WHERE seq = 1007'))[0]
+    await sql(url, 'DELETE FROM bff_audit_entries WHERE seq = 1006')
+    t.same((await verify(app)).firstBroken, { id: second.id, requestId: second.request_id }, 'deleting the oldest kept row is still found')
+  })
+
+  t.test('migrations: up, down and status; production refuses pending migrations and starts once migrated', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 0 of 2; pending: 1, 2')
+    const prod = { NODE_ENV: 'production', BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t) }
+    await t.rejects(buildApp(testConfig(prod), { logger: false }), ConfigError)
+    await t.rejects(buildApp(testConfig(prod), { logger: false }), /pending migrations \(1, 2\): run npm run migrate/)
+    t.match(await migrateMain(['up'], { DATABASE_URL: url }), /^migrated up from 0 to 2: 001\.do\.audit-entries\.sql, 002\.do\.audit-chain\.sql$/)
+    t.match(await migrateMain([], { DATABASE_URL: url }), /nothing to do/)
+    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 2 of 2; pending: none')
+    const indexes = (await sql<{ indexname: string }>(url, "SELECT indexname FROM pg_indexes WHERE tablename = 'bff_audit_entries' ORDER BY indexname")).map(r => r.indexname)
+    t.same(indexes, ['bff_audit_entries_hash_idx', 'bff_audit_entries_pkey', 'bff_audit_entries_request_id_key', 'bff_audit_entries_seq_key', 'bff_audit_entries_tenant_id_idx', 'bff_audit_entries_tenant_id_timestamp_idx', 'bff_audit_entries_timestamp_idx'])
+    const app = await buildApp(testConfig(prod), { logger: false })
+    t.teardown(() => app.close())
+    await app.ready()
+    t.equal(app.audit.health().store, 'postgres')
+    await app.close()
+
+    t.match(await migrateMain(['down'], { DATABASE_URL: url }), /^migrated down from 2 to 1/)
+    t.match(await migrateMain(['down', '0'], { DATABASE_URL: url }), /^migrated down from 1 to 0/)
+    t.equal((await sql(url, "SELECT 1 FROM pg_tables WHERE tablename LIKE 'bff_audit%'")).length, 0, 'down removes every table')
+    await t.rejects(migrateMain(['down', '7'], { DATABASE_URL: url }), /down needs a version from 0 to 0/)
+    await t.rejects(migrateMain(['sideways'], { DATABASE_URL: url }), /unknown command sideways/)
+    await t.rejects(migrateMain(['status'], {}), /DATABASE_URL is not set/)
+  })
+}

@@ -1,0 +1,216 @@
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { appendFileSync, existsSync, readFileSync, statSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { categoryOf, canonical, hashEntry, GENESIS, type AuditEntry, type AuditStore } from '../../../plugins/audit/entry.js'
+import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
+import { Spool, SpoolInUseError, SPOOL_FILE } from '../../../plugins/audit/spool.js'
+import { AuditWriter } from '../../../plugins/audit/writer.js'
+import { until } from '../../helper.js'
+import { spoolDir } from './db.js'
+
+function entry (over: Partial<AuditEntry> = {}): AuditEntry {
+  return { id: randomUUID(), requestId: randomUUID(), timestamp: Date.now(), tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1.5, metadata: {}, ...over }
+}
+const quiet = { warn: () => {}, info: () => {}, error: () => {} }
+
+t.test('categories: identity refusals are auth, blocks, limits and high risk are security, the rest read or write', async t => {
+  t.equal(categoryOf('query', null, 'none'), 'read')
+  t.equal(categoryOf('mutation', null, 'low'), 'write')
+  t.equal(categoryOf('mutation', 'KERNEL_ERROR', 'none'), 'write')
+  t.equal(categoryOf('query', 'UNAUTHENTICATED', 'none'), 'auth')
+  t.equal(categoryOf('mutation', 'FORBIDDEN', 'none'), 'auth')
+  t.equal(categoryOf('mutation', 'FIREWALL_BLOCKED', 'critical'), 'security')
+  t.equal(categoryOf('query', 'RATE_LIMITED', 'none'), 'security')
+  t.equal(categoryOf('mutation', null, 'high'), 'security', 'monitored high-risk input')
+})
+
+t.test('the hash covers the link, the position and every field, whatever the key order of the metadata', async t => {
+  t.equal(canonical({ b: 1, a: [{ d: 2, c: null }], u: undefined }), '{"a":[{"c":null,"d":2}],"b":1}')
+  const e = entry({ metadata: { cache: 'hit', replayed: true } })
+  const h = hashEntry(GENESIS, 1, e)
+  t.match(h, /^[0-9a-f]{64}$/)
+  t.equal(hashEntry(GENESIS, 1, { ...e, metadata: { replayed: true, cache: 'hit' } }), h)
+  t.not(hashEntry(GENESIS, 2, e), h)
+  t.not(hashEntry('1'.repeat(64), 1, e), h)
+  for (const [k, v] of Object.entries({ requestId: 'x', tenantId: 't2', status: 'FORBIDDEN', statusCode: 403, durationMs: 1.6, timestamp: e.timestamp + 1, method: null, metadata: {} })) {
+    t.not(hashEntry(GENESIS, 1, { ...e, [k]: v }), h, k)
+  }
+})
+
+t.test('memory store: a bounded ring with the same chain, verify, query and retention', async t => {
+  let evicted = 0
+  const store = new MemoryAuditStore({ max: 5, onEvict: n => { evicted += n } })
+  const base = Date.now() - 10_000
+  const batch = Array.from({ length: 8 }, (_, i) => entry({ timestamp: base + i * 1000, requestId: i === 7 ? 'same' : `r${i}` }))
+  await store.write(batch.slice(0, 4))
+  t.same(await store.verify({}), { ok: true, checked: 4, firstBroken: null })
+  await store.write([...batch.slice(4), batch[0], entry({ requestId: 'same' })])
+  t.equal(store.size, 5, 'never more than max')
+  t.equal(evicted, 4, 'the oldest went, counted (a repeated id is not stored twice)')
+  t.same(await store.verify({}), { ok: true, checked: 5, firstBroken: null }, 'verified from the last dropped entry')
+  t.same(await store.verify({ from: new Date(base + 6500) }), { ok: true, checked: 2, firstBroken: null })
+  t.same(await store.verify({ to: new Date(base - 1) }), { ok: true, checked: 0, firstBroken: null })
+  t.same(await store.verify({ from: new Date(base + 4500), to: new Date(base + 5500) }), { ok: true, checked: 1, firstBroken: null })
+
+  const same = await store.query({ limit: 10, requestId: 'same' })
+  t.equal(same.entries.length, 2, 'a repeated request id is kept, with a suffix')
+  t.match(same.entries[0].requestId, /^same~[0-9a-f-]{36}$/)
+  t.equal((await store.query({ limit: 10, tenant: 'nobody' })).entries.length, 0)
+  t.equal((await store.query({ limit: 10, action: 'getAgent', status: 'ok', from: new Date(base + 5500), to: new Date(Date.now()) })).entries.length, 3)
+  t.equal((await store.query({ limit: 10, action: 'other' })).entries.length, 0)
+  t.equal((await store.query({ limit: 10, status: 'FORBIDDEN' })).entries.length, 0)
+  t.equal((await store.query({ limit: 10, to: new Date(base + 5500) })).entries.length, 2)
+  const first = await store.query({ limit: 2 })
+  t.equal(first.entries.length, 2)
+  t.not(first.nextSeq, null)
+  const second = await store.query({ limit: 2, beforeSeq: first.nextSeq! })
+  t.ok(second.entries.every(e => e.seq < first.nextSeq!))
+
+  // Tampering in memory is found too.
+  const victim = (await store.query({ limit: 1, requestId: 'r6' })).entries[0]
+  victim.status = 'FORBIDDEN'
+  t.same(await store.verify({}), { ok: false, checked: 3, firstBroken: { id: victim.id, requestId: 'r6' } })
+  victim.status = 'ok'
+
+  t.equal(await store.prune(new Date(base + 5500), 1), 1, 'at most the batch')
+  t.equal(await store.prune(new Date(base + 5500), 10), 1)
+  t.equal(await store.prune(new Date(base + 5500), 10), 0)
+  t.same(await store.verify({}), { ok: true, checked: 3, firstBroken: null })
+  await store.close()
+})
+
+t.test('spool: batches come back in order, replayed ones are cut, a failing commit keeps the rest', async t => {
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  const a = [entry(), entry()]
+  const b = [entry()]
+  const c = [entry(), entry(), entry()]
+  await spool.append(a)
+  await spool.append(b)
+  t.equal(spool.size, statSync(spool.path).size)
+  const seen: AuditEntry[][] = []
+  let fail = true
+  await t.rejects(spool.drain(async batch => {
+    if (batch.length === 1 && fail) throw new Error('down')
+    seen.push(batch)
+  }), /down/)
+  t.same(seen, [a], 'the first batch was committed before the failure')
+  t.ok(spool.size > 0)
+  fail = false
+  // What arrives during a drain stays for the next one.
+  const replayed = await spool.drain(async batch => { seen.push(batch); if (batch === seen[1]) await spool.append(c) })
+  t.equal(replayed, 1)
+  t.same(seen, [a, b])
+  t.same(JSON.parse(readFileSync(spool.path, 'utf8')).entries, c, 'only the batch appended meanwhile is left')
+  t.equal(await spool.drain(async batch => { seen.push(batch) }), 3)
+  t.equal(spool.size, 0)
+  t.equal(statSync(spool.path).size, 0, 'truncated after the commit')
+  t.equal(await spool.drain(async () => { throw new Error('never called') }), 0)
+  await spool.close()
+  await spool.close()
+  await t.rejects(spool.append(a), /closed/)
+})
+
+t.test('spool: one process per directory; a torn or corrupt line is skipped, never half replayed', async t => {
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  await t.rejects(Spool.open(dir), /is in use by process \d+: give each gateway instance its own spool directory/)
+  t.ok(await Spool.open(dir).catch(err => err instanceof SpoolInUseError))
+  await spool.append([entry()])
+  await spool.close()
+  t.notOk(existsSync(join(dir, 'audit.lock')))
+
+  // A lock left by a process that is gone is taken over; a torn last line is cut.
+  writeFileSync(join(dir, 'audit.lock'), '2147483646')
+  const good = [entry()]
+  appendFileSync(join(dir, SPOOL_FILE), JSON.stringify({ n: 1, sum: 'bad', entries: [entry()] }) + '\n')
+  appendFileSync(join(dir, SPOOL_FILE), 'not json\n')
+  appendFileSync(join(dir, SPOOL_FILE), '{"n":1,"sum":"abc","entr')
+  const again = await Spool.open(dir)
+  t.equal(again.corrupt, 1, 'the torn tail')
+  await again.append(good)
+  const seen: AuditEntry[][] = []
+  t.equal(await again.drain(async batch => { seen.push(batch) }), 2)
+  t.equal(seen.length, 2)
+  t.same(seen[1], good)
+  t.equal(again.corrupt, 3, 'the bad checksum and the garbage line')
+  await again.close()
+
+  // A file that is one torn line only.
+  writeFileSync(join(dir, SPOOL_FILE), '{"n":1')
+  const torn = await Spool.open(dir)
+  t.equal(torn.size, 0)
+  await torn.close()
+})
+
+/** A store that fails while `down` is set and records what it stored. */
+function flakyStore (): AuditStore & { down: boolean, stored: AuditEntry[], writes: number } {
+  const s = {
+    kind: 'postgres' as const,
+    down: false,
+    stored: [] as AuditEntry[],
+    writes: 0,
+    async write (batch: AuditEntry[]) {
+      s.writes++
+      if (s.down) throw new Error('connection refused')
+      for (const e of batch) if (!s.stored.some(x => x.id === e.id)) s.stored.push(e)
+    },
+    verify: async () => ({ ok: true, checked: 0, firstBroken: null }),
+    query: async () => ({ entries: [], nextSeq: null }),
+    prune: async () => 0,
+    close: async () => {}
+  }
+  return s
+}
+
+t.test('writer: batches while the store is up, spools while it is down, replays in order, never loses one', async t => {
+  const store = flakyStore()
+  const spool = await Spool.open(spoolDir(t))
+  const events: string[] = []
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 1000, intervalMs: 5, log: quiet, hooks: { stored: () => events.push('stored'), spooled: () => events.push('spooled'), replayed: () => events.push('replayed'), failed: () => events.push('failed') } })
+  const all = Array.from({ length: 60 }, () => entry())
+  for (const e of all.slice(0, 25)) writer.enqueue(e)
+  await until(() => store.stored.length === 25, 'the first entries stored')
+  t.equal(writer.up, true)
+  store.down = true
+  for (const e of all.slice(25, 45)) writer.enqueue(e)
+  await until(() => writer.spoolBytes > 0 && writer.depth === 0, 'entries spooled')
+  t.equal(writer.up, false)
+  t.equal(writer.error, 'connection refused')
+  store.down = false
+  for (const e of all.slice(45)) writer.enqueue(e)
+  await until(() => store.stored.length === 60 && writer.spoolBytes === 0 && writer.up, 'everything stored', 10_000)
+  t.same(store.stored.map(e => e.id), all.map(e => e.id), 'in the order of the calls')
+  t.equal(writer.up, true)
+  t.ok(events.includes('failed') && events.includes('spooled') && events.includes('replayed'))
+  await writer.close()
+  await writer.close()
+  await spool.close()
+})
+
+t.test('writer: a full queue goes to the spool at once; close spools what the store cannot take', async t => {
+  const store = flakyStore()
+  store.down = true
+  const spool = await Spool.open(spoolDir(t))
+  const writer = new AuditWriter({ store, spool, batchSize: 1000, queueMax: 5, intervalMs: 60_000, log: quiet })
+  for (let i = 0; i < 12; i++) writer.enqueue(entry())
+  t.equal(writer.depth, 2, 'two full queues left for the spool')
+  await until(() => writer.spoolBytes > 0, 'the full queue spooled')
+  await writer.close()
+  const seen: AuditEntry[] = []
+  await spool.drain(async batch => { seen.push(...batch) })
+  t.equal(seen.length, 12, 'nothing lost at close')
+  await spool.close()
+})
+
+t.test('writer over the memory store: no spool, a full queue is written at once', async t => {
+  const store = new MemoryAuditStore({ max: 100 })
+  const writer = new AuditWriter({ store, spool: null, batchSize: 3, queueMax: 4, intervalMs: 60_000, log: quiet })
+  for (let i = 0; i < 4; i++) writer.enqueue(entry())
+  await until(() => store.size === 4, 'written when full')
+  for (let i = 0; i < 3; i++) writer.enqueue(entry())
+  await writer.close()
+  t.equal(store.size, 7)
+  t.same(await store.verify({}), { ok: true, checked: 7, firstBroken: null })
+})
