@@ -11,6 +11,9 @@ import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
 import kernel from './plugins/kernel/index.js'
 import events from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
+import diagz from './plugins/diagz/index.js'
+import pressure from './plugins/pressure/index.js'
+import compression from './plugins/compression/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -45,6 +48,8 @@ export interface BuildOptions {
   kernelBackoff?: { baseMs: number, capMs: number }
   /** JWKS timings (tests shorten them). */
   identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number }
+  /** Load-shedding sample interval in ms (default 1000; tests shorten it). */
+  pressureSampleIntervalMs?: number
 }
 
 /**
@@ -136,9 +141,21 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
 
   // Every concern, its order and its switch, in one place (ARCHITECTURE.md).
   await app.register(pipeline, { manifest })
+  // Compression attaches itself to routes as they are declared: before any route.
+  if (config.BFF_COMPRESSION_ENABLED) await app.register(compression)
   if (config.BFF_METRICS_ENABLED) await app.register(metrics)
+  if (config.BFF_LOAD_SHEDDING_ENABLED) {
+    await app.register(pressure, {
+      maxEventLoopDelayMs: config.BFF_MAX_EVENT_LOOP_DELAY_MS,
+      maxHeapBytes: config.BFF_MAX_HEAP_BYTES,
+      maxRssBytes: config.BFF_MAX_RSS_BYTES,
+      ...(options.pressureSampleIntervalMs === undefined ? {} : { sampleIntervalMs: options.pressureSampleIntervalMs })
+    })
+  }
   // One shared Redis connection for the stores that use Redis; absent without REDIS_URL.
   if (config.REDIS_URL !== undefined) await app.register(redis, { url: config.REDIS_URL })
+  // Before the concerns, so that each can add its store to /diagz (app.diagz.addStore).
+  if (config.BFF_DIAGZ_ENABLED) await app.register(diagz, { version: VERSION })
   if (config.BFF_AUTH_ENABLED) {
     // The development secret is the fallback only when no key source is configured.
     const noKeys = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined

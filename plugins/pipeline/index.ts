@@ -37,6 +37,12 @@ export const StageOrder = {
   cache: 80
 } as const
 
+/**
+ * Wraps a stage when the pipeline is compiled (diagnostics time each stage this way). Only set
+ * when a plugin asks for it: without one the chain is built exactly as before, at no cost.
+ */
+export type StageWrapper = (name: string, op: Operation, stage: Stage) => Stage
+
 export interface OperationEntry {
   readonly op: Operation
   /** Runs the call; set when the app is ready. May throw synchronously: await it. */
@@ -53,6 +59,8 @@ export interface Pipeline {
   readonly manifest: Manifest
   addStage: (definition: StageDefinition) => void
   setTerminal: (factory: (op: Operation) => Next) => void
+  /** Wraps every stage, and the Kernel call as the stage `kernel`, at compile time (one wrapper). */
+  instrument: (wrapper: StageWrapper) => void
   /** The entry of an operation, stable from registration on, for adapters to hold. */
   entry: (name: string) => OperationEntry
 }
@@ -68,6 +76,7 @@ const notReady: Next = () => { throw new Error('the pipeline is not compiled yet
 export function createPipeline (manifest: Manifest): Pipeline & { compile: () => void } {
   const definitions: StageDefinition[] = [validationStage()]
   let terminal: ((op: Operation) => Next) | null = null
+  let wrap: StageWrapper | null = null
   const entries = new Map<string, OperationEntry>()
   for (const op of manifest.operations) entries.set(op.name, { op, run: notReady, stages: [], serialize: outputSerializer(op) })
   let compiled = false
@@ -83,6 +92,11 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
       if (terminal !== null) throw new Error('the pipeline already has its terminal (the Kernel call)')
       terminal = factory
     },
+    instrument (wrapper) {
+      if (compiled) throw new Error('the pipeline is instrumented after it was compiled')
+      if (wrap !== null) throw new Error('the pipeline is already instrumented')
+      wrap = wrapper
+    },
     entry (name) {
       const entry = entries.get(name)
       if (entry === undefined) throw new Error(`no operation ${name} in the manifest`)
@@ -95,8 +109,14 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
         // Optimization: each operation keeps only the stages that apply to it, chained once.
         const stages = ordered.map(d => [d.name, d.build(entry.op)] as const).filter((s): s is readonly [string, Stage] => s[1] !== null)
         let run = memoized(entry.op, terminal(entry.op))
+        if (wrap !== null) {
+          // The Kernel call is the innermost stage: all of its time is its own.
+          const call = run
+          const kernel = wrap('kernel', entry.op, (ctx) => call(ctx))
+          run = (ctx) => kernel(ctx, call)
+        }
         for (let i = stages.length - 1; i >= 0; i--) {
-          const stage = stages[i][1]
+          const stage = wrap === null ? stages[i][1] : wrap(stages[i][0], entry.op, stages[i][1])
           const next = run
           run = (ctx) => stage(ctx, next)
         }
