@@ -50,6 +50,8 @@ export interface BuildOptions {
   identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number }
   /** Load-shedding sample interval in ms (default 1000; tests shorten it). */
   pressureSampleIntervalMs?: number
+  /** /diagz: one call in `stageSampleEvery` is timed per stage (default 8; tests time every call). */
+  diagz?: { stageSampleEvery?: number }
 }
 
 /**
@@ -155,7 +157,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // One shared Redis connection for the stores that use Redis; absent without REDIS_URL.
   if (config.REDIS_URL !== undefined) await app.register(redis, { url: config.REDIS_URL })
   // Before the concerns, so that each can add its store to /diagz (app.diagz.addStore).
-  if (config.BFF_DIAGZ_ENABLED) await app.register(diagz, { version: VERSION })
+  if (config.BFF_DIAGZ_ENABLED) await app.register(diagz, { version: VERSION, ...options.diagz })
   if (config.BFF_AUTH_ENABLED) {
     // The development secret is the fallback only when no key source is configured.
     const noKeys = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined

@@ -174,7 +174,7 @@ interface SpineResult {
 /** The spine section: the REST targets in interleaved rounds, the table and the spine goal. */
 async function runSpine (opts: Options, ctx: TargetContext, processes: RunningProcess[], machine: Machine): Promise<SpineResult> {
   const scenario = getAgent
-  const defs = REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name))
+  const defs = REST_TARGETS.filter((t) => opts.only === null ? t.onlyWhenNamed !== true : opts.only.includes(t.name))
   const started = new Date()
   const targets = await startTargets(defs, ctx, processes)
 
@@ -277,7 +277,7 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     os: `${osType()} ${release()} ${arch()}`
   }
   // Every target and face is measured once per round plus a warm-up; the token must outlive it all.
-  const spineTargets = opts.sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name)).length : 0
+  const spineTargets = opts.sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null ? t.onlyWhenNamed !== true : opts.only.includes(t.name)).length : 0
   const faces = opts.sections.includes('faces') ? 4 : 0
   const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5)
   const secret = randomBytes(32).toString('hex')

@@ -39,10 +39,15 @@ export interface DiagzOptions {
   /** Slot lengths (tests shorten them); defaults 10 s and 60 s. */
   minuteSlotMs?: number
   hourSlotMs?: number
+  /** One call in this many is timed per stage (default 8; 1 times every call). */
+  stageSampleEvery?: number
 }
 
-interface StageStats {
+export interface StageStats {
+  /** Every call that entered the stage. */
   calls: number
+  /** The calls timed: the average, the slowest and the outcomes are theirs. */
+  sampled: number
   errors: number
   refused: number
   totalMs: number
@@ -105,12 +110,19 @@ function windowReport (s: WindowSummary): WindowReport {
 }
 
 /**
- * The per-stage timer, built once per (stage, operation) at compile time. It records the
- * stage's own time (its total minus the time spent in the stages after it) and counts an error
- * only where it started: a Kernel failure is the Kernel's, not every stage's it passes through.
+ * The per-stage timer, built once per (stage, operation) at compile time. One call in
+ * `sampleEvery` is timed: it records the stage's own time (its total minus the time spent in
+ * the stages after it) and counts an error only where it started (a Kernel failure is the
+ * Kernel's, not every stage's it passes through). The other calls are counted and go straight
+ * on: timing every call costs two promises and four clock reads per stage, measured at
+ * ~4 us per stage and call on this project's VM, more than a stage's own work.
  */
-export function timeStage (stats: StageStats, stage: Stage): Stage {
+export function timeStage (stats: StageStats, stage: Stage, sampleEvery = 1): Stage {
+  let tick = 0
   return (ctx, next) => {
+    stats.calls++
+    if (++tick < sampleEvery) return stage(ctx, next)
+    tick = 0
     const start = performance.now()
     let inner = 0
     let innerError: unknown = null
@@ -128,7 +140,7 @@ export function timeStage (stats: StageStats, stage: Stage): Stage {
     }
     const done = (err: unknown): void => {
       const own = performance.now() - start - inner
-      stats.calls++
+      stats.sampled++
       stats.totalMs += own
       if (own > stats.slowestMs) stats.slowestMs = own
       if (err !== null && err !== innerError) {
@@ -151,6 +163,7 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
   const startedAt = Date.now()
   const minuteSlotMs = opts.minuteSlotMs ?? 10_000
   const hourSlotMs = opts.hourSlotMs ?? 60_000
+  const sampleEvery = opts.stageSampleEvery ?? 8
   const minute = new RollingWindow(6, minuteSlotMs, PROTOCOLS.length, startedAt)
   const hour = new RollingWindow(60, hourSlotMs, PROTOCOLS.length, startedAt)
   const totals = { calls: new Float64Array(PROTOCOLS.length), errors: new Float64Array(PROTOCOLS.length), refused: new Float64Array(PROTOCOLS.length) }
@@ -198,10 +211,10 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
     if (name === 'diagz') return stage
     let stats = stages.get(name)
     if (stats === undefined) {
-      stats = { calls: 0, errors: 0, refused: 0, totalMs: 0, slowestMs: 0 }
+      stats = { calls: 0, sampled: 0, errors: 0, refused: 0, totalMs: 0, slowestMs: 0 }
       stages.set(name, stats)
     }
-    return timeStage(stats, stage)
+    return timeStage(stats, stage, sampleEvery)
   })
 
   const addStore = (name: string, check: () => StoreHealth): void => {
@@ -228,7 +241,7 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
     }
     const stageReport: DiagzReport['stages'] = {}
     for (const [name, s] of stages) {
-      stageReport[name] = { calls: s.calls, avgMs: s.calls === 0 ? null : round(s.totalMs / s.calls, 4), slowestMs: round(s.slowestMs, 3), totalMs: round(s.totalMs, 1), errors: s.errors, refused: s.refused }
+      stageReport[name] = { calls: s.calls, sampled: s.sampled, avgMs: s.sampled === 0 ? null : round(s.totalMs / s.sampled, 4), slowestMs: round(s.slowestMs, 3), totalMs: round(s.totalMs, 1), errors: s.errors, refused: s.refused }
     }
     const storeReport: Record<string, StoreHealth> = {}
     for (const [name, check] of stores) {

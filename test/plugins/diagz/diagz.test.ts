@@ -33,7 +33,8 @@ t.test('calls of every face are counted with their outcome, latency and the stag
   const manifest = testManifest({
     getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string', maxLength: 8 } } }, output: { type: 'object', properties: { id: { type: 'string' } } }, roles: ['viewer'] }
   }, { url: kernel.url, retries: 0 })
-  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  // Every call timed, so that each stage's outcomes are exact here.
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url, diagz: { stageSampleEvery: 1 } })
   for (let i = 0; i < 10; i++) t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/ok', headers: viewer })).statusCode, 200)
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/gone', headers: viewer })).statusCode, 404)
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/boom', headers: viewer })).statusCode, 502)
@@ -63,7 +64,7 @@ t.test('calls of every face are counted with their outcome, latency and the stag
   t.match(report.stages.authorization, { calls: 18, refused: 1 })
   t.match(report.stages.validation, { calls: 17, refused: 1 })
   t.match(report.stages.kernel, { calls: 16, errors: 2, refused: 1 })
-  t.match(report.stages.metrics, { calls: 19, errors: 0, refused: 0 })
+  t.match(report.stages.metrics, { calls: 19, sampled: 19, errors: 0, refused: 0 })
   t.notOk('diagz' in report.stages, 'the diagnostics stage does not time itself')
   for (const s of Object.values(report.stages) as Array<{ avgMs: number, slowestMs: number }>) t.ok(s.avgMs >= 0 && s.slowestMs >= s.avgMs)
   t.ok(report.stages.kernel.avgMs > report.stages.validation.avgMs, 'the Kernel call takes longer than a schema check')
@@ -143,6 +144,16 @@ t.test('WebSocket connections are counted per face, HTTP connections in http', a
   clearInterval(poll)
 })
 
+t.test('by default one call in 8 is timed per stage; every call is counted', async t => {
+  const app = await buildDemoApp(t)
+  for (let i = 0; i < 20; i++) t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: viewer })).statusCode, 200)
+  const report = (await app.inject({ method: 'GET', url: '/diagz', headers: system })).json()
+  t.match(report.stages.kernel, { calls: 20, sampled: 2 })
+  t.match(report.stages.identity, { calls: 20, sampled: 2 })
+  t.ok(report.stages.kernel.avgMs > 0)
+  t.equal(report.lastMinute.calls, 20, 'the window counts every call')
+})
+
 t.test('with BFF_DIAGZ_ENABLED=false there is no /diagz and no timing in the pipeline', async t => {
   const app = await buildDemoApp(t, { BFF_DIAGZ_ENABLED: false })
   t.equal((await app.inject({ method: 'GET', url: '/diagz', headers: system })).statusCode, 404)
@@ -152,7 +163,7 @@ t.test('with BFF_DIAGZ_ENABLED=false there is no /diagz and no timing in the pip
 })
 
 t.test('the stage timer: own time, errors where they start, synchronous throws', async t => {
-  const fresh = () => ({ calls: 0, errors: 0, refused: 0, totalMs: 0, slowestMs: 0 })
+  const fresh = () => ({ calls: 0, sampled: 0, errors: 0, refused: 0, totalMs: 0, slowestMs: 0 })
   const ctx = {} as unknown as CallContext
   const ok: Next = async () => 'ok'
   // A stage that refuses by throwing synchronously.
@@ -176,6 +187,11 @@ t.test('the stage timer: own time, errors where they start, synchronous throws',
   const slowNext: Next = async () => await new Promise(resolve => setTimeout(() => resolve('late'), 50))
   t.equal(await timeStage(stats, passing)(ctx, slowNext), 'late')
   t.ok(stats.totalMs < 45, `own time ${stats.totalMs} ms excludes the 50 ms of next`)
+  // Sampling: the calls in between are counted, not timed, and their outcomes not looked at.
+  stats = fresh()
+  const sampled = timeStage(stats, refusing, 3)
+  for (let i = 0; i < 6; i++) t.throws(() => sampled(ctx, ok))
+  t.match(stats, { calls: 6, sampled: 2, refused: 2 })
   t.equal(outcomeOf(null), 2)
   t.equal(outcomeOf({ statusCode: 429 }), 1)
 })
