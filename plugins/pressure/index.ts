@@ -55,22 +55,39 @@ async function pressurePlugin (app: FastifyInstance, opts: PressureOptions): Pro
     maxRssBytes: opts.maxRssBytes
   }
   const retryAfter = String(opts.retryAfterSeconds ?? 5)
+  const sampleInterval = opts.sampleIntervalMs ?? 1000
+  // Building the app (schemas, GraphQL, routes) blocks the loop for a while, and the first
+  // samples would hold that against the ready instance: the loop delay counts only from the
+  // second sample after start-up on. Heap and RSS count at once.
+  let settled = false
+  app.addHook('onReady', (done) => {
+    setTimeout(() => { settled = true }, 2 * sampleInterval).unref()
+    done()
+  })
+  function status (): ReturnType<LoadShedding['status']> {
+    const m = app.memoryUsage()
+    if (limits.maxEventLoopDelayMs > 0 && settled && m.eventLoopDelay > limits.maxEventLoopDelayMs) return { reason: 'eventLoopDelay', value: m.eventLoopDelay, limit: limits.maxEventLoopDelayMs }
+    if (limits.maxHeapBytes > 0 && m.heapUsed > limits.maxHeapBytes) return { reason: 'heapUsedBytes', value: m.heapUsed, limit: limits.maxHeapBytes }
+    if (limits.maxRssBytes > 0 && m.rssBytes > limits.maxRssBytes) return { reason: 'rssBytes', value: m.rssBytes, limit: limits.maxRssBytes }
+    return null
+  }
   let shed: ((reason: string) => void) | null = null
   if (app.hasDecorator('metrics')) {
     const registers = [app.metrics.registry]
     const counter = new Counter({ name: 'mantle_load_shed_total', help: 'Requests refused with 503 OVERLOADED because the instance was under pressure, by bound', labelNames: ['reason'] as const, registers })
     shed = reason => counter.labels(reason).inc()
-    new Gauge({ name: 'mantle_under_pressure', help: '1 while the instance sheds load (a bound of BFF_MAX_* exceeded at the last sample)', registers, collect () { this.set(app.isUnderPressure() ? 1 : 0) } }) // eslint-disable-line no-new
+    new Gauge({ name: 'mantle_under_pressure', help: '1 while the instance sheds load (a bound of BFF_MAX_* exceeded at the last sample)', registers, collect () { this.set(status() === null ? 0 : 1) } }) // eslint-disable-line no-new
   }
 
   await app.register(underPressure, {
     maxEventLoopDelay: limits.maxEventLoopDelayMs,
     maxHeapUsedBytes: limits.maxHeapBytes,
     maxRssBytes: limits.maxRssBytes,
-    sampleInterval: opts.sampleIntervalMs ?? 1000,
+    sampleInterval,
     // Runs only while a bound is exceeded: the cost when all is well is one comparison per bound.
     pressureHandler: async (request: FastifyRequest, reply, type) => {
       if (EXEMPT_ROUTES.has(request.routeOptions.url ?? '')) return
+      if (type === 'eventLoopDelay' && !settled) return
       shed?.(type)
       // Set here too: the GraphQL and tRPC faces encode the error in their own envelope.
       reply.header('retry-after', retryAfter)
@@ -85,16 +102,7 @@ async function pressurePlugin (app: FastifyInstance, opts: PressureOptions): Pro
     }
   })
 
-  app.decorate('loadShedding', {
-    limits,
-    status () {
-      const m = app.memoryUsage()
-      if (limits.maxEventLoopDelayMs > 0 && m.eventLoopDelay > limits.maxEventLoopDelayMs) return { reason: 'eventLoopDelay', value: m.eventLoopDelay, limit: limits.maxEventLoopDelayMs }
-      if (limits.maxHeapBytes > 0 && m.heapUsed > limits.maxHeapBytes) return { reason: 'heapUsedBytes', value: m.heapUsed, limit: limits.maxHeapBytes }
-      if (limits.maxRssBytes > 0 && m.rssBytes > limits.maxRssBytes) return { reason: 'rssBytes', value: m.rssBytes, limit: limits.maxRssBytes }
-      return null
-    }
-  })
+  app.decorate('loadShedding', { limits, status })
 }
 
 export default fp(pressurePlugin, { name: 'mantle-pressure', fastify: '5.x' })

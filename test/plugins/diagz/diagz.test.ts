@@ -1,7 +1,7 @@
 import t from 'tap'
 import { WebSocket } from 'ws'
 import { buildApp, VERSION } from '../../../app.js'
-import { StageOrder, type Stage, type Next, CallContext } from '../../../plugins/pipeline/index.js'
+import { StageOrder, type Stage, type Next, CallContext, createPipeline } from '../../../plugins/pipeline/index.js'
 import { timeStage, outcomeOf } from '../../../plugins/diagz/index.js'
 import { MantleError } from '../../../errors.js'
 import { buildDemoApp, buildTestApp, bearer, testConfig, startTestKernel, testManifest, json, until, token } from '../../helper.js'
@@ -194,4 +194,16 @@ t.test('the stage timer: own time, errors where they start, synchronous throws',
   t.match(stats, { calls: 6, sampled: 2, refused: 2 })
   t.equal(outcomeOf(null), 2)
   t.equal(outcomeOf({ statusCode: 429 }), 1)
+})
+
+t.test('the pipeline takes one instrument, before it is compiled', async t => {
+  const p = createPipeline(testManifest({ getX: { type: 'query', rest: 'GET /x', kernel: 'GET /v1/x', input: { type: 'object' }, output: { type: 'object' } } }))
+  p.setTerminal(() => async () => ({}))
+  const seen: string[] = []
+  p.instrument((name, _op, stage) => { seen.push(name); return stage })
+  t.throws(() => p.instrument((_n, _o, stage) => stage), /already instrumented/)
+  p.compile()
+  t.same(seen.sort(), ['kernel', 'validation'])
+  t.same(await p.entry('getX').run(new CallContext('r', 'rest', p.entry('getX').op, {}, undefined, undefined, undefined)), {})
+  t.throws(() => p.instrument((_n, _o, stage) => stage), /after it was compiled/)
 })

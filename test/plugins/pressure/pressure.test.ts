@@ -117,7 +117,7 @@ t.test('past the RSS bound calls are shed too', async t => {
 })
 
 t.test('within the bounds nothing is shed and readiness says pressure ok', async t => {
-  const { app } = await pressured(t, {})
+  const { app } = await pressured(t, { BFF_MAX_EVENT_LOOP_DELAY_MS: undefined })
   t.equal(app.loadShedding.limits.maxHeapBytes, defaultHeapBound())
   t.equal(app.loadShedding.limits.maxEventLoopDelayMs, 500)
   t.equal(app.loadShedding.limits.maxRssBytes, 0)
