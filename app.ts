@@ -19,6 +19,9 @@ import firewall from './plugins/firewall/index.js'
 import idempotency from './plugins/idempotency/index.js'
 import cache from './plugins/cache/index.js'
 import audit from './plugins/audit/index.js'
+import diagz from './plugins/diagz/index.js'
+import pressure from './plugins/pressure/index.js'
+import compression from './plugins/compression/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
@@ -72,6 +75,10 @@ export interface BuildOptions {
   rateLimit?: { now?: () => number, retryRedisMs?: number, memoryMaxKeys?: number }
   /** Audit timings (tests shorten them). */
   audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number }
+  /** Load-shedding sample interval in ms (default 1000; tests shorten it). */
+  pressureSampleIntervalMs?: number
+  /** /diagz: one call in `stageSampleEvery` is timed per stage (default 8; tests time every call). */
+  diagz?: { stageSampleEvery?: number }
 }
 
 /**
@@ -165,6 +172,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
 
   // Every concern, its order and its switch, in one place (ARCHITECTURE.md).
   await app.register(pipeline, { manifest })
+  // Compression attaches itself to routes as they are declared: before any route.
+  if (config.BFF_COMPRESSION_ENABLED) await app.register(compression)
   let reloads: ((outcome: 'applied' | 'refused') => void) | null = null
   app.decorate('reloadManifest', async () => {
     let reasons: string[]
@@ -189,6 +198,16 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   }
   // One shared Redis connection for the stores that use Redis; absent without REDIS_URL.
   if (config.REDIS_URL !== undefined) await app.register(redis, { url: config.REDIS_URL, commandTimeoutMs: config.BFF_REDIS_COMMAND_TIMEOUT_MS })
+  if (config.BFF_LOAD_SHEDDING_ENABLED) {
+    await app.register(pressure, {
+      maxEventLoopDelayMs: config.BFF_MAX_EVENT_LOOP_DELAY_MS,
+      maxHeapBytes: config.BFF_MAX_HEAP_BYTES,
+      maxRssBytes: config.BFF_MAX_RSS_BYTES,
+      ...(options.pressureSampleIntervalMs === undefined ? {} : { sampleIntervalMs: options.pressureSampleIntervalMs })
+    })
+  }
+  // Before the concerns, so that each can add its store to /diagz (app.diagz.addStore).
+  if (config.BFF_DIAGZ_ENABLED) await app.register(diagz, { version: VERSION, ...options.diagz })
   if (config.BFF_AUTH_ENABLED) {
     // The development secret is the fallback only when no key source is configured.
     const noKeys = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined

@@ -62,6 +62,7 @@ export function banner (started: Started, config: Readonly<Config>): string {
     ...(config.BFF_OPENAPI_ENABLED ? [`  OpenAPI     ${url}/openapi.json   docs: ${url}/docs`] : []),
     `  health      ${url}/healthz   ${url}/readyz`,
     ...(config.BFF_METRICS_ENABLED ? [`  metrics     ${url}/metrics`] : []),
+    ...(config.BFF_DIAGZ_ENABLED ? [`  diagnostics ${url}/diagz   (role system)`] : []),
     `  Kernel      ${started.kernelUrl === null ? (config.KERNEL_URL ?? 'from the manifest') : started.kernelUrl + ' (demo Kernel)'}`
   ]
   // HS256 only: no dev token when the gateway takes only public keys (no secret, so no fallback).

@@ -191,7 +191,7 @@ interface SpineResult {
 /** The spine section: the REST targets in interleaved rounds, the table and the spine goal. */
 async function runSpine (opts: Options, ctx: TargetContext, processes: RunningProcess[], machine: Machine): Promise<SpineResult> {
   const scenario = getAgent
-  const defs = REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name))
+  const defs = REST_TARGETS.filter((t) => opts.only === null ? t.onlyWhenNamed !== true : opts.only.includes(t.name))
   const started = new Date()
   const targets = await startTargets(defs, ctx, processes)
 
@@ -297,7 +297,7 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     os: `${osType()} ${release()} ${arch()}`
   }
   // Every target and face is measured once per round plus a warm-up; the token must outlive it all.
-  const spineTargets = opts.sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name)).length : 0
+  const spineTargets = opts.sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null ? t.onlyWhenNamed !== true : opts.only.includes(t.name)).length : 0
   // Extra gateway measurements per round, by section.
   const PER_SECTION: Partial<Record<Section, number>> = { faces: 4, cache: 3, 'rate-limit': 4, firewall: 2, audit: 2 }
   const faces = opts.sections.reduce((n, s) => n + (PER_SECTION[s] ?? 0), 0)

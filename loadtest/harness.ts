@@ -286,6 +286,8 @@ export interface TargetDefinition {
   }
   headers: (ctx: TargetContext) => Record<string, string>
   rewritePath?: (path: string) => string
+  /** Measured only when `--only` names it (a comparison, not part of the default run). */
+  onlyWhenNamed?: boolean
 }
 
 /** The tenant of every benchmark request (header for the Kernel and the pass-through, claim for the gateway). */
@@ -295,9 +297,11 @@ export const BENCH_TENANT = 'bench'
 const SPINE_FLAGS = ['BFF_AUTH_ENABLED', 'BFF_METRICS_ENABLED', 'BFF_OPENAPI_ENABLED', 'BFF_CIRCUIT_BREAKER_ENABLED'] as const
 /** The faces besides REST (REST is always on). They default to on: the targets set them explicitly. */
 const FACE_FLAGS = ['BFF_TRPC_ENABLED', 'BFF_GRAPHQL_ENABLED', 'BFF_WEBSOCKET_ENABLED'] as const
-export const GATEWAY_FLAGS = [...SPINE_FLAGS, ...FACE_FLAGS] as const
+/** The operations concerns (issue 7): on in gateway-spine as deployed, off in gateway-off. */
+const OPS_FLAGS = ['BFF_DIAGZ_ENABLED', 'BFF_COMPRESSION_ENABLED', 'BFF_LOAD_SHEDDING_ENABLED'] as const
+export const GATEWAY_FLAGS = [...SPINE_FLAGS, ...FACE_FLAGS, ...OPS_FLAGS] as const
 /** The concerns beyond the spine, off in every target unless it turns one on. */
-export const CONCERN_FLAGS = ['BFF_RATE_LIMIT_ENABLED', 'BFF_AI_FIREWALL_ENABLED', 'BFF_CACHE_ENABLED', 'BFF_IDEMPOTENCY_ENABLED', 'BFF_AUDIT_ENABLED', 'BFF_DIAGZ_ENABLED', 'BFF_COMPRESSION_ENABLED'] as const
+export const CONCERN_FLAGS = ['BFF_RATE_LIMIT_ENABLED', 'BFF_AI_FIREWALL_ENABLED', 'BFF_CACHE_ENABLED', 'BFF_IDEMPOTENCY_ENABLED', 'BFF_AUDIT_ENABLED'] as const
 type GatewayFlag = typeof GATEWAY_FLAGS[number]
 
 export function gatewayEnv (on: readonly GatewayFlag[], extra: (ctx: TargetContext) => Record<string, string> = () => ({})): TargetDefinition['process'] {
@@ -330,9 +334,15 @@ export function gatewayEnv (on: readonly GatewayFlag[], extra: (ctx: TargetConte
  */
 export const GATEWAY_SPINE: TargetDefinition = {
   name: 'gateway-spine',
-  description: 'Mantle, auth + metrics + OpenAPI + circuit breaker on, every face on',
+  description: 'Mantle, auth + metrics + OpenAPI + circuit breaker on, every face on, diagz, compression, load shedding on',
   process: gatewayEnv(GATEWAY_FLAGS),
-  headers: (ctx) => ({ authorization: `Bearer ${ctx.token}` })
+  // As a browser asks: the answer (under 1 KB) is not compressed, but the negotiation runs.
+  headers: (ctx) => ({ authorization: `Bearer ${ctx.token}`, 'accept-encoding': 'gzip, deflate, br' })
+}
+
+/** gateway-spine without some operations concerns: what they cost (only with `--only`). */
+function spineWithout (name: string, off: ReadonlyArray<typeof OPS_FLAGS[number]>): TargetDefinition {
+  return { ...GATEWAY_SPINE, name, description: `as gateway-spine, ${off.join(', ')} false`, process: gatewayEnv(GATEWAY_FLAGS.filter(f => !(off as readonly string[]).includes(f))), onlyWhenNamed: true }
 }
 
 /**
@@ -404,7 +414,10 @@ export const REST_TARGETS: readonly TargetDefinition[] = [
     // Identity off: the gateway calls the Kernel as the public tenant whatever the client says.
     headers: () => ({})
   },
-  GATEWAY_SPINE
+  GATEWAY_SPINE,
+  spineWithout('spine-no-compression', ['BFF_COMPRESSION_ENABLED']),
+  spineWithout('spine-no-diagz', ['BFF_DIAGZ_ENABLED']),
+  spineWithout('spine-no-ops', OPS_FLAGS)
 ]
 
 /** A bearer token for the benchmark tenant; roles cover every demo REST scenario. */

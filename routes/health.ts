@@ -40,6 +40,12 @@ export default async function healthRoutes (app: FastifyInstance): Promise<void>
       checks.postgres = audit.up ? (audit.spooling ? `up (replaying ${audit.spoolBytes} spooled bytes)` : 'up') : `down (audit spooling, ${audit.spoolBytes} bytes)`
       if (!audit.up) failing.push('postgres')
     }
+    // Under pressure the instance sheds load: take it out of the balancer until it recovers.
+    if (app.hasDecorator('loadShedding')) {
+      const pressure = app.loadShedding.status()
+      checks.pressure = pressure === null ? 'ok' : `over ${pressure.reason} bound (${Math.round(pressure.value)} > ${pressure.limit})`
+      if (pressure !== null) failing.push('pressure')
+    }
     if (failing.length > 0) reply.code(503)
     return { status: failing.length > 0 ? 'not-ready' : 'ready', failing, checks }
   })

@@ -15,7 +15,9 @@ export const fixture = (name: string): string => fileURLToPath(new URL(`./fixtur
 interface Teardown { teardown: (fn: () => unknown) => void }
 
 export function testConfig (overrides: Record<string, string | number | boolean | undefined> = {}): Readonly<Config> {
-  return loadConfig({ NODE_ENV: 'test', LOG_LEVEL: 'silent', BFF_JWT_SECRET: SECRET, ...overrides })
+  // No event-loop-delay shedding by default: a test process runs many gateways, Kernels and
+  // clients on a shared machine, whose loop delays are not load (test/plugins/pressure sets it).
+  return loadConfig({ NODE_ENV: 'test', LOG_LEVEL: 'silent', BFF_JWT_SECRET: SECRET, BFF_MAX_EVENT_LOOP_DELAY_MS: 0, ...overrides })
 }
 
 export interface TokenOptions { tenant?: string, user?: string, roles?: string[], zone?: Zone, ttlSeconds?: number, secret?: string }

@@ -38,6 +38,12 @@ export const StageOrder = {
   cache: 80
 } as const
 
+/**
+ * Wraps a stage when the pipeline is compiled (diagnostics time each stage this way). Only set
+ * when a plugin asks for it: without one the chain is built exactly as before, at no cost.
+ */
+export type StageWrapper = (name: string, op: Operation, stage: Stage) => Stage
+
 export interface OperationEntry {
   /** The operation as the manifest in force declares it (a reload may replace its policies). */
   readonly op: Operation
@@ -56,6 +62,8 @@ export interface Pipeline {
   readonly manifest: Manifest
   addStage: (definition: StageDefinition) => void
   setTerminal: (factory: (op: Operation) => Next) => void
+  /** Wraps every stage, and the Kernel call as the stage `kernel`, at compile time (one wrapper). */
+  instrument: (wrapper: StageWrapper) => void
   /** The entry of an operation, stable from registration on, for adapters to hold. */
   entry: (name: string) => OperationEntry
   /**
@@ -82,6 +90,7 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
   let terminal: ((op: Operation) => Next) | null = null
   // Entries are the adapters' handles: stable objects whose op and chain a reload replaces.
   const entries = new Map<string, { op: Operation, run: Next, stages: readonly string[], readonly serialize: (value: unknown) => string }>()
+  let wrap: StageWrapper | null = null
   for (const op of manifest.operations) entries.set(op.name, { op, run: notReady, stages: [], serialize: outputSerializer(op) })
   let compiled = false
   let current = manifest
@@ -97,6 +106,11 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
     setTerminal (factory) {
       if (terminal !== null) throw new Error('the pipeline already has its terminal (the Kernel call)')
       terminal = factory
+    },
+    instrument (wrapper) {
+      if (compiled) throw new Error('the pipeline is instrumented after it was compiled')
+      if (wrap !== null) throw new Error('the pipeline is already instrumented')
+      wrap = wrapper
     },
     entry (name) {
       const entry = entries.get(name)
@@ -134,8 +148,14 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
     // Optimization: each operation keeps only the stages that apply to it, chained once.
     const stages = ordered.map(d => [d.name, d.build(op)] as const).filter((s): s is readonly [string, Stage] => s[1] !== null)
     let run = memoized(op, terminal!(op))
+    if (wrap !== null) {
+      // The Kernel call is the innermost stage: all of its time is its own.
+      const call = run
+      const kernel = wrap('kernel', op, (ctx) => call(ctx))
+      run = (ctx) => kernel(ctx, call)
+    }
     for (let i = stages.length - 1; i >= 0; i--) {
-      const stage = stages[i][1]
+      const stage = wrap === null ? stages[i][1] : wrap(stages[i][0], op, stages[i][1])
       const next = run
       run = (ctx) => stage(ctx, next)
     }

@@ -180,9 +180,9 @@ t.test('with identity off, every call is the public tenant and no role is checke
 
 t.test('the pipeline keeps only the stages that apply to each operation', async t => {
   const app = await buildDemoApp(t)
-  t.same(app.pipeline.entry('listAgents').stages, ['metrics', 'audit', 'identity', 'validation', 'cache'])
-  t.same(app.pipeline.entry('getDocument').stages, ['metrics', 'audit', 'identity', 'authorization', 'validation'])
-  const off = await buildDemoApp(t, { BFF_AUTH_ENABLED: false, BFF_METRICS_ENABLED: false, BFF_AUDIT_ENABLED: false })
+  t.same(app.pipeline.entry('listAgents').stages, ['diagz', 'metrics', 'audit', 'identity', 'validation', 'cache'])
+  t.same(app.pipeline.entry('getDocument').stages, ['diagz', 'metrics', 'audit', 'identity', 'authorization', 'validation'])
+  const off = await buildDemoApp(t, { BFF_AUTH_ENABLED: false, BFF_METRICS_ENABLED: false, BFF_AUDIT_ENABLED: false, BFF_DIAGZ_ENABLED: false })
   t.same(off.pipeline.entry('getDocument').stages, ['validation'])
   t.throws(() => off.pipeline.entry('nope'), /no operation nope/)
 })

@@ -1,0 +1,108 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import underPressure from '@fastify/under-pressure'
+import { getHeapStatistics } from 'node:v8'
+import { Counter, Gauge } from 'prom-client'
+import { MantleError } from '../../errors.js'
+
+// Load shedding with @fastify/under-pressure: it samples event-loop delay, heap and RSS once per
+// interval, and past a bound every request but the exempt ones is refused at onRequest, before
+// any parsing, with 503 OVERLOADED and Retry-After. WebSocket upgrades pass through onRequest
+// too, so they are refused the same way.
+
+export interface PressureOptions {
+  /** Mean event-loop delay (ms) over one sample beyond which requests are shed; 0: not checked. */
+  maxEventLoopDelayMs: number
+  /** Heap used (bytes); 0: not checked; undefined: 90% of V8's heap limit. */
+  maxHeapBytes?: number | undefined
+  /** Resident set size (bytes); 0: not checked. */
+  maxRssBytes: number
+  /** Seconds a refused client is told to wait. */
+  retryAfterSeconds?: number
+  /** How often the bounds are sampled (ms, default 1000; tests shorten it). */
+  sampleIntervalMs?: number
+}
+
+export type PressureReason = 'eventLoopDelay' | 'heapUsedBytes' | 'rssBytes'
+
+export interface LoadShedding {
+  /** The bound exceeded at the last sample, or null; read by /readyz. */
+  status: () => { reason: PressureReason, value: number, limit: number } | null
+  readonly limits: { maxEventLoopDelayMs: number, maxHeapBytes: number, maxRssBytes: number }
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** Present when BFF_LOAD_SHEDDING_ENABLED. */
+    loadShedding: LoadShedding
+  }
+}
+
+/**
+ * Never shed: liveness (a pod that sheds must not be restarted for it), readiness (it says
+ * not-ready itself), the metrics scrape and diagnostics (what an operator needs most when the
+ * instance is overloaded). All four are cheap and answer from memory.
+ */
+export const EXEMPT_ROUTES: ReadonlySet<string> = new Set(['/healthz', '/readyz', '/metrics', '/diagz'])
+
+/** The default heap bound: 90% of the heap V8 may grow to, beyond which it is about to fail. */
+export const defaultHeapBound = (): number => Math.floor(getHeapStatistics().heap_size_limit * 0.9)
+
+async function pressurePlugin (app: FastifyInstance, opts: PressureOptions): Promise<void> {
+  const limits = {
+    maxEventLoopDelayMs: opts.maxEventLoopDelayMs,
+    maxHeapBytes: opts.maxHeapBytes ?? defaultHeapBound(),
+    maxRssBytes: opts.maxRssBytes
+  }
+  const retryAfter = String(opts.retryAfterSeconds ?? 5)
+  const sampleInterval = opts.sampleIntervalMs ?? 1000
+  // Building the app (schemas, GraphQL, routes) blocks the loop for a while, and the first
+  // samples would hold that against the ready instance: the loop delay counts only from the
+  // second sample after start-up on. Heap and RSS count at once.
+  let settled = false
+  app.addHook('onReady', (done) => {
+    setTimeout(() => { settled = true }, 2 * sampleInterval).unref()
+    done()
+  })
+  function status (): ReturnType<LoadShedding['status']> {
+    const m = app.memoryUsage()
+    if (limits.maxEventLoopDelayMs > 0 && settled && m.eventLoopDelay > limits.maxEventLoopDelayMs) return { reason: 'eventLoopDelay', value: m.eventLoopDelay, limit: limits.maxEventLoopDelayMs }
+    if (limits.maxHeapBytes > 0 && m.heapUsed > limits.maxHeapBytes) return { reason: 'heapUsedBytes', value: m.heapUsed, limit: limits.maxHeapBytes }
+    if (limits.maxRssBytes > 0 && m.rssBytes > limits.maxRssBytes) return { reason: 'rssBytes', value: m.rssBytes, limit: limits.maxRssBytes }
+    return null
+  }
+  let shed: ((reason: string) => void) | null = null
+  if (app.hasDecorator('metrics')) {
+    const registers = [app.metrics.registry]
+    const counter = new Counter({ name: 'mantle_load_shed_total', help: 'Requests refused with 503 OVERLOADED because the instance was under pressure, by bound', labelNames: ['reason'] as const, registers })
+    shed = reason => counter.labels(reason).inc()
+    new Gauge({ name: 'mantle_under_pressure', help: '1 while the instance sheds load (a bound of BFF_MAX_* exceeded at the last sample)', registers, collect () { this.set(status() === null ? 0 : 1) } }) // eslint-disable-line no-new
+  }
+
+  await app.register(underPressure, {
+    maxEventLoopDelay: limits.maxEventLoopDelayMs,
+    maxHeapUsedBytes: limits.maxHeapBytes,
+    maxRssBytes: limits.maxRssBytes,
+    sampleInterval,
+    // Runs only while a bound is exceeded: the cost when all is well is one comparison per bound.
+    pressureHandler: async (request: FastifyRequest, reply, type) => {
+      if (EXEMPT_ROUTES.has(request.routeOptions.url ?? '')) return
+      if (type === 'eventLoopDelay' && !settled) return
+      shed?.(type)
+      // Set here too: the GraphQL and tRPC faces encode the error in their own envelope.
+      reply.header('retry-after', retryAfter)
+      if (request.headers.upgrade !== undefined) {
+        // @fastify/websocket ends a refused upgrade's socket only when its own onRequest hook
+        // ran, and this one runs first: end it here once the 503 is written.
+        const socket = request.raw.socket
+        reply.header('connection', 'close')
+        reply.raw.once('finish', () => { socket.end(); socket.once('finish', () => socket.destroy()) })
+      }
+      throw new MantleError('OVERLOADED', 'The gateway is overloaded: retry later', { headers: { 'retry-after': retryAfter } })
+    }
+  })
+
+  app.decorate('loadShedding', { limits, status })
+}
+
+export default fp(pressurePlugin, { name: 'mantle-pressure', fastify: '5.x' })

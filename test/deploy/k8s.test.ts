@@ -1,0 +1,125 @@
+import t from 'tap'
+import { readFileSync, readdirSync } from 'node:fs'
+import { parseAllDocuments } from 'yaml'
+import { loadConfig, productionProblems, ConfigSchema } from '../../schemas/config.js'
+import { compileManifest } from '../../manifest.js'
+import { buildTestApp } from '../helper.js'
+
+// deploy/k8s must stay true to the gateway: probe paths it serves, the port it listens on (and
+// the Dockerfile exposes), the manifest path it reads, and an environment it accepts in production.
+
+const root = new URL('../../', import.meta.url)
+const read = (path: string): string => readFileSync(new URL(path, root), 'utf8')
+type Doc = Record<string, any>
+
+const files = readdirSync(new URL('deploy/k8s/', root)).filter(f => f.endsWith('.yaml'))
+const docs: Array<{ file: string, doc: Doc }> = files.flatMap(file => parseAllDocuments(read(`deploy/k8s/${file}`)).map(d => {
+  if (d.errors.length > 0) throw new Error(`${file}: ${d.errors.map(e => e.message).join('; ')}`)
+  return { file, doc: d.toJS() as Doc }
+}))
+const ofKind = (kind: string): Doc => {
+  const found = docs.filter(d => d.doc.kind === kind)
+  if (found.length !== 1) throw new Error(`expected one ${kind}, found ${found.length}`)
+  return found[0].doc
+}
+
+/** Variables the contract names (CONTRACT §7) that the concerns still to be merged read. */
+const CONTRACT_ONLY = new Set(['DATABASE_URL', 'BFF_RATE_LIMIT_STORE', 'BFF_CACHE_STORE', 'BFF_AUDIT_STORE'])
+
+t.test('every YAML parses, and kustomize applies every resource but the example Secret', async t => {
+  t.ok(docs.length >= 7)
+  const kustomization = ofKind('Kustomization')
+  const listed = new Set(kustomization.resources as string[])
+  for (const file of files.filter(f => f !== 'kustomization.yaml' && f !== 'secret.example.yaml')) t.ok(listed.has(file), `${file} is in kustomization.yaml`)
+  for (const file of listed) t.ok(files.includes(file), `${file} exists`)
+  t.notOk(listed.has('secret.example.yaml'), 'secrets do not live in git')
+  for (const kind of ['Deployment', 'Service', 'HorizontalPodAutoscaler', 'PodDisruptionBudget', 'ConfigMap', 'Secret']) t.ok(ofKind(kind), kind)
+})
+
+t.test('probes, ports and the manifest path match the gateway', async t => {
+  const deployment = ofKind('Deployment')
+  const pod = deployment.spec.template.spec
+  t.equal(pod.containers.length, 1)
+  const container = pod.containers[0]
+  const env = Object.fromEntries((container.env as Array<{ name: string, value: string }>).map(e => [e.name, e.value]))
+  const http = container.ports.find((p: Doc) => p.name === 'http')
+  // The port: what the Deployment tells the gateway, what the container declares, what the image exposes.
+  t.equal(String(http.containerPort), env.PORT)
+  t.match(read('Dockerfile'), new RegExp(`^EXPOSE ${http.containerPort as number}$`, 'm'))
+  t.equal(env.HOST, '0.0.0.0')
+  t.equal(loadConfig(env).PORT, http.containerPort)
+  for (const probe of ['livenessProbe', 'startupProbe']) t.same(container[probe].httpGet, { path: '/healthz', port: 'http' }, probe)
+  t.same(container.readinessProbe.httpGet, { path: '/readyz', port: 'http' })
+  // The gateway serves both (and /healthz asks nothing of the Kernel).
+  const app = await buildTestApp(t)
+  t.equal((await app.inject({ method: 'GET', url: '/healthz' })).statusCode, 200)
+  t.ok(app.hasRoute({ method: 'GET', url: '/readyz' }))
+  // The Service sends traffic to the named port, to the pods of the Deployment.
+  const service = ofKind('Service')
+  t.equal(service.spec.ports[0].targetPort, 'http')
+  t.same(service.spec.selector, deployment.spec.selector.matchLabels)
+  t.match(deployment.spec.template.metadata.labels, deployment.spec.selector.matchLabels)
+  t.equal(deployment.spec.template.metadata.annotations['prometheus.io/port'], env.PORT)
+  t.equal(deployment.spec.template.metadata.annotations['prometheus.io/path'], '/metrics')
+
+  // The manifest: a ConfigMap key, mounted read-only where BFF_MANIFEST points, and valid.
+  const configMap = ofKind('ConfigMap')
+  const mount = container.volumeMounts.find((m: Doc) => env.BFF_MANIFEST.startsWith(m.mountPath + '/'))
+  t.ok(mount?.readOnly, 'the manifest is mounted read-only')
+  const volume = pod.volumes.find((v: Doc) => v.name === mount.name)
+  t.equal(volume.configMap.name, configMap.metadata.name)
+  const key = env.BFF_MANIFEST.slice(mount.mountPath.length + 1)
+  const text = configMap.data[key]
+  t.type(text, 'string', `the ConfigMap has the key ${key}`)
+  const doc = parseAllDocuments(text)[0].toJS()
+  const manifest = compileManifest(doc, 'configmap')
+  t.ok(manifest.operations.length > 0, 'the ConfigMap manifest compiles')
+})
+
+t.test('the environment, with the Secret, is one the gateway accepts in production', async t => {
+  const container = ofKind('Deployment').spec.template.spec.containers[0]
+  const secret = ofKind('Secret')
+  t.same(container.envFrom, [{ secretRef: { name: secret.metadata.name } }])
+  const env: Record<string, string> = { ...Object.fromEntries((container.env as Array<{ name: string, value: string }>).map(e => [e.name, e.value])), ...secret.stringData }
+  for (const key of ['BFF_JWT_SECRET', 'DATABASE_URL', 'REDIS_URL']) t.ok(key in secret.stringData, `the Secret holds ${key}`)
+  const known = new Set(Object.keys(ConfigSchema.properties))
+  t.same(Object.keys(env).filter(k => !known.has(k) && !CONTRACT_ONLY.has(k) && k !== 'NODE_OPTIONS'), [], 'every variable is one the gateway reads')
+  const config = loadConfig(env)
+  t.equal(config.NODE_ENV, 'production')
+  t.same(productionProblems(config), [])
+  // The RSS bound sits under the container's memory limit, the heap's under V8's (NODE_OPTIONS).
+  t.equal(container.resources.limits.memory, '512Mi')
+  t.ok(config.BFF_MAX_RSS_BYTES > 0 && config.BFF_MAX_RSS_BYTES < 512 * 1024 * 1024)
+  t.match(env.NODE_OPTIONS, /--max-old-space-size=(\d+)/)
+  t.ok(Number(/--max-old-space-size=(\d+)/.exec(env.NODE_OPTIONS)![1]) * 1024 * 1024 < config.BFF_MAX_RSS_BYTES)
+})
+
+t.test('the pod runs as the image user, read-only, with nothing extra', async t => {
+  const pod = ofKind('Deployment').spec.template.spec
+  const container = pod.containers[0]
+  t.equal(pod.securityContext.runAsNonRoot, true)
+  t.equal(pod.securityContext.runAsUser, 1000, 'uid of the node user of node:20-bookworm-slim')
+  t.match(read('Dockerfile'), /^USER node$/m)
+  t.match(read('Dockerfile'), /^CMD \["node", "dist\/server.js"\]$/m)
+  t.same(container.securityContext, { allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: { drop: ['ALL'] } })
+  t.ok(pod.volumes.some((v: Doc) => v.name === 'tmp' && v.emptyDir !== undefined), 'a writable /tmp')
+  t.ok(container.resources.requests.cpu !== undefined && container.resources.limits.memory !== undefined)
+  t.equal(pod.automountServiceAccountToken, false)
+})
+
+t.test('the autoscaler and the disruption budget act on the Deployment', async t => {
+  const deployment = ofKind('Deployment')
+  const hpa = ofKind('HorizontalPodAutoscaler')
+  t.same(hpa.spec.scaleTargetRef, { apiVersion: 'apps/v1', kind: 'Deployment', name: deployment.metadata.name })
+  t.ok(hpa.spec.minReplicas >= 2 && hpa.spec.maxReplicas > hpa.spec.minReplicas)
+  t.equal(deployment.spec.replicas, hpa.spec.minReplicas)
+  const pdb = ofKind('PodDisruptionBudget')
+  t.same(pdb.spec.selector.matchLabels, deployment.spec.selector.matchLabels)
+  t.ok(pdb.spec.maxUnavailable === 1 || pdb.spec.minAvailable < hpa.spec.minReplicas)
+  t.equal(deployment.spec.strategy.rollingUpdate.maxUnavailable, 0, 'a new pod is ready before an old one goes')
+  // Shutdown: the preStop pause and the gateway's own drain (server.ts) fit in the grace period.
+  const preStop = deployment.spec.template.spec.containers[0].lifecycle.preStop.exec.command as string[]
+  const drainMs = Number(/closeWithGrace\(\{ delay: ([\d_]+)/.exec(read('server.ts'))![1].replace(/_/g, ''))
+  t.ok(drainMs > 0)
+  t.ok(Number(preStop[1]) + drainMs / 1000 < deployment.spec.template.spec.terminationGracePeriodSeconds)
+})

@@ -1,0 +1,152 @@
+import t from 'tap'
+import { Readable } from 'node:stream'
+import { brotliDecompressSync, gunzipSync, inflateSync, gzipSync } from 'node:zlib'
+import type { FastifyInstance } from 'fastify'
+import { buildApp } from '../../../app.js'
+import { MantleError } from '../../../errors.js'
+import { COMPRESSION_THRESHOLD } from '../../../plugins/compression/index.js'
+import { testConfig, startTestKernel, testManifest, json, type TestKernel } from '../../helper.js'
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+type Env = Record<string, string | number | boolean | undefined>
+
+// Items of ~40 bytes each: `n` of them make a body of about 40 n bytes.
+const items = (n: number): Array<{ id: string, name: string }> => Array.from({ length: n }, (_, i) => ({ id: `item-${i}`, name: `the item number ${i}` }))
+
+const manifest = (kernel: TestKernel) => testManifest({
+  listItems: { type: 'query', rest: 'GET /items', kernel: 'GET /v1/items', input: { type: 'object', properties: { n: { type: 'integer', minimum: 0, maximum: 10000 } } }, output: { type: 'array', items: { type: 'object', properties: { id: { type: 'string' }, name: { type: 'string' } } } } },
+  rejectItem: { type: 'mutation', rest: 'POST /items', kernel: 'POST /v1/items', input: { type: 'object', properties: { size: { type: 'integer' } } }, output: { type: 'object' } }
+}, { url: kernel.url })
+
+async function setup (t: Teardown, env: Env = {}): Promise<FastifyInstance> {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items': (req, res) => json(res, 200, items(Number(new URL(req.url, 'http://x').searchParams.get('n') ?? 0))),
+    // A Kernel refusal with a long message: the problem+json the client gets is over 1 KB.
+    'POST /v1/items': (req, res) => json(res, 422, { message: 'refused: ' + 'x'.repeat(JSON.parse(req.body).size) })
+  })
+  const app = await buildApp(testConfig({ BFF_AUTH_ENABLED: false, ...env }), { logger: false, manifest: manifest(kernel), kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  // Routes of the test's own, to check what must never be compressed.
+  app.get('/test/problem', async () => { throw new MantleError('VALIDATION_FAILED', 'bad: ' + 'x'.repeat(3000)) })
+  app.get('/test/not-modified', async (_req, reply) => reply.code(304).send())
+  app.get('/test/binary', async (_req, reply) => reply.type('application/octet-stream').send(Buffer.alloc(4096, 7)))
+  app.get('/test/image', async (_req, reply) => reply.type('image/png').send(Buffer.alloc(4096, 1)))
+  app.get('/test/events', async (_req, reply) => reply.type('text/event-stream').send('data: ' + 'e'.repeat(4096) + '\n\n'))
+  app.get('/test/gzipped', async (_req, reply) => reply.type('application/json').header('content-encoding', 'gzip').send(gzipSync(JSON.stringify(items(200)))))
+  app.get('/test/stream', async (_req, reply) => reply.type('application/json').send(Readable.from((function * () {
+    yield '['
+    for (let i = 0; i < 2000; i++) yield (i === 0 ? '' : ',') + JSON.stringify({ i, pad: 'p'.repeat(20) })
+    yield ']'
+  })())))
+  await app.ready()
+  return app
+}
+
+const decoders: Record<string, (b: Buffer) => Buffer> = { br: brotliDecompressSync, gzip: gunzipSync, deflate: inflateSync }
+
+t.test('br, gzip and deflate are negotiated for a REST body over 1 KB, and decode to the same JSON', async t => {
+  const app = await setup(t)
+  const plain = await app.inject({ method: 'GET', url: '/api/v1/items?n=200' })
+  t.equal(plain.headers['content-encoding'], undefined, 'no Accept-Encoding: no compression')
+  t.ok(plain.rawPayload.length > 4 * COMPRESSION_THRESHOLD)
+  for (const [encoding, decode] of Object.entries(decoders)) {
+    const res = await app.inject({ method: 'GET', url: '/api/v1/items?n=200', headers: { 'accept-encoding': encoding } })
+    t.equal(res.statusCode, 200)
+    t.equal(res.headers['content-encoding'], encoding)
+    t.match(res.headers.vary, /accept-encoding/i)
+    t.equal(res.headers['content-type'], 'application/json; charset=utf-8')
+    t.ok(res.rawPayload.length < plain.rawPayload.length / 3, `${encoding}: ${res.rawPayload.length} bytes for ${plain.rawPayload.length}`)
+    t.same(JSON.parse(decode(res.rawPayload).toString()), plain.json())
+  }
+  // The client's preference wins; identity and unknown codings get the body as it is.
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items?n=200', headers: { 'accept-encoding': 'gzip;q=0.5, deflate;q=1' } })).headers['content-encoding'], 'deflate')
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items?n=200', headers: { 'accept-encoding': 'identity' } })).headers['content-encoding'], undefined)
+  const unknown = await app.inject({ method: 'GET', url: '/api/v1/items?n=200', headers: { 'accept-encoding': 'compress' } })
+  t.equal(unknown.statusCode, 200)
+  t.equal(unknown.headers['content-encoding'], undefined)
+  t.same(unknown.json(), plain.json())
+})
+
+t.test('bodies under 1 KB go out as they are', async t => {
+  const app = await setup(t)
+  const small = await app.inject({ method: 'GET', url: '/api/v1/items?n=5', headers: { 'accept-encoding': 'br, gzip' } })
+  t.ok(small.rawPayload.length < COMPRESSION_THRESHOLD)
+  t.equal(small.headers['content-encoding'], undefined)
+  t.equal(small.json().length, 5)
+  // A problem+json under the threshold too.
+  const notFound = await app.inject({ method: 'GET', url: '/nowhere', headers: { 'accept-encoding': 'gzip' } })
+  t.equal(notFound.statusCode, 404)
+  t.equal(notFound.headers['content-encoding'], undefined)
+  t.equal(notFound.json().code, 'NOT_FOUND')
+})
+
+t.test('a problem+json over 1 KB is compressed like any JSON and keeps its status and type', async t => {
+  const app = await setup(t)
+  const res = await app.inject({ method: 'GET', url: '/test/problem', headers: { 'accept-encoding': 'gzip' } })
+  t.equal(res.statusCode, 400)
+  t.equal(res.headers['content-encoding'], 'gzip')
+  t.equal(res.headers['content-type'], 'application/problem+json; charset=utf-8')
+  t.match(JSON.parse(gunzipSync(res.rawPayload).toString()), { code: 'VALIDATION_FAILED', status: 400, detail: /^bad: x{3000}$/ })
+  // The Kernel's refusal, a REST string payload through the error handler: its detail is capped
+  // (300 characters), so it stays under the threshold.
+  const refused = await app.inject({ method: 'POST', url: '/api/v1/items', payload: { size: 3000 }, headers: { 'accept-encoding': 'gzip' } })
+  t.equal(refused.statusCode, 422)
+  t.equal(refused.headers['content-encoding'], undefined)
+  t.equal(refused.json().code, 'KERNEL_REJECTED')
+})
+
+t.test('the other faces are compressed too', async t => {
+  const app = await setup(t)
+  const trpc = await app.inject({ method: 'GET', url: '/trpc/listItems?input=' + encodeURIComponent('{"n":200}'), headers: { 'accept-encoding': 'br' } })
+  t.equal(trpc.headers['content-encoding'], 'br')
+  t.equal(JSON.parse(brotliDecompressSync(trpc.rawPayload).toString()).result.data.length, 200)
+  const graphql = await app.inject({ method: 'POST', url: '/graphql', payload: { query: '{ listItems(n: 200) { id name } }' }, headers: { 'accept-encoding': 'gzip' } })
+  t.equal(graphql.headers['content-encoding'], 'gzip')
+  t.equal(JSON.parse(gunzipSync(graphql.rawPayload).toString()).data.listItems.length, 200)
+  const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', payload: { calls: [{ id: 'a', op: 'listItems', input: { n: 200 } }] }, headers: { 'accept-encoding': 'deflate' } })
+  t.equal(batch.headers['content-encoding'], 'deflate')
+  t.equal(JSON.parse(inflateSync(batch.rawPayload).toString()).results[0].result.length, 200)
+  const openapi = await app.inject({ method: 'GET', url: '/openapi.json', headers: { 'accept-encoding': 'gzip' } })
+  t.equal(openapi.headers['content-encoding'], 'gzip')
+  t.equal(JSON.parse(gunzipSync(openapi.rawPayload).toString()).openapi, '3.1.0')
+})
+
+t.test('a streamed body is compressed as it streams', async t => {
+  const app = await setup(t)
+  const res = await app.inject({ method: 'GET', url: '/test/stream', headers: { 'accept-encoding': 'br' } })
+  t.equal(res.headers['content-encoding'], 'br')
+  t.equal(res.headers['content-length'], undefined, 'chunked: the size is not known up front')
+  t.equal(JSON.parse(brotliDecompressSync(res.rawPayload).toString()).length, 2000)
+})
+
+t.test('never on a 304, on already compressed or binary types, or on an event stream', async t => {
+  const app = await setup(t)
+  const headers = { 'accept-encoding': 'br, gzip, deflate' }
+  const notModified = await app.inject({ method: 'GET', url: '/test/not-modified', headers })
+  t.equal(notModified.statusCode, 304)
+  t.equal(notModified.headers['content-encoding'], undefined)
+  t.equal(notModified.rawPayload.length, 0)
+  for (const path of ['/test/binary', '/test/image', '/test/events']) {
+    const res = await app.inject({ method: 'GET', url: path, headers })
+    t.equal(res.headers['content-encoding'], undefined, `${path} is not compressed`)
+    t.ok(res.rawPayload.length >= 4096)
+  }
+  const gzipped = await app.inject({ method: 'GET', url: '/test/gzipped', headers })
+  t.equal(gzipped.headers['content-encoding'], 'gzip', 'kept as it was, not compressed twice')
+  t.equal(JSON.parse(gunzipSync(gzipped.rawPayload).toString()).length, 200)
+})
+
+t.test('a compressed request body is not inflated: refused as a 4xx, never a 5xx', async t => {
+  const app = await setup(t)
+  const res = await app.inject({ method: 'POST', url: '/api/v1/items', payload: gzipSync(JSON.stringify({ size: 1 })), headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' } })
+  t.ok(res.statusCode >= 400 && res.statusCode < 500, `status ${res.statusCode}`)
+  t.equal(res.headers['content-type'], 'application/problem+json; charset=utf-8')
+})
+
+t.test('BFF_COMPRESSION_ENABLED=false: nothing is compressed', async t => {
+  const app = await setup(t, { BFF_COMPRESSION_ENABLED: false })
+  const res = await app.inject({ method: 'GET', url: '/api/v1/items?n=200', headers: { 'accept-encoding': 'br, gzip' } })
+  t.equal(res.statusCode, 200)
+  t.equal(res.headers['content-encoding'], undefined)
+  t.equal(res.json().length, 200)
+})

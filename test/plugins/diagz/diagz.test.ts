@@ -1,0 +1,209 @@
+import t from 'tap'
+import { WebSocket } from 'ws'
+import { buildApp, VERSION } from '../../../app.js'
+import { StageOrder, type Stage, type Next, CallContext, createPipeline } from '../../../plugins/pipeline/index.js'
+import { timeStage, outcomeOf } from '../../../plugins/diagz/index.js'
+import { MantleError } from '../../../errors.js'
+import { buildDemoApp, buildTestApp, bearer, testConfig, startTestKernel, testManifest, json, until, token } from '../../helper.js'
+import { wsApp, connect } from '../../adapters/websocket-helper.js'
+
+const system = bearer({ roles: ['system'] })
+const viewer = bearer({ roles: ['viewer', 'editor', 'operator'] })
+
+t.test('/diagz needs the role system', async t => {
+  const app = await buildDemoApp(t)
+  const anonymous = await app.inject({ method: 'GET', url: '/diagz' })
+  t.equal(anonymous.statusCode, 401)
+  t.match(anonymous.json(), { code: 'UNAUTHENTICATED' })
+  const forbidden = await app.inject({ method: 'GET', url: '/diagz', headers: viewer })
+  t.equal(forbidden.statusCode, 403)
+  t.match(forbidden.json(), { code: 'FORBIDDEN' })
+  t.equal(forbidden.headers['content-type'], 'application/problem+json; charset=utf-8')
+  const ok = await app.inject({ method: 'GET', url: '/diagz', headers: system })
+  t.equal(ok.statusCode, 200)
+  t.match(ok.json(), { version: VERSION, breakers: { kernel: { state: 'closed' } }, stores: { events: { type: 'memory', healthy: true } } })
+})
+
+t.test('calls of every face are counted with their outcome, latency and the stages they went through', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/ok': (_req, res) => json(res, 200, { id: 'ok' }),
+    'GET /v1/items/gone': (_req, res) => json(res, 404, { message: 'no' }),
+    'GET /v1/items/boom': (_req, res) => json(res, 500, { message: 'down' })
+  })
+  const manifest = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string', maxLength: 8 } } }, output: { type: 'object', properties: { id: { type: 'string' } } }, roles: ['viewer'] }
+  }, { url: kernel.url, retries: 0 })
+  // Every call timed, so that each stage's outcomes are exact here.
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url, diagz: { stageSampleEvery: 1 } })
+  for (let i = 0; i < 10; i++) t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/ok', headers: viewer })).statusCode, 200)
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/gone', headers: viewer })).statusCode, 404)
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/boom', headers: viewer })).statusCode, 502)
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/waytoolongid', headers: viewer })).statusCode, 400)
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/ok', headers: bearer({ roles: [] }) })).statusCode, 403)
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/ok' })).statusCode, 401)
+  const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: viewer, payload: { calls: [{ id: 'a', op: 'getItem', input: { id: 'ok' } }, { id: 'b', op: 'getItem', input: { id: 'boom' } }] } })
+  t.equal(batch.statusCode, 200)
+  t.equal((await app.inject({ method: 'GET', url: '/trpc/getItem?input=' + encodeURIComponent('{"id":"ok"}'), headers: viewer })).statusCode, 200)
+  t.equal((await app.inject({ method: 'POST', url: '/graphql', headers: viewer, payload: { query: '{ getItem(id: "ok") { id } }' } })).statusCode, 200)
+
+  const report = (await app.inject({ method: 'GET', url: '/diagz', headers: system })).json()
+  t.match(report.adapters.rest, { connections: null, calls: 15, errors: 1, refused: 4 })
+  t.match(report.adapters.batch, { connections: null, calls: 2, errors: 1, refused: 0 })
+  t.match(report.adapters.trpc, { calls: 1, errors: 0 })
+  t.match(report.adapters.graphql, { calls: 1, errors: 0 })
+  t.match(report.adapters.websocket, { calls: 0 })
+  t.equal(report.lastMinute.calls, 19)
+  t.equal(report.lastHour.calls, 19)
+  t.equal(report.lastMinute.errorRate, Math.round(2 / 19 * 1e5) / 1e5)
+  t.ok(report.lastMinute.requestsPerSecond > 0)
+  t.ok(report.lastMinute.errorsPerSecond > 0)
+  const lat = report.lastMinute.latencyMs
+  t.ok(lat.p50 > 0 && lat.p50 <= lat.p95 && lat.p95 <= lat.p99 && lat.p99 <= lat.p999, `ordered percentiles ${JSON.stringify(lat)}`)
+  // Each failure is counted where it started, not in every stage it went through.
+  t.match(report.stages.identity, { calls: 19, errors: 0, refused: 1 })
+  t.match(report.stages.authorization, { calls: 18, refused: 1 })
+  t.match(report.stages.validation, { calls: 17, refused: 1 })
+  t.match(report.stages.kernel, { calls: 16, errors: 2, refused: 1 })
+  t.match(report.stages.metrics, { calls: 19, sampled: 19, errors: 0, refused: 0 })
+  t.notOk('diagz' in report.stages, 'the diagnostics stage does not time itself')
+  for (const s of Object.values(report.stages) as Array<{ avgMs: number, slowestMs: number }>) t.ok(s.avgMs >= 0 && s.slowestMs >= s.avgMs)
+  t.ok(report.stages.kernel.avgMs > report.stages.validation.avgMs, 'the Kernel call takes longer than a schema check')
+  t.equal(report.cache.hitRate, null, 'no cache stage: no hit rate')
+  t.match(report.memory, { rssBytes: Number, heapUsedBytes: Number })
+  t.ok(report.uptimeSeconds >= 0)
+  t.match(report.eventLoop, { delayP99Ms: Number })
+})
+
+t.test('the cache hit rate comes from the call outcome any cache stage records', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/items/ok': (_req, res) => json(res, 200, { id: 'ok' }) })
+  const manifest = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } } }
+  }, { url: kernel.url })
+  const app = await buildApp(testConfig({ BFF_AUTH_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  // A stand-in for the cache concern: any stage setting ctx.cache is counted.
+  let n = 0
+  const outcomes = ['hit', 'hit', 'miss', 'stale'] as const
+  app.pipeline.addStage({ name: 'cache', order: StageOrder.cache, build: () => (ctx, next) => { ctx.cache = outcomes[n++ % 4]; return next(ctx) } })
+  await app.ready()
+  for (let i = 0; i < 8; i++) await app.inject({ method: 'GET', url: '/api/v1/items/ok' })
+  const report = (await app.inject({ method: 'GET', url: '/diagz' })).json()
+  t.match(report.cache, { hits: 4, misses: 2, stale: 2, hitRate: 0.75 })
+})
+
+t.test('stores and sections plug in; a failing check reads as unhealthy, not as a 500', async t => {
+  const app = await buildTestApp(t, { REDIS_URL: 'redis://127.0.0.1:6379' })
+  app.diagz.addStore('rateLimit', () => ({ type: 'redis', healthy: false, detail: 'fallback to memory' }))
+  app.diagz.addStore('broken', () => { throw new Error('no answer') })
+  app.diagz.addSection('audit', () => ({ queueDepth: 3 }))
+  app.diagz.addSection('flaky', () => { throw new Error('oops') })
+  t.throws(() => app.diagz.addStore('rateLimit', () => ({ type: 'memory', healthy: true })), /twice/)
+  t.throws(() => app.diagz.addSection('memory', () => 1), /twice/)
+  await until(() => app.redis.up(), 'redis up')
+  const res = await app.inject({ method: 'GET', url: '/diagz', headers: system })
+  t.equal(res.statusCode, 200)
+  const report = res.json()
+  t.same(report.stores.redis, { type: 'redis', healthy: true })
+  t.same(report.stores.rateLimit, { type: 'redis', healthy: false, detail: 'fallback to memory' })
+  t.same(report.stores.broken, { type: 'unknown', healthy: false, detail: 'no answer' })
+  t.equal(report.stores.events.type, 'redis')
+  t.same(report.audit, { queueDepth: 3 })
+  t.same(report.flaky, { error: 'oops' })
+})
+
+t.test('a Redis that is away reads as unhealthy', async t => {
+  const app = await buildTestApp(t, { REDIS_URL: 'redis://127.0.0.1:1' })
+  const report = (await app.inject({ method: 'GET', url: '/diagz', headers: system })).json()
+  t.match(report.stores.redis, { type: 'redis', healthy: false })
+  t.match(report.stores.events, { type: 'redis', healthy: false })
+})
+
+t.test('WebSocket connections are counted per face, HTTP connections in http', async t => {
+  const { app, url } = await wsApp(t, { env: { BFF_TRPC_ENABLED: true, BFF_GRAPHQL_ENABLED: true } })
+  const base = url.replace('/ws', '')
+  const read = async (): Promise<any> => (await app.inject({ method: 'GET', url: '/diagz', headers: system })).json()
+  const ws = await connect(t, url)
+  const call = await ws.request({ id: '1', op: 'getAgent', input: { id: 'a1' } })
+  t.equal(call.result.id, 'a1')
+  const gql = new WebSocket(base + '/graphql', 'graphql-transport-ws', { headers: { authorization: `Bearer ${token()}` } })
+  t.teardown(() => gql.terminate())
+  await new Promise<void>((resolve, reject) => { gql.once('open', resolve); gql.once('error', reject) })
+  const report = await read()
+  t.match(report.adapters.websocket, { connections: 1, calls: 1 })
+  t.match(report.adapters.graphql, { connections: 1 })
+  t.match(report.adapters.trpc, { connections: 0 })
+  t.ok(report.http.connections >= 2, 'the sockets are HTTP connections too')
+  ws.ws.close()
+  gql.close()
+  const gone = { websocket: false, graphql: false }
+  const poll = setInterval(() => {
+    read().then(r => { gone.websocket = r.adapters.websocket.connections === 0; gone.graphql = r.adapters.graphql.connections === 0 }, () => {})
+  }, 20)
+  t.teardown(() => clearInterval(poll))
+  await until(() => gone.websocket && gone.graphql, 'closed connections no longer counted')
+  clearInterval(poll)
+})
+
+t.test('by default one call in 8 is timed per stage; every call is counted', async t => {
+  const app = await buildDemoApp(t)
+  for (let i = 0; i < 20; i++) t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: viewer })).statusCode, 200)
+  const report = (await app.inject({ method: 'GET', url: '/diagz', headers: system })).json()
+  t.match(report.stages.kernel, { calls: 20, sampled: 2 })
+  t.match(report.stages.identity, { calls: 20, sampled: 2 })
+  t.ok(report.stages.kernel.avgMs > 0)
+  t.equal(report.lastMinute.calls, 20, 'the window counts every call')
+})
+
+t.test('with BFF_DIAGZ_ENABLED=false there is no /diagz and no timing in the pipeline', async t => {
+  const app = await buildDemoApp(t, { BFF_DIAGZ_ENABLED: false })
+  t.equal((await app.inject({ method: 'GET', url: '/diagz', headers: system })).statusCode, 404)
+  t.notOk(app.hasDecorator('diagz'))
+  t.notOk(app.pipeline.entry('getAgent').stages.includes('diagz'))
+  t.ok((await buildDemoApp(t)).pipeline.entry('getAgent').stages.includes('diagz'))
+})
+
+t.test('the stage timer: own time, errors where they start, synchronous throws', async t => {
+  const fresh = () => ({ calls: 0, sampled: 0, errors: 0, refused: 0, totalMs: 0, slowestMs: 0 })
+  const ctx = {} as unknown as CallContext
+  const ok: Next = async () => 'ok'
+  // A stage that refuses by throwing synchronously.
+  const refusing: Stage = () => { throw new MantleError('FORBIDDEN') }
+  let stats = fresh()
+  t.throws(() => timeStage(stats, refusing)(ctx, ok), { code: 'FORBIDDEN' })
+  t.match(stats, { calls: 1, refused: 1, errors: 0 })
+  // An error from further in passes through without counting here, thrown sync or async.
+  stats = fresh()
+  const passing: Stage = (c, next) => next(c)
+  t.throws(() => timeStage(stats, passing)(ctx, () => { throw new MantleError('KERNEL_ERROR') }), { code: 'KERNEL_ERROR' })
+  await t.rejects(timeStage(stats, passing)(ctx, async () => { throw new MantleError('KERNEL_ERROR') }), { code: 'KERNEL_ERROR' })
+  t.match(stats, { calls: 2, refused: 0, errors: 0 })
+  // A stage that turns the inner failure into its own is counted.
+  stats = fresh()
+  const translating: Stage = async (c, next) => { try { return await next(c) } catch { throw new Error('mine') } }
+  await t.rejects(timeStage(stats, translating)(ctx, async () => { throw new MantleError('KERNEL_ERROR') }), /mine/)
+  t.match(stats, { calls: 1, errors: 1 })
+  // Own time excludes the time in next.
+  stats = fresh()
+  const slowNext: Next = async () => await new Promise(resolve => setTimeout(() => resolve('late'), 50))
+  t.equal(await timeStage(stats, passing)(ctx, slowNext), 'late')
+  t.ok(stats.totalMs < 45, `own time ${stats.totalMs} ms excludes the 50 ms of next`)
+  // Sampling: the calls in between are counted, not timed, and their outcomes not looked at.
+  stats = fresh()
+  const sampled = timeStage(stats, refusing, 3)
+  for (let i = 0; i < 6; i++) t.throws(() => sampled(ctx, ok))
+  t.match(stats, { calls: 6, sampled: 2, refused: 2 })
+  t.equal(outcomeOf(null), 2)
+  t.equal(outcomeOf({ statusCode: 429 }), 1)
+})
+
+t.test('the pipeline takes one instrument, before it is compiled', async t => {
+  const p = createPipeline(testManifest({ getX: { type: 'query', rest: 'GET /x', kernel: 'GET /v1/x', input: { type: 'object' }, output: { type: 'object' } } }))
+  p.setTerminal(() => async () => ({}))
+  const seen: string[] = []
+  p.instrument((name, _op, stage) => { seen.push(name); return stage })
+  t.throws(() => p.instrument((_n, _o, stage) => stage), /already instrumented/)
+  p.compile()
+  t.same(seen.sort(), ['kernel', 'validation'])
+  t.same(await p.entry('getX').run(new CallContext('r', 'rest', p.entry('getX').op, {}, undefined, undefined, undefined)), {})
+  t.throws(() => p.instrument((_n, _o, stage) => stage), /after it was compiled/)
+})

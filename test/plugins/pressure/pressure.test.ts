@@ -1,0 +1,150 @@
+import t from 'tap'
+import type { FastifyInstance } from 'fastify'
+import { buildApp } from '../../../app.js'
+import { startKernel } from '../../../kernel/server.js'
+import { loadConfig } from '../../../schemas/config.js'
+import { defaultHeapBound } from '../../../plugins/pressure/index.js'
+import { bearer, testConfig, until } from '../../helper.js'
+import { refusedUpgrade } from '../../adapters/websocket-helper.js'
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+type Env = Record<string, string | number | boolean | undefined>
+const system = bearer({ roles: ['viewer', 'system'] })
+
+/**
+ * A listening gateway on the demo Kernel, its load-shedding bounds sampled every 100 ms (a sample
+ * needs several of the 10 ms event-loop probes: with none, under-pressure reads the delay as infinite).
+ */
+async function pressured (t: Teardown, env: Env): Promise<{ app: FastifyInstance, port: number }> {
+  const kernel = await startKernel({ port: 0, runDelayMs: 5 })
+  t.teardown(() => kernel.close())
+  const app = await buildApp(testConfig(env), { logger: false, kernelUrl: kernel.url, pressureSampleIntervalMs: 100 })
+  t.teardown(() => app.close())
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  return { app, port: (app.server.address() as { port: number }).port }
+}
+
+/** Polls a REST call until it gets `status`. */
+async function untilStatus (app: FastifyInstance, status: number): Promise<void> {
+  let last = 0
+  const poll = setInterval(() => {
+    app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: system }).then(r => { last = r.statusCode }, () => {})
+  }, 10)
+  try {
+    await until(() => last === status, `a REST call answered ${status}`, 10_000)
+  } finally {
+    clearInterval(poll)
+  }
+}
+
+t.test('past the heap bound every call is refused with 503 OVERLOADED; health, metrics and diagz still answer', async t => {
+  const { app, port } = await pressured(t, { BFF_MAX_HEAP_BYTES: 1, BFF_MAX_EVENT_LOOP_DELAY_MS: 0 })
+  await untilStatus(app, 503)
+  const res = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: system })
+  t.equal(res.statusCode, 503)
+  t.equal(res.headers['content-type'], 'application/problem+json; charset=utf-8')
+  t.equal(res.headers['retry-after'], '5')
+  t.match(res.json(), { code: 'OVERLOADED', status: 503, requestId: String })
+  // Every face and every other route.
+  const graphql = await app.inject({ method: 'POST', url: '/graphql', headers: system, payload: { query: '{ getAgent(id: "a1") { id } }' } })
+  t.equal(graphql.statusCode, 503)
+  t.equal(graphql.headers['retry-after'], '5')
+  t.equal((await app.inject({ method: 'GET', url: '/trpc/getAgent?input=' + encodeURIComponent('{"id":"a1"}'), headers: system })).statusCode, 503)
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/batch', headers: system, payload: { calls: [] } })).statusCode, 503)
+  t.equal((await app.inject({ method: 'GET', url: '/openapi.json' })).statusCode, 503)
+  t.equal((await app.inject({ method: 'GET', url: '/nowhere' })).statusCode, 503)
+  // What stays up.
+  const health = await app.inject({ method: 'GET', url: '/healthz' })
+  t.equal(health.statusCode, 200)
+  t.same(health.json(), { status: 'ok' })
+  const ready = await app.inject({ method: 'GET', url: '/readyz' })
+  t.equal(ready.statusCode, 503)
+  t.ok(ready.json().failing.includes('pressure'))
+  t.match(ready.json().checks.pressure, /^over heapUsedBytes bound \(\d+ > 1\)$/)
+  t.equal((await app.inject({ method: 'GET', url: '/diagz', headers: system })).statusCode, 200)
+  const metrics = await app.inject({ method: 'GET', url: '/metrics' })
+  t.equal(metrics.statusCode, 200)
+  t.match(metrics.body, /mantle_load_shed_total\{reason="heapUsedBytes"\} [1-9]/)
+  t.match(metrics.body, /mantle_under_pressure 1/)
+  // WebSocket upgrades are refused before they upgrade, on every face that upgrades.
+  // Each face encodes the code in its own envelope (CONTRACT §3).
+  const codeOf: Record<string, (body: any) => unknown> = {
+    '/ws': body => body.code,
+    '/graphql': body => body.errors[0].extensions.code,
+    '/trpc': body => body.error.data.code
+  }
+  for (const [path, code] of Object.entries(codeOf)) {
+    const refused = await refusedUpgrade(`ws://127.0.0.1:${port}${path}`, { authorization: system.authorization })
+    t.equal(refused.status, 503, `${path} upgrade refused`)
+    t.equal(code(refused.body), 'OVERLOADED')
+  }
+})
+
+t.test('a blocked event loop sheds load, then the instance recovers by itself', async t => {
+  const { app } = await pressured(t, { BFF_MAX_EVENT_LOOP_DELAY_MS: 30, BFF_MAX_HEAP_BYTES: 0 })
+  await untilStatus(app, 200)
+  let shed = false
+  let ready503 = false
+  for (let attempt = 0; attempt < 20 && !shed; attempt++) {
+    // Block the loop for a while: the next sample sees a mean delay far beyond 30 ms.
+    const end = Date.now() + 400
+    while (Date.now() < end) { /* busy */ }
+    // Right after the block, the overdue sample says overloaded until the next one (100 ms).
+    await new Promise(resolve => setTimeout(resolve, 5))
+    const [res, ready] = await Promise.all([
+      app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: system }),
+      app.inject({ method: 'GET', url: '/readyz' })
+    ])
+    if (res.statusCode === 503) {
+      shed = true
+      t.match(res.json(), { code: 'OVERLOADED' })
+    }
+    if (ready.statusCode === 503 && ready.json().failing.includes('pressure')) {
+      ready503 = true
+      t.match(ready.json().checks.pressure, /^over eventLoopDelay bound/)
+    }
+  }
+  t.ok(shed, 'a call was shed after the loop was blocked')
+  t.ok(ready503, 'readiness said pressure')
+  await untilStatus(app, 200)
+  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_load_shed_total\{reason="eventLoopDelay"\} [1-9]/)
+})
+
+t.test('past the RSS bound calls are shed too', async t => {
+  const { app } = await pressured(t, { BFF_MAX_RSS_BYTES: 1, BFF_MAX_HEAP_BYTES: 0, BFF_MAX_EVENT_LOOP_DELAY_MS: 0 })
+  await untilStatus(app, 503)
+  t.match((await app.inject({ method: 'GET', url: '/readyz' })).json(), { failing: ['pressure'], checks: { pressure: /^over rssBytes bound/ } })
+})
+
+t.test('within the bounds nothing is shed and readiness says pressure ok', async t => {
+  const { app } = await pressured(t, { BFF_MAX_EVENT_LOOP_DELAY_MS: undefined })
+  t.equal(app.loadShedding.limits.maxHeapBytes, defaultHeapBound())
+  t.equal(app.loadShedding.limits.maxEventLoopDelayMs, 500)
+  t.equal(app.loadShedding.limits.maxRssBytes, 0)
+  // Building the app blocks the loop for a while: the first samples may see it. Then all is well.
+  let ready: any = null
+  const poll = setInterval(() => { app.inject({ method: 'GET', url: '/readyz' }).then(r => { ready = r.json() }, () => {}) }, 20)
+  t.teardown(() => clearInterval(poll))
+  await until(() => ready?.status === 'ready', 'ready', 10_000)
+  clearInterval(poll)
+  t.match(ready, { failing: [], checks: { pressure: 'ok' } })
+  await untilStatus(app, 200)
+})
+
+t.test('BFF_LOAD_SHEDDING_ENABLED=false: no shedding, no pressure check, no metric', async t => {
+  const { app } = await pressured(t, { BFF_LOAD_SHEDDING_ENABLED: false, BFF_MAX_HEAP_BYTES: 1 })
+  await new Promise(resolve => setTimeout(resolve, 100))
+  t.notOk(app.hasDecorator('loadShedding'))
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: system })).statusCode, 200)
+  const ready = (await app.inject({ method: 'GET', url: '/readyz' })).json()
+  t.notOk('pressure' in ready.checks)
+  t.notMatch((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_under_pressure/)
+})
+
+t.test('bad bounds stop start-up naming the variable', async t => {
+  t.throws(() => loadConfig({ BFF_MAX_EVENT_LOOP_DELAY_MS: '-1' }), /BFF_MAX_EVENT_LOOP_DELAY_MS="-1" is invalid/)
+  t.throws(() => loadConfig({ BFF_MAX_HEAP_BYTES: 'lots' }), /BFF_MAX_HEAP_BYTES="lots" is invalid/)
+  t.throws(() => loadConfig({ BFF_MAX_RSS_BYTES: '1.5' }), /BFF_MAX_RSS_BYTES="1.5" is invalid/)
+  t.throws(() => loadConfig({ BFF_LOAD_SHEDDING_ENABLED: 'maybe' }), /BFF_LOAD_SHEDDING_ENABLED="maybe" is invalid: expected true or false/)
+  t.equal(loadConfig({}).BFF_MAX_HEAP_BYTES, undefined)
+})
