@@ -20,6 +20,8 @@ import { fmt, measure, signed, sleep, textTable, type RunFigures } from './measu
 import { getAgent, type ScenarioDefinition } from './scenarios.js'
 import { runFaces, type FacesReport } from './bench-faces.js'
 import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
+import { PROFILES, type LoadProfile } from './scenarios.js'
+import { formatSuite, runSuite, SUITE_FACES, type SuiteFace } from './suite.js'
 
 const SECTIONS = ['spine', 'faces', 'ws-scale'] as const
 type Section = typeof SECTIONS[number]
@@ -39,7 +41,18 @@ interface Options {
   scaleBatch: number
   /** ws-scale: events published one after the other. */
   scaleEvents: number
+  /** A load suite to run instead of the sections (smoke, load, stress, spike, soak). */
+  scenario: LoadProfile | null
+  /** The suite's durations are multiplied by this. */
+  scale: number
+  /** The suite's rates and connection counts are multiplied by this. */
+  rateScale: number
+  /** The faces the suite loads. */
+  faces: SuiteFace[]
 }
+
+/** Exit status of a suite run whose thresholds were crossed (k6 exits 99 then too). */
+const THRESHOLDS_CROSSED = 99
 
 interface TargetReport {
   name: string
@@ -83,6 +96,10 @@ function parseOptions (argv: string[]): Options {
       'scale-clients': { type: 'string' },
       'scale-batch': { type: 'string', default: '500' },
       'scale-events': { type: 'string', default: '5' },
+      scenario: { type: 'string' },
+      scale: { type: 'string', default: '1' },
+      'rate-scale': { type: 'string', default: '1' },
+      faces: { type: 'string', default: SUITE_FACES.join(',') },
       help: { type: 'boolean', default: false }
     }
   })
@@ -90,6 +107,8 @@ function parseOptions (argv: string[]): Options {
     process.stdout.write('usage: npm run bench -- [--section spine|faces|ws-scale|all (comma-separated; default all = spine,faces)]\n' +
       '         [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
       '         [--connections-scale <n>] [--scale-clients <n>] [--scale-batch <n>] [--scale-events <n>]\n' +
+      '   or: npm run bench -- --scenario smoke|load|stress|spike|soak [--scale <f>] [--rate-scale <f>] [--faces rest,trpc,graphql,websocket]\n' +
+      '       (exit status 99 when a threshold is crossed)\n' +
       `spine targets: ${REST_TARGETS.map((t) => t.name).join(', ')}\n`)
     process.exit(0)
   }
@@ -120,6 +139,14 @@ function parseOptions (argv: string[]): Options {
     }
   }
   if (sections.size === 0) throw new UsageError('--section: name at least one section')
+  let scenario: LoadProfile | null = null
+  if (values.scenario !== undefined) {
+    scenario = PROFILES.find((p) => p.name === values.scenario) ?? null
+    if (scenario === null) throw new UsageError(`--scenario: unknown suite ${JSON.stringify(values.scenario)}; known: ${PROFILES.map((p) => p.name).join(', ')}`)
+  }
+  const faces = values.faces.split(',').map((s) => s.trim()).filter((s) => s !== '')
+  const unknownFaces = faces.filter((f) => !(SUITE_FACES as readonly string[]).includes(f))
+  if (faces.length === 0 || unknownFaces.length > 0) throw new UsageError(`--faces: unknown face ${JSON.stringify(unknownFaces.join(','))}; known: ${SUITE_FACES.join(', ')}`)
   const stamp = new Date().toISOString().replace(/[:.]/g, '-')
   return {
     duration: positive('duration', values.duration, false),
@@ -132,7 +159,11 @@ function parseOptions (argv: string[]): Options {
     connectionsScale: positive('connections-scale', values['connections-scale'], true),
     scaleClients: values['scale-clients'] === undefined ? null : positive('scale-clients', values['scale-clients'], true),
     scaleBatch: positive('scale-batch', values['scale-batch'], true),
-    scaleEvents: positive('scale-events', values['scale-events'], true)
+    scaleEvents: positive('scale-events', values['scale-events'], true),
+    scenario,
+    scale: positive('scale', values.scale, false),
+    rateScale: positive('rate-scale', values['rate-scale'], false),
+    faces: faces as SuiteFace[]
   }
 }
 
@@ -279,7 +310,8 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   // Every target and face is measured once per round plus a warm-up; the token must outlive it all.
   const spineTargets = opts.sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null || opts.only.includes(t.name)).length : 0
   const faces = opts.sections.includes('faces') ? 4 : 0
-  const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5)
+  const suiteSeconds = opts.scenario === null ? 0 : Math.max(...[opts.scenario.stages, opts.scenario.wsStages].map((stages) => stages.reduce((sum, s) => sum + s.durationS, 0))) * opts.scale
+  const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5) + suiteSeconds
   const secret = randomBytes(32).toString('hex')
   const kernel = await startKernelProcess()
   processes.push(kernel.process)
@@ -294,19 +326,36 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     options: { ...opts, warmupSeconds: WARMUP_SECONDS }
   }
   let gatewaySpine: Target | null = null
-  if (opts.sections.includes('spine')) {
+  if (opts.scenario !== null) {
+    // A load suite instead of the sections: the gateway as deployed (gateway-spine), every face on.
+    const gateway = (await startTargets([GATEWAY_SPINE], ctx, processes))[0]
+    process.stdout.write(`\nMantle load suite ${opts.scenario.name} against ${GATEWAY_SPINE.name} (${GATEWAY_SPINE.description})\nmachine  ${machine.cpu} x ${machine.cores}, ${machine.memoryGiB} GiB\n\n`)
+    const suite = await runSuite({
+      profile: opts.scenario,
+      timeScale: opts.scale,
+      rateScale: opts.rateScale,
+      target: gateway,
+      token: ctx.token,
+      faces: opts.faces,
+      log: (line) => process.stderr.write(line + '\n')
+    })
+    process.stdout.write(formatSuite(suite) + '\n')
+    report.suite = suite
+    if (!suite.passed) process.exitCode = THRESHOLDS_CROSSED
+  }
+  if (opts.scenario === null && opts.sections.includes('spine')) {
     const spine = await runSpine(opts, ctx, processes, machine)
     gatewaySpine = spine.gatewaySpine
     Object.assign(report, { scenario: spine.scenario, goal: spine.goal, targets: spine.targets })
   }
-  if (opts.sections.includes('faces')) {
+  if (opts.scenario === null && opts.sections.includes('faces')) {
     const reused = gatewaySpine !== null
     // One gateway process with every face on: the spine section's gateway-spine when it ran.
     gatewaySpine ??= (await startTargets([GATEWAY_SPINE], ctx, processes))[0]
     const faces: FacesReport = await runFaces({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, gatewaySpine, reused, machine)
     report.faces = faces
   }
-  if (opts.sections.includes('ws-scale')) {
+  if (opts.scenario === null && opts.sections.includes('ws-scale')) {
     const scale: WsScaleReport = await runWsScale({ connections: opts.connectionsScale, clients: opts.scaleClients, batch: opts.scaleBatch, events: opts.scaleEvents }, ctx, processes, machine)
     report.wsScale = scale
   }

@@ -185,7 +185,8 @@ export const smoke: LoadProfile = {
   name: 'smoke',
   startRate: 2,
   stages: [{ durationS: 30, target: 2 }],
-  wsStages: [{ durationS: 30, target: 1 }],
+  // k6's ramping-vus starts from 0 connections: the first second ramps to 1.
+  wsStages: [{ durationS: 1, target: 1 }, { durationS: 29, target: 1 }],
   thresholds: { p99Ms: 10, errorRate: 0.001, abortOnFail: false, delayAbortEvalS: 0 }
 }
 

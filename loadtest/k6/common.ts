@@ -90,7 +90,7 @@ export interface LoadProfile {
 }
 
 /** Smoke: a trickle on every face. */
-export const SMOKE: LoadProfile = { name: 'smoke', startRate: 2, stages: [{ durationS: 30, target: 2 }], wsStages: [{ durationS: 30, target: 1 }], thresholds: { p99Ms: 10, errorRate: 0.001, abortOnFail: false, delayAbortEvalS: 0 } }
+export const SMOKE: LoadProfile = { name: 'smoke', startRate: 2, stages: [{ durationS: 30, target: 2 }], wsStages: [{ durationS: 1, target: 1 }, { durationS: 29, target: 1 }], thresholds: { p99Ms: 10, errorRate: 0.001, abortOnFail: false, delayAbortEvalS: 0 } }
 
 /** Load: a sustained arrival rate after a short ramp. */
 export const LOAD: LoadProfile = { name: 'load', startRate: 10, stages: [{ durationS: 30, target: 100 }, { durationS: 270, target: 100 }], wsStages: [{ durationS: 30, target: 50 }, { durationS: 270, target: 50 }], thresholds: { p99Ms: 10, errorRate: 0.001, abortOnFail: false, delayAbortEvalS: 0 } }
