@@ -557,6 +557,9 @@ function sendWs (origin: URL, c: WsCase, timeoutMs: number, silentMs: number): P
       return
     }
     let next = 0
+    // A frame over the 1 MiB limit: the server closes with 1009 while our bytes still arrive, so
+    // the close frame may be lost to the reset (a 1006 here is that refusal, not a drop).
+    let oversizeSent = false
     let waiting: NodeJS.Timeout | null = null
     let done = false
     const finish = (): void => {
@@ -574,6 +577,7 @@ function sendWs (origin: URL, c: WsCase, timeoutMs: number, silentMs: number): P
         return
       }
       const frame = c.ws.frames[next++]
+      if ((typeof frame === 'string' ? Buffer.byteLength(frame) : Buffer.isBuffer(frame) ? frame.length : 0) > LARGE_BODY) oversizeSent = true
       try {
         if (typeof frame === 'object' && 'raw' in frame && !Buffer.isBuffer(frame)) (socket as unknown as { _socket: { write: (b: Buffer) => void } })._socket.write(frame.raw)
         else socket.send(frame, { binary: Buffer.isBuffer(frame) })
@@ -617,6 +621,11 @@ function sendWs (origin: URL, c: WsCase, timeoutMs: number, silentMs: number): P
         if (waiting !== null) clearTimeout(waiting)
         waiting = null
         const deliberate = deliberateClose(code)
+        if (!deliberate && code === 1006 && oversizeSent) {
+          outcomes.push({ ...base, status: null, close: null, dropped: false, silent: false, refusal: 'reset, frame > 1 MiB' })
+          finish()
+          return
+        }
         outcomes.push({ ...base, status: null, close: code, dropped: !deliberate, silent: false, ...(deliberate ? {} : { detail: `${c.ws.path.slice(0, 100)} frame ${String(c.ws.frames[Math.max(0, next - 1)]).slice(0, 300)} -> close ${code}` }) })
       }
       finish()

@@ -169,13 +169,29 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
   })
 }
 
+/**
+ * What sub, tid and each role may hold: they travel to the Kernel as x-user-id, x-tenant-id
+ * and x-user-roles (comma-joined). Visible ASCII and Latin-1, inner spaces, 1-256 characters:
+ * a character an HTTP header cannot carry failed every call of the caller with a 503 (found
+ * by `npm run fuzz`), and spaces at the ends would be trimmed by the Kernel's HTTP parser,
+ * making ' acme' its tenant 'acme'. A role may not hold a comma, which would split it in two.
+ */
+const CLAIM = /^[\x21-\x7e\xa1-\xff](?:[\x20-\x7e\xa0-\xff]{0,254}[\x21-\x7e\xa1-\xff])?$/
+const ROLE = /^[\x21-\x2b\x2d-\x7e\xa1-\xff](?:[\x20-\x2b\x2d-\x7e\xa0-\xff]{0,254}[\x21-\x2b\x2d-\x7e\xa1-\xff])?$/
+
 function toIdentity (claims: Record<string, unknown>, toleranceMs: number): Identity {
   const { sub, tid, roles = [], zone = 'public' } = claims
   if (typeof sub !== 'string' || sub === '' || typeof tid !== 'string' || tid === '') {
     throw new MantleError('UNAUTHENTICATED', 'The token was refused: sub and tid must be non-empty strings')
   }
+  if (!CLAIM.test(sub) || !CLAIM.test(tid)) {
+    throw new MantleError('UNAUTHENTICATED', 'The token was refused: sub and tid must be at most 256 visible ASCII or Latin-1 characters')
+  }
   if (!Array.isArray(roles) || !roles.every(r => typeof r === 'string')) {
     throw new MantleError('UNAUTHENTICATED', 'The token was refused: roles must be an array of strings')
+  }
+  if (!roles.every(r => ROLE.test(r as string))) {
+    throw new MantleError('UNAUTHENTICATED', 'The token was refused: a role must be at most 256 visible ASCII or Latin-1 characters, without commas')
   }
   if (typeof zone !== 'string' || !(zone in ZONE_RANK)) {
     throw new MantleError('UNAUTHENTICATED', 'The token was refused: zone must be public, internal or restricted')

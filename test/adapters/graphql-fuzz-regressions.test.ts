@@ -9,7 +9,8 @@ import { buildDemoApp, bearer, token } from '../helper.js'
 // - a document without a required variable, once mercurius had JIT-compiled it (after its first
 //   run): graphql-jit's error has no `extensions`, and the error formatter threw on it;
 // - over GET, an `operationName` the document does not define, or several operations without
-//   one: mercurius looked the operation up (to refuse mutations over GET) and threw on null.
+//   one: mercurius looked the operation up (to refuse mutations over GET) and threw on null;
+// - over GET, `variables` (or `extensions`) that is JSON but not an object (`variables="d1"`).
 
 const JSON_QUERIES = ['true', 'false', 'null', '0', '-1', '"x"', '{}', ' { } ', '[]', '[1,{"kind":"Document"}]', '{"kind":"Document","definitions":[{}]}', '\n{"kind":"Document","definitions":"x"}']
 
@@ -70,6 +71,20 @@ t.test('over GET, an operationName the document does not define is a 400, not a 
   t.same((await get('query A { getAgent(id: "a1") { id } }', 'A')).json(), { data: { getAgent: { id: 'a1' } } })
   t.equal((await get('mutation M { deleteAgent(id: "a1") { id } }', 'M')).statusCode, 405)
   t.equal((await get('{ getAgent(id: ')).statusCode, 400, 'a syntax error is still mercurius\' own')
+})
+
+t.test('over GET, variables or extensions that are JSON but not an object are a 400, not a 500', async t => {
+  const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
+  const query = encodeURIComponent('query Q($id: String!) { getAgent(id: $id) { id } }')
+  for (const [key, value] of [['variables', '"d1"'], ['variables', '[1]'], ['variables', '5'], ['variables', 'true'], ['extensions', '"x"'], ['extensions', '[]']]) {
+    const res = await app.inject({ method: 'GET', url: `/graphql?query=${query}&${key}=${encodeURIComponent(value)}`, headers: bearer() })
+    t.equal(res.statusCode, 400, `${key}=${value}: ${res.body.slice(0, 200)}`)
+    t.match(res.json(), { errors: [{ message: `\`${key}\` must be a JSON object`, extensions: { code: 'VALIDATION_FAILED' } }] })
+  }
+  const notJson = await app.inject({ method: 'GET', url: `/graphql?query=${query}&variables=%7Bnope`, headers: bearer() })
+  t.equal(notJson.statusCode, 400, 'text that is not JSON is mercurius\' own 400')
+  const ok = await app.inject({ method: 'GET', url: `/graphql?query=${query}&variables=${encodeURIComponent('{"id":"a1"}')}`, headers: bearer() })
+  t.same(ok.json(), { data: { getAgent: { id: 'a1' } } })
 })
 
 t.test('over graphql-ws, a subscribe whose query is not a GraphQL string does not bring the gateway down', async t => {
