@@ -801,7 +801,7 @@ async function main (): Promise<void> {
   }
   // The gateway as deployed (the bench's gateway-spine), as a child, on the demo Kernel.
   const { randomBytes } = await import('node:crypto')
-  const { GATEWAY_SPINE, benchToken, killAllNow, rssKiB, startKernelProcess, startTargets, stopAll } = await import('./harness.js')
+  const { GATEWAY_SPINE, benchToken, freePort, killAllNow, rssKiB, startKernelProcess, startProcess, stopAll } = await import('./harness.js')
   process.once('exit', killAllNow)
   const processes: Array<{ name: string, pid: number, stop: () => Promise<void> }> = []
   try {
@@ -809,8 +809,12 @@ async function main (): Promise<void> {
     const kernel = await startKernelProcess()
     processes.push(kernel.process)
     const ctx = { kernelUrl: kernel.url, secret, token: benchToken(secret, 3600) }
-    const [gateway] = await startTargets([GATEWAY_SPINE], ctx, processes)
-    const pid = processes[processes.length - 1].pid
+    const port = await freePort()
+    const gateway = { url: `http://127.0.0.1:${port}` }
+    // A loaded machine may need long to start it: the fuzz is about answers, not start-up time.
+    const started = await startProcess({ name: GATEWAY_SPINE.name, script: GATEWAY_SPINE.process!.script, env: GATEWAY_SPINE.process!.env(ctx, port), readyUrl: gateway.url + '/healthz', readyTimeoutMs: 180_000 })
+    processes.push(started)
+    const pid = started.pid
     const alive = (): boolean => { try { process.kill(pid, 0); return true } catch { return false } }
     const before = rssKiB(pid)
     process.stderr.write(`fuzz: ${count} requests, seed ${seed}, against ${GATEWAY_SPINE.name} (pid ${pid}) at ${gateway.url}\n`)
