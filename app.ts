@@ -4,6 +4,7 @@ import { readFileSync } from 'node:fs'
 import { Counter } from 'prom-client'
 import type { SpanExporter } from '@opentelemetry/sdk-trace'
 import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins, rateLimitStore, storeFor } from './schemas/config.js'
+import type { Duplex } from 'node:stream'
 import { ProblemSchema } from './schemas/manifest.js'
 import { loadManifestFile, type Manifest } from './manifest.js'
 import { toProblem, MantleError } from './errors.js'
@@ -137,6 +138,13 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   app.setErrorHandler(errorHandler)
   app.setNotFoundHandler((request, reply) => {
     errorHandler(new MantleError('NOT_FOUND', `No route ${request.method} ${request.url.split('?')[0]}`), request, reply)
+  })
+  // Node hands a CONNECT request to 'connect' listeners, and without one drops the connection
+  // unanswered (found by `npm run fuzz`): the gateway is no proxy, so it answers 405.
+  app.server.on('connect', (_req, socket: Duplex) => {
+    const body = JSON.stringify(toProblem(new MantleError('BAD_REQUEST', 'CONNECT is not served', { status: 405 }), randomUUID()).problem)
+    socket.on('error', () => {})
+    socket.end(`HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
   })
   app.addHook('onRequest', (request, reply, done) => {
     reply.header('x-request-id', request.id)

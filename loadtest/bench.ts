@@ -28,6 +28,8 @@ import { runRateLimit, type RateLimitReport } from './bench-rate-limit.js'
 import { runFirewall, type FirewallReport } from './bench-firewall.js'
 import { runCache, type CacheReport } from './bench-cache.js'
 import { runAudit, type AuditReport } from './bench-audit.js'
+import { PROFILES, type LoadProfile } from './scenarios.js'
+import { formatSuite, runSuite, SUITE_FACES, type SuiteFace } from './suite.js'
 
 const SECTIONS = ['spine', 'faces', 'cache', 'ws-scale', 'rate-limit', 'firewall', 'audit'] as const
 type Section = typeof SECTIONS[number]
@@ -49,7 +51,18 @@ interface Options {
   scaleEvents: number
   /** rate-limit: store checks per micro-benchmark measurement. */
   rateLimitChecks: number
+  /** A load suite to run instead of the sections (smoke, load, stress, spike, soak). */
+  scenario: LoadProfile | null
+  /** The suite's durations are multiplied by this. */
+  scale: number
+  /** The suite's rates and connection counts are multiplied by this. */
+  rateScale: number
+  /** The faces the suite loads. */
+  faces: SuiteFace[]
 }
+
+/** Exit status of a suite run whose thresholds were crossed (k6 exits 99 then too). */
+const THRESHOLDS_CROSSED = 99
 
 interface TargetReport {
   name: string
@@ -96,6 +109,10 @@ function parseOptions (argv: string[]): Options {
       'scale-batch': { type: 'string', default: '500' },
       'scale-events': { type: 'string', default: '5' },
       'rate-limit-checks': { type: 'string', default: '20000' },
+      scenario: { type: 'string' },
+      scale: { type: 'string', default: '1' },
+      'rate-scale': { type: 'string', default: '1' },
+      faces: { type: 'string', default: SUITE_FACES.join(',') },
       help: { type: 'boolean', default: false }
     }
   })
@@ -104,6 +121,8 @@ function parseOptions (argv: string[]): Options {
       '         [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
       '         [--connections-scale <n>] [--scale-clients <n>] [--scale-batch <n>] [--scale-events <n>]\n' +
       '         [--rate-limit-checks <n>]\n' +
+      '   or: npm run bench -- --scenario smoke|load|stress|spike|soak [--scale <f>] [--rate-scale <f>] [--faces rest,trpc,graphql,websocket]\n' +
+      '       (exit status 99 when a threshold is crossed)\n' +
       `spine targets: ${REST_TARGETS.map((t) => t.name).join(', ')}\n`)
     process.exit(0)
   }
@@ -135,6 +154,14 @@ function parseOptions (argv: string[]): Options {
     }
   }
   if (sections.size === 0) throw new UsageError('--section: name at least one section')
+  let scenario: LoadProfile | null = null
+  if (values.scenario !== undefined) {
+    scenario = PROFILES.find((p) => p.name === values.scenario) ?? null
+    if (scenario === null) throw new UsageError(`--scenario: unknown suite ${JSON.stringify(values.scenario)}; known: ${PROFILES.map((p) => p.name).join(', ')}`)
+  }
+  const faces = values.faces.split(',').map((s) => s.trim()).filter((s) => s !== '')
+  const unknownFaces = faces.filter((f) => !(SUITE_FACES as readonly string[]).includes(f))
+  if (faces.length === 0 || unknownFaces.length > 0) throw new UsageError(`--faces: unknown face ${JSON.stringify(unknownFaces.join(','))}; known: ${SUITE_FACES.join(', ')}`)
   const stamp = new Date().toISOString().replace(/[:.]/g, '-')
   return {
     duration: positive('duration', values.duration, false),
@@ -148,7 +175,11 @@ function parseOptions (argv: string[]): Options {
     scaleClients: values['scale-clients'] === undefined ? null : positive('scale-clients', values['scale-clients'], true),
     scaleBatch: positive('scale-batch', values['scale-batch'], true),
     scaleEvents: positive('scale-events', values['scale-events'], true),
-    rateLimitChecks: positive('rate-limit-checks', values['rate-limit-checks'], true)
+    rateLimitChecks: positive('rate-limit-checks', values['rate-limit-checks'], true),
+    scenario,
+    scale: positive('scale', values.scale, false),
+    rateScale: positive('rate-scale', values['rate-scale'], false),
+    faces: faces as SuiteFace[]
   }
 }
 
@@ -301,7 +332,8 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   // Extra gateway measurements per round, by section.
   const PER_SECTION: Partial<Record<Section, number>> = { faces: 4, cache: 3, 'rate-limit': 4, firewall: 2, audit: 2 }
   const faces = opts.sections.reduce((n, s) => n + (PER_SECTION[s] ?? 0), 0)
-  const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5)
+  const suiteSeconds = opts.scenario === null ? 0 : Math.max(...[opts.scenario.stages, opts.scenario.wsStages].map((stages) => stages.reduce((sum, s) => sum + s.durationS, 0))) * opts.scale
+  const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5) + suiteSeconds
   const secret = randomBytes(32).toString('hex')
   const kernel = await startKernelProcess()
   processes.push(kernel.process)
@@ -316,12 +348,29 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     options: { ...opts, warmupSeconds: WARMUP_SECONDS }
   }
   let gatewaySpine: Target | null = null
-  if (opts.sections.includes('spine')) {
+  if (opts.scenario !== null) {
+    // A load suite instead of the sections: the gateway as deployed (gateway-spine), every face on.
+    const gateway = (await startTargets([GATEWAY_SPINE], ctx, processes))[0]
+    process.stdout.write(`\nMantle load suite ${opts.scenario.name} against ${GATEWAY_SPINE.name} (${GATEWAY_SPINE.description})\nmachine  ${machine.cpu} x ${machine.cores}, ${machine.memoryGiB} GiB\n\n`)
+    const suite = await runSuite({
+      profile: opts.scenario,
+      timeScale: opts.scale,
+      rateScale: opts.rateScale,
+      target: gateway,
+      token: ctx.token,
+      faces: opts.faces,
+      log: (line) => process.stderr.write(line + '\n')
+    })
+    process.stdout.write(formatSuite(suite) + '\n')
+    report.suite = suite
+    if (!suite.passed) process.exitCode = THRESHOLDS_CROSSED
+  }
+  if (opts.scenario === null && opts.sections.includes('spine')) {
     const spine = await runSpine(opts, ctx, processes, machine)
     gatewaySpine = spine.gatewaySpine
     Object.assign(report, { scenario: spine.scenario, goal: spine.goal, targets: spine.targets })
   }
-  if (opts.sections.includes('faces')) {
+  if (opts.scenario === null && opts.sections.includes('faces')) {
     const reused = gatewaySpine !== null
     // One gateway process with every face on: the spine section's gateway-spine when it ran.
     gatewaySpine ??= (await startTargets([GATEWAY_SPINE], ctx, processes))[0]
@@ -340,7 +389,7 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     }, ctx, processes, gatewaySpine)
     report.cache = cache
   }
-  if (opts.sections.includes('ws-scale')) {
+  if (opts.scenario === null && opts.sections.includes('ws-scale')) {
     const scale: WsScaleReport = await runWsScale({ connections: opts.connectionsScale, clients: opts.scaleClients, batch: opts.scaleBatch, events: opts.scaleEvents }, ctx, processes, machine)
     report.wsScale = scale
   }

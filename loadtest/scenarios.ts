@@ -152,3 +152,110 @@ export const wsSubscribeRunUpdated = {
   /** The answer that confirms the subscription. */
   subscribed: { id: 's', subscribed: 'runUpdated' }
 } as const
+
+// --- the load suites: smoke, load, stress, spike, soak (k6/<name>.ts; npm run bench -- --scenario <name>) ---
+
+/** One stage: over `durationS` seconds the level moves linearly to `target` (k6's stages). */
+export interface Stage {
+  durationS: number
+  target: number
+}
+
+/** The thresholds of a suite, applied to every face on its own (tag `face`). */
+export interface SuiteThresholds extends Thresholds {
+  /** Stop the run as soon as a threshold is crossed (k6 `abortOnFail`). */
+  abortOnFail: boolean
+  /** With abortOnFail: seconds into the run before a crossing may stop it (k6 `delayAbortEval`). */
+  delayAbortEvalS: number
+}
+
+export interface LoadProfile {
+  name: 'smoke' | 'load' | 'stress' | 'spike' | 'soak'
+  /** HTTP faces: arrival rate, requests per second per face, at the start of the first stage. */
+  startRate: number
+  /** HTTP faces: `target` is the arrival rate (requests/s per face) an open model keeps up. */
+  stages: readonly Stage[]
+  /** WebSocket: `target` is the number of connections, each with one call in flight. */
+  wsStages: readonly Stage[]
+  thresholds: SuiteThresholds
+}
+
+/** Smoke: a trickle on every face. Proves the target answers correctly before load is worth it. */
+export const smoke: LoadProfile = {
+  name: 'smoke',
+  startRate: 2,
+  stages: [{ durationS: 30, target: 2 }],
+  // k6's ramping-vus starts from 0 connections: the first second ramps to 1.
+  wsStages: [{ durationS: 1, target: 1 }, { durationS: 29, target: 1 }],
+  thresholds: { p99Ms: 10, errorRate: 0.001, abortOnFail: false, delayAbortEvalS: 0 }
+}
+
+/** Load: a sustained arrival rate after a short ramp, held long enough to see steady state. */
+export const load: LoadProfile = {
+  name: 'load',
+  startRate: 10,
+  stages: [{ durationS: 30, target: 100 }, { durationS: 270, target: 100 }],
+  wsStages: [{ durationS: 30, target: 50 }, { durationS: 270, target: 50 }],
+  thresholds: { p99Ms: 10, errorRate: 0.001, abortOnFail: false, delayAbortEvalS: 0 }
+}
+
+/**
+ * Stress: the rate climbs in steps past the load rate until the gateway breaks. It must hold up
+ * to the last stage (30x the load rate); the run stops at the first crossing, and the level at
+ * which it stopped is the breaking point.
+ */
+export const stress: LoadProfile = {
+  name: 'stress',
+  startRate: 100,
+  stages: [
+    { durationS: 60, target: 300 },
+    { durationS: 60, target: 1000 },
+    { durationS: 60, target: 2000 },
+    { durationS: 60, target: 3000 }
+  ],
+  wsStages: [
+    { durationS: 60, target: 100 },
+    { durationS: 60, target: 500 },
+    { durationS: 60, target: 1000 },
+    { durationS: 60, target: 2000 }
+  ],
+  thresholds: { p99Ms: 50, errorRate: 0.01, abortOnFail: true, delayAbortEvalS: 10 }
+}
+
+/**
+ * Spike: a quiet baseline, a sudden jump to 20x, then the baseline again for a minute: the
+ * gateway may shed some of the spike (503 OVERLOADED), but must recover without a pile-up.
+ */
+export const spike: LoadProfile = {
+  name: 'spike',
+  startRate: 50,
+  stages: [
+    { durationS: 30, target: 50 },
+    { durationS: 5, target: 1000 },
+    { durationS: 30, target: 1000 },
+    { durationS: 5, target: 50 },
+    { durationS: 60, target: 50 }
+  ],
+  wsStages: [
+    { durationS: 30, target: 10 },
+    { durationS: 5, target: 500 },
+    { durationS: 30, target: 500 },
+    { durationS: 5, target: 10 },
+    { durationS: 60, target: 10 }
+  ],
+  thresholds: { p99Ms: 100, errorRate: 0.01, abortOnFail: false, delayAbortEvalS: 0 }
+}
+
+/** Soak: a moderate rate for an hour: leaks, growing queues and slow drift show up here. */
+export const soak: LoadProfile = {
+  name: 'soak',
+  startRate: 10,
+  stages: [{ durationS: 60, target: 50 }, { durationS: 3540, target: 50 }],
+  wsStages: [{ durationS: 60, target: 50 }, { durationS: 3540, target: 50 }],
+  thresholds: { p99Ms: 10, errorRate: 0.001, abortOnFail: true, delayAbortEvalS: 120 }
+}
+
+export const PROFILES: readonly LoadProfile[] = [smoke, load, stress, spike, soak]
+
+/** The requests every suite sends: getAgent over each HTTP face, and over WebSocket. */
+export const SUITE_HTTP_SCENARIOS: readonly FaceScenarioDefinition[] = [restGetAgent, trpcGetAgent, graphqlGetAgent]

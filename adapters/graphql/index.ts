@@ -1,5 +1,6 @@
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import mercurius from 'mercurius'
+import { getOperationAST, parse, type DocumentNode } from 'graphql'
 import { runCall, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
@@ -169,15 +170,62 @@ function checkRequest (request: FastifyRequest, maxQuery: number): void {
   const query = params.query
   if (typeof query !== 'string' || query === '') throw new MantleError('VALIDATION_FAILED', 'The request needs a `query` string holding a GraphQL document')
   if (query.length > maxQuery) throw new MantleError('PAYLOAD_TOO_LARGE', `The GraphQL document is longer than ${maxQuery} characters`)
+  if (isJsonText(query)) throw new MantleError('VALIDATION_FAILED', 'The `query` must be a GraphQL document')
+  if (request.method === 'GET' || request.method === 'HEAD') checkGetOperation(query, params.operationName)
   idempotencyKeyOf(request)
   // Checked before Fastify's schema, which would coerce a number or a boolean to a string.
   if (params.operationName !== undefined && params.operationName !== null && typeof params.operationName !== 'string') {
     throw new MantleError('VALIDATION_FAILED', '`operationName` must be a string')
   }
-  if (request.method === 'POST') {
-    for (const key of ['variables', 'extensions'] as const) {
-      const value = params[key]
-      if (value !== undefined && value !== null && (typeof value !== 'object' || Array.isArray(value))) throw new MantleError('VALIDATION_FAILED', `\`${key}\` must be a JSON object`)
+  for (const key of ['variables', 'extensions'] as const) {
+    let value = params[key]
+    // Over GET they are JSON text, which mercurius parses and then runs with whatever it is:
+    // `variables="d1"` was a 500 (found by `npm run fuzz`). Text that is not JSON is its 400.
+    if (request.method !== 'POST') {
+      if (typeof value !== 'string' || value === '') continue
+      try { value = JSON.parse(value) } catch { continue }
     }
+    if (value !== undefined && value !== null && (typeof value !== 'object' || Array.isArray(value))) throw new MantleError('VALIDATION_FAILED', `\`${key}\` must be a JSON object`)
+  }
+}
+
+// How a JSON text may begin (JSON whitespace, then a value); a GraphQL document never does:
+// it opens with a keyword other than true/false/null, `#`, or `{` followed by a name.
+const JSON_START = /^[ \t\r\n]*(?:[[\d"-]|true|false|null|\{[ \t\r\n]*["}])/
+
+/**
+ * Whether `query` is JSON. mercurius takes a query that is not GraphQL but parses as JSON for a
+ * ready-made AST and hands it to validation, which throws on it (a 500 on `"query":"true"`,
+ * found by `npm run fuzz`). No GraphQL document is valid JSON, so such a query is refused.
+ */
+function isJsonText (query: string): boolean {
+  if (!JSON_START.test(query)) return false
+  try {
+    JSON.parse(query)
+    return true
+  } catch {
+    return false
+  }
+}
+
+/**
+ * Over GET, mercurius looks up the operation to run (to refuse a mutation) without checking that
+ * there is one: an `operationName` the document does not define, or several operations and no
+ * name, made it throw, a 500 (found by `npm run fuzz`). Checked here first; a document that does
+ * not parse is left to mercurius, which reports the syntax error.
+ */
+function checkGetOperation (query: string, operationName: unknown): void {
+  let document: DocumentNode
+  try {
+    document = parse(query, { maxTokens: MAX_TOKENS })
+  } catch {
+    return
+  }
+  // The name as mercurius will look it up (a non-string one was refused above).
+  const name = typeof operationName === 'string' ? operationName : undefined
+  if (getOperationAST(document, name) === null) {
+    throw new MantleError('VALIDATION_FAILED', name === undefined
+      ? 'The document does not define exactly one operation: name one in `operationName`'
+      : 'The document defines no operation of that `operationName`')
   }
 }

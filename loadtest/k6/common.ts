@@ -66,60 +66,139 @@ export const GRAPHQL_GET_AGENT: FaceScenario = { name: 'graphql-getAgent', opera
 /** WebSocket getAgent: `{"id":"<n>","op":"getAgent","input":{"id":"a1"}}` on /ws. */
 export const WS_GET_AGENT: WsCallScenario = { name: 'ws-getAgent', operation: 'getAgent', face: 'websocket', path: '/ws', frame: { op: 'getAgent', input: { id: 'a1' } }, check: { path: ['id'], equals: 'a1' }, thresholds: { p99Ms: 10, errorRate: 0.001 } }
 
+/** One stage: over `durationS` seconds the level moves linearly to `target` (k6's stages). */
+export interface Stage {
+  durationS: number
+  target: number
+}
+
+/** The thresholds of a suite, applied to every face on its own (tag `face`). */
+export interface SuiteThresholds extends Thresholds {
+  /** Stop the run as soon as a threshold is crossed (k6 `abortOnFail`). */
+  abortOnFail: boolean
+  /** With abortOnFail: seconds into the run before a crossing may stop it (k6 `delayAbortEval`). */
+  delayAbortEvalS: number
+}
+
+/** A suite: the arrival-rate stages of the HTTP faces, the connection stages of WebSocket, the thresholds. */
+export interface LoadProfile {
+  name: 'smoke' | 'load' | 'stress' | 'spike' | 'soak'
+  startRate: number
+  stages: readonly Stage[]
+  wsStages: readonly Stage[]
+  thresholds: SuiteThresholds
+}
+
+/** Smoke: a trickle on every face. */
+export const SMOKE: LoadProfile = { name: 'smoke', startRate: 2, stages: [{ durationS: 30, target: 2 }], wsStages: [{ durationS: 1, target: 1 }, { durationS: 29, target: 1 }], thresholds: { p99Ms: 10, errorRate: 0.001, abortOnFail: false, delayAbortEvalS: 0 } }
+
+/** Load: a sustained arrival rate after a short ramp. */
+export const LOAD: LoadProfile = { name: 'load', startRate: 10, stages: [{ durationS: 30, target: 100 }, { durationS: 270, target: 100 }], wsStages: [{ durationS: 30, target: 50 }, { durationS: 270, target: 50 }], thresholds: { p99Ms: 10, errorRate: 0.001, abortOnFail: false, delayAbortEvalS: 0 } }
+
+/** Stress: steps up to 30x the load rate; stops at the first crossing (the breaking point). */
+export const STRESS: LoadProfile = {
+  name: 'stress',
+  startRate: 100,
+  stages: [{ durationS: 60, target: 300 }, { durationS: 60, target: 1000 }, { durationS: 60, target: 2000 }, { durationS: 60, target: 3000 }],
+  wsStages: [{ durationS: 60, target: 100 }, { durationS: 60, target: 500 }, { durationS: 60, target: 1000 }, { durationS: 60, target: 2000 }],
+  thresholds: { p99Ms: 50, errorRate: 0.01, abortOnFail: true, delayAbortEvalS: 10 }
+}
+
+/** Spike: a quiet baseline, a jump to 20x, then the baseline again: recovery is the point. */
+export const SPIKE: LoadProfile = {
+  name: 'spike',
+  startRate: 50,
+  stages: [{ durationS: 30, target: 50 }, { durationS: 5, target: 1000 }, { durationS: 30, target: 1000 }, { durationS: 5, target: 50 }, { durationS: 60, target: 50 }],
+  wsStages: [{ durationS: 30, target: 10 }, { durationS: 5, target: 500 }, { durationS: 30, target: 500 }, { durationS: 5, target: 10 }, { durationS: 60, target: 10 }],
+  thresholds: { p99Ms: 100, errorRate: 0.01, abortOnFail: false, delayAbortEvalS: 0 }
+}
+
+/** Soak: a moderate rate for an hour. */
+export const SOAK: LoadProfile = { name: 'soak', startRate: 10, stages: [{ durationS: 60, target: 50 }, { durationS: 3540, target: 50 }], wsStages: [{ durationS: 60, target: 50 }, { durationS: 3540, target: 50 }], thresholds: { p99Ms: 10, errorRate: 0.001, abortOnFail: true, delayAbortEvalS: 120 } }
+
+export const PROFILES: Readonly<Record<LoadProfile['name'], LoadProfile>> = { smoke: SMOKE, load: LOAD, stress: STRESS, spike: SPIKE, soak: SOAK }
+
+/** A positive number from an environment variable, or `fallback`. */
+export function positiveNumber (raw: string | undefined, fallback: number): number {
+  const n = Number(raw)
+  return raw !== undefined && raw !== '' && Number.isFinite(n) && n > 0 ? n : fallback
+}
+
+/** A stage list with durations times `timeScale` (at least 1 s each) and levels times `levelScale`. */
+export function scaleStages (stages: readonly Stage[], timeScale: number, levelScale: number): Stage[] {
+  return stages.map((s) => ({ durationS: Math.max(1, Math.round(s.durationS * timeScale)), target: Math.round(s.target * levelScale) }))
+}
+
+/**
+ * The k6 scenario of one HTTP face under a suite: ramping-arrival-rate (an open model: requests
+ * keep arriving at the stage's rate however slow the gateway gets, so a slowdown shows up as
+ * latency and dropped_iterations, not as a politely lower rate). `SCALE` multiplies durations,
+ * `RATE_SCALE` the rates.
+ */
+export function rampingArrival (exec: string, profile: LoadProfile, timeScale = 1, rateScale = 1) {
+  const stages = scaleStages(profile.stages, timeScale, rateScale)
+  const peak = Math.max(1, Math.round(profile.startRate * rateScale), ...stages.map((s) => s.target))
+  return {
+    executor: 'ramping-arrival-rate' as const,
+    exec,
+    startRate: Math.max(1, Math.round(profile.startRate * rateScale)),
+    timeUnit: '1s',
+    preAllocatedVUs: Math.max(5, Math.ceil(peak / 10)),
+    maxVUs: Math.max(50, peak),
+    stages: stages.map((s) => ({ duration: `${s.durationS}s`, target: s.target }))
+  }
+}
+
+/** The k6 scenario of the WebSocket face under a suite: ramping-vus, one connection per VU. */
+export function rampingConnections (exec: string, profile: LoadProfile, sessionSeconds: number, timeScale = 1, levelScale = 1) {
+  return {
+    executor: 'ramping-vus' as const,
+    exec,
+    startVUs: 0,
+    stages: scaleStages(profile.wsStages, timeScale, levelScale).map((s) => ({ duration: `${s.durationS}s`, target: s.target })),
+    // A VU ends its session at most `sessionSeconds` after it began.
+    gracefulRampDown: `${sessionSeconds + 5}s`,
+    gracefulStop: `${sessionSeconds + 5}s`
+  }
+}
+
+/** One k6 threshold expression, with abortOnFail when the suite asks for it. */
+export type K6Threshold = string | { threshold: string, abortOnFail: boolean, delayAbortEval: string }
+
+function threshold (expr: string, t: SuiteThresholds): K6Threshold {
+  return t.abortOnFail ? { threshold: expr, abortOnFail: true, delayAbortEval: `${t.delayAbortEvalS}s` } : expr
+}
+
+/**
+ * A suite's thresholds for the HTTP faces, per face (tag `face`): failed requests, p99 and the
+ * answer checks (a GraphQL error answered with 200 fails its check).
+ */
+export function suiteThresholds (profile: LoadProfile, faces: ReadonlyArray<FaceScenario['face']>): Record<string, K6Threshold[]> {
+  const t = profile.thresholds
+  const out: Record<string, K6Threshold[]> = {}
+  for (const face of faces) {
+    out[`http_req_failed{face:${face}}`] = [threshold(`rate<${t.errorRate}`, t)]
+    out[`http_req_duration{face:${face}}`] = [threshold(`p(99)<${t.p99Ms}`, t)]
+    out[`checks{face:${face}}`] = [threshold(`rate>${1 - t.errorRate}`, t)]
+  }
+  return out
+}
+
+/** A suite's thresholds for the WebSocket face (the runner's own metrics, tag `op`). */
+export function wsSuiteThresholds (profile: LoadProfile, operation: string): Record<string, K6Threshold[]> {
+  const t = profile.thresholds
+  return {
+    [`ws_call_duration{op:${operation}}`]: [threshold(`p(99)<${t.p99Ms}`, t)],
+    [`ws_call_failed{op:${operation}}`]: [threshold(`rate<${t.errorRate}`, t)],
+    // At least one call answered: a gateway that refuses every upgrade must not pass.
+    ws_calls: ['count>0']
+  }
+}
+
 /** A positive integer from an environment variable, or `fallback`. */
 export function positiveInt (raw: string | undefined, fallback: number): number {
   const n = Number(raw)
   return raw !== undefined && Number.isInteger(n) && n > 0 ? n : fallback
-}
-
-/**
- * A constant-arrival-rate scenario running `exec` `rate` times a second for `duration` (open
- * model: new requests keep arriving at the set rate however slow the gateway gets, so a slowdown
- * shows up as latency and dropped iterations instead of being hidden by clients that wait).
- * VUs only carry the requests in flight: at a few ms per request, rate/10 of them suffice;
- * maxVUs leaves room for a slowdown before k6 starts dropping iterations (dropped_iterations).
- */
-export function arrival (exec: string, rate: number, duration: string) {
-  return {
-    executor: 'constant-arrival-rate' as const,
-    exec,
-    rate,
-    timeUnit: '1s',
-    duration,
-    preAllocatedVUs: Math.max(5, Math.ceil(rate / 10)),
-    maxVUs: Math.max(50, rate)
-  }
-}
-
-/**
- * The HTTP thresholds of smoke.ts and load.ts: overall, and the same limits per operation (tag
- * `op`), so a slow one is not hidden by a fast one in the totals.
- */
-export function thresholdsByOp (scenarios: readonly HttpScenario[]): Record<string, string[]> {
-  const thresholds: Record<string, string[]> = {
-    http_req_failed: ['rate<0.001'],
-    http_req_duration: ['p(99)<10']
-  }
-  for (const s of scenarios) {
-    thresholds[`http_req_failed{op:${s.operation}}`] = [`rate<${s.thresholds.errorRate}`]
-    thresholds[`http_req_duration{op:${s.operation}}`] = [`p(99)<${s.thresholds.p99Ms}`]
-  }
-  return thresholds
-}
-
-/**
- * The thresholds of faces.ts, per face (tag `face`): a slow or failing face is not hidden by a
- * fast one in the totals. `checks` holds the answer checks, which also catch a GraphQL error
- * answered with 200.
- */
-export function thresholdsByFace (scenarios: readonly FaceScenario[]): Record<string, string[]> {
-  const thresholds: Record<string, string[]> = {}
-  for (const s of scenarios) {
-    thresholds[`http_req_failed{face:${s.face}}`] = [`rate<${s.thresholds.errorRate}`]
-    thresholds[`http_req_duration{face:${s.face}}`] = [`p(99)<${s.thresholds.p99Ms}`]
-    thresholds[`checks{face:${s.face}}`] = [`rate>${1 - s.thresholds.errorRate}`]
-  }
-  return thresholds
 }
 
 /** The value at `path` inside a parsed JSON answer, or undefined. */

@@ -1,27 +1,32 @@
-// k6 load test of the WebSocket face: getAgent(id a1) as calls on /ws (CONTRACT §3), the same
-// shape as the harness's ws-runner.ts. Each virtual user holds one connection with exactly one
+// k6 WebSocket suite: getAgent(id a1) as calls on /ws (CONTRACT §3), the same shape as the
+// harness's ws-runner.ts, under one of the suites' connection stages (PROFILE: smoke, load,
+// stress, spike or soak; default load). Each virtual user holds one connection with exactly one
 // call in flight: {"id":"<n>","op":"getAgent","input":{"id":"a1"}}, and on the answer frame
 // {"id":"<n>","result":{...}} the next. A connection lives SESSION seconds, then the VU opens
 // a new one (so connection set-up is exercised too, and measured by k6 as ws_connecting).
 //
 //   k6 run -e BASE_URL=http://127.0.0.1:3000 -e TOKEN="$(npm run -s token)" \
-//          -e CONNECTIONS=50 -e DURATION=1m -e SESSION=10 loadtest/k6/websocket.ts
+//          -e PROFILE=stress -e SESSION=10 loadtest/k6/websocket.ts
 //
+// SCALE multiplies the stages' durations, CONNECTIONS_SCALE their connection counts (default 1).
 // The token goes in ?access_token= (browsers cannot set headers on an upgrade). Uses k6's
 // `k6/websockets` module (the browser-like WebSocket API; k6 v0.57+).
 //
-// The scenario (frame, answer check, thresholds) comes from ./common.ts.
+// The scenario (frame, answer check) and the profile (wsStages, thresholds) come from ./common.ts.
 import { WebSocket } from 'k6/websockets'
 import { setTimeout } from 'k6/timers'
 import { Counter, Rate, Trend } from 'k6/metrics'
 import type { Options } from 'k6/options'
-import { positiveInt, valueAt, WS_GET_AGENT } from './common.ts'
+import { positiveInt, positiveNumber, PROFILES, rampingConnections, valueAt, WS_GET_AGENT, wsSuiteThresholds, type LoadProfile } from './common.ts'
 
 const BASE_URL = (__ENV.BASE_URL ?? 'http://127.0.0.1:3000').replace(/\/+$/, '')
 const TOKEN = __ENV.TOKEN ?? ''
-const CONNECTIONS = positiveInt(__ENV.CONNECTIONS, 50)
-const DURATION = __ENV.DURATION ?? '1m'
 const SESSION_SECONDS = positiveInt(__ENV.SESSION, 10)
+const SCALE = positiveNumber(__ENV.SCALE, 1)
+const CONNECTIONS_SCALE = positiveNumber(__ENV.CONNECTIONS_SCALE, 1)
+const PROFILE_NAME = __ENV.PROFILE ?? 'load'
+if (!(PROFILE_NAME in PROFILES)) throw new Error(`PROFILE=${PROFILE_NAME}: one of ${Object.keys(PROFILES).join(', ')}`)
+const PROFILE: LoadProfile = PROFILES[PROFILE_NAME as LoadProfile['name']]
 
 /** Send -> answer of one call, in ms (k6 clocks have millisecond resolution). */
 const callDuration = new Trend('ws_call_duration', true)
@@ -33,22 +38,10 @@ const tags = { op: WS_GET_AGENT.operation, face: WS_GET_AGENT.face, name: WS_GET
 
 export const options: Options = {
   scenarios: {
-    wsGetAgent: {
-      // A closed model, as in the harness: CONNECTIONS connections, one call in flight each.
-      executor: 'constant-vus',
-      exec: 'wsGetAgent',
-      vus: CONNECTIONS,
-      duration: DURATION,
-      // A VU ends its session at most SESSION seconds after it began.
-      gracefulStop: `${SESSION_SECONDS + 5}s`
-    }
+    // A closed model, as in the harness: one connection per VU, one call in flight each.
+    wsGetAgent: rampingConnections('wsGetAgent', PROFILE, SESSION_SECONDS, SCALE, CONNECTIONS_SCALE)
   },
-  thresholds: {
-    [`ws_call_duration{op:${WS_GET_AGENT.operation}}`]: [`p(99)<${WS_GET_AGENT.thresholds.p99Ms}`],
-    [`ws_call_failed{op:${WS_GET_AGENT.operation}}`]: [`rate<${WS_GET_AGENT.thresholds.errorRate}`],
-    // At least one call answered: a gateway that refuses every upgrade must not pass.
-    ws_calls: ['count>0']
-  }
+  thresholds: wsSuiteThresholds(PROFILE, WS_GET_AGENT.operation)
 }
 
 const url = BASE_URL.replace(/^http/, 'ws') + WS_GET_AGENT.path + (TOKEN === '' ? '' : '?access_token=' + encodeURIComponent(TOKEN))

@@ -1,0 +1,27 @@
+import t from 'tap'
+import { connect } from 'node:net'
+import { buildTestApp } from './helper.js'
+
+// Found by `npm run fuzz`: Node hands CONNECT requests to 'connect' listeners and, without one,
+// closes the connection without an answer. The gateway is no proxy: a 405 problem+json.
+
+t.test('CONNECT is answered 405 problem+json, not dropped', async t => {
+  const app = await buildTestApp(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  for (const target of ['/api/v1/agents/a1', 'example.com:443']) {
+    const answer = await new Promise<string>((resolve, reject) => {
+      const socket = connect(port, '127.0.0.1')
+      let data = ''
+      socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
+      socket.on('end', () => resolve(data))
+      socket.on('error', reject)
+      socket.write(`CONNECT ${target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`)
+    })
+    t.match(answer, /^HTTP\/1\.1 405 Method Not Allowed\r\n/, target)
+    t.match(answer, /\r\nContent-Type: application\/problem\+json\r\n/)
+    t.match(JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)), { status: 405, code: 'BAD_REQUEST', detail: 'CONNECT is not served', requestId: String })
+  }
+  const health = await app.inject({ method: 'GET', url: '/healthz' })
+  t.equal(health.statusCode, 200, 'the gateway serves on')
+})
