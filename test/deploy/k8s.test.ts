@@ -1,6 +1,6 @@
 import t from 'tap'
 import { readFileSync, readdirSync } from 'node:fs'
-import { parseAllDocuments } from 'yaml'
+import { parse, parseAllDocuments } from 'yaml'
 import { loadConfig, productionProblems, ConfigSchema } from '../../schemas/config.js'
 import { compileManifest } from '../../manifest.js'
 import { buildTestApp } from '../helper.js'
@@ -47,7 +47,11 @@ t.test('probes, ports and the manifest path match the gateway', async t => {
   t.equal(String(http.containerPort), env.PORT)
   t.match(read('Dockerfile'), new RegExp(`^EXPOSE ${http.containerPort as number}$`, 'm'))
   t.equal(env.HOST, '0.0.0.0')
-  t.equal(loadConfig(env).PORT, http.containerPort)
+  // With the Secret's credentials (envFrom), the configuration is one production accepts.
+  const secret = (parse(read('deploy/k8s/secret.example.yaml')) as { stringData: Record<string, string> }).stringData
+  const config = loadConfig({ ...secret, ...env })
+  t.equal(config.PORT, http.containerPort)
+  t.same(productionProblems(config), [], 'production accepts it')
   for (const probe of ['livenessProbe', 'startupProbe']) t.same(container[probe].httpGet, { path: '/healthz', port: 'http' }, probe)
   t.same(container.readinessProbe.httpGet, { path: '/readyz', port: 'http' })
   // The gateway serves both (and /healthz asks nothing of the Kernel).
