@@ -27,6 +27,8 @@ export interface IdentityOptions {
   jwksRefreshMs?: number | undefined
   /** Least time between two JWKS fetches caused by an unknown kid, ms (30 s). */
   jwksMinRefetchMs?: number | undefined
+  /** The clock of the JWKS refetch interval (tests move it by hand). */
+  jwksClock?: (() => number) | undefined
   log?: { info: (obj: object, msg: string) => void, warn: (obj: object, msg: string) => void } | undefined
   issuer?: string | undefined
   audience?: string | undefined
@@ -110,6 +112,7 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
       url: options.jwksUrl,
       refreshMs: options.jwksRefreshMs,
       minRefetchMs: options.jwksMinRefetchMs,
+      now: options.jwksClock,
       log: options.log,
       onKeys: keys => {
         // A kid withdrawn or replaced: identities verified with it are forgotten too.

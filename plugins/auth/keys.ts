@@ -83,6 +83,8 @@ export interface JwksOptions {
   refreshMs?: number | undefined
   /** Least time between two fetches triggered by an unknown kid (ms). */
   minRefetchMs?: number | undefined
+  /** The clock of the refetch interval, epoch ms (tests move it by hand). */
+  now?: (() => number) | undefined
   /** Called with every new key set (to build verifiers once per key). */
   onKeys: (keys: Map<string, PublicKey>) => void
   log?: Log | undefined
@@ -114,13 +116,13 @@ export class JwksFetcher {
   /** An unknown kid was seen: re-fetch, unless a fetch started less than minRefetchMs ago. */
   unknownKid (): void {
     if (this.#closed || this.#inFlight !== null) return
-    if (Date.now() - this.#lastFetch < (this.#options.minRefetchMs ?? 30_000)) return
+    if ((this.#options.now ?? Date.now)() - this.#lastFetch < (this.#options.minRefetchMs ?? 30_000)) return
     this.fetch().catch(() => {})
   }
 
   fetch (): Promise<void> {
     if (this.#inFlight !== null) return this.#inFlight
-    this.#lastFetch = Date.now()
+    this.#lastFetch = (this.#options.now ?? Date.now)()
     this.#inFlight = this.#load().finally(() => { this.#inFlight = null })
     return this.#inFlight
   }

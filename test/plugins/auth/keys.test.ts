@@ -7,7 +7,7 @@ import { createSigner } from 'fast-jwt'
 import { createIdentityVerifier, mintToken } from '../../../plugins/auth/identity.js'
 import { parsePublicKeys, keysOfJwks } from '../../../plugins/auth/keys.js'
 import { loadConfig, productionProblems, ConfigError } from '../../../schemas/config.js'
-import { buildDemoApp, buildTestApp } from '../../helper.js'
+import { buildDemoApp, buildTestApp, until } from '../../helper.js'
 import { wsApp, connect } from '../../adapters/websocket-helper.js'
 
 const secret = 'keys-test-secret-of-at-least-32-bytes-long'
@@ -131,7 +131,9 @@ t.test('JWKS: keys fetched from the URL are accepted; unknown kids refetch at mo
       { kty: 'RSA', kid: 'j-broken', n: 'x', e: 'y' }
     ]
   })
-  const identify = createIdentityVerifier({ jwksUrl: jwks.url, jwksRefreshMs: 60_000, jwksMinRefetchMs: 300 })
+  // The refetch interval runs on a clock the test moves: a slow machine cannot cross it early.
+  const clock = { now: Date.now() }
+  const identify = createIdentityVerifier({ jwksUrl: jwks.url, jwksRefreshMs: 60_000, jwksMinRefetchMs: 300, jwksClock: () => clock.now })
   t.teardown(() => identify.close())
   await identify.start()
   t.equal(jwks.hits(), 1, 'fetched once at start')
@@ -142,14 +144,17 @@ t.test('JWKS: keys fetched from the URL are accepted; unknown kids refetch at mo
 
   // A flood of forged kids right after a fetch causes no fetch at all...
   for (let i = 0; i < 50; i++) t.throws(() => identify(`Bearer ${sign(rsa2, 'RS256', `forged-${i}`)}`), { code: 'UNAUTHENTICATED', message: /unknown key id/ })
+  clock.now += 299
+  for (let i = 0; i < 5; i++) t.throws(() => identify(`Bearer ${sign(rsa2, 'RS256', `late-${i}`)}`), { message: /unknown key id/ })
   await sleep(50)
   t.equal(jwks.hits(), 1, 'no refetch within the interval')
   // ...and after the interval, one fetch however many unknown kids come.
-  await sleep(300)
+  clock.now += 2
   jwks.set({ keys: [jwk(rsa1, 'j-rsa'), jwk(rsa2, 'j-new')] })
   const fresh = `Bearer ${sign(rsa2, 'RS256', 'j-new')}`
   for (let i = 0; i < 50; i++) t.throws(() => identify(fresh), { message: /unknown key id/ })
-  await sleep(100)
+  await until(() => jwks.hits() >= 2, 'the refetch')
+  await until(() => { try { return identify(fresh).user === 'u1' } catch { return false } }, 'the new keys')
   t.equal(jwks.hits(), 2, 'exactly one refetch')
   t.equal(identify(fresh).user, 'u1', 'the new kid is known after the refetch')
   t.throws(() => identify(ecToken), { message: /unknown key id/ }, 'a kid removed from the JWKS is refused, even a token verified (cached) before')
