@@ -79,7 +79,8 @@ t.test('the cache hit rate comes from the call outcome any cache stage records',
   const manifest = testManifest({
     getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } } }
   }, { url: kernel.url })
-  const app = await buildApp(testConfig({ BFF_AUTH_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
+  // The real cache is off: a stand-in stage picks the outcomes.
+  const app = await buildApp(testConfig({ BFF_AUTH_ENABLED: false, BFF_CACHE_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
   t.teardown(() => app.close())
   // A stand-in for the cache concern: any stage setting ctx.cache is counted.
   let n = 0
@@ -145,7 +146,8 @@ t.test('WebSocket connections are counted per face, HTTP connections in http', a
 })
 
 t.test('by default one call in 8 is timed per stage; every call is counted', async t => {
-  const app = await buildDemoApp(t)
+  // No cache: every call reaches the Kernel stage.
+  const app = await buildDemoApp(t, { BFF_CACHE_ENABLED: false })
   for (let i = 0; i < 20; i++) t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: viewer })).statusCode, 200)
   const report = (await app.inject({ method: 'GET', url: '/diagz', headers: system })).json()
   t.match(report.stages.kernel, { calls: 20, sampled: 2 })
