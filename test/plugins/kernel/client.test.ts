@@ -304,7 +304,7 @@ t.test('with resilience off: no retry, no breaker, no bulkhead, same status mapp
   }
   t.equal(hits(kernel, '/v1/items/o1'), 3)
   t.equal(app.kernel.breakerState(), 'disabled')
-  t.same((await app.inject({ method: 'GET', url: '/readyz' })).json().checks, { kernel: 'breaker disabled' })
+  t.equal((await app.inject({ method: 'GET', url: '/readyz' })).json().checks.kernel, 'breaker disabled')
 })
 
 t.test('env overrides the manifest breaker settings', async t => {
