@@ -40,7 +40,7 @@ export interface PhaseFigures {
   /** Requests that got no HTTP answer (connection refused while shutting down). */
   noAnswer: number
   p99Ms: number
-  /** After a restore: ms from the restore until 10 calls in a row succeeded (null: n/a or never). */
+  /** After a restore: ms from the restore until 10 calls in a row were answered without a 5xx (null: n/a or never). */
   recoverMs: number | null
 }
 
@@ -102,7 +102,7 @@ export async function runChaos (opts: ChaosOptions): Promise<ChaosReport> {
     }
     let gateway = await start()
 
-    const token = mintToken(SECRET, { tenant: 'chaos-' + randomUUID().slice(0, 8), user: 'sre', roles: ['viewer', 'editor'], zone: 'public', ttlSeconds: 3600 })
+    const token = mintToken(SECRET, { tenant: 'chaos-' + randomUUID().slice(0, 8), user: 'sre', roles: ['viewer', 'editor'], zone: 'restricted', ttlSeconds: 3600 })
     const calls: Call[] = []
     let phase = 'steady'
     const state = { running: true }
@@ -167,7 +167,9 @@ export async function runChaos (opts: ChaosOptions): Promise<ChaosReport> {
 
     // A restart replays what the audit spooled while PostgreSQL was away.
     gateway = await start()
-    const answeredIds = calls.filter(c => c.status !== 0).map(c => c.id)
+    // Every call an operation answered has its entry. A 503 without a contract code is the
+    // server refusing new requests while it closes: no operation ran, so there is nothing to audit.
+    const answeredIds = calls.filter(c => c.status !== 0 && !(c.status === 503 && c.code === null)).map(c => c.id)
     const db = new pg.Client({ connectionString: (() => { const u = new URL(opts.postgresUrl); u.pathname = '/' + database; return u.toString() })() })
     await db.connect()
     let rows = new Set<string>()
@@ -210,11 +212,11 @@ export async function runChaos (opts: ChaosOptions): Promise<ChaosReport> {
   }
 }
 
-/** ms from `since` until STREAK calls in a row (by start time) succeeded; null if never. */
+/** ms from `since` until STREAK calls in a row (by start time) were answered without a 5xx; null if never. */
 function recoveryMs (calls: readonly Call[], since: number): number | null {
   let streak = 0
   for (const c of [...calls].filter(c => c.at >= since).sort((a, b) => a.at - b.at)) {
-    streak = c.status >= 200 && c.status < 400 ? streak + 1 : 0
+    streak = c.status >= 200 && c.status < 500 ? streak + 1 : 0
     if (streak === STREAK) return c.at - since
   }
   return null
