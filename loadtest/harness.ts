@@ -124,7 +124,9 @@ function spawnChild (script: string, extraEnv: Record<string, string>, ipc: bool
     if (value !== undefined && !CONTROLLED_ENV.test(key)) env[key] = value
   }
   Object.assign(env, extraEnv)
-  const child = spawn(process.execPath, ['--import', 'tsx', '--import', './loadtest/child-guard.ts', script, ...args], {
+  // Through env(1) without NODE_OPTIONS: a test runner that instruments children (tap's
+  // coverage) must not reach into a target, whose tsx-compiled sources would skew its report.
+  const child = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', '-u', 'NODE_V8_COVERAGE', process.execPath, '--import', 'tsx', '--import', './loadtest/child-guard.ts', script, ...args], {
     cwd: REPO_ROOT,
     env,
     // stdin is the guard's lifeline; stdout/stderr are kept to explain a failed start (and, for
