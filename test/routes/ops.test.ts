@@ -15,7 +15,7 @@ t.test('/readyz reports the Kernel breaker', async t => {
   const app = await buildDemoApp(t)
   const res = await app.inject({ method: 'GET', url: '/readyz' })
   t.equal(res.statusCode, 200)
-    t.match(res.json(), { status: 'ready', failing: [], checks: { kernel: 'breaker closed' } })
+  t.match(res.json(), { status: 'ready', failing: [], checks: { kernel: 'breaker closed' } })
 })
 
 t.test('/metrics: call durations by protocol, op and status class; Kernel and pool metrics', async t => {
