@@ -7,20 +7,10 @@
 //   htmlcomment, split, fullwidth, mixed), the way an attacker would hide it.
 import { readFileSync } from 'node:fs'
 import { fixture } from '../../helper.js'
+import { prng } from '../../../loadtest/fuzz.js'
 
 export type Label = 'injection' | 'secret' | 'pii' | 'benign'
 export interface CorpusLine { label: Label, lang: string, text: string, obf: string | null, line: number }
-
-function prng (seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6D2B79F5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 const UPPER = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'
 const LOWER = 'abcdefghijklmnopqrstuvwxyz'
