@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import pg from 'pg'
 import { GATEWAY_SPINE, median, startTargets, type RunningProcess, type TargetContext, type TargetDefinition } from './harness.js'
-import { fmt, measure, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, measure, measureRounds, sleep, textTable, type RunFigures } from './measure.js'
 import { getAgent } from './scenarios.js'
 import { migrate } from '../plugins/audit/migrations.js'
 import { PostgresAuditStore } from '../plugins/audit/postgres-store.js'
@@ -131,15 +131,7 @@ export async function runAudit (opts: AuditBenchOptions, ctx: TargetContext, pro
     const targets = await startTargets([GATEWAY_SPINE, auditOn], ctx, mine)
     processes.push(...mine)
     for (const t of targets) await measure(t, getAgent, opts.warmupSeconds, opts.connections)
-    const runs = new Map<string, RunFigures[]>(targets.map(t => [t.name, []]))
-    for (let round = 0; round < opts.rounds; round++) {
-      for (const t of round % 2 === 0 ? targets : [...targets].reverse()) {
-        const figures = await measure(t, getAgent, opts.duration, opts.connections)
-        runs.get(t.name)!.push(figures)
-        process.stderr.write(`audit round ${round + 1}/${opts.rounds}  ${t.name.padEnd(14)} ${figures.reqPerSec.toFixed(0).padStart(7)} req/s  p99 ${figures.p99Ms} ms\n`)
-        await sleep(opts.pauseMs)
-      }
-    }
+    const runs = await measureRounds(targets, getAgent, { rounds: opts.rounds, duration: opts.duration, connections: opts.connections, pauseMs: opts.pauseMs, label: 'audit' })
     const off = runs.get(GATEWAY_SPINE.name)!
     const on = runs.get('gateway-audit')!
     const reqPerSecOff = median(off.map(r => r.reqPerSec))

@@ -7,7 +7,7 @@
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { GATEWAY_SPINE, REST_TARGETS, gatewayCache, median, requestFor, startTargets, type RunningProcess, type Target, type TargetContext } from './harness.js'
-import { fmt, measure, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, measure, measureRounds, sleep, textTable, type RunFigures } from './measure.js'
 import { getAgent } from './scenarios.js'
 import { RedisTier } from '../plugins/cache/redis.js'
 import { entryKey, tagKey, etagOf } from '../plugins/cache/keys.js'
@@ -103,16 +103,7 @@ export async function runCache (opts: CacheOptions, ctx: TargetContext, processe
     await measure(target, scenario, opts.warmupSeconds, opts.connections)
     await sleep(opts.pauseMs)
   }
-  const perTarget = new Map<string, RunFigures[]>(targets.map((t) => [t.name, []]))
-  for (let round = 0; round < opts.rounds; round++) {
-    const order = targets.map((_, i) => targets[(i + round) % targets.length])
-    for (const target of order) {
-      const figures = await measure(target, scenario, opts.duration, opts.connections)
-      perTarget.get(target.name)?.push(figures)
-      process.stderr.write(`cache round ${round + 1}/${opts.rounds}  ${target.name.padEnd(14)} ${figures.reqPerSec.toFixed(0).padStart(7)} req/s  p99 ${figures.p99FineMs.toFixed(2)} ms\n`)
-      await sleep(opts.pauseMs)
-    }
-  }
+  const perTarget = await measureRounds(targets, scenario, { rounds: opts.rounds, duration: opts.duration, connections: opts.connections, pauseMs: opts.pauseMs, label: 'cache' })
   const rows: CacheTargetRow[] = targets.map((target) => {
     const rounds = perTarget.get(target.name) ?? []
     return {

@@ -6,7 +6,7 @@
 //   with its verdict cache off (every call is scanned: autocannon repeats one body, which the
 //   cache would otherwise answer) and the firewall off.
 import { GATEWAY_SPINE, median, requestFor, startTargets, startWorker, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
-import { fmt, measure, signed, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, measure, measureRounds, signed, sleep, textTable, type RunFigures } from './measure.js'
 import { runAgent, type ScenarioDefinition } from './scenarios.js'
 import type { FirewallMicroReport, FirewallMicroRow } from './firewall-micro.js'
 
@@ -63,16 +63,7 @@ export async function runFirewall (opts: FirewallOptions, ctx: TargetContext, pr
   const targets = await startTargets([gatewayWithFirewall(true), gatewayWithFirewall(false)], ctx, processes)
   for (const target of targets) await preflight(target, firewalledRun)
   for (const target of targets) { await measure(target, firewalledRun, opts.warmupSeconds, opts.connections); await sleep(opts.pauseMs) }
-  const perTarget = new Map<string, RunFigures[]>(targets.map((t) => [t.name, []]))
-  for (let round = 0; round < opts.rounds; round++) {
-    const order = targets.map((_, i) => targets[(i + round) % targets.length])
-    for (const target of order) {
-      const figures = await measure(target, firewalledRun, opts.duration, opts.connections)
-      perTarget.get(target.name)?.push(figures)
-      process.stderr.write(`firewall round ${round + 1}/${opts.rounds}  ${target.name.padEnd(13)} ${figures.reqPerSec.toFixed(0).padStart(7)} req/s  p99 ${figures.p99FineMs.toFixed(2)} ms\n`)
-      await sleep(opts.pauseMs)
-    }
-  }
+  const perTarget = await measureRounds(targets, firewalledRun, { rounds: opts.rounds, duration: opts.duration, connections: opts.connections, pauseMs: opts.pauseMs, label: 'firewall' })
   const rest = targets.map((target) => {
     const rounds = perTarget.get(target.name) ?? []
     return {

@@ -12,7 +12,7 @@ import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { parse, stringify } from 'yaml'
 import { REPO_ROOT, gatewayEnv, GATEWAY_FLAGS, median, startTargets, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
-import { fmt, measure, signed, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, measure, measureRounds, signed, textTable, type RunFigures } from './measure.js'
 import { getAgent } from './scenarios.js'
 import { MemoryWindowStore, RedisWindowStore } from '../plugins/rate-limit/index.js'
 
@@ -123,17 +123,7 @@ export async function runRateLimit (opts: RateLimitBenchOptions, ctx: TargetCont
   const defs = targets(redisUrl, limitedManifest())
   const running: Target[] = await startTargets(defs, ctx, processes)
   for (const target of running) await measure(target, getAgent, opts.warmupSeconds, opts.connections)
-  const perTarget = new Map<string, RunFigures[]>(running.map((t) => [t.name, []]))
-  for (let round = 0; round < opts.rounds; round++) {
-    const order = running.map((_, i) => running[(i + round) % running.length])
-    for (const target of order) {
-      const f = await measure(target, getAgent, opts.duration, opts.connections)
-      perTarget.get(target.name)?.push(f)
-      process.stderr.write(`round ${round + 1}/${opts.rounds}  ${target.name.padEnd(16)} ${f.reqPerSec.toFixed(0).padStart(7)} req/s  p99 ${f.p99FineMs.toFixed(2)} ms` +
-        (f.non2xx + f.errors > 0 ? `  (${f.non2xx} non-2xx, ${f.errors} errors)` : '') + '\n')
-      await sleep(opts.pauseMs)
-    }
-  }
+  const perTarget = await measureRounds(running, getAgent, { rounds: opts.rounds, duration: opts.duration, connections: opts.connections, pauseMs: opts.pauseMs, label: 'rate-limit' })
   const rest: RestRow[] = defs.map((def) => {
     const rounds = perTarget.get(def.name) ?? []
     return {

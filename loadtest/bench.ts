@@ -20,7 +20,7 @@ import {
   GATEWAY_SPINE, REPO_ROOT, REST_TARGETS, benchToken, killAllNow, median, requestFor, startKernelProcess, startTargets, stopAll,
   type RunningProcess, type Target, type TargetContext
 } from './harness.js'
-import { fmt, measure, signed, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, measure, measureRounds, signed, sleep, textTable, type RunFigures } from './measure.js'
 import { getAgent, type ScenarioDefinition } from './scenarios.js'
 import { runFaces, type FacesReport } from './bench-faces.js'
 import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
@@ -234,18 +234,7 @@ async function runSpine (opts: Options, ctx: TargetContext, processes: RunningPr
     await sleep(PAUSE_MS)
   }
 
-  const perTarget = new Map<string, RunFigures[]>(targets.map((t) => [t.name, []]))
-  for (let round = 0; round < opts.rounds; round++) {
-    // Rotating the first target spreads slow drift of the shared machine over every target.
-    const order = targets.map((_, i) => targets[(i + round) % targets.length])
-    for (const target of order) {
-      const figures = await measure(target, scenario, opts.duration, opts.connections)
-      perTarget.get(target.name)?.push(figures)
-      process.stderr.write(`round ${round + 1}/${opts.rounds}  ${target.name.padEnd(14)} ${figures.reqPerSec.toFixed(0).padStart(7)} req/s  p50 ${figures.p50Ms} ms  p99 ${figures.p99Ms} ms` +
-        (figures.non2xx + figures.errors > 0 ? `  (${figures.non2xx} non-2xx, ${figures.errors} errors)` : '') + '\n')
-      await sleep(PAUSE_MS)
-    }
-  }
+  const perTarget = await measureRounds(targets, scenario, { rounds: opts.rounds, duration: opts.duration, connections: opts.connections, pauseMs: PAUSE_MS, label: 'spine' })
 
   const reports: TargetReport[] = targets.map((target) => {
     const rounds = perTarget.get(target.name) ?? []

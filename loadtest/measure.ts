@@ -62,6 +62,38 @@ export async function measure (target: Target, scenario: Scenario, seconds: numb
   }
 }
 
+export interface RoundsOptions {
+  rounds: number
+  duration: number
+  connections: number
+  /** Pause between two measurements, so that one run's tail does not load the next (ms). */
+  pauseMs: number
+  /** The prefix of each progress line on stderr (the section). */
+  label: string
+}
+
+/**
+ * Measures every target `rounds` times, interleaved: each round runs every target once, and
+ * the first target rotates from round to round, so that slow drift of the shared machine is
+ * spread over every target rather than charged to one. Returns each target's figures by name,
+ * in round order; prints one progress line per measurement.
+ */
+export async function measureRounds (targets: readonly Target[], scenario: Scenario, opts: RoundsOptions): Promise<Map<string, RunFigures[]>> {
+  const perTarget = new Map<string, RunFigures[]>(targets.map((t) => [t.name, []]))
+  const width = Math.max(...targets.map((t) => t.name.length))
+  for (let round = 0; round < opts.rounds; round++) {
+    const order = targets.map((_, i) => targets[(i + round) % targets.length])
+    for (const target of order) {
+      const f = await measure(target, scenario, opts.duration, opts.connections)
+      perTarget.get(target.name)!.push(f)
+      process.stderr.write(`${opts.label} round ${round + 1}/${opts.rounds}  ${target.name.padEnd(width)} ${f.reqPerSec.toFixed(0).padStart(7)} req/s  p50 ${f.p50FineMs.toFixed(2)} ms  p99 ${f.p99FineMs.toFixed(2)} ms` +
+        (f.non2xx + f.errors > 0 ? `  (${f.non2xx} non-2xx, ${f.errors} errors)` : '') + '\n')
+      await sleep(opts.pauseMs)
+    }
+  }
+  return perTarget
+}
+
 export const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms))
 export const fmt = (n: number | null, digits: number): string => n === null || Number.isNaN(n) ? '-' : n.toFixed(digits)
 export const signed = (n: number | null, digits: number): string => n === null || Number.isNaN(n) ? '-' : (n >= 0 ? '+' : '') + n.toFixed(digits)

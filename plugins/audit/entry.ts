@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto'
-import type { Protocol, RiskLevel } from '../pipeline/index.js'
+import { canonicalJson, type Protocol, type RiskLevel } from '../pipeline/index.js'
 
 /** What kind of call an entry records (README, "Audit trail"). */
 export type Category = 'read' | 'write' | 'auth' | 'admin' | 'security'
@@ -53,14 +53,8 @@ export function categoryOf (type: 'query' | 'mutation', code: string | null, ris
   return type === 'query' ? 'read' : 'write'
 }
 
-/** JSON with object keys sorted: jsonb does not keep key order, the hash must not depend on it. */
-export function canonical (value: unknown): string {
-  if (value === null || typeof value !== 'object') return JSON.stringify(value) ?? 'null'
-  if (Array.isArray(value)) return '[' + value.map(canonical).join(',') + ']'
-  const obj = value as Record<string, unknown>
-  const keys = Object.keys(obj).filter(k => obj[k] !== undefined).sort()
-  return '{' + keys.map(k => JSON.stringify(k) + ':' + canonical(obj[k])).join(',') + '}'
-}
+/** JSON with object keys sorted (the pipeline's): jsonb does not keep key order, the hash must not depend on it. */
+export const canonical = canonicalJson
 
 /**
  * hash = SHA-256(previous hash, "\n", the canonical encoding of every stored field in a fixed

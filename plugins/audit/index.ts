@@ -207,6 +207,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
 
   const flushSeconds = metrics === null ? null : new Histogram({ name: 'mantle_audit_flush_duration_seconds', help: 'Time to write one audit batch to the store', buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5], registers: [metrics] })
   const failures = metrics === null ? null : new Counter({ name: 'mantle_audit_write_failures_total', help: 'Audit batch writes the store refused (the batch went to the spool)', registers: [metrics] })
+  // What /diagz shows of the writer since start (the same figures as /metrics, for one instance).
+  const tally = { stored: 0, spooled: 0, replayed: 0, flushes: 0, failures: 0, lastFlushMs: 0, slowestFlushMs: 0 }
   const writer = new AuditWriter({
     store,
     spool,
@@ -214,14 +216,19 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     queueMax: opts.queueMax,
     intervalMs: opts.flushIntervalMs,
     log: app.log,
-    hooks: metrics === null
-      ? undefined
-      : {
-          stored: (n, s) => { entries!.inc({ outcome: 'stored' }, n); flushSeconds!.observe(s) },
-          spooled: n => entries!.inc({ outcome: 'spooled' }, n),
-          replayed: n => entries!.inc({ outcome: 'replayed' }, n),
-          failed: () => failures!.inc()
-        }
+    hooks: {
+      stored: (n, s) => {
+        tally.stored += n
+        tally.flushes++
+        tally.lastFlushMs = s * 1000
+        if (s * 1000 > tally.slowestFlushMs) tally.slowestFlushMs = s * 1000
+        entries?.inc({ outcome: 'stored' }, n)
+        flushSeconds?.observe(s)
+      },
+      spooled: n => { tally.spooled += n; entries?.inc({ outcome: 'spooled' }, n) },
+      replayed: n => { tally.replayed += n; entries?.inc({ outcome: 'replayed' }, n) },
+      failed: () => { tally.failures++; failures?.inc() }
+    }
   })
   if (metrics !== null) {
     /* eslint-disable no-new */
@@ -238,6 +245,23 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     enqueue,
     health: (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, spoolBytes: writer.spoolBytes, error: writer.error })
   })
+
+  if (app.hasDecorator('diagz')) {
+    app.diagz.addStore('audit', () => writer.up
+      ? { type: store.kind, healthy: true, ...(writer.spoolBytes > 0 ? { detail: `replaying ${writer.spoolBytes} spooled bytes` } : {}) }
+      : { type: store.kind, healthy: false, detail: `spooling to disk: ${writer.error ?? 'write failed'}` })
+    app.diagz.addSection('audit', () => ({
+      store: store.kind,
+      up: writer.up,
+      queueDepth: writer.depth,
+      queueMax: opts.queueMax,
+      spoolBytes: writer.spoolBytes,
+      ...tally,
+      lastFlushMs: Math.round(tally.lastFlushMs * 1000) / 1000,
+      slowestFlushMs: Math.round(tally.slowestFlushMs * 1000) / 1000,
+      lastError: writer.error
+    }))
+  }
 
   app.pipeline.addStage({
     name: 'audit',

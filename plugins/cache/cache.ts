@@ -73,6 +73,13 @@ export class ResponseCache {
     return this.inflight.size
   }
 
+  /** Whether the shared tier answers: Redis connected and its last call did not fail (null: memory only). */
+  get redisHealthy (): boolean | null {
+    const redis = this.opts.redis
+    if (redis === null) return null
+    return redis.up() && !this.redisFailing
+  }
+
   /** The pipeline stage of a cached query, or of a mutation that invalidates tags; else null. */
   stage (op: Operation): ((ctx: CallContext, next: Next) => Promise<unknown>) | null {
     if (op.cache !== null) return this.queryStage(op, op.cache)

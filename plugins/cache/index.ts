@@ -105,6 +105,14 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
 
   const invalidate = async (tenant: string, tags: readonly string[]): Promise<void> => await c.invalidate(tenant, tags, 'mutation')
   app.decorate('responseCache', { store: shared === null ? 'memory' : 'redis', cache: c, invalidate })
+  if (app.hasDecorator('diagz')) {
+    app.diagz.addStore('cache', () => {
+      const healthy = c.redisHealthy
+      const entries = `${c.memory.size} entries in memory`
+      if (healthy === null) return { type: 'memory', healthy: true, detail: entries }
+      return { type: 'redis', healthy, detail: healthy ? entries : `Redis failing: memory tier only, ${entries}` }
+    })
+  }
 
   app.post('/admin/cache/invalidate', {
     onRequest: app.requireRole('system'),

@@ -122,6 +122,13 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   }
 
   app.decorate('idempotency', { store: opts.store, memoryKeys: () => memory.size })
+  if (app.hasDecorator('diagz')) {
+    app.diagz.addStore('idempotency', () => {
+      const keys = `${memory.size} keys in memory`
+      if (redis === null) return { type: 'memory', healthy: true, detail: keys }
+      return degraded || !redis.up() ? { type: 'redis', healthy: false, detail: `fallback to memory, ${keys}` } : { type: 'redis', healthy: true }
+    })
+  }
 
   app.pipeline.addStage({
     name: 'idempotency',

@@ -53,6 +53,13 @@ async function rateLimitPlugin (app: FastifyInstance, opts: RateLimitPluginOptio
     retryRedisMs: opts.retryRedisMs
   })
   app.decorate('rateLimiter', limiter)
+  if (app.hasDecorator('diagz')) {
+    app.diagz.addStore('rateLimit', () => {
+      const keys = `${limiter.memoryKeys} keys in memory`
+      if (limiter.store === 'memory') return { type: 'memory', healthy: true, detail: keys }
+      return limiter.fallbackActive ? { type: 'redis', healthy: false, detail: `fallback to memory, ${keys}` } : { type: 'redis', healthy: true }
+    })
+  }
 
   // Every face's calls pass here, each WebSocket frame and batch call counted on its own.
   app.pipeline.addStage({

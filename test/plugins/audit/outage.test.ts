@@ -52,6 +52,10 @@ if (available) {
     t.equal(ready.statusCode, 503)
     t.match(ready.json(), { failing: ['postgres'], checks: { postgres: /^down \(audit spooling, \d+ bytes\)$/ } })
     t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_audit_store_up 0/)
+    const diagz = (await app.inject({ method: 'GET', url: '/diagz', headers: bearer() })).json()
+    t.match(diagz.stores.audit, { type: 'postgres', healthy: false, detail: /^spooling to disk/ })
+    t.match(diagz.audit, { store: 'postgres', up: false, spoolBytes: Number, spooled: Number, failures: Number })
+    t.ok(diagz.audit.spoolBytes > 0 && diagz.audit.failures > 0, 'the writer\'s figures: spooled bytes and failed writes')
     // A server that hangs rather than refuses: connection attempts time out, the spool takes over.
     proxy.cut('stall')
     await load(200, 300)
@@ -70,6 +74,7 @@ if (available) {
     t.equal(statSync(join(dir, 'audit.spool')).size, 0)
     const verify = await app.inject({ method: 'POST', url: '/admin/audit/verify', headers: bearer() })
     t.same(verify.json(), { ok: true, checked: 300, firstBroken: null })
+    t.match((await app.inject({ method: 'GET', url: '/diagz', headers: bearer() })).json(), { stores: { audit: { type: 'postgres', healthy: true } }, audit: { up: true, spoolBytes: 0, lastError: null } })
     t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_audit_entries_total\{outcome="replayed"\} [1-9]/)
   })
 

@@ -94,21 +94,22 @@ t.test('the cache hit rate comes from the call outcome any cache stage records',
 
 t.test('stores and sections plug in; a failing check reads as unhealthy, not as a 500', async t => {
   const app = await buildTestApp(t, { REDIS_URL: 'redis://127.0.0.1:6379' })
-  app.diagz.addStore('rateLimit', () => ({ type: 'redis', healthy: false, detail: 'fallback to memory' }))
+  app.diagz.addStore('search', () => ({ type: 'redis', healthy: false, detail: 'fallback to memory' }))
   app.diagz.addStore('broken', () => { throw new Error('no answer') })
-  app.diagz.addSection('audit', () => ({ queueDepth: 3 }))
+  app.diagz.addSection('quota', () => ({ queueDepth: 3 }))
   app.diagz.addSection('flaky', () => { throw new Error('oops') })
-  t.throws(() => app.diagz.addStore('rateLimit', () => ({ type: 'memory', healthy: true })), /twice/)
+  t.throws(() => app.diagz.addStore('search', () => ({ type: 'memory', healthy: true })), /twice/)
+  t.throws(() => app.diagz.addStore('cache', () => ({ type: 'memory', healthy: true })), /twice/, 'the concerns added their own')
   t.throws(() => app.diagz.addSection('memory', () => 1), /twice/)
   await until(() => app.redis.up(), 'redis up')
   const res = await app.inject({ method: 'GET', url: '/diagz', headers: system })
   t.equal(res.statusCode, 200)
   const report = res.json()
   t.same(report.stores.redis, { type: 'redis', healthy: true })
-  t.same(report.stores.rateLimit, { type: 'redis', healthy: false, detail: 'fallback to memory' })
+  t.same(report.stores.search, { type: 'redis', healthy: false, detail: 'fallback to memory' })
   t.same(report.stores.broken, { type: 'unknown', healthy: false, detail: 'no answer' })
   t.equal(report.stores.events.type, 'redis')
-  t.same(report.audit, { queueDepth: 3 })
+  t.same(report.quota, { queueDepth: 3 })
   t.same(report.flaky, { error: 'oops' })
 })
 
@@ -208,4 +209,31 @@ t.test('the pipeline takes one instrument, before it is compiled', async t => {
   t.same(seen.sort(), ['kernel', 'validation'])
   t.same(await p.entry('getX').run(new CallContext('r', 'rest', p.entry('getX').op, {}, undefined, undefined, undefined)), {})
   t.throws(() => p.instrument((_n, _o, stage) => stage), /after it was compiled/)
+})
+
+t.test('every concern reports its store: rate limits, cache, idempotency and audit', async t => {
+  const memory = (await buildDemoApp(t, { BFF_AUDIT_STORE: 'memory' }))
+  const local = (await memory.inject({ method: 'GET', url: '/diagz', headers: system })).json()
+  t.match(local.stores, {
+    rateLimit: { type: 'memory', healthy: true, detail: /keys in memory/ },
+    cache: { type: 'memory', healthy: true, detail: /entries in memory/ },
+    idempotency: { type: 'memory', healthy: true, detail: /keys in memory/ },
+    audit: { type: 'memory', healthy: true }
+  })
+  t.match(local.audit, { store: 'memory', up: true, queueMax: Number, spoolBytes: 0, failures: 0, lastError: null })
+
+  const shared = { REDIS_URL: 'redis://127.0.0.1:6379', BFF_RATE_LIMIT_STORE: 'redis', BFF_CACHE_STORE: 'redis', BFF_IDEMPOTENCY_STORE: 'redis', BFF_AUDIT_STORE: 'memory' }
+  const redis = await buildDemoApp(t, shared)
+  await until(() => redis.redis.up(), 'redis up')
+  const up = (await redis.inject({ method: 'GET', url: '/diagz', headers: system })).json()
+  t.match(up.stores, { rateLimit: { type: 'redis', healthy: true }, cache: { type: 'redis', healthy: true }, idempotency: { type: 'redis', healthy: true } })
+
+  // Redis configured but unreachable: each store says it answers from memory.
+  const away = await buildDemoApp(t, { ...shared, REDIS_URL: 'redis://127.0.0.1:1' })
+  const down = (await away.inject({ method: 'GET', url: '/diagz', headers: system })).json()
+  t.match(down.stores, {
+    cache: { type: 'redis', healthy: false, detail: /memory/ },
+    idempotency: { type: 'redis', healthy: false, detail: /fallback to memory/ }
+  })
+  t.equal(down.stores.rateLimit.type, 'redis')
 })
