@@ -13,6 +13,9 @@ export interface PostgresStoreOptions {
   queryTimeoutMs?: number
 }
 
+/** PostgreSQL's SQLSTATE for a unique index that refused a row. */
+const UNIQUE_VIOLATION = '23505'
+
 const COLUMNS = 'id, seq, request_id, "timestamp", hash, previous_hash, tenant_id, user_id, method, path, protocol, action, category, risk_level, status, status_code, duration_ms, metadata'
 
 // One multi-row INSERT for a whole batch (each column travels as one array parameter), and the
@@ -94,8 +97,24 @@ export class PostgresAuditStore implements AuditStore {
     this.pool.on('connect', client => { client.on('error', () => {}) })
   }
 
+  /**
+   * Stores a batch. The first try assumes what is nearly always true: no entry of the batch is
+   * stored yet and no request id in it is taken. The unique indexes on id and request_id are
+   * the judge: when one refuses (a replay of entries a lost COMMIT had stored, a client reusing
+   * an x-request-id), the batch is written again, that time looking the ids up first. Looking
+   * them up on every batch cost as much PostgreSQL time as the insert itself.
+   */
   async write (batch: AuditEntry[]): Promise<void> {
     if (batch.length === 0) return
+    try {
+      await this.writeBatch(batch, false)
+    } catch (err) {
+      if ((err as { code?: unknown }).code !== UNIQUE_VIOLATION) throw err
+      await this.writeBatch(batch, true)
+    }
+  }
+
+  private async writeBatch (batch: AuditEntry[], lookUp: boolean): Promise<void> {
     const client = await this.pool.connect()
     let broken = false
     try {
@@ -104,11 +123,13 @@ export class PostgresAuditStore implements AuditStore {
       const head = opened[1]
       let seq = Number(head.rows[0].head_seq)
       let prev = head.rows[0].head_hash
-      const known = await client.query<{ id: string, request_id: string }>(
-        'SELECT id, request_id FROM bff_audit_entries WHERE id = ANY($1::uuid[]) OR request_id = ANY($2::text[])',
-        [batch.map(e => e.id), batch.map(e => e.requestId)])
-      const storedIds = new Set(known.rows.map(r => r.id))
-      const taken = new Set(known.rows.map(r => r.request_id))
+      const known = lookUp
+        ? (await client.query<{ id: string, request_id: string }>(
+            'SELECT id, request_id FROM bff_audit_entries WHERE id = ANY($1::uuid[]) OR request_id = ANY($2::text[])',
+            [batch.map(e => e.id), batch.map(e => e.requestId)])).rows
+        : []
+      const storedIds = new Set(known.map(r => r.id))
+      const taken = new Set(known.map(r => r.request_id))
       const cols: unknown[][] = Array.from({ length: 18 }, () => [])
       for (const e of batch) {
         if (storedIds.has(e.id)) continue

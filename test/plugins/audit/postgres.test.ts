@@ -9,6 +9,8 @@ import { connect } from '../../adapters/websocket-helper.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir } from './db.js'
 import { main as migrateMain } from '../../../scripts/migrate.js'
 import type { AuditEntry } from '../../../plugins/audit/index.js'
+import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
+import { migrate } from '../../../plugins/audit/migrations.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
@@ -239,6 +241,30 @@ if (available) {
     t.same(rows.map(r => r.request_id).sort(), ids.sort())
     t.same(await verify(one), { ok: true, checked: 300, firstBroken: null })
     t.same(await verify(two), { ok: true, checked: 300, firstBroken: null })
+  })
+
+  t.test('the store itself: a batch replayed after a lost COMMIT is stored once, a taken request id gets its suffix, the chain holds', async t => {
+    const name = await createTestDatabase(t)
+    const url = databaseUrl(name)
+    await migrate(url)
+    const store = new PostgresAuditStore({ databaseUrl: url })
+    t.teardown(() => store.close())
+    const entry = (over: Partial<AuditEntry> = {}): AuditEntry => ({ id: randomUUID(), requestId: randomUUID(), timestamp: Date.now(), tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1, metadata: {}, ...over })
+    const first = [entry(), entry(), entry({ requestId: 'client-chosen' })]
+    await store.write(first)
+    t.equal(await count(url), 3)
+    // The spool replays the batch a COMMIT that looked failed had stored, with one new entry: the
+    // unique index refuses the fast path, the second pass skips what is there.
+    const fresh = entry()
+    await store.write([...first, fresh])
+    t.equal(await count(url), 4, 'only the new entry was added')
+    // Another call whose client sent the same x-request-id, in a batch of its own.
+    const again = entry({ requestId: 'client-chosen' })
+    await store.write([again])
+    const rows = await sql<{ id: string, request_id: string }>(url, 'SELECT id, request_id FROM bff_audit_entries ORDER BY seq')
+    t.same(rows.map(r => r.id), [...first, fresh, again].map(e => e.id), 'in chain order, each once')
+    t.equal(rows[4].request_id.startsWith('client-chosen~'), true, 'the taken request id is stored with a suffix')
+    t.same(await store.verify({}), { ok: true, checked: 5, firstBroken: null })
   })
 
   t.test('retention removes the oldest entries in batches; verification starts from the oldest kept', async t => {
