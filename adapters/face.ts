@@ -65,7 +65,7 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     if (call.memo !== undefined) ctx.memo = call.memo
     const entry = app.pipeline.entry(op.name)
     const result = await entry.run(ctx)
-    return new FaceValue(entry.serialize(result), ctx.status, ctx.headers, ctx.cache)
+    return new FaceValue(ctx.json ?? entry.serialize(result), ctx.status, ctx.headers, ctx.cache)
   } catch (err) {
     const { problem, headers } = toProblem(err, call.requestId)
     if (problem.code === 'INTERNAL') app.log.error({ err, requestId: call.requestId }, 'unexpected error')

@@ -85,7 +85,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     if (ctx.status === 204 || ctx.status === 304) return reply.code(ctx.status).send()
     // The same compiled output serializer as every other face (the route's 2xx schema is for
     // OpenAPI): undeclared fields never leave, and an answer that breaks it is KERNEL_ERROR.
-    const json = entry.serialize(result)
+    const json = ctx.json ?? entry.serialize(result)
     if (ctx.status !== 200) reply.code(ctx.status)
     reply.type('application/json; charset=utf-8')
     return json

@@ -148,6 +148,8 @@ export class ResponseCache {
   private answer (ctx: CallContext, op: string, a: CachedAnswer, outcome: CacheOutcome): unknown {
     ctx.cache = outcome
     ctx.status = a.status
+    // What the entry holds is exactly what the op's serializer made of the answer.
+    ctx.json = a.json
     ctx.setHeader('x-cache', outcome)
     if (ctx.protocol === 'rest') {
       ctx.setHeader('etag', a.etag)

@@ -67,6 +67,11 @@ export class CallContext {
   findings: readonly Finding[] | null
   /** REST's `If-None-Match` on a cached query (the cache answers 304 when it matches); else undefined. */
   ifNoneMatch: string | undefined
+  /**
+   * The answer already encoded by the op's output serializer, when a stage holds it so (a cache
+   * hit): the faces send it as it is instead of serializing the value again. null: serialize.
+   */
+  json: string | null
 
   constructor (requestId: string, protocol: Protocol, op: Operation, input: Record<string, unknown>, authorization: string | undefined, traceparent: string | undefined, idempotencyKey: string | undefined) {
     this.requestId = requestId
@@ -91,6 +96,7 @@ export class CallContext {
     this.risk = 'none'
     this.findings = null
     this.ifNoneMatch = undefined
+    this.json = null
   }
 
   /** Adds a response header for the HTTP faces. */
