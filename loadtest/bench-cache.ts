@@ -1,18 +1,31 @@
 // The cache section of `npm run bench`:
 // - REST getAgent through the gateway with the response cache on (every answer after the first
 //   is a hit) against the bare Fastify pass-through (no cache, every request reaches the Kernel)
-//   and gateway-spine (cache off), in interleaved rounds: the hit path as a ratio to the pass-through;
+//   and gateway-spine (cache off), in interleaved rounds: the hit path as a ratio to the pass-through,
+//   and to fastify-static, bare Fastify answering the same JSON from memory (the ceiling);
 // - the Redis lookup of the cache (the one Lua script a miss of the in-process tier runs),
 //   sequential calls on loopback, timed one by one: its p50/p99, beside a plain Redis GET.
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { GATEWAY_SPINE, REST_TARGETS, gatewayCache, median, requestFor, startTargets, type RunningProcess, type Target, type TargetContext } from './harness.js'
+import { GATEWAY_SPINE, REST_TARGETS, gatewayCache, median, requestFor, startTargets, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
 import { fmt, measure, measureRounds, sleep, textTable, type RunFigures } from './measure.js'
 import { getAgent } from './scenarios.js'
 import { RedisTier } from '../plugins/cache/redis.js'
 import { entryKey, tagKey, etagOf } from '../plugins/cache/keys.js'
 
 export const CACHE_GOALS = { minHitRatioToPassthrough: 2, maxRedisLookupP99Ms: 1 } as const
+
+/** The ceiling: bare Fastify answering the same JSON from memory (loadtest/static-answer.ts). */
+const STATIC_ANSWER: TargetDefinition = {
+  name: 'fastify-static',
+  description: 'bare Fastify 5 answering getAgent\'s JSON from memory: the most a cache hit could be',
+  process: {
+    script: 'loadtest/static-answer.ts',
+    env: (ctx, port) => ({ PORT: String(port), HOST: '127.0.0.1', KERNEL_URL: ctx.kernelUrl }),
+    readyPath: '/api/v1/agents/a1'
+  },
+  headers: () => ({})
+}
 
 export interface CacheOptions {
   duration: number
@@ -33,6 +46,8 @@ export interface CacheTargetRow {
   p99FineMs: number
   flagged: boolean
   ratioToPassthrough: number | null
+  /** req/s over fastify-static's: how close to the ceiling a target answers. */
+  ratioToStatic: number | null
 }
 
 export interface LookupFigures { calls: number, p50Ms: number, p99Ms: number, maxMs: number }
@@ -90,7 +105,7 @@ async function redisLookup (redisUrl: string, lookups: number): Promise<{ lookup
 export async function runCache (opts: CacheOptions, ctx: TargetContext, processes: RunningProcess[], spine: Target | null): Promise<CacheReport> {
   const scenario = getAgent
   const passthroughDef = REST_TARGETS.find((t) => t.name === 'passthrough')!
-  const defs = [passthroughDef, gatewayCache(opts.redisUrl), ...(spine === null ? [GATEWAY_SPINE] : [])]
+  const defs = [passthroughDef, STATIC_ANSWER, gatewayCache(opts.redisUrl), ...(spine === null ? [GATEWAY_SPINE] : [])]
   const targets = [...await startTargets(defs, ctx, processes), ...(spine === null ? [] : [spine])]
   for (const target of targets) {
     const req = requestFor(target, scenario)
@@ -112,21 +127,26 @@ export async function runCache (opts: CacheOptions, ctx: TargetContext, processe
       reqPerSec: median(rounds.map((r) => r.reqPerSec)),
       p99FineMs: median(rounds.map((r) => r.p99FineMs)),
       flagged: rounds.some((r) => r.non2xx + r.errors > 0),
-      ratioToPassthrough: null
+      ratioToPassthrough: null,
+      ratioToStatic: null
     }
   })
   const pass = rows.find((r) => r.name === 'passthrough')!
-  for (const r of rows) r.ratioToPassthrough = r.reqPerSec / pass.reqPerSec
+  const ceiling = rows.find((r) => r.name === STATIC_ANSWER.name)!
+  for (const r of rows) {
+    r.ratioToPassthrough = r.reqPerSec / pass.reqPerSec
+    r.ratioToStatic = r.reqPerSec / ceiling.reqPerSec
+  }
   const hit = rows.find((r) => r.name === 'gateway-cache')!
 
   const { lookup, get } = await redisLookup(opts.redisUrl, opts.lookups)
   const hitOk = !hit.flagged && !pass.flagged && hit.ratioToPassthrough! >= CACHE_GOALS.minHitRatioToPassthrough
   const lookupOk = lookup.p99Ms < CACHE_GOALS.maxRedisLookupP99Ms
   const goals = [
-    { text: `cache-hit REST req/s >= ${CACHE_GOALS.minHitRatioToPassthrough}x passthrough: ${hitOk ? 'goal met' : 'goal NOT met'} (${fmt(hit.ratioToPassthrough, 2)}x)`, met: hitOk },
+    { text: `cache-hit REST req/s >= ${CACHE_GOALS.minHitRatioToPassthrough}x passthrough: ${hitOk ? 'goal met' : 'goal NOT met'} (${fmt(hit.ratioToPassthrough, 2)}x; the ceiling, fastify-static, is ${fmt(ceiling.ratioToPassthrough, 2)}x)`, met: hitOk },
     { text: `Redis cache lookup p99 < ${CACHE_GOALS.maxRedisLookupP99Ms} ms: ${lookupOk ? 'goal met' : 'goal NOT met'} (${fmt(lookup.p99Ms, 3)} ms)`, met: lookupOk }
   ]
-  const table = textTable(['target', 'req/s', 'p99 ms', 'x passthrough', 'status'], rows.map((r) => [r.name, fmt(r.reqPerSec, 0), fmt(r.p99FineMs, 2), fmt(r.ratioToPassthrough, 2), r.flagged ? 'FLAGGED' : 'ok']))
+  const table = textTable(['target', 'req/s', 'p99 ms', 'x passthrough', 'x fastify-static', 'status'], rows.map((r) => [r.name, fmt(r.reqPerSec, 0), fmt(r.p99FineMs, 2), fmt(r.ratioToPassthrough, 2), fmt(r.ratioToStatic, 2), r.flagged ? 'FLAGGED' : 'ok']))
   const lookups = textTable(['Redis call (sequential, loopback)', 'calls', 'p50 ms', 'p99 ms', 'max ms'], [
     ['cache lookup (Lua: entry + tag versions)', String(lookup.calls), fmt(lookup.p50Ms, 3), fmt(lookup.p99Ms, 3), fmt(lookup.maxMs, 3)],
     ['plain GET of the entry, for scale', String(get.calls), fmt(get.p50Ms, 3), fmt(get.p99Ms, 3), fmt(get.maxMs, 3)]

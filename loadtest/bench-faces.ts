@@ -3,7 +3,7 @@
 // interleaved rounds (medians), and the faces goals as ratios to REST measured in the same
 // rotation. HTTP faces are measured with autocannon in the harness process; the WebSocket face
 // with ws-runner.ts in a child process (autocannon does not speak WebSocket).
-import { requestFor, median, startWorker, type Target, type TargetContext } from './harness.js'
+import { requestFor, median, rssKiB, startWorker, type Target, type TargetContext } from './harness.js'
 import { fmt, measure, signed, sleep, textTable, type RunFigures } from './measure.js'
 import {
   FACE_GOALS, FACE_SCENARIOS, GRAPHQL_ID_TYPE,
@@ -33,6 +33,8 @@ export interface FaceRound {
   failures: number
   /** CPU time of the load generator (autocannon in the harness process, or the WebSocket runner), % of one core. */
   generatorCpuPct: number
+  /** The gateway's resident set right after the run (KiB); null when the harness did not start it. */
+  rssKiB: number | null
   http?: RunFigures
   ws?: WsRunnerReport
 }
@@ -53,6 +55,8 @@ export interface FaceRow {
   failures: number
   /** Median over rounds of the load generator's CPU, % of one core: near 100, the generator is the limit. */
   generatorCpuPct: number
+  /** The gateway's largest resident set read after this face's runs (MiB). */
+  peakRssMiB: number | null
   flagged: boolean
   ratioToRest: number | null
   /** req/s over REST's req/s of the same round, round by round: the spread behind ratioToRest. */
@@ -173,12 +177,13 @@ async function measureWs (gateway: Target, token: string, scenario: WsCallScenar
 }
 
 function fromHttp (f: RunFigures): FaceRound {
-  return { reqPerSec: f.reqPerSec, p50Ms: f.p50FineMs, p99Ms: f.p99FineMs, failures: f.non2xx + f.errors + f.mismatches, generatorCpuPct: f.generatorCpuPct, http: f }
+  return { reqPerSec: f.reqPerSec, p50Ms: f.p50FineMs, p99Ms: f.p99FineMs, failures: f.non2xx + f.errors + f.mismatches, generatorCpuPct: f.generatorCpuPct, rssKiB: f.rssKiB, http: f }
 }
 
-function fromWs (r: WsRunnerReport): FaceRound {
+function fromWs (r: WsRunnerReport, rss: number | null): FaceRound {
   const notOpened = r.connections - r.opened
   return {
+    rssKiB: rss,
     reqPerSec: r.callsPerSec,
     p50Ms: r.p50Ms,
     p99Ms: r.p99Ms,
@@ -198,9 +203,9 @@ function describeFailures (row: FaceRow): string {
 }
 
 function table (rows: readonly FaceRow[]): string {
-  const header = ['face', 'req/s', 'p50 ms', 'p99 ms', 'x REST', 'p99 vs REST ms', 'load gen CPU %', 'status']
+  const header = ['face', 'req/s', 'p50 ms', 'p99 ms', 'x REST', 'p99 vs REST ms', 'load gen CPU %', 'gateway RSS MiB', 'status']
   const body = rows.map((r) => r.skipped !== null
-    ? [LABEL[r.face], '-', '-', '-', '-', '-', '-', `NOT MEASURED: ${r.skipped.slice(0, 100)}`]
+    ? [LABEL[r.face], '-', '-', '-', '-', '-', '-', '-', `NOT MEASURED: ${r.skipped.slice(0, 100)}`]
     : [
         LABEL[r.face] + (r.face === 'websocket' ? ' (calls/s)' : ''),
         fmt(r.reqPerSec, 0),
@@ -209,6 +214,7 @@ function table (rows: readonly FaceRow[]): string {
         fmt(r.ratioToRest, 2),
         r.face === 'rest' ? '-' : signed(r.p99DiffToRestMs, 2),
         fmt(r.generatorCpuPct, 0),
+        fmt(r.peakRssMiB, 0),
         r.flagged ? describeFailures(r) : 'ok'
       ])
   return textTable(header, body)
@@ -255,6 +261,7 @@ export async function runFaces (opts: FacesOptions, ctx: TargetContext, gateway:
       flagged: false,
       ratioToRest: null,
       ratioToRestPerRound: [],
+      peakRssMiB: null,
       p99DiffToRestMs: null
     })
   }
@@ -274,12 +281,16 @@ export async function runFaces (opts: FacesOptions, ctx: TargetContext, gateway:
     flagged: false,
     ratioToRest: null,
     ratioToRestPerRound: [],
+    peakRssMiB: null,
     p99DiffToRestMs: null
   }
   rows.push(wsRow)
 
   const runOnce = async (row: FaceRow, seconds: number): Promise<FaceRound> => {
-    if (row.face === 'websocket') return fromWs(await measureWs(gateway, ctx.token, ws, seconds, opts.connections))
+    if (row.face === 'websocket') {
+      const report = await measureWs(gateway, ctx.token, ws, seconds, opts.connections)
+      return fromWs(report, gateway.pid === undefined ? null : rssKiB(gateway.pid))
+    }
     const scenario = httpFaces.find((s) => s.face === row.face)!
     return fromHttp(await measure(gateway, scenario, seconds, opts.connections, expect.get(row.face)))
   }
@@ -323,6 +334,8 @@ export async function runFaces (opts: FacesOptions, ctx: TargetContext, gateway:
     row.p99Ms = median(row.rounds.map((r) => r.p99Ms))
     row.failures = row.rounds.reduce((acc, r) => acc + r.failures, 0)
     row.generatorCpuPct = median(row.rounds.map((r) => r.generatorCpuPct))
+    const rss = row.rounds.map((r) => r.rssKiB).filter((k): k is number => k !== null && !Number.isNaN(k))
+    row.peakRssMiB = rss.length === 0 ? null : Math.max(...rss) / 1024
     // A fast error is not a result: any failed answer disqualifies the face's figures.
     row.flagged = row.failures > 0
   }

@@ -22,7 +22,7 @@ import {
 } from './harness.js'
 import { fmt, measure, measureRounds, signed, sleep, textTable, type RunFigures } from './measure.js'
 import { getAgent, type ScenarioDefinition } from './scenarios.js'
-import { runFaces, type FacesReport } from './bench-faces.js'
+import { runFaces, type FacesReport, type FaceRow } from './bench-faces.js'
 import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
 import { runRateLimit, type RateLimitReport } from './bench-rate-limit.js'
 import { runFirewall, type FirewallReport } from './bench-firewall.js'
@@ -83,6 +83,8 @@ interface TargetReport {
   /** Against nginx as a reverse proxy, when nginx is installed. */
   ratioToNginx: number | null
   p99DiffToPassthroughMs: number | null
+  /** The target process's largest resident set read after its runs (MiB); null for the Kernel. */
+  peakRssMiB: number | null
 }
 
 const GOAL = { minRatioToPassthrough: 0.8, maxP99OverPassthroughMs: 1.5 } as const
@@ -193,8 +195,59 @@ async function preflight (target: Target, scenario: ScenarioDefinition): Promise
   }
 }
 
+/** The targets the README states for a 2-core machine, each marked met or not (issue 7). */
+const STATED_TARGETS = { maxP99Ms: 10, minRestReqPerSec: 8000, minTrpcReqPerSec: 10_000, maxRssBytes: 256e6 } as const
+
+interface StatedTarget { text: string, evaluated: boolean, met: boolean }
+
+/**
+ * The stated targets from the gateway as deployed (gateway-spine): REST throughput and p99 from
+ * the spine section (else the faces' REST), tRPC from the faces, p99 on every face measured,
+ * and the largest RSS the gateway reached in either section.
+ */
+function statedTargets (spine: TargetReport | undefined, faces: FacesReport | undefined): StatedTarget[] {
+  const T = STATED_TARGETS
+  const mark = (met: boolean): string => met ? 'met' : 'NOT met'
+  const out: StatedTarget[] = []
+  const faceRow = (face: string): FaceRow | undefined => faces?.faces.find((r) => r.face === face && r.skipped === null)
+  const rest = spine ?? faceRow('rest')
+  if (rest === undefined) out.push({ text: `REST > ${T.minRestReqPerSec} req/s: not evaluated (neither spine nor faces ran)`, evaluated: false, met: false })
+  else {
+    const met = rest.reqPerSec > T.minRestReqPerSec && !rest.flagged
+    out.push({ text: `REST > ${T.minRestReqPerSec} req/s: ${mark(met)} (${fmt(rest.reqPerSec, 0)})`, evaluated: true, met })
+  }
+  const trpc = faceRow('trpc')
+  if (trpc === undefined) out.push({ text: `tRPC > ${T.minTrpcReqPerSec} req/s: not evaluated (the faces section did not measure it)`, evaluated: false, met: false })
+  else {
+    const met = trpc.reqPerSec > T.minTrpcReqPerSec && !trpc.flagged
+    out.push({ text: `tRPC > ${T.minTrpcReqPerSec} req/s: ${mark(met)} (${fmt(trpc.reqPerSec, 0)})`, evaluated: true, met })
+  }
+  const p99s: Array<[string, number]> = []
+  if (spine !== undefined) p99s.push(['REST (spine)', spine.p99FineMs])
+  for (const row of faces?.faces ?? []) if (row.skipped === null) p99s.push([row.face, row.p99Ms])
+  if (p99s.length === 0) out.push({ text: `p99 < ${T.maxP99Ms} ms: not evaluated`, evaluated: false, met: false })
+  else {
+    const met = p99s.every(([, v]) => v < T.maxP99Ms)
+    out.push({ text: `p99 < ${T.maxP99Ms} ms on every face: ${mark(met)} (${p99s.map(([n, v]) => `${n} ${fmt(v, 2)}`).join(', ')})`, evaluated: true, met })
+  }
+  const rss = [spine?.peakRssMiB ?? null, ...(faces?.faces ?? []).map((r) => r.peakRssMiB)].filter((v): v is number => v !== null)
+  if (rss.length === 0) out.push({ text: 'RSS under load < 256 MB: not evaluated (no gateway process was read)', evaluated: false, met: false })
+  else {
+    const peak = Math.max(...rss)
+    const met = peak * 2 ** 20 < T.maxRssBytes
+    out.push({ text: `RSS under load < 256 MB: ${mark(met)} (peak ${fmt(peak * 2 ** 20 / 1e6, 0)} MB)`, evaluated: true, met })
+  }
+  return out
+}
+
+/** The largest RSS read after the runs, in MiB (null when none was read). */
+function peakRss (rounds: readonly RunFigures[]): number | null {
+  const kib = rounds.map((r) => r.rssKiB).filter((k): k is number => k !== null && !Number.isNaN(k))
+  return kib.length === 0 ? null : Math.max(...kib) / 1024
+}
+
 function table (rows: readonly TargetReport[]): string {
-  const header = ['target', 'req/s', 'p50 ms', 'p99 ms', 'x kernel', 'x nginx', 'x passthrough', 'p99 vs passthrough ms', 'status']
+  const header = ['target', 'req/s', 'p50 ms', 'p99 ms', 'x kernel', 'x nginx', 'x passthrough', 'p99 vs passthrough ms', 'RSS MiB', 'status']
   const body = rows.map((r) => [
     r.name,
     fmt(r.reqPerSec, 0),
@@ -204,6 +257,7 @@ function table (rows: readonly TargetReport[]): string {
     fmt(r.ratioToNginx, 2),
     fmt(r.ratioToPassthrough, 2),
     signed(r.p99DiffToPassthroughMs, 2),
+    fmt(r.peakRssMiB, 0),
     r.flagged ? `FLAGGED: ${r.non2xx} non-2xx, ${r.errors} errors (${r.timeouts} timeouts)` : 'ok'
   ])
   return textTable(header, body)
@@ -261,7 +315,8 @@ async function runSpine (opts: Options, ctx: TargetContext, processes: RunningPr
       ratioToKernel: null,
       ratioToPassthrough: null,
       ratioToNginx: null,
-      p99DiffToPassthroughMs: null
+      p99DiffToPassthroughMs: null,
+      peakRssMiB: peakRss(rounds)
     }
   })
   const kernelRow = reports.find((r) => r.name === 'kernel-direct')
@@ -365,6 +420,12 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     gatewaySpine ??= (await startTargets([GATEWAY_SPINE], ctx, processes))[0]
     const faces: FacesReport = await runFaces({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, gatewaySpine, reused, machine)
     report.faces = faces
+  }
+  if (opts.scenario === null && (opts.sections.includes('spine') || opts.sections.includes('faces'))) {
+    const spineRow = (report.targets as TargetReport[] | undefined)?.find((r) => r.name === GATEWAY_SPINE.name)
+    const stated = statedTargets(spineRow, report.faces as FacesReport | undefined)
+    process.stdout.write(`\nStated targets (gateway-spine, ${machine.cores} cores)\n${stated.map((s) => '  ' + s.text).join('\n')}\n`)
+    report.statedTargets = stated
   }
   if (opts.sections.includes('cache')) {
     const cache: CacheReport = await runCache({

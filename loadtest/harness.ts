@@ -31,6 +31,8 @@ export interface Target {
   headers: Record<string, string>
   /** Maps a scenario's gateway path to this target's path. Default: unchanged. */
   rewritePath?: (path: string) => string
+  /** The process serving it, when the harness started one: its RSS is read after each run. */
+  pid?: number
 }
 
 /** The gateway serves the Kernel's /v1/... under /api/v1/...: the direct target drops the prefix. */
@@ -458,18 +460,21 @@ export async function startTargets (defs: readonly TargetDefinition[], ctx: Targ
   for (const def of defs) {
     const headers = def.headers(ctx)
     let url = ctx.kernelUrl
+    let pid: number | undefined
     if (def.process !== null) {
       const port = await freePort()
       url = `http://127.0.0.1:${port}`
-      started.push(await startProcess({
+      const running = await startProcess({
         name: def.name,
         script: def.process.script,
         env: def.process.env(ctx, port),
         readyUrl: url + def.process.readyPath,
         readyHeaders: headers
-      }))
+      })
+      started.push(running)
+      pid = running.pid
     }
-    targets.push({ name: def.name, url, headers, ...(def.rewritePath === undefined ? {} : { rewritePath: def.rewritePath }) })
+    targets.push({ name: def.name, url, headers, ...(def.rewritePath === undefined ? {} : { rewritePath: def.rewritePath }), ...(pid === undefined ? {} : { pid }) })
   }
   return targets
 }

@@ -1,7 +1,7 @@
 // The HTTP measurement every section shares (autocannon in the harness process), and the
 // formatting of the printed tables.
 import autocannon from 'autocannon'
-import { requestFor, type Scenario, type Target } from './harness.js'
+import { requestFor, rssKiB, type Scenario, type Target } from './harness.js'
 
 export interface RunFigures {
   reqPerSec: number
@@ -19,6 +19,8 @@ export interface RunFigures {
   mismatches: number
   /** CPU time of the load generator (this process) over the run, in % of one core. */
   generatorCpuPct: number
+  /** The target process's resident set right after the run (KiB); null when the harness did not start it. */
+  rssKiB: number | null
 }
 
 /**
@@ -58,7 +60,8 @@ export async function measure (target: Target, scenario: Scenario, seconds: numb
     errors: result.errors,
     timeouts: result.timeouts,
     mismatches: result.mismatches,
-    generatorCpuPct: (used.user + used.system) / 10 / (seconds * 1000)
+    generatorCpuPct: (used.user + used.system) / 10 / (seconds * 1000),
+    rssKiB: target.pid === undefined ? null : rssKiB(target.pid)
   }
 }
 
