@@ -3,7 +3,7 @@
 //   is a hit) against the bare Fastify pass-through (no cache, every request reaches the Kernel)
 //   and gateway-spine (cache off), in interleaved rounds: the hit path as a ratio to the pass-through,
 //   and to fastify-static, bare Fastify answering the same JSON from memory (the ceiling);
-// - the Redis lookup of the cache (the one Lua script a miss of the in-process tier runs),
+// - the Redis lookup of the cache (the one MGET a miss of the in-process tier makes),
 //   sequential calls on loopback, timed one by one: its p50/p99, beside a plain Redis GET.
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
@@ -55,7 +55,7 @@ export interface LookupFigures { calls: number, p50Ms: number, p99Ms: number, ma
 export interface CacheReport {
   operation: string
   targets: CacheTargetRow[]
-  /** The cache's Redis read (Lua: entry + tag versions) and, for scale, a plain GET of one key. */
+  /** The cache's Redis read (MGET: entry + tag versions) and, for scale, a plain GET of one key. */
   redisLookup: LookupFigures
   redisGet: LookupFigures
   goals: Array<{ text: string, met: boolean }>
@@ -148,7 +148,7 @@ export async function runCache (opts: CacheOptions, ctx: TargetContext, processe
   ]
   const table = textTable(['target', 'req/s', 'p99 ms', 'x passthrough', 'x fastify-static', 'status'], rows.map((r) => [r.name, fmt(r.reqPerSec, 0), fmt(r.p99FineMs, 2), fmt(r.ratioToPassthrough, 2), fmt(r.ratioToStatic, 2), r.flagged ? 'FLAGGED' : 'ok']))
   const lookups = textTable(['Redis call (sequential, loopback)', 'calls', 'p50 ms', 'p99 ms', 'max ms'], [
-    ['cache lookup (Lua: entry + tag versions)', String(lookup.calls), fmt(lookup.p50Ms, 3), fmt(lookup.p99Ms, 3), fmt(lookup.maxMs, 3)],
+    ['cache lookup (MGET: entry + tag versions)', String(lookup.calls), fmt(lookup.p50Ms, 3), fmt(lookup.p99Ms, 3), fmt(lookup.maxMs, 3)],
     ['plain GET of the entry, for scale', String(get.calls), fmt(get.p50Ms, 3), fmt(get.p99Ms, 3), fmt(get.maxMs, 3)]
   ])
   process.stdout.write(`\nMantle bench — cache: ${scenario.operation} (${scenario.method} ${scenario.path}), gateway-cache answers hits after the first request\n\n${table}\n\n${lookups}\n\n${goals.map((g) => g.text).join('\n')}\n`)

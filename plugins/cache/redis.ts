@@ -5,21 +5,11 @@ import { INVALIDATE_CHANNEL } from './keys.js'
 // The shared tier. Each tag of a tenant has a version (a counter, absent = 0); an entry is
 // stored with the versions of its tags as they were BEFORE the Kernel call, and only if they
 // are still those (one Lua script: compare and set, atomic), and it is served only while they
-// are. An invalidation increments the versions and publishes on INVALIDATE_CHANNEL in the
+// are (a read is one MGET of the entry and its tag versions). An invalidation increments the versions and publishes on INVALIDATE_CHANNEL in the
 // same script, so every instance also drops the tags from its in-process tier.
 
-// KEYS[1] the entry, KEYS[2..] its tag keys. Returns {entry body or nil, current versions}.
-const READ = `
-local v = {}
-for i = 2, #KEYS do v[i - 1] = redis.call('GET', KEYS[i]) or '0' end
-local cur = table.concat(v, ',')
-local e = redis.call('GET', KEYS[1])
-if not e then return {false, cur} end
-local nl = string.find(e, '\\n', 1, true)
-if string.sub(e, 1, nl - 1) ~= cur then return {false, cur} end
-return {string.sub(e, nl + 1), cur}
-`
-// KEYS as READ; ARGV: versions read before the Kernel call, body, entry ms, tag ms. 1 stored, 0 raced.
+// KEYS[1] the entry, KEYS[2..] its tag keys; ARGV: versions read before the Kernel call, body,
+// entry ms, tag ms. 1 stored, 0 raced.
 const WRITE = `
 local v = {}
 for i = 2, #KEYS do v[i - 1] = redis.call('GET', KEYS[i]) or '0' end
@@ -41,7 +31,6 @@ return #KEYS
 `
 
 interface CacheCommands {
-  mantleCacheRead: (n: number, ...args: string[]) => Promise<[string | null, string]>
   mantleCacheWrite: (n: number, ...args: string[]) => Promise<number>
   mantleCacheInvalidate: (n: number, ...args: string[]) => Promise<number>
 }
@@ -63,17 +52,24 @@ export class RedisTier {
   /** @param tagMs how long a tag version outlives the last entry or invalidation that used it */
   constructor (private readonly client: Redis, private readonly tagMs: number) {
     // defineCommand runs EVALSHA and loads the script once when Redis does not know it.
-    if (!('mantleCacheRead' in client)) {
-      client.defineCommand('mantleCacheRead', { lua: READ })
+    if (!('mantleCacheWrite' in client)) {
       client.defineCommand('mantleCacheWrite', { lua: WRITE })
       client.defineCommand('mantleCacheInvalidate', { lua: INVALIDATE })
     }
     this.commands = client as unknown as CacheCommands
   }
 
+  /**
+   * The entry and its tags' current versions in one MGET (atomic, as every Redis command is; no
+   * script needed to read): the entry counts only when it was stored under those versions.
+   */
   async read (key: string, tagKeys: readonly string[]): Promise<RedisRead> {
-    const [body, versions] = await this.commands.mantleCacheRead(1 + tagKeys.length, key, ...tagKeys)
-    return { answer: body === null ? null : decode(body), versions }
+    const [entry, ...tags] = await this.client.mget(key, ...tagKeys)
+    const versions = tags.map(v => v ?? '0').join(',')
+    if (entry === null) return { answer: null, versions }
+    const nl = entry.indexOf('\n')
+    if (nl < 0 || entry.slice(0, nl) !== versions) return { answer: null, versions }
+    return { answer: decode(entry.slice(nl + 1)), versions }
   }
 
   async write (key: string, tagKeys: readonly string[], versions: string, answer: CachedAnswer, now: number): Promise<boolean> {
