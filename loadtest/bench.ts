@@ -427,7 +427,7 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     process.stdout.write(`\nStated targets (gateway-spine, ${machine.cores} cores)\n${stated.map((s) => '  ' + s.text).join('\n')}\n`)
     report.statedTargets = stated
   }
-  if (opts.sections.includes('cache')) {
+  if (opts.scenario === null && opts.sections.includes('cache')) {
     const cache: CacheReport = await runCache({
       duration: opts.duration,
       rounds: opts.rounds,
@@ -443,16 +443,16 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     const scale: WsScaleReport = await runWsScale({ connections: opts.connectionsScale, clients: opts.scaleClients, batch: opts.scaleBatch, events: opts.scaleEvents }, ctx, processes, machine)
     report.wsScale = scale
   }
-  if (opts.sections.includes('audit')) {
+  if (opts.scenario === null && opts.sections.includes('audit')) {
     const audit: AuditReport = await runAudit({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, processes, machine)
     report.audit = audit
   }
 
-  if (opts.sections.includes('rate-limit')) {
+  if (opts.scenario === null && opts.sections.includes('rate-limit')) {
     const rateLimit: RateLimitReport = await runRateLimit({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS, checks: opts.rateLimitChecks }, ctx, processes)
     report.rateLimit = rateLimit
   }
-  if (opts.sections.includes('firewall')) {
+  if (opts.scenario === null && opts.sections.includes('firewall')) {
     const firewall: FirewallReport = await runFirewall({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, processes)
     report.firewall = firewall
   }
