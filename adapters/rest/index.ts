@@ -17,6 +17,30 @@ export interface RestAdapterOptions {
   secured: boolean
 }
 
+/** Which concerns add headers to an answer: the OpenAPI document says which, per operation. */
+interface HeaderConcerns { cache: boolean, idempotency: boolean, rateLimit: boolean }
+
+type HeaderDoc = Record<string, { type: 'string', description: string }>
+
+/** The response headers a 2xx answer of `op` may carry, for the OpenAPI document only. */
+function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
+  const doc: HeaderDoc = { 'x-request-id': { type: 'string', description: 'The request id: the client\'s x-request-id when it is plain and short, else one the gateway made' } }
+  if (on.cache && op.cache !== null) {
+    doc['x-cache'] = { type: 'string', description: 'hit, miss or stale: where the answer came from' }
+    doc.ETag = { type: 'string', description: 'A strong tag of the answer; send it back in If-None-Match for a 304' }
+    doc['Cache-Control'] = { type: 'string', description: 'private, max-age=<seconds of freshness left> (0 when stale)' }
+  }
+  if (on.idempotency && op.type === 'mutation') {
+    doc['Idempotent-Replayed'] = { type: 'string', description: 'true when the answer is the stored one of an earlier call with the same Idempotency-Key' }
+  }
+  if (on.rateLimit && op.rateLimit !== null) {
+    doc['RateLimit-Limit'] = { type: 'string', description: 'Calls allowed per window' }
+    doc['RateLimit-Remaining'] = { type: 'string', description: 'Calls left in the window' }
+    doc['RateLimit-Reset'] = { type: 'string', description: 'Seconds until the window frees a call' }
+  }
+  return doc
+}
+
 export function single (value: string | string[] | undefined): string | undefined {
   return typeof value === 'string' ? value : undefined
 }
@@ -46,11 +70,13 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
     return (data: unknown) => { coerce(data); return true }
   }
 
+  // Registered before this adapter when on (app.ts): their decorators say which headers exist.
+  const concerns: HeaderConcerns = { cache: app.hasDecorator('responseCache'), idempotency: app.hasDecorator('idempotency'), rateLimit: app.hasDecorator('rateLimiter') }
   for (const op of app.pipeline.manifest.operations) {
     app.route({
       method: op.method,
       url: op.path,
-      schema: routeSchema(op, opts.secured),
+      schema: routeSchema(op, opts.secured, concerns),
       validatorCompiler,
       handler: handlerFor(app, op)
     })
@@ -92,7 +118,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   }
 }
 
-function routeSchema (op: Operation, secured: boolean): FastifySchema {
+function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns): FastifySchema {
   const props = (op.input.properties ?? {}) as Record<string, JsonSchema>
   const required = Array.isArray(op.input.required) ? op.input.required as string[] : []
   const pick = (keep: (k: string) => boolean): Record<string, JsonSchema> =>
@@ -107,8 +133,18 @@ function routeSchema (op: Operation, secured: boolean): FastifySchema {
   const schema: Record<string, unknown> = {
     operationId: op.name,
     tags: [op.type === 'query' ? 'queries' : 'mutations'],
-    response: { '2xx': op.output, '4xx': problem, '5xx': problem }
+    // `headers` is read by @fastify/swagger only; answers are encoded by the op's own serializer.
+    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, '4xx': problem, '5xx': problem }
   }
+  // Documentation only: the headers validator is a pass-through (the stages check what they read).
+  const requestHeaders: Record<string, JsonSchema> = {}
+  if (concerns.idempotency && op.type === 'mutation') {
+    requestHeaders['idempotency-key'] = { type: 'string', minLength: 1, maxLength: 255, pattern: '^[\\x21-\\x7e]+$', description: 'Runs the mutation once per tenant and key for 24 h; a repeat gets the stored answer with Idempotent-Replayed: true' }
+  }
+  if (concerns.cache && op.cache !== null) {
+    requestHeaders['if-none-match'] = { type: 'string', description: 'An ETag of an earlier answer: 304 with no body while it still matches' }
+  }
+  if (Object.keys(requestHeaders).length > 0) schema.headers = { type: 'object', properties: requestHeaders }
   if (op.summary !== null) schema.summary = op.summary
   if (op.description !== null) schema.description = op.description
   if (op.deprecated) schema.deprecated = true

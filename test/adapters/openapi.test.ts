@@ -49,6 +49,14 @@ t.test('/openapi.json is a valid OpenAPI 3.1 document of every operation', async
   t.match(getAgent.responses['5XX'].content?.['application/problem+json'].schema, { $ref: '#/components/schemas/Problem' })
   t.match(doc.components.schemas.Problem, { type: 'object', required: ['type', 'title', 'status', 'code', 'requestId'] })
 
+  // The headers the concerns add (the demo's getAgent is cached, its mutations take a key).
+  t.match((getAgent.responses['2XX'] as { headers?: unknown }).headers, { 'x-request-id': { schema: { type: 'string' } }, 'x-cache': { description: /hit, miss or stale/ }, ETag: {}, 'Cache-Control': {} })
+  t.match(getAgent.parameters?.find(p => p.name === 'if-none-match'), { in: 'header', schema: { type: 'string' } })
+  const updateAgent = doc.paths['/api/v1/agents/{id}'].patch
+  t.match(updateAgent.parameters?.find(p => p.name === 'idempotency-key'), { in: 'header', required: false, schema: { type: 'string', maxLength: 255 } })
+  t.match((updateAgent.responses['2XX'] as { headers?: Record<string, unknown> }).headers, { 'Idempotent-Replayed': { description: /the stored one of an earlier call/ } })
+  t.notOk('x-cache' in ((updateAgent.responses['2XX'] as { headers?: Record<string, unknown> }).headers ?? {}), 'a mutation is never cached')
+
   const listAgents = doc.paths['/api/v1/agents'].get
   t.match(listAgents.parameters?.find(p => p.name === 'limit'), { in: 'query', schema: { type: 'integer', minimum: 1, maximum: 100 } })
   const runAgent = doc.paths['/api/v1/agents/{id}/runs'].post
