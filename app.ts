@@ -128,6 +128,13 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       return typeof id === 'string' && REQUEST_ID.test(id) ? id : randomUUID()
     },
     return503OnClosing: true,
+    // A URL Fastify cannot route (bad percent-encoding, an overlong path segment) answers the
+    // same problem+json, request id and security headers as every other refusal.
+    frameworkErrors: (error, request, reply) => {
+      reply.header('x-request-id', request.id)
+      reply.headers(SECURITY_HEADERS)
+      errorHandler(error, request, reply)
+    },
     routerOptions: { ignoreTrailingSlash: true, maxParamLength: 256 },
     ajv: { customOptions: { strict: false } }
   })

@@ -87,7 +87,10 @@ const fastifyClientErrors: Record<string, [ErrorCode, string]> = {
   FST_ERR_CTP_INVALID_MEDIA_TYPE: ['UNSUPPORTED_MEDIA_TYPE', 'The request body must be application/json'],
   FST_ERR_CTP_INVALID_CONTENT_LENGTH: ['BAD_REQUEST', 'The Content-Length header does not match the body'],
   FST_ERR_CTP_EMPTY_JSON_BODY: ['VALIDATION_FAILED', 'The JSON body is empty'],
-  FST_ERR_CTP_INVALID_JSON_BODY: ['VALIDATION_FAILED', 'The body is not valid JSON']
+  FST_ERR_CTP_INVALID_JSON_BODY: ['VALIDATION_FAILED', 'The body is not valid JSON'],
+  // Never the URL itself in the detail: it may carry a token.
+  FST_ERR_BAD_URL: ['BAD_REQUEST', 'The URL path is not valid percent-encoding'],
+  FST_ERR_MAX_PARAM_LENGTH: ['BAD_REQUEST', 'A path segment is longer than 256 characters']
 }
 
 /** Turns any thrown value into the problem a client sees; never exposes internals for 5xx. */
@@ -104,7 +107,10 @@ export function toProblem (err: unknown, requestId: string): { problem: Problem,
   }
   if (typeof e.code === 'string' && e.code in fastifyClientErrors) {
     const [code, detail] = fastifyClientErrors[e.code]
-    return { problem: make(code, detail, requestId), headers: null }
+    const problem = make(code, detail, requestId)
+    // Fastify's own status where it is more precise than the code's (414 URI Too Long).
+    if (typeof e.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) problem.status = e.statusCode
+    return { problem, headers: null }
   }
   if (err instanceof SyntaxError && typeof e.statusCode === 'number' && e.statusCode === 400) {
     return { problem: make('VALIDATION_FAILED', 'The body is not valid JSON', requestId), headers: null }

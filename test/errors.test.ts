@@ -99,7 +99,9 @@ t.test('Fastify client errors map to contract codes with our own detail', async 
     ['FST_ERR_CTP_INVALID_MEDIA_TYPE', 415, 'UNSUPPORTED_MEDIA_TYPE', 'The request body must be application/json'],
     ['FST_ERR_CTP_EMPTY_JSON_BODY', 400, 'VALIDATION_FAILED', 'The JSON body is empty'],
     ['FST_ERR_CTP_INVALID_JSON_BODY', 400, 'VALIDATION_FAILED', 'The body is not valid JSON'],
-    ['FST_ERR_CTP_INVALID_CONTENT_LENGTH', 400, 'BAD_REQUEST', 'The Content-Length header does not match the body']
+    ['FST_ERR_CTP_INVALID_CONTENT_LENGTH', 400, 'BAD_REQUEST', 'The Content-Length header does not match the body'],
+    ['FST_ERR_BAD_URL', 400, 'BAD_REQUEST', 'The URL path is not valid percent-encoding'],
+    ['FST_ERR_MAX_PARAM_LENGTH', 414, 'BAD_REQUEST', 'A path segment is longer than 256 characters']
   ]
   for (const [fst, status, code, detail] of cases) {
     const err = Object.assign(new Error('fastify says something internal'), { code: fst, statusCode: status })

@@ -92,3 +92,21 @@ t.test('WebSocket upgrades still work with helmet (and CORS) on', async t => {
     t.ok(opened, `${path} upgrades`)
   }
 })
+
+t.test('a URL Fastify cannot route is a problem+json 4xx with the request id and the security headers, and never echoes the URL', async t => {
+  const app = await buildDemoApp(t)
+  const cases: Array<[string, number, string]> = [
+    ['/api/v1/agents/%E0%A4%A?access_token=secret-token', 400, 'The URL path is not valid percent-encoding'],
+    ['/nope/%zz', 400, 'The URL path is not valid percent-encoding'],
+    ['/api/v1/agents/' + 'a'.repeat(300), 414, 'A path segment is longer than 256 characters']
+  ]
+  for (const [url, status, detail] of cases) {
+    const res = await app.inject({ method: 'GET', url, headers: { 'x-request-id': 'bad-url-1' } })
+    t.equal(res.statusCode, status, url.slice(0, 40))
+    t.equal(res.headers['content-type'], 'application/problem+json; charset=utf-8')
+    t.match(res.json(), { code: 'BAD_REQUEST', status, detail, requestId: 'bad-url-1' })
+    t.equal(res.headers['x-request-id'], 'bad-url-1')
+    t.equal(res.headers['x-content-type-options'], 'nosniff')
+    t.notMatch(res.body, /secret-token|%E0|aaaa/, 'the URL is not echoed')
+  }
+})
