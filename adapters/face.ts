@@ -48,6 +48,16 @@ export class FaceValue {
   }
 }
 
+/**
+ * What the stages decided about a call, as the members a JSON envelope carries after its
+ * result (`,"replayed":true` for a stored idempotent answer, `,"cache":"hit|miss|stale"`), as
+ * REST's headers say it. For the faces that answer several calls in one message: the REST batch
+ * and WebSocket frames.
+ */
+export function resultMarkers (value: FaceValue): string {
+  return (value.headers?.['idempotent-replayed'] === 'true' ? ',"replayed":true' : '') + (value.cache === null ? '' : ',"cache":"' + value.cache + '"')
+}
+
 export interface FaceProblem { ok: false, problem: Problem, headers: Record<string, string> | null }
 export type FaceResult = FaceValue | FaceProblem
 

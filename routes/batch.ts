@@ -1,5 +1,5 @@
 import type { FastifyInstance } from 'fastify'
-import { runCall } from '../adapters/face.js'
+import { runCall, resultMarkers } from '../adapters/face.js'
 import { MantleError } from '../errors.js'
 import { idempotencyKeyOf, single } from '../adapters/rest/index.js'
 
@@ -57,7 +57,7 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     const parts = await Promise.all(calls.map(async (call, n) => {
       const outcome = await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, idempotencyKey: idempotencyKey === undefined ? undefined : `${idempotencyKey}.${call.id}`, memo })
       const id = JSON.stringify(call.id)
-      return outcome.ok ? `{"id":${id},"result":${outcome.json}}` : `{"id":${id},"error":${JSON.stringify(outcome.problem)}}`
+      return outcome.ok ? `{"id":${id},"result":${outcome.json}${resultMarkers(outcome)}}` : `{"id":${id},"error":${JSON.stringify(outcome.problem)}}`
     }))
     reply.type('application/json; charset=utf-8')
     return `{"results":[${parts.join(',')}]}`

@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify'
 import { randomUUID } from 'node:crypto'
 import { once } from 'node:events'
 import { WebSocket, type RawData } from 'ws'
-import { runCall } from '../face.js'
+import { runCall, resultMarkers } from '../face.js'
 import { MantleError, toProblem, type Problem } from '../../errors.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame, type AuthFrame } from './frames.js'
@@ -177,7 +177,7 @@ export class Connection {
       this.inFlight--
       // The answer is already JSON shaped by the op's output schema: it is spliced in as is.
       // A replayed idempotent call and the cache's outcome say so, as REST's headers do.
-      if (outcome.ok) this.send('{"id":' + id + ',"result":' + outcome.json + (outcome.headers?.['idempotent-replayed'] === 'true' ? ',"replayed":true' : '') + (outcome.cache === null ? '}' : ',"cache":"' + outcome.cache + '"}'))
+      if (outcome.ok) this.send('{"id":' + id + ',"result":' + outcome.json + resultMarkers(outcome) + '}')
       else this.send('{"id":' + id + ',"error":' + JSON.stringify(outcome.problem) + '}')
     }).catch((err: unknown) => {
       // runCall never throws; a failure here is a bug of this face, not of the client.

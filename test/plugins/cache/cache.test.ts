@@ -257,7 +257,7 @@ for (const { store, env } of STORES) {
     t.equal(two.statusCode, 200)
     t.equal(two.headers['x-cache'], undefined, 'two calls in one response: no single outcome')
     const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls: [{ id: '1', op: 'getItem', input: { id: 'd' } }] } })
-    t.same(batch.json().results[0].result, { id: 'd', n: 1, tenant: who })
+    t.same(batch.json().results[0], { id: '1', result: { id: 'd', n: 1, tenant: who }, cache: 'hit' }, 'each call of a batch says its outcome')
 
     await app.listen({ port: 0, host: '127.0.0.1' })
     const { port } = app.server.address() as { port: number }
