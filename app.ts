@@ -101,6 +101,12 @@ export const SECURITY_HEADERS: Readonly<Record<string, string>> = ((): Record<st
   return Object.freeze(headers)
 })()
 
+/** What every answer carries, routed or not: its request id and the security headers. */
+function stamp (request: FastifyRequest, reply: FastifyReply): void {
+  reply.header('x-request-id', request.id)
+  reply.headers(SECURITY_HEADERS)
+}
+
 // A client's request id is kept only when it is short and plain: it goes into logs and headers.
 const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/
 
@@ -131,8 +137,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // A URL Fastify cannot route (bad percent-encoding, an overlong path segment) answers the
     // same problem+json, request id and security headers as every other refusal.
     frameworkErrors: (error, request, reply) => {
-      reply.header('x-request-id', request.id)
-      reply.headers(SECURITY_HEADERS)
+      stamp(request, reply)
       errorHandler(error, request, reply)
     },
     routerOptions: { ignoreTrailingSlash: true, maxParamLength: 256 },
@@ -154,8 +159,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     socket.end(`HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
   })
   app.addHook('onRequest', (request, reply, done) => {
-    reply.header('x-request-id', request.id)
-    reply.headers(SECURITY_HEADERS)
+    stamp(request, reply)
     done()
   })
   // Fastify closes idle keep-alive sockets once, when closing starts; a socket busy then would

@@ -4,7 +4,7 @@
 // rotation. HTTP faces are measured with autocannon in the harness process; the WebSocket face
 // with ws-runner.ts in a child process (autocannon does not speak WebSocket).
 import { requestFor, median, rssKiB, startWorker, type Target, type TargetContext } from './harness.js'
-import { fmt, measure, signed, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, measure, peakRssMiB, signed, sleep, textTable, type RunFigures } from './measure.js'
 import {
   FACE_GOALS, FACE_SCENARIOS, GRAPHQL_ID_TYPE,
   type AnswerCheck, type FaceScenarioDefinition, type WsCallScenarioDefinition
@@ -334,8 +334,7 @@ export async function runFaces (opts: FacesOptions, ctx: TargetContext, gateway:
     row.p99Ms = median(row.rounds.map((r) => r.p99Ms))
     row.failures = row.rounds.reduce((acc, r) => acc + r.failures, 0)
     row.generatorCpuPct = median(row.rounds.map((r) => r.generatorCpuPct))
-    const rss = row.rounds.map((r) => r.rssKiB).filter((k): k is number => k !== null && !Number.isNaN(k))
-    row.peakRssMiB = rss.length === 0 ? null : Math.max(...rss) / 1024
+    row.peakRssMiB = peakRssMiB(row.rounds.map((r) => r.rssKiB))
     // A fast error is not a result: any failed answer disqualifies the face's figures.
     row.flagged = row.failures > 0
   }

@@ -20,7 +20,7 @@ import {
   GATEWAY_SPINE, REPO_ROOT, REST_TARGETS, benchToken, killAllNow, median, requestFor, startKernelProcess, startTargets, stopAll,
   type RunningProcess, type Target, type TargetContext
 } from './harness.js'
-import { fmt, measure, measureRounds, signed, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, measure, measureRounds, peakRssMiB, signed, sleep, textTable, type RunFigures } from './measure.js'
 import { getAgent, type ScenarioDefinition } from './scenarios.js'
 import { runFaces, type FacesReport, type FaceRow } from './bench-faces.js'
 import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
@@ -240,12 +240,6 @@ function statedTargets (spine: TargetReport | undefined, faces: FacesReport | un
   return out
 }
 
-/** The largest RSS read after the runs, in MiB (null when none was read). */
-function peakRss (rounds: readonly RunFigures[]): number | null {
-  const kib = rounds.map((r) => r.rssKiB).filter((k): k is number => k !== null && !Number.isNaN(k))
-  return kib.length === 0 ? null : Math.max(...kib) / 1024
-}
-
 function table (rows: readonly TargetReport[]): string {
   const header = ['target', 'req/s', 'p50 ms', 'p99 ms', 'x kernel', 'x nginx', 'x passthrough', 'p99 vs passthrough ms', 'RSS MiB', 'status']
   const body = rows.map((r) => [
@@ -316,7 +310,7 @@ async function runSpine (opts: Options, ctx: TargetContext, processes: RunningPr
       ratioToPassthrough: null,
       ratioToNginx: null,
       p99DiffToPassthroughMs: null,
-      peakRssMiB: peakRss(rounds)
+      peakRssMiB: peakRssMiB(rounds.map((r) => r.rssKiB))
     }
   })
   const kernelRow = reports.find((r) => r.name === 'kernel-direct')

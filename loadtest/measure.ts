@@ -65,6 +65,12 @@ export async function measure (target: Target, scenario: Scenario, seconds: numb
   }
 }
 
+/** The largest RSS read after a set of runs, in MiB (null when none was read). */
+export function peakRssMiB (kib: ReadonlyArray<number | null>): number | null {
+  const read = kib.filter((k): k is number => k !== null && !Number.isNaN(k))
+  return read.length === 0 ? null : Math.max(...read) / 1024
+}
+
 export interface RoundsOptions {
   rounds: number
   duration: number

@@ -53,9 +53,6 @@ export function categoryOf (type: 'query' | 'mutation', code: string | null, ris
   return type === 'query' ? 'read' : 'write'
 }
 
-/** JSON with object keys sorted (the pipeline's): jsonb does not keep key order, the hash must not depend on it. */
-export const canonical = canonicalJson
-
 /**
  * hash = SHA-256(previous hash, "\n", the canonical encoding of every stored field in a fixed
  * order, the chain position included): a changed field, a changed position or a changed link
@@ -63,7 +60,7 @@ export const canonical = canonicalJson
  */
 export function hashEntry (previousHash: string, seq: number, e: AuditEntry): string {
   const fields = [seq, e.id, e.requestId, new Date(e.timestamp).toISOString(), e.tenantId, e.userId, e.method, e.path,
-    e.protocol, e.action, e.category, e.riskLevel, e.status, e.statusCode, e.durationMs, canonical(e.metadata)]
+    e.protocol, e.action, e.category, e.riskLevel, e.status, e.statusCode, e.durationMs, canonicalJson(e.metadata)]
   return createHash('sha256').update(previousHash).update('\n').update(JSON.stringify(fields)).digest('hex')
 }
 

@@ -221,7 +221,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
         tally.stored += n
         tally.flushes++
         tally.lastFlushMs = s * 1000
-        if (s * 1000 > tally.slowestFlushMs) tally.slowestFlushMs = s * 1000
+        tally.slowestFlushMs = Math.max(tally.slowestFlushMs, tally.lastFlushMs)
         entries?.inc({ outcome: 'stored' }, n)
         flushSeconds?.observe(s)
       },
@@ -240,27 +240,29 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   }
   const enqueue = (entry: AuditEntry): void => writer.enqueue(entry)
 
-  app.decorate('audit', {
-    store,
-    enqueue,
-    health: (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, spoolBytes: writer.spoolBytes, error: writer.error })
-  })
+  const health = (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, spoolBytes: writer.spoolBytes, error: writer.error })
+  app.decorate('audit', { store, enqueue, health })
 
   if (app.hasDecorator('diagz')) {
-    app.diagz.addStore('audit', () => writer.up
-      ? { type: store.kind, healthy: true, ...(writer.spoolBytes > 0 ? { detail: `replaying ${writer.spoolBytes} spooled bytes` } : {}) }
-      : { type: store.kind, healthy: false, detail: `spooling to disk: ${writer.error ?? 'write failed'}` })
-    app.diagz.addSection('audit', () => ({
-      store: store.kind,
-      up: writer.up,
-      queueDepth: writer.depth,
-      queueMax: opts.queueMax,
-      spoolBytes: writer.spoolBytes,
-      ...tally,
-      lastFlushMs: Math.round(tally.lastFlushMs * 1000) / 1000,
-      slowestFlushMs: Math.round(tally.slowestFlushMs * 1000) / 1000,
-      lastError: writer.error
-    }))
+    app.diagz.addStore('audit', () => {
+      const h = health()
+      if (!h.up) return { type: h.store, healthy: false, detail: `spooling to disk: ${h.error ?? 'write failed'}` }
+      return { type: h.store, healthy: true, ...(h.spooling ? { detail: `replaying ${h.spoolBytes} spooled bytes` } : {}) }
+    })
+    app.diagz.addSection('audit', () => {
+      const h = health()
+      return {
+        store: h.store,
+        up: h.up,
+        queueDepth: h.queueDepth,
+        queueMax: opts.queueMax,
+        spoolBytes: h.spoolBytes,
+        ...tally,
+        lastFlushMs: Math.round(tally.lastFlushMs * 1000) / 1000,
+        slowestFlushMs: Math.round(tally.slowestFlushMs * 1000) / 1000,
+        lastError: h.error
+      }
+    })
   }
 
   app.pipeline.addStage({

@@ -5,8 +5,9 @@ import { INVALIDATE_CHANNEL } from './keys.js'
 // The shared tier. Each tag of a tenant has a version (a counter, absent = 0); an entry is
 // stored with the versions of its tags as they were BEFORE the Kernel call, and only if they
 // are still those (one Lua script: compare and set, atomic), and it is served only while they
-// are (a read is one MGET of the entry and its tag versions). An invalidation increments the versions and publishes on INVALIDATE_CHANNEL in the
-// same script, so every instance also drops the tags from its in-process tier.
+// are (a read is one MGET of the entry and its tag versions). An invalidation increments the
+// versions and publishes on INVALIDATE_CHANNEL in the same script, so every instance also drops
+// the tags from its in-process tier.
 
 // KEYS[1] the entry, KEYS[2..] its tag keys; ARGV: versions read before the Kernel call, body,
 // entry ms, tag ms. 1 stored, 0 raced.
