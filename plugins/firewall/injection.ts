@@ -3,7 +3,7 @@
 // except the chat-template markers, which read punctuation. Every quantifier is bounded, and
 // the only repeated groups are whole words followed by one space: the work per starting
 // position is bounded by a constant, so a scan is linear in the input (test/plugins/firewall).
-import { packKey } from './normalize.js'
+import { keyFilter, packKey, type RulesView } from './normalize.js'
 
 export interface InjectionRule {
   readonly type: string
@@ -117,7 +117,16 @@ const MODEL_SUBJECT = any('answer', 'respond', 'reply', 'talk', 'act', 'behave',
   'reponds', 'repondez', 'agis', 'agissez', 'ia', 'comporte toi', 'responde', 'responda', 'contesta', 'actua', 'antworte', 'antworten sie', 'handle', 'ki', 'agiere')
 
 const R = (type: string, score: number, source: string, view: 'words' | 'markers' = 'words'): InjectionRule =>
-  Object.freeze({ type, score, view, pattern: new RegExp(source), keys: view === 'words' ? Object.freeze(keysOf(source).map(packKey)) : null })
+  Object.freeze({ type, score, view, pattern: new RegExp(source), keys: view === 'words' ? Object.freeze(wordRuleKeys(source).map(packKey)) : null })
+
+/**
+ * The keys of a word rule (keysOf), which must also open every alternative with \b: its matches
+ * then start where words start, and it is tried only there (matchWordRules).
+ */
+export function wordRuleKeys (source: string): string[] {
+  if (!splitTop(source).every(branch => branch.startsWith('\\b'))) throw new Error(`injection rule has an alternative that does not open with \\b: ${source.slice(0, 80)}`)
+  return keysOf(source)
+}
 
 /** Marker rules are tried only on texts holding one of these (lowercased). */
 export const MARKER_GATES: readonly string[] = Object.freeze(['<|', '<<', '[inst', '[/inst', '<system', '</system', '[system]', 'system', 'instruction'])
@@ -183,3 +192,48 @@ export const INJECTION_RULES: readonly InjectionRule[] = Object.freeze([
   // Chat-template and role markers a model may take for its own turns (punctuation kept).
   R('template-markers', 0.85, String.raw`<\|(?:im_start|im_end|system|endoftext|start_header_id|end_header_id|eot_id)\|>|<<\/?sys>>|\[\/?inst\]|<\/?system>|\[system\]\(#|#{2,4} ?(?:system|instruction|new instructions?) ?:|^ {0,3}system ?: ?(?:you|ignore|new|the assistant)|\n {0,3}system ?: ?(?:you|ignore|new|the assistant)|\buser input\b.{0,40}\bsystem ?:`, 'markers')
 ])
+
+// The rules each word key can start, and a filter of those keys for normalize.ts, so that the
+// keys of most words are not even collected.
+const RULES_OF_KEY = new Map<number, number[]>()
+INJECTION_RULES.forEach((rule, index) => {
+  for (const key of rule.keys ?? []) {
+    const rules = RULES_OF_KEY.get(key)
+    if (rules === undefined) RULES_OF_KEY.set(key, [index])
+    else if (!rules.includes(index)) rules.push(index)
+  }
+})
+/** The filter of every word key of a rule (normalize.ts `rulesView`'s `only`). */
+export const RULE_KEYS = keyFilter(RULES_OF_KEY.keys())
+
+// Each word rule again, sticky, to be tried only where a word it can start with starts (R makes
+// sure that every alternative of a word rule opens with \b, so no match starts inside a word).
+const STICKY: ReadonlyArray<RegExp | null> = INJECTION_RULES.map(rule => rule.keys === null ? null : new RegExp(rule.pattern.source, 'y'))
+
+/**
+ * The word rules that match the rules view, by index in INJECTION_RULES (1: matched). A rule is
+ * tried only at the words its keys name, not searched for through the whole text.
+ */
+export function matchWordRules (view: RulesView): Uint8Array {
+  const matched = new Uint8Array(INJECTION_RULES.length)
+  const { words, keys, starts } = view
+  for (let i = 0; i < keys.length; i++) {
+    // The filter may let a key through that starts no rule.
+    const rules = RULES_OF_KEY.get(keys[i])
+    if (rules === undefined) continue
+    for (const index of rules) {
+      if (matched[index] === 1) continue
+      const sticky = STICKY[index] as RegExp
+      sticky.lastIndex = starts[i]
+      if (sticky.test(words)) matched[index] = 1
+    }
+  }
+  return matched
+}
+
+// The marker gates in one case-insensitive search, for plain texts (normalize.ts RulesView.plain)
+// whose markers view is their lowercase: no lowercase copy is made to find that none is there.
+const MARKER_SEARCH = new RegExp(MARKER_GATES.map(g => g.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('|'), 'i')
+
+/** Whether a plain text holds a marker gate. */
+export const hasMarkerGate = (plainText: string): boolean => MARKER_SEARCH.test(plainText)

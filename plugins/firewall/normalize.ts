@@ -97,77 +97,162 @@ export function packKey (word: string): number {
 export interface RulesView {
   /** ' w1 w2 ... wn ': lowercase ASCII words, one space apart. */
   readonly words: string
-  /** Whether the text holds a word whose key (packKey) is this one: its first four letters, and of long words the first two and three. */
-  readonly has: (key: number) => boolean
+  /**
+   * The keys (packKey) of its words: of every word its first four letters, and of words of ten
+   * letters or more also the first two and three; with `only` (a keyFilter), just those it may
+   * hold. A view of a buffer the next call reuses.
+   */
+  readonly keys: Int32Array
+  /** Where in `words` the word of each key starts. */
+  readonly starts: Int32Array
+  /**
+   * Whether the text is ASCII with no control character: what `normalizeForMarkers` makes of
+   * it is then its lowercase.
+   */
+  readonly plain: boolean
 }
 
-// Word keys are 20-bit numbers. Instead of a Set per call, one table stamped with the number
-// of the call: a key is present when its slot holds the current stamp (no clearing, no hashing).
-const KEY_STAMPS = new Int32Array(1 << 20)
-let stamp = 0
+// Reused by every call (the view is read right away, by the same synchronous scan): the bytes of
+// the words and their keys. They grow with the texts scanned up to SHARED_CHARS; a longer text
+// gets buffers of its own, so that one large prompt does not pin megabytes.
+const SHARED_CHARS = 65536
+let wordBuf = Buffer.allocUnsafe(4096)
+let keyBuf = new Int32Array(4096)
+let startBuf = new Int32Array(4096)
+let words = wordBuf
+let keys = keyBuf
+let starts = startBuf
+
+/** Points `words`, `keys` and `starts` at buffers for a text of n characters: at most n + 2 bytes and n + 3 keys. */
+function buffersFor (n: number): void {
+  if (n + 3 > wordBuf.length && n <= SHARED_CHARS) {
+    wordBuf = Buffer.allocUnsafe(n + 3)
+    keyBuf = new Int32Array(n + 3)
+    startBuf = new Int32Array(n + 3)
+  }
+  const shared = n + 3 <= wordBuf.length
+  words = shared ? wordBuf : Buffer.allocUnsafe(n + 3)
+  keys = shared ? keyBuf : new Int32Array(n + 3)
+  starts = shared ? startBuf : new Int32Array(n + 3)
+}
+
+// How collapse reads each ASCII character: a lowercase letter (letters lowercased, leetspeak
+// read as letters), DROPPED (control characters) or SEPARATOR (everything else).
+const SEPARATOR = 0
+const DROPPED = 1
+const READ_AS = new Uint8Array(128)
+for (let c = 0; c < 128; c++) {
+  if (c >= 65 && c <= 90) READ_AS[c] = c + 32
+  else if (c >= 97 && c <= 122) READ_AS[c] = c
+  else if (LEET_CODES[c] !== 0) READ_AS[c] = LEET_CODES[c]
+  else if ((c < 32 && c !== 9 && c !== 10 && c !== 13) || c === 127) READ_AS[c] = DROPPED
+}
+
+// A filter of word keys: 2^14 bits (2 KB, small enough to stay in the CPU's nearest cache while
+// a text is collapsed), one per key, at a multiplicative hash of it. It may let through a key
+// not in its set (about 1% of words for 164 keys), never the other way round.
+const FILTER_SHIFT = 18
+const filterSlot = (key: number): number => Math.imul(key, 0x9e3779b1) >>> FILTER_SHIFT
+
+/** A filter (for `rulesView`'s `only`) that holds these keys. */
+export function keyFilter (keys: Iterable<number>): Uint8Array {
+  const filter = new Uint8Array(1 << (32 - FILTER_SHIFT - 3))
+  for (const key of keys) { const slot = filterSlot(key); filter[slot >>> 3] |= 1 << (slot & 7) }
+  return filter
+}
+
+function mayHold (filter: Uint8Array, key: number): boolean {
+  const slot = filterSlot(key)
+  return (filter[slot >>> 3] & (1 << (slot & 7))) !== 0
+}
+
+interface Collapsed { length: number, keyCount: number, spaced: boolean, control: boolean }
 
 /**
  * One pass: ASCII letters lowercased, leetspeak read as letters, control characters dropped,
- * every other run one space; the key of each word stamped. Reports whether three or more
- * one-letter words came in a row (letters spaced out). Returns the length written into buf.
+ * every other run one space, written into wordBuf; the key of each word into keyBuf. Reports
+ * whether three or more one-letter words came in a row (letters spaced out). With `check`, it
+ * gives up (null) at the first character outside ASCII or markup comment delimiter: the text
+ * then needs the full normalization first.
  */
-function collapse (s: string, buf: Buffer, mark: number): { length: number, spaced: boolean } {
+function collapse (s: string, check: boolean, only: Uint8Array | null): Collapsed | null {
+  const n = s.length
+  buffersFor(n)
+  const buf = words
+  const out = keys
+  const at = starts
   let len = 1
   buf[0] = 32
+  let keyCount = 0
   let wordStart = 1
   let singles = 0
   let spaced = false
-  const n = s.length
+  let control = false
   for (let i = 0; i <= n; i++) {
-    let c = i < n ? s.charCodeAt(i) : 32
-    if (c >= 65 && c <= 90) c += 32
-    else if (c < 128 && LEET_CODES[c] !== 0) c = LEET_CODES[c]
-    if (c >= 97 && c <= 122) { buf[len++] = c; continue }
-    if ((c < 32 && c !== 9 && c !== 10 && c !== 13) || c === 127) continue
+    const c = i < n ? s.charCodeAt(i) : 32
+    const read = c < 128 ? READ_AS[c] : SEPARATOR
+    if (read >= 97) { buf[len++] = read; continue }
+    if (read === DROPPED) { control = true; continue }
+    if (check && (c >= 128 || (DELIMITER_START[c] === 1 && startsDelimiter(s, i, c)))) return null
     const w = len - wordStart
     if (w === 0) continue
     const c0 = buf[wordStart] - 96
     const c1 = w > 1 ? buf[wordStart + 1] - 96 : 0
     const c2 = w > 2 ? buf[wordStart + 2] - 96 : 0
     const c3 = w > 3 ? buf[wordStart + 3] - 96 : 0
-    KEY_STAMPS[((c0 * 32 + c1) * 32 + c2) * 32 + c3] = mark
+    const key = ((c0 * 32 + c1) * 32 + c2) * 32 + c3
+    if (only === null || mayHold(only, key)) { out[keyCount] = key; at[keyCount++] = wordStart }
     if (w >= 10) {
-      KEY_STAMPS[(c0 * 32 + c1) * 1024] = mark
-      KEY_STAMPS[((c0 * 32 + c1) * 32 + c2) * 32] = mark
+      const key2 = (c0 * 32 + c1) * 1024
+      const key3 = ((c0 * 32 + c1) * 32 + c2) * 32
+      if (only === null || mayHold(only, key2)) { out[keyCount] = key2; at[keyCount++] = wordStart }
+      if (only === null || mayHold(only, key3)) { out[keyCount] = key3; at[keyCount++] = wordStart }
     }
     if (w === 1) { if (++singles >= 3) spaced = true } else singles = 0
     buf[len++] = 32
     wordStart = len
   }
-  return { length: len, spaced }
+  return { length: len, keyCount, spaced, control }
+}
+
+// The first characters of the markup comment delimiters (<!--, ->, /*, */, {#, #}).
+const DELIMITER_START = new Uint8Array(128)
+for (const c of '<-/*{#') DELIMITER_START[c.charCodeAt(0)] = 1
+function startsDelimiter (s: string, i: number, c: number): boolean {
+  const next = s.charCodeAt(i + 1)
+  switch (c) {
+    case 60: return next === 33 && s.startsWith('--', i + 2) // <!--
+    case 45: return next === 62 // ->
+    case 47: return next === 42 // /*
+    case 42: return next === 47 // */
+    case 123: return next === 35 // {#
+    default: return next === 125 // #}
+  }
 }
 
 /**
- * The text as the injection rules read it: lowercase ASCII letters, one space between words,
+ * The text as the injection rules read it: lowercase ASCII words, one space between words,
  * with the keys of its words. NFKC (full-width and compatibility forms), invisible characters
  * removed, diacritics dropped, homoglyphs folded, markup comment delimiters removed, leetspeak
  * undone, letters spaced out one by one joined, everything that is not a letter one space.
  */
-export function rulesView (text: string): RulesView {
+export function rulesView (text: string, only: Uint8Array | null = null): RulesView {
+  // Optimization: most texts are ASCII with no comment delimiter; the one pass that collapses
+  // them also checks that, and only the others are normalized first and collapsed again.
   let s = text
-  if (NOT_ASCII.test(s)) {
-    s = s.normalize('NFKC').replace(INVISIBLE, '').toLowerCase()
-    s = foldHomoglyphs(s)
-    s = s.normalize('NFD').replace(COMBINING, '')
+  let collapsed = collapse(s, true, only)
+  const plain = collapsed !== null && !collapsed.control
+  if (collapsed === null) {
+    if (NOT_ASCII.test(s)) {
+      s = s.normalize('NFKC').replace(INVISIBLE, '').toLowerCase()
+      s = foldHomoglyphs(s)
+      s = s.normalize('NFD').replace(COMBINING, '')
+    }
+    if (s.includes('<!--') || s.includes('->') || s.includes('/*') || s.includes('*/') || s.includes('{#') || s.includes('#}')) s = s.replace(COMMENT_DELIMITERS, '')
+    collapsed = collapse(s, false, only) as Collapsed
   }
-  if (s.includes('<!--') || s.includes('->') || s.includes('/*') || s.includes('*/') || s.includes('{#') || s.includes('#}')) s = s.replace(COMMENT_DELIMITERS, '')
-  // Optimization: one pass into a byte buffer, decoded once (no per-match replace callbacks).
-  const buf = Buffer.allocUnsafe(s.length * 2 + 2)
-  stamp = stamp === 0x7fffffff ? 1 : stamp + 1
-  let { length, spaced } = collapse(s, buf, stamp)
-  if (spaced) {
-    stamp = stamp === 0x7fffffff ? 1 : stamp + 1
-    const joined = joinSpacedLetters(s.toLowerCase().replace(LEET_CHARS, (c) => LEET[c]))
-    length = collapse(joined, buf, stamp).length
-  }
-  const mark = stamp
-  // The view is read right away, by the same synchronous scan, before any other call stamps.
-  return { words: buf.toString('latin1', 0, length), has: (key) => KEY_STAMPS[key] === mark }
+  if (collapsed.spaced) collapsed = collapse(joinSpacedLetters(s.toLowerCase().replace(LEET_CHARS, (c) => LEET[c])), false, only) as Collapsed
+  return { words: words.toString('latin1', 0, collapsed.length), keys: keys.subarray(0, collapsed.keyCount), starts: starts.subarray(0, collapsed.keyCount), plain }
 }
 
 /** The words of `rulesView`, alone. */

@@ -2,7 +2,7 @@
 // the raw text, and the same again inside base64 and hex runs that decode to text (bounded in
 // count, size and depth). Plain functions: the plugin only wires them into the pipeline.
 import { rulesView, normalizeForMarkers } from './normalize.js'
-import { INJECTION_RULES, MARKER_GATES } from './injection.js'
+import { INJECTION_RULES, MARKER_GATES, RULE_KEYS, hasMarkerGate, matchWordRules } from './injection.js'
 import { findSpans, type Category, type Detection } from './detectors.js'
 import type { Finding, RiskLevel } from '../pipeline/index.js'
 
@@ -41,23 +41,40 @@ function readable (s: string): boolean {
 
 interface Budget { decoded: number }
 
-// Base64 (with the URL alphabet and padding) and hex characters, for the one-pass pre-check.
+// Base64 characters (with the URL alphabet and padding), for the pre-check. Hex digits are
+// among them, and a hex run (32 or more) is longer than the shortest base64 run: a text with
+// no base64 run long enough has no hex run either.
 const B64_CHAR = new Uint8Array(128)
-const HEX_CHAR = new Uint8Array(128)
 for (const c of 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-=') B64_CHAR[c.charCodeAt(0)] = 1
-for (const c of '0123456789abcdefABCDEF') HEX_CHAR[c.charCodeAt(0)] = 1
+const isB64 = (text: string, i: number): boolean => { const c = text.charCodeAt(i); return c < 128 && B64_CHAR[c] === 1 }
 
-/** Whether the text holds a run long enough to be an encoded payload (one pass, no regex). */
-function hasLongRun (text: string): boolean {
-  let b64 = 0
-  let hex = 0
-  for (let i = 0; i < text.length; i++) {
-    const c = text.charCodeAt(i)
-    b64 = c < 128 && B64_CHAR[c] === 1 ? b64 + 1 : 0
-    hex = c < 128 && HEX_CHAR[c] === 1 ? hex + 1 : 0
-    if (b64 >= DECODE_LIMITS.minRun || hex >= 32) return true
+/**
+ * Whether the text holds a run of base64 characters long enough to be an encoded payload. No
+ * regex: a run of minRun characters covers one of every minRun positions, so only those are
+ * probed, and a run is measured only around a probe that falls in one.
+ */
+export function hasLongRun (text: string): boolean {
+  const min = DECODE_LIMITS.minRun
+  const n = text.length
+  let i = min - 1
+  while (i < n) {
+    if (!isB64(text, i)) { i += min; continue }
+    let start = i
+    while (start > 0 && i - start + 1 < min && isB64(text, start - 1)) start--
+    let end = i
+    while (end + 1 < n && end - start + 1 < min && isB64(text, end + 1)) end++
+    if (end - start + 1 >= min) return true
+    // end + 1 is not base64: the next run that can be long enough ends at end + 1 + min or later.
+    i = end + 1 + min
   }
   return false
+}
+
+/** The text as the marker rules read it, or '' when it holds none of their gates. */
+function markersView (text: string, plain: boolean): string {
+  if (plain) return hasMarkerGate(text) ? text.toLowerCase() : ''
+  const markers = normalizeForMarkers(text)
+  return MARKER_GATES.some(g => markers.includes(g)) ? markers : ''
 }
 
 function decodeRuns (text: string, depth: number, budget: Budget, out: Detection[]): void {
@@ -85,19 +102,20 @@ function decodeRuns (text: string, depth: number, budget: Budget, out: Detection
 }
 
 function detectInto (text: string, depth: number, budget: Budget, out: Detection[]): void {
-  const { words, has } = rulesView(text)
+  const view = rulesView(text, RULE_KEYS)
+  const matched = matchWordRules(view)
+  // The markers view, made only when a marker gate is there (null: not looked at yet, '': none).
   let markers: string | null = null
-  for (const rule of INJECTION_RULES) {
-    let view = words
+  const rules = INJECTION_RULES
+  for (let i = 0; i < rules.length; i++) {
+    const rule = rules[i]
     if (rule.keys === null) {
-      markers ??= normalizeForMarkers(text)
-      if (!MARKER_GATES.some(g => (markers as string).includes(g))) continue
-      view = markers
-    } else if (!rule.keys.some(has)) {
-      // Optimization: a rule is tried only when a word it can start with is in the text.
+      markers ??= markersView(text, view.plain)
+      if (markers === '' || !rule.pattern.test(markers)) continue
+    } else if (matched[i] !== 1) {
       continue
     }
-    if (rule.pattern.test(view)) out.push({ category: 'injection', type: rule.type, score: rule.score, start: -1, end: -1 })
+    out.push({ category: 'injection', type: rule.type, score: rule.score, start: -1, end: -1 })
   }
   findSpans(text, out)
   decodeRuns(text, depth, budget, out)
