@@ -28,8 +28,43 @@ export interface SpanRule {
    * on the numeric regions of the text (runs of digits, spaces, dots, dashes, parentheses).
    */
   readonly gate: readonly string[] | 'digits' | null
+  /** Tried only on texts holding a run of at least `min` characters of this table (charTable), which every match is. */
+  readonly run?: { readonly chars: Uint8Array, readonly min: number }
   /** Returns the score to keep (the rule's, or another), or 0 to drop the match. */
   readonly validate?: (match: RegExpExecArray, text: string) => number
+}
+
+// --- runs -------------------------------------------------------------------------------------
+
+/** A table of the ASCII characters given, for hasRun. */
+export function charTable (chars: string): Uint8Array {
+  const table = new Uint8Array(128)
+  for (const c of chars) table[c.charCodeAt(0)] = 1
+  return table
+}
+
+const inTable = (table: Uint8Array, text: string, i: number): boolean => { const c = text.charCodeAt(i); return c < 128 && table[c] === 1 }
+
+/**
+ * Whether the text holds a run of at least `min` characters of the table. No regex: a run of
+ * `min` characters covers one of every `min` positions, so only those are probed, and a run is
+ * measured only around a probe that falls in one. A pre-check, so that the regexes of rules
+ * whose matches are such runs are not tried through texts that hold none.
+ */
+export function hasRun (text: string, table: Uint8Array, min: number): boolean {
+  const n = text.length
+  let i = min - 1
+  while (i < n) {
+    if (!inTable(table, text, i)) { i += min; continue }
+    let start = i
+    while (start > 0 && i - start + 1 < min && inTable(table, text, start - 1)) start--
+    let end = i
+    while (end + 1 < n && end - start + 1 < min && inTable(table, text, end + 1)) end++
+    if (end - start + 1 >= min) return true
+    // end + 1 is not in the table: the next run that can be long enough ends at end + 1 + min or later.
+    i = end + 1 + min
+  }
+  return false
 }
 
 // --- checksums --------------------------------------------------------------------------------
@@ -225,7 +260,8 @@ export const SPAN_RULES: readonly SpanRule[] = Object.freeze([
   P('us-ssn', 0.85, 'digits', /(?<![\d-])(\d{3})-(\d{2})-(\d{4})(?![\d-])/g, { validate: validSsn }),
   P('fr-nir', 0.9, 'digits', /(?<!\d)[12] ?\d{2} ?(?:0[1-9]|1[0-2]|[2-9]\d) ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?\d{2}(?!\d)/g, { validate: m => (validNir(m[0].replace(/ /g, '')) ? 0.9 : 0) }),
   P('es-dni', 0.85, 'digits', /\b(?:\d{8}|[XYZ]-?\d{7})[ -]?[A-Z]\b/g, { validate: validDni }),
-  P('iban', 0.85, null, /\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b/g, { validate: validIbanMatch }),
+  // Two letters, two digits and 11 or more letters or digits, spaces between: a run of 15 or more.
+  P('iban', 0.85, null, /\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b/g, { validate: validIbanMatch, run: { chars: charTable('ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 '), min: 15 } }),
   P('de-tax-id', 0.85, 'digits', /(?<!\d)[1-9]\d{10}(?!\d)/g, { validate: (m, text) => (CONTEXT_BEFORE(text, m.index, TAX_WORDS) && validSteuerId(m[0]) ? 0.85 : 0) }),
   P('phone', 0.8, 'digits', /(?<![A-Za-z0-9+./-])(?:\+\d{7,15}|(?:\+\d{1,3}[ .-]?|00\d{1,3}[ .-]?)?(?:\(0?\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{1,8}){1,5})(?![0-9A-Za-z/-])/g, { validate: validPhone })
 ])
@@ -277,6 +313,8 @@ export function findPrivateKeys (text: string, out: Detection[]): void {
 // The numeric regions digit rules are tried on: a digit-led run of digits and separators,
 // with a few characters around it (a DNI letter, an NIE or country prefix, a + or a paren).
 const NUMERIC_REGION = /\d[\d ()./-]{5,}\d/g
+const REGION_CHARS = charTable('0123456789 ()./-')
+const REGION_MIN = 7
 const REGION_MARGIN = 4
 const DIGIT_RULES = SPAN_RULES.filter(r => r.gate === 'digits')
 const TEXT_RULES = SPAN_RULES.filter(r => r.gate !== 'digits')
@@ -333,8 +371,12 @@ export function findSpans (text: string, out: Detection[]): void {
   for (let r = 0; r < TEXT_RULES.length; r++) {
     const gates = RULE_GATES[r]
     if (gates !== null && !gates.some(g => present[g] === 1)) continue
-    runRule(TEXT_RULES[r], text, 0, text, out)
+    const rule = TEXT_RULES[r]
+    if (rule.run !== undefined && !hasRun(text, rule.run.chars, rule.run.min)) continue
+    runRule(rule, text, 0, text, out)
   }
+  // Optimization: most texts hold no numeric region (a region is a run of 7 or more of its characters).
+  if (!hasRun(text, REGION_CHARS, REGION_MIN)) return
   // Optimization: the digit rules read only the numeric regions, found in one pass.
   NUMERIC_REGION.lastIndex = 0
   let region: RegExpExecArray | null

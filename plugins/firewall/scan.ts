@@ -3,7 +3,7 @@
 // count, size and depth). Plain functions: the plugin only wires them into the pipeline.
 import { rulesView, normalizeForMarkers } from './normalize.js'
 import { INJECTION_RULES, MARKER_GATES, RULE_KEYS, hasMarkerGate, matchWordRules } from './injection.js'
-import { findSpans, type Category, type Detection } from './detectors.js'
+import { charTable, findSpans, hasRun, type Category, type Detection } from './detectors.js'
 import type { Finding, RiskLevel } from '../pipeline/index.js'
 
 export type { Category, Detection } from './detectors.js'
@@ -44,31 +44,10 @@ interface Budget { decoded: number }
 // Base64 characters (with the URL alphabet and padding), for the pre-check. Hex digits are
 // among them, and a hex run (32 or more) is longer than the shortest base64 run: a text with
 // no base64 run long enough has no hex run either.
-const B64_CHAR = new Uint8Array(128)
-for (const c of 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-=') B64_CHAR[c.charCodeAt(0)] = 1
-const isB64 = (text: string, i: number): boolean => { const c = text.charCodeAt(i); return c < 128 && B64_CHAR[c] === 1 }
+const B64_CHARS = charTable('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-=')
 
-/**
- * Whether the text holds a run of base64 characters long enough to be an encoded payload. No
- * regex: a run of minRun characters covers one of every minRun positions, so only those are
- * probed, and a run is measured only around a probe that falls in one.
- */
-export function hasLongRun (text: string): boolean {
-  const min = DECODE_LIMITS.minRun
-  const n = text.length
-  let i = min - 1
-  while (i < n) {
-    if (!isB64(text, i)) { i += min; continue }
-    let start = i
-    while (start > 0 && i - start + 1 < min && isB64(text, start - 1)) start--
-    let end = i
-    while (end + 1 < n && end - start + 1 < min && isB64(text, end + 1)) end++
-    if (end - start + 1 >= min) return true
-    // end + 1 is not base64: the next run that can be long enough ends at end + 1 + min or later.
-    i = end + 1 + min
-  }
-  return false
-}
+/** Whether the text holds a run of base64 characters long enough to be an encoded payload. */
+export const hasLongRun = (text: string): boolean => hasRun(text, B64_CHARS, DECODE_LIMITS.minRun)
 
 /** The text as the marker rules read it, or '' when it holds none of their gates. */
 function markersView (text: string, plain: boolean): string {
