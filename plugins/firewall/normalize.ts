@@ -170,7 +170,8 @@ interface Collapsed { length: number, keyCount: number, spaced: boolean, control
 
 /**
  * One pass: ASCII letters lowercased, leetspeak read as letters, control characters dropped,
- * every other run one space, written into wordBuf; the key of each word into keyBuf. Reports
+ * every other run one space, written into `words`; the key of each word, and where the word
+ * starts, into `keys` and `starts` (buffersFor). Reports
  * whether three or more one-letter words came in a row (letters spaced out). With `check`, it
  * gives up (null) at the first character outside ASCII or markup comment delimiter: the text
  * then needs the full normalization first.
