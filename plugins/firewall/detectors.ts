@@ -350,6 +350,11 @@ const PRIVATE_KEY_AT = GATES.indexOf(PRIVATE_KEY_GATE)
 const JWT_AT = GATES.indexOf(JWT_GATE)
 const RULE_GATES = TEXT_RULES.map(r => r.gate === null ? null : (r.gate as readonly string[]).map(g => GATE_INDEX.get(g) as number))
 
+function anyPresent (gates: readonly number[], present: Uint8Array): boolean {
+  for (const g of gates) if (present[g] === 1) return true
+  return false
+}
+
 /** Which gates the text holds, by index in GATES. */
 function gatesIn (text: string): Uint8Array {
   const present = new Uint8Array(GATES.length)
@@ -370,7 +375,7 @@ export function findSpans (text: string, out: Detection[]): void {
   if (present[JWT_AT] === 1) findJwts(text, out)
   for (let r = 0; r < TEXT_RULES.length; r++) {
     const gates = RULE_GATES[r]
-    if (gates !== null && !gates.some(g => present[g] === 1)) continue
+    if (gates !== null && !anyPresent(gates, present)) continue
     const rule = TEXT_RULES[r]
     if (rule.run !== undefined && !hasRun(text, rule.run.chars, rule.run.min)) continue
     runRule(rule, text, 0, text, out)

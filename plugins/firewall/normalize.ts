@@ -136,11 +136,12 @@ function buffersFor (n: number): void {
   starts = shared ? startBuf : new Int32Array(n + 3)
 }
 
-// How collapse reads each ASCII character: a lowercase letter (letters lowercased, leetspeak
-// read as letters), DROPPED (control characters) or SEPARATOR (everything else).
-const SEPARATOR = 0
+// How collapse reads each UTF-16 code unit: a lowercase letter (ASCII letters lowercased,
+// leetspeak read as letters), DROPPED (ASCII control characters) or 0, a separator (everything
+// else, outside ASCII included). A table of every code unit (64 KB, of which an ASCII text
+// reads the first 128 bytes) spares the hot loop a range check per character.
 const DROPPED = 1
-const READ_AS = new Uint8Array(128)
+const READ_AS = new Uint8Array(65536)
 for (let c = 0; c < 128; c++) {
   if (c >= 65 && c <= 90) READ_AS[c] = c + 32
   else if (c >= 97 && c <= 122) READ_AS[c] = c
@@ -191,7 +192,7 @@ function collapse (s: string, check: boolean, only: Uint8Array | null): Collapse
   let control = false
   for (let i = 0; i <= n; i++) {
     const c = i < n ? s.charCodeAt(i) : 32
-    const read = c < 128 ? READ_AS[c] : SEPARATOR
+    const read = READ_AS[c]
     if (read >= 97) { buf[len++] = read; continue }
     if (read === DROPPED) { control = true; continue }
     if (check && (c >= 128 || (DELIMITER_START[c] === 1 && startsDelimiter(s, i, c)))) return null
