@@ -4,6 +4,8 @@
 // work per starting position is bounded, so a scan is linear in the input. JWTs and private
 // key blocks, which have no useful bound, are found by hand-written single-pass scanners.
 
+import { charTable, hasRun, literalSearch } from './text.js'
+
 export type Category = 'injection' | 'secret' | 'pii'
 
 export interface Detection {
@@ -32,39 +34,6 @@ export interface SpanRule {
   readonly run?: { readonly chars: Uint8Array, readonly min: number }
   /** Returns the score to keep (the rule's, or another), or 0 to drop the match. */
   readonly validate?: (match: RegExpExecArray, text: string) => number
-}
-
-// --- runs -------------------------------------------------------------------------------------
-
-/** A table of the ASCII characters given, for hasRun. */
-export function charTable (chars: string): Uint8Array {
-  const table = new Uint8Array(128)
-  for (const c of chars) table[c.charCodeAt(0)] = 1
-  return table
-}
-
-const inTable = (table: Uint8Array, text: string, i: number): boolean => { const c = text.charCodeAt(i); return c < 128 && table[c] === 1 }
-
-/**
- * Whether the text holds a run of at least `min` characters of the table. No regex: a run of
- * `min` characters covers one of every `min` positions, so only those are probed, and a run is
- * measured only around a probe that falls in one. A pre-check, so that the regexes of rules
- * whose matches are such runs are not tried through texts that hold none.
- */
-export function hasRun (text: string, table: Uint8Array, min: number): boolean {
-  const n = text.length
-  let i = min - 1
-  while (i < n) {
-    if (!inTable(table, text, i)) { i += min; continue }
-    let start = i
-    while (start > 0 && i - start + 1 < min && inTable(table, text, start - 1)) start--
-    let end = i
-    while (end + 1 < n && end - start + 1 < min && inTable(table, text, end + 1)) end++
-    if (end - start + 1 >= min) return true
-    // end + 1 is not in the table: the next run that can be long enough ends at end + 1 + min or later.
-    i = end + 1 + min
-  }
-  return false
 }
 
 // --- checksums --------------------------------------------------------------------------------
@@ -343,7 +312,7 @@ function runRule (rule: SpanRule, text: string, offset: number, context: string,
 const PRIVATE_KEY_GATE = 'PRIVATE KEY'
 const JWT_GATE = 'eyJ'
 const GATES: readonly string[] = [...new Set([PRIVATE_KEY_GATE, JWT_GATE, ...TEXT_RULES.flatMap(r => r.gate === null ? [] : r.gate as readonly string[])])]
-const GATE_SEARCH = new RegExp(GATES.filter(g => g.length > 1).map(g => g.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('|'), 'g')
+const GATE_SEARCH = literalSearch(GATES.filter(g => g.length > 1), 'g')
 const SINGLE_GATES = GATES.flatMap((g, i) => g.length === 1 ? [i] : [])
 const GATE_INDEX = new Map(GATES.map((g, i) => [g, i]))
 const PRIVATE_KEY_AT = GATES.indexOf(PRIVATE_KEY_GATE)

@@ -4,6 +4,7 @@
 // the only repeated groups are whole words followed by one space: the work per starting
 // position is bounded by a constant, so a scan is linear in the input (test/plugins/firewall).
 import { keyFilter, packKey, type RulesView } from './normalize.js'
+import { literalSearch } from './text.js'
 
 export interface InjectionRule {
   readonly type: string
@@ -231,9 +232,9 @@ export function matchWordRules (view: RulesView): Uint8Array {
   return matched
 }
 
-// The marker gates in one case-insensitive search, for plain texts (normalize.ts RulesView.plain)
-// whose markers view is their lowercase: no lowercase copy is made to find that none is there.
-const MARKER_SEARCH = new RegExp(MARKER_GATES.map(g => g.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('|'), 'i')
+// The marker gates in one case-insensitive search: on a markers view, or on a plain text
+// (normalize.ts RulesView.plain) whose markers view is its lowercase, before that is made.
+const MARKER_SEARCH = literalSearch(MARKER_GATES, 'i')
 
-/** Whether a plain text holds a marker gate. */
-export const hasMarkerGate = (plainText: string): boolean => MARKER_SEARCH.test(plainText)
+/** Whether a markers view, or a plain text, holds a marker gate. */
+export const hasMarkerGate = (text: string): boolean => MARKER_SEARCH.test(text)

@@ -3,6 +3,8 @@
 // one form (confusables packages fold to a skeleton for identifier spoofing, not for prose).
 // Every step is a single linear pass (a character loop or a regex over one character class).
 
+import { charTable } from './text.js'
+
 // Zero-width, bidi and other invisible or control characters (tab, newline, CR are kept as
 // whitespace). Soft hyphen, variation selectors, Hangul fillers, the BOM.
 // eslint-disable-next-line no-control-regex, no-misleading-character-class -- these invisible characters are the point
@@ -218,8 +220,7 @@ function collapse (s: string, check: boolean, only: Uint8Array | null): Collapse
 }
 
 // The first characters of the markup comment delimiters (<!--, ->, /*, */, {#, #}).
-const DELIMITER_START = new Uint8Array(128)
-for (const c of '<-/*{#') DELIMITER_START[c.charCodeAt(0)] = 1
+const DELIMITER_START = charTable('<-/*{#')
 function startsDelimiter (s: string, i: number, c: number): boolean {
   const next = s.charCodeAt(i + 1)
   switch (c) {

@@ -2,8 +2,9 @@
 // the raw text, and the same again inside base64 and hex runs that decode to text (bounded in
 // count, size and depth). Plain functions: the plugin only wires them into the pipeline.
 import { rulesView, normalizeForMarkers } from './normalize.js'
-import { INJECTION_RULES, MARKER_GATES, RULE_KEYS, hasMarkerGate, matchWordRules } from './injection.js'
-import { charTable, findSpans, hasRun, type Category, type Detection } from './detectors.js'
+import { INJECTION_RULES, RULE_KEYS, hasMarkerGate, matchWordRules } from './injection.js'
+import { findSpans, type Category, type Detection } from './detectors.js'
+import { charTable, hasRun } from './text.js'
 import type { Finding, RiskLevel } from '../pipeline/index.js'
 
 export type { Category, Detection } from './detectors.js'
@@ -51,9 +52,10 @@ export const hasLongRun = (text: string): boolean => hasRun(text, B64_CHARS, DEC
 
 /** The text as the marker rules read it, or '' when it holds none of their gates. */
 function markersView (text: string, plain: boolean): string {
+  // A plain text is searched as it is: no lowercase copy is made to find that none is there.
   if (plain) return hasMarkerGate(text) ? text.toLowerCase() : ''
   const markers = normalizeForMarkers(text)
-  return MARKER_GATES.some(g => markers.includes(g)) ? markers : ''
+  return hasMarkerGate(markers) ? markers : ''
 }
 
 function decodeRuns (text: string, depth: number, budget: Budget, out: Detection[]): void {
