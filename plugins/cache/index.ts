@@ -6,6 +6,7 @@ import { StageOrder } from '../pipeline/index.js'
 import { ResponseCache, STALE_IF_ERROR_SECONDS, type CacheMetrics } from './cache.js'
 import { RedisTier } from './redis.js'
 import { INVALIDATE_CHANNEL } from './keys.js'
+import { sharedStoreHealth } from '../diagz/index.js'
 
 export { ResponseCache, STALE_IF_ERROR_SECONDS } from './cache.js'
 export { MemoryTier, TagClock, type CachedAnswer } from './memory.js'
@@ -106,12 +107,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
   const invalidate = async (tenant: string, tags: readonly string[]): Promise<void> => await c.invalidate(tenant, tags, 'mutation')
   app.decorate('responseCache', { store: shared === null ? 'memory' : 'redis', cache: c, invalidate })
   if (app.hasDecorator('diagz')) {
-    app.diagz.addStore('cache', () => {
-      const healthy = c.redisHealthy
-      const entries = `${c.memory.size} entries in memory`
-      if (healthy === null) return { type: 'memory', healthy: true, detail: entries }
-      return { type: 'redis', healthy, detail: healthy ? entries : `Redis failing: memory tier only, ${entries}` }
-    })
+    app.diagz.addStore('cache', () => sharedStoreHealth(shared !== null, c.redisHealthy === true, `${c.memory.size} entries in memory`))
   }
 
   app.post('/admin/cache/invalidate', {

@@ -18,6 +18,16 @@ export interface StoreHealth {
   detail?: string
 }
 
+/**
+ * The health of a store kept in Redis with an in-process fallback (rate limits, cache,
+ * idempotency): memory only, Redis answering, or Redis away and memory answering for it.
+ * `inMemory` says what the process holds (e.g. "12 keys in memory").
+ */
+export function sharedStoreHealth (redis: boolean, redisHealthy: boolean, inMemory: string): StoreHealth {
+  if (!redis) return { type: 'memory', healthy: true, detail: inMemory }
+  return redisHealthy ? { type: 'redis', healthy: true } : { type: 'redis', healthy: false, detail: `fallback to memory, ${inMemory}` }
+}
+
 export interface Diagnostics {
   /** Adds a store to the `stores` section; `check` runs on each /diagz read, so it must be cheap and synchronous. */
   addStore: (name: string, check: () => StoreHealth) => void

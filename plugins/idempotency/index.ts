@@ -9,6 +9,7 @@ import type { Operation } from '../../manifest.js'
 import { MemoryIdempotencyStore } from './memory-store.js'
 import { RedisIdempotencyStore } from './redis-store.js'
 import { storeKey, type Claim, type DoneRecord, type IdempotencyStore } from './store.js'
+import { sharedStoreHealth } from '../diagz/index.js'
 
 export { MemoryIdempotencyStore } from './memory-store.js'
 export { RedisIdempotencyStore, decode } from './redis-store.js'
@@ -123,11 +124,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
 
   app.decorate('idempotency', { store: opts.store, memoryKeys: () => memory.size })
   if (app.hasDecorator('diagz')) {
-    app.diagz.addStore('idempotency', () => {
-      const keys = `${memory.size} keys in memory`
-      if (redis === null) return { type: 'memory', healthy: true, detail: keys }
-      return degraded || !redis.up() ? { type: 'redis', healthy: false, detail: `fallback to memory, ${keys}` } : { type: 'redis', healthy: true }
-    })
+    app.diagz.addStore('idempotency', () => sharedStoreHealth(redis !== null, !degraded && redis?.up() === true, `${memory.size} keys in memory`))
   }
 
   app.pipeline.addStage({

@@ -7,6 +7,7 @@ import { StageOrder, type Stage } from '../pipeline/index.js'
 import type { Operation } from '../../manifest.js'
 import { MemoryWindowStore } from './memory-store.js'
 import { RedisWindowStore } from './redis-store.js'
+import { sharedStoreHealth } from '../diagz/index.js'
 import { RateLimiter, fastifyStore, opKey, tenantKey, ipKey, type LimiterCounters, type Scope, type StoreKind } from './limiter.js'
 
 export { RateLimiter, opKey, tenantKey, ipKey, keyPart, fastifyStore } from './limiter.js'
@@ -54,11 +55,7 @@ async function rateLimitPlugin (app: FastifyInstance, opts: RateLimitPluginOptio
   })
   app.decorate('rateLimiter', limiter)
   if (app.hasDecorator('diagz')) {
-    app.diagz.addStore('rateLimit', () => {
-      const keys = `${limiter.memoryKeys} keys in memory`
-      if (limiter.store === 'memory') return { type: 'memory', healthy: true, detail: keys }
-      return limiter.fallbackActive ? { type: 'redis', healthy: false, detail: `fallback to memory, ${keys}` } : { type: 'redis', healthy: true }
-    })
+    app.diagz.addStore('rateLimit', () => sharedStoreHealth(limiter.store !== 'memory', !limiter.fallbackActive, `${limiter.memoryKeys} keys in memory`))
   }
 
   // Every face's calls pass here, each WebSocket frame and batch call counted on its own.
