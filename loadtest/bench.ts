@@ -365,11 +365,13 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     memoryGiB: Number((totalmem() / 2 ** 30).toFixed(1)),
     os: `${osType()} ${release()} ${arch()}`
   }
+  // A load suite (--scenario) runs instead of the sections, not beside them.
+  const sections = opts.scenario === null ? opts.sections : []
   // Every target and face is measured once per round plus a warm-up; the token must outlive it all.
-  const spineTargets = opts.sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null ? t.onlyWhenNamed !== true : opts.only.includes(t.name)).length : 0
+  const spineTargets = sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null ? t.onlyWhenNamed !== true : opts.only.includes(t.name)).length : 0
   // Extra gateway measurements per round, by section.
   const PER_SECTION: Partial<Record<Section, number>> = { faces: 4, cache: 3, 'rate-limit': 4, firewall: 2, audit: 2 }
-  const faces = opts.sections.reduce((n, s) => n + (PER_SECTION[s] ?? 0), 0)
+  const faces = sections.reduce((n, s) => n + (PER_SECTION[s] ?? 0), 0)
   const suiteSeconds = opts.scenario === null ? 0 : Math.max(...[opts.scenario.stages, opts.scenario.wsStages].map((stages) => stages.reduce((sum, s) => sum + s.durationS, 0))) * opts.scale
   const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5) + suiteSeconds
   const secret = randomBytes(32).toString('hex')
@@ -403,25 +405,25 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     report.suite = suite
     if (!suite.passed) process.exitCode = THRESHOLDS_CROSSED
   }
-  if (opts.scenario === null && opts.sections.includes('spine')) {
+  if (sections.includes('spine')) {
     const spine = await runSpine(opts, ctx, processes, machine)
     gatewaySpine = spine.gatewaySpine
     Object.assign(report, { scenario: spine.scenario, goal: spine.goal, targets: spine.targets })
   }
-  if (opts.scenario === null && opts.sections.includes('faces')) {
+  if (sections.includes('faces')) {
     const reused = gatewaySpine !== null
     // One gateway process with every face on: the spine section's gateway-spine when it ran.
     gatewaySpine ??= (await startTargets([GATEWAY_SPINE], ctx, processes))[0]
     const faces: FacesReport = await runFaces({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, gatewaySpine, reused, machine)
     report.faces = faces
   }
-  if (opts.scenario === null && (opts.sections.includes('spine') || opts.sections.includes('faces'))) {
+  if (sections.includes('spine') || sections.includes('faces')) {
     const spineRow = (report.targets as TargetReport[] | undefined)?.find((r) => r.name === GATEWAY_SPINE.name)
     const stated = statedTargets(spineRow, report.faces as FacesReport | undefined)
     process.stdout.write(`\nStated targets (gateway-spine, ${machine.cores} cores)\n${stated.map((s) => '  ' + s.text).join('\n')}\n`)
     report.statedTargets = stated
   }
-  if (opts.scenario === null && opts.sections.includes('cache')) {
+  if (sections.includes('cache')) {
     const cache: CacheReport = await runCache({
       duration: opts.duration,
       rounds: opts.rounds,
@@ -433,20 +435,20 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
     }, ctx, processes, gatewaySpine)
     report.cache = cache
   }
-  if (opts.scenario === null && opts.sections.includes('ws-scale')) {
+  if (sections.includes('ws-scale')) {
     const scale: WsScaleReport = await runWsScale({ connections: opts.connectionsScale, clients: opts.scaleClients, batch: opts.scaleBatch, events: opts.scaleEvents }, ctx, processes, machine)
     report.wsScale = scale
   }
-  if (opts.scenario === null && opts.sections.includes('audit')) {
+  if (sections.includes('audit')) {
     const audit: AuditReport = await runAudit({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, processes, machine)
     report.audit = audit
   }
 
-  if (opts.scenario === null && opts.sections.includes('rate-limit')) {
+  if (sections.includes('rate-limit')) {
     const rateLimit: RateLimitReport = await runRateLimit({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS, checks: opts.rateLimitChecks }, ctx, processes)
     report.rateLimit = rateLimit
   }
-  if (opts.scenario === null && opts.sections.includes('firewall')) {
+  if (sections.includes('firewall')) {
     const firewall: FirewallReport = await runFirewall({ duration: opts.duration, rounds: opts.rounds, connections: opts.connections, warmupSeconds: WARMUP_SECONDS, pauseMs: PAUSE_MS }, ctx, processes)
     report.firewall = firewall
   }
