@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto'
+import { hash } from 'node:crypto'
 import { canonicalJson, type Protocol, type RiskLevel } from '../pipeline/index.js'
 
 /** What kind of call an entry records (README, "Audit trail"). */
@@ -53,15 +53,37 @@ export function categoryOf (type: 'query' | 'mutation', code: string | null, ris
   return type === 'query' ? 'read' : 'write'
 }
 
+// The second of the last timestamp formatted, and its ISO 8601 text up to the milliseconds.
+let isoSecond = Number.NaN
+let isoPrefix = ''
+// Years 0000 to 9999: toISOString's fixed-width form, which the prefix reuse relies on.
+const ISO_FIXED_MAX = 253402300800000
+
+/**
+ * `new Date(ms).toISOString()`, for the entries' timestamps: the text up to the second is reused
+ * while the second is the same (the entries of a batch nearly always share it), which costs a
+ * tenth of formatting a Date each time. Identical to toISOString for every value.
+ */
+export function isoTime (ms: number): string {
+  if (!Number.isInteger(ms) || ms < 0 || ms >= ISO_FIXED_MAX) return new Date(ms).toISOString()
+  const frac = ms % 1000
+  const second = ms - frac
+  if (second !== isoSecond) {
+    isoPrefix = new Date(second).toISOString().slice(0, 20)
+    isoSecond = second
+  }
+  return isoPrefix + (frac < 10 ? '00' : frac < 100 ? '0' : '') + frac + 'Z'
+}
+
 /**
  * hash = SHA-256(previous hash, "\n", the canonical encoding of every stored field in a fixed
  * order, the chain position included): a changed field, a changed position or a changed link
- * each changes it.
+ * each changes it. `iso` is the entry's timestamp as isoTime gives it, when the caller has it.
  */
-export function hashEntry (previousHash: string, seq: number, e: AuditEntry): string {
-  const fields = [seq, e.id, e.requestId, new Date(e.timestamp).toISOString(), e.tenantId, e.userId, e.method, e.path,
+export function hashEntry (previousHash: string, seq: number, e: AuditEntry, iso = isoTime(e.timestamp)): string {
+  const fields = [seq, e.id, e.requestId, iso, e.tenantId, e.userId, e.method, e.path,
     e.protocol, e.action, e.category, e.riskLevel, e.status, e.statusCode, e.durationMs, canonicalJson(e.metadata)]
-  return createHash('sha256').update(previousHash).update('\n').update(JSON.stringify(fields)).digest('hex')
+  return hash('sha256', previousHash + '\n' + JSON.stringify(fields), 'hex')
 }
 
 export interface VerifyResult {

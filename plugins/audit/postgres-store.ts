@@ -1,5 +1,5 @@
 import pg from 'pg'
-import { type AuditEntry, type AuditPage, type AuditQuery, type AuditStore, type StoredEntry, type VerifyResult, ChainWalker, GENESIS, hashEntry, suffixed } from './entry.js'
+import { type AuditEntry, type AuditPage, type AuditQuery, type AuditStore, type StoredEntry, type VerifyResult, ChainWalker, GENESIS, hashEntry, isoTime, suffixed } from './entry.js'
 
 // pg directly rather than @fastify/postgres: the audit writer owns the pool's lifetime (its last
 // flush in onClose must run before the pool ends) and must not hold start-up on a database
@@ -138,10 +138,13 @@ export class PostgresAuditStore implements AuditStore {
         taken.add(requestId)
         seq++
         const entry = requestId === e.requestId ? e : { ...e, requestId }
-        const hash = hashEntry(prev, seq, entry)
-        const values = [e.id, seq, requestId, new Date(e.timestamp).toISOString(), hash, prev, e.tenantId, e.userId, e.method, e.path,
-          e.protocol, e.action, e.category, e.riskLevel, e.status, e.statusCode, e.durationMs, JSON.stringify(e.metadata)]
-        for (let i = 0; i < 18; i++) cols[i].push(values[i])
+        const iso = isoTime(e.timestamp)
+        const hash = hashEntry(prev, seq, entry, iso)
+        // In COLUMNS order.
+        cols[0].push(e.id); cols[1].push(seq); cols[2].push(requestId); cols[3].push(iso); cols[4].push(hash); cols[5].push(prev)
+        cols[6].push(e.tenantId); cols[7].push(e.userId); cols[8].push(e.method); cols[9].push(e.path); cols[10].push(e.protocol)
+        cols[11].push(e.action); cols[12].push(e.category); cols[13].push(e.riskLevel); cols[14].push(e.status)
+        cols[15].push(e.statusCode); cols[16].push(e.durationMs); cols[17].push(JSON.stringify(e.metadata))
         prev = hash
       }
       if (cols[0].length > 0) {

@@ -1,8 +1,8 @@
 import t from 'tap'
-import { randomUUID } from 'node:crypto'
+import { createHash, randomUUID } from 'node:crypto'
 import { appendFileSync, existsSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { categoryOf, hashEntry, GENESIS, type AuditEntry, type AuditStore } from '../../../plugins/audit/entry.js'
+import { categoryOf, hashEntry, isoTime, GENESIS, type AuditEntry, type AuditStore } from '../../../plugins/audit/entry.js'
 import { canonicalJson as canonical } from '../../../plugins/pipeline/index.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
 import { Spool, SpoolInUseError, SPOOL_FILE } from '../../../plugins/audit/spool.js'
@@ -37,6 +37,22 @@ t.test('the hash covers the link, the position and every field, whatever the key
   for (const [k, v] of Object.entries({ requestId: 'x', tenantId: 't2', status: 'FORBIDDEN', statusCode: 403, durationMs: 1.6, timestamp: e.timestamp + 1, method: null, metadata: {} })) {
     t.not(hashEntry(GENESIS, 1, { ...e, [k]: v }), h, k)
   }
+  // The README's formula, computed apart: chains written by earlier versions still verify.
+  const fields = [1, e.id, e.requestId, new Date(e.timestamp).toISOString(), e.tenantId, e.userId, e.method, e.path, e.protocol, e.action,
+    e.category, e.riskLevel, e.status, e.statusCode, e.durationMs, '{"cache":"hit","replayed":true}']
+  t.equal(h, createHash('sha256').update(GENESIS + '\n' + JSON.stringify(fields)).digest('hex'))
+})
+
+t.test('isoTime is toISOString, the reused second included', async t => {
+  const now = Date.now()
+  const samples = [0, 1, 9, 10, 99, 100, 999, 1000, 1001, now, now + 1, now + 999, now - now % 1000, now - now % 1000 - 1, 951782400000, 253402300799999,
+    253402300800000, -1, -62198755200000, 1.5, now + 0.25]
+  for (let i = 0; i < 2000; i++) samples.push(Math.floor(Math.random() * 4_102_444_800_000))
+  for (const ms of samples) t.equal(isoTime(ms), new Date(ms).toISOString(), String(ms))
+  // The same second twice in a row, then the next one: the reused text is replaced.
+  t.equal(isoTime(1_700_000_000_123), '2023-11-14T22:13:20.123Z')
+  t.equal(isoTime(1_700_000_000_007), '2023-11-14T22:13:20.007Z')
+  t.equal(isoTime(1_700_000_001_050), '2023-11-14T22:13:21.050Z')
 })
 
 t.test('memory store: a bounded ring with the same chain, verify, query and retention', async t => {
