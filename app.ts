@@ -1,9 +1,11 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply } from 'fastify'
 import { randomUUID } from 'node:crypto'
+import { STATUS_CODES } from 'node:http'
 import { readFileSync } from 'node:fs'
 import { Counter } from 'prom-client'
 import type { SpanExporter } from '@opentelemetry/sdk-trace'
 import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins, rateLimitStore, storeFor } from './schemas/config.js'
+import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { ProblemSchema } from './schemas/manifest.js'
 import { loadManifestFile, type Manifest } from './manifest.js'
@@ -110,6 +112,54 @@ function stamp (request: FastifyRequest, reply: FastifyReply): void {
 // A client's request id is kept only when it is short and plain: it goes into logs and headers.
 const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/
 
+/**
+ * A problem+json answer written straight to a socket, for requests that never become a Fastify
+ * request; the gateway then closes its side.
+ */
+function answerRaw (socket: Duplex, status: number, detail: string): void {
+  const body = JSON.stringify(toProblem(new MantleError('BAD_REQUEST', detail, { status }), randomUUID()).problem)
+  socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
+}
+
+// How long the gateway still reads a connection it closes (RFC 9112 §9.6, "lingering close"):
+// closing it while the client's bytes are unread resets it, and the reset can reach the client
+// before the answer, which it then never reads (found by `npm run fuzz`: a 413, a 400 for junk
+// in the head or a 431 before a 3 MB body, lost to a reset while the client still sent it).
+// The gateway half-closes, drops what still comes, and closes when the client does or after
+// this long. No library does this for Node's HTTP server.
+const LINGER_MS = 2000
+const lingering = new WeakSet<Duplex>()
+
+function lingeringClose (socket: Duplex): void {
+  if (lingering.has(socket)) return
+  lingering.add(socket)
+  if (socket.writable) socket.end()
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS)
+  timer.unref()
+  socket.once('close', () => clearTimeout(timer))
+}
+
+/**
+ * Fastify's clientErrorHandler: 408 for a request that took too long, 431 for a head over
+ * Node's limit, 400 for anything else the parser refuses, each as problem+json. The parser goes
+ * on refusing whatever else the socket brings while it lingers, which lands here again and is
+ * dropped.
+ */
+function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): void {
+  if (lingering.has(socket)) return
+  if (err.code === 'ECONNRESET' || socket.destroyed || !socket.writable) {
+    socket.destroy()
+    return
+  }
+  const [status, detail] = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+    ? [408, 'The request took too long to arrive']
+    : err.code === 'HPE_HEADER_OVERFLOW'
+      ? [431, 'The request head is larger than 16 KB']
+      : [400, 'The request is not valid HTTP']
+  answerRaw(socket, status, detail)
+  lingeringClose(socket)
+}
+
 export async function buildApp (config: Readonly<Config>, options: BuildOptions = {}): Promise<FastifyInstance> {
   const refused = productionProblems(config)
   if (refused.length > 0) throw new ConfigError('Refusing to start in production: ' + refused.join('; '))
@@ -140,6 +190,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       stamp(request, reply)
       errorHandler(error, request, reply)
     },
+    // Requests Node's HTTP parser refuses (junk in the head, a head over 16 KB, a timeout).
+    clientErrorHandler: answerClientError,
     routerOptions: { ignoreTrailingSlash: true, maxParamLength: 256 },
     ajv: { customOptions: { strict: false } }
   })
@@ -154,9 +206,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // Node hands a CONNECT request to 'connect' listeners, and without one drops the connection
   // unanswered (found by `npm run fuzz`): the gateway is no proxy, so it answers 405.
   app.server.on('connect', (_req, socket: Duplex) => {
-    const body = JSON.stringify(toProblem(new MantleError('BAD_REQUEST', 'CONNECT is not served', { status: 405 }), randomUUID()).problem)
     socket.on('error', () => {})
-    socket.end(`HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
+    answerRaw(socket, 405, 'CONNECT is not served')
+    lingeringClose(socket)
+  })
+  // Node's server closes a connection after an answer that ends it (connection: close, as
+  // Fastify answers a body it refused unread) with destroySoon: it lingers instead.
+  app.server.on('connection', (socket: Socket) => {
+    socket.destroySoon = () => { lingeringClose(socket) }
   })
   app.addHook('onRequest', (request, reply, done) => {
     stamp(request, reply)

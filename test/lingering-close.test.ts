@@ -1,0 +1,96 @@
+import t from 'tap'
+import { connect } from 'node:net'
+import { buildTestApp, until } from './helper.js'
+
+// Found by `npm run fuzz`: the gateway answered a request it refused before reading its body
+// (a 413, or junk in the head) and closed the connection with the body still arriving; the
+// reset that followed reached the client before the answer, which it never read. The gateway
+// now half-closes and reads on (RFC 9112 §9.6), so the client reads the answer and its upload
+// ends without a reset.
+
+interface Exchange { answer: string, sent: number, error: string | null }
+
+/** Sends the head, then `bodyBytes` in chunks (backpressure respected); collects the answer. */
+function exchange (port: number, head: string, bodyBytes: number): Promise<Exchange> {
+  return new Promise((resolve) => {
+    // Half-open, as an HTTP client uploading a body is: the gateway's FIN does not stop the upload.
+    const socket = connect({ port, host: '127.0.0.1', allowHalfOpen: true })
+    let answer = ''
+    let sent = 0
+    let error: string | null = null
+    const chunk = Buffer.alloc(64 * 1024, 'x')
+    socket.on('data', (data: Buffer) => { answer += data.toString('latin1') })
+    socket.on('error', (err: NodeJS.ErrnoException) => { error = err.code ?? err.message })
+    socket.on('close', () => resolve({ answer, sent, error }))
+    const pump = (): void => {
+      while (sent < bodyBytes) {
+        const n = Math.min(chunk.length, bodyBytes - sent)
+        sent += n
+        if (!socket.write(n === chunk.length ? chunk : chunk.subarray(0, n))) { socket.once('drain', pump); return }
+      }
+      // All sent: the client closes its side, and the gateway its own.
+      socket.end()
+    }
+    socket.on('connect', () => { socket.write(head); pump() })
+  })
+}
+
+const BODY = 8 * 1024 * 1024
+
+/** A gateway listening on a free port. */
+async function listening (t: Parameters<typeof buildTestApp>[0], overrides: Parameters<typeof buildTestApp>[1] = {}): Promise<{ app: Awaited<ReturnType<typeof buildTestApp>>, port: number }> {
+  const app = await buildTestApp(t, overrides)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  return { app, port: (app.server.address() as { port: number }).port }
+}
+
+t.test('a body refused unread (413): the answer is read and the upload ends without a reset', async t => {
+  const { port } = await listening(t, { BFF_BODY_LIMIT: 1024 })
+  const res = await exchange(port, `POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${BODY}\r\n\r\n`, BODY)
+  t.match(res.answer, /^HTTP\/1\.1 413 /)
+  t.match(res.answer, /connection: close/i)
+  t.equal(res.error, null, 'no reset while the body was still sent')
+  t.equal(res.sent, BODY)
+})
+
+t.test('junk in the head before a large body: a 400 problem+json, read, and no reset', async t => {
+  const { port } = await listening(t)
+  const res = await exchange(port, `POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nX-Junk: a\u0001b\r\nContent-Length: ${BODY}\r\n\r\n`, BODY)
+  t.match(res.answer, /^HTTP\/1\.1 400 Bad Request\r\n/)
+  t.match(res.answer, /\r\nContent-Type: application\/problem\+json\r\n/)
+  t.match(JSON.parse(res.answer.slice(res.answer.indexOf('\r\n\r\n') + 4)), { status: 400, code: 'BAD_REQUEST', detail: 'The request is not valid HTTP', requestId: String })
+  t.equal(res.error, null, 'no reset while the body was still sent')
+  t.equal(res.sent, BODY)
+})
+
+t.test('a head over 16 KB: 431 problem+json', async t => {
+  const { port } = await listening(t)
+  const res = await exchange(port, `GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`, 0)
+  t.match(res.answer, /^HTTP\/1\.1 431 Request Header Fields Too Large\r\n/)
+  t.match(JSON.parse(res.answer.slice(res.answer.indexOf('\r\n\r\n') + 4)), { status: 431, code: 'BAD_REQUEST', detail: 'The request head is larger than 16 KB' })
+  t.equal(res.error, null)
+})
+
+t.test('a client that never closes its side is closed by the gateway after the linger', async t => {
+  const { app, port } = await listening(t)
+  const connections = async (): Promise<number> => await new Promise((resolve, reject) => app.server.getConnections((err, n) => { if (err !== null) reject(err); else resolve(n) }))
+  const socket = connect({ port, host: '127.0.0.1', allowHalfOpen: true })
+  t.teardown(() => { socket.destroy() })
+  let answer = ''
+  let ended = false
+  socket.on('data', (data: Buffer) => { answer += data.toString('latin1') })
+  socket.on('end', () => { ended = true })
+  socket.on('error', () => {})
+  await new Promise<void>((resolve) => socket.on('connect', resolve))
+  socket.write('JUNK / HTTP/1.1\r\n\r\n')
+  await until(() => ended, 'the answer and the gateway\'s half-close')
+  t.match(answer, /^HTTP\/1\.1 400 /)
+  // More junk after the answer: read and dropped, never answered again.
+  socket.write('more junk\r\n\r\n')
+  t.equal(await connections(), 1, 'the gateway still reads the connection')
+  let open = 1
+  await until(() => { connections().then(n => { open = n }, () => {}); return open === 0 }, 'the gateway closing the connection after the linger')
+  t.equal((answer.match(/HTTP\/1\.1/g) ?? []).length, 1, 'one answer, whatever came after it')
+  const health = await app.inject({ method: 'GET', url: '/healthz' })
+  t.equal(health.statusCode, 200, 'the gateway serves on')
+})
