@@ -8,6 +8,7 @@ import { buildSchema } from './schema.js'
 import { limitsRule, noSubscriptionOverHttp, MAX_FIELDS } from './limits.js'
 import { errorFormatter, fieldError } from './errors.js'
 import { createSubscriptions, upgradeAuthorization } from './subscriptions.js'
+import type { CacheOutcome } from '../../plugins/pipeline/index.js'
 
 import type { WebSocket } from 'ws'
 import type { IncomingMessage } from 'node:http'
@@ -36,6 +37,8 @@ interface RequestContext {
   n: number
   /** Set by mercurius on HTTP requests. */
   reply?: FastifyReply
+  /** The response cache's outcome of each root field that had one, by response key. */
+  cache?: Record<string, CacheOutcome>
 }
 
 export interface GraphqlFaceSettings {
@@ -94,6 +97,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise
         // x-cache only when this field is the document's one call (root query fields all start
         // before any answers, so ctx.n is then their number).
         if (result.cache !== null && ctx.reply !== undefined) {
+          (ctx.cache ??= {})[String(info.path.key)] = result.cache
           if (ctx.n === 1) ctx.reply.header('x-cache', result.cache)
           else ctx.reply.removeHeader('x-cache')
         }
@@ -149,6 +153,14 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise
       // Event queues are the bus's streams, bounded (a slow subscriber loses the oldest events).
       : { context: subscriptions.context, onConnect: subscriptions.onConnect }
   })
+  // A document of several calls has one x-cache header for them all: each cached field's
+  // outcome goes in the response's `extensions.cache`, by response key, instead.
+  if (app.hasPlugin('mantle-cache')) {
+    app.graphql.addHook('onResolution', async (execution, context) => {
+      const { cache, n } = context as unknown as RequestContext
+      if (cache !== undefined && n > 1) execution.extensions = { ...execution.extensions, cache }
+    })
+  }
   app.graphql.addHook('preSubscriptionExecution', subscriptions.preSubscriptionExecution)
   app.graphql.addHook('onSubscriptionEnd', subscriptions.onSubscriptionEnd)
 }

@@ -1,6 +1,7 @@
 import type { FastifyRequest } from 'fastify'
 import type { IncomingMessage } from 'node:http'
 import { idempotencyKeyOf, single } from '../rest/index.js'
+import type { CacheOutcome } from '../../plugins/pipeline/index.js'
 
 /** What every procedure of one request (HTTP) or one connection (WebSocket) shares. */
 export interface TrpcContext {
@@ -17,6 +18,11 @@ export interface TrpcContext {
   /** Calls of a WebSocket connection running now, and its event subscriptions (both bounded). */
   inFlight: number
   subscriptions: number
+  /**
+   * The response cache's outcome of each call of an HTTP request, by batch index (null: no
+   * call had one yet); the response's `x-cache` lists them (responseMeta).
+   */
+  cache: Array<CacheOutcome | undefined> | null
 }
 
 /** connectionParams may carry `{ token }` (a bare JWT) or `{ authorization: "Bearer ..." }`. */
@@ -45,7 +51,8 @@ export function httpContext (request: FastifyRequest, connectionParams: Readonly
     traceparent: single(request.headers.traceparent),
     idempotencyKey: idempotencyKeyOf(request),
     inFlight: 0,
-    subscriptions: 0
+    subscriptions: 0,
+    cache: null
   }
 }
 
@@ -59,6 +66,7 @@ export function socketContext (request: IncomingMessage, url: URL, connectionPar
     traceparent: undefined,
     idempotencyKey: undefined,
     inFlight: 0,
-    subscriptions: 0
+    subscriptions: 0,
+    cache: null
   }
 }

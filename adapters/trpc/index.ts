@@ -3,6 +3,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { TRPCError } from '@trpc/server'
 import { fastifyRequestHandler } from '@trpc/server/adapters/fastify'
 import { getWSConnectionHandler } from '@trpc/server/adapters/ws'
+import type { TRPCRequestInfo } from '@trpc/server/http'
 import type { WebSocket } from 'ws'
 import type { FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
@@ -49,10 +50,16 @@ const HOST = /^[A-Za-z0-9.:[\]-]+$/
  * A request tRPC could not read at all (`info` absent) gets its error without a content type:
  * it is JSON like every other.
  */
-function responseHeaders (info: unknown, errors: readonly TRPCError[]): { headers?: Record<string, string> } {
+function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TRPCError[], ctx: TrpcContext | undefined, eager: boolean): { headers?: Record<string, string> } {
   let headers: Record<string, string> | undefined = info === undefined ? JSON_TYPE : undefined
   for (const error of errors) {
     if (error instanceof ProblemError && error.headers !== null) headers = { ...headers, ...error.headers }
+  }
+  // The cache's outcome of each call, in the calls' order, `-` for a call without one. Not on a
+  // streamed answer, whose headers leave before its results are known.
+  const cache = ctx?.cache
+  if (cache !== undefined && cache !== null && info !== undefined && !eager) {
+    headers = { ...headers, 'x-cache': info.calls.map((_, i) => cache[i] ?? '-').join(', ') }
   }
   return headers === undefined ? {} : { headers }
 }
@@ -166,7 +173,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           maxBodySize: opts.bodyLimit,
           createContext: ({ req, info }) => httpContext(req, info.connectionParams, info.isBatchCall),
           onError,
-          responseMeta: ({ info, errors }) => responseHeaders(info, errors)
+          responseMeta: ({ info, errors, ctx, eagerGeneration }) => responseHeaders(info, errors, ctx, eagerGeneration)
         })
         return reply
       }

@@ -60,7 +60,10 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       try {
         const key = ctx.idempotencyKey === undefined || !ctx.batch ? ctx.idempotencyKey : `${ctx.idempotencyKey}.${batchIndex ?? 0}`
         const result = await runCall(app, { requestId, protocol: 'trpc', op: name, input, authorization: ctx.authorization, traceparent: ctx.traceparent, idempotencyKey: key, memo: ctx.memo })
-        if (result.ok) return result.value
+        if (result.ok) {
+          if (result.cache !== null && ctx.requestId !== null) (ctx.cache ??= [])[batchIndex ?? 0] = result.cache
+          return result.value
+        }
         throw ProblemError.of(result.problem, result.headers)
       } finally {
         ctx.inFlight--

@@ -79,9 +79,12 @@ t.test('answers carry only what the output schema declares, on the first call an
   const { gql } = await demo(t)
   const query = '{ getAgent(id: "a2") { id name } listAgents { id model } }'
   const first = await gql({ query })
+  t.same(first.body.extensions, { cache: { getAgent: 'miss', listAgents: 'miss' } })
   for (let i = 0; i < 3; i++) {
     const again = await gql({ query })
-    t.same(again.body, first.body, `run ${i + 2} (compiled)`)
+    // The same answer; only the cache's outcome changes (extensions).
+    t.same({ ...again.body, extensions: undefined }, { ...first.body, extensions: undefined }, `run ${i + 2} (compiled)`)
+    t.same(again.body.extensions, { cache: { getAgent: 'hit', listAgents: 'hit' } })
   }
   t.same(first.body.data.getAgent, { id: 'a2', name: 'Code Reviewer' })
   t.equal(first.body.errors, undefined)

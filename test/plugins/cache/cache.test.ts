@@ -253,9 +253,13 @@ for (const { store, env } of STORES) {
     const gql = await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ getItem(id: "d") { id n } }' } })
     t.equal(gql.headers['x-cache'], 'hit')
     t.same(gql.json().data.getItem, { id: 'd', n: 1 })
+    t.equal(gql.json().extensions, undefined, 'one call: its x-cache says it')
     const two = await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ a: getItem(id: "d") { id } b: getItem(id: "a") { id } }' } })
     t.equal(two.statusCode, 200)
     t.equal(two.headers['x-cache'], undefined, 'two calls in one response: no single outcome')
+    t.same(two.json().extensions, { cache: { a: 'hit', b: 'miss' } }, 'each field\'s outcome by its response key')
+    const plainGql = await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ a: getPlain(id: "p") { id } b: getPlain(id: "q") { id } }' } })
+    t.equal(plainGql.json().extensions, undefined, 'no cache on the ops: no extensions')
     const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls: [{ id: '1', op: 'getItem', input: { id: 'd' } }] } })
     t.same(batch.json().results[0], { id: '1', result: { id: 'd', n: 1, tenant: who }, cache: 'hit' }, 'each call of a batch says its outcome')
 
@@ -272,7 +276,16 @@ for (const { store, env } of STORES) {
     const byId = Object.fromEntries(frames.map(f => JSON.parse(f)).map(f => [f.id, f]))
     t.same(byId['1'], { id: '1', result: { id: 'd', n: 1, tenant: who }, cache: 'hit' })
     t.equal(byId['2'].cache, undefined, 'no cache on the op: no field')
-    t.equal(kernel.reads(), 3, 'getItem d once, getItem a once, getPlain once')
+    t.equal(kernel.reads(), 5, 'getItem d once, getItem a once, getPlain p, q and d once each')
+
+    // A tRPC batch: the outcome of each call in the calls' order, - for a call without one.
+    const input = encodeURIComponent(JSON.stringify({ 0: { id: 'd' }, 1: { id: 'd' }, 2: { id: 'b' } }))
+    const trpcBatch = await app.inject({ method: 'GET', url: `/trpc/getItem,getPlain,getItem?batch=1&input=${input}`, headers })
+    t.equal(trpcBatch.statusCode, 200)
+    t.equal(trpcBatch.headers['x-cache'], 'hit, -, miss')
+    t.same(trpcBatch.json().map((r: { result: { data: { id: string } } }) => r.result.data.id), ['d', 'd', 'b'])
+    const noneCached = await app.inject({ method: 'GET', url: `/trpc/getPlain,getPlain?batch=1&input=${encodeURIComponent(JSON.stringify({ 0: { id: 'x' }, 1: { id: 'y' } }))}`, headers })
+    t.equal(noneCached.headers['x-cache'], undefined, 'no call with an outcome: no header')
   })
 
   t.test(`${store}: an op's cache without ttlSeconds lives BFF_CACHE_TTL`, async t => {
