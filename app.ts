@@ -1,6 +1,6 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply } from 'fastify'
 import { randomUUID } from 'node:crypto'
-import { STATUS_CODES } from 'node:http'
+import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync } from 'node:fs'
 import { Counter } from 'prom-client'
 import type { SpanExporter } from '@opentelemetry/sdk-trace'
@@ -214,6 +214,16 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // Fastify answers a body it refused unread) with destroySoon: it lingers instead.
   app.server.on('connection', (socket: Socket) => {
     socket.destroySoon = () => { lingeringClose(socket) }
+  })
+  // A request parsed from what a lingering connection still brings (pipelined after the answer
+  // that ended it, say after a refused body) is not served: its answer could not be sent, and
+  // it must not run unseen. The connection is closed instead.
+  const serve = app.server.listeners('request') as Array<(req: IncomingMessage, res: ServerResponse) => void>
+  if (serve.length !== 1) throw new Error('expected Fastify\'s one request listener')
+  app.server.removeAllListeners('request')
+  app.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+    if (lingering.has(req.socket)) req.socket.destroy()
+    else serve[0](req, res)
   })
   app.addHook('onRequest', (request, reply, done) => {
     stamp(request, reply)

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { connect } from 'node:net'
-import { buildTestApp, until } from './helper.js'
+import { bearer, buildTestApp, json, startTestKernel, until } from './helper.js'
 
 // Found by `npm run fuzz`: the gateway answered a request it refused before reading its body
 // (a 413, or junk in the head) and closed the connection with the body still arriving; the
@@ -38,8 +38,8 @@ function exchange (port: number, head: string, bodyBytes: number): Promise<Excha
 const BODY = 8 * 1024 * 1024
 
 /** A gateway listening on a free port. */
-async function listening (t: Parameters<typeof buildTestApp>[0], overrides: Parameters<typeof buildTestApp>[1] = {}): Promise<{ app: Awaited<ReturnType<typeof buildTestApp>>, port: number }> {
-  const app = await buildTestApp(t, overrides)
+async function listening (t: Parameters<typeof buildTestApp>[0], overrides: Parameters<typeof buildTestApp>[1] = {}, options: Parameters<typeof buildTestApp>[2] = {}): Promise<{ app: Awaited<ReturnType<typeof buildTestApp>>, port: number }> {
+  const app = await buildTestApp(t, overrides, options)
   await app.listen({ port: 0, host: '127.0.0.1' })
   return { app, port: (app.server.address() as { port: number }).port }
 }
@@ -93,4 +93,31 @@ t.test('a client that never closes its side is closed by the gateway after the l
   t.equal((answer.match(/HTTP\/1\.1/g) ?? []).length, 1, 'one answer, whatever came after it')
   const health = await app.inject({ method: 'GET', url: '/healthz' })
   t.equal(health.statusCode, 200, 'the gateway serves on')
+})
+
+t.test('a request pipelined after a refused body is not served: it never reaches the Kernel', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/agents/a1': (_req, res) => { json(res, 200, { id: 'a1', name: 'n', model: 'm', description: null, createdAt: '2026-01-01T00:00:00Z', updatedAt: '2026-01-01T00:00:00Z' }) } })
+  const { port } = await listening(t, { BFF_BODY_LIMIT: 1024 }, { kernelUrl: kernel.url })
+  const get = `GET /api/v1/agents/a1 HTTP/1.1\r\nHost: x\r\nAuthorization: ${bearer().authorization}\r\n\r\n`
+  const size = 2 * 1024 * 1024
+  const answer = await new Promise<string>((resolve) => {
+    const socket = connect({ port, host: '127.0.0.1', allowHalfOpen: true })
+    let data = ''
+    socket.on('data', (chunk: Buffer) => { data += chunk.toString('latin1') })
+    socket.on('error', () => {})
+    socket.on('close', () => resolve(data))
+    socket.on('connect', () => {
+      socket.write(`POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${size}\r\n\r\n`)
+      socket.write(Buffer.alloc(size, 'x'))
+      socket.write(get)
+      socket.end()
+    })
+  })
+  t.match(answer, /^HTTP\/1\.1 413 /)
+  t.equal((answer.match(/HTTP\/1\.1 \d+/g) ?? []).length, 1, 'one answer')
+  t.equal(kernel.requests.length, 0, 'the pipelined call did not run')
+  // The same call on a connection of its own runs (the Kernel records it).
+  const alone = await fetch(`http://127.0.0.1:${port}/api/v1/agents/a1`, { headers: bearer() })
+  t.equal(alone.status, 200, await alone.text())
+  t.equal(kernel.requests.length, 1)
 })
