@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { randomUUID } from 'node:crypto'
 import { Counter, Gauge } from 'prom-client'
-import { StageOrder } from '../pipeline/index.js'
+import { StageOrder, type CacheOutcome } from '../pipeline/index.js'
 import { ResponseCache, STALE_IF_ERROR_SECONDS, type CacheMetrics } from './cache.js'
 import { RedisTier } from './redis.js'
 import { INVALIDATE_CHANNEL } from './keys.js'
@@ -46,8 +46,19 @@ function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheM
   new Gauge({ name: 'mantle_cache_memory_entries', help: 'Entries in the in-process cache tier (LRU, bounded by BFF_CACHE_MAX_SIZE)', registers, collect () { this.set(cache().memory.size) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_in_flight', help: 'Keys with a Kernel call in flight (coalesced)', registers, collect () { this.set(cache().inFlight) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_pending_invalidations', help: 'Invalidated tags waiting for Redis to come back', registers, collect () { this.set(cache().pendingInvalidations) } }) // eslint-disable-line no-new
+  // Optimization: an op's label children are resolved at its first call, not per call (bounded
+  // by the catalog: three outcomes per cached op).
+  const byOp = new Map<string, Record<CacheOutcome, { inc: () => void }>>()
+  const childrenOf = (op: string): Record<CacheOutcome, { inc: () => void }> => {
+    let children = byOp.get(op)
+    if (children === undefined) {
+      children = { hit: outcomes.labels(op, 'hit'), miss: outcomes.labels(op, 'miss'), stale: outcomes.labels(op, 'stale') }
+      byOp.set(op, children)
+    }
+    return children
+  }
   return {
-    outcome: (op, outcome) => outcomes.labels(op, outcome).inc(),
+    outcome: (op, outcome) => { childrenOf(op)[outcome].inc() },
     coalesced: op => coalesced.labels(op).inc(),
     invalidated: (source, n) => invalidated.labels(source).inc(n),
     fallback: operation => fallbacks.labels(operation).inc(),
