@@ -2,7 +2,7 @@ import t from 'tap'
 import { WebSocket } from 'ws'
 import { buildApp, VERSION } from '../../../app.js'
 import { StageOrder, type Stage, type Next, CallContext, createPipeline } from '../../../plugins/pipeline/index.js'
-import { timeStage, outcomeOf } from '../../../plugins/diagz/index.js'
+import { timeStage, outcomeOf, sampleEveryFor, SAMPLED_PER_SECOND } from '../../../plugins/diagz/index.js'
 import { MantleError } from '../../../errors.js'
 import { buildDemoApp, buildTestApp, bearer, testConfig, startTestKernel, testManifest, json, until, token } from '../../helper.js'
 import { wsApp, connect } from '../../adapters/websocket-helper.js'
@@ -192,9 +192,14 @@ t.test('the stage timer: own time, errors where they start, synchronous throws',
   t.ok(stats.totalMs < 45, `own time ${stats.totalMs} ms excludes the 50 ms of next`)
   // Sampling: the calls in between are counted, not timed, and their outcomes not looked at.
   stats = fresh()
-  const sampled = timeStage(stats, refusing, 3)
+  const sampler = { every: 3 }
+  const sampled = timeStage(stats, refusing, sampler)
   for (let i = 0; i < 6; i++) t.throws(() => sampled(ctx, ok))
   t.match(stats, { calls: 6, sampled: 2, refused: 2 })
+  // The rate is read at each call: the sampler's owner may change it as the load changes.
+  sampler.every = 1
+  for (let i = 0; i < 3; i++) t.throws(() => sampled(ctx, ok))
+  t.match(stats, { calls: 9, sampled: 5, refused: 5 })
   t.equal(outcomeOf(null), 2)
   t.equal(outcomeOf({ statusCode: 429 }), 1)
 })
@@ -236,4 +241,24 @@ t.test('every concern reports its store: rate limits, cache, idempotency and aud
     idempotency: { type: 'redis', healthy: false, detail: /fallback to memory/ }
   })
   t.equal(down.stores.rateLimit.type, 'redis')
+})
+
+t.test('the per-stage timing follows the load: one call in 8 at low rates, about 128 timed a second above', async t => {
+  t.equal(sampleEveryFor(0), 8)
+  t.equal(sampleEveryFor(1000), 8)
+  t.equal(sampleEveryFor(SAMPLED_PER_SECOND * 8), 8)
+  t.equal(sampleEveryFor(SAMPLED_PER_SECOND * 8 + 1), 16)
+  t.equal(sampleEveryFor(15_000), 128)
+  t.equal(sampleEveryFor(1e9), 1024, 'at most one in 1024')
+  for (const rate of [2000, 15_000, 60_000]) t.ok(rate / sampleEveryFor(rate) <= SAMPLED_PER_SECOND, `${rate}/s: at most ${SAMPLED_PER_SECOND} timed`)
+
+  // As deployed (no fixed rate): the rate is set again each second, and the calls are counted.
+  const app = await buildDemoApp(t)
+  const call = async (): Promise<void> => { t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: viewer })).statusCode, 200) }
+  for (let i = 0; i < 16; i++) await call()
+  await new Promise(resolve => setTimeout(resolve, 1100))
+  for (let i = 0; i < 16; i++) await call()
+  const stages = (await app.inject({ method: 'GET', url: '/diagz', headers: system })).json().stages
+  t.equal(stages.identity.calls, 32)
+  t.equal(stages.identity.sampled, 4, 'one in 8 at this rate')
 })
