@@ -35,7 +35,9 @@ async function metricsPlugin (app: FastifyInstance): Promise<void> {
     buckets: LATENCY_BUCKETS,
     registers: [registry]
   })
-  const inFlight = new Gauge({ name: 'mantle_requests_in_flight', help: 'Operation calls in the pipeline now', registers: [registry] })
+  // Counted in a plain number and read when scraped: no gauge update per call.
+  let inFlight = 0
+  new Gauge({ name: 'mantle_requests_in_flight', help: 'Operation calls in the pipeline now', registers: [registry], collect () { this.set(inFlight) } }) // eslint-disable-line no-new
 
   app.decorate('metrics', { registry })
 
@@ -47,7 +49,7 @@ async function metricsPlugin (app: FastifyInstance): Promise<void> {
       const children = new Map<Protocol, Array<{ observe: (v: number) => void }>>()
       for (const p of PROTOCOLS) children.set(p, CLASSES.map(c => duration.labels(p, op.name, c)))
       return async (ctx, next) => {
-        inFlight.inc()
+        inFlight++
         const observers = children.get(ctx.protocol)!
         try {
           const result = await next(ctx)
@@ -57,7 +59,7 @@ async function metricsPlugin (app: FastifyInstance): Promise<void> {
           observers[classOf(err)].observe((performance.now() - ctx.startedAt) / 1000)
           throw err
         } finally {
-          inFlight.dec()
+          inFlight--
         }
       }
     }

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { createVerifier } from 'fast-jwt'
-import { buildDemoApp, bearer, SECRET } from '../helper.js'
+import { buildDemoApp, buildTestApp, bearer, json, startTestKernel, until, SECRET } from '../helper.js'
 import { tokenFromArgs } from '../../scripts/token.js'
 
 t.test('/healthz answers without asking any dependency', async t => {
@@ -38,6 +38,25 @@ t.test('/metrics: call durations by protocol, op and status class; Kernel and po
   t.match(body, /process_cpu_seconds_total/)
   t.notMatch(body, /not-an-op|xyz|\/api\/v1/, 'no raw path becomes a label')
   t.notMatch(body, /tenant|t1"|u1"/, 'no tenant or user becomes a label')
+})
+
+t.test('/metrics: mantle_requests_in_flight counts the calls in the pipeline when scraped', async t => {
+  let release: () => void = () => {}
+  const held = new Promise<void>(resolve => { release = resolve })
+  const kernel = await startTestKernel(t, {
+    'GET /v1/agents/a1': async (_req, res) => {
+      await held
+      json(res, 200, { id: 'a1', name: 'n', model: 'm', description: null, createdAt: '2026-01-01T00:00:00Z', updatedAt: '2026-01-01T00:00:00Z' })
+    }
+  })
+  const app = await buildTestApp(t, {}, { kernelUrl: kernel.url })
+  const scrape = async (): Promise<string> => (await app.inject({ method: 'GET', url: '/metrics' })).body
+  const calls = [0, 1].map(async () => await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() }))
+  await until(() => kernel.requests.length >= 1, 'a call at the Kernel')
+  t.match(await scrape(), /mantle_requests_in_flight [12]\n/, 'held at the Kernel: in flight')
+  release()
+  for (const res of await Promise.all(calls)) t.equal(res.statusCode, 200)
+  t.match(await scrape(), /mantle_requests_in_flight 0\n/, 'answered: none')
 })
 
 t.test('the Kernel pool reuses its connections', async t => {
