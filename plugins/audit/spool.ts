@@ -1,5 +1,5 @@
 import { open, readFile, rename, mkdir, writeFile, unlink, type FileHandle } from 'node:fs/promises'
-import { createHash } from 'node:crypto'
+import { hash } from 'node:crypto'
 import { join } from 'node:path'
 import type { AuditEntry } from './entry.js'
 
@@ -12,7 +12,7 @@ const LOCK_FILE = 'audit.lock'
 
 interface SpoolLine { n: number, sum: string, entries: AuditEntry[] }
 
-const checksum = (json: string): string => createHash('sha256').update(json).digest('hex')
+const checksum = (json: string): string => hash('sha256', json, 'hex')
 
 export class SpoolInUseError extends Error {}
 

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto'
+import { hash } from 'node:crypto'
 import { canonicalJson } from '../pipeline/index.js'
 
 // Key shapes. The tenant is URI-encoded so that it never contains ':' and a key always reads
@@ -12,8 +12,7 @@ export const INVALIDATE_CHANNEL = 'bff:cache:invalidate'
 
 /** `bff:cache:{op}:{tenant}:{hash of the canonical input}`. */
 export function entryKey (op: string, tenant: string, input: unknown): string {
-  const hash = createHash('sha256').update(canonicalJson(input)).digest('base64url')
-  return KEY_PREFIX + op + ':' + encodeURIComponent(tenant) + ':' + hash
+  return KEY_PREFIX + op + ':' + encodeURIComponent(tenant) + ':' + hash('sha256', canonicalJson(input), 'base64url')
 }
 
 /** The key of one tenant's tag: the version every entry tagged with it was stored under. */
@@ -40,7 +39,7 @@ export function tagTemplate (template: string): (input: Record<string, unknown>)
 
 /** A strong ETag of an answer's JSON. */
 export function etagOf (json: string): string {
-  return '"' + createHash('sha256').update(json).digest('base64url').slice(0, 27) + '"'
+  return '"' + hash('sha256', json, 'base64url').slice(0, 27) + '"'
 }
 
 /** RFC 9110 If-None-Match: `*` or a list of tags, compared weakly (a `W/` prefix is ignored). */

@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
-import { createHash } from 'node:crypto'
+import { hash as digest } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Counter, Gauge } from 'prom-client'
 import { StageOrder, canonicalJson, type CallContext, type Next } from '../pipeline/index.js'
@@ -55,7 +55,7 @@ const TRANSIENT_STATUS = new Set([408, 425, 429])
 
 /** The hash of an input that a repeat must match: canonical JSON, so key order does not matter. */
 export function inputHash (input: unknown): string {
-  return createHash('sha256').update(canonicalJson(input)).digest('base64url')
+  return digest('sha256', canonicalJson(input), 'base64url')
 }
 
 interface OpMetrics { replay: () => void, conflict: () => void, reused: () => void }
