@@ -208,6 +208,10 @@ if (available) {
     // A removed tail: the last row left is not the head the writers recorded.
     const tenth = await at(10)
     t.ok(tenth)
+    // The verify calls above are audited too: their entries are written first (a write after
+    // the DELETE would append past a gap, found at that entry instead).
+    await until(() => app.audit.health().queueDepth === 0, 'the queue to drain')
+    await new Promise(resolve => setTimeout(resolve, 200))
     await sql(url, 'DELETE FROM bff_audit_entries WHERE seq >= 8')
     const tail = await verify(app)
     t.equal(tail.ok, false)
