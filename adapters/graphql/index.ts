@@ -94,13 +94,8 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise
         memo: ctx.memo
       })
       if (result.ok) {
-        // x-cache only when this field is the document's one call (root query fields all start
-        // before any answers, so ctx.n is then their number).
-        if (result.cache !== null && ctx.reply !== undefined) {
-          (ctx.cache ??= {})[String(info.path.key)] = result.cache
-          if (ctx.n === 1) ctx.reply.header('x-cache', result.cache)
-          else ctx.reply.removeHeader('x-cache')
-        }
+        // Reported once the document has run (onResolution below).
+        if (result.cache !== null && ctx.reply !== undefined) (ctx.cache ??= {})[String(info.path.key)] = result.cache
         return result.value
       }
       throw fieldError(result.problem)
@@ -153,12 +148,15 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise
       // Event queues are the bus's streams, bounded (a slow subscriber loses the oldest events).
       : { context: subscriptions.context, onConnect: subscriptions.onConnect }
   })
-  // A document of several calls has one x-cache header for them all: each cached field's
-  // outcome goes in the response's `extensions.cache`, by response key, instead.
+  // The cache's outcomes, once every call of the document has run: a document of one call says
+  // it in x-cache, as REST does; one of several has one header for them all, so each cached
+  // field's outcome goes in the response's `extensions.cache`, by response key, instead.
   if (app.hasPlugin('mantle-cache')) {
     app.graphql.addHook('onResolution', async (execution, context) => {
-      const { cache, n } = context as unknown as RequestContext
-      if (cache !== undefined && n > 1) execution.extensions = { ...execution.extensions, cache }
+      const { cache, n, reply } = context as unknown as RequestContext
+      if (cache === undefined) return
+      if (n === 1) reply?.header('x-cache', Object.values(cache)[0])
+      else execution.extensions = { ...execution.extensions, cache }
     })
   }
   app.graphql.addHook('preSubscriptionExecution', subscriptions.preSubscriptionExecution)
