@@ -11,8 +11,8 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import pg from 'pg'
-import { GATEWAY_SPINE, median, startTargets, type RunningProcess, type TargetContext, type TargetDefinition } from './harness.js'
-import { fmt, measure, measureRounds, sleep, textTable, type RunFigures } from './measure.js'
+import { GATEWAY_SPINE, median, pidsOf, startTargets, type RunningProcess, type TargetContext, type TargetDefinition } from './harness.js'
+import { fmt, measure, measureRounds, medianCpu, sleep, textTable, type RunFigures } from './measure.js'
 import { getAgent } from './scenarios.js'
 import { migrate } from '../plugins/audit/migrations.js'
 import { PostgresAuditStore } from '../plugins/audit/postgres-store.js'
@@ -30,7 +30,16 @@ export interface AuditReport {
   goals: typeof AUDIT_GOALS
   throughput: { entries: number, seconds: number, entriesPerSec: number }
   enqueue: { calls: number, p50Us: number, p99Us: number }
-  rest: { auditOff: RunFigures[], auditOn: RunFigures[], reqPerSecOff: number, reqPerSecOn: number, ratio: number, rowsStored: number }
+  rest: {
+    auditOff: RunFigures[]
+    auditOn: RunFigures[]
+    reqPerSecOff: number
+    reqPerSecOn: number
+    ratio: number
+    rowsStored: number
+    /** CPU per call (µs, medians of rounds): the gateway's process with the audit off and on, and PostgreSQL's processes while the audit is on. */
+    cpuUsPerCall: { gatewayOff: number, gatewayOn: number, postgresOn: number }
+  }
   met: { throughput: boolean, enqueue: boolean, ratio: boolean }
 }
 
@@ -131,7 +140,8 @@ export async function runAudit (opts: AuditBenchOptions, ctx: TargetContext, pro
     const targets = await startTargets([GATEWAY_SPINE, auditOn], ctx, mine)
     processes.push(...mine)
     for (const t of targets) await measure(t, getAgent, opts.warmupSeconds, opts.connections)
-    const runs = await measureRounds(targets, getAgent, { rounds: opts.rounds, duration: opts.duration, connections: opts.connections, pauseMs: opts.pauseMs, label: 'audit' })
+    // PostgreSQL's processes are watched: on the same cores, what it spends per entry is taken from the gateway.
+    const runs = await measureRounds(targets, getAgent, { rounds: opts.rounds, duration: opts.duration, connections: opts.connections, pauseMs: opts.pauseMs, label: 'audit', watch: () => pidsOf('postgres') })
     const off = runs.get(GATEWAY_SPINE.name)!
     const on = runs.get('gateway-audit')!
     const reqPerSecOff = median(off.map(r => r.reqPerSec))
@@ -144,7 +154,15 @@ export async function runAudit (opts: AuditBenchOptions, ctx: TargetContext, pro
       goals: AUDIT_GOALS,
       throughput,
       enqueue,
-      rest: { auditOff: off, auditOn: on, reqPerSecOff, reqPerSecOn, ratio: reqPerSecOn / reqPerSecOff, rowsStored },
+      rest: {
+        auditOff: off,
+        auditOn: on,
+        reqPerSecOff,
+        reqPerSecOn,
+        ratio: reqPerSecOn / reqPerSecOff,
+        rowsStored,
+        cpuUsPerCall: { gatewayOff: medianCpu(off), gatewayOn: medianCpu(on), postgresOn: medianCpu(on, (r) => r.watchedCpuUsPerRequest) }
+      },
       met: {
         throughput: throughput.entriesPerSec >= AUDIT_GOALS.minEntriesPerSec,
         enqueue: enqueue.p99Us <= AUDIT_GOALS.maxEnqueueP99Us,
@@ -156,7 +174,9 @@ export async function runAudit (opts: AuditBenchOptions, ctx: TargetContext, pro
       ['sustained throughput', `${fmt(throughput.entriesPerSec, 0)} entries/s (${throughput.entries} in ${fmt(seconds, 1)} s)`, `>= ${AUDIT_GOALS.minEntriesPerSec}`, ok(report.met.throughput)],
       ['enqueue cost per call', `p50 ${fmt(enqueue.p50Us, 1)} µs, p99 ${fmt(enqueue.p99Us, 1)} µs`, `p99 < ${AUDIT_GOALS.maxEnqueueP99Us} µs`, ok(report.met.enqueue)],
       ['REST audit on / off', `${fmt(reqPerSecOn, 0)} / ${fmt(reqPerSecOff, 0)} req/s = ${fmt(report.rest.ratio, 2)}`, `>= ${AUDIT_GOALS.minRatioAuditOn}`, ok(report.met.ratio)]
-    ]) + `\nrows stored by gateway-audit (one per call it answered): ${rowsStored}\n`)
+    ]) + `\nrows stored by gateway-audit (one per call it answered): ${rowsStored}\n` +
+      `CPU per call (median of rounds): gateway ${fmt(report.rest.cpuUsPerCall.gatewayOn, 1)} µs with the audit on, ${fmt(report.rest.cpuUsPerCall.gatewayOff, 1)} µs off; ` +
+      `PostgreSQL ${fmt(report.rest.cpuUsPerCall.postgresOn, 1)} µs per call with the audit on, on the same cores\n`)
     return report
   } finally {
     for (const d of dirs) rmSync(d, { recursive: true, force: true })

@@ -8,7 +8,7 @@
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { GATEWAY_SPINE, REST_TARGETS, gatewayCache, median, requestFor, startTargets, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
-import { fmt, measure, measureRounds, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, measure, measureRounds, medianCpu, sleep, textTable, type RunFigures } from './measure.js'
 import { getAgent } from './scenarios.js'
 import { RedisTier } from '../plugins/cache/redis.js'
 import { entryKey, tagKey, etagOf } from '../plugins/cache/keys.js'
@@ -44,6 +44,8 @@ export interface CacheTargetRow {
   rounds: RunFigures[]
   reqPerSec: number
   p99FineMs: number
+  /** CPU time of the target's own process per call (µs, median of rounds; NaN for none): the Kernel's is apart. */
+  cpuUsPerCall: number
   flagged: boolean
   ratioToPassthrough: number | null
   /** req/s over fastify-static's: how close to the ceiling a target answers. */
@@ -126,6 +128,7 @@ export async function runCache (opts: CacheOptions, ctx: TargetContext, processe
       rounds,
       reqPerSec: median(rounds.map((r) => r.reqPerSec)),
       p99FineMs: median(rounds.map((r) => r.p99FineMs)),
+      cpuUsPerCall: medianCpu(rounds),
       flagged: rounds.some((r) => r.non2xx + r.errors > 0),
       ratioToPassthrough: null,
       ratioToStatic: null
@@ -146,7 +149,7 @@ export async function runCache (opts: CacheOptions, ctx: TargetContext, processe
     { text: `cache-hit REST req/s >= ${CACHE_GOALS.minHitRatioToPassthrough}x passthrough: ${hitOk ? 'goal met' : 'goal NOT met'} (${fmt(hit.ratioToPassthrough, 2)}x; the ceiling, fastify-static, is ${fmt(ceiling.ratioToPassthrough, 2)}x)`, met: hitOk },
     { text: `Redis cache lookup p99 < ${CACHE_GOALS.maxRedisLookupP99Ms} ms: ${lookupOk ? 'goal met' : 'goal NOT met'} (${fmt(lookup.p99Ms, 3)} ms)`, met: lookupOk }
   ]
-  const table = textTable(['target', 'req/s', 'p99 ms', 'x passthrough', 'x fastify-static', 'status'], rows.map((r) => [r.name, fmt(r.reqPerSec, 0), fmt(r.p99FineMs, 2), fmt(r.ratioToPassthrough, 2), fmt(r.ratioToStatic, 2), r.flagged ? 'FLAGGED' : 'ok']))
+  const table = textTable(['target', 'req/s', 'p99 ms', 'x passthrough', 'x fastify-static', 'CPU µs/call', 'status'], rows.map((r) => [r.name, fmt(r.reqPerSec, 0), fmt(r.p99FineMs, 2), fmt(r.ratioToPassthrough, 2), fmt(r.ratioToStatic, 2), fmt(r.cpuUsPerCall, 1), r.flagged ? 'FLAGGED' : 'ok']))
   const lookups = textTable(['Redis call (sequential, loopback)', 'calls', 'p50 ms', 'p99 ms', 'max ms'], [
     ['cache lookup (MGET: entry + tag versions)', String(lookup.calls), fmt(lookup.p50Ms, 3), fmt(lookup.p99Ms, 3), fmt(lookup.maxMs, 3)],
     ['plain GET of the entry, for scale', String(get.calls), fmt(get.p50Ms, 3), fmt(get.p99Ms, 3), fmt(get.maxMs, 3)]

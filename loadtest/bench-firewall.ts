@@ -6,7 +6,7 @@
 //   with its verdict cache off (every call is scanned: autocannon repeats one body, which the
 //   cache would otherwise answer) and the firewall off.
 import { GATEWAY_SPINE, median, requestFor, startTargets, startWorker, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
-import { fmt, measure, measureRounds, signed, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, measure, measureRounds, medianCpu, signed, sleep, textTable, type RunFigures } from './measure.js'
 import { runAgent, type ScenarioDefinition } from './scenarios.js'
 import type { FirewallMicroReport, FirewallMicroRow } from './firewall-micro.js'
 
@@ -37,7 +37,7 @@ export const firewalledRun: ScenarioDefinition = {
 
 export interface FirewallReport {
   micro: FirewallMicroRow[]
-  rest: Array<{ name: string, description: string, rounds: RunFigures[], reqPerSec: number, p50Ms: number, p99Ms: number, flagged: boolean }>
+  rest: Array<{ name: string, description: string, rounds: RunFigures[], reqPerSec: number, p50Ms: number, p99Ms: number, cpuUsPerCall: number, flagged: boolean }>
   throughputRatio: number
   ratioPerRound: number[]
   goals: Array<{ goal: string, met: boolean, text: string }>
@@ -73,6 +73,7 @@ export async function runFirewall (opts: FirewallOptions, ctx: TargetContext, pr
       reqPerSec: median(rounds.map((r) => r.reqPerSec)),
       p50Ms: median(rounds.map((r) => r.p50FineMs)),
       p99Ms: median(rounds.map((r) => r.p99FineMs)),
+      cpuUsPerCall: medianCpu(rounds),
       flagged: rounds.some((r) => r.non2xx + r.errors > 0)
     }
   })
@@ -89,11 +90,15 @@ export async function runFirewall (opts: FirewallOptions, ctx: TargetContext, pr
   ]
   const microTable = textTable(['prompt', 'calls', 'CPU p50 ms', 'CPU p99 ms', 'CPU mean ms', 'wall p50 ms', 'wall p99 ms'],
     micro.map((r) => [`${r.bytes / 1024} KB`, String(r.calls), fmt(r.cpuP50Ms, 3), fmt(r.cpuP99Ms, 3), fmt(r.cpuMeanMs, 3), fmt(r.p50Ms, 3), fmt(r.p99Ms, 3)]))
-  const restTable = textTable(['target', 'req/s', 'p50 ms', 'p99 ms', 'x firewall-off', 'p99 vs off ms', 'status'], rest.map((r) => [
-    r.name, fmt(r.reqPerSec, 0), fmt(r.p50Ms, 2), fmt(r.p99Ms, 2), fmt(r.reqPerSec / off.reqPerSec, 2), signed(r.p99Ms - off.p99Ms, 2), r.flagged ? 'FLAGGED' : 'ok'
+  const restTable = textTable(['target', 'req/s', 'p50 ms', 'p99 ms', 'x firewall-off', 'p99 vs off ms', 'CPU µs/call', 'status'], rest.map((r) => [
+    r.name, fmt(r.reqPerSec, 0), fmt(r.p50Ms, 2), fmt(r.p99Ms, 2), fmt(r.reqPerSec / off.reqPerSec, 2), signed(r.p99Ms - off.p99Ms, 2), fmt(r.cpuUsPerCall, 1), r.flagged ? 'FLAGGED' : 'ok'
   ]))
+  // What the firewall costs the gateway's one thread per call, from its process counters:
+  // steadier than req/s on a shared machine, where a round may lose cores to other processes.
+  const cpuLine = `gateway CPU per call (median of rounds): ${fmt(on.cpuUsPerCall, 1)} µs firewall on, ${fmt(off.cpuUsPerCall, 1)} µs off: ` +
+    `the firewall adds ${signed(on.cpuUsPerCall - off.cpuUsPerCall, 1)} µs (${signed((on.cpuUsPerCall / off.cpuUsPerCall - 1) * 100, 1)}%)`
   process.stdout.write(`\nFirewall — scan cost per call (scanFields, no cache, one field)\n\n${microTable}\n\n` +
     `Firewall — REST runAgent with a 1 KB prompt (${firewalledRun.method} ${firewalledRun.path}), ${opts.rounds} rounds x ${opts.duration} s, ${opts.connections} connections\n\n${restTable}\n` +
-    `x firewall-off round by round: ${ratioPerRound.map((r) => r.toFixed(2)).join(', ')}\n\n${goals.map((g) => g.text).join('\n')}\n`)
+    `x firewall-off round by round: ${ratioPerRound.map((r) => r.toFixed(2)).join(', ')}\n${cpuLine}\n\n${goals.map((g) => g.text).join('\n')}\n`)
   return { micro, rest, throughputRatio, ratioPerRound, goals }
 }

@@ -2,8 +2,8 @@
 // processes (load generators that are not autocannon), the shapes of scenarios and targets,
 // and the gateway configurations every section measures.
 import { nginxPresent } from './nginx-proxy.js'
-import { spawn, type ChildProcess } from 'node:child_process'
-import { readFileSync } from 'node:fs'
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
+import { readFileSync, readdirSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { fileURLToPath } from 'node:url'
 import { mintToken } from '../plugins/auth/index.js'
@@ -227,6 +227,46 @@ export function rssKiB (pid: number): number {
     return match === null ? Number.NaN : Number(match[1])
   } catch {
     return Number.NaN
+  }
+}
+
+let clockTicks: number | null = null
+/** Clock ticks per second of /proc's CPU times (getconf CLK_TCK; 100, the Linux ABI's, if that fails). */
+function ticksPerSecond (): number {
+  if (clockTicks === null) {
+    try {
+      clockTicks = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100
+    } catch {
+      clockTicks = 100
+    }
+  }
+  return clockTicks
+}
+
+/**
+ * CPU time a process has used so far, user and system, in µs (utime + stime of
+ * /proc/<pid>/stat); NaN off Linux or once the process is gone. At the clock's 10 ms
+ * resolution, good for whole runs, not single calls.
+ */
+export function cpuMicros (pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    // The command name, in parentheses, may hold spaces: the fields are counted after it.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+    return (Number(fields[11]) + Number(fields[12])) * 1e6 / ticksPerSecond()
+  } catch {
+    return Number.NaN
+  }
+}
+
+/** The pids of the processes whose command is `comm` (every PostgreSQL backend: "postgres"); [] off Linux. */
+export function pidsOf (comm: string): number[] {
+  try {
+    return readdirSync('/proc').filter((d) => /^\d+$/.test(d)).filter((d) => {
+      try { return readFileSync(`/proc/${d}/comm`, 'utf8').trim() === comm } catch { return false }
+    }).map(Number)
+  } catch {
+    return []
   }
 }
 

@@ -1,7 +1,7 @@
 // The HTTP measurement every section shares (autocannon in the harness process), and the
 // formatting of the printed tables.
 import autocannon from 'autocannon'
-import { requestFor, rssKiB, type Scenario, type Target } from './harness.js'
+import { cpuMicros, median, requestFor, rssKiB, type Scenario, type Target } from './harness.js'
 
 export interface RunFigures {
   reqPerSec: number
@@ -21,15 +21,38 @@ export interface RunFigures {
   generatorCpuPct: number
   /** The target process's resident set right after the run (KiB); null when the harness did not start it. */
   rssKiB: number | null
+  /**
+   * CPU time the target process used per request answered (µs, from its process counters);
+   * null when the harness did not start it. Steadier than req/s on a shared machine: it does
+   * not count the time the process waited for a core.
+   */
+  cpuUsPerRequest: number | null
+  /** CPU time of the watched processes (RoundsOptions.watch) per request answered (µs); null when none is watched. */
+  watchedCpuUsPerRequest: number | null
+}
+
+/** CPU time (µs) of a set of processes; those gone since are not counted. */
+function cpuOf (pids: readonly number[]): Map<number, number> {
+  return new Map(pids.map((pid) => [pid, cpuMicros(pid)]))
+}
+function cpuSince (before: ReadonlyMap<number, number>, after: ReadonlyMap<number, number>): number {
+  let used = 0
+  for (const [pid, end] of after) {
+    const start = before.get(pid) ?? 0 // a process started during the run: all of its time
+    if (Number.isFinite(end) && Number.isFinite(start)) used += end - start
+  }
+  return used
 }
 
 /**
  * One autocannon run; response times are also collected at full resolution for p50FineMs and
  * p99FineMs. With `expectBody`, an answer with another body counts as a mismatch.
  */
-export async function measure (target: Target, scenario: Scenario, seconds: number, connections: number, expectBody?: string): Promise<RunFigures> {
+export async function measure (target: Target, scenario: Scenario, seconds: number, connections: number, expectBody?: string, watch?: () => readonly number[]): Promise<RunFigures> {
   const req = requestFor(target, scenario)
   const times: number[] = []
+  const targetCpu = target.pid === undefined ? Number.NaN : cpuMicros(target.pid)
+  const watchedBefore = watch === undefined ? null : cpuOf(watch())
   const cpu = process.cpuUsage()
   const result = await new Promise<autocannon.Result>((resolve, reject) => {
     const instance = autocannon({
@@ -47,6 +70,9 @@ export async function measure (target: Target, scenario: Scenario, seconds: numb
     })
   })
   const used = process.cpuUsage(cpu)
+  const targetUsed = target.pid === undefined ? Number.NaN : cpuMicros(target.pid) - targetCpu
+  const watched = watch === undefined || watchedBefore === null ? null : cpuSince(watchedBefore, cpuOf(watch()))
+  const answered = result.requests.total
   times.sort((a, b) => a - b)
   const at = (q: number): number => times.length === 0 ? Number.NaN : times[Math.min(times.length - 1, Math.max(0, Math.ceil(times.length * q) - 1))]
   return {
@@ -61,8 +87,15 @@ export async function measure (target: Target, scenario: Scenario, seconds: numb
     timeouts: result.timeouts,
     mismatches: result.mismatches,
     generatorCpuPct: (used.user + used.system) / 10 / (seconds * 1000),
-    rssKiB: target.pid === undefined ? null : rssKiB(target.pid)
+    rssKiB: target.pid === undefined ? null : rssKiB(target.pid),
+    cpuUsPerRequest: target.pid === undefined || answered === 0 ? null : targetUsed / answered,
+    watchedCpuUsPerRequest: watched === null || answered === 0 ? null : watched / answered
   }
+}
+
+/** The median CPU time per request of a target's runs (µs; NaN when none was read). */
+export function medianCpu (runs: readonly RunFigures[], pick: (r: RunFigures) => number | null = (r) => r.cpuUsPerRequest): number {
+  return median(runs.map(pick).filter((v): v is number => v !== null && Number.isFinite(v)))
 }
 
 /** The largest RSS read after a set of runs, in MiB (null when none was read). */
@@ -79,6 +112,8 @@ export interface RoundsOptions {
   pauseMs: number
   /** The prefix of each progress line on stderr (the section). */
   label: string
+  /** Other processes whose CPU time each run reports (watchedCpuUsPerRequest): e.g. PostgreSQL's, pidsOf('postgres'). */
+  watch?: () => readonly number[]
 }
 
 /**
@@ -93,9 +128,11 @@ export async function measureRounds (targets: readonly Target[], scenario: Scena
   for (let round = 0; round < opts.rounds; round++) {
     const order = targets.map((_, i) => targets[(i + round) % targets.length])
     for (const target of order) {
-      const f = await measure(target, scenario, opts.duration, opts.connections)
+      const f = await measure(target, scenario, opts.duration, opts.connections, undefined, opts.watch)
       perTarget.get(target.name)!.push(f)
       process.stderr.write(`${opts.label} round ${round + 1}/${opts.rounds}  ${target.name.padEnd(width)} ${f.reqPerSec.toFixed(0).padStart(7)} req/s  p50 ${f.p50FineMs.toFixed(2)} ms  p99 ${f.p99FineMs.toFixed(2)} ms` +
+        (f.cpuUsPerRequest === null ? '' : `  CPU ${f.cpuUsPerRequest.toFixed(1)} µs/req`) +
+        (f.watchedCpuUsPerRequest === null ? '' : ` (+${f.watchedCpuUsPerRequest.toFixed(1)} watched)`) +
         (f.non2xx + f.errors > 0 ? `  (${f.non2xx} non-2xx, ${f.errors} errors)` : '') + '\n')
       await sleep(opts.pauseMs)
     }
