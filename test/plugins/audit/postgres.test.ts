@@ -271,6 +271,36 @@ if (available) {
     t.same(await store.verify({}), { ok: true, checked: 5, firstBroken: null })
   })
 
+  t.test('the store itself: duplicates within one batch, and any text in any column, are stored as given', async t => {
+    const name = await createTestDatabase(t)
+    const url = databaseUrl(name)
+    await migrate(url)
+    const store = new PostgresAuditStore({ databaseUrl: url })
+    t.teardown(() => store.close())
+    const entry = (over: Partial<AuditEntry> = {}): AuditEntry => ({ id: randomUUID(), requestId: randomUUID(), timestamp: Date.now(), tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1, metadata: {}, ...over })
+    // Text an array literal must quote or escape: quotes, backslashes, braces, commas, the word
+    // NULL, blanks, control characters and text outside ASCII.
+    const odd = ['say "hi"', 'back\\slash', '\\"', '{a,b}', 'NULL', 'null', '', ' lead', 'tab\tline\n', 'ünï©ødé 😀', '\u0001']
+    const entries = odd.map((text, i) => entry({ requestId: 'odd-' + i + text, tenantId: text === '' ? 'empty' : text, userId: text + '-user', method: i % 2 === 0 ? null : 'POST', path: i % 3 === 0 ? null : '/x/' + text, status: text === '' ? 'ok' : text, durationMs: i + 0.125, metadata: { note: text, nested: { quote: '"', list: [text, null] } } }))
+    const twin = entry()
+    const sameRequest = entry({ requestId: 'twice-in-one-batch' })
+    // One batch: the odd texts, an entry twice (a replay within one batch), and two calls whose
+    // clients sent the same x-request-id.
+    await store.write([...entries, twin, twin, sameRequest, entry({ requestId: 'twice-in-one-batch' })])
+    const rows = await sql<{ id: string, request_id: string, tenant_id: string, user_id: string, method: string | null, path: string | null, status: string, duration_ms: number, metadata: unknown }>(url,
+      'SELECT id, request_id, tenant_id, user_id, method, path, status, duration_ms, metadata FROM bff_audit_entries ORDER BY seq')
+    t.equal(rows.length, odd.length + 3, 'the twin once, both calls of the shared request id')
+    for (const [i, e] of entries.entries()) {
+      const r = rows[i]
+      t.same({ id: r.id, request_id: r.request_id, tenant_id: r.tenant_id, user_id: r.user_id, method: r.method, path: r.path, status: r.status, duration_ms: r.duration_ms, metadata: r.metadata },
+        { id: e.id, request_id: e.requestId, tenant_id: e.tenantId, user_id: e.userId, method: e.method, path: e.path, status: e.status, duration_ms: e.durationMs, metadata: e.metadata }, `stored as given: ${JSON.stringify(odd[i])}`)
+    }
+    t.equal(rows[odd.length].id, twin.id)
+    t.equal(rows[odd.length + 1].request_id, 'twice-in-one-batch')
+    t.match(rows[odd.length + 2].request_id, /^twice-in-one-batch~/, 'the second call with that request id is stored with a suffix')
+    t.same(await store.verify({}), { ok: true, checked: odd.length + 3, firstBroken: null }, 'every hash recomputed from the stored text matches')
+  })
+
   t.test('retention removes the oldest entries in batches; verification starts from the oldest kept', async t => {
     const url = databaseUrl(await createTestDatabase(t))
     const app = await pgApp(t, url, { BFF_AUDIT_RETENTION_DAYS: 30 })
