@@ -155,16 +155,15 @@ export class PostgresAuditStore implements AuditStore {
         : []
       // Only the second try keeps track of ids: on the first, a duplicate within the batch makes
       // the unique index refuse it, as one already stored does, and the second try sorts it out.
-      const storedIds = lookUp ? new Set(known.map(r => r.id)) : null
-      const taken = lookUp ? new Set(known.map(r => r.request_id)) : null
+      const seen = lookUp ? { ids: new Set(known.map(r => r.id)), requestIds: new Set(known.map(r => r.request_id)) } : null
       const cols: unknown[][] = Array.from({ length: 18 }, () => [])
       for (const e of batch) {
         let requestId = e.requestId
-        if (storedIds !== null && taken !== null) {
-          if (storedIds.has(e.id)) continue
-          storedIds.add(e.id)
-          if (taken.has(requestId)) requestId = suffixed(e)
-          taken.add(requestId)
+        if (seen !== null) {
+          if (seen.ids.has(e.id)) continue
+          seen.ids.add(e.id)
+          if (seen.requestIds.has(requestId)) requestId = suffixed(e)
+          seen.requestIds.add(requestId)
         }
         seq++
         const entry = requestId === e.requestId ? e : { ...e, requestId }

@@ -197,7 +197,7 @@ interface Collapsed { length: number, keyCount: number, spaced: boolean, control
  * key of each word, and where the word starts, into `keys` and `starts`. Reports whether three
  * or more one-letter words came in a row (letters spaced out). With `check`, it gives up (null)
  * at the first markup comment delimiter: the text then needs the full normalization first.
- * Bytes, not charCodeAt: the pass costs about 15% less (loadtest/firewall-micro.ts sizes).
+ * Bytes, not charCodeAt: rulesView costs 3-20% less at 1, 4 and 20 KB (A/B in one process).
  */
 function collapse (s: string, check: boolean, only: Uint8Array | null): Collapsed | null {
   const n = s.length
