@@ -52,7 +52,7 @@ export async function measure (target: Target, scenario: Scenario, seconds: numb
   const req = requestFor(target, scenario)
   const times: number[] = []
   const targetCpu = target.pid === undefined ? Number.NaN : cpuMicros(target.pid)
-  const watchedBefore = watch === undefined ? null : cpuOf(watch())
+  const watching = watch === undefined ? null : { pids: watch, before: cpuOf(watch()) }
   const cpu = process.cpuUsage()
   const result = await new Promise<autocannon.Result>((resolve, reject) => {
     const instance = autocannon({
@@ -71,7 +71,7 @@ export async function measure (target: Target, scenario: Scenario, seconds: numb
   })
   const used = process.cpuUsage(cpu)
   const targetUsed = target.pid === undefined ? Number.NaN : cpuMicros(target.pid) - targetCpu
-  const watched = watch === undefined || watchedBefore === null ? null : cpuSince(watchedBefore, cpuOf(watch()))
+  const watched = watching === null ? null : cpuSince(watching.before, cpuOf(watching.pids()))
   const answered = result.requests.total
   times.sort((a, b) => a - b)
   const at = (q: number): number => times.length === 0 ? Number.NaN : times[Math.min(times.length - 1, Math.max(0, Math.ceil(times.length * q) - 1))]

@@ -279,10 +279,11 @@ export function rulesView (text: string, only: Uint8Array | null = null): RulesV
   // the first, the one pass that collapses them checks the second, and only the other texts are
   // normalized first and collapsed again.
   let s = text
-  let collapsed = asciiBytes(s) ? collapse(s, true, only) : null
+  const ascii = asciiBytes(s)
+  let collapsed = ascii ? collapse(s, true, only) : null
   const plain = collapsed !== null && !collapsed.control
   if (collapsed === null) {
-    if (NOT_ASCII.test(s)) {
+    if (!ascii) {
       s = s.normalize('NFKC').replace(INVISIBLE, '').toLowerCase()
       s = foldHomoglyphs(s)
       s = s.normalize('NFD').replace(COMBINING, '')

@@ -27,6 +27,16 @@ async function pgApp (t: Teardown, url: string, env: Record<string, string | num
   return app
 }
 
+/** A PostgreSQL store on a new, migrated database, and a maker of entries for it. */
+async function storeOnNewDatabase (t: Teardown): Promise<{ url: string, store: PostgresAuditStore, entry: (over?: Partial<AuditEntry>) => AuditEntry }> {
+  const url = databaseUrl(await createTestDatabase(t))
+  await migrate(url)
+  const store = new PostgresAuditStore({ databaseUrl: url })
+  t.teardown(() => store.close())
+  const entry = (over: Partial<AuditEntry> = {}): AuditEntry => ({ id: randomUUID(), requestId: randomUUID(), timestamp: Date.now(), tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1, metadata: {}, ...over })
+  return { url, store, entry }
+}
+
 const count = async (url: string): Promise<number> => Number((await sql<{ n: string }>(url, 'SELECT count(*) AS n FROM bff_audit_entries'))[0].n)
 
 async function verify (app: FastifyInstance, body: Record<string, unknown> = {}): Promise<{ ok: boolean, checked: number, firstBroken: { id: string, requestId: string } | null }> {
@@ -248,12 +258,7 @@ if (available) {
   })
 
   t.test('the store itself: a batch replayed after a lost COMMIT is stored once, a taken request id gets its suffix, the chain holds', async t => {
-    const name = await createTestDatabase(t)
-    const url = databaseUrl(name)
-    await migrate(url)
-    const store = new PostgresAuditStore({ databaseUrl: url })
-    t.teardown(() => store.close())
-    const entry = (over: Partial<AuditEntry> = {}): AuditEntry => ({ id: randomUUID(), requestId: randomUUID(), timestamp: Date.now(), tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1, metadata: {}, ...over })
+    const { url, store, entry } = await storeOnNewDatabase(t)
     const first = [entry(), entry(), entry({ requestId: 'client-chosen' })]
     await store.write(first)
     t.equal(await count(url), 3)
@@ -272,12 +277,7 @@ if (available) {
   })
 
   t.test('the store itself: duplicates within one batch, and any text in any column, are stored as given', async t => {
-    const name = await createTestDatabase(t)
-    const url = databaseUrl(name)
-    await migrate(url)
-    const store = new PostgresAuditStore({ databaseUrl: url })
-    t.teardown(() => store.close())
-    const entry = (over: Partial<AuditEntry> = {}): AuditEntry => ({ id: randomUUID(), requestId: randomUUID(), timestamp: Date.now(), tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1, metadata: {}, ...over })
+    const { url, store, entry } = await storeOnNewDatabase(t)
     // Text an array literal must quote or escape: quotes, backslashes, braces, commas, the word
     // NULL, blanks, control characters and text outside ASCII.
     const odd = ['say "hi"', 'back\\slash', '\\"', '{a,b}', 'NULL', 'null', '', ' lead', 'tab\tline\n', 'ünï©ødé 😀', '\u0001']
