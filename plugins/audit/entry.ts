@@ -1,4 +1,4 @@
-import { hash } from 'node:crypto'
+import { hash, randomUUID } from 'node:crypto'
 import { canonicalJson, type Protocol, type RiskLevel } from '../pipeline/index.js'
 
 /** What kind of call an entry records (README, "Audit trail"). */
@@ -39,6 +39,25 @@ export interface StoredEntry extends AuditEntry {
   hash: string
   previousHash: string
 }
+
+/**
+ * An entry's id: a UUIDv7 (RFC 9562), the time in ms in its first 48 bits, then 74 random bits
+ * (randomUUID's, its variant kept). Ids that grow with time are added at the end of the primary
+ * key's index instead of all over it, which cost PostgreSQL more per entry as the table grew
+ * (index pages read and written again, each logged whole after a checkpoint). The uuid
+ * package's v7 cost 3.5 µs a call here (fresh random bytes each time), 14 times randomUUID.
+ */
+export function entryId (ms: number = Date.now()): string {
+  if (ms !== idMs) {
+    const t = ms.toString(16).padStart(12, '0')
+    idPrefix = t.slice(0, 8) + '-' + t.slice(8) + '-7'
+    idMs = ms
+  }
+  return idPrefix + randomUUID().slice(15)
+}
+// The millisecond of the last id made, and the text of its first 15 characters.
+let idMs = Number.NaN
+let idPrefix = ''
 
 /** The previous hash of the first entry ever written. */
 export const GENESIS = '0'.repeat(64)

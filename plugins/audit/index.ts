@@ -1,12 +1,11 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
-import { randomUUID } from 'node:crypto'
 import { Counter, Gauge, Histogram } from 'prom-client'
 import { StageOrder, type CallContext, type Protocol } from '../pipeline/index.js'
 import { toProblem } from '../../errors.js'
 import { ConfigError } from '../../schemas/config.js'
 import type { Operation } from '../../manifest.js'
-import { type AuditEntry, type AuditStore, type AuditQuery, type Category, categoryOf } from './entry.js'
+import { type AuditEntry, type AuditStore, type AuditQuery, type Category, categoryOf, entryId } from './entry.js'
 import { MemoryAuditStore } from './memory-store.js'
 import { PostgresAuditStore } from './postgres-store.js'
 import { Spool } from './spool.js'
@@ -90,7 +89,7 @@ export function callEntry (ctx: CallContext, where: readonly [string | null, str
     if (ctx.replayed) metadata.replayed = true
   }
   return {
-    id: randomUUID(),
+    id: entryId(),
     requestId: ctx.requestId,
     timestamp: Math.round(Date.now() - elapsed),
     tenantId: ctx.tenant,
@@ -303,7 +302,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     const { tenant, user } = who(request)
     const elapsed = reply.elapsedTime
     return {
-      id: randomUUID(),
+      id: entryId(),
       requestId: request.id,
       timestamp: Math.round(Date.now() - elapsed),
       tenantId: tenant,

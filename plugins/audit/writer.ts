@@ -34,6 +34,10 @@ export class AuditWriter {
   private queue: AuditEntry[] = []
   private flushing: Promise<void> | null = null
   private readonly timer: NodeJS.Timeout
+  /** A tick due before the interval's next one (tickAt). */
+  private rest: NodeJS.Timeout | null = null
+  /** When the last flush began (ms). */
+  private began = 0
   private kicked = false
   private closed = false
   private retryAt = 0
@@ -86,15 +90,41 @@ export class AuditWriter {
   private tick (): void {
     if (this.flushing !== null) return
     const spool = this.opts.spool
-    if (this.queue.length === 0 && (spool === null || spool.size === 0)) return
-    this.flushing = this.run().catch(() => {}).finally(() => { this.flushing = null })
+    const spooled = spool !== null && spool.size > 0
+    if (this.queue.length === 0 && !spooled) return
+    // A flush begins at most once an interval, unless a full batch waits (or the spool, or close).
+    const now = Date.now()
+    const due = this.began + this.intervalMs
+    if (now < due && this.queue.length < this.opts.batchSize && !spooled && !this.closed) {
+      this.tickAt(due - now)
+      return
+    }
+    this.began = now
+    this.flushing = this.run().catch(() => {}).finally(() => {
+      this.flushing = null
+      if (this.queue.length > 0 && !this.closed) this.tickAt(this.began + this.intervalMs - Date.now())
+    })
   }
 
-  /** Replays the spool when it is due, then writes the queue batch by batch. */
+  /** One tick after `ms`, for what waits in the queue (the interval's own ticks may come later). */
+  private tickAt (ms: number): void {
+    if (this.rest !== null) return
+    this.rest = setTimeout(() => { this.rest = null; this.tick() }, Math.max(0, ms))
+    this.rest.unref()
+  }
+
+  /**
+   * Replays the spool when it is due, then writes the queue batch by batch: every full batch at
+   * once, the rest of the queue only once the interval has passed since the flush began (tick).
+   * Writing the rest as soon as a write ended made batches of a few dozen entries under load, and
+   * each batch costs PostgreSQL a transaction (lock, plan, commit) whatever its size.
+   */
   private async run (): Promise<void> {
     const spool = this.opts.spool
-    if (spool !== null && spool.size > 0 && Date.now() >= this.retryAt) await this.replay(spool)
-    while (this.queue.length > 0) {
+    if (spool !== null && spool.size > 0 && this.began >= this.retryAt) await this.replay(spool)
+    let first = true
+    while (this.queue.length >= this.opts.batchSize || (this.queue.length > 0 && (first || this.closed || Date.now() - this.began >= this.intervalMs))) {
+      first = false
       const batch = this.queue.length <= this.opts.batchSize ? this.queue : this.queue.slice(0, this.opts.batchSize)
       this.queue = batch === this.queue ? [] : this.queue.slice(this.opts.batchSize)
       await this.deliver(batch)
@@ -161,6 +191,7 @@ export class AuditWriter {
     if (this.closed) return
     this.closed = true
     clearInterval(this.timer)
+    if (this.rest !== null) clearTimeout(this.rest)
     // A flush already running finishes first; then whatever came meanwhile.
     for (let i = 0; i < 3 && (this.flushing !== null || this.queue.length > 0); i++) {
       if (this.flushing !== null) await this.flushing.catch(() => {})

@@ -6,10 +6,10 @@ import { ConfigError } from '../../../schemas/config.js'
 import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, until, SECRET } from '../../helper.js'
 import { connect } from '../../adapters/websocket-helper.js'
-import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir } from './db.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_URL } from './db.js'
 import { main as migrateMain } from '../../../scripts/migrate.js'
 import type { AuditEntry } from '../../../plugins/audit/index.js'
-import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
+import { PostgresAuditStore, binaryArray } from '../../../plugins/audit/postgres-store.js'
 import { migrate } from '../../../plugins/audit/migrations.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
@@ -301,6 +301,32 @@ if (available) {
     t.same(await store.verify({}), { ok: true, checked: odd.length + 3, firstBroken: null }, 'every hash recomputed from the stored text matches')
   })
 
+  t.test('the batch\'s binary columns: PostgreSQL reads each value as it reads the same value written as text', async t => {
+    const url = PG_URL
+    // [element type, values in binary, the same values as PostgreSQL text input (null: the values themselves)]
+    const cases: Array<[Parameters<typeof binaryArray>[0], unknown[], Array<string | null> | null]> = [
+      ['uuid', ['0190a3b4-5c6d-7e8f-9a0b-1c2d3e4f5a6b', 'FFFFFFFF-FFFF-4FFF-BFFF-FFFFFFFFFFFF', '00000000-0000-0000-0000-000000000000'], null],
+      ['int8', [1, 0, 2 ** 40 + 5, Number.MAX_SAFE_INTEGER, -7, null], ['1', '0', String(2 ** 40 + 5), String(Number.MAX_SAFE_INTEGER), '-7', null]],
+      ['int4', [200, 599, 0, -1, 2 ** 31 - 1], ['200', '599', '0', '-1', String(2 ** 31 - 1)]],
+      ['float8', [0.125, 1.234, 1e-9, 12345678.901, 0, -2.5], ['0.125', '1.234', '1e-9', '12345678.901', '0', '-2.5']],
+      // The epoch, before and after PostgreSQL's (2000), a fraction of a millisecond (truncated, as Date does), 2026.
+      ['timestamptz', [0, 946_684_799_999, 946_684_800_001, 1_780_000_000_123.9, Date.UTC(2026, 11, 3, 7, 0, 0, 5)], [0, 946_684_799_999, 946_684_800_001, 1_780_000_000_123, Date.UTC(2026, 11, 3, 7, 0, 0, 5)].map(ms => new Date(ms).toISOString())],
+      ['text', ['', 'say "hi"', 'back\\slash', '{a,b}', 'NULL', null, 'ünï©ødé 😀', '\u0001\t\n', 'x'.repeat(3000), 'ascii then é', 'a'.repeat(70) + 'é'], ['', 'say "hi"', 'back\\slash', '{a,b}', 'NULL', null, 'ünï©ødé 😀', '\u0001\t\n', 'x'.repeat(3000), 'ascii then é', 'a'.repeat(70) + 'é']],
+      ['jsonb', ['{}', '{"cache":"hit"}', '{"note":"ü \\"q\\" 😀","list":[1,null,true],"n":{"deep":[]}}', null], ['{}', '{"cache":"hit"}', '{"note":"ü \\"q\\" 😀","list":[1,null,true],"n":{"deep":[]}}', null]]
+    ]
+    for (const [type, values, texts] of cases) {
+      const asText = texts ?? values as string[]
+      const binary = await sql<{ v: string | null }>(url, `SELECT v::text FROM unnest($1::${type}[]) WITH ORDINALITY AS u(v, i) ORDER BY i`, [binaryArray(type, values)])
+      const text = await sql<{ v: string | null }>(url, `SELECT v::text FROM unnest($1::${type}[]) WITH ORDINALITY AS u(v, i) ORDER BY i`, [asText])
+      t.same(binary.map(r => r.v), text.map(r => r.v), `${type}: the same values`)
+      t.equal(binary.length, values.length)
+    }
+    t.throws(() => binaryArray('uuid', ['not-a-uuid']), /not a uuid/, 'a malformed id is refused before PostgreSQL stores garbage')
+    t.throws(() => binaryArray('uuid', ['0190a3b4-5c6d-7e8f-9a0b-1c2d3e4f5a6bX']), /not a uuid/)
+    t.throws(() => binaryArray('uuid', ['0190a3b4x5c6d-7e8f-9a0b-1c2d3e4f5a6b']), /not a uuid/)
+    t.throws(() => binaryArray('uuid', ['0190a3b4-5c6d-7e8f-9a0b-1c2d3e4f5aé6']), /not a uuid/, 'a character outside ASCII whose low bits are a hex digit')
+  })
+
   t.test('retention removes the oldest entries in batches; verification starts from the oldest kept', async t => {
     const url = databaseUrl(await createTestDatabase(t))
     const app = await pgApp(t, url, { BFF_AUDIT_RETENTION_DAYS: 30 })
@@ -327,21 +353,24 @@ if (available) {
 
   t.test('migrations: up, down and status; production refuses pending migrations and starts once migrated', async t => {
     const url = databaseUrl(await createTestDatabase(t))
-    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 0 of 2; pending: 1, 2')
+    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 0 of 3; pending: 1, 2, 3')
     const prod = { NODE_ENV: 'production', BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t) }
     await t.rejects(buildApp(testConfig(prod), { logger: false }), ConfigError)
-    await t.rejects(buildApp(testConfig(prod), { logger: false }), /pending migrations \(1, 2\): run npm run migrate/)
-    t.match(await migrateMain(['up'], { DATABASE_URL: url }), /^migrated up from 0 to 2: 001\.do\.audit-entries\.sql, 002\.do\.audit-chain\.sql$/)
+    await t.rejects(buildApp(testConfig(prod), { logger: false }), /pending migrations \(1, 2, 3\): run npm run migrate/)
+    t.match(await migrateMain(['up'], { DATABASE_URL: url }), /^migrated up from 0 to 3: 001\.do\.audit-entries\.sql, 002\.do\.audit-chain\.sql, 003\.do\.audit-hash-index\.sql$/)
     t.match(await migrateMain([], { DATABASE_URL: url }), /nothing to do/)
-    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 2 of 2; pending: none')
-    const indexes = (await sql<{ indexname: string }>(url, "SELECT indexname FROM pg_indexes WHERE tablename = 'bff_audit_entries' ORDER BY indexname")).map(r => r.indexname)
-    t.same(indexes, ['bff_audit_entries_hash_idx', 'bff_audit_entries_pkey', 'bff_audit_entries_request_id_key', 'bff_audit_entries_seq_key', 'bff_audit_entries_tenant_id_idx', 'bff_audit_entries_tenant_id_timestamp_idx', 'bff_audit_entries_timestamp_idx'])
+    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 3 of 3; pending: none')
+    const indexes = async (): Promise<string[]> => (await sql<{ indexname: string, method: string }>(url,
+      "SELECT indexname, am.amname AS method FROM pg_indexes JOIN pg_class c ON c.relname = indexname JOIN pg_am am ON am.oid = c.relam WHERE tablename = 'bff_audit_entries' ORDER BY indexname")).map(r => `${r.indexname} ${r.method}`)
+    t.same(await indexes(), ['bff_audit_entries_hash_idx hash', 'bff_audit_entries_pkey btree', 'bff_audit_entries_request_id_key btree', 'bff_audit_entries_seq_key btree', 'bff_audit_entries_tenant_id_idx btree', 'bff_audit_entries_tenant_id_timestamp_idx btree', 'bff_audit_entries_timestamp_idx btree'])
     const app = await buildApp(testConfig(prod), { logger: false })
     t.teardown(() => app.close())
     await app.ready()
     t.equal(app.audit.health().store, 'postgres')
     await app.close()
 
+    t.match(await migrateMain(['down'], { DATABASE_URL: url }), /^migrated down from 3 to 2/)
+    t.ok((await indexes()).includes('bff_audit_entries_hash_idx btree'), 'down to 2: the index on hash is a B-tree again')
     t.match(await migrateMain(['down'], { DATABASE_URL: url }), /^migrated down from 2 to 1/)
     t.match(await migrateMain(['down', '0'], { DATABASE_URL: url }), /^migrated down from 1 to 0/)
     t.equal((await sql(url, "SELECT 1 FROM pg_tables WHERE tablename LIKE 'bff_audit%'")).length, 0, 'down removes every table')

@@ -231,3 +231,42 @@ t.test('writer over the memory store: no spool, a full queue is written at once'
   t.equal(store.size, 7)
   t.same(await store.verify({}), { ok: true, checked: 7, firstBroken: null })
 })
+
+t.test('writer: a full batch is written at once, a partial one once an interval after the last flush began', async t => {
+  const starts: Array<{ n: number, at: number }> = []
+  const stored: AuditEntry[] = []
+  const store: AuditStore = {
+    kind: 'memory',
+    write: async (batch: AuditEntry[]) => { starts.push({ n: batch.length, at: Date.now() }); await new Promise(resolve => setTimeout(resolve, 3)); stored.push(...batch) },
+    verify: async () => ({ ok: true, checked: 0, firstBroken: null }),
+    query: async () => ({ entries: [], nextSeq: null }),
+    close: async () => {}
+  } as unknown as AuditStore
+  // No interval tick within the test: only full batches, the flush of what a flush left and close write.
+  const idle = new AuditWriter({ store, spool: null, batchSize: 50, queueMax: 10_000, intervalMs: 60_000, log: quiet })
+  for (let i = 0; i < 50; i++) idle.enqueue(entry())
+  await until(() => stored.length === 50, 'a full batch written without waiting for the interval')
+  for (let i = 0; i < 120; i++) idle.enqueue(entry())
+  await until(() => stored.length === 150, 'the two full batches written at once')
+  await new Promise(resolve => setTimeout(resolve, 50))
+  t.equal(stored.length, 150, 'the 20 left wait for the interval')
+  t.same(starts.map(s => s.n), [50, 50, 50])
+  await idle.close()
+  t.equal(stored.length, 170, 'close writes them')
+
+  // A trickle of calls: a flush begins at most once an interval, each writing what came meanwhile.
+  starts.length = 0
+  stored.length = 0
+  const writer = new AuditWriter({ store, spool: null, batchSize: 500, queueMax: 10_000, intervalMs: 40, log: quiet })
+  const first = Date.now()
+  for (let i = 0; i < 40; i++) {
+    writer.enqueue(entry())
+    writer.enqueue(entry())
+    await new Promise(resolve => setTimeout(resolve, 4))
+  }
+  await until(() => stored.length === 80, 'every entry of the trickle stored')
+  const gaps = starts.slice(1).map((s, i) => s.at - starts[i].at)
+  t.ok(gaps.every(g => g >= 39), `flushes began an interval apart or more (${gaps.join(', ')} ms)`)
+  t.ok(starts.length <= Math.ceil((starts[starts.length - 1].at - first) / 40) + 1, `${starts.length} flushes for 80 entries`)
+  await writer.close()
+})
