@@ -2,7 +2,7 @@ import t from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
 import { appendFileSync, existsSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { categoryOf, hashEntry, isoTime, GENESIS, type AuditEntry, type AuditStore } from '../../../plugins/audit/entry.js'
+import { categoryOf, entryId, hashEntry, isoTime, GENESIS, type AuditEntry, type AuditStore } from '../../../plugins/audit/entry.js'
 import { canonicalJson as canonical } from '../../../plugins/pipeline/index.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
 import { Spool, SpoolInUseError, SPOOL_FILE } from '../../../plugins/audit/spool.js'
@@ -24,6 +24,21 @@ t.test('categories: identity refusals are auth, blocks, limits and high risk are
   t.equal(categoryOf('mutation', 'FIREWALL_BLOCKED', 'critical'), 'security')
   t.equal(categoryOf('query', 'RATE_LIMITED', 'none'), 'security')
   t.equal(categoryOf('mutation', null, 'high'), 'security', 'monitored high-risk input')
+})
+
+t.test('entry ids: UUIDv7, the time in ms in the first 48 bits, random after', async t => {
+  const V7 = /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/
+  for (const ms of [0, 1, 255, 2 ** 32 - 1, 2 ** 32, 2 ** 40 + 12345, 1_796_000_000_000, 2 ** 48 - 1]) {
+    const id = entryId(ms)
+    t.match(id, V7, `${ms}: version 7, RFC 9562 variant`)
+    t.equal(parseInt(id.slice(0, 8) + id.slice(9, 13), 16), ms, `${ms}: the time, read back`)
+  }
+  const same = new Set(Array.from({ length: 1000 }, () => entryId(1_796_000_000_000)))
+  t.equal(same.size, 1000, 'ids of one millisecond differ')
+  const now = entryId()
+  t.ok(Math.abs(parseInt(now.slice(0, 8) + now.slice(9, 13), 16) - Date.now()) < 60_000, 'the default is now')
+  const ids = [entryId(1000), entryId(1001), entryId(70_000), entryId(2 ** 40)]
+  t.same([...ids].sort(), ids, 'later ids sort after earlier ones')
 })
 
 t.test('the hash covers the link, the position and every field, whatever the key order of the metadata', async t => {
