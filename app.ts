@@ -1,5 +1,6 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply } from 'fastify'
 import { randomUUID } from 'node:crypto'
+import { uuidv7 } from './ids.js'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync } from 'node:fs'
 import { Counter } from 'prom-client'
@@ -181,7 +182,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     requestIdHeader: false,
     genReqId: (req) => {
       const id = req.headers['x-request-id']
-      return typeof id === 'string' && REQUEST_ID.test(id) ? id : randomUUID()
+      return typeof id === 'string' && REQUEST_ID.test(id) ? id : uuidv7()
     },
     return503OnClosing: true,
     // A URL Fastify cannot route (bad percent-encoding, an overlong path segment) answers the

@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto'
+import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
 import { GraphQLError, specifiedRules, validate, type DocumentNode, type GraphQLFieldResolver, type GraphQLSchema, type ValidationRule } from 'graphql'
@@ -144,7 +145,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       return (_source, _args, context) => {
         const { connection } = context
         const id = String(context.id)
-        const requestId = randomUUID()
+        const requestId = uuidv7()
         let identity: Identity
         let iterator: AsyncIterator<unknown>
         const controller = new AbortController()

@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto'
+import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance } from 'fastify'
 import { initTRPC, type AnyTRPCProcedure, type AnyTRPCRouter } from '@trpc/server'
 import { runCall } from '../face.js'
@@ -27,7 +27,7 @@ export const earlyRequestIds = new WeakMap<object, string>()
 const rawInput = (input: unknown): unknown => input
 
 function callId (ctx: TrpcContext, batchIndex: number | undefined): string {
-  if (ctx.requestId === null) return randomUUID()
+  if (ctx.requestId === null) return uuidv7()
   return ctx.batch ? `${ctx.requestId}.${batchIndex ?? 0}` : ctx.requestId
 }
 
@@ -76,7 +76,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
   for (const event of app.pipeline.manifest.events) {
     const name = event.name
     procedures[name] = t.procedure.subscription(async ({ ctx, signal }) => {
-      const requestId = ctx.requestId ?? randomUUID()
+      const requestId = ctx.requestId ?? uuidv7()
       // Checked before the stream starts: a refusal is the subscription's error, not an event.
       let identity
       try {

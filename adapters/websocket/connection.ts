@@ -1,5 +1,6 @@
 import type { FastifyInstance } from 'fastify'
 import { randomUUID } from 'node:crypto'
+import { uuidv7 } from '../../ids.js'
 import { once } from 'node:events'
 import { WebSocket, type RawData } from 'ws'
 import { runCall, resultMarkers } from '../face.js'
@@ -167,7 +168,7 @@ export class Connection {
     this.inFlight++
     const id = JSON.stringify(frame.id)
     runCall(this.face.app, {
-      requestId: randomUUID(),
+      requestId: uuidv7(),
       protocol: 'websocket',
       op: frame.op,
       input: frame.input,

@@ -1,4 +1,5 @@
-import { hash, randomUUID } from 'node:crypto'
+import { hash } from 'node:crypto'
+import { uuidv7 } from '../../ids.js'
 import { canonicalJson, type Protocol, type RiskLevel } from '../pipeline/index.js'
 
 /** What kind of call an entry records (README, "Audit trail"). */
@@ -40,28 +41,8 @@ export interface StoredEntry extends AuditEntry {
   previousHash: string
 }
 
-/**
- * An entry's id: a UUIDv7 (RFC 9562), the time in ms in its first 48 bits, then 74 random bits
- * (randomUUID's, its variant kept). Ids that grow with time are added at the end of the primary
- * key's index instead of all over it, which cost PostgreSQL more per entry as the table grew
- * (index pages read and written again, each logged whole after a checkpoint). The uuid
- * package's v7 cost 3.5 µs a call here (fresh random bytes each time), 14 times randomUUID.
- */
-export function entryId (ms: number = Date.now()): string {
-  if (ms !== idMs) {
-    // 48 bits as 12 hex digits, a byte at a time (Number#toString(16) cost 0.5 µs a call).
-    const high = Math.floor(ms / 4_294_967_296) & 0xffff
-    const low = ms >>> 0
-    idPrefix = HEX_BYTE[low >>> 24] + HEX_BYTE[(low >>> 16) & 255] + HEX_BYTE[(low >>> 8) & 255] + HEX_BYTE[low & 255]
-    idPrefix = HEX_BYTE[high >>> 8] + HEX_BYTE[high & 255] + idPrefix.slice(0, 4) + '-' + idPrefix.slice(4) + '-7'
-    idMs = ms
-  }
-  return idPrefix + randomUUID().slice(15)
-}
-// The millisecond of the last id made, and the text of its first 15 characters.
-let idMs = Number.NaN
-let idPrefix = ''
-const HEX_BYTE = Array.from({ length: 256 }, (_, b) => b.toString(16).padStart(2, '0'))
+/** An entry's id: a UUIDv7, made as the gateway's request ids are (ids.ts). */
+export const entryId: (ms?: number) => string = uuidv7
 
 /** The previous hash of the first entry ever written. */
 export const GENESIS = '0'.repeat(64)

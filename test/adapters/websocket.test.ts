@@ -4,6 +4,7 @@ import { startTestKernel, testManifest, json, bearer, token, closedPort, SECRET 
 import { wsApp, connect, refusedUpgrade } from './websocket-helper.js'
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
+const UUID_V7 = /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/
 
 t.test('calls answer the same JSON as REST, shaped by the output schema', async t => {
   const { app, url } = await wsApp(t)
@@ -47,8 +48,8 @@ t.test('calls in flight answer by id, in any order, each with its own request id
   const second = await client.next()
   t.equal(first.id, 'f', 'the fast call answers first')
   t.equal(second.id, 's')
-  t.match(first.result.rid, UUID)
-  t.match(second.result.rid, UUID)
+  t.match(first.result.rid, UUID_V7, 'a frame\'s call gets a time-ordered request id')
+  t.match(second.result.rid, UUID_V7)
   t.not(first.result.rid, second.result.rid, 'a fresh request id per call')
 
   const keyed = await client.request({ id: 'k', op: 'createItem', input: {}, idempotencyKey: 'key-1' })

@@ -73,7 +73,10 @@ t.test('the Kernel request carries the request id, tenant, user, roles and a chi
 t.test('without a request id or traceparent, both are generated', async t => {
   const { app, kernel } = await setup(t)
   const res = await app.inject({ method: 'GET', url: '/api/v1/items/a1', headers: { ...bearer(), 'x-request-id': 'bad id with spaces', traceparent: 'junk' } })
-  t.match(res.headers['x-request-id'], /^[0-9a-f-]{36}$/)
+  // A UUIDv7 whose time is the call's: generated ids sort as the calls came.
+  t.match(res.headers['x-request-id'], /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/)
+  const id = res.headers['x-request-id'] as string
+  t.ok(Math.abs(parseInt(id.slice(0, 8) + id.slice(9, 13), 16) - Date.now()) < 60_000, 'the time of the call')
   t.equal(kernel.requests[0].headers['x-request-id'], res.headers['x-request-id'])
   t.match(kernel.requests[0].headers.traceparent, /^00-[0-9a-f]{32}-[0-9a-f]{16}-01$/)
 })
