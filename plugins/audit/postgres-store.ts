@@ -65,8 +65,9 @@ function writeText (buf: Buffer, view: DataView, s: string, at: number, lead: nu
 
 /**
  * A column of a batch as a one-dimensional PostgreSQL array in binary format (what array_recv
- * reads: header, then each element's length and bytes; -1 for NULL): pg sends a Buffer
- * parameter as binary. PostgreSQL then copies uuids, numbers and timestamps instead of parsing
+ * reads: header, then each element's length and bytes; -1 for NULL). Written here because pg
+ * has no encoder for binary parameters: it sends a Buffer parameter as it is, flagged binary,
+ * and everything else as text. PostgreSQL then copies uuids, numbers and timestamps instead of parsing
  * their text, and no element is scanned for quotes: a batch costs it 3 µs less per entry than
  * text array literals (11.0 against 7.8 µs to read the 18 columns, loopback, 500 entries).
  * Numbers of int8 and timestamptz columns are safe integers (ms for timestamps, truncated as
