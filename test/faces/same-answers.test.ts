@@ -177,13 +177,13 @@ t.test('a test-only manifest answers the same on every face, Kernel failures inc
   const kernel = await startTestKernel(t, {
     'GET /v1/parcels/p1': (_req, res) => json(res, 200, { id: 'p1', weightGrams: 1200, fragile: true, tags: ['glass'], internal: 'x' }),
     'GET /v1/parcels/broken': (_req, res) => json(res, 500, { message: 'database on fire' }),
-    'GET /v1/parcels/slow': (_req, res) => { setTimeout(() => json(res, 200, { id: 'slow' }), 400).unref() },
+    'GET /v1/parcels/slow': (_req, res) => { setTimeout(() => json(res, 200, { id: 'slow' }), 2000).unref() },
     'POST /v1/parcels': (req, res) => json(res, 201, { id: 'p2', ...(JSON.parse(req.body) as object) }),
     'POST /v1/parcels/locked/deliveries': (_req, res) => json(res, 409, { message: 'parcel is locked' })
   })
   const parcel = { type: 'object', required: ['id'], properties: { id: { type: 'string' }, weightGrams: { type: 'integer', minimum: 0, maximum: 100000 }, fragile: { type: 'boolean' }, tags: { type: 'array', items: { type: 'string' } } } }
   const manifest = testManifest({
-    trackParcel: { type: 'query', rest: 'GET /parcels/:id', kernel: 'GET /v1/parcels/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { $ref: '#/schemas/Parcel' }, timeoutMs: 150 },
+    trackParcel: { type: 'query', rest: 'GET /parcels/:id', kernel: 'GET /v1/parcels/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { $ref: '#/schemas/Parcel' }, timeoutMs: 750 },
     sendParcel: { type: 'mutation', rest: 'POST /parcels', kernel: 'POST /v1/parcels', input: { type: 'object', required: ['weightGrams'], additionalProperties: false, properties: { weightGrams: { type: 'integer', minimum: 1, maximum: 100000 }, fragile: { type: 'boolean' }, tags: { type: 'array', items: { type: 'string' } } } }, output: { $ref: '#/schemas/Parcel' } },
     deliver: { type: 'mutation', rest: 'POST /parcels/:id/deliveries', kernel: 'POST /v1/parcels/{id}/deliveries', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { $ref: '#/schemas/Parcel' } }
   }, { retries: 0, circuitBreaker: { threshold: 1000, resetTimeoutMs: 1000 } }, { schemas: { Parcel: parcel } })
