@@ -1,5 +1,4 @@
 import { hash } from 'node:crypto'
-import { uuidv7 } from '../../ids.js'
 import { canonicalJson, type Protocol, type RiskLevel } from '../pipeline/index.js'
 
 /** What kind of call an entry records (README, "Audit trail"). */
@@ -40,9 +39,6 @@ export interface StoredEntry extends AuditEntry {
   hash: string
   previousHash: string
 }
-
-/** An entry's id: a UUIDv7, made as the gateway's request ids are (ids.ts). */
-export const entryId: (ms?: number) => string = uuidv7
 
 /** The previous hash of the first entry ever written. */
 export const GENESIS = '0'.repeat(64)

@@ -5,7 +5,8 @@ import { StageOrder, type CallContext, type Protocol } from '../pipeline/index.j
 import { toProblem } from '../../errors.js'
 import { ConfigError } from '../../schemas/config.js'
 import type { Operation } from '../../manifest.js'
-import { type AuditEntry, type AuditStore, type AuditQuery, type Category, categoryOf, entryId } from './entry.js'
+import { type AuditEntry, type AuditStore, type AuditQuery, type Category, categoryOf } from './entry.js'
+import { uuidv7 } from '../../ids.js'
 import { MemoryAuditStore } from './memory-store.js'
 import { PostgresAuditStore } from './postgres-store.js'
 import { Spool } from './spool.js'
@@ -89,7 +90,7 @@ export function callEntry (ctx: CallContext, where: readonly [string | null, str
     if (ctx.replayed) metadata.replayed = true
   }
   return {
-    id: entryId(),
+    id: uuidv7(),
     requestId: ctx.requestId,
     timestamp: Math.round(Date.now() - elapsed),
     tenantId: ctx.tenant,
@@ -302,7 +303,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     const { tenant, user } = who(request)
     const elapsed = reply.elapsedTime
     return {
-      id: entryId(),
+      id: uuidv7(),
       requestId: request.id,
       timestamp: Math.round(Date.now() - elapsed),
       tenantId: tenant,

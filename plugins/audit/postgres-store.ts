@@ -18,20 +18,19 @@ const UNIQUE_VIOLATION = '23505'
 
 const COLUMNS = 'id, seq, request_id, "timestamp", hash, previous_hash, tenant_id, user_id, method, path, protocol, action, category, risk_level, status, status_code, duration_ms, metadata'
 
-// One multi-row INSERT for a whole batch (each column travels as one array parameter), and the
-// chain head moved in the same statement.
-const INSERT = `WITH inserted AS (INSERT INTO bff_audit_entries (${COLUMNS})
-SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::text[],
-  $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::integer[], $17::float8[], $18::jsonb[])
-RETURNING 1)
-UPDATE bff_audit_chain SET head_seq = $19, head_hash = $20 WHERE id = 1 AND (SELECT count(*) FROM inserted) = $21`
-
 /** What a column of the batch holds: its elements' PostgreSQL type. */
 type ColumnType = 'uuid' | 'int8' | 'text' | 'timestamptz' | 'int4' | 'float8' | 'jsonb'
 // The element type's oid, which PostgreSQL checks against the parameter's type (pg_type.oid).
 const OID: Record<ColumnType, number> = { uuid: 2950, int8: 20, text: 25, timestamptz: 1184, int4: 23, float8: 701, jsonb: 3802 }
 /** The element types of the batch's columns, in COLUMNS order. */
 const COLUMN_TYPES: readonly ColumnType[] = ['uuid', 'int8', 'text', 'timestamptz', 'text', 'text', 'text', 'text', 'text', 'text', 'text', 'text', 'text', 'text', 'text', 'int4', 'float8', 'jsonb']
+// One multi-row INSERT for a whole batch (each column travels as one array parameter, its type
+// from COLUMN_TYPES), and the chain head moved in the same statement.
+const INSERT = `WITH inserted AS (INSERT INTO bff_audit_entries (${COLUMNS})
+SELECT * FROM unnest(${COLUMN_TYPES.map((type, i) => `$${i + 1}::${type}[]`).join(', ')})
+RETURNING 1)
+UPDATE bff_audit_chain SET head_seq = $19, head_hash = $20 WHERE id = 1 AND (SELECT count(*) FROM inserted) = $21`
+
 // PostgreSQL's timestamps count microseconds from 2000-01-01 UTC.
 const PG_EPOCH_MS = 946_684_800_000
 const TWO_32 = 4_294_967_296
