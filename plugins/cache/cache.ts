@@ -1,9 +1,9 @@
-import { CallContext, type Next, type CacheOutcome } from '../pipeline/index.js'
+import { CallContext, canonicalJson, type Next, type CacheOutcome } from '../pipeline/index.js'
 import type { Operation } from '../../manifest.js'
 import { MantleError } from '../../errors.js'
 import { MemoryTier, type CachedAnswer } from './memory.js'
 import type { RedisTier } from './redis.js'
-import { entryKey, etagOf, matchesIfNoneMatch, tagKey, tagTemplate } from './keys.js'
+import { etagOf, localKey, matchesIfNoneMatch, sharedKey, tagKey, tagTemplate } from './keys.js'
 
 /** How long an entry is kept past its swr window, to answer (marked stale) while the Kernel is down. */
 export const STALE_IF_ERROR_SECONDS = 300
@@ -36,6 +36,12 @@ export interface ResponseCacheOptions {
   metrics?: CacheMetrics | undefined
   now?: () => number
   log: { warn: (obj: object, msg: string) => void, debug: (obj: object, msg: string) => void }
+}
+
+/** An entry's keys: in this instance's tier (localKey) and in Redis (sharedKey). */
+interface EntryKeys {
+  readonly local: string
+  readonly shared: string
 }
 
 interface Fill {
@@ -106,21 +112,24 @@ export class ResponseCache {
       return { value: JSON.parse(json), json, status, etag: etagOf(json), freshUntil: now + ttlMs, staleUntil: now + ttlMs + swrMs, keepUntil: now + ttlMs + swrMs + STALE_IF_ERROR_SECONDS * 1000 }
     }
     return async (ctx, next) => {
-      const key = entryKey(name, ctx.tenant, ctx.input)
-      const tagKeys = templates.map(t => tagKey(ctx.tenant, t(ctx.input)))
-      let found = this.memory.get(key)
+      const canonical = canonicalJson(ctx.input)
+      const local = localKey(name, ctx.tenant, canonical)
+      let found = this.memory.get(local)
       if (found !== undefined && this.now() < found.freshUntil) return this.answer(ctx, name, found, 'hit')
+      // A miss of the in-process tier: the Redis key and the tag keys are needed from here on.
+      const key: EntryKeys = { local, shared: sharedKey(name, ctx.tenant, canonical) }
+      const tagKeys = templates.map(t => tagKey(ctx.tenant, t(ctx.input)))
       const since = this.memory.clock.now()
       let versions: string | null = null
       const redis = this.redisTier('read')
       if (redis !== null) {
         try {
-          const read = await redis.read(key, tagKeys)
+          const read = await redis.read(key.shared, tagKeys)
           this.redisFailing = false
           versions = read.versions
           if (read.answer !== null && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil)) {
             found = read.answer
-            this.memory.set(key, found, tagKeys, since)
+            this.memory.set(local, found, tagKeys, since)
           }
         } catch (err) {
           this.redisFailed('read', err)
@@ -162,22 +171,22 @@ export class ResponseCache {
   }
 
   /** One Kernel call per key at a time: later callers of the key wait for the first one's. */
-  private async fill (op: string, key: string, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): Promise<CachedAnswer> {
-    const running = this.inflight.get(key)
+  private async fill (op: string, key: EntryKeys, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): Promise<CachedAnswer> {
+    const running = this.inflight.get(key.local)
     if (running !== undefined) {
       this.metrics.coalesced(op)
       return await running.promise
     }
     const promise = this.load(op, key, tagKeys, since, versions, ctx, next, make)
-    this.inflight.set(key, { promise })
+    this.inflight.set(key.local, { promise })
     try {
       return await promise
     } finally {
-      this.inflight.delete(key)
+      this.inflight.delete(key.local)
     }
   }
 
-  private async load (op: string, key: string, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): Promise<CachedAnswer> {
+  private async load (op: string, key: EntryKeys, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): Promise<CachedAnswer> {
     const value = await next(ctx)
     const answer = make(value, ctx.status)
     // Only 2xx answers return from the Kernel call (errors throw), but say it where it matters.
@@ -186,19 +195,19 @@ export class ResponseCache {
     const redis = versions === null ? null : this.redisTier('write')
     if (redis !== null) {
       try {
-        stored = await redis.write(key, tagKeys, versions!, answer, this.now())
+        stored = await redis.write(key.shared, tagKeys, versions!, answer, this.now())
       } catch (err) {
         this.redisFailed('write', err)
       }
     }
-    if (stored) stored = this.memory.set(key, answer, tagKeys, since)
+    if (stored) stored = this.memory.set(key.local, answer, tagKeys, since)
     if (!stored) this.metrics.discarded(op)
     return answer
   }
 
   /** Stale while revalidate: one background refill per key, with a context of its own. */
-  private refresh (op: string, key: string, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): void {
-    if (this.inflight.has(key)) return
+  private refresh (op: string, key: EntryKeys, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): void {
+    if (this.inflight.has(key.local)) return
     const own = new CallContext(ctx.requestId + '.refresh', ctx.protocol, ctx.op, ctx.input, ctx.authorization, ctx.traceparent, undefined)
     own.tenant = ctx.tenant
     own.user = ctx.user

@@ -11,7 +11,7 @@ import { sharedStoreHealth } from '../diagz/index.js'
 export { ResponseCache, STALE_IF_ERROR_SECONDS } from './cache.js'
 export { MemoryTier, TagClock, type CachedAnswer } from './memory.js'
 export { RedisTier } from './redis.js'
-export { entryKey, tagKey, tagTemplate, etagOf, matchesIfNoneMatch, INVALIDATE_CHANNEL } from './keys.js'
+export { entryKey, sharedKey, localKey, LOCAL_KEY_MAX_INPUT, tagKey, tagTemplate, etagOf, matchesIfNoneMatch, INVALIDATE_CHANNEL } from './keys.js'
 
 export interface CacheOptions {
   store: 'memory' | 'redis'

@@ -6,7 +6,8 @@ import { Redis } from 'ioredis'
 import { buildTestApp, bearer } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { itemKernel, itemManifest, metric, eventually } from './items.js'
-import { entryKey, tagKey } from '../../../plugins/cache/index.js'
+import { entryKey, localKey, tagKey } from '../../../plugins/cache/index.js'
+import { canonicalJson } from '../../../plugins/pipeline/index.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const REDIS_PORT = Number(new URL(REDIS_URL).port || 6379)
@@ -32,10 +33,13 @@ t.test('two instances: a read on one fills the other; a mutation on one invalida
   t.ok(await redis.exists(entryKey('getItem', who, { id: 'a' })), 'the key shape bff:cache:{op}:{tenant}:{hash}')
   t.match(entryKey('getItem', who, { id: 'a' }), new RegExp(`^bff:cache:getItem:${who}:[A-Za-z0-9_-]{43}$`))
 
+  // The in-process tier's key of the entry: both instances hold it now.
+  const key = localKey('getItem', who, canonicalJson({ id: 'a' }))
+  t.ok(one.responseCache.cache.memory.get(key) !== undefined && two.responseCache.cache.memory.get(key) !== undefined, 'both instances hold the entry in memory')
+
   t.equal((await one.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
   t.equal(await redis.get(tagKey(who, 'item:a')), '1', 'the tag version went up in Redis')
   // Other test processes share the channel: wait for this entry to leave, not for a count.
-  const key = entryKey('getItem', who, { id: 'a' })
   await eventually(async () => two.responseCache.cache.memory.get(key) === undefined, 'the other instance drops it from memory')
   t.ok(await metric(two, 'mantle_cache_invalidations_total', { source: 'remote' }) >= 1)
   const after = await two.inject({ method: 'GET', url: '/api/v1/items/a', headers })
@@ -44,6 +48,7 @@ t.test('two instances: a read on one fills the other; a mutation on one invalida
   t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/a', headers })).json().n, 2, 'and the first instance reads the refill from Redis')
   t.equal(kernel.reads(), 2)
   // An admin invalidation on one instance is seen by the other too.
+  t.ok(one.responseCache.cache.memory.get(key) !== undefined, 'the first instance holds the refill in memory')
   t.equal((await two.inject({ method: 'POST', url: '/admin/cache/invalidate', headers, payload: { tags: ['items'] } })).statusCode, 200)
   await eventually(async () => one.responseCache.cache.memory.get(key) === undefined, 'the first instance drops it from memory')
   t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss')
@@ -63,6 +68,8 @@ t.test('Redis cut mid-traffic: the cache serves from memory, never a 5xx, and in
   const headers = bearer({ tenant: who })
   t.equal((await cut.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss')
   t.equal((await direct.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit', 'stored in Redis')
+  const key = localKey('getItem', who, canonicalJson({ id: 'a' }))
+  t.ok(direct.responseCache.cache.memory.get(key) !== undefined, 'and kept in the other instance\'s memory')
 
   for (const mode of ['reset', 'stall'] as const) {
     proxy.cut(mode)
@@ -82,7 +89,6 @@ t.test('Redis cut mid-traffic: the cache serves from memory, never a 5xx, and in
   // ...and Redis gets it when it is back, so no instance serves the old shared entry.
   proxy.restore()
   await eventually(async () => cut.redis.up() && cut.responseCache.cache.pendingInvalidations === 0, 'the replay')
-  const key = entryKey('getItem', who, { id: 'a' })
   await eventually(async () => direct.responseCache.cache.memory.get(key) === undefined, 'the other instance drops it from memory')
   const shared = await direct.inject({ method: 'GET', url: '/api/v1/items/a', headers })
   t.not(shared.json().n, 1, 'the entry stored before the cut is gone from Redis')

@@ -1,5 +1,6 @@
 import t from 'tap'
-import { TagClock, MemoryTier, tagTemplate, matchesIfNoneMatch, entryKey, tagKey, etagOf, type CachedAnswer } from '../../../plugins/cache/index.js'
+import { TagClock, MemoryTier, tagTemplate, matchesIfNoneMatch, entryKey, sharedKey, localKey, LOCAL_KEY_MAX_INPUT, tagKey, etagOf, type CachedAnswer } from '../../../plugins/cache/index.js'
+import { canonicalJson } from '../../../plugins/pipeline/index.js'
 import { loadConfig, ConfigError } from '../../../schemas/config.js'
 
 const answer = (keepUntil: number): CachedAnswer => ({ value: { a: 1 }, json: '{"a":1}', status: 200, etag: etagOf('{"a":1}'), freshUntil: keepUntil, staleUntil: keepUntil, keepUntil })
@@ -18,6 +19,20 @@ t.test('keys: the same input in any key order is one key; tenants are encoded so
   t.not(entryKey('op', 'a:b', {}), entryKey('op', 'a', {}))
   t.equal(tagKey('a:b', 'x'), 'bff:cache-tag:a%3Ab:x')
   t.not(tagKey('a:b', 'c'), tagKey('a', 'b:c'))
+})
+
+t.test('keys of the in-process tier: the canonical input as it is, or the shared key past the bound', async t => {
+  const input = { id: 'a1', q: 'x:y' }
+  t.equal(localKey('getItem', 'a:b', canonicalJson(input)), 'getItem:a%3Ab:{"id":"a1","q":"x:y"}')
+  t.equal(sharedKey('getItem', 'a:b', canonicalJson(input)), entryKey('getItem', 'a:b', input), 'the shared key of a canonical input is the entry key')
+  // A tenant whose name ends like another tenant's input can never share a key with it.
+  t.not(localKey('op', 'a:b', canonicalJson({})), localKey('op', 'a', canonicalJson({})))
+  t.not(localKey('op', 't', canonicalJson({ a: 1 })), localKey('op', 't', canonicalJson({ a: '1' })))
+  const long = canonicalJson({ text: 'x'.repeat(LOCAL_KEY_MAX_INPUT) })
+  t.equal(localKey('op', 't', long), sharedKey('op', 't', long), 'a long input is keyed by its hash')
+  t.ok(localKey('op', 't', long).length < 100)
+  const edge = 'x'.repeat(LOCAL_KEY_MAX_INPUT)
+  t.equal(localKey('op', 't', edge), 'op:t:' + edge, 'an input of exactly the bound is kept as it is')
 })
 
 t.test('If-None-Match: *, lists, weak tags', async t => {
