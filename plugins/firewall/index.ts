@@ -2,7 +2,8 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { createHash } from 'node:crypto'
 import { LRUCache } from 'lru-cache'
-import { Counter, Gauge, Histogram } from 'prom-client'
+import { Counter, Gauge } from 'prom-client'
+import { CallHistogram } from '../metrics/histogram.js'
 import { StageOrder, type Stage } from '../pipeline/index.js'
 import { MantleError } from '../../errors.js'
 import { scanFields, CLEAN, type Verdict } from './scan.js'
@@ -28,7 +29,7 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
   const registers = registry === null ? [] : [registry]
   const findingsTotal = new Counter({ name: 'mantle_firewall_findings_total', help: 'AI firewall findings, by category and the action of the operation', labelNames: ['category', 'action'] as const, registers })
   const verdictsTotal = new Counter({ name: 'mantle_firewall_verdicts_total', help: 'AI firewall verdicts, by action and outcome (blocked, redacted, passed)', labelNames: ['action', 'outcome'] as const, registers })
-  const scanDuration = new Histogram({ name: 'mantle_firewall_scan_duration_seconds', help: 'Time to scan one call\'s input (verdict cache misses)', buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25], registers })
+  const scanDuration = new CallHistogram({ name: 'mantle_firewall_scan_duration_seconds', help: 'Time to scan one call\'s input (verdict cache misses)', labelNames: [], buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25], registers }).series()
   const cacheTotal = new Counter({ name: 'mantle_firewall_cache_total', help: 'AI firewall verdict cache lookups, by outcome (hit, miss)', labelNames: ['outcome'] as const, registers })
   const cacheHit = cacheTotal.labels('hit')
   const cacheMiss = cacheTotal.labels('miss')

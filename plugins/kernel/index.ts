@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
-import { Counter, Gauge, Histogram } from 'prom-client'
+import { Counter, Gauge } from 'prom-client'
+import { CallHistogram } from '../metrics/histogram.js'
 import { KernelClient, type KernelMetrics } from './client.js'
 import type { BreakerState } from './breaker.js'
 import { LATENCY_BUCKETS } from '../metrics/index.js'
@@ -35,7 +36,7 @@ const BREAKER_VALUE: Record<BreakerState, number> = { closed: 0, 'half-open': 1,
 function kernelMetrics (app: FastifyInstance, origin: string, client: () => KernelClient): KernelMetrics | undefined {
   if (!app.hasDecorator('metrics')) return undefined
   const registers = [app.metrics.registry]
-  const duration = new Histogram({ name: 'mantle_kernel_request_duration_seconds', help: 'Duration of each attempt towards the Kernel, by operation and outcome', labelNames: ['op', 'outcome'] as const, buckets: LATENCY_BUCKETS, registers })
+  const duration = new CallHistogram({ name: 'mantle_kernel_request_duration_seconds', help: 'Duration of each attempt towards the Kernel, by operation and outcome', labelNames: ['op', 'outcome'] as const, buckets: LATENCY_BUCKETS, registers })
   const retries = new Counter({ name: 'mantle_kernel_retries_total', help: 'Retries of idempotent Kernel calls', labelNames: ['op'] as const, registers })
   const exhausted = new Counter({ name: 'mantle_kernel_retry_budget_exhausted_total', help: 'Retries refused because the retry budget was spent', registers })
   const rejected = new Counter({ name: 'mantle_kernel_rejected_total', help: 'Calls failed fast without reaching the Kernel', labelNames: ['reason'] as const, registers })
@@ -60,7 +61,7 @@ function kernelMetrics (app: FastifyInstance, origin: string, client: () => Kern
   new Gauge({ name: 'mantle_kernel_in_flight', help: 'Calls in flight to the Kernel (the bulkhead counts these)', registers, collect () { this.set(client().inFlight) } }) // eslint-disable-line no-new
   return {
     forOperation (op) {
-      const observer = (outcome: string) => { const child = duration.labels(op, outcome); return (seconds: number) => child.observe(seconds) }
+      const observer = (outcome: string): ((seconds: number) => void) => duration.series(op, outcome).observe
       const retry = retries.labels(op)
       return {
         call: { ok: observer('ok'), client_error: observer('client_error'), server_error: observer('server_error'), timeout: observer('timeout'), unavailable: observer('unavailable') },

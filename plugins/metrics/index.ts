@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
-import { Registry, Histogram, Gauge, collectDefaultMetrics } from 'prom-client'
+import { Registry, Gauge, collectDefaultMetrics } from 'prom-client'
+import { CallHistogram, type HistogramSeries } from './histogram.js'
 import { StageOrder, PROTOCOLS, type Protocol } from '../pipeline/index.js'
 
 export interface Metrics {
@@ -28,7 +29,7 @@ async function metricsPlugin (app: FastifyInstance): Promise<void> {
   collectDefaultMetrics({ register: registry })
 
   // Labels are the manifest's op names and fixed sets: cardinality is bounded by the catalog.
-  const duration = new Histogram({
+  const duration = new CallHistogram({
     name: 'mantle_request_duration_seconds',
     help: 'Duration of operation calls through the pipeline, by protocol, operation and status class',
     labelNames: ['protocol', 'op', 'status_class'] as const,
@@ -45,9 +46,9 @@ async function metricsPlugin (app: FastifyInstance): Promise<void> {
     name: 'metrics',
     order: StageOrder.metrics,
     build (op) {
-      // Optimization: the label children of an op are resolved once, not per call.
-      const children = new Map<Protocol, Array<{ observe: (v: number) => void }>>()
-      for (const p of PROTOCOLS) children.set(p, CLASSES.map(c => duration.labels(p, op.name, c)))
+      // Optimization: the label sets of an op are resolved once, not per call.
+      const children = new Map<Protocol, HistogramSeries[]>()
+      for (const p of PROTOCOLS) children.set(p, CLASSES.map(c => duration.series(p, op.name, c)))
       return async (ctx, next) => {
         inFlight++
         const observers = children.get(ctx.protocol)!
