@@ -35,7 +35,11 @@ t.test('entry ids: UUIDv7, the time in ms in the first 48 bits, random after', a
     t.equal(parseInt(id.slice(0, 8) + id.slice(9, 13), 16), ms, `${ms}: the time, read back`)
   }
   const same = new Set(Array.from({ length: 1000 }, () => entryId(1_796_000_000_000)))
-  t.equal(same.size, 1000, 'ids of one millisecond differ')
+  t.equal(same.size, 1000, 'ids of one millisecond differ (across several draws of random bytes)')
+  // Every random digit takes its values: none is stuck at a constant (a slice off by one would be).
+  const digits = (at: number): Set<string> => new Set([...same].map(id => id[at]))
+  t.same([...digits(19)].sort(), ['8', '9', 'a', 'b'], 'the variant digit: 10xx')
+  for (const at of [15, 16, 17, 20, 21, 22, 24, 30, 35]) t.equal(digits(at).size, 16, `digit ${at} takes all 16 values`)
   const now = entryId()
   t.ok(Math.abs(parseInt(now.slice(0, 8) + now.slice(9, 13), 16) - Date.now()) < 60_000, 'the default is now')
   const ids = [entryId(1000), entryId(1001), entryId(70_000), entryId(2 ** 40)]
