@@ -2,6 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { randomUUID } from 'node:crypto'
 import { Counter, Gauge } from 'prom-client'
+import { CallCounter, type CounterSeries } from '../metrics/call-metrics.js'
 import { StageOrder, type CacheOutcome } from '../pipeline/index.js'
 import { ResponseCache, STALE_IF_ERROR_SECONDS, type CacheMetrics } from './cache.js'
 import { RedisTier } from './redis.js'
@@ -38,7 +39,7 @@ declare module 'fastify' {
 function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheMetrics | undefined {
   if (!app.hasDecorator('metrics')) return undefined
   const registers = [app.metrics.registry]
-  const outcomes = new Counter({ name: 'mantle_cache_requests_total', help: 'Cached-query calls by outcome (hit, miss, stale); hit rate = hit / sum', labelNames: ['op', 'outcome'] as const, registers })
+  const outcomes = new CallCounter({ name: 'mantle_cache_requests_total', help: 'Cached-query calls by outcome (hit, miss, stale); hit rate = hit / sum', labelNames: ['op', 'outcome'], registers })
   const coalesced = new Counter({ name: 'mantle_cache_coalesced_total', help: 'Calls that waited for a Kernel call of the same key already in flight', labelNames: ['op'] as const, registers })
   const invalidated = new Counter({ name: 'mantle_cache_invalidations_total', help: 'Tags invalidated, by source (mutation, admin, remote: another instance)', labelNames: ['source'] as const, registers })
   const fallbacks = new Counter({ name: 'mantle_cache_redis_fallbacks_total', help: 'Cache operations that skipped Redis (away or failing) and used memory only', labelNames: ['operation'] as const, registers })
@@ -48,11 +49,11 @@ function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheM
   new Gauge({ name: 'mantle_cache_pending_invalidations', help: 'Invalidated tags waiting for Redis to come back', registers, collect () { this.set(cache().pendingInvalidations) } }) // eslint-disable-line no-new
   // Optimization: an op's label children are resolved at its first call, not per call (bounded
   // by the catalog: three outcomes per cached op).
-  const byOp = new Map<string, Record<CacheOutcome, { inc: () => void }>>()
-  const childrenOf = (op: string): Record<CacheOutcome, { inc: () => void }> => {
+  const byOp = new Map<string, Record<CacheOutcome, CounterSeries>>()
+  const childrenOf = (op: string): Record<CacheOutcome, CounterSeries> => {
     let children = byOp.get(op)
     if (children === undefined) {
-      children = { hit: outcomes.labels(op, 'hit'), miss: outcomes.labels(op, 'miss'), stale: outcomes.labels(op, 'stale') }
+      children = { hit: outcomes.series(op, 'hit'), miss: outcomes.series(op, 'miss'), stale: outcomes.series(op, 'stale') }
       byOp.set(op, children)
     }
     return children

@@ -2,8 +2,8 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { createHash } from 'node:crypto'
 import { LRUCache } from 'lru-cache'
-import { Counter, Gauge } from 'prom-client'
-import { CallHistogram } from '../metrics/histogram.js'
+import { Gauge } from 'prom-client'
+import { CallCounter, CallHistogram } from '../metrics/call-metrics.js'
 import { StageOrder, type Stage } from '../pipeline/index.js'
 import { MantleError } from '../../errors.js'
 import { scanFields, CLEAN, type Verdict } from './scan.js'
@@ -27,12 +27,12 @@ const CACHE_MAX_CHARS = 32 * 1024 * 1024
 async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Promise<void> {
   const registry = app.hasDecorator('metrics') ? app.metrics.registry : null
   const registers = registry === null ? [] : [registry]
-  const findingsTotal = new Counter({ name: 'mantle_firewall_findings_total', help: 'AI firewall findings, by category and the action of the operation', labelNames: ['category', 'action'] as const, registers })
-  const verdictsTotal = new Counter({ name: 'mantle_firewall_verdicts_total', help: 'AI firewall verdicts, by action and outcome (blocked, redacted, passed)', labelNames: ['action', 'outcome'] as const, registers })
+  const findingsTotal = new CallCounter({ name: 'mantle_firewall_findings_total', help: 'AI firewall findings, by category and the action of the operation', labelNames: ['category', 'action'], registers })
+  const verdictsTotal = new CallCounter({ name: 'mantle_firewall_verdicts_total', help: 'AI firewall verdicts, by action and outcome (blocked, redacted, passed)', labelNames: ['action', 'outcome'], registers })
   const scanDuration = new CallHistogram({ name: 'mantle_firewall_scan_duration_seconds', help: 'Time to scan one call\'s input (verdict cache misses)', labelNames: [], buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25], registers }).series()
-  const cacheTotal = new Counter({ name: 'mantle_firewall_cache_total', help: 'AI firewall verdict cache lookups, by outcome (hit, miss)', labelNames: ['outcome'] as const, registers })
-  const cacheHit = cacheTotal.labels('hit')
-  const cacheMiss = cacheTotal.labels('miss')
+  const cacheTotal = new CallCounter({ name: 'mantle_firewall_cache_total', help: 'AI firewall verdict cache lookups, by outcome (hit, miss)', labelNames: ['outcome'], registers })
+  const cacheHit = cacheTotal.series('hit')
+  const cacheMiss = cacheTotal.series('miss')
 
   const cache = opts.cacheSize > 0
     ? new LRUCache<string, Verdict>({
@@ -59,10 +59,10 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
       if (op.firewall === null) return null
       const { fields, action } = op.firewall
       // Optimization: label children resolved once per operation.
-      const blocked = verdictsTotal.labels(action, 'blocked')
-      const redacted = verdictsTotal.labels(action, 'redacted')
-      const passed = verdictsTotal.labels(action, 'passed')
-      const found = { injection: findingsTotal.labels('injection', action), secret: findingsTotal.labels('secret', action), pii: findingsTotal.labels('pii', action) }
+      const blocked = verdictsTotal.series(action, 'blocked')
+      const redacted = verdictsTotal.series(action, 'redacted')
+      const passed = verdictsTotal.series(action, 'passed')
+      const found = { injection: findingsTotal.series('injection', action), secret: findingsTotal.series('secret', action), pii: findingsTotal.series('pii', action) }
 
       const verdictOf = (input: Readonly<Record<string, unknown>>): Verdict => {
         if (cache === null) return scan(fields, input)

@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { Counter, Gauge } from 'prom-client'
-import { CallHistogram } from '../metrics/histogram.js'
+import { CallHistogram } from '../metrics/call-metrics.js'
 import { KernelClient, type KernelMetrics } from './client.js'
 import type { BreakerState } from './breaker.js'
 import { LATENCY_BUCKETS } from '../metrics/index.js'

@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { Registry, Gauge, collectDefaultMetrics } from 'prom-client'
-import { CallHistogram, type HistogramSeries } from './histogram.js'
+import { CallHistogram, type HistogramSeries } from './call-metrics.js'
 import { StageOrder, PROTOCOLS, type Protocol } from '../pipeline/index.js'
 
 export interface Metrics {

@@ -2,6 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyRequest, onRequestHookHandler } from 'fastify'
 import fastifyRateLimit, { normalizeIP } from '@fastify/rate-limit'
 import { Counter, Gauge } from 'prom-client'
+import { CallCounter, type CounterSeries } from '../metrics/call-metrics.js'
 import { MantleError } from '../../errors.js'
 import { StageOrder, type Stage } from '../pipeline/index.js'
 import type { Operation } from '../../manifest.js'
@@ -139,15 +140,15 @@ function guardKey (app: FastifyInstance, request: FastifyRequest): string {
 function counters (app: FastifyInstance, limiter: () => RateLimiter): LimiterCounters | undefined {
   if (!app.hasDecorator('metrics')) return undefined
   const registers = [app.metrics.registry]
-  const checks = new Counter({ name: 'mantle_rate_limit_checks_total', help: 'Rate-limit checks, by scope (global HTTP guard or op) and the store that answered', labelNames: ['scope', 'store'] as const, registers })
-  const refusals = new Counter({ name: 'mantle_rate_limit_refusals_total', help: 'Calls refused with 429 RATE_LIMITED, by scope and store', labelNames: ['scope', 'store'] as const, registers })
+  const checks = new CallCounter({ name: 'mantle_rate_limit_checks_total', help: 'Rate-limit checks, by scope (global HTTP guard or op) and the store that answered', labelNames: ['scope', 'store'], registers })
+  const refusals = new CallCounter({ name: 'mantle_rate_limit_refusals_total', help: 'Calls refused with 429 RATE_LIMITED, by scope and store', labelNames: ['scope', 'store'], registers })
   const fallbacks = new Counter({ name: 'mantle_rate_limit_fallback_total', help: 'Checks answered from memory because Redis was unreachable, failed or timed out', registers })
   new Gauge({ name: 'mantle_rate_limit_fallback_active', help: '1 while rate limits configured for Redis are counted in memory', registers, collect () { this.set(limiter().fallbackActive ? 1 : 0) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_rate_limit_memory_keys', help: 'Keys the in-memory rate-limit store holds (bounded)', registers, collect () { this.set(limiter().memoryKeys) } }) // eslint-disable-line no-new
   // Optimization: the four label children of each counter are resolved once, not per check.
-  const children = (c: Counter<'scope' | 'store'>): Record<Scope, Record<StoreKind, Counter.Internal>> => ({
-    global: { memory: c.labels('global', 'memory'), redis: c.labels('global', 'redis') },
-    op: { memory: c.labels('op', 'memory'), redis: c.labels('op', 'redis') }
+  const children = (c: CallCounter): Record<Scope, Record<StoreKind, CounterSeries>> => ({
+    global: { memory: c.series('global', 'memory'), redis: c.series('global', 'redis') },
+    op: { memory: c.series('op', 'memory'), redis: c.series('op', 'redis') }
   })
   const checked = children(checks)
   const refused = children(refusals)

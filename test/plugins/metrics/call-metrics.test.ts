@@ -1,6 +1,6 @@
 import t from 'tap'
-import { Histogram, Registry } from 'prom-client'
-import { CallHistogram } from '../../../plugins/metrics/histogram.js'
+import { Counter, Histogram, Registry } from 'prom-client'
+import { CallCounter, CallHistogram } from '../../../plugins/metrics/call-metrics.js'
 
 const BUCKETS = [0.001, 0.01, 0.1, 1]
 // Bounds themselves (le is inclusive), values between them, past the last bound, and zero.
@@ -57,4 +57,41 @@ t.test('a label set resolves to one series; no labels; values that are not numbe
   t.match(await registry.metrics(), /p_seconds_bucket\{le="2"\} 1\np_seconds_bucket\{le="\+Inf"\} 1\np_seconds_sum 1.5\np_seconds_count 1/)
   t.throws(() => new CallHistogram({ name: 'x', help: 'x', labelNames: [], buckets: [1, 1], registers: [] }), /buckets must ascend/)
   t.throws(() => new CallHistogram({ name: 'h_seconds', help: 'again', labelNames: [], buckets: [1], registers: [registry] }), /already been registered/)
+})
+
+t.test('counters: what prom-client\'s Counter writes out, with and without labels, and after a reset', async t => {
+  const ours = new Registry()
+  const theirs = new Registry()
+  const fast = new CallCounter({ name: 'verdicts_total', help: 'Verdicts', labelNames: ['action', 'outcome'], registers: [ours] })
+  const reference = new Counter({ name: 'verdicts_total', help: 'Verdicts', labelNames: ['action', 'outcome'] as const, registers: [theirs] })
+  const plainFast = new CallCounter({ name: 'fallbacks_total', help: 'Fallbacks', labelNames: [], registers: [ours] })
+  const plainReference = new Counter({ name: 'fallbacks_total', help: 'Fallbacks', registers: [theirs] })
+  const json = async (r: Registry): Promise<unknown> => JSON.parse(JSON.stringify(await r.getMetricsAsJSON()))
+  // Nothing counted yet: the labelled counter writes no line, the plain one writes 0.
+  fast.series('block', 'passed')
+  reference.labels('block', 'passed')
+  t.equal(await ours.metrics(), await theirs.metrics())
+  t.match(await ours.metrics(), /^fallbacks_total 0$/m)
+  for (const [action, outcome, n] of [['block', 'passed', 1], ['block', 'passed', 1], ['redact', 'redacted', 3], ['block', 'blocked', 0]] as const) {
+    fast.series(action, outcome).inc(n)
+    reference.labels(action, outcome).inc(n)
+  }
+  plainFast.series().inc()
+  plainReference.inc()
+  t.equal(await ours.metrics(), await theirs.metrics())
+  t.match(await ours.metrics(), /verdicts_total\{action="block",outcome="passed"\} 2\n/)
+  t.match(await ours.metrics(), /verdicts_total\{action="block",outcome="blocked"\} 0\n/, 'an increment by 0 writes the line out')
+  t.same(await json(ours), await json(theirs))
+  ours.resetMetrics()
+  theirs.resetMetrics()
+  t.equal(await ours.metrics(), await theirs.metrics())
+  t.same(await json(ours), await json(theirs))
+  // A counter only goes up: what prom-client throws on, this one drops.
+  const s = fast.series('block', 'passed')
+  s.inc(-1)
+  s.inc(Number.NaN)
+  s.inc(Number.POSITIVE_INFINITY)
+  t.notMatch(await ours.metrics(), /verdicts_total\{/)
+  s.inc()
+  t.match(await ours.metrics(), /verdicts_total\{action="block",outcome="passed"\} 1\n/)
 })
