@@ -79,6 +79,8 @@ interface HistogramState extends HistogramSeries, Values {
   readonly counts: Float64Array
   sum: number
   count: number
+  /** Written out once observed (or, without labels, from the start until a reset), as prom-client does. */
+  seen: boolean
 }
 
 interface HistogramValue {
@@ -99,6 +101,8 @@ export class CallHistogram<L extends string = string> extends CallMetric<Histogr
     for (let i = 1; i < this.bounds.length; i++) {
       if (!(this.bounds[i] > this.bounds[i - 1])) throw new Error(`${opts.name}: buckets must ascend`)
     }
+    // A histogram without labels is written out from the start, at 0.
+    if (opts.labelNames.length === 0) this.resolve([]).seen = true
     this.register(opts.registers)
   }
 
@@ -115,6 +119,7 @@ export class CallHistogram<L extends string = string> extends CallMetric<Histogr
       counts,
       sum: 0,
       count: 0,
+      seen: false,
       // A value that is not a number is dropped (prom-client throws): a metric never fails a call.
       observe: (value: number): void => {
         if (!Number.isFinite(value)) return
@@ -123,6 +128,7 @@ export class CallHistogram<L extends string = string> extends CallMetric<Histogr
         counts[i]++
         state.sum += value
         state.count++
+        state.seen = true
       }
     }
     return state
@@ -130,7 +136,7 @@ export class CallHistogram<L extends string = string> extends CallMetric<Histogr
 
   /** Per observed label set: cumulative buckets, +Inf, sum, count. */
   protected valuesOf (s: HistogramState, out: HistogramValue[]): void {
-    if (s.count === 0) return
+    if (!s.seen) return
     const bucketName = this.name + '_bucket'
     let acc = 0
     for (let i = 0; i < this.bounds.length; i++) {
@@ -146,6 +152,8 @@ export class CallHistogram<L extends string = string> extends CallMetric<Histogr
     s.counts.fill(0)
     s.sum = 0
     s.count = 0
+    // prom-client's reset empties a histogram, with labels or without.
+    s.seen = false
   }
 }
 
