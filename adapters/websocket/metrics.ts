@@ -1,5 +1,6 @@
 import type { FastifyInstance } from 'fastify'
-import { Counter, Gauge } from 'prom-client'
+import { Gauge } from 'prom-client'
+import { CallCounter } from '../../plugins/metrics/call-metrics.js'
 
 /** Why a connection ended; a fixed set, so the label's cardinality is too. */
 export const CLOSE_REASONS = [
@@ -27,12 +28,12 @@ export function websocketMetrics (app: FastifyInstance, openConnections: () => n
   if (!app.hasDecorator('metrics')) return none
   const registers = [app.metrics.registry]
   new Gauge({ name: 'mantle_websocket_connections', help: 'Open connections of the WebSocket face (/ws)', registers, collect () { this.set(openConnections()) } }) // eslint-disable-line no-new
-  const frames = new Counter({ name: 'mantle_websocket_frames_total', help: 'Frames of the WebSocket face, by direction', labelNames: ['direction'] as const, registers })
-  const closes = new Counter({ name: 'mantle_websocket_closes_total', help: 'Connections of the WebSocket face that ended, by reason', labelNames: ['reason'] as const, registers })
-  // Label children resolved once: these run per frame.
-  const framesIn = frames.labels('in')
-  const framesOut = frames.labels('out')
-  const byReason = new Map(CLOSE_REASONS.map(r => [r, closes.labels(r)]))
+  const frames = new CallCounter({ name: 'mantle_websocket_frames_total', help: 'Frames of the WebSocket face, by direction', labelNames: ['direction'], registers })
+  const closes = new CallCounter({ name: 'mantle_websocket_closes_total', help: 'Connections of the WebSocket face that ended, by reason', labelNames: ['reason'], registers })
+  // Label sets resolved once: these run per frame.
+  const framesIn = frames.series('in')
+  const framesOut = frames.series('out')
+  const byReason = new Map(CLOSE_REASONS.map(r => [r, closes.series(r)]))
   return {
     frameIn: () => framesIn.inc(),
     frameOut: () => framesOut.inc(),
