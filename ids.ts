@@ -1,23 +1,39 @@
-// Ids the gateway makes for calls and audit entries.
+// Ids the gateway makes: request and audit entry ids, the Kernel calls' trace and span ids.
 import { randomFillSync } from 'node:crypto'
 
 // The millisecond of the last id made, and the text of its first 15 characters.
 let idMs = Number.NaN
 let idPrefix = ''
 const HEX_BYTE = Array.from({ length: 256 }, (_, b) => b.toString(16).padStart(2, '0'))
-// The random bits, drawn from the CSPRNG 4 KB at a time (409 ids a draw), as randomUUID draws
-// its own (2 KB at a time): one syscall for hundreds of ids.
-const POOL_BYTES = 4096
-const RANDOM_BYTES = 10
-const pool = Buffer.alloc(POOL_BYTES)
-let used = POOL_BYTES
+// Random bytes for every id the gateway makes (UUIDv7s here, the Kernel calls' trace and span
+// ids), cut from one buffer refilled from the CSPRNG 4 KiB at a time: randomBytes per id was a
+// syscall per request (5% of the gateway's CPU under load).
+const pool = Buffer.allocUnsafe(4096)
+let used = pool.length
+
+/** Where `n` fresh random bytes start in `pool`. */
+function draw (n: number): number {
+  if (used + n > pool.length) {
+    randomFillSync(pool)
+    used = 0
+  }
+  const at = used
+  used += n
+  return at
+}
+
+/** `bytes` random bytes as lowercase hex (trace and span ids). */
+export function randomHex (bytes: number): string {
+  const at = draw(bytes)
+  return pool.toString('hex', at, at + bytes)
+}
 
 /**
- * A UUIDv7 (RFC 9562): the time in ms in its first 48 bits, then 74 random bits, the version
- * and variant in their places. Ids that grow with time sort as the calls came (logs, the audit
- * trail) and are added at the end of a B-tree index instead of all over it: random entry ids
- * cost PostgreSQL 2.5 to 4.6 µs more per audit entry at 300,000 rows (index pages read and
- * written again, each logged whole after a checkpoint). The uuid package's v7 cost 3.5 µs a call
+ * A UUIDv7 (RFC 9562): the time in ms in its first 48 bits, then 74 random bits (of 10 random
+ * bytes), the version and variant in their places. Ids that grow with time sort as the calls
+ * came (logs, the audit trail) and are added at the end of a B-tree index instead of all over
+ * it: random entry ids cost PostgreSQL 2.5 to 4.6 µs more per audit entry at 300,000 rows
+ * (index pages read and written again, each logged whole after a checkpoint). The uuid package's v7 cost 3.5 µs a call
  * here (fresh random bytes each time), 14 times randomUUID; this one costs what randomUUID does
  * (0.11 µs in a tight loop; 0.30 µs when it cut randomUUID's text up).
  */
@@ -30,13 +46,8 @@ export function uuidv7 (ms: number = Date.now()): string {
       HEX_BYTE[(low >>> 8) & 255] + HEX_BYTE[low & 255] + '-7'
     idMs = ms
   }
-  if (used + RANDOM_BYTES > POOL_BYTES) {
-    randomFillSync(pool)
-    used = 0
-  }
   const b = pool
-  const i = used
-  used += RANDOM_BYTES
+  const i = draw(10)
   // 12 bits after the version (one hex digit of the first byte), then the variant's 2 bits and 62 more.
   return idPrefix + HEX_BYTE[b[i] & 15][1] + HEX_BYTE[b[i + 1]] + '-' + HEX_BYTE[(b[i + 2] & 0x3f) | 0x80] + HEX_BYTE[b[i + 3]] + '-' +
     HEX_BYTE[b[i + 4]] + HEX_BYTE[b[i + 5]] + HEX_BYTE[b[i + 6]] + HEX_BYTE[b[i + 7]] + HEX_BYTE[b[i + 8]] + HEX_BYTE[b[i + 9]]

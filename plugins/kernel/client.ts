@@ -1,5 +1,5 @@
 import { Pool, type Dispatcher } from 'undici'
-import { randomFillSync } from 'node:crypto'
+import { randomHex } from '../../ids.js'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { EventEmitter } from 'node:events'
 import { MantleError } from '../../errors.js'
@@ -42,20 +42,6 @@ const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'
 
 const TRACEPARENT = /^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$/
 const ZERO_TRACE = '0'.repeat(32)
-
-// Optimization: trace and span ids are cut from a pooled buffer refilled 4 KiB at a time;
-// randomBytes per call was a syscall per request (5% of the gateway's CPU under load).
-const entropy = Buffer.allocUnsafe(4096)
-let entropyOffset = entropy.length
-function randomHex (bytes: number): string {
-  if (entropyOffset + bytes > entropy.length) {
-    randomFillSync(entropy)
-    entropyOffset = 0
-  }
-  const out = entropy.toString('hex', entropyOffset, entropyOffset + bytes)
-  entropyOffset += bytes
-  return out
-}
 
 /** A W3C traceparent for the Kernel call: the caller's trace, with a new span as parent. */
 export function childTraceparent (incoming: string | undefined): string {
