@@ -94,9 +94,8 @@ export class AuditWriter {
     if (this.queue.length === 0 && !spooled) return
     // A flush begins at most once an interval, unless a full batch waits (or the spool, or close).
     const now = Date.now()
-    const due = this.began + this.intervalMs
-    if (now < due && this.queue.length < this.opts.batchSize && !spooled && !this.closed) {
-      this.tickAt(due - now)
+    if (!spooled && !this.due(now)) {
+      this.tickAt(this.began + this.intervalMs - now)
       return
     }
     this.began = now
@@ -104,6 +103,14 @@ export class AuditWriter {
       this.flushing = null
       if (this.queue.length > 0 && !this.closed) this.tickAt(this.began + this.intervalMs - Date.now())
     })
+  }
+
+  /**
+   * Whether the queue is written now: a full batch waits, the writer closes, or an interval has
+   * passed since the last flush began.
+   */
+  private due (now: number): boolean {
+    return this.queue.length >= this.opts.batchSize || this.closed || now - this.began >= this.intervalMs
   }
 
   /** One tick after `ms`, for what waits in the queue (the interval's own ticks may come later). */
@@ -123,7 +130,7 @@ export class AuditWriter {
     const spool = this.opts.spool
     if (spool !== null && spool.size > 0 && this.began >= this.retryAt) await this.replay(spool)
     let first = true
-    while (this.queue.length >= this.opts.batchSize || (this.queue.length > 0 && (first || this.closed || Date.now() - this.began >= this.intervalMs))) {
+    while (this.queue.length > 0 && (first || this.due(Date.now()))) {
       first = false
       const batch = this.queue.length <= this.opts.batchSize ? this.queue : this.queue.slice(0, this.opts.batchSize)
       this.queue = batch === this.queue ? [] : this.queue.slice(this.opts.batchSize)
