@@ -30,6 +30,9 @@ const INSERT = `WITH inserted AS (INSERT INTO bff_audit_entries (${COLUMNS})
 SELECT * FROM unnest(${COLUMN_TYPES.map((type, i) => `$${i + 1}::${type}[]`).join(', ')})
 RETURNING 1)
 UPDATE bff_audit_chain SET head_seq = $19, head_hash = $20 WHERE id = 1 AND (SELECT count(*) FROM inserted) = $21`
+// Prepared once per connection under this name: PostgreSQL then neither parses the statement
+// nor, after its first executions, plans it again for each batch.
+const INSERT_STATEMENT = 'mantle-audit-insert'
 
 // PostgreSQL's timestamps count microseconds from 2000-01-01 UTC.
 const PG_EPOCH_MS = 946_684_800_000
@@ -276,7 +279,7 @@ export class PostgresAuditStore implements AuditStore {
         prev = hash
       }
       if (cols[0].length > 0) {
-        const moved = await client.query(INSERT, [...cols.map((col, k) => binaryArray(COLUMN_TYPES[k], col)), seq, prev, cols[0].length])
+        const moved = await client.query({ name: INSERT_STATEMENT, text: INSERT, values: [...cols.map((col, k) => binaryArray(COLUMN_TYPES[k], col)), seq, prev, cols[0].length] })
         if (moved.rowCount !== 1) throw new Error('the audit chain head did not move with the batch')
       }
       await client.query('COMMIT')
