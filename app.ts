@@ -19,6 +19,7 @@ import events from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
 import tracing from './plugins/tracing/index.js'
 import rateLimit from './plugins/rate-limit/index.js'
+import { requestLoggerFactory } from './request-logger.js'
 import firewall from './plugins/firewall/index.js'
 import idempotency from './plugins/idempotency/index.js'
 import cache from './plugins/cache/index.js'
@@ -180,6 +181,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     },
     bodyLimit: config.BFF_BODY_LIMIT,
     requestIdHeader: false,
+    // A request's logger becomes a pino child only when the request writes a line (request-logger.ts).
+    childLoggerFactory: requestLoggerFactory,
     genReqId: (req) => {
       const id = req.headers['x-request-id']
       return typeof id === 'string' && REQUEST_ID.test(id) ? id : uuidv7()

@@ -1,0 +1,100 @@
+import t from 'tap'
+import pino from 'pino'
+import type { FastifyBaseLogger } from 'fastify'
+import { requestLoggerFactory } from '../request-logger.js'
+import { buildApp } from '../app.js'
+import { loadConfig } from '../schemas/config.js'
+
+/** A pino logger writing its lines into `lines`, with a count of the children made from it. */
+function capture (level: string): { root: FastifyBaseLogger, lines: Array<Record<string, unknown>>, children: () => number } {
+  const lines: Array<Record<string, unknown>> = []
+  const root = pino({ level, redact: { paths: ['req.headers.authorization', '*.input'], censor: '[redacted]' } }, { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } })
+  let children = 0
+  // pino's children inherit from their parent: a grandchild is made by the same function.
+  const child = root.child
+  root.child = function (this: typeof root, bindings, options) {
+    if (this === root) children++
+    return child.call(this, bindings, options)
+  } as typeof root.child
+  return { root, lines, children: () => children }
+}
+
+t.test('no pino child is made until a line is written at a level in force', async t => {
+  const { root, lines, children } = capture('warn')
+  const log = requestLoggerFactory(root, { reqId: 'r1' }, {})
+  log.info('incoming request')
+  log.debug({ a: 1 }, 'detail')
+  log.trace('trace')
+  log.silent('nothing')
+  t.equal(children(), 0, 'lines below the level make no child')
+  t.equal(lines.length, 0)
+  log.warn({ code: 'X' }, 'call failed')
+  log.error(new Error('boom'))
+  log.fatal('fatal')
+  t.equal(children(), 1, 'one child, made on the first line written and kept')
+  t.same(lines.map(l => [l.reqId, l.msg]), [['r1', 'call failed'], ['r1', 'boom'], ['r1', 'fatal']], 'every line carries the bindings')
+  t.equal(lines[0].code, 'X')
+})
+
+t.test('the parent\'s redaction applies to the lines written', async t => {
+  const { root, lines } = capture('info')
+  const log = requestLoggerFactory(root, { reqId: 'r2' }, {})
+  log.info({ req: { headers: { authorization: 'Bearer SECRET' } }, call: { input: 'SECRET' } }, 'logged')
+  t.notOk(JSON.stringify(lines).includes('SECRET'), 'no secret in the line')
+  t.equal(lines[0].reqId, 'r2')
+})
+
+t.test('a route\'s level (the options Fastify passes) and a level set later are honoured', async t => {
+  const { root, lines, children } = capture('warn')
+  const log = requestLoggerFactory(root, { reqId: 'r3' }, { level: 'debug' })
+  t.equal(log.level, 'debug')
+  log.trace('not written')
+  t.equal(children(), 0)
+  log.debug('written at debug')
+  t.equal(lines.length, 1)
+  t.equal(log.level, 'debug', 'the child has the route\'s level')
+
+  const later = requestLoggerFactory(root, { reqId: 'r4' }, {})
+  t.equal(later.level, 'warn', 'the parent\'s level by default')
+  later.level = 'trace'
+  later.trace('before the child exists')
+  t.equal(lines.at(-1)?.msg, 'before the child exists')
+  later.level = 'error'
+  later.warn('not written')
+  t.equal(lines.at(-1)?.msg, 'before the child exists', 'the child follows a level set after it was made')
+  t.equal(later.level, 'error')
+})
+
+t.test('child() gives a pino child carrying both sets of bindings', async t => {
+  const { root, lines } = capture('info')
+  const log = requestLoggerFactory(root, { reqId: 'r5' }, {})
+  log.child({ op: 'getAgent' }).info('nested')
+  t.same([lines[0].reqId, lines[0].op, lines[0].msg], ['r5', 'getAgent', 'nested'])
+})
+
+t.test('under Fastify\'s null logger (logging off), the null logger itself', async t => {
+  const app = await buildApp(loadConfig({ NODE_ENV: 'test', LOG_LEVEL: 'silent', BFF_AUDIT_ENABLED: 'false' }), { logger: false })
+  t.teardown(() => app.close())
+  app.get('/log', async (request) => {
+    request.log.error('dropped')
+    return { same: request.log === app.log }
+  })
+  const res = await app.inject({ url: '/log' })
+  t.same(res.json(), { same: true })
+})
+
+t.test('the gateway: a request\'s error line carries its request id', async t => {
+  const lines: string[] = []
+  const config = loadConfig({ NODE_ENV: 'test', LOG_LEVEL: 'warn', BFF_AUDIT_ENABLED: 'false' })
+  const app = await buildApp(config, { logStream: { write: (line: string) => { lines.push(line) } } })
+  t.teardown(() => app.close())
+  app.get('/boom', async (request) => {
+    request.log.info('below the level')
+    request.log.error({ where: 'test' }, 'a handler failed')
+    return { ok: true }
+  })
+  const res = await app.inject({ url: '/boom', headers: { 'x-request-id': 'rid-logger-test' } })
+  t.equal(res.statusCode, 200)
+  const mine = lines.map(l => JSON.parse(l) as Record<string, unknown>).filter(l => l.reqId === 'rid-logger-test')
+  t.same(mine.map(l => l.msg), ['a handler failed'], 'the line written, with the request id; the info line dropped')
+})
