@@ -276,6 +276,23 @@ if (available) {
     t.same(await store.verify({}), { ok: true, checked: 5, firstBroken: null })
   })
 
+  t.test('the store itself: the batch INSERT is prepared once per connection, then planned once', async t => {
+    const { url, store, entry } = await storeOnNewDatabase(t)
+    for (let i = 0; i < 8; i++) await store.write([entry(), entry()])
+    t.equal(await count(url), 16)
+    // The writes went one after the other, each on the connection the last one gave back.
+    const client = await store.pool.connect()
+    try {
+      const rows = (await client.query<{ name: string, generic: string, custom: string }>(
+        'SELECT name, generic_plans AS generic, custom_plans AS custom FROM pg_prepared_statements')).rows
+      t.same(rows.map(r => r.name), ['mantle-audit-insert'], 'one statement, under its name')
+      t.equal(Number(rows[0].generic) + Number(rows[0].custom), 8, 'run for each of the 8 batches')
+      t.ok(Number(rows[0].generic) > 0, 'PostgreSQL went on to a generic plan: no planning per batch')
+    } finally {
+      client.release()
+    }
+  })
+
   t.test('the store itself: duplicates within one batch, and any text in any column, are stored as given', async t => {
     const { url, store, entry } = await storeOnNewDatabase(t)
     // Text an array literal must quote or escape: quotes, backslashes, braces, commas, the word
