@@ -36,7 +36,8 @@ class RequestLogger implements FastifyBaseLogger {
     return threshold === undefined || values[level] >= threshold
   }
 
-  get level (): string { return this.#child?.level ?? this.#level }
+  // The child, once made, always has this level (made with it, or set to it by the setter).
+  get level (): string { return this.#level }
   set level (level: string) {
     this.#level = level
     if (this.#child !== null) this.#child.level = level
