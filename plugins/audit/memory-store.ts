@@ -1,4 +1,5 @@
-import { type AuditEntry, type AuditPage, type AuditQuery, type AuditStore, type StoredEntry, type VerifyResult, ChainWalker, GENESIS, hashEntry, suffixed } from './entry.js'
+import Denque from 'denque'
+import { type AuditEntry, type AuditPage, type AuditQuery, type AuditStore, type StoredEntry, type VerifyResult, ChainWalker, GENESIS, storedEntry, suffixed } from './entry.js'
 
 export interface MemoryStoreOptions {
   /** Most entries kept; beyond it the oldest is dropped (and counted). */
@@ -13,7 +14,9 @@ export interface MemoryStoreOptions {
  */
 export class MemoryAuditStore implements AuditStore {
   readonly kind = 'memory' as const
-  private readonly ring: StoredEntry[] = []
+  // A deque, oldest first: dropping the oldest is O(1) (Array#splice(0, n) moved the whole
+  // ring, 100,000 entries by default, for every batch once it was full).
+  private readonly ring = new Denque<StoredEntry>()
   private readonly ids = new Set<string>()
   private readonly requestIds = new Set<string>()
   private headSeq = 0
@@ -36,8 +39,7 @@ export class MemoryAuditStore implements AuditStore {
       if (this.ids.has(e.id)) continue
       const requestId = this.requestIds.has(e.requestId) ? suffixed(e) : e.requestId
       const seq = this.headSeq + 1
-      const stored: StoredEntry = { ...e, requestId, seq, previousHash: this.headHash, hash: '' }
-      stored.hash = hashEntry(this.headHash, seq, stored)
+      const stored = storedEntry(e, requestId, seq, this.headHash)
       this.ring.push(stored)
       this.ids.add(e.id)
       this.requestIds.add(requestId)
@@ -52,36 +54,35 @@ export class MemoryAuditStore implements AuditStore {
   }
 
   private drop (n: number): void {
-    const gone = this.ring.splice(0, n)
-    for (const e of gone) {
+    for (let i = 0; i < n; i++) {
+      const e = this.ring.shift()!
       this.ids.delete(e.id)
       this.requestIds.delete(e.requestId)
-    }
-    const last = gone[gone.length - 1]
-    if (last !== undefined) {
-      this.anchorSeq = last.seq
-      this.anchorHash = last.hash
+      this.anchorSeq = e.seq
+      this.anchorHash = e.hash
     }
   }
 
   async verify (range: { from?: Date, to?: Date }): Promise<VerifyResult> {
     const from = range.from?.getTime() ?? -Infinity
     const to = range.to?.getTime() ?? Infinity
-    const first = this.ring.findIndex(e => e.timestamp >= from)
-    let last = -1
-    for (let i = this.ring.length - 1; i >= 0; i--) if (this.ring[i].timestamp <= to) { last = i; break }
-    if (first === -1 || last < first) return { ok: true, checked: 0, firstBroken: null }
-    const anchor = first === 0 ? { seq: this.anchorSeq, hash: this.anchorHash } : { seq: this.ring[first - 1].seq, hash: this.ring[first - 1].hash }
-    const walker = new ChainWalker(anchor.seq, anchor.hash)
-    for (let i = first; i <= last && walker.step(this.ring[i]); i++);
-    if (last === this.ring.length - 1) walker.endsAt(this.headSeq, this.headHash, this.ring[last])
+    const ring = this.ring
+    let first = 0
+    while (first < ring.length && ring.peekAt(first)!.timestamp < from) first++
+    let last = ring.length - 1
+    while (last >= 0 && ring.peekAt(last)!.timestamp > to) last--
+    if (first === ring.length || last < first) return { ok: true, checked: 0, firstBroken: null }
+    const before = first === 0 ? { seq: this.anchorSeq, hash: this.anchorHash } : ring.peekAt(first - 1)!
+    const walker = new ChainWalker(before.seq, before.hash)
+    for (let i = first; i <= last && walker.step(ring.peekAt(i)!); i++);
+    if (last === ring.length - 1) walker.endsAt(this.headSeq, this.headHash, ring.peekAt(last)!)
     return walker.result()
   }
 
   async query (q: AuditQuery): Promise<AuditPage> {
     const entries: StoredEntry[] = []
     for (let i = this.ring.length - 1; i >= 0 && entries.length <= q.limit; i--) {
-      const e = this.ring[i]
+      const e = this.ring.peekAt(i)!
       if (q.beforeSeq !== undefined && e.seq >= q.beforeSeq) continue
       if (q.tenant !== undefined && e.tenantId !== q.tenant) continue
       if (q.from !== undefined && e.timestamp < q.from.getTime()) continue
@@ -98,7 +99,7 @@ export class MemoryAuditStore implements AuditStore {
 
   async prune (before: Date, limit: number): Promise<number> {
     let n = 0
-    while (n < limit && n < this.ring.length && this.ring[n].timestamp < before.getTime()) n++
+    while (n < limit && n < this.ring.length && this.ring.peekAt(n)!.timestamp < before.getTime()) n++
     this.drop(n)
     return n
   }
