@@ -17,7 +17,7 @@ import { cpus, totalmem, type as osType, release, arch } from 'node:os'
 import { dirname, resolve } from 'node:path'
 import { parseArgs } from 'node:util'
 import {
-  GATEWAY_SPINE, REPO_ROOT, REST_TARGETS, benchToken, killAllNow, median, requestFor, startKernelProcess, startTargets, stopAll,
+  GATEWAY_SPINE, REPO_ROOT, REST_TARGETS, benchToken, killAllNow, median, profileWithPerf, requestFor, startKernelProcess, startTargets, stopAll,
   type RunningProcess, type Target, type TargetContext
 } from './harness.js'
 import { fmt, measure, measureRounds, peakRssMiB, signed, sleep, textTable, type RunFigures } from './measure.js'
@@ -30,6 +30,7 @@ import { runCache, type CacheReport } from './bench-cache.js'
 import { runAudit, type AuditReport } from './bench-audit.js'
 import { PROFILES, type LoadProfile } from './scenarios.js'
 import { formatSuite, runSuite, SUITE_FACES, type SuiteFace } from './suite.js'
+import { perfAvailable } from './perf-profile.js'
 
 const SECTIONS = ['spine', 'faces', 'cache', 'ws-scale', 'rate-limit', 'firewall', 'audit'] as const
 type Section = typeof SECTIONS[number]
@@ -115,6 +116,7 @@ function parseOptions (argv: string[]): Options {
       scale: { type: 'string', default: '1' },
       'rate-scale': { type: 'string', default: '1' },
       faces: { type: 'string', default: SUITE_FACES.join(',') },
+      perf: { type: 'string' },
       help: { type: 'boolean', default: false }
     }
   })
@@ -122,10 +124,12 @@ function parseOptions (argv: string[]): Options {
     process.stdout.write(`usage: npm run bench -- [--section ${SECTIONS.join('|')}|all (comma-separated; default all = spine,faces,cache)]\n` +
       '         [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
       '         [--connections-scale <n>] [--scale-clients <n>] [--scale-batch <n>] [--scale-events <n>]\n' +
-      '         [--rate-limit-checks <n>]\n' +
+      '         [--rate-limit-checks <n>] [--perf <target>]\n' +
       '   or: npm run bench -- --scenario smoke|load|stress|spike|soak [--scale <f>] [--rate-scale <f>] [--faces rest,trpc,graphql,websocket]\n' +
       '       (exit status 99 when a threshold is crossed)\n' +
-      `spine targets: ${REST_TARGETS.map((t) => t.name).join(', ')}\n`)
+      `spine targets: ${REST_TARGETS.map((t) => t.name).join(', ')}\n` +
+      '--perf <target>: samples that target during its first round with Linux perf (gateway-spine, gateway-cache,\n' +
+      '       firewall-on, gateway-audit, ...) and prints where its CPU went, by the nearest JavaScript frame\n')
     process.exit(0)
   }
   const positive = (name: string, raw: string, integer: boolean): number => {
@@ -164,6 +168,8 @@ function parseOptions (argv: string[]): Options {
   const faces = values.faces.split(',').map((s) => s.trim()).filter((s) => s !== '')
   const unknownFaces = faces.filter((f) => !(SUITE_FACES as readonly string[]).includes(f))
   if (faces.length === 0 || unknownFaces.length > 0) throw new UsageError(`--faces: unknown face ${JSON.stringify(unknownFaces.join(','))}; known: ${SUITE_FACES.join(', ')}`)
+  if (values.perf !== undefined && !perfAvailable()) throw new UsageError('--perf needs Linux perf on the PATH (apt-get install linux-perf)')
+  profileWithPerf(values.perf ?? null)
   const stamp = new Date().toISOString().replace(/[:.]/g, '-')
   return {
     duration: positive('duration', values.duration, false),

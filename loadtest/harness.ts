@@ -7,6 +7,7 @@ import { readFileSync, readdirSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { fileURLToPath } from 'node:url'
 import { mintToken } from '../plugins/auth/index.js'
+import { PERF_NODE_FLAGS, removePerfMap } from './perf-profile.js'
 
 /** The repository root: children run from it so their relative imports and manifest resolve. */
 export const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url))
@@ -96,6 +97,11 @@ export interface RunningProcess {
   stop: () => Promise<void>
 }
 
+/** The target `--perf` names: it runs with PERF_NODE_FLAGS, and measureRounds samples it. */
+let perfTarget: string | null = null
+export function profileWithPerf (target: string | null): void { perfTarget = target }
+export const profiledTarget = (): string | null => perfTarget
+
 // Inherited settings that would silently change what a child measures (a developer's shell
 // may export BFF_AUTH_ENABLED=false, say): every configuration is set explicitly instead.
 const CONTROLLED_ENV = /^(BFF_|KERNEL_|PORT$|HOST$|LOG_LEVEL$|NODE_ENV$|NODE_OPTIONS$)/
@@ -120,7 +126,7 @@ interface SpawnedChild {
  * `node --import tsx --import ./loadtest/child-guard.ts <script>` from the repository root,
  * registered for stopAll/killAllNow. Inherited settings that change a configuration are dropped.
  */
-function spawnChild (script: string, extraEnv: Record<string, string>, ipc: boolean, args: readonly string[] = []): SpawnedChild {
+function spawnChild (script: string, extraEnv: Record<string, string>, ipc: boolean, args: readonly string[] = [], nodeFlags: readonly string[] = []): SpawnedChild {
   const env: Record<string, string> = {}
   for (const [key, value] of Object.entries(process.env)) {
     if (value !== undefined && !CONTROLLED_ENV.test(key)) env[key] = value
@@ -128,7 +134,7 @@ function spawnChild (script: string, extraEnv: Record<string, string>, ipc: bool
   Object.assign(env, extraEnv)
   // Through env(1) without NODE_OPTIONS: a test runner that instruments children (tap's
   // coverage) must not reach into a target, whose tsx-compiled sources would skew its report.
-  const child = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', '-u', 'NODE_V8_COVERAGE', process.execPath, '--import', 'tsx', '--import', './loadtest/child-guard.ts', script, ...args], {
+  const child = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', '-u', 'NODE_V8_COVERAGE', process.execPath, ...nodeFlags, '--import', 'tsx', '--import', './loadtest/child-guard.ts', script, ...args], {
     cwd: REPO_ROOT,
     env,
     // stdin is the guard's lifeline; stdout/stderr are kept to explain a failed start (and, for
@@ -176,7 +182,7 @@ function spawnChild (script: string, extraEnv: Record<string, string>, ipc: bool
  * child-guard.ts, which ends it when the harness disappears without cleaning up (SIGKILL).
  */
 export async function startProcess (opts: ProcessOptions): Promise<RunningProcess> {
-  const { child, tail, spawnFailure, stop } = spawnChild(opts.script, opts.env, false)
+  const { child, tail, spawnFailure, stop } = spawnChild(opts.script, opts.env, false, [], opts.name === perfTarget ? PERF_NODE_FLAGS : [])
   try {
     await waitReady(opts, child, tail, spawnFailure)
   } catch (err) {
@@ -184,7 +190,10 @@ export async function startProcess (opts: ProcessOptions): Promise<RunningProces
     throw err
   }
   if (child.pid === undefined) throw new Error(`${opts.name}: no pid`)
-  return { name: opts.name, pid: child.pid, stop }
+  const pid = child.pid
+  // A profiled process leaves the map of its compiled code behind (/tmp/perf-<pid>.map).
+  if (opts.name === perfTarget) return { name: opts.name, pid, stop: async () => { await stop(); await removePerfMap(pid) } }
+  return { name: opts.name, pid, stop }
 }
 
 export interface WorkerOptions {

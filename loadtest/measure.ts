@@ -1,7 +1,8 @@
 // The HTTP measurement every section shares (autocannon in the harness process), and the
 // formatting of the printed tables.
 import autocannon from 'autocannon'
-import { cpuMicros, median, requestFor, rssKiB, type Scenario, type Target } from './harness.js'
+import { REPO_ROOT, cpuMicros, median, profiledTarget, requestFor, rssKiB, type Scenario, type Target } from './harness.js'
+import { breakdown, formatBreakdown, recordPerf, type PerfBreakdown } from './perf-profile.js'
 
 export interface RunFigures {
   reqPerSec: number
@@ -29,6 +30,8 @@ export interface RunFigures {
   cpuUsPerRequest: number | null
   /** CPU time of the watched processes (RoundsOptions.watch) per request answered (µs); null when none is watched. */
   watchedCpuUsPerRequest: number | null
+  /** Where the target's CPU went in this run (`--perf`, first round of the named target only). */
+  perf?: PerfBreakdown
 }
 
 /** CPU time (µs) of a set of processes; those gone since are not counted. */
@@ -128,7 +131,19 @@ export async function measureRounds (targets: readonly Target[], scenario: Scena
   for (let round = 0; round < opts.rounds; round++) {
     const order = targets.map((_, i) => targets[(i + round) % targets.length])
     for (const target of order) {
+      // `--perf`: the named target is sampled during its first round, from 1 s in to 1 s before the end.
+      const sampled = round === 0 && target.name === profiledTarget() && target.pid !== undefined && opts.duration > 2
+        ? new Promise<string>((resolve, reject) => { setTimeout(() => { recordPerf(target.pid!, opts.duration - 2).then(resolve, reject) }, 1000) })
+        : null
       const f = await measure(target, scenario, opts.duration, opts.connections, undefined, opts.watch)
+      if (sampled !== null) {
+        try {
+          f.perf = breakdown(await sampled, REPO_ROOT)
+          process.stderr.write(formatBreakdown(target.name, f.perf))
+        } catch (err) {
+          process.stderr.write(`perf: ${target.name} not sampled: ${(err as Error).message}\n`)
+        }
+      }
       perTarget.get(target.name)!.push(f)
       process.stderr.write(`${opts.label} round ${round + 1}/${opts.rounds}  ${target.name.padEnd(width)} ${f.reqPerSec.toFixed(0).padStart(7)} req/s  p50 ${f.p50FineMs.toFixed(2)} ms  p99 ${f.p99FineMs.toFixed(2)} ms` +
         (f.cpuUsPerRequest === null ? '' : `  CPU ${f.cpuUsPerRequest.toFixed(1)} µs/req`) +
