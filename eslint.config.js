@@ -2,5 +2,5 @@ import neostandard from 'neostandard'
 
 export default neostandard({
   ts: true,
-  ignores: ['dist/**', 'node_modules/**', 'coverage/**', '.tap/**', 'loadtest/results/**']
+  ignores: ['dist/**', '.bench-build/**', 'node_modules/**', 'coverage/**', '.tap/**', 'loadtest/results/**']
 })

@@ -17,7 +17,7 @@ import { cpus, totalmem, type as osType, release, arch } from 'node:os'
 import { dirname, resolve } from 'node:path'
 import { parseArgs } from 'node:util'
 import {
-  GATEWAY_SPINE, REPO_ROOT, REST_TARGETS, benchToken, killAllNow, median, profileWithPerf, requestFor, startKernelProcess, startTargets, stopAll,
+  GATEWAY_SPINE, REPO_ROOT, REST_TARGETS, benchToken, killAllNow, median, prepareBuild, profileWithPerf, requestFor, startKernelProcess, startTargets, stopAll,
   type RunningProcess, type Target, type TargetContext
 } from './harness.js'
 import { fmt, measure, measureRounds, peakRssMiB, signed, sleep, textTable, type RunFigures } from './measure.js'
@@ -381,6 +381,9 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   const suiteSeconds = opts.scenario === null ? 0 : Math.max(...[opts.scenario.stages, opts.scenario.wsStages].map((stages) => stages.reduce((sum, s) => sum + s.durationS, 0))) * opts.scale
   const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5) + suiteSeconds
   const secret = randomBytes(32).toString('hex')
+  // Every target runs compiled, as deployed (prepareBuild): not through tsx.
+  process.stderr.write('bench: compiling the targets (tsconfig.bench.json -> .bench-build/)\n')
+  await prepareBuild()
   const kernel = await startKernelProcess()
   processes.push(kernel.process)
   const ctx: TargetContext = { kernelUrl: kernel.url, secret, token: benchToken(secret, Math.max(3600, Math.ceil(estimatedSeconds * 2))) }
