@@ -1,7 +1,7 @@
 // The HTTP measurement every section shares (autocannon in the harness process), and the
 // formatting of the printed tables.
 import autocannon from 'autocannon'
-import { REPO_ROOT, cpuMicros, median, profiledTarget, requestFor, rssKiB, type Scenario, type Target } from './harness.js'
+import { BUILD_DIR, REPO_ROOT, cpuMicros, median, profiledTarget, requestFor, rssKiB, type Scenario, type Target } from './harness.js'
 import { breakdown, formatBreakdown, recordPerf, type PerfBreakdown } from './perf-profile.js'
 
 export interface RunFigures {
@@ -138,7 +138,7 @@ export async function measureRounds (targets: readonly Target[], scenario: Scena
       const f = await measure(target, scenario, opts.duration, opts.connections, undefined, opts.watch)
       if (sampled !== null) {
         try {
-          f.perf = breakdown(await sampled, REPO_ROOT)
+          f.perf = breakdown(await sampled, [BUILD_DIR + '/', REPO_ROOT])
           process.stderr.write(formatBreakdown(target.name, f.perf))
         } catch (err) {
           process.stderr.write(`perf: ${target.name} not sampled: ${(err as Error).message}\n`)

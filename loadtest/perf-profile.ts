@@ -65,10 +65,11 @@ const SOURCE = /(?:file:\/\/)?(\/[^:\s]+\.(?:ts|js|mjs)):\d+/
 /**
  * Splits `perf script -F ip,sym` output (one frame a line, leaf first, a blank line between
  * samples) into parts: a sample in a system call is the kernel's; else it belongs to the first
- * JavaScript frame above it (Node's own, a package's, or Mantle's by file under `root`), or,
- * with none, to V8 and Node's native code.
+ * JavaScript frame above it (Node's own, a package's, or Mantle's by file under the first of
+ * `roots` that holds it: the compiled build, then the sources), or, with none, to V8 and Node's
+ * native code.
  */
-export function breakdown (script: string, root: string): PerfBreakdown {
+export function breakdown (script: string, roots: readonly string[]): PerfBreakdown {
   const parts = new Map<string, number>()
   const mantle = new Map<string, number>()
   const add = (m: Map<string, number>, k: string): void => { m.set(k, (m.get(k) ?? 0) + 1) }
@@ -84,7 +85,8 @@ export function breakdown (script: string, root: string): PerfBreakdown {
     if (pkg !== null) return add(parts, `package ${pkg[1]}`)
     if (js.includes(' node:')) return add(parts, 'Node (JavaScript)')
     const source = SOURCE.exec(js)
-    if (source !== null && source[1].startsWith(root)) {
+    const root = source === null ? undefined : roots.find(r => source[1].startsWith(r))
+    if (source !== null && root !== undefined) {
       add(parts, 'Mantle')
       return add(mantle, source[1].slice(root.length).replace(/^\//, ''))
     }
