@@ -8,7 +8,7 @@
 import autocannon from 'autocannon'
 import { randomBytes, randomUUID } from 'node:crypto'
 import { parseArgs } from 'node:util'
-import { freePort, killAllNow, median, startKernelProcess, startProcess, stopAll, type RunningProcess } from './harness.js'
+import { freePort, killAllNow, median, prepareBuild, startKernelProcess, startProcess, stopAll, type RunningProcess } from './harness.js'
 import { fmt, textTable } from './measure.js'
 import { mintToken } from '../plugins/auth/index.js'
 
@@ -58,6 +58,7 @@ async function run (url: string, token: string, mode: Mode): Promise<Figures> {
 async function main (): Promise<void> {
   const started: RunningProcess[] = []
   try {
+    await prepareBuild()
     const kernel = await startKernelProcess()
     started.push(kernel.process)
     const secret = randomBytes(32).toString('hex')
@@ -78,6 +79,8 @@ async function main (): Promise<void> {
           BFF_JWT_SECRET: secret,
           REDIS_URL: values.redis,
           BFF_IDEMPOTENCY_STORE: store,
+          // Production refuses the memory audit store, and the audit is not what this measures.
+          BFF_AUDIT_ENABLED: 'false',
           // Fresh keys stay in the shared Redis only briefly.
           BFF_IDEMPOTENCY_TTL_SECONDS: '60'
         },

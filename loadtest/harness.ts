@@ -205,7 +205,7 @@ function spawnChild (script: string, extraEnv: Record<string, string>, ipc: bool
 }
 
 /**
- * Starts `node --import tsx <script>` as its own process (never in the harness process, whose
+ * Starts `<script>` (compiled, after prepareBuild; else through tsx) as its own process (never in the harness process, whose
  * CPU time goes to the load generator) and waits until it answers. The child also loads
  * child-guard.ts, which ends it when the harness disappears without cleaning up (SIGKILL).
  */
