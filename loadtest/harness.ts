@@ -4,7 +4,7 @@
 import { nginxPresent } from './nginx-proxy.js'
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
 import { readFileSync, readdirSync } from 'node:fs'
-import { cp, rm } from 'node:fs/promises'
+import { rm } from 'node:fs/promises'
 import { join } from 'node:path'
 import { createServer } from 'node:net'
 import { fileURLToPath, pathToFileURL } from 'node:url'
@@ -124,29 +124,29 @@ interface SpawnedChild {
   stop: () => Promise<void>
 }
 
-/** Where the compiled targets are (prepareBuild), or null: targets run from their sources through tsx. */
-let build: string | null = null
 export const BUILD_DIR = join(REPO_ROOT, '.bench-build')
+/** Whether prepareBuild compiled the targets: else they run from their sources through tsx. */
+let built = false
 
 /**
  * Compiles the gateway, the demo Kernel and the harness's own targets (tsconfig.bench.json) into
- * .bench-build/, with the assets a build carries (as `npm run build` does for dist/): from then
- * on startProcess runs targets from there, as they are deployed. Run through tsx, a cache hit
- * cost 13% more CPU than the build (67.9 against 59.2 µs a call, 5 interleaved rounds) and the
- * bare pass-through 10% more. Workers (load generators, micro-benchmarks) still run through tsx.
+ * .bench-build/, with the assets a build carries (scripts/copy-assets.mjs, as `npm run build`
+ * does for dist/): from then on startProcess runs targets from there, as they are deployed. Run
+ * through tsx, a cache hit cost 13% more CPU than the build (67.9 against 59.2 µs a call, 5
+ * interleaved rounds) and the bare pass-through 10% more. Workers (load generators,
+ * micro-benchmarks) still run through tsx.
  */
 export async function prepareBuild (): Promise<void> {
   await rm(BUILD_DIR, { recursive: true, force: true })
   execFileSync(process.execPath, [join(REPO_ROOT, 'node_modules/typescript/bin/tsc'), '-p', join(REPO_ROOT, 'tsconfig.bench.json'), '--outDir', BUILD_DIR], { cwd: REPO_ROOT, stdio: 'inherit' })
-  await cp(join(REPO_ROOT, 'kernel/manifest.yaml'), join(BUILD_DIR, 'kernel/manifest.yaml'))
-  await cp(join(REPO_ROOT, 'migrations'), join(BUILD_DIR, 'migrations'), { recursive: true })
-  build = BUILD_DIR
+  execFileSync(process.execPath, [join(REPO_ROOT, 'scripts/copy-assets.mjs'), BUILD_DIR], { cwd: REPO_ROOT, stdio: 'inherit' })
+  built = true
 }
 
 /** How a child runs `script` (a path from the repository root): compiled when prepared, else through tsx. */
 function nodeArgs (script: string, compiled: boolean): string[] {
-  if (!compiled || build === null) return ['--import', 'tsx', '--import', './loadtest/child-guard.ts', script]
-  return ['--import', pathToFileURL(join(build, 'loadtest/child-guard.js')).href, join(build, script.replace(/\.ts$/, '.js'))]
+  if (!compiled || !built) return ['--import', 'tsx', '--import', './loadtest/child-guard.ts', script]
+  return ['--import', pathToFileURL(join(BUILD_DIR, 'loadtest/child-guard.js')).href, join(BUILD_DIR, script.replace(/\.ts$/, '.js'))]
 }
 
 /**
