@@ -405,35 +405,28 @@ export function tracesUrl (config: Readonly<Config>): string | null {
 }
 
 /**
- * The request as logs show it. A WebSocket upgrade may carry its token as `?access_token=`, and
- * the default serializer logs the raw URL, which redact paths cannot reach into.
+ * The request as logs show it. A query string carries a call's input (a REST query's fields,
+ * tRPC's `input`, GraphQL's `query` and `variables`) and credentials (`?access_token=` on a
+ * WebSocket upgrade or an EventSource, tRPC's `connectionParams`), and the default serializer
+ * logs the raw URL, which redact paths cannot reach into.
  */
 export function requestForLog (req: FastifyRequest): Record<string, unknown> {
   return { method: req.method, url: redactUrl(req.url), host: req.host, remoteAddress: req.ip, remotePort: req.socket?.remotePort }
 }
 
-// Query parameters that carry credentials: `access_token` (WebSocket upgrades, EventSource) and
-// tRPC's `connectionParams` (httpSubscriptionLink puts the token there), matched by decoded name
-// as the query parser reads them, so `?access%5Ftoken=` is redacted as well.
-const SECRET_PARAMS = new Set(['access_token', 'connectionparams'])
-
-/** The URL with the values of credential-carrying query parameters replaced by `[redacted]`. */
+/**
+ * The URL with every query value replaced by `[redacted]`: the parameters' names are kept (they
+ * tell which face and options a call used), their values never (a call's input is never logged,
+ * README "Logs"). A part with no `=` may be a value: it is replaced whole.
+ */
 export function redactUrl (url: string): string {
   const q = url.indexOf('?')
-  if (q === -1) return url
-  let changed = false
+  if (q === -1 || q === url.length - 1) return url
   const parts = url.slice(q + 1).split('&').map(part => {
     const eq = part.indexOf('=')
-    const raw = eq === -1 ? part : part.slice(0, eq)
-    let name = raw
-    if (name.includes('%') || name.includes('+')) {
-      try { name = decodeURIComponent(name.replace(/\+/g, ' ')) } catch {}
-    }
-    if (!SECRET_PARAMS.has(name.toLowerCase())) return part
-    changed = true
-    return raw + '=[redacted]'
+    return eq === -1 ? (part === '' ? part : '[redacted]') : part.slice(0, eq) + '=[redacted]'
   })
-  return changed ? url.slice(0, q + 1) + parts.join('&') : url
+  return url.slice(0, q + 1) + parts.join('&')
 }
 
 function errorHandler (err: FastifyError | MantleError | Error, request: FastifyRequest, reply: FastifyReply): void {

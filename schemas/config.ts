@@ -161,6 +161,7 @@ export function productionProblems (config: Config): string[] {
   if (config.BFF_AUTH_ENABLED) {
     if (config.BFF_JWT_SECRET !== undefined) {
       if (Buffer.byteLength(config.BFF_JWT_SECRET) < 32) problems.push('BFF_JWT_SECRET is shorter than 32 bytes')
+      else if (config.BFF_JWT_SECRET === DEV_JWT_SECRET) problems.push('BFF_JWT_SECRET is the development secret, which is published in the source (anyone could sign tokens): set a secret of your own')
     } else if (config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined) {
       problems.push('BFF_JWT_SECRET is missing (or set BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL)')
     }

@@ -5,7 +5,7 @@ import type { WebSocket } from 'ws'
 import { GraphQLError, specifiedRules, validate, type DocumentNode, type GraphQLFieldResolver, type GraphQLSchema, type ValidationRule } from 'graphql'
 import type { EventDefinition } from '../../manifest.js'
 import type { Identity } from '../../plugins/auth/index.js'
-import { toProblem } from '../../errors.js'
+import { MantleError, toProblem } from '../../errors.js'
 import { fieldError } from './errors.js'
 
 // Subscriptions ride on mercurius' graphql-ws server (`subscription` option). What this module
@@ -13,7 +13,7 @@ import { fieldError } from './errors.js'
 // caller's tenant, validation of subscription documents with the same rules as HTTP, and bounds
 // (subscriptions per connection, one subscriber per id, one connection_init, token expiry).
 
-/** setTimeout's largest delay; a token valid for longer is not timed (24.8 days). */
+/** setTimeout's largest delay (24.8 days): a token valid for longer is timed in steps. */
 const MAX_TIMER_MS = 2 ** 31 - 1
 
 /** The upgrade request's credentials: the Authorization header, else `?access_token=`. */
@@ -32,23 +32,46 @@ export class GraphqlConnection {
    */
   readonly operations = new Map<string, AbortController | null>()
   private expiry: NodeJS.Timeout | null = null
+  /** The earliest expiry of the tokens the connection accepted (ms; Infinity: none). */
+  private expiresAt = Infinity
+  /** The caller the first accepted token named: every later one must name the same. */
+  private caller: { tenant: string, user: string } | null = null
   private closed = false
 
   constructor (readonly socket: WebSocket, readonly upgradeAuthorization: string | undefined) {
     socket.once('close', () => this.dispose())
   }
 
-  /** Verifies the connection's token (cached by the identity plugin) and times its expiry once. */
+  /**
+   * Verifies a subscription's token (cached by the identity plugin). mercurius lets each
+   * `subscribe` message carry its own credentials: they must name the connection's tenant and
+   * user, as /ws's `auth` frame must, and the connection ends (4401) when the first of the
+   * tokens it accepted expires.
+   */
   identify (app: FastifyInstance, authorization: string | undefined): Identity {
     const identity = app.identify(authorization)
-    if (this.expiry === null && Number.isFinite(identity.expiresAt)) {
-      const delay = identity.expiresAt - Date.now()
-      if (delay <= MAX_TIMER_MS) {
-        this.expiry = setTimeout(() => this.close(4401, 'Unauthorized: the token has expired'), Math.max(0, delay))
-        this.expiry.unref()
-      }
+    if (this.caller === null) this.caller = { tenant: identity.tenant, user: identity.user }
+    else if (identity.tenant !== this.caller.tenant || identity.user !== this.caller.user) {
+      throw new MantleError('FORBIDDEN', 'A subscription\'s token must be for the same tenant and user as the connection')
+    }
+    if (identity.expiresAt < this.expiresAt) {
+      this.expiresAt = identity.expiresAt
+      this.armExpiry()
     }
     return identity
+  }
+
+  /** Times the earliest expiry; a delay beyond setTimeout's largest is waited in steps. */
+  private armExpiry (): void {
+    if (this.closed) return
+    if (this.expiry !== null) clearTimeout(this.expiry)
+    const expiresAt = this.expiresAt
+    this.expiry = setTimeout(() => {
+      this.expiry = null
+      if (Date.now() < expiresAt) this.armExpiry()
+      else this.close(4401, 'Unauthorized: the token has expired')
+    }, Math.min(Math.max(expiresAt - Date.now(), 0), MAX_TIMER_MS))
+    this.expiry.unref()
   }
 
   close (code: number, reason: string): void {

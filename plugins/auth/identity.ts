@@ -40,7 +40,8 @@ export interface IdentityOptions {
   clockTimestamp?: number
 }
 
-export const ZONE_RANK: Readonly<Record<Zone, number>> = { public: 0, internal: 1, restricted: 2 }
+// No prototype: `constructor`, `toString` and the like are not zones (a token's zone is looked up here).
+export const ZONE_RANK: Readonly<Record<Zone, number>> = Object.freeze(Object.assign(Object.create(null) as Record<Zone, number>, { public: 0, internal: 1, restricted: 2 }))
 
 const reasons: Record<string, string> = {
   FAST_JWT_EXPIRED: 'the token has expired',
@@ -195,7 +196,7 @@ function toIdentity (claims: Record<string, unknown>, toleranceMs: number): Iden
   if (!roles.every(r => HEADER_SAFE.test(r) && !r.includes(','))) {
     throw new MantleError('UNAUTHENTICATED', 'The token was refused: each role must be visible characters without a comma (they travel as x-user-roles)')
   }
-  if (typeof zone !== 'string' || !(zone in ZONE_RANK)) {
+  if (typeof zone !== 'string' || !Object.hasOwn(ZONE_RANK, zone)) {
     throw new MantleError('UNAUTHENTICATED', 'The token was refused: zone must be public, internal or restricted')
   }
   return Object.freeze({ tenant: tid, user: sub, roles: Object.freeze([...roles as string[]]), zone: zone as Zone, expiresAt: (claims.exp as number) * 1000 + toleranceMs })

@@ -68,7 +68,8 @@ async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise
       const needed = op.roles
       const zone = ZONE_RANK[op.zone]
       return (ctx, next) => {
-        if (ZONE_RANK[ctx.zone] < zone) throw new MantleError('FORBIDDEN', `${op.name} is in the ${op.zone} zone, beyond the caller's`)
+        // Fails closed: a zone with no rank (never verified as one) is below every zone.
+        if (!(ZONE_RANK[ctx.zone] >= zone)) throw new MantleError('FORBIDDEN', `${op.name} is in the ${op.zone} zone, beyond the caller's`)
         if (needed.length > 0 && !needed.some(r => ctx.roles.includes(r))) {
           throw new MantleError('FORBIDDEN', `${op.name} needs one of the roles: ${needed.join(', ')}`)
         }

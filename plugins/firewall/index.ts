@@ -66,11 +66,13 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
 
       const verdictOf = (input: Readonly<Record<string, unknown>>): Verdict => {
         if (cache === null) return scan(fields, input)
-        const hash = createHash('sha256').update(op.name)
+        // The operation's name, then each field's value (or its absence) after its length: no
+        // separator would do, since a JSON string may hold any character, \u0000 included. The
+        // fields are the operation's own, in a fixed order: distinct inputs never share a key.
+        const hash = createHash('sha256').update(op.name.length + ':' + op.name)
         for (const field of fields) {
           const value = input[field]
-          // A separator no string holds, then the value (or its absence): distinct inputs never share a key.
-          hash.update('\u0000' + field + '\u0000' + (typeof value === 'string' ? 's' + value : 'x'))
+          hash.update(typeof value === 'string' ? 's' + value.length + ':' + value : 'x')
         }
         const key = hash.digest('base64')
         const cached = cache.get(key)
