@@ -24,7 +24,7 @@ import firewall from './plugins/firewall/index.js'
 import idempotency from './plugins/idempotency/index.js'
 import cache from './plugins/cache/index.js'
 import audit from './plugins/audit/index.js'
-import diagz from './plugins/diagz/index.js'
+import diagz, { diagzRoute } from './plugins/diagz/index.js'
 import pressure from './plugins/pressure/index.js'
 import compression from './plugins/compression/index.js'
 import openapi from './adapters/openapi/index.js'
@@ -296,7 +296,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       ...(options.pressureSampleIntervalMs === undefined ? {} : { sampleIntervalMs: options.pressureSampleIntervalMs })
     })
   }
-  // Before the concerns, so that each can add its store to /diagz (app.diagz.addStore).
+  // Before the concerns, so that each can add its store to /diagz (app.diagz.addStore); its
+  // route comes after the rate-limit guard (diagzRoute).
   if (config.BFF_DIAGZ_ENABLED) await app.register(diagz, { version: VERSION, ...options.diagz })
   if (config.BFF_AUTH_ENABLED) {
     // The development secret is the fallback only when no key source is configured.
@@ -329,6 +330,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       ...options.rateLimit
     })
   }
+  if (config.BFF_DIAGZ_ENABLED) await app.register(diagzRoute)
   if (config.BFF_AI_FIREWALL_ENABLED) await app.register(firewall, { cacheSize: config.BFF_FIREWALL_CACHE_SIZE })
   if (config.BFF_IDEMPOTENCY_ENABLED) {
     await app.register(idempotency, {

@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import type { FastifyInstance, onRequestHookHandler } from 'fastify'
+import type { FastifyInstance } from 'fastify'
 import type { WebSocket } from 'ws'
 import type { IncomingMessage } from 'node:http'
 import { monitorEventLoopDelay } from 'node:perf_hooks'
@@ -358,15 +358,15 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
     if (samplerTimer !== null) clearInterval(samplerTimer)
     loop.disable()
   })
+}
 
-  // The guard is resolved on first use: identity registers after this plugin, so that the
-  // concerns registered after it can add their stores here.
-  let guard: onRequestHookHandler | null = null
-  const onRequest: onRequestHookHandler = function (request, reply, done) {
-    guard ??= app.requireRole('system')
-    guard.call(this, request, reply, done)
-  }
-  app.get('/diagz', { onRequest, schema: { hide: true } }, async () => report())
+/**
+ * GET /diagz (role system), registered apart from the plugin: after identity and after the
+ * rate-limit guard, whose onRoute hook reaches only the routes registered after it, while the
+ * plugin itself comes before the concerns so that each can add its store.
+ */
+export async function diagzRoute (app: FastifyInstance): Promise<void> {
+  app.get('/diagz', { onRequest: app.requireRole('system'), schema: { hide: true } }, async () => app.diagz.report())
 }
 
 const FIXED_SECTIONS = { version: 1, uptimeSeconds: 1, startedAt: 1, lastMinute: 1, lastHour: 1, stages: 1, adapters: 1, http: 1, stores: 1, cache: 1, breakers: 1, memory: 1, eventLoop: 1 }

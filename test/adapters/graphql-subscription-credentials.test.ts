@@ -13,7 +13,7 @@ const SUBSCRIPTION = 'subscription { runUpdated { id status } }'
 
 interface Client { ws: WebSocket, frames: Array<Record<string, any>>, closed: () => number | null }
 
-async function connect (t: Tap.Test, port: number, authorization: string): Promise<Client> {
+async function connect (t: { teardown: (fn: () => unknown) => void }, port: number, authorization: string): Promise<Client> {
   const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, 'graphql-transport-ws', { headers: { authorization } })
   t.teardown(() => ws.terminate())
   const frames: Array<Record<string, any>> = []
