@@ -23,7 +23,7 @@ export interface FaceCall {
   input: unknown
   authorization: string | undefined
   traceparent?: string | undefined
-  idempotencyKey?: string | undefined
+  idempotencyKey?: string | null | undefined
   /** Shared by the calls of one request: identical queries reach the Kernel once. */
   memo?: Map<string, Promise<unknown>> | null
 }
@@ -69,8 +69,9 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
   try {
     const op = app.pipeline.manifest.byName.get(call.op)
     if (op === undefined) throw new MantleError('NOT_FOUND', `No operation ${call.op}`)
+    // An input that is not an object goes on as it is: the validation stage refuses it, within
+    // the pipeline, so that the refusal has its audit entry.
     const input = call.input === undefined || call.input === null ? {} : call.input
-    if (typeof input !== 'object' || Array.isArray(input)) throw new MantleError('VALIDATION_FAILED', 'input must be a JSON object')
     const ctx = new CallContext(call.requestId, call.protocol, op, input as Record<string, unknown>, call.authorization, call.traceparent, op.type === 'mutation' ? call.idempotencyKey : undefined)
     if (call.memo !== undefined) ctx.memo = call.memo
     const entry = app.pipeline.entry(op.name)

@@ -32,7 +32,7 @@ interface RequestContext {
   requestId: string
   authorization: string | undefined
   traceparent: string | undefined
-  idempotencyKey: string | undefined
+  idempotencyKey: string | null | undefined
   memo: Map<string, Promise<unknown>>
   n: number
   /** Set by mercurius on HTTP requests. */
@@ -90,7 +90,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise
         traceparent: ctx.traceparent,
         // Each mutation field of a document is its own call: the key names the field, as a
         // batch's key names the call.
-        idempotencyKey: ctx.idempotencyKey === undefined ? undefined : `${ctx.idempotencyKey}.${String(info.path.key)}`,
+        idempotencyKey: ctx.idempotencyKey == null ? ctx.idempotencyKey : `${ctx.idempotencyKey}.${String(info.path.key)}`,
         memo: ctx.memo
       })
       if (result.ok) {
@@ -139,7 +139,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise
       requestId: request.id,
       authorization: request.headers.authorization,
       traceparent: single(request.headers.traceparent),
-      idempotencyKey: single(request.headers['idempotency-key']),
+      idempotencyKey: idempotencyKeyOf(request),
       memo: new Map(),
       n: 0
     }),
@@ -182,7 +182,6 @@ function checkRequest (request: FastifyRequest, maxQuery: number): void {
   if (query.length > maxQuery) throw new MantleError('PAYLOAD_TOO_LARGE', `The GraphQL document is longer than ${maxQuery} characters`)
   if (isJsonText(query)) throw new MantleError('VALIDATION_FAILED', 'The `query` must be a GraphQL document')
   if (request.method === 'GET' || request.method === 'HEAD') checkGetOperation(query, params.operationName)
-  idempotencyKeyOf(request)
   // Checked before Fastify's schema, which would coerce a number or a boolean to a string.
   if (params.operationName !== undefined && params.operationName !== null && typeof params.operationName !== 'string') {
     throw new MantleError('VALIDATION_FAILED', '`operationName` must be a string')

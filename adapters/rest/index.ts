@@ -2,7 +2,6 @@ import type { FastifyInstance, FastifyRequest, FastifySchema, FastifyReply } fro
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
 import { CallContext } from '../../plugins/pipeline/index.js'
-import { MantleError } from '../../errors.js'
 import type { JsonSchema, Operation } from '../../manifest.js'
 
 // The REST face decodes (path params + query string or JSON body into one input), hands the
@@ -45,13 +44,14 @@ export function single (value: string | string[] | undefined): string | undefine
   return typeof value === 'string' ? value : undefined
 }
 
-/** Reads the Idempotency-Key header, refusing values no store could key on. */
-export function idempotencyKeyOf (request: FastifyRequest): string | undefined {
+/**
+ * The Idempotency-Key header: undefined when absent, null when no store could key on it. A
+ * malformed key is refused by the pipeline's validation stage, and only for a mutation (queries
+ * ignore the key): refused there, the call has its audit entry like every other refusal.
+ */
+export function idempotencyKeyOf (request: FastifyRequest): string | null | undefined {
   const key = single(request.headers['idempotency-key'])
-  if (key !== undefined && !IDEMPOTENCY_KEY.test(key)) {
-    throw new MantleError('VALIDATION_FAILED', 'The Idempotency-Key header must be 1 to 255 visible ASCII characters')
-  }
-  return key
+  return key === undefined || IDEMPOTENCY_KEY.test(key) ? key : null
 }
 
 export default async function restAdapter (app: FastifyInstance, opts: RestAdapterOptions): Promise<void> {
@@ -92,13 +92,13 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     let input: Record<string, unknown>
     if (inBody) {
       const body = request.body
-      if (body === undefined || body === null) input = {}
-      else if (typeof body !== 'object' || Array.isArray(body)) throw new MantleError('VALIDATION_FAILED', 'The body must be a JSON object')
-      else input = body as Record<string, unknown>
+      // A body that is not an object goes on as it is: the validation stage refuses it, within
+      // the pipeline, so that the refusal has its audit entry.
+      input = (body === undefined || body === null ? {} : body) as Record<string, unknown>
     } else {
       input = request.query as Record<string, unknown>
     }
-    if (pathParams.length > 0) {
+    if (pathParams.length > 0 && typeof input === 'object' && !Array.isArray(input)) {
       const params = request.params as Record<string, unknown>
       // The path wins over a body or query field of the same name.
       for (const p of pathParams) input[p] = params[p]

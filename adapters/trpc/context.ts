@@ -14,7 +14,7 @@ export interface TrpcContext {
   /** One per HTTP request: identical queries of a batch reach the Kernel once. */
   readonly memo: Map<string, Promise<unknown>> | null
   readonly traceparent: string | undefined
-  readonly idempotencyKey: string | undefined
+  readonly idempotencyKey: string | null | undefined
   /** Calls of a WebSocket connection running now, and its event subscriptions (both bounded). */
   inFlight: number
   subscriptions: number

@@ -58,7 +58,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       }
       ctx.inFlight++
       try {
-        const key = ctx.idempotencyKey === undefined || !ctx.batch ? ctx.idempotencyKey : `${ctx.idempotencyKey}.${batchIndex ?? 0}`
+        const key = ctx.idempotencyKey == null || !ctx.batch ? ctx.idempotencyKey : `${ctx.idempotencyKey}.${batchIndex ?? 0}`
         const result = await runCall(app, { requestId, protocol: 'trpc', op: name, input, authorization: ctx.authorization, traceparent: ctx.traceparent, idempotencyKey: key, memo: ctx.memo })
         if (result.ok) {
           if (result.cache !== null && ctx.requestId !== null) (ctx.cache ??= [])[batchIndex ?? 0] = result.cache

@@ -152,7 +152,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         }
         let body: string
         try {
-          body = entry.serialize(result)
+          body = ctx.json ?? entry.serialize(result)
         } catch (err) {
           await settle(store.release(key, token))
           throw err
@@ -191,7 +191,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
 
       return (ctx, next) => {
         const key = ctx.idempotencyKey
-        if (key === undefined) return next(ctx)
+        if (key == null) return next(ctx)
         return once(ctx, next, key)
       }
     }

@@ -123,8 +123,8 @@ export class KernelClient {
         traceparent: ctx.traced ? ctx.traceparent! : childTraceparent(ctx.traceparent)
       }
       if (body !== undefined) headers['content-type'] = 'application/json'
-      if (ctx.idempotencyKey !== undefined) headers['idempotency-key'] = ctx.idempotencyKey
-      return client.execute(ctx, op, metrics, method, path, headers, body, idempotentMethod || ctx.idempotencyKey !== undefined)
+      if (ctx.idempotencyKey != null) headers['idempotency-key'] = ctx.idempotencyKey
+      return client.execute(ctx, op, metrics, method, path, headers, body, idempotentMethod || ctx.idempotencyKey != null)
     }
   }
 

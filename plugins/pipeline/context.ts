@@ -38,7 +38,8 @@ export class CallContext {
   traceparent: string | undefined
   /** True when `traceparent` is the call's own span, which the Kernel call then continues. */
   traced: boolean
-  readonly idempotencyKey: string | undefined
+  /** The mutation's Idempotency-Key; null: one was sent that no store could key on (validation refuses it). */
+  readonly idempotencyKey: string | null | undefined
   tenant: string
   user: string
   roles: readonly string[]
@@ -73,7 +74,7 @@ export class CallContext {
    */
   json: string | null
 
-  constructor (requestId: string, protocol: Protocol, op: Operation, input: Record<string, unknown>, authorization: string | undefined, traceparent: string | undefined, idempotencyKey: string | undefined) {
+  constructor (requestId: string, protocol: Protocol, op: Operation, input: Record<string, unknown>, authorization: string | undefined, traceparent: string | undefined, idempotencyKey: string | null | undefined) {
     this.requestId = requestId
     this.protocol = protocol
     this.op = op

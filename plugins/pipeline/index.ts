@@ -147,12 +147,21 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
   function chain (op: Operation): { run: Next, stages: readonly string[] } {
     // Optimization: each operation keeps only the stages that apply to it, chained once.
     const stages = ordered.map(d => [d.name, d.build(op)] as const).filter((s): s is readonly [string, Stage] => s[1] !== null)
-    let run = memoized(op, terminal!(op))
+    const call = memoized(op, terminal!(op))
+    const serialize = entries.get(op.name)!.serialize
+    // The answer is serialized inside the chain, as its innermost step: one that breaks the
+    // output schema is then a KERNEL_ERROR every stage sees (the audit records what the client
+    // gets), not a failure after the pipeline has settled.
+    let run: Next = async (ctx) => {
+      const value = await call(ctx)
+      ctx.json ??= serialize(value)
+      return value
+    }
     if (wrap !== null) {
       // The Kernel call is the innermost stage: all of its time is its own.
-      const call = run
-      const kernel = wrap('kernel', op, (ctx) => call(ctx))
-      run = (ctx) => kernel(ctx, call)
+      const inner = run
+      const kernel = wrap('kernel', op, (ctx) => inner(ctx))
+      run = (ctx) => kernel(ctx, inner)
     }
     for (let i = stages.length - 1; i >= 0; i--) {
       const stage = wrap === null ? stages[i][1] : wrap(stages[i][0], op, stages[i][1])
@@ -233,6 +242,9 @@ function validationStage (): StageDefinition {
     build (op) {
       const validate: ValidateFunction = ajv.compile(op.input)
       return (ctx, next) => {
+        const input: unknown = ctx.input
+        if (typeof input !== 'object' || input === null || Array.isArray(input)) throw new MantleError('VALIDATION_FAILED', 'The input must be a JSON object')
+        if (ctx.idempotencyKey === null) throw new MantleError('VALIDATION_FAILED', 'The Idempotency-Key must be 1 to 255 visible ASCII characters')
         if (!validate(ctx.input)) throw new MantleError('VALIDATION_FAILED', describeValidation(validate.errors ?? []))
         return next(ctx)
       }

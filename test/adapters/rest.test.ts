@@ -74,7 +74,7 @@ t.test('ugly bodies: malformed JSON, not an object, wrong media type, oversized'
   t.match(malformed.json(), { code: 'VALIDATION_FAILED', detail: 'The body is not valid JSON' })
   const array = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: h, payload: '[1,2]' })
   t.equal(array.statusCode, 400)
-  t.match(array.json(), { code: 'VALIDATION_FAILED', detail: 'The body must be a JSON object' })
+  t.match(array.json(), { code: 'VALIDATION_FAILED', detail: 'The input must be a JSON object' })
   const scalar = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: h, payload: '"text"' })
   t.equal(scalar.statusCode, 400)
   const empty = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: h, payload: '' })

@@ -269,7 +269,7 @@ t.test('WebSocket: the token comes from connectionParams, the upgrade header or 
   type Reply = { id: number | null, error?: { message: string, data: { code: string, httpStatus: number } } }
   const replies = params.messages.slice(1) as Reply[]
   t.match(replies.find(m => m.id === 2), { error: { data: { code: 'NOT_FOUND', httpStatus: 404 } } })
-  t.match(replies.find(m => m.id === 3), { error: { message: 'input must be a JSON object', data: { code: 'VALIDATION_FAILED' } } })
+  t.match(replies.find(m => m.id === 3), { error: { message: 'The input must be a JSON object', data: { code: 'VALIDATION_FAILED' } } })
   const junk = replies.filter(m => m.id === null)
   t.equal(junk.length, 3, 'malformed JSON, a binary frame, an unknown method')
   for (const m of junk) t.match(m, { error: { data: { code: 'VALIDATION_FAILED', httpStatus: 400 } } })

@@ -97,7 +97,7 @@ t.test('errors carry the contract code, the REST status and the request id', asy
   t.equal(extra.message, 'input.admin is not allowed')
   const notObject = await failure(trpc.query('getAgent', ['a1']))
   t.match(notObject.data, { code: 'VALIDATION_FAILED' })
-  t.equal(notObject.message, 'input must be a JSON object')
+  t.equal(notObject.message, 'The input must be a JSON object')
 
   const role = client(httpLink, url, bearer({ roles: [] })).trpc
   const forbidden = await failure(role.query('getRun', { id: 'r1' }))
