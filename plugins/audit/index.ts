@@ -117,6 +117,9 @@ function protocolOf (url: string): AuditEntry['protocol'] {
 }
 
 const DateTime = { type: 'string', format: 'date-time' } as const
+// A filter compared with a text column. PostgreSQL's text cannot hold a NUL character and fails
+// the whole query for a parameter with one, so it is refused as input.
+const textFilter = (maxLength: number) => ({ type: 'string', minLength: 1, maxLength, pattern: '^[^\\u0000]*$' }) as const
 const EntrySchema = {
   type: 'object',
   properties: {
@@ -150,6 +153,16 @@ function decodeCursor (cursor: string): number | null {
   } catch {
     return null
   }
+}
+
+/**
+ * The first of `dates` that is no time at all: the date-time format admits a leap second
+ * (`23:59:60`), which Date cannot represent (its time is NaN).
+ */
+function unplaceable (dates: { from?: Date, to?: Date }): 'from' | 'to' | null {
+  if (dates.from !== undefined && Number.isNaN(dates.from.getTime())) return 'from'
+  if (dates.to !== undefined && Number.isNaN(dates.to.getTime())) return 'to'
+  return null
 }
 
 /** A problem+json 400 for a query or body the schema let through but that makes no sense. */
@@ -350,12 +363,12 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
         type: 'object',
         additionalProperties: false,
         properties: {
-          tenant: { type: 'string', minLength: 1, maxLength: 256 },
+          tenant: textFilter(256),
           from: DateTime,
           to: DateTime,
-          requestId: { type: 'string', minLength: 1, maxLength: 256 },
-          action: { type: 'string', minLength: 1, maxLength: 256 },
-          status: { type: 'string', minLength: 1, maxLength: 64 },
+          requestId: textFilter(256),
+          action: textFilter(256),
+          status: textFilter(64),
           limit: { type: 'integer', minimum: 1, maximum: 500, default: 50 },
           cursor: { type: 'string', minLength: 1, maxLength: 200 }
         }
@@ -371,6 +384,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     const query: AuditQuery = { limit: q.limit, tenant: q.tenant, requestId: q.requestId, action: q.action, status: q.status }
     if (q.from !== undefined) query.from = new Date(q.from)
     if (q.to !== undefined) query.to = new Date(q.to)
+    const bad = unplaceable(query)
+    if (bad !== null) return badRequest(reply, request, `input.${bad} is not a time this endpoint can use (a leap second?)`)
     if (q.cursor !== undefined) {
       const seq = decodeCursor(q.cursor)
       if (seq === null) return badRequest(reply, request, 'input.cursor is not a cursor this endpoint gave')
@@ -406,6 +421,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     const body = (request.body ?? {}) as { from?: string, to?: string }
     const from = body.from === undefined ? undefined : new Date(body.from)
     const to = body.to === undefined ? undefined : new Date(body.to)
+    const bad = unplaceable({ from, to })
+    if (bad !== null) return badRequest(reply, request, `input.${bad} is not a time this endpoint can use (a leap second?)`)
     if (from !== undefined && to !== undefined && from > to) return badRequest(reply, request, 'input.from is after input.to')
     return await store.verify({ from, to })
   })

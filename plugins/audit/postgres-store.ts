@@ -329,11 +329,15 @@ export class PostgresAuditStore implements AuditStore {
       let last: StoredEntry | null = null
       let after = lo - 1
       for (;;) {
-        const page = await client.query<Row>(`SELECT ${COLUMNS} FROM bff_audit_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT 2000`, [after, hi])
+        // The hash covers the timestamp to the millisecond, as the gateway writes it; the column
+        // keeps microseconds, which Date drops when the row is read. A timestamp that is not a
+        // whole millisecond was changed after the write, so that row is broken.
+        const page = await client.query<Row & { whole_ms: boolean }>(
+          `SELECT ${COLUMNS}, "timestamp" = date_trunc('milliseconds', "timestamp") AS whole_ms FROM bff_audit_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT 2000`, [after, hi])
         let going = true
         for (const row of page.rows) {
           last = fromRow(row)
-          if (!walker.step(last)) { going = false; break }
+          if (!walker.step(last, row.whole_ms)) { going = false; break }
         }
         if (!going || page.rows.length < 2000) break
         after = Number(page.rows[page.rows.length - 1].seq)

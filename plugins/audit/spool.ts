@@ -61,16 +61,29 @@ export class Spool {
     return spool
   }
 
-  /** A crash mid-append leaves a line without its newline: cut it, or the next batch would join it. */
+  /**
+   * A crash mid-append leaves a line without its newline: cut it, or the next batch would join it.
+   * The file is searched backwards for the last newline one window at a time: a line of one batch
+   * can be several MiB (BFF_AUDIT_BATCH_SIZE up to 10,000), and a file with no newline at all is
+   * one torn line, cut whole.
+   */
   private async cutTornTail (): Promise<void> {
-    if (this.bytes === 0 || this.fh === null) return
-    const tail = Buffer.alloc(Math.min(this.bytes, 1 << 20))
-    await this.fh.read(tail, 0, tail.length, this.bytes - tail.length)
-    if (tail[tail.length - 1] === 10) return
-    const nl = tail.lastIndexOf(10)
-    const keep = nl === -1 ? (tail.length === this.bytes ? 0 : this.bytes) : this.bytes - tail.length + nl + 1
+    const fh = this.fh
+    if (this.bytes === 0 || fh === null) return
+    const window = Buffer.alloc(Math.min(this.bytes, 1 << 20))
+    let keep = 0
+    for (let end = this.bytes; end > 0;) {
+      const start = Math.max(0, end - window.length)
+      await fh.read(window, 0, end - start, start)
+      const nl = window.subarray(0, end - start).lastIndexOf(10)
+      if (nl !== -1) {
+        keep = start + nl + 1
+        break
+      }
+      end = start
+    }
     if (keep === this.bytes) return
-    await this.fh.truncate(keep)
+    await fh.truncate(keep)
     this.bytes = keep
     this.corrupt++
   }

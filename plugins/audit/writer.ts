@@ -45,6 +45,12 @@ export class AuditWriter {
   private storeUp = true
   private lastError: string | null = null
   private readonly intervalMs: number
+  /**
+   * The last append of a full queue to the spool while it runs (appends run in order, so it
+   * settles after every earlier one). The spool's size grows only once the append is fsynced:
+   * meanwhile this stands for what is on its way there, and new batches follow it.
+   */
+  private overflowing: Promise<void> | null = null
 
   constructor (private readonly opts: WriterOptions) {
     this.intervalMs = opts.intervalMs ?? 50
@@ -80,17 +86,23 @@ export class AuditWriter {
     const size = this.opts.batchSize
     const lines: AuditEntry[][] = []
     for (let i = 0; i < batch.length; i += size) lines.push(batch.slice(i, i + size))
-    spool.appendMany(lines).then(() => this.opts.hooks?.spooled?.(batch.length), (err: Error) => {
+    const append: Promise<void> = spool.appendMany(lines).then(() => this.opts.hooks?.spooled?.(batch.length), (err: Error) => {
       // The disk refused too: keep the entries in memory, at the front, for the next flush.
       this.opts.log.error({ err: err.message }, 'audit spool write failed')
       this.queue = batch.concat(this.queue)
-    })
+    }).finally(() => { if (this.overflowing === append) this.overflowing = null })
+    this.overflowing = append
+  }
+
+  /** Whether the spool holds batches, or a full queue is being appended to it. */
+  private spooling (spool: Spool): boolean {
+    return spool.size > 0 || this.overflowing !== null
   }
 
   private tick (): void {
     if (this.flushing !== null) return
     const spool = this.opts.spool
-    const spooled = spool !== null && spool.size > 0
+    const spooled = spool !== null && this.spooling(spool)
     if (this.queue.length === 0 && !spooled) return
     // A flush begins at most once an interval, unless a full batch waits (or the spool, or close).
     const now = Date.now()
@@ -151,7 +163,7 @@ export class AuditWriter {
 
   private async deliver (batch: AuditEntry[]): Promise<void> {
     const spool = this.opts.spool
-    if (spool === null || (spool.size === 0 && Date.now() >= this.retryAt)) {
+    if (spool === null || (!this.spooling(spool) && Date.now() >= this.retryAt)) {
       const started = performance.now()
       try {
         await this.opts.store.write(batch)
@@ -205,6 +217,9 @@ export class AuditWriter {
       else this.tick()
     }
     if (this.flushing !== null) await this.flushing.catch(() => {})
+    // A full queue still on its way to the spool is on disk before close resolves (or, when the
+    // disk refused it, back in the queue and appended again below).
+    if (this.overflowing !== null) await this.overflowing
     if (this.queue.length > 0) {
       const spool = this.opts.spool
       const rest = this.queue

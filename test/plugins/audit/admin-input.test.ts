@@ -1,0 +1,57 @@
+import t, { type Test } from 'tap'
+import type { FastifyInstance, LightMyRequestResponse } from 'fastify'
+import { buildApp } from '../../../app.js'
+import { startKernel } from '../../../kernel/server.js'
+import { testConfig, bearer, buildDemoApp, until } from '../../helper.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, spoolDir } from './db.js'
+
+// The admin endpoints' schemas let through two kinds of input the stores cannot use. A leap
+// second (23:59:60) is a valid date-time, but JavaScript's Date has no time for it: PostgreSQL
+// was sent an Invalid Date (500) and the memory store compared with NaN, which ignored the
+// filter. PostgreSQL's text cannot hold a NUL character and fails the whole query for a
+// parameter with one (500). Both are refused as input: 400 VALIDATION_FAILED, problem+json.
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+async function pgApp (t: Teardown, url: string): Promise<FastifyInstance> {
+  const kernel = await startKernel({ port: 0, runDelayMs: 1 })
+  t.teardown(() => kernel.close())
+  const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t) }), { logger: false, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  await app.ready()
+  return app
+}
+
+const LEAP = '2016-12-31T23:59:60Z'
+
+function refused (t: Test, res: LightMyRequestResponse, what: string): void {
+  t.equal(res.statusCode, 400, `${what}: ${res.statusCode} ${res.body.slice(0, 200)}`)
+  t.match(res.headers['content-type'], /^application\/problem\+json/, `${what}: problem+json`)
+  t.match(res.json(), { status: 400, code: 'VALIDATION_FAILED' }, `${what}: VALIDATION_FAILED`)
+}
+
+async function checkRefusals (t: Test, app: FastifyInstance): Promise<void> {
+  for (const name of ['from', 'to']) {
+    refused(t, await app.inject({ method: 'GET', url: `/admin/audit?${name}=${encodeURIComponent(LEAP)}`, headers: bearer() }), `GET /admin/audit?${name}=<leap second>`)
+    refused(t, await app.inject({ method: 'POST', url: '/admin/audit/verify', headers: bearer(), payload: { [name]: LEAP } }), `POST /admin/audit/verify {${name}: <leap second>}`)
+  }
+  for (const name of ['tenant', 'requestId', 'action', 'status']) {
+    refused(t, await app.inject({ method: 'GET', url: `/admin/audit?${name}=a%00b`, headers: bearer() }), `GET /admin/audit?${name}=a%00b`)
+  }
+  // The checks refuse only what they must: an ordinary date-time and text still answer.
+  const ok = await app.inject({ method: 'GET', url: '/admin/audit?tenant=a%01b&from=2016-12-31T23:59:59Z', headers: bearer() })
+  t.equal(ok.statusCode, 200, ok.body.slice(0, 200))
+}
+
+if (await postgresAvailable()) {
+  t.test('postgres: a leap-second date-time or a NUL in a text filter is a 400, never a 500', async t => {
+    const app = await pgApp(t, databaseUrl(await createTestDatabase(t)))
+    await checkRefusals(t, app)
+  })
+}
+
+t.test('memory: a leap-second date-time is a 400, not a filter silently ignored; a NUL is refused alike', async t => {
+  const app = await buildDemoApp(t)
+  await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
+  await until(() => app.audit.health().queueDepth === 0, 'the audit queue to drain')
+  await checkRefusals(t, app)
+})
