@@ -46,6 +46,8 @@ interface EntryKeys {
 
 interface Fill {
   readonly promise: Promise<CachedAnswer>
+  /** The clock tick the read that started the Kernel call began at. */
+  readonly since: number
 }
 
 const noop = (): void => {}
@@ -67,7 +69,9 @@ export class ResponseCache {
   private readonly now: () => number
   private redisHeldUntil = 0
   private redisFailing = false
-  private readonly pending = new Set<string>()
+  /** Tag key -> the clock tick of its latest invalidation that Redis has not received. */
+  private readonly pending = new Map<string, number>()
+  private replayTimer: ReturnType<typeof setTimeout> | undefined
 
   constructor (private readonly opts: ResponseCacheOptions) {
     this.now = opts.now ?? Date.now
@@ -127,7 +131,9 @@ export class ResponseCache {
           const read = await redis.read(key.shared, tagKeys)
           this.redisFailing = false
           versions = read.versions
-          if (read.answer !== null && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil)) {
+          // While one of its tags waits to be replayed, Redis still holds the versions the entry
+          // was stored under: it may predate the invalidation and is not used.
+          if (read.answer !== null && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil) && !this.anyPending(tagKeys)) {
             found = read.answer
             this.memory.set(local, found, tagKeys, since)
           }
@@ -170,20 +176,31 @@ export class ResponseCache {
     return a.value
   }
 
-  /** One Kernel call per key at a time: later callers of the key wait for the first one's. */
+  /**
+   * One Kernel call per key at a time: later callers of the key wait for the first one's, unless
+   * its tags were invalidated since it began (it may answer what the invalidation replaced). Then
+   * the caller makes a call of its own, which the key's later callers wait for instead.
+   */
   private async fill (op: string, key: EntryKeys, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): Promise<CachedAnswer> {
-    const running = this.inflight.get(key.local)
+    const running = this.running(key.local, tagKeys)
     if (running !== undefined) {
       this.metrics.coalesced(op)
       return await running.promise
     }
-    const promise = this.load(op, key, tagKeys, since, versions, ctx, next, make)
-    this.inflight.set(key.local, { promise })
+    const own: Fill = { promise: this.load(op, key, tagKeys, since, versions, ctx, next, make), since }
+    this.inflight.set(key.local, own)
     try {
-      return await promise
+      return await own.promise
     } finally {
-      this.inflight.delete(key.local)
+      // A newer call of the key may have taken the place of this one: it stays.
+      if (this.inflight.get(key.local) === own) this.inflight.delete(key.local)
     }
+  }
+
+  /** The key's Kernel call in flight, if its tags (the same for every caller of the key) still hold since it began. */
+  private running (local: string, tagKeys: readonly string[]): Fill | undefined {
+    const fill = this.inflight.get(local)
+    return fill !== undefined && this.memory.clock.valid(tagKeys, fill.since) ? fill : undefined
   }
 
   private async load (op: string, key: EntryKeys, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): Promise<CachedAnswer> {
@@ -207,7 +224,7 @@ export class ResponseCache {
 
   /** Stale while revalidate: one background refill per key, with a context of its own. */
   private refresh (op: string, key: EntryKeys, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): void {
-    if (this.inflight.has(key.local)) return
+    if (this.running(key.local, tagKeys) !== undefined) return
     const own = new CallContext(ctx.requestId + '.refresh', ctx.protocol, ctx.op, ctx.input, ctx.authorization, ctx.traceparent, undefined)
     own.tenant = ctx.tenant
     own.user = ctx.user
@@ -220,8 +237,8 @@ export class ResponseCache {
 
   /**
    * Drops one tenant's tags on every instance: its own tier at once, Redis and the other
-   * instances' tiers through one script. Never throws: with Redis away the tags are kept and
-   * replayed when it is back.
+   * instances' tiers through one script. Never throws: with Redis away or held off the tags are
+   * kept and replayed when it is back (its connection's 'ready') or when the hold ends.
    */
   async invalidate (tenant: string, tags: readonly string[], source: InvalidationSource): Promise<void> {
     const keys = tags.map(t => tagKey(tenant, t))
@@ -238,13 +255,15 @@ export class ResponseCache {
         this.redisFailed('invalidate', err)
       }
     }
+    const tick = this.memory.clock.now()
     for (const k of keys) {
-      if (this.pending.size >= MAX_PENDING_TAGS) {
+      if (this.pending.size >= MAX_PENDING_TAGS && !this.pending.has(k)) {
         this.opts.log.warn({ tags: keys.length }, 'cache: too many invalidations waiting for Redis: some are lost, entries expire by their ttl')
         break
       }
-      this.pending.add(k)
+      this.pending.set(k, tick)
     }
+    this.scheduleReplay()
   }
 
   /** A message of another instance: drops the tags from this instance's tier. */
@@ -267,22 +286,51 @@ export class ResponseCache {
     this.memory.clear()
   }
 
-  /** Replays the invalidations Redis missed while it was away. */
+  /**
+   * Replays the invalidations Redis missed while it was away or held off. The tags stay pending
+   * until Redis has them, so that meanwhile no Redis read brings back an entry they dropped.
+   */
   async replayPending (): Promise<void> {
     const redis = this.opts.redis
+    // Redis down: its connection's 'ready' replays.
     if (redis === null || this.pending.size === 0 || !redis.up()) return
-    const keys = [...this.pending]
-    this.pending.clear()
+    const replayed = [...this.pending]
+    const keys = replayed.map(([k]) => k)
     try {
       await redis.tier.invalidate(keys, JSON.stringify({ from: this.opts.instanceId, keys }))
     } catch (err) {
-      for (const k of keys) this.pending.add(k)
       this.redisFailed('invalidate', err)
+      this.scheduleReplay()
+      return
     }
+    // A tag invalidated again while the replay ran may not be covered by it: it stays for the next one.
+    for (const [k, tick] of replayed) if (this.pending.get(k) === tick) this.pending.delete(k)
+  }
+
+  /** One replay when the hold on Redis ends (at once when there is none). */
+  private scheduleReplay (): void {
+    if (this.replayTimer !== undefined) return
+    this.replayTimer = setTimeout(() => {
+      this.replayTimer = undefined
+      this.replayPending().catch(noop)
+    }, Math.max(0, this.redisHeldUntil - performance.now()))
+    this.replayTimer.unref()
+  }
+
+  private anyPending (tagKeys: readonly string[]): boolean {
+    if (this.pending.size === 0) return false
+    for (const k of tagKeys) if (this.pending.has(k)) return true
+    return false
   }
 
   get pendingInvalidations (): number {
     return this.pending.size
+  }
+
+  /** Stops the scheduled replay (the app closes). */
+  close (): void {
+    clearTimeout(this.replayTimer)
+    this.replayTimer = undefined
   }
 
   /** The Redis tier when it is usable; null (counted as a fallback when Redis is configured) when not. */

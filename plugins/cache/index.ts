@@ -110,6 +110,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     shared.client.on('ready', replay)
     app.addHook('onClose', async () => {
       shared.client.off('ready', replay)
+      c.close()
       subscriber.disconnect()
     })
   }

@@ -1,0 +1,101 @@
+// Invalidations that could not reach Redis while the cache held off it after a failed command
+// (the connection itself stayed 'ready', so its 'ready' event does not come again): they are
+// replayed when the hold ends, and until then no Redis read brings back an entry they dropped.
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { buildTestApp, bearer } from '../../helper.js'
+import { startTcpProxy } from '../../proxy.js'
+import { REDIS_URL, itemKernel, itemManifest, metric, eventually } from './items.js'
+import { ResponseCache, RedisTier, etagOf, localKey, type CachedAnswer } from '../../../plugins/cache/index.js'
+import { CallContext, canonicalJson } from '../../../plugins/pipeline/index.js'
+import type { Operation } from '../../../manifest.js'
+
+const REDIS_PORT = Number(new URL(REDIS_URL).port || 6379)
+
+t.test('redis: an invalidation made during the hold after a command timeout reaches Redis when the hold ends', async t => {
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  const env = { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_CACHE_STORE: 'redis', BFF_IDEMPOTENCY_STORE: 'memory', BFF_RATE_LIMIT_STORE: 'memory' }
+  const app = await buildTestApp(t, env, { manifest, kernelUrl: kernel.url })
+  // Another instance, straight on Redis.
+  const other = await buildTestApp(t, { REDIS_URL, BFF_CACHE_STORE: 'redis' }, { manifest, kernelUrl: kernel.url })
+  const who = 'cache-' + randomUUID()
+  const headers = bearer({ tenant: who })
+
+  const first = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+  t.equal(first.headers['x-cache'], 'miss')
+  t.equal(first.json().n, 1)
+  t.equal((await other.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit', 'the entry is shared through Redis')
+
+  // Redis is slow for a moment (a fork, a network blip): one command times out (500 ms) and the
+  // cache holds off Redis for a second, while the connection stays up.
+  proxy.delay(700)
+  const slow = await app.inject({ method: 'GET', url: '/api/v1/items/b', headers })
+  t.equal(slow.statusCode, 200, 'served from the Kernel, never a 5xx')
+  proxy.restore()
+  t.ok(app.redis.up(), 'the connection never dropped')
+
+  // Within the hold the item is updated: the tag is dropped locally and kept to be replayed.
+  t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
+  t.equal(await metric(app, 'mantle_cache_pending_invalidations'), 1, 'the invalidation waits for Redis')
+
+  // The hold ends: the invalidation reaches Redis without waiting for any request.
+  await eventually(async () => await metric(app, 'mantle_cache_pending_invalidations') === 0, 'the replay', 5000)
+  const key = localKey('getItem', who, canonicalJson({ id: 'a' }))
+  await eventually(async () => other.responseCache.cache.memory.get(key) === undefined, 'the other instance drops the entry from memory')
+
+  const after = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+  t.equal(after.headers['x-cache'], 'miss', 'the mutating instance does not read the old entry back from Redis')
+  t.not(after.json().n, 1)
+  const shared = await other.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+  t.not(shared.json().n, 1, 'nor does another instance')
+})
+
+t.test('until a pending invalidation reaches Redis, an entry Redis holds under its tag is a miss', async t => {
+  const old = '{"n":1}'
+  const stored: CachedAnswer = { value: { n: 1 }, json: old, status: 200, etag: etagOf(old), freshUntil: Date.now() + 60_000, staleUntil: Date.now() + 60_000, keepUntil: Date.now() + 60_000 }
+  let invalidations = 0
+  let release!: () => void
+  const gate = new Promise<void>(resolve => { release = resolve })
+  // A Redis tier whose first invalidation fails (a command timeout) and whose replay is slow to
+  // land, so that reads run while the tag is still pending. Its reads keep returning the old entry.
+  const tier = {
+    read: async () => ({ answer: stored, versions: '0' }),
+    write: async () => true,
+    invalidate: async () => {
+      if (++invalidations === 1) throw new Error('Command timed out')
+      await gate
+    }
+  } as unknown as RedisTier
+  const cache = new ResponseCache({
+    redis: { tier, up: () => true },
+    maxSize: 100,
+    defaultTtlSeconds: 60,
+    breakerOpen: () => false,
+    serializer: () => JSON.stringify,
+    instanceId: 'one',
+    log: { warn: () => {}, debug: () => {} }
+  })
+  t.teardown(() => cache.close())
+  const op = { name: 'getItem', cache: { ttlSeconds: 60, swrSeconds: 0, tags: ['item:{id}'] }, invalidates: [] } as unknown as Operation
+  const stage = cache.stage(op)!
+  let kernelCalls = 0
+  const read = async (): Promise<{ value: unknown, cache: string | null }> => {
+    const ctx = new CallContext('r', 'rest', op, { id: 'a' }, undefined, undefined, undefined)
+    ctx.tenant = 't'
+    const value = await stage(ctx, async () => ({ n: 100 + ++kernelCalls }))
+    return { value, cache: ctx.cache }
+  }
+
+  t.same(await read(), { value: { n: 1 }, cache: 'hit' }, 'the entry from Redis')
+  await cache.invalidate('t', ['item:a'], 'mutation')
+  t.equal(cache.pendingInvalidations, 1, 'the failed invalidation is pending')
+  // The hold ends, the replay is sent but has not landed yet.
+  await eventually(async () => invalidations === 2, 'the replay at the end of the hold', 5000)
+  t.equal(cache.pendingInvalidations, 1, 'pending until Redis has it')
+  t.same(await read(), { value: { n: 101 }, cache: 'miss' }, 'the old entry Redis returns is not served')
+  release()
+  await eventually(async () => cache.pendingInvalidations === 0, 'the replay to land')
+  t.equal(invalidations, 2, 'replayed once')
+})
