@@ -105,12 +105,21 @@ export class Spool {
       const entries = JSON.stringify(batch)
       return `{"n":${batch.length},"sum":"${checksum(entries)}","entries":${entries}}\n`
     }).join('')
+    const data = Buffer.from(text)
     await this.serial(async () => {
       const fh = this.fh
       if (fh === null) throw new Error('the audit spool is closed')
-      await fh.write(text)
-      await fh.datasync()
-      this.bytes += Buffer.byteLength(text)
+      try {
+        // A write may take fewer bytes than it was given (a full disk): the rest follows.
+        for (let at = 0; at < data.length;) at += (await fh.write(data, at, data.length - at)).bytesWritten
+        await fh.datasync()
+      } catch (err) {
+        // Nothing of a failed append stays (its entries go back to the queue): a part of a line
+        // left behind would join the next append's, and both be lost at the replay.
+        await fh.truncate(this.bytes).catch(() => {})
+        throw err
+      }
+      this.bytes += data.length
     })
   }
 

@@ -2,6 +2,7 @@ import t from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
 import { appendFileSync, existsSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import type { FileHandle } from 'node:fs/promises'
 import { categoryOf, hashEntry, isoTime, GENESIS, type AuditEntry, type AuditStore } from '../../../plugins/audit/entry.js'
 import { canonicalJson as canonical } from '../../../plugins/pipeline/index.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
@@ -147,6 +148,35 @@ t.test('spool: batches come back in order, replayed ones are cut, a failing comm
   await spool.close()
   await spool.close()
   await t.rejects(spool.append(a), /closed/)
+})
+
+t.test('spool: a short write is completed; a failed append leaves nothing behind to join the next', async t => {
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  // The file handle as a full disk would make it: the first write takes 10 bytes, a later one fails.
+  const fh = (spool as unknown as { fh: FileHandle }).fh
+  const write = fh.write.bind(fh) as (data: Buffer, offset: number, length: number) => Promise<{ bytesWritten: number }>
+  let calls = 0
+  let failNext = false
+  ;(fh as unknown as { write: typeof write }).write = async (data, offset, length) => {
+    calls++
+    if (failNext) { failNext = false; await write(data, offset, 7); throw new Error('ENOSPC: no space left on device') }
+    return await write(data, offset, calls === 1 ? Math.min(10, length) : length)
+  }
+  const a = [entry(), entry()]
+  await spool.append(a)
+  t.ok(calls >= 2, 'the short write was followed by the rest')
+  t.equal(spool.size, statSync(spool.path).size)
+  failNext = true
+  await t.rejects(spool.append([entry()]), /ENOSPC/)
+  t.equal(statSync(spool.path).size, spool.size, 'the part the failed append wrote is cut')
+  const c = [entry()]
+  await spool.append(c)
+  const seen: AuditEntry[][] = []
+  t.equal(await spool.drain(async batch => { seen.push(batch) }), 3)
+  t.same(seen, [a, c], 'both acknowledged batches come back whole')
+  t.equal(spool.corrupt, 0)
+  await spool.close()
 })
 
 t.test('spool: one process per directory; a torn or corrupt line is skipped, never half replayed', async t => {
