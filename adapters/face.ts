@@ -24,6 +24,8 @@ export interface FaceCall {
   authorization: string | undefined
   traceparent?: string | undefined
   idempotencyKey?: string | null | undefined
+  /** A refusal the face decided (a bound of its own): the pipeline's validation stage throws it. */
+  refusal?: MantleError | undefined
   /** Shared by the calls of one request: identical queries reach the Kernel once. */
   memo?: Map<string, Promise<unknown>> | null
 }
@@ -74,6 +76,7 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     const input = call.input === undefined || call.input === null ? {} : call.input
     const ctx = new CallContext(call.requestId, call.protocol, op, input as Record<string, unknown>, call.authorization, call.traceparent, op.type === 'mutation' ? call.idempotencyKey : undefined)
     if (call.memo !== undefined) ctx.memo = call.memo
+    if (call.refusal !== undefined) ctx.refusal = call.refusal
     const entry = app.pipeline.entry(op.name)
     const result = await entry.run(ctx)
     return new FaceValue(ctx.json ?? entry.serialize(result), ctx.status, ctx.headers, ctx.cache)

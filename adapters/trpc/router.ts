@@ -53,20 +53,20 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
     const name = op.name
     const resolve = async ({ ctx, input, batchIndex }: { ctx: TrpcContext, input: unknown, batchIndex?: number }): Promise<unknown> => {
       const requestId = callId(ctx, batchIndex)
-      if (ctx.inFlight >= limits.maxInFlight) {
-        throw ProblemError.from(new MantleError('OVERLOADED', `A connection runs at most ${limits.maxInFlight} calls at once`, { headers: { 'retry-after': '1' } }), requestId)
-      }
-      ctx.inFlight++
+      // Beyond the bound the pipeline refuses the call before anything that costs, so that the
+      // refusal has its audit entry like every other.
+      const refusal = ctx.inFlight >= limits.maxInFlight ? new MantleError('OVERLOADED', `A connection runs at most ${limits.maxInFlight} calls at once`, { headers: { 'retry-after': '1' } }) : undefined
+      if (refusal === undefined) ctx.inFlight++
       try {
         const key = ctx.idempotencyKey == null || !ctx.batch ? ctx.idempotencyKey : `${ctx.idempotencyKey}.${batchIndex ?? 0}`
-        const result = await runCall(app, { requestId, protocol: 'trpc', op: name, input, authorization: ctx.authorization, traceparent: ctx.traceparent, idempotencyKey: key, memo: ctx.memo })
+        const result = await runCall(app, { requestId, protocol: 'trpc', op: name, input, authorization: ctx.authorization, traceparent: ctx.traceparent, idempotencyKey: key, memo: ctx.memo, refusal })
         if (result.ok) {
           if (result.cache !== null && ctx.requestId !== null) (ctx.cache ??= [])[batchIndex ?? 0] = result.cache
           return result.value
         }
         throw ProblemError.of(result.problem, result.headers)
       } finally {
-        ctx.inFlight--
+        if (refusal === undefined) ctx.inFlight--
       }
     }
     const base = t.procedure.input(rawInput)

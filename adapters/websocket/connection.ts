@@ -161,11 +161,10 @@ export class Connection {
 
   private call (frame: CallFrame): void {
     const { maxInFlight } = this.face.limits
-    if (this.inFlight >= maxInFlight) {
-      this.refuse(frame.id, new MantleError('OVERLOADED', `A connection may have at most ${maxInFlight} calls in flight`))
-      return
-    }
-    this.inFlight++
+    // Beyond the bound the pipeline refuses the call before anything that costs (it never
+    // reaches the Kernel), so that the refusal has its audit entry like every other.
+    const refusal = this.inFlight >= maxInFlight ? new MantleError('OVERLOADED', `A connection may have at most ${maxInFlight} calls in flight`) : undefined
+    if (refusal === undefined) this.inFlight++
     const id = JSON.stringify(frame.id)
     runCall(this.face.app, {
       requestId: uuidv7(),
@@ -173,9 +172,10 @@ export class Connection {
       op: frame.op,
       input: frame.input,
       authorization: this.authorization,
-      idempotencyKey: frame.idempotencyKey
+      idempotencyKey: frame.idempotencyKey,
+      refusal
     }).then(outcome => {
-      this.inFlight--
+      if (refusal === undefined) this.inFlight--
       // The answer is already JSON shaped by the op's output schema: it is spliced in as is.
       // A replayed idempotent call and the cache's outcome say so, as REST's headers do.
       if (outcome.ok) this.send('{"id":' + id + ',"result":' + outcome.json + resultMarkers(outcome) + '}')

@@ -73,6 +73,11 @@ export class CallContext {
    * hit): the faces send it as it is instead of serializing the value again. null: serialize.
    */
   json: string | null
+  /**
+   * A refusal a face decided before the call (a bound of its own, e.g. calls in flight on one
+   * connection): thrown by the validation stage, within the pipeline, so that it is audited.
+   */
+  refusal: Error | null
 
   constructor (requestId: string, protocol: Protocol, op: Operation, input: Record<string, unknown>, authorization: string | undefined, traceparent: string | undefined, idempotencyKey: string | null | undefined) {
     this.requestId = requestId
@@ -98,6 +103,7 @@ export class CallContext {
     this.findings = null
     this.ifNoneMatch = undefined
     this.json = null
+    this.refusal = null
   }
 
   /** Adds a response header for the HTTP faces. */

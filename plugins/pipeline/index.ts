@@ -242,6 +242,7 @@ function validationStage (): StageDefinition {
     build (op) {
       const validate: ValidateFunction = ajv.compile(op.input)
       return (ctx, next) => {
+        if (ctx.refusal !== null) throw ctx.refusal
         const input: unknown = ctx.input
         if (typeof input !== 'object' || input === null || Array.isArray(input)) throw new MantleError('VALIDATION_FAILED', 'The input must be a JSON object')
         if (ctx.idempotencyKey === null) throw new MantleError('VALIDATION_FAILED', 'The Idempotency-Key must be 1 to 255 visible ASCII characters')

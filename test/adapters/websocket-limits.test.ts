@@ -77,13 +77,19 @@ t.test('calls in flight are bounded per connection: OVERLOADED beyond it, none r
     'GET /v1/items/slow': async (_req, res) => { await gate; json(res, 200, { id: 'slow' }) }
   })
   const op = { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } }, timeoutMs: 5000 }
-  const { url } = await wsApp(t, { build: { manifest: testManifest({ getItem: op }), kernelUrl: kernel.url } })
+  const { app, url } = await wsApp(t, { build: { manifest: testManifest({ getItem: op }), kernelUrl: kernel.url } })
   const client = await connect(t, url)
   for (let i = 0; i < 70; i++) client.send({ id: String(i), op: 'getItem', input: { id: 'slow' } })
   const refused = []
   for (let i = 0; i < 6; i++) refused.push(await client.next())
   t.same(refused.map(f => f.id), ['64', '65', '66', '67', '68', '69'])
   for (const f of refused) t.match(f.error, { code: 'OVERLOADED', status: 503, detail: 'A connection may have at most 64 calls in flight' })
+  // Each refusal is a call of the pipeline's, refused before the Kernel: it has its audit entry.
+  await until(() => app.audit.health().queueDepth === 0, 'the audit queue to drain')
+  await sleep(80)
+  const overloaded = (await app.audit.store.query({ status: 'OVERLOADED', limit: 100 })).entries
+  t.equal(overloaded.length, 6, 'one audit entry per refused call')
+  t.match(overloaded[0], { protocol: 'websocket', action: 'getItem', statusCode: 503, tenantId: 't1' })
   // The 64 admitted calls reach the Kernel (how soon depends on the machine's load); then no more.
   await until(() => kernel.requests.length >= 64, 'the admitted calls at the Kernel')
   await sleep(50)
