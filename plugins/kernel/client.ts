@@ -181,7 +181,17 @@ export class KernelClient {
     // more than 600 ms here), too loose for short per-op timeouts.
     const deadline = new Deadline(remaining)
     try {
-      const res = await this.pool.request({ method, path, headers, body, signal: deadline as unknown as EventEmitter })
+      const request = this.pool.request({ method, path, headers, body, signal: deadline as unknown as EventEmitter })
+      // undici acts on the signal only once the request has a connection: a call queued behind
+      // busy connections, or waiting for one that does not open, would outlive its deadline.
+      let res: Dispatcher.ResponseData
+      try {
+        res = await Promise.race([request, deadline.expiry()])
+      } catch (err) {
+        // Given up on: should undici still answer it, its body is let go (the socket is freed).
+        if (deadline.aborted) request.then(late => { late.body.destroy() }, noop)
+        throw err
+      }
       const status = res.statusCode
       if (status >= 200 && status < 300) {
         const value = await readJson(res, this.maxBytes)
@@ -217,6 +227,7 @@ export class KernelClient {
 class Deadline {
   aborted = false
   private listener: (() => void) | null = null
+  private reject: ((err: Error) => void) | null = null
   private readonly timer: NodeJS.Timeout
 
   constructor (ms: number) {
@@ -237,11 +248,17 @@ class Deadline {
     return this
   }
 
+  /** Rejects when the deadline passes: for the wait undici does not bound (see attempt). */
+  expiry (): Promise<never> {
+    return new Promise<never>((_resolve, reject) => { this.reject = reject })
+  }
+
   fire (): void {
     this.aborted = true
     const listener = this.listener
     this.listener = null
     if (listener !== null) listener()
+    if (this.reject !== null) this.reject(DEADLINE_PASSED)
   }
 
   clear (): void {
@@ -254,6 +271,8 @@ function fire (deadline: Deadline): void {
 }
 
 const timedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined }
+const DEADLINE_PASSED = new Error('the attempt\'s deadline passed')
+const noop = (): void => {}
 const INVALID = Symbol('invalid')
 
 async function readJson (res: Dispatcher.ResponseData, limit: number): Promise<unknown> {
@@ -281,8 +300,10 @@ async function readJson (res: Dispatcher.ResponseData, limit: number): Promise<u
     }
     return size === 0 ? null : JSON.parse(Buffer.concat(chunks).toString('utf8'))
   } catch (err) {
-    if ((err as { name?: string }).name === 'AbortError') throw err
-    return INVALID
+    // Only a body that is not JSON is the Kernel's bad answer; a connection reset mid-body, or
+    // the deadline, is the attempt's failure (503 or 504), as before the headers.
+    if (err instanceof SyntaxError) return INVALID
+    throw err
   }
 }
 
