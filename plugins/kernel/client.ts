@@ -97,7 +97,7 @@ export class KernelClient {
     return function callKernel (ctx: CallContext) {
       const input = ctx.input
       let path = parts[0]
-      for (let i = 1; i < parts.length; i += 2) path += encodeURIComponent(String(input[parts[i]])) + parts[i + 1]
+      for (let i = 1; i < parts.length; i += 2) path += pathSegment(input[parts[i]]) + parts[i + 1]
       let body: string | undefined
       if (sendsBody) {
         const rest: Record<string, unknown> = {}
@@ -273,6 +273,16 @@ function fire (deadline: Deadline): void {
 const timedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined }
 const DEADLINE_PASSED = new Error('the attempt\'s deadline passed')
 const noop = (): void => {}
+
+/**
+ * A path parameter as one segment of the Kernel's path. encodeURIComponent leaves `.` and `..`
+ * as they are, which a Kernel or a proxy before it would resolve (`/v1/agents/../runs` is
+ * `/v1/runs`): those two are sent as `%2E`.
+ */
+function pathSegment (value: unknown): string {
+  const segment = encodeURIComponent(String(value))
+  return segment === '.' || segment === '..' ? segment.replaceAll('.', '%2E') : segment
+}
 const INVALID = Symbol('invalid')
 
 async function readJson (res: Dispatcher.ResponseData, limit: number): Promise<unknown> {
