@@ -10,7 +10,7 @@ import { errorFormatter, fieldError } from './errors.js'
 import { createSubscriptions, upgradeAuthorization } from './subscriptions.js'
 import type { CacheOutcome } from '../../plugins/pipeline/index.js'
 
-import type { WebSocket } from 'ws'
+import type { RawData, WebSocket } from 'ws'
 import type { IncomingMessage } from 'node:http'
 
 export { manifestSdl } from './schema.js'
@@ -55,15 +55,23 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
   return async function graphqlFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
     await graphqlAdapter(app, opts)
     // mercurius keeps a socket that never sends connection_init open for ever: a client could
-    // hold sockets at no cost. graphql-ws prescribes closing it with 4408; any first message
-    // hands the socket to mercurius' own protocol handling.
+    // hold sockets at no cost. graphql-ws prescribes closing it with 4408 when no
+    // connection_init came in time, whatever else did (a ping or a junk frame does not count).
     if (!app.hasDecorator('websocketServer')) return
     app.websocketServer.on('connection', (socket: WebSocket, request: IncomingMessage) => {
       if ((request.url ?? '').split('?')[0] !== '/graphql') return
       const timer = setTimeout(() => socket.close(CLOSE_INIT_TIMEOUT, 'Connection initialisation timeout'), initTimeoutMs)
       timer.unref()
-      const disarm = (): void => clearTimeout(timer)
-      socket.once('message', disarm)
+      const onMessage = (data: RawData): void => {
+        let type: unknown
+        try { type = (JSON.parse(String(data)) as { type?: unknown } | null)?.type } catch {}
+        if (type === 'connection_init') disarm()
+      }
+      const disarm = (): void => {
+        clearTimeout(timer)
+        socket.off('message', onMessage)
+      }
+      socket.on('message', onMessage)
       socket.once('close', disarm)
     })
   }

@@ -1,4 +1,3 @@
-import { randomUUID } from 'node:crypto'
 import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
@@ -24,6 +23,16 @@ export function upgradeAuthorization (request: FastifyRequest): string | undefin
   return typeof token === 'string' && token !== '' ? `Bearer ${token}` : undefined
 }
 
+/**
+ * The connection's own token, as onConnect reads connection_init: its `authorization` (not a
+ * string: '', refused), else the upgrade's.
+ */
+function ownAuthorization (init: unknown, upgrade: string | undefined): string | undefined {
+  if (init === null || typeof init !== 'object' || !('authorization' in init)) return upgrade
+  const authorization = (init as { authorization: unknown }).authorization
+  return typeof authorization === 'string' ? authorization : ''
+}
+
 /** One graphql-ws connection: its credentials, its operations as mercurius holds them, its expiry. */
 export class GraphqlConnection {
   /**
@@ -45,11 +54,16 @@ export class GraphqlConnection {
   /**
    * Verifies a subscription's token (cached by the identity plugin). mercurius lets each
    * `subscribe` message carry its own credentials: they must name the connection's tenant and
-   * user, as /ws's `auth` frame must, and the connection ends (4401) when the first of the
-   * tokens it accepted expires.
+   * user (those of its own credentials, `own`: connection_init's, else the upgrade's; with none,
+   * those of its first subscription), as /ws's `auth` frame must, and the connection ends (4401)
+   * when the first of the tokens it accepted expires.
    */
-  identify (app: FastifyInstance, authorization: string | undefined): Identity {
-    const identity = app.identify(authorization)
+  identify (app: FastifyInstance, authorization: string | undefined, own: string | undefined): Identity {
+    if (this.caller === null && own !== undefined && own !== authorization) this.accept(app.identify(own))
+    return this.accept(app.identify(authorization))
+  }
+
+  private accept (identity: Identity): Identity {
     if (this.caller === null) this.caller = { tenant: identity.tenant, user: identity.user }
     else if (identity.tenant !== this.caller.tenant || identity.user !== this.caller.user) {
       throw new MantleError('FORBIDDEN', 'A subscription\'s token must be for the same tenant and user as the connection')
@@ -92,6 +106,8 @@ export class GraphqlConnection {
 interface SubscriptionContext {
   connection: GraphqlConnection
   initAuthorization?: string
+  /** connection_init's payload (mercurius keeps it on the connection's context). */
+  _connectionInit?: unknown
   id: string | number
 }
 
@@ -151,7 +167,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       const errors = validate(schema, document, rules)
       if (errors.length > 0) {
         const first = errors[0]
-        throw new GraphQLError(first.message, { nodes: first.nodes, extensions: { code: 'VALIDATION_FAILED', status: 400, ...first.extensions, requestId: randomUUID() } })
+        throw new GraphQLError(first.message, { nodes: first.nodes, extensions: { code: 'VALIDATION_FAILED', status: 400, ...first.extensions, requestId: uuidv7() } })
       }
     },
 
@@ -173,7 +189,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         let iterator: AsyncIterator<unknown>
         const controller = new AbortController()
         try {
-          identity = connection.identify(app, context.initAuthorization ?? connection.upgradeAuthorization)
+          identity = connection.identify(app, context.initAuthorization ?? connection.upgradeAuthorization, ownAuthorization(context._connectionInit, connection.upgradeAuthorization))
           app.events.bus.authorize(event.name, identity)
           // The bus only ever delivers the caller's own tenant's events.
           iterator = app.events.bus.stream(event.name, identity.tenant, controller.signal)[Symbol.asyncIterator]()

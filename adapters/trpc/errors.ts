@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto'
+import { uuidv7 } from '../../ids.js'
 import { TRPCError, type TRPC_ERROR_CODE_KEY, type TRPC_ERROR_CODE_NUMBER } from '@trpc/server'
 import { TRPC_ERROR_CODES_BY_KEY } from '@trpc/server/rpc'
 import { getHTTPStatusCodeFromError } from '@trpc/server/http'
@@ -134,7 +134,7 @@ export function errorShape (error: TRPCError, requestId: string | undefined, pat
   } else {
     ({ code, status, detail } = fromTrpc(error))
   }
-  const data: MantleErrorData = { code, httpStatus: status, requestId: id ?? randomUUID() }
+  const data: MantleErrorData = { code, httpStatus: status, requestId: id ?? uuidv7() }
   if (path !== undefined) data.path = path
   return { message: detail, code: TRPC_ERROR_CODES_BY_KEY[trpcCodeOf(status)], data }
 }

@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto'
+import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { TRPCError } from '@trpc/server'
 import { fastifyRequestHandler } from '@trpc/server/adapters/fastify'
@@ -203,7 +203,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           try {
             expiresAt = app.identify(ctx.authorization).expiresAt
           } catch (err) {
-            throw ProblemError.from(err, randomUUID())
+            throw ProblemError.from(err, uuidv7())
           }
           authenticated.add(socket)
           const disarm = atExpiry(expiresAt, () => socket.close(CLOSE_UNAUTHENTICATED, 'The token has expired'))

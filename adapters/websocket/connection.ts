@@ -1,5 +1,4 @@
 import type { FastifyInstance } from 'fastify'
-import { randomUUID } from 'node:crypto'
 import { uuidv7 } from '../../ids.js'
 import { once } from 'node:events'
 import { WebSocket, type RawData } from 'ws'
@@ -133,7 +132,7 @@ export class Connection {
   }
 
   private refuse (id: string | null, err: unknown): void {
-    this.sendProblem(id, toProblem(err, randomUUID()).problem)
+    this.sendProblem(id, toProblem(err, uuidv7()).problem)
   }
 
   private onMessage (data: RawData, isBinary: boolean): void {
