@@ -50,7 +50,11 @@ export function single (value: string | string[] | undefined): string | undefine
  * ignore the key): refused there, the call has its audit entry like every other refusal.
  */
 export function idempotencyKeyOf (request: FastifyRequest): string | null | undefined {
-  const key = single(request.headers['idempotency-key'])
+  return checkedIdempotencyKey(single(request.headers['idempotency-key']))
+}
+
+/** An Idempotency-Key as sent (undefined: none), or null when no store could key on it. */
+export function checkedIdempotencyKey (key: string | undefined): string | null | undefined {
   return key === undefined || IDEMPOTENCY_KEY.test(key) ? key : null
 }
 

@@ -3,6 +3,7 @@ import { uuidv7 } from '../../ids.js'
 import { once } from 'node:events'
 import { WebSocket, type RawData } from 'ws'
 import { runCall, resultMarkers } from '../face.js'
+import { checkedIdempotencyKey } from '../rest/index.js'
 import { MantleError, toProblem, type Problem } from '../../errors.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame, type AuthFrame } from './frames.js'
@@ -171,7 +172,7 @@ export class Connection {
       op: frame.op,
       input: frame.input,
       authorization: this.authorization,
-      idempotencyKey: frame.idempotencyKey,
+      idempotencyKey: checkedIdempotencyKey(frame.idempotencyKey),
       refusal
     }).then(outcome => {
       if (refusal === undefined) this.inFlight--

@@ -27,8 +27,9 @@ const frame = (key: string, value: object, extra: Record<string, object> = {}): 
 const KINDS = [
   ['op', 'call', frame('op', name, {
     input: { type: ['object', 'null'] },
-    // The same rule as REST's Idempotency-Key header: what every store can key on.
-    idempotencyKey: { type: 'string', pattern: '^[\\x21-\\x7e]{1,255}$' }
+    // Any text: a key no store could key on is refused by the pipeline, and only for a mutation
+    // (queries ignore the key), as REST's Idempotency-Key header (connection.ts).
+    idempotencyKey: { type: 'string' }
   })],
   ['subscribe', 'subscribe', frame('subscribe', name)],
   ['unsubscribe', 'unsubscribe', frame('unsubscribe', name)],

@@ -247,10 +247,30 @@ function validationStage (): StageDefinition {
         if (typeof input !== 'object' || input === null || Array.isArray(input)) throw new MantleError('VALIDATION_FAILED', 'The input must be a JSON object')
         if (ctx.idempotencyKey === null) throw new MantleError('VALIDATION_FAILED', 'The Idempotency-Key must be 1 to 255 visible ASCII characters')
         if (!validate(ctx.input)) throw new MantleError('VALIDATION_FAILED', describeValidation(validate.errors ?? []))
+        // JSON.parse reads 1e400 as Infinity, which the schema's `number` admits and JSON cannot
+        // carry on to the Kernel (it would arrive as null, or as the text "Infinity").
+        if (holdsNonFinite(input)) throw new MantleError('VALIDATION_FAILED', 'The input holds a number out of range: numbers must be finite')
         return next(ctx)
       }
     }
   }
+}
+
+/**
+ * Whether a parsed input holds a number that is not finite. Iterative: a deeply nested body must
+ * not exhaust the stack; the work is one step per value, bounded by the body limit.
+ */
+export function holdsNonFinite (input: object): boolean {
+  const stack: unknown[] = [input]
+  while (stack.length > 0) {
+    const value = stack.pop()
+    if (typeof value === 'number') {
+      if (!Number.isFinite(value)) return true
+    } else if (value !== null && typeof value === 'object') {
+      if (Array.isArray(value)) { for (const v of value) stack.push(v) } else { for (const k in value) stack.push((value as Record<string, unknown>)[k]) }
+    }
+  }
+  return false
 }
 
 async function pipelinePlugin (app: FastifyInstance, opts: { manifest: Manifest }): Promise<void> {

@@ -26,7 +26,7 @@ t.test('junk frames get a VALIDATION_FAILED error frame and the connection lives
     ['input a string', '{"id":"s","op":"getAgent","input":"a1"}', 's', /frame\.input must be object,null/],
     ['unknown key', '{"id":"u","op":"getAgent","imput":{}}', 'u', /frame\.imput is not allowed/],
     ['two kinds', '{"id":"t","op":"getAgent","subscribe":"runUpdated"}', 't', /frame\.subscribe is not allowed/],
-    ['bad idempotency key', '{"id":"b","op":"createAgent","idempotencyKey":"has space"}', 'b', /frame\.idempotencyKey must match pattern/],
+    ['bad idempotency key (a mutation: refused by its pipeline call)', '{"id":"b","op":"createAgent","idempotencyKey":"has space"}', 'b', /Idempotency-Key must be 1 to 255 visible ASCII characters/],
     ['subscribe a number', '{"id":"n","subscribe":1}', 'n', /frame\.subscribe must be string/],
     ['empty auth', '{"id":"e","auth":""}', 'e', /frame\.auth must NOT have fewer than 1 characters/],
     ['prototype pollution', '{"id":"p","op":"getAgent","input":{"__proto__":{"admin":true}}}', null, /forbidden prototype property/],
