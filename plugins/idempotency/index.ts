@@ -96,9 +96,30 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     if (!degraded) app.log.warn({ err: (err as Error | null)?.message }, 'idempotency: Redis is unavailable, keys are held in memory until it is back')
     degraded = true
   }
+  // A store write that fails leaves a running claim to lapse with its lease: never the call's error
+  // (nor a replay's, when an outcome held in memory is copied to Redis).
+  const settle = async (write: Promise<void>): Promise<void> => {
+    try {
+      await write
+    } catch (err) {
+      app.log.warn({ err: (err as Error).message }, 'idempotency: could not store the outcome of a call')
+    }
+  }
   const claimIn = async (key: string, hash: string, leaseMs: number): Promise<[IdempotencyStore, Claim]> => {
     if (shared !== null) {
       if (redis!.up()) {
+        // A key claimed in memory while Redis was away stays this instance's until it expires
+        // there: a call still running here is waited for (never a second Kernel call), and an
+        // outcome is replayed and copied to Redis for the time it has left (never extended).
+        // The memory store holds only keys claimed while Redis was away or failed: usually empty.
+        const local = memory.peek(key)
+        if (local !== undefined) {
+          const ttl = Math.floor(local.ttlMs)
+          if (local.record.state === 'done' && Number.isFinite(ttl) && ttl > 0) {
+            await settle(shared.seed(key, local.record, ttl))
+          }
+          return [memory, { won: false, record: local.record }]
+        }
         try {
           const claim = await shared.claim(key, hash, leaseMs)
           if (degraded) app.log.info('idempotency: Redis is back')
@@ -112,14 +133,6 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       }
     }
     return [memory, await memory.claim(key, hash, leaseMs)]
-  }
-  // A store write that fails leaves a running claim to lapse with its lease: never the call's error.
-  const settle = async (write: Promise<void>): Promise<void> => {
-    try {
-      await write
-    } catch (err) {
-      app.log.warn({ err: (err as Error).message }, 'idempotency: could not store the outcome of a call')
-    }
   }
 
   app.decorate('idempotency', { store: opts.store, memoryKeys: () => memory.size })

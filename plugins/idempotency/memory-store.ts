@@ -33,6 +33,16 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     return this.cache.size
   }
 
+  /**
+   * The record held for `key` and how long it has left (ms), without claiming it: the plugin asks
+   * this first once Redis is back, so that a key claimed here during an outage stays answered here.
+   */
+  peek (key: string): { record: IdempotencyRecord, ttlMs: number } | undefined {
+    const record = this.cache.get(key)
+    if (record === undefined) return undefined
+    return { record, ttlMs: this.cache.getRemainingTTL(key) }
+  }
+
   async claim (key: string, hash: string, leaseMs: number): Promise<Claim> {
     const record = this.cache.get(key)
     if (record !== undefined) return { won: false, record }

@@ -36,7 +36,7 @@ export class RedisIdempotencyStore implements IdempotencyStore {
   readonly kind = 'redis'
   private readonly scripts: Scripts
 
-  constructor (client: Redis) {
+  constructor (private readonly client: Redis) {
     // Defined once per connection (ioredis sends EVALSHA, and the script on a cache miss).
     if (typeof (client as unknown as Partial<Scripts>).mantleIdemClaim !== 'function') {
       client.defineCommand('mantleIdemClaim', { numberOfKeys: 1, lua: CLAIM })
@@ -59,6 +59,14 @@ export class RedisIdempotencyStore implements IdempotencyStore {
 
   async release (key: string, token: string): Promise<void> {
     await this.scripts.mantleIdemRelease(key, token)
+  }
+
+  /**
+   * Writes a final outcome stored elsewhere (the memory store, during an outage) for the `ttlMs`
+   * it has left, unless the key holds a record already (which is then left as it is).
+   */
+  async seed (key: string, record: DoneRecord, ttlMs: number): Promise<void> {
+    await this.client.set(key, JSON.stringify(record), 'PX', ttlMs, 'NX')
   }
 }
 

@@ -1,0 +1,86 @@
+// After a Redis outage: keys claimed in the memory store while Redis was away stay answered by the
+// instance that holds them. README: a mutation with a key runs once "whichever face and whichever
+// gateway instance the repeats reach"; the outage exceptions are only a repeat that reaches another
+// instance, or repeats a call made before the outage. So a repeat on the instance that stored the
+// outcome never reaches the Kernel again once Redis is back: it is replayed from memory, and the
+// outcome is copied to Redis for the time it has left (never extended), so that other instances
+// replay it from then on. A call still running in memory when Redis returns is waited for.
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { until } from '../../helper.js'
+import { startTcpProxy } from '../../proxy.js'
+import { storeKey } from '../../../plugins/idempotency/index.js'
+import { idemSetup, REDIS_URL } from './idempotency-helper.js'
+
+const TTL_MS = 120_000 // the helper's BFF_IDEMPOTENCY_TTL_SECONDS
+
+async function redisClient (t: { teardown: (fn: () => unknown) => void }): Promise<Redis> {
+  const client = new Redis(REDIS_URL, { lazyConnect: true })
+  await client.connect()
+  t.teardown(() => client.quit())
+  return client
+}
+
+t.test('a call made while Redis was away, repeated on the same instance after Redis is back, is replayed, not run again', async t => {
+  const proxy = await startTcpProxy(t, 6379)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const redis = await redisClient(t)
+  proxy.cut('reset')
+  await until(() => !s.app.redis.up(), 'the shared connection to notice the cut')
+  const key = randomUUID()
+  const first = await s.create({ name: 'x' }, key)
+  const answeredAt = Date.now()
+  t.equal(first.statusCode, 201)
+  const during = await s.create({ name: 'x' }, key)
+  t.equal(during.headers['idempotent-replayed'], 'true', 'replayed from memory during the outage')
+  t.equal(s.calls(), 1)
+  proxy.restore()
+  await until(() => s.app.redis.up(), 'Redis to be back', 10_000)
+  await new Promise(resolve => setTimeout(resolve, 300))
+
+  const after = await s.create({ name: 'x' }, key)
+  t.equal(after.statusCode, 201)
+  t.equal(after.headers['idempotent-replayed'], 'true', 'the instance that stored the outcome still replays it')
+  t.equal(after.body, first.body, 'the first answer, not a new one')
+  t.equal(s.calls(), 1, 'never a second Kernel call')
+
+  const at = storeKey(s.tenant, 'createItem', key)
+  const since = Date.now() - answeredAt
+  const ttl = await redis.pttl(at)
+  t.equal(JSON.parse((await redis.get(at))!).state, 'done', 'the outcome was copied to Redis')
+  t.ok(ttl > 0 && ttl <= TTL_MS - since, `with the time it had left, never extended (${ttl} ms left, ${since} ms after the answer)`)
+
+  const other = await idemSetup(t, 'redis', {}, {}, s.kernel)
+  const elsewhere = await other.create({ name: 'x' }, key, s.tenant)
+  t.equal(elsewhere.headers['idempotent-replayed'], 'true', 'another instance replays it from Redis')
+  t.equal(elsewhere.body, first.body)
+  t.equal(s.calls(), 1)
+  t.equal((await s.create({ name: 'y' }, key)).statusCode, 422, 'another input with the key is still refused')
+})
+
+t.test('a call still running in memory when Redis comes back: a repeat waits for it, never a second Kernel call', async t => {
+  const proxy = await startTcpProxy(t, 6379)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const redis = await redisClient(t)
+  proxy.cut('reset')
+  await until(() => !s.app.redis.up(), 'the shared connection to notice the cut')
+  const key = randomUUID()
+  const gate = s.hold()
+  const first = s.create({ name: 'slow' }, key)
+  await until(() => s.calls() === 1, 'the call, claimed in memory, to reach the Kernel')
+  proxy.restore()
+  await until(() => s.app.redis.up(), 'Redis to be back', 10_000)
+
+  const repeat = s.create({ name: 'slow' }, key)
+  await new Promise(resolve => setTimeout(resolve, 100))
+  t.equal(s.calls(), 1, 'the repeat waits for the call running on this instance')
+  gate.open()
+  const [a, b] = await Promise.all([first, repeat])
+  t.equal(a.statusCode, 201)
+  t.equal(b.statusCode, 201)
+  t.equal(b.headers['idempotent-replayed'], 'true')
+  t.equal(b.body, a.body)
+  t.equal(s.calls(), 1, 'one Kernel call')
+  t.equal(JSON.parse((await redis.get(storeKey(s.tenant, 'createItem', key)))!).state, 'done', 'the outcome reached Redis with the replay')
+})
