@@ -47,7 +47,8 @@ export const ConfigSchema = Type.Object({
   BFF_JWT_ISSUER: Type.Optional(Type.String({ minLength: 1, description: 'required `iss` of tokens' })),
   BFF_JWT_AUDIENCE: Type.Optional(Type.String({ minLength: 1, description: 'required `aud` of tokens' })),
   BFF_CORS_ORIGINS: Type.Optional(Type.String({ minLength: 1, description: 'comma-separated allowed CORS origins (https://app.example.com, or *); unset: no CORS headers' })),
-  BFF_BODY_LIMIT: Type.Integer({ minimum: 1, default: 1048576, description: 'largest request body in bytes (beyond it 413)' }),
+  // At most 256 MiB: a JSON body is read into one string, and V8 strings stop at 2^29 - 24 characters.
+  BFF_BODY_LIMIT: Type.Integer({ minimum: 1, maximum: 268435456, default: 1048576, description: 'largest request body in bytes (beyond it 413)' }),
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces); with it, a span per call is exported' })),
   OTEL_EXPORTER_OTLP_ENDPOINT: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'OTLP/HTTP base URL; traces go to <it>/v1/traces (the _TRACES_ variable wins)' })),
   OTEL_SERVICE_NAME: Type.String({ minLength: 1, default: 'mantle', description: 'service.name of exported spans' }),
@@ -55,11 +56,15 @@ export const ConfigSchema = Type.Object({
   BFF_RATE_LIMIT_ENABLED: Flag('rate limits: the manifest\'s per-operation limits and the HTTP guard'),
   BFF_RATE_LIMIT_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
   BFF_RATE_LIMIT_GLOBAL_MAX: Type.Optional(Type.Integer({ minimum: 1, description: 'requests per window the HTTP guard lets through per tenant (per address without a valid token); unset: no guard' })),
-  BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: Type.Integer({ minimum: 1, default: 60000, description: 'the HTTP guard\'s sliding window, ms' }),
+  // At most a day, far beyond any useful guard window: Redis' sliding window sets PEXPIRE to twice the
+  // window, which Redis refuses past its largest expiry (every check would then fall back to memory).
+  BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: Type.Integer({ minimum: 1, maximum: 86400000, default: 60000, description: 'the HTTP guard\'s sliding window, ms' }),
   BFF_IDEMPOTENCY_ENABLED: Flag('idempotency keys for mutations (Idempotency-Key header, WebSocket idempotencyKey)'),
   BFF_IDEMPOTENCY_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
-  BFF_IDEMPOTENCY_TTL_SECONDS: Type.Integer({ minimum: 1, default: 86400, description: 'seconds a stored outcome answers repeats of its key' }),
-  BFF_IDEMPOTENCY_MAX_KEYS: Type.Integer({ minimum: 1, default: 100000, description: 'most keys the memory idempotency store holds (least recently used first out)' }),
+  // At most 30 days: * 1000 is the PX of every stored outcome, and Redis refuses an expiry past 2^63 ms.
+  BFF_IDEMPOTENCY_TTL_SECONDS: Type.Integer({ minimum: 1, maximum: 2592000, default: 86400, description: 'seconds a stored outcome answers repeats of its key' }),
+  // At most 10 million: the LRU allocates its index arrays for `max` keys at start-up (1e9 runs out of heap).
+  BFF_IDEMPOTENCY_MAX_KEYS: Type.Integer({ minimum: 1, maximum: 10000000, default: 100000, description: 'most keys the memory idempotency store holds (least recently used first out)' }),
   BFF_IDEMPOTENCY_WAIT_MS: Type.Optional(Type.Integer({ minimum: 0, maximum: 600000, description: 'longest a repeat waits for the first call with its key before 409 (default: the op timeout)' })),
   BFF_CACHE_ENABLED: Flag('the response cache of query operations that declare `cache`'),
   BFF_CACHE_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
@@ -68,11 +73,15 @@ export const ConfigSchema = Type.Object({
   DATABASE_URL: Type.Optional(Type.String({ pattern: '^postgres(ql)?://', description: 'PostgreSQL URL (postgres://user@host:5432/db): the audit trail with BFF_AUDIT_STORE=postgres' })),
   BFF_AUDIT_ENABLED: Flag('the hash-chained audit trail of every call'),
   BFF_AUDIT_STORE: Type.Union([Type.Literal('memory'), Type.Literal('postgres')], { default: 'memory', description: 'memory | postgres (postgres needs DATABASE_URL)' }),
-  BFF_AUDIT_RETENTION_DAYS: Type.Integer({ minimum: 1, default: 90, description: 'days audit entries are kept' }),
+  // At most 100 years: now - days is a Date, and past ~1e8 days it is an Invalid Date every prune fails on.
+  BFF_AUDIT_RETENTION_DAYS: Type.Integer({ minimum: 1, maximum: 36500, default: 90, description: 'days audit entries are kept' }),
   BFF_AUDIT_BATCH_SIZE: Type.Integer({ minimum: 1, maximum: 10000, default: 500, description: 'most audit entries in one INSERT' }),
-  BFF_AUDIT_QUEUE_MAX: Type.Integer({ minimum: 1, default: 50000, description: 'audit entries waiting in memory before the queue is spooled to disk' }),
+  // At most a million (20 times the default): the queue lives in the heap, and a bound much past it
+  // would let the heap run out before the queue is ever spooled.
+  BFF_AUDIT_QUEUE_MAX: Type.Integer({ minimum: 1, maximum: 1000000, default: 50000, description: 'audit entries waiting in memory before the queue is spooled to disk' }),
   BFF_AUDIT_SPOOL_DIR: Type.String({ minLength: 1, default: join(tmpdir(), 'mantle-audit-spool'), description: 'directory of the audit spool file (one per gateway instance)' }),
-  BFF_AUDIT_MEMORY_MAX: Type.Integer({ minimum: 1, default: 100000, description: 'most entries the memory audit store keeps (the oldest are dropped)' }),
+  // At most 10 million: the store indexes its entries in Sets, which V8 caps at 2^24 (16.7 million) entries.
+  BFF_AUDIT_MEMORY_MAX: Type.Integer({ minimum: 1, maximum: 10000000, default: 100000, description: 'most entries the memory audit store keeps (the oldest are dropped)' }),
   BFF_DEMO_KERNEL: Type.Boolean({ default: true, description: 'start the demo Kernel when KERNEL_URL is unset and the demo manifest is used' })
 }, { additionalProperties: true })
 
@@ -109,9 +118,18 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
   } catch (err) {
     const errors = (err as { errors?: Array<{ instancePath?: string, params?: { missingProperty?: string } }> }).errors ?? []
     const names = [...new Set(errors.map(e => (e.instancePath ?? '').replace(/^\//, '') || e.params?.missingProperty || '?'))]
-    const parts = names.map(n => `${n}=${JSON.stringify(String(data[n] ?? ''))} is invalid: expected ${describe(n)}`)
+    const parts = names.map(n => `${n}=${JSON.stringify(shown(n, String(data[n] ?? '')))} is invalid: expected ${describe(n)}`)
     throw new ConfigError('Invalid configuration: ' + (parts.length > 0 ? parts.join('; ') : (err as Error).message))
   }
+  // The schema's patterns only check the scheme: a URL the gateway cannot use (a port past 65535,
+  // a Redis database that is not a number) must stop start-up here, naming the variable, not
+  // fail later inside a client with a bare "Invalid URL" or an uncaught Redis error.
+  const badUrls = URL_VARIABLES.flatMap(({ name, expected, check }) => {
+    const value = config[name]
+    const why = value === undefined ? null : urlProblem(value, check)
+    return why === null ? [] : [`${name}=${JSON.stringify(shown(name, value!))} is invalid: expected ${expected} (${why})`]
+  })
+  if (badUrls.length > 0) throw new ConfigError('Invalid configuration: ' + badUrls.join('; '))
   if (config.BFF_JWT_PUBLIC_KEYS !== undefined) {
     try {
       parsePublicKeys(config.BFF_JWT_PUBLIC_KEYS)
@@ -120,7 +138,8 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
     }
   }
   if (config.BFF_CORS_ORIGINS !== undefined) {
-    const bad = corsOrigins(config.BFF_CORS_ORIGINS).filter(o => o !== '*' && !ORIGIN.test(o))
+    // URL.canParse: the pattern takes any 5 digits as a port, WHATWG URL only 0..65535.
+    const bad = corsOrigins(config.BFF_CORS_ORIGINS).filter(o => o !== '*' && !(ORIGIN.test(o) && URL.canParse(o)))
     if (bad.length > 0 || corsOrigins(config.BFF_CORS_ORIGINS).length === 0) {
       throw new ConfigError(`Invalid configuration: BFF_CORS_ORIGINS=${JSON.stringify(config.BFF_CORS_ORIGINS)} is invalid: expected a comma-separated list of * or http(s) origins without a path` +
         (bad.length > 0 ? ` (bad: ${bad.map(b => JSON.stringify(b)).join(', ')})` : ''))
@@ -136,6 +155,75 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
     throw new ConfigError('Invalid configuration: BFF_AUDIT_STORE=postgres needs DATABASE_URL')
   }
   return Object.freeze(config)
+}
+
+interface UrlCheck {
+  /** Accepted schemes, with their colon (`redis:`). */
+  schemes: string[]
+  /** A host is required (DATABASE_URL may leave it to PGHOST or the local socket). */
+  host: boolean
+  /** What the path (and query) may hold; returns why not, or null. */
+  rest?: (url: URL) => string | null
+}
+
+const HTTP: UrlCheck = { schemes: ['http:', 'https:'], host: true }
+const DB_INDEX = /^(0|[1-9]\d*)$/
+
+/** The URL-valued variables and what each accepts beyond its schema pattern. */
+const URL_VARIABLES: Array<{ name: 'KERNEL_URL' | 'REDIS_URL' | 'DATABASE_URL' | 'BFF_JWKS_URL' | 'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT' | 'OTEL_EXPORTER_OTLP_ENDPOINT', expected: string, check: UrlCheck }> = [
+  { name: 'KERNEL_URL', expected: 'an http(s)://host[:port] origin', check: HTTP },
+  {
+    name: 'REDIS_URL',
+    expected: 'redis://[user:password@]host[:port][/db] or rediss://...',
+    check: {
+      schemes: ['redis:', 'rediss:'],
+      host: true,
+      // ioredis sends SELECT with the path's number (or ?db=): anything else is SELECT NaN.
+      rest: url => {
+        const db = url.pathname.replace(/^\//, '')
+        if (db !== '' && !DB_INDEX.test(db)) return `the database ${JSON.stringify(db)} is not a non-negative integer`
+        const query = url.searchParams.get('db')
+        if (query !== null && !DB_INDEX.test(query)) return `the database db=${JSON.stringify(query)} is not a non-negative integer`
+        return null
+      }
+    }
+  },
+  { name: 'DATABASE_URL', expected: 'postgres://[user:password@]host[:port]/database (or postgresql://)', check: { schemes: ['postgres:', 'postgresql:'], host: false } },
+  { name: 'BFF_JWKS_URL', expected: 'an http(s) URL', check: HTTP },
+  { name: 'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT', expected: 'an http(s) URL', check: HTTP },
+  { name: 'OTEL_EXPORTER_OTLP_ENDPOINT', expected: 'an http(s) URL', check: HTTP }
+]
+
+/** Why a URL is unusable, or null. */
+function urlProblem (value: string, check: UrlCheck): string | null {
+  let url: URL
+  try {
+    url = new URL(value)
+  } catch {
+    // WHATWG URL refuses a port past 65535 or not a number, which is the usual reason.
+    const port = /^[a-z][a-z0-9+.-]*:\/\/(?:[^/?#@]*@)?(?:\[[^\]]*\]|[^/?#:[\]]*):([^/?#]*)/i.exec(value)?.[1]
+    if (port !== undefined && port !== '' && !(/^\d+$/.test(port) && Number(port) >= 1 && Number(port) <= 65535)) return `the port ${JSON.stringify(port)} is not 1..65535`
+    return 'not a valid URL'
+  }
+  if (!check.schemes.includes(url.protocol)) return `the scheme ${JSON.stringify(url.protocol.slice(0, -1))} is not ${check.schemes.map(p => p.slice(0, -1)).join(' or ')}`
+  if (check.host && url.hostname === '') return 'no host'
+  if (url.port === '0') return 'the port "0" is not 1..65535'
+  try {
+    decodeURIComponent(url.username)
+    decodeURIComponent(url.password)
+  } catch {
+    return 'the user or password is not valid percent-encoding'
+  }
+  return check.rest?.(url) ?? null
+}
+
+// Secrets an error message never shows (a refused internal token is still someone's token).
+const SECRET_VARIABLES = new Set(['BFF_JWT_SECRET', 'BFF_INTERNAL_TOKEN'])
+
+/** A value as an error message may show it: a secret as ***, a URL's password masked. */
+function shown (name: string, value: string): string {
+  if (SECRET_VARIABLES.has(name)) return '***'
+  return URL_VARIABLES.some(v => v.name === name) ? value.replace(/^([a-z][a-z0-9+.-]*:\/\/[^/?#@:]*:)[^/?#@]*@/i, '$1***@') : value
 }
 
 /** Where a concern keeps its state: its BFF_*_STORE, else Redis when REDIS_URL is set. */

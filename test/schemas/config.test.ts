@@ -101,7 +101,7 @@ t.test('one error names every bad variable and what it accepts', async t => {
     'LOG_LEVEL="loud" is invalid: expected fatal | error | warn | info | debug | trace | silent',
     'KERNEL_URL="ftp://x" is invalid: expected Kernel origin, http(s)://host:port, wins over the manifest',
     'BFF_AUTH_ENABLED="maybe" is invalid: expected true or false',
-    'BFF_BODY_LIMIT="0" is invalid: expected an integer (1 or more)'
+    'BFF_BODY_LIMIT="0" is invalid: expected an integer (1..268435456)'
   ].join('; '))
   t.notMatch(err?.message, /HOST/, 'a good variable is not named')
 })

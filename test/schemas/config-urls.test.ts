@@ -1,0 +1,116 @@
+// URL-valued variables are checked in full by loadConfig, not only by their scheme: a URL the
+// gateway cannot use stops start-up with one line naming the variable and why (CONTRACT §7),
+// never a crash with a stack trace or a bare "Invalid URL" from a client later on.
+import t from 'tap'
+import { spawn } from 'node:child_process'
+import { fileURLToPath } from 'node:url'
+import { loadConfig, ConfigError } from '../../schemas/config.js'
+import { testConfig } from '../helper.js'
+
+const root = fileURLToPath(new URL('../..', import.meta.url))
+
+/** The message of the ConfigError a bad environment throws, or null when it loads. */
+function refusal (env: Record<string, string>): string | null {
+  try {
+    loadConfig(env)
+  } catch (err) {
+    if (err instanceof ConfigError) return err.message
+    throw err
+  }
+  return null
+}
+
+/** Runs server.ts as `npm start` does, until it exits (a bad configuration exits at once). */
+async function startServer (env: Record<string, string>): Promise<{ code: number | null, output: string }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'server.ts'], {
+    cwd: root,
+    env: { PATH: process.env.PATH, PORT: '0', LOG_LEVEL: 'warn', BFF_AUDIT_ENABLED: 'false', BFF_MAX_EVENT_LOOP_DELAY_MS: '0', ...env },
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  let output = ''
+  child.stdout.on('data', (d: Buffer) => { output += d.toString() })
+  child.stderr.on('data', (d: Buffer) => { output += d.toString() })
+  const timer = setTimeout(() => child.kill('SIGKILL'), 20_000)
+  const code = await new Promise<number | null>(resolve => child.on('exit', resolve))
+  clearTimeout(timer)
+  return { code, output }
+}
+
+t.test('start-up: a REDIS_URL with a non-numeric database stops the process with one line, no stack', async t => {
+  // The database is the path's number: ioredis would send SELECT NaN, whose error nothing catches.
+  const { code, output } = await startServer({ REDIS_URL: 'redis://127.0.0.1:6379/abc' })
+  t.equal(code, 1)
+  t.match(output, /^mantle: Invalid configuration: REDIS_URL=.*the database "abc" is not a non-negative integer/m, 'one line naming the variable and why')
+  t.notMatch(output, /\n\s+at /, 'no stack trace')
+})
+
+t.test('start-up: a KERNEL_URL with an out-of-range port names the variable, not a bare "Invalid URL"', async t => {
+  const { code, output } = await startServer({ KERNEL_URL: 'http://127.0.0.1:99999' })
+  t.equal(code, 1)
+  t.match(output, /^mantle: Invalid configuration: KERNEL_URL="http:\/\/127\.0\.0\.1:99999" is invalid: .*the port "99999" is not 1\.\.65535/m)
+  t.notMatch(output, /\n\s+at /, 'no stack trace')
+})
+
+t.test('REDIS_URL: redis or rediss, a host, a port 1..65535, no path or a database number', async t => {
+  for (const good of ['redis://127.0.0.1:6379', 'redis://127.0.0.1:6379/', 'redis://127.0.0.1:6379/0', 'redis://cache:6379/15', 'rediss://user:pw@cache.example', 'redis://:pw@[::1]:6379/2', 'redis://cache:6379?db=3']) {
+    t.equal(refusal({ REDIS_URL: good }), null, `accepts ${good}`)
+  }
+  const expected = 'expected redis://[user:password@]host[:port][/db] or rediss://...'
+  t.equal(refusal({ REDIS_URL: 'redis://127.0.0.1:6379/abc' }), `Invalid configuration: REDIS_URL="redis://127.0.0.1:6379/abc" is invalid: ${expected} (the database "abc" is not a non-negative integer)`)
+  t.equal(refusal({ REDIS_URL: 'redis://127.0.0.1:99999' }), `Invalid configuration: REDIS_URL="redis://127.0.0.1:99999" is invalid: ${expected} (the port "99999" is not 1..65535)`)
+  t.match(refusal({ REDIS_URL: 'redis://127.0.0.1:0' }), /REDIS_URL=.*\(the port "0" is not 1\.\.65535\)$/)
+  t.match(refusal({ REDIS_URL: 'redis://cache:abc' }), /REDIS_URL=.*\(the port "abc" is not 1\.\.65535\)$/)
+  t.match(refusal({ REDIS_URL: 'redis://' }), /REDIS_URL=.*\(no host\)$/)
+  t.match(refusal({ REDIS_URL: 'redis://cache:6379/-1' }), /REDIS_URL=.*\(the database "-1" is not a non-negative integer\)$/)
+  t.match(refusal({ REDIS_URL: 'redis://cache:6379/1/' }), /REDIS_URL=.*\(the database "1\/" is not a non-negative integer\)$/)
+  t.match(refusal({ REDIS_URL: 'redis://cache:6379?db=x' }), /REDIS_URL=.*\(the database db="x" is not a non-negative integer\)$/, 'ioredis takes ?db= too')
+  t.match(refusal({ REDIS_URL: 'http://cache:6379' }), /^Invalid configuration: REDIS_URL="http:\/\/cache:6379" is invalid/, 'the schema still refuses another scheme')
+  t.equal(testConfig({ REDIS_URL: 'redis://127.0.0.1:6379/1' }).REDIS_URL, 'redis://127.0.0.1:6379/1', 'a good URL is kept as given')
+})
+
+t.test('DATABASE_URL: postgres or postgresql, parseable, a port 1..65535', async t => {
+  for (const good of ['postgres://mantle:pw@127.0.0.1:5432/mantle', 'postgresql://db.internal/mantle', 'postgres:///mantle?host=/var/run/postgresql']) {
+    t.equal(refusal({ DATABASE_URL: good }), null, `accepts ${good}`)
+  }
+  t.equal(refusal({ DATABASE_URL: 'postgres://mantle@db:70000/mantle' }), 'Invalid configuration: DATABASE_URL="postgres://mantle@db:70000/mantle" is invalid: expected postgres://[user:password@]host[:port]/database (or postgresql://) (the port "70000" is not 1..65535)')
+  t.match(refusal({ DATABASE_URL: 'postgres://%zz@db/mantle' }), /DATABASE_URL=.*\(the user or password is not valid percent-encoding\)$/)
+})
+
+t.test('a password in a refused URL is masked', async t => {
+  const redis = refusal({ REDIS_URL: 'redis://:s3cret@cache:6379/abc' })
+  t.match(redis, /REDIS_URL="redis:\/\/:\*\*\*@cache:6379\/abc"/)
+  t.notMatch(redis, /s3cret/)
+  const pg = refusal({ DATABASE_URL: 'postgres://mantle:s3cret@db:99999/mantle' })
+  t.match(pg, /DATABASE_URL="postgres:\/\/mantle:\*\*\*@db:99999\/mantle"/)
+  t.notMatch(pg, /s3cret/)
+  t.notMatch(refusal({ DATABASE_URL: 'mysql://mantle:s3cret@db/mantle' }), /s3cret/, 'also when the schema refuses the scheme')
+})
+
+t.test('KERNEL_URL, BFF_JWKS_URL and the OTLP endpoints: http(s) URLs with a port 1..65535', async t => {
+  t.equal(refusal({ KERNEL_URL: 'http://127.0.0.1:99999' }), 'Invalid configuration: KERNEL_URL="http://127.0.0.1:99999" is invalid: expected an http(s)://host[:port] origin (the port "99999" is not 1..65535)')
+  t.match(refusal({ KERNEL_URL: 'http://127.0.0.1:0' }), /KERNEL_URL=.*\(the port "0" is not 1\.\.65535\)$/)
+  t.equal(refusal({ KERNEL_URL: 'http://[::1]:4001' }), null, 'an IPv6 origin')
+  for (const name of ['BFF_JWKS_URL', 'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT', 'OTEL_EXPORTER_OTLP_ENDPOINT']) {
+    t.equal(refusal({ [name]: 'https://host.example:8443/path' }), null, `${name} accepts a URL with a path`)
+    t.equal(refusal({ [name]: 'https://host.example:99999/path' }), `Invalid configuration: ${name}="https://host.example:99999/path" is invalid: expected an http(s) URL (the port "99999" is not 1..65535)`)
+    t.match(refusal({ [name]: 'http://[::1:4318/x' }), new RegExp(`^Invalid configuration: ${name}=.*\\(not a valid URL\\)$`))
+  }
+})
+
+t.test('every bad URL is named in one error', async t => {
+  const message = refusal({ KERNEL_URL: 'http://kernel:99999', REDIS_URL: 'redis://cache/x', BFF_JWKS_URL: 'https://idp:0/jwks' })
+  t.match(message, /^Invalid configuration: KERNEL_URL=.*; REDIS_URL=.*; BFF_JWKS_URL=.*$/)
+})
+
+t.test('BFF_CORS_ORIGINS: an origin whose port is past 65535 is refused', async t => {
+  t.equal(refusal({ BFF_CORS_ORIGINS: 'http://localhost:65535' }), null)
+  t.match(refusal({ BFF_CORS_ORIGINS: 'https://app.example, http://localhost:99999' }), /^Invalid configuration: BFF_CORS_ORIGINS=.* \(bad: "http:\/\/localhost:99999"\)$/)
+})
+
+t.test('a refused secret is never shown in the message', async t => {
+  const message = (env: Record<string, string>): string => { try { loadConfig(env); return '' } catch (err) { return (err as Error).message } }
+  const token = message({ BFF_INTERNAL_TOKEN: 'short-secret' })
+  t.match(token, /BFF_INTERNAL_TOKEN="\*\*\*" is invalid/)
+  t.notMatch(token, /short-secret/)
+  t.match(message({ BFF_JWT_SECRET: '' }), /BFF_JWT_SECRET="\*\*\*" is invalid/)
+})
