@@ -53,13 +53,15 @@ const CLOSE_INIT_TIMEOUT = 4408
 export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) {
   const initTimeoutMs = settings.initTimeoutMs ?? 10_000
   return async function graphqlFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
-    await graphqlAdapter(app, opts)
+    const guard = await graphqlAdapter(app, opts)
     // mercurius keeps a socket that never sends connection_init open for ever: a client could
     // hold sockets at no cost. graphql-ws prescribes closing it with 4408 when no
     // connection_init came in time, whatever else did (a ping or a junk frame does not count).
     if (!app.hasDecorator('websocketServer')) return
     app.websocketServer.on('connection', (socket: WebSocket, request: IncomingMessage) => {
       if ((request.url ?? '').split('?')[0] !== '/graphql') return
+      // Before mercurius (the route's handler) listens to the socket.
+      guard(socket)
       const timer = setTimeout(() => socket.close(CLOSE_INIT_TIMEOUT, 'Connection initialisation timeout'), initTimeoutMs)
       timer.unref()
       const onMessage = (data: RawData): void => {
@@ -79,10 +81,11 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
 
 export default createGraphqlFace()
 
-async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise<void> {
+/** Registers the face; answers the screen of each subscription socket's messages. */
+async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise<(socket: WebSocket) => void> {
   const rules = [limitsRule({ maxDepth: opts.maxDepth, maxRootFields: opts.maxCalls, maxFields: MAX_FIELDS })]
   const maxQuery = Math.min(MAX_QUERY_LENGTH, opts.bodyLimit)
-  const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules })
+  const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules, maxQuery, maxTokens: MAX_TOKENS })
   // HTTP validation results are cached by mercurius per document, so this costs nothing per request.
   const httpRules = [...rules, noSubscriptionOverHttp]
 
@@ -169,6 +172,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise
   }
   app.graphql.addHook('preSubscriptionExecution', subscriptions.preSubscriptionExecution)
   app.graphql.addHook('onSubscriptionEnd', subscriptions.onSubscriptionEnd)
+  return subscriptions.guard
 }
 
 /**

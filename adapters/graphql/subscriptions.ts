@@ -1,10 +1,10 @@
 import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
-import { GraphQLError, specifiedRules, validate, type DocumentNode, type GraphQLFieldResolver, type GraphQLSchema, type ValidationRule } from 'graphql'
+import { GraphQLError, getOperationAST, getVariableValues, parse, specifiedRules, validate, type DocumentNode, type GraphQLFieldResolver, type GraphQLFormattedError, type GraphQLSchema, type ValidationRule } from 'graphql'
 import type { EventDefinition } from '../../manifest.js'
 import type { Identity } from '../../plugins/auth/index.js'
-import { MantleError, toProblem } from '../../errors.js'
+import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors.js'
 import { fieldError } from './errors.js'
 
 // Subscriptions ride on mercurius' graphql-ws server (`subscription` option). What this module
@@ -116,6 +116,54 @@ export interface SubscriptionSettings {
   maxOperations: number
   /** The validation rules of HTTP documents (beyond GraphQL's standard ones). */
   rules: readonly ValidationRule[]
+  /** Longest document (characters) and most tokens one may hold, as over HTTP. */
+  maxQuery: number
+  maxTokens: number
+}
+
+/** A refusal of a client's message, in the contract's shape. */
+function refusal (code: ErrorCode, message: string, error?: GraphQLError): GraphQLFormattedError {
+  return { ...error?.toJSON(), message, extensions: { code, status: ErrorCodes[code].status, requestId: uuidv7() } }
+}
+
+/**
+ * What is wrong with a `subscribe` message, or null. mercurius reads the payload without
+ * checking it: a payload that is not an object, a document it cannot run or a query instead of
+ * a subscription got an error with mercurius' or JavaScript's own message (`Cannot destructure
+ * property 'query' of 'payload' as it is null.`) and none of the contract's extensions.
+ */
+function subscribeRefusal (message: Record<string, unknown>, settings: SubscriptionSettings, schema: GraphQLSchema): GraphQLFormattedError | null {
+  const payload = message.payload
+  if (payload === null || typeof payload !== 'object' || Array.isArray(payload)) return refusal('VALIDATION_FAILED', 'A subscribe message needs a `payload` object')
+  const { query, operationName, variables } = payload as Record<string, unknown>
+  if (typeof query !== 'string' || query === '') return refusal('VALIDATION_FAILED', 'The payload needs a `query` string holding a GraphQL document')
+  if (query.length > settings.maxQuery) return refusal('PAYLOAD_TOO_LARGE', `The GraphQL document is longer than ${settings.maxQuery} characters`)
+  if (operationName !== undefined && operationName !== null && typeof operationName !== 'string') return refusal('VALIDATION_FAILED', '`operationName` must be a string')
+  if (variables !== undefined && variables !== null && (typeof variables !== 'object' || Array.isArray(variables))) return refusal('VALIDATION_FAILED', '`variables` must be a JSON object')
+  // mercurius' extensions of a subscribe message: `connectionInit` is the only one it knows.
+  const extensions = message.extensions
+  if (Array.isArray(extensions) && !extensions.every(e => (e as { type?: unknown } | null)?.type === 'connectionInit')) {
+    return refusal('VALIDATION_FAILED', 'The only extension of a subscribe message is `{ type: "connectionInit", payload }`')
+  }
+  let document: DocumentNode
+  try {
+    document = parse(query, { maxTokens: settings.maxTokens })
+  } catch (err) {
+    // parse only throws GraphQL's syntax errors, whose message and locations help the client.
+    const error = err instanceof GraphQLError ? err : new GraphQLError('The document does not parse')
+    return refusal('VALIDATION_FAILED', error.message, error)
+  }
+  const operation = getOperationAST(document, operationName ?? undefined)
+  if (operation == null) {
+    return refusal('VALIDATION_FAILED', typeof operationName === 'string'
+      ? 'The document defines no operation of that `operationName`'
+      : 'The document does not define exactly one operation: name one in `operationName`')
+  }
+  if (operation.operation !== 'subscription') return refusal('VALIDATION_FAILED', `A subscribe message carries a subscription; a ${operation.operation} goes over HTTP`)
+  // graphql's subscribe() coerces the variables, and mercurius sends its errors as they are.
+  const coerced = getVariableValues(schema, operation.variableDefinitions ?? [], (variables ?? {}) as Record<string, unknown>, { maxErrors: 1 })
+  if (coerced.errors !== undefined) return refusal('VALIDATION_FAILED', coerced.errors[0].message, coerced.errors[0])
+  return null
 }
 
 export function createSubscriptions (app: FastifyInstance, settings: SubscriptionSettings): {
@@ -124,6 +172,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
   subscribe: (event: EventDefinition) => GraphQLFieldResolver<unknown, SubscriptionContext>
   preSubscriptionExecution: (schema: GraphQLSchema, document: DocumentNode, context: SubscriptionContext, id: string | number) => Promise<void>
   onSubscriptionEnd: (context: SubscriptionContext | null, id: string | number) => Promise<void>
+  guard: (socket: WebSocket) => void
 } {
   const connections = new WeakMap<WebSocket, GraphqlConnection>()
   const rules = [...specifiedRules, ...settings.rules]
@@ -178,6 +227,44 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       const id = String(rawId)
       operations?.get(id)?.abort()
       operations?.delete(id)
+    },
+
+    /**
+     * Screens a socket's messages before mercurius reads them (from its 'message' event, which
+     * this wraps), at the opening of each /graphql socket:
+     * - a `complete` for an id the connection does not hold is ignored, as graphql-transport-ws
+     *   says. mercurius runs onSubscriptionEnd with the context of the connection's last
+     *   subscription, null when none has started yet (a first subscribe that did not parse):
+     *   its own hook runner then threw and closed the socket without a code;
+     * - a malformed `subscribe` (see subscribeRefusal) is answered here with an `error` message
+     *   in the contract's shape, and mercurius never sees it. Before connection_init mercurius
+     *   refuses every subscribe itself (connection_error, then a close).
+     */
+    guard (socket) {
+      const transport = socket.protocol === 'graphql-transport-ws'
+      const subscribe = transport ? 'subscribe' : 'start'
+      const complete = transport ? 'complete' : 'stop'
+      const admit = (data: unknown): boolean => {
+        let message: unknown
+        try {
+          message = JSON.parse(String(data))
+        } catch {
+          return true
+        }
+        if (message === null || typeof message !== 'object') return true
+        const { id, type } = message as { id?: unknown, type?: unknown }
+        if (type === complete) return connections.get(socket)?.operations.has(String(id)) === true
+        if (type !== subscribe || !connections.has(socket)) return true
+        const error = subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema)
+        if (error === null) return true
+        socket.send(JSON.stringify({ type: 'error', id, payload: [error] }))
+        return false
+      }
+      const emit = socket.emit
+      socket.emit = function (this: WebSocket, event: string | symbol, ...args: unknown[]): boolean {
+        if (event === 'message' && !admit(args[0])) return false
+        return emit.call(this, event, ...args)
+      }
     },
 
     subscribe (event) {

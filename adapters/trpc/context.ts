@@ -1,5 +1,6 @@
 import type { FastifyRequest } from 'fastify'
 import type { IncomingMessage } from 'node:http'
+import type { WebSocket } from 'ws'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import type { CacheOutcome } from '../../plugins/pipeline/index.js'
 
@@ -15,6 +16,8 @@ export interface TrpcContext {
   readonly memo: Map<string, Promise<unknown>> | null
   readonly traceparent: string | undefined
   readonly idempotencyKey: string | null | undefined
+  /** The connection's socket; null over HTTP. Its subscriptions pause while it holds too much. */
+  readonly socket: WebSocket | null
   /** Calls of a WebSocket connection running now, and its event subscriptions (both bounded). */
   inFlight: number
   subscriptions: number
@@ -50,6 +53,7 @@ export function httpContext (request: FastifyRequest, connectionParams: Readonly
     memo: batch ? new Map() : null,
     traceparent: single(request.headers.traceparent),
     idempotencyKey: idempotencyKeyOf(request),
+    socket: null,
     inFlight: 0,
     subscriptions: 0,
     cache: null
@@ -57,7 +61,7 @@ export function httpContext (request: FastifyRequest, connectionParams: Readonly
 }
 
 /** A WebSocket connection's token: connectionParams, else the upgrade's header or `?access_token=`. */
-export function socketContext (request: IncomingMessage, url: URL, connectionParams: Readonly<Record<string, string | undefined>> | null): TrpcContext {
+export function socketContext (request: IncomingMessage, socket: WebSocket, url: URL, connectionParams: Readonly<Record<string, string | undefined>> | null): TrpcContext {
   return {
     authorization: fromParams(connectionParams) ?? request.headers.authorization ?? fromAccessToken(url.searchParams.get('access_token')),
     requestId: null,
@@ -65,6 +69,7 @@ export function socketContext (request: IncomingMessage, url: URL, connectionPar
     memo: null,
     traceparent: undefined,
     idempotencyKey: undefined,
+    socket,
     inFlight: 0,
     subscriptions: 0,
     cache: null

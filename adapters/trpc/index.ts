@@ -12,6 +12,7 @@ import { runCall } from '../face.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import { ProblemError, errorShape, isInternal } from './errors.js'
 import { buildRouter, earlyRequestIds } from './router.js'
+import { DEFAULT_SETTINGS as WEBSOCKET_DEFAULTS } from '../websocket/index.js'
 import { LiveSubscriptions, atExpiry } from './subscriptions.js'
 
 export { ProblemError, errorShape, trpcCodeOf, type MantleErrorShape, type MantleErrorData } from './errors.js'
@@ -27,6 +28,11 @@ export interface TrpcFaceSettings {
   authTimeoutMs: number
   /** Idle time before a WebSocket is pinged (closed without a pong); SSE keep-alive interval. */
   pingMs: number
+  /**
+   * Bytes a WebSocket may hold for a client that does not read before its subscriptions stop
+   * pulling events (the bus then drops the oldest of each). The /ws face's bound.
+   */
+  maxBufferedBytes: number
 }
 
 export const DEFAULT_SETTINGS: Readonly<TrpcFaceSettings> = Object.freeze({
@@ -34,7 +40,8 @@ export const DEFAULT_SETTINGS: Readonly<TrpcFaceSettings> = Object.freeze({
   maxSubscriptions: 32,
   maxConnections: 100_000,
   authTimeoutMs: 10_000,
-  pingMs: 30_000
+  pingMs: 30_000,
+  maxBufferedBytes: WEBSOCKET_DEFAULTS.maxBufferedBytes
 })
 
 /** 4401: the token is missing, refused or expired (the /ws face uses the same code). */
@@ -75,7 +82,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
   return async function trpcFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
     const limits = { ...DEFAULT_SETTINGS, ...settings }
     const live = new LiveSubscriptions(app.events.bus)
-    const router = buildRouter(app, live, { maxInFlight: limits.maxInFlight, maxSubscriptions: limits.maxSubscriptions, ssePingMs: limits.pingMs })
+    const router = buildRouter(app, live, { maxInFlight: limits.maxInFlight, maxSubscriptions: limits.maxSubscriptions, maxBufferedBytes: limits.maxBufferedBytes, ssePingMs: limits.pingMs })
 
     // tRPC parses the JSON body itself (a malformed one is its error); Fastify still reads it,
     // so BFF_BODY_LIMIT applies. This scope only: other faces keep Fastify's parser.
@@ -198,7 +205,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         // without a valid token is refused (tRPC sends the error, then closes it); a valid one is
         // closed with 4401 when its token expires, and wsLink reconnects with a fresh token.
         createContext: ({ req, res: socket, info }) => {
-          const ctx = socketContext(req, new URL(req.url ?? '/', 'http://localhost'), info.connectionParams)
+          const ctx = socketContext(req, socket, new URL(req.url ?? '/', 'http://localhost'), info.connectionParams)
           let expiresAt: number
           try {
             expiresAt = app.identify(ctx.authorization).expiresAt

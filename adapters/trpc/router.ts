@@ -1,6 +1,7 @@
 import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance } from 'fastify'
 import { initTRPC, type AnyTRPCProcedure, type AnyTRPCRouter } from '@trpc/server'
+import type { WebSocket } from 'ws'
 import { runCall } from '../face.js'
 import { MantleError } from '../../errors.js'
 import type { TrpcContext } from './context.js'
@@ -12,6 +13,8 @@ export interface RouterLimits {
   maxInFlight: number
   /** Event subscriptions one WebSocket connection may hold. */
   maxSubscriptions: number
+  /** Bytes a WebSocket may hold for its client before its subscriptions stop pulling events. */
+  maxBufferedBytes: number
   /** SSE keep-alive comment interval. */
   ssePingMs: number
 }
@@ -86,9 +89,9 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
         throw ProblemError.from(err, requestId)
       }
       // Over WebSocket the connection itself closes when its token expires (adapters/trpc/index.ts).
-      const overHttp = ctx.requestId !== null
-      const stream = live.stream(name, identity, signal, requestId, overHttp)
-      return overHttp ? stream : limited(stream, ctx, limits.maxSubscriptions, requestId)
+      const socket = ctx.socket
+      const stream = live.stream(name, identity, signal, requestId, socket === null)
+      return socket === null ? stream : overSocket(stream, ctx, socket, signal, limits, requestId)
     })
   }
 
@@ -96,17 +99,61 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
 }
 
 /**
- * A WebSocket connection holds a bounded number of subscriptions. Counted from the first
- * pull, so a subscription that tRPC drops before starting it never takes a slot.
+ * A subscription over WebSocket. The connection holds a bounded number of them, counted from
+ * the first pull, so a subscription that tRPC drops before starting it never takes a slot.
+ *
+ * @trpc/server sends each event the moment the stream yields it, whatever the socket already
+ * holds for its client. Over SSE the response is written only as fast as the client reads;
+ * here the next event is not pulled while the socket holds more than `maxBufferedBytes`, so a
+ * client that stops reading lets the bus's queue fill, which loses the oldest events
+ * (slow_consumer), as the README promises, instead of the socket's buffer growing without end.
  */
-async function * limited (stream: AsyncGenerator<unknown, void, unknown>, ctx: TrpcContext, max: number, requestId: string): AsyncGenerator<unknown, void, unknown> {
-  if (ctx.subscriptions >= max) {
-    throw ProblemError.from(new MantleError('OVERLOADED', `A connection holds at most ${max} subscriptions`), requestId)
+async function * overSocket (stream: AsyncGenerator<unknown, void, unknown>, ctx: TrpcContext, socket: WebSocket, signal: AbortSignal | undefined, limits: RouterLimits, requestId: string): AsyncGenerator<unknown, void, unknown> {
+  if (ctx.subscriptions >= limits.maxSubscriptions) {
+    throw ProblemError.from(new MantleError('OVERLOADED', `A connection holds at most ${limits.maxSubscriptions} subscriptions`), requestId)
   }
   ctx.subscriptions++
   try {
-    yield * stream
+    for await (const payload of stream) {
+      yield payload
+      if (socket.bufferedAmount > limits.maxBufferedBytes) {
+        await drained(socket, limits.maxBufferedBytes, signal)
+        if (signal?.aborted === true) return
+      }
+    }
   } finally {
     ctx.subscriptions--
   }
+}
+
+/**
+ * How often a paused subscription looks at its socket again: ws has no event for a send buffer
+ * that empties. Only paused subscriptions have a timer, one at a time.
+ */
+const DRAIN_POLL_MS = 25
+
+/**
+ * Resolves once the socket holds at most `max` bytes, or is no longer open, or the subscription
+ * ends (tRPC aborts `signal` on `subscription.stop` and when the socket closes).
+ */
+async function drained (socket: WebSocket, max: number, signal: AbortSignal | undefined): Promise<void> {
+  if (signal?.aborted === true) return
+  await new Promise<void>(resolve => {
+    let timer: NodeJS.Timeout
+    const done = (): void => {
+      clearTimeout(timer)
+      signal?.removeEventListener('abort', done)
+      resolve()
+    }
+    const later = (): void => {
+      timer = setTimeout(check, DRAIN_POLL_MS)
+      timer.unref()
+    }
+    const check = (): void => {
+      if (socket.bufferedAmount <= max || socket.readyState !== socket.OPEN) done()
+      else later()
+    }
+    signal?.addEventListener('abort', done, { once: true })
+    later()
+  })
 }

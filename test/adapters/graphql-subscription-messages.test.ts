@@ -1,0 +1,91 @@
+import t from 'tap'
+import { WebSocket } from 'ws'
+import { buildDemoApp, token, until } from '../helper.js'
+
+// What a graphql-transport-ws client may send wrong on /graphql, and what it gets back. The face
+// screens `subscribe` and `complete` messages before mercurius reads them
+// (adapters/graphql/subscriptions.ts, guard).
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+/** An initialised raw graphql-transport-ws socket: the frames it got, and how it closed. */
+async function open (t: Teardown, port: number): Promise<{ ws: WebSocket, frames: any[], closed: () => [number, string] | null }> {
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, 'graphql-transport-ws', { headers: { authorization: `Bearer ${token({ roles: ['viewer'] })}` } })
+  t.teardown(() => ws.terminate())
+  const frames: any[] = []
+  let closed: [number, string] | null = null
+  ws.on('message', d => frames.push(JSON.parse(String(d))))
+  ws.on('close', (c, r) => { closed = [c, String(r)] })
+  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  ws.send(JSON.stringify({ type: 'connection_init' }))
+  await until(() => frames.some(f => f.type === 'connection_ack'), 'ack')
+  return { ws, frames, closed: () => closed }
+}
+
+async function listen (t: Teardown): Promise<{ app: Awaited<ReturnType<typeof buildDemoApp>>, port: number }> {
+  const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  return { app, port: (app.server.address() as { port: number }).port }
+}
+
+t.test('a `complete` for an id the server does not hold is ignored, and the connection stays open', async t => {
+  // A subscribe whose document does not parse is refused before any subscription exists; the
+  // client then completes it. mercurius runs its onSubscriptionEnd hooks with the context of
+  // the connection's last subscription, null before the first, and used to throw on it and
+  // close the socket without a code (1005).
+  const { app, port } = await listen(t)
+  const c = await open(t, port)
+  c.ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: 'subscription { runUpdated { id ' } }))
+  await until(() => c.frames.some(f => f.id === '1'), 'the error')
+  c.ws.send(JSON.stringify({ id: '1', type: 'complete' }))
+  c.ws.send(JSON.stringify({ id: 'never-used', type: 'complete' }))
+  c.ws.send(JSON.stringify({ id: '2', type: 'subscribe', payload: { query: 'subscription { runUpdated { id } }' } }))
+  await until(() => app.events.bus.subscriptions === 1, 'the next subscription to run')
+  t.equal(c.closed(), null, 'the connection stays open')
+
+  // A `complete` for an id the connection holds still ends that subscription.
+  c.ws.send(JSON.stringify({ id: '2', type: 'complete' }))
+  await until(() => app.events.bus.subscriptions === 0, 'the completed subscription to leave the bus')
+  t.equal(c.closed(), null)
+})
+
+t.test('a malformed subscribe message gets an error with the contract extensions, never JavaScript\'s own message', async t => {
+  // README, GraphQL: "Errors carry extensions.code, extensions.status and extensions.requestId."
+  // mercurius reads the payload unchecked: `payload: null` was answered with "Cannot destructure
+  // property 'query' of 'payload' as it is null." and no extensions.
+  const { app, port } = await listen(t)
+  const subscription = 'subscription { runUpdated { id } }'
+  const cases: Array<[string, Record<string, unknown>, string | RegExp]> = [
+    ['no payload', { payload: null }, 'A subscribe message needs a `payload` object'],
+    ['a payload that is not an object', { payload: 'x' }, 'A subscribe message needs a `payload` object'],
+    ['no query', { payload: {} }, 'The payload needs a `query` string holding a GraphQL document'],
+    ['a query that is not a string', { payload: { query: { kind: 'Document', definitions: [] } } }, 'The payload needs a `query` string holding a GraphQL document'],
+    ['a document that does not parse', { payload: { query: 'subscription { runUpdated { id }' } }, /^Syntax Error/],
+    ['a query', { payload: { query: '{ getAgent(id: "a1") { id } }' } }, 'A subscribe message carries a subscription; a query goes over HTTP'],
+    ['two operations and no operationName', { payload: { query: `${subscription} subscription B { runUpdated { id } }` } }, 'The document does not define exactly one operation: name one in `operationName`'],
+    ['an unknown operationName', { payload: { query: 'subscription A { runUpdated { id } }', operationName: 'B' } }, 'The document defines no operation of that `operationName`'],
+    ['an operationName that is not a string', { payload: { query: subscription, operationName: 1 } }, '`operationName` must be a string'],
+    ['variables that are not an object', { payload: { query: subscription, variables: 5 } }, '`variables` must be a JSON object'],
+    ['a missing variable', { payload: { query: 'subscription ($x: Boolean!) { runUpdated { id @include(if: $x) } }' } }, 'Variable "$x" of required type "Boolean!" was not provided.'],
+    ['an unknown extension', { payload: { query: subscription }, extensions: [null] }, 'The only extension of a subscribe message is `{ type: "connectionInit", payload }`']
+  ]
+  for (const [what, message, text] of cases) {
+    const c = await open(t, port)
+    c.ws.send(JSON.stringify({ id: '1', type: 'subscribe', ...message }))
+    await until(() => c.frames.some(f => f.id === '1'), `the error of ${what}`)
+    const error = c.frames.find(f => f.id === '1')
+    t.match(error, { type: 'error', payload: [{ message: text, extensions: { code: 'VALIDATION_FAILED', status: 400, requestId: String } }] }, what)
+    t.equal(c.closed(), null, `${what}: the connection stays open`)
+  }
+
+  // A document over 64 KiB, as over HTTP.
+  const c = await open(t, port)
+  c.ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: `${subscription} ${'#'.repeat(65536)}` } }))
+  await until(() => c.frames.some(f => f.id === '1'), 'the error of a long document')
+  t.match(c.frames.find(f => f.id === '1'), { type: 'error', payload: [{ extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413, requestId: String } }] })
+
+  // A well-formed subscription, with its variables, still runs.
+  c.ws.send(JSON.stringify({ id: '2', type: 'subscribe', payload: { query: 'subscription ($x: Boolean!) { runUpdated { id @include(if: $x) } }', variables: { x: true } } }))
+  await until(() => app.events.bus.subscriptions === 1, 'the subscription')
+  t.equal(c.closed(), null)
+})
