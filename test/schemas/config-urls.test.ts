@@ -22,7 +22,10 @@ function refusal (env: Record<string, string>): string | null {
 
 /** Runs server.ts as `npm start` does, until it exits (a bad configuration exits at once). */
 async function startServer (env: Record<string, string>): Promise<{ code: number | null, output: string }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'server.ts'], {
+  // Through env(1) without NODE_OPTIONS and NODE_V8_COVERAGE: tap instruments the processes a
+  // test spawns, and this one's sources, compiled by tsx, would be mapped onto the wrong lines
+  // of tap's coverage of the same files.
+  const child = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', '-u', 'NODE_V8_COVERAGE', process.execPath, '--import', 'tsx', 'server.ts'], {
     cwd: root,
     env: { PATH: process.env.PATH, PORT: '0', LOG_LEVEL: 'warn', BFF_AUDIT_ENABLED: 'false', BFF_MAX_EVENT_LOOP_DELAY_MS: '0', ...env },
     stdio: ['ignore', 'pipe', 'pipe']
