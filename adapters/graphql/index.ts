@@ -10,7 +10,7 @@ import { errorFormatter, fieldError } from './errors.js'
 import { createSubscriptions, upgradeAuthorization } from './subscriptions.js'
 import type { CacheOutcome } from '../../plugins/pipeline/index.js'
 
-import type { RawData, WebSocket } from 'ws'
+import type { WebSocket } from 'ws'
 import type { IncomingMessage } from 'node:http'
 
 export { manifestSdl } from './schema.js'
@@ -60,20 +60,12 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
     if (!app.hasDecorator('websocketServer')) return
     app.websocketServer.on('connection', (socket: WebSocket, request: IncomingMessage) => {
       if ((request.url ?? '').split('?')[0] !== '/graphql') return
-      // Before mercurius (the route's handler) listens to the socket.
-      guard(socket)
       const timer = setTimeout(() => socket.close(CLOSE_INIT_TIMEOUT, 'Connection initialisation timeout'), initTimeoutMs)
       timer.unref()
-      const onMessage = (data: RawData): void => {
-        let type: unknown
-        try { type = (JSON.parse(String(data)) as { type?: unknown } | null)?.type } catch {}
-        if (type === 'connection_init') disarm()
-      }
-      const disarm = (): void => {
-        clearTimeout(timer)
-        socket.off('message', onMessage)
-      }
-      socket.on('message', onMessage)
+      const disarm = (): void => clearTimeout(timer)
+      // Before mercurius (the route's handler) listens to the socket; the screen reads each
+      // message's type, and connection_init disarms the timer.
+      guard(socket, disarm)
       socket.once('close', disarm)
     })
   }
@@ -82,7 +74,7 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
 export default createGraphqlFace()
 
 /** Registers the face; answers the screen of each subscription socket's messages. */
-async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise<(socket: WebSocket) => void> {
+async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise<(socket: WebSocket, initialised: () => void) => void> {
   const rules = [limitsRule({ maxDepth: opts.maxDepth, maxRootFields: opts.maxCalls, maxFields: MAX_FIELDS })]
   const maxQuery = Math.min(MAX_QUERY_LENGTH, opts.bodyLimit)
   const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules, maxQuery, maxTokens: MAX_TOKENS })

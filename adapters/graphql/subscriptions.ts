@@ -172,7 +172,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
   subscribe: (event: EventDefinition) => GraphQLFieldResolver<unknown, SubscriptionContext>
   preSubscriptionExecution: (schema: GraphQLSchema, document: DocumentNode, context: SubscriptionContext, id: string | number) => Promise<void>
   onSubscriptionEnd: (context: SubscriptionContext | null, id: string | number) => Promise<void>
-  guard: (socket: WebSocket) => void
+  guard: (socket: WebSocket, initialised: () => void) => void
 } {
   const connections = new WeakMap<WebSocket, GraphqlConnection>()
   const rules = [...specifiedRules, ...settings.rules]
@@ -238,9 +238,11 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
      *   its own hook runner then threw and closed the socket without a code;
      * - a malformed `subscribe` (see subscribeRefusal) is answered here with an `error` message
      *   in the contract's shape, and mercurius never sees it. Before connection_init mercurius
-     *   refuses every subscribe itself (connection_error, then a close).
+     *   refuses every subscribe itself (connection_error, then a close);
+     * - a `connection_init` calls `initialised` (the face's 4408 timer), since this is the one
+     *   place that reads each message's type.
      */
-    guard (socket) {
+    guard (socket, initialised) {
       const transport = socket.protocol === 'graphql-transport-ws'
       const subscribe = transport ? 'subscribe' : 'start'
       const complete = transport ? 'complete' : 'stop'
@@ -253,6 +255,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         }
         if (message === null || typeof message !== 'object') return true
         const { id, type } = message as { id?: unknown, type?: unknown }
+        if (type === 'connection_init') initialised()
         if (type === complete) return connections.get(socket)?.operations.has(String(id)) === true
         if (type !== subscribe || !connections.has(socket)) return true
         const error = subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema)
