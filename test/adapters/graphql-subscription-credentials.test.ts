@@ -13,7 +13,9 @@ const SUBSCRIPTION = 'subscription { runUpdated { id status } }'
 
 interface Client { ws: WebSocket, frames: Array<Record<string, any>>, closed: () => number | null }
 
-async function connect (t: { teardown: (fn: () => unknown) => void }, port: number, authorization: string): Promise<Client> {
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+async function connect (t: Teardown, port: number, authorization: string): Promise<Client> {
   const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, 'graphql-transport-ws', { headers: { authorization } })
   t.teardown(() => ws.terminate())
   const frames: Array<Record<string, any>> = []
@@ -29,12 +31,18 @@ async function connect (t: { teardown: (fn: () => unknown) => void }, port: numb
 const subscribeWith = (id: string, authorization: string): string =>
   JSON.stringify({ id, type: 'subscribe', payload: { query: SUBSCRIPTION }, extensions: [{ type: 'connectionInit', payload: { authorization } }] })
 
-t.test('a subscription\'s own token for another tenant is refused; the connection and its subscriptions go on', async t => {
+/** A gateway, and a connection of tenant A (a long-lived upgrade token) with subscription 1 sent. */
+async function subscribedAsA (t: Teardown): Promise<{ app: Awaited<ReturnType<typeof buildDemoApp>>, client: Client }> {
   const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as { port: number }
   const client = await connect(t, port, `Bearer ${token({ tenant: 'A', user: 'u', roles: ['viewer'], ttlSeconds: 3600 })}`)
   client.ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: SUBSCRIPTION } }))
+  return { app, client }
+}
+
+t.test('a subscription\'s own token for another tenant is refused; the connection and its subscriptions go on', async t => {
+  const { app, client } = await subscribedAsA(t)
   await until(() => app.events.bus.subscriptions === 1, 'subscription 1 (tenant A)')
 
   for (const [id, other] of [['2', { tenant: 'B', user: 'u' }], ['3', { tenant: 'A', user: 'someone-else' }]] as const) {
@@ -54,11 +62,7 @@ t.test('a subscription\'s own token for another tenant is refused; the connectio
 })
 
 t.test('the connection ends with 4401 when the shortest-lived token it accepted expires', async t => {
-  const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as { port: number }
-  const client = await connect(t, port, `Bearer ${token({ tenant: 'A', user: 'u', roles: ['viewer'], ttlSeconds: 3600 })}`)
-  client.ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: SUBSCRIPTION } }))
+  const { app, client } = await subscribedAsA(t)
   await until(() => app.events.bus.subscriptions === 1, 'subscription 1 (long token)')
   // The same caller, a token past its exp by 3 s: within the 5 s tolerance for 1 to 2 s more.
   const short = createSigner({ key: SECRET, algorithm: 'HS256', noTimestamp: true })({ sub: 'u', tid: 'A', roles: ['viewer'], exp: Math.floor(Date.now() / 1000) - 3 })

@@ -1,7 +1,7 @@
 import t from 'tap'
 import type { AddressInfo, Socket } from 'node:net'
 import WebSocket from 'ws'
-import { buildDemoApp, bearer } from '../helper.js'
+import { buildDemoApp, bearer, until } from '../helper.js'
 
 // README "Events": "Delivery is bounded: a subscriber whose stream falls more than 256 events
 // behind loses the oldest". @trpc/server's WebSocket adapter sends each event the moment the
@@ -11,14 +11,6 @@ import { buildDemoApp, bearer } from '../helper.js'
 // buffer growing without end.
 
 const sleep = async (ms: number): Promise<void> => await new Promise(resolve => setTimeout(resolve, ms))
-
-async function until (what: string, check: () => boolean, timeoutMs = 5000): Promise<void> {
-  const end = Date.now() + timeoutMs
-  while (!check()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
-    await sleep(5)
-  }
-}
 
 function run (id: string, output: string): Record<string, unknown> {
   const at = '2026-01-01T00:00:00.000Z'
@@ -43,7 +35,7 @@ t.test('a tRPC WebSocket subscriber that stops reading loses the oldest events, 
   })
   await new Promise<void>((resolve, reject) => { client.once('open', resolve); client.once('error', reject) })
   client.send(JSON.stringify({ id: 1, method: 'subscription', params: { path: 'runUpdated', input: null } }))
-  await until('the subscription', () => started && app.events.bus.subscriptions === 1)
+  await until(() => started && app.events.bus.subscriptions === 1, 'the subscription')
 
   // The client stops reading: the kernel's buffers fill, then the gateway's.
   const raw = (client as unknown as { _socket: Socket })._socket
@@ -67,14 +59,14 @@ t.test('a tRPC WebSocket subscriber that stops reading loses the oldest events, 
 
   // Once the client reads again, the subscription resumes with the newest events.
   raw.resume()
-  await until('the newest event', () => received.includes(`r${EVENTS - 1}`))
+  await until(() => received.includes(`r${EVENTS - 1}`), 'the newest event')
   t.ok(received.length < EVENTS, `the client got ${received.length} of ${EVENTS} events, the newest among them`)
 
   // A subscription paused on a full socket ends when the socket closes.
   raw.pause()
   for (let i = 0; i < 400; i++) await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run(`s${i}`, big) })
-  await until('the socket to fill', () => server.bufferedAmount > 4 * 1024 * 1024)
+  await until(() => server.bufferedAmount > 4 * 1024 * 1024, 'the socket to fill')
   client.terminate()
-  await until('the subscription to end', () => app.events.bus.subscriptions === 0)
+  await until(() => app.events.bus.subscriptions === 0, 'the subscription to end')
   t.pass('the paused subscription ended with its socket')
 })

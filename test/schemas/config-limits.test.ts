@@ -3,21 +3,11 @@
 // later (silently, per call) in Redis, V8 or a Date.
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { loadConfig, ConfigError } from '../../schemas/config.js'
+import { loadConfig } from '../../schemas/config.js'
 import { testConfig } from '../helper.js'
+import { refusal } from './refusal.js'
 import { idemSetup } from '../plugins/idempotency/idempotency-helper.js'
 import { storeKey } from '../../plugins/idempotency/store.js'
-
-/** The message of the ConfigError a bad environment throws, or null when it loads. */
-function refusal (env: Record<string, string | number>): string | null {
-  try {
-    loadConfig(env)
-  } catch (err) {
-    if (err instanceof ConfigError) return err.message
-    throw err
-  }
-  return null
-}
 
 // Each bounded variable, its largest accepted value, and why there is a bound.
 const MAXIMA: Array<[name: string, max: number, why: string]> = [

@@ -4,21 +4,10 @@
 import t from 'tap'
 import { spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
-import { loadConfig, ConfigError } from '../../schemas/config.js'
 import { testConfig } from '../helper.js'
+import { refusal } from './refusal.js'
 
 const root = fileURLToPath(new URL('../..', import.meta.url))
-
-/** The message of the ConfigError a bad environment throws, or null when it loads. */
-function refusal (env: Record<string, string>): string | null {
-  try {
-    loadConfig(env)
-  } catch (err) {
-    if (err instanceof ConfigError) return err.message
-    throw err
-  }
-  return null
-}
 
 /** Runs server.ts as `npm start` does, until it exits (a bad configuration exits at once). */
 async function startServer (env: Record<string, string>): Promise<{ code: number | null, output: string }> {
@@ -111,8 +100,7 @@ t.test('BFF_CORS_ORIGINS: an origin whose port is past 65535 is refused', async 
 })
 
 t.test('a refused secret is never shown in the message', async t => {
-  const message = (env: Record<string, string>): string => { try { loadConfig(env); return '' } catch (err) { return (err as Error).message } }
-  const token = message({ BFF_INTERNAL_TOKEN: 'short-secret' })
+  const token = refusal({ BFF_INTERNAL_TOKEN: 'short-secret' })
   t.match(token, /BFF_INTERNAL_TOKEN="\*\*\*" is invalid/)
   t.notMatch(token, /short-secret/)
 })

@@ -6,16 +6,7 @@ import { MantleError } from '../../../errors.js'
 import { StageOrder } from '../../../plugins/pipeline/index.js'
 import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, buildDemoApp, until, SECRET } from '../../helper.js'
-
-type Row = Record<string, any>
-
-async function entries (app: FastifyInstance, query = ''): Promise<Row[]> {
-  await until(() => app.audit.health().queueDepth === 0, 'the audit queue to drain')
-  await new Promise(resolve => setTimeout(resolve, 20))
-  const res = await app.inject({ method: 'GET', url: '/admin/audit?limit=500' + query, headers: bearer() })
-  if (res.statusCode !== 200) throw new Error(res.body)
-  return res.json().entries
-}
+import { entries, type Row } from './entries.js'
 
 /** The demo gateway with test stages standing in for the firewall, rate limit, cache and idempotency. */
 async function withPolicyStages (t: { teardown: (fn: () => unknown) => void }, env: Record<string, string | number | boolean> = {}): Promise<FastifyInstance> {

@@ -1,16 +1,6 @@
 import t from 'tap'
-import type { FastifyInstance } from 'fastify'
-import { bearer, buildTestApp, until, startTestKernel, testManifest, json } from '../../helper.js'
-
-type Row = Record<string, any>
-
-async function entries (app: FastifyInstance): Promise<Row[]> {
-  await until(() => app.audit.health().queueDepth === 0, 'the audit queue to drain')
-  await new Promise(resolve => setTimeout(resolve, 80))
-  const res = await app.inject({ method: 'GET', url: '/admin/audit?limit=500', headers: bearer() })
-  if (res.statusCode !== 200) throw new Error(res.body)
-  return res.json().entries
-}
+import { bearer, buildTestApp, startTestKernel, testManifest, json } from '../../helper.js'
+import { entries } from './entries.js'
 
 // An uncached query without idempotency: the op's output serializer runs as the pipeline's
 // innermost step, so an answer it refuses is a KERNEL_ERROR the audit stage records (it once ran

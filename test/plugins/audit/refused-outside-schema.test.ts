@@ -1,16 +1,6 @@
 import t from 'tap'
-import type { FastifyInstance } from 'fastify'
-import { bearer, buildDemoApp, until } from '../../helper.js'
-
-type Row = Record<string, any>
-
-async function entries (app: FastifyInstance): Promise<Row[]> {
-  await until(() => app.audit.health().queueDepth === 0, 'the audit queue to drain')
-  await new Promise(resolve => setTimeout(resolve, 80))
-  const res = await app.inject({ method: 'GET', url: '/admin/audit?limit=500', headers: bearer() })
-  if (res.statusCode !== 200) throw new Error(res.body)
-  return res.json().entries
-}
+import { bearer, buildDemoApp } from '../../helper.js'
+import { entries } from './entries.js'
 
 // A call that names a known operation and is refused VALIDATION_FAILED (a body that is not an
 // object, a malformed Idempotency-Key) is refused within the pipeline and has its audit entry,

@@ -4,7 +4,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { WebSocket } from 'ws'
 import { buildTestApp, bearer, json, until } from '../../helper.js'
-import { REDIS_URL, STORES, itemKernel, itemManifest, metric, eventually } from './items.js'
+import { REDIS_URL, STORES, itemKernel, itemManifest, metric, eventually, versionedItem } from './items.js'
 
 const tenant = (): string => 'cache-' + randomUUID()
 
@@ -186,15 +186,7 @@ for (const { store, env } of STORES) {
 
   t.test(`${store}: an invalidation racing a refill in flight does not let the refill put the old answer back`, async t => {
     const kernel = await itemKernel(t)
-    let release!: () => void
-    const gate = new Promise<void>(resolve => { release = resolve })
-    let version = 1
-    kernel.on('GET /v1/items/c', async (_req, res) => {
-      const seen = version // what the Kernel reads now, answered later
-      if (seen === 1) await gate
-      json(res, 200, { id: 'c', n: seen })
-    })
-    kernel.on('PATCH /v1/items/c', (_req, res) => { version = 2; json(res, 200, { id: 'c', n: 2 }) })
+    const { release } = versionedItem(kernel, 1)
     const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
     const headers = bearer({ tenant: tenant() })
     const slow = app.inject({ method: 'GET', url: '/api/v1/items/c', headers })

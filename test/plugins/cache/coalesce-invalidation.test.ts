@@ -3,23 +3,16 @@
 // it (that call may have read what the mutation changed). It makes a call of its own.
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { buildTestApp, bearer, json, until } from '../../helper.js'
-import { STORES, itemKernel, itemManifest } from './items.js'
+import { buildTestApp, bearer, until } from '../../helper.js'
+import { STORES, itemKernel, itemManifest, versionedItem } from './items.js'
 
 const tenant = (): string => 'cache-' + randomUUID()
 
 for (const { store, env } of STORES) {
   t.test(`${store}: a read begun after a mutation's invalidation does not get the answer of a Kernel call begun before it`, async t => {
     const kernel = await itemKernel(t)
-    let release!: () => void
-    const gate = new Promise<void>(resolve => { release = resolve })
-    let version = 1
-    kernel.on('GET /v1/items/c', async (_req, res) => {
-      const seen = version // what the Kernel reads now, answered later
-      if (seen === 1) await gate // the read of version 1 is slow to answer
-      json(res, 200, { id: 'c', n: seen })
-    })
-    kernel.on('PATCH /v1/items/c', (_req, res) => { version = 2; json(res, 200, { id: 'c', n: 2 }) })
+    // The read of version 1 is slow to answer.
+    const { release } = versionedItem(kernel, 1)
     const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
     const headers = bearer({ tenant: tenant() })
 
@@ -50,15 +43,8 @@ for (const { store, env } of STORES) {
     const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url, cacheClock: () => now })
     const headers = bearer({ tenant: tenant() })
     t.equal((await app.inject({ method: 'GET', url: '/api/v1/fresh/c', headers })).json().n, 1)
-    let release!: () => void
-    const gate = new Promise<void>(resolve => { release = resolve })
-    let version = 2
-    kernel.on('GET /v1/items/c', async (_req, res) => {
-      const seen = version
-      if (seen === 2) await gate // the background refresh reads version 2 and is slow to answer
-      json(res, 200, { id: 'c', n: seen })
-    })
-    kernel.on('PATCH /v1/items/c', (_req, res) => { version = 3; json(res, 200, { id: 'c', n: 3 }) })
+    // The background refresh reads version 2 and is slow to answer.
+    const { release } = versionedItem(kernel, 2)
     now += 15_000 // past the ttl (10 s), inside the swr window (20 s)
     const stale = await app.inject({ method: 'GET', url: '/api/v1/fresh/c', headers })
     t.equal(stale.headers['x-cache'], 'stale')

@@ -35,6 +35,23 @@ export async function itemKernel (t: { teardown: (fn: () => unknown) => void }):
   return Object.assign(kernel, { reads: () => kernel.requests.filter(r => r.method === 'GET' && r.url.startsWith('/v1/items/')).length })
 }
 
+/**
+ * Item c at the Kernel with a version: reads answer the version they saw, and a read of version
+ * `slow` answers only once `release` is called; a PATCH moves the item to the next version.
+ */
+export function versionedItem (kernel: TestKernel, slow: number): { release: () => void } {
+  let release!: () => void
+  const gate = new Promise<void>(resolve => { release = resolve })
+  let version = slow
+  kernel.on('GET /v1/items/c', async (_req, res) => {
+    const seen = version // what the Kernel reads now, answered later
+    if (seen === slow) await gate
+    json(res, 200, { id: 'c', n: seen })
+  })
+  kernel.on('PATCH /v1/items/c', (_req, res) => { version = slow + 1; json(res, 200, { id: 'c', n: slow + 1 }) })
+  return { release }
+}
+
 export async function metric (app: FastifyInstance, name: string, labels: Record<string, string> = {}): Promise<number> {
   const m = app.metrics.registry.getSingleMetric(name)
   if (m === undefined) return 0

@@ -15,19 +15,25 @@ import { idemSetup, REDIS_URL } from './idempotency-helper.js'
 
 const TTL_MS = 120_000 // the helper's BFF_IDEMPOTENCY_TTL_SECONDS
 
-async function redisClient (t: { teardown: (fn: () => unknown) => void }): Promise<Redis> {
-  const client = new Redis(REDIS_URL, { lazyConnect: true })
-  await client.connect()
-  t.teardown(() => client.quit())
-  return client
+type Teardown = { teardown: (fn: () => unknown) => void }
+
+/**
+ * A gateway on Redis through a proxy the test cuts, with Redis already away; a direct client of
+ * the same Redis to look at what it holds.
+ */
+async function duringOutage (t: Teardown): Promise<{ proxy: Awaited<ReturnType<typeof startTcpProxy>>, s: Awaited<ReturnType<typeof idemSetup>>, redis: Redis }> {
+  const proxy = await startTcpProxy(t, 6379)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const redis = new Redis(REDIS_URL, { lazyConnect: true })
+  await redis.connect()
+  t.teardown(() => redis.quit())
+  proxy.cut('reset')
+  await until(() => !s.app.redis.up(), 'the shared connection to notice the cut')
+  return { proxy, s, redis }
 }
 
 t.test('a call made while Redis was away, repeated on the same instance after Redis is back, is replayed, not run again', async t => {
-  const proxy = await startTcpProxy(t, 6379)
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
-  const redis = await redisClient(t)
-  proxy.cut('reset')
-  await until(() => !s.app.redis.up(), 'the shared connection to notice the cut')
+  const { proxy, s, redis } = await duringOutage(t)
   const key = randomUUID()
   const first = await s.create({ name: 'x' }, key)
   const answeredAt = Date.now()
@@ -60,11 +66,7 @@ t.test('a call made while Redis was away, repeated on the same instance after Re
 })
 
 t.test('a call still running in memory when Redis comes back: a repeat waits for it, never a second Kernel call', async t => {
-  const proxy = await startTcpProxy(t, 6379)
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
-  const redis = await redisClient(t)
-  proxy.cut('reset')
-  await until(() => !s.app.redis.up(), 'the shared connection to notice the cut')
+  const { proxy, s, redis } = await duringOutage(t)
   const key = randomUUID()
   const gate = s.hold()
   const first = s.create({ name: 'slow' }, key)
