@@ -23,13 +23,10 @@ export function upgradeAuthorization (request: FastifyRequest): string | undefin
   return typeof token === 'string' && token !== '' ? `Bearer ${token}` : undefined
 }
 
-/**
- * The connection's own token, as onConnect reads connection_init: its `authorization` (not a
- * string: '', refused), else the upgrade's.
- */
-function ownAuthorization (init: unknown, upgrade: string | undefined): string | undefined {
-  if (init === null || typeof init !== 'object' || !('authorization' in init)) return upgrade
-  const authorization = (init as { authorization: unknown }).authorization
+/** A connection_init payload's `authorization` (not a string: '', refused); undefined: none. */
+function initAuthorization (payload: unknown): string | undefined {
+  if (payload === null || typeof payload !== 'object' || !('authorization' in payload)) return undefined
+  const authorization = (payload as { authorization: unknown }).authorization
   return typeof authorization === 'string' ? authorization : ''
 }
 
@@ -194,10 +191,8 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
     // subscribe, where a refusal can carry its code (mercurius' own refusal of a connection
     // is not a message of the graphql-transport-ws protocol).
     onConnect (data) {
-      const payload = data.payload
-      if (payload === null || typeof payload !== 'object' || !('authorization' in payload)) return true
-      const authorization = (payload as { authorization: unknown }).authorization
-      return { initAuthorization: typeof authorization === 'string' ? authorization : '' }
+      const authorization = initAuthorization(data.payload)
+      return authorization === undefined ? true : { initAuthorization: authorization }
     },
 
     // Before each subscription runs: one subscriber per id, a bounded number, a valid document.
@@ -279,7 +274,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         let iterator: AsyncIterator<unknown>
         const controller = new AbortController()
         try {
-          identity = connection.identify(app, context.initAuthorization ?? connection.upgradeAuthorization, ownAuthorization(context._connectionInit, connection.upgradeAuthorization))
+          identity = connection.identify(app, context.initAuthorization ?? connection.upgradeAuthorization, initAuthorization(context._connectionInit) ?? connection.upgradeAuthorization)
           app.events.bus.authorize(event.name, identity)
           // The bus only ever delivers the caller's own tenant's events.
           iterator = app.events.bus.stream(event.name, identity.tenant, controller.signal)[Symbol.asyncIterator]()
