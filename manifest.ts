@@ -65,6 +65,22 @@ export interface Manifest {
   readonly operations: readonly Operation[]
   readonly byName: ReadonlyMap<string, Operation>
   readonly events: readonly EventDefinition[]
+  /**
+   * What a reload may not change (plugins/pipeline, reloadProblems), as canonical JSON taken
+   * when the manifest was compiled: `operations.<name>.<type|rest|kernel|input|output>`,
+   * `events`, `schemas`, `kernel settings`. Taken then because the libraries that compile the
+   * schemas may rewrite them in place (fast-json-stringify sorts a `type` array).
+   */
+  readonly fixed: ReadonlyMap<string, string>
+}
+
+/** JSON with object keys sorted, so `{a,b}` and `{b,a}` are the same input. */
+export function canonicalJson (value: unknown): string {
+  if (value === null || typeof value !== 'object') return JSON.stringify(value) ?? 'null'
+  if (Array.isArray(value)) return '[' + value.map(canonicalJson).join(',') + ']'
+  const obj = value as Record<string, unknown>
+  const keys = Object.keys(obj).filter(k => obj[k] !== undefined).sort()
+  return '{' + keys.map(k => JSON.stringify(k) + ':' + canonicalJson(obj[k])).join(',') + '}'
 }
 
 export class ManifestError extends Error {
@@ -84,9 +100,15 @@ const SCHEMA_REF = /^#\/schemas\/([A-Za-z_][A-Za-z0-9_]*)$/
 const ajv = new Ajv({ allErrors: true, strict: false })
 const validateDocument = ajv.compile(ManifestSchema)
 // A second Ajv, strict about JSON Schema itself, checks each declared schema compiles.
-const schemaChecker = new Ajv({ strict: true, strictRequired: false, allowUnionTypes: true, strictTypes: false, allErrors: true })
-addFormats.default(schemaChecker)
-schemaChecker.addVocabulary(['example', 'externalDocs', 'xml'])
+// One per manifest compiled: an Ajv instance keeps every schema it compiled (its cache and its
+// scope of values), so one that lived as long as the process would keep each reloaded
+// manifest's schemas for good.
+function schemaChecker (): Ajv {
+  const checker = new Ajv({ strict: true, strictRequired: false, allowUnionTypes: true, strictTypes: false, allErrors: true })
+  addFormats.default(checker)
+  checker.addVocabulary(['example', 'externalDocs', 'xml'])
+  return checker
+}
 
 export async function loadManifestFile (file: string): Promise<Manifest> {
   let text: string
@@ -125,6 +147,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
   }
   const m = doc as ManifestDocument
   const faults: string[] = []
+  const checker = schemaChecker()
   const schemas = m.schemas ?? {}
 
   for (const name of Object.keys(schemas)) {
@@ -144,7 +167,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
   for (const [name, op] of Object.entries(m.operations)) {
     const at = `operations.${name}`
     if (!NAME.test(name)) faults.push(`${at}: the operation name must match ${NAME.source} (it is a tRPC procedure and a GraphQL field)`)
-    const built = buildOperation(name, index++, op, at, resolvedSchemas, defaults, kernelTimeout, faults)
+    const built = buildOperation(name, index++, op, at, resolvedSchemas, defaults, kernelTimeout, faults, checker)
     if (built === null) continue
     const routeKey = `${built.method} ${built.path.replace(/:[^/]+/g, ':')}`
     const seen = routes.get(routeKey)
@@ -160,7 +183,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     if (!NAME.test(name)) faults.push(`${at}: the event name must match ${NAME.source}`)
     if (m.operations[name] !== undefined) faults.push(`${at}: an operation has the same name`)
     const payload = resolveRefs(ev.payload, resolvedSchemas, `${at}.payload`, faults, [])
-    checkSchema(payload, `${at}.payload`, faults)
+    checkSchema(checker, payload, `${at}.payload`, faults)
     events.push(Object.freeze({ name, topic: ev.topic, payload, payloadDocument: ev.payload, roles: Object.freeze([...(ev.roles ?? defaults.roles ?? [])]), description: ev.description ?? null }))
   }
 
@@ -174,19 +197,32 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     circuitBreaker: Object.freeze({ threshold: m.kernel.circuitBreaker?.threshold ?? 5, resetTimeoutMs: m.kernel.circuitBreaker?.resetTimeoutMs ?? 30000 }),
     maxInFlight: m.kernel.maxInFlight ?? 1024
   })
+  const fixed = new Map<string, string>()
+  for (const op of operations) {
+    const at = `operations.${op.name}`
+    fixed.set(`${at}.type`, op.type)
+    fixed.set(`${at}.rest`, `${op.method} ${op.path}`)
+    fixed.set(`${at}.kernel`, canonicalJson(op.kernel))
+    fixed.set(`${at}.input`, canonicalJson([op.input, op.inputDocument]))
+    fixed.set(`${at}.output`, canonicalJson([op.output, op.outputDocument]))
+  }
+  fixed.set('events', canonicalJson(events))
+  fixed.set('schemas', canonicalJson(resolvedSchemas))
+  fixed.set('kernel settings', canonicalJson(kernel))
   return Object.freeze({
     source,
     kernel,
     schemas: Object.freeze(resolvedSchemas),
     operations: Object.freeze(operations),
     byName: new Map(operations.map(o => [o.name, o])),
-    events: Object.freeze(events)
+    events: Object.freeze(events),
+    fixed
   })
 }
 
 function buildOperation (
   name: string, index: number, op: OperationDocument, at: string, schemas: Record<string, JsonSchema>,
-  defaults: NonNullable<ManifestDocument['defaults']>, kernelTimeout: number, faults: string[]
+  defaults: NonNullable<ManifestDocument['defaults']>, kernelTimeout: number, faults: string[], checker: Ajv
 ): Operation | null {
   const before = faults.length
   const [method, path] = op.rest.split(' ') as [HttpMethod, string]
@@ -194,8 +230,8 @@ function buildOperation (
   const inputDocument = op.input ?? { type: 'object', properties: {}, additionalProperties: false }
   const input = resolveRefs(inputDocument, schemas, `${at}.input`, faults, [])
   const output = resolveRefs(op.output, schemas, `${at}.output`, faults, [])
-  checkSchema(input, `${at}.input`, faults)
-  checkSchema(output, `${at}.output`, faults)
+  checkSchema(checker, input, `${at}.input`, faults)
+  checkSchema(checker, output, `${at}.output`, faults)
   if (input.type !== 'object') faults.push(`${at}.input: must be a schema of type object (its properties are the call's arguments)`)
   const props = (input.properties ?? {}) as Record<string, JsonSchema>
   const declared = new Set(Object.keys(props))
@@ -275,9 +311,9 @@ function isQueryable (schema: JsonSchema): boolean {
   return schema.type === 'array' && typeof schema.items === 'object' && schema.items !== null && scalar(schema.items as JsonSchema)
 }
 
-function checkSchema (schema: JsonSchema, at: string, faults: string[]): void {
+function checkSchema (checker: Ajv, schema: JsonSchema, at: string, faults: string[]): void {
   try {
-    schemaChecker.compile(schema)
+    checker.compile(schema)
   } catch (err) {
     faults.push(`${at}: not a valid JSON Schema: ${(err as Error).message}`)
   }

@@ -3,9 +3,11 @@ import type { FastifyInstance } from 'fastify'
 import { Ajv, type ValidateFunction } from 'ajv'
 import addFormats from 'ajv-formats'
 import fastJson from 'fast-json-stringify'
-import type { Manifest, Operation } from '../../manifest.js'
+import { canonicalJson, type Manifest, type Operation } from '../../manifest.js'
 import { MantleError, describeValidation } from '../../errors.js'
 import type { CallContext } from './context.js'
+
+export { canonicalJson }
 
 export { CallContext, type Protocol, PROTOCOLS, type RiskLevel, type Finding, type CacheOutcome } from './context.js'
 
@@ -175,20 +177,14 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
 /** What a reload may not change, because faces compiled routes, types or pools from it. */
 export function reloadProblems (current: Manifest, next: Manifest): string[] {
   const problems: string[] = []
-  const same = (a: unknown, b: unknown): boolean => canonicalJson(a) === canonicalJson(b)
   const names = (m: Manifest): string => m.operations.map(o => o.name).sort().join(',')
   if (names(current) !== names(next)) problems.push('operations were added or removed')
-  for (const op of next.operations) {
-    const was = current.byName.get(op.name)
-    if (was === undefined) continue
-    for (const key of ['type', 'method', 'path', 'kernel', 'input', 'output', 'inputDocument', 'outputDocument'] as const) {
-      if (!same(was[key], op[key])) problems.push(`operations.${op.name}.${key === 'method' || key === 'path' ? 'rest' : key.replace('Document', '')} changed`)
-    }
+  // An operation added or removed has no counterpart to compare: reported just above.
+  for (const [key, value] of next.fixed) {
+    const was = current.fixed.get(key)
+    if (was !== undefined && was !== value) problems.push(`${key} changed`)
   }
-  if (!same(current.events, next.events)) problems.push('events changed')
-  if (!same(current.schemas, next.schemas)) problems.push('schemas changed')
-  if (!same(current.kernel, next.kernel)) problems.push('kernel settings changed')
-  return [...new Set(problems)]
+  return problems
 }
 
 function outputSerializer (op: Operation): (value: unknown) => string {
@@ -223,23 +219,16 @@ function memoized (op: Operation, call: Next): Next {
   }
 }
 
-/** JSON with object keys sorted, so `{a,b}` and `{b,a}` are the same input. */
-export function canonicalJson (value: unknown): string {
-  if (value === null || typeof value !== 'object') return JSON.stringify(value) ?? 'null'
-  if (Array.isArray(value)) return '[' + value.map(canonicalJson).join(',') + ']'
-  const obj = value as Record<string, unknown>
-  const keys = Object.keys(obj).filter(k => obj[k] !== undefined).sort()
-  return '{' + keys.map(k => JSON.stringify(k) + ':' + canonicalJson(obj[k])).join(',') + '}'
-}
-
 /** Input validation is not a switchable concern: every face validates with the op's compiled schema. */
 function validationStage (): StageDefinition {
-  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
-  addFormats.default(ajv)
   return {
     name: 'validation',
     order: StageOrder.validation,
     build (op) {
+      // One Ajv per operation compiled: an instance keeps every schema it compiled (its cache
+      // and its scope of values), so a shared one would keep each reloaded manifest's for good.
+      const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
+      addFormats.default(ajv)
       const validate: ValidateFunction = ajv.compile(op.input)
       return (ctx, next) => {
         if (ctx.refusal !== null) throw ctx.refusal
