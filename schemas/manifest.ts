@@ -8,13 +8,17 @@ const Name = Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' })
 const JsonSchema = Type.Unsafe<Record<string, unknown>>(Type.Object({}, { additionalProperties: true }))
 const ZoneSchema = Type.Union([Type.Literal('public'), Type.Literal('internal'), Type.Literal('restricted')])
 const Roles = Type.Array(Type.String({ minLength: 1 }), { uniqueItems: true })
+// Maxima: a number the gateway cannot honour is refused at load rather than served (a window of
+// 1e300 ms answered 429 with `Retry-After: 2e+297`; a Redis expiry takes a 64-bit integer).
+// A day for windows and freshness, as BFF_RATE_LIMIT_GLOBAL_WINDOW_MS and BFF_CACHE_TTL.
+const DAY_MS = 86_400_000
 const RateLimit = Type.Object({
-  max: Type.Integer({ minimum: 1 }),
-  windowMs: Type.Integer({ minimum: 1 })
+  max: Type.Integer({ minimum: 1, maximum: 1_000_000_000 }),
+  windowMs: Type.Integer({ minimum: 1, maximum: DAY_MS })
 }, { additionalProperties: false })
 const Cache = Type.Object({
-  ttlSeconds: Type.Optional(Type.Integer({ minimum: 1 })),
-  swrSeconds: Type.Optional(Type.Integer({ minimum: 0 })),
+  ttlSeconds: Type.Optional(Type.Integer({ minimum: 1, maximum: 86_400 })),
+  swrSeconds: Type.Optional(Type.Integer({ minimum: 0, maximum: 86_400 })),
   tags: Type.Optional(Type.Array(Type.String({ minLength: 1 })))
 }, { additionalProperties: false })
 const Firewall = Type.Object({
@@ -58,10 +62,10 @@ export const ManifestSchema = Type.Object({
     timeoutMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 600000 })),
     retries: Type.Optional(Type.Integer({ minimum: 0, maximum: 10 })),
     circuitBreaker: Type.Optional(Type.Object({
-      threshold: Type.Integer({ minimum: 1 }),
-      resetTimeoutMs: Type.Integer({ minimum: 1 })
+      threshold: Type.Integer({ minimum: 1, maximum: 1_000_000 }),
+      resetTimeoutMs: Type.Integer({ minimum: 1, maximum: DAY_MS })
     }, { additionalProperties: false })),
-    maxInFlight: Type.Optional(Type.Integer({ minimum: 1 }))
+    maxInFlight: Type.Optional(Type.Integer({ minimum: 1, maximum: 1_000_000 }))
   }, { additionalProperties: false }),
   defaults: Type.Optional(Type.Object({
     roles: Type.Optional(Roles),

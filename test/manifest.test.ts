@@ -220,6 +220,21 @@ t.test('the document shape: version, required keys, values', async t => {
   t.same(faultsOf(null), ['(root): must be object'])
 })
 
+t.test('numbers the gateway cannot honour are refused at their path', async t => {
+  // A window of 1e300 ms was served: 429 with `Retry-After: 2e+297`.
+  t.same(faultsOf(doc({ a: { ...query, rateLimit: { max: 1, windowMs: 1e300 } } })), ['operations.a.rateLimit.windowMs: must be <= 86400000'])
+  t.same(faultsOf(doc({ a: { ...query, rateLimit: { max: 1e10, windowMs: 1000 } } })), ['operations.a.rateLimit.max: must be <= 1000000000'])
+  t.same(faultsOf(doc({ a: { ...query, cache: { ttlSeconds: 86_401 } } })), ['operations.a.cache.ttlSeconds: must be <= 86400'])
+  t.same(faultsOf(doc({ a: { ...query, cache: { swrSeconds: 1e9 } } })), ['operations.a.cache.swrSeconds: must be <= 86400'])
+  t.same(faultsOf(doc({ a: query }, { defaults: { rateLimit: { max: 1, windowMs: 86_400_001 } } })), ['defaults.rateLimit.windowMs: must be <= 86400000'])
+  t.same(faultsOf(doc({ a: query }, {}, { maxInFlight: 2e6, circuitBreaker: { threshold: 2e6, resetTimeoutMs: 1e12 } })).sort(), [
+    'kernel.circuitBreaker.resetTimeoutMs: must be <= 86400000',
+    'kernel.circuitBreaker.threshold: must be <= 1000000',
+    'kernel.maxInFlight: must be <= 1000000'
+  ])
+  t.same(faultsOf(doc({ a: { ...query, rateLimit: { max: 1_000_000_000, windowMs: 86_400_000 }, cache: { ttlSeconds: 86_400, swrSeconds: 86_400 } } }, {}, { maxInFlight: 1e6, circuitBreaker: { threshold: 1e6, resetTimeoutMs: 86_400_000 } })), [], 'the maxima themselves are allowed')
+})
+
 t.test('$ref faults name the place of the $ref', async t => {
   t.same(faultsOf(doc({ a: { ...query, output: { $ref: '#/schemas/Nope' } } })),
     ['operations.a.output.$ref: "#/schemas/Nope" names a schema that is not declared in schemas'])
