@@ -1,15 +1,9 @@
 import t from 'tap'
-import { spawn, execFile, type ChildProcess } from 'node:child_process'
-import { promisify } from 'node:util'
-import { once } from 'node:events'
-import { fileURLToPath } from 'node:url'
 import { start, banner, type Started } from '../server.js'
 import { buildApp } from '../app.js'
 import { ConfigError } from '../schemas/config.js'
 import { ManifestError } from '../manifest.js'
-import { testConfig, bearer, startTestKernel, json, fixture, SECRET } from './helper.js'
-
-const root = fileURLToPath(new URL('..', import.meta.url))
+import { testConfig, bearer, startTestKernel, json, fixture } from './helper.js'
 
 t.test('start() runs the embedded default: the demo Kernel starts alongside', async t => {
   const started = await start(testConfig({ PORT: 0 }))
@@ -38,93 +32,6 @@ t.test('start() stops the demo Kernel again when the gateway cannot start', asyn
 t.test('production refuses a missing or weak JWT secret', async t => {
   await t.rejects(buildApp(testConfig({ NODE_ENV: 'production', BFF_JWT_SECRET: undefined })), ConfigError)
   await t.rejects(buildApp(testConfig({ NODE_ENV: 'production', BFF_JWT_SECRET: 'short' })), /shorter than 32 bytes/)
-})
-
-// The production path of the Dockerfile: build, then run dist/server.js with production deps.
-t.test('the production build starts, serves, and shuts down gracefully', async t => {
-  await promisify(execFile)('npm', ['run', 'build'], { cwd: root })
-
-  async function launch (env: Record<string, string>): Promise<{ child: ChildProcess, url: string, output: () => string }> {
-    const child = spawn(process.execPath, ['dist/server.js'], {
-      cwd: root,
-      env: { PATH: process.env.PATH, NODE_ENV: 'production', BFF_JWT_SECRET: SECRET, PORT: '0', LOG_LEVEL: 'warn', BFF_AUDIT_ENABLED: 'false', ...env },
-      stdio: ['ignore', 'pipe', 'pipe']
-    })
-    let out = ''
-    child.stdout!.on('data', (d: Buffer) => { out += d.toString() })
-    child.stderr!.on('data', (d: Buffer) => { out += d.toString() })
-    t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL') })
-    for (let i = 0; i < 200 && !/listening on (http:\S+)/.test(out); i++) {
-      if (child.exitCode !== null) break
-      await new Promise(resolve => setTimeout(resolve, 50))
-    }
-    const url = /listening on (http:\S+)/.exec(out)?.[1]
-    if (url === undefined) throw new Error('dist/server.js did not start: ' + out)
-    return { child, url, output: () => out }
-  }
-
-  t.test('healthz, a call through the demo Kernel, and no dev token in production', async t => {
-    const { child, url, output } = await launch({})
-    t.equal((await fetch(`${url}/healthz`)).status, 200)
-    const res = await fetch(`${url}/api/v1/agents/a1`, { headers: bearer() })
-    t.equal(res.status, 200)
-    t.notMatch(output(), /Dev token/)
-    child.kill('SIGTERM')
-    const [code] = await once(child, 'exit')
-    t.equal(code, 0)
-  })
-
-  t.test('SIGTERM lets a call in flight finish; a second signal exits at once', async t => {
-    let arrived: (answer: () => void) => void = () => {}
-    const answered = new Promise<() => void>(resolve => { arrived = resolve })
-    const kernel = await startTestKernel(t, {
-      'GET /wait/slow': (_req, res) => { arrived(() => json(res, 200, { id: 'slow' })) },
-      'GET /wait/never': () => {}
-    })
-    const { child, url } = await launch({ BFF_MANIFEST: fixture('slow-manifest.yaml'), KERNEL_URL: kernel.url })
-    const pending = fetch(`${url}/api/v1/wait/slow`, { headers: bearer() })
-    const release = await answered
-    child.kill('SIGTERM')
-    await new Promise(resolve => setTimeout(resolve, 200))
-    t.equal(child.exitCode, null, 'still running while a call is in flight')
-    release()
-    const res = await pending
-    t.equal(res.status, 200)
-    t.same(await res.json(), { id: 'slow' })
-    const [code] = await once(child, 'exit')
-    t.equal(code, 0, 'then it exits cleanly')
-
-    const second = await launch({ BFF_MANIFEST: fixture('slow-manifest.yaml'), KERNEL_URL: kernel.url })
-    const hanging = fetch(`${second.url}/api/v1/wait/never`, { headers: bearer() }).catch(() => null)
-    while (kernel.requests.filter(r => r.url === '/wait/never').length === 0) await new Promise(resolve => setTimeout(resolve, 10))
-    second.child.kill('SIGTERM')
-    await new Promise(resolve => setTimeout(resolve, 100))
-    const started = Date.now()
-    second.child.kill('SIGTERM')
-    const [code2] = await once(second.child, 'exit')
-    t.equal(code2, 1)
-    t.ok(Date.now() - started < 2000, 'the second signal does not wait for the call')
-    await hanging
-  })
-
-  t.test('a bad setting stops the process with one line naming it', async t => {
-    const child = spawn(process.execPath, ['dist/server.js'], { cwd: root, env: { PATH: process.env.PATH, PORT: 'abc', LOG_LEVEL: 'wat' }, stdio: ['ignore', 'pipe', 'pipe'] })
-    let err = ''
-    child.stderr.on('data', (d: Buffer) => { err += d.toString() })
-    const [code] = await once(child, 'exit')
-    t.equal(code, 1)
-    t.match(err, /^mantle: Invalid configuration: .*PORT="abc" is invalid: expected an integer.*LOG_LEVEL="wat"/)
-    t.equal(err.trim().split('\n').length, 1)
-  })
-
-  t.test('production refuses to start without a JWT secret, naming the reason', async t => {
-    const child = spawn(process.execPath, ['dist/server.js'], { cwd: root, env: { PATH: process.env.PATH, NODE_ENV: 'production', PORT: '0' }, stdio: ['ignore', 'pipe', 'pipe'] })
-    let err = ''
-    child.stderr.on('data', (d: Buffer) => { err += d.toString() })
-    const [code] = await once(child, 'exit')
-    t.equal(code, 1)
-    t.match(err, /Refusing to start in production: BFF_JWT_SECRET is missing/)
-  })
 })
 
 t.test('the dev token is printed only when the gateway takes HS256 tokens', async t => {
