@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Mantle: multi-stage build. The runtime image holds production dependencies and dist/ only,
-# runs as a non-root user, and runs exactly what test/server.test.ts runs: node dist/server.js.
+# runs as a non-root user, and runs exactly what test/build/production.test.ts runs: node dist/server.js.
 
 FROM node:20-bookworm-slim AS build
 WORKDIR /app
