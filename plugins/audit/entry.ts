@@ -176,6 +176,12 @@ export interface AuditStore {
   readonly kind: 'memory' | 'postgres'
   /** Chains and stores a batch in order; an entry whose id is already stored is skipped. */
   write: (batch: AuditEntry[]) => Promise<void>
+  /**
+   * Whether an error `write` threw is about the batch's own data: another batch would be stored,
+   * so the writer isolates the entries refused rather than spooling everything after them (an
+   * error it does not refuse is the store being away). A store that cannot fail needs none.
+   */
+  refuses?: (err: unknown) => boolean
   verify: (range: { from?: Date, to?: Date }) => Promise<VerifyResult>
   query: (q: AuditQuery) => Promise<AuditPage>
   /** Removes up to `limit` of the oldest entries before `before`; returns how many. */

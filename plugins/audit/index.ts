@@ -203,6 +203,7 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
   const store: AuditStore = {
     kind: 'postgres',
     write: async (batch) => { await prepare(); await pg.write(batch) },
+    refuses: (err) => pg.refuses(err),
     verify: async (range) => { await prepare(); return await pg.verify(range) },
     query: async (q) => { await prepare(); return await pg.query(q) },
     prune: async (before, limit) => { await prepare(); return await pg.prune(before, limit) },
@@ -220,8 +221,9 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
 
   const flushSeconds = metrics === null ? null : new Histogram({ name: 'mantle_audit_flush_duration_seconds', help: 'Time to write one audit batch to the store', buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5], registers: [metrics] })
   const failures = metrics === null ? null : new Counter({ name: 'mantle_audit_write_failures_total', help: 'Audit batch writes the store refused (the batch went to the spool)', registers: [metrics] })
+  const quarantined = metrics === null ? null : new Counter({ name: 'mantle_audit_quarantined_total', help: 'Audit entries the store refused for their own data, set aside in the quarantine file of the spool directory (never retried: an operator reads it)', registers: [metrics] })
   // What /diagz shows of the writer since start (the same figures as /metrics, for one instance).
-  const tally = { stored: 0, spooled: 0, replayed: 0, flushes: 0, failures: 0, lastFlushMs: 0, slowestFlushMs: 0 }
+  const tally = { stored: 0, spooled: 0, replayed: 0, quarantined: 0, flushes: 0, failures: 0, lastFlushMs: 0, slowestFlushMs: 0 }
   const writer = new AuditWriter({
     store,
     spool,
@@ -240,7 +242,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       },
       spooled: n => { tally.spooled += n; entries?.inc({ outcome: 'spooled' }, n) },
       replayed: n => { tally.replayed += n; entries?.inc({ outcome: 'replayed' }, n) },
-      failed: () => { tally.failures++; failures?.inc() }
+      failed: () => { tally.failures++; failures?.inc() },
+      quarantined: n => { tally.quarantined += n; quarantined?.inc(n) }
     }
   })
   if (metrics !== null) {

@@ -15,6 +15,13 @@ export interface PostgresStoreOptions {
 
 /** PostgreSQL's SQLSTATE for a unique index that refused a row. */
 const UNIQUE_VIOLATION = '23505'
+/**
+ * SQLSTATE class 22, data exception: a value of the batch PostgreSQL cannot take (a NUL in a
+ * text, a `\u0000` or a lone surrogate in JSON, a timestamp out of range); any other batch would
+ * be stored. Not class 23 (a constraint an operator added may refuse every entry; 23505 is handled
+ * by `write`), nor 08, 40, 53, 57 or a client error (a timeout): those are the store being away.
+ */
+const DATA_EXCEPTION = /^22[0-9A-Z]{3}$/
 
 const COLUMNS = 'id, seq, request_id, "timestamp", hash, previous_hash, tenant_id, user_id, method, path, protocol, action, category, risk_level, status, status_code, duration_ms, metadata'
 
@@ -63,6 +70,14 @@ function writeText (buf: Buffer, view: DataView, s: string, at: number, lead: nu
   const end = i === n ? o + n : o + buf.write(s, o)
   view.setInt32(at, end - at - 4)
   return end
+}
+
+/**
+ * A value refused before it reaches PostgreSQL, with the SQLSTATE PostgreSQL would give it
+ * (invalid_text_representation): the batch's own data, as PostgreSQL's refusals of class 22.
+ */
+export class MalformedValue extends TypeError {
+  readonly code = '22P02'
 }
 
 /**
@@ -138,7 +153,7 @@ export function binaryArray (type: ColumnType, values: readonly unknown[]): Buff
           bad |= high | low
           buf[o++] = (high << 4) | low
         }
-        if (bad < 0) throw new TypeError(`not a uuid: ${JSON.stringify(id.slice(0, 40))}`)
+        if (bad < 0) throw new MalformedValue(`not a uuid: ${JSON.stringify(id.slice(0, 40))}`)
         at += 20
         break
       }
@@ -239,6 +254,12 @@ export class PostgresAuditStore implements AuditStore {
       if ((err as { code?: unknown }).code !== UNIQUE_VIOLATION) throw err
       await this.writeBatch(batch, true)
     }
+  }
+
+  /** True when `err` is PostgreSQL's refusal of the batch's own data (see DATA_EXCEPTION). */
+  refuses (err: unknown): boolean {
+    const code = (err as { code?: unknown } | null)?.code
+    return (err instanceof pg.DatabaseError || err instanceof MalformedValue) && typeof code === 'string' && DATA_EXCEPTION.test(code)
   }
 
   private async writeBatch (batch: AuditEntry[], lookUp: boolean): Promise<void> {

@@ -8,6 +8,8 @@ import type { AuditEntry } from './entry.js'
 // write-ahead log for the audit trail, and no library keeps these guarantees for us.
 
 export const SPOOL_FILE = 'audit.spool'
+/** Beside the spool: the entries the store refused for their own data, for an operator to read. */
+export const QUARANTINE_FILE = 'audit.quarantine'
 const LOCK_FILE = 'audit.lock'
 
 interface SpoolLine { n: number, sum: string, entries: AuditEntry[] }
@@ -31,7 +33,12 @@ export class Spool {
   private done = 0
   corrupt = 0
 
-  private constructor (readonly dir: string) {}
+  /** Where the entries the store refused for their own data go, beside the spool. */
+  readonly quarantine: Quarantine
+
+  private constructor (readonly dir: string) {
+    this.quarantine = new Quarantine(dir)
+  }
 
   get path (): string { return join(this.dir, SPOOL_FILE) }
   /** Bytes waiting to be replayed. */
@@ -109,16 +116,7 @@ export class Spool {
     await this.serial(async () => {
       const fh = this.fh
       if (fh === null) throw new Error('the audit spool is closed')
-      try {
-        // A write may take fewer bytes than it was given (a full disk): the rest follows.
-        for (let at = 0; at < data.length;) at += (await fh.write(data, at, data.length - at)).bytesWritten
-        await fh.datasync()
-      } catch (err) {
-        // Nothing of a failed append stays (its entries go back to the queue): a part of a line
-        // left behind would join the next append's, and both be lost at the replay.
-        await fh.truncate(this.bytes).catch(() => {})
-        throw err
-      }
+      await appendSynced(fh, data, this.bytes)
       this.bytes += data.length
     })
   }
@@ -175,11 +173,101 @@ export class Spool {
   }
 
   async close (): Promise<void> {
+    await this.quarantine.close()
     await this.serial(async () => {
       await this.fh?.close()
       this.fh = null
       await unlink(join(this.dir, LOCK_FILE)).catch(() => {})
     })
+  }
+}
+
+/**
+ * Writes `data` at the end of `fh` (a file `bytes` long) and fsyncs it. Nothing of a failed
+ * append stays: a part of a line left behind would join the next append's, and both be lost to
+ * whoever reads the file line by line.
+ */
+async function appendSynced (fh: FileHandle, data: Buffer, bytes: number): Promise<void> {
+  try {
+    // A write may take fewer bytes than it was given (a full disk): the rest follows.
+    for (let at = 0; at < data.length;) at += (await fh.write(data, at, data.length - at)).bytesWritten
+    await fh.datasync()
+  } catch (err) {
+    await fh.truncate(bytes).catch(() => {})
+    throw err
+  }
+}
+
+/** An entry the store refused for its own data (README, "Audit trail"). */
+export interface QuarantineRecord {
+  /** When it was set aside, ISO 8601. */
+  time: string
+  /** The store's error code (PostgreSQL's SQLSTATE), null when it gave none. */
+  sqlstate: string | null
+  error: string
+  entry: AuditEntry
+}
+
+/**
+ * The quarantine file of a spool directory: append-only, one JSON line per entry, fsynced before
+ * `append` resolves, with the spool's discipline (a failed append leaves nothing). Never read back
+ * by the gateway: an operator reads it, and replays what can be replayed by hand. Opened at its
+ * first append, so that the file exists only when something was quarantined.
+ */
+export class Quarantine {
+  private fh: FileHandle | null = null
+  private bytes = 0
+  private closed = false
+  private chain: Promise<unknown> = Promise.resolve()
+
+  constructor (readonly dir: string) {}
+
+  get path (): string { return join(this.dir, QUARANTINE_FILE) }
+
+  async append (records: QuarantineRecord[]): Promise<void> {
+    const data = Buffer.from(records.map(r => JSON.stringify(r) + '\n').join(''))
+    const run = this.chain.then(async () => {
+      if (this.closed) throw new Error('the audit quarantine is closed')
+      if (this.fh === null) {
+        const fh = await open(this.path, 'a+')
+        try {
+          this.bytes = (await fh.stat()).size
+          // A line torn by a crash stays as it is (an operator reads it), on a line of its own.
+          const last = Buffer.alloc(1)
+          if (this.bytes > 0 && (await fh.read(last, 0, 1, this.bytes - 1)).bytesRead === 1 && last[0] !== 10) {
+            await appendSynced(fh, Buffer.from('\n'), this.bytes)
+            this.bytes++
+          }
+        } catch (err) {
+          await fh.close()
+          throw err
+        }
+        this.fh = fh
+      }
+      const created = this.bytes === 0
+      await appendSynced(this.fh, data, this.bytes)
+      this.bytes += data.length
+      // A file just created is found after a crash only once its directory entry is on disk too.
+      if (created) await syncDir(this.dir)
+    })
+    this.chain = run.catch(() => {})
+    await run
+  }
+
+  async close (): Promise<void> {
+    await this.chain
+    this.closed = true
+    await this.fh?.close()
+    this.fh = null
+  }
+}
+
+async function syncDir (dir: string): Promise<void> {
+  const fh = await open(dir, 'r')
+  try {
+    await fh.sync()
+  } finally {
+    await fh.close()
   }
 }
 

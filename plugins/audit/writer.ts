@@ -1,5 +1,5 @@
 import type { AuditEntry, AuditStore } from './entry.js'
-import type { Spool } from './spool.js'
+import type { QuarantineRecord, Spool } from './spool.js'
 
 export interface WriterHooks {
   /** A batch reached the store: its size and how long the write took (s). */
@@ -7,6 +7,17 @@ export interface WriterHooks {
   spooled?: (n: number) => void
   replayed?: (n: number) => void
   failed?: (err: Error) => void
+  /** Entries of a batch the store refused for their own data went to the quarantine file. */
+  quarantined?: (n: number, sqlstate: string | null) => void
+}
+
+/** What isolating a refused batch came to. */
+interface Isolation {
+  stored: number
+  /** The entries not yet handled, from the first that could be neither stored nor quarantined. */
+  rest: AuditEntry[]
+  /** Why `rest` is not empty: the store went away, or the quarantine could not be written. */
+  error: Error | null
 }
 
 export interface WriterOptions {
@@ -45,6 +56,11 @@ export class AuditWriter {
   private storeUp = true
   private lastError: string | null = null
   private readonly intervalMs: number
+  /**
+   * Ids quarantined from a spool line that is still to be replayed (the store went away while it
+   * was being isolated): its replay skips them rather than quarantining them twice.
+   */
+  private readonly setAside = new Set<string>()
   /**
    * The last append of a full queue to the spool while it runs (appends run in order, so it
    * settles after every earlier one). The spool's size grows only once the append is fsynced:
@@ -151,14 +167,94 @@ export class AuditWriter {
   }
 
   private async replay (spool: Spool): Promise<void> {
+    // The entries stored (a line the store refused for its data is isolated, and the entries
+    // quarantined are not replayed ones).
+    let n = 0
     try {
-      const n = await spool.drain(async batch => { await this.opts.store.write(batch) })
+      await spool.drain(async line => {
+        const batch = this.setAside.size === 0 ? line : line.filter(e => !this.setAside.has(e.id))
+        try {
+          await this.opts.store.write(batch)
+          n += batch.length
+        } catch (err) {
+          if (!this.refused(err)) throw err
+          const isolated = await this.isolate(spool, batch, err, true)
+          n += isolated.stored
+          if (isolated.error !== null) throw isolated.error
+        }
+      })
+      this.setAside.clear()
       if (n > 0) this.opts.log.info(`audit spool replayed: ${n} entries`)
       this.opts.hooks?.replayed?.(n)
       this.recovered()
     } catch (err) {
+      if (n > 0) this.opts.hooks?.replayed?.(n)
       this.fail(err as Error)
     }
+  }
+
+  private refused (err: unknown): boolean {
+    return this.opts.store.refuses?.(err) === true
+  }
+
+  /**
+   * The store refused `batch` (with `err`) for the data of some of its entries: stores the others
+   * in their order and quarantines each entry the store refuses on its own. The batch is split in
+   * halves, recursively, the left half first: a batch of n entries with k refused costs about
+   * 2k·log2(n) writes (a few dozen for one bad entry in 10,000), where one entry at a time would
+   * cost n transactions. Stops at the first failure that is not a refusal (the store went away)
+   * or a quarantine that cannot be written: everything from there on is `rest`, in order (a
+   * line of the spool stays whole: `replaying`, its entries quarantined are remembered).
+   */
+  private async isolate (spool: Spool, batch: AuditEntry[], err: unknown, replaying: boolean): Promise<Isolation> {
+    let stored = 0
+    const refusals = new Map<string | null, number>()
+    // Spans still to handle, the next one last; each with the error the store gave it, if tried.
+    const spans: Array<[number, number, unknown]> = [[0, batch.length, err]]
+    let failure: Error | null = null
+    let at = batch.length
+    while (spans.length > 0) {
+      const [from, to, known] = spans.pop() as [number, number, unknown]
+      let error = known
+      if (error === undefined) {
+        const part = from === 0 && to === batch.length ? batch : batch.slice(from, to)
+        try {
+          await this.opts.store.write(part)
+          stored += part.length
+          continue
+        } catch (e) {
+          error = e
+        }
+      }
+      if (!this.refused(error)) {
+        failure = error as Error
+        at = from
+        break
+      }
+      if (to - from > 1) {
+        const mid = (from + to) >>> 1
+        spans.push([mid, to, undefined], [from, mid, undefined])
+        continue
+      }
+      const e = batch[from]
+      const sqlstate = codeOf(error)
+      const record: QuarantineRecord = { time: new Date().toISOString(), sqlstate, error: (error as Error).message, entry: e }
+      try {
+        await spool.quarantine.append([record])
+      } catch (qerr) {
+        this.opts.log.error({ err: (qerr as Error).message, file: spool.quarantine.path }, 'audit quarantine write failed: the refused entry stays in the spool')
+        failure = qerr as Error
+        at = from
+        break
+      }
+      if (replaying) this.setAside.add(e.id)
+      refusals.set(sqlstate, (refusals.get(sqlstate) ?? 0) + 1)
+    }
+    for (const [sqlstate, n] of refusals) {
+      this.opts.log.error({ entries: n, sqlstate, file: spool.quarantine.path }, 'audit entries refused by the store for their own data: quarantined, never retried (an operator replays them by hand)')
+      this.opts.hooks?.quarantined?.(n, sqlstate)
+    }
+    return { stored, rest: at === batch.length ? [] : batch.slice(at), error: failure }
   }
 
   private async deliver (batch: AuditEntry[]): Promise<void> {
@@ -171,8 +267,19 @@ export class AuditWriter {
         this.recovered()
         return
       } catch (err) {
-        this.fail(err as Error)
-        if (spool === null) return
+        if (spool === null || !this.refused(err)) {
+          this.fail(err as Error)
+          if (spool === null) return
+        } else {
+          const isolated = await this.isolate(spool, batch, err, false)
+          if (isolated.stored > 0) this.opts.hooks?.stored?.(isolated.stored, (performance.now() - started) / 1000)
+          if (isolated.error === null) {
+            this.recovered()
+            return
+          }
+          this.fail(isolated.error)
+          batch = isolated.rest
+        }
       }
     }
     try {
@@ -232,4 +339,10 @@ export class AuditWriter {
       }
     }
   }
+}
+
+/** The store's code for an error (PostgreSQL's SQLSTATE), null when it has none. */
+function codeOf (err: unknown): string | null {
+  const code = (err as { code?: unknown } | null)?.code
+  return typeof code === 'string' ? code : null
 }

@@ -1,0 +1,287 @@
+// A batch PostgreSQL refuses for its own data (SQLSTATE class 22) must not hold the spool: its
+// refused entries go to the quarantine file, the others are stored in order, the writer goes on.
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { existsSync, mkdirSync, readFileSync, rmdirSync, statSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import type { AuditEntry, AuditStore } from '../../../plugins/audit/entry.js'
+import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
+import { migrate } from '../../../plugins/audit/migrations.js'
+import { Spool, SPOOL_FILE, QUARANTINE_FILE } from '../../../plugins/audit/spool.js'
+import { AuditWriter, type WriterHooks } from '../../../plugins/audit/writer.js'
+import { buildApp } from '../../../app.js'
+import { testConfig, bearer, until, closedPort } from '../../helper.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir } from './db.js'
+import { entries } from './entries.js'
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+function entry (over: Partial<AuditEntry> = {}): AuditEntry {
+  return { id: randomUUID(), requestId: randomUUID(), timestamp: Date.now(), tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1.5, metadata: {}, ...over }
+}
+
+/** A PostgreSQL store on a new, migrated database. */
+async function pgStore (t: Teardown): Promise<{ url: string, store: PostgresAuditStore }> {
+  const url = databaseUrl(await createTestDatabase(t))
+  await migrate(url)
+  const store = new PostgresAuditStore({ databaseUrl: url })
+  t.teardown(() => store.close())
+  return { url, store }
+}
+
+/** A writer on `store` and a spool of its own, counting what its hooks report. */
+async function writerOn (t: Teardown, store: AuditStore, batchSize = 10, dir = spoolDir(t)): Promise<{ writer: AuditWriter, spool: Spool, dir: string, counts: Record<string, number>, errors: Array<{ obj: Record<string, unknown>, msg: string }> }> {
+  const spool = await Spool.open(dir)
+  const counts: Record<string, number> = { stored: 0, spooled: 0, replayed: 0, failed: 0, quarantined: 0 }
+  const errors: Array<{ obj: Record<string, unknown>, msg: string }> = []
+  const hooks: WriterHooks = {
+    stored: n => { counts.stored += n },
+    spooled: n => { counts.spooled += n },
+    replayed: n => { counts.replayed += n },
+    failed: () => { counts.failed++ },
+    quarantined: n => { counts.quarantined += n }
+  }
+  const log = { warn: () => {}, info: () => {}, error: (obj: object, msg: string) => { errors.push({ obj: obj as Record<string, unknown>, msg }) } }
+  const writer = new AuditWriter({ store, spool, batchSize, queueMax: 1000, intervalMs: 5, log, hooks })
+  t.teardown(async () => { await writer.close(); await spool.close() })
+  return { writer, spool, dir, counts, errors }
+}
+
+const storedIds = async (url: string): Promise<string[]> => (await sql<{ id: string }>(url, 'SELECT id FROM bff_audit_entries ORDER BY seq')).map(r => r.id)
+
+interface QuarantineLine { time: string, sqlstate: string, error: string, entry: AuditEntry }
+function quarantined (dir: string): QuarantineLine[] {
+  const file = join(dir, QUARANTINE_FILE)
+  if (!existsSync(file)) return []
+  return readFileSync(file, 'utf8').split('\n').filter(l => l !== '').map(l => JSON.parse(l) as QuarantineLine)
+}
+
+t.test('quarantine file: appended line by line; a line torn by a crash stays on a line of its own', async t => {
+  const dir = spoolDir(t)
+  writeFileSync(join(dir, QUARANTINE_FILE), '{"time":"2020-01-01T00:00:00.000Z","sqlstate":"22021","error":"x","entry":{"id":"a"}}\n{"time":"2020-')
+  const spool = await Spool.open(dir)
+  t.teardown(() => spool.close())
+  const e = entry({ userId: 'a\u0000b' })
+  await spool.quarantine.append([{ time: new Date().toISOString(), sqlstate: '22021', error: 'invalid byte sequence', entry: e }])
+  const lines = readFileSync(join(dir, QUARANTINE_FILE), 'utf8').split('\n')
+  t.equal(lines.length, 4)
+  t.equal(lines[1], '{"time":"2020-', 'the torn line left as it was')
+  t.same(JSON.parse(lines[2]).entry, e)
+  t.equal(lines[3], '')
+  t.equal(spool.size, 0, 'the spool is not touched')
+})
+
+const available = await postgresAvailable()
+if (!available) t.comment('PostgreSQL is not reachable on 127.0.0.1:5432: skipped (CI fails instead)')
+
+if (available) {
+  t.test('live path: a refused entry is quarantined, the good ones around it are stored in order and the store stays up', async t => {
+    const { url, store } = await pgStore(t)
+    const { writer, spool, dir, counts, errors } = await writerOn(t, store)
+    const batch = [entry(), entry({ userId: 'a\u0000b' }), entry()]
+    for (const e of batch) writer.enqueue(e)
+    await until(() => counts.quarantined === 1 && counts.stored === 2, 'the batch isolated')
+    t.same(await storedIds(url), [batch[0].id, batch[2].id], 'the good entries, in order')
+    t.same(await store.verify({}), { ok: true, checked: 2, firstBroken: null })
+    const lines = quarantined(dir)
+    t.equal(lines.length, 1)
+    t.same(lines[0].entry, batch[1], 'the entry as it was, NUL and all')
+    t.equal(lines[0].sqlstate, '22021')
+    t.match(lines[0].error, /0x00/)
+    t.ok(Math.abs(Date.parse(lines[0].time) - Date.now()) < 60_000, 'when')
+    t.equal(spool.size, 0, 'nothing spooled')
+    t.equal(statSync(join(dir, SPOOL_FILE)).size, 0)
+    t.equal(counts.spooled, 0)
+    t.equal(writer.up, true)
+    t.equal(writer.error, null)
+    t.match(errors, [{ obj: { entries: 1, sqlstate: '22021' } }], 'one error line naming the count and the SQLSTATE')
+
+    // Later entries are stored as usual, after the chain's head.
+    const later = entry()
+    writer.enqueue(later)
+    await until(() => counts.stored === 3, 'a later entry stored')
+    t.same(await storedIds(url), [batch[0].id, batch[2].id, later.id])
+    t.same(await store.verify({}), { ok: true, checked: 3, firstBroken: null })
+  })
+
+  t.test('the store says which errors are the batch\'s own: data exceptions, not connection failures', async t => {
+    const { store } = await pgStore(t)
+    const refusal = await store.write([entry({ userId: 'a\u0000b' })]).then(() => null, (err: unknown) => err)
+    t.equal((refusal as { code?: string }).code, '22021')
+    t.equal(store.refuses(refusal), true)
+    const away = new PostgresAuditStore({ databaseUrl: databaseUrl('test', await closedPort()), connectTimeoutMs: 300 })
+    t.teardown(() => away.close())
+    const down = await away.write([entry()]).then(() => null, (err: unknown) => err)
+    t.ok(down instanceof Error)
+    t.equal(store.refuses(down), false)
+    t.equal(store.refuses(Object.assign(new Error('unique'), { code: '23505' })), false, 'integrity is not the batch\'s own in general')
+    t.equal(store.refuses(Object.assign(new Error('deadlock'), { code: '40P01' })), false)
+    t.equal(store.refuses(Object.assign(new Error('admin shutdown'), { code: '57P01' })), false)
+    t.equal(store.refuses(new Error('Query read timeout')), false)
+  })
+
+  t.test('replay path: a refused entry in the spool is quarantined and no longer holds the batches behind it', async t => {
+    const { url, store } = await pgStore(t)
+    const dir = spoolDir(t)
+    // Written while PostgreSQL was away (a spool left by an earlier process).
+    const before = await Spool.open(dir)
+    const first = [entry(), entry({ userId: 'a\u0000b' }), entry()]
+    const second = [entry(), entry()]
+    await before.append(first)
+    await before.append(second)
+    await before.close()
+
+    const spool = await Spool.open(dir)
+    const counts = { quarantined: 0, replayed: 0, stored: 0 }
+    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 1000, intervalMs: 5, log: { warn: () => {}, info: () => {}, error: () => {} }, hooks: { replayed: n => { counts.replayed += n }, stored: n => { counts.stored += n }, quarantined: n => { counts.quarantined += n } } })
+    t.teardown(async () => { await writer.close(); await spool.close() })
+    const live = entry()
+    writer.enqueue(live)
+    await until(() => spool.size === 0 && counts.stored === 1, 'the spool replayed and the live entry stored')
+    t.same(await storedIds(url), [first[0].id, first[2].id, ...second.map(e => e.id), live.id], 'in order, the refused entry left out')
+    t.same(await store.verify({}), { ok: true, checked: 5, firstBroken: null })
+    const lines = quarantined(dir)
+    t.equal(lines.length, 1)
+    t.equal(lines[0].entry.id, first[1].id)
+    t.equal(lines[0].sqlstate, '22021')
+    t.equal(counts.quarantined, 1)
+    t.equal(counts.replayed, 4, 'replayed counts what was stored')
+    t.equal(writer.up, true)
+  })
+
+  t.test('metadata jsonb refuses (a NUL escape, a lone surrogate) is quarantined; a large batch keeps its order', async t => {
+    const { url, store } = await pgStore(t)
+    const { writer, dir, counts, errors } = await writerOn(t, store, 50)
+    const batch = Array.from({ length: 40 }, () => entry())
+    batch[0] = entry({ metadata: { cache: 'a\u0000b' } })
+    batch[17] = entry({ metadata: { note: '\ud800' } })
+    batch[18] = entry({ path: '/x\u0000' })
+    batch[39] = entry({ metadata: { deep: [{ v: '\u0000' }] } })
+    for (const e of batch) writer.enqueue(e)
+    await until(() => counts.quarantined === 4 && counts.stored === 36, 'the batch isolated')
+    const bad = new Set([0, 17, 18, 39])
+    t.same(await storedIds(url), batch.filter((_, i) => !bad.has(i)).map(e => e.id), 'the good entries, in order')
+    t.same(await store.verify({}), { ok: true, checked: 36, firstBroken: null })
+    const lines = quarantined(dir)
+    t.same(lines.map(l => l.entry.id), [0, 17, 18, 39].map(i => batch[i].id), 'quarantined in order')
+    t.same(lines.map(l => l.sqlstate), ['22P05', '22P02', '22021', '22P05'])
+    t.same(lines[0].entry.metadata, { cache: 'a\u0000b' })
+    t.same(lines[1].entry.metadata, { note: '\ud800' }, 'the lone surrogate kept (JSON escapes it)')
+    t.equal(writer.up, true)
+    t.equal(counts.spooled, 0)
+    t.equal(errors.reduce((n, e) => n + (e.obj.entries as number), 0), 4, 'the error lines count every quarantined entry')
+  })
+
+  t.test('a store that is away still spools, whole and in order, and quarantines nothing', async t => {
+    const store = new PostgresAuditStore({ databaseUrl: databaseUrl('test', await closedPort()), connectTimeoutMs: 300 })
+    t.teardown(() => store.close())
+    const { writer, spool, dir, counts } = await writerOn(t, store)
+    const batch = [entry(), entry({ userId: 'a\u0000b' }), entry()]
+    for (const e of batch) writer.enqueue(e)
+    await until(() => spool.size > 0 && writer.depth === 0, 'the batch spooled')
+    t.equal(writer.up, false)
+    t.equal(counts.quarantined, 0)
+    t.equal(counts.spooled, 3)
+    t.notOk(existsSync(join(dir, QUARANTINE_FILE)), 'no quarantine file')
+    await writer.close()
+    const seen: string[] = []
+    await spool.drain(async b => { seen.push(...b.map(e => e.id)) })
+    t.same(seen, batch.map(e => e.id), 'the whole batch in the spool, in order')
+    t.equal(store.refuses(new Error('connect ECONNREFUSED')), false)
+  })
+
+  // Writes of a batch [good, refused, good, good]: 1 the batch (refused), 2 its left half
+  // (refused), 3 the first entry, 4 the refused one (quarantined), 5 the right half.
+  const midway = [
+    { name: 'live path, before anything is stored', replay: false, awayAt: 2, before: { stored: [], quarantined: 0 } },
+    { name: 'live path, after an entry is quarantined', replay: false, awayAt: 5, before: { stored: [0], quarantined: 1 } },
+    { name: 'replay path, after an entry is quarantined', replay: true, awayAt: 5, before: { stored: [0], quarantined: 1 } }
+  ]
+  for (const c of midway) {
+    t.test(`the store goes away midway through isolation (${c.name}): the rest waits in the spool, in order, and is isolated once it is back; nothing is quarantined twice`, async t => {
+      const { url, store: pgs } = await pgStore(t)
+      // The real store, but from its write number `awayAt` on every write fails as a connection
+      // would, until `away` is cleared.
+      const state = { away: false, writes: 0 }
+      const store: AuditStore = {
+        kind: 'postgres',
+        write: async batch => {
+          if (++state.writes === c.awayAt) state.away = true
+          if (state.away) throw Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:5432'), { code: 'ECONNREFUSED' })
+          await pgs.write(batch)
+        },
+        refuses: err => pgs.refuses(err),
+        verify: async range => await pgs.verify(range),
+        query: async q => await pgs.query(q),
+        prune: async (before, limit) => await pgs.prune(before, limit),
+        close: async () => {}
+      }
+      const batch = [entry(), entry({ userId: 'a\u0000b' }), entry(), entry()]
+      const dir = spoolDir(t)
+      if (c.replay) {
+        const earlier = await Spool.open(dir)
+        await earlier.append(batch)
+        await earlier.close()
+      }
+      const { writer, spool, counts } = await writerOn(t, store, 10, dir)
+      if (!c.replay) for (const e of batch) writer.enqueue(e)
+      await until(() => state.away && spool.size > 0 && writer.depth === 0 && !writer.up, 'the store away, the rest spooled')
+      t.equal(state.writes, c.awayAt)
+      t.same(await storedIds(url), c.before.stored.map(i => batch[i].id))
+      t.equal(counts.quarantined, c.before.quarantined)
+      t.equal(quarantined(dir).length, c.before.quarantined)
+      const queued = entry()
+      writer.enqueue(queued)
+      await until(() => writer.depth === 0, 'the next entry follows into the spool')
+      t.same(await storedIds(url), c.before.stored.map(i => batch[i].id), 'not before the spool')
+      state.away = false
+      await until(() => spool.size === 0 && counts.quarantined === 1 && writer.up, 'the spool replayed', 10_000)
+      t.same(await storedIds(url), [batch[0].id, batch[2].id, batch[3].id, queued.id], 'in order, each once')
+      t.same(quarantined(dir).map(l => l.entry.id), [batch[1].id], 'quarantined once')
+      t.same(await pgs.verify({}), { ok: true, checked: 4, firstBroken: null })
+    })
+  }
+
+  t.test('a quarantine file that cannot be written: the entries stay in the spool until it can, none is dropped', async t => {
+    const { url, store } = await pgStore(t)
+    const { writer, spool, dir, counts } = await writerOn(t, store)
+    // A directory where the file should be: every append to it fails.
+    mkdirSync(join(dir, QUARANTINE_FILE))
+    const batch = [entry(), entry({ userId: 'a\u0000b' }), entry()]
+    for (const e of batch) writer.enqueue(e)
+    await until(() => spool.size > 0 && writer.depth === 0, 'the refused entry and the rest spooled')
+    t.equal(writer.up, false)
+    const queued = entry()
+    writer.enqueue(queued)
+    await new Promise(resolve => setTimeout(resolve, 300))
+    t.equal(counts.quarantined, 0)
+    t.ok(spool.size > 0, 'still spooled while the quarantine cannot be written')
+    rmdirSync(join(dir, QUARANTINE_FILE))
+    await until(() => spool.size === 0 && counts.quarantined === 1 && writer.up, 'the spool replayed', 10_000)
+    t.same(await storedIds(url), [batch[0].id, batch[2].id, queued.id], 'in order, each once')
+    t.same(quarantined(dir).map(l => l.entry.id), [batch[1].id])
+    t.same(await store.verify({}), { ok: true, checked: 3, firstBroken: null })
+  })
+
+  t.test('gateway: the quarantined count is in /metrics and /diagz, and the error is logged', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    const dir = spoolDir(t)
+    const lines: string[] = []
+    const app = await buildApp(testConfig({ LOG_LEVEL: 'warn', BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: dir }),
+      { logger: undefined, logStream: { write: (line: string) => { lines.push(line) } } })
+    t.teardown(() => app.close())
+    await app.ready()
+    const good = entry({ requestId: `q-${randomUUID()}` })
+    const bad = entry({ requestId: `q-${randomUUID()}`, metadata: { x: '\u0000' } })
+    app.audit.enqueue(good)
+    app.audit.enqueue(bad)
+    await until(() => quarantined(dir).length === 1, 'the refused entry quarantined')
+    t.match(await entries(app, `&requestId=${good.requestId}`), [{ id: good.id }], 'the good entry stored')
+    t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_audit_quarantined_total 1\b/)
+    const diagz = (await app.inject({ method: 'GET', url: '/diagz', headers: bearer() })).json()
+    t.match(diagz.audit, { up: true, spoolBytes: 0, quarantined: 1 })
+    t.match(diagz.stores.audit, { healthy: true })
+    const logged = lines.map(l => JSON.parse(l) as Record<string, unknown>).filter(l => l.sqlstate === '22P05')
+    t.match(logged, [{ level: 50, entries: 1, sqlstate: '22P05' }])
+  })
+}
