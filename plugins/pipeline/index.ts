@@ -236,30 +236,43 @@ function validationStage (): StageDefinition {
         if (typeof input !== 'object' || input === null || Array.isArray(input)) throw new MantleError('VALIDATION_FAILED', 'The input must be a JSON object')
         if (ctx.idempotencyKey === null) throw new MantleError('VALIDATION_FAILED', 'The Idempotency-Key must be 1 to 255 visible ASCII characters')
         if (!validate(ctx.input)) throw new MantleError('VALIDATION_FAILED', describeValidation(validate.errors ?? []))
-        // JSON.parse reads 1e400 as Infinity, which the schema's `number` admits and JSON cannot
-        // carry on to the Kernel (it would arrive as null, or as the text "Infinity").
-        if (holdsNonFinite(input)) throw new MantleError('VALIDATION_FAILED', 'The input holds a number out of range: numbers must be finite')
+        const fault = inputFault(input)
+        if (fault !== null) throw new MantleError('VALIDATION_FAILED', fault)
         return next(ctx)
       }
     }
   }
 }
 
+const NON_FINITE = 'The input holds a number out of range: numbers must be finite'
+const PROTOTYPE = 'The input contains a forbidden prototype property'
+
 /**
- * Whether a parsed input holds a number that is not finite. Iterative: a deeply nested body must
- * not exhaust the stack; the work is one step per value, bounded by the body limit.
+ * What is wrong with a parsed input that its schema admits, or null. A number that is not finite:
+ * JSON.parse reads 1e400 as Infinity, which the schema's `number` admits and JSON cannot carry on
+ * to the Kernel (it would arrive as null, or as the text "Infinity"). A `__proto__` key, or a
+ * `constructor` holding a `prototype`: JSON.parse keeps them as own keys, and an upstream that
+ * merges the input into an object would take them as its prototype (REST's parser refuses such
+ * a body, as secure-json-parse does: every face refuses it here). Iterative: a deeply nested
+ * body must not exhaust the stack; the work is one step per value, bounded by the body limit.
  */
-export function holdsNonFinite (input: object): boolean {
+export function inputFault (input: object): string | null {
   const stack: unknown[] = [input]
   while (stack.length > 0) {
     const value = stack.pop()
     if (typeof value === 'number') {
-      if (!Number.isFinite(value)) return true
+      if (!Number.isFinite(value)) return NON_FINITE
     } else if (value !== null && typeof value === 'object') {
-      if (Array.isArray(value)) { for (const v of value) stack.push(v) } else { for (const k in value) stack.push((value as Record<string, unknown>)[k]) }
+      if (Array.isArray(value)) { for (const v of value) stack.push(v) } else {
+        for (const k in value) {
+          const v = (value as Record<string, unknown>)[k]
+          if (k === '__proto__' || (k === 'constructor' && v !== null && typeof v === 'object' && Object.hasOwn(v, 'prototype'))) return PROTOTYPE
+          stack.push(v)
+        }
+      }
     }
   }
-  return false
+  return null
 }
 
 async function pipelinePlugin (app: FastifyInstance, opts: { manifest: Manifest }): Promise<void> {
