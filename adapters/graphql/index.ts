@@ -3,6 +3,7 @@ import mercurius from 'mercurius'
 import { getOperationAST, parse, type DocumentNode } from 'graphql'
 import { runCall, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
+import { ConnectionSlots } from '../connection-slots.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import { buildSchema } from './schema.js'
 import { limitsRule, noSubscriptionOverHttp, MAX_FIELDS } from './limits.js'
@@ -44,23 +45,30 @@ interface RequestContext {
 export interface GraphqlFaceSettings {
   /** A subscription socket that sends nothing (no connection_init) within this time is closed with 4408. */
   initTimeoutMs: number
+  /** WebSocket connections at /graphql on this instance; beyond it an upgrade gets 503 OVERLOADED. */
+  maxConnections: number
 }
+
+export const DEFAULT_SETTINGS: Readonly<GraphqlFaceSettings> = Object.freeze({
+  initTimeoutMs: 10_000,
+  maxConnections: 100_000
+})
 
 /** graphql-ws's own close code for a connection that never initialised. */
 const CLOSE_INIT_TIMEOUT = 4408
 
 /** The GraphQL face with the given bounds; the default export uses the defaults. */
 export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) {
-  const initTimeoutMs = settings.initTimeoutMs ?? 10_000
+  const limits = { ...DEFAULT_SETTINGS, ...settings }
   return async function graphqlFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
-    const guard = await graphqlAdapter(app, opts)
+    const guard = await graphqlAdapter(app, opts, new ConnectionSlots(limits.maxConnections))
     // mercurius keeps a socket that never sends connection_init open for ever: a client could
     // hold sockets at no cost. graphql-ws prescribes closing it with 4408 when no
     // connection_init came in time, whatever else did (a ping or a junk frame does not count).
     if (!app.hasDecorator('websocketServer')) return
     app.websocketServer.on('connection', (socket: WebSocket, request: IncomingMessage) => {
       if ((request.url ?? '').split('?')[0] !== '/graphql') return
-      const timer = setTimeout(() => socket.close(CLOSE_INIT_TIMEOUT, 'Connection initialisation timeout'), initTimeoutMs)
+      const timer = setTimeout(() => socket.close(CLOSE_INIT_TIMEOUT, 'Connection initialisation timeout'), limits.initTimeoutMs)
       timer.unref()
       const disarm = (): void => clearTimeout(timer)
       // Before mercurius (the route's handler) listens to the socket; the screen reads each
@@ -74,7 +82,7 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
 export default createGraphqlFace()
 
 /** Registers the face; answers the screen of each subscription socket's messages. */
-async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise<(socket: WebSocket, initialised: () => void) => void> {
+async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: ConnectionSlots): Promise<(socket: WebSocket, initialised: () => void) => void> {
   const rules = [limitsRule({ maxDepth: opts.maxDepth, maxRootFields: opts.maxCalls, maxFields: MAX_FIELDS })]
   const maxQuery = Math.min(MAX_QUERY_LENGTH, opts.bodyLimit)
   const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules, maxQuery, maxTokens: MAX_TOKENS })
@@ -110,10 +118,13 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions): Promise
   app.addHook('onRoute', (route) => {
     route.schema = { ...route.schema, hide: true }
   })
-  // A WebSocket upgrade with credentials is refused at once when they are bad (a 401); without
-  // any, connection_init may still bring them.
+  // A WebSocket upgrade beyond the instance's bound is refused at once (503), and so is one with
+  // credentials when they are bad (a 401); without any, connection_init may still bring them.
+  // mercurius offers no hook of its own before the upgrade (its verifyClient only applies to a
+  // WebSocket server it registers itself; app.ts registers the one every face shares).
   app.addHook('onRequest', async (request) => {
     if (!request.ws) return
+    slots.reserve(request)
     const authorization = upgradeAuthorization(request)
     if (authorization !== undefined) app.identify(authorization)
   })

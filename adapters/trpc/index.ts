@@ -7,6 +7,7 @@ import type { TRPCRequestInfo } from '@trpc/server/http'
 import type { WebSocket } from 'ws'
 import type { FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
+import { ConnectionSlots } from '../connection-slots.js'
 import { httpContext, socketContext, type TrpcContext } from './context.js'
 import { runCall } from '../face.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
@@ -194,7 +195,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     if (!app.hasDecorator('websocketServer')) {
       app.get('/trpc', { schema: { hide: true } }, notHere)
     } else {
-      let connections = 0
+      const slots = new ConnectionSlots(limits.maxConnections)
       const authenticated = new WeakSet<WebSocket>()
       const onConnection = getWSConnectionHandler({
         router,
@@ -226,22 +227,21 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         url: '/trpc',
         schema: { hide: true },
         onRequest: (request, _reply, done) => {
-          if (request.ws && connections >= limits.maxConnections) {
-            done(new MantleError('OVERLOADED', 'Too many WebSocket connections on this instance', { headers: { 'retry-after': '5' } }))
-          } else done()
+          try {
+            slots.reserve(request)
+            done()
+          } catch (err) {
+            done(err as Error)
+          }
         },
         handler: notHere,
         wsHandler: (socket, request) => {
-          connections++
           // A client that opens with ?connectionParams=1 and never sends them is not kept.
           const timer = setTimeout(() => {
             if (!authenticated.has(socket)) socket.close(CLOSE_UNAUTHENTICATED, 'No token was given in time')
           }, limits.authTimeoutMs)
           timer.unref()
-          socket.once('close', () => {
-            connections--
-            clearTimeout(timer)
-          })
+          socket.once('close', () => clearTimeout(timer))
           onConnection(socket, request.raw)
         }
       })

@@ -1,6 +1,7 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
+import { ConnectionSlots } from '../connection-slots.js'
 import { Connection, type ConnectionAuth, type FaceShared } from './connection.js'
 import { websocketMetrics } from './metrics.js'
 
@@ -48,6 +49,8 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
   return async function websocketFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
     const limits = { ...DEFAULT_SETTINGS, maxFrameBytes: opts.bodyLimit, ...settings }
     const connections = new Set<Connection>()
+    // The bound, counted from the check on (the set only holds connections once upgraded).
+    const slots = new ConnectionSlots(limits.maxConnections)
     const eventPrefixes = new Map(app.pipeline.manifest.events.map(e => [e.name, '{"event":' + JSON.stringify(e.name) + ',"data":']))
     const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes }
     // Identity verified in the upgrade's onRequest hook, handed to the connection it opens.
@@ -62,9 +65,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
       // the 401 problem+json over plain HTTP.
       onRequest: (request, _reply, done) => {
         try {
-          if (connections.size >= limits.maxConnections) {
-            throw new MantleError('OVERLOADED', 'Too many WebSocket connections on this instance', { headers: { 'retry-after': '5' } })
-          }
+          slots.reserve(request)
           const authorization = authorizationOf(request)
           verified.set(request, { identity: app.identify(authorization), authorization })
           done()

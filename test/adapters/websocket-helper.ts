@@ -1,11 +1,13 @@
 // Shared by the WebSocket face's tests: a gateway listening on a port, and a real `ws` client
 // that queues the frames it receives so a test can take them in order.
+import { connect as connectTcp } from 'node:net'
 import { WebSocket, type ClientOptions } from 'ws'
 import type { FastifyInstance } from 'fastify'
 import websocket from '@fastify/websocket'
 import { buildApp, type BuildOptions } from '../../app.js'
 import { startKernel, type KernelOptions } from '../../kernel/server.js'
 import { createWebSocketFace, type WebSocketFaceSettings } from '../../adapters/websocket/index.js'
+import type { FaceOptions } from '../../adapters/face.js'
 import { testConfig, token, type TokenOptions } from '../helper.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
@@ -18,7 +20,7 @@ export interface Frame { [key: string]: any }
 
 export interface WsSetup {
   app: FastifyInstance
-  /** ws://127.0.0.1:<port>/ws */
+  /** ws://127.0.0.1:<port>/ws (or the path of `face`) */
   url: string
 }
 
@@ -26,6 +28,13 @@ export interface WsAppOptions {
   env?: Env
   /** Face bounds; with them the face is registered by the test instead of by app.ts. */
   settings?: Partial<WebSocketFaceSettings>
+  /**
+   * Another face that upgrades, built by the test with its bounds (createTrpcFace(…),
+   * createGraphqlFace(…)), registered instead of /ws; `url` is then at its path.
+   */
+  face?: { plugin: (app: FastifyInstance, opts: FaceOptions) => Promise<void>, path: string }
+  /** Runs on the built gateway before the test's face is registered (its hooks reach the face's routes). */
+  prepare?: (app: FastifyInstance) => void
   build?: BuildOptions
   /** Options of the demo Kernel started when build.kernelUrl is not given. */
   kernel?: KernelOptions
@@ -39,14 +48,15 @@ export async function wsApp (t: Teardown, options: WsAppOptions = {}): Promise<W
     t.teardown(() => kernel.close())
     kernelUrl = kernel.url
   }
-  const custom = options.settings !== undefined
+  const custom = options.settings !== undefined || options.face !== undefined
   const config = testConfig({ ...ONLY_WS, ...options.env, ...(custom ? { BFF_WEBSOCKET_ENABLED: false } : {}) })
   const app = await buildApp(config, { logger: false, kernelBackoff: { baseMs: 1, capMs: 5 }, ...options.build, kernelUrl })
   t.teardown(() => app.close())
   if (custom) {
     // What app.ts does, with the test's bounds.
     await app.register(websocket, { options: { maxPayload: config.BFF_BODY_LIMIT } })
-    await app.register(createWebSocketFace(options.settings), {
+    options.prepare?.(app)
+    await app.register(options.face?.plugin ?? createWebSocketFace(options.settings), {
       bodyLimit: config.BFF_BODY_LIMIT,
       maxCalls: config.BFF_BATCH_MAX_CALLS,
       maxDepth: config.BFF_GRAPHQL_MAX_DEPTH,
@@ -56,7 +66,7 @@ export async function wsApp (t: Teardown, options: WsAppOptions = {}): Promise<W
   }
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as { port: number }
-  return { app, url: `ws://127.0.0.1:${port}/ws` }
+  return { app, url: `ws://127.0.0.1:${port}${options.face?.path ?? '/ws'}` }
 }
 
 export interface Closed { code: number, reason: string }
@@ -145,6 +155,76 @@ export async function refusedUpgrade (url: string, headers: Record<string, strin
       })
     })
   })
+}
+
+export interface Upgrade {
+  /** 101 when the upgrade went through, else the refusal's status. */
+  status: number
+  /** The open client (closed at teardown), when the upgrade went through. */
+  ws: WebSocket | null
+  /** The refusal's content type and JSON body. */
+  type: string | null
+  body: Frame | null
+}
+
+/** An upgrade that may go through or be refused (refusedUpgrade insists on a refusal). */
+export async function upgrade (t: Teardown, url: string, headers: Record<string, string> = {}, protocol?: string): Promise<Upgrade> {
+  const ws = new WebSocket(url, protocol, { headers })
+  t.teardown(() => ws.terminate())
+  return await new Promise((resolve, reject) => {
+    ws.once('open', () => resolve({ status: 101, ws, type: null, body: null }))
+    // Also what follows a refusal (the request destroyed): a no-op once settled.
+    ws.on('error', reject)
+    ws.once('unexpected-response', (req, res) => {
+      const chunks: Buffer[] = []
+      res.on('data', (c: Buffer) => chunks.push(c))
+      res.on('end', () => {
+        req.destroy()
+        resolve({ status: res.statusCode ?? 0, ws: null, type: String(res.headers['content-type']), body: JSON.parse(Buffer.concat(chunks).toString()) as Frame })
+      })
+    })
+  })
+}
+
+/**
+ * An upgrade request written on a raw TCP socket (one a real client would not send, or one it
+ * abandons): the gateway's answer as text, '' when `abandon` (the socket is destroyed as soon as
+ * the request is written).
+ */
+export async function rawUpgrade (url: string, headers: Record<string, string>, abandon = false): Promise<string> {
+  const { port, pathname } = new URL(url)
+  const lines = Object.entries({ host: 'x', upgrade: 'websocket', connection: 'Upgrade', ...headers }).map(([k, v]) => `${k}: ${v}\r\n`).join('')
+  return await new Promise<string>((resolve, reject) => {
+    const socket = connectTcp(Number(port), '127.0.0.1', () => {
+      socket.write(`GET ${pathname} HTTP/1.1\r\n${lines}\r\n`)
+      if (abandon) socket.destroy()
+    })
+    let text = ''
+    socket.on('data', (c: Buffer) => { text += c.toString() })
+    socket.on('close', () => resolve(text))
+    socket.on('error', reject)
+    socket.setTimeout(2000, () => socket.destroy())
+  })
+}
+
+/**
+ * For `prepare`: a step that awaits (50 ms) between a face's onRequest hook and the upgrade, as
+ * any step there that waits on I/O would. Many upgrades are then under way at once.
+ */
+export function slowUpgrades (app: FastifyInstance): void {
+  app.addHook('preHandler', async (request) => {
+    if (request.ws) await new Promise(resolve => setTimeout(resolve, 50))
+  })
+}
+
+/** Until the gateway holds no TCP socket: every upgrade, refused, abandoned or closed, has ended on its side. */
+export async function drained (app: FastifyInstance, ms = 5000): Promise<void> {
+  const count = async (): Promise<number> => await new Promise((resolve, reject) => app.server.getConnections((err, n) => { if (err === null || err === undefined) resolve(n); else reject(err) }))
+  const end = Date.now() + ms
+  while (await count() > 0) {
+    if (Date.now() > end) throw new Error('timed out waiting for the gateway\'s sockets to close')
+    await new Promise(resolve => setTimeout(resolve, 10))
+  }
 }
 
 /** A run as the Kernel publishes it, with one field the event schema does not declare. */

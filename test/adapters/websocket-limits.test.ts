@@ -1,8 +1,8 @@
 import t from 'tap'
-import { connect as connectTcp, type Socket } from 'node:net'
+import type { Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { startTestKernel, testManifest, json, bearer, until } from '../helper.js'
-import { wsApp, connect, refusedUpgrade, run } from './websocket-helper.js'
+import { wsApp, connect, refusedUpgrade, run, upgrade, rawUpgrade, drained, slowUpgrades, type Upgrade } from './websocket-helper.js'
 
 t.test('junk frames get a VALIDATION_FAILED error frame and the connection lives on', async t => {
   const { url } = await wsApp(t)
@@ -202,23 +202,58 @@ t.test('closing the gateway closes every connection with 1001', async t => {
 
 t.test('a malformed upgrade is refused over HTTP and harms nothing', async t => {
   const { url } = await wsApp(t)
-  const { port } = new URL(url)
   const client = await connect(t, url)
-  const auth = bearer().authorization
-  const requests = [
-    `GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nAuthorization: ${auth}\r\n\r\n`,
-    `GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: bad\r\nSec-WebSocket-Version: 99\r\nAuthorization: ${auth}\r\n\r\n`
-  ]
-  for (const raw of requests) {
-    const answer = await new Promise<string>((resolve, reject) => {
-      const socket = connectTcp(Number(port), '127.0.0.1', () => socket.write(raw))
-      let text = ''
-      socket.on('data', (c: Buffer) => { text += c.toString() })
-      socket.on('close', () => resolve(text))
-      socket.on('error', reject)
-      socket.setTimeout(2000, () => socket.destroy())
-    })
-    t.match(answer, /^HTTP\/1\.1 400 /, 'refused with a 400')
+  for (const headers of [bearer(), { ...bearer(), 'sec-websocket-key': 'bad', 'sec-websocket-version': '99' }]) {
+    t.match(await rawUpgrade(url, headers), /^HTTP\/1\.1 400 /, 'refused with a 400')
   }
   t.match(await client.request({ id: 'ok', op: 'listAgents', input: { limit: 1 } }), { id: 'ok', result: Array }, 'the open connection is untouched')
+})
+
+t.test('concurrent upgrades cannot pass the connection bound; closed connections give their places back', async t => {
+  const { app, url } = await wsApp(t, { settings: { maxConnections: 2 }, prepare: slowUpgrades })
+  const burst = async (): Promise<Upgrade[]> => await Promise.all(Array.from({ length: 20 }, async () => await upgrade(t, url, bearer())))
+  const gauge = async (): Promise<string | undefined> => /\nmantle_websocket_connections (\d+)\n/.exec((await app.inject({ method: 'GET', url: '/metrics' })).body)?.[1]
+  const first = await burst()
+  const open = first.filter(u => u.status === 101)
+  t.equal(open.length, 2, 'exactly the bound went through')
+  const refused = first.filter(u => u.status !== 101)
+  t.equal(refused.length, 18)
+  for (const r of refused) {
+    t.equal(r.status, 503)
+    t.match(r.type, /^application\/problem\+json/)
+    t.match(r.body, { code: 'OVERLOADED', status: 503 })
+  }
+  t.equal(await gauge(), '2', 'the gauge counts the open connections')
+
+  for (const u of open) u.ws!.close()
+  await drained(app)
+  t.equal(await gauge(), '0')
+  const second = await burst()
+  t.equal(second.filter(u => u.status === 101).length, 2, 'the places came back: nothing leaked')
+  t.equal(second.filter(u => u.status === 503).length, 18)
+})
+
+t.test('upgrades that never complete give their places back', async t => {
+  // Each of these takes a place while under way: the bound leaves room for all of them.
+  const bound = 30
+  const { app, url } = await wsApp(t, { settings: { maxConnections: bound }, prepare: slowUpgrades })
+  const key = 'dGhlIHNhbXBsZSBub25jZQ=='
+  const attempts = Array.from({ length: bound / 3 }, async () => await Promise.all([
+    // Refused by a later step of the same hook: a token that does not verify.
+    refusedUpgrade(url, bearer({ secret: 'another-secret-that-is-long-enough-for-hs256-0123' })),
+    // Refused by `ws`: a handshake it does not accept.
+    rawUpgrade(url, { ...bearer(), 'sec-websocket-key': 'bad', 'sec-websocket-version': '99' }),
+    // Gone mid-handshake.
+    rawUpgrade(url, { ...bearer(), 'sec-websocket-key': key, 'sec-websocket-version': '13' }, true)
+  ]))
+  for (const [unauthorized, rejected, abandoned] of await Promise.all(attempts)) {
+    t.equal(unauthorized.status, 401)
+    t.match(rejected, /^HTTP\/1\.1 400 /)
+    t.equal(abandoned, '')
+  }
+  await drained(app)
+  const after = await Promise.all(Array.from({ length: bound }, async () => await upgrade(t, url, bearer())))
+  t.ok(after.every(u => u.status === 101), 'connections up to the bound still open')
+  const over = await refusedUpgrade(url, bearer())
+  t.equal(over.status, 503, 'and the bound still holds')
 })

@@ -1,0 +1,80 @@
+// The per-instance bound on WebSocket connections of the tRPC (/trpc) and GraphQL (/graphql)
+// faces, as websocket-limits.test.ts checks /ws's: it holds against upgrades that arrive
+// together, and every upgrade that never completes gives its place back.
+import t from 'tap'
+import { createTrpcFace } from '../../adapters/trpc/index.js'
+import { createGraphqlFace } from '../../adapters/graphql/index.js'
+import { bearer } from '../helper.js'
+import { wsApp, upgrade, refusedUpgrade, rawUpgrade, drained, slowUpgrades, type Frame, type Upgrade, type WsSetup } from './websocket-helper.js'
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+const faces = [
+  {
+    name: 'tRPC',
+    setup: async (t: Teardown, maxConnections: number): Promise<WsSetup> => await wsApp(t, { face: { plugin: createTrpcFace({ maxConnections }), path: '/trpc' }, prepare: slowUpgrades }),
+    protocol: undefined,
+    code: (body: Frame): unknown => body.error.data.code
+  },
+  {
+    name: 'GraphQL',
+    setup: async (t: Teardown, maxConnections: number): Promise<WsSetup> => await wsApp(t, { face: { plugin: createGraphqlFace({ maxConnections }), path: '/graphql' }, prepare: slowUpgrades }),
+    protocol: 'graphql-transport-ws',
+    code: (body: Frame): unknown => body.errors[0].extensions.code
+  }
+]
+
+const BAD_SECRET = 'another-secret-that-is-long-enough-for-hs256-0123'
+
+for (const face of faces) {
+  t.test(`${face.name}: concurrent upgrades cannot pass the connection bound; closed connections give their places back`, async t => {
+    const { app, url } = await face.setup(t, 2)
+    const burst = async (): Promise<Upgrade[]> => await Promise.all(Array.from({ length: 20 }, async () => await upgrade(t, url, bearer(), face.protocol)))
+    const first = await burst()
+    const open = first.filter(u => u.status === 101)
+    t.equal(open.length, 2, 'exactly the bound went through')
+    const refused = first.filter(u => u.status !== 101)
+    t.equal(refused.length, 18)
+    for (const r of refused) {
+      t.equal(r.status, 503)
+      t.equal(face.code(r.body!), 'OVERLOADED')
+    }
+
+    for (const u of open) u.ws!.close()
+    await drained(app)
+    const second = await burst()
+    t.equal(second.filter(u => u.status === 101).length, 2, 'the places came back: nothing leaked')
+    t.equal(second.filter(u => u.status === 503).length, 18)
+  })
+
+  t.test(`${face.name}: upgrades that never complete give their places back`, async t => {
+    // Each of these takes a place while under way: the bound leaves room for all of them.
+    const bound = 30
+    const { app, url } = await face.setup(t, bound)
+    const key = 'dGhlIHNhbXBsZSBub25jZQ=='
+    const attempts = Array.from({ length: bound / 3 }, async () => await Promise.all([
+      // A token that does not verify: GraphQL refuses the upgrade (401); tRPC accepts it, then
+      // sends the error and closes.
+      upgrade(t, url, bearer({ secret: BAD_SECRET }), face.protocol),
+      // Refused by `ws`: a handshake it does not accept.
+      rawUpgrade(url, { ...bearer(), 'sec-websocket-key': 'bad', 'sec-websocket-version': '99' }),
+      // Gone mid-handshake.
+      rawUpgrade(url, { ...bearer(), 'sec-websocket-key': key, 'sec-websocket-version': '13' }, true)
+    ]))
+    for (const [unauthorized, rejected, abandoned] of await Promise.all(attempts)) {
+      if (face.name === 'GraphQL') t.equal(unauthorized.status, 401)
+      else {
+        t.equal(unauthorized.status, 101)
+        const ws = unauthorized.ws!
+        if (ws.readyState !== ws.CLOSED) await new Promise(resolve => ws.once('close', resolve))
+      }
+      t.match(rejected, /^HTTP\/1\.1 400 /)
+      t.equal(abandoned, '')
+    }
+    await drained(app)
+    const after = await Promise.all(Array.from({ length: bound }, async () => await upgrade(t, url, bearer(), face.protocol)))
+    t.ok(after.every(u => u.status === 101), 'connections up to the bound still open')
+    const over = await refusedUpgrade(url, bearer())
+    t.equal(over.status, 503, 'and the bound still holds')
+  })
+}
