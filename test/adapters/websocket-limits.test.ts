@@ -2,7 +2,7 @@ import t from 'tap'
 import type { Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { startTestKernel, testManifest, json, bearer, until } from '../helper.js'
-import { wsApp, connect, refusedUpgrade, run, upgrade, rawUpgrade, drained, slowUpgrades, type Upgrade } from './websocket-helper.js'
+import { wsApp, connect, refusedUpgrade, run, rawUpgrade } from './websocket-helper.js'
 
 t.test('junk frames get a VALIDATION_FAILED error frame and the connection lives on', async t => {
   const { url } = await wsApp(t)
@@ -207,53 +207,4 @@ t.test('a malformed upgrade is refused over HTTP and harms nothing', async t => 
     t.match(await rawUpgrade(url, headers), /^HTTP\/1\.1 400 /, 'refused with a 400')
   }
   t.match(await client.request({ id: 'ok', op: 'listAgents', input: { limit: 1 } }), { id: 'ok', result: Array }, 'the open connection is untouched')
-})
-
-t.test('concurrent upgrades cannot pass the connection bound; closed connections give their places back', async t => {
-  const { app, url } = await wsApp(t, { settings: { maxConnections: 2 }, prepare: slowUpgrades })
-  const burst = async (): Promise<Upgrade[]> => await Promise.all(Array.from({ length: 20 }, async () => await upgrade(t, url, bearer())))
-  const gauge = async (): Promise<string | undefined> => /\nmantle_websocket_connections (\d+)\n/.exec((await app.inject({ method: 'GET', url: '/metrics' })).body)?.[1]
-  const first = await burst()
-  const open = first.filter(u => u.status === 101)
-  t.equal(open.length, 2, 'exactly the bound went through')
-  const refused = first.filter(u => u.status !== 101)
-  t.equal(refused.length, 18)
-  for (const r of refused) {
-    t.equal(r.status, 503)
-    t.match(r.type, /^application\/problem\+json/)
-    t.match(r.body, { code: 'OVERLOADED', status: 503 })
-  }
-  t.equal(await gauge(), '2', 'the gauge counts the open connections')
-
-  for (const u of open) u.ws!.close()
-  await drained(app)
-  t.equal(await gauge(), '0')
-  const second = await burst()
-  t.equal(second.filter(u => u.status === 101).length, 2, 'the places came back: nothing leaked')
-  t.equal(second.filter(u => u.status === 503).length, 18)
-})
-
-t.test('upgrades that never complete give their places back', async t => {
-  // Each of these takes a place while under way: the bound leaves room for all of them.
-  const bound = 30
-  const { app, url } = await wsApp(t, { settings: { maxConnections: bound }, prepare: slowUpgrades })
-  const key = 'dGhlIHNhbXBsZSBub25jZQ=='
-  const attempts = Array.from({ length: bound / 3 }, async () => await Promise.all([
-    // Refused by a later step of the same hook: a token that does not verify.
-    refusedUpgrade(url, bearer({ secret: 'another-secret-that-is-long-enough-for-hs256-0123' })),
-    // Refused by `ws`: a handshake it does not accept.
-    rawUpgrade(url, { ...bearer(), 'sec-websocket-key': 'bad', 'sec-websocket-version': '99' }),
-    // Gone mid-handshake.
-    rawUpgrade(url, { ...bearer(), 'sec-websocket-key': key, 'sec-websocket-version': '13' }, true)
-  ]))
-  for (const [unauthorized, rejected, abandoned] of await Promise.all(attempts)) {
-    t.equal(unauthorized.status, 401)
-    t.match(rejected, /^HTTP\/1\.1 400 /)
-    t.equal(abandoned, '')
-  }
-  await drained(app)
-  const after = await Promise.all(Array.from({ length: bound }, async () => await upgrade(t, url, bearer())))
-  t.ok(after.every(u => u.status === 101), 'connections up to the bound still open')
-  const over = await refusedUpgrade(url, bearer())
-  t.equal(over.status, 503, 'and the bound still holds')
 })

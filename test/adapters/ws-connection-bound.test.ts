@@ -1,7 +1,8 @@
-// The per-instance bound on WebSocket connections of the tRPC (/trpc) and GraphQL (/graphql)
-// faces, as websocket-limits.test.ts checks /ws's: it holds against upgrades that arrive
-// together, and every upgrade that never completes gives its place back.
+// The per-instance bound on WebSocket connections of every face that upgrades (/ws, /trpc,
+// /graphql): it holds against upgrades that arrive together, and every upgrade that never
+// completes gives its place back.
 import t from 'tap'
+import type { FastifyInstance } from 'fastify'
 import { createTrpcFace } from '../../adapters/trpc/index.js'
 import { createGraphqlFace } from '../../adapters/graphql/index.js'
 import { bearer } from '../helper.js'
@@ -10,6 +11,12 @@ import { wsApp, upgrade, refusedUpgrade, rawUpgrade, drained, slowUpgrades, type
 interface Teardown { teardown: (fn: () => unknown) => void }
 
 const faces = [
+  {
+    name: '/ws',
+    setup: async (t: Teardown, maxConnections: number): Promise<WsSetup> => await wsApp(t, { settings: { maxConnections }, prepare: slowUpgrades }),
+    protocol: undefined,
+    code: (body: Frame): unknown => body.code
+  },
   {
     name: 'tRPC',
     setup: async (t: Teardown, maxConnections: number): Promise<WsSetup> => await wsApp(t, { face: { plugin: createTrpcFace({ maxConnections }), path: '/trpc' }, prepare: slowUpgrades }),
@@ -23,6 +30,9 @@ const faces = [
     code: (body: Frame): unknown => body.errors[0].extensions.code
   }
 ]
+
+/** The /ws face's gauge of open connections. */
+const gauge = async (app: FastifyInstance): Promise<string | undefined> => /\nmantle_websocket_connections (\d+)\n/.exec((await app.inject({ method: 'GET', url: '/metrics' })).body)?.[1]
 
 const BAD_SECRET = 'another-secret-that-is-long-enough-for-hs256-0123'
 
@@ -39,9 +49,14 @@ for (const face of faces) {
       t.equal(r.status, 503)
       t.equal(face.code(r.body!), 'OVERLOADED')
     }
+    if (face.name === '/ws') {
+      t.match(refused[0].type, /^application\/problem\+json/)
+      t.equal(await gauge(app), '2', 'the gauge counts the open connections')
+    }
 
     for (const u of open) u.ws!.close()
     await drained(app)
+    if (face.name === '/ws') t.equal(await gauge(app), '0')
     const second = await burst()
     t.equal(second.filter(u => u.status === 101).length, 2, 'the places came back: nothing leaked')
     t.equal(second.filter(u => u.status === 503).length, 18)
@@ -53,8 +68,8 @@ for (const face of faces) {
     const { app, url } = await face.setup(t, bound)
     const key = 'dGhlIHNhbXBsZSBub25jZQ=='
     const attempts = Array.from({ length: bound / 3 }, async () => await Promise.all([
-      // A token that does not verify: GraphQL refuses the upgrade (401); tRPC accepts it, then
-      // sends the error and closes.
+      // A token that does not verify: /ws and GraphQL refuse the upgrade (401); tRPC accepts it,
+      // then sends the error and closes.
       upgrade(t, url, bearer({ secret: BAD_SECRET }), face.protocol),
       // Refused by `ws`: a handshake it does not accept.
       rawUpgrade(url, { ...bearer(), 'sec-websocket-key': 'bad', 'sec-websocket-version': '99' }),
@@ -62,7 +77,7 @@ for (const face of faces) {
       rawUpgrade(url, { ...bearer(), 'sec-websocket-key': key, 'sec-websocket-version': '13' }, true)
     ]))
     for (const [unauthorized, rejected, abandoned] of await Promise.all(attempts)) {
-      if (face.name === 'GraphQL') t.equal(unauthorized.status, 401)
+      if (face.name !== 'tRPC') t.equal(unauthorized.status, 401)
       else {
         t.equal(unauthorized.status, 101)
         const ws = unauthorized.ws!
