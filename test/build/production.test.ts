@@ -3,6 +3,8 @@ import { spawn, execFile, type ChildProcess } from 'node:child_process'
 import { promisify } from 'node:util'
 import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
+import { readFile } from 'node:fs/promises'
+import { join } from 'node:path'
 import { bearer, startTestKernel, json, fixture, SECRET } from '../helper.js'
 
 // In a file of its own, which the runner starts among the first: the build takes the longest of
@@ -11,7 +13,12 @@ const root = fileURLToPath(new URL('../..', import.meta.url))
 
 // The production path of the Dockerfile: build, then run dist/server.js with production deps.
 t.test('the production build starts, serves, and shuts down gracefully', async t => {
-  await promisify(execFile)('npm', ['run', 'build'], { cwd: root })
+  // `npm run build` as package.json writes it, its tsc step with --noCheck: the same files
+  // (npm test has type-checked them already), in a third of the time.
+  const { scripts } = JSON.parse(await readFile(join(root, 'package.json'), 'utf8')) as { scripts: { build: string } }
+  const build = scripts.build.replace('tsc -p tsconfig.build.json', '$& --noCheck')
+  t.not(build, scripts.build, 'the build script still has its tsc step')
+  await promisify(execFile)('sh', ['-c', build], { cwd: root, env: { ...process.env, PATH: `${join(root, 'node_modules', '.bin')}:${process.env.PATH ?? ''}` } })
 
   async function launch (env: Record<string, string>): Promise<{ child: ChildProcess, url: string, output: () => string }> {
     const child = spawn(process.execPath, ['dist/server.js'], {
