@@ -8,7 +8,7 @@ import { buildApp, type BuildOptions } from '../../app.js'
 import { startKernel, type KernelOptions } from '../../kernel/server.js'
 import { createWebSocketFace, type WebSocketFaceSettings } from '../../adapters/websocket/index.js'
 import type { FaceOptions } from '../../adapters/face.js'
-import { testConfig, token, type TokenOptions } from '../helper.js'
+import { testConfig, token, manifestFor, type TokenOptions } from '../helper.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 type Env = Record<string, string | number | boolean | undefined>
@@ -50,7 +50,7 @@ export async function wsApp (t: Teardown, options: WsAppOptions = {}): Promise<W
   }
   const custom = options.settings !== undefined || options.face !== undefined
   const config = testConfig({ ...ONLY_WS, ...options.env, ...(custom ? { BFF_WEBSOCKET_ENABLED: false } : {}) })
-  const app = await buildApp(config, { logger: false, kernelBackoff: { baseMs: 1, capMs: 5 }, ...options.build, kernelUrl })
+  const app = await buildApp(config, { logger: false, kernelBackoff: { baseMs: 1, capMs: 5 }, manifest: await manifestFor(config), ...options.build, kernelUrl })
   t.teardown(() => app.close())
   if (custom) {
     // What app.ts does, with the test's bounds.

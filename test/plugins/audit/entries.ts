@@ -1,8 +1,19 @@
-// Shared by the audit plugin's tests: the entries a gateway stored, once its queue has drained.
+// Shared by the audit plugin's tests: an entry to write, and the entries a gateway stored once
+// its queue has drained.
+import { randomUUID } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
+import type { AuditEntry } from '../../../plugins/audit/entry.js'
 import { bearer, until } from '../../helper.js'
 
 export type Row = Record<string, any>
+
+/** An entry as the gateway builds one for a REST read, with `over` in place. */
+export function entry (over: Partial<AuditEntry> = {}): AuditEntry {
+  return { id: randomUUID(), requestId: randomUUID(), timestamp: Date.now(), tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1.5, metadata: {}, ...over }
+}
+
+/** A writer's log that says nothing. */
+export const quiet = { warn: () => {}, info: () => {}, error: () => {} }
 
 /** The newest entries (GET /admin/audit, up to 500), `query` appended to its query string. */
 export async function entries (app: FastifyInstance, query = ''): Promise<Row[]> {

@@ -11,6 +11,7 @@ import { main as migrateMain } from '../../../scripts/migrate.js'
 import type { AuditEntry } from '../../../plugins/audit/index.js'
 import { PostgresAuditStore, binaryArray } from '../../../plugins/audit/postgres-store.js'
 import { migrate } from '../../../plugins/audit/migrations.js'
+import { entry } from './entries.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
@@ -33,7 +34,6 @@ async function storeOnNewDatabase (t: Teardown): Promise<{ url: string, store: P
   await migrate(url)
   const store = new PostgresAuditStore({ databaseUrl: url })
   t.teardown(() => store.close())
-  const entry = (over: Partial<AuditEntry> = {}): AuditEntry => ({ id: randomUUID(), requestId: randomUUID(), timestamp: Date.now(), tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1, metadata: {}, ...over })
   return { url, store, entry }
 }
 
@@ -350,8 +350,7 @@ if (available) {
     const old = Date.now() - 40 * 86_400_000
     // 1,005 entries from 40 days ago (more than one pruning batch), then calls of today.
     for (let i = 0; i < 1005; i++) {
-      const entry: AuditEntry = { id: randomUUID(), requestId: `old-${i}`, timestamp: old + i, tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1, metadata: {} }
-      app.audit.enqueue(entry)
+      app.audit.enqueue(entry({ requestId: `old-${i}`, timestamp: old + i }))
     }
     const fresh = await restCalls(app, url, 5)
     for (let i = 0; i < 1000; i++) {
@@ -394,5 +393,26 @@ if (available) {
     await t.rejects(migrateMain(['down', '7'], { DATABASE_URL: url }), /down needs a version from 0 to 0/)
     await t.rejects(migrateMain(['sideways'], { DATABASE_URL: url }), /unknown command sideways/)
     await t.rejects(migrateMain(['status'], {}), /DATABASE_URL is not set/)
+  })
+}
+
+// The hash covers an entry's timestamp to the millisecond, as the gateway writes it, but the
+// column (timestamptz) keeps microseconds, which Date drops when a row is read back. A timestamp
+// that is not a whole millisecond was changed after the write: verify reports that row, although
+// its hash, computed from the millisecond, would still match.
+if (await postgresAvailable()) {
+  t.test('verify: a stored timestamp changed by less than a millisecond is a changed row', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    await migrate(url)
+    const store = new PostgresAuditStore({ databaseUrl: url })
+    t.teardown(() => store.close())
+    const batch = [entry(), entry(), entry()]
+    await store.write(batch)
+    t.same(await store.verify({}), { ok: true, checked: 3, firstBroken: null })
+    await sql(url, "UPDATE bff_audit_entries SET \"timestamp\" = \"timestamp\" + interval '999 microseconds' WHERE seq = 2")
+    t.same(await store.verify({}), { ok: false, checked: 2, firstBroken: { id: batch[1].id, requestId: batch[1].requestId } })
+    // The query path still answers the timestamp to the millisecond, as it did.
+    const page = await store.query({ limit: 10, requestId: batch[1].requestId })
+    t.equal(page.entries[0].timestamp, batch[1].timestamp)
   })
 }

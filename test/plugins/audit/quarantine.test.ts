@@ -12,13 +12,9 @@ import { AuditWriter, type WriterHooks } from '../../../plugins/audit/writer.js'
 import { buildApp } from '../../../app.js'
 import { testConfig, bearer, until, closedPort } from '../../helper.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir } from './db.js'
-import { entries } from './entries.js'
+import { entries, entry } from './entries.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
-
-function entry (over: Partial<AuditEntry> = {}): AuditEntry {
-  return { id: randomUUID(), requestId: randomUUID(), timestamp: Date.now(), tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1.5, metadata: {}, ...over }
-}
 
 /** A PostgreSQL store on a new, migrated database. */
 async function pgStore (t: Teardown): Promise<{ url: string, store: PostgresAuditStore }> {

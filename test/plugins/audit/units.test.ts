@@ -1,5 +1,5 @@
 import t from 'tap'
-import { createHash, randomUUID } from 'node:crypto'
+import { createHash } from 'node:crypto'
 import { appendFileSync, existsSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import type { FileHandle } from 'node:fs/promises'
@@ -11,11 +11,7 @@ import { AuditWriter } from '../../../plugins/audit/writer.js'
 import { uuidv7 as entryId } from '../../../ids.js'
 import { until } from '../../helper.js'
 import { spoolDir } from './db.js'
-
-function entry (over: Partial<AuditEntry> = {}): AuditEntry {
-  return { id: randomUUID(), requestId: randomUUID(), timestamp: Date.now(), tenantId: 't1', userId: 'u1', method: 'GET', path: '/api/v1/agents/:id', protocol: 'rest', action: 'getAgent', category: 'read', riskLevel: 'none', status: 'ok', statusCode: 200, durationMs: 1.5, metadata: {}, ...over }
-}
-const quiet = { warn: () => {}, info: () => {}, error: () => {} }
+import { entry, quiet } from './entries.js'
 
 t.test('categories: identity refusals are auth, blocks, limits and high risk are security, the rest read or write', async t => {
   t.equal(categoryOf('query', null, 'none'), 'read')
@@ -319,4 +315,98 @@ t.test('writer: a full batch is written at once, a partial one once an interval 
   t.ok(gaps.every(g => g >= 39), `flushes began an interval apart or more (${gaps.join(', ')} ms)`)
   t.ok(starts.length <= Math.ceil((starts[starts.length - 1].at - first) / 40) + 1, `${starts.length} flushes for 80 entries`)
   await writer.close()
+})
+
+// With BFF_AUDIT_BATCH_SIZE up to 10,000, the spool line of one batch is several MB, and a crash
+// mid-append can leave a torn last line longer than the 1 MiB window the spool reads at a time.
+// Opening the spool must still find the last newline and cut the torn line, or the next batch
+// would be appended to it, fail its checksum with it and be lost although it was acknowledged.
+function tornLine (bytes: number): string {
+  const big = Array.from({ length: 5000 }, () => entry())
+  return `{"n":5000,"sum":"x","entries":${JSON.stringify(big)}}`.slice(0, bytes)
+}
+
+t.test('spool: a torn last line longer than the read window is cut; the batch acknowledged after the restart is replayed', async t => {
+  const dir = spoolDir(t)
+  const first = await Spool.open(dir)
+  const before = [entry()]
+  await first.append(before)
+  await first.close()
+  const intact = statSync(join(dir, SPOOL_FILE)).size
+  appendFileSync(join(dir, SPOOL_FILE), tornLine(1_500_000))
+
+  const spool = await Spool.open(dir)
+  t.equal(statSync(join(dir, SPOOL_FILE)).size, intact, 'cut at the end of the last whole line')
+  t.equal(spool.corrupt, 1, 'the torn line is counted')
+  const after = [entry()]
+  await spool.append(after)
+  const seen: AuditEntry[] = []
+  await spool.drain(async batch => { seen.push(...batch) })
+  t.same(seen.map(e => e.id), [...before, ...after].map(e => e.id), 'both batches replayed, in order')
+  await spool.close()
+})
+
+t.test('spool: a file that is one torn line longer than the read window is cut whole', async t => {
+  const dir = spoolDir(t)
+  writeFileSync(join(dir, SPOOL_FILE), tornLine(2_500_000))
+  const spool = await Spool.open(dir)
+  t.equal(statSync(join(dir, SPOOL_FILE)).size, 0)
+  t.equal(spool.corrupt, 1)
+  const after = [entry()]
+  await spool.append(after)
+  const seen: AuditEntry[] = []
+  await spool.drain(async batch => { seen.push(...batch) })
+  t.same(seen.map(e => e.id), after.map(e => e.id))
+  await spool.close()
+})
+
+// A store that is up the whole time and records the order entries reach it (the chain order).
+function recordingStore (): AuditStore & { stored: AuditEntry[] } {
+  const ids = new Set<string>()
+  const s = {
+    kind: 'postgres' as const,
+    stored: [] as AuditEntry[],
+    async write (batch: AuditEntry[]) {
+      for (const e of batch) {
+        if (ids.has(e.id)) continue
+        ids.add(e.id)
+        s.stored.push(e)
+      }
+    },
+    verify: async () => ({ ok: true, checked: 0, firstBroken: null }),
+    query: async () => ({ entries: [], nextSeq: null }),
+    prune: async () => 0,
+    close: async () => {}
+  }
+  return s
+}
+
+// A full queue goes to the spool at once, but the spool's size grows only once that append is
+// fsynced. A flush in between must treat the append on its way as a spool that holds batches and
+// send newer entries after it, or they would reach the store (and the chain) before older ones.
+t.test('writer: after a full queue goes to the spool, later entries reach the store after it', async t => {
+  const store = recordingStore()
+  const spool = await Spool.open(spoolDir(t))
+  const writer = new AuditWriter({ store, spool, batchSize: 500, queueMax: 20_000, intervalMs: 5, log: quiet })
+  const early = Array.from({ length: 20_000 }, () => entry())
+  for (const e of early) writer.enqueue(e) // the 20,000th fills the queue: it goes to the spool
+  const late = Array.from({ length: 5 }, () => entry())
+  for (const e of late) writer.enqueue(e)
+  await until(() => store.stored.length === 20_005, 'everything stored', 20_000)
+  t.same(store.stored.map(e => e.id), [...early, ...late].map(e => e.id), 'stored in the order enqueued')
+  await writer.close()
+  await spool.close()
+})
+
+// close waits for a full queue still on its way to the spool: an entry enqueued is on disk (or
+// stored) before close resolves.
+t.test('writer: close resolves only once a full queue on its way to the spool is on disk', async t => {
+  const store = recordingStore()
+  const spool = await Spool.open(spoolDir(t))
+  const writer = new AuditWriter({ store, spool, batchSize: 500, queueMax: 5000, intervalMs: 5, log: quiet })
+  for (let i = 0; i < 5000; i++) writer.enqueue(entry())
+  t.equal(spool.size, 0, 'the append is not fsynced yet')
+  await writer.close()
+  t.ok(spool.size > 0, 'on disk once close resolved')
+  await spool.close()
 })

@@ -2,8 +2,9 @@ import t from 'tap'
 import { normalizeForRules, normalizeForMarkers, joinSpacedLetters, packKey, rulesView, keyFilter } from '../../../plugins/firewall/normalize.js'
 import { keysOf, wordRuleKeys, matchWordRules, INJECTION_RULES, RULE_KEYS } from '../../../plugins/firewall/injection.js'
 import { prng } from '../../../loadtest/fuzz.js'
-import { luhn, mod97, cardNetwork, validIban, validNir, validSteuerId, findSpans, type Detection } from '../../../plugins/firewall/detectors.js'
+import { luhn, mod97, cardNetwork, validIban, validNir, validSteuerId, findSpans, type Detection, SPAN_RULES } from '../../../plugins/firewall/detectors.js'
 import { detect, redact, riskOf, scanFields, hasLongRun, CLEAN, DECODE_LIMITS } from '../../../plugins/firewall/scan.js'
+import { loadCorpus, type CorpusLine } from './corpus.js'
 
 const types = (text: string): string[] => [...new Set(detect(text).map(d => `${d.category}:${d.type}`))].sort()
 const spans = (text: string): Detection[] => { const out: Detection[] = []; findSpans(text, out); return out }
@@ -256,4 +257,146 @@ t.test('the pre-check for encoded runs probes one position in minRun, and agrees
   t.ok(hasLongRun('. ' + 'x'.repeat(DECODE_LIMITS.minRun)), 'and at the end')
   t.notOk(hasLongRun('x'.repeat(DECODE_LIMITS.minRun - 1) + ' ' + 'x'.repeat(DECODE_LIMITS.minRun - 1)))
   t.notOk(hasLongRun(''))
+})
+
+// Every pattern runs in time linear in its input. The safety is structural: no rule has an
+// unbounded quantifier, so the work at each starting position is bounded by a constant (the
+// product of the rule's bounds). The test checks that structure on every rule's source, then
+// feeds each rule adversarial 100 KB strings built from its own vocabulary and near misses.
+// The time bound is generous (2 s for 100 KB, on a shared machine): a catastrophic pattern
+// takes seconds on a few dozen characters, orders of magnitude beyond it.
+
+const SIZE = 100 * 1024
+const BOUND_MS = 2000
+const fill = (unit: string): string => unit.repeat(Math.ceil(SIZE / unit.length)).slice(0, SIZE)
+
+/** The unbounded quantifiers of a regex source (`*`, `+`, `{n,}`), outside character classes. */
+function unboundedQuantifiers (source: string): string[] {
+  const found: string[] = []
+  let inClass = false
+  for (let i = 0; i < source.length; i++) {
+    const c = source[i]
+    if (c === '\\') { i++; continue }
+    if (inClass) { if (c === ']') inClass = false; continue }
+    if (c === '[') inClass = true
+    else if (c === '*' || c === '+') found.push(source.slice(Math.max(0, i - 12), i + 1))
+    else if (c === '{') {
+      const m = /^\{\d+,\}/.exec(source.slice(i))
+      if (m !== null) found.push(source.slice(Math.max(0, i - 12), i + m[0].length))
+    }
+  }
+  return found
+}
+
+t.test('no rule has an unbounded quantifier', async t => {
+  t.same(unboundedQuantifiers('a+b*[+*]c{2,}d{1,3}\\+'), ['a+', 'a+b*', 'a+b*[+*]c{2,}'], 'the checker itself finds them')
+  for (const rule of INJECTION_RULES) t.same(unboundedQuantifiers(rule.pattern.source), [], `injection ${rule.type}: ${rule.pattern.source.slice(0, 50)}`)
+  for (const rule of SPAN_RULES) t.same(unboundedQuantifiers(rule.pattern.source), [], `${rule.category} ${rule.type}`)
+})
+
+function timed (run: () => void): number {
+  const started = performance.now()
+  run()
+  return performance.now() - started
+}
+
+t.test('every injection rule on adversarial 100 KB inputs of its own words', async t => {
+  for (const rule of INJECTION_RULES) {
+    const words = [...new Set(rule.pattern.source.match(/[a-z]{2,}/g) ?? [])]
+    const inputs = [
+      fill(words.join(' ') + ' '),
+      fill(words.join('')),
+      fill((words[0] ?? 'ignore') + ' '),
+      fill((words[0] ?? 'ignore') + ' ' + 'abcdefghijklmnopqrst '.repeat(6))
+    ]
+    let worst = 0
+    for (const input of inputs) {
+      const view = rule.view === 'markers' ? normalizeForMarkers(input) : normalizeForRules(input)
+      worst = Math.max(worst, timed(() => rule.pattern.test(view)))
+      // As the scan tries word rules: sticky, at every word a rule can open with (here, most of them).
+      if (rule.view === 'words') worst = Math.max(worst, timed(() => matchWordRules(rulesView(input, RULE_KEYS))))
+    }
+    t.ok(worst < BOUND_MS, `${rule.type} ${rule.pattern.source.slice(0, 40)}: ${worst.toFixed(1)} ms`)
+  }
+  const markers = ['<|im_start|', '<<sys', '[inst', '### system', 'system', 'user input ']
+  for (const m of markers) t.ok(timed(() => INJECTION_RULES.filter(r => r.view === 'markers').forEach(r => r.pattern.test(fill(m)))) < BOUND_MS, `markers on ${m}`)
+})
+
+t.test('every secret and personal-data rule on adversarial 100 KB inputs', async t => {
+  const nearMisses = ['1', '1 ', '1-', '12 ', '+1 ', '(1) ', '4111 1111 1111 111', '123-45-678', '1 23 45 67 890 123 4', '12345678-', 'X1234567',
+    'DE89 3704 0044 ', 'a@', 'a.b@c.', 'AKIA', 'AKIAAAAAAAAAAAAAAAA', 'ghp_', 'github_pat_', 'xoxb-', 'sk-', 'sk-ant-api03-', 'sk_live_', 'AIza', 'glpat-',
+    'npm_', 'hf_', 'SG.', 'eyJ', 'eyJa.eyJb.', '-----BEGIN ', '-----BEGIN RSA PRIVATE KEY-----', 'aws_secret_access_key=', 'https://hooks.slack.com/services/T', 'steuer-id 1']
+  for (const rule of SPAN_RULES) {
+    let worst = 0
+    for (const unit of nearMisses) {
+      const input = fill(unit)
+      worst = Math.max(worst, timed(() => { rule.pattern.lastIndex = 0; while (rule.pattern.exec(input) !== null); }))
+    }
+    t.ok(worst < BOUND_MS, `${rule.type}: ${worst.toFixed(1)} ms`)
+  }
+  for (const unit of nearMisses) {
+    const input = fill(unit)
+    const ms = timed(() => findSpans(input, []))
+    t.ok(ms < BOUND_MS, `all span scanners on ${JSON.stringify(unit)} x 100 KB: ${ms.toFixed(1)} ms`)
+  }
+})
+
+t.test('a whole scan of adversarial 100 KB texts (normalization and decoding included)', async t => {
+  const units = ['a', ' ', '\u200b', 'i g n o r e ', 'ı', 'Ａ', '<!--', 'QUFB', '0a', 'ignore all your ', 'eyJ', '1.', 'a\u0301', 'SWdub3Jl']
+  for (const unit of units) {
+    const ms = timed(() => detect(fill(unit)))
+    t.ok(ms < BOUND_MS, `${JSON.stringify(unit)} x 100 KB: ${ms.toFixed(1)} ms`)
+  }
+})
+
+// Accuracy on the labeled corpus (test/fixtures/firewall). A malicious line is a true positive
+// when the scan finds its category; a benign line is a false positive when the scan finds
+// anything. Goals (issue 4): >= 95% true positives and <= 2% false positives, on each part.
+// The dev part is the one the rules were written against; the holdout part was written before
+// any rule and is reported without its misses, so that nobody tunes against it.
+
+interface Tally { total: number, hit: number }
+
+function score (lines: readonly CorpusLine[]): { malicious: Tally, benign: Tally, byLabel: Map<string, Tally>, misses: CorpusLine[] } {
+  const malicious = { total: 0, hit: 0 }
+  const benign = { total: 0, hit: 0 }
+  const byLabel = new Map<string, Tally>()
+  const misses: CorpusLine[] = []
+  for (const line of lines) {
+    const found = detect(line.text)
+    const key = `${line.label}${line.obf === null ? '' : ' (obfuscated)'}`
+    const tally = byLabel.get(key) ?? { total: 0, hit: 0 }
+    byLabel.set(key, tally)
+    tally.total++
+    if (line.label === 'benign') {
+      benign.total++
+      if (found.length > 0) { benign.hit++; tally.hit++; misses.push(line) }
+    } else {
+      malicious.total++
+      if (found.some(f => f.category === line.label)) { malicious.hit++; tally.hit++ } else misses.push(line)
+    }
+  }
+  return { malicious, benign, byLabel, misses }
+}
+
+const pct = (n: number, d: number): string => `${(100 * n / d).toFixed(1)}% (${n}/${d})`
+
+for (const part of ['dev', 'holdout'] as const) {
+  t.test(`${part} part: true positives >= 95%, false positives <= 2%`, async t => {
+    const lines = loadCorpus(part)
+    const { malicious, benign, byLabel, misses } = score(lines)
+    t.comment(`${part}: TP ${pct(malicious.hit, malicious.total)}, FP ${pct(benign.hit, benign.total)}`)
+    for (const [label, tally] of [...byLabel].sort()) t.comment(`  ${label.padEnd(24)} ${label.startsWith('benign') ? 'flagged' : 'caught'} ${pct(tally.hit, tally.total)}`)
+    if (part === 'dev') for (const m of misses) t.comment(`  dev miss line ${m.line} (${m.label}): ${JSON.stringify(m.text).slice(0, 100)}`)
+    t.ok(malicious.total >= 140 && benign.total >= 130, 'each part is large enough to measure')
+    t.ok(malicious.hit / malicious.total >= 0.95, `TP ${pct(malicious.hit, malicious.total)} >= 95%`)
+    t.ok(benign.hit / benign.total <= 0.02, `FP ${pct(benign.hit, benign.total)} <= 2%`)
+  })
+}
+
+t.test('the corpus has at least 300 malicious and 300 benign lines, in four languages', async t => {
+  const all = [...loadCorpus('dev'), ...loadCorpus('holdout')]
+  t.ok(all.filter(l => l.label !== 'benign').length >= 300)
+  t.ok(all.filter(l => l.label === 'benign').length >= 300)
+  for (const lang of ['en', 'fr', 'es', 'de']) t.ok(all.some(l => l.label === 'injection' && l.lang === lang), `injection in ${lang}`)
 })

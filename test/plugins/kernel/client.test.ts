@@ -332,3 +332,74 @@ t.test('closing the app waits for a call in flight', async t => {
   t.same(await res.json(), { id: 'w1' })
   await closing
 })
+
+// A path parameter is one segment of the Kernel's path, whatever it holds: `.` and `..` would be
+// resolved by a Kernel or a proxy that normalizes paths (`/v1/items/..` is `/v1/`), so they are
+// percent-encoded; so are slashes and the rest of what encodeURIComponent encodes.
+t.test('path parameters never become path structure at the Kernel', async t => {
+  const kernel = await startTestKernel(t, {})
+  const idInput = { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }
+  const manifest = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}/detail', input: idInput, output: { type: 'object', properties: { id: { type: 'string' } } } }
+  }, { retries: 0 })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const cases: Array<[string, string]> = [['..', '%2E%2E'], ['.', '%2E'], ['...', '...'], ['a/../b', 'a%2F..%2Fb'], ['x.y', 'x.y']]
+  for (const [, sent] of cases) kernel.on(`GET /v1/items/${sent}/detail`, (_req, res) => json(res, 200, { id: 'x' }))
+  for (const [id] of cases) {
+    const res = await app.inject({ url: `/trpc/getItem?input=${encodeURIComponent(JSON.stringify({ id }))}`, headers: bearer() })
+    t.equal(res.statusCode, 200, `${id}: ${res.body.slice(0, 120)}`)
+  }
+  t.same(kernel.requests.map(r => r.url), cases.map(([, sent]) => `/v1/items/${sent}/detail`))
+})
+
+// README "The Kernel side": "a refused or reset connection | 503 KERNEL_UNAVAILABLE".
+// A connection the Kernel resets after the 2xx headers, in the middle of the body, too (it was
+// once reported as 502 KERNEL_ERROR, "a body that is not JSON or too large").
+t.test('a connection reset in the middle of a 2xx body is 503 KERNEL_UNAVAILABLE', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/r1': (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json', 'content-length': '100' })
+      res.write('{"id":"r1"')
+      setTimeout(() => res.socket?.destroy(), 20)
+    },
+    'GET /v1/items/r2': (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' }) // chunked
+      res.write('{"id":"r2"')
+      setTimeout(() => res.socket?.destroy(), 20)
+    }
+  })
+  const manifest = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 2000 }
+  }, { retries: 0, circuitBreaker: { threshold: 100, resetTimeoutMs: 1000 } })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  for (const id of ['r1', 'r2']) {
+    const res = await app.inject({ method: 'GET', url: `/api/v1/items/${id}`, headers: bearer() })
+    t.equal(res.statusCode, 503, `${id}: ${res.body}`)
+    t.match(res.json(), { code: 'KERNEL_UNAVAILABLE' })
+  }
+})
+
+// README "The Kernel side": "An operation's timeoutMs bounds the whole call, retries and backoff
+// included, from the moment the gateway received it." A call queued in the undici Pool behind
+// busy connections answers 504 KERNEL_TIMEOUT at its own deadline (undici acts on an abort
+// signal only once the request has a connection).
+t.test('a call queued for a Kernel connection answers within its own timeoutMs', async t => {
+  const kernel = await startTestKernel(t, {
+    // A Kernel endpoint that takes its time (within the long op's 3 s budget).
+    'GET /v1/long/l1': async (_req, res) => { await sleep(2500); json(res, 200, { id: 'l1' }) },
+    'GET /v1/fast/f1': (_req, res) => json(res, 200, { id: 'f1' })
+  })
+  const manifest = testManifest({
+    longOp: { type: 'query', rest: 'GET /long/:id', kernel: 'GET /v1/long/{id}', input: idInput, output: item, timeoutMs: 3000 },
+    fastOp: { type: 'query', rest: 'GET /fast/:id', kernel: 'GET /v1/fast/{id}', input: idInput, output: item, timeoutMs: 200 }
+  }, { connections: 1, retries: 0, circuitBreaker: { threshold: 100, resetTimeoutMs: 1000 } })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  let longDone = false
+  const long = app.inject({ method: 'GET', url: '/api/v1/long/l1', headers: bearer() }).then(res => { longDone = true; return res })
+  await sleep(50)
+  const fast = await app.inject({ method: 'GET', url: '/api/v1/fast/f1', headers: bearer() })
+  t.equal(fast.statusCode, 504, 'the queued call times out')
+  t.match(fast.json(), { code: 'KERNEL_TIMEOUT' })
+  t.notOk(longDone, 'at its own deadline, not when the connection it waited for came free')
+  t.equal((await long).statusCode, 200)
+})

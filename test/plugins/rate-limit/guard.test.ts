@@ -1,11 +1,12 @@
+// The HTTP guard (@fastify/rate-limit with the sliding-window store): every request and every
+// WebSocket upgrade, per verified tenant, else per address; never the probes.
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import WebSocket from 'ws'
 import type { FastifyInstance } from 'fastify'
-import { buildTestApp, startTestKernel, testManifest, bearer, token, json } from '../../helper.js'
-
-// The HTTP guard (@fastify/rate-limit with the sliding-window store): every request and every
-// WebSocket upgrade, per verified tenant, else per address; never the probes.
+import { buildTestApp, startTestKernel, testManifest, bearer, token, json, testConfig } from '../../helper.js'
+import { loadConfig, rateLimitStore, ConfigError } from '../../../schemas/config.js'
+import { buildApp } from '../../../app.js'
 
 const op = (rest: string) => ({ type: 'query', rest, kernel: 'GET /v1/ok', input: { type: 'object' }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } })
 const events = { runUpdated: { topic: 'runs.updated', payload: { type: 'object' } } }
@@ -120,4 +121,44 @@ t.test('WebSocket upgrades are guarded too (/ws, /graphql, /trpc), before their 
   t.equal((await upgrade('/ws?access_token=forged')).status, 429, 'the guard runs before the upgrade\'s own token check')
   t.equal((await upgrade('/graphql', 'graphql-transport-ws')).status, 429)
   t.equal((await upgrade('/trpc')).status, 429)
+})
+
+// The HTTP guard counts every HTTP request but /healthz, /readyz and /metrics
+// (README, Rate limits). /diagz was once registered before the guard's onRoute hook existed,
+// and so was never counted.
+
+t.test('the HTTP guard counts GET /diagz like every other route', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/ok': (_req, res) => json(res, 200, { ok: true }) })
+  const app = await buildTestApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 3, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: 60_000, BFF_DIAGZ_ENABLED: true }, {
+    manifest: testManifest({ ping: op('GET /ping') }, { url: kernel.url }),
+    kernelUrl: kernel.url
+  })
+  const headers = bearer({ tenant: 'g-' + randomUUID() })
+  const statuses: number[] = []
+  for (let i = 0; i < 5; i++) statuses.push((await app.inject({ url: '/diagz', headers })).statusCode)
+  t.same(statuses, [200, 200, 200, 429, 429], 'the fourth request of the tenant in the window is refused')
+  t.equal((await app.inject({ url: '/api/v1/ping', headers })).statusCode, 429, 'and /diagz spent the tenant\'s budget')
+})
+
+t.test('rate-limit configuration', async t => {
+  const base = { NODE_ENV: 'test' }
+  const plain = loadConfig(base)
+  t.equal(plain.BFF_RATE_LIMIT_ENABLED, true, 'on by default')
+  t.equal(plain.BFF_RATE_LIMIT_GLOBAL_MAX, undefined, 'no guard by default')
+  t.equal(plain.BFF_RATE_LIMIT_GLOBAL_WINDOW_MS, 60000)
+  t.equal(rateLimitStore(plain), 'memory', 'no REDIS_URL: memory')
+  t.equal(rateLimitStore(loadConfig({ ...base, REDIS_URL: 'redis://127.0.0.1:6379' })), 'redis', 'REDIS_URL: Redis')
+  t.equal(rateLimitStore(loadConfig({ ...base, REDIS_URL: 'redis://127.0.0.1:6379', BFF_RATE_LIMIT_STORE: 'memory' })), 'memory', 'unless told otherwise')
+  t.throws(() => loadConfig({ ...base, BFF_RATE_LIMIT_STORE: 'redis' }), { name: 'ConfigError', message: /BFF_RATE_LIMIT_STORE="redis" needs REDIS_URL/ })
+  t.throws(() => loadConfig({ ...base, BFF_RATE_LIMIT_STORE: 'postgres' }), { message: /BFF_RATE_LIMIT_STORE="postgres" is invalid: expected memory \| redis/ })
+  t.throws(() => loadConfig({ ...base, BFF_RATE_LIMIT_GLOBAL_MAX: '0' }), { message: /BFF_RATE_LIMIT_GLOBAL_MAX="0" is invalid: expected an integer \(1 or more\)/ })
+  t.throws(() => loadConfig({ ...base, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: 'soon' }), { message: /BFF_RATE_LIMIT_GLOBAL_WINDOW_MS="soon" is invalid/ })
+  t.throws(() => loadConfig({ ...base, BFF_RATE_LIMIT_ENABLED: 'maybe' }), { message: /BFF_RATE_LIMIT_ENABLED="maybe" is invalid: expected true or false/ })
+  t.equal(loadConfig({ ...base, BFF_RATE_LIMIT_GLOBAL_MAX: '100' }).BFF_RATE_LIMIT_GLOBAL_MAX, 100)
+  t.ok(ConfigError)
+})
+
+t.test('the plugin refuses a Redis store without the Redis connection', async t => {
+  const config = { ...testConfig(), BFF_RATE_LIMIT_STORE: 'redis' as const }
+  await t.rejects(buildApp(config, { logger: false }), /BFF_RATE_LIMIT_STORE=redis needs REDIS_URL/)
 })

@@ -1,0 +1,70 @@
+// Every face forwards only input its schema accepts: a number JSON cannot carry, and a key an
+// upstream would take for a prototype, are refused (inputFault, in the validation stage).
+import t from 'tap'
+import { inputFault } from '../../../plugins/pipeline/index.js'
+import { buildTestApp, startTestKernel, testManifest, json, bearer } from '../../helper.js'
+
+t.test('a number too large for a double (1e400) is not turned into null or "Infinity" on its way to the Kernel', async t => {
+  // JSON.parse('1e400') is Infinity and a query's "1e400" is coerced to Infinity; Ajv's `number`
+  // admits Infinity. Sent on, the Kernel would receive `null` in a JSON body (what
+  // JSON.stringify makes of Infinity) for a field the schema says is a number, or the string
+  // "Infinity" in a query: the validation stage refuses such input.
+  const kernel = await startTestKernel(t, {
+    'POST /v1/m': (req, res) => json(res, 200, { body: req.body }),
+    'GET /v1/q': (req, res) => json(res, 200, { url: req.url })
+  })
+  const output = { type: 'object', additionalProperties: true }
+  const manifest = testManifest({
+    m: { type: 'mutation', rest: 'POST /m', kernel: 'POST /v1/m', input: { type: 'object', properties: { amount: { type: 'number' } } }, output },
+    q: { type: 'query', rest: 'GET /q', kernel: 'GET /v1/q', input: { type: 'object', properties: { amount: { type: 'number' } } }, output }
+  }, { url: kernel.url, retries: 0 })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+
+  const body = await app.inject({ method: 'POST', url: '/api/v1/m', headers: { ...bearer(), 'content-type': 'application/json' }, payload: '{"amount":1e400}' })
+  t.equal(body.statusCode, 400, 'refused: not a finite number')
+  t.match(body.json(), { code: 'VALIDATION_FAILED' })
+  const query = await app.inject({ url: '/api/v1/q?amount=1e400', headers: bearer() })
+  t.equal(query.statusCode, 400, 'refused: not a finite number')
+  t.same(kernel.requests.map(r => `${r.method} ${r.url} ${r.body}`), [], 'the Kernel never sees {"amount":null} nor amount=Infinity')
+})
+
+t.test('inputFault: anywhere in the input, and a deep input does not exhaust the stack', async t => {
+  t.equal(inputFault({ a: 1, b: [1, 2, { c: -0 }], d: 'Infinity' }), null)
+  t.match(inputFault({ a: [{ b: [Infinity] }] }), /finite/)
+  t.match(inputFault({ a: -Infinity }), /finite/)
+  t.match(inputFault({ a: Number.NaN }), /finite/)
+  let deep: unknown = [1e308]
+  for (let i = 0; i < 200_000; i++) deep = [deep]
+  t.equal(inputFault({ deep }), null)
+})
+
+// REST refuses a body with a "__proto__" key (Fastify's secure-json-parse), and so must every
+// face: an upstream that merges its input into an object would take the key as a prototype.
+
+t.test('an input holding "__proto__" or constructor.prototype is refused on every face, and never reaches the Kernel', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/things': (req, res) => json(res, 200, { body: req.body }) })
+  const manifest = testManifest({
+    makeThing: { type: 'mutation', rest: 'POST /things', kernel: 'POST /v1/things', input: { type: 'object', properties: { meta: { type: 'object' } } }, output: { type: 'object', additionalProperties: true } }
+  }, { url: kernel.url, retries: 0 })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const headers = { ...bearer(), 'content-type': 'application/json' }
+  for (const body of ['{"meta":{"__proto__":{"polluted":true}}}', '{"meta":{"constructor":{"prototype":{"polluted":true}}}}', '{"__proto__":{"meta":1}}']) {
+    const rest = await app.inject({ method: 'POST', url: '/api/v1/things', headers, payload: body })
+    t.equal(rest.statusCode, 400, `REST: ${body}`)
+    const single = await app.inject({ method: 'POST', url: '/trpc/makeThing', headers, payload: body })
+    t.equal(single.statusCode, 400, `tRPC: ${body}`)
+    t.match(single.json(), { error: { data: { code: 'VALIDATION_FAILED' } } })
+    const batch = await app.inject({ method: 'POST', url: '/trpc/makeThing,makeThing?batch=1', headers, payload: `{"0":${body},"1":{"meta":{}}}` })
+    const answers = batch.json() as Array<{ result?: unknown, error?: { data: { code: string } } }>
+    t.match(answers[0], { error: { data: { code: 'VALIDATION_FAILED' } } }, `tRPC batch: ${body}`)
+    t.ok(answers[1].result !== undefined, 'the batch\'s other call is answered')
+  }
+  t.same(kernel.requests.map(r => r.body), ['{"meta":{}}', '{"meta":{}}', '{"meta":{}}'], 'only the clean calls reached the Kernel')
+})
+
+t.test('inputFault: the first thing wrong with a parsed input, anywhere in it', async t => {
+  t.equal(inputFault({ a: 1, b: [1, { c: 'x' }], constructor: 'fine', d: { constructor: { name: 'x' } } }), null)
+  t.match(inputFault(JSON.parse('{"a":[{"b":{"__proto__":{}}}]}') as object), /prototype/)
+  t.match(inputFault(JSON.parse('{"constructor":{"prototype":{}}}') as object), /prototype/)
+  t.match(inputFault({ a: [Infinity] }), /finite/)
+})
