@@ -226,14 +226,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         method: 'GET',
         url: '/trpc',
         schema: { hide: true },
-        onRequest: (request, _reply, done) => {
-          try {
-            slots.reserve(request)
-            done()
-          } catch (err) {
-            done(err as Error)
-          }
-        },
+        onRequest: async (request) => { slots.reserve(request) },
         handler: notHere,
         wsHandler: (socket, request) => {
           // A client that opens with ?connectionParams=1 and never sends them is not kept.

@@ -139,22 +139,12 @@ export async function connect (t: Teardown, url: string, auth: TokenOptions | st
 
 /** An upgrade the gateway refuses: its HTTP status, headers and problem+json body. */
 export async function refusedUpgrade (url: string, headers: Record<string, string> = {}): Promise<{ status: number, type: string, body: Frame }> {
-  const ws = new WebSocket(url, { headers })
-  return await new Promise((resolve, reject) => {
-    ws.once('open', () => {
-      ws.terminate()
-      reject(new Error('the upgrade was accepted'))
-    })
-    ws.once('error', () => {})
-    ws.once('unexpected-response', (req, res) => {
-      const chunks: Buffer[] = []
-      res.on('data', (c: Buffer) => chunks.push(c))
-      res.on('end', () => {
-        req.destroy()
-        resolve({ status: res.statusCode ?? 0, type: String(res.headers['content-type']), body: JSON.parse(Buffer.concat(chunks).toString()) as Frame })
-      })
-    })
-  })
+  const answer = await upgrade(null, url, headers)
+  if (answer.ws !== null) {
+    answer.ws.terminate()
+    throw new Error('the upgrade was accepted')
+  }
+  return { status: answer.status, type: answer.type ?? '', body: answer.body ?? {} }
 }
 
 export interface Upgrade {
@@ -167,10 +157,10 @@ export interface Upgrade {
   body: Frame | null
 }
 
-/** An upgrade that may go through or be refused (refusedUpgrade insists on a refusal). */
-export async function upgrade (t: Teardown, url: string, headers: Record<string, string> = {}, protocol?: string): Promise<Upgrade> {
+/** An upgrade that may go through or be refused (refusedUpgrade insists on a refusal); `t` closes an open one. */
+export async function upgrade (t: Teardown | null, url: string, headers: Record<string, string> = {}, protocol?: string): Promise<Upgrade> {
   const ws = new WebSocket(url, protocol, { headers })
-  t.teardown(() => ws.terminate())
+  t?.teardown(() => ws.terminate())
   return await new Promise((resolve, reject) => {
     ws.once('open', () => resolve({ status: 101, ws, type: null, body: null }))
     // Also what follows a refusal (the request destroyed): a no-op once settled.

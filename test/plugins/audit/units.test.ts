@@ -208,7 +208,9 @@ t.test('spool: one process per directory; a torn or corrupt line is skipped, nev
 })
 
 /** A store that fails while `down` is set and records what it stored. */
+/** A store that fails while `down` and records the order entries reach it (the chain order). */
 function flakyStore (): AuditStore & { down: boolean, stored: AuditEntry[], writes: number } {
+  const ids = new Set<string>()
   const s = {
     kind: 'postgres' as const,
     down: false,
@@ -217,7 +219,11 @@ function flakyStore (): AuditStore & { down: boolean, stored: AuditEntry[], writ
     async write (batch: AuditEntry[]) {
       s.writes++
       if (s.down) throw new Error('connection refused')
-      for (const e of batch) if (!s.stored.some(x => x.id === e.id)) s.stored.push(e)
+      for (const e of batch) {
+        if (ids.has(e.id)) continue
+        ids.add(e.id)
+        s.stored.push(e)
+      }
     },
     verify: async () => ({ ok: true, checked: 0, firstBroken: null }),
     query: async () => ({ entries: [], nextSeq: null }),
@@ -360,32 +366,11 @@ t.test('spool: a file that is one torn line longer than the read window is cut w
   await spool.close()
 })
 
-// A store that is up the whole time and records the order entries reach it (the chain order).
-function recordingStore (): AuditStore & { stored: AuditEntry[] } {
-  const ids = new Set<string>()
-  const s = {
-    kind: 'postgres' as const,
-    stored: [] as AuditEntry[],
-    async write (batch: AuditEntry[]) {
-      for (const e of batch) {
-        if (ids.has(e.id)) continue
-        ids.add(e.id)
-        s.stored.push(e)
-      }
-    },
-    verify: async () => ({ ok: true, checked: 0, firstBroken: null }),
-    query: async () => ({ entries: [], nextSeq: null }),
-    prune: async () => 0,
-    close: async () => {}
-  }
-  return s
-}
-
 // A full queue goes to the spool at once, but the spool's size grows only once that append is
 // fsynced. A flush in between must treat the append on its way as a spool that holds batches and
 // send newer entries after it, or they would reach the store (and the chain) before older ones.
 t.test('writer: after a full queue goes to the spool, later entries reach the store after it', async t => {
-  const store = recordingStore()
+  const store = flakyStore()
   const spool = await Spool.open(spoolDir(t))
   const writer = new AuditWriter({ store, spool, batchSize: 500, queueMax: 20_000, intervalMs: 5, log: quiet })
   const early = Array.from({ length: 20_000 }, () => entry())
@@ -401,7 +386,7 @@ t.test('writer: after a full queue goes to the spool, later entries reach the st
 // close waits for a full queue still on its way to the spool: an entry enqueued is on disk (or
 // stored) before close resolves.
 t.test('writer: close resolves only once a full queue on its way to the spool is on disk', async t => {
-  const store = recordingStore()
+  const store = flakyStore()
   const spool = await Spool.open(spoolDir(t))
   const writer = new AuditWriter({ store, spool, batchSize: 500, queueMax: 5000, intervalMs: 5, log: quiet })
   for (let i = 0; i < 5000; i++) writer.enqueue(entry())
