@@ -1,7 +1,7 @@
 import { readFile } from 'node:fs/promises'
 import { extname } from 'node:path'
 import { parse as parseYaml } from 'yaml'
-import { Ajv } from 'ajv'
+import { Ajv, type ValidateFunction } from 'ajv'
 import addFormats from 'ajv-formats'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
 
@@ -27,6 +27,11 @@ export interface Operation {
   readonly output: JsonSchema
   readonly inputDocument: JsonSchema
   readonly outputDocument: JsonSchema
+  /**
+   * Whether the output schema admits null: else a Kernel 2xx with an empty body, or with the
+   * JSON null, is not an answer of the operation (KERNEL_ERROR), except a 204.
+   */
+  readonly outputAdmitsNull: boolean
   readonly roles: readonly string[]
   readonly zone: Zone
   /** `ttlSeconds` null: the gateway's BFF_CACHE_TTL applies. */
@@ -231,7 +236,7 @@ function buildOperation (
   const input = resolveRefs(inputDocument, schemas, `${at}.input`, faults, [])
   const output = resolveRefs(op.output, schemas, `${at}.output`, faults, [])
   checkSchema(checker, input, `${at}.input`, faults)
-  checkSchema(checker, output, `${at}.output`, faults)
+  const outputCheck = checkSchema(checker, output, `${at}.output`, faults)
   if (input.type !== 'object') faults.push(`${at}.input: must be a schema of type object (its properties are the call's arguments)`)
   const props = (input.properties ?? {}) as Record<string, JsonSchema>
   const declared = new Set(Object.keys(props))
@@ -287,6 +292,7 @@ function buildOperation (
     output,
     inputDocument,
     outputDocument: op.output,
+    outputAdmitsNull: outputCheck!(null),
     roles: Object.freeze([...(op.roles ?? defaults.roles ?? [])]),
     zone: op.zone ?? defaults.zone ?? 'public',
     cache: op.cache === undefined ? null : Object.freeze({ ttlSeconds: op.cache.ttlSeconds ?? null, swrSeconds: op.cache.swrSeconds ?? 0, tags: Object.freeze([...(op.cache.tags ?? [])]) }),
@@ -311,11 +317,12 @@ function isQueryable (schema: JsonSchema): boolean {
   return schema.type === 'array' && typeof schema.items === 'object' && schema.items !== null && scalar(schema.items as JsonSchema)
 }
 
-function checkSchema (checker: Ajv, schema: JsonSchema, at: string, faults: string[]): void {
+function checkSchema (checker: Ajv, schema: JsonSchema, at: string, faults: string[]): ValidateFunction | null {
   try {
-    checker.compile(schema)
+    return checker.compile(schema)
   } catch (err) {
     faults.push(`${at}: not a valid JSON Schema: ${(err as Error).message}`)
+    return null
   }
 }
 

@@ -154,8 +154,11 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
     // The answer is serialized inside the chain, as its innermost step: one that breaks the
     // output schema is then a KERNEL_ERROR every stage sees (the audit records what the client
     // gets), not a failure after the pipeline has settled.
+    const empty = `The Kernel's answer to ${op.name} is empty or null, which its output schema does not admit`
     let run: Next = async (ctx) => {
       const value = await call(ctx)
+      // An empty 2xx body reads as null (a 204 is answered with no body, whatever the schema).
+      if ((value === null || value === undefined) && !op.outputAdmitsNull && ctx.status !== 204) throw new MantleError('KERNEL_ERROR', empty)
       ctx.json ??= serialize(value)
       return value
     }

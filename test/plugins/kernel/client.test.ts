@@ -18,7 +18,8 @@ function manifest (kernelSettings: Record<string, unknown> = {}) {
     createItem: { type: 'mutation', rest: 'POST /items', kernel: 'POST /v1/items', input: { type: 'object', required: ['name'], properties: { name: { type: 'string' } } }, output: item },
     renameItem: { type: 'mutation', rest: 'PATCH /items/:id', kernel: 'PATCH /v1/items/{id}', input: { type: 'object', required: ['id', 'name'], properties: { id: { type: 'string' }, name: { type: 'string' } } }, output: item },
     deleteItem: { type: 'mutation', rest: 'DELETE /items/:id', kernel: 'DELETE /v1/items/{id}', input: idInput, output: item },
-    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: 150 }
+    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: 150 },
+    touchItem: { type: 'mutation', rest: 'POST /items/:id/touch', kernel: 'POST /v1/items/{id}/touch', input: idInput, output: { type: 'null' } }
   }, { retries: 2, circuitBreaker: { threshold: 3, resetTimeoutMs: 200 }, ...kernelSettings })
 }
 
@@ -195,6 +196,23 @@ t.test('a 2xx body that is not JSON, or none, is handled', async t => {
   t.equal(r3.statusCode, 204)
   t.equal(r3.body, '')
   t.equal(kernel.requests.at(-1)?.url, '/v1/items/d1', 'DELETE input goes to the path and query, no body')
+
+  // An empty 200, or the JSON null, is no answer of an op whose output is an object: before, the
+  // client got 200 with the body null. A 204 stays a 204, and an output that admits null has it.
+  kernel.on('GET /v1/items/e1', (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': '0' }); res.end() })
+  kernel.on('GET /v1/items/e2', (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }); res.end() })
+  kernel.on('GET /v1/items/e3', (_req, res) => json(res, 200, null))
+  kernel.on('POST /v1/items/e4/touch', (_req, res) => { res.writeHead(200, { 'content-length': '0' }); res.end() })
+  for (const id of ['e1', 'e2', 'e3']) {
+    const res = await app.inject({ method: 'GET', url: `/api/v1/items/${id}`, headers: bearer() })
+    t.equal(res.statusCode, 502, `${id}: 502`)
+    t.match(res.json(), { code: 'KERNEL_ERROR', detail: /empty or null/ })
+  }
+  const trpc = await app.inject({ method: 'GET', url: '/trpc/getItem?input=' + encodeURIComponent(JSON.stringify({ id: 'e1' })), headers: bearer() })
+  t.equal(trpc.statusCode, 502, 'the same on tRPC')
+  const touched = await app.inject({ method: 'POST', url: '/api/v1/items/e4/touch', headers: bearer(), payload: {} })
+  t.equal(touched.statusCode, 200, 'an output schema that admits null takes an empty body as null')
+  t.equal(touched.body, 'null')
 })
 
 t.test('a Kernel answer larger than the bound is refused', async t => {
