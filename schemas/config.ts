@@ -242,6 +242,12 @@ export function corsOrigins (value: string): string[] {
   return value.split(',').map(o => o.trim()).filter(o => o !== '')
 }
 
+/** An https URL, or http to this host (a sidecar): what no one on the network can answer in its place. */
+function fetchedSafely (url: string): boolean {
+  const { protocol, hostname } = new URL(url)
+  return protocol === 'https:' || hostname === 'localhost' || hostname === '[::1]' || /^127\.\d+\.\d+\.\d+$/.test(hostname)
+}
+
 /** Production refuses settings that are only safe on a developer's machine. */
 export function productionProblems (config: Config): string[] {
   if (config.NODE_ENV !== 'production') return []
@@ -252,6 +258,9 @@ export function productionProblems (config: Config): string[] {
       else if (config.BFF_JWT_SECRET === DEV_JWT_SECRET) problems.push('BFF_JWT_SECRET is the development secret, which is published in the source (anyone could sign tokens): set a secret of your own')
     } else if (config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined) {
       problems.push('BFF_JWT_SECRET is missing (or set BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL)')
+    }
+    if (config.BFF_JWKS_URL !== undefined && !fetchedSafely(config.BFF_JWKS_URL)) {
+      problems.push('BFF_JWKS_URL is plain http to another host (keys fetched in clear can be replaced on the way, and whoever replaces them can sign tokens): use https')
     }
   }
   if (config.BFF_CORS_ORIGINS !== undefined && corsOrigins(config.BFF_CORS_ORIGINS).includes('*')) {

@@ -149,6 +149,13 @@ t.test('production problems', async t => {
   t.same(productionProblems(prod({ BFF_JWT_SECRET: 'é'.repeat(16) })), [], 'bytes, not characters: 16 × é is 32 bytes')
   t.same(productionProblems(prod({ BFF_JWT_SECRET: 'é'.repeat(15) + 'a' })), ['BFF_JWT_SECRET is shorter than 32 bytes'], '31 bytes')
   t.same(productionProblems(prod({ BFF_AUTH_ENABLED: 'false' })), [], 'no key needed when auth is off')
+  const plainJwks = ['BFF_JWKS_URL is plain http to another host (keys fetched in clear can be replaced on the way, and whoever replaces them can sign tokens): use https']
+  t.same(productionProblems(prod({ BFF_JWKS_URL: 'http://idp.internal/.well-known/jwks.json' })), plainJwks, 'a JWKS over plain http')
+  t.same(productionProblems(prod({ BFF_JWKS_URL: 'http://127.0.0.1.nip.io/jwks' })), plainJwks, 'a host that merely starts like loopback')
+  for (const safe of ['https://idp.example/jwks', 'http://127.0.0.1:8080/jwks', 'http://localhost/jwks', 'http://[::1]:9000/jwks']) {
+    t.same(productionProblems(prod({ BFF_JWKS_URL: safe })), [], `${safe} is accepted`)
+  }
+  t.same(productionProblems(loadConfig({ NODE_ENV: 'development', BFF_JWKS_URL: 'http://idp.internal/jwks' })), [], 'plain http is fine outside production')
   t.same(productionProblems(loadConfig({ NODE_ENV: 'development' })), [], 'nothing outside production')
   t.same(productionProblems(loadConfig({ NODE_ENV: 'test', BFF_JWT_SECRET: 'short' })), [], 'nothing in test')
   t.same(productionProblems(loadConfig({})), [], 'development is the default')
