@@ -143,3 +143,12 @@ export async function until (check: () => boolean, what: string, ms = 5000): Pro
     await new Promise(resolve => setTimeout(resolve, 10))
   }
 }
+
+/**
+ * Until every audit entry enqueued so far is stored or spooled: the queue is empty and no batch
+ * is being written. The turn first lets the hooks of answers just sent enqueue theirs.
+ */
+export async function drained (app: FastifyInstance): Promise<void> {
+  await new Promise(resolve => setImmediate(resolve))
+  await until(() => { const h = app.audit.health(); return h.queueDepth === 0 && !h.writing }, 'the audit queue to drain and its last batch to land')
+}

@@ -22,6 +22,8 @@ export interface AuditHealth {
   /** Batches wait in the spool for PostgreSQL. */
   spooling: boolean
   queueDepth: number
+  /** Entries are off the queue and not yet stored or spooled: a flush or a replay is under way. */
+  writing: boolean
   spoolBytes: number
   error: string | null
 }
@@ -256,7 +258,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   }
   const enqueue = (entry: AuditEntry): void => writer.enqueue(entry)
 
-  const health = (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, spoolBytes: writer.spoolBytes, error: writer.error })
+  const health = (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, writing: writer.writing, spoolBytes: writer.spoolBytes, error: writer.error })
   app.decorate('audit', { store, enqueue, health })
 
   if (app.hasDecorator('diagz')) {

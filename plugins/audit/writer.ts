@@ -75,6 +75,8 @@ export class AuditWriter {
   }
 
   get depth (): number { return this.queue.length }
+  /** A batch is off the queue and not yet stored or spooled (a flush or a replay is under way). */
+  get writing (): boolean { return this.flushing !== null }
   get up (): boolean { return this.storeUp }
   get spoolBytes (): number { return this.opts.spool?.size ?? 0 }
   get error (): string | null { return this.lastError }

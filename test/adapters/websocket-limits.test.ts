@@ -1,7 +1,7 @@
 import t from 'tap'
 import type { Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { startTestKernel, testManifest, json, bearer, until } from '../helper.js'
+import { startTestKernel, testManifest, json, bearer, until, drained } from '../helper.js'
 import { wsApp, connect, refusedUpgrade, run, rawUpgrade } from './websocket-helper.js'
 
 t.test('junk frames get a VALIDATION_FAILED error frame and the connection lives on', async t => {
@@ -85,7 +85,7 @@ t.test('calls in flight are bounded per connection: OVERLOADED beyond it, none r
   t.same(refused.map(f => f.id), ['64', '65', '66', '67', '68', '69'])
   for (const f of refused) t.match(f.error, { code: 'OVERLOADED', status: 503, detail: 'A connection may have at most 64 calls in flight' })
   // Each refusal is a call of the pipeline's, refused before the Kernel: it has its audit entry.
-  await until(() => app.audit.health().queueDepth === 0, 'the audit queue to drain')
+  await drained(app)
   await sleep(80)
   const overloaded = (await app.audit.store.query({ status: 'OVERLOADED', limit: 100 })).entries
   t.equal(overloaded.length, 6, 'one audit entry per refused call')

@@ -2,7 +2,7 @@ import t, { type Test } from 'tap'
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify'
 import { buildApp } from '../../../app.js'
 import { startKernel } from '../../../kernel/server.js'
-import { testConfig, bearer, buildDemoApp, until } from '../../helper.js'
+import { testConfig, bearer, buildDemoApp, drained } from '../../helper.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, spoolDir } from './db.js'
 
 // The admin endpoints' schemas let through two kinds of input the stores cannot use. A leap
@@ -52,6 +52,6 @@ if (await postgresAvailable()) {
 t.test('memory: a leap-second date-time is a 400, not a filter silently ignored; a NUL is refused alike', async t => {
   const app = await buildDemoApp(t)
   await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
-  await until(() => app.audit.health().queueDepth === 0, 'the audit queue to drain')
+  await drained(app)
   await checkRefusals(t, app)
 })

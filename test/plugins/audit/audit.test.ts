@@ -5,7 +5,7 @@ import { loadConfig, productionProblems, ConfigError } from '../../../schemas/co
 import { MantleError } from '../../../errors.js'
 import { StageOrder } from '../../../plugins/pipeline/index.js'
 import { startKernel } from '../../../kernel/server.js'
-import { testConfig, bearer, buildDemoApp, until, SECRET } from '../../helper.js'
+import { testConfig, bearer, buildDemoApp, drained, SECRET } from '../../helper.js'
 import { entries, type Row } from './entries.js'
 
 /** The demo gateway with test stages standing in for the firewall, rate limit, cache and idempotency. */
@@ -86,8 +86,7 @@ t.test('bodies refused before any face sees them are recorded as security; unmat
 t.test('the admin endpoints: memory store, role system, body and query checks; they are audited themselves', async t => {
   const app = await buildDemoApp(t, { BFF_AUDIT_MEMORY_MAX: 10 })
   for (let i = 0; i < 13; i++) await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
-  await until(() => app.audit.health().queueDepth === 0, 'the queue to drain')
-  await new Promise(resolve => setTimeout(resolve, 20))
+  await drained(app)
   const verify = await app.inject({ method: 'POST', url: '/admin/audit/verify', headers: bearer() })
   t.same(verify.json(), { ok: true, checked: 10, firstBroken: null }, 'the ring keeps 10 and verifies from the last dropped')
   t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_audit_entries_total\{outcome="evicted"\} 3/)

@@ -3,7 +3,7 @@
 import { randomUUID } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
 import type { AuditEntry } from '../../../plugins/audit/entry.js'
-import { bearer, until } from '../../helper.js'
+import { bearer, drained } from '../../helper.js'
 
 export type Row = Record<string, any>
 
@@ -17,9 +17,7 @@ export const quiet = { warn: () => {}, info: () => {}, error: () => {} }
 
 /** The newest entries (GET /admin/audit, up to 500), `query` appended to its query string. */
 export async function entries (app: FastifyInstance, query = ''): Promise<Row[]> {
-  await until(() => app.audit.health().queueDepth === 0, 'the audit queue to drain')
-  // A batch taken off the queue is being written: give it a moment to land.
-  await new Promise(resolve => setTimeout(resolve, 50))
+  await drained(app)
   const res = await app.inject({ method: 'GET', url: '/admin/audit?limit=500' + query, headers: bearer() })
   if (res.statusCode !== 200) throw new Error(res.body)
   return res.json().entries

@@ -4,7 +4,7 @@ import type { FastifyInstance } from 'fastify'
 import { buildApp } from '../../../app.js'
 import { ConfigError } from '../../../schemas/config.js'
 import { startKernel } from '../../../kernel/server.js'
-import { testConfig, bearer, until, SECRET } from '../../helper.js'
+import { testConfig, bearer, drained, SECRET } from '../../helper.js'
 import { connect } from '../../adapters/websocket-helper.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_URL } from './db.js'
 import { main as migrateMain } from '../../../scripts/migrate.js'
@@ -138,8 +138,7 @@ if (available) {
     for (let i = 0; i < 2; i++) await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer({ tenant: 'other' }) })
     await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: { ...bearer(), 'x-request-id': `${prefix}-0` } })
     await app.inject({ method: 'GET', url: '/api/v1/agents/nope', headers: bearer() })
-    await until(() => app.audit.health().queueDepth === 0, 'the queue to drain')
-    await new Promise(resolve => setTimeout(resolve, 100))
+    await drained(app)
     const get = async (query: string): Promise<{ entries: Array<Record<string, any>>, nextCursor: string | null }> => {
       const res = await app.inject({ method: 'GET', url: '/admin/audit?' + query, headers: bearer() })
       t.equal(res.statusCode, 200, query)
@@ -175,8 +174,7 @@ if (available) {
     t.equal((await app.inject({ method: 'GET', url: '/admin/audit', headers: bearer({ roles: ['viewer'] }) })).statusCode, 403)
     t.equal((await app.inject({ method: 'GET', url: '/admin/audit' })).statusCode, 401)
     // The audit endpoints are audited themselves.
-    await until(() => app.audit.health().queueDepth === 0, 'the queue to drain')
-    await new Promise(resolve => setTimeout(resolve, 100))
+    await drained(app)
     const admin = await sql<{ n: string }>(url, "SELECT count(*) AS n FROM bff_audit_entries WHERE category = 'admin'")
     t.ok(Number(admin[0].n) >= 10)
   })
@@ -185,7 +183,7 @@ if (available) {
     const url = databaseUrl(await createTestDatabase(t))
     const app = await pgApp(t, url)
     await restCalls(app, url, 10)
-    await until(() => app.audit.health().queueDepth === 0, 'the queue to drain')
+    await drained(app)
     for (let i = 0; i < 200 && await count(url) < 10; i++) await new Promise(resolve => setTimeout(resolve, 20))
     const at = async (seq: number): Promise<{ id: string, request_id: string }> => (await sql<{ id: string, request_id: string }>(url, 'SELECT id, request_id FROM bff_audit_entries WHERE seq = $1', [seq]))[0]
     t.same(await verify(app), { ok: true, checked: 10, firstBroken: null })
@@ -220,8 +218,7 @@ if (available) {
     t.ok(tenth)
     // The verify calls above are audited too: their entries are written first (a write after
     // the DELETE would append past a gap, found at that entry instead).
-    await until(() => app.audit.health().queueDepth === 0, 'the queue to drain')
-    await new Promise(resolve => setTimeout(resolve, 200))
+    await drained(app)
     await sql(url, 'DELETE FROM bff_audit_entries WHERE seq >= 8')
     const tail = await verify(app)
     t.equal(tail.ok, false)
