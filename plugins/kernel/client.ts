@@ -20,7 +20,7 @@ export interface KernelClientOptions {
   metrics?: KernelMetrics
 }
 
-export type Outcome = 'ok' | 'client_error' | 'server_error' | 'timeout' | 'unavailable'
+export type Outcome = 'ok' | 'client_error' | 'redirect' | 'server_error' | 'timeout' | 'unavailable'
 
 /** What the client reports; a no-op implementation when metrics are off. */
 export interface KernelMetrics {
@@ -34,7 +34,7 @@ export interface KernelMetrics {
 }
 
 const nothing = (): void => {}
-const noOpMetrics = { call: { ok: nothing, client_error: nothing, server_error: nothing, timeout: nothing, unavailable: nothing }, retry: nothing }
+const noOpMetrics = { call: { ok: nothing, client_error: nothing, redirect: nothing, server_error: nothing, timeout: nothing, unavailable: nothing }, retry: nothing }
 const noMetrics: KernelMetrics = { forOperation: () => noOpMetrics, budgetExhausted: nothing, rejected: nothing, breaker: nothing, connected: nothing }
 
 // undici's own error codes, by what they mean for a call. Unknown codes count as unreachable.
@@ -148,13 +148,16 @@ export class KernelClient {
         const started = performance.now()
         const result = remaining <= 0 ? timedOut : await this.attempt(method, path, headers, body, remaining)
         metrics.call[result.outcome]((performance.now() - started) / 1000)
-        if (result.outcome === 'ok' || result.outcome === 'client_error') {
+        // The Kernel answered: it is up, whatever it said. A redirect is the call's own fault (a
+        // kernel path out of date, say): retried it would come back the same, and as a breaker
+        // failure one misrouted operation would open the breaker on every other one.
+        if (result.outcome === 'ok' || result.outcome === 'client_error' || result.outcome === 'redirect') {
           this.breaker?.success(permit)
           if (result.outcome === 'ok') {
             ctx.status = result.status
             return result.value
           }
-          throw clientError(result)
+          throw result.outcome === 'redirect' ? redirected(result, op) : clientError(result)
         }
         this.breaker?.failure(permit)
         if (result.outcome !== 'timeout' && idempotent && attempt < this.retries) {
@@ -205,6 +208,7 @@ export class KernelClient {
         return { outcome: 'client_error', status, value: undefined, message: typeof message === 'string' ? message.slice(0, 300) : undefined }
       }
       await res.body.dump()
+      if (status >= 300 && status < 400) return { outcome: 'redirect', status, value: undefined, message: typeof res.headers.location === 'string' ? res.headers.location : undefined }
       return { outcome: 'server_error', status, value: undefined, message: undefined }
     } catch (err) {
       if (deadline.aborted || TIMEOUT_CODES.has((err as { code?: string }).code ?? '')) return timedOut
@@ -320,6 +324,11 @@ async function readJson (res: Dispatcher.ResponseData, limit: number): Promise<u
 function clientError (result: Attempt): MantleError {
   if (result.status === 404) return new MantleError('NOT_FOUND', result.message ?? 'The Kernel has no such resource')
   return new MantleError('KERNEL_REJECTED', result.message ?? `The Kernel refused the call (status ${result.status})`, { status: result.status })
+}
+
+function redirected (result: Attempt, op: Operation): MantleError {
+  const to = result.message === undefined ? '' : ` to ${result.message.slice(0, 200)}`
+  return new MantleError('KERNEL_ERROR', `The Kernel redirected ${op.name} (status ${result.status}${to}); redirects are not followed: the operation's kernel path may be out of date`)
 }
 
 function failure (result: Attempt, op: Operation): MantleError {

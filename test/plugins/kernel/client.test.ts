@@ -232,6 +232,24 @@ t.test('a Kernel answer larger than the bound is refused', async t => {
   t.same(await run(new CallContext('r3', 'rest', op, { id: 'small' }, undefined, undefined, undefined)), { id: 's' }, 'a chunked answer within the bound is read')
 })
 
+t.test('a Kernel redirect is 502 KERNEL_ERROR, not retried and not a breaker failure', async t => {
+  // Before, a 3xx counted as a 5xx: retried, and one misrouted operation opened the breaker on all.
+  const { app, kernel } = await setup(t, { retries: 2, circuitBreaker: { threshold: 3, resetTimeoutMs: 60000 } })
+  kernel.on('GET /v1/items/moved', (_req, res) => { res.writeHead(301, { location: '/v2/items/moved' }); res.end() })
+  kernel.on('GET /v1/items/other', (_req, res) => { res.writeHead(307); res.end('elsewhere') })
+  for (let i = 0; i < 4; i++) {
+    const res = await app.inject({ method: 'GET', url: '/api/v1/items/moved', headers: bearer() })
+    t.equal(res.statusCode, 502)
+    t.match(res.json(), { code: 'KERNEL_ERROR', detail: /redirected getItem \(status 301 to \/v2\/items\/moved\)/ })
+  }
+  const other = await app.inject({ method: 'GET', url: '/api/v1/items/other', headers: bearer() })
+  t.match(other.json(), { code: 'KERNEL_ERROR', detail: /status 307\)/ })
+  t.equal(hits(kernel, '/v1/items/moved'), 4, 'one attempt per call: a redirect is not retried')
+  t.equal(app.kernel.breakerState(), 'closed', 'the breaker stays closed')
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a1', headers: bearer() })).statusCode, 200, 'the other operations are served')
+  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_kernel_request_duration_seconds_count\{op="getItem",outcome="redirect"\} 5/)
+})
+
 t.test('the circuit breaker opens after the threshold, fails fast, and closes after one good probe', async t => {
   const { app, kernel } = await setup(t, { retries: 0, circuitBreaker: { threshold: 3, resetTimeoutMs: 150 } })
   let healthy = false
