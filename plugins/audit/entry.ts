@@ -81,9 +81,26 @@ export function isoTime (ms: number): string {
  * each changes it. `iso` is the entry's timestamp as isoTime gives it, when the caller has it.
  */
 export function hashEntry (previousHash: string, seq: number, e: AuditEntry, iso = isoTime(e.timestamp)): string {
-  const fields = [seq, e.id, e.requestId, iso, e.tenantId, e.userId, e.method, e.path,
-    e.protocol, e.action, e.category, e.riskLevel, e.status, e.statusCode, e.durationMs, canonicalJson(e.metadata)]
+  const fields = [seq, e.id, wellFormed(e.requestId), iso, wellFormed(e.tenantId), wellFormed(e.userId), wellFormed(e.method), wellFormed(e.path),
+    e.protocol, wellFormed(e.action), e.category, e.riskLevel, wellFormed(e.status), e.statusCode, e.durationMs, canonicalJson(e.metadata)]
   return hash('sha256', previousHash + '\n' + JSON.stringify(fields), 'hex')
+}
+
+/**
+ * A text as a UTF-8 column stores it: a lone surrogate (no UTF-8 form) becomes U+FFFD. The hash
+ * covers that, so that it is recomputed alike from the stored row; before, it covered the lone
+ * surrogate and verify reported such an entry as changed. Any other text is hashed as it was.
+ */
+function wellFormed (s: string | null): string | null {
+  return s === null || s.isWellFormed() ? s : s.toWellFormed()
+}
+
+// ES2024's string methods: Node 20 has them, the project's lib is ES2023.
+declare global {
+  interface String {
+    isWellFormed: () => boolean
+    toWellFormed: () => string
+  }
 }
 
 /**

@@ -6,6 +6,7 @@ import { existsSync, mkdirSync, readFileSync, rmdirSync, statSync, writeFileSync
 import { join } from 'node:path'
 import type { AuditEntry, AuditStore } from '../../../plugins/audit/entry.js'
 import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
+import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
 import { migrate } from '../../../plugins/audit/migrations.js'
 import { Spool, SPOOL_FILE, QUARANTINE_FILE } from '../../../plugins/audit/spool.js'
 import { AuditWriter, type WriterHooks } from '../../../plugins/audit/writer.js'
@@ -71,6 +72,20 @@ const available = await postgresAvailable()
 if (!available) t.comment('PostgreSQL is not reachable on 127.0.0.1:5432: skipped (CI fails instead)')
 
 if (available) {
+  t.test('a lone surrogate in a text column is stored as U+FFFD, and the chain still verifies', async t => {
+    // Not a refusal: PostgreSQL stores the text, with U+FFFD in its place (UTF-8 has no form for
+    // a lone surrogate). The hash covers the same, so verify does not report the entry as changed.
+    const { url, store } = await pgStore(t)
+    const odd = entry({ userId: 'u\ud800x', tenantId: 't\udfff', status: 'ok' })
+    await store.write([entry(), odd, entry()])
+    const rows = await sql<{ user_id: string, tenant_id: string }>(url, 'SELECT user_id, tenant_id FROM bff_audit_entries ORDER BY seq')
+    t.same(rows[1], { user_id: 'u\ufffdx', tenant_id: 't\ufffd' })
+    t.same(await store.verify({}), { ok: true, checked: 3, firstBroken: null })
+    const memory = new MemoryAuditStore({ max: 10 })
+    await memory.write([entry(), odd])
+    t.same(await memory.verify({}), { ok: true, checked: 2, firstBroken: null }, 'the memory store, which keeps the text as given, agrees')
+  })
+
   t.test('live path: a refused entry is quarantined, the good ones around it are stored in order and the store stays up', async t => {
     const { url, store } = await pgStore(t)
     const { writer, spool, dir, counts, errors } = await writerOn(t, store)
