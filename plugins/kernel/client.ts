@@ -208,7 +208,7 @@ export class KernelClient {
         return { outcome: 'client_error', status, value: undefined, message: typeof message === 'string' ? message.slice(0, 300) : undefined }
       }
       await res.body.dump()
-      if (status >= 300 && status < 400) return { outcome: 'redirect', status, value: undefined, message: typeof res.headers.location === 'string' ? res.headers.location : undefined }
+      if (status >= 300 && status < 400) return { outcome: 'redirect', status, value: undefined, message: undefined }
       return { outcome: 'server_error', status, value: undefined, message: undefined }
     } catch (err) {
       if (deadline.aborted || TIMEOUT_CODES.has((err as { code?: string }).code ?? '')) return timedOut
@@ -326,9 +326,9 @@ function clientError (result: Attempt): MantleError {
   return new MantleError('KERNEL_REJECTED', result.message ?? `The Kernel refused the call (status ${result.status})`, { status: result.status })
 }
 
+// Without the Location: it may name hosts inside the network, which clients have no need of.
 function redirected (result: Attempt, op: Operation): MantleError {
-  const to = result.message === undefined ? '' : ` to ${result.message.slice(0, 200)}`
-  return new MantleError('KERNEL_ERROR', `The Kernel redirected ${op.name} (status ${result.status}${to}); redirects are not followed: the operation's kernel path may be out of date`)
+  return new MantleError('KERNEL_ERROR', `The Kernel redirected ${op.name} (status ${result.status}); redirects are not followed: the operation's kernel path may be out of date`)
 }
 
 function failure (result: Attempt, op: Operation): MantleError {

@@ -240,7 +240,8 @@ t.test('a Kernel redirect is 502 KERNEL_ERROR, not retried and not a breaker fai
   for (let i = 0; i < 4; i++) {
     const res = await app.inject({ method: 'GET', url: '/api/v1/items/moved', headers: bearer() })
     t.equal(res.statusCode, 502)
-    t.match(res.json(), { code: 'KERNEL_ERROR', detail: /redirected getItem \(status 301 to \/v2\/items\/moved\)/ })
+    t.match(res.json(), { code: 'KERNEL_ERROR', detail: /redirected getItem \(status 301\)/ })
+    t.notMatch(res.body, /v2/, 'not where to: a Location may name hosts inside the network')
   }
   const other = await app.inject({ method: 'GET', url: '/api/v1/items/other', headers: bearer() })
   t.match(other.json(), { code: 'KERNEL_ERROR', detail: /status 307\)/ })
