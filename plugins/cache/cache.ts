@@ -213,6 +213,7 @@ export class ResponseCache {
     if (redis !== null) {
       try {
         stored = await redis.write(key.shared, tagKeys, versions!, answer, this.now())
+        this.redisFailing = false
       } catch (err) {
         this.redisFailed('write', err)
       }
@@ -250,6 +251,7 @@ export class ResponseCache {
     if (redis !== null) {
       try {
         await redis.invalidate(keys, message)
+        this.redisFailing = false
         return
       } catch (err) {
         this.redisFailed('invalidate', err)
@@ -298,6 +300,7 @@ export class ResponseCache {
     const keys = replayed.map(([k]) => k)
     try {
       await redis.tier.invalidate(keys, JSON.stringify({ from: this.opts.instanceId, keys }))
+      this.redisFailing = false
     } catch (err) {
       this.redisFailed('invalidate', err)
       this.scheduleReplay()
@@ -345,7 +348,7 @@ export class ResponseCache {
   }
 
   private redisFailed (operation: 'read' | 'write' | 'invalidate', err: unknown): void {
-    // Logged once per outage (a successful read ends it), counted every time.
+    // Logged once per outage (any Redis call that succeeds ends it), counted every time.
     if (!this.redisFailing) this.opts.log.warn({ err: (err as Error).message, operation }, 'cache: Redis failed, serving from memory')
     this.redisFailing = true
     this.redisHeldUntil = performance.now() + REDIS_HOLD_MS

@@ -42,6 +42,9 @@ t.test('redis: an invalidation made during the hold after a command timeout reac
 
   // The hold ends: the invalidation reaches Redis without waiting for any request.
   await eventually(async () => await metric(app, 'mantle_cache_pending_invalidations') === 0, 'the replay', 5000)
+  // With no read of Redis since (every read was a hit of memory), the replay ends the outage: the
+  // cache's store shows as healthy in /diagz again (before, only a Redis read did so).
+  t.equal(app.responseCache.cache.redisHealthy, true, 'the replay that reached Redis ends the outage')
   const key = localKey('getItem', who, canonicalJson({ id: 'a' }))
   await eventually(async () => other.responseCache.cache.memory.get(key) === undefined, 'the other instance drops the entry from memory')
 
