@@ -34,8 +34,8 @@ export interface Operation {
   readonly outputAdmitsNull: boolean
   readonly roles: readonly string[]
   readonly zone: Zone
-  /** `ttlSeconds` null: the gateway's BFF_CACHE_TTL applies. */
-  readonly cache: { readonly ttlSeconds: number | null, readonly swrSeconds: number, readonly tags: readonly string[] } | null
+  /** `ttlSeconds` null: the gateway's BFF_CACHE_TTL applies. `scope` user: an answer is the asking user's alone. */
+  readonly cache: { readonly ttlSeconds: number | null, readonly swrSeconds: number, readonly tags: readonly string[], readonly scope: 'tenant' | 'user' } | null
   readonly rateLimit: { readonly max: number, readonly windowMs: number } | null
   readonly firewall: { readonly fields: readonly string[], readonly action: 'block' | 'redact' | 'monitor' } | null
   readonly invalidates: readonly string[]
@@ -295,7 +295,7 @@ function buildOperation (
     outputAdmitsNull: outputCheck!(null),
     roles: Object.freeze([...(op.roles ?? defaults.roles ?? [])]),
     zone: op.zone ?? defaults.zone ?? 'public',
-    cache: op.cache === undefined ? null : Object.freeze({ ttlSeconds: op.cache.ttlSeconds ?? null, swrSeconds: op.cache.swrSeconds ?? 0, tags: Object.freeze([...(op.cache.tags ?? [])]) }),
+    cache: op.cache === undefined ? null : Object.freeze({ ttlSeconds: op.cache.ttlSeconds ?? null, swrSeconds: op.cache.swrSeconds ?? 0, tags: Object.freeze([...(op.cache.tags ?? [])]), scope: op.cache.scope ?? 'tenant' }),
     rateLimit: rateLimit === undefined ? null : Object.freeze({ max: rateLimit.max, windowMs: rateLimit.windowMs }),
     firewall: op.firewall === undefined ? null : Object.freeze({ fields: Object.freeze([...op.firewall.fields]), action: op.firewall.action }),
     invalidates: Object.freeze([...(op.invalidates ?? [])]),

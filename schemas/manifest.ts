@@ -19,7 +19,8 @@ const RateLimit = Type.Object({
 const Cache = Type.Object({
   ttlSeconds: Type.Optional(Type.Integer({ minimum: 1, maximum: 86_400 })),
   swrSeconds: Type.Optional(Type.Integer({ minimum: 0, maximum: 86_400 })),
-  tags: Type.Optional(Type.Array(Type.String({ minLength: 1 })))
+  tags: Type.Optional(Type.Array(Type.String({ minLength: 1 }))),
+  scope: Type.Optional(Type.Union([Type.Literal('tenant'), Type.Literal('user')], { description: 'Who shares an answer: every user of the tenant (the default), or only the user who asked' }))
 }, { additionalProperties: false })
 const Firewall = Type.Object({
   fields: Type.Array(Type.String({ minLength: 1 }), { minItems: 1 }),

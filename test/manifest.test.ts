@@ -48,7 +48,7 @@ t.test('the demo manifest loads', async t => {
   t.same(getAgent?.outputDocument, { $ref: '#/schemas/Agent' }, 'the document form keeps the $ref')
   t.same(getAgent?.output, m.schemas.Agent, 'the resolved form is the named schema')
   t.match(getAgent, { method: 'GET', path: '/agents/:id', pathParams: ['id'], inputInBody: false, kernel: { method: 'GET', path: '/v1/agents/{id}', pathParams: ['id'], sendsBody: false } })
-  t.same(getAgent?.cache, { ttlSeconds: 30, swrSeconds: 0, tags: ['agent:{id}'] })
+  t.same(getAgent?.cache, { ttlSeconds: 30, swrSeconds: 0, tags: ['agent:{id}'], scope: 'tenant' })
 
   const listAgents = m.byName.get('listAgents')
   t.equal(listAgents?.output.type, 'array')
@@ -351,7 +351,9 @@ t.test('the method must fit the operation type', async t => {
 
 t.test('cache, tags and firewall are checked against the input', async t => {
   t.same(faultsOf(doc({ a: { ...mutation, cache: { ttlSeconds: 5 } } })), ['operations.a.cache: only queries are cached'])
-  t.same(compileManifest(doc({ a: { ...query, cache: { ttlSeconds: 5 } } })).operations[0].cache, { ttlSeconds: 5, swrSeconds: 0, tags: [] }, 'a cache without tags')
+  t.same(compileManifest(doc({ a: { ...query, cache: { ttlSeconds: 5 } } })).operations[0].cache, { ttlSeconds: 5, swrSeconds: 0, tags: [], scope: 'tenant' }, 'a cache without tags, shared by the tenant')
+  t.equal(compileManifest(doc({ a: { ...query, cache: { scope: 'user' } } })).operations[0].cache?.scope, 'user', 'or the asking user\'s alone')
+  t.same(faultsOf(doc({ a: { ...query, cache: { scope: 'everyone' } } })), ['operations.a.cache.scope: must be one of the allowed values'], 'no other scope')
   t.same(faultsOf(doc({ a: { ...query, cache: { ttlSeconds: 5, tags: ['a:{id}'] } } })),
     ['operations.a: tag "a:{id}" uses {id}, which is not declared in operations.a.input.properties'])
   t.same(faultsOf(doc({ a: { ...mutation, invalidates: ['all', 'a:{id}'] } })),

@@ -115,8 +115,12 @@ export class ResponseCache {
       const now = this.now()
       return { value: JSON.parse(json), json, status, etag: etagOf(json), freshUntil: now + ttlMs, staleUntil: now + ttlMs + swrMs, keepUntil: now + ttlMs + swrMs + STALE_IF_ERROR_SECONDS * 1000 }
     }
+    // A user's own answers: the user is part of the key's input, as `{user}:` before it (URI-encoded,
+    // so it holds no ':'; a canonical input starts with '{'). Tags stay the tenant's: an
+    // invalidation drops every user's entries.
+    const perUser = spec.scope === 'user'
     return async (ctx, next) => {
-      const canonical = canonicalJson(ctx.input)
+      const canonical = perUser ? encodeURIComponent(ctx.user) + ':' + canonicalJson(ctx.input) : canonicalJson(ctx.input)
       const local = localKey(name, ctx.tenant, canonical)
       let found = this.memory.get(local)
       if (found !== undefined && this.now() < found.freshUntil) return this.answer(ctx, name, found, 'hit')

@@ -71,6 +71,27 @@ for (const { store, env } of STORES) {
     t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant: one }) })).headers['x-cache'], 'miss')
   })
 
+  t.test(`${store}: an op cached per user: each user of a tenant has entries of their own, and the tenant's tags drop them all`, async t => {
+    const kernel = await itemKernel(t)
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const who = tenant()
+    const as = (user: string) => bearer({ tenant: who, user })
+    const mine = async (user: string) => await app.inject({ method: 'GET', url: '/api/v1/mine/a', headers: as(user) })
+    const ann = await mine('ann')
+    const bob = await mine('bob')
+    t.same([ann.headers['x-cache'], ann.json().user, bob.headers['x-cache'], bob.json().user], ['miss', 'ann', 'miss', 'bob'], 'bob does not get ann\'s answer')
+    t.same([(await mine('ann')).body, (await mine('bob')).body], [ann.body, bob.body], 'each gets their own, from the cache')
+    t.equal(kernel.reads(), 2)
+    const tricky = await mine('ann:a')
+    t.same([tricky.headers['x-cache'], tricky.json().user], ['miss', 'ann:a'], 'a user whose name holds the separator has a key of their own')
+    // An op shared by the tenant still is.
+    await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: as('ann') })
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: as('bob') })).headers['x-cache'], 'hit')
+    // A mutation by one user drops the tag for every user of the tenant.
+    t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers: as('ann'), payload: {} })).statusCode, 200)
+    t.equal((await mine('bob')).headers['x-cache'], 'miss')
+  })
+
   t.test(`${store}: 100 concurrent cold reads of one key make exactly one Kernel call`, async t => {
     const kernel = await itemKernel(t)
     let release!: () => void

@@ -9,6 +9,8 @@ export const STORES = [
 ] as const
 
 const Item = { type: 'object', properties: { id: { type: 'string' }, n: { type: 'integer' }, tenant: { type: 'string' } } }
+// An answer that names who asked: cached per user.
+const Mine = { type: 'object', properties: { ...Item.properties, user: { type: 'string' } } }
 const idInput = { type: 'object', required: ['id'], properties: { id: { type: 'string' }, q: { type: 'string' } } }
 
 export function itemManifest (kernelUrl: string): ReturnType<typeof testManifest> {
@@ -16,6 +18,7 @@ export function itemManifest (kernelUrl: string): ReturnType<typeof testManifest
     getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: Item, cache: { ttlSeconds: 10, tags: ['item:{id}', 'items'] } },
     getFresh: { type: 'query', rest: 'GET /fresh/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: Item, cache: { ttlSeconds: 10, swrSeconds: 20, tags: ['item:{id}'] } },
     getDefault: { type: 'query', rest: 'GET /default/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: Item, cache: { tags: ['item:{id}'] } },
+    getMine: { type: 'query', rest: 'GET /mine/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: Mine, cache: { ttlSeconds: 10, tags: ['item:{id}'], scope: 'user' } },
     getPlain: { type: 'query', rest: 'GET /plain/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: Item },
     getBroken: { type: 'query', rest: 'GET /broken/:id', kernel: 'GET /v1/broken/{id}', input: idInput, output: Item, cache: { ttlSeconds: 10 } },
     updateItem: { type: 'mutation', rest: 'PATCH /items/:id', kernel: 'PATCH /v1/items/{id}', input: idInput, output: Item, invalidates: ['item:{id}'] },
@@ -26,7 +29,7 @@ export function itemManifest (kernelUrl: string): ReturnType<typeof testManifest
 /** A Kernel whose item reads count up, so a test sees which answer it got. */
 export async function itemKernel (t: { teardown: (fn: () => unknown) => void }): Promise<TestKernel & { reads: () => number }> {
   let n = 0
-  const answer = (req: RecordedRequest, res: Parameters<typeof json>[0]): void => json(res, 200, { id: req.url.split('?')[0].split('/').pop(), n: ++n, tenant: req.headers['x-tenant-id'], secret: 'undeclared' })
+  const answer = (req: RecordedRequest, res: Parameters<typeof json>[0]): void => json(res, 200, { id: req.url.split('?')[0].split('/').pop(), n: ++n, tenant: req.headers['x-tenant-id'], user: req.headers['x-user-id'], secret: 'undeclared' })
   const kernel = await startTestKernel(t, {})
   for (const id of ['a', 'b', 'c', 'd']) {
     kernel.on(`GET /v1/items/${id}`, answer)
