@@ -120,7 +120,8 @@ export class ResponseCache {
     // invalidation drops every user's entries.
     const perUser = spec.scope === 'user'
     return async (ctx, next) => {
-      const canonical = perUser ? encodeURIComponent(ctx.user) + ':' + canonicalJson(ctx.input) : canonicalJson(ctx.input)
+      const input = canonicalJson(ctx.input)
+      const canonical = perUser ? encodeURIComponent(ctx.user) + ':' + input : input
       const local = localKey(name, ctx.tenant, canonical)
       let found = this.memory.get(local)
       if (found !== undefined && this.now() < found.freshUntil) return this.answer(ctx, name, found, 'hit')
