@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify'
 import { runCall, resultMarkers } from '../adapters/face.js'
 import { MantleError } from '../errors.js'
-import { idempotencyKeyOf, single } from '../adapters/rest/index.js'
+import { callKey, idempotencyKeyOf, single } from '../adapters/rest/index.js'
 
 export interface BatchOptions {
   maxCalls: number
@@ -55,7 +55,7 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     const traceparent = single(request.headers.traceparent)
     const idempotencyKey = idempotencyKeyOf(request)
     const parts = await Promise.all(calls.map(async (call, n) => {
-      const outcome = await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, idempotencyKey: idempotencyKey == null ? idempotencyKey : `${idempotencyKey}.${call.id}`, memo })
+      const outcome = await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, idempotencyKey: callKey(idempotencyKey, call.id), memo })
       const id = JSON.stringify(call.id)
       return outcome.ok ? `{"id":${id},"result":${outcome.json}${resultMarkers(outcome)}}` : `{"id":${id},"error":${JSON.stringify(outcome.problem)}}`
     }))

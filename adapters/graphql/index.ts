@@ -4,7 +4,7 @@ import { getOperationAST, parse, type DocumentNode } from 'graphql'
 import { runCall, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
 import { ConnectionSlots } from '../connection-slots.js'
-import { idempotencyKeyOf, single } from '../rest/index.js'
+import { callKey, idempotencyKeyOf, single } from '../rest/index.js'
 import { buildSchema } from './schema.js'
 import { limitsRule, noSubscriptionOverHttp, MAX_FIELDS } from './limits.js'
 import { errorFormatter, fieldError } from './errors.js'
@@ -101,7 +101,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         traceparent: ctx.traceparent,
         // Each mutation field of a document is its own call: the key names the field, as a
         // batch's key names the call.
-        idempotencyKey: ctx.idempotencyKey == null ? ctx.idempotencyKey : `${ctx.idempotencyKey}.${String(info.path.key)}`,
+        idempotencyKey: callKey(ctx.idempotencyKey, String(info.path.key)),
         memo: ctx.memo
       })
       if (result.ok) {

@@ -10,6 +10,7 @@ import type { JsonSchema, Operation } from '../../manifest.js'
 
 const problem = { content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } } }
 const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/
+const VISIBLE_ASCII = /^[\x21-\x7e]+$/
 
 export interface RestAdapterOptions {
   /** Adds the bearer security requirement to the OpenAPI document. */
@@ -51,6 +52,19 @@ export function single (value: string | string[] | undefined): string | undefine
  */
 export function idempotencyKeyOf (request: FastifyRequest): string | null | undefined {
   return checkedIdempotencyKey(single(request.headers['idempotency-key']))
+}
+
+/**
+ * The key of one call of several sent under one Idempotency-Key: `<key>.<suffix>` (a REST batch
+ * call's id, a tRPC batch index, a GraphQL field). It travels to the Kernel as a header, so it
+ * must stay visible ASCII like the key itself: a REST batch call id may be any text, and one
+ * holding a newline or a non-ASCII character made undici refuse the header, which was answered
+ * 503 and counted towards the breaker. Such a call gets null, a malformed key, and its own refusal.
+ */
+export function callKey (key: string | null | undefined, suffix: string): string | null | undefined {
+  if (key == null) return key
+  const combined = `${key}.${suffix}`
+  return VISIBLE_ASCII.test(combined) ? combined : null
 }
 
 /** An Idempotency-Key as sent (undefined: none), or null when no store could key on it. */

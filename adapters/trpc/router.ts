@@ -3,6 +3,7 @@ import type { FastifyInstance } from 'fastify'
 import { initTRPC, type AnyTRPCProcedure, type AnyTRPCRouter } from '@trpc/server'
 import type { WebSocket } from 'ws'
 import { runCall } from '../face.js'
+import { callKey } from '../rest/index.js'
 import { MantleError } from '../../errors.js'
 import type { TrpcContext } from './context.js'
 import { ProblemError, errorShape, type MantleErrorShape } from './errors.js'
@@ -61,7 +62,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       const refusal = ctx.inFlight >= limits.maxInFlight ? new MantleError('OVERLOADED', `A connection runs at most ${limits.maxInFlight} calls at once`, { headers: { 'retry-after': '1' } }) : undefined
       if (refusal === undefined) ctx.inFlight++
       try {
-        const key = ctx.idempotencyKey == null || !ctx.batch ? ctx.idempotencyKey : `${ctx.idempotencyKey}.${batchIndex ?? 0}`
+        const key = ctx.batch ? callKey(ctx.idempotencyKey, String(batchIndex ?? 0)) : ctx.idempotencyKey
         const result = await runCall(app, { requestId, protocol: 'trpc', op: name, input, authorization: ctx.authorization, traceparent: ctx.traceparent, idempotencyKey: key, memo: ctx.memo, refusal })
         if (result.ok) {
           if (result.cache !== null && ctx.requestId !== null) (ctx.cache ??= [])[batchIndex ?? 0] = result.cache

@@ -56,6 +56,11 @@ export class CircuitBreaker {
     }
   }
 
+  /** A permit whose call never reached the Kernel: a probe is handed back, nothing is counted. */
+  release (permit: Permit): void {
+    if (permit === PROBE) this.probing = false
+  }
+
   failure (permit: Permit): void {
     if (permit === PROBE) {
       this.probing = false

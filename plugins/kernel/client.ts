@@ -146,7 +146,16 @@ export class KernelClient {
         }
         const remaining = deadline - performance.now()
         const started = performance.now()
-        const result = remaining <= 0 ? timedOut : await this.attempt(method, path, headers, body, remaining)
+        let result: Attempt
+        try {
+          result = remaining <= 0 ? timedOut : await this.attempt(method, path, headers, body, remaining)
+        } catch (err) {
+          // undici refused to send what the gateway built (a header value it cannot carry): the
+          // gateway's fault, not the Kernel's. Neither retried nor a breaker failure; before, it
+          // counted as the Kernel being down, and a few such calls opened the breaker for all.
+          this.breaker?.release(permit)
+          throw err
+        }
         metrics.call[result.outcome]((performance.now() - started) / 1000)
         // The Kernel answered: it is up, whatever it said. A redirect is the call's own fault (a
         // kernel path out of date, say): retried it would come back the same, and as a breaker
@@ -211,7 +220,9 @@ export class KernelClient {
       if (status >= 300 && status < 400) return { outcome: 'redirect', status, value: undefined, message: undefined }
       return { outcome: 'server_error', status, value: undefined, message: undefined }
     } catch (err) {
-      if (deadline.aborted || TIMEOUT_CODES.has((err as { code?: string }).code ?? '')) return timedOut
+      const code = (err as { code?: string }).code ?? ''
+      if (code === 'UND_ERR_INVALID_ARG') throw new MantleError('INTERNAL', 'The gateway could not form the Kernel request')
+      if (deadline.aborted || TIMEOUT_CODES.has(code)) return timedOut
       return { outcome: 'unavailable', status: 503, value: undefined, message: (err as Error).message }
     } finally {
       deadline.clear()

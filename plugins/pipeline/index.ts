@@ -237,7 +237,7 @@ function validationStage (): StageDefinition {
         if (ctx.refusal !== null) throw ctx.refusal
         const input: unknown = ctx.input
         if (typeof input !== 'object' || input === null || Array.isArray(input)) throw new MantleError('VALIDATION_FAILED', 'The input must be a JSON object')
-        if (ctx.idempotencyKey === null) throw new MantleError('VALIDATION_FAILED', 'The Idempotency-Key must be 1 to 255 visible ASCII characters')
+        if (ctx.idempotencyKey === null) throw new MantleError('VALIDATION_FAILED', 'The Idempotency-Key must be 1 to 255 visible ASCII characters (a batch call\'s id, appended to it, visible ASCII too)')
         if (!validate(ctx.input)) throw new MantleError('VALIDATION_FAILED', describeValidation(validate.errors ?? []))
         const fault = inputFault(input)
         if (fault !== null) throw new MantleError('VALIDATION_FAILED', fault)

@@ -82,3 +82,25 @@ t.test('REST batch: each call\'s key is the header\'s plus its id', async t => {
   t.equal(s.calls(), 2)
   t.same(s.kernel.requests.map(r => r.headers['idempotency-key']).sort(), [`${key}.a`, `${key}.b`])
 })
+
+t.test('REST batch: a call id that cannot travel in a key is that call\'s refusal, never a Kernel call', async t => {
+  // A call id is any text; `<key>.<id>` goes to the Kernel as a header. Before, an id with a
+  // newline or a non-ASCII character made undici refuse the header: 503 KERNEL_UNAVAILABLE,
+  // counted towards the breaker (six such calls opened it for every tenant), and each refusal
+  // kept one of undici's pool slots.
+  const s = await idemSetup(t, 'memory')
+  const key = randomUUID()
+  const ids = ['日本', 'a\nb', '✓', 'x\u0000y', 'tab\rcr', '😀', 'sp ace']
+  const calls = [...ids, 'ok'].map(id => ({ id, op: 'createItem', input: { name: 'a' } }))
+  const res = await s.app.inject({ method: 'POST', url: '/api/v1/batch', headers: s.headers(key), payload: { calls } })
+  t.equal(res.statusCode, 200)
+  const results = res.json().results as Array<{ id: string, error?: { status: number, code: string, detail: string } }>
+  t.same(results.slice(0, ids.length).map(r => [r.id, r.error?.status, r.error?.code]), ids.map(id => [id, 400, 'VALIDATION_FAILED']))
+  t.match(results[0].error!.detail, /batch call's id/)
+  t.notOk(results[ids.length].error, 'a call with a plain id runs')
+  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']), [`${key}.ok`], 'only that one reached the Kernel')
+  t.equal(s.app.kernel.breakerState(), 'closed')
+  // Without a key the same ids run: they key nothing.
+  const plain = await s.app.inject({ method: 'POST', url: '/api/v1/batch', headers: s.headers(undefined), payload: { calls: ids.map(id => ({ id, op: 'createItem', input: { name: 'b' } })) } })
+  t.same((plain.json().results as Array<{ error?: unknown }>).filter(r => r.error !== undefined), [])
+})

@@ -232,6 +232,34 @@ t.test('a Kernel answer larger than the bound is refused', async t => {
   t.same(await run(new CallContext('r3', 'rest', op, { id: 'small' }, undefined, undefined, undefined)), { id: 's' }, 'a chunked answer within the bound is read')
 })
 
+t.test('a request undici refuses to send is the gateway\'s fault: not retried, not a breaker failure', async t => {
+  // Before, undici's refusal of a header value counted as the Kernel being unreachable: 503,
+  // retried with a key, and a breaker failure, so a few such calls opened the breaker for all.
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const kernel = await startTestKernel(t, { 'POST /v1/items': (_req, res) => json(res, 201, { id: 'n1' }) })
+  // undici 7 keeps a pool slot for each request it refused so (three refusals wedged a pool of
+  // two connections in a probe): hence callKey, which never lets such a key reach the client.
+  const client = new KernelClient({ origin: kernel.url, connections: 8, retries: 2, resilience: { threshold: 1, resetTimeoutMs: 60_000, maxInFlight: 10 }, maxResponseBytes: 1000 })
+  t.teardown(() => client.close())
+  const op = manifest().byName.get('createItem')!
+  const run = client.forOperation(op)
+  // The pipeline refuses such a key before; the client is the last line.
+  for (const key of ['a\nb', 'caf\u00e9\u65e5']) {
+    await t.rejects(run(new CallContext('r1', 'rest', op, { name: 'x' }, undefined, undefined, key)), { code: 'INTERNAL' })
+  }
+  t.equal(client.breaker!.state, 'closed', 'the breaker stays closed')
+  t.equal(kernel.requests.length, 0, 'nothing reached the Kernel, and nothing was retried')
+  t.same(await run(new CallContext('r2', 'rest', op, { name: 'x' }, undefined, undefined, 'good-key')), { id: 'n1' })
+  // A half-open probe that could not be sent is handed back: the next call probes.
+  client.breaker!.failure(client.breaker!.acquire())
+  t.equal(client.breaker!.state, 'open')
+  ;(client.breaker as unknown as { openedAt: number }).openedAt = 0
+  await t.rejects(run(new CallContext('r3', 'rest', op, { name: 'x' }, undefined, undefined, 'a\nb')), { code: 'INTERNAL' })
+  t.same(await run(new CallContext('r4', 'rest', op, { name: 'x' }, undefined, undefined, 'good-key')), { id: 'n1' }, 'the next call is the probe')
+  t.equal(client.breaker!.state, 'closed')
+})
+
 t.test('a Kernel redirect is 502 KERNEL_ERROR, not retried and not a breaker failure', async t => {
   // Before, a 3xx counted as a 5xx: retried, and one misrouted operation opened the breaker on all.
   const { app, kernel } = await setup(t, { retries: 2, circuitBreaker: { threshold: 3, resetTimeoutMs: 60000 } })
