@@ -139,35 +139,60 @@ export interface VerifyResult {
  * Walks entries in chain order from an anchor (the hash the first one must link to, and its
  * position). Stops at the first entry whose position, link or hash is wrong.
  */
+/** An entry as verify names it. */
+type Named = Pick<StoredEntry, 'id' | 'requestId'>
+
 export class ChainWalker {
   checked = 0
-  broken: StoredEntry | null = null
-  constructor (private prevSeq: number, private prevHash: string) {}
+  private ok = true
+  private broken: Named | null = null
+  private last: Named | null
+
+  /** From the entry before the range (`before`: null when that is retention's anchor or the genesis). */
+  constructor (private prevSeq: number, private prevHash: string, before: Named | null = null) {
+    this.last = before
+  }
 
   /**
    * Returns false once the chain is broken. `intact` is false when the store itself sees that the
    * row was changed in a way the hash cannot show (a timestamp finer than the millisecond hashed).
    */
   step (e: StoredEntry, intact = true): boolean {
-    if (this.broken !== null) return false
+    if (!this.ok) return false
     this.checked++
     if (!intact || e.seq !== this.prevSeq + 1 || e.previousHash !== this.prevHash || hashEntry(e.previousHash, e.seq, e) !== e.hash) {
-      this.broken = e
+      this.fail(e)
       return false
     }
     this.prevSeq = e.seq
     this.prevHash = e.hash
+    this.last = e
     return true
   }
 
-  /** The last entry walked must be the head the store recorded: a removed tail shows here. */
-  endsAt (headSeq: number, headHash: string, last: StoredEntry | null): void {
-    if (this.broken !== null || last === null) return
-    if (this.prevSeq !== headSeq || this.prevHash !== headHash) this.broken = last
+  /**
+   * Where the range ends: the entry after it (`next`, null for none) must link to the last one
+   * walked, and with none after it, that one must be the head the writers recorded. Rows removed
+   * at the end of a range, or the whole range, or the tail, show here: at the entry after the gap,
+   * or at the last entry left (none when no entry is left: ok false, firstBroken null). Before,
+   * only a range reaching the newest entry was held to the head, and an empty range was ok.
+   */
+  endsAt (next: StoredEntry | null, headSeq: number, headHash: string): void {
+    if (!this.ok) return
+    if (next !== null) {
+      if (next.seq !== this.prevSeq + 1 || next.previousHash !== this.prevHash) this.fail(next)
+    } else if (this.prevSeq !== headSeq || this.prevHash !== headHash) {
+      this.fail(this.last)
+    }
   }
 
   result (): VerifyResult {
-    return { ok: this.broken === null, checked: this.checked, firstBroken: this.broken === null ? null : { id: this.broken.id, requestId: this.broken.requestId } }
+    return { ok: this.ok, checked: this.checked, firstBroken: this.broken }
+  }
+
+  private fail (e: Named | null): void {
+    this.ok = false
+    this.broken = e === null ? null : { id: e.id, requestId: e.requestId }
   }
 }
 

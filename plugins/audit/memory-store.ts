@@ -71,11 +71,13 @@ export class MemoryAuditStore implements AuditStore {
     while (first < ring.length && ring.peekAt(first)!.timestamp < from) first++
     let last = ring.length - 1
     while (last >= 0 && ring.peekAt(last)!.timestamp > to) last--
-    if (first === ring.length || last < first) return { ok: true, checked: 0, firstBroken: null }
-    const before = first === 0 ? { seq: this.anchorSeq, hash: this.anchorHash } : ring.peekAt(first - 1)!
-    const walker = new ChainWalker(before.seq, before.hash)
-    for (let i = first; i <= last && walker.step(ring.peekAt(i)!); i++);
-    if (last === ring.length - 1) walker.endsAt(this.headSeq, this.headHash, ring.peekAt(last)!)
+    // Nothing in the range: nothing is walked, but the entries around it must still link.
+    if (last < first) last = first - 1
+    const before = first === 0 ? null : ring.peekAt(first - 1)!
+    const walker = before === null ? new ChainWalker(this.anchorSeq, this.anchorHash) : new ChainWalker(before.seq, before.hash, before)
+    let i = first
+    while (i <= last && walker.step(ring.peekAt(i)!)) i++
+    if (i > last) walker.endsAt(ring.peekAt(last + 1) ?? null, this.headSeq, this.headHash)
     return walker.result()
   }
 

@@ -331,40 +331,41 @@ export class PostgresAuditStore implements AuditStore {
       await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY')
       const chain = (await client.query<{ head_seq: string, head_hash: string, anchor_seq: string, anchor_hash: string }>(
         'SELECT head_seq, head_hash, anchor_seq, anchor_hash FROM bff_audit_chain WHERE id = 1')).rows[0]
-      const bounds = (await client.query<{ lo: string | null, hi: string | null }>(
+      const bounds = (await client.query<{ lo: string | null, hi: string | null, top: string | null }>(
         `SELECT (SELECT min(seq) FROM bff_audit_entries WHERE $1::timestamptz IS NULL OR "timestamp" >= $1) AS lo,
-                (SELECT max(seq) FROM bff_audit_entries WHERE $2::timestamptz IS NULL OR "timestamp" <= $2) AS hi`,
+                (SELECT max(seq) FROM bff_audit_entries WHERE $2::timestamptz IS NULL OR "timestamp" <= $2) AS hi,
+                (SELECT max(seq) FROM bff_audit_entries) AS top`,
         [range.from ?? null, range.to ?? null])).rows[0]
-      if (bounds.lo === null || bounds.hi === null || Number(bounds.hi) < Number(bounds.lo)) return { ok: true, checked: 0, firstBroken: null }
-      const lo = Number(bounds.lo)
-      const hi = Number(bounds.hi)
+      // The positions walked, lo to hi. With nothing in the range, nothing is walked, but the
+      // entries around where it would be must still link: from the first entry at or after
+      // `from`, or, with none, from after the newest (the head).
+      const lo = bounds.lo !== null ? Number(bounds.lo) : (bounds.top !== null ? Number(bounds.top) : Number(chain.anchor_seq)) + 1
+      const hi = bounds.lo !== null && bounds.hi !== null && Number(bounds.hi) >= lo ? Number(bounds.hi) : lo - 1
       // The anchor: the entry before the range, or the last one retention removed, or the genesis.
-      let anchor = { seq: 0, hash: GENESIS }
-      if (lo - 1 === Number(chain.anchor_seq)) anchor = { seq: lo - 1, hash: chain.anchor_hash }
+      let walker = new ChainWalker(0, GENESIS)
+      if (lo - 1 === Number(chain.anchor_seq)) walker = new ChainWalker(lo - 1, chain.anchor_hash)
       else if (lo > 1) {
-        const before = await client.query<{ seq: string, hash: string }>('SELECT seq, hash FROM bff_audit_entries WHERE seq < $1 ORDER BY seq DESC LIMIT 1', [lo])
-        if (before.rows.length > 0) anchor = { seq: Number(before.rows[0].seq), hash: before.rows[0].hash }
-        else anchor = { seq: Number(chain.anchor_seq), hash: chain.anchor_hash }
+        const before = await client.query<{ seq: string, hash: string, id: string, request_id: string }>('SELECT seq, hash, id, request_id FROM bff_audit_entries WHERE seq < $1 ORDER BY seq DESC LIMIT 1', [lo])
+        const b = before.rows[0]
+        walker = b === undefined ? new ChainWalker(Number(chain.anchor_seq), chain.anchor_hash) : new ChainWalker(Number(b.seq), b.hash, { id: b.id, requestId: b.request_id })
       }
-      const walker = new ChainWalker(anchor.seq, anchor.hash)
-      let last: StoredEntry | null = null
       let after = lo - 1
-      for (;;) {
+      let going = true
+      while (going && after < hi) {
         // The hash covers the timestamp to the millisecond, as the gateway writes it; the column
         // keeps microseconds, which Date drops when the row is read. A timestamp that is not a
         // whole millisecond was changed after the write, so that row is broken.
         const page = await client.query<Row & { whole_ms: boolean }>(
           `SELECT ${COLUMNS}, "timestamp" = date_trunc('milliseconds', "timestamp") AS whole_ms FROM bff_audit_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT 2000`, [after, hi])
-        let going = true
         for (const row of page.rows) {
-          last = fromRow(row)
-          if (!walker.step(last, row.whole_ms)) { going = false; break }
+          if (!walker.step(fromRow(row), row.whole_ms)) { going = false; break }
         }
-        if (!going || page.rows.length < 2000) break
+        if (page.rows.length < 2000) break
         after = Number(page.rows[page.rows.length - 1].seq)
       }
-      if (hi === Number((await client.query<{ m: string }>('SELECT max(seq) AS m FROM bff_audit_entries')).rows[0].m)) {
-        walker.endsAt(Number(chain.head_seq), chain.head_hash, last)
+      if (going) {
+        const next = await client.query<Row>(`SELECT ${COLUMNS} FROM bff_audit_entries WHERE seq > $1 ORDER BY seq LIMIT 1`, [hi])
+        walker.endsAt(next.rows.length === 0 ? null : fromRow(next.rows[0]), Number(chain.head_seq), chain.head_hash)
       }
       return walker.result()
     } finally {

@@ -412,4 +412,29 @@ if (await postgresAvailable()) {
     const page = await store.query({ limit: 10, requestId: batch[1].requestId })
     t.equal(page.entries[0].timestamp, batch[1].timestamp)
   })
+
+  // Before, a range was held to the chain only at its start (and at the head when it reached the
+  // newest entry): rows deleted at the end of a range, a range deleted whole, or every row, verified ok.
+  t.test('verify: rows removed at the end of a range, the whole range or the whole table are found', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    await migrate(url)
+    const store = new PostgresAuditStore({ databaseUrl: url })
+    t.teardown(() => store.close())
+    const base = Date.now() - 60_000
+    const batch = Array.from({ length: 10 }, (_, i) => entry({ timestamp: base + i * 1000 }))
+    await store.write(batch)
+    const named = (i: number): { id: string, requestId: string } => ({ id: batch[i].id, requestId: batch[i].requestId })
+    const at = (s: number): Date => new Date(base + s * 1000)
+    t.same(await store.verify({ from: at(3), to: at(5) }), { ok: true, checked: 3, firstBroken: null })
+    t.same(await store.verify({ from: at(3.5), to: at(3.7) }), { ok: true, checked: 0, firstBroken: null }, 'a range with no entry, nothing removed: ok')
+    t.same(await store.verify({ from: at(20) }), { ok: true, checked: 0, firstBroken: null }, 'after the newest entry, which is the head: ok')
+
+    await sql(url, 'DELETE FROM bff_audit_entries WHERE seq = 6')
+    t.same(await store.verify({ from: at(3), to: at(5) }), { ok: false, checked: 2, firstBroken: named(6) }, 'the last row of a range: found at the entry after the gap')
+    t.same(await store.verify({ from: at(5), to: at(5.5) }), { ok: false, checked: 0, firstBroken: named(6) }, 'the whole range')
+    await sql(url, 'DELETE FROM bff_audit_entries WHERE seq > 8')
+    t.same(await store.verify({ from: at(8) }), { ok: false, checked: 0, firstBroken: named(7) }, 'a removed tail that was the range: at the last entry left')
+    await sql(url, 'DELETE FROM bff_audit_entries')
+    t.same(await store.verify({}), { ok: false, checked: 0, firstBroken: null }, 'every row: no entry left to name')
+  })
 }

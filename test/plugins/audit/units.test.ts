@@ -114,6 +114,25 @@ t.test('memory store: a bounded ring with the same chain, verify, query and rete
   await store.close()
 })
 
+t.test('memory store: rows removed at the end of a range, the whole range or the tail are found', async t => {
+  const store = new MemoryAuditStore({ max: 100 })
+  const base = Date.now() - 60_000
+  const batch = Array.from({ length: 10 }, (_, i) => entry({ timestamp: base + i * 1000 }))
+  await store.write(batch)
+  const named = (i: number): { id: string, requestId: string } => ({ id: batch[i].id, requestId: batch[i].requestId })
+  const at = (s: number): Date => new Date(base + s * 1000)
+  t.same(await store.verify({ from: at(3.5), to: at(3.7) }), { ok: true, checked: 0, firstBroken: null }, 'a range with no entry, nothing removed: ok')
+  t.same(await store.verify({ from: at(20) }), { ok: true, checked: 0, firstBroken: null })
+  // The ring is the store's own: removing from it is what tampering with memory would be.
+  const ring = (store as unknown as { ring: { removeOne: (i: number) => unknown, pop: () => unknown } }).ring
+  ring.removeOne(6)
+  t.same(await store.verify({ from: at(3), to: at(5) }), { ok: false, checked: 3, firstBroken: named(7) }, 'the last row of a range: found at the entry after the gap')
+  t.same(await store.verify({ from: at(6), to: at(6.5) }), { ok: false, checked: 0, firstBroken: named(7) }, 'the whole range')
+  ring.pop()
+  ring.pop()
+  t.same(await store.verify({ from: at(8) }), { ok: false, checked: 0, firstBroken: named(7) }, 'a removed tail that was the range: at the last entry left')
+})
+
 t.test('spool: batches come back in order, replayed ones are cut, a failing commit keeps the rest', async t => {
   const dir = spoolDir(t)
   const spool = await Spool.open(dir)
