@@ -14,6 +14,11 @@ const LOCK_FILE = 'audit.lock'
 
 interface SpoolLine { n: number, sum: string, entries: AuditEntry[] }
 
+/** How much of the spool a drain holds at once: a read's window, and the longest line kept. */
+export interface SpoolLimits { window: number, line: number }
+// A line is one batch: BFF_AUDIT_BATCH_SIZE (at most 10,000) entries of a few hundred bytes.
+export const SPOOL_LIMITS: SpoolLimits = { window: 1 << 20, line: 256 << 20 }
+
 const checksum = (json: string): string => hash('sha256', json, 'hex')
 
 export class SpoolInUseError extends Error {}
@@ -36,7 +41,7 @@ export class Spool {
   /** Where the entries the store refused for their own data go, beside the spool. */
   readonly quarantine: Quarantine
 
-  private constructor (readonly dir: string) {
+  private constructor (readonly dir: string, private readonly limits: SpoolLimits) {
     this.quarantine = new Quarantine(dir)
   }
 
@@ -48,7 +53,7 @@ export class Spool {
    * Opens the spool of `dir`, taking its lock file: two processes on one spool would replay each
    * other's batches. A lock left by a process that is gone is taken over.
    */
-  static async open (dir: string): Promise<Spool> {
+  static async open (dir: string, limits: SpoolLimits = SPOOL_LIMITS): Promise<Spool> {
     await mkdir(dir, { recursive: true })
     const lock = join(dir, LOCK_FILE)
     try {
@@ -61,7 +66,7 @@ export class Spool {
       }
       await writeFile(lock, String(process.pid))
     }
-    const spool = new Spool(dir)
+    const spool = new Spool(dir, limits)
     spool.fh = await open(spool.path, 'a+')
     spool.bytes = (await spool.fh.stat()).size
     await spool.cutTornTail()
@@ -77,7 +82,7 @@ export class Spool {
   private async cutTornTail (): Promise<void> {
     const fh = this.fh
     if (this.bytes === 0 || fh === null) return
-    const window = Buffer.alloc(Math.min(this.bytes, 1 << 20))
+    const window = Buffer.alloc(Math.min(this.bytes, this.limits.window))
     let keep = 0
     for (let end = this.bytes; end > 0;) {
       const start = Math.max(0, end - window.length)
@@ -125,34 +130,64 @@ export class Spool {
    * Hands each batch not yet replayed to `commit`, in order. When every batch is committed the
    * replayed part is cut from the file (what was appended meanwhile stays); when `commit` throws,
    * the rest stays for the next drain. Returns the entries replayed.
+   *
+   * The file is read a window at a time, never whole: a spool grows for as long as the store is
+   * away, and one read of a spool over 2 GiB aborted the process (a native assertion in Node's
+   * fs), at every replay and again after every restart. A line longer than any batch can make
+   * (`limits.line`) is skipped as corrupt without being held in memory.
    */
   async drain (commit: (batch: AuditEntry[]) => Promise<void>): Promise<number> {
     const start = this.done
     const end = this.bytes
     const fh = this.fh
     if (end <= start || fh === null) return 0
+    const { window, line: maxLine } = this.limits
     // Appends only ever write past `end`: reading up to it needs no lock.
-    const buf = Buffer.alloc(end - start)
-    await fh.read(buf, 0, buf.length, start)
-    let pos = 0
     let replayed = 0
-    while (pos < buf.length) {
-      const nl = buf.indexOf(10, pos)
-      if (nl === -1) break
-      const line = parse(buf.subarray(pos, nl).toString('utf8'))
-      if (line === null) this.corrupt++
-      else {
-        await commit(line.entries)
-        replayed += line.entries.length
+    // The start of a line that runs on past the window, held until its newline; none while
+    // skipping an overlong line, whose bytes are dropped up to its newline.
+    let held: Buffer[] = []
+    let heldBytes = 0
+    let skipping = false
+    for (let at = start; at < end;) {
+      const { bytesRead, buffer } = await fh.read(Buffer.allocUnsafe(Math.min(window, end - at)), 0, Math.min(window, end - at), at)
+      if (bytesRead === 0) break
+      const data = buffer.subarray(0, bytesRead)
+      const base = at
+      at += bytesRead
+      let pos = 0
+      for (let nl = data.indexOf(10); nl !== -1; nl = data.indexOf(10, pos)) {
+        if (skipping) skipping = false
+        else {
+          const piece = data.subarray(pos, nl)
+          const batch = parse((heldBytes === 0 ? piece : Buffer.concat([...held, piece])).toString('utf8'))
+          if (batch === null) this.corrupt++
+          else {
+            await commit(batch.entries)
+            replayed += batch.entries.length
+          }
+        }
+        held = []
+        heldBytes = 0
+        pos = nl + 1
+        this.done = base + pos
       }
-      pos = nl + 1
-      this.done = start + pos
+      if (skipping || pos === data.length) continue
+      if (heldBytes + data.length - pos > maxLine) {
+        this.corrupt++
+        skipping = true
+        held = []
+        heldBytes = 0
+      } else {
+        held.push(data.subarray(pos))
+        heldBytes += data.length - pos
+      }
     }
     await this.serial(async () => { await this.compact() })
     return replayed
   }
 
-  /** Cuts the replayed part: truncates, or rewrites what was appended since through a rename. */
+  /** Cuts the replayed part: truncates, or copies what was appended since (a window at a time) through a rename. */
   private async compact (): Promise<void> {
     const fh = this.fh
     if (fh === null || this.done === 0) return
@@ -160,10 +195,20 @@ export class Spool {
       await fh.truncate(0)
       await fh.datasync()
     } else {
-      const rest = Buffer.alloc(this.bytes - this.done)
-      await fh.read(rest, 0, rest.length, this.done)
       const tmp = this.path + '.tmp'
-      await writeFile(tmp, rest, { flush: true })
+      const out = await open(tmp, 'w')
+      try {
+        const buf = Buffer.allocUnsafe(Math.min(this.limits.window, this.bytes - this.done))
+        for (let at = this.done; at < this.bytes;) {
+          const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, this.bytes - at), at)
+          if (bytesRead === 0) throw new Error('the audit spool is shorter than written')
+          for (let w = 0; w < bytesRead;) w += (await out.write(buf, w, bytesRead - w)).bytesWritten
+          at += bytesRead
+        }
+        await out.datasync()
+      } finally {
+        await out.close()
+      }
       await fh.close()
       await rename(tmp, this.path)
       this.fh = await open(this.path, 'a+')

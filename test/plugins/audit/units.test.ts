@@ -165,6 +165,37 @@ t.test('spool: batches come back in order, replayed ones are cut, a failing comm
   await t.rejects(spool.append(a), /closed/)
 })
 
+t.test('spool: a drain reads a window at a time; a line longer than the bound is skipped as corrupt', async t => {
+  // Before, a drain read everything not yet replayed in one buffer: a spool over 2 GiB aborted
+  // the process (a native assertion in fs), at every replay and after every restart. Small
+  // limits here stand for the 1 MiB window and the 256 MiB line of a deployed gateway.
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir, { window: 64, line: 3000 })
+  const a = [entry(), entry()]
+  const b = [entry()]
+  const c = [entry(), entry(), entry()]
+  await spool.append(a)
+  appendFileSync(spool.path, 'x'.repeat(10_000) + '\n') // a line no batch makes: skipped, never held whole
+  appendFileSync(spool.path, 'y'.repeat(2000) + '\n') // within the bound, but not a batch
+  const reopened = await (async () => { await spool.close(); return await Spool.open(dir, { window: 64, line: 3000 }) })()
+  await reopened.append(b)
+  const seen: AuditEntry[][] = []
+  let fail = true
+  await t.rejects(reopened.drain(async batch => {
+    if (batch.length === 1 && fail) throw new Error('down')
+    seen.push(batch)
+  }), /down/)
+  t.same(seen, [a], 'each batch spans many windows and comes back whole')
+  t.equal(reopened.corrupt, 2, 'the overlong line and the junk line')
+  fail = false
+  t.equal(await reopened.drain(async batch => { seen.push(batch); await reopened.append(c) }), 1, 'the next drain goes on from the batch that failed')
+  t.same(seen, [a, b])
+  t.same(JSON.parse(readFileSync(reopened.path, 'utf8')).entries, c, 'compacted a window at a time: only the batch appended meanwhile is left')
+  t.equal(await reopened.drain(async batch => { seen.push(batch) }), 3)
+  t.equal(statSync(reopened.path).size, 0)
+  await reopened.close()
+})
+
 t.test('spool: a short write is completed; a failed append leaves nothing behind to join the next', async t => {
   const dir = spoolDir(t)
   const spool = await Spool.open(dir)
