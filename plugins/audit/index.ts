@@ -339,10 +339,19 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     }
   }
 
+  // The contract code of a refusal thrown on one of the audit endpoints (role, body, load
+  // shedding), for its one entry, which the endpoint's onResponse writes.
+  const refusals = new WeakMap<FastifyRequest, string>()
+  const auditsItself = (request: FastifyRequest): boolean => (request.routeOptions.config as { auditsItself?: boolean } | undefined)?.auditsItself === true
+
   // A body Fastify refuses before any face sees it (too large, not JSON, malformed JSON) never
   // becomes an operation call; it is still recorded, as `security`. Errors of the calls
   // themselves are MantleErrors, recorded by the stage. Unmatched routes (404) are not recorded.
   app.addHook('onError', (request, reply, error, done) => {
+    if (auditsItself(request)) {
+      refusals.set(request, toProblem(error, request.id).problem.code)
+      return done()
+    }
     const code = (error as { code?: unknown }).code
     if ((typeof code === 'string' && code.startsWith('FST_ERR_CTP_')) || (error instanceof SyntaxError && (error as { statusCode?: unknown }).statusCode === 400)) {
       const { problem: p } = toProblem(error, request.id)
@@ -352,14 +361,17 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     done()
   })
 
-  // The gateway's own audit endpoints are audited too (category admin), refusals included.
+  // The gateway's own audit endpoints are audited too (category admin), refusals included: one
+  // entry each, with the refusal's code. Before, a body Fastify refused there was recorded twice
+  // (once as `security`), and every refusal but 400, 401 and 403 was recorded as INTERNAL.
   const adminAudit = (action: string) => (request: FastifyRequest, reply: FastifyReply, done: () => void): void => {
-    const status = reply.statusCode < 400 ? 'ok' : (reply.statusCode === 401 ? 'UNAUTHENTICATED' : reply.statusCode === 403 ? 'FORBIDDEN' : reply.statusCode === 400 ? 'VALIDATION_FAILED' : 'INTERNAL')
+    const status = reply.statusCode < 400 ? 'ok' : (refusals.get(request) ?? (reply.statusCode === 400 ? 'VALIDATION_FAILED' : 'INTERNAL'))
     enqueue(httpEntry(request, reply, action, 'admin', status, reply.statusCode))
     done()
   }
 
   app.get('/admin/audit', {
+    config: { auditsItself: true },
     onRequest: app.requireRole('system'),
     onResponse: adminAudit('admin.audit.query'),
     schema: {
@@ -404,6 +416,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   })
 
   app.post('/admin/audit/verify', {
+    config: { auditsItself: true },
     onRequest: app.requireRole('system'),
     onResponse: adminAudit('admin.audit.verify'),
     schema: {

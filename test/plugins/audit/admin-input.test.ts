@@ -55,3 +55,27 @@ t.test('memory: a leap-second date-time is a 400, not a filter silently ignored;
   await drained(app)
   await checkRefusals(t, app)
 })
+
+// The audit endpoints record themselves (category admin). A body Fastify refused there was
+// recorded twice (once more as `security`, action `http`), and a refusal other than 400, 401
+// and 403 was recorded as INTERNAL.
+t.test('a refusal on an audit endpoint leaves one entry, with the refusal\'s code', async t => {
+  const app = await buildDemoApp(t, { BFF_BODY_LIMIT: 1024 })
+  const cases: Array<[string, Record<string, string>, string, number, string]> = [
+    ['adm-bad-json', { 'content-type': 'application/json' }, '{bad', 400, 'VALIDATION_FAILED'],
+    ['adm-not-json', { 'content-type': 'text/plain' }, 'x', 415, 'UNSUPPORTED_MEDIA_TYPE'],
+    ['adm-too-large', { 'content-type': 'application/json' }, JSON.stringify({ from: 'x'.repeat(2000) }), 413, 'PAYLOAD_TOO_LARGE'],
+    ['adm-no-role', { 'content-type': 'application/json', ...bearer({ roles: ['viewer'] }) }, '{}', 403, 'FORBIDDEN'],
+    ['adm-ok', { 'content-type': 'application/json' }, '{}', 200, 'ok']
+  ]
+  for (const [id, headers, payload, code] of cases) {
+    const res = await app.inject({ method: 'POST', url: '/admin/audit/verify', headers: { ...bearer(), ...headers, 'x-request-id': id }, payload })
+    t.equal(res.statusCode, code, id)
+  }
+  await drained(app)
+  for (const [id, , , code, status] of cases) {
+    const res = await app.inject({ method: 'GET', url: `/admin/audit?requestId=${id}`, headers: bearer() })
+    const rows = (res.json().entries as Array<{ action: string, category: string, status: string, statusCode: number }>).map(r => [r.action, r.category, r.status, r.statusCode])
+    t.same(rows, [['admin.audit.verify', 'admin', status, code]], `${id}: one entry, ${status}`)
+  }
+})
