@@ -40,6 +40,10 @@ declare module 'fastify' {
     /** Present when the audit trail is on (BFF_AUDIT_ENABLED). */
     audit: Audit
   }
+  interface FastifyContextConfig {
+    /** The route writes its own audit entry (the audit endpoints): onError leaves it alone. */
+    auditsItself?: boolean
+  }
 }
 
 export interface AuditOptions {
@@ -342,7 +346,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   // The contract code of a refusal thrown on one of the audit endpoints (role, body, load
   // shedding), for its one entry, which the endpoint's onResponse writes.
   const refusals = new WeakMap<FastifyRequest, string>()
-  const auditsItself = (request: FastifyRequest): boolean => (request.routeOptions.config as { auditsItself?: boolean } | undefined)?.auditsItself === true
+  const auditsItself = (request: FastifyRequest): boolean => request.routeOptions.config?.auditsItself === true
 
   // A body Fastify refuses before any face sees it (too large, not JSON, malformed JSON) never
   // becomes an operation call; it is still recorded, as `security`. Errors of the calls
