@@ -180,7 +180,7 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
  * request fail before it left (a 503 that also tripped the breaker for every tenant), and
  * surrounding spaces are trimmed on the way, so " acme" would have reached acme's data.
  */
-const HEADER_SAFE = /^[\x21-\x7e\xa1-\xff](?:[\t\x20-\x7e\xa0-\xff]{0,254}[\x21-\x7e\xa1-\xff])?$/
+export const HEADER_SAFE = /^[\x21-\x7e\xa1-\xff](?:[\t\x20-\x7e\xa0-\xff]{0,254}[\x21-\x7e\xa1-\xff])?$/
 
 function toIdentity (claims: Record<string, unknown>, toleranceMs: number): Identity {
   const { sub, tid, roles = [], zone = 'public' } = claims

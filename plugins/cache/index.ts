@@ -8,6 +8,7 @@ import { ResponseCache, STALE_IF_ERROR_SECONDS, type CacheMetrics } from './cach
 import { RedisTier } from './redis.js'
 import { INVALIDATE_CHANNEL } from './keys.js'
 import { sharedStoreHealth } from '../diagz/index.js'
+import { HEADER_SAFE } from '../auth/identity.js'
 
 export { ResponseCache, STALE_IF_ERROR_SECONDS } from './cache.js'
 export { MemoryTier, TagClock, type CachedAnswer } from './memory.js'
@@ -133,7 +134,8 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
         required: ['tags'],
         properties: {
           tags: { type: 'array', minItems: 1, maxItems: 1000, items: { type: 'string', minLength: 1, maxLength: 1024 } },
-          tenant: { type: 'string', minLength: 1, maxLength: 256 }
+          // What a token's tid may be (a lone surrogate, say, made the key's encoding throw: 500).
+          tenant: { type: 'string', minLength: 1, maxLength: 256, pattern: HEADER_SAFE.source }
         }
       },
       response: { 200: { type: 'object', properties: { tenant: { type: 'string' }, tags: { type: 'array', items: { type: 'string' } } } } }

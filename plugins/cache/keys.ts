@@ -40,7 +40,7 @@ export function tagKey (tenant: string, tag: string): string {
 
 /**
  * A manifest tag such as `agent:{id}`, compiled once: `{x}` is filled from the call's input
- * (an absent value fills as the empty string).
+ * (an absent value fills as the empty string, an object or array as its canonical JSON).
  */
 export function tagTemplate (template: string): (input: Record<string, unknown>) => string {
   const parts = template.split(/\{([^}]*)\}/) // even indexes: literal text, odd: input names
@@ -49,7 +49,10 @@ export function tagTemplate (template: string): (input: Record<string, unknown>)
     let out = parts[0]
     for (let i = 1; i < parts.length; i += 2) {
       const v = input[parts[i]]
-      out += (v === undefined || v === null ? '' : String(v)) + parts[i + 1]
+      // An object or array fills as its canonical JSON: String() made "[object Object]" of every
+      // object (one tag for all), and threw for {"toString": 1} (a 500, after the Kernel had
+      // carried a mutation out, with nothing invalidated).
+      out += (v === undefined || v === null ? '' : typeof v === 'object' ? canonicalJson(v) : String(v)) + parts[i + 1]
     }
     return out
   }

@@ -10,26 +10,33 @@ import { INVALIDATE_CHANNEL } from './keys.js'
 // the tags from its in-process tier.
 
 // KEYS[1] the entry, KEYS[2..] its tag keys; ARGV: versions read before the Kernel call, body,
-// entry ms, tag ms. 1 stored, 0 raced.
+// entry ms, tag ms. 1 stored, 0 raced. A tag's lifetime is only ever lengthened, here and on
+// invalidation: a tag version that expired before an entry stored under an earlier version would
+// read 0 again and serve that entry, invalidated, as a hit.
 const WRITE = `
 local v = {}
 for i = 2, #KEYS do v[i - 1] = redis.call('GET', KEYS[i]) or '0' end
 if table.concat(v, ',') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2], 'PX', ARGV[3])
+local ms = tonumber(ARGV[4])
 for i = 2, #KEYS do
-  if redis.call('SET', KEYS[i], '0', 'NX', 'PX', ARGV[4]) == false then redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
+  if redis.call('SET', KEYS[i], '0', 'NX', 'PX', ms) == false and redis.call('PTTL', KEYS[i]) < ms then redis.call('PEXPIRE', KEYS[i], ms) end
 end
 return 1
 `
 // KEYS the tag keys; ARGV: tag ms, the message to publish.
 const INVALIDATE = `
+local ms = tonumber(ARGV[1])
 for i = 1, #KEYS do
   redis.call('INCR', KEYS[i])
-  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  if redis.call('PTTL', KEYS[i]) < ms then redis.call('PEXPIRE', KEYS[i], ms) end
 end
 redis.call('PUBLISH', '${INVALIDATE_CHANNEL}', ARGV[2])
 return #KEYS
 `
+
+/** How much longer than the entry stored under it a tag version lives, at the least. */
+const TAG_MARGIN_MS = 60_000
 
 interface CacheCommands {
   mantleCacheWrite: (n: number, ...args: string[]) => Promise<number>
@@ -76,7 +83,10 @@ export class RedisTier {
   async write (key: string, tagKeys: readonly string[], versions: string, answer: CachedAnswer, now: number): Promise<boolean> {
     const ms = answer.keepUntil - now
     if (ms <= 0) return false
-    return await this.commands.mantleCacheWrite(1 + tagKeys.length, key, ...tagKeys, versions, encode(answer), String(ms), String(this.tagMs)) === 1
+    // The tags outlive this entry whatever lifetime the manifest gave it: a reload may lengthen
+    // an operation's ttl beyond what the tag lifetime was computed from at start-up.
+    const tagMs = Math.max(this.tagMs, ms + TAG_MARGIN_MS)
+    return await this.commands.mantleCacheWrite(1 + tagKeys.length, key, ...tagKeys, versions, encode(answer), String(ms), String(tagMs)) === 1
   }
 
   async invalidate (tagKeys: readonly string[], message: string): Promise<void> {

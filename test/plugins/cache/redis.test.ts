@@ -6,7 +6,7 @@ import { Redis } from 'ioredis'
 import { buildTestApp, bearer } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { itemKernel, itemManifest, metric, eventually } from './items.js'
-import { entryKey, localKey, tagKey } from '../../../plugins/cache/index.js'
+import { entryKey, etagOf, localKey, RedisTier, tagKey } from '../../../plugins/cache/index.js'
 import { canonicalJson } from '../../../plugins/pipeline/index.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -110,4 +110,38 @@ t.test('a Redis down at start-up: the cache runs on memory', async t => {
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss')
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit')
   t.equal(kernel.reads(), 1)
+})
+
+t.test('a tag version outlives every entry stored under it, whatever lifetime the entry has; an invalidation never shortens it', async t => {
+  // The tag lifetime was computed once from the start-up manifest: after a reload that
+  // lengthened an operation's ttl, entries outlived their tags, whose version then read 0 again,
+  // and an entry stored under 0 before an invalidation was served again as a hit.
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.quit())
+  const tier = new RedisTier(redis, 60_000)
+  const who = tenant()
+  const key = entryKey('getItem', who, { id: 'a' })
+  const tags = [tagKey(who, 'item:a')]
+  t.teardown(async () => { await redis.del(key, ...tags) })
+  const now = Date.now()
+  const day = 86_400_000
+  const { versions } = await tier.read(key, tags)
+  t.equal(versions, '0')
+  t.ok(await tier.write(key, tags, versions, { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + day, staleUntil: now + day, keepUntil: now + day }, now))
+  const entryTtl = await redis.pttl(key)
+  t.ok(await redis.pttl(tags[0]) > entryTtl, 'the tag outlives the day-long entry, beyond the 60 s it was made with')
+  await tier.invalidate(tags, 'test')
+  t.equal(await redis.get(tags[0]), '1')
+  t.ok(await redis.pttl(tags[0]) > entryTtl, 'the invalidation kept the longer lifetime')
+  // A short entry afterwards does not shorten it either.
+  const short = entryKey('getItem', who, { id: 'b' })
+  t.teardown(async () => { await redis.del(short) })
+  t.ok(await tier.write(short, tags, '1', { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + 1000, staleUntil: now + 1000, keepUntil: now + 1000 }, now))
+  t.ok(await redis.pttl(tags[0]) > entryTtl)
+  // A tag made by an invalidation alone gets the tier's lifetime.
+  const fresh = tagKey(who, 'item:fresh')
+  t.teardown(async () => { await redis.del(fresh) })
+  await tier.invalidate([fresh], 'test')
+  const freshTtl = await redis.pttl(fresh)
+  t.ok(freshTtl > 50_000 && freshTtl <= 60_000, `the tier's 60 s (${freshTtl} ms)`)
 })

@@ -11,6 +11,10 @@ t.test('tag templates fill {x} from input; absent values fill as empty', async t
   t.equal(tagTemplate('{a}/{b}!')({ a: 1, b: true }), '1/true!')
   t.equal(tagTemplate('agent:{id}')({}), 'agent:')
   t.equal(tagTemplate('agent:{id}')({ id: null }), 'agent:')
+  // An object fills as its canonical JSON: String() gave every object one tag, and threw for this.
+  t.equal(tagTemplate('t:{x}')({ x: { toString: 1 } }), 't:{"toString":1}')
+  t.equal(tagTemplate('t:{x}')({ x: { b: 1, a: [2] } }), 't:{"a":[2],"b":1}')
+  t.equal(tagTemplate('t:{x}')({ x: [1, 'a'] }), 't:[1,"a"]')
 })
 
 t.test('keys: the same input in any key order is one key; tenants are encoded so keys never collide', async t => {
