@@ -114,19 +114,26 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     subscribe: subscriptions.subscribe
   })
 
-  // The face's routes stay out of the OpenAPI document, which describes REST.
-  app.addHook('onRoute', (route) => {
-    route.schema = { ...route.schema, hide: true }
-  })
   // A WebSocket upgrade beyond the instance's bound is refused at once (503), and so is one with
   // credentials when they are bad (a 401); without any, connection_init may still bring them.
   // mercurius offers no hook of its own before the upgrade (its verifyClient only applies to a
   // WebSocket server it registers itself; app.ts registers the one every face shares).
-  app.addHook('onRequest', async (request) => {
+  const checkUpgrade = async (request: FastifyRequest): Promise<void> => {
     if (!request.ws) return
     slots.reserve(request)
     const authorization = upgradeAuthorization(request)
     if (authorization !== undefined) app.identify(authorization)
+  }
+  app.addHook('onRoute', (route) => {
+    // The face's routes stay out of the OpenAPI document, which describes REST.
+    route.schema = { ...route.schema, hide: true }
+    // A hook of the route, after the HTTP guard's (which goes first on every route), as on /ws
+    // and /trpc. As a hook of this instance it ran before every route hook: forged-token
+    // upgrades of /graphql were refused 401 without the guard counting them.
+    if (route.url === '/graphql') {
+      const own = route.onRequest
+      route.onRequest = own === undefined ? [checkUpgrade] : [...(Array.isArray(own) ? own : [own]), checkUpgrade]
+    }
   })
   // GraphQL over HTTP's own media type, for clients that ask for it (the status codes are
   // already those it prescribes: 4xx for a refused document, 200 once calls ran).

@@ -123,6 +123,24 @@ t.test('WebSocket upgrades are guarded too (/ws, /graphql, /trpc), before their 
   t.equal((await upgrade('/trpc')).status, 429)
 })
 
+t.test('forged-token upgrades of /graphql are counted and refused by the guard, as on /ws', async t => {
+  // The GraphQL face checked an upgrade's token in a hook of its instance, which Fastify runs
+  // before every route hook, the guard's included: each forged upgrade was a 401, never counted.
+  const app = await guarded(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const base = `ws://127.0.0.1:${(app.server.address() as { port: number }).port}`
+  const status = async (path: string, protocol?: string): Promise<number> => await new Promise((resolve, reject) => {
+    const ws = new WebSocket(base + path, protocol)
+    ws.on('open', () => { ws.close(); resolve(101) })
+    ws.on('unexpected-response', (_req, res) => { res.resume(); res.on('end', () => resolve(res.statusCode ?? 0)) })
+    ws.on('error', reject)
+  })
+  const graphql: number[] = []
+  for (let i = 0; i < 5; i++) graphql.push(await status('/graphql?access_token=forged', 'graphql-transport-ws'))
+  t.same(graphql, [401, 401, 401, 429, 429])
+  t.equal(await status('/ws?access_token=forged'), 429, 'the same address\'s budget')
+})
+
 // The HTTP guard counts every HTTP request but /healthz, /readyz and /metrics
 // (README, Rate limits). /diagz was once registered before the guard's onRoute hook existed,
 // and so was never counted.
