@@ -124,7 +124,15 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     const headers = request.headers
     const ctx = new CallContext(request.id, 'rest', op, input, headers.authorization, single(headers.traceparent), op.type === 'mutation' ? idempotencyKeyOf(request) : undefined)
     if (cached) ctx.ifNoneMatch = single(headers['if-none-match'])
-    const result = await entry.run(ctx)
+    let result: unknown
+    try {
+      result = await entry.run(ctx)
+    } catch (err) {
+      // A call that failed after the stages that set headers passed (an operation's limit, say:
+      // the call used part of it) answers them too, beside the problem's own.
+      if (ctx.headers !== null) reply.headers(ctx.headers)
+      throw err
+    }
     if (ctx.headers !== null) reply.headers(ctx.headers)
     if (ctx.status === 204 || ctx.status === 304) return reply.code(ctx.status).send()
     // The same compiled output serializer as every other face (the route's 2xx schema is for

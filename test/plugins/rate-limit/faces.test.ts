@@ -129,3 +129,22 @@ t.test('WebSocket: every frame is counted; the error frame carries RATE_LIMITED'
   t.same(frames[1], { id: '2', result: { ok: true } })
   t.match(frames[2], { id: '3', error: { code: 'RATE_LIMITED', status: 429, title: 'Rate limited' } })
 })
+
+t.test('REST: a counted call answered with an error still carries the operation\'s RateLimit-*', async t => {
+  // The headers were applied on success only: a call that used part of the limit and then failed
+  // (a Kernel 404 here) answered none, or the guard's.
+  const kernel = await startTestKernel(t, { 'POST /v1/gone': (_req, res) => json(res, 404, { message: 'gone' }) })
+  const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
+  const manifest = testManifest({
+    poke: { type: 'mutation', rest: 'POST /poke', kernel: 'POST /v1/gone', input: { type: 'object' }, output, rateLimit: { max: 5, windowMs: 60_000 } }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const headers = bearer({ tenant: 'h-' + randomUUID() })
+  for (const remaining of ['4', '3']) {
+    const res = await app.inject({ method: 'POST', url: '/api/v1/poke', headers, payload: {} })
+    t.equal(res.statusCode, 404)
+    t.match(res.json(), { code: 'NOT_FOUND' })
+    t.equal(res.headers['ratelimit-limit'], '5')
+    t.equal(res.headers['ratelimit-remaining'], remaining)
+  }
+})
