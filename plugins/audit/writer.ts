@@ -67,6 +67,12 @@ export class AuditWriter {
    * meanwhile this stands for what is on its way there, and new batches follow it.
    */
   private overflowing: Promise<void> | null = null
+  /**
+   * The batch deliver is writing to the store, while it is. A queue that fills meanwhile takes it
+   * ahead of itself to the spool (`spooled`): should the write fail, it is on disk before what was
+   * enqueued after it. Before, it was appended after the full queue, out of order.
+   */
+  private inFlight: { batch: AuditEntry[], spooled: boolean } | null = null
 
   constructor (private readonly opts: WriterOptions) {
     this.intervalMs = opts.intervalMs ?? 50
@@ -103,11 +109,20 @@ export class AuditWriter {
     // Lines of at most one batch each: a replay never writes more than a batch per transaction.
     const size = this.opts.batchSize
     const lines: AuditEntry[][] = []
+    // The batch being written goes first (a copy that replay skips should its write succeed: the
+    // store skips entries already stored).
+    const flight = this.inFlight
+    const ahead = flight !== null && !flight.spooled ? flight.batch : null
+    if (ahead !== null) {
+      flight!.spooled = true
+      lines.push(ahead)
+    }
     for (let i = 0; i < batch.length; i += size) lines.push(batch.slice(i, i + size))
     const append: Promise<void> = spool.appendMany(lines).then(() => this.opts.hooks?.spooled?.(batch.length), (err: Error) => {
-      // The disk refused too: keep the entries in memory, at the front, for the next flush.
+      // The disk refused too: keep the entries in memory, at the front, for the next flush (the
+      // batch that was being written as well: written twice, the store keeps it once).
       this.opts.log.error({ err: err.message }, 'audit spool write failed')
-      this.queue = batch.concat(this.queue)
+      this.queue = (ahead === null ? batch : ahead.concat(batch)).concat(this.queue)
     }).finally(() => { if (this.overflowing === append) this.overflowing = null })
     this.overflowing = append
   }
@@ -180,7 +195,7 @@ export class AuditWriter {
           n += batch.length
         } catch (err) {
           if (!this.refused(err)) throw err
-          const isolated = await this.isolate(spool, batch, err, true)
+          const isolated = await this.isolate(spool, batch, err, () => true)
           n += isolated.stored
           if (isolated.error !== null) throw isolated.error
         }
@@ -206,9 +221,9 @@ export class AuditWriter {
    * 2k·log2(n) writes (a few dozen for one bad entry in 10,000), where one entry at a time would
    * cost n transactions. Stops at the first failure that is not a refusal (the store went away)
    * or a quarantine that cannot be written: everything from there on is `rest`, in order (a
-   * line of the spool stays whole: `replaying`, its entries quarantined are remembered).
+   * line of the spool stays whole: `inSpool`, its entries quarantined are remembered).
    */
-  private async isolate (spool: Spool, batch: AuditEntry[], err: unknown, replaying: boolean): Promise<Isolation> {
+  private async isolate (spool: Spool, batch: AuditEntry[], err: unknown, inSpool: () => boolean): Promise<Isolation> {
     let stored = 0
     const refusals = new Map<string | null, number>()
     // Spans still to handle, the next one last; each with the error the store gave it, if tried.
@@ -249,7 +264,7 @@ export class AuditWriter {
         at = from
         break
       }
-      if (replaying) this.setAside.add(e.id)
+      if (inSpool()) this.setAside.add(e.id)
       refusals.set(sqlstate, (refusals.get(sqlstate) ?? 0) + 1)
     }
     for (const [sqlstate, n] of refusals) {
@@ -263,6 +278,8 @@ export class AuditWriter {
     const spool = this.opts.spool
     if (spool === null || (!this.spooling(spool) && Date.now() >= this.retryAt)) {
       const started = performance.now()
+      const flight = { batch, spooled: false }
+      this.inFlight = flight
       try {
         await this.opts.store.write(batch)
         this.opts.hooks?.stored?.(batch.length, (performance.now() - started) / 1000)
@@ -273,7 +290,7 @@ export class AuditWriter {
           this.fail(err as Error)
           if (spool === null) return
         } else {
-          const isolated = await this.isolate(spool, batch, err, false)
+          const isolated = await this.isolate(spool, batch, err, () => flight.spooled)
           if (isolated.stored > 0) this.opts.hooks?.stored?.(isolated.stored, (performance.now() - started) / 1000)
           if (isolated.error === null) {
             this.recovered()
@@ -282,6 +299,14 @@ export class AuditWriter {
           this.fail(isolated.error)
           batch = isolated.rest
         }
+      } finally {
+        this.inFlight = null
+      }
+      // A full queue went to the spool meanwhile and took this batch ahead of itself: it is there
+      // (or, should the disk have refused, back in the queue) in its place.
+      if (flight.spooled) {
+        await this.overflowing
+        return
       }
     }
     try {

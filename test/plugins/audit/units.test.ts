@@ -433,6 +433,38 @@ t.test('writer: after a full queue goes to the spool, later entries reach the st
   await spool.close()
 })
 
+// A write that hangs while the queue fills (PostgreSQL up to its query timeout): the full queue
+// went to the spool at once, and the batch in flight, should its write then fail, was appended
+// after it: older entries chained after newer ones.
+t.test('writer: the batch being written when a full queue is spooled keeps its place, whether its write fails or succeeds', async t => {
+  for (const outcome of ['fails', 'succeeds'] as const) {
+    const store = flakyStore()
+    const write = store.write.bind(store)
+    let release: ((ok: boolean) => void) | null = null
+    let hang = true
+    store.write = async (batch) => {
+      if (hang) {
+        hang = false
+        if (!await new Promise<boolean>(resolve => { release = resolve })) throw new Error('query read timeout')
+      }
+      await write(batch)
+    }
+    const spool = await Spool.open(spoolDir(t))
+    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, log: quiet })
+    const first = Array.from({ length: 10 }, () => entry())
+    for (const e of first) writer.enqueue(e)
+    await until(() => release !== null, 'the first batch in flight')
+    const later = Array.from({ length: 100 }, () => entry()) // the 100th fills the queue: spooled at once
+    for (const e of later) writer.enqueue(e)
+    await until(() => spool.size > 0, 'the full queue on disk')
+    release!(outcome === 'succeeds')
+    await until(() => store.stored.length === 110, 'everything stored', 10_000)
+    t.same(store.stored.map(e => e.id), [...first, ...later].map(e => e.id), `${outcome}: stored once each, in the order enqueued`)
+    await writer.close()
+    await spool.close()
+  }
+})
+
 // close waits for a full queue still on its way to the spool: an entry enqueued is on disk (or
 // stored) before close resolves.
 t.test('writer: close resolves only once a full queue on its way to the spool is on disk', async t => {
