@@ -221,22 +221,34 @@ function fromRow (r: Row): StoredEntry {
  */
 export class PostgresAuditStore implements AuditStore {
   readonly kind = 'postgres' as const
+  /** The writer's connections: batches, retention, the health ping. */
   readonly pool: pg.Pool
+  /**
+   * GET /admin/audit and verify's connections, apart: a verify holds its connection for the whole
+   * walk, and with one pool a few verifies of a large table at once took every connection, so that
+   * the writer waited past its connect timeout and spooled.
+   */
+  private readonly reads: pg.Pool
 
   constructor (opts: PostgresStoreOptions) {
-    this.pool = new pg.Pool({
-      connectionString: opts.databaseUrl,
-      max: 4,
-      connectionTimeoutMillis: opts.connectTimeoutMs ?? 2000,
-      query_timeout: opts.queryTimeoutMs ?? 10000,
-      idleTimeoutMillis: 10000,
-      keepAlive: true,
-      application_name: 'mantle-audit'
-    })
-    // A connection that breaks (PostgreSQL restarted, network cut), idle or checked out, must not
-    // crash the process: the query in flight fails and its batch is spooled.
-    this.pool.on('error', () => {})
-    this.pool.on('connect', client => { client.on('error', () => {}) })
+    const pool = (max: number, name: string): pg.Pool => {
+      const p = new pg.Pool({
+        connectionString: opts.databaseUrl,
+        max,
+        connectionTimeoutMillis: opts.connectTimeoutMs ?? 2000,
+        query_timeout: opts.queryTimeoutMs ?? 10000,
+        idleTimeoutMillis: 10000,
+        keepAlive: true,
+        application_name: name
+      })
+      // A connection that breaks (PostgreSQL restarted, network cut), idle or checked out, must
+      // not crash the process: the query in flight fails (a batch is then spooled).
+      p.on('error', () => {})
+      p.on('connect', client => { client.on('error', () => {}) })
+      return p
+    }
+    this.pool = pool(2, 'mantle-audit')
+    this.reads = pool(2, 'mantle-audit-reads')
   }
 
   /**
@@ -325,7 +337,7 @@ export class PostgresAuditStore implements AuditStore {
   }
 
   async verify (range: { from?: Date, to?: Date }): Promise<VerifyResult> {
-    const client = await this.pool.connect()
+    const client = await this.reads.connect()
     try {
       // One snapshot: writers may go on while the walk runs.
       await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY')
@@ -391,7 +403,7 @@ export class PostgresAuditStore implements AuditStore {
     if (q.beforeSeq !== undefined) add('seq < ?', q.beforeSeq)
     params.push(q.limit + 1)
     const sql = `SELECT ${COLUMNS} FROM bff_audit_entries ${where.length > 0 ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY seq DESC LIMIT $${params.length}`
-    const rows = (await this.pool.query<Row>(sql, params)).rows.map(fromRow)
+    const rows = (await this.reads.query<Row>(sql, params)).rows.map(fromRow)
     const more = rows.length > q.limit
     if (more) rows.pop()
     return { entries: rows, nextSeq: more ? rows[rows.length - 1].seq : null }
@@ -427,6 +439,6 @@ export class PostgresAuditStore implements AuditStore {
   }
 
   async close (): Promise<void> {
-    await this.pool.end()
+    await Promise.all([this.pool.end(), this.reads.end()])
   }
 }

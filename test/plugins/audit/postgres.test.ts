@@ -290,6 +290,23 @@ if (available) {
     }
   })
 
+  t.test('the store itself: reads (verify, query) have connections of their own, apart from the writer\'s', async t => {
+    // One pool of 4 served both: verifies of a large table at once held every connection, and
+    // the writer, waiting past its connect timeout, spooled.
+    const { url, store, entry } = await storeOnNewDatabase(t)
+    const reads = (store as unknown as { reads: { connect: () => Promise<{ release: () => void }> } }).reads
+    const held = [await reads.connect(), await reads.connect()]
+    try {
+      await store.write([entry(), entry()])
+      t.equal(await count(url), 2, 'a write goes through while every read connection is taken')
+    } finally {
+      for (const c of held) c.release()
+    }
+    t.same(await store.verify({}), { ok: true, checked: 2, firstBroken: null })
+    const names = (await sql<{ name: string }>(url, "SELECT DISTINCT application_name AS name FROM pg_stat_activity WHERE application_name LIKE 'mantle-audit%' AND datname = current_database() ORDER BY 1")).map(r => r.name)
+    t.same(names, ['mantle-audit', 'mantle-audit-reads'])
+  })
+
   t.test('the store itself: duplicates within one batch, and any text in any column, are stored as given', async t => {
     const { url, store, entry } = await storeOnNewDatabase(t)
     // Text an array literal must quote or escape: quotes, backslashes, braces, commas, the word
