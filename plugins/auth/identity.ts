@@ -134,7 +134,8 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
       if (hs === undefined) throw refuse('HS256 tokens are not accepted here')
       return hs
     }
-    if (alg !== 'RS256' && alg !== 'ES256') throw refuse(`the algorithm ${JSON.stringify(String(alg))} is not accepted`)
+    // Named only when it is a string: String() of {"toString": 1} threw (a 500 for any caller).
+    if (alg !== 'RS256' && alg !== 'ES256') throw refuse(`the algorithm ${typeof alg === 'string' ? JSON.stringify(alg.slice(0, 32)) : `(a JSON ${alg === null ? 'null' : typeof alg})`} is not accepted`)
     if (typeof kid !== 'string' || kid === '') throw refuse(`an ${alg} token needs a key id (kid)`)
     const key = configured.get(kid) ?? fetched.get(kid)
     if (key === undefined) {

@@ -90,6 +90,9 @@ t.test('refusals: unknown kid, alg none, key confusion, alg not the key\'s, clai
     ['unknown kid', `Bearer ${sign(rsa1, 'RS256', 'nope', iss)}`, /unknown key id/],
     ['alg none', none, /algorithm "none" is not accepted/],
     ['HS384', `Bearer ${createSigner({ key: secret, algorithm: 'HS384' })(claims(iss))}`, /algorithm "HS384" is not accepted/],
+    // String() of this threw: a 500 for any caller, on every face.
+    ['alg an object', `Bearer ${b64({ alg: { toString: 1 }, typ: 'JWT' })}.${b64({ ...claims(), exp: now + 600 })}.x`, /algorithm \(a JSON object\) is not accepted/],
+    ['alg null', `Bearer ${b64({ alg: null, typ: 'JWT' })}.${b64({ ...claims(), exp: now + 600 })}.x`, /algorithm \(a JSON null\) is not accepted/],
     ['key confusion', `Bearer ${confused}`, /signature is invalid/],
     ['RS256 claiming the ES256 kid', `Bearer ${sign(rsa1, 'RS256', 'e1', iss)}`, /RS256 does not match the key "e1" \(ES256\)/],
     ['ES256 claiming the RS256 kid', `Bearer ${sign(ec1, 'ES256', 'r1', iss)}`, /ES256 does not match the key "r1" \(RS256\)/],
