@@ -249,6 +249,9 @@ function validationStage (): StageDefinition {
 
 const NON_FINITE = 'The input holds a number out of range: numbers must be finite'
 const PROTOTYPE = 'The input contains a forbidden prototype property'
+/** How deeply objects and arrays may nest in an input: what goes after (the Kernel request's JSON, the keys of the cache, idempotency and batch memo) recurses. */
+export const MAX_INPUT_DEPTH = 256
+const TOO_DEEP = `The input nests objects and arrays more than ${MAX_INPUT_DEPTH} levels deep`
 
 /**
  * What is wrong with a parsed input that its schema admits, or null. A number that is not finite:
@@ -256,21 +259,31 @@ const PROTOTYPE = 'The input contains a forbidden prototype property'
  * to the Kernel (it would arrive as null, or as the text "Infinity"). A `__proto__` key, or a
  * `constructor` holding a `prototype`: JSON.parse keeps them as own keys, and an upstream that
  * merges the input into an object would take them as its prototype (REST's parser refuses such
- * a body, as secure-json-parse does: every face refuses it here). Iterative: a deeply nested
- * body must not exhaust the stack; the work is one step per value, bounded by the body limit.
+ * a body, as secure-json-parse does: every face refuses it here). Nesting deeper than
+ * MAX_INPUT_DEPTH: 40 KB of nested arrays in a free-form field overflowed the stack of the steps
+ * after this one (a 500). Iterative itself: the work is one step per value, bounded by the body limit.
  */
 export function inputFault (input: object): string | null {
   const stack: unknown[] = [input]
+  const depths: number[] = [1]
   while (stack.length > 0) {
     const value = stack.pop()
+    const depth = depths.pop()!
     if (typeof value === 'number') {
       if (!Number.isFinite(value)) return NON_FINITE
     } else if (value !== null && typeof value === 'object') {
-      if (Array.isArray(value)) { for (const v of value) stack.push(v) } else {
+      if (depth > MAX_INPUT_DEPTH) return TOO_DEEP
+      if (Array.isArray(value)) {
+        for (const v of value) {
+          stack.push(v)
+          depths.push(depth + 1)
+        }
+      } else {
         for (const k in value) {
           const v = (value as Record<string, unknown>)[k]
           if (k === '__proto__' || (k === 'constructor' && v !== null && typeof v === 'object' && Object.hasOwn(v, 'prototype'))) return PROTOTYPE
           stack.push(v)
+          depths.push(depth + 1)
         }
       }
     }

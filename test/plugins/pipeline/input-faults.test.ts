@@ -35,7 +35,34 @@ t.test('inputFault: anywhere in the input, and a deep input does not exhaust the
   t.match(inputFault({ a: Number.NaN }), /finite/)
   let deep: unknown = [1e308]
   for (let i = 0; i < 200_000; i++) deep = [deep]
-  t.equal(inputFault({ deep }), null)
+  t.match(inputFault({ deep }), /more than 256 levels deep/, 'refused, without exhausting the stack')
+  // The input object is level 1: 255 arrays inside it are 256 levels, one more is too deep.
+  let edge: unknown = []
+  for (let i = 1; i < 255; i++) edge = [edge]
+  t.equal(inputFault({ edge }), null)
+  t.match(inputFault({ edge: [edge] }), /levels deep/)
+})
+
+t.test('a deeply nested input is a 400 on every path, never the 500 of a stack overflow after validation', async t => {
+  // Validation walked it iteratively, but the Kernel request's JSON and the keys of the cache and
+  // the idempotency store recurse: 40 KB of nested arrays in a free-form field was a 500.
+  const kernel = await startTestKernel(t, { 'POST /v1/items': (_req, res) => json(res, 201, { ok: true }) })
+  const data = { type: 'object', properties: { data: { type: 'array' } } }
+  const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
+  const manifest = testManifest({
+    createItem: { type: 'mutation', rest: 'POST /items', kernel: 'POST /v1/items', input: data, output },
+    findItems: { type: 'query', rest: 'POST /items/find', kernel: 'POST /v1/items', input: data, output, cache: { ttlSeconds: 10 } }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const nested = (n: number): string => '{"data":' + '['.repeat(n) + ']'.repeat(n) + '}' // by hand: JSON.stringify would overflow too
+  const headers = { ...bearer(), 'content-type': 'application/json' }
+  for (const [url, extra] of [['/api/v1/items', {}], ['/api/v1/items', { 'idempotency-key': 'deep-1' }], ['/api/v1/items/find', {}]] as const) {
+    const res = await app.inject({ method: 'POST', url, headers: { ...headers, ...extra }, payload: nested(20_000) })
+    t.equal(res.statusCode, 400, `${url} ${JSON.stringify(extra)}`)
+    t.match(res.json(), { code: 'VALIDATION_FAILED', detail: /levels deep/ })
+    t.equal((await app.inject({ method: 'POST', url, headers: { ...headers, ...extra }, payload: nested(255) })).statusCode < 300, true, 'at the bound: served')
+  }
+  t.equal(kernel.requests.length, 3, 'only the calls at the bound reached the Kernel')
 })
 
 // REST refuses a body with a "__proto__" key (Fastify's secure-json-parse), and so must every
