@@ -66,13 +66,15 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
 
       const verdictOf = (input: Readonly<Record<string, unknown>>): Verdict => {
         if (cache === null) return scan(fields, input)
-        // The operation's name, then each field's value (or its absence) after its length: no
-        // separator would do, since a JSON string may hold any character, \u0000 included. The
-        // fields are the operation's own, in a fixed order: distinct inputs never share a key.
+        // The operation's name, then each field's name and value (or its absence) after their
+        // lengths: no separator would do, since a JSON string may hold any character, \u0000
+        // included. Distinct inputs never share a key, nor do the same values under other fields
+        // after a reload changed the operation's `firewall.fields` (the cache outlives reloads: a
+        // verdict for a prompt was reused for a note, whose e-mail address then went unredacted).
         const hash = createHash('sha256').update(op.name.length + ':' + op.name)
         for (const field of fields) {
           const value = input[field]
-          hash.update(typeof value === 'string' ? 's' + value.length + ':' + value : 'x')
+          hash.update(field.length + ':' + field + (typeof value === 'string' ? 's' + value.length + ':' + value : 'x'))
         }
         const key = hash.digest('base64')
         const cached = cache.get(key)

@@ -2,6 +2,9 @@
 // redact changes what the Kernel receives, monitor passes and records; metrics, cache, logs.
 import t, { type Test } from 'tap'
 import WebSocket from 'ws'
+import { mkdtempSync, writeFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { buildApp } from '../../../app.js'
 import { StageOrder, type CallContext } from '../../../plugins/pipeline/index.js'
 import { buildDemoApp, buildTestApp, bearer, json, startTestKernel, testConfig, testManifest, token, type TestKernel } from '../../helper.js'
@@ -242,4 +245,40 @@ t.test('a clean input cannot lend its cached verdict to a different input that h
   t.equal(second.statusCode, 403, `Y, which holds a secret in note, is blocked (got ${second.statusCode})`)
   const leaked = kernel.requests.filter(r => (JSON.parse(r.body) as { note?: string }).note?.startsWith(SECRET) === true)
   t.equal(leaked.length, 0, 'the Kernel never receives the secret')
+})
+
+const askManifest = (url: string, field: string): string => `version: 1
+kernel: { url: "${url}" }
+operations:
+  ask:
+    type: mutation
+    rest: POST /ask
+    kernel: POST /v1/ask
+    input: { type: object, properties: { prompt: { type: string }, note: { type: string } } }
+    output: { type: object, properties: { ok: { type: boolean } } }
+    firewall: { fields: [${field}], action: redact }
+`
+
+// The verdict cache outlives a manifest reload, and was keyed by the fields' values alone: after a
+// reload moved the scanned field, a text first seen as a prompt got its verdict as a note (the
+// e-mail address reached the Kernel, and with it a prompt the client never sent).
+t.test('after a reload moves the scanned field, the new field is redacted', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/ask': (_req, res) => json(res, 200, { ok: true }) })
+  const dir = mkdtempSync(join(tmpdir(), 'mantle-firewall-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const file = join(dir, 'manifest.yaml')
+  writeFileSync(file, askManifest(kernel.url, 'prompt'))
+  const app = await buildTestApp(t, { BFF_MANIFEST: file }, { kernelUrl: kernel.url })
+
+  const text = `mail me at ${EMAIL}`
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/ask', headers: bearer(), payload: { prompt: text } })).statusCode, 200)
+  t.same(JSON.parse(kernel.requests.at(-1)!.body), { prompt: 'mail me at [REDACTED:email]' }, 'before: prompt redacted')
+
+  writeFileSync(file, askManifest(kernel.url, 'note'))
+  t.same(await app.reloadManifest(), { applied: true, reasons: [] })
+
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/ask', headers: bearer(), payload: { note: text } })).statusCode, 200)
+  const sent = JSON.parse(kernel.requests.at(-1)!.body)
+  t.notOk(JSON.stringify(sent).includes(EMAIL), `after: the e-mail address does not reach the Kernel (it got ${JSON.stringify(sent)})`)
+  t.same(sent, { note: 'mail me at [REDACTED:email]' }, 'after: note redacted, nothing added')
 })
