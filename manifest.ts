@@ -255,11 +255,19 @@ function buildOperation (
     if (declared.has(p) && !required.has(p)) faults.push(`${at}.input.required: path parameter ${p} must be required`)
   }
   const inputInBody = method === 'POST' || method === 'PUT' || method === 'PATCH'
-  if (!inputInBody) {
-    for (const [prop, schema] of Object.entries(props)) {
-      if (!pathParams.includes(prop) && !isQueryable(schema)) {
-        faults.push(`${at}.input.properties.${prop}: ${method} takes its input from the query string, which carries only scalars and arrays of scalars`)
-      }
+  const kernelBody = kMethod === 'POST' || kMethod === 'PUT' || kMethod === 'PATCH'
+  // The query string carries only scalars and arrays of scalars, on either side: the REST face's
+  // (a GET or DELETE route) and the Kernel call's (a GET or DELETE, whose input the client puts
+  // in the query string). Before, only the first was checked: an object field of a POST route
+  // served by a Kernel GET reached the Kernel as "[object Object]" (and {"toString": 1} was a 500).
+  for (const [prop, schema] of Object.entries(props)) {
+    if (!inputInBody && !pathParams.includes(prop) && !isQueryable(schema)) {
+      faults.push(`${at}.input.properties.${prop}: ${method} takes its input from the query string, which carries only scalars and arrays of scalars`)
+    } else if (!kernelBody && !kernelParams.includes(prop) && !isQueryable(schema)) {
+      faults.push(`${at}.input.properties.${prop}: the Kernel call (${kMethod}) takes its input from the query string, which carries only scalars and arrays of scalars`)
+    }
+    if ((pathParams.includes(prop) || kernelParams.includes(prop)) && !isScalar(schema)) {
+      faults.push(`${at}.input.properties.${prop}: a path parameter is a scalar (string, number, integer or boolean)`)
     }
   }
   if (op.type === 'query' && method !== 'GET' && method !== 'POST') {
@@ -306,15 +314,16 @@ function buildOperation (
   })
 }
 
+function isScalar (s: JsonSchema): boolean {
+  const t = s.type
+  const types = Array.isArray(t) ? t : [t]
+  if (s.enum !== undefined || s.const !== undefined) return true
+  return t !== undefined && types.every(x => x === 'string' || x === 'integer' || x === 'number' || x === 'boolean' || x === 'null')
+}
+
 function isQueryable (schema: JsonSchema): boolean {
-  const scalar = (s: JsonSchema): boolean => {
-    const t = s.type
-    const types = Array.isArray(t) ? t : [t]
-    if (s.enum !== undefined || s.const !== undefined) return true
-    return t !== undefined && types.every(x => x === 'string' || x === 'integer' || x === 'number' || x === 'boolean' || x === 'null')
-  }
-  if (scalar(schema)) return true
-  return schema.type === 'array' && typeof schema.items === 'object' && schema.items !== null && scalar(schema.items as JsonSchema)
+  if (isScalar(schema)) return true
+  return schema.type === 'array' && typeof schema.items === 'object' && schema.items !== null && isScalar(schema.items as JsonSchema)
 }
 
 function checkSchema (checker: Ajv, schema: JsonSchema, at: string, faults: string[]): ValidateFunction | null {

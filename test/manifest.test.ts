@@ -319,6 +319,12 @@ t.test('GET and DELETE input must fit in the query string', async t => {
     ['operations.a.input.properties.m: GET takes its input from the query string, which carries only scalars and arrays of scalars'], 'an array of arrays')
   t.same(faultsOf(doc({ a: { ...mutation, rest: 'DELETE /a', kernel: 'DELETE /v1/a', input: { type: 'object', properties: { any: {} } } } })),
     ['operations.a.input.properties.any: DELETE takes its input from the query string, which carries only scalars and arrays of scalars'], 'an untyped property')
+  // The Kernel side too: a POST route served by a Kernel GET sent an object as "[object Object]".
+  t.same(faultsOf(doc({ a: { ...query, rest: 'POST /a/search', kernel: 'GET /v1/a', input: { type: 'object', properties: { filter: { type: 'object' } } } } })),
+    ['operations.a.input.properties.filter: the Kernel call (GET) takes its input from the query string, which carries only scalars and arrays of scalars'])
+  t.same(faultsOf(doc({ a: { ...mutation, rest: 'POST /a/:k', kernel: 'POST /v1/a/{k}', input: { type: 'object', required: ['k'], properties: { k: { type: 'object' } } } } })),
+    ['operations.a.input.properties.k: a path parameter is a scalar (string, number, integer or boolean)'])
+  t.equal(compileManifest(doc({ a: { ...query, rest: 'POST /a/search', kernel: 'POST /v1/a', input: { type: 'object', properties: { filter: { type: 'object' } } } } })).operations.length, 1, 'a body on both sides carries anything')
   const m = compileManifest(doc({
     a: {
       ...query,
