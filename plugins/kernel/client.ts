@@ -145,10 +145,16 @@ export class KernelClient {
           throw new MantleError('KERNEL_UNAVAILABLE', 'The Kernel circuit breaker is open', { headers: { 'retry-after': String(seconds) } })
         }
         const remaining = deadline - performance.now()
+        if (remaining <= 0) {
+          // The call's time ran out before it reached the Kernel (waiting behind an idempotent
+          // first call, say): the Kernel was not asked, so this is no failure of the Kernel's.
+          this.breaker?.release(permit)
+          throw failure(timedOut, op)
+        }
         const started = performance.now()
         let result: Attempt
         try {
-          result = remaining <= 0 ? timedOut : await this.attempt(method, path, headers, body, remaining)
+          result = await this.attempt(method, path, headers, body, remaining)
         } catch (err) {
           // undici refused to send what the gateway built (a header value it cannot carry): the
           // gateway's fault, not the Kernel's. Neither retried nor a breaker failure; before, it

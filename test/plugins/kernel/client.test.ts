@@ -260,6 +260,24 @@ t.test('a request undici refuses to send is the gateway\'s fault: not retried, n
   t.equal(client.breaker!.state, 'closed')
 })
 
+t.test('a call whose time ran out before it reached the Kernel is a timeout, but no breaker failure', async t => {
+  // It counted as one: calls that had waited out their time elsewhere (behind an idempotent first
+  // call, say) could open the breaker although the Kernel was never asked.
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const kernel = await startTestKernel(t, { 'GET /v1/items/a1': (_req, res) => json(res, 200, { id: 'a1' }) })
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, resilience: { threshold: 1, resetTimeoutMs: 60_000, maxInFlight: 10 }, maxResponseBytes: 1000 })
+  t.teardown(() => client.close())
+  const op = manifest().byName.get('getItem')!
+  const run = client.forOperation(op)
+  const late = new CallContext('r1', 'rest', op, { id: 'a1' }, undefined, undefined, undefined)
+  ;(late as { startedAt: number }).startedAt -= op.timeoutMs + 1
+  await t.rejects(run(late), { code: 'KERNEL_TIMEOUT' })
+  t.equal(client.breaker!.state, 'closed')
+  t.equal(kernel.requests.length, 0)
+  t.same(await run(new CallContext('r2', 'rest', op, { id: 'a1' }, undefined, undefined, undefined)), { id: 'a1' })
+})
+
 t.test('a Kernel redirect is 502 KERNEL_ERROR, not retried and not a breaker failure', async t => {
   // Before, a 3xx counted as a 5xx: retried, and one misrouted operation opened the breaker on all.
   const { app, kernel } = await setup(t, { retries: 2, circuitBreaker: { threshold: 3, resetTimeoutMs: 60000 } })
