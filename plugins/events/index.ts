@@ -25,7 +25,7 @@ export interface Events {
   readonly bus: EventBus
   /** Publishes to every instance (through Redis when configured, else in process). */
   publish: (message: KernelEventMessage) => Promise<void>
-  /** `memory`, or Redis and whether its subscriber connection is up. */
+  /** `memory`, or Redis and whether its subscriber is up and subscribed to the channel. */
   health: () => { store: 'memory' | 'redis', up: boolean }
 }
 
@@ -42,7 +42,7 @@ function counters (app: FastifyInstance, bus: () => EventBus, redisUp: () => num
   const delivered = new Counter({ name: 'mantle_events_delivered_total', help: 'Event deliveries to subscribers on this instance', labelNames: ['event'] as const, registers })
   const dropped = new Counter({ name: 'mantle_events_dropped_total', help: 'Events not delivered: invalid payload, unknown topic, or a slow consumer behind its bound', labelNames: ['reason'] as const, registers })
   new Gauge({ name: 'mantle_event_subscriptions', help: 'Event subscriptions open on this instance', registers, collect () { this.set(bus().subscriptions) } }) // eslint-disable-line no-new
-  new Gauge({ name: 'mantle_events_redis_up', help: '1 when the Redis event subscriber is connected (absent without Redis)', registers, collect () { this.set(redisUp()) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_events_redis_up', help: '1 when the Redis event subscriber is connected and subscribed (absent without Redis)', registers, collect () { this.set(redisUp()) } }) // eslint-disable-line no-new
   return {
     bus: { delivered: (event, n) => delivered.labels(event).inc(n), dropped: reason => dropped.labels(reason).inc() },
     published: source => published.labels(source).inc()
@@ -60,11 +60,22 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     // Two connections: a subscribed one cannot publish. No offline queue on the publisher: a
     // publish while Redis is away must not pile up in memory; it is delivered locally instead.
     const common = { lazyConnect: true, maxRetriesPerRequest: 1, retryStrategy: (n: number) => Math.min(n * 200, 2000) }
-    subscriber = new Redis(opts.redisUrl, { ...common, connectionName: 'mantle-events-sub' })
+    // The subscriber subscribes itself on every 'ready' (below), so ioredis's own re-subscribe is
+    // off: it only replays channels of a connection that had been ready, never the first one.
+    subscriber = new Redis(opts.redisUrl, { ...common, autoResubscribe: false, connectionName: 'mantle-events-sub' })
     publisher = new Redis(opts.redisUrl, { ...common, enableOfflineQueue: false, connectionName: 'mantle-events-pub' })
     for (const r of [subscriber, publisher]) r.on('error', (err: Error) => app.log.debug({ err }, 'redis events connection error'))
-    subscriber.on('ready', () => { subscribed = true })
-    subscriber.on('close', () => { subscribed = false })
+    // Subscribing on each 'ready', not after the first connect(): before, a Redis down at start-up
+    // was reconnected to but never subscribed on, while 'ready' alone marked it up. The instance
+    // then got no event at all (not even its own, published to Redis) and /readyz said redis up.
+    // Up means SUBSCRIBE was acknowledged on the connection that is still ready.
+    const sub = subscriber
+    sub.on('ready', () => {
+      sub.subscribe(EVENTS_CHANNEL).then(() => { subscribed = sub.status === 'ready' }, (err: Error) => {
+        app.log.warn({ err: err.message }, 'Redis events subscribe failed: retried on the next reconnect')
+      })
+    })
+    sub.on('close', () => { subscribed = false })
     subscriber.on('message', (_channel: string, text: string) => {
       let message: unknown
       try {
@@ -75,9 +86,9 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
       if (isKernelEvent(message)) bus.dispatch(message)
       else metrics?.bus.dropped('invalid')
     })
-    // ioredis re-subscribes on reconnect. A Redis that is down at start-up leaves the gateway
-    // up, with events delivered locally and /readyz naming redis, until it comes back.
-    subscriber.connect().then(async () => await subscriber!.subscribe(EVENTS_CHANNEL)).catch((err: Error) => {
+    // A Redis that is down at start-up leaves the gateway up, with events delivered locally and
+    // /readyz naming redis, until it comes back (ioredis keeps reconnecting; 'ready' subscribes).
+    subscriber.connect().catch((err: Error) => {
       app.log.warn({ err: err.message }, 'Redis is unreachable: events stay on this instance until it is back')
     })
     publisher.connect().catch(() => {})
@@ -88,7 +99,9 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     if (publisher !== null) {
       try {
         await publisher.publish(EVENTS_CHANNEL, JSON.stringify(message))
-        return
+        // Through Redis, the event comes back to this instance only on its subscriber. Before, with
+        // the subscriber down and the publisher up, it never did: deliver it here then.
+        if (subscribed) return
       } catch (err) {
         app.log.warn({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
       }

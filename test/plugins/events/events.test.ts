@@ -1,6 +1,8 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { createServer, connect, type AddressInfo, type Socket } from 'node:net'
+import { Redis } from 'ioredis'
 import { buildDemoApp, bearer, closedPort, testConfig, until } from '../../helper.js'
 import { EventBus, isKernelEvent } from '../../../plugins/events/index.js'
 import { ANONYMOUS, type Identity } from '../../../plugins/auth/index.js'
@@ -131,6 +133,77 @@ t.test('a Redis that is down at start-up leaves the gateway up, degraded and say
   t.equal(got.length, 1, 'delivered on this instance')
   const call = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
   t.equal(call.statusCode, 200, 'calls are not affected')
+})
+
+/**
+ * A TCP proxy to the test Redis that refuses new connections while `refusing`, and can drop
+ * the connections that sent a SUBSCRIBE alone (the events subscriber), keeping the publisher's.
+ */
+async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promise<{ url: string, refusing: boolean, dropSubscriber: () => void }> {
+  const target = new URL(REDIS_URL)
+  const [host, port] = [target.hostname, Number(target.port || 6379)]
+  const pairs = new Set<{ client: Socket, upstream: Socket, subscriber: boolean }>()
+  const state = { url: '', refusing: false, dropSubscriber () { for (const p of pairs) if (p.subscriber) p.client.destroy() } }
+  const server = createServer(client => {
+    if (state.refusing) { client.resetAndDestroy(); return }
+    const pair = { client, upstream: connect(port, host), subscriber: false }
+    pairs.add(pair)
+    client.on('data', (chunk: Buffer) => { if (chunk.includes('subscribe')) pair.subscriber = true; pair.upstream.write(chunk) })
+    pair.upstream.pipe(client)
+    for (const s of [client, pair.upstream]) s.on('error', () => s.destroy()).on('close', () => { pairs.delete(pair); client.destroy(); pair.upstream.destroy() })
+  })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(async () => {
+    for (const p of pairs) p.client.destroy()
+    await new Promise(resolve => server.close(resolve))
+  })
+  target.host = `127.0.0.1:${(server.address() as AddressInfo).port}`
+  state.url = target.toString()
+  return state
+}
+
+// Before, the subscriber subscribed only after a first connect() that succeeded: with Redis down
+// at start-up it reconnected later but never subscribed, while 'ready' alone made it say up. The
+// instance then got no event at all, not even its own (they went to Redis), and /readyz said up.
+t.test('a Redis that is down at start-up and comes back is subscribed to, and only then up', async t => {
+  const tenant = 'tenant-' + randomUUID()
+  const proxy = await redisProxy(t)
+  proxy.refusing = true
+  const app = await buildDemoApp(t, { REDIS_URL: proxy.url })
+  t.equal(app.events.health().up, false)
+  proxy.refusing = false
+  await until(() => app.events.health().up, 'the Redis subscriber', 10000)
+  const got: string[] = []
+  app.events.bus.subscribe('runUpdated', tenant, p => got.push((p as { id: string }).id))
+  const other = new Redis(REDIS_URL)
+  t.teardown(() => other.disconnect())
+  await other.publish('bff:events', JSON.stringify({ topic: 'runs.updated', tenantId: tenant, payload: run('from-redis') }))
+  await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('own') })
+  await until(() => got.length >= 2, 'both events', 2000)
+  await sleep(50)
+  t.same(got, ['from-redis', 'own'], 'each event once')
+})
+
+// Before, with only the subscriber down (the publisher up), this instance's own events went to
+// Redis and never came back: its local subscribers got nothing, unlike with Redis wholly down.
+t.test('while only the subscriber is down, own events still reach local subscribers, once', async t => {
+  const tenant = 'tenant-' + randomUUID()
+  const proxy = await redisProxy(t)
+  const app = await buildDemoApp(t, { REDIS_URL: proxy.url })
+  await until(() => app.events.health().up, 'the Redis subscriber')
+  const got: string[] = []
+  app.events.bus.subscribe('runUpdated', tenant, p => got.push((p as { id: string }).id))
+  proxy.refusing = true
+  proxy.dropSubscriber()
+  await until(() => !app.events.health().up, 'the subscriber to drop')
+  await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('while-down') })
+  t.same(got, ['while-down'], 'delivered here though the publisher reached Redis')
+  proxy.refusing = false
+  await until(() => app.events.health().up, 'the subscriber to be back', 10000)
+  await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('back') })
+  await until(() => got.length >= 2, 'the event through Redis', 2000)
+  await sleep(50)
+  t.same(got, ['while-down', 'back'], 'through Redis again, not twice')
 })
 
 t.test('the demo Kernel publishes run changes into the gateway', async t => {
