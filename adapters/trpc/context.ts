@@ -16,7 +16,7 @@ export interface TrpcContext {
   readonly memo: Map<string, Promise<unknown>> | null
   readonly traceparent: string | undefined
   readonly idempotencyKey: string | null | undefined
-  /** The connection's socket; null over HTTP. Its subscriptions pause while it holds too much. */
+  /** The connection's socket; null over HTTP. Its subscriptions pause while it holds too much; a call closes it. */
   readonly socket: WebSocket | null
   /** Calls of a WebSocket connection running now, and its event subscriptions (both bounded). */
   inFlight: number

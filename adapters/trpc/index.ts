@@ -31,7 +31,8 @@ export interface TrpcFaceSettings {
   pingMs: number
   /**
    * Bytes a WebSocket may hold for a client that does not read before its subscriptions stop
-   * pulling events (the bus then drops the oldest of each). The /ws face's bound.
+   * pulling events (the bus then drops the oldest of each), and beyond which a call's answer
+   * closes it with 1013 instead. The /ws face's bound.
    */
   maxBufferedBytes: number
 }

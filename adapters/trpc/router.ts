@@ -14,7 +14,10 @@ export interface RouterLimits {
   maxInFlight: number
   /** Event subscriptions one WebSocket connection may hold. */
   maxSubscriptions: number
-  /** Bytes a WebSocket may hold for its client before its subscriptions stop pulling events. */
+  /**
+   * Bytes a WebSocket may hold for its client before its subscriptions stop pulling events;
+   * a call that would answer beyond it closes the socket with 1013.
+   */
   maxBufferedBytes: number
   /** SSE keep-alive comment interval. */
   ssePingMs: number
@@ -57,13 +60,23 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
     const name = op.name
     const resolve = async ({ ctx, input, batchIndex }: { ctx: TrpcContext, input: unknown, batchIndex?: number }): Promise<unknown> => {
       const requestId = callId(ctx, batchIndex)
-      // Beyond the bound the pipeline refuses the call before anything that costs, so that the
-      // refusal has its audit entry like every other.
-      const refusal = ctx.inFlight >= limits.maxInFlight ? new MantleError('OVERLOADED', `A connection runs at most ${limits.maxInFlight} calls at once`, { headers: { 'retry-after': '1' } }) : undefined
+      // Beyond a bound the pipeline refuses the call before anything that costs, so that the
+      // refusal has its audit entry like every other. A socket closed as a slow reader holds
+      // its client's unread bytes until ws gives up on it: the calls still arriving on it run
+      // nothing either.
+      const refusal = ctx.inFlight >= limits.maxInFlight
+        ? new MantleError('OVERLOADED', `A connection runs at most ${limits.maxInFlight} calls at once`, { headers: { 'retry-after': '1' } })
+        : slowReader(ctx.socket, limits.maxBufferedBytes) ? new MantleError('OVERLOADED', SLOW_READER) : undefined
       if (refusal === undefined) ctx.inFlight++
       try {
         const key = ctx.batch ? callKey(ctx.idempotencyKey, String(batchIndex ?? 0)) : ctx.idempotencyKey
         const result = await runCall(app, { requestId, protocol: 'trpc', op: name, input, authorization: ctx.authorization, traceparent: ctx.traceparent, idempotencyKey: key, memo: ctx.memo, refusal })
+        // The answer, or the error, goes out next (tRPC's respond() sends it whatever the socket
+        // holds), so the bound is checked again here: the calls of a batch all start on the same
+        // socket. Once closed, tRPC sends the socket nothing more. Calls that end in the same turn
+        // (a batch's identical queries, coalesced by the cache) pass this before any of them is
+        // sent: the socket may then hold the bound plus their answers, at most maxInFlight.
+        slowReader(ctx.socket, limits.maxBufferedBytes)
         if (result.ok) {
           if (result.cache !== null && ctx.requestId !== null) (ctx.cache ??= [])[batchIndex ?? 0] = result.cache
           return result.value
@@ -97,6 +110,23 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
   }
 
   return t.router(procedures)
+}
+
+/** 1013 (try again later), the code and text /ws closes a client that does not read with. */
+const CLOSE_SLOW_READER = 1013
+const SLOW_READER = 'The client does not read its frames'
+
+/**
+ * Whether `socket` holds more than `max` bytes its client has not read; it is then closed with
+ * 1013, as /ws does. Before, the answers of queries and mutations over /trpc were sent whatever
+ * the socket held: a client that sent small batched queries and never read made the gateway
+ * hold their answers without bound (56 MiB for 0.02 MiB sent). One getter read per call;
+ * always false over HTTP (no socket).
+ */
+function slowReader (socket: WebSocket | null, max: number): boolean {
+  if (socket === null || socket.bufferedAmount <= max) return false
+  socket.close(CLOSE_SLOW_READER, SLOW_READER)
+  return true
 }
 
 /**

@@ -1,7 +1,7 @@
 import t from 'tap'
 import type { AddressInfo, Socket } from 'node:net'
 import WebSocket from 'ws'
-import { buildDemoApp, bearer, until } from '../helper.js'
+import { buildDemoApp, buildTestApp, startTestKernel, testManifest, json, bearer, until } from '../helper.js'
 
 // README "Events": "Delivery is bounded: a subscriber whose stream falls more than 256 events
 // behind loses the oldest". @trpc/server's WebSocket adapter sends each event the moment the
@@ -69,4 +69,111 @@ t.test('a tRPC WebSocket subscriber that stops reading loses the oldest events, 
   client.terminate()
   await until(() => app.events.bus.subscriptions === 0, 'the subscription to end')
   t.pass('the paused subscription ended with its socket')
+})
+
+// README /ws: "A reader that lets more than 4 MiB pile up is closed with 1013". Before, the
+// answers of tRPC WebSocket *calls* were sent whatever the socket held (only subscriptions looked
+// at it): a client that sent small batched queries and never read made the gateway hold their
+// much larger answers without end (56 MiB for 0.02 MiB sent). A call that would answer on a
+// socket holding more than the bound now closes it with 1013, and the calls that still arrive on
+// it run nothing.
+t.test('a tRPC WebSocket client that stops reading the answers of its calls is closed with 1013', async t => {
+  const app = await buildDemoApp(t, { BFF_GRAPHQL_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  // 100 agents with a full description: a listAgents answer of ~210 KB for a call of ~80 bytes.
+  await Promise.all(Array.from({ length: 100 }, async (_, i) => {
+    const res = await app.inject({ method: 'POST', url: '/api/v1/agents', headers: bearer(), payload: { name: `agent ${i}`, description: 'd'.repeat(2000) } })
+    if (res.statusCode !== 201) throw new Error(res.body)
+  }))
+
+  const client = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ roles: ['viewer'] }) })
+  t.teardown(() => client.terminate())
+  let answers = 0
+  client.on('message', () => { answers++ })
+  const closed = new Promise<number>(resolve => client.once('close', (code: number) => resolve(code)))
+  await new Promise<void>((resolve, reject) => { client.once('open', resolve); client.once('error', reject) })
+  // The client stops reading.
+  const raw = (client as unknown as { _socket: Socket })._socket
+  raw.pause()
+
+  const [server] = [...app.websocketServer.clients]
+  let n = 0
+  const batch = (): string => JSON.stringify(Array.from({ length: 50 }, () => ({ id: ++n, method: 'query', params: { path: 'listAgents', input: { limit: 100 } } })))
+  // A batch of 50 calls (BFF_BATCH_MAX_CALLS) answers ~10 MB: more than the kernel's socket
+  // buffers and the bound take together. Before, each batch added its answers to the buffer.
+  for (let round = 0; round < 4 && server.readyState === WebSocket.OPEN; round++) {
+    client.send(batch())
+    await sleep(150)
+  }
+  const holds = server.bufferedAmount
+  t.not(server.readyState, WebSocket.OPEN, `the gateway closes the socket (it holds ${(holds / 1024 / 1024).toFixed(1)} MiB)`)
+  // Calls that arrive on the closing socket are refused before they run: nothing more is held.
+  client.send(batch())
+  await sleep(150)
+  t.ok(server.bufferedAmount <= holds, 'the calls sent after the close add nothing to the buffer')
+
+  // Once it reads again, the client gets the answers sent before the close, then 1013.
+  raw.resume()
+  t.equal(await Promise.race([closed, sleep(3000).then(() => 'still open')]), 1013, 'closed with 1013, as /ws closes a reader that does not read')
+  t.ok(answers > 0 && answers < n, `the client got ${answers} of its ${n} answers`)
+})
+
+// The answer of a call that started while the socket held little, and ends once it holds more
+// than the bound, is not sent: the bound is checked when the answer is ready, not only when the
+// call starts (the calls of a batch all start together, on an empty socket).
+t.test('a tRPC WebSocket call that ends on a socket holding more than the bound closes it unanswered', async t => {
+  let release = (): void => {}
+  const held = new Promise<void>(resolve => { release = resolve })
+  const big = { data: 'x'.repeat(1024 * 1024) }
+  const kernel = await startTestKernel(t, {
+    'GET /v1/big': (_req, res) => json(res, 200, big),
+    'GET /v1/held': async (_req, res) => { await held; json(res, 200, { data: 'held' }) }
+  })
+  const output = { type: 'object', properties: { data: { type: 'string' } } }
+  const manifest = testManifest({
+    big: { type: 'query', rest: 'GET /big', kernel: 'GET /v1/big', output },
+    held: { type: 'query', rest: 'GET /held', kernel: 'GET /v1/held', output }
+  }, { url: kernel.url, retries: 0 })
+  const app = await buildTestApp(t, { BFF_GRAPHQL_ENABLED: false, BFF_WEBSOCKET_ENABLED: false }, { manifest, kernelUrl: kernel.url })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+
+  const client = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer() })
+  t.teardown(() => client.terminate())
+  const ids: unknown[] = []
+  client.on('message', (d: Buffer) => ids.push((JSON.parse(d.toString()) as { id?: unknown }).id))
+  const closed = new Promise<number>(resolve => client.once('close', (code: number) => resolve(code)))
+  await new Promise<void>((resolve, reject) => { client.once('open', resolve); client.once('error', reject) })
+  const raw = (client as unknown as { _socket: Socket })._socket
+  raw.pause()
+  const [server] = [...app.websocketServer.clients]
+
+  // Calls in the pipeline: one that has left it has had its answer sent (in the same turn).
+  const gauge = app.metrics.registry.getSingleMetric('mantle_requests_in_flight')!
+  const inPipeline = async (): Promise<number> => (await gauge.get()).values[0].value
+
+  // `held` starts on an empty socket; then 1 MB answers, one call at a time, fill the kernel's
+  // buffers and the socket's until it holds more than 4 MiB.
+  client.send(JSON.stringify({ id: 'held', method: 'query', params: { path: 'held', input: {} } }))
+  await until(() => kernel.requests.length === 1, 'the held call to reach the Kernel')
+  for (let i = 0; i < 64 && server.bufferedAmount <= 4 * 1024 * 1024; i++) {
+    client.send(JSON.stringify({ id: i, method: 'query', params: { path: 'big', input: {} } }))
+    await until(() => kernel.requests.length === i + 2, 'the call to reach the Kernel')
+    while (await inPipeline() > 1) await sleep(5)
+  }
+  t.ok(server.bufferedAmount > 4 * 1024 * 1024, 'the socket holds more than the bound')
+  t.equal(server.readyState, WebSocket.OPEN, 'every answer sent so far left on a socket within the bound')
+
+  release()
+  await until(() => server.readyState !== WebSocket.OPEN, 'the socket to close', 2000).catch(() => {})
+  t.not(server.readyState, WebSocket.OPEN, 'the held call\'s answer closes the socket')
+  // A call that still arrives on the closing socket is refused before it reaches the Kernel.
+  const reached = kernel.requests.length
+  client.send(JSON.stringify({ id: 'late', method: 'query', params: { path: 'big', input: {} } }))
+  await sleep(100)
+  t.equal(kernel.requests.length, reached, 'a call sent after the close does not reach the Kernel')
+  raw.resume()
+  t.equal(await Promise.race([closed, sleep(3000).then(() => 'still open')]), 1013, 'closed with 1013')
+  t.notOk(ids.includes('held'), 'the held call\'s answer was never sent')
 })
