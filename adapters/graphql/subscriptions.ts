@@ -34,7 +34,7 @@ function initAuthorization (payload: unknown): string | undefined {
 export class GraphqlConnection {
   /**
    * Operation ids mercurius keeps for this connection: a running stream's controller, or null
-   * for one that failed (mercurius keeps those until the client completes them). Bounded.
+   * for one being set up (a failed one is let go once its error is out: `failed`). Bounded.
    */
   readonly operations = new Map<string, AbortController | null>()
   private expiry: NodeJS.Timeout | null = null
@@ -83,6 +83,23 @@ export class GraphqlConnection {
       else this.close(4401, 'Unauthorized: the token has expired')
     }, Math.min(Math.max(expiresAt - Date.now(), 0), MAX_TIMER_MS))
     this.expiry.unref()
+  }
+
+  /**
+   * Lets go of an operation that failed, once its `error` message is out (mercurius sends it in
+   * this same turn of the event loop). In graphql-transport-ws an `error` ends the operation, and
+   * graphql-ws' client never completes one after it: failed ids were held until the bound closed
+   * the connection (1008), its running subscriptions with it. mercurius keeps state per id too
+   * (a queue) until a `complete`, so it is handed one, as if from the client: through the guard,
+   * which admits it (the id is held), to mercurius, which runs onSubscriptionEnd (the id leaves
+   * `operations`) and frees its own. `rawId` as mercurius has it: its maps are keyed by it.
+   */
+  failed (rawId: string | number): void {
+    setImmediate(() => {
+      if (this.closed || this.operations.get(String(rawId)) !== null) return
+      const type = this.socket.protocol === 'graphql-transport-ws' ? 'complete' : 'stop'
+      this.socket.emit('message', Buffer.from(JSON.stringify({ id: rawId, type })), false)
+    })
   }
 
   close (code: number, reason: string): void {
@@ -211,11 +228,13 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       const errors = validate(schema, document, rules)
       if (errors.length > 0) {
         const first = errors[0]
+        connection.failed(rawId)
         throw new GraphQLError(first.message, { nodes: first.nodes, extensions: { code: 'VALIDATION_FAILED', status: 400, ...first.extensions, requestId: uuidv7() } })
       }
     },
 
-    // The client completed an operation (a running one is returned by mercurius itself).
+    // The client completed an operation, or `failed` did for it (a running one is returned by
+    // mercurius itself).
     async onSubscriptionEnd (context, rawId) {
       // mercurius passes the context of the connection's last subscription, null before any.
       const operations = context?.connection.operations
@@ -233,7 +252,11 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
      *   its own hook runner then threw and closed the socket without a code;
      * - a malformed `subscribe` (see subscribeRefusal) is answered here with an `error` message
      *   in the contract's shape, and mercurius never sees it. Before connection_init mercurius
-     *   refuses every subscribe itself (connection_error, then a close);
+     *   refuses every subscribe itself (connection_error, then a close). "After" is as the
+     *   guard saw the messages come in, not whether mercurius has built the connection yet (it
+     *   does so asynchronously, while it handles connection_init): a subscribe sent right behind
+     *   connection_init got through unscreened, and mercurius, which handles messages in order,
+     *   ran it once initialised;
      * - a `connection_init` calls `initialised` (the face's 4408 timer), since this is the one
      *   place that reads each message's type.
      */
@@ -241,6 +264,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       const transport = socket.protocol === 'graphql-transport-ws'
       const subscribe = transport ? 'subscribe' : 'start'
       const complete = transport ? 'complete' : 'stop'
+      let initSeen = false
       const admit = (data: unknown): boolean => {
         let message: unknown
         try {
@@ -250,12 +274,20 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         }
         if (message === null || typeof message !== 'object') return true
         const { id, type } = message as { id?: unknown, type?: unknown }
-        if (type === 'connection_init') initialised()
+        if (type === 'connection_init') {
+          initSeen = true
+          initialised()
+        }
         if (type === complete) return connections.get(socket)?.operations.has(String(id)) === true
-        if (type !== subscribe || !connections.has(socket)) return true
+        if (type !== subscribe || !initSeen) return true
         const error = subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema)
         if (error === null) return true
-        socket.send(JSON.stringify({ type: 'error', id, payload: [error] }))
+        const send = (): void => socket.send(JSON.stringify({ type: 'error', id, payload: [error] }))
+        // Before mercurius has taken up connection_init (a subscribe right behind it), the error
+        // waits for its connection_ack, which mercurius sends within this turn of the event loop:
+        // nothing may come before the ack (graphql-ws' client closes the connection, 4400).
+        if (connections.has(socket)) send()
+        else setImmediate(send)
         return false
       }
       const emit = socket.emit
@@ -283,6 +315,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           // Nothing can succeed on a connection without a valid identity: once the error has
           // gone out (mercurius sends it in this same turn of the event loop), close it.
           if (problem.code === 'UNAUTHENTICATED') setImmediate(() => connection.close(4401, 'Unauthorized'))
+          else connection.failed(context.id)
           throw fieldError(problem)
         }
         connection.operations.set(id, controller)

@@ -89,3 +89,24 @@ t.test('a malformed subscribe message gets an error with the contract extensions
   await until(() => app.events.bus.subscriptions === 1, 'the subscription')
   t.equal(c.closed(), null)
 })
+
+t.test('a malformed subscribe sent right behind connection_init is screened too', async t => {
+  // The screen used to start once mercurius had built the connection's context, which it does
+  // asynchronously while it handles connection_init. A subscribe sent behind connection_init
+  // without waiting for the ack (mercurius runs it once initialised) got through unscreened:
+  // `payload: null` was answered with "Cannot destructure property 'query' of 'payload' as it
+  // is null." and no extensions.
+  const { app, port } = await listen(t)
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, 'graphql-transport-ws', { headers: { authorization: `Bearer ${token({ roles: ['viewer'] })}` } })
+  t.teardown(() => ws.terminate())
+  const frames: any[] = []
+  ws.on('message', d => frames.push(JSON.parse(String(d))))
+  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  ws.send(JSON.stringify({ type: 'connection_init' }))
+  ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: null }))
+  ws.send(JSON.stringify({ id: '2', type: 'subscribe', payload: { query: 'subscription { runUpdated { id } }' } }))
+  await until(() => frames.some(f => f.id === '1') && app.events.bus.subscriptions === 1, 'the error, and the well-formed subscription to run')
+  t.match(frames.find(f => f.id === '1'), { type: 'error', payload: [{ message: 'A subscribe message needs a `payload` object', extensions: { code: 'VALIDATION_FAILED', status: 400, requestId: String } }] })
+  // The screen answers before mercurius has acked: its error must still come after the ack.
+  t.equal(frames[0].type, 'connection_ack', 'the ack comes first')
+})

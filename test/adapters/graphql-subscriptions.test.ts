@@ -1,5 +1,6 @@
 import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { createRequire } from 'node:module'
 import { createClient, type Client, type FormattedExecutionResult } from 'graphql-ws'
 import { WebSocket, type ClientOptions } from 'ws'
 import { createSigner } from 'fast-jwt'
@@ -204,8 +205,8 @@ t.test('protocol abuse: duplicate ids, a second init, too many subscriptions, ju
   many.send({ id: 'a', type: 'subscribe', payload: { query: SUBSCRIPTION } })
   many.send({ id: 'b', type: 'subscribe', payload: { query: 'subscription { runUpdated { nope } }' } })
   t.match(await many.next(), { id: 'b', type: 'error', payload: [{ extensions: { code: 'VALIDATION_FAILED' } }] })
-  // A failed operation counts until the client completes it.
-  many.send({ id: 'b', type: 'complete' })
+  // A failed operation ends with its error and does not count: the client need not complete it
+  // (it used to count until the client did, and `c` closed the connection with 1008).
   many.send({ id: 'c', type: 'subscribe', payload: { query: SUBSCRIPTION } })
   await until(() => app.events.bus.subscriptions === 2, 'two subscriptions')
   many.send({ id: 'd', type: 'subscribe', payload: { query: SUBSCRIPTION } })
@@ -227,6 +228,61 @@ t.test('protocol abuse: duplicate ids, a second init, too many subscriptions, ju
   const after = await raw(t, url)
   after.send(init)
   t.match(await after.next(), { type: 'connection_ack' })
+})
+
+t.test('a failed subscription ends with its error: it holds neither a place in the bound nor its id', async t => {
+  // graphql-transport-ws: an `error` message ends the operation, and graphql-ws' client never
+  // sends `complete` after one. A failed subscription (a document validation refuses, a role
+  // the caller lacks) used to keep its place in the connection's bound and its id until the
+  // client completed it: after BFF_BATCH_MAX_CALLS refusals, the next subscribe closed the
+  // connection (1008) with its running subscriptions, and a failed id could not be used again
+  // (4409). mercurius kept its own state for each failed id too.
+  const { app, url } = await gateway(t, { BFF_BATCH_MAX_CALLS: 3 })
+  // mercurius' own connections (internal), for the state it keeps per operation id.
+  interface Held { subscriptionContexts: Map<unknown, unknown>, subscriptionIters: Map<unknown, unknown> }
+  const { prototype } = createRequire(import.meta.url)('mercurius/lib/subscription-connection.js')
+  const handleConnection = prototype.handleConnection
+  const held: Held[] = []
+  prototype.handleConnection = function (this: Held) { held.push(this); return handleConnection.call(this) }
+  t.teardown(() => { prototype.handleConnection = handleConnection })
+
+  // With graphql-ws' client: a running subscription, three refused ones, then a fourth that runs.
+  const closes: number[] = []
+  const c = client(t, url, auth({ roles: ['viewer'] }))
+  c.on('closed', (e) => { closes.push((e as { code: number }).code) })
+  const running = collect(c)
+  await until(() => app.events.bus.subscriptions === 1, 'the running subscription')
+  for (let i = 0; i < 3; i++) {
+    const refused = collect(c, 'subscription { runUpdated { nope } }')
+    await until(refused.done, `refusal ${i}`)
+    t.match(refused.error(), [{ extensions: { code: 'VALIDATION_FAILED' } }])
+  }
+  const fourth = collect(c)
+  await until(() => app.events.bus.subscriptions === 2, 'the fourth subscription to run')
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: RUN })
+  await until(() => running.results.length === 1 && fourth.results.length === 1, 'the event on both')
+  t.same(closes, [], 'the connection stays open')
+  t.notOk(running.done() || fourth.done(), 'both subscriptions still run')
+
+  // On a raw socket: ids refused by validation and by the resolver (a token without the role)
+  // are free again once their error is out, and mercurius was handed their `complete`.
+  const s = await raw(t, url)
+  s.send({ type: 'connection_init', payload: auth({ roles: ['viewer'] }) })
+  t.match(await s.next(), { type: 'connection_ack' })
+  const forbidden = { extensions: [{ type: 'connectionInit', payload: auth({ roles: ['editor'] }) }] }
+  for (let i = 0; i < 3; i++) {
+    s.send({ id: 'v', type: 'subscribe', payload: { query: 'subscription { runUpdated { nope } }' } })
+    t.match(await s.next(), { id: 'v', type: 'error', payload: [{ extensions: { code: 'VALIDATION_FAILED' } }] })
+    s.send({ id: 'f', type: 'subscribe', payload: { query: SUBSCRIPTION }, ...forbidden })
+    t.match(await s.next(), { id: 'f', type: 'error', payload: [{ extensions: { code: 'FORBIDDEN' } }] })
+  }
+  await until(() => held.at(-1)!.subscriptionContexts.size === 0 && held.at(-1)!.subscriptionIters.size === 0, 'mercurius to let go of the failed operations')
+  // A failed id can name a running subscription; a duplicate of a running one is still refused.
+  s.send({ id: 'v', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  await until(() => app.events.bus.subscriptions === 3, 'the subscription of a failed id to run')
+  s.send({ id: 'v', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  t.match(await s.closed, { code: 4409, reason: 'Subscriber for v already exists' })
+  t.same(closes, [])
 })
 
 t.test('a connection is closed with 4401 when its token expires', async t => {
