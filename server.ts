@@ -97,7 +97,9 @@ async function main (): Promise<void> {
   process.on('SIGHUP', () => { started.app.reloadManifest().catch(() => {}) })
   // First SIGTERM/SIGINT: stop accepting, let in-flight calls finish, close the pool.
   // A second signal exits at once (close-with-grace's default).
-  closeWithGrace({ delay: 10_000, logger: started.app.log }, async ({ err, signal }) => {
+  // SIGHUP is the reload's, not a shutdown: close-with-grace listens to it by default, and the
+  // one signal both reloaded the manifest and took the replica down.
+  closeWithGrace({ delay: 10_000, logger: started.app.log, skip: ['SIGHUP'] }, async ({ err, signal }) => {
     if (err !== undefined) started.app.log.error({ err }, 'closing after an error')
     else started.app.log.info({ signal }, 'closing')
     await started.close()

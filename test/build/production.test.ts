@@ -45,6 +45,12 @@ t.test('the production build starts, serves, and shuts down gracefully', async t
     const res = await fetch(`${url}/api/v1/agents/a1`, { headers: bearer() })
     t.equal(res.status, 200)
     t.notMatch(output(), /Dev token/)
+    // SIGHUP reloads the manifest: close-with-grace, which listens to it by default, also took
+    // the gateway down on it.
+    child.kill('SIGHUP')
+    await new Promise(resolve => setTimeout(resolve, 500))
+    t.equal(child.exitCode, null, 'still running after SIGHUP')
+    t.equal((await fetch(`${url}/healthz`)).status, 200)
     child.kill('SIGTERM')
     const [code] = await once(child, 'exit')
     t.equal(code, 0)
