@@ -41,6 +41,16 @@ export class CircuitBreaker {
     return PROBE
   }
 
+  /**
+   * The state as of now: an open breaker whose reset time has passed is half-open (its next call
+   * is the probe), though `state` changes only when a call comes. Readiness and the metric read
+   * this: reading `state`, an instance taken out of its Service for an open breaker got no call,
+   * so its breaker never left open and the instance never became ready again.
+   */
+  current (): BreakerState {
+    return this.state === 'open' && this.now() - this.openedAt >= this.resetTimeoutMs ? 'half-open' : this.state
+  }
+
   /** Milliseconds until an open breaker lets a probe through (0 when it is not open). */
   retryAfterMs (): number {
     return this.state === 'open' ? Math.max(0, this.resetTimeoutMs - (this.now() - this.openedAt)) : 0

@@ -40,7 +40,17 @@ function kernelMetrics (app: FastifyInstance, origin: string, client: () => Kern
   const retries = new Counter({ name: 'mantle_kernel_retries_total', help: 'Retries of idempotent Kernel calls', labelNames: ['op'] as const, registers })
   const exhausted = new Counter({ name: 'mantle_kernel_retry_budget_exhausted_total', help: 'Retries refused because the retry budget was spent', registers })
   const rejected = new Counter({ name: 'mantle_kernel_rejected_total', help: 'Calls failed fast without reaching the Kernel', labelNames: ['reason'] as const, registers })
-  const breaker = new Gauge({ name: 'mantle_kernel_breaker_state', help: 'Kernel circuit breaker: 0 closed, 1 half-open, 2 open', labelNames: ['origin'] as const, registers })
+  // Read when Prometheus scrapes, as of then (an open breaker past its reset time is half-open).
+  const breaker = new Gauge({
+    name: 'mantle_kernel_breaker_state',
+    help: 'Kernel circuit breaker: 0 closed, 1 half-open, 2 open',
+    labelNames: ['origin'] as const,
+    registers,
+    collect () {
+      const b = client().breaker
+      if (b !== null) this.set({ origin }, BREAKER_VALUE[b.current()])
+    }
+  })
   const connections = new Counter({ name: 'mantle_kernel_pool_connections_opened_total', help: 'Connections the Kernel pool opened (requests / connections = reuse)', registers })
   breaker.set({ origin }, 0)
   // Pool gauges are read when Prometheus scrapes, not on the hot path.
@@ -94,7 +104,7 @@ async function kernelPlugin (app: FastifyInstance, opts: KernelPluginOptions): P
   app.pipeline.setTerminal(op => c.forOperation(op))
   app.decorate('kernel', {
     origin,
-    breakerState: () => c.breaker?.state ?? 'disabled',
+    breakerState: () => c.breaker?.current() ?? 'disabled',
     inFlight: () => c.inFlight
   })
   // Fastify has let in-flight requests finish before onClose: the pool can close now.

@@ -197,3 +197,17 @@ t.test('RetryBudget: reserve, deposits up to the cap, withdrawals of one token',
   t.equal(none.balance, 0)
   t.notOk(none.withdraw(), 'no reserve: no retry before any deposit')
 })
+
+t.test('current(): an open breaker past its reset time reads half-open before any call', async t => {
+  const { breaker, clock, fail } = setup(1, 1000)
+  t.equal(breaker.current(), 'closed')
+  fail(1)
+  t.equal(breaker.current(), 'open')
+  clock.now += 999
+  t.equal(breaker.current(), 'open')
+  clock.now += 1
+  t.equal(breaker.current(), 'half-open')
+  t.equal(breaker.state, 'open', 'the stored state moves only when a call comes')
+  t.equal(breaker.acquire(), PROBE)
+  t.equal(breaker.current(), 'half-open')
+})

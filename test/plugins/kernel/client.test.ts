@@ -317,6 +317,11 @@ t.test('the circuit breaker opens after the threshold, fails fast, and closes af
   t.equal(hits(kernel, '/v1/items/b1'), 3, 'an open breaker does not call the Kernel')
 
   await sleep(200)
+  // Past its reset time, with no call since, the breaker reads half-open: /readyz read the stored
+  // state (open), and an instance its Service no longer sent calls to never became ready again.
+  t.equal(app.kernel.breakerState(), 'half-open')
+  t.equal((await app.inject({ method: 'GET', url: '/readyz' })).statusCode, 200)
+  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_kernel_breaker_state\{origin="[^"]+"\} 1/)
   healthy = true
   // Half-open: two calls at once, only one probe reaches the Kernel.
   const slowProbe = new Promise<void>(resolve => kernel.on('GET /v1/items/b1', async (_req, res) => { await sleep(50); json(res, 200, { id: 'b1' }); resolve() }))
