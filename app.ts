@@ -79,7 +79,7 @@ export interface BuildOptions {
   /** Rate-limit internals (tests: the memory store's clock, the Redis retry pause). */
   rateLimit?: { now?: () => number, retryRedisMs?: number, memoryMaxKeys?: number }
   /** Audit timings (tests shorten them). */
-  audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number }
+  audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number, probeIntervalMs?: number }
   /** Load-shedding sample interval in ms (default 1000; tests shorten it). */
   pressureSampleIntervalMs?: number
   /** /diagz: one call in `stageSampleEvery` is timed per stage (default 8; tests time every call). */

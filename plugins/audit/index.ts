@@ -57,6 +57,8 @@ export interface AuditOptions {
   spoolDir: string
   /** How often retention runs (ms); tests shorten it. */
   retentionIntervalMs?: number
+  /** How often an idle writer asks PostgreSQL whether it answers (readiness without traffic). */
+  probeIntervalMs?: number
   /** How often the writer flushes at least (ms). */
   flushIntervalMs?: number
   /** PostgreSQL connect timeout (ms): how long a batch waits before it is spooled. */
@@ -177,8 +179,8 @@ function badRequest (reply: FastifyReply, request: FastifyRequest, detail: strin
   return reply.code(400).type('application/problem+json').send({ ...body, detail })
 }
 
-async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n: number) => void): Promise<{ store: AuditStore, spool: Spool | null, ping: () => Promise<boolean> }> {
-  if (opts.store === 'memory') return { store: new MemoryAuditStore({ max: opts.memoryMax, onEvict: evicted }), spool: null, ping: async () => true }
+async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n: number) => void): Promise<{ store: AuditStore, spool: Spool | null, ping: () => Promise<boolean>, reachable: boolean }> {
+  if (opts.store === 'memory') return { store: new MemoryAuditStore({ max: opts.memoryMax, onEvict: evicted }), spool: null, ping: async () => true, reachable: true }
   const databaseUrl = opts.databaseUrl
   if (databaseUrl === undefined) throw new ConfigError('BFF_AUDIT_STORE=postgres needs DATABASE_URL')
   // Outside production the gateway migrates; in production it only checks, and refuses to run
@@ -196,10 +198,12 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
     schema ??= ensureSchema().catch(err => { schema = null; throw err })
     await schema
   }
+  let reachable = true
   try {
     await prepare()
   } catch (err) {
     if (err instanceof ConfigError) throw err
+    reachable = false
     // Down at start-up: the gateway starts and spools; the schema is checked once it answers.
     app.log.warn({ err: (err as Error).message }, 'PostgreSQL is unreachable at start-up: audit entries are spooled until it is back')
   }
@@ -215,7 +219,7 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
     prune: async (before, limit) => { await prepare(); return await pg.prune(before, limit) },
     close: async () => { await pg.close() }
   }
-  return { store, spool, ping: async () => await pg.ping() }
+  return { store, spool, ping: async () => await pg.ping(), reachable }
 }
 
 async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<void> {
@@ -223,7 +227,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   const entries = metrics === null
     ? null
     : new Counter({ name: 'mantle_audit_entries_total', help: 'Audit entries by what became of them: stored, spooled, replayed (from the spool), evicted (memory ring full), pruned (retention)', labelNames: ['outcome'] as const, registers: [metrics] })
-  const { store, spool } = await openStore(app, opts, n => entries?.inc({ outcome: 'evicted' }, n))
+  const { store, spool, ping, reachable } = await openStore(app, opts, n => entries?.inc({ outcome: 'evicted' }, n))
 
   const flushSeconds = metrics === null ? null : new Histogram({ name: 'mantle_audit_flush_duration_seconds', help: 'Time to write one audit batch to the store', buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5], registers: [metrics] })
   const failures = metrics === null ? null : new Counter({ name: 'mantle_audit_write_failures_total', help: 'Audit batch writes the store refused (the batch went to the spool)', registers: [metrics] })
@@ -468,6 +472,11 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     }
   }
   const retention = setInterval(() => { prune().catch(() => {}) }, opts.retentionIntervalMs ?? 3_600_000)
+  // Readiness without traffic: an idle writer asks the store whether it answers (see probe).
+  const probing = opts.store === 'postgres' ? setInterval(() => { writer.probe(ping).catch(() => {}) }, opts.probeIntervalMs ?? 2000) : null
+  probing?.unref()
+  // PostgreSQL unreachable at start-up: down from the start, not up until a write fails.
+  if (!reachable) await writer.probe(async () => false)
   retention.unref()
   app.addHook('onReady', async () => { prune().catch(() => {}) })
 
@@ -475,6 +484,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   // has been answered and enqueued; what is left is stored or spooled before the process ends.
   app.addHook('onClose', async () => {
     clearInterval(retention)
+    if (probing !== null) clearInterval(probing)
     try {
       await writer.close()
     } finally {

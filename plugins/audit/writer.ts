@@ -337,6 +337,24 @@ export class AuditWriter {
   }
 
   /**
+   * While the writer is idle (nothing queued, spooled or being written), asks the store whether
+   * it answers, so that `up` (readiness, /diagz, the store-up gauge) tells the truth without
+   * traffic: it was true from start-up until a write failed, so a PostgreSQL unreachable since
+   * start-up, or gone while no call came, read as up. Busy, the writes tell. Not a write failure.
+   */
+  async probe (ping: () => Promise<boolean>): Promise<void> {
+    const spool = this.opts.spool
+    if (this.closed || this.flushing !== null || this.queue.length > 0 || (spool !== null && this.spooling(spool))) return
+    const ok = await ping().catch(() => false)
+    if (ok) this.recovered()
+    else if (this.storeUp) {
+      this.opts.log.warn({ err: 'no answer to a ping' }, 'audit store does not answer: entries go to the spool until it is back')
+      this.storeUp = false
+      this.lastError = 'the store does not answer'
+    }
+  }
+
+  /**
    * Writes everything still queued: to the store when it is up, else to the spool. Retries the
    * spool's replay once while the store is up.
    */

@@ -151,3 +151,29 @@ if (available) {
     t.notOk(existsSync(join(dir, 'audit.lock')), 'the spool lock is released')
   })
 }
+
+// The writer's `up` was true from start-up until a write failed: with PostgreSQL unreachable
+// since start-up, or gone while no call came, /readyz said ready and `postgres: up`.
+if (available) {
+  t.test('/readyz follows PostgreSQL without traffic: down from start-up, back, and gone again', async t => {
+    const name = await createTestDatabase(t)
+    const proxy = await startTcpProxy(t, PG_PORT)
+    proxy.cut()
+    const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: databaseUrl(name, proxy.port), BFF_AUDIT_SPOOL_DIR: spoolDir(t) }),
+      { logger: false, audit: { connectTimeoutMs: 300, probeIntervalMs: 50 } })
+    t.teardown(() => app.close())
+    await app.ready()
+    const ready = async (): Promise<number> => (await app.inject({ method: 'GET', url: '/readyz' })).statusCode
+    const first = await app.inject({ method: 'GET', url: '/readyz' })
+    t.equal(first.statusCode, 503, 'unreachable since start-up: not ready')
+    t.match(first.json(), { failing: ['postgres'], checks: { postgres: /^down/ } })
+    const becomes = async (status: number): Promise<boolean> => {
+      for (const end = Date.now() + 5000; Date.now() < end; await new Promise(resolve => setTimeout(resolve, 20))) if (await ready() === status) return true
+      return false
+    }
+    proxy.restore()
+    t.ok(await becomes(200), 'ready once PostgreSQL answers, with no call made')
+    proxy.cut()
+    t.ok(await becomes(503), 'not ready once it stops answering, with no call made')
+  })
+}
