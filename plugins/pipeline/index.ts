@@ -205,7 +205,9 @@ function outputSerializer (op: Operation): (value: unknown) => string {
 /**
  * Within one request that carries several calls, identical query calls share one Kernel call:
  * the memo is keyed by operation and canonical input (the tenant is the request's own).
- * Mutations always reach the Kernel.
+ * Mutations always reach the Kernel. Each call sharing it gets the Kernel's status too: only the
+ * first call's context had it, so a Kernel 204 was a 204 for the first and, its null answer then
+ * checked as a 200's, a 502 KERNEL_ERROR for the others.
  */
 function memoized (op: Operation, call: Next): Next {
   if (op.type !== 'query') return call
@@ -213,12 +215,15 @@ function memoized (op: Operation, call: Next): Next {
     const memo = ctx.memo
     if (memo === null) return call(ctx)
     const key = op.name + '\u0000' + canonicalJson(ctx.input)
-    let shared = memo.get(key)
+    let shared = memo.get(key) as Promise<{ value: unknown, status: number }> | undefined
     if (shared === undefined) {
-      shared = call(ctx)
+      shared = call(ctx).then(value => ({ value, status: ctx.status }))
       memo.set(key, shared)
     }
-    return shared
+    return shared.then(answer => {
+      ctx.status = answer.status
+      return answer.value
+    })
   }
 }
 

@@ -97,3 +97,32 @@ t.test('a Kernel answer that breaks the output schema is a KERNEL_ERROR for that
   const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls: [{ id: 'b', op: 'getThing', input: { id: 'bad' } }, { id: 'g', op: 'getThing', input: { id: 'good' } }] } })
   t.match(res.json(), { results: [{ id: 'b', error: { code: 'KERNEL_ERROR', status: 502 } }, { id: 'g', result: { id: 'good' } }] })
 })
+
+// Identical query calls in one batch share one Kernel call (the memo); only the first call's
+// context got the Kernel's status. A query the Kernel answered 204 was then fine for the first
+// call and a KERNEL_ERROR for the second: one call changed another's outcome.
+t.test('identical queries in one batch answered 204 by the Kernel get the same outcome', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/things/x': (_req, res) => { res.writeHead(204); res.end() }
+  })
+  const manifest = testManifest({
+    getThing: { type: 'query', rest: 'GET /things/:id', kernel: 'GET /v1/things/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } } }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+
+  // Alone, the call is fine: REST answers 204.
+  const alone = await app.inject({ method: 'GET', url: '/api/v1/things/x', headers: bearer() })
+  t.equal(alone.statusCode, 204)
+
+  const res = await app.inject({
+    method: 'POST',
+    url: '/api/v1/batch',
+    headers: bearer(),
+    payload: { calls: [{ id: '1', op: 'getThing', input: { id: 'x' } }, { id: '2', op: 'getThing', input: { id: 'x' } }] }
+  })
+  t.equal(res.statusCode, 200)
+  const [first, second] = res.json().results as Array<Record<string, unknown>>
+  t.same(first, { id: '1', result: null }, 'the first call succeeds')
+  t.same(second, first === undefined ? undefined : { ...first, id: '2' }, 'the identical second call gets the same outcome')
+  t.equal(kernel.requests.length, 2, 'one Kernel call for the two')
+})
