@@ -187,7 +187,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       const id = req.headers['x-request-id']
       return typeof id === 'string' && REQUEST_ID.test(id) ? id : uuidv7()
     },
-    return503OnClosing: true,
+    // Refused below (onRequest) instead, as problem+json with a request id and the security
+    // headers: Fastify's own 503 while closing had none of them.
+    return503OnClosing: false,
     // A URL Fastify cannot route (bad percent-encoding, an overlong path segment) answers the
     // same problem+json, request id and security headers as every other refusal.
     frameworkErrors: (error, request, reply) => {
@@ -229,14 +231,22 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     if (lingering.has(req.socket)) req.socket.destroy()
     else serve[0](req, res)
   })
+  let closing = false
   app.addHook('onRequest', (request, reply, done) => {
     stamp(request, reply)
+    if (closing) {
+      // A request that arrives on an open connection while the gateway shuts down runs nothing.
+      reply.header('connection', 'close')
+      done(new MantleError('OVERLOADED', 'The gateway is shutting down: retry on another instance', { headers: { 'retry-after': '1' } }))
+      return
+    }
     done()
   })
   // Fastify closes idle keep-alive sockets once, when closing starts; a socket busy then would
   // hold the shutdown until its keep-alive timeout. Reap sockets as they turn idle instead.
   let reaper: NodeJS.Timeout | null = null
   app.addHook('preClose', (done) => {
+    closing = true
     reaper = setInterval(() => app.server.closeIdleConnections(), 50)
     reaper.unref()
     done()

@@ -167,9 +167,9 @@ export async function runChaos (opts: ChaosOptions): Promise<ChaosReport> {
 
     // A restart replays what the audit spooled while PostgreSQL was away.
     gateway = await start()
-    // Every call an operation answered has its entry. A 503 without a contract code is the
-    // server refusing new requests while it closes: no operation ran, so there is nothing to audit.
-    const answeredIds = calls.filter(c => c.status !== 0 && !(c.status === 503 && c.code === null)).map(c => c.id)
+    // Every call an operation answered has its entry. A 503 OVERLOADED is the server refusing a
+    // request before any operation ran (shedding load, or closing), so there is nothing to audit.
+    const answeredIds = calls.filter(c => c.status !== 0 && !(c.status === 503 && c.code === 'OVERLOADED')).map(c => c.id)
     const db = new pg.Client({ connectionString: (() => { const u = new URL(opts.postgresUrl); u.pathname = '/' + database; return u.toString() })() })
     await db.connect()
     let rows = new Set<string>()
