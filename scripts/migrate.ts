@@ -1,5 +1,7 @@
 // npm run migrate [-- up | down [version] | status]: the audit database's schema, with the
 // same migrations the gateway runs at start-up outside production. Reads DATABASE_URL.
+import { resolve } from 'node:path'
+import { pathToFileURL } from 'node:url'
 import { migrate, migrationStatus } from '../plugins/audit/migrations.js'
 
 export async function main (argv: string[], env: Record<string, string | undefined> = process.env): Promise<string> {
@@ -24,7 +26,9 @@ export async function main (argv: string[], env: Record<string, string | undefin
   throw new Error(`unknown command ${command}: use up, down [version] or status`)
 }
 
-if (import.meta.url === `file://${process.argv[1]}`) {
+// As a file URL: `file://${argv[1]}` did not percent-encode, so from a checkout whose path has a
+// space the script did nothing and exited 0 (a deploy's migration step "passed" unmigrated).
+if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) {
   main(process.argv.slice(2)).then(out => { process.stdout.write(out + '\n') }, (err: Error) => {
     process.stderr.write(`migrate: ${err.message}\n`)
     process.exitCode = 1

@@ -1,5 +1,10 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
+import { spawnSync } from 'node:child_process'
+import { cpSync, mkdirSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import type { FastifyInstance } from 'fastify'
 import { buildApp } from '../../../app.js'
 import { ConfigError } from '../../../schemas/config.js'
@@ -461,5 +466,24 @@ if (await postgresAvailable()) {
     t.same(await store.verify({ from: at(8) }), { ok: false, checked: 0, firstBroken: named(7) }, 'a removed tail that was the range: at the last entry left')
     await sql(url, 'DELETE FROM bff_audit_entries')
     t.same(await store.verify({}), { ok: false, checked: 0, firstBroken: null }, 'every row: no entry left to name')
+  })
+}
+
+// scripts/migrate.ts ran its main only when import.meta.url === `file://${argv[1]}`, which is not
+// percent-encoded: from a checkout whose path has a space, `npm run migrate` did nothing and
+// exited 0, and a deploy's migration step passed without migrating.
+if (await postgresAvailable()) {
+  t.test('npm run migrate works from a checkout whose path has a space', async t => {
+    const root = fileURLToPath(new URL('../../../', import.meta.url))
+    const base = mkdtempSync(join(tmpdir(), 'mantle migrate '))
+    t.teardown(() => rmSync(base, { recursive: true, force: true }))
+    mkdirSync(join(base, 'plugins/audit'), { recursive: true })
+    cpSync(join(root, 'scripts/migrate.ts'), join(base, 'scripts/migrate.ts'))
+    cpSync(join(root, 'plugins/audit/migrations.ts'), join(base, 'plugins/audit/migrations.ts'))
+    cpSync(join(root, 'migrations'), join(base, 'migrations'), { recursive: true })
+    cpSync(join(root, 'package.json'), join(base, 'package.json'))
+    symlinkSync(join(root, 'node_modules'), join(base, 'node_modules'))
+    const run = spawnSync(process.execPath, ['--import', 'tsx', 'scripts/migrate.ts', 'status'], { cwd: base, env: { ...process.env, DATABASE_URL: PG_URL }, encoding: 'utf8', timeout: 60_000 })
+    t.match(run.stdout, /^version \d+ of \d+/, `it reports the status (exit ${run.status}, ${run.stderr.slice(0, 200)})`)
   })
 }
