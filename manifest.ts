@@ -210,6 +210,9 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     fixed.set(`${at}.kernel`, canonicalJson(op.kernel))
     fixed.set(`${at}.input`, canonicalJson([op.input, op.inputDocument]))
     fixed.set(`${at}.output`, canonicalJson([op.output, op.outputDocument]))
+    // The OpenAPI document is built from these once, at start-up: a reload that changed them
+    // was applied, and the document went on showing the old ones.
+    fixed.set(`${at}.docs (summary, description, deprecated)`, canonicalJson([op.summary, op.description, op.deprecated]))
   }
   fixed.set('events', canonicalJson(events))
   fixed.set('schemas', canonicalJson(resolvedSchemas))

@@ -105,7 +105,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   const entry = app.pipeline.entry(op.name)
   const pathParams = op.pathParams
   const inBody = op.inputInBody
-  const cached = op.cache !== null
+  const query = op.type === 'query'
   return async function restHandler (request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
     let input: Record<string, unknown>
     if (inBody) {
@@ -123,7 +123,9 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     }
     const headers = request.headers
     const ctx = new CallContext(request.id, 'rest', op, input, headers.authorization, single(headers.traceparent), op.type === 'mutation' ? idempotencyKeyOf(request) : undefined)
-    if (cached) ctx.ifNoneMatch = single(headers['if-none-match'])
+    // Read for every query, not only those cached at start-up: a manifest reload may add a cache
+    // (the ETags then went out, but a matching If-None-Match never got its 304).
+    if (query) ctx.ifNoneMatch = single(headers['if-none-match'])
     let result: unknown
     try {
       result = await entry.run(ctx)

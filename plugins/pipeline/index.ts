@@ -71,9 +71,9 @@ export interface Pipeline {
   /**
    * Applies a changed manifest without dropping a call: every operation's chain is built anew
    * beside the old one, then swapped in; calls in flight finish on the chain they started on.
-   * Only policies may change (roles, zone, rate limit, cache, firewall, invalidates, timeout,
-   * docs): a change to the operations, routes, schemas, events or Kernel settings needs a
-   * restart, because faces have compiled routes and types from them. Returns the reasons a
+   * Only policies may change (roles, zone, rate limit, cache, firewall, invalidates, timeout):
+   * a change to the operations, routes, schemas, docs, events or Kernel settings needs a
+   * restart, because faces have compiled routes, types and the OpenAPI document from them. Returns the reasons a
    * manifest was refused (empty when it was applied).
    */
   reload: (next: Manifest) => string[]

@@ -98,10 +98,29 @@ t.test('an invalid manifest, or one that changes more than policies, is refused 
   writeFileSync(file, manifest('viewer').replace('timeoutMs: 2000', 'timeoutMs: 3000'))
   t.same((await app.reloadManifest()).reasons, ['kernel settings changed'])
 
+  // The OpenAPI document is built from the docs fields at start-up: a change to them was applied
+  // and the document kept the old ones.
+  writeFileSync(file, manifest('viewer', '    summary: A new summary\n'))
+  t.same((await app.reloadManifest()).reasons, ['operations.getThing.docs (summary, description, deprecated) changed'])
+
   const res = await app.inject({ url: '/api/v1/things/a', headers: viewer })
   t.equal(res.statusCode, 200, 'the manifest in force still answers')
   const metrics = await app.inject({ url: '/metrics' })
-  t.match(metrics.body, /mantle_manifest_reloads_total\{outcome="refused"\} 5/)
+  t.match(metrics.body, /mantle_manifest_reloads_total\{outcome="refused"\} 6/)
+})
+
+t.test('a cache added by a reload answers If-None-Match with 304 on REST', async t => {
+  // The REST face decided at start-up whether to read If-None-Match: after a reload added a
+  // cache, answers carried an ETag, but a matching If-None-Match never got its 304.
+  const { app, file } = await setup(t)
+  writeFileSync(file, manifest('viewer', '    cache: { ttlSeconds: 60, tags: [things] }\n'))
+  t.same(await app.reloadManifest(), { applied: true, reasons: [] })
+  const viewer = bearer({ roles: ['viewer'] })
+  const first = await app.inject({ url: '/api/v1/things/a', headers: viewer })
+  const etag = first.headers.etag as string
+  t.ok(etag !== undefined, 'the cache is in force')
+  const again = await app.inject({ url: '/api/v1/things/a', headers: { ...viewer, 'if-none-match': etag } })
+  t.equal(again.statusCode, 304)
 })
 
 t.test('the demo manifest, reloaded unchanged, is applied: what a reload compares is the manifest as written, not schemas a library has compiled in place', async t => {
