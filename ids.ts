@@ -52,3 +52,18 @@ export function uuidv7 (ms: number = Date.now()): string {
   return idPrefix + HEX_BYTE[b[i] & 15][1] + HEX_BYTE[b[i + 1]] + '-' + HEX_BYTE[(b[i + 2] & 0x3f) | 0x80] + HEX_BYTE[b[i + 3]] + '-' +
     HEX_BYTE[b[i + 4]] + HEX_BYTE[b[i + 5]] + HEX_BYTE[b[i + 6]] + HEX_BYTE[b[i + 7]] + HEX_BYTE[b[i + 8]] + HEX_BYTE[b[i + 9]]
 }
+
+const TRACEPARENT = /^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$/
+const ZERO_TRACE = '0'.repeat(32)
+const ZERO_SPAN = '0'.repeat(16)
+
+/**
+ * A W3C traceparent's parts, or null when it is absent or invalid (an all-zero trace id or
+ * parent id included, which the spec says to ignore). One parser for the Kernel client and the
+ * tracing plugin: the client's own did not reject an all-zero parent id, and continued it.
+ */
+export function parseTraceparent (header: string | undefined): { traceId: string, spanId: string, flags: string } | null {
+  const m = header === undefined ? null : TRACEPARENT.exec(header)
+  if (m === null || m[1] === ZERO_TRACE || m[2] === ZERO_SPAN) return null
+  return { traceId: m[1], spanId: m[2], flags: m[3] }
+}

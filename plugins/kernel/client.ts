@@ -1,5 +1,5 @@
 import { Pool, type Dispatcher } from 'undici'
-import { randomHex } from '../../ids.js'
+import { parseTraceparent, randomHex } from '../../ids.js'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { EventEmitter } from 'node:events'
 import { MantleError } from '../../errors.js'
@@ -40,14 +40,11 @@ const noMetrics: KernelMetrics = { forOperation: () => noOpMetrics, budgetExhaus
 // undici's own error codes, by what they mean for a call. Unknown codes count as unreachable.
 const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'])
 
-const TRACEPARENT = /^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$/
-const ZERO_TRACE = '0'.repeat(32)
-
 /** A W3C traceparent for the Kernel call: the caller's trace, with a new span as parent. */
 export function childTraceparent (incoming: string | undefined): string {
   const span = randomHex(8)
-  const m = incoming === undefined ? null : TRACEPARENT.exec(incoming)
-  if (m !== null && m[1] !== ZERO_TRACE) return `00-${m[1]}-${span}-${m[2]}`
+  const parent = parseTraceparent(incoming)
+  if (parent !== null) return `00-${parent.traceId}-${span}-${parent.flags}`
   return `00-${randomHex(16)}-${span}-01`
 }
 

@@ -6,6 +6,7 @@ import { OTLPTraceExporter } from '@opentelemetry/exporter-trace-otlp-http'
 import { resourceFromAttributes } from '@opentelemetry/resources'
 import { StageOrder } from '../pipeline/index.js'
 import { toProblem } from '../../errors.js'
+import { parseTraceparent } from '../../ids.js'
 
 // One OpenTelemetry span per call, named by the operation, a child of the caller's
 // `traceparent`, and the parent of the Kernel call (the Kernel client sends this span's
@@ -23,22 +24,22 @@ export interface TracingOptions {
   exporter?: SpanExporter
 }
 
-const TRACEPARENT = /^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$/
-const ZERO_TRACE = '0'.repeat(32)
-const ZERO_SPAN = '0'.repeat(16)
+// One export's bound: the exporter's default (10 s) is close-with-grace's whole grace period, so a
+// collector that accepted and never answered made every shutdown end killed, exit code 1.
+const EXPORT_TIMEOUT_MS = 2000
 
 /** The caller's W3C traceparent as a remote parent context (ROOT_CONTEXT when absent or invalid). */
 export function parentContext (traceparent: string | undefined): Context {
-  const m = traceparent === undefined ? null : TRACEPARENT.exec(traceparent)
-  if (m === null || m[1] === ZERO_TRACE || m[2] === ZERO_SPAN) return ROOT_CONTEXT
-  return trace.setSpanContext(ROOT_CONTEXT, { traceId: m[1], spanId: m[2], traceFlags: parseInt(m[3], 16) & TraceFlags.SAMPLED, isRemote: true })
+  const parent = parseTraceparent(traceparent)
+  if (parent === null) return ROOT_CONTEXT
+  return trace.setSpanContext(ROOT_CONTEXT, { traceId: parent.traceId, spanId: parent.spanId, traceFlags: parseInt(parent.flags, 16) & TraceFlags.SAMPLED, isRemote: true })
 }
 
 async function tracingPlugin (app: FastifyInstance, opts: TracingOptions): Promise<void> {
   const provider = new TracerProvider({
     resource: resourceFromAttributes({ 'service.name': opts.serviceName, 'service.version': opts.version }),
     sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(opts.sampleRatio) }),
-    spanProcessors: [new BatchSpanProcessor({ exporter: opts.exporter ?? new OTLPTraceExporter({ url: opts.url }), maxQueueSize: 4096, maxExportBatchSize: 512, scheduledDelayMillis: 1000 })]
+    spanProcessors: [new BatchSpanProcessor({ exporter: opts.exporter ?? new OTLPTraceExporter({ url: opts.url, timeoutMillis: EXPORT_TIMEOUT_MS }), maxQueueSize: 4096, maxExportBatchSize: 512, scheduledDelayMillis: 1000 })]
   })
   const tracer = provider.getTracer('mantle', opts.version)
 

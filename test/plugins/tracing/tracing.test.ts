@@ -1,9 +1,12 @@
 import t from 'tap'
 import { createServer } from 'node:http'
-import type { AddressInfo } from 'node:net'
+import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net'
 import { buildTestApp, startTestKernel, json, bearer, testManifest, testConfig } from '../../helper.js'
 import { tracesUrl } from '../../../app.js'
 import { parentContext } from '../../../plugins/tracing/index.js'
+import { childTraceparent } from '../../../plugins/kernel/index.js'
+import { buildApp } from '../../../app.js'
+import { startKernel } from '../../../kernel/server.js'
 import { trace } from '@opentelemetry/api'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
@@ -93,4 +96,31 @@ t.test('a malformed or all-zero traceparent starts a new trace', async t => {
     t.equal(trace.getSpanContext(parentContext(bad)), undefined, String(bad))
   }
   t.match(trace.getSpanContext(parentContext('00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00')), { traceFlags: 0, isRemote: true })
+})
+
+// W3C Trace Context: a parent id of all zeros is invalid, and such a header is ignored. The
+// tracing plugin refused it, but the Kernel client (tracing off) continued its trace id.
+t.test('a traceparent whose parent id is all zeros is not continued, with tracing on or off', async t => {
+  const trace0 = '4bf92f3577b34da6a3ce929d0e0e4736'
+  const bad = `00-${trace0}-0000000000000000-01`
+  t.equal(trace.getSpanContext(parentContext(bad)), undefined)
+  t.not(childTraceparent(bad).split('-')[1], trace0)
+  t.equal(childTraceparent(`00-${trace0}-00f067aa0ba902b7-01`).split('-')[1], trace0, 'a valid one is continued')
+})
+
+// The exporter's default timeout (10 s) was close-with-grace's whole grace period: with a
+// collector that accepted and never answered, every shutdown ended killed, exit code 1.
+t.test('close with a collector that never answers ends within the export bound', async t => {
+  const sockets: Socket[] = []
+  const blackhole = createTcpServer(s => { sockets.push(s); s.on('error', () => {}) })
+  await new Promise<void>(resolve => blackhole.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { for (const s of sockets) s.destroy(); blackhole.close() })
+  const kernel = await startKernel({ port: 0, runDelayMs: 1 })
+  t.teardown(() => kernel.close())
+  const app = await buildApp(testConfig({ OTEL_EXPORTER_OTLP_ENDPOINT: `http://127.0.0.1:${(blackhole.address() as AddressInfo).port}` }), { logger: false, kernelUrl: kernel.url })
+  await app.ready()
+  t.equal((await app.inject({ url: '/api/v1/agents/a1', headers: bearer() })).statusCode, 200)
+  const started = Date.now()
+  await app.close()
+  t.ok(Date.now() - started < 5000, `closed in ${Date.now() - started} ms`)
 })
