@@ -1,5 +1,4 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply } from 'fastify'
-import { randomUUID } from 'node:crypto'
 import { uuidv7 } from './ids.js'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync } from 'node:fs'
@@ -106,6 +105,9 @@ export const SECURITY_HEADERS: Readonly<Record<string, string>> = ((): Record<st
 })()
 
 /** What every answer carries, routed or not: its request id and the security headers. */
+/** The security headers as raw header lines, for answers written straight to a socket. */
+const SECURITY_LINES = Object.entries(SECURITY_HEADERS).map(([name, value]) => `${name}: ${value}\r\n`).join('')
+
 function stamp (request: FastifyRequest, reply: FastifyReply): void {
   reply.header('x-request-id', request.id)
   reply.headers(SECURITY_HEADERS)
@@ -118,9 +120,12 @@ const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/
  * A problem+json answer written straight to a socket, for requests that never become a Fastify
  * request; the gateway then closes its side.
  */
-function answerRaw (socket: Duplex, status: number, detail: string): void {
-  const body = JSON.stringify(toProblem(new MantleError('BAD_REQUEST', detail, { status }), randomUUID()).problem)
-  socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
+function answerRaw (socket: Duplex, status: number, detail: string, extra: string = ''): void {
+  // As every other answer: a request id the gateway made (UUIDv7), in the body and the header,
+  // and the security headers (these had a v4 id in the body alone, and no security header).
+  const id = uuidv7()
+  const body = JSON.stringify(toProblem(new MantleError('BAD_REQUEST', detail, { status }), id).problem)
+  socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nx-request-id: ${id}\r\n${SECURITY_LINES}${extra}Connection: close\r\n\r\n${body}`)
 }
 
 // How long the gateway still reads a connection it closes (RFC 9112 §9.6, "lingering close"):
@@ -213,7 +218,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // unanswered (found by `npm run fuzz`): the gateway is no proxy, so it answers 405.
   app.server.on('connect', (_req, socket: Duplex) => {
     socket.on('error', () => {})
-    answerRaw(socket, 405, 'CONNECT is not served')
+    // A 405 names the methods that are served (RFC 9110 §15.5.6).
+    answerRaw(socket, 405, 'CONNECT is not served', 'Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n')
     lingeringClose(socket)
   })
   // Node's server closes a connection after an answer that ends it (connection: close, as

@@ -20,7 +20,12 @@ t.test('CONNECT is answered 405 problem+json, not dropped', async t => {
     })
     t.match(answer, /^HTTP\/1\.1 405 Method Not Allowed\r\n/, target)
     t.match(answer, /\r\nContent-Type: application\/problem\+json\r\n/)
-    t.match(JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)), { status: 405, code: 'BAD_REQUEST', detail: 'CONNECT is not served', requestId: String })
+    const problem = JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)) as { requestId: string }
+    t.match(problem, { status: 405, code: 'BAD_REQUEST', detail: 'CONNECT is not served', requestId: /^[0-9a-f]{8}-[0-9a-f]{4}-7/ }, 'a request id the gateway makes: UUIDv7')
+    // A 405 names the methods served; and like every answer, the request id and the security headers.
+    t.match(answer, /\r\nAllow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n/)
+    t.match(answer, new RegExp(`\\r\\nx-request-id: ${problem.requestId}\\r\\n`))
+    t.match(answer, /\r\nx-content-type-options: nosniff\r\n/)
   }
   const health = await app.inject({ method: 'GET', url: '/healthz' })
   t.equal(health.statusCode, 200, 'the gateway serves on')
