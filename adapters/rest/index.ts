@@ -106,6 +106,9 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   const pathParams = op.pathParams
   const inBody = op.inputInBody
   const query = op.type === 'query'
+  // A 304 carries the Vary its 200 would (RFC 9110 §15.4.5): @fastify/compress adds it only to a
+  // body it negotiates, and a 304 has none.
+  const compressing = app.hasReplyDecorator('compress')
   return async function restHandler (request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
     let input: Record<string, unknown>
     if (inBody) {
@@ -136,7 +139,10 @@ function handlerFor (app: FastifyInstance, op: Operation) {
       throw err
     }
     if (ctx.headers !== null) reply.headers(ctx.headers)
-    if (ctx.status === 204 || ctx.status === 304) return reply.code(ctx.status).send()
+    if (ctx.status === 204 || ctx.status === 304) {
+      if (ctx.status === 304 && compressing) reply.header('vary', 'accept-encoding')
+      return reply.code(ctx.status).send()
+    }
     // The same compiled output serializer as every other face (the route's 2xx schema is for
     // OpenAPI): undeclared fields never leave, and an answer that breaks it is KERNEL_ERROR.
     const json = ctx.json ?? entry.serialize(result)

@@ -5,7 +5,7 @@ import type { FastifyInstance } from 'fastify'
 import { buildApp } from '../../../app.js'
 import { MantleError } from '../../../errors.js'
 import { COMPRESSION_THRESHOLD } from '../../../plugins/compression/index.js'
-import { testConfig, startTestKernel, testManifest, json, type TestKernel } from '../../helper.js'
+import { testConfig, startTestKernel, testManifest, json, buildDemoApp, bearer, type TestKernel } from '../../helper.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 type Env = Record<string, string | number | boolean | undefined>
@@ -149,4 +149,23 @@ t.test('BFF_COMPRESSION_ENABLED=false: nothing is compressed', async t => {
   t.equal(res.statusCode, 200)
   t.equal(res.headers['content-encoding'], undefined)
   t.equal(res.json().length, 200)
+})
+
+// RFC 9110 §15.4.5: a 304 MUST carry the Vary the 200 to the same request would have carried.
+// A cached REST answer over 1 KB, asked for with Accept-Encoding: gzip, is 200 with
+// `Vary: accept-encoding`; the same request with a matching If-None-Match was 304 without it
+// (@fastify/compress leaves empty bodies alone, and nothing else set Vary).
+t.test('a 304 carries the Vary its 200 carries', async t => {
+  const app = await buildDemoApp(t)
+  const created = await app.inject({ method: 'POST', url: '/api/v1/agents', headers: bearer(), payload: { name: 'big', description: 'x'.repeat(2000) } })
+  const url = `/api/v1/agents/${created.json().id as string}`
+  const headers = { ...bearer(), 'accept-encoding': 'gzip' }
+  const full = await app.inject({ method: 'GET', url, headers })
+  t.equal(full.statusCode, 200)
+  t.equal(full.headers['content-encoding'], 'gzip')
+  t.equal(full.headers.vary, 'accept-encoding')
+  const etag = full.headers.etag as string
+  const notModified = await app.inject({ method: 'GET', url, headers: { ...headers, 'if-none-match': etag } })
+  t.equal(notModified.statusCode, 304)
+  t.equal(notModified.headers.vary, full.headers.vary, 'the 304 has the 200\'s Vary')
 })
