@@ -104,10 +104,10 @@ export const SECURITY_HEADERS: Readonly<Record<string, string>> = ((): Record<st
   return Object.freeze(headers)
 })()
 
-/** What every answer carries, routed or not: its request id and the security headers. */
 /** The security headers as raw header lines, for answers written straight to a socket. */
 const SECURITY_LINES = Object.entries(SECURITY_HEADERS).map(([name, value]) => `${name}: ${value}\r\n`).join('')
 
+/** What every answer carries, routed or not: its request id and the security headers. */
 function stamp (request: FastifyRequest, reply: FastifyReply): void {
   reply.header('x-request-id', request.id)
   reply.headers(SECURITY_HEADERS)

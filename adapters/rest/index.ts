@@ -132,13 +132,11 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     let result: unknown
     try {
       result = await entry.run(ctx)
-    } catch (err) {
-      // A call that failed after the stages that set headers passed (an operation's limit, say:
-      // the call used part of it) answers them too, beside the problem's own.
+    } finally {
+      // Also when the call failed after the stages that set headers passed (an operation's limit,
+      // say: the call used part of it): they go out beside the problem's own.
       if (ctx.headers !== null) reply.headers(ctx.headers)
-      throw err
     }
-    if (ctx.headers !== null) reply.headers(ctx.headers)
     if (ctx.status === 204 || ctx.status === 304) {
       if (ctx.status === 304 && compressing) reply.header('vary', 'accept-encoding')
       return reply.code(ctx.status).send()

@@ -135,13 +135,13 @@ export interface VerifyResult {
   firstBroken: { id: string, requestId: string } | null
 }
 
+/** An entry as verify names it. */
+type Named = Pick<StoredEntry, 'id' | 'requestId'>
+
 /**
  * Walks entries in chain order from an anchor (the hash the first one must link to, and its
  * position). Stops at the first entry whose position, link or hash is wrong.
  */
-/** An entry as verify names it. */
-type Named = Pick<StoredEntry, 'id' | 'requestId'>
-
 export class ChainWalker {
   checked = 0
   private ok = true

@@ -5,7 +5,7 @@ import type { EventEmitter } from 'node:events'
 import { MantleError } from '../../errors.js'
 import type { Operation } from '../../manifest.js'
 import type { CallContext, Next } from '../pipeline/index.js'
-import { CircuitBreaker, RetryBudget, DENIED, NORMAL, type BreakerState, type Permit } from './breaker.js'
+import { CircuitBreaker, RetryBudget, DENIED, NORMAL, type Permit } from './breaker.js'
 
 export interface KernelClientOptions {
   origin: string
@@ -29,13 +29,12 @@ export interface KernelMetrics {
 
   budgetExhausted: () => void
   rejected: (reason: 'breaker_open' | 'bulkhead_full') => void
-  breaker: (state: BreakerState) => void
   connected: () => void
 }
 
 const nothing = (): void => {}
 const noOpMetrics = { call: { ok: nothing, client_error: nothing, redirect: nothing, server_error: nothing, timeout: nothing, unavailable: nothing }, retry: nothing }
-const noMetrics: KernelMetrics = { forOperation: () => noOpMetrics, budgetExhausted: nothing, rejected: nothing, breaker: nothing, connected: nothing }
+const noMetrics: KernelMetrics = { forOperation: () => noOpMetrics, budgetExhausted: nothing, rejected: nothing, connected: nothing }
 
 // undici's own error codes, by what they mean for a call. Unknown codes count as unreachable.
 const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'])
@@ -73,7 +72,7 @@ export class KernelClient {
     this.pool = new Pool(opts.origin, { connections: opts.connections, pipelining: 1, keepAliveTimeout: 10_000, connectTimeout: 2_000 })
     this.pool.on('connect', () => this.metrics.connected())
     const r = opts.resilience
-    this.breaker = r === null ? null : new CircuitBreaker(r.threshold, r.resetTimeoutMs, s => this.metrics.breaker(s))
+    this.breaker = r === null ? null : new CircuitBreaker(r.threshold, r.resetTimeoutMs)
     this.budget = r === null ? null : new RetryBudget()
     this.retries = r === null ? 0 : opts.retries
     this.maxInFlight = r === null ? Infinity : r.maxInFlight

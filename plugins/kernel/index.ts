@@ -80,7 +80,6 @@ function kernelMetrics (app: FastifyInstance, origin: string, client: () => Kern
     },
     budgetExhausted: () => exhausted.inc(),
     rejected: reason => rejected.labels(reason).inc(),
-    breaker: state => breaker.set({ origin }, BREAKER_VALUE[state]),
     connected: () => connections.inc()
   }
 }
