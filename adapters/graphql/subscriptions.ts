@@ -30,6 +30,31 @@ function initAuthorization (payload: unknown): string | undefined {
   return typeof authorization === 'string' ? authorization : ''
 }
 
+/**
+ * What the guard knows of a socket's subscriptions before mercurius has set them up. mercurius
+ * starts a subscription without waiting for it (its hooks, then graphql's subscribe()), and
+ * reads the next message meanwhile: a `complete` in the same read as its `subscribe` came while
+ * the operation was not there yet, and was lost (mercurius' own handling of it also runs before
+ * the subscription exists). Such a `complete` is held here instead, and the subscription ends
+ * as soon as it starts. Both sets hold at most the connection's bound of ids.
+ */
+interface Early {
+  /** Ids of subscribes the guard let through that have not reached preSubscriptionExecution. */
+  starting: Set<string>
+  /** Ids the client completed while they were being set up. */
+  cancelled: Set<string>
+  /** Hands mercurius a message past the guard. */
+  deliver: (message: Buffer) => void
+}
+const early = new WeakMap<WebSocket, Early>()
+
+/** A subscription that ends before its first event (one the client completed while it started). */
+const ENDED: AsyncIterableIterator<unknown> = {
+  async next () { return { done: true, value: undefined } },
+  async return () { return { done: true, value: undefined } },
+  [Symbol.asyncIterator] () { return this }
+}
+
 /** One graphql-ws connection: its credentials, its operations as mercurius holds them, its expiry. */
 export class GraphqlConnection {
   /**
@@ -90,15 +115,18 @@ export class GraphqlConnection {
    * this same turn of the event loop). In graphql-transport-ws an `error` ends the operation, and
    * graphql-ws' client never completes one after it: failed ids were held until the bound closed
    * the connection (1008), its running subscriptions with it. mercurius keeps state per id too
-   * (a queue) until a `complete`, so it is handed one, as if from the client: through the guard,
-   * which admits it (the id is held), to mercurius, which runs onSubscriptionEnd (the id leaves
-   * `operations`) and frees its own. `rawId` as mercurius has it: its maps are keyed by it.
+   * (a queue) until a `complete`, so it is handed one, as if from the client but past the guard,
+   * and runs onSubscriptionEnd (the id leaves `operations`) and frees its own. `rawId` as
+   * mercurius has it: its maps are keyed by it.
    */
   failed (rawId: string | number): void {
     setImmediate(() => {
       if (this.closed || this.operations.get(String(rawId)) !== null) return
       const type = this.socket.protocol === 'graphql-transport-ws' ? 'complete' : 'stop'
-      this.socket.emit('message', Buffer.from(JSON.stringify({ id: rawId, type })), false)
+      const message = Buffer.from(JSON.stringify({ id: rawId, type }))
+      const state = early.get(this.socket)
+      if (state === undefined) this.socket.emit('message', message, false)
+      else state.deliver(message)
     })
   }
 
@@ -216,6 +244,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
     async preSubscriptionExecution (schema, document, context, rawId) {
       const { connection } = context
       const id = String(rawId)
+      early.get(connection.socket)?.starting.delete(id)
       if (connection.operations.has(id)) {
         connection.close(4409, `Subscriber for ${id.slice(0, 64)} already exists`)
         throw new GraphQLError('Subscriber already exists', { extensions: { code: 'VALIDATION_FAILED', status: 400 } })
@@ -237,10 +266,11 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
     // mercurius itself).
     async onSubscriptionEnd (context, rawId) {
       // mercurius passes the context of the connection's last subscription, null before any.
-      const operations = context?.connection.operations
+      const connection = context?.connection
       const id = String(rawId)
-      operations?.get(id)?.abort()
-      operations?.delete(id)
+      connection?.operations.get(id)?.abort()
+      connection?.operations.delete(id)
+      if (connection !== undefined) early.get(connection.socket)?.cancelled.delete(id)
     },
 
     /**
@@ -249,7 +279,8 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
      * - a `complete` for an id the connection does not hold is ignored, as graphql-transport-ws
      *   says. mercurius runs onSubscriptionEnd with the context of the connection's last
      *   subscription, null when none has started yet (a first subscribe that did not parse):
-     *   its own hook runner then threw and closed the socket without a code;
+     *   its own hook runner then threw and closed the socket without a code. One for an id
+     *   being set up is held until the subscription starts, which then ends (see Early);
      * - a malformed `subscribe` (see subscribeRefusal) is answered here with an `error` message
      *   in the contract's shape, and mercurius never sees it. Before connection_init mercurius
      *   refuses every subscribe itself (connection_error, then a close). "After" is as the
@@ -265,6 +296,9 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       const subscribe = transport ? 'subscribe' : 'start'
       const complete = transport ? 'complete' : 'stop'
       let initSeen = false
+      const emit = socket.emit
+      const state: Early = { starting: new Set(), cancelled: new Set(), deliver: message => { emit.call(socket, 'message', message, false) } }
+      early.set(socket, state)
       const admit = (data: unknown): boolean => {
         let message: unknown
         try {
@@ -278,10 +312,19 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           initSeen = true
           initialised()
         }
-        if (type === complete) return connections.get(socket)?.operations.has(String(id)) === true
+        if (type === complete) {
+          const key = String(id)
+          const operation = connections.get(socket)?.operations.get(key)
+          if (operation != null) return true
+          if ((operation === null || state.starting.has(key)) && state.cancelled.size < settings.maxOperations) state.cancelled.add(key)
+          return false
+        }
         if (type !== subscribe || !initSeen) return true
         const error = subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema)
-        if (error === null) return true
+        if (error === null) {
+          if (state.starting.size < settings.maxOperations) state.starting.add(String(id))
+          return true
+        }
         const send = (): void => socket.send(JSON.stringify({ type: 'error', id, payload: [error] }))
         // Before mercurius has taken up connection_init (a subscribe right behind it), the error
         // waits for its connection_ack, which mercurius sends within this turn of the event loop:
@@ -290,7 +333,6 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         else setImmediate(send)
         return false
       }
-      const emit = socket.emit
       socket.emit = function (this: WebSocket, event: string | symbol, ...args: unknown[]): boolean {
         if (event === 'message' && !admit(args[0])) return false
         return emit.call(this, event, ...args)
@@ -301,6 +343,10 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       return (_source, _args, context) => {
         const { connection } = context
         const id = String(context.id)
+        if (early.get(connection.socket)?.cancelled.delete(id) === true) {
+          connection.operations.delete(id)
+          return ENDED
+        }
         const requestId = uuidv7()
         let identity: Identity
         let iterator: AsyncIterator<unknown>

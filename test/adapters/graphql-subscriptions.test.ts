@@ -285,6 +285,34 @@ t.test('a failed subscription ends with its error: it holds neither a place in t
   t.same(closes, [])
 })
 
+// A `complete` that came in the same read as its `subscribe` (a client that subscribes and
+// unsubscribes at once) reached the guard before mercurius had set the subscription up: it was
+// dropped as naming no operation, and the subscription ran until the connection closed.
+t.test('a complete right behind its subscribe ends the subscription', async t => {
+  const { app, url } = await gateway(t)
+  const s = await raw(t, url)
+  s.send({ type: 'connection_init', payload: auth({ roles: ['viewer'] }) })
+  t.match(await s.next(), { type: 'connection_ack' })
+  const socket = (s.ws as unknown as { _socket: { cork: () => void, uncork: () => void } })._socket
+  for (const id of ['x', 'y']) {
+    socket.cork()
+    s.send({ id, type: 'subscribe', payload: { query: SUBSCRIPTION } })
+    s.send({ id, type: 'complete' })
+    socket.uncork()
+  }
+  s.send({ id: 'z', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  await until(() => app.events.bus.subscriptions === 1, 'the subscription z')
+  await sleep(30)
+  t.equal(app.events.bus.subscriptions, 1, 'x and y do not run')
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: RUN })
+  const frames: Array<{ id?: string, type: string }> = []
+  while (!frames.some(f => f.id === 'z' && f.type === 'next')) frames.push(await s.next())
+  t.same(frames.filter(f => f.type === 'next').map(f => f.id), ['z'], 'the event reaches z alone')
+  // The ended ids are free again.
+  s.send({ id: 'x', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  await until(() => app.events.bus.subscriptions === 2, 'x subscribed again')
+})
+
 t.test('a connection is closed with 4401 when its token expires', async t => {
   const { app, url } = await gateway(t)
   // exp 3 s ago; the 5 s clock tolerance leaves it good for 1 to 2 more seconds.
