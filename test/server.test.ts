@@ -4,7 +4,7 @@ import { buildApp } from '../app.js'
 import { ConfigError } from '../schemas/config.js'
 import { ManifestError } from '../manifest.js'
 import { connect } from 'node:net'
-import { testConfig, bearer, startTestKernel, json, fixture, buildTestApp, testManifest } from './helper.js'
+import { testConfig, bearer, startTestKernel, json, fixture, buildTestApp, testManifest, until } from './helper.js'
 
 t.test('start() runs the embedded default: the demo Kernel starts alongside', async t => {
   const started = await start(testConfig({ PORT: 0 }))
@@ -65,9 +65,9 @@ t.test('a request refused while draining is a problem+json with a request id', a
   const ended = new Promise<void>(resolve => { socket.on('close', () => resolve()) })
   // The slow call holds the close; the second call is pipelined behind it and parsed later.
   socket.write(`GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: ${auth}\r\n\r\n`)
-  await new Promise(resolve => setTimeout(resolve, 100))
+  await until(() => kernel.requests.some(r => r.url === '/v1/slow'), 'the slow call to reach the Kernel')
   const closing = app.close()
-  await new Promise(resolve => setTimeout(resolve, 50))
+  await until(() => !app.server.listening, 'the server to stop listening')
   socket.write(`GET /api/v1/fast HTTP/1.1\r\nHost: x\r\nAuthorization: ${auth}\r\n\r\n`)
   await Promise.race([ended, new Promise(resolve => setTimeout(resolve, 3000))])
   socket.destroy()

@@ -173,7 +173,7 @@ t.test('JWKS down at start-up: the app starts, tokens are refused, then keys arr
   t.throws(() => app.identify(`Bearer ${mintToken('mantle-dev-secret-not-for-production-0000', { tenant: 't', user: 'u' })}`),
     { message: /HS256 tokens are not accepted/ }, 'the development secret is not the fallback when a JWKS is configured')
   jwks.down(false)
-  await sleep(450)
+  await until(() => { try { return app.identify(tok).user === 'u1' } catch { return false } }, 'the refresh to bring the keys')
   t.equal(app.identify(tok).user, 'u1', 'accepted once the refresh brought the keys')
   // Down again: the last good keys are kept.
   jwks.down(true)
