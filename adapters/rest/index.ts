@@ -27,7 +27,7 @@ function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
   const doc: HeaderDoc = { 'x-request-id': { type: 'string', description: 'The request id: the client\'s x-request-id when it is plain and short, else one the gateway made' } }
   if (on.cache && op.cache !== null) {
     doc['x-cache'] = { type: 'string', description: 'hit, miss or stale: where the answer came from' }
-    doc.ETag = { type: 'string', description: 'A strong tag of the answer; send it back in If-None-Match for a 304' }
+    doc.ETag = { type: 'string', description: 'A weak tag of the answer (W/"…"); send it back in If-None-Match for a 304' }
     doc['Cache-Control'] = { type: 'string', description: 'private, max-age=<seconds of freshness left> (0 when stale)' }
   }
   if (on.idempotency && op.type === 'mutation') {

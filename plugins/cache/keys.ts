@@ -58,16 +58,21 @@ export function tagTemplate (template: string): (input: Record<string, unknown>)
   }
 }
 
-/** A strong ETag of an answer's JSON. */
+/**
+ * A weak ETag of an answer's JSON. Weak because the tag names the answer, not its bytes: with
+ * compression on, the same answer goes out as br, gzip or plain, and a strong tag must differ
+ * between such representations (RFC 9110 §8.8.3). If-None-Match compares weakly anyway.
+ */
 export function etagOf (json: string): string {
-  return '"' + hash('sha256', json, 'base64url').slice(0, 27) + '"'
+  return 'W/"' + hash('sha256', json, 'base64url').slice(0, 27) + '"'
 }
 
 /** RFC 9110 If-None-Match: `*` or a list of tags, compared weakly (a `W/` prefix is ignored). */
 export function matchesIfNoneMatch (header: string, etag: string): boolean {
+  const opaque = etag.startsWith('W/') ? etag.slice(2) : etag
   for (const part of header.split(',')) {
     const candidate = part.trim()
-    if (candidate === '*' || candidate === etag || (candidate.startsWith('W/') && candidate.slice(2) === etag)) return true
+    if (candidate === '*' || candidate === opaque || (candidate.startsWith('W/') && candidate.slice(2) === opaque)) return true
   }
   return false
 }

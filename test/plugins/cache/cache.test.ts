@@ -18,7 +18,7 @@ for (const { store, env } of STORES) {
     t.equal(first.statusCode, 200)
     t.equal(first.headers['x-cache'], 'miss')
     t.equal(first.headers['cache-control'], 'private, max-age=10')
-    t.match(first.headers.etag, /^"[A-Za-z0-9_-]+"$/)
+    t.match(first.headers.etag, /^W\/"[A-Za-z0-9_-]+"$/)
     t.same(first.json(), { id: 'a', n: 1, tenant: first.json().tenant })
     now += 4000
     const second = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
@@ -27,7 +27,7 @@ for (const { store, env } of STORES) {
     t.equal(second.headers.etag, first.headers.etag)
     t.equal(second.body, first.body)
     t.equal(kernel.reads(), 1, 'one Kernel call')
-    const notModified = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: { ...headers, 'if-none-match': `"other", W/${String(first.headers.etag)}` } })
+    const notModified = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: { ...headers, 'if-none-match': `"other", ${String(first.headers.etag).slice(2)}` } })
     t.equal(notModified.statusCode, 304)
     t.equal(notModified.body, '')
     t.equal(notModified.headers.etag, first.headers.etag)

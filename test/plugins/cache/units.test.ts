@@ -47,6 +47,12 @@ t.test('If-None-Match: *, lists, weak tags', async t => {
   t.notOk(matchesIfNoneMatch('"abcd"', etag))
   t.notOk(matchesIfNoneMatch('abc', etag))
   t.notOk(matchesIfNoneMatch('', etag))
+  // The gateway's own tags are weak: either form of one matches.
+  const weak = etagOf('{"a":1}')
+  t.match(weak, /^W\/"[A-Za-z0-9_-]{27}"$/)
+  t.ok(matchesIfNoneMatch(weak, weak))
+  t.ok(matchesIfNoneMatch(weak.slice(2), weak))
+  t.notOk(matchesIfNoneMatch(etagOf('{"a":2}'), weak))
 })
 
 t.test('the tag clock: invalidations after a read began invalidate what it stores; evicted marks only over-invalidate', async t => {
