@@ -8,6 +8,36 @@ export interface OpenApiOptions {
   secured: boolean
 }
 
+type DocOperation = {
+  requestBody?: { required?: boolean, content?: Record<string, { schema?: { required?: unknown } }> }
+  parameters?: Array<{ name?: string, in?: string }>
+  responses?: Record<string, { description?: string, headers?: Record<string, unknown> }>
+}
+
+/**
+ * What @fastify/swagger cannot know from a route's schemas, set on the document it builds:
+ * - a body whose schema requires nothing may be left out (the gateway reads an absent body as
+ *   `{}`), while @fastify/swagger marks every requestBody required;
+ * - a cached query (one that takes If-None-Match) answers 304 with no body while the tag still
+ *   matches, with the 2XX answer's cache headers: a 304 is not a 2XX, and clients generated from
+ *   the document took it for an undocumented status.
+ */
+export function completeDocument (doc: { paths?: Record<string, Record<string, DocOperation>> }): void {
+  for (const methods of Object.values(doc.paths ?? {})) {
+    for (const op of Object.values(methods)) {
+      const body = op.requestBody?.content?.['application/json']?.schema
+      if (op.requestBody !== undefined && body !== undefined && !(Array.isArray(body.required) && body.required.length > 0)) op.requestBody.required = false
+      if (op.responses !== undefined && op.parameters?.some(p => p.in === 'header' && p.name === 'if-none-match') === true) {
+        const { 'x-cache': xCache, ETag, 'Cache-Control': cacheControl, 'x-request-id': requestId } = op.responses['2XX']?.headers ?? {}
+        op.responses['304'] = {
+          description: 'Not Modified: If-None-Match still matches the answer\'s ETag; no body',
+          headers: { 'x-request-id': requestId, 'x-cache': xCache, ETag, 'Cache-Control': cacheControl }
+        }
+      }
+    }
+  }
+}
+
 /**
  * `/openapi.json` (OpenAPI 3.1 of every operation, built by @fastify/swagger from the routes'
  * compiled schemas) and `/docs`. Registered before the REST adapter so it sees its routes.
@@ -26,6 +56,11 @@ async function openapiPlugin (app: FastifyInstance, opts: OpenApiOptions): Promi
       ...(opts.secured ? { components: { securitySchemes: { bearerAuth: { type: 'http', scheme: 'bearer', bearerFormat: 'JWT' } } } } : {})
     },
     // Shared schemas keep their own names (`Problem`) in components.
+    transformObject: (document) => {
+      const openapiObject = 'openapiObject' in document ? document.openapiObject : document.swaggerObject
+      completeDocument(openapiObject as Parameters<typeof completeDocument>[0])
+      return openapiObject
+    },
     refResolver: { buildLocalReference: (json, _baseUri, _fragment, i) => typeof json.$id === 'string' ? json.$id : `def-${i}` }
   })
   await app.register(swaggerUi, { routePrefix: '/docs', uiConfig: { deepLinking: false } })

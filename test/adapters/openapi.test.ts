@@ -1,6 +1,6 @@
 import t from 'tap'
 import { Validator } from '@seriousme/openapi-schema-validator'
-import { buildDemoApp, demoManifest } from '../helper.js'
+import { buildDemoApp, demoManifest, bearer } from '../helper.js'
 
 interface OpenApiDoc {
   openapi: string
@@ -62,6 +62,15 @@ t.test('/openapi.json is a valid OpenAPI 3.1 document of every operation', async
   const runAgent = doc.paths['/api/v1/agents/{id}/runs'].post
   t.match(runAgent.requestBody?.content['application/json'].schema, { type: 'object', required: ['prompt'], properties: { prompt: { type: 'string', maxLength: 20000 } } })
   t.notOk((runAgent.requestBody?.content['application/json'].schema.properties as Record<string, unknown>).id, 'path params are not in the body schema')
+  // A body that requires nothing may be left out (an absent body is `{}`); one that does may not.
+  t.equal((runAgent.requestBody as { required?: boolean }).required, true)
+  t.equal((updateAgent.requestBody as { required?: boolean }).required, false)
+  t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/agents/a1', headers: bearer() })).statusCode, 200, 'served without a body')
+  // A cached query documents its 304, with the cache headers and no content.
+  const notModified = getAgent.responses['304'] as { description: string, headers: Record<string, unknown>, content?: unknown }
+  t.match(notModified, { description: /Not Modified/, headers: { ETag: { schema: { type: 'string' } }, 'Cache-Control': {}, 'x-cache': {}, 'x-request-id': {} } })
+  t.notOk(notModified.content)
+  t.notOk(updateAgent.responses['304'], 'a mutation has no 304')
 })
 
 t.test('/docs renders the document', async t => {
