@@ -39,8 +39,9 @@ export const ConfigSchema = Type.Object({
   BFF_CIRCUIT_BREAKER_ENABLED: Flag('Kernel retries, circuit breaker and bulkhead'),
   BFF_AI_FIREWALL_ENABLED: Flag('the AI firewall on the input fields operations name in `firewall`'),
   BFF_FIREWALL_CACHE_SIZE: Type.Integer({ minimum: 0, maximum: 1000000, default: 10000, description: 'AI firewall verdicts cached for identical payloads (0: no cache)' }),
-  BFF_CIRCUIT_BREAKER_THRESHOLD: Type.Optional(Type.Integer({ minimum: 1, description: 'consecutive Kernel failures that open the breaker (overrides the manifest)' })),
-  BFF_CIRCUIT_BREAKER_TIMEOUT: Type.Optional(Type.Integer({ minimum: 1, description: 'ms the breaker stays open before one probe (overrides the manifest)' })),
+  // The same bounds as the manifest's kernel.circuitBreaker, which these override.
+  BFF_CIRCUIT_BREAKER_THRESHOLD: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000000, description: 'consecutive Kernel failures that open the breaker (overrides the manifest)' })),
+  BFF_CIRCUIT_BREAKER_TIMEOUT: Type.Optional(Type.Integer({ minimum: 1, maximum: 86400000, description: 'ms the breaker stays open before one probe (overrides the manifest)' })),
   BFF_JWT_SECRET: Type.Optional(Type.String({ minLength: 1, description: 'HS256 secret (32 bytes or more in production)' })),
   BFF_JWT_PUBLIC_KEYS: Type.Optional(Type.String({ minLength: 1, description: 'RS256 / ES256 public keys by kid, a JSON object {"<kid>": "<PEM public key>"}' })),
   BFF_JWKS_URL: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'JWKS URL whose RS256 / ES256 signing keys are accepted by kid' })),
