@@ -56,14 +56,20 @@ const HOST = /^[A-Za-z0-9.:[\]-]+$/
 
 /**
  * Problem headers (Retry-After) of the errors in a response, for the HTTP response itself.
+ * Of a batch's several refusals, the one that asks the longest wait has the last word (its
+ * Retry-After and RateLimit-*): a client that waits less is refused again.
  * A request tRPC could not read at all (`info` absent) gets its error without a content type:
  * it is JSON like every other.
  */
 function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TRPCError[], ctx: TrpcContext | undefined, eager: boolean): { headers?: Record<string, string> } {
   let headers: Record<string, string> | undefined = info === undefined ? JSON_TYPE : undefined
+  let longest: Record<string, string> | null = null
   for (const error of errors) {
-    if (error instanceof ProblemError && error.headers !== null) headers = { ...headers, ...error.headers }
+    if (!(error instanceof ProblemError) || error.headers === null) continue
+    headers = { ...headers, ...error.headers }
+    if (longest === null || waitOf(error.headers) > waitOf(longest)) longest = error.headers
   }
+  if (longest !== null && errors.length > 1) headers = { ...headers, ...longest }
   // The cache's outcome of each call, in the calls' order, `-` for a call without one. Not on a
   // streamed answer, whose headers leave before its results are known.
   const cache = ctx?.cache
@@ -71,6 +77,12 @@ function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TR
     headers = { ...headers, 'x-cache': info.calls.map((_, i) => cache[i] ?? '-').join(', ') }
   }
   return headers === undefined ? {} : { headers }
+}
+
+/** The seconds a problem's Retry-After asks for (0 without one). */
+function waitOf (headers: Record<string, string>): number {
+  const seconds = Number(headers['retry-after'])
+  return Number.isFinite(seconds) ? seconds : 0
 }
 
 /**

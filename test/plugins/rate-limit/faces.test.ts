@@ -100,6 +100,27 @@ t.test('tRPC: data.code RATE_LIMITED, httpStatus 429, Retry-After on the respons
   t.equal(results[2].error?.data.code, 'RATE_LIMITED')
 })
 
+t.test('tRPC batch: of several refused calls, the longest wait is the response\'s Retry-After and RateLimit-*, whatever their order', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/ok': (_req, res) => json(res, 200, { ok: true }) })
+  const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
+  const manifest = testManifest({
+    hourly: { type: 'query', rest: 'GET /hourly', kernel: 'GET /v1/ok', input: { type: 'object' }, output, rateLimit: { max: 1, windowMs: 3_600_000 } },
+    brief: { type: 'query', rest: 'GET /brief', kernel: 'GET /v1/ok', input: { type: 'object' }, output, rateLimit: { max: 3, windowMs: 2_000 } }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const headers = bearer({ tenant: 'f-' + randomUUID() })
+  t.equal((await app.inject({ url: '/api/v1/hourly', headers })).statusCode, 200)
+  for (let i = 0; i < 3; i++) t.equal((await app.inject({ url: '/api/v1/brief', headers })).statusCode, 200)
+  for (const path of ['hourly,brief', 'brief,hourly']) {
+    const res = await app.inject({ url: `/trpc/${path}?batch=1&input=` + encodeURIComponent(JSON.stringify({ 0: {}, 1: {} })), headers })
+    t.equal(res.statusCode, 429, path)
+    t.same((res.json() as Array<{ error?: { data: { code: string } } }>).map(r => r.error?.data.code), ['RATE_LIMITED', 'RATE_LIMITED'], path)
+    t.ok(Number(res.headers['retry-after']) > 60, `${path}: the hour's wait (${String(res.headers['retry-after'])} s), not the 2 s window's`)
+    t.equal(res.headers['ratelimit-limit'], '1', `${path}: the RateLimit-* of the same call`)
+    t.equal(res.headers['ratelimit-reset'], res.headers['retry-after'], path)
+  }
+})
+
 t.test('GraphQL: each field is a call (identical ones too, which share one Kernel call); the third carries extensions.code RATE_LIMITED', async t => {
   const { app } = await setup(t)
   const headers = bearer({ tenant: 'f-' + randomUUID() })
