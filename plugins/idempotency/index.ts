@@ -77,7 +77,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     const replays = new Counter({ name: 'mantle_idempotency_replays_total', help: 'Repeats answered with the stored outcome of the first call, by operation', labelNames: ['op'] as const, registers })
     const conflicts = new Counter({ name: 'mantle_idempotency_conflicts_total', help: 'Repeats refused with 409 IDEMPOTENCY_CONFLICT because the first call was still running, by operation', labelNames: ['op'] as const, registers })
     const reused = new Counter({ name: 'mantle_idempotency_key_reused_total', help: 'Keys refused with 422 IDEMPOTENCY_KEY_REUSED (same key, another input), by operation', labelNames: ['op'] as const, registers })
-    const fallbacks = new Counter({ name: 'mantle_idempotency_store_fallbacks_total', help: 'Claims made in the memory store because Redis was away or failed', registers })
+    const fallbacks = new Counter({ name: 'mantle_idempotency_store_fallbacks_total', help: 'Keyed calls claimed in the memory store because Redis was away or failed (a waiting repeat counts once, not per poll)', registers })
     new Gauge({ name: 'mantle_idempotency_memory_keys', help: 'Keys the memory idempotency store holds', registers, collect () { memory.purge(); this.set(memory.size) } }) // eslint-disable-line no-new
     metricsFor = (op) => {
       const r = replays.labels(op)
@@ -91,8 +91,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   // Redis away: the memory store answers, logged once per outage. Two instances may then each
   // run a call once; a 5xx for a store failure would be worse for the client than that.
   let degraded = false
-  const fallBack = (err: unknown): void => {
-    fellBack()
+  const fallBack = (err: unknown, count: boolean): void => {
+    if (count) fellBack()
     if (!degraded) app.log.warn({ err: (err as Error | null)?.message }, 'idempotency: Redis is unavailable, keys are held in memory until it is back')
     degraded = true
   }
@@ -105,7 +105,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       app.log.warn({ err: (err as Error).message }, 'idempotency: could not store the outcome of a call')
     }
   }
-  const claimIn = async (key: string, hash: string, leaseMs: number): Promise<[IdempotencyStore, Claim]> => {
+  // `count`: the call's first claim (a repeat waiting for the first call claims again each poll).
+  const claimIn = async (key: string, hash: string, leaseMs: number, count: boolean): Promise<[IdempotencyStore, Claim]> => {
     if (shared !== null) {
       if (redis!.up()) {
         // A key claimed in memory while Redis was away stays this instance's until it expires
@@ -126,10 +127,10 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
           degraded = false
           return [shared, claim]
         } catch (err) {
-          fallBack(err)
+          fallBack(err, count)
         }
       } else {
-        fallBack(null)
+        fallBack(null, count)
       }
     }
     return [memory, await memory.claim(key, hash, leaseMs)]
@@ -175,8 +176,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         const hash = inputHash(ctx.input)
         const giveUp = performance.now() + waitMs
         let delay = FIRST_POLL_MS
-        for (;;) {
-          const [store, claim] = await claimIn(key, hash, leaseMs)
+        for (let first = true; ; first = false) {
+          const [store, claim] = await claimIn(key, hash, leaseMs, first)
           if (claim.won) return await run(ctx, next, store, key, claim.token, hash)
           const record = claim.record
           if (record.hash !== hash) {
