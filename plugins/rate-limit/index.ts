@@ -55,6 +55,11 @@ async function rateLimitPlugin (app: FastifyInstance, opts: RateLimitPluginOptio
     retryRedisMs: opts.retryRedisMs
   })
   app.decorate('rateLimiter', limiter)
+  if (redis !== null) {
+    const reconnected = (): void => limiter.reconnected()
+    redis.client.on('ready', reconnected)
+    app.addHook('onClose', async () => { redis.client.off('ready', reconnected) })
+  }
   if (app.hasDecorator('diagz')) {
     app.diagz.addStore('rateLimit', () => sharedStoreHealth(limiter.store !== 'memory', !limiter.fallbackActive, `${limiter.memoryKeys} keys in memory`))
   }

@@ -79,6 +79,15 @@ export class RateLimiter {
     })
   }
 
+  /**
+   * Redis' connection is ready again (ioredis 'ready'): the pause after a failed check ends, and
+   * the next check goes to Redis. A reset connection fails the commands in flight, and ioredis
+   * is back well within the pause: instances would count apart for the rest of it.
+   */
+  reconnected (): void {
+    this.pausedUntil = 0
+  }
+
   private local (scope: Scope, key: string, windowMs: number, max: number): WindowCount {
     const count = this.memory.check(key, windowMs, max)
     this.counters?.checked(scope, 'memory', count.current > max)

@@ -153,6 +153,29 @@ t.test('Redis cut mid-load: no 5xx, limits keep working from memory, back to Red
   }
 })
 
+t.test('after a failed check, limits go back to Redis as soon as its connection is ready again, not when the pause ends', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/limited': (_req, res) => json(res, 200, { ok: true }) })
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  const tenant = 'rl-' + randomUUID()
+  await redisClient(t, [opKey(tenant, 'u1', 'loose')])
+  // A pause of ten minutes after a failed check: only the reconnection can end it within the test.
+  const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 100 }, { manifest: manifest(kernel.url), kernelUrl: kernel.url, rateLimit: { retryRedisMs: 600_000 } })
+  const headers = bearer({ tenant, user: 'u1' })
+  const call = async (): Promise<number> => (await app.inject({ url: '/api/v1/loose', headers })).statusCode
+  t.equal(await call(), 200)
+  t.equal(app.rateLimiter.fallbackActive, false)
+  proxy.delay(60_000)
+  t.equal(await call(), 200, 'a check Redis does not answer in time is answered from memory')
+  t.equal(app.rateLimiter.fallbackActive, true)
+  proxy.cut('reset')
+  await until(() => !app.redis.up(), 'the connection to drop')
+  proxy.restore()
+  await until(() => app.redis.up(), 'the connection to be ready again', 10_000)
+  t.equal(await call(), 200)
+  t.equal(app.rateLimiter.fallbackActive, false, 'counted in Redis again')
+  t.ok(await metric(app, 'mantle_rate_limit_checks_total{scope="op",store="redis"}') >= 2)
+})
+
 t.test('a gateway configured for Redis that cannot reach it starts and limits from memory, logging once', async t => {
   const kernel = await startTestKernel(t, { 'GET /v1/limited': (_req, res) => json(res, 200, { ok: true }) })
   const proxy = await startTcpProxy(t, REDIS_PORT)
