@@ -84,7 +84,9 @@ export class KernelClient {
   forOperation (op: Operation): Next {
     const method = op.kernel.method
     const parts = op.kernel.path.split(/\{([^}]+)\}/) // even indexes: literal text, odd: param names
-    const pathParams = new Set([...op.kernel.pathParams, ...op.pathParams])
+    // Only the Kernel path's own {x}: a field the REST path carries (`:x`) that the Kernel path does
+    // not is input like any other, for the query or the body (CONTRACT §1). It was left out.
+    const pathParams = new Set(op.kernel.pathParams)
     const sendsBody = op.kernel.sendsBody
     const idempotentMethod = method === 'GET'
     const metrics = this.metrics.forOperation(op.name)

@@ -93,6 +93,28 @@ t.test('query input goes to the query string, path params are encoded', async t 
   t.equal(kernel.requests[1].url, '/v1/items/a%2Fb%20c')
 })
 
+t.test('a REST path parameter that is no {x} of the Kernel path goes to the Kernel query or body, on every face', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/agents': (_req, res) => json(res, 200, []),
+    'POST /v1/runs': (req, res) => json(res, 201, JSON.parse(req.body) as object)
+  })
+  const run = { type: 'object', properties: { agent: { type: 'string' }, prompt: { type: 'string' } } }
+  const manifest = testManifest({
+    orgAgents: { type: 'query', rest: 'GET /orgs/:org/agents', kernel: 'GET /v1/agents', input: { type: 'object', required: ['org'], properties: { org: { type: 'string' }, limit: { type: 'integer' } } }, output: { type: 'array' } },
+    startRun: { type: 'mutation', rest: 'POST /agents/:agent/runs', kernel: 'POST /v1/runs', input: { type: 'object', required: ['agent', 'prompt'], properties: { agent: { type: 'string' }, prompt: { type: 'string' } } }, output: run }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  t.equal((await app.inject({ url: '/api/v1/orgs/o1/agents?limit=3', headers: bearer() })).statusCode, 200)
+  const url = new URL(kernel.requests[0].url, 'http://kernel')
+  t.same([url.pathname, url.searchParams.get('org'), url.searchParams.get('limit')], ['/v1/agents', 'o1', '3'])
+  const rest = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: bearer(), payload: { prompt: 'hi' } })
+  t.same([rest.statusCode, rest.json()], [201, { agent: 'a1', prompt: 'hi' }])
+  t.same(JSON.parse(kernel.requests[1].body), { prompt: 'hi', agent: 'a1' })
+  const trpc = await app.inject({ method: 'POST', url: '/trpc/startRun', headers: bearer(), payload: { agent: 'a2', prompt: 'yo' } })
+  t.same(trpc.json(), { result: { data: { agent: 'a2', prompt: 'yo' } } })
+  t.same(JSON.parse(kernel.requests[2].body), { agent: 'a2', prompt: 'yo' })
+})
+
 t.test('a Kernel 404 is NOT_FOUND, with the Kernel message', async t => {
   const { app } = await setup(t)
   const res = await app.inject({ method: 'GET', url: '/api/v1/items/zz', headers: bearer() })
