@@ -193,7 +193,7 @@ export class Connection {
       bus.authorize(name, this.identity)
       if (!this.subscriptions.has(name)) {
         const { maxSubscriptions } = this.face.limits
-        if (this.subscriptions.size >= maxSubscriptions) throw new MantleError('BAD_REQUEST', `A connection may hold at most ${maxSubscriptions} subscriptions`)
+        if (this.subscriptions.size >= maxSubscriptions) throw new MantleError('OVERLOADED', `A connection holds at most ${maxSubscriptions} subscriptions`)
         const prefix = this.face.eventPrefixes.get(name)!
         // The bus serializes each event once for all its subscribers: the JSON is spliced in.
         const unsubscribe = bus.subscribe(name, this.identity.tenant, (_payload, json) => this.send(prefix + json + '}'))

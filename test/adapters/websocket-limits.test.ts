@@ -115,7 +115,7 @@ t.test('subscriptions and connections are bounded', async t => {
   const { url } = await wsApp(t, { build: { manifest }, settings: { maxSubscriptions: 1, maxConnections: 1 } })
   const client = await connect(t, url)
   t.same(await client.request({ id: '1', subscribe: 'first' }), { id: '1', subscribed: 'first' })
-  t.match(await client.request({ id: '2', subscribe: 'second' }), { id: '2', error: { code: 'BAD_REQUEST', status: 400, detail: 'A connection may hold at most 1 subscriptions' } })
+  t.match(await client.request({ id: '2', subscribe: 'second' }), { id: '2', error: { code: 'OVERLOADED', status: 503, detail: 'A connection holds at most 1 subscriptions' } }, 'the code tRPC gives for its bound')
   t.same(await client.request({ id: '3', unsubscribe: 'first' }), { id: '3', unsubscribed: 'first' })
   t.same(await client.request({ id: '4', subscribe: 'second' }), { id: '4', subscribed: 'second' }, 'room again after an unsubscribe')
 
