@@ -1,6 +1,6 @@
 import { open, readFile, rename, mkdir, writeFile, unlink, type FileHandle } from 'node:fs/promises'
 import { hash } from 'node:crypto'
-import { join } from 'node:path'
+import { join, resolve } from 'node:path'
 import type { AuditEntry } from './entry.js'
 
 // An append-only file of batches, one JSON line each with its count and a SHA-256 of its
@@ -22,6 +22,9 @@ export const SPOOL_LIMITS: SpoolLimits = { window: 1 << 20, line: 256 << 20 }
 const checksum = (json: string): string => hash('sha256', json, 'hex')
 
 export class SpoolInUseError extends Error {}
+
+/** The spool directories this process holds open (resolved): a second open of one is refused. */
+const OPEN_HERE = new Set<string>()
 
 /**
  * Guarantees: a batch `append` resolved for is on disk; batches are read back in the order they
@@ -54,23 +57,33 @@ export class Spool {
    * other's batches. A lock left by a process that is gone is taken over.
    */
   static async open (dir: string, limits: SpoolLimits = SPOOL_LIMITS): Promise<Spool> {
-    await mkdir(dir, { recursive: true })
-    const lock = join(dir, LOCK_FILE)
+    const inUse = (owner: number): SpoolInUseError => new SpoolInUseError(`BFF_AUDIT_SPOOL_DIR=${dir} is in use by process ${owner}: give each gateway instance its own spool directory`)
+    const here = resolve(dir)
+    if (OPEN_HERE.has(here)) throw inUse(process.pid)
+    OPEN_HERE.add(here)
     try {
-      await writeFile(lock, String(process.pid), { flag: 'wx' })
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
-      const owner = Number(await readFile(lock, 'utf8').catch(() => ''))
-      if (Number.isInteger(owner) && owner > 0 && alive(owner)) {
-        throw new SpoolInUseError(`BFF_AUDIT_SPOOL_DIR=${dir} is in use by process ${owner}: give each gateway instance its own spool directory`)
+      await mkdir(dir, { recursive: true })
+      const lock = join(dir, LOCK_FILE)
+      try {
+        await writeFile(lock, String(process.pid), { flag: 'wx' })
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
+        const owner = Number(await readFile(lock, 'utf8').catch(() => ''))
+        // Our own pid, on a spool this process has not opened: an earlier run's lock, left by a
+        // crash or a kill, in a container where the gateway is PID 1 each run (the spool survives
+        // a restart on its volume). Taken as alive, every restart refused to start.
+        if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && alive(owner)) throw inUse(owner)
+        await writeFile(lock, String(process.pid))
       }
-      await writeFile(lock, String(process.pid))
+      const spool = new Spool(dir, limits)
+      spool.fh = await open(spool.path, 'a+')
+      spool.bytes = (await spool.fh.stat()).size
+      await spool.cutTornTail()
+      return spool
+    } catch (err) {
+      OPEN_HERE.delete(here)
+      throw err
     }
-    const spool = new Spool(dir, limits)
-    spool.fh = await open(spool.path, 'a+')
-    spool.bytes = (await spool.fh.stat()).size
-    await spool.cutTornTail()
-    return spool
   }
 
   /**
@@ -220,9 +233,13 @@ export class Spool {
   async close (): Promise<void> {
     await this.quarantine.close()
     await this.serial(async () => {
-      await this.fh?.close()
-      this.fh = null
-      await unlink(join(this.dir, LOCK_FILE)).catch(() => {})
+      try {
+        await this.fh?.close()
+        this.fh = null
+        await unlink(join(this.dir, LOCK_FILE)).catch(() => {})
+      } finally {
+        OPEN_HERE.delete(resolve(this.dir))
+      }
     })
   }
 }
@@ -327,7 +344,6 @@ function parse (text: string): SpoolLine | null {
 }
 
 function alive (pid: number): boolean {
-  if (pid === process.pid) return true
   try {
     process.kill(pid, 0)
     return true

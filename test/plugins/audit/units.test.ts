@@ -234,6 +234,14 @@ t.test('spool: one process per directory; a torn or corrupt line is skipped, nev
   await spool.close()
   t.notOk(existsSync(join(dir, 'audit.lock')))
 
+  // A lock naming this very process, on a spool it has not opened, is an earlier run's: a
+  // gateway that is PID 1 in its container finds its own pid there after a crash and a restart.
+  writeFileSync(join(dir, 'audit.lock'), String(process.pid))
+  const restarted = await Spool.open(dir)
+  await t.rejects(Spool.open(dir), /is in use by process \d+/, 'while it is open here, a second open is refused')
+  await restarted.close()
+  t.notOk(existsSync(join(dir, 'audit.lock')))
+
   // A lock left by a process that is gone is taken over; a torn last line is cut.
   writeFileSync(join(dir, 'audit.lock'), '2147483646')
   const good = [entry()]
