@@ -154,6 +154,15 @@ export class ChainWalker {
   }
 
   /**
+   * The entry just before a range, which the range's first entry links to: its own hash is
+   * checked too. A row changed together with its timestamp, moved just out of the range, became
+   * this neighbour, and a range verify walking from its stored hash said ok.
+   */
+  startsAfter (before: StoredEntry, intact = true): void {
+    if (!intact || hashEntry(before.previousHash, before.seq, before) !== before.hash) this.fail(before)
+  }
+
+  /**
    * Returns false once the chain is broken. `intact` is false when the store itself sees that the
    * row was changed in a way the hash cannot show (a timestamp finer than the millisecond hashed).
    */
@@ -176,11 +185,12 @@ export class ChainWalker {
    * at the end of a range, or the whole range, or the tail, show here: at the entry after the gap,
    * or at the last entry left (none when no entry is left: ok false, firstBroken null). Before,
    * only a range reaching the newest entry was held to the head, and an empty range was ok.
+   * The entry after the range is held to its own hash as well (see `startsAfter`).
    */
-  endsAt (next: StoredEntry | null, headSeq: number, headHash: string): void {
+  endsAt (next: StoredEntry | null, headSeq: number, headHash: string, nextIntact = true): void {
     if (!this.ok) return
     if (next !== null) {
-      if (next.seq !== this.prevSeq + 1 || next.previousHash !== this.prevHash) this.fail(next)
+      if (!nextIntact || next.seq !== this.prevSeq + 1 || next.previousHash !== this.prevHash || hashEntry(next.previousHash, next.seq, next) !== next.hash) this.fail(next)
     } else if (this.prevSeq !== headSeq || this.prevHash !== headHash) {
       this.fail(this.last)
     }

@@ -24,6 +24,8 @@ const UNIQUE_VIOLATION = '23505'
 const DATA_EXCEPTION = /^22[0-9A-Z]{3}$/
 
 const COLUMNS = 'id, seq, request_id, "timestamp", hash, previous_hash, tenant_id, user_id, method, path, protocol, action, category, risk_level, status, status_code, duration_ms, metadata'
+/** Whether a row's timestamp is a whole millisecond, as the gateway writes it (verify). */
+const WHOLE_MS = '"timestamp" = date_trunc(\'milliseconds\', "timestamp") AS whole_ms'
 
 /** What a column of the batch holds: its elements' PostgreSQL type. */
 type ColumnType = 'uuid' | 'int8' | 'text' | 'timestamptz' | 'int4' | 'float8' | 'jsonb'
@@ -357,9 +359,14 @@ export class PostgresAuditStore implements AuditStore {
       let walker = new ChainWalker(0, GENESIS)
       if (lo - 1 === Number(chain.anchor_seq)) walker = new ChainWalker(lo - 1, chain.anchor_hash)
       else if (lo > 1) {
-        const before = await client.query<{ seq: string, hash: string, id: string, request_id: string }>('SELECT seq, hash, id, request_id FROM bff_audit_entries WHERE seq < $1 ORDER BY seq DESC LIMIT 1', [lo])
-        const b = before.rows[0]
-        walker = b === undefined ? new ChainWalker(Number(chain.anchor_seq), chain.anchor_hash) : new ChainWalker(Number(b.seq), b.hash, { id: b.id, requestId: b.request_id })
+        const before = await client.query<Row & { whole_ms: boolean }>(`SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq < $1 ORDER BY seq DESC LIMIT 1`, [lo])
+        const row = before.rows[0]
+        if (row === undefined) walker = new ChainWalker(Number(chain.anchor_seq), chain.anchor_hash)
+        else {
+          const b = fromRow(row)
+          walker = new ChainWalker(b.seq, b.hash, b)
+          walker.startsAfter(b, row.whole_ms)
+        }
       }
       let after = lo - 1
       let going = true
@@ -368,7 +375,7 @@ export class PostgresAuditStore implements AuditStore {
         // keeps microseconds, which Date drops when the row is read. A timestamp that is not a
         // whole millisecond was changed after the write, so that row is broken.
         const page = await client.query<Row & { whole_ms: boolean }>(
-          `SELECT ${COLUMNS}, "timestamp" = date_trunc('milliseconds', "timestamp") AS whole_ms FROM bff_audit_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT 2000`, [after, hi])
+          `SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT 2000`, [after, hi])
         for (const row of page.rows) {
           if (!walker.step(fromRow(row), row.whole_ms)) { going = false; break }
         }
@@ -376,8 +383,9 @@ export class PostgresAuditStore implements AuditStore {
         after = Number(page.rows[page.rows.length - 1].seq)
       }
       if (going) {
-        const next = await client.query<Row>(`SELECT ${COLUMNS} FROM bff_audit_entries WHERE seq > $1 ORDER BY seq LIMIT 1`, [hi])
-        walker.endsAt(next.rows.length === 0 ? null : fromRow(next.rows[0]), Number(chain.head_seq), chain.head_hash)
+        const next = await client.query<Row & { whole_ms: boolean }>(`SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq > $1 ORDER BY seq LIMIT 1`, [hi])
+        const n = next.rows[0]
+        walker.endsAt(n === undefined ? null : fromRow(n), Number(chain.head_seq), chain.head_hash, n?.whole_ms ?? true)
       }
       return walker.result()
     } finally {

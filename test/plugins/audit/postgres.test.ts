@@ -469,6 +469,25 @@ if (await postgresAvailable()) {
     await sql(url, 'DELETE FROM bff_audit_entries')
     t.same(await store.verify({}), { ok: false, checked: 0, firstBroken: null }, 'every row: no entry left to name')
   })
+
+  // A row changed together with its timestamp, moved just out of the range, became the range's
+  // neighbour, whose stored hash the walk started from (or whose link alone it checked): ok.
+  t.test('verify: a changed row moved just out of a range is found at the range\'s edge', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    await migrate(url)
+    const store = new PostgresAuditStore({ databaseUrl: url })
+    t.teardown(() => store.close())
+    const base = Date.now() - 60_000
+    const batch = Array.from({ length: 10 }, (_, i) => entry({ timestamp: base + i * 1000 }))
+    await store.write(batch)
+    const named = (i: number): { id: string, requestId: string } => ({ id: batch[i].id, requestId: batch[i].requestId })
+    const range = { from: new Date(base + 3000), to: new Date(base + 6000) }
+    t.same(await store.verify(range), { ok: true, checked: 4, firstBroken: null })
+    await sql(url, "UPDATE bff_audit_entries SET status = 'FORGED', \"timestamp\" = \"timestamp\" + interval '10 seconds' WHERE seq = 7")
+    t.match(await store.verify(range), { ok: false, firstBroken: named(6) }, 'the last row, moved after the range')
+    await sql(url, "UPDATE bff_audit_entries SET status = 'FORGED', \"timestamp\" = \"timestamp\" - interval '10 seconds' WHERE seq = 4")
+    t.match(await store.verify(range), { ok: false, firstBroken: named(3) }, 'the first row, moved before the range')
+  })
 }
 
 // scripts/migrate.ts ran its main only when import.meta.url === `file://${argv[1]}`, which is not

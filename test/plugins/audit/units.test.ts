@@ -133,6 +133,24 @@ t.test('memory store: rows removed at the end of a range, the whole range or the
   t.same(await store.verify({ from: at(8) }), { ok: false, checked: 0, firstBroken: named(7) }, 'a removed tail that was the range: at the last entry left')
 })
 
+// A row changed together with its timestamp, moved just out of the range, became the range's
+// neighbour, whose stored hash the walk started from (or whose link alone it checked): ok.
+t.test('memory store: a changed row moved just out of a range is found at the range\'s edge', async t => {
+  const base = Date.now() - 60_000
+  const batch = Array.from({ length: 10 }, (_, i) => entry({ timestamp: base + i * 1000 }))
+  const at = (s: number): Date => new Date(base + s * 1000)
+  const named = (i: number): { id: string, requestId: string } => ({ id: batch[i].id, requestId: batch[i].requestId })
+  for (const [i, shift, name] of [[3, -10_000, 'the first row, moved before the range'], [6, 10_000, 'the last row, moved after it']] as const) {
+    const store = new MemoryAuditStore({ max: 100 })
+    await store.write(batch)
+    t.same(await store.verify({ from: at(3), to: at(6) }), { ok: true, checked: 4, firstBroken: null })
+    const victim = (await store.query({ limit: 1, requestId: batch[i].requestId })).entries[0]
+    victim.status = 'FORGED'
+    victim.timestamp += shift
+    t.match(await store.verify({ from: at(3), to: at(6) }), { ok: false, firstBroken: named(i) }, name)
+  }
+})
+
 t.test('spool: batches come back in order, replayed ones are cut, a failing commit keeps the rest', async t => {
   const dir = spoolDir(t)
   const spool = await Spool.open(dir)
