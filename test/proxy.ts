@@ -29,6 +29,8 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
   let delayMs = 0
   let connections = 0
   const open = new Set<Socket>()
+  /** Chunks held back by `delay`: dropped on close, so that a long delay does not hold the process. */
+  const held = new Set<NodeJS.Timeout>()
   const track = (s: Socket): void => {
     open.add(s)
     s.on('close', () => open.delete(s))
@@ -45,7 +47,10 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
     // Chunks keep their order: each waits the same delay, and timers of one delay fire in order.
     upstream.on('data', (chunk: Buffer) => {
       if (delayMs === 0) client.write(chunk)
-      else setTimeout(() => { if (!client.destroyed) client.write(chunk) }, delayMs)
+      else {
+        const timer = setTimeout(() => { held.delete(timer); if (!client.destroyed) client.write(chunk) }, delayMs)
+        held.add(timer)
+      }
     })
     client.on('close', () => upstream.destroy())
     upstream.on('close', () => client.destroy())
@@ -57,6 +62,8 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
   const close = async (): Promise<void> => {
     if (closed) return
     closed = true
+    for (const timer of held) clearTimeout(timer)
+    held.clear()
     destroyAll()
     await new Promise<void>(resolve => server.close(() => resolve()))
   }

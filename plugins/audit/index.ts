@@ -1,4 +1,5 @@
 import fp from 'fastify-plugin'
+import { setTimeout as sleep } from 'node:timers/promises'
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import { Counter, Gauge, Histogram } from 'prom-client'
 import { StageOrder, type CallContext, type Protocol } from '../pipeline/index.js'
@@ -66,6 +67,8 @@ export interface AuditOptions {
 }
 
 const PRUNE_BATCH = 1000
+/** The longest a shutdown waits for the audit store to close, once every entry is stored or spooled. */
+const STORE_CLOSE_MS = 1000
 const NO_METADATA: Readonly<Record<string, unknown>> = Object.freeze({})
 
 /** Where each face's calls arrive: the route template, never a URL with input in it. */
@@ -489,7 +492,11 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       await writer.close()
     } finally {
       await spool?.close()
-      await store.close()
+      // Every entry is stored or spooled by now. A connection still held by a write PostgreSQL
+      // does not answer keeps the pool's end() waiting out its query timeout: the shutdown does
+      // not wait for it beyond a second (it ended killed, past its grace, though nothing was lost).
+      const closed = store.close().catch((err: Error) => app.log.warn({ err: err.message }, 'audit store close failed'))
+      await Promise.race([closed, sleep(STORE_CLOSE_MS, undefined, { ref: false })])
     }
   })
 }

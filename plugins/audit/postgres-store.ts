@@ -320,7 +320,7 @@ export class PostgresAuditStore implements AuditStore {
       await client.query('COMMIT')
     } catch (err) {
       broken = true
-      await client.query('ROLLBACK').catch(() => {})
+      await rollBack(client, err)
       throw err
     } finally {
       // A connection that failed mid-transaction is not handed out again.
@@ -424,6 +424,7 @@ export class PostgresAuditStore implements AuditStore {
    */
   async prune (before: Date, limit: number): Promise<number> {
     const client = await this.pool.connect()
+    let broken = false
     try {
       await client.query('BEGIN')
       await client.query('SELECT 1 FROM bff_audit_chain WHERE id = 1 FOR UPDATE')
@@ -439,14 +440,25 @@ export class PostgresAuditStore implements AuditStore {
       await client.query('COMMIT')
       return n
     } catch (err) {
-      await client.query('ROLLBACK').catch(() => {})
+      broken = true
+      await rollBack(client, err)
       throw err
     } finally {
-      client.release()
+      client.release(broken)
     }
   }
 
   async close (): Promise<void> {
     await Promise.all([this.pool.end(), this.reads.end()])
   }
+}
+
+/**
+ * Ends a failed transaction whose connection is then destroyed (PostgreSQL rolls back what a
+ * closed connection left open): a ROLLBACK only when PostgreSQL itself refused a statement. On a
+ * connection that did not answer (a query timeout, a cut), it waited out a second query timeout,
+ * 20 s in all before the batch was spooled, past a shutdown's grace.
+ */
+async function rollBack (client: pg.PoolClient, err: unknown): Promise<void> {
+  if (err instanceof pg.DatabaseError) await client.query('ROLLBACK').catch(() => {})
 }

@@ -28,11 +28,21 @@ export interface WriterOptions {
   queueMax: number
   /** The writer flushes at least this often (ms). */
   intervalMs?: number
+  /**
+   * How long `close` waits for the store (ms, 3000) before it spools what is not stored yet: a
+   * shutdown has a grace of 10 s in all (server.ts), and a write to a PostgreSQL that does not
+   * answer fails only after its query timeout (10 s).
+   */
+  closeTimeoutMs?: number
   log: { warn: (obj: object, msg: string) => void, info: (msg: string) => void, error: (obj: object, msg: string) => void }
   hooks?: WriterHooks
 }
 
 const MAX_BACKOFF_MS = 2000
+const CLOSE_TIMEOUT_MS = 3000
+
+/** Thrown into a spool replay that `close` has stopped waiting for: the rest stays spooled. */
+class Abandoned extends Error {}
 
 /**
  * Takes entries off the hot path: `enqueue` only pushes to a bounded array. One flush at a time
@@ -51,6 +61,8 @@ export class AuditWriter {
   private began = 0
   private kicked = false
   private closed = false
+  /** `close` stopped waiting for the store: what it had not stored was spooled. */
+  private abandoned = false
   private retryAt = 0
   private backoff = 0
   private storeUp = true
@@ -189,6 +201,9 @@ export class AuditWriter {
     let n = 0
     try {
       await spool.drain(async line => {
+        // A replay `close` gave up on stops between lines: the rest stays in the spool, the
+        // queue behind it, in order.
+        if (this.abandoned) throw new Abandoned('the writer closed during the replay')
         const batch = this.setAside.size === 0 ? line : line.filter(e => !this.setAside.has(e.id))
         try {
           await this.opts.store.write(batch)
@@ -206,7 +221,7 @@ export class AuditWriter {
       this.recovered()
     } catch (err) {
       if (n > 0) this.opts.hooks?.replayed?.(n)
-      this.fail(err as Error)
+      if (!(err instanceof Abandoned)) this.fail(err as Error)
     }
   }
 
@@ -356,13 +371,48 @@ export class AuditWriter {
 
   /**
    * Writes everything still queued: to the store when it is up, else to the spool. Retries the
-   * spool's replay once while the store is up.
+   * spool's replay once while the store is up. A store that has not taken it all within
+   * `closeTimeoutMs` (it hangs, or a long replay is under way) is not waited for: the batch being
+   * written and the queue go to the spool, after whatever it still holds. Before, close waited
+   * for the store: a PostgreSQL that stopped answering failed a write after 10 s, past the
+   * shutdown's grace, and the process was killed with the queue neither stored nor spooled.
    */
   async close (): Promise<void> {
     if (this.closed) return
     this.closed = true
     clearInterval(this.timer)
     if (this.rest !== null) clearTimeout(this.rest)
+    const spool = this.opts.spool
+    const orderly = this.finish()
+    if (spool === null) return await orderly
+    let timer: NodeJS.Timeout | undefined
+    const late = new Promise<boolean>(resolve => { timer = setTimeout(resolve, this.opts.closeTimeoutMs ?? CLOSE_TIMEOUT_MS, true) })
+    const timedOut = await Promise.race([orderly.then(() => false), late])
+    clearTimeout(timer)
+    if (!timedOut) return
+    orderly.catch(() => {})
+    this.abandoned = true
+    const lines: AuditEntry[][] = []
+    // The batch being written goes first, as `overflow` does it (should its write succeed after
+    // all, the replay skips what the store holds).
+    const flight = this.inFlight
+    if (flight !== null && !flight.spooled) {
+      flight.spooled = true
+      lines.push(flight.batch)
+    }
+    if (this.overflowing !== null) await this.overflowing
+    const rest = this.queue
+    this.queue = []
+    for (let i = 0; i < rest.length; i += this.opts.batchSize) lines.push(rest.slice(i, i + this.opts.batchSize))
+    this.opts.log.warn({ entries: lines.reduce((n, l) => n + l.length, 0), waitedMs: this.opts.closeTimeoutMs ?? CLOSE_TIMEOUT_MS }, 'audit store did not finish in time at shutdown: what it had not stored is spooled')
+    if (lines.length > 0) {
+      await spool.appendMany(lines)
+      this.opts.hooks?.spooled?.(lines.reduce((n, l) => n + l.length, 0))
+    }
+  }
+
+  /** What `close` waits for: the running flush, what came meanwhile, the rest of the queue. */
+  private async finish (): Promise<void> {
     // A flush already running finishes first; then whatever came meanwhile.
     for (let i = 0; i < 3 && (this.flushing !== null || this.queue.length > 0); i++) {
       if (this.flushing !== null) await this.flushing.catch(() => {})
@@ -372,7 +422,7 @@ export class AuditWriter {
     // A full queue still on its way to the spool is on disk before close resolves (or, when the
     // disk refused it, back in the queue and appended again below).
     if (this.overflowing !== null) await this.overflowing
-    if (this.queue.length > 0) {
+    if (this.queue.length > 0 && !this.abandoned) {
       const spool = this.opts.spool
       const rest = this.queue
       this.queue = []

@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto'
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
-import { existsSync, statSync } from 'node:fs'
+import { existsSync, readFileSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import { buildApp } from '../../../app.js'
 import { startKernel } from '../../../kernel/server.js'
@@ -149,6 +149,60 @@ if (available) {
     t.same(answered.filter(id => !stored.has(id)), [], 'every answered call has its entry')
     t.ok(rows.length >= answered.length)
     t.notOk(existsSync(join(dir, 'audit.lock')), 'the spool lock is released')
+  })
+}
+
+// Before, close waited for the store: a write to a PostgreSQL that stopped answering failed only
+// after its query timeout and a ROLLBACK's (20 s), past the shutdown's grace of 10 s, and the
+// process was killed with its queue neither stored nor spooled.
+if (available) {
+  t.test('SIGTERM while PostgreSQL hangs: a clean exit within the grace, every answered call stored or spooled', async t => {
+    const name = await createTestDatabase(t)
+    const direct = databaseUrl(name)
+    const proxy = await startTcpProxy(t, PG_PORT)
+    const dir = spoolDir(t)
+    const child = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', '-u', 'NODE_V8_COVERAGE', process.execPath, '--import', 'tsx', 'server.ts'], {
+      cwd: root,
+      env: { PATH: process.env.PATH, NODE_ENV: 'test', PORT: '0', LOG_LEVEL: 'warn', BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: databaseUrl(name, proxy.port), BFF_AUDIT_SPOOL_DIR: dir, BFF_AUDIT_BATCH_SIZE: '50' },
+      stdio: ['ignore', 'pipe', 'pipe']
+    })
+    let out = ''
+    child.stdout.on('data', (d: Buffer) => { out += d.toString() })
+    child.stderr.on('data', (d: Buffer) => { out += d.toString() })
+    t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL') })
+    await until(() => /listening on (http:\S+)/.test(out) || child.exitCode !== null, 'the gateway to listen', 60_000)
+    const base = /listening on (http:\S+)/.exec(out)?.[1]
+    if (base === undefined) throw new Error('server.ts did not start: ' + out)
+    const answered: string[] = []
+    const auth = bearer()
+    const call = async (id: string): Promise<void> => {
+      const res = await fetch(`${base}/api/v1/agents/a1`, { headers: { ...auth, 'x-request-id': id } })
+      await res.arrayBuffer()
+      if (res.status === 200) answered.push(id)
+    }
+    for (let i = 0; i < 60; i++) await call(`before-${i}`)
+    for (let end = Date.now() + 10_000; (await rowsOf(direct)).length < 60;) {
+      if (Date.now() > end) throw new Error('timed out waiting for the first calls to be stored')
+      await new Promise(resolve => setTimeout(resolve, 50))
+    }
+    // PostgreSQL stops answering on the open connections (a partition, a stuck server).
+    proxy.delay(120_000)
+    for (let i = 0; i < 120; i++) await call(`hung-${i}`)
+    child.kill('SIGTERM')
+    const [code] = await once(child, 'exit')
+    proxy.restore()
+    t.equal(code, 0, `a clean exit, not killed at the end of the grace (${out.split('\n').filter(l => /killed|spool/.test(l)).join(' ').slice(0, 300)})`)
+    const stored = new Set(await rowsOf(direct))
+    const spooled = new Set<string>()
+    const file = join(dir, 'audit.spool')
+    if (existsSync(file)) {
+      for (const line of readFileSync(file, 'utf8').split('\n').filter(l => l !== '')) {
+        for (const e of (JSON.parse(line) as { entries: Array<{ requestId: string }> }).entries) spooled.add(e.requestId)
+      }
+    }
+    t.equal(answered.length, 180)
+    t.same(answered.filter(id => !stored.has(id) && !spooled.has(id)), [], 'every answered call is stored or spooled')
+    t.ok(spooled.size > 0, 'what PostgreSQL did not take is in the spool')
   })
 }
 

@@ -349,6 +349,65 @@ t.test('writer: a full queue goes to the spool at once; close spools what the st
   await spool.close()
 })
 
+// Before, close waited for the store whatever it took: a PostgreSQL that stopped answering, or a
+// long replay of the spool, ran past the shutdown's grace, and the queue was neither stored nor
+// spooled when the process was killed.
+t.test('writer: close waits for a store that hangs only closeTimeoutMs, then spools the batch in flight and the queue, in order', async t => {
+  const store = flakyStore()
+  const write = store.write.bind(store)
+  let hang = false
+  store.write = async (batch: AuditEntry[]) => hang ? await new Promise<void>(() => {}) : await write(batch)
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  const warnings: string[] = []
+  const log = { ...quiet, warn: (_: object, msg: string) => { warnings.push(msg) } }
+  const writer = new AuditWriter({ store, spool, batchSize: 5, queueMax: 1000, intervalMs: 5, closeTimeoutMs: 100, log })
+  const stored = [entry(), entry()]
+  for (const e of stored) writer.enqueue(e)
+  await until(() => store.stored.length === 2, 'the first entries stored')
+  hang = true
+  const flight = Array.from({ length: 5 }, () => entry())
+  for (const e of flight) writer.enqueue(e)
+  await until(() => writer.writing && writer.depth === 0, 'a batch in flight')
+  const queued = Array.from({ length: 7 }, () => entry())
+  for (const e of queued) writer.enqueue(e)
+  await writer.close()
+  t.match(warnings, [/did not finish in time at shutdown/])
+  await spool.close()
+  const again = await Spool.open(dir)
+  const seen: AuditEntry[] = []
+  await again.drain(async batch => { seen.push(...batch) })
+  t.same(seen.map(e => e.id), [...flight, ...queued].map(e => e.id), 'the batch in flight, then the queue')
+  await again.close()
+})
+
+t.test('writer: close does not wait for a long replay of the spool; its rest stays spooled, the queue after it', async t => {
+  const store = flakyStore()
+  const write = store.write.bind(store)
+  store.write = async (batch: AuditEntry[]) => { await new Promise(resolve => setTimeout(resolve, 5)); await write(batch) }
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  const spooled = Array.from({ length: 200 }, () => entry())
+  for (const e of spooled) await spool.append([e])
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 1000, intervalMs: 5, closeTimeoutMs: 100, log: quiet })
+  await until(() => store.stored.length > 0, 'the replay under way')
+  const queued = Array.from({ length: 3 }, () => entry())
+  for (const e of queued) writer.enqueue(e)
+  await writer.close()
+  t.ok(store.stored.length < spooled.length, `close did not wait for the whole replay (${store.stored.length} of ${spooled.length} stored)`)
+  await new Promise(resolve => setTimeout(resolve, 50))
+  const storedBefore = store.stored.length
+  await spool.close()
+  const again = await Spool.open(dir)
+  const seen: AuditEntry[] = []
+  await again.drain(async batch => { seen.push(...batch) })
+  await again.close()
+  const ids = new Set([...store.stored, ...seen].map(e => e.id))
+  t.same([...spooled, ...queued].filter(e => !ids.has(e.id)), [], 'every entry stored or spooled')
+  t.same(seen.slice(-3).map(e => e.id), queued.map(e => e.id), 'the queue after the spool\'s rest')
+  t.equal(store.stored.length, storedBefore, 'the replay stopped')
+})
+
 t.test('writer over the memory store: no spool, a full queue is written at once', async t => {
   const store = new MemoryAuditStore({ max: 100 })
   const writer = new AuditWriter({ store, spool: null, batchSize: 3, queueMax: 4, intervalMs: 60_000, log: quiet })
