@@ -77,6 +77,9 @@ export class Spool {
       }
       const spool = new Spool(dir, limits)
       spool.fh = await open(spool.path, 'a+')
+      // The file's directory entry on disk (it may have just been created): batches fsynced into
+      // a file a crash then loses from its directory would be lost with it.
+      await syncDir(dir)
       spool.bytes = (await spool.fh.stat()).size
       await spool.cutTornTail()
       return spool
@@ -224,6 +227,9 @@ export class Spool {
       }
       await fh.close()
       await rename(tmp, this.path)
+      // The rename on disk before batches are appended to the new file (a crash could else bring
+      // back the old file, replayed part and all, without them).
+      await syncDir(this.dir)
       this.fh = await open(this.path, 'a+')
     }
     this.bytes -= this.done
