@@ -1,6 +1,6 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { spawn } from 'node:child_process'
+import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
 import { existsSync, readFileSync, statSync } from 'node:fs'
@@ -14,6 +14,27 @@ import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_P
 const root = fileURLToPath(new URL('../../../', import.meta.url))
 const available = await postgresAvailable()
 if (!available) t.comment('PostgreSQL is not reachable on 127.0.0.1:5432: skipped (CI fails instead)')
+
+/**
+ * server.ts in a child process on the PostgreSQL audit (`url`, spooling to `dir`), once it listens.
+ * Outside tap's coverage: tsx compiles the sources its own way, and their coverage merged with
+ * tap's would misplace line ranges across the whole report.
+ */
+async function gateway (t: { teardown: (fn: () => unknown) => void }, url: string, dir: string): Promise<{ child: ChildProcess, base: string, output: () => string }> {
+  const child = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', '-u', 'NODE_V8_COVERAGE', process.execPath, '--import', 'tsx', 'server.ts'], {
+    cwd: root,
+    env: { PATH: process.env.PATH, NODE_ENV: 'test', PORT: '0', LOG_LEVEL: 'warn', BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: dir, BFF_AUDIT_BATCH_SIZE: '50' },
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  let out = ''
+  child.stdout!.on('data', (d: Buffer) => { out += d.toString() })
+  child.stderr!.on('data', (d: Buffer) => { out += d.toString() })
+  t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL') })
+  await until(() => /listening on (http:\S+)/.test(out) || child.exitCode !== null, 'the gateway to listen', 60_000)
+  const base = /listening on (http:\S+)/.exec(out)?.[1]
+  if (base === undefined) throw new Error('server.ts did not start: ' + out)
+  return { child, base, output: () => out }
+}
 
 const rowsOf = async (url: string): Promise<string[]> => (await sql<{ request_id: string }>(url, 'SELECT request_id FROM bff_audit_entries')).map(r => r.request_id)
 
@@ -105,20 +126,7 @@ if (available) {
     const name = await createTestDatabase(t)
     const url = databaseUrl(name)
     const dir = spoolDir(t)
-    // Outside tap's coverage: tsx compiles the sources its own way, and their coverage merged
-    // with tap's would misplace line ranges across the whole report.
-    const child = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', '-u', 'NODE_V8_COVERAGE', process.execPath, '--import', 'tsx', 'server.ts'], {
-      cwd: root,
-      env: { PATH: process.env.PATH, NODE_ENV: 'test', PORT: '0', LOG_LEVEL: 'warn', BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: dir, BFF_AUDIT_BATCH_SIZE: '50' },
-      stdio: ['ignore', 'pipe', 'pipe']
-    })
-    let out = ''
-    child.stdout.on('data', (d: Buffer) => { out += d.toString() })
-    child.stderr.on('data', (d: Buffer) => { out += d.toString() })
-    t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL') })
-    await until(() => /listening on (http:\S+)/.test(out) || child.exitCode !== null, 'the gateway to listen', 60_000)
-    const base = /listening on (http:\S+)/.exec(out)?.[1]
-    if (base === undefined) throw new Error('server.ts did not start: ' + out)
+    const { child, base } = await gateway(t, url, dir)
 
     const answered: string[] = []
     const state = { stop: false }
@@ -161,18 +169,7 @@ if (available) {
     const direct = databaseUrl(name)
     const proxy = await startTcpProxy(t, PG_PORT)
     const dir = spoolDir(t)
-    const child = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', '-u', 'NODE_V8_COVERAGE', process.execPath, '--import', 'tsx', 'server.ts'], {
-      cwd: root,
-      env: { PATH: process.env.PATH, NODE_ENV: 'test', PORT: '0', LOG_LEVEL: 'warn', BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: databaseUrl(name, proxy.port), BFF_AUDIT_SPOOL_DIR: dir, BFF_AUDIT_BATCH_SIZE: '50' },
-      stdio: ['ignore', 'pipe', 'pipe']
-    })
-    let out = ''
-    child.stdout.on('data', (d: Buffer) => { out += d.toString() })
-    child.stderr.on('data', (d: Buffer) => { out += d.toString() })
-    t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL') })
-    await until(() => /listening on (http:\S+)/.test(out) || child.exitCode !== null, 'the gateway to listen', 60_000)
-    const base = /listening on (http:\S+)/.exec(out)?.[1]
-    if (base === undefined) throw new Error('server.ts did not start: ' + out)
+    const { child, base, output } = await gateway(t, databaseUrl(name, proxy.port), dir)
     const answered: string[] = []
     const auth = bearer()
     const call = async (id: string): Promise<void> => {
@@ -191,7 +188,7 @@ if (available) {
     child.kill('SIGTERM')
     const [code] = await once(child, 'exit')
     proxy.restore()
-    t.equal(code, 0, `a clean exit, not killed at the end of the grace (${out.split('\n').filter(l => /killed|spool/.test(l)).join(' ').slice(0, 300)})`)
+    t.equal(code, 0, `a clean exit, not killed at the end of the grace (${output().split('\n').filter(l => /killed|spool/.test(l)).join(' ').slice(0, 300)})`)
     const stored = new Set(await rowsOf(direct))
     const spooled = new Set<string>()
     const file = join(dir, 'audit.spool')

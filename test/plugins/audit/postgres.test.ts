@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { randomUUID } from 'node:crypto'
 import { spawnSync } from 'node:child_process'
 import { cpSync, mkdirSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs'
@@ -445,9 +445,8 @@ if (await postgresAvailable()) {
     t.equal(page.entries[0].timestamp, batch[1].timestamp)
   })
 
-  // Before, a range was held to the chain only at its start (and at the head when it reached the
-  // newest entry): rows deleted at the end of a range, a range deleted whole, or every row, verified ok.
-  t.test('verify: rows removed at the end of a range, the whole range or the whole table are found', async t => {
+  /** A fresh store holding ten entries one second apart, from a minute ago (`named(i)`: the i-th). */
+  const tenSeconds = async (t: Test): Promise<{ url: string, store: PostgresAuditStore, base: number, named: (i: number) => { id: string, requestId: string } }> => {
     const url = databaseUrl(await createTestDatabase(t))
     await migrate(url)
     const store = new PostgresAuditStore({ databaseUrl: url })
@@ -455,7 +454,13 @@ if (await postgresAvailable()) {
     const base = Date.now() - 60_000
     const batch = Array.from({ length: 10 }, (_, i) => entry({ timestamp: base + i * 1000 }))
     await store.write(batch)
-    const named = (i: number): { id: string, requestId: string } => ({ id: batch[i].id, requestId: batch[i].requestId })
+    return { url, store, base, named: i => ({ id: batch[i].id, requestId: batch[i].requestId }) }
+  }
+
+  // Before, a range was held to the chain only at its start (and at the head when it reached the
+  // newest entry): rows deleted at the end of a range, a range deleted whole, or every row, verified ok.
+  t.test('verify: rows removed at the end of a range, the whole range or the whole table are found', async t => {
+    const { url, store, base, named } = await tenSeconds(t)
     const at = (s: number): Date => new Date(base + s * 1000)
     t.same(await store.verify({ from: at(3), to: at(5) }), { ok: true, checked: 3, firstBroken: null })
     t.same(await store.verify({ from: at(3.5), to: at(3.7) }), { ok: true, checked: 0, firstBroken: null }, 'a range with no entry, nothing removed: ok')
@@ -473,14 +478,7 @@ if (await postgresAvailable()) {
   // A row changed together with its timestamp, moved just out of the range, became the range's
   // neighbour, whose stored hash the walk started from (or whose link alone it checked): ok.
   t.test('verify: a changed row moved just out of a range is found at the range\'s edge', async t => {
-    const url = databaseUrl(await createTestDatabase(t))
-    await migrate(url)
-    const store = new PostgresAuditStore({ databaseUrl: url })
-    t.teardown(() => store.close())
-    const base = Date.now() - 60_000
-    const batch = Array.from({ length: 10 }, (_, i) => entry({ timestamp: base + i * 1000 }))
-    await store.write(batch)
-    const named = (i: number): { id: string, requestId: string } => ({ id: batch[i].id, requestId: batch[i].requestId })
+    const { url, store, base, named } = await tenSeconds(t)
     const range = { from: new Date(base + 3000), to: new Date(base + 6000) }
     t.same(await store.verify(range), { ok: true, checked: 4, firstBroken: null })
     await sql(url, "UPDATE bff_audit_entries SET status = 'FORGED', \"timestamp\" = \"timestamp\" + interval '10 seconds' WHERE seq = 7")
