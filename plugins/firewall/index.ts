@@ -9,6 +9,9 @@ import { MantleError } from '../../errors.js'
 import { scanFields, CLEAN, type Verdict } from './scan.js'
 import type { Category } from './detectors.js'
 
+/** ES2024's String.prototype.isWellFormed: no lone surrogate (Node 20 has it; the ES2023 lib does not declare it). */
+const wellFormed = (s: string): boolean => (s as unknown as { isWellFormed: () => boolean }).isWellFormed()
+
 // The AI firewall: scans the input fields an operation names in `firewall` for prompt
 // injection, secrets and personal data, and blocks, redacts or only records what it finds.
 // The detection is plain functions (scan.ts, injection.ts, detectors.ts, normalize.ts); this
@@ -74,7 +77,14 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
         const hash = createHash('sha256').update(op.name.length + ':' + op.name)
         for (const field of fields) {
           const value = input[field]
-          hash.update(field.length + ':' + field + (typeof value === 'string' ? 's' + value.length + ':' + value : 'x'))
+          if (typeof value !== 'string') hash.update(field.length + ':' + field + 'x')
+          else if (wellFormed(value)) hash.update(field.length + ':' + field + 's' + value.length + ':' + value)
+          else {
+            // UTF-8 writes a lone surrogate as U+FFFD's bytes: such a text is hashed as its UTF-16
+            // code units, under another tag. Two texts differing only there shared a verdict.
+            hash.update(field.length + ':' + field + 'u' + value.length + ':')
+            hash.update(value, 'utf16le')
+          }
         }
         const key = hash.digest('base64')
         const cached = cache.get(key)

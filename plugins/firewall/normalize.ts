@@ -71,14 +71,22 @@ const NOT_ASCII = /[^\x00-\x7f]/
 const LEET_CHARS = /[0134578@$]/g
 const LEET: Readonly<Record<string, string>> = { 0: 'o', 1: 'i', 3: 'e', 4: 'a', 5: 's', 7: 't', 8: 'b', '@': 'a', $: 's' }
 
-/** Cyrillic, Greek and Armenian letters that look like Latin ones (lowercase; input is lowercased first). */
+/**
+ * Cyrillic, Greek and Armenian letters that look like Latin ones. Capitals are read by their own
+ * look, before the text is lowercased: lowercase first, the Greek capital Ν (N) became ν, read as
+ * v, and Η, Μ, Υ as n, u, u. The lowercase letters are folded again after lowercasing.
+ */
 const HOMOGLYPHS: ReadonlyMap<string, string> = new Map(
   // Each entry is the look-alike character followed by the Latin letter(s) it reads as.
   [
     // Cyrillic
     '\u0430a \u0431b \u0432b \u0435e \u0451e \u0454e \u043ak \u043cm \u043dh \u043eo \u0440p \u0441c \u0442t \u0443y \u0445x \u0456i \u0457i \u0458j \u0455s \u0501d \u051bq \u051dw \u04bbh \u0491r \u0433r \u043fn \u0438u \u044cb \u0261g',
+    // Cyrillic capitals
+    '\u0410a \u0412b \u0415e \u041ak \u041cm \u041dh \u041eo \u0420p \u0421c \u0422t \u0423y \u0425x \u0406i \u0408j \u0405s \u0500d \u051aq \u051cw \u04bah',
     // Greek
     '\u03b1a \u03b2b \u03b5e \u03b7n \u03b9i \u03bak \u03bdv \u03bfo \u03c1p \u03c4t \u03c5u \u03c7x \u03b3y \u03c9w \u03bcu \u03c2s \u03b6z',
+    // Greek capitals
+    '\u0391a \u0392b \u0395e \u0396z \u0397h \u0399i \u039ak \u039cm \u039dn \u039fo \u03a1p \u03a4t \u03a5y \u03a7x',
     // Armenian
     '\u0578n \u0585o \u057du \u0570h \u0566q \u0581g',
     // Latin look-alikes that NFKC keeps
@@ -335,11 +343,7 @@ export function rulesView (text: string, only: Uint8Array | null = null): RulesV
   let collapsed = ascii ? collapse(s, true, only) : null
   const plain = collapsed !== null && !collapsed.control
   if (collapsed === null) {
-    if (!ascii) {
-      s = visible(s.normalize('NFKC')).toLowerCase()
-      s = foldHomoglyphs(s)
-      s = unmarked(s.normalize('NFD'))
-    }
+    if (!ascii) s = plainLetters(s)
     if (s.includes('<!--') || s.includes('->') || s.includes('/*') || s.includes('*/') || s.includes('{#') || s.includes('#}')) s = s.replace(COMMENT_DELIMITERS, '')
     collapsed = collapseAny(s, only)
   }
@@ -353,10 +357,20 @@ export function normalizeForRules (text: string): string {
 }
 
 /**
+ * A text that is not ASCII, for the rules: NFKC, invisible characters removed, diacritics dropped
+ * (before folding: an accented look-alike such as ό or ѐ is in no table, its base letter is),
+ * look-alikes folded (capitals by their own look), lowercase, look-alikes folded again.
+ */
+function plainLetters (text: string): string {
+  const s = foldHomoglyphs(unmarked(visible(text.normalize('NFKC')).normalize('NFD')))
+  return foldHomoglyphs(s.toLowerCase())
+}
+
+/**
  * The text for rules that read punctuation (chat-template delimiters): NFKC, invisible
- * characters removed, lowercase.
+ * characters removed, diacritics dropped and look-alikes folded as for the word rules (a
+ * Cyrillic І in `[INST]` hid it), lowercase.
  */
 export function normalizeForMarkers (text: string): string {
-  const s = NOT_ASCII.test(text) ? text.normalize('NFKC') : text
-  return visible(s).toLowerCase()
+  return NOT_ASCII.test(text) ? plainLetters(text) : visible(text).toLowerCase()
 }

@@ -25,8 +25,11 @@ export const DECODE_LIMITS = Object.freeze({
   minRun: 24
 })
 
-// Single character classes, greedy and global: each match consumes its whole run.
-const BASE64_RUN = /[A-Za-z0-9+/_-]{24,}={0,2}/g
+// Single character classes, greedy and global: each match consumes its whole run. A base64 run
+// goes on across line breaks (the `base64` command, MIME: 76 characters a line), each line of
+// four characters or more: decoded line by line, an instruction across a break was never whole.
+const BASE64_RUN = /[A-Za-z0-9+/_-]{24,}(?:\r?\n[A-Za-z0-9+/_-]{4,})*={0,2}/g
+const LINE_BREAKS = /\r?\n/g
 const HEX_RUN = /(?<![0-9A-Fa-f])[0-9A-Fa-f]{32,}(?![0-9A-Fa-f])/g
 
 /** The share of characters a human would read as text. */
@@ -66,7 +69,7 @@ function decodeRuns (text: string, depth: number, budget: Budget, out: Detection
     re.lastIndex = 0
     let m: RegExpExecArray | null
     while ((m = re.exec(text)) !== null && runs < DECODE_LIMITS.runsPerText && budget.decoded > 0) {
-      let run = m[0].slice(0, DECODE_LIMITS.runChars)
+      let run = (encoding === 'base64' && m[0].includes('\n') ? m[0].replace(LINE_BREAKS, '') : m[0]).slice(0, DECODE_LIMITS.runChars)
       // A run of hex digits is decoded as hex, not as base64.
       if (encoding === 'base64' && /^[0-9A-Fa-f]+$/.test(run)) continue
       if (encoding === 'hex' && run.length % 2 === 1) run = run.slice(0, -1)
