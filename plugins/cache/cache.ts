@@ -96,7 +96,18 @@ export class ResponseCache {
     if (op.invalidates.length > 0) {
       const templates = op.invalidates.map(tagTemplate)
       return async (ctx, next) => {
-        const result = await next(ctx)
+        let result: unknown
+        try {
+          result = await next(ctx)
+        } catch (err) {
+          // The Kernel may have made the change: it answered 2xx and the answer was refused after
+          // (empty, or breaking the output schema: a 502), or it did not answer in time. Before,
+          // no tag was dropped, and every instance served the old entry as a hit for its ttl.
+          if (ctx.answered || (err instanceof MantleError && err.code === 'KERNEL_TIMEOUT')) {
+            await this.invalidate(ctx.tenant, templates.map(t => t(ctx.input)), 'mutation')
+          }
+          throw err
+        }
         await this.invalidate(ctx.tenant, templates.map(t => t(ctx.input)), 'mutation')
         return result
       }

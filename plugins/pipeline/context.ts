@@ -46,6 +46,11 @@ export class CallContext {
   zone: Zone
   /** The Kernel's 2xx status for the answer (REST passes 201/202 on). */
   status: number
+  /**
+   * The Kernel answered 2xx: what it was asked is done, even should the answer be refused after
+   * (empty, or breaking the output schema): a mutation's cache tags are dropped then too.
+   */
+  answered: boolean
   readonly startedAt: number
   /**
    * Shared by the calls of one request that carries several (a REST batch, a GraphQL document,
@@ -94,6 +99,7 @@ export class CallContext {
     this.roles = ANONYMOUS_ROLES
     this.zone = 'public'
     this.status = 200
+    this.answered = false
     this.startedAt = performance.now()
     this.memo = null
     this.headers = null

@@ -157,6 +157,7 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
     const empty = `The Kernel's answer to ${op.name} is empty or null, which its output schema does not admit`
     let run: Next = async (ctx) => {
       const value = await call(ctx)
+      ctx.answered = true
       // An empty 2xx body reads as null (a 204 is answered with no body, whatever the schema).
       if ((value === null || value === undefined) && !op.outputAdmitsNull && ctx.status !== 204) throw new MantleError('KERNEL_ERROR', empty)
       ctx.json ??= serialize(value)

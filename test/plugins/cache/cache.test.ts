@@ -128,6 +128,25 @@ for (const { store, env } of STORES) {
     t.equal(await metric(app, 'mantle_cache_invalidations_total', { source: 'mutation' }), 1)
   })
 
+  // Before, the tags went only with an answer the gateway accepted: a 2xx the Kernel answered
+  // empty (or out of the output schema) was a 502 to the client, the change was made all the
+  // same, and every instance went on serving the old entry as a hit for its ttl.
+  t.test(`${store}: a mutation the Kernel answered 2xx drops its tags though its answer is refused, and one that timed out does too`, async t => {
+    const kernel = await itemKernel(t)
+    kernel.on('PATCH /v1/items/a', (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }); res.end() })
+    kernel.on('POST /v1/broken/b', () => {}) // never answers
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url, { failItem: { timeoutMs: 200 } }), kernelUrl: kernel.url })
+    const headers = bearer({ tenant: tenant() })
+    await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    await app.inject({ method: 'GET', url: '/api/v1/items/b', headers })
+    const refused = await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })
+    t.same([refused.statusCode, refused.json().code], [502, 'KERNEL_ERROR'])
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss', 'the change the Kernel made dropped item:a')
+    const late = await app.inject({ method: 'POST', url: '/api/v1/items/b/fail', headers, payload: {} })
+    t.same([late.statusCode, late.json().code], [504, 'KERNEL_TIMEOUT'])
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/b', headers })).headers['x-cache'], 'miss', 'a change that may have been made dropped item:b')
+  })
+
   t.test(`${store}: errors and non-2xx answers are never cached`, async t => {
     const kernel = await itemKernel(t)
     let calls = 0

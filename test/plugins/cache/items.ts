@@ -13,8 +13,9 @@ const Item = { type: 'object', properties: { id: { type: 'string' }, n: { type: 
 const Mine = { type: 'object', properties: { ...Item.properties, user: { type: 'string' } } }
 const idInput = { type: 'object', required: ['id'], properties: { id: { type: 'string' }, q: { type: 'string' } } }
 
-export function itemManifest (kernelUrl: string): ReturnType<typeof testManifest> {
-  return testManifest({
+/** `changes`: fields to set on some of the operations (a timeout, say). */
+export function itemManifest (kernelUrl: string, changes: Record<string, Record<string, unknown>> = {}): ReturnType<typeof testManifest> {
+  const ops: Record<string, Record<string, unknown>> = {
     getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: Item, cache: { ttlSeconds: 10, tags: ['item:{id}', 'items'] } },
     getFresh: { type: 'query', rest: 'GET /fresh/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: Item, cache: { ttlSeconds: 10, swrSeconds: 20, tags: ['item:{id}'] } },
     getDefault: { type: 'query', rest: 'GET /default/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: Item, cache: { tags: ['item:{id}'] } },
@@ -23,7 +24,9 @@ export function itemManifest (kernelUrl: string): ReturnType<typeof testManifest
     getBroken: { type: 'query', rest: 'GET /broken/:id', kernel: 'GET /v1/broken/{id}', input: idInput, output: Item, cache: { ttlSeconds: 10 } },
     updateItem: { type: 'mutation', rest: 'PATCH /items/:id', kernel: 'PATCH /v1/items/{id}', input: idInput, output: Item, invalidates: ['item:{id}'] },
     failItem: { type: 'mutation', rest: 'POST /items/:id/fail', kernel: 'POST /v1/broken/{id}', input: idInput, output: Item, invalidates: ['item:{id}'] }
-  }, { url: kernelUrl, retries: 0 })
+  }
+  for (const [name, fields] of Object.entries(changes)) ops[name] = { ...ops[name], ...fields }
+  return testManifest(ops, { url: kernelUrl, retries: 0 })
 }
 
 /** A Kernel whose item reads count up, so a test sees which answer it got. */
