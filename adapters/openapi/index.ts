@@ -28,10 +28,10 @@ export function completeDocument (doc: { paths?: Record<string, Record<string, D
       const body = op.requestBody?.content?.['application/json']?.schema
       if (op.requestBody !== undefined && body !== undefined && !(Array.isArray(body.required) && body.required.length > 0)) op.requestBody.required = false
       if (op.responses !== undefined && op.parameters?.some(p => p.in === 'header' && p.name === 'if-none-match') === true) {
-        const { 'x-cache': xCache, ETag, 'Cache-Control': cacheControl, 'x-request-id': requestId } = op.responses['2XX']?.headers ?? {}
+        const { 'x-cache': xCache, ETag, 'Cache-Control': cacheControl, Vary, 'x-request-id': requestId } = op.responses['2XX']?.headers ?? {}
         op.responses['304'] = {
           description: 'Not Modified: If-None-Match still matches the answer\'s ETag; no body',
-          headers: { 'x-request-id': requestId, 'x-cache': xCache, ETag, 'Cache-Control': cacheControl }
+          headers: { 'x-request-id': requestId, 'x-cache': xCache, ETag, 'Cache-Control': cacheControl, Vary }
         }
       }
     }

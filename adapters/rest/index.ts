@@ -29,6 +29,7 @@ function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
     doc['x-cache'] = { type: 'string', description: 'hit, miss or stale: where the answer came from' }
     doc.ETag = { type: 'string', description: 'A weak tag of the answer (W/"…"); send it back in If-None-Match for a 304' }
     doc['Cache-Control'] = { type: 'string', description: 'private, max-age=<seconds of freshness left> (0 when stale)' }
+    doc.Vary = { type: 'string', description: 'authorization (the answer is the token\'s), and accept-encoding when compressed' }
   }
   if (on.idempotency && op.type === 'mutation') {
     doc['Idempotent-Replayed'] = { type: 'string', description: 'true when the answer is the stored one of an earlier call with the same Idempotency-Key' }
@@ -138,7 +139,10 @@ function handlerFor (app: FastifyInstance, op: Operation) {
       if (ctx.headers !== null) reply.headers(ctx.headers)
     }
     if (ctx.status === 204 || ctx.status === 304) {
-      if (ctx.status === 304 && compressing) reply.header('vary', 'accept-encoding')
+      if (ctx.status === 304 && compressing) {
+        const vary = reply.getHeader('vary')
+        reply.header('vary', vary === undefined ? 'accept-encoding' : `${String(vary)}, accept-encoding`)
+      }
       return reply.code(ctx.status).send()
     }
     // The same compiled output serializer as every other face (the route's 2xx schema is for

@@ -186,6 +186,9 @@ export class ResponseCache {
       ctx.setHeader('etag', a.etag)
       const maxAge = outcome === 'stale' ? 0 : Math.max(0, Math.ceil((a.freshUntil - this.now()) / 1000))
       ctx.setHeader('cache-control', `private, max-age=${maxAge}`)
+      // The answer is the token's (its tenant, or its user): a browser's cache may reuse it only
+      // for the same Authorization (RFC 9111 §4.1), not for the next user of that browser.
+      ctx.setHeader('vary', 'authorization')
       if (ctx.ifNoneMatch !== undefined && matchesIfNoneMatch(ctx.ifNoneMatch, a.etag)) ctx.status = 304
     }
     this.metrics.outcome(op, outcome)

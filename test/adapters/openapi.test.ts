@@ -50,7 +50,7 @@ t.test('/openapi.json is a valid OpenAPI 3.1 document of every operation', async
   t.match(doc.components.schemas.Problem, { type: 'object', required: ['type', 'title', 'status', 'code', 'requestId'] })
 
   // The headers the concerns add (the demo's getAgent is cached, its mutations take a key).
-  t.match((getAgent.responses['2XX'] as { headers?: unknown }).headers, { 'x-request-id': { schema: { type: 'string' } }, 'x-cache': { description: /hit, miss or stale/ }, ETag: {}, 'Cache-Control': {} })
+  t.match((getAgent.responses['2XX'] as { headers?: unknown }).headers, { 'x-request-id': { schema: { type: 'string' } }, 'x-cache': { description: /hit, miss or stale/ }, ETag: {}, 'Cache-Control': {}, Vary: { description: /authorization/ } })
   t.match(getAgent.parameters?.find(p => p.name === 'if-none-match'), { in: 'header', schema: { type: 'string' } })
   const updateAgent = doc.paths['/api/v1/agents/{id}'].patch
   t.match(updateAgent.parameters?.find(p => p.name === 'idempotency-key'), { in: 'header', required: false, schema: { type: 'string', maxLength: 255 } })
@@ -68,7 +68,7 @@ t.test('/openapi.json is a valid OpenAPI 3.1 document of every operation', async
   t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/agents/a1', headers: bearer() })).statusCode, 200, 'served without a body')
   // A cached query documents its 304, with the cache headers and no content.
   const notModified = getAgent.responses['304'] as { description: string, headers: Record<string, unknown>, content?: unknown }
-  t.match(notModified, { description: /Not Modified/, headers: { ETag: { schema: { type: 'string' } }, 'Cache-Control': {}, 'x-cache': {}, 'x-request-id': {} } })
+  t.match(notModified, { description: /Not Modified/, headers: { ETag: { schema: { type: 'string' } }, 'Cache-Control': {}, Vary: {}, 'x-cache': {}, 'x-request-id': {} } })
   t.notOk(notModified.content)
   t.notOk(updateAgent.responses['304'], 'a mutation has no 304')
 })

@@ -18,6 +18,7 @@ for (const { store, env } of STORES) {
     t.equal(first.statusCode, 200)
     t.equal(first.headers['x-cache'], 'miss')
     t.equal(first.headers['cache-control'], 'private, max-age=10')
+    t.equal(first.headers.vary, 'authorization', 'a browser reuses it only for the same token')
     t.match(first.headers.etag, /^W\/"[A-Za-z0-9_-]+"$/)
     t.same(first.json(), { id: 'a', n: 1, tenant: first.json().tenant })
     now += 4000
@@ -32,6 +33,7 @@ for (const { store, env } of STORES) {
     t.equal(notModified.body, '')
     t.equal(notModified.headers.etag, first.headers.etag)
     t.equal(notModified.headers['x-cache'], 'hit')
+    t.equal(notModified.headers.vary, 'authorization, accept-encoding', 'compression is on: the 304 names both')
     const star = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: { ...headers, 'if-none-match': '*' } })
     t.equal(star.statusCode, 304)
     const changed = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: { ...headers, 'if-none-match': '"stale-tag"' } })
@@ -45,6 +47,7 @@ for (const { store, env } of STORES) {
     t.equal(plain.statusCode, 200)
     t.equal(plain.headers['x-cache'], undefined)
     t.equal(plain.headers.etag, undefined)
+    t.equal(plain.headers.vary, undefined)
     t.equal(await metric(app, 'mantle_cache_requests_total', { op: 'getItem', outcome: 'hit' }), 4)
     t.equal(await metric(app, 'mantle_cache_requests_total', { op: 'getItem', outcome: 'miss' }), 2)
     t.equal(await metric(app, 'mantle_cache_memory_entries'), 2)
