@@ -100,7 +100,7 @@ async function redisLookup (redisUrl: string, lookups: number): Promise<{ lookup
     const json = JSON.stringify({ id: 'a1', name: 'Research assistant', model: 'mantle-small', description: 'Finds and summarises sources', createdAt: '2026-01-01T00:00:00.000Z', updatedAt: '2026-01-01T00:00:00.000Z' })
     const now = Date.now()
     const { versions } = await tier.read(key, tags)
-    await tier.write(key, tags, versions, { value: JSON.parse(json), json, status: 200, etag: etagOf(json), freshUntil: now + 600_000, staleUntil: now + 600_000, keepUntil: now + 600_000 }, now)
+    await tier.write(key, tags, versions, { value: JSON.parse(json), json, status: 200, etag: etagOf(json), freshUntil: now + 600_000, staleUntil: now + 600_000, keepUntil: now + 600_000, policy: 'bench' }, now)
     const [lookup, get] = await timeCalls(lookups, [async () => {
       const read = await tier.read(key, tags)
       if (read.answer === null) throw new Error('the benchmark entry is missing')

@@ -3,7 +3,7 @@ import type { Operation } from '../../manifest.js'
 import { MantleError } from '../../errors.js'
 import { MemoryTier, type CachedAnswer } from './memory.js'
 import type { RedisTier } from './redis.js'
-import { etagOf, localKey, matchesIfNoneMatch, sharedKey, tagKey, tagTemplate } from './keys.js'
+import { etagOf, localKey, matchesIfNoneMatch, policyOf, sharedKey, tagKey, tagTemplate } from './keys.js'
 
 /** How long an entry is kept past its swr window, to answer (marked stale) while the Kernel is down. */
 export const STALE_IF_ERROR_SECONDS = 300
@@ -121,10 +121,11 @@ export class ResponseCache {
     const templates = spec.tags.map(tagTemplate)
     const serialize = this.opts.serializer(op.name)
     const name = op.name
+    const policy = policyOf(op, spec)
     const make = (value: unknown, status: number): CachedAnswer => {
       const json = serialize(value)
       const now = this.now()
-      return { value: JSON.parse(json), json, status, etag: etagOf(json), freshUntil: now + ttlMs, staleUntil: now + ttlMs + swrMs, keepUntil: now + ttlMs + swrMs + STALE_IF_ERROR_SECONDS * 1000 }
+      return { value: JSON.parse(json), json, status, etag: etagOf(json), freshUntil: now + ttlMs, staleUntil: now + ttlMs + swrMs, keepUntil: now + ttlMs + swrMs + STALE_IF_ERROR_SECONDS * 1000, policy }
     }
     // A user's own answers: the user is part of the key's input, as `{user}:` before it (URI-encoded,
     // so it holds no ':'; a canonical input starts with '{'). Tags stay the tenant's: an
@@ -135,6 +136,7 @@ export class ResponseCache {
       const canonical = perUser ? encodeURIComponent(ctx.user) + ':' + input : input
       const local = localKey(name, ctx.tenant, canonical)
       let found = this.memory.get(local)
+      if (found !== undefined && found.policy !== policy) found = undefined
       if (found !== undefined && this.now() < found.freshUntil) return this.answer(ctx, name, found, 'hit')
       // A miss of the in-process tier: the Redis key and the tag keys are needed from here on.
       const key: EntryKeys = { local, shared: sharedKey(name, ctx.tenant, canonical) }
@@ -149,7 +151,7 @@ export class ResponseCache {
           versions = read.versions
           // While one of its tags waits to be replayed, Redis still holds the versions the entry
           // was stored under: it may predate the invalidation and is not used.
-          if (read.answer !== null && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil) && !this.anyPending(tagKeys)) {
+          if (read.answer !== null && read.answer.policy === policy && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil) && !this.anyPending(tagKeys)) {
             found = read.answer
             this.memory.set(local, found, tagKeys, since)
           }

@@ -1,5 +1,6 @@
 import { hash } from 'node:crypto'
 import { canonicalJson } from '../pipeline/index.js'
+import type { Operation } from '../../manifest.js'
 
 // Key shapes. The tenant is URI-encoded so that it never contains ':' and a key always reads
 // back as exactly one (op, tenant, input) or (tenant, tag): two tenants can never share a key.
@@ -13,6 +14,17 @@ export const INVALIDATE_CHANNEL = 'bff:cache:invalidate'
 /** `bff:cache:{op}:{tenant}:{hash of the canonical input}`. */
 export function entryKey (op: string, tenant: string, input: unknown): string {
   return sharedKey(op, tenant, canonicalJson(input))
+}
+
+/**
+ * What an op's cached answers are made under: its output schema, its Kernel call and its cache
+ * policy (tags, scope, lifetimes), as a short hash. Entries made under another are not served:
+ * during a rolling deploy that changed an output schema, the new version served the old one's
+ * entries from Redis (a field it no longer declares included), and after a reload that changed
+ * an op's tags, entries stored before it were checked against their old tags only.
+ */
+export function policyOf (op: Operation, spec: NonNullable<Operation['cache']>): string {
+  return hash('sha256', canonicalJson([op.output, op.kernel, spec]), 'base64url').slice(0, 16)
 }
 
 /** The Redis key of an input already in canonical form (see entryKey). */

@@ -12,6 +12,12 @@ export interface CachedAnswer {
   readonly staleUntil: number
   /** Epoch ms: kept until then, to be served stale while the Kernel is unavailable. */
   readonly keepUntil: number
+  /**
+   * What the answer was made under (see `policyOf`): an entry made under another output schema,
+   * Kernel call or cache policy (another version during a rolling deploy, or before a reload)
+   * is not served.
+   */
+  readonly policy: string
 }
 
 /**

@@ -95,14 +95,15 @@ export class RedisTier {
   }
 }
 
-// status, etag, freshUntil, staleUntil, keepUntil, then the JSON, one per line (the JSON holds no raw newline).
+// policy, status, etag, freshUntil, staleUntil, keepUntil, then the JSON, one per line (the JSON
+// holds no raw newline). An entry written before the policy line reads as another policy.
 function encode (a: CachedAnswer): string {
-  return `${a.status}\n${a.etag}\n${a.freshUntil}\n${a.staleUntil}\n${a.keepUntil}\n${a.json}`
+  return `${a.policy}\n${a.status}\n${a.etag}\n${a.freshUntil}\n${a.staleUntil}\n${a.keepUntil}\n${a.json}`
 }
 
 function decode (body: string): CachedAnswer | null {
-  const fields = body.split('\n', 5)
-  if (fields.length < 5) return null
+  const fields = body.split('\n', 6)
+  if (fields.length < 6) return null
   const json = body.slice(fields.reduce((n, f) => n + f.length + 1, 0))
   let value: unknown
   try {
@@ -110,5 +111,5 @@ function decode (body: string): CachedAnswer | null {
   } catch {
     return null
   }
-  return { value, json, status: Number(fields[0]), etag: fields[1], freshUntil: Number(fields[2]), staleUntil: Number(fields[3]), keepUntil: Number(fields[4]) }
+  return { policy: fields[0], value, json, status: Number(fields[1]), etag: fields[2], freshUntil: Number(fields[3]), staleUntil: Number(fields[4]), keepUntil: Number(fields[5]) }
 }

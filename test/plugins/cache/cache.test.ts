@@ -150,6 +150,20 @@ for (const { store, env } of STORES) {
     t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/b', headers })).headers['x-cache'], 'miss', 'a change that may have been made dropped item:b')
   })
 
+  // Entries were checked against the tags they were stored under: a reload that gave an op a
+  // new tag left its entries from before out of that tag's invalidations.
+  t.test(`${store}: after a reload changes an op's tags, an entry stored before it is not served`, async t => {
+    const kernel = await itemKernel(t)
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const who = tenant()
+    const headers = bearer({ tenant: who })
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).json().n, 1)
+    t.same(app.pipeline.reload(itemManifest(kernel.url, { getItem: { cache: { ttlSeconds: 10, tags: ['item:{id}', 'items', 'shelf'] } } })), [])
+    t.equal((await app.inject({ method: 'POST', url: '/admin/cache/invalidate', headers: bearer({ tenant: who, roles: ['system'] }), payload: { tags: ['shelf'] } })).statusCode, 200)
+    const after = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.same([after.headers['x-cache'], after.json().n], ['miss', 2], 'read again under the new tags')
+  })
+
   t.test(`${store}: errors and non-2xx answers are never cached`, async t => {
     const kernel = await itemKernel(t)
     let calls = 0

@@ -6,7 +6,7 @@ import { randomUUID } from 'node:crypto'
 import { buildTestApp, bearer } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { REDIS_URL, itemKernel, itemManifest, metric, eventually } from './items.js'
-import { ResponseCache, RedisTier, etagOf, localKey, type CachedAnswer } from '../../../plugins/cache/index.js'
+import { ResponseCache, RedisTier, etagOf, localKey, policyOf, type CachedAnswer } from '../../../plugins/cache/index.js'
 import { CallContext, canonicalJson } from '../../../plugins/pipeline/index.js'
 import type { Operation } from '../../../manifest.js'
 
@@ -56,8 +56,9 @@ t.test('redis: an invalidation made during the hold after a command timeout reac
 })
 
 t.test('until a pending invalidation reaches Redis, an entry Redis holds under its tag is a miss', async t => {
+  const op = { name: 'getItem', cache: { ttlSeconds: 60, swrSeconds: 0, tags: ['item:{id}'] }, invalidates: [] } as unknown as Operation
   const old = '{"n":1}'
-  const stored: CachedAnswer = { value: { n: 1 }, json: old, status: 200, etag: etagOf(old), freshUntil: Date.now() + 60_000, staleUntil: Date.now() + 60_000, keepUntil: Date.now() + 60_000 }
+  const stored: CachedAnswer = { value: { n: 1 }, json: old, status: 200, etag: etagOf(old), freshUntil: Date.now() + 60_000, staleUntil: Date.now() + 60_000, keepUntil: Date.now() + 60_000, policy: policyOf(op, op.cache!) }
   let invalidations = 0
   let release!: () => void
   const gate = new Promise<void>(resolve => { release = resolve })
@@ -81,7 +82,6 @@ t.test('until a pending invalidation reaches Redis, an entry Redis holds under i
     log: { warn: () => {}, debug: () => {} }
   })
   t.teardown(() => cache.close())
-  const op = { name: 'getItem', cache: { ttlSeconds: 60, swrSeconds: 0, tags: ['item:{id}'] }, invalidates: [] } as unknown as Operation
   const stage = cache.stage(op)!
   let kernelCalls = 0
   const read = async (): Promise<{ value: unknown, cache: string | null }> => {

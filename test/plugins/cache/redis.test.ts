@@ -127,7 +127,7 @@ t.test('a tag version outlives every entry stored under it, whatever lifetime th
   const day = 86_400_000
   const { versions } = await tier.read(key, tags)
   t.equal(versions, '0')
-  t.ok(await tier.write(key, tags, versions, { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + day, staleUntil: now + day, keepUntil: now + day }, now))
+  t.ok(await tier.write(key, tags, versions, { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + day, staleUntil: now + day, keepUntil: now + day, policy: 'p' }, now))
   const entryTtl = await redis.pttl(key)
   t.ok(await redis.pttl(tags[0]) > entryTtl, 'the tag outlives the day-long entry, beyond the 60 s it was made with')
   await tier.invalidate(tags, 'test')
@@ -136,7 +136,7 @@ t.test('a tag version outlives every entry stored under it, whatever lifetime th
   // A short entry afterwards does not shorten it either.
   const short = entryKey('getItem', who, { id: 'b' })
   t.teardown(async () => { await redis.del(short) })
-  t.ok(await tier.write(short, tags, '1', { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + 1000, staleUntil: now + 1000, keepUntil: now + 1000 }, now))
+  t.ok(await tier.write(short, tags, '1', { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + 1000, staleUntil: now + 1000, keepUntil: now + 1000, policy: 'p' }, now))
   t.ok(await redis.pttl(tags[0]) > entryTtl)
   // A tag made by an invalidation alone gets the tier's lifetime.
   const fresh = tagKey(who, 'item:fresh')
@@ -144,4 +144,20 @@ t.test('a tag version outlives every entry stored under it, whatever lifetime th
   await tier.invalidate([fresh], 'test')
   const freshTtl = await redis.pttl(fresh)
   t.ok(freshTtl > 50_000 && freshTtl <= 60_000, `the tier's 60 s (${freshTtl} ms)`)
+})
+
+// A rolling deploy that drops a field from an output schema: old and new instances share Redis,
+// and the new one served the old one's entries as they were, the dropped field included.
+t.test('an instance does not serve an entry made under another output schema (a rolling deploy)', async t => {
+  const kernel = await itemKernel(t)
+  const narrow = { type: 'object', properties: { id: { type: 'string' }, n: { type: 'integer' } } }
+  const v1 = await buildTestApp(t, { REDIS_URL, BFF_CACHE_STORE: 'redis' }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const v2 = await buildTestApp(t, { REDIS_URL, BFF_CACHE_STORE: 'redis' }, { manifest: itemManifest(kernel.url, { getItem: { output: narrow } }), kernelUrl: kernel.url })
+  const headers = bearer({ tenant: tenant() })
+  const old = await v1.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+  t.same(Object.keys(old.json()).sort(), ['id', 'n', 'tenant'])
+  const fresh = await v2.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+  t.equal(fresh.headers['x-cache'], 'miss', 'the old version\'s entry is not served')
+  t.same(Object.keys(fresh.json()).sort(), ['id', 'n'], 'what the new output schema declares')
+  t.equal((await v2.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit', 'its own entry is')
 })

@@ -3,7 +3,7 @@ import { TagClock, MemoryTier, tagTemplate, matchesIfNoneMatch, entryKey, shared
 import { canonicalJson } from '../../../plugins/pipeline/index.js'
 import { loadConfig, ConfigError } from '../../../schemas/config.js'
 
-const answer = (keepUntil: number): CachedAnswer => ({ value: { a: 1 }, json: '{"a":1}', status: 200, etag: etagOf('{"a":1}'), freshUntil: keepUntil, staleUntil: keepUntil, keepUntil })
+const answer = (keepUntil: number): CachedAnswer => ({ value: { a: 1 }, json: '{"a":1}', status: 200, etag: etagOf('{"a":1}'), freshUntil: keepUntil, staleUntil: keepUntil, keepUntil, policy: 'p' })
 
 t.test('tag templates fill {x} from input; absent values fill as empty', async t => {
   t.equal(tagTemplate('agents')({}), 'agents')
