@@ -273,6 +273,10 @@ export class ResponseCache {
       try {
         await redis.invalidate(keys, message)
         this.redisFailing = false
+        // Marked again once Redis has it: a read of this instance that reached Redis before the
+        // increment (ioredis resends a script as EVAL after NOSCRIPT, and a read may pass between)
+        // put the old entry in memory after the first mark, to be served as a hit for its ttl.
+        this.memory.clock.invalidate(keys)
         return
       } catch (err) {
         this.redisFailed('invalidate', err)

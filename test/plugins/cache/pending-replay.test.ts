@@ -102,3 +102,46 @@ t.test('until a pending invalidation reaches Redis, an entry Redis holds under i
   await eventually(async () => cache.pendingInvalidations === 0, 'the replay to land')
   t.equal(invalidations, 2, 'replayed once')
 })
+
+// ioredis sends a script as EVALSHA and, when Redis answers NOSCRIPT (its script cache was
+// flushed), again as EVAL: a read of the same instance sent between the two ran before the
+// increment, found the old entry under the old versions, and put it in memory after the local
+// mark, where it was served as a hit for its whole ttl (the instance ignores its own message).
+t.test('a read that reaches Redis before an invalidation does cannot keep the old entry in memory', async t => {
+  const op = { name: 'getItem', cache: { ttlSeconds: 60, swrSeconds: 0, tags: ['item:{id}'] }, invalidates: [] } as unknown as Operation
+  const old = '{"n":1}'
+  const stored: CachedAnswer = { value: { n: 1 }, json: old, status: 200, etag: etagOf(old), freshUntil: Date.now() + 60_000, staleUntil: Date.now() + 60_000, keepUntil: Date.now() + 60_000, policy: policyOf(op, op.cache!) }
+  // Redis as the race leaves it: the old entry until the invalidation lands there, none after.
+  let landed = false
+  let land!: () => void
+  const gate = new Promise<void>(resolve => { land = () => { landed = true; resolve() } })
+  const tier = {
+    read: async () => (landed ? { answer: null, versions: '1' } : { answer: stored, versions: '0' }),
+    write: async () => true,
+    invalidate: async () => { await gate }
+  } as unknown as RedisTier
+  const cache = new ResponseCache({
+    redis: { tier, up: () => true },
+    maxSize: 100,
+    defaultTtlSeconds: 60,
+    breakerOpen: () => false,
+    serializer: () => JSON.stringify,
+    instanceId: 'one',
+    log: { warn: () => {}, debug: () => {} }
+  })
+  t.teardown(() => cache.close())
+  const stage = cache.stage(op)!
+  let kernelCalls = 0
+  const read = async (): Promise<{ value: unknown, cache: string | null }> => {
+    const ctx = new CallContext('r', 'rest', op, { id: 'a' }, undefined, undefined, undefined)
+    ctx.tenant = 't'
+    const value = await stage(ctx, async () => ({ n: 100 + ++kernelCalls }))
+    return { value, cache: ctx.cache }
+  }
+  t.same(await read(), { value: { n: 1 }, cache: 'hit' })
+  const invalidated = cache.invalidate('t', ['item:a'], 'mutation')
+  t.same(await read(), { value: { n: 1 }, cache: 'hit' }, 'a read racing the invalidation, from Redis')
+  land()
+  await invalidated
+  t.same(await read(), { value: { n: 101 }, cache: 'miss' }, 'once Redis has it, the old entry is gone from memory too')
+})
