@@ -136,7 +136,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     } finally {
       // Also when the call failed after the stages that set headers passed (an operation's limit,
       // say: the call used part of it): they go out beside the problem's own.
-      if (ctx.headers !== null) reply.headers(ctx.headers)
+      if (ctx.headers !== null) applyHeaders(reply, ctx.headers)
     }
     if (ctx.status === 204 || ctx.status === 304) {
       if (ctx.status === 304 && compressing) {
@@ -152,6 +152,13 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     reply.type('application/json; charset=utf-8')
     return json
   }
+}
+
+/** The stages' headers onto the reply; a Vary is added to the one already there (CORS's Origin), not put in its place. */
+function applyHeaders (reply: FastifyReply, headers: Record<string, string>): void {
+  const vary = headers.vary === undefined ? undefined : reply.getHeader('vary')
+  reply.headers(headers)
+  if (vary !== undefined) reply.header('vary', `${String(vary)}, ${headers.vary}`)
 }
 
 function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns): FastifySchema {

@@ -12,6 +12,38 @@ import type { Operation } from '../../../manifest.js'
 
 const REDIS_PORT = Number(new URL(REDIS_URL).port || 6379)
 
+/** The op of the two tests below that run the cache over a Redis tier of their own. */
+const op = { name: 'getItem', cache: { ttlSeconds: 60, swrSeconds: 0, tags: ['item:{id}'] }, invalidates: [] } as unknown as Operation
+
+/** An entry `{"n":1}` of `op`, fresh for a minute. */
+function oldEntry (): CachedAnswer {
+  const json = '{"n":1}'
+  return { value: { n: 1 }, json, status: 200, etag: etagOf(json), freshUntil: Date.now() + 60_000, staleUntil: Date.now() + 60_000, keepUntil: Date.now() + 60_000, policy: policyOf(op, op.cache!) }
+}
+
+/** A cache over `tier`, and a read of item a of tenant t through its stage (the Kernel answers n 101, 102, ...). */
+function cacheOver (t: { teardown: (fn: () => unknown) => void }, tier: RedisTier): { cache: ResponseCache, read: () => Promise<{ value: unknown, cache: string | null }> } {
+  const cache = new ResponseCache({
+    redis: { tier, up: () => true },
+    maxSize: 100,
+    defaultTtlSeconds: 60,
+    breakerOpen: () => false,
+    serializer: () => JSON.stringify,
+    instanceId: 'one',
+    log: { warn: () => {}, debug: () => {} }
+  })
+  t.teardown(() => cache.close())
+  const stage = cache.stage(op)!
+  let kernelCalls = 0
+  const read = async (): Promise<{ value: unknown, cache: string | null }> => {
+    const ctx = new CallContext('r', 'rest', op, { id: 'a' }, undefined, undefined, undefined)
+    ctx.tenant = 't'
+    const value = await stage(ctx, async () => ({ n: 100 + ++kernelCalls }))
+    return { value, cache: ctx.cache }
+  }
+  return { cache, read }
+}
+
 t.test('redis: an invalidation made during the hold after a command timeout reaches Redis when the hold ends', async t => {
   const kernel = await itemKernel(t)
   const manifest = itemManifest(kernel.url)
@@ -56,9 +88,7 @@ t.test('redis: an invalidation made during the hold after a command timeout reac
 })
 
 t.test('until a pending invalidation reaches Redis, an entry Redis holds under its tag is a miss', async t => {
-  const op = { name: 'getItem', cache: { ttlSeconds: 60, swrSeconds: 0, tags: ['item:{id}'] }, invalidates: [] } as unknown as Operation
-  const old = '{"n":1}'
-  const stored: CachedAnswer = { value: { n: 1 }, json: old, status: 200, etag: etagOf(old), freshUntil: Date.now() + 60_000, staleUntil: Date.now() + 60_000, keepUntil: Date.now() + 60_000, policy: policyOf(op, op.cache!) }
+  const stored = oldEntry()
   let invalidations = 0
   let release!: () => void
   const gate = new Promise<void>(resolve => { release = resolve })
@@ -72,24 +102,7 @@ t.test('until a pending invalidation reaches Redis, an entry Redis holds under i
       await gate
     }
   } as unknown as RedisTier
-  const cache = new ResponseCache({
-    redis: { tier, up: () => true },
-    maxSize: 100,
-    defaultTtlSeconds: 60,
-    breakerOpen: () => false,
-    serializer: () => JSON.stringify,
-    instanceId: 'one',
-    log: { warn: () => {}, debug: () => {} }
-  })
-  t.teardown(() => cache.close())
-  const stage = cache.stage(op)!
-  let kernelCalls = 0
-  const read = async (): Promise<{ value: unknown, cache: string | null }> => {
-    const ctx = new CallContext('r', 'rest', op, { id: 'a' }, undefined, undefined, undefined)
-    ctx.tenant = 't'
-    const value = await stage(ctx, async () => ({ n: 100 + ++kernelCalls }))
-    return { value, cache: ctx.cache }
-  }
+  const { cache, read } = cacheOver(t, tier)
 
   t.same(await read(), { value: { n: 1 }, cache: 'hit' }, 'the entry from Redis')
   await cache.invalidate('t', ['item:a'], 'mutation')
@@ -108,9 +121,7 @@ t.test('until a pending invalidation reaches Redis, an entry Redis holds under i
 // increment, found the old entry under the old versions, and put it in memory after the local
 // mark, where it was served as a hit for its whole ttl (the instance ignores its own message).
 t.test('a read that reaches Redis before an invalidation does cannot keep the old entry in memory', async t => {
-  const op = { name: 'getItem', cache: { ttlSeconds: 60, swrSeconds: 0, tags: ['item:{id}'] }, invalidates: [] } as unknown as Operation
-  const old = '{"n":1}'
-  const stored: CachedAnswer = { value: { n: 1 }, json: old, status: 200, etag: etagOf(old), freshUntil: Date.now() + 60_000, staleUntil: Date.now() + 60_000, keepUntil: Date.now() + 60_000, policy: policyOf(op, op.cache!) }
+  const stored = oldEntry()
   // Redis as the race leaves it: the old entry until the invalidation lands there, none after.
   let landed = false
   let land!: () => void
@@ -120,24 +131,7 @@ t.test('a read that reaches Redis before an invalidation does cannot keep the ol
     write: async () => true,
     invalidate: async () => { await gate }
   } as unknown as RedisTier
-  const cache = new ResponseCache({
-    redis: { tier, up: () => true },
-    maxSize: 100,
-    defaultTtlSeconds: 60,
-    breakerOpen: () => false,
-    serializer: () => JSON.stringify,
-    instanceId: 'one',
-    log: { warn: () => {}, debug: () => {} }
-  })
-  t.teardown(() => cache.close())
-  const stage = cache.stage(op)!
-  let kernelCalls = 0
-  const read = async (): Promise<{ value: unknown, cache: string | null }> => {
-    const ctx = new CallContext('r', 'rest', op, { id: 'a' }, undefined, undefined, undefined)
-    ctx.tenant = 't'
-    const value = await stage(ctx, async () => ({ n: 100 + ++kernelCalls }))
-    return { value, cache: ctx.cache }
-  }
+  const { cache, read } = cacheOver(t, tier)
   t.same(await read(), { value: { n: 1 }, cache: 'hit' })
   const invalidated = cache.invalidate('t', ['item:a'], 'mutation')
   t.same(await read(), { value: { n: 1 }, cache: 'hit' }, 'a read racing the invalidation, from Redis')
