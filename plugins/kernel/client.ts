@@ -20,7 +20,7 @@ export interface KernelClientOptions {
   metrics?: KernelMetrics
 }
 
-export type Outcome = 'ok' | 'client_error' | 'redirect' | 'server_error' | 'timeout' | 'unavailable'
+export type Outcome = 'ok' | 'client_error' | 'redirect' | 'bad_answer' | 'server_error' | 'timeout' | 'unavailable'
 
 /** What the client reports; a no-op implementation when metrics are off. */
 export interface KernelMetrics {
@@ -33,7 +33,7 @@ export interface KernelMetrics {
 }
 
 const nothing = (): void => {}
-const noOpMetrics = { call: { ok: nothing, client_error: nothing, redirect: nothing, server_error: nothing, timeout: nothing, unavailable: nothing }, retry: nothing }
+const noOpMetrics = { call: { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing }, retry: nothing }
 const noMetrics: KernelMetrics = { forOperation: () => noOpMetrics, budgetExhausted: nothing, rejected: nothing, connected: nothing }
 
 // undici's own error codes, by what they mean for a call. Unknown codes count as unreachable.
@@ -107,8 +107,19 @@ export class KernelClient {
           if (pathParams.has(key)) continue
           const v = input[key]
           if (v === undefined || v === null) continue
-          if (Array.isArray(v)) for (const item of v) query.append(key, String(item))
-          else query.append(key, String(v))
+          // A field the input schema does not declare may be anything: an object cannot go in a
+          // query string (it went as "[object Object]", and one whose toString is not a function
+          // threw, a 500). Declared fields are held to scalars when the manifest compiles.
+          if (Array.isArray(v)) {
+            for (const item of v) {
+              if (item !== null && typeof item === 'object') throw notInQuery(key)
+              query.append(key, String(item))
+            }
+          } else if (typeof v === 'object') {
+            throw notInQuery(key)
+          } else {
+            query.append(key, String(v))
+          }
         }
         const qs = query.toString()
         if (qs !== '') path += '?' + qs
@@ -161,15 +172,17 @@ export class KernelClient {
           throw err
         }
         metrics.call[result.outcome]((performance.now() - started) / 1000)
-        // The Kernel answered: it is up, whatever it said. A redirect is the call's own fault (a
-        // kernel path out of date, say): retried it would come back the same, and as a breaker
-        // failure one misrouted operation would open the breaker on every other one.
-        if (result.outcome === 'ok' || result.outcome === 'client_error' || result.outcome === 'redirect') {
+        // The Kernel answered: it is up, whatever it said. A redirect, or a 2xx body that is not
+        // JSON or is too large, is the call's own (a kernel path out of date, one tenant's huge
+        // list): retried it would come back the same, and as a breaker failure a few such calls
+        // would open the breaker on every other operation, and take /readyz down with it.
+        if (result.outcome === 'ok' || result.outcome === 'client_error' || result.outcome === 'redirect' || result.outcome === 'bad_answer') {
           this.breaker?.success(permit)
           if (result.outcome === 'ok') {
             ctx.status = result.status
             return result.value
           }
+          if (result.outcome === 'bad_answer') throw new MantleError('KERNEL_ERROR', result.message!)
           throw result.outcome === 'redirect' ? redirected(result, op) : clientError(result)
         }
         this.breaker?.failure(permit)
@@ -212,7 +225,7 @@ export class KernelClient {
       if (status >= 200 && status < 300) {
         const value = await readJson(res, this.maxBytes)
         return value === INVALID
-          ? { outcome: 'server_error', status: 502, value: undefined, message: 'The Kernel answered with a body that is not JSON or too large' }
+          ? { outcome: 'bad_answer', status: 502, value: undefined, message: `The Kernel answered with a body that is not JSON or is over ${this.maxBytes} bytes` }
           : { outcome: 'ok', status, value, message: undefined }
       }
       if (status >= 400 && status < 500) {
@@ -342,6 +355,10 @@ function clientError (result: Attempt): MantleError {
 }
 
 // Without the Location: it may name hosts inside the network, which clients have no need of.
+function notInQuery (key: string): MantleError {
+  return new MantleError('VALIDATION_FAILED', `input.${key} holds an object, which the Kernel's query string cannot carry`)
+}
+
 function redirected (result: Attempt, op: Operation): MantleError {
   return new MantleError('KERNEL_ERROR', `The Kernel redirected ${op.name} (status ${result.status}); redirects are not followed: the operation's kernel path may be out of date`)
 }

@@ -115,6 +115,18 @@ t.test('a REST path parameter that is no {x} of the Kernel path goes to the Kern
   t.same(JSON.parse(kernel.requests[2].body), { agent: 'a2', prompt: 'yo' })
 })
 
+t.test('an undeclared object field of a query-string Kernel call is 400 VALIDATION_FAILED, not [object Object] or a 500', async t => {
+  const { app, kernel } = await setup(t)
+  for (const x of [{ a: 1 }, { toString: 1 }, [{ a: 1 }]]) {
+    const res = await app.inject({ url: '/trpc/listItems?input=' + encodeURIComponent(JSON.stringify({ x })), headers: bearer() })
+    t.same([res.statusCode, res.json().error.data.code], [400, 'VALIDATION_FAILED'], JSON.stringify(x))
+  }
+  t.equal(hits(kernel, '/v1/items'), 0, 'nothing reached the Kernel')
+  const scalars = await app.inject({ url: '/trpc/listItems?input=' + encodeURIComponent(JSON.stringify({ x: 'y', n: [1, 2] })), headers: bearer() })
+  t.equal(scalars.statusCode, 200, 'undeclared scalars go on as before')
+  t.equal(kernel.requests.at(-1)?.url, '/v1/items?x=y&n=1&n=2')
+})
+
 t.test('a Kernel 404 is NOT_FOUND, with the Kernel message', async t => {
   const { app } = await setup(t)
   const res = await app.inject({ method: 'GET', url: '/api/v1/items/zz', headers: bearer() })
@@ -317,6 +329,23 @@ t.test('a Kernel redirect is 502 KERNEL_ERROR, not retried and not a breaker fai
   t.equal(app.kernel.breakerState(), 'closed', 'the breaker stays closed')
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a1', headers: bearer() })).statusCode, 200, 'the other operations are served')
   t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_kernel_request_duration_seconds_count\{op="getItem",outcome="redirect"\} 5/)
+})
+
+t.test('a 2xx body that is not JSON or is too large is 502 KERNEL_ERROR, not retried and not a breaker failure', async t => {
+  // Before, it counted as a 5xx: retried, and two calls to one operation answering a huge list
+  // opened the breaker on every other operation, and /readyz went down with it.
+  const { app, kernel } = await setup(t, { retries: 2, circuitBreaker: { threshold: 3, resetTimeoutMs: 60000 } })
+  kernel.on('GET /v1/items/html', (_req, res) => { res.writeHead(200, { 'content-type': 'text/html' }); res.end('<html>') })
+  kernel.on('GET /v1/items/huge', (_req, res) => json(res, 200, { id: 'x'.repeat(11 * 1024 * 1024) }))
+  for (const id of ['html', 'huge', 'html', 'huge']) {
+    const res = await app.inject({ method: 'GET', url: `/api/v1/items/${id}`, headers: bearer() })
+    t.same([res.statusCode, res.json().code], [502, 'KERNEL_ERROR'], id)
+  }
+  t.equal(hits(kernel, '/v1/items/html') + hits(kernel, '/v1/items/huge'), 4, 'one attempt per call')
+  t.equal(app.kernel.breakerState(), 'closed', 'the breaker stays closed')
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a1', headers: bearer() })).statusCode, 200, 'the other operations are served')
+  t.equal((await app.inject({ url: '/readyz' })).statusCode, 200)
+  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_kernel_request_duration_seconds_count\{op="getItem",outcome="bad_answer"\} 4/)
 })
 
 t.test('the circuit breaker opens after the threshold, fails fast, and closes after one good probe', async t => {
