@@ -117,6 +117,10 @@ t.test('each bad value alone', async t => {
   t.equal(errorOf({ PORT: '80.5' })?.message, 'Invalid configuration: PORT="80.5" is invalid: expected an integer (0..65535)')
   t.equal(errorOf({ NODE_ENV: 'prod' })?.message, 'Invalid configuration: NODE_ENV="prod" is invalid: expected development | production | test')
   t.equal(errorOf({ KERNEL_URL: 'http://kernel:4001/v1' })?.message, 'Invalid configuration: KERNEL_URL="http://kernel:4001/v1" is invalid: expected Kernel origin, http(s)://host:port, wins over the manifest', 'an origin, without a path')
+  // A query or a fragment passed, and undici refused the origin at start-up without naming the variable.
+  for (const url of ['http://kernel:4001?x=1', 'http://kernel:4001#a']) {
+    t.equal(errorOf({ KERNEL_URL: url })?.message, `Invalid configuration: KERNEL_URL="${url}" is invalid: expected Kernel origin, http(s)://host:port, wins over the manifest`, 'an origin, without a query or fragment')
+  }
   t.equal(errorOf({ BFF_CIRCUIT_BREAKER_THRESHOLD: '0' })?.message, 'Invalid configuration: BFF_CIRCUIT_BREAKER_THRESHOLD="0" is invalid: expected an integer (1..1000000)')
   t.equal(errorOf({ BFF_CIRCUIT_BREAKER_TIMEOUT: 'soon' })?.message, 'Invalid configuration: BFF_CIRCUIT_BREAKER_TIMEOUT="soon" is invalid: expected an integer (1..86400000)')
   t.equal(errorOf({ BFF_CIRCUIT_BREAKER_TIMEOUT: '86400001' })?.message, 'Invalid configuration: BFF_CIRCUIT_BREAKER_TIMEOUT="86400001" is invalid: expected an integer (1..86400000)', 'at most a day, as in the manifest')
