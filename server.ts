@@ -6,6 +6,23 @@ import { buildApp } from './app.js'
 import { loadConfig, DEMO_MANIFEST, DEV_JWT_SECRET, type Config } from './schemas/config.js'
 import { mintToken } from './plugins/auth/index.js'
 import type { KernelEventMessage } from './plugins/events/index.js'
+import type { Manifest } from './manifest.js'
+
+/** A shutdown's grace at the least (ms). */
+const MIN_GRACE_MS = 10_000
+/** What a shutdown needs after the longest call: the audit's flush (3 s at most) and the stores' close. */
+const GRACE_MARGIN_MS = 5_000
+
+/**
+ * How long a shutdown may take before the process exits anyway: the longest operation's
+ * `timeoutMs`, so that every call in flight can finish, plus what closing takes; 10 s at least.
+ * Before, a fixed 10 s cut calls whose operation allowed them longer (up to 600 s).
+ */
+export function shutdownGraceMs (manifest: Manifest): number {
+  let longest = 0
+  for (const op of manifest.operations) longest = Math.max(longest, op.timeoutMs)
+  return Math.max(MIN_GRACE_MS, longest + GRACE_MARGIN_MS)
+}
 
 export interface Started {
   app: FastifyInstance
@@ -99,10 +116,20 @@ async function main (): Promise<void> {
   // A second signal exits at once (close-with-grace's default).
   // SIGHUP is the reload's, not a shutdown: close-with-grace listens to it by default, and the
   // one signal both reloaded the manifest and took the replica down.
-  closeWithGrace({ delay: 10_000, logger: started.app.log, skip: ['SIGHUP'] }, async ({ err, signal }) => {
-    if (err !== undefined) started.app.log.error({ err }, 'closing after an error')
-    else started.app.log.info({ signal }, 'closing')
-    await started.close()
+  // The grace is the manifest's in force when the signal comes (a reload may change a timeoutMs).
+  closeWithGrace({ delay: false, logger: started.app.log, skip: ['SIGHUP'] }, async ({ err, signal }) => {
+    const grace = shutdownGraceMs(started.app.pipeline.manifest)
+    if (err !== undefined) started.app.log.error({ err, graceMs: grace }, 'closing after an error')
+    else started.app.log.info({ signal, graceMs: grace }, 'closing')
+    const timer = setTimeout(() => {
+      started.app.log.error(`killed by timeout (${grace}ms)`)
+      process.exit(1)
+    }, grace)
+    try {
+      await started.close()
+    } finally {
+      clearTimeout(timer)
+    }
   })
 }
 

@@ -1,10 +1,18 @@
 import t from 'tap'
-import { start, banner, type Started } from '../server.js'
+import { start, banner, shutdownGraceMs, type Started } from '../server.js'
 import { buildApp } from '../app.js'
 import { ConfigError } from '../schemas/config.js'
 import { ManifestError } from '../manifest.js'
 import { connect } from 'node:net'
 import { testConfig, bearer, startTestKernel, json, fixture, buildTestApp, testManifest, until } from './helper.js'
+
+// A fixed 10 s cut calls in flight whose operation allowed them longer (timeoutMs up to 600 s).
+t.test('a shutdown\'s grace covers the longest operation\'s timeoutMs, and 10 s at the least', async t => {
+  const op = { type: 'query', rest: 'GET /a', kernel: 'GET /v1/a', output: { type: 'object' } }
+  t.equal(shutdownGraceMs(testManifest({ a: op })), 10_000, 'the 5 s default timeout: the 10 s floor')
+  t.equal(shutdownGraceMs(testManifest({ a: op, b: { ...op, rest: 'GET /b', timeoutMs: 20_000 } })), 25_000, 'the longest, and 5 s to close')
+  t.equal(shutdownGraceMs(testManifest({ a: op }, { timeoutMs: 60_000 })), 65_000, 'the Kernel\'s default')
+})
 
 t.test('start() runs the embedded default: the demo Kernel starts alongside', async t => {
   const started = await start(testConfig({ PORT: 0 }))

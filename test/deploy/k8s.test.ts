@@ -2,7 +2,8 @@ import t from 'tap'
 import { readFileSync, readdirSync } from 'node:fs'
 import { parse, parseAllDocuments } from 'yaml'
 import { loadConfig, productionProblems, ConfigSchema } from '../../schemas/config.js'
-import { compileManifest } from '../../manifest.js'
+import { compileManifest, type Manifest } from '../../manifest.js'
+import { shutdownGraceMs } from '../../server.js'
 import { buildTestApp } from '../helper.js'
 
 // deploy/k8s must stay true to the gateway: probe paths it serves, the port it listens on (and
@@ -21,6 +22,15 @@ const ofKind = (kind: string): Doc => {
   const found = docs.filter(d => d.doc.kind === kind)
   if (found.length !== 1) throw new Error(`expected one ${kind}, found ${found.length}`)
   return found[0].doc
+}
+
+/** The manifest the Deployment mounts from the ConfigMap, where BFF_MANIFEST points, compiled. */
+function configMapManifest (): Manifest {
+  const container = ofKind('Deployment').spec.template.spec.containers[0]
+  const env = Object.fromEntries((container.env as Array<{ name: string, value: string }>).map(e => [e.name, e.value]))
+  const mount = container.volumeMounts.find((m: Doc) => env.BFF_MANIFEST.startsWith(m.mountPath + '/'))
+  const text = ofKind('ConfigMap').data[env.BFF_MANIFEST.slice(mount.mountPath.length + 1)]
+  return compileManifest(parseAllDocuments(text)[0].toJS(), 'configmap')
 }
 
 /** Variables the contract names (CONTRACT §7) that the concerns still to be merged read. */
@@ -75,9 +85,7 @@ t.test('probes, ports and the manifest path match the gateway', async t => {
   const key = env.BFF_MANIFEST.slice(mount.mountPath.length + 1)
   const text = configMap.data[key]
   t.type(text, 'string', `the ConfigMap has the key ${key}`)
-  const doc = parseAllDocuments(text)[0].toJS()
-  const manifest = compileManifest(doc, 'configmap')
-  t.ok(manifest.operations.length > 0, 'the ConfigMap manifest compiles')
+  t.ok(configMapManifest().operations.length > 0, 'the ConfigMap manifest compiles')
 })
 
 t.test('the environment, with the Secret, is one the gateway accepts in production', async t => {
@@ -123,7 +131,7 @@ t.test('the autoscaler and the disruption budget act on the Deployment', async t
   t.equal(deployment.spec.strategy.rollingUpdate.maxUnavailable, 0, 'a new pod is ready before an old one goes')
   // Shutdown: the preStop pause and the gateway's own drain (server.ts) fit in the grace period.
   const preStop = deployment.spec.template.spec.containers[0].lifecycle.preStop.exec.command as string[]
-  const drainMs = Number(/closeWithGrace\(\{ delay: ([\d_]+)/.exec(read('server.ts'))![1].replace(/_/g, ''))
-  t.ok(drainMs > 0)
-  t.ok(Number(preStop[1]) + drainMs / 1000 < deployment.spec.template.spec.terminationGracePeriodSeconds)
+  const drainMs = shutdownGraceMs(configMapManifest())
+  t.ok(drainMs >= 10_000)
+  t.ok(Number(preStop[1]) + drainMs / 1000 < deployment.spec.template.spec.terminationGracePeriodSeconds, `${String(preStop[1])} s + ${drainMs} ms`)
 })
