@@ -118,6 +118,12 @@ t.test('mutations run in order, each its own call; GET runs queries only', async
   const getMutation = await fetch(`${base}/graphql?query=${encodeURIComponent('mutation { deleteAgent(id: "a3") { id } }')}`, { headers: bearer() })
   t.equal(getMutation.status, 405)
   t.match(await getMutation.json(), { errors: [{ message: 'Operation cannot be performed via a GET request', extensions: { code: 'BAD_REQUEST', status: 405 } }] })
+  // HEAD is served by the GET route, and mercurius refused a mutation over GET only: it ran.
+  for (const params of ['mutation { deleteAgent(id: "a3") { id } }', 'query Q { listAgents { id } } mutation M { deleteAgent(id: "a3") { id } }&operationName=M']) {
+    const [query, name] = params.split('&')
+    const head = await fetch(`${base}/graphql?query=${encodeURIComponent(query)}${name === undefined ? '' : '&' + name}`, { method: 'HEAD', headers: bearer() })
+    t.equal(head.status, 405, `HEAD: ${params}`)
+  }
   const badVariables = await fetch(`${base}/graphql?query=${encodeURIComponent('{ listAgents { id } }')}&variables=%7Bnot`, { headers: bearer() })
   t.equal(badVariables.status, 400)
   t.match(await badVariables.json(), { errors: [{ extensions: { code: 'VALIDATION_FAILED', status: 400 } }] })
