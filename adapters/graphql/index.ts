@@ -57,6 +57,13 @@ export const DEFAULT_SETTINGS: Readonly<GraphqlFaceSettings> = Object.freeze({
 /** graphql-ws's own close code for a connection that never initialised. */
 const CLOSE_INIT_TIMEOUT = 4408
 
+/**
+ * The upgrades this face's route took (its onRequest hook saw them): their sockets are screened.
+ * Told apart by the route, not by the URL: with ignoreTrailingSlash, `/graphql/` is the same
+ * route, and its sockets (compared by URL to `/graphql`) went unscreened, with no 4408 timer.
+ */
+const GRAPHQL_UPGRADES = new WeakSet<IncomingMessage>()
+
 /** The GraphQL face with the given bounds; the default export uses the defaults. */
 export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) {
   const limits = { ...DEFAULT_SETTINGS, ...settings }
@@ -67,7 +74,7 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
     // connection_init came in time, whatever else did (a ping or a junk frame does not count).
     if (!app.hasDecorator('websocketServer')) return
     app.websocketServer.on('connection', (socket: WebSocket, request: IncomingMessage) => {
-      if ((request.url ?? '').split('?')[0] !== '/graphql') return
+      if (!GRAPHQL_UPGRADES.has(request)) return
       const timer = setTimeout(() => socket.close(CLOSE_INIT_TIMEOUT, 'Connection initialisation timeout'), limits.initTimeoutMs)
       timer.unref()
       const disarm = (): void => clearTimeout(timer)
@@ -120,6 +127,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   // WebSocket server it registers itself; app.ts registers the one every face shares).
   const checkUpgrade = async (request: FastifyRequest): Promise<void> => {
     if (!request.ws) return
+    GRAPHQL_UPGRADES.add(request.raw)
     slots.reserve(request)
     const authorization = upgradeAuthorization(request)
     if (authorization !== undefined) app.identify(authorization)

@@ -23,6 +23,10 @@ t.test('a subscription socket that never sends connection_init is closed with 44
   const [code, reason] = await new Promise<[number, string]>(resolve => idle.once('close', (c, r) => resolve([c, String(r)])))
   t.equal(code, 4408)
   t.equal(reason, 'Connection initialisation timeout')
+  // The same route with a trailing slash: its sockets were told apart by URL and went unscreened.
+  const slashed = new WebSocket(url + '/', 'graphql-transport-ws', { headers: { authorization: `Bearer ${token()}` } })
+  t.teardown(() => slashed.terminate())
+  t.equal(await new Promise<number>(resolve => slashed.once('close', c => resolve(c))), 4408, '/graphql/ too')
 
   // A client that initialises in time is not touched.
   const active = new WebSocket(url, 'graphql-transport-ws', { headers: { authorization: `Bearer ${token()}` } })
