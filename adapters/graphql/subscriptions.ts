@@ -153,6 +153,22 @@ interface SubscriptionContext {
   id: string | number
 }
 
+/**
+ * What a socket may hold that its client has not read, as on /ws and /trpc: past it, the client
+ * does not read its frames and the connection is closed (1013). Without it, a client that sent
+ * frames and never read the answers made the server buffer about 4 bytes for each byte it sent.
+ */
+const MAX_BUFFERED_BYTES = 4 * 1024 * 1024
+const CLOSE_SLOW_READER = 1013
+const SLOW_READER = 'The client does not read its frames'
+
+/** Closes a socket whose client is that far behind; true when it did. */
+function slowReader (socket: WebSocket): boolean {
+  if (socket.bufferedAmount <= MAX_BUFFERED_BYTES) return false
+  socket.close(CLOSE_SLOW_READER, SLOW_READER)
+  return true
+}
+
 export interface SubscriptionSettings {
   /** Operations one connection may hold at once. */
   maxOperations: number
@@ -334,7 +350,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         return false
       }
       socket.emit = function (this: WebSocket, event: string | symbol, ...args: unknown[]): boolean {
-        if (event === 'message' && !admit(args[0])) return false
+        if (event === 'message' && (slowReader(socket) || !admit(args[0]))) return false
         return emit.call(this, event, ...args)
       }
     },
@@ -371,6 +387,11 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         }
         const stream: AsyncIterableIterator<unknown> = {
           async next () {
+            // The next event is not taken while the client is that far behind: it is closed.
+            if (slowReader(connection.socket)) {
+              end()
+              return { done: true, value: undefined }
+            }
             const result = await iterator.next()
             if (result.done === true) end()
             return result

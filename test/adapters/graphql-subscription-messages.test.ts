@@ -110,3 +110,19 @@ t.test('a malformed subscribe sent right behind connection_init is screened too'
   // The screen answers before mercurius has acked: its error must still come after the ack.
   t.equal(frames[0].type, 'connection_ack', 'the ack comes first')
 })
+
+// No bound: a client that sent frames and never read the answers made the server buffer about
+// 4 bytes of error frames for each byte it sent, and the connection stayed open.
+t.test('a client that does not read its frames is closed with 1013 once the socket holds 4 MiB', async t => {
+  const { app, port } = await listen(t)
+  const c = await open(t, port)
+  const server = [...app.websocketServer.clients][0]
+  ;(c.ws as unknown as { _socket: { pause: () => void } })._socket.pause()
+  const junk = JSON.stringify({ type: 'subscribe', id: '1', payload: { query: '{' } })
+  for (let sent = 0; sent < 200_000 && server.readyState === WebSocket.OPEN; sent++) {
+    c.ws.send(junk)
+    if (sent % 5000 === 0) await new Promise(resolve => setImmediate(resolve))
+  }
+  await until(() => server.readyState !== WebSocket.OPEN, 'the server to close the socket', 20_000)
+  t.ok(server.bufferedAmount < 8 * 1024 * 1024, `the server holds ${server.bufferedAmount} bytes`)
+})
