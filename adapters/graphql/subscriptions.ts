@@ -6,6 +6,7 @@ import type { EventDefinition } from '../../manifest.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors.js'
 import { fieldError } from './errors.js'
+import { slowReader } from '../slow-reader.js'
 
 // Subscriptions ride on mercurius' graphql-ws server (`subscription` option). What this module
 // adds: identity per connection, event streams from the events plugin's bus scoped to the
@@ -151,22 +152,6 @@ interface SubscriptionContext {
   /** connection_init's payload (mercurius keeps it on the connection's context). */
   _connectionInit?: unknown
   id: string | number
-}
-
-/**
- * What a socket may hold that its client has not read, as on /ws and /trpc: past it, the client
- * does not read its frames and the connection is closed (1013). Without it, a client that sent
- * frames and never read the answers made the server buffer about 4 bytes for each byte it sent.
- */
-const MAX_BUFFERED_BYTES = 4 * 1024 * 1024
-const CLOSE_SLOW_READER = 1013
-const SLOW_READER = 'The client does not read its frames'
-
-/** Closes a socket whose client is that far behind; true when it did. */
-function slowReader (socket: WebSocket): boolean {
-  if (socket.bufferedAmount <= MAX_BUFFERED_BYTES) return false
-  socket.close(CLOSE_SLOW_READER, SLOW_READER)
-  return true
 }
 
 export interface SubscriptionSettings {
@@ -350,6 +335,8 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         return false
       }
       socket.emit = function (this: WebSocket, event: string | symbol, ...args: unknown[]): boolean {
+        // slowReader, as on /ws and /trpc: before, a client that sent frames and never read the
+        // answers made the server buffer about 4 bytes for each byte it sent.
         if (event === 'message' && (slowReader(socket) || !admit(args[0]))) return false
         return emit.call(this, event, ...args)
       }

@@ -139,10 +139,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
       if (ctx.headers !== null) applyHeaders(reply, ctx.headers)
     }
     if (ctx.status === 204 || ctx.status === 304) {
-      if (ctx.status === 304 && compressing) {
-        const vary = reply.getHeader('vary')
-        reply.header('vary', vary === undefined ? 'accept-encoding' : `${String(vary)}, accept-encoding`)
-      }
+      if (ctx.status === 304 && compressing) addVary(reply, 'accept-encoding')
       return reply.code(ctx.status).send()
     }
     // The same compiled output serializer as every other face (the route's 2xx schema is for
@@ -154,11 +151,21 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   }
 }
 
-/** The stages' headers onto the reply; a Vary is added to the one already there (CORS's Origin), not put in its place. */
+/** The stages' headers onto the reply; their Vary is added to the one already there, not put in its place. */
 function applyHeaders (reply: FastifyReply, headers: Record<string, string>): void {
-  const vary = headers.vary === undefined ? undefined : reply.getHeader('vary')
+  const vary = headers.vary
+  const before = vary === undefined ? undefined : reply.getHeader('vary')
   reply.headers(headers)
-  if (vary !== undefined) reply.header('vary', `${String(vary)}, ${headers.vary}`)
+  if (before !== undefined) {
+    reply.header('vary', before)
+    addVary(reply, vary)
+  }
+}
+
+/** Adds to the reply's Vary (CORS's Origin, say) rather than replacing it. */
+function addVary (reply: FastifyReply, value: string): void {
+  const vary = reply.getHeader('vary')
+  reply.header('vary', vary === undefined ? value : `${String(vary)}, ${value}`)
 }
 
 function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns): FastifySchema {

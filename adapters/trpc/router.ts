@@ -8,6 +8,7 @@ import { MantleError } from '../../errors.js'
 import type { TrpcContext } from './context.js'
 import { ProblemError, errorShape, type MantleErrorShape } from './errors.js'
 import type { LiveSubscriptions } from './subscriptions.js'
+import { SLOW_READER, slowReader } from '../slow-reader.js'
 
 export interface RouterLimits {
   /** Calls one WebSocket connection may run at once. */
@@ -75,7 +76,9 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
         // holds), so the bound is checked again here: the calls of a batch all start on the same
         // socket. Once closed, tRPC sends the socket nothing more. Calls that end in the same turn
         // (a batch's identical queries, coalesced by the cache) pass this before any of them is
-        // sent: the socket may then hold the bound plus their answers, at most maxInFlight.
+        // sent: the socket may then hold the bound plus their answers, at most maxInFlight. Before,
+        // answers went out whatever the socket held: a client that sent small batched queries and
+        // never read made the gateway hold their answers without bound (56 MiB for 0.02 MiB sent).
         slowReader(ctx.socket, limits.maxBufferedBytes)
         if (result.ok) {
           if (result.cache !== null && ctx.requestId !== null) (ctx.cache ??= [])[batchIndex ?? 0] = result.cache
@@ -110,23 +113,6 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
   }
 
   return t.router(procedures)
-}
-
-/** 1013 (try again later), the code and text /ws closes a client that does not read with. */
-const CLOSE_SLOW_READER = 1013
-const SLOW_READER = 'The client does not read its frames'
-
-/**
- * Whether `socket` holds more than `max` bytes its client has not read; it is then closed with
- * 1013, as /ws does. Before, the answers of queries and mutations over /trpc were sent whatever
- * the socket held: a client that sent small batched queries and never read made the gateway
- * hold their answers without bound (56 MiB for 0.02 MiB sent). One getter read per call;
- * always false over HTTP (no socket).
- */
-function slowReader (socket: WebSocket | null, max: number): boolean {
-  if (socket === null || socket.bufferedAmount <= max) return false
-  socket.close(CLOSE_SLOW_READER, SLOW_READER)
-  return true
 }
 
 /**

@@ -8,6 +8,7 @@ import { MantleError, toProblem, type Problem } from '../../errors.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame, type AuthFrame } from './frames.js'
 import type { CloseReason, WebSocketCounters } from './metrics.js'
+import { CLOSE_SLOW_READER, SLOW_READER } from '../slow-reader.js'
 
 /** Per-connection bounds (WebSocketFaceSettings in index.ts documents each). */
 export interface ConnectionLimits {
@@ -121,7 +122,7 @@ export class Connection {
   private send (text: string): void {
     if (this.closing) return
     if (this.socket.bufferedAmount > this.face.limits.maxBufferedBytes) {
-      this.close(1013, 'slow_reader', 'The client does not read its frames')
+      this.close(CLOSE_SLOW_READER, 'slow_reader', SLOW_READER)
       return
     }
     this.socket.send(text)

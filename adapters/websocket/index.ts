@@ -2,6 +2,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
 import { ConnectionSlots } from '../connection-slots.js'
+import { MAX_BUFFERED_BYTES } from '../slow-reader.js'
 import { Connection, type ConnectionAuth, type FaceShared } from './connection.js'
 import { websocketMetrics } from './metrics.js'
 
@@ -27,7 +28,7 @@ export interface WebSocketFaceSettings {
 export const DEFAULT_SETTINGS: Readonly<Omit<WebSocketFaceSettings, 'maxFrameBytes'>> = Object.freeze({
   maxSubscriptions: 32,
   maxInFlight: 64,
-  maxBufferedBytes: 4 * 1024 * 1024,
+  maxBufferedBytes: MAX_BUFFERED_BYTES,
   heartbeatMs: 30_000,
   maxConnections: 100_000,
   closeGraceMs: 2000

@@ -138,6 +138,11 @@ export interface VerifyResult {
 /** An entry as verify names it. */
 type Named = Pick<StoredEntry, 'id' | 'requestId'>
 
+/** Whether an entry's fields hash to its stored hash, and the store saw the row intact. */
+function sealed (e: StoredEntry, intact: boolean): boolean {
+  return intact && hashEntry(e.previousHash, e.seq, e) === e.hash
+}
+
 /**
  * Walks entries in chain order from an anchor (the hash the first one must link to, and its
  * position). Stops at the first entry whose position, link or hash is wrong.
@@ -146,20 +151,18 @@ export class ChainWalker {
   checked = 0
   private ok = true
   private broken: Named | null = null
-  private last: Named | null
-
-  /** From the entry before the range (`before`: null when that is retention's anchor or the genesis). */
-  constructor (private prevSeq: number, private prevHash: string, before: Named | null = null) {
-    this.last = before
-  }
+  /** From an anchor with no entry of its own: retention's, or the genesis. */
+  constructor (private prevSeq: number, private prevHash: string, private last: Named | null = null) {}
 
   /**
-   * The entry just before a range, which the range's first entry links to: its own hash is
+   * From the entry just before a range, which the range's first entry links to: its own hash is
    * checked too. A row changed together with its timestamp, moved just out of the range, became
    * this neighbour, and a range verify walking from its stored hash said ok.
    */
-  startsAfter (before: StoredEntry, intact = true): void {
-    if (!intact || hashEntry(before.previousHash, before.seq, before) !== before.hash) this.fail(before)
+  static after (before: StoredEntry, intact = true): ChainWalker {
+    const walker = new ChainWalker(before.seq, before.hash, before)
+    if (!sealed(before, intact)) walker.fail(before)
+    return walker
   }
 
   /**
@@ -169,7 +172,7 @@ export class ChainWalker {
   step (e: StoredEntry, intact = true): boolean {
     if (!this.ok) return false
     this.checked++
-    if (!intact || e.seq !== this.prevSeq + 1 || e.previousHash !== this.prevHash || hashEntry(e.previousHash, e.seq, e) !== e.hash) {
+    if (!this.follows(e, intact)) {
       this.fail(e)
       return false
     }
@@ -185,12 +188,12 @@ export class ChainWalker {
    * at the end of a range, or the whole range, or the tail, show here: at the entry after the gap,
    * or at the last entry left (none when no entry is left: ok false, firstBroken null). Before,
    * only a range reaching the newest entry was held to the head, and an empty range was ok.
-   * The entry after the range is held to its own hash as well (see `startsAfter`).
+   * The entry after the range is held to its own hash as well (see `after`).
    */
   endsAt (next: StoredEntry | null, headSeq: number, headHash: string, nextIntact = true): void {
     if (!this.ok) return
     if (next !== null) {
-      if (!nextIntact || next.seq !== this.prevSeq + 1 || next.previousHash !== this.prevHash || hashEntry(next.previousHash, next.seq, next) !== next.hash) this.fail(next)
+      if (!this.follows(next, nextIntact)) this.fail(next)
     } else if (this.prevSeq !== headSeq || this.prevHash !== headHash) {
       this.fail(this.last)
     }
@@ -198,6 +201,11 @@ export class ChainWalker {
 
   result (): VerifyResult {
     return { ok: this.ok, checked: this.checked, firstBroken: this.broken }
+  }
+
+  /** Whether `e` comes right after the last entry walked, linked to it, and is what its hash says. */
+  private follows (e: StoredEntry, intact: boolean): boolean {
+    return e.seq === this.prevSeq + 1 && e.previousHash === this.prevHash && sealed(e, intact)
   }
 
   private fail (e: Named | null): void {

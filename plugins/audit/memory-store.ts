@@ -74,8 +74,7 @@ export class MemoryAuditStore implements AuditStore {
     // Nothing in the range: nothing is walked, but the entries around it must still link.
     if (last < first) last = first - 1
     const before = first === 0 ? null : ring.peekAt(first - 1)!
-    const walker = before === null ? new ChainWalker(this.anchorSeq, this.anchorHash) : new ChainWalker(before.seq, before.hash, before)
-    if (before !== null) walker.startsAfter(before)
+    const walker = before === null ? new ChainWalker(this.anchorSeq, this.anchorHash) : ChainWalker.after(before)
     let i = first
     while (i <= last && walker.step(ring.peekAt(i)!)) i++
     if (i > last) walker.endsAt(ring.peekAt(last + 1) ?? null, this.headSeq, this.headHash)

@@ -361,12 +361,7 @@ export class PostgresAuditStore implements AuditStore {
       else if (lo > 1) {
         const before = await client.query<Row & { whole_ms: boolean }>(`SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq < $1 ORDER BY seq DESC LIMIT 1`, [lo])
         const row = before.rows[0]
-        if (row === undefined) walker = new ChainWalker(Number(chain.anchor_seq), chain.anchor_hash)
-        else {
-          const b = fromRow(row)
-          walker = new ChainWalker(b.seq, b.hash, b)
-          walker.startsAfter(b, row.whole_ms)
-        }
+        walker = row === undefined ? new ChainWalker(Number(chain.anchor_seq), chain.anchor_hash) : ChainWalker.after(fromRow(row), row.whole_ms)
       }
       let after = lo - 1
       let going = true

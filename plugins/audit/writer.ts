@@ -118,18 +118,8 @@ export class AuditWriter {
       this.opts.store.write(batch).catch(err => this.fail(err as Error))
       return
     }
-    // Lines of at most one batch each: a replay never writes more than a batch per transaction.
-    const size = this.opts.batchSize
-    const lines: AuditEntry[][] = []
-    // The batch being written goes first (a copy that replay skips should its write succeed: the
-    // store skips entries already stored).
-    const flight = this.inFlight
-    const ahead = flight !== null && !flight.spooled ? flight.batch : null
-    if (ahead !== null) {
-      flight!.spooled = true
-      lines.push(ahead)
-    }
-    for (let i = 0; i < batch.length; i += size) lines.push(batch.slice(i, i + size))
+    const ahead = this.takeInFlight()
+    const lines = this.lines(batch, ahead)
     const append: Promise<void> = spool.appendMany(lines).then(() => this.opts.hooks?.spooled?.(batch.length), (err: Error) => {
       // The disk refused too: keep the entries in memory, at the front, for the next flush (the
       // batch that was being written as well: written twice, the store keeps it once).
@@ -137,6 +127,26 @@ export class AuditWriter {
       this.queue = (ahead === null ? batch : ahead.concat(batch)).concat(this.queue)
     }).finally(() => { if (this.overflowing === append) this.overflowing = null })
     this.overflowing = append
+  }
+
+  /**
+   * The batch being written to the store, taken ahead of what goes to the spool now (a copy
+   * that replay skips should its write succeed: the store skips entries already stored); null
+   * when none is, or it was taken already.
+   */
+  private takeInFlight (): AuditEntry[] | null {
+    const flight = this.inFlight
+    if (flight === null || flight.spooled) return null
+    flight.spooled = true
+    return flight.batch
+  }
+
+  /** Spool lines of at most one batch each (a replay never writes more than a batch per transaction), `ahead` first. */
+  private lines (entries: AuditEntry[], ahead: AuditEntry[] | null = null): AuditEntry[][] {
+    const size = this.opts.batchSize
+    const lines = ahead === null ? [] : [ahead]
+    for (let i = 0; i < entries.length; i += size) lines.push(entries.slice(i, i + size))
+    return lines
   }
 
   /** Whether the spool holds batches, or a full queue is being appended to it. */
@@ -392,22 +402,15 @@ export class AuditWriter {
     if (!timedOut) return
     orderly.catch(() => {})
     this.abandoned = true
-    const lines: AuditEntry[][] = []
-    // The batch being written goes first, as `overflow` does it (should its write succeed after
-    // all, the replay skips what the store holds).
-    const flight = this.inFlight
-    if (flight !== null && !flight.spooled) {
-      flight.spooled = true
-      lines.push(flight.batch)
-    }
+    const ahead = this.takeInFlight()
     if (this.overflowing !== null) await this.overflowing
     const rest = this.queue
     this.queue = []
-    for (let i = 0; i < rest.length; i += this.opts.batchSize) lines.push(rest.slice(i, i + this.opts.batchSize))
-    this.opts.log.warn({ entries: lines.reduce((n, l) => n + l.length, 0), waitedMs: this.opts.closeTimeoutMs ?? CLOSE_TIMEOUT_MS }, 'audit store did not finish in time at shutdown: what it had not stored is spooled')
-    if (lines.length > 0) {
-      await spool.appendMany(lines)
-      this.opts.hooks?.spooled?.(lines.reduce((n, l) => n + l.length, 0))
+    const entries = (ahead?.length ?? 0) + rest.length
+    this.opts.log.warn({ entries, waitedMs: this.opts.closeTimeoutMs ?? CLOSE_TIMEOUT_MS }, 'audit store did not finish in time at shutdown: what it had not stored is spooled')
+    if (entries > 0) {
+      await spool.appendMany(this.lines(rest, ahead))
+      this.opts.hooks?.spooled?.(entries)
     }
   }
 
@@ -427,11 +430,7 @@ export class AuditWriter {
       const rest = this.queue
       this.queue = []
       if (spool === null) await this.opts.store.write(rest)
-      else {
-        const lines: AuditEntry[][] = []
-        for (let i = 0; i < rest.length; i += this.opts.batchSize) lines.push(rest.slice(i, i + this.opts.batchSize))
-        await spool.appendMany(lines)
-      }
+      else await spool.appendMany(this.lines(rest))
     }
   }
 }

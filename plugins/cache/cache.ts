@@ -96,20 +96,19 @@ export class ResponseCache {
     if (op.invalidates.length > 0) {
       const templates = op.invalidates.map(tagTemplate)
       return async (ctx, next) => {
-        let result: unknown
+        let changed = true
         try {
-          result = await next(ctx)
+          return await next(ctx)
         } catch (err) {
-          // The Kernel may have made the change: it answered 2xx and the answer was refused after
-          // (empty, or breaking the output schema: a 502), or it did not answer in time. Before,
-          // no tag was dropped, and every instance served the old entry as a hit for its ttl.
-          if (ctx.answered || (err instanceof MantleError && err.code === 'KERNEL_TIMEOUT')) {
-            await this.invalidate(ctx.tenant, templates.map(t => t(ctx.input)), 'mutation')
-          }
+          // The Kernel may have made the change though the call failed: it answered 2xx and the
+          // answer was refused after (empty, or breaking the output schema: a 502), or it did not
+          // answer in time. Before, no tag was dropped then, and every instance served the old
+          // entry as a hit for its ttl.
+          changed = ctx.answered || (err instanceof MantleError && err.code === 'KERNEL_TIMEOUT')
           throw err
+        } finally {
+          if (changed) await this.invalidate(ctx.tenant, templates.map(t => t(ctx.input)), 'mutation')
         }
-        await this.invalidate(ctx.tenant, templates.map(t => t(ctx.input)), 'mutation')
-        return result
       }
     }
     return null

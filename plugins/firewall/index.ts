@@ -77,12 +77,13 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
         const hash = createHash('sha256').update(op.name.length + ':' + op.name)
         for (const field of fields) {
           const value = input[field]
-          if (typeof value !== 'string') hash.update(field.length + ':' + field + 'x')
-          else if (wellFormed(value)) hash.update(field.length + ':' + field + 's' + value.length + ':' + value)
+          const name = field.length + ':' + field
+          if (typeof value !== 'string') hash.update(name + 'x')
+          else if (wellFormed(value)) hash.update(name + 's' + value.length + ':' + value)
           else {
             // UTF-8 writes a lone surrogate as U+FFFD's bytes: such a text is hashed as its UTF-16
             // code units, under another tag. Two texts differing only there shared a verdict.
-            hash.update(field.length + ':' + field + 'u' + value.length + ':')
+            hash.update(name + 'u' + value.length + ':')
             hash.update(value, 'utf16le')
           }
         }
