@@ -59,6 +59,29 @@ export class MantleError extends Error {
   }
 }
 
+/**
+ * The headers of a response that carries several refusals (a tRPC batch, a GraphQL document),
+ * each with its own headers or none: all of them, and on top those of the refusal that asks the
+ * longest wait (its Retry-After and RateLimit-*), since a client that waits less is refused
+ * again. Null when none has headers.
+ */
+export function refusalHeaders (list: Iterable<Record<string, string> | null>): Record<string, string> | null {
+  const all: Array<Record<string, string>> = []
+  let longest: Record<string, string> | null = null
+  for (const h of list) {
+    if (h === null) continue
+    all.push(h)
+    if (longest === null || waitOf(h) > waitOf(longest)) longest = h
+  }
+  return all.length < 2 ? longest : Object.assign({}, ...all, longest)
+}
+
+/** The seconds a problem's Retry-After asks for (0 without one). */
+function waitOf (headers: Record<string, string>): number {
+  const seconds = Number(headers['retry-after'])
+  return Number.isFinite(seconds) ? seconds : 0
+}
+
 export function problemType (code: ErrorCode): string {
   return 'urn:mantle:problem:' + code.toLowerCase().replace(/_/g, '-')
 }

@@ -53,43 +53,52 @@ t.test('the dev token is printed only when the gateway takes HS256 tokens', asyn
 
 // While the gateway drains (close waits for a call in flight), a request arriving on a connection
 // still open got Fastify's own 503 (return503OnClosing): plain JSON, no x-request-id, no
-// security headers.
-t.test('a request refused while draining is a problem+json with a request id', async t => {
-  const kernel = await startTestKernel(t, {
-    'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) },
-    'GET /v1/fast': (_req, res) => json(res, 200, { ok: true })
+// security headers. Each face answers in its own envelope, with the refusal's Retry-After
+// (GraphQL's, from mercurius' error handler, had dropped it).
+const DRAIN_REFUSALS: Array<[string, string, RegExp, RegExp]> = [
+  ['REST', 'GET /api/v1/fast HTTP/1.1\r\n', /\r\ncontent-type: application\/problem\+json/i, /"code":"OVERLOADED".*shutting down/],
+  ['tRPC', 'GET /trpc/fast HTTP/1.1\r\n', /\r\ncontent-type: application\/json/i, /shutting down.*"code":"OVERLOADED"/],
+  ['GraphQL', 'POST /graphql HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 18\r\n', /\r\ncontent-type: application\/json/i, /"code":"OVERLOADED"/]
+]
+for (const [face, request, type, code] of DRAIN_REFUSALS) {
+  t.test(`a request refused while draining is a problem+json with a request id (${face})`, async t => {
+    const kernel = await startTestKernel(t, {
+      'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) },
+      'GET /v1/fast': (_req, res) => json(res, 200, { ok: true })
+    })
+    const manifest = testManifest({
+      slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } },
+      fast: { type: 'query', rest: 'GET /fast', kernel: 'GET /v1/fast', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
+    })
+    const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false }, { manifest, kernelUrl: kernel.url })
+    await app.listen({ port: 0, host: '127.0.0.1' })
+    const { port } = app.server.address() as { port: number }
+    const auth = bearer().authorization
+    const socket = connect(port, '127.0.0.1')
+    let data = ''
+    socket.on('data', (c: Buffer) => { data += c.toString() })
+    const ended = new Promise<void>(resolve => { socket.on('close', () => resolve()) })
+    // The slow call holds the close; the second call is pipelined behind it and parsed later.
+    socket.write(`GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: ${auth}\r\n\r\n`)
+    await until(() => kernel.requests.some(r => r.url === '/v1/slow'), 'the slow call to reach the Kernel')
+    const closing = app.close()
+    await until(() => !app.server.listening, 'the server to stop listening')
+    socket.write(`${request}Host: x\r\nAuthorization: ${auth}\r\n\r\n${face === 'GraphQL' ? '{"query":"{fast}"}' : ''}`)
+    await Promise.race([ended, new Promise(resolve => setTimeout(resolve, 3000))])
+    socket.destroy()
+    await closing
+    const answers = data.split(/(?=HTTP\/1\.1 )/)
+    t.comment(JSON.stringify(answers.map(a => a.slice(0, 600))))
+    t.match(answers[0], /^HTTP\/1\.1 200/, 'the call in flight finishes')
+    const refused = answers.find(a => a.startsWith('HTTP/1.1 503'))
+    t.ok(refused !== undefined, 'the call that came while closing is refused')
+    const head = (refused ?? '').slice(0, (refused ?? '').indexOf('\r\n\r\n'))
+    t.match(head, type, 'the face\'s envelope')
+    t.match(head, /\r\nx-request-id: /i, 'x-request-id')
+    t.match(head, /\r\nx-content-type-options: nosniff/i, 'security headers')
+    t.match(head, /\r\nconnection: close/i)
+    t.match(head, /\r\nretry-after: 1\r\n/i)
+    t.match(refused, code)
+    t.equal(kernel.requests.filter(r => r.url === '/v1/fast').length, 0, 'it ran nothing')
   })
-  const manifest = testManifest({
-    slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } },
-    fast: { type: 'query', rest: 'GET /fast', kernel: 'GET /v1/fast', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
-  })
-  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false }, { manifest, kernelUrl: kernel.url })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as { port: number }
-  const auth = bearer().authorization
-  const socket = connect(port, '127.0.0.1')
-  let data = ''
-  socket.on('data', (c: Buffer) => { data += c.toString() })
-  const ended = new Promise<void>(resolve => { socket.on('close', () => resolve()) })
-  // The slow call holds the close; the second call is pipelined behind it and parsed later.
-  socket.write(`GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: ${auth}\r\n\r\n`)
-  await until(() => kernel.requests.some(r => r.url === '/v1/slow'), 'the slow call to reach the Kernel')
-  const closing = app.close()
-  await until(() => !app.server.listening, 'the server to stop listening')
-  socket.write(`GET /api/v1/fast HTTP/1.1\r\nHost: x\r\nAuthorization: ${auth}\r\n\r\n`)
-  await Promise.race([ended, new Promise(resolve => setTimeout(resolve, 3000))])
-  socket.destroy()
-  await closing
-  const answers = data.split(/(?=HTTP\/1\.1 )/)
-  t.comment(JSON.stringify(answers.map(a => a.slice(0, 600))))
-  t.match(answers[0], /^HTTP\/1\.1 200/, 'the call in flight finishes')
-  const refused = answers.find(a => a.startsWith('HTTP/1.1 503'))
-  t.ok(refused !== undefined, 'the call that came while closing is refused')
-  const head = (refused ?? '').slice(0, (refused ?? '').indexOf('\r\n\r\n'))
-  t.match(head, /\r\ncontent-type: application\/problem\+json/i, 'problem+json')
-  t.match(head, /\r\nx-request-id: /i, 'x-request-id')
-  t.match(head, /\r\nx-content-type-options: nosniff/i, 'security headers')
-  t.match(head, /\r\nconnection: close/i)
-  t.match(refused, /"code":"OVERLOADED".*shutting down/)
-  t.equal(kernel.requests.filter(r => r.url === '/v1/fast').length, 0, 'it ran nothing')
-})
+}

@@ -1,15 +1,30 @@
 import { GraphQLError, type ExecutionResult, type GraphQLFormattedError } from 'graphql'
 import mercurius from 'mercurius'
-import { ErrorCodes, toProblem, type ErrorCode, type Problem } from '../../errors.js'
+import { ErrorCodes, MantleError, refusalHeaders, toProblem, type ErrorCode, type Problem } from '../../errors.js'
 
 // Every GraphQL error carries the contract's code, the REST status of the same failure and the
 // request id in `extensions`, so a client handles GraphQL errors as it handles REST problems.
 
 export interface ErrorExtensions { code: ErrorCode, status: number, requestId: string }
 
-/** A failed call as the error of its field: the problem's detail, code, status and request id. */
-export function fieldError (problem: Problem): Error {
-  return new mercurius.ErrorWithProps(problem.detail ?? problem.title, { code: problem.code, status: problem.status, requestId: problem.requestId })
+/**
+ * A failed call as the error of its field: the problem's detail, code, status and request id,
+ * and its headers (Retry-After, RateLimit-*), which go on the HTTP response (errorFormatter).
+ */
+class FieldError extends mercurius.ErrorWithProps {
+  constructor (problem: Problem, readonly headers: Record<string, string> | null) {
+    super(problem.detail ?? problem.title, { code: problem.code, status: problem.status, requestId: problem.requestId })
+  }
+}
+
+export function fieldError (problem: Problem, headers: Record<string, string> | null = null): Error {
+  return new FieldError(problem, headers)
+}
+
+/** The headers a refusal asks for on the response: a field's, or a hook's (a limit, shutdown). */
+function headersOf (error: GraphQLError): Record<string, string> | null {
+  const original = error.originalError
+  return original instanceof FieldError || original instanceof MantleError ? original.headers : null
 }
 
 const isContractCode = (code: unknown): code is ErrorCode => typeof code === 'string' && Object.hasOwn(ErrorCodes, code)
@@ -59,7 +74,7 @@ function flatten (errors: readonly GraphQLError[], requestId: string): GraphQLEr
   return out
 }
 
-interface FormatterContext { reply?: { request: { id: string } }, request?: { id: string }, app: { log: { error: (obj: unknown, msg: string) => void } } }
+interface FormatterContext { reply?: { request: { id: string }, sent: boolean, headers: (h: Record<string, string>) => unknown }, request?: { id: string }, app: { log: { error: (obj: unknown, msg: string) => void } } }
 
 /**
  * mercurius' errorFormatter. An answer with data (calls ran; some fields failed) is a 200, as
@@ -72,6 +87,10 @@ export function errorFormatter (execution: ExecutionResult & { errors: readonly 
   const requestId = ctx.reply?.request.id ?? ctx.request?.id ?? ''
   const log = (err: unknown): void => ctx.app.log.error({ err, requestId }, 'unexpected GraphQL error')
   const errors = flatten(execution.errors, requestId)
+  // Over HTTP, the refusals' Retry-After and RateLimit-* go on the response, as on tRPC: of
+  // several, the longest wait's. A subscription's errors (over WebSocket) have no reply.
+  const headers = refusalHeaders(errors.map(headersOf))
+  if (headers !== null && ctx.reply !== undefined && !ctx.reply.sent) ctx.reply.headers(headers)
   const refused = execution.data === undefined || execution.data === null
   const formatted = errors.map(e => formatOne(e, refused, requestId, log))
   if (!refused) return { statusCode: 200, response: { data: execution.data, errors: formatted as unknown as GraphQLError[] } }

@@ -116,7 +116,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         if (result.cache !== null && ctx.reply !== undefined) (ctx.cache ??= {})[String(info.path.key)] = result.cache
         return result.value
       }
-      throw fieldError(result.problem)
+      throw fieldError(result.problem, result.headers)
     },
     subscribe: subscriptions.subscribe
   })

@@ -6,7 +6,7 @@ import { getWSConnectionHandler } from '@trpc/server/adapters/ws'
 import type { TRPCRequestInfo } from '@trpc/server/http'
 import type { WebSocket } from 'ws'
 import type { FaceOptions } from '../face.js'
-import { MantleError } from '../../errors.js'
+import { MantleError, refusalHeaders } from '../../errors.js'
 import { ConnectionSlots } from '../connection-slots.js'
 import { httpContext, socketContext, type TrpcContext } from './context.js'
 import { runCall } from '../face.js'
@@ -62,14 +62,8 @@ const HOST = /^[A-Za-z0-9.:[\]-]+$/
  * it is JSON like every other.
  */
 function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TRPCError[], ctx: TrpcContext | undefined, eager: boolean): { headers?: Record<string, string> } {
-  let headers: Record<string, string> | undefined = info === undefined ? JSON_TYPE : undefined
-  let longest: Record<string, string> | null = null
-  for (const error of errors) {
-    if (!(error instanceof ProblemError) || error.headers === null) continue
-    headers = { ...headers, ...error.headers }
-    if (longest === null || waitOf(error.headers) > waitOf(longest)) longest = error.headers
-  }
-  if (longest !== null && errors.length > 1) headers = { ...headers, ...longest }
+  const refused = refusalHeaders(errors.map(error => error instanceof ProblemError ? error.headers : null))
+  let headers: Record<string, string> | undefined = info === undefined ? { ...JSON_TYPE, ...refused } : refused ?? undefined
   // The cache's outcome of each call, in the calls' order, `-` for a call without one. Not on a
   // streamed answer, whose headers leave before its results are known.
   const cache = ctx?.cache
@@ -77,12 +71,6 @@ function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TR
     headers = { ...headers, 'x-cache': info.calls.map((_, i) => cache[i] ?? '-').join(', ') }
   }
   return headers === undefined ? {} : { headers }
-}
-
-/** The seconds a problem's Retry-After asks for (0 without one). */
-function waitOf (headers: Record<string, string>): number {
-  const seconds = Number(headers['retry-after'])
-  return Number.isFinite(seconds) ? seconds : 0
 }
 
 /**

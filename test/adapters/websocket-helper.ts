@@ -155,6 +155,8 @@ export interface Upgrade {
   /** The refusal's content type and JSON body. */
   type: string | null
   body: Frame | null
+  /** The refusal's Retry-After. */
+  retryAfter?: string
 }
 
 /** An upgrade that may go through or be refused (refusedUpgrade insists on a refusal); `t` closes an open one. */
@@ -170,7 +172,7 @@ export async function upgrade (t: Teardown | null, url: string, headers: Record<
       res.on('data', (c: Buffer) => chunks.push(c))
       res.on('end', () => {
         req.destroy()
-        resolve({ status: res.statusCode ?? 0, ws: null, type: String(res.headers['content-type']), body: JSON.parse(Buffer.concat(chunks).toString()) as Frame })
+        resolve({ status: res.statusCode ?? 0, ws: null, type: String(res.headers['content-type']), body: JSON.parse(Buffer.concat(chunks).toString()) as Frame, retryAfter: res.headers['retry-after'] })
       })
     })
   })

@@ -48,6 +48,7 @@ for (const face of faces) {
     for (const r of refused) {
       t.equal(r.status, 503)
       t.equal(face.code(r.body!), 'OVERLOADED')
+      t.equal(r.retryAfter, '5', 'with Retry-After (GraphQL\'s error handler, mercurius\', had dropped it)')
     }
     if (face.name === '/ws') {
       t.match(refused[0].type, /^application\/problem\+json/)

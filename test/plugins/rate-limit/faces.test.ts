@@ -130,6 +130,15 @@ t.test('GraphQL: each field is a call (identical ones too, which share one Kerne
   t.same(body.data.b, { ok: true })
   t.equal(body.data.c, null)
   t.match(body.errors, [{ path: ['c'], extensions: { code: 'RATE_LIMITED', status: 429 } }])
+  t.ok(Number(res.headers['retry-after']) >= 1, `the refusal's Retry-After on the response, as on tRPC (${String(res.headers['retry-after'])})`)
+  t.equal(res.headers['ratelimit-limit'], '2', 'and its RateLimit-*')
+  t.equal(res.headers['ratelimit-remaining'], '0')
+  // Once mercurius runs the document JIT-compiled (after its first run), the same.
+  const again = await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ a: limited { ok } b: limited { ok } c: limited { ok } }' } })
+  t.match(again.json().errors, [{ extensions: { code: 'RATE_LIMITED' } }, { extensions: { code: 'RATE_LIMITED' } }, { extensions: { code: 'RATE_LIMITED' } }])
+  t.ok(Number(again.headers['retry-after']) >= 1, 'JIT-compiled: Retry-After')
+  const free = await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ free { ok } }' } })
+  t.notOk(free.headers['retry-after'], 'none on an answer without a refusal')
 })
 
 t.test('WebSocket: every frame is counted; the error frame carries RATE_LIMITED', async t => {
