@@ -96,14 +96,33 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     if (!degraded) app.log.warn({ err: (err as Error | null)?.message }, 'idempotency: Redis is unavailable, keys are held in memory until it is back')
     degraded = true
   }
-  // A store write that fails leaves a running claim to lapse with its lease: never the call's error
-  // (nor a replay's, when an outcome held in memory is copied to Redis).
+  // Copying an outcome held in memory to Redis may fail: never a replay's error.
   const settle = async (write: Promise<void>): Promise<void> => {
     try {
       await write
     } catch (err) {
-      app.log.warn({ err: (err as Error).message }, 'idempotency: could not store the outcome of a call')
+      app.log.warn({ err: (err as Error).message }, 'idempotency: could not copy an outcome to Redis')
     }
+  }
+  /**
+   * Stores a call's outcome where it claimed its key (null frees the key), and ends its hold in
+   * memory. A store that fails never fails the call. When Redis does not take an outcome, this
+   * instance keeps it, with the claim it answers: replayed here, and copied to Redis over that
+   * claim once Redis answers again. Lost, a repeat here ran a second Kernel call during the
+   * outage, and every instance's repeat waited for the stale claim's lease afterwards.
+   */
+  const finish = async (store: IdempotencyStore, key: string, token: string, outcome: DoneRecord | null): Promise<void> => {
+    try {
+      if (outcome === null) await store.release(key, token)
+      else await store.complete(key, token, outcome, ttlMs)
+    } catch (err) {
+      app.log.warn({ err: (err as Error).message }, 'idempotency: could not store the outcome of a call')
+      if (outcome !== null) {
+        await memory.complete(key, token, { ...outcome, heldAs: token }, ttlMs)
+        return
+      }
+    }
+    if (store !== memory) await memory.release(key, token)
   }
   // `count`: the call's first claim (a repeat waiting for the first call claims again each poll).
   const claimIn = async (key: string, hash: string, leaseMs: number, count: boolean): Promise<[IdempotencyStore, Claim]> => {
@@ -152,22 +171,21 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       const waitMs = opts.waitMs ?? op.timeoutMs
 
       const run = async (ctx: CallContext, next: Next, store: IdempotencyStore, key: string, token: string, hash: string): Promise<unknown> => {
+        // A call claimed in Redis is held here too: a repeat on this instance waits for it even
+        // if Redis goes away meanwhile (it claimed the key in memory and ran a second call).
+        if (store !== memory) memory.hold(key, hash, token, leaseMs)
         let result: unknown
         try {
           result = await next(ctx)
         } catch (err) {
-          if (err instanceof MantleError && (err.code === 'KERNEL_REJECTED' || err.code === 'NOT_FOUND') && !TRANSIENT_STATUS.has(err.statusCode)) {
-            const error = { code: err.code, status: err.statusCode, detail: err.message }
-            await settle(store.complete(key, token, { state: 'done', hash, status: err.statusCode, body: null, error }, ttlMs))
-          } else {
-            await settle(store.release(key, token))
-          }
+          const definitive = err instanceof MantleError && (err.code === 'KERNEL_REJECTED' || err.code === 'NOT_FOUND') && !TRANSIENT_STATUS.has(err.statusCode)
+          await finish(store, key, token, definitive ? { state: 'done', hash, status: err.statusCode, body: null, error: { code: err.code as 'KERNEL_REJECTED' | 'NOT_FOUND', status: err.statusCode, detail: err.message } } : null)
           throw err
         }
         // The chain's innermost step serialized the answer (ctx.json; an answer that breaks the
         // output schema threw there, and released the key above): stored as the client gets it.
         const body = ctx.json ?? entry.serialize(result)
-        await settle(store.complete(key, token, { state: 'done', hash, status: ctx.status, body, error: null }, ttlMs))
+        await finish(store, key, token, { state: 'done', hash, status: ctx.status, body, error: null })
         return result
       }
 

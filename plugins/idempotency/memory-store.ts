@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto'
 import { LRUCache } from 'lru-cache'
-import type { Claim, DoneRecord, IdempotencyRecord, IdempotencyStore } from './store.js'
+import type { Claim, DoneRecord, IdempotencyRecord, IdempotencyStore, RunningRecord } from './store.js'
 
 export interface MemoryStoreOptions {
   /** Most keys held; the least recently used goes first beyond it. */
@@ -10,27 +10,32 @@ export interface MemoryStoreOptions {
 }
 
 /**
- * Idempotency records of this instance, in a bounded LRU whose entries expire: a running claim
- * after its lease, a result after the TTL. Guarantees the Redis store's semantics within one
- * process (claims are synchronous, hence atomic). Never grows past `maxKeys` or `maxBytes`: an
- * evicted key is forgotten, and a repeat then runs again, so size the bound above the keys a
- * TTL's worth of traffic carries. An answer larger than `maxBytes` is not kept at all.
+ * Idempotency records of this instance: finished outcomes in a bounded LRU whose entries expire
+ * after the TTL, running claims apart until their lease ends. Guarantees the Redis store's
+ * semantics within one process (claims are synchronous, hence atomic). Outcomes never grow past
+ * `maxKeys` or `maxBytes`: an evicted one is forgotten, and a repeat then runs again, so size
+ * the bound above the keys a TTL's worth of traffic carries. An answer larger than `maxBytes` is
+ * not kept at all. Running claims are never evicted: in the LRU, other keys' answers pushed a
+ * claim out while its call ran, and a repeat then made a second Kernel call. They are as many as
+ * the keyed calls running at once, each dropped when its call ends or its lease lapses.
  */
 export class MemoryIdempotencyStore implements IdempotencyStore {
   readonly kind = 'memory'
-  private readonly cache: LRUCache<string, IdempotencyRecord>
+  private readonly cache: LRUCache<string, DoneRecord>
+  /** Claims of calls running now, with the end of their lease (performance.now()). */
+  private readonly running = new Map<string, { record: RunningRecord, until: number }>()
 
   constructor (opts: MemoryStoreOptions) {
-    this.cache = new LRUCache<string, IdempotencyRecord>({
+    this.cache = new LRUCache<string, DoneRecord>({
       max: opts.maxKeys,
       maxSize: opts.maxBytes,
-      sizeCalculation: (record, key) => key.length + 64 + (record.state === 'done' ? (record.body?.length ?? 0) + (record.error?.detail.length ?? 0) : 0)
+      sizeCalculation: (record, key) => key.length + 64 + (record.body?.length ?? 0) + (record.error?.detail.length ?? 0)
     })
   }
 
   /** Keys held now (expired ones until they are next touched or purged). */
   get size (): number {
-    return this.cache.size
+    return this.cache.size + this.running.size
   }
 
   /**
@@ -38,31 +43,52 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
    * this first once Redis is back, so that a key claimed here during an outage stays answered here.
    */
   peek (key: string): { record: IdempotencyRecord, ttlMs: number } | undefined {
+    const claim = this.claimOf(key)
+    if (claim !== undefined) return { record: claim.record, ttlMs: claim.until - performance.now() }
     const record = this.cache.get(key)
     if (record === undefined) return undefined
     return { record, ttlMs: this.cache.getRemainingTTL(key) }
   }
 
   async claim (key: string, hash: string, leaseMs: number): Promise<Claim> {
-    const record = this.cache.get(key)
+    const record = this.claimOf(key)?.record ?? this.cache.get(key)
     if (record !== undefined) return { won: false, record }
     const token = randomUUID()
-    this.cache.set(key, { state: 'running', hash, token }, { ttl: leaseMs })
+    this.hold(key, hash, token, leaseMs)
     return { won: true, token }
   }
 
+  /**
+   * Holds `key` for a call of this process that claimed it elsewhere (in Redis, under `token`):
+   * a repeat here waits for it even if Redis goes away meanwhile.
+   */
+  hold (key: string, hash: string, token: string, leaseMs: number): void {
+    this.running.set(key, { record: { state: 'running', hash, token }, until: performance.now() + leaseMs })
+  }
+
   async complete (key: string, token: string, record: DoneRecord, ttlMs: number): Promise<void> {
-    const current = this.cache.get(key)
-    if (current === undefined || (current.state === 'running' && current.token === token)) this.cache.set(key, record, { ttl: ttlMs })
+    const claim = this.claimOf(key)
+    if (claim === undefined ? this.cache.has(key) : claim.record.token !== token) return
+    this.running.delete(key)
+    this.cache.set(key, record, { ttl: ttlMs })
   }
 
   async release (key: string, token: string): Promise<void> {
-    const current = this.cache.get(key)
-    if (current !== undefined && current.state === 'running' && current.token === token) this.cache.delete(key)
+    if (this.claimOf(key)?.record.token === token) this.running.delete(key)
   }
 
   /** Drops expired entries (the plugin calls it before reporting the size). */
   purge (): void {
     this.cache.purgeStale()
+    const now = performance.now()
+    for (const [key, claim] of this.running) if (claim.until <= now) this.running.delete(key)
+  }
+
+  /** The running claim on `key`, unless its lease has lapsed. */
+  private claimOf (key: string): { record: RunningRecord, until: number } | undefined {
+    const claim = this.running.get(key)
+    if (claim === undefined || claim.until > performance.now()) return claim
+    this.running.delete(key)
+    return undefined
   }
 }

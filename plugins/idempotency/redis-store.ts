@@ -63,10 +63,12 @@ export class RedisIdempotencyStore implements IdempotencyStore {
 
   /**
    * Writes a final outcome stored elsewhere (the memory store, during an outage) for the `ttlMs`
-   * it has left, unless the key holds a record already (which is then left as it is).
+   * it has left, unless the key holds another record: one is left as it is, except the Redis
+   * claim the outcome answers (`heldAs`), which it replaces.
    */
   async seed (key: string, record: DoneRecord, ttlMs: number): Promise<void> {
-    await this.client.set(key, JSON.stringify(record), 'PX', ttlMs, 'NX')
+    const { heldAs, ...outcome } = record
+    await this.scripts.mantleIdemComplete(key, heldAs ?? '', JSON.stringify(outcome), ttlMs)
   }
 }
 

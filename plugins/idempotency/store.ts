@@ -15,6 +15,11 @@ export interface DoneRecord {
   readonly body: string | null
   /** A definitive Kernel refusal (KERNEL_REJECTED, NOT_FOUND): code, status and detail. */
   readonly error: { code: 'KERNEL_REJECTED' | 'NOT_FOUND', status: number, detail: string } | null
+  /**
+   * In the memory store only: the Redis claim (its token) of a call whose outcome Redis did not
+   * take. The outcome is copied to Redis over that claim once Redis answers (see `seed`).
+   */
+  readonly heldAs?: string
 }
 
 export type IdempotencyRecord = RunningRecord | DoneRecord

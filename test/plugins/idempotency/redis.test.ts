@@ -111,24 +111,43 @@ t.test('Redis cut through a proxy: no 5xx, keys held in memory, back to Redis af
   t.equal((await s.create({ name: 'before' }, before)).headers['idempotent-replayed'], 'true', 'keys from before the cut still replay')
 })
 
-t.test('Redis cut while the first call runs: the call still answers, its claim lapses with the lease', async t => {
+t.test('Redis cut while the first call runs: one Kernel call for every repeat, on this instance during the cut and on every instance after it', async t => {
   const proxy = await startTcpProxy(t, 6379)
   const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const other = await idemSetup(t, 'redis', {}, {}, s.kernel)
+  const redis = await redisClient(t)
   const key = randomUUID()
+  const stored = storeKey(s.tenant, 'createItem', key)
   const gate = s.hold()
   const pending = s.create({ name: 'mid' }, key)
   await until(() => s.calls() === 1, 'the call to reach the Kernel')
   proxy.cut('reset')
   await until(() => !s.app.redis.up(), 'the shared connection to notice the cut')
+  // A repeat while the first runs waits for it: the instance knows its own call, Redis or not
+  // (it claimed the key in memory and ran a second call).
+  const repeat = s.create({ name: 'mid' }, key)
+  await new Promise(resolve => setTimeout(resolve, 200))
+  t.equal(s.calls(), 1, 'the repeat waits')
   gate.open()
-  const answer = await pending
-  t.equal(answer.statusCode, 201, 'the outcome could not be stored, and the client still gets it')
-  const redis = await redisClient(t)
-  const left = JSON.parse((await redis.get(storeKey(s.tenant, 'createItem', key)))!)
-  t.equal(left.state, 'running', 'the claim stays until its lease lapses')
-  const lease = await redis.pttl(storeKey(s.tenant, 'createItem', key))
-  t.ok(lease > 0 && lease <= 15_000, 'the lease is the op timeout plus 5 s')
-  await redis.del(storeKey(s.tenant, 'createItem', key))
+  const [answer, again] = await Promise.all([pending, repeat])
+  t.equal(answer.statusCode, 201, 'the outcome could not be stored in Redis, and the client still gets it')
+  t.same([again.statusCode, again.headers['idempotent-replayed'], again.json()], [201, 'true', answer.json()], 'the repeat replays it')
+  // Redis did not take the outcome: this instance keeps it (before, a repeat here ran again).
+  const later = await s.create({ name: 'mid' }, key)
+  t.same([later.statusCode, later.headers['idempotent-replayed'], s.calls()], [201, 'true', 1], 'a repeat during the cut replays')
+  t.equal(JSON.parse((await redis.get(stored))!).state, 'running', 'Redis still holds the claim of the call')
+  t.ok(await redis.pttl(stored) <= 15_000, 'leased for the op timeout plus 5 s')
+
+  proxy.restore()
+  await until(() => s.app.redis.up(), 'Redis to be back', 10_000)
+  t.equal((await s.create({ name: 'mid' }, key)).headers['idempotent-replayed'], 'true', 'back: this instance replays')
+  const copied = JSON.parse((await redis.get(stored))!)
+  t.match(copied, { state: 'done', status: 201, body: answer.body }, 'and copies the outcome over its claim in Redis')
+  t.notOk('heldAs' in copied, 'without the claim it answers')
+  t.ok(await redis.pttl(stored) > 60_000, 'for the TTL it has left, not the lease')
+  const elsewhere = await other.create({ name: 'mid' }, key, s.tenant)
+  t.same([elsewhere.statusCode, elsewhere.headers['idempotent-replayed'], s.calls()], [201, 'true', 1], 'another instance replays it at once, not after the lease')
+  await redis.del(stored)
 })
 
 t.test('a Redis unreachable at start-up: the gateway starts and keys are held in memory', async t => {

@@ -65,11 +65,25 @@ for (const kind of STORES) {
   })
 }
 
-t.test('the memory store is bounded by keys and bytes', async t => {
+t.test('the memory store is bounded by keys and bytes of outcomes, and never evicts a running claim', async t => {
   const store = new MemoryIdempotencyStore({ maxKeys: 2, maxBytes: 4096 })
-  for (const k of ['a', 'b', 'c']) t.ok((await store.claim(k, 'h', 60_000)).won)
-  t.equal(store.size, 2, 'the least recently used key went')
+  for (const k of ['a', 'b', 'c']) {
+    const claim = await store.claim(k, 'h', 60_000)
+    if (!claim.won) throw new Error('unreachable')
+    await store.complete(k, claim.token, done('h'), 60_000)
+  }
+  t.equal(store.size, 2, 'the least recently used outcome went')
   t.ok((await store.claim('a', 'h', 60_000)).won, 'the evicted key is claimed again')
+  // Other keys' outcomes, beyond both bounds, while a call runs: its claim stays.
+  const held = await store.claim('held', 'h', 60_000)
+  for (let i = 0; i < 5; i++) {
+    const claim = await store.claim('k' + i, 'h', 60_000)
+    if (claim.won) await store.complete('k' + i, claim.token, done('h', 'x'.repeat(1500)), 60_000)
+  }
+  t.match(await store.claim('held', 'h', 60_000), { won: false, record: { state: 'running' } }, 'the running call is still known (a repeat waits for it)')
+  if (!held.won) throw new Error('unreachable')
+  await store.complete('held', held.token, done('h'), 60_000)
+  t.match(await store.claim('held', 'h', 60_000), { won: false, record: { state: 'done' } }, 'its outcome is stored')
   const big = await store.claim('big', 'h', 60_000)
   if (!big.won) throw new Error('unreachable')
   await store.complete('big', big.token, done('h', 'x'.repeat(10_000)), 60_000)
