@@ -60,12 +60,13 @@ export class MantleError extends Error {
 }
 
 /**
- * The headers of a response that carries several refusals (a tRPC batch, a GraphQL document),
+ * The headers of a response that carries refusals (a tRPC call or batch, a GraphQL document),
  * each with its own headers or none: all of them, and on top those of the refusal that asks the
  * longest wait (its Retry-After and RateLimit-*), since a client that waits less is refused
- * again. Null when none has headers.
+ * again. `perCall` false: the response carries several calls, and a header that speaks for one
+ * call only (Idempotent-Replayed) is left out, lest it mark calls that ran. Null for none.
  */
-export function refusalHeaders (list: Iterable<Record<string, string> | null>): Record<string, string> | null {
+export function refusalHeaders (list: Iterable<Record<string, string> | null>, perCall: boolean): Record<string, string> | null {
   const all: Array<Record<string, string>> = []
   let longest: Record<string, string> | null = null
   for (const h of list) {
@@ -73,7 +74,10 @@ export function refusalHeaders (list: Iterable<Record<string, string> | null>): 
     all.push(h)
     if (longest === null || waitOf(h) > waitOf(longest)) longest = h
   }
-  return all.length < 2 ? longest : Object.assign({}, ...all, longest)
+  if (longest === null) return null
+  const headers: Record<string, string> = all.length < 2 ? { ...longest } : Object.assign({}, ...all, longest)
+  if (!perCall) delete headers['idempotent-replayed']
+  return headers
 }
 
 /** The seconds a problem's Retry-After asks for (0 without one). */

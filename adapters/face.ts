@@ -52,12 +52,18 @@ export class FaceValue {
 
 /**
  * What the stages decided about a call, as the members a JSON envelope carries after its
- * result (`,"replayed":true` for a stored idempotent answer, `,"cache":"hit|miss|stale"`), as
- * REST's headers say it. For the faces that answer several calls in one message: the REST batch
- * and WebSocket frames.
+ * result or error (`,"replayed":true` for a stored idempotent outcome, a refusal's too;
+ * `,"cache":"hit|miss|stale"`), as REST's headers say it. For the faces that answer several
+ * calls in one message: the REST batch and WebSocket frames.
  */
-export function resultMarkers (value: FaceValue): string {
-  return (value.headers?.['idempotent-replayed'] === 'true' ? ',"replayed":true' : '') + (value.cache === null ? '' : ',"cache":"' + value.cache + '"')
+function resultMarkers (outcome: FaceResult): string {
+  const replayed = outcome.headers?.['idempotent-replayed'] === 'true' ? ',"replayed":true' : ''
+  return outcome.ok && outcome.cache !== null ? replayed + ',"cache":"' + outcome.cache + '"' : replayed
+}
+
+/** A call's answer in the envelope of a face that carries several calls: `{"id":…,"result"|"error":…}` and its markers. */
+export function callEnvelope (id: string, outcome: FaceResult): string {
+  return (outcome.ok ? '{"id":' + id + ',"result":' + outcome.json : '{"id":' + id + ',"error":' + JSON.stringify(outcome.problem)) + resultMarkers(outcome) + '}'
 }
 
 export interface FaceProblem { ok: false, problem: Problem, headers: Record<string, string> | null }

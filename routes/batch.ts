@@ -1,5 +1,5 @@
 import type { FastifyInstance } from 'fastify'
-import { runCall, resultMarkers } from '../adapters/face.js'
+import { runCall, callEnvelope } from '../adapters/face.js'
 import { MantleError } from '../errors.js'
 import { callKey, idempotencyKeyOf, single } from '../adapters/rest/index.js'
 
@@ -56,8 +56,7 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     const idempotencyKey = idempotencyKeyOf(request)
     const parts = await Promise.all(calls.map(async (call, n) => {
       const outcome = await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, idempotencyKey: callKey(idempotencyKey, call.id), memo })
-      const id = JSON.stringify(call.id)
-      return outcome.ok ? `{"id":${id},"result":${outcome.json}${resultMarkers(outcome)}}` : `{"id":${id},"error":${JSON.stringify(outcome.problem)}}`
+      return callEnvelope(JSON.stringify(call.id), outcome)
     }))
     reply.type('application/json; charset=utf-8')
     return `{"results":[${parts.join(',')}]}`

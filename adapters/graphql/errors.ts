@@ -88,8 +88,9 @@ export function errorFormatter (execution: ExecutionResult & { errors: readonly 
   const log = (err: unknown): void => ctx.app.log.error({ err, requestId }, 'unexpected GraphQL error')
   const errors = flatten(execution.errors, requestId)
   // Over HTTP, the refusals' Retry-After and RateLimit-* go on the response, as on tRPC: of
-  // several, the longest wait's. A subscription's errors (over WebSocket) have no reply.
-  const headers = refusalHeaders(errors.map(headersOf))
+  // several, the longest wait's. A subscription's errors (over WebSocket) have no reply. A
+  // document's replayed calls are not marked (README), its fields being several calls.
+  const headers = refusalHeaders(errors.map(headersOf), false)
   if (headers !== null && ctx.reply !== undefined && !ctx.reply.sent) ctx.reply.headers(headers)
   const refused = execution.data === undefined || execution.data === null
   const formatted = errors.map(e => formatOne(e, refused, requestId, log))

@@ -62,7 +62,7 @@ const HOST = /^[A-Za-z0-9.:[\]-]+$/
  * it is JSON like every other.
  */
 function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TRPCError[], ctx: TrpcContext | undefined, eager: boolean): { headers?: Record<string, string> } {
-  const refused = refusalHeaders(errors.map(error => error instanceof ProblemError ? error.headers : null))
+  const refused = refusalHeaders(errors.map(error => error instanceof ProblemError ? error.headers : null), info?.isBatchCall !== true)
   let headers: Record<string, string> | undefined = info === undefined ? { ...JSON_TYPE, ...refused } : refused ?? undefined
   // The cache's outcome of each call, in the calls' order, `-` for a call without one. Not on a
   // streamed answer, whose headers leave before its results are known.

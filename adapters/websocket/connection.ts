@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify'
 import { uuidv7 } from '../../ids.js'
 import { once } from 'node:events'
 import { WebSocket, type RawData } from 'ws'
-import { runCall, resultMarkers } from '../face.js'
+import { runCall, callEnvelope } from '../face.js'
 import { checkedIdempotencyKey } from '../rest/index.js'
 import { MantleError, toProblem, type Problem } from '../../errors.js'
 import type { Identity } from '../../plugins/auth/index.js'
@@ -179,8 +179,7 @@ export class Connection {
       if (refusal === undefined) this.inFlight--
       // The answer is already JSON shaped by the op's output schema: it is spliced in as is.
       // A replayed idempotent call and the cache's outcome say so, as REST's headers do.
-      if (outcome.ok) this.send('{"id":' + id + ',"result":' + outcome.json + resultMarkers(outcome) + '}')
-      else this.send('{"id":' + id + ',"error":' + JSON.stringify(outcome.problem) + '}')
+      this.send(callEnvelope(id, outcome))
     }).catch((err: unknown) => {
       // runCall never throws; a failure here is a bug of this face, not of the client.
       this.face.app.log.error({ err }, 'websocket call failed')

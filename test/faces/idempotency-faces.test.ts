@@ -104,3 +104,39 @@ t.test('REST batch: a call id that cannot travel in a key is that call\'s refusa
   const plain = await s.app.inject({ method: 'POST', url: '/api/v1/batch', headers: s.headers(undefined), payload: { calls: ids.map(id => ({ id, op: 'createItem', input: { name: 'b' } })) } })
   t.same((plain.json().results as Array<{ error?: unknown }>).filter(r => r.error !== undefined), [])
 })
+
+t.test('a replayed refusal is marked as a replayed answer is, and never marks a response of several calls', async t => {
+  // renameItem of an id the Kernel does not know: 404, a definitive refusal, stored and replayed.
+  const s = await idemSetup(t, 'memory')
+  const nope = { id: 'nope', name: 'n' }
+  const key = randomUUID()
+  const batch = async () => await s.app.inject({ method: 'POST', url: '/api/v1/batch', headers: s.headers(key), payload: { calls: [{ id: 'r', op: 'renameItem', input: nope }] } })
+  t.match((await batch()).json().results, [{ id: 'r', error: { code: 'NOT_FOUND' } }])
+  t.notOk('replayed' in (await s.app.inject({ method: 'POST', url: '/api/v1/batch', headers: s.headers(randomUUID()), payload: { calls: [{ id: 'r', op: 'renameItem', input: nope }] } })).json().results[0], 'a first refusal is not a replay')
+  t.match((await batch()).json().results, [{ id: 'r', error: { code: 'NOT_FOUND' }, replayed: true }], 'REST batch: the replayed refusal says so')
+
+  await s.app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = s.app.server.address() as { port: number }
+  const client = await connect(t, `ws://127.0.0.1:${port}/ws`, { tenant: s.tenant })
+  const wsKey = randomUUID()
+  t.notOk('replayed' in await client.request({ id: '1', op: 'renameItem', input: nope, idempotencyKey: wsKey }))
+  t.match(await client.request({ id: '2', op: 'renameItem', input: nope, idempotencyKey: wsKey }), { id: '2', error: { code: 'NOT_FOUND' }, replayed: true }, 'WebSocket: the same')
+
+  const trpcKey = randomUUID()
+  const trpc = async (path: string, payload: unknown) => await s.app.inject({ method: 'POST', url: `/trpc/${path}`, headers: { ...s.headers(trpcKey), 'content-type': 'application/json' }, payload: payload as Record<string, unknown> })
+  await trpc('renameItem,createItem?batch=1', { 0: nope, 1: { name: 'first' } })
+  const before = s.calls()
+  // Call 0 replays its refusal, call 1 its answer; call 2 is new and runs.
+  const mixed = await trpc('renameItem,createItem,createItem?batch=1', { 0: nope, 1: { name: 'first' }, 2: { name: 'fresh' } })
+  t.equal(s.calls(), before + 1, 'the new call ran')
+  t.match(mixed.json(), [{ error: { data: { code: 'NOT_FOUND' } } }, { result: {} }, { result: { data: { name: 'fresh' } } }])
+  t.notOk(mixed.headers['idempotent-replayed'], 'tRPC batch: no Idempotent-Replayed for the whole response (before, a replayed refusal marked the call that ran)')
+  const single = async () => await s.app.inject({ method: 'POST', url: '/trpc/renameItem', headers: { ...s.headers(key + '.single'), 'content-type': 'application/json' }, payload: nope })
+  t.notOk((await single()).headers['idempotent-replayed'])
+  t.equal((await single()).headers['idempotent-replayed'], 'true', 'a single tRPC call\'s replayed refusal still says so')
+  const gql = async () => await s.app.inject({ method: 'POST', url: '/graphql', headers: s.headers(key + '.gql'), payload: { query: 'mutation { renameItem(id: "nope", name: "n") { id } }' } })
+  await gql()
+  const replayed = await gql()
+  t.match(replayed.json(), { errors: [{ extensions: { code: 'NOT_FOUND' } }] })
+  t.notOk(replayed.headers['idempotent-replayed'], 'GraphQL documents are not marked')
+})
