@@ -59,6 +59,26 @@ export const VERSION: string = ((): string => {
   return '0.0.0'
 })()
 
+/** How long a WebSocket client has to complete the close at shutdown before it is cut. */
+export const WEBSOCKET_CLOSE_GRACE_MS = 2000
+
+/**
+ * @fastify/websocket's preClose, for the one WebSocket server every face shares: each socket
+ * is closed with 1001 (going away, so clients reconnect elsewhere), and one whose client has not
+ * completed the close within WEBSOCKET_CLOSE_GRACE_MS is cut. The plugin's own closed without a
+ * code and waited for every client: one that never answered (a phone out of coverage, a NAT that
+ * dropped the flow) held the HTTP server's close for ws's 30 s, past the shutdown's grace, and
+ * the process was killed before its audit queue was flushed.
+ */
+export function closeWebSockets (this: FastifyInstance, done: () => void): void {
+  const server = this.websocketServer
+  for (const client of server.clients) client.close(1001, 'The gateway is shutting down')
+  const cut = setTimeout(() => { for (const client of server.clients) client.terminate() }, WEBSOCKET_CLOSE_GRACE_MS)
+  cut.unref()
+  server.close(() => { clearTimeout(cut) })
+  done()
+}
+
 export interface BuildOptions {
   /** A compiled manifest; by default the file named by BFF_MANIFEST is loaded. */
   manifest?: Manifest
@@ -395,6 +415,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   if (config.BFF_WEBSOCKET_ENABLED || config.BFF_GRAPHQL_ENABLED || config.BFF_TRPC_ENABLED) {
     await app.register(websocket, {
       options: { maxPayload: config.BFF_BODY_LIMIT },
+      preClose: closeWebSockets,
       // A frame ws refuses (too large, bad UTF-8) is the client's doing, and ws has already
       // closed with the right code: not a gateway error, or any client could fill the log.
       errorHandler: (err, socket, request) => {

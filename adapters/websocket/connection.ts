@@ -1,6 +1,5 @@
 import type { FastifyInstance } from 'fastify'
 import { uuidv7 } from '../../ids.js'
-import { once } from 'node:events'
 import { WebSocket, type RawData } from 'ws'
 import { runCall, callEnvelope } from '../face.js'
 import { checkedIdempotencyKey } from '../rest/index.js'
@@ -84,7 +83,10 @@ export class Connection {
   /** Closes with 1001 (going away) and resolves once the socket is closed. */
   async shutdown (): Promise<void> {
     if (this.socket.readyState === WebSocket.CLOSED) return
-    const closed = once(this.socket, 'close')
+    // Not events.once: it rejects on the socket's 'error', which ws emits when a client answers
+    // the close with an invalid frame; the shutdown then failed (exit 1) and skipped terminating
+    // the clients that had stopped reading, so the process was killed at its limit.
+    const closed = new Promise<void>(resolve => this.socket.once('close', () => { resolve() }))
     this.close(1001, 'shutdown', 'The gateway is shutting down')
     await closed
   }

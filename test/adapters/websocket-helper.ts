@@ -4,7 +4,7 @@ import { connect as connectTcp } from 'node:net'
 import { WebSocket, type ClientOptions } from 'ws'
 import type { FastifyInstance } from 'fastify'
 import websocket from '@fastify/websocket'
-import { buildApp, type BuildOptions } from '../../app.js'
+import { buildApp, closeWebSockets, type BuildOptions } from '../../app.js'
 import { startKernel, type KernelOptions } from '../../kernel/server.js'
 import { createWebSocketFace, type WebSocketFaceSettings } from '../../adapters/websocket/index.js'
 import type { FaceOptions } from '../../adapters/face.js'
@@ -54,7 +54,7 @@ export async function wsApp (t: Teardown, options: WsAppOptions = {}): Promise<W
   t.teardown(() => app.close())
   if (custom) {
     // What app.ts does, with the test's bounds.
-    await app.register(websocket, { options: { maxPayload: config.BFF_BODY_LIMIT } })
+    await app.register(websocket, { options: { maxPayload: config.BFF_BODY_LIMIT }, preClose: closeWebSockets })
     options.prepare?.(app)
     await app.register(options.face?.plugin ?? createWebSocketFace(options.settings), {
       bodyLimit: config.BFF_BODY_LIMIT,
