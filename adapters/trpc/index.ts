@@ -109,7 +109,10 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     // One tRPC call per procedure name in the path: a batch longer than BFF_BATCH_MAX_CALLS is
     // refused whole, before its body is read and before any call runs.
     const boundBatch = (request: FastifyRequest, _reply: FastifyReply, done: (err?: Error) => void): void => {
-      const path = (request.params as Wildcard)['*'] ?? ''
+      // Counted in the path as tRPC reads it: it decodes the path once more before splitting it
+      // at commas, so `%252C` (a comma to tRPC) had gone through uncounted.
+      let path = (request.params as Wildcard)['*'] ?? ''
+      try { path = decodeURIComponent(path) } catch {}
       let calls = 1
       for (let i = path.indexOf(','); i !== -1 && calls <= opts.maxCalls; i = path.indexOf(',', i + 1)) calls++
       if (calls > opts.maxCalls) done(new MantleError('PAYLOAD_TOO_LARGE', `A batch carries at most ${opts.maxCalls} calls`))

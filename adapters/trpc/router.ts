@@ -64,8 +64,9 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       // Beyond a bound the pipeline refuses the call before anything that costs, so that the
       // refusal has its audit entry like every other. A socket closed as a slow reader holds
       // its client's unread bytes until ws gives up on it: the calls still arriving on it run
-      // nothing either.
-      const refusal = ctx.inFlight >= limits.maxInFlight
+      // nothing either. Over HTTP a batch is bounded by BFF_BATCH_MAX_CALLS alone: counted
+      // here too, a batch's calls past the 64th were refused OVERLOADED.
+      const refusal = ctx.socket !== null && ctx.inFlight >= limits.maxInFlight
         ? new MantleError('OVERLOADED', `A connection runs at most ${limits.maxInFlight} calls at once`, { headers: { 'retry-after': '1' } })
         : slowReader(ctx.socket, limits.maxBufferedBytes) ? new MantleError('OVERLOADED', SLOW_READER) : undefined
       if (refusal === undefined) ctx.inFlight++

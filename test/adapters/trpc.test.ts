@@ -275,6 +275,9 @@ t.test('raw HTTP: the ugly cases are 4xx tRPC errors with contract codes, never 
     ['POST on a query', { method: 'POST', url: '/trpc/getItem', headers: jsonHeaders, payload: '{}' }, 405, 'BAD_REQUEST'],
     ['mixed batch', { url: '/trpc/getItem,putItem?batch=1' }, 400, 'BAD_REQUEST', /Cannot mix procedure types/],
     ['oversized batch', { url: '/trpc/getItem,getItem,getItem,getItem,getItem,getItem?batch=1' }, 413, 'PAYLOAD_TOO_LARGE', /at most 5 calls/],
+    // tRPC decodes the path once more before it splits it at commas: %252C is a comma to it.
+    ['oversized batch, commas encoded twice', { url: '/trpc/' + Array(6).fill('getItem').join('%252C') + '?batch=1' }, 413, 'PAYLOAD_TOO_LARGE', /at most 5 calls/],
+    ['oversized batch, commas encoded once', { url: '/trpc/' + Array(6).fill('getItem').join('%2C') + '?batch=1' }, 413, 'PAYLOAD_TOO_LARGE', /at most 5 calls/],
     ['oversized body', { method: 'POST', url: '/trpc/putItem', headers: jsonHeaders, payload: JSON.stringify({ n: 1, pad: 'x'.repeat(2000) }) }, 413, 'PAYLOAD_TOO_LARGE'],
     ['not JSON', { method: 'POST', url: '/trpc/putItem', headers: { ...h, 'content-type': 'text/plain' }, payload: 'n=1' }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
     ['multipart', { method: 'POST', url: '/trpc/putItem', headers: { ...h, 'content-type': 'multipart/form-data; boundary=x' }, payload: '--x--' }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
@@ -346,4 +349,13 @@ t.test('error mapping: statuses to tRPC codes, tRPC\'s own codes to contract cod
   t.ok(isInternal(problem))
   t.equal(ProblemError.from(problem, 'other'), problem, 'a ProblemError stays as it is')
   t.equal(problem.stack?.includes('\n    at '), false, 'no stack captured')
+})
+
+t.test('HTTP batch: as many calls as BFF_BATCH_MAX_CALLS allows, beyond the 64 calls a WebSocket connection runs at once', async t => {
+  const { app } = await withKernel(t, {}, { BFF_BATCH_MAX_CALLS: 100 })
+  const n = 100
+  const input = encodeURIComponent(JSON.stringify(Object.fromEntries(Array.from({ length: n }, (_, i) => [i, { id: i % 2 === 0 ? 'i1' : 'i2' }]))))
+  const res = await app.inject({ url: `/trpc/${Array(n).fill('getItem').join(',')}?batch=1&input=${input}`, headers: bearer() })
+  t.equal(res.statusCode, 200, 'before, the calls past the 64th were refused OVERLOADED (207)')
+  t.equal((res.json() as Array<{ result?: unknown }>).filter(r => r.result !== undefined).length, n)
 })
