@@ -99,6 +99,8 @@ export interface BuildOptions {
   rateLimit?: { now?: () => number, retryRedisMs?: number, memoryMaxKeys?: number }
   /** Audit timings (tests shorten them). */
   audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number, probeIntervalMs?: number }
+  /** Events timings (tests shorten them). */
+  events?: { probeIntervalMs?: number }
   /** Load-shedding sample interval in ms (default 1000; tests shorten it). */
   pressureSampleIntervalMs?: number
   /** /diagz: one call in `stageSampleEvery` is timed per stage (default 8; tests time every call). */
@@ -400,7 +402,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   if (config.BFF_CACHE_ENABLED) {
     await app.register(cache, { store: storeFor(config, 'BFF_CACHE_STORE'), defaultTtlSeconds: config.BFF_CACHE_TTL, maxSize: config.BFF_CACHE_MAX_SIZE, now: options.cacheClock })
   }
-  await app.register(events, { redisUrl: config.REDIS_URL, internalToken: config.BFF_INTERNAL_TOKEN, checkRoles: config.BFF_AUTH_ENABLED })
+  await app.register(events, { redisUrl: config.REDIS_URL, internalToken: config.BFF_INTERNAL_TOKEN, checkRoles: config.BFF_AUTH_ENABLED, ...options.events })
   if (config.BFF_OPENAPI_ENABLED) await app.register(openapi, { version: VERSION, secured: config.BFF_AUTH_ENABLED })
   await app.register(rest, { prefix: '/api/v1', secured: config.BFF_AUTH_ENABLED })
   await app.register(batch, { prefix: '/api/v1', maxCalls: config.BFF_BATCH_MAX_CALLS })

@@ -54,10 +54,10 @@ export async function buildTestApp (t: Teardown, overrides: Record<string, strin
 }
 
 /** The gateway on the demo manifest, in front of a real demo Kernel on a free port. */
-export async function buildDemoApp (t: Teardown, overrides: Record<string, string | number | boolean | undefined> = {}): Promise<FastifyInstance> {
+export async function buildDemoApp (t: Teardown, overrides: Record<string, string | number | boolean | undefined> = {}, options: BuildOptions = {}): Promise<FastifyInstance> {
   const kernel = await startKernel({ port: 0, runDelayMs: 5 })
   t.teardown(() => kernel.close())
-  return await buildTestApp(t, overrides, { kernelUrl: kernel.url })
+  return await buildTestApp(t, overrides, { ...options, kernelUrl: kernel.url })
 }
 
 export interface RecordedRequest {

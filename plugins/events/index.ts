@@ -19,7 +19,18 @@ export interface EventsOptions {
   /** Role checks on subscribe (off when identity is off, like every role check). */
   checkRoles: boolean
   maxSubscriptions?: number
+  /** How often the subscriber's connection is checked with a PING (ms; tests shorten it). */
+  probeIntervalMs?: number
 }
+
+/**
+ * A command on the events connections that gets no answer within this fails (ms). Without it, a
+ * Redis that froze, or a connection left half-open by a failover, still looked ready: every
+ * publish waited for ever (POST /internal/events never answered, the event reached no one, and
+ * each waiting publish stayed queued in memory), and so did quit() at shutdown.
+ */
+const COMMAND_TIMEOUT_MS = 1000
+const PROBE_INTERVAL_MS = 5000
 
 export interface Events {
   readonly bus: EventBus
@@ -53,13 +64,14 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   let subscriber: Redis | null = null
   let publisher: Redis | null = null
   let subscribed = false
+  let probe: NodeJS.Timeout | undefined
   const metrics = counters(app, () => bus, () => subscribed ? 1 : 0)
   const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus)
 
   if (opts.redisUrl !== undefined) {
     // Two connections: a subscribed one cannot publish. No offline queue on the publisher: a
     // publish while Redis is away must not pile up in memory; it is delivered locally instead.
-    const common = { lazyConnect: true, maxRetriesPerRequest: 1, retryStrategy: (n: number) => Math.min(n * 200, 2000) }
+    const common = { lazyConnect: true, maxRetriesPerRequest: 1, commandTimeout: COMMAND_TIMEOUT_MS, retryStrategy: (n: number) => Math.min(n * 200, 2000) }
     // The subscriber subscribes itself on every 'ready' (below), so ioredis's own re-subscribe is
     // off: it only replays channels of a connection that had been ready, never the first one.
     subscriber = new Redis(opts.redisUrl, { ...common, autoResubscribe: false, connectionName: 'mantle-events-sub' })
@@ -70,12 +82,27 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     // then got no event at all (not even its own, published to Redis) and /readyz said redis up.
     // Up means SUBSCRIBE was acknowledged on the connection that is still ready.
     const sub = subscriber
-    sub.on('ready', () => {
+    const subscribe = (): void => {
       sub.subscribe(EVENTS_CHANNEL).then(() => { subscribed = sub.status === 'ready' }, (err: Error) => {
-        app.log.warn({ err: err.message }, 'Redis events subscribe failed: retried on the next reconnect')
+        app.log.warn({ err: err.message }, 'Redis events subscribe failed: retried on the next probe')
       })
-    })
+    }
+    sub.on('ready', subscribe)
     sub.on('close', () => { subscribed = false })
+    // The subscriber only listens: a connection that stopped answering would show nothing but
+    // silence, and stay up. A PING (allowed while subscribed) that gets no answer drops the
+    // connection, and ioredis makes it again (which subscribes anew); a ready connection that is
+    // not subscribed (its SUBSCRIBE failed) subscribes again.
+    probe = setInterval(() => {
+      if (sub.status !== 'ready') return
+      sub.ping().then(() => { if (!subscribed) subscribe() }, (err: Error) => {
+        if (sub.status !== 'ready') return
+        app.log.warn({ err: err.message }, 'Redis events subscriber did not answer: reconnecting')
+        subscribed = false
+        sub.disconnect(true)
+      })
+    }, opts.probeIntervalMs ?? PROBE_INTERVAL_MS)
+    probe.unref()
     subscriber.on('message', (_channel: string, text: string) => {
       let message: unknown
       try {
@@ -104,6 +131,8 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
         if (subscribed) return
       } catch (err) {
         app.log.warn({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
+        // A connection that answers nothing is dropped, and ioredis makes it again.
+        if (publisher.status === 'ready' && (err as Error).message === 'Command timed out') publisher.disconnect(true)
       }
     }
     bus.dispatch(message)
@@ -150,6 +179,7 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     else r.disconnect()
   }
   app.addHook('onClose', async () => {
+    clearInterval(probe)
     await Promise.all([close(subscriber), close(publisher)])
   })
 }

@@ -139,17 +139,26 @@ t.test('a Redis that is down at start-up leaves the gateway up, degraded and say
  * A TCP proxy to the test Redis that refuses new connections while `refusing`, and can drop
  * the connections that sent a SUBSCRIBE alone (the events subscriber), keeping the publisher's.
  */
-async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promise<{ url: string, refusing: boolean, dropSubscriber: () => void }> {
+/**
+ * A proxy in front of Redis that can refuse new connections, drop the subscriber's, or freeze
+ * those open now (they stay open and pass nothing, as a Redis that hangs or a half-open flow).
+ */
+async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promise<{ url: string, refusing: boolean, dropSubscriber: () => void, freeze: () => void }> {
   const target = new URL(REDIS_URL)
   const [host, port] = [target.hostname, Number(target.port || 6379)]
-  const pairs = new Set<{ client: Socket, upstream: Socket, subscriber: boolean }>()
-  const state = { url: '', refusing: false, dropSubscriber () { for (const p of pairs) if (p.subscriber) p.client.destroy() } }
+  const pairs = new Set<{ client: Socket, upstream: Socket, subscriber: boolean, frozen: boolean }>()
+  const state = {
+    url: '',
+    refusing: false,
+    dropSubscriber () { for (const p of pairs) if (p.subscriber) p.client.destroy() },
+    freeze () { for (const p of pairs) p.frozen = true }
+  }
   const server = createServer(client => {
     if (state.refusing) { client.resetAndDestroy(); return }
-    const pair = { client, upstream: connect(port, host), subscriber: false }
+    const pair = { client, upstream: connect(port, host), subscriber: false, frozen: false }
     pairs.add(pair)
-    client.on('data', (chunk: Buffer) => { if (chunk.includes('subscribe')) pair.subscriber = true; pair.upstream.write(chunk) })
-    pair.upstream.pipe(client)
+    client.on('data', (chunk: Buffer) => { if (chunk.includes('subscribe')) pair.subscriber = true; if (!pair.frozen) pair.upstream.write(chunk) })
+    pair.upstream.on('data', (chunk: Buffer) => { if (!pair.frozen) client.write(chunk) })
     for (const s of [client, pair.upstream]) s.on('error', () => s.destroy()).on('close', () => { pairs.delete(pair); client.destroy(); pair.upstream.destroy() })
   })
   await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
@@ -219,4 +228,38 @@ t.test('the demo Kernel publishes run changes into the gateway', async t => {
   await until(() => got.some(e => e.status === 'succeeded'), 'the run to succeed')
   t.ok(got.every(e => e.id === id))
   t.same(got.map(e => e.status).filter((s, i, all) => all.indexOf(s) === i), ['queued', 'running', 'succeeded'])
+})
+
+// Before, the events connections had no command timeout: with Redis frozen (or a flow left
+// half-open by a failover) every publish waited for ever and reached no one, each queued in
+// memory, and the subscriber stayed "up" (so /readyz said redis up) while no event came.
+t.test('a Redis that stops answering: publishes are delivered here at once, and the subscriber reconnects', async t => {
+  const tenant = 'tenant-' + randomUUID()
+  const proxy = await redisProxy(t)
+  const app = await buildDemoApp(t, { REDIS_URL: proxy.url }, { events: { probeIntervalMs: 100 } })
+  await until(() => app.events.health().up, 'the Redis subscriber')
+  const got: string[] = []
+  app.events.bus.subscribe('runUpdated', tenant, p => got.push((p as { id: string }).id))
+  proxy.freeze()
+  const started = Date.now()
+  await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('frozen') })
+  t.ok(Date.now() - started < 3000, `the publish gave up on Redis in ${Date.now() - started} ms`)
+  t.same(got, ['frozen'], 'and delivered the event here')
+  // The probe finds the subscriber silent, drops it, and a new connection (the proxy passes new
+  // ones) subscribes again.
+  await until(() => !app.events.health().up, 'the silent subscriber to be noticed', 5000)
+  await until(() => app.events.health().up, 'a new subscriber', 10000)
+  const other = new Redis(REDIS_URL)
+  const watcher = new Redis(REDIS_URL)
+  t.teardown(() => { other.disconnect(); watcher.disconnect() })
+  const seen: string[] = []
+  watcher.on('message', (_c: string, text: string) => { seen.push((JSON.parse(text) as { payload: { id: string } }).payload.id) })
+  await watcher.subscribe('bff:events')
+  await other.publish('bff:events', JSON.stringify({ topic: 'runs.updated', tenantId: tenant, payload: run('from-redis') }))
+  await until(() => got.length >= 2, 'an event from Redis', 3000)
+  // The publisher's silent connection was dropped too: its events reach Redis again.
+  await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('again') })
+  await until(() => got.length >= 3, 'the event through Redis', 3000)
+  t.same(got, ['frozen', 'from-redis', 'again'])
+  t.same(seen, ['from-redis', 'again'], 'through Redis, for the other instances')
 })
