@@ -34,20 +34,25 @@ export function atExpiry (expiresAt: number, fn: () => void): () => void {
  */
 export class LiveSubscriptions {
   private readonly open = new Set<AbortController>()
+  private closing = false
 
   constructor (private readonly bus: EventBus) {}
 
-  async * stream (name: string, identity: Identity, signal: AbortSignal | undefined, requestId: string, expires: boolean): AsyncGenerator<unknown, void, unknown> {
+  /** `overSse`: the stream is an SSE response (a WebSocket's is ended by its socket's close). */
+  async * stream (name: string, identity: Identity, signal: AbortSignal | undefined, requestId: string, overSse: boolean): AsyncGenerator<unknown, void, unknown> {
     const controller = new AbortController()
     const stop = (): void => controller.abort()
     let expired = false
     signal?.addEventListener('abort', stop, { once: true })
     if (signal?.aborted === true) stop()
     this.open.add(controller)
-    const disarm = expires ? atExpiry(identity.expiresAt, () => { expired = true; stop() }) : () => {}
+    const disarm = overSse ? atExpiry(identity.expiresAt, () => { expired = true; stop() }) : () => {}
     try {
       for await (const payload of this.bus.stream(name, identity.tenant, controller.signal)) yield payload
       if (expired) throw new MantleError('UNAUTHENTICATED', 'The token has expired: subscribe again with a fresh one')
+      // An SSE stream that simply ends is complete to httpSubscriptionLink, which then never
+      // reconnects: at every deploy, browsers stopped getting events. A 503 it retries.
+      if (this.closing && overSse) throw new MantleError('OVERLOADED', 'The gateway is shutting down: subscribe again', { headers: { 'retry-after': '1' } })
     } catch (err) {
       throw ProblemError.from(err, requestId)
     } finally {
@@ -57,8 +62,9 @@ export class LiveSubscriptions {
     }
   }
 
-  /** Ends every stream (at shutdown): clients see the subscription complete. */
+  /** Ends every stream (at shutdown): SSE clients are told to subscribe again (elsewhere). */
   closeAll (): void {
+    this.closing = true
     for (const controller of this.open) controller.abort()
   }
 }

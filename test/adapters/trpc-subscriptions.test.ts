@@ -177,16 +177,26 @@ t.test('SSE: a subscription ends with UNAUTHENTICATED when its token expires', a
   await until('unsubscribed on the bus', () => app.events.bus.subscriptions === 0)
 })
 
-t.test('SSE: shutting down ends open subscriptions instead of hanging on them', async t => {
-  const app = await buildDemoApp(t)
+// Before, the stream simply ended at shutdown: httpSubscriptionLink took it as complete and
+// never reconnected, so every browser subscribed over SSE stopped getting events at a deploy.
+t.test('SSE: shutting down ends open subscriptions promptly, and clients subscribe again to the next instance', async t => {
+  const kernel = await startKernel({ port: 0, runDelayMs: 5 })
+  t.teardown(() => kernel.close())
+  const app = await buildTestApp(t, {}, { kernelUrl: kernel.url })
   const port = await listen(app)
-  const seen = watch(sse(port, { headers: bearer() }), t)
+  const seen = watch(sse(port, { headers: bearer({ tenant: 't-deploy' }) }), t)
   await until('subscribed', () => app.events.bus.subscriptions === 1)
   const started = Date.now()
   await app.close()
   t.ok(Date.now() - started < 2000, 'closed promptly')
-  await until('the client saw the end', () => seen.stopped)
   t.equal(app.events.bus.subscriptions, 0)
+  t.notOk(seen.stopped, 'not complete: the client goes on')
+  const next = await buildTestApp(t, {}, { kernelUrl: kernel.url })
+  await next.listen({ port, host: '127.0.0.1' })
+  await until('subscribed again, to the next instance', () => next.events.bus.subscriptions === 1, 10_000)
+  await next.events.publish({ topic: 'runs.updated', tenantId: 't-deploy', payload: run('after') })
+  await until('the event from the next instance', () => seen.data.length === 1)
+  t.match(seen.data, [{ id: 'after' }])
 })
 
 t.test('runs started over tRPC stream their status changes from the demo Kernel', async t => {
