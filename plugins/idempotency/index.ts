@@ -49,6 +49,8 @@ declare module 'fastify' {
 const FIRST_POLL_MS = 5
 const MAX_POLL_MS = 200
 const LEASE_MARGIN_MS = 5000
+/** How often outcomes Redis did not take are offered to it again. */
+const COPY_RETRY_MS = 250
 const MEMORY_MAX_BYTES = 64 * 1024 * 1024
 /** Kernel refusals that say "try later" rather than "no": a repeat must run again. */
 const TRANSIENT_STATUS = new Set([408, 425, 429])
@@ -108,22 +110,62 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
    * Stores a call's outcome where it claimed its key (null frees the key), and ends its hold in
    * memory. A store that fails never fails the call. When Redis does not take an outcome, this
    * instance keeps it, with the claim it answers: replayed here, and copied to Redis over that
-   * claim once Redis answers again. Lost, a repeat here ran a second Kernel call during the
-   * outage, and every instance's repeat waited for the stale claim's lease afterwards.
+   * claim as soon as Redis takes it (copyLater). Lost, a repeat here ran a second Kernel call
+   * during the outage, and every instance's repeat waited for the stale claim's lease, then ran
+   * again.
    */
-  const finish = async (store: IdempotencyStore, key: string, token: string, outcome: DoneRecord | null): Promise<void> => {
+  const finish = async (store: IdempotencyStore, key: string, token: string, outcome: DoneRecord | null, leaseMs: number): Promise<void> => {
     try {
       if (outcome === null) await store.release(key, token)
       else await store.complete(key, token, outcome, ttlMs)
     } catch (err) {
       app.log.warn({ err: (err as Error).message }, 'idempotency: could not store the outcome of a call')
       if (outcome !== null) {
-        await memory.complete(key, token, { ...outcome, heldAs: token }, ttlMs)
+        const kept: DoneRecord = { ...outcome, heldAs: token }
+        await memory.complete(key, token, kept, ttlMs)
+        copyLater(key, kept, leaseMs)
         return
       }
     }
     if (store !== memory) await memory.release(key, token)
   }
+
+  // Outcomes Redis did not take, to copy over their calls' claims there without waiting for a
+  // repeat to reach this instance (one reaching another instance waited for the claim's lease,
+  // then ran the call again). Each is tried until Redis takes it or its claim's lease ends (the
+  // claim is gone from Redis then): as many as the calls that were running when Redis failed.
+  const copies = new Map<string, { record: DoneRecord, until: number }>()
+  let copier: NodeJS.Timeout | null = null
+  let copying = false
+  const copyAll = async (): Promise<void> => {
+    if (copying || !redis!.up()) return
+    copying = true
+    try {
+      for (const [key, copy] of copies) {
+        // For the time the outcome has left here (never extended).
+        const held = memory.peek(key)
+        const ttl = held?.record.state === 'done' ? Math.floor(held.ttlMs) : 0
+        if (copy.until > performance.now() && ttl > 0) await shared!.seed(key, copy.record, ttl)
+        copies.delete(key)
+      }
+    } catch {
+      // Redis is away again: the next tick tries the rest.
+    } finally {
+      copying = false
+      if (copies.size === 0 && copier !== null) {
+        clearInterval(copier)
+        copier = null
+      }
+    }
+  }
+  const copyLater = (key: string, record: DoneRecord, leaseMs: number): void => {
+    copies.set(key, { record, until: performance.now() + leaseMs })
+    if (copier === null) {
+      copier = setInterval(() => { copyAll().catch(() => {}) }, COPY_RETRY_MS)
+      copier.unref()
+    }
+  }
+  app.addHook('onClose', async () => { if (copier !== null) clearInterval(copier) })
   // `count`: the call's first claim (a repeat waiting for the first call claims again each poll).
   const claimIn = async (key: string, hash: string, leaseMs: number, count: boolean): Promise<[IdempotencyStore, Claim]> => {
     if (shared !== null) {
@@ -131,7 +173,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         // A key claimed in memory while Redis was away stays this instance's until it expires
         // there: a call still running here is waited for (never a second Kernel call), and an
         // outcome is replayed and copied to Redis for the time it has left (never extended).
-        // The memory store holds only keys claimed while Redis was away or failed: usually empty.
+        // The memory store holds keys claimed while Redis was away or failed (usually none), and
+        // holds on the calls this instance is running.
         const local = memory.peek(key)
         if (local !== undefined) {
           const ttl = Math.floor(local.ttlMs)
@@ -179,13 +222,13 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
           result = await next(ctx)
         } catch (err) {
           const definitive = err instanceof MantleError && (err.code === 'KERNEL_REJECTED' || err.code === 'NOT_FOUND') && !TRANSIENT_STATUS.has(err.statusCode)
-          await finish(store, key, token, definitive ? { state: 'done', hash, status: err.statusCode, body: null, error: { code: err.code as 'KERNEL_REJECTED' | 'NOT_FOUND', status: err.statusCode, detail: err.message } } : null)
+          await finish(store, key, token, definitive ? { state: 'done', hash, status: err.statusCode, body: null, error: { code: err.code as 'KERNEL_REJECTED' | 'NOT_FOUND', status: err.statusCode, detail: err.message } } : null, leaseMs)
           throw err
         }
         // The chain's innermost step serialized the answer (ctx.json; an answer that breaks the
         // output schema threw there, and released the key above): stored as the client gets it.
         const body = ctx.json ?? entry.serialize(result)
-        await finish(store, key, token, { state: 'done', hash, status: ctx.status, body, error: null })
+        await finish(store, key, token, { state: 'done', hash, status: ctx.status, body, error: null }, leaseMs)
         return result
       }
 

@@ -22,8 +22,11 @@ export interface MemoryStoreOptions {
 export class MemoryIdempotencyStore implements IdempotencyStore {
   readonly kind = 'memory'
   private readonly cache: LRUCache<string, DoneRecord>
-  /** Claims of calls running now, with the end of their lease (performance.now()). */
-  private readonly running = new Map<string, { record: RunningRecord, until: number }>()
+  /**
+   * Claims of calls running now, with the end of their lease (performance.now()); `held`: a
+   * call of this instance claimed in Redis (see `hold`), which `size` leaves out.
+   */
+  private readonly running = new Map<string, { record: RunningRecord, until: number, held: boolean }>()
 
   constructor (opts: MemoryStoreOptions) {
     this.cache = new LRUCache<string, DoneRecord>({
@@ -33,9 +36,14 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     })
   }
 
-  /** Keys held now (expired ones until they are next touched or purged). */
+  /**
+   * Keys this store answers for now (expired ones until they are next touched or purged): not
+   * the holds on calls claimed in Redis, so that with Redis up it says 0 unless Redis failed.
+   */
   get size (): number {
-    return this.cache.size + this.running.size
+    let n = this.cache.size
+    for (const claim of this.running.values()) if (!claim.held) n++
+    return n
   }
 
   /**
@@ -54,7 +62,7 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     const record = this.claimOf(key)?.record ?? this.cache.get(key)
     if (record !== undefined) return { won: false, record }
     const token = randomUUID()
-    this.hold(key, hash, token, leaseMs)
+    this.running.set(key, { record: { state: 'running', hash, token }, until: performance.now() + leaseMs, held: false })
     return { won: true, token }
   }
 
@@ -63,7 +71,7 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
    * a repeat here waits for it even if Redis goes away meanwhile.
    */
   hold (key: string, hash: string, token: string, leaseMs: number): void {
-    this.running.set(key, { record: { state: 'running', hash, token }, until: performance.now() + leaseMs })
+    this.running.set(key, { record: { state: 'running', hash, token }, until: performance.now() + leaseMs, held: true })
   }
 
   async complete (key: string, token: string, record: DoneRecord, ttlMs: number): Promise<void> {
@@ -85,7 +93,7 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
   }
 
   /** The running claim on `key`, unless its lease has lapsed. */
-  private claimOf (key: string): { record: RunningRecord, until: number } | undefined {
+  private claimOf (key: string): { record: RunningRecord, until: number, held: boolean } | undefined {
     const claim = this.running.get(key)
     if (claim === undefined || claim.until > performance.now()) return claim
     this.running.delete(key)
