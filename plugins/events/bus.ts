@@ -15,7 +15,7 @@ export type Listener = (payload: unknown, json: string) => void
 
 export interface BusCounters {
   delivered: (event: string, n: number) => void
-  dropped: (reason: 'invalid' | 'slow_consumer' | 'unknown_topic') => void
+  dropped: (reason: 'invalid' | 'slow_consumer' | 'unknown_topic' | 'duplicate') => void
 }
 
 const noCounters: BusCounters = { delivered () {}, dropped () {} }

@@ -31,6 +31,10 @@ export interface EventsOptions {
  */
 const COMMAND_TIMEOUT_MS = 1000
 const PROBE_INTERVAL_MS = 5000
+/** Events delivered here after a failed publish are recognised on the subscriber this long (ms)… */
+const UNCERTAIN_MS = 30_000
+/** …and at most this many at once. */
+const MAX_UNCERTAIN = 1000
 
 export interface Events {
   readonly bus: EventBus
@@ -51,7 +55,7 @@ function counters (app: FastifyInstance, bus: () => EventBus, redisUp: () => num
   const registers = [app.metrics.registry]
   const published = new Counter({ name: 'mantle_events_published_total', help: 'Kernel events accepted, by source', labelNames: ['source'] as const, registers })
   const delivered = new Counter({ name: 'mantle_events_delivered_total', help: 'Event deliveries to subscribers on this instance', labelNames: ['event'] as const, registers })
-  const dropped = new Counter({ name: 'mantle_events_dropped_total', help: 'Events not delivered: invalid payload, unknown topic, or a slow consumer behind its bound', labelNames: ['reason'] as const, registers })
+  const dropped = new Counter({ name: 'mantle_events_dropped_total', help: 'Events not delivered: invalid payload, unknown topic, a slow consumer behind its bound, or a duplicate (an event delivered here after its publish failed, coming back from Redis)', labelNames: ['reason'] as const, registers })
   new Gauge({ name: 'mantle_event_subscriptions', help: 'Event subscriptions open on this instance', registers, collect () { this.set(bus().subscriptions) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_events_redis_up', help: '1 when the Redis event subscriber is connected and subscribed (absent without Redis)', registers, collect () { this.set(redisUp()) } }) // eslint-disable-line no-new
   return {
@@ -67,6 +71,21 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   let probe: NodeJS.Timeout | undefined
   const metrics = counters(app, () => bus, () => subscribed ? 1 : 0)
   const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus)
+
+  // Events delivered here because their publish failed, by their JSON text, with when they are
+  // forgotten: a publish that timed out may still have reached Redis, and the event then comes
+  // back on the subscriber (a Redis slower than the timeout delivered it here twice). Oldest
+  // first; bounded in number and in time.
+  const uncertain = new Map<string, number>()
+  const deliveredHere = (text: string): void => {
+    const now = Date.now()
+    for (const [old, until] of uncertain) {
+      if (until > now && uncertain.size < MAX_UNCERTAIN) break
+      uncertain.delete(old)
+    }
+    uncertain.set(text, now + UNCERTAIN_MS)
+  }
+  const seenHere = (text: string): boolean => uncertain.size > 0 && uncertain.delete(text)
 
   if (opts.redisUrl !== undefined) {
     // Two connections: a subscribed one cannot publish. No offline queue on the publisher: a
@@ -104,6 +123,10 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     }, opts.probeIntervalMs ?? PROBE_INTERVAL_MS)
     probe.unref()
     subscriber.on('message', (_channel: string, text: string) => {
+      if (seenHere(text)) {
+        metrics?.bus.dropped('duplicate')
+        return
+      }
       let message: unknown
       try {
         message = JSON.parse(text)
@@ -124,8 +147,9 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   const publish = async (message: KernelEventMessage): Promise<void> => {
     metrics?.published(publisher === null ? 'memory' : 'redis')
     if (publisher !== null) {
+      const text = JSON.stringify(message)
       try {
-        await publisher.publish(EVENTS_CHANNEL, JSON.stringify(message))
+        await publisher.publish(EVENTS_CHANNEL, text)
         // Through Redis, the event comes back to this instance only on its subscriber. Before, with
         // the subscriber down and the publisher up, it never did: deliver it here then.
         if (subscribed) return
@@ -133,6 +157,7 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
         app.log.warn({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
         // A connection that answers nothing is dropped, and ioredis makes it again.
         if (publisher.status === 'ready' && (err as Error).message === 'Command timed out') publisher.disconnect(true)
+        deliveredHere(text)
       }
     }
     bus.dispatch(message)

@@ -143,13 +143,15 @@ t.test('a Redis that is down at start-up leaves the gateway up, degraded and say
  * A proxy in front of Redis that can refuse new connections, drop the subscriber's, or freeze
  * those open now (they stay open and pass nothing, as a Redis that hangs or a half-open flow).
  */
-async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promise<{ url: string, refusing: boolean, dropSubscriber: () => void, freeze: () => void }> {
+async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promise<{ url: string, refusing: boolean, delayMs: number, dropSubscriber: () => void, freeze: () => void }> {
   const target = new URL(REDIS_URL)
   const [host, port] = [target.hostname, Number(target.port || 6379)]
   const pairs = new Set<{ client: Socket, upstream: Socket, subscriber: boolean, frozen: boolean }>()
   const state = {
     url: '',
     refusing: false,
+    /** Redis's answers reach the gateway this much later. */
+    delayMs: 0,
     dropSubscriber () { for (const p of pairs) if (p.subscriber) p.client.destroy() },
     freeze () { for (const p of pairs) p.frozen = true }
   }
@@ -158,7 +160,11 @@ async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promis
     const pair = { client, upstream: connect(port, host), subscriber: false, frozen: false }
     pairs.add(pair)
     client.on('data', (chunk: Buffer) => { if (chunk.includes('subscribe')) pair.subscriber = true; if (!pair.frozen) pair.upstream.write(chunk) })
-    pair.upstream.on('data', (chunk: Buffer) => { if (!pair.frozen) client.write(chunk) })
+    pair.upstream.on('data', (chunk: Buffer) => {
+      if (pair.frozen) return
+      if (state.delayMs === 0) client.write(chunk)
+      else setTimeout(() => { if (!client.destroyed) client.write(chunk) }, state.delayMs)
+    })
     for (const s of [client, pair.upstream]) s.on('error', () => s.destroy()).on('close', () => { pairs.delete(pair); client.destroy(); pair.upstream.destroy() })
   })
   await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
@@ -262,4 +268,21 @@ t.test('a Redis that stops answering: publishes are delivered here at once, and 
   await until(() => got.length >= 3, 'the event through Redis', 3000)
   t.same(got, ['frozen', 'from-redis', 'again'])
   t.same(seen, ['from-redis', 'again'], 'through Redis, for the other instances')
+})
+
+// A publish that times out is delivered here; Redis may still have taken it, and then it came
+// back on the subscriber too: a Redis slower than the timeout delivered events here twice.
+t.test('a Redis slower than the publish timeout: the event is delivered here once', async t => {
+  const tenant = 'tenant-' + randomUUID()
+  const proxy = await redisProxy(t)
+  const app = await buildDemoApp(t, { REDIS_URL: proxy.url })
+  await until(() => app.events.health().up, 'the Redis subscriber')
+  const got: string[] = []
+  app.events.bus.subscribe('runUpdated', tenant, p => got.push((p as { id: string }).id))
+  proxy.delayMs = 1500
+  await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('once') })
+  t.same(got, ['once'], 'delivered here when the publish timed out')
+  await sleep(1200)
+  t.same(got, ['once'], 'and not again when Redis sent it back')
+  t.match((await app.inject({ url: '/metrics' })).body, /mantle_events_dropped_total\{reason="duplicate"\} 1\n/)
 })
