@@ -94,7 +94,7 @@ export interface BuildOptions {
   /** The response cache's clock, epoch ms (tests move it). */
   cacheClock?: () => number
   /** JWKS timings (tests shorten them). */
-  identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number }
+  identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number, jwksTimeoutMs?: number }
   /** Rate-limit internals (tests: the memory store's clock, the Redis retry pause). */
   rateLimit?: { now?: () => number, retryRedisMs?: number, memoryMaxKeys?: number }
   /** Audit timings (tests shorten them). */

@@ -27,6 +27,8 @@ export interface IdentityOptions {
   jwksRefreshMs?: number | undefined
   /** Least time between two JWKS fetches caused by an unknown kid, ms (30 s). */
   jwksMinRefetchMs?: number | undefined
+  /** Longest one JWKS fetch may take, ms (5 s). */
+  jwksTimeoutMs?: number | undefined
   /** The clock of the JWKS refetch interval (tests move it by hand). */
   jwksClock?: (() => number) | undefined
   log?: { info: (obj: object, msg: string) => void, warn: (obj: object, msg: string) => void } | undefined
@@ -63,7 +65,8 @@ export interface IdentityVerifier {
 type Verify = (token: string) => Record<string, unknown>
 interface KeyVerifier { alg: string, verify: Verify }
 
-const MAX_HEADER = 1024
+// The encoded JOSE header's bound: an IdP that adds its certificate chain (x5c) makes 1-2 KB.
+const MAX_HEADER = 8192
 
 /** The token's JOSE header (alg, kid), decoded without trusting it; undefined when malformed. */
 function tokenHeader (token: string): { alg: unknown, kid: unknown } | undefined {
@@ -113,6 +116,7 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
       url: options.jwksUrl,
       refreshMs: options.jwksRefreshMs,
       minRefetchMs: options.jwksMinRefetchMs,
+      timeoutMs: options.jwksTimeoutMs,
       now: options.jwksClock,
       log: options.log,
       onKeys: keys => {

@@ -83,6 +83,8 @@ export interface JwksOptions {
   refreshMs?: number | undefined
   /** Least time between two fetches triggered by an unknown kid (ms). */
   minRefetchMs?: number | undefined
+  /** Longest a fetch may take, connecting and reading included (ms; default 5 s). */
+  timeoutMs?: number | undefined
   /** The clock of the refetch interval, epoch ms (tests move it by hand). */
   now?: (() => number) | undefined
   /** Called with every new key set (to build verifiers once per key). */
@@ -130,7 +132,11 @@ export class JwksFetcher {
   async #load (): Promise<void> {
     const { url, log } = this.#options
     try {
-      const res = await request(url, { headersTimeout: 5000, bodyTimeout: 5000, headers: { accept: 'application/json' } })
+      // One deadline for the whole fetch: undici's own timeouts leave connecting to 10 s and a
+      // body that trickles in to never time out. A JWKS host that dropped packets then held
+      // start-up past Fastify's plugin timeout (the gateway did not start), and a fetch in
+      // flight for ever held every later refresh and refetch (rotated keys never arrived).
+      const res = await request(url, { signal: AbortSignal.timeout(this.#options.timeoutMs ?? 5000), headers: { accept: 'application/json' } })
       if (res.statusCode !== 200) {
         await res.body.dump()
         throw new Error(`status ${res.statusCode}`)
@@ -138,9 +144,9 @@ export class JwksFetcher {
       const keys = keysOfJwks(await res.body.json())
       if (this.#closed) return
       this.#options.onKeys(keys)
-      log?.info({ url, kids: [...keys.keys()] }, 'JWKS keys loaded')
+      log?.info({ url: shownUrl(url), kids: [...keys.keys()] }, 'JWKS keys loaded')
     } catch (err) {
-      log?.warn({ url, err: (err as Error).message }, 'the JWKS could not be fetched: keeping the last good keys')
+      log?.warn({ url: shownUrl(url), err: (err as Error).message }, 'the JWKS could not be fetched: keeping the last good keys')
     }
   }
 
@@ -148,5 +154,15 @@ export class JwksFetcher {
     this.#closed = true
     if (this.#timer !== null) clearInterval(this.#timer)
     this.#timer = null
+  }
+}
+
+/** A URL as the logs show it: without credentials, in its user part or its query. */
+function shownUrl (url: string): string {
+  try {
+    const u = new URL(url)
+    return u.origin + u.pathname
+  } catch {
+    return '(a URL that does not parse)'
   }
 }

@@ -5,7 +5,7 @@ import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { createSigner } from 'fast-jwt'
 import { createIdentityVerifier, mintToken } from '../../../plugins/auth/identity.js'
-import { parsePublicKeys, keysOfJwks } from '../../../plugins/auth/keys.js'
+import { parsePublicKeys, keysOfJwks, JwksFetcher } from '../../../plugins/auth/keys.js'
 import { loadConfig, productionProblems, ConfigError } from '../../../schemas/config.js'
 import { buildDemoApp, buildTestApp, until } from '../../helper.js'
 import { wsApp, connect } from '../../adapters/websocket-helper.js'
@@ -37,22 +37,34 @@ const keysJson = (keys: Record<string, Pair>): string => JSON.stringify(Object.f
 const jwk = (p: Pair, kid: string, extra: Record<string, unknown> = {}): Record<string, unknown> => ({ ...p.publicKey.export({ format: 'jwk' }), kid, ...extra })
 
 /** A JWKS server on port 0 whose document and availability the test changes; it counts requests. */
-async function jwksServer (t: { teardown: (fn: () => unknown) => void }, initial: { keys: unknown[] }): Promise<{ url: string, hits: () => number, set: (doc: { keys: unknown[] }) => void, down: (d: boolean) => void }> {
+async function jwksServer (t: { teardown: (fn: () => unknown) => void }, initial: { keys: unknown[] }): Promise<{ url: string, hits: () => number, set: (doc: { keys: unknown[] }) => void, down: (d: boolean) => void, trickle: (d: boolean) => void }> {
   let doc = initial
   let hits = 0
   let isDown = false
+  let trickling = false
+  const drips = new Set<NodeJS.Timeout>()
+  t.teardown(() => { for (const d of drips) clearInterval(d) })
   const server = createServer((req, res) => {
     hits++
     if (isDown) {
       res.writeHead(503).end('down')
       return
     }
+    if (trickling) {
+      // Headers, then a byte now and then, never the end: no undici timeout of its own fires.
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.write(' ')
+      const drip = setInterval(() => { res.write(' ') }, 100)
+      drips.add(drip)
+      res.on('close', () => { clearInterval(drip); drips.delete(drip) })
+      return
+    }
     res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(doc))
   })
   await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
-  t.teardown(() => new Promise(resolve => server.close(resolve)))
+  t.teardown(() => new Promise(resolve => { server.close(resolve); server.closeAllConnections() }))
   const { port } = server.address() as AddressInfo
-  return { url: `http://127.0.0.1:${port}/jwks.json`, hits: () => hits, set: d => { doc = d }, down: d => { isDown = d } }
+  return { url: `http://127.0.0.1:${port}/jwks.json`, hits: () => hits, set: d => { doc = d }, down: d => { isDown = d }, trickle: d => { trickling = d } }
 }
 
 t.test('RS256 and ES256 tokens are accepted by kid, each with its own key', async t => {
@@ -101,7 +113,7 @@ t.test('refusals: unknown kid, alg none, key confusion, alg not the key\'s, clai
     ['expired', `Bearer ${createSigner({ key: rsa1.privatePem, algorithm: 'RS256', kid: 'r1', noTimestamp: true })({ ...claims(iss), exp: now - 10 })}`, /expired/],
     ['not yet valid', `Bearer ${createSigner({ key: rsa1.privatePem, algorithm: 'RS256', kid: 'r1', noTimestamp: true })({ ...claims(iss), exp: now + 600, nbf: now + 300 })}`, /not valid yet/],
     ['header not JSON', `Bearer ${Buffer.from('{oops').toString('base64url')}.e30.x`, /malformed/],
-    ['header too long', `Bearer ${b64({ alg: 'RS256', kid: 'r1', pad: 'x'.repeat(2000) })}.e30.x`, /malformed/]
+    ['header too long', `Bearer ${b64({ alg: 'RS256', kid: 'r1', pad: 'x'.repeat(9000) })}.e30.x`, /malformed/]
   ]
   for (const [name, authorization, detail] of cases) {
     t.throws(() => withSecret(authorization), { code: 'UNAUTHENTICATED', message: detail }, name)
@@ -181,6 +193,47 @@ t.test('JWKS down at start-up: the app starts, tokens are refused, then keys arr
   await sleep(450)
   t.ok(jwks.hits() > before, 'refreshes kept trying')
   t.equal(app.identify(`Bearer ${sign(rsa1, 'RS256', 'k1', { sub: 'later' })}`).user, 'later', 'last good keys kept')
+})
+
+// Before, a fetch had no deadline of its own: a JWKS that answered a byte now and then held
+// start-up past Fastify's plugin timeout (or, in flight later, every refresh after it).
+t.test('a JWKS that never finishes its answer: start-up goes on, and later refreshes still run', async t => {
+  const jwks = await jwksServer(t, { keys: [jwk(rsa1, 'k1')] })
+  jwks.trickle(true)
+  const started = Date.now()
+  const app = await buildTestApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url }, { identity: { jwksRefreshMs: 300, jwksMinRefetchMs: 60_000, jwksTimeoutMs: 500 } })
+  t.ok(Date.now() - started < 5000, `started in ${Date.now() - started} ms`)
+  const tok = `Bearer ${sign(rsa1, 'RS256', 'k1')}`
+  t.throws(() => app.identify(tok), { code: 'UNAUTHENTICATED' }, 'no keys yet')
+  await until(() => jwks.hits() >= 3, 'refreshes to go on while each fetch is cut at its deadline')
+  jwks.trickle(false)
+  await until(() => { try { return app.identify(tok).user === 'u1' } catch { return false } }, 'the keys, once the JWKS answers')
+})
+
+t.test('a token whose header carries a certificate chain (x5c, some IdPs) is read', async t => {
+  const jwks = await jwksServer(t, { keys: [jwk(rsa1, 'k1')] })
+  const app = await buildTestApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url })
+  const chain = ['A'.repeat(1400)]
+  const tok = createSigner({ key: rsa1.privatePem, algorithm: 'RS256', kid: 'k1', header: { alg: 'RS256', x5c: chain }, expiresIn: 600_000 })(claims())
+  t.ok(tok.indexOf('.') > 1024, 'a header over 1 KB')
+  t.equal(app.identify(`Bearer ${tok}`).user, 'u1', 'before, refused as malformed')
+})
+
+t.test('the JWKS URL is logged without its credentials', async t => {
+  const jwks = await jwksServer(t, { keys: [jwk(rsa1, 'k1')] })
+  const lines: string[] = []
+  const log = { info: (obj: object, msg: string) => { lines.push(JSON.stringify(obj) + msg) }, warn: (obj: object, msg: string) => { lines.push(JSON.stringify(obj) + msg) } }
+  const secretUrl = jwks.url.replace('http://', 'http://svc:s3cr3t@') + '?api_key=k3y'
+  await new JwksFetcher({ url: secretUrl, onKeys: () => {}, log }).fetch()
+  jwks.down(true)
+  await new JwksFetcher({ url: secretUrl, onKeys: () => {}, log }).fetch()
+  t.equal(lines.length, 2)
+  t.match(lines[0], /JWKS keys loaded/)
+  t.match(lines[1], /could not be fetched/)
+  for (const line of lines) {
+    t.notMatch(line, /s3cr3t|k3y/, 'no password, no query')
+    t.match(line, jwks.url, 'the origin and path')
+  }
 })
 
 t.test('an unreachable JWKS (nothing listening) does not stop start-up', async t => {
