@@ -82,10 +82,12 @@ export function banner (started: Started, config: Readonly<Config>): string {
     ...(config.BFF_DIAGZ_ENABLED ? [`  diagnostics ${url}/diagz   (role system)`] : []),
     `  Kernel      ${started.kernelUrl === null ? (config.KERNEL_URL ?? 'from the manifest') : started.kernelUrl + ' (demo Kernel)'}`
   ]
-  // HS256 only: no dev token when the gateway takes only public keys (no secret, so no fallback).
-  const hs256 = config.BFF_JWT_SECRET !== undefined || (config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined)
-  if (config.BFF_AUTH_ENABLED && config.NODE_ENV !== 'production' && hs256) {
-    const token = mintToken(config.BFF_JWT_SECRET ?? DEV_JWT_SECRET, {
+  // Only with the development secret (no key source at all): a token signed with a configured
+  // secret, system role included, went to stdout and so into the logs of any run without
+  // NODE_ENV=production (a staging run). `npm run token` mints one with any secret.
+  const devSecret = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined
+  if (config.BFF_AUTH_ENABLED && config.NODE_ENV !== 'production' && devSecret) {
+    const token = mintToken(DEV_JWT_SECRET, {
       tenant: 'demo',
       user: 'dev',
       roles: ['viewer', 'editor', 'operator', 'admin', 'system'],

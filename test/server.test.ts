@@ -43,11 +43,13 @@ t.test('production refuses a missing or weak JWT secret', async t => {
   await t.rejects(buildApp(testConfig({ NODE_ENV: 'production', BFF_JWT_SECRET: 'short' })), /shorter than 32 bytes/)
 })
 
-t.test('the dev token is printed only when the gateway takes HS256 tokens', async t => {
+t.test('the dev token is printed only when the gateway takes the development secret', async t => {
   const started = { url: 'http://127.0.0.1:1', kernelUrl: null } as unknown as Started
   const pem = '{"k":"-----BEGIN PUBLIC KEY-----\\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEHJPwIt0Ojw2T3Wp01jbDFN+7+40j\\ntDbrWD+ml2uScVutvETMc+7FJCVxrINjBq8worp3Qvq9CN7+TFq9IZGkwg==\\n-----END PUBLIC KEY-----\\n"}'
   t.match(banner(started, testConfig({ BFF_JWT_SECRET: undefined })), /Dev token/, 'no key source: the development secret')
-  t.match(banner(started, testConfig({ BFF_JWT_PUBLIC_KEYS: pem })), /Dev token/, 'a secret besides public keys')
+  t.notMatch(banner(started, testConfig({ BFF_JWT_PUBLIC_KEYS: pem })), /Dev token/, 'a secret besides public keys: never a token signed with it in the logs')
+  t.notMatch(banner(started, testConfig({ BFF_JWT_SECRET: 'a-real-staging-secret-0123456789abcdef' })), /Dev token/, 'a configured secret: the same')
+  t.notMatch(banner(started, testConfig({ BFF_JWT_SECRET: undefined, BFF_JWT_PUBLIC_KEYS: pem })), /Dev token/, 'public keys only')
   t.notMatch(banner(started, testConfig({ BFF_JWT_SECRET: undefined, BFF_JWKS_URL: 'https://issuer.example/jwks' })), /Dev token/, 'JWKS only')
 })
 
