@@ -58,7 +58,7 @@ export const EventSchema = Type.Object({
 export const ManifestSchema = Type.Object({
   version: Type.Literal(1),
   kernel: Type.Object({
-    url: Type.String({ pattern: '^https?://[^\\s/?#]+/?$' }),
+    url: Type.String({ pattern: '^https?://[^\\s/?#@]+/?$' }),
     connections: Type.Optional(Type.Integer({ minimum: 1, maximum: 4096 })),
     timeoutMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 600000 })),
     retries: Type.Optional(Type.Integer({ minimum: 0, maximum: 10 })),

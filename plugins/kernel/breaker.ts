@@ -27,7 +27,7 @@ export class CircuitBreaker {
     readonly threshold: number,
     readonly resetTimeoutMs: number,
     private readonly onChange: (state: BreakerState) => void = () => {},
-    private readonly now: () => number = Date.now
+    private readonly now: () => number = () => performance.now()
   ) {}
 
   acquire (): Permit {

@@ -28,7 +28,7 @@ export interface KernelMetrics {
   forOperation: (op: string) => { call: Record<Outcome, (seconds: number) => void>, retry: () => void }
 
   budgetExhausted: () => void
-  rejected: (reason: 'breaker_open' | 'bulkhead_full') => void
+  rejected: (reason: 'breaker_open' | 'bulkhead_full' | 'queue_timeout') => void
   connected: () => void
 }
 
@@ -65,11 +65,23 @@ export class KernelClient {
   private readonly backoff: { baseMs: number, capMs: number }
   private readonly metrics: KernelMetrics
   inFlight = 0
+  /**
+   * Connections free for an attempt, and the attempts waiting for one (at most the calls in
+   * flight, maxInFlight). They wait here, each bounded by its call's deadline, not in undici's
+   * queue: undici aborts a queued request whose signal fired only once it gets a connection, and
+   * destroys that connection. A slow operation filling the pool made every call queued behind it
+   * tear down a healthy keep-alive connection, and count as a Kernel timeout for the breaker.
+   */
+  private free: number
+  private readonly waiting: Array<() => void> = []
 
   constructor (opts: KernelClientOptions) {
     this.origin = opts.origin
     this.metrics = opts.metrics ?? noMetrics
-    this.pool = new Pool(opts.origin, { connections: opts.connections, pipelining: 1, keepAliveTimeout: 10_000, connectTimeout: 2_000 })
+    this.free = opts.connections
+    // No headersTimeout/bodyTimeout of undici's (300 s by default): each attempt's Deadline
+    // bounds both, and an operation may allow up to 600 s.
+    this.pool = new Pool(opts.origin, { connections: opts.connections, pipelining: 1, keepAliveTimeout: 10_000, connectTimeout: 2_000, headersTimeout: 0, bodyTimeout: 0 })
     this.pool.on('connect', () => this.metrics.connected())
     const r = opts.resilience
     this.breaker = r === null ? null : new CircuitBreaker(r.threshold, r.resetTimeoutMs)
@@ -88,14 +100,21 @@ export class KernelClient {
     // not is input like any other, for the query or the body (CONTRACT §1). It was left out.
     const pathParams = new Set(op.kernel.pathParams)
     const sendsBody = op.kernel.sendsBody
-    const idempotentMethod = method === 'GET'
+    // A mutation the Kernel serves over GET changes state all the same: no retry without a key.
+    const idempotentMethod = method === 'GET' && op.type === 'query'
     const metrics = this.metrics.forOperation(op.name)
     const client = this
 
     return function callKernel (ctx: CallContext) {
       const input = ctx.input
       let path = parts[0]
-      for (let i = 1; i < parts.length; i += 2) path += pathSegment(input[parts[i]]) + parts[i + 1]
+      for (let i = 1; i < parts.length; i += 2) {
+        const segment = pathSegment(input[parts[i]])
+        // An empty one names another Kernel route: `DELETE /v1/items/{id}` with id "" is
+        // `DELETE /v1/items/`, which a Kernel ignoring trailing slashes takes for the collection.
+        if (segment === '') throw new MantleError('VALIDATION_FAILED', `input.${parts[i]} must not be empty: it is a segment of the Kernel's path`)
+        path += segment + parts[i + 1]
+      }
       let body: string | undefined
       if (sendsBody) {
         const rest: Record<string, unknown> = {}
@@ -171,6 +190,12 @@ export class KernelClient {
           this.breaker?.release(permit)
           throw err
         }
+        if (result === queuedOut) {
+          // Its time ran out waiting for a connection: never sent, so no failure of the Kernel's.
+          this.breaker?.release(permit)
+          this.metrics.rejected('queue_timeout')
+          throw failure(timedOut, op)
+        }
         metrics.call[result.outcome]((performance.now() - started) / 1000)
         // The Kernel answered: it is up, whatever it said. A redirect, or a 2xx body that is not
         // JSON or is too large, is the call's own (a kernel path out of date, one tenant's huge
@@ -209,6 +234,10 @@ export class KernelClient {
     // headersTimeout/bodyTimeout run on its coarse timer wheel (a 150 ms timeout fired after
     // more than 600 ms here), too loose for short per-op timeouts.
     const deadline = new Deadline(remaining)
+    if (!await this.connection(deadline)) {
+      deadline.clear()
+      return queuedOut
+    }
     try {
       const request = this.pool.request({ method, path, headers, body, signal: deadline as unknown as EventEmitter })
       // undici acts on the signal only once the request has a connection: a call queued behind
@@ -240,10 +269,36 @@ export class KernelClient {
       const code = (err as { code?: string }).code ?? ''
       if (code === 'UND_ERR_INVALID_ARG') throw new MantleError('INTERNAL', 'The gateway could not form the Kernel request')
       if (deadline.aborted || TIMEOUT_CODES.has(code)) return timedOut
+      // The Kernel answered, with headers over undici's 16 KiB: it will answer so every time.
+      if (code === 'UND_ERR_HEADERS_OVERFLOW') return { outcome: 'bad_answer', status: 502, value: undefined, message: 'The Kernel answered with headers over 16 KiB' }
       return { outcome: 'unavailable', status: 503, value: undefined, message: (err as Error).message }
     } finally {
       deadline.clear()
+      this.releaseConnection()
     }
+  }
+
+  /** Takes a free connection, or waits for one until the deadline passes (false then). */
+  private async connection (deadline: Deadline): Promise<boolean> {
+    if (this.free > 0) {
+      this.free--
+      return true
+    }
+    let wake!: () => void
+    const woken = new Promise<boolean>(resolve => { wake = () => { resolve(true) } })
+    this.waiting.push(wake)
+    if (await Promise.race([woken, deadline.expiry().catch(() => false)])) return true
+    const at = this.waiting.indexOf(wake)
+    // Handed a connection in the same turn as the deadline passed: handed on.
+    if (at === -1) this.releaseConnection()
+    else this.waiting.splice(at, 1)
+    return false
+  }
+
+  private releaseConnection (): void {
+    const next = this.waiting.shift()
+    if (next !== undefined) next()
+    else this.free++
   }
 
   async close (): Promise<void> {
@@ -303,6 +358,8 @@ function fire (deadline: Deadline): void {
 }
 
 const timedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined }
+/** An attempt whose deadline passed while it waited for a connection: never sent. */
+const queuedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined }
 const DEADLINE_PASSED = new Error('the attempt\'s deadline passed')
 const noop = (): void => {}
 

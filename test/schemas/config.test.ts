@@ -121,6 +121,10 @@ t.test('each bad value alone', async t => {
   for (const url of ['http://kernel:4001?x=1', 'http://kernel:4001#a']) {
     t.equal(errorOf({ KERNEL_URL: url })?.message, `Invalid configuration: KERNEL_URL="${url}" is invalid: expected Kernel origin, http(s)://host:port, wins over the manifest`, 'an origin, without a query or fragment')
   }
+  // Credentials too: undici never sent them, and the origin went into /metrics labels as given.
+  const credentials = errorOf({ KERNEL_URL: 'http://svc:s3cr3t@kernel:4001' })?.message
+  t.match(credentials, /KERNEL_URL=".*" is invalid: expected Kernel origin/, 'an origin, without credentials')
+  t.notMatch(credentials, /s3cr3t/, 'the password not shown')
   t.equal(errorOf({ BFF_CIRCUIT_BREAKER_THRESHOLD: '0' })?.message, 'Invalid configuration: BFF_CIRCUIT_BREAKER_THRESHOLD="0" is invalid: expected an integer (1..1000000)')
   t.equal(errorOf({ BFF_CIRCUIT_BREAKER_TIMEOUT: 'soon' })?.message, 'Invalid configuration: BFF_CIRCUIT_BREAKER_TIMEOUT="soon" is invalid: expected an integer (1..86400000)')
   t.equal(errorOf({ BFF_CIRCUIT_BREAKER_TIMEOUT: '86400001' })?.message, 'Invalid configuration: BFF_CIRCUIT_BREAKER_TIMEOUT="86400001" is invalid: expected an integer (1..86400000)', 'at most a day, as in the manifest')

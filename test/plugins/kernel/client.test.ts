@@ -1,5 +1,7 @@
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { buildTestApp, startTestKernel, testManifest, bearer, json, closedPort, type TestKernel } from '../../helper.js'
 
 const item = { type: 'object', required: ['id'], properties: { id: { type: 'string' }, name: { type: 'string' } } }
@@ -541,4 +543,74 @@ t.test('a call queued for a Kernel connection answers within its own timeoutMs',
   t.match(fast.json(), { code: 'KERNEL_TIMEOUT' })
   t.notOk(longDone, 'at its own deadline, not when the connection it waited for came free')
   t.equal((await long).statusCode, 200)
+})
+
+// Before, calls waited for a connection in undici's queue: one whose deadline passed there was
+// aborted once it got a connection, and undici destroyed that healthy connection; each counted
+// as a Kernel timeout, so a slow operation filling the pool opened the breaker for every one.
+t.test('calls whose time runs out waiting for a connection: no connection torn down, no breaker failure', async t => {
+  // A Kernel of its own, to count its connections (keep-alive long enough to outlast the test).
+  let connections = 0
+  const fast: string[] = []
+  const server = createServer((req, res) => {
+    if (req.url === '/v1/long/l1') setTimeout(() => json(res, 200, { id: 'l1' }), 600)
+    else { fast.push(req.url ?? ''); json(res, 200, { id: 'f1' }) }
+  })
+  server.keepAliveTimeout = 30_000
+  server.on('connection', () => { connections++ })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise(resolve => { server.close(resolve); server.closeAllConnections() }))
+  const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  const manifest = testManifest({
+    longOp: { type: 'query', rest: 'GET /long/:id', kernel: 'GET /v1/long/{id}', input: idInput, output: item, timeoutMs: 3000 },
+    fastOp: { type: 'query', rest: 'GET /fast/:id', kernel: 'GET /v1/fast/{id}', input: idInput, output: item, timeoutMs: 100 }
+  }, { url, connections: 2, retries: 0, circuitBreaker: { threshold: 3, resetTimeoutMs: 60_000 } })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: url })
+  // Two connections, warmed.
+  await Promise.all([0, 1].map(async () => await app.inject({ url: '/api/v1/fast/f1', headers: bearer() })))
+  t.equal(connections, 2)
+  const long = [0, 1].map(async () => await app.inject({ url: '/api/v1/long/l1', headers: bearer() }))
+  await sleep(50)
+  const queued = await Promise.all(Array.from({ length: 5 }, async () => await app.inject({ url: '/api/v1/fast/f1', headers: bearer() })))
+  t.same(queued.map(r => r.json().code), Array(5).fill('KERNEL_TIMEOUT'), 'each times out at its own deadline')
+  t.same((await Promise.all(long)).map(r => r.statusCode), [200, 200])
+  t.equal(app.kernel.breakerState(), 'closed', 'the Kernel was never asked: no breaker failure')
+  t.equal(fast.length, 2, 'the queued calls never reached the Kernel')
+  t.equal((await app.inject({ url: '/api/v1/fast/f1', headers: bearer() })).statusCode, 200, 'the next call is served')
+  t.equal(connections, 2, 'on the same connections: none was torn down')
+  t.match((await app.inject({ url: '/metrics' })).body, /mantle_kernel_rejected_total\{reason="queue_timeout"\} 5/)
+})
+
+t.test('an empty path parameter is 400, never another Kernel route', async t => {
+  // DELETE /v1/items/{id} with id "" was DELETE /v1/items/, the collection to a Kernel that
+  // ignores trailing slashes; REST refuses the empty segment itself, the other faces did not.
+  const { app, kernel } = await setup(t)
+  const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls: [{ id: 'a', op: 'deleteItem', input: { id: '' } }, { id: 'b', op: 'touchItem', input: { id: '' } }] } })
+  t.match(batch.json().results, [{ error: { code: 'VALIDATION_FAILED', detail: /input\.id must not be empty/ } }, { error: { code: 'VALIDATION_FAILED' } }])
+  const trpc = await app.inject({ method: 'POST', url: '/trpc/deleteItem', headers: { ...bearer(), 'content-type': 'application/json' }, payload: { id: '' } })
+  t.match(trpc.json(), { error: { data: { code: 'VALIDATION_FAILED', httpStatus: 400 } } })
+  t.equal(kernel.requests.length, 0, 'nothing reached the Kernel')
+})
+
+t.test('Kernel answer headers over 16 KiB are 502 KERNEL_ERROR, not retried and not a breaker failure', async t => {
+  const { app, kernel } = await setup(t, { retries: 2, circuitBreaker: { threshold: 3, resetTimeoutMs: 60000 } })
+  kernel.on('GET /v1/items/big', (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', link: 'x'.repeat(20_000) }); res.end('{"id":"big"}') })
+  for (let i = 0; i < 3; i++) {
+    const res = await app.inject({ url: '/api/v1/items/big', headers: bearer() })
+    t.same([res.statusCode, res.json().code], [502, 'KERNEL_ERROR'])
+  }
+  t.equal(hits(kernel, '/v1/items/big'), 3, 'one attempt per call (before: retried, 503)')
+  t.equal(app.kernel.breakerState(), 'closed', 'the breaker stays closed (before: open, for every operation)')
+})
+
+t.test('a mutation the Kernel serves over GET is not retried without a key', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/bump/b1': (_req, res) => json(res, 503, { message: 'busy' }) })
+  const manifest = testManifest({
+    bump: { type: 'mutation', rest: 'POST /bump/:id', kernel: 'GET /v1/bump/{id}', input: idInput, output: item }
+  }, { retries: 2, circuitBreaker: { threshold: 100, resetTimeoutMs: 1000 } })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/bump/b1', headers: bearer() })).statusCode, 502)
+  t.equal(hits(kernel, '/v1/bump/b1'), 1, 'one call: it changes state (before: three, without a key)')
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/bump/b1', headers: { ...bearer(), 'idempotency-key': 'k-1' } })).statusCode, 502)
+  t.equal(hits(kernel, '/v1/bump/b1'), 4, 'with a key it is retried, as a POST is')
 })
