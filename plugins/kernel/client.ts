@@ -234,7 +234,8 @@ export class KernelClient {
     // headersTimeout/bodyTimeout run on its coarse timer wheel (a 150 ms timeout fired after
     // more than 600 ms here), too loose for short per-op timeouts.
     const deadline = new Deadline(remaining)
-    if (!await this.connection(deadline)) {
+    if (this.free > 0) this.free--
+    else if (!await this.connection(deadline)) {
       deadline.clear()
       return queuedOut
     }
@@ -278,12 +279,8 @@ export class KernelClient {
     }
   }
 
-  /** Takes a free connection, or waits for one until the deadline passes (false then). */
+  /** Waits for a connection to come free until the deadline passes (false then). */
   private async connection (deadline: Deadline): Promise<boolean> {
-    if (this.free > 0) {
-      this.free--
-      return true
-    }
     let wake!: () => void
     const woken = new Promise<boolean>(resolve => { wake = () => { resolve(true) } })
     this.waiting.push(wake)
