@@ -290,7 +290,7 @@ t.test('a request undici refuses to send is the gateway\'s fault: not retried, n
   // A half-open probe that could not be sent is handed back: the next call probes.
   client.breaker!.failure(client.breaker!.acquire())
   t.equal(client.breaker!.state, 'open')
-  ;(client.breaker as unknown as { openedAt: number }).openedAt = 0
+  ;(client.breaker as unknown as { openedAt: number }).openedAt = -Infinity
   await t.rejects(run(new CallContext('r3', 'rest', op, { name: 'x' }, undefined, undefined, 'a\nb')), { code: 'INTERNAL' })
   t.same(await run(new CallContext('r4', 'rest', op, { name: 'x' }, undefined, undefined, 'good-key')), { id: 'n1' }, 'the next call is the probe')
   t.equal(client.breaker!.state, 'closed')
