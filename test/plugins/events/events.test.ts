@@ -177,6 +177,17 @@ async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promis
   return state
 }
 
+/** A gateway on Redis through redisProxy, subscribed (up), and the ids of a fresh tenant's events it delivers. */
+async function subscribedThroughProxy (t: { teardown: (fn: () => unknown) => void }, events: { probeIntervalMs?: number } = {}) {
+  const tenant = 'tenant-' + randomUUID()
+  const proxy = await redisProxy(t)
+  const app = await buildDemoApp(t, { REDIS_URL: proxy.url }, { events })
+  await until(() => app.events.health().up, 'the Redis subscriber')
+  const got: string[] = []
+  app.events.bus.subscribe('runUpdated', tenant, p => got.push((p as { id: string }).id))
+  return { tenant, proxy, app, got }
+}
+
 // Before, the subscriber subscribed only after a first connect() that succeeded: with Redis down
 // at start-up it reconnected later but never subscribed, while 'ready' alone made it say up. The
 // instance then got no event at all, not even its own (they went to Redis), and /readyz said up.
@@ -204,12 +215,7 @@ t.test('a Redis that is down at start-up and comes back is subscribed to, and on
 // Before, with only the subscriber down (the publisher up), this instance's own events went to
 // Redis and never came back: its local subscribers got nothing, unlike with Redis wholly down.
 t.test('while only the subscriber is down, own events still reach local subscribers, once', async t => {
-  const tenant = 'tenant-' + randomUUID()
-  const proxy = await redisProxy(t)
-  const app = await buildDemoApp(t, { REDIS_URL: proxy.url })
-  await until(() => app.events.health().up, 'the Redis subscriber')
-  const got: string[] = []
-  app.events.bus.subscribe('runUpdated', tenant, p => got.push((p as { id: string }).id))
+  const { tenant, proxy, app, got } = await subscribedThroughProxy(t)
   proxy.refusing = true
   proxy.dropSubscriber()
   await until(() => !app.events.health().up, 'the subscriber to drop')
@@ -240,12 +246,7 @@ t.test('the demo Kernel publishes run changes into the gateway', async t => {
 // half-open by a failover) every publish waited for ever and reached no one, each queued in
 // memory, and the subscriber stayed "up" (so /readyz said redis up) while no event came.
 t.test('a Redis that stops answering: publishes are delivered here at once, and the subscriber reconnects', async t => {
-  const tenant = 'tenant-' + randomUUID()
-  const proxy = await redisProxy(t)
-  const app = await buildDemoApp(t, { REDIS_URL: proxy.url }, { events: { probeIntervalMs: 100 } })
-  await until(() => app.events.health().up, 'the Redis subscriber')
-  const got: string[] = []
-  app.events.bus.subscribe('runUpdated', tenant, p => got.push((p as { id: string }).id))
+  const { tenant, proxy, app, got } = await subscribedThroughProxy(t, { probeIntervalMs: 100 })
   proxy.freeze()
   const started = Date.now()
   await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('frozen') })
@@ -273,12 +274,7 @@ t.test('a Redis that stops answering: publishes are delivered here at once, and 
 // A publish that times out is delivered here; Redis may still have taken it, and then it came
 // back on the subscriber too: a Redis slower than the timeout delivered events here twice.
 t.test('a Redis slower than the publish timeout: the event is delivered here once', async t => {
-  const tenant = 'tenant-' + randomUUID()
-  const proxy = await redisProxy(t)
-  const app = await buildDemoApp(t, { REDIS_URL: proxy.url })
-  await until(() => app.events.health().up, 'the Redis subscriber')
-  const got: string[] = []
-  app.events.bus.subscribe('runUpdated', tenant, p => got.push((p as { id: string }).id))
+  const { tenant, proxy, app, got } = await subscribedThroughProxy(t)
   proxy.delayMs = 1500
   await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('once') })
   t.same(got, ['once'], 'delivered here when the publish timed out')
