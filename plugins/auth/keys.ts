@@ -136,7 +136,16 @@ export class JwksFetcher {
       // body that trickles in to never time out. A JWKS host that dropped packets then held
       // start-up past Fastify's plugin timeout (the gateway did not start), and a fetch in
       // flight for ever held every later refresh and refetch (rotated keys never arrived).
-      const res = await request(url, { signal: AbortSignal.timeout(this.#options.timeoutMs ?? 5000), headers: { accept: 'application/json' } })
+      // undici acts on the signal only once it has a connection: the race bounds connecting too.
+      const signal = AbortSignal.timeout(this.#options.timeoutMs ?? 5000)
+      const pending = request(url, { signal, headers: { accept: 'application/json' } })
+      let res: Awaited<typeof pending>
+      try {
+        res = await Promise.race([pending, new Promise<never>((_resolve, reject) => { signal.addEventListener('abort', () => { reject(new Error(`no answer within ${this.#options.timeoutMs ?? 5000} ms`)) }, { once: true }) })])
+      } catch (err) {
+        pending.then(late => { late.body.destroy() }, () => {})
+        throw err
+      }
       if (res.statusCode !== 200) {
         await res.body.dump()
         throw new Error(`status ${res.statusCode}`)

@@ -72,10 +72,10 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   const metrics = counters(app, () => bus, () => subscribed ? 1 : 0)
   const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus)
 
-  // Events delivered here because their publish failed, by their JSON text, with when they are
-  // forgotten: a publish that timed out may still have reached Redis, and the event then comes
-  // back on the subscriber (a Redis slower than the timeout delivered it here twice). Oldest
-  // first; bounded in number and in time.
+  // Events delivered here because their publish timed out, by their JSON text, with when they
+  // are forgotten: such a publish may still have reached Redis, and the event then comes back on
+  // the subscriber (a Redis slower than the timeout delivered it here twice). Oldest first;
+  // bounded in number and in time.
   const uncertain = new Map<string, number>()
   const deliveredHere = (text: string): void => {
     const now = Date.now()
@@ -85,7 +85,13 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     }
     uncertain.set(text, now + UNCERTAIN_MS)
   }
-  const seenHere = (text: string): boolean => uncertain.size > 0 && uncertain.delete(text)
+  const seenHere = (text: string): boolean => {
+    if (uncertain.size === 0) return false
+    const until = uncertain.get(text)
+    if (until === undefined) return false
+    uncertain.delete(text)
+    return until > Date.now()
+  }
 
   if (opts.redisUrl !== undefined) {
     // Two connections: a subscribed one cannot publish. No offline queue on the publisher: a
@@ -156,8 +162,11 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
       } catch (err) {
         app.log.warn({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
         // A connection that answers nothing is dropped, and ioredis makes it again.
-        if (publisher.status === 'ready' && (err as Error).message === 'Command timed out') publisher.disconnect(true)
-        deliveredHere(text)
+        // Only then may Redis have taken the event (and ioredis sends it again on its new connection).
+        if ((err as Error).message === 'Command timed out') {
+          if (publisher.status === 'ready') publisher.disconnect(true)
+          deliveredHere(text)
+        }
       }
     }
     bus.dispatch(message)

@@ -75,6 +75,11 @@ export class KernelClient {
   private free: number
   private readonly waiting: Array<() => void> = []
 
+  /** Attempts waiting for a free connection (mantle_kernel_pool{state="queued"}). */
+  get queued (): number {
+    return this.waiting.length
+  }
+
   constructor (opts: KernelClientOptions) {
     this.origin = opts.origin
     this.metrics = opts.metrics ?? noMetrics

@@ -64,7 +64,8 @@ function kernelMetrics (app: FastifyInstance, origin: string, client: () => Kern
       this.set({ state: 'connected' }, s.connected)
       this.set({ state: 'free' }, s.free)
       this.set({ state: 'pending' }, s.pending)
-      this.set({ state: 'queued' }, s.queued)
+      // Waiting for a connection: in the gateway (KernelClient.queued), and in undici for a moment.
+      this.set({ state: 'queued' }, s.queued + client().queued)
       this.set({ state: 'running' }, s.running)
     }
   })

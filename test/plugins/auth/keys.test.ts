@@ -4,6 +4,7 @@ import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { createSigner } from 'fast-jwt'
+import { Agent, getGlobalDispatcher, setGlobalDispatcher } from 'undici'
 import { createIdentityVerifier, mintToken } from '../../../plugins/auth/identity.js'
 import { parsePublicKeys, keysOfJwks, JwksFetcher } from '../../../plugins/auth/keys.js'
 import { loadConfig, productionProblems, ConfigError } from '../../../schemas/config.js'
@@ -217,6 +218,23 @@ t.test('a token whose header carries a certificate chain (x5c, some IdPs) is rea
   const tok = createSigner({ key: rsa1.privatePem, algorithm: 'RS256', kid: 'k1', header: { alg: 'RS256', x5c: chain }, expiresIn: 600_000 })(claims())
   t.ok(tok.indexOf('.') > 1024, 'a header over 1 KB')
   t.equal(app.identify(`Bearer ${tok}`).user, 'u1', 'before, refused as malformed')
+})
+
+t.test('a JWKS host that never completes the connection: the fetch gives up at its deadline', async t => {
+  // undici acts on a request's signal only once it has a connection: connecting ran on to its
+  // own 10 s timeout, and a JWKS host that dropped packets held start-up past Fastify's plugin
+  // timeout. A dispatcher whose connections never open stands for that host.
+  const previous = getGlobalDispatcher()
+  setGlobalDispatcher(new Agent({ connect: () => {} }))
+  // AbortSignal.timeout's timer does not hold the process open (the gateway's server does).
+  const awake = setInterval(() => {}, 1000)
+  t.teardown(() => { setGlobalDispatcher(previous); clearInterval(awake) })
+  const warnings: string[] = []
+  const log = { info: () => {}, warn: (obj: object) => { warnings.push(JSON.stringify(obj)) } }
+  const started = Date.now()
+  await new JwksFetcher({ url: 'http://jwks.invalid/jwks.json', onKeys: () => {}, log, timeoutMs: 300 }).fetch()
+  t.ok(Date.now() - started < 2000, `gave up after ${Date.now() - started} ms`)
+  t.equal(warnings.length, 1, 'and said so')
 })
 
 t.test('the JWKS URL is logged without its credentials', async t => {

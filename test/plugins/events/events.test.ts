@@ -143,7 +143,7 @@ t.test('a Redis that is down at start-up leaves the gateway up, degraded and say
  * A proxy in front of Redis that can refuse new connections, drop the subscriber's, or freeze
  * those open now (they stay open and pass nothing, as a Redis that hangs or a half-open flow).
  */
-async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promise<{ url: string, refusing: boolean, delayMs: number, dropSubscriber: () => void, freeze: () => void }> {
+async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promise<{ url: string, refusing: boolean, delayMs: number, dropSubscriber: () => void, dropOthers: () => void, freeze: () => void }> {
   const target = new URL(REDIS_URL)
   const [host, port] = [target.hostname, Number(target.port || 6379)]
   const pairs = new Set<{ client: Socket, upstream: Socket, subscriber: boolean, frozen: boolean }>()
@@ -153,6 +153,7 @@ async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promis
     /** Redis's answers reach the gateway this much later. */
     delayMs: 0,
     dropSubscriber () { for (const p of pairs) if (p.subscriber) p.client.destroy() },
+    dropOthers () { for (const p of pairs) if (!p.subscriber) p.client.destroy() },
     freeze () { for (const p of pairs) p.frozen = true }
   }
   const server = createServer(client => {
@@ -274,11 +275,31 @@ t.test('a Redis that stops answering: publishes are delivered here at once, and 
 // A publish that times out is delivered here; Redis may still have taken it, and then it came
 // back on the subscriber too: a Redis slower than the timeout delivered events here twice.
 t.test('a Redis slower than the publish timeout: the event is delivered here once', async t => {
-  const { tenant, proxy, app, got } = await subscribedThroughProxy(t)
+  // No probe meanwhile: its PING would time out too, and drop the subscriber with the echo.
+  const { tenant, proxy, app, got } = await subscribedThroughProxy(t, { probeIntervalMs: 60_000 })
   proxy.delayMs = 1500
   await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('once') })
   t.same(got, ['once'], 'delivered here when the publish timed out')
   await sleep(1200)
   t.same(got, ['once'], 'and not again when Redis sent it back')
   t.match((await app.inject({ url: '/metrics' })).body, /mantle_events_dropped_total\{reason="duplicate"\} 1\n/)
+})
+
+t.test('an event whose publish failed at once (Redis away) is no duplicate of a later one', async t => {
+  // Only a publish that timed out may have reached Redis. Before, every failed publish was
+  // remembered, and the next identical event from Redis (another instance's, the Kernel's) was
+  // dropped here as its duplicate, however late.
+  const { tenant, proxy, app, got } = await subscribedThroughProxy(t, { probeIntervalMs: 60_000 })
+  proxy.refusing = true
+  proxy.dropOthers()
+  await sleep(100)
+  const event = { topic: 'runs.updated', tenantId: tenant, payload: run('r1') }
+  await app.events.publish(event)
+  t.same(got, ['r1'], 'delivered here, the publisher being away')
+  const other = new Redis(REDIS_URL)
+  t.teardown(() => other.disconnect())
+  await other.publish('bff:events', JSON.stringify(event))
+  await until(() => got.length >= 2, 'the same event again, from Redis', 3000)
+  t.same(got, ['r1', 'r1'])
+  t.notMatch((await app.inject({ url: '/metrics' })).body, /mantle_events_dropped_total\{reason="duplicate"\}/)
 })
