@@ -111,7 +111,7 @@ async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, w
     max,
     timeWindow: windowMs,
     store: fastifyStore(limiter, 'global'),
-    keyGenerator: perTenant ? (request) => guardKey(app, request) : (request) => ipKey(normalizeIP(request.ip)),
+    keyGenerator: perTenant ? (request) => guardKey(app, request) : addressKey,
     enableDraftSpec: true,
     errorResponseBuilder: (_request, context) => new MantleError('RATE_LIMITED', `More than ${context.max} requests in ${windowMs} ms`, { headers: refusalHeaders(context.max, context.ttl) })
   })
@@ -139,7 +139,17 @@ function guardKey (app: FastifyInstance, request: FastifyRequest): string {
       return tenantKey(app.identify(authorization).tenant)
     } catch {}
   }
-  return ipKey(normalizeIP(request.ip))
+  return addressKey(request)
+}
+
+/**
+ * The key of a caller by its address. A client that reset its connection before its request's
+ * hooks ran has none (request.ip is undefined then): normalizeIP threw on it, a 500 logged with
+ * its stack for each such request.
+ */
+function addressKey (request: FastifyRequest): string {
+  const ip = request.ip as string | undefined
+  return ipKey(ip === undefined ? 'unknown' : normalizeIP(ip))
 }
 
 function counters (app: FastifyInstance, limiter: () => RateLimiter): LimiterCounters | undefined {

@@ -69,6 +69,10 @@ export class RateLimiter {
     const redis = this.redis
     if (redis === null) return this.local(scope, key, windowMs, max)
     if (!this.up() || (this.pausedUntil !== 0 && Date.now() < this.pausedUntil)) return this.fallback(scope, key, windowMs, max, 'Redis is not connected')
+    // During an outage, one check at a time tries Redis again; the others stay in memory until it
+    // answers. A Redis that stalls without closing the connection stays "up": after each pause,
+    // every check in flight waited out the command timeout (500 ms) there.
+    if (this.outage) this.pausedUntil = Date.now() + this.retryRedisMs
     return redis.check(key, windowMs, max).then(count => {
       if (this.outage) this.recovered()
       this.counters?.checked(scope, 'redis', count.current > max)

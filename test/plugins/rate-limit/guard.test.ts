@@ -3,6 +3,7 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import WebSocket from 'ws'
+import { connect, type AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { buildTestApp, startTestKernel, testManifest, bearer, token, json, testConfig } from '../../helper.js'
 import { loadConfig, rateLimitStore, ConfigError } from '../../../schemas/config.js'
@@ -179,4 +180,27 @@ t.test('rate-limit configuration', async t => {
 t.test('the plugin refuses a Redis store without the Redis connection', async t => {
   const config = { ...testConfig(), BFF_RATE_LIMIT_STORE: 'redis' as const }
   await t.rejects(buildApp(config, { logger: false }), /BFF_RATE_LIMIT_STORE=redis needs REDIS_URL/)
+})
+
+t.test('a request whose client reset the connection at once is no 500 of the guard', async t => {
+  // request.ip is undefined once the socket is gone: @fastify/rate-limit's normalizeIP threw on it.
+  const lines: string[] = []
+  const kernel = await startTestKernel(t, { 'GET /v1/ok': (_req, res) => json(res, 200, { ok: true }) })
+  const app = await buildTestApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: 60_000, LOG_LEVEL: 'error' }, {
+    manifest: testManifest({ ping: op('GET /ping') }, { url: kernel.url }),
+    kernelUrl: kernel.url,
+    logger: undefined,
+    logStream: { write: (line: string) => { lines.push(line) } }
+  })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  for (let i = 0; i < 50; i++) {
+    const socket = connect(port, '127.0.0.1')
+    socket.on('error', () => {})
+    await new Promise(resolve => socket.once('connect', resolve))
+    socket.write('GET /api/v1/ping HTTP/1.1\r\nHost: x\r\n\r\n')
+    socket.resetAndDestroy()
+  }
+  await new Promise(resolve => setTimeout(resolve, 300))
+  t.same(lines.filter(l => l.includes('"level":50')), [], 'no error logged')
 })

@@ -94,3 +94,18 @@ t.test('the @fastify/rate-limit store contract over the memory limiter', async t
   t.equal((await incr(child, 'k')).current, 1, 'a route with its own limit counts apart')
   t.equal(limiter.memoryKeys, 2)
 })
+
+t.test('during an outage, one check at a time tries Redis again', async t => {
+  // Before, with a Redis that stalls without closing its connection (so still "up"), every check
+  // after each pause went to Redis and waited out the command timeout there.
+  let sent = 0
+  const stalled = { check: async () => { sent++; await new Promise(resolve => setTimeout(resolve, 20)); throw new Error('Command timed out') } }
+  const limiter = new RateLimiter({ memory: new MemoryWindowStore(), redis: stalled as never, log: { warn: () => {}, info: () => {} }, retryRedisMs: 50 })
+  await limiter.check('op', 'k', 60_000, 100)
+  t.equal(sent, 1)
+  t.ok(limiter.fallbackActive, 'the outage is on')
+  await new Promise(resolve => setTimeout(resolve, 60))
+  const counts = await Promise.all(Array.from({ length: 10 }, async () => await limiter.check('op', 'k', 60_000, 100)))
+  t.equal(sent, 2, 'after the pause, one of ten concurrent checks went to Redis')
+  t.same(counts.map(c => c.current).sort((a, b) => a - b), Array.from({ length: 10 }, (_, i) => i + 2), 'all ten answered, from memory')
+})
