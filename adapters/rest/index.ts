@@ -107,6 +107,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   const pathParams = op.pathParams
   const inBody = op.inputInBody
   const query = op.type === 'query'
+  const conditional = query && op.method === 'GET'
   // A 304 carries the Vary its 200 would (RFC 9110 §15.4.5): @fastify/compress adds it only to a
   // body it negotiates, and a 304 has none.
   const compressing = app.hasReplyDecorator('compress')
@@ -129,7 +130,9 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     const ctx = new CallContext(request.id, 'rest', op, input, headers.authorization, single(headers.traceparent), op.type === 'mutation' ? idempotencyKeyOf(request) : undefined)
     // Read for every query, not only those cached at start-up: a manifest reload may add a cache
     // (the ETags then went out, but a matching If-None-Match never got its 304).
-    if (query) ctx.ifNoneMatch = single(headers['if-none-match'])
+    // GET (and HEAD) only: to any other method a matching If-None-Match is a 412, not a 304
+    // (RFC 9110 §13.1.2), and a 304 to a POST told a client to reuse what it must not cache.
+    if (conditional) ctx.ifNoneMatch = single(headers['if-none-match'])
     let result: unknown
     try {
       result = await entry.run(ctx)
@@ -191,7 +194,7 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   if (concerns.idempotency && op.type === 'mutation') {
     requestHeaders['idempotency-key'] = { type: 'string', minLength: 1, maxLength: 255, pattern: '^[\\x21-\\x7e]+$', description: 'Runs the mutation once per tenant and key for 24 h; a repeat gets the stored answer with Idempotent-Replayed: true' }
   }
-  if (concerns.cache && op.cache !== null) {
+  if (concerns.cache && op.cache !== null && op.method === 'GET') {
     requestHeaders['if-none-match'] = { type: 'string', description: 'An ETag of an earlier answer: 304 with no body while it still matches' }
   }
   if (Object.keys(requestHeaders).length > 0) schema.headers = { type: 'object', properties: requestHeaders }

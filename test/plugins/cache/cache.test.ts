@@ -363,3 +363,21 @@ t.test('the store: memory without REDIS_URL, redis with it, memory when asked', 
   t.equal((await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })).responseCache.store, 'redis')
   t.equal((await buildTestApp(t, { REDIS_URL, BFF_CACHE_STORE: 'memory' }, { manifest, kernelUrl: kernel.url })).responseCache.store, 'memory')
 })
+
+t.test('a cached query served over POST answers If-None-Match with its full answer, never a 304', async t => {
+  // RFC 9110 §13.1.2: to a method other than GET or HEAD, a matching If-None-Match is a 412,
+  // never a 304. Before, a 304 told the client to reuse an answer to a POST.
+  const kernel = await itemKernel(t)
+  const app = await buildTestApp(t, {}, { manifest: itemManifest(kernel.url, { getItem: { rest: 'POST /items/:id/read' } }), kernelUrl: kernel.url })
+  const headers = bearer({ tenant: tenant() })
+  const first = await app.inject({ method: 'POST', url: '/api/v1/items/a/read', headers, payload: {} })
+  t.equal(first.statusCode, 200)
+  t.match(first.headers.etag, /^W\//)
+  const again = await app.inject({ method: 'POST', url: '/api/v1/items/a/read', headers: { ...headers, 'if-none-match': String(first.headers.etag) }, payload: {} })
+  t.equal(again.statusCode, 200, 'the answer, not a 304')
+  t.equal(again.headers['x-cache'], 'hit')
+  t.equal(again.body, first.body)
+  const doc = (await app.inject({ url: '/openapi.json' })).json()
+  t.notOk(doc.paths['/api/v1/items/{id}/read'].post.parameters?.some((p: { name: string }) => p.name === 'if-none-match'), 'nor does the OpenAPI document offer If-None-Match or a 304 there')
+  t.notOk('304' in doc.paths['/api/v1/items/{id}/read'].post.responses)
+})
