@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify'
 import { runCall, callEnvelope } from '../adapters/face.js'
-import { MantleError } from '../errors.js'
+import { MantleError, refusalHeaders } from '../errors.js'
 import { callKey, idempotencyKeyOf, single } from '../adapters/rest/index.js'
 
 export interface BatchOptions {
@@ -54,10 +54,12 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     const authorization = request.headers.authorization
     const traceparent = single(request.headers.traceparent)
     const idempotencyKey = idempotencyKeyOf(request)
-    const parts = await Promise.all(calls.map(async (call, n) => {
-      const outcome = await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, idempotencyKey: callKey(idempotencyKey, call.id), memo })
-      return callEnvelope(JSON.stringify(call.id), outcome)
-    }))
+    const outcomes = await Promise.all(calls.map(async (call, n) => await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, idempotencyKey: callKey(idempotencyKey, call.id), memo })))
+    const parts = outcomes.map((outcome, n) => callEnvelope(JSON.stringify(calls[n].id), outcome))
+    // The refusals' Retry-After and RateLimit-* (the longest wait's), as on tRPC and GraphQL: a
+    // client told RATE_LIMITED or OVERLOADED in the batch had no wait to go by.
+    const refused = refusalHeaders(outcomes.map(outcome => outcome.ok ? null : outcome.headers), false)
+    if (refused !== null) reply.headers(refused)
     reply.type('application/json; charset=utf-8')
     return `{"results":[${parts.join(',')}]}`
   })

@@ -178,3 +178,16 @@ t.test('REST: a counted call answered with an error still carries the operation\
     t.equal(res.headers['ratelimit-remaining'], remaining)
   }
 })
+
+t.test('REST batch: a refused call\'s Retry-After and RateLimit-* go on the response, as on tRPC and GraphQL', async t => {
+  const { app } = await setup(t)
+  const headers = bearer({ tenant: 'f-' + randomUUID() })
+  const calls = ['a', 'b', 'c'].map(id => ({ id, op: 'limited', input: { n: id } }))
+  const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls } })
+  t.equal(res.statusCode, 200)
+  t.match(res.json().results, [{ result: { ok: true } }, { result: { ok: true } }, { error: { code: 'RATE_LIMITED' } }])
+  t.ok(Number(res.headers['retry-after']) >= 1, `Retry-After ${String(res.headers['retry-after'])} (before: none)`)
+  t.equal(res.headers['ratelimit-limit'], '2')
+  const fine = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls: [{ id: 'f', op: 'free', input: {} }] } })
+  t.notOk(fine.headers['retry-after'], 'none without a refusal')
+})
