@@ -49,6 +49,7 @@ export const ConfigSchema = Type.Object({
   BFF_JWT_AUDIENCE: Type.Optional(Type.String({ minLength: 1, description: 'required `aud` of tokens' })),
   BFF_CORS_ORIGINS: Type.Optional(Type.String({ minLength: 1, description: 'comma-separated allowed CORS origins (https://app.example.com, or *); unset: no CORS headers' })),
   // At most 256 MiB: a JSON body is read into one string, and V8 strings stop at 2^29 - 24 characters.
+  BFF_TRUST_PROXY: Type.Optional(Type.String({ pattern: '^(?:[1-9]|[1-5][0-9]|6[0-4]|[0-9A-Fa-f]*[.:][0-9A-Fa-f:.]*(?:/[0-9]{1,3})?(?:,[0-9A-Fa-f]*[.:][0-9A-Fa-f:.]*(?:/[0-9]{1,3})?)*)$', description: 'proxies in front of the gateway whose X-Forwarded-For is believed: a hop count (1..64) or comma-separated addresses and CIDR ranges' })),
   BFF_BODY_LIMIT: Type.Integer({ minimum: 1, maximum: 268435456, default: 1048576, description: 'largest request body in bytes (beyond it 413)' }),
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces); with it, a span per call is exported' })),
   OTEL_EXPORTER_OTLP_ENDPOINT: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'OTLP/HTTP base URL; traces go to <it>/v1/traces (the _TRACES_ variable wins)' })),

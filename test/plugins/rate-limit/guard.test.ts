@@ -204,3 +204,21 @@ t.test('a request whose client reset the connection at once is no 500 of the gua
   await new Promise(resolve => setTimeout(resolve, 300))
   t.same(lines.filter(l => l.includes('"level":50')), [], 'no error logged')
 })
+
+t.test('BFF_TRUST_PROXY: behind a proxy, callers without a token count by their own address', async t => {
+  // Before, nothing could set trustProxy: behind an ingress, every caller without a valid token
+  // (anonymous, expired, a WebSocket whose token comes in connection_init) shared the ingress's
+  // one budget, and one flood got every other such caller refused.
+  const flood = async (app: FastifyInstance): Promise<number> => {
+    for (let i = 0; i < 3; i++) await app.inject({ url: '/api/v1/ping', headers: { 'x-forwarded-for': `203.0.113.${i + 1}` } })
+    return (await app.inject({ url: '/api/v1/ping', headers: { 'x-forwarded-for': '198.51.100.7' } })).statusCode
+  }
+  t.equal(await flood(await guarded(t)), 429, 'unset: one address for all, the connection\'s')
+  t.equal(await flood(await guarded(t, { BFF_TRUST_PROXY: '1' })), 401, 'one hop: the victim\'s own budget, so its 401')
+  t.equal(await flood(await guarded(t, { BFF_TRUST_PROXY: '127.0.0.1' })), 401, 'the proxy by its address')
+  t.equal(await flood(await guarded(t, { BFF_TRUST_PROXY: '10.0.0.0/8' })), 429, 'another proxy\'s range: not believed')
+  for (const bad of ['true', '0', '65', 'any', '10.0.0.0/8, 127.0.0.1']) {
+    t.throws(() => testConfig({ BFF_TRUST_PROXY: bad }), /BFF_TRUST_PROXY/, bad)
+  }
+  t.equal(testConfig({ BFF_TRUST_PROXY: '10.0.0.0/8,::1' }).BFF_TRUST_PROXY, '10.0.0.0/8,::1')
+})
