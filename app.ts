@@ -242,6 +242,15 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   app.addSchema(ProblemSchema)
   // Every face speaks JSON: any other body is a 415, not a string handed to the pipeline.
   app.removeContentTypeParser('text/plain')
+  // An empty body under a JSON content type is an absent body, as without one: many clients set
+  // the type on every request. Fastify refused it (400 "The JSON body is empty"), a DELETE, whose
+  // input is its path and query, included.
+  const parseJson = app.getDefaultJsonParser('error', 'error')
+  app.removeContentTypeParser('application/json')
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
+    if (body === '') done(null, undefined)
+    else parseJson(request, body as string, done)
+  })
   app.setErrorHandler(errorHandler)
   app.setNotFoundHandler((request, reply) => {
     errorHandler(new MantleError('NOT_FOUND', `No route ${request.method} ${request.url.split('?')[0]}`), request, reply)

@@ -186,3 +186,21 @@ t.test('the pipeline keeps only the stages that apply to each operation', async 
   t.same(off.pipeline.entry('getDocument').stages, ['validation'])
   t.throws(() => off.pipeline.entry('nope'), /no operation nope/)
 })
+
+t.test('an empty body under a JSON content type is an absent body', async t => {
+  // Before: 400 "The JSON body is empty", a DELETE (whose input is its path) included, from any
+  // client that sets Content-Type: application/json on every request.
+  const app = await buildDemoApp(t)
+  const h = { ...bearer({ roles: ['viewer', 'editor', 'operator', 'admin'] }), 'content-type': 'application/json' }
+  const created = await app.inject({ method: 'POST', url: '/api/v1/agents', headers: h, payload: { name: 'to delete' } })
+  t.equal(created.statusCode, 201)
+  const id = created.json().id as string
+  const patched = await app.inject({ method: 'PATCH', url: `/api/v1/agents/${id}`, headers: h, payload: '' })
+  t.equal(patched.statusCode, 200, 'PATCH with no field: the agent as it is')
+  const deleted = await app.inject({ method: 'DELETE', url: `/api/v1/agents/${id}`, headers: h, payload: '' })
+  t.ok(deleted.statusCode < 300, `DELETE: ${deleted.statusCode}`)
+  const junk = await app.inject({ method: 'PATCH', url: `/api/v1/agents/${id}`, headers: h, payload: '{' })
+  t.same([junk.statusCode, junk.json().detail], [400, 'The body is not valid JSON'], 'a body that is not JSON is still refused')
+  const proto = await app.inject({ method: 'PATCH', url: `/api/v1/agents/${id}`, headers: h, payload: '{"__proto__":{"x":1}}' })
+  t.equal(proto.statusCode, 400, 'and __proto__ too')
+})
