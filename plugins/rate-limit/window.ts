@@ -13,7 +13,10 @@
 export interface WindowCount {
   /** Calls in the window with this one; `max + 1` when this one is refused. */
   current: number
-  /** Allowed: ms until the current window ends. Refused: ms until a call would be allowed. */
+  /**
+   * Allowed: ms until the current window ends, or, for the call that used the last place, until
+   * a call would be allowed again. Refused: ms until a call would be allowed.
+   */
   ttl: number
 }
 
@@ -39,7 +42,11 @@ export function hit (state: WindowState, now: number, windowMs: number, max: num
   const used = state.p * (windowMs - elapsed) / windowMs + state.c
   if (used + 1 <= max) {
     state.c++
-    return { current: Math.ceil(used) + 1, ttl: windowMs - elapsed }
+    const current = Math.ceil(used) + 1
+    // The window slides: after the last place is taken, the previous window's calls still weigh
+    // once the current one ends. Its end as RateLimit-Reset sent a client that waited for it
+    // into a refusal; the wait a refusal would name is the honest reset.
+    return { current, ttl: current >= max ? retryAfter(state, elapsed, windowMs, max) : windowMs - elapsed }
   }
   return { current: max + 1, ttl: retryAfter(state, elapsed, windowMs, max) }
 }
@@ -74,23 +81,28 @@ if w ~= index then
   c = 0
 end
 local elapsed = now - index * window
+local function retryAfter ()
+  local ttl
+  if c + 1 <= max then
+    ttl = math.ceil(window - elapsed - (max - c - 1) * window / p)
+  else
+    ttl = window - elapsed + math.ceil(window * (1 - (max - 1) / c))
+  end
+  if ttl < 1 then ttl = 1 end
+  return ttl
+end
 local used = p * (window - elapsed) / window + c
 if used + 1 <= max then
   c = c + 1
   redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p)
   redis.call('PEXPIRE', KEYS[1], window * 2)
-  return {math.ceil(used) + 1, window - elapsed}
+  local current = math.ceil(used) + 1
+  if current >= max then return {current, retryAfter()} end
+  return {current, window - elapsed}
 end
 if w ~= index then
   redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p)
   redis.call('PEXPIRE', KEYS[1], window * 2)
 end
-local ttl
-if c + 1 <= max then
-  ttl = math.ceil(window - elapsed - (max - c - 1) * window / p)
-else
-  ttl = window - elapsed + math.ceil(window * (1 - (max - 1) / c))
-end
-if ttl < 1 then ttl = 1 end
-return {max + 1, ttl}
+return {max + 1, retryAfter()}
 `

@@ -109,3 +109,16 @@ t.test('during an outage, one check at a time tries Redis again', async t => {
   t.equal(sent, 2, 'after the pause, one of ten concurrent checks went to Redis')
   t.same(counts.map(c => c.current).sort((a, b) => a - b), Array.from({ length: 10 }, (_, i) => i + 2), 'all ten answered, from memory')
 })
+
+t.test('the call that takes the last place resets when a call would pass again, not at the window\'s end', async t => {
+  // Before: its ttl (RateLimit-Reset) was the end of the fixed window, when the previous
+  // window's calls still weigh: a client that waited for it was refused.
+  const state = { w: 0, c: 0, p: 0 }
+  t.equal(hit(state, 0, 60_000, 3).ttl, 60_000, 'places left: the window\'s end')
+  hit(state, 0, 60_000, 3)
+  const last = hit(state, 0, 60_000, 3)
+  t.equal(last.current, 3)
+  t.ok(last.ttl >= 80_000 && last.ttl <= 80_001, `the last place: 80 s, when the 3 calls weigh 2 (${last.ttl})`)
+  t.equal(hit(state, 79_000, 60_000, 3).current, 4, 'refused before')
+  t.equal(hit(state, last.ttl, 60_000, 3).current, 3, 'allowed at the reset it gave')
+})

@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { buildTestApp, startTestKernel, testManifest, bearer, json, until } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
-import { opKey, tenantKey } from '../../../plugins/rate-limit/index.js'
+import { opKey, tenantKey, RedisWindowStore } from '../../../plugins/rate-limit/index.js'
 
 // Against the machine's real Redis: two gateway instances share one limit, and a Redis cut in
 // the middle of the load (a TCP proxy the test controls) costs no 5xx and no limit.
@@ -193,4 +193,20 @@ t.test('a gateway configured for Redis that cannot reach it starts and limits fr
   t.same(statuses, [200, 200, 200, 200, 200, 429, 429])
   t.equal(app.rateLimiter.fallbackActive, true)
   t.equal(lines.filter(l => l.includes('rate limits fall back to memory')).length, 1, 'logged once for the outage, not per call')
+})
+
+t.test('in Redis too, the call that takes the last place resets when a call would pass again', async t => {
+  const key = opKey('reset-' + randomUUID(), 'u', 'op')
+  const redis = await redisClient(t, [key])
+  const store = new RedisWindowStore(redis)
+  const first = await store.check(key, 60_000, 3)
+  t.ok(first.ttl <= 60_000, `places left: the window's end (${first.ttl})`)
+  await store.check(key, 60_000, 3)
+  const last = await store.check(key, 60_000, 3)
+  t.equal(last.current, 3)
+  // The window's end was first.ttl (less the time the calls took); a third of the window later.
+  t.ok(last.ttl > first.ttl + 19_000 && last.ttl <= first.ttl + 20_001, `the last place: a call passes again in ${last.ttl} ms, not at the window's end (${first.ttl} ms)`)
+  const refused = await store.check(key, 60_000, 3)
+  t.equal(refused.current, 4)
+  t.ok(Math.abs(refused.ttl - last.ttl) < 1000, 'the same wait a refusal names')
 })
