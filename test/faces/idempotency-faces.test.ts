@@ -140,3 +140,18 @@ t.test('a replayed refusal is marked as a replayed answer is, and never marks a 
   t.match(replayed.json(), { errors: [{ extensions: { code: 'NOT_FOUND' } }] })
   t.notOk(replayed.headers['idempotent-replayed'], 'GraphQL documents are not marked')
 })
+
+t.test('REST batch: call ids are unique, and a key made of one never spells another', async t => {
+  const s = await idemSetup(t, 'memory')
+  const batch = async (key: string, calls: Array<{ id: string, name: string }>) => await s.app.inject({ method: 'POST', url: '/api/v1/batch', headers: s.headers(key), payload: { calls: calls.map(c => ({ id: c.id, op: 'createItem', input: { name: c.name } })) } })
+  const dup = await batch(randomUUID(), [{ id: 'a', name: 'x' }, { id: 'a', name: 'y' }])
+  t.same([dup.statusCode, dup.json().code], [400, 'VALIDATION_FAILED'], 'two calls with one id: refused whole (before, the second was a replay or a 422 of the first)')
+  t.equal(s.calls(), 0)
+  const k = 'k-' + randomUUID()
+  const one = await batch(k, [{ id: 'a.b', name: 'first' }])
+  const two = await batch(`${k}.a`, [{ id: 'b', name: 'first' }])
+  t.notOk('replayed' in two.json().results[0], 'another key: not a replay of the first (before, both were `<k>.a.b`)')
+  t.not(two.json().results[0].result.id, one.json().results[0].result.id)
+  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']), [`${k}.a%2Eb`, `${k}.a.b`], 'the id\'s dot escaped in the Kernel\'s key')
+  t.same((await batch(k, [{ id: 'a.b', name: 'first' }])).json().results[0].replayed, true, 'and the same call replays')
+})
