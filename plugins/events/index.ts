@@ -31,7 +31,7 @@ export interface EventsOptions {
  */
 const COMMAND_TIMEOUT_MS = 1000
 const PROBE_INTERVAL_MS = 5000
-/** Events delivered here after a failed publish are recognised on the subscriber this long (ms)… */
+/** Events delivered here after a publish that timed out are recognised on the subscriber this long (ms)… */
 const UNCERTAIN_MS = 30_000
 /** …and at most this many at once. */
 const MAX_UNCERTAIN = 1000
@@ -55,7 +55,7 @@ function counters (app: FastifyInstance, bus: () => EventBus, redisUp: () => num
   const registers = [app.metrics.registry]
   const published = new Counter({ name: 'mantle_events_published_total', help: 'Kernel events accepted, by source', labelNames: ['source'] as const, registers })
   const delivered = new Counter({ name: 'mantle_events_delivered_total', help: 'Event deliveries to subscribers on this instance', labelNames: ['event'] as const, registers })
-  const dropped = new Counter({ name: 'mantle_events_dropped_total', help: 'Events not delivered: invalid payload, unknown topic, a slow consumer behind its bound, or a duplicate (an event delivered here after its publish failed, coming back from Redis)', labelNames: ['reason'] as const, registers })
+  const dropped = new Counter({ name: 'mantle_events_dropped_total', help: 'Events not delivered: invalid payload, unknown topic, a slow consumer behind its bound, or a duplicate (an event delivered here after its publish timed out, coming back from Redis)', labelNames: ['reason'] as const, registers })
   new Gauge({ name: 'mantle_event_subscriptions', help: 'Event subscriptions open on this instance', registers, collect () { this.set(bus().subscriptions) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_events_redis_up', help: '1 when the Redis event subscriber is connected and subscribed (absent without Redis)', registers, collect () { this.set(redisUp()) } }) // eslint-disable-line no-new
   return {
@@ -161,8 +161,8 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
         if (subscribed) return
       } catch (err) {
         app.log.warn({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
-        // A connection that answers nothing is dropped, and ioredis makes it again.
-        // Only then may Redis have taken the event (and ioredis sends it again on its new connection).
+        // A connection that answers nothing is dropped, and ioredis makes it again. Only then
+        // may Redis have taken the event (and ioredis sends it again on its new connection).
         if ((err as Error).message === 'Command timed out') {
           if (publisher.status === 'ready') publisher.disconnect(true)
           deliveredHere(text)
