@@ -79,13 +79,6 @@ export function closeWebSockets (this: FastifyInstance, done: () => void): void 
   done()
 }
 
-/** BFF_TRUST_PROXY as Fastify's trustProxy: the nearest `n` hops, or the addresses and ranges listed. */
-function trustedProxies (setting: string): string | ((address: string, hop: number) => boolean) {
-  if (!/^\d+$/.test(setting)) return setting
-  const hops = Number(setting)
-  return (_address, hop) => hop < hops
-}
-
 export interface BuildOptions {
   /** A compiled manifest; by default the file named by BFF_MANIFEST is loaded. */
   manifest?: Manifest
@@ -216,7 +209,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     bodyLimit: config.BFF_BODY_LIMIT,
     // The client's address (the guard's key before identity, logs) from X-Forwarded-For, through
     // the proxies named here only: believed from anyone, any client could pick its own key.
-    ...(config.BFF_TRUST_PROXY === undefined ? {} : { trustProxy: trustedProxies(config.BFF_TRUST_PROXY) }),
+    ...(config.BFF_TRUST_PROXY === undefined ? {} : { trustProxy: config.BFF_TRUST_PROXY }),
     requestIdHeader: false,
     // A request's logger becomes a pino child only when the request writes a line (request-logger.ts).
     childLoggerFactory: requestLoggerFactory,

@@ -3,6 +3,7 @@ import envSchema from 'env-schema'
 import { fileURLToPath } from 'node:url'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { isIP } from 'node:net'
 import { parsePublicKeys } from '../plugins/auth/keys.js'
 
 /** The demo manifest: the embedded default when BFF_MANIFEST is not set. */
@@ -49,7 +50,7 @@ export const ConfigSchema = Type.Object({
   BFF_JWT_AUDIENCE: Type.Optional(Type.String({ minLength: 1, description: 'required `aud` of tokens' })),
   BFF_CORS_ORIGINS: Type.Optional(Type.String({ minLength: 1, description: 'comma-separated allowed CORS origins (https://app.example.com, or *); unset: no CORS headers' })),
   // At most 256 MiB: a JSON body is read into one string, and V8 strings stop at 2^29 - 24 characters.
-  BFF_TRUST_PROXY: Type.Optional(Type.String({ pattern: '^(?:[1-9]|[1-5][0-9]|6[0-4]|[0-9A-Fa-f]*[.:][0-9A-Fa-f:.]*(?:/[0-9]{1,3})?(?:,[0-9A-Fa-f]*[.:][0-9A-Fa-f:.]*(?:/[0-9]{1,3})?)*)$', description: 'proxies in front of the gateway whose X-Forwarded-For is believed: a hop count (1..64) or comma-separated addresses and CIDR ranges' })),
+  BFF_TRUST_PROXY: Type.Optional(Type.String({ minLength: 1, description: 'addresses and CIDR ranges of the proxies in front of the gateway whose X-Forwarded-For is believed, comma-separated' })),
   BFF_BODY_LIMIT: Type.Integer({ minimum: 1, maximum: 268435456, default: 1048576, description: 'largest request body in bytes (beyond it 413)' }),
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces); with it, a span per call is exported' })),
   OTEL_EXPORTER_OTLP_ENDPOINT: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'OTLP/HTTP base URL; traces go to <it>/v1/traces (the _TRACES_ variable wins)' })),
@@ -147,6 +148,13 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
         (bad.length > 0 ? ` (bad: ${bad.map(b => JSON.stringify(b)).join(', ')})` : ''))
     }
   }
+  if (config.BFF_TRUST_PROXY !== undefined) {
+    const bad = config.BFF_TRUST_PROXY.split(',').filter(entry => !isProxyRange(entry))
+    if (bad.length > 0) {
+      throw new ConfigError(`Invalid configuration: BFF_TRUST_PROXY=${JSON.stringify(config.BFF_TRUST_PROXY)} is invalid: expected comma-separated addresses and CIDR ranges of the proxies (no hop count, no /0: a client reaching the gateway directly could then pick its own address)` +
+        ` (bad: ${bad.map(b => JSON.stringify(b)).join(', ')})`)
+    }
+  }
   // A store named redis needs the Redis to talk to.
   for (const name of ['BFF_RATE_LIMIT_STORE', 'BFF_CACHE_STORE', 'BFF_IDEMPOTENCY_STORE'] as const) {
     if (config[name] === 'redis' && config.REDIS_URL === undefined) {
@@ -240,6 +248,20 @@ export const rateLimitStore = (config: Config): 'memory' | 'redis' => storeFor(c
 const ORIGIN = /^https?:\/\/(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$/
 
 /** The entries of BFF_CORS_ORIGINS, trimmed, empty ones dropped. */
+/**
+ * An address or CIDR range of BFF_TRUST_PROXY: an IPv4 or IPv6 address, with a prefix from 1 to
+ * its width. Not a hop count, which Fastify itself refuses to honour (a client reaching the
+ * gateway directly would be believed), nor /0 (everyone).
+ */
+function isProxyRange (entry: string): boolean {
+  const [address, prefix, extra] = entry.split('/')
+  const family = isIP(address)
+  if (family === 0 || extra !== undefined) return false
+  if (prefix === undefined) return true
+  const bits = /^[0-9]{1,3}$/.test(prefix) ? Number(prefix) : -1
+  return bits >= 1 && bits <= (family === 4 ? 32 : 128)
+}
+
 export function corsOrigins (value: string): string[] {
   return value.split(',').map(o => o.trim()).filter(o => o !== '')
 }
