@@ -86,7 +86,17 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
     const props = Object.values((loose.properties ?? {}) as Record<string, JsonSchema>)
     if (props.every(p => p.type === 'string')) return passthrough
     const coerce = coercer.compile(loose)
-    return (data: unknown) => { coerce(data); return true }
+    const numeric = Object.entries((loose.properties ?? {}) as Record<string, JsonSchema>).filter(([, p]) => takesNumber(p) || (p.items !== undefined && takesNumber(p.items as JsonSchema))).map(([k]) => k)
+    if (numeric.length === 0) return (data: unknown) => { coerce(data); return true }
+    return (data: unknown) => {
+      // Ajv turns any text Number() reads into a number (`0x10`, ` 16 `, `1.6e1`, `0b11`) and ""
+      // into null, where the other faces refuse them: such a value is left as text, and the
+      // pipeline's validation refuses it as it does on every face.
+      const held = holdLooseNumbers(data as Record<string, unknown>, numeric)
+      coerce(data)
+      if (held !== null) for (const [key, value] of held) (data as Record<string, unknown>)[key] = value
+      return true
+    }
   }
 
   // Registered before this adapter when on (app.ts): their decorators say which headers exist.
@@ -206,4 +216,27 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   if (op.inputInBody) schema.body = rest
   else if (Object.keys(rest.properties as object).length > 0) schema.querystring = rest
   return schema as FastifySchema
+}
+
+/** A number as JSON writes it: what a query string or path may carry for a numeric field. */
+const DECIMAL = /^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?$/
+
+function takesNumber (schema: JsonSchema): boolean {
+  const types = Array.isArray(schema.type) ? schema.type as unknown[] : [schema.type]
+  return types.includes('number') || types.includes('integer')
+}
+
+/** Takes out of `data` the numeric fields whose text is not a decimal number; null for none. */
+function holdLooseNumbers (data: Record<string, unknown> | null, numeric: readonly string[]): Array<[string, unknown]> | null {
+  if (data === null || typeof data !== 'object') return null
+  let held: Array<[string, unknown]> | null = null
+  for (const key of numeric) {
+    const value = data[key]
+    const loose = Array.isArray(value) ? value.some(v => typeof v === 'string' && !DECIMAL.test(v)) : typeof value === 'string' && !DECIMAL.test(value)
+    if (loose) {
+      (held ??= []).push([key, value])
+      data[key] = undefined
+    }
+  }
+  return held
 }

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { createSigner } from 'fast-jwt'
-import { buildDemoApp, bearer, token, SECRET } from '../helper.js'
+import { buildDemoApp, buildTestApp, startTestKernel, testManifest, json, bearer, token, SECRET } from '../helper.js'
 
 t.test('REST reads reach the Kernel and answer only what the output schema declares', async t => {
   const app = await buildDemoApp(t)
@@ -203,4 +203,30 @@ t.test('an empty body under a JSON content type is an absent body', async t => {
   t.same([junk.statusCode, junk.json().detail], [400, 'The body is not valid JSON'], 'a body that is not JSON is still refused')
   const proto = await app.inject({ method: 'PATCH', url: `/api/v1/agents/${id}`, headers: h, payload: '{"__proto__":{"x":1}}' })
   t.equal(proto.statusCode, 400, 'and __proto__ too')
+})
+
+t.test('query and path numbers are read as on every other face: decimal only', async t => {
+  // Before, Ajv's coercion read whatever Number() reads: ?n=0x10, ' 16 ', 1.6e1 and 0b11 went to
+  // the Kernel as 16 or 3, and ?nn= as null, where tRPC, GraphQL and WebSocket refuse them.
+  const kernel = await startTestKernel(t, {
+    'GET /v1/things': (req, res) => json(res, 200, { url: req.url }),
+    'GET /v1/things/5': (req, res) => json(res, 200, { url: req.url })
+  })
+  const manifest = testManifest({
+    listThings: { type: 'query', rest: 'GET /things', kernel: 'GET /v1/things', input: { type: 'object', properties: { n: { type: 'integer' }, x: { type: 'number' }, nn: { type: ['integer', 'null'] }, ns: { type: 'array', items: { type: 'integer' } } } }, output: { type: 'object', properties: { url: { type: 'string' } } } },
+    getThing: { type: 'query', rest: 'GET /things/:id', kernel: 'GET /v1/things/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'integer' } } }, output: { type: 'object', properties: { url: { type: 'string' } } } }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const get = async (url: string) => await app.inject({ url: '/api/v1' + url, headers: bearer() })
+  for (const url of ['/things?n=0x10', '/things?n=%2016%20', '/things?n=0b11', '/things?n=%2B5', '/things?x=1.', '/things?nn=', '/things?ns=1&ns=0x2', '/things/0x5']) {
+    const res = await get(url)
+    t.same([res.statusCode, res.json().code], [400, 'VALIDATION_FAILED'], url)
+  }
+  t.match((await get('/things?n=0x10')).json().detail, /input\.n must be integer/, 'the message every face gives')
+  for (const [url, sent] of [['/things?n=16&x=-1.5e3&nn=0', '/v1/things?n=16&x=-1500&nn=0'], ['/things?ns=1&ns=2', '/v1/things?ns=1&ns=2'], ['/things/5', '/v1/things/5']]) {
+    const res = await get(url)
+    t.same([res.statusCode, res.json().url], [200, sent], `${url}: decimal numbers still read`)
+  }
+  const trpc = await app.inject({ url: '/trpc/listThings?input=' + encodeURIComponent(JSON.stringify({ n: '0x10' })), headers: bearer() })
+  t.equal(trpc.statusCode, 400, 'as tRPC')
 })
