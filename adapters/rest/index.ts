@@ -89,7 +89,7 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
     const numeric = Object.entries((loose.properties ?? {}) as Record<string, JsonSchema>).filter(([, p]) => takesNumber(p) || (p.items !== undefined && takesNumber(p.items as JsonSchema))).map(([k]) => k)
     if (numeric.length === 0) return (data: unknown) => { coerce(data); return true }
     return (data: unknown) => {
-      // Ajv turns any text Number() reads into a number (`0x10`, ` 16 `, `1.6e1`, `0b11`) and ""
+      // Ajv turns any text Number() reads into a number (`0x10`, ` 16 `, `+5`, `0b11`) and ""
       // into null, where the other faces refuse them: such a value is left as text, and the
       // pipeline's validation refuses it as it does on every face.
       const held = holdLooseNumbers(data as Record<string, unknown>, numeric)
@@ -116,8 +116,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   const entry = app.pipeline.entry(op.name)
   const pathParams = op.pathParams
   const inBody = op.inputInBody
-  const query = op.type === 'query'
-  const conditional = query && op.method === 'GET'
+  const conditional = takesIfNoneMatch(op)
   // A 304 carries the Vary its 200 would (RFC 9110 §15.4.5): @fastify/compress adds it only to a
   // body it negotiates, and a 304 has none.
   const compressing = app.hasReplyDecorator('compress')
@@ -140,8 +139,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     const ctx = new CallContext(request.id, 'rest', op, input, headers.authorization, single(headers.traceparent), op.type === 'mutation' ? idempotencyKeyOf(request) : undefined)
     // Read for every query, not only those cached at start-up: a manifest reload may add a cache
     // (the ETags then went out, but a matching If-None-Match never got its 304).
-    // GET (and HEAD) only: to any other method a matching If-None-Match is a 412, not a 304
-    // (RFC 9110 §13.1.2), and a 304 to a POST told a client to reuse what it must not cache.
+    // Before, a cached query over POST answered a matching If-None-Match with a 304.
     if (conditional) ctx.ifNoneMatch = single(headers['if-none-match'])
     let result: unknown
     try {
@@ -204,7 +202,7 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   if (concerns.idempotency && op.type === 'mutation') {
     requestHeaders['idempotency-key'] = { type: 'string', minLength: 1, maxLength: 255, pattern: '^[\\x21-\\x7e]+$', description: 'Runs the mutation once per tenant and key for 24 h; a repeat gets the stored answer with Idempotent-Replayed: true' }
   }
-  if (concerns.cache && op.cache !== null && op.method === 'GET') {
+  if (concerns.cache && op.cache !== null && takesIfNoneMatch(op)) {
     requestHeaders['if-none-match'] = { type: 'string', description: 'An ETag of an earlier answer: 304 with no body while it still matches' }
   }
   if (Object.keys(requestHeaders).length > 0) schema.headers = { type: 'object', properties: requestHeaders }
@@ -216,6 +214,14 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   if (op.inputInBody) schema.body = rest
   else if (Object.keys(rest.properties as object).length > 0) schema.querystring = rest
   return schema as FastifySchema
+}
+
+/**
+ * Whether a call of `op` reads If-None-Match: a query over GET (and HEAD, served by GET's route).
+ * To any other method a matching If-None-Match is a 412, not a 304 (RFC 9110 §13.1.2).
+ */
+function takesIfNoneMatch (op: Operation): boolean {
+  return op.type === 'query' && op.method === 'GET'
 }
 
 /** A number as JSON writes it: what a query string or path may carry for a numeric field. */

@@ -8,7 +8,7 @@ import { MantleError } from '../../errors.js'
 import type { Operation } from '../../manifest.js'
 import { MemoryIdempotencyStore } from './memory-store.js'
 import { RedisIdempotencyStore } from './redis-store.js'
-import { storeKey, type Claim, type DoneRecord, type IdempotencyStore } from './store.js'
+import { storeKey, type Claim, type DoneRecord, type IdempotencyRecord, type IdempotencyStore } from './store.js'
 import { sharedStoreHealth } from '../diagz/index.js'
 
 export { MemoryIdempotencyStore } from './memory-store.js'
@@ -123,7 +123,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       if (outcome !== null) {
         const kept: DoneRecord = { ...outcome, heldAs: token }
         await memory.complete(key, token, kept, ttlMs)
-        copyLater(key, kept, leaseMs)
+        copyLater(key, leaseMs)
         return
       }
     }
@@ -134,18 +134,16 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   // repeat to reach this instance (one reaching another instance waited for the claim's lease,
   // then ran the call again). Each is tried until Redis takes it or its claim's lease ends (the
   // claim is gone from Redis then): as many as the calls that were running when Redis failed.
-  const copies = new Map<string, { record: DoneRecord, until: number }>()
+  const copies = new Map<string, number>()
   let copier: NodeJS.Timeout | null = null
   let copying = false
   const copyAll = async (): Promise<void> => {
     if (copying || !redis!.up()) return
     copying = true
     try {
-      for (const [key, copy] of copies) {
-        // For the time the outcome has left here (never extended).
-        const held = memory.peek(key)
-        const ttl = held?.record.state === 'done' ? Math.floor(held.ttlMs) : 0
-        if (copy.until > performance.now() && ttl > 0) await shared!.seed(key, copy.record, ttl)
+      for (const [key, until] of copies) {
+        const outcome = outcomeOf(memory.peek(key))
+        if (until > performance.now() && outcome !== null) await shared!.seed(key, outcome.record, outcome.ttl)
         copies.delete(key)
       }
     } catch {
@@ -158,8 +156,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       }
     }
   }
-  const copyLater = (key: string, record: DoneRecord, leaseMs: number): void => {
-    copies.set(key, { record, until: performance.now() + leaseMs })
+  const copyLater = (key: string, leaseMs: number): void => {
+    copies.set(key, performance.now() + leaseMs)
     if (copier === null) {
       copier = setInterval(() => { copyAll().catch(() => {}) }, COPY_RETRY_MS)
       copier.unref()
@@ -177,10 +175,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         // holds on the calls this instance is running.
         const local = memory.peek(key)
         if (local !== undefined) {
-          const ttl = Math.floor(local.ttlMs)
-          if (local.record.state === 'done' && Number.isFinite(ttl) && ttl > 0) {
-            await settle(shared.seed(key, local.record, ttl))
-          }
+          const outcome = outcomeOf(local)
+          if (outcome !== null) await settle(shared.seed(key, outcome.record, outcome.ttl))
           return [memory, { won: false, record: local.record }]
         }
         try {
@@ -267,6 +263,13 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       }
     }
   })
+}
+
+/** An outcome the memory store holds and the ms it has left, to copy to Redis for that long (never extended). */
+function outcomeOf (held: { record: IdempotencyRecord, ttlMs: number } | undefined): { record: DoneRecord, ttl: number } | null {
+  if (held === undefined || held.record.state !== 'done') return null
+  const ttl = Math.floor(held.ttlMs)
+  return Number.isFinite(ttl) && ttl > 0 ? { record: held.record, ttl } : null
 }
 
 /** Answers a repeat with the first call's outcome, marked as replayed. */
