@@ -268,7 +268,9 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
 /** An outcome the memory store holds and the ms it has left, to copy to Redis for that long (never extended). */
 function outcomeOf (held: { record: IdempotencyRecord, ttlMs: number } | undefined): { record: DoneRecord, ttl: number } | null {
   if (held === undefined || held.record.state !== 'done') return null
-  const ttl = Math.floor(held.ttlMs)
+  // Less the LRU's clock resolution (it reads the time at most once a millisecond): the remaining
+  // time it reports may be 1 ms stale, and the copy outlived the outcome by that much.
+  const ttl = Math.floor(held.ttlMs) - 1
   return Number.isFinite(ttl) && ttl > 0 ? { record: held.record, ttl } : null
 }
 
