@@ -43,7 +43,10 @@ interface RequestContext {
 }
 
 export interface GraphqlFaceSettings {
-  /** A subscription socket that sends nothing (no connection_init) within this time is closed with 4408. */
+  /**
+   * A subscription socket that sends nothing (no connection_init) within this time is closed
+   * with 4408; one initialised without a valid identity that no subscribe brings, with 4401.
+   */
   initTimeoutMs: number
   /** WebSocket connections at /graphql on this instance; beyond it an upgrade gets 503 OVERLOADED. */
   maxConnections: number
@@ -68,7 +71,7 @@ const GRAPHQL_UPGRADES = new WeakSet<IncomingMessage>()
 export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) {
   const limits = { ...DEFAULT_SETTINGS, ...settings }
   return async function graphqlFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
-    const guard = await graphqlAdapter(app, opts, new ConnectionSlots(limits.maxConnections))
+    const guard = await graphqlAdapter(app, opts, new ConnectionSlots(limits.maxConnections), limits.initTimeoutMs)
     // mercurius keeps a socket that never sends connection_init open for ever: a client could
     // hold sockets at no cost. graphql-ws prescribes closing it with 4408 when no
     // connection_init came in time, whatever else did (a ping or a junk frame does not count).
@@ -89,10 +92,11 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
 export default createGraphqlFace()
 
 /** Registers the face; answers the screen of each subscription socket's messages. */
-async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: ConnectionSlots): Promise<(socket: WebSocket, initialised: () => void) => void> {
+/** `authTimeoutMs`: how long an initialised connection may stay without a valid identity. */
+async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: ConnectionSlots, authTimeoutMs: number): Promise<(socket: WebSocket, initialised: () => void) => void> {
   const rules = [limitsRule({ maxDepth: opts.maxDepth, maxRootFields: opts.maxCalls, maxFields: MAX_FIELDS })]
   const maxQuery = Math.min(MAX_QUERY_LENGTH, opts.bodyLimit)
-  const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules, maxQuery, maxTokens: MAX_TOKENS })
+  const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules, maxQuery, maxTokens: MAX_TOKENS, authTimeoutMs })
   // HTTP validation results are cached by mercurius per document, so this costs nothing per request.
   const httpRules = [...rules, noSubscriptionOverHttp]
 

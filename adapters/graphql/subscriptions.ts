@@ -46,6 +46,8 @@ interface Early {
   cancelled: Set<string>
   /** Hands mercurius a message past the guard. */
   deliver: (message: Buffer) => void
+  /** The `authorization` of the connection_init the guard let through (undefined: none). */
+  init: string | undefined
 }
 const early = new WeakMap<WebSocket, Early>()
 
@@ -72,6 +74,28 @@ export class GraphqlConnection {
 
   constructor (readonly socket: WebSocket, readonly upgradeAuthorization: string | undefined) {
     socket.once('close', () => this.dispose())
+  }
+
+  /**
+   * Once connection_init is in, its credentials (`own`: connection_init's, else the upgrade's)
+   * are verified and their expiry timed. A connection left without a valid identity (none, or
+   * refused) is closed with 4401 after `authTimeoutMs`, unless a subscribe brings one first
+   * (mercurius' connectionInit extension); one that does subscribe with bad credentials gets the
+   * reason, then 4401, as before. Before, only a subscribe read them: a socket that never
+   * subscribed stayed open for ever, anonymous, forged or expired, holding one of the face's
+   * connection slots (the tRPC face closes such a socket the same way).
+   */
+  open (app: FastifyInstance, own: string | undefined, authTimeoutMs: number): void {
+    try {
+      this.accept(app.identify(own))
+    } catch {
+      if (this.closed) return
+      this.expiry = setTimeout(() => {
+        this.expiry = null
+        if (this.caller === null) this.close(4401, 'Unauthorized')
+      }, authTimeoutMs)
+      this.expiry.unref()
+    }
   }
 
   /**
@@ -162,6 +186,28 @@ export interface SubscriptionSettings {
   /** Longest document (characters) and most tokens one may hold, as over HTTP. */
   maxQuery: number
   maxTokens: number
+  /** How long a connection may stay without a valid identity once initialised (then 4401). */
+  authTimeoutMs: number
+}
+
+/** The messages a client may send, per subprotocol (graphql-transport-ws, and the legacy graphql-ws). */
+const TRANSPORT_MESSAGES = new Set(['connection_init', 'ping', 'pong', 'subscribe', 'complete'])
+const LEGACY_MESSAGES = new Set(['connection_init', 'connection_terminate', 'start', 'stop'])
+
+/**
+ * `text` cut to at most `bytes` bytes of UTF-8, by whole characters: a close reason holds at
+ * most 123 bytes, and ws throws on a longer one (the connection then stayed open).
+ */
+function upTo (text: string, bytes: number): string {
+  if (Buffer.byteLength(text) <= bytes) return text
+  let cut = ''
+  let size = 0
+  for (const char of text) {
+    size += Buffer.byteLength(char)
+    if (size > bytes) break
+    cut += char
+  }
+  return cut
 }
 
 /** A refusal of a client's message, in the contract's shape. */
@@ -230,6 +276,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       }
       connection = new GraphqlConnection(socket, upgradeAuthorization(request))
       connections.set(socket, connection)
+      connection.open(app, early.get(socket)?.init ?? connection.upgradeAuthorization, settings.authTimeoutMs)
       return { connection }
     },
 
@@ -247,7 +294,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       const id = String(rawId)
       early.get(connection.socket)?.starting.delete(id)
       if (connection.operations.has(id)) {
-        connection.close(4409, `Subscriber for ${id.slice(0, 64)} already exists`)
+        connection.close(4409, `Subscriber for ${upTo(id, 64)} already exists`)
         throw new GraphQLError('Subscriber already exists', { extensions: { code: 'VALIDATION_FAILED', status: 400 } })
       }
       if (connection.operations.size >= settings.maxOperations) {
@@ -298,19 +345,32 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       const complete = transport ? 'complete' : 'stop'
       let initSeen = false
       const emit = socket.emit
-      const state: Early = { starting: new Set(), cancelled: new Set(), deliver: message => { emit.call(socket, 'message', message, false) } }
+      const state: Early = { starting: new Set(), cancelled: new Set(), deliver: message => { emit.call(socket, 'message', message, false) }, init: undefined }
       early.set(socket, state)
+      const known = transport ? TRANSPORT_MESSAGES : LEGACY_MESSAGES
+      // graphql-transport-ws closes the socket with 4400 on a message it does not define; the
+      // legacy protocol answers an error. Before, mercurius answered with its own text and none
+      // of the contract's extensions, and a `null` message threw in its handler (an error log, a
+      // close without a code).
+      const invalid = (id: unknown, reason: string): false => {
+        if (transport) socket.close(4400, reason)
+        else socket.send(JSON.stringify({ type: 'error', id: typeof id === 'string' || typeof id === 'number' ? id : null, payload: [refusal('VALIDATION_FAILED', reason)] }))
+        return false
+      }
       const admit = (data: unknown): boolean => {
         let message: unknown
         try {
           message = JSON.parse(String(data))
         } catch {
-          return true
+          return invalid(null, 'Invalid message: not JSON')
         }
-        if (message === null || typeof message !== 'object') return true
+        if (message === null || typeof message !== 'object' || Array.isArray(message)) return invalid(null, 'Invalid message: not a JSON object')
         const { id, type } = message as { id?: unknown, type?: unknown }
+        if (typeof type !== 'string' || !known.has(type)) return invalid(id, 'Invalid message: unknown type')
+        if (transport && (type === subscribe || type === complete) && (typeof id !== 'string' || id === '')) return invalid(id, `Invalid message: a ${type} needs an id string`)
         if (type === 'connection_init') {
           initSeen = true
+          state.init = initAuthorization((message as { payload?: unknown }).payload)
           initialised()
         }
         if (type === complete) {
@@ -320,7 +380,14 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           if ((operation === null || state.starting.has(key)) && state.cancelled.size < settings.maxOperations) state.cancelled.add(key)
           return false
         }
-        if (type !== subscribe || !initSeen) return true
+        if (type !== subscribe) return true
+        // graphql-transport-ws: a subscribe before connection_init closes the socket with 4401
+        // (mercurius answered a connection_error, a message of the legacy protocol only).
+        if (!initSeen) {
+          if (!transport) return true
+          socket.close(4401, 'Unauthorized')
+          return false
+        }
         const error = subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema)
         if (error === null) {
           if (state.starting.size < settings.maxOperations) state.starting.add(String(id))

@@ -3,7 +3,8 @@ import { WebSocket } from 'ws'
 import { buildApp } from '../../app.js'
 import { createGraphqlFace } from '../../adapters/graphql/index.js'
 import { startKernel } from '../../kernel/server.js'
-import { testConfig, token } from '../helper.js'
+import { createSigner } from 'fast-jwt'
+import { testConfig, token, SECRET, until } from '../helper.js'
 
 /** A gateway whose GraphQL face closes sockets left uninitialised for 150 ms; its /graphql URL. */
 async function shortTimeout (t: { teardown: (fn: () => unknown) => void }): Promise<string> {
@@ -43,7 +44,7 @@ t.test('a subscription socket that never sends connection_init is closed with 44
 // init by graphql-transport-ws) or a junk frame must not keep the socket open (any first message
 // once disarmed the timer). graphql-transport-ws: the server closes with 4408 when no
 // ConnectionInit arrived within the waiting time, whatever else arrived.
-for (const [name, first] of [['a ping', JSON.stringify({ type: 'ping' })], ['a junk frame', 'not json']] as const) {
+for (const [name, first] of [['a ping', JSON.stringify({ type: 'ping' })], ['a pong', JSON.stringify({ type: 'pong' })]] as const) {
   t.test(`an anonymous socket that sends ${name} but never connection_init is still closed with 4408`, async t => {
     const idle = new WebSocket(await shortTimeout(t), 'graphql-transport-ws') // no credentials at all
     t.teardown(() => idle.terminate())
@@ -56,3 +57,40 @@ for (const [name, first] of [['a ping', JSON.stringify({ type: 'ping' })], ['a j
     t.equal(closed, 4408, `closed with 4408 (readyState after 1 s: ${idle.readyState})`)
   })
 }
+
+// An initialised socket needs an identity: its own credentials are verified at connection_init
+// and their expiry timed. Before, only a subscribe read them: a socket that never subscribed
+// stayed open for ever, anonymous, forged or expired, holding one of the face's slots.
+t.test('an initialised socket without a valid identity is closed with 4401; one whose token expires too, subscribed or not', async t => {
+  const url = await shortTimeout(t)
+  const now = Math.floor(Date.now() / 1000)
+  // exp 3 s ago; the 5 s clock tolerance leaves it good for 1 to 2 more seconds.
+  const short = createSigner({ key: SECRET, algorithm: 'HS256', noTimestamp: true })({ sub: 'u', tid: 'T', roles: ['viewer'], exp: now - 3 })
+  const open = async (payload: Record<string, unknown>, headers: Record<string, string> = {}): Promise<{ closed: () => number | null, at: () => number }> => {
+    const socket = new WebSocket(url, 'graphql-transport-ws', { headers })
+    t.teardown(() => socket.terminate())
+    let closed: number | null = null
+    let at = 0
+    socket.on('close', c => { closed = c; at = Date.now() })
+    await new Promise(resolve => socket.once('open', resolve))
+    const ack = new Promise<string>(resolve => socket.once('message', data => resolve(String(data))))
+    socket.send(JSON.stringify({ type: 'connection_init', payload }))
+    t.match(JSON.parse(await ack), { type: 'connection_ack' })
+    return { closed: () => closed, at: () => at }
+  }
+  const started = Date.now()
+  const anonymous = await open({})
+  const forged = await open({ authorization: 'Bearer not-a-jwt' })
+  const expiringUpgrade = await open({}, { authorization: `Bearer ${short}` })
+  const expiringInit = await open({ authorization: `Bearer ${short}` })
+  const good = await open({ authorization: `Bearer ${token()}` })
+  await until(() => anonymous.closed() !== null && forged.closed() !== null, 'the sockets without an identity to close', 5000)
+  t.equal(anonymous.closed(), 4401)
+  t.equal(forged.closed(), 4401)
+  t.ok(anonymous.at() - started < 1500, 'after the face\'s timeout, not at the token\'s expiry')
+  await until(() => expiringUpgrade.closed() !== null && expiringInit.closed() !== null, 'the expired sockets to close', 5000)
+  t.equal(expiringUpgrade.closed(), 4401, 'the upgrade\'s token expired')
+  t.equal(expiringInit.closed(), 4401, 'connection_init\'s token expired')
+  await new Promise(resolve => setTimeout(resolve, 300))
+  t.equal(good.closed(), null, 'a socket with a valid token stays open')
+})

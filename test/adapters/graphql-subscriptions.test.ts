@@ -192,6 +192,16 @@ t.test('protocol abuse: duplicate ids, a second init, too many subscriptions, ju
   dup.send({ id: '1', type: 'subscribe', payload: { query: SUBSCRIPTION } })
   t.match(await dup.closed, { code: 4409, reason: 'Subscriber for 1 already exists' })
   await until(() => app.events.bus.subscriptions === 0, 'the closed connection to leave the bus')
+  // The id in the close reason is cut by bytes: 64 characters of 2 bytes each made a reason over
+  // the 123 bytes a close frame holds, ws threw, and the connection stayed open.
+  const wide = await raw(t, url)
+  wide.send(init)
+  t.match(await wide.next(), { type: 'connection_ack' })
+  wide.send({ id: 'ü'.repeat(64), type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  await until(() => app.events.bus.subscriptions === 1, 'subscription ü')
+  wide.send({ id: 'ü'.repeat(64), type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  t.same(await wide.closed, { code: 4409, reason: `Subscriber for ${'ü'.repeat(32)} already exists` })
+  await until(() => app.events.bus.subscriptions === 0, 'the closed connection to leave the bus')
 
   const twice = await raw(t, url)
   twice.send(init)
@@ -213,12 +223,29 @@ t.test('protocol abuse: duplicate ids, a second init, too many subscriptions, ju
   t.match(await many.closed, { code: 1008, reason: 'At most 2 subscriptions per connection' })
   await until(() => app.events.bus.subscriptions === 0, 'the closed connection to leave the bus')
 
-  const junk = await raw(t, url)
-  junk.send('not json')
-  t.match(await junk.next(), { type: 'error' })
-  junk.send({ type: 'subscribe', id: 'x', payload: { query: SUBSCRIPTION } })
-  t.match(await junk.next(), { type: 'connection_error' }, 'subscribe before connection_init is refused')
-  await junk.closed
+  // A message graphql-transport-ws does not define closes the socket with 4400 (mercurius
+  // answered with its own text and no extensions, and a `null` threw in its handler).
+  for (const junk of ['not json', 'null', '42', '[]', JSON.stringify({ id: '1', type: 'bogus' }), JSON.stringify({ id: '1', type: 'next', payload: {} }), JSON.stringify({ id: 7, type: 'subscribe', payload: { query: SUBSCRIPTION } })]) {
+    const socket = await raw(t, url)
+    socket.send(init)
+    t.match(await socket.next(), { type: 'connection_ack' })
+    socket.send(junk)
+    t.match(await socket.closed, { code: 4400, reason: /^Invalid message: / }, junk)
+  }
+  // A subscribe before connection_init: 4401 (mercurius sent connection_error, a legacy message).
+  const early = await raw(t, url)
+  early.send({ type: 'subscribe', id: 'x', payload: { query: SUBSCRIPTION } })
+  t.same(await early.closed, { code: 4401, reason: 'Unauthorized' }, 'subscribe before connection_init is refused')
+  // The legacy graphql-ws protocol answers such a message with an error in the contract's shape.
+  const legacy = new WebSocket(url, 'graphql-ws')
+  t.teardown(() => legacy.terminate())
+  const frames: any[] = []
+  legacy.on('message', data => frames.push(JSON.parse(String(data))))
+  await new Promise(resolve => legacy.once('open', resolve))
+  legacy.send('null')
+  legacy.send(JSON.stringify(init))
+  await until(() => frames.length === 2, 'the error and the ack')
+  t.match(frames, [{ type: 'error', id: null, payload: [{ message: 'Invalid message: not a JSON object', extensions: { code: 'VALIDATION_FAILED', status: 400 } }] }, { type: 'connection_ack' }])
 
   const big = await raw(t, url)
   big.send({ type: 'connection_init', payload: { pad: 'x'.repeat(2 * 1024 * 1024) } })
