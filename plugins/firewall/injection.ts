@@ -108,7 +108,10 @@ const DE_TARGET = any('anweisungen', 'anweisung', 'regeln', 'instruktionen', 'vo
   'systemanweisungen', 'system ?prompt', 'einschrankungen', 'beschrankungen', 'programmierung')
 const DE_MARK = any('alle', 'deine', 'ihre', 'die', 'den', 'vorherigen', 'bisherigen', 'obigen', 'vorigen', 'fruheren', 'ursprunglichen', 'sicherheits')
 
-const NO_LIMITS = any('restrictions?', 'limits?', 'limitations', 'filters?', 'censorship', 'rules', 'guidelines', 'boundaries', 'constraints', 'ethics', 'morals', 'warnings',
+// "limits" and "warnings" are the model's only with a quantifier: "write the summary with no
+// limits on creativity" and "reply without the warnings section" are ordinary requests.
+const NO_LIMITS_WEAK = any('limits?', 'warnings')
+const NO_LIMITS = any('restrictions?', 'limitations', 'filters?', 'censorship', 'rules', 'guidelines', 'boundaries', 'constraints', 'ethics', 'morals',
   'restrictions?', 'limites?', 'filtres?', 'censure', 'regles', 'restricciones', 'restriccion', 'limites', 'filtros?', 'censura', 'reglas', 'einschrankungen?', 'grenzen', 'filter', 'zensur', 'regeln')
 const NO_WORD = any('without', 'with no', 'has no', 'have no', 'free of', 'sans', 'sin', 'ohne')
 const ANY_WORD = any('any', 'all', 'the', 'your', 'its', 'aucune?', 'aucun', 'ningun[ao]?', 'jede', 'jegliche', 'jeden', 'irgendwelche')
@@ -116,6 +119,17 @@ const ANY_WORD = any('any', 'all', 'the', 'your', 'its', 'aucune?', 'aucun', 'ni
 // Subjects that make "without restrictions" about the model: answer / act / you / the AI.
 const MODEL_SUBJECT = any('answer', 'respond', 'reply', 'talk', 'act', 'behave', 'operate', 'speak', 'write', 'ai', 'assistant', 'model', 'chatbot', 'mode', 'version',
   'reponds', 'repondez', 'agis', 'agissez', 'ia', 'comporte toi', 'responde', 'responda', 'contesta', 'actua', 'antworte', 'antworten sie', 'handle', 'ki', 'agiere')
+
+// Switching the safety filters off: the verbs, what may come before the target, the targets.
+const SAFETY_VERB = any('bypass', 'circumvent', 'disable', 'turn off', 'switch off', 'override', 'deactivate', 'evade', 'get around', 'remove', 'ignore', 'lift',
+  'contourne[rz]?', 'desactive[rz]?', 'supprime[rz]?', 'evita', 'evite', 'desactiva', 'quita', 'elimina', 'salta(?:te)?', 'umgehe?', 'deaktiviere', 'schalte', 'entferne')
+const SAFETY_DET = any('the', 'all', 'any', 'los', 'las', 'die', 'alle')
+const SAFETY_POSSESSIVE = any('your', 'all your', 'tes', 'vos', 'tous tes', 'toutes tes', 'tus', 'todos tus', 'sus', 'deine', 'ihre')
+const SAFETY_QUALIFIER = any('safety', 'content', 'security', 'ethical', 'moral', 'moderation')
+// Targets that are the model's whatever precedes them.
+const SAFETY_STRONG = any('guardrails', 'safeguards', 'censorship', 'filtres (?:de securite|de contenu)', 'censure', 'filtros (?:de seguridad|de contenido)', 'censura',
+  'sicherheitsfilter', 'inhaltsfilter', 'zensur', 'sicherheitsrichtlinien', 'sicherheitsregeln')
+const SAFETY_TARGET = any('filters?', 'guidelines', 'polic(?:y|ies)', 'restrictions', 'protections', 'filtres', 'filtros', SAFETY_STRONG)
 
 const R = (type: string, score: number, source: string, view: 'words' | 'markers' = 'words'): InjectionRule =>
   Object.freeze({ type, score, view, pattern: new RegExp(source), keys: view === 'words' ? Object.freeze(wordRuleKeys(source).map(packKey)) : null })
@@ -161,7 +175,7 @@ export const INJECTION_RULES: readonly InjectionRule[] = Object.freeze([
   R('role-override', 0.85, `\\b(?:fais comme si|fais semblant|faites comme si|faites semblant|finge que|finja que|haz como si|tu so als|tun sie so als) ${gap(5)}(?:aucune?|sans|sin|ningun[ao]?|no tienes|keine|ohne) (?:restrictions?|limites?|filtres?|regles|restricciones|filtros|reglas|einschrankungen|grenzen|filter|regeln)`),
   R('role-override', 0.85, `\\b(?:agis|agissez|actua|actue|handle|agiere|verhalte dich) (?:comme|como|als) ${gap(2)}(?:ia|ki) (?:non censuree|sans (?:limites?|restrictions?|filtres?)|sin (?:censura|limites|restricciones|filtros)|malvada|malefique)`),
   R('role-override', 0.85, '\\b(?:handle|agiere|verhalte dich) als (?:eine? )?(?:unzensierte|bose|boese|uneingeschrankte) ki\\b'),
-  R('role-override', 0.8, `\\b${MODEL_SUBJECT} ${gap(3)}${NO_WORD} (?:${ANY_WORD} )?(?:${gap(1)})?(?:ethical |moral |content |safety )?${NO_LIMITS}\\b`),
+  R('role-override', 0.8, `\\b${MODEL_SUBJECT} ${gap(3)}${NO_WORD} (?:(?:${ANY_WORD} )?(?:${gap(1)})?(?:ethical |moral |content |safety )?${NO_LIMITS}|(?:any|all|your) (?:ethical |moral |content |safety )?${NO_LIMITS_WEAK})\\b`),
   R('role-override', 0.8, `\\b(?:answer|respond|reply|antworte|reponds|repondez|responde|contesta) ${gap(2)}(?:unzensiert|uncensored|unfiltered|sans censure|sin censura)\\b`),
 
   // Modes that switch the model's rules off.
@@ -171,13 +185,17 @@ export const INJECTION_RULES: readonly InjectionRule[] = Object.freeze([
   R('jailbreak-mode', 0.85, '\\b(?:jailbroken|jailbreak) (?:version|mode|ai|assistant|model)\\b|\\bsimulate a jailbroken\\b'),
 
   // Switching the safety filters off.
-  R('bypass-safety', 0.85, `\\b(?:bypass|circumvent|disable|turn off|switch off|override|deactivate|evade|get around|remove|ignore|lift|contourne[rz]?|desactive[rz]?|supprime[rz]?|evita|evite|desactiva|quita|elimina|salta(?:te)?|umgehe?|deaktiviere|schalte|entferne) (?:${any('your', 'the', 'all', 'all your', 'any', 'tes', 'vos', 'tous tes', 'toutes tes', 'tus', 'todos tus', 'sus', 'los', 'las', 'deine', 'ihre', 'die', 'alle')} )?(?:${any('safety', 'content', 'security', 'ethical', 'moral', 'moderation')} )?${any('filters?', 'guidelines', 'guardrails', 'polic(?:y|ies)', 'restrictions', 'protections', 'safeguards', 'censorship',
-    'filtres (?:de securite|de contenu)', 'censure', 'filtros (?:de seguridad|de contenido)', 'censura', 'sicherheitsfilter', 'inhaltsfilter', 'filter', 'zensur', 'sicherheitsrichtlinien', 'sicherheitsregeln')}\\b`),
+  // A bare target (filters, policy, guidelines, restrictions) is the model's only when it is
+  // marked so, by a possessive or a safety qualifier: "turn off the filter in Excel", "remove the
+  // policy number" and "remove all filters from this spreadsheet" are ordinary requests.
+  R('bypass-safety', 0.85, `\\b${SAFETY_VERB} (?:(?:${SAFETY_DET} )?${SAFETY_QUALIFIER} ${SAFETY_TARGET}|${SAFETY_POSSESSIVE} (?:${SAFETY_QUALIFIER} )?${SAFETY_TARGET}|(?:${SAFETY_DET} )?${SAFETY_STRONG})\\b`),
+  R('bypass-safety', 0.85, '\\b(?:bypass|circumvent|disable|deactivate|override|evade|turn off|switch off) all (?:restrictions|safeguards|protections)\\b'),
   R('bypass-safety', 0.85, `\\b(?:ignore|override|bypass|disable) ${gap(2)}(?:safety|content|ethical) (?:rules|guidelines|policy|policies|filters?|training)\\b`),
 
   // Asking for the system prompt.
   R('prompt-leak', 0.85, `\\b(?:reveal|show|print|tell|repeat|output|display|leak|dump|write out|give|quote|copy|paste|share|disclose|recite|spell out|provide|return|echo|list|what (?:is|are|were)|whats) ${gap(2)}(?:your|the|its) (?:full |entire |complete |exact )?(?:system|initial|original|hidden|secret|first|internal|confidential|pre ?prompt|starting) ?(?:prompt|instructions|message|rules|directives)`),
-  R('prompt-leak', 0.8, '\\b(?:repeat|reveal|print|show|output|dump|recite|quote|display|leak|disclose) (?:me )?(?:all )?(?:of )?your (?:instructions|prompt|rules|directives|guidelines)\\b'),
+  // Not "show me your instructions for brewing coffee": instructions for, on or about something.
+  R('prompt-leak', 0.8, '\\b(?:repeat|reveal|print|show|output|dump|recite|quote|display|leak|disclose) (?:me )?(?:all )?(?:of )?your (?:instructions|prompt|rules|directives|guidelines)\\b(?! (?:for|on|about|to|how) )'),
   R('new-instructions', 0.8, '\\byour new (?:instructions|task|rules|role|directives?|orders|objective|goal) (?:are|is)\\b'),
   R('prompt-leak', 0.85, '\\b(?:your|ur) (?:system ?prompt|system message|hidden prompt|hidden instructions|secret instructions|initial instructions|original instructions|system instructions|initial prompt)\\b'),
   R('prompt-leak', 0.85, '\\b(?:repeat|output|print|show|copy|echo|write out|display) (?:me )?(?:all |back )?(?:of )?(?:the |your )?(?:text|words|everything|content|all|tokens|lines?) (?:above|before this|prior to this|above this line|above this)\\b'),

@@ -57,6 +57,24 @@ function visible (s: string): string {
   return ASTRAL.test(s) ? s.replace(INVISIBLE_ASTRAL, '') : s
 }
 
+const HAS_INVISIBLE = new RegExp(INVISIBLE.source)
+const HAS_INVISIBLE_ASTRAL = new RegExp(INVISIBLE_ASTRAL.source, 'u')
+
+/**
+ * The text with each invisible character read as a space, and tag characters as the ASCII they
+ * mirror, in place; null when it holds none. The rules read it beside `rulesView`'s text, where
+ * they are removed: removed, one inside a word no longer splits it (ig\u200bnore), and read as a
+ * space, one between two words no longer joins them (ignore\u200ball previous instructions read
+ * as "ignoreall previous instructions", and every rule missed it).
+ */
+export function invisibleAsSpaces (text: string): string | null {
+  const tagged = text.includes('\udb40')
+  if (!tagged && !HAS_INVISIBLE.test(text) && !(ASTRAL.test(text) && HAS_INVISIBLE_ASTRAL.test(text))) return null
+  let s = tagged ? text.replace(TAGS, untag) : text
+  s = s.replace(INVISIBLE, ' ')
+  return ASTRAL.test(s) ? s.replace(INVISIBLE_ASTRAL, ' ') : s
+}
+
 /** Combining marks dropped (after NFD). */
 function unmarked (s: string): string {
   s = s.replace(COMBINING, '')
@@ -110,12 +128,20 @@ function foldHomoglyphs (text: string): string {
 }
 
 const isLetter = (c: number): boolean => c >= 97 && c <= 122
-const isSpacer = (c: number): boolean => c === 32 || c === 46 || c === 45 || c === 95 || c === 42 || c === 9 || c === 47 || c === 124
+// Space, tab, line breaks (letters written one a line), . - _ * / |
+const isSpacer = (c: number): boolean => c === 32 || c === 46 || c === 45 || c === 95 || c === 42 || c === 9 || c === 10 || c === 13 || c === 47 || c === 124
+
+/** The length of the spacer at `i`: one spacer character, or CR LF as one; 0 when none. */
+function spacerAt (text: string, i: number): number {
+  const c = text.charCodeAt(i)
+  if (c === 13 && text.charCodeAt(i + 1) === 10) return 2
+  return isSpacer(c) ? 1 : 0
+}
 
 /**
- * Joins letters spaced out one by one (`i g n o r e`, `i.g.n.o.r.e`): a run of at least three
- * single letters each followed by one spacer becomes one word; two or more spacers end a word,
- * so `i g n o r e   a l l` gives `ignore all`. One pass over the text.
+ * Joins letters spaced out one by one (`i g n o r e`, `i.g.n.o.r.e`, one a line): a run of at
+ * least three single letters each followed by one spacer becomes one word; two or more spacers
+ * end a word, so `i g n o r e   a l l` gives `ignore all`. One pass over the text.
  */
 export function joinSpacedLetters (text: string): string {
   let out = ''
@@ -124,12 +150,16 @@ export function joinSpacedLetters (text: string): string {
   let i = 0
   while (i < n) {
     const c = text.charCodeAt(i)
-    if (isLetter(c) && (i === 0 || !isLetter(text.charCodeAt(i - 1))) && i + 2 < n && isSpacer(text.charCodeAt(i + 1)) && isLetter(text.charCodeAt(i + 2)) && (i + 3 >= n || !isLetter(text.charCodeAt(i + 3)))) {
+    if (isLetter(c) && (i === 0 || !isLetter(text.charCodeAt(i - 1)))) {
       let word = text[i]
       let j = i
-      while (j + 2 < n && isSpacer(text.charCodeAt(j + 1)) && isLetter(text.charCodeAt(j + 2)) && (j + 3 >= n || !isLetter(text.charCodeAt(j + 3)))) {
-        word += text[j + 2]
-        j += 2
+      // j: the last letter taken; the next one is a single letter after one spacer.
+      for (;;) {
+        const gap = spacerAt(text, j + 1)
+        const k = j + 1 + gap
+        if (gap === 0 || k >= n || !isLetter(text.charCodeAt(k)) || (k + 1 < n && isLetter(text.charCodeAt(k + 1)))) break
+        word += text[k]
+        j = k
       }
       if (word.length >= 3) {
         out += text.slice(from, i) + word

@@ -1,7 +1,7 @@
 // One scan of one text: injection rules on the normalized text, secrets and personal data on
 // the raw text, and the same again inside base64 and hex runs that decode to text (bounded in
 // count, size and depth). Plain functions: the plugin only wires them into the pipeline.
-import { rulesView, normalizeForMarkers } from './normalize.js'
+import { rulesView, normalizeForMarkers, invisibleAsSpaces } from './normalize.js'
 import { INJECTION_RULES, RULE_KEYS, hasMarkerGate, matchWordRules } from './injection.js'
 import { findSpans, type Category, type Detection } from './detectors.js'
 import { charTable, hasRun } from './text.js'
@@ -88,6 +88,13 @@ function decodeRuns (text: string, depth: number, budget: Budget, out: Detection
 function detectInto (text: string, depth: number, budget: Budget, out: Detection[]): void {
   const view = rulesView(text, RULE_KEYS)
   const matched = matchWordRules(view)
+  // A text with invisible characters is read twice: without them, and with each as a space
+  // (invisibleAsSpaces). A plain text (ASCII, no control character) has none.
+  const spaced = view.plain ? null : invisibleAsSpaces(text)
+  if (spaced !== null) {
+    const also = matchWordRules(rulesView(spaced, RULE_KEYS))
+    for (let i = 0; i < also.length; i++) matched[i] |= also[i]
+  }
   // The markers view, made only when a marker gate is there (null: not looked at yet, '': none).
   let markers: string | null = null
   const rules = INJECTION_RULES
