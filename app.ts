@@ -47,6 +47,10 @@ declare module 'fastify' {
      */
     reloadManifest: () => Promise<{ applied: boolean, reasons: string[] }>
   }
+  interface FastifyContextConfig {
+    /** The route's path parameters are a call's input (REST): logs show its pattern instead. */
+    inputInPath?: boolean
+  }
 }
 
 /** The package version, read once at start-up (from the source tree or from dist/). */
@@ -462,10 +466,18 @@ export function tracesUrl (config: Readonly<Config>): string | null {
  * The request as logs show it. A query string carries a call's input (a REST query's fields,
  * tRPC's `input`, GraphQL's `query` and `variables`) and credentials (`?access_token=` on a
  * WebSocket upgrade or an EventSource, tRPC's `connectionParams`), and the default serializer
- * logs the raw URL, which redact paths cannot reach into.
+ * logs the raw URL, which redact paths cannot reach into. So does a REST path (its parameters
+ * are input: a secret there was logged even when the firewall refused the call): such a route
+ * is logged by its pattern, `/api/v1/search/:q`.
  */
 export function requestForLog (req: FastifyRequest): Record<string, unknown> {
-  return { method: req.method, url: redactUrl(req.url), host: req.host, remoteAddress: req.ip, remotePort: req.socket?.remotePort }
+  const route = req.routeOptions
+  let url = req.url
+  if (route?.config?.inputInPath === true && route.url !== undefined) {
+    const q = url.indexOf('?')
+    url = q === -1 ? route.url : route.url + url.slice(q)
+  }
+  return { method: req.method, url: redactUrl(url), host: req.host, remoteAddress: req.ip, remotePort: req.socket?.remotePort }
 }
 
 /**

@@ -106,6 +106,7 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
       method: op.method,
       url: op.path,
       schema: routeSchema(op, opts.secured, concerns),
+      config: { inputInPath: op.pathParams.length > 0 },
       validatorCompiler,
       handler: handlerFor(app, op)
     })

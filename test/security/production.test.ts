@@ -171,6 +171,9 @@ t.test('logs never carry a credential: headers, cookies, URL tokens, tRPC connec
 
   await app.inject({ url: '/api/v1/agents/a1', headers: { authorization: `Bearer ${jwt}`, cookie: 'session=COOKIE-SECRET', 'proxy-authorization': 'Basic PROXY-SECRET', 'x-api-key': 'API-KEY-SECRET' } })
   await app.inject({ url: '/api/v1/agents/zz', headers: { authorization: `Bearer ${jwt}` } })
+  // A REST path parameter is input: the route is logged by its pattern.
+  await app.inject({ url: '/api/v1/agents/PATH-SECRET-ghp_a1B2c3D4?x=1', headers: { authorization: `Bearer ${jwt}` } })
+  secrets.push('PATH-SECRET')
   await app.inject({ url: '/api/v1/agents/a1', headers: { authorization: 'Bearer junk.junk.junk' } })
   for (const q of [`access_token=${jwt}`, `ACCESS_TOKEN=${jwt}`, `access%5Ftoken=${jwt}`, `%61ccess_token=${jwt}`, `x=1&access_token=${jwt}&y=2`]) {
     await app.inject({ url: `/healthz?${q}` })
@@ -198,6 +201,8 @@ t.test('logs never carry a credential: headers, cookies, URL tokens, tRPC connec
   t.match(text, /access_token=\[redacted\]/)
   t.match(text, /access%5Ftoken=\[redacted\]/)
   t.match(text, /connectionParams=\[redacted\]/)
+  t.match(text, /"url":"\/api\/v1\/agents\/:id\?x=\[redacted\]"/, 'a REST route with path parameters: its pattern')
+  t.match(text, /"url":"\/healthz\?x=\[redacted\]/, 'other routes: their path')
   for (const secret of secrets) t.notOk(text.includes(secret), `no line carries ${secret.slice(0, 12)}...`)
   // Nor any recognisable piece of a token: its signature.
   t.notOk(text.includes(jwt.split('.')[2]), 'no token signature in the logs')
