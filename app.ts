@@ -233,7 +233,12 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // Requests Node's HTTP parser refuses (junk in the head, a head over 16 KB, a timeout).
     clientErrorHandler: answerClientError,
     routerOptions: { ignoreTrailingSlash: true, maxParamLength: 256 },
-    ajv: { customOptions: { strict: false } }
+    // An unknown key is refused, not dropped (Fastify's default removes it): a mistyped filter of
+    // GET /admin/audit (`?tenant_id=acme`) answered every tenant's entries, a `tenantId` for
+    // /admin/cache/invalidate invalidated the caller's own tenant, and a batch call's unknown key
+    // went unnoticed. Only the gateway's own routes use this Ajv: a REST operation's input is
+    // validated by the pipeline, with its manifest schema.
+    ajv: { customOptions: { strict: false, removeAdditional: false } }
   })
 
   app.addSchema(ProblemSchema)

@@ -414,6 +414,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     if (q.to !== undefined) query.to = new Date(q.to)
     const bad = unplaceable(query)
     if (bad !== null) return badRequest(reply, request, `input.${bad} is not a time this endpoint can use (a leap second?)`)
+    // As verify refuses it: a reversed range answered 200 with nothing, as if no entry were there.
+    if (query.from !== undefined && query.to !== undefined && query.from > query.to) return badRequest(reply, request, 'input.from is after input.to')
     if (q.cursor !== undefined) {
       const seq = decodeCursor(q.cursor)
       if (seq === null) return badRequest(reply, request, 'input.cursor is not a cursor this endpoint gave')

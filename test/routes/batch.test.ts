@@ -76,7 +76,9 @@ t.test('a call without a valid token is refused on its own; a bad envelope is a 
   const tooMany = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls: [1, 2, 3, 4].map(n => ({ id: String(n), op: 'listAgents' })) } })
   t.equal(tooMany.statusCode, 413)
   t.match(tooMany.json(), { code: 'PAYLOAD_TOO_LARGE', detail: 'A batch carries at most 3 calls' })
-  for (const payload of [{}, { calls: [] }, { calls: [{ op: 'listAgents' }] }, { calls: [{ id: 'a', op: 'listAgents', input: 'x' }] }, { calls: 'x' }]) {
+  for (const payload of [{}, { calls: [] }, { calls: [{ op: 'listAgents' }] }, { calls: [{ id: 'a', op: 'listAgents', input: 'x' }] }, { calls: 'x' },
+    // An unknown key, in the envelope or a call (a misspelt `input` went unnoticed: dropped).
+    { calls: [{ id: 'a', op: 'listAgents' }], atomic: true }, { calls: [{ id: 'a', op: 'getAgent', inputs: { id: 'a1' } }] }]) {
     const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload })
     t.equal(res.statusCode, 400, JSON.stringify(payload))
     t.match(res.json(), { code: 'VALIDATION_FAILED' })

@@ -271,8 +271,9 @@ for (const { store, env } of STORES) {
     const forbidden = await app.inject({ method: 'POST', url: '/admin/cache/invalidate', headers, payload: { tags: ['items'] } })
     t.equal(forbidden.statusCode, 403)
     t.equal(forbidden.json().code, 'FORBIDDEN')
-    // A tenant no token could name (a lone surrogate made the key's encoding throw: 500).
-    for (const payload of [{}, { tags: [] }, { tags: [''] }, { tags: [{}] }, { tags: ['x'], tenant: '' }, { tags: ['x'], tenant: '\ud800' }, { tags: ['x'], tenant: 'a\nb' }, { tags: ['x'], tenant: ' acme' }]) {
+    // A tenant no token could name (a lone surrogate made the key's encoding throw: 500), and an
+    // unknown key (`tenantId`, dropped, invalidated the caller's own tenant instead).
+    for (const payload of [{}, { tags: [] }, { tags: [''] }, { tags: [{}] }, { tags: ['x'], tenant: '' }, { tags: ['x'], tenant: '\ud800' }, { tags: ['x'], tenant: 'a\nb' }, { tags: ['x'], tenant: ' acme' }, { tags: ['x'], tenantId: 'acme' }]) {
       const bad = await app.inject({ method: 'POST', url: '/admin/cache/invalidate', headers: system, payload })
       t.equal(bad.statusCode, 400, JSON.stringify(payload))
       t.equal(bad.json().code, 'VALIDATION_FAILED')
