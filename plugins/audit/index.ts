@@ -3,7 +3,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import { Counter, Gauge, Histogram } from 'prom-client'
 import { StageOrder, type CallContext, type Protocol } from '../pipeline/index.js'
-import { toProblem } from '../../errors.js'
+import { MantleError, toProblem } from '../../errors.js'
 import { ConfigError } from '../../schemas/config.js'
 import type { Operation } from '../../manifest.js'
 import { type AuditEntry, type AuditStore, type AuditQuery, type Category, categoryOf } from './entry.js'
@@ -125,6 +125,28 @@ function protocolOf (url: string): AuditEntry['protocol'] {
   if (url.startsWith('/trpc')) return 'trpc'
   if (url.startsWith('/graphql')) return 'graphql'
   return 'http'
+}
+
+// SQLSTATE classes of a PostgreSQL that cannot answer now: connection exceptions (08),
+// insufficient resources (53), operator intervention (57: a cancelled statement, a shutdown).
+const UNAVAILABLE_STATES = /^(?:08|53|57)/
+// What node-postgres throws when it cannot reach the server or stops waiting for it.
+const UNREACHABLE = /timeout|terminated|ECONN|ENOTFOUND|EHOSTUNREACH|EPIPE/i
+
+/**
+ * A read of the audit trail whose PostgreSQL could not answer (unreachable, or past the reads'
+ * timeout: a filter by action or status alone is a scan of the whole table) is a 503 with
+ * Retry-After: nothing is wrong with the request, nor with the gateway. It was a 500 INTERNAL.
+ */
+export async function answered<T> (read: () => Promise<T>): Promise<T> {
+  try {
+    return await read()
+  } catch (err) {
+    const { code, message } = err as { code?: unknown, message?: unknown }
+    const unavailable = typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code) ? UNAVAILABLE_STATES.test(code) : UNREACHABLE.test(`${String(code)} ${String(message)}`)
+    if (!unavailable) throw err
+    throw new MantleError('OVERLOADED', 'The audit trail\'s database did not answer in time: retry later, or narrow the query (from and to, tenant)', { headers: { 'retry-after': '5' }, cause: err })
+  }
 }
 
 const DateTime = { type: 'string', format: 'date-time' } as const
@@ -421,7 +443,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       if (seq === null) return badRequest(reply, request, 'input.cursor is not a cursor this endpoint gave')
       query.beforeSeq = seq
     }
-    const page = await store.query(query)
+    const page = await answered(() => store.query(query))
     return {
       entries: page.entries.map(e => ({ ...e, timestamp: new Date(e.timestamp).toISOString() })),
       nextCursor: page.nextSeq === null ? null : encodeCursor(page.nextSeq)
@@ -455,7 +477,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     const bad = unplaceable({ from, to })
     if (bad !== null) return badRequest(reply, request, `input.${bad} is not a time this endpoint can use (a leap second?)`)
     if (from !== undefined && to !== undefined && from > to) return badRequest(reply, request, 'input.from is after input.to')
-    return await store.verify({ from, to })
+    return await answered(async () => await store.verify({ from, to }))
   })
 
   // Retention: the oldest entries go in small batches, each its own short transaction.

@@ -233,12 +233,16 @@ export class PostgresAuditStore implements AuditStore {
   private readonly reads: pg.Pool
 
   constructor (opts: PostgresStoreOptions) {
-    const pool = (max: number, name: string): pg.Pool => {
+    const pool = (max: number, name: string, serverTimeout: boolean): pg.Pool => {
       const p = new pg.Pool({
         connectionString: opts.databaseUrl,
         max,
         connectionTimeoutMillis: opts.connectTimeoutMs ?? 2000,
         query_timeout: opts.queryTimeoutMs ?? 10000,
+        // The reads' statements end on the server too: pg's query_timeout only stops waiting, and
+        // a query of a large table went on scanning (with its parallel workers) after its 500,
+        // each retry adding one more.
+        ...(serverTimeout ? { statement_timeout: opts.queryTimeoutMs ?? 10000 } : {}),
         idleTimeoutMillis: 10000,
         keepAlive: true,
         application_name: name
@@ -249,8 +253,8 @@ export class PostgresAuditStore implements AuditStore {
       p.on('connect', client => { client.on('error', () => {}) })
       return p
     }
-    this.pool = pool(2, 'mantle-audit')
-    this.reads = pool(2, 'mantle-audit-reads')
+    this.pool = pool(2, 'mantle-audit', false)
+    this.reads = pool(2, 'mantle-audit-reads', true)
   }
 
   /**
@@ -340,6 +344,7 @@ export class PostgresAuditStore implements AuditStore {
 
   async verify (range: { from?: Date, to?: Date }): Promise<VerifyResult> {
     const client = await this.reads.connect()
+    let broken = false
     try {
       // One snapshot: writers may go on while the walk runs.
       await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY')
@@ -383,9 +388,15 @@ export class PostgresAuditStore implements AuditStore {
         walker.endsAt(n === undefined ? null : fromRow(n), Number(chain.head_seq), chain.head_hash, n?.whole_ms ?? true)
       }
       return walker.result()
+    } catch (err) {
+      broken = true
+      throw err
     } finally {
-      await client.query('COMMIT').catch(() => {})
-      client.release()
+      if (!broken) await client.query('COMMIT').catch(() => { broken = true })
+      // A connection whose query failed (a timeout, say: pg then drops the COMMIT queued behind
+      // it) may still be inside the read-only transaction: handed out again, GET /admin/audit
+      // read its old snapshot and missed every entry written since. It is destroyed instead.
+      client.release(broken)
     }
   }
 

@@ -4,6 +4,7 @@ import { buildApp } from '../../../app.js'
 import { loadConfig, productionProblems, ConfigError } from '../../../schemas/config.js'
 import { MantleError } from '../../../errors.js'
 import { StageOrder } from '../../../plugins/pipeline/index.js'
+import { answered } from '../../../plugins/audit/index.js'
 import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, buildDemoApp, drained, SECRET } from '../../helper.js'
 import { entries, type Row } from './entries.js'
@@ -138,4 +139,17 @@ t.test('configuration: defaults, bad values, postgres without DATABASE_URL, prod
   t.same(prod({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: 'postgres://db/audit' }), [])
   await t.rejects(buildApp(testConfig({ NODE_ENV: 'production' }), { logger: false }), ConfigError)
   await t.rejects(buildApp(testConfig({ NODE_ENV: 'production' }), { logger: false }), /Refusing to start in production: BFF_AUDIT_STORE is memory/)
+})
+
+t.test('a read the audit\'s PostgreSQL cannot answer now is a 503; any other failure stays what it is', async t => {
+  const failing = (err: unknown) => async () => { throw err }
+  const pgError = (code: string): Error => Object.assign(new Error('from the server'), { code })
+  for (const err of [pgError('57014'), pgError('08006'), pgError('53300'), pgError('57P01'), new Error('Query read timeout'), new Error('Connection terminated unexpectedly'),
+    Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:1'), { code: 'ECONNREFUSED' }), new Error('timeout exceeded when trying to connect')]) {
+    await t.rejects(answered(failing(err)), { code: 'OVERLOADED', statusCode: 503, headers: { 'retry-after': '5' } }, err.message + ' ' + String((err as { code?: string }).code))
+  }
+  for (const err of [pgError('42P01'), pgError('23505'), new TypeError('x is not a function')]) {
+    await t.rejects(answered(failing(err)), err, `${String((err as { code?: string }).code)}: as it is`)
+  }
+  t.equal(await answered(async () => 7), 7)
 })

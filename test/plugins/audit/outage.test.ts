@@ -112,11 +112,20 @@ if (available) {
     const ids = Array.from({ length: 20 }, (_, i) => `down-${i}`)
     for (const id of ids) t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: { ...bearer(), 'x-request-id': id } })).statusCode, 200)
     await until(() => app.audit.health().spoolBytes > 0, 'entries in the spool')
+    // The admin reads answer 503 with Retry-After meanwhile (they were a 500 INTERNAL).
+    for (const [method, url] of [['GET', '/admin/audit'], ['POST', '/admin/audit/verify']] as const) {
+      // Audited themselves, as every call.
+      ids.push(`admin-${method}`)
+      const res = await app.inject({ method, url, headers: { ...bearer(), 'x-request-id': `admin-${method}` } })
+      t.equal(res.statusCode, 503, `${method} ${url}`)
+      t.equal(res.headers['retry-after'], '5')
+      t.match(res.json(), { code: 'OVERLOADED', detail: /did not answer in time/ })
+    }
     proxy.restore()
     const direct = databaseUrl(name)
     for (let i = 0; i < 1500; i++) {
       const tables = await sql(direct, "SELECT 1 FROM pg_tables WHERE tablename = 'bff_audit_entries'")
-      if (tables.length > 0 && (await rowsOf(direct)).length >= 20) break
+      if (tables.length > 0 && (await rowsOf(direct)).length >= ids.length) break
       await new Promise(resolve => setTimeout(resolve, 20))
     }
     t.same((await rowsOf(direct)).sort(), ids.sort())

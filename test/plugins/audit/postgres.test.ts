@@ -1,4 +1,5 @@
 import t, { type Test } from 'tap'
+import pg from 'pg'
 import { randomUUID } from 'node:crypto'
 import { spawnSync } from 'node:child_process'
 import { cpSync, mkdirSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs'
@@ -312,6 +313,32 @@ if (available) {
     t.same(await store.verify({}), { ok: true, checked: 2, firstBroken: null })
     const names = (await sql<{ name: string }>(url, "SELECT DISTINCT application_name AS name FROM pg_stat_activity WHERE application_name LIKE 'mantle-audit%' AND datname = current_database() ORDER BY 1")).map(r => r.name)
     t.same(names, ['mantle-audit', 'mantle-audit-reads'])
+  })
+
+  t.test('the store itself: a verify that times out leaves no read connection in its snapshot; reads end on the server too', async t => {
+    // A query that timed out made pg drop the COMMIT behind it, and the connection went back to
+    // the pool inside the read-only transaction: GET /admin/audit on it read the old snapshot.
+    const url = databaseUrl(await createTestDatabase(t))
+    await migrate(url)
+    const store = new PostgresAuditStore({ databaseUrl: url, queryTimeoutMs: 500 })
+    t.teardown(() => store.close())
+    await store.write([entry(), entry(), entry()])
+    const locker = new pg.Client({ connectionString: url })
+    await locker.connect()
+    t.teardown(() => locker.end())
+    await locker.query('BEGIN')
+    await locker.query('LOCK TABLE bff_audit_entries IN ACCESS EXCLUSIVE MODE')
+    await t.rejects(store.verify({}), 'the verify times out')
+    await locker.query('COMMIT')
+    await store.write([entry(), entry(), entry()])
+    for (let round = 0; round < 4; round++) {
+      const seen = await Promise.all([store.query({ limit: 50 }), store.query({ limit: 50 })])
+      t.same(seen.map(page => page.entries.length), [6, 6], `round ${round}: every read sees every entry`)
+    }
+    const stuck = await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'mantle-audit-reads' AND state = 'idle in transaction'")
+    t.equal(Number(stuck[0].n), 0, 'no read connection idles in a transaction')
+    const reads = (store as unknown as { reads: pg.Pool }).reads
+    t.equal((await reads.query<{ statement_timeout: string }>('SHOW statement_timeout')).rows[0].statement_timeout, '500ms', 'the server ends a read at the same timeout')
   })
 
   t.test('the store itself: duplicates within one batch, and any text in any column, are stored as given', async t => {
