@@ -3,7 +3,7 @@ import type { FastifyInstance } from 'fastify'
 import type { WebSocket } from 'ws'
 import type { IncomingMessage } from 'node:http'
 import { monitorEventLoopDelay } from 'node:perf_hooks'
-import { PROTOCOLS, type Protocol, type Stage, type Next } from '../pipeline/index.js'
+import { PROTOCOLS, type Protocol, type Stage, type Next, type CallContext } from '../pipeline/index.js'
 import { RollingWindow, percentiles, type WindowSummary } from './histogram.js'
 
 // /diagz (CONTRACT §6): what an operator asks one instance, answered from counters kept as calls
@@ -240,14 +240,25 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
     name: 'diagz',
     order: -1,
     build () {
-      return (ctx, next) => next(ctx).then(value => {
-        record(ctx.protocol, (performance.now() - ctx.startedAt) * 1000, 0)
-        if (ctx.cache !== null) cache[ctx.cache]++
-        return value
-      }, (err: unknown) => {
+      const failed = (ctx: CallContext, err: unknown): never => {
         record(ctx.protocol, (performance.now() - ctx.startedAt) * 1000, outcomeOf(err))
         throw err
-      })
+      }
+      return (ctx, next) => {
+        let pending: Promise<unknown>
+        try {
+          pending = next(ctx)
+        } catch (err) {
+          // Checking stages throw synchronously (identity, roles, validation): with no async
+          // stage between (metrics off), their refusals were never counted.
+          return failed(ctx, err)
+        }
+        return pending.then(value => {
+          record(ctx.protocol, (performance.now() - ctx.startedAt) * 1000, 0)
+          if (ctx.cache !== null) cache[ctx.cache]++
+          return value
+        }, (err: unknown) => failed(ctx, err))
+      }
     }
   })
   app.pipeline.instrument((name, _op, stage) => {

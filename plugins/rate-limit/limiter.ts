@@ -54,9 +54,13 @@ export class RateLimiter {
     this.retryRedisMs = options.retryRedisMs ?? 1000
   }
 
-  /** True while Redis is configured and checks are answered from memory. */
+  /**
+   * True while Redis is configured and checks are answered from memory: after a failed check,
+   * until one succeeds or Redis' connection is ready again, and whenever it is not ready (a
+   * check would go to memory: from start-up without traffic, the gauge said 0).
+   */
   get fallbackActive (): boolean {
-    return this.outage
+    return this.redis !== null && (this.outage || !this.up())
   }
 
   /** Keys the memory store holds (the embedded store, or the fallback's). */
@@ -90,6 +94,9 @@ export class RateLimiter {
    */
   reconnected (): void {
     this.pausedUntil = 0
+    // The outage is over now, not at the next check: without traffic the fallback gauge (and
+    // /diagz, and the alert on it) stayed at 1 for as long as no guarded call came.
+    if (this.outage) this.recovered()
   }
 
   private local (scope: Scope, key: string, windowMs: number, max: number): WindowCount {

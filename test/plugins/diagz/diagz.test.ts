@@ -74,6 +74,22 @@ t.test('calls of every face are counted with their outcome, latency and the stag
   t.match(report.eventLoop, { delayP99Ms: Number })
 })
 
+t.test('refusals of the checking stages are counted with metrics on and off', async t => {
+  // Identity, roles and validation throw synchronously: with no async stage between them and
+  // diagz (metrics off), their refusals skipped the count.
+  for (const metrics of [true, false]) {
+    const app = await buildDemoApp(t, { BFF_METRICS_ENABLED: metrics })
+    const statuses: number[] = [(await app.inject({ url: '/api/v1/agents/a1', headers: system })).statusCode]
+    for (let i = 0; i < 3; i++) statuses.push((await app.inject({ url: '/api/v1/agents/a1' })).statusCode)
+    for (let i = 0; i < 2; i++) statuses.push((await app.inject({ method: 'POST', url: '/api/v1/agents', headers: system, payload: { name: 'x' } })).statusCode)
+    for (let i = 0; i < 2; i++) statuses.push((await app.inject({ method: 'POST', url: '/api/v1/agents', headers: bearer(), payload: { nope: 1 } })).statusCode)
+    t.same(statuses, [200, 401, 401, 401, 403, 403, 400, 400], `metrics ${metrics}: the answers`)
+    const report = (await app.inject({ url: '/diagz', headers: system })).json()
+    t.equal(report.lastMinute.calls, 8, `metrics ${metrics}: every call in the window`)
+    t.match(report.adapters.rest, { calls: 8, refused: 7, errors: 0 }, `metrics ${metrics}: every refusal counted`)
+  }
+})
+
 t.test('the cache hit rate comes from the call outcome any cache stage records', async t => {
   const kernel = await startTestKernel(t, { 'GET /v1/items/ok': (_req, res) => json(res, 200, { id: 'ok' }) })
   const manifest = testManifest({

@@ -171,6 +171,10 @@ t.test('after a failed check, limits go back to Redis as soon as its connection 
   await until(() => !app.redis.up(), 'the connection to drop')
   proxy.restore()
   await until(() => app.redis.up(), 'the connection to be ready again', 10_000)
+  // Over once Redis is ready, before any call: without traffic the gauge (and /diagz, and the
+  // alert on it) stayed at 1 until a guarded call came.
+  t.equal(app.rateLimiter.fallbackActive, false, 'over without a call')
+  t.equal(await metric(app, 'mantle_rate_limit_fallback_active'), 0)
   t.equal(await call(), 200)
   t.equal(app.rateLimiter.fallbackActive, false, 'counted in Redis again')
   t.ok(await metric(app, 'mantle_rate_limit_checks_total{scope="op",store="redis"}') >= 2)
@@ -187,6 +191,8 @@ t.test('a gateway configured for Redis that cannot reach it starts and limits fr
     logger: undefined,
     logStream: { write: (line: string) => { lines.push(line) } }
   })
+  // Checks would go to memory: the fallback is active before any (it said 0 until one came).
+  t.equal(app.rateLimiter.fallbackActive, true, 'active from start-up, without traffic')
   const headers = bearer({ tenant: 'rl-' + randomUUID(), user: 'u1' })
   const statuses = []
   for (let i = 0; i < 7; i++) statuses.push((await app.inject({ url: '/api/v1/tight', headers })).statusCode)
