@@ -86,6 +86,12 @@ function waitOf (headers: Record<string, string>): number {
   return Number.isFinite(seconds) ? seconds : 0
 }
 
+/**
+ * The challenge of a 401 (RFC 9110 §11.6.1: a 401 carries WWW-Authenticate; RFC 6750 names the
+ * scheme). identity.ts gives a refused token's its `error`; every other 401 gets this one.
+ */
+export const CHALLENGE: Readonly<Record<string, string>> = Object.freeze({ 'www-authenticate': 'Bearer' })
+
 export function problemType (code: ErrorCode): string {
   return 'urn:mantle:problem:' + code.toLowerCase().replace(/_/g, '-')
 }
@@ -125,7 +131,7 @@ export function toProblem (err: unknown, requestId: string): { problem: Problem,
   if (err instanceof MantleError) {
     return {
       problem: { type: problemType(err.code), title: ErrorCodes[err.code].title, status: err.statusCode, code: err.code, detail: err.message, requestId },
-      headers: err.headers
+      headers: err.code === 'UNAUTHENTICATED' && err.headers?.['www-authenticate'] === undefined ? { ...err.headers, ...CHALLENGE } : err.headers
     }
   }
   const e = (err ?? {}) as FastifyLikeError

@@ -36,7 +36,8 @@ t.test('every code has its contract status and a urn type', async t => {
     t.type(err, Error)
     const { problem, headers } = toProblem(err, RID)
     t.same(problem, { type: problemType(code), title: ErrorCodes[code].title, status, code, detail: ErrorCodes[code].title, requestId: RID }, `${code} problem`)
-    t.equal(headers, null)
+    // A 401 carries its challenge (RFC 9110 §11.6.1).
+    t.same(headers, code === 'UNAUTHENTICATED' ? { 'www-authenticate': 'Bearer' } : null, `${code} headers`)
   }
   t.equal(problemType('NOT_FOUND'), 'urn:mantle:problem:not-found')
   t.equal(problemType('IDEMPOTENCY_KEY_REUSED'), 'urn:mantle:problem:idempotency-key-reused')

@@ -81,7 +81,11 @@ function tokenHeader (token: string): { alg: unknown, kid: unknown } | undefined
   }
 }
 
-const refuse = (why: string): MantleError => new MantleError('UNAUTHENTICATED', 'The token was refused: ' + why)
+// RFC 6750 §3.1: a token that was sent and refused is an invalid_token, a header that is not
+// "Bearer <token>" an invalid_request (a missing token gets the bare challenge, errors.ts).
+const INVALID_TOKEN = Object.freeze({ 'www-authenticate': 'Bearer error="invalid_token"' })
+const INVALID_REQUEST = Object.freeze({ 'www-authenticate': 'Bearer error="invalid_request"' })
+const refuse = (why: string): MantleError => new MantleError('UNAUTHENTICATED', 'The token was refused: ' + why, { headers: INVALID_TOKEN })
 
 /**
  * A verifier of bearer tokens to identities (CONTRACT §2). Throws UNAUTHENTICATED.
@@ -153,7 +157,7 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
   const identify = function identify (authorization: string | undefined): Identity {
     if (authorization === undefined || authorization === '') throw new MantleError('UNAUTHENTICATED', 'A bearer token is required')
     if (authorization.length < 8 || authorization.slice(0, 7).toLowerCase() !== 'bearer ') {
-      throw new MantleError('UNAUTHENTICATED', 'The Authorization header must be "Bearer <token>"')
+      throw new MantleError('UNAUTHENTICATED', 'The Authorization header must be "Bearer <token>"', { headers: INVALID_REQUEST })
     }
     const token = authorization.slice(7).trim()
     const hit = verified.get(token)
@@ -190,19 +194,19 @@ export const HEADER_SAFE = /^[\x21-\x7e\xa1-\xff](?:[\t\x20-\x7e\xa0-\xff]{0,254
 function toIdentity (claims: Record<string, unknown>, toleranceMs: number): Identity {
   const { sub, tid, roles = [], zone = 'public' } = claims
   if (typeof sub !== 'string' || sub === '' || typeof tid !== 'string' || tid === '') {
-    throw new MantleError('UNAUTHENTICATED', 'The token was refused: sub and tid must be non-empty strings')
+    throw refuse('sub and tid must be non-empty strings')
   }
   if (!HEADER_SAFE.test(sub) || !HEADER_SAFE.test(tid)) {
-    throw new MantleError('UNAUTHENTICATED', 'The token was refused: sub and tid must be visible characters (they travel as x-user-id and x-tenant-id)')
+    throw refuse('sub and tid must be visible characters (they travel as x-user-id and x-tenant-id)')
   }
   if (!Array.isArray(roles) || !roles.every(r => typeof r === 'string')) {
-    throw new MantleError('UNAUTHENTICATED', 'The token was refused: roles must be an array of strings')
+    throw refuse('roles must be an array of strings')
   }
   if (!roles.every(r => HEADER_SAFE.test(r) && !r.includes(','))) {
-    throw new MantleError('UNAUTHENTICATED', 'The token was refused: each role must be visible characters without a comma (they travel as x-user-roles)')
+    throw refuse('each role must be visible characters without a comma (they travel as x-user-roles)')
   }
   if (typeof zone !== 'string' || !Object.hasOwn(ZONE_RANK, zone)) {
-    throw new MantleError('UNAUTHENTICATED', 'The token was refused: zone must be public, internal or restricted')
+    throw refuse('zone must be public, internal or restricted')
   }
   return Object.freeze({ tenant: tid, user: sub, roles: Object.freeze([...roles as string[]]), zone: zone as Zone, expiresAt: (claims.exp as number) * 1000 + toleranceMs })
 }

@@ -35,3 +35,17 @@ t.test('the scheme is case-insensitive and the token may be padded', async t => 
   t.throws(() => identify('Bearer'), { message: /must be "Bearer <token>"/ })
   t.throws(() => identify(''), { message: /bearer token is required/ })
 })
+
+t.test('a 401 carries its challenge: WWW-Authenticate, with RFC 6750\'s error when a token was sent', async t => {
+  const { buildDemoApp, bearer } = await import('../../helper.js')
+  const app = await buildDemoApp(t)
+  const forged = `Bearer ${mintToken('another-secret-of-at-least-32-bytes-long', { tenant: 't', user: 'x' })}`
+  for (const [authorization, challenge] of [[undefined, 'Bearer'], [forged, 'Bearer error="invalid_token"'], ['Basic dXNlcjpwYXNz', 'Bearer error="invalid_request"']] as const) {
+    for (const url of ['/api/v1/agents/a1', '/diagz', '/trpc/getAgent?input=%7B%22id%22%3A%22a1%22%7D']) {
+      const res = await app.inject({ url, headers: authorization === undefined ? {} : { authorization } })
+      t.equal(res.statusCode, 401, `${url} ${authorization ?? '(none)'}`)
+      t.equal(res.headers['www-authenticate'], challenge, `${url} ${authorization ?? '(none)'}: the challenge`)
+    }
+  }
+  t.equal((await app.inject({ url: '/api/v1/agents/a1', headers: bearer() })).headers['www-authenticate'], undefined, 'none on an answer')
+})
