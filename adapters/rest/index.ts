@@ -22,24 +22,41 @@ interface HeaderConcerns { cache: boolean, idempotency: boolean, rateLimit: bool
 
 type HeaderDoc = Record<string, { type: 'string', description: string }>
 
+// The OpenAPI document is built once, from the routes' schemas, while a manifest reload may
+// give an operation a cache or a rate limit, or take them away: what those concerns add is
+// documented for every operation they may apply to (headers a response "may" carry), not only
+// for those that had them at start-up, so that no reload makes the document untrue.
+
+/** Whether a call of `op` may be cached: a query over GET (the cache plugin on). */
+const mayCache = (op: Operation, on: HeaderConcerns): boolean => on.cache && takesIfNoneMatch(op)
+
+const RATE_LIMIT_HEADERS: HeaderDoc = {
+  'RateLimit-Limit': { type: 'string', description: 'Calls allowed per window (an operation with a limit, or the gateway\'s own)' },
+  'RateLimit-Remaining': { type: 'string', description: 'Calls left in the window' },
+  'RateLimit-Reset': { type: 'string', description: 'Seconds until the window frees a call' }
+}
+
 /** The response headers a 2xx answer of `op` may carry, for the OpenAPI document only. */
 function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
   const doc: HeaderDoc = { 'x-request-id': { type: 'string', description: 'The request id: the client\'s x-request-id when it is plain and short, else one the gateway made' } }
-  if (on.cache && op.cache !== null) {
-    doc['x-cache'] = { type: 'string', description: 'hit, miss or stale: where the answer came from' }
-    doc.ETag = { type: 'string', description: 'A weak tag of the answer (W/"…"); send it back in If-None-Match for a 304' }
-    doc['Cache-Control'] = { type: 'string', description: 'private, max-age=<seconds of freshness left> (0 when stale)' }
+  if (mayCache(op, on)) {
+    doc['x-cache'] = { type: 'string', description: 'hit, miss or stale: where the answer came from (when the operation is cached)' }
+    doc.ETag = { type: 'string', description: 'A weak tag of the answer (W/"…"); send it back in If-None-Match for a 304 (when the operation is cached)' }
+    doc['Cache-Control'] = { type: 'string', description: 'private, max-age=<seconds of freshness left> (0 when stale; when the operation is cached)' }
     doc.Vary = { type: 'string', description: 'authorization (the answer is the token\'s), and accept-encoding when compressed' }
   }
   if (on.idempotency && op.type === 'mutation') {
     doc['Idempotent-Replayed'] = { type: 'string', description: 'true when the answer is the stored one of an earlier call with the same Idempotency-Key' }
   }
-  if (on.rateLimit && op.rateLimit !== null) {
-    doc['RateLimit-Limit'] = { type: 'string', description: 'Calls allowed per window' }
-    doc['RateLimit-Remaining'] = { type: 'string', description: 'Calls left in the window' }
-    doc['RateLimit-Reset'] = { type: 'string', description: 'Seconds until the window frees a call' }
-  }
+  if (on.rateLimit) Object.assign(doc, RATE_LIMIT_HEADERS)
   return doc
+}
+
+/** A 429's own entry: its Retry-After and RateLimit-* (a 4XX documents no header). */
+const tooManyRequests = {
+  description: 'RATE_LIMITED: the operation\'s limit, or the gateway\'s, is reached; retry after Retry-After seconds',
+  headers: { 'Retry-After': { type: 'string', description: 'Seconds to wait before a call may pass' }, ...RATE_LIMIT_HEADERS },
+  content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } }
 }
 
 export function single (value: string | string[] | undefined): string | undefined {
@@ -196,15 +213,15 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
     operationId: op.name,
     tags: [op.type === 'query' ? 'queries' : 'mutations'],
     // `headers` is read by @fastify/swagger only; answers are encoded by the op's own serializer.
-    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, '4xx': problem, '5xx': problem }
+    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, ...(concerns.rateLimit ? { 429: tooManyRequests } : {}), '4xx': problem, '5xx': problem }
   }
   // Documentation only: the headers validator is a pass-through (the stages check what they read).
   const requestHeaders: Record<string, JsonSchema> = {}
   if (concerns.idempotency && op.type === 'mutation') {
     requestHeaders['idempotency-key'] = { type: 'string', minLength: 1, maxLength: 255, pattern: '^[\\x21-\\x7e]+$', description: 'Runs the mutation once per tenant and key for 24 h; a repeat gets the stored answer with Idempotent-Replayed: true' }
   }
-  if (concerns.cache && op.cache !== null && takesIfNoneMatch(op)) {
-    requestHeaders['if-none-match'] = { type: 'string', description: 'An ETag of an earlier answer: 304 with no body while it still matches' }
+  if (mayCache(op, concerns)) {
+    requestHeaders['if-none-match'] = { type: 'string', description: 'An ETag of an earlier answer: 304 with no body while it still matches (when the operation is cached)' }
   }
   if (Object.keys(requestHeaders).length > 0) schema.headers = { type: 'object', properties: requestHeaders }
   if (op.summary !== null) schema.summary = op.summary

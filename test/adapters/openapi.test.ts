@@ -71,6 +71,17 @@ t.test('/openapi.json is a valid OpenAPI 3.1 document of every operation', async
   t.match(notModified, { description: /Not Modified/, headers: { ETag: { schema: { type: 'string' } }, 'Cache-Control': {}, Vary: {}, 'x-cache': {}, 'x-request-id': {} } })
   t.notOk(notModified.content)
   t.notOk(updateAgent.responses['304'], 'a mutation has no 304')
+  // A reload may give any GET query a cache and any operation a limit, and the document is built
+  // once: what they add is documented wherever it may apply (getDocument has no cache at start-up).
+  const getDocument = doc.paths['/api/v1/documents/{id}'].get
+  t.ok(getDocument.responses['304'], 'an uncached GET query documents the 304 a reload may give it')
+  t.match(getDocument.parameters?.find(p => p.name === 'if-none-match'), { in: 'header', description: /when the operation is cached/ })
+  for (const [path, methods] of Object.entries(doc.paths)) {
+    for (const [method, op] of Object.entries(methods)) {
+      t.match(op.responses['429'], { description: /RATE_LIMITED/, headers: { 'Retry-After': {}, 'RateLimit-Limit': {}, 'RateLimit-Remaining': {}, 'RateLimit-Reset': {} }, content: { 'application/problem+json': {} } }, `${method} ${path}: its 429`)
+      t.match((op.responses['2XX'] as { headers?: unknown }).headers, { 'RateLimit-Limit': {}, 'RateLimit-Remaining': {}, 'RateLimit-Reset': {} }, `${method} ${path}: RateLimit-*`)
+    }
+  }
 })
 
 t.test('/docs renders the document', async t => {
