@@ -426,8 +426,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   }
   await app.register(events, { redisUrl: config.REDIS_URL, internalToken: config.BFF_INTERNAL_TOKEN, checkRoles: config.BFF_AUTH_ENABLED, ...options.events })
   if (config.BFF_OPENAPI_ENABLED) await app.register(openapi, { version: VERSION, secured: config.BFF_AUTH_ENABLED })
-  await app.register(rest, { prefix: '/api/v1', secured: config.BFF_AUTH_ENABLED })
-  await app.register(batch, { prefix: '/api/v1', maxCalls: config.BFF_BATCH_MAX_CALLS })
+  await app.register(rest, { prefix: REST_PREFIX, secured: config.BFF_AUTH_ENABLED })
+  await app.register(batch, { prefix: REST_PREFIX, maxCalls: config.BFF_BATCH_MAX_CALLS })
   const face: FaceOptions = {
     bodyLimit: config.BFF_BODY_LIMIT,
     maxCalls: config.BFF_BATCH_MAX_CALLS,
@@ -460,6 +460,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   return app
 }
 
+/** Where the REST face and the batch route live (CONTRACT §3). */
+const REST_PREFIX = '/api/v1'
+
 /** The OTLP traces URL from the standard OpenTelemetry variables, or null: tracing off. */
 export function tracesUrl (config: Readonly<Config>): string | null {
   if (config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT !== undefined) return config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
@@ -478,9 +481,14 @@ export function tracesUrl (config: Readonly<Config>): string | null {
 export function requestForLog (req: FastifyRequest): Record<string, unknown> {
   const route = req.routeOptions
   let url = req.url
-  if (route?.config?.inputInPath === true && route.url !== undefined) {
+  // A path under the REST prefix that no route took (a 404, a parameter over 256 characters:
+  // a 414) may hold the same input: only the prefix is logged.
+  const path = route?.config?.inputInPath === true && route.url !== undefined
+    ? route.url
+    : route?.url === undefined && url.startsWith(REST_PREFIX + '/') ? REST_PREFIX + '/[redacted]' : null
+  if (path !== null) {
     const q = url.indexOf('?')
-    url = q === -1 ? route.url : route.url + url.slice(q)
+    url = q === -1 ? path : path + url.slice(q)
   }
   return { method: req.method, url: redactUrl(url), host: req.host, remoteAddress: req.ip, remotePort: req.socket?.remotePort }
 }

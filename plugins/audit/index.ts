@@ -2,6 +2,7 @@ import fp from 'fastify-plugin'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import { Counter, Gauge, Histogram } from 'prom-client'
+import pg from 'pg'
 import { StageOrder, type CallContext, type Protocol } from '../pipeline/index.js'
 import { MantleError, toProblem } from '../../errors.js'
 import { ConfigError } from '../../schemas/config.js'
@@ -130,20 +131,25 @@ function protocolOf (url: string): AuditEntry['protocol'] {
 // SQLSTATE classes of a PostgreSQL that cannot answer now: connection exceptions (08),
 // insufficient resources (53), operator intervention (57: a cancelled statement, a shutdown).
 const UNAVAILABLE_STATES = /^(?:08|53|57)/
-// What node-postgres throws when it cannot reach the server or stops waiting for it.
-const UNREACHABLE = /timeout|terminated|ECONN|ENOTFOUND|EHOSTUNREACH|EPIPE/i
+// The system errors of a connection that cannot be made or was lost, and node-postgres' own
+// errors when it stops waiting or its connection ends.
+const NETWORK_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENETUNREACH', 'EHOSTUNREACH', 'ENOTFOUND', 'EAI_AGAIN', 'EPIPE'])
+const CLIENT_GAVE_UP = /^(?:Query read timeout|timeout exceeded when trying to connect|Connection terminated\b)/
 
 /**
  * A read of the audit trail whose PostgreSQL could not answer (unreachable, or past the reads'
  * timeout: a filter by action or status alone is a scan of the whole table) is a 503 with
  * Retry-After: nothing is wrong with the request, nor with the gateway. It was a 500 INTERNAL.
+ * A SQLSTATE is read only from PostgreSQL's own errors (EPIPE is five letters too).
  */
 export async function answered<T> (read: () => Promise<T>): Promise<T> {
   try {
     return await read()
   } catch (err) {
     const { code, message } = err as { code?: unknown, message?: unknown }
-    const unavailable = typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code) ? UNAVAILABLE_STATES.test(code) : UNREACHABLE.test(`${String(code)} ${String(message)}`)
+    const unavailable = err instanceof pg.DatabaseError
+      ? typeof code === 'string' && UNAVAILABLE_STATES.test(code)
+      : err instanceof Error && err.constructor === Error && ((typeof code === 'string' && NETWORK_CODES.has(code)) || (typeof message === 'string' && CLIENT_GAVE_UP.test(message)))
     if (!unavailable) throw err
     throw new MantleError('OVERLOADED', 'The audit trail\'s database did not answer in time: retry later, or narrow the query (from and to, tenant)', { headers: { 'retry-after': '5' }, cause: err })
   }

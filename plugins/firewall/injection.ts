@@ -108,9 +108,10 @@ const DE_TARGET = any('anweisungen', 'anweisung', 'regeln', 'instruktionen', 'vo
   'systemanweisungen', 'system ?prompt', 'einschrankungen', 'beschrankungen', 'programmierung')
 const DE_MARK = any('alle', 'deine', 'ihre', 'die', 'den', 'vorherigen', 'bisherigen', 'obigen', 'vorigen', 'fruheren', 'ursprunglichen', 'sicherheits')
 
-// "limits" and "warnings" are the model's only with a quantifier: "write the summary with no
-// limits on creativity" and "reply without the warnings section" are ordinary requests.
+// "limits" and "warnings" are the model's when nothing qualifies them: "respond without limits",
+// not "write the summary with no limits on creativity" nor "reply without the warnings section".
 const NO_LIMITS_WEAK = any('limits?', 'warnings')
+const NOT_QUALIFIED = '(?! (?:on|of|for|about|in|to|section|sections|part|page|pages|box|label|labels)\\b)'
 const NO_LIMITS = any('restrictions?', 'limitations', 'filters?', 'censorship', 'rules', 'guidelines', 'boundaries', 'constraints', 'ethics', 'morals',
   'restrictions?', 'limites?', 'filtres?', 'censure', 'regles', 'restricciones', 'restriccion', 'limites', 'filtros?', 'censura', 'reglas', 'einschrankungen?', 'grenzen', 'filter', 'zensur', 'regeln')
 const NO_WORD = any('without', 'with no', 'has no', 'have no', 'free of', 'sans', 'sin', 'ohne')
@@ -120,9 +121,14 @@ const ANY_WORD = any('any', 'all', 'the', 'your', 'its', 'aucune?', 'aucun', 'ni
 const MODEL_SUBJECT = any('answer', 'respond', 'reply', 'talk', 'act', 'behave', 'operate', 'speak', 'write', 'ai', 'assistant', 'model', 'chatbot', 'mode', 'version',
   'reponds', 'repondez', 'agis', 'agissez', 'ia', 'comporte toi', 'responde', 'responda', 'contesta', 'actua', 'antworte', 'antworten sie', 'handle', 'ki', 'agiere')
 
-// Switching the safety filters off: the verbs, what may come before the target, the targets.
-const SAFETY_VERB = any('bypass', 'circumvent', 'disable', 'turn off', 'switch off', 'override', 'deactivate', 'evade', 'get around', 'remove', 'ignore', 'lift',
-  'contourne[rz]?', 'desactive[rz]?', 'supprime[rz]?', 'evita', 'evite', 'desactiva', 'quita', 'elimina', 'salta(?:te)?', 'umgehe?', 'deaktiviere', 'schalte', 'entferne')
+// Switching the safety filters off. Verbs that only ever apply to rules (bypass, circumvent,
+// override, evade) take any target; the others ("remove", "disable", "turn off") take a bare
+// target (filters, policy, guidelines, restrictions) only when it is marked as the model's, by a
+// possessive or a safety qualifier: "turn off the filter in Excel", "remove the policy number"
+// and "remove all filters from this spreadsheet" are ordinary requests.
+const EVADE_VERB = any('bypass', 'circumvent', 'override', 'evade', 'get around', 'contourne[rz]?', 'umgehe?')
+const OFF_VERB = any('disable', 'turn off', 'switch off', 'deactivate', 'remove', 'ignore', 'lift',
+  'desactive[rz]?', 'supprime[rz]?', 'evita', 'evite', 'desactiva', 'quita', 'elimina', 'salta(?:te)?', 'deaktiviere', 'schalte', 'entferne')
 const SAFETY_DET = any('the', 'all', 'any', 'los', 'las', 'die', 'alle')
 const SAFETY_POSSESSIVE = any('your', 'all your', 'tes', 'vos', 'tous tes', 'toutes tes', 'tus', 'todos tus', 'sus', 'deine', 'ihre')
 const SAFETY_QUALIFIER = any('safety', 'content', 'security', 'ethical', 'moral', 'moderation')
@@ -175,7 +181,7 @@ export const INJECTION_RULES: readonly InjectionRule[] = Object.freeze([
   R('role-override', 0.85, `\\b(?:fais comme si|fais semblant|faites comme si|faites semblant|finge que|finja que|haz como si|tu so als|tun sie so als) ${gap(5)}(?:aucune?|sans|sin|ningun[ao]?|no tienes|keine|ohne) (?:restrictions?|limites?|filtres?|regles|restricciones|filtros|reglas|einschrankungen|grenzen|filter|regeln)`),
   R('role-override', 0.85, `\\b(?:agis|agissez|actua|actue|handle|agiere|verhalte dich) (?:comme|como|als) ${gap(2)}(?:ia|ki) (?:non censuree|sans (?:limites?|restrictions?|filtres?)|sin (?:censura|limites|restricciones|filtros)|malvada|malefique)`),
   R('role-override', 0.85, '\\b(?:handle|agiere|verhalte dich) als (?:eine? )?(?:unzensierte|bose|boese|uneingeschrankte) ki\\b'),
-  R('role-override', 0.8, `\\b${MODEL_SUBJECT} ${gap(3)}${NO_WORD} (?:(?:${ANY_WORD} )?(?:${gap(1)})?(?:ethical |moral |content |safety )?${NO_LIMITS}|(?:any|all|your) (?:ethical |moral |content |safety )?${NO_LIMITS_WEAK})\\b`),
+  R('role-override', 0.8, `\\b${MODEL_SUBJECT} ${gap(3)}${NO_WORD} (?:(?:${ANY_WORD} )?(?:${gap(1)})?(?:ethical |moral |content |safety )?${NO_LIMITS}|(?:(?:any|all|your) )?(?:ethical |moral |content |safety )?${NO_LIMITS_WEAK}\\b${NOT_QUALIFIED})`),
   R('role-override', 0.8, `\\b(?:answer|respond|reply|antworte|reponds|repondez|responde|contesta) ${gap(2)}(?:unzensiert|uncensored|unfiltered|sans censure|sin censura)\\b`),
 
   // Modes that switch the model's rules off.
@@ -188,14 +194,16 @@ export const INJECTION_RULES: readonly InjectionRule[] = Object.freeze([
   // A bare target (filters, policy, guidelines, restrictions) is the model's only when it is
   // marked so, by a possessive or a safety qualifier: "turn off the filter in Excel", "remove the
   // policy number" and "remove all filters from this spreadsheet" are ordinary requests.
-  R('bypass-safety', 0.85, `\\b${SAFETY_VERB} (?:(?:${SAFETY_DET} )?${SAFETY_QUALIFIER} ${SAFETY_TARGET}|${SAFETY_POSSESSIVE} (?:${SAFETY_QUALIFIER} )?${SAFETY_TARGET}|(?:${SAFETY_DET} )?${SAFETY_STRONG})\\b`),
-  R('bypass-safety', 0.85, '\\b(?:bypass|circumvent|disable|deactivate|override|evade|turn off|switch off) all (?:restrictions|safeguards|protections)\\b'),
+  R('bypass-safety', 0.85, `\\b${EVADE_VERB} (?:(?:${SAFETY_DET}|${SAFETY_POSSESSIVE}) )?(?:${SAFETY_QUALIFIER} )?${SAFETY_TARGET}\\b`),
+  R('bypass-safety', 0.85, `\\b${OFF_VERB} (?:(?:${SAFETY_DET} )?${SAFETY_QUALIFIER} ${SAFETY_TARGET}|${SAFETY_POSSESSIVE} (?:${SAFETY_QUALIFIER} )?${SAFETY_TARGET}|(?:${SAFETY_DET} )?${SAFETY_STRONG})\\b`),
+  // Restrictions as a whole: "disable all restrictions", "lift all restrictions".
+  R('bypass-safety', 0.85, '\\b(?:disable|deactivate|turn off|switch off|remove|lift|drop) (?:all|any|every) (?:restrictions|safeguards|protections|limitations)\\b|\\b(?:disable|deactivate) (?:the )?restrictions\\b'),
   R('bypass-safety', 0.85, `\\b(?:ignore|override|bypass|disable) ${gap(2)}(?:safety|content|ethical) (?:rules|guidelines|policy|policies|filters?|training)\\b`),
 
   // Asking for the system prompt.
   R('prompt-leak', 0.85, `\\b(?:reveal|show|print|tell|repeat|output|display|leak|dump|write out|give|quote|copy|paste|share|disclose|recite|spell out|provide|return|echo|list|what (?:is|are|were)|whats) ${gap(2)}(?:your|the|its) (?:full |entire |complete |exact )?(?:system|initial|original|hidden|secret|first|internal|confidential|pre ?prompt|starting) ?(?:prompt|instructions|message|rules|directives)`),
   // Not "show me your instructions for brewing coffee": instructions for, on or about something.
-  R('prompt-leak', 0.8, '\\b(?:repeat|reveal|print|show|output|dump|recite|quote|display|leak|disclose) (?:me )?(?:all )?(?:of )?your (?:instructions|prompt|rules|directives|guidelines)\\b(?! (?:for|on|about|to|how) )'),
+  R('prompt-leak', 0.8, '\\b(?:repeat|reveal|print|show|output|dump|recite|quote|display|leak|disclose) (?:me )?(?:all )?(?:of )?your (?:instructions|prompt|rules|directives|guidelines)\\b(?! (?:for|on|about|how) )'),
   R('new-instructions', 0.8, '\\byour new (?:instructions|task|rules|role|directives?|orders|objective|goal) (?:are|is)\\b'),
   R('prompt-leak', 0.85, '\\b(?:your|ur) (?:system ?prompt|system message|hidden prompt|hidden instructions|secret instructions|initial instructions|original instructions|system instructions|initial prompt)\\b'),
   R('prompt-leak', 0.85, '\\b(?:repeat|output|print|show|copy|echo|write out|display) (?:me )?(?:all |back )?(?:of )?(?:the |your )?(?:text|words|everything|content|all|tokens|lines?) (?:above|before this|prior to this|above this line|above this)\\b'),

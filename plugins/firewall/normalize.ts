@@ -57,20 +57,21 @@ function visible (s: string): string {
   return ASTRAL.test(s) ? s.replace(INVISIBLE_ASTRAL, '') : s
 }
 
-const HAS_INVISIBLE = new RegExp(INVISIBLE.source)
-const HAS_INVISIBLE_ASTRAL = new RegExp(INVISIBLE_ASTRAL.source, 'u')
+// Invisible characters between two letters or digits: only there does reading them as a space
+// change the words (the variation selector of ❤️, the joiners inside an emoji sequence, sit
+// between symbols, and such texts are not read a second time).
+const BETWEEN_LETTERS = new RegExp(`[\\p{L}\\p{N}](?:[${bmpClass(INVISIBLE_PROPERTY, '\t\n\r')}]|[\\p{Cf}\\p{Default_Ignorable_Code_Point}])+[\\p{L}\\p{N}]`, 'u')
 
 /**
  * The text with each invisible character read as a space, and tag characters as the ASCII they
- * mirror, in place; null when it holds none. The rules read it beside `rulesView`'s text, where
+ * mirror, in place; null when none sits between two letters or digits. The rules read it beside `rulesView`'s text, where
  * they are removed: removed, one inside a word no longer splits it (ig\u200bnore), and read as a
  * space, one between two words no longer joins them (ignore\u200ball previous instructions read
  * as "ignoreall previous instructions", and every rule missed it).
  */
 export function invisibleAsSpaces (text: string): string | null {
-  const tagged = text.includes('\udb40')
-  if (!tagged && !HAS_INVISIBLE.test(text) && !(ASTRAL.test(text) && HAS_INVISIBLE_ASTRAL.test(text))) return null
-  let s = tagged ? text.replace(TAGS, untag) : text
+  if (!BETWEEN_LETTERS.test(text)) return null
+  let s = text.includes('\udb40') ? text.replace(TAGS, untag) : text
   s = s.replace(INVISIBLE, ' ')
   return ASTRAL.test(s) ? s.replace(INVISIBLE_ASTRAL, ' ') : s
 }

@@ -174,6 +174,10 @@ t.test('logs never carry a credential: headers, cookies, URL tokens, tRPC connec
   // A REST path parameter is input: the route is logged by its pattern.
   await app.inject({ url: '/api/v1/agents/PATH-SECRET-ghp_a1B2c3D4?x=1', headers: { authorization: `Bearer ${jwt}` } })
   secrets.push('PATH-SECRET')
+  // So may a path no route took: a 404, or a parameter over 256 characters (a 414).
+  t.equal((await app.inject({ url: '/api/v1/agents/NOROUTE-SECRET/extra', headers: { authorization: `Bearer ${jwt}` } })).statusCode, 404)
+  t.equal((await app.inject({ url: `/api/v1/agents/LONG-SECRET${'x'.repeat(300)}`, headers: { authorization: `Bearer ${jwt}` } })).statusCode, 414)
+  secrets.push('NOROUTE-SECRET', 'LONG-SECRET')
   await app.inject({ url: '/api/v1/agents/a1', headers: { authorization: 'Bearer junk.junk.junk' } })
   for (const q of [`access_token=${jwt}`, `ACCESS_TOKEN=${jwt}`, `access%5Ftoken=${jwt}`, `%61ccess_token=${jwt}`, `x=1&access_token=${jwt}&y=2`]) {
     await app.inject({ url: `/healthz?${q}` })

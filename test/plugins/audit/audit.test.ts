@@ -1,4 +1,5 @@
 import t from 'tap'
+import pg from 'pg'
 import type { FastifyInstance } from 'fastify'
 import { buildApp } from '../../../app.js'
 import { loadConfig, productionProblems, ConfigError } from '../../../schemas/config.js'
@@ -143,13 +144,15 @@ t.test('configuration: defaults, bad values, postgres without DATABASE_URL, prod
 
 t.test('a read the audit\'s PostgreSQL cannot answer now is a 503; any other failure stays what it is', async t => {
   const failing = (err: unknown) => async () => { throw err }
-  const pgError = (code: string): Error => Object.assign(new Error('from the server'), { code })
+  // A SQLSTATE comes from PostgreSQL itself (pg's DatabaseError); a system error has its errno.
+  const pgError = (code: string): Error => Object.assign(new pg.DatabaseError('from the server', 0, 'error'), { code })
+  const systemError = (code: string): Error => Object.assign(new Error(`connect ${code} 10.1.2.3:5432`), { code })
   for (const err of [pgError('57014'), pgError('08006'), pgError('53300'), pgError('57P01'), new Error('Query read timeout'), new Error('Connection terminated unexpectedly'),
-    Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:1'), { code: 'ECONNREFUSED' }), new Error('timeout exceeded when trying to connect')]) {
+    new Error('timeout exceeded when trying to connect'), ...['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENETUNREACH', 'EAI_AGAIN', 'EPIPE'].map(systemError)]) {
     await t.rejects(answered(failing(err)), { code: 'OVERLOADED', statusCode: 503, headers: { 'retry-after': '5' } }, err.message + ' ' + String((err as { code?: string }).code))
   }
-  for (const err of [pgError('42P01'), pgError('23505'), new TypeError('x is not a function')]) {
-    await t.rejects(answered(failing(err)), err, `${String((err as { code?: string }).code)}: as it is`)
+  for (const err of [pgError('42P01'), pgError('23505'), new TypeError('x is not a function'), new TypeError("Cannot read properties of undefined (reading 'timeout')"), Object.assign(new Error('other'), { code: 'EPIPX' })]) {
+    await t.rejects(answered(failing(err)), err, `${String((err as { code?: string }).code)} ${err.message}: as it is`)
   }
   t.equal(await answered(async () => 7), 7)
 })
