@@ -10,18 +10,32 @@ const ReadySchema = {
   properties: {
     status: { type: 'string' },
     failing: { type: 'array', items: { type: 'string' } },
+    degraded: { type: 'array', items: { type: 'string' } },
     checks: { type: 'object', additionalProperties: { type: 'string' } }
   }
 } as const
 
+/** What every instance shares: when one of them fails, it fails for all of them at once. */
+const SHARED = new Set(['kernel', 'redis', 'postgres'])
+
 /**
  * `/healthz` answers while the process lives (no dependency is asked: a liveness probe must not
  * restart pods because the Kernel is down). `/readyz` names every part that is not ready.
+ * `/readyz?scope=instance` fails only for what is this instance's own (it sheds load, it shuts
+ * down): a load balancer's readiness probe on plain `/readyz` took every replica out of service
+ * at once when Redis, PostgreSQL or the Kernel went away, though each one still answered (from
+ * memory stores, the audit spool, stale cache entries). Those are reported as `degraded`.
  */
 export default async function healthRoutes (app: FastifyInstance): Promise<void> {
   app.get('/healthz', { schema: { hide: true, response: { 200: HealthSchema } } }, async () => ({ status: 'ok' }))
 
-  app.get('/readyz', { schema: { hide: true, response: { 200: ReadySchema, 503: ReadySchema } } }, async (_request, reply) => {
+  app.get('/readyz', {
+    schema: {
+      hide: true,
+      querystring: { type: 'object', properties: { scope: { type: 'string', enum: ['all', 'instance'], default: 'all' } } },
+      response: { 200: ReadySchema, 503: ReadySchema }
+    }
+  }, async (request, reply) => {
     const checks: Record<string, string> = {}
     const failing: string[] = []
     const breaker = app.kernel.breakerState()
@@ -45,6 +59,12 @@ export default async function healthRoutes (app: FastifyInstance): Promise<void>
       const pressure = app.loadShedding.status()
       checks.pressure = pressure === null ? 'ok' : `over ${pressure.reason} bound (${Math.round(pressure.value)} > ${pressure.limit})`
       if (pressure !== null) failing.push('pressure')
+    }
+    if ((request.query as { scope: 'all' | 'instance' }).scope === 'instance') {
+      const degraded = failing.filter(part => SHARED.has(part))
+      const own = failing.filter(part => !SHARED.has(part))
+      if (own.length > 0) reply.code(503)
+      return { status: own.length > 0 ? 'not-ready' : degraded.length > 0 ? 'degraded' : 'ready', failing: own, degraded, checks }
     }
     if (failing.length > 0) reply.code(503)
     return { status: failing.length > 0 ? 'not-ready' : 'ready', failing, checks }

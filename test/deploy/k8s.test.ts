@@ -63,11 +63,12 @@ t.test('probes, ports and the manifest path match the gateway', async t => {
   t.equal(config.PORT, http.containerPort)
   t.same(productionProblems(config), [], 'production accepts it')
   for (const probe of ['livenessProbe', 'startupProbe']) t.same(container[probe].httpGet, { path: '/healthz', port: 'http' }, probe)
-  t.same(container.readinessProbe.httpGet, { path: '/readyz', port: 'http' })
+  // Readiness is the instance's own: a Redis, PostgreSQL or Kernel outage is every replica's.
+  t.same(container.readinessProbe.httpGet, { path: '/readyz?scope=instance', port: 'http' })
   // The gateway serves both (and /healthz asks nothing of the Kernel).
   const app = await buildTestApp(t)
   t.equal((await app.inject({ method: 'GET', url: '/healthz' })).statusCode, 200)
-  t.ok(app.hasRoute({ method: 'GET', url: '/readyz' }))
+  t.equal((await app.inject({ method: 'GET', url: container.readinessProbe.httpGet.path })).statusCode, 200)
   // The Service sends traffic to the named port, to the pods of the Deployment.
   const service = ofKind('Service')
   t.equal(service.spec.ports[0].targetPort, 'http')

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { createVerifier } from 'fast-jwt'
-import { buildDemoApp, buildTestApp, bearer, json, startTestKernel, until, SECRET } from '../helper.js'
+import { buildDemoApp, buildTestApp, bearer, json, startTestKernel, until, SECRET, closedPort } from '../helper.js'
 import { tokenFromArgs } from '../../scripts/token.js'
 
 t.test('/healthz answers without asking any dependency', async t => {
@@ -16,6 +16,22 @@ t.test('/readyz reports the Kernel breaker', async t => {
   const res = await app.inject({ method: 'GET', url: '/readyz' })
   t.equal(res.statusCode, 200)
   t.match(res.json(), { status: 'ready', failing: [], checks: { kernel: 'breaker closed' } })
+})
+
+t.test('/readyz?scope=instance fails only for what is the instance\'s own; shared dependencies are degraded', async t => {
+  // Redis configured and unreachable: every instance shares it. A readiness probe on plain
+  // /readyz took every replica out of service at once, though each still answered from memory.
+  const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${await closedPort()}` })
+  t.equal((await app.inject({ url: '/api/v1/agents/a1', headers: bearer() })).statusCode, 200, 'the instance answers')
+  const all = await app.inject({ url: '/readyz' })
+  t.equal(all.statusCode, 503)
+  t.match(all.json(), { status: 'not-ready', failing: ['redis'] })
+  const instance = await app.inject({ url: '/readyz?scope=instance' })
+  t.equal(instance.statusCode, 200)
+  t.match(instance.json(), { status: 'degraded', failing: [], degraded: ['redis'], checks: { redis: /^down/ } })
+  t.equal((await app.inject({ url: '/readyz?scope=everything' })).statusCode, 400)
+  const healthy = await buildDemoApp(t)
+  t.match((await healthy.inject({ url: '/readyz?scope=instance' })).json(), { status: 'ready', failing: [], degraded: [] })
 })
 
 t.test('/metrics: call durations by protocol, op and status class; Kernel and pool metrics', async t => {

@@ -114,6 +114,9 @@ t.test('past the RSS bound calls are shed too', async t => {
   const { app } = await pressured(t, { BFF_MAX_RSS_BYTES: 1, BFF_MAX_HEAP_BYTES: 0, BFF_MAX_EVENT_LOOP_DELAY_MS: 0 })
   await untilStatus(app, 503)
   t.match((await app.inject({ method: 'GET', url: '/readyz' })).json(), { failing: ['pressure'], checks: { pressure: /^over rssBytes bound/ } })
+  const instance = await app.inject({ method: 'GET', url: '/readyz?scope=instance' })
+  t.equal(instance.statusCode, 503, 'shedding is the instance\'s own: out of the balancer')
+  t.match(instance.json(), { status: 'not-ready', failing: ['pressure'], degraded: [] })
 })
 
 t.test('within the bounds nothing is shed and readiness says pressure ok', async t => {
