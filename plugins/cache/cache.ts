@@ -126,13 +126,15 @@ export class ResponseCache {
       const now = this.now()
       return { value: JSON.parse(json), json, status, etag: etagOf(json), freshUntil: now + ttlMs, staleUntil: now + ttlMs + swrMs, keepUntil: now + ttlMs + swrMs + STALE_IF_ERROR_SECONDS * 1000, policy }
     }
-    // A user's own answers: the user is part of the key's input, as `{user}:` before it (URI-encoded,
-    // so it holds no ':'; a canonical input starts with '{'). Tags stay the tenant's: an
-    // invalidation drops every user's entries.
+    // A user's own answers: the user and the roles the Kernel is told (x-user-roles) are part of
+    // the key's input, as `{user}:{roles}:` before it (URI-encoded, so neither holds a ':'; a
+    // canonical input starts with '{'; the roles sorted). Keyed by the user alone, an answer
+    // made for one token's roles was served to the same user under another token's (fewer)
+    // roles. Tags stay the tenant's: an invalidation drops every user's entries.
     const perUser = spec.scope === 'user'
     return async (ctx, next) => {
       const input = canonicalJson(ctx.input)
-      const canonical = perUser ? encodeURIComponent(ctx.user) + ':' + input : input
+      const canonical = perUser ? encodeURIComponent(ctx.user) + ':' + encodeURIComponent([...ctx.roles].sort().join(',')) + ':' + input : input
       const local = localKey(name, ctx.tenant, canonical)
       let found = this.memory.get(local)
       if (found !== undefined && found.policy !== policy) found = undefined

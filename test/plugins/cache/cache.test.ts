@@ -87,12 +87,22 @@ for (const { store, env } of STORES) {
     t.equal(kernel.reads(), 2)
     const tricky = await mine('ann:a')
     t.same([tricky.headers['x-cache'], tricky.json().user], ['miss', 'ann:a'], 'a user whose name holds the separator has a key of their own')
+    // The Kernel is told the roles too (x-user-roles): the same user under a token with other
+    // roles gets an entry of their own (keyed by the user alone, the answer made for the first
+    // token's roles was served to the second); the same roles in another order share one.
+    const roles = async (list: string[]) => await app.inject({ method: 'GET', url: '/api/v1/mine/a', headers: bearer({ tenant: who, user: 'cy', roles: list }) })
+    const admin = await roles(['viewer', 'system'])
+    const viewer = await roles(['viewer'])
+    t.same([admin.headers['x-cache'], viewer.headers['x-cache']], ['miss', 'miss'], 'fewer roles: not the answer made for more')
+    t.notSame(viewer.json().n, admin.json().n)
+    t.equal((await roles(['system', 'viewer'])).headers['x-cache'], 'hit', 'the same roles in another order')
     // An op shared by the tenant still is.
     await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: as('ann') })
     t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: as('bob') })).headers['x-cache'], 'hit')
     // A mutation by one user drops the tag for every user of the tenant.
     t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers: as('ann'), payload: {} })).statusCode, 200)
     t.equal((await mine('bob')).headers['x-cache'], 'miss')
+    t.equal((await roles(['viewer'])).headers['x-cache'], 'miss', 'every role set\'s entries dropped')
   })
 
   t.test(`${store}: 100 concurrent cold reads of one key make exactly one Kernel call`, async t => {
