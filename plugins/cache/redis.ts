@@ -1,39 +1,52 @@
+import { randomInt } from 'node:crypto'
 import type { Redis } from 'ioredis'
 import type { CachedAnswer } from './memory.js'
 import { INVALIDATE_CHANNEL } from './keys.js'
 
-// The shared tier. Each tag of a tenant has a version (a counter, absent = 0); an entry is
-// stored with the versions of its tags as they were BEFORE the Kernel call, and only if they
-// are still those (one Lua script: compare and set, atomic), and it is served only while they
-// are (a read is one MGET of the entry and its tag versions). An invalidation increments the
-// versions and publishes on INVALIDATE_CHANNEL in the same script, so every instance also drops
-// the tags from its in-process tier.
+// The shared tier. Each tag of a tenant has a version (an integer); an entry is stored with the
+// versions of its tags as they were BEFORE the Kernel call, and only if they are still those
+// (one Lua script: compare and set, atomic), and it is served only while they are (a read is
+// one MGET of the entry and its tag versions). An invalidation increments the versions and
+// publishes on INVALIDATE_CHANNEL in the same script, so every instance also drops the tags from
+// its in-process tier. A tag that has no version (never used, expired, or evicted by Redis under
+// maxmemory) reads as '' and matches no stored entry: a version is born random, never 0, so a
+// tag key that went away and came back cannot take an entry stored before it went for current.
 
 // KEYS[1] the entry, KEYS[2..] its tag keys; ARGV: versions read before the Kernel call, body,
-// entry ms, tag ms. 1 stored, 0 raced. A tag's lifetime is only ever lengthened, here and on
-// invalidation: a tag version that expired before an entry stored under an earlier version would
-// read 0 again and serve that entry, invalidated, as a hit.
+// entry ms, tag ms, a random version for the tags that have none. 1 stored, 0 raced. A tag's
+// lifetime is only ever lengthened, here and on invalidation.
 const WRITE = `
 local v = {}
-for i = 2, #KEYS do v[i - 1] = redis.call('GET', KEYS[i]) or '0' end
+for i = 2, #KEYS do v[i - 1] = redis.call('GET', KEYS[i]) or '' end
 if table.concat(v, ',') ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2], 'PX', ARGV[3])
 local ms = tonumber(ARGV[4])
 for i = 2, #KEYS do
-  if redis.call('SET', KEYS[i], '0', 'NX', 'PX', ms) == false and redis.call('PTTL', KEYS[i]) < ms then redis.call('PEXPIRE', KEYS[i], ms) end
+  if v[i - 1] == '' then
+    v[i - 1] = ARGV[5]
+    redis.call('SET', KEYS[i], ARGV[5], 'PX', ms)
+  elseif redis.call('PTTL', KEYS[i]) < ms then
+    redis.call('PEXPIRE', KEYS[i], ms)
+  end
 end
+redis.call('SET', KEYS[1], table.concat(v, ',') .. '\\n' .. ARGV[2], 'PX', ARGV[3])
 return 1
 `
-// KEYS the tag keys; ARGV: tag ms, the message to publish.
+// KEYS the tag keys; ARGV: tag ms, the message to publish, a random version for the tags that
+// have none (INCR would make it 1, which an entry stored under an evicted version may hold).
 const INVALIDATE = `
 local ms = tonumber(ARGV[1])
 for i = 1, #KEYS do
-  redis.call('INCR', KEYS[i])
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCR', KEYS[i]) else redis.call('SET', KEYS[i], ARGV[3]) end
   if redis.call('PTTL', KEYS[i]) < ms then redis.call('PEXPIRE', KEYS[i], ms) end
 end
 redis.call('PUBLISH', '${INVALIDATE_CHANNEL}', ARGV[2])
 return #KEYS
 `
+
+/** A tag version for a tag that has none: random, within Redis' (and Lua's exact) integers. */
+function bornVersion (): string {
+  return String(randomInt(1, 2 ** 47))
+}
 
 /** How much longer than the entry stored under it a tag version lives, at the least. */
 const TAG_MARGIN_MS = 60_000
@@ -73,7 +86,7 @@ export class RedisTier {
    */
   async read (key: string, tagKeys: readonly string[]): Promise<RedisRead> {
     const [entry, ...tags] = await this.client.mget(key, ...tagKeys)
-    const versions = tags.map(v => v ?? '0').join(',')
+    const versions = tags.map(v => v ?? '').join(',')
     if (entry === null) return { answer: null, versions }
     const nl = entry.indexOf('\n')
     if (nl < 0 || entry.slice(0, nl) !== versions) return { answer: null, versions }
@@ -86,12 +99,12 @@ export class RedisTier {
     // The tags outlive this entry whatever lifetime the manifest gave it: a reload may lengthen
     // an operation's ttl beyond what the tag lifetime was computed from at start-up.
     const tagMs = Math.max(this.tagMs, ms + TAG_MARGIN_MS)
-    return await this.commands.mantleCacheWrite(1 + tagKeys.length, key, ...tagKeys, versions, encode(answer), String(ms), String(tagMs)) === 1
+    return await this.commands.mantleCacheWrite(1 + tagKeys.length, key, ...tagKeys, versions, encode(answer), String(ms), String(tagMs), bornVersion()) === 1
   }
 
   async invalidate (tagKeys: readonly string[], message: string): Promise<void> {
     if (tagKeys.length === 0) return
-    await this.commands.mantleCacheInvalidate(tagKeys.length, ...tagKeys, String(this.tagMs), message)
+    await this.commands.mantleCacheInvalidate(tagKeys.length, ...tagKeys, String(this.tagMs), message, bornVersion())
   }
 }
 

@@ -37,8 +37,9 @@ t.test('two instances: a read on one fills the other; a mutation on one invalida
   const key = localKey('getItem', who, canonicalJson({ id: 'a' }))
   t.ok(one.responseCache.cache.memory.get(key) !== undefined && two.responseCache.cache.memory.get(key) !== undefined, 'both instances hold the entry in memory')
 
+  const before = Number(await redis.get(tagKey(who, 'item:a')))
   t.equal((await one.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
-  t.equal(await redis.get(tagKey(who, 'item:a')), '1', 'the tag version went up in Redis')
+  t.equal(Number(await redis.get(tagKey(who, 'item:a'))), before + 1, 'the tag version went up in Redis')
   // Other test processes share the channel: wait for this entry to leave, not for a count.
   await eventually(async () => two.responseCache.cache.memory.get(key) === undefined, 'the other instance drops it from memory')
   t.ok(await metric(two, 'mantle_cache_invalidations_total', { source: 'remote' }) >= 1)
@@ -126,17 +127,20 @@ t.test('a tag version outlives every entry stored under it, whatever lifetime th
   const now = Date.now()
   const day = 86_400_000
   const { versions } = await tier.read(key, tags)
-  t.equal(versions, '0')
+  t.equal(versions, '', 'a tag without a version reads as none')
   t.ok(await tier.write(key, tags, versions, { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + day, staleUntil: now + day, keepUntil: now + day, policy: 'p' }, now))
+  const born = await redis.get(tags[0])
+  t.match(born, /^[1-9][0-9]*$/, 'the write gave the tag a version')
   const entryTtl = await redis.pttl(key)
   t.ok(await redis.pttl(tags[0]) > entryTtl, 'the tag outlives the day-long entry, beyond the 60 s it was made with')
   await tier.invalidate(tags, 'test')
-  t.equal(await redis.get(tags[0]), '1')
+  const next = String(Number(born) + 1)
+  t.equal(await redis.get(tags[0]), next)
   t.ok(await redis.pttl(tags[0]) > entryTtl, 'the invalidation kept the longer lifetime')
   // A short entry afterwards does not shorten it either.
   const short = entryKey('getItem', who, { id: 'b' })
   t.teardown(async () => { await redis.del(short) })
-  t.ok(await tier.write(short, tags, '1', { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + 1000, staleUntil: now + 1000, keepUntil: now + 1000, policy: 'p' }, now))
+  t.ok(await tier.write(short, tags, next, { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + 1000, staleUntil: now + 1000, keepUntil: now + 1000, policy: 'p' }, now))
   t.ok(await redis.pttl(tags[0]) > entryTtl)
   // A tag made by an invalidation alone gets the tier's lifetime.
   const fresh = tagKey(who, 'item:fresh')
@@ -144,6 +148,30 @@ t.test('a tag version outlives every entry stored under it, whatever lifetime th
   await tier.invalidate([fresh], 'test')
   const freshTtl = await redis.pttl(fresh)
   t.ok(freshTtl > 50_000 && freshTtl <= 60_000, `the tier's 60 s (${freshTtl} ms)`)
+})
+
+t.test('a tag version Redis evicted does not bring back the entries its invalidation dropped', async t => {
+  // Tag keys have a lifetime, and under maxmemory Redis may evict one before the entries stored
+  // under it. A missing tag read as 0, the version every tag was born with: an entry stored
+  // under 0, then invalidated, was served again as a hit once its tag key was gone.
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.quit())
+  const tier = new RedisTier(redis, 60_000)
+  const who = tenant()
+  const key = entryKey('getItem', who, { id: 'a' })
+  const tags = [tagKey(who, 'item:a')]
+  t.teardown(async () => { await redis.del(key, ...tags) })
+  const now = Date.now()
+  const answer = { value: { n: 1 }, json: '{"n":1}', status: 200, etag: etagOf('{"n":1}'), freshUntil: now + 60_000, staleUntil: now + 60_000, keepUntil: now + 60_000, policy: 'p' }
+  t.ok(await tier.write(key, tags, (await tier.read(key, tags)).versions, answer, now))
+  t.same((await tier.read(key, tags)).answer?.value, { n: 1 }, 'stored and served')
+  await tier.invalidate(tags, 'test')
+  t.equal((await tier.read(key, tags)).answer, null, 'invalidated')
+  await redis.del(tags[0]) // as an eviction would
+  t.equal((await tier.read(key, tags)).answer, null, 'still invalidated once its tag key is gone')
+  // An invalidation of a tag that has no version gives it a random one, never 1.
+  await tier.invalidate(tags, 'test')
+  t.not(await redis.get(tags[0]), '1')
 })
 
 // A rolling deploy that drops a field from an output schema: old and new instances share Redis,
