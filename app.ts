@@ -422,7 +422,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     ...(options.kernelBackoff === undefined ? {} : { backoff: options.kernelBackoff })
   })
   if (config.BFF_CACHE_ENABLED) {
-    await app.register(cache, { store: storeFor(config, 'BFF_CACHE_STORE'), defaultTtlSeconds: config.BFF_CACHE_TTL, maxSize: config.BFF_CACHE_MAX_SIZE, now: options.cacheClock })
+    await app.register(cache, { store: storeFor(config, 'BFF_CACHE_STORE'), defaultTtlSeconds: config.BFF_CACHE_TTL, maxSize: config.BFF_CACHE_MAX_SIZE, maxBytes: config.BFF_CACHE_MAX_BYTES, now: options.cacheClock })
   }
   await app.register(events, { redisUrl: config.REDIS_URL, internalToken: config.BFF_INTERNAL_TOKEN, checkRoles: config.BFF_AUTH_ENABLED, ...options.events })
   if (config.BFF_OPENAPI_ENABLED) await app.register(openapi, { version: VERSION, secured: config.BFF_AUTH_ENABLED })

@@ -26,6 +26,8 @@ export interface ResponseCacheOptions {
   /** null: memory only. */
   redis: { tier: RedisTier, up: () => boolean } | null
   maxSize: number
+  /** Bytes of answers the in-process tier holds, about. */
+  maxBytes: number
   defaultTtlSeconds: number
   /** Whether the Kernel's circuit breaker is open (then stale entries answer). */
   breakerOpen: () => boolean
@@ -75,7 +77,7 @@ export class ResponseCache {
 
   constructor (private readonly opts: ResponseCacheOptions) {
     this.now = opts.now ?? Date.now
-    this.memory = new MemoryTier(opts.maxSize, this.now)
+    this.memory = new MemoryTier(opts.maxSize, opts.maxBytes, this.now)
     this.metrics = opts.metrics ?? noMetrics
   }
 

@@ -19,6 +19,8 @@ export interface CacheOptions {
   store: 'memory' | 'redis'
   defaultTtlSeconds: number
   maxSize: number
+  /** Bytes of answers the in-process tier holds, about (BFF_CACHE_MAX_BYTES). */
+  maxBytes: number
   /** The clock entries are dated with (tests move it). */
   now?: (() => number) | undefined
 }
@@ -46,6 +48,7 @@ function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheM
   const fallbacks = new Counter({ name: 'mantle_cache_redis_fallbacks_total', help: 'Cache operations that skipped Redis (away or failing) and used memory only', labelNames: ['operation'] as const, registers })
   const discarded = new Counter({ name: 'mantle_cache_discarded_total', help: 'Kernel answers not stored because their tags were invalidated during the call', labelNames: ['op'] as const, registers })
   new Gauge({ name: 'mantle_cache_memory_entries', help: 'Entries in the in-process cache tier (LRU, bounded by BFF_CACHE_MAX_SIZE)', registers, collect () { this.set(cache().memory.size) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_cache_memory_bytes', help: 'Bytes of answers in the in-process cache tier, about (bounded by BFF_CACHE_MAX_BYTES)', registers, collect () { this.set(cache().memory.bytes) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_in_flight', help: 'Keys with a Kernel call in flight (coalesced)', registers, collect () { this.set(cache().inFlight) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_pending_invalidations', help: 'Invalidated tags waiting for Redis to come back', registers, collect () { this.set(cache().pendingInvalidations) } }) // eslint-disable-line no-new
   // Optimization: an op's label children are resolved at its first call, not per call (bounded
@@ -82,6 +85,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
   cache = new ResponseCache({
     redis: shared === null ? null : { tier: new RedisTier(shared.client, longestMs), up: shared.up },
     maxSize: opts.maxSize,
+    maxBytes: opts.maxBytes,
     defaultTtlSeconds: opts.defaultTtlSeconds,
     breakerOpen: () => app.kernel.breakerState() === 'open',
     serializer: name => app.pipeline.entry(name).serialize,

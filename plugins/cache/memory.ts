@@ -73,16 +73,24 @@ interface LocalEntry {
 }
 
 /**
+ * What an entry costs the process, about: its key, its JSON, and the parsed value beside it
+ * (counted as twice the JSON), in characters.
+ */
+const entryBytes = (entry: LocalEntry, key: string): number => key.length + 3 * entry.answer.json.length + 64
+
+/**
  * The in-process tier: a bounded LRU of answers, each valid while its tags were not
  * invalidated since the read that produced it began. It never holds more than `max` entries
+ * nor, about, `maxBytes` of them (counted by entry count alone, 10,000 answers of a few MB each
+ * took the process past its memory), keeps no answer over an eighth of that (it stays in Redis),
  * and never returns an entry past its `keepUntil` or invalidated.
  */
 export class MemoryTier {
   private readonly lru: LRUCache<string, LocalEntry>
   readonly clock: TagClock
 
-  constructor (max: number, private readonly now: () => number) {
-    this.lru = new LRUCache<string, LocalEntry>({ max })
+  constructor (max: number, maxBytes: number, private readonly now: () => number) {
+    this.lru = new LRUCache<string, LocalEntry>({ max, maxSize: maxBytes, maxEntrySize: Math.max(1, Math.floor(maxBytes / 8)), sizeCalculation: entryBytes })
     // Marks outlive the entries they guard by far: a tag mark per cached entry, and more.
     this.clock = new TagClock(Math.max(1000, max * 4))
   }
@@ -110,5 +118,10 @@ export class MemoryTier {
 
   get size (): number {
     return this.lru.size
+  }
+
+  /** What the entries held cost, about (entryBytes). */
+  get bytes (): number {
+    return this.lru.calculatedSize
   }
 }

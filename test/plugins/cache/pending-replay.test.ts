@@ -26,6 +26,7 @@ function cacheOver (t: { teardown: (fn: () => unknown) => void }, tier: RedisTie
   const cache = new ResponseCache({
     redis: { tier, up: () => true },
     maxSize: 100,
+    maxBytes: 1 << 20,
     defaultTtlSeconds: 60,
     breakerOpen: () => false,
     serializer: () => JSON.stringify,

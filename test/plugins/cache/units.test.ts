@@ -78,7 +78,7 @@ t.test('the tag clock: invalidations after a read began invalidate what it store
 
 t.test('the memory tier is bounded, drops expired and invalidated entries, and refuses a raced store', async t => {
   let now = 1000
-  const tier = new MemoryTier(2, () => now)
+  const tier = new MemoryTier(2, 1 << 20, () => now)
   tier.set('a', answer(2000), ['t'], tier.clock.now())
   tier.set('b', answer(2000), [], tier.clock.now())
   tier.set('c', answer(2000), [], tier.clock.now())
@@ -96,6 +96,20 @@ t.test('the memory tier is bounded, drops expired and invalidated entries, and r
   tier.set('e', answer(5000), [], tier.clock.now())
   tier.clear()
   t.equal(tier.size, 0)
+})
+
+t.test('the memory tier is bounded in bytes too: large answers evict others, and one over an eighth of the bound is not kept', async t => {
+  // Bounded by entry count alone, 10,000 answers of a few MB each took the process past its memory.
+  const tier = new MemoryTier(1000, 64 * 1024, () => 1000)
+  const sized = (chars: number): CachedAnswer => { const json = JSON.stringify('x'.repeat(chars - 2)); return { ...answer(5000), json } }
+  for (let i = 0; i < 20; i++) tier.set(`k${i}`, sized(2000), [], tier.clock.now())
+  t.ok(tier.bytes <= 64 * 1024, `within the bound (${tier.bytes} bytes)`)
+  t.ok(tier.size < 20 && tier.size >= 9, `the oldest went (${tier.size} kept)`)
+  t.ok(tier.get('k19'), 'the newest is kept')
+  t.equal(tier.get('k0'), undefined)
+  tier.set('huge', sized(3000), [], tier.clock.now())
+  t.equal(tier.get('huge'), undefined, 'an answer over an eighth of the bound stays out')
+  t.ok(tier.get('k19'), 'and evicted nothing')
 })
 
 t.test('config: BFF_CACHE_* are validated and redis needs REDIS_URL', async t => {
