@@ -2,6 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
+import { Ajv } from 'ajv'
 
 export interface OpenApiOptions {
   version: string
@@ -12,6 +13,23 @@ type DocOperation = {
   requestBody?: { required?: boolean, content?: Record<string, { schema?: { required?: unknown } }> }
   parameters?: Array<{ name?: string, in?: string }>
   responses?: Record<string, { description?: string, headers?: Record<string, unknown> }>
+}
+
+// Only asks whether `{}` is valid; the pipeline validates calls with each operation's own Ajv.
+const probe = new Ajv({ strict: false, validateFormats: false })
+
+/**
+ * Whether a body schema admits `{}`, the input of an absent body: not only one with no required
+ * field (an anyOf of required fields, minProperties: 1 do not).
+ */
+function acceptsEmpty (schema: { required?: unknown }): boolean {
+  if (Array.isArray(schema.required) && schema.required.length > 0) return false
+  try {
+    return probe.validate(schema, {})
+  } catch {
+    // A schema this Ajv cannot compile (a $ref into the document's components, say).
+    return true
+  }
 }
 
 /**
@@ -26,7 +44,7 @@ export function completeDocument (doc: { paths?: Record<string, Record<string, D
   for (const methods of Object.values(doc.paths ?? {})) {
     for (const op of Object.values(methods)) {
       const body = op.requestBody?.content?.['application/json']?.schema
-      if (op.requestBody !== undefined && body !== undefined && !(Array.isArray(body.required) && body.required.length > 0)) op.requestBody.required = false
+      if (op.requestBody !== undefined && body !== undefined && acceptsEmpty(body)) op.requestBody.required = false
       if (op.responses !== undefined && op.parameters?.some(p => p.in === 'header' && p.name === 'if-none-match') === true) {
         const { 'x-cache': xCache, ETag, 'Cache-Control': cacheControl, Vary, 'x-request-id': requestId } = op.responses['2XX']?.headers ?? {}
         op.responses['304'] = {

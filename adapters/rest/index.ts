@@ -98,7 +98,8 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
   const passthrough = (): true => true
   const validatorCompiler = ({ schema, httpPart }: { schema: FastifySchema, httpPart?: string }) => {
     if (httpPart === 'body' || httpPart === 'headers') return passthrough
-    const { required: _r, additionalProperties: _a, ...loose } = schema as JsonSchema
+    // Only the fields are coerced (the other rules of the input are the pipeline's to check).
+    const loose: JsonSchema = { type: 'object', properties: (schema as JsonSchema).properties ?? {} }
     // Optimization: string-only parts (most path params) need no coercion at all.
     const props = Object.values((loose.properties ?? {}) as Record<string, JsonSchema>)
     if (props.every(p => p.type === 'string')) return passthrough
@@ -203,11 +204,15 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   const pick = (keep: (k: string) => boolean): Record<string, JsonSchema> =>
     Object.fromEntries(Object.entries(props).filter(([k]) => keep(k)))
   const isPath = (k: string): boolean => op.pathParams.includes(k)
+  // Every rule of the input but the path's: anyOf, minProperties, an additionalProperties
+  // schema, patternProperties and the like were left out of the document, which then called
+  // valid (and a body optional) what the pipeline refuses.
+  const { properties: _p, required: _r, ...rules } = op.input
   const rest: JsonSchema = {
+    ...rules,
     type: 'object',
     properties: pick(k => !isPath(k)),
-    ...(required.some(k => !isPath(k)) ? { required: required.filter(k => !isPath(k)) } : {}),
-    ...(op.input.additionalProperties === false ? { additionalProperties: false } : {})
+    ...(required.some(k => !isPath(k)) ? { required: required.filter(k => !isPath(k)) } : {})
   }
   const schema: Record<string, unknown> = {
     operationId: op.name,

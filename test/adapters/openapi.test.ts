@@ -1,6 +1,6 @@
 import t from 'tap'
 import { Validator } from '@seriousme/openapi-schema-validator'
-import { buildDemoApp, demoManifest, bearer } from '../helper.js'
+import { buildDemoApp, buildTestApp, demoManifest, testManifest, bearer } from '../helper.js'
 
 interface OpenApiDoc {
   openapi: string
@@ -99,4 +99,31 @@ t.test('without identity there is no security scheme; with OpenAPI off there is 
   const off = await buildDemoApp(t, { BFF_OPENAPI_ENABLED: false })
   t.equal((await off.inject({ method: 'GET', url: '/openapi.json' })).statusCode, 404)
   t.equal((await off.inject({ method: 'GET', url: '/docs' })).statusCode, 404)
+})
+
+t.test('the document keeps every rule of an input, and calls a body optional only when {} passes them', async t => {
+  // Only properties, required and additionalProperties: false were kept: the document called
+  // valid (and a body optional) what the pipeline refuses.
+  const pair = { type: 'object', additionalProperties: false, properties: { a: { type: 'string' }, b: { type: 'string' } }, anyOf: [{ required: ['a'] }, { required: ['b'] }] }
+  const some = { type: 'object', minProperties: 1, additionalProperties: { type: 'integer' } }
+  const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
+  const manifest = testManifest({
+    onePost: { type: 'mutation', rest: 'POST /one', kernel: 'POST /v1/one', input: pair, output },
+    somePost: { type: 'mutation', rest: 'POST /some', kernel: 'POST /v1/some', input: some, output },
+    someGet: { type: 'query', rest: 'GET /some', kernel: 'GET /v1/some', input: { ...pair, properties: { ...pair.properties, n: { type: 'integer' } } }, output }
+  })
+  const app = await buildTestApp(t, {}, { manifest })
+  const doc = (await app.inject({ url: '/openapi.json' })).json()
+  const one = doc.paths['/api/v1/one'].post.requestBody
+  t.match(one, { required: true, content: { 'application/json': { schema: { anyOf: [{ required: ['a'] }, { required: ['b'] }], additionalProperties: false } } } }, 'anyOf kept; {} fails it: required')
+  const body = doc.paths['/api/v1/some'].post.requestBody
+  t.match(body, { required: true, content: { 'application/json': { schema: { minProperties: 1, additionalProperties: { type: 'integer' } } } } })
+  // What the document says matches what the server does.
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/one', headers: bearer(), payload: {} })).statusCode, 400, '{} is refused, as documented')
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/some', headers: bearer(), payload: { x: 'text' } })).statusCode, 400, 'an additional field of the wrong type is refused, as documented')
+  // Query strings are still coerced field by field only.
+  const some2 = await app.inject({ url: '/api/v1/some?n=0x10&a=x', headers: bearer() })
+  t.equal(some2.statusCode, 400, 'a loose number is still refused')
+  const result = await new Validator().validate(doc)
+  t.equal(result.valid, true, JSON.stringify(result.errors))
 })
