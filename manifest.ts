@@ -363,7 +363,10 @@ function resolveRefs (node: unknown, schemas: Record<string, JsonSchema>, at: st
         return {}
       }
       const { $ref: _ignored, ...rest } = obj
-      const resolved = walk(target, path, [...names, match[1]]) as Record<string, unknown>
+      // Without its $id: a copy is inlined wherever the schema is used, and an $id declared twice
+      // made Ajv refuse the second use (a named schema with an $id could serve one operation only).
+      // Only #/schemas/ references exist, so nothing resolves against it.
+      const { $id: _id, ...resolved } = walk(target, path, [...names, match[1]]) as Record<string, unknown>
       return Object.keys(rest).length === 0 ? resolved : { ...resolved, ...(walk(rest, path, names) as Record<string, unknown>) }
     }
     const out: Record<string, unknown> = {}

@@ -277,6 +277,16 @@ t.test('a $ref with sibling keys is merged, the siblings winning', async t => {
   t.same(m.operations[0].outputDocument, { $ref: '#/schemas/A', description: 'the A', required: ['id'] })
 })
 
+t.test('a named schema with an $id serves several operations, and twice in one', async t => {
+  // Its $id was copied wherever it was inlined, and Ajv refused the second use.
+  const m = compileManifest(doc({
+    a: { ...query, output: { $ref: '#/schemas/Thing' } },
+    b: { ...query, rest: 'GET /b', output: { type: 'object', properties: { one: { $ref: '#/schemas/Thing' }, two: { $ref: '#/schemas/Thing' } } } }
+  }, { schemas: { Thing: { $id: 'Thing', type: 'object', properties: { id: { type: 'string' } } } } }))
+  t.same(m.operations[0].output, { type: 'object', properties: { id: { type: 'string' } } })
+  t.same(m.operations[1].output, { type: 'object', properties: { one: { type: 'object', properties: { id: { type: 'string' } } }, two: { type: 'object', properties: { id: { type: 'string' } } } } })
+})
+
 t.test('a duplicate REST route is refused, whatever the param names', async t => {
   t.same(faultsOf(doc({
     a: { ...query, rest: 'GET /a/:id', kernel: 'GET /v1/a/{id}', input: idInput },
