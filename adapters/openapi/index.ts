@@ -9,10 +9,60 @@ export interface OpenApiOptions {
   secured: boolean
 }
 
+type Content = Record<string, { schema?: Record<string, unknown> }>
 type DocOperation = {
-  requestBody?: { required?: boolean, content?: Record<string, { schema?: { required?: unknown } }> }
-  parameters?: Array<{ name?: string, in?: string }>
-  responses?: Record<string, { description?: string, headers?: Record<string, unknown> }>
+  requestBody?: { required?: boolean, content?: Content }
+  parameters?: Array<{ name?: string, in?: string, schema?: Record<string, unknown> }>
+  responses?: Record<string, { description?: string, headers?: Record<string, unknown>, content?: Content }>
+}
+
+// Keywords whose value is a schema, an array of schemas, or a map of names to schemas.
+const SCHEMA_VALUED = new Set(['items', 'additionalItems', 'additionalProperties', 'not', 'if', 'then', 'else', 'contains', 'propertyNames', 'unevaluatedItems', 'unevaluatedProperties'])
+const SCHEMA_LISTS = new Set(['allOf', 'anyOf', 'oneOf', 'prefixItems'])
+const SCHEMA_MAPS = new Set(['properties', 'patternProperties', 'definitions', '$defs', 'dependentSchemas'])
+
+/**
+ * A manifest schema (JSON Schema draft-07, as Ajv checks it) in the dialect OpenAPI 3.1 declares
+ * (2020-12): array `items` is `prefixItems` (and `additionalItems` is then `items`),
+ * `dependencies` is `dependentRequired` / `dependentSchemas`, `definitions` is `$defs`, and
+ * Ajv's `nullable: true` is `null` among the types. Copied into the document as they were, such
+ * schemas were invalid there, and a nullable field read as not nullable.
+ */
+export function dialect2020 (schema: unknown): unknown {
+  if (schema === null || typeof schema !== 'object' || Array.isArray(schema)) return schema
+  const out: Record<string, unknown> = {}
+  const source = schema as Record<string, unknown>
+  for (const [key, value] of Object.entries(source)) {
+    if (key === 'items' && Array.isArray(value)) {
+      out.prefixItems = value.map(dialect2020)
+      if (source.additionalItems !== undefined) out.items = dialect2020(source.additionalItems)
+    } else if (key === 'additionalItems') {
+      // Read with an array `items` above; alone, draft-07 ignores it.
+    } else if (key === 'dependencies' && value !== null && typeof value === 'object') {
+      for (const [name, dependency] of Object.entries(value)) {
+        const target = Array.isArray(dependency) ? 'dependentRequired' : 'dependentSchemas'
+        out[target] = { ...(out[target] as object | undefined), [name]: Array.isArray(dependency) ? dependency : dialect2020(dependency) }
+      }
+    } else if (key === 'nullable') {
+      if (value === true && typeof source.type === 'string') out.type = [source.type, 'null']
+    } else if (key === 'type' && source.nullable === true && typeof value === 'string') {
+      out.type ??= [value, 'null']
+    } else if (SCHEMA_VALUED.has(key)) {
+      out[key] = dialect2020(value)
+    } else if (SCHEMA_LISTS.has(key) && Array.isArray(value)) {
+      out[key] = value.map(dialect2020)
+    } else if (SCHEMA_MAPS.has(key) && value !== null && typeof value === 'object') {
+      out[key === 'definitions' ? '$defs' : key] = Object.fromEntries(Object.entries(value).map(([name, v]) => [name, dialect2020(v)]))
+    } else {
+      out[key] = value
+    }
+  }
+  return out
+}
+
+/** Every schema of a content map, in the document's dialect. */
+function contentIn2020 (content: Content | undefined): void {
+  for (const media of Object.values(content ?? {})) if (media.schema !== undefined) media.schema = dialect2020(media.schema) as Record<string, unknown>
 }
 
 // Only asks whether `{}` is valid; the pipeline validates calls with each operation's own Ajv.
@@ -33,18 +83,24 @@ function acceptsEmpty (schema: { required?: unknown }): boolean {
 }
 
 /**
- * What @fastify/swagger cannot know from a route's schemas, set on the document it builds:
+ * What @fastify/swagger cannot know from a route's schemas, set on the document it builds
+ * (and every schema in it in the dialect it declares, dialect2020):
  * - a body whose schema requires nothing may be left out (the gateway reads an absent body as
  *   `{}`), while @fastify/swagger marks every requestBody required;
  * - a cached query (one that takes If-None-Match) answers 304 with no body while the tag still
  *   matches, with the 2XX answer's cache headers: a 304 is not a 2XX, and clients generated from
  *   the document took it for an undocumented status.
  */
-export function completeDocument (doc: { paths?: Record<string, Record<string, DocOperation>> }): void {
+export function completeDocument (doc: { paths?: Record<string, Record<string, DocOperation>>, components?: { schemas?: Record<string, unknown> } }): void {
+  const schemas = doc.components?.schemas
+  if (schemas !== undefined) for (const name of Object.keys(schemas)) schemas[name] = dialect2020(schemas[name])
   for (const methods of Object.values(doc.paths ?? {})) {
     for (const op of Object.values(methods)) {
       const body = op.requestBody?.content?.['application/json']?.schema
       if (op.requestBody !== undefined && body !== undefined && acceptsEmpty(body)) op.requestBody.required = false
+      contentIn2020(op.requestBody?.content)
+      for (const parameter of op.parameters ?? []) if (parameter.schema !== undefined) parameter.schema = dialect2020(parameter.schema) as Record<string, unknown>
+      for (const response of Object.values(op.responses ?? {})) contentIn2020(response.content)
       if (op.responses !== undefined && op.parameters?.some(p => p.in === 'header' && p.name === 'if-none-match') === true) {
         const { 'x-cache': xCache, ETag, 'Cache-Control': cacheControl, Vary, 'x-request-id': requestId } = op.responses['2XX']?.headers ?? {}
         op.responses['304'] = {

@@ -1,5 +1,6 @@
 import t from 'tap'
 import { Validator } from '@seriousme/openapi-schema-validator'
+import { Ajv2020 } from 'ajv/dist/2020.js'
 import { buildDemoApp, buildTestApp, demoManifest, testManifest, bearer } from '../helper.js'
 
 interface OpenApiDoc {
@@ -126,4 +127,32 @@ t.test('the document keeps every rule of an input, and calls a body optional onl
   t.equal(some2.statusCode, 400, 'a loose number is still refused')
   const result = await new Validator().validate(doc)
   t.equal(result.valid, true, JSON.stringify(result.errors))
+})
+
+t.test('schemas are written in the dialect OpenAPI 3.1 declares (JSON Schema 2020-12)', async t => {
+  // Manifest schemas are draft-07: copied as they were, array items, dependencies and nullable
+  // were invalid or misread in the document.
+  const input = {
+    type: 'object',
+    properties: { pair: { type: 'array', items: [{ type: 'string' }, { type: 'integer' }], additionalItems: false, minItems: 2 }, note: { type: 'string', nullable: true }, a: { type: 'string' }, b: { type: 'string' }, dependencies: { type: 'string' } },
+    dependencies: { a: ['b'], b: { properties: { note: { minLength: 1 } } } }
+  }
+  const manifest = testManifest({ shapes: { type: 'mutation', rest: 'POST /shapes', kernel: 'POST /v1/shapes', input, output: { type: 'object', properties: { ok: { type: 'boolean', nullable: true } } } } })
+  const app = await buildTestApp(t, {}, { manifest })
+  const doc = (await app.inject({ url: '/openapi.json' })).json()
+  const op = doc.paths['/api/v1/shapes'].post
+  const body = op.requestBody.content['application/json'].schema
+  t.same(body.properties.pair, { type: 'array', prefixItems: [{ type: 'string' }, { type: 'integer' }], items: false, minItems: 2 })
+  t.same(body.properties.note, { type: ['string', 'null'] })
+  t.same(body.properties.dependencies, { type: 'string' }, 'a field named like a keyword is left as it is')
+  t.same(body.dependentRequired, { a: ['b'] })
+  t.same(body.dependentSchemas, { b: { properties: { note: { minLength: 1 } } } })
+  t.notOk('dependencies' in body)
+  t.same(op.responses['2XX'].content['application/json'].schema.properties.ok, { type: ['boolean', 'null'] })
+  const ajv = new Ajv2020({ strict: false })
+  t.doesNotThrow(() => ajv.compile(body), 'a valid 2020-12 schema')
+  t.equal(ajv.validate(body, { pair: ['x', 1], a: 'x', b: 'y', note: null }), true)
+  t.equal(ajv.validate(body, { pair: ['x', 1, 2] }), false, 'no item beyond the pair, as the manifest says')
+  t.equal(ajv.validate(body, { a: 'x' }), false, 'a needs b, as the manifest says')
+  t.equal((await new Validator().validate(doc)).valid, true)
 })
