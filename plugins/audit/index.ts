@@ -222,7 +222,7 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
       return
     }
     const status = await migrationStatus(databaseUrl)
-    if (status.pending.length > 0) throw new ConfigError(`Refusing to start in production: the audit database has pending migrations (${status.pending.join(', ')}): run npm run migrate`)
+    if (status.pending.length > 0) throw new ConfigError(`Refusing to start in production: the audit database has pending migrations (${status.pending.join(', ')}): run npm run migrate from a checkout, or node dist/scripts/migrate.js up in the image`)
   }
   let schema: Promise<void> | null = null
   const prepare = async (): Promise<void> => {
