@@ -136,3 +136,25 @@ t.test('the autoscaler and the disruption budget act on the Deployment', async t
   t.ok(drainMs >= 10_000)
   t.ok(Number(preStop[1]) + drainMs / 1000 < deployment.spec.template.spec.terminationGracePeriodSeconds, `${String(preStop[1])} s + ${drainMs} ms`)
 })
+
+t.test('migrations run before the gateway, from the image; the audit spool and the namespace are the manifests\' own', async t => {
+  const pod = ofKind('Deployment').spec.template.spec
+  const container = pod.containers[0]
+  // The initContainer runs the compiled migration script (the image holds dist/, not scripts/*.ts).
+  const migrate = (pod.initContainers as Doc[]).find(c => c.name === 'migrate')!
+  t.equal(migrate.image, container.image, 'the gateway\'s image')
+  t.same(migrate.command, ['node', 'dist/scripts/migrate.js', 'up'])
+  t.same(migrate.envFrom, container.envFrom, 'DATABASE_URL from the same Secret')
+  t.match(read('tsconfig.build.json'), /"scripts\/\*\*\/\*\.ts"/, 'the build compiles scripts/ into dist/scripts/')
+  t.match(read('scripts/copy-assets.mjs'), /cp\(new URL\('migrations\/', root\), new URL\('migrations\/', out\)/, 'the build copies migrations/ into dist/')
+  t.match(read('Dockerfile'), /^COPY --from=build \/app\/dist \.\/dist$/m)
+  t.same(migrate.securityContext, container.securityContext)
+  // The spool: BFF_AUDIT_SPOOL_DIR is a volume of its own, not /tmp.
+  const env = Object.fromEntries((container.env as Array<{ name: string, value: string }>).map(e => [e.name, e.value]))
+  const mount = (container.volumeMounts as Doc[]).find(m => m.mountPath === env.BFF_AUDIT_SPOOL_DIR)
+  t.ok(mount !== undefined && mount.readOnly !== true, 'the spool directory is a writable mount')
+  t.not(mount!.mountPath, '/tmp')
+  t.ok((pod.volumes as Doc[]).find(v => v.name === mount!.name)?.emptyDir !== undefined, 'an emptyDir (README: not kept across pod replacement)')
+  // The namespace the kustomization puts everything in is one it creates.
+  t.equal(ofKind('Namespace').metadata.name, ofKind('Kustomization').namespace)
+})
