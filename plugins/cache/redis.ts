@@ -8,31 +8,29 @@ import { INVALIDATE_CHANNEL } from './keys.js'
 // (one Lua script: compare and set, atomic), and it is served only while they are (a read is
 // one MGET of the entry and its tag versions). An invalidation increments the versions and
 // publishes on INVALIDATE_CHANNEL in the same script, so every instance also drops the tags from
-// its in-process tier. A tag that has no version (never used, expired, or evicted by Redis under
-// maxmemory) reads as '' and matches no stored entry: a version is born random, never 0, so a
-// tag key that went away and came back cannot take an entry stored before it went for current.
+// its in-process tier.
+// A tag that has no version (never used, expired, or evicted by Redis under maxmemory) is given
+// a random one by the read that finds it missing (one more command, only then), and an
+// invalidation gives a missing tag a random one too: no version is ever born 0 or 1, so a tag
+// key that went away and came back cannot take an entry stored before it went for current.
+// Before, a missing tag read as 0, the version every tag was born with.
 
 // KEYS[1] the entry, KEYS[2..] its tag keys; ARGV: versions read before the Kernel call, body,
-// entry ms, tag ms, a random version for the tags that have none. 1 stored, 0 raced. A tag's
-// lifetime is only ever lengthened, here and on invalidation.
+// entry ms, tag ms. 1 stored, 0 raced. A tag's lifetime is only ever lengthened, here and on
+// invalidation.
 const WRITE = `
 local v = {}
 for i = 2, #KEYS do v[i - 1] = redis.call('GET', KEYS[i]) or '' end
 if table.concat(v, ',') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2], 'PX', ARGV[3])
 local ms = tonumber(ARGV[4])
 for i = 2, #KEYS do
-  if v[i - 1] == '' then
-    v[i - 1] = ARGV[5]
-    redis.call('SET', KEYS[i], ARGV[5], 'PX', ms)
-  elseif redis.call('PTTL', KEYS[i]) < ms then
-    redis.call('PEXPIRE', KEYS[i], ms)
-  end
+  if redis.call('PTTL', KEYS[i]) < ms then redis.call('PEXPIRE', KEYS[i], ms) end
 end
-redis.call('SET', KEYS[1], table.concat(v, ',') .. '\\n' .. ARGV[2], 'PX', ARGV[3])
 return 1
 `
 // KEYS the tag keys; ARGV: tag ms, the message to publish, a random version for the tags that
-// have none (INCR would make it 1, which an entry stored under an evicted version may hold).
+// have none (INCR would make one 1).
 const INVALIDATE = `
 local ms = tonumber(ARGV[1])
 for i = 1, #KEYS do
@@ -42,11 +40,23 @@ end
 redis.call('PUBLISH', '${INVALIDATE_CHANNEL}', ARGV[2])
 return #KEYS
 `
+// KEYS tag keys a read found missing; ARGV: a random version, tag ms. Their versions, each the
+// one a concurrent read or write may have given it first.
+const BORN = `
+local out = {}
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if not v then
+    v = ARGV[1]
+    redis.call('SET', KEYS[i], v, 'PX', ARGV[2])
+  end
+  out[i] = v
+end
+return out
+`
 
-/** A tag version for a tag that has none: random, within Redis' (and Lua's exact) integers. */
-function bornVersion (): string {
-  return String(randomInt(1, 2 ** 47))
-}
+/** A random version, within Redis' (and Lua's exact) integers: never 0 or 1. */
+const randomVersion = (): string => String(randomInt(2, 2 ** 47))
 
 /** How much longer than the entry stored under it a tag version lives, at the least. */
 const TAG_MARGIN_MS = 60_000
@@ -54,6 +64,7 @@ const TAG_MARGIN_MS = 60_000
 interface CacheCommands {
   mantleCacheWrite: (n: number, ...args: string[]) => Promise<number>
   mantleCacheInvalidate: (n: number, ...args: string[]) => Promise<number>
+  mantleCacheBorn: (n: number, ...args: string[]) => Promise<string[]>
 }
 
 export interface RedisRead {
@@ -76,6 +87,7 @@ export class RedisTier {
     if (!('mantleCacheWrite' in client)) {
       client.defineCommand('mantleCacheWrite', { lua: WRITE })
       client.defineCommand('mantleCacheInvalidate', { lua: INVALIDATE })
+      client.defineCommand('mantleCacheBorn', { lua: BORN })
     }
     this.commands = client as unknown as CacheCommands
   }
@@ -86,7 +98,16 @@ export class RedisTier {
    */
   async read (key: string, tagKeys: readonly string[]): Promise<RedisRead> {
     const [entry, ...tags] = await this.client.mget(key, ...tagKeys)
-    const versions = tags.map(v => v ?? '').join(',')
+    if (tags.includes(null)) {
+      const missing = tagKeys.filter((_, i) => tags[i] === null)
+      // Missing tags get their versions now, before the Kernel call, so that every concurrent
+      // fill under them reads the same ones; no entry was stored under them.
+      const born = await this.commands.mantleCacheBorn(missing.length, ...missing, randomVersion(), String(this.tagMs))
+      let n = 0
+      for (let i = 0; i < tags.length; i++) if (tags[i] === null) tags[i] = born[n++]
+      return { answer: null, versions: tags.join(',') }
+    }
+    const versions = tags.join(',')
     if (entry === null) return { answer: null, versions }
     const nl = entry.indexOf('\n')
     if (nl < 0 || entry.slice(0, nl) !== versions) return { answer: null, versions }
@@ -99,12 +120,12 @@ export class RedisTier {
     // The tags outlive this entry whatever lifetime the manifest gave it: a reload may lengthen
     // an operation's ttl beyond what the tag lifetime was computed from at start-up.
     const tagMs = Math.max(this.tagMs, ms + TAG_MARGIN_MS)
-    return await this.commands.mantleCacheWrite(1 + tagKeys.length, key, ...tagKeys, versions, encode(answer), String(ms), String(tagMs), bornVersion()) === 1
+    return await this.commands.mantleCacheWrite(1 + tagKeys.length, key, ...tagKeys, versions, encode(answer), String(ms), String(tagMs)) === 1
   }
 
   async invalidate (tagKeys: readonly string[], message: string): Promise<void> {
     if (tagKeys.length === 0) return
-    await this.commands.mantleCacheInvalidate(tagKeys.length, ...tagKeys, String(this.tagMs), message, bornVersion())
+    await this.commands.mantleCacheInvalidate(tagKeys.length, ...tagKeys, String(this.tagMs), message, randomVersion())
   }
 }
 

@@ -127,10 +127,10 @@ t.test('a tag version outlives every entry stored under it, whatever lifetime th
   const now = Date.now()
   const day = 86_400_000
   const { versions } = await tier.read(key, tags)
-  t.equal(versions, '', 'a tag without a version reads as none')
-  t.ok(await tier.write(key, tags, versions, { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + day, staleUntil: now + day, keepUntil: now + day, policy: 'p' }, now))
   const born = await redis.get(tags[0])
-  t.match(born, /^[1-9][0-9]*$/, 'the write gave the tag a version')
+  t.match(born, /^[1-9][0-9]*$/, 'the read gave the missing tag a version')
+  t.equal(versions, born)
+  t.ok(await tier.write(key, tags, versions, { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + day, staleUntil: now + day, keepUntil: now + day, policy: 'p' }, now))
   const entryTtl = await redis.pttl(key)
   t.ok(await redis.pttl(tags[0]) > entryTtl, 'the tag outlives the day-long entry, beyond the 60 s it was made with')
   await tier.invalidate(tags, 'test')
@@ -170,8 +170,28 @@ t.test('a tag version Redis evicted does not bring back the entries its invalida
   await redis.del(tags[0]) // as an eviction would
   t.equal((await tier.read(key, tags)).answer, null, 'still invalidated once its tag key is gone')
   // An invalidation of a tag that has no version gives it a random one, never 1.
+  await redis.del(tags[0])
   await tier.invalidate(tags, 'test')
   t.not(await redis.get(tags[0]), '1')
+})
+
+t.test('fills of several keys under a tag that has no version are all stored', async t => {
+  // The first version of a missing tag is given at the read: given at the first write, it made
+  // every other fill that had read the tag missing look raced, and only one of them was stored.
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.quit())
+  const tier = new RedisTier(redis, 60_000)
+  const who = tenant()
+  const keys = ['a', 'b', 'c'].map(id => entryKey('getItem', who, { id }))
+  const tags = [tagKey(who, 'items'), tagKey(who, 'item:x')]
+  t.teardown(async () => { await redis.del(...keys, ...tags) })
+  const now = Date.now()
+  const answer = { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + 60_000, staleUntil: now + 60_000, keepUntil: now + 60_000, policy: 'p' }
+  await redis.set(tags[1], '7')
+  const reads = await Promise.all(keys.map(async key => await tier.read(key, tags)))
+  t.equal(new Set(reads.map(r => r.versions)).size, 1, 'every read got the same versions')
+  t.same(await Promise.all(keys.map(async (key, i) => await tier.write(key, tags, reads[i].versions, answer, now))), [true, true, true])
+  for (const key of keys) t.ok((await tier.read(key, tags)).answer, 'served')
 })
 
 // A rolling deploy that drops a field from an output schema: old and new instances share Redis,
