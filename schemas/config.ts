@@ -73,7 +73,7 @@ export const ConfigSchema = Type.Object({
   BFF_CACHE_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
   BFF_CACHE_TTL: Type.Integer({ minimum: 1, maximum: 86400, default: 60, description: 'seconds an answer stays fresh when the operation\'s cache sets no ttlSeconds' }),
   BFF_CACHE_MAX_SIZE: Type.Integer({ minimum: 1, maximum: 10000000, default: 10000, description: 'most entries of the in-process cache tier (LRU)' }),
-  BFF_CACHE_MAX_BYTES: Type.Integer({ minimum: 1048576, maximum: 17179869184, default: 67108864, description: 'most bytes of answers the in-process cache tier holds (about; an answer over an eighth of it stays in Redis only)' }),
+  BFF_CACHE_MAX_BYTES: Type.Integer({ minimum: 1048576, maximum: 17179869184, default: 67108864, description: 'most bytes of answers the in-process cache tier holds (about; an answer over an eighth of it is not kept there)' }),
   DATABASE_URL: Type.Optional(Type.String({ pattern: '^postgres(ql)?://', description: 'PostgreSQL URL (postgres://user@host:5432/db): the audit trail with BFF_AUDIT_STORE=postgres' })),
   BFF_AUDIT_ENABLED: Flag('the hash-chained audit trail of every call'),
   BFF_AUDIT_STORE: Type.Union([Type.Literal('memory'), Type.Literal('postgres')], { default: 'memory', description: 'memory | postgres (postgres needs DATABASE_URL)' }),

@@ -110,6 +110,11 @@ t.test('the memory tier is bounded in bytes too: large answers evict others, and
   tier.set('huge', sized(3000), [], tier.clock.now())
   t.equal(tier.get('huge'), undefined, 'an answer over an eighth of the bound stays out')
   t.ok(tier.get('k19'), 'and evicted nothing')
+  // The parsed value of many small arrays costs far more than its characters: each is counted.
+  const small = new MemoryTier(1000, 1 << 20, () => 1000)
+  const json = JSON.stringify(Array.from({ length: 1000 }, (_, i) => [i]))
+  small.set('arrays', { ...answer(5000), json }, [], small.clock.now())
+  t.ok(small.bytes >= 1000 * 2 * 48, `1,000 arrays count at least 96 KB (${small.bytes})`)
 })
 
 t.test('config: BFF_CACHE_* are validated and redis needs REDIS_URL', async t => {
