@@ -198,16 +198,22 @@ function addVary (reply: FastifyReply, value: string): void {
   reply.header('vary', vary === undefined ? value : `${String(vary)}, ${value}`)
 }
 
+/** The rules of an input that read it whole: with path parameters, the body alone cannot show them. */
+const WHOLE_INPUT_RULES = new Set(['allOf', 'anyOf', 'oneOf', 'not', 'if', 'then', 'else', 'dependencies', 'dependentRequired', 'dependentSchemas', 'minProperties', 'maxProperties', 'propertyNames'])
+
 function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns): FastifySchema {
   const props = (op.input.properties ?? {}) as Record<string, JsonSchema>
   const required = Array.isArray(op.input.required) ? op.input.required as string[] : []
   const pick = (keep: (k: string) => boolean): Record<string, JsonSchema> =>
     Object.fromEntries(Object.entries(props).filter(([k]) => keep(k)))
   const isPath = (k: string): boolean => op.pathParams.includes(k)
-  // Every rule of the input but the path's: anyOf, minProperties, an additionalProperties
-  // schema, patternProperties and the like were left out of the document, which then called
-  // valid (and a body optional) what the pipeline refuses.
-  const { properties: _p, required: _r, ...rules } = op.input
+  // Every rule of the input but the path's: anyOf, minProperties, an additionalProperties schema
+  // and the like were left out of the document, which then called valid (and a body optional)
+  // what the pipeline refuses. Not patternProperties, which @fastify/swagger writes as an
+  // additionalProperties, over a `false`; and with path parameters, no rule over the whole input
+  // (it is checked with them, not on the body alone).
+  const { properties: _p, required: _r, patternProperties: _pp, ...all } = op.input
+  const rules = op.pathParams.length === 0 ? all : Object.fromEntries(Object.entries(all).filter(([k]) => !WHOLE_INPUT_RULES.has(k)))
   const rest: JsonSchema = {
     ...rules,
     type: 'object',

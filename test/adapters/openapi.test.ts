@@ -156,3 +156,21 @@ t.test('schemas are written in the dialect OpenAPI 3.1 declares (JSON Schema 202
   t.equal(ajv.validate(body, { a: 'x' }), false, 'a needs b, as the manifest says')
   t.equal((await new Validator().validate(doc)).valid, true)
 })
+
+t.test('rules over the whole input stay out of a body that shares it with path parameters; patternProperties stays out', async t => {
+  const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
+  const manifest = testManifest({
+    // The server checks anyOf with the path parameter merged in: a body-less PATCH passes.
+    pathed: { type: 'mutation', rest: 'PATCH /pathed/:id', kernel: 'PATCH /v1/pathed/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' }, name: { type: 'string' } }, anyOf: [{ required: ['id'] }, { required: ['name'] }] }, output },
+    // @fastify/swagger wrote patternProperties as an additionalProperties, over the false.
+    patterned: { type: 'mutation', rest: 'POST /patterned', kernel: 'POST /v1/patterned', input: { type: 'object', additionalProperties: false, properties: { name: { type: 'string' } }, patternProperties: { '^x-': { type: 'string' } } }, output }
+  })
+  const app = await buildTestApp(t, {}, { manifest })
+  const doc = (await app.inject({ url: '/openapi.json' })).json()
+  const pathed = doc.paths['/api/v1/pathed/{id}'].patch.requestBody
+  t.equal(pathed.required, false, 'documented optional')
+  t.notOk('anyOf' in pathed.content['application/json'].schema)
+  t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/pathed/x1', headers: bearer() })).statusCode, 503, 'the gateway takes it: past validation, to the Kernel (which is not there)')
+  const patterned = doc.paths['/api/v1/patterned'].post.requestBody.content['application/json'].schema
+  t.equal(patterned.additionalProperties, false)
+})
