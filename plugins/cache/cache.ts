@@ -22,6 +22,18 @@ export interface CacheMetrics {
 
 export type InvalidationSource = 'mutation' | 'admin' | 'remote'
 
+// The roles of a user-scoped key, made once per roles array: identities are cached per token
+// and frozen, so a token's calls share one array (sorting and encoding on every hit cost ~10x).
+const rolesSegments = new WeakMap<readonly string[], string>()
+function rolesSegment (roles: readonly string[]): string {
+  let segment = rolesSegments.get(roles)
+  if (segment === undefined) {
+    segment = encodeURIComponent([...roles].sort().join(','))
+    rolesSegments.set(roles, segment)
+  }
+  return segment
+}
+
 export interface ResponseCacheOptions {
   /** null: memory only. */
   redis: { tier: RedisTier, up: () => boolean } | null
@@ -136,7 +148,7 @@ export class ResponseCache {
     const perUser = spec.scope === 'user'
     return async (ctx, next) => {
       const input = canonicalJson(ctx.input)
-      const canonical = perUser ? encodeURIComponent(ctx.user) + ':' + encodeURIComponent([...ctx.roles].sort().join(',')) + ':' + input : input
+      const canonical = perUser ? encodeURIComponent(ctx.user) + ':' + rolesSegment(ctx.roles) + ':' + input : input
       const local = localKey(name, ctx.tenant, canonical)
       let found = this.memory.get(local)
       if (found !== undefined && found.policy !== policy) found = undefined
