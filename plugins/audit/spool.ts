@@ -1,4 +1,5 @@
-import { open, readFile, rename, mkdir, writeFile, unlink, type FileHandle } from 'node:fs/promises'
+import { open, readFile, rename, mkdir, writeFile, unlink, stat, utimes, type FileHandle } from 'node:fs/promises'
+import { hostname } from 'node:os'
 import { hash } from 'node:crypto'
 import { join, resolve } from 'node:path'
 import type { AuditEntry } from './entry.js'
@@ -11,6 +12,9 @@ export const SPOOL_FILE = 'audit.spool'
 /** Beside the spool: the entries the store refused for their own data, for an operator to read. */
 export const QUARANTINE_FILE = 'audit.quarantine'
 const LOCK_FILE = 'audit.lock'
+/** The holder of a lock touches it this often; one untouched for LOCK_STALE_MS is another host's that is gone. */
+const LOCK_HEARTBEAT_MS = 5_000
+const LOCK_STALE_MS = 30_000
 
 interface SpoolLine { n: number, sum: string, entries: AuditEntry[] }
 
@@ -34,6 +38,8 @@ const OPEN_HERE = new Set<string>()
  */
 export class Spool {
   private fh: FileHandle | null = null
+  /** Touches the lock file, so that another host can tell it is held (Spool.open). */
+  private heartbeat: NodeJS.Timeout | null = null
   private bytes = 0
   // Appends, drains and compaction run one after another.
   private chain: Promise<unknown> = Promise.resolve()
@@ -53,27 +59,38 @@ export class Spool {
   get size (): number { return this.bytes - this.done }
 
   /**
-   * Opens the spool of `dir`, taking its lock file: two processes on one spool would replay each
-   * other's batches. A lock left by a process that is gone is taken over.
+   * Opens the spool of `dir`, taking its lock file (`<pid> <hostname>`): two processes on one
+   * spool would replay, and truncate, each other's batches. A lock left by a process that is gone
+   * is taken over: on this host, one whose pid is not alive (or is ours: an earlier run's, in a
+   * container where the gateway is PID 1 every run); from another host (two containers on one
+   * volume, each PID 1: the pid alone let the second in), one its holder has not touched for
+   * LOCK_STALE_MS (it touches it every LOCK_HEARTBEAT_MS).
    */
   static async open (dir: string, limits: SpoolLimits = SPOOL_LIMITS): Promise<Spool> {
-    const inUse = (owner: number): SpoolInUseError => new SpoolInUseError(`BFF_AUDIT_SPOOL_DIR=${dir} is in use by process ${owner}: give each gateway instance its own spool directory`)
+    const inUse = (owner: number | string): SpoolInUseError => new SpoolInUseError(`BFF_AUDIT_SPOOL_DIR=${dir} is in use by process ${owner}: give each gateway instance its own spool directory`)
     const here = resolve(dir)
     if (OPEN_HERE.has(here)) throw inUse(process.pid)
     OPEN_HERE.add(here)
     try {
       await mkdir(dir, { recursive: true })
       const lock = join(dir, LOCK_FILE)
+      const mine = `${process.pid} ${hostname()}`
       try {
-        await writeFile(lock, String(process.pid), { flag: 'wx' })
+        await writeFile(lock, mine, { flag: 'wx' })
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
-        const owner = Number(await readFile(lock, 'utf8').catch(() => ''))
-        // Our own pid, on a spool this process has not opened: an earlier run's lock, left by a
-        // crash or a kill, in a container where the gateway is PID 1 each run (the spool survives
-        // a restart on its volume). Taken as alive, every restart refused to start.
-        if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && alive(owner)) throw inUse(owner)
-        await writeFile(lock, String(process.pid))
+        const [pid, host] = (await readFile(lock, 'utf8').catch(() => '')).split(' ')
+        const owner = Number(pid)
+        if (host !== undefined && host !== hostname()) {
+          const age = Date.now() - (await stat(lock)).mtimeMs
+          if (age < LOCK_STALE_MS) throw inUse(`${owner} on ${host} (its lock was touched ${Math.round(age / 1000)} s ago)`)
+        } else if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && alive(owner)) {
+          // Our own pid, on a spool this process has not opened: an earlier run's lock, left by a
+          // crash or a kill, in a container where the gateway is PID 1 each run (the spool
+          // survives a restart on its volume). Taken as alive, every restart refused to start.
+          throw inUse(owner)
+        }
+        await writeFile(lock, mine)
       }
       const spool = new Spool(dir, limits)
       spool.fh = await open(spool.path, 'a+')
@@ -82,6 +99,11 @@ export class Spool {
       await syncDir(dir)
       spool.bytes = (await spool.fh.stat()).size
       await spool.cutTornTail()
+      spool.heartbeat = setInterval(() => {
+        const now = new Date()
+        utimes(lock, now, now).catch(() => {})
+      }, LOCK_HEARTBEAT_MS)
+      spool.heartbeat.unref()
       return spool
     } catch (err) {
       OPEN_HERE.delete(here)
@@ -237,6 +259,8 @@ export class Spool {
   }
 
   async close (): Promise<void> {
+    if (this.heartbeat !== null) clearInterval(this.heartbeat)
+    this.heartbeat = null
     await this.quarantine.close()
     await this.serial(async () => {
       try {

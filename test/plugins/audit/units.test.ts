@@ -1,6 +1,7 @@
 import t from 'tap'
 import { createHash } from 'node:crypto'
-import { appendFileSync, existsSync, readFileSync, statSync, writeFileSync } from 'node:fs'
+import { appendFileSync, existsSync, readFileSync, statSync, utimesSync, writeFileSync } from 'node:fs'
+import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { FileHandle } from 'node:fs/promises'
 import { categoryOf, hashEntry, isoTime, GENESIS, type AuditEntry, type AuditStore } from '../../../plugins/audit/entry.js'
@@ -260,6 +261,17 @@ t.test('spool: one process per directory; a torn or corrupt line is skipped, nev
   await restarted.close()
   t.notOk(existsSync(join(dir, 'audit.lock')))
 
+  // Another host's lock (two containers on one volume, each PID 1: the pid alone let the second
+  // in, and each truncated the other's batches): refused while its holder touches it, taken
+  // over once it has not for 30 s.
+  writeFileSync(join(dir, 'audit.lock'), `${process.pid} another-host`)
+  await t.rejects(Spool.open(dir), /is in use by process \d+ on another-host \(its lock was touched 0 s ago\)/)
+  const old = new Date(Date.now() - 31_000)
+  utimesSync(join(dir, 'audit.lock'), old, old)
+  const takenOver = await Spool.open(dir)
+  t.match(readFileSync(join(dir, 'audit.lock'), 'utf8'), new RegExp(`^${process.pid} ${hostname()}$`), 'ours now')
+  await takenOver.close()
+
   // A lock left by a process that is gone is taken over; a torn last line is cut.
   writeFileSync(join(dir, 'audit.lock'), '2147483646')
   const good = [entry()]
@@ -281,6 +293,16 @@ t.test('spool: one process per directory; a torn or corrupt line is skipped, nev
   const torn = await Spool.open(dir)
   t.equal(torn.size, 0)
   await torn.close()
+})
+
+t.test('spool: its holder touches the lock, so that another host can tell it is held', async t => {
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  const lock = join(dir, 'audit.lock')
+  const old = new Date(Date.now() - 25_000)
+  utimesSync(lock, old, old)
+  await until(() => Date.now() - statSync(lock).mtimeMs < 10_000, 'the heartbeat to touch the lock', 8000)
+  await spool.close()
 })
 
 /** A store that fails while `down` is set and records what it stored. */
