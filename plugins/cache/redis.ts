@@ -13,7 +13,13 @@ import { INVALIDATE_CHANNEL } from './keys.js'
 // a random one by the read that finds it missing (one more command, only then), and an
 // invalidation gives a missing tag a random one too: no version is ever born 0 or 1, so a tag
 // key that went away and came back cannot take an entry stored before it went for current.
-// Before, a missing tag read as 0, the version every tag was born with.
+// Before, a missing tag read as 0, the version every tag was born with. A version below 2^40 is
+// that earlier release's (counted from 0, and counted from 0 again after an eviction): during a
+// rolling deploy it is read as missing too, and replaced, lest a count that repeated take an
+// invalidated entry for current.
+
+/** Versions below this are the earlier release's (it counted from 0); ours are born above it. */
+const LEGACY_BELOW = 2 ** 40
 
 // KEYS[1] the entry, KEYS[2..] its tag keys; ARGV: versions read before the Kernel call, body,
 // entry ms, tag ms. 1 stored, 0 raced. A tag's lifetime is only ever lengthened, here and on
@@ -40,13 +46,13 @@ end
 redis.call('PUBLISH', '${INVALIDATE_CHANNEL}', ARGV[2])
 return #KEYS
 `
-// KEYS tag keys a read found missing; ARGV: a random version, tag ms. Their versions, each the
-// one a concurrent read or write may have given it first.
+// KEYS tag keys a read found missing (or with an earlier release's version); ARGV: a random
+// version, tag ms. Their versions, each the one a concurrent read may have given it first.
 const BORN = `
 local out = {}
 for i = 1, #KEYS do
   local v = redis.call('GET', KEYS[i])
-  if not v then
+  if not v or (tonumber(v) or 0) < ${LEGACY_BELOW} then
     v = ARGV[1]
     redis.call('SET', KEYS[i], v, 'PX', ARGV[2])
   end
@@ -55,8 +61,11 @@ end
 return out
 `
 
-/** A random version, within Redis' (and Lua's exact) integers: never 0 or 1. */
-const randomVersion = (): string => String(randomInt(2, 2 ** 47))
+/** A random version, within Redis' (and Lua's exact) integers, above every legacy one. */
+const randomVersion = (): string => String(randomInt(LEGACY_BELOW, 2 ** 47))
+
+/** A version the read must replace: none, or one of the release that counted from 0. */
+const replaced = (version: string | null): boolean => version === null || !(Number(version) >= LEGACY_BELOW)
 
 /** How much longer than the entry stored under it a tag version lives, at the least. */
 const TAG_MARGIN_MS = 60_000
@@ -98,13 +107,13 @@ export class RedisTier {
    */
   async read (key: string, tagKeys: readonly string[]): Promise<RedisRead> {
     const [entry, ...tags] = await this.client.mget(key, ...tagKeys)
-    if (tags.includes(null)) {
-      const missing = tagKeys.filter((_, i) => tags[i] === null)
+    if (tags.some(replaced)) {
+      const missing = tagKeys.filter((_, i) => replaced(tags[i]))
       // Missing tags get their versions now, before the Kernel call, so that every concurrent
       // fill under them reads the same ones; no entry was stored under them.
       const born = await this.commands.mantleCacheBorn(missing.length, ...missing, randomVersion(), String(this.tagMs))
       let n = 0
-      for (let i = 0; i < tags.length; i++) if (tags[i] === null) tags[i] = born[n++]
+      for (let i = 0; i < tags.length; i++) if (replaced(tags[i])) tags[i] = born[n++]
       return { answer: null, versions: tags.join(',') }
     }
     const versions = tags.join(',')

@@ -175,6 +175,27 @@ t.test('a tag version Redis evicted does not bring back the entries its invalida
   t.not(await redis.get(tags[0]), '1')
 })
 
+t.test('a rolling deploy from the release that counted versions from 0: its versions are replaced, its entries never served', async t => {
+  // That release read a missing tag as 0 and stored entries under 0, 1, ... counted again from 0
+  // after an eviction: a count that repeated made an invalidated entry current again.
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.quit())
+  const tier = new RedisTier(redis, 60_000)
+  const who = tenant()
+  const key = entryKey('getItem', who, { id: 'a' })
+  const tags = [tagKey(who, 'item:a')]
+  t.teardown(async () => { await redis.del(key, ...tags) })
+  const now = Date.now()
+  const answer = { value: { n: 1 }, json: '{"n":1}', status: 200, etag: etagOf('{"n":1}'), freshUntil: now + 60_000, staleUntil: now + 60_000, keepUntil: now + 60_000, policy: 'p' }
+  // As the earlier release stored it: entry under 0, tag 0.
+  await redis.set(tags[0], '0')
+  await redis.set(key, '0\n' + ['p', 200, answer.etag, answer.freshUntil, answer.staleUntil, answer.keepUntil, answer.json].join('\n'), 'PX', 60_000)
+  const read = await tier.read(key, tags)
+  t.equal(read.answer, null, 'an entry under a legacy version is not served')
+  t.ok(Number(read.versions) >= 2 ** 40, `the tag got a version of ours (${read.versions})`)
+  t.equal(await redis.get(tags[0]), read.versions)
+})
+
 t.test('fills of several keys under a tag that has no version are all stored', async t => {
   // The first version of a missing tag is given at the read: given at the first write, it made
   // every other fill that had read the tag missing look raced, and only one of them was stored.
@@ -187,7 +208,7 @@ t.test('fills of several keys under a tag that has no version are all stored', a
   t.teardown(async () => { await redis.del(...keys, ...tags) })
   const now = Date.now()
   const answer = { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + 60_000, staleUntil: now + 60_000, keepUntil: now + 60_000, policy: 'p' }
-  await redis.set(tags[1], '7')
+  await redis.set(tags[1], String(2 ** 41))
   const reads = await Promise.all(keys.map(async key => await tier.read(key, tags)))
   t.equal(new Set(reads.map(r => r.versions)).size, 1, 'every read got the same versions')
   t.same(await Promise.all(keys.map(async (key, i) => await tier.write(key, tags, reads[i].versions, answer, now))), [true, true, true])
