@@ -212,7 +212,9 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   // what the pipeline refuses. Not patternProperties, which @fastify/swagger writes as an
   // additionalProperties, over a `false`; and with path parameters, no rule over the whole input
   // (it is checked with them, not on the body alone).
-  const { properties: _p, required: _r, patternProperties: _pp, ...all } = op.input
+  const { properties: _p, required: _r, patternProperties, ...all } = op.input
+  // Without patternProperties, a `false` additionalProperties would refuse the fields they admit.
+  if (patternProperties !== undefined) delete all.additionalProperties
   const rules = op.pathParams.length === 0 ? all : Object.fromEntries(Object.entries(all).filter(([k]) => !WHOLE_INPUT_RULES.has(k)))
   const rest: JsonSchema = {
     ...rules,

@@ -75,15 +75,24 @@ interface LocalEntry {
 /**
  * What an entry costs the process, about: its key, its JSON, and the parsed value beside it, as
  * twice the JSON plus 48 bytes for each object, array, member and element in it (read from its
- * `{ [ : ,`). Counted by characters alone, an answer of many small arrays cost the heap 6 times
- * what was counted. One pass over the JSON, when the entry is stored, never on a hit.
+ * `{ [ : ,` outside strings: a CSV text is one string). Counted by characters alone, an answer of
+ * many small arrays cost the heap 6 times what was counted. One pass over the JSON, when the
+ * entry is stored, never on a hit.
  */
 function entryBytes (entry: LocalEntry, key: string): number {
   const json = entry.answer.json
   let parts = 0
+  let inString = false
   for (let i = 0; i < json.length; i++) {
     const c = json.charCodeAt(i)
-    if (c === 44 || c === 58 || c === 91 || c === 123) parts++
+    if (inString) {
+      if (c === 92) i++ // a backslash escapes the next character
+      else if (c === 34) inString = false
+    } else if (c === 34) {
+      inString = true
+    } else if (c === 44 || c === 58 || c === 91 || c === 123) {
+      parts++
+    }
   }
   return key.length + 3 * json.length + 48 * parts + 64
 }

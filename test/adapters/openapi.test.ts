@@ -172,5 +172,6 @@ t.test('rules over the whole input stay out of a body that shares it with path p
   t.notOk('anyOf' in pathed.content['application/json'].schema)
   t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/pathed/x1', headers: bearer() })).statusCode, 503, 'the gateway takes it: past validation, to the Kernel (which is not there)')
   const patterned = doc.paths['/api/v1/patterned'].post.requestBody.content['application/json'].schema
-  t.equal(patterned.additionalProperties, false)
+  t.notOk('patternProperties' in patterned)
+  t.notOk('additionalProperties' in patterned, 'without patternProperties, a false additionalProperties would refuse the x- fields the server admits')
 })

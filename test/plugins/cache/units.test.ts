@@ -115,6 +115,12 @@ t.test('the memory tier is bounded in bytes too: large answers evict others, and
   const json = JSON.stringify(Array.from({ length: 1000 }, (_, i) => [i]))
   small.set('arrays', { ...answer(5000), json }, [], small.clock.now())
   t.ok(small.bytes >= 1000 * 2 * 48, `1,000 arrays count at least 96 KB (${small.bytes})`)
+  // Separators inside a string are text: a CSV answer counts as its characters.
+  const csv = JSON.stringify({ csv: 'a,b:c,[d],{e}\\",'.repeat(1000) })
+  const text = new MemoryTier(1000, 1 << 20, () => 1000)
+  text.set('csv', { ...answer(5000), json: csv }, [], text.clock.now())
+  t.ok(text.get('csv'), 'kept')
+  t.ok(text.bytes > 0 && text.bytes < 4 * csv.length, `a CSV string counts as its text (${text.bytes} for ${csv.length} characters)`)
 })
 
 t.test('config: BFF_CACHE_* are validated and redis needs REDIS_URL', async t => {
