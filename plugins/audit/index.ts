@@ -257,7 +257,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   const metrics = app.hasDecorator('metrics') ? app.metrics.registry : null
   const entries = metrics === null
     ? null
-    : new Counter({ name: 'mantle_audit_entries_total', help: 'Audit entries by what became of them: stored, spooled, replayed (from the spool), evicted (memory ring full), pruned (retention)', labelNames: ['outcome'] as const, registers: [metrics] })
+    : new Counter({ name: 'mantle_audit_entries_total', help: 'Audit entries by what became of them: stored, spooled, replayed (from the spool), evicted (memory ring full), pruned (retention); refused: calls refused because neither the store nor the spool took entries; dropped: entries of requests refused before any face then', labelNames: ['outcome'] as const, registers: [metrics] })
   const { store, spool, ping, reachable } = await openStore(app, opts, n => entries?.inc({ outcome: 'evicted' }, n))
 
   const flushSeconds = metrics === null ? null : new Histogram({ name: 'mantle_audit_flush_duration_seconds', help: 'Time to write one audit batch to the store', buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5], registers: [metrics] })
@@ -284,7 +284,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       spooled: n => { tally.spooled += n; entries?.inc({ outcome: 'spooled' }, n) },
       replayed: n => { tally.replayed += n; entries?.inc({ outcome: 'replayed' }, n) },
       failed: () => { tally.failures++; failures?.inc() },
-      quarantined: n => { tally.quarantined += n; quarantined?.inc(n) }
+      quarantined: n => { tally.quarantined += n; quarantined?.inc(n) },
+      dropped: n => { entries?.inc({ outcome: 'dropped' }, n) }
     }
   })
   if (metrics !== null) {
@@ -329,6 +330,12 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       const where = endpoints(op)
       // Not async: the call's own promise is passed on, the entry is built when it settles.
       return (ctx, next) => {
+        // Neither PostgreSQL nor the spool's disk takes entries, and the backlog is full: a call
+        // is refused rather than served without its entry (which would have nowhere to go).
+        if (writer.saturated) {
+          entries?.inc({ outcome: 'refused' })
+          throw new MantleError('OVERLOADED', 'The audit trail cannot record calls now: retry later', { headers: { 'retry-after': '5' } })
+        }
         let result: Promise<unknown>
         try {
           result = next(ctx)
@@ -520,6 +527,11 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     if (probing !== null) clearInterval(probing)
     try {
       await writer.close()
+    } catch (err) {
+      // Neither the store nor the spool's disk took what was left: it is lost, and said so. The
+      // shutdown goes on (it stopped here, and every later onClose hook with it: connections
+      // stayed open and the process never ended by itself).
+      app.log.error({ err: (err as Error).message }, 'audit entries lost at shutdown: neither the store nor the spool took them')
     } finally {
       await spool?.close()
       // Every entry is stored or spooled by now. A connection still held by a write PostgreSQL

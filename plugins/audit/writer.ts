@@ -9,6 +9,8 @@ export interface WriterHooks {
   failed?: (err: Error) => void
   /** Entries of a batch the store refused for their own data went to the quarantine file. */
   quarantined?: (n: number, sqlstate: string | null) => void
+  /** An entry came while neither the store nor the spool took any and the backlog was full. */
+  dropped?: (n: number) => void
 }
 
 /** What isolating a refused batch came to. */
@@ -40,6 +42,10 @@ export interface WriterOptions {
 
 const MAX_BACKOFF_MS = 2000
 const CLOSE_TIMEOUT_MS = 3000
+/** After the spool refused a full queue, the next one is tried this much later (ms). */
+const SPOOL_RETRY_MS = 1000
+/** The backlog the writer holds in memory at most, in queues (BFF_AUDIT_QUEUE_MAX each). */
+const BACKLOG_QUEUES = 2
 
 /** Thrown into a spool replay that `close` has stopped waiting for: the rest stays spooled. */
 class Abandoned extends Error {}
@@ -85,6 +91,12 @@ export class AuditWriter {
    * enqueued after it. Before, it was appended after the full queue, out of order.
    */
   private inFlight: { batch: AuditEntry[], spooled: boolean } | null = null
+  /** Entries on their way to the spool in a full queue's append. */
+  private held = 0
+  /** Until when a full queue is not appended again, after the spool refused one. */
+  private spoolRetryAt = 0
+  /** The spool's last append failed (a full disk, say); its next success clears it. */
+  private spoolFailing = false
 
   constructor (private readonly opts: WriterOptions) {
     this.intervalMs = opts.intervalMs ?? 50
@@ -92,7 +104,19 @@ export class AuditWriter {
     this.timer.unref()
   }
 
-  get depth (): number { return this.queue.length }
+  /** Entries waiting: in the queue, in a full queue's append to the spool, in a write to the store. */
+  get depth (): number {
+    const flight = this.inFlight
+    return this.queue.length + this.held + (flight !== null && !flight.spooled ? flight.batch.length : 0)
+  }
+
+  /**
+   * The backlog is full (two queues) while the spool refuses appends: neither the store nor the
+   * spool takes entries. The audit
+   * stage then refuses calls (a call is never served without its entry), and `enqueue` drops
+   * what still comes (the entries of requests refused before any face), counting them.
+   */
+  get saturated (): boolean { return this.spoolFailing && this.depth >= this.opts.queueMax * BACKLOG_QUEUES }
   /** A batch is off the queue and not yet stored or spooled (a flush or a replay is under way). */
   get writing (): boolean { return this.flushing !== null }
   get up (): boolean { return this.storeUp }
@@ -100,10 +124,18 @@ export class AuditWriter {
   get error (): string | null { return this.lastError }
 
   enqueue (entry: AuditEntry): void {
+    if (this.saturated) {
+      this.opts.hooks?.dropped?.(1)
+      return
+    }
     const queue = this.queue
     queue.push(entry)
-    if (queue.length >= this.opts.queueMax) this.overflow()
-    else if (queue.length >= this.opts.batchSize && !this.kicked) {
+    // One full queue at a time goes to the spool, and not again for a while after the spool
+    // refused one: each overflow encoded and hashed the whole backlog, and their put-backs came
+    // in any order (the chain's order was not the calls').
+    if (queue.length >= this.opts.queueMax) {
+      if (this.overflowing === null && Date.now() >= this.spoolRetryAt) this.overflow()
+    } else if (queue.length >= this.opts.batchSize && !this.kicked) {
       this.kicked = true
       setImmediate(() => { this.kicked = false; this.tick() })
     }
@@ -120,12 +152,21 @@ export class AuditWriter {
     }
     const ahead = this.takeInFlight()
     const lines = this.lines(batch, ahead)
-    const append: Promise<void> = spool.appendMany(lines).then(() => this.opts.hooks?.spooled?.(batch.length), (err: Error) => {
+    this.held = batch.length + (ahead?.length ?? 0)
+    const append: Promise<void> = spool.appendMany(lines).then(() => {
+      this.spoolFailing = false
+      this.opts.hooks?.spooled?.(batch.length)
+    }, (err: Error) => {
       // The disk refused too: keep the entries in memory, at the front, for the next flush (the
       // batch that was being written as well: written twice, the store keeps it once).
       this.opts.log.error({ err: err.message }, 'audit spool write failed')
+      this.spoolRetryAt = Date.now() + SPOOL_RETRY_MS
+      this.spoolFailing = true
       this.queue = (ahead === null ? batch : ahead.concat(batch)).concat(this.queue)
-    }).finally(() => { if (this.overflowing === append) this.overflowing = null })
+    }).finally(() => {
+      this.held = 0
+      if (this.overflowing === append) this.overflowing = null
+    })
     this.overflowing = append
   }
 
@@ -336,8 +377,10 @@ export class AuditWriter {
     }
     try {
       await spool.append(batch)
+      this.spoolFailing = false
       this.opts.hooks?.spooled?.(batch.length)
     } catch (err) {
+      this.spoolFailing = true
       this.opts.log.error({ err: (err as Error).message }, 'audit spool write failed')
       this.queue = batch.concat(this.queue)
       throw err

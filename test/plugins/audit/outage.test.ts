@@ -3,11 +3,11 @@ import { randomUUID } from 'node:crypto'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
-import { existsSync, readFileSync, statSync } from 'node:fs'
+import { existsSync, readFileSync, statSync, symlinkSync } from 'node:fs'
 import { join } from 'node:path'
 import { buildApp } from '../../../app.js'
 import { startKernel } from '../../../kernel/server.js'
-import { testConfig, bearer, until, SECRET } from '../../helper.js'
+import { testConfig, bearer, until, SECRET, closedPort } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_PORT } from './db.js'
 
@@ -237,3 +237,27 @@ if (available) {
     t.ok(await becomes(503), 'not ready once it stops answering, with no call made')
   })
 }
+
+t.test('neither PostgreSQL nor the spool\'s disk takes entries: calls are refused (503), never served without their entry', async t => {
+  // The spool's file is /dev/full: every append fails with ENOSPC, as on a full disk.
+  const dir = spoolDir(t)
+  symlinkSync('/dev/full', join(dir, 'audit.spool'))
+  const kernel = await startKernel({ port: 0, runDelayMs: 1 })
+  t.teardown(() => kernel.close())
+  const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: databaseUrl('test', await closedPort()), BFF_AUDIT_SPOOL_DIR: dir, BFF_AUDIT_QUEUE_MAX: 10, BFF_AUDIT_BATCH_SIZE: 5 }),
+    { logger: false, kernelUrl: kernel.url, audit: { connectTimeoutMs: 200 } })
+  t.teardown(() => app.close())
+  await app.ready()
+  const statuses: number[] = []
+  for (let i = 0; i < 300 && !statuses.includes(503); i++) {
+    statuses.push((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })).statusCode)
+    await new Promise(resolve => setTimeout(resolve, 2))
+  }
+  const served = statuses.filter(s => s === 200).length
+  t.ok(statuses.includes(503) && served >= 20, `calls are served until two queues wait, then refused (${served} served)`)
+  const refused = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
+  t.equal(refused.statusCode, 503)
+  t.equal(refused.headers['retry-after'], '5')
+  t.match(refused.json(), { code: 'OVERLOADED', detail: /audit trail cannot record calls/ })
+  t.match((await app.inject({ url: '/metrics' })).body, /mantle_audit_entries_total\{outcome="refused"\} [1-9]/)
+})

@@ -362,7 +362,8 @@ t.test('writer: a full queue goes to the spool at once; close spools what the st
   const spool = await Spool.open(spoolDir(t))
   const writer = new AuditWriter({ store, spool, batchSize: 1000, queueMax: 5, intervalMs: 60_000, log: quiet })
   for (let i = 0; i < 12; i++) writer.enqueue(entry())
-  t.equal(writer.depth, 2, 'two full queues left for the spool')
+  // One full queue at a time goes to the spool: five on their way, seven in the queue behind them.
+  t.equal(writer.depth, 12, 'every entry waits')
   await until(() => writer.spoolBytes > 0, 'the full queue spooled')
   await writer.close()
   const seen: AuditEntry[] = []
@@ -390,7 +391,7 @@ t.test('writer: close waits for a store that hangs only closeTimeoutMs, then spo
   hang = true
   const flight = Array.from({ length: 5 }, () => entry())
   for (const e of flight) writer.enqueue(e)
-  await until(() => writer.writing && writer.depth === 0, 'a batch in flight')
+  await until(() => writer.writing && writer.depth === flight.length, 'a batch in flight (counted in the depth), the queue empty')
   const queued = Array.from({ length: 7 }, () => entry())
   for (const e of queued) writer.enqueue(e)
   await writer.close()
@@ -583,4 +584,42 @@ t.test('writer: close resolves only once a full queue on its way to the spool is
   await writer.close()
   t.ok(spool.size > 0, 'on disk once close resolved')
   await spool.close()
+})
+
+t.test('writer: when neither the store nor the spool takes entries, the backlog is bounded, kept in order, and saturated', async t => {
+  // Each full queue was appended again on every enqueue while the disk refused (the whole backlog
+  // encoded and hashed each time), their put-backs came in any order, and the backlog grew without bound.
+  const store = flakyStore()
+  store.down = true
+  let appends = 0
+  let diskFull = true
+  const lines: AuditEntry[][] = []
+  const spool = {
+    size: 0,
+    async appendMany (batches: AuditEntry[][]) { appends++; if (diskFull) throw new Error('ENOSPC: no space left on device'); lines.push(...batches) },
+    async append (batch: AuditEntry[]) { await spool.appendMany([batch]) },
+    async drain () { return 0 },
+    quarantine: { async close () {} },
+    async close () {}
+  }
+  const dropped: number[] = []
+  const writer = new AuditWriter({ store, spool: spool as unknown as Spool, batchSize: 10, queueMax: 100, intervalMs: 5, log: quiet, hooks: { dropped: n => dropped.push(n) } })
+  const all = Array.from({ length: 500 }, () => entry())
+  for (const e of all.slice(0, 150)) writer.enqueue(e)
+  // The first full queue's append fails meanwhile: the spool is known to refuse.
+  await new Promise(resolve => setTimeout(resolve, 50))
+  for (const e of all.slice(150)) writer.enqueue(e)
+  await new Promise(resolve => setTimeout(resolve, 50))
+  t.ok(writer.depth <= 200, `at most two queues held (${writer.depth})`)
+  t.equal(writer.saturated, true)
+  t.equal(dropped.length, 500 - 200, 'what came past the bound was dropped and counted')
+  t.ok(appends < 100, `the spool was not retried on every enqueue (${appends} appends for 400 entries past a full queue)`)
+  // Back: what was held reaches the store in the order it came.
+  diskFull = false
+  store.down = false
+  await writer.close()
+  // What close spooled (the store was still backing off) comes first, as a replay would store it.
+  const kept = [...lines.flat(), ...store.stored]
+  t.same(kept.map(e => e.id), all.slice(0, 200).map(e => e.id), `kept in order (${lines.flat().length} spooled, ${store.stored.length} stored)`)
+  t.equal(writer.saturated, false)
 })
