@@ -3,7 +3,7 @@ import { pathToFileURL } from 'node:url'
 import { resolve } from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import { buildApp } from './app.js'
-import { loadConfig, DEMO_MANIFEST, DEV_JWT_SECRET, type Config } from './schemas/config.js'
+import { loadConfig, demoKernel, unknownVariables, DEV_JWT_SECRET, type Config } from './schemas/config.js'
 import { mintToken } from './plugins/auth/index.js'
 import type { KernelEventMessage } from './plugins/events/index.js'
 import type { Manifest } from './manifest.js'
@@ -40,19 +40,24 @@ export async function start (config: Readonly<Config>): Promise<Started> {
   let kernelUrl: string | null = null
   // The demo Kernel publishes run changes straight into the gateway's event bus.
   let publish: ((event: KernelEventMessage) => void) | null = null
-  if (config.KERNEL_URL === undefined && config.BFF_DEMO_KERNEL && resolve(config.BFF_MANIFEST) === DEMO_MANIFEST) {
+  if (demoKernel(config)) {
+    // Forgotten settings in production served the demo's agents, mutations included, as ready.
+    if (config.NODE_ENV === 'production') throw new Error('Refusing to start in production: BFF_MANIFEST is the demo manifest and KERNEL_URL is unset, so the demo Kernel would serve its demo data. Set BFF_MANIFEST to your catalog (and KERNEL_URL), or BFF_DEMO_KERNEL=false')
     const { startKernel } = await import('./kernel/server.js')
     const kernel = await startKernel({ port: 0, host: '127.0.0.1', onEvent: event => publish?.(event) })
     kernelUrl = kernel.url
     stopKernel = kernel.close
   }
-  let app: FastifyInstance
+  let app: FastifyInstance | undefined
   try {
     app = await buildApp(config, kernelUrl === null ? {} : { kernelUrl })
     const events = app.events
-    publish = (event) => { events.publish(event).catch(err => app.log.warn({ err }, 'event not published')) }
+    const log = app.log
+    publish = (event) => { events.publish(event).catch(err => log.warn({ err }, 'event not published')) }
     await app.listen({ port: config.PORT, host: config.HOST })
   } catch (err) {
+    // Its connections (Redis, PostgreSQL, timers) too: a failed listen kept the process alive.
+    await app?.close().catch(() => {})
     await stopKernel?.()
     throw err
   }
@@ -102,6 +107,11 @@ export function banner (started: Started, config: Readonly<Config>): string {
 }
 
 async function main (): Promise<void> {
+  // SIGHUP's default is to end the process: one sent while the gateway starts (a ConfigMap's
+  // update, `kill -HUP 1` in every pod) ended it. It is taken from now on, and applied once started.
+  let hupWhileStarting = false
+  const starting = (): void => { hupWhileStarting = true }
+  process.on('SIGHUP', starting)
   let config: Readonly<Config>
   let started: Started
   try {
@@ -112,15 +122,23 @@ async function main (): Promise<void> {
     process.exit(1)
   }
   process.stdout.write(banner(started, config))
+  for (const name of unknownVariables()) started.app.log.warn(`${name} is not a setting of the gateway: it is ignored`)
+  // The longest grace any manifest applied since start-up needed: calls still running on a chain
+  // a reload replaced keep their own, longer deadline.
+  let grace = shutdownGraceMs(started.app.pipeline.manifest)
+  const reload = (): void => {
+    started.app.reloadManifest().then(() => { grace = Math.max(grace, shutdownGraceMs(started.app.pipeline.manifest)) }, () => {})
+  }
   // SIGHUP: apply a changed manifest without a restart and without dropping a call.
-  process.on('SIGHUP', () => { started.app.reloadManifest().catch(() => {}) })
+  process.off('SIGHUP', starting)
+  process.on('SIGHUP', reload)
+  if (hupWhileStarting) reload()
   // First SIGTERM/SIGINT: stop accepting, let in-flight calls finish, close the pool.
   // A second signal exits at once (close-with-grace's default).
   // SIGHUP is the reload's, not a shutdown: close-with-grace listens to it by default, and the
   // one signal both reloaded the manifest and took the replica down.
-  // The grace is the manifest's in force when the signal comes (a reload may change a timeoutMs).
   closeWithGrace({ delay: false, logger: started.app.log, skip: ['SIGHUP'] }, async ({ err, signal }) => {
-    const grace = shutdownGraceMs(started.app.pipeline.manifest)
+    grace = Math.max(grace, shutdownGraceMs(started.app.pipeline.manifest))
     if (err !== undefined) started.app.log.error({ err, graceMs: grace }, 'closing after an error')
     else started.app.log.info({ signal, graceMs: grace }, 'closing')
     const timer = setTimeout(() => {

@@ -2,7 +2,7 @@ import { Type, type Static } from 'typebox'
 import envSchema from 'env-schema'
 import { fileURLToPath } from 'node:url'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { join, resolve } from 'node:path'
 import { isIP } from 'node:net'
 import { parsePublicKeys } from '../plugins/auth/keys.js'
 
@@ -33,9 +33,9 @@ export const ConfigSchema = Type.Object({
   BFF_DIAGZ_ENABLED: Flag('/diagz (role system): rates, latency percentiles, per-stage and per-face figures, stores, breakers, memory'),
   BFF_COMPRESSION_ENABLED: Flag('br / gzip / deflate response compression of bodies over 1 KB'),
   BFF_LOAD_SHEDDING_ENABLED: Flag('503 OVERLOADED past the BFF_MAX_* bounds (@fastify/under-pressure)'),
-  BFF_MAX_EVENT_LOOP_DELAY_MS: Type.Integer({ minimum: 0, default: 500, description: 'mean event-loop delay (ms, sampled each second) beyond which requests are shed; 0: not checked' }),
-  BFF_MAX_HEAP_BYTES: Type.Optional(Type.Integer({ minimum: 0, description: 'heap used (bytes) beyond which requests are shed; default 90% of the V8 heap limit; 0: not checked' })),
-  BFF_MAX_RSS_BYTES: Type.Integer({ minimum: 0, default: 0, description: 'resident memory (bytes) beyond which requests are shed; 0: not checked' }),
+  BFF_MAX_EVENT_LOOP_DELAY_MS: Type.Integer({ minimum: 0, maximum: 3600000, default: 500, description: 'mean event-loop delay (ms, sampled each second) beyond which requests are shed; 0: not checked' }),
+  BFF_MAX_HEAP_BYTES: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'heap used (bytes) beyond which requests are shed; default 90% of the V8 heap limit; 0: not checked' })),
+  BFF_MAX_RSS_BYTES: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, default: 0, description: 'resident memory (bytes) beyond which requests are shed; 0: not checked' }),
   BFF_OPENAPI_ENABLED: Flag('/openapi.json and /docs'),
   BFF_CIRCUIT_BREAKER_ENABLED: Flag('Kernel retries, circuit breaker and bulkhead'),
   BFF_AI_FIREWALL_ENABLED: Flag('the AI firewall on the input fields operations name in `firewall`'),
@@ -58,7 +58,7 @@ export const ConfigSchema = Type.Object({
   BFF_TRACE_SAMPLE_RATIO: Type.Number({ minimum: 0, maximum: 1, default: 1, description: 'share of new traces recorded, 0..1 (a caller\'s sampled flag is followed)' }),
   BFF_RATE_LIMIT_ENABLED: Flag('rate limits: the manifest\'s per-operation limits and the HTTP guard'),
   BFF_RATE_LIMIT_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
-  BFF_RATE_LIMIT_GLOBAL_MAX: Type.Optional(Type.Integer({ minimum: 1, description: 'requests per window the HTTP guard lets through per tenant (per address without a valid token); unset: no guard' })),
+  BFF_RATE_LIMIT_GLOBAL_MAX: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000000000, description: 'requests per window the HTTP guard lets through per tenant (per address without a valid token); unset: no guard' })),
   // At most a day, far beyond any useful guard window: Redis' sliding window sets PEXPIRE to twice the
   // window, which Redis refuses past its largest expiry (every check would then fall back to memory).
   BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: Type.Integer({ minimum: 1, maximum: 86400000, default: 60000, description: 'the HTTP guard\'s sliding window, ms' }),
@@ -125,6 +125,12 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
     const parts = names.map(n => `${n}=${JSON.stringify(shown(n, String(data[n] ?? '')))} is invalid: expected ${describe(n)}`)
     throw new ConfigError('Invalid configuration: ' + (parts.length > 0 ? parts.join('; ') : (err as Error).message))
   }
+  // Ajv coerces "Infinity" and "1e400" to Infinity, which its integer type admits and its bounds
+  // then compare as the text they were: BFF_RATE_LIMIT_GLOBAL_MAX=Infinity became a guard of 1000.
+  const infinite = Object.entries(ConfigSchema.properties)
+    .filter(([name, schema]) => (schema as { type?: unknown }).type === 'integer' && typeof config[name as keyof Config] === 'number' && !Number.isSafeInteger(config[name as keyof Config]))
+    .map(([name]) => `${name}=${JSON.stringify(String(data[name] ?? ''))} is invalid: expected ${describe(name)}`)
+  if (infinite.length > 0) throw new ConfigError('Invalid configuration: ' + infinite.join('; '))
   // The schema's patterns only check the scheme: a URL the gateway cannot use (a port past 65535,
   // a Redis database that is not a number) must stop start-up here, naming the variable, not
   // fail later inside a client with a bare "Invalid URL" or an uncaught Redis error.
@@ -295,4 +301,33 @@ export function productionProblems (config: Config): string[] {
     problems.push('BFF_AUDIT_STORE is memory (the audit trail would be lost at every restart): set BFF_AUDIT_STORE=postgres and DATABASE_URL')
   }
   return problems
+}
+
+/** Whether `npm start` starts the demo Kernel beside the gateway (the embedded default). */
+export function demoKernel (config: Readonly<Config>): boolean {
+  return config.KERNEL_URL === undefined && config.BFF_DEMO_KERNEL && resolve(config.BFF_MANIFEST) === DEMO_MANIFEST
+}
+
+/**
+ * The BFF_* variables of `env` the gateway does not know (a misspelt one leaves its setting at
+ * its default: BFF_RATE_LIMIT_GLOBALMAX=1 meant no guard at all), with the known name nearest
+ * each, for the start-up's warning.
+ */
+export function unknownVariables (env: Record<string, string | undefined> = process.env): string[] {
+  const known = Object.keys(ConfigSchema.properties)
+  return Object.keys(env).filter(name => name.startsWith('BFF_') && !known.includes(name)).sort().map(name => {
+    const near = known.filter(k => k.startsWith('BFF_')).map(k => [k, distance(name, k)] as const).sort((a, b) => a[1] - b[1])[0]
+    return near !== undefined && near[1] <= 3 ? `${name} (did you mean ${near[0]}?)` : name
+  })
+}
+
+/** Levenshtein distance, for the nearest known name of a misspelt variable (a few dozen names). */
+function distance (a: string, b: string): number {
+  let row = Array.from({ length: b.length + 1 }, (_, j) => j)
+  for (let i = 1; i <= a.length; i++) {
+    const next = [i]
+    for (let j = 1; j <= b.length; j++) next[j] = Math.min(row[j] + 1, next[j - 1] + 1, row[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1))
+    row = next
+  }
+  return row[b.length]
 }

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { fileURLToPath } from 'node:url'
-import { loadConfig, productionProblems, ConfigError, ConfigSchema, DEMO_MANIFEST, type Config } from '../../schemas/config.js'
+import { loadConfig, productionProblems, ConfigError, ConfigSchema, DEMO_MANIFEST, unknownVariables, type Config } from '../../schemas/config.js'
 import { randomUUID } from 'node:crypto'
 import { testConfig } from '../helper.js'
 import { refusal } from './refusal.js'
@@ -225,4 +225,19 @@ t.test('the largest idempotency TTL is stored by Redis: a repeat is a replay', a
   const stored = storeKey(s.tenant, 'createItem', key)
   t.ok(await s.app.redis.client.pttl(stored) > 2_591_000_000, 'Redis keeps it for 30 days')
   await s.app.redis.client.del(stored) // not 30 days in the machine's shared Redis
+})
+
+t.test('numbers without a natural bound still have one: Infinity and 1e400 are refused', async t => {
+  // env-schema's Ajv took them as integers, and @fastify/rate-limit made an infinite max its default 1000.
+  for (const name of ['BFF_RATE_LIMIT_GLOBAL_MAX', 'BFF_MAX_EVENT_LOOP_DELAY_MS', 'BFF_MAX_HEAP_BYTES', 'BFF_MAX_RSS_BYTES']) {
+    for (const value of ['Infinity', '1e400']) t.throws(() => loadConfig({ [name]: value }), ConfigError, `${name}=${value}`)
+  }
+})
+
+t.test('an unknown BFF_ variable is named, with the known name nearest it', async t => {
+  t.same(unknownVariables({ BFF_RATE_LIMIT_GLOBALMAX: '1', BFF_JWT_ISSUR: 'x', BFF_SOMETHING_ELSE_ENTIRELY: '1', BFF_AUTH_ENABLED: 'true', PATH: '/bin' }), [
+    'BFF_JWT_ISSUR (did you mean BFF_JWT_ISSUER?)',
+    'BFF_RATE_LIMIT_GLOBALMAX (did you mean BFF_RATE_LIMIT_GLOBAL_MAX?)',
+    'BFF_SOMETHING_ELSE_ENTIRELY'
+  ])
 })
