@@ -46,6 +46,8 @@ declare module 'fastify' {
      * one in force is kept; the answer says why.
      */
     reloadManifest: () => Promise<{ applied: boolean, reasons: string[] }>
+    /** Whether the gateway is shutting down (its preClose has run): new requests are refused. */
+    shuttingDown: () => boolean
   }
   interface FastifyContextConfig {
     /** The route's path parameters are a call's input (REST): logs show its pattern instead. */
@@ -281,6 +283,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     else serve[0](req, res)
   })
   let closing = false
+  app.decorate('shuttingDown', () => closing)
   app.addHook('onRequest', (request, reply, done) => {
     stamp(request, reply)
     if (closing) {

@@ -57,6 +57,8 @@ export const DEFAULT_SETTINGS: Readonly<GraphqlFaceSettings> = Object.freeze({
   maxConnections: 100_000
 })
 
+const SHUTTING_DOWN = (): MantleError => new MantleError('OVERLOADED', 'The gateway is shutting down: this mutation did not run; retry it on another instance', { headers: { 'retry-after': '1' } })
+
 /** graphql-ws's own close code for a connection that never initialised. */
 const CLOSE_INIT_TIMEOUT = 4408
 
@@ -104,6 +106,10 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     operation: (op, toInput) => async (_source, args: Record<string, unknown>, ctx: RequestContext, info) => {
       const n = ctx.n++
       const result = await runCall(app, {
+        // A document's mutations run one after the other: those not begun when the shutdown
+        // starts are refused (audited as such), lest the document outlive the grace and the
+        // process be killed with a mutation carried out and neither answered nor audited.
+        refusal: n > 0 && op.type === 'mutation' && app.shuttingDown() ? SHUTTING_DOWN() : undefined,
         requestId: `${ctx.requestId}.${n}`,
         protocol: 'graphql',
         op: op.name,

@@ -1,6 +1,7 @@
 import t from 'tap'
 import { serverAudits } from 'graphql-http'
-import { buildDemoApp } from '../helper.js'
+import { buildDemoApp, startTestKernel, testManifest, testConfig, json, bearer, until } from '../helper.js'
+import { buildApp } from '../../app.js'
 
 // The graphql-http package's conformance audits of GraphQL over HTTP, run against the live
 // server: every MUST passes. SHOULD and MAY audits are reported and held where we meet them.
@@ -21,4 +22,27 @@ t.test('graphql-http server audits', async t => {
   // By choice (the lead's brief): a document refused before execution is a 400 whatever the
   // Accept header, where the spec suggests 200 for plain application/json clients.
   t.same(failed.map(f => f.slice(0, 4)).sort(), ['572B', '7B9B', 'FDE2'], `SHOULD/MAY audits not met:\n${failed.join('\n')}`)
+})
+
+t.test('at shutdown, the mutations of a document not begun yet are refused (through the pipeline) and never reach the Kernel', async t => {
+  // A document's mutations run one after the other: three slow ones outlived the grace, and the
+  // process was killed with the last carried out by the Kernel, neither answered nor audited.
+  let release!: () => void
+  const gate = new Promise<void>(resolve => { release = resolve })
+  let calls = 0
+  const kernel = await startTestKernel(t, { 'POST /poke': async (_req, res) => { calls++; await gate; json(res, 200, true) } })
+  const manifest = testManifest({ poke: { type: 'mutation', rest: 'POST /poke', kernel: 'POST /poke', output: { type: 'boolean' } } })
+  const app = await buildApp(testConfig({ BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const url = `http://127.0.0.1:${(app.server.address() as { port: number }).port}/graphql`
+  const answer = fetch(url, { method: 'POST', headers: { ...bearer(), 'content-type': 'application/json' }, body: JSON.stringify({ query: 'mutation { a: poke b: poke c: poke }' }) })
+  await until(() => calls === 1, 'the first mutation at the Kernel')
+  const closed = app.close()
+  await until(() => app.shuttingDown(), 'the shutdown to begin')
+  release()
+  const body = await (await answer).json() as { data: Record<string, unknown>, errors: Array<{ path: string[], extensions: { code: string } }> }
+  await closed
+  t.equal(calls, 1, 'the others never reached the Kernel')
+  t.same(body.data, { a: true, b: null, c: null })
+  t.same(body.errors.map(e => [e.path[0], e.extensions.code]), [['b', 'OVERLOADED'], ['c', 'OVERLOADED']])
 })
