@@ -6,7 +6,7 @@ import { Redis } from 'ioredis'
 import { buildTestApp, bearer } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { itemKernel, itemManifest, metric, eventually } from './items.js'
-import { entryKey, etagOf, localKey, RedisTier, tagKey } from '../../../plugins/cache/index.js'
+import { entryKey, etagOf, localKey, RedisTier, tagKey, type CachedAnswer } from '../../../plugins/cache/index.js'
 import { canonicalJson } from '../../../plugins/pipeline/index.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -150,20 +150,25 @@ t.test('a tag version outlives every entry stored under it, whatever lifetime th
   t.ok(freshTtl > 50_000 && freshTtl <= 60_000, `the tier's 60 s (${freshTtl} ms)`)
 })
 
+/** A Redis tier of its own for one test: entries of `ids` (getItem) under `tagNames` of a new tenant, removed after. */
+async function tierFor (t: { teardown: (fn: () => unknown) => void }, ids: string[], tagNames: string[]): Promise<{ redis: Redis, tier: RedisTier, keys: string[], tags: string[], answer: (json: string) => CachedAnswer }> {
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.quit())
+  const who = tenant()
+  const keys = ids.map(id => entryKey('getItem', who, { id }))
+  const tags = tagNames.map(name => tagKey(who, name))
+  t.teardown(async () => { await redis.del(...keys, ...tags) })
+  const now = Date.now()
+  const answer = (json: string): CachedAnswer => ({ value: JSON.parse(json), json, status: 200, etag: etagOf(json), freshUntil: now + 60_000, staleUntil: now + 60_000, keepUntil: now + 60_000, policy: 'p' })
+  return { redis, tier: new RedisTier(redis, 60_000), keys, tags, answer }
+}
+
 t.test('a tag version Redis evicted does not bring back the entries its invalidation dropped', async t => {
   // Tag keys have a lifetime, and under maxmemory Redis may evict one before the entries stored
   // under it. A missing tag read as 0, the version every tag was born with: an entry stored
   // under 0, then invalidated, was served again as a hit once its tag key was gone.
-  const redis = new Redis(REDIS_URL)
-  t.teardown(() => redis.quit())
-  const tier = new RedisTier(redis, 60_000)
-  const who = tenant()
-  const key = entryKey('getItem', who, { id: 'a' })
-  const tags = [tagKey(who, 'item:a')]
-  t.teardown(async () => { await redis.del(key, ...tags) })
-  const now = Date.now()
-  const answer = { value: { n: 1 }, json: '{"n":1}', status: 200, etag: etagOf('{"n":1}'), freshUntil: now + 60_000, staleUntil: now + 60_000, keepUntil: now + 60_000, policy: 'p' }
-  t.ok(await tier.write(key, tags, (await tier.read(key, tags)).versions, answer, now))
+  const { redis, tier, keys: [key], tags, answer } = await tierFor(t, ['a'], ['item:a'])
+  t.ok(await tier.write(key, tags, (await tier.read(key, tags)).versions, answer('{"n":1}'), Date.now()))
   t.same((await tier.read(key, tags)).answer?.value, { n: 1 }, 'stored and served')
   await tier.invalidate(tags, 'test')
   t.equal((await tier.read(key, tags)).answer, null, 'invalidated')
@@ -178,18 +183,11 @@ t.test('a tag version Redis evicted does not bring back the entries its invalida
 t.test('a rolling deploy from the release that counted versions from 0: its versions are replaced, its entries never served', async t => {
   // That release read a missing tag as 0 and stored entries under 0, 1, ... counted again from 0
   // after an eviction: a count that repeated made an invalidated entry current again.
-  const redis = new Redis(REDIS_URL)
-  t.teardown(() => redis.quit())
-  const tier = new RedisTier(redis, 60_000)
-  const who = tenant()
-  const key = entryKey('getItem', who, { id: 'a' })
-  const tags = [tagKey(who, 'item:a')]
-  t.teardown(async () => { await redis.del(key, ...tags) })
-  const now = Date.now()
-  const answer = { value: { n: 1 }, json: '{"n":1}', status: 200, etag: etagOf('{"n":1}'), freshUntil: now + 60_000, staleUntil: now + 60_000, keepUntil: now + 60_000, policy: 'p' }
+  const { redis, tier, keys: [key], tags, answer } = await tierFor(t, ['a'], ['item:a'])
+  const old = answer('{"n":1}')
   // As the earlier release stored it: entry under 0, tag 0.
   await redis.set(tags[0], '0')
-  await redis.set(key, '0\n' + ['p', 200, answer.etag, answer.freshUntil, answer.staleUntil, answer.keepUntil, answer.json].join('\n'), 'PX', 60_000)
+  await redis.set(key, '0\n' + ['p', 200, old.etag, old.freshUntil, old.staleUntil, old.keepUntil, old.json].join('\n'), 'PX', 60_000)
   const read = await tier.read(key, tags)
   t.equal(read.answer, null, 'an entry under a legacy version is not served')
   t.ok(Number(read.versions) >= 2 ** 40, `the tag got a version of ours (${read.versions})`)
@@ -199,19 +197,11 @@ t.test('a rolling deploy from the release that counted versions from 0: its vers
 t.test('fills of several keys under a tag that has no version are all stored', async t => {
   // The first version of a missing tag is given at the read: given at the first write, it made
   // every other fill that had read the tag missing look raced, and only one of them was stored.
-  const redis = new Redis(REDIS_URL)
-  t.teardown(() => redis.quit())
-  const tier = new RedisTier(redis, 60_000)
-  const who = tenant()
-  const keys = ['a', 'b', 'c'].map(id => entryKey('getItem', who, { id }))
-  const tags = [tagKey(who, 'items'), tagKey(who, 'item:x')]
-  t.teardown(async () => { await redis.del(...keys, ...tags) })
-  const now = Date.now()
-  const answer = { value: {}, json: '{}', status: 200, etag: etagOf('{}'), freshUntil: now + 60_000, staleUntil: now + 60_000, keepUntil: now + 60_000, policy: 'p' }
+  const { redis, tier, keys, tags, answer } = await tierFor(t, ['a', 'b', 'c'], ['items', 'item:x'])
   await redis.set(tags[1], String(2 ** 41))
   const reads = await Promise.all(keys.map(async key => await tier.read(key, tags)))
   t.equal(new Set(reads.map(r => r.versions)).size, 1, 'every read got the same versions')
-  t.same(await Promise.all(keys.map(async (key, i) => await tier.write(key, tags, reads[i].versions, answer, now))), [true, true, true])
+  t.same(await Promise.all(keys.map(async (key, i) => await tier.write(key, tags, reads[i].versions, answer('{}'), Date.now()))), [true, true, true])
   for (const key of keys) t.ok((await tier.read(key, tags)).answer, 'served')
 })
 
