@@ -3,7 +3,7 @@ import { pathToFileURL } from 'node:url'
 import { resolve } from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import { buildApp } from './app.js'
-import { loadConfig, demoKernel, unknownVariables, DEV_JWT_SECRET, type Config } from './schemas/config.js'
+import { loadConfig, demoKernel, unknownVariables, productionProblems, ConfigError, DEV_JWT_SECRET, type Config } from './schemas/config.js'
 import { mintToken } from './plugins/auth/index.js'
 import type { KernelEventMessage } from './plugins/events/index.js'
 import type { Manifest } from './manifest.js'
@@ -42,7 +42,10 @@ export async function start (config: Readonly<Config>): Promise<Started> {
   let publish: ((event: KernelEventMessage) => void) | null = null
   if (demoKernel(config)) {
     // Forgotten settings in production served the demo's agents, mutations included, as ready.
-    if (config.NODE_ENV === 'production') throw new Error('Refusing to start in production: BFF_MANIFEST is the demo manifest and KERNEL_URL is unset, so the demo Kernel would serve its demo data. Set BFF_MANIFEST to your catalog (and KERNEL_URL), or BFF_DEMO_KERNEL=false')
+    // Named with every other reason production refuses, in one line.
+    if (config.NODE_ENV === 'production') {
+      throw new ConfigError('Refusing to start in production: ' + [...productionProblems(config), 'BFF_MANIFEST is the demo manifest and KERNEL_URL is unset, so the demo Kernel would serve its demo data: set BFF_MANIFEST to your catalog (and KERNEL_URL), or BFF_DEMO_KERNEL=false'].join('; '))
+    }
     const { startKernel } = await import('./kernel/server.js')
     const kernel = await startKernel({ port: 0, host: '127.0.0.1', onEvent: event => publish?.(event) })
     kernelUrl = kernel.url
@@ -106,12 +109,26 @@ export function banner (started: Started, config: Readonly<Config>): string {
   return lines.join('\n') + '\n'
 }
 
+/**
+ * Takes SIGHUP from now on: its default action ends the process, and one sent while the gateway
+ * starts (a ConfigMap's update, `kill -HUP 1` in every pod) ended it (exit 129). `serve` hands
+ * SIGHUP to `reload` from then on, and calls it at once when one came meanwhile.
+ */
+export function holdHangups (): { serve: (reload: () => void) => void } {
+  let came = false
+  const meanwhile = (): void => { came = true }
+  process.on('SIGHUP', meanwhile)
+  return {
+    serve (reload) {
+      process.off('SIGHUP', meanwhile)
+      process.on('SIGHUP', reload)
+      if (came) reload()
+    }
+  }
+}
+
 async function main (): Promise<void> {
-  // SIGHUP's default is to end the process: one sent while the gateway starts (a ConfigMap's
-  // update, `kill -HUP 1` in every pod) ended it. It is taken from now on, and applied once started.
-  let hupWhileStarting = false
-  const starting = (): void => { hupWhileStarting = true }
-  process.on('SIGHUP', starting)
+  const hangups = holdHangups()
   let config: Readonly<Config>
   let started: Started
   try {
@@ -130,9 +147,7 @@ async function main (): Promise<void> {
     started.app.reloadManifest().then(() => { grace = Math.max(grace, shutdownGraceMs(started.app.pipeline.manifest)) }, () => {})
   }
   // SIGHUP: apply a changed manifest without a restart and without dropping a call.
-  process.off('SIGHUP', starting)
-  process.on('SIGHUP', reload)
-  if (hupWhileStarting) reload()
+  hangups.serve(reload)
   // First SIGTERM/SIGINT: stop accepting, let in-flight calls finish, close the pool.
   // A second signal exits at once (close-with-grace's default).
   // SIGHUP is the reload's, not a shutdown: close-with-grace listens to it by default, and the

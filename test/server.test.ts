@@ -1,5 +1,5 @@
 import t from 'tap'
-import { start, banner, shutdownGraceMs, type Started } from '../server.js'
+import { start, banner, shutdownGraceMs, holdHangups, type Started } from '../server.js'
 import { buildApp } from '../app.js'
 import { ConfigError } from '../schemas/config.js'
 import { ManifestError } from '../manifest.js'
@@ -104,3 +104,30 @@ for (const [face, request, type, code] of DRAIN_REFUSALS) {
     t.equal(kernel.requests.filter(r => r.url === '/v1/fast').length, 0, 'it ran nothing')
   })
 }
+
+t.test('a SIGHUP while the gateway starts is held, then applied once, once it serves', async t => {
+  // Its default action ended the process (exit 129) when a ConfigMap update met a starting pod.
+  const before = process.listenerCount('SIGHUP')
+  const hangups = holdHangups()
+  t.equal(process.listenerCount('SIGHUP'), before + 1, 'taken while starting')
+  process.emit('SIGHUP', 'SIGHUP')
+  let reloads = 0
+  const reload = (): void => { reloads++ }
+  hangups.serve(reload)
+  t.equal(reloads, 1, 'the one that came meanwhile, applied')
+  process.emit('SIGHUP', 'SIGHUP')
+  t.equal(reloads, 2, 'and every later one')
+  process.off('SIGHUP', reload)
+  t.equal(process.listenerCount('SIGHUP'), before)
+  const quiet = holdHangups()
+  let none = 0
+  const count = (): void => { none++ }
+  quiet.serve(count)
+  t.equal(none, 0, 'none came: none applied')
+  process.off('SIGHUP', count)
+})
+
+t.test('production refuses the demo Kernel, with every other reason in one line', async t => {
+  // Forgotten settings in production served the demo's agents, mutations included, as ready.
+  await t.rejects(start(testConfig({ PORT: 0, NODE_ENV: 'production', BFF_JWT_SECRET: undefined })), /Refusing to start in production: BFF_JWT_SECRET is missing.*; BFF_MANIFEST is the demo manifest and KERNEL_URL is unset/)
+})

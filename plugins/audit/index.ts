@@ -402,7 +402,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     if ((typeof code === 'string' && code.startsWith('FST_ERR_CTP_')) || (error instanceof SyntaxError && (error as { statusCode?: unknown }).statusCode === 400)) {
       const { problem: p } = toProblem(error, request.id)
       const schema = request.routeOptions.schema as { operationId?: string } | undefined
-      enqueue(httpEntry(request, reply, schema?.operationId ?? 'http', 'security', p.code, p.status))
+      writer.enqueue(httpEntry(request, reply, schema?.operationId ?? 'http', 'security', p.code, p.status), true)
     }
     done()
   })

@@ -93,6 +93,8 @@ export class AuditWriter {
   private inFlight: { batch: AuditEntry[], spooled: boolean } | null = null
   /** Entries on their way to the spool in a full queue's append. */
   private held = 0
+  /** Entries of a batch `deliver` is appending to the spool. */
+  private appending = 0
   /** Until when a full queue is not appended again, after the spool refused one. */
   private spoolRetryAt = 0
   /** The spool's last append failed (a full disk, say); its next success clears it. */
@@ -107,7 +109,7 @@ export class AuditWriter {
   /** Entries waiting: in the queue, in a full queue's append to the spool, in a write to the store. */
   get depth (): number {
     const flight = this.inFlight
-    return this.queue.length + this.held + (flight !== null && !flight.spooled ? flight.batch.length : 0)
+    return this.queue.length + this.held + this.appending + (flight !== null && !flight.spooled ? flight.batch.length : 0)
   }
 
   /**
@@ -123,8 +125,13 @@ export class AuditWriter {
   get spoolBytes (): number { return this.opts.spool?.size ?? 0 }
   get error (): string | null { return this.lastError }
 
-  enqueue (entry: AuditEntry): void {
-    if (this.saturated) {
+  /**
+   * `droppable`: the entry of a request refused before any face, dropped (and counted) while the
+   * writer is saturated. Never a served call's: the audit stage refuses calls while saturated, so
+   * the entries of those it admitted are bounded by the calls in flight, and each is kept.
+   */
+  enqueue (entry: AuditEntry, droppable = false): void {
+    if (droppable && this.saturated) {
       this.opts.hooks?.dropped?.(1)
       return
     }
@@ -134,7 +141,9 @@ export class AuditWriter {
     // refused one: each overflow encoded and hashed the whole backlog, and their put-backs came
     // in any order (the chain's order was not the calls').
     if (queue.length >= this.opts.queueMax) {
-      if (this.overflowing === null && Date.now() >= this.spoolRetryAt) this.overflow()
+      // One append to the spool at a time (a batch `deliver` appends included): two that failed
+      // were put back at the queue's front in the order they failed, the newer ahead of the older.
+      if (this.overflowing === null && this.appending === 0 && Date.now() >= this.spoolRetryAt) this.overflow()
     } else if (queue.length >= this.opts.batchSize && !this.kicked) {
       this.kicked = true
       setImmediate(() => { this.kicked = false; this.tick() })
@@ -240,6 +249,10 @@ export class AuditWriter {
     let first = true
     while (this.queue.length > 0 && (first || this.due(Date.now()))) {
       first = false
+      // A full queue's append goes first: a batch taken behind it and appended meanwhile came
+      // back, should both fail, ahead of it.
+      if (this.overflowing !== null) await this.overflowing
+      if (this.queue.length === 0) break
       const batch = this.queue.length <= this.opts.batchSize ? this.queue : this.queue.slice(0, this.opts.batchSize)
       this.queue = batch === this.queue ? [] : this.queue.slice(this.opts.batchSize)
       await this.deliver(batch)
@@ -375,6 +388,7 @@ export class AuditWriter {
         return
       }
     }
+    this.appending = batch.length
     try {
       await spool.append(batch)
       this.spoolFailing = false
@@ -384,11 +398,15 @@ export class AuditWriter {
       this.opts.log.error({ err: (err as Error).message }, 'audit spool write failed')
       this.queue = batch.concat(this.queue)
       throw err
+    } finally {
+      this.appending = 0
     }
   }
 
   private recovered (): void {
     if (!this.storeUp) this.opts.log.info('audit store is back')
+    // The store takes entries: whatever the spool did, nothing need be refused.
+    this.spoolFailing = false
     this.storeUp = true
     this.backoff = 0
     this.retryAt = 0

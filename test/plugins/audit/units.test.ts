@@ -608,11 +608,16 @@ t.test('writer: when neither the store nor the spool takes entries, the backlog 
   for (const e of all.slice(0, 150)) writer.enqueue(e)
   // The first full queue's append fails meanwhile: the spool is known to refuse.
   await new Promise(resolve => setTimeout(resolve, 50))
-  for (const e of all.slice(150)) writer.enqueue(e)
+  // Entries of requests refused before any face may be dropped once saturated; a served call's
+  // never is (the audit stage refuses calls while saturated).
+  for (const e of all.slice(150)) writer.enqueue(e, true)
   await new Promise(resolve => setTimeout(resolve, 50))
   t.ok(writer.depth <= 200, `at most two queues held (${writer.depth})`)
   t.equal(writer.saturated, true)
   t.equal(dropped.length, 500 - 200, 'what came past the bound was dropped and counted')
+  const served = entry()
+  writer.enqueue(served)
+  t.equal(writer.depth, 201, 'a served call\'s entry is kept, saturated or not')
   t.ok(appends < 100, `the spool was not retried on every enqueue (${appends} appends for 400 entries past a full queue)`)
   // Back: what was held reaches the store in the order it came.
   diskFull = false
@@ -620,6 +625,6 @@ t.test('writer: when neither the store nor the spool takes entries, the backlog 
   await writer.close()
   // What close spooled (the store was still backing off) comes first, as a replay would store it.
   const kept = [...lines.flat(), ...store.stored]
-  t.same(kept.map(e => e.id), all.slice(0, 200).map(e => e.id), `kept in order (${lines.flat().length} spooled, ${store.stored.length} stored)`)
+  t.same(kept.map(e => e.id), [...all.slice(0, 200), served].map(e => e.id), `kept in order (${lines.flat().length} spooled, ${store.stored.length} stored)`)
   t.equal(writer.saturated, false)
 })
