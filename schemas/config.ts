@@ -33,9 +33,9 @@ export const ConfigSchema = Type.Object({
   BFF_DIAGZ_ENABLED: Flag('/diagz (role system): rates, latency percentiles, per-stage and per-face figures, stores, breakers, memory'),
   BFF_COMPRESSION_ENABLED: Flag('br / gzip / deflate response compression of bodies over 1 KB'),
   BFF_LOAD_SHEDDING_ENABLED: Flag('503 OVERLOADED past the BFF_MAX_* bounds (@fastify/under-pressure)'),
-  BFF_MAX_EVENT_LOOP_DELAY_MS: Type.Integer({ minimum: 0, maximum: 3600000, default: 500, description: 'mean event-loop delay (ms, sampled each second) beyond which requests are shed; 0: not checked' }),
-  BFF_MAX_HEAP_BYTES: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'heap used (bytes) beyond which requests are shed; default 90% of the V8 heap limit; 0: not checked' })),
-  BFF_MAX_RSS_BYTES: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, default: 0, description: 'resident memory (bytes) beyond which requests are shed; 0: not checked' }),
+  BFF_MAX_EVENT_LOOP_DELAY_MS: Type.Integer({ minimum: 0, default: 500, description: 'mean event-loop delay (ms, sampled each second) beyond which requests are shed; 0: not checked' }),
+  BFF_MAX_HEAP_BYTES: Type.Optional(Type.Integer({ minimum: 0, description: 'heap used (bytes) beyond which requests are shed; default 90% of the V8 heap limit; 0: not checked' })),
+  BFF_MAX_RSS_BYTES: Type.Integer({ minimum: 0, default: 0, description: 'resident memory (bytes) beyond which requests are shed; 0: not checked' }),
   BFF_OPENAPI_ENABLED: Flag('/openapi.json and /docs'),
   BFF_CIRCUIT_BREAKER_ENABLED: Flag('Kernel retries, circuit breaker and bulkhead'),
   BFF_AI_FIREWALL_ENABLED: Flag('the AI firewall on the input fields operations name in `firewall`'),
@@ -58,7 +58,7 @@ export const ConfigSchema = Type.Object({
   BFF_TRACE_SAMPLE_RATIO: Type.Number({ minimum: 0, maximum: 1, default: 1, description: 'share of new traces recorded, 0..1 (a caller\'s sampled flag is followed)' }),
   BFF_RATE_LIMIT_ENABLED: Flag('rate limits: the manifest\'s per-operation limits and the HTTP guard'),
   BFF_RATE_LIMIT_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
-  BFF_RATE_LIMIT_GLOBAL_MAX: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000000000, description: 'requests per window the HTTP guard lets through per tenant (per address without a valid token); unset: no guard' })),
+  BFF_RATE_LIMIT_GLOBAL_MAX: Type.Optional(Type.Integer({ minimum: 1, description: 'requests per window the HTTP guard lets through per tenant (per address without a valid token); unset: no guard' })),
   // At most a day, far beyond any useful guard window: Redis' sliding window sets PEXPIRE to twice the
   // window, which Redis refuses past its largest expiry (every check would then fall back to memory).
   BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: Type.Integer({ minimum: 1, maximum: 86400000, default: 60000, description: 'the HTTP guard\'s sliding window, ms' }),
