@@ -114,9 +114,8 @@ export class AuditWriter {
 
   /**
    * The backlog is full (two queues) while the spool refuses appends: neither the store nor the
-   * spool takes entries. The audit
-   * stage then refuses calls (a call is never served without its entry), and `enqueue` drops
-   * what still comes (the entries of requests refused before any face), counting them.
+   * spool takes entries. The audit stage then refuses calls (a call is never served without its
+   * entry), and `enqueue` drops the droppable entries that still come, counting them.
    */
   get saturated (): boolean { return this.spoolFailing && this.depth >= this.opts.queueMax * BACKLOG_QUEUES }
   /** A batch is off the queue and not yet stored or spooled (a flush or a replay is under way). */
@@ -137,12 +136,10 @@ export class AuditWriter {
     }
     const queue = this.queue
     queue.push(entry)
-    // One full queue at a time goes to the spool, and not again for a while after the spool
-    // refused one: each overflow encoded and hashed the whole backlog, and their put-backs came
-    // in any order (the chain's order was not the calls').
+    // One append to the spool at a time (a batch `deliver` appends included), and no full queue
+    // for a while after the spool refused one: each overflow encoded and hashed the whole
+    // backlog, and two that failed were put back newest first (the chain's order was not the calls').
     if (queue.length >= this.opts.queueMax) {
-      // One append to the spool at a time (a batch `deliver` appends included): two that failed
-      // were put back at the queue's front in the order they failed, the newer ahead of the older.
       if (this.overflowing === null && this.appending === 0 && Date.now() >= this.spoolRetryAt) this.overflow()
     } else if (queue.length >= this.opts.batchSize && !this.kicked) {
       this.kicked = true

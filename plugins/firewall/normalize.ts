@@ -60,12 +60,12 @@ function visible (s: string): string {
 // Invisible characters between two letters or digits: only there does reading them as a space
 // change the words (the variation selector of ❤️, the joiners inside an emoji sequence, sit
 // between symbols, and such texts are not read a second time).
-const BETWEEN_LETTERS = new RegExp(`[\\p{L}\\p{N}](?:[${bmpClass(INVISIBLE_PROPERTY, '\t\n\r')}]|[\\p{Cf}\\p{Default_Ignorable_Code_Point}])+[\\p{L}\\p{N}]`, 'u')
+const BETWEEN_LETTERS = new RegExp(`[\\p{L}\\p{N}](?:${INVISIBLE.source}|${INVISIBLE_ASTRAL.source})+[\\p{L}\\p{N}]`, 'u')
 
 /**
  * The text with each invisible character read as a space, and tag characters as the ASCII they
- * mirror, in place; null when none sits between two letters or digits. The rules read it beside `rulesView`'s text, where
- * they are removed: removed, one inside a word no longer splits it (ig\u200bnore), and read as a
+ * mirror, in place; null when none sits between two letters or digits. The rules read it
+ * beside `rulesView`'s text, where they are removed: removed, one inside a word no longer splits it (ig\u200bnore), and read as a
  * space, one between two words no longer joins them (ignore\u200ball previous instructions read
  * as "ignoreall previous instructions", and every rule missed it).
  */
