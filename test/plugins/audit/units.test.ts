@@ -134,8 +134,35 @@ t.test('memory store: rows removed at the end of a range, the whole range or the
   t.same(await store.verify({ from: at(8) }), { ok: false, checked: 0, firstBroken: named(7) }, 'a removed tail that was the range: at the last entry left')
 })
 
-// A row changed together with its timestamp, moved just out of the range, became the range's
-// neighbour, whose stored hash the walk started from (or whose link alone it checked): ok.
+t.test('memory store: a long verify lets other calls run, and keeps its place while entries are dropped', async t => {
+  const base = Date.now() - 60_000
+  const fill = (store: MemoryAuditStore, n: number, from: number): void => store.writeNow(Array.from({ length: n }, (_, i) => entry({ timestamp: base + from + i })))
+
+  const store = new MemoryAuditStore({ max: 6000 })
+  fill(store, 6000, 0)
+  let ran = false
+  const verifying = store.verify({}).then(result => ({ result, ran }))
+  setImmediate(() => { ran = true })
+  const { result, ran: ranBefore } = await verifying
+  t.same(result, { ok: true, checked: 6000, firstBroken: null })
+  t.ok(ranBefore, 'other work ran before the verify ended (in one piece, 100,000 entries held the event loop for 205 ms)')
+
+  // Entries written while the walk waits at its first turn (after 2000) drop those it walked and
+  // some it had not: it goes on from the oldest kept, and a changed entry after them is found.
+  const changed = new MemoryAuditStore({ max: 6000 })
+  fill(changed, 6000, 0)
+  const victim = (await changed.query({ limit: 1, beforeSeq: 5501 })).entries[0]
+  t.equal(victim.seq, 5500)
+  victim.status = 'FORGED'
+  setImmediate(() => { fill(changed, 4000, 6000) })
+  t.same(await changed.verify({}), { ok: false, checked: 3500, firstBroken: { id: victim.id, requestId: victim.requestId } }, '2000 walked, 2000 dropped unwalked, then the 5001st to the changed one')
+  victim.status = 'ok'
+  // The ring now holds the 4001st to the 10000th; a range of its first 3000, whose whole rest is
+  // dropped at the first turn: the walk ends, and the oldest kept links to the last dropped.
+  setImmediate(() => { fill(changed, 3500, 10_000) })
+  t.same(await changed.verify({ to: new Date(base + 6999) }), { ok: true, checked: 2000, firstBroken: null }, 'a range whose rest was dropped meanwhile')
+})
+
 t.test('memory store: a changed row moved just out of a range is found at the range\'s edge', async t => {
   const base = Date.now() - 60_000
   const batch = Array.from({ length: 10 }, (_, i) => entry({ timestamp: base + i * 1000 }))
