@@ -198,6 +198,19 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
       else execution.extensions = { ...execution.extensions, cache }
     })
   }
+  // mercurius keeps one compiled (JIT) form per document text, compiled for the operation the
+  // request that reached the count named, and runs it for every later request of that text
+  // whatever its operationName: with a document of a query and a mutation, the mutation ran for
+  // a client that named the query (over GET and HEAD too, past the checks of the named one), and
+  // two requests naming the mutation, refused for want of a token, chose it for everyone. A
+  // document of several operations is handed back as its own modified form, which mercurius
+  // never compiles; one of a single operation keeps the JIT.
+  app.graphql.addHook('preExecution', async (_schema, document) => {
+    let operations = 0
+    for (const definition of document.definitions) {
+      if (definition.kind === 'OperationDefinition' && ++operations > 1) return { document }
+    }
+  })
   app.graphql.addHook('preSubscriptionExecution', subscriptions.preSubscriptionExecution)
   app.graphql.addHook('onSubscriptionEnd', subscriptions.onSubscriptionEnd)
   return subscriptions.guard

@@ -405,3 +405,30 @@ t.test('the error formatter: a gateway bug is INTERNAL, logged, and tells nothin
   const sub = errorFormatter({ errors: [new GraphQLError('bad', { extensions: { code: 'FORBIDDEN' } })] }, { app, request: { id: 'up-1' } })
   t.same(sub, { statusCode: 403, response: { errors: [{ message: 'bad', extensions: { code: 'FORBIDDEN', status: 403, requestId: 'up-1' } }] } })
 })
+
+t.test('a document of several operations runs the one each request names, never one compiled for another request', async t => {
+  // mercurius compiles a document text once (JIT, on its second run) for the operation that run
+  // named, and ran that for every later request of the text: two refused requests naming the
+  // mutation made a client naming the query carry it out, over POST, GET and HEAD.
+  const app = await buildDemoApp(t, ONLY_GRAPHQL)
+  const gql = await listen(app)
+  const count = async (): Promise<number> => (await gql({ query: '{ listAgents { id } }' }, bearer())).body.data.listAgents.length
+  const agents = await count()
+  const doc = 'query Q { listAgents { id } } mutation M { createAgent(name: "forced") { name } }'
+  for (let i = 0; i < 3; i++) {
+    const refused = await gql({ query: doc, operationName: 'M' }, {})
+    t.equal(refused.body.errors[0].extensions.code, 'UNAUTHENTICATED', `anonymous run ${i + 1} naming M: refused`)
+  }
+  const asked = await gql({ query: doc, operationName: 'Q' }, bearer())
+  t.same(Object.keys(asked.body.data), ['listAgents'], 'POST naming Q: the query')
+  const url = `/graphql?operationName=Q&query=${encodeURIComponent(doc)}`
+  for (const method of ['GET', 'HEAD'] as const) {
+    const res = await app.inject({ method, url, headers: bearer() })
+    t.equal(res.statusCode, 200, method)
+    if (method === 'GET') t.same(Object.keys(res.json().data), ['listAgents'], 'GET naming Q: the query')
+  }
+  t.equal(await count(), agents, 'no agent created')
+  const mutated = await gql({ query: doc, operationName: 'M' }, bearer())
+  t.same(mutated.body, { data: { createAgent: { name: 'forced' } } }, 'naming M with a token: the mutation')
+  t.equal(await count(), agents + 1, 'one agent created, for the request that named the mutation')
+})
