@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises'
 import { extname } from 'node:path'
-import { parse as parseYaml } from 'yaml'
+import { parse as parseYaml, parseDocument } from 'yaml'
 import { Ajv, type ValidateFunction } from 'ajv'
 import addFormats from 'ajv-formats'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
@@ -99,6 +99,10 @@ export class ManifestError extends Error {
 
 /** Paths the gateway serves itself under /api/v1; an operation may not take them. */
 const RESERVED_REST = new Set(['POST /batch'])
+/** Procedure names tRPC's router refuses (they are a function's own: a proxy's `then`, `call`, `apply`). */
+const TRPC_RESERVED = new Set(['then', 'call', 'apply'])
+/** Schema ids the gateway registers with Fastify itself: one in a manifest's schema clashed at start-up. */
+const GATEWAY_SCHEMA_IDS = new Set(['Problem'])
 const NAME = /^[A-Za-z_][A-Za-z0-9_]*$/
 const SCHEMA_REF = /^#\/schemas\/([A-Za-z_][A-Za-z0-9_]*)$/
 
@@ -127,6 +131,13 @@ export async function loadManifestFile (file: string): Promise<Manifest> {
     doc = extname(file) === '.json' ? JSON.parse(text) : parseYaml(text, { prettyErrors: true })
   } catch (err) {
     throw new ManifestError(file, [`is not valid ${extname(file) === '.json' ? 'JSON' : 'YAML'}: ${(err as Error).message.split('\n')[0]}`])
+  }
+  // JSON.parse keeps the last of a key given twice in one object: a merge that left an
+  // operation twice, the first with `roles: [admin]`, opened it to every caller. YAML's parser
+  // refuses a repeated key; a JSON text is read by it too (JSON is YAML 1.2) to find one.
+  if (extname(file) === '.json') {
+    const repeated = parseDocument(text, { prettyErrors: true, uniqueKeys: true }).errors.find(e => e.code === 'DUPLICATE_KEY')
+    if (repeated !== undefined) throw new ManifestError(file, [`gives a key twice in one object (JSON would keep the last silently): ${repeated.message.split('\n')[0].replace(/:$/, '')}`])
   }
   return compileManifest(doc, file)
 }
@@ -172,13 +183,16 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
   for (const [name, op] of Object.entries(m.operations)) {
     const at = `operations.${name}`
     if (!NAME.test(name)) faults.push(`${at}: the operation name must match ${NAME.source} (it is a tRPC procedure and a GraphQL field)`)
+    if (TRPC_RESERVED.has(name)) faults.push(`${at}: ${name} cannot name a tRPC procedure (tRPC reserves then, call and apply)`)
     const built = buildOperation(name, index++, op, at, resolvedSchemas, defaults, kernelTimeout, faults, checker)
     if (built === null) continue
-    const routeKey = `${built.method} ${built.path.replace(/:[^/]+/g, ':')}`
+    // Routes as Fastify tells them apart: it ignores a trailing slash (`GET /a/` is `GET /a`).
+    const route = `${built.method} ${built.path.length > 1 ? built.path.replace(/\/+$/, '') : built.path}`
+    const routeKey = route.replace(/:[^/]+/g, ':')
     const seen = routes.get(routeKey)
     if (seen !== undefined) faults.push(`${at}.rest: duplicate REST route ${op.rest} (also ${seen}.rest)`)
     else routes.set(routeKey, at)
-    if (RESERVED_REST.has(`${built.method} ${built.path}`)) faults.push(`${at}.rest: ${op.rest} is reserved by the gateway`)
+    if (RESERVED_REST.has(route)) faults.push(`${at}.rest: ${op.rest} is reserved by the gateway`)
     operations.push(built)
   }
 
@@ -249,6 +263,12 @@ function buildOperation (
   for (const p of pathParams) {
     if (!declared.has(p)) faults.push(`${at}.rest: path parameter :${p} is not declared in ${at}.input.properties`)
   }
+  // One input property has one value: `/a/:id/:id` sent the Kernel the last segment only.
+  for (const p of new Set(pathParams)) {
+    if (pathParams.indexOf(p) !== pathParams.lastIndexOf(p)) faults.push(`${at}.rest: path parameter :${p} appears twice`)
+  }
+  // A brace outside a `{name}` would reach the Kernel as it is.
+  if (/[{}]/.test(kPath.replace(/\{[^{}]*\}/g, ''))) faults.push(`${at}.kernel: a { or } outside a {name}`)
   const kernelParams = [...kPath.matchAll(/\{([^}]*)\}/g)].map(x => x[1])
   for (const p of kernelParams) {
     if (!declared.has(p)) faults.push(`${at}.kernel: path parameter {${p}} is not declared in ${at}.input.properties`)
@@ -347,6 +367,7 @@ function resolveRefs (node: unknown, schemas: Record<string, JsonSchema>, at: st
     if (Array.isArray(value)) return value.map((v, i) => walk(v, `${path}.${i}`, names))
     if (value === null || typeof value !== 'object') return value
     const obj = value as Record<string, unknown>
+    if (typeof obj.$id === 'string' && GATEWAY_SCHEMA_IDS.has(obj.$id)) faults.push(`${path}.$id: "${obj.$id}" is the id of a schema of the gateway's own`)
     if (typeof obj.$ref === 'string') {
       const match = SCHEMA_REF.exec(obj.$ref)
       if (match === null) {

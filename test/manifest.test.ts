@@ -190,6 +190,21 @@ t.test('file faults: unreadable, invalid YAML, invalid JSON, invalid content', a
   await t.rejects(loadManifestFile(wrong), { faults: ['operations: is required'], message: `Invalid manifest ${wrong}:\n  - operations: is required` })
 })
 
+t.test('a JSON manifest that gives a key twice in one object is refused at its place', async t => {
+  // JSON.parse keeps the last: the first copy's roles were dropped without a word.
+  const dir = t.testdir({
+    'op.json': '{ "version": 1, "kernel": { "url": "http://k:1" }, "operations": {\n  "a": { "type": "query", "rest": "GET /a", "kernel": "GET /v1/a", "roles": ["admin"], "output": { "type": "string" } },\n  "a": { "type": "query", "rest": "GET /a", "kernel": "GET /v1/a", "output": { "type": "string" } } } }',
+    'key.json': '{ "version": 1, "kernel": { "url": "http://k:1" }, "operations": {\n  "a": { "type": "query", "rest": "GET /a", "kernel": "GET /v1/a", "roles": ["admin"], "roles": [], "output": { "type": "string" } } } }',
+    'escapes.json': JSON.stringify({ version: 1, kernel: { url: 'http://k:1' }, operations: { a: { type: 'query', rest: 'GET /a', kernel: 'GET /v1/a', description: 'tab\there, "quoted", \\, \u00e9, \ud83d\ude00 and a slash \\/', output: { type: 'string' } } } }).replace('slash \\\\/', 'slash \\/')
+  })
+  for (const [name, line] of [['op.json', 3], ['key.json', 2]] as const) {
+    const file = join(dir, name)
+    await t.rejects(loadManifestFile(file), { name: 'ManifestError', faults: [new RegExp(`^gives a key twice in one object \\(JSON would keep the last silently\\): Map keys must be unique at line ${line}, column \\d+$`)] }, name)
+  }
+  const m = await loadManifestFile(join(dir, 'escapes.json'))
+  t.match(m.operations[0].description, /^tab\there, "quoted", \\, é, 😀 and a slash \/$/, 'JSON that is not YAML-friendly still loads')
+})
+
 t.test('unknown keys are named by their manifest path', async t => {
   t.same(faultsOf({ ...doc(), extra: 1 }), ['extra: unknown key'], 'at the root')
   t.same(faultsOf(doc({ a: query }, {}, { pool: 4 })), ['kernel.pool: unknown key'], 'in kernel')
@@ -398,6 +413,20 @@ t.test('names: operations, events and schemas', async t => {
 t.test('POST /batch is reserved by the gateway', async t => {
   t.same(faultsOf(doc({ a: { ...mutation, rest: 'POST /batch' } })), ['operations.a.rest: POST /batch is reserved by the gateway'])
   t.equal(compileManifest(doc({ a: { ...query, rest: 'GET /batch' } })).operations[0].path, '/batch', 'GET /batch is free')
+})
+
+t.test('manifests that compiled and then stopped the start are refused at their place', async t => {
+  // Each passed the compiler, then Fastify, tRPC or GraphQL refused it at start-up, in their
+  // own words, naming no place in the manifest.
+  t.same(faultsOf(doc({ a: query, b: { ...query, rest: 'GET /a/', kernel: 'GET /v1/b' } })), ['operations.b.rest: duplicate REST route GET /a/ (also operations.a.rest)'], 'a trailing slash is the same route')
+  t.same(faultsOf(doc({ a: { ...mutation, rest: 'POST /batch/' } })), ['operations.a.rest: POST /batch/ is reserved by the gateway'])
+  t.same(faultsOf(doc({ then: query, call: { ...query, rest: 'GET /c' }, apply: { ...query, rest: 'GET /d' } })), ['then', 'call', 'apply'].map(n => `operations.${n}: ${n} cannot name a tRPC procedure (tRPC reserves then, call and apply)`))
+  t.same(faultsOf(doc({ a: { ...query, output: { $id: 'Problem', type: 'object' } } })), ['operations.a.output.$id: "Problem" is the id of a schema of the gateway\'s own'])
+  t.same(faultsOf(doc({ a: { ...query, rest: 'GET /a/:id/:id', kernel: 'GET /v1/a/{id}', input: idInput } })), ['operations.a.rest: path parameter :id appears twice'], 'the first value was dropped')
+  for (const kernel of ['GET /v1/a/{id', 'GET /v1/a/id}', 'GET /v1/{a{id}}']) {
+    t.match(faultsOf(doc({ a: { ...query, rest: 'GET /a/:id', kernel, input: idInput } })), ['operations.a.kernel: a { or } outside a {name}'], kernel)
+  }
+  t.equal(compileManifest(doc({ a: { ...query, rest: 'GET /', kernel: 'GET /v1/{id}/x', input: idInput } })).operations[0].path, '/', 'the root and a {name} stay fine')
 })
 
 t.test('every fault is reported in one error', async t => {
