@@ -165,7 +165,10 @@ class TypeFactory {
 
   /** A free type name: `base`, else `base2`, `base3`... */
   claim (base: string): string {
-    let name = base
+    // A GraphQL name never begins with a digit (pascal drops `_1x`'s underscore: `1xOutput`) nor
+    // with `__`, GraphQL's own: such a manifest stopped the start with GraphQL's error.
+    let name = /^[0-9]/.test(base) ? '_' + base : base.replace(/^__+/, '_')
+    base = name
     for (let n = 2; this.taken.has(name); n++) name = `${base}${n}`
     this.taken.add(name)
     return name

@@ -153,6 +153,21 @@ t.test('a manifest without queries still has a Query type', async t => {
   t.same(q.json(), { data: { _: null } })
 })
 
+t.test('names the manifest allows that GraphQL does not are made GraphQL names', async t => {
+  // `_1x` became `1xOutput` (pascal drops the underscore), `__Foo` stayed `__Foo`, GraphQL's
+  // own prefix: the start stopped with GraphQL's error, naming no place in the manifest.
+  const obj = { type: 'object', properties: { v: str } }
+  const manifest = testManifest({
+    _1x: { type: 'query', rest: 'GET /x', kernel: 'GET /x', output: obj },
+    foo: { type: 'query', rest: 'GET /foo', kernel: 'GET /foo', output: { $ref: '#/schemas/__Foo' } }
+  }, {}, { schemas: { __Foo: { type: 'object', properties: { w: str } } }, events: { _9e: { topic: 't', payload: obj } } })
+  const sdl = manifestSdl(manifest)
+  t.same(validateSchema(parseSdl(sdl)), [])
+  for (const type of ['type _1xOutput {', 'type _Foo {', 'type _9ePayload {']) t.ok(sdl.includes(type), type)
+  t.match(sdl, /_1x: _1xOutput/)
+  t.match(sdl, /foo: _Foo/)
+})
+
 t.test('the demo manifest: schemas names become type names', async t => {
   const sdl = manifestSdl(await demoManifest())
   t.same(validateSchema(parseSdl(sdl)), [])
