@@ -53,6 +53,8 @@ interface Wildcard { '*'?: string }
 
 const JSON_TYPE = Object.freeze({ 'content-type': 'application/json' })
 const HOST = /^[A-Za-z0-9.:[\]-]+$/
+/** tRPC's own refusals of a request it could not make calls of (see `refusedEarly`). */
+const EARLY_REFUSALS: ReadonlySet<TRPCError['code']> = new Set(['PARSE_ERROR', 'BAD_REQUEST', 'PAYLOAD_TOO_LARGE', 'UNSUPPORTED_MEDIA_TYPE'])
 
 /**
  * Problem headers (Retry-After) of the errors in a response, for the HTTP response itself.
@@ -101,8 +103,15 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       reply.code(shape.data.httpStatus).type('application/json').send(JSON.stringify({ error: shape }))
     })
 
+    // Requests tRPC refused itself before any call ran (input not JSON, a batch of the wrong
+    // shape): no pipeline call recorded them, and each gets one audit entry, as a REST body
+    // Fastify refuses does. Not an unknown procedure (tRPC says so first) nor a method it does
+    // not take: REST leaves no entry for a route that does not exist either, so that a scanner
+    // cannot flood the trail.
+    const refusedEarly = app.hasDecorator('audit') ? new WeakMap<FastifyRequest, TRPCError>() : null
     const onError = ({ error, ctx, req }: { error: TRPCError, ctx?: TrpcContext | undefined, req: FastifyRequest }): void => {
       if (ctx === undefined) earlyRequestIds.set(error, req.id)
+      if (refusedEarly !== null && EARLY_REFUSALS.has(error.code) && !(error instanceof ProblemError) && !(error.cause instanceof MantleError) && !refusedEarly.has(req)) refusedEarly.set(req, error)
       if (isInternal(error)) req.log.error({ err: error.cause ?? error }, 'unexpected error')
     }
 
@@ -187,6 +196,8 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           onError,
           responseMeta: ({ info, errors, ctx, eagerGeneration }) => responseHeaders(info, errors, ctx, eagerGeneration)
         })
+        const refused = refusedEarly?.get(request)
+        if (refused !== undefined) app.audit.refused(request, reply, operations.has(path) ? path : 'trpc', errorShape(refused, request.id).data.code, reply.statusCode)
         return reply
       }
     })

@@ -34,6 +34,11 @@ export interface Audit {
   health: () => AuditHealth
   /** Records an entry (off the hot path): for the gateway's own endpoints. */
   enqueue: (entry: AuditEntry) => void
+  /**
+   * Records a request refused before any face made it a call (a body too large, not JSON, a
+   * malformed batch), as `security`, under `action`: the code and status the client got.
+   */
+  refused: (request: FastifyRequest, reply: FastifyReply, action: string, code: string, statusCode: number) => void
   readonly store: AuditStore
 }
 
@@ -299,7 +304,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   const enqueue = (entry: AuditEntry): void => writer.enqueue(entry)
 
   const health = (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, writing: writer.writing, spoolBytes: writer.spoolBytes, error: writer.error })
-  app.decorate('audit', { store, enqueue, health })
+  app.decorate('audit', { store, enqueue, health, refused })
 
   if (app.hasDecorator('diagz')) {
     app.diagz.addStore('audit', () => {
@@ -385,6 +390,12 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     }
   }
 
+  // Droppable: an entry of no call, which the writer may drop while saturated. (A declaration:
+  // the decorator above hands it out.)
+  function refused (request: FastifyRequest, reply: FastifyReply, action: string, code: string, statusCode: number): void {
+    writer.enqueue(httpEntry(request, reply, action, 'security', code, statusCode), true)
+  }
+
   // The contract code of a refusal thrown on one of the audit endpoints (role, body, load
   // shedding), for its one entry, which the endpoint's onResponse writes.
   const refusals = new WeakMap<FastifyRequest, string>()
@@ -402,7 +413,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     if ((typeof code === 'string' && code.startsWith('FST_ERR_CTP_')) || (error instanceof SyntaxError && (error as { statusCode?: unknown }).statusCode === 400)) {
       const { problem: p } = toProblem(error, request.id)
       const schema = request.routeOptions.schema as { operationId?: string } | undefined
-      writer.enqueue(httpEntry(request, reply, schema?.operationId ?? 'http', 'security', p.code, p.status), true)
+      refused(request, reply, schema?.operationId ?? 'http', p.code, p.status)
     }
     done()
   })

@@ -85,6 +85,28 @@ t.test('bodies refused before any face sees them are recorded as security; unmat
   t.equal(by('nowhere'), undefined)
 })
 
+t.test('tRPC requests refused before any call runs are recorded as security, once each', async t => {
+  // tRPC parses its input itself: input that is not JSON, or a batch of the wrong shape, was
+  // answered 400 and left no entry, where the same refusal over REST leaves one.
+  const app = await buildDemoApp(t, { BFF_BODY_LIMIT: 100 })
+  const send = async (id: string, method: 'GET' | 'POST', url: string, payload?: string): Promise<number> =>
+    (await app.inject({ method, url, payload, headers: { ...bearer(), 'x-request-id': id, ...(payload === undefined ? {} : { 'content-type': 'application/json' }) } })).statusCode
+  t.equal(await send('q-bad', 'GET', '/trpc/getAgent?input=%7Bnope'), 400)
+  t.equal(await send('m-bad', 'POST', '/trpc/createAgent', '{bad'), 400)
+  t.equal(await send('batch-bad', 'GET', '/trpc/getAgent,listAgents?batch=1&input=[1]'), 400)
+  t.equal(await send('big', 'POST', '/trpc/createAgent', JSON.stringify({ name: 'x'.repeat(200) })), 413)
+  t.equal(await send('fine', 'GET', '/trpc/getAgent?input=' + encodeURIComponent('{"id":"a1"}')), 200)
+  t.equal(await send('scan', 'POST', '/trpc/noSuchThing', '{bad'), 404)
+  const rows = await entries(app)
+  const of = (id: string): Row[] => rows.filter(r => r.requestId === id || r.requestId.startsWith(id + '.'))
+  t.match(of('q-bad'), [{ category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, protocol: 'trpc', action: 'getAgent', tenantId: 't1' }])
+  t.match(of('m-bad'), [{ category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'createAgent' }])
+  t.match(of('batch-bad'), [{ category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'trpc' }])
+  t.match(of('big'), [{ category: 'security', status: 'PAYLOAD_TOO_LARGE', statusCode: 413, protocol: 'trpc' }], 'a body Fastify refused: once')
+  t.match(of('fine'), [{ category: 'read', status: 'ok', statusCode: 200 }], 'a call: its own entry, none besides')
+  t.same(of('scan'), [], 'a procedure that is no operation: none, as for an unmatched route')
+})
+
 t.test('the admin endpoints: memory store, role system, body and query checks; they are audited themselves', async t => {
   const app = await buildDemoApp(t, { BFF_AUDIT_MEMORY_MAX: 10 })
   for (let i = 0; i < 13; i++) await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
