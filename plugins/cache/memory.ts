@@ -1,4 +1,8 @@
 import { LRUCache } from 'lru-cache'
+import { TAG_PREFIX } from './keys.js'
+
+/** The scope of a tag key (`tagKey`): its tenant, URI-encoded, so it holds no ':'. */
+const tenantOfTag = (tagKey: string): string => tagKey.slice(0, tagKey.indexOf(':', TAG_PREFIX.length))
 
 /** One cached answer: the Kernel's 2xx status and its output, shaped by the op's output schema. */
 export interface CachedAnswer {
@@ -24,19 +28,31 @@ export interface CachedAnswer {
  * Invalidation clock of this instance's tier. Each invalidation takes the next tick and marks
  * its tags with it; an entry stored from a read that began at tick `c` is valid while none of
  * its tags was marked after `c`. So a refill whose Kernel call raced an invalidation is never
- * served, whenever it lands. The marks are bounded: an evicted mark raises a floor that every
- * unmarked tag then counts as, which can only drop more entries, never keep a stale one.
+ * served, whenever it lands. The marks are bounded: an evicted mark raises the floor of its
+ * scope (a tenant), which every unmarked tag of that scope then counts as; that can only drop
+ * more entries, never keep a stale one. With one floor for all, a tenant invalidating enough
+ * distinct tags dropped every other tenant's entries. The floors are bounded the same way: an
+ * evicted one raises the floor of every scope.
  */
 export class TagClock {
   private tick = 0
   private floor = 0
   private epoch = 0
   private readonly marks: LRUCache<string, number>
+  private readonly floors: LRUCache<string, number>
 
-  constructor (maxTags: number) {
+  constructor (maxTags: number, private readonly scopeOf: (tagKey: string) => string = () => '') {
+    this.floors = new LRUCache<string, number>({
+      max: maxTags,
+      dispose: (value, _scope, reason) => { if (reason === 'evict' && value > this.floor) this.floor = value }
+    })
     this.marks = new LRUCache<string, number>({
       max: maxTags,
-      dispose: (value, _key, reason) => { if (reason === 'evict' && value > this.floor) this.floor = value }
+      dispose: (value, key, reason) => {
+        if (reason !== 'evict') return
+        const scope = this.scopeOf(key)
+        if (value > (this.floors.peek(scope) ?? 0)) this.floors.set(scope, value)
+      }
     })
   }
 
@@ -57,8 +73,15 @@ export class TagClock {
 
   valid (tagKeys: readonly string[], since: number): boolean {
     if (since < this.epoch) return false
-    for (const k of tagKeys) if ((this.marks.get(k) ?? this.floor) > since) return false
+    for (const k of tagKeys) if ((this.marks.get(k) ?? this.floorOf(k)) > since) return false
     return true
+  }
+
+  /** What an unmarked tag counts as: its scope's floor, or the floor of all when higher. */
+  private floorOf (tagKey: string): number {
+    if (this.floors.size === 0) return this.floor
+    const own = this.floors.get(this.scopeOf(tagKey)) ?? 0
+    return own > this.floor ? own : this.floor
   }
 
   get size (): number {
@@ -111,7 +134,7 @@ export class MemoryTier {
   constructor (max: number, maxBytes: number, private readonly now: () => number) {
     this.lru = new LRUCache<string, LocalEntry>({ max, maxSize: maxBytes, maxEntrySize: Math.max(1, Math.floor(maxBytes / 8)), sizeCalculation: entryBytes })
     // Marks outlive the entries they guard by far: a tag mark per cached entry, and more.
-    this.clock = new TagClock(Math.max(1000, max * 4))
+    this.clock = new TagClock(Math.max(1000, max * 4), tenantOfTag)
   }
 
   get (key: string): CachedAnswer | undefined {

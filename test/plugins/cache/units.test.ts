@@ -76,6 +76,28 @@ t.test('the tag clock: invalidations after a read began invalidate what it store
   t.ok(clock.valid([], clock.now()))
 })
 
+t.test('the tag clock: evicted marks raise their own tenant\'s floor, not another\'s', async t => {
+  // One floor for all: a tenant invalidating enough distinct tags pushed out marks and dropped
+  // every other tenant's entries (a forced Kernel refill for each).
+  const clock = new TagClock(2, tagKey => tagKey.split(':')[0])
+  const since = clock.now()
+  for (let i = 0; i < 5; i++) clock.invalidate([`noisy:item${i}`])
+  t.notOk(clock.valid(['noisy:item0'], since), 'the noisy tenant\'s evicted mark still invalidates')
+  t.notOk(clock.valid(['noisy:other'], since), 'and its unmarked tags count as its floor')
+  t.ok(clock.valid(['quiet:doc'], since), 'another tenant\'s entry stays valid')
+  // Floors are bounded too (2 here): an evicted floor raises the floor of all.
+  clock.invalidate(['a:x']); clock.invalidate(['a:y']); clock.invalidate(['b:x']); clock.invalidate(['b:y']); clock.invalidate(['c:x'])
+  t.notOk(clock.valid(['quiet:doc'], since), 'once floors themselves are evicted, every scope counts as the highest evicted')
+
+  // The memory tier's clock scopes tag keys by tenant (1000 marks at least).
+  const tier = new MemoryTier(10, 1_000_000, () => 0)
+  const before = tier.clock.now()
+  for (let i = 0; i <= 1000; i++) tier.clock.invalidate([tagKey('no:isy', `item:${i}`)])
+  t.ok(tier.clock.valid([tagKey('quiet', 'doc')], before), 'a quiet tenant keeps its entries')
+  t.ok(tier.clock.valid([tagKey('no', 'isy:doc')], before), 'a tenant whose id is a prefix of the noisy one\'s too')
+  t.notOk(tier.clock.valid([tagKey('no:isy', 'doc')], before), 'the noisy tenant\'s unmarked tags count as its floor')
+})
+
 t.test('the memory tier is bounded, drops expired and invalidated entries, and refuses a raced store', async t => {
   let now = 1000
   const tier = new MemoryTier(2, 1 << 20, () => now)
