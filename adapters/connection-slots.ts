@@ -1,5 +1,6 @@
 import type { Socket } from 'node:net'
-import type { FastifyRequest } from 'fastify'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import { Gauge, type Registry } from 'prom-client'
 import { MantleError } from '../errors.js'
 
 /**
@@ -21,6 +22,11 @@ export class ConnectionSlots {
 
   constructor (readonly max: number) {}
 
+  /** Places taken now. */
+  get size (): number {
+    return this.taken
+  }
+
   /**
    * Takes a place for the upgrade `request`, or throws 503 OVERLOADED when every place is
    * taken. A plain HTTP request takes none.
@@ -39,4 +45,26 @@ export class ConnectionSlots {
     this.holders.add(socket)
     socket.once('close', () => { this.taken-- })
   }
+}
+
+// The faces whose places each registry reports: one gauge per registry, a series per face.
+const reported = new WeakMap<Registry, Map<string, ConnectionSlots>>()
+
+/**
+ * Reports `slots` as `mantle_websocket_slots{face}` when metrics are on: the WebSocket
+ * connections of each face, open or being upgraded (`mantle_websocket_connections` counts those
+ * of /ws alone; GraphQL's and tRPC's were in no metric).
+ */
+export function reportSlots (app: FastifyInstance, face: string, slots: ConnectionSlots): void {
+  if (!app.hasDecorator('metrics')) return
+  const registry = app.metrics.registry
+  let faces = reported.get(registry)
+  if (faces === undefined) {
+    const all = new Map<string, ConnectionSlots>()
+    reported.set(registry, all)
+    faces = all
+    // eslint-disable-next-line no-new
+    new Gauge({ name: 'mantle_websocket_slots', help: 'WebSocket connections of each face, open or being upgraded (bound: its maxConnections)', labelNames: ['face'], registers: [registry], collect () { for (const [name, taken] of all) this.set({ face: name }, taken.size) } })
+  }
+  faces.set(face, slots)
 }

@@ -3,7 +3,7 @@ import mercurius from 'mercurius'
 import { getOperationAST, parse, type DocumentNode } from 'graphql'
 import { runCall, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
-import { ConnectionSlots } from '../connection-slots.js'
+import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { callKey, idempotencyKeyOf, single } from '../rest/index.js'
 import { buildSchema } from './schema.js'
 import { limitsRule, noSubscriptionOverHttp, MAX_FIELDS } from './limits.js'
@@ -73,11 +73,13 @@ const GRAPHQL_UPGRADES = new WeakSet<IncomingMessage>()
 export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) {
   const limits = { ...DEFAULT_SETTINGS, ...settings }
   return async function graphqlFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
-    const guard = await graphqlAdapter(app, opts, new ConnectionSlots(limits.maxConnections), limits.initTimeoutMs)
+    const slots = new ConnectionSlots(limits.maxConnections)
+    const guard = await graphqlAdapter(app, opts, slots, limits.initTimeoutMs)
     // mercurius keeps a socket that never sends connection_init open for ever: a client could
     // hold sockets at no cost. graphql-ws prescribes closing it with 4408 when no
     // connection_init came in time, whatever else did (a ping or a junk frame does not count).
     if (!app.hasDecorator('websocketServer')) return
+    reportSlots(app, 'graphql', slots)
     app.websocketServer.on('connection', (socket: WebSocket, request: IncomingMessage) => {
       if (!GRAPHQL_UPGRADES.has(request)) return
       const timer = setTimeout(() => socket.close(CLOSE_INIT_TIMEOUT, 'Connection initialisation timeout'), limits.initTimeoutMs)

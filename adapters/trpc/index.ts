@@ -7,7 +7,7 @@ import type { TRPCRequestInfo } from '@trpc/server/http'
 import type { WebSocket } from 'ws'
 import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders } from '../../errors.js'
-import { ConnectionSlots } from '../connection-slots.js'
+import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { httpContext, socketContext, type TrpcContext } from './context.js'
 import { runCall } from '../face.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
@@ -211,6 +211,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       app.get('/trpc', { schema: { hide: true } }, notHere)
     } else {
       const slots = new ConnectionSlots(limits.maxConnections)
+      reportSlots(app, 'trpc', slots)
       const authenticated = new WeakSet<WebSocket>()
       const onConnection = getWSConnectionHandler({
         router,

@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
-import { ConnectionSlots } from '../connection-slots.js'
+import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { MAX_BUFFERED_BYTES } from '../slow-reader.js'
 import { Connection, type ConnectionAuth, type FaceShared } from './connection.js'
 import { websocketMetrics } from './metrics.js'
@@ -52,6 +52,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
     const connections = new Set<Connection>()
     // The bound, counted from the check on (the set only holds connections once upgraded).
     const slots = new ConnectionSlots(limits.maxConnections)
+    reportSlots(app, 'ws', slots)
     const eventPrefixes = new Map(app.pipeline.manifest.events.map(e => [e.name, '{"event":' + JSON.stringify(e.name) + ',"data":']))
     const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes }
     // Identity verified in the upgrade's onRequest hook, handed to the connection it opens.
