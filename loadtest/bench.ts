@@ -20,7 +20,7 @@ import {
   GATEWAY_SPINE, REPO_ROOT, REST_TARGETS, benchToken, killAllNow, median, prepareBuild, profileWithPerf, requestFor, startKernelProcess, startTargets, stopAll,
   type RunningProcess, type Target, type TargetContext
 } from './harness.js'
-import { fmt, measure, measureRounds, peakRssMiB, signed, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, measure, measureRounds, peakRssMiB, signed, sleep, SPINE_GOAL as GOAL, spineGoal, textTable, type RunFigures } from './measure.js'
 import { getAgent, type ScenarioDefinition } from './scenarios.js'
 import { runFaces, type FacesReport, type FaceRow } from './bench-faces.js'
 import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
@@ -88,7 +88,6 @@ interface TargetReport {
   peakRssMiB: number | null
 }
 
-const GOAL = { minRatioToPassthrough: 0.8, maxP99OverPassthroughMs: 1.5 } as const
 const WARMUP_SECONDS = 1
 // Between runs: lets the previous run's sockets close and its garbage be collected.
 const PAUSE_MS = 250
@@ -327,29 +326,11 @@ async function runSpine (opts: Options, ctx: TargetContext, processes: RunningPr
     if (nginxRow !== undefined) r.ratioToNginx = r.reqPerSec / nginxRow.reqPerSec
     if (passRow !== undefined) {
       r.ratioToPassthrough = r.reqPerSec / passRow.reqPerSec
-      r.p99DiffToPassthroughMs = r.p99Ms - passRow.p99Ms
+      r.p99DiffToPassthroughMs = r.p99FineMs - passRow.p99FineMs // as spineGoal
     }
   }
 
-  const spine = reports.find((r) => r.name === 'gateway-spine')
-  let goal: { evaluated: boolean, met: boolean, text: string }
-  if (spine === undefined || passRow === undefined) {
-    goal = { evaluated: false, met: false, text: 'spine goal not evaluated: needs both gateway-spine and passthrough' }
-  } else {
-    const ratio = spine.reqPerSec / passRow.reqPerSec
-    const diff = spine.p99Ms - passRow.p99Ms
-    const throughputOk = ratio >= GOAL.minRatioToPassthrough
-    const latencyOk = diff <= GOAL.maxP99OverPassthroughMs
-    const clean = !spine.flagged && !passRow.flagged
-    const met = throughputOk && latencyOk && clean
-    goal = {
-      evaluated: true,
-      met,
-      text: `spine goal (req/s >= ${GOAL.minRatioToPassthrough * 100}% of passthrough, p99 <= passthrough + ${GOAL.maxP99OverPassthroughMs} ms): ` +
-        `${met ? 'goal met' : 'goal NOT met'} — req/s ${(ratio * 100).toFixed(1)}% ${throughputOk ? 'ok' : 'too low'}, ` +
-        `p99 ${signed(diff, 2)} ms ${latencyOk ? 'ok' : 'too high'}${clean ? '' : ', flagged targets (non-2xx or errors)'}`
-    }
-  }
+  const goal = spineGoal(reports.find((r) => r.name === 'gateway-spine'), passRow)
 
   const header = [
     `Mantle bench — ${scenario.operation} (${scenario.method} ${scenario.path})`,

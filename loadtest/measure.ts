@@ -165,3 +165,29 @@ export function textTable (header: readonly string[], body: ReadonlyArray<readon
   const line = (cells: readonly string[]): string => cells.map((c, i) => i === 0 || i === cells.length - 1 ? c.padEnd(widths[i]) : c.padStart(widths[i])).join('  ').trimEnd()
   return [line(header), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)].join('\n')
 }
+
+/** The spine section's goal: gateway-spine against passthrough, measured in the same rounds. */
+export const SPINE_GOAL = { minRatioToPassthrough: 0.8, maxP99OverPassthroughMs: 1.5 } as const
+
+/** What the spine goal reads of a target's figures. */
+export interface SpineGoalRow { reqPerSec: number, p99FineMs: number, flagged: boolean }
+
+/** The spine goal, from the rows of gateway-spine and passthrough (p99s at full resolution). */
+export function spineGoal (spine: SpineGoalRow | undefined, pass: SpineGoalRow | undefined): { evaluated: boolean, met: boolean, text: string } {
+  if (spine === undefined || pass === undefined) return { evaluated: false, met: false, text: 'spine goal not evaluated: needs both gateway-spine and passthrough' }
+  const ratio = spine.reqPerSec / pass.reqPerSec
+  // At full resolution: autocannon's p99 is cut to whole ms, and a difference of two such values
+  // (always whole) met "+1.5 ms" for a true 1.96 ms and missed it for a true 1.01 ms.
+  const diff = spine.p99FineMs - pass.p99FineMs
+  const throughputOk = ratio >= SPINE_GOAL.minRatioToPassthrough
+  const latencyOk = diff <= SPINE_GOAL.maxP99OverPassthroughMs
+  const clean = !spine.flagged && !pass.flagged
+  const met = throughputOk && latencyOk && clean
+  return {
+    evaluated: true,
+    met,
+    text: `spine goal (req/s >= ${SPINE_GOAL.minRatioToPassthrough * 100}% of passthrough, p99 <= passthrough + ${SPINE_GOAL.maxP99OverPassthroughMs} ms): ` +
+      `${met ? 'goal met' : 'goal NOT met'} — req/s ${(ratio * 100).toFixed(1)}% ${throughputOk ? 'ok' : 'too low'}, ` +
+      `p99 ${signed(diff, 2)} ms ${latencyOk ? 'ok' : 'too high'}${clean ? '' : ', flagged targets (non-2xx or errors)'}`
+  }
+}

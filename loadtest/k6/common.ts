@@ -165,34 +165,56 @@ export function rampingConnections (exec: string, profile: LoadProfile, sessionS
 /** One k6 threshold expression, with abortOnFail when the suite asks for it. */
 export type K6Threshold = string | { threshold: string, abortOnFail: boolean, delayAbortEval: string }
 
-function threshold (expr: string, t: SuiteThresholds): K6Threshold {
-  return t.abortOnFail ? { threshold: expr, abortOnFail: true, delayAbortEval: `${t.delayAbortEvalS}s` } : expr
+// The grace before a crossing may abort the run is scaled with the stages, as the harness
+// scales it: unscaled, a stress run at SCALE=0.05 (12 s) had 10 s of it. (A Go duration: "0.5s".)
+function threshold (expr: string, t: SuiteThresholds, timeScale: number): K6Threshold {
+  return t.abortOnFail ? { threshold: expr, abortOnFail: true, delayAbortEval: `${Number((t.delayAbortEvalS * timeScale).toFixed(3))}s` } : expr
 }
 
 /**
  * A suite's thresholds for the HTTP faces, per face (tag `face`): failed requests, p99 and the
  * answer checks (a GraphQL error answered with 200 fails its check).
  */
-export function suiteThresholds (profile: LoadProfile, faces: ReadonlyArray<FaceScenario['face']>): Record<string, K6Threshold[]> {
+export function suiteThresholds (profile: LoadProfile, faces: ReadonlyArray<FaceScenario['face']>, timeScale = 1): Record<string, K6Threshold[]> {
   const t = profile.thresholds
   const out: Record<string, K6Threshold[]> = {}
   for (const face of faces) {
-    out[`http_req_failed{face:${face}}`] = [threshold(`rate<${t.errorRate}`, t)]
-    out[`http_req_duration{face:${face}}`] = [threshold(`p(99)<${t.p99Ms}`, t)]
-    out[`checks{face:${face}}`] = [threshold(`rate>${1 - t.errorRate}`, t)]
+    out[`http_req_failed{face:${face}}`] = [threshold(`rate<${t.errorRate}`, t, timeScale)]
+    out[`http_req_duration{face:${face}}`] = [threshold(`p(99)<${t.p99Ms}`, t, timeScale)]
+    out[`checks{face:${face}}`] = [threshold(`rate>${1 - t.errorRate}`, t, timeScale)]
   }
   return out
 }
 
 /** A suite's thresholds for the WebSocket face (the runner's own metrics, tag `op`). */
-export function wsSuiteThresholds (profile: LoadProfile, operation: string): Record<string, K6Threshold[]> {
+export function wsSuiteThresholds (profile: LoadProfile, operation: string, timeScale = 1): Record<string, K6Threshold[]> {
   const t = profile.thresholds
   return {
-    [`ws_call_duration{op:${operation}}`]: [threshold(`p(99)<${t.p99Ms}`, t)],
-    [`ws_call_failed{op:${operation}}`]: [threshold(`rate<${t.errorRate}`, t)],
+    [`ws_call_duration{op:${operation}}`]: [threshold(`p(99)<${t.p99Ms}`, t, timeScale)],
+    [`ws_call_failed{op:${operation}}`]: [threshold(`rate<${t.errorRate}`, t, timeScale)],
     // At least one call answered: a gateway that refuses every upgrade must not pass.
     ws_calls: ['count>0']
   }
+}
+
+/** k6's default gracefulStop of a scenario (s): iterations still running may finish in it. */
+export const K6_GRACEFUL_STOP_S = 30
+
+/** The longest a run of `stages` (scaled by `timeScale`) lasts, the stop after them included. */
+export function runSeconds (stages: readonly Stage[], timeScale: number, stopS: number): number {
+  return scaleStages(stages, timeScale, 1).reduce((sum, s) => sum + s.durationS, 0) + stopS
+}
+
+/**
+ * Why a token whose `exp` is `exp` (s since the epoch; null: no token, or none that says) does
+ * not last a run of `runS` seconds from `nowS`, or null when it does. A token that expires
+ * mid-run turns the rest of the run into 401s (and WebSocket closes with 4401), which reads as
+ * the gateway failing: `npm run token`'s default lasts one hour, and the soak suite as long.
+ */
+export function tokenShortfall (exp: number | null, nowS: number, runS: number): string | null {
+  if (exp === null || exp - nowS >= runS) return null
+  const left = Math.max(0, Math.floor(exp - nowS))
+  return `TOKEN expires in ${left} s, before this run's ${Math.ceil(runS)} s are over: mint one that lasts, e.g. TOKEN="$(npm run -s token -- --ttl ${Math.ceil(runS / 60) * 60 + 600})"`
 }
 
 /** A positive integer from an environment variable, or `fallback`. */

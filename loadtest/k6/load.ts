@@ -8,7 +8,7 @@
 import type { Options } from 'k6/options'
 import { LOAD } from './common.ts'
 import { everyFace, suiteOptions } from './http-faces.ts'
-export { graphqlGetAgent, restGetAgent, trpcGetAgent } from './http-faces.ts'
+export { graphqlGetAgent, restGetAgent, setup, trpcGetAgent } from './http-faces.ts'
 
 export const options: Options = suiteOptions(LOAD)
 

@@ -17,7 +17,8 @@ import { WebSocket } from 'k6/websockets'
 import { setTimeout } from 'k6/timers'
 import { Counter, Rate, Trend } from 'k6/metrics'
 import type { Options } from 'k6/options'
-import { positiveInt, positiveNumber, PROFILES, rampingConnections, valueAt, WS_GET_AGENT, wsSuiteThresholds, type LoadProfile } from './common.ts'
+import { positiveInt, positiveNumber, PROFILES, rampingConnections, runSeconds, valueAt, WS_GET_AGENT, wsSuiteThresholds, type LoadProfile } from './common.ts'
+import { refuseShortToken } from './token.ts'
 
 const BASE_URL = (__ENV.BASE_URL ?? 'http://127.0.0.1:3000').replace(/\/+$/, '')
 const TOKEN = __ENV.TOKEN ?? ''
@@ -41,8 +42,14 @@ export const options: Options = {
     // A closed model, as in the harness: one connection per VU, one call in flight each.
     wsGetAgent: rampingConnections('wsGetAgent', PROFILE, SESSION_SECONDS, SCALE, CONNECTIONS_SCALE)
   },
-  thresholds: wsSuiteThresholds(PROFILE, WS_GET_AGENT.operation)
+  thresholds: wsSuiteThresholds(PROFILE, WS_GET_AGENT.operation, SCALE)
 }
+
+/**
+ * Refuses to start when TOKEN expires before the run ends: each session's new connection
+ * would be refused 401 from then on, and open ones closed with 4401.
+ */
+export function setup (): void { refuseShortToken(TOKEN, runSeconds(PROFILE.wsStages, SCALE, SESSION_SECONDS + 5)) }
 
 const url = BASE_URL.replace(/^http/, 'ws') + WS_GET_AGENT.path + (TOKEN === '' ? '' : '?access_token=' + encodeURIComponent(TOKEN))
 

@@ -8,6 +8,7 @@ import { buildDemoApp, token } from '../helper.js'
 import { smoke, type LoadProfile, FACE_SCENARIOS, PROFILES, SCENARIOS, SUITE_HTTP_SCENARIOS } from '../../loadtest/scenarios.js'
 import { formatSuite, levelAt, runSuite, scaleStages, SUITE_FACES, type SuiteOptions } from '../../loadtest/suite.js'
 import * as k6 from '../../loadtest/k6/common.js'
+import { spineGoal } from '../../loadtest/measure.js'
 import { breakdown, formatBreakdown } from '../../loadtest/perf-profile.js'
 import { nginxConfig } from '../../loadtest/nginx-proxy.js'
 import { REST_TARGETS } from '../../loadtest/harness.js'
@@ -180,6 +181,9 @@ t.test('a profile becomes k6 scenarios and thresholds', async (t) => {
     'ws_call_failed{op:getAgent}': [{ threshold: 'rate<0.001', abortOnFail: true, delayAbortEval: '120s' }],
     ws_calls: ['count>0']
   })
+  t.strictSame(k6.suiteThresholds(k6.STRESS, ['rest'], 0.05)['checks{face:rest}'], [{ threshold: 'rate>0.99', abortOnFail: true, delayAbortEval: '0.5s' }],
+    'the grace before an abort is scaled with the stages, as the harness scales it (10 s of a 12 s run at SCALE=0.05)')
+  t.strictSame(k6.wsSuiteThresholds(k6.SOAK, 'getAgent', 0.5)['ws_call_failed{op:getAgent}'], [{ threshold: 'rate<0.001', abortOnFail: true, delayAbortEval: '60s' }])
   t.equal(k6.positiveNumber('0.05', 1), 0.05)
   for (const raw of [undefined, '', '0', '-1', 'x']) t.equal(k6.positiveNumber(raw, 3), 3, `positiveNumber(${String(raw)}) falls back`)
 })
@@ -233,4 +237,28 @@ t.test('the nginx yardstick forwards /api/ to the Kernel root over a keep-alive 
   t.match(conf, 'proxy_set_header Connection "";')
   t.match(conf, 'access_log off;')
   t.equal(REST_TARGETS.some(d => d.name === 'nginx'), existsSync('/usr/sbin/nginx'), 'a target only when nginx is installed')
+})
+
+t.test('a k6 suite refuses a TOKEN that expires before the run can end', async (t) => {
+  // The soak suite's stages last an hour, as long as `npm run token`'s default token: its last
+  // part was all 401s (and WebSocket closes with 4401), read as the gateway failing.
+  const soak = k6.runSeconds(k6.SOAK.stages, 1, k6.K6_GRACEFUL_STOP_S)
+  t.equal(soak, 3600 + 30, 'the stages and the stop after them')
+  t.equal(k6.runSeconds(k6.SOAK.stages, 0.1, 0), 6 + 354, 'scaled as k6 runs them')
+  const now = 1_800_000_000
+  t.match(k6.tokenShortfall(now + 3600, now, soak), /^TOKEN expires in 3600 s, before this run's 3630 s are over: mint one that lasts, e.g. TOKEN="\$\(npm run -s token -- --ttl 4260\)"$/)
+  t.match(k6.tokenShortfall(now - 10, now, 30), /^TOKEN expires in 0 s/, 'one already expired')
+  t.equal(k6.tokenShortfall(now + 7200, now, soak), null, 'one that lasts')
+  t.equal(k6.tokenShortfall(null, now, soak), null, 'no token (a gateway without identity), or none that says')
+})
+
+t.test('the spine goal compares p99s at full resolution', async (t) => {
+  // autocannon's p99 is cut to whole ms: 3.97 and 2.01 ms read 3 and 2, a difference of 1 that
+  // met "+1.5 ms" for a true 1.96 ms.
+  const row = (reqPerSec: number, p99FineMs: number, flagged = false) => ({ reqPerSec, p99FineMs, flagged })
+  t.match(spineGoal(row(900, 3.97), row(1000, 2.01)), { evaluated: true, met: false, text: /goal NOT met — req\/s 90\.0% ok, p99 \+1\.96 ms too high$/ })
+  t.match(spineGoal(row(900, 3.0), row(1000, 1.99)), { evaluated: true, met: true, text: /goal met — req\/s 90\.0% ok, p99 \+1\.01 ms ok$/ })
+  t.match(spineGoal(row(700, 2.5), row(1000, 2.0)), { met: false, text: /req\/s 70\.0% too low/ })
+  t.match(spineGoal(row(900, 2.5), row(1000, 2.0, true)), { met: false, text: /flagged targets/ })
+  t.same(spineGoal(undefined, row(1000, 2)), { evaluated: false, met: false, text: 'spine goal not evaluated: needs both gateway-spine and passthrough' })
 })
