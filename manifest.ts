@@ -254,6 +254,8 @@ function buildOperation (
   const output = resolveRefs(op.output, schemas, `${at}.output`, faults, [])
   checkSchema(checker, input, `${at}.input`, faults)
   const outputCheck = checkSchema(checker, output, `${at}.output`, faults)
+  checkGatewayIds(input, `${at}.input`, faults)
+  checkGatewayIds(output, `${at}.output`, faults)
   if (input.type !== 'object') faults.push(`${at}.input: must be a schema of type object (its properties are the call's arguments)`)
   const props = (input.properties ?? {}) as Record<string, JsonSchema>
   const declared = new Set(Object.keys(props))
@@ -358,6 +360,24 @@ function checkSchema (checker: Ajv, schema: JsonSchema, at: string, faults: stri
   }
 }
 
+// Keywords whose values are data, not schemas: an `$id` there names nothing.
+const DATA_KEYWORDS = new Set(['const', 'default', 'enum', 'example', 'examples'])
+
+/**
+ * Faults for an `$id` of a schema the gateway registers itself, anywhere in `schema` as it
+ * reaches Fastify (resolved: a named schema's own `$id` is gone once inlined).
+ */
+function checkGatewayIds (schema: unknown, at: string, faults: string[]): void {
+  if (Array.isArray(schema)) {
+    schema.forEach((v, i) => { checkGatewayIds(v, `${at}.${i}`, faults) })
+    return
+  }
+  if (schema === null || typeof schema !== 'object') return
+  const obj = schema as Record<string, unknown>
+  if (typeof obj.$id === 'string' && GATEWAY_SCHEMA_IDS.has(obj.$id)) faults.push(`${at}.$id: "${obj.$id}" is the id of a schema of the gateway's own`)
+  for (const [k, v] of Object.entries(obj)) if (!DATA_KEYWORDS.has(k)) checkGatewayIds(v, `${at}.${k}`, faults)
+}
+
 /**
  * Inlines `{ $ref: "#/schemas/Name" }` with a copy of the named schema. A missing name or a
  * cycle is a fault at the path where it is used.
@@ -367,7 +387,6 @@ function resolveRefs (node: unknown, schemas: Record<string, JsonSchema>, at: st
     if (Array.isArray(value)) return value.map((v, i) => walk(v, `${path}.${i}`, names))
     if (value === null || typeof value !== 'object') return value
     const obj = value as Record<string, unknown>
-    if (typeof obj.$id === 'string' && GATEWAY_SCHEMA_IDS.has(obj.$id)) faults.push(`${path}.$id: "${obj.$id}" is the id of a schema of the gateway's own`)
     if (typeof obj.$ref === 'string') {
       const match = SCHEMA_REF.exec(obj.$ref)
       if (match === null) {

@@ -422,6 +422,10 @@ t.test('manifests that compiled and then stopped the start are refused at their 
   t.same(faultsOf(doc({ a: { ...mutation, rest: 'POST /batch/' } })), ['operations.a.rest: POST /batch/ is reserved by the gateway'])
   t.same(faultsOf(doc({ then: query, call: { ...query, rest: 'GET /c' }, apply: { ...query, rest: 'GET /d' } })), ['then', 'call', 'apply'].map(n => `operations.${n}: ${n} cannot name a tRPC procedure (tRPC reserves then, call and apply)`))
   t.same(faultsOf(doc({ a: { ...query, output: { $id: 'Problem', type: 'object' } } })), ['operations.a.output.$id: "Problem" is the id of a schema of the gateway\'s own'])
+  t.same(faultsOf(doc({ a: { ...query, input: { type: 'object', properties: { p: { $id: 'Problem', type: 'string' } } } } })), ['operations.a.input.properties.p.$id: "Problem" is the id of a schema of the gateway\'s own'], 'nested too')
+  // A named schema's own $id is dropped where it is inlined, and data is no schema: both fine.
+  const fine = compileManifest(doc({ a: { ...query, output: { $ref: '#/schemas/P' } }, b: { ...query, rest: 'GET /b', output: { type: 'object', examples: [{ $id: 'Problem' }], default: { $id: 'Problem' } } } }, { schemas: { P: { $id: 'Problem', type: 'object' } } }))
+  t.same(fine.operations[0].output, { type: 'object' })
   t.same(faultsOf(doc({ a: { ...query, rest: 'GET /a/:id/:id', kernel: 'GET /v1/a/{id}', input: idInput } })), ['operations.a.rest: path parameter :id appears twice'], 'the first value was dropped')
   for (const kernel of ['GET /v1/a/{id', 'GET /v1/a/id}', 'GET /v1/{a{id}}']) {
     t.match(faultsOf(doc({ a: { ...query, rest: 'GET /a/:id', kernel, input: idInput } })), ['operations.a.kernel: a { or } outside a {name}'], kernel)
