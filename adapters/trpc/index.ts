@@ -140,8 +140,8 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       const query = request.query as Record<string, unknown>
       const headers = request.headers
       if (query.batch !== undefined || query.connectionParams !== undefined || headers['trpc-accept'] !== undefined) return null
-      // tRPC refuses what it cannot turn into a URL or read as JSON: let it say so.
-      if (headers.host === undefined || !HOST.test(headers.host)) return null
+      // Without a Host, tRPC makes its own URL: let it.
+      if (headers.host === undefined) return null
       let text: unknown
       if (request.method === 'GET' && op.type === 'query') text = query.input
       else if (request.method === 'POST' && op.type === 'mutation' && headers['content-type']?.startsWith('application/json') === true) text = request.body
@@ -184,6 +184,10 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       onRequest: boundBatch,
       handler: async (request, reply) => {
         const path = (request.params as Wildcard)['*'] ?? ''
+        // tRPC makes a URL of the Host: one it cannot (`a@b`, credentials) threw a TypeError, a
+        // 500 logged with the URL, query string (input, access_token) and all.
+        const host = request.headers.host
+        if (host !== undefined && !HOST.test(host)) throw new MantleError('BAD_REQUEST', 'The Host header is not a host name')
         const call = singleCall(request, path)
         if (call !== null) return await answerSingle(request, reply, path, call.input)
         await fastifyRequestHandler({

@@ -285,6 +285,10 @@ t.test('raw HTTP: the ugly cases are 4xx tRPC errors with contract codes, never 
     ['bad connectionParams', { url: '/trpc/getItem?connectionParams=%7B' }, 400, 'VALIDATION_FAILED'],
     ['connectionParams not strings', { url: `/trpc/getItem?connectionParams=${input({ token: 1 })}` }, 400, 'VALIDATION_FAILED'],
     ['bad Host', { url: '/trpc/getItem', headers: { ...h, host: 'a b' } }, 400, 'BAD_REQUEST'],
+    // tRPC threw making a URL with credentials of it: a 500, logged with the query string.
+    ['a Host with credentials', { url: `/trpc/getItem?input=${input({ id: 'i1' })}`, headers: { ...h, host: 'a@b' } }, 400, 'BAD_REQUEST', /Host/],
+    ['a batch, Host with credentials', { url: `/trpc/getItem,getItem?batch=1&input=${input({ 0: { id: 'i1' } })}`, headers: { ...h, host: 'u:p@x' } }, 400, 'BAD_REQUEST', /Host/],
+    ['a mutation, Host with credentials', { method: 'POST', url: '/trpc/putItem', headers: { ...jsonHeaders, host: 'a@b' }, payload: '{"n":1}' }, 400, 'BAD_REQUEST', /Host/],
     ['role', { url: `/trpc/adminItem?input=${input({ id: 'i1' })}` }, 403, 'FORBIDDEN', /admin/],
     ['no token', { url: `/trpc/getItem?input=${input({ id: 'i1' })}`, headers: {} }, 401, 'UNAUTHENTICATED'],
     ['connectionParams without a token', { url: `/trpc/getItem?input=${input({ id: 'i1' })}&connectionParams=${input({ lang: 'en' })}`, headers: {} }, 401, 'UNAUTHENTICATED']
