@@ -68,7 +68,10 @@ function flatten (errors: readonly GraphQLError[], requestId: string): GraphQLEr
     }
     const { problem } = toProblem(wrapped, requestId)
     for (const inner of wrapped.errors as Error[]) {
-      out.push(inner instanceof GraphQLError ? inner : new GraphQLError(inner.message, { extensions: { code: problem.code, status: problem.status } }))
+      // A document whose values nest thousands deep overflows graphql-js's recursion: the
+      // runtime's own words ("Maximum call stack size exceeded") are no answer to a client.
+      const message = inner instanceof RangeError ? 'The document nests its values too deeply' : inner.message
+      out.push(inner instanceof GraphQLError ? inner : new GraphQLError(message, { extensions: { code: problem.code, status: problem.status } }))
     }
   }
   return out

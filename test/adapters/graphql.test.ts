@@ -432,3 +432,13 @@ t.test('a document of several operations runs the one each request names, never 
   t.same(mutated.body, { data: { createAgent: { name: 'forced' } } }, 'naming M with a token: the mutation')
   t.equal(await count(), agents + 1, 'one agent created, for the request that named the mutation')
 })
+
+t.test('a document whose values nest thousands deep is refused in the gateway\'s words', async t => {
+  const app = await buildDemoApp(t, ONLY_GRAPHQL)
+  const gql = await listen(app)
+  for (const [name, literal] of [['list', '['.repeat(3000) + '"a"' + ']'.repeat(3000)], ['object', '{a:'.repeat(2000) + '1' + '}'.repeat(2000)]] as const) {
+    const res = await gql({ query: `{ getAgent(id: ${literal}) { id } }` }, bearer())
+    t.equal(res.status, 400, name)
+    t.match(res.body, { errors: [{ message: 'The document nests its values too deeply', extensions: { code: 'VALIDATION_FAILED', status: 400 } }] }, name)
+  }
+})
