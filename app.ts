@@ -274,12 +274,17 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   })
   // A request parsed from what a lingering connection still brings (pipelined after the answer
   // that ended it, say after a refused body) is not served: its answer could not be sent, and
-  // it must not run unseen. The connection is closed instead.
+  // it must not run unseen. The connection is closed instead. A request pipelined behind an
+  // answer still under way (its response has no socket yet: Node hands it the socket when that
+  // answer is done) is served only then, and only if that answer left the connection open:
+  // Node parses it at once, and behind a body that failed to parse (read whole, answered 400
+  // with connection: close) a pipelined mutation reached the Kernel, its answer never sent.
   const serve = app.server.listeners('request') as Array<(req: IncomingMessage, res: ServerResponse) => void>
   if (serve.length !== 1) throw new Error('expected Fastify\'s one request listener')
   app.server.removeAllListeners('request')
   app.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
     if (lingering.has(req.socket)) req.socket.destroy()
+    else if (res.socket === null) res.once('socket', () => { serve[0](req, res) })
     else serve[0](req, res)
   })
   let closing = false

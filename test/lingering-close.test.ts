@@ -121,3 +121,29 @@ t.test('a request pipelined after a refused body is not served: it never reaches
   t.equal(alone.status, 200, await alone.text())
   t.equal(kernel.requests.length, 1)
 })
+
+t.test('a request pipelined behind a body read whole and refused (not JSON) is not served either', async t => {
+  // The body was read, so no linger: Node had parsed the next request already and the gateway
+  // served it behind the 400 that ended the connection; the Kernel carried out the mutation,
+  // and its answer was never sent (a client retrying it would have it carried out twice).
+  const kernel = await startTestKernel(t, { 'POST /v1/agents': (_req, res) => { json(res, 201, { id: 'a9', name: 'n', model: 'm', description: null, createdAt: '2026-01-01T00:00:00Z', updatedAt: '2026-01-01T00:00:00Z' }) } })
+  const { port } = await listening(t, {}, { kernelUrl: kernel.url })
+  const post = (body: string): string => `POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nAuthorization: ${bearer().authorization}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`
+  const send = async (text: string): Promise<string> => await new Promise<string>((resolve) => {
+    const socket = connect({ port, host: '127.0.0.1' })
+    let data = ''
+    socket.on('data', (chunk: Buffer) => { data += chunk.toString('latin1') })
+    socket.on('error', () => {})
+    socket.on('close', () => resolve(data))
+    socket.on('connect', () => { socket.write(text) })
+  })
+  const answer = await send(post('{{{{{') + post('{"name":"victim","model":"m"}'))
+  t.match(answer, /^HTTP\/1\.1 400 /)
+  t.equal((answer.match(/HTTP\/1\.1 \d+/g) ?? []).length, 1, 'one answer')
+  t.equal(kernel.requests.length, 0, 'the pipelined mutation did not run')
+  // Pipelined behind an answer that keeps the connection open, both are served, in order.
+  const get = 'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'
+  const both = await send(get + post('{"name":"fine","model":"m"}').replace('Host: x\r\n', 'Host: x\r\nConnection: close\r\n'))
+  t.same((both.match(/HTTP\/1\.1 \d+/g) ?? []), ['HTTP/1.1 200', 'HTTP/1.1 201'], 'both answered, in order')
+  t.equal(kernel.requests.length, 1)
+})
