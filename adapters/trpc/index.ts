@@ -52,7 +52,17 @@ const CLOSE_UNAUTHENTICATED = 4401
 interface Wildcard { '*'?: string }
 
 const JSON_TYPE = Object.freeze({ 'content-type': 'application/json' })
-const HOST = /^[A-Za-z0-9.:[\]-]+$/
+const HOST = /^[A-Za-z0-9._:[\]-]+$/
+
+/** Whether a Host that HOST does not take is still one a URL may have (an IDN), without credentials. */
+function urlHost (host: string): boolean {
+  try {
+    const url = new URL(`http://${host}`)
+    return url.username === '' && url.password === '' && url.host !== '' && url.pathname === '/' && url.search === '' && url.hash === ''
+  } catch {
+    return false
+  }
+}
 /** tRPC's own refusals of a request it could not make calls of (see `refusedEarly`). */
 const EARLY_REFUSALS: ReadonlySet<TRPCError['code']> = new Set(['PARSE_ERROR', 'BAD_REQUEST', 'PAYLOAD_TOO_LARGE', 'UNSUPPORTED_MEDIA_TYPE'])
 
@@ -187,7 +197,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         // tRPC makes a URL of the Host: one it cannot (`a@b`, credentials) threw a TypeError, a
         // 500 logged with the URL, query string (input, access_token) and all.
         const host = request.headers.host
-        if (host !== undefined && !HOST.test(host)) throw new MantleError('BAD_REQUEST', 'The Host header is not a host name')
+        if (host !== undefined && !HOST.test(host) && !urlHost(host)) throw new MantleError('BAD_REQUEST', 'The Host header is not a host name')
         const call = singleCall(request, path)
         if (call !== null) return await answerSingle(request, reply, path, call.input)
         await fastifyRequestHandler({

@@ -289,6 +289,7 @@ t.test('raw HTTP: the ugly cases are 4xx tRPC errors with contract codes, never 
     ['a Host with credentials', { url: `/trpc/getItem?input=${input({ id: 'i1' })}`, headers: { ...h, host: 'a@b' } }, 400, 'BAD_REQUEST', /Host/],
     ['a batch, Host with credentials', { url: `/trpc/getItem,getItem?batch=1&input=${input({ 0: { id: 'i1' } })}`, headers: { ...h, host: 'u:p@x' } }, 400, 'BAD_REQUEST', /Host/],
     ['a mutation, Host with credentials', { method: 'POST', url: '/trpc/putItem', headers: { ...jsonHeaders, host: 'a@b' }, payload: '{"n":1}' }, 400, 'BAD_REQUEST', /Host/],
+    ['a Host with a path', { url: `/trpc/getItem?input=${input({ id: 'i1' })}`, headers: { ...h, host: 'a/b' } }, 400, 'BAD_REQUEST', /Host/],
     ['role', { url: `/trpc/adminItem?input=${input({ id: 'i1' })}` }, 403, 'FORBIDDEN', /admin/],
     ['no token', { url: `/trpc/getItem?input=${input({ id: 'i1' })}`, headers: {} }, 401, 'UNAUTHENTICATED'],
     ['connectionParams without a token', { url: `/trpc/getItem?input=${input({ id: 'i1' })}&connectionParams=${input({ lang: 'en' })}`, headers: {} }, 401, 'UNAUTHENTICATED']
@@ -312,6 +313,12 @@ t.test('raw HTTP: the ugly cases are 4xx tRPC errors with contract codes, never 
   t.equal(viaParams.status, 200)
   const viaQuery = await call({ url: `/trpc/getItem?input=${input({ id: 'i2' })}&access_token=${token()}`, headers: {} })
   t.same(viaQuery.body, { result: { data: { id: 'i2', n: 2 } } })
+  // Host names of every kind a deployment has: a compose service's underscore, an IPv6
+  // literal, upper case, a trailing dot, an IDN.
+  for (const host of ['my_service:8080', '[::1]:3000', 'API.Example.COM', 'example.com.', 'bücher.example']) {
+    const named = await call({ url: `/trpc/getItem?input=${input({ id: 'i2' })}`, headers: { ...h, host } })
+    t.equal(named.status, 200, `Host ${host}`)
+  }
   const head = await call({ method: 'HEAD', url: '/trpc/getItem' })
   t.equal(head.status, 204, 'HEAD is answered by tRPC')
   const put = await call({ method: 'PUT', url: '/trpc/putItem', headers: jsonHeaders, payload: '{}' })
