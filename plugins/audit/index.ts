@@ -299,6 +299,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     new Gauge({ name: 'mantle_audit_spool_bytes', help: 'Bytes of audit batches in the spool file, waiting for PostgreSQL', registers: [metrics], collect () { this.set(writer.spoolBytes) } })
     new Gauge({ name: 'mantle_audit_store_up', help: '1 when the audit store took the last write', registers: [metrics], collect () { this.set(writer.up ? 1 : 0) } })
     new Gauge({ name: 'mantle_audit_spool_corrupt_batches', help: 'Spool lines skipped on replay (torn by a crash or failing their checksum)', registers: [metrics], collect () { this.set(spool?.corrupt ?? 0) } })
+    if (store instanceof MemoryAuditStore) new Gauge({ name: 'mantle_audit_memory_entries', help: 'Audit entries the memory store holds (bounded by BFF_AUDIT_MEMORY_MAX; the oldest are evicted beyond it)', registers: [metrics], collect () { this.set(store.size) } })
     /* eslint-enable no-new */
   }
   const enqueue = (entry: AuditEntry): void => writer.enqueue(entry)

@@ -60,6 +60,8 @@ export interface IdentityVerifier {
   (authorization: string | undefined): Identity
   start: () => Promise<void>
   close: () => void
+  /** Tokens whose verified identity is kept (bounded by `cacheSize`). */
+  readonly cached: () => number
 }
 
 type Verify = (token: string) => Record<string, unknown>
@@ -179,7 +181,8 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
   }
   return Object.assign(identify, {
     start: async (): Promise<void> => { await jwks?.start() },
-    close: (): void => { jwks?.close() }
+    close: (): void => { jwks?.close() },
+    cached: (): number => verified.size
   })
 }
 

@@ -1,5 +1,6 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance, onRequestHookHandler } from 'fastify'
+import { Gauge } from 'prom-client'
 import { MantleError } from '../../errors.js'
 import { StageOrder } from '../pipeline/index.js'
 import { createIdentityVerifier, ZONE_RANK, type Identity, type IdentityOptions } from './identity.js'
@@ -42,6 +43,10 @@ async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise
   // An unreachable JWKS is logged, not fatal: tokens are refused until its keys arrive.
   await verifier.start()
   app.addHook('onClose', (_instance, done) => { verifier.close(); done() })
+  if (app.hasDecorator('metrics')) {
+    // eslint-disable-next-line no-new
+    new Gauge({ name: 'mantle_identity_cache_entries', help: 'Verified tokens whose identity is kept, in a bounded LRU (10,000 by default)', registers: [app.metrics.registry], collect () { this.set(verifier.cached()) } })
+  }
   const identify = (authorization: string | undefined): Identity => verifier(authorization)
   app.decorate('identify', identify)
   app.decorate('requireRole', (role: string) => roleGuard(identify, role))

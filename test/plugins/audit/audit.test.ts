@@ -178,3 +178,20 @@ t.test('a read the audit\'s PostgreSQL cannot answer now is a 503; any other fai
   }
   t.equal(await answered(async () => 7), 7)
 })
+
+t.test('the memory store\'s entries and the verified tokens kept are in /metrics', async t => {
+  // Both are bounded (BFF_AUDIT_MEMORY_MAX, the identity LRU) but were in no metric.
+  const app = await buildDemoApp(t, { BFF_AUDIT_MEMORY_MAX: 3 })
+  const gauge = async (name: string): Promise<number> => Number(new RegExp(`^${name} (\\d+)$`, 'm').exec((await app.inject({ method: 'GET', url: '/metrics' })).body)?.[1])
+  t.equal(await gauge('mantle_audit_memory_entries'), 0)
+  t.equal(await gauge('mantle_identity_cache_entries'), 0)
+  const mine = bearer()
+  for (let i = 0; i < 2; i++) await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: mine })
+  await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer({ user: 'other' }) })
+  await drained(app)
+  t.equal(await gauge('mantle_identity_cache_entries'), 2, 'two tokens')
+  t.equal(await gauge('mantle_audit_memory_entries'), 3, 'three calls')
+  for (let i = 0; i < 2; i++) await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: mine })
+  await drained(app)
+  t.equal(await gauge('mantle_audit_memory_entries'), 3, 'bounded')
+})
