@@ -308,7 +308,10 @@ function buildOperation (
   }
   for (const f of op.firewall?.fields ?? []) {
     if (!declared.has(f)) faults.push(`${at}.firewall.fields: ${f} is not declared in ${at}.input.properties`)
+    else if (!mayBeString(props[f])) faults.push(`${at}.firewall.fields: ${f} is never a string, and the firewall scans strings only`)
   }
+  // A query's `invalidates` was accepted and never applied.
+  if (op.invalidates !== undefined && op.type !== 'mutation') faults.push(`${at}.invalidates: only a mutation invalidates`)
   if (faults.length > before) return null
   const rateLimit = op.rateLimit ?? defaults.rateLimit
 
@@ -358,6 +361,12 @@ function checkSchema (checker: Ajv, schema: JsonSchema, at: string, faults: stri
     faults.push(`${at}: not a valid JSON Schema: ${(err as Error).message}`)
     return null
   }
+}
+
+/** Whether a value of `schema` may be a string: its `type` admits one, or it has none. */
+function mayBeString (schema: JsonSchema): boolean {
+  const type = schema.type
+  return type === undefined || type === 'string' || (Array.isArray(type) && type.includes('string'))
 }
 
 // Keywords whose values are data, not schemas: an `$id` there names nothing.

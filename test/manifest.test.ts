@@ -431,6 +431,10 @@ t.test('manifests that compiled and then stopped the start are refused at their 
     t.match(faultsOf(doc({ a: { ...query, rest: 'GET /a/:id', kernel, input: idInput } })), ['operations.a.kernel: a { or } outside a {name}'], kernel)
   }
   t.equal(compileManifest(doc({ a: { ...query, rest: 'GET /', kernel: 'GET /v1/{id}/x', input: idInput } })).operations[0].path, '/', 'the root and a {name} stay fine')
+  // Accepted, and then never applied: a firewall field that is never a string, a query's invalidates.
+  const numbered = { type: 'object', properties: { n: { type: 'integer' }, s: { type: ['string', 'null'] }, any: {} } }
+  t.same(faultsOf(doc({ a: { ...mutation, input: numbered, firewall: { fields: ['n', 's', 'any'], action: 'block' } } })), ['operations.a.firewall.fields: n is never a string, and the firewall scans strings only'])
+  t.same(faultsOf(doc({ a: { ...query, invalidates: ['x'] } })), ['operations.a.invalidates: only a mutation invalidates'])
 })
 
 t.test('every fault is reported in one error', async t => {

@@ -17,7 +17,7 @@ const op = (action: 'block' | 'redact' | 'monitor', name: string): Record<string
   type: 'mutation',
   rest: `POST /${name}`,
   kernel: 'POST /v1/ask',
-  input: { type: 'object', required: ['prompt'], properties: { prompt: { type: 'string' }, note: { type: 'string' }, n: { type: 'integer' } } },
+  input: { type: 'object', required: ['prompt'], properties: { prompt: { type: 'string' }, note: { type: 'string' }, n: { type: ['integer', 'string'] } } },
   output: { type: 'object', properties: { ok: { type: 'boolean' } } },
   firewall: { fields: ['prompt', 'n'], action }
 })
