@@ -194,10 +194,11 @@ t.test('a JSON manifest that gives a key twice in one object is refused at its p
   // JSON.parse keeps the last: the first copy's roles were dropped without a word.
   const dir = t.testdir({
     'op.json': '{ "version": 1, "kernel": { "url": "http://k:1" }, "operations": {\n  "a": { "type": "query", "rest": "GET /a", "kernel": "GET /v1/a", "roles": ["admin"], "output": { "type": "string" } },\n  "a": { "type": "query", "rest": "GET /a", "kernel": "GET /v1/a", "output": { "type": "string" } } } }',
+    'nested.json': JSON.stringify({ version: 1, kernel: { url: 'http://k:1' }, operations: { a: { type: 'query', rest: 'GET /a', kernel: 'GET /v1/a', output: { type: 'string', examples: [{ k: 1 }, 'a:b', { 'k\\"': 2 }] } } } }).replace('{"k":1}', '{"k":1, "k" :2}'),
     'key.json': '{ "version": 1, "kernel": { "url": "http://k:1" }, "operations": {\n  "a": { "type": "query", "rest": "GET /a", "kernel": "GET /v1/a", "roles": ["admin"], "roles": [], "output": { "type": "string" } } } }',
     'escapes.json': JSON.stringify({ version: 1, kernel: { url: 'http://k:1' }, operations: { a: { type: 'query', rest: 'GET /a', kernel: 'GET /v1/a', description: 'tab\there, "quoted", \\, \u00e9, \ud83d\ude00 and a slash \\/', output: { type: 'string' } } } }).replace('slash \\\\/', 'slash \\/')
   })
-  for (const [name, line] of [['op.json', 3], ['key.json', 2]] as const) {
+  for (const [name, line] of [['op.json', 3], ['key.json', 2], ['nested.json', 1]] as const) {
     const file = join(dir, name)
     await t.rejects(loadManifestFile(file), { name: 'ManifestError', faults: [new RegExp(`^gives a key twice in one object \\(JSON would keep the last silently\\): Map keys must be unique at line ${line}, column \\d+$`)] }, name)
   }
