@@ -1,6 +1,7 @@
 import t from 'tap'
 import { connect } from 'node:net'
 import { bearer, buildTestApp, json, startTestKernel, until } from './helper.js'
+import { MAX_PIPELINED } from '../app.js'
 
 // Found by `npm run fuzz`: the gateway answered a request it refused before reading its body
 // (a 413, or junk in the head) and closed the connection with the body still arriving; the
@@ -146,4 +147,37 @@ t.test('a request pipelined behind a body read whole and refused (not JSON) is n
   const both = await send(get + post('{"name":"fine","model":"m"}').replace('Host: x\r\n', 'Host: x\r\nConnection: close\r\n'))
   t.same((both.match(/HTTP\/1\.1 \d+/g) ?? []), ['HTTP/1.1 200', 'HTTP/1.1 201'], 'both answered, in order')
   t.equal(kernel.requests.length, 1)
+})
+
+t.test('requests pipelined behind a slow answer: served in order, and bounded per connection', async t => {
+  let release!: () => void
+  const slow = new Promise<void>(resolve => { release = resolve })
+  const kernel = await startTestKernel(t, { 'GET /v1/agents/a1': async (_req, res) => { await slow; json(res, 200, { id: 'a1', name: 'n', model: 'm', description: null, createdAt: '2026-01-01T00:00:00Z', updatedAt: '2026-01-01T00:00:00Z' }) } })
+  const { port } = await listening(t, {}, { kernelUrl: kernel.url })
+  const first = `GET /api/v1/agents/a1 HTTP/1.1\r\nHost: x\r\nAuthorization: ${bearer().authorization}\r\n\r\n`
+  const health = 'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'
+  const open = (text: string): { answer: () => string, closed: Promise<void> } => {
+    const socket = connect({ port, host: '127.0.0.1' })
+    let data = ''
+    socket.on('data', (chunk: Buffer) => { data += chunk.toString('latin1') })
+    socket.on('error', () => {})
+    const closed = new Promise<void>(resolve => socket.on('close', () => { resolve() }))
+    socket.on('connect', () => { socket.write(text) })
+    t.teardown(() => { socket.destroy() })
+    return { answer: () => data, closed }
+  }
+  // Over the bound, waiting behind the slow one: the connection is closed (before, each waiting
+  // request was held, a client writing them without end grew the heap without end).
+  const flood = open(first + health.repeat(MAX_PIPELINED + 50))
+  await flood.closed
+  t.equal(flood.answer(), '', 'closed unanswered')
+  // Within it: every one served, in order, once the slow answer is sent.
+  const fine = open(first + health.repeat(200) + 'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+  await until(() => fine.answer() === '' && kernel.requests.length > 0, 'a slow call at the Kernel')
+  await new Promise(resolve => setTimeout(resolve, 200)) // the 201 parsed meanwhile, waiting
+  release()
+  await fine.closed
+  const statuses = fine.answer().match(/HTTP\/1\.1 \d+/g) ?? []
+  t.equal(statuses.length, 202, 'the slow answer and 201 behind it')
+  t.ok(statuses.every(s => s === 'HTTP/1.1 200'))
 })
