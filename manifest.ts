@@ -338,7 +338,8 @@ function buildOperation (
     if (!declared.has(f)) faults.push(`${at}.firewall.fields: ${f} is not declared in ${at}.input.properties`)
     else if (!mayBeString(props[f])) faults.push(`${at}.firewall.fields: ${f} is never a string, and the firewall scans strings only`)
   }
-  // A query's `invalidates` was accepted and never applied.
+  // Only a change invalidates: beside a query's cache its `invalidates` was never applied, and
+  // without one it dropped the tags on every read.
   if (op.invalidates !== undefined && op.type !== 'mutation') faults.push(`${at}.invalidates: only a mutation invalidates`)
   if (faults.length > before) return null
   const rateLimit = op.rateLimit ?? defaults.rateLimit

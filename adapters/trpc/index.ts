@@ -63,6 +63,7 @@ function urlHost (host: string): boolean {
     return false
   }
 }
+
 /** tRPC's own refusals of a request it could not make calls of (see `refusedEarly`). */
 const EARLY_REFUSALS: ReadonlySet<TRPCError['code']> = new Set(['PARSE_ERROR', 'BAD_REQUEST', 'PAYLOAD_TOO_LARGE', 'UNSUPPORTED_MEDIA_TYPE'])
 
