@@ -66,7 +66,9 @@ export const VERSION: string = ((): string => {
 })()
 
 /** Requests one connection may have waiting behind an answer under way (pipelined). */
-export const MAX_PIPELINED = 1024
+export const MAX_PIPELINED = 128
+/** Bytes of their heads (target and header lines) those requests may hold between them. */
+export const MAX_PIPELINED_BYTES = 256 * 1024
 
 /** How long a WebSocket client has to complete the close at shutdown before it is cut. */
 export const WEBSOCKET_CLOSE_GRACE_MS = 2000
@@ -286,10 +288,11 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   if (serve.length !== 1) throw new Error('expected Fastify\'s one request listener')
   app.server.removeAllListeners('request')
   // Node stops reading a connection only once its queued answers hold 16 KB, and a request that
-  // waits writes nothing: requests waiting on one connection are bounded (one client wrote 500,000
-  // behind a slow one in 4 s, 820 MiB). Beyond the bound the connection is closed; Node itself
-  // stopped reading after about 3,000.
-  const waiting = new WeakMap<Socket, number>()
+  // waits writes nothing: the requests waiting on one connection are bounded, in number and in
+  // the bytes of their heads (one client wrote 500,000 behind a slow answer in 4 s, 820 MiB;
+  // with a count alone, 1,000 heads of 14 KB each a connection, 300 MiB for 20). Beyond either
+  // bound the connection is closed; Node itself had stopped reading after some 80 answers.
+  const waiting = new WeakMap<Socket, { requests: number, bytes: number }>()
   app.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
     const socket = req.socket
     if (lingering.has(socket)) {
@@ -297,14 +300,20 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     } else if (res.socket !== null) {
       serve[0](req, res)
     } else {
-      const queued = (waiting.get(socket) ?? 0) + 1
-      if (queued > MAX_PIPELINED) {
+      let queue = waiting.get(socket)
+      if (queue === undefined) waiting.set(socket, queue = { requests: 0, bytes: 0 })
+      let bytes = req.url?.length ?? 0
+      for (const line of req.rawHeaders) bytes += line.length + 2
+      queue.requests++
+      queue.bytes += bytes
+      if (queue.requests > MAX_PIPELINED || queue.bytes > MAX_PIPELINED_BYTES) {
         socket.destroy()
         return
       }
-      waiting.set(socket, queued)
+      const waited = queue
       res.once('socket', () => {
-        waiting.set(socket, (waiting.get(socket) ?? 1) - 1)
+        waited.requests--
+        waited.bytes -= bytes
         serve[0](req, res)
       })
     }

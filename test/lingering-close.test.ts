@@ -1,7 +1,7 @@
 import t from 'tap'
 import { connect } from 'node:net'
 import { bearer, buildTestApp, json, startTestKernel, until } from './helper.js'
-import { MAX_PIPELINED } from '../app.js'
+import { MAX_PIPELINED, MAX_PIPELINED_BYTES } from '../app.js'
 
 // Found by `npm run fuzz`: the gateway answered a request it refused before reading its body
 // (a 413, or junk in the head) and closed the connection with the body still arriving; the
@@ -168,16 +168,21 @@ t.test('requests pipelined behind a slow answer: served in order, and bounded pe
   }
   // Over the bound, waiting behind the slow one: the connection is closed (before, each waiting
   // request was held, a client writing them without end grew the heap without end).
-  const flood = open(first + health.repeat(MAX_PIPELINED + 50))
+  const flood = open(first + health.repeat(MAX_PIPELINED + 1))
   await flood.closed
   t.equal(flood.answer(), '', 'closed unanswered')
-  // Within it: every one served, in order, once the slow answer is sent.
-  const fine = open(first + health.repeat(200) + 'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+  // So are fewer requests whose heads hold more than the bytes allowed (each head kept whole).
+  const big = `GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ${'p'.repeat(14 * 1024)}\r\n\r\n`
+  const heavy = open(first + big.repeat(Math.ceil(MAX_PIPELINED_BYTES / (14 * 1024)) + 1))
+  await heavy.closed
+  t.equal(heavy.answer(), '', 'heads over the bytes allowed: closed unanswered')
+  // Within both: every one served, in order, once the slow answer is sent.
+  const fine = open(first + health.repeat(MAX_PIPELINED - 2) + big + 'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
   await until(() => fine.answer() === '' && kernel.requests.length > 0, 'a slow call at the Kernel')
   await new Promise(resolve => setTimeout(resolve, 200)) // the 201 parsed meanwhile, waiting
   release()
   await fine.closed
   const statuses = fine.answer().match(/HTTP\/1\.1 \d+/g) ?? []
-  t.equal(statuses.length, 202, 'the slow answer and 201 behind it')
+  t.equal(statuses.length, MAX_PIPELINED + 1, 'the slow answer and every one behind it')
   t.ok(statuses.every(s => s === 'HTTP/1.1 200'))
 })
