@@ -56,11 +56,17 @@ const HOST = /^[A-Za-z0-9._:[\]-]+$/
 
 /** Whether a Host that HOST does not take is still one a URL may have (an IDN), without credentials. */
 function urlHost (host: string): boolean {
+  const url = plainUrl(`http://${host}`)
+  return url !== null && url.host !== '' && url.pathname === '/' && url.search === '' && url.hash === ''
+}
+
+/** `text` as a URL, or null when it is none or carries credentials (which a fetch Request refuses). */
+function plainUrl (text: string): URL | null {
   try {
-    const url = new URL(`http://${host}`)
-    return url.username === '' && url.password === '' && url.host !== '' && url.pathname === '/' && url.search === '' && url.hash === ''
+    const url = new URL(text)
+    return url.username === '' && url.password === '' ? url : null
   } catch {
-    return false
+    return null
   }
 }
 
@@ -195,10 +201,13 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       onRequest: boundBatch,
       handler: async (request, reply) => {
         const path = (request.params as Wildcard)['*'] ?? ''
-        // tRPC makes a URL of the Host: one it cannot (`a@b`, credentials) threw a TypeError, a
-        // 500 logged with the URL, query string (input, access_token) and all.
+        // tRPC makes a URL of the Host and the request target (one in absolute form takes the
+        // Host's place): one it cannot (`a@b`, credentials) threw a TypeError, a 500 logged with
+        // the URL, query string (input, access_token) and all.
         const host = request.headers.host
         if (host !== undefined && !HOST.test(host) && !urlHost(host)) throw new MantleError('BAD_REQUEST', 'The Host header is not a host name')
+        const target = request.raw.url ?? '/'
+        if (!target.startsWith('/') && !plainUrl(target)) throw new MantleError('BAD_REQUEST', 'The request target is not a URL without credentials')
         const call = singleCall(request, path)
         if (call !== null) return await answerSingle(request, reply, path, call.input)
         await fastifyRequestHandler({

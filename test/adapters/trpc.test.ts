@@ -1,5 +1,5 @@
 import t from 'tap'
-import type { AddressInfo } from 'node:net'
+import { connect, type AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { createSigner } from 'fast-jwt'
 import { createTRPCUntypedClient, httpBatchLink, httpBatchStreamLink, httpLink, TRPCClientError, type TRPCLink } from '@trpc/client'
@@ -369,4 +369,25 @@ t.test('HTTP batch: as many calls as BFF_BATCH_MAX_CALLS allows, beyond the 64 c
   const res = await app.inject({ url: `/trpc/${Array(n).fill('getItem').join(',')}?batch=1&input=${input}`, headers: bearer() })
   t.equal(res.statusCode, 200, 'before, the calls past the 64th were refused OVERLOADED (207)')
   t.equal((res.json() as Array<{ result?: unknown }>).filter(r => r.result !== undefined).length, n)
+})
+
+t.test('a request target in absolute form with credentials is refused 400, never a 500 that logs the query', async t => {
+  // tRPC makes its URL of the target when it is absolute: `http://u:p@x/...` made it throw, a
+  // 500 logged at error with the whole query string, access_token included.
+  const { app } = await withKernel(t)
+  const base = await listen(app)
+  const { port } = new URL(base)
+  const input = encodeURIComponent(JSON.stringify({ 0: { id: 'i1' }, 1: { id: 'i1' } }))
+  const raw = async (target: string): Promise<string> => await new Promise((resolve, reject) => {
+    const socket = connect({ port: Number(port), host: '127.0.0.1' })
+    let data = ''
+    socket.on('data', (chunk: Buffer) => { data += chunk.toString('latin1') })
+    socket.on('error', reject)
+    socket.on('end', () => { resolve(data) })
+    socket.on('connect', () => { socket.write(`GET ${target} HTTP/1.1\r\nHost: x\r\nAuthorization: ${bearer().authorization}\r\nConnection: close\r\n\r\n`) })
+  })
+  const refused = await raw(`http://u:p@x/trpc/getItem,getItem?batch=1&input=${input}&access_token=secret-token`)
+  t.match(refused, /^HTTP\/1\.1 400 /)
+  t.match(refused, /"code":"BAD_REQUEST"/)
+  t.match(await raw(`http://x/trpc/getItem,getItem?batch=1&input=${input}`), /^HTTP\/1\.1 200 /, 'absolute form without credentials: served')
 })
