@@ -394,6 +394,8 @@ function checkSchema (checker: Ajv, schema: JsonSchema, at: string, faults: stri
 
 /** Whether a value of `schema` may be a string: its `type` admits one, or it has none. */
 function mayBeString (schema: JsonSchema): boolean {
+  // Not a schema (YAML's `prompt:` with nothing after it is null): checkSchema said so.
+  if (schema === null || typeof schema !== 'object') return true
   const type = schema.type
   return type === undefined || type === 'string' || (Array.isArray(type) && type.includes('string'))
 }

@@ -436,6 +436,7 @@ t.test('manifests that compiled and then stopped the start are refused at their 
   const numbered = { type: 'object', properties: { n: { type: 'integer' }, s: { type: ['string', 'null'] }, any: {} } }
   t.same(faultsOf(doc({ a: { ...mutation, input: numbered, firewall: { fields: ['n', 's', 'any'], action: 'block' } } })), ['operations.a.firewall.fields: n is never a string, and the firewall scans strings only'])
   t.same(faultsOf(doc({ a: { ...query, invalidates: ['x'] } })), ['operations.a.invalidates: only a mutation invalidates'])
+  t.match(faultsOf(doc({ a: { ...mutation, input: { type: 'object', properties: { p: null } }, firewall: { fields: ['p'], action: 'block' } } })), [/^operations\.a\.input: not a valid JSON Schema/], 'a property with no schema (YAML `p:` with nothing after it): its place, not a TypeError')
 })
 
 t.test('every fault is reported in one error', async t => {
