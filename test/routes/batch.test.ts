@@ -1,5 +1,6 @@
 import t from 'tap'
 import { buildDemoApp, buildTestApp, startTestKernel, testManifest, bearer, json } from '../helper.js'
+import { BATCH_MAX_ANSWER } from '../../routes/batch.js'
 
 t.test('a batch runs each call through the pipeline and keeps ids and order', async t => {
   const app = await buildDemoApp(t)
@@ -85,6 +86,37 @@ t.test('a call without a valid token is refused on its own; a bad envelope is a 
   }
   const malformed = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: { ...bearer(), 'content-type': 'application/json' }, payload: '{"calls":[' })
   t.equal(malformed.statusCode, 400)
+  // Not coerced: an id 1 was answered as "1", ["x"] as "x", and an op true looked for "true".
+  for (const call of [{ id: 1, op: 'listAgents' }, { id: ['x'], op: 'listAgents' }, { id: 'a', op: true }, { id: null, op: 'listAgents' }]) {
+    const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls: [call] } })
+    t.equal(res.statusCode, 400, JSON.stringify(call))
+    t.match(res.json(), { code: 'VALIDATION_FAILED', detail: /must be string/ }, JSON.stringify(call))
+  }
+})
+
+t.test('a batch\'s answer is bounded: query results past it are left out, a mutation\'s kept', async t => {
+  // 50 calls of one 9.5 MB query made a 475 MB answer from a 2.4 KB request, and 57 a 500.
+  const blob = 'x'.repeat(3 * 1024 * 1024)
+  const kernel = await startTestKernel(t, {
+    'GET /v1/big': (_req, res) => json(res, 200, { blob }),
+    'POST /v1/poke': (_req, res) => json(res, 200, { poked: true })
+  })
+  const manifest = testManifest({
+    getBig: { type: 'query', rest: 'GET /big', kernel: 'GET /v1/big', output: { type: 'object', properties: { blob: { type: 'string' } } } },
+    poke: { type: 'mutation', rest: 'POST /poke', kernel: 'POST /v1/poke', output: { type: 'object', properties: { poked: { type: 'boolean' } } } }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const calls = [...Array.from({ length: 11 }, (_, n) => ({ id: `q${n}`, op: 'getBig' })), { id: 'm', op: 'poke' }, { id: 'q11', op: 'getBig' }]
+  const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls } })
+  t.equal(res.statusCode, 200)
+  t.ok(res.body.length <= BATCH_MAX_ANSWER, `${res.body.length} characters`)
+  const results = res.json().results as Array<{ id: string, result?: { blob?: string, poked?: boolean }, error?: { code: string, status: number } }>
+  t.same(results.map(r => r.id), calls.map(c => c.id), 'every call answered, in order')
+  const kept = results.filter(r => r.result?.blob === blob).length
+  t.equal(kept, Math.floor(BATCH_MAX_ANSWER / (blob.length + 20)), 'the query results that fit')
+  t.ok(results.slice(kept).filter(r => r.id !== 'm').every(r => r.error?.code === 'PAYLOAD_TOO_LARGE' && r.error.status === 413), 'the rest left out')
+  t.same(results.find(r => r.id === 'm')?.result, { poked: true }, 'the mutation\'s result kept')
+  t.equal(kernel.requests.filter(r => r.method === 'GET').length, 1, 'one Kernel call for the identical queries')
 })
 
 t.test('a Kernel answer that breaks the output schema is a KERNEL_ERROR for that call only', async t => {
