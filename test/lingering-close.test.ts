@@ -176,6 +176,11 @@ t.test('requests pipelined behind a slow answer: served in order, and bounded pe
   const heavy = open(first + big.repeat(Math.ceil(MAX_PIPELINED_BYTES / (14 * 1024)) + 1))
   await heavy.closed
   t.equal(heavy.answer(), '', 'heads over the bytes allowed: closed unanswered')
+  // A head of many empty headers holds far more than its text: each is a string of its own.
+  const many = `GET /healthz HTTP/1.1\r\nHost: x\r\n${Array.from({ length: 1900 }, (_, i) => `h${i}:\r\n`).join('')}\r\n`
+  const headers = open(first + many.repeat(Math.ceil(MAX_PIPELINED_BYTES / (1900 * 32)) + 1))
+  await headers.closed
+  t.equal(headers.answer(), '', 'heads of 1,900 empty headers, their text 14 KB each, a sixth of what they hold: closed unanswered')
   // Within both: every one served, in order, once the slow answer is sent.
   const fine = open(first + health.repeat(MAX_PIPELINED - 2) + big + 'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
   await until(() => fine.answer() === '' && kernel.requests.length > 0, 'a slow call at the Kernel')
