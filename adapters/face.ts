@@ -69,19 +69,6 @@ export function callEnvelope (id: string, outcome: FaceResult): string {
 export interface FaceProblem { ok: false, problem: Problem, headers: Record<string, string> | null }
 export type FaceResult = FaceValue | FaceProblem
 
-// Per request (its memo), the JSON of each answer its calls share: identical queries share one
-// Kernel answer, and each serialized it again (50 copies of one 9.5 MB answer in one batch).
-const serialized = new WeakMap<object, WeakMap<object, string>>()
-
-function serializedOnce (memo: object, result: unknown, serialize: (value: unknown) => string): string {
-  if (result === null || typeof result !== 'object') return serialize(result)
-  let seen = serialized.get(memo)
-  if (seen === undefined) serialized.set(memo, seen = new WeakMap())
-  let json = seen.get(result)
-  if (json === undefined) seen.set(result, json = serialize(result))
-  return json
-}
-
 /**
  * One call through the pipeline, exactly as REST makes it, for the faces that carry calls in
  * their own envelopes. Never throws: the outcome is a value or the problem every face encodes.
@@ -98,7 +85,7 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     if (call.refusal !== undefined) ctx.refusal = call.refusal
     const entry = app.pipeline.entry(op.name)
     const result = await entry.run(ctx)
-    return new FaceValue(ctx.json ?? (call.memo === undefined || call.memo === null ? entry.serialize(result) : serializedOnce(call.memo, result, entry.serialize)), ctx.status, ctx.headers, ctx.cache)
+    return new FaceValue(ctx.json ?? entry.serialize(result), ctx.status, ctx.headers, ctx.cache)
   } catch (err) {
     const { problem, headers } = toProblem(err, call.requestId)
     if (problem.code === 'INTERNAL') app.log.error({ err, requestId: call.requestId }, 'unexpected error')

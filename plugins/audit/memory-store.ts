@@ -89,7 +89,7 @@ export class MemoryAuditStore implements AuditStore {
     let i = first
     for (let walked = 0; i <= last; i++, walked++) {
       if (walked !== 0 && walked % VERIFY_SLICE === 0) await nextTurn()
-      const k = now(i)
+      let k = now(i)
       if (k < 0) {
         // Entries still to walk were dropped meanwhile: go on from the oldest kept, linked to the
         // last dropped, as a verify begun now would.
@@ -97,9 +97,10 @@ export class MemoryAuditStore implements AuditStore {
         walker = new ChainWalker(this.anchorSeq, this.anchorHash)
         walker.checked = checked
         i -= k
+        k = 0
         if (i > last) break
       }
-      if (!walker.step(ring.peekAt(now(i))!)) break
+      if (!walker.step(ring.peekAt(k)!)) break
     }
     if (i > last) walker.endsAt(ring.peekAt(Math.max(0, now(last + 1))) ?? null, this.headSeq, this.headHash)
     return walker.result()
