@@ -1,16 +1,8 @@
 import type { FastifyInstance } from 'fastify'
 import { Ajv } from 'ajv'
-import { runCall, callEnvelope } from '../adapters/face.js'
-import { MantleError, refusalHeaders, toProblem } from '../errors.js'
+import { AnswerBudget, runCall, callEnvelope } from '../adapters/face.js'
+import { MantleError, refusalHeaders } from '../errors.js'
 import { callKey, idempotencyKeyOf, single } from '../adapters/rest/index.js'
-
-/**
- * Characters a batch's answer may hold. A query's result past it is left out, its call answered
- * PAYLOAD_TOO_LARGE (a query may be asked again; a mutation's result is always kept): 50 calls
- * of one 9.5 MB query, a 2.4 KB request, made a 475 MB answer (2.5 GiB of RSS), 57 of them a
- * string past V8's bound and a 500.
- */
-export const BATCH_MAX_ANSWER = 32 * 1024 * 1024
 
 // The batch body's own validator, without the coercion Fastify's Ajv does: a call id 1 was
 // answered as "1", and ["x"] as "x" (a client matching results to its ids found none).
@@ -71,14 +63,11 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     // Results are matched to calls by id, and a call's idempotency key is made of its id.
     if (new Set(calls.map(call => call.id)).size !== calls.length) throw new MantleError('VALIDATION_FAILED', 'Each call of a batch needs an id of its own')
     const outcomes = await Promise.all(calls.map(async (call, n) => await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, idempotencyKey: callKey(idempotencyKey, keySuffix(call.id)), memo })))
-    let size = 0
+    // In the calls' order: which results are left out does not depend on when they came.
+    const budget = new AnswerBudget()
     const parts = outcomes.map((outcome, n) => {
-      const id = JSON.stringify(calls[n].id)
-      if (outcome.ok && size + outcome.json.length > BATCH_MAX_ANSWER && app.pipeline.manifest.byName.get(calls[n].op)?.type === 'query') {
-        outcome = { ok: false, ...toProblem(new MantleError('PAYLOAD_TOO_LARGE', `The batch's answer would pass ${BATCH_MAX_ANSWER} characters: this query's result is left out, ask for it again`), `${request.id}.${n}`) }
-      }
-      const part = callEnvelope(id, outcome)
-      size += part.length
+      const part = callEnvelope(JSON.stringify(calls[n].id), budget.admit(outcome, app.pipeline.manifest.byName.get(calls[n].op)?.type === 'query', `${request.id}.${n}`))
+      budget.used += part.length
       return part
     })
     // The refusals' Retry-After and RateLimit-* (the longest wait's), as on tRPC and GraphQL: a

@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import mercurius from 'mercurius'
 import { getOperationAST, parse, type DocumentNode } from 'graphql'
-import { runCall, type FaceOptions } from '../face.js'
+import { AnswerBudget, runCall, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { callKey, idempotencyKeyOf, single } from '../rest/index.js'
@@ -35,6 +35,8 @@ interface RequestContext {
   traceparent: string | undefined
   idempotencyKey: string | null | undefined
   memo: Map<string, Promise<unknown>>
+  /** What the document's fields have answered. */
+  answer: AnswerBudget
   n: number
   /** Set by mercurius on HTTP requests. */
   reply?: FastifyReply
@@ -107,7 +109,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   const schema = buildSchema(app.pipeline.manifest, {
     operation: (op, toInput) => async (_source, args: Record<string, unknown>, ctx: RequestContext, info) => {
       const n = ctx.n++
-      const result = await runCall(app, {
+      const outcome = await runCall(app, {
         // A document's mutations run one after the other: those not begun when the shutdown
         // starts are refused (audited as such), lest the document outlive the grace and the
         // process be killed with a mutation carried out and neither answered nor audited.
@@ -123,7 +125,9 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         idempotencyKey: callKey(ctx.idempotencyKey, String(info.path.key)),
         memo: ctx.memo
       })
+      const result = ctx.answer.admit(outcome, op.type === 'query', `${ctx.requestId}.${n}`)
       if (result.ok) {
+        ctx.answer.used += result.json.length
         // Reported once the document has run (onResolution below).
         if (result.cache !== null && ctx.reply !== undefined) (ctx.cache ??= {})[String(info.path.key)] = result.cache
         return result.value
@@ -182,6 +186,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
       traceparent: single(request.headers.traceparent),
       idempotencyKey: idempotencyKeyOf(request),
       memo: new Map(),
+      answer: new AnswerBudget(),
       n: 0
     }),
     subscription: app.pipeline.manifest.events.length === 0

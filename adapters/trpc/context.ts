@@ -3,6 +3,7 @@ import type { IncomingMessage } from 'node:http'
 import type { WebSocket } from 'ws'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import type { CacheOutcome } from '../../plugins/pipeline/index.js'
+import { AnswerBudget } from '../face.js'
 
 /** What every procedure of one request (HTTP) or one connection (WebSocket) shares. */
 export interface TrpcContext {
@@ -14,6 +15,8 @@ export interface TrpcContext {
   readonly batch: boolean
   /** One per HTTP request: identical queries of a batch reach the Kernel once. */
   readonly memo: Map<string, Promise<unknown>> | null
+  /** What a batch's calls have answered (null: one call, or a WebSocket, a message a call). */
+  readonly answer: AnswerBudget | null
   readonly traceparent: string | undefined
   readonly idempotencyKey: string | null | undefined
   /** The connection's socket; null over HTTP. Its subscriptions pause while it holds too much; a call closes it. */
@@ -51,6 +54,7 @@ export function httpContext (request: FastifyRequest, connectionParams: Readonly
     requestId: request.id,
     batch,
     memo: batch ? new Map() : null,
+    answer: batch ? new AnswerBudget() : null,
     traceparent: single(request.headers.traceparent),
     idempotencyKey: idempotencyKeyOf(request),
     socket: null,
@@ -67,6 +71,7 @@ export function socketContext (request: IncomingMessage, socket: WebSocket, url:
     requestId: null,
     batch: false,
     memo: null,
+    answer: null,
     traceparent: undefined,
     idempotencyKey: undefined,
     socket,

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { buildDemoApp, buildTestApp, startTestKernel, testManifest, bearer, json } from '../helper.js'
-import { BATCH_MAX_ANSWER } from '../../routes/batch.js'
+import { MAX_ANSWER_CHARS } from '../../adapters/face.js'
 
 t.test('a batch runs each call through the pipeline and keeps ids and order', async t => {
   const app = await buildDemoApp(t)
@@ -109,11 +109,11 @@ t.test('a batch\'s answer is bounded: query results past it are left out, a muta
   const calls = [...Array.from({ length: 11 }, (_, n) => ({ id: `q${n}`, op: 'getBig' })), { id: 'm', op: 'poke' }, { id: 'q11', op: 'getBig' }]
   const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls } })
   t.equal(res.statusCode, 200)
-  t.ok(res.body.length <= BATCH_MAX_ANSWER, `${res.body.length} characters`)
+  t.ok(res.body.length <= MAX_ANSWER_CHARS, `${res.body.length} characters`)
   const results = res.json().results as Array<{ id: string, result?: { blob?: string, poked?: boolean }, error?: { code: string, status: number } }>
   t.same(results.map(r => r.id), calls.map(c => c.id), 'every call answered, in order')
   const kept = results.filter(r => r.result?.blob === blob).length
-  t.equal(kept, Math.floor(BATCH_MAX_ANSWER / (blob.length + 20)), 'the query results that fit')
+  t.equal(kept, Math.floor(MAX_ANSWER_CHARS / (blob.length + 20)), 'the query results that fit')
   t.ok(results.slice(kept).filter(r => r.id !== 'm').every(r => r.error?.code === 'PAYLOAD_TOO_LARGE' && r.error.status === 413), 'the rest left out')
   t.same(results.find(r => r.id === 'm')?.result, { poked: true }, 'the mutation\'s result kept')
   t.equal(kernel.requests.filter(r => r.method === 'GET').length, 1, 'one Kernel call for the identical queries')
