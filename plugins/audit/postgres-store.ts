@@ -233,16 +233,23 @@ export class PostgresAuditStore implements AuditStore {
   private readonly reads: pg.Pool
 
   constructor (opts: PostgresStoreOptions) {
-    const pool = (max: number, name: string, serverTimeout: boolean): pg.Pool => {
+    const timeout = opts.queryTimeoutMs ?? 10000
+    const pool = (max: number, name: string, writer: boolean): pg.Pool => {
       const p = new pg.Pool({
         connectionString: opts.databaseUrl,
         max,
         connectionTimeoutMillis: opts.connectTimeoutMs ?? 2000,
-        query_timeout: opts.queryTimeoutMs ?? 10000,
-        // The reads' statements end on the server too: pg's query_timeout only stops waiting, and
-        // a query of a large table went on scanning (with its parallel workers) after its 500,
-        // each retry adding one more.
-        ...(serverTimeout ? { statement_timeout: opts.queryTimeoutMs ?? 10000 } : {}),
+        query_timeout: timeout,
+        // Statements end on the server too: pg's query_timeout only stops waiting, and a query of
+        // a large table went on scanning (with its parallel workers) after its 500, each retry
+        // adding one more.
+        statement_timeout: timeout,
+        // The writer's transactions hold the chain head's row lock, which every instance's writer
+        // takes. One whose connection was lost unseen (a network partition between its INSERT and
+        // its COMMIT) stayed open on the server, lock held, until TCP keepalive ended it (2 h by
+        // default): every write and replay of every instance waited on it and was spooled. The
+        // server now ends such a transaction, and a wait for the lock, after the query timeout.
+        ...(writer ? { idle_in_transaction_session_timeout: timeout, lock_timeout: timeout } : {}),
         idleTimeoutMillis: 10000,
         keepAlive: true,
         application_name: name
@@ -253,8 +260,8 @@ export class PostgresAuditStore implements AuditStore {
       p.on('connect', client => { client.on('error', () => {}) })
       return p
     }
-    this.pool = pool(2, 'mantle-audit', false)
-    this.reads = pool(2, 'mantle-audit-reads', true)
+    this.pool = pool(2, 'mantle-audit', true)
+    this.reads = pool(2, 'mantle-audit-reads', false)
   }
 
   /**

@@ -341,6 +341,28 @@ if (available) {
     t.equal((await reads.query<{ statement_timeout: string }>('SHOW statement_timeout')).rows[0].statement_timeout, '500ms', 'the server ends a read at the same timeout')
   })
 
+  t.test('the store itself: a writer transaction whose client is gone is ended by the server, and the chain head with it', async t => {
+    // A network partition between a batch's INSERT and its COMMIT left the transaction open on
+    // the server, the chain head's row lock held, until TCP keepalive (2 h): every write of every
+    // instance waited on it past its timeout and was spooled. Here a writer connection takes the
+    // lock and is never heard from again, as a partitioned one.
+    const url = databaseUrl(await createTestDatabase(t))
+    await migrate(url)
+    const store = new PostgresAuditStore({ databaseUrl: url, queryTimeoutMs: 500 })
+    t.teardown(() => store.close())
+    await store.write([entry()])
+    const writers = (store as unknown as { pool: pg.Pool }).pool
+    const lost = await writers.connect()
+    lost.on('error', () => {})
+    await lost.query('BEGIN')
+    await lost.query('SELECT 1 FROM bff_audit_chain WHERE id = 1 FOR UPDATE')
+    t.same((await writers.query<{ lock_timeout: string }>('SHOW lock_timeout')).rows[0].lock_timeout, '500ms', 'a wait for the lock ends on the server')
+    await store.write([entry(), entry()])
+    t.equal(await count(url), 3, 'the next write goes through once the server ended the lost transaction')
+    t.same(await store.verify({}), { ok: true, checked: 3, firstBroken: null })
+    lost.release(true)
+  })
+
   t.test('the store itself: duplicates within one batch, and any text in any column, are stored as given', async t => {
     const { url, store, entry } = await storeOnNewDatabase(t)
     // Text an array literal must quote or escape: quotes, backslashes, braces, commas, the word
