@@ -114,10 +114,23 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
    * during the outage, and every instance's repeat waited for the stale claim's lease, then ran
    * again.
    */
-  const finish = async (store: IdempotencyStore, key: string, token: string, outcome: DoneRecord | null, leaseMs: number): Promise<void> => {
+  /**
+   * `unanswered`: the Redis claim a call claimed in memory may hold there too (its claim failed
+   * with no answer, a timeout, which Redis may yet have carried out). Its outcome is then copied
+   * over that claim, as one Redis did not take; its release frees it. Before, a repeat on
+   * another instance found that claim, waited out the conflict and, once its lease ended, ran
+   * the Kernel call a second time, with this instance's outcome never copied.
+   */
+  const finish = async (store: IdempotencyStore, key: string, token: string, outcome: DoneRecord | null, leaseMs: number, unanswered: string | null): Promise<void> => {
     try {
-      if (outcome === null) await store.release(key, token)
-      else await store.complete(key, token, outcome, ttlMs)
+      if (outcome === null) {
+        if (unanswered !== null) shared!.release(key, unanswered).catch(() => {})
+        await store.release(key, token)
+      } else if (unanswered !== null) {
+        await memory.complete(key, token, { ...outcome, heldAs: unanswered }, ttlMs)
+        copyLater(key, leaseMs)
+        return
+      } else await store.complete(key, token, outcome, ttlMs)
     } catch (err) {
       app.log.warn({ err: (err as Error).message }, 'idempotency: could not store the outcome of a call')
       if (outcome !== null) {
@@ -165,7 +178,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   }
   app.addHook('onClose', async () => { if (copier !== null) clearInterval(copier) })
   // `count`: the call's first claim (a repeat waiting for the first call claims again each poll).
-  const claimIn = async (key: string, hash: string, leaseMs: number, count: boolean): Promise<[IdempotencyStore, Claim]> => {
+  const claimIn = async (key: string, hash: string, leaseMs: number, count: boolean): Promise<[IdempotencyStore, Claim, string | null]> => {
+    let unanswered: string | null = null
     if (shared !== null) {
       if (redis!.up()) {
         // A key claimed in memory while Redis was away stays this instance's until it expires
@@ -177,21 +191,23 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         if (local !== undefined) {
           const outcome = outcomeOf(local)
           if (outcome !== null) await settle(shared.seed(key, outcome.record, outcome.ttl))
-          return [memory, { won: false, record: local.record }]
+          return [memory, { won: false, record: local.record }, null]
         }
+        const running = RedisIdempotencyStore.running(hash)
         try {
-          const claim = await shared.claim(key, hash, leaseMs)
+          const claim = await shared.claim(key, hash, leaseMs, running)
           if (degraded) app.log.info('idempotency: Redis is back')
           degraded = false
-          return [shared, claim]
+          return [shared, claim, null]
         } catch (err) {
+          unanswered = running
           fallBack(err, count)
         }
       } else {
         fallBack(null, count)
       }
     }
-    return [memory, await memory.claim(key, hash, leaseMs)]
+    return [memory, await memory.claim(key, hash, leaseMs), unanswered]
   }
 
   app.decorate('idempotency', { store: opts.store, memoryKeys: () => memory.size })
@@ -209,7 +225,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       const leaseMs = op.timeoutMs + leaseMargin
       const waitMs = opts.waitMs ?? op.timeoutMs
 
-      const run = async (ctx: CallContext, next: Next, store: IdempotencyStore, key: string, token: string, hash: string): Promise<unknown> => {
+      const run = async (ctx: CallContext, next: Next, store: IdempotencyStore, key: string, token: string, hash: string, unanswered: string | null): Promise<unknown> => {
         // A call claimed in Redis is held here too: a repeat on this instance waits for it even
         // if Redis goes away meanwhile (it claimed the key in memory and ran a second call).
         if (store !== memory) memory.hold(key, hash, token, leaseMs)
@@ -218,13 +234,13 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
           result = await next(ctx)
         } catch (err) {
           const definitive = err instanceof MantleError && (err.code === 'KERNEL_REJECTED' || err.code === 'NOT_FOUND') && !TRANSIENT_STATUS.has(err.statusCode)
-          await finish(store, key, token, definitive ? { state: 'done', hash, status: err.statusCode, body: null, error: { code: err.code as 'KERNEL_REJECTED' | 'NOT_FOUND', status: err.statusCode, detail: err.message } } : null, leaseMs)
+          await finish(store, key, token, definitive ? { state: 'done', hash, status: err.statusCode, body: null, error: { code: err.code as 'KERNEL_REJECTED' | 'NOT_FOUND', status: err.statusCode, detail: err.message } } : null, leaseMs, unanswered)
           throw err
         }
         // The chain's innermost step serialized the answer (ctx.json; an answer that breaks the
         // output schema threw there, and released the key above): stored as the client gets it.
         const body = ctx.json ?? entry.serialize(result)
-        await finish(store, key, token, { state: 'done', hash, status: ctx.status, body, error: null }, leaseMs)
+        await finish(store, key, token, { state: 'done', hash, status: ctx.status, body, error: null }, leaseMs, unanswered)
         return result
       }
 
@@ -234,8 +250,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         const giveUp = performance.now() + waitMs
         let delay = FIRST_POLL_MS
         for (let first = true; ; first = false) {
-          const [store, claim] = await claimIn(key, hash, leaseMs, first)
-          if (claim.won) return await run(ctx, next, store, key, claim.token, hash)
+          const [store, claim, unanswered] = await claimIn(key, hash, leaseMs, first)
+          if (claim.won) return await run(ctx, next, store, key, claim.token, hash, unanswered)
           const record = claim.record
           if (record.hash !== hash) {
             metrics.reused()

@@ -46,8 +46,16 @@ export class RedisIdempotencyStore implements IdempotencyStore {
     this.scripts = client as unknown as Scripts
   }
 
-  async claim (key: string, hash: string, leaseMs: number): Promise<Claim> {
-    const running = JSON.stringify({ state: 'running', hash, token: randomUUID() })
+  /**
+   * The claim Redis holds when `claim(key, hash, leaseMs, running)` wins: made before the call,
+   * so that a claim whose answer never came (a command timeout while Redis carried it out) is
+   * still known, and an outcome can be copied over it (`seed`).
+   */
+  static running (hash: string): string {
+    return JSON.stringify({ state: 'running', hash, token: randomUUID() })
+  }
+
+  async claim (key: string, hash: string, leaseMs: number, running = RedisIdempotencyStore.running(hash)): Promise<Claim> {
     const found = await this.scripts.mantleIdemClaim(key, running, leaseMs)
     if (found === null) return { won: true, token: running }
     return { won: false, record: decode(found) }

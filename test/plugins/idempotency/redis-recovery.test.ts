@@ -86,3 +86,27 @@ t.test('a call still running in memory when Redis comes back: a repeat waits for
   t.equal(s.calls(), 1, 'one Kernel call')
   t.equal(JSON.parse((await redis.get(storeKey(s.tenant, 'createItem', key)))!).state, 'done', 'the outcome reached Redis with the replay')
 })
+
+t.test('a claim Redis carried out but never answered in time: the outcome held in memory is copied over it, another instance replays it', async t => {
+  // The claim's command timed out at the gateway (a latency spike over the 500 ms command timeout)
+  // while Redis ran it: Redis held a running claim nobody knew. The call ran from memory, its
+  // outcome was never copied over that claim, and a repeat on another instance waited out the
+  // conflict (409), then ran the Kernel call a second time once the claim's lease ended.
+  const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
+  const a = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const b = await idemSetup(t, 'redis', {}, {}, a.kernel)
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.quit())
+  await until(() => a.app.redis.up() && b.app.redis.up(), 'both instances connected')
+  const key = randomUUID()
+  proxy.delay(700)
+  const first = await a.create({ name: 'x' }, key)
+  t.equal(first.statusCode, 201)
+  t.match(await redis.get(storeKey(a.tenant, 'createItem', key)), /"state":"running"/, 'Redis carried the claim out')
+  proxy.restore()
+  const repeat = await b.create({ name: 'x' }, key, a.tenant)
+  t.equal(repeat.statusCode, 201, repeat.body)
+  t.equal(repeat.headers['idempotent-replayed'], 'true')
+  t.same(repeat.json(), first.json(), 'the first call\'s answer')
+  t.equal(a.calls(), 1, 'one Kernel call for one key')
+})
