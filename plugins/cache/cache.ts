@@ -11,6 +11,9 @@ export const STALE_IF_ERROR_SECONDS = 300
 const REDIS_HOLD_MS = 1000
 /** Invalidations that could not reach Redis, kept to be replayed when it is back. */
 const MAX_PENDING_TAGS = 10_000
+/** Second invalidations waiting for their time (a mutation's tags whose Kernel call got no answer). */
+const MAX_LATER_INVALIDATIONS = 10_000
+interface LaterInvalidation { tenant: string, tags: readonly string[], timer: NodeJS.Timeout }
 
 export interface CacheMetrics {
   outcome: (op: string, outcome: CacheOutcome) => void
@@ -86,6 +89,8 @@ export class ResponseCache {
   /** Tag key -> the clock tick of its latest invalidation that Redis has not received. */
   private readonly pending = new Map<string, number>()
   private replayTimer: ReturnType<typeof setTimeout> | undefined
+  /** Second invalidations (invalidateLater), by tenant and tags. */
+  private readonly later = new Map<string, LaterInvalidation>()
 
   constructor (private readonly opts: ResponseCacheOptions) {
     this.now = opts.now ?? Date.now
@@ -111,17 +116,26 @@ export class ResponseCache {
       const templates = op.invalidates.map(tagTemplate)
       return async (ctx, next) => {
         let changed = true
+        let unanswered = false
         try {
           return await next(ctx)
         } catch (err) {
           // The Kernel may have made the change though the call failed: it answered 2xx and the
-          // answer was refused after (empty, or breaking the output schema: a 502), or it did not
-          // answer in time. Before, no tag was dropped then, and every instance served the old
-          // entry as a hit for its ttl.
-          changed = ctx.answered || (err instanceof MantleError && err.code === 'KERNEL_TIMEOUT')
+          // answer was refused after (empty, or breaking the output schema: a 502), or it was
+          // asked and did not refuse (a 5xx, no answer in time, the connection lost after the
+          // request went out). Before, no tag was dropped then (on a lost connection still not),
+          // and every instance served the old entry as a hit for its ttl. A call never sent
+          // (breaker open, bulkhead full, its time out before a connection) changed nothing.
+          const code = err instanceof MantleError ? err.code : null
+          changed = ctx.answered || (ctx.sent && code !== 'KERNEL_REJECTED' && code !== 'NOT_FOUND')
+          unanswered = changed && !ctx.answered && (code === 'KERNEL_TIMEOUT' || code === 'KERNEL_UNAVAILABLE')
           throw err
         } finally {
-          if (changed) await this.invalidate(ctx.tenant, templates.map(t => t(ctx.input)), 'mutation')
+          if (changed) {
+            const tags = templates.map(t => t(ctx.input))
+            await this.invalidate(ctx.tenant, tags, 'mutation')
+            if (unanswered) this.invalidateLater(ctx.tenant, tags, op.timeoutMs)
+          }
         }
       }
     }
@@ -370,10 +384,42 @@ export class ResponseCache {
     return this.pending.size
   }
 
+  /**
+   * Drops the tags again `ms` from now (the operation's timeout): a mutation that got no answer
+   * may still be under way at the Kernel, and a read between the first invalidation and the
+   * Kernel's change put the old answer back, under the new tag versions, for its whole ttl on
+   * every instance. Repeats of the same tags share one timer; beyond MAX_LATER_INVALIDATIONS
+   * the oldest is carried out at once.
+   */
+  invalidateLater (tenant: string, tags: readonly string[], ms: number): void {
+    const k = JSON.stringify([tenant, tags])
+    clearTimeout(this.later.get(k)?.timer)
+    this.later.delete(k)
+    if (this.later.size >= MAX_LATER_INVALIDATIONS) {
+      const [oldest, due] = this.later.entries().next().value as [string, LaterInvalidation]
+      clearTimeout(due.timer)
+      this.later.delete(oldest)
+      this.invalidate(due.tenant, due.tags, 'mutation').catch(noop)
+    }
+    const timer = setTimeout(() => {
+      this.later.delete(k)
+      this.invalidate(tenant, tags, 'mutation').catch(noop)
+    }, ms)
+    timer.unref()
+    this.later.set(k, { tenant, tags, timer })
+  }
+
+  /** Invalidations waiting to be carried out again (invalidateLater). */
+  get laterInvalidations (): number {
+    return this.later.size
+  }
+
   /** Stops the scheduled replay (the app closes). */
   close (): void {
     clearTimeout(this.replayTimer)
     this.replayTimer = undefined
+    for (const due of this.later.values()) clearTimeout(due.timer)
+    this.later.clear()
   }
 
   /** The Redis tier when it is usable; null (counted as a fallback when Redis is configured) when not. */

@@ -51,6 +51,7 @@ function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheM
   new Gauge({ name: 'mantle_cache_memory_bytes', help: 'Bytes of answers in the in-process cache tier, about (bounded by BFF_CACHE_MAX_BYTES)', registers, collect () { this.set(cache().memory.bytes) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_in_flight', help: 'Keys with a Kernel call in flight (coalesced)', registers, collect () { this.set(cache().inFlight) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_pending_invalidations', help: 'Invalidated tags waiting for Redis to come back', registers, collect () { this.set(cache().pendingInvalidations) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_cache_later_invalidations', help: 'Mutations whose Kernel call got no answer (timed out, connection lost), their tags to be invalidated again after the operation\'s timeout (bounded, 10,000)', registers, collect () { this.set(cache().laterInvalidations) } }) // eslint-disable-line no-new
   // Optimization: an op's label children are resolved at its first call, not per call (bounded
   // by the catalog: three outcomes per cached op).
   const byOp = new Map<string, Record<CacheOutcome, CounterSeries>>()

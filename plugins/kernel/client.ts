@@ -195,6 +195,7 @@ export class KernelClient {
           this.breaker?.release(permit)
           throw err
         }
+        if (result !== queuedOut) ctx.sent = true
         if (result === queuedOut) {
           // Its time ran out waiting for a connection: never sent, so no failure of the Kernel's.
           this.breaker?.release(permit)

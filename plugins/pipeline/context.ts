@@ -51,6 +51,11 @@ export class CallContext {
    * (empty, or breaking the output schema): a mutation's cache tags are dropped then too.
    */
   answered: boolean
+  /**
+   * The request went out to the Kernel (a connection took it): the Kernel may have acted on it,
+   * whatever came back, a timeout or a lost connection included.
+   */
+  sent: boolean
   readonly startedAt: number
   /**
    * Shared by the calls of one request that carries several (a REST batch, a GraphQL document,
@@ -100,6 +105,7 @@ export class CallContext {
     this.zone = 'public'
     this.status = 200
     this.answered = false
+    this.sent = false
     this.startedAt = performance.now()
     this.memo = null
     this.headers = null

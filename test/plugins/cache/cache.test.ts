@@ -160,6 +160,50 @@ for (const { store, env } of STORES) {
     t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/b', headers })).headers['x-cache'], 'miss', 'a change that may have been made dropped item:b')
   })
 
+  // The Kernel carried the change out, then the connection was lost before its answer: a 503
+  // KERNEL_UNAVAILABLE, and no tag was dropped (only an answer or a timeout counted).
+  t.test(`${store}: a mutation whose connection was lost after the request went out drops its tags`, async t => {
+    const kernel = await itemKernel(t)
+    let version = 1
+    kernel.on('GET /v1/items/a', (_req, res) => json(res, 200, { id: 'a', n: version }))
+    kernel.on('PATCH /v1/items/a', (_req, res) => { version++; res.destroy() })
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const headers = bearer({ tenant: tenant() })
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).json().n, 1)
+    const lost = await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })
+    t.same([lost.statusCode, lost.json().code], [503, 'KERNEL_UNAVAILABLE'])
+    const after = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.same([after.headers['x-cache'], after.json().n], ['miss', 2], 'the change the Kernel made is read')
+  })
+
+  // A mutation that timed out dropped its tags when the gateway gave up; the Kernel made the
+  // change later, and a read in between put the old answer back under the new tag versions: a
+  // hit on every instance for its whole ttl.
+  t.test(`${store}: a mutation that timed out drops its tags again after its timeout`, async t => {
+    const kernel = await itemKernel(t)
+    let version = 1
+    let committed = false
+    kernel.on('GET /v1/items/a', (_req, res) => json(res, 200, { id: 'a', n: version }))
+    kernel.on('PATCH /v1/items/a', (_req, res) => {
+      setTimeout(() => { version++; committed = true; json(res, 200, { id: 'a', n: version }) }, 300)
+    })
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url, { updateItem: { timeoutMs: 200 } }), kernelUrl: kernel.url })
+    const headers = bearer({ tenant: tenant() })
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).json().n, 1)
+    const late = await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })
+    const gaveUp = performance.now()
+    t.same([late.statusCode, late.json().code], [504, 'KERNEL_TIMEOUT'])
+    const between = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.same([between.headers['x-cache'], between.json().n, committed], ['miss', 1, false], 'read again before the Kernel\'s change, and stored')
+    t.equal(await metric(app, 'mantle_cache_later_invalidations', {}), 1, 'a second invalidation waits')
+    await until(() => committed && performance.now() - gaveUp > 200, 'the Kernel made the change, and the timeout passed again')
+    await eventually(async () => await metric(app, 'mantle_cache_invalidations_total', { source: 'mutation' }) === 2, 'the second invalidation')
+    const after = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.same([after.headers['x-cache'], after.json().n], ['miss', 2], 'the old answer was dropped again')
+    t.equal(await metric(app, 'mantle_cache_later_invalidations', {}), 0)
+    t.equal(await metric(app, 'mantle_cache_invalidations_total', { source: 'mutation' }), 2, 'twice, no more')
+  })
+
   // Entries were checked against the tags they were stored under: a reload that gave an op a
   // new tag left its entries from before out of that tag's invalidations.
   t.test(`${store}: after a reload changes an op's tags, an entry stored before it is not served`, async t => {
