@@ -10,7 +10,10 @@ import { Gauge } from 'prom-client'
 
 export interface SharedRedis {
   readonly client: Redis
-  /** True while the connection is ready; stores fall back to memory when it is not. */
+  /**
+   * True while the connection is ready and answers; stores fall back to memory when it is not.
+   * A Redis that hangs with the connection open is found by the heartbeat (a PING each second).
+   */
   up: () => boolean
 }
 
@@ -26,7 +29,11 @@ export interface RedisOptions {
   /** A command that takes longer fails, so a stalled Redis costs a call at most this (ms). */
   commandTimeoutMs?: number
   connectTimeoutMs?: number
+  /** How often the connection is checked with a PING (ms). */
+  heartbeatMs?: number
 }
+
+const HEARTBEAT_MS = 1000
 
 async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<void> {
   // No offline queue: a command while Redis is away fails at once instead of piling up in memory.
@@ -50,6 +57,25 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   })
   const up = (): boolean => client.status === 'ready'
 
+  // A Redis that stops answering with its connection open (hung, or a partition that leaves the
+  // TCP connection up) stayed "ready": every keyed mutation waited out the command timeout, and
+  // /readyz and mantle_redis_up said up. A PING each second that is not answered within the
+  // command timeout drops the connection: up() is false at once, ioredis connects anew, and
+  // 'ready' tells every store it is back (on the connection it left, a late answer could have
+  // been taken for a later command's).
+  let beating = false
+  const heartbeat = setInterval(() => {
+    if (beating || client.status !== 'ready') return
+    beating = true
+    client.ping().catch((err: Error) => {
+      if (client.status !== 'ready') return
+      app.log.warn({ err: err.message }, 'Redis did not answer a PING in time: reconnecting; stores fall back to memory meanwhile')
+      warned = true
+      client.disconnect(true)
+    }).finally(() => { beating = false })
+  }, opts.heartbeatMs ?? HEARTBEAT_MS)
+  heartbeat.unref()
+
   if (app.hasDecorator('metrics')) {
     new Gauge({ name: 'mantle_redis_up', help: '1 when the shared Redis connection is ready (absent without Redis)', registers: [app.metrics.registry], collect () { this.set(up() ? 1 : 0) } }) // eslint-disable-line no-new
   }
@@ -62,6 +88,7 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
 
   // quit() waits for the server: a client still retrying a Redis that is away must disconnect.
   app.addHook('onClose', async () => {
+    clearInterval(heartbeat)
     if (client.status === 'ready') await client.quit().catch(() => client.disconnect())
     else client.disconnect()
   })
