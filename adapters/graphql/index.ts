@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import mercurius from 'mercurius'
-import { getOperationAST, parse, type DocumentNode } from 'graphql'
+import { Kind, getOperationAST, parse, type DocumentNode } from 'graphql'
 import { AnswerBudget, runCall, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
@@ -120,9 +120,13 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         input: toInput(args),
         authorization: ctx.authorization,
         traceparent: ctx.traceparent,
-        // Each mutation field of a document is its own call: the key names the field, as a
-        // batch's key names the call.
-        idempotencyKey: callKey(ctx.idempotencyKey, String(info.path.key)),
+        // Each mutation field of a document of several is its own call: the key names the
+        // field, as a batch's key names the call. A document of one field keeps the key as sent,
+        // as REST does: a repeat over another face found no outcome under `<key>.<field>`, and
+        // the Kernel ran it again.
+        idempotencyKey: info.operation.selectionSet.selections.length === 1 && info.operation.selectionSet.selections[0].kind === Kind.FIELD
+          ? ctx.idempotencyKey
+          : callKey(ctx.idempotencyKey, String(info.path.key)),
         memo: ctx.memo
       })
       const result = ctx.answer.admit(outcome, op.type === 'query', `${ctx.requestId}.${n}`)

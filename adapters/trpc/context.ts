@@ -11,8 +11,14 @@ export interface TrpcContext {
   readonly authorization: string | undefined
   /** The HTTP request's id; null on a WebSocket, where every call gets a fresh one. */
   readonly requestId: string | null
-  /** Several calls in one HTTP request: each gets `${requestId}.${batchIndex}`. */
+  /** A batch (`?batch=1`): each call gets `${requestId}.${batchIndex}`. */
   readonly batch: boolean
+  /**
+   * More than one call in the request: each gets the key `<key>.<batchIndex>`. A batch of one
+   * call (httpBatchLink sends one for a lone mutation) keeps the key as sent, as REST does: a
+   * repeat over another face found no outcome under `<key>.0`, and the Kernel ran it again.
+   */
+  readonly keyPerCall: boolean
   /** One per HTTP request: identical queries of a batch reach the Kernel once. */
   readonly memo: Map<string, Promise<unknown>> | null
   /** What a batch's calls have answered (null: one call, or a WebSocket, a message a call). */
@@ -47,12 +53,13 @@ function fromAccessToken (token: unknown): string | undefined {
  * The token of an HTTP request: the Authorization header, else connectionParams (which
  * httpSubscriptionLink puts in the URL), else `?access_token=` (EventSource cannot set headers).
  */
-export function httpContext (request: FastifyRequest, connectionParams: Readonly<Record<string, string | undefined>> | null, batch: boolean): TrpcContext {
+export function httpContext (request: FastifyRequest, connectionParams: Readonly<Record<string, string | undefined>> | null, batch: boolean, calls: number): TrpcContext {
   const query = request.query as Record<string, unknown> | null
   return {
     authorization: request.headers.authorization ?? fromParams(connectionParams) ?? fromAccessToken(query?.access_token),
     requestId: request.id,
     batch,
+    keyPerCall: batch && calls > 1,
     memo: batch ? new Map() : null,
     answer: batch ? new AnswerBudget() : null,
     traceparent: single(request.headers.traceparent),
@@ -70,6 +77,7 @@ export function socketContext (request: IncomingMessage, socket: WebSocket, url:
     authorization: fromParams(connectionParams) ?? request.headers.authorization ?? fromAccessToken(url.searchParams.get('access_token')),
     requestId: null,
     batch: false,
+    keyPerCall: false,
     memo: null,
     answer: null,
     traceparent: undefined,

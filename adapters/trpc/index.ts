@@ -216,7 +216,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           res: reply,
           path,
           maxBodySize: opts.bodyLimit,
-          createContext: ({ req, info }) => httpContext(req, info.connectionParams, info.isBatchCall),
+          createContext: ({ req, info }) => httpContext(req, info.connectionParams, info.isBatchCall, info.calls.length),
           onError,
           responseMeta: ({ info, errors, ctx, eagerGeneration }) => responseHeaders(info, errors, ctx, eagerGeneration)
         })

@@ -71,7 +71,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
         : slowReader(ctx.socket, limits.maxBufferedBytes) ? new MantleError('OVERLOADED', SLOW_READER) : undefined
       if (refusal === undefined) ctx.inFlight++
       try {
-        const key = ctx.batch ? callKey(ctx.idempotencyKey, String(batchIndex ?? 0)) : ctx.idempotencyKey
+        const key = ctx.keyPerCall ? callKey(ctx.idempotencyKey, String(batchIndex ?? 0)) : ctx.idempotencyKey
         const outcome = await runCall(app, { requestId, protocol: 'trpc', op: name, input, authorization: ctx.authorization, traceparent: ctx.traceparent, idempotencyKey: key, memo: ctx.memo, refusal })
         const result = ctx.answer === null ? outcome : ctx.answer.admit(outcome, op.type === 'query', requestId)
         if (result.ok && ctx.answer !== null) ctx.answer.used += result.json.length

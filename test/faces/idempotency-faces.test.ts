@@ -43,8 +43,24 @@ t.test('GraphQL: the header keys each mutation field of a document', async t => 
   t.equal(again.body, first.body, 'the same document replays')
   t.equal(s.calls(), 2)
   t.same(s.kernel.requests.map(r => r.headers['idempotency-key']), [`${key}.one`, `${key}.two`])
-  const reused = await gql('mutation { one: createItem(name: "changed") { id } }')
-  t.match(reused.json(), { data: { one: null }, errors: [{ extensions: { code: 'IDEMPOTENCY_KEY_REUSED', status: 422 } }] })
+  const reused = await gql('mutation { one: createItem(name: "changed") { id } two: createItem(name: "g2") { id n } }')
+  t.match(reused.json(), { data: { one: null, two: { id: 'item-2', n: 2 } }, errors: [{ path: ['one'], extensions: { code: 'IDEMPOTENCY_KEY_REUSED', status: 422 } }] })
+})
+
+// A request of one call keeps the key as sent on every face: a GraphQL document of one field
+// was keyed `<key>.<field>` and a tRPC batch of one call (httpBatchLink sends a lone mutation
+// so) `<key>.0`, and a repeat over REST, or a retry sent another way, ran the Kernel call again.
+t.test('a request of one call keeps its key as sent: GraphQL, a tRPC batch of one and REST make one call', async t => {
+  const s = await idemSetup(t, 'redis')
+  const key = randomUUID()
+  const gql = await s.app.inject({ method: 'POST', url: '/graphql', headers: s.headers(key), payload: { query: 'mutation { made: createItem(name: "one") { id n } }' } })
+  t.same(gql.json(), { data: { made: { id: 'item-1', n: 1 } } })
+  const rest = await s.create({ name: 'one' }, key)
+  t.same([rest.statusCode, rest.headers['idempotent-replayed'], rest.json().id], [201, 'true', 'item-1'])
+  const batchOfOne = await s.app.inject({ method: 'POST', url: '/trpc/createItem?batch=1', headers: { ...s.headers(key), 'content-type': 'application/json' }, payload: { 0: { name: 'one' } } })
+  t.match(batchOfOne.json(), [{ result: { data: { id: 'item-1', n: 1 } } }])
+  t.equal(s.calls(), 1, 'one Kernel call')
+  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']), [key], 'under the key as sent')
 })
 
 t.test('WebSocket: a call frame\'s idempotencyKey, and one key across faces', async t => {
