@@ -1,5 +1,9 @@
 import { createPublicKey, type KeyObject, type JsonWebKey } from 'node:crypto'
 import { request } from 'undici'
+import { INVALID, readJson } from '../../read-json.js'
+
+/** The largest JWKS document read. */
+export const JWKS_MAX_BYTES = 1024 * 1024
 
 /** The asymmetric algorithms accepted, each bound to one kind of key. */
 export type KeyAlgorithm = 'RS256' | 'ES256'
@@ -150,7 +154,11 @@ export class JwksFetcher {
         await res.body.dump()
         throw new Error(`status ${res.statusCode}`)
       }
-      const keys = keysOfJwks(await res.body.json())
+      // Bounded: read whole, a JWKS host that answered gigabytes within the deadline took the
+      // gateway's memory (a JWKS is a few KB; an x5c chain a key adds 1-2 KB).
+      const jwks = await readJson(res, JWKS_MAX_BYTES)
+      if (jwks === INVALID) throw new Error(`the JWKS is not JSON or is over ${JWKS_MAX_BYTES} bytes`)
+      const keys = keysOfJwks(jwks)
       if (this.#closed) return
       this.#options.onKeys(keys)
       log?.info({ url: shownUrl(url), kids: [...keys.keys()] }, 'JWKS keys loaded')

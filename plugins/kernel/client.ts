@@ -6,6 +6,7 @@ import { MantleError } from '../../errors.js'
 import type { Operation } from '../../manifest.js'
 import type { CallContext, Next } from '../pipeline/index.js'
 import { CircuitBreaker, RetryBudget, DENIED, NORMAL, type Permit } from './breaker.js'
+import { INVALID, readJson } from '../../read-json.js'
 
 export interface KernelClientOptions {
   origin: string
@@ -375,40 +376,6 @@ function pathSegment (value: unknown): string {
   const segment = encodeURIComponent(String(value))
   return segment === '.' || segment === '..' ? segment.replaceAll('.', '%2E') : segment
 }
-const INVALID = Symbol('invalid')
-
-async function readJson (res: Dispatcher.ResponseData, limit: number): Promise<unknown> {
-  const length = Number(res.headers['content-length'])
-  if (res.statusCode === 204 || length === 0) {
-    await res.body.dump()
-    return null
-  }
-  if (length > limit) {
-    await res.body.dump()
-    return INVALID
-  }
-  try {
-    if (length > 0) return await res.body.json()
-    // No length announced: read with a bound rather than trusting the stream.
-    const chunks: Buffer[] = []
-    let size = 0
-    for await (const chunk of res.body) {
-      size += (chunk as Buffer).length
-      if (size > limit) {
-        res.body.destroy()
-        return INVALID
-      }
-      chunks.push(chunk as Buffer)
-    }
-    return size === 0 ? null : JSON.parse(Buffer.concat(chunks).toString('utf8'))
-  } catch (err) {
-    // Only a body that is not JSON is the Kernel's bad answer; a connection reset mid-body, or
-    // the deadline, is the attempt's failure (503 or 504), as before the headers.
-    if (err instanceof SyntaxError) return INVALID
-    throw err
-  }
-}
-
 function clientError (result: Attempt): MantleError {
   if (result.status === 404) return new MantleError('NOT_FOUND', result.message ?? 'The Kernel has no such resource')
   return new MantleError('KERNEL_REJECTED', result.message ?? `The Kernel refused the call (status ${result.status})`, { status: result.status })

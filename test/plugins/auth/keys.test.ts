@@ -6,7 +6,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { createSigner } from 'fast-jwt'
 import { Agent, getGlobalDispatcher, setGlobalDispatcher } from 'undici'
 import { createIdentityVerifier, mintToken } from '../../../plugins/auth/identity.js'
-import { parsePublicKeys, keysOfJwks, JwksFetcher } from '../../../plugins/auth/keys.js'
+import { parsePublicKeys, keysOfJwks, JwksFetcher, JWKS_MAX_BYTES } from '../../../plugins/auth/keys.js'
 import { loadConfig, productionProblems, ConfigError } from '../../../schemas/config.js'
 import { buildDemoApp, buildTestApp, until } from '../../helper.js'
 import { wsApp, connect } from '../../adapters/websocket-helper.js'
@@ -235,6 +235,25 @@ t.test('a JWKS host that never completes the connection: the fetch gives up at i
   await new JwksFetcher({ url: 'http://jwks.invalid/jwks.json', onKeys: () => {}, log, timeoutMs: 300 }).fetch()
   t.ok(Date.now() - started < 2000, `gave up after ${Date.now() - started} ms`)
   t.equal(warnings.length, 1, 'and said so')
+})
+
+t.test('a JWKS body over JWKS_MAX_BYTES is not read whole: the last good keys are kept', async t => {
+  // Read whole, a JWKS host answering gigabytes within the fetch's deadline took the memory.
+  const big = JSON.stringify({ keys: [jwk(rsa1, 'k1')], pad: 'x'.repeat(JWKS_MAX_BYTES) })
+  for (const announced of [true, false]) {
+    const server = createServer((_req, res) => {
+      res.writeHead(200, announced ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(big) } : { 'content-type': 'application/json' })
+      res.end(big)
+    })
+    await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+    t.teardown(() => new Promise(resolve => server.close(resolve)))
+    const warnings: string[] = []
+    const loaded: Array<Map<string, unknown>> = []
+    const log = { info: () => {}, warn: (obj: object, msg: string) => { warnings.push(JSON.stringify(obj) + msg) } }
+    await new JwksFetcher({ url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/jwks`, onKeys: keys => { loaded.push(keys) }, log }).fetch()
+    t.same(loaded, [], `no keys taken (length ${announced ? 'announced' : 'not announced'})`)
+    t.match(warnings, [/over 1048576 bytes/])
+  }
 })
 
 t.test('the JWKS URL is logged without its credentials', async t => {

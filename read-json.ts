@@ -1,0 +1,41 @@
+// Response bodies read as JSON with a bound: the Kernel's answers, the JWKS.
+import type { Dispatcher } from 'undici'
+
+/** What readJson returns for a body that is not JSON, or is over its limit. */
+export const INVALID = Symbol('invalid')
+
+/**
+ * A JSON body read up to `limit` bytes (null when empty or 204): INVALID when it is not JSON or is
+ * longer. A connection lost mid-body rejects.
+ */
+export async function readJson (res: Dispatcher.ResponseData, limit: number): Promise<unknown> {
+  const length = Number(res.headers['content-length'])
+  if (res.statusCode === 204 || length === 0) {
+    await res.body.dump()
+    return null
+  }
+  if (length > limit) {
+    await res.body.dump()
+    return INVALID
+  }
+  try {
+    if (length > 0) return await res.body.json()
+    // No length announced: read with a bound rather than trusting the stream.
+    const chunks: Buffer[] = []
+    let size = 0
+    for await (const chunk of res.body) {
+      size += (chunk as Buffer).length
+      if (size > limit) {
+        res.body.destroy()
+        return INVALID
+      }
+      chunks.push(chunk as Buffer)
+    }
+    return size === 0 ? null : JSON.parse(Buffer.concat(chunks).toString('utf8'))
+  } catch (err) {
+    // Only a body that is not JSON is a bad answer; a connection reset mid-body, or the
+    // deadline, is the request's failure (for the Kernel, 503 or 504, as before the headers).
+    if (err instanceof SyntaxError) return INVALID
+    throw err
+  }
+}
