@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
-import { ROOT_CONTEXT, SpanKind, SpanStatusCode, TraceFlags, trace, type Context } from '@opentelemetry/api'
+import { ROOT_CONTEXT, SpanKind, SpanStatusCode, TraceFlags, trace, createNoopMeter, type Attributes, type Context, type Meter, type MeterProvider, type ObservableCallback } from '@opentelemetry/api'
+import { Counter, Gauge } from 'prom-client'
 import { TracerProvider, BatchSpanProcessor, ParentBasedSampler, TraceIdRatioBasedSampler, type SpanExporter } from '@opentelemetry/sdk-trace'
 import { OTLPTraceExporter } from '@opentelemetry/exporter-trace-otlp-http'
 import { resourceFromAttributes } from '@opentelemetry/resources'
@@ -35,11 +36,65 @@ export function parentContext (traceparent: string | undefined): Context {
   return trace.setSpanContext(ROOT_CONTEXT, { traceId: parent.traceId, spanId: parent.spanId, traceFlags: parseInt(parent.flags, 16) & TraceFlags.SAMPLED, isRemote: true })
 }
 
+/** Spans waiting for export at most; beyond it a span is dropped. */
+export const SPAN_QUEUE_MAX = 4096
+
+/**
+ * What the batch processor tells of itself through OpenTelemetry's self-observability meter (its
+ * only public report of its queue): the queue's length, and spans done (exported, failed, or
+ * dropped with the queue full). The gateway's metrics are prom-client's, so a meter of our own
+ * takes those two instruments and leaves the rest to the no-op meter.
+ */
+export class SpanQueueReport implements MeterProvider {
+  queueLength: ObservableCallback | null = null
+  /** Told of each batch of spans done. */
+  done: (outcome: 'exported' | 'failed' | 'dropped', n: number) => void = () => {}
+
+  getMeter (): Meter {
+    const meter = Object.create(createNoopMeter()) as Meter
+    const report = this
+    // New instruments, not the no-op meter's: it hands out one shared instance of each kind.
+    meter.createCounter = (name: string) => {
+      if (name !== 'otel.sdk.processor.span.processed') return createNoopMeter().createCounter(name)
+      return {
+        add: (n: number, attributes?: Attributes) => {
+          const error = attributes?.['error.type']
+          report.done(error === undefined ? 'exported' : error === 'queue_full' ? 'dropped' : 'failed', n)
+        }
+      }
+    }
+    meter.createObservableUpDownCounter = (name: string) => {
+      if (name !== 'otel.sdk.processor.span.queue.size') return createNoopMeter().createObservableUpDownCounter(name)
+      return {
+        addCallback: (callback: ObservableCallback) => { report.queueLength = callback },
+        removeCallback: () => { report.queueLength = null }
+      }
+    }
+    return meter
+  }
+
+  /** The queue's length now (0 once the processor is shut down). */
+  length (): number {
+    let length = 0
+    this.queueLength?.({ observe: (value: number) => { length = value } })
+    return length
+  }
+}
+
 async function tracingPlugin (app: FastifyInstance, opts: TracingOptions): Promise<void> {
+  const report = new SpanQueueReport()
   const provider = new TracerProvider({
     resource: resourceFromAttributes({ 'service.name': opts.serviceName, 'service.version': opts.version }),
     sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(opts.sampleRatio) }),
-    spanProcessors: [new BatchSpanProcessor({ exporter: opts.exporter ?? new OTLPTraceExporter({ url: opts.url, timeoutMillis: EXPORT_TIMEOUT_MS }), maxQueueSize: 4096, maxExportBatchSize: 512, scheduledDelayMillis: 1000 })]
+    spanProcessors: [new BatchSpanProcessor({ exporter: opts.exporter ?? new OTLPTraceExporter({ url: opts.url, timeoutMillis: EXPORT_TIMEOUT_MS }), maxQueueSize: SPAN_QUEUE_MAX, maxExportBatchSize: 512, scheduledDelayMillis: 1000, selfObsMeterProvider: report })]
+  })
+  // The metrics plugin registers after this one: its registry is there once the app is ready.
+  app.addHook('onReady', async () => {
+    if (!app.hasDecorator('metrics')) return
+    const registers = [app.metrics.registry]
+    new Gauge({ name: 'mantle_tracing_span_queue', help: `Finished spans waiting for export (at most ${SPAN_QUEUE_MAX}; beyond it spans are dropped)`, registers, collect () { this.set(report.length()) } }) // eslint-disable-line no-new
+    const spans = new Counter({ name: 'mantle_tracing_spans_total', help: 'Finished spans by outcome: exported, failed (the export failed), dropped (the queue was full)', labelNames: ['outcome'] as const, registers })
+    report.done = (outcome, n) => { spans.labels(outcome).inc(n) }
   })
   const tracer = provider.getTracer('mantle', opts.version)
 

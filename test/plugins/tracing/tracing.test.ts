@@ -3,7 +3,7 @@ import { createServer } from 'node:http'
 import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net'
 import { buildTestApp, startTestKernel, json, bearer, testManifest, testConfig } from '../../helper.js'
 import { tracesUrl } from '../../../app.js'
-import { parentContext } from '../../../plugins/tracing/index.js'
+import { parentContext, SpanQueueReport } from '../../../plugins/tracing/index.js'
 import { childTraceparent } from '../../../plugins/kernel/index.js'
 import { buildApp } from '../../../app.js'
 import { startKernel } from '../../../kernel/server.js'
@@ -123,4 +123,54 @@ t.test('close with a collector that never answers ends within the export bound',
   const started = Date.now()
   await app.close()
   t.ok(Date.now() - started < 5000, `closed in ${Date.now() - started} ms`)
+})
+
+t.test('the span queue is in the metrics: its length, and spans exported, failed or dropped with the queue full', async t => {
+  const kernel = await startTestKernel(t, { 'GET /things/a': (_req, res) => json(res, 200, { id: 'a' }) })
+  let exports = 0
+  // A collector that takes the first batch, refuses the second, and never answers the third.
+  const exporter = {
+    export: (spans: unknown[], done: (result: { code: number, error?: Error }) => void) => {
+      exports++
+      if (exports === 1) done({ code: 0 })
+      else if (exports === 2) done({ code: 1, error: new Error('refused') })
+    },
+    shutdown: async () => {}
+  }
+  const app = await buildTestApp(t, { OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: 'http://127.0.0.1:9/v1/traces' }, { manifest, kernelUrl: kernel.url, traceExporter: exporter })
+  const text = async (): Promise<string> => (await app.inject({ url: '/metrics' })).body
+  const value = (body: string, line: RegExp): number => Number(line.exec(body)?.[1])
+  const calls = async (n: number): Promise<void> => {
+    const codes = await Promise.all(Array.from({ length: n }, async () => (await app.inject({ url: '/api/v1/things/a', headers: bearer() })).statusCode))
+    t.ok(codes.every(code => code === 200))
+  }
+  const exported = async (n: number, outcome: string): Promise<void> => {
+    const deadline = Date.now() + 5000
+    while (value(await text(), new RegExp(`^mantle_tracing_spans_total\\{outcome="${outcome}"\\} (\\d+)$`, 'm')) !== n && Date.now() < deadline) await new Promise(resolve => setTimeout(resolve, 50))
+  }
+  await calls(2)
+  t.equal(value(await text(), /^mantle_tracing_span_queue (\d+)$/m), 2, 'two spans wait')
+  await exported(2, 'exported')
+  const first = await text()
+  t.equal(value(first, /^mantle_tracing_spans_total\{outcome="exported"\} (\d+)$/m), 2, 'exported once the batch was due')
+  t.equal(value(first, /^mantle_tracing_span_queue (\d+)$/m), 0)
+  await calls(3)
+  await exported(3, 'failed')
+  t.equal(value(await text(), /^mantle_tracing_spans_total\{outcome="failed"\} (\d+)$/m), 3, 'a batch the collector refused')
+})
+
+t.test('spans the batch processor drops with its queue full are counted as dropped', async t => {
+  // The SDK's own report (its self-observability counter, error.type queue_full); filling the
+  // queue of 4,096 through the gateway takes tens of seconds.
+  const report = new SpanQueueReport()
+  const done: Array<[string, number]> = []
+  report.done = (outcome, n) => { done.push([outcome, n]) }
+  const counter = report.getMeter().createCounter('otel.sdk.processor.span.processed')
+  counter.add(1, { 'otel.component.type': 'batching_span_processor', 'error.type': 'queue_full' })
+  counter.add(512, { 'otel.component.type': 'batching_span_processor' })
+  counter.add(3, { 'otel.component.type': 'batching_span_processor', 'error.type': 'Error' })
+  t.same(done, [['dropped', 1], ['exported', 512], ['failed', 3]])
+  report.getMeter().createCounter('otel.sdk.span.started').add(1)
+  t.equal(done.length, 3, 'other counters of the SDK are not counted')
+  t.equal(report.length(), 0, 'no queue before the processor reports one')
 })
