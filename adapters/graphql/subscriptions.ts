@@ -7,6 +7,7 @@ import type { Identity } from '../../plugins/auth/index.js'
 import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors.js'
 import { fieldError } from './errors.js'
 import { slowReader } from '../slow-reader.js'
+import { upgradeAuthorization } from '../upgrade.js'
 
 // Subscriptions ride on mercurius' graphql-ws server (`subscription` option). What this module
 // adds: identity per connection, event streams from the events plugin's bus scoped to the
@@ -15,14 +16,6 @@ import { slowReader } from '../slow-reader.js'
 
 /** setTimeout's largest delay (24.8 days): a token valid for longer is timed in steps. */
 const MAX_TIMER_MS = 2 ** 31 - 1
-
-/** The upgrade request's credentials: the Authorization header, else `?access_token=`. */
-export function upgradeAuthorization (request: FastifyRequest): string | undefined {
-  const header = request.headers.authorization
-  if (typeof header === 'string' && header !== '') return header
-  const token = (request.query as Record<string, unknown> | undefined)?.access_token
-  return typeof token === 'string' && token !== '' ? `Bearer ${token}` : undefined
-}
 
 /** A connection_init payload's `authorization` (not a string: '', refused); undefined: none. */
 function initAuthorization (payload: unknown): string | undefined {

@@ -1,5 +1,4 @@
 import type { FastifyRequest } from 'fastify'
-import type { IncomingMessage } from 'node:http'
 import type { WebSocket } from 'ws'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import type { CacheOutcome } from '../../plugins/pipeline/index.js'
@@ -71,10 +70,13 @@ export function httpContext (request: FastifyRequest, connectionParams: Readonly
   }
 }
 
-/** A WebSocket connection's token: connectionParams, else the upgrade's header or `?access_token=`. */
-export function socketContext (request: IncomingMessage, socket: WebSocket, url: URL, connectionParams: Readonly<Record<string, string | undefined>> | null): TrpcContext {
+/**
+ * A WebSocket connection's token: connectionParams, else the upgrade's (`upgrade`: its header or
+ * `?access_token=`, as the upgrade's check read them).
+ */
+export function socketContext (socket: WebSocket, upgrade: string | undefined, connectionParams: Readonly<Record<string, string | undefined>> | null): TrpcContext {
   return {
-    authorization: fromParams(connectionParams) ?? request.headers.authorization ?? fromAccessToken(url.searchParams.get('access_token')),
+    authorization: fromParams(connectionParams) ?? upgrade,
     requestId: null,
     batch: false,
     keyPerCall: false,

@@ -5,9 +5,11 @@ import { fastifyRequestHandler } from '@trpc/server/adapters/fastify'
 import { getWSConnectionHandler } from '@trpc/server/adapters/ws'
 import type { TRPCRequestInfo } from '@trpc/server/http'
 import type { WebSocket } from 'ws'
+import type { IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
+import { upgradeAuthorization } from '../upgrade.js'
 import { httpContext, socketContext, type TrpcContext } from './context.js'
 import { runCall } from '../face.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
@@ -68,6 +70,12 @@ function plainUrl (text: string): URL | null {
   } catch {
     return null
   }
+}
+
+/** Whether tRPC waits for a WebSocket's connectionParams (`?connectionParams=1`, the first one as tRPC reads it). */
+function awaitsParams (request: FastifyRequest): boolean {
+  const value = (request.query as Record<string, unknown> | null | undefined)?.connectionParams
+  return (Array.isArray(value) ? value[0] : value) === '1'
 }
 
 /** tRPC's own refusals of a request it could not make calls of (see `refusedEarly`). */
@@ -237,20 +245,26 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       const slots = new ConnectionSlots(limits.maxConnections)
       reportSlots(app, 'trpc', slots)
       const authenticated = new WeakSet<WebSocket>()
+      // The credentials each upgrade carried (its header or ?access_token=), read by its check.
+      const upgrades = new WeakMap<IncomingMessage, string | undefined>()
       const onConnection = getWSConnectionHandler({
         router,
         wss: app.websocketServer,
         maxBatchSize: opts.maxCalls,
         keepAlive: { enabled: true, pingMs: limits.pingMs, pongWaitMs: Math.min(limits.pingMs, 10_000) },
         // Once per connection, when it opens or when its connectionParams arrive. A connection
-        // without a valid token is refused (tRPC sends the error, then closes it); a valid one is
-        // closed with 4401 when its token expires, and wsLink reconnects with a fresh token.
+        // without a valid token gets the error, then is closed with 4401; a valid one is closed
+        // with 4401 when its token expires, and wsLink reconnects with a fresh token.
         createContext: ({ req, res: socket, info }) => {
-          const ctx = socketContext(req, socket, new URL(req.url ?? '/', 'http://localhost'), info.connectionParams)
+          const ctx = socketContext(socket, upgrades.get(req), info.connectionParams)
           let expiresAt: number
           try {
             expiresAt = app.identify(ctx.authorization).expiresAt
           } catch (err) {
+            // tRPC sends the error (after this throw, before any timer fires), then closes the
+            // socket without a code, a 1005 that wsLink takes for a network drop and answers by
+            // reconnecting with the same token. Closed first with 4401, the client sees why.
+            setImmediate(() => socket.close(CLOSE_UNAUTHENTICATED, 'The token is missing or was refused'))
             throw ProblemError.from(err, uuidv7())
           }
           authenticated.add(socket)
@@ -266,7 +280,16 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         method: 'GET',
         url: '/trpc',
         schema: { hide: true },
-        onRequest: async (request) => { slots.reserve(request) },
+        // Before the upgrade, as on /ws and /graphql: bad credentials in the header or
+        // ?access_token=, or none where connectionParams cannot bring them (tRPC waits for those
+        // only with ?connectionParams=1), get a 401 over plain HTTP instead of a socket.
+        onRequest: async (request) => {
+          slots.reserve(request)
+          if (!request.ws) return
+          const authorization = upgradeAuthorization(request)
+          if (authorization !== undefined || !awaitsParams(request)) app.identify(authorization)
+          upgrades.set(request.raw, authorization)
+        },
         handler: notHere,
         wsHandler: (socket, request) => {
           // A client that opens with ?connectionParams=1 and never sends them is not kept.

@@ -5,6 +5,7 @@ import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { MAX_BUFFERED_BYTES } from '../slow-reader.js'
 import { Connection, type ConnectionAuth, type FaceShared } from './connection.js'
 import { websocketMetrics } from './metrics.js'
+import { upgradeAuthorization } from '../upgrade.js'
 
 export { CLOSE_REASONS, type CloseReason } from './metrics.js'
 
@@ -34,14 +35,6 @@ export const DEFAULT_SETTINGS: Readonly<Omit<WebSocketFaceSettings, 'maxFrameByt
   closeGraceMs: 2000
 })
 
-/** `Authorization` header, else `?access_token=` (browsers cannot set headers on an upgrade). */
-function authorizationOf (request: FastifyRequest): string | undefined {
-  const header = request.headers.authorization
-  if (header !== undefined) return header
-  const token = (request.query as Record<string, unknown> | null)?.access_token
-  return typeof token === 'string' && token !== '' ? `Bearer ${token}` : undefined
-}
-
 /**
  * The WebSocket face (CONTRACT §3) at /ws with the given bounds. The default export uses the
  * defaults; tests build one with short timers.
@@ -68,7 +61,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
       onRequest: (request, _reply, done) => {
         try {
           slots.reserve(request)
-          const authorization = authorizationOf(request)
+          const authorization = upgradeAuthorization(request)
           verified.set(request, { identity: app.identify(authorization), authorization })
           done()
         } catch (err) {

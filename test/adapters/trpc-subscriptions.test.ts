@@ -289,20 +289,50 @@ t.test('WebSocket: the token comes from connectionParams, the upgrade header or 
   t.match(params.messages[6], { id: 1, result: { data: { id: 'a2' } } })
 })
 
+/** The answer to an upgrade the gateway refuses before accepting it: its status and body. */
+async function refusedUpgrade (port: number, path: string, headers: Headers = {}): Promise<{ status: number, body: unknown }> {
+  return await new Promise((resolve, reject) => {
+    const socket = new WebSocket(`ws://127.0.0.1:${port}${path}`, { headers })
+    socket.on('error', () => {})
+    socket.once('open', () => { socket.terminate(); reject(new Error(`${path} was upgraded`)) })
+    socket.once('unexpected-response', (req, res) => {
+      let text = ''
+      res.on('data', (chunk: Buffer) => { text += chunk.toString() })
+      res.on('end', () => { req.destroy(); resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) }) })
+    })
+  })
+}
+
 t.test('WebSocket: a connection without a valid token is refused and closed', async t => {
   const app = await buildDemoApp(t)
   const port = await listen(app)
-  const none = await rawSocket(t, port, '/trpc')
-  await until('refusal', () => none.messages.length === 1)
-  t.match(none.messages[0], { id: null, error: { code: -32001, data: { code: 'UNAUTHENTICATED', httpStatus: 401 } } })
-  t.ok(await none.closed, 'closed after the refusal')
+  // Refused at the upgrade, with a 401 as /ws and /graphql answer: a bad token in the header or
+  // ?access_token=, or none without ?connectionParams=1 (nothing else could bring one).
+  const forgedToken = token({ secret: 'another-secret-of-sufficient-length-000000' })
+  const expiredToken = token({ ttlSeconds: -60 })
+  const unauthenticated = { error: { code: -32001, data: { code: 'UNAUTHENTICATED', httpStatus: 401 } } }
+  for (const [what, path, headers] of [
+    ['no token', '/trpc', {}],
+    ['a forged token in the header', '/trpc', { authorization: `Bearer ${forgedToken}` }],
+    ['an expired token in the header', '/trpc', { authorization: `Bearer ${expiredToken}` }],
+    ['a forged ?access_token=', `/trpc?access_token=${forgedToken}`, {}],
+    ['a forged token in the header, connectionParams awaited', '/trpc?connectionParams=1', { authorization: `Bearer ${forgedToken}` }]
+  ] as const) {
+    const refused = await refusedUpgrade(port, path, headers)
+    t.equal(refused.status, 401, `${what}: 401 at the upgrade`)
+    t.match(refused.body, unauthenticated, what)
+  }
 
+  // A refused token in connectionParams: its error, an answer to a call sent with it, then 4401
+  // (not tRPC's bare close, a 1005 that wsLink takes for a network drop and reconnects after).
   const forged = await rawSocket(t, port, '/trpc?connectionParams=1')
-  forged.socket.send(JSON.stringify({ method: 'connectionParams', data: { token: token({ secret: 'another-secret-of-sufficient-length-000000' }) } }))
-  await until('refusal', () => forged.messages.length === 1)
-  t.match(forged.messages[0], { error: { data: { code: 'UNAUTHENTICATED' } } })
+  forged.socket.send(JSON.stringify({ method: 'connectionParams', data: { token: forgedToken } }))
+  forged.socket.send(JSON.stringify({ id: 1, method: 'query', params: { path: 'getAgent', input: { id: 'a1' } } }))
+  await until('refusals', () => forged.messages.length === 2)
+  t.match(forged.messages[0], { id: null, ...unauthenticated })
   t.match((forged.messages[0] as { error: { message: string } }).error.message, /signature is invalid/)
-  await forged.closed
+  t.match(forged.messages[1], { id: 1, ...unauthenticated })
+  t.equal(await forged.closed, 4401, 'closed with 4401')
 
   const junk = await rawSocket(t, port, '/trpc?connectionParams=1')
   junk.socket.send('not json at all')

@@ -100,11 +100,11 @@ async function open (url: string, protocol: string | undefined, headers: Record<
       res.on('end', () => {
         req.destroy()
         sockets.delete(ws)
-        // problem+json, or a GraphQL error on /graphql.
+        // problem+json, a GraphQL error on /graphql, a tRPC error on /trpc.
         let code = 'NOT_JSON'
         try {
-          const body = JSON.parse(text) as { code?: string, errors?: Array<{ extensions?: { code: string } }> }
-          code = body.code ?? body.errors?.[0]?.extensions?.code ?? 'NO_CODE'
+          const body = JSON.parse(text) as { code?: string, errors?: Array<{ extensions?: { code: string } }>, error?: { data?: { code: string } } }
+          code = body.code ?? body.errors?.[0]?.extensions?.code ?? body.error?.data?.code ?? 'NO_CODE'
         } catch {}
         resolve({ refused: { status: res.statusCode ?? 0, code } })
       })

@@ -108,7 +108,8 @@ t.test('WebSocket upgrades are guarded too (/ws, /graphql, /trpc), before their 
   t.equal((await upgrade(`/ws?access_token=${tok}`)).status, 101, 'the token in the query string names the tenant')
   t.equal((await upgrade(`/graphql?access_token=${tok}`, 'graphql-transport-ws')).status, 101)
   t.equal((await upgrade(`/trpc?access_token=${tok}`)).status, 101)
-  for (const [path, protocol] of [[`/ws?access_token=${tok}`], ['/graphql', 'graphql-transport-ws'], ['/trpc']] as Array<[string, string?]>) {
+  // Upgrades that may bring their token after it: /graphql in connection_init, /trpc in connectionParams.
+  for (const [path, protocol] of [[`/ws?access_token=${tok}`], ['/graphql', 'graphql-transport-ws'], ['/trpc?connectionParams=1']] as Array<[string, string?]>) {
     const refused = await upgrade(path, protocol)
     if (path.startsWith('/ws')) {
       t.equal(refused.status, 429, path)
