@@ -87,6 +87,17 @@ function waitOf (headers: Record<string, string>): number {
 }
 
 /**
+ * A refusal's Retry-After in whole seconds, for the answers that have no headers to carry it
+ * (a WebSocket frame, a tRPC error over WebSocket or SSE); undefined without one.
+ */
+export function retryAfterOf (headers: Record<string, string> | null): number | undefined {
+  const text = headers?.['retry-after']
+  if (text === undefined) return undefined
+  const seconds = Number(text)
+  return Number.isFinite(seconds) && seconds >= 0 ? Math.ceil(seconds) : undefined
+}
+
+/**
  * The challenge of a 401 (RFC 9110 §11.6.1: a 401 carries WWW-Authenticate; RFC 6750 names the
  * scheme). identity.ts gives a refused token's its `error`; every other 401 gets this one.
  */

@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify'
 import { CallContext, type Protocol, type CacheOutcome } from '../plugins/pipeline/index.js'
-import { toProblem, MantleError, type Problem } from '../errors.js'
+import { toProblem, retryAfterOf, MantleError, type Problem } from '../errors.js'
 
 /** What app.ts hands every face besides REST. */
 export interface FaceOptions {
@@ -61,9 +61,19 @@ function resultMarkers (outcome: FaceResult): string {
   return outcome.ok && outcome.cache !== null ? replayed + ',"cache":"' + outcome.cache + '"' : replayed
 }
 
+/**
+ * A problem as the JSON error object of a face that carries several calls in one message, with
+ * `retryAfter` (seconds) when the refusal asks for a wait (RATE_LIMITED, OVERLOADED, ...): a
+ * WebSocket frame has no Retry-After header to say it in.
+ */
+export function problemJson (problem: Problem, headers: Record<string, string> | null): string {
+  const retryAfter = retryAfterOf(headers)
+  return JSON.stringify(retryAfter === undefined ? problem : { ...problem, retryAfter })
+}
+
 /** A call's answer in the envelope of a face that carries several calls: `{"id":…,"result"|"error":…}` and its markers. */
 export function callEnvelope (id: string, outcome: FaceResult): string {
-  return (outcome.ok ? '{"id":' + id + ',"result":' + outcome.json : '{"id":' + id + ',"error":' + JSON.stringify(outcome.problem)) + resultMarkers(outcome) + '}'
+  return (outcome.ok ? '{"id":' + id + ',"result":' + outcome.json : '{"id":' + id + ',"error":' + problemJson(outcome.problem, outcome.headers)) + resultMarkers(outcome) + '}'
 }
 
 export interface FaceProblem { ok: false, problem: Problem, headers: Record<string, string> | null }

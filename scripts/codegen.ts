@@ -124,6 +124,8 @@ export function generateRouterTypes (manifest: Manifest, namedSchemas: Readonly<
     '    httpStatus: number',
     '    requestId: string',
     '    path?: string',
+    '    /** Seconds to wait before trying again, when the refusal asks for it (its Retry-After). */',
+    '    retryAfter?: number',
     '  }',
     '}',
     '',

@@ -2,7 +2,7 @@ import { uuidv7 } from '../../ids.js'
 import { TRPCError, type TRPC_ERROR_CODE_KEY, type TRPC_ERROR_CODE_NUMBER } from '@trpc/server'
 import { TRPC_ERROR_CODES_BY_KEY } from '@trpc/server/rpc'
 import { getHTTPStatusCodeFromError } from '@trpc/server/http'
-import { MantleError, toProblem, type ErrorCode, type Problem } from '../../errors.js'
+import { MantleError, retryAfterOf, toProblem, type ErrorCode, type Problem } from '../../errors.js'
 
 // The tRPC face encodes the pipeline's problems as tRPC errors, and tRPC's own refusals
 // (unknown procedure, malformed input, wrong method) as contract codes: a client reads
@@ -16,6 +16,11 @@ export interface MantleErrorData {
   httpStatus: number
   requestId: string
   path?: string
+  /**
+   * Seconds to wait before trying again, when the refusal asks for it (its Retry-After): over
+   * WebSocket and SSE there is no header to carry it; over HTTP the header says it too.
+   */
+  retryAfter?: number
 }
 
 export interface MantleErrorShape {
@@ -123,19 +128,24 @@ export function errorShape (error: TRPCError, requestId: string | undefined, pat
   let status: number
   let detail: string
   let id = requestId
+  let headers: Record<string, string> | null = null
   if (error instanceof ProblemError) {
     ({ code, status } = error.problem)
     detail = error.problem.detail ?? error.problem.title
     id = error.problem.requestId
+    headers = error.headers
   } else if (error.cause instanceof MantleError) {
     code = error.cause.code
     status = error.cause.statusCode
     detail = error.cause.message
+    headers = error.cause.headers
   } else {
     ({ code, status, detail } = fromTrpc(error))
   }
   const data: MantleErrorData = { code, httpStatus: status, requestId: id ?? uuidv7() }
   if (path !== undefined) data.path = path
+  const retryAfter = retryAfterOf(headers)
+  if (retryAfter !== undefined) data.retryAfter = retryAfter
   return { message: detail, code: TRPC_ERROR_CODES_BY_KEY[trpcCodeOf(status)], data }
 }
 

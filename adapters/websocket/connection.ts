@@ -1,9 +1,9 @@
 import type { FastifyInstance } from 'fastify'
 import { uuidv7 } from '../../ids.js'
 import { WebSocket, type RawData } from 'ws'
-import { runCall, callEnvelope } from '../face.js'
+import { runCall, callEnvelope, problemJson } from '../face.js'
 import { checkedIdempotencyKey } from '../rest/index.js'
-import { MantleError, toProblem, type Problem } from '../../errors.js'
+import { MantleError, toProblem } from '../../errors.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame, type AuthFrame } from './frames.js'
 import type { CloseReason, WebSocketCounters } from './metrics.js'
@@ -131,12 +131,9 @@ export class Connection {
     this.face.counters.frameOut()
   }
 
-  private sendProblem (id: string | null, problem: Problem): void {
-    this.send('{"id":' + JSON.stringify(id) + ',"error":' + JSON.stringify(problem) + '}')
-  }
-
   private refuse (id: string | null, err: unknown): void {
-    this.sendProblem(id, toProblem(err, uuidv7()).problem)
+    const { problem, headers } = toProblem(err, uuidv7())
+    this.send('{"id":' + JSON.stringify(id) + ',"error":' + problemJson(problem, headers) + '}')
   }
 
   private onMessage (data: RawData, isBinary: boolean): void {
@@ -166,7 +163,8 @@ export class Connection {
     const { maxInFlight } = this.face.limits
     // Beyond the bound the pipeline refuses the call before anything that costs (it never
     // reaches the Kernel), so that the refusal has its audit entry like every other.
-    const refusal = this.inFlight >= maxInFlight ? new MantleError('OVERLOADED', `A connection may have at most ${maxInFlight} calls in flight`) : undefined
+    // A second's wait, as tRPC's bound asks: the calls in flight end and make room.
+    const refusal = this.inFlight >= maxInFlight ? new MantleError('OVERLOADED', `A connection may have at most ${maxInFlight} calls in flight`, { headers: { 'retry-after': '1' } }) : undefined
     if (refusal === undefined) this.inFlight++
     const id = JSON.stringify(frame.id)
     runCall(this.face.app, {

@@ -83,7 +83,7 @@ t.test('calls in flight are bounded per connection: OVERLOADED beyond it, none r
   const refused = []
   for (let i = 0; i < 6; i++) refused.push(await client.next())
   t.same(refused.map(f => f.id), ['64', '65', '66', '67', '68', '69'])
-  for (const f of refused) t.match(f.error, { code: 'OVERLOADED', status: 503, detail: 'A connection may have at most 64 calls in flight' })
+  for (const f of refused) t.match(f.error, { code: 'OVERLOADED', status: 503, detail: 'A connection may have at most 64 calls in flight', retryAfter: 1 })
   // Each refusal is a call of the pipeline's, refused before the Kernel: it has its audit entry.
   await drained(app)
   await sleep(80)
@@ -127,6 +127,20 @@ t.test('subscriptions and connections are bounded', async t => {
   await sleep(20)
   const again = await connect(t, url)
   t.equal(again.ws.readyState, again.ws.OPEN, 'a closed connection frees its place')
+})
+
+t.test('a refusal that asks for a wait says it in the error frame, which has no Retry-After header', async t => {
+  const { app, url } = await wsApp(t)
+  const client = await connect(t, url, { roles: ['viewer'] })
+  // The instance's bound on event subscriptions, reached (the bus refuses with Retry-After: 5).
+  const bus = app.events.bus as unknown as { count: number }
+  bus.count = 100_000
+  t.match(await client.request({ id: 's', subscribe: 'runUpdated' }), { id: 's', error: { code: 'OVERLOADED', status: 503, detail: 'Too many event subscriptions on this instance', retryAfter: 5 } })
+  bus.count = 0
+  t.same(await client.request({ id: 's', subscribe: 'runUpdated' }), { id: 's', subscribed: 'runUpdated' })
+  const invalid = await client.request({ id: 'v', op: 'nope' })
+  t.match(invalid, { id: 'v', error: { code: 'NOT_FOUND' } })
+  t.notOk('retryAfter' in invalid.error, 'none on a refusal that asks no wait')
 })
 
 t.test('a client that does not read is closed with 1013 instead of buffering without end', async t => {

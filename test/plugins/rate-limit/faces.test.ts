@@ -158,6 +158,39 @@ t.test('WebSocket: every frame is counted; the error frame carries RATE_LIMITED'
   t.same(frames[0], { id: '1', result: { ok: true } })
   t.same(frames[1], { id: '2', result: { ok: true } })
   t.match(frames[2], { id: '3', error: { code: 'RATE_LIMITED', status: 429, title: 'Rate limited' } })
+  // A frame has no Retry-After header: the wait goes in the error (before: no hint at all).
+  const wait = frames[2].error.retryAfter
+  t.ok(Number.isInteger(wait) && wait >= 1 && wait <= 120, `retryAfter ${String(wait)}`)
+  t.notOk('retryAfter' in frames[0], 'none on an answer')
+})
+
+t.test('tRPC: a refusal\'s wait is data.retryAfter over WebSocket, where no header carries it, and over HTTP as its Retry-After says', async t => {
+  const { app } = await setup(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ tenant: 'f-' + randomUUID() }) })
+  t.teardown(() => ws.terminate())
+  const messages: Array<Record<string, any>> = []
+  ws.on('message', (m) => messages.push(JSON.parse(String(m))))
+  await new Promise(resolve => ws.on('open', resolve))
+  for (const id of [1, 2, 3]) {
+    ws.send(JSON.stringify({ id, method: 'query', params: { path: 'limited', input: { n: id } } }))
+    while (messages.length < id) await new Promise(resolve => setTimeout(resolve, 5))
+  }
+  t.match(messages[2], { id: 3, error: { data: { code: 'RATE_LIMITED', httpStatus: 429 } } })
+  const wait = messages[2].error.data.retryAfter
+  t.ok(Number.isInteger(wait) && wait >= 1 && wait <= 120, `retryAfter ${String(wait)}`)
+
+  const headers = bearer({ tenant: 'f-' + randomUUID() })
+  const url = '/trpc/limited?input=' + encodeURIComponent('{}')
+  await app.inject({ url, headers })
+  const notYet = await app.inject({ url, headers })
+  t.notOk('retryAfter' in (notYet.json().result ?? {}), 'none on an answer')
+  const refused = await app.inject({ url, headers })
+  t.equal(refused.json().error.data.retryAfter, Number(refused.headers['retry-after']), 'over HTTP, the header\'s value')
+  const invalid = await app.inject({ url: '/trpc/limited?input=' + encodeURIComponent('[1]'), headers: bearer() })
+  t.match(invalid.json().error.data, { code: 'VALIDATION_FAILED' })
+  t.notOk('retryAfter' in invalid.json().error.data, 'none on a refusal that asks no wait')
 })
 
 t.test('REST: a counted call answered with an error still carries the operation\'s RateLimit-*', async t => {
@@ -187,6 +220,8 @@ t.test('REST batch: a refused call\'s Retry-After and RateLimit-* go on the resp
   t.equal(res.statusCode, 200)
   t.match(res.json().results, [{ result: { ok: true } }, { result: { ok: true } }, { error: { code: 'RATE_LIMITED' } }])
   t.ok(Number(res.headers['retry-after']) >= 1, `Retry-After ${String(res.headers['retry-after'])} (before: none)`)
+  // Each refused call's own wait, as a /ws frame's error carries it (the header: the longest's).
+  t.equal(res.json().results[2].error.retryAfter, Number(res.headers['retry-after']))
   t.equal(res.headers['ratelimit-limit'], '2')
   const fine = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls: [{ id: 'f', op: 'free', input: {} }] } })
   t.notOk(fine.headers['retry-after'], 'none without a refusal')
