@@ -369,7 +369,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // Compression attaches itself to routes as they are declared: before any route.
   if (config.BFF_COMPRESSION_ENABLED) await app.register(compression)
   let reloads: ((outcome: 'applied' | 'refused') => void) | null = null
-  app.decorate('reloadManifest', async () => {
+  type Reload = { applied: boolean, reasons: string[] }
+  const reloadOnce = async (): Promise<Reload> => {
     let reasons: string[]
     try {
       reasons = app.pipeline.reload(await loadManifestFile(config.BFF_MANIFEST))
@@ -381,7 +382,25 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     else app.log.warn({ manifest: config.BFF_MANIFEST, reasons }, 'manifest reload refused: the manifest in force is kept')
     reloads?.(applied ? 'applied' : 'refused')
     return { applied, reasons }
-  })
+  }
+  // One reload at a time, each reading the file when its turn comes, and at most one waiting
+  // (those asked for meanwhile share it): two at once each read the file and applied what they
+  // read when their read ended, so a slower read of the older file could be applied last.
+  let current: Promise<Reload> | null = null
+  let queued: Promise<Reload> | null = null
+  const reloadManifest = async (): Promise<Reload> => {
+    if (queued !== null) return await queued
+    if (current === null) {
+      current = reloadOnce().finally(() => { current = null })
+      return await current
+    }
+    queued = current.then(async () => {
+      queued = null
+      return await reloadManifest()
+    })
+    return await queued
+  }
+  app.decorate('reloadManifest', reloadManifest)
   // Tracing costs nothing unless an OTLP endpoint is configured.
   const traces = tracesUrl(config)
   if (traces !== null) await app.register(tracing, { url: traces, serviceName: config.OTEL_SERVICE_NAME, version: VERSION, sampleRatio: config.BFF_TRACE_SAMPLE_RATIO, ...(options.traceExporter === undefined ? {} : { exporter: options.traceExporter }) })

@@ -70,6 +70,21 @@ t.test('a policy change applied under load drops no call, and is in force afterw
   t.match(metrics.body, `mantle_manifest_reloads_total{outcome="applied"} ${reloads.length}`)
 })
 
+t.test('reloads asked for at once run one at a time, those asked for meanwhile sharing one, which reads the file last', async t => {
+  // Two at once each read the file and applied what they read when their read ended: a slower
+  // read of the older file could be applied after the newer one.
+  const { app, file } = await setup(t)
+  writeFileSync(file, manifest('operator'))
+  const first = app.reloadManifest()
+  writeFileSync(file, manifest('viewer, operator'))
+  const later = [app.reloadManifest(), app.reloadManifest(), app.reloadManifest(), app.reloadManifest()]
+  const outcomes = await Promise.all([first, ...later])
+  t.ok(outcomes.every(o => o.applied))
+  const metrics = await app.inject({ url: '/metrics' })
+  t.match(metrics.body, 'mantle_manifest_reloads_total{outcome="applied"} 2', 'the first, then one for the four asked for while it ran')
+  t.same(app.pipeline.manifest.byName.get('getThing')?.roles, ['viewer', 'operator'], 'the file as it was last written is in force')
+})
+
 t.test('an invalid manifest, or one that changes more than policies, is refused and the old one kept', async t => {
   const { app, file } = await setup(t)
   const viewer = bearer({ roles: ['viewer'] })
