@@ -102,7 +102,9 @@ export class CircuitBreaker {
  */
 export class RetryBudget {
   private tokens: number
-  constructor (private readonly ratio = 0.2, private readonly cap = 100, reserve = 10) {
+  // The cap is the reserve: with a cap of 100, a calm spell banked 100 retries, and a Kernel that
+  // then failed saw 100 retries plus 20% of the traffic, not the 10 the README promises.
+  constructor (private readonly ratio = 0.2, private readonly cap = 10, reserve = 10) {
     this.tokens = Math.min(reserve, cap)
   }
 

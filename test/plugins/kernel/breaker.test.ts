@@ -168,6 +168,9 @@ t.test('RetryBudget: reserve, deposits up to the cap, withdrawals of one token',
   t.notOk(d.withdraw(), 'refused at 0.8 (4 × 0.2): a whole token is needed')
   d.deposit()
   t.ok(d.withdraw(), '5 first attempts at ratio 0.2 buy one retry')
+  const calm = new RetryBudget()
+  for (let i = 0; i < 1000; i++) calm.deposit()
+  t.equal(calm.balance, 10, 'a calm spell banks no more than the reserve: retries stay within 20% of traffic plus 10')
 
   const b = new RetryBudget(0.5, 3, 2)
   t.equal(b.balance, 2)
