@@ -1,12 +1,12 @@
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import mercurius from 'mercurius'
 import { Kind, getOperationAST, parse, type DocumentNode } from 'graphql'
-import { AnswerBudget, runCall, type FaceOptions } from '../face.js'
+import { MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { callKey, idempotencyKeyOf, single } from '../rest/index.js'
 import { buildSchema } from './schema.js'
-import { limitsRule, noSubscriptionOverHttp, MAX_FIELDS } from './limits.js'
+import { jsonLength, limitsRule, noSubscriptionOverHttp, MAX_FIELDS } from './limits.js'
 import { errorFormatter, fieldError } from './errors.js'
 import { createSubscriptions } from './subscriptions.js'
 import { upgradeAuthorization } from '../upgrade.js'
@@ -36,8 +36,8 @@ interface RequestContext {
   traceparent: string | undefined
   idempotencyKey: string | null | undefined
   memo: Map<string, Promise<unknown>>
-  /** What the document's fields have answered. */
-  answer: AnswerBudget
+  /** The response keys of the document's mutation fields (their results are kept apart: see onResolution). */
+  mutations?: Set<string>
   n: number
   /** Set by mercurius on HTTP requests. */
   reply?: FastifyReply
@@ -110,7 +110,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   const schema = buildSchema(app.pipeline.manifest, {
     operation: (op, toInput) => async (_source, args: Record<string, unknown>, ctx: RequestContext, info) => {
       const n = ctx.n++
-      const outcome = await runCall(app, {
+      const result = await runCall(app, {
         // A document's mutations run one after the other: those not begun when the shutdown
         // starts are refused (audited as such), lest the document outlive the grace and the
         // process be killed with a mutation carried out and neither answered nor audited.
@@ -130,9 +130,8 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
           : callKey(ctx.idempotencyKey, String(info.path.key)),
         memo: ctx.memo
       })
-      const result = ctx.answer.admit(outcome, op.type === 'query', `${ctx.requestId}.${n}`)
+      if (op.type === 'mutation') (ctx.mutations ??= new Set()).add(String(info.path.key))
       if (result.ok) {
-        ctx.answer.used += result.json.length
         // Reported once the document has run (onResolution below).
         if (result.cache !== null && ctx.reply !== undefined) (ctx.cache ??= {})[String(info.path.key)] = result.cache
         return result.value
@@ -191,13 +190,36 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
       traceparent: single(request.headers.traceparent),
       idempotencyKey: idempotencyKeyOf(request),
       memo: new Map(),
-      answer: new AnswerBudget(),
       n: 0
     }),
     subscription: app.pipeline.manifest.events.length === 0
       ? false
       // Event queues are the bus's streams, bounded (a slow subscriber loses the oldest events).
       : { context: subscriptions.context, onConnect: subscriptions.onConnect }
+  })
+  // The answer as the client gets it holds at most MAX_ANSWER_CHARS: root fields in order, a
+  // field whose result would pass it answered null with PAYLOAD_TOO_LARGE. Measured on the result
+  // as serialized, not on the calls' answers: identical query fields share one Kernel call, and
+  // one field's selection may name a large value under many aliases (30 aliases of a 3 MB field,
+  // one call, made a 94 MB answer from a request of under 1 KB). A mutation's result too, though
+  // the mutation was carried out: selected once, it fits.
+  app.graphql.addHook('onResolution', async (execution, context) => {
+    const data = execution.data as Record<string, unknown> | null | undefined
+    if (data === null || data === undefined) return
+    const { requestId, mutations } = context as unknown as RequestContext
+    let used = 0
+    for (const key of Object.keys(data)) {
+      const size = jsonLength(data[key], MAX_ANSWER_CHARS - used)
+      if (used + size <= MAX_ANSWER_CHARS) {
+        used += size
+        continue
+      }
+      data[key] = null
+      const message = mutations?.has(key) === true
+        ? `This mutation was carried out; its result would take the answer past ${MAX_ANSWER_CHARS} characters and is left out (select its fields once)`
+        : `The answer would pass ${MAX_ANSWER_CHARS} characters: this field's result is left out, ask for it again`
+      ;(execution as { errors?: unknown[] }).errors = [...(execution.errors ?? []), { message, path: [key], extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413, requestId } }]
+    }
   })
   // The cache's outcomes, once every call of the document has run: a document of one call says
   // it in x-cache, as REST does; one of several has one header for them all, so each cached

@@ -94,3 +94,32 @@ export const noSubscriptionOverHttp: ValidationRule = (context) => ({
     return false
   }
 })
+
+/**
+ * About how many characters `value` takes as JSON (escapes apart), counted only until it passes
+ * `limit`: the walk stops there, so a result that repeats one large value under many aliases
+ * costs a visit per copy up to the limit, not a serialization of every copy. Iterative: a `JSON`
+ * scalar's value may nest deeper than the stack allows.
+ */
+export function jsonLength (value: unknown, limit: number): number {
+  let size = 0
+  const stack: unknown[] = [value]
+  while (stack.length > 0 && size <= limit) {
+    const v = stack.pop()
+    if (typeof v === 'string') size += v.length + 2
+    else if (v === null || v === undefined) size += 4
+    else if (typeof v !== 'object') size += String(v).length
+    else if (Array.isArray(v)) {
+      size += 2 + v.length
+      if (size <= limit) for (const item of v) stack.push(item)
+    } else {
+      size += 2
+      for (const key in v) {
+        size += key.length + 4
+        stack.push((v as Record<string, unknown>)[key])
+        if (size > limit) break
+      }
+    }
+  }
+  return size
+}
