@@ -91,6 +91,7 @@ export class ResponseCache {
   private replayTimer: ReturnType<typeof setTimeout> | undefined
   /** Second invalidations (invalidateLater), by tenant and tags. */
   private readonly later = new Map<string, LaterInvalidation>()
+  private closed = false
 
   constructor (private readonly opts: ResponseCacheOptions) {
     this.now = opts.now ?? Date.now
@@ -389,9 +390,10 @@ export class ResponseCache {
    * may still be under way at the Kernel, and a read between the first invalidation and the
    * Kernel's change put the old answer back, under the new tag versions, for its whole ttl on
    * every instance. Repeats of the same tags share one timer; beyond MAX_LATER_INVALIDATIONS
-   * the oldest is carried out at once.
+   * the oldest is carried out at once. Once the app closes, none is scheduled.
    */
   invalidateLater (tenant: string, tags: readonly string[], ms: number): void {
+    if (this.closed) return
     const k = JSON.stringify([tenant, tags])
     clearTimeout(this.later.get(k)?.timer)
     this.later.delete(k)
@@ -415,11 +417,19 @@ export class ResponseCache {
   }
 
   /** Stops the scheduled replay (the app closes). */
-  close (): void {
+  /**
+   * The app closes: the scheduled replay stops, and the second invalidations still waiting are
+   * carried out now, while Redis is still open (sooner than their time, but other instances keep
+   * serving what this one would otherwise never drop); none is scheduled from now on.
+   */
+  async close (): Promise<void> {
+    this.closed = true
     clearTimeout(this.replayTimer)
     this.replayTimer = undefined
-    for (const due of this.later.values()) clearTimeout(due.timer)
+    const due = [...this.later.values()]
     this.later.clear()
+    for (const d of due) clearTimeout(d.timer)
+    await Promise.all(due.map(async d => { await this.invalidate(d.tenant, d.tags, 'mutation') }))
   }
 
   /** The Redis tier when it is usable; null (counted as a fallback when Redis is configured) when not. */

@@ -116,10 +116,11 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     shared.client.on('ready', replay)
     app.addHook('onClose', async () => {
       shared.client.off('ready', replay)
-      c.close()
       subscriber.disconnect()
     })
   }
+  // Registered after the Redis plugin, so this runs before its connection closes.
+  app.addHook('onClose', async () => { await c.close() })
 
   app.pipeline.addStage({ name: 'cache', order: StageOrder.cache, build: op => c.stage(op) })
 

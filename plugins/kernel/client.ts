@@ -53,7 +53,12 @@ interface Attempt {
   status: number
   value: unknown
   message: string | undefined
+  /** The connection was never made (refused, no such host): the request did not go out. */
+  unsent?: true
 }
+
+// Failures to connect: the request never went out, so the Kernel did nothing.
+const CONNECT_CODES = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT'])
 
 export class KernelClient {
   readonly origin: string
@@ -196,7 +201,7 @@ export class KernelClient {
           this.breaker?.release(permit)
           throw err
         }
-        if (result !== queuedOut) ctx.sent = true
+        if (result !== queuedOut && result.unsent !== true) ctx.sent = true
         if (result === queuedOut) {
           // Its time ran out waiting for a connection: never sent, so no failure of the Kernel's.
           this.breaker?.release(permit)
@@ -279,7 +284,7 @@ export class KernelClient {
       if (deadline.aborted || TIMEOUT_CODES.has(code)) return timedOut
       // The Kernel answered, with headers over undici's 16 KiB: it will answer so every time.
       if (code === 'UND_ERR_HEADERS_OVERFLOW') return { outcome: 'bad_answer', status: 502, value: undefined, message: 'The Kernel answered with headers over 16 KiB' }
-      return { outcome: 'unavailable', status: 503, value: undefined, message: (err as Error).message }
+      return { outcome: 'unavailable', status: 503, value: undefined, message: (err as Error).message, ...(CONNECT_CODES.has(code) ? { unsent: true } : {}) }
     } finally {
       deadline.clear()
       this.releaseConnection()

@@ -176,6 +176,18 @@ for (const { store, env } of STORES) {
     t.same([after.headers['x-cache'], after.json().n], ['miss', 2], 'the change the Kernel made is read')
   })
 
+  t.test(`${store}: a mutation that never reached the Kernel (connection refused) drops nothing`, async t => {
+    const kernel = await itemKernel(t)
+    const app = await buildTestApp(t, { ...env, BFF_CIRCUIT_BREAKER_ENABLED: false }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const headers = bearer({ tenant: tenant() })
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss')
+    await kernel.close()
+    const refused = await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })
+    t.same([refused.statusCode, refused.json().code], [503, 'KERNEL_UNAVAILABLE'])
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit', 'the entry stays')
+    t.equal(app.responseCache.cache.laterInvalidations, 0, 'and nothing is dropped later')
+  })
+
   // A mutation that timed out dropped its tags when the gateway gave up; the Kernel made the
   // change later, and a read in between put the old answer back under the new tag versions: a
   // hit on every instance for its whole ttl.
@@ -202,6 +214,25 @@ for (const { store, env } of STORES) {
     t.same([after.headers['x-cache'], after.json().n], ['miss', 2], 'the old answer was dropped again')
     t.equal(await metric(app, 'mantle_cache_later_invalidations', {}), 0)
     t.equal(await metric(app, 'mantle_cache_invalidations_total', { source: 'mutation' }), 2, 'twice, no more')
+  })
+
+  t.test(`${store}: second invalidations still waiting at close are carried out then, while Redis is open, and none runs after`, async t => {
+    const kernel = await itemKernel(t)
+    kernel.on('PATCH /v1/items/a', () => {}) // never answers
+    const app = await buildTestApp({ teardown: () => {} }, env, { manifest: itemManifest(kernel.url, { updateItem: { timeoutMs: 100 } }), kernelUrl: kernel.url })
+    const headers = bearer({ tenant: tenant() })
+    t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 504)
+    const cache = app.responseCache.cache
+    t.equal(cache.laterInvalidations, 1)
+    const seen: string[] = []
+    const invalidate = cache.invalidate.bind(cache)
+    cache.invalidate = async (tenant, tags, source) => { seen.push(`${source} ${tags.join(',')} ${app.hasDecorator('redis') ? app.redis.client.status : 'memory'}`); await invalidate(tenant, tags, source) }
+    await app.close()
+    t.same(seen, [`mutation item:a ${store === 'redis' ? 'ready' : 'memory'}`], 'carried out at close, Redis still open')
+    t.equal(cache.pendingInvalidations, 0, 'Redis took it')
+    cache.invalidateLater('t', ['x'], 10)
+    await new Promise(resolve => setTimeout(resolve, 300))
+    t.equal(seen.length, 1, 'nothing scheduled or run after close')
   })
 
   // Entries were checked against the tags they were stored under: a reload that gave an op a
