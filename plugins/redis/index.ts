@@ -59,17 +59,19 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
 
   // A Redis that stops answering with its connection open (hung, or a partition that leaves the
   // TCP connection up) stayed "ready": every keyed mutation waited out the command timeout, and
-  // /readyz and mantle_redis_up said up. A PING each second that is not answered within the
-  // command timeout drops the connection: up() is false at once, ioredis connects anew, and
-  // 'ready' tells every store it is back (on the connection it left, a late answer could have
-  // been taken for a later command's).
+  // /readyz and mantle_redis_up said up. Two PINGs in a row, a second apart, not answered within
+  // the command timeout drop the connection (one could be a Redis busy for a moment: a fork, a
+  // long script): up() is false at once, ioredis connects anew, and 'ready' tells every store it
+  // is back (on the connection it left, a late answer could have been taken for a later one's).
   let beating = false
+  let missed = 0
   const heartbeat = setInterval(() => {
     if (beating || client.status !== 'ready') return
     beating = true
-    client.ping().catch((err: Error) => {
-      if (client.status !== 'ready') return
-      app.log.warn({ err: err.message }, 'Redis did not answer a PING in time: reconnecting; stores fall back to memory meanwhile')
+    client.ping().then(() => { missed = 0 }, (err: Error) => {
+      if (client.status !== 'ready' || ++missed < 2) return
+      missed = 0
+      app.log.warn({ err: err.message }, 'Redis did not answer two PINGs in time: reconnecting; stores fall back to memory meanwhile')
       warned = true
       client.disconnect(true)
     }).finally(() => { beating = false })
