@@ -50,14 +50,16 @@ declare module 'fastify' {
   }
 }
 
-function counters (app: FastifyInstance, bus: () => EventBus, redisUp: () => number): { bus: BusCounters, published: (source: string) => void } | undefined {
+function counters (app: FastifyInstance, bus: () => EventBus, redisUp: (() => number) | null): { bus: BusCounters, published: (source: string) => void } | undefined {
   if (!app.hasDecorator('metrics')) return undefined
   const registers = [app.metrics.registry]
   const published = new Counter({ name: 'mantle_events_published_total', help: 'Kernel events accepted, by source', labelNames: ['source'] as const, registers })
   const delivered = new Counter({ name: 'mantle_events_delivered_total', help: 'Event deliveries to subscribers on this instance', labelNames: ['event'] as const, registers })
   const dropped = new Counter({ name: 'mantle_events_dropped_total', help: 'Events not delivered: invalid payload, unknown topic, a slow consumer behind its bound, or a duplicate (an event delivered here after its publish timed out, coming back from Redis)', labelNames: ['reason'] as const, registers })
   new Gauge({ name: 'mantle_event_subscriptions', help: 'Event subscriptions open on this instance', registers, collect () { this.set(bus().subscriptions) } }) // eslint-disable-line no-new
-  new Gauge({ name: 'mantle_events_redis_up', help: '1 when the Redis event subscriber is connected and subscribed (absent without Redis)', registers, collect () { this.set(redisUp()) } }) // eslint-disable-line no-new
+  // Absent without Redis, as mantle_redis_up: at 0 it set off MantleRedisFallbackActive on every
+  // instance that runs on the embedded default.
+  if (redisUp !== null) new Gauge({ name: 'mantle_events_redis_up', help: '1 when the Redis event subscriber is connected and subscribed (absent without Redis)', registers, collect () { this.set(redisUp()) } }) // eslint-disable-line no-new
   return {
     bus: { delivered: (event, n) => delivered.labels(event).inc(n), dropped: reason => dropped.labels(reason).inc() },
     published: source => published.labels(source).inc()
@@ -69,7 +71,7 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   let publisher: Redis | null = null
   let subscribed = false
   let probe: NodeJS.Timeout | undefined
-  const metrics = counters(app, () => bus, () => subscribed ? 1 : 0)
+  const metrics = counters(app, () => bus, opts.redisUrl === undefined ? null : () => subscribed ? 1 : 0)
   const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus)
 
   // Events delivered here because their publish timed out, by their JSON text, with when they

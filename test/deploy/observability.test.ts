@@ -76,3 +76,13 @@ t.test('every metric the alert rules and the dashboard name is one the gateway e
     t.ok(used.includes(n), `the dashboard shows ${n}`)
   }
 })
+
+t.test('on the embedded default (no Redis) no Redis gauge is exported: MantleRedisFallbackActive stays quiet', async t => {
+  // mantle_events_redis_up was exported at 0 without Redis, and the alert fired on every
+  // instance that runs on memory stores by choice.
+  const app = await buildDemoApp(t)
+  const names = exported((await app.inject({ method: 'GET', url: '/metrics' })).body)
+  t.notOk(names.has('mantle_redis_up'))
+  t.notOk(names.has('mantle_events_redis_up'))
+  t.ok(names.has('mantle_events_published_total'), 'the events metrics are there')
+})
