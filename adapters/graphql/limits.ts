@@ -95,30 +95,73 @@ export const noSubscriptionOverHttp: ValidationRule = (context) => ({
   }
 })
 
+// Characters JSON.stringify writes escaped: controls, `"`, `\\`, and surrogates (paired ones as
+// they are, a lone one as \uXXXX).
+// eslint-disable-next-line no-control-regex -- control characters are what is looked for
+const ESCAPED = /[\u0000-\u001f"\\\ud800-\udfff]/
+
+/** Characters `text` takes as a JSON string, quotes included. */
+function stringLength (text: string): number {
+  if (!ESCAPED.test(text)) return text.length + 2
+  let size = 2
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i)
+    if (c === 0x22 || c === 0x5c || c === 0x08 || c === 0x09 || c === 0x0a || c === 0x0c || c === 0x0d) size += 2
+    else if (c < 0x20) size += 6
+    else if (c >= 0xd800 && c <= 0xdbff && i + 1 < text.length && (text.charCodeAt(i + 1) & 0xfc00) === 0xdc00) {
+      size += 2
+      i++
+    } else if (c >= 0xd800 && c <= 0xdfff) size += 6
+    else size++
+  }
+  return size
+}
+
+/** Characters a JSON primitive (or undefined, written null in an array) takes. */
+function primitiveLength (v: unknown): number {
+  if (typeof v === 'string') return stringLength(v)
+  if (v === null || v === undefined) return 4
+  return String(v).length
+}
+
 /**
- * About how many characters `value` takes as JSON (escapes apart), counted only until it passes
- * `limit`: the walk stops there, so a result that repeats one large value under many aliases
- * costs a visit per copy up to the limit, not a serialization of every copy. Iterative: a `JSON`
- * scalar's value may nest deeper than the stack allows.
+ * How many characters `value` takes as JSON, counted only until it passes `limit`: the walk
+ * stops there, so a result that repeats one large value under many aliases costs a visit per
+ * copy up to the limit, not a serialization of every copy. Long strings are measured once per
+ * walk (aliases repeat the same one). Iterative: a `JSON` scalar's value may nest deeper than the
+ * stack allows.
  */
 export function jsonLength (value: unknown, limit: number): number {
   let size = 0
+  const measured = new Map<string, number>()
   const stack: unknown[] = [value]
   while (stack.length > 0 && size <= limit) {
     const v = stack.pop()
-    if (typeof v === 'string') size += v.length + 2
-    else if (v === null || v === undefined) size += 4
-    else if (typeof v !== 'object') size += String(v).length
-    else if (Array.isArray(v)) {
-      size += 2 + v.length
-      if (size <= limit) for (const item of v) stack.push(item)
+    if (typeof v !== 'object' || v === null) {
+      if (typeof v === 'string' && v.length > 1024) {
+        let n = measured.get(v)
+        if (n === undefined) measured.set(v, n = stringLength(v))
+        size += n
+      } else size += primitiveLength(v)
+    } else if (Array.isArray(v)) {
+      size += v.length === 0 ? 2 : 1 + v.length
+      // Elements that are primitives are counted here, without a visit each.
+      for (let i = 0; i < v.length && size <= limit; i++) {
+        const item: unknown = v[i]
+        if (typeof item === 'object' && item !== null) stack.push(item)
+        else size += primitiveLength(item)
+      }
     } else {
-      size += 2
+      size += 1
+      let first = true
       for (const key in v) {
-        size += key.length + 4
+        // `"key":` and the `,` or `}` after the value.
+        size += stringLength(key) + 2
+        first = false
         stack.push((v as Record<string, unknown>)[key])
         if (size > limit) break
       }
+      if (first) size++
     }
   }
   return size

@@ -1,5 +1,6 @@
 import t, { type Test } from 'tap'
 import { MAX_ANSWER_CHARS } from '../../adapters/face.js'
+import { jsonLength } from '../../adapters/graphql/limits.js'
 import { buildTestApp, startTestKernel, testManifest, bearer, json } from '../helper.js'
 
 // Identical queries of one request share one Kernel call: 30 tRPC batch calls or GraphQL fields
@@ -55,4 +56,40 @@ t.test('a GraphQL answer holds at most MAX_ANSWER_CHARS, as serialized: root fie
   t.equal(kernel.requests.filter(r => r.method === 'POST').length, FIT + 1, 'every mutation carried out')
   t.equal(Object.values(made.data).filter(v => v?.blob === blob).length, FIT, 'the results that fit')
   t.match(made.errors, [{ path: [`m${FIT}`], message: /mutation was carried out/, extensions: { code: 'PAYLOAD_TOO_LARGE' } }], 'the one past it says the mutation ran')
+})
+
+t.test('the GraphQL bound counts characters as JSON writes them, escapes included', async t => {
+  // Counted by their length, 30 aliases of a 1 M-character string of control characters (6 MB
+  // as JSON) passed as 31 M characters and made a 188 MB answer.
+  const escaped = '\u0001'.repeat(1024 * 1024)
+  const kernel = await startTestKernel(t, { 'GET /v1/esc': (_req, res) => json(res, 200, { s: escaped }) })
+  const manifest = testManifest({ getEsc: { type: 'query', rest: 'GET /esc', kernel: 'GET /v1/esc', output: { type: 'object', properties: { s: { type: 'string' } } } } })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const res = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: `{ one: getEsc { ${Array.from({ length: 30 }, (_, i) => `b${i}: s`).join(' ')} } }` } })
+  t.ok(res.body.length < 10_000, `${res.body.length} characters`)
+  t.match(res.json(), { data: { one: null }, errors: [{ path: ['one'], extensions: { code: 'PAYLOAD_TOO_LARGE' } }] })
+
+  for (const value of [null, 0, -2.5e-7, true, 'plain', 'q"b\\s\n\t\u0001\u001f', '\ud83d\ude00 and a lone \ud800', [], {}, [null, [1, 'a'], { k: [{}] }], { 'k"ey': { n: null, l: [true, false] } }]) {
+    t.equal(jsonLength(value, Infinity), JSON.stringify(value).length, JSON.stringify(value))
+  }
+})
+
+t.test('the GraphQL bound measures at most twice its size per document: fields past that are left out unmeasured', async t => {
+  // Each field left out was walked up to the room left: 50 of them, over a large JSON value,
+  // held the event loop for 23 s for one small request.
+  const kernel = await startTestKernel(t, {
+    'GET /v1/big': (_req, res) => json(res, 200, { blob }),
+    'GET /v1/small': (_req, res) => json(res, 200, { blob: 'small' })
+  })
+  const output = { type: 'object', properties: { blob: { type: 'string' } } }
+  const manifest = testManifest({
+    getBig: { type: 'query', rest: 'GET /big', kernel: 'GET /v1/big', output },
+    getSmall: { type: 'query', rest: 'GET /small', kernel: 'GET /v1/small', output }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const big = Array.from({ length: FIT + 1 }, (_, i) => `b${i}: blob`).join(' ')
+  const res = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: `{ small: getSmall { blob } a: getBig { ${big} } b: getBig { ${big} } c: getBig { ${big} } last: getSmall { blob } }` } })
+  const { data, errors } = res.json() as { data: Record<string, unknown>, errors: Array<{ path: string[], extensions: { code: string } }> }
+  t.same(data, { small: { blob: 'small' }, a: null, b: null, c: null, last: null })
+  t.same(errors.map(e => [e.path[0], e.extensions.code]), [['a', 'PAYLOAD_TOO_LARGE'], ['b', 'PAYLOAD_TOO_LARGE'], ['c', 'PAYLOAD_TOO_LARGE'], ['last', 'PAYLOAD_TOO_LARGE']])
 })
