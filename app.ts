@@ -394,10 +394,13 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       current = reloadOnce().finally(() => { current = null })
       return await current
     }
-    queued = current.then(async () => {
+    // Whether the one under way ends well or not (a log stream that throws): a rejection kept in
+    // `queued` would have been every later reload's answer, and no SIGHUP applied a file again.
+    const next = async (): Promise<Reload> => {
       queued = null
       return await reloadManifest()
-    })
+    }
+    queued = current.then(next, next)
     return await queued
   }
   app.decorate('reloadManifest', reloadManifest)

@@ -85,6 +85,30 @@ t.test('reloads asked for at once run one at a time, those asked for meanwhile s
   t.same(app.pipeline.manifest.byName.get('getThing')?.roles, ['viewer', 'operator'], 'the file as it was last written is in force')
 })
 
+t.test('a reload that fails outside its checks does not stop the ones after it', async t => {
+  // A reload queued behind one that rejected (its log line threw) kept the rejection, and every
+  // later reload answered with it: no SIGHUP applied a file again.
+  const { app, file } = await setup(t)
+  const log = app.log as unknown as { info: (...args: unknown[]) => void }
+  const info = log.info
+  let fail = true
+  log.info = function (this: unknown, ...args: unknown[]) {
+    if (fail) {
+      fail = false
+      throw new Error('log stream failed')
+    }
+    info.apply(this, args)
+  }
+  writeFileSync(file, manifest('operator'))
+  const first = app.reloadManifest()
+  const second = app.reloadManifest()
+  await t.rejects(first, /log stream failed/)
+  t.equal((await second).applied, true, 'the one queued behind it runs')
+  writeFileSync(file, manifest('viewer'))
+  t.equal((await app.reloadManifest()).applied, true, 'and so does a later one')
+  t.same(app.pipeline.manifest.byName.get('getThing')?.roles, ['viewer'])
+})
+
 t.test('an invalid manifest, or one that changes more than policies, is refused and the old one kept', async t => {
   const { app, file } = await setup(t)
   const viewer = bearer({ roles: ['viewer'] })
