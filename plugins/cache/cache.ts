@@ -367,7 +367,7 @@ export class ResponseCache {
 
   /** One replay when the hold on Redis ends (at once when there is none). */
   private scheduleReplay (): void {
-    if (this.replayTimer !== undefined) return
+    if (this.replayTimer !== undefined || this.closed) return
     this.replayTimer = setTimeout(() => {
       this.replayTimer = undefined
       this.replayPending().catch(noop)

@@ -47,6 +47,8 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
     connectionName: 'mantle'
   })
   let warned = false
+  /** PINGs missed in a row on the connection now ready (the heartbeat below). */
+  let missed = 0
   client.on('error', (err: Error) => {
     if (!warned) app.log.warn({ err: err.message }, 'Redis connection error: stores fall back to memory until it is back')
     warned = true
@@ -54,17 +56,17 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   client.on('ready', () => {
     if (warned) app.log.info('Redis is back')
     warned = false
+    missed = 0
   })
   const up = (): boolean => client.status === 'ready'
 
   // A Redis that stops answering with its connection open (hung, or a partition that leaves the
   // TCP connection up) stayed "ready": every keyed mutation waited out the command timeout, and
-  // /readyz and mantle_redis_up said up. Two PINGs in a row, a second apart, not answered within
-  // the command timeout drop the connection (one could be a Redis busy for a moment: a fork, a
+  // /readyz and mantle_redis_up said up. Two PINGs in a row (each sent a second after the last
+  // one ended) not answered within the command timeout drop the connection (one could be a Redis busy for a moment: a fork, a
   // long script): up() is false at once, ioredis connects anew, and 'ready' tells every store it
   // is back (on the connection it left, a late answer could have been taken for a later one's).
   let beating = false
-  let missed = 0
   const heartbeat = setInterval(() => {
     if (beating || client.status !== 'ready') return
     beating = true
