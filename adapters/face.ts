@@ -81,9 +81,10 @@ export type FaceResult = FaceValue | FaceProblem
 
 /**
  * The most characters of results that the calls of one request answer together: a REST or
- * tRPC batch, a GraphQL document's fields. Each call's answer is bounded (the Kernel's, 10 MB),
- * but identical queries share one Kernel call: 50 calls of one 9.5 MB query made a 475 MB
- * answer from a 2.4 KB request, on each of the three faces.
+ * tRPC batch (AnswerBudget), a GraphQL document (measured on its answer as sent, where aliases
+ * repeat values: adapters/graphql). Each call's answer is bounded (the Kernel's, 10 MB), but
+ * identical queries share one Kernel call: 50 calls of one 9.5 MB query made a 475 MB answer
+ * from a 2.4 KB request, on each of the three faces.
  */
 export const MAX_ANSWER_CHARS = 32 * 1024 * 1024
 

@@ -126,7 +126,8 @@ export class ResponseCache {
           // asked and did not refuse (a 5xx, no answer in time, the connection lost after the
           // request went out). Before, no tag was dropped then (on a lost connection still not),
           // and every instance served the old entry as a hit for its ttl. A call never sent
-          // (breaker open, bulkhead full, its time out before a connection) changed nothing.
+          // (breaker open, bulkhead full, its time out before a connection, the connection
+          // refused) changed nothing.
           const code = err instanceof MantleError ? err.code : null
           changed = ctx.answered || (ctx.sent && code !== 'KERNEL_REJECTED' && code !== 'NOT_FOUND')
           unanswered = changed && !ctx.answered && (code === 'KERNEL_TIMEOUT' || code === 'KERNEL_UNAVAILABLE')

@@ -63,9 +63,10 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   // A Redis that stops answering with its connection open (hung, or a partition that leaves the
   // TCP connection up) stayed "ready": every keyed mutation waited out the command timeout, and
   // /readyz and mantle_redis_up said up. Two PINGs in a row (each sent a second after the last
-  // one ended) not answered within the command timeout drop the connection (one could be a Redis busy for a moment: a fork, a
-  // long script): up() is false at once, ioredis connects anew, and 'ready' tells every store it
-  // is back (on the connection it left, a late answer could have been taken for a later one's).
+  // one ended) not answered within the command timeout drop the connection (one alone could be
+  // a Redis busy for a moment: a fork, a long script): up() is false at once, ioredis connects
+  // anew, and 'ready' tells every store it is back (on the connection it left, a late answer
+  // could have been taken for a later command's).
   let beating = false
   const heartbeat = setInterval(() => {
     if (beating || client.status !== 'ready') return
