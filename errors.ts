@@ -82,8 +82,7 @@ export function refusalHeaders (list: Iterable<Record<string, string> | null>, p
 
 /** The seconds a problem's Retry-After asks for (0 without one). */
 function waitOf (headers: Record<string, string>): number {
-  const seconds = Number(headers['retry-after'])
-  return Number.isFinite(seconds) ? seconds : 0
+  return retryAfterOf(headers) ?? 0
 }
 
 /**

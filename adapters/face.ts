@@ -89,19 +89,22 @@ export type FaceResult = FaceValue | FaceProblem
 export const MAX_ANSWER_CHARS = 32 * 1024 * 1024
 
 /**
- * What the calls of one request have answered so far. A query's result that would take it past
- * MAX_ANSWER_CHARS is left out, its call answered PAYLOAD_TOO_LARGE, to be asked again; a
- * mutation's result is always kept, since its effect has happened.
+ * The results the calls of one request have answered so far. A query's result that would take
+ * them past MAX_ANSWER_CHARS is left out, its call answered PAYLOAD_TOO_LARGE, to be asked again;
+ * a mutation's result is always kept, since its effect has happened.
  */
 export class AnswerBudget {
-  /** Characters answered so far. */
-  used = 0
+  private used = 0
 
-  /** `outcome`, or PAYLOAD_TOO_LARGE in its place when it is a query's result that does not fit. */
+  /** `outcome`, counted, or PAYLOAD_TOO_LARGE in its place when it is a query's result that does not fit. */
   admit (outcome: FaceResult, query: boolean, requestId: string): FaceResult {
-    if (!outcome.ok || !query || this.used + outcome.json.length <= MAX_ANSWER_CHARS) return outcome
-    const { problem, headers } = toProblem(new MantleError('PAYLOAD_TOO_LARGE', `The answer would pass ${MAX_ANSWER_CHARS} characters: this query's result is left out, ask for it again`), requestId)
-    return { ok: false, problem, headers }
+    if (!outcome.ok) return outcome
+    if (query && this.used + outcome.json.length > MAX_ANSWER_CHARS) {
+      const { problem, headers } = toProblem(new MantleError('PAYLOAD_TOO_LARGE', `The answer would pass ${MAX_ANSWER_CHARS} characters: this query's result is left out, ask for it again`), requestId)
+      return { ok: false, problem, headers }
+    }
+    this.used += outcome.json.length
+    return outcome
   }
 }
 

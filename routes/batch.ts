@@ -65,11 +65,7 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     const outcomes = await Promise.all(calls.map(async (call, n) => await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, idempotencyKey: callKey(idempotencyKey, keySuffix(call.id)), memo })))
     // In the calls' order: which results are left out does not depend on when they came.
     const budget = new AnswerBudget()
-    const parts = outcomes.map((outcome, n) => {
-      const part = callEnvelope(JSON.stringify(calls[n].id), budget.admit(outcome, app.pipeline.manifest.byName.get(calls[n].op)?.type === 'query', `${request.id}.${n}`))
-      budget.used += part.length
-      return part
-    })
+    const parts = outcomes.map((outcome, n) => callEnvelope(JSON.stringify(calls[n].id), budget.admit(outcome, app.pipeline.manifest.byName.get(calls[n].op)?.type === 'query', `${request.id}.${n}`)))
     // The refusals' Retry-After and RateLimit-* (the longest wait's), as on tRPC and GraphQL: a
     // client told RATE_LIMITED or OVERLOADED in the batch had no wait to go by.
     const refused = refusalHeaders(outcomes.map(outcome => outcome.ok ? null : outcome.headers), false)

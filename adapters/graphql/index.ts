@@ -36,8 +36,8 @@ interface RequestContext {
   traceparent: string | undefined
   idempotencyKey: string | null | undefined
   memo: Map<string, Promise<unknown>>
-  /** The response keys of the document's mutation fields (their results are kept apart: see onResolution). */
-  mutations?: Set<string>
+  /** The document runs a mutation (its fields' errors past the answer's bound say they ran: see onResolution). */
+  mutation?: boolean
   n: number
   /** Set by mercurius on HTTP requests. */
   reply?: FastifyReply
@@ -130,7 +130,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
           : callKey(ctx.idempotencyKey, String(info.path.key)),
         memo: ctx.memo
       })
-      if (op.type === 'mutation') (ctx.mutations ??= new Set()).add(String(info.path.key))
+      if (op.type === 'mutation') ctx.mutation = true
       if (result.ok) {
         // Reported once the document has run (onResolution below).
         if (result.cache !== null && ctx.reply !== undefined) (ctx.cache ??= {})[String(info.path.key)] = result.cache
@@ -206,7 +206,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   app.graphql.addHook('onResolution', async (execution, context) => {
     const data = execution.data as Record<string, unknown> | null | undefined
     if (data === null || data === undefined) return
-    const { requestId, mutations } = context as unknown as RequestContext
+    const { requestId, mutation } = context as unknown as RequestContext
     let used = 0
     // What the walks may measure, fields left out included: each of those is walked up to the
     // room left, and 50 of them held the event loop for 23 s. Past it, fields are left out unmeasured.
@@ -220,7 +220,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         continue
       }
       data[key] = null
-      const message = mutations?.has(key) === true
+      const message = mutation === true
         ? `This mutation was carried out; its result would take the answer past ${MAX_ANSWER_CHARS} characters and is left out (select its fields once)`
         : `The answer would pass ${MAX_ANSWER_CHARS} characters: this field's result is left out, ask for it again`
       ;(execution as { errors?: unknown[] }).errors = [...(execution.errors ?? []), { message, path: [key], extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413, requestId } }]

@@ -73,8 +73,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       try {
         const key = ctx.keyPerCall ? callKey(ctx.idempotencyKey, String(batchIndex ?? 0)) : ctx.idempotencyKey
         const outcome = await runCall(app, { requestId, protocol: 'trpc', op: name, input, authorization: ctx.authorization, traceparent: ctx.traceparent, idempotencyKey: key, memo: ctx.memo, refusal })
-        const result = ctx.answer === null ? outcome : ctx.answer.admit(outcome, op.type === 'query', requestId)
-        if (result.ok && ctx.answer !== null) ctx.answer.used += result.json.length
+        const result = ctx.answer?.admit(outcome, op.type === 'query', requestId) ?? outcome
         // The answer, or the error, goes out next (tRPC's respond() sends it whatever the socket
         // holds), so the bound is checked again here: the calls of a batch all start on the same
         // socket. Once closed, tRPC sends the socket nothing more. Calls that end in the same turn
