@@ -72,6 +72,21 @@ function plainUrl (text: string): URL | null {
   }
 }
 
+/**
+ * Refuses (400 BAD_REQUEST) a request of which tRPC could make no URL, or one with credentials:
+ * it makes its URL of the Host and the request target (one in absolute form takes the Host's
+ * place). Over HTTP one it cannot (`a@b`, credentials) threw a TypeError, a 500 logged with the
+ * URL, query string (input, access_token) and all; a WebSocket upgrade with such a Host was
+ * accepted, and one with no URL at all (`a b`) then thrown on, logged at error and dropped (1006).
+ * Both routes at /trpc call it: HTTP calls and WebSocket upgrades are refused alike.
+ */
+function refuseUnusableUrl (request: FastifyRequest): void {
+  const host = request.headers.host
+  if (host !== undefined && !HOST.test(host) && !urlHost(host)) throw new MantleError('BAD_REQUEST', 'The Host header is not a host name')
+  const target = request.raw.url ?? '/'
+  if (!target.startsWith('/') && !plainUrl(target)) throw new MantleError('BAD_REQUEST', 'The request target is not a URL without credentials')
+}
+
 /** Whether tRPC waits for a WebSocket's connectionParams (`?connectionParams=1`, the first one as tRPC reads it). */
 function awaitsParams (request: FastifyRequest): boolean {
   const value = (request.query as Record<string, unknown> | null | undefined)?.connectionParams
@@ -209,13 +224,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       onRequest: boundBatch,
       handler: async (request, reply) => {
         const path = (request.params as Wildcard)['*'] ?? ''
-        // tRPC makes a URL of the Host and the request target (one in absolute form takes the
-        // Host's place): one it cannot (`a@b`, credentials) threw a TypeError, a 500 logged with
-        // the URL, query string (input, access_token) and all.
-        const host = request.headers.host
-        if (host !== undefined && !HOST.test(host) && !urlHost(host)) throw new MantleError('BAD_REQUEST', 'The Host header is not a host name')
-        const target = request.raw.url ?? '/'
-        if (!target.startsWith('/') && !plainUrl(target)) throw new MantleError('BAD_REQUEST', 'The request target is not a URL without credentials')
+        refuseUnusableUrl(request)
         const call = singleCall(request, path)
         if (call !== null) return await answerSingle(request, reply, path, call.input)
         await fastifyRequestHandler({
@@ -282,8 +291,10 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         schema: { hide: true },
         // Before the upgrade, as on /ws and /graphql: bad credentials in the header or
         // ?access_token=, or none where connectionParams cannot bring them (tRPC waits for those
-        // only with ?connectionParams=1), get a 401 over plain HTTP instead of a socket.
+        // only with ?connectionParams=1), get a 401 over plain HTTP instead of a socket. Before
+        // them, a Host or target tRPC could make no URL of gets the 400 an HTTP call gets.
         onRequest: async (request) => {
+          refuseUnusableUrl(request)
           slots.reserve(request)
           if (!request.ws) return
           const authorization = upgradeAuthorization(request)

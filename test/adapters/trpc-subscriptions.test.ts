@@ -1,5 +1,5 @@
 import t from 'tap'
-import type { AddressInfo } from 'node:net'
+import { connect, type AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { createSigner } from 'fast-jwt'
 import { EventSource } from 'eventsource'
@@ -342,6 +342,38 @@ t.test('WebSocket: a connection without a valid token is refused and closed', as
 
   const plain = await app.inject({ method: 'GET', url: '/trpc', headers: bearer() })
   t.equal(plain.statusCode, 404, 'plain GET /trpc is not a procedure')
+})
+
+t.test('WebSocket: an upgrade with a Host tRPC makes no URL of is refused 400, as an HTTP call is', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  // Accepted before: with credentials (`a@b`) tRPC served the socket, with no host at all (`a b`)
+  // it threw once it was open, logged at error, and the socket dropped with 1006.
+  const badRequest = { error: { code: -32600, data: { code: 'BAD_REQUEST', httpStatus: 400 } } }
+  for (const host of ['a@b', 'u:p@x', 'a b']) {
+    const refused = await refusedUpgrade(port, '/trpc', { ...bearer(), host })
+    t.equal(refused.status, 400, `Host ${host}: 400 at the upgrade`)
+    t.match(refused.body, badRequest, `Host ${host}`)
+    t.match((refused.body as { error: { message: string } }).error.message, /Host/)
+  }
+  // A target in absolute form with credentials, as over HTTP.
+  const answer = await new Promise<string>((resolve, reject) => {
+    const socket = connect({ port, host: '127.0.0.1' })
+    let data = ''
+    socket.on('data', (chunk: Buffer) => { data += chunk.toString('latin1') })
+    socket.on('error', reject)
+    socket.on('close', () => { resolve(data) })
+    socket.on('connect', () => {
+      socket.write(`GET http://u:p@x/trpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: ${bearer().authorization}\r\n\r\n`)
+    })
+  })
+  t.match(answer, /^HTTP\/1\.1 400 /)
+  t.match(answer, /"code":"BAD_REQUEST"/)
+  // A Host tRPC takes still upgrades.
+  const served = await rawSocket(t, port, '/trpc', { ...bearer(), host: `localhost:${port}` })
+  served.socket.send(JSON.stringify({ id: 1, method: 'query', params: { path: 'getAgent', input: { id: 'a2' } } }))
+  await until('answer', () => served.messages.length === 1)
+  t.match(served.messages[0], { id: 1, result: { data: { id: 'a2' } } })
 })
 
 t.test('WebSocket: closed with 4401 when the token expires; bounds per connection and per instance', async t => {
