@@ -1,19 +1,25 @@
 import { GraphQLError, type ExecutionResult, type GraphQLFormattedError } from 'graphql'
 import mercurius from 'mercurius'
-import { ErrorCodes, MantleError, refusalHeaders, toProblem, type ErrorCode, type Problem } from '../../errors.js'
+import { ErrorCodes, MantleError, refusalHeaders, retryAfterOf, toProblem, type ErrorCode, type Problem } from '../../errors.js'
 
 // Every GraphQL error carries the contract's code, the REST status of the same failure and the
 // request id in `extensions`, so a client handles GraphQL errors as it handles REST problems.
 
-export interface ErrorExtensions { code: ErrorCode, status: number, requestId: string }
+export interface ErrorExtensions { code: ErrorCode, status: number, requestId: string, retryAfter?: number }
 
 /**
  * A failed call as the error of its field: the problem's detail, code, status and request id,
  * and its headers (Retry-After, RateLimit-*), which go on the HTTP response (errorFormatter).
+ * A refusal that asks for a wait also carries it as `retryAfter` (whole seconds), as /ws frames
+ * and tRPC errors do: a graphql-ws message has no header to say it in, and over HTTP each field
+ * has its own while the header says the longest.
  */
 class FieldError extends mercurius.ErrorWithProps {
   constructor (problem: Problem, readonly headers: Record<string, string> | null) {
-    super(problem.detail ?? problem.title, { code: problem.code, status: problem.status, requestId: problem.requestId })
+    const extensions: ErrorExtensions = { code: problem.code, status: problem.status, requestId: problem.requestId }
+    const retryAfter = retryAfterOf(headers)
+    if (retryAfter !== undefined) extensions.retryAfter = retryAfter
+    super(problem.detail ?? problem.title, extensions)
   }
 }
 

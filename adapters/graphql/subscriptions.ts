@@ -420,12 +420,13 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           // The bus only ever delivers the caller's own tenant's events.
           iterator = app.events.bus.stream(event.name, identity.tenant, controller.signal)[Symbol.asyncIterator]()
         } catch (err) {
-          const { problem } = toProblem(err, requestId)
+          const { problem, headers } = toProblem(err, requestId)
           // Nothing can succeed on a connection without a valid identity: once the error has
           // gone out (mercurius sends it in this same turn of the event loop), close it.
           if (problem.code === 'UNAUTHENTICATED') setImmediate(() => connection.close(4401, 'Unauthorized'))
           else connection.failed(context.id)
-          throw fieldError(problem)
+          // Its headers for its Retry-After (extensions.retryAfter): a message has no header.
+          throw fieldError(problem, headers)
         }
         connection.operations.set(id, controller)
         const end = (): void => {

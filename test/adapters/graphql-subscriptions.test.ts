@@ -149,6 +149,24 @@ t.test('refusals: no credentials, no role, bad tokens, unknown fields', async t 
   t.equal(app.events.bus.subscriptions, 0, 'no refused subscription left a listener')
 })
 
+t.test('a refusal that asks for a wait carries it in extensions.retryAfter: a graphql-ws message has no Retry-After header', async t => {
+  const { app, url } = await gateway(t)
+  const c = client(t, url, auth({ roles: ['viewer'] }))
+  // The instance's bound on event subscriptions, reached (the bus refuses with Retry-After: 5);
+  // /ws frames and tRPC errors say retryAfter 5 for it, this said nothing.
+  const bus = app.events.bus as unknown as { count: number }
+  bus.count = 100_000
+  const full = collect(c)
+  await until(full.done, 'the refusal')
+  t.match(full.error(), [{ message: 'Too many event subscriptions on this instance', extensions: { code: 'OVERLOADED', status: 503, requestId: String, retryAfter: 5 } }])
+  bus.count = 0
+  const noRole = collect(client(t, url, auth({ roles: ['editor'] })))
+  await until(noRole.done, 'the refusal')
+  const [forbidden] = noRole.error() as Array<{ extensions: Record<string, unknown> }>
+  t.match(forbidden, { extensions: { code: 'FORBIDDEN' } })
+  t.notOk('retryAfter' in forbidden.extensions, 'none on a refusal that asks no wait')
+})
+
 t.test('with identity off every subscriber is the public tenant', async t => {
   const { app, url } = await gateway(t, { BFF_AUTH_ENABLED: false })
   const s = collect(client(t, url))

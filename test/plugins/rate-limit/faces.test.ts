@@ -131,6 +131,9 @@ t.test('GraphQL: each field is a call (identical ones too, which share one Kerne
   t.equal(body.data.c, null)
   t.match(body.errors, [{ path: ['c'], extensions: { code: 'RATE_LIMITED', status: 429 } }])
   t.ok(Number(res.headers['retry-after']) >= 1, `the refusal's Retry-After on the response, as on tRPC (${String(res.headers['retry-after'])})`)
+  // And the field's own wait in its error, as tRPC's data.retryAfter beside the header (and as
+  // a subscription's error over graphql-ws, which has no header).
+  t.equal(body.errors[0].extensions.retryAfter, Number(res.headers['retry-after']))
   t.equal(res.headers['ratelimit-limit'], '2', 'and its RateLimit-*')
   t.equal(res.headers['ratelimit-remaining'], '0')
   // Once mercurius runs the document JIT-compiled (after its first run), the same.
