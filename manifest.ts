@@ -336,7 +336,7 @@ function buildOperation (
   }
   for (const f of op.firewall?.fields ?? []) {
     if (!declared.has(f)) faults.push(`${at}.firewall.fields: ${f} is not declared in ${at}.input.properties`)
-    else if (!mayBeString(props[f])) faults.push(`${at}.firewall.fields: ${f} is never a string, and the firewall scans strings only`)
+    else if (!mayHoldText(props[f])) faults.push(`${at}.firewall.fields: ${f} never holds a string (nor an array or object, whose strings would be scanned), and the firewall scans strings only`)
   }
   // Only a change invalidates: beside a query's cache its `invalidates` was never applied, and
   // without one it dropped the tags on every read.
@@ -393,11 +393,13 @@ function checkSchema (checker: Ajv, schema: JsonSchema, at: string, faults: stri
 }
 
 /** Whether a value of `schema` may be a string: its `type` admits one, or it has none. */
-function mayBeString (schema: JsonSchema): boolean {
+/** Whether a field may hold a string, or an array or object (the firewall scans the strings in it). */
+function mayHoldText (schema: JsonSchema): boolean {
   // Not a schema (YAML's `prompt:` with nothing after it is null): checkSchema said so.
   if (schema === null || typeof schema !== 'object') return true
   const type = schema.type
-  return type === undefined || type === 'string' || (Array.isArray(type) && type.includes('string'))
+  const text = (t: unknown): boolean => t === 'string' || t === 'array' || t === 'object'
+  return type === undefined || text(type) || (Array.isArray(type) && type.some(text))
 }
 
 // Keywords whose values are data, not schemas: an `$id` there names nothing.

@@ -433,8 +433,11 @@ t.test('manifests that compiled and then stopped the start are refused at their 
   }
   t.equal(compileManifest(doc({ a: { ...query, rest: 'GET /', kernel: 'GET /v1/{id}/x', input: idInput } })).operations[0].path, '/', 'the root and a {name} stay fine')
   // Accepted, and then never applied: a firewall field that is never a string, a query's invalidates.
-  const numbered = { type: 'object', properties: { n: { type: 'integer' }, s: { type: ['string', 'null'] }, any: {} } }
-  t.same(faultsOf(doc({ a: { ...mutation, input: numbered, firewall: { fields: ['n', 's', 'any'], action: 'block' } } })), ['operations.a.firewall.fields: n is never a string, and the firewall scans strings only'])
+  const numbered = { type: 'object', properties: { n: { type: 'integer' }, b: { type: ['boolean', 'null'] }, s: { type: ['string', 'null'] }, any: {}, list: { type: 'array' }, map: { type: ['object', 'number'] } } }
+  t.same(faultsOf(doc({ a: { ...mutation, input: numbered, firewall: { fields: ['n', 'b', 's', 'any', 'list', 'map'], action: 'block' } } })), [
+    'operations.a.firewall.fields: n never holds a string (nor an array or object, whose strings would be scanned), and the firewall scans strings only',
+    'operations.a.firewall.fields: b never holds a string (nor an array or object, whose strings would be scanned), and the firewall scans strings only'
+  ])
   t.same(faultsOf(doc({ a: { ...query, invalidates: ['x'] } })), ['operations.a.invalidates: only a mutation invalidates'])
   t.match(faultsOf(doc({ a: { ...mutation, input: { type: 'object', properties: { p: null } }, firewall: { fields: ['p'], action: 'block' } } })), [/^operations\.a\.input: not a valid JSON Schema/], 'a property with no schema (YAML `p:` with nothing after it): its place, not a TypeError')
 })

@@ -41,7 +41,7 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
     ? new LRUCache<string, Verdict>({
       max: opts.cacheSize,
       maxSize: CACHE_MAX_CHARS,
-      sizeCalculation: (v, key) => key.length + (v.redacted === null ? 0 : Object.values(v.redacted).reduce((n, s) => n + s.length, 0)) + 64
+      sizeCalculation: (v, key) => key.length + (v.redacted === null ? 0 : Object.values(v.redacted).reduce<number>((n, s) => n + (typeof s === 'string' ? s.length : JSON.stringify(s).length), 0)) + 64
     })
     : null
   if (cache !== null) {
@@ -78,8 +78,13 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
         for (const field of fields) {
           const value = input[field]
           const name = field.length + ':' + field
-          if (typeof value !== 'string') hash.update(name + 'x')
-          else if (wellFormed(value)) hash.update(name + 's' + value.length + ':' + value)
+          if (typeof value !== 'string') {
+            // An array or object is scanned too (its strings): its JSON text (well-formed: a lone
+            // surrogate is escaped) keys it, after its length. A number, boolean or null is not
+            // scanned, and keyed alike.
+            const json = value === undefined ? undefined : JSON.stringify(value)
+            hash.update(json === undefined ? name + 'x' : name + 'j' + json.length + ':' + json)
+          } else if (wellFormed(value)) hash.update(name + 's' + value.length + ':' + value)
           else {
             // UTF-8 writes a lone surrogate as U+FFFD's bytes: such a text is hashed as its UTF-16
             // code units, under another tag. Two texts differing only there shared a verdict.

@@ -153,22 +153,69 @@ export interface Verdict {
   readonly risk: RiskLevel
   /** The categories found, in a fixed order (injection, secret, pii). */
   readonly categories: readonly Category[]
-  /** The redacted value of each field that had a secret or personal data span (null: none). */
-  readonly redacted: Readonly<Record<string, string>> | null
+  /**
+   * The redacted value of each field that had a secret or personal data span (null: none): a
+   * string, or for an array or object a copy with the spans replaced in its strings.
+   */
+  readonly redacted: Readonly<Record<string, unknown>> | null
 }
 
 export const CLEAN: Verdict = Object.freeze({ findings: Object.freeze([]), risk: 'none', categories: Object.freeze([]), redacted: null })
 const CATEGORY_ORDER: readonly Category[] = ['injection', 'secret', 'pii']
 
-/** Scans the named fields of an input (string values only; others are skipped). */
+/**
+ * A copy of a JSON value with `change` applied to each of its strings, object keys included, in
+ * one fixed order (so two walks of one value visit its strings alike). Without recursion: the
+ * faces parse bodies of any depth, and a field's schema may admit any value.
+ */
+export function mapStrings (value: unknown, change: (s: string) => string): unknown {
+  if (typeof value === 'string') return change(value)
+  if (value === null || typeof value !== 'object') return value
+  const stack: Array<[object, Record<string, unknown> | unknown[]]> = []
+  const copy = (v: unknown): unknown => {
+    if (typeof v === 'string') return change(v)
+    if (v === null || typeof v !== 'object') return v
+    const into = Array.isArray(v) ? new Array<unknown>(v.length) : {}
+    stack.push([v, into])
+    return into
+  }
+  const root = copy(value)
+  while (stack.length > 0) {
+    const [from, into] = stack.pop()!
+    if (Array.isArray(from)) {
+      for (let i = 0; i < from.length; i++) (into as unknown[])[i] = copy(from[i])
+    } else {
+      for (const [key, v] of Object.entries(from)) {
+        // defineProperty: a key "__proto__" (JSON.parse makes it an own property) stays a key.
+        Object.defineProperty(into, change(key), { value: copy(v), enumerable: true, writable: true, configurable: true })
+      }
+    }
+  }
+  return root
+}
+
+/**
+ * Scans the named fields of an input. A string is scanned as it is; an array or object (a chat's
+ * messages, say) as every string in it, keys included, one per line, and redacted in those
+ * strings. Numbers, booleans and null are not text, and are skipped.
+ */
 export function scanFields (fields: readonly string[], input: Readonly<Record<string, unknown>>): Verdict {
   let findings: Finding[] | null = null
-  let redacted: Record<string, string> | null = null
+  let redacted: Record<string, unknown> | null = null
   let top = 0
   for (const field of fields) {
     const value = input[field]
-    if (typeof value !== 'string' || value === '') continue
-    const detections = detect(value)
+    let texts: string[] | null = null
+    let text: string
+    if (typeof value === 'string') text = value
+    else if (value !== null && typeof value === 'object') {
+      const found: string[] = []
+      mapStrings(value, s => { found.push(s); return s })
+      texts = found
+      text = found.join('\n')
+    } else continue
+    if (text === '') continue
+    const detections = detect(text)
     if (detections.length === 0) continue
     findings ??= []
     const byType = new Map<string, Finding>()
@@ -181,7 +228,7 @@ export function scanFields (fields: readonly string[], input: Readonly<Record<st
     findings.push(...byType.values())
     if (detections.some(d => d.start >= 0)) {
       redacted ??= {}
-      redacted[field] = redact(value, detections)
+      redacted[field] = texts === null ? redact(text, detections) : redactEach(value, texts, detections)
     }
   }
   if (findings === null) return CLEAN
@@ -191,5 +238,25 @@ export function scanFields (fields: readonly string[], input: Readonly<Record<st
     risk: riskOf(top),
     categories: Object.freeze(CATEGORY_ORDER.filter(c => found.has(c))),
     redacted: redacted === null ? null : Object.freeze(redacted)
+  })
+}
+
+/**
+ * `value` with the spans found in its strings' joined text (`texts`, one per line, in
+ * mapStrings's order) replaced: each string gets the part of each span that falls in it.
+ */
+function redactEach (value: unknown, texts: readonly string[], detections: readonly Detection[]): unknown {
+  const spans = detections.filter(d => d.start >= 0)
+  let i = 0
+  let at = 0
+  return mapStrings(value, s => {
+    const start = at
+    const end = start + texts[i++].length
+    at = end + 1
+    const inside: Detection[] = []
+    for (const d of spans) {
+      if (d.start < end && d.end > start) inside.push({ ...d, start: Math.max(d.start, start) - start, end: Math.min(d.end, end) - start })
+    }
+    return inside.length === 0 ? s : redact(s, inside)
   })
 }

@@ -229,6 +229,28 @@ async function askApp (t: Parameters<typeof buildTestApp>[0], fields: string[]):
   return { kernel, app: await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url }) }
 }
 
+t.test('a field whose schema admits any value is scanned when it holds an array (a chat\'s messages), cache included', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/ask': (_req, res) => json(res, 200, { ok: true }) })
+  const manifest = testManifest({
+    chat: {
+      type: 'mutation',
+      rest: 'POST /chat',
+      kernel: 'POST /v1/ask',
+      input: { type: 'object', properties: { messages: {} } },
+      output: { type: 'object', properties: { ok: { type: 'boolean' } } },
+      firewall: { fields: ['messages'], action: 'redact' }
+    }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const say = async (content: string) => await app.inject({ method: 'POST', url: '/api/v1/chat', headers: bearer(), payload: { messages: [{ role: 'user', content }] } })
+  t.equal((await say('hello')).statusCode, 200)
+  t.equal((await say(INJECTION)).statusCode, 403, 'the verdict of the clean array is not lent to another')
+  t.equal((await say(INJECTION)).statusCode, 403, 'and the cached verdict of this one holds')
+  t.equal((await say(`write to ${EMAIL}`)).statusCode, 200)
+  t.same(JSON.parse(kernel.requests[1].body), { messages: [{ role: 'user', content: 'write to [REDACTED:email]' }] })
+  t.equal(kernel.requests.length, 2)
+})
+
 // The firewall's verdict cache key once joined field names and values with U+0000,
 // but a JSON string may hold U+0000: two different inputs of an operation that names several
 // fields can share one key, and the second one gets the first one's verdict.
