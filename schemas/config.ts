@@ -37,7 +37,7 @@ export const ConfigSchema = Type.Object({
   BFF_MAX_HEAP_BYTES: Type.Optional(Type.Integer({ minimum: 0, description: 'heap used (bytes) beyond which requests are shed; default 90% of the V8 heap limit; 0: not checked' })),
   BFF_MAX_RSS_BYTES: Type.Integer({ minimum: 0, default: 0, description: 'resident memory (bytes) beyond which requests are shed; 0: not checked' }),
   BFF_OPENAPI_ENABLED: Flag('/openapi.json and /docs'),
-  BFF_CIRCUIT_BREAKER_ENABLED: Flag('Kernel retries, circuit breaker and bulkhead'),
+  BFF_CIRCUIT_BREAKER_ENABLED: Flag('Kernel retries and circuit breaker (the bulkhead, kernel.maxInFlight, always applies)'),
   BFF_AI_FIREWALL_ENABLED: Flag('the AI firewall on the input fields operations name in `firewall`'),
   BFF_FIREWALL_CACHE_SIZE: Type.Integer({ minimum: 0, maximum: 1000000, default: 10000, description: 'AI firewall verdicts cached for identical payloads (0: no cache)' }),
   // The same bounds as the manifest's kernel.circuitBreaker, which these override.

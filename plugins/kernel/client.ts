@@ -12,8 +12,13 @@ export interface KernelClientOptions {
   origin: string
   connections: number
   retries: number
-  /** null: retries, breaker and bulkhead are off (BFF_CIRCUIT_BREAKER_ENABLED=false). */
-  resilience: { threshold: number, resetTimeoutMs: number, maxInFlight: number } | null
+  /**
+   * The bulkhead: calls in flight at once, those waiting for a connection included; beyond it a
+   * call fails fast. It applies whatever the breaker flag: it is what bounds the calls waiting.
+   */
+  maxInFlight: number
+  /** null: retries and the breaker are off (BFF_CIRCUIT_BREAKER_ENABLED=false). */
+  resilience: { threshold: number, resetTimeoutMs: number } | null
   /** Largest Kernel answer read, in bytes; a larger one is a KERNEL_ERROR. */
   maxResponseBytes?: number
   /** Backoff before retry n (0-based) is a random delay in [0, min(cap, base * 2^n)]. */
@@ -72,18 +77,23 @@ export class KernelClient {
   private readonly metrics: KernelMetrics
   inFlight = 0
   /**
-   * Connections free for an attempt, and the attempts waiting for one (at most the calls in
-   * flight, maxInFlight). They wait here, each bounded by its call's deadline, not in undici's
-   * queue: undici aborts a queued request whose signal fired only once it gets a connection, and
-   * destroys that connection. A slow operation filling the pool made every call queued behind it
-   * tear down a healthy keep-alive connection, and count as a Kernel timeout for the breaker.
+   * Connections free for an attempt, and the attempts waiting for one, first come first served
+   * (fewer than the calls in flight, so under maxInFlight, breaker or not: with the bulkhead off
+   * along with the breaker, a slow Kernel let them grow by rate x timeout). They wait here, each
+   * bounded by its call's deadline, not in undici's queue: undici aborts a queued request whose
+   * signal fired only once it gets a connection, and destroys that connection. A slow operation
+   * filling the pool made every call queued behind it tear down a healthy keep-alive connection,
+   * and count as a Kernel timeout for the breaker. A linked list: one whose time ran out leaves
+   * it in O(1) (indexOf and splice in an array were O(n) each, O(n^2) for a queue timing out).
    */
   private free: number
-  private readonly waiting: Array<() => void> = []
+  private head: Waiter | null = null
+  private tail: Waiter | null = null
+  private waiting = 0
 
   /** Attempts waiting for a free connection (mantle_kernel_pool{state="queued"}). */
   get queued (): number {
-    return this.waiting.length
+    return this.waiting
   }
 
   constructor (opts: KernelClientOptions) {
@@ -98,7 +108,7 @@ export class KernelClient {
     this.breaker = r === null ? null : new CircuitBreaker(r.threshold, r.resetTimeoutMs)
     this.budget = r === null ? null : new RetryBudget()
     this.retries = r === null ? 0 : opts.retries
-    this.maxInFlight = r === null ? Infinity : r.maxInFlight
+    this.maxInFlight = opts.maxInFlight
     this.maxBytes = opts.maxResponseBytes ?? 10 * 1024 * 1024
     this.backoff = opts.backoff ?? { baseMs: 25, capMs: 500 }
   }
@@ -293,27 +303,54 @@ export class KernelClient {
 
   /** Waits for a connection to come free until the deadline passes (false then). */
   private async connection (deadline: Deadline): Promise<boolean> {
-    let wake!: () => void
-    const woken = new Promise<boolean>(resolve => { wake = () => { resolve(true) } })
-    this.waiting.push(wake)
+    const waiter = new Waiter(this.tail)
+    const woken = new Promise<boolean>(resolve => { waiter.wake = resolve })
+    if (this.tail === null) this.head = waiter
+    else this.tail.next = waiter
+    this.tail = waiter
+    this.waiting++
     if (await Promise.race([woken, deadline.expiry().catch(() => false)])) return true
-    const at = this.waiting.indexOf(wake)
     // Handed a connection in the same turn as the deadline passed: handed on.
-    if (at === -1) this.releaseConnection()
-    else this.waiting.splice(at, 1)
+    if (waiter.wake === handedOn) this.releaseConnection()
+    else this.unlink(waiter)
     return false
   }
 
+  private unlink (waiter: Waiter): void {
+    if (waiter.prev === null) this.head = waiter.next
+    else waiter.prev.next = waiter.next
+    if (waiter.next === null) this.tail = waiter.prev
+    else waiter.next.prev = waiter.prev
+    waiter.prev = waiter.next = null
+    this.waiting--
+  }
+
   private releaseConnection (): void {
-    const next = this.waiting.shift()
-    if (next !== undefined) next()
-    else this.free++
+    const next = this.head
+    if (next === null) {
+      this.free++
+      return
+    }
+    this.unlink(next)
+    const wake = next.wake
+    next.wake = handedOn
+    wake(true)
   }
 
   async close (): Promise<void> {
     await this.pool.close()
   }
 }
+
+/** An attempt waiting for a connection: a node of KernelClient's FIFO list. */
+class Waiter {
+  next: Waiter | null = null
+  /** handedOn once it has been given a connection (and left the list). */
+  wake: (got: boolean) => void = handedOn
+  constructor (public prev: Waiter | null) {}
+}
+
+function handedOn (): void {}
 
 /**
  * An attempt's deadline, handed to undici as its `signal`: undici accepts any EventEmitter-shaped

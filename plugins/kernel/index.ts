@@ -20,7 +20,7 @@ export interface KernelPluginOptions {
 
 export interface KernelStatus {
   readonly origin: string
-  /** `disabled` when retries, breaker and bulkhead are switched off. */
+  /** `disabled` when retries and the breaker are switched off (the bulkhead never is). */
   breakerState: () => BreakerState | 'disabled'
   inFlight: () => number
 }
@@ -94,8 +94,9 @@ async function kernelPlugin (app: FastifyInstance, opts: KernelPluginOptions): P
     origin,
     connections: settings.connections,
     retries: settings.retries,
+    maxInFlight: settings.maxInFlight,
     resilience: opts.resilience
-      ? { threshold: opts.threshold ?? settings.circuitBreaker.threshold, resetTimeoutMs: opts.resetTimeoutMs ?? settings.circuitBreaker.resetTimeoutMs, maxInFlight: settings.maxInFlight }
+      ? { threshold: opts.threshold ?? settings.circuitBreaker.threshold, resetTimeoutMs: opts.resetTimeoutMs ?? settings.circuitBreaker.resetTimeoutMs }
       : null,
     ...(opts.backoff === undefined ? {} : { backoff: opts.backoff }),
     ...(metrics === undefined ? {} : { metrics })

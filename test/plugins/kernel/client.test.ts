@@ -259,7 +259,7 @@ t.test('a Kernel answer larger than the bound is refused', async t => {
     'GET /v1/items/chunked': (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }); res.write('{"id":"'); res.end('y'.repeat(5000) + '"}') },
     'GET /v1/items/small': (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }); res.end('{"id":"s"}') }
   })
-  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, resilience: null, maxResponseBytes: 1000 })
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 10, resilience: null, maxResponseBytes: 1000 })
   t.teardown(() => client.close())
   const op = manifest().byName.get('getItem')!
   const run = client.forOperation(op)
@@ -276,7 +276,7 @@ t.test('a request undici refuses to send is the gateway\'s fault: not retried, n
   const kernel = await startTestKernel(t, { 'POST /v1/items': (_req, res) => json(res, 201, { id: 'n1' }) })
   // undici 7 keeps a pool slot for each request it refused so (three refusals wedged a pool of
   // two connections in a probe): hence callKey, which never lets such a key reach the client.
-  const client = new KernelClient({ origin: kernel.url, connections: 8, retries: 2, resilience: { threshold: 1, resetTimeoutMs: 60_000, maxInFlight: 10 }, maxResponseBytes: 1000 })
+  const client = new KernelClient({ origin: kernel.url, connections: 8, retries: 2, maxInFlight: 10, resilience: { threshold: 1, resetTimeoutMs: 60_000 }, maxResponseBytes: 1000 })
   t.teardown(() => client.close())
   const op = manifest().byName.get('createItem')!
   const run = client.forOperation(op)
@@ -302,7 +302,7 @@ t.test('a call whose time ran out before it reached the Kernel is a timeout, but
   const { KernelClient } = await import('../../../plugins/kernel/index.js')
   const { CallContext } = await import('../../../plugins/pipeline/index.js')
   const kernel = await startTestKernel(t, { 'GET /v1/items/a1': (_req, res) => json(res, 200, { id: 'a1' }) })
-  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, resilience: { threshold: 1, resetTimeoutMs: 60_000, maxInFlight: 10 }, maxResponseBytes: 1000 })
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 10, resilience: { threshold: 1, resetTimeoutMs: 60_000 }, maxResponseBytes: 1000 })
   t.teardown(() => client.close())
   const op = manifest().byName.get('getItem')!
   const run = client.forOperation(op)
@@ -439,7 +439,70 @@ t.test('the bulkhead fails fast beyond maxInFlight', async t => {
   t.equal(app.kernel.inFlight(), 0)
 })
 
-t.test('with resilience off: no retry, no breaker, no bulkhead, same status mapping', async t => {
+t.test('with the breaker off the bulkhead still bounds the calls waiting for a connection', async t => {
+  // BFF_CIRCUIT_BREAKER_ENABLED=false took the bulkhead with it, and nothing else bounded the
+  // calls waiting in the gateway for a free connection: behind a slow Kernel they grew by
+  // rate x timeout (20,000 calls at once, 19,998 waiting on 2 connections).
+  const { app, kernel } = await setup(t, { connections: 1, maxInFlight: 3 }, { BFF_CIRCUIT_BREAKER_ENABLED: false })
+  let open = false
+  const release: Array<() => void> = []
+  kernel.on('GET /v1/items/q1', async (_req, res) => {
+    if (!open) await new Promise<void>(resolve => release.push(resolve))
+    json(res, 200, { id: 'q1' })
+  })
+  const call = async () => await app.inject({ url: '/api/v1/items/q1', headers: bearer() })
+  const admitted = [1, 2, 3].map(call)
+  while (app.kernel.inFlight() < 3 || release.length < 1) await sleep(5)
+  const beyond = [4, 5].map(call)
+  const metrics = (await app.inject({ url: '/metrics' })).body
+  t.match(metrics, /mantle_kernel_pool\{state="queued"\} 2\n/, 'two wait for the one connection, no more')
+  open = true
+  for (const r of release) r()
+  for (const res of await Promise.all(beyond)) {
+    t.same([res.statusCode, res.headers['retry-after'], res.json().code, res.json().detail], [503, '1', 'KERNEL_UNAVAILABLE', 'Too many calls are in flight to the Kernel'], 'refused at once, as the bulkhead refuses')
+    t.match(res.headers['content-type'], /^application\/problem\+json/)
+  }
+  t.same((await Promise.all(admitted)).map(r => r.statusCode), [200, 200, 200], 'the calls within the bound are served, in turn')
+  t.equal(hits(kernel, '/v1/items/q1'), 3)
+  t.equal(app.kernel.inFlight(), 0)
+  t.match((await app.inject({ url: '/metrics' })).body, /mantle_kernel_rejected_total\{reason="bulkhead_full"\} 2\n/)
+})
+
+t.test('a call whose time runs out in the middle of the connection queue leaves it; the rest are served first come first served', async t => {
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const kernel = await startTestKernel(t, {})
+  let open = false
+  const release: Array<() => void> = []
+  for (const id of ['h', 'a', 'b', 'c']) {
+    kernel.on(`GET /v1/items/${id}`, async (_req, res) => {
+      if (!open) await new Promise<void>(resolve => release.push(resolve))
+      json(res, 200, { id: 'x' })
+    })
+  }
+  const client = new KernelClient({ origin: kernel.url, connections: 1, retries: 0, maxInFlight: 10, resilience: null })
+  t.teardown(() => client.close())
+  const op = manifest().byName.get('getItem')!
+  const run = client.forOperation(op)
+  const call = (id: string, msLeft = op.timeoutMs) => {
+    const ctx = new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)
+    ;(ctx as { startedAt: number }).startedAt -= op.timeoutMs - msLeft
+    return run(ctx)
+  }
+  const held = call('h')
+  while (release.length < 1) await sleep(5)
+  const [a, b, c] = [call('a'), call('b', 50), call('c')]
+  t.equal(client.queued, 3)
+  await t.rejects(b, { code: 'KERNEL_TIMEOUT' })
+  t.equal(client.queued, 2, 'the one whose time ran out left the queue')
+  open = true
+  release[0]()
+  t.same(await Promise.all([held, a, c]), [{ id: 'x' }, { id: 'x' }, { id: 'x' }])
+  t.same(kernel.requests.map(r => r.url), ['/v1/items/h', '/v1/items/a', '/v1/items/c'], 'in the order they came')
+  t.equal(client.queued, 0)
+})
+
+t.test('with resilience off: no retry, no breaker, same status mapping', async t => {
   const { app, kernel } = await setup(t, { maxInFlight: 1, circuitBreaker: { threshold: 1, resetTimeoutMs: 10000 } }, { BFF_CIRCUIT_BREAKER_ENABLED: false })
   kernel.on('GET /v1/items/o1', (_req, res) => json(res, 500, {}))
   for (let i = 0; i < 3; i++) {
