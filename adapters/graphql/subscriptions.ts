@@ -1,7 +1,7 @@
 import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
-import { GraphQLError, getOperationAST, getVariableValues, parse, specifiedRules, validate, type DocumentNode, type GraphQLFieldResolver, type GraphQLFormattedError, type GraphQLSchema, type ValidationRule } from 'graphql'
+import { GraphQLError, getOperationAST, getVariableValues, locatedError, parse, responsePathAsArray, specifiedRules, validate, type DocumentNode, type GraphQLFieldResolver, type GraphQLFormattedError, type GraphQLSchema, type ValidationRule } from 'graphql'
 import type { EventDefinition } from '../../manifest.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors.js'
@@ -49,6 +49,23 @@ const ENDED: AsyncIterableIterator<unknown> = {
   async next () { return { done: true, value: undefined } },
   async return () { return { done: true, value: undefined } },
   [Symbol.asyncIterator] () { return this }
+}
+
+/**
+ * A subscription refused: a stream whose first `next()` rejects with the refusal. mercurius sends
+ * it to the client as it sends a thrown one (an `error` message, the same payload), but a
+ * resolver that throws makes graphql's subscribe() answer `{ errors }`, which mercurius also
+ * logs whole at level error, one unnamed line per refusal: every client's FORBIDDEN,
+ * UNAUTHENTICATED or OVERLOADED, with the text it chose (a token's `kid`), as often as it sends
+ * `subscribe` messages. Refusals are the client's answer, not the gateway's errors (a gateway
+ * bug, INTERNAL, is logged by the resolver itself).
+ */
+function refusedStream (error: GraphQLError): AsyncIterableIterator<never> {
+  return {
+    async next () { throw error },
+    async return () { return { done: true, value: undefined } },
+    [Symbol.asyncIterator] () { return this }
+  }
 }
 
 /** One graphql-ws connection: its credentials, its operations as mercurius holds them, its expiry. */
@@ -403,7 +420,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
     },
 
     subscribe (event) {
-      return (_source, _args, context) => {
+      return (_source, _args, context, info) => {
         const { connection } = context
         const id = String(context.id)
         if (early.get(connection.socket)?.cancelled.delete(id) === true) {
@@ -421,12 +438,14 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           iterator = app.events.bus.stream(event.name, identity.tenant, controller.signal)[Symbol.asyncIterator]()
         } catch (err) {
           const { problem, headers } = toProblem(err, requestId)
+          if (problem.code === 'INTERNAL') app.log.error({ err, requestId }, 'unexpected error on a GraphQL subscription')
           // Nothing can succeed on a connection without a valid identity: once the error has
           // gone out (mercurius sends it in this same turn of the event loop), close it.
           if (problem.code === 'UNAUTHENTICATED') setImmediate(() => connection.close(4401, 'Unauthorized'))
           else connection.failed(context.id)
           // Its headers for its Retry-After (extensions.retryAfter): a message has no header.
-          throw fieldError(problem, headers)
+          // Located as graphql locates a thrown one (the field's path and locations).
+          return refusedStream(locatedError(fieldError(problem, headers), info.fieldNodes, responsePathAsArray(info.path)))
         }
         connection.operations.set(id, controller)
         const end = (): void => {

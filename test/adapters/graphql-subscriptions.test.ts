@@ -167,6 +167,36 @@ t.test('a refusal that asks for a wait carries it in extensions.retryAfter: a gr
   t.notOk('retryAfter' in forbidden.extensions, 'none on a refusal that asks no wait')
 })
 
+t.test('a refused subscription is the client\'s answer, not an error log line; a gateway bug is one', async t => {
+  // mercurius logged at level error, whole, every refusal a resolver threw: one unnamed line per
+  // subscribe message, holding text the client chose (here a token's kid).
+  const lines: string[] = []
+  const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false, LOG_LEVEL: 'info' }, { logger: undefined, logStream: { write: (line: string) => { lines.push(line) } } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const url = `ws://127.0.0.1:${(app.server.address() as { port: number }).port}/graphql`
+  const errorOf = async (c: Client): Promise<unknown> => {
+    const s = collect(c)
+    await until(s.done, 'the refusal')
+    return s.error()
+  }
+  const located = { path: ['runUpdated'], locations: [{ line: 1, column: 16 }] }
+  const c = client(t, url, auth({ roles: ['editor'] }))
+  for (let i = 0; i < 3; i++) t.match(await errorOf(c), [{ ...located, message: 'runUpdated needs one of the roles: viewer', extensions: { code: 'FORBIDDEN', status: 403, requestId: String } }])
+  const kid = `${Buffer.from('{"alg":"RS256","kid":"chosen-by-the-client"}').toString('base64url')}.e30.x`
+  t.match(await errorOf(client(t, url, { authorization: `Bearer ${kid}` })), [{ ...located, message: 'The token was refused: unknown key id (kid) "chosen-by-the-client"', extensions: { code: 'UNAUTHENTICATED', status: 401 } }])
+  const bus = app.events.bus as unknown as { count: number, stream: unknown }
+  const viewer = client(t, url, auth({ roles: ['viewer'] }))
+  bus.count = 100_000
+  t.match(await errorOf(viewer), [{ ...located, extensions: { code: 'OVERLOADED', status: 503, retryAfter: 5 } }])
+  bus.count = 0
+  t.same(lines.map(l => JSON.parse(l) as { level: number }).filter(l => l.level >= 40), [], 'no refusal logged at warn or error')
+
+  bus.stream = () => { throw new Error('a bug') }
+  t.match(await errorOf(viewer), [{ ...located, extensions: { code: 'INTERNAL', status: 500 } }])
+  const errors = lines.map(l => JSON.parse(l) as { level: number, msg?: string, err?: { message: string }, requestId?: string }).filter(l => l.level >= 40)
+  t.match(errors, [{ level: 50, msg: 'unexpected error on a GraphQL subscription', err: { message: 'a bug' }, requestId: String }])
+})
+
 t.test('with identity off every subscriber is the public tenant', async t => {
   const { app, url } = await gateway(t, { BFF_AUTH_ENABLED: false })
   const s = collect(client(t, url))
