@@ -80,6 +80,18 @@ export function refusalHeaders (list: Iterable<Record<string, string> | null>, p
   return headers
 }
 
+/**
+ * `headers` for a response of `status`: the challenge (WWW-Authenticate) only on a 401 (RFC 9110
+ * §11.6.1). A 200 that carries an UNAUTHENTICATED call among its results (a GraphQL field, a
+ * REST batch call) says so in that call's error; a challenge on it told clients and proxies
+ * that the whole response asked for credentials.
+ */
+export function headersForStatus (headers: Record<string, string> | null, status: number): Record<string, string> | null {
+  if (headers === null || status === 401 || headers['www-authenticate'] === undefined) return headers
+  const { 'www-authenticate': _challenge, ...rest } = headers
+  return Object.keys(rest).length === 0 ? null : rest
+}
+
 /** The seconds a problem's Retry-After asks for (0 without one). */
 function waitOf (headers: Record<string, string>): number {
   return retryAfterOf(headers) ?? 0

@@ -1,6 +1,6 @@
 import { GraphQLError, type ExecutionResult, type GraphQLFormattedError } from 'graphql'
 import mercurius from 'mercurius'
-import { ErrorCodes, MantleError, refusalHeaders, retryAfterOf, toProblem, type ErrorCode, type Problem } from '../../errors.js'
+import { ErrorCodes, MantleError, headersForStatus, refusalHeaders, retryAfterOf, toProblem, type ErrorCode, type Problem } from '../../errors.js'
 
 // Every GraphQL error carries the contract's code, the REST status of the same failure and the
 // request id in `extensions`, so a client handles GraphQL errors as it handles REST problems.
@@ -96,14 +96,17 @@ export function errorFormatter (execution: ExecutionResult & { errors: readonly 
   const requestId = ctx.reply?.request.id ?? ctx.request?.id ?? ''
   const log = (err: unknown): void => ctx.app.log.error({ err, requestId }, 'unexpected GraphQL error')
   const errors = flatten(execution.errors, requestId)
-  // Over HTTP, the refusals' Retry-After and RateLimit-* go on the response, as on tRPC: of
-  // several, the longest wait's. A subscription's errors (over WebSocket) have no reply. A
-  // document's replayed calls are not marked (README), its fields being several calls.
-  const headers = refusalHeaders(errors.map(headersOf), false)
-  if (headers !== null && ctx.reply !== undefined && !ctx.reply.sent) ctx.reply.headers(headers)
   const refused = execution.data === undefined || execution.data === null
   const formatted = errors.map(e => formatOne(e, refused, requestId, log))
-  if (!refused) return { statusCode: 200, response: { data: execution.data, errors: formatted as unknown as GraphQLError[] } }
-  const status = formatted[0]?.extensions?.status
-  return { statusCode: typeof status === 'number' ? status : 400, response: { errors: formatted as unknown as GraphQLError[] } }
+  const first = formatted[0]?.extensions?.status
+  const statusCode = !refused ? 200 : typeof first === 'number' ? first : 400
+  // Over HTTP, the refusals' Retry-After and RateLimit-* go on the response, as on tRPC: of
+  // several, the longest wait's. Their WWW-Authenticate only on a 401, as REST and tRPC send
+  // it: a 200 with an UNAUTHENTICATED field says so in the field's error. A subscription's
+  // errors (over WebSocket) have no reply. A document's replayed calls are not marked
+  // (README), its fields being several calls.
+  const headers = headersForStatus(refusalHeaders(errors.map(headersOf), false), statusCode)
+  if (headers !== null && ctx.reply !== undefined && !ctx.reply.sent) ctx.reply.headers(headers)
+  if (!refused) return { statusCode, response: { data: execution.data, errors: formatted as unknown as GraphQLError[] } }
+  return { statusCode, response: { errors: formatted as unknown as GraphQLError[] } }
 }

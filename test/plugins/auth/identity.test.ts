@@ -48,4 +48,12 @@ t.test('a 401 carries its challenge: WWW-Authenticate, with RFC 6750\'s error wh
     }
   }
   t.equal((await app.inject({ url: '/api/v1/agents/a1', headers: bearer() })).headers['www-authenticate'], undefined, 'none on an answer')
+  // A GraphQL document whose calls ran is a 200 whatever its fields' codes: the 401 is the
+  // field's (extensions.status), and a challenge belongs on a 401 only (RFC 9110 §11.6.1).
+  for (const authorization of [undefined, forged]) {
+    const res = await app.inject({ method: 'POST', url: '/graphql', headers: authorization === undefined ? {} : { authorization }, payload: { query: '{ getAgent(id: "a1") { id } }' } })
+    t.equal(res.statusCode, 200)
+    t.match(res.json(), { data: { getAgent: null }, errors: [{ extensions: { code: 'UNAUTHENTICATED', status: 401 } }] })
+    t.equal(res.headers['www-authenticate'], undefined, `GraphQL ${authorization === undefined ? '(none)' : 'forged'}: no challenge on a 200`)
+  }
 })
