@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify'
 import { Ajv } from 'ajv'
 import { AnswerBudget, runCall, callEnvelope } from '../adapters/face.js'
-import { MantleError, refusalHeaders } from '../errors.js'
+import { MantleError, headersForStatus, refusalHeaders } from '../errors.js'
 import { callKey, idempotencyKeyOf, single } from '../adapters/rest/index.js'
 
 // The batch body's own validator, without the coercion Fastify's Ajv does: a call id 1 was
@@ -67,8 +67,9 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     const budget = new AnswerBudget()
     const parts = outcomes.map((outcome, n) => callEnvelope(JSON.stringify(calls[n].id), budget.admit(outcome, app.pipeline.manifest.byName.get(calls[n].op)?.type === 'query', `${request.id}.${n}`)))
     // The refusals' Retry-After and RateLimit-* (the longest wait's), as on tRPC and GraphQL: a
-    // client told RATE_LIMITED or OVERLOADED in the batch had no wait to go by.
-    const refused = refusalHeaders(outcomes.map(outcome => outcome.ok ? null : outcome.headers), false)
+    // client told RATE_LIMITED or OVERLOADED in the batch had no wait to go by. Never a call's
+    // WWW-Authenticate: the answer is a 200, and the challenge belongs on a 401.
+    const refused = headersForStatus(refusalHeaders(outcomes.map(outcome => outcome.ok ? null : outcome.headers), false), 200)
     if (refused !== null) reply.headers(refused)
     reply.type('application/json; charset=utf-8')
     return `{"results":[${parts.join(',')}]}`

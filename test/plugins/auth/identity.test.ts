@@ -55,5 +55,9 @@ t.test('a 401 carries its challenge: WWW-Authenticate, with RFC 6750\'s error wh
     t.equal(res.statusCode, 200)
     t.match(res.json(), { data: { getAgent: null }, errors: [{ extensions: { code: 'UNAUTHENTICATED', status: 401 } }] })
     t.equal(res.headers['www-authenticate'], undefined, `GraphQL ${authorization === undefined ? '(none)' : 'forged'}: no challenge on a 200`)
+    const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: authorization === undefined ? {} : { authorization }, payload: { calls: [{ id: 'a', op: 'getAgent', input: { id: 'a1' } }] } })
+    t.equal(batch.statusCode, 200)
+    t.match(batch.json(), { results: [{ id: 'a', error: { code: 'UNAUTHENTICATED', status: 401 } }] })
+    t.equal(batch.headers['www-authenticate'], undefined, `REST batch ${authorization === undefined ? '(none)' : 'forged'}: no challenge on a 200`)
   }
 })
