@@ -41,7 +41,7 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
     ? new LRUCache<string, Verdict>({
       max: opts.cacheSize,
       maxSize: CACHE_MAX_CHARS,
-      sizeCalculation: (v, key) => key.length + (v.redacted === null ? 0 : Object.values(v.redacted).reduce<number>((n, s) => n + (typeof s === 'string' ? s.length : JSON.stringify(s).length), 0)) + 64
+      sizeCalculation: (v, key) => key.length + (v.redacted === null ? 0 : Object.values(v.redacted).reduce<number>((n, s) => n + (s as string).length, 0)) + 64
     })
     : null
   if (cache !== null) {
@@ -67,14 +67,16 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
       const passed = verdictsTotal.series(action, 'passed')
       const found = { injection: findingsTotal.series('injection', action), secret: findingsTotal.series('secret', action), pii: findingsTotal.series('pii', action) }
 
-      const verdictOf = (input: Readonly<Record<string, unknown>>): Verdict => {
+      const verdictOf = (tenant: string, input: Readonly<Record<string, unknown>>): Verdict => {
         if (cache === null) return scan(fields, input)
-        // The operation's name, then each field's name and value (or its absence) after their
-        // lengths: no separator would do, since a JSON string may hold any character, \u0000
-        // included. Distinct inputs never share a key, nor do the same values under other fields
-        // after a reload changed the operation's `firewall.fields` (the cache outlives reloads: a
-        // verdict for a prompt was reused for a note, whose e-mail address then went unredacted).
-        const hash = createHash('sha256').update(op.name.length + ':' + op.name)
+        // The tenant, the operation's name, then each field's name and value (or its absence)
+        // after their lengths: no separator would do, since a JSON string may hold any character,
+        // \u0000 included. Distinct inputs never share a key, nor do the same values under other
+        // fields after a reload changed the operation's `firewall.fields` (the cache outlives
+        // reloads: a verdict for a prompt was reused for a note, whose e-mail address then went
+        // unredacted). The tenant: a hit (its metric, its time) told one tenant that another had
+        // sent that very text.
+        const hash = createHash('sha256').update(tenant.length + ':' + tenant + op.name.length + ':' + op.name)
         for (const field of fields) {
           const value = input[field]
           const name = field.length + ':' + field
@@ -100,12 +102,14 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
         }
         cacheMiss.inc()
         const verdict = scan(fields, input)
-        cache.set(key, verdict)
+        // A redacted copy of an array or object is not kept: its heap is many times its text's
+        // length, which the cache's bound counts. Such an input is scanned again each time.
+        if (verdict.redacted === null || Object.values(verdict.redacted).every(v => typeof v === 'string')) cache.set(key, verdict)
         return verdict
       }
 
       const stage: Stage = (ctx, next) => {
-        const verdict = verdictOf(ctx.input)
+        const verdict = verdictOf(ctx.tenant, ctx.input)
         if (verdict === CLEAN) {
           passed.inc()
           return next(ctx)

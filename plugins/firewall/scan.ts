@@ -113,9 +113,9 @@ function detectInto (text: string, depth: number, budget: Budget, out: Detection
 }
 
 /** Every detection in one text, raw (a type may appear several times, with spans). */
-export function detect (text: string): Detection[] {
+export function detect (text: string, budget: Budget = { decoded: DECODE_LIMITS.totalDecoded }): Detection[] {
   const out: Detection[] = []
-  detectInto(text, 0, { decoded: DECODE_LIMITS.totalDecoded }, out)
+  detectInto(text, 0, budget, out)
   return out
 }
 
@@ -164,40 +164,9 @@ export const CLEAN: Verdict = Object.freeze({ findings: Object.freeze([]), risk:
 const CATEGORY_ORDER: readonly Category[] = ['injection', 'secret', 'pii']
 
 /**
- * A copy of a JSON value with `change` applied to each of its strings, object keys included, in
- * one fixed order (so two walks of one value visit its strings alike). Without recursion: the
- * faces parse bodies of any depth, and a field's schema may admit any value.
- */
-export function mapStrings (value: unknown, change: (s: string) => string): unknown {
-  if (typeof value === 'string') return change(value)
-  if (value === null || typeof value !== 'object') return value
-  const stack: Array<[object, Record<string, unknown> | unknown[]]> = []
-  const copy = (v: unknown): unknown => {
-    if (typeof v === 'string') return change(v)
-    if (v === null || typeof v !== 'object') return v
-    const into = Array.isArray(v) ? new Array<unknown>(v.length) : {}
-    stack.push([v, into])
-    return into
-  }
-  const root = copy(value)
-  while (stack.length > 0) {
-    const [from, into] = stack.pop()!
-    if (Array.isArray(from)) {
-      for (let i = 0; i < from.length; i++) (into as unknown[])[i] = copy(from[i])
-    } else {
-      for (const [key, v] of Object.entries(from)) {
-        // defineProperty: a key "__proto__" (JSON.parse makes it an own property) stays a key.
-        Object.defineProperty(into, change(key), { value: copy(v), enumerable: true, writable: true, configurable: true })
-      }
-    }
-  }
-  return root
-}
-
-/**
- * Scans the named fields of an input. A string is scanned as it is; an array or object (a chat's
- * messages, say) as every string in it, keys included, one per line, and redacted in those
- * strings. Numbers, booleans and null are not text, and are skipped.
+ * Scans the named fields of an input. A string is scanned as it is. An array or object (a chat's
+ * messages, say) is scanned as its texts, each on its own (see textsOf), and redacted in them;
+ * numbers, booleans and null are not text, and are skipped.
  */
 export function scanFields (fields: readonly string[], input: Readonly<Record<string, unknown>>): Verdict {
   let findings: Finding[] | null = null
@@ -205,17 +174,22 @@ export function scanFields (fields: readonly string[], input: Readonly<Record<st
   let top = 0
   for (const field of fields) {
     const value = input[field]
-    let texts: string[] | null = null
-    let text: string
-    if (typeof value === 'string') text = value
-    else if (value !== null && typeof value === 'object') {
-      const found: string[] = []
-      mapStrings(value, s => { found.push(s); return s })
-      texts = found
-      text = found.join('\n')
+    let detections: Detection[]
+    let texts: Text[] | null = null
+    if (typeof value === 'string') {
+      if (value === '') continue
+      detections = detect(value)
+    } else if (value !== null && typeof value === 'object') {
+      texts = textsOf(value)
+      // One decoding budget for all of them, as for one string.
+      const budget: Budget = { decoded: DECODE_LIMITS.totalDecoded }
+      detections = []
+      for (const text of texts) {
+        const found = detect(text.text, budget)
+        if (found.length > 0) text.found = found
+        for (const d of found) detections.push(d)
+      }
     } else continue
-    if (text === '') continue
-    const detections = detect(text)
     if (detections.length === 0) continue
     findings ??= []
     const byType = new Map<string, Finding>()
@@ -228,7 +202,7 @@ export function scanFields (fields: readonly string[], input: Readonly<Record<st
     findings.push(...byType.values())
     if (detections.some(d => d.start >= 0)) {
       redacted ??= {}
-      redacted[field] = texts === null ? redact(text, detections) : redactEach(value, texts, detections)
+      redacted[field] = texts === null ? redact(value as string, detections) : redactTexts(value as object, texts)
     }
   }
   if (findings === null) return CLEAN
@@ -242,21 +216,114 @@ export function scanFields (fields: readonly string[], input: Readonly<Record<st
 }
 
 /**
- * `value` with the spans found in its strings' joined text (`texts`, one per line, in
- * mapStrings's order) replaced: each string gets the part of each span that falls in it.
+ * One text of an array or object: an element (`key` null), an object's key alone (`value`
+ * null: its value is not a string), or a key and its string value as one text, `key: value`,
+ * so that a secret under its name ({ "aws_secret_access_key": "..." }) reads as it would in a
+ * prompt. `holder` is the array or object it is in.
  */
-function redactEach (value: unknown, texts: readonly string[], detections: readonly Detection[]): unknown {
-  const spans = detections.filter(d => d.start >= 0)
-  let i = 0
-  let at = 0
-  return mapStrings(value, s => {
-    const start = at
-    const end = start + texts[i++].length
-    at = end + 1
-    const inside: Detection[] = []
-    for (const d of spans) {
-      if (d.start < end && d.end > start) inside.push({ ...d, start: Math.max(d.start, start) - start, end: Math.min(d.end, end) - start })
+interface Text {
+  readonly holder: object
+  readonly at: string | number
+  readonly key: string | null
+  readonly value: string | null
+  readonly text: string
+  found: Detection[] | null
+}
+
+/**
+ * The texts of an array or object, in document order, each scanned on its own: joined, a
+ * base64 run read on into the next text (a newline does not end one) and no longer decoded.
+ * Without recursion: a field's schema may admit any value. Properties holding undefined (a
+ * GraphQL variable left unset) are skipped, as JSON leaves them out.
+ */
+function textsOf (value: object): Text[] {
+  const texts: Text[] = []
+  const stack: object[] = [value]
+  while (stack.length > 0) {
+    const holder = stack.pop()!
+    const nested: object[] = []
+    if (Array.isArray(holder)) {
+      for (let i = 0; i < holder.length; i++) {
+        const v: unknown = holder[i]
+        if (typeof v === 'string') { if (v !== '') texts.push({ holder, at: i, key: null, value: v, text: v, found: null }) } else if (v !== null && typeof v === 'object') nested.push(v)
+      }
+    } else {
+      for (const [key, v] of Object.entries(holder)) {
+        if (v === undefined) continue
+        if (typeof v === 'string') texts.push({ holder, at: key, key, value: v, text: key + ': ' + v, found: null })
+        else {
+          texts.push({ holder, at: key, key, value: null, text: key, found: null })
+          if (v !== null && typeof v === 'object') nested.push(v)
+        }
+      }
     }
-    return inside.length === 0 ? s : redact(s, inside)
-  })
+    // Pushed in reverse: popped, the children come in document order.
+    for (let i = nested.length - 1; i >= 0; i--) stack.push(nested[i])
+  }
+  return texts
+}
+
+/** The part of each span that falls in [start, end), moved to start at 0. */
+function within (found: readonly Detection[], start: number, end: number): Detection[] {
+  const out: Detection[] = []
+  for (const d of found) {
+    if (d.start >= 0 && d.start < end && d.end > start) out.push({ ...d, start: Math.max(d.start, start) - start, end: Math.min(d.end, end) - start })
+  }
+  return out
+}
+
+/**
+ * A copy of `value` with the spans found in its texts replaced: in an element, in a value, in a
+ * key (a key that then equals another of its object gets `#2`, `#3`, ...: no entry is lost).
+ * Linear in the value's size and the spans: each text's own spans only.
+ */
+function redactTexts (value: object, texts: readonly Text[]): unknown {
+  // What changes, by holder: element index or key -> its new key and value.
+  const changes = new Map<object, Map<string | number, { key: string | null, value: string | null }>>()
+  for (const t of texts) {
+    if (t.found === null || !t.found.some(d => d.start >= 0)) continue
+    let key = t.key
+    let text = t.value
+    if (t.key === null) text = redact(t.text, t.found)
+    else {
+      const keySpans = within(t.found, 0, t.key.length)
+      if (keySpans.length > 0) key = redact(t.key, keySpans)
+      if (t.value !== null) {
+        const from = t.key.length + 2
+        const valueSpans = within(t.found, from, from + t.value.length)
+        if (valueSpans.length > 0) text = redact(t.value, valueSpans)
+      }
+    }
+    let byHolder = changes.get(t.holder)
+    if (byHolder === undefined) changes.set(t.holder, byHolder = new Map())
+    byHolder.set(t.at, { key, value: text })
+  }
+  // The copy, without recursion.
+  const copies: Array<[object, Record<string, unknown> | unknown[]]> = []
+  const copy = (v: unknown): unknown => {
+    if (v === null || typeof v !== 'object') return v
+    const into = Array.isArray(v) ? new Array<unknown>(v.length) : {}
+    copies.push([v, into])
+    return into
+  }
+  const root = copy(value)
+  while (copies.length > 0) {
+    const [from, into] = copies.pop()!
+    const change = changes.get(from)
+    if (Array.isArray(from)) {
+      for (let i = 0; i < from.length; i++) {
+        const c = change?.get(i)
+        ;(into as unknown[])[i] = c?.value != null ? c.value : copy(from[i])
+      }
+      continue
+    }
+    for (const [key, v] of Object.entries(from)) {
+      const c = change?.get(key)
+      let name = c?.key ?? key
+      if (name !== key) for (let n = 2; Object.hasOwn(into, name) || Object.hasOwn(from, name); n++) name = `${c!.key!}#${n}`
+      // defineProperty: a key "__proto__" (JSON.parse makes it an own property) stays a key.
+      Object.defineProperty(into, name, { value: c?.value != null ? c.value : copy(v), enumerable: true, writable: true, configurable: true })
+    }
+  }
+  return root
 }

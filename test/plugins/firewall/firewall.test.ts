@@ -142,17 +142,19 @@ t.test('metrics: findings, verdicts, scan duration and cache hits', async t => {
   await post(app, '/api/v1/ask-redact', { prompt: EMAIL })
   await post(app, '/api/v1/ask-monitor', { prompt: SECRET })
   await post(app, '/api/v1/ask-monitor', { prompt: 'hello' })
+  // Another tenant's same text is a miss: a hit told it that this text had been sent.
+  await app.inject({ method: 'POST', url: '/api/v1/ask-monitor', headers: { authorization: `Bearer ${token({ tenant: 't2' })}` }, payload: { prompt: 'hello' } })
   const text = (await app.inject({ method: 'GET', url: '/metrics' })).body
   t.match(text, /mantle_firewall_findings_total\{category="injection",action="block"\} 4/, 'two calls, two injection types each (ignore-instructions, prompt-leak)')
   t.match(text, /mantle_firewall_findings_total\{category="pii",action="redact"\} 1/)
   t.match(text, /mantle_firewall_findings_total\{category="secret",action="monitor"\} 1/)
   t.match(text, /mantle_firewall_verdicts_total\{action="block",outcome="blocked"\} 2/)
   t.match(text, /mantle_firewall_verdicts_total\{action="redact",outcome="redacted"\} 1/)
-  t.match(text, /mantle_firewall_verdicts_total\{action="monitor",outcome="passed"\} 2/)
+  t.match(text, /mantle_firewall_verdicts_total\{action="monitor",outcome="passed"\} 3/)
   t.match(text, /mantle_firewall_cache_total\{outcome="hit"\} 1/)
-  t.match(text, /mantle_firewall_cache_total\{outcome="miss"\} 4/)
-  t.match(text, /mantle_firewall_scan_duration_seconds_count 4/)
-  t.match(text, /mantle_firewall_cache_entries 4/)
+  t.match(text, /mantle_firewall_cache_total\{outcome="miss"\} 5/)
+  t.match(text, /mantle_firewall_scan_duration_seconds_count 5/)
+  t.match(text, /mantle_firewall_cache_entries 5/)
   t.notOk(text.includes(SECRET) || text.includes(EMAIL))
 })
 
@@ -247,8 +249,11 @@ t.test('a field whose schema admits any value is scanned when it holds an array 
   t.equal((await say(INJECTION)).statusCode, 403, 'the verdict of the clean array is not lent to another')
   t.equal((await say(INJECTION)).statusCode, 403, 'and the cached verdict of this one holds')
   t.equal((await say(`write to ${EMAIL}`)).statusCode, 200)
+  t.equal((await say(`write to ${EMAIL}`)).statusCode, 200)
   t.same(JSON.parse(kernel.requests[1].body), { messages: [{ role: 'user', content: 'write to [REDACTED:email]' }] })
-  t.equal(kernel.requests.length, 2)
+  t.same(JSON.parse(kernel.requests[2].body), { messages: [{ role: 'user', content: 'write to [REDACTED:email]' }] }, 'scanned again: a redacted copy of an array is not cached')
+  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_firewall_cache_entries 2\n/, 'the clean and the injected arrays only')
+  t.equal(kernel.requests.length, 3)
 })
 
 // The firewall's verdict cache key once joined field names and values with U+0000,
