@@ -230,8 +230,11 @@ export interface AuditPage { entries: StoredEntry[], nextSeq: number | null }
 
 export interface AuditStore {
   readonly kind: 'memory' | 'postgres'
-  /** Chains and stores a batch in order; an entry whose id is already stored is skipped. */
-  write: (batch: AuditEntry[]) => Promise<void>
+  /**
+   * Chains and stores a batch in order; an entry whose id is already stored is skipped. Resolves
+   * to the entries it stored (those skipped not counted: the metrics count each entry once).
+   */
+  write: (batch: AuditEntry[]) => Promise<number>
   /**
    * Whether an error `write` threw is about the batch's own data: another batch would be stored,
    * so the writer isolates the entries refused rather than spooling everything after them (an

@@ -248,7 +248,7 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
   // Every use waits for the schema first (a no-op once it is there).
   const store: AuditStore = {
     kind: 'postgres',
-    write: async (batch) => { await prepare(); await pg.write(batch) },
+    write: async (batch) => { await prepare(); return await pg.write(batch) },
     refuses: (err) => pg.refuses(err),
     verify: async (range) => { await prepare(); return await pg.verify(range) },
     query: async (q) => { await prepare(); return await pg.query(q) },
@@ -262,7 +262,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   const metrics = app.hasDecorator('metrics') ? app.metrics.registry : null
   const entries = metrics === null
     ? null
-    : new Counter({ name: 'mantle_audit_entries_total', help: 'Audit entries by what became of them: stored, spooled, replayed (from the spool), evicted (memory ring full), pruned (retention); refused: calls refused because neither the store nor the spool took entries; dropped: entries of requests refused before any face then', labelNames: ['outcome'] as const, registers: [metrics] })
+    : new Counter({ name: 'mantle_audit_entries_total', help: 'Audit entries by what became of them: stored, spooled, replayed (stored from the spool; entries already stored are not counted), evicted (memory ring full), pruned (retention); refused: calls refused because neither the store nor the spool took entries; dropped: entries of requests refused before any face then', labelNames: ['outcome'] as const, registers: [metrics] })
   const { store, spool, ping, reachable } = await openStore(app, opts, n => entries?.inc({ outcome: 'evicted' }, n))
 
   const flushSeconds = metrics === null ? null : new Histogram({ name: 'mantle_audit_flush_duration_seconds', help: 'Time to write one audit batch to the store', buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5], registers: [metrics] })

@@ -36,14 +36,16 @@ export class MemoryAuditStore implements AuditStore {
 
   get size (): number { return this.ring.length }
 
-  async write (batch: AuditEntry[]): Promise<void> {
-    this.writeNow(batch)
+  async write (batch: AuditEntry[]): Promise<number> {
+    return this.writeNow(batch)
   }
 
-  /** Synchronous: the writer uses it when its queue is full. */
-  writeNow (batch: AuditEntry[]): void {
+  /** Synchronous: the writer uses it when its queue is full. Returns the entries stored. */
+  writeNow (batch: AuditEntry[]): number {
+    let n = 0
     for (const e of batch) {
       if (this.ids.has(e.id)) continue
+      n++
       const requestId = this.requestIds.has(e.requestId) ? suffixed(e) : e.requestId
       const seq = this.headSeq + 1
       const stored = storedEntry(e, requestId, seq, this.headHash)
@@ -58,6 +60,7 @@ export class MemoryAuditStore implements AuditStore {
       this.drop(over)
       this.opts.onEvict?.(over)
     }
+    return n
   }
 
   private drop (n: number): void {

@@ -269,15 +269,16 @@ export class PostgresAuditStore implements AuditStore {
    * stored yet and no request id in it is taken. The unique indexes on id and request_id are
    * the judge: when one refuses (a replay of entries a lost COMMIT had stored, a client reusing
    * an x-request-id), the batch is written again, that time looking the ids up first. Looking
-   * them up on every batch cost as much PostgreSQL time as the insert itself.
+   * them up on every batch cost as much PostgreSQL time as the insert itself. Resolves to the
+   * entries inserted (those already stored are skipped, and not counted).
    */
-  async write (batch: AuditEntry[]): Promise<void> {
-    if (batch.length === 0) return
+  async write (batch: AuditEntry[]): Promise<number> {
+    if (batch.length === 0) return 0
     try {
-      await this.writeBatch(batch, false)
+      return await this.writeBatch(batch, false)
     } catch (err) {
       if ((err as { code?: unknown }).code !== UNIQUE_VIOLATION) throw err
-      await this.writeBatch(batch, true)
+      return await this.writeBatch(batch, true)
     }
   }
 
@@ -287,7 +288,7 @@ export class PostgresAuditStore implements AuditStore {
     return (err instanceof pg.DatabaseError || err instanceof MalformedValue) && typeof code === 'string' && DATA_EXCEPTION.test(code)
   }
 
-  private async writeBatch (batch: AuditEntry[], lookUp: boolean): Promise<void> {
+  private async writeBatch (batch: AuditEntry[], lookUp: boolean): Promise<number> {
     const client = await this.pool.connect()
     let broken = false
     try {
@@ -329,6 +330,7 @@ export class PostgresAuditStore implements AuditStore {
         if (moved.rowCount !== 1) throw new Error('the audit chain head did not move with the batch')
       }
       await client.query('COMMIT')
+      return cols[0].length
     } catch (err) {
       broken = true
       await rollBack(client, err)

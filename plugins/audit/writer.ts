@@ -257,8 +257,9 @@ export class AuditWriter {
   }
 
   private async replay (spool: Spool): Promise<void> {
-    // The entries stored (a line the store refused for its data is isolated, and the entries
-    // quarantined are not replayed ones).
+    // The entries the replay stored: not those the store had already (a crash between a commit
+    // and the cut, the copy of a batch whose write succeeded after a full queue took it to the
+    // spool), nor those quarantined from a line the store refused for its data.
     let n = 0
     try {
       await spool.drain(async line => {
@@ -267,8 +268,7 @@ export class AuditWriter {
         if (this.abandoned) throw new Abandoned('the writer closed during the replay')
         const batch = this.setAside.size === 0 ? line : line.filter(e => !this.setAside.has(e.id))
         try {
-          await this.opts.store.write(batch)
-          n += batch.length
+          n += await this.opts.store.write(batch)
         } catch (err) {
           if (!this.refused(err)) throw err
           const isolated = await this.isolate(spool, batch, err, () => true)
@@ -312,8 +312,7 @@ export class AuditWriter {
       if (error === undefined) {
         const part = from === 0 && to === batch.length ? batch : batch.slice(from, to)
         try {
-          await this.opts.store.write(part)
-          stored += part.length
+          stored += await this.opts.store.write(part)
           continue
         } catch (e) {
           error = e
@@ -357,8 +356,10 @@ export class AuditWriter {
       const flight = { batch, spooled: false }
       this.inFlight = flight
       try {
-        await this.opts.store.write(batch)
-        this.opts.hooks?.stored?.(batch.length, (performance.now() - started) / 1000)
+        // What the store took anew: a batch the disk refused after its write succeeded comes
+        // back in the queue, and is written (and skipped) again.
+        const stored = await this.opts.store.write(batch)
+        this.opts.hooks?.stored?.(stored, (performance.now() - started) / 1000)
         this.recovered()
         return
       } catch (err) {

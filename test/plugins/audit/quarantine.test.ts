@@ -222,7 +222,7 @@ if (available) {
         write: async batch => {
           if (++state.writes === c.awayAt) state.away = true
           if (state.away) throw Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:5432'), { code: 'ECONNREFUSED' })
-          await pgs.write(batch)
+          return await pgs.write(batch)
         },
         refuses: err => pgs.refuses(err),
         verify: async range => await pgs.verify(range),

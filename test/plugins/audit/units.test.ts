@@ -136,7 +136,7 @@ t.test('memory store: rows removed at the end of a range, the whole range or the
 
 t.test('memory store: a long verify lets other calls run, and keeps its place while entries are dropped', async t => {
   const base = Date.now() - 60_000
-  const fill = (store: MemoryAuditStore, n: number, from: number): void => store.writeNow(Array.from({ length: n }, (_, i) => entry({ timestamp: base + from + i })))
+  const fill = (store: MemoryAuditStore, n: number, from: number): number => store.writeNow(Array.from({ length: n }, (_, i) => entry({ timestamp: base + from + i })))
 
   const store = new MemoryAuditStore({ max: 6000 })
   fill(store, 6000, 0)
@@ -344,11 +344,14 @@ function flakyStore (): AuditStore & { down: boolean, stored: AuditEntry[], writ
     async write (batch: AuditEntry[]) {
       s.writes++
       if (s.down) throw new Error('connection refused')
+      let n = 0
       for (const e of batch) {
         if (ids.has(e.id)) continue
         ids.add(e.id)
         s.stored.push(e)
+        n++
       }
+      return n
     },
     verify: async () => ({ ok: true, checked: 0, firstBroken: null }),
     query: async () => ({ entries: [], nextSeq: null }),
@@ -406,7 +409,7 @@ t.test('writer: close waits for a store that hangs only closeTimeoutMs, then spo
   const store = flakyStore()
   const write = store.write.bind(store)
   let hang = false
-  store.write = async (batch: AuditEntry[]) => hang ? await new Promise<void>(() => {}) : await write(batch)
+  store.write = async (batch: AuditEntry[]) => hang ? await new Promise<number>(() => {}) : await write(batch)
   const dir = spoolDir(t)
   const spool = await Spool.open(dir)
   const warnings: string[] = []
@@ -434,7 +437,7 @@ t.test('writer: close waits for a store that hangs only closeTimeoutMs, then spo
 t.test('writer: close does not wait for a long replay of the spool; its rest stays spooled, the queue after it', async t => {
   const store = flakyStore()
   const write = store.write.bind(store)
-  store.write = async (batch: AuditEntry[]) => { await new Promise(resolve => setTimeout(resolve, 5)); await write(batch) }
+  store.write = async (batch: AuditEntry[]) => { await new Promise(resolve => setTimeout(resolve, 5)); return await write(batch) }
   const dir = spoolDir(t)
   const spool = await Spool.open(dir)
   const spooled = Array.from({ length: 200 }, () => entry())
@@ -474,7 +477,7 @@ t.test('writer: a full batch is written at once, a partial one once an interval 
   const stored: AuditEntry[] = []
   const store: AuditStore = {
     kind: 'memory',
-    write: async (batch: AuditEntry[]) => { starts.push({ n: batch.length, at: Date.now() }); await new Promise(resolve => setTimeout(resolve, 3)); stored.push(...batch) },
+    write: async (batch: AuditEntry[]) => { starts.push({ n: batch.length, at: Date.now() }); await new Promise(resolve => setTimeout(resolve, 3)); stored.push(...batch); return batch.length },
     verify: async () => ({ ok: true, checked: 0, firstBroken: null }),
     query: async () => ({ entries: [], nextSeq: null }),
     close: async () => {}
@@ -582,7 +585,7 @@ t.test('writer: the batch being written when a full queue is spooled keeps its p
         hang = false
         if (!await new Promise<boolean>(resolve => { release = resolve })) throw new Error('query read timeout')
       }
-      await write(batch)
+      return await write(batch)
     }
     const spool = await Spool.open(spoolDir(t))
     const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, log: quiet })
