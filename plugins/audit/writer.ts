@@ -88,9 +88,10 @@ export class AuditWriter {
   /**
    * The batch deliver is writing to the store, while it is. A queue that fills meanwhile takes it
    * ahead of itself to the spool (`spooled`): should the write fail, it is on disk before what was
-   * enqueued after it. Before, it was appended after the full queue, out of order.
+   * enqueued after it. Before, it was appended after the full queue, out of order. `quarantined`:
+   * the ids of its entries isolation has quarantined so far, which are not taken.
    */
-  private inFlight: { batch: AuditEntry[], spooled: boolean } | null = null
+  private inFlight: { batch: AuditEntry[], spooled: boolean, quarantined: Set<string> } | null = null
   /** Entries on their way to the spool in a full queue's append. */
   private held = 0
   /** Entries of a batch `deliver` is appending to the spool. */
@@ -179,13 +180,16 @@ export class AuditWriter {
   /**
    * The batch being written to the store, taken ahead of what goes to the spool now (a copy
    * that replay skips should its write succeed: the store skips entries already stored); null
-   * when none is, or it was taken already.
+   * when none is, or it was taken already. Without the entries its isolation quarantined
+   * already: the replay of the copy quarantined them a second time.
    */
   private takeInFlight (): AuditEntry[] | null {
     const flight = this.inFlight
     if (flight === null || flight.spooled) return null
     flight.spooled = true
-    return flight.batch
+    if (flight.quarantined.size === 0) return flight.batch
+    const rest = flight.batch.filter(e => !flight.quarantined.has(e.id))
+    return rest.length > 0 ? rest : null
   }
 
   /** Spool lines of at most one batch each (a replay never writes more than a batch per transaction), `ahead` first. */
@@ -271,7 +275,7 @@ export class AuditWriter {
           n += await this.opts.store.write(batch)
         } catch (err) {
           if (!this.refused(err)) throw err
-          const isolated = await this.isolate(spool, batch, err, () => true)
+          const isolated = await this.isolate(spool, batch, err, id => this.setAside.add(id))
           n += isolated.stored
           if (isolated.error !== null) throw isolated.error
         }
@@ -297,9 +301,9 @@ export class AuditWriter {
    * 2k·log2(n) writes (a few dozen for one bad entry in 10,000), where one entry at a time would
    * cost n transactions. Stops at the first failure that is not a refusal (the store went away)
    * or a quarantine that cannot be written: everything from there on is `rest`, in order (a
-   * line of the spool stays whole: `inSpool`, its entries quarantined are remembered).
+   * line of the spool stays whole: `quarantined` is told each id set aside, for its replay to skip).
    */
-  private async isolate (spool: Spool, batch: AuditEntry[], err: unknown, inSpool: () => boolean): Promise<Isolation> {
+  private async isolate (spool: Spool, batch: AuditEntry[], err: unknown, quarantined: (id: string) => void): Promise<Isolation> {
     let stored = 0
     const refusals = new Map<string | null, number>()
     // Spans still to handle, the next one last; each with the error the store gave it, if tried.
@@ -339,7 +343,7 @@ export class AuditWriter {
         at = from
         break
       }
-      if (inSpool()) this.setAside.add(e.id)
+      quarantined(e.id)
       refusals.set(sqlstate, (refusals.get(sqlstate) ?? 0) + 1)
     }
     for (const [sqlstate, n] of refusals) {
@@ -353,7 +357,7 @@ export class AuditWriter {
     const spool = this.opts.spool
     if (spool === null || (!this.spooling(spool) && Date.now() >= this.retryAt)) {
       const started = performance.now()
-      const flight = { batch, spooled: false }
+      const flight = { batch, spooled: false, quarantined: new Set<string>() }
       this.inFlight = flight
       try {
         // What the store took anew: a batch the disk refused after its write succeeded comes
@@ -367,7 +371,9 @@ export class AuditWriter {
           this.fail(err as Error)
           if (spool === null) return
         } else {
-          const isolated = await this.isolate(spool, batch, err, () => flight.spooled)
+          // Its entries quarantined are left out of a copy a full queue takes to the spool later,
+          // and skipped by the replay of one it took already.
+          const isolated = await this.isolate(spool, batch, err, id => (flight.spooled ? this.setAside : flight.quarantined).add(id))
           if (isolated.stored > 0) this.opts.hooks?.stored?.(isolated.stored, (performance.now() - started) / 1000)
           if (isolated.error === null) {
             this.recovered()

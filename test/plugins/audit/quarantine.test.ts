@@ -256,6 +256,44 @@ if (available) {
     })
   }
 
+  t.test('a full queue takes the batch being isolated to the spool after an entry of it was quarantined: the replay does not quarantine it again', async t => {
+    const { url, store: pgs } = await pgStore(t)
+    // Writes of [good, refused, good, good]: 1 the batch, 2 its left half, 3 the first entry, 4
+    // the refused one (quarantined), 5 the right half, held until a full queue took the batch.
+    let writes = 0
+    let release: (() => void) | null = null
+    const store: AuditStore = {
+      kind: 'postgres',
+      write: async batch => {
+        if (++writes === 5) await new Promise<void>(resolve => { release = resolve })
+        return await pgs.write(batch)
+      },
+      refuses: err => pgs.refuses(err),
+      verify: async range => await pgs.verify(range),
+      query: async q => await pgs.query(q),
+      prune: async (before, limit) => await pgs.prune(before, limit),
+      close: async () => {}
+    }
+    const dir = spoolDir(t)
+    const spool = await Spool.open(dir)
+    const counts = { quarantined: 0, stored: 0, replayed: 0 }
+    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 5, intervalMs: 5, log: { warn: () => {}, info: () => {}, error: () => {} }, hooks: { quarantined: n => { counts.quarantined += n }, stored: n => { counts.stored += n }, replayed: n => { counts.replayed += n } } })
+    t.teardown(async () => { await writer.close(); await spool.close() })
+    const batch = [entry(), entry({ userId: 'a\u0000b' }), entry(), entry()]
+    for (const e of batch) writer.enqueue(e)
+    await until(() => release !== null, 'the refused entry quarantined, the right half being written')
+    t.equal(quarantined(dir).length, 1)
+    const full = Array.from({ length: 5 }, () => entry())
+    for (const e of full) writer.enqueue(e)
+    await until(() => spool.size > 0, 'the full queue on disk, the batch being isolated ahead of it')
+    release!()
+    await until(() => spool.size === 0 && counts.replayed === full.length && writer.depth === 0 && !writer.writing, 'the spool replayed')
+    t.same(await storedIds(url), [batch[0], batch[2], batch[3], ...full].map(e => e.id), 'in order, each once')
+    t.same(quarantined(dir).map(l => l.entry.id), [batch[1].id], 'quarantined once')
+    t.equal(counts.quarantined, 1)
+    t.same(await pgs.verify({}), { ok: true, checked: 8, firstBroken: null })
+  })
+
   t.test('a quarantine file that cannot be written: the entries stay in the spool until it can, none is dropped', async t => {
     const { url, store } = await pgStore(t)
     const { writer, spool, dir, counts } = await writerOn(t, store)
