@@ -1,4 +1,4 @@
-import { open, readFile, rename, mkdir, writeFile, unlink, stat, utimes, type FileHandle } from 'node:fs/promises'
+import { open, readFile, readlink, rename, mkdir, writeFile, unlink, stat, utimes, type FileHandle } from 'node:fs/promises'
 import { hostname } from 'node:os'
 import { hash } from 'node:crypto'
 import { join, resolve } from 'node:path'
@@ -12,7 +12,7 @@ export const SPOOL_FILE = 'audit.spool'
 /** Beside the spool: the entries the store refused for their own data, for an operator to read. */
 export const QUARANTINE_FILE = 'audit.quarantine'
 const LOCK_FILE = 'audit.lock'
-/** The holder of a lock touches it this often; one untouched for LOCK_STALE_MS is another host's that is gone. */
+/** The holder of a lock touches it this often; one untouched for LOCK_STALE_MS is a holder's that is gone. */
 const LOCK_HEARTBEAT_MS = 5_000
 const LOCK_STALE_MS = 30_000
 
@@ -59,12 +59,16 @@ export class Spool {
   get size (): number { return this.bytes - this.done }
 
   /**
-   * Opens the spool of `dir`, taking its lock file (`<pid> <hostname>`): two processes on one
-   * spool would replay, and truncate, each other's batches. A lock left by a process that is gone
-   * is taken over: on this host, one whose pid is not alive (or is ours: an earlier run's, in a
-   * container where the gateway is PID 1 every run); from another host (two containers on one
-   * volume, each PID 1: the pid alone let the second in), one its holder has not touched for
-   * LOCK_STALE_MS (it touches it every LOCK_HEARTBEAT_MS).
+   * Opens the spool of `dir`, taking its lock file (`<pid> <hostname> <pid namespace>`): two
+   * processes on one spool would replay, and truncate, each other's batches. Its holder touches
+   * it every LOCK_HEARTBEAT_MS. A lock is taken over once untouched for LOCK_STALE_MS, whoever it
+   * names; sooner only when its pid means a process here, that is when it was written on this
+   * host in this PID namespace, and that process is gone (or is this one, which has not opened
+   * it: an earlier process's pid, reused). The hostname alone did not tell: containers on one
+   * volume may share it (host networking, a fixed hostname, a restart) and each be PID 1, so a
+   * live twin's lock was taken as this process's own earlier run's and both wrote the spool; and
+   * a pid alive here after a reboot or in another container, another process's, refused every
+   * start for good.
    */
   static async open (dir: string, limits: SpoolLimits = SPOOL_LIMITS): Promise<Spool> {
     const inUse = (owner: number | string): SpoolInUseError => new SpoolInUseError(`BFF_AUDIT_SPOOL_DIR=${dir} is in use by process ${owner}: give each gateway instance its own spool directory`)
@@ -74,21 +78,18 @@ export class Spool {
     try {
       await mkdir(dir, { recursive: true })
       const lock = join(dir, LOCK_FILE)
-      const mine = `${process.pid} ${hostname()}`
+      const namespace = await pidNamespace()
+      const mine = `${process.pid} ${hostname()} ${namespace}`
       try {
         await writeFile(lock, mine, { flag: 'wx' })
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
-        const [pid, host] = (await readFile(lock, 'utf8').catch(() => '')).split(' ')
+        const [pid, host, ns] = (await readFile(lock, 'utf8').catch(() => '')).split(' ')
         const owner = Number(pid)
-        if (host !== undefined && host !== hostname()) {
-          const age = Date.now() - (await stat(lock)).mtimeMs
-          if (age < LOCK_STALE_MS) throw inUse(`${owner} on ${host} (its lock was touched ${Math.round(age / 1000)} s ago)`)
-        } else if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && alive(owner)) {
-          // Our own pid, on a spool this process has not opened: an earlier run's lock, left by a
-          // crash or a kill, in a container where the gateway is PID 1 each run (the spool
-          // survives a restart on its volume). Taken as alive, every restart refused to start.
-          throw inUse(owner)
+        const age = Date.now() - (await stat(lock)).mtimeMs
+        if (age < LOCK_STALE_MS) {
+          if (host !== hostname() || ns !== namespace) throw inUse(`${owner} on ${host ?? 'an unnamed host'} (its lock was touched ${Math.round(age / 1000)} s ago)`)
+          if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && alive(owner)) throw inUse(owner)
         }
         await writeFile(lock, mine)
       }
@@ -371,6 +372,14 @@ function parse (text: string): SpoolLine | null {
   } catch {
     return null
   }
+}
+
+/**
+ * This process's PID namespace (Linux: `pid:[<inode>]`, one per container), `-` where there is
+ * none to read: a pid in a lock means a process here only when written in the same one.
+ */
+async function pidNamespace (): Promise<string> {
+  return await readlink('/proc/self/ns/pid').catch(() => '-')
 }
 
 function alive (pid: number): boolean {

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { createHash } from 'node:crypto'
-import { appendFileSync, existsSync, readFileSync, statSync, utimesSync, writeFileSync } from 'node:fs'
+import { appendFileSync, existsSync, readFileSync, readlinkSync, statSync, utimesSync, writeFileSync } from 'node:fs'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { FileHandle } from 'node:fs/promises'
@@ -280,9 +280,10 @@ t.test('spool: one process per directory; a torn or corrupt line is skipped, nev
   await spool.close()
   t.notOk(existsSync(join(dir, 'audit.lock')))
 
-  // A lock naming this very process, on a spool it has not opened, is an earlier run's: a
-  // gateway that is PID 1 in its container finds its own pid there after a crash and a restart.
-  writeFileSync(join(dir, 'audit.lock'), String(process.pid))
+  // A lock naming this very process, in its PID namespace, on a spool it has not opened, is an
+  // earlier process's whose pid was reused.
+  const ns = readlinkSync('/proc/self/ns/pid')
+  writeFileSync(join(dir, 'audit.lock'), `${process.pid} ${hostname()} ${ns}`)
   const restarted = await Spool.open(dir)
   await t.rejects(Spool.open(dir), /is in use by process \d+/, 'while it is open here, a second open is refused')
   await restarted.close()
@@ -296,11 +297,11 @@ t.test('spool: one process per directory; a torn or corrupt line is skipped, nev
   const old = new Date(Date.now() - 31_000)
   utimesSync(join(dir, 'audit.lock'), old, old)
   const takenOver = await Spool.open(dir)
-  t.match(readFileSync(join(dir, 'audit.lock'), 'utf8'), new RegExp(`^${process.pid} ${hostname()}$`), 'ours now')
+  t.equal(readFileSync(join(dir, 'audit.lock'), 'utf8'), `${process.pid} ${hostname()} ${ns}`, 'ours now')
   await takenOver.close()
 
   // A lock left by a process that is gone is taken over; a torn last line is cut.
-  writeFileSync(join(dir, 'audit.lock'), '2147483646')
+  writeFileSync(join(dir, 'audit.lock'), `2147483646 ${hostname()} ${ns}`)
   const good = [entry()]
   appendFileSync(join(dir, SPOOL_FILE), JSON.stringify({ n: 1, sum: 'bad', entries: [entry()] }) + '\n')
   appendFileSync(join(dir, SPOOL_FILE), 'not json\n')
@@ -320,6 +321,29 @@ t.test('spool: one process per directory; a torn or corrupt line is skipped, nev
   const torn = await Spool.open(dir)
   t.equal(torn.size, 0)
   await torn.close()
+})
+
+t.test('spool: a pid in the lock is trusted only in the PID namespace it was written in; any lock untouched for 30 s is taken over', async t => {
+  const dir = spoolDir(t)
+  const lock = join(dir, 'audit.lock')
+  const stale = (): void => { const old = new Date(Date.now() - 31_000); utimesSync(lock, old, old) }
+  // Another container with this hostname on the same volume (host networking, a fixed hostname),
+  // its gateway PID 1 as this one may be: its pid is not this process, whatever the number.
+  writeFileSync(lock, `${process.pid} ${hostname()} pid:[1]`)
+  await t.rejects(Spool.open(dir), /is in use by process \d+ on .* \(its lock was touched 0 s ago\)/, 'a twin container\'s lock is not this process\'s own')
+  // A lock without a namespace (written by an older version) is told by its heartbeat too.
+  writeFileSync(lock, String(process.pid))
+  await t.rejects(Spool.open(dir), /in use by process \d+ on an unnamed host/)
+  stale()
+  const after = await Spool.open(dir)
+  await after.close()
+  // A live pid here that has not touched the lock for 30 s is not its holder (a pid reused after a
+  // reboot, say): taken over, where it refused every start for good.
+  writeFileSync(lock, `${process.ppid} ${hostname()} ${readlinkSync('/proc/self/ns/pid')}`)
+  await t.rejects(Spool.open(dir), new RegExp(`in use by process ${process.ppid}:`), 'while it is touched, a live pid holds it')
+  stale()
+  const reused = await Spool.open(dir)
+  await reused.close()
 })
 
 t.test('spool: its holder touches the lock, so that another host can tell it is held', async t => {
