@@ -12,14 +12,15 @@ export const SPOOL_FILE = 'audit.spool'
 /** Beside the spool: the entries the store refused for their own data, for an operator to read. */
 export const QUARANTINE_FILE = 'audit.quarantine'
 const LOCK_FILE = 'audit.lock'
-/** The holder of a lock touches it this often; one untouched for LOCK_STALE_MS is a holder's that is gone. */
+/** The holder of a lock touches it this often (SpoolLimits.heartbeatMs in tests). */
 const LOCK_HEARTBEAT_MS = 5_000
+/** A lock whose pid is alive here is another process's unless untouched this long (a reused pid). */
 const LOCK_STALE_MS = 30_000
 
 interface SpoolLine { n: number, sum: string, entries: AuditEntry[] }
 
 /** How much of the spool a drain holds at once: a read's window, and the longest line kept. */
-export interface SpoolLimits { window: number, line: number }
+export interface SpoolLimits { window: number, line: number, heartbeatMs?: number }
 // A line is one batch: BFF_AUDIT_BATCH_SIZE (at most 10,000) entries of a few hundred bytes.
 export const SPOOL_LIMITS: SpoolLimits = { window: 1 << 20, line: 256 << 20 }
 
@@ -61,17 +62,19 @@ export class Spool {
   /**
    * Opens the spool of `dir`, taking its lock file (`<pid> <hostname> <pid namespace>`): two
    * processes on one spool would replay, and truncate, each other's batches. Its holder touches
-   * it every LOCK_HEARTBEAT_MS. A lock is taken over once untouched for LOCK_STALE_MS, whoever it
-   * names; sooner only when its pid means a process here, that is when it was written on this
-   * host in this PID namespace, and that process is gone (or is this one, which has not opened
-   * it: an earlier process's pid, reused). The hostname alone did not tell: containers on one
-   * volume may share it (host networking, a fixed hostname, a restart) and each be PID 1, so a
-   * live twin's lock was taken as this process's own earlier run's and both wrote the spool; and
-   * a pid alive here after a reboot or in another container, another process's, refused every
-   * start for good.
+   * it every LOCK_HEARTBEAT_MS. A lock written on this host in this PID namespace names a process
+   * here: it holds the spool while that process is alive (and is not this one, which has not
+   * opened it: an earlier process's pid, reused) and has touched it within LOCK_STALE_MS. Any
+   * other lock (another host's, another container's, an older version's without a namespace)
+   * is told by its heartbeat: one touched within LOCK_STALE_MS is watched for two heartbeats, and
+   * held if touched meanwhile. The hostname and pid alone did not tell: containers on one volume may share the
+   * hostname (host networking, a fixed one) and each be PID 1, so a live twin's lock was taken as
+   * this process's own earlier run's and both wrote the spool; a container restarted after a
+   * crash, a new PID namespace, waits at most that long for its predecessor's lock.
    */
   static async open (dir: string, limits: SpoolLimits = SPOOL_LIMITS): Promise<Spool> {
     const inUse = (owner: number | string): SpoolInUseError => new SpoolInUseError(`BFF_AUDIT_SPOOL_DIR=${dir} is in use by process ${owner}: give each gateway instance its own spool directory`)
+    const beat = limits.heartbeatMs ?? LOCK_HEARTBEAT_MS
     const here = resolve(dir)
     if (OPEN_HERE.has(here)) throw inUse(process.pid)
     OPEN_HERE.add(here)
@@ -86,10 +89,11 @@ export class Spool {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
         const [pid, host, ns] = (await readFile(lock, 'utf8').catch(() => '')).split(' ')
         const owner = Number(pid)
-        const age = Date.now() - (await stat(lock)).mtimeMs
-        if (age < LOCK_STALE_MS) {
-          if (host !== hostname() || ns !== namespace) throw inUse(`${owner} on ${host ?? 'an unnamed host'} (its lock was touched ${Math.round(age / 1000)} s ago)`)
-          if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && alive(owner)) throw inUse(owner)
+        const touchedAt = (await stat(lock)).mtimeMs
+        if (host === hostname() && ns === namespace) {
+          if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && alive(owner) && Date.now() - touchedAt < LOCK_STALE_MS) throw inUse(owner)
+        } else if (Date.now() - touchedAt < LOCK_STALE_MS && await touchedSince(lock, touchedAt, 2 * beat)) {
+          throw inUse(`${owner} on ${host ?? 'an unnamed host'} (it touched its lock while this one waited)`)
         }
         await writeFile(lock, mine)
       }
@@ -103,7 +107,7 @@ export class Spool {
       spool.heartbeat = setInterval(() => {
         const now = new Date()
         utimes(lock, now, now).catch(() => {})
-      }, LOCK_HEARTBEAT_MS)
+      }, beat)
       spool.heartbeat.unref()
       return spool
     } catch (err) {
@@ -372,6 +376,21 @@ function parse (text: string): SpoolLine | null {
   } catch {
     return null
   }
+}
+
+/**
+ * Whether the lock is touched again (its mtime moves from `touchedAt`) within `ms` from now: its
+ * holder is alive. Looked at every tenth of that. From now, not from the mtime: another host's
+ * clock may be behind.
+ */
+async function touchedSince (lock: string, touchedAt: number, ms: number): Promise<boolean> {
+  const until = Date.now() + ms
+  while (Date.now() < until) {
+    await new Promise(resolve => setTimeout(resolve, Math.min(ms / 10, Math.max(1, until - Date.now()))))
+    const now = await stat(lock).then(s => s.mtimeMs, () => touchedAt)
+    if (now !== touchedAt) return true
+  }
+  return false
 }
 
 /**

@@ -7,7 +7,7 @@ import type { FileHandle } from 'node:fs/promises'
 import { categoryOf, hashEntry, isoTime, GENESIS, type AuditEntry, type AuditStore } from '../../../plugins/audit/entry.js'
 import { canonicalJson as canonical } from '../../../plugins/pipeline/index.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
-import { Spool, SpoolInUseError, SPOOL_FILE } from '../../../plugins/audit/spool.js'
+import { Spool, SpoolInUseError, SPOOL_FILE, SPOOL_LIMITS } from '../../../plugins/audit/spool.js'
 import { AuditWriter } from '../../../plugins/audit/writer.js'
 import { uuidv7 as entryId } from '../../../ids.js'
 import { until } from '../../helper.js'
@@ -291,14 +291,19 @@ t.test('spool: one process per directory; a torn or corrupt line is skipped, nev
 
   // Another host's lock (two containers on one volume, each PID 1: the pid alone let the second
   // in, and each truncated the other's batches): refused while its holder touches it, taken
-  // over once it has not for 30 s.
+  // over once it has not for two heartbeats, and at once when untouched for 30 s.
   writeFileSync(join(dir, 'audit.lock'), `${process.pid} another-host`)
-  await t.rejects(Spool.open(dir), /is in use by process \d+ on another-host \(its lock was touched 0 s ago\)/)
-  const old = new Date(Date.now() - 31_000)
-  utimesSync(join(dir, 'audit.lock'), old, old)
-  const takenOver = await Spool.open(dir)
+  const beating = touching(join(dir, 'audit.lock'))
+  await t.rejects(Spool.open(dir, QUICK), /is in use by process \d+ on another-host \(it touched its lock while this one waited\)/)
+  beating()
+  const takenOver = await Spool.open(dir, QUICK)
   t.equal(readFileSync(join(dir, 'audit.lock'), 'utf8'), `${process.pid} ${hostname()} ${ns}`, 'ours now')
   await takenOver.close()
+  writeFileSync(join(dir, 'audit.lock'), `${process.pid} another-host`)
+  const old = new Date(Date.now() - 31_000)
+  utimesSync(join(dir, 'audit.lock'), old, old)
+  const abandoned = await Spool.open(dir)
+  await abandoned.close()
 
   // A lock left by a process that is gone is taken over; a torn last line is cut.
   writeFileSync(join(dir, 'audit.lock'), `2147483646 ${hostname()} ${ns}`)
@@ -323,19 +328,35 @@ t.test('spool: one process per directory; a torn or corrupt line is skipped, nev
   await torn.close()
 })
 
-t.test('spool: a pid in the lock is trusted only in the PID namespace it was written in; any lock untouched for 30 s is taken over', async t => {
+/** Spool limits with a heartbeat of 40 ms: a lock not its own is watched for 80 ms. */
+const QUICK = { ...SPOOL_LIMITS, heartbeatMs: 40 }
+
+/** Touches `lock` every 10 ms, as a live holder would, until the returned function is called. */
+function touching (lock: string): () => void {
+  const timer = setInterval(() => { const now = new Date(); utimesSync(lock, now, now) }, 10)
+  return () => clearInterval(timer)
+}
+
+t.test('spool: a pid in the lock is trusted only in the PID namespace it was written in; another lock is told by its heartbeat', async t => {
   const dir = spoolDir(t)
   const lock = join(dir, 'audit.lock')
   const stale = (): void => { const old = new Date(Date.now() - 31_000); utimesSync(lock, old, old) }
   // Another container with this hostname on the same volume (host networking, a fixed hostname),
   // its gateway PID 1 as this one may be: its pid is not this process, whatever the number.
   writeFileSync(lock, `${process.pid} ${hostname()} pid:[1]`)
-  await t.rejects(Spool.open(dir), /is in use by process \d+ on .* \(its lock was touched 0 s ago\)/, 'a twin container\'s lock is not this process\'s own')
+  let beating = touching(lock)
+  await t.rejects(Spool.open(dir, QUICK), /is in use by process \d+ on .* \(it touched its lock while this one waited\)/, 'a twin container\'s live lock is not this process\'s own')
+  beating()
+  // The same lock, its holder gone (a container restarted after a crash: a new PID namespace):
+  // taken over after two heartbeats without a touch.
+  const restarted = await Spool.open(dir, QUICK)
+  await restarted.close()
   // A lock without a namespace (written by an older version) is told by its heartbeat too.
   writeFileSync(lock, String(process.pid))
-  await t.rejects(Spool.open(dir), /in use by process \d+ on an unnamed host/)
-  stale()
-  const after = await Spool.open(dir)
+  beating = touching(lock)
+  await t.rejects(Spool.open(dir, QUICK), /in use by process \d+ on an unnamed host/)
+  beating()
+  const after = await Spool.open(dir, QUICK)
   await after.close()
   // A live pid here that has not touched the lock for 30 s is not its holder (a pid reused after a
   // reboot, say): taken over, where it refused every start for good.
