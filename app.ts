@@ -408,7 +408,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   const traces = tracesUrl(config)
   if (traces !== null) await app.register(tracing, { url: traces, serviceName: config.OTEL_SERVICE_NAME, version: VERSION, sampleRatio: config.BFF_TRACE_SAMPLE_RATIO, ...(options.traceExporter === undefined ? {} : { exporter: options.traceExporter }) })
   if (config.BFF_METRICS_ENABLED) {
-    await app.register(metrics)
+    await app.register(metrics, config.BFF_METRICS_TOKEN === undefined ? {} : { token: config.BFF_METRICS_TOKEN })
     const counter = new Counter({ name: 'mantle_manifest_reloads_total', help: 'Manifest reloads, applied or refused', labelNames: ['outcome'] as const, registers: [app.metrics.registry] })
     reloads = outcome => counter.labels(outcome).inc()
   }

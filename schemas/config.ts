@@ -30,6 +30,7 @@ export const ConfigSchema = Type.Object({
   BFF_BATCH_MAX_CALLS: Type.Integer({ minimum: 1, maximum: 1000, default: 50, description: 'most calls in one REST batch, tRPC batch or GraphQL document' }),
   BFF_INTERNAL_TOKEN: Type.Optional(Type.String({ minLength: 16, description: 'bearer token the Kernel uses to POST /internal/events (16 characters or more)' })),
   BFF_METRICS_ENABLED: Flag('Prometheus /metrics'),
+  BFF_METRICS_TOKEN: Type.Optional(Type.String({ minLength: 16, description: 'bearer token GET /metrics then requires (16 characters or more); unset: /metrics is open' })),
   BFF_DIAGZ_ENABLED: Flag('/diagz (role system): rates, latency percentiles, per-stage and per-face figures, stores, breakers, memory'),
   BFF_COMPRESSION_ENABLED: Flag('br / gzip / deflate response compression of bodies over 1 KB'),
   BFF_LOAD_SHEDDING_ENABLED: Flag('503 OVERLOADED past the BFF_MAX_* bounds (@fastify/under-pressure)'),
@@ -235,7 +236,7 @@ function urlProblem (value: string, check: UrlCheck): string | null {
 }
 
 // Secrets an error message never shows (a refused internal token is still someone's token).
-const SECRET_VARIABLES = new Set(['BFF_JWT_SECRET', 'BFF_INTERNAL_TOKEN'])
+const SECRET_VARIABLES = new Set(['BFF_JWT_SECRET', 'BFF_INTERNAL_TOKEN', 'BFF_METRICS_TOKEN'])
 
 /** A value as an error message may show it: a secret as ***, a URL's password masked. */
 function shown (name: string, value: string): string {

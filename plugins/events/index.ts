@@ -1,9 +1,8 @@
 import fp from 'fastify-plugin'
+import { requireStaticToken } from '../auth/static-token.js'
 import type { FastifyInstance } from 'fastify'
-import { timingSafeEqual } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { Counter, Gauge } from 'prom-client'
-import { MantleError } from '../../errors.js'
 import { EventBus, isKernelEvent, type KernelEventMessage, type BusCounters } from './bus.js'
 
 export { EventBus, isKernelEvent, type KernelEventMessage, type Listener } from './bus.js'
@@ -181,7 +180,6 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   })
 
   if (opts.internalToken !== undefined) {
-    const expected = Buffer.from(`Bearer ${opts.internalToken}`)
     app.post('/internal/events', {
       schema: {
         hide: true,
@@ -193,14 +191,7 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
         response: { 202: { type: 'object', properties: { accepted: { type: 'boolean' } } } }
       },
       // The token is checked before the body is parsed: a stranger gets a 401, not a parse.
-      onRequest: (request, _reply, done) => {
-        const given = Buffer.from(request.headers.authorization ?? '')
-        if (given.length !== expected.length || !timingSafeEqual(given, expected)) {
-          done(new MantleError('UNAUTHENTICATED', 'The internal token is missing or wrong'))
-          return
-        }
-        done()
-      }
+      onRequest: requireStaticToken(opts.internalToken, 'internal')
     }, async (request, reply) => {
       await publish(request.body as KernelEventMessage)
       reply.code(202)

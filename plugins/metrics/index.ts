@@ -3,6 +3,7 @@ import type { FastifyInstance } from 'fastify'
 import { Registry, Gauge, collectDefaultMetrics } from 'prom-client'
 import { CallHistogram, type HistogramSeries } from './call-metrics.js'
 import { StageOrder, PROTOCOLS, type Protocol } from '../pipeline/index.js'
+import { requireStaticToken } from '../auth/static-token.js'
 
 export interface Metrics {
   readonly registry: Registry
@@ -24,7 +25,12 @@ const classOf = (err: unknown): 1 | 2 => {
   return typeof status === 'number' && status >= 400 && status < 500 ? 1 : 2
 }
 
-async function metricsPlugin (app: FastifyInstance): Promise<void> {
+export interface MetricsOptions {
+  /** When set, GET /metrics answers only `Authorization: Bearer <token>` (BFF_METRICS_TOKEN). */
+  token?: string
+}
+
+async function metricsPlugin (app: FastifyInstance, opts: MetricsOptions): Promise<void> {
   const registry = new Registry()
   collectDefaultMetrics({ register: registry })
 
@@ -66,7 +72,8 @@ async function metricsPlugin (app: FastifyInstance): Promise<void> {
     }
   })
 
-  app.get('/metrics', { schema: { hide: true } }, async (_request, reply) => {
+  // Unguarded, /metrics tells anyone who reaches it the gateway's traffic by operation and face.
+  app.get('/metrics', { schema: { hide: true }, ...(opts.token === undefined ? {} : { onRequest: requireStaticToken(opts.token, 'metrics') }) }, async (_request, reply) => {
     reply.type(registry.contentType)
     return await registry.metrics()
   })

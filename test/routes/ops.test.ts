@@ -90,6 +90,19 @@ t.test('with metrics off there is no /metrics and no metrics stage', async t => 
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })).statusCode, 200)
 })
 
+t.test('with BFF_METRICS_TOKEN, /metrics answers only that bearer token, and the calls it counts are not refused', async t => {
+  const app = await buildTestApp(t, { BFF_METRICS_TOKEN: 'prometheus-scrape-token' })
+  for (const authorization of [undefined, 'Bearer prometheus-scrape-tokeN', 'Bearer prometheus-scrape-token ', bearer().authorization]) {
+    const res = await app.inject({ method: 'GET', url: '/metrics', headers: authorization === undefined ? {} : { authorization } })
+    t.equal(res.statusCode, 401, String(authorization))
+    t.match(res.json(), { code: 'UNAUTHENTICATED', detail: 'The metrics token is missing or wrong' })
+  }
+  const scrape = await app.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'Bearer prometheus-scrape-token' } })
+  t.equal(scrape.statusCode, 200)
+  t.match(scrape.body, /mantle_requests_in_flight/)
+  t.equal((await app.inject({ method: 'GET', url: '/healthz' })).statusCode, 200, 'the other operations endpoints are as they were')
+})
+
 t.test('npm run token mints a token the gateway accepts', async t => {
   const token = tokenFromArgs(['--tenant', 'acme', '--user', 'bob', '--roles', 'viewer, editor', '--zone', 'internal', '--ttl', '120'], { BFF_JWT_SECRET: SECRET })
   const claims = createVerifier({ key: SECRET })(token) as Record<string, unknown>
