@@ -7,7 +7,7 @@ import type { TRPCRequestInfo } from '@trpc/server/http'
 import type { WebSocket } from 'ws'
 import type { IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
-import { MantleError, refusalHeaders } from '../../errors.js'
+import { MantleError, headersForStatus, refusalHeaders } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { upgradeAuthorization } from '../upgrade.js'
 import { httpContext, socketContext, type TrpcContext } from './context.js'
@@ -54,7 +54,21 @@ const CLOSE_UNAUTHENTICATED = 4401
 interface Wildcard { '*'?: string }
 
 const JSON_TYPE = Object.freeze({ 'content-type': 'application/json' })
-const HOST = /^[A-Za-z0-9._:[\]-]+$/
+const OCTET = '(?:25[0-5]|2[0-4]\\d|1\\d\\d|[1-9]?\\d)'
+/**
+ * The Hosts taken without parsing: a name whose last label is not a number (a URL reads such a
+ * host as an IPv4 address: `a.1`, `a.0x12` are none), or a dotted IPv4 address, and a port of
+ * at most 5 digits (checked against 65535). Every other Host is parsed as tRPC parses it
+ * (urlHost). The character class alone took `example.com:99999`, `1.2.3.4.5` or `a[b`, which
+ * tRPC's WebSocket adapter then threw on once the socket was open (logged at error, 1006).
+ */
+const HOST = new RegExp(`^(?:(?:[A-Za-z0-9_-]+\\.)*(?!0[xX][0-9A-Fa-f]*\\.?(?::|$))[A-Za-z0-9_-]*[A-Za-z_-][A-Za-z0-9_-]*\\.?|(?:${OCTET}\\.){3}${OCTET})(?::(\\d{1,5}))?$`)
+
+/** Whether a Host is one HOST takes: a URL can be made of it as it is. */
+function plainHost (host: string): boolean {
+  const m = HOST.exec(host)
+  return m !== null && (m[1] === undefined || Number(m[1]) <= 65535)
+}
 
 /** Whether a Host that HOST does not take is still one a URL may have (an IDN), without credentials. */
 function urlHost (host: string): boolean {
@@ -82,7 +96,7 @@ function plainUrl (text: string): URL | null {
  */
 function refuseUnusableUrl (request: FastifyRequest): void {
   const host = request.headers.host
-  if (host !== undefined && !HOST.test(host) && !urlHost(host)) throw new MantleError('BAD_REQUEST', 'The Host header is not a host name')
+  if (host !== undefined && !plainHost(host) && !urlHost(host)) throw new MantleError('BAD_REQUEST', 'The Host header is not a host name')
   const target = request.raw.url ?? '/'
   if (!target.startsWith('/') && !plainUrl(target)) throw new MantleError('BAD_REQUEST', 'The request target is not a URL without credentials')
 }
@@ -104,7 +118,13 @@ const EARLY_REFUSALS: ReadonlySet<TRPCError['code']> = new Set(['PARSE_ERROR', '
  * it is JSON like every other.
  */
 function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TRPCError[], ctx: TrpcContext | undefined, eager: boolean): { headers?: Record<string, string> } {
-  const refused = refusalHeaders(errors.map(error => error instanceof ProblemError ? error.headers : null), info?.isBatchCall !== true)
+  let refused = refusalHeaders(errors.map(error => error instanceof ProblemError ? error.headers : null), info?.isBatchCall !== true)
+  // A batch is a 401 only when every call was refused UNAUTHENTICATED (tRPC answers the calls'
+  // one status, else 207): its challenge only then, as GraphQL and the REST batch do.
+  if (info?.isBatchCall === true) {
+    const unauthenticated = errors.length === info.calls.length && errors.every(e => e instanceof ProblemError && e.problem.status === 401)
+    refused = headersForStatus(refused, unauthenticated ? 401 : 207)
+  }
   let headers: Record<string, string> | undefined = info === undefined ? { ...JSON_TYPE, ...refused } : refused ?? undefined
   // The cache's outcome of each call, in the calls' order, `-` for a call without one. Not on a
   // streamed answer, whose headers leave before its results are known.

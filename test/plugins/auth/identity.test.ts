@@ -59,5 +59,13 @@ t.test('a 401 carries its challenge: WWW-Authenticate, with RFC 6750\'s error wh
     t.equal(batch.statusCode, 200)
     t.match(batch.json(), { results: [{ id: 'a', error: { code: 'UNAUTHENTICATED', status: 401 } }] })
     t.equal(batch.headers['www-authenticate'], undefined, `REST batch ${authorization === undefined ? '(none)' : 'forged'}: no challenge on a 200`)
+    // A tRPC batch of a refused call and another error is a 207: no challenge either; all refused, a 401 with it.
+    const headers = authorization === undefined ? {} : { authorization }
+    const mixed = await app.inject({ url: '/trpc/getAgent,nosuch?batch=1&input=%7B%220%22%3A%7B%22id%22%3A%22a1%22%7D%7D', headers })
+    t.equal(mixed.statusCode, 207)
+    t.equal(mixed.headers['www-authenticate'], undefined, `tRPC batch ${authorization === undefined ? '(none)' : 'forged'}: no challenge on a 207`)
+    const all = await app.inject({ url: '/trpc/getAgent,getAgent?batch=1&input=%7B%220%22%3A%7B%22id%22%3A%22a1%22%7D%2C%221%22%3A%7B%22id%22%3A%22a2%22%7D%7D', headers })
+    t.equal(all.statusCode, 401)
+    t.equal(all.headers['www-authenticate'], authorization === undefined ? 'Bearer' : 'Bearer error="invalid_token"')
   }
 })
