@@ -41,7 +41,7 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
     ? new LRUCache<string, Verdict>({
       max: opts.cacheSize,
       maxSize: CACHE_MAX_CHARS,
-      sizeCalculation: (v, key) => key.length + (v.redacted === null ? 0 : Object.values(v.redacted).reduce<number>((n, s) => n + (s as string).length, 0)) + 64
+      sizeCalculation: (v, key) => key.length + (v.redacted === null ? 0 : Object.values(v.redacted).reduce<number>((n, s) => n + (s as string).length, 0)) + 64 // strings only: an array or object is never cached
     })
     : null
   if (cache !== null) {
@@ -81,11 +81,11 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
           const value = input[field]
           const name = field.length + ':' + field
           if (typeof value !== 'string') {
-            // An array or object is scanned too (its strings): its JSON text (well-formed: a lone
-            // surrogate is escaped) keys it, after its length. A number, boolean or null is not
-            // scanned, and keyed alike.
-            const json = value === undefined ? undefined : JSON.stringify(value)
-            hash.update(json === undefined ? name + 'x' : name + 'j' + json.length + ':' + json)
+            // An array or object is scanned each time, never cached: its JSON text (a key) may be
+            // many times the request (GraphQL's [$a, $a, ...]), and its redacted copy takes many
+            // times its text's length. A number, boolean or null is not scanned: keyed as absent.
+            if (value !== null && typeof value === 'object') return scan(fields, input)
+            hash.update(name + 'x')
           } else if (wellFormed(value)) hash.update(name + 's' + value.length + ':' + value)
           else {
             // UTF-8 writes a lone surrogate as U+FFFD's bytes: such a text is hashed as its UTF-16
@@ -102,9 +102,7 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
         }
         cacheMiss.inc()
         const verdict = scan(fields, input)
-        // A redacted copy of an array or object is not kept: its heap is many times its text's
-        // length, which the cache's bound counts. Such an input is scanned again each time.
-        if (verdict.redacted === null || Object.values(verdict.redacted).every(v => typeof v === 'string')) cache.set(key, verdict)
+        cache.set(key, verdict)
         return verdict
       }
 

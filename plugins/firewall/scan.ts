@@ -189,6 +189,13 @@ export function scanFields (fields: readonly string[], input: Readonly<Record<st
         if (found.length > 0) text.found = found
         for (const d of found) detections.push(d)
       }
+      // And the injection rules on the texts as a model reads them, together: an instruction
+      // split over elements (['Ignore', 'all', 'previous', 'instructions']) is one. A blank line
+      // between them: it ends a base64 run, which a newline does not. Its spans (secrets and
+      // personal data, each text's own) are the texts' own, above.
+      if (texts.length > 1) {
+        for (const d of detect(texts.map(x => x.text).join('\n\n'))) if (d.category === 'injection') detections.push({ ...d, start: -1, end: -1 })
+      }
     } else continue
     if (detections.length === 0) continue
     findings ??= []
@@ -239,8 +246,13 @@ interface Text {
 function textsOf (value: object): Text[] {
   const texts: Text[] = []
   const stack: object[] = [value]
+  // Each array or object once: GraphQL makes one object of a variable used many times
+  // ([$a, $a, ...]), and walked at each use a 57 KB request took 4 s to scan.
+  const seen = new Set<object>()
   while (stack.length > 0) {
     const holder = stack.pop()!
+    if (seen.has(holder)) continue
+    seen.add(holder)
     const nested: object[] = []
     if (Array.isArray(holder)) {
       for (let i = 0; i < holder.length; i++) {
@@ -298,11 +310,15 @@ function redactTexts (value: object, texts: readonly Text[]): unknown {
     if (byHolder === undefined) changes.set(t.holder, byHolder = new Map())
     byHolder.set(t.at, { key, value: text })
   }
-  // The copy, without recursion.
+  // The copy, without recursion; each array or object once, shared where the input shares it.
   const copies: Array<[object, Record<string, unknown> | unknown[]]> = []
+  const made = new Map<object, object>()
   const copy = (v: unknown): unknown => {
     if (v === null || typeof v !== 'object') return v
+    const done = made.get(v)
+    if (done !== undefined) return done
     const into = Array.isArray(v) ? new Array<unknown>(v.length) : {}
+    made.set(v, into)
     copies.push([v, into])
     return into
   }

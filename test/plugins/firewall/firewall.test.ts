@@ -231,7 +231,7 @@ async function askApp (t: Parameters<typeof buildTestApp>[0], fields: string[]):
   return { kernel, app: await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url }) }
 }
 
-t.test('a field whose schema admits any value is scanned when it holds an array (a chat\'s messages), cache included', async t => {
+t.test('a field whose schema admits any value is scanned when it holds an array (a chat\'s messages), each time', async t => {
   const kernel = await startTestKernel(t, { 'POST /v1/ask': (_req, res) => json(res, 200, { ok: true }) })
   const manifest = testManifest({
     chat: {
@@ -247,12 +247,12 @@ t.test('a field whose schema admits any value is scanned when it holds an array 
   const say = async (content: string) => await app.inject({ method: 'POST', url: '/api/v1/chat', headers: bearer(), payload: { messages: [{ role: 'user', content }] } })
   t.equal((await say('hello')).statusCode, 200)
   t.equal((await say(INJECTION)).statusCode, 403, 'the verdict of the clean array is not lent to another')
-  t.equal((await say(INJECTION)).statusCode, 403, 'and the cached verdict of this one holds')
+  t.equal((await say(INJECTION)).statusCode, 403)
   t.equal((await say(`write to ${EMAIL}`)).statusCode, 200)
   t.equal((await say(`write to ${EMAIL}`)).statusCode, 200)
   t.same(JSON.parse(kernel.requests[1].body), { messages: [{ role: 'user', content: 'write to [REDACTED:email]' }] })
-  t.same(JSON.parse(kernel.requests[2].body), { messages: [{ role: 'user', content: 'write to [REDACTED:email]' }] }, 'scanned again: a redacted copy of an array is not cached')
-  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_firewall_cache_entries 2\n/, 'the clean and the injected arrays only')
+  t.same(JSON.parse(kernel.requests[2].body), { messages: [{ role: 'user', content: 'write to [REDACTED:email]' }] }, 'scanned again')
+  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_firewall_cache_entries 0\n/, 'an array is never cached: its JSON text may be many times the request')
   t.equal(kernel.requests.length, 3)
 })
 
