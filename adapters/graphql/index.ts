@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import mercurius from 'mercurius'
-import { Kind, getOperationAST, parse, type DocumentNode } from 'graphql'
+import { BREAK, Kind, getOperationAST, parse, visit, type DocumentNode } from 'graphql'
 import { MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
@@ -110,15 +110,21 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   const schema = buildSchema(app.pipeline.manifest, {
     operation: (op, toInput) => async (_source, args: Record<string, unknown>, ctx: RequestContext, info) => {
       const n = ctx.n++
+      const input = toInput(args)
       const result = await runCall(app, {
         // A document's mutations run one after the other: those not begun when the shutdown
         // starts are refused (audited as such), lest the document outlive the grace and the
-        // process be killed with a mutation carried out and neither answered nor audited.
-        refusal: n > 0 && op.type === 'mutation' && app.shuttingDown() ? SHUTTING_DOWN() : undefined,
+        // process be killed with a mutation carried out and neither answered nor audited. An
+        // input over the body limit as JSON is refused: GraphQL makes one value of a variable
+        // used many times ([$a, $a, ...]), which went on to the Kernel once per use (a 57 KB
+        // request sent 144 MB). The walk stops past the limit.
+        refusal: n > 0 && op.type === 'mutation' && app.shuttingDown()
+          ? SHUTTING_DOWN()
+          : jsonLength(input, opts.bodyLimit) > opts.bodyLimit ? new MantleError('PAYLOAD_TOO_LARGE', `The input is over the body limit (${opts.bodyLimit}) as JSON`) : undefined,
         requestId: `${ctx.requestId}.${n}`,
         protocol: 'graphql',
         op: op.name,
-        input: toInput(args),
+        input,
         authorization: ctx.authorization,
         traceparent: ctx.traceparent,
         // Each mutation field of a document of several is its own call: the key names the
@@ -244,11 +250,15 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   // two requests naming the mutation, refused for want of a token, chose it for everyone. A
   // document of several operations is handed back as its own modified form, which mercurius
   // never compiles; one of a single operation keeps the JIT.
+  // Nor is a document with a variable inside a list or object literal (`[$a, $a]`, `{k: $a}`):
+  // its compiled form read the literal once, without the variables, and from the second request
+  // on the Kernel received `[null, null]` and `{}` for what the client sent.
   app.graphql.addHook('preExecution', async (_schema, document) => {
     let operations = 0
     for (const definition of document.definitions) {
       if (definition.kind === 'OperationDefinition' && ++operations > 1) return { document }
     }
+    if (variableInLiteral(document)) return { document }
   })
   app.graphql.addHook('preSubscriptionExecution', subscriptions.preSubscriptionExecution)
   app.graphql.addHook('onSubscriptionEnd', subscriptions.onSubscriptionEnd)
@@ -333,4 +343,27 @@ function checkGetOperation (query: string, operationName: unknown, method: strin
   // Only a query over a safe method. mercurius refuses a mutation over GET, but not over HEAD,
   // which Fastify serves by the GET route: HEAD /graphql?query=mutation... ran the mutation.
   if (operation.operation !== 'query') throw new MantleError('BAD_REQUEST', `Operation cannot be performed via a ${method} request`, { status: 405 })
+}
+
+// Per document: mercurius keeps one parsed document per text, so each is walked once.
+const inLiteral = new WeakMap<DocumentNode, boolean>()
+
+/** Whether a variable is used inside a list or object literal anywhere in `document`. */
+function variableInLiteral (document: DocumentNode): boolean {
+  let found = inLiteral.get(document)
+  if (found === undefined) {
+    found = false
+    let depth = 0
+    visit(document, {
+      ListValue: { enter () { depth++ }, leave () { depth-- } },
+      ObjectValue: { enter () { depth++ }, leave () { depth-- } },
+      Variable () {
+        if (depth === 0) return undefined
+        found = true
+        return BREAK
+      }
+    })
+    inLiteral.set(document, found)
+  }
+  return found
 }

@@ -24,6 +24,35 @@ t.test('graphql-http server audits', async t => {
   t.same(failed.map(f => f.slice(0, 4)).sort(), ['572B', '7B9B', 'FDE2'], `SHOULD/MAY audits not met:\n${failed.join('\n')}`)
 })
 
+t.test('an input over the body limit as JSON is refused 413: a variable used many times is one value, sent once per use', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/ask': (_req, res) => json(res, 200, true) })
+  const manifest = testManifest({ ask: { type: 'mutation', rest: 'POST /ask', kernel: 'POST /v1/ask', input: { type: 'object', properties: { messages: {} } }, output: { type: 'boolean' } } })
+  const app = await buildApp(testConfig({ BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false, BFF_BODY_LIMIT: 20_000 }), { logger: false, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  const a = Array.from({ length: 100 }, (_, i) => `message number ${i}`)
+  const ask = async (uses: number) => await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: `mutation($a: JSON) { ask(messages: [${Array(uses).fill('$a').join(',')}]) }`, variables: { a } } })
+  t.same((await ask(5)).json(), { data: { ask: true } }, 'under the limit: 5 uses, 10 KB as JSON')
+  const refused = await ask(20)
+  t.equal(refused.statusCode, 200, 'a field refused, as any other')
+  t.match(refused.json(), { data: { ask: null }, errors: [{ extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413 } }] })
+  t.ok(Buffer.byteLength(refused.payload) < 1000 && (await ask(20)).statusCode === 200)
+  t.equal(kernel.requests.length, 1, 'the 40 KB ones never reached the Kernel')
+})
+
+t.test('a variable inside a list or object literal reaches the Kernel on every request, not only the first (mercurius\'s JIT read it as null)', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/ask': (_req, res) => json(res, 200, true) })
+  const manifest = testManifest({ ask: { type: 'mutation', rest: 'POST /ask', kernel: 'POST /v1/ask', input: { type: 'object', properties: { messages: {} } }, output: { type: 'boolean' } } })
+  const app = await buildApp(testConfig({ BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  for (const [query, sent] of [['mutation($a: JSON) { ask(messages: [$a, $a]) }', [['x'], ['x']]], ['mutation($a: JSON) { ask(messages: {k: $a}) }', { k: ['x'] }], ['mutation($a: JSON) { ask(messages: $a) }', ['x']]] as const) {
+    for (let i = 0; i < 3; i++) {
+      const res = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query, variables: { a: ['x'] } } })
+      t.same(res.json(), { data: { ask: true } })
+      t.same(JSON.parse(kernel.requests[kernel.requests.length - 1].body), { messages: sent }, `${query}, request ${i + 1}`)
+    }
+  }
+})
+
 t.test('at shutdown, the mutations of a document not begun yet are refused (through the pipeline) and never reach the Kernel', async t => {
   // A document's mutations run one after the other: three slow ones outlived the grace, and the
   // process was killed with the last carried out by the Kernel, neither answered nor audited.
