@@ -1,6 +1,6 @@
-import { open, readFile, readlink, rename, mkdir, writeFile, unlink, stat, utimes, type FileHandle } from 'node:fs/promises'
+import { open, readFile, readlink, rename, link, mkdir, writeFile, unlink, stat, utimes, type FileHandle } from 'node:fs/promises'
 import { hostname } from 'node:os'
-import { hash } from 'node:crypto'
+import { hash, randomUUID } from 'node:crypto'
 import { join, resolve } from 'node:path'
 import type { AuditEntry } from './entry.js'
 
@@ -41,6 +41,9 @@ export class Spool {
   private fh: FileHandle | null = null
   /** Touches the lock file, so that another host can tell it is held (Spool.open). */
   private heartbeat: NodeJS.Timeout | null = null
+  /** The lock's text as this process wrote it, and whether another process has taken it since. */
+  private lock = ''
+  private lost = false
   private bytes = 0
   // Appends, drains and compaction run one after another.
   private chain: Promise<unknown> = Promise.resolve()
@@ -82,12 +85,14 @@ export class Spool {
       await mkdir(dir, { recursive: true })
       const lock = join(dir, LOCK_FILE)
       const namespace = await pidNamespace()
-      const mine = `${process.pid} ${hostname()} ${namespace}`
+      // The nonce tells this holder's lock from any other's, a twin's with the same pid included.
+      const mine = `${process.pid} ${hostname()} ${namespace} ${randomUUID()}`
       try {
         await writeFile(lock, mine, { flag: 'wx' })
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
-        const [pid, host, ns] = (await readFile(lock, 'utf8').catch(() => '')).split(' ')
+        const judged = await readFile(lock, 'utf8').catch(() => '')
+        const [pid, host, ns] = judged.split(' ')
         const owner = Number(pid)
         const touchedAt = (await stat(lock)).mtimeMs
         if (host === hostname() && ns === namespace) {
@@ -95,18 +100,24 @@ export class Spool {
         } else if (Date.now() - touchedAt < LOCK_STALE_MS && await touchedSince(lock, touchedAt, 2 * beat)) {
           throw inUse(`${owner} on ${host ?? 'an unnamed host'} (it touched its lock while this one waited)`)
         }
-        await writeFile(lock, mine)
+        if (!await takeOver(lock, judged, mine)) throw inUse(`${owner} (another process took the lock over at the same time)`)
       }
       const spool = new Spool(dir, limits)
+      spool.lock = mine
       spool.fh = await open(spool.path, 'a+')
       // The file's directory entry on disk (it may have just been created): batches fsynced into
       // a file a crash then loses from its directory would be lost with it.
       await syncDir(dir)
       spool.bytes = (await spool.fh.stat()).size
       await spool.cutTornTail()
+      // Each beat, the lock is read first: a holder whose lock another process took (its event
+      // loop stalled past the other's watch, say) stops using the spool rather than share it.
       spool.heartbeat = setInterval(() => {
-        const now = new Date()
-        utimes(lock, now, now).catch(() => {})
+        spool.held().then(held => {
+          if (!held) return
+          const now = new Date()
+          return utimes(lock, now, now)
+        }).catch(() => {})
       }, beat)
       spool.heartbeat.unref()
       return spool
@@ -164,6 +175,7 @@ export class Spool {
     await this.serial(async () => {
       const fh = this.fh
       if (fh === null) throw new Error('the audit spool is closed')
+      if (!await this.held()) throw new SpoolInUseError(`the audit spool ${this.dir} was taken over by another process: this one no longer writes it`)
       await appendSynced(fh, data, this.bytes)
       this.bytes += data.length
     })
@@ -234,6 +246,8 @@ export class Spool {
   private async compact (): Promise<void> {
     const fh = this.fh
     if (fh === null || this.done === 0) return
+    // The file is another process's now: its batches appended since must not be cut.
+    if (!await this.held()) throw new SpoolInUseError(`the audit spool ${this.dir} was taken over by another process: this one no longer writes it`)
     if (this.bytes === this.done) {
       await fh.truncate(0)
       await fh.datasync()
@@ -263,6 +277,17 @@ export class Spool {
     this.done = 0
   }
 
+  /** Whether the lock is still this process's (read from the file; once lost, lost for good). */
+  async held (): Promise<boolean> {
+    if (this.lost) return false
+    const text = await readFile(join(this.dir, LOCK_FILE), 'utf8').catch((err: NodeJS.ErrnoException) => err.code === 'ENOENT' ? '' : this.lock)
+    if (text !== this.lock) {
+      this.lost = true
+      if (this.heartbeat !== null) clearInterval(this.heartbeat)
+    }
+    return !this.lost
+  }
+
   async close (): Promise<void> {
     if (this.heartbeat !== null) clearInterval(this.heartbeat)
     this.heartbeat = null
@@ -271,7 +296,8 @@ export class Spool {
       try {
         await this.fh?.close()
         this.fh = null
-        await unlink(join(this.dir, LOCK_FILE)).catch(() => {})
+        // Only its own: a lock another process took stays that process's.
+        if (await this.held()) await unlink(join(this.dir, LOCK_FILE)).catch(() => {})
       } finally {
         OPEN_HERE.delete(resolve(this.dir))
       }
@@ -375,6 +401,36 @@ function parse (text: string): SpoolLine | null {
     return line
   } catch {
     return null
+  }
+}
+
+/**
+ * Replaces the lock `judged` (gone, or another's that is no longer used) with `mine`, and
+ * whether it did: atomically, so that of two processes taking one lock over at once only one
+ * does. The lock is moved aside (a rename: only one succeeds), checked to be the one judged
+ * (else it is put back), and `mine` is created only if no lock is there (`wx`).
+ */
+async function takeOver (lock: string, judged: string, mine: string): Promise<boolean> {
+  const aside = `${lock}.${randomUUID()}`
+  try {
+    await rename(lock, aside)
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
+  }
+  const moved = await readFile(aside, 'utf8').catch(() => null)
+  if (moved !== null && moved !== judged) {
+    // Another's new lock, written since it was judged: it goes back where it was.
+    await link(aside, lock).catch(() => {})
+    await unlink(aside).catch(() => {})
+    return false
+  }
+  await unlink(aside).catch(() => {})
+  try {
+    await writeFile(lock, mine, { flag: 'wx' })
+    return true
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false
+    throw err
   }
 }
 

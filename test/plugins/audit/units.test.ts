@@ -1,6 +1,6 @@
 import t from 'tap'
 import { createHash } from 'node:crypto'
-import { appendFileSync, existsSync, readFileSync, readlinkSync, statSync, utimesSync, writeFileSync } from 'node:fs'
+import { appendFileSync, existsSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { FileHandle } from 'node:fs/promises'
@@ -297,7 +297,7 @@ t.test('spool: one process per directory; a torn or corrupt line is skipped, nev
   await t.rejects(Spool.open(dir, QUICK), /is in use by process \d+ on another-host \(it touched its lock while this one waited\)/)
   beating()
   const takenOver = await Spool.open(dir, QUICK)
-  t.equal(readFileSync(join(dir, 'audit.lock'), 'utf8'), `${process.pid} ${hostname()} ${ns}`, 'ours now')
+  t.match(readFileSync(join(dir, 'audit.lock'), 'utf8'), new RegExp(`^${process.pid} ${hostname()} ${ns.replace(/[[\]]/g, '\\$&')} [0-9a-f-]{36}$`), 'ours now')
   await takenOver.close()
   writeFileSync(join(dir, 'audit.lock'), `${process.pid} another-host`)
   const old = new Date(Date.now() - 31_000)
@@ -365,6 +365,31 @@ t.test('spool: a pid in the lock is trusted only in the PID namespace it was wri
   stale()
   const reused = await Spool.open(dir)
   await reused.close()
+})
+
+t.test('spool: of two processes taking one stale lock over at once, one does; a holder whose lock was taken stops writing', async t => {
+  const dir = spoolDir(t)
+  const lock = join(dir, 'audit.lock')
+  writeFileSync(lock, '1 oldhost pid:[999]')
+  const old = new Date(Date.now() - 60_000)
+  utimesSync(lock, old, old)
+  // A second path to the same directory: this process counts it as another (as a second process would be).
+  const alias = dir + '-alias'
+  symlinkSync(dir, alias)
+  t.teardown(() => { rmSync(alias, { force: true }) })
+  const opened = await Promise.allSettled([Spool.open(dir, QUICK), Spool.open(alias, QUICK)])
+  t.equal(opened.filter(o => o.status === 'fulfilled').length, 1, 'one took the lock over')
+  t.match(opened.find(o => o.status === 'rejected'), { reason: { message: /took the lock over at the same time|in use/ } })
+  const holder = (opened.find(o => o.status === 'fulfilled') as PromiseFulfilledResult<Spool>).value
+  await holder.append([entry()])
+  // Another process takes it (the holder stalled past its watch, say): the holder notices and
+  // neither appends, nor cuts, nor removes the other's lock.
+  writeFileSync(lock, `2 elsewhere pid:[7] ${'0'.repeat(36)}`)
+  await t.rejects(holder.append([entry()]), /was taken over by another process/)
+  await t.rejects(holder.drain(async () => {}), /was taken over by another process/)
+  await holder.close()
+  t.equal(readFileSync(lock, 'utf8'), `2 elsewhere pid:[7] ${'0'.repeat(36)}`, 'the other\'s lock stays')
+  t.equal(readFileSync(join(dir, SPOOL_FILE), 'utf8').split('\n').length, 2, 'one line, from before')
 })
 
 t.test('spool: its holder touches the lock, so that another host can tell it is held', async t => {
