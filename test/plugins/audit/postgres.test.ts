@@ -10,7 +10,7 @@ import type { FastifyInstance } from 'fastify'
 import { buildApp } from '../../../app.js'
 import { ConfigError } from '../../../schemas/config.js'
 import { startKernel } from '../../../kernel/server.js'
-import { testConfig, bearer, drained, SECRET } from '../../helper.js'
+import { testConfig, bearer, drained, until, SECRET } from '../../helper.js'
 import { connect } from '../../adapters/websocket-helper.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_URL } from './db.js'
 import { main as migrateMain } from '../../../scripts/migrate.js'
@@ -353,10 +353,14 @@ if (available) {
     await store.write([entry()])
     const writers = (store as unknown as { pool: pg.Pool }).pool
     const lost = await writers.connect()
-    lost.on('error', () => {})
+    let ended = false
+    lost.on('error', () => { ended = true })
     await lost.query('BEGIN')
     await lost.query('SELECT 1 FROM bff_audit_chain WHERE id = 1 FOR UPDATE')
     t.same((await writers.query<{ lock_timeout: string }>('SHOW lock_timeout')).rows[0].lock_timeout, '500ms', 'a wait for the lock ends on the server')
+    // The server ends the idle transaction (idle_in_transaction_session_timeout), and the
+    // connection with it. Not raced against the next write's own lock_timeout, of the same length.
+    await until(() => ended, 'the server to end the lost transaction')
     await store.write([entry(), entry()])
     t.equal(await count(url), 3, 'the next write goes through once the server ended the lost transaction')
     t.same(await store.verify({}), { ok: true, checked: 3, firstBroken: null })
