@@ -354,6 +354,12 @@ export class AuditWriter {
   }
 
   private async deliver (batch: AuditEntry[]): Promise<void> {
+    // Entries quarantined while a copy of their batch was away: one the disk refused came back
+    // to the queue, and its entries quarantined meanwhile were refused and quarantined again.
+    if (this.setAside.size > 0) {
+      batch = batch.filter(e => !this.setAside.has(e.id))
+      if (batch.length === 0) return
+    }
     const spool = this.opts.spool
     if (spool === null || (!this.spooling(spool) && Date.now() >= this.retryAt)) {
       const started = performance.now()

@@ -294,6 +294,45 @@ if (available) {
     t.same(await pgs.verify({}), { ok: true, checked: 8, firstBroken: null })
   })
 
+  t.test('a full queue takes the batch being isolated, the disk refuses it, and it comes back to the queue: its entries quarantined meanwhile are not quarantined again', async t => {
+    const { url, store: pgs } = await pgStore(t)
+    // Writes of [good, good, refused, refused]: 1 the batch, 2 its left half, 3 the right half,
+    // 4 the first refused one, held until a full queue took the batch and the disk refused it.
+    let writes = 0
+    let release: (() => void) | null = null
+    const store: AuditStore = {
+      kind: 'postgres',
+      write: async batch => {
+        if (++writes === 4) await new Promise<void>(resolve => { release = resolve })
+        return await pgs.write(batch)
+      },
+      refuses: err => pgs.refuses(err),
+      verify: async range => await pgs.verify(range),
+      query: async q => await pgs.query(q),
+      prune: async (before, limit) => await pgs.prune(before, limit),
+      close: async () => {}
+    }
+    const dir = spoolDir(t)
+    const spool = await Spool.open(dir)
+    const append = spool.appendMany.bind(spool)
+    let refusals = 0
+    spool.appendMany = async (batches) => { if (refusals++ === 0) throw new Error('no space left on device'); await append(batches) }
+    const counts = { quarantined: 0, stored: 0 }
+    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 5, intervalMs: 5, log: { warn: () => {}, info: () => {}, error: () => {} }, hooks: { quarantined: n => { counts.quarantined += n }, stored: n => { counts.stored += n } } })
+    t.teardown(async () => { await writer.close(); await spool.close() })
+    const batch = [entry(), entry(), entry({ userId: 'a\u0000b' }), entry({ userId: 'c\u0000d' })]
+    for (const e of batch) writer.enqueue(e)
+    await until(() => release !== null, 'the first refused entry being written alone')
+    const full = Array.from({ length: 5 }, () => entry())
+    for (const e of full) writer.enqueue(e)
+    await until(() => refusals === 1, 'the full queue and the batch ahead of it refused by the disk')
+    release!()
+    await until(() => counts.stored === 2 + full.length && writer.depth === 0 && !writer.writing, 'everything stored')
+    t.same(await storedIds(url), [batch[0], batch[1], ...full].map(e => e.id), 'in order, each once')
+    t.same(quarantined(dir).map(l => l.entry.id), [batch[2].id, batch[3].id], 'each quarantined once')
+    t.equal(counts.quarantined, 2)
+  })
+
   t.test('a quarantine file that cannot be written: the entries stay in the spool until it can, none is dropped', async t => {
     const { url, store } = await pgStore(t)
     const { writer, spool, dir, counts } = await writerOn(t, store)
