@@ -3,6 +3,8 @@ import { randomUUID } from 'node:crypto'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
+import { migrate } from '../../../plugins/audit/migrations.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
@@ -64,3 +66,15 @@ export function spoolDir (t: Teardown): string {
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
   return dir
 }
+
+/** A PostgreSQL store on a new, migrated database. */
+export async function pgStore (t: Teardown): Promise<{ url: string, store: PostgresAuditStore }> {
+  const url = databaseUrl(await createTestDatabase(t))
+  await migrate(url)
+  const store = new PostgresAuditStore({ databaseUrl: url })
+  t.teardown(() => store.close())
+  return { url, store }
+}
+
+/** The ids of the stored entries, in the chain's order. */
+export const storedIds = async (url: string): Promise<string[]> => (await sql<{ id: string }>(url, 'SELECT id FROM bff_audit_entries ORDER BY seq')).map(r => r.id)

@@ -7,23 +7,34 @@ import { join } from 'node:path'
 import type { AuditEntry, AuditStore } from '../../../plugins/audit/entry.js'
 import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
-import { migrate } from '../../../plugins/audit/migrations.js'
 import { Spool, SPOOL_FILE, QUARANTINE_FILE } from '../../../plugins/audit/spool.js'
 import { AuditWriter, type WriterHooks } from '../../../plugins/audit/writer.js'
 import { buildApp } from '../../../app.js'
 import { testConfig, bearer, until, closedPort } from '../../helper.js'
-import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir } from './db.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, pgStore, storedIds } from './db.js'
 import { entries, entry } from './entries.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
-/** A PostgreSQL store on a new, migrated database. */
-async function pgStore (t: Teardown): Promise<{ url: string, store: PostgresAuditStore }> {
-  const url = databaseUrl(await createTestDatabase(t))
-  await migrate(url)
-  const store = new PostgresAuditStore({ databaseUrl: url })
-  t.teardown(() => store.close())
-  return { url, store }
+/** `store` whose `n`th write waits until `release` (set once it waits) is called. */
+function holding (store: PostgresAuditStore, n: number): { store: AuditStore, release: (() => void) | null } {
+  let writes = 0
+  const held: { store: AuditStore, release: (() => void) | null } = {
+    release: null,
+    store: {
+      kind: 'postgres',
+      write: async batch => {
+        if (++writes === n) await new Promise<void>(resolve => { held.release = resolve })
+        return await store.write(batch)
+      },
+      refuses: err => store.refuses(err),
+      verify: async range => await store.verify(range),
+      query: async q => await store.query(q),
+      prune: async (before, limit) => await store.prune(before, limit),
+      close: async () => {}
+    }
+  }
+  return held
 }
 
 /** A writer on `store` and a spool of its own, counting what its hooks report. */
@@ -43,8 +54,6 @@ async function writerOn (t: Teardown, store: AuditStore, batchSize = 10, dir = s
   t.teardown(async () => { await writer.close(); await spool.close() })
   return { writer, spool, dir, counts, errors }
 }
-
-const storedIds = async (url: string): Promise<string[]> => (await sql<{ id: string }>(url, 'SELECT id FROM bff_audit_entries ORDER BY seq')).map(r => r.id)
 
 interface QuarantineLine { time: string, sqlstate: string, error: string, entry: AuditEntry }
 function quarantined (dir: string): QuarantineLine[] {
@@ -260,20 +269,8 @@ if (available) {
     const { url, store: pgs } = await pgStore(t)
     // Writes of [good, refused, good, good]: 1 the batch, 2 its left half, 3 the first entry, 4
     // the refused one (quarantined), 5 the right half, held until a full queue took the batch.
-    let writes = 0
-    let release: (() => void) | null = null
-    const store: AuditStore = {
-      kind: 'postgres',
-      write: async batch => {
-        if (++writes === 5) await new Promise<void>(resolve => { release = resolve })
-        return await pgs.write(batch)
-      },
-      refuses: err => pgs.refuses(err),
-      verify: async range => await pgs.verify(range),
-      query: async q => await pgs.query(q),
-      prune: async (before, limit) => await pgs.prune(before, limit),
-      close: async () => {}
-    }
+    const held = holding(pgs, 5)
+    const store = held.store
     const dir = spoolDir(t)
     const spool = await Spool.open(dir)
     const counts = { quarantined: 0, stored: 0, replayed: 0 }
@@ -281,12 +278,12 @@ if (available) {
     t.teardown(async () => { await writer.close(); await spool.close() })
     const batch = [entry(), entry({ userId: 'a\u0000b' }), entry(), entry()]
     for (const e of batch) writer.enqueue(e)
-    await until(() => release !== null, 'the refused entry quarantined, the right half being written')
+    await until(() => held.release !== null, 'the refused entry quarantined, the right half being written')
     t.equal(quarantined(dir).length, 1)
     const full = Array.from({ length: 5 }, () => entry())
     for (const e of full) writer.enqueue(e)
     await until(() => spool.size > 0, 'the full queue on disk, the batch being isolated ahead of it')
-    release!()
+    held.release!()
     await until(() => spool.size === 0 && counts.replayed === full.length && writer.depth === 0 && !writer.writing, 'the spool replayed')
     t.same(await storedIds(url), [batch[0], batch[2], batch[3], ...full].map(e => e.id), 'in order, each once')
     t.same(quarantined(dir).map(l => l.entry.id), [batch[1].id], 'quarantined once')
@@ -298,20 +295,8 @@ if (available) {
     const { url, store: pgs } = await pgStore(t)
     // Writes of [good, good, refused, refused]: 1 the batch, 2 its left half, 3 the right half,
     // 4 the first refused one, held until a full queue took the batch and the disk refused it.
-    let writes = 0
-    let release: (() => void) | null = null
-    const store: AuditStore = {
-      kind: 'postgres',
-      write: async batch => {
-        if (++writes === 4) await new Promise<void>(resolve => { release = resolve })
-        return await pgs.write(batch)
-      },
-      refuses: err => pgs.refuses(err),
-      verify: async range => await pgs.verify(range),
-      query: async q => await pgs.query(q),
-      prune: async (before, limit) => await pgs.prune(before, limit),
-      close: async () => {}
-    }
+    const held = holding(pgs, 4)
+    const store = held.store
     const dir = spoolDir(t)
     const spool = await Spool.open(dir)
     const append = spool.appendMany.bind(spool)
@@ -322,11 +307,11 @@ if (available) {
     t.teardown(async () => { await writer.close(); await spool.close() })
     const batch = [entry(), entry(), entry({ userId: 'a\u0000b' }), entry({ userId: 'c\u0000d' })]
     for (const e of batch) writer.enqueue(e)
-    await until(() => release !== null, 'the first refused entry being written alone')
+    await until(() => held.release !== null, 'the first refused entry being written alone')
     const full = Array.from({ length: 5 }, () => entry())
     for (const e of full) writer.enqueue(e)
     await until(() => refusals === 1, 'the full queue and the batch ahead of it refused by the disk')
-    release!()
+    held.release!()
     await until(() => counts.stored === 2 + full.length && writer.depth === 0 && !writer.writing, 'everything stored')
     t.same(await storedIds(url), [batch[0], batch[1], ...full].map(e => e.id), 'in order, each once')
     t.same(quarantined(dir).map(l => l.entry.id), [batch[2].id, batch[3].id], 'each quarantined once')

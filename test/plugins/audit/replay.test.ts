@@ -1,24 +1,10 @@
 // Replaying the spool into PostgreSQL: what the metrics say of it.
 import t from 'tap'
-import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
-import { migrate } from '../../../plugins/audit/migrations.js'
 import { Spool } from '../../../plugins/audit/spool.js'
 import { AuditWriter } from '../../../plugins/audit/writer.js'
 import { until } from '../../helper.js'
-import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir } from './db.js'
+import { postgresAvailable, spoolDir, pgStore, storedIds } from './db.js'
 import { entry, quiet } from './entries.js'
-
-interface Teardown { teardown: (fn: () => unknown) => void }
-
-async function pgStore (t: Teardown): Promise<{ url: string, store: PostgresAuditStore }> {
-  const url = databaseUrl(await createTestDatabase(t))
-  await migrate(url)
-  const store = new PostgresAuditStore({ databaseUrl: url })
-  t.teardown(() => store.close())
-  return { url, store }
-}
-
-const storedIds = async (url: string): Promise<string[]> => (await sql<{ id: string }>(url, 'SELECT id FROM bff_audit_entries ORDER BY seq')).map(r => r.id)
 
 const available = await postgresAvailable()
 if (!available) t.comment('PostgreSQL is not reachable on 127.0.0.1:5432: skipped (CI fails instead)')
