@@ -238,39 +238,41 @@ interface Text {
 }
 
 /**
- * The texts of an array or object, in document order, each scanned on its own: joined, a
- * base64 run read on into the next text (a newline does not end one) and no longer decoded.
- * Without recursion: a field's schema may admit any value. Properties holding undefined (a
- * GraphQL variable left unset) are skipped, as JSON leaves them out.
+ * The texts of an array or object, in document order (a holder's texts where it stands, as a
+ * model reads the JSON), each scanned on its own: joined, a base64 run read on into the next
+ * text (a newline does not end one) and no longer decoded. An array or object used in several
+ * places (GraphQL's [$a, $a]) is read at each: GraphQL refuses an input over the body limit as
+ * JSON, so this stays within it. Without recursion: a field's schema may admit any value.
+ * Properties holding undefined (a GraphQL variable left unset) are skipped, as JSON leaves them out.
  */
 function textsOf (value: object): Text[] {
   const texts: Text[] = []
-  const stack: object[] = [value]
-  // Each array or object once: GraphQL makes one object of a variable used many times
-  // ([$a, $a, ...]), and walked at each use a 57 KB request took 4 s to scan.
-  const seen = new Set<object>()
+  // Texts to take and holders to open, the next one last.
+  const stack: Array<Text | { open: object }> = [{ open: value }]
   while (stack.length > 0) {
-    const holder = stack.pop()!
-    if (seen.has(holder)) continue
-    seen.add(holder)
-    const nested: object[] = []
+    const item = stack.pop()!
+    if (!('open' in item)) {
+      texts.push(item)
+      continue
+    }
+    const holder = item.open
+    const inside: Array<Text | { open: object }> = []
     if (Array.isArray(holder)) {
       for (let i = 0; i < holder.length; i++) {
         const v: unknown = holder[i]
-        if (typeof v === 'string') { if (v !== '') texts.push({ holder, at: i, key: null, value: v, text: v, found: null }) } else if (v !== null && typeof v === 'object') nested.push(v)
+        if (typeof v === 'string') { if (v !== '') inside.push({ holder, at: i, key: null, value: v, text: v, found: null }) } else if (v !== null && typeof v === 'object') inside.push({ open: v })
       }
     } else {
       for (const [key, v] of Object.entries(holder)) {
         if (v === undefined) continue
-        if (typeof v === 'string') texts.push({ holder, at: key, key, value: v, text: key + ': ' + v, found: null })
+        if (typeof v === 'string') inside.push({ holder, at: key, key, value: v, text: key + ': ' + v, found: null })
         else {
-          texts.push({ holder, at: key, key, value: null, text: key, found: null })
-          if (v !== null && typeof v === 'object') nested.push(v)
+          inside.push({ holder, at: key, key, value: null, text: key, found: null })
+          if (v !== null && typeof v === 'object') inside.push({ open: v })
         }
       }
     }
-    // Pushed in reverse: popped, the children come in document order.
-    for (let i = nested.length - 1; i >= 0; i--) stack.push(nested[i])
+    for (let i = inside.length - 1; i >= 0; i--) stack.push(inside[i])
   }
   return texts
 }
@@ -308,7 +310,9 @@ function redactTexts (value: object, texts: readonly Text[]): unknown {
     }
     let byHolder = changes.get(t.holder)
     if (byHolder === undefined) changes.set(t.holder, byHolder = new Map())
-    byHolder.set(t.at, { key, value: text })
+    // A shared holder is read at each use, its first with the most decoding budget left: a later,
+    // poorer reading does not undo what the first redacted.
+    if (!byHolder.has(t.at)) byHolder.set(t.at, { key, value: text })
   }
   // The copy, without recursion; each array or object once, shared where the input shares it.
   const copies: Array<[object, Record<string, unknown> | unknown[]]> = []
