@@ -94,7 +94,8 @@ export class Spool {
         const judged = await readFile(lock, 'utf8').catch(() => '')
         const [pid, host, ns] = judged.split(' ')
         const owner = Number(pid)
-        const touchedAt = (await stat(lock)).mtimeMs
+        // Gone since it was read (its holder closed, or another process is taking it over): as old.
+        const touchedAt = await stat(lock).then(st => st.mtimeMs, () => 0)
         if (host === hostname() && ns === namespace) {
           if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && alive(owner) && Date.now() - touchedAt < LOCK_STALE_MS) throw inUse(owner)
         } else if (Date.now() - touchedAt < LOCK_STALE_MS && await touchedSince(lock, touchedAt, 2 * beat)) {
@@ -277,11 +278,15 @@ export class Spool {
     this.done = 0
   }
 
-  /** Whether the lock is still this process's (read from the file; once lost, lost for good). */
+  /**
+   * Whether the lock is still this process's: lost, for good, only when it holds another's text.
+   * Absent or empty, it is still taken as this one's: another process taking a lock over moves it
+   * aside a moment, and puts back one that is not the stale lock it judged.
+   */
   async held (): Promise<boolean> {
     if (this.lost) return false
-    const text = await readFile(join(this.dir, LOCK_FILE), 'utf8').catch((err: NodeJS.ErrnoException) => err.code === 'ENOENT' ? '' : this.lock)
-    if (text !== this.lock) {
+    const text = await readFile(join(this.dir, LOCK_FILE), 'utf8').catch(() => '')
+    if (text !== '' && text !== this.lock) {
       this.lost = true
       if (this.heartbeat !== null) clearInterval(this.heartbeat)
     }

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { createHash } from 'node:crypto'
-import { appendFileSync, existsSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
+import { appendFileSync, existsSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { FileHandle } from 'node:fs/promises'
@@ -382,6 +382,12 @@ t.test('spool: of two processes taking one stale lock over at once, one does; a 
   t.match(opened.find(o => o.status === 'rejected'), { reason: { message: /took the lock over at the same time|in use/ } })
   const holder = (opened.find(o => o.status === 'fulfilled') as PromiseFulfilledResult<Spool>).value
   await holder.append([entry()])
+  // Another process taking the lock over moves it aside a moment, and puts back one that is not
+  // the stale lock it judged: the holder, reading it meanwhile, keeps it.
+  renameSync(lock, lock + '.aside')
+  t.ok(await holder.held(), 'absent a moment: still held')
+  renameSync(lock + '.aside', lock)
+  t.ok(await holder.held())
   // Another process takes it (the holder stalled past its watch, say): the holder notices and
   // neither appends, nor cuts, nor removes the other's lock.
   writeFileSync(lock, `2 elsewhere pid:[7] ${'0'.repeat(36)}`)
