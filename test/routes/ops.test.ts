@@ -99,6 +99,7 @@ t.test('with BFF_METRICS_TOKEN, /metrics answers only that bearer token, and the
   }
   const scrape = await app.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'Bearer prometheus-scrape-token' } })
   t.equal(scrape.statusCode, 200)
+  t.equal((await app.inject({ method: 'GET', url: '/metrics', headers: { authorization: 'bearer prometheus-scrape-token' } })).statusCode, 200, 'the scheme in any case (RFC 9110)')
   t.match(scrape.body, /mantle_requests_in_flight/)
   t.equal((await app.inject({ method: 'GET', url: '/healthz' })).statusCode, 200, 'the other operations endpoints are as they were')
 })
