@@ -94,11 +94,13 @@ export class Spool {
         const judged = await readFile(lock, 'utf8').catch(() => '')
         const [pid, host, ns] = judged.split(' ')
         const owner = Number(pid)
-        // Gone since it was read (its holder closed, or another process is taking it over): as old.
-        const touchedAt = await stat(lock).then(st => st.mtimeMs, () => 0)
+        // Gone when read (its holder closed): as old. Gone since it was read: another process is
+        // taking it over this moment (and may put it back), so it is not judged old.
+        const touchedAt = await stat(lock).then(st => st.mtimeMs, () => null)
+        if (touchedAt === null && judged !== '') throw inUse(`${judged.split(' ')[0]} (its lock is being taken over by another process)`)
         if (host === hostname() && ns === namespace) {
-          if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && alive(owner) && Date.now() - touchedAt < LOCK_STALE_MS) throw inUse(owner)
-        } else if (Date.now() - touchedAt < LOCK_STALE_MS && await touchedSince(lock, touchedAt, 2 * beat)) {
+          if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && alive(owner) && Date.now() - (touchedAt ?? 0) < LOCK_STALE_MS) throw inUse(owner)
+        } else if (touchedAt !== null && Date.now() - touchedAt < LOCK_STALE_MS && await touchedSince(lock, touchedAt, 2 * beat)) {
           throw inUse(`${owner} on ${host ?? 'an unnamed host'} (it touched its lock while this one waited)`)
         }
         if (!await takeOver(lock, judged, mine)) throw inUse(`${owner} (another process took the lock over at the same time)`)
