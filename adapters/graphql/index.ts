@@ -39,6 +39,8 @@ interface RequestContext {
   /** The document runs a mutation (its fields' errors past the answer's bound say they ran: see onResolution). */
   mutation?: boolean
   n: number
+  /** The JSON size of the document's calls' inputs so far (bounded by the body limit). */
+  inputChars: number
   /** Set by mercurius on HTTP requests. */
   reply?: FastifyReply
   /** The response cache's outcome of each root field that had one, by response key. */
@@ -114,13 +116,13 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
       const result = await runCall(app, {
         // A document's mutations run one after the other: those not begun when the shutdown
         // starts are refused (audited as such), lest the document outlive the grace and the
-        // process be killed with a mutation carried out and neither answered nor audited. An
-        // input over the body limit as JSON is refused: GraphQL makes one value of a variable
-        // used many times ([$a, $a, ...]), which went on to the Kernel once per use (a 57 KB
-        // request sent 144 MB). The walk stops past the limit.
+        // process be killed with a mutation carried out and neither answered nor audited. Inputs
+        // over the body limit as JSON, the document's calls together, are refused: GraphQL makes
+        // one value of a variable used many times ([$a, $a, ...]), which went on to the Kernel
+        // once per use (a 57 KB request sent 144 MB; 50 calls of a 33 KB one, 48 MB).
         refusal: n > 0 && op.type === 'mutation' && app.shuttingDown()
           ? SHUTTING_DOWN()
-          : jsonLength(input, opts.bodyLimit) > opts.bodyLimit ? new MantleError('PAYLOAD_TOO_LARGE', `The input is over the body limit (${opts.bodyLimit}) as JSON`) : undefined,
+          : overInputBudget(ctx, input, opts.bodyLimit) ? new MantleError('PAYLOAD_TOO_LARGE', `The document's inputs are over the body limit (${opts.bodyLimit}) as JSON`) : undefined,
         requestId: `${ctx.requestId}.${n}`,
         protocol: 'graphql',
         op: op.name,
@@ -196,7 +198,8 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
       traceparent: single(request.headers.traceparent),
       idempotencyKey: idempotencyKeyOf(request),
       memo: new Map(),
-      n: 0
+      n: 0,
+      inputChars: 0
     }),
     subscription: app.pipeline.manifest.events.length === 0
       ? false
@@ -366,4 +369,16 @@ function variableInLiteral (document: DocumentNode): boolean {
     inLiteral.set(document, found)
   }
   return found
+}
+
+/**
+ * Whether `input` takes the inputs of the document's calls so far past `limit` as JSON (counted
+ * in `ctx.inputChars`; the walk stops past what is left).
+ */
+function overInputBudget (ctx: RequestContext, input: unknown, limit: number): boolean {
+  const left = limit - ctx.inputChars
+  const size = jsonLength(input, left)
+  if (size > left) return true
+  ctx.inputChars += size
+  return false
 }

@@ -37,6 +37,10 @@ t.test('an input over the body limit as JSON is refused 413: a variable used man
   t.match(refused.json(), { data: { ask: null }, errors: [{ extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413 } }] })
   t.ok(Buffer.byteLength(refused.payload) < 1000 && (await ask(20)).statusCode === 200)
   t.equal(kernel.requests.length, 1, 'the 40 KB ones never reached the Kernel')
+  // The document's calls together: three of 8 KB each, the third past 20,000.
+  const three = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: 'mutation($a: JSON) { x: ask(messages: [$a, $a, $a, $a]) y: ask(messages: [$a, $a, $a, $a]) z: ask(messages: [$a, $a, $a, $a]) }', variables: { a } } })
+  t.match(three.json(), { data: { x: true, y: true, z: null }, errors: [{ path: ['z'], extensions: { code: 'PAYLOAD_TOO_LARGE' } }] })
+  t.equal(kernel.requests.length, 3)
 })
 
 t.test('a variable inside a list or object literal reaches the Kernel on every request, not only the first (mercurius\'s JIT read it as null)', async t => {
