@@ -67,8 +67,12 @@ const OCTET = '(?:25[0-5]|2[0-4]\\d|1\\d\\d|[1-9]?\\d)'
 // token was checked).
 const HOST = new RegExp(`^(?:(?:[A-Za-z0-9_-]+\\.)*(?!0[xX][0-9A-Fa-f]*\\.?(?::|$))(?=[0-9]*[A-Za-z_-])[A-Za-z0-9_-]+\\.?|(?:${OCTET}\\.){3}${OCTET})(?::(\\d{1,5}))?$`)
 
+const PUNYCODE = /(?:^|\.)xn--/i
+
 /** Whether a Host is one HOST takes: a URL can be made of it as it is. */
 function plainHost (host: string): boolean {
+  // A label in Punycode (xn--) is a URL's only if it decodes: parsed (urlHost), as tRPC does.
+  if (PUNYCODE.test(host)) return false
   const m = HOST.exec(host)
   return m !== null && (m[1] === undefined || Number(m[1]) <= 65535)
 }

@@ -352,7 +352,7 @@ t.test('WebSocket: an upgrade with a Host tRPC makes no URL of is refused 400, a
   const badRequest = { error: { code: -32600, data: { code: 'BAD_REQUEST', httpStatus: 400 } } }
   // And Hosts of the right characters that are still no URL's: a port out of range, an address
   // that is none, a bracket alone (taken by a character class, then thrown on once open).
-  for (const host of ['a@b', 'u:p@x', 'a b', 'example.com:99999', 'example.com:abc', '1.2.3.4.5', 'a.1', 'a[b']) {
+  for (const host of ['a@b', 'u:p@x', 'a b', 'example.com:99999', 'example.com:abc', '1.2.3.4.5', 'a.1', 'a[b', 'xn--a', 'XN--abc.com']) {
     const refused = await refusedUpgrade(port, '/trpc', { ...bearer(), host })
     t.equal(refused.status, 400, `Host ${host}: 400 at the upgrade`)
     t.match(refused.body, badRequest, `Host ${host}`)
