@@ -103,7 +103,9 @@ export class Spool {
         } else if (touchedAt !== null && Date.now() - touchedAt < LOCK_STALE_MS && await touchedSince(lock, touchedAt, 2 * beat)) {
           throw inUse(`${owner} on ${host ?? 'an unnamed host'} (it touched its lock while this one waited)`)
         }
-        if (!await takeOver(lock, judged, mine)) throw inUse(`${owner} (another process took the lock over at the same time)`)
+        // Gone when read (its holder closed): created anew, only if no other process did meanwhile.
+        const taken = judged === '' ? await create(lock, mine) : await takeOver(lock, judged, mine)
+        if (!taken) throw inUse(`${owner} (another process took the lock over at the same time)`)
       }
       const spool = new Spool(dir, limits)
       spool.lock = mine
@@ -432,6 +434,11 @@ async function takeOver (lock: string, judged: string, mine: string): Promise<bo
     return false
   }
   await unlink(aside).catch(() => {})
+  return await create(lock, mine)
+}
+
+/** Creates the lock as `mine` if there is none, and whether it did. */
+async function create (lock: string, mine: string): Promise<boolean> {
   try {
     await writeFile(lock, mine, { flag: 'wx' })
     return true

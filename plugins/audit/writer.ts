@@ -194,6 +194,13 @@ export class AuditWriter {
 
   /** Spool lines of at most one batch each (a replay never writes more than a batch per transaction), `ahead` first. */
   private lines (entries: AuditEntry[], ahead: AuditEntry[] | null = null): AuditEntry[][] {
+    // Without entries quarantined while a copy of their batch was away (see deliver): on disk,
+    // they would be quarantined again by a replay after a restart, which knows none of them.
+    if (this.setAside.size > 0) {
+      entries = entries.filter(e => !this.setAside.has(e.id))
+      if (ahead !== null) ahead = ahead.filter(e => !this.setAside.has(e.id))
+      if (ahead?.length === 0) ahead = null
+    }
     const size = this.opts.batchSize
     const lines = ahead === null ? [] : [ahead]
     for (let i = 0; i < entries.length; i += size) lines.push(entries.slice(i, i + size))
