@@ -19,7 +19,7 @@ export const DECODE_LIMITS = Object.freeze({
   runsPerText: 8,
   /** Characters of one run decoded (longer runs are decoded up to this). */
   runChars: 16384,
-  /** Decoded characters scanned per top-level text, all runs and depths together. */
+  /** Decoded characters scanned per field (a string, or all the texts of an array or object), all runs and depths together. */
   totalDecoded: 65536,
   /** Shortest run looked at. */
   minRun: 24
@@ -86,6 +86,13 @@ function decodeRuns (text: string, depth: number, budget: Budget, out: Detection
 }
 
 function detectInto (text: string, depth: number, budget: Budget, out: Detection[]): void {
+  injectionsInto(text, out)
+  findSpans(text, out)
+  decodeRuns(text, depth, budget, out)
+}
+
+/** The injection rules' findings in one text (no spans). */
+function injectionsInto (text: string, out: Detection[]): void {
   const view = rulesView(text, RULE_KEYS)
   const matched = matchWordRules(view)
   // A text with invisible characters is read twice: without them, and with each as a space
@@ -108,8 +115,6 @@ function detectInto (text: string, depth: number, budget: Budget, out: Detection
     }
     out.push({ category: 'injection', type: rule.type, score: rule.score, start: -1, end: -1 })
   }
-  findSpans(text, out)
-  decodeRuns(text, depth, budget, out)
 }
 
 /** Every detection in one text, raw (a type may appear several times, with spans). */
@@ -190,12 +195,9 @@ export function scanFields (fields: readonly string[], input: Readonly<Record<st
         for (const d of found) detections.push(d)
       }
       // And the injection rules on the texts as a model reads them, together: an instruction
-      // split over elements (['Ignore', 'all', 'previous', 'instructions']) is one. A blank line
-      // between them: it ends a base64 run, which a newline does not. Its spans (secrets and
-      // personal data, each text's own) are the texts' own, above.
-      if (texts.length > 1) {
-        for (const d of detect(texts.map(x => x.text).join('\n\n'))) if (d.category === 'injection') detections.push({ ...d, start: -1, end: -1 })
-      }
+      // split over elements (['Ignore', 'all', 'previous', 'instructions']) is one. Only those
+      // rules: spans (secrets, personal data) and encoded runs are each text's own, above.
+      if (texts.length > 1) injectionsInto(texts.map(x => x.text).join('\n\n'), detections)
     } else continue
     if (detections.length === 0) continue
     findings ??= []
@@ -241,8 +243,8 @@ interface Text {
  * The texts of an array or object, in document order (a holder's texts where it stands, as a
  * model reads the JSON), each scanned on its own: joined, a base64 run read on into the next
  * text (a newline does not end one) and no longer decoded. An array or object used in several
- * places (GraphQL's [$a, $a]) is read at each: GraphQL refuses an input over the body limit as
- * JSON, so this stays within it. Without recursion: a field's schema may admit any value.
+ * places (GraphQL's [$a, $a]) is read at each: GraphQL refuses a document whose inputs together
+ * pass the body limit as JSON, so this stays within it. Without recursion: a field's schema may admit any value.
  * Properties holding undefined (a GraphQL variable left unset) are skipped, as JSON leaves them out.
  */
 function textsOf (value: object): Text[] {
