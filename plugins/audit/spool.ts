@@ -63,17 +63,18 @@ export class Spool {
   get size (): number { return this.bytes - this.done }
 
   /**
-   * Opens the spool of `dir`, taking its lock file (`<pid> <hostname> <pid namespace>`): two
-   * processes on one spool would replay, and truncate, each other's batches. Its holder touches
-   * it every LOCK_HEARTBEAT_MS. A lock written on this host in this PID namespace names a process
-   * here: it holds the spool while that process is alive (and is not this one, which has not
-   * opened it: an earlier process's pid, reused) and has touched it within LOCK_STALE_MS. Any
-   * other lock (another host's, another container's, an older version's without a namespace)
-   * is told by its heartbeat: one touched within LOCK_STALE_MS is watched for two heartbeats, and
-   * held if touched meanwhile. The hostname and pid alone did not tell: containers on one volume may share the
-   * hostname (host networking, a fixed one) and each be PID 1, so a live twin's lock was taken as
-   * this process's own earlier run's and both wrote the spool; a container restarted after a
-   * crash, a new PID namespace, waits at most that long for its predecessor's lock.
+   * Opens the spool of `dir`, taking its lock file (`<pid> <hostname> <pid namespace> <nonce>`):
+   * two processes on one spool would replay, and truncate, each other's batches. Its holder
+   * touches it every LOCK_HEARTBEAT_MS. A lock written on this host in this PID namespace names a
+   * process here: it holds the spool while that process is alive (and is not this one, which has
+   * not opened it: an earlier process's pid, reused) and has touched it within LOCK_STALE_MS. Any
+   * other lock (another host's, another container's, an older version's without a namespace, an
+   * empty one) is told by its heartbeat: one touched within LOCK_STALE_MS is watched for two
+   * heartbeats, and held if touched meanwhile. The hostname and pid alone did not tell:
+   * containers on one volume may share the hostname (host networking, a fixed one) and each be
+   * PID 1, so a live twin's lock was taken as this process's own earlier run's and both wrote the
+   * spool; a container restarted after a crash, a new PID namespace, waits at most that long for
+   * its predecessor's lock.
    */
   static async open (dir: string, limits: SpoolLimits = SPOOL_LIMITS): Promise<Spool> {
     const inUse = (owner: number | string): SpoolInUseError => new SpoolInUseError(`BFF_AUDIT_SPOOL_DIR=${dir} is in use by process ${owner}: give each gateway instance its own spool directory`)
@@ -91,20 +92,24 @@ export class Spool {
         await writeFile(lock, mine, { flag: 'wx' })
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
-        const judged = await readFile(lock, 'utf8').catch(() => '')
+        const read = await readFile(lock, 'utf8').then(text => ({ text }), () => null)
+        const judged = read?.text ?? ''
         const [pid, host, ns] = judged.split(' ')
-        const owner = Number(pid)
-        // Gone when read (its holder closed): as old. Gone since it was read: another process is
-        // taking it over this moment (and may put it back), so it is not judged old.
+        const owner = pid === '' ? 'unknown' : pid
         const touchedAt = await stat(lock).then(st => st.mtimeMs, () => null)
-        if (touchedAt === null && judged !== '') throw inUse(`${judged.split(' ')[0]} (its lock is being taken over by another process)`)
-        if (host === hostname() && ns === namespace) {
-          if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && alive(owner) && Date.now() - (touchedAt ?? 0) < LOCK_STALE_MS) throw inUse(owner)
-        } else if (touchedAt !== null && Date.now() - touchedAt < LOCK_STALE_MS && await touchedSince(lock, touchedAt, 2 * beat)) {
-          throw inUse(`${owner} on ${host ?? 'an unnamed host'} (it touched its lock while this one waited)`)
+        // Read, then gone: another process is taking it over this moment (and may put it back).
+        if (read !== null && touchedAt === null) throw inUse(`${owner} (its lock is being taken over by another process)`)
+        if (touchedAt !== null) {
+          if (host === hostname() && ns === namespace) {
+            const holder = Number(pid)
+            if (Number.isInteger(holder) && holder > 0 && holder !== process.pid && alive(holder) && Date.now() - touchedAt < LOCK_STALE_MS) throw inUse(holder)
+          } else if (Date.now() - touchedAt < LOCK_STALE_MS && await touchedSince(lock, touchedAt, 2 * beat)) {
+            throw inUse(`${owner} on ${host ?? 'an unnamed host'} (it touched its lock while this one waited)`)
+          }
         }
         // Gone when read (its holder closed): created anew, only if no other process did meanwhile.
-        const taken = judged === '' ? await create(lock, mine) : await takeOver(lock, judged, mine)
+        // There (an empty one included: a write that failed, a crash before it), taken over.
+        const taken = read === null ? await create(lock, mine) : await takeOver(lock, judged, mine)
         if (!taken) throw inUse(`${owner} (another process took the lock over at the same time)`)
       }
       const spool = new Spool(dir, limits)
@@ -414,7 +419,7 @@ function parse (text: string): SpoolLine | null {
 }
 
 /**
- * Replaces the lock `judged` (gone, or another's that is no longer used) with `mine`, and
+ * Replaces the lock `judged` (another's that is no longer used, or an empty one) with `mine`, and
  * whether it did: atomically, so that of two processes taking one lock over at once only one
  * does. The lock is moved aside (a rename: only one succeeds), checked to be the one judged
  * (else it is put back), and `mine` is created only if no lock is there (`wx`).

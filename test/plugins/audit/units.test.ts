@@ -395,6 +395,16 @@ t.test('spool: of two processes taking one stale lock over at once, one does; a 
   await t.rejects(holder.drain(async () => {}), /was taken over by another process/)
   await holder.close()
   t.equal(readFileSync(lock, 'utf8'), `2 elsewhere pid:[7] ${'0'.repeat(36)}`, 'the other\'s lock stays')
+  // An empty lock (a write that failed on a full disk, a crash before it): watched, then taken
+  // over, old or new; it was refused at every start.
+  for (const age of [60_000, 0]) {
+    writeFileSync(lock, '')
+    const at = new Date(Date.now() - age)
+    utimesSync(lock, at, at)
+    const taken = await Spool.open(dir, QUICK)
+    t.match(readFileSync(lock, 'utf8'), new RegExp(`^${process.pid} `), `an empty lock ${age / 1000} s old is taken over`)
+    await taken.close()
+  }
   t.equal(readFileSync(join(dir, SPOOL_FILE), 'utf8').split('\n').length, 2, 'one line, from before')
 })
 
