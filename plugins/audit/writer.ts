@@ -150,7 +150,7 @@ export class AuditWriter {
 
   /** The queue is full: it goes to disk (or, for memory, straight to the store) now. */
   private overflow (): void {
-    const batch = this.queue
+    const batch = this.kept(this.queue)
     this.queue = []
     const spool = this.opts.spool
     if (spool === null) {
@@ -192,15 +192,16 @@ export class AuditWriter {
     return rest.length > 0 ? rest : null
   }
 
+  /**
+   * `entries` without those quarantined while a copy of their batch was away (see deliver): on
+   * disk, they would be quarantined again by a replay after a restart, which knows none of them.
+   */
+  private kept (entries: AuditEntry[]): AuditEntry[] {
+    return this.setAside.size === 0 ? entries : entries.filter(e => !this.setAside.has(e.id))
+  }
+
   /** Spool lines of at most one batch each (a replay never writes more than a batch per transaction), `ahead` first. */
   private lines (entries: AuditEntry[], ahead: AuditEntry[] | null = null): AuditEntry[][] {
-    // Without entries quarantined while a copy of their batch was away (see deliver): on disk,
-    // they would be quarantined again by a replay after a restart, which knows none of them.
-    if (this.setAside.size > 0) {
-      entries = entries.filter(e => !this.setAside.has(e.id))
-      if (ahead !== null) ahead = ahead.filter(e => !this.setAside.has(e.id))
-      if (ahead?.length === 0) ahead = null
-    }
     const size = this.opts.batchSize
     const lines = ahead === null ? [] : [ahead]
     for (let i = 0; i < entries.length; i += size) lines.push(entries.slice(i, i + size))
@@ -363,10 +364,8 @@ export class AuditWriter {
   private async deliver (batch: AuditEntry[]): Promise<void> {
     // Entries quarantined while a copy of their batch was away: one the disk refused came back
     // to the queue, and its entries quarantined meanwhile were refused and quarantined again.
-    if (this.setAside.size > 0) {
-      batch = batch.filter(e => !this.setAside.has(e.id))
-      if (batch.length === 0) return
-    }
+    batch = this.kept(batch)
+    if (batch.length === 0) return
     const spool = this.opts.spool
     if (spool === null || (!this.spooling(spool) && Date.now() >= this.retryAt)) {
       const started = performance.now()
@@ -482,7 +481,7 @@ export class AuditWriter {
     this.abandoned = true
     const ahead = this.takeInFlight()
     if (this.overflowing !== null) await this.overflowing
-    const rest = this.queue
+    const rest = this.kept(this.queue)
     this.queue = []
     const entries = (ahead?.length ?? 0) + rest.length
     this.opts.log.warn({ entries, waitedMs: this.opts.closeTimeoutMs ?? CLOSE_TIMEOUT_MS }, 'audit store did not finish in time at shutdown: what it had not stored is spooled')
@@ -505,7 +504,7 @@ export class AuditWriter {
     if (this.overflowing !== null) await this.overflowing
     if (this.queue.length > 0 && !this.abandoned) {
       const spool = this.opts.spool
-      const rest = this.queue
+      const rest = this.kept(this.queue)
       this.queue = []
       if (spool === null) await this.opts.store.write(rest)
       else await spool.appendMany(this.lines(rest))
