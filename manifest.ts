@@ -392,8 +392,7 @@ function checkSchema (checker: Ajv, schema: JsonSchema, at: string, faults: stri
   }
 }
 
-/** Whether a value of `schema` may be a string: its `type` admits one, or it has none. */
-/** Whether a field may hold a string, or an array or object (the firewall scans the strings in it). */
+/** Whether a field may hold a string, or an array or object (the firewall scans the strings in it): its `type` admits one, or it has none. */
 function mayHoldText (schema: JsonSchema): boolean {
   // Not a schema (YAML's `prompt:` with nothing after it is null): checkSchema said so.
   if (schema === null || typeof schema !== 'object') return true

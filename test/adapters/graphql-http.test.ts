@@ -24,7 +24,7 @@ t.test('graphql-http server audits', async t => {
   t.same(failed.map(f => f.slice(0, 4)).sort(), ['572B', '7B9B', 'FDE2'], `SHOULD/MAY audits not met:\n${failed.join('\n')}`)
 })
 
-t.test('an input over the body limit as JSON is refused 413: a variable used many times is one value, sent once per use', async t => {
+t.test('inputs over the body limit as JSON, a call\'s or a document\'s calls\' together, are refused 413: a variable used many times is one value, sent once per use', async t => {
   const kernel = await startTestKernel(t, { 'POST /v1/ask': (_req, res) => json(res, 200, true) })
   const manifest = testManifest({ ask: { type: 'mutation', rest: 'POST /ask', kernel: 'POST /v1/ask', input: { type: 'object', properties: { messages: {} } }, output: { type: 'boolean' } } })
   const app = await buildApp(testConfig({ BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false, BFF_BODY_LIMIT: 20_000 }), { logger: false, manifest, kernelUrl: kernel.url })

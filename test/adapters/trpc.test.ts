@@ -314,8 +314,8 @@ t.test('raw HTTP: the ugly cases are 4xx tRPC errors with contract codes, never 
   const viaQuery = await call({ url: `/trpc/getItem?input=${input({ id: 'i2' })}&access_token=${token()}`, headers: {} })
   t.same(viaQuery.body, { result: { data: { id: 'i2', n: 2 } } })
   // Host names of every kind a deployment has: a compose service's underscore, an IPv6
-  // literal, upper case, a trailing dot, an IDN.
-  for (const host of ['my_service:8080', '[::1]:3000', 'API.Example.COM', 'example.com.', 'bücher.example']) {
+  // literal, upper case, a trailing dot, an IDN, and one in Punycode.
+  for (const host of ['my_service:8080', '[::1]:3000', 'API.Example.COM', 'example.com.', 'bücher.example', 'xn--bcher-kva.example']) {
     const named = await call({ url: `/trpc/getItem?input=${input({ id: 'i2' })}`, headers: { ...h, host } })
     t.equal(named.status, 200, `Host ${host}`)
   }
