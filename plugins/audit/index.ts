@@ -9,6 +9,7 @@ import { ConfigError } from '../../schemas/config.js'
 import type { Operation } from '../../manifest.js'
 import { type AuditEntry, type AuditStore, type AuditQuery, type Category, categoryOf } from './entry.js'
 import { uuidv7 } from '../../ids.js'
+import { upgradeAuthorization } from '../../adapters/upgrade.js'
 import { MemoryAuditStore } from './memory-store.js'
 import { PostgresAuditStore } from './postgres-store.js'
 import { Spool } from './spool.js'
@@ -124,6 +125,9 @@ export function callEntry (ctx: CallContext, where: readonly [string | null, str
     metadata
   }
 }
+
+/** The routes whose HTTP calls take `?access_token=` (EventSource sets no header): tRPC's. */
+const TAKES_QUERY_TOKEN = /^\/trpc(?:[/?]|$)/
 
 function protocolOf (url: string): AuditEntry['protocol'] {
   if (url.startsWith('/api/v1/batch')) return 'batch'
@@ -360,10 +364,14 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     }
   })
 
-  /** Tenant and user of a request outside the pipeline, from its token when it has a valid one. */
+  /**
+   * Tenant and user of a request outside the pipeline, from its token when it has a valid one:
+   * where the face reads it, the header, or `?access_token=` on tRPC and WebSocket upgrades
+   * (such a tRPC call refused before it ran was audited as public/anonymous).
+   */
   const who = (request: FastifyRequest): { tenant: string, user: string } => {
     try {
-      const id = app.identify(request.headers.authorization)
+      const id = app.identify(TAKES_QUERY_TOKEN.test(request.url) || request.headers.upgrade !== undefined ? upgradeAuthorization(request) : request.headers.authorization)
       return { tenant: id.tenant, user: id.user }
     } catch {
       return { tenant: 'public', user: 'anonymous' }

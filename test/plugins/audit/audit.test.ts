@@ -7,7 +7,7 @@ import { MantleError } from '../../../errors.js'
 import { StageOrder } from '../../../plugins/pipeline/index.js'
 import { answered } from '../../../plugins/audit/index.js'
 import { startKernel } from '../../../kernel/server.js'
-import { testConfig, bearer, buildDemoApp, drained, SECRET } from '../../helper.js'
+import { testConfig, bearer, buildDemoApp, drained, token, SECRET } from '../../helper.js'
 import { entries, type Row } from './entries.js'
 
 /** The demo gateway with test stages standing in for the firewall, rate limit, cache and idempotency. */
@@ -105,6 +105,10 @@ t.test('tRPC requests refused before any call runs are recorded as security, onc
   t.match(of('big'), [{ category: 'security', status: 'PAYLOAD_TOO_LARGE', statusCode: 413, protocol: 'trpc' }], 'a body Fastify refused: once')
   t.match(of('fine'), [{ category: 'read', status: 'ok', statusCode: 200 }], 'a call: its own entry, none besides')
   t.same(of('scan'), [], 'a procedure that is no operation: none, as for an unmatched route')
+  // The token where tRPC takes it too, ?access_token= (EventSource sets no header): its tenant.
+  const viaQuery = await app.inject({ url: `/trpc/getAgent?input=%7Bnope&access_token=${token({ tenant: 't9', user: 'u9' })}`, headers: { 'x-request-id': 'q-token' } })
+  t.equal(viaQuery.statusCode, 400)
+  t.match((await entries(app)).filter(r => r.requestId === 'q-token'), [{ status: 'VALIDATION_FAILED', tenantId: 't9', userId: 'u9' }], 'not public/anonymous')
 })
 
 t.test('the admin endpoints: memory store, role system, body and query checks; they are audited themselves', async t => {
