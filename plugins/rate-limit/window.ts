@@ -32,13 +32,19 @@ export interface WindowState {
  * call is not counted: a client that keeps knocking is let back in as soon as its rate allows.
  */
 export function hit (state: WindowState, now: number, windowMs: number, max: number): WindowCount {
-  const index = Math.floor(now / windowMs)
+  let index = Math.floor(now / windowMs)
+  let elapsed = now - index * windowMs
+  // A clock stepped back (NTP; a Redis failover to a replica behind) never moves a key's window
+  // back: taken as a jump ahead, it forgot the calls counted, and let twice the limit through.
+  if (index < state.w) {
+    index = state.w
+    elapsed = 0
+  }
   if (state.w !== index) {
     state.p = state.w === index - 1 ? state.c : 0
     state.c = 0
     state.w = index
   }
-  const elapsed = now - index * windowMs
   const used = state.p * (windowMs - elapsed) / windowMs + state.c
   if (used + 1 <= max) {
     state.c++
@@ -72,15 +78,19 @@ local max = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local index = math.floor(now / window)
+local elapsed = now - index * window
 local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
 local w = tonumber(s[1])
 local c = tonumber(s[2]) or 0
 local p = tonumber(s[3]) or 0
+if w ~= nil and w > index then
+  index = w
+  elapsed = 0
+end
 if w ~= index then
   if w == index - 1 then p = c else p = 0 end
   c = 0
 end
-local elapsed = now - index * window
 local function retryAfter ()
   local ttl
   if c + 1 <= max then

@@ -58,6 +58,14 @@ t.test('a full window: Retry-After reaches into the next one', async t => {
   t.equal(hit(two, 1500, 1000, 2).current, 2)
 })
 
+t.test('a clock stepped back never moves a window back: the calls counted stand', async t => {
+  const state = { w: 0, c: 0, p: 0 }
+  for (let i = 0; i < 10; i++) t.equal(hit(state, 10_002, 1000, 10).current, i + 1)
+  t.equal(hit(state, 9998, 1000, 10).current, 11, 'refused 4 ms back, in the window before')
+  t.equal(state.w, 10)
+  t.equal(hit(state, 10_003, 1000, 10).current, 11, 'and refused when the clock is back')
+})
+
 t.test('keys are separate and bounded', async t => {
   const store = new MemoryWindowStore({ maxKeys: 3 })
   for (const k of ['a', 'b', 'c', 'd']) store.check(k, 60_000, 1)

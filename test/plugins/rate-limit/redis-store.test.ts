@@ -216,3 +216,15 @@ t.test('in Redis too, the call that takes the last place resets when a call woul
   t.equal(refused.current, 4)
   t.ok(Math.abs(refused.ttl - last.ttl) < 1000, 'the same wait a refusal names')
 })
+
+// A clock stepped back (a failover to a replica behind) never moves a key's window back: taken
+// as a jump ahead, the calls counted were forgotten, and twice the limit passed.
+t.test('in Redis too, a key whose window is ahead of the clock keeps its count', async t => {
+  const key = opKey('back-' + randomUUID(), 'u', 'op')
+  const redis = await redisClient(t, [key])
+  const index = Math.floor(Date.now() / 60_000)
+  await redis.hset(key, 'w', index + 1, 'c', 3, 'p', 0)
+  const store = new RedisWindowStore(redis)
+  t.equal((await store.check(key, 60_000, 3)).current, 4, 'refused: the 3 counted stand')
+  t.equal(await redis.hget(key, 'w'), String(index + 1), 'the window stays')
+})
