@@ -1,4 +1,5 @@
 import fp from 'fastify-plugin'
+import { randomUUID } from 'node:crypto'
 import { requireStaticToken } from '../auth/static-token.js'
 import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
@@ -73,24 +74,26 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   const metrics = counters(app, () => bus, opts.redisUrl === undefined ? null : () => subscribed ? 1 : 0)
   const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus)
 
-  // Events delivered here because their publish timed out, by their JSON text, with when they
-  // are forgotten: such a publish may still have reached Redis, and the event then comes back on
-  // the subscriber (a Redis slower than the timeout delivered it here twice). Oldest first;
-  // bounded in number and in time.
+  // Events delivered here because their publish timed out, by the publish's own id, with when
+  // they are forgotten: such a publish may still have reached Redis, and the event then comes
+  // back on the subscriber (a Redis slower than the timeout delivered it here twice). By id, not
+  // by text: by text, another event alike after a publish that never reached Redis was dropped,
+  // and of two alike whose publishes both timed out, the second echo was delivered again.
+  // Oldest first; bounded in number and in time.
   const uncertain = new Map<string, number>()
-  const deliveredHere = (text: string): void => {
+  const deliveredHere = (id: string): void => {
     const now = Date.now()
     for (const [old, until] of uncertain) {
       if (until > now && uncertain.size < MAX_UNCERTAIN) break
       uncertain.delete(old)
     }
-    uncertain.set(text, now + UNCERTAIN_MS)
+    uncertain.set(id, now + UNCERTAIN_MS)
   }
-  const seenHere = (text: string): boolean => {
-    if (uncertain.size === 0) return false
-    const until = uncertain.get(text)
+  const seenHere = (id: unknown): boolean => {
+    if (uncertain.size === 0 || typeof id !== 'string') return false
+    const until = uncertain.get(id)
     if (until === undefined) return false
-    uncertain.delete(text)
+    uncertain.delete(id)
     return until > Date.now()
   }
 
@@ -130,18 +133,15 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     }, opts.probeIntervalMs ?? PROBE_INTERVAL_MS)
     probe.unref()
     subscriber.on('message', (_channel: string, text: string) => {
-      if (seenHere(text)) {
-        metrics?.bus.dropped('duplicate')
-        return
-      }
       let message: unknown
       try {
         message = JSON.parse(text)
       } catch {
         message = null
       }
-      if (isKernelEvent(message)) bus.dispatch(message)
-      else metrics?.bus.dropped('invalid')
+      if (!isKernelEvent(message)) metrics?.bus.dropped('invalid')
+      else if (seenHere((message as { publishId?: unknown }).publishId)) metrics?.bus.dropped('duplicate')
+      else bus.dispatch(message)
     })
     // A Redis that is down at start-up leaves the gateway up, with events delivered locally and
     // /readyz naming redis, until it comes back (ioredis keeps reconnecting; 'ready' subscribes).
@@ -154,7 +154,9 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   const publish = async (message: KernelEventMessage): Promise<void> => {
     metrics?.published(publisher === null ? 'memory' : 'redis')
     if (publisher !== null) {
-      const text = JSON.stringify(message)
+      // An id of this publish's own, for its echo only (the bus reads topic, tenant and payload).
+      const publishId = randomUUID()
+      const text = JSON.stringify({ ...message, publishId })
       try {
         await publisher.publish(EVENTS_CHANNEL, text)
         // Through Redis, the event comes back to this instance only on its subscriber. Before, with
@@ -166,7 +168,7 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
         // may Redis have taken the event (and ioredis sends it again on its new connection).
         if ((err as Error).message === 'Command timed out') {
           if (publisher.status === 'ready') publisher.disconnect(true)
-          deliveredHere(text)
+          deliveredHere(publishId)
         }
       }
     }

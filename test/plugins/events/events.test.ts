@@ -263,13 +263,15 @@ t.test('a Redis that stops answering: publishes are delivered here at once, and 
   const seen: string[] = []
   watcher.on('message', (_c: string, text: string) => { seen.push((JSON.parse(text) as { payload: { id: string } }).payload.id) })
   await watcher.subscribe('bff:events')
-  await other.publish('bff:events', JSON.stringify({ topic: 'runs.updated', tenantId: tenant, payload: run('from-redis') }))
+  // The same event as the one whose publish timed out (it never reached Redis): no echo of it,
+  // and delivered. Remembered by its text, it was dropped here as a duplicate.
+  await other.publish('bff:events', JSON.stringify({ topic: 'runs.updated', tenantId: tenant, payload: run('frozen') }))
   await until(() => got.length >= 2, 'an event from Redis', 3000)
   // The publisher's silent connection was dropped too: its events reach Redis again.
   await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('again') })
   await until(() => got.length >= 3, 'the event through Redis', 3000)
-  t.same(got, ['frozen', 'from-redis', 'again'])
-  t.same(seen, ['from-redis', 'again'], 'through Redis, for the other instances')
+  t.same(got, ['frozen', 'frozen', 'again'])
+  t.same(seen, ['frozen', 'again'], 'through Redis, for the other instances')
 })
 
 // A publish that times out is delivered here; Redis may still have taken it, and then it came
@@ -278,11 +280,14 @@ t.test('a Redis slower than the publish timeout: the event is delivered here onc
   // No probe meanwhile: its PING would time out too, and drop the subscriber with the echo.
   const { tenant, proxy, app, got } = await subscribedThroughProxy(t, { probeIntervalMs: 60_000 })
   proxy.delayMs = 1500
-  await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('once') })
-  t.same(got, ['once'], 'delivered here when the publish timed out')
+  // Two events alike, published at once: each is its own (remembered by text, the second echo
+  // was delivered again: three in all).
+  const event = { topic: 'runs.updated', tenantId: tenant, payload: run('once') }
+  await Promise.all([app.events.publish(event), app.events.publish(event)])
+  t.same(got, ['once', 'once'], 'delivered here when the publishes timed out')
   await sleep(1200)
-  t.same(got, ['once'], 'and not again when Redis sent it back')
-  t.match((await app.inject({ url: '/metrics' })).body, /mantle_events_dropped_total\{reason="duplicate"\} 1\n/)
+  t.same(got, ['once', 'once'], 'and not again when Redis sent them back')
+  t.match((await app.inject({ url: '/metrics' })).body, /mantle_events_dropped_total\{reason="duplicate"\} 2\n/)
 })
 
 t.test('an event whose publish failed at once (Redis away) is no duplicate of a later one', async t => {
