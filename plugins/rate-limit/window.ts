@@ -34,9 +34,11 @@ export interface WindowState {
 export function hit (state: WindowState, now: number, windowMs: number, max: number): WindowCount {
   let index = Math.floor(now / windowMs)
   let elapsed = now - index * windowMs
-  // A clock stepped back (NTP; a Redis failover to a replica behind) never moves a key's window
-  // back: taken as a jump ahead, it forgot the calls counted, and let twice the limit through.
-  if (index < state.w) {
+  // A clock stepped back (NTP; a Redis failover to a replica behind) by less than a window does
+  // not move a key's window back: taken as a jump ahead, it forgot the calls counted, and let
+  // twice the limit through. By more (a clock that had jumped ahead and was set right), the key
+  // starts anew: kept in a window far ahead, it would refuse until the clock caught up.
+  if (index < state.w && state.w - index <= 1) {
     index = state.w
     elapsed = 0
   }
@@ -83,7 +85,7 @@ local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
 local w = tonumber(s[1])
 local c = tonumber(s[2]) or 0
 local p = tonumber(s[3]) or 0
-if w ~= nil and w > index then
+if w ~= nil and w > index and w - index <= 1 then
   index = w
   elapsed = 0
 end

@@ -64,6 +64,10 @@ t.test('a clock stepped back never moves a window back: the calls counted stand'
   t.equal(hit(state, 9998, 1000, 10).current, 11, 'refused 4 ms back, in the window before')
   t.equal(state.w, 10)
   t.equal(hit(state, 10_003, 1000, 10).current, 11, 'and refused when the clock is back')
+  // Back by more than a window (a clock that had jumped ahead, set right): the key starts anew,
+  // rather than refuse until the clock catches up.
+  t.equal(hit(state, 5000, 1000, 10).current, 1)
+  t.equal(state.w, 5)
 })
 
 t.test('keys are separate and bounded', async t => {
