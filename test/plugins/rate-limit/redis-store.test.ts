@@ -227,4 +227,8 @@ t.test('in Redis too, a key whose window is ahead of the clock keeps its count',
   const store = new RedisWindowStore(redis)
   t.equal((await store.check(key, 60_000, 3)).current, 4, 'refused: the 3 counted stand')
   t.equal(await redis.hget(key, 'w'), String(index + 1), 'the window stays')
+  // An hour ahead (a clock that had jumped, set right): the key starts anew.
+  await redis.hset(key, 'w', index + 60, 'c', 3, 'p', 0)
+  t.equal((await store.check(key, 60_000, 3)).current, 1)
+  t.equal(await redis.hget(key, 'w'), String(index), 'the window is the clock\'s')
 })
