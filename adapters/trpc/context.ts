@@ -53,9 +53,8 @@ function fromAccessToken (token: unknown): string | undefined {
  * httpSubscriptionLink puts in the URL), else `?access_token=` (EventSource cannot set headers).
  */
 export function httpContext (request: FastifyRequest, connectionParams: Readonly<Record<string, string | undefined>> | null, batch: boolean, calls: number): TrpcContext {
-  const query = request.query as Record<string, unknown> | null
   return {
-    authorization: request.headers.authorization ?? fromParams(connectionParams) ?? fromAccessToken(query?.access_token),
+    authorization: httpAuthorization(request, connectionParams),
     requestId: request.id,
     batch,
     keyPerCall: batch && calls > 1,
@@ -67,6 +66,26 @@ export function httpContext (request: FastifyRequest, connectionParams: Readonly
     inFlight: 0,
     subscriptions: 0,
     cache: null
+  }
+}
+
+/**
+ * An HTTP request's token as httpContext reads it; `connectionParams` as tRPC parsed them, or
+ * (undefined) parsed here from the query, for a request refused before tRPC ran (its audit entry).
+ */
+export function httpAuthorization (request: FastifyRequest, connectionParams?: Readonly<Record<string, string | undefined>> | null): string | undefined {
+  const query = request.query as Record<string, unknown> | null
+  return request.headers.authorization ?? fromParams(connectionParams === undefined ? paramsIn(query?.connectionParams) : connectionParams) ?? fromAccessToken(query?.access_token)
+}
+
+/** `?connectionParams=` as tRPC reads it: a JSON object, or nothing. */
+function paramsIn (text: unknown): Readonly<Record<string, string | undefined>> | null {
+  if (typeof text !== 'string') return null
+  try {
+    const value: unknown = JSON.parse(text)
+    return value !== null && typeof value === 'object' && !Array.isArray(value) ? value as Record<string, string | undefined> : null
+  } catch {
+    return null
   }
 }
 

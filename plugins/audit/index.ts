@@ -10,6 +10,7 @@ import type { Operation } from '../../manifest.js'
 import { type AuditEntry, type AuditStore, type AuditQuery, type Category, categoryOf } from './entry.js'
 import { uuidv7 } from '../../ids.js'
 import { upgradeAuthorization } from '../../adapters/upgrade.js'
+import { httpAuthorization } from '../../adapters/trpc/context.js'
 import { MemoryAuditStore } from './memory-store.js'
 import { PostgresAuditStore } from './postgres-store.js'
 import { Spool } from './spool.js'
@@ -126,8 +127,8 @@ export function callEntry (ctx: CallContext, where: readonly [string | null, str
   }
 }
 
-/** The routes whose HTTP calls take `?access_token=` (EventSource sets no header): tRPC's. */
-const TAKES_QUERY_TOKEN = /^\/trpc(?:[/?]|$)/
+/** tRPC's routes, whose HTTP calls take a token in connectionParams or `?access_token=` too. */
+const TRPC_ROUTE = /^\/trpc(?:[/?]|$)/
 
 function protocolOf (url: string): AuditEntry['protocol'] {
   if (url.startsWith('/api/v1/batch')) return 'batch'
@@ -365,13 +366,18 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   })
 
   /**
-   * Tenant and user of a request outside the pipeline, from its token when it has a valid one:
-   * where the face reads it, the header, or `?access_token=` on tRPC and WebSocket upgrades
-   * (such a tRPC call refused before it ran was audited as public/anonymous).
+   * Tenant and user of a request outside the pipeline, from its token when it has a valid one,
+   * read where the face reads it: a WebSocket upgrade's header or `?access_token=`; a tRPC call's
+   * header, connectionParams or `?access_token=` (such a call refused before it ran was audited
+   * as public/anonymous); any other request's header.
    */
   const who = (request: FastifyRequest): { tenant: string, user: string } => {
+    const upgrade = request.headers.upgrade
+    const authorization = typeof upgrade === 'string' && upgrade.toLowerCase() === 'websocket'
+      ? upgradeAuthorization(request)
+      : TRPC_ROUTE.test(request.url) ? httpAuthorization(request) : request.headers.authorization
     try {
-      const id = app.identify(TAKES_QUERY_TOKEN.test(request.url) || request.headers.upgrade !== undefined ? upgradeAuthorization(request) : request.headers.authorization)
+      const id = app.identify(authorization)
       return { tenant: id.tenant, user: id.user }
     } catch {
       return { tenant: 'public', user: 'anonymous' }

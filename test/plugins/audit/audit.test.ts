@@ -108,7 +108,15 @@ t.test('tRPC requests refused before any call runs are recorded as security, onc
   // The token where tRPC takes it too, ?access_token= (EventSource sets no header): its tenant.
   const viaQuery = await app.inject({ url: `/trpc/getAgent?input=%7Bnope&access_token=${token({ tenant: 't9', user: 'u9' })}`, headers: { 'x-request-id': 'q-token' } })
   t.equal(viaQuery.statusCode, 400)
-  t.match((await entries(app)).filter(r => r.requestId === 'q-token'), [{ status: 'VALIDATION_FAILED', tenantId: 't9', userId: 'u9' }], 'not public/anonymous')
+  const params = encodeURIComponent(JSON.stringify({ token: token({ tenant: 't8', user: 'u8' }) }))
+  t.equal((await app.inject({ url: `/trpc/getAgent?input=%7Bnope&connectionParams=${params}`, headers: { 'x-request-id': 'q-params' } })).statusCode, 400)
+  // REST takes no token in the query, whatever its headers (an Upgrade that is no WebSocket's).
+  t.equal((await app.inject({ method: 'POST', url: `/api/v1/agents?access_token=${token({ tenant: 't9' })}`, payload: '{bad', headers: { 'content-type': 'application/json', upgrade: 'h2c', 'x-request-id': 'rest-query' } })).statusCode, 400)
+  const later = await entries(app)
+  const one = (id: string): Row[] => later.filter(r => r.requestId === id)
+  t.match(one('q-token'), [{ status: 'VALIDATION_FAILED', tenantId: 't9', userId: 'u9' }], 'not public/anonymous')
+  t.match(one('q-params'), [{ status: 'VALIDATION_FAILED', tenantId: 't8', userId: 'u8' }], 'connectionParams, as tRPC reads them')
+  t.match(one('rest-query'), [{ tenantId: 'public', userId: 'anonymous' }])
 })
 
 t.test('the admin endpoints: memory store, role system, body and query checks; they are audited themselves', async t => {
