@@ -64,9 +64,12 @@ export class MantleError extends Error {
  * each with its own headers or none: all of them, and on top those of the refusal that asks the
  * longest wait (its Retry-After and RateLimit-*), since a client that waits less is refused
  * again. `perCall` false: the response carries several calls, and a header that speaks for one
- * call only (Idempotent-Replayed) is left out, lest it mark calls that ran. Null for none.
+ * call only (Idempotent-Replayed) is left out, lest it mark calls that ran. The challenge
+ * (WWW-Authenticate) only when the response is a 401 (`unauthorized`; RFC 9110 §11.6.1): a 200
+ * or 207 that carries an UNAUTHENTICATED call says so in that call's error, and a challenge on
+ * it told clients and proxies that the whole response asked for credentials. Null for none.
  */
-export function refusalHeaders (list: Iterable<Record<string, string> | null>, perCall: boolean): Record<string, string> | null {
+export function refusalHeaders (list: Iterable<Record<string, string> | null>, perCall: boolean, unauthorized: boolean): Record<string, string> | null {
   const all: Array<Record<string, string>> = []
   let longest: Record<string, string> | null = null
   for (const h of list) {
@@ -77,19 +80,8 @@ export function refusalHeaders (list: Iterable<Record<string, string> | null>, p
   if (longest === null) return null
   const headers: Record<string, string> = all.length < 2 ? { ...longest } : Object.assign({}, ...all, longest)
   if (!perCall) delete headers['idempotent-replayed']
-  return headers
-}
-
-/**
- * `headers` for a response of `status`: the challenge (WWW-Authenticate) only on a 401 (RFC 9110
- * §11.6.1). A 200 that carries an UNAUTHENTICATED call among its results (a GraphQL field, a
- * REST batch call) says so in that call's error; a challenge on it told clients and proxies
- * that the whole response asked for credentials.
- */
-export function headersForStatus (headers: Record<string, string> | null, status: number): Record<string, string> | null {
-  if (headers === null || status === 401 || headers['www-authenticate'] === undefined) return headers
-  const { 'www-authenticate': _challenge, ...rest } = headers
-  return Object.keys(rest).length === 0 ? null : rest
+  if (!unauthorized) delete headers['www-authenticate']
+  return Object.keys(headers).length === 0 ? null : headers
 }
 
 /** The seconds a problem's Retry-After asks for (0 without one). */

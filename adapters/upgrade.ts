@@ -8,6 +8,11 @@ import type { FastifyRequest } from 'fastify'
 export function upgradeAuthorization (request: FastifyRequest): string | undefined {
   const header = request.headers.authorization
   if (typeof header === 'string' && header !== '') return header
+  return queryToken(request)
+}
+
+/** `?access_token=` as an Authorization value (EventSource and WebSocket clients set no header). */
+export function queryToken (request: FastifyRequest): string | undefined {
   const token = (request.query as Record<string, unknown> | null | undefined)?.access_token
   return typeof token === 'string' && token !== '' ? `Bearer ${token}` : undefined
 }

@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify'
 import { Ajv } from 'ajv'
 import { AnswerBudget, runCall, callEnvelope } from '../adapters/face.js'
-import { MantleError, headersForStatus, refusalHeaders } from '../errors.js'
+import { MantleError, refusalHeaders } from '../errors.js'
 import { callKey, idempotencyKeyOf, single } from '../adapters/rest/index.js'
 
 // The batch body's own validator, without the coercion Fastify's Ajv does: a call id 1 was
@@ -69,7 +69,7 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     // The refusals' Retry-After and RateLimit-* (the longest wait's), as on tRPC and GraphQL: a
     // client told RATE_LIMITED or OVERLOADED in the batch had no wait to go by. Never a call's
     // WWW-Authenticate: the answer is a 200, and the challenge belongs on a 401.
-    const refused = headersForStatus(refusalHeaders(outcomes.map(outcome => outcome.ok ? null : outcome.headers), false), 200)
+    const refused = refusalHeaders(outcomes.map(outcome => outcome.ok ? null : outcome.headers), false, false)
     if (refused !== null) reply.headers(refused)
     reply.type('application/json; charset=utf-8')
     return `{"results":[${parts.join(',')}]}`

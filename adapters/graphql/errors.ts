@@ -1,6 +1,6 @@
 import { GraphQLError, type ExecutionResult, type GraphQLFormattedError } from 'graphql'
 import mercurius from 'mercurius'
-import { ErrorCodes, MantleError, headersForStatus, refusalHeaders, retryAfterOf, toProblem, type ErrorCode, type Problem } from '../../errors.js'
+import { ErrorCodes, MantleError, refusalHeaders, retryAfterOf, toProblem, type ErrorCode, type Problem } from '../../errors.js'
 
 // Every GraphQL error carries the contract's code, the REST status of the same failure and the
 // request id in `extensions`, so a client handles GraphQL errors as it handles REST problems.
@@ -105,7 +105,7 @@ export function errorFormatter (execution: ExecutionResult & { errors: readonly 
   // it: a 200 with an UNAUTHENTICATED field says so in the field's error. A subscription's
   // errors (over WebSocket) have no reply. A document's replayed calls are not marked
   // (README), its fields being several calls.
-  const headers = headersForStatus(refusalHeaders(errors.map(headersOf), false), statusCode)
+  const headers = refusalHeaders(errors.map(headersOf), false, statusCode === 401)
   if (headers !== null && ctx.reply !== undefined && !ctx.reply.sent) ctx.reply.headers(headers)
   if (!refused) return { statusCode, response: { data: execution.data, errors: formatted as unknown as GraphQLError[] } }
   return { statusCode, response: { errors: formatted as unknown as GraphQLError[] } }

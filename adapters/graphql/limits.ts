@@ -133,12 +133,14 @@ function primitiveLength (v: unknown): number {
  */
 export function jsonLength (value: unknown, limit: number): number {
   let size = 0
-  const measured = new Map<string, number>()
+  // Made for the first long string only: every GraphQL call's input is measured, and most hold none.
+  let measured: Map<string, number> | null = null
   const stack: unknown[] = [value]
   while (stack.length > 0 && size <= limit) {
     const v = stack.pop()
     if (typeof v !== 'object' || v === null) {
       if (typeof v === 'string' && v.length > 1024) {
+        measured ??= new Map()
         let n = measured.get(v)
         if (n === undefined) measured.set(v, n = stringLength(v))
         size += n

@@ -3,6 +3,7 @@ import type { WebSocket } from 'ws'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import type { CacheOutcome } from '../../plugins/pipeline/index.js'
 import { AnswerBudget } from '../face.js'
+import { queryToken } from '../upgrade.js'
 
 /** What every procedure of one request (HTTP) or one connection (WebSocket) shares. */
 export interface TrpcContext {
@@ -44,10 +45,6 @@ function fromParams (params: Readonly<Record<string, string | undefined>> | null
   return undefined
 }
 
-function fromAccessToken (token: unknown): string | undefined {
-  return typeof token === 'string' && token !== '' ? `Bearer ${token}` : undefined
-}
-
 /**
  * The token of an HTTP request: the Authorization header, else connectionParams (which
  * httpSubscriptionLink puts in the URL), else `?access_token=` (EventSource cannot set headers).
@@ -75,7 +72,7 @@ export function httpContext (request: FastifyRequest, connectionParams: Readonly
  */
 export function httpAuthorization (request: FastifyRequest, connectionParams?: Readonly<Record<string, string | undefined>> | null): string | undefined {
   const query = request.query as Record<string, unknown> | null
-  return request.headers.authorization ?? fromParams(connectionParams === undefined ? paramsIn(query?.connectionParams) : connectionParams) ?? fromAccessToken(query?.access_token)
+  return request.headers.authorization ?? fromParams(connectionParams === undefined ? paramsIn(query?.connectionParams) : connectionParams) ?? queryToken(request)
 }
 
 /** `?connectionParams=` as tRPC reads it: a JSON object, or nothing. */

@@ -7,7 +7,7 @@ import type { TRPCRequestInfo } from '@trpc/server/http'
 import type { WebSocket } from 'ws'
 import type { IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
-import { MantleError, headersForStatus, refusalHeaders } from '../../errors.js'
+import { MantleError, refusalHeaders } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { upgradeAuthorization } from '../upgrade.js'
 import { httpContext, socketContext, type TrpcContext } from './context.js'
@@ -125,13 +125,9 @@ const EARLY_REFUSALS: ReadonlySet<TRPCError['code']> = new Set(['PARSE_ERROR', '
  * it is JSON like every other.
  */
 function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TRPCError[], ctx: TrpcContext | undefined, eager: boolean): { headers?: Record<string, string> } {
-  let refused = refusalHeaders(errors.map(error => error instanceof ProblemError ? error.headers : null), info?.isBatchCall !== true)
-  // A batch is a 401 only when every call was refused UNAUTHENTICATED (tRPC answers the calls'
-  // one status, else 207): its challenge only then, as GraphQL and the REST batch do.
-  if (info?.isBatchCall === true) {
-    const unauthenticated = errors.length === info.calls.length && errors.every(e => e instanceof ProblemError && e.problem.status === 401)
-    refused = headersForStatus(refused, unauthenticated ? 401 : 207)
-  }
+  // tRPC answers the calls' one status, else 207: a 401 only when every call was refused so.
+  const unauthorized = errors.length === (info?.calls.length ?? errors.length) && errors.every(e => e instanceof ProblemError && e.problem.status === 401)
+  const refused = refusalHeaders(errors.map(error => error instanceof ProblemError ? error.headers : null), info?.isBatchCall !== true, unauthorized)
   let headers: Record<string, string> | undefined = info === undefined ? { ...JSON_TYPE, ...refused } : refused ?? undefined
   // The cache's outcome of each call, in the calls' order, `-` for a call without one. Not on a
   // streamed answer, whose headers leave before its results are known.

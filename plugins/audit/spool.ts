@@ -88,10 +88,7 @@ export class Spool {
       const namespace = await pidNamespace()
       // The nonce tells this holder's lock from any other's, a twin's with the same pid included.
       const mine = `${process.pid} ${hostname()} ${namespace} ${randomUUID()}`
-      try {
-        await writeFile(lock, mine, { flag: 'wx' })
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
+      if (!await create(lock, mine)) {
         const read = await readFile(lock, 'utf8').then(text => ({ text }), () => null)
         const judged = read?.text ?? ''
         const [pid, host, ns] = judged.split(' ')
@@ -185,7 +182,7 @@ export class Spool {
     await this.serial(async () => {
       const fh = this.fh
       if (fh === null) throw new Error('the audit spool is closed')
-      if (!await this.held()) throw new SpoolInUseError(`the audit spool ${this.dir} was taken over by another process: this one no longer writes it`)
+      await this.mustHold()
       await appendSynced(fh, data, this.bytes)
       this.bytes += data.length
     })
@@ -257,7 +254,7 @@ export class Spool {
     const fh = this.fh
     if (fh === null || this.done === 0) return
     // The file is another process's now: its batches appended since must not be cut.
-    if (!await this.held()) throw new SpoolInUseError(`the audit spool ${this.dir} was taken over by another process: this one no longer writes it`)
+    await this.mustHold()
     if (this.bytes === this.done) {
       await fh.truncate(0)
       await fh.datasync()
@@ -300,6 +297,11 @@ export class Spool {
       if (this.heartbeat !== null) clearInterval(this.heartbeat)
     }
     return !this.lost
+  }
+
+  /** Throws when the lock is another process's: this one no longer writes or cuts the spool. */
+  private async mustHold (): Promise<void> {
+    if (!await this.held()) throw new SpoolInUseError(`the audit spool ${this.dir} was taken over by another process: this one no longer writes it`)
   }
 
   async close (): Promise<void> {

@@ -194,7 +194,8 @@ export class AuditWriter {
 
   /**
    * `entries` without those quarantined while a copy of their batch was away (see deliver): on
-   * disk, they would be quarantined again by a replay after a restart, which knows none of them.
+   * disk, they would be quarantined again by a replay after a restart, which knows none of them;
+   * replayed, they are skipped.
    */
   private kept (entries: AuditEntry[]): AuditEntry[] {
     return this.setAside.size === 0 ? entries : entries.filter(e => !this.setAside.has(e.id))
@@ -278,7 +279,7 @@ export class AuditWriter {
         // A replay `close` gave up on stops between lines: the rest stays in the spool, the
         // queue behind it, in order.
         if (this.abandoned) throw new Abandoned('the writer closed during the replay')
-        const batch = this.setAside.size === 0 ? line : line.filter(e => !this.setAside.has(e.id))
+        const batch = this.kept(line)
         try {
           n += await this.opts.store.write(batch)
         } catch (err) {

@@ -417,7 +417,6 @@ export class ResponseCache {
     return this.later.size
   }
 
-  /** Stops the scheduled replay (the app closes). */
   /**
    * The app closes: the scheduled replay stops, and the second invalidations still waiting are
    * carried out now, while Redis is still open (sooner than their time, but other instances keep

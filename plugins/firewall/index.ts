@@ -68,7 +68,10 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
       const found = { injection: findingsTotal.series('injection', action), secret: findingsTotal.series('secret', action), pii: findingsTotal.series('pii', action) }
 
       const verdictOf = (tenant: string, input: Readonly<Record<string, unknown>>): Verdict => {
-        if (cache === null) return scan(fields, input)
+        // An array or object is scanned each time, never cached: its JSON text (a key) may be
+        // many times the request (GraphQL's [$a, $a, ...]), and its redacted copy takes many times
+        // its text's length.
+        if (cache === null || fields.some(f => { const v = input[f]; return v !== null && typeof v === 'object' })) return scan(fields, input)
         // The tenant, the operation's name, then each field's name and value (or its absence)
         // after their lengths: no separator would do, since a JSON string may hold any character,
         // \u0000 included. Distinct inputs never share a key, nor do the same values under other
@@ -80,13 +83,9 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
         for (const field of fields) {
           const value = input[field]
           const name = field.length + ':' + field
-          if (typeof value !== 'string') {
-            // An array or object is scanned each time, never cached: its JSON text (a key) may be
-            // many times the request (GraphQL's [$a, $a, ...]), and its redacted copy takes many
-            // times its text's length. A number, boolean or null is not scanned: keyed as absent.
-            if (value !== null && typeof value === 'object') return scan(fields, input)
-            hash.update(name + 'x')
-          } else if (wellFormed(value)) hash.update(name + 's' + value.length + ':' + value)
+          // A number, boolean or null is not scanned: keyed as absent.
+          if (typeof value !== 'string') hash.update(name + 'x')
+          else if (wellFormed(value)) hash.update(name + 's' + value.length + ':' + value)
           else {
             // UTF-8 writes a lone surrogate as U+FFFD's bytes: such a text is hashed as its UTF-16
             // code units, under another tag. Two texts differing only there shared a verdict.

@@ -113,8 +113,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
    * claim as soon as Redis takes it (copyLater). Lost, a repeat here ran a second Kernel call
    * during the outage, and every instance's repeat waited for the stale claim's lease, then ran
    * again.
-   */
-  /**
+   *
    * `unanswered`: the Redis claim a call claimed in memory may hold there too (its claim failed
    * with no answer, a timeout, which Redis may yet have carried out). Its outcome is then copied
    * over that claim, as one Redis did not take; its release frees it. Before, a repeat on
