@@ -38,3 +38,32 @@ t.test('a Redis that stops answering on an open connection is found by the heart
   t.equal(await redisUp(app), '1')
   t.equal(await readyWithin(app, 5000), 200, 'ready again')
 })
+
+t.test('one PING missed (a Redis busy for a moment) keeps the connection: only two in a row drop it', async t => {
+  const proxy = await startTcpProxy(t, Number(new URL(REDIS_URL).port || 6379), new URL(REDIS_URL).hostname)
+  const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 200 })
+  t.equal(await readyWithin(app, 5000), 200, 'ready')
+  const client = app.redis.client
+  const outcomes: string[] = []
+  const ping = client.ping.bind(client) as () => Promise<string>
+  // The heartbeat's PINGs, seen as they end (the heartbeat calls client.ping each second).
+  ;(client as unknown as { ping: () => Promise<string> }).ping = () => ping().then(
+    pong => { outcomes.push('answered'); return pong },
+    (err: Error) => { outcomes.push('missed'); throw err })
+  t.teardown(() => { (client as unknown as { ping: unknown }).ping = ping })
+  const connections = proxy.connections
+  let wentDown = false
+  const watch = setInterval(() => { if (!app.redis.up()) wentDown = true }, 10)
+  t.teardown(() => clearInterval(watch))
+  // Every answer held back 400 ms: the next PING misses its 200 ms, its answer comes late.
+  proxy.delay(400)
+  await until(() => outcomes.includes('missed'), 'one PING missed', 5000)
+  await new Promise(resolve => setTimeout(resolve, 300))
+  proxy.restore()
+  const missed = outcomes.length
+  await until(() => outcomes.length > missed, 'the next PING', 5000)
+  t.same(outcomes.slice(missed), ['answered'], 'the next PING is answered')
+  t.notOk(wentDown, 'Redis was never taken for down')
+  t.equal(proxy.connections, connections, 'the same connection throughout')
+  t.equal(await redisUp(app), '1')
+})
