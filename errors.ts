@@ -102,7 +102,8 @@ export function retryAfterOf (headers: Record<string, string> | null): number | 
 
 /**
  * The challenge of a 401 (RFC 9110 §11.6.1: a 401 carries WWW-Authenticate; RFC 6750 names the
- * scheme). identity.ts gives a refused token's its `error`; every other 401 gets this one.
+ * scheme). identity.ts gives a refused token's its `error`; every other 401 gets this one, a
+ * Kernel's 401 passed on (KERNEL_REJECTED) too.
  */
 export const CHALLENGE: Readonly<Record<string, string>> = Object.freeze({ 'www-authenticate': 'Bearer' })
 
@@ -145,7 +146,7 @@ export function toProblem (err: unknown, requestId: string): { problem: Problem,
   if (err instanceof MantleError) {
     return {
       problem: { type: problemType(err.code), title: ErrorCodes[err.code].title, status: err.statusCode, code: err.code, detail: err.message, requestId },
-      headers: err.code === 'UNAUTHENTICATED' && err.headers?.['www-authenticate'] === undefined ? { ...err.headers, ...CHALLENGE } : err.headers
+      headers: err.statusCode === 401 && err.headers?.['www-authenticate'] === undefined ? { ...err.headers, ...CHALLENGE } : err.headers
     }
   }
   const e = (err ?? {}) as FastifyLikeError

@@ -60,6 +60,8 @@ interface Attempt {
   message: string | undefined
   /** The connection was never made (refused, no such host): the request did not go out. */
   unsent?: true
+  /** A 4xx's Retry-After, as whole seconds (a 429 or 503 of the Kernel's asks for a wait). */
+  retryAfter?: string
 }
 
 // Failures to connect: the request never went out, so the Kernel did nothing.
@@ -283,7 +285,8 @@ export class KernelClient {
       if (status >= 400 && status < 500) {
         const value = await readJson(res, 64 * 1024)
         const message = (value as { message?: unknown } | null)?.message
-        return { outcome: 'client_error', status, value: undefined, message: typeof message === 'string' ? message.slice(0, 300) : undefined }
+        const retryAfter = secondsToWait(res.headers['retry-after'])
+        return { outcome: 'client_error', status, value: undefined, message: typeof message === 'string' ? message.slice(0, 300) : undefined, ...(retryAfter === undefined ? {} : { retryAfter }) }
       }
       await res.body.dump()
       if (status >= 300 && status < 400) return { outcome: 'redirect', status, value: undefined, message: undefined }
@@ -420,7 +423,32 @@ function pathSegment (value: unknown): string {
 }
 function clientError (result: Attempt): MantleError {
   if (result.status === 404) return new MantleError('NOT_FOUND', result.message ?? 'The Kernel has no such resource')
-  return new MantleError('KERNEL_REJECTED', result.message ?? `The Kernel refused the call (status ${result.status})`, { status: result.status })
+  return new MantleError('KERNEL_REJECTED', result.message ?? `The Kernel refused the call (status ${result.status})`, {
+    status: result.status,
+    ...(result.retryAfter === undefined ? {} : { headers: { 'retry-after': result.retryAfter } })
+  })
+}
+
+/** The longest wait passed on from the Kernel's Retry-After (a day). */
+const RETRY_AFTER_MAX_S = 86_400
+
+/**
+ * A Kernel's Retry-After (delta-seconds or an HTTP-date, RFC 9110 §10.2.3) as whole seconds from
+ * now, at most a day; undefined when absent or neither. Passed on with its 4xx (a 429 of the
+ * Kernel's reached clients without it), as seconds: the faces that have no headers carry it as
+ * a number (retryAfterOf).
+ */
+export function secondsToWait (value: string | string[] | undefined): string | undefined {
+  if (typeof value !== 'string') return undefined
+  const text = value.trim()
+  let seconds: number
+  if (/^\d{1,10}$/.test(text)) seconds = Number(text)
+  else {
+    const at = Date.parse(text)
+    if (Number.isNaN(at) || !/^[A-Za-z]{3}, /.test(text)) return undefined
+    seconds = Math.max(0, Math.ceil((at - Date.now()) / 1000))
+  }
+  return String(Math.min(seconds, RETRY_AFTER_MAX_S))
 }
 
 // Without the Location: it may name hosts inside the network, which clients have no need of.
