@@ -8,14 +8,12 @@ import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors
 import { fieldError } from './errors.js'
 import { slowReader } from '../slow-reader.js'
 import { upgradeAuthorization } from '../upgrade.js'
+import { atExpiry } from '../expiry.js'
 
 // Subscriptions ride on mercurius' graphql-ws server (`subscription` option). What this module
 // adds: identity per connection, event streams from the events plugin's bus scoped to the
 // caller's tenant, validation of subscription documents with the same rules as HTTP, and bounds
 // (subscriptions per connection, one subscriber per id, one connection_init, token expiry).
-
-/** setTimeout's largest delay (24.8 days): a token valid for longer is timed in steps. */
-const MAX_TIMER_MS = 2 ** 31 - 1
 
 /** A connection_init payload's `authorization` (not a string: '', refused); undefined: none. */
 function initAuthorization (payload: unknown): string | undefined {
@@ -75,7 +73,8 @@ export class GraphqlConnection {
    * for one being set up (a failed one is let go once its error is out: `failed`). Bounded.
    */
   readonly operations = new Map<string, AbortController | null>()
-  private expiry: NodeJS.Timeout | null = null
+  /** Cancels the one timer pending: the wait for a valid identity (open), then the expiry. */
+  private cancelTimer: (() => void) | null = null
   /** The earliest expiry of the tokens the connection accepted (ms; Infinity: none). */
   private expiresAt = Infinity
   /** The caller the first accepted token named: every later one must name the same. */
@@ -100,11 +99,11 @@ export class GraphqlConnection {
       this.accept(app.identify(own))
     } catch {
       if (this.closed) return
-      this.expiry = setTimeout(() => {
-        this.expiry = null
+      const timer = setTimeout(() => {
         if (this.caller === null) this.close(4401, 'Unauthorized')
       }, authTimeoutMs)
-      this.expiry.unref()
+      timer.unref()
+      this.cancelTimer = () => clearTimeout(timer)
     }
   }
 
@@ -132,17 +131,11 @@ export class GraphqlConnection {
     return identity
   }
 
-  /** Times the earliest expiry; a delay beyond setTimeout's largest is waited in steps. */
+  /** Times the earliest expiry (4401), in place of the timer pending (the wait, or a later expiry). */
   private armExpiry (): void {
     if (this.closed) return
-    if (this.expiry !== null) clearTimeout(this.expiry)
-    const expiresAt = this.expiresAt
-    this.expiry = setTimeout(() => {
-      this.expiry = null
-      if (Date.now() < expiresAt) this.armExpiry()
-      else this.close(4401, 'Unauthorized: the token has expired')
-    }, Math.min(Math.max(expiresAt - Date.now(), 0), MAX_TIMER_MS))
-    this.expiry.unref()
+    this.cancelTimer?.()
+    this.cancelTimer = atExpiry(this.expiresAt, () => this.close(4401, 'Unauthorized: the token has expired'))
   }
 
   /**
@@ -172,8 +165,8 @@ export class GraphqlConnection {
 
   private dispose (): void {
     this.closed = true
-    if (this.expiry !== null) clearTimeout(this.expiry)
-    this.expiry = null
+    this.cancelTimer?.()
+    this.cancelTimer = null
     for (const controller of this.operations.values()) controller?.abort()
     this.operations.clear()
   }

@@ -16,7 +16,8 @@ import { idempotencyKeyOf, single } from '../rest/index.js'
 import { ProblemError, errorShape, isInternal } from './errors.js'
 import { buildRouter, earlyRequestIds } from './router.js'
 import { DEFAULT_SETTINGS as WEBSOCKET_DEFAULTS } from '../websocket/index.js'
-import { LiveSubscriptions, atExpiry } from './subscriptions.js'
+import { LiveSubscriptions } from './subscriptions.js'
+import { atExpiry } from '../expiry.js'
 
 export { ProblemError, errorShape, trpcCodeOf, type MantleErrorShape, type MantleErrorData } from './errors.js'
 

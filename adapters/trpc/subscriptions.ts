@@ -2,29 +2,7 @@ import type { EventBus } from '../../plugins/events/index.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { MantleError } from '../../errors.js'
 import { ProblemError } from './errors.js'
-
-// setTimeout takes at most 2^31-1 ms; a longer delay would fire at once.
-const MAX_TIMER_MS = 2 ** 31 - 1
-
-/**
- * Calls `fn` once when `expiresAt` (ms since the epoch) has passed; returns the canceller.
- * Nothing is armed for a token that never expires (identity off).
- */
-export function atExpiry (expiresAt: number, fn: () => void): () => void {
-  if (!Number.isFinite(expiresAt)) return () => {}
-  let timer: NodeJS.Timeout
-  const arm = (): void => {
-    const delay = expiresAt - Date.now()
-    if (delay <= 0) {
-      fn()
-      return
-    }
-    timer = setTimeout(arm, Math.min(delay, MAX_TIMER_MS))
-    timer.unref()
-  }
-  arm()
-  return () => clearTimeout(timer)
-}
+import { atExpiry } from '../expiry.js'
 
 /**
  * The event subscriptions served over tRPC on this instance. Each is a pull stream on the

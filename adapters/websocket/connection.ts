@@ -8,6 +8,7 @@ import type { Identity } from '../../plugins/auth/index.js'
 import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame, type AuthFrame } from './frames.js'
 import type { CloseReason, WebSocketCounters } from './metrics.js'
 import { CLOSE_SLOW_READER, SLOW_READER } from '../slow-reader.js'
+import { atExpiry } from '../expiry.js'
 
 /** Per-connection bounds (WebSocketFaceSettings in index.ts documents each). */
 export interface ConnectionLimits {
@@ -32,9 +33,6 @@ export interface ConnectionAuth {
   authorization: string | undefined
 }
 
-// setTimeout takes at most a signed 32-bit delay; a longer one would fire at once.
-const MAX_TIMER_MS = 2 ** 31 - 1
-
 /**
  * One client on /ws. Frames are decoded here and every call goes through runCall, so identity,
  * roles and validation are the pipeline's, per call, as on every other face.
@@ -46,7 +44,8 @@ export class Connection {
   private authorization: string | undefined
   private readonly subscriptions = new Map<string, { id: string, unsubscribe: () => void }>()
   private inFlight = 0
-  private expiry: NodeJS.Timeout | null = null
+  /** Cancels the token's expiry timer (null: none armed). */
+  private disarmExpiry: (() => void) | null = null
   private reason: CloseReason = 'peer'
   /** Set once the connection is closing: no frame is read and nothing is sent any more. */
   private closing = false
@@ -101,23 +100,16 @@ export class Connection {
   /** Stops every subscription and the expiry timer; idempotent. */
   private release (): void {
     this.closing = true
-    if (this.expiry !== null) clearTimeout(this.expiry)
-    this.expiry = null
+    this.disarmExpiry?.()
+    this.disarmExpiry = null
     for (const sub of this.subscriptions.values()) sub.unsubscribe()
     this.subscriptions.clear()
   }
 
+  /** Times the current token's expiry (4401), in place of the previous token's. */
   private armExpiry (): void {
-    if (this.expiry !== null) clearTimeout(this.expiry)
-    this.expiry = null
-    const expiresAt = this.identity.expiresAt
-    if (expiresAt === Infinity) return
-    this.expiry = setTimeout(() => {
-      this.expiry = null
-      if (Date.now() < expiresAt) this.armExpiry()
-      else this.close(4401, 'expired', 'The token has expired')
-    }, Math.min(Math.max(expiresAt - Date.now(), 0), MAX_TIMER_MS))
-    this.expiry.unref()
+    this.disarmExpiry?.()
+    this.disarmExpiry = atExpiry(this.identity.expiresAt, () => this.close(4401, 'expired', 'The token has expired'))
   }
 
   /** Sends a frame unless the client has stopped reading: then the connection ends with 1013. */
