@@ -202,6 +202,12 @@ function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): void {
   lingeringClose(socket)
 }
 
+/** A HEAD route's last onSend: no Content-Length on a 304 or a 204, which carry no body length of their own. */
+function withoutBodyLength (_request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void): void {
+  if (reply.statusCode === 304 || reply.statusCode === 204) reply.removeHeader('content-length')
+  done(null, payload)
+}
+
 export async function buildApp (config: Readonly<Config>, options: BuildOptions = {}): Promise<FastifyInstance> {
   const refused = productionProblems(config)
   if (refused.length > 0) throw new ConfigError('Refusing to start in production: ' + refused.join('; '))
@@ -263,6 +269,13 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     else parseJson(request, body as string, done)
   })
   app.setErrorHandler(errorHandler)
+  // Fastify serves HEAD with each GET route's handler (exposeHeadRoutes) and its HEAD onSend
+  // sets content-length: 0 on any answer without a body: a HEAD revalidated to 304 said its
+  // representation was empty, where RFC 9110 §8.6 allows a 304 no Content-Length but its 200's.
+  // Added before any route, so that it applies to every one, and runs after Fastify's own.
+  app.addHook('onRoute', (route) => {
+    if (route.method === 'HEAD') route.onSend = route.onSend === undefined ? [withoutBodyLength] : [...[route.onSend].flat(), withoutBodyLength]
+  })
   app.setNotFoundHandler((request, reply) => {
     errorHandler(new MantleError('NOT_FOUND', `No route ${request.method} ${request.url.split('?')[0]}`), request, reply)
   })

@@ -467,3 +467,26 @@ t.test('a cached query served over POST answers If-None-Match with its full answ
   t.notOk(doc.paths['/api/v1/items/{id}/read'].post.parameters?.some((p: { name: string }) => p.name === 'if-none-match'), 'nor does the OpenAPI document offer If-None-Match or a 304 there')
   t.notOk('304' in doc.paths['/api/v1/items/{id}/read'].post.responses)
 })
+
+t.test('a 304, to GET or HEAD, and a HEAD answered 204 carry no Content-Length; a HEAD 200 carries its GET\'s', async t => {
+  // RFC 9110 §8.6: a 304 carries no Content-Length but its 200's, a 204 none. Fastify's HEAD
+  // routes (exposeHeadRoutes) set content-length: 0 on any answer without a body: a HEAD
+  // revalidated to 304 said the answer was empty.
+  const kernel = await itemKernel(t)
+  kernel.on('GET /v1/items/d', (_req, res) => { res.writeHead(204); res.end() })
+  const app = await buildTestApp(t, {}, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const headers = bearer({ tenant: tenant() })
+  const first = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+  t.equal(first.headers['content-length'], String(Buffer.byteLength(first.body)))
+  const head = await app.inject({ method: 'HEAD', url: '/api/v1/items/a', headers })
+  t.equal(head.statusCode, 200)
+  t.equal(head.headers['content-length'], first.headers['content-length'], 'a HEAD 200: its GET\'s length')
+  for (const method of ['GET', 'HEAD'] as const) {
+    const notModified = await app.inject({ method, url: '/api/v1/items/a', headers: { ...headers, 'if-none-match': String(first.headers.etag) } })
+    t.equal(notModified.statusCode, 304, method)
+    t.equal(notModified.headers['content-length'], undefined, `${method} 304: no Content-Length`)
+  }
+  const empty = await app.inject({ method: 'HEAD', url: '/api/v1/plain/d', headers })
+  t.equal(empty.statusCode, 204)
+  t.equal(empty.headers['content-length'], undefined, 'HEAD 204: no Content-Length')
+})
