@@ -15,7 +15,7 @@ const Flag = (description: string) => Type.Boolean({ default: true, description 
 
 export const ConfigSchema = Type.Object({
   PORT: Type.Integer({ minimum: 0, maximum: 65535, default: 3000, description: 'port the gateway listens on' }),
-  HOST: Type.String({ minLength: 1, default: '127.0.0.1', description: 'address the gateway listens on' }),
+  HOST: Type.String({ pattern: '^\\S+$', default: '127.0.0.1', description: 'address the gateway listens on, a host name or IP address (no spaces)' }),
   NODE_ENV: Type.Union([Type.Literal('development'), Type.Literal('production'), Type.Literal('test')], { default: 'development', description: 'development | production | test' }),
   LOG_LEVEL: Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map(l => Type.Literal(l)), { default: 'info', description: 'fatal | error | warn | info | debug | trace | silent' }),
   BFF_MANIFEST: Type.String({ minLength: 1, default: DEMO_MANIFEST, description: 'path of the manifest (YAML or JSON)' }),
@@ -107,9 +107,14 @@ const describe = (name: string): string => {
   return kind
 }
 
+/** How a numeric variable is written: decimal digits (Ajv's coercion also took 0x10, 1e3, " 80", +80, 80.0). */
+const INTEGER_TEXT = /^[0-9]+$/
+const NUMBER_TEXT = /^(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)$/
+
 /**
  * Reads and validates the configuration once. A bad value throws one ConfigError whose message
- * names every bad variable and what it accepts; the returned object is frozen.
+ * names every bad variable and what it accepts, from every check at once (the schema's, then
+ * those it cannot express, on the values it accepted); the returned object is frozen.
  */
 export function loadConfig (env: Record<string, string | number | boolean | undefined> = process.env): Readonly<Config> {
   const data: Record<string, unknown> = {}
@@ -117,61 +122,84 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
     const value = env[key]
     if (value !== undefined && value !== '') data[key] = value
   }
+  // As given: Ajv coerces `data` in place.
+  const given: Readonly<Record<string, unknown>> = { ...data }
+  const problems: string[] = []
+  const bad = new Set<string>()
+  const refuse = (name: string, expected: string, why?: string): void => {
+    bad.add(name)
+    problems.push(`${name}=${JSON.stringify(shown(name, String(given[name] ?? '')))} is invalid: expected ${expected}${why === undefined ? '' : ` (${why})`}`)
+  }
+  const fail = (): ConfigError => new ConfigError('Invalid configuration: ' + problems.join('; '))
   let config: Config
   try {
     config = envSchema<Config>({ schema: ConfigSchema, data, dotenv: false })
   } catch (err) {
     const errors = (err as { errors?: Array<{ instancePath?: string, params?: { missingProperty?: string } }> }).errors ?? []
     const names = [...new Set(errors.map(e => (e.instancePath ?? '').replace(/^\//, '') || e.params?.missingProperty || '?'))]
-    const parts = names.map(n => `${n}=${JSON.stringify(shown(n, String(data[n] ?? '')))} is invalid: expected ${describe(n)}`)
-    throw new ConfigError('Invalid configuration: ' + (parts.length > 0 ? parts.join('; ') : (err as Error).message))
+    if (names.length === 0) problems.push((err as Error).message)
+    for (const name of names) refuse(name, describe(name))
+    // The rest is validated again without the refused values, by the same validator, so that
+    // the checks below run on every value it accepts: one message names every bad variable.
+    const rest = Object.fromEntries(Object.entries(given).filter(([name]) => !bad.has(name)))
+    try {
+      config = envSchema<Config>({ schema: ConfigSchema, data: rest, dotenv: false })
+    } catch {
+      throw fail()
+    }
   }
-  // Ajv coerces "Infinity" and "1e400" to Infinity, which its integer type admits and its bounds
-  // then compare as the text they were: BFF_RATE_LIMIT_GLOBAL_MAX=Infinity became a guard of 1000.
-  const infinite = Object.entries(ConfigSchema.properties)
-    .filter(([name, schema]) => (schema as { type?: unknown }).type === 'integer' && typeof config[name as keyof Config] === 'number' && !Number.isSafeInteger(config[name as keyof Config]))
-    .map(([name]) => `${name}=${JSON.stringify(String(data[name] ?? ''))} is invalid: expected ${describe(name)}`)
-  if (infinite.length > 0) throw new ConfigError('Invalid configuration: ' + infinite.join('; '))
+  for (const [name, schema] of Object.entries(ConfigSchema.properties) as Array<[keyof Config, { type?: unknown }]>) {
+    if (bad.has(name) || (schema.type !== 'integer' && schema.type !== 'number')) continue
+    const text = given[name]
+    if (typeof text === 'string' && !(schema.type === 'integer' ? INTEGER_TEXT : NUMBER_TEXT).test(text)) {
+      refuse(name, describe(name), schema.type === 'integer' ? 'written in decimal digits only' : 'written as a decimal number')
+    } else if (typeof config[name] === 'number' && !(schema.type === 'integer' ? Number.isSafeInteger(config[name]) : Number.isFinite(config[name]))) {
+      // Ajv coerces "Infinity" and "1e400" to Infinity, which its integer type admits and its bounds
+      // then compare as the text they were: BFF_RATE_LIMIT_GLOBAL_MAX=Infinity became a guard of 1000.
+      refuse(name, describe(name))
+    }
+  }
   // The schema's patterns only check the scheme: a URL the gateway cannot use (a port past 65535,
   // a Redis database that is not a number) must stop start-up here, naming the variable, not
   // fail later inside a client with a bare "Invalid URL" or an uncaught Redis error.
-  const badUrls = URL_VARIABLES.flatMap(({ name, expected, check }) => {
+  for (const { name, expected, check } of URL_VARIABLES) {
     const value = config[name]
-    const why = value === undefined ? null : urlProblem(value, check)
-    return why === null ? [] : [`${name}=${JSON.stringify(shown(name, value!))} is invalid: expected ${expected} (${why})`]
-  })
-  if (badUrls.length > 0) throw new ConfigError('Invalid configuration: ' + badUrls.join('; '))
+    const why = value === undefined || bad.has(name) ? null : urlProblem(value, check)
+    if (why !== null) refuse(name, expected, why)
+  }
   if (config.BFF_JWT_PUBLIC_KEYS !== undefined) {
     try {
       parsePublicKeys(config.BFF_JWT_PUBLIC_KEYS)
     } catch (err) {
-      throw new ConfigError('Invalid configuration: ' + (err as Error).message)
+      bad.add('BFF_JWT_PUBLIC_KEYS')
+      problems.push((err as Error).message)
     }
   }
   if (config.BFF_CORS_ORIGINS !== undefined) {
     // URL.canParse: the pattern takes any 5 digits as a port, WHATWG URL only 0..65535.
-    const bad = corsOrigins(config.BFF_CORS_ORIGINS).filter(o => o !== '*' && !(ORIGIN.test(o) && URL.canParse(o)))
-    if (bad.length > 0 || corsOrigins(config.BFF_CORS_ORIGINS).length === 0) {
-      throw new ConfigError(`Invalid configuration: BFF_CORS_ORIGINS=${JSON.stringify(config.BFF_CORS_ORIGINS)} is invalid: expected a comma-separated list of * or http(s) origins without a path` +
-        (bad.length > 0 ? ` (bad: ${bad.map(b => JSON.stringify(b)).join(', ')})` : ''))
+    const wrong = corsOrigins(config.BFF_CORS_ORIGINS).filter(o => o !== '*' && !(ORIGIN.test(o) && URL.canParse(o)))
+    if (wrong.length > 0 || corsOrigins(config.BFF_CORS_ORIGINS).length === 0) {
+      refuse('BFF_CORS_ORIGINS', 'a comma-separated list of * or http(s) origins without a path' +
+        (wrong.length > 0 ? ` (bad: ${wrong.map(b => JSON.stringify(b)).join(', ')})` : ''))
     }
   }
   if (config.BFF_TRUST_PROXY !== undefined) {
-    const bad = config.BFF_TRUST_PROXY.split(',').filter(entry => !isProxyRange(entry))
-    if (bad.length > 0) {
-      throw new ConfigError(`Invalid configuration: BFF_TRUST_PROXY=${JSON.stringify(config.BFF_TRUST_PROXY)} is invalid: expected comma-separated addresses and CIDR ranges of the proxies (no hop count, no /0: a client reaching the gateway directly could then pick its own address)` +
-        ` (bad: ${bad.map(b => JSON.stringify(b)).join(', ')})`)
+    const wrong = config.BFF_TRUST_PROXY.split(',').filter(entry => !isProxyRange(entry))
+    if (wrong.length > 0) {
+      refuse('BFF_TRUST_PROXY', 'comma-separated addresses and CIDR ranges of the proxies (no hop count, no /0: a client reaching the gateway directly could then pick its own address)',
+        `bad: ${wrong.map(b => JSON.stringify(b)).join(', ')}`)
     }
   }
-  // A store named redis needs the Redis to talk to.
+  // A store named redis needs the Redis to talk to (a REDIS_URL refused above is named already).
   for (const name of ['BFF_RATE_LIMIT_STORE', 'BFF_CACHE_STORE', 'BFF_IDEMPOTENCY_STORE'] as const) {
-    if (config[name] === 'redis' && config.REDIS_URL === undefined) {
-      throw new ConfigError(`Invalid configuration: ${name}="redis" needs REDIS_URL: set REDIS_URL, or ${name}=memory`)
+    if (config[name] === 'redis' && config.REDIS_URL === undefined && !bad.has('REDIS_URL')) {
+      problems.push(`${name}="redis" needs REDIS_URL: set REDIS_URL, or ${name}=memory`)
     }
   }
-  if (config.BFF_AUDIT_ENABLED && config.BFF_AUDIT_STORE === 'postgres' && config.DATABASE_URL === undefined) {
-    throw new ConfigError('Invalid configuration: BFF_AUDIT_STORE=postgres needs DATABASE_URL')
+  if (config.BFF_AUDIT_ENABLED && config.BFF_AUDIT_STORE === 'postgres' && config.DATABASE_URL === undefined && !bad.has('DATABASE_URL')) {
+    problems.push('BFF_AUDIT_STORE=postgres needs DATABASE_URL')
   }
+  if (problems.length > 0) throw fail()
   return Object.freeze(config)
 }
 

@@ -241,3 +241,36 @@ t.test('an unknown BFF_ variable is named, with the known name nearest it', asyn
     'BFF_SOMETHING_ELSE_ENTIRELY'
   ])
 })
+
+t.test('a number is written in decimal digits: 0x10, 1e3, " 80", "80.0", "+80" are refused, naming the variable', async t => {
+  // Ajv's coercion read PORT=0x10 as 16, 1e3 as 1000, " 80", "+80" and "80.0" as 80.
+  for (const text of ['0x10', '1e3', ' 80', '80 ', '80.0', '+80', '0b11', '-0']) {
+    t.equal(errorOf({ PORT: text })?.message, `Invalid configuration: PORT=${JSON.stringify(text)} is invalid: expected an integer (0..65535) (written in decimal digits only)`, `PORT=${JSON.stringify(text)}`)
+  }
+  // Every numeric variable shares the parsing.
+  t.equal(errorOf({ BFF_BODY_LIMIT: '0x400' })?.message, 'Invalid configuration: BFF_BODY_LIMIT="0x400" is invalid: expected an integer (1..268435456) (written in decimal digits only)')
+  t.match(errorOf({ BFF_TRACE_SAMPLE_RATIO: '0x1' })?.message, /^Invalid configuration: BFF_TRACE_SAMPLE_RATIO="0x1" is invalid: expected .* \(written as a decimal number\)$/)
+  t.equal(loadConfig({ PORT: '080' }).PORT, 80, 'decimal digits, a leading zero too')
+  t.equal(loadConfig({ BFF_TRACE_SAMPLE_RATIO: '0.25' }).BFF_TRACE_SAMPLE_RATIO, 0.25)
+  t.equal(loadConfig({ BFF_TRACE_SAMPLE_RATIO: '1' }).BFF_TRACE_SAMPLE_RATIO, 1)
+})
+
+t.test('a blank HOST, or one with spaces, is refused at start-up, not at listen', async t => {
+  for (const host of [' ', '\t', ' 127.0.0.1', 'local host']) {
+    t.equal(errorOf({ HOST: host })?.message, `Invalid configuration: HOST=${JSON.stringify(host)} is invalid: expected address the gateway listens on, a host name or IP address (no spaces)`, `HOST=${JSON.stringify(host)}`)
+  }
+  t.equal(loadConfig({ HOST: '::' }).HOST, '::')
+})
+
+t.test('one error names the problems of every check at once, not one check at a time', async t => {
+  // The schema's refusals stopped start-up before the checks it cannot express ran: fixing
+  // PORT showed REDIS_URL, fixing that showed BFF_CORS_ORIGINS, and so on.
+  const err = errorOf({ PORT: 'abc', HOST: ' ', BFF_BODY_LIMIT: '1e3', REDIS_URL: 'redis://h:99999', BFF_CORS_ORIGINS: 'ftp://x', BFF_TRUST_PROXY: '0.0.0.0/0', BFF_AUDIT_STORE: 'postgres', BFF_JWT_PUBLIC_KEYS: 'not json' })
+  t.match(err?.message, /^Invalid configuration: /)
+  for (const name of ['PORT="abc"', 'HOST=" "', 'BFF_BODY_LIMIT="1e3"', 'REDIS_URL="redis://h:99999"', 'BFF_CORS_ORIGINS="ftp://x"', 'BFF_TRUST_PROXY="0.0.0.0/0"', 'BFF_AUDIT_STORE=postgres needs DATABASE_URL', 'BFF_JWT_PUBLIC_KEYS']) {
+    t.ok(err?.message.includes(name), `names ${name}`)
+  }
+  // A store that needs a REDIS_URL refused just above is not named again as needing one.
+  t.notMatch(errorOf({ REDIS_URL: 'redis://h:99999', BFF_CACHE_STORE: 'redis' })?.message, /needs REDIS_URL/)
+  t.match(errorOf({ PORT: 'abc', BFF_CACHE_STORE: 'redis' })?.message, /^Invalid configuration: PORT="abc" is invalid: .*; BFF_CACHE_STORE="redis" needs REDIS_URL/)
+})
