@@ -6,6 +6,7 @@ import Fastify from 'fastify'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { AddressInfo } from 'node:net'
 import { pathToFileURL } from 'node:url'
+import { INTEGER_TEXT, NUMBER_TEXT } from '../schemas/config.js'
 
 export interface KernelEvent { topic: string, tenantId: string, payload: unknown }
 
@@ -508,22 +509,27 @@ export function forwardEvents (
 
 async function main (): Promise<void> {
   const env = process.env
-  const port = Number(env.KERNEL_PORT ?? 4001)
-  if (!Number.isInteger(port) || port < 0 || port > 65535) {
-    console.error(`kernel: KERNEL_PORT must be an integer in 0..65535, got ${env.KERNEL_PORT}`)
-    process.exitCode = 1
-    return
-  }
-  const runDelayMs = env.KERNEL_RUN_DELAY_MS === undefined ? undefined : Number(env.KERNEL_RUN_DELAY_MS)
-  if (runDelayMs !== undefined && !(Number.isFinite(runDelayMs) && runDelayMs >= 0)) {
-    console.error(`kernel: KERNEL_RUN_DELAY_MS must be a number >= 0, got ${env.KERNEL_RUN_DELAY_MS}`)
+  // As the gateway reads its own (schemas/config.ts): decimal digits only (Number() took 0x10 as
+  // 16), an empty value is unset (Number('') was port 0, a random one), and every bad one is named.
+  const set = (name: string): string | undefined => env[name] === '' ? undefined : env[name]
+  const problems: string[] = []
+  const portText = set('KERNEL_PORT')
+  const port = portText === undefined ? 4001 : INTEGER_TEXT.test(portText) ? Number(portText) : NaN
+  if (!(port <= 65535)) problems.push(`KERNEL_PORT must be an integer in 0..65535, got ${portText} (decimal digits only)`)
+  const delayText = set('KERNEL_RUN_DELAY_MS')
+  const runDelayMs = delayText === undefined ? undefined : NUMBER_TEXT.test(delayText) ? Number(delayText) : NaN
+  if (runDelayMs !== undefined && !Number.isFinite(runDelayMs)) problems.push(`KERNEL_RUN_DELAY_MS must be a number >= 0, got ${delayText} (decimal digits only)`)
+  const host = set('KERNEL_HOST') ?? '127.0.0.1'
+  if (!/^\S+$/.test(host)) problems.push(`KERNEL_HOST must be a host name or IP address (no spaces), got ${JSON.stringify(host)}`)
+  if (problems.length > 0) {
+    console.error(`kernel: ${problems.join('; ')}`)
     process.exitCode = 1
     return
   }
   const eventsUrl = env.KERNEL_EVENTS_URL
   const kernel = await startKernel({
     port,
-    host: env.KERNEL_HOST ?? '127.0.0.1',
+    host,
     logger: env.KERNEL_LOGGER === 'true' || env.KERNEL_LOGGER === '1',
     runDelayMs,
     onEvent: eventsUrl === undefined || eventsUrl === '' ? undefined : forwardEvents(eventsUrl, env.BFF_INTERNAL_TOKEN)

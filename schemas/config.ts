@@ -108,8 +108,8 @@ const describe = (name: string): string => {
 }
 
 /** How a numeric variable is written: decimal digits (Ajv's coercion also took 0x10, 1e3, " 80", +80, 80.0). */
-const INTEGER_TEXT = /^[0-9]+$/
-const NUMBER_TEXT = /^(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)$/
+export const INTEGER_TEXT = /^[0-9]+$/
+export const NUMBER_TEXT = /^(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)$/
 
 /**
  * Reads and validates the configuration once. A bad value throws one ConfigError whose message

@@ -593,6 +593,18 @@ t.test('run directly: bad configuration stops it with a message', async (t) => {
   t.match(badDelay.stderr, /KERNEL_RUN_DELAY_MS must be a number >= 0, got -1/)
 })
 
+t.test('run directly: a port or delay not in decimal digits, or a blank host, is refused, every one in one line', async (t) => {
+  // Number() read KERNEL_PORT=0x10 as 16 and 1e3 as 1000, and KERNEL_HOST=' ' failed at listen.
+  // A Kernel that starts all the same is stopped, and the test fails on what it printed.
+  const stop = (text: string, kill: (signal: NodeJS.Signals) => void): void => { if (text.includes('kernel listening on')) kill('SIGTERM') }
+  const bad = await runMain({ KERNEL_PORT: '0x10', KERNEL_RUN_DELAY_MS: '1e3', KERNEL_HOST: ' ' }, stop)
+  t.equal(bad.code, 1)
+  t.match(bad.stderr, /^kernel: KERNEL_PORT must be an integer in 0\.\.65535, got 0x10 \(decimal digits only\); KERNEL_RUN_DELAY_MS must be a number >= 0, got 1e3 \(decimal digits only\); KERNEL_HOST must be a host name or IP address \(no spaces\), got " "$/m)
+  for (const port of [' 80', '+80', '80.0']) {
+    t.match((await runMain({ KERNEL_PORT: port }, stop)).stderr, `KERNEL_PORT must be an integer in 0..65535, got ${port} (decimal digits only)`, `KERNEL_PORT=${JSON.stringify(port)}`)
+  }
+})
+
 // The manifest must describe what the Kernel really does: validate real answers against the
 // output schemas and sample inputs against the input schemas.
 interface ManifestOperation {
