@@ -112,14 +112,22 @@ export class Connection {
     this.disarmExpiry = atExpiry(this.identity.expiresAt, () => this.close(4401, 'expired', 'The token has expired'))
   }
 
-  /** Sends a frame unless the client has stopped reading: then the connection ends with 1013. */
+  /**
+   * Sends a frame unless it would take the bytes queued for the client past the bound: the
+   * client has stopped reading, and the connection ends with 1013 instead. The frame is counted
+   * before it is queued (checked after, the bound was passed by the frame that crossed it, of
+   * any size), in UTF-8 bytes: ws queues a text frame's string, which it counts in characters.
+   * A frame larger than the bound alone still goes out on a socket that holds nothing.
+   */
   private send (text: string): void {
     if (this.closing) return
-    if (this.socket.bufferedAmount > this.face.limits.maxBufferedBytes) {
+    const frame = Buffer.from(text)
+    const queued = this.socket.bufferedAmount
+    if (queued > 0 && queued + frame.length > this.face.limits.maxBufferedBytes) {
       this.close(CLOSE_SLOW_READER, 'slow_reader', SLOW_READER)
       return
     }
-    this.socket.send(text)
+    this.socket.send(frame, { binary: false })
     this.face.counters.frameOut()
   }
 

@@ -1,5 +1,6 @@
 import t from 'tap'
 import type { Socket } from 'node:net'
+import type { WebSocket } from 'ws'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { startTestKernel, testManifest, json, bearer, until, drained } from '../helper.js'
 import { wsApp, connect, refusedUpgrade, run, rawUpgrade } from './websocket-helper.js'
@@ -168,6 +169,47 @@ t.test('a client that does not read is closed with 1013 instead of buffering wit
   t.ok(received > 0)
   await sleep(20)
   t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_websocket_closes_total\{reason="slow_reader"\} 1/)
+})
+
+t.test('the bound on bytes queued for a client holds exactly: the frame that would pass it closes the connection instead', async t => {
+  // Checked before each frame but without it, the bound was passed by the frame that crossed
+  // it, of any size; and a queued text frame was counted in characters, not UTF-8 bytes.
+  const max = 256 * 1024
+  const { app, url } = await wsApp(t, { settings: { maxBufferedBytes: max } })
+  const opened = new Promise<WebSocket>(resolve => app.websocketServer.once('connection', resolve))
+  const slow = await connect(t, url, { roles: ['viewer'] })
+  const server = await opened
+  await slow.request({ id: 's', subscribe: 'runUpdated' })
+  let peak = 0
+  const send = server.send.bind(server)
+  server.send = ((...args: Parameters<typeof send>) => {
+    send(...args)
+    peak = Math.max(peak, server.bufferedAmount)
+  }) as typeof server.send
+  const socket = (slow.ws as unknown as { _socket: Socket })._socket
+  socket.pause()
+  // Two UTF-8 bytes a character.
+  const big = 'é'.repeat(30 * 1024)
+  for (let i = 0; i < 1000 && app.events.bus.subscriptions === 1; i++) {
+    await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run(`r${i}`, { output: big }) })
+    await sleep(0)
+  }
+  t.equal(app.events.bus.subscriptions, 0, 'the slow reader was closed')
+  t.ok(peak > 0, 'frames were queued')
+  t.ok(peak <= max, `at most ${max} bytes queued, the peak was ${peak}`)
+  socket.resume()
+  t.same(await slow.closed, { code: 1013, reason: 'The client does not read its frames' })
+})
+
+t.test('a frame larger than the bound alone still reaches a client that reads', async t => {
+  const { app, url } = await wsApp(t, { settings: { maxBufferedBytes: 1024 } })
+  const client = await connect(t, url, { roles: ['viewer'] })
+  await client.request({ id: 's', subscribe: 'runUpdated' })
+  for (const i of [1, 2]) {
+    await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run(`r${i}`, { output: 'x'.repeat(4096) }) })
+    t.match(await client.next(), { event: 'runUpdated', data: { id: `r${i}` } }, `event ${i}`)
+  }
+  t.equal(client.ws.readyState, client.ws.OPEN)
 })
 
 t.test('heartbeats drop a peer that does not answer pings', async t => {
