@@ -51,6 +51,15 @@ export const DEFAULT_SETTINGS: Readonly<TrpcFaceSettings> = Object.freeze({
 
 /** 4401: the token is missing, refused or expired (the /ws face uses the same code). */
 const CLOSE_UNAUTHENTICATED = 4401
+/** 4400: a message the protocol does not define (graphql-transport-ws closes so on /graphql). */
+const CLOSE_BAD_MESSAGE = 4400
+
+/** Why a connectionParams message tRPC could not read (PARSE_ERROR) closes its socket: never its text. */
+function unreadableParams (error: TRPCError): string {
+  return error.cause instanceof SyntaxError
+    ? 'The connectionParams message is not JSON'
+    : 'The connectionParams message must be {"method":"connectionParams","data":{<name>:<string>}}'
+}
 
 interface Wildcard { '*'?: string }
 
@@ -280,6 +289,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       const authenticated = new WeakSet<WebSocket>()
       // The credentials each upgrade carried (its header or ?access_token=), read by its check.
       const upgrades = new WeakMap<IncomingMessage, string | undefined>()
+      // Sockets whose connectionParams (?connectionParams=1) tRPC has not taken yet: until then
+      // an error without a context is tRPC's refusal of that first message.
+      const awaiting = new WeakMap<IncomingMessage, WebSocket>()
       const onConnection = getWSConnectionHandler({
         router,
         wss: app.websocketServer,
@@ -289,6 +301,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         // without a valid token gets the error, then is closed with 4401; a valid one is closed
         // with 4401 when its token expires, and wsLink reconnects with a fresh token.
         createContext: ({ req, res: socket, info }) => {
+          awaiting.delete(req)
           const ctx = socketContext(socket, upgrades.get(req), info.connectionParams)
           let expiresAt: number
           try {
@@ -305,7 +318,15 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           socket.once('close', disarm)
           return ctx
         },
-        onError: ({ error }) => {
+        onError: ({ error, ctx, req }) => {
+          // A connectionParams message that is not JSON, or not an object of strings: tRPC sends
+          // its error, then closes without a code (1005, a network drop to wsLink). Closed first
+          // with 4400 and why, as /graphql closes on a message its protocol does not define.
+          const socket = awaiting.get(req)
+          if (socket !== undefined && ctx === undefined && error.code === 'PARSE_ERROR') {
+            awaiting.delete(req)
+            setImmediate(() => socket.close(CLOSE_BAD_MESSAGE, unreadableParams(error)))
+          }
           if (isInternal(error)) app.log.error({ err: error.cause ?? error }, 'unexpected error on a tRPC WebSocket')
         }
       })
@@ -333,6 +354,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           }, limits.authTimeoutMs)
           timer.unref()
           socket.once('close', () => clearTimeout(timer))
+          if (awaitsParams(request)) awaiting.set(request.raw, socket)
           onConnection(socket, request.raw)
         }
       })

@@ -344,6 +344,41 @@ t.test('WebSocket: a connection without a valid token is refused and closed', as
   t.equal(plain.statusCode, 404, 'plain GET /trpc is not a procedure')
 })
 
+t.test('WebSocket: a connectionParams message tRPC cannot read gets its error, then a close with 4400 and why', async t => {
+  const lines: string[] = []
+  const app = await buildDemoApp(t, { LOG_LEVEL: 'info', BFF_BODY_LIMIT: 64 * 1024 }, { logger: undefined, logStream: { write: (line: string) => { lines.push(line) } } })
+  const port = await listen(app)
+  const notJson = 'The connectionParams message is not JSON'
+  const badShape = 'The connectionParams message must be {"method":"connectionParams","data":{<name>:<string>}}'
+  for (const [what, message, reason] of [
+    ['not JSON', 'not json at all {{ secret-junk', notJson],
+    ['a JSON array', '[1,2]', badShape],
+    ['no data', '{"method":"connectionParams"}', badShape],
+    ['data not an object', '{"method":"connectionParams","data":"x"}', badShape],
+    ['a value not a string', '{"method":"connectionParams","data":{"token":5}}', badShape],
+    ['many values not strings', JSON.stringify({ method: 'connectionParams', data: Object.fromEntries(Array.from({ length: 2000 }, (_, i) => [`secret-key-${i}`, i])) }), badShape]
+  ] as const) {
+    const socket = new WebSocket(`ws://127.0.0.1:${port}/trpc?connectionParams=1`)
+    t.teardown(() => socket.terminate())
+    const messages: unknown[] = []
+    socket.on('message', (data: Buffer) => messages.push(JSON.parse(data.toString())))
+    const closed = new Promise<[number, string]>(resolve => socket.on('close', (code: number, why: Buffer) => resolve([code, why.toString()])))
+    await new Promise<void>((resolve, reject) => { socket.once('open', resolve); socket.once('error', reject) })
+    socket.send(message)
+    // Before, tRPC closed it without a code: 1005, which wsLink takes for a network drop.
+    t.same(await closed, [4400, reason], `${what}: 4400 and why`)
+    t.match(messages, [{ id: null, error: { data: { code: 'VALIDATION_FAILED', httpStatus: 400 } } }], `${what}: its error first`)
+  }
+  // A well-formed one still authenticates the socket.
+  const good = await rawSocket(t, port, '/trpc?connectionParams=1')
+  good.socket.send(JSON.stringify({ method: 'connectionParams', data: { token: token() } }))
+  good.socket.send(JSON.stringify({ id: 1, method: 'query', params: { path: 'getAgent', input: { id: 'a1' } } }))
+  await until('an answer', () => good.messages.length === 1)
+  t.match(good.messages[0], { id: 1, result: { data: { id: 'a1' } } })
+  t.same(lines.filter(line => JSON.parse(line).level >= 50), [], 'nothing logged at error')
+  t.notOk(lines.some(line => line.includes('secret-')), 'no client text in the log')
+})
+
 t.test('WebSocket: an upgrade with a Host tRPC makes no URL of is refused 400, as an HTTP call is', async t => {
   const app = await buildDemoApp(t)
   const port = await listen(app)
