@@ -54,6 +54,12 @@ const CLOSE_UNAUTHENTICATED = 4401
 /** 4400: a message the protocol does not define (graphql-transport-ws closes so on /graphql). */
 const CLOSE_BAD_MESSAGE = 4400
 
+/** Whether an error is ws' refusal of a client's frame (its codes are all `WS_ERR_*`). */
+function refusedByWs (cause: unknown): boolean {
+  const code = (cause as { code?: unknown } | null | undefined)?.code
+  return cause instanceof Error && typeof code === 'string' && code.startsWith('WS_ERR_')
+}
+
 /** Why a connectionParams message tRPC could not read (PARSE_ERROR) closes its socket: never its text. */
 function unreadableParams (error: TRPCError): string {
   return error.cause instanceof SyntaxError
@@ -327,7 +333,10 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
             awaiting.delete(req)
             setImmediate(() => socket.close(CLOSE_BAD_MESSAGE, unreadableParams(error)))
           }
-          if (isInternal(error)) app.log.error({ err: error.cause ?? error }, 'unexpected error on a tRPC WebSocket')
+          // A frame ws refused (over BFF_BODY_LIMIT, invalid UTF-8, a bad opcode) is the client's
+          // fault, and ws has closed the socket with its code (1009, 1007, 1002): not logged, as
+          // on /ws. tRPC hands it on as an INTERNAL_SERVER_ERROR, which was logged at error.
+          if (isInternal(error) && !refusedByWs(error.cause)) app.log.error({ err: error.cause ?? error }, 'unexpected error on a tRPC WebSocket')
         }
       })
       app.route({

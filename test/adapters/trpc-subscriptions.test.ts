@@ -369,12 +369,21 @@ t.test('WebSocket: a connectionParams message tRPC cannot read gets its error, t
     t.same(await closed, [4400, reason], `${what}: 4400 and why`)
     t.match(messages, [{ id: null, error: { data: { code: 'VALIDATION_FAILED', httpStatus: 400 } } }], `${what}: its error first`)
   }
+  // Frames ws refuses itself close with its code, and are not the gateway's error to log.
+  const huge = await rawSocket(t, port, '/trpc?connectionParams=1')
+  huge.socket.send(JSON.stringify({ method: 'connectionParams', data: { token: 'x'.repeat(100 * 1024) } }))
+  t.equal(await huge.closed, 1009, 'over the body limit: 1009')
+  const garbled = await rawSocket(t, port, '/trpc?connectionParams=1')
+  garbled.socket.send(Buffer.from([0x7b, 0xff, 0xfe, 0x7d]), { binary: false })
+  t.equal(await garbled.closed, 1007, 'invalid UTF-8: 1007')
+
   // A well-formed one still authenticates the socket.
   const good = await rawSocket(t, port, '/trpc?connectionParams=1')
   good.socket.send(JSON.stringify({ method: 'connectionParams', data: { token: token() } }))
   good.socket.send(JSON.stringify({ id: 1, method: 'query', params: { path: 'getAgent', input: { id: 'a1' } } }))
   await until('an answer', () => good.messages.length === 1)
   t.match(good.messages[0], { id: 1, result: { data: { id: 'a1' } } })
+  // Before, each frame ws refused was logged at error as 'unexpected error on a tRPC WebSocket'.
   t.same(lines.filter(line => JSON.parse(line).level >= 50), [], 'nothing logged at error')
   t.notOk(lines.some(line => line.includes('secret-')), 'no client text in the log')
 })
