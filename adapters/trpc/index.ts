@@ -137,14 +137,15 @@ const EARLY_REFUSALS: ReadonlySet<TRPCError['code']> = new Set(['PARSE_ERROR', '
  * Problem headers (Retry-After) of the errors in a response, for the HTTP response itself.
  * Of a batch's several refusals, the one that asks the longest wait has the last word (its
  * Retry-After and RateLimit-*): a client that waits less is refused again.
- * A request tRPC could not read at all (`info` absent) gets its error without a content type:
- * it is JSON like every other.
+ * Every answer but a streamed one (jsonl, SSE) is JSON, and says so: tRPC sets no content type
+ * on an error it answers for the whole request (one it could not read, a stream request that is
+ * no batch), which went out as text/plain.
  */
 function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TRPCError[], ctx: TrpcContext | undefined, eager: boolean): { headers?: Record<string, string> } {
   // tRPC answers the calls' one status, else 207: a 401 only when every call was refused so.
   const unauthorized = errors.length === (info?.calls.length ?? errors.length) && errors.every(e => e instanceof ProblemError && e.problem.status === 401)
   const refused = refusalHeaders(errors.map(error => error instanceof ProblemError ? error.headers : null), info?.isBatchCall !== true, unauthorized)
-  let headers: Record<string, string> | undefined = info === undefined ? { ...JSON_TYPE, ...refused } : refused ?? undefined
+  let headers: Record<string, string> | undefined = eager ? refused ?? undefined : { ...JSON_TYPE, ...refused }
   // The cache's outcome of each call, in the calls' order, `-` for a call without one. Not on a
   // streamed answer, whose headers leave before its results are known.
   const cache = ctx?.cache

@@ -274,6 +274,8 @@ t.test('raw HTTP: the ugly cases are 4xx tRPC errors with contract codes, never 
     ['GET on a mutation', { url: '/trpc/putItem' }, 405, 'BAD_REQUEST', /Unsupported GET-request to mutation/],
     ['POST on a query', { method: 'POST', url: '/trpc/getItem', headers: jsonHeaders, payload: '{}' }, 405, 'BAD_REQUEST'],
     ['mixed batch', { url: '/trpc/getItem,putItem?batch=1' }, 400, 'BAD_REQUEST', /Cannot mix procedure types/],
+    // httpBatchStreamLink's header on a call that is no batch: tRPC answered text/plain.
+    ['a stream request not batched', { url: `/trpc/getItem?input=${input({ id: 'i1' })}`, headers: { ...h, 'trpc-accept': 'application/jsonl' } }, 400, 'BAD_REQUEST', /must be batched/],
     ['oversized batch', { url: '/trpc/getItem,getItem,getItem,getItem,getItem,getItem?batch=1' }, 413, 'PAYLOAD_TOO_LARGE', /at most 5 calls/],
     // tRPC decodes the path once more before it splits it at commas: %252C is a comma to it.
     ['oversized batch, commas encoded twice', { url: '/trpc/' + Array(6).fill('getItem').join('%252C') + '?batch=1' }, 413, 'PAYLOAD_TOO_LARGE', /at most 5 calls/],
