@@ -112,8 +112,8 @@ export interface BuildOptions {
   rateLimit?: { now?: () => number, retryRedisMs?: number, memoryMaxKeys?: number }
   /** Audit timings (tests shorten them). */
   audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number, probeIntervalMs?: number }
-  /** Events timings (tests shorten them). */
-  events?: { probeIntervalMs?: number }
+  /** Events timings and bound (tests shorten them). */
+  events?: { probeIntervalMs?: number, maxSubscriptions?: number }
   /** Load-shedding sample interval in ms (default 1000; tests shorten it). */
   pressureSampleIntervalMs?: number
   /** /diagz: one call in `stageSampleEvery` is timed per stage (default 8; tests time every call). */

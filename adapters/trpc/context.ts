@@ -35,6 +35,11 @@ export interface TrpcContext {
    * call had one yet); the response's `x-cache` lists them (responseMeta).
    */
   cache: Array<CacheOutcome | undefined> | null
+  /**
+   * An SSE subscription's refusal, made before its stream began: its headers (Retry-After) go on
+   * the response, which tRPC sends as a 200 stream whose one event is the error (null: none).
+   */
+  refused: Record<string, string> | null
 }
 
 /** connectionParams may carry `{ token }` (a bare JWT) or `{ authorization: "Bearer ..." }`. */
@@ -62,7 +67,8 @@ export function httpContext (request: FastifyRequest, connectionParams: Readonly
     socket: null,
     inFlight: 0,
     subscriptions: 0,
-    cache: null
+    cache: null,
+    refused: null
   }
 }
 
@@ -103,6 +109,7 @@ export function socketContext (socket: WebSocket, upgrade: string | undefined, c
     socket,
     inFlight: 0,
     subscriptions: 0,
-    cache: null
+    cache: null,
+    refused: null
   }
 }

@@ -145,7 +145,10 @@ function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TR
   // tRPC answers the calls' one status, else 207: a 401 only when every call was refused so.
   const unauthorized = errors.length === (info?.calls.length ?? errors.length) && errors.every(e => e instanceof ProblemError && e.problem.status === 401)
   const refused = refusalHeaders(errors.map(error => error instanceof ProblemError ? error.headers : null), info?.isBatchCall !== true, unauthorized)
-  let headers: Record<string, string> | undefined = eager ? refused ?? undefined : { ...JSON_TYPE, ...refused }
+  // An SSE subscription refused before its stream began (a 200, its error the one event): the
+  // refusal's Retry-After and RateLimit-* on the response, as on every other refusal.
+  const subscription = eager && ctx?.refused != null ? refusalHeaders([ctx.refused], true, false) : null
+  let headers: Record<string, string> | undefined = eager ? subscription ?? refused ?? undefined : { ...JSON_TYPE, ...refused }
   // The cache's outcome of each call, in the calls' order, `-` for a call without one. Not on a
   // streamed answer, whose headers leave before its results are known.
   const cache = ctx?.cache

@@ -104,8 +104,12 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       try {
         identity = app.identify(ctx.authorization)
         app.events.bus.authorize(name, identity)
+        // The bus checks its bound again at the first pull, once the SSE response's headers are out.
+        app.events.bus.checkRoom()
       } catch (err) {
-        throw ProblemError.from(err, requestId)
+        const error = ProblemError.from(err, requestId)
+        if (ctx.socket === null) ctx.refused = error.headers
+        throw error
       }
       // Over WebSocket the connection itself closes when its token expires (adapters/trpc/index.ts).
       const socket = ctx.socket

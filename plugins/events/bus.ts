@@ -69,10 +69,18 @@ export class EventBus {
     return def
   }
 
+  /**
+   * OVERLOADED when this instance holds its most subscriptions, as `subscribe` would refuse: for
+   * a face that answers before its subscription starts (an SSE response's status and headers).
+   */
+  checkRoom (): void {
+    if (this.count >= this.maxSubscriptions) throw new MantleError('OVERLOADED', 'Too many event subscriptions on this instance', { headers: { 'retry-after': '5' } })
+  }
+
   subscribe (name: string, tenant: string, listener: Listener): () => void {
     const byTenant = this.listeners.get(name)
     if (byTenant === undefined) throw new MantleError('NOT_FOUND', `No event ${name}`)
-    if (this.count >= this.maxSubscriptions) throw new MantleError('OVERLOADED', 'Too many event subscriptions on this instance', { headers: { 'retry-after': '5' } })
+    this.checkRoom()
     let set = byTenant.get(tenant)
     if (set === undefined) {
       set = new Set()

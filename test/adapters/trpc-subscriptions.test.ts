@@ -163,6 +163,29 @@ t.test('SSE: the token may come in connectionParams; refusals are the subscripti
   t.match(raw.json(), { error: { data: { code: 'NOT_FOUND', httpStatus: 404 } } })
 })
 
+t.test('SSE: a subscription refused because the instance holds its most subscriptions carries Retry-After, as every refusal', async t => {
+  const app = await buildDemoApp(t, {}, { events: { maxSubscriptions: 1 } })
+  const port = await listen(app)
+  const first = watch(sse(port, { headers: bearer({ roles: ['viewer'] }) }), t)
+  await until('the first subscription', () => first.started && app.events.bus.subscriptions === 1)
+  const controller = new AbortController()
+  t.teardown(() => controller.abort())
+  const res = await fetch(`http://127.0.0.1:${port}/trpc/runUpdated`, { headers: { ...bearer({ roles: ['viewer'] }), accept: 'text/event-stream' }, signal: controller.signal })
+  // A 200 stream whose one event is the error, which is what httpSubscriptionLink reads.
+  t.equal(res.status, 200)
+  // Before, the bus refused it at the stream's first pull, the headers already sent: none.
+  t.equal(res.headers.get('retry-after'), '5', 'the refusal\'s wait on the response')
+  t.equal(res.headers.get('www-authenticate'), null)
+  const reader = res.body!.getReader()
+  let text = ''
+  while (!text.includes('serialized-error')) {
+    const chunk = await reader.read()
+    if (chunk.done) break
+    text += Buffer.from(chunk.value).toString()
+  }
+  t.match(text, /"code":"OVERLOADED","httpStatus":503,.*"retryAfter":5/)
+})
+
 t.test('SSE: a subscription ends with UNAUTHENTICATED when its token expires', async t => {
   const app = await buildDemoApp(t)
   const port = await listen(app)
