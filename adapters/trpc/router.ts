@@ -73,6 +73,8 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       try {
         const key = ctx.keyPerCall ? callKey(ctx.idempotencyKey, String(batchIndex ?? 0)) : ctx.idempotencyKey
         const outcome = await runCall(app, { requestId, protocol: 'trpc', op: name, input, authorization: ctx.authorization, traceparent: ctx.traceparent, idempotencyKey: key, memo: ctx.memo, refusal })
+        // Counted as calls complete, not in the batch's order (README): a streamed batch sends each
+        // result as it comes, and waiting for the calls before it would hold every result back.
         const result = ctx.answer?.admit(outcome, op.type === 'query', requestId) ?? outcome
         // The answer, or the error, goes out next (tRPC's respond() sends it whatever the socket
         // holds), so the bound is checked again here: the calls of a batch all start on the same
