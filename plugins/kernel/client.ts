@@ -262,6 +262,13 @@ export class KernelClient {
     else if (!await this.connection(deadline)) {
       deadline.clear()
       return queuedOut
+    } else if (remaining - (performance.now() - deadline.start) < MIN_SEND_MS) {
+      // Handed a connection with its time (nearly) gone: calls of a burst share about one
+      // deadline, and the holder that timed out hands its connection on before the next one's
+      // timer fires. Sent, that call was aborted while undici reconnected: a Kernel timeout.
+      deadline.clear()
+      this.releaseConnection()
+      return queuedOut
     }
     try {
       const request = this.pool.request({ method, path, headers, body, signal: deadline as unknown as EventEmitter })
@@ -271,8 +278,14 @@ export class KernelClient {
       try {
         res = await Promise.race([request, deadline.expiry()])
       } catch (err) {
+        if (!deadline.aborted) throw err
         // Given up on: should undici still answer it, its body is let go (the socket is freed).
-        if (deadline.aborted) request.then(late => { late.body.destroy() }, noop)
+        let settled = false
+        request.then(late => { settled = true; late.body.destroy() }, () => { settled = true })
+        // undici fails a request it had written within microtasks of the abort; one still waiting
+        // for its connection to open it holds until then: that one never reached the Kernel.
+        await new Promise(resolve => setImmediate(resolve))
+        if (!settled) return queuedOut
         throw err
       }
       const status = res.statusCode
@@ -362,6 +375,7 @@ function handedOn (): void {}
  */
 class Deadline {
   aborted = false
+  readonly start = performance.now()
   private listener: (() => void) | null = null
   private reject: ((err: Error) => void) | null = null
   private readonly timer: NodeJS.Timeout
@@ -409,8 +423,9 @@ function fire (deadline: Deadline): void {
 const timedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined }
 /** An attempt whose deadline passed while it waited for a connection: never sent. */
 const queuedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined }
+/** Less time left than this once handed a connection: the call gives up unsent (a queue timeout). */
+const MIN_SEND_MS = 10
 const DEADLINE_PASSED = new Error('the attempt\'s deadline passed')
-const noop = (): void => {}
 
 /**
  * A path parameter as one segment of the Kernel's path. encodeURIComponent leaves `.` and `..`

@@ -669,6 +669,25 @@ t.test('calls whose time runs out waiting for a connection: no connection torn d
   t.match((await app.inject({ url: '/metrics' })).body, /mantle_kernel_rejected_total\{reason="queue_timeout"\} 5/)
 })
 
+// Calls of a burst share about one deadline: the holder that timed out handed its connection on
+// before the next one's timer fired, and that call went out with no time left, was aborted while
+// undici reconnected, and counted as a Kernel timeout. Three such calls opened the breaker on a
+// Kernel that answered each request in 100 ms.
+t.test('calls of a burst handed a connection as their time runs out are queue timeouts, not Kernel timeouts', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/items/b1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'b1' }), 100) } })
+  const manifest = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 250 }
+  }, { retries: 0, connections: 1, maxInFlight: 100, circuitBreaker: { threshold: 3, resetTimeoutMs: 60_000 } })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const res = await Promise.all(Array.from({ length: 6 }, async () => await app.inject({ url: '/api/v1/items/b1', headers: bearer() })))
+  t.same(res.map(r => r.statusCode), [200, 200, 504, 504, 504, 504])
+  t.equal(hits(kernel, '/v1/items/b1'), 3, 'the third went out with 50 ms left; the last three never did')
+  t.equal(app.kernel.breakerState(), 'closed', 'one Kernel timeout, not four')
+  const metrics = (await app.inject({ url: '/metrics' })).body.split('\n')
+  t.same(metrics.filter(l => /^mantle_kernel_(rejected_total\{reason="queue_timeout"\}|request_duration_seconds_count\{op="getItem",outcome="timeout"\}) /.test(l)).sort(),
+    ['mantle_kernel_rejected_total{reason="queue_timeout"} 3', 'mantle_kernel_request_duration_seconds_count{op="getItem",outcome="timeout"} 1'])
+})
+
 t.test('an empty path parameter is 400, never another Kernel route', async t => {
   // DELETE /v1/items/{id} with id "" was DELETE /v1/items/, the collection to a Kernel that
   // ignores trailing slashes; REST refuses the empty segment itself, the other faces did not.
