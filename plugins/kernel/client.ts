@@ -237,7 +237,10 @@ export class KernelClient {
         this.breaker?.failure(permit)
         if (result.outcome !== 'timeout' && idempotent && attempt < this.retries) {
           const wait = Math.random() * Math.min(this.backoff.capMs, this.backoff.baseMs * 2 ** attempt)
-          if (deadline - performance.now() - wait > 1) {
+          // Only with at least the failed attempt's own time left after the backoff: a retry sent
+          // with a few ms left could not be answered in time, and turned the 5xx into a timeout.
+          const now = performance.now()
+          if (deadline - now - wait >= Math.max(1, now - started)) {
             if (this.budget!.withdraw()) {
               metrics.retry()
               await sleep(wait)

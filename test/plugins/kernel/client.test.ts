@@ -185,6 +185,19 @@ t.test('a Kernel 5xx on a GET is retried, then surfaces as 502 KERNEL_ERROR', as
   t.equal(hits(kernel, '/v1/items/e1'), 3, 'one call and two retries')
 })
 
+// A retry went out whenever more than 1 ms was left after the backoff: it could not be answered
+// in time, loaded the Kernel, added a breaker failure and turned the 502 into a 504.
+t.test('a 5xx is not retried with less time left than the failed attempt took: the 502 is answered', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/items/e2': (_req, res) => { setTimeout(() => json(res, 500, {}), 200) } })
+  const manifest = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 300 }
+  }, { retries: 2, circuitBreaker: { threshold: 100, resetTimeoutMs: 1000 } })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url, kernelBackoff: { baseMs: 1, capMs: 1 } })
+  const res = await app.inject({ url: '/api/v1/items/e2', headers: bearer() })
+  t.match([res.statusCode, res.json().code], [502, 'KERNEL_ERROR'])
+  t.equal(hits(kernel, '/v1/items/e2'), 1, 'no retry with about 100 ms left after a 200 ms attempt')
+})
+
 t.test('a GET that fails once and then succeeds answers 200', async t => {
   const { app, kernel } = await setup(t)
   let n = 0
