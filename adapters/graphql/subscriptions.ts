@@ -6,7 +6,7 @@ import type { EventDefinition } from '../../manifest.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors.js'
 import { fieldError } from './errors.js'
-import { slowReader } from '../slow-reader.js'
+import { boundSends, slowReader } from '../slow-reader.js'
 import { upgradeAuthorization } from '../upgrade.js'
 import { atExpiry } from '../expiry.js'
 
@@ -343,6 +343,8 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
      *   place that reads each message's type.
      */
     guard (socket, initialised) {
+      // Every frame mercurius and this screen send is held to the bound exactly (see boundSends).
+      boundSends(socket)
       const transport = socket.protocol === 'graphql-transport-ws'
       const subscribe = transport ? 'subscribe' : 'start'
       const complete = transport ? 'complete' : 'stop'

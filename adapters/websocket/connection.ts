@@ -7,7 +7,7 @@ import { MantleError, toProblem } from '../../errors.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame, type AuthFrame } from './frames.js'
 import type { CloseReason, WebSocketCounters } from './metrics.js'
-import { CLOSE_SLOW_READER, SLOW_READER } from '../slow-reader.js'
+import { CLOSE_SLOW_READER, SLOW_READER, boundedFrame } from '../slow-reader.js'
 import { atExpiry } from '../expiry.js'
 
 /** Per-connection bounds (WebSocketFaceSettings in index.ts documents each). */
@@ -113,17 +113,13 @@ export class Connection {
   }
 
   /**
-   * Sends a frame unless it would take the bytes queued for the client past the bound: the
-   * client has stopped reading, and the connection ends with 1013 instead. The frame is counted
-   * before it is queued (checked after, the bound was passed by the frame that crossed it, of
-   * any size), in UTF-8 bytes: ws queues a text frame's string, which it counts in characters.
-   * A frame larger than the bound alone still goes out on a socket that holds nothing.
+   * Sends a frame unless it would take the bytes queued for the client past the bound (see
+   * boundedFrame): the client has stopped reading, and the connection ends with 1013 instead.
    */
   private send (text: string): void {
     if (this.closing) return
-    const frame = Buffer.from(text)
-    const queued = this.socket.bufferedAmount
-    if (queued > 0 && queued + frame.length > this.face.limits.maxBufferedBytes) {
+    const frame = boundedFrame(this.socket, text, this.face.limits.maxBufferedBytes)
+    if (frame === null) {
       this.close(CLOSE_SLOW_READER, 'slow_reader', SLOW_READER)
       return
     }

@@ -1,6 +1,7 @@
 import t from 'tap'
 import { WebSocket } from 'ws'
 import { buildDemoApp, token, until } from '../helper.js'
+import { peakBuffered } from './websocket-helper.js'
 
 // What a graphql-transport-ws client may send wrong on /graphql, and what it gets back. The face
 // screens `subscribe` and `complete` messages before mercurius reads them
@@ -125,4 +126,29 @@ t.test('a client that does not read its frames is closed with 1013 once the sock
   }
   await until(() => server.readyState !== WebSocket.OPEN, 'the server to close the socket', 20_000)
   t.ok(server.bufferedAmount < 8 * 1024 * 1024, `the server holds ${server.bufferedAmount} bytes`)
+})
+
+t.test('the bound on bytes queued for a client holds exactly: the frame that would pass it closes the socket instead', async t => {
+  // Checked before each message but without the answer it brings, the bound was passed by the
+  // frame that crossed it, of any size (4,305,924 counted for 4,194,304); and ws counted a
+  // queued text frame in characters, not UTF-8 bytes (8,196,680 bytes queued).
+  const { app, port } = await listen(t)
+  const c = await open(t, port)
+  const server = [...app.websocketServer.clients][0]
+  const peaked = peakBuffered(server)
+  const socket = (c.ws as unknown as { _socket: { pause: () => void, resume: () => void } })._socket
+  socket.pause()
+  // Each refusal echoes the id: two UTF-8 bytes a character.
+  const junk = JSON.stringify({ type: 'subscribe', id: 'é'.repeat(200 * 1024), payload: { query: '{' } })
+  for (let sent = 0; sent < 200 && server.readyState === WebSocket.OPEN; sent++) {
+    c.ws.send(junk)
+    await new Promise(resolve => setTimeout(resolve, 5))
+  }
+  await until(() => server.readyState !== WebSocket.OPEN, 'the server to close the socket', 20_000)
+  const peak = peaked()
+  t.ok(peak > 0, 'frames were queued')
+  t.ok(peak <= 4 * 1024 * 1024, `at most 4 MiB queued, the peak was ${peak}`)
+  socket.resume()
+  await until(() => c.closed() !== null, 'the close', 20_000)
+  t.same(c.closed(), [1013, 'The client does not read its frames'])
 })

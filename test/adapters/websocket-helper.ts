@@ -224,3 +224,14 @@ export function run (id: string, extra: Record<string, unknown> = {}): Record<st
   const at = '2026-01-01T00:00:00.000Z'
   return { id, agentId: 'a1', status: 'running', temperature: 0.7, promptChars: 5, output: null, error: null, createdAt: at, updatedAt: at, startedAt: at, finishedAt: null, internalCost: 42, ...extra }
 }
+
+/** The most bytes `server` has held for its client after any send from now on (ws' bufferedAmount). */
+export function peakBuffered (server: WebSocket): () => number {
+  let peak = 0
+  const send = server.send.bind(server)
+  server.send = ((...args: Parameters<typeof send>) => {
+    send(...args)
+    peak = Math.max(peak, server.bufferedAmount)
+  }) as typeof server.send
+  return () => peak
+}

@@ -3,7 +3,7 @@ import type { Socket } from 'node:net'
 import type { WebSocket } from 'ws'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { startTestKernel, testManifest, json, bearer, until, drained } from '../helper.js'
-import { wsApp, connect, refusedUpgrade, run, rawUpgrade } from './websocket-helper.js'
+import { wsApp, connect, refusedUpgrade, run, rawUpgrade, peakBuffered } from './websocket-helper.js'
 
 t.test('junk frames get a VALIDATION_FAILED error frame and the connection lives on', async t => {
   const { url } = await wsApp(t)
@@ -180,12 +180,7 @@ t.test('the bound on bytes queued for a client holds exactly: the frame that wou
   const slow = await connect(t, url, { roles: ['viewer'] })
   const server = await opened
   await slow.request({ id: 's', subscribe: 'runUpdated' })
-  let peak = 0
-  const send = server.send.bind(server)
-  server.send = ((...args: Parameters<typeof send>) => {
-    send(...args)
-    peak = Math.max(peak, server.bufferedAmount)
-  }) as typeof server.send
+  const peaked = peakBuffered(server)
   const socket = (slow.ws as unknown as { _socket: Socket })._socket
   socket.pause()
   // Two UTF-8 bytes a character.
@@ -195,6 +190,7 @@ t.test('the bound on bytes queued for a client holds exactly: the frame that wou
     await sleep(0)
   }
   t.equal(app.events.bus.subscriptions, 0, 'the slow reader was closed')
+  const peak = peaked()
   t.ok(peak > 0, 'frames were queued')
   t.ok(peak <= max, `at most ${max} bytes queued, the peak was ${peak}`)
   socket.resume()
