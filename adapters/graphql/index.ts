@@ -131,7 +131,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         traceparent: ctx.traceparent,
         // Each mutation field of a document of several is its own call: the key names the
         // field, as a batch's key names the call. A document of one field keeps the key as sent,
-        // as REST does: a repeat over another face found no outcome under `<key>.<field>`, and
+        // as REST does: a repeat over another face found no outcome under `<key> <field>`, and
         // the Kernel ran it again.
         idempotencyKey: info.operation.selectionSet.selections.length === 1 && info.operation.selectionSet.selections[0].kind === Kind.FIELD
           ? ctx.idempotencyKey

@@ -73,16 +73,19 @@ export function idempotencyKeyOf (request: FastifyRequest): string | null | unde
 }
 
 /**
- * The key of one call of several sent under one Idempotency-Key: `<key>.<suffix>` (a REST batch
- * call's id, a tRPC batch index, a GraphQL field). It travels to the Kernel as a header, so it
- * must stay visible ASCII like the key itself: a REST batch call id may be any text, and one
- * holding a newline or a non-ASCII character made undici refuse the header, which was answered
- * 503 and counted towards the breaker. Such a call gets null, a malformed key, and its own refusal.
+ * The key of one call of several sent under one Idempotency-Key: `<key> <suffix>` (a REST batch
+ * call's id, a tRPC batch index, a GraphQL field). The space is the one character a header
+ * value may hold inside that a client's key never does: so no call's key equals a key a client
+ * can send, nor another key's call. Before, `<key>.<suffix>` made a batch's call `0` under `K`
+ * and a single call keyed `K.0` one key, and either replayed the other's answer (or was refused
+ * 422). The key travels to the Kernel as a header, so the suffix must be visible ASCII like the
+ * key itself: a REST batch call id may be any text, and one holding a newline or a non-ASCII
+ * character made undici refuse the header, which was answered 503 and counted towards the
+ * breaker. Such a call gets null, a malformed key, and its own refusal.
  */
 export function callKey (key: string | null | undefined, suffix: string): string | null | undefined {
   if (key == null) return key
-  const combined = `${key}.${suffix}`
-  return VISIBLE_ASCII.test(combined) ? combined : null
+  return VISIBLE_ASCII.test(suffix) ? `${key} ${suffix}` : null
 }
 
 /** An Idempotency-Key as sent (undefined: none), or null when no store could key on it. */

@@ -14,7 +14,7 @@ export interface TrpcContext {
   /** A batch (`?batch=1`): each call gets `${requestId}.${batchIndex}`. */
   readonly batch: boolean
   /**
-   * More than one call in the request: each gets the key `<key>.<batchIndex>`. A batch of one
+   * More than one call in the request: each gets the key `<key> <batchIndex>` (see callKey). A batch of one
    * call (httpBatchLink sends one for a lone mutation) keeps the key as sent, as REST does: a
    * repeat over another face found no outcome under `<key>.0`, and the Kernel ran it again.
    */

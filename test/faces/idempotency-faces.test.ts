@@ -28,7 +28,7 @@ t.test('tRPC: the header keys a single call (with Idempotent-Replayed) and each 
   const b2 = await batch()
   t.equal(b2.body, b1.body, 'the batch replays call by call')
   t.equal(s.calls(), 3)
-  t.same(s.kernel.requests.slice(1).map(r => r.headers['idempotency-key']).sort(), [`${batchKey}.0`, `${batchKey}.1`])
+  t.same(s.kernel.requests.slice(1).map(r => r.headers['idempotency-key']).sort(), [`${batchKey} 0`, `${batchKey} 1`])
 })
 
 t.test('GraphQL: the header keys each mutation field of a document', async t => {
@@ -42,7 +42,7 @@ t.test('GraphQL: the header keys each mutation field of a document', async t => 
   const again = await gql(doc)
   t.equal(again.body, first.body, 'the same document replays')
   t.equal(s.calls(), 2)
-  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']), [`${key}.one`, `${key}.two`])
+  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']), [`${key} one`, `${key} two`])
   const reused = await gql('mutation { one: createItem(name: "changed") { id } two: createItem(name: "g2") { id n } }')
   t.match(reused.json(), { data: { one: null, two: { id: 'item-2', n: 2 } }, errors: [{ path: ['one'], extensions: { code: 'IDEMPOTENCY_KEY_REUSED', status: 422 } }] })
 })
@@ -85,7 +85,7 @@ t.test('WebSocket: a call frame\'s idempotencyKey, and one key across faces', as
   t.equal(s.calls(), 1)
 })
 
-t.test('REST batch: each call\'s key is the header\'s plus its id', async t => {
+t.test('REST batch: each call\'s key is the header\'s, a space and its id', async t => {
   const s = await idemSetup(t, 'redis')
   const key = randomUUID()
   const batch = async () => await s.app.inject({ method: 'POST', url: '/api/v1/batch', headers: s.headers(key), payload: { calls: [{ id: 'a', op: 'createItem', input: { name: 'ba' } }, { id: 'b', op: 'createItem', input: { name: 'bb' } }] } })
@@ -96,11 +96,11 @@ t.test('REST batch: each call\'s key is the header\'s plus its id', async t => {
   t.same(again.json().results, first.json().results.map((r: Record<string, unknown>) => ({ ...r, replayed: true })))
   t.notOk(first.json().results.some((r: Record<string, unknown>) => 'replayed' in r), 'first answers are not replays')
   t.equal(s.calls(), 2)
-  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']).sort(), [`${key}.a`, `${key}.b`])
+  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']).sort(), [`${key} a`, `${key} b`])
 })
 
 t.test('REST batch: a call id that cannot travel in a key is that call\'s refusal, never a Kernel call', async t => {
-  // A call id is any text; `<key>.<id>` goes to the Kernel as a header. Before, an id with a
+  // A call id is any text; `<key> <id>` goes to the Kernel as a header. Before, an id with a
   // newline or a non-ASCII character made undici refuse the header: 503 KERNEL_UNAVAILABLE,
   // counted towards the breaker (six such calls opened it for every tenant), and each refusal
   // kept one of undici's pool slots.
@@ -114,7 +114,7 @@ t.test('REST batch: a call id that cannot travel in a key is that call\'s refusa
   t.same(results.slice(0, ids.length).map(r => [r.id, r.error?.status, r.error?.code]), ids.map(id => [id, 400, 'VALIDATION_FAILED']))
   t.match(results[0].error!.detail, /batch call's id/)
   t.notOk(results[ids.length].error, 'a call with a plain id runs')
-  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']), [`${key}.ok`], 'only that one reached the Kernel')
+  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']), [`${key} ok`], 'only that one reached the Kernel')
   t.equal(s.app.kernel.breakerState(), 'closed')
   // Without a key the same ids run: they key nothing.
   const plain = await s.app.inject({ method: 'POST', url: '/api/v1/batch', headers: s.headers(undefined), payload: { calls: ids.map(id => ({ id, op: 'createItem', input: { name: 'b' } })) } })
@@ -168,6 +168,33 @@ t.test('REST batch: call ids are unique, and a key made of one never spells anot
   const two = await batch(`${k}.a`, [{ id: 'b', name: 'first' }])
   t.notOk('replayed' in two.json().results[0], 'another key: not a replay of the first (before, both were `<k>.a.b`)')
   t.not(two.json().results[0].result.id, one.json().results[0].result.id)
-  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']), [`${k}.a%2Eb`, `${k}.a.b`], 'the id\'s dot escaped in the Kernel\'s key')
+  t.same(s.kernel.requests.map(r => r.headers['idempotency-key']), [`${k} a.b`, `${k}.a b`], 'the request\'s key ends at the space')
   t.same((await batch(k, [{ id: 'a.b', name: 'first' }])).json().results[0].replayed, true, 'and the same call replays')
+})
+
+// Before, a call of several under key K was keyed `K.<suffix>`: a single call keyed `K.0` (or
+// `K.a`, `K.one`) was that call, so the batch's call replayed the single call's answer, with no
+// Kernel call, or was refused 422 for an input it never sent under its own key.
+t.test('a single call keyed `K.0` is never call 0 of a batch keyed K, on any face', async t => {
+  const s = await idemSetup(t, 'redis')
+  const trpc = async (path: string, key: string, payload: Record<string, unknown>) => await s.app.inject({ method: 'POST', url: `/trpc/${path}`, headers: { ...s.headers(key), 'content-type': 'application/json' }, payload })
+  const k = randomUUID()
+  t.same((await trpc('createItem', `${k}.0`, { name: 'same' })).json(), { result: { data: { id: 'item-1', name: 'same', n: 1 } } })
+  const same = await trpc('createItem,createItem?batch=1', k, { 0: { name: 'same' }, 1: { name: 'b1' } })
+  t.same(same.json(), [{ result: { data: { id: 'item-2', name: 'same', n: 2 } } }, { result: { data: { id: 'item-3', name: 'b1', n: 3 } } }], 'tRPC batch: call 0 runs, not a replay of `K.0`')
+  const k2 = randomUUID()
+  await trpc('createItem', `${k2}.0`, { name: 'single' })
+  const other = await trpc('createItem,createItem?batch=1', k2, { 0: { name: 'other' }, 1: { name: 'b1' } })
+  t.same([other.statusCode, other.json()[0].result?.data.name], [200, 'other'], 'tRPC batch: another input under K is no 422')
+
+  const k3 = randomUUID()
+  await s.create({ name: 'r' }, `${k3}.a`)
+  const rest = await s.app.inject({ method: 'POST', url: '/api/v1/batch', headers: s.headers(k3), payload: { calls: [{ id: 'a', op: 'createItem', input: { name: 'r' } }] } })
+  t.same(rest.json().results, [{ id: 'a', result: { id: 'item-8', name: 'r', n: 8 } }], 'REST batch: call a runs, unmarked')
+
+  const k4 = randomUUID()
+  const gql = async (key: string, query: string) => (await s.app.inject({ method: 'POST', url: '/graphql', headers: s.headers(key), payload: { query } })).json()
+  t.same(await gql(`${k4}.one`, 'mutation { one: createItem(name: "g") { id } }'), { data: { one: { id: 'item-9' } } })
+  t.same(await gql(k4, 'mutation { one: createItem(name: "g") { id } two: createItem(name: "h") { id } }'), { data: { one: { id: 'item-10' }, two: { id: 'item-11' } } }, 'GraphQL: field one runs')
+  t.equal(s.calls(), 11, 'every call reached the Kernel')
 })
