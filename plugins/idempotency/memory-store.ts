@@ -22,6 +22,7 @@ export interface MemoryStoreOptions {
 export class MemoryIdempotencyStore implements IdempotencyStore {
   readonly kind = 'memory'
   private readonly cache: LRUCache<string, DoneRecord>
+  private readonly maxKeys: number
   /**
    * Claims of calls running now, with the end of their lease (performance.now()); `held`: a
    * call of this instance claimed in Redis (see `hold`), which `size` leaves out.
@@ -29,8 +30,12 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
   private readonly running = new Map<string, { record: RunningRecord, until: number, held: boolean }>()
 
   constructor (opts: MemoryStoreOptions) {
+    // No `max`: given one, lru-cache allocates its arrays for that many entries up front (some
+    // 50 bytes each: 5 MB at the default 100000 keys, 500 MB at 10 million, in every instance,
+    // with Redis up too, where this store is the fallback). Without, they grow with the entries;
+    // the key bound is kept in complete(), the byte bound by maxSize.
+    this.maxKeys = opts.maxKeys
     this.cache = new LRUCache<string, DoneRecord>({
-      max: opts.maxKeys,
       maxSize: opts.maxBytes,
       sizeCalculation: (record, key) => key.length + 64 + (record.body?.length ?? 0) + (record.error?.detail.length ?? 0)
     })
@@ -79,6 +84,8 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     if (claim === undefined ? this.cache.has(key) : claim.record.token !== token) return
     this.running.delete(key)
     this.cache.set(key, record, { ttl: ttlMs })
+    // One key in at most: the least recently used goes, as lru-cache's `max` would.
+    if (this.cache.size > this.maxKeys) this.cache.pop()
   }
 
   async release (key: string, token: string): Promise<void> {

@@ -95,6 +95,21 @@ t.test('the memory store is bounded by keys and bytes of outcomes, and never evi
   t.equal(small.size, 0, 'purge drops lapsed claims')
 })
 
+// lru-cache given a `max` allocates its arrays for that many entries at once: the store took
+// some 5 MB at the default bound and 500 MB at BFF_IDEMPOTENCY_MAX_KEYS=10000000 before its
+// first key, in every instance (with Redis up too, as its fallback).
+t.test('the memory store takes memory as keys come, not for its whole bound at start-up', async t => {
+  const taken = (): number => { const m = process.memoryUsage(); return m.heapUsed + m.arrayBuffers }
+  const before = taken()
+  const store = new MemoryIdempotencyStore({ maxKeys: 2_000_000, maxBytes: 64 << 20 })
+  const claim = await store.claim('k', 'h', 60_000)
+  if (!claim.won) throw new Error('unreachable')
+  await store.complete('k', claim.token, done('h'), 60_000)
+  // 2 million preallocated entries took about 100 MB; one key takes bytes.
+  t.ok(taken() - before < 20 << 20, `${Math.round((taken() - before) / 1e6)} MB for one key`)
+  t.equal(store.size, 1)
+})
+
 t.test('store keys: the tenant is encoded, so no tenant spells another tenant\'s key', async t => {
   t.equal(storeKey('acme', 'createItem', 'k1'), 'bff:idem:acme:createItem:k1')
   t.not(storeKey('a:createItem', 'x', 'k'), storeKey('a', 'createItem', 'x:k'))
