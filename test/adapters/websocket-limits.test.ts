@@ -219,6 +219,22 @@ t.test('heartbeats drop a peer that does not answer pings', async t => {
   t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_websocket_closes_total\{reason="heartbeat"\} 1/)
 })
 
+// The heartbeat's one-miss case, as README says it ("a peer that missed a pong is dropped"):
+// each tick checks the pong to the previous ping, so a peer that answers the first ping and
+// misses the second is cut at the tick after, and never gets a third ping to answer.
+t.test('heartbeats: one missed pong drops the peer at the next tick, before another ping', async t => {
+  const { url } = await wsApp(t, { settings: { heartbeatMs: 200 } })
+  const peer = await connect(t, url, {}, { autoPong: false })
+  let pings = 0
+  const third = new Promise<null>(resolve => peer.ws.on('ping', () => {
+    if (++pings !== 2) peer.ws.pong()
+    if (pings === 3) resolve(null)
+  }))
+  const closed = await Promise.race([peer.closed, third])
+  t.same(closed, { code: 1006, reason: '' }, 'terminated (no close frame) before a third ping')
+  t.equal(pings, 2, 'the first ping answered kept it, the second missed dropped it')
+})
+
 t.test('metrics: open connections, frames in and out', async t => {
   const { app, url } = await wsApp(t)
   const a = await connect(t, url)
