@@ -8,7 +8,7 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { until } from '../../helper.js'
+import { until, startTestKernel, json } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { storeKey } from '../../../plugins/idempotency/index.js'
 import { idemSetup, REDIS_URL } from './idempotency-helper.js'
@@ -109,4 +109,41 @@ t.test('a claim Redis carried out but never answered in time: the outcome held i
   t.equal(repeat.headers['idempotent-replayed'], 'true')
   t.same(repeat.json(), first.json(), 'the first call\'s answer')
   t.equal(a.calls(), 1, 'one Kernel call for one key')
+})
+
+t.test('a claim Redis carried out but never answered, of a call that failed: the claim is released there, a repeat on another instance runs', async t => {
+  // README: a call that failed otherwise than definitively releases its key, and a repeat runs
+  // as a new call. The call ran from memory (its claim timed out at the gateway); the claim Redis
+  // made all the same must go too, or a repeat on another instance finds it running: 409, or a
+  // wait for its lease (the op's timeout plus 5 s) before it may run.
+  let failing = true
+  const kernel = await startTestKernel(t, {
+    'POST /v1/items': (req, res) => {
+      if (failing) json(res, 503, { message: 'down' })
+      else json(res, 201, { id: 'item-1', name: (JSON.parse(req.body) as { name: string }).name, n: 1 })
+    }
+  })
+  const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
+  const a = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, {}, kernel)
+  const b = await idemSetup(t, 'redis', { BFF_IDEMPOTENCY_WAIT_MS: 0 }, {}, kernel)
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.quit())
+  await until(() => a.app.redis.up() && b.app.redis.up(), 'both instances connected')
+  const key = randomUUID()
+  const at = storeKey(a.tenant, 'createItem', key)
+  proxy.delay(700)
+  const first = await a.create({ name: 'x' }, key)
+  t.match([first.statusCode, first.json()], [502, { code: 'KERNEL_ERROR' }])
+  proxy.restore()
+  // Redis got the claim, and the release after it, at once: only their answers were held back.
+  let held: number | null = null
+  const poll = setInterval(() => { redis.exists(at).then(n => { held = n }, () => {}) }, 10)
+  t.teardown(() => clearInterval(poll))
+  await until(() => held === 0, 'the claim Redis made to be released')
+  clearInterval(poll)
+  failing = false
+  const repeat = await b.create({ name: 'x' }, key, a.tenant)
+  t.equal(repeat.statusCode, 201, repeat.body)
+  t.notOk(repeat.headers['idempotent-replayed'], 'a new call, not a replay')
+  t.equal(a.calls(), 2, 'the repeat reached the Kernel')
 })
