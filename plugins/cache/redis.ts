@@ -110,7 +110,12 @@ export class RedisTier {
     if (tags.some(replaced)) {
       const missing = tagKeys.filter((_, i) => replaced(tags[i]))
       // Missing tags get their versions now, before the Kernel call, so that every concurrent
-      // fill under them reads the same ones; no entry was stored under them.
+      // fill under them reads the same ones; no entry was stored under them. Only a read that
+      // finds a tag missing writes (once per tag lifetime; a read of present tags is the MGET
+      // alone), and it must be the read: born at the first write, every other fill that read
+      // the tag missing looked raced and was not stored; and a fill that read it missing would
+      // store a pre-invalidation answer if the version an invalidation gave the tag meanwhile
+      // were evicted before the write, which would find it missing as the read did.
       const born = await this.commands.mantleCacheBorn(missing.length, ...missing, randomVersion(), String(this.tagMs))
       let n = 0
       for (let i = 0; i < tags.length; i++) if (replaced(tags[i])) tags[i] = born[n++]

@@ -205,6 +205,24 @@ t.test('fills of several keys under a tag that has no version are all stored', a
   for (const key of keys) t.ok((await tier.read(key, tags)).answer, 'served')
 })
 
+t.test('a read writes only tags it finds missing: a read of present tags is one MGET', async t => {
+  // The versions born at a read are what keeps concurrent fills and an invalidation racing them
+  // apart (the tests above); a read that found every tag had no reason to write anything.
+  const { redis, tier, keys: [key, other], tags, answer } = await tierFor(t, ['a', 'b'], ['items', 'item:a'])
+  const sent: string[] = []
+  const send = redis.sendCommand.bind(redis)
+  redis.sendCommand = ((command: { name: string }) => { sent.push(command.name); return send(command as Parameters<typeof send>[0]) }) as typeof redis.sendCommand
+  await redis.set(tags[0], String(2 ** 41))
+  sent.length = 0
+  const first = await tier.read(key, tags)
+  t.same([...new Set(sent.map(name => name.startsWith('eval') ? 'script' : name))], ['mget', 'script'], 'and one script for the missing tag')
+  t.ok(await tier.write(key, tags, first.versions, answer('{}'), Date.now()))
+  sent.length = 0
+  t.ok((await tier.read(key, tags)).answer, 'a hit')
+  t.equal((await tier.read(other, tags)).answer, null, 'a miss')
+  t.same(sent, ['mget', 'mget'], 'nothing written')
+})
+
 // A rolling deploy that drops a field from an output schema: old and new instances share Redis,
 // and the new one served the old one's entries as they were, the dropped field included.
 t.test('an instance does not serve an entry made under another output schema (a rolling deploy)', async t => {
