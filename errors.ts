@@ -20,7 +20,11 @@ export const ErrorCodes = {
   KERNEL_UNAVAILABLE: { status: 503, title: 'Kernel unavailable' },
   KERNEL_TIMEOUT: { status: 504, title: 'Kernel timeout' },
   OVERLOADED: { status: 503, title: 'Overloaded' },
-  INTERNAL: { status: 500, title: 'Internal error' }
+  INTERNAL: { status: 500, title: 'Internal error' },
+  // Not a contract code, and never sent: the call's caller had left (its response closed, its
+  // WebSocket closed) and the call was cancelled. It names how the call ended, in its audit
+  // entry and its metrics, with nginx's 499 for a client that closed its request.
+  CLIENT_CLOSED: { status: 499, title: 'Client closed the request' }
 } as const
 
 export type ErrorCode = keyof typeof ErrorCodes

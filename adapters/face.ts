@@ -1,5 +1,5 @@
 import type { FastifyInstance } from 'fastify'
-import { CallContext, type Protocol, type CacheOutcome } from '../plugins/pipeline/index.js'
+import { CallContext, type Protocol, type CacheOutcome, type Caller } from '../plugins/pipeline/index.js'
 import { toProblem, retryAfterOf, MantleError, type Problem } from '../errors.js'
 
 /** What app.ts hands every face besides REST. */
@@ -28,6 +28,8 @@ export interface FaceCall {
   refusal?: MantleError | undefined
   /** Shared by the calls of one request: identical queries reach the Kernel once. */
   memo?: Map<string, Promise<unknown>> | null
+  /** The response or the WebSocket the answer goes to: a call whose caller left is cancelled. */
+  caller?: Caller | null
 }
 
 /** A call's answer as JSON shaped by the op's output schema; `value` parses it on first use. */
@@ -122,6 +124,7 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     const ctx = new CallContext(call.requestId, call.protocol, op, input as Record<string, unknown>, call.authorization, call.traceparent, op.type === 'mutation' ? call.idempotencyKey : undefined)
     if (call.memo !== undefined) ctx.memo = call.memo
     if (call.refusal !== undefined) ctx.refusal = call.refusal
+    if (call.caller != null) ctx.caller = call.caller
     const entry = app.pipeline.entry(op.name)
     const result = await entry.run(ctx)
     return new FaceValue(ctx.json ?? entry.serialize(result), ctx.status, ctx.headers, ctx.cache)

@@ -113,7 +113,7 @@ export function generateRouterTypes (manifest: Manifest, namedSchemas: Readonly<
   }
   out.push(
     '/** The contract codes (CONTRACT §5) carried in `error.data.code`. */',
-    `export type MantleErrorCode = ${Object.keys(ErrorCodes).map(quote).join(' | ')}`,
+    `export type MantleErrorCode = ${Object.keys(ErrorCodes).filter(c => c !== 'CLIENT_CLOSED').map(quote).join(' | ')}`,
     '',
     'export interface MantleErrorShape {',
     '  message: string',

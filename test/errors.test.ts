@@ -22,7 +22,9 @@ t.test('every code has its contract status and a urn type', async t => {
     KERNEL_UNAVAILABLE: 503,
     KERNEL_TIMEOUT: 504,
     OVERLOADED: 503,
-    INTERNAL: 500
+    INTERNAL: 500,
+    // Never sent (the caller is gone): how a cancelled call's audit entry ends.
+    CLIENT_CLOSED: 499
   }
   t.same(Object.keys(ErrorCodes).sort(), Object.keys(expected).sort(), 'no code more, no code less')
   for (const [code, status] of Object.entries(expected) as Array<[ErrorCode, number]>) {

@@ -43,6 +43,8 @@ interface RequestContext {
   inputChars: number
   /** Set by mercurius on HTTP requests. */
   reply?: FastifyReply
+  /** A call over graphql-ws: its socket (the subscriptions' context). */
+  connection?: { readonly socket: WebSocket }
   /** The response cache's outcome of each root field that had one, by response key. */
   cache?: Record<string, CacheOutcome>
 }
@@ -136,7 +138,9 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         idempotencyKey: info.operation.selectionSet.selections.length === 1 && info.operation.selectionSet.selections[0].kind === Kind.FIELD
           ? ctx.idempotencyKey
           : callKey(ctx.idempotencyKey, String(info.path.key)),
-        memo: ctx.memo
+        memo: ctx.memo,
+        // Over HTTP the response, over graphql-ws the socket: a call whose caller left is cancelled.
+        caller: ctx.reply?.raw ?? ctx.connection?.socket ?? null
       })
       if (op.type === 'mutation') ctx.mutation = true
       if (result.ok) {

@@ -1,7 +1,8 @@
 import type { FastifyRequest } from 'fastify'
+import type { ServerResponse } from 'node:http'
 import type { WebSocket } from 'ws'
 import { idempotencyKeyOf, single } from '../rest/index.js'
-import type { CacheOutcome } from '../../plugins/pipeline/index.js'
+import type { CacheOutcome, Caller } from '../../plugins/pipeline/index.js'
 import { AnswerBudget } from '../face.js'
 import { queryToken } from '../upgrade.js'
 
@@ -27,6 +28,8 @@ export interface TrpcContext {
   readonly idempotencyKey: string | null | undefined
   /** The connection's socket; null over HTTP. Its subscriptions pause while it holds too much; a call closes it. */
   readonly socket: WebSocket | null
+  /** Where the answers go (the HTTP response, or the socket): a call whose caller left is cancelled. */
+  readonly caller: Caller
   /** Calls of a WebSocket connection running now, and its event subscriptions (both bounded). */
   inFlight: number
   subscriptions: number
@@ -54,7 +57,7 @@ function fromParams (params: Readonly<Record<string, string | undefined>> | null
  * The token of an HTTP request: the Authorization header, else connectionParams (which
  * httpSubscriptionLink puts in the URL), else `?access_token=` (EventSource cannot set headers).
  */
-export function httpContext (request: FastifyRequest, connectionParams: Readonly<Record<string, string | undefined>> | null, batch: boolean, calls: number): TrpcContext {
+export function httpContext (request: FastifyRequest, response: ServerResponse, connectionParams: Readonly<Record<string, string | undefined>> | null, batch: boolean, calls: number): TrpcContext {
   return {
     authorization: httpAuthorization(request, connectionParams),
     requestId: request.id,
@@ -65,6 +68,7 @@ export function httpContext (request: FastifyRequest, connectionParams: Readonly
     traceparent: single(request.headers.traceparent),
     idempotencyKey: idempotencyKeyOf(request),
     socket: null,
+    caller: response,
     inFlight: 0,
     subscriptions: 0,
     cache: null,
@@ -107,6 +111,7 @@ export function socketContext (socket: WebSocket, upgrade: string | undefined, c
     traceparent: undefined,
     idempotencyKey: undefined,
     socket,
+    caller: socket,
     inFlight: 0,
     subscriptions: 0,
     cache: null,

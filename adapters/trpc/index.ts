@@ -247,7 +247,8 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         input,
         authorization: request.headers.authorization ?? (typeof token === 'string' && token !== '' ? `Bearer ${token}` : undefined),
         traceparent: single(request.headers.traceparent),
-        idempotencyKey: idempotencyKeyOf(request)
+        idempotencyKey: idempotencyKeyOf(request),
+        caller: reply.raw
       })
       reply.type('application/json')
       if (result.ok && result.headers !== null) reply.headers(result.headers)
@@ -276,7 +277,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           res: reply,
           path,
           maxBodySize: opts.bodyLimit,
-          createContext: ({ req, info }) => httpContext(req, info.connectionParams, info.isBatchCall, info.calls.length),
+          createContext: ({ req, res, info }) => httpContext(req, res.raw, info.connectionParams, info.isBatchCall, info.calls.length),
           onError,
           responseMeta: ({ info, errors, ctx, eagerGeneration }) => responseHeaders(info, errors, ctx, eagerGeneration)
         })

@@ -170,7 +170,8 @@ export class Connection {
       input: frame.input,
       authorization: this.authorization,
       idempotencyKey: checkedIdempotencyKey(frame.idempotencyKey),
-      refusal
+      refusal,
+      caller: this.socket
     }).then(outcome => {
       if (refusal === undefined) this.inFlight--
       // The answer is already JSON shaped by the op's output schema: it is spliced in as is.

@@ -237,7 +237,15 @@ export class ResponseCache {
     const running = this.running(key.local, tagKeys)
     if (running !== undefined) {
       this.metrics.coalesced(op)
-      return await running.promise
+      try {
+        return await running.promise
+      } catch (err) {
+        // The first caller left and its Kernel call was cancelled (CLIENT_CLOSED): the callers
+        // still here are not answered so; the first of them makes the key's call again.
+        if (!(err instanceof MantleError && err.code === 'CLIENT_CLOSED')) throw err
+        if (this.inflight.get(key.local) === running) this.inflight.delete(key.local)
+        return await this.fill(op, key, tagKeys, since, versions, ctx, next, make)
+      }
     }
     const own: Fill = { promise: this.load(op, key, tagKeys, since, versions, ctx, next, make), since }
     this.inflight.set(key.local, own)

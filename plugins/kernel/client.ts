@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import type { EventEmitter } from 'node:events'
 import { MantleError } from '../../errors.js'
 import type { Operation } from '../../manifest.js'
-import type { CallContext, Next } from '../pipeline/index.js'
+import { callerGone, watchCaller, unwatchCaller, type CallContext, type Next } from '../pipeline/index.js'
 import { CircuitBreaker, RetryBudget, DENIED, NORMAL, type Permit } from './breaker.js'
 import { INVALID, readJson } from '../../read-json.js'
 
@@ -180,15 +180,25 @@ export class KernelClient {
   }
 
   async execute (ctx: CallContext, op: Operation, metrics: ReturnType<KernelMetrics['forOperation']>, method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, idempotent: boolean): Promise<unknown> {
+    const caller = ctx.caller
+    // A caller already gone takes no slot (a call of a batch whose client left while the calls
+    // before it ran, say).
+    if (caller !== null && callerGone(caller)) throw clientClosed()
     if (this.inFlight >= this.maxInFlight) {
       this.metrics.rejected('bulkhead_full')
       throw new MantleError('KERNEL_UNAVAILABLE', 'Too many calls are in flight to the Kernel', { headers: { 'retry-after': '1' } })
     }
     this.inFlight++
+    // Made here, for a call about to wait on the Kernel, not per request: a cache hit, a refusal
+    // or a call without a caller (a cache refresh) pays nothing for it.
+    const leave = caller === null ? null : new Leave(op.type === 'mutation')
+    if (leave !== null) watchCaller(caller!, leave.onLeave)
     try {
       this.budget?.deposit()
       const deadline = ctx.startedAt + op.timeoutMs
       for (let attempt = 0; ; attempt++) {
+        // The caller left during the backoff: no retry for no one.
+        if (leave?.gone() === true) throw clientClosed()
         const permit: Permit = this.breaker === null ? NORMAL : this.breaker.acquire()
         if (permit === DENIED) {
           this.metrics.rejected('breaker_open')
@@ -205,7 +215,7 @@ export class KernelClient {
         const started = performance.now()
         let result: Attempt
         try {
-          result = await this.attempt(method, path, headers, body, remaining)
+          result = await this.attempt(method, path, headers, body, remaining, leave)
         } catch (err) {
           // undici refused to send what the gateway built (a header value it cannot carry): the
           // gateway's fault, not the Kernel's. Neither retried nor a breaker failure; before, it
@@ -214,6 +224,11 @@ export class KernelClient {
           throw err
         }
         if (result !== queuedOut && result.unsent !== true) ctx.sent = true
+        if (result === leftQueued || result === leftSent) {
+          // Cancelled because its caller left: no failure of the Kernel's, and no retry.
+          this.breaker?.release(permit)
+          throw clientClosed()
+        }
         if (result === queuedOut) {
           // Its time ran out waiting for a connection: never sent, so no failure of the Kernel's.
           this.breaker?.release(permit)
@@ -241,9 +256,10 @@ export class KernelClient {
           // with a few ms left could not be answered in time, and turned the 5xx into a timeout.
           const now = performance.now()
           if (deadline - now - wait >= Math.max(1, now - started)) {
+            if (leave?.gone() === true) throw clientClosed()
             if (this.budget!.withdraw()) {
               metrics.retry()
-              await sleep(wait)
+              await (leave === null ? sleep(wait) : leave.pause(wait))
               continue
             }
             this.metrics.budgetExhausted()
@@ -253,27 +269,37 @@ export class KernelClient {
       }
     } finally {
       this.inFlight--
+      if (leave !== null) unwatchCaller(caller!, leave.onLeave)
     }
   }
 
-  private async attempt (method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, remaining: number): Promise<Attempt> {
+  private async attempt (method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, remaining: number, leave: Leave | null): Promise<Attempt> {
     // One precise timer bounds headers and body together by the op's deadline. undici's own
     // headersTimeout/bodyTimeout run on its coarse timer wheel (a 150 ms timeout fired after
     // more than 600 ms here), too loose for short per-op timeouts.
     const deadline = new Deadline(remaining)
+    // The caller leaving ends the attempt as its deadline would: out of the connection queue, and
+    // a query's request aborted (its connection closed, so the Kernel sees it too).
+    if (leave !== null) leave.deadline = deadline
     if (this.free > 0) this.free--
     else if (!await this.connection(deadline)) {
       deadline.clear()
-      return queuedOut
+      if (leave !== null) leave.deadline = null
+      return deadline.cancelled ? leftQueued : queuedOut
     } else if (remaining - (performance.now() - deadline.start) < MIN_SEND_MS) {
       // Handed a connection with its time (nearly) gone: calls of a burst share about one
       // deadline, and the holder that timed out hands its connection on before the next one's
       // timer fires. Sent, that call was aborted while undici reconnected: a Kernel timeout.
       deadline.clear()
+      if (leave !== null) leave.deadline = null
       this.releaseConnection()
       return queuedOut
     }
     try {
+      if (deadline.cancelled) return leftQueued
+      // A mutation that goes out is let finish: its outcome is what idempotency stores and the
+      // audit records, and a Kernel that got it may act on it whatever the gateway does.
+      if (leave !== null && leave.mutation) leave.deadline = null
       const request = this.pool.request({ method, path, headers, body, signal: deadline as unknown as EventEmitter })
       // undici acts on the signal only once the request has a connection: a call queued behind
       // busy connections, or waiting for one that does not open, would outlive its deadline.
@@ -288,7 +314,7 @@ export class KernelClient {
         // undici fails a request it had written within microtasks of the abort; one still waiting
         // for its connection to open it holds until then: that one never reached the Kernel.
         await new Promise(resolve => setImmediate(resolve))
-        if (!settled) return queuedOut
+        if (!settled) return deadline.cancelled ? leftQueued : queuedOut
         throw err
       }
       const status = res.statusCode
@@ -310,12 +336,14 @@ export class KernelClient {
     } catch (err) {
       const code = (err as { code?: string }).code ?? ''
       if (code === 'UND_ERR_INVALID_ARG') throw new MantleError('INTERNAL', 'The gateway could not form the Kernel request')
+      if (deadline.cancelled) return leftSent
       if (deadline.aborted || TIMEOUT_CODES.has(code)) return timedOut
       // The Kernel answered, with headers over undici's 16 KiB: it will answer so every time.
       if (code === 'UND_ERR_HEADERS_OVERFLOW') return { outcome: 'bad_answer', status: 502, value: undefined, message: 'The Kernel answered with headers over 16 KiB' }
       return { outcome: 'unavailable', status: 503, value: undefined, message: (err as Error).message, ...(CONNECT_CODES.has(code) ? { unsent: true } : {}) }
     } finally {
       deadline.clear()
+      if (leave !== null) leave.deadline = null
       this.releaseConnection()
     }
   }
@@ -379,6 +407,8 @@ function handedOn (): void {}
 class Deadline {
   aborted = false
   readonly start = performance.now()
+  /** Fired because the call's caller left (Leave), not because its time ran out. */
+  cancelled = false
   private listener: (() => void) | null = null
   private reject: ((err: Error) => void) | null = null
   private readonly timer: NodeJS.Timeout
@@ -414,8 +444,47 @@ class Deadline {
     if (this.reject !== null) this.reject(DEADLINE_PASSED)
   }
 
+  /** Fires it now: the caller left. */
+  cancel (): void {
+    if (this.aborted) return
+    this.cancelled = true
+    this.fire()
+  }
+
   clear (): void {
     clearTimeout(this.timer)
+  }
+}
+
+/**
+ * A call whose caller may leave (README, "Clients that leave"): when it does, the attempt
+ * running is cancelled through its Deadline (a mutation's only until it goes out), and a
+ * backoff ends at once, with no retry after it. One per call that reaches the Kernel.
+ */
+class Leave {
+  private left = false
+  /** The running attempt's deadline while the caller's leaving may cancel it; else null. */
+  deadline: Deadline | null = null
+  private wake: (() => void) | null = null
+  constructor (readonly mutation: boolean) {}
+
+  /** Watched on the caller (watchCaller): it has left. */
+  readonly onLeave = (): void => {
+    this.left = true
+    this.deadline?.cancel()
+    this.wake?.()
+  }
+
+  gone (): boolean {
+    return this.left
+  }
+
+  /** The backoff before a retry, cut short when the caller leaves. */
+  async pause (ms: number): Promise<void> {
+    await new Promise<void>(resolve => {
+      const timer = setTimeout(() => { this.wake = null; resolve() }, ms)
+      this.wake = () => { clearTimeout(timer); this.wake = null; resolve() }
+    })
   }
 }
 
@@ -428,6 +497,9 @@ const timedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, m
 const queuedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined }
 /** Less time left than this once handed a connection: the call gives up unsent (a queue timeout). */
 const MIN_SEND_MS = 10
+/** An attempt cancelled because its caller left: waiting for a connection (never sent), or sent and aborted. */
+const leftQueued: Attempt = { outcome: 'timeout', status: 499, value: undefined, message: undefined, unsent: true }
+const leftSent: Attempt = { outcome: 'timeout', status: 499, value: undefined, message: undefined }
 const DEADLINE_PASSED = new Error('the attempt\'s deadline passed')
 
 /**
@@ -476,6 +548,11 @@ function notInQuery (key: string): MantleError {
 
 function redirected (result: Attempt, op: Operation): MantleError {
   return new MantleError('KERNEL_ERROR', `The Kernel redirected ${op.name} (status ${result.status}); redirects are not followed: the operation's kernel path may be out of date`)
+}
+
+/** Nobody reads it: it is how a cancelled call ends, for its audit entry and metrics. */
+function clientClosed (): MantleError {
+  return new MantleError('CLIENT_CLOSED', 'The caller left before the Kernel answered: the call was cancelled')
 }
 
 function failure (result: Attempt, op: Operation): MantleError {

@@ -1,5 +1,6 @@
 import type { Operation } from '../../manifest.js'
 import type { Zone } from '../../schemas/manifest.js'
+import type { Caller } from './caller.js'
 
 export type Protocol = 'rest' | 'trpc' | 'graphql' | 'websocket' | 'batch'
 export const PROTOCOLS: readonly Protocol[] = ['rest', 'trpc', 'graphql', 'websocket', 'batch']
@@ -88,6 +89,11 @@ export class CallContext {
    * connection): thrown by the validation stage, within the pipeline, so that it is audited.
    */
   refusal: Error | null
+  /**
+   * Where the answer goes, set by the face (null: no one to leave, e.g. a cache refresh): the
+   * Kernel call watches it, and a call whose caller left is cancelled (README, "Clients that leave").
+   */
+  caller: Caller | null
 
   constructor (requestId: string, protocol: Protocol, op: Operation, input: Record<string, unknown>, authorization: string | undefined, traceparent: string | undefined, idempotencyKey: string | null | undefined) {
     this.requestId = requestId
@@ -116,6 +122,7 @@ export class CallContext {
     this.ifNoneMatch = undefined
     this.json = null
     this.refusal = null
+    this.caller = null
   }
 
   /** Adds a response header for the HTTP faces. */

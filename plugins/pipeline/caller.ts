@@ -1,0 +1,48 @@
+import type { ServerResponse } from 'node:http'
+import type { WebSocket } from 'ws'
+
+/**
+ * Where a call's answer goes: the HTTP response of the request that carries it (REST, a batch,
+ * tRPC and GraphQL over HTTP) or the WebSocket it came on. The faces hand it over as it is, at no
+ * cost; only a stage that is about to wait on the Kernel watches it (watchCaller), so cache hits
+ * and refusals never pay for it.
+ */
+export type Caller = ServerResponse | WebSocket
+
+/**
+ * Whether the caller has left: the response closed before it was sent, or the WebSocket is
+ * closing or closed. A response that was sent is not watched any more: the call is over then.
+ */
+export function callerGone (caller: Caller): boolean {
+  return 'readyState' in caller ? caller.readyState !== 1 : caller.destroyed
+}
+
+// One 'close' listener per caller, however many of its calls wait on the Kernel at once (the
+// calls of a batch, or of a WebSocket, up to their bound): a listener each passed Node's
+// MaxListeners warning at 11. Weak: a caller that is gone takes its set with it.
+const watchers = new WeakMap<Caller, Set<() => void>>()
+
+/**
+ * Calls `left` once, when the caller leaves, until unwatchCaller. False, and nothing watched,
+ * when it has already left.
+ */
+export function watchCaller (caller: Caller, left: () => void): boolean {
+  if (callerGone(caller)) return false
+  let set = watchers.get(caller)
+  if (set === undefined) {
+    const calls = new Set<() => void>()
+    watchers.set(caller, calls)
+    set = calls
+    // 'close' of a response also comes once it was sent; by then its calls have unwatched.
+    caller.once('close', () => {
+      watchers.delete(caller)
+      for (const call of calls) call()
+    })
+  }
+  set.add(left)
+  return true
+}
+
+export function unwatchCaller (caller: Caller, left: () => void): void {
+  watchers.get(caller)?.delete(left)
+}

@@ -1,0 +1,133 @@
+import t, { type Test } from 'tap'
+import { request as httpRequest, type ClientRequest } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import WebSocket from 'ws'
+import { buildTestApp, startTestKernel, testManifest, bearer, json, token, until, drained, type TestKernel } from '../../helper.js'
+
+// A call whose caller left (its HTTP request closed, its WebSocket closed) is cancelled: out of
+// the connection queue, no retry, a query's Kernel request aborted, its bulkhead slot freed; a
+// mutation already sent is let finish (README, "Clients that leave").
+
+const item = { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }
+const idInput = { type: 'object', required: ['id'], properties: { id: { type: 'string' } }, additionalProperties: false }
+
+async function setup (t: Test, kernelSettings: Record<string, unknown> = {}, cache = false) {
+  const kernel = await startTestKernel(t, {})
+  const m = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 5000, ...(cache ? { cache: { ttlSeconds: 30 } } : {}) },
+    createItem: { type: 'mutation', rest: 'POST /items/:id', kernel: 'POST /v1/items/{id}', input: idInput, output: item, timeoutMs: 5000 }
+  }, { retries: 2, circuitBreaker: { threshold: 50, resetTimeoutMs: 200 }, ...kernelSettings })
+  // A backoff long enough that a retry would still be to come when the client leaves.
+  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: cache }, { manifest: m, kernelUrl: kernel.url, kernelBackoff: { baseMs: 300, capMs: 300 } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as AddressInfo).port
+  return { kernel, app, port }
+}
+
+/** A request over a real socket (inject cannot leave), destroyed by the test. */
+function send (port: number, method: string, path: string, requestId: string, headers: Record<string, string> = {}): ClientRequest {
+  const req = httpRequest({ port, method, path, headers: { ...bearer(), 'x-request-id': requestId, ...headers } })
+  req.on('error', () => {})
+  req.end()
+  return req
+}
+
+const hits = (kernel: TestKernel, path: string): number => kernel.requests.filter(r => r.url === path).length
+
+async function auditOf (app: Awaited<ReturnType<typeof setup>>['app'], requestId: string): Promise<Array<{ status: string, statusCode: number }>> {
+  await drained(app)
+  const res = await app.inject({ url: `/admin/audit?requestId=${requestId}`, headers: bearer() })
+  return res.json().entries
+}
+
+t.test('a REST client that leaves frees the bulkhead slot at once and its Kernel request is aborted', async t => {
+  const { app, kernel, port } = await setup(t, { maxInFlight: 1 })
+  let kernelClosed = false
+  kernel.on('GET /v1/items/hang', (_req, res) => { res.on('close', () => { kernelClosed = true }) })
+  const req = send(port, 'GET', '/api/v1/items/hang', 'left-1')
+  await until(() => app.kernel.inFlight() === 1, 'the call to reach the Kernel')
+  req.destroy()
+  await until(() => app.kernel.inFlight() === 0, 'the slot to be freed (the op allows 5 s)', 2000)
+  await until(() => kernelClosed, 'the Kernel request to be aborted', 2000)
+  const other = await app.inject({ url: '/api/v1/items/other', headers: bearer() })
+  t.equal(other.statusCode, 404, 'another client is served, not refused KERNEL_UNAVAILABLE')
+  t.match(await auditOf(app, 'left-1'), [{ status: 'CLIENT_CLOSED', statusCode: 499 }], 'the cancelled call has its audit entry')
+})
+
+t.test('a REST client that leaves during the backoff gets no retry', async t => {
+  const { app, kernel, port } = await setup(t)
+  let req: ClientRequest | null = null
+  // The 500 comes once the client is gone: a retry would follow after the 300 ms backoff.
+  kernel.on('GET /v1/items/e', (_q, res) => { req!.destroy(); setImmediate(() => json(res, 500, {})) })
+  req = send(port, 'GET', '/api/v1/items/e', 'left-2')
+  await until(() => hits(kernel, '/v1/items/e') === 1, 'the first attempt')
+  await until(() => app.kernel.inFlight() === 0, 'the call to end')
+  t.equal(hits(kernel, '/v1/items/e'), 1, 'one attempt, no retry')
+  t.match(await auditOf(app, 'left-2'), [{ status: 'CLIENT_CLOSED', statusCode: 499 }])
+})
+
+t.test('a /ws socket closed with calls in flight frees their slots', async t => {
+  const { app, kernel, port } = await setup(t, { maxInFlight: 4 })
+  kernel.on('GET /v1/items/h', () => { /* never answers */ })
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/ws?access_token=${token()}`)
+  await new Promise(resolve => ws.once('open', resolve))
+  for (let i = 0; i < 4; i++) ws.send(JSON.stringify({ id: String(i), op: 'getItem', input: { id: 'h' } }))
+  await until(() => app.kernel.inFlight() === 4, 'four calls in flight')
+  ws.close()
+  await until(() => app.kernel.inFlight() === 0, 'the slots to be freed', 2000)
+  const other = await app.inject({ url: '/api/v1/items/x', headers: bearer({ tenant: 'another-tenant' }) })
+  t.equal(other.statusCode, 404, 'another tenant is served')
+})
+
+t.test('a mutation already sent is let finish: its outcome is audited and stored for its Idempotency-Key', async t => {
+  const { app, kernel, port } = await setup(t)
+  let answer: (() => void) | null = null
+  kernel.on('POST /v1/items/m1', (_q, res) => { answer = () => json(res, 201, { id: 'm1' }) })
+  const req = send(port, 'POST', '/api/v1/items/m1', 'left-3', { 'content-type': 'application/json', 'idempotency-key': 'k-left' })
+  await until(() => answer !== null, 'the mutation to reach the Kernel')
+  req.destroy()
+  // Time for the close to reach the gateway: the call must still be running after it.
+  await new Promise(resolve => setTimeout(resolve, 100))
+  t.equal(app.kernel.inFlight(), 1, 'the sent mutation still runs')
+  answer!()
+  await until(() => app.kernel.inFlight() === 0, 'the mutation to end')
+  t.match(await auditOf(app, 'left-3'), [{ status: 'ok', statusCode: 201 }], 'audited as carried out')
+  const repeat = await app.inject({ method: 'POST', url: '/api/v1/items/m1', headers: { ...bearer(), 'idempotency-key': 'k-left' }, payload: {} })
+  t.equal(repeat.statusCode, 201)
+  t.equal(repeat.headers['idempotent-replayed'], 'true', 'the repeat gets the stored outcome')
+  t.equal(hits(kernel, '/v1/items/m1'), 1, 'the Kernel ran it once')
+})
+
+t.test('a mutation still waiting for a connection is cancelled, and its Idempotency-Key is free for a repeat', async t => {
+  const { app, kernel, port } = await setup(t, { connections: 1 })
+  let release: (() => void) | null = null
+  kernel.on('GET /v1/items/busy', (_q, res) => { release = () => json(res, 200, { id: 'busy' }) })
+  kernel.on('POST /v1/items/m2', (_q, res) => json(res, 201, { id: 'm2' }))
+  const busy = app.inject({ url: '/api/v1/items/busy', headers: bearer() })
+  await until(() => release !== null, 'the one connection to be taken')
+  const req = send(port, 'POST', '/api/v1/items/m2', 'left-4', { 'content-type': 'application/json', 'idempotency-key': 'k-queued' })
+  await until(() => app.kernel.inFlight() === 2, 'the mutation to wait for the connection')
+  req.destroy()
+  await until(() => app.kernel.inFlight() === 1, 'the mutation to leave the queue', 2000)
+  release!()
+  t.equal((await busy).statusCode, 200)
+  t.equal(hits(kernel, '/v1/items/m2'), 0, 'never sent')
+  t.match(await auditOf(app, 'left-4'), [{ status: 'CLIENT_CLOSED', statusCode: 499 }])
+  const repeat = await app.inject({ method: 'POST', url: '/api/v1/items/m2', headers: { ...bearer(), 'idempotency-key': 'k-queued' }, payload: {} })
+  t.equal(repeat.statusCode, 201, 'the repeat runs, not refused IDEMPOTENCY_CONFLICT')
+  t.equal(hits(kernel, '/v1/items/m2'), 1)
+})
+
+t.test('callers waiting on a cached query\'s Kernel call are answered when the first caller leaves', async t => {
+  const { app, kernel, port } = await setup(t, {}, true)
+  let n = 0
+  kernel.on('GET /v1/items/c', (_q, res) => { if (++n > 1) json(res, 200, { id: 'c' }) })
+  const first = send(port, 'GET', '/api/v1/items/c', 'left-5')
+  await until(() => n === 1, 'the first call to reach the Kernel')
+  const second = app.inject({ url: '/api/v1/items/c', headers: bearer() })
+  await until(() => app.responseCache.cache.inFlight === 1 && app.kernel.inFlight() === 1, 'the second call to wait on the first')
+  first.destroy()
+  const res = await second
+  t.equal(res.statusCode, 200, 'answered by a Kernel call of its own')
+  t.same(res.json(), { id: 'c' })
+})
