@@ -312,9 +312,12 @@ export class KernelClient {
         let settled = false
         request.then(late => { settled = true; late.body.destroy() }, () => { settled = true })
         // undici fails a request it had written within microtasks of the abort; one still waiting
-        // for its connection to open it holds until then: that one never reached the Kernel.
+        // for its connection to open it holds until then: that one never reached the Kernel. It
+        // is still the Kernel's timeout, and a breaker failure (CONTRACT §4): a Kernel host that
+        // drops connection attempts (a blackholed address) answers every call so, within any
+        // timeout under undici's connect timeout, and must open the breaker.
         await new Promise(resolve => setImmediate(resolve))
-        if (!settled) return deadline.cancelled ? leftQueued : queuedOut
+        if (!settled) return deadline.cancelled ? leftQueued : connectTimedOut
         throw err
       }
       const status = res.statusCode
@@ -493,6 +496,8 @@ function fire (deadline: Deadline): void {
 }
 
 const timedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined }
+/** An attempt whose deadline passed while its connection to the Kernel was opening: never sent. */
+const connectTimedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined, unsent: true }
 /** An attempt whose deadline passed while it waited for a connection: never sent. */
 const queuedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined }
 /** Less time left than this once handed a connection: the call gives up unsent (a queue timeout). */

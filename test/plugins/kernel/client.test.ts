@@ -1,7 +1,8 @@
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { createServer } from 'node:http'
-import type { AddressInfo } from 'node:net'
+import { connect, type AddressInfo, type Socket } from 'node:net'
+import { spawn } from 'node:child_process'
 import { buildTestApp, startTestKernel, testManifest, bearer, json, closedPort, type TestKernel } from '../../helper.js'
 
 const item = { type: 'object', required: ['id'], properties: { id: { type: 'string' }, name: { type: 'string' } } }
@@ -686,6 +687,37 @@ t.test('calls whose time runs out waiting for a connection: no connection torn d
 // before the next one's timer fired, and that call went out with no time left, was aborted while
 // undici reconnected, and counted as a Kernel timeout. Three such calls opened the breaker on a
 // Kernel that answered each request in 100 ms.
+/**
+ * A host that drops connection attempts (a blackholed address): a process listening with a
+ * backlog of one, stopped, its backlog filled: the system completes no further handshake.
+ */
+async function blackhole (t: Test): Promise<number> {
+  const child = spawn(process.execPath, ['-e', "const s = require('net').createServer().listen({ port: 0, host: '127.0.0.1', backlog: 1 }, () => { console.log(s.address().port); process.kill(process.pid, 'SIGSTOP') })"], { stdio: ['ignore', 'pipe', 'inherit'] })
+  t.teardown(() => { child.kill('SIGKILL') })
+  const port = await new Promise<number>(resolve => child.stdout.once('data', (d: Buffer) => resolve(Number(String(d).trim()))))
+  await sleep(100)
+  const fill: Socket[] = []
+  t.teardown(() => { for (const s of fill) s.destroy() })
+  for (let i = 0; i < 4; i++) { const s = connect(port, '127.0.0.1'); s.on('error', () => {}); fill.push(s) }
+  await sleep(100)
+  return port
+}
+
+t.test('a Kernel host that drops connection attempts opens the breaker, whatever the timeout (the calls were never sent)', async t => {
+  const port = await blackhole(t)
+  const m = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 300 }
+  }, { retries: 0, connections: 4, circuitBreaker: { threshold: 3, resetTimeoutMs: 60_000 } })
+  const app = await buildTestApp(t, {}, { manifest: m, kernelUrl: `http://127.0.0.1:${port}` })
+  const codes: string[] = []
+  for (let i = 0; i < 5; i++) codes.push((await app.inject({ url: '/api/v1/items/x', headers: bearer() })).json().code)
+  // Before, a call whose time ran out while undici still opened its connection (connect timeout
+  // 2 s) was a queue timeout, no breaker failure: the breaker never opened, /readyz stayed up.
+  t.same(codes, ['KERNEL_TIMEOUT', 'KERNEL_TIMEOUT', 'KERNEL_TIMEOUT', 'KERNEL_UNAVAILABLE', 'KERNEL_UNAVAILABLE'], 'three timeouts open the breaker')
+  t.equal(app.kernel.breakerState(), 'open')
+  t.equal((await app.inject({ url: '/readyz' })).statusCode, 503, 'not ready')
+})
+
 t.test('calls of a burst handed a connection as their time runs out are queue timeouts, not Kernel timeouts', async t => {
   const kernel = await startTestKernel(t, { 'GET /v1/items/b1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'b1' }), 100) } })
   const manifest = testManifest({
