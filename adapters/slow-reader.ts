@@ -17,25 +17,25 @@ export function slowReader (socket: WebSocket | null, max = MAX_BUFFERED_BYTES):
 }
 
 /**
- * The text frame `text` encoded once (UTF-8), or null when queuing it would take the bytes
- * `socket` holds for its client past `max`: the client has stopped reading. The frame is counted
- * before it is queued (checked after, the bound was passed by the frame that crossed it, of any
- * size), in UTF-8 bytes: ws queues a text frame's string, which it counts in characters. A frame
- * larger than the bound alone still goes out on a socket that holds nothing. Send what it
- * returns with `{ binary: false }`.
+ * The text frame `text` encoded once (UTF-8), or null when `socket` already holds more than
+ * `max` bytes its client has not read: the client has stopped reading. What a client has not
+ * read is counted in UTF-8 bytes: ws counts a queued string in characters (text in two-byte
+ * characters was counted at half its size), and counts a Buffer in bytes. A client is judged by
+ * what it left unread before this frame, not with it: one that reads, a moment behind (its
+ * network's buffers full), is not closed for two large answers in a row; what is queued stays
+ * within the bound and one frame. Send what it returns with `{ binary: false }`.
  */
 export function boundedFrame (socket: WebSocket, text: string, max: number): Buffer | null {
-  const frame = Buffer.from(text)
-  const queued = socket.bufferedAmount
-  return queued > 0 && queued + frame.length > max ? null : frame
+  return socket.bufferedAmount > max ? null : Buffer.from(text)
 }
 
 type Send = (data: unknown, options?: unknown, cb?: unknown) => void
 
 /**
  * Holds every text frame a library sends on `socket` (mercurius' graphql-ws server, which calls
- * socket.send itself) to boundedFrame's rule: one that does not fit is not queued, and the
- * socket closes with 1013 instead; a callback gets the error ws gives a send on a closing socket.
+ * socket.send itself) to boundedFrame's rule: one sent to a client that has stopped reading is
+ * not queued, and the socket closes with 1013 instead; a callback gets the error ws gives a
+ * send on a closing socket.
  */
 export function boundSends (socket: WebSocket, max = MAX_BUFFERED_BYTES): void {
   const send = socket.send as Send

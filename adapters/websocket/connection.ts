@@ -113,8 +113,8 @@ export class Connection {
   }
 
   /**
-   * Sends a frame unless it would take the bytes queued for the client past the bound (see
-   * boundedFrame): the client has stopped reading, and the connection ends with 1013 instead.
+   * Sends a frame unless the client has left more than the bound unread (in UTF-8 bytes, see
+   * boundedFrame): it has stopped reading, and the connection ends with 1013 instead.
    */
   private send (text: string): void {
     if (this.closing) return

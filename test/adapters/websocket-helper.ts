@@ -226,12 +226,20 @@ export function run (id: string, extra: Record<string, unknown> = {}): Record<st
 }
 
 /** The most bytes `server` has held for its client after any send from now on (ws' bufferedAmount). */
-export function peakBuffered (server: WebSocket): () => number {
+export function peakBuffered (server: WebSocket): () => { peak: number, before: number, step: number } {
+  // The most queued; the most unread before a frame that was queued; the least a queued frame
+  // added once the socket held something (its size as ws counts it).
   let peak = 0
+  let before = 0
+  let step = Infinity
   const send = server.send.bind(server)
   server.send = ((...args: Parameters<typeof send>) => {
+    const was = server.bufferedAmount
     send(...args)
-    peak = Math.max(peak, server.bufferedAmount)
+    const now = server.bufferedAmount
+    peak = Math.max(peak, now)
+    if (now > was) before = Math.max(before, was)
+    if (was > 0 && now > was) step = Math.min(step, now - was)
   }) as typeof server.send
-  return () => peak
+  return () => ({ peak, before, step })
 }

@@ -171,9 +171,9 @@ t.test('a client that does not read is closed with 1013 instead of buffering wit
   t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_websocket_closes_total\{reason="slow_reader"\} 1/)
 })
 
-t.test('the bound on bytes queued for a client holds exactly: the frame that would pass it closes the connection instead', async t => {
-  // Checked before each frame but without it, the bound was passed by the frame that crossed
-  // it, of any size; and a queued text frame was counted in characters, not UTF-8 bytes.
+t.test('what a client leaves unread is counted in UTF-8 bytes: no frame is queued once it passes the bound', async t => {
+  // A queued text frame was counted in characters, not UTF-8 bytes: text in two-byte characters
+  // filled twice the bound before the reader was closed.
   const max = 256 * 1024
   const { app, url } = await wsApp(t, { settings: { maxBufferedBytes: max } })
   const opened = new Promise<WebSocket>(resolve => app.websocketServer.once('connection', resolve))
@@ -190,11 +190,38 @@ t.test('the bound on bytes queued for a client holds exactly: the frame that wou
     await sleep(0)
   }
   t.equal(app.events.bus.subscriptions, 0, 'the slow reader was closed')
-  const peak = peaked()
+  const { peak, before, step } = peaked()
   t.ok(peak > 0, 'frames were queued')
-  t.ok(peak <= max, `at most ${max} bytes queued, the peak was ${peak}`)
+  t.ok(step >= 60 * 1024, `a frame of 30 Ki two-byte characters counts at least 60 KiB (${step})`)
+  t.ok(before <= max, `no frame queued once ${max} bytes were unread (${before})`)
+  t.ok(peak <= max + 64 * 1024, `at most the bound and one frame queued, the peak was ${peak}`)
   socket.resume()
   t.same(await slow.closed, { code: 1013, reason: 'The client does not read its frames' })
+})
+
+t.test('a client a moment behind (its network buffers full) is not closed for two large answers in a row', async t => {
+  const { app, url } = await wsApp(t)
+  const opened = new Promise<WebSocket>(resolve => app.websocketServer.once('connection', resolve))
+  const client = await connect(t, url, { roles: ['viewer'] })
+  const server = await opened
+  await client.request({ id: 's', subscribe: 'runUpdated' })
+  const socket = (client.ws as unknown as { _socket: Socket })._socket
+  socket.pause()
+  for (let n = 0; server.bufferedAmount === 0 && n < 10_000; n++) {
+    await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run(`f${n}`, { output: 'y'.repeat(16 * 1024) }) })
+    await sleep(0)
+  }
+  t.ok(server.bufferedAmount > 0 && server.bufferedAmount < 1024 * 1024, 'a little left unread')
+  // Two answers of 2.5 MiB: together past 4 MiB, each sent while less than 4 MiB was unread.
+  const big = 'x'.repeat(2.5 * 1024 * 1024)
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run('r1', { output: big }) })
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run('r2', { output: big }) })
+  socket.resume()
+  for (;;) {
+    const frame = await client.next() as { data?: { id?: string } }
+    if (frame.data?.id === 'r2') break
+  }
+  t.equal(client.ws.readyState, client.ws.OPEN, 'both arrived, the connection open')
 })
 
 t.test('a frame larger than the bound alone still reaches a client that reads', async t => {
