@@ -49,8 +49,10 @@ declare module 'fastify' {
 const FIRST_POLL_MS = 5
 const MAX_POLL_MS = 200
 const LEASE_MARGIN_MS = 5000
-/** How often outcomes Redis did not take are offered to it again. */
-const COPY_RETRY_MS = 250
+/** How often outcomes and releases Redis did not take are offered to it again. */
+const RETRY_MS = 250
+/** Most outcomes and releases waiting for Redis (one per call that was running when it failed). */
+const MAX_PENDING = 10_000
 const MEMORY_MAX_BYTES = 64 * 1024 * 1024
 /** Kernel refusals that say "try later" rather than "no": a repeat must run again. */
 const TRANSIENT_STATUS = new Set([408, 425, 429])
@@ -110,9 +112,9 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
    * Stores a call's outcome where it claimed its key (null frees the key), and ends its hold in
    * memory. A store that fails never fails the call. When Redis does not take an outcome, this
    * instance keeps it, with the claim it answers: replayed here, and copied to Redis over that
-   * claim as soon as Redis takes it (copyLater). Lost, a repeat here ran a second Kernel call
+   * claim as soon as Redis takes it (`later`). Lost, a repeat here ran a second Kernel call
    * during the outage, and every instance's repeat waited for the stale claim's lease, then ran
-   * again.
+   * again. A failed call's release that Redis does not take is retried the same way.
    *
    * `unanswered`: the Redis claim a call claimed in memory may hold there too (its claim failed
    * with no answer, a timeout, which Redis may yet have carried out). Its outcome is then copied
@@ -123,59 +125,81 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   const finish = async (store: IdempotencyStore, key: string, token: string, outcome: DoneRecord | null, leaseMs: number, unanswered: string | null): Promise<void> => {
     try {
       if (outcome === null) {
-        if (unanswered !== null) shared!.release(key, unanswered).catch(() => {})
+        if (unanswered !== null) shared!.release(key, unanswered).catch(() => { later(key, leaseMs, unanswered) })
         await store.release(key, token)
       } else if (unanswered !== null) {
         await memory.complete(key, token, { ...outcome, heldAs: unanswered }, ttlMs)
-        copyLater(key, leaseMs)
+        later(key, leaseMs, null)
         return
       } else await store.complete(key, token, outcome, ttlMs)
     } catch (err) {
-      app.log.warn({ err: (err as Error).message }, 'idempotency: could not store the outcome of a call')
+      app.log.warn({ err: (err as Error).message }, outcome === null ? 'idempotency: could not release the key of a failed call' : 'idempotency: could not store the outcome of a call')
       if (outcome !== null) {
         const kept: DoneRecord = { ...outcome, heldAs: token }
         await memory.complete(key, token, kept, ttlMs)
-        copyLater(key, leaseMs)
+        later(key, leaseMs, null)
         return
       }
+      // The Redis claim of a failed call: released once Redis is back.
+      if (store !== memory) later(key, leaseMs, token)
     }
     if (store !== memory) await memory.release(key, token)
   }
 
-  // Outcomes Redis did not take, to copy over their calls' claims there without waiting for a
-  // repeat to reach this instance (one reaching another instance waited for the claim's lease,
-  // then ran the call again). Each is tried until Redis takes it or its claim's lease ends (the
-  // claim is gone from Redis then): as many as the calls that were running when Redis failed.
-  const copies = new Map<string, number>()
-  let copier: NodeJS.Timeout | null = null
-  let copying = false
-  const copyAll = async (): Promise<void> => {
-    if (copying || !redis!.up()) return
-    copying = true
+  // What Redis did not take, offered to it again every 250 ms without waiting for a repeat to
+  // reach this instance: an outcome, copied over its call's claim there, and the release of a
+  // failed call's claim. A repeat on another instance found that claim running and waited for
+  // its lease (the op's timeout plus 5 s), then ran the call again, or got 409 after a release
+  // that failed (README: the key was released). Each is tried until Redis takes it or the
+  // claim's lease ends (the claim is gone from Redis then, and a release is guarded by the
+  // claim's token anyway): as many as the calls that were running when Redis failed, at most
+  // MAX_PENDING (the oldest is dropped: its claim's lease ends first).
+  // Keyed by the store key for an outcome (the memory store holds it), by the claim's token,
+  // unique, for a release: a key may have both (a repeat's outcome over a claim of its own).
+  const pending = new Map<string, { key: string, until: number, release: string | null }>()
+  let retrier: NodeJS.Timeout | null = null
+  let retrying = false
+  const retryAll = async (): Promise<void> => {
+    if (retrying) return
+    retrying = true
     try {
-      for (const [key, until] of copies) {
-        const outcome = outcomeOf(memory.peek(key))
-        if (until > performance.now() && outcome !== null) await shared!.seed(key, outcome.record, outcome.ttl)
-        copies.delete(key)
+      const now = performance.now()
+      for (const [id, p] of pending) {
+        if (p.until <= now) pending.delete(id)
+        else if (redis!.up()) {
+          if (p.release !== null) await shared!.release(p.key, p.release)
+          else {
+            const outcome = outcomeOf(memory.peek(p.key))
+            if (outcome !== null) await shared!.seed(p.key, outcome.record, outcome.ttl)
+          }
+          pending.delete(id)
+        }
       }
     } catch {
       // Redis is away again: the next tick tries the rest.
     } finally {
-      copying = false
-      if (copies.size === 0 && copier !== null) {
-        clearInterval(copier)
-        copier = null
+      retrying = false
+      if (pending.size === 0 && retrier !== null) {
+        clearInterval(retrier)
+        retrier = null
       }
     }
   }
-  const copyLater = (key: string, leaseMs: number): void => {
-    copies.set(key, performance.now() + leaseMs)
-    if (copier === null) {
-      copier = setInterval(() => { copyAll().catch(() => {}) }, COPY_RETRY_MS)
-      copier.unref()
+  /** Offers Redis again, for the `leaseMs` of the key's claim, its outcome (`release` null) or the release of that claim. */
+  const later = (key: string, leaseMs: number, release: string | null): void => {
+    const id = release ?? key
+    pending.delete(id)
+    if (pending.size >= MAX_PENDING) pending.delete(pending.keys().next().value!)
+    pending.set(id, { key, until: performance.now() + leaseMs, release })
+    if (retrier === null) {
+      retrier = setInterval(() => { retryAll().catch(() => {}) }, RETRY_MS)
+      retrier.unref()
     }
   }
-  app.addHook('onClose', async () => { if (copier !== null) clearInterval(copier) })
+  app.addHook('onClose', async () => { if (retrier !== null) clearInterval(retrier) })
+  if (app.hasDecorator('metrics')) {
+    new Gauge({ name: 'mantle_idempotency_pending_redis_writes', help: 'Outcomes and key releases Redis did not take, offered to it again every 250 ms while their claims\' leases last (bounded, 10,000)', registers: [app.metrics.registry], collect () { this.set(pending.size) } }) // eslint-disable-line no-new
+  }
   // `count`: the call's first claim (a repeat waiting for the first call claims again each poll).
   const claimIn = async (key: string, hash: string, leaseMs: number, count: boolean): Promise<[IdempotencyStore, Claim, string | null]> => {
     let unanswered: string | null = null

@@ -8,10 +8,11 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { until, startTestKernel, json } from '../../helper.js'
+import { until, startTestKernel, json, type TestHandler } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { storeKey } from '../../../plugins/idempotency/index.js'
 import { idemSetup, REDIS_URL } from './idempotency-helper.js'
+import { metric, eventually } from '../cache/items.js'
 
 const TTL_MS = 120_000 // the helper's BFF_IDEMPOTENCY_TTL_SECONDS
 
@@ -146,4 +147,79 @@ t.test('a claim Redis carried out but never answered, of a call that failed: the
   t.equal(repeat.statusCode, 201, repeat.body)
   t.notOk(repeat.headers['idempotent-replayed'], 'a new call, not a replay')
   t.equal(a.calls(), 2, 'the repeat reached the Kernel')
+})
+
+/**
+ * Two instances on one Redis, `a` through a proxy the test cuts, `b` without waiting for a running
+ * claim (409 at once); a Kernel whose item creations (createItem, quickItem) are held until `open()` and answers 503 while
+ * `failing`; a direct client of the Redis.
+ */
+async function failingCall (t: Teardown) {
+  let open!: () => void
+  const gate = new Promise<void>(resolve => { open = resolve })
+  const state = { failing: true }
+  const create: TestHandler = async (req, res) => {
+    await gate
+    if (state.failing) json(res, 503, { message: 'down' })
+    else json(res, 201, { id: 'item-1', name: (JSON.parse(req.body) as { name: string }).name, n: 1 })
+  }
+  const kernel = await startTestKernel(t, { 'POST /v1/items': create, 'POST /v1/quick': create })
+  const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
+  const a = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, {}, kernel)
+  const b = await idemSetup(t, 'redis', { BFF_IDEMPOTENCY_WAIT_MS: 0 }, {}, kernel)
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.quit())
+  await until(() => a.app.redis.up() && b.app.redis.up(), 'both instances connected')
+  return { open, state, proxy, a, b, redis }
+}
+
+for (const answered of [true, false]) {
+  const what = answered ? 'a claim Redis answered' : 'a claim Redis carried out but never answered'
+  t.test(`${what}, of a call that failed as Redis went away: the release Redis refused is done once it is back, a repeat on another instance runs`, async t => {
+    // README: a call that failed otherwise than definitively releases its key. The release failed
+    // (Redis away as the call ended) and was never retried: the claim stayed for its lease (the
+    // op's timeout plus 5 s), and a repeat on another instance got 409 meanwhile.
+    const { open, state, proxy, a, b, redis } = await failingCall(t)
+    const key = randomUUID()
+    const at = storeKey(a.tenant, 'createItem', key)
+    if (!answered) proxy.delay(700) // over the 500 ms command timeout: the claim runs from memory
+    const first = a.create({ name: 'x' }, key)
+    await until(() => a.calls() === 1, 'the call to reach the Kernel')
+    t.match(await redis.get(at), /"state":"running"/, 'Redis holds the call\'s claim')
+    proxy.cut('reset')
+    await until(() => !a.app.redis.up(), 'the instance to notice the cut')
+    open()
+    t.match([(await first).statusCode, (await first).json()], [502, { code: 'KERNEL_ERROR' }])
+    t.match(await redis.get(at), /"state":"running"/, 'the release failed: the claim is still there')
+    const lease = await redis.pttl(at)
+    t.ok(lease > 8000, `its lease has ${lease} ms left`)
+    t.equal(await metric(a.app, 'mantle_idempotency_pending_redis_writes'), 1, 'the release waits for Redis')
+    proxy.restore()
+    // Well within the lease: gone because it was released, not because it lapsed.
+    await eventually(async () => await redis.exists(at) === 0, 'the claim to be released', 5000)
+    t.equal(await metric(a.app, 'mantle_idempotency_pending_redis_writes'), 0, 'nothing left to retry')
+    state.failing = false
+    const repeat = await b.create({ name: 'x' }, key, a.tenant)
+    t.equal(repeat.statusCode, 201, repeat.body)
+    t.notOk(repeat.headers['idempotent-replayed'], 'a new call, not a replay')
+    t.equal(a.calls(), 2, 'the repeat reached the Kernel')
+  })
+}
+
+t.test('a release Redis refused is dropped when the claim\'s lease ends, Redis still away: nothing is retried for a claim gone from Redis', async t => {
+  // quickItem: a 1 s timeout, so a 6 s lease. Past it the claim lapsed in Redis, and the key may
+  // be another call's by now (a release is guarded by the claim's token all the same).
+  const { open, proxy, a, redis } = await failingCall(t)
+  const key = randomUUID()
+  const at = storeKey(a.tenant, 'quickItem', key)
+  const first = a.app.inject({ method: 'POST', url: '/api/v1/quick', headers: a.headers(key), payload: { name: 'q' } })
+  await until(() => a.calls('POST /v1/quick') === 1, 'the call to reach the Kernel')
+  proxy.cut('reset')
+  await until(() => !a.app.redis.up(), 'the instance to notice the cut')
+  open()
+  t.equal((await first).statusCode, 502)
+  t.equal(await metric(a.app, 'mantle_idempotency_pending_redis_writes'), 1, 'the release waits for Redis')
+  await eventually(async () => await redis.exists(at) === 0, 'the claim\'s lease to end', 10_000)
+  await eventually(async () => await metric(a.app, 'mantle_idempotency_pending_redis_writes') === 0, 'the release to be dropped', 5000)
+  t.notOk(a.app.redis.up(), 'dropped while Redis was still away')
 })
