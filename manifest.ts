@@ -314,6 +314,9 @@ function buildOperation (
   // in the query string). Before, only the first was checked: an object field of a POST route
   // served by a Kernel GET reached the Kernel as "[object Object]" (and {"toString": 1} was a 500).
   for (const [prop, schema] of Object.entries(props)) {
+    // A property that is no schema (YAML's `limit:` with nothing after it is null) is a fault of
+    // the schema check's own; read on, it stopped start-up with a bare TypeError.
+    if (schema === null || typeof schema !== 'object') continue
     if (!inputInBody && !pathParams.includes(prop) && !isQueryable(schema)) {
       faults.push(`${at}.input.properties.${prop}: ${method} takes its input from the query string, which carries only scalars and arrays of scalars`)
     } else if (!kernelBody && !kernelParams.includes(prop) && !isQueryable(schema)) {

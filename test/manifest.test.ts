@@ -471,3 +471,16 @@ t.test('every fault is reported in one error', async t => {
   t.equal(shape.length, 4, shape.join('\n'))
   t.same([...shape].sort(), ['kernel.x: unknown key', 'operations.a.y: unknown key', 'version: must be 1', 'z: unknown key'])
 })
+
+t.test('an input property that is no schema (YAML `limit:` with nothing after it) is a fault of the manifest, not a TypeError', async t => {
+  // Before, the route checks read its type and start-up stopped with "Cannot read properties of null".
+  for (const [what, op] of [
+    ['a GET query', { ...query, input: { type: 'object', properties: { limit: null } } }],
+    ['a path parameter', { ...query, rest: 'GET /a/:id', kernel: 'GET /v1/a/{id}', input: { type: 'object', required: ['id'], properties: { id: null } } }],
+    ['a POST served by a Kernel GET', { ...query, rest: 'POST /a', input: { type: 'object', properties: { limit: null } } }]
+  ] as const) {
+    const faults = faultsOf(doc({ a: op }))
+    t.ok(faults.length > 0, `${what}: refused`)
+    t.ok(faults.some(f => /properties[./]/.test(f) && /limit|id/.test(f)), `${what}: the fault names the property (${faults.join('; ')})`)
+  }
+})
