@@ -18,8 +18,10 @@ export async function main (argv: string[], env: Record<string, string | undefin
   }
   if (command === 'down') {
     const s = await migrationStatus(url)
-    const target = arg === undefined ? Math.max(0, s.current - 1) : Number(arg)
-    if (!Number.isInteger(target) || target < 0 || target > s.current) throw new Error(`down needs a version from 0 to ${s.current}, not ${arg}`)
+    // Digits only: Number('') and Number(' ') are 0, and `down "$VERSION"` with VERSION unset
+    // dropped the whole audit table.
+    const target = arg === undefined ? Math.max(0, s.current - 1) : /^[0-9]+$/.test(arg) ? Number(arg) : NaN
+    if (!Number.isInteger(target) || target < 0 || target > s.current) throw new Error(`down needs a version from 0 to ${s.current}, not ${JSON.stringify(arg)}`)
     const r = await migrate(url, target)
     return `migrated down from ${r.from} to ${r.to}${r.ran.length > 0 ? ': ' + r.ran.join(', ') : ' (nothing to do)'}`
   }

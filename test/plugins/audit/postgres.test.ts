@@ -465,6 +465,8 @@ if (available) {
     const plan = JSON.stringify(await sql(noScans, "EXPLAIN (FORMAT JSON) SELECT * FROM bff_audit_entries WHERE request_id = 'r1' OR request_id LIKE 'r1~%'"))
     t.match(plan, /bff_audit_entries_request_id_idx/)
     t.notMatch(plan, /Seq Scan/)
+    // Number('') is 0: `down "$VERSION"` with VERSION unset dropped every table.
+    for (const arg of ['', ' ', '1.0', '-0']) await t.rejects(migrateMain(['down', arg], { DATABASE_URL: url }), /down needs a version from 0 to 4/, `down ${JSON.stringify(arg)} refused`)
     t.match(await migrateMain(['down'], { DATABASE_URL: url }), /^migrated down from 4 to 3/)
     t.ok((await indexes()).includes('bff_audit_entries_request_id_key btree'), 'down to 3: the unique constraint again')
     t.match(await migrateMain(['down'], { DATABASE_URL: url }), /^migrated down from 3 to 2/)
