@@ -109,7 +109,7 @@ const describe = (name: string): string => {
 
 /** How a numeric variable is written: decimal digits (Ajv's coercion also took 0x10, 1e3, " 80", +80, 80.0). */
 export const INTEGER_TEXT = /^[0-9]+$/
-export const NUMBER_TEXT = /^(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)$/
+export const NUMBER_TEXT = /^(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$/
 
 /**
  * Reads and validates the configuration once. A bad value throws one ConfigError whose message

@@ -253,6 +253,11 @@ t.test('a number is written in decimal digits: 0x10, 1e3, " 80", "80.0", "+80" a
   t.equal(loadConfig({ PORT: '080' }).PORT, 80, 'decimal digits, a leading zero too')
   t.equal(loadConfig({ BFF_TRACE_SAMPLE_RATIO: '0.25' }).BFF_TRACE_SAMPLE_RATIO, 0.25)
   t.equal(loadConfig({ BFF_TRACE_SAMPLE_RATIO: '1' }).BFF_TRACE_SAMPLE_RATIO, 1)
+  // A ratio is often written with an exponent (OpenTelemetry's examples): refused, an upgrade
+  // stopped a deployment that ran with 1e-2.
+  for (const [text, ratio] of [['1e-2', 0.01], ['5E-1', 0.5], ['1.', 1], ['.5', 0.5]] as const) {
+    t.equal(loadConfig({ BFF_TRACE_SAMPLE_RATIO: text }).BFF_TRACE_SAMPLE_RATIO, ratio, `BFF_TRACE_SAMPLE_RATIO=${text}`)
+  }
 })
 
 t.test('a blank HOST, or one with spaces, is refused at start-up, not at listen', async t => {
