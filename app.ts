@@ -436,7 +436,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     })
   }
   // Before the concerns, so that each can add its store to /diagz (app.diagz.addStore); its
-  // route comes after the rate-limit guard (diagzRoute).
+  // route comes after the rate-limit guard and the audit (diagzRoute).
   if (config.BFF_DIAGZ_ENABLED) await app.register(diagz, { version: VERSION, ...options.diagz })
   if (config.BFF_AUTH_ENABLED) {
     // The development secret is the fallback only when no key source is configured.
@@ -469,7 +469,6 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       ...options.rateLimit
     })
   }
-  if (config.BFF_DIAGZ_ENABLED) await app.register(diagzRoute)
   if (config.BFF_AI_FIREWALL_ENABLED) await app.register(firewall, { cacheSize: config.BFF_FIREWALL_CACHE_SIZE })
   if (config.BFF_IDEMPOTENCY_ENABLED) {
     await app.register(idempotency, {
@@ -493,6 +492,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       ...options.audit
     })
   }
+  // After the rate-limit guard and the audit: both reach it through their onRoute hooks.
+  if (config.BFF_DIAGZ_ENABLED) await app.register(diagzRoute)
   await app.register(kernel, {
     url: options.kernelUrl ?? config.KERNEL_URL,
     resilience: config.BFF_CIRCUIT_BREAKER_ENABLED,

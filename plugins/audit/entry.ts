@@ -43,12 +43,17 @@ export interface StoredEntry extends AuditEntry {
 /** The previous hash of the first entry ever written. */
 export const GENESIS = '0'.repeat(64)
 
+/** An identity refusal (401 UNAUTHENTICATED, 403 FORBIDDEN): category `auth`, on any endpoint. */
+export function refusedIdentity (code: string | null): boolean {
+  return code === 'UNAUTHENTICATED' || code === 'FORBIDDEN'
+}
+
 /**
  * Identity refusals are `auth`, the firewall's blocks, rate limits and high-risk input are
  * `security`; every other call is `read` (query) or `write` (mutation).
  */
 export function categoryOf (type: 'query' | 'mutation', code: string | null, risk: RiskLevel): Category {
-  if (code === 'UNAUTHENTICATED' || code === 'FORBIDDEN') return 'auth'
+  if (refusedIdentity(code)) return 'auth'
   if (code === 'FIREWALL_BLOCKED' || code === 'RATE_LIMITED' || risk === 'high' || risk === 'critical') return 'security'
   return type === 'query' ? 'read' : 'write'
 }

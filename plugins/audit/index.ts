@@ -7,7 +7,7 @@ import { StageOrder, type CallContext, type Protocol } from '../pipeline/index.j
 import { MantleError, toProblem } from '../../errors.js'
 import { ConfigError } from '../../schemas/config.js'
 import type { Operation } from '../../manifest.js'
-import { type AuditEntry, type AuditStore, type AuditQuery, type Category, categoryOf } from './entry.js'
+import { type AuditEntry, type AuditStore, type AuditQuery, type Category, categoryOf, refusedIdentity } from './entry.js'
 import { uuidv7 } from '../../ids.js'
 import { upgradeAuthorization } from '../../adapters/upgrade.js'
 import { httpAuthorization } from '../../adapters/trpc/context.js'
@@ -41,6 +41,11 @@ export interface Audit {
    * malformed batch), as `security`, under `action`: the code and status the client got.
    */
   refused: (request: FastifyRequest, reply: FastifyReply, action: string, code: string, statusCode: number) => void
+  /**
+   * What the entry of a request on a route that audits itself (`config.audit`) says besides who
+   * and how it ended: which tenant and tags an invalidation targeted, say. Never input or secrets.
+   */
+  describe: (request: FastifyRequest, metadata: Record<string, unknown>) => void
   readonly store: AuditStore
 }
 
@@ -50,8 +55,13 @@ declare module 'fastify' {
     audit: Audit
   }
   interface FastifyContextConfig {
-    /** The route writes its own audit entry (the audit endpoints): onError leaves it alone. */
-    auditsItself?: boolean
+    /**
+     * The action of the one audit entry each request on this route leaves, allowed or refused
+     * (the gateway's admin and ops endpoints: `admin.diagz`, `admin.cache.invalidate`). The audit
+     * plugin adds the hook that writes it to the routes declared after it; with the audit off,
+     * nothing is added.
+     */
+    audit?: string
   }
 }
 
@@ -310,7 +320,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   const enqueue = (entry: AuditEntry): void => writer.enqueue(entry)
 
   const health = (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, writing: writer.writing, spoolBytes: writer.spoolBytes, error: writer.error })
-  app.decorate('audit', { store, enqueue, health, refused })
+  app.decorate('audit', { store, enqueue, health, refused, describe })
 
   if (app.hasDecorator('diagz')) {
     app.diagz.addStore('audit', () => {
@@ -383,7 +393,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       return { tenant: 'public', user: 'anonymous' }
     }
   }
-  const httpEntry = (request: FastifyRequest, reply: FastifyReply, action: string, category: Category, status: string, statusCode: number): AuditEntry => {
+  const httpEntry = (request: FastifyRequest, reply: FastifyReply, action: string, category: Category, status: string, statusCode: number, metadata = NO_METADATA as Record<string, unknown>): AuditEntry => {
     const { tenant, user } = who(request)
     const elapsed = reply.elapsedTime
     return {
@@ -401,7 +411,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       status,
       statusCode,
       durationMs: Math.round(elapsed * 1000) / 1000,
-      metadata: NO_METADATA as Record<string, unknown>
+      metadata
     }
   }
 
@@ -411,10 +421,14 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     writer.enqueue(httpEntry(request, reply, action, 'security', code, statusCode), true)
   }
 
-  // The contract code of a refusal thrown on one of the audit endpoints (role, body, load
-  // shedding), for its one entry, which the endpoint's onResponse writes.
+  // The contract code of a refusal thrown on a route that audits itself (role, body, rate limit,
+  // load shedding), and what its handler described, for its one entry, which onResponse writes.
   const refusals = new WeakMap<FastifyRequest, string>()
-  const auditsItself = (request: FastifyRequest): boolean => request.routeOptions.config?.auditsItself === true
+  const descriptions = new WeakMap<FastifyRequest, Record<string, unknown>>()
+  function describe (request: FastifyRequest, metadata: Record<string, unknown>): void {
+    descriptions.set(request, metadata)
+  }
+  const auditsItself = (request: FastifyRequest): boolean => request.routeOptions.config?.audit !== undefined
 
   // A body Fastify refuses before any face sees it (too large, not JSON, malformed JSON) never
   // becomes an operation call; it is still recorded, as `security`. Errors of the calls
@@ -433,19 +447,31 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     done()
   })
 
-  // The gateway's own audit endpoints are audited too (category admin), refusals included: one
-  // entry each, with the refusal's code. Before, a body Fastify refused there was recorded twice
-  // (once as `security`), and every refusal but 400, 401 and 403 was recorded as INTERNAL.
-  const adminAudit = (action: string) => (request: FastifyRequest, reply: FastifyReply, done: () => void): void => {
+  // The gateway's own endpoints (every /admin/* route and /diagz, each declaring its action as
+  // `config.audit`) are audited, refusals included: one entry each, category admin (auth for a
+  // 401 or 403, as a call's), with the refusal's code. Before, a body Fastify refused there was
+  // recorded twice (once as `security`), every refusal but 400, 401 and 403 was recorded as
+  // INTERNAL, and only the audit endpoints were audited at all: a system caller invalidating
+  // another tenant's cache, or refused on /diagz, left no entry. Not the probes and the scrape
+  // (/healthz, /readyz, /metrics). Routes declared before this plugin are not reached (app.ts
+  // registers /diagz after it).
+  const adminAudit = (action: string) => function auditAdminCall (request: FastifyRequest, reply: FastifyReply, done: () => void): void {
     const status = reply.statusCode < 400 ? 'ok' : (refusals.get(request) ?? (reply.statusCode === 400 ? 'VALIDATION_FAILED' : 'INTERNAL'))
-    enqueue(httpEntry(request, reply, action, 'admin', status, reply.statusCode))
+    const category = refusedIdentity(status) ? 'auth' : 'admin'
+    enqueue(httpEntry(request, reply, action, category, status, reply.statusCode, descriptions.get(request)))
     done()
   }
+  app.addHook('onRoute', (route) => {
+    const action = route.config?.audit
+    if (action === undefined) return
+    const own = route.onResponse
+    const hook = adminAudit(action)
+    route.onResponse = own === undefined ? [hook] : [...(Array.isArray(own) ? own : [own]), hook]
+  })
 
   app.get('/admin/audit', {
-    config: { auditsItself: true },
+    config: { audit: 'admin.audit.query' },
     onRequest: app.requireRole('system'),
-    onResponse: adminAudit('admin.audit.query'),
     schema: {
       hide: true,
       querystring: {
@@ -490,9 +516,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   })
 
   app.post('/admin/audit/verify', {
-    config: { auditsItself: true },
+    config: { audit: 'admin.audit.verify' },
     onRequest: app.requireRole('system'),
-    onResponse: adminAudit('admin.audit.verify'),
     schema: {
       hide: true,
       body: { type: ['object', 'null'], additionalProperties: false, properties: { from: DateTime, to: DateTime } },

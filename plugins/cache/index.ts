@@ -15,6 +15,24 @@ export { MemoryTier, TagClock, type CachedAnswer } from './memory.js'
 export { RedisTier } from './redis.js'
 export { entryKey, policyOf, sharedKey, localKey, LOCAL_KEY_MAX_INPUT, tagKey, tagTemplate, etagOf, matchesIfNoneMatch, INVALIDATE_CHANNEL } from './keys.js'
 
+/**
+ * The most text of tags an invalidation's audit entry names (the first ones, whole): a body of
+ * 1,000 tags of 1 KB each would have made one entry of 1 MB, held in the audit's queue and its
+ * memory store, which count entries, not bytes. `tagCount` says how many there were.
+ */
+export const AUDITED_TAG_CHARS = 2048
+
+function auditedTags (tags: readonly string[]): string[] {
+  const named: string[] = []
+  let chars = 0
+  for (const tag of tags) {
+    chars += tag.length
+    if (chars > AUDITED_TAG_CHARS) break
+    named.push(tag)
+  }
+  return named
+}
+
 export interface CacheOptions {
   store: 'memory' | 'redis'
   defaultTtlSeconds: number
@@ -130,7 +148,10 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     app.diagz.addStore('cache', () => sharedStoreHealth(shared !== null, c.redisHealthy === true, `${c.memory.size} entries in memory`))
   }
 
+  // Its entry names the tenant whose tags were dropped, the tags and how many (audit on).
+  const audit = app.hasDecorator('audit') ? app.audit : null
   app.post('/admin/cache/invalidate', {
+    config: { audit: 'admin.cache.invalidate' },
     onRequest: app.requireRole('system'),
     schema: {
       hide: true,
@@ -151,6 +172,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     // By default the caller's own tenant; a system caller may name another one.
     const tenant = body.tenant ?? app.identify(request.headers.authorization).tenant
     const tags = [...new Set(body.tags)]
+    audit?.describe(request, { tenant, tags: auditedTags(tags), tagCount: tags.length })
     await c.invalidate(tenant, tags, 'admin')
     return { tenant, tags }
   })

@@ -372,12 +372,13 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
 }
 
 /**
- * GET /diagz (role system), registered apart from the plugin: after identity and after the
- * rate-limit guard, whose onRoute hook reaches only the routes registered after it, while the
- * plugin itself comes before the concerns so that each can add its store.
+ * GET /diagz (role system), registered apart from the plugin: after identity, the rate-limit
+ * guard and the audit, whose onRoute hooks reach only the routes registered after them (the
+ * audit records each read, allowed or refused, as `admin.diagz`), while the plugin itself comes
+ * before the concerns so that each can add its store.
  */
 export async function diagzRoute (app: FastifyInstance): Promise<void> {
-  app.get('/diagz', { onRequest: app.requireRole('system'), schema: { hide: true } }, async () => app.diagz.report())
+  app.get('/diagz', { config: { audit: 'admin.diagz' }, onRequest: app.requireRole('system'), schema: { hide: true } }, async () => app.diagz.report())
 }
 
 const FIXED_SECTIONS = { version: 1, uptimeSeconds: 1, startedAt: 1, lastMinute: 1, lastHour: 1, stages: 1, adapters: 1, http: 1, stores: 1, cache: 1, breakers: 1, memory: 1, eventLoop: 1 }

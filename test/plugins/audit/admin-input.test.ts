@@ -56,7 +56,7 @@ t.test('memory: a leap-second date-time is a 400, not a filter silently ignored;
   await checkRefusals(t, app)
 })
 
-// The audit endpoints record themselves (category admin). A body Fastify refused there was
+// The audit endpoints record themselves (category admin; auth for a 401 or 403). A body Fastify refused there was
 // recorded twice (once more as `security`, action `http`), and a refusal other than 400, 401
 // and 403 was recorded as INTERNAL.
 t.test('a refusal on an audit endpoint leaves one entry, with the refusal\'s code', async t => {
@@ -76,6 +76,6 @@ t.test('a refusal on an audit endpoint leaves one entry, with the refusal\'s cod
   for (const [id, , , code, status] of cases) {
     const res = await app.inject({ method: 'GET', url: `/admin/audit?requestId=${id}`, headers: bearer() })
     const rows = (res.json().entries as Array<{ action: string, category: string, status: string, statusCode: number }>).map(r => [r.action, r.category, r.status, r.statusCode])
-    t.same(rows, [['admin.audit.verify', 'admin', status, code]], `${id}: one entry, ${status}`)
+    t.same(rows, [['admin.audit.verify', code === 403 ? 'auth' : 'admin', status, code]], `${id}: one entry, ${status}`)
   }
 })

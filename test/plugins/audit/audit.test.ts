@@ -143,7 +143,7 @@ t.test('the admin endpoints: memory store, role system, body and query checks; t
   const rows = await entries(app, '&action=admin.audit.verify')
   t.equal(rows.length, 5)
   t.same(rows.map(r => r.statusCode).sort(), [200, 400, 400, 401, 403])
-  t.ok(rows.every(r => r.category === 'admin'))
+  t.ok(rows.every(r => r.category === (r.statusCode === 401 || r.statusCode === 403 ? 'auth' : 'admin')), 'admin; auth for an identity refused, as on a call')
   t.match(rows.find(r => r.statusCode === 401), { status: 'UNAUTHENTICATED', tenantId: 'public' })
   t.match(app.audit.health(), { store: 'memory', up: true, spooling: false, spoolBytes: 0, error: null })
   t.notOk('postgres' in (await app.inject({ method: 'GET', url: '/readyz' })).json().checks, 'no PostgreSQL line for the memory store')

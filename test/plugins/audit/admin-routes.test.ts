@@ -1,0 +1,79 @@
+import t, { type Test } from 'tap'
+import type { FastifyInstance } from 'fastify'
+import { bearer, buildDemoApp, drained } from '../../helper.js'
+import { entries, type Row } from './entries.js'
+import { AUDITED_TAG_CHARS } from '../../../plugins/cache/index.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, spoolDir, sql } from './db.js'
+
+// Every /admin/* route and /diagz leaves one audit entry, allowed or refused, as the audit
+// endpoints did (and only they did): a system token of tenant acme invalidated globex's cache,
+// and a viewer was refused on invalidate and on /diagz, and GET /admin/audit answered [].
+
+const SYSTEM = bearer({ tenant: 'acme', user: 'ops', roles: ['system'] })
+const VIEWER = bearer({ tenant: 'globex', user: 'eve', roles: ['viewer'] })
+const MANY = Array.from({ length: 300 }, (_, i) => 'agent:' + String(i).padStart(14, '0'))
+
+interface Case { id: string, method: 'GET' | 'POST', url: string, headers: Record<string, string>, payload?: unknown, expect: Row }
+
+const CASES: Case[] = [
+  // Another tenant's cache, a tag named twice: the entry says whose and which (once).
+  { id: 'inv-other', method: 'POST', url: '/admin/cache/invalidate', headers: SYSTEM, payload: { tenant: 'globex', tags: ['agents', 'agents', 'agent:a1'] }, expect: { action: 'admin.cache.invalidate', category: 'admin', status: 'ok', statusCode: 200, tenantId: 'acme', userId: 'ops', method: 'POST', path: '/admin/cache/invalidate', protocol: 'http', metadata: { tenant: 'globex', tags: ['agents', 'agent:a1'], tagCount: 2 } } },
+  { id: 'inv-own', method: 'POST', url: '/admin/cache/invalidate', headers: SYSTEM, payload: { tags: ['agents'] }, expect: { action: 'admin.cache.invalidate', category: 'admin', status: 'ok', statusCode: 200, tenantId: 'acme', metadata: { tenant: 'acme', tags: ['agents'], tagCount: 1 } } },
+  // 300 tags of 20 characters: the entry names the first ones up to 2 KB of text, and counts all.
+  { id: 'inv-many', method: 'POST', url: '/admin/cache/invalidate', headers: SYSTEM, payload: { tags: MANY }, expect: { action: 'admin.cache.invalidate', category: 'admin', status: 'ok', statusCode: 200, tenantId: 'acme', metadata: { tenant: 'acme', tags: MANY.slice(0, AUDITED_TAG_CHARS / 20), tagCount: 300 } } },
+  { id: 'inv-bad', method: 'POST', url: '/admin/cache/invalidate', headers: SYSTEM, payload: { tenant: 'globex', tags: [] }, expect: { action: 'admin.cache.invalidate', category: 'admin', status: 'VALIDATION_FAILED', statusCode: 400, tenantId: 'acme', userId: 'ops', metadata: {} } },
+  { id: 'inv-role', method: 'POST', url: '/admin/cache/invalidate', headers: VIEWER, payload: { tenant: 'acme', tags: ['agents'] }, expect: { action: 'admin.cache.invalidate', category: 'auth', status: 'FORBIDDEN', statusCode: 403, tenantId: 'globex', userId: 'eve', metadata: {} } },
+  { id: 'inv-anon', method: 'POST', url: '/admin/cache/invalidate', headers: {}, payload: { tags: ['agents'] }, expect: { action: 'admin.cache.invalidate', category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, tenantId: 'public', userId: 'anonymous', metadata: {} } },
+  { id: 'diagz-ok', method: 'GET', url: '/diagz', headers: SYSTEM, expect: { action: 'admin.diagz', category: 'admin', status: 'ok', statusCode: 200, tenantId: 'acme', userId: 'ops', method: 'GET', path: '/diagz', protocol: 'http', metadata: {} } },
+  { id: 'diagz-role', method: 'GET', url: '/diagz', headers: VIEWER, expect: { action: 'admin.diagz', category: 'auth', status: 'FORBIDDEN', statusCode: 403, tenantId: 'globex', userId: 'eve' } },
+  { id: 'diagz-anon', method: 'GET', url: '/diagz', headers: { authorization: 'Bearer not-a-token' }, expect: { action: 'admin.diagz', category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, tenantId: 'public', userId: 'anonymous' } }
+]
+
+async function callAll (t: Test, app: FastifyInstance, cases: Case[]): Promise<void> {
+  for (const c of cases) {
+    const res = await app.inject({ method: c.method, url: c.url, headers: { ...c.headers, 'x-request-id': c.id }, ...(c.payload === undefined ? {} : { payload: c.payload as Record<string, unknown> }) })
+    t.equal(res.statusCode, c.expect.statusCode, `${c.id}: ${res.body.slice(0, 200)}`)
+  }
+  await drained(app)
+}
+
+async function checkEntries (t: Test, app: FastifyInstance, cases: Case[]): Promise<void> {
+  const rows = await entries(app)
+  for (const c of cases) {
+    const mine = rows.filter(r => r.requestId === c.id)
+    t.equal(mine.length, 1, `${c.id}: one entry`)
+    t.match(mine[0], c.expect, `${c.id}: its fields`)
+    if (c.expect.metadata !== undefined) t.same(mine[0]?.metadata, c.expect.metadata, `${c.id}: its metadata, nothing else`)
+  }
+}
+
+t.test('memory: invalidate and /diagz, allowed and refused, leave one entry each', async t => {
+  const app = await buildDemoApp(t)
+  await callAll(t, app, CASES)
+  await checkEntries(t, app, CASES)
+})
+
+if (await postgresAvailable()) {
+  t.test('postgres: the entries of invalidate and /diagz are stored, metadata included', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    const app = await buildDemoApp(t, { BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t) })
+    const cases = CASES.filter(c => c.id === 'inv-other' || c.id === 'diagz-role')
+    await callAll(t, app, cases)
+    await checkEntries(t, app, cases)
+    const stored = await sql(url, 'SELECT request_id, action, category, status, status_code, tenant_id, metadata FROM bff_audit_entries WHERE request_id = ANY($1) ORDER BY seq', [cases.map(c => c.id)])
+    t.same(stored, [
+      { request_id: 'inv-other', action: 'admin.cache.invalidate', category: 'admin', status: 'ok', status_code: 200, tenant_id: 'acme', metadata: { tenant: 'globex', tags: ['agents', 'agent:a1'], tagCount: 2 } },
+      { request_id: 'diagz-role', action: 'admin.diagz', category: 'auth', status: 'FORBIDDEN', status_code: 403, tenant_id: 'globex', metadata: {} }
+    ])
+  })
+}
+
+t.test('with the audit off the admin routes answer as before and carry no audit hook', async t => {
+  const off = await buildDemoApp(t, { BFF_AUDIT_ENABLED: false })
+  t.equal((await off.inject({ method: 'GET', url: '/diagz', headers: SYSTEM })).statusCode, 200)
+  t.equal((await off.inject({ method: 'POST', url: '/admin/cache/invalidate', headers: SYSTEM, payload: { tags: ['agents'] } })).statusCode, 200)
+  t.notMatch(off.printRoutes({ includeHooks: true }), /auditAdminCall/, 'no per-request work')
+  // On, the hook is on each of them (GET and HEAD of /diagz and /admin/audit, the two POSTs).
+  const on = await buildDemoApp(t)
+  t.equal(on.printRoutes({ includeHooks: true }).match(/auditAdminCall/g)?.length, 6)
+})
