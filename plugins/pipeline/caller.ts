@@ -33,11 +33,25 @@ export function watchCaller (caller: Caller, left: () => void): boolean {
     const calls = new Set<() => void>()
     watchers.set(caller, calls)
     set = calls
-    // 'close' of a response also comes once it was sent; by then its calls have unwatched.
-    caller.once('close', () => {
+    let fired = false
+    const fire = (): void => {
+      if (fired) return
+      fired = true
       watchers.delete(caller)
       for (const call of calls) call()
-    })
+    }
+    // 'close' of a response also comes once it was sent; by then its calls have unwatched.
+    caller.once('close', fire)
+    if ('readyState' in caller) {
+      // A WebSocket the gateway closes (an expired token, a client that does not read, shutdown)
+      // emits 'close' only once the client answers, or after ws' 30 s wait for a client that
+      // never does: its calls kept their Kernel slots meanwhile. Its close() is where it leaves.
+      const close = caller.close
+      caller.close = function (this: WebSocket, ...args: Parameters<WebSocket['close']>) {
+        close.apply(this, args)
+        fire()
+      }
+    }
   }
   set.add(left)
   return true

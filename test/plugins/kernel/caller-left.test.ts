@@ -11,10 +11,10 @@ import { buildTestApp, startTestKernel, testManifest, bearer, json, token, until
 const item = { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }
 const idInput = { type: 'object', required: ['id'], properties: { id: { type: 'string' } }, additionalProperties: false }
 
-async function setup (t: Test, kernelSettings: Record<string, unknown> = {}, cache = false) {
+async function setup (t: Test, kernelSettings: Record<string, unknown> = {}, cache = false, timeoutMs = 5000) {
   const kernel = await startTestKernel(t, {})
   const m = testManifest({
-    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 5000, ...(cache ? { cache: { ttlSeconds: 30 } } : {}) },
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs, ...(cache ? { cache: { ttlSeconds: 30 } } : {}) },
     createItem: { type: 'mutation', rest: 'POST /items/:id', kernel: 'POST /v1/items/{id}', input: idInput, output: item, timeoutMs: 5000 }
   }, { retries: 2, circuitBreaker: { threshold: 50, resetTimeoutMs: 200 }, ...kernelSettings })
   // A backoff long enough that a retry would still be to come when the client leaves.
@@ -77,6 +77,27 @@ t.test('a /ws socket closed with calls in flight frees their slots', async t => 
   await until(() => app.kernel.inFlight() === 0, 'the slots to be freed', 2000)
   const other = await app.inject({ url: '/api/v1/items/x', headers: bearer({ tenant: 'another-tenant' }) })
   t.equal(other.statusCode, 404, 'another tenant is served')
+})
+
+t.test('a /ws socket the gateway closes (its token expired) frees its calls\' slots at once, the client answering the close or not', async t => {
+  const { app, kernel, port } = await setup(t, { maxInFlight: 4 }, false, 60_000)
+  kernel.on('GET /v1/items/h', () => { /* never answers */ })
+  const opened = new Promise<WebSocket>(resolve => app.websocketServer.once('connection', resolve))
+  // Closed with 4401 at its expiry, 1 s on and the 5 s allowed for clock skew.
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/ws?access_token=${token({ ttlSeconds: 1 })}`)
+  ws.on('error', () => {})
+  await new Promise(resolve => ws.once('open', resolve))
+  const server = await opened
+  for (let i = 0; i < 4; i++) ws.send(JSON.stringify({ id: String(i), op: 'getItem', input: { id: 'h' } }))
+  await until(() => app.kernel.inFlight() === 4, 'four calls in flight')
+  // The client reads nothing more: it never answers the gateway's close.
+  ;(ws as unknown as { _socket: { pause: () => void } })._socket.pause()
+  t.teardown(() => ws.terminate())
+  await until(() => server.readyState !== WebSocket.OPEN, 'the gateway to close the socket', 10_000)
+  // Before, 'close' came only at the end of ws' 30 s wait for the client's answer, and the
+  // calls kept their slots until then.
+  await until(() => app.kernel.inFlight() === 0, 'the slots to be freed', 2000)
+  t.equal(server.readyState, WebSocket.CLOSING, 'freed while the close waits for the client')
 })
 
 t.test('a mutation already sent is let finish: its outcome is audited and stored for its Idempotency-Key', async t => {
