@@ -48,6 +48,13 @@ declare module 'fastify' {
     reloadManifest: () => Promise<{ applied: boolean, reasons: string[] }>
     /** Whether the gateway is shutting down (its preClose has run): new requests are refused. */
     shuttingDown: () => boolean
+    /**
+     * A condition start-up refuses, found only once the gateway runs (production: pending audit
+     * migrations once PostgreSQL answers): logged at fatal with its message, and the gateway shuts
+     * down through BuildOptions.onFatal (server.ts: the graceful shutdown of a signal, then exit
+     * 1), or without one by closing the app. Once: a second call is ignored.
+     */
+    fatal: (err: Error) => void
   }
   interface FastifyContextConfig {
     /** The route's path parameters are a call's input (REST): logs show its pattern instead. */
@@ -110,6 +117,11 @@ export interface BuildOptions {
   identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number, jwksTimeoutMs?: number }
   /** Rate-limit internals (tests: the memory store's clock, the Redis retry pause). */
   rateLimit?: { now?: () => number, retryRedisMs?: number, memoryMaxKeys?: number }
+  /**
+   * What app.fatal does once it has logged: server.ts shuts the process down gracefully and exits
+   * 1. Without it the app closes (its audit queue flushed, as at any close).
+   */
+  onFatal?: (err: Error) => void
   /** Audit timings (tests shorten them). */
   audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number, probeIntervalMs?: number }
   /** Events timings and bound (tests shorten them). */
@@ -338,6 +350,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   })
   let closing = false
   app.decorate('shuttingDown', () => closing)
+  let fatal = false
+  app.decorate('fatal', (err: Error) => {
+    if (fatal) return
+    fatal = true
+    app.log.fatal(err.message)
+    if (options.onFatal !== undefined) options.onFatal(err)
+    else app.close().catch((closeErr: Error) => app.log.error({ err: closeErr.message }, 'closing after a fatal condition failed'))
+  })
   app.addHook('onRequest', (request, reply, done) => {
     stamp(request, reply)
     if (closing) {

@@ -35,7 +35,7 @@ export interface Started {
  * Starts the gateway as `npm start` and `node dist/server.js` do: with no KERNEL_URL and the
  * demo manifest, the demo Kernel starts alongside (the embedded default).
  */
-export async function start (config: Readonly<Config>): Promise<Started> {
+export async function start (config: Readonly<Config>, options: { onFatal?: (err: Error) => void } = {}): Promise<Started> {
   let stopKernel: (() => Promise<void>) | null = null
   let kernelUrl: string | null = null
   // The demo Kernel publishes run changes straight into the gateway's event bus.
@@ -53,7 +53,7 @@ export async function start (config: Readonly<Config>): Promise<Started> {
   }
   let app: FastifyInstance | undefined
   try {
-    app = await buildApp(config, kernelUrl === null ? {} : { kernelUrl })
+    app = await buildApp(config, { ...(kernelUrl === null ? {} : { kernelUrl }), ...options })
     const events = app.events
     const log = app.log
     publish = (event) => { events.publish(event).catch(err => log.warn({ err }, 'event not published')) }
@@ -131,9 +131,17 @@ async function main (): Promise<void> {
   const hangups = holdHangups()
   let config: Readonly<Config>
   let started: Started
+  // A condition start-up refuses, found once the gateway runs (app.fatal, which logged it): the
+  // shutdown of a signal, then exit 1. One found before the shutdown is wired waits for it.
+  let fatal: Error | null = null
+  let shutDown: (() => void) | null = null
+  const onFatal = (err: Error): void => {
+    fatal = err
+    shutDown?.()
+  }
   try {
     config = loadConfig()
-    started = await start(config)
+    started = await start(config, { onFatal })
   } catch (err) {
     process.stderr.write(`mantle: ${(err as Error).message}\n`)
     process.exit(1)
@@ -152,9 +160,12 @@ async function main (): Promise<void> {
   // A second signal exits at once (close-with-grace's default).
   // SIGHUP is the reload's, not a shutdown: close-with-grace listens to it by default, and the
   // one signal both reloaded the manifest and took the replica down.
-  closeWithGrace({ delay: false, logger: started.app.log, skip: ['SIGHUP'] }, async ({ err, signal }) => {
+  let closing = false
+  const graceful = closeWithGrace({ delay: false, logger: started.app.log, skip: ['SIGHUP'] }, async ({ err, signal }) => {
+    closing = true
     grace = Math.max(grace, shutdownGraceMs(started.app.pipeline.manifest))
     if (err !== undefined) started.app.log.error({ err, graceMs: grace }, 'closing after an error')
+    else if (fatal !== null && signal === undefined) started.app.log.error({ graceMs: grace }, 'closing after a fatal condition')
     else started.app.log.info({ signal, graceMs: grace }, 'closing')
     const timer = setTimeout(() => {
       started.app.log.error(`killed by timeout (${grace}ms)`)
@@ -165,7 +176,11 @@ async function main (): Promise<void> {
     } finally {
       clearTimeout(timer)
     }
+    // close-with-grace exits 0 after a shutdown it was asked for (graceful.close()).
+    if (fatal !== null) process.exit(1)
   })
+  shutDown = () => { if (!closing) graceful.close() }
+  if (fatal !== null) shutDown()
 }
 
 if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) {

@@ -51,8 +51,15 @@ export default async function healthRoutes (app: FastifyInstance): Promise<void>
     // PostgreSQL behind the audit trail: down, entries are spooled to disk and /readyz says so.
     if (app.hasDecorator('audit') && app.audit.health().store === 'postgres') {
       const audit = app.audit.health()
-      checks.postgres = audit.up ? (audit.spooling ? `up (replaying ${audit.spoolBytes} spooled bytes)` : 'up') : `down (audit spooling, ${audit.spoolBytes} bytes)`
-      if (!audit.up) failing.push('postgres')
+      if (audit.refusal !== null) {
+        // Production found pending migrations once PostgreSQL answered: this instance shuts
+        // down, so it is not ready in either scope (`migrations` is not a shared part).
+        checks.postgres = `${audit.refusal}: shutting down`
+        failing.push('migrations')
+      } else {
+        checks.postgres = audit.up ? (audit.spooling ? `up (replaying ${audit.spoolBytes} spooled bytes)` : 'up') : `down (audit spooling, ${audit.spoolBytes} bytes)`
+        if (!audit.up) failing.push('postgres')
+      }
     }
     // Under pressure the instance sheds load: take it out of the balancer until it recovers.
     if (app.hasDecorator('loadShedding')) {

@@ -30,6 +30,12 @@ export interface AuditHealth {
   writing: boolean
   spoolBytes: number
   error: string | null
+  /**
+   * Production found pending migrations once PostgreSQL answered (it was unreachable at
+   * start-up): what start-up would have refused, e.g. `pending migrations (4)`. The gateway
+   * shuts down (app.fatal); null otherwise.
+   */
+  refusal: string | null
 }
 
 export interface Audit {
@@ -148,6 +154,17 @@ function protocolOf (url: string): AuditEntry['protocol'] {
   return 'http'
 }
 
+/** Production's refusal of an audit database with pending migrations. */
+class PendingMigrations extends ConfigError {
+  /** `pending migrations (4, 5)` */
+  readonly what: string
+  constructor (pending: number[]) {
+    const what = `pending migrations (${pending.join(', ')})`
+    super(`Refusing to start in production: the audit database has ${what}: run npm run migrate from a checkout, or node dist/scripts/migrate.js up in the image`)
+    this.what = what
+  }
+}
+
 // SQLSTATE classes of a PostgreSQL that cannot answer now: connection exceptions (08),
 // insufficient resources (53), operator intervention (57: a cancelled statement, a shutdown).
 const UNAVAILABLE_STATES = /^(?:08|53|57)/
@@ -166,6 +183,9 @@ export async function answered<T> (read: () => Promise<T>): Promise<T> {
   try {
     return await read()
   } catch (err) {
+    // Production found pending migrations once PostgreSQL answered: the instance shuts down.
+    // It was a 500 INTERNAL.
+    if (err instanceof PendingMigrations) throw new MantleError('OVERLOADED', `The audit database has ${err.what}: this instance is shutting down (run the migrations)`, { headers: { 'retry-after': '5' }, cause: err })
     const { code, message } = err as { code?: unknown, message?: unknown }
     const unavailable = err instanceof pg.DatabaseError
       ? typeof code === 'string' && UNAVAILABLE_STATES.test(code)
@@ -230,7 +250,14 @@ function badRequest (reply: FastifyReply, request: FastifyRequest, detail: strin
   return reply.code(400).type('application/problem+json').send({ ...body, detail })
 }
 
-async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n: number) => void): Promise<{ store: AuditStore, spool: Spool | null, ping: () => Promise<boolean>, reachable: boolean }> {
+/**
+ * `refused`: production found pending migrations only once PostgreSQL answered (it was
+ * unreachable at start-up). From then on every use of the store fails at once with that
+ * refusal, without a connection: each write retried the check (a connection of its own and the
+ * migration lock), and its refusal was taken for a write failure, so the gateway ran on and
+ * spooled every entry for good.
+ */
+async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n: number) => void, refused: (err: PendingMigrations) => void): Promise<{ store: AuditStore, spool: Spool | null, ping: () => Promise<boolean>, reachable: boolean }> {
   if (opts.store === 'memory') return { store: new MemoryAuditStore({ max: opts.memoryMax, onEvict: evicted }), spool: null, ping: async () => true, reachable: true }
   const databaseUrl = opts.databaseUrl
   if (databaseUrl === undefined) throw new ConfigError('BFF_AUDIT_STORE=postgres needs DATABASE_URL')
@@ -242,11 +269,23 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
       return
     }
     const status = await migrationStatus(databaseUrl)
-    if (status.pending.length > 0) throw new ConfigError(`Refusing to start in production: the audit database has pending migrations (${status.pending.join(', ')}): run npm run migrate from a checkout, or node dist/scripts/migrate.js up in the image`)
+    if (status.pending.length > 0) throw new PendingMigrations(status.pending)
   }
+  let started = false
+  let ensured = false
+  let refusal: PendingMigrations | null = null
   let schema: Promise<void> | null = null
   const prepare = async (): Promise<void> => {
-    schema ??= ensureSchema().catch(err => { schema = null; throw err })
+    if (refusal !== null) throw refusal
+    schema ??= ensureSchema().then(() => { ensured = true }, err => {
+      if (!(err instanceof PendingMigrations) || !started) {
+        schema = null
+        throw err
+      }
+      refusal = err
+      refused(err)
+      throw err
+    })
     await schema
   }
   let reachable = true
@@ -258,6 +297,7 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
     // Down at start-up: the gateway starts and spools; the schema is checked once it answers.
     app.log.warn({ err: (err as Error).message }, 'PostgreSQL is unreachable at start-up: audit entries are spooled until it is back')
   }
+  started = true
   const spool = await Spool.open(opts.spoolDir).catch((err: Error) => { throw new ConfigError(err.message) })
   const pg = new PostgresAuditStore({ databaseUrl, connectTimeoutMs: opts.connectTimeoutMs })
   // Every use waits for the schema first (a no-op once it is there).
@@ -270,7 +310,13 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
     prune: async (before, limit) => { await prepare(); return await pg.prune(before, limit) },
     close: async () => { await pg.close() }
   }
-  return { store, spool, ping: async () => await pg.ping(), reachable }
+  // The first answer after start-up checks (or migrates) the schema at once, traffic or not.
+  const ping = async (): Promise<boolean> => {
+    if (!await pg.ping()) return false
+    if (!ensured) await prepare()
+    return true
+  }
+  return { store, spool, ping, reachable }
 }
 
 async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<void> {
@@ -278,7 +324,15 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   const entries = metrics === null
     ? null
     : new Counter({ name: 'mantle_audit_entries_total', help: 'Audit entries by what became of them: stored, spooled, replayed (stored from the spool; entries already stored are not counted), evicted (memory ring full), pruned (retention); refused: calls refused because neither the store nor the spool took entries; dropped: entries of requests refused before any face then', labelNames: ['outcome'] as const, registers: [metrics] })
-  const { store, spool, ping, reachable } = await openStore(app, opts, n => entries?.inc({ outcome: 'evicted' }, n))
+  let probing: NodeJS.Timeout | null = null
+  let refusal: string | null = null
+  const { store, spool, ping, reachable } = await openStore(app, opts, n => entries?.inc({ outcome: 'evicted' }, n), err => {
+    // What start-up would have refused: the gateway shuts down (its entries are spooled by
+    // onClose). No more pings meanwhile: the store is not used again.
+    refusal = err.what
+    if (probing !== null) clearInterval(probing)
+    app.fatal(err)
+  })
 
   const flushSeconds = metrics === null ? null : new Histogram({ name: 'mantle_audit_flush_duration_seconds', help: 'Time to write one audit batch to the store', buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5], registers: [metrics] })
   const failures = metrics === null ? null : new Counter({ name: 'mantle_audit_write_failures_total', help: 'Audit batch writes the store refused (the batch went to the spool)', registers: [metrics] })
@@ -319,12 +373,13 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   }
   const enqueue = (entry: AuditEntry): void => writer.enqueue(entry)
 
-  const health = (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, writing: writer.writing, spoolBytes: writer.spoolBytes, error: writer.error })
+  const health = (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, writing: writer.writing, spoolBytes: writer.spoolBytes, error: writer.error, refusal })
   app.decorate('audit', { store, enqueue, health, refused, describe })
 
   if (app.hasDecorator('diagz')) {
     app.diagz.addStore('audit', () => {
       const h = health()
+      if (h.refusal !== null) return { type: h.store, healthy: false, detail: `${h.refusal}: the gateway shuts down` }
       if (!h.up) return { type: h.store, healthy: false, detail: `spooling to disk: ${h.error ?? 'write failed'}` }
       return { type: h.store, healthy: true, ...(h.spooling ? { detail: `replaying ${h.spoolBytes} spooled bytes` } : {}) }
     })
@@ -564,8 +619,10 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   }
   const retention = setInterval(() => { prune().catch(() => {}) }, opts.retentionIntervalMs ?? 3_600_000)
   // Readiness without traffic: an idle writer asks the store whether it answers (see probe).
-  const probing = opts.store === 'postgres' ? setInterval(() => { writer.probe(ping).catch(() => {}) }, opts.probeIntervalMs ?? 2000) : null
-  probing?.unref()
+  if (opts.store === 'postgres' && refusal === null) {
+    probing = setInterval(() => { writer.probe(ping).catch(() => {}) }, opts.probeIntervalMs ?? 2000)
+    probing.unref()
+  }
   // PostgreSQL unreachable at start-up: down from the start, not up until a write fails.
   if (!reachable) await writer.probe(async () => false)
   retention.unref()

@@ -5,10 +5,12 @@ import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
 import { existsSync, readFileSync, statSync, symlinkSync } from 'node:fs'
 import { join } from 'node:path'
-import { buildApp } from '../../../app.js'
+import type { FastifyInstance } from 'fastify'
+import { buildApp, type BuildOptions } from '../../../app.js'
+import { migrate } from '../../../plugins/audit/migrations.js'
 import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, until, SECRET, closedPort } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { startTcpProxy, type TcpProxy } from '../../proxy.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_PORT } from './db.js'
 
 const root = fileURLToPath(new URL('../../../', import.meta.url))
@@ -20,10 +22,10 @@ if (!available) t.comment('PostgreSQL is not reachable on 127.0.0.1:5432: skippe
  * Outside tap's coverage: tsx compiles the sources its own way, and their coverage merged with
  * tap's would misplace line ranges across the whole report.
  */
-async function gateway (t: { teardown: (fn: () => unknown) => void }, url: string, dir: string): Promise<{ child: ChildProcess, base: string, output: () => string }> {
+async function gateway (t: { teardown: (fn: () => unknown) => void }, url: string, dir: string, env: Record<string, string> = {}): Promise<{ child: ChildProcess, base: string, output: () => string }> {
   const child = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', '-u', 'NODE_V8_COVERAGE', process.execPath, '--import', 'tsx', 'server.ts'], {
     cwd: root,
-    env: { PATH: process.env.PATH, NODE_ENV: 'test', PORT: '0', LOG_LEVEL: 'warn', BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: dir, BFF_AUDIT_BATCH_SIZE: '50' },
+    env: { PATH: process.env.PATH, NODE_ENV: 'test', PORT: '0', LOG_LEVEL: 'warn', BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: dir, BFF_AUDIT_BATCH_SIZE: '50', ...env },
     stdio: ['ignore', 'pipe', 'pipe']
   })
   let out = ''
@@ -37,6 +39,18 @@ async function gateway (t: { teardown: (fn: () => unknown) => void }, url: strin
 }
 
 const rowsOf = async (url: string): Promise<string[]> => (await sql<{ request_id: string }>(url, 'SELECT request_id FROM bff_audit_entries')).map(r => r.request_id)
+
+/** The request ids of the entries in the spool of `dir` (none without a spool file). */
+function spooledIds (dir: string): Set<string> {
+  const spooled = new Set<string>()
+  const file = join(dir, 'audit.spool')
+  if (existsSync(file)) {
+    for (const line of readFileSync(file, 'utf8').split('\n').filter(l => l !== '')) {
+      for (const e of (JSON.parse(line) as { entries: Array<{ requestId: string }> }).entries) spooled.add(e.requestId)
+    }
+  }
+  return spooled
+}
 
 if (available) {
   t.test('PostgreSQL cut mid-load: calls go on, entries are spooled, and after the cut every entry is stored exactly once', async t => {
@@ -201,16 +215,107 @@ if (available) {
     proxy.restore()
     t.equal(code, 0, `a clean exit, not killed at the end of the grace (${output().split('\n').filter(l => /killed|spool/.test(l)).join(' ').slice(0, 300)})`)
     const stored = new Set(await rowsOf(direct))
-    const spooled = new Set<string>()
-    const file = join(dir, 'audit.spool')
-    if (existsSync(file)) {
-      for (const line of readFileSync(file, 'utf8').split('\n').filter(l => l !== '')) {
-        for (const e of (JSON.parse(line) as { entries: Array<{ requestId: string }> }).entries) spooled.add(e.requestId)
-      }
-    }
+    const spooled = spooledIds(dir)
     t.equal(answered.length, 180)
     t.same(answered.filter(id => !stored.has(id) && !spooled.has(id)), [], 'every answered call is stored or spooled')
     t.ok(spooled.size > 0, 'what PostgreSQL did not take is in the spool')
+  })
+}
+
+// In production, pending migrations found only once PostgreSQL answered (it was down at start-up)
+// were taken for a write failure: the gateway ran on, retried the check (a connection and the
+// migration lock) on every write, answered GET /admin/audit with a 500, flipped /readyz between
+// ready and not, and spooled every entry for good. Now it refuses as at start-up: it shuts down.
+if (available) {
+  /** A production gateway in process on a database migrated to 3 (4 is pending), PostgreSQL cut. */
+  const pendingAtStart = async (t: { teardown: (fn: () => unknown) => void }, options: BuildOptions = {}): Promise<{ app: FastifyInstance, proxy: TcpProxy, direct: string, dir: string, lines: string[] }> => {
+    const name = await createTestDatabase(t)
+    const direct = databaseUrl(name)
+    await migrate(direct, 3)
+    const proxy = await startTcpProxy(t, PG_PORT)
+    proxy.cut('reset')
+    const kernel = await startKernel({ port: 0, runDelayMs: 1 })
+    t.teardown(() => kernel.close())
+    const dir = spoolDir(t)
+    const lines: string[] = []
+    const app = await buildApp(testConfig({ NODE_ENV: 'production', LOG_LEVEL: 'warn', BFF_AUDIT_STORE: 'postgres', DATABASE_URL: databaseUrl(name, proxy.port), BFF_AUDIT_SPOOL_DIR: dir }),
+      { logger: undefined, logStream: { write: (line: string) => { lines.push(line) } }, kernelUrl: kernel.url, audit: { connectTimeoutMs: 300, probeIntervalMs: 50 }, ...options })
+    t.teardown(() => app.close())
+    await app.ready()
+    return { app, proxy, direct, dir, lines }
+  }
+  const REFUSAL = /^Refusing to start in production: the audit database has pending migrations \(4\): run npm run migrate/
+  const fatalLines = (lines: string[]): string[] => lines.map(l => JSON.parse(l) as { level: number, msg: string }).filter(l => l.level === 60).map(l => l.msg)
+
+  t.test('production: pending migrations found once PostgreSQL is back are fatal; until the shutdown /readyz and the audit reads answer 503, nothing retries, and every entry is spooled', async t => {
+    const fatals: Error[] = []
+    const { app, proxy, direct, dir, lines } = await pendingAtStart(t, { onFatal: err => { fatals.push(err) } })
+    const ids: string[] = []
+    const call = async (id: string): Promise<void> => {
+      ids.push(id)
+      t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: { ...bearer(), 'x-request-id': id } })).statusCode, 200)
+    }
+    for (let i = 0; i < 5; i++) await call(`down-${i}`)
+    await until(() => app.audit.health().spoolBytes > 0, 'entries in the spool')
+    proxy.restore()
+    await until(() => fatals.length > 0, 'the refusal once PostgreSQL answers')
+    t.match(fatals[0].message, REFUSAL)
+    t.same(fatalLines(lines), [fatals[0].message], 'logged once, at fatal, with the start-up refusal\'s message')
+
+    for (const scope of ['all', 'instance']) {
+      const ready = await app.inject({ method: 'GET', url: `/readyz?scope=${scope}` })
+      t.equal(ready.statusCode, 503, `/readyz?scope=${scope}`)
+      t.match(ready.json(), { status: 'not-ready', failing: ['migrations'], checks: { postgres: 'pending migrations (4): shutting down' } })
+    }
+    ids.push('admin-read')
+    const read = await app.inject({ method: 'GET', url: '/admin/audit', headers: { ...bearer({ roles: ['system'] }), 'x-request-id': 'admin-read' } })
+    t.equal(read.statusCode, 503, 'GET /admin/audit: a 503, not a 500')
+    t.equal(read.headers['retry-after'], '5')
+    t.match(read.json(), { code: 'OVERLOADED', detail: /pending migrations \(4\): this instance is shutting down/ })
+
+    // The writer goes on spooling while the shutdown comes, without asking PostgreSQL again.
+    const failures = async (): Promise<number> => (await app.inject({ method: 'GET', url: '/diagz', headers: bearer({ roles: ['system'] }) })).json().audit.failures
+    const connections = proxy.connections
+    const before = await failures()
+    for (let i = 0; i < 5; i++) await call(`refused-${i}`)
+    for (let i = 0; i < 500 && await failures() < before + 2; i++) await new Promise(resolve => setTimeout(resolve, 20))
+    t.ok(await failures() >= before + 2, 'the writer tried the store again')
+    t.equal(proxy.connections, connections, 'no new connection to PostgreSQL (each try took the migration lock on one of its own)')
+    t.equal(fatals.length, 1, 'fatal once')
+
+    await call('last')
+    await app.close()
+    const spooled = spooledIds(dir)
+    t.same(ids.filter(id => !spooled.has(id)), [], 'every entry is in the spool')
+    t.same(await rowsOf(direct), [], 'none stored on the old schema')
+  })
+
+  t.test('production: without onFatal (buildApp alone) the app closes itself once the refusal is found, with no call made', async t => {
+    const { app, proxy, dir, lines } = await pendingAtStart(t)
+    t.ok(existsSync(join(dir, 'audit.lock')))
+    proxy.restore()
+    // Closing began (preClose), and the audit's onClose has run: it releases the spool's lock.
+    await until(() => app.shuttingDown() && !existsSync(join(dir, 'audit.lock')), 'the app to close')
+    t.match(fatalLines(lines), [REFUSAL])
+  })
+
+  t.test('production, server.ts: pending migrations found once PostgreSQL is back end the process (exit 1) after a graceful shutdown', async t => {
+    const name = await createTestDatabase(t)
+    await migrate(databaseUrl(name), 3)
+    const proxy = await startTcpProxy(t, PG_PORT)
+    proxy.cut('reset')
+    const kernel = await startKernel({ port: 0, runDelayMs: 1 })
+    t.teardown(() => kernel.close())
+    const dir = spoolDir(t)
+    const { child, base, output } = await gateway(t, databaseUrl(name, proxy.port), dir, { NODE_ENV: 'production', KERNEL_URL: kernel.url })
+    t.equal((await fetch(`${base}/api/v1/agents/a1`, { headers: { ...bearer(), 'x-request-id': 'before' } })).status, 200)
+    proxy.restore()
+    await until(() => child.exitCode !== null, 'the gateway to exit', 30_000)
+    t.equal(child.exitCode, 1, 'a non-zero exit')
+    t.match(fatalLines(output().split('\n').filter(l => l.startsWith('{'))), [REFUSAL])
+    t.match(output(), /closing after a fatal condition/)
+    t.ok(spooledIds(dir).has('before'), 'the call\'s entry is in the spool')
+    t.notOk(existsSync(join(dir, 'audit.lock')), 'the spool lock is released: a graceful shutdown')
   })
 }
 
