@@ -1,4 +1,5 @@
 import { hash } from 'node:crypto'
+import { setImmediate as nextTurn } from 'node:timers/promises'
 import { canonicalJson, type Protocol, type RiskLevel } from '../pipeline/index.js'
 
 /** What kind of call an entry records (README, "Audit trail"). */
@@ -136,8 +137,131 @@ export function storedEntry (e: AuditEntry, requestId: string, seq: number, prev
 
 export interface VerifyResult {
   ok: boolean
+  /** Entries this call walked. */
   checked: number
   firstBroken: { id: string, requestId: string } | null
+  /** Only when the call stopped at its bound with nothing broken so far: where the next call goes on. */
+  next?: VerifyCursor
+  /** With `next`: the position of the last entry this call walked. */
+  through?: number
+  /** Only when some: entries of the range that retention removed before the walk reached them. */
+  skipped?: number
+}
+
+/**
+ * Where a verify stopped at its bound: the position of the next entry to walk, the hash it must
+ * link to (the last entry walked), and the position the range ends at. The resumed walk starts
+ * from that hash, so the link at the seam is checked as in one walk.
+ */
+export interface VerifyCursor { seq: number, hash: string, end: number }
+
+export interface VerifyOptions {
+  /** Most entries one call walks (at most VERIFY_MAX_ENTRIES, the default). */
+  limit?: number
+  /** Goes on where an earlier call stopped (its range with it). */
+  next?: VerifyCursor
+  /** The walk stops, rejecting with the signal's reason, when it aborts (the client left). */
+  signal?: AbortSignal
+}
+
+/** Most entries one verify call walks. */
+export const VERIFY_MAX_ENTRIES = 100_000
+/**
+ * A verify call stops at its first page after this long (ms), half the reads' timeout: a walk of
+ * a large table held one connection, and one snapshot, for hours.
+ */
+export const VERIFY_MAX_MS = 5_000
+/**
+ * Entries one page reads (PostgreSQL: one statement) and hashes between two turns of the event
+ * loop (a few ms): in one piece, a memory verify of 100,000 entries held every other request for 205 ms.
+ */
+export const VERIFY_PAGE = 2_000
+
+/** A row as a store gives it to the walk: `intact` false when the store sees it was changed (see step). */
+export interface WalkedRow { e: StoredEntry, intact: boolean }
+
+/**
+ * What a store gives `walkChain`; each answer is read in one snapshot of its own, none held
+ * between them. Entries are appended in position order and only ever removed from the oldest
+ * end (retention), so each page read later still holds every entry the range had.
+ */
+export interface ChainSource {
+  /**
+   * Up to `n` entries after position `after`, up to `end`, in order, and the retention anchor
+   * read in the same snapshot (the entries of the page all come after it).
+   */
+  page: (after: number, end: number, n: number) => Promise<{ anchorSeq: number, anchorHash: string, rows: WalkedRow[] }>
+  /** The first entry after `after` (null for none) and the chain head, in one snapshot. */
+  tail: (after: number) => Promise<{ next: WalkedRow | null, headSeq: number, headHash: string }>
+  /** The entry at `seq`, or null. */
+  at: (seq: number) => Promise<WalkedRow | null>
+}
+
+/**
+ * The walk of a verify call, shared by the stores: from `start` (the walker anchored before the
+ * range, and the position before its first entry) up to `end`, or from a cursor an earlier call
+ * answered; at most `limit` entries and VERIFY_MAX_MS, page by page. Entries retention removed
+ * before the walk reached them are skipped: it goes on from the new anchor, as a walk begun then
+ * would, and says how many.
+ */
+export async function walkChain (source: ChainSource, start: () => Promise<{ walker: ChainWalker, after: number, end: number }>, opts: VerifyOptions = {}): Promise<VerifyResult> {
+  const limit = Math.min(opts.limit ?? VERIFY_MAX_ENTRIES, VERIFY_MAX_ENTRIES)
+  const deadline = Date.now() + VERIFY_MAX_MS
+  const signal = opts.signal
+  let walker: ChainWalker
+  let after: number
+  let end: number
+  let seamGone = false
+  if (opts.next === undefined) {
+    ({ walker, after, end } = await start())
+  } else {
+    const c = opts.next
+    after = c.seq - 1
+    end = c.end
+    // The next entry must link to the hash the last call walked up to. That entry is read again
+    // for the name of a deleted tail, as in one walk, and held to its own hash (changed since,
+    // it is broken now: reported there, or at the next entry, whose link no longer matches).
+    const last = await source.at(after)
+    walker = last === null ? new ChainWalker(after, c.hash) : ChainWalker.after(last.e, last.intact)
+    if (last !== null && last.e.hash !== c.hash) walker.fail(last.e)
+    // Gone since, and not by retention (see below): reported at the entry after it, as one walk would.
+    seamGone = last === null
+  }
+  let skipped = 0
+  let first = true
+  while (after < end) {
+    signal?.throwIfAborted()
+    if (walker.checked >= limit || (!first && Date.now() >= deadline)) {
+      return { ...walker.result(), next: { seq: after + 1, hash: walker.hash, end }, through: after, ...(skipped > 0 ? { skipped } : {}) }
+    }
+    if (!first) await nextTurn()
+    first = false
+    const n = Math.min(VERIFY_PAGE, limit - walker.checked)
+    const page = await source.page(after, end, n)
+    if (seamGone && page.anchorSeq < after) {
+      walker.fail(page.rows[0]?.e ?? null)
+      return withSkipped(walker.result(), skipped)
+    }
+    seamGone = false
+    if (page.anchorSeq > after) {
+      skipped += Math.min(page.anchorSeq, end) - after
+      walker = walker.from(page.anchorSeq, page.anchorHash)
+      after = page.anchorSeq
+    }
+    for (const row of page.rows) {
+      if (!walker.step(row.e, row.intact)) return withSkipped(walker.result(), skipped)
+    }
+    if (page.rows.length < n) break
+    after = page.rows[page.rows.length - 1].e.seq
+  }
+  signal?.throwIfAborted()
+  const tail = await source.tail(Math.max(after, end))
+  walker.endsAt(tail.next?.e ?? null, tail.headSeq, tail.headHash, tail.next?.intact ?? true)
+  return withSkipped(walker.result(), skipped)
+}
+
+function withSkipped (result: VerifyResult, skipped: number): VerifyResult {
+  return skipped > 0 ? { ...result, skipped } : result
 }
 
 /** An entry as verify names it. */
@@ -204,6 +328,21 @@ export class ChainWalker {
     }
   }
 
+  /** The hash the next entry must link to. */
+  get hash (): string { return this.prevHash }
+
+  /**
+   * This walk, going on from an anchor retention moved past it (the entries between were
+   * removed): its count kept, no entry of its own to name.
+   */
+  from (seq: number, hash: string): ChainWalker {
+    const walker = new ChainWalker(seq, hash)
+    walker.checked = this.checked
+    walker.ok = this.ok
+    walker.broken = this.broken
+    return walker
+  }
+
   result (): VerifyResult {
     return { ok: this.ok, checked: this.checked, firstBroken: this.broken }
   }
@@ -213,7 +352,8 @@ export class ChainWalker {
     return e.seq === this.prevSeq + 1 && e.previousHash === this.prevHash && sealed(e, intact)
   }
 
-  private fail (e: Named | null): void {
+  /** Marks the chain broken at `e` (null: no entry to name). */
+  fail (e: Named | null): void {
     this.ok = false
     this.broken = e === null ? null : { id: e.id, requestId: e.requestId }
   }
@@ -246,7 +386,8 @@ export interface AuditStore {
    * error it does not refuse is the store being away). A store that cannot fail needs none.
    */
   refuses?: (err: unknown) => boolean
-  verify: (range: { from?: Date, to?: Date }) => Promise<VerifyResult>
+  /** Walks at most one call's bound (see walkChain); `opts.next` goes on where an earlier call stopped. */
+  verify: (range: { from?: Date, to?: Date }, opts?: VerifyOptions) => Promise<VerifyResult>
   query: (q: AuditQuery) => Promise<AuditPage>
   /** Removes up to `limit` of the oldest entries before `before`; returns how many. */
   prune: (before: Date, limit: number) => Promise<number>

@@ -4,10 +4,11 @@ import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import { Counter, Gauge, Histogram } from 'prom-client'
 import pg from 'pg'
 import { StageOrder, type CallContext, type Protocol } from '../pipeline/index.js'
-import { MantleError, toProblem } from '../../errors.js'
+import { ErrorCodes, MantleError, toProblem } from '../../errors.js'
 import { ConfigError } from '../../schemas/config.js'
 import type { Operation } from '../../manifest.js'
-import { type AuditEntry, type AuditStore, type AuditQuery, type Category, categoryOf, refusedIdentity } from './entry.js'
+import { type AuditEntry, type AuditStore, type AuditQuery, type Category, type VerifyCursor, VERIFY_MAX_ENTRIES, categoryOf, refusedIdentity } from './entry.js'
+import { unwatchCaller, watchCaller } from '../pipeline/caller.js'
 import { uuidv7 } from '../../ids.js'
 import { upgradeAuthorization } from '../../adapters/upgrade.js'
 import { httpAuthorization } from '../../adapters/trpc/context.js'
@@ -224,6 +225,19 @@ const EntrySchema = {
 } as const
 const problem = { content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } } }
 
+/** A verify's `next`: the cursor as base64url JSON. */
+const encodeVerifyCursor = (c: VerifyCursor): string => Buffer.from(JSON.stringify({ s: c.seq, h: c.hash, e: c.end })).toString('base64url')
+function decodeVerifyCursor (next: string): VerifyCursor | null {
+  try {
+    const { s, h, e } = JSON.parse(Buffer.from(next, 'base64url').toString('utf8')) as { s?: unknown, h?: unknown, e?: unknown }
+    if (typeof s !== 'number' || !Number.isSafeInteger(s) || s < 1 || typeof e !== 'number' || !Number.isSafeInteger(e) || e < s) return null
+    if (typeof h !== 'string' || !/^[0-9a-f]{64}$/.test(h)) return null
+    return { seq: s, hash: h, end: e }
+  } catch {
+    return null
+  }
+}
+
 const encodeCursor = (seq: number): string => Buffer.from(JSON.stringify({ s: seq })).toString('base64url')
 function decodeCursor (cursor: string): number | null {
   try {
@@ -305,7 +319,7 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
     kind: 'postgres',
     write: async (batch) => { await prepare(); return await pg.write(batch) },
     refuses: (err) => pg.refuses(err),
-    verify: async (range) => { await prepare(); return await pg.verify(range) },
+    verify: async (range, o) => { await prepare(); return await pg.verify(range, o) },
     query: async (q) => { await prepare(); return await pg.query(q) },
     prune: async (before, limit) => { await prepare(); return await pg.prune(before, limit) },
     close: async () => { await pg.close() }
@@ -570,19 +584,36 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     }
   })
 
+  // One verify at a time per instance: a second is answered 503 OVERLOADED with Retry-After (the
+  // contract's code for "busy, retry later"; 409 is a conflict of idempotent calls), and a verify
+  // uses at most one of the two read connections, one page at a time, so that GET /admin/audit
+  // always has one. Two at once held both for the whole walk: GET waited out its connect timeout.
+  let verifying = false
   app.post('/admin/audit/verify', {
     config: { audit: 'admin.audit.verify' },
     onRequest: app.requireRole('system'),
     schema: {
       hide: true,
-      body: { type: ['object', 'null'], additionalProperties: false, properties: { from: DateTime, to: DateTime } },
+      body: {
+        type: ['object', 'null'],
+        additionalProperties: false,
+        properties: {
+          from: DateTime,
+          to: DateTime,
+          next: { type: 'string', minLength: 1, maxLength: 300 },
+          limit: { type: 'integer', minimum: 1, maximum: VERIFY_MAX_ENTRIES }
+        }
+      },
       response: {
         200: {
           type: 'object',
           properties: {
             ok: { type: 'boolean' },
             checked: { type: 'integer' },
-            firstBroken: { anyOf: [{ type: 'null' }, { type: 'object', properties: { id: { type: 'string' }, requestId: { type: 'string' } } }] }
+            firstBroken: { anyOf: [{ type: 'null' }, { type: 'object', properties: { id: { type: 'string' }, requestId: { type: 'string' } } }] },
+            next: { type: 'string' },
+            through: { type: 'integer' },
+            skipped: { type: 'integer' }
           }
         },
         '4xx': problem,
@@ -590,13 +621,40 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       }
     }
   }, async (request, reply) => {
-    const body = (request.body ?? {}) as { from?: string, to?: string }
+    const body = (request.body ?? {}) as { from?: string, to?: string, next?: string, limit?: number }
     const from = body.from === undefined ? undefined : new Date(body.from)
     const to = body.to === undefined ? undefined : new Date(body.to)
     const bad = unplaceable({ from, to })
     if (bad !== null) return badRequest(reply, request, `input.${bad} is not a time this endpoint can use (a leap second?)`)
     if (from !== undefined && to !== undefined && from > to) return badRequest(reply, request, 'input.from is after input.to')
-    return await answered(async () => await store.verify({ from, to }))
+    let next: VerifyCursor | undefined
+    if (body.next !== undefined) {
+      // The range travels in the cursor: a from or to beside it would be ignored, so it is refused.
+      if (from !== undefined || to !== undefined) return badRequest(reply, request, 'input.next carries its range: send it without from and to')
+      const cursor = decodeVerifyCursor(body.next)
+      if (cursor === null) return badRequest(reply, request, 'input.next is not a position this endpoint gave')
+      next = cursor
+    }
+    if (verifying) throw new MantleError('OVERLOADED', 'A verify is running on this instance: retry when it ends (one call walks at most 5 s)', { headers: { 'retry-after': '5' } })
+    verifying = true
+    // A client that leaves stops the walk at its next page.
+    const left = new AbortController()
+    const leave = (): void => { left.abort() }
+    if (!watchCaller(reply.raw, leave)) leave()
+    try {
+      const result = await answered(async () => await store.verify({ from, to }, { next, limit: body.limit, signal: left.signal }))
+      return result.next === undefined ? result : { ...result, next: encodeVerifyCursor(result.next) }
+    } catch (err) {
+      if (left.signal.aborted) {
+        // No response is sent, so the endpoint's onResponse never runs: its one entry is written here.
+        enqueue(httpEntry(request, reply, 'admin.audit.verify', 'admin', 'CLIENT_CLOSED', ErrorCodes.CLIENT_CLOSED.status))
+        throw new MantleError('CLIENT_CLOSED', 'The client left: the verify was stopped', { cause: err })
+      }
+      throw err
+    } finally {
+      unwatchCaller(reply.raw, leave)
+      verifying = false
+    }
   })
 
   // Retention: the oldest entries go in small batches, each its own short transaction.

@@ -1,10 +1,5 @@
 import Denque from 'denque'
-import { setImmediate as nextTurn } from 'node:timers/promises'
-import { type AuditEntry, type AuditPage, type AuditQuery, type AuditStore, type StoredEntry, type VerifyResult, ChainWalker, GENESIS, storedEntry, suffixed } from './entry.js'
-
-// Entries a verify hashes between two turns of the event loop (a few ms): in one piece, a verify
-// of the default 100,000 entries held every other request for 205 ms, of the most allowed for 20 s.
-const VERIFY_SLICE = 2000
+import { type AuditEntry, type AuditPage, type AuditQuery, type AuditStore, type ChainSource, type StoredEntry, type VerifyOptions, type VerifyResult, type WalkedRow, ChainWalker, GENESIS, storedEntry, suffixed, walkChain } from './entry.js'
 
 export interface MemoryStoreOptions {
   /** Most entries kept; beyond it the oldest is dropped (and counted). */
@@ -29,8 +24,6 @@ export class MemoryAuditStore implements AuditStore {
   /** The last entry dropped: verification of the oldest kept entry starts there. */
   private anchorSeq = 0
   private anchorHash = GENESIS
-  /** Entries dropped from the front so far: a verify that waited finds its place by it. */
-  private dropped = 0
 
   constructor (private readonly opts: MemoryStoreOptions) {}
 
@@ -71,10 +64,18 @@ export class MemoryAuditStore implements AuditStore {
       this.anchorSeq = e.seq
       this.anchorHash = e.hash
     }
-    this.dropped += n
   }
 
-  async verify (range: { from?: Date, to?: Date }): Promise<VerifyResult> {
+  /**
+   * The same walk as PostgreSQL's (walkChain), with the same bound; between pages other calls
+   * run, and writes meanwhile may drop the oldest entries (the walk then goes on from the last
+   * dropped).
+   */
+  async verify (range: { from?: Date, to?: Date }, opts: VerifyOptions = {}): Promise<VerifyResult> {
+    return await walkChain(this.source, async () => this.start(range), opts)
+  }
+
+  private start (range: { from?: Date, to?: Date }): { walker: ChainWalker, after: number, end: number } {
     const from = range.from?.getTime() ?? -Infinity
     const to = range.to?.getTime() ?? Infinity
     const ring = this.ring
@@ -82,31 +83,44 @@ export class MemoryAuditStore implements AuditStore {
     while (first < ring.length && ring.peekAt(first)!.timestamp < from) first++
     let last = ring.length - 1
     while (last >= 0 && ring.peekAt(last)!.timestamp > to) last--
-    // Nothing in the range: nothing is walked, but the entries around it must still link.
-    if (last < first) last = first - 1
     const before = first === 0 ? null : ring.peekAt(first - 1)!
-    let walker = before === null ? new ChainWalker(this.anchorSeq, this.anchorHash) : ChainWalker.after(before)
-    // Where position i of the ring as it was is now: writes while the walk waits drop the oldest.
-    const dropped = this.dropped
-    const now = (i: number): number => i - (this.dropped - dropped)
-    let i = first
-    for (let walked = 0; i <= last; i++, walked++) {
-      if (walked !== 0 && walked % VERIFY_SLICE === 0) await nextTurn()
-      let k = now(i)
-      if (k < 0) {
-        // Entries still to walk were dropped meanwhile: go on from the oldest kept, linked to the
-        // last dropped, as a verify begun now would.
-        const checked = walker.checked
-        walker = new ChainWalker(this.anchorSeq, this.anchorHash)
-        walker.checked = checked
-        i -= k
-        k = 0
-        if (i > last) break
-      }
-      if (!walker.step(ring.peekAt(k)!)) break
+    const walker = before === null ? new ChainWalker(this.anchorSeq, this.anchorHash) : ChainWalker.after(before)
+    // The position before the range's first entry; with nothing in the range, nothing is walked,
+    // but the entries around it must still link.
+    const after = first < ring.length ? ring.peekAt(first)!.seq - 1 : (before?.seq ?? this.anchorSeq)
+    return { walker, after, end: last >= first ? ring.peekAt(last)!.seq : after }
+  }
+
+  /** The index of the first entry after position `seq` (the ring is in position order). */
+  private indexAfter (seq: number): number {
+    let lo = 0
+    let hi = this.ring.length
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1
+      if (this.ring.peekAt(mid)!.seq <= seq) lo = mid + 1
+      else hi = mid
     }
-    if (i > last) walker.endsAt(ring.peekAt(Math.max(0, now(last + 1))) ?? null, this.headSeq, this.headHash)
-    return walker.result()
+    return lo
+  }
+
+  private readonly source: ChainSource = {
+    page: async (after, end, n) => {
+      const rows: WalkedRow[] = []
+      for (let i = this.indexAfter(after); i < this.ring.length && rows.length < n; i++) {
+        const e = this.ring.peekAt(i)!
+        if (e.seq > end) break
+        rows.push({ e, intact: true })
+      }
+      return { anchorSeq: this.anchorSeq, anchorHash: this.anchorHash, rows }
+    },
+    tail: async (after) => {
+      const next = this.ring.peekAt(this.indexAfter(after))
+      return { next: next === undefined ? null : { e: next, intact: true }, headSeq: this.headSeq, headHash: this.headHash }
+    },
+    at: async (seq) => {
+      const e = this.ring.peekAt(this.indexAfter(seq - 1))
+      return e?.seq === seq ? { e, intact: true } : null
+    }
   }
 
   async query (q: AuditQuery): Promise<AuditPage> {

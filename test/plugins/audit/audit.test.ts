@@ -8,7 +8,12 @@ import { StageOrder } from '../../../plugins/pipeline/index.js'
 import { answered } from '../../../plugins/audit/index.js'
 import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, buildDemoApp, drained, token, SECRET } from '../../helper.js'
-import { entries, type Row } from './entries.js'
+import { entries, entry, type Row } from './entries.js'
+import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
+import type { LightMyRequestResponse } from 'fastify'
+import { connect, type AddressInfo } from 'node:net'
+import { once } from 'node:events'
+import { setTimeout as sleep } from 'node:timers/promises'
 
 /** The demo gateway with test stages standing in for the firewall, rate limit, cache and idempotency. */
 async function withPolicyStages (t: { teardown: (fn: () => unknown) => void }, env: Record<string, string | number | boolean> = {}): Promise<FastifyInstance> {
@@ -117,6 +122,49 @@ t.test('tRPC requests refused before any call runs are recorded as security, onc
   t.match(one('q-token'), [{ status: 'VALIDATION_FAILED', tenantId: 't9', userId: 'u9' }], 'not public/anonymous')
   t.match(one('q-params'), [{ status: 'VALIDATION_FAILED', tenantId: 't8', userId: 'u8' }], 'connectionParams, as tRPC reads them')
   t.match(one('rest-query'), [{ tenantId: 'public', userId: 'anonymous' }])
+})
+
+// One call walked the whole trail, holding a read connection (and in PostgreSQL one snapshot)
+// for hours on a large table; two at once took both read connections from GET /admin/audit.
+t.test('verify: a call is bounded and resumed with its next; one at a time per instance; a client that leaves stops it', async t => {
+  const app = await buildDemoApp(t, { BFF_AUDIT_MEMORY_MAX: 60_000 })
+  const store = app.audit.store as MemoryAuditStore
+  store.writeNow(Array.from({ length: 50_000 }, (_, i) => entry({ timestamp: Date.now() - 60_000 + i })))
+  const post = async (payload: Record<string, unknown> = {}): Promise<LightMyRequestResponse> => await app.inject({ method: 'POST', url: '/admin/audit/verify', headers: bearer(), payload })
+  const first = await post({ limit: 45_000 })
+  t.equal(first.statusCode, 200)
+  t.match(first.json(), { ok: true, checked: 45_000, firstBroken: null, next: String, through: 45_000 })
+  const next = first.json().next as string
+  t.match((await post({ next, from: new Date(0).toISOString() })).json(), { code: 'VALIDATION_FAILED', detail: 'input.next carries its range: send it without from and to' })
+  t.match((await post({ next: 'eyJzIjoxfQ' })).json(), { code: 'VALIDATION_FAILED', detail: 'input.next is not a position this endpoint gave' })
+  // The range ends where the first call set it: the entries audited since are not walked.
+  t.same((await post({ next })).json(), { ok: true, checked: 5000, firstBroken: null }, 'the rest, and done: no next')
+
+  const both = await Promise.all([post(), post()])
+  t.same(both.map(r => r.statusCode).sort(), [200, 503], 'a second verify while one runs is refused')
+  const busy = both.find(r => r.statusCode === 503)!
+  t.equal(busy.headers['retry-after'], '5')
+  t.match(busy.json(), { code: 'OVERLOADED' })
+  t.equal((await post()).statusCode, 200, 'and taken once the first has ended')
+
+  // A client that leaves: the walk stops (its entry says so) rather than going on to its bound.
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const socket = connect((app.server.address() as AddressInfo).port, '127.0.0.1')
+  await once(socket, 'connect')
+  const authorization = bearer().authorization
+  const walking = new Promise<void>(resolve => {
+    const verify = store.verify.bind(store)
+    store.verify = async (...args) => { resolve(); return await verify(...args) }
+  })
+  socket.write(`POST /admin/audit/verify HTTP/1.1\r\nhost: x\r\nauthorization: ${authorization}\r\ncontent-type: application/json\r\ncontent-length: 2\r\nx-request-id: leaves\r\n\r\n{}`)
+  await walking
+  socket.destroy()
+  let left: Row[] = []
+  for (let i = 0; i < 250 && left.length === 0; i++) {
+    left = await entries(app, '&requestId=leaves')
+    if (left.length === 0) await sleep(20)
+  }
+  t.match(left, [{ action: 'admin.audit.verify', status: 'CLIENT_CLOSED', statusCode: 499 }])
 })
 
 t.test('the admin endpoints: memory store, role system, body and query checks; they are audited themselves', async t => {

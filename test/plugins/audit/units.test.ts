@@ -4,7 +4,7 @@ import { appendFileSync, existsSync, readFileSync, readlinkSync, renameSync, rmS
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { FileHandle } from 'node:fs/promises'
-import { categoryOf, hashEntry, isoTime, GENESIS, type AuditEntry, type AuditStore } from '../../../plugins/audit/entry.js'
+import { categoryOf, hashEntry, isoTime, GENESIS, VERIFY_MAX_ENTRIES, type AuditEntry, type AuditStore, type StoredEntry } from '../../../plugins/audit/entry.js'
 import { canonicalJson as canonical } from '../../../plugins/pipeline/index.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
 import { Spool, SpoolInUseError, SPOOL_FILE, SPOOL_LIMITS } from '../../../plugins/audit/spool.js'
@@ -12,7 +12,7 @@ import { AuditWriter } from '../../../plugins/audit/writer.js'
 import { uuidv7 as entryId } from '../../../ids.js'
 import { until } from '../../helper.js'
 import { spoolDir } from './db.js'
-import { entry, quiet } from './entries.js'
+import { entry, quiet, resumedVerifies } from './entries.js'
 
 t.test('categories: identity refusals are auth, blocks, limits and high risk are security, the rest read or write', async t => {
   t.equal(categoryOf('query', null, 'none'), 'read')
@@ -155,12 +155,40 @@ t.test('memory store: a long verify lets other calls run, and keeps its place wh
   t.equal(victim.seq, 5500)
   victim.status = 'FORGED'
   setImmediate(() => { fill(changed, 4000, 6000) })
-  t.same(await changed.verify({}), { ok: false, checked: 3500, firstBroken: { id: victim.id, requestId: victim.requestId } }, '2000 walked, 2000 dropped unwalked, then the 5001st to the changed one')
+  t.same(await changed.verify({}), { ok: false, checked: 3500, firstBroken: { id: victim.id, requestId: victim.requestId }, skipped: 2000 }, '2000 walked, 2000 dropped unwalked, then the 5001st to the changed one')
   victim.status = 'ok'
   // The ring now holds the 4001st to the 10000th; a range of its first 3000, whose whole rest is
   // dropped at the first turn: the walk ends, and the oldest kept links to the last dropped.
   setImmediate(() => { fill(changed, 3500, 10_000) })
-  t.same(await changed.verify({ to: new Date(base + 6999) }), { ok: true, checked: 2000, firstBroken: null }, 'a range whose rest was dropped meanwhile')
+  t.same(await changed.verify({ to: new Date(base + 6999) }), { ok: true, checked: 2000, firstBroken: null, skipped: 1000 }, 'a range whose rest was dropped meanwhile (the answer says how many)')
+})
+
+t.test('memory store: verify is bounded per call and resumes with the cursor it answered', async t => {
+  await resumedVerifies(t, async () => {
+    const store = new MemoryAuditStore({ max: 100 })
+    const base = Date.now() - 60_000
+    const batch = Array.from({ length: 10 }, (_, i) => entry({ timestamp: base + i * 1000 }))
+    await store.write(batch)
+    // The ring is the store's own: changing it is what tampering with memory would be.
+    const ring = (store as unknown as { ring: { toArray: () => StoredEntry[], removeOne: (i: number) => unknown } }).ring
+    const index = (seq: number): number => ring.toArray().findIndex(e => e.seq === seq)
+    return {
+      store,
+      base,
+      named: i => ({ id: batch[i].id, requestId: batch[i].requestId }),
+      change: async seq => { ring.toArray()[index(seq)].status = 'FORGED' },
+      remove: async seq => { ring.removeOne(index(seq)) }
+    }
+  })
+})
+
+t.test('memory store: one verify call walks at most VERIFY_MAX_ENTRIES, then answers where to go on', async t => {
+  const store = new MemoryAuditStore({ max: VERIFY_MAX_ENTRIES + 10 })
+  const base = Date.now() - 60_000
+  store.writeNow(Array.from({ length: VERIFY_MAX_ENTRIES + 10 }, (_, i) => entry({ timestamp: base + i })))
+  const first = await store.verify({}, { limit: VERIFY_MAX_ENTRIES + 10 })
+  t.match(first, { ok: true, checked: VERIFY_MAX_ENTRIES, next: { seq: VERIFY_MAX_ENTRIES + 1, end: VERIFY_MAX_ENTRIES + 10 }, through: VERIFY_MAX_ENTRIES }, 'a larger limit is held to the most')
+  t.same(await store.verify({}, { next: first.next }), { ok: true, checked: 10, firstBroken: null })
 })
 
 t.test('memory store: a changed row moved just out of a range is found at the range\'s edge', async t => {
