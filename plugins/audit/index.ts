@@ -4,7 +4,7 @@ import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import { Counter, Gauge, Histogram } from 'prom-client'
 import pg from 'pg'
 import { StageOrder, type CallContext, type Protocol } from '../pipeline/index.js'
-import { ErrorCodes, MantleError, toProblem } from '../../errors.js'
+import { MantleError, toProblem } from '../../errors.js'
 import { ConfigError } from '../../schemas/config.js'
 import type { Operation } from '../../manifest.js'
 import { type AuditEntry, type AuditStore, type AuditQuery, type Category, type VerifyCursor, VERIFY_MAX_ENTRIES, categoryOf, refusedIdentity } from './entry.js'
@@ -523,19 +523,21 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   // INTERNAL, and only the audit endpoints were audited at all: a system caller invalidating
   // another tenant's cache, or refused on /diagz, left no entry. Not the probes and the scrape
   // (/healthz, /readyz, /metrics). Routes declared before this plugin are not reached (app.ts
-  // registers /diagz after it).
-  const adminAudit = (action: string) => function auditAdminCall (request: FastifyRequest, reply: FastifyReply, done: () => void): void {
+  // registers /diagz after it). Written as the answer goes out (onSend), whether or not the
+  // client is still there: onResponse never runs for a client that left first, and a system
+  // caller who invalidated another tenant's cache and hung up early left no entry.
+  const adminAudit = (action: string) => function auditAdminCall (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void): void {
     const status = reply.statusCode < 400 ? 'ok' : (refusals.get(request) ?? (reply.statusCode === 400 ? 'VALIDATION_FAILED' : 'INTERNAL'))
     const category = refusedIdentity(status) ? 'auth' : 'admin'
     enqueue(httpEntry(request, reply, action, category, status, reply.statusCode, descriptions.get(request)))
-    done()
+    done(null, payload)
   }
   app.addHook('onRoute', (route) => {
     const action = route.config?.audit
     if (action === undefined) return
-    const own = route.onResponse
+    const own = route.onSend
     const hook = adminAudit(action)
-    route.onResponse = own === undefined ? [hook] : [...(Array.isArray(own) ? own : [own]), hook]
+    route.onSend = own === undefined ? [hook] : [...(Array.isArray(own) ? own : [own]), hook]
   })
 
   app.get('/admin/audit', {
@@ -645,11 +647,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       const result = await answered(async () => await store.verify({ from, to }, { next, limit: body.limit, signal: left.signal }))
       return result.next === undefined ? result : { ...result, next: encodeVerifyCursor(result.next) }
     } catch (err) {
-      if (left.signal.aborted) {
-        // No response is sent, so the endpoint's onResponse never runs: its one entry is written here.
-        enqueue(httpEntry(request, reply, 'admin.audit.verify', 'admin', 'CLIENT_CLOSED', ErrorCodes.CLIENT_CLOSED.status))
-        throw new MantleError('CLIENT_CLOSED', 'The client left: the verify was stopped', { cause: err })
-      }
+      // Its one entry says so (the route's onSend writes it, the client gone or not).
+      if (left.signal.aborted) throw new MantleError('CLIENT_CLOSED', 'The client left: the verify was stopped', { cause: err })
       throw err
     } finally {
       unwatchCaller(reply.raw, leave)

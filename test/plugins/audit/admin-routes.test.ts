@@ -1,6 +1,9 @@
 import t, { type Test } from 'tap'
 import type { FastifyInstance } from 'fastify'
-import { bearer, buildDemoApp, drained } from '../../helper.js'
+import { connect, type AddressInfo } from 'node:net'
+import { once } from 'node:events'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { bearer, buildDemoApp, drained, until } from '../../helper.js'
 import { entries, type Row } from './entries.js'
 import { AUDITED_TAG_CHARS } from '../../../plugins/cache/index.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, spoolDir, sql } from './db.js'
@@ -76,4 +79,26 @@ t.test('with the audit off the admin routes answer as before and carry no audit 
   // On, the hook is on each of them (GET and HEAD of /diagz and /admin/audit, the two POSTs).
   const on = await buildDemoApp(t)
   t.equal(on.printRoutes({ includeHooks: true }).match(/auditAdminCall/g)?.length, 6)
+})
+
+t.test('an admin call whose client leaves before the answer still leaves its one entry', async t => {
+  // onResponse never runs for a response whose client left first: a system caller who
+  // invalidated another tenant's cache and hung up early left no entry.
+  const app = await buildDemoApp(t, { BFF_CACHE_ENABLED: true })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as AddressInfo).port
+  const cache = (app as unknown as { responseCache: { cache: { invalidate: (...a: unknown[]) => Promise<unknown> } } }).responseCache.cache
+  const invalidate = cache.invalidate.bind(cache)
+  let done = false
+  cache.invalidate = async (...a: unknown[]) => { await sleep(200); const r = await invalidate(...a); done = true; return r }
+  const body = JSON.stringify({ tags: ['agents'], tenant: 'victim' })
+  const socket = connect(port, '127.0.0.1')
+  await once(socket, 'connect')
+  socket.on('error', () => {})
+  socket.write(`POST /admin/cache/invalidate HTTP/1.1\r\nhost: x\r\nauthorization: ${SYSTEM.authorization}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nx-request-id: left-early\r\n\r\n${body}`)
+  await sleep(50)
+  socket.destroy()
+  await until(() => done, 'the invalidation to be carried out')
+  await sleep(50)
+  t.match(await entries(app, '&requestId=left-early'), [{ action: 'admin.cache.invalidate', tenantId: 'acme', status: 'ok', metadata: { tenant: 'victim', tags: ['agents'] } }], 'its one entry')
 })
