@@ -238,7 +238,11 @@ export async function walkChain (source: ChainSource, start: () => Promise<{ wal
     first = false
     const n = Math.min(VERIFY_PAGE, limit - walker.checked)
     const page = await source.page(after, end, n)
-    if (seamGone && page.anchorSeq < after) {
+    // The entry before the cursor is gone: deleted (the anchor is before it), or the anchor
+    // itself (retention cut there, or the genesis), whose hash the cursor must then name. The
+    // cursor is the client's to send: one naming a hash of its own choosing would otherwise
+    // vouch for a chain rewritten onto another root.
+    if (seamGone && (page.anchorSeq < after || (page.anchorSeq === after && walker.hash !== page.anchorHash))) {
       walker.fail(page.rows[0]?.e ?? null)
       return withSkipped(walker.result(), skipped)
     }

@@ -10,6 +10,7 @@ import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, buildDemoApp, drained, token, SECRET } from '../../helper.js'
 import { entries, entry, type Row } from './entries.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
+import { hashEntry } from '../../../plugins/audit/entry.js'
 import type { LightMyRequestResponse } from 'fastify'
 import { connect, type AddressInfo } from 'node:net'
 import { once } from 'node:events'
@@ -254,4 +255,27 @@ t.test('the memory store\'s entries and the verified tokens kept are in /metrics
   for (let i = 0; i < 2; i++) await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: mine })
   await drained(app)
   t.equal(await gauge('mantle_audit_memory_entries'), 3, 'bounded')
+})
+
+t.test('verify: a next the client made up cannot vouch for a chain rewritten onto another root', async t => {
+  const app = await buildDemoApp(t, { BFF_AUDIT_MEMORY_MAX: 1000 })
+  const store = app.audit.store as MemoryAuditStore
+  store.writeNow(Array.from({ length: 5 }, (_, i) => entry({ timestamp: Date.now() - 10_000 + i })))
+  // Someone with write access to the store rewrites the chain from its first entry, on a root of
+  // their own choosing, every hash recomputed.
+  const inside = store as unknown as { ring: { length: number, peekAt: (i: number) => { seq: number, previousHash: string, hash: string } }, headHash: string, headSeq: number }
+  const root = 'ab'.repeat(32)
+  let previous = root
+  for (let i = 0; i < inside.ring.length; i++) {
+    const e = inside.ring.peekAt(i)
+    e.previousHash = previous
+    e.hash = hashEntry(previous, e.seq, e as unknown as Parameters<typeof hashEntry>[2])
+    previous = e.hash
+  }
+  inside.headHash = previous
+  const verify = async (payload: Record<string, unknown>): Promise<{ ok: boolean }> => (await app.inject({ method: 'POST', url: '/admin/audit/verify', headers: bearer({ roles: ['system'] }), payload })).json()
+  t.match(await verify({}), { ok: false, firstBroken: { id: String } }, 'a walk finds it')
+  const forged = Buffer.from(JSON.stringify({ s: 1, h: root, e: inside.headSeq })).toString('base64url')
+  // Before, resumed from the root the cursor named, the rewritten chain was found whole.
+  t.match(await verify({ next: forged }), { ok: false, firstBroken: { id: String } }, 'so does a resume from a made-up cursor')
 })
