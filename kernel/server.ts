@@ -6,7 +6,7 @@ import Fastify from 'fastify'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { AddressInfo } from 'node:net'
 import { pathToFileURL } from 'node:url'
-import { INTEGER_TEXT, NUMBER_TEXT } from '../schemas/config.js'
+import { DECIMAL_TEXT, INTEGER_TEXT } from '../schemas/config.js'
 
 export interface KernelEvent { topic: string, tenantId: string, payload: unknown }
 
@@ -517,7 +517,7 @@ async function main (): Promise<void> {
   const port = portText === undefined ? 4001 : INTEGER_TEXT.test(portText) ? Number(portText) : NaN
   if (!(port <= 65535)) problems.push(`KERNEL_PORT must be an integer in 0..65535, got ${portText} (decimal digits only)`)
   const delayText = set('KERNEL_RUN_DELAY_MS')
-  const runDelayMs = delayText === undefined ? undefined : NUMBER_TEXT.test(delayText) ? Number(delayText) : NaN
+  const runDelayMs = delayText === undefined ? undefined : DECIMAL_TEXT.test(delayText) ? Number(delayText) : NaN
   if (runDelayMs !== undefined && !Number.isFinite(runDelayMs)) problems.push(`KERNEL_RUN_DELAY_MS must be a number >= 0, got ${delayText} (decimal digits only)`)
   const host = set('KERNEL_HOST') ?? '127.0.0.1'
   if (!/^\S+$/.test(host)) problems.push(`KERNEL_HOST must be a host name or IP address (no spaces), got ${JSON.stringify(host)}`)

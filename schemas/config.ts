@@ -109,6 +109,9 @@ const describe = (name: string): string => {
 
 /** How a numeric variable is written: decimal digits (Ajv's coercion also took 0x10, 1e3, " 80", +80, 80.0). */
 export const INTEGER_TEXT = /^[0-9]+$/
+/** Decimal digits with a point (the demo Kernel's delay). */
+export const DECIMAL_TEXT = /^(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)$/
+/** A ratio may also be written with an exponent, as OpenTelemetry's examples do (1e-2). */
 export const NUMBER_TEXT = /^(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$/
 
 /**
