@@ -136,7 +136,7 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
   const fail = (): ConfigError => new ConfigError('Invalid configuration: ' + problems.join('; '))
   let config: Config
   try {
-    config = envSchema<Config>({ schema: ConfigSchema, data, dotenv: false })
+    config = envSchema<Config>({ schema: ConfigSchema, data, dotenv: false, env: false })
   } catch (err) {
     const errors = (err as { errors?: Array<{ instancePath?: string, params?: { missingProperty?: string } }> }).errors ?? []
     const names = [...new Set(errors.map(e => (e.instancePath ?? '').replace(/^\//, '') || e.params?.missingProperty || '?'))]
@@ -146,7 +146,7 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
     // the checks below run on every value it accepts: one message names every bad variable.
     const rest = Object.fromEntries(Object.entries(given).filter(([name]) => !bad.has(name)))
     try {
-      config = envSchema<Config>({ schema: ConfigSchema, data: rest, dotenv: false })
+      config = envSchema<Config>({ schema: ConfigSchema, data: rest, dotenv: false, env: false })
     } catch {
       throw fail()
     }

@@ -279,3 +279,20 @@ t.test('one error names the problems of every check at once, not one check at a 
   t.notMatch(errorOf({ REDIS_URL: 'redis://h:99999', BFF_CACHE_STORE: 'redis' })?.message, /needs REDIS_URL/)
   t.match(errorOf({ PORT: 'abc', BFF_CACHE_STORE: 'redis' })?.message, /^Invalid configuration: PORT="abc" is invalid: .*; BFF_CACHE_STORE="redis" needs REDIS_URL/)
 })
+
+t.test('the environment is read once, as given: an empty value is unset, and every problem is named at once', async t => {
+  const saved = { ...process.env }
+  t.teardown(() => {
+    for (const key of Object.keys(process.env)) if (!(key in saved)) Reflect.deleteProperty(process.env, key)
+    Object.assign(process.env, saved)
+  })
+  // env-schema added the whole of process.env to the values given: an empty value came back
+  // (REDIS_URL= stopped start-up), and the values refused were read again on the second pass.
+  Object.assign(process.env, { REDIS_URL: '', PORT: '', BFF_RATE_LIMIT_GLOBAL_MAX: '' })
+  const config = loadConfig()
+  t.same([config.REDIS_URL, config.PORT, config.BFF_RATE_LIMIT_GLOBAL_MAX], [undefined, 3000, undefined], 'empty is unset')
+  Object.assign(process.env, { HOST: ' ', BFF_BODY_LIMIT: '1e3', PORT: '0x10', BFF_TRACE_SAMPLE_RATIO: '2' })
+  const names = [...(errorOf(process.env)?.message ?? '').matchAll(/([A-Z_]+)="/g)].map(m => m[1]).sort()
+  t.same(names, ['BFF_BODY_LIMIT', 'BFF_TRACE_SAMPLE_RATIO', 'HOST', 'PORT'], 'all four in one message')
+  t.equal(loadConfig({}).HOST, '127.0.0.1', 'values given, not the process environment')
+})
