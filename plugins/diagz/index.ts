@@ -125,6 +125,13 @@ export function outcomeOf (err: unknown): 1 | 2 {
 }
 
 const round = (n: number, digits = 3): number => Math.round(n * 10 ** digits) / 10 ** digits
+/** How often the event-loop delay is sampled (ms). */
+const LOOP_RESOLUTION_MS = 20
+/**
+ * A sampled event-loop delay (ns) as ms of delay: less the sampling interval each sample waits
+ * on purpose (an idle loop read 20 ms, where load shedding, which subtracts it, saw 0).
+ */
+export const loopDelay = (ns: number): number => round(Math.max(0, ns / 1e6 - LOOP_RESOLUTION_MS))
 const ms = (micros: number | null): number | null => micros === null ? null : round(micros / 1000)
 
 function windowReport (s: WindowSummary): WindowReport {
@@ -206,7 +213,7 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
   const sections = new Map<string, () => unknown>()
   const sockets = new Map<Protocol, number>()
   let httpConnections = 0
-  const loop = monitorEventLoopDelay({ resolution: 20 })
+  const loop = monitorEventLoopDelay({ resolution: LOOP_RESOLUTION_MS })
   loop.enable()
 
   // Rotation on timers, so a call records with no clock read beyond the one it already made.
@@ -322,7 +329,7 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
       cache: { hitRate: lookups === 0 ? null : round((cache.hit + cache.stale) / lookups, 4), hits: cache.hit, misses: cache.miss, stale: cache.stale },
       breakers,
       memory: { rssBytes: mem.rss, heapUsedBytes: mem.heapUsed, heapTotalBytes: mem.heapTotal, externalBytes: mem.external, arrayBuffersBytes: mem.arrayBuffers },
-      eventLoop: { delayP50Ms: round(loop.percentile(50) / 1e6), delayP99Ms: round(loop.percentile(99) / 1e6), delayMaxMs: round(loop.max / 1e6) }
+      eventLoop: { delayP50Ms: loopDelay(loop.percentile(50)), delayP99Ms: loopDelay(loop.percentile(99)), delayMaxMs: loopDelay(loop.max) }
     }
     for (const [name, read] of sections) {
       try {

@@ -2,7 +2,7 @@ import t from 'tap'
 import { WebSocket } from 'ws'
 import { buildApp, VERSION } from '../../../app.js'
 import { StageOrder, type Stage, type Next, CallContext, createPipeline } from '../../../plugins/pipeline/index.js'
-import { timeStage, outcomeOf, sampleEveryFor, SAMPLED_PER_SECOND } from '../../../plugins/diagz/index.js'
+import { timeStage, outcomeOf, sampleEveryFor, SAMPLED_PER_SECOND, loopDelay } from '../../../plugins/diagz/index.js'
 import { MantleError } from '../../../errors.js'
 import { buildDemoApp, buildTestApp, bearer, testConfig, startTestKernel, testManifest, json, until, token } from '../../helper.js'
 import { wsApp, connect } from '../../adapters/websocket-helper.js'
@@ -277,4 +277,11 @@ t.test('the per-stage timing follows the load: one call in 8 at low rates, about
   const stages = (await app.inject({ method: 'GET', url: '/diagz', headers: system })).json().stages
   t.equal(stages.identity.calls, 32)
   t.equal(stages.identity.sampled, 4, 'one in 8 at this rate')
+})
+
+t.test('the event-loop delay is told less the 20 ms each sample waits on purpose', async t => {
+  // An idle gateway read delayP50Ms 20.3: the sampling interval, not delay.
+  t.equal(loopDelay(20_316_000), 0.316)
+  t.equal(loopDelay(45_000_000), 25)
+  t.equal(loopDelay(19_000_000), 0, 'never below 0')
 })
