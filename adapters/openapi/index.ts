@@ -87,6 +87,7 @@ function acceptsEmpty (schema: { required?: unknown }): boolean {
  * (and every schema in it in the dialect it declares, dialect2020):
  * - a body whose schema requires nothing may be left out (the gateway reads an absent body as
  *   `{}`), while @fastify/swagger marks every requestBody required;
+ * - every answer carries x-request-id, refusals too (the routes declare it on 2XX only);
  * - a cached query (one that takes If-None-Match) answers 304 with no body while the tag still
  *   matches, with the 2XX answer's cache headers: a 304 is not a 2XX, and clients generated from
  *   the document took it for an undocumented status.
@@ -101,6 +102,13 @@ export function completeDocument (doc: { paths?: Record<string, Record<string, D
       contentIn2020(op.requestBody?.content)
       for (const parameter of op.parameters ?? []) if (parameter.schema !== undefined) parameter.schema = dialect2020(parameter.schema) as Record<string, unknown>
       for (const response of Object.values(op.responses ?? {})) contentIn2020(response.content)
+      // Every answer carries x-request-id, a refusal too: the routes' schemas declare it on 2XX only.
+      const requestIdHeader = op.responses?.['2XX']?.headers?.['x-request-id']
+      if (requestIdHeader !== undefined) {
+        for (const [status, response] of Object.entries(op.responses ?? {})) {
+          if (status !== '2XX' && response.headers?.['x-request-id'] === undefined) response.headers = { 'x-request-id': requestIdHeader, ...response.headers }
+        }
+      }
       if (op.responses !== undefined && op.parameters?.some(p => p.in === 'header' && p.name === 'if-none-match') === true) {
         const { 'x-cache': xCache, ETag, 'Cache-Control': cacheControl, Vary, 'x-request-id': requestId } = op.responses['2XX']?.headers ?? {}
         op.responses['304'] = {

@@ -72,6 +72,13 @@ t.test('/openapi.json is a valid OpenAPI 3.1 document of every operation', async
   t.match(notModified, { description: /Not Modified/, headers: { ETag: { schema: { type: 'string' } }, 'Cache-Control': {}, Vary: {}, 'x-cache': {}, 'x-request-id': {} } })
   t.notOk(notModified.content)
   t.notOk(updateAgent.responses['304'], 'a mutation has no 304')
+  // Refusals carry x-request-id as every answer does (the document said so of 2XX and 304 only).
+  for (const op of [getAgent, updateAgent, runAgent]) {
+    for (const [status, response] of Object.entries(op.responses) as Array<[string, { headers?: Record<string, unknown> }]>) {
+      t.ok(response.headers?.['x-request-id'] !== undefined, `${status}: x-request-id`)
+    }
+  }
+  t.ok((getAgent.responses['429'] as { headers: Record<string, unknown> }).headers['Retry-After'], 'a 429 keeps its own headers')
   // A reload may give any GET query a cache and any operation a limit, and the document is built
   // once: what they add is documented wherever it may apply (getDocument has no cache at start-up).
   const getDocument = doc.paths['/api/v1/documents/{id}'].get
