@@ -32,17 +32,21 @@ export function boundedFrame (socket: WebSocket, text: string, max: number): Buf
 type Send = (data: unknown, options?: unknown, cb?: unknown) => void
 
 /**
- * Holds every text frame a library sends on `socket` (mercurius' graphql-ws server, which calls
- * socket.send itself) to boundedFrame's rule: one sent to a client that has stopped reading is
- * not queued, and the socket closes with 1013 instead; a callback gets the error ws gives a
- * send on a closing socket.
+ * Makes every text frame a library sends on `socket` itself (tRPC's WebSocket adapter,
+ * mercurius' graphql-ws server) go out as its UTF-8 bytes, so that ws counts what the client
+ * has not read (bufferedAmount) in bytes: it counts a queued string in characters, and text in
+ * two- or three-byte characters was counted at a half or a third of its size. Data that is not
+ * a string, and anything sent on a socket that is not open, pass through as they are. With
+ * `max`, each frame is also held to boundedFrame's rule: one sent to a client that has stopped
+ * reading is not queued, and the socket closes with 1013 instead; a callback gets the error ws
+ * gives a send on a closing socket. Without it, what the bound does is the caller's.
  */
-export function boundSends (socket: WebSocket, max = MAX_BUFFERED_BYTES): void {
+export function utf8Sends (socket: WebSocket, max?: number): void {
   const send = socket.send as Send
-  const bounded: Send = function (this: WebSocket, data, options, cb) {
+  const utf8: Send = function (this: WebSocket, data, options, cb) {
     if (typeof data !== 'string' || socket.readyState !== socket.OPEN) { send.call(this, data, options, cb); return }
     const callback = typeof options === 'function' ? options : cb
-    const frame = boundedFrame(socket, data, max)
+    const frame = max === undefined ? Buffer.from(data) : boundedFrame(socket, data, max)
     if (frame !== null) {
       send.call(this, frame, typeof options === 'object' && options !== null ? { ...options, binary: false } : { binary: false }, callback)
       return
@@ -50,5 +54,13 @@ export function boundSends (socket: WebSocket, max = MAX_BUFFERED_BYTES): void {
     socket.close(CLOSE_SLOW_READER, SLOW_READER)
     if (typeof callback === 'function') process.nextTick(callback, new Error(SLOW_READER))
   }
-  socket.send = bounded as WebSocket['send']
+  socket.send = utf8 as WebSocket['send']
+}
+
+/**
+ * Holds every text frame a library sends on `socket` (mercurius' graphql-ws server, which calls
+ * socket.send itself) to boundedFrame's rule, counted in UTF-8 bytes (see utf8Sends).
+ */
+export function boundSends (socket: WebSocket, max = MAX_BUFFERED_BYTES): void {
+  utf8Sends(socket, max)
 }

@@ -10,6 +10,7 @@ import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { upgradeAuthorization } from '../upgrade.js'
+import { utf8Sends } from '../slow-reader.js'
 import { httpContext, socketContext, type TrpcContext } from './context.js'
 import { runCall } from '../face.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
@@ -369,6 +370,10 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           timer.unref()
           socket.once('close', () => clearTimeout(timer))
           if (awaitsParams(request)) awaiting.set(request.raw, socket)
+          // tRPC sends each answer and event as a string: sent as its UTF-8 bytes, what the
+          // client has not read is counted in bytes by the bound the router checks (see
+          // utf8Sends), as on /ws and /graphql. What passing the bound does is the router's.
+          utf8Sends(socket)
           onConnection(socket, request.raw)
         }
       })

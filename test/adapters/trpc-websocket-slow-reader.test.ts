@@ -2,6 +2,7 @@ import t from 'tap'
 import type { AddressInfo, Socket } from 'node:net'
 import WebSocket from 'ws'
 import { buildDemoApp, buildTestApp, startTestKernel, testManifest, json, bearer, until } from '../helper.js'
+import { peakBuffered } from './websocket-helper.js'
 
 // README "Events": "Delivery is bounded: a subscriber whose stream falls more than 256 events
 // behind loses the oldest". @trpc/server's WebSocket adapter sends each event the moment the
@@ -69,6 +70,53 @@ t.test('a tRPC WebSocket subscriber that stops reading loses the oldest events, 
   client.terminate()
   await until(() => app.events.bus.subscriptions === 0, 'the subscription to end')
   t.pass('the paused subscription ended with its socket')
+})
+
+// README: the bound on what a tRPC socket's client has not read is counted in UTF-8 bytes, as on
+// /ws and /graphql. tRPC sends each answer and event as a string, which ws counts in characters:
+// an event of N two-byte characters added about N to bufferedAmount, so a subscriber was paused
+// only once twice the bound was queued.
+t.test('a tRPC WebSocket subscriber that stops reading: each queued event counts its UTF-8 bytes, and it still arrives as text', async t => {
+  const app = await buildDemoApp(t, { BFF_GRAPHQL_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+
+  const client = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ roles: ['viewer'] }) })
+  t.teardown(() => client.terminate())
+  const received: string[] = []
+  let started = false
+  let binary = 0
+  client.on('message', (d: Buffer, isBinary: boolean) => {
+    if (isBinary) binary++
+    const message = JSON.parse(d.toString()) as { result?: { type?: string, data?: { id?: string } } }
+    if (message.result?.type === 'started') started = true
+    const id = message.result?.data?.id
+    if (id !== undefined) received.push(id)
+  })
+  await new Promise<void>((resolve, reject) => { client.once('open', resolve); client.once('error', reject) })
+  const [server] = [...app.websocketServer.clients]
+  const peaked = peakBuffered(server)
+  client.send(JSON.stringify({ id: 1, method: 'subscription', params: { path: 'runUpdated', input: null } }))
+  await until(() => started && app.events.bus.subscriptions === 1, 'the subscription')
+
+  const raw = (client as unknown as { _socket: Socket })._socket
+  raw.pause()
+  // Two UTF-8 bytes a character: 60 KiB an event, 30 Ki characters.
+  const output = 'é'.repeat(30 * 1024)
+  const bytes = Buffer.byteLength(output)
+  let sent = 0
+  for (; sent < 400 && server.bufferedAmount < 1024 * 1024; sent++) {
+    await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run(`r${sent}`, output) })
+    await sleep(0)
+  }
+  const { step } = peaked()
+  t.ok(step !== Infinity, 'events were queued on a socket holding something')
+  t.ok(step >= bytes, `each queued event counts at least its ${bytes} UTF-8 bytes (${step})`)
+  t.equal(server.readyState, WebSocket.OPEN, 'the connection stays open')
+
+  raw.resume()
+  await until(() => received.includes(`r${sent - 1}`), 'the last event')
+  t.equal(binary, 0, 'every frame arrived as text')
 })
 
 // README /ws: "A reader that lets more than 4 MiB pile up is closed with 1013". Before, the
