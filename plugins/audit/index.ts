@@ -526,7 +526,12 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   // registers /diagz after it). Written as the answer goes out (onSend), whether or not the
   // client is still there: onResponse never runs for a client that left first, and a system
   // caller who invalidated another tenant's cache and hung up early left no entry.
+  // Once per request: an onSend hook that fails after this one (a header writeHead refuses) has
+  // Fastify send an error answer, which runs the onSend hooks again.
+  const audited = new WeakSet<FastifyRequest>()
   const adminAudit = (action: string) => function auditAdminCall (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void): void {
+    if (audited.has(request)) { done(null, payload); return }
+    audited.add(request)
     const status = reply.statusCode < 400 ? 'ok' : (refusals.get(request) ?? (reply.statusCode === 400 ? 'VALIDATION_FAILED' : 'INTERNAL'))
     const category = refusedIdentity(status) ? 'auth' : 'admin'
     enqueue(httpEntry(request, reply, action, category, status, reply.statusCode, descriptions.get(request)))

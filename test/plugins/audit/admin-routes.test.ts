@@ -3,7 +3,8 @@ import type { FastifyInstance } from 'fastify'
 import { connect, type AddressInfo } from 'node:net'
 import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { bearer, buildDemoApp, drained, until } from '../../helper.js'
+import { bearer, buildDemoApp, drained, testConfig, until } from '../../helper.js'
+import { buildApp } from '../../../app.js'
 import { entries, type Row } from './entries.js'
 import { AUDITED_TAG_CHARS } from '../../../plugins/cache/index.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, spoolDir, sql } from './db.js'
@@ -101,4 +102,17 @@ t.test('an admin call whose client leaves before the answer still leaves its one
   await until(() => done, 'the invalidation to be carried out')
   await sleep(50)
   t.match(await entries(app, '&requestId=left-early'), [{ action: 'admin.cache.invalidate', tenantId: 'acme', status: 'ok', metadata: { tenant: 'victim', tags: ['agents'] } }], 'its one entry')
+})
+
+t.test('an answer sent again after an onSend hook failed leaves one entry, not one per try', async t => {
+  const app = await buildApp(testConfig(), { logger: false })
+  t.teardown(async () => await app.close())
+  // A hook that fails as the answer is written (writeHead refuses the header): Fastify sends an
+  // error answer instead, which runs every onSend hook again (three entries before).
+  app.addHook('onSend', async (request, reply) => { if (request.url === '/diagz' && reply.statusCode === 200) reply.header('x-bad', 'a\nb') })
+  await app.ready()
+  const res = await app.inject({ method: 'GET', url: '/diagz', headers: { ...SYSTEM, 'x-request-id': 'sent-twice' } })
+  t.equal(res.statusCode, 500)
+  await drained(app)
+  t.equal((await entries(app, '&requestId=sent-twice')).length, 1, 'one entry')
 })
