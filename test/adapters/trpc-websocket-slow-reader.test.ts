@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import type { AddressInfo, Socket } from 'node:net'
 import WebSocket from 'ws'
 import { buildDemoApp, buildTestApp, startTestKernel, testManifest, json, bearer, until } from '../helper.js'
@@ -18,25 +18,35 @@ function run (id: string, output: string): Record<string, unknown> {
   return { id, agentId: 'a1', status: 'running', temperature: 0.7, promptChars: 5, output, error: null, createdAt: at, updatedAt: at, startedAt: at, finishedAt: null }
 }
 
-t.test('a tRPC WebSocket subscriber that stops reading loses the oldest events, and the socket stays bounded', async t => {
+/**
+ * A demo gateway (tRPC only), and a tRPC WebSocket client subscribed to runUpdated: the ids of
+ * the runs it received, and how many frames came as binary.
+ */
+async function subscriber (t: Test, beforeSubscribe: (server: WebSocket) => void = () => {}) {
   const app = await buildDemoApp(t, { BFF_GRAPHQL_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as AddressInfo
-
   const client = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ roles: ['viewer'] }) })
   t.teardown(() => client.terminate())
-  // The ids of the runs received, and whether the subscription started.
   const received: string[] = []
-  let started = false
-  client.on('message', (d: Buffer) => {
+  const frames = { started: false, binary: 0 }
+  client.on('message', (d: Buffer, isBinary: boolean) => {
+    if (isBinary) frames.binary++
     const message = JSON.parse(d.toString()) as { result?: { type?: string, data?: { id?: string } } }
-    if (message.result?.type === 'started') started = true
+    if (message.result?.type === 'started') frames.started = true
     const id = message.result?.data?.id
     if (id !== undefined) received.push(id)
   })
   await new Promise<void>((resolve, reject) => { client.once('open', resolve); client.once('error', reject) })
+  const [server] = [...app.websocketServer.clients]
+  beforeSubscribe(server)
   client.send(JSON.stringify({ id: 1, method: 'subscription', params: { path: 'runUpdated', input: null } }))
-  await until(() => started && app.events.bus.subscriptions === 1, 'the subscription')
+  await until(() => frames.started && app.events.bus.subscriptions === 1, 'the subscription')
+  return { app, client, server, received, frames }
+}
+
+t.test('a tRPC WebSocket subscriber that stops reading loses the oldest events, and the socket stays bounded', async t => {
+  const { app, client, server, received } = await subscriber(t)
 
   // The client stops reading: the kernel's buffers fill, then the gateway's.
   const raw = (client as unknown as { _socket: Socket })._socket
@@ -50,7 +60,6 @@ t.test('a tRPC WebSocket subscriber that stops reading loses the oldest events, 
   }
   await sleep(200)
 
-  const [server] = [...app.websocketServer.clients]
   const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
   const dropped = Number(/mantle_events_dropped_total\{reason="slow_consumer"\} (\d+)/.exec(metrics)?.[1] ?? 0)
   // The socket holds at most the bound plus the one event sent when it was just below it.
@@ -77,27 +86,8 @@ t.test('a tRPC WebSocket subscriber that stops reading loses the oldest events, 
 // an event of N two-byte characters added about N to bufferedAmount, so a subscriber was paused
 // only once twice the bound was queued.
 t.test('a tRPC WebSocket subscriber that stops reading: each queued event counts its UTF-8 bytes, and it still arrives as text', async t => {
-  const app = await buildDemoApp(t, { BFF_GRAPHQL_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as AddressInfo
-
-  const client = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ roles: ['viewer'] }) })
-  t.teardown(() => client.terminate())
-  const received: string[] = []
-  let started = false
-  let binary = 0
-  client.on('message', (d: Buffer, isBinary: boolean) => {
-    if (isBinary) binary++
-    const message = JSON.parse(d.toString()) as { result?: { type?: string, data?: { id?: string } } }
-    if (message.result?.type === 'started') started = true
-    const id = message.result?.data?.id
-    if (id !== undefined) received.push(id)
-  })
-  await new Promise<void>((resolve, reject) => { client.once('open', resolve); client.once('error', reject) })
-  const [server] = [...app.websocketServer.clients]
-  const peaked = peakBuffered(server)
-  client.send(JSON.stringify({ id: 1, method: 'subscription', params: { path: 'runUpdated', input: null } }))
-  await until(() => started && app.events.bus.subscriptions === 1, 'the subscription')
+  let peaked!: ReturnType<typeof peakBuffered>
+  const { app, client, server, received, frames } = await subscriber(t, server => { peaked = peakBuffered(server) })
 
   const raw = (client as unknown as { _socket: Socket })._socket
   raw.pause()
@@ -116,7 +106,7 @@ t.test('a tRPC WebSocket subscriber that stops reading: each queued event counts
 
   raw.resume()
   await until(() => received.includes(`r${sent - 1}`), 'the last event')
-  t.equal(binary, 0, 'every frame arrived as text')
+  t.equal(frames.binary, 0, 'every frame arrived as text')
 })
 
 // README /ws: "A reader that lets more than 4 MiB pile up is closed with 1013". Before, the

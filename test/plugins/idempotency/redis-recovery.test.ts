@@ -117,19 +117,8 @@ t.test('a claim Redis carried out but never answered, of a call that failed: the
   // as a new call. The call ran from memory (its claim timed out at the gateway); the claim Redis
   // made all the same must go too, or a repeat on another instance finds it running: 409, or a
   // wait for its lease (the op's timeout plus 5 s) before it may run.
-  let failing = true
-  const kernel = await startTestKernel(t, {
-    'POST /v1/items': (req, res) => {
-      if (failing) json(res, 503, { message: 'down' })
-      else json(res, 201, { id: 'item-1', name: (JSON.parse(req.body) as { name: string }).name, n: 1 })
-    }
-  })
-  const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
-  const a = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, {}, kernel)
-  const b = await idemSetup(t, 'redis', { BFF_IDEMPOTENCY_WAIT_MS: 0 }, {}, kernel)
-  const redis = new Redis(REDIS_URL)
-  t.teardown(() => redis.quit())
-  await until(() => a.app.redis.up() && b.app.redis.up(), 'both instances connected')
+  const { open, state, proxy, a, b, redis } = await failingCall(t)
+  open()
   const key = randomUUID()
   const at = storeKey(a.tenant, 'createItem', key)
   proxy.delay(700)
@@ -142,7 +131,7 @@ t.test('a claim Redis carried out but never answered, of a call that failed: the
   t.teardown(() => clearInterval(poll))
   await until(() => held === 0, 'the claim Redis made to be released')
   clearInterval(poll)
-  failing = false
+  state.failing = false
   const repeat = await b.create({ name: 'x' }, key, a.tenant)
   t.equal(repeat.statusCode, 201, repeat.body)
   t.notOk(repeat.headers['idempotent-replayed'], 'a new call, not a replay')
