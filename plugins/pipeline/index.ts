@@ -242,7 +242,7 @@ function validationStage (): StageDefinition {
       // and its scope of values), so a shared one would keep each reloaded manifest's for good.
       const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
       addFormats.default(ajv)
-      const validate: ValidateFunction = ajv.compile(op.input)
+      const validate: ValidateFunction = ajv.compile(safeIntegers(op.input) as typeof op.input)
       return (ctx, next) => {
         if (ctx.refusal !== null) throw ctx.refusal
         const input: unknown = ctx.input
@@ -258,6 +258,36 @@ function validationStage (): StageDefinition {
 }
 
 const NON_FINITE = 'The input holds a number out of range: numbers must be finite'
+
+/** The keywords under which a schema holds other schemas (one, a list, or a map of them). */
+const ONE = ['items', 'additionalProperties', 'not', 'if', 'then', 'else', 'contains', 'propertyNames', 'unevaluatedItems', 'unevaluatedProperties'] as const
+const LISTS = ['allOf', 'anyOf', 'oneOf', 'prefixItems'] as const
+const MAPS = ['properties', 'patternProperties', '$defs', 'definitions', 'dependentSchemas'] as const
+
+/**
+ * A copy of `schema` whose integers are held to what a JavaScript number carries exactly,
+ * ±(2^53 - 1): JSON.parse and REST's coercion read 1234567890123456789 as 1234567890123456800,
+ * which the Kernel then got, for another resource (a GET answered another item, a DELETE removed
+ * it). A number beyond is refused (VALIDATION_FAILED, naming the bound) rather than rounded.
+ * Only where `integer` is the schema's one numeric type: a `number` may be any finite value.
+ */
+export function safeIntegers (schema: unknown): unknown {
+  if (schema === null || typeof schema !== 'object') return schema
+  if (Array.isArray(schema)) return schema.map(safeIntegers)
+  const s = { ...(schema as Record<string, unknown>) }
+  for (const k of ONE) if (k in s) s[k] = safeIntegers(s[k])
+  for (const k of LISTS) if (Array.isArray(s[k])) s[k] = (s[k] as unknown[]).map(safeIntegers)
+  for (const k of MAPS) {
+    const map = s[k]
+    if (map !== null && typeof map === 'object') s[k] = Object.fromEntries(Object.entries(map).map(([name, sub]) => [name, safeIntegers(sub)]))
+  }
+  const types = Array.isArray(s.type) ? s.type : [s.type]
+  if (types.includes('integer') && !types.includes('number')) {
+    s.maximum = typeof s.maximum === 'number' ? Math.min(s.maximum, Number.MAX_SAFE_INTEGER) : Number.MAX_SAFE_INTEGER
+    s.minimum = typeof s.minimum === 'number' ? Math.max(s.minimum, Number.MIN_SAFE_INTEGER) : Number.MIN_SAFE_INTEGER
+  }
+  return s
+}
 const PROTOTYPE = 'The input contains a forbidden prototype property'
 /** How deeply objects and arrays may nest in an input: what goes after (the Kernel request's JSON, the keys of the cache, idempotency and batch memo) recurses. */
 export const MAX_INPUT_DEPTH = 256

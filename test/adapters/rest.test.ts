@@ -205,6 +205,31 @@ t.test('an empty body under a JSON content type is an absent body', async t => {
   t.equal(proto.statusCode, 400, 'and __proto__ too')
 })
 
+t.test('an integer beyond what a JavaScript number carries exactly is refused on every face, never rounded', async t => {
+  // Before, 1234567890123456789 reached the Kernel as 1234567890123456800: a GET answered
+  // another item, a DELETE removed another one.
+  const kernel = await startTestKernel(t, {
+    'GET /v1/things': (req, res) => json(res, 200, { url: req.url }),
+    'GET /v1/things/9007199254740991': (req, res) => json(res, 200, { url: req.url })
+  })
+  const manifest = testManifest({
+    listThings: { type: 'query', rest: 'GET /things', kernel: 'GET /v1/things', input: { type: 'object', properties: { n: { type: 'integer', maximum: 1e30 }, x: { type: 'number' }, ns: { type: 'array', items: { type: ['integer', 'null'] } } } }, output: { type: 'object', properties: { url: { type: 'string' } } } },
+    getThing: { type: 'query', rest: 'GET /things/:id', kernel: 'GET /v1/things/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'integer' } } }, output: { type: 'object', properties: { url: { type: 'string' } } } }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const get = async (url: string) => await app.inject({ url: '/api/v1' + url, headers: bearer() })
+  for (const url of ['/things/1234567890123456789', '/things?n=9007199254740993', '/things?n=-9007199254740993', '/things?ns=1&ns=9007199254740993']) {
+    const res = await get(url)
+    t.same([res.statusCode, res.json().code], [400, 'VALIDATION_FAILED'], url)
+  }
+  t.match((await get('/things/1234567890123456789')).json().detail, /input\.id must be <= 9007199254740991/)
+  const trpc = await app.inject({ url: '/trpc/listThings?input=' + encodeURIComponent('{"n":9007199254740993}'), headers: bearer() })
+  t.equal(trpc.statusCode, 400, 'tRPC too')
+  t.equal(kernel.requests.length, 0, 'nothing reached the Kernel')
+  t.same((await get('/things/9007199254740991')).json(), { url: '/v1/things/9007199254740991' }, 'the largest exact integer goes on')
+  t.same((await get('/things?x=1e20')).json(), { url: '/v1/things?x=100000000000000000000' }, 'a number is any finite value')
+})
+
 t.test('query and path numbers are read as on every other face: decimal only', async t => {
   // Before, Ajv's coercion read whatever Number() reads: ?n=0x10, ' 16 ', 1.6e1 and 0b11 went to
   // the Kernel as 16 or 3, and ?nn= as null, where tRPC, GraphQL and WebSocket refuse them.
