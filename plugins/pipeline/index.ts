@@ -242,7 +242,11 @@ function validationStage (): StageDefinition {
       // and its scope of values), so a shared one would keep each reloaded manifest's for good.
       const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
       addFormats.default(ajv)
-      const validate: ValidateFunction = ajv.compile(safeIntegers(op.input) as typeof op.input)
+      const validate: ValidateFunction = ajv.compile(op.input)
+      // The same schema with its integer fields held to the safe range, run only on an input
+      // that holds an integer beyond it (inputFault finds those on its walk): it can only refuse.
+      const bounded = safeIntegers(op.input)
+      const safe: ValidateFunction | null = bounded === op.input ? null : ajv.compile(bounded as typeof op.input)
       return (ctx, next) => {
         if (ctx.refusal !== null) throw ctx.refusal
         const input: unknown = ctx.input
@@ -250,7 +254,9 @@ function validationStage (): StageDefinition {
         if (ctx.idempotencyKey === null) throw new MantleError('VALIDATION_FAILED', 'The Idempotency-Key must be 1 to 255 visible ASCII characters (a batch call\'s id, appended to it, visible ASCII too)')
         if (!validate(ctx.input)) throw new MantleError('VALIDATION_FAILED', describeValidation(validate.errors ?? []))
         const fault = inputFault(input)
-        if (fault !== null) throw new MantleError('VALIDATION_FAILED', fault)
+        if (fault === UNSAFE_INTEGER) {
+          if (safe !== null && !safe(input)) throw new MantleError('VALIDATION_FAILED', describeValidation(safe.errors ?? []))
+        } else if (fault !== null) throw new MantleError('VALIDATION_FAILED', fault)
         return next(ctx)
       }
     }
@@ -260,34 +266,50 @@ function validationStage (): StageDefinition {
 const NON_FINITE = 'The input holds a number out of range: numbers must be finite'
 
 /** The keywords under which a schema holds other schemas (one, a list, or a map of them). */
-const ONE = ['items', 'additionalProperties', 'not', 'if', 'then', 'else', 'contains', 'propertyNames', 'unevaluatedItems', 'unevaluatedProperties'] as const
+const ONE = ['items', 'additionalProperties', 'if', 'then', 'else', 'contains', 'propertyNames', 'unevaluatedItems', 'unevaluatedProperties'] as const
 const LISTS = ['allOf', 'anyOf', 'oneOf', 'prefixItems'] as const
-const MAPS = ['properties', 'patternProperties', '$defs', 'definitions', 'dependentSchemas'] as const
+const MAPS = ['properties', 'patternProperties', '$defs', 'definitions', 'dependentSchemas', 'dependencies'] as const
 
 /**
- * A copy of `schema` whose integers are held to what a JavaScript number carries exactly,
- * ±(2^53 - 1): JSON.parse and REST's coercion read 1234567890123456789 as 1234567890123456800,
- * which the Kernel then got, for another resource (a GET answered another item, a DELETE removed
- * it). A number beyond is refused (VALIDATION_FAILED, naming the bound) rather than rounded.
- * Only where `integer` is the schema's one numeric type: a `number` may be any finite value.
+ * `schema` with its integers held to what a JavaScript number carries exactly, ±(2^53 - 1), or
+ * `schema` itself when it has no integer field. JSON.parse and REST's coercion read
+ * 1234567890123456789 as 1234567890123456800, which the Kernel then got, for another resource (a
+ * GET answered another item, a DELETE removed it). The validation stage runs it, after the
+ * schema itself, on an input holding an integer beyond the range: a field declared `integer`
+ * with one is refused (VALIDATION_FAILED, naming the bound) rather than rounded. Only where
+ * `integer` is the schema's one numeric type (a `number` may be any finite value); not under
+ * `not`, where a bound would only admit more; a `default` beyond the range keeps its field's
+ * bound at it (the manifest's own value, inserted by the stage).
  */
 export function safeIntegers (schema: unknown): unknown {
   if (schema === null || typeof schema !== 'object') return schema
-  if (Array.isArray(schema)) return schema.map(safeIntegers)
+  if (Array.isArray(schema)) {
+    const list = schema.map(safeIntegers)
+    return list.every((x, i) => x === schema[i]) ? schema : list
+  }
   const s = { ...(schema as Record<string, unknown>) }
-  for (const k of ONE) if (k in s) s[k] = safeIntegers(s[k])
-  for (const k of LISTS) if (Array.isArray(s[k])) s[k] = (s[k] as unknown[]).map(safeIntegers)
+  let changed = false
+  const put = (k: string, v: unknown): void => { if (v !== s[k]) { s[k] = v; changed = true } }
+  for (const k of ONE) if (k in s) put(k, safeIntegers(s[k]))
+  for (const k of LISTS) if (Array.isArray(s[k])) put(k, safeIntegers(s[k]))
   for (const k of MAPS) {
     const map = s[k]
-    if (map !== null && typeof map === 'object') s[k] = Object.fromEntries(Object.entries(map).map(([name, sub]) => [name, safeIntegers(sub)]))
+    if (map === null || typeof map !== 'object' || Array.isArray(map)) continue
+    const entries = Object.entries(map).map(([name, sub]) => [name, safeIntegers(sub)] as const)
+    if (entries.some(([name, sub]) => sub !== (map as Record<string, unknown>)[name])) put(k, Object.fromEntries(entries))
   }
   const types = Array.isArray(s.type) ? s.type : [s.type]
   if (types.includes('integer') && !types.includes('number')) {
-    s.maximum = typeof s.maximum === 'number' ? Math.min(s.maximum, Number.MAX_SAFE_INTEGER) : Number.MAX_SAFE_INTEGER
-    s.minimum = typeof s.minimum === 'number' ? Math.max(s.minimum, Number.MIN_SAFE_INTEGER) : Number.MIN_SAFE_INTEGER
+    const d = typeof s.default === 'number' ? s.default : 0
+    s.maximum = Math.min(typeof s.maximum === 'number' ? s.maximum : Infinity, Math.max(Number.MAX_SAFE_INTEGER, d))
+    s.minimum = Math.max(typeof s.minimum === 'number' ? s.minimum : -Infinity, Math.min(Number.MIN_SAFE_INTEGER, d))
+    changed = true
   }
-  return s
+  return changed ? s : schema
 }
+
+/** inputFault's answer for an input whose only fault may be an integer beyond ±(2^53 - 1): the schema decides (safeIntegers). */
+export const UNSAFE_INTEGER = 'The input holds an integer beyond what a JavaScript number carries exactly'
 const PROTOTYPE = 'The input contains a forbidden prototype property'
 /** How deeply objects and arrays may nest in an input: what goes after (the Kernel request's JSON, the keys of the cache, idempotency and batch memo) recurses. */
 export const MAX_INPUT_DEPTH = 256
@@ -301,16 +323,20 @@ const TOO_DEEP = `The input nests objects and arrays more than ${MAX_INPUT_DEPTH
  * merges the input into an object would take them as its prototype (REST's parser refuses such
  * a body, as secure-json-parse does: every face refuses it here). Nesting deeper than
  * MAX_INPUT_DEPTH: 40 KB of nested arrays in a free-form field overflowed the stack of the steps
- * after this one (a 500). Iterative itself: the work is one step per value, bounded by the body limit.
+ * after this one (a 500). An integer-valued number beyond ±(2^53 - 1): UNSAFE_INTEGER, once no
+ * other fault is found (whether it is refused is its schema's: a `number` field may hold it).
+ * Iterative itself: the work is one step per value, bounded by the body limit.
  */
 export function inputFault (input: object): string | null {
   const stack: unknown[] = [input]
   const depths: number[] = [1]
+  let unsafe = false
   while (stack.length > 0) {
     const value = stack.pop()
     const depth = depths.pop()!
     if (typeof value === 'number') {
       if (!Number.isFinite(value)) return NON_FINITE
+      if (!Number.isSafeInteger(value) && Number.isInteger(value)) unsafe = true
     } else if (value !== null && typeof value === 'object') {
       if (depth > MAX_INPUT_DEPTH) return TOO_DEEP
       if (Array.isArray(value)) {
@@ -328,7 +354,7 @@ export function inputFault (input: object): string | null {
       }
     }
   }
-  return null
+  return unsafe ? UNSAFE_INTEGER : null
 }
 
 async function pipelinePlugin (app: FastifyInstance, opts: { manifest: Manifest }): Promise<void> {

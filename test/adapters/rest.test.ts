@@ -230,6 +230,26 @@ t.test('an integer beyond what a JavaScript number carries exactly is refused on
   t.same((await get('/things?x=1e20')).json(), { url: '/v1/things?x=100000000000000000000' }, 'a number is any finite value')
 })
 
+t.test('the bound on integers only refuses: under dependencies too, never admitting what the schema refused, nor refusing a default', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/things': (req, res) => json(res, 200, { body: req.body }) })
+  const output = { type: 'object', properties: { body: { type: 'string' } } }
+  const manifest = testManifest({
+    deps: { type: 'mutation', rest: 'POST /deps', kernel: 'POST /v1/things', input: { type: 'object', properties: { a: { type: 'string' }, n: {} }, dependencies: { a: { properties: { n: { type: 'integer' } } } } }, output },
+    notInt: { type: 'mutation', rest: 'POST /not-int', kernel: 'POST /v1/things', input: { type: 'object', properties: { f: { type: 'number', not: { type: 'integer' } } } }, output },
+    either: { type: 'mutation', rest: 'POST /either', kernel: 'POST /v1/things', input: { type: 'object', properties: { g: { oneOf: [{ type: 'integer' }, { type: 'number', minimum: 1e16 }] } } }, output },
+    long: { type: 'mutation', rest: 'POST /long', kernel: 'POST /v1/things', input: { type: 'object', properties: { lim: { type: 'integer', default: 2 ** 63 } } }, output }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const post = async (url: string, body: string) => await app.inject({ method: 'POST', url: '/api/v1' + url, headers: { ...bearer(), 'content-type': 'application/json' }, payload: body })
+  // draft-07's dependencies: 1234567890123456789 reached the Kernel as ...800.
+  t.equal((await post('/deps', '{"a":"x","n":1234567890123456789}')).statusCode, 400, 'an integer under dependencies')
+  // A bound under not, oneOf or if would admit what the schema refuses: these stay refused.
+  t.equal((await post('/not-int', '{"f":1e20}')).statusCode, 400, 'not: an integer-valued 1e20 is still no non-integer')
+  t.equal((await post('/either', '{"g":1e17}')).statusCode, 400, 'oneOf: 1e17 still matches both')
+  // A default beyond the range, the manifest's own, is not refused when the stage inserts it.
+  t.equal((await post('/long', '{}')).statusCode, 200, 'a default beyond the range')
+})
+
 t.test('query and path numbers are read as on every other face: decimal only', async t => {
   // Before, Ajv's coercion read whatever Number() reads: ?n=0x10, ' 16 ', 1.6e1 and 0b11 went to
   // the Kernel as 16 or 3, and ?nn= as null, where tRPC, GraphQL and WebSocket refuse them.
