@@ -54,6 +54,26 @@ t.test('a REST client that leaves frees the bulkhead slot at once and its Kernel
   t.match(await auditOf(app, 'left-1'), [{ status: 'CLIENT_CLOSED', statusCode: 499 }], 'the cancelled call has its audit entry')
 })
 
+t.test('a tRPC, GraphQL or batch client over HTTP that leaves frees its slots at once too', async t => {
+  const { app, kernel, port } = await setup(t, { maxInFlight: 2 })
+  kernel.on('GET /v1/items/hang', () => { /* never answers */ })
+  const input = encodeURIComponent(JSON.stringify({ id: 'hang' }))
+  for (const [face, method, path, body] of [
+    ['tRPC', 'GET', `/trpc/getItem?input=${input}`, undefined],
+    ['tRPC batch', 'GET', `/trpc/getItem,getItem?batch=1&input=${encodeURIComponent(JSON.stringify({ 0: { id: 'hang' }, 1: { id: 'hang' } }))}`, undefined],
+    ['GraphQL', 'POST', '/graphql', JSON.stringify({ query: '{ getItem(id: "hang") { id } }' })],
+    ['REST batch', 'POST', '/api/v1/batch', JSON.stringify({ calls: [{ id: 'a', op: 'getItem', input: { id: 'hang' } }, { id: 'b', op: 'getItem', input: { id: 'hang' } }] })]
+  ] as const) {
+    const req = httpRequest({ port, method, path, headers: { ...bearer(), ...(body === undefined ? {} : { 'content-type': 'application/json' }) } })
+    req.on('error', () => {})
+    req.end(body)
+    await until(() => app.kernel.inFlight() > 0, `${face}: the call to reach the Kernel`)
+    req.destroy()
+    await until(() => app.kernel.inFlight() === 0, `${face}: the slots to be freed (the op allows 5 s)`, 2000)
+    t.pass(`${face}: freed`)
+  }
+})
+
 t.test('a REST client that leaves during the backoff gets no retry', async t => {
   const { app, kernel, port } = await setup(t)
   let req: ClientRequest | null = null
