@@ -37,6 +37,8 @@ import helmet from 'helmet'
 import cors from '@fastify/cors'
 import health from './routes/health.js'
 import batch from './routes/batch.js'
+import { withHook } from './route-hooks.js'
+import { refusedByWs } from './adapters/upgrade.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -286,7 +288,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // representation was empty, where RFC 9110 §8.6 allows a 304 no Content-Length but its 200's.
   // Added before any route, so that it applies to every one, and runs after Fastify's own.
   app.addHook('onRoute', (route) => {
-    if (route.method === 'HEAD') route.onSend = route.onSend === undefined ? [withoutBodyLength] : [...[route.onSend].flat(), withoutBodyLength]
+    if (route.method === 'HEAD') route.onSend = withHook(route.onSend, withoutBodyLength)
   })
   app.setNotFoundHandler((request, reply) => {
     errorHandler(new MantleError('NOT_FOUND', `No route ${request.method} ${request.url.split('?')[0]}`), request, reply)
@@ -543,8 +545,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       // A frame ws refuses (too large, bad UTF-8) is the client's doing, and ws has already
       // closed with the right code: not a gateway error, or any client could fill the log.
       errorHandler: (err, socket, request) => {
-        const code = (err as { code?: unknown }).code
-        if (typeof code === 'string' && code.startsWith('WS_ERR_')) request.log.debug({ err }, 'websocket protocol error')
+        if (refusedByWs(err)) request.log.debug({ err }, 'websocket protocol error')
         else request.log.error({ err }, 'websocket error')
         socket.terminate()
       }

@@ -56,11 +56,3 @@ export function utf8Sends (socket: WebSocket, max?: number): void {
   }
   socket.send = utf8 as WebSocket['send']
 }
-
-/**
- * Holds every text frame a library sends on `socket` (mercurius' graphql-ws server, which calls
- * socket.send itself) to boundedFrame's rule, counted in UTF-8 bytes (see utf8Sends).
- */
-export function boundSends (socket: WebSocket, max = MAX_BUFFERED_BYTES): void {
-  utf8Sends(socket, max)
-}

@@ -16,3 +16,9 @@ export function queryToken (request: FastifyRequest): string | undefined {
   const token = (request.query as Record<string, unknown> | null | undefined)?.access_token
   return typeof token === 'string' && token !== '' ? `Bearer ${token}` : undefined
 }
+
+/** Whether an error is ws' refusal of a client's frame (too large, bad UTF-8: its codes are all `WS_ERR_*`). */
+export function refusedByWs (cause: unknown): boolean {
+  const code = (cause as { code?: unknown } | null | undefined)?.code
+  return cause instanceof Error && typeof code === 'string' && code.startsWith('WS_ERR_')
+}

@@ -14,6 +14,7 @@ import type { CacheOutcome } from '../../plugins/pipeline/index.js'
 
 import type { WebSocket } from 'ws'
 import type { IncomingMessage } from 'node:http'
+import { withHook } from '../../route-hooks.js'
 
 export { manifestSdl } from './schema.js'
 
@@ -171,8 +172,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     // and /trpc. As a hook of this instance it ran before every route hook: forged-token
     // upgrades of /graphql were refused 401 without the guard counting them.
     if (route.url === '/graphql') {
-      const own = route.onRequest
-      route.onRequest = own === undefined ? [checkUpgrade] : [...(Array.isArray(own) ? own : [own]), checkUpgrade]
+      route.onRequest = withHook(route.onRequest, checkUpgrade)
     }
   })
   // GraphQL over HTTP's own media type, for clients that ask for it (the status codes are

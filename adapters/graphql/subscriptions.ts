@@ -6,7 +6,7 @@ import type { EventDefinition } from '../../manifest.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors.js'
 import { fieldError } from './errors.js'
-import { boundSends, slowReader } from '../slow-reader.js'
+import { MAX_BUFFERED_BYTES, slowReader, utf8Sends } from '../slow-reader.js'
 import { upgradeAuthorization } from '../upgrade.js'
 import { atExpiry } from '../expiry.js'
 
@@ -343,8 +343,9 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
      *   place that reads each message's type.
      */
     guard (socket, initialised) {
-      // Every frame mercurius and this screen send is held to the bound exactly (see boundSends).
-      boundSends(socket)
+      // Every frame mercurius and this screen send goes out as UTF-8 bytes, and is not queued for
+      // a client that has more than the bound unread (see utf8Sends).
+      utf8Sends(socket, MAX_BUFFERED_BYTES)
       const transport = socket.protocol === 'graphql-transport-ws'
       const subscribe = transport ? 'subscribe' : 'start'
       const complete = transport ? 'complete' : 'stop'

@@ -9,7 +9,7 @@ import type { IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
-import { upgradeAuthorization } from '../upgrade.js'
+import { queryToken, refusedByWs, upgradeAuthorization } from '../upgrade.js'
 import { utf8Sends } from '../slow-reader.js'
 import { httpContext, socketContext, type TrpcContext } from './context.js'
 import { runCall } from '../face.js'
@@ -54,12 +54,6 @@ export const DEFAULT_SETTINGS: Readonly<TrpcFaceSettings> = Object.freeze({
 const CLOSE_UNAUTHENTICATED = 4401
 /** 4400: a message the protocol does not define (graphql-transport-ws closes so on /graphql). */
 const CLOSE_BAD_MESSAGE = 4400
-
-/** Whether an error is ws' refusal of a client's frame (its codes are all `WS_ERR_*`). */
-function refusedByWs (cause: unknown): boolean {
-  const code = (cause as { code?: unknown } | null | undefined)?.code
-  return cause instanceof Error && typeof code === 'string' && code.startsWith('WS_ERR_')
-}
 
 /** Why a connectionParams message tRPC could not read (PARSE_ERROR) closes its socket: never its text. */
 function unreadableParams (error: TRPCError): string {
@@ -239,14 +233,12 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       }
     }
     const answerSingle = async (request: FastifyRequest, reply: FastifyReply, path: string, input: unknown): Promise<FastifyReply> => {
-      const query = request.query as Record<string, unknown>
-      const token = query.access_token
       const result = await runCall(app, {
         requestId: request.id,
         protocol: 'trpc',
         op: path,
         input,
-        authorization: request.headers.authorization ?? (typeof token === 'string' && token !== '' ? `Bearer ${token}` : undefined),
+        authorization: request.headers.authorization ?? queryToken(request),
         traceparent: single(request.headers.traceparent),
         idempotencyKey: idempotencyKeyOf(request),
         caller: reply.raw

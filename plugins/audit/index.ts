@@ -17,6 +17,7 @@ import { PostgresAuditStore } from './postgres-store.js'
 import { Spool } from './spool.js'
 import { AuditWriter } from './writer.js'
 import { migrate, migrationStatus } from './migrations.js'
+import { withHook } from '../../route-hooks.js'
 
 export { type AuditEntry, type StoredEntry, type VerifyResult, GENESIS, hashEntry, categoryOf } from './entry.js'
 
@@ -286,12 +287,11 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
     if (status.pending.length > 0) throw new PendingMigrations(status.pending)
   }
   let started = false
-  let ensured = false
   let refusal: PendingMigrations | null = null
   let schema: Promise<void> | null = null
   const prepare = async (): Promise<void> => {
     if (refusal !== null) throw refusal
-    schema ??= ensureSchema().then(() => { ensured = true }, err => {
+    schema ??= ensureSchema().catch(err => {
       if (!(err instanceof PendingMigrations) || !started) {
         schema = null
         throw err
@@ -327,7 +327,7 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
   // The first answer after start-up checks (or migrates) the schema at once, traffic or not.
   const ping = async (): Promise<boolean> => {
     if (!await pg.ping()) return false
-    if (!ensured) await prepare()
+    await prepare()
     return true
   }
   return { store, spool, ping, reachable }
@@ -540,9 +540,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   app.addHook('onRoute', (route) => {
     const action = route.config?.audit
     if (action === undefined) return
-    const own = route.onSend
-    const hook = adminAudit(action)
-    route.onSend = own === undefined ? [hook] : [...(Array.isArray(own) ? own : [own]), hook]
+    route.onSend = withHook(route.onSend, adminAudit(action))
   })
 
   app.get('/admin/audit', {

@@ -66,12 +66,23 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
       const redacted = verdictsTotal.series(action, 'redacted')
       const passed = verdictsTotal.series(action, 'passed')
       const found = { injection: findingsTotal.series('injection', action), secret: findingsTotal.series('secret', action), pii: findingsTotal.series('pii', action) }
+      // The operation's and fields' parts of a verdict's key, made once (see verdictOf).
+      const opKey = op.name.length + ':' + op.name
+      const names = fields.map(field => field.length + ':' + field)
+      /** Whether a field holds an array or an object. */
+      const structured = (input: Readonly<Record<string, unknown>>): boolean => {
+        for (const field of fields) {
+          const value = input[field]
+          if (value !== null && typeof value === 'object') return true
+        }
+        return false
+      }
 
       const verdictOf = (tenant: string, input: Readonly<Record<string, unknown>>): Verdict => {
         // An array or object is scanned each time, never cached: its JSON text (a key) may be
         // many times the request (GraphQL's [$a, $a, ...]), and its redacted copy takes many times
         // its text's length.
-        if (cache === null || fields.some(f => { const v = input[f]; return v !== null && typeof v === 'object' })) return scan(fields, input)
+        if (cache === null || structured(input)) return scan(fields, input)
         // The tenant, the operation's name, then each field's name and value (or its absence)
         // after their lengths: no separator would do, since a JSON string may hold any character,
         // \u0000 included. Distinct inputs never share a key, nor do the same values under other
@@ -79,10 +90,10 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
         // reloads: a verdict for a prompt was reused for a note, whose e-mail address then went
         // unredacted). The tenant: a hit (its metric, its time) told one tenant that another had
         // sent that very text.
-        const hash = createHash('sha256').update(tenant.length + ':' + tenant + op.name.length + ':' + op.name)
-        for (const field of fields) {
-          const value = input[field]
-          const name = field.length + ':' + field
+        const hash = createHash('sha256').update(tenant.length + ':' + tenant + opKey)
+        for (let i = 0; i < fields.length; i++) {
+          const value = input[fields[i]]
+          const name = names[i]
           // A number, boolean or null is not scanned: keyed as absent.
           if (typeof value !== 'string') hash.update(name + 'x')
           else if (wellFormed(value)) hash.update(name + 's' + value.length + ':' + value)

@@ -58,7 +58,7 @@ interface Attempt {
   status: number
   value: unknown
   message: string | undefined
-  /** The connection was never made (refused, no such host): the request did not go out. */
+  /** The request did not go out: no connection was made (refused, no such host, still opening), or none came free in time. */
   unsent?: true
   /** A 4xx's Retry-After, as whole seconds (a 429 or 503 of the Kernel's asks for a wait). */
   retryAfter?: string
@@ -223,7 +223,7 @@ export class KernelClient {
           this.breaker?.release(permit)
           throw err
         }
-        if (result !== queuedOut && result.unsent !== true) ctx.sent = true
+        if (result.unsent !== true) ctx.sent = true
         if (result === leftQueued || result === leftSent) {
           // Cancelled because its caller left: no failure of the Kernel's, and no retry.
           this.breaker?.release(permit)
@@ -499,7 +499,7 @@ const timedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, m
 /** An attempt whose deadline passed while its connection to the Kernel was opening: never sent. */
 const connectTimedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined, unsent: true }
 /** An attempt whose deadline passed while it waited for a connection: never sent. */
-const queuedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined }
+const queuedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined, unsent: true }
 /** Less time left than this once handed a connection: the call gives up unsent (a queue timeout). */
 const MIN_SEND_MS = 10
 /** An attempt cancelled because its caller left: waiting for a connection (never sent), or sent and aborted. */

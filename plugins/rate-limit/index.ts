@@ -10,6 +10,7 @@ import { MemoryWindowStore } from './memory-store.js'
 import { RedisWindowStore } from './redis-store.js'
 import { sharedStoreHealth } from '../diagz/index.js'
 import { RateLimiter, fastifyStore, opKey, tenantKey, ipKey, type LimiterCounters, type Scope, type StoreKind } from './limiter.js'
+import { withHook } from '../../route-hooks.js'
 
 export { RateLimiter, opKey, tenantKey, ipKey, keyPart, fastifyStore } from './limiter.js'
 export { MemoryWindowStore } from './memory-store.js'
@@ -118,8 +119,7 @@ async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, w
   const hook = app.rateLimit() as onRequestHookHandler
   app.addHook('onRoute', (route) => {
     if (UNGUARDED.has(route.url ?? '')) return
-    const own = route.onRequest
-    route.onRequest = own === undefined ? [hook] : [hook, ...(Array.isArray(own) ? own : [own])]
+    route.onRequest = withHook(route.onRequest, hook, true)
   })
 }
 
