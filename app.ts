@@ -395,7 +395,11 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       allowedHeaders: ['Authorization', 'Content-Type', 'Idempotency-Key', 'If-None-Match', 'traceparent', 'x-request-id'],
       exposedHeaders: ['x-request-id', 'Retry-After', 'RateLimit', 'RateLimit-Policy', 'RateLimit-Limit', 'RateLimit-Remaining', 'RateLimit-Reset', 'Idempotent-Replayed', 'ETag', 'x-cache'],
       maxAge: 600,
-      strictPreflight: false
+      strictPreflight: false,
+      // With the rate-limit guard on, a preflight goes on past CORS's hook, its headers set, to
+      // the guard, which counts it and answers it (plugins/rate-limit): CORS's own answer came
+      // before any route's hooks, and no preflight was ever counted.
+      preflightContinue: guardsRequests(config)
     })
   }
 
@@ -488,6 +492,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       globalMax: config.BFF_RATE_LIMIT_GLOBAL_MAX,
       globalWindowMs: config.BFF_RATE_LIMIT_GLOBAL_WINDOW_MS,
       perTenant: config.BFF_AUTH_ENABLED,
+      preflights: config.BFF_CORS_ORIGINS !== undefined,
       ...options.rateLimit
     })
   }
@@ -560,6 +565,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   await app.register(health)
   return app
 }
+
+/** Whether the rate-limit plugin's HTTP guard is on (it then counts and answers CORS's preflights). */
+const guardsRequests = (config: Readonly<Config>): boolean => config.BFF_RATE_LIMIT_ENABLED && config.BFF_RATE_LIMIT_GLOBAL_MAX !== undefined
 
 /** Where the REST face and the batch route live (CONTRACT §3). */
 const REST_PREFIX = '/api/v1'

@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import type { FastifyInstance, FastifyRequest, onRequestHookHandler } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
 import fastifyRateLimit, { normalizeIP } from '@fastify/rate-limit'
 import { Counter, Gauge } from 'prom-client'
 import { CallCounter, type CounterSeries } from '../metrics/call-metrics.js'
@@ -32,6 +32,11 @@ export interface RateLimitPluginOptions {
   globalWindowMs: number
   /** Identity is on: the guard counts a caller with a verified token per tenant, others per IP. */
   perTenant: boolean
+  /**
+   * CORS is on and passes its preflights on (app.ts: preflightContinue): the guard counts every
+   * OPTIONS request and answers it as CORS would. Off (no CORS): an OPTIONS request has no route.
+   */
+  preflights?: boolean
   /** Keys the memory store holds (100,000). */
   memoryMaxKeys?: number
   /** The memory store's clock (tests). */
@@ -72,7 +77,7 @@ async function rateLimitPlugin (app: FastifyInstance, opts: RateLimitPluginOptio
     build: op => op.rateLimit === null ? null : operationLimit(limiter, op, op.rateLimit)
   })
 
-  if (opts.globalMax !== undefined) await guard(app, limiter, opts.globalMax, opts.globalWindowMs, opts.perTenant)
+  if (opts.globalMax !== undefined) await guard(app, limiter, opts.globalMax, opts.globalWindowMs, opts.perTenant, opts.preflights === true)
 }
 
 /** The per-operation limit: `RateLimit-*` headers on success, 429 RATE_LIMITED beyond it. */
@@ -102,11 +107,11 @@ function refusalHeaders (max: number, ttl: number): Record<string, string> {
 
 /**
  * The HTTP guard: @fastify/rate-limit with the limiter as its store, on every route (WebSocket
- * upgrades of /ws, /graphql and /trpc included) but the probes. Its hook is put first on each
+ * upgrades of /ws, /graphql and /trpc included, and CORS's preflights) but the probes. Its hook is put first on each
  * route, ahead of a route's own hooks (the upgrades verify tokens in theirs), so a flood is
  * refused before it costs anything else.
  */
-async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, windowMs: number, perTenant: boolean): Promise<void> {
+async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, windowMs: number, perTenant: boolean, preflights: boolean): Promise<void> {
   await app.register(fastifyRateLimit, {
     global: false,
     max,
@@ -121,6 +126,21 @@ async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, w
     if (UNGUARDED.has(route.url ?? '')) return
     route.onRequest = withHook(route.onRequest, hook, true)
   })
+  if (preflights) {
+    // @fastify/cors answers every OPTIONS request as a preflight, in its own onRequest hook (ahead
+    // of any route's hooks) and on its `OPTIONS *` route, declared before this onRoute hook: the
+    // guard never counted one, and a flood of them cost nothing of any budget. CORS now passes
+    // them on with its headers set (app.ts, preflightContinue); they are counted here and
+    // answered as CORS answered them: 204 with Content-Length 0 (Safari waits for a body without).
+    const counted = hook as unknown as (request: FastifyRequest, reply: FastifyReply) => Promise<void>
+    app.addHook('onRequest', (request, reply, done) => {
+      if (request.method !== 'OPTIONS') {
+        done()
+        return
+      }
+      counted(request, reply).then(() => { reply.code(204).header('content-length', '0').send() }, done)
+    })
+  }
 }
 
 /**

@@ -12,7 +12,7 @@ import { buildApp } from '../../../app.js'
 const op = (rest: string) => ({ type: 'query', rest, kernel: 'GET /v1/ok', input: { type: 'object' }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } })
 const events = { runUpdated: { topic: 'runs.updated', payload: { type: 'object' } } }
 
-async function guarded (t: Parameters<typeof buildTestApp>[0], env: Record<string, string | number | boolean> = {}): Promise<FastifyInstance> {
+async function guarded (t: Parameters<typeof buildTestApp>[0], env: Record<string, string | number | boolean | undefined> = {}): Promise<FastifyInstance> {
   const kernel = await startTestKernel(t, { 'GET /v1/ok': (_req, res) => json(res, 200, { ok: true }) })
   return await buildTestApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 3, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: 60_000, ...env }, {
     manifest: testManifest({ ping: op('GET /ping'), pong: op('GET /pong') }, { url: kernel.url }, { events }),
@@ -160,6 +160,50 @@ t.test('the HTTP guard counts GET /diagz like every other route', async t => {
   for (let i = 0; i < 5; i++) statuses.push((await app.inject({ url: '/diagz', headers })).statusCode)
   t.same(statuses, [200, 200, 200, 429, 429], 'the fourth request of the tenant in the window is refused')
   t.equal((await app.inject({ url: '/api/v1/ping', headers })).statusCode, 429, 'and /diagz spent the tenant\'s budget')
+})
+
+// @fastify/cors answered every OPTIONS request in its own onRequest hook, on a route declared
+// before the guard's: ten preflights from one address passed a limit of 3, and left its GETs
+// their whole budget.
+t.test('CORS preflights and other OPTIONS requests are counted and refused like every request', async t => {
+  const origin = 'https://app.example'
+  const app = await guarded(t, { BFF_CORS_ORIGINS: origin })
+  const preflight = { origin, 'access-control-request-method': 'POST', 'access-control-request-headers': 'authorization,content-type' }
+  const statuses: number[] = []
+  for (let i = 0; i < 3; i++) {
+    const res = await app.inject({ method: 'OPTIONS', url: i === 2 ? '/nope' : '/api/v1/ping', headers: i === 1 ? {} : preflight })
+    statuses.push(res.statusCode)
+    t.equal(res.headers['ratelimit-remaining'], String(2 - i), 'counted, with RateLimit-* as any request')
+  }
+  t.same(statuses, [204, 204, 204], 'answered as CORS answers them, to any path')
+  const allowed = await app.inject({ method: 'OPTIONS', url: '/api/v1/ping', headers: preflight, remoteAddress: '10.0.0.9' })
+  t.equal(allowed.statusCode, 204)
+  t.equal(allowed.headers['content-length'], '0')
+  t.equal(allowed.headers['access-control-allow-origin'], origin)
+  t.match(allowed.headers['access-control-allow-methods'], /POST/)
+
+  const refused = await app.inject({ method: 'OPTIONS', url: '/api/v1/ping', headers: preflight })
+  t.equal(refused.statusCode, 429, 'the fourth request of the address')
+  t.equal(refused.headers['content-type'], 'application/problem+json; charset=utf-8')
+  t.match(refused.json(), { code: 'RATE_LIMITED', status: 429, requestId: refused.headers['x-request-id'] })
+  t.ok(Number(refused.headers['retry-after']) >= 1)
+  t.equal(refused.headers['ratelimit-limit'], '3')
+  t.equal(refused.headers['ratelimit-remaining'], '0')
+  t.equal(refused.headers['access-control-allow-origin'], origin, 'a browser sees the refused preflight\'s status, not a CORS failure')
+  t.equal((await app.inject({ method: 'OPTIONS', url: '/api/v1/ping' })).statusCode, 429, 'an OPTIONS request without CORS headers too')
+  t.equal((await app.inject({ url: '/api/v1/ping' })).statusCode, 429, 'the OPTIONS requests spent the address\'s budget of GETs')
+  for (let i = 0; i < 3; i++) t.equal((await app.inject({ url: '/api/v1/ping', remoteAddress: '10.0.0.8' })).statusCode, 401, 'another address keeps its own')
+})
+
+t.test('without the guard, CORS answers every preflight, uncounted', async t => {
+  const origin = 'https://app.example'
+  const app = await guarded(t, { BFF_CORS_ORIGINS: origin, BFF_RATE_LIMIT_GLOBAL_MAX: undefined })
+  for (let i = 0; i < 5; i++) {
+    const res = await app.inject({ method: 'OPTIONS', url: '/api/v1/ping', headers: { origin, 'access-control-request-method': 'GET' } })
+    t.equal(res.statusCode, 204)
+    t.equal(res.headers['access-control-allow-origin'], origin)
+    t.notOk(res.headers['ratelimit-limit'])
+  }
 })
 
 t.test('rate-limit configuration', async t => {
