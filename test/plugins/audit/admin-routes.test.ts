@@ -15,6 +15,9 @@ import { postgresAvailable, createTestDatabase, databaseUrl, spoolDir, sql } fro
 
 const SYSTEM = bearer({ tenant: 'acme', user: 'ops', roles: ['system'] })
 const VIEWER = bearer({ tenant: 'globex', user: 'eve', roles: ['viewer'] })
+const INTERNAL_TOKEN = 'internal-token-of-the-admin-audit-tests'
+const INTERNAL = { authorization: `Bearer ${INTERNAL_TOKEN}` }
+const EVENT = { topic: 'runs.updated', tenantId: 'globex', payload: { note: 'payload-never-audited' } }
 const MANY = Array.from({ length: 300 }, (_, i) => 'agent:' + String(i).padStart(14, '0'))
 
 interface Case { id: string, method: 'GET' | 'POST', url: string, headers: Record<string, string>, payload?: unknown, expect: Row }
@@ -30,7 +33,15 @@ const CASES: Case[] = [
   { id: 'inv-anon', method: 'POST', url: '/admin/cache/invalidate', headers: {}, payload: { tags: ['agents'] }, expect: { action: 'admin.cache.invalidate', category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, tenantId: 'public', userId: 'anonymous', metadata: {} } },
   { id: 'diagz-ok', method: 'GET', url: '/diagz', headers: SYSTEM, expect: { action: 'admin.diagz', category: 'admin', status: 'ok', statusCode: 200, tenantId: 'acme', userId: 'ops', method: 'GET', path: '/diagz', protocol: 'http', metadata: {} } },
   { id: 'diagz-role', method: 'GET', url: '/diagz', headers: VIEWER, expect: { action: 'admin.diagz', category: 'auth', status: 'FORBIDDEN', statusCode: 403, tenantId: 'globex', userId: 'eve' } },
-  { id: 'diagz-anon', method: 'GET', url: '/diagz', headers: { authorization: 'Bearer not-a-token' }, expect: { action: 'admin.diagz', category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, tenantId: 'public', userId: 'anonymous' } }
+  { id: 'diagz-anon', method: 'GET', url: '/diagz', headers: { authorization: 'Bearer not-a-token' }, expect: { action: 'admin.diagz', category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, tenantId: 'public', userId: 'anonymous' } },
+  // The Kernel's publish endpoint (BFF_INTERNAL_TOKEN) left no entry at all, allowed or refused.
+  // Its entry names the event's topic and tenant, never its payload; the caller is no user.
+  { id: 'ev-ok', method: 'POST', url: '/internal/events', headers: INTERNAL, payload: EVENT, expect: { action: 'admin.events.publish', category: 'admin', status: 'ok', statusCode: 202, tenantId: 'public', userId: 'anonymous', method: 'POST', path: '/internal/events', protocol: 'http', metadata: { topic: 'runs.updated', tenant: 'globex' } } },
+  { id: 'ev-wrong', method: 'POST', url: '/internal/events', headers: { authorization: 'Bearer internal-token-of-the-admin-audit-test5' }, payload: EVENT, expect: { action: 'admin.events.publish', category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, tenantId: 'public', userId: 'anonymous', path: '/internal/events', metadata: {} } },
+  { id: 'ev-none', method: 'POST', url: '/internal/events', headers: {}, payload: EVENT, expect: { action: 'admin.events.publish', category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, metadata: {} } },
+  // A user's valid JWT is not the internal token: refused, and the entry names who tried.
+  { id: 'ev-jwt', method: 'POST', url: '/internal/events', headers: SYSTEM, payload: EVENT, expect: { action: 'admin.events.publish', category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, tenantId: 'acme', userId: 'ops', metadata: {} } },
+  { id: 'ev-bad', method: 'POST', url: '/internal/events', headers: INTERNAL, payload: { topic: '', tenantId: 'globex', payload: { note: 'payload-never-audited' } }, expect: { action: 'admin.events.publish', category: 'admin', status: 'VALIDATION_FAILED', statusCode: 400, metadata: {} } }
 ]
 
 async function callAll (t: Test, app: FastifyInstance, cases: Case[]): Promise<void> {
@@ -51,26 +62,37 @@ async function checkEntries (t: Test, app: FastifyInstance, cases: Case[]): Prom
   }
 }
 
-t.test('memory: invalidate and /diagz, allowed and refused, leave one entry each', async t => {
-  const app = await buildDemoApp(t)
+t.test('memory: invalidate, /diagz and /internal/events, allowed and refused, leave one entry each', async t => {
+  const app = await buildDemoApp(t, { BFF_INTERNAL_TOKEN: INTERNAL_TOKEN })
   await callAll(t, app, CASES)
   await checkEntries(t, app, CASES)
+  t.notMatch(JSON.stringify(await entries(app)), /payload-never-audited|internal-token/, 'never an event\'s payload, never the token')
 })
 
 if (await postgresAvailable()) {
-  t.test('postgres: the entries of invalidate and /diagz are stored, metadata included', async t => {
+  t.test('postgres: the entries of invalidate, /diagz and /internal/events are stored, metadata included', async t => {
     const url = databaseUrl(await createTestDatabase(t))
-    const app = await buildDemoApp(t, { BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t) })
-    const cases = CASES.filter(c => c.id === 'inv-other' || c.id === 'diagz-role')
+    const app = await buildDemoApp(t, { BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t), BFF_INTERNAL_TOKEN: INTERNAL_TOKEN })
+    const cases = CASES.filter(c => c.id === 'inv-other' || c.id === 'diagz-role' || c.id === 'ev-ok' || c.id === 'ev-wrong')
     await callAll(t, app, cases)
     await checkEntries(t, app, cases)
     const stored = await sql(url, 'SELECT request_id, action, category, status, status_code, tenant_id, metadata FROM bff_audit_entries WHERE request_id = ANY($1) ORDER BY seq', [cases.map(c => c.id)])
     t.same(stored, [
       { request_id: 'inv-other', action: 'admin.cache.invalidate', category: 'admin', status: 'ok', status_code: 200, tenant_id: 'acme', metadata: { tenant: 'globex', tags: ['agents', 'agent:a1'], tagCount: 2 } },
-      { request_id: 'diagz-role', action: 'admin.diagz', category: 'auth', status: 'FORBIDDEN', status_code: 403, tenant_id: 'globex', metadata: {} }
+      { request_id: 'diagz-role', action: 'admin.diagz', category: 'auth', status: 'FORBIDDEN', status_code: 403, tenant_id: 'globex', metadata: {} },
+      { request_id: 'ev-ok', action: 'admin.events.publish', category: 'admin', status: 'ok', status_code: 202, tenant_id: 'public', metadata: { topic: 'runs.updated', tenant: 'globex' } },
+      { request_id: 'ev-wrong', action: 'admin.events.publish', category: 'auth', status: 'UNAUTHENTICATED', status_code: 401, tenant_id: 'public', metadata: {} }
     ])
   })
 }
+
+t.test('a publish the HTTP guard refuses leaves its one entry too', async t => {
+  const app = await buildDemoApp(t, { BFF_INTERNAL_TOKEN: INTERNAL_TOKEN, BFF_RATE_LIMIT_GLOBAL_MAX: 1 })
+  const statuses: number[] = []
+  for (const id of ['ev-rl-1', 'ev-rl-2']) statuses.push((await app.inject({ method: 'POST', url: '/internal/events', headers: { ...INTERNAL, 'x-request-id': id }, payload: EVENT })).statusCode)
+  t.same(statuses, [202, 429])
+  t.match(await entries(app, '&requestId=ev-rl-2'), [{ action: 'admin.events.publish', category: 'admin', status: 'RATE_LIMITED', statusCode: 429, metadata: {} }], 'its one entry')
+})
 
 t.test('with the audit off the admin routes answer as before and carry no audit hook', async t => {
   const off = await buildDemoApp(t, { BFF_AUDIT_ENABLED: false })
