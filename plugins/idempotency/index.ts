@@ -3,7 +3,7 @@ import type { FastifyInstance } from 'fastify'
 import { hash as digest } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Counter, Gauge } from 'prom-client'
-import { StageOrder, canonicalJson, type CallContext, type Next } from '../pipeline/index.js'
+import { Leave, StageOrder, canonicalJson, unwatchCaller, watchCaller, type CallContext, type Next } from '../pipeline/index.js'
 import { MantleError } from '../../errors.js'
 import type { Operation } from '../../manifest.js'
 import { MemoryIdempotencyStore } from './memory-store.js'
@@ -272,26 +272,40 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         const hash = inputHash(ctx.input)
         const giveUp = performance.now() + waitMs
         let delay = FIRST_POLL_MS
-        for (let first = true; ; first = false) {
-          const [store, claim, unanswered] = await claimIn(key, hash, leaseMs, first)
-          if (claim.won) return await run(ctx, next, store, key, claim.token, hash, unanswered)
-          const record = claim.record
-          if (record.hash !== hash) {
-            metrics.reused()
-            throw new MantleError('IDEMPOTENCY_KEY_REUSED', `The Idempotency-Key was already used for ${op.name} with another input`)
+        // Made at a repeat's first wait, not before: a call that claims its key pays nothing.
+        let leave: Leave | null = null
+        const caller = ctx.caller
+        try {
+          for (let first = true; ; first = false) {
+            const [store, claim, unanswered] = await claimIn(key, hash, leaseMs, first)
+            if (claim.won) return await run(ctx, next, store, key, claim.token, hash, unanswered)
+            const record = claim.record
+            if (record.hash !== hash) {
+              metrics.reused()
+              throw new MantleError('IDEMPOTENCY_KEY_REUSED', `The Idempotency-Key was already used for ${op.name} with another input`)
+            }
+            if (record.state === 'done') {
+              metrics.replay()
+              return replay(ctx, record)
+            }
+            const remaining = giveUp - performance.now()
+            if (remaining <= 0) {
+              metrics.conflict()
+              throw new MantleError('IDEMPOTENCY_CONFLICT', `The first ${op.name} call with this Idempotency-Key is still running`, { headers: { 'retry-after': '1' } })
+            }
+            // A repeat whose caller left stops waiting at once (README, "Clients that leave"):
+            // it polled the store until the first call ended or its wait bound passed.
+            if (caller !== null && leave === null) {
+              leave = new Leave()
+              if (!watchCaller(caller, leave.onLeave)) throw callerLeft()
+            }
+            // The first call may finish at any moment: poll often at first, then back off.
+            await (leave === null ? sleep(Math.min(delay, remaining)) : leave.pause(Math.min(delay, remaining)))
+            if (leave?.gone() === true) throw callerLeft()
+            delay = Math.min(delay * 2, MAX_POLL_MS)
           }
-          if (record.state === 'done') {
-            metrics.replay()
-            return replay(ctx, record)
-          }
-          const remaining = giveUp - performance.now()
-          if (remaining <= 0) {
-            metrics.conflict()
-            throw new MantleError('IDEMPOTENCY_CONFLICT', `The first ${op.name} call with this Idempotency-Key is still running`, { headers: { 'retry-after': '1' } })
-          }
-          // The first call may finish at any moment: poll often at first, then back off.
-          await sleep(Math.min(delay, remaining))
-          delay = Math.min(delay * 2, MAX_POLL_MS)
+        } finally {
+          if (leave !== null) unwatchCaller(caller!, leave.onLeave)
         }
       }
 
@@ -311,6 +325,11 @@ function outcomeOf (held: { record: IdempotencyRecord, ttlMs: number } | undefin
   // time it reports may be 1 ms stale, and the copy outlived the outcome by that much.
   const ttl = Math.floor(held.ttlMs) - 1
   return Number.isFinite(ttl) && ttl > 0 ? { record: held.record, ttl } : null
+}
+
+/** Nobody reads it: how a repeat whose caller left while it waited ends, for its audit entry. */
+function callerLeft (): MantleError {
+  return new MantleError('CLIENT_CLOSED', 'The caller left while its repeat waited for the first call with its Idempotency-Key')
 }
 
 /** Answers a repeat with the first call's outcome, marked as replayed. */

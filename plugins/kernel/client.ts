@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import type { EventEmitter } from 'node:events'
 import { MantleError } from '../../errors.js'
 import type { Operation } from '../../manifest.js'
-import { callerGone, watchCaller, unwatchCaller, type CallContext, type Next } from '../pipeline/index.js'
+import { Leave, callerGone, watchCaller, unwatchCaller, type CallContext, type Next } from '../pipeline/index.js'
 import { CircuitBreaker, RetryBudget, DENIED, NORMAL, type Permit } from './breaker.js'
 import { INVALID, readJson } from '../../read-json.js'
 
@@ -191,7 +191,7 @@ export class KernelClient {
     this.inFlight++
     // Made here, for a call about to wait on the Kernel, not per request: a cache hit, a refusal
     // or a call without a caller (a cache refresh) pays nothing for it.
-    const leave = caller === null ? null : new Leave(op.type === 'mutation')
+    const leave = caller === null ? null : new Leave()
     if (leave !== null) watchCaller(caller!, leave.onLeave)
     try {
       this.budget?.deposit()
@@ -215,7 +215,7 @@ export class KernelClient {
         const started = performance.now()
         let result: Attempt
         try {
-          result = await this.attempt(method, path, headers, body, remaining, leave)
+          result = await this.attempt(method, path, headers, body, remaining, leave, op.type === 'mutation')
         } catch (err) {
           // undici refused to send what the gateway built (a header value it cannot carry): the
           // gateway's fault, not the Kernel's. Neither retried nor a breaker failure; before, it
@@ -273,25 +273,25 @@ export class KernelClient {
     }
   }
 
-  private async attempt (method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, remaining: number, leave: Leave | null): Promise<Attempt> {
+  private async attempt (method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, remaining: number, leave: Leave | null, mutation: boolean): Promise<Attempt> {
     // One precise timer bounds headers and body together by the op's deadline. undici's own
     // headersTimeout/bodyTimeout run on its coarse timer wheel (a 150 ms timeout fired after
     // more than 600 ms here), too loose for short per-op timeouts.
     const deadline = new Deadline(remaining)
     // The caller leaving ends the attempt as its deadline would: out of the connection queue, and
     // a query's request aborted (its connection closed, so the Kernel sees it too).
-    if (leave !== null) leave.deadline = deadline
+    if (leave !== null) leave.cancel = deadline
     if (this.free > 0) this.free--
     else if (!await this.connection(deadline)) {
       deadline.clear()
-      if (leave !== null) leave.deadline = null
+      if (leave !== null) leave.cancel = null
       return deadline.cancelled ? leftQueued : queuedOut
     } else if (remaining - (performance.now() - deadline.start) < MIN_SEND_MS) {
       // Handed a connection with its time (nearly) gone: calls of a burst share about one
       // deadline, and the holder that timed out hands its connection on before the next one's
       // timer fires. Sent, that call was aborted while undici reconnected: a Kernel timeout.
       deadline.clear()
-      if (leave !== null) leave.deadline = null
+      if (leave !== null) leave.cancel = null
       this.releaseConnection()
       return queuedOut
     }
@@ -299,7 +299,7 @@ export class KernelClient {
       if (deadline.cancelled) return leftQueued
       // A mutation that goes out is let finish: its outcome is what idempotency stores and the
       // audit records, and a Kernel that got it may act on it whatever the gateway does.
-      if (leave !== null && leave.mutation) leave.deadline = null
+      if (leave !== null && mutation) leave.cancel = null
       const request = this.pool.request({ method, path, headers, body, signal: deadline as unknown as EventEmitter })
       // undici acts on the signal only once the request has a connection: a call queued behind
       // busy connections, or waiting for one that does not open, would outlive its deadline.
@@ -346,7 +346,7 @@ export class KernelClient {
       return { outcome: 'unavailable', status: 503, value: undefined, message: (err as Error).message, ...(CONNECT_CODES.has(code) ? { unsent: true } : {}) }
     } finally {
       deadline.clear()
-      if (leave !== null) leave.deadline = null
+      if (leave !== null) leave.cancel = null
       this.releaseConnection()
     }
   }
@@ -456,38 +456,6 @@ class Deadline {
 
   clear (): void {
     clearTimeout(this.timer)
-  }
-}
-
-/**
- * A call whose caller may leave (README, "Clients that leave"): when it does, the attempt
- * running is cancelled through its Deadline (a mutation's only until it goes out), and a
- * backoff ends at once, with no retry after it. One per call that reaches the Kernel.
- */
-class Leave {
-  private left = false
-  /** The running attempt's deadline while the caller's leaving may cancel it; else null. */
-  deadline: Deadline | null = null
-  private wake: (() => void) | null = null
-  constructor (readonly mutation: boolean) {}
-
-  /** Watched on the caller (watchCaller): it has left. */
-  readonly onLeave = (): void => {
-    this.left = true
-    this.deadline?.cancel()
-    this.wake?.()
-  }
-
-  gone (): boolean {
-    return this.left
-  }
-
-  /** The backoff before a retry, cut short when the caller leaves. */
-  async pause (ms: number): Promise<void> {
-    await new Promise<void>(resolve => {
-      const timer = setTimeout(() => { this.wake = null; resolve() }, ms)
-      this.wake = () => { clearTimeout(timer); this.wake = null; resolve() }
-    })
   }
 }
 

@@ -60,3 +60,35 @@ export function watchCaller (caller: Caller, left: () => void): boolean {
 export function unwatchCaller (caller: Caller, left: () => void): void {
   watchers.get(caller)?.delete(left)
 }
+
+/**
+ * A call's watch on its caller while it waits (README, "Clients that leave"), made only by a call
+ * about to wait: `onLeave` is what it hands watchCaller. When the caller leaves, what is running
+ * is cancelled (`cancel`: the Kernel client's attempt deadline) and a pause ends at once.
+ */
+export class Leave {
+  private left = false
+  /** What the caller's leaving cancels now (the running attempt's deadline); else null. */
+  cancel: { cancel: () => void } | null = null
+  private wake: (() => void) | null = null
+
+  /** Watched on the caller (watchCaller): it has left. */
+  readonly onLeave = (): void => {
+    this.left = true
+    this.cancel?.cancel()
+    this.wake?.()
+  }
+
+  gone (): boolean {
+    return this.left
+  }
+
+  /** Waits `ms`, cut short when the caller leaves (a backoff before a retry, a repeat's poll). */
+  async pause (ms: number): Promise<void> {
+    if (this.left) return
+    await new Promise<void>(resolve => {
+      const timer = setTimeout(() => { this.wake = null; resolve() }, ms)
+      this.wake = () => { clearTimeout(timer); this.wake = null; resolve() }
+    })
+  }
+}
