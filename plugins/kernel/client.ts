@@ -26,7 +26,8 @@ export interface KernelClientOptions {
   metrics?: KernelMetrics
 }
 
-export type Outcome = 'ok' | 'client_error' | 'redirect' | 'bad_answer' | 'server_error' | 'timeout' | 'unavailable'
+/** `client_closed`: the caller left, and the attempt was aborted or gave up waiting for a connection. */
+export type Outcome = 'ok' | 'client_error' | 'redirect' | 'bad_answer' | 'server_error' | 'timeout' | 'unavailable' | 'client_closed'
 
 /** What the client reports; a no-op implementation when metrics are off. */
 export interface KernelMetrics {
@@ -39,7 +40,7 @@ export interface KernelMetrics {
 }
 
 const nothing = (): void => {}
-const noOpMetrics = { call: { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing }, retry: nothing }
+const noOpMetrics = { call: { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing, client_closed: nothing }, retry: nothing }
 const noMetrics: KernelMetrics = { forOperation: () => noOpMetrics, budgetExhausted: nothing, rejected: nothing, connected: nothing }
 
 // undici's own error codes, by what they mean for a call. Unknown codes count as unreachable.
@@ -225,7 +226,9 @@ export class KernelClient {
         }
         if (result.unsent !== true) ctx.sent = true
         if (result === leftQueued || result === leftSent) {
-          // Cancelled because its caller left: no failure of the Kernel's, and no retry.
+          // Cancelled because its caller left: no failure of the Kernel's, and no retry. Counted
+          // (outcome client_closed): before, such a call left no Kernel metric at all.
+          metrics.call.client_closed((performance.now() - started) / 1000)
           this.breaker?.release(permit)
           throw clientClosed()
         }
@@ -471,8 +474,8 @@ const queuedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, 
 /** Less time left than this once handed a connection: the call gives up unsent (a queue timeout). */
 const MIN_SEND_MS = 10
 /** An attempt cancelled because its caller left: waiting for a connection (never sent), or sent and aborted. */
-const leftQueued: Attempt = { outcome: 'timeout', status: 499, value: undefined, message: undefined, unsent: true }
-const leftSent: Attempt = { outcome: 'timeout', status: 499, value: undefined, message: undefined }
+const leftQueued: Attempt = { outcome: 'client_closed', status: 499, value: undefined, message: undefined, unsent: true }
+const leftSent: Attempt = { outcome: 'client_closed', status: 499, value: undefined, message: undefined }
 const DEADLINE_PASSED = new Error('the attempt\'s deadline passed')
 
 /**

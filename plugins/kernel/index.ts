@@ -75,7 +75,7 @@ function kernelMetrics (app: FastifyInstance, origin: string, client: () => Kern
       const observer = (outcome: string): ((seconds: number) => void) => duration.series(op, outcome).observe
       const retry = retries.labels(op)
       return {
-        call: { ok: observer('ok'), client_error: observer('client_error'), redirect: observer('redirect'), bad_answer: observer('bad_answer'), server_error: observer('server_error'), timeout: observer('timeout'), unavailable: observer('unavailable') },
+        call: { ok: observer('ok'), client_error: observer('client_error'), redirect: observer('redirect'), bad_answer: observer('bad_answer'), server_error: observer('server_error'), timeout: observer('timeout'), unavailable: observer('unavailable'), client_closed: observer('client_closed') },
         retry: () => retry.inc()
       }
     },

@@ -172,3 +172,21 @@ t.test('callers waiting on a cached query\'s Kernel call are answered when the f
   t.equal(res.statusCode, 200, 'answered by a Kernel call of its own')
   t.same(res.json(), { id: 'c' })
 })
+
+t.test('a cancelled attempt is counted: outcome client_closed, sent or still waiting for a connection', async t => {
+  const { app, kernel, port } = await setup(t, { connections: 1 })
+  kernel.on('GET /v1/items/hang', () => { /* never answers */ })
+  const sent = send(port, 'GET', '/api/v1/items/hang', 'left-6')
+  await until(() => app.kernel.inFlight() === 1, 'the first call to take the one connection')
+  const queued = send(port, 'GET', '/api/v1/items/hang', 'left-7')
+  await until(() => app.kernel.inFlight() === 2, 'the second call to wait for the connection')
+  queued.destroy()
+  await until(() => app.kernel.inFlight() === 1, 'the queued call to leave')
+  sent.destroy()
+  await until(() => app.kernel.inFlight() === 0, 'the sent call to be aborted', 2000)
+  const text = (await app.inject({ url: '/metrics' })).body
+  // Before, neither left a Kernel metric: only the pipeline's 4xx.
+  t.match(text, /mantle_kernel_request_duration_seconds_count\{op="getItem",outcome="client_closed"\} 2\n/)
+  t.notMatch(text, /mantle_kernel_request_duration_seconds_count\{op="getItem",outcome="timeout"\}/, 'not a Kernel timeout')
+  t.notMatch(text, /mantle_kernel_rejected_total\{reason=/, 'nor a rejection')
+})
