@@ -157,7 +157,7 @@ function validEmail (m: RegExpExecArray): number {
 }
 
 function validCard (m: RegExpExecArray): number {
-  const digits = m[0].replace(/[ -]/g, '')
+  const digits = m[0].replace(/[ .-]/g, '')
   return cardNetwork(digits) !== null && luhn(digits) ? 0.9 : 0
 }
 
@@ -225,7 +225,9 @@ export const SPAN_RULES: readonly SpanRule[] = Object.freeze([
   S('sendgrid-key', 0.9, ['SG.'], /\bSG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])/g),
 
   P('email', 0.7, ['@'], /[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}\.[A-Za-z0-9.-]{2,190}/g, { validate: validEmail }),
-  P('card-number', 0.9, 'digits', /(?<![\d-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{4}|\d{4}([ -]?)\d{6}\2\d{5}|\d{13,19})(?![\d])/g, { validate: validCard }),
+  // Groups apart by a space, a dash or a dot (other spaces are a space in the visible copy); not
+  // inside a longer dotted number (a version, an address).
+  P('card-number', 0.9, 'digits', /(?<![\d-]|\d\.)(?:\d{4}([ .-]?)\d{4}\1\d{4}\1\d{4}|\d{4}([ .-]?)\d{6}\2\d{5}|\d{13,19})(?!\d|\.\d)/g, { validate: validCard }),
   P('us-ssn', 0.85, 'digits', /(?<![\d-])(\d{3})-(\d{2})-(\d{4})(?![\d-])/g, { validate: validSsn }),
   P('fr-nir', 0.9, 'digits', /(?<!\d)[12] ?\d{2} ?(?:0[1-9]|1[0-2]|[2-9]\d) ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?\d{2}(?!\d)/g, { validate: m => (validNir(m[0].replace(/ /g, '')) ? 0.9 : 0) }),
   P('es-dni', 0.85, 'digits', /\b(?:\d{8}|[XYZ]-?\d{7})[ -]?[A-Z]\b/g, { validate: validDni }),

@@ -91,27 +91,76 @@ const LEET_CHARS = /[0134578@$]/g
 const LEET: Readonly<Record<string, string>> = { 0: 'o', 1: 'i', 3: 'e', 4: 'a', 5: 's', 7: 't', 8: 'b', '@': 'a', $: 's' }
 
 /**
- * Cyrillic, Greek and Armenian letters that look like Latin ones. Capitals are read by their own
- * look, before the text is lowercased: lowercase first, the Greek capital Ν (N) became ν, read as
- * v, and Η, Μ, Υ as n, u, u. The lowercase letters are folded again after lowercasing.
+ * Letters of other scripts that look like Latin ones, read as the Latin letter(s). Capitals are
+ * read by their own look, before the text is lowercased: lowercase first, the Greek capital Ν (N)
+ * became ν, read as v, and Η, Μ, Υ as n, u, u. The lowercase letters are folded again after
+ * lowercasing.
+ *
+ * A hand table, not a confusables package: UTS #39 skeletons are made to compare identifiers
+ * (they map Latin letters among themselves, rn to m, l to I, and digits to letters, and their
+ * prototype of a letter is often not ASCII), where the rules need each look-alike read as the
+ * one lowercase ASCII letter a reader sees; and the gateway takes no dependency for a table of
+ * a few hundred entries. The entries were checked against Unicode's confusables.txt and names;
+ * every key is one BMP code unit, and the test reads each through normalizeForRules.
  */
-const HOMOGLYPHS: ReadonlyMap<string, string> = new Map(
+const HOMOGLYPH_LIST: readonly string[] = [
   // Each entry is the look-alike character followed by the Latin letter(s) it reads as.
-  [
-    // Cyrillic
-    '\u0430a \u0431b \u0432b \u0435e \u0451e \u0454e \u043ak \u043cm \u043dh \u043eo \u0440p \u0441c \u0442t \u0443y \u0445x \u0456i \u0457i \u0458j \u0455s \u0501d \u051bq \u051dw \u04bbh \u0491r \u0433r \u043fn \u0438u \u044cb \u0261g',
-    // Cyrillic capitals
-    '\u0410a \u0412b \u0415e \u041ak \u041cm \u041dh \u041eo \u0420p \u0421c \u0422t \u0423y \u0425x \u0406i \u0408j \u0405s \u0500d \u051aq \u051cw \u04bah',
-    // Greek
-    '\u03b1a \u03b2b \u03b5e \u03b7n \u03b9i \u03bak \u03bdv \u03bfo \u03c1p \u03c4t \u03c5u \u03c7x \u03b3y \u03c9w \u03bcu \u03c2s \u03b6z',
-    // Greek capitals
-    '\u0391a \u0392b \u0395e \u0396z \u0397h \u0399i \u039ak \u039cm \u039dn \u039fo \u03a1p \u03a4t \u03a5y \u03a7x',
-    // Armenian
-    '\u0578n \u0585o \u057du \u0570h \u0566q \u0581g',
-    // Latin look-alikes that NFKC keeps
-    '\u0131i \u0237j \u00dfss \u00f8o \u0153oe \u00e6ae \u0142l \u0111d'
-  ].join(' ').split(' ').map(pair => [pair[0], pair.slice(1)] as [string, string])
-)
+  // Cyrillic
+  '\u0430a \u0431b \u0432b \u0435e \u0451e \u0454e \u043ak \u043cm \u043dh \u043eo \u0440p \u0441c \u0442t \u0443y \u0445x \u0456i \u0457i \u0458j \u0455s \u0501d \u051bq \u051dw \u04bbh \u0491r \u0433r \u043fn \u0438u \u044cb \u0261g',
+  '\u04cfi \u04afy \u04b3x \u04bde \u04bfe \u0511e \u0475v \u04abc \u04d5ae \u0461w \ua647i',
+  // Cyrillic capitals
+  '\u0410a \u0412b \u0415e \u041ak \u041cm \u041dh \u041eo \u0420p \u0421c \u0422t \u0423y \u0425x \u0406i \u0408j \u0405s \u0500d \u051aq \u051cw \u04bah',
+  '\u04c0i \u04aey \u04b2x \u04bce \u04bee \u0474v \u04aac \ua646i',
+  // Greek (lunate sigma: NFKC makes it a sigma, so it is folded before NFKC, see BEFORE_NFKC)
+  '\u03b1a \u03b2b \u03b5e \u03b7n \u03b9i \u03bak \u03bdv \u03bfo \u03c1p \u03c4t \u03c5u \u03c7x \u03b3y \u03c9w \u03bcu \u03c2s \u03b6z',
+  '\u03c3o \u03f2c \u03f3j \u03f1p',
+  // Greek capitals
+  '\u0391a \u0392b \u0395e \u0396z \u0397h \u0399i \u039ak \u039cm \u039dn \u039fo \u03a1p \u03a4t \u03a5y \u03a7x',
+  '\u03f9c \u037fj \u03dcf \u03fam',
+  // Armenian
+  '\u0578n \u0585o \u057du \u0570h \u0566q \u0581g \u057cn \u053cl \u0555o \u054du \u054fs',
+  // Latin small capitals (the "small caps" of text generators) and phonetic letters
+  '\u1d00a \u1d01ae \u1d03b \u1d04c \u1d05d \u1d06d \u1d07e \u1d09i \u1d0aj \u1d0bk \u1d0cl \u1d0dm \u1d0en \u1d0fo \u1d11o \u1d13o',
+  '\u1d18p \u1d19r \u1d1ar \u1d1bt \u1d1cu \u1d20v \u1d21w \u1d22z \u1d26r \u1d28n \u1d29p \u1d7bi \u1d7eu',
+  '\u0262g \u026ai \u0274n \u0276oe \u0280r \u0281r \u028fy \u0299b \u029bg \u029ch \u029fl \ua730f \ua731s \ua7aei',
+  // Latin letters with hooks, strokes, tildes and tails that NFD does not take apart
+  '\u0131i \u0237j \u00dfss \u00f8o \u0153oe \u00e6ae \u0142l \u0111d \u0127h \u0167t',
+  '\u0180b \u0183b \u0188c \u018cd \u0192f \u019al \u019en \u01a5p \u01abt \u01adt \u01b4y \u01b6z \u01c0i \u01e5g \u0225z \u0240z',
+  '\u0247e \u0249j \u024bq \u024dr \u0251a \u0253b \u0255c \u0256d \u0257d \u025be \u0260g \u0266h \u0268i \u0269i \u026bl \u026cl',
+  '\u026dl \u0271m \u0272n \u0273n \u0275o \u027cr \u027dr \u027er \u0282s \u0288t \u0289u \u0290z \u0291z \u029dj \u02a0q',
+  '\u1d6cb \u1d6dd \u1d6ef \u1d6fm \u1d70n \u1d71p \u1d72r \u1d73r \u1d74s \u1d75t \u1d76z \u1d7dp',
+  '\u1d80b \u1d81d \u1d82f \u1d83g \u1d84k \u1d85l \u1d86m \u1d87n \u1d88p \u1d89r \u1d8as \u1d8cv \u1d8dx \u1d8ez',
+  // Coptic, capitals and small letters
+  '\u2c80a \u2c81a \u2c82b \u2c83b \u2c84r \u2c85r \u2c88e \u2c89e \u2c8cz \u2c8dz \u2c8eh \u2c8fh \u2c92i \u2c93i \u2c94k \u2c95k',
+  '\u2c98m \u2c99m \u2c9an \u2c9bn \u2c9eo \u2c9fo \u2ca1n \u2ca2p \u2ca3p \u2ca4c \u2ca5c \u2ca6t \u2ca7t \u2ca8y \u2ca9y \u2cacx',
+  '\u2cadx \u2cb1w \u2cd0l \u2cd1l',
+  // Cherokee capitals (their small letters, which look the same, are added below)
+  '\u13a0d \u13a1r \u13a2t \u13a5i \u13a9y \u13aaa \u13abj \u13ace \u13b3w \u13b7m \u13bbh \u13bdy \u13c0g \u13c2h \u13c3z \u13cfb',
+  '\u13d2r \u13d5s \u13d9v \u13das \u13del \u13dfc \u13e2p \u13e6k \u13f3g \u13f4b',
+  // Lisu
+  '\ua4d0b \ua4d1p \ua4d3d \ua4d4t \ua4d6g \ua4d7k \ua4d9j \ua4dac \ua4dcz \ua4ddf \ua4dfm \ua4e0n \ua4e1l \ua4e2s \ua4e3r \ua4e6v',
+  '\ua4e7h \ua4eaw \ua4ebx \ua4ecy \ua4eea \ua4f0e \ua4f2i \ua4f3o \ua4f4u',
+  // Zeros (and the Arabic-Indic fives) that look like the letter o, as the leetspeak 0 is read
+  '\u0966o \u07c0o \u09e6o \u0a66o \u0ae6o \u0b66o \u0be6o \u0c66o \u0ce6o \u0d66o \u0e50o \u0ed0o \u1040o \u0665o \u06f5o'
+]
+
+export const HOMOGLYPHS: ReadonlyMap<string, string> = (() => {
+  const map = new Map(HOMOGLYPH_LIST.join(' ').split(' ').map(pair => [pair[0], pair.slice(1)] as [string, string]))
+  // Cherokee small letters look like their capitals (U+13A0-13EF to U+AB70-ABBF, 13F0-13F5 to 13F8-13FD).
+  for (const [from, to] of [...map]) if (from >= '\u13a0' && from <= '\u13f5') map.set(from.toLowerCase(), to)
+  return map
+})()
+
+// The table as a lookup by char code, built once: FOLD_AT[c] is 1 + the index in FOLD_TO of the
+// reading of the character of code c, 0 when it has none.
+const FOLD_AT = new Uint16Array(0x10000)
+const FOLD_TO: string[] = []
+for (const [from, to] of HOMOGLYPHS) { FOLD_TO.push(to); FOLD_AT[from.charCodeAt(0)] = FOLD_TO.length }
+// The look-alikes that NFKC would turn into another letter first (lunate sigma into sigma):
+// folded before it.
+const BEFORE_NFKC_CHARS = [...HOMOGLYPHS.keys()].filter(c => c.normalize('NFKC') !== c && HOMOGLYPHS.get(c.normalize('NFKC')) !== HOMOGLYPHS.get(c)).join('')
+const BEFORE_NFKC = new RegExp(`[${BEFORE_NFKC_CHARS}]`)
+const BEFORE_NFKC_ALL = new RegExp(BEFORE_NFKC.source, 'g')
 
 function foldHomoglyphs (text: string): string {
   let out = ''
@@ -119,9 +168,9 @@ function foldHomoglyphs (text: string): string {
   for (let i = 0; i < text.length; i++) {
     const c = text.charCodeAt(i)
     if (c < 0x80) continue
-    const folded = HOMOGLYPHS.get(text[i])
-    if (folded !== undefined) {
-      out += text.slice(from, i) + folded
+    const at = FOLD_AT[c]
+    if (at !== 0) {
+      out += text.slice(from, i) + FOLD_TO[at - 1]
       from = i + 1
     }
   }
@@ -129,20 +178,28 @@ function foldHomoglyphs (text: string): string {
 }
 
 const isLetter = (c: number): boolean => c >= 97 && c <= 122
-// Space, tab, line breaks (letters written one a line), . - _ * / |
-const isSpacer = (c: number): boolean => c === 32 || c === 46 || c === 45 || c === 95 || c === 42 || c === 9 || c === 10 || c === 13 || c === 47 || c === 124
+// Space, tab, line breaks (letters written one a line), . - _ * / | , :
+const isSpacer = (c: number): boolean => c === 32 || c === 46 || c === 45 || c === 95 || c === 42 || c === 9 || c === 10 || c === 13 || c === 47 || c === 124 || c === 44 || c === 58
+// Punctuation that may take one space after it and still be one spacer: `i, g, n`, `i. g. n`, `i: g: n`.
+const isPunctuationSpacer = (c: number): boolean => c === 44 || c === 46 || c === 58
 
-/** The length of the spacer at `i`: one spacer character, or CR LF as one; 0 when none. */
+/**
+ * The length of the spacer at `i`: one spacer character, CR LF, or `,` `.` `:` and one space
+ * after it, as one; 0 when none.
+ */
 function spacerAt (text: string, i: number): number {
   const c = text.charCodeAt(i)
   if (c === 13 && text.charCodeAt(i + 1) === 10) return 2
+  if (isPunctuationSpacer(c) && text.charCodeAt(i + 1) === 32) return 2
   return isSpacer(c) ? 1 : 0
 }
 
 /**
- * Joins letters spaced out one by one (`i g n o r e`, `i.g.n.o.r.e`, one a line): a run of at
- * least three single letters each followed by one spacer becomes one word; two or more spacers
- * end a word, so `i g n o r e   a l l` gives `ignore all`. One pass over the text.
+ * Joins letters spaced out one by one (`i g n o r e`, `i.g.n.o.r.e`, `i, g, n, o, r, e`, one a
+ * line): a run of at least three single letters each followed by one spacer becomes one word.
+ * A word's spacers are all as long as its first: two or more spacers end a word, so
+ * `i g n o r e   a l l` gives `ignore all`, and so does `i.g.n.o.r.e. a.l.l` (a spacer `. ` after
+ * spacers `.`). One pass over the text.
  */
 export function joinSpacedLetters (text: string): string {
   let out = ''
@@ -154,11 +211,13 @@ export function joinSpacedLetters (text: string): string {
     if (isLetter(c) && (i === 0 || !isLetter(text.charCodeAt(i - 1)))) {
       let word = text[i]
       let j = i
+      let width = 0
       // j: the last letter taken; the next one is a single letter after one spacer.
       for (;;) {
         const gap = spacerAt(text, j + 1)
         const k = j + 1 + gap
-        if (gap === 0 || k >= n || !isLetter(text.charCodeAt(k)) || (k + 1 < n && isLetter(text.charCodeAt(k + 1)))) break
+        if (gap === 0 || (width !== 0 && gap !== width) || k >= n || !isLetter(text.charCodeAt(k)) || (k + 1 < n && isLetter(text.charCodeAt(k + 1)))) break
+        width = gap
         word += text[k]
         j = k
       }
@@ -393,6 +452,7 @@ export function normalizeForRules (text: string): string {
  * look-alikes folded (capitals by their own look), lowercase, look-alikes folded again.
  */
 function plainLetters (text: string): string {
+  if (BEFORE_NFKC.test(text)) text = text.replace(BEFORE_NFKC_ALL, c => HOMOGLYPHS.get(c)!)
   const s = foldHomoglyphs(unmarked(visible(text.normalize('NFKC')).normalize('NFD')))
   return foldHomoglyphs(s.toLowerCase())
 }
@@ -404,4 +464,94 @@ function plainLetters (text: string): string {
  */
 export function normalizeForMarkers (text: string): string {
   return NOT_ASCII.test(text) ? plainLetters(text) : visible(text).toLowerCase()
+}
+
+// --- the visible copy, for the secret and personal-data detectors ----------------------------
+
+// Spaces other than the ASCII one (no-break, narrow, ideographic, Ogham, line and paragraph
+// separators, NEL): read as a space.
+const UNICODE_SPACE = /[\p{Zs}\u0085\u2028\u2029]/u
+// What a visible copy changes (a character that is not NFKC by itself, an invisible one, a
+// Unicode space), per BMP char code, found once a code is first met: 0 not looked at yet,
+// 1 kept as it is, 2 changed. 64 KB, bounded by the codes.
+const KEEP = 1
+const CHANGE = 2
+const VISIBLE_AS = new Uint8Array(0x10000)
+for (let c = 0; c < 0x80; c++) VISIBLE_AS[c] = (c < 32 && c !== 9 && c !== 10 && c !== 13) || c === 127 ? CHANGE : KEEP
+
+/** What the visible copy holds for one character (a code point): '', ' ', or its NFKC. */
+function visibleChar (ch: string): string {
+  if (UNICODE_SPACE.test(ch)) return ' '
+  if (INVISIBLE_PROPERTY.test(ch)) return ''
+  return ch.normalize('NFKC')
+}
+
+function changes (c: number): boolean {
+  let as = VISIBLE_AS[c]
+  if (as === 0) {
+    const ch = String.fromCharCode(c)
+    VISIBLE_AS[c] = as = visibleChar(ch) === ch ? KEEP : CHANGE
+  }
+  return as === CHANGE
+}
+
+export interface VisibleCopy {
+  /** The text as read: each character NFKC on its own, invisible characters removed, Unicode spaces a space. */
+  readonly text: string
+  /** For each UTF-16 unit of `text`, where the character it comes from starts in the raw text, and where it ends. */
+  readonly from: Int32Array
+  readonly to: Int32Array
+}
+
+/**
+ * The text as a reader sees it, for the secret and personal-data detectors (a full-width
+ * `＠`, a no-break space between card groups, a zero-width space inside a key hid them), with
+ * where each of its units comes from, so that a span found in it is redacted in the raw text.
+ * Null when it would be the text itself. Each character is normalized on its own (NFKC of the
+ * whole text composes across characters, and its units no longer map back one by one).
+ */
+export function visibleCopy (text: string): VisibleCopy | null {
+  const n = text.length
+  let i = 0
+  while (i < n) {
+    const c = text.charCodeAt(i)
+    if ((c >= 0xd800 && c <= 0xdbff) || changes(c)) break
+    i++
+  }
+  if (i === n) return null
+  // The copy has n units or fewer unless NFKC expands a character (to 18 units at most, U+FDFA).
+  let from = new Int32Array(n + 16)
+  let to = new Int32Array(n + 16)
+  let len = 0
+  const room = (more: number): void => {
+    if (len + more <= from.length) return
+    const size = Math.max(2 * from.length, len + more)
+    const f = new Int32Array(size); f.set(from.subarray(0, len)); from = f
+    const t = new Int32Array(size); t.set(to.subarray(0, len)); to = t
+  }
+  for (; len < i; len++) { from[len] = len; to[len] = len + 1 }
+  let out = ''
+  // The start of the run of kept units not yet added to `out`.
+  let run = 0
+  while (i < n) {
+    const c = text.charCodeAt(i)
+    const astral = c >= 0xd800 && c <= 0xdbff && i + 1 < n
+    if (!astral && !changes(c)) {
+      room(1)
+      from[len] = i; to[len++] = i + 1
+      i++
+      continue
+    }
+    const width = astral ? 2 : 1
+    const seen = visibleChar(text.slice(i, i + width))
+    out += text.slice(run, i) + seen
+    room(seen.length)
+    for (let k = 0; k < seen.length; k++) { from[len] = i; to[len++] = i + width }
+    i += width
+    run = i
+  }
+  out += text.slice(run)
+  // Characters beyond the BMP are looked at one by one, and most (emoji) are kept.
+  if (out === text) return null
+  return { text: out, from: from.subarray(0, len), to: to.subarray(0, len) }
 }

@@ -1,7 +1,7 @@
 // One scan of one text: injection rules on the normalized text, secrets and personal data on
 // the raw text, and the same again inside base64 and hex runs that decode to text (bounded in
 // count, size and depth). Plain functions: the plugin only wires them into the pipeline.
-import { rulesView, normalizeForMarkers, invisibleAsSpaces } from './normalize.js'
+import { rulesView, normalizeForMarkers, invisibleAsSpaces, visibleCopy } from './normalize.js'
 import { INJECTION_RULES, RULE_KEYS, hasMarkerGate, matchWordRules } from './injection.js'
 import { findSpans, type Category, type Detection } from './detectors.js'
 import { charTable, hasRun } from './text.js'
@@ -86,13 +86,39 @@ function decodeRuns (text: string, depth: number, budget: Budget, out: Detection
 }
 
 function detectInto (text: string, depth: number, budget: Budget, out: Detection[]): void {
-  injectionsInto(text, out)
-  findSpans(text, out)
+  const plain = injectionsInto(text, out)
+  spansInto(text, plain, out)
   decodeRuns(text, depth, budget, out)
 }
 
-/** The injection rules' findings in one text (no spans). */
-function injectionsInto (text: string, out: Detection[]): void {
+/**
+ * The secrets and personal data in one text: in the raw text, and in its visible copy (NFKC,
+ * invisible characters removed, Unicode spaces a space), where a full-width `＠`, a no-break
+ * space between card groups or a zero-width space inside a key no longer hides them. A span
+ * found in the copy is mapped back to the raw characters it was read from (all of them, the
+ * invisible ones between included), so that redaction leaves no part of it. A plain text
+ * (ASCII, no control character) is its own visible copy.
+ */
+function spansInto (text: string, plain: boolean, out: Detection[]): void {
+  const first = out.length
+  findSpans(text, out)
+  if (plain) return
+  const seen = visibleCopy(text)
+  if (seen === null) return
+  const found: Detection[] = []
+  findSpans(seen.text, found)
+  const raw = out.length
+  for (const d of found) {
+    const start = seen.from[d.start]
+    const end = seen.to[d.end - 1]
+    let again = false
+    for (let i = first; i < raw && !again; i++) again = out[i].type === d.type && out[i].start === start && out[i].end === end
+    if (!again) out.push({ category: d.category, type: d.type, score: d.score, start, end })
+  }
+}
+
+/** The injection rules' findings in one text (no spans); whether the text is plain (rulesView). */
+function injectionsInto (text: string, out: Detection[]): boolean {
   const view = rulesView(text, RULE_KEYS)
   const matched = matchWordRules(view)
   // A text with invisible characters is read twice: without them, and with each as a space
@@ -115,6 +141,7 @@ function injectionsInto (text: string, out: Detection[]): void {
     }
     out.push({ category: 'injection', type: rule.type, score: rule.score, start: -1, end: -1 })
   }
+  return view.plain
 }
 
 /** Every detection in one text, raw (a type may appear several times, with spans). */
