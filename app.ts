@@ -39,6 +39,7 @@ import health from './routes/health.js'
 import batch from './routes/batch.js'
 import { withHook } from './route-hooks.js'
 import { refusedByWs } from './adapters/upgrade.js'
+import { parseQuery, MALFORMED_QUERY } from './query-string.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -216,6 +217,20 @@ function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): void {
   lingeringClose(socket)
 }
 
+/**
+ * Refuses a request in the first onRequest hook. A WebSocket upgrade's socket is closed once the
+ * answer is written: @fastify/websocket marks it to be closed so in its own onRequest hook, which
+ * runs after this one and so never runs, and the socket (no HTTP connection of Node's any more)
+ * stayed open, holding the app's close (found by this change's test).
+ */
+function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: Error) => void, err: MantleError): void {
+  if (request.headers.upgrade !== undefined) {
+    const socket = request.raw.socket
+    reply.raw.once('finish', () => { lingeringClose(socket) })
+  }
+  done(err)
+}
+
 /** A HEAD route's last onSend: no Content-Length on a 304 or a 204, which carry no body length of their own. */
 function withoutBodyLength (_request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void): void {
   if (reply.statusCode === 304 || reply.statusCode === 204) reply.removeHeader('content-length')
@@ -261,7 +276,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     },
     // Requests Node's HTTP parser refuses (junk in the head, a head over 16 KB, a timeout).
     clientErrorHandler: answerClientError,
-    routerOptions: { ignoreTrailingSlash: true, maxParamLength: 256 },
+    // A query string that is not valid percent-encoding is refused (onRequest below), not taken literally.
+    routerOptions: { ignoreTrailingSlash: true, maxParamLength: 256, querystringParser: parseQuery },
     // An unknown key is refused, not dropped (Fastify's default removes it): a mistyped filter of
     // GET /admin/audit (`?tenant_id=acme`) answered every tenant's entries, a `tenantId` for
     // /admin/cache/invalidate invalidated the caller's own tenant, and a batch call's unknown key
@@ -366,6 +382,12 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       // A request that arrives on an open connection while the gateway shuts down runs nothing.
       reply.header('connection', 'close')
       done(new MantleError('OVERLOADED', 'The gateway is shutting down: retry on another instance', { headers: { 'retry-after': '1' } }))
+      return
+    }
+    // Before any route's own hook (an upgrade's credentials, the rate-limit guard) reads it. As a
+    // malformed JSON body: the query string is a call's input (REST, tRPC's and GraphQL's GET).
+    if (request.query === MALFORMED_QUERY) {
+      refuseEarly(request, reply, done, new MantleError('VALIDATION_FAILED', 'The query string is not valid percent-encoding (UTF-8)'))
       return
     }
     done()

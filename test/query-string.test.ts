@@ -1,0 +1,59 @@
+import t from 'tap'
+import { buildTestApp, startTestKernel, testManifest, json, bearer, token } from './helper.js'
+import { refusedUpgrade } from './adapters/websocket-helper.js'
+import { parseQuery, MALFORMED_QUERY } from '../query-string.js'
+
+// A query string that is not valid percent-encoding of UTF-8 was taken literally (Fastify's
+// parser keeps what it cannot decode): `?q=%ff` reached the Kernel as the text `%ff`.
+const MALFORMED = ['q=%ff', 'q=%E0%A4%A', 'q=%zz', 'q=%', 'q%zz=1', 'q=ok&limit=%E0%A4']
+
+t.test('parseQuery: Fastify\'s fields for a well-formed query string, MALFORMED_QUERY otherwise', async t => {
+  t.same(parseQuery(''), {})
+  t.same({ ...parseQuery('q=a+b%20c&n=1&n=2&e=') }, { q: 'a b c', n: ['1', '2'], e: '' })
+  t.same({ ...parseQuery('q=%25zz&k%C3%A9=%E2%82%AC') }, { q: '%zz', ké: '€' }, 'an escaped % and UTF-8 are decoded')
+  for (const query of MALFORMED) t.equal(parseQuery(query), MALFORMED_QUERY, query)
+})
+
+t.test('a malformed query string is refused 400 VALIDATION_FAILED on every face, and never reaches the Kernel', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/things': (req, res) => json(res, 200, { url: req.url }) })
+  const manifest = testManifest({
+    listThings: { type: 'query', rest: 'GET /things', kernel: 'GET /v1/things', input: { type: 'object', properties: { q: { type: 'string' }, limit: { type: 'integer' } } }, output: { type: 'object', properties: { url: { type: 'string' } } } }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const detail = 'The query string is not valid percent-encoding (UTF-8)'
+
+  for (const query of MALFORMED) {
+    const res = await app.inject({ url: '/api/v1/things?' + query, headers: { ...bearer(), 'x-request-id': 'bad-query-1' } })
+    t.equal(res.statusCode, 400, query)
+    t.equal(res.headers['content-type'], 'application/problem+json; charset=utf-8')
+    t.match(res.json(), { code: 'VALIDATION_FAILED', status: 400, detail, requestId: 'bad-query-1' })
+    t.equal(res.headers['x-request-id'], 'bad-query-1')
+    t.equal(res.headers['x-content-type-options'], 'nosniff', 'the security headers')
+  }
+  const trpc = await app.inject({ url: '/trpc/listThings?input=' + encodeURIComponent('{"q":"') + '%ff' + encodeURIComponent('"}'), headers: bearer() })
+  t.equal(trpc.statusCode, 400, 'tRPC GET')
+  t.match(trpc.json(), { error: { message: detail, data: { code: 'VALIDATION_FAILED', httpStatus: 400 } } })
+  const graphql = await app.inject({ url: '/graphql?query=' + encodeURIComponent('{ listThings(q: "') + '%E0%A4%A' + encodeURIComponent('") { url } }'), headers: bearer() })
+  t.equal(graphql.statusCode, 400, 'GraphQL GET')
+  t.match(graphql.json(), { errors: [{ message: detail, extensions: { code: 'VALIDATION_FAILED', status: 400 } }] })
+  t.equal(kernel.requests.length, 0, 'nothing reached the Kernel')
+
+  const ok = await app.inject({ url: '/api/v1/things?q=%25zz%20%E2%82%AC&limit=5', headers: bearer() })
+  t.same(ok.json(), { url: '/v1/things?q=%25zz+%E2%82%AC&limit=5' }, 'a well-formed one goes on, decoded')
+
+  // A path's bad percent-encoding is refused before routing, as before: 400 problem+json too.
+  const path = await app.inject({ url: '/api/v1/things/%zz?q=%ff' })
+  t.match([path.statusCode, path.headers['content-type'], path.json().code], [400, 'application/problem+json; charset=utf-8', 'BAD_REQUEST'])
+})
+
+t.test('a WebSocket upgrade with a malformed query string is refused 400 before any socket, on each path', async t => {
+  const app = await buildTestApp(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  for (const path of ['/ws', '/graphql', '/trpc']) {
+    // A valid token beside the bad escape: the refusal is the query's, not the token's.
+    const refused = await refusedUpgrade(`ws://127.0.0.1:${port}${path}?access_token=${token()}&x=%ff`)
+    t.equal(refused.status, 400, path)
+    t.equal(JSON.stringify(refused.body).includes('VALIDATION_FAILED'), true, `${path}: VALIDATION_FAILED`)
+  }
+})
