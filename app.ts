@@ -553,7 +553,15 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   if (config.BFF_CACHE_ENABLED) {
     await app.register(cache, { store: storeFor(config, 'BFF_CACHE_STORE'), defaultTtlSeconds: config.BFF_CACHE_TTL, maxSize: config.BFF_CACHE_MAX_SIZE, maxBytes: config.BFF_CACHE_MAX_BYTES, now: options.cacheClock })
   }
-  await app.register(events, { redisUrl: config.REDIS_URL, internalToken: config.BFF_INTERNAL_TOKEN, checkRoles: config.BFF_AUTH_ENABLED, ...options.events })
+  // A tenant's share of the instance's subscriptions: with identity off every caller is the one
+  // tenant `public`, whose share would then only shrink the instance's bound.
+  await app.register(events, {
+    redisUrl: config.REDIS_URL,
+    internalToken: config.BFF_INTERNAL_TOKEN,
+    checkRoles: config.BFF_AUTH_ENABLED,
+    maxSubscriptionsPerTenant: config.BFF_AUTH_ENABLED ? config.BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT : undefined,
+    ...options.events
+  })
   if (config.BFF_OPENAPI_ENABLED) await app.register(openapi, { version: VERSION, secured: config.BFF_AUTH_ENABLED })
   await app.register(rest, { prefix: REST_PREFIX, secured: config.BFF_AUTH_ENABLED })
   await app.register(batch, { prefix: REST_PREFIX, maxCalls: config.BFF_BATCH_MAX_CALLS })

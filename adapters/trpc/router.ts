@@ -107,7 +107,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
         identity = app.identify(ctx.authorization)
         app.events.bus.authorize(name, identity)
         // The bus checks its bound again at the first pull, once the SSE response's headers are out.
-        app.events.bus.checkRoom()
+        app.events.bus.checkRoom(identity.tenant)
       } catch (err) {
         const error = ProblemError.from(err, requestId)
         if (ctx.socket === null) ctx.refused = error.headers

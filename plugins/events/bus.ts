@@ -16,9 +16,11 @@ export type Listener = (payload: unknown, json: string) => void
 export interface BusCounters {
   delivered: (event: string, n: number) => void
   dropped: (reason: 'invalid' | 'slow_consumer' | 'unknown_topic' | 'duplicate') => void
+  /** A subscribe refused at a bound: the instance's, or its tenant's share of it. */
+  refused: (bound: 'instance' | 'tenant') => void
 }
 
-const noCounters: BusCounters = { delivered () {}, dropped () {} }
+const noCounters: BusCounters = { delivered () {}, dropped () {}, refused () {} }
 
 export function isKernelEvent (value: unknown): value is KernelEventMessage {
   const v = value as Partial<KernelEventMessage> | null
@@ -30,7 +32,9 @@ export function isKernelEvent (value: unknown): value is KernelEventMessage {
  * Fan-out of Kernel events to this instance's subscribers, by event name and tenant: a
  * subscriber only ever receives its own tenant's events. Payloads are serialized through the
  * event's schema, so fields it does not declare never reach a client. Bounded: at most
- * `maxSubscriptions` listeners; beyond it a subscribe is refused with OVERLOADED.
+ * `maxSubscriptions` listeners, and at most `maxPerTenant` of them for one tenant, so that one
+ * tenant cannot take every subscription of the instance from the others; beyond either a
+ * subscribe is refused with OVERLOADED (Retry-After: 5, as either frees up when subscriptions end).
  */
 export class EventBus {
   readonly definitions: ReadonlyMap<string, EventDefinition>
@@ -38,12 +42,15 @@ export class EventBus {
   private readonly serializers = new Map<string, (payload: unknown) => string>()
   private readonly listeners = new Map<string, Map<string, Set<Listener>>>()
   private count = 0
+  /** Subscriptions by tenant: bounded by `count` (an entry per tenant holding one, gone at zero). */
+  private readonly byTenant = new Map<string, number>()
 
   constructor (
     events: readonly EventDefinition[],
     private readonly checkRoles: boolean,
     private readonly maxSubscriptions = 100_000,
-    private readonly counters: BusCounters = noCounters
+    private readonly counters: BusCounters = noCounters,
+    private readonly maxPerTenant = Infinity
   ) {
     this.definitions = new Map(events.map(e => [e.name, e]))
     for (const e of events) {
@@ -69,18 +76,31 @@ export class EventBus {
     return def
   }
 
+  /** Subscriptions `tenant` holds on this instance. */
+  subscriptionsOf (tenant: string): number {
+    return this.byTenant.get(tenant) ?? 0
+  }
+
   /**
-   * OVERLOADED when this instance holds its most subscriptions, as `subscribe` would refuse: for
-   * a face that answers before its subscription starts (an SSE response's status and headers).
+   * OVERLOADED when this instance holds its most subscriptions, or `tenant` its share of them,
+   * as `subscribe` would refuse: for a face that answers before its subscription starts (an SSE
+   * response's status and headers).
    */
-  checkRoom (): void {
-    if (this.count >= this.maxSubscriptions) throw new MantleError('OVERLOADED', 'Too many event subscriptions on this instance', { headers: { 'retry-after': '5' } })
+  checkRoom (tenant: string): void {
+    if (this.count >= this.maxSubscriptions) {
+      this.counters.refused('instance')
+      throw new MantleError('OVERLOADED', 'Too many event subscriptions on this instance', { headers: { 'retry-after': '5' } })
+    }
+    if (this.subscriptionsOf(tenant) >= this.maxPerTenant) {
+      this.counters.refused('tenant')
+      throw new MantleError('OVERLOADED', `A tenant holds at most ${this.maxPerTenant} event subscriptions on this instance`, { headers: { 'retry-after': '5' } })
+    }
   }
 
   subscribe (name: string, tenant: string, listener: Listener): () => void {
     const byTenant = this.listeners.get(name)
     if (byTenant === undefined) throw new MantleError('NOT_FOUND', `No event ${name}`)
-    this.checkRoom()
+    this.checkRoom(tenant)
     let set = byTenant.get(tenant)
     if (set === undefined) {
       set = new Set()
@@ -88,6 +108,7 @@ export class EventBus {
     }
     set.add(listener)
     this.count++
+    this.byTenant.set(tenant, this.subscriptionsOf(tenant) + 1)
     let active = true
     return () => {
       if (!active) return
@@ -95,6 +116,9 @@ export class EventBus {
       set.delete(listener)
       this.count--
       if (set.size === 0) byTenant.delete(tenant)
+      const left = this.subscriptionsOf(tenant) - 1
+      if (left > 0) this.byTenant.set(tenant, left)
+      else this.byTenant.delete(tenant)
     }
   }
 

@@ -19,6 +19,11 @@ export interface EventsOptions {
   /** Role checks on subscribe (off when identity is off, like every role check). */
   checkRoles: boolean
   maxSubscriptions?: number
+  /**
+   * Subscriptions one tenant may hold on this instance, its share of `maxSubscriptions`
+   * (BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT); unset: no share (identity off: every caller is one tenant).
+   */
+  maxSubscriptionsPerTenant?: number | undefined
   /** How often the subscriber's connection is checked with a PING (ms; tests shorten it). */
   probeIntervalMs?: number
 }
@@ -56,12 +61,13 @@ function counters (app: FastifyInstance, bus: () => EventBus, redisUp: (() => nu
   const published = new Counter({ name: 'mantle_events_published_total', help: 'Kernel events accepted, by source', labelNames: ['source'] as const, registers })
   const delivered = new Counter({ name: 'mantle_events_delivered_total', help: 'Event deliveries to subscribers on this instance', labelNames: ['event'] as const, registers })
   const dropped = new Counter({ name: 'mantle_events_dropped_total', help: 'Events not delivered: invalid payload, unknown topic, a slow consumer behind its bound, or a duplicate (an event delivered here after its publish timed out, coming back from Redis)', labelNames: ['reason'] as const, registers })
+  const refused = new Counter({ name: 'mantle_event_subscriptions_refused_total', help: 'Event subscriptions refused with OVERLOADED at a bound: the instance\'s (bound="instance") or a tenant\'s share of it (bound="tenant")', labelNames: ['bound'] as const, registers })
   new Gauge({ name: 'mantle_event_subscriptions', help: 'Event subscriptions open on this instance', registers, collect () { this.set(bus().subscriptions) } }) // eslint-disable-line no-new
   // Absent without Redis, as mantle_redis_up: at 0 it set off MantleRedisFallbackActive on every
   // instance that runs on the embedded default.
   if (redisUp !== null) new Gauge({ name: 'mantle_events_redis_up', help: '1 when the Redis event subscriber is connected and subscribed (absent without Redis)', registers, collect () { this.set(redisUp()) } }) // eslint-disable-line no-new
   return {
-    bus: { delivered: (event, n) => delivered.labels(event).inc(n), dropped: reason => dropped.labels(reason).inc() },
+    bus: { delivered: (event, n) => delivered.labels(event).inc(n), dropped: reason => dropped.labels(reason).inc(), refused: bound => refused.labels(bound).inc() },
     published: source => published.labels(source).inc()
   }
 }
@@ -72,7 +78,7 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   let subscribed = false
   let probe: NodeJS.Timeout | undefined
   const metrics = counters(app, () => bus, opts.redisUrl === undefined ? null : () => subscribed ? 1 : 0)
-  const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus)
+  const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus, opts.maxSubscriptionsPerTenant)
 
   // Events delivered here because their publish timed out, by the publish's own id, with when
   // they are forgotten: such a publish may still have reached Redis, and the event then comes

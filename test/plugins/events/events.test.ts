@@ -16,7 +16,7 @@ const def: EventDefinition = { name: 'runUpdated', topic: 'runs.updated', payloa
 
 t.test('the bus delivers an event to its tenant only, shaped by the event schema', async t => {
   const dropped: string[] = []
-  const bus = new EventBus([def], true, 10, { delivered () {}, dropped: r => dropped.push(r) })
+  const bus = new EventBus([def], true, 10, { delivered () {}, dropped: r => dropped.push(r), refused () {} })
   const got: Array<[string, unknown, string]> = []
   const offA = bus.subscribe('runUpdated', 'A', (payload, json) => got.push(['A', payload, json]))
   bus.subscribe('runUpdated', 'B', (payload) => got.push(['B', payload, '']))
@@ -48,9 +48,41 @@ t.test('subscriptions are authorized and bounded', async t => {
   t.throws(() => bus.subscribe('runUpdated', 't', () => {}), { code: 'OVERLOADED' })
 })
 
+t.test('one tenant holds at most its share of the subscriptions; another still subscribes', async t => {
+  const refused: string[] = []
+  const bus = new EventBus([def], true, 5, { delivered () {}, dropped () {}, refused: bound => refused.push(bound) }, 2)
+  const first = bus.subscribe('runUpdated', 'A', () => {})
+  const second = bus.subscribe('runUpdated', 'A', () => {})
+  t.throws(() => bus.subscribe('runUpdated', 'A', () => {}), { code: 'OVERLOADED', statusCode: 503, message: 'A tenant holds at most 2 event subscriptions on this instance', headers: { 'retry-after': '5' } })
+  t.throws(() => bus.checkRoom('A'), { code: 'OVERLOADED' }, 'checkRoom refuses as subscribe does')
+  t.equal(bus.subscriptionsOf('A'), 2)
+  const got: string[] = []
+  bus.subscribe('runUpdated', 'B', () => got.push('B'))
+  bus.dispatch({ topic: 'runs.updated', tenantId: 'B', payload: { id: 'r1' } })
+  t.same(got, ['B'], 'tenant B subscribes and receives while A is at its share')
+  t.same(refused, ['tenant', 'tenant'])
+  first()
+  first()
+  t.equal(bus.subscriptionsOf('A'), 1, 'an unsubscribe gives the tenant its room back, once')
+  const third = bus.subscribe('runUpdated', 'A', () => {})
+  second()
+  third()
+  t.equal(bus.subscriptionsOf('A'), 0)
+  t.notOk((bus as unknown as { byTenant: Map<string, number> }).byTenant.has('A'), 'a tenant at zero leaves no entry')
+  // The instance's bound still applies: 5 in all, from tenants within their share.
+  bus.subscribe('runUpdated', 'B', () => {})
+  for (const tenant of ['C', 'D', 'E']) bus.subscribe('runUpdated', tenant, () => {})
+  t.equal(bus.subscriptions, 5)
+  t.throws(() => bus.subscribe('runUpdated', 'F', () => {}), { code: 'OVERLOADED', message: 'Too many event subscriptions on this instance' })
+  t.equal(refused.at(-1), 'instance')
+  const noShare = new EventBus([def], true, 5)
+  for (let i = 0; i < 5; i++) noShare.subscribe('runUpdated', 'A', () => {})
+  t.equal(noShare.subscriptionsOf('A'), 5, 'no share by default: one tenant may hold the whole bound')
+})
+
 t.test('a stream yields events, ends on abort, and stays bounded for a slow consumer', async t => {
   const dropped: string[] = []
-  const bus = new EventBus([def], true, 10, { delivered () {}, dropped: r => dropped.push(r) })
+  const bus = new EventBus([def], true, 10, { delivered () {}, dropped: r => dropped.push(r), refused () {} })
   const controller = new AbortController()
   const iterator = bus.stream('runUpdated', 'A', controller.signal, 2)[Symbol.asyncIterator]()
   for (const id of ['1', '2', '3']) bus.dispatch({ topic: 'runs.updated', tenantId: 'A', payload: { id } })
