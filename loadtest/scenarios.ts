@@ -115,12 +115,22 @@ export interface WsCallScenarioDefinition {
   name: string
   operation: string
   face: 'websocket'
-  /** The upgrade path; the token goes in ?access_token= (browsers cannot set headers). */
+  /**
+   * The upgrade path. The faces section's runner sends the token in ?access_token= (as a browser
+   * must); the suites send it in the Authorization header (k6 tags every sample with the URL).
+   */
   path: string
   /** The call frame without its id: `{"id":"<n>", ...frame}` is sent. */
   frame: { op: string, input: Record<string, unknown> }
   /** In the answer `{"id":"<n>","result":{...}}`, the value at result + path. */
   check: AnswerCheck
+  /**
+   * A call unanswered this long (ms) has failed: the suites record it in the failure rate with
+   * this as its duration, close the connection and open another (one call in flight per
+   * connection: without a deadline, a stalled call would block its connection for the rest of
+   * the run and never be counted). 20x the loosest suite p99 (spike, 100 ms).
+   */
+  callTimeoutMs: number
   thresholds: Thresholds
 }
 
@@ -132,6 +142,7 @@ export const wsGetAgent: WsCallScenarioDefinition = {
   path: '/ws',
   frame: { op: 'getAgent', input: GET_AGENT_INPUT },
   check: { path: ['id'], equals: 'a1' },
+  callTimeoutMs: 2000,
   thresholds: { p99Ms: 10, errorRate: 0.001 }
 }
 

@@ -26,7 +26,7 @@ export interface SuiteOptions {
   rateScale: number
   /** The gateway: its URL and the headers every request carries (the bearer token). */
   target: Target
-  /** The token for WebSocket upgrades (?access_token=), or null. */
+  /** The token for WebSocket upgrades (sent in their Authorization header), or null. */
   token: string | null
   faces: readonly SuiteFace[]
   /** How often the WebSocket connection count is adjusted and abortOnFail thresholds are checked, in seconds (default 1). */
@@ -50,7 +50,7 @@ export interface FaceResult {
   face: SuiteFace
   /** Answered requests (calls) plus transport failures. */
   requests: number
-  /** Non-expected status, transport error or timeout (WebSocket: error frame, wrong answer, refused upgrade, unanswered call). */
+  /** Non-expected status, transport error or timeout (WebSocket: error frame, wrong answer, refused upgrade, a call unanswered by its deadline or by a close). */
   failed: number
   /** Answers with the expected status whose body did not carry the expected value. */
   checkFailures: number
@@ -196,15 +196,22 @@ class HttpArrivals {
   }
 }
 
-/** The WebSocket face: virtual users, one connection each, one call in flight on each. */
+/**
+ * The WebSocket face: virtual users, one connection each, one call in flight on each. A call
+ * unanswered after wsGetAgent.callTimeoutMs has failed: it is recorded as failed with its
+ * elapsed time as its duration, and the connection is closed and another opened.
+ */
 class WsUsers {
   readonly c = collector()
   private readonly users = new Set<{ stop: () => void, done: Promise<void> }>()
   private readonly url: string
+  private readonly headers: Record<string, string>
   private readonly rest = JSON.stringify({ op: wsGetAgent.frame.op, input: wsGetAgent.frame.input }).slice(1)
 
   constructor (target: Target, token: string | null) {
-    this.url = target.url.replace(/^http/, 'ws') + wsGetAgent.path + (token === null ? '' : '?access_token=' + encodeURIComponent(token))
+    this.url = target.url.replace(/^http/, 'ws') + wsGetAgent.path
+    // In the Authorization header, as k6/websocket.ts sends it (CONTRACT §2: upgrades accept it).
+    this.headers = token === null ? {} : { authorization: `Bearer ${token}` }
   }
 
   get size (): number { return this.users.size }
@@ -233,17 +240,29 @@ class WsUsers {
     const done = new Promise<void>((resolve) => { finish = resolve })
     const connect = (): void => {
       if (stopped) { finish(); return }
-      const socket = new WebSocket(this.url, { perMessageDeflate: false })
+      const socket = new WebSocket(this.url, { perMessageDeflate: false, headers: this.headers })
       ws = socket
       let n = 0
       let id = ''
       let sentAt = 0
       let waiting = false
+      let deadline: NodeJS.Timeout | undefined
+      const timedOut = (): void => {
+        if (!waiting) return
+        waiting = false
+        c.requests++
+        c.failed++
+        c.histogram.recordMs(performance.now() - sentAt)
+        count(c, 'timeout')
+        // The answer may still come: on another connection, the next call cannot mistake it for its own.
+        socket.terminate()
+      }
       const send = (): void => {
         id = String(n++)
         waiting = true
         sentAt = performance.now()
         socket.send('{"id":"' + id + '",' + this.rest)
+        deadline = setTimeout(timedOut, wsGetAgent.callTimeoutMs)
       }
       socket.on('open', send)
       socket.on('unexpected-response', (_req, res) => {
@@ -256,6 +275,7 @@ class WsUsers {
         const now = performance.now()
         if (!waiting) return
         waiting = false
+        clearTimeout(deadline)
         c.requests++
         c.histogram.recordMs(now - sentAt)
         let answer: { id?: unknown, result?: unknown, error?: { status?: unknown } } = {}
@@ -271,13 +291,14 @@ class WsUsers {
       })
       socket.on('error', () => {})
       socket.on('close', () => {
+        clearTimeout(deadline)
         if (waiting) {
           c.requests++
           c.failed++
           count(c, 'unanswered')
         }
         waiting = false
-        // A refused or dropped connection: the user connects again (k6 starts a new iteration).
+        // A refused, dropped or timed-out connection: the user connects again (k6 starts a new iteration).
         if (stopped) finish()
         else setTimeout(connect, 100)
       })
@@ -288,9 +309,9 @@ class WsUsers {
       const socket = ws
       if (socket === null || socket.readyState === WebSocket.CLOSED) { finish(); return }
       // As k6's graceful ramp-down: the iteration ends after the call in flight is answered (the
-      // message handler closes; a connection still opening makes its one call first). A stalled
-      // one is cut.
-      setTimeout(() => socket.terminate(), 5000).unref()
+      // message handler closes; a connection still opening makes its one call first), or fails
+      // at its deadline. A connection whose upgrade is never answered is cut.
+      setTimeout(() => socket.terminate(), wsGetAgent.callTimeoutMs + 1000).unref()
     }
     this.users.add({ stop, done })
     connect()

@@ -39,12 +39,14 @@ export interface WsCallScenario {
   name: string
   operation: string
   face: 'websocket'
-  /** The upgrade path; the token goes in ?access_token=. */
+  /** The upgrade path; websocket.ts sends the token in the Authorization header (not in the URL, which k6 puts in its tags). */
   path: string
   /** The call frame without its id: `{"id":"<n>", ...frame}` is sent. */
   frame: { op: string, input: Record<string, unknown> }
   /** In the answer `{"id":"<n>","result":{...}}`, the value at result + path. */
   check: AnswerCheck
+  /** A call unanswered this long (ms) has failed, with this as its duration; the connection is closed and another opened. */
+  callTimeoutMs: number
   thresholds: Thresholds
 }
 
@@ -64,7 +66,7 @@ export const TRPC_GET_AGENT: FaceScenario = { name: 'trpc-getAgent', operation: 
 export const GRAPHQL_GET_AGENT: FaceScenario = { name: 'graphql-getAgent', operation: 'getAgent', face: 'graphql', method: 'POST', path: '/graphql', body: { query: 'query($id:String!){ getAgent(id:$id){ id name model } }', variables: { id: 'a1' } }, expectedStatus: 200, check: { path: ['data', 'getAgent', 'id'], equals: 'a1' }, thresholds: { p99Ms: 10, errorRate: 0.001 } }
 
 /** WebSocket getAgent: `{"id":"<n>","op":"getAgent","input":{"id":"a1"}}` on /ws. */
-export const WS_GET_AGENT: WsCallScenario = { name: 'ws-getAgent', operation: 'getAgent', face: 'websocket', path: '/ws', frame: { op: 'getAgent', input: { id: 'a1' } }, check: { path: ['id'], equals: 'a1' }, thresholds: { p99Ms: 10, errorRate: 0.001 } }
+export const WS_GET_AGENT: WsCallScenario = { name: 'ws-getAgent', operation: 'getAgent', face: 'websocket', path: '/ws', frame: { op: 'getAgent', input: { id: 'a1' } }, check: { path: ['id'], equals: 'a1' }, callTimeoutMs: 2000, thresholds: { p99Ms: 10, errorRate: 0.001 } }
 
 /** One stage: over `durationS` seconds the level moves linearly to `target` (k6's stages). */
 export interface Stage {
@@ -118,10 +120,16 @@ export const SOAK: LoadProfile = { name: 'soak', startRate: 10, stages: [{ durat
 
 export const PROFILES: Readonly<Record<LoadProfile['name'], LoadProfile>> = { smoke: SMOKE, load: LOAD, stress: STRESS, spike: SPIKE, soak: SOAK }
 
-/** A positive number from an environment variable, or `fallback`. */
-export function positiveNumber (raw: string | undefined, fallback: number): number {
+/**
+ * A positive number from the environment variable `name` (its value `raw`), or `fallback` when
+ * it is not set (or set empty). Any other value that is not a positive number stops the run:
+ * SCALE=0,1 falling back to 1 would run the whole suite unscaled without a word.
+ */
+export function positiveNumber (raw: string | undefined, fallback: number, name = 'value'): number {
+  if (raw === undefined || raw === '') return fallback
   const n = Number(raw)
-  return raw !== undefined && raw !== '' && Number.isFinite(n) && n > 0 ? n : fallback
+  if (!Number.isFinite(n) || n <= 0) throw new Error(`${name}=${raw}: a positive number (e.g. 0.1), or unset for ${fallback}`)
+  return n
 }
 
 /** A stage list with durations times `timeScale` (at least 1 s each) and levels times `levelScale`. */
@@ -217,10 +225,19 @@ export function tokenShortfall (exp: number | null, nowS: number, runS: number):
   return `TOKEN expires in ${left} s, before this run's ${Math.ceil(runS)} s are over: mint one that lasts, e.g. TOKEN="$(npm run -s token -- --ttl ${Math.ceil(runS / 60) * 60 + 600})"`
 }
 
-/** A positive integer from an environment variable, or `fallback`. */
-export function positiveInt (raw: string | undefined, fallback: number): number {
+/** A positive integer from the environment variable `name`, or `fallback` when unset or empty; anything else throws. */
+export function positiveInt (raw: string | undefined, fallback: number, name = 'value'): number {
+  if (raw === undefined || raw === '') return fallback
   const n = Number(raw)
-  return raw !== undefined && Number.isInteger(n) && n > 0 ? n : fallback
+  if (!Number.isInteger(n) || n <= 0) throw new Error(`${name}=${raw}: a positive whole number, or unset for ${fallback}`)
+  return n
+}
+
+/** The suite named `raw` (PROFILE), `fallback` when unset; an unknown name throws (an own key only: not `toString`). */
+export function profileNamed (raw: string | undefined, fallback: LoadProfile['name']): LoadProfile {
+  const name = raw === undefined || raw === '' ? fallback : raw
+  if (!Object.prototype.hasOwnProperty.call(PROFILES, name)) throw new Error(`PROFILE=${name}: one of ${Object.keys(PROFILES).join(', ')}`)
+  return PROFILES[name as LoadProfile['name']]
 }
 
 /** The value at `path` inside a parsed JSON answer, or undefined. */

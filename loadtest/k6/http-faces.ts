@@ -19,8 +19,8 @@ import { refuseShortToken } from './token.ts'
 
 const BASE_URL = (__ENV.BASE_URL ?? 'http://127.0.0.1:3000').replace(/\/+$/, '')
 const TOKEN = __ENV.TOKEN ?? ''
-const SCALE = positiveNumber(__ENV.SCALE, 1)
-const RATE_SCALE = positiveNumber(__ENV.RATE_SCALE, 1)
+const SCALE = positiveNumber(__ENV.SCALE, 1, 'SCALE')
+const RATE_SCALE = positiveNumber(__ENV.RATE_SCALE, 1, 'RATE_SCALE')
 
 /** Every HTTP face, by the exec function that loads it. */
 const FACES: ReadonlyArray<{ exec: string, scenario: FaceScenario }> = [

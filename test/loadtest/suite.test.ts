@@ -12,7 +12,9 @@ import { spineGoal } from '../../loadtest/measure.js'
 import { breakdown, formatBreakdown } from '../../loadtest/perf-profile.js'
 import { nginxConfig } from '../../loadtest/nginx-proxy.js'
 import { REST_TARGETS } from '../../loadtest/harness.js'
-import { existsSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
+import { createServer, type IncomingMessage } from 'node:http'
+import { WebSocketServer, type RawData } from 'ws'
 
 async function gateway (t: Test): Promise<Pick<SuiteOptions, 'target' | 'token'>> {
   const app = await buildDemoApp(t)
@@ -90,6 +92,70 @@ t.test('with abortOnFail, the first crossing stops the run', async (t) => {
   t.match(formatSuite(report), /suite smoke: FAILED, aborted at .* by http_req_duration\{face:graphql\} p\(99\)<0/)
 })
 
+/** A fake /ws that answers the first `answers` calls (across connections) and then none. */
+async function stallingWs (t: Test, answers: number): Promise<{ url: string, upgrades: IncomingMessage[] }> {
+  const upgrades: IncomingMessage[] = []
+  let answered = 0
+  const server = createServer((_req, res) => { res.statusCode = 404; res.end() })
+  const wss = new WebSocketServer({ server, path: '/ws' })
+  wss.on('connection', (socket, req) => {
+    upgrades.push(req)
+    socket.on('message', (data: RawData) => {
+      const call = JSON.parse((data as Buffer).toString('utf8')) as { id: string }
+      if (answered++ < answers) socket.send(JSON.stringify({ id: call.id, result: { id: 'a1', name: 'x', model: 'y' } }))
+    })
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(async () => {
+    for (const c of wss.clients) c.terminate()
+    wss.close()
+    await new Promise((resolve) => server.close(resolve))
+  })
+  return { url: `http://127.0.0.1:${(server.address() as { port: number }).port}`, upgrades }
+}
+
+t.test('a WebSocket call never answered fails at its deadline, with its time, and the user connects again', async (t) => {
+  // One connection, one call in flight: without a deadline the stalled call blocked its
+  // connection to the end of the run, was never timed, and counted once at most.
+  const fake = await stallingWs(t, 20)
+  const started = Date.now()
+  // 30 s x 0.1 = 3 s: the 21st call times out at ~2 s, the next one's connection is opened then.
+  const report = await runSuite({ profile: smoke, timeScale: 0.1, rateScale: 1, target: { name: 'fake', url: fake.url, headers: {} }, token: 'tok', faces: ['websocket'], stepSeconds: 0.2 })
+  const ws = report.faces[0]
+  t.equal(ws.outcomes.result, 20, 'the answered calls')
+  t.ok((ws.outcomes.timeout ?? 0) >= 1, `the stalled calls failed at their deadline: ${JSON.stringify(ws.outcomes)}`)
+  t.equal(ws.failed, ws.outcomes.timeout, 'every failure a timeout')
+  t.ok(ws.maxMs >= k6.WS_GET_AGENT.callTimeoutMs && ws.maxMs < k6.WS_GET_AGENT.callTimeoutMs + 500, `timed, as the deadline: max ${ws.maxMs} ms`)
+  t.ok(fake.upgrades.length >= 2, `the user opened another connection after the timeout (${fake.upgrades.length})`)
+  const failed = report.thresholds.find((r) => r.metric === 'ws_call_failed{op:getAgent}')
+  t.equal(failed?.pass, false, `ws_call_failed crossed: ${String(failed?.observed)}`)
+  t.equal(report.passed, false, 'the suite fails')
+  t.ok(Date.now() - started < 3000 + k6.WS_GET_AGENT.callTimeoutMs + 1500, 'the run ends by the last deadline')
+  // The token goes in the upgrade's Authorization header, as k6/websocket.ts sends it, not in the URL.
+  t.strictSame(fake.upgrades.map((r) => [r.url, r.headers.authorization]), fake.upgrades.map(() => ['/ws', 'Bearer tok']))
+})
+
+// k6 cannot run here: what k6/websocket.ts must do is checked in its source (type-checked
+// against @types/k6 by `npx tsc -p loadtest/k6/tsconfig.json`).
+t.test('k6/websocket.ts: the token in the header, a deadline per call, a pause after a failure', async (t) => {
+  const src = readFileSync(new URL('../../loadtest/k6/websocket.ts', import.meta.url), 'utf8')
+  const code = src.split('\n').filter((l) => !l.trimStart().startsWith('//')).join('\n')
+  // k6 tags every ws_* sample with the URL (`url`, and `name` by default): a token in
+  // ?access_token= went to every output.
+  t.notMatch(code, 'access_token', 'no token in the URL')
+  t.match(code, "const url = BASE_URL.replace(/^http/, 'ws') + WS_GET_AGENT.path\n")
+  t.match(code, 'headers: TOKEN === \'\' ? {} : { authorization: `Bearer $' + '{TOKEN}` }, tags: { name: WS_GET_AGENT.name }')
+  t.match(code, 'new WebSocket(url, null, params)')
+  t.match(code, "from 'k6/websockets'", 'k6/websockets: k6 v1.6.0 or later, as loadtest/README.md says')
+  // Each call has its deadline; past it, the call fails, timed, and the connection is closed.
+  t.match(code, /deadline = setTimeout\(timedOut, WS_GET_AGENT\.callTimeoutMs\)/)
+  t.match(code, /const timedOut = \(\): void => \{[^}]*callDuration\.add\(Date\.now\(\) - sentAt, tags\)\s+callFailed\.add\(true, tags\)\s+ws\.close\(\)/)
+  // A refused upgrade ended the iteration at once: the next one retried in a tight loop.
+  t.match(code, /if \(failed\) setTimeout\(\(\) => \{\}, 100\)/)
+  t.match(code, "profileNamed(__ENV.PROFILE, 'load')")
+  t.match(code, "positiveInt(__ENV.SESSION, 10, 'SESSION')")
+})
+
 // The k6 scripts (loadtest/k6) load their scenarios from loadtest/k6/common.ts, which k6 can
 // import at run time; the Node harness reads loadtest/scenarios.ts. This test holds the two equal:
 // every scenario common.ts defines has the method, path, body or frame, expected status, answer
@@ -98,7 +164,7 @@ t.test('with abortOnFail, the first crossing stops the run', async (t) => {
 type Fields = Record<string, unknown>
 
 /** Every field a scenario of either side may carry that describes the request or its limits. */
-const FIELDS = ['name', 'operation', 'face', 'method', 'path', 'body', 'frame', 'expectedStatus', 'check', 'thresholds'] as const
+const FIELDS = ['name', 'operation', 'face', 'method', 'path', 'body', 'frame', 'expectedStatus', 'check', 'callTimeoutMs', 'thresholds'] as const
 
 /** The FIELDS that `s` has (a field one side has and the other lacks is a difference). */
 function fields (s: object): Fields {
@@ -133,7 +199,20 @@ for (const [exported, scenario] of k6Scenarios) {
 
 t.test('positiveInt reads a positive integer from the environment', async (t) => {
   t.equal(k6.positiveInt('12', 1), 12)
-  for (const raw of [undefined, '', '0', '-3', '1.5', 'x']) t.equal(k6.positiveInt(raw, 7), 7, `positiveInt(${String(raw)}) falls back`)
+  for (const raw of [undefined, '']) t.equal(k6.positiveInt(raw, 7), 7, `positiveInt(${String(raw)}): not set, the default`)
+  // SESSION=2.5 ran with the default 10 s without a word.
+  for (const raw of ['0', '-3', '2.5', 'x', '1e400']) t.throws(() => k6.positiveInt(raw, 7, 'SESSION'), { message: `SESSION=${raw}: a positive whole number, or unset for 7` }, `positiveInt(${raw}) throws`)
+})
+
+t.test('a set but invalid SCALE or PROFILE stops the k6 script', async (t) => {
+  t.equal(k6.positiveNumber('0.05', 1, 'SCALE'), 0.05)
+  for (const raw of [undefined, '']) t.equal(k6.positiveNumber(raw, 3), 3, `positiveNumber(${String(raw)}): not set, the default`)
+  // SCALE=0,1 (a decimal comma) ran the whole suite unscaled.
+  for (const raw of ['0,1', '0', '-1', 'x', 'Infinity']) t.throws(() => k6.positiveNumber(raw, 1, 'SCALE'), { message: `SCALE=${raw}: a positive number (e.g. 0.1), or unset for 1` }, `positiveNumber(${raw}) throws`)
+  t.equal(k6.profileNamed(undefined, 'load'), k6.LOAD)
+  t.equal(k6.profileNamed('stress', 'load'), k6.STRESS)
+  // `in` accepted the keys PROFILES inherits from Object.prototype.
+  for (const raw of ['toString', 'constructor', '__proto__', 'Smoke']) t.throws(() => k6.profileNamed(raw, 'load'), { message: `PROFILE=${raw}: one of smoke, load, stress, spike, soak` }, `PROFILE=${raw} throws`)
 })
 
 t.test('the k6 suites (smoke, load, stress, spike, soak) = the profiles of loadtest/scenarios.ts', async (t) => {
@@ -184,8 +263,6 @@ t.test('a profile becomes k6 scenarios and thresholds', async (t) => {
   t.strictSame(k6.suiteThresholds(k6.STRESS, ['rest'], 0.05)['checks{face:rest}'], [{ threshold: 'rate>0.99', abortOnFail: true, delayAbortEval: '0.5s' }],
     'the grace before an abort is scaled with the stages, as the harness scales it (10 s of a 12 s run at SCALE=0.05)')
   t.strictSame(k6.wsSuiteThresholds(k6.SOAK, 'getAgent', 0.5)['ws_call_failed{op:getAgent}'], [{ threshold: 'rate<0.001', abortOnFail: true, delayAbortEval: '60s' }])
-  t.equal(k6.positiveNumber('0.05', 1), 0.05)
-  for (const raw of [undefined, '', '0', '-1', 'x']) t.equal(k6.positiveNumber(raw, 3), 3, `positiveNumber(${String(raw)}) falls back`)
 })
 
 // `perf script -F ip,sym` output: a sample's frames one a line, leaf first, a blank line after.
