@@ -326,8 +326,8 @@ function faceResult (face: SuiteFace, c: Collector, elapsedS: number): FaceResul
     checkFailures: c.checkFailures,
     outcomes: c.outcomes,
     achievedPerSec: elapsedS > 0 ? c.requests / elapsedS : 0,
-    p50Ms: c.histogram.quantileMs(0.5),
-    p99Ms: c.histogram.quantileMs(0.99),
+    p50Ms: c.histogram.trendMs(0.5),
+    p99Ms: c.histogram.trendMs(0.99),
     maxMs: c.histogram.total === 0 ? Number.NaN : c.histogram.max / 1000
   }
 }
@@ -338,7 +338,8 @@ export function evaluate (profile: LoadProfile, faces: ReadonlyArray<{ face: Sui
   const out: ThresholdResult[] = []
   const rate = (n: number, of: number): number => of === 0 ? 0 : n / of
   for (const { face, c } of faces) {
-    const p99 = c.histogram.quantileMs(0.99)
+    // p(99) as k6's Trend computes it: interpolated between neighbouring ranks.
+    const p99 = c.histogram.trendMs(0.99)
     // No answer at all: p99 is NaN, and `NaN < x` is false: an empty run does not pass.
     const base = { face, abortOnFail: t.abortOnFail }
     if (face === 'websocket') {

@@ -6,7 +6,8 @@
 import t, { type Test } from 'tap'
 import { buildDemoApp, token } from '../helper.js'
 import { smoke, type LoadProfile, FACE_SCENARIOS, PROFILES, SCENARIOS, SUITE_HTTP_SCENARIOS } from '../../loadtest/scenarios.js'
-import { formatSuite, levelAt, runSuite, scaleStages, SUITE_FACES, type SuiteOptions } from '../../loadtest/suite.js'
+import { evaluate, formatSuite, levelAt, runSuite, scaleStages, SUITE_FACES, type SuiteOptions } from '../../loadtest/suite.js'
+import { Histogram } from '../../loadtest/histogram.js'
 import * as k6 from '../../loadtest/k6/common.js'
 import { spineGoal } from '../../loadtest/measure.js'
 import { breakdown, formatBreakdown } from '../../loadtest/perf-profile.js'
@@ -90,6 +91,21 @@ t.test('with abortOnFail, the first crossing stops the run', async (t) => {
   t.ok(report.faces[0].requests > 0 && report.faces[0].requests < 300, `stopped after ${report.faces[0].requests} of 300 requests`)
   t.equal(report.passed, false)
   t.match(formatSuite(report), /suite smoke: FAILED, aborted at .* by http_req_duration\{face:graphql\} p\(99\)<0/)
+})
+
+t.test('p(99) thresholds are evaluated as k6 evaluates them: interpolated between ranks', async (t) => {
+  // 59 answers of 2 ms and one of 40 ms: k6's p(99) is 17.58 ms, and p(99)<20 passes; nearest
+  // rank read 40 ms and failed it.
+  const histogram = new Histogram()
+  for (let i = 0; i < 59; i++) histogram.recordMs(2)
+  histogram.recordMs(40)
+  const c = { histogram, requests: 60, failed: 0, checkFailures: 0, outcomes: {} }
+  const profile: LoadProfile = { ...smoke, thresholds: { ...smoke.thresholds, p99Ms: 20 } }
+  const results = evaluate(profile, [{ face: 'rest', c }, { face: 'websocket', c }])
+  for (const metric of ['http_req_duration{face:rest}', 'ws_call_duration{op:getAgent}']) {
+    const r = results.find((x) => x.metric === metric)
+    t.ok(r !== undefined && Math.abs(r.observed - 17.58) < 0.07 && r.pass, `${metric} p(99)<20: observed ${String(r?.observed)}, passes`)
+  }
 })
 
 /** A fake /ws that answers the first `answers` calls (across connections) and then none. */
