@@ -44,12 +44,29 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
     const upstream = connect(targetPort, targetHost)
     track(upstream)
     client.pipe(upstream)
-    // Chunks keep their order: each waits the same delay, and timers of one delay fire in order.
-    upstream.on('data', (chunk: Buffer) => {
-      if (delayMs === 0) client.write(chunk)
-      else {
-        const timer = setTimeout(() => { held.delete(timer); if (!client.destroyed) client.write(chunk) }, delayMs)
+    // Chunks keep their order, also across a change of delay: one queue per connection, written
+    // in order as each one's time comes. (A timer per chunk wrote the chunks of a restore()
+    // before those still held back: a client then took one command's answer for another's.)
+    const queue: Array<{ at: number, chunk: Buffer }> = []
+    let timer: NodeJS.Timeout | null = null
+    const drain = (): void => {
+      if (timer !== null) held.delete(timer)
+      timer = null
+      const now = performance.now()
+      while (queue.length > 0 && queue[0].at <= now) {
+        const { chunk } = queue.shift()!
+        if (!client.destroyed) client.write(chunk)
+      }
+      if (queue.length > 0) {
+        timer = setTimeout(drain, queue[0].at - now)
         held.add(timer)
+      }
+    }
+    upstream.on('data', (chunk: Buffer) => {
+      if (delayMs === 0 && queue.length === 0) client.write(chunk)
+      else {
+        queue.push({ at: performance.now() + delayMs, chunk })
+        if (timer === null) drain()
       }
     })
     client.on('close', () => upstream.destroy())
