@@ -7,12 +7,12 @@ import { Leave, StageOrder, canonicalJson, unwatchCaller, watchCaller, type Call
 import { MantleError } from '../../errors.js'
 import type { Operation } from '../../manifest.js'
 import { MemoryIdempotencyStore } from './memory-store.js'
-import { RedisIdempotencyStore } from './redis-store.js'
+import { RedisIdempotencyStore, UnreadableRecordError } from './redis-store.js'
 import { storeKey, type Claim, type DoneRecord, type IdempotencyRecord, type IdempotencyStore } from './store.js'
 import { sharedStoreHealth } from '../diagz/index.js'
 
 export { MemoryIdempotencyStore } from './memory-store.js'
-export { RedisIdempotencyStore, decode } from './redis-store.js'
+export { RedisIdempotencyStore, UnreadableRecordError, decode } from './redis-store.js'
 export { storeKey, type IdempotencyStore, type IdempotencyRecord, type DoneRecord, type Claim } from './store.js'
 
 // Mantle's own idea, by hand: no library keys a pipeline call by tenant, op and key with a
@@ -95,10 +95,17 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   // Redis away: the memory store answers, logged once per outage. Two instances may then each
   // run a call once; a 5xx for a store failure would be worse for the client than that.
   let degraded = false
+  const outage = (err: unknown): void => {
+    if (!degraded) app.log.warn({ err: (err as Error | null)?.message }, 'idempotency: Redis is unavailable, new keys are held in memory until it is back')
+    degraded = true
+  }
   const fallBack = (err: unknown, count: boolean): void => {
     if (count) fellBack()
-    if (!degraded) app.log.warn({ err: (err as Error | null)?.message }, 'idempotency: Redis is unavailable, keys are held in memory until it is back')
-    degraded = true
+    outage(err)
+  }
+  const back = (): void => {
+    if (degraded) app.log.info('idempotency: Redis is back')
+    degraded = false
   }
   // Copying an outcome held in memory to Redis may fail: never a replay's error.
   const settle = async (write: Promise<void>): Promise<void> => {
@@ -200,8 +207,16 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   if (app.hasDecorator('metrics')) {
     new Gauge({ name: 'mantle_idempotency_pending_redis_writes', help: 'Outcomes and key releases Redis did not take, offered to it again every 250 ms while their claims\' leases last (bounded, 10,000)', registers: [app.metrics.registry], collect () { this.set(pending.size) } }) // eslint-disable-line no-new
   }
-  // `count`: the call's first claim (a repeat waiting for the first call claims again each poll).
-  const claimIn = async (key: string, hash: string, leaseMs: number, count: boolean): Promise<[IdempotencyStore, Claim, string | null]> => {
+  /** Where a claim was made or what it found, and the Redis claim a call claimed in memory may hold (see `finish`). */
+  interface Claimed { store: IdempotencyStore, claim: Claim, unanswered: string | null, unsure?: boolean }
+  /**
+   * Claims `key` for a call whose Redis claim is `running` (one per call: a claim whose answer
+   * never came, carried out all the same, is then known as the call's own at its next poll).
+   * `first`: the call's first claim (a repeat waiting for the first call claims again each
+   * poll). `held`: the running record the call found in Redis (a repeat waiting for another
+   * call), else null.
+   */
+  const claimIn = async (key: string, hash: string, leaseMs: number, running: string, first: boolean, held: IdempotencyRecord | null): Promise<Claimed> => {
     let unanswered: string | null = null
     if (shared !== null) {
       if (redis!.up()) {
@@ -214,23 +229,43 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         if (local !== undefined) {
           const outcome = outcomeOf(local)
           if (outcome !== null) await settle(shared.seed(key, outcome.record, outcome.ttl))
-          return [memory, { won: false, record: local.record }, null]
+          return { store: memory, claim: { won: false, record: local.record }, unanswered: null }
         }
-        const running = RedisIdempotencyStore.running(hash)
         try {
           const claim = await shared.claim(key, hash, leaseMs, running)
-          if (degraded) app.log.info('idempotency: Redis is back')
-          degraded = false
-          return [shared, claim, null]
+          back()
+          return { store: shared, claim, unanswered: null }
         } catch (err) {
+          if (err instanceof UnreadableRecordError) {
+            back()
+            throw unreadable()
+          }
+          if (held !== null) return waiting(key, held, err)
           unanswered = running
-          fallBack(err, count)
+          fallBack(err, first)
         }
+      } else if (held !== null) {
+        return waiting(key, held, null)
       } else {
-        fallBack(null, count)
+        fallBack(null, first)
       }
     }
-    return [memory, await memory.claim(key, hash, leaseMs), unanswered]
+    return { store: memory, claim: await memory.claim(key, hash, leaseMs), unanswered }
+  }
+  /**
+   * A repeat waiting for a call that holds its key in Redis, Redis failing or away: it never
+   * claims the key in memory (the call runs elsewhere, and this instance's memory has never seen
+   * it: a second Kernel call). It goes on waiting, for what this instance holds if anything (its
+   * own calls), else for the record it found, and polls Redis again until its wait ends (409).
+   */
+  const waiting = (key: string, held: IdempotencyRecord, err: unknown): Claimed => {
+    outage(err)
+    return { store: memory, claim: { won: false, record: memory.peek(key)?.record ?? held }, unanswered: null, unsure: err !== null }
+  }
+  /** A key whose record in Redis this version cannot read: taken, by a call whose outcome is unknown. */
+  const unreadable = (): MantleError => {
+    app.log.warn('idempotency: a record in Redis cannot be read (written by another version, or damaged): its key is refused with 409 until the record expires')
+    return new MantleError('IDEMPOTENCY_CONFLICT', 'The Idempotency-Key is held by a call whose outcome cannot be read', { headers: { 'retry-after': '1' } })
   }
 
   app.decorate('idempotency', { store: opts.store, memoryKeys: () => memory.size })
@@ -275,11 +310,20 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         // Made at a repeat's first wait, not before: a call that claims its key pays nothing.
         let leave: Leave | null = null
         const caller = ctx.caller
+        const running = shared === null ? '' : RedisIdempotencyStore.running(hash)
+        // The running record this call found in Redis: from then on it never claims in memory.
+        let held: IdempotencyRecord | null = null
+        // A poll of it that Redis did not answer in time, and none answered since: that claim
+        // may have been carried out (the key freed meanwhile), and is released if the call stops.
+        let unsure = false
         try {
           for (let first = true; ; first = false) {
-            const [store, claim, unanswered] = await claimIn(key, hash, leaseMs, first)
+            const { store, claim, unanswered, unsure: maybe } = await claimIn(key, hash, leaseMs, running, first, held)
+            if (store === shared) unsure = false
+            else if (maybe === true) unsure = true
             if (claim.won) return await run(ctx, next, store, key, claim.token, hash, unanswered)
             const record = claim.record
+            if (store === shared) held = record
             if (record.hash !== hash) {
               metrics.reused()
               throw new MantleError('IDEMPOTENCY_KEY_REUSED', `The Idempotency-Key was already used for ${op.name} with another input`)
@@ -306,6 +350,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
           }
         } finally {
           if (leave !== null) unwatchCaller(caller!, leave.onLeave)
+          if (unsure) shared!.release(key, running).catch(() => { later(key, leaseMs, running) })
         }
       }
 

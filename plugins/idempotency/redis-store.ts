@@ -57,7 +57,9 @@ export class RedisIdempotencyStore implements IdempotencyStore {
 
   async claim (key: string, hash: string, leaseMs: number, running = RedisIdempotencyStore.running(hash)): Promise<Claim> {
     const found = await this.scripts.mantleIdemClaim(key, running, leaseMs)
-    if (found === null) return { won: true, token: running }
+    // `running` itself: an earlier claim of this call with it, whose answer never came (a
+    // command timeout), was carried out. The key is this call's.
+    if (found === null || found === running) return { won: true, token: running }
     return { won: false, record: decode(found) }
   }
 
@@ -80,7 +82,19 @@ export class RedisIdempotencyStore implements IdempotencyStore {
   }
 }
 
-/** A stored record, checked: anything else under our key is a store failure, not a result. */
+/**
+ * A record under an idempotency key that this version cannot read (written by another version,
+ * or damaged). Redis answered: not an outage. The key is taken all the same, by a call whose
+ * outcome is unknown: the stage refuses it (409), never runs the call.
+ */
+export class UnreadableRecordError extends Error {
+  constructor () {
+    super('unreadable idempotency record')
+    this.name = 'UnreadableRecordError'
+  }
+}
+
+/** A stored record, checked: anything else under our key is an UnreadableRecordError, not a result. */
 export function decode (text: string): IdempotencyRecord {
   let value: Partial<Record<string, unknown>> | null = null
   try {
@@ -88,12 +102,22 @@ export function decode (text: string): IdempotencyRecord {
   } catch {}
   if (value !== null && typeof value === 'object' && typeof value.hash === 'string') {
     if (value.state === 'running' && typeof value.token === 'string') return value as unknown as IdempotencyRecord
-    if (value.state === 'done' && typeof value.status === 'number' && (typeof value.body === 'string' || value.body === null)) {
+    if (value.state === 'done' && typeof value.status === 'number' && (value.body === null || (typeof value.body === 'string' && isJson(value.body)))) {
       const error = value.error as DoneRecord['error'] | undefined
       if (error === null || (typeof error === 'object' && error !== undefined && (error.code === 'KERNEL_REJECTED' || error.code === 'NOT_FOUND'))) {
         return value as unknown as IdempotencyRecord
       }
     }
   }
-  throw new Error('unreadable idempotency record')
+  throw new UnreadableRecordError()
+}
+
+/** Whether a stored answer parses (a replay parses it: one that does not was a 500). */
+function isJson (text: string): boolean {
+  try {
+    JSON.parse(text)
+    return true
+  } catch {
+    return false
+  }
 }

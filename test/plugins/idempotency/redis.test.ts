@@ -1,7 +1,7 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { closedPort, until } from '../../helper.js'
+import { bearer, closedPort, until } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { inputHash, storeKey } from '../../../plugins/idempotency/index.js'
 import { idemSetup, REDIS_URL } from './idempotency-helper.js'
@@ -73,16 +73,32 @@ t.test('a key held by a crashed instance frees itself when its lease lapses', as
   t.equal(s.calls(), 1)
 })
 
-t.test('a record Redis holds that is not ours falls back to memory, without a 5xx', async t => {
+t.test('a record Redis holds that this version cannot read takes the key: 409, never a Kernel call, not an outage', async t => {
+  // It was taken for a Redis outage: the call was claimed in memory, ran, counted a fallback,
+  // logged "Redis is unavailable", and its outcome was offered to Redis every 250 ms, never taken.
   const s = await idemSetup(t, 'redis')
-  const key = randomUUID()
   const redis = await redisClient(t)
-  await redis.set(storeKey(s.tenant, 'createItem', key), 'garbage', 'PX', 60_000)
-  const first = await s.create({ name: 'x' }, key)
-  t.equal(first.statusCode, 201)
-  t.equal(await metric(s.app, 'mantle_idempotency_store_fallbacks_total'), 1)
-  t.equal((await s.create({ name: 'x' }, key)).headers['idempotent-replayed'], 'true', 'the memory store keeps the key')
-  t.equal(s.calls(), 1)
+  const hash = inputHash({ name: 'x' })
+  const records = {
+    garbage: 'garbage',
+    'a done record without its error member': JSON.stringify({ state: 'done', hash, status: 201, body: '{"id":"item-9"}' }),
+    'a done record whose body is not JSON': JSON.stringify({ state: 'done', hash, status: 201, body: '{"id":', error: null })
+  }
+  for (const [what, record] of Object.entries(records)) {
+    const key = randomUUID()
+    await redis.set(storeKey(s.tenant, 'createItem', key), record, 'PX', 60_000)
+    for (const attempt of [1, 2]) {
+      const answer = await s.create({ name: 'x' }, key)
+      t.match([answer.statusCode, answer.json()], [409, { code: 'IDEMPOTENCY_CONFLICT' }], `${what}, attempt ${attempt}`)
+      t.equal(answer.headers['retry-after'], '1')
+    }
+  }
+  t.equal(s.calls(), 0, 'never a Kernel call')
+  t.equal(await metric(s.app, 'mantle_idempotency_store_fallbacks_total'), 0, 'not a fallback')
+  t.equal(await metric(s.app, 'mantle_idempotency_pending_redis_writes'), 0, 'nothing waits for Redis')
+  t.equal(await metric(s.app, 'mantle_idempotency_memory_keys'), 0)
+  const diagz = (await s.app.inject({ method: 'GET', url: '/diagz', headers: bearer({ roles: ['system'] }) })).json()
+  t.match(diagz.stores.idempotency, { type: 'redis', healthy: true }, 'Redis is healthy')
 })
 
 t.test('Redis cut through a proxy: no 5xx, keys held in memory, back to Redis after the cut', async t => {
