@@ -292,13 +292,13 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
           result = await next(ctx)
         } catch (err) {
           const definitive = err instanceof MantleError && (err.code === 'KERNEL_REJECTED' || err.code === 'NOT_FOUND') && !TRANSIENT_STATUS.has(err.statusCode)
-          await finish(store, key, token, definitive ? { state: 'done', hash, status: err.statusCode, body: null, error: { code: err.code as 'KERNEL_REJECTED' | 'NOT_FOUND', status: err.statusCode, detail: err.message } } : null, leaseMs, unanswered)
+          await finish(store, key, token, definitive ? { state: 'done', hash, status: err.statusCode, body: null, error: { code: err.code as 'KERNEL_REJECTED' | 'NOT_FOUND', status: err.statusCode, detail: err.message }, ...verdictOf(ctx) } : null, leaseMs, unanswered)
           throw err
         }
         // The chain's innermost step serialized the answer (ctx.json; an answer that breaks the
         // output schema threw there, and released the key above): stored as the client gets it.
         const body = ctx.json ?? entry.serialize(result)
-        await finish(store, key, token, { state: 'done', hash, status: ctx.status, body, error: null }, leaseMs, unanswered)
+        await finish(store, key, token, { state: 'done', hash, status: ctx.status, body, error: null, ...verdictOf(ctx) }, leaseMs, unanswered)
         return result
       }
 
@@ -377,9 +377,18 @@ function callerLeft (): MantleError {
   return new MantleError('CLIENT_CLOSED', 'The caller left while its repeat waited for the first call with its Idempotency-Key')
 }
 
-/** Answers a repeat with the first call's outcome, marked as replayed. */
+/** The firewall's verdict on a call's input, kept with its outcome: nothing when it found nothing. */
+function verdictOf (ctx: CallContext): Pick<DoneRecord, 'risk' | 'findings'> | null {
+  return ctx.risk === 'none' && ctx.findings === null ? null : { risk: ctx.risk, findings: ctx.findings ?? [] }
+}
+
+/** Answers a repeat with the first call's outcome, marked as replayed, with the first call's firewall verdict (its audit entry's risk and findings). */
 function replay (ctx: CallContext, record: DoneRecord): unknown {
   ctx.replayed = true
+  if (record.risk !== undefined) {
+    ctx.risk = record.risk
+    ctx.findings = record.findings !== undefined && record.findings.length > 0 ? record.findings : null
+  }
   if (record.error !== null) {
     throw new MantleError(record.error.code, record.error.detail, { status: record.error.status, headers: { 'idempotent-replayed': 'true' } })
   }

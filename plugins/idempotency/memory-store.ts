@@ -37,7 +37,7 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     this.maxKeys = opts.maxKeys
     this.cache = new LRUCache<string, DoneRecord>({
       maxSize: opts.maxBytes,
-      sizeCalculation: (record, key) => key.length + 64 + (record.body?.length ?? 0) + (record.error?.detail.length ?? 0)
+      sizeCalculation: (record, key) => key.length + 64 + (record.body?.length ?? 0) + (record.error?.detail.length ?? 0) + (record.findings?.length ?? 0) * 64
     })
   }
 

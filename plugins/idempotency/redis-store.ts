@@ -104,12 +104,23 @@ export function decode (text: string): IdempotencyRecord {
     if (value.state === 'running' && typeof value.token === 'string') return value as unknown as IdempotencyRecord
     if (value.state === 'done' && typeof value.status === 'number' && (value.body === null || (typeof value.body === 'string' && isJson(value.body)))) {
       const error = value.error as DoneRecord['error'] | undefined
-      if (error === null || (typeof error === 'object' && error !== undefined && (error.code === 'KERNEL_REJECTED' || error.code === 'NOT_FOUND'))) {
+      if ((error === null || (typeof error === 'object' && error !== undefined && (error.code === 'KERNEL_REJECTED' || error.code === 'NOT_FOUND'))) && verdictRead(value)) {
         return value as unknown as IdempotencyRecord
       }
     }
   }
   throw new UnreadableRecordError()
+}
+
+const RISKS = new Set(['none', 'low', 'medium', 'high', 'critical'])
+const CATEGORIES = new Set(['injection', 'secret', 'pii'])
+
+/** A done record's firewall verdict: none (records of older versions have none), or a readable one. */
+function verdictRead (value: Partial<Record<string, unknown>>): boolean {
+  if (value.risk === undefined && value.findings === undefined) return true
+  return typeof value.risk === 'string' && RISKS.has(value.risk) && Array.isArray(value.findings) &&
+    value.findings.every((f: Partial<Record<string, unknown>> | null) => f !== null && typeof f === 'object' && typeof f.category === 'string' && CATEGORIES.has(f.category) &&
+      typeof f.type === 'string' && typeof f.score === 'number' && typeof f.field === 'string')
 }
 
 /** Whether a stored answer parses (a replay parses it: one that does not was a 500). */

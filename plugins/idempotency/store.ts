@@ -1,4 +1,5 @@
 // What an idempotency store keeps per (tenant, op, key), and the interface both stores share.
+import type { Finding, RiskLevel } from '../pipeline/index.js'
 
 /** A call with this key is running: `token` names the holder, `hash` the input it runs with. */
 export interface RunningRecord { readonly state: 'running', readonly hash: string, readonly token: string }
@@ -15,6 +16,12 @@ export interface DoneRecord {
   readonly body: string | null
   /** A definitive Kernel refusal (KERNEL_REJECTED, NOT_FOUND): code, status and detail. */
   readonly error: { code: 'KERNEL_REJECTED' | 'NOT_FOUND', status: number, detail: string } | null
+  /**
+   * The AI firewall's verdict on the first call's input (its risk level and findings: kinds and
+   * field names, never what matched), for a replay's audit entry: absent when it found nothing.
+   */
+  readonly risk?: RiskLevel
+  readonly findings?: readonly Finding[]
   /**
    * In the memory store only: the Redis claim (its token) of a call whose outcome Redis did not
    * take. The outcome is copied to Redis over that claim once Redis answers (see `seed`).

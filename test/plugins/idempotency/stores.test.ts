@@ -127,9 +127,12 @@ t.test('decode accepts the records the stores write and refuses anything else', 
   t.same(decode(JSON.stringify(done('h'))), done('h'))
   const refused = { state: 'done', hash: 'h', status: 404, body: null, error: { code: 'NOT_FOUND', status: 404, detail: 'gone' } }
   t.same(decode(JSON.stringify(refused)), refused)
+  const risky = { ...done('h'), risk: 'high', findings: [{ category: 'injection', type: 'ignore-instructions', score: 0.9, field: 'prompt' }] }
+  t.same(decode(JSON.stringify(risky)), risky, 'with the first call\'s firewall verdict')
   for (const bad of ['not json', 'null', '{}', '{"state":"running","hash":"h"}', '{"state":"done","hash":"h","status":"201","body":null,"error":null}',
     '{"state":"done","hash":"h","status":201,"body":1,"error":null}', '{"state":"done","hash":"h","status":400,"body":null,"error":{"code":"INTERNAL"}}',
-    '{"state":"other","hash":"h"}', '{"state":"done","hash":"h","status":201,"body":"{}"}', '{"state":"done","hash":"h","status":201,"body":"{\\"id\\":","error":null}']) {
+    '{"state":"other","hash":"h"}', '{"state":"done","hash":"h","status":201,"body":null,"error":null,"risk":"severe","findings":[]}', '{"state":"done","hash":"h","status":201,"body":null,"error":null,"risk":"high"}',
+    '{"state":"done","hash":"h","status":201,"body":null,"error":null,"risk":"high","findings":[{"category":"pii","type":"email"}]}', '{"state":"done","hash":"h","status":201,"body":"{}"}', '{"state":"done","hash":"h","status":201,"body":"{\\"id\\":","error":null}']) {
     t.throws(() => decode(bad), { name: 'UnreadableRecordError', message: 'unreadable idempotency record' }, bad)
   }
 })
