@@ -110,6 +110,18 @@ export class ResponseCache {
     return redis.up() && !this.redisFailing
   }
 
+  /**
+   * Redis answers again (reconnected, or the heartbeat's PING answered): the hold after a failed
+   * call ends and the tier is healthy now, not at the next cache call, which may be long in
+   * coming (/diagz said unhealthy until then).
+   */
+  redisAnswers (): void {
+    if (!this.redisFailing) return
+    this.redisFailing = false
+    this.redisHeldUntil = 0
+    this.opts.log.debug({}, 'cache: Redis answers again')
+  }
+
   /** The pipeline stage of a cached query, or of a mutation that invalidates tags; else null. */
   stage (op: Operation): ((ctx: CallContext, next: Next) => Promise<unknown>) | null {
     if (op.cache !== null) return this.queryStage(op, op.cache)

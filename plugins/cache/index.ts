@@ -130,6 +130,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     subscriber.on('message', (_channel: string, text: string) => c.received(text))
     subscriber.subscribe(INVALIDATE_CHANNEL).catch((err: Error) => app.log.warn({ err: err.message }, 'cache: cannot subscribe to invalidations'))
     // Invalidations made while Redis was away reach it when it is back.
+    shared.onAnswer(() => { c.redisAnswers() })
     const replay = (): void => { c.replayPending().catch(() => {}) }
     shared.client.on('ready', replay)
     app.addHook('onClose', async () => {

@@ -268,6 +268,9 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     return new MantleError('IDEMPOTENCY_CONFLICT', 'The Idempotency-Key is held by a call whose outcome cannot be read', { headers: { 'retry-after': '1' } })
   }
 
+  // Redis answers again (reconnected, or a PING answered): the outage is over now, not at the
+  // next keyed claim, which may be long in coming (/diagz said unhealthy until then).
+  redis?.onAnswer(back)
   app.decorate('idempotency', { store: opts.store, memoryKeys: () => memory.size })
   if (app.hasDecorator('diagz')) {
     app.diagz.addStore('idempotency', () => sharedStoreHealth(redis !== null, !degraded && redis?.up() === true, `${memory.size} keys in memory`))

@@ -15,6 +15,13 @@ export interface SharedRedis {
    * A Redis that hangs with the connection open is found by the heartbeat (a PING each second).
    */
   up: () => boolean
+  /**
+   * Calls `listener` whenever Redis is known to answer again: the connection is ready (after a
+   * reconnect), or the heartbeat's PING was answered in time. A store that marks itself failing
+   * after a command failed (a timeout leaves the connection up) clears that mark here, so that
+   * /diagz and its gauges do not say "fallback" until its next call of that kind.
+   */
+  onAnswer: (listener: () => void) => void
 }
 
 declare module 'fastify' {
@@ -53,10 +60,13 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
     if (!warned) app.log.warn({ err: err.message }, 'Redis connection error: stores fall back to memory until it is back')
     warned = true
   })
+  const answering: Array<() => void> = []
+  const answered = (): void => { for (const listener of answering) listener() }
   client.on('ready', () => {
     if (warned) app.log.info('Redis is back')
     warned = false
     missed = 0
+    answered()
   })
   const up = (): boolean => client.status === 'ready'
 
@@ -71,7 +81,10 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   const heartbeat = setInterval(() => {
     if (beating || client.status !== 'ready') return
     beating = true
-    client.ping().then(() => { missed = 0 }, (err: Error) => {
+    client.ping().then(() => {
+      missed = 0
+      answered()
+    }, (err: Error) => {
       if (client.status !== 'ready' || ++missed < 2) return
       missed = 0
       app.log.warn({ err: err.message }, 'Redis did not answer two PINGs in time: reconnecting; stores fall back to memory meanwhile')
@@ -84,7 +97,7 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   if (app.hasDecorator('metrics')) {
     new Gauge({ name: 'mantle_redis_up', help: '1 when the shared Redis connection is ready (absent without Redis)', registers: [app.metrics.registry], collect () { this.set(up() ? 1 : 0) } }) // eslint-disable-line no-new
   }
-  app.decorate('redis', { client, up })
+  app.decorate('redis', { client, up, onAnswer: (listener: () => void) => { answering.push(listener) } })
 
   // A Redis down at start-up leaves the gateway up and degraded; ioredis keeps reconnecting.
   await client.connect().catch((err: Error) => {
