@@ -1,7 +1,8 @@
 import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
-import { GraphQLError, getOperationAST, getVariableValues, locatedError, parse, responsePathAsArray, specifiedRules, validate, type DocumentNode, type GraphQLFieldResolver, type GraphQLFormattedError, type GraphQLSchema, type ValidationRule } from 'graphql'
+import { GraphQLError, Kind, SingleFieldSubscriptionsRule, getOperationAST, getVariableValues, locatedError, parse, responsePathAsArray, specifiedRules, validate, type DocumentNode, type FragmentDefinitionNode, type GraphQLFieldResolver, type GraphQLFormattedError, type GraphQLSchema, type ValidationRule } from 'graphql'
+import { collectFields } from 'graphql/execution/collectFields.js'
 import type { EventDefinition } from '../../manifest.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors.js'
@@ -255,6 +256,38 @@ function subscribeRefusal (message: Record<string, unknown>, settings: Subscript
   // graphql's subscribe() coerces the variables, and mercurius sends its errors as they are.
   const coerced = getVariableValues(schema, operation.variableDefinitions ?? [], (variables ?? {}) as Record<string, unknown>, { maxErrors: 1 })
   if (coerced.errors !== undefined) return refusal('VALIDATION_FAILED', coerced.errors[0].message, coerced.errors[0])
+  return rootFieldRefusal(schema, document, operation, coerced.coerced)
+}
+
+/**
+ * What is wrong with a subscription's root fields as the variables make them, or null: it must
+ * select exactly one, not an introspection field. graphql-js' own rule
+ * (SingleFieldSubscriptionsRule) applies @skip and @include without the variables: a variable in
+ * a directive made validate() throw (not report an error), and a root field @skip or @include
+ * left out made subscribe() throw a TypeError; either reached the client without the contract's
+ * code, and its id stayed taken. Checked here with the variables, and left out of validation
+ * (preSubscriptionExecution), so that such a document runs.
+ */
+function rootFieldRefusal (schema: GraphQLSchema, document: DocumentNode, operation: NonNullable<ReturnType<typeof getOperationAST>>, variables: Record<string, unknown>): GraphQLFormattedError | null {
+  const type = schema.getSubscriptionType()
+  if (type == null) return refusal('VALIDATION_FAILED', 'The schema has no subscriptions')
+  const fragments: Record<string, FragmentDefinitionNode> = Object.create(null)
+  for (const definition of document.definitions) {
+    if (definition.kind === Kind.FRAGMENT_DEFINITION) fragments[definition.name.value] = definition
+  }
+  let fields: Map<string, readonly unknown[]>
+  try {
+    fields = collectFields(schema, fragments, variables, type, operation.selectionSet)
+  } catch (err) {
+    // A directive's argument of the wrong type: graphql's error, as validation would give it.
+    const error = err instanceof GraphQLError ? err : new GraphQLError('The document\'s directives cannot be applied')
+    return refusal('VALIDATION_FAILED', error.message, error)
+  }
+  const name = operation.name === undefined ? 'Anonymous Subscription' : `Subscription "${operation.name.value}"`
+  if (fields.size !== 1) return refusal('VALIDATION_FAILED', `${name} must select only one top level field${fields.size === 0 ? ': its directives leave none' : '.'}`)
+  const [field] = fields.keys()
+  const [node] = fields.get(field) as Array<{ name: { value: string } }>
+  if (node.name.value.startsWith('__')) return refusal('VALIDATION_FAILED', `${name} must not select an introspection top level field.`)
   return null
 }
 
@@ -267,7 +300,9 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
   guard: (socket: WebSocket, initialised: () => void) => void
 } {
   const connections = new WeakMap<WebSocket, GraphqlConnection>()
-  const rules = [...specifiedRules, ...settings.rules]
+  // The single-field rule without the variables threw on a variable in a directive: the guard
+  // checks the root fields with them (rootFieldRefusal).
+  const rules = [...specifiedRules.filter(rule => rule !== SingleFieldSubscriptionsRule), ...settings.rules]
 
   return {
     // mercurius calls this on each connection_init: a second one breaks the protocol (4429).
@@ -305,9 +340,14 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         throw new GraphQLError('Too many subscriptions', { extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413 } })
       }
       connection.operations.set(id, null)
-      const errors = validate(schema, document, rules)
-      if (errors.length > 0) {
-        const first = errors[0]
+      let first: GraphQLError | undefined
+      try {
+        first = validate(schema, document, rules)[0]
+      } catch (err) {
+        // A rule that throws instead of reporting (none known): a refusal all the same, the id let go.
+        first = err instanceof GraphQLError ? err : new GraphQLError('The document cannot be validated')
+      }
+      if (first !== undefined) {
         connection.failed(rawId)
         throw new GraphQLError(first.message, { nodes: first.nodes, extensions: { code: 'VALIDATION_FAILED', status: 400, ...first.extensions, requestId: uuidv7() } })
       }
