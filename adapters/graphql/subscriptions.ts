@@ -36,6 +36,15 @@ interface Early {
   starting: Set<string>
   /** Ids the client completed while they were being set up. */
   cancelled: Set<string>
+  /**
+   * Ids the client completed whose mercurius loop has not ended yet, each with the `subscribe`
+   * of the same id the client sent meanwhile, held (null: none). The loop ends a moment after
+   * the client's complete, sends its own `complete` and then lets go of whatever iterator it holds
+   * under that id: a subscribe of the id handed on before then had its new subscription ended
+   * (and a `complete` sent for it). That `complete` is not sent (graphql-ws' own server sends
+   * none after the client's), and the held subscribe is handed on once mercurius is done.
+   */
+  ending: Map<string, Buffer | null>
   /** Hands mercurius a message past the guard. */
   deliver: (message: Buffer) => void
   /** The `authorization` of the connection_init the guard let through (undefined: none). */
@@ -391,7 +400,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       const complete = transport ? 'complete' : 'stop'
       let initSeen = false
       const emit = socket.emit
-      const state: Early = { starting: new Set(), cancelled: new Set(), deliver: message => { emit.call(socket, 'message', message, false) }, init: undefined }
+      const state: Early = { starting: new Set(), cancelled: new Set(), ending: new Map(), deliver: message => { emit.call(socket, 'message', message, false) }, init: undefined }
       early.set(socket, state)
       const known = transport ? TRANSPORT_MESSAGES : LEGACY_MESSAGES
       // graphql-transport-ws closes the socket with 4400 on a message it does not define; the
@@ -403,6 +412,30 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         else socket.send(JSON.stringify({ type: 'error', id: typeof id === 'string' || typeof id === 'number' ? id : null, payload: [refusal('VALIDATION_FAILED', reason)] }))
         return false
       }
+      // mercurius' own `complete` of an id the client completed is not sent (see Early.ending);
+      // mercurius lets go of the id once this send has called back, within this turn of the
+      // event loop, and a subscribe held for it goes on after.
+      const send = socket.send as (data: unknown, options?: unknown, cb?: unknown) => void
+      socket.send = function (this: WebSocket, data: unknown, options?: unknown, cb?: unknown): void {
+        if (state.ending.size > 0 && typeof data === 'string' && data.startsWith('{"type":"complete"')) {
+          const key = String((JSON.parse(data) as { id?: unknown }).id)
+          const held = state.ending.get(key)
+          if (held !== undefined) {
+            state.ending.delete(key)
+            const callback = typeof options === 'function' ? options : cb
+            if (typeof callback === 'function') callback()
+            if (held !== null) {
+              setImmediate(() => {
+                if (socket.readyState !== socket.OPEN) return
+                if (state.starting.size < settings.maxOperations) state.starting.add(key)
+                state.deliver(held)
+              })
+            }
+            return
+          }
+        }
+        send.call(this, data, options, cb)
+      } as WebSocket['send']
       const admit = (data: unknown): boolean => {
         let message: unknown
         try {
@@ -421,8 +454,16 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         }
         if (type === complete) {
           const key = String(id)
+          // A subscribe held behind an ending one is dropped: it never started.
+          if (state.ending.has(key)) {
+            state.ending.set(key, null)
+            return false
+          }
           const operation = connections.get(socket)?.operations.get(key)
-          if (operation != null) return true
+          if (operation != null) {
+            if (state.ending.size < settings.maxOperations) state.ending.set(key, null)
+            return true
+          }
           if ((operation === null || state.starting.has(key)) && state.cancelled.size < settings.maxOperations) state.cancelled.add(key)
           return false
         }
@@ -436,7 +477,14 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         }
         const error = subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema)
         if (error === null) {
-          if (state.starting.size < settings.maxOperations) state.starting.add(String(id))
+          const key = String(id)
+          if (state.ending.has(key)) {
+            // A second one is a duplicate of the held one, as of a running one.
+            if (state.ending.get(key) !== null) connections.get(socket)?.close(4409, `Subscriber for ${upTo(key, 64)} already exists`)
+            else state.ending.set(key, data as Buffer)
+            return false
+          }
+          if (state.starting.size < settings.maxOperations) state.starting.add(key)
           return true
         }
         const send = (): void => socket.send(JSON.stringify({ type: 'error', id, payload: [error] }))
@@ -459,8 +507,11 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       return (_source, _args, context, info) => {
         const { connection } = context
         const id = String(context.id)
-        if (early.get(connection.socket)?.cancelled.delete(id) === true) {
+        const state = early.get(connection.socket)
+        if (state?.cancelled.delete(id) === true) {
           connection.operations.delete(id)
+          // mercurius ends it at once and sends a `complete`, not wanted after the client's.
+          state.ending.set(id, null)
           return ENDED
         }
         const requestId = uuidv7()

@@ -1,4 +1,5 @@
 import t from 'tap'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { WebSocket } from 'ws'
 import type { FastifyInstance } from 'fastify'
 import { buildDemoApp, token, until } from '../helper.js'
@@ -30,6 +31,8 @@ async function open (t: Teardown, url: string, options: { autoPong?: boolean } =
   return { ws, frames, send: m => ws.send(JSON.stringify(m)), closed: () => closed }
 }
 
+const SUBSCRIPTION = 'subscription { runUpdated { id } }'
+
 t.test('a document graphql-js throws on gets its VALIDATION_FAILED error, and its id is free again; variables in directives work', async t => {
   // graphql-js's single-field rule runs without the variables: a variable in a directive made
   // validate() throw, and a root field left out by @skip made subscribe() throw a TypeError.
@@ -60,4 +63,44 @@ t.test('a document graphql-js throws on gets its VALIDATION_FAILED error, and it
   t.same(c.frames.filter(f => f.id === 'v'), [{ type: 'next', id: 'v', payload: { data: { runUpdated: { id: 'r1' } } } }])
   t.same(c.frames.filter(f => f.id === 'w'), [{ type: 'next', id: 'w', payload: { data: { runUpdated: { id: 'r1' } } } }])
   t.equal(c.closed(), null)
+})
+
+t.test('a subscribe right behind the complete of the same id runs, and the ended one sends no complete', async t => {
+  // mercurius' loop of the completed subscription ends a moment later, sends its own
+  // `complete` and lets go of the iterator held under that id: the new subscription's.
+  const { app, url } = await listen(t)
+  const c = await open(t, url)
+  for (let i = 0; i < 10; i++) {
+    const id = `x${i % 2}`
+    c.frames.length = 0
+    c.send({ id, type: 'subscribe', payload: { query: SUBSCRIPTION } })
+    await until(() => app.events.bus.subscriptions === 1, 'the subscription')
+    await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run('before') })
+    await until(() => c.frames.some(f => f.type === 'next'), 'the first event')
+    c.send({ id, type: 'complete' })
+    c.send({ id, type: 'subscribe', payload: { query: SUBSCRIPTION } })
+    await sleep(20)
+    await until(() => app.events.bus.subscriptions === 1, 'the new subscription')
+    await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run('after') })
+    await until(() => c.frames.filter(f => f.type === 'next').length === 2 || c.frames.some(f => f.type === 'complete'), 'the second event')
+    await sleep(20)
+    t.same(c.frames.map(f => [f.type, f.id, f.payload?.data?.runUpdated?.id]), [['next', id, 'before'], ['next', id, 'after']], `try ${i}: the new subscription gets the event, no complete`)
+    // A complete then a subscribe then its complete: nothing runs, nothing is sent.
+    c.frames.length = 0
+    c.send({ id, type: 'complete' })
+    c.send({ id, type: 'subscribe', payload: { query: SUBSCRIPTION } })
+    c.send({ id, type: 'complete' })
+    await until(() => app.events.bus.subscriptions === 0, 'nothing to run')
+    await sleep(20)
+    t.equal(app.events.bus.subscriptions, 0)
+    t.same(c.frames, [])
+  }
+  // A second subscribe of an id still ending is a duplicate, as of a running one.
+  c.send({ id: 'd', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  await until(() => app.events.bus.subscriptions === 1, 'd')
+  c.send({ id: 'd', type: 'complete' })
+  c.send({ id: 'd', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  c.send({ id: 'd', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  await until(() => c.closed() !== null, 'the close')
+  t.same(c.closed(), [4409, 'Subscriber for d already exists'])
 })
