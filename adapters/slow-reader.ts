@@ -7,11 +7,12 @@ export const CLOSE_SLOW_READER = 1013
 export const SLOW_READER = 'The client does not read its frames'
 
 /**
- * Whether `socket` holds more than `max` bytes its client has not read; it is then closed with
- * 1013. One getter read per call; always false without a socket (a call over HTTP).
+ * Whether `socket` holds more than `max` bytes its client has not read, with `unsent` more bytes
+ * waiting for it elsewhere (a subscription's queue); it is then closed with 1013. One getter
+ * read per call; always false without a socket (a call over HTTP).
  */
-export function slowReader (socket: WebSocket | null, max = MAX_BUFFERED_BYTES): boolean {
-  if (socket === null || socket.bufferedAmount <= max) return false
+export function slowReader (socket: WebSocket | null, max = MAX_BUFFERED_BYTES, unsent = 0): boolean {
+  if (socket === null || socket.bufferedAmount + unsent <= max) return false
   socket.close(CLOSE_SLOW_READER, SLOW_READER)
   return true
 }

@@ -90,6 +90,12 @@ export class GraphqlConnection {
   /** The caller the first accepted token named: every later one must name the same. */
   private caller: { tenant: string, user: string } | null = null
   private closed = false
+  /**
+   * UTF-8 bytes of the events its subscriptions have queued and mercurius has not taken yet (and
+   * of those they lost meanwhile): mercurius waits for each frame to be written before it takes
+   * the next, so what its client has not read waits there, not on the socket.
+   */
+  private backlog = 0
 
   constructor (readonly socket: WebSocket, readonly upgradeAuthorization: string | undefined) {
     socket.once('close', () => this.dispose())
@@ -166,6 +172,17 @@ export class GraphqlConnection {
       if (state === undefined) this.socket.emit('message', message, false)
       else state.deliver(message)
     })
+  }
+
+  /**
+   * Its subscriptions are `bytes` more behind (less, when negative). A client that has left more
+   * than the bound unread, on the socket and in these queues, before this event is closed with
+   * 1013, its subscriptions ended at once.
+   */
+  behind (bytes: number): void {
+    const before = this.backlog
+    this.backlog += bytes
+    if (bytes > 0 && !this.closed && slowReader(this.socket, MAX_BUFFERED_BYTES, before)) this.dispose()
   }
 
   close (code: number, reason: string): void {
@@ -522,7 +539,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           identity = connection.identify(app, context.initAuthorization ?? connection.upgradeAuthorization, initAuthorization(context._connectionInit) ?? connection.upgradeAuthorization)
           app.events.bus.authorize(event.name, identity)
           // The bus only ever delivers the caller's own tenant's events.
-          iterator = app.events.bus.stream(event.name, identity.tenant, controller.signal)[Symbol.asyncIterator]()
+          iterator = app.events.bus.stream(event.name, identity.tenant, controller.signal, undefined, bytes => { connection.behind(bytes) })[Symbol.asyncIterator]()
         } catch (err) {
           const { problem, headers } = toProblem(err, requestId)
           if (problem.code === 'INTERNAL') app.log.error({ err, requestId }, 'unexpected error on a GraphQL subscription')

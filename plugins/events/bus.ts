@@ -126,27 +126,49 @@ export class EventBus {
    * The events of one name and tenant as an async iterable, for faces that pull (tRPC, GraphQL).
    * It ends when `signal` aborts. A consumer more than `highWaterMark` events behind loses the
    * oldest ones (counted as slow_consumer): memory stays bounded.
+   *
+   * `behind`, if given, is told how far the consumer is behind, in UTF-8 bytes of the events'
+   * JSON: +n when an event is queued, -n when it is taken, and what it lost (dropped events) once
+   * it has caught up (the queue is empty) or the stream ends. For a face whose library waits for
+   * each frame to be written before it takes the next event (mercurius): the socket never holds
+   * more than about one frame, and what its client has not read waits here.
    */
-  stream (name: string, tenant: string, signal: AbortSignal, highWaterMark = 256): AsyncIterable<unknown> {
+  stream (name: string, tenant: string, signal: AbortSignal, highWaterMark = 256, behind?: (bytes: number) => void): AsyncIterable<unknown> {
     const bus = this
     return {
       [Symbol.asyncIterator] () {
         const queue: unknown[] = []
+        // With `behind`: each queued event's size, and the bytes owed in all (lost ones included).
+        const sizes: number[] = []
+        let owed = 0
         let wake: (() => void) | null = null
-        const unsubscribe = bus.subscribe(name, tenant, (payload) => {
+        const unsubscribe = bus.subscribe(name, tenant, (payload, json) => {
           if (queue.length >= highWaterMark) {
             queue.shift()
+            sizes.shift()
             bus.counters.dropped('slow_consumer')
           }
           queue.push(payload)
+          if (behind !== undefined) {
+            const size = Buffer.byteLength(json)
+            sizes.push(size)
+            owed += size
+            behind(size)
+          }
           wake?.()
         })
         const onAbort = (): void => { unsubscribe(); wake?.() }
         if (signal.aborted) unsubscribe()
         else signal.addEventListener('abort', onAbort, { once: true })
+        const settle = (bytes: number): void => {
+          if (bytes === 0) return
+          owed -= bytes
+          behind!(-bytes)
+        }
         const finish = (): IteratorResult<unknown> => {
           unsubscribe()
           signal.removeEventListener('abort', onAbort)
+          settle(owed)
           return { done: true, value: undefined }
         }
         return {
@@ -156,7 +178,10 @@ export class EventBus {
               await new Promise<void>(resolve => { wake = resolve })
               wake = null
             }
-            return { done: false, value: queue.shift() }
+            const value = queue.shift()
+            if (behind !== undefined) settle(queue.length === 0 ? owed : sizes.shift()!)
+            if (queue.length === 0) sizes.length = 0
+            return { done: false, value }
           },
           async return (): Promise<IteratorResult<unknown>> {
             return finish()

@@ -104,3 +104,32 @@ t.test('a subscribe right behind the complete of the same id runs, and the ended
   await until(() => c.closed() !== null, 'the close')
   t.same(c.closed(), [4409, 'Subscriber for d already exists'])
 })
+
+t.test('a subscriber that stops reading is closed with 1013 once 4 MiB of its events are unread', async t => {
+  // mercurius waits for each frame to be written before it takes the next event: the socket
+  // never held more than about one frame, and the events waited in the subscription's queue,
+  // the oldest dropped past 256, with the connection left open.
+  const { app, url } = await listen(t)
+  const c = await open(t, url)
+  const reader = await open(t, url)
+  c.send({ id: 's', type: 'subscribe', payload: { query: 'subscription { runUpdated { id output } }' } })
+  reader.send({ id: 's', type: 'subscribe', payload: { query: 'subscription { runUpdated { id } }' } })
+  await until(() => app.events.bus.subscriptions === 2, 'the subscriptions')
+  const socket = (c.ws as unknown as { _socket: { pause: () => void, resume: () => void } })._socket
+  socket.pause()
+  const server = [...app.websocketServer.clients].find(s => s.readyState === WebSocket.OPEN)!
+  for (let i = 0; i < 600 && c.closed() === null; i++) {
+    await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run(`r${i}`, { output: 'x'.repeat(200 * 1024) }) })
+    if (i % 20 === 0) await sleep(5)
+  }
+  socket.resume()
+  await until(() => c.closed() !== null, 'the close', 20_000)
+  t.same(c.closed(), [1013, 'The client does not read its frames'])
+  const got = c.frames.filter(f => f.type === 'next').length
+  t.ok(got < 60, `the client got ${got} events before the close, not the rest dropped one by one`)
+  t.ok(server.readyState !== WebSocket.OPEN)
+  // A subscriber that reads is not touched.
+  await until(() => reader.frames.filter(f => f.type === 'next').length === 600, 'every event on the reader', 20_000)
+  t.equal(reader.closed(), null)
+  t.notMatch((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_events_dropped_total\{reason="slow_consumer"\} [1-9]/, 'no event dropped')
+})

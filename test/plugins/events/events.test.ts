@@ -103,6 +103,26 @@ t.test('a stream yields events, ends on abort, and stays bounded for a slow cons
   t.equal(bus.subscriptions, 0)
 })
 
+t.test('a stream tells how far its consumer is behind in bytes, lost events included until it catches up', async t => {
+  const bus = new EventBus([def], true, 10)
+  let behind = 0
+  const moves: number[] = []
+  const controller = new AbortController()
+  const iterator = bus.stream('runUpdated', 'A', controller.signal, 2, n => { behind += n; moves.push(n) })[Symbol.asyncIterator]()
+  const size = Buffer.byteLength(JSON.stringify({ id: 'é1' }))
+  for (const id of ['é1', 'é2', 'é3']) bus.dispatch({ topic: 'runs.updated', tenantId: 'A', payload: { id } })
+  t.equal(behind, 3 * size, 'three events queued, one of them lost: still owed, in UTF-8 bytes')
+  await iterator.next()
+  t.equal(behind, 2 * size, 'one taken')
+  await iterator.next()
+  t.equal(behind, 0, 'caught up: the lost one is settled too')
+  bus.dispatch({ topic: 'runs.updated', tenantId: 'A', payload: { id: 'é4' } })
+  t.equal(behind, size)
+  t.same(await iterator.return!(), { done: true, value: undefined })
+  t.equal(behind, 0, 'an ended stream owes nothing')
+  t.same(moves, [size, size, size, -size, -2 * size, size, -size])
+})
+
 t.test('isKernelEvent checks the envelope', async t => {
   t.ok(isKernelEvent({ topic: 'a', tenantId: 't', payload: null }))
   for (const bad of [null, 1, {}, { topic: '', tenantId: 't', payload: 1 }, { topic: 'a', tenantId: '', payload: 1 }, { topic: 'a', tenantId: 't' }]) t.notOk(isKernelEvent(bad))
