@@ -15,6 +15,7 @@ import type { CacheOutcome } from '../../plugins/pipeline/index.js'
 import type { WebSocket } from 'ws'
 import type { IncomingMessage } from 'node:http'
 import { withHook } from '../../route-hooks.js'
+import { Heartbeat } from '../heartbeat.js'
 
 export { manifestSdl } from './schema.js'
 
@@ -58,11 +59,14 @@ export interface GraphqlFaceSettings {
   initTimeoutMs: number
   /** WebSocket connections at /graphql on this instance; beyond it an upgrade gets 503 OVERLOADED. */
   maxConnections: number
+  /** Ping interval of its sockets; one that has not answered the previous ping is dropped (as on /ws). */
+  heartbeatMs: number
 }
 
 export const DEFAULT_SETTINGS: Readonly<GraphqlFaceSettings> = Object.freeze({
   initTimeoutMs: 10_000,
-  maxConnections: 100_000
+  maxConnections: 100_000,
+  heartbeatMs: 30_000
 })
 
 const SHUTTING_DOWN = (): MantleError => new MantleError('OVERLOADED', 'The gateway is shutting down: this mutation did not run; retry it on another instance', { headers: { 'retry-after': '1' } })
@@ -88,6 +92,10 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
     // connection_init came in time, whatever else did (a ping or a junk frame does not count).
     if (!app.hasDecorator('websocketServer')) return
     reportSlots(app, 'graphql', slots)
+    // mercurius sends no keep-alive: a client that vanished kept its slot and its subscriptions
+    // until its token expired (for ever with identity off).
+    const heartbeat = new Heartbeat(limits.heartbeatMs)
+    app.addHook('preClose', async () => { heartbeat.stop() })
     app.websocketServer.on('connection', (socket: WebSocket, request: IncomingMessage) => {
       if (!GRAPHQL_UPGRADES.has(request)) return
       const timer = setTimeout(() => socket.close(CLOSE_INIT_TIMEOUT, 'Connection initialisation timeout'), limits.initTimeoutMs)
@@ -96,6 +104,7 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
       // Before mercurius (the route's handler) listens to the socket; the screen reads each
       // message's type, and connection_init disarms the timer.
       guard(socket, disarm)
+      heartbeat.watch(socket)
       socket.once('close', disarm)
     })
   }

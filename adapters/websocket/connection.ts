@@ -9,6 +9,7 @@ import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame
 import type { CloseReason, WebSocketCounters } from './metrics.js'
 import { CLOSE_SLOW_READER, SLOW_READER, boundedFrame } from '../slow-reader.js'
 import { atExpiry } from '../expiry.js'
+import type { Heartbeat } from '../heartbeat.js'
 
 /** Per-connection bounds (WebSocketFaceSettings in index.ts documents each). */
 export interface ConnectionLimits {
@@ -25,6 +26,8 @@ export interface FaceShared {
   counters: WebSocketCounters
   /** `{"event":"<name>","data":` per event name: an event frame is this + its JSON + `}`. */
   eventPrefixes: ReadonlyMap<string, string>
+  /** Pings every connection; one that misses a pong is dropped. */
+  heartbeat: Heartbeat
 }
 
 /** Who a connection speaks for, and the header value its calls carry. */
@@ -38,8 +41,6 @@ export interface ConnectionAuth {
  * roles and validation are the pipeline's, per call, as on every other face.
  */
 export class Connection {
-  /** Cleared by each heartbeat tick, set again by the client's pong. */
-  alive = true
   private identity: Identity
   private authorization: string | undefined
   private readonly subscriptions = new Map<string, { id: string, unsubscribe: () => void }>()
@@ -54,7 +55,11 @@ export class Connection {
     this.identity = auth.identity
     this.authorization = auth.authorization
     socket.on('message', (data, isBinary) => this.onMessage(data, isBinary))
-    socket.on('pong', () => { this.alive = true })
+    // A peer that misses a pong is terminated, its reason recorded and its subscriptions let go first.
+    face.heartbeat.watch(socket, () => {
+      this.reason = 'heartbeat'
+      this.release()
+    })
     // ws has already answered a protocol error with its own close code; remember why.
     socket.on('error', () => { if (this.reason === 'peer') this.reason = 'protocol' })
     socket.once('close', () => {
@@ -63,20 +68,6 @@ export class Connection {
       onClose(this)
     })
     this.armExpiry()
-  }
-
-  /** One heartbeat tick: a peer that did not answer the previous ping is dropped. */
-  heartbeat (): void {
-    // A closing socket has ws's own close timer; its reason is already set.
-    if (this.closing) return
-    if (!this.alive) {
-      this.reason = 'heartbeat'
-      this.release()
-      this.socket.terminate()
-      return
-    }
-    this.alive = false
-    this.socket.ping()
   }
 
   /** Closes with 1001 (going away) and resolves once the socket is closed. */

@@ -6,6 +6,7 @@ import { MAX_BUFFERED_BYTES } from '../slow-reader.js'
 import { Connection, type ConnectionAuth, type FaceShared } from './connection.js'
 import { websocketMetrics } from './metrics.js'
 import { upgradeAuthorization } from '../upgrade.js'
+import { Heartbeat } from '../heartbeat.js'
 
 export { CLOSE_REASONS, type CloseReason } from './metrics.js'
 
@@ -47,7 +48,9 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
     const slots = new ConnectionSlots(limits.maxConnections)
     reportSlots(app, 'ws', slots)
     const eventPrefixes = new Map(app.pipeline.manifest.events.map(e => [e.name, '{"event":' + JSON.stringify(e.name) + ',"data":']))
-    const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes }
+    // One timer for every connection rather than one each.
+    const heartbeat = new Heartbeat(limits.heartbeatMs)
+    const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes, heartbeat }
     // Identity verified in the upgrade's onRequest hook, handed to the connection it opens.
     const verified = new WeakMap<FastifyRequest, ConnectionAuth>()
     const forget = (c: Connection): void => { connections.delete(c) }
@@ -80,12 +83,8 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
       }
     })
 
-    // One timer for every connection rather than one each.
-    const heartbeat = setInterval(() => { for (const c of connections) c.heartbeat() }, limits.heartbeatMs)
-    heartbeat.unref()
-
     app.addHook('preClose', async () => {
-      clearInterval(heartbeat)
+      heartbeat.stop()
       if (connections.size === 0) return
       let timer: NodeJS.Timeout | undefined
       const grace = new Promise<void>(resolve => { timer = setTimeout(resolve, limits.closeGraceMs) })

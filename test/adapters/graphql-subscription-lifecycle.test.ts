@@ -2,7 +2,10 @@ import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { WebSocket } from 'ws'
 import type { FastifyInstance } from 'fastify'
-import { buildDemoApp, token, until } from '../helper.js'
+import { buildApp } from '../../app.js'
+import { createGraphqlFace } from '../../adapters/graphql/index.js'
+import { startKernel } from '../../kernel/server.js'
+import { buildDemoApp, testConfig, token, until } from '../helper.js'
 import { run } from './websocket-helper.js'
 
 // How a GraphQL subscription's life goes over graphql-transport-ws on /graphql: a document
@@ -132,4 +135,26 @@ t.test('a subscriber that stops reading is closed with 1013 once 4 MiB of its ev
   await until(() => reader.frames.filter(f => f.type === 'next').length === 600, 'every event on the reader', 20_000)
   t.equal(reader.closed(), null)
   t.notMatch((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_events_dropped_total\{reason="slow_consumer"\} [1-9]/, 'no event dropped')
+})
+
+t.test('/graphql pings its sockets and drops one that misses a pong, as /ws does', async t => {
+  const kernel = await startKernel({ port: 0 })
+  t.teardown(() => kernel.close())
+  const app = await buildApp(testConfig({ BFF_GRAPHQL_ENABLED: false }), { logger: false, kernelUrl: kernel.url })
+  await app.register(createGraphqlFace({ heartbeatMs: 40 }), { bodyLimit: 1048576, maxCalls: 50, maxDepth: 12, secured: true, development: false })
+  t.teardown(() => app.close())
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const url = `ws://127.0.0.1:${(app.server.address() as { port: number }).port}/graphql`
+  const dead = await open(t, url, { autoPong: false })
+  const alive = await open(t, url)
+  dead.send({ id: 's', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  alive.send({ id: 's', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  await until(() => app.events.bus.subscriptions === 2, 'the subscriptions')
+  await until(() => dead.closed() !== null, 'the dead peer to be dropped')
+  t.same(dead.closed(), [1006, ''], 'terminated, no close frame')
+  await until(() => app.events.bus.subscriptions === 1, 'its subscription to leave the bus')
+  await sleep(150)
+  t.equal(alive.closed(), null, 'a peer that answers stays')
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run('r1') })
+  await until(() => alive.frames.some(f => f.type === 'next'), 'the event')
 })
