@@ -310,7 +310,8 @@ function rootFieldRefusal (schema: GraphQLSchema, document: DocumentNode, operat
     return refusal('VALIDATION_FAILED', error.message, error)
   }
   const name = operation.name === undefined ? 'Anonymous Subscription' : `Subscription "${operation.name.value}"`
-  if (fields.size !== 1) return refusal('VALIDATION_FAILED', `${name} must select only one top level field${fields.size === 0 ? ': its directives leave none' : '.'}`)
+  if (fields.size === 0) return refusal('VALIDATION_FAILED', `${name} must select one top level field: its @skip and @include leave none`)
+  if (fields.size > 1) return refusal('VALIDATION_FAILED', `${name} must select only one top level field.`)
   const [field] = fields.keys()
   const [node] = fields.get(field) as Array<{ name: { value: string } }>
   if (node.name.value.startsWith('__')) return refusal('VALIDATION_FAILED', `${name} must not select an introspection top level field.`)

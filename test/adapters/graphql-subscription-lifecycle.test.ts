@@ -43,17 +43,20 @@ t.test('a document graphql-js throws on gets its VALIDATION_FAILED error, and it
   // closed the connection with 4409.
   const { app, url } = await listen(t)
   const c = await open(t, url)
-  const refused: Array<[string, Record<string, unknown>]> = [
-    ['a root field skipped', { query: 'subscription { runUpdated @skip(if: true) { id } }' }],
-    ['a root field left out by a variable', { query: 'subscription ($s: Boolean!) { runUpdated @include(if: $s) { id } }', variables: { s: false } }],
-    ['an introspection root field', { query: 'subscription { __typename }' }],
-    ['two root fields, one by a variable', { query: 'subscription ($s: Boolean = true) { runUpdated { id } again: runUpdated @include(if: $s) { id } }' }]
+  const anonymous = 'Anonymous Subscription must'
+  const refused: Array<[string, Record<string, unknown>, string]> = [
+    ['a root field skipped', { query: 'subscription { runUpdated @skip(if: true) { id } }' }, `${anonymous} select one top level field: its @skip and @include leave none`],
+    ['a root field left out by a variable', { query: 'subscription ($s: Boolean!) { runUpdated @include(if: $s) { id } }', variables: { s: false } }, `${anonymous} select one top level field: its @skip and @include leave none`],
+    ['an introspection root field', { query: 'subscription { __typename }' }, `${anonymous} not select an introspection top level field.`],
+    ['a directive argument of the wrong type', { query: 'subscription { runUpdated @skip(if: "yes") { id } }' }, 'Argument "if" has invalid value "yes".'],
+    ['a variable a directive needs, not given', { query: 'subscription ($s: Boolean) { runUpdated @include(if: $s) { id } }' }, 'Argument "if" of required type "Boolean!" was provided the variable "$s" which was not provided a runtime value.'],
+    ['two root fields, one by a variable', { query: 'subscription ($s: Boolean = true) { runUpdated { id } again: runUpdated @include(if: $s) { id } }' }, `${anonymous} select only one top level field.`]
   ]
-  for (const [what, payload] of refused) {
+  for (const [what, payload, message] of refused) {
     c.frames.length = 0
     c.send({ id: 'v', type: 'subscribe', payload })
     await until(() => c.frames.some(f => f.id === 'v'), `the error of ${what}`)
-    t.match(c.frames.find(f => f.id === 'v'), { type: 'error', payload: [{ message: String, extensions: { code: 'VALIDATION_FAILED', status: 400, requestId: String } }] }, what)
+    t.match(c.frames.find(f => f.id === 'v'), { type: 'error', payload: [{ message, extensions: { code: 'VALIDATION_FAILED', status: 400, requestId: String } }] }, what)
   }
   // The id is free again: a well-formed subscription runs under it, with a variable in a
   // directive of its root field, given or defaulted.
