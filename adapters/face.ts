@@ -116,7 +116,17 @@ export class AnswerBudget {
  */
 export async function runCall (app: FastifyInstance, call: FaceCall): Promise<FaceResult> {
   try {
-    const op = app.pipeline.manifest.byName.get(call.op)
+    const pipeline = app.pipeline
+    // A call on a WebSocket already open never passed onRequest, where load shedding refuses
+    // HTTP requests: while the instance sheds it is refused here, before any stage, as a shed
+    // request is (OVERLOADED, the same wait as `retryAfter`; counted in mantle_load_shed_total,
+    // not a call). With load shedding off the check is null.
+    const shedding = pipeline.socketShedding
+    if (shedding !== null && call.caller != null && 'readyState' in call.caller) {
+      const shed = shedding()
+      if (shed !== null) throw shed
+    }
+    const op = pipeline.manifest.byName.get(call.op)
     if (op === undefined) throw new MantleError('NOT_FOUND', `No operation ${call.op}`)
     // An input that is not an object goes on as it is: the validation stage refuses it, within
     // the pipeline, so that the refusal has its audit entry.
@@ -125,7 +135,7 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     if (call.memo !== undefined) ctx.memo = call.memo
     if (call.refusal !== undefined) ctx.refusal = call.refusal
     if (call.caller != null) ctx.caller = call.caller
-    const entry = app.pipeline.entry(op.name)
+    const entry = pipeline.entry(op.name)
     const result = await entry.run(ctx)
     return new FaceValue(ctx.json ?? entry.serialize(result), ctx.status, ctx.headers, ctx.cache)
   } catch (err) {

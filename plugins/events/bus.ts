@@ -35,6 +35,7 @@ export function isKernelEvent (value: unknown): value is KernelEventMessage {
  * `maxSubscriptions` listeners, and at most `maxPerTenant` of them for one tenant, so that one
  * tenant cannot take every subscription of the instance from the others; beyond either a
  * subscribe is refused with OVERLOADED (Retry-After: 5, as either frees up when subscriptions end).
+ * While the instance sheds load a subscribe is refused too, as a call is.
  */
 export class EventBus {
   readonly definitions: ReadonlyMap<string, EventDefinition>
@@ -50,7 +51,9 @@ export class EventBus {
     private readonly checkRoles: boolean,
     private readonly maxSubscriptions = 100_000,
     private readonly counters: BusCounters = noCounters,
-    private readonly maxPerTenant = Infinity
+    private readonly maxPerTenant = Infinity,
+    /** While the instance sheds load, the refusal of a subscribe (null: load shedding off). */
+    private readonly shedding: (() => Error | null) | null = null
   ) {
     this.definitions = new Map(events.map(e => [e.name, e]))
     for (const e of events) {
@@ -83,10 +86,16 @@ export class EventBus {
 
   /**
    * OVERLOADED when this instance holds its most subscriptions, or `tenant` its share of them,
-   * as `subscribe` would refuse: for a face that answers before its subscription starts (an SSE
-   * response's status and headers).
+   * or while the instance sheds load (a subscribe on a socket already open never passed the
+   * shedding of HTTP requests, and a subscription costs for as long as it lasts), as `subscribe`
+   * would refuse: for a face that answers before its subscription starts (an SSE response's
+   * status and headers).
    */
   checkRoom (tenant: string): void {
+    if (this.shedding !== null) {
+      const shed = this.shedding()
+      if (shed !== null) throw shed
+    }
     if (this.count >= this.maxSubscriptions) {
       this.counters.refused('instance')
       throw new MantleError('OVERLOADED', 'Too many event subscriptions on this instance', { headers: { 'retry-after': '5' } })

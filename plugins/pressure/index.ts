@@ -8,7 +8,9 @@ import { MantleError } from '../../errors.js'
 // Load shedding with @fastify/under-pressure: it samples event-loop delay, heap and RSS once per
 // interval, and past a bound every request but the exempt ones is refused at onRequest, before
 // any parsing, with 503 OVERLOADED and Retry-After. WebSocket upgrades pass through onRequest
-// too, so they are refused the same way.
+// too, so they are refused the same way. What arrives on a socket already open never passes
+// onRequest: its calls and subscribes are refused by the faces (runCall, the event bus) through
+// the check this plugin hands the pipeline, with the same answer.
 
 export interface PressureOptions {
   /** Mean event-loop delay (ms) over one sample beyond which requests are shed; 0: not checked. */
@@ -74,10 +76,20 @@ async function pressurePlugin (app: FastifyInstance, opts: PressureOptions): Pro
   let shed: ((reason: string) => void) | null = null
   if (app.hasDecorator('metrics')) {
     const registers = [app.metrics.registry]
-    const counter = new Counter({ name: 'mantle_load_shed_total', help: 'Requests refused with 503 OVERLOADED because the instance was under pressure, by bound', labelNames: ['reason'] as const, registers })
+    const counter = new Counter({ name: 'mantle_load_shed_total', help: 'Requests, and calls or subscribes on open WebSockets, refused with 503 OVERLOADED because the instance was under pressure, by bound', labelNames: ['reason'] as const, registers })
     shed = reason => counter.labels(reason).inc()
     new Gauge({ name: 'mantle_under_pressure', help: '1 while the instance sheds load (a bound of BFF_MAX_* exceeded at the last sample)', registers, collect () { this.set(status() === null ? 0 : 1) } }) // eslint-disable-line no-new
   }
+
+  // A call or subscribe on an open WebSocket while a bound is exceeded: refused as an HTTP
+  // request is, counted the same. Asked only before socket calls and subscribes: HTTP calls pay nothing for it.
+  const overloaded = (): MantleError => new MantleError('OVERLOADED', 'The gateway is overloaded: retry later', { headers: { 'retry-after': retryAfter } })
+  app.pipeline.setSocketShedding(() => {
+    const over = status()
+    if (over === null) return null
+    shed?.(over.reason)
+    return overloaded()
+  })
 
   await app.register(underPressure, {
     maxEventLoopDelay: limits.maxEventLoopDelayMs,
@@ -98,11 +110,11 @@ async function pressurePlugin (app: FastifyInstance, opts: PressureOptions): Pro
         reply.header('connection', 'close')
         reply.raw.once('finish', () => { socket.end(); socket.once('finish', () => socket.destroy()) })
       }
-      throw new MantleError('OVERLOADED', 'The gateway is overloaded: retry later', { headers: { 'retry-after': retryAfter } })
+      throw overloaded()
     }
   })
 
   app.decorate('loadShedding', { limits, status })
 }
 
-export default fp(pressurePlugin, { name: 'mantle-pressure', fastify: '5.x' })
+export default fp(pressurePlugin, { name: 'mantle-pressure', dependencies: ['mantle-pipeline'], fastify: '5.x' })

@@ -1,5 +1,7 @@
 import t from 'tap'
 import type { FastifyInstance } from 'fastify'
+import { WebSocket } from 'ws'
+import { createClient } from 'graphql-ws'
 import { buildApp } from '../../../app.js'
 import { startKernel } from '../../../kernel/server.js'
 import { loadConfig } from '../../../schemas/config.js'
@@ -108,6 +110,69 @@ t.test('a blocked event loop sheds load, then the instance recovers by itself', 
   t.ok(ready503, 'readiness said pressure')
   await untilStatus(app, 200)
   t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_load_shed_total\{reason="eventLoopDelay"\} [1-9]/)
+})
+
+/** A raw client on `url` whose messages are kept, parsed, in order. */
+async function socket (t: Teardown, url: string): Promise<{ ws: WebSocket, messages: any[] }> {
+  const ws = new WebSocket(url, { headers: system })
+  t.teardown(() => ws.terminate())
+  const messages: any[] = []
+  ws.on('message', data => messages.push(JSON.parse(String(data))))
+  await new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject) })
+  return { ws, messages }
+}
+
+t.test('calls and subscribes on sockets already open are shed too; running subscriptions go on', async t => {
+  const { app, port } = await pressured(t, { BFF_MAX_HEAP_BYTES: 0, BFF_MAX_EVENT_LOOP_DELAY_MS: 0 })
+  const ws = await socket(t, `ws://127.0.0.1:${port}/ws`)
+  const subscribed = await socket(t, `ws://127.0.0.1:${port}/ws`)
+  const trpc = await socket(t, `ws://127.0.0.1:${port}/trpc`)
+  const gql = createClient({ url: `ws://127.0.0.1:${port}/graphql`, webSocketImpl: WebSocket, connectionParams: system, retryAttempts: 0, lazy: false })
+  t.teardown(() => gql.dispose())
+  subscribed.ws.send(JSON.stringify({ id: 's', subscribe: 'runUpdated' }))
+  await until(() => subscribed.messages.length === 1, 'subscribed')
+  t.same(subscribed.messages.shift(), { id: 's', subscribed: 'runUpdated' })
+
+  // The sockets are open: now past a bound. Only the bound the sockets' check reads is lowered
+  // (under-pressure's own is fixed at start), as a sample past it would do.
+  app.loadShedding.limits.maxHeapBytes = 1
+  t.match(app.loadShedding.status(), { reason: 'heapUsedBytes' })
+  const overloaded = { code: 'OVERLOADED', status: 503, detail: 'The gateway is overloaded: retry later', retryAfter: 5 }
+
+  // /ws: a call and a new subscribe are refused, with the wait HTTP's Retry-After says.
+  ws.ws.send(JSON.stringify({ id: '1', op: 'getAgent', input: { id: 'a1' } }))
+  ws.ws.send(JSON.stringify({ id: '2', subscribe: 'runUpdated' }))
+  await until(() => ws.messages.length === 2, '/ws answers')
+  // A subscribe is answered at once, a call once it has run: found by id.
+  const byId = (id: string): any => ws.messages.find(m => m.id === id)
+  t.match(byId('1'), { id: '1', error: overloaded })
+  t.match(byId('2'), { id: '2', error: overloaded })
+  ws.messages.length = 0
+  // tRPC over WebSocket: a query and a mutation.
+  trpc.ws.send(JSON.stringify({ id: 1, method: 'query', params: { path: 'getAgent', input: { id: 'a1' } } }))
+  trpc.ws.send(JSON.stringify({ id: 2, method: 'mutation', params: { path: 'createAgent', input: { name: 'n', model: 'mantle-large' } } }))
+  await until(() => trpc.messages.length === 2, 'tRPC answers')
+  for (const id of [1, 2]) t.match(trpc.messages.find(m => m.id === id), { id, error: { data: { code: 'OVERLOADED', httpStatus: 503, retryAfter: 5 } } })
+  // graphql-ws: a new subscription.
+  const errors: unknown[] = []
+  gql.subscribe({ query: 'subscription { runUpdated { id } }' }, { next () {}, error (err) { errors.push(err) }, complete () {} })
+  await until(() => errors.length === 1, 'the GraphQL subscription refused')
+  t.match(errors[0], [{ message: 'The gateway is overloaded: retry later', extensions: { code: 'OVERLOADED', status: 503, retryAfter: 5 } }])
+  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_load_shed_total\{reason="heapUsedBytes"\} 5\n/, 'each counted')
+
+  // The subscription opened before still gets its events.
+  const run = { id: 'r1', agentId: 'a1', status: 'running', temperature: 0.5, promptChars: 1, output: null, error: null, createdAt: '2026-01-01T00:00:00.000Z', updatedAt: '2026-01-01T00:00:00.000Z', startedAt: null, finishedAt: null }
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run })
+  await until(() => subscribed.messages.length === 1, 'the event')
+  t.match(subscribed.messages[0], { event: 'runUpdated', data: { id: 'r1' } })
+
+  // Within the bounds again, the same sockets are served.
+  app.loadShedding.limits.maxHeapBytes = 0
+  ws.ws.send(JSON.stringify({ id: '3', op: 'getAgent', input: { id: 'a1' } }))
+  ws.ws.send(JSON.stringify({ id: '4', subscribe: 'runUpdated' }))
+  await until(() => ws.messages.length === 2, '/ws answers')
+  t.match(byId('3'), { id: '3', result: { id: 'a1' } })
+  t.same(byId('4'), { id: '4', subscribed: 'runUpdated' })
 })
 
 t.test('past the RSS bound calls are shed too', async t => {
