@@ -53,17 +53,50 @@ export function uuidv7 (ms: number = Date.now()): string {
     HEX_BYTE[b[i + 4]] + HEX_BYTE[b[i + 5]] + HEX_BYTE[b[i + 6]] + HEX_BYTE[b[i + 7]] + HEX_BYTE[b[i + 8]] + HEX_BYTE[b[i + 9]]
 }
 
-const TRACEPARENT = /^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$/
+// Version 00 is exactly these 55 characters. A higher version (not ff, which is invalid) is read
+// by its first 55 characters, which must be followed by the end or a '-' (W3C Trace Context §3.3).
+const TRACEPARENT = /^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-|$)/
 const ZERO_TRACE = '0'.repeat(32)
 const ZERO_SPAN = '0'.repeat(16)
 
 /**
  * A W3C traceparent's parts, or null when it is absent or invalid (an all-zero trace id or
  * parent id included, which the spec says to ignore). One parser for the Kernel client and the
- * tracing plugin: the client's own did not reject an all-zero parent id, and continued it.
+ * tracing plugin: the client's own did not reject an all-zero parent id, and continued it. A
+ * higher version's flags keep only `sampled`, the one flag of the version 00 header that carries
+ * them on: its other flags are unknown here.
  */
 export function parseTraceparent (header: string | undefined): { traceId: string, spanId: string, flags: string } | null {
   const m = header === undefined ? null : TRACEPARENT.exec(header)
-  if (m === null || m[1] === ZERO_TRACE || m[2] === ZERO_SPAN) return null
-  return { traceId: m[1], spanId: m[2], flags: m[3] }
+  if (m === null || m[2] === ZERO_TRACE || m[3] === ZERO_SPAN) return null
+  if (m[1] === '00') return header!.length === 55 ? { traceId: m[2], spanId: m[3], flags: m[4] } : null
+  if (m[1] === 'ff') return null
+  return { traceId: m[2], spanId: m[3], flags: (parseInt(m[4], 16) & 1) === 1 ? '01' : '00' }
+}
+
+/** Most characters and list members of a tracestate forwarded (W3C Trace Context §3.3.1.1, §3.3.1.5). */
+export const TRACESTATE_MAX_CHARS = 512
+export const TRACESTATE_MAX_MEMBERS = 32
+// A list member, OWS trimmed: a simple key or tenant@system, '=', a value of printable ASCII but
+// ',' and '=' that does not end in a space (W3C Trace Context §3.3.1.3).
+const TRACESTATE_MEMBER = /^(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]$/
+const OWS = /^[ \t]+|[ \t]+$/g
+
+/**
+ * A caller's tracestate as it may go on with its traceparent: as received when it is well
+ * formed (list members as the spec writes them, no key twice, empty members allowed) and within
+ * TRACESTATE_MAX_CHARS and TRACESTATE_MAX_MEMBERS; otherwise undefined, and none is forwarded.
+ * Only called when the header is present and the traceparent valid.
+ */
+export function checkedTracestate (header: string): string | undefined {
+  if (header.length > TRACESTATE_MAX_CHARS) return undefined
+  const keys: string[] = []
+  for (const raw of header.split(',')) {
+    const member = raw.replace(OWS, '')
+    if (member === '') continue
+    if (!TRACESTATE_MEMBER.test(member)) return undefined
+    const key = member.slice(0, member.indexOf('='))
+    if (keys.includes(key) || keys.push(key) > TRACESTATE_MAX_MEMBERS) return undefined
+  }
+  return keys.length === 0 ? undefined : header
 }

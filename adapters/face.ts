@@ -23,6 +23,8 @@ export interface FaceCall {
   input: unknown
   authorization: string | undefined
   traceparent?: string | undefined
+  /** The caller's tracestate, forwarded with the traceparent (CallContext.tracestate). */
+  tracestate?: string | undefined
   idempotencyKey?: string | null | undefined
   /** A refusal the face decided (a bound of its own): the pipeline's validation stage throws it. */
   refusal?: MantleError | undefined
@@ -132,6 +134,7 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     // the pipeline, so that the refusal has its audit entry.
     const input = call.input === undefined || call.input === null ? {} : call.input
     const ctx = new CallContext(call.requestId, call.protocol, op, input as Record<string, unknown>, call.authorization, call.traceparent, op.type === 'mutation' ? call.idempotencyKey : undefined)
+    ctx.tracestate = call.tracestate
     if (call.memo !== undefined) ctx.memo = call.memo
     if (call.refusal !== undefined) ctx.refusal = call.refusal
     if (call.caller != null) ctx.caller = call.caller

@@ -59,10 +59,11 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     const memo = new Map<string, Promise<unknown>>()
     const authorization = request.headers.authorization
     const traceparent = single(request.headers.traceparent)
+    const tracestate = single(request.headers.tracestate)
     const idempotencyKey = idempotencyKeyOf(request)
     // Results are matched to calls by id, and a call's idempotency key is made of its id.
     if (new Set(calls.map(call => call.id)).size !== calls.length) throw new MantleError('VALIDATION_FAILED', 'Each call of a batch needs an id of its own')
-    const outcomes = await Promise.all(calls.map(async (call, n) => await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, idempotencyKey: callKey(idempotencyKey, call.id), memo, caller: reply.raw })))
+    const outcomes = await Promise.all(calls.map(async (call, n) => await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, tracestate, idempotencyKey: callKey(idempotencyKey, call.id), memo, caller: reply.raw })))
     // In the calls' order: which results are left out does not depend on when they came.
     const budget = new AnswerBudget()
     const parts = outcomes.map((outcome, n) => callEnvelope(JSON.stringify(calls[n].id), budget.admit(outcome, app.pipeline.manifest.byName.get(calls[n].op)?.type === 'query', `${request.id}.${n}`)))

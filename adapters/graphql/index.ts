@@ -36,6 +36,7 @@ interface RequestContext {
   requestId: string
   authorization: string | undefined
   traceparent: string | undefined
+  tracestate: string | undefined
   idempotencyKey: string | null | undefined
   memo: Map<string, Promise<unknown>>
   /** The document runs a mutation (its fields' errors past the answer's bound say they ran: see onResolution). */
@@ -141,6 +142,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         input,
         authorization: ctx.authorization,
         traceparent: ctx.traceparent,
+        tracestate: ctx.tracestate,
         // Each mutation field of a document of several is its own call: the key names the
         // field, as a batch's key names the call. A document of one field keeps the key as sent,
         // as REST does: a repeat over another face found no outcome under `<key> <field>`, and
@@ -209,6 +211,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
       requestId: request.id,
       authorization: request.headers.authorization,
       traceparent: single(request.headers.traceparent),
+      tracestate: single(request.headers.tracestate),
       idempotencyKey: idempotencyKeyOf(request),
       memo: new Map(),
       n: 0,

@@ -163,6 +163,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     // (the ETags then went out, but a matching If-None-Match never got its 304).
     // Before, a cached query over POST answered a matching If-None-Match with a 304.
     if (conditional) ctx.ifNoneMatch = single(headers['if-none-match'])
+    ctx.tracestate = single(headers.tracestate)
     ctx.caller = reply.raw
     let result: unknown
     try {

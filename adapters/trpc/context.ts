@@ -25,6 +25,7 @@ export interface TrpcContext {
   /** What a batch's calls have answered (null: one call, or a WebSocket, a message a call). */
   readonly answer: AnswerBudget | null
   readonly traceparent: string | undefined
+  readonly tracestate: string | undefined
   readonly idempotencyKey: string | null | undefined
   /** The connection's socket; null over HTTP. Its subscriptions pause while it holds too much; a call closes it. */
   readonly socket: WebSocket | null
@@ -66,6 +67,7 @@ export function httpContext (request: FastifyRequest, response: ServerResponse, 
     memo: batch ? new Map() : null,
     answer: batch ? new AnswerBudget() : null,
     traceparent: single(request.headers.traceparent),
+    tracestate: single(request.headers.tracestate),
     idempotencyKey: idempotencyKeyOf(request),
     socket: null,
     caller: response,
@@ -109,6 +111,7 @@ export function socketContext (socket: WebSocket, upgrade: string | undefined, c
     memo: null,
     answer: null,
     traceparent: undefined,
+    tracestate: undefined,
     idempotencyKey: undefined,
     socket,
     caller: socket,

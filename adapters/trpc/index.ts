@@ -240,6 +240,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         input,
         authorization: request.headers.authorization ?? queryToken(request),
         traceparent: single(request.headers.traceparent),
+        tracestate: single(request.headers.tracestate),
         idempotencyKey: idempotencyKeyOf(request),
         caller: reply.raw
       })

@@ -299,6 +299,7 @@ export class ResponseCache {
   private refresh (op: string, key: EntryKeys, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): void {
     if (this.running(key.local, tagKeys) !== undefined) return
     const own = new CallContext(ctx.requestId + '.refresh', ctx.protocol, ctx.op, ctx.input, ctx.authorization, ctx.traceparent, undefined)
+    own.tracestate = ctx.tracestate
     own.tenant = ctx.tenant
     own.user = ctx.user
     own.roles = ctx.roles

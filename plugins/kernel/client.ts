@@ -1,5 +1,5 @@
 import { Pool, type Dispatcher } from 'undici'
-import { parseTraceparent, randomHex } from '../../ids.js'
+import { checkedTracestate, parseTraceparent, randomHex } from '../../ids.js'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { EventEmitter } from 'node:events'
 import { MantleError } from '../../errors.js'
@@ -173,6 +173,14 @@ export class KernelClient {
         'x-user-id': ctx.user,
         'x-user-roles': ctx.roles.join(','),
         traceparent: ctx.traced ? ctx.traceparent! : childTraceparent(ctx.traceparent)
+      }
+      // The caller's tracestate goes on with its trace, when it is well formed and within its
+      // bounds; not with a trace started here (its traceparent was absent or invalid: the tracing
+      // stage has then dropped it, and childTraceparent started a new trace). Nothing to do
+      // without one.
+      if (ctx.tracestate !== undefined && (ctx.traced || parseTraceparent(ctx.traceparent) !== null)) {
+        const tracestate = checkedTracestate(ctx.tracestate)
+        if (tracestate !== undefined) headers.tracestate = tracestate
       }
       if (body !== undefined) headers['content-type'] = 'application/json'
       if (ctx.idempotencyKey != null) headers['idempotency-key'] = ctx.idempotencyKey

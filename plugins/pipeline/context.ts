@@ -37,6 +37,11 @@ export class CallContext {
   readonly authorization: string | undefined
   /** The caller's W3C traceparent; the tracing stage replaces it with the call's own span. */
   traceparent: string | undefined
+  /**
+   * The caller's W3C tracestate, as received (undefined: none); forwarded with the traceparent
+   * when both are valid (the tracing stage drops it when the traceparent was not).
+   */
+  tracestate: string | undefined
   /** True when `traceparent` is the call's own span, which the Kernel call then continues. */
   traced: boolean
   /** The mutation's Idempotency-Key; null: one was sent that no store could key on (validation refuses it). */
@@ -102,6 +107,7 @@ export class CallContext {
     this.input = input
     this.authorization = authorization
     this.traceparent = traceparent
+    this.tracestate = undefined
     this.traced = false
     this.idempotencyKey = idempotencyKey
     // With identity off every call is the public tenant's anonymous user.

@@ -109,6 +109,8 @@ async function tracingPlugin (app: FastifyInstance, opts: TracingOptions): Promi
           attributes: { 'mantle.operation': op.name, 'mantle.operation.type': kind, 'mantle.protocol': ctx.protocol, 'mantle.request_id': ctx.requestId }
         }, parentContext(ctx.traceparent))
         const sc = span.spanContext()
+        // A tracestate belongs to the caller's trace: not to one started here.
+        if (ctx.tracestate !== undefined && parseTraceparent(ctx.traceparent) === null) ctx.tracestate = undefined
         // The Kernel call continues this span: its traceparent names this span as parent.
         ctx.traceparent = `00-${sc.traceId}-${sc.spanId}-0${sc.traceFlags & TraceFlags.SAMPLED}`
         ctx.traced = true

@@ -8,6 +8,8 @@ import { childTraceparent } from '../../../plugins/kernel/index.js'
 import { buildApp } from '../../../app.js'
 import { startKernel } from '../../../kernel/server.js'
 import { trace } from '@opentelemetry/api'
+import type { InjectOptions } from 'fastify'
+import { checkedTracestate } from '../../../ids.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 interface OtlpSpan { traceId: string, spanId: string, parentSpanId?: string, name: string, kind: number, status?: { code?: number, message?: string }, attributes: Array<{ key: string, value: Record<string, unknown> }> }
@@ -106,6 +108,76 @@ t.test('a traceparent whose parent id is all zeros is not continued, with tracin
   t.equal(trace.getSpanContext(parentContext(bad)), undefined)
   t.not(childTraceparent(bad).split('-')[1], trace0)
   t.equal(childTraceparent(`00-${trace0}-00f067aa0ba902b7-01`).split('-')[1], trace0, 'a valid one is continued')
+})
+
+// W3C Trace Context §3.3: a higher version (not ff) is read by its first 55 characters, when
+// they are followed by '-' or the end. Only version 00 was read: such a caller's trace was lost.
+t.test('a traceparent of a higher version is continued by its first 55 characters, with tracing on or off', async t => {
+  const id = '4bf92f3577b34da6a3ce929d0e0e4736'
+  const span = '00f067aa0ba902b7'
+  for (const good of [`01-${id}-${span}-01`, `01-${id}-${span}-01-what-comes-next`, `cc-${id}-${span}-03-x`]) {
+    t.match(trace.getSpanContext(parentContext(good)), { traceId: id, spanId: span, traceFlags: 1, isRemote: true }, good)
+    t.match(childTraceparent(good), new RegExp(`^00-${id}-[0-9a-f]{16}-01$`), `${good}: continued as version 00, sampled kept`)
+  }
+  t.match(childTraceparent(`01-${id}-${span}-02`), new RegExp(`^00-${id}-[0-9a-f]{16}-00$`), 'a higher version\'s unknown flags are not carried on')
+  for (const bad of [`ff-${id}-${span}-01`, `01-${id}-${span}-01x`, `01-${id}-${span}-0`, `00-${id}-${span}-01-extra`, `0g-${id}-${span}-01`, `01-${id.toUpperCase()}-${span}-01`]) {
+    t.equal(trace.getSpanContext(parentContext(bad)), undefined, bad)
+    t.not(childTraceparent(bad).split('-')[1], id, `${bad}: a new trace`)
+  }
+
+  const kernel = await startTestKernel(t, { 'GET /things/a': (_req, res) => json(res, 200, { id: 'a' }) })
+  const off = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const on = await buildTestApp(t, { OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: 'http://127.0.0.1:9/v1/traces' }, { manifest, kernelUrl: kernel.url, traceExporter: { export: (_spans: unknown[], done: (r: { code: number }) => void) => done({ code: 0 }), shutdown: async () => {} } })
+  for (const app of [off, on]) {
+    for (const traceparent of [`01-${id}-${span}-01`, `01-${id}-${span}-01-extra`]) {
+      t.equal((await app.inject({ url: '/api/v1/things/a', headers: { ...bearer(), traceparent } })).statusCode, 200)
+      t.match(kernel.requests.at(-1)!.headers.traceparent, new RegExp(`^00-${id}-[0-9a-f]{16}-01$`), `${traceparent} continued`)
+    }
+  }
+})
+
+// A caller's tracestate goes with its trace (W3C Trace Context §3.3: forwarded with the
+// traceparent, bounded, dropped when malformed or when the traceparent was invalid). It was
+// dropped, with tracing on and off.
+t.test('a tracestate is forwarded with the traceparent on every HTTP face, with tracing on or off', async t => {
+  const traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'
+  const kernel = await startTestKernel(t, { 'GET /things/a': (_req, res) => json(res, 200, { id: 'a' }) })
+  const off = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const on = await buildTestApp(t, { OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: 'http://127.0.0.1:9/v1/traces' }, { manifest, kernelUrl: kernel.url, traceExporter: { export: (_spans: unknown[], done: (r: { code: number }) => void) => done({ code: 0 }), shutdown: async () => {} } })
+  const faces: Array<[string, (headers: Record<string, string>) => InjectOptions]> = [
+    ['REST', headers => ({ method: 'GET', url: '/api/v1/things/a', headers })],
+    ['batch', headers => ({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls: [{ id: '1', op: 'getThing', input: { id: 'a' } }] } })],
+    ['tRPC', headers => ({ method: 'GET', url: '/trpc/getThing?input=' + encodeURIComponent('{"id":"a"}'), headers })],
+    ['tRPC batch', headers => ({ method: 'GET', url: '/trpc/getThing?batch=1&input=' + encodeURIComponent('{"0":{"id":"a"}}'), headers })],
+    ['GraphQL', headers => ({ method: 'POST', url: '/graphql', headers, payload: { query: '{ getThing(id: "a") { id } }' } })]
+  ]
+  const sent = async (app: typeof on, request: InjectOptions): Promise<unknown> => {
+    const before = kernel.requests.length
+    const res = await app.inject(request)
+    t.equal(res.statusCode, 200, `${request.url} answered`)
+    t.equal(kernel.requests.length, before + 1, 'one Kernel call')
+    return kernel.requests.at(-1)!.headers.tracestate
+  }
+  for (const [tracing, app] of [['off', off], ['on', on]] as const) {
+    for (const [face, request] of faces) {
+      const what = `${face}, tracing ${tracing}`
+      t.equal(await sent(app, request({ ...bearer(), traceparent, tracestate: 'vendor=abc,other=1' })), 'vendor=abc,other=1', `${what}: forwarded`)
+      t.equal(await sent(app, request({ ...bearer(), traceparent })), undefined, `${what}: none received, none sent`)
+      t.equal(await sent(app, request({ ...bearer(), tracestate: 'vendor=abc' })), undefined, `${what}: no traceparent, a new trace: not forwarded`)
+      t.equal(await sent(app, request({ ...bearer(), traceparent: 'junk', tracestate: 'vendor=abc' })), undefined, `${what}: an invalid traceparent, a new trace: not forwarded`)
+      t.equal(await sent(app, request({ ...bearer(), traceparent, tracestate: 'Vendor=abc' })), undefined, `${what}: malformed: not forwarded`)
+    }
+  }
+})
+
+t.test('a tracestate is forwarded as received when well formed and within 512 characters and 32 members', async t => {
+  const members = (n: number): string => Array.from({ length: n }, (_, i) => `k${i}=v`).join(',')
+  for (const good of ['vendor=abc,other=1', 'a=1 , b=2\t,,c=x y', 'tenant@system=v', '0t@s=v', 'a-_*/=!~', 'a= b', 'k=' + 'v'.repeat(256), members(32), 'k=' + 'v'.repeat(250) + ',j=' + 'w'.repeat(250)]) {
+    t.equal(checkedTracestate(good), good, good)
+  }
+  for (const bad of ['', ',', 'Vendor=abc', 'a=1,a=2', 'a', 'a=', 'a=b\u007f', 'a=b=c', 'a=b,c', '@s=v', 't@=v', 't@S=v', 'a=\u00e9', members(33), 'k=' + 'v'.repeat(257), 'k'.repeat(257) + '=v', 'a=1,' + 'b'.repeat(600) + '=1', 'k=' + 'v'.repeat(255) + ',j=' + 'w'.repeat(255)]) {
+    t.equal(checkedTracestate(bad), undefined, bad.slice(0, 40))
+  }
 })
 
 // The exporter's default timeout (10 s) was close-with-grace's whole grace period: with a
