@@ -9,7 +9,7 @@ import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { ProblemSchema } from './schemas/manifest.js'
 import { loadManifestFile, type Manifest } from './manifest.js'
-import { toProblem, MantleError } from './errors.js'
+import { toProblem, MantleError, type ErrorCode } from './errors.js'
 import pipeline from './plugins/pipeline/index.js'
 import metrics from './plugins/metrics/index.js'
 import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
@@ -81,6 +81,24 @@ export const MAX_PIPELINED = 128
 export const MAX_PIPELINED_BYTES = 512 * 1024
 const REQUEST_BYTES = 2048
 const HEADER_STRING_BYTES = 32
+
+/** The longest a request's head may take to arrive (ms): a head is 16 KB at the most. BFF_REQUEST_TIMEOUT_MS bounds it too. */
+export const HEADERS_TIMEOUT_MS = 10_000
+
+/**
+ * Node's HTTP server options bounding how long a request may take to arrive (its head within
+ * HEADERS_TIMEOUT_MS, head and body within BFF_REQUEST_TIMEOUT_MS), and how often it checks:
+ * every tenth of the request timeout (100 ms to 5 s), so that a request is cut at most a tenth
+ * late (Node's default, every 30 s, let one take up to twice the timeout). Only a request still
+ * arriving is timed: a call the gateway is answering, an SSE stream and an upgraded WebSocket are not.
+ */
+export function requestTimeouts (requestTimeoutMs: number): { requestTimeout: number, headersTimeout: number, connectionsCheckingInterval: number } {
+  return {
+    requestTimeout: requestTimeoutMs,
+    headersTimeout: Math.min(HEADERS_TIMEOUT_MS, requestTimeoutMs),
+    connectionsCheckingInterval: Math.min(5000, Math.max(100, Math.ceil(requestTimeoutMs / 10)))
+  }
+}
 
 /** How long a WebSocket client has to complete the close at shutdown before it is cut. */
 export const WEBSOCKET_CLOSE_GRACE_MS = 2000
@@ -170,11 +188,11 @@ const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/
  * A problem+json answer written straight to a socket, for requests that never become a Fastify
  * request; the gateway then closes its side.
  */
-function answerRaw (socket: Duplex, status: number, detail: string, extra: string = ''): void {
+function answerRaw (socket: Duplex, status: number, detail: string, extra: string = '', code: ErrorCode = 'BAD_REQUEST'): void {
   // As every other answer: a request id the gateway made (UUIDv7), in the body and the header,
   // and the security headers (these had a v4 id in the body alone, and no security header).
   const id = uuidv7()
-  const body = JSON.stringify(toProblem(new MantleError('BAD_REQUEST', detail, { status }), id).problem)
+  const body = JSON.stringify(toProblem(new MantleError(code, detail, { status }), id).problem)
   socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nx-request-id: ${id}\r\n${SECURITY_LINES}${extra}Connection: close\r\n\r\n${body}`)
 }
 
@@ -204,7 +222,9 @@ function lingeringClose (socket: Duplex): void {
  */
 function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): void {
   if (lingering.has(socket)) return
-  if (err.code === 'ECONNRESET' || socket.destroyed || !socket.writable) {
+  // An answer already begun on the connection (a request pipelined behind it timed out): another
+  // written now would land inside it. Node itself closes the connection then.
+  if (err.code === 'ECONNRESET' || socket.destroyed || !socket.writable || (socket as HttpSocket)._httpMessage?.headersSent === true) {
     socket.destroy()
     return
   }
@@ -231,6 +251,21 @@ function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: 
   done(err)
 }
 
+/** What Node's HTTP server keeps on a connection's socket: its answer under way, and its parser (null once upgraded). */
+type HttpSocket = Duplex & { _httpMessage?: ServerResponse | null, parser?: unknown }
+
+/**
+ * A route's first preValidation, once its body has arrived: a request whose connection the gateway
+ * has already answered and is closing (408 for a body too slow to arrive, 503 at shutdown) runs
+ * nothing. Its answer went out while its body still came, and the rest of it could still arrive
+ * within the linger: the call would then have run, a mutation included, behind a refusal.
+ */
+function notAnsweredAlready (request: FastifyRequest, reply: FastifyReply, done: () => void): void {
+  if (lingering.has(request.raw.socket)) reply.hijack()
+  done()
+}
+const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH', 'DELETE'])
+
 /** A HEAD route's last onSend: no Content-Length on a 304 or a 204, which carry no body length of their own. */
 function withoutBodyLength (_request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void): void {
   if (reply.statusCode === 304 || reply.statusCode === 204) reply.removeHeader('content-length')
@@ -255,6 +290,11 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       ...(options.logStream === undefined ? {} : { stream: options.logStream })
     },
     bodyLimit: config.BFF_BODY_LIMIT,
+    // A request that never finishes arriving (a body or a head sent a byte at a time) is answered
+    // 408 and its connection closed: without a bound it held the connection for ever, and the
+    // shutdown with it (the process was killed at its grace, the audit never flushed).
+    requestTimeout: config.BFF_REQUEST_TIMEOUT_MS,
+    http: (({ headersTimeout, connectionsCheckingInterval }) => ({ headersTimeout, connectionsCheckingInterval }))(requestTimeouts(config.BFF_REQUEST_TIMEOUT_MS)),
     // The client's address (the guard's key before identity, logs) from X-Forwarded-For, through
     // the proxies named here only: believed from anyone, any client could pick its own key.
     ...(config.BFF_TRUST_PROXY === undefined ? {} : { trustProxy: config.BFF_TRUST_PROXY }),
@@ -305,6 +345,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // Added before any route, so that it applies to every one, and runs after Fastify's own.
   app.addHook('onRoute', (route) => {
     if (route.method === 'HEAD') route.onSend = withHook(route.onSend, withoutBodyLength)
+    const methods = Array.isArray(route.method) ? route.method : [route.method]
+    if (methods.some(method => BODY_METHODS.has(method))) route.preValidation = withHook(route.preValidation, notAnsweredAlready, true)
   })
   app.setNotFoundHandler((request, reply) => {
     errorHandler(new MantleError('NOT_FOUND', `No route ${request.method} ${request.url.split('?')[0]}`), request, reply)
@@ -319,8 +361,12 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   })
   // Node's server closes a connection after an answer that ends it (connection: close, as
   // Fastify answers a body it refused unread) with destroySoon: it lingers instead.
+  // Every open connection, for the shutdown to find those whose request is still arriving.
+  const connections = new Set<Socket>()
   app.server.on('connection', (socket: Socket) => {
     socket.destroySoon = () => { lingeringClose(socket) }
+    connections.add(socket)
+    socket.once('close', () => { connections.delete(socket) })
   })
   // A request parsed from what a lingering connection still brings (pipelined after the answer
   // that ended it, say after a refused body) is not served: its answer could not be sent, and
@@ -394,10 +440,39 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   })
   // Fastify closes idle keep-alive sockets once, when closing starts; a socket busy then would
   // hold the shutdown until its keep-alive timeout. Reap sockets as they turn idle instead.
+  // A request still arriving (its head, or its body, sent slowly or not at all) is not idle and
+  // Node stops timing requests once its server closes: it held the close until the process was
+  // killed at its grace, the audit never flushed. Once no call is in flight, each is answered
+  // 503 OVERLOADED and its connection closed (lingering, so a client still sending reads it):
+  // it never reached a handler and never will, a retry elsewhere is safe.
+  const reap = (): void => {
+    app.server.closeIdleConnections()
+    const arriving: HttpSocket[] = []
+    for (const socket of connections as Set<HttpSocket>) {
+      // Idle ones were just closed; an upgraded WebSocket (no parser) is closed by its face.
+      if (socket.destroyed || lingering.has(socket) || socket.parser === null || socket.parser === undefined) continue
+      const res = socket._httpMessage
+      if (res === null || res === undefined) {
+        arriving.push(socket)
+      } else if (!res.writableEnded) {
+        // A call in flight (its request whole): wait for it, it may still answer.
+        if (res.req.complete) return
+        arriving.push(socket)
+      }
+    }
+    for (const socket of arriving) {
+      if (socket._httpMessage?.headersSent === true) {
+        socket.destroy()
+      } else {
+        answerRaw(socket, 503, 'The gateway is shutting down: retry on another instance', 'Retry-After: 1\r\n', 'OVERLOADED')
+        lingeringClose(socket)
+      }
+    }
+  }
   let reaper: NodeJS.Timeout | null = null
   app.addHook('preClose', (done) => {
     closing = true
-    reaper = setInterval(() => app.server.closeIdleConnections(), 50)
+    reaper = setInterval(reap, 50)
     reaper.unref()
     done()
   })

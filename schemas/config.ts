@@ -55,6 +55,8 @@ export const ConfigSchema = Type.Object({
   // At most 256 MiB: a JSON body is read into one string, and V8 strings stop at 2^29 - 24 characters.
   BFF_TRUST_PROXY: Type.Optional(Type.String({ minLength: 1, description: 'addresses and CIDR ranges of the proxies in front of the gateway whose X-Forwarded-For is believed, comma-separated' })),
   BFF_BODY_LIMIT: Type.Integer({ minimum: 1, maximum: 268435456, default: 1048576, description: 'largest request body in bytes (beyond it 413)' }),
+  // A client that never finished sending its request held its connection for ever, and the shutdown with it.
+  BFF_REQUEST_TIMEOUT_MS: Type.Integer({ minimum: 100, maximum: 3600000, default: 30000, description: 'longest a request (its head and body) may take to arrive, ms; beyond it 408 and the connection is closed' }),
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces); with it, a span per call is exported' })),
   OTEL_EXPORTER_OTLP_ENDPOINT: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'OTLP/HTTP base URL; traces go to <it>/v1/traces (the _TRACES_ variable wins)' })),
   OTEL_SERVICE_NAME: Type.String({ minLength: 1, default: 'mantle', description: 'service.name of exported spans' }),
