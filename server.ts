@@ -127,8 +127,28 @@ export function holdHangups (): { serve: (reload: () => void) => void } {
   }
 }
 
+/**
+ * The signals close-with-grace would take as a shutdown that are none: SIGUSR2 is Node's
+ * diagnostic signal (`--report-on-signal` and `--heapsnapshot-signal` by default), and SIGTRAP a
+ * debugger's. A report or a heap snapshot taken of a running gateway shut it down. Each is
+ * logged and ignored (with no listener at all, its default action would end the process at once).
+ * The signals that shut the gateway down gracefully: SIGTERM (orchestrators), SIGINT (Ctrl-C),
+ * SIGQUIT (Ctrl-\, and what some supervisors send to stop); SIGHUP reloads the manifest.
+ */
+export const NOT_SHUTDOWN_SIGNALS = ['SIGUSR2', 'SIGTRAP'] as const
+
+/**
+ * Ignores NOT_SHUTDOWN_SIGNALS from now on (from start-up: one sent meanwhile ended the process),
+ * each told to `warn`; a `--report-on-signal` report or a heap snapshot is still written.
+ */
+export function ignoreNonShutdownSignals (warn: (msg: string) => void): void {
+  for (const signal of NOT_SHUTDOWN_SIGNALS) process.on(signal, () => { warn(`${signal} received: not a shutdown signal, ignored`) })
+}
+
 async function main (): Promise<void> {
   const hangups = holdHangups()
+  let warn = (msg: string): void => { process.stderr.write(`mantle: ${msg}\n`) }
+  ignoreNonShutdownSignals(msg => { warn(msg) })
   let config: Readonly<Config>
   let started: Started
   // A condition start-up refuses, found once the gateway runs (app.fatal, which logged it): the
@@ -156,12 +176,15 @@ async function main (): Promise<void> {
   }
   // SIGHUP: apply a changed manifest without a restart and without dropping a call.
   hangups.serve(reload)
-  // First SIGTERM/SIGINT: stop accepting, let in-flight calls finish, close the pool.
+  // First SIGTERM/SIGINT/SIGQUIT: stop accepting, let in-flight calls finish, close the pool.
   // A second signal exits at once (close-with-grace's default).
   // SIGHUP is the reload's, not a shutdown: close-with-grace listens to it by default, and the
-  // one signal both reloaded the manifest and took the replica down.
+  // one signal both reloaded the manifest and took the replica down. SIGUSR2 and SIGTRAP neither
+  // (ignored since start-up, above).
+  const log = started.app.log
+  warn = (msg) => { log.warn(msg) }
   let closing = false
-  const graceful = closeWithGrace({ delay: false, logger: started.app.log, skip: ['SIGHUP'] }, async ({ err, signal }) => {
+  const graceful = closeWithGrace({ delay: false, logger: started.app.log, skip: ['SIGHUP', ...NOT_SHUTDOWN_SIGNALS] }, async ({ err, signal }) => {
     closing = true
     grace = Math.max(grace, shutdownGraceMs(started.app.pipeline.manifest))
     if (err !== undefined) started.app.log.error({ err, graceMs: grace }, 'closing after an error')
