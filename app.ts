@@ -252,7 +252,7 @@ function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: 
 }
 
 /** What Node's HTTP server keeps on a connection's socket: its answer under way, and its parser (null once upgraded). */
-type HttpSocket = Duplex & { _httpMessage?: ServerResponse | null, parser?: unknown }
+type HttpSocket = Socket & { _httpMessage?: ServerResponse | null, parser?: unknown }
 
 /**
  * A route's first preValidation, once its body has arrived: a request whose connection the gateway
@@ -360,8 +360,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     lingeringClose(socket)
   })
   // Node's server closes a connection after an answer that ends it (connection: close, as
-  // Fastify answers a body it refused unread) with destroySoon: it lingers instead.
-  // Every open connection, for the shutdown to find those whose request is still arriving.
+  // Fastify answers a body it refused unread) with destroySoon: it lingers instead. Every open
+  // connection is kept, for the shutdown to find those whose request is still arriving.
   const connections = new Set<Socket>()
   app.server.on('connection', (socket: Socket) => {
     socket.destroySoon = () => { lingeringClose(socket) }
@@ -453,7 +453,10 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       if (socket.destroyed || lingering.has(socket) || socket.parser === null || socket.parser === undefined) continue
       const res = socket._httpMessage
       if (res === null || res === undefined) {
-        arriving.push(socket)
+        // A connection that never sent a byte (a browser's preconnect) is not idle to Node
+        // either: nothing was asked, so nothing is answered.
+        if (socket.bytesRead === 0) socket.destroy()
+        else arriving.push(socket)
       } else if (!res.writableEnded) {
         // A call in flight (its request whole): wait for it, it may still answer.
         if (res.req.complete) return

@@ -150,6 +150,13 @@ t.test('at shutdown, requests still arriving are answered 503 once no call is in
   const port = await listen(app)
   const body = stalled(t, port, STALLED_BODY, 'a', 500)
   const head = stalled(t, port, STALLED_HEAD, 'X: y\r\n', 500)
+  // Connected, and never a byte sent (a browser's preconnect): not idle to Node either.
+  const silent = connect({ port, host: '127.0.0.1' })
+  t.teardown(() => silent.destroy())
+  silent.on('error', () => {})
+  let heard = ''
+  silent.on('data', (chunk: Buffer) => { heard += chunk.toString('latin1') })
+  const silentClosed = new Promise<void>(resolve => silent.once('close', () => resolve()))
   const call = fetch(`http://127.0.0.1:${port}/api/v1/slow`, { headers: bearer() })
   await until(() => kernel.requests.length === 1, 'the slow call to reach the Kernel')
   const started = Date.now()
@@ -168,6 +175,8 @@ t.test('at shutdown, requests still arriving are answered 503 once no call is in
     t.match(s.answer(), /\r\nRetry-After: 1\r\n/i)
     t.match(problemOf(s.answer()), { status: 503, code: 'OVERLOADED', detail: /shutting down/ })
   }
+  await silentClosed
+  t.equal(heard, '', 'a connection that asked nothing is closed unanswered')
   t.equal(app.audit.health().queueDepth, 0, 'the audit queue was flushed')
   const entries = (await app.audit.store.query({ limit: 10 })).entries
   t.ok(entries.some(e => e.action === 'slow' && e.statusCode === 200), 'the call\'s entry is stored')
