@@ -5,7 +5,7 @@ import { fastifyRequestHandler } from '@trpc/server/adapters/fastify'
 import { getWSConnectionHandler } from '@trpc/server/adapters/ws'
 import type { TRPCRequestInfo } from '@trpc/server/http'
 import type { WebSocket } from 'ws'
-import type { IncomingMessage } from 'node:http'
+import type { IncomingHttpHeaders, IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
@@ -125,6 +125,17 @@ function awaitsParams (request: FastifyRequest): boolean {
   return (Array.isArray(value) ? value[0] : value) === '1'
 }
 
+/**
+ * Whether tRPC answers this request as a stream of results (httpBatchStreamLink's jsonl), read
+ * as tRPC reads it: `trpc-accept: application/jsonl`, or, without that header, application/jsonl
+ * among `Accept`'s types.
+ */
+export function asksForStream (headers: IncomingHttpHeaders): boolean {
+  const trpcAccept = headers['trpc-accept']
+  if (trpcAccept !== undefined) return trpcAccept === 'application/jsonl'
+  return headers.accept?.split(',').some(type => type.trim() === 'application/jsonl') === true
+}
+
 /** tRPC's own refusals of a request it could not make calls of (see `refusedEarly`). */
 const EARLY_REFUSALS: ReadonlySet<TRPCError['code']> = new Set(['PARSE_ERROR', 'BAD_REQUEST', 'PAYLOAD_TOO_LARGE', 'UNSUPPORTED_MEDIA_TYPE'])
 
@@ -212,6 +223,10 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     // streams and a Response for every call: 3x the CPU of a REST call on this machine. Anything
     // else, including every malformed request, goes to tRPC's own handler below.
     const operations = app.pipeline.manifest.byName
+    // A streamed batch goes out uncompressed: gzip and brotli hold their output until the stream
+    // ends, and httpBatchStreamLink must get each result as it completes. @fastify/compress skips
+    // a request that carries `x-no-compression` (tRPC's SSE is text/event-stream, never compressed).
+    const compressing = app.hasReplyDecorator('compress')
     const singleCall = (request: FastifyRequest, path: string): { input: unknown } | null => {
       const op = operations.get(path)
       if (op === undefined) return null
@@ -265,6 +280,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         refuseUnusableUrl(request)
         const call = singleCall(request, path)
         if (call !== null) return await answerSingle(request, reply, path, call.input)
+        if (compressing && asksForStream(request.headers)) request.raw.headers['x-no-compression'] = 'jsonl'
         await fastifyRequestHandler({
           router,
           req: request,

@@ -1,5 +1,7 @@
 import t from 'tap'
 import { Readable } from 'node:stream'
+import { request, type IncomingHttpHeaders } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { brotliDecompressSync, gunzipSync, inflateSync, gzipSync } from 'node:zlib'
 import type { FastifyInstance } from 'fastify'
 import { buildApp } from '../../../app.js'
@@ -174,4 +176,52 @@ t.test('a 304 carries the Vary its 200 carries', async t => {
   t.equal(plain.headers['content-encoding'], undefined)
   t.equal(plain.headers.etag, etag)
   t.match(etag, /^W\//, 'weak')
+})
+
+// httpBatchStreamLink (`trpc-accept: application/jsonl`) gets each result as it completes. The
+// stream went out as application/json, and gzip and brotli held it until its end: with
+// Accept-Encoding, the fast call's result came only when the slow one had completed.
+t.test('a streamed tRPC batch is not compressed: each result leaves as it completes', async t => {
+  let release = (): void => {}
+  const released = new Promise<void>(resolve => { release = resolve })
+  const kernel = await startTestKernel(t, {
+    'GET /v1/fast': (_req, res) => json(res, 200, { v: 'fast' }),
+    // Answers once the fast result has reached the client, or after 3 s at the latest.
+    'GET /v1/slow': async (_req, res) => {
+      await Promise.race([released, new Promise(resolve => setTimeout(resolve, 3000))])
+      json(res, 200, { v: 'slow' })
+    }
+  })
+  const output = { type: 'object', properties: { v: { type: 'string' } } }
+  const app = await buildApp(testConfig({ BFF_AUTH_ENABLED: false }), {
+    logger: false,
+    kernelUrl: kernel.url,
+    manifest: testManifest({
+      fast: { type: 'query', rest: 'GET /fast', kernel: 'GET /v1/fast', input: { type: 'object' }, output },
+      slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object' }, output, timeoutMs: 10000 }
+    }, { url: kernel.url, retries: 0 })
+  })
+  t.teardown(() => app.close())
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as AddressInfo).port
+  let fastFirst = false
+  const { headers, body } = await new Promise<{ headers: IncomingHttpHeaders, body: string }>((resolve, reject) => {
+    const path = '/trpc/fast,slow?batch=1&input=' + encodeURIComponent('{"0":{},"1":{}}')
+    request({ port, path, headers: { 'trpc-accept': 'application/jsonl', 'accept-encoding': 'gzip, br' } }, res => {
+      let text = ''
+      res.on('data', (chunk: Buffer) => {
+        text += chunk.toString('latin1')
+        if (!fastFirst && text.includes('"fast"') && !text.includes('"slow"')) {
+          fastFirst = true
+          release()
+        }
+      })
+      res.on('end', () => resolve({ headers: res.headers, body: text }))
+      res.on('error', reject)
+    }).on('error', reject).end()
+  })
+  release()
+  t.ok(fastFirst, 'the fast result came before the slow call had completed')
+  t.equal(headers['content-encoding'], undefined)
+  t.match(body, /"slow"/)
 })
