@@ -1,4 +1,4 @@
-import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply } from 'fastify'
+import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply, type RouteOptions } from 'fastify'
 import { uuidv7 } from './ids.js'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync } from 'node:fs'
@@ -272,6 +272,21 @@ function withoutBodyLength (_request: FastifyRequest, reply: FastifyReply, paylo
   done(null, payload)
 }
 
+/**
+ * A HEAD route's compression runs before Fastify's HEAD handler, so that HEAD carries the header
+ * fields GET would (RFC 9110 §9.3.2): its Content-Encoding, `Vary: accept-encoding` and the
+ * compressed Content-Length (none for a streamed body). After it, compression never saw a body
+ * (the handler had dropped it) and HEAD gave the uncompressed length, no coding and no Vary.
+ * @fastify/compress's onSend is the route's last, its onRoute hook having run just before this.
+ */
+function compressBeforeHead (route: RouteOptions): void {
+  if (route.method !== 'HEAD' || !Array.isArray(route.onSend)) return
+  const hooks = route.onSend
+  const head = hooks.findIndex(hook => hook.name === 'headRouteOnSendHandler')
+  if (head === -1 || head === hooks.length - 1) return
+  hooks.splice(head, 0, hooks.pop()!)
+}
+
 export async function buildApp (config: Readonly<Config>, options: BuildOptions = {}): Promise<FastifyInstance> {
   const refused = productionProblems(config)
   if (refused.length > 0) throw new ConfigError('Refusing to start in production: ' + refused.join('; '))
@@ -506,7 +521,11 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // Every concern, its order and its switch, in one place (ARCHITECTURE.md).
   await app.register(pipeline, { manifest })
   // Compression attaches itself to routes as they are declared: before any route.
-  if (config.BFF_COMPRESSION_ENABLED) await app.register(compression)
+  if (config.BFF_COMPRESSION_ENABLED) {
+    await app.register(compression)
+    // Added at once after compression's own: see compressBeforeHead.
+    app.addHook('onRoute', compressBeforeHead)
+  }
   let reloads: ((outcome: 'applied' | 'refused') => void) | null = null
   type Reload = { applied: boolean, reasons: string[] }
   const reloadOnce = async (): Promise<Reload> => {

@@ -178,6 +178,47 @@ t.test('a 304 carries the Vary its 200 carries', async t => {
   t.match(etag, /^W\//, 'weak')
 })
 
+// RFC 9110 §9.3.2: HEAD carries the header fields GET would. Fastify's HEAD route dropped the
+// body before @fastify/compress saw it: HEAD said `content-length: 2142` and no Content-Encoding
+// nor `Vary: accept-encoding`, where GET said gzip, 130 and `Vary: authorization, accept-encoding`.
+t.test('HEAD answers with the headers of GET, compressed or not', async t => {
+  const app = await buildDemoApp(t)
+  const created = await app.inject({ method: 'POST', url: '/api/v1/agents', headers: bearer(), payload: { name: 'big', description: 'x'.repeat(2000) } })
+  const url = `/api/v1/agents/${created.json().id as string}`
+  const fields = (headers: Record<string, unknown>): Record<string, unknown> => {
+    const { date, 'x-request-id': id, 'x-cache': cache, ...rest } = headers
+    return rest
+  }
+  for (const acceptEncoding of ['gzip', 'br', 'identity', undefined]) {
+    const headers = acceptEncoding === undefined ? bearer() : { ...bearer(), 'accept-encoding': acceptEncoding }
+    const get = await app.inject({ method: 'GET', url, headers })
+    const head = await app.inject({ method: 'HEAD', url, headers })
+    t.equal(head.statusCode, 200)
+    t.equal(head.rawPayload.length, 0, 'no body')
+    t.same(fields(head.headers), fields(get.headers), `${acceptEncoding ?? 'no Accept-Encoding'}: the same fields`)
+  }
+  const get = await app.inject({ method: 'GET', url, headers: { ...bearer(), 'accept-encoding': 'gzip' } })
+  t.equal(get.headers['content-encoding'], 'gzip')
+  t.equal(get.headers.vary, 'authorization, accept-encoding')
+  // And a streamed body, whose length is not known: neither says one.
+  const stream = await setup(t)
+  const headers = { 'accept-encoding': 'br' }
+  const streamedGet = await stream.inject({ method: 'GET', url: '/test/stream', headers })
+  const streamedHead = await stream.inject({ method: 'HEAD', url: '/test/stream', headers })
+  t.equal(streamedHead.headers['content-encoding'], 'br')
+  t.equal(streamedHead.headers['content-length'], undefined)
+  // Transfer-Encoding is the framing of a body, which HEAD has none of.
+  const { 'transfer-encoding': framing, ...streamedFields } = fields(streamedGet.headers)
+  t.equal(framing, 'chunked')
+  t.same(fields(streamedHead.headers), streamedFields)
+  // A 304 to HEAD keeps the 200's Vary, without a length.
+  const etag = get.headers.etag as string
+  const notModified = await app.inject({ method: 'HEAD', url, headers: { ...bearer(), 'accept-encoding': 'gzip', 'if-none-match': etag } })
+  t.equal(notModified.statusCode, 304)
+  t.equal(notModified.headers.vary, 'authorization, accept-encoding')
+  t.equal(notModified.headers['content-length'], undefined)
+})
+
 // httpBatchStreamLink (`trpc-accept: application/jsonl`) gets each result as it completes. The
 // stream went out as application/json, and gzip and brotli held it until its end: with
 // Accept-Encoding, the fast call's result came only when the slow one had completed.
