@@ -9,7 +9,7 @@ import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { ProblemSchema } from './schemas/manifest.js'
 import { loadManifestFile, type Manifest } from './manifest.js'
-import { toProblem, MantleError, type ErrorCode } from './errors.js'
+import { toProblem, logLevelOf, MantleError, type ErrorCode } from './errors.js'
 import pipeline from './plugins/pipeline/index.js'
 import metrics from './plugins/metrics/index.js'
 import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
@@ -746,8 +746,9 @@ export function redactUrl (url: string): string {
 
 function errorHandler (err: FastifyError | MantleError | Error, request: FastifyRequest, reply: FastifyReply): void {
   const { problem, headers } = toProblem(err, request.id)
-  if (problem.code === 'INTERNAL') request.log.error({ err }, 'unexpected error')
-  else if (problem.status >= 500) request.log.warn({ code: problem.code, detail: problem.detail }, 'call failed')
+  const level = logLevelOf(problem, headers)
+  if (level === 'error') request.log.error({ err }, 'unexpected error')
+  else if (level === 'warn') request.log.warn({ code: problem.code, detail: problem.detail }, 'call failed')
   if (headers !== null) reply.headers(headers)
   reply.code(problem.status).type('application/problem+json').send(problem)
 }

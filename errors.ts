@@ -146,6 +146,24 @@ const fastifyClientErrors: Record<string, [ErrorCode, string]> = {
 }
 
 /** Turns any thrown value into the problem a client sees; never exposes internals for 5xx. */
+/**
+ * How a failed call is logged, the one rule of every face: a gateway bug (`INTERNAL`) at error,
+ * a call the Kernel failed (`KERNEL_ERROR`, `KERNEL_TIMEOUT`, `KERNEL_UNAVAILABLE` when it could
+ * not be reached) at warn, and a refusal never, per request: it is the client's answer, and
+ * metrics count it. A refusal is every 4xx, `OVERLOADED` (load shed, a bound reached) and the
+ * `KERNEL_UNAVAILABLE` of an open breaker or a full bulkhead, made without a Kernel call: that
+ * one asks for a wait (`Retry-After`), which a Kernel that could not be reached does not.
+ */
+export function logLevelOf (problem: Problem, headers: Record<string, string> | null): 'error' | 'warn' | null {
+  switch (problem.code) {
+    case 'INTERNAL': return 'error'
+    case 'KERNEL_ERROR':
+    case 'KERNEL_TIMEOUT': return 'warn'
+    case 'KERNEL_UNAVAILABLE': return headers?.['retry-after'] === undefined ? 'warn' : null
+    default: return null
+  }
+}
+
 export function toProblem (err: unknown, requestId: string): { problem: Problem, headers: Record<string, string> | null } {
   if (err instanceof MantleError) {
     return {

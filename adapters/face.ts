@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify'
 import { CallContext, type Protocol, type CacheOutcome, type Caller } from '../plugins/pipeline/index.js'
-import { toProblem, retryAfterOf, MantleError, type Problem } from '../errors.js'
+import { toProblem, logLevelOf, retryAfterOf, MantleError, type Problem } from '../errors.js'
 
 /** What app.ts hands every face besides REST. */
 export interface FaceOptions {
@@ -143,7 +143,9 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     return new FaceValue(ctx.json ?? entry.serialize(result), ctx.status, ctx.headers, ctx.cache)
   } catch (err) {
     const { problem, headers } = toProblem(err, call.requestId)
-    if (problem.code === 'INTERNAL') app.log.error({ err, requestId: call.requestId }, 'unexpected error')
+    const level = logLevelOf(problem, headers)
+    if (level === 'error') app.log.error({ err, requestId: call.requestId }, 'unexpected error')
+    else if (level === 'warn') app.log.warn({ code: problem.code, detail: problem.detail, requestId: call.requestId }, 'call failed')
     return { ok: false, problem, headers }
   }
 }

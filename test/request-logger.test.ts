@@ -4,6 +4,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import { requestLoggerFactory } from '../request-logger.js'
 import { buildApp } from '../app.js'
 import { loadConfig } from '../schemas/config.js'
+import { closedPort, bearer, testConfig, testManifest, until } from './helper.js'
 
 /** A pino logger writing its lines into `lines`, with a count of the children made from it. */
 function capture (level: string): { root: FastifyBaseLogger, lines: Array<Record<string, unknown>>, children: () => number } {
@@ -97,4 +98,57 @@ t.test('the gateway: a request\'s error line carries its request id', async t =>
   t.equal(res.statusCode, 200)
   const mine = lines.map(l => JSON.parse(l) as Record<string, unknown>).filter(l => l.reqId === 'rid-logger-test')
   t.same(mine.map(l => l.msg), ['a handler failed'], 'the line written, with the request id; the info line dropped')
+})
+
+// A refusal is the client's answer, counted by metrics, never a log line per request, on every
+// face by one rule (errors.ts logLevelOf). REST logged every 5xx at warn as `call failed`: with
+// the heap bound passed, 1,000 shed calls wrote 1,000 lines; so did an open breaker's refusals,
+// made without a Kernel call. A Kernel that cannot be reached is still a warn, on every face.
+t.test('refusals write no log line per request; a Kernel that failed the call is a warn on every face', async t => {
+  const lines: Array<Record<string, unknown>> = []
+  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
+  const kernelUrl = `http://127.0.0.1:${await closedPort()}`
+  const manifest = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object' } }
+  }, { url: kernelUrl, retries: 0 })
+  const headers = bearer()
+  const trpcUrl = '/trpc/getItem?input=' + encodeURIComponent('{"id":"i1"}')
+
+  // A Kernel that cannot be reached: a warn per call, on REST and on tRPC alike.
+  const failing = await buildApp(testConfig({ LOG_LEVEL: 'warn', BFF_CIRCUIT_BREAKER_THRESHOLD: 2 }), { logStream, manifest, kernelUrl })
+  t.teardown(() => failing.close())
+  const rest = await failing.inject({ url: '/api/v1/items/i1', headers })
+  t.equal(rest.json().code, 'KERNEL_UNAVAILABLE')
+  t.equal(rest.headers['retry-after'], undefined, 'the Kernel was called and could not be reached')
+  t.equal((await failing.inject({ url: trpcUrl, headers })).json().error.data.code, 'KERNEL_UNAVAILABLE')
+  t.match(lines, [{ level: 40, msg: 'call failed', code: 'KERNEL_UNAVAILABLE' }, { level: 40, msg: 'call failed', code: 'KERNEL_UNAVAILABLE' }])
+  t.equal(lines.length, 2)
+  // The breaker is open now: its refusals, without a Kernel call, write nothing.
+  lines.length = 0
+  for (let i = 0; i < 20; i++) {
+    const refused = await failing.inject({ url: '/api/v1/items/i1', headers })
+    t.equal(refused.statusCode, 503)
+    t.not(refused.headers['retry-after'], undefined, 'the open breaker\'s refusal')
+    await failing.inject({ url: trpcUrl, headers })
+  }
+  t.same(lines, [], 'no line for an open breaker\'s refusals')
+
+  // Load shed (the heap bound passed): every call refused OVERLOADED, no line for any of them.
+  const shedding = await buildApp(testConfig({ LOG_LEVEL: 'warn', BFF_MAX_HEAP_BYTES: 1 }), { logStream, manifest, kernelUrl, pressureSampleIntervalMs: 100 })
+  t.teardown(() => shedding.close())
+  let last = 0
+  const poll = setInterval(() => { shedding.inject({ url: '/api/v1/items/i1', headers }).then(r => { last = r.statusCode }, () => {}) }, 10)
+  try {
+    await until(() => last === 503, 'a REST call shed', 10_000)
+  } finally {
+    clearInterval(poll)
+  }
+  lines.length = 0
+  for (let i = 0; i < 100; i++) {
+    const res = await shedding.inject({ url: '/api/v1/items/i1', headers })
+    t.equal(res.json().code, 'OVERLOADED')
+  }
+  await shedding.inject({ url: trpcUrl, headers })
+  await shedding.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ getItem(id: "i1") }' } })
+  t.same(lines, [], 'no line for a shed call, on any face')
 })
