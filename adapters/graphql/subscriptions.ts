@@ -29,15 +29,19 @@ function initAuthorization (payload: unknown): string | undefined {
  * reads the next message meanwhile: a `complete` in the same read as its `subscribe` came while
  * the operation was not there yet, and was lost (mercurius' own handling of it also runs before
  * the subscription exists). Such a `complete` is held here instead, and the subscription ends
- * as soon as it starts. Both sets hold at most the connection's bound of ids.
+ * as soon as it starts. `cancelled` and `ending` hold at most twice the connection's bound of ids.
  */
 interface Early {
-  /** Ids of subscribes the guard let through that have not reached preSubscriptionExecution. */
+  /**
+   * Ids of subscribes the guard let through that have not reached preSubscriptionExecution, nor
+   * been completed by the client. At most the connection's bound of ids.
+   */
   starting: Set<string>
   /** Ids the client completed while they were being set up. */
   cancelled: Set<string>
   /**
-   * Ids the client completed whose mercurius loop has not ended yet, each with the `subscribe`
+   * Ids the client completed whose mercurius loop has not ended yet (running, or still being set
+   * up: in `cancelled`, ended as it starts), each with the `subscribe`
    * of the same id the client sent meanwhile, held (null: none). The loop ends a moment after
    * the client's complete, sends its own `complete` and then lets go of whatever iterator it holds
    * under that id: a subscribe of the id handed on before then had its new subscription ended
@@ -251,7 +255,7 @@ function refusal (code: ErrorCode, message: string, error?: GraphQLError): Graph
  * a subscription got an error with mercurius' or JavaScript's own message (`Cannot destructure
  * property 'query' of 'payload' as it is null.`) and none of the contract's extensions.
  */
-function subscribeRefusal (message: Record<string, unknown>, settings: SubscriptionSettings, schema: GraphQLSchema): GraphQLFormattedError | null {
+function subscribeRefusal (message: Record<string, unknown>, settings: SubscriptionSettings, schema: GraphQLSchema, rules: readonly ValidationRule[]): GraphQLFormattedError | null {
   const payload = message.payload
   if (payload === null || typeof payload !== 'object' || Array.isArray(payload)) return refusal('VALIDATION_FAILED', 'A subscribe message needs a `payload` object')
   const { query, operationName, variables } = payload as Record<string, unknown>
@@ -279,6 +283,18 @@ function subscribeRefusal (message: Record<string, unknown>, settings: Subscript
       : 'The document does not define exactly one operation: name one in `operationName`')
   }
   if (operation.operation !== 'subscription') return refusal('VALIDATION_FAILED', `A subscribe message carries a subscription; a ${operation.operation} goes over HTTP`)
+  // Validated here, before anything is held, so that graphql's own message comes first: the
+  // root fields are counted by a walk that skips what validation refuses (an unknown fragment,
+  // one on the wrong type), and its refusal named @skip and @include instead.
+  let invalid: GraphQLError | undefined
+  try {
+    invalid = validate(schema, document, rules)[0]
+  } catch (err) {
+    // A rule that throws instead of reporting (none known): a refusal all the same.
+    invalid = err instanceof GraphQLError ? err : new GraphQLError('The document cannot be validated')
+  }
+  // A limit's own code (PAYLOAD_TOO_LARGE for too many fields) is kept.
+  if (invalid !== undefined) return { ...invalid.toJSON(), extensions: { code: 'VALIDATION_FAILED', status: 400, ...invalid.extensions, requestId: uuidv7() } }
   // graphql's subscribe() coerces the variables, and mercurius sends its errors as they are.
   const coerced = getVariableValues(schema, operation.variableDefinitions ?? [], (variables ?? {}) as Record<string, unknown>, { maxErrors: 1 })
   if (coerced.errors !== undefined) return refusal('VALIDATION_FAILED', coerced.errors[0].message, coerced.errors[0])
@@ -353,7 +369,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       return authorization === undefined ? true : { initAuthorization: authorization }
     },
 
-    // Before each subscription runs: one subscriber per id, a bounded number, a valid document.
+    // Before each subscription runs: one subscriber per id, a bounded number.
     async preSubscriptionExecution (schema, document, context, rawId) {
       const { connection } = context
       const id = String(rawId)
@@ -366,18 +382,8 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         connection.close(1008, `At most ${settings.maxOperations} subscriptions per connection`)
         throw new GraphQLError('Too many subscriptions', { extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413 } })
       }
+      // The document was validated by the guard (subscribeRefusal), before anything was held.
       connection.operations.set(id, null)
-      let first: GraphQLError | undefined
-      try {
-        first = validate(schema, document, rules)[0]
-      } catch (err) {
-        // A rule that throws instead of reporting (none known): a refusal all the same, the id let go.
-        first = err instanceof GraphQLError ? err : new GraphQLError('The document cannot be validated')
-      }
-      if (first !== undefined) {
-        connection.failed(rawId)
-        throw new GraphQLError(first.message, { nodes: first.nodes, extensions: { code: 'VALIDATION_FAILED', status: 400, ...first.extensions, requestId: uuidv7() } })
-      }
     },
 
     // The client completed an operation, or `failed` did for it (a running one is returned by
@@ -421,6 +427,9 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       const state: Early = { starting: new Set(), cancelled: new Set(), ending: new Map(), deliver: message => { emit.call(socket, 'message', message, false) }, init: undefined }
       early.set(socket, state)
       const known = transport ? TRANSPORT_MESSAGES : LEGACY_MESSAGES
+      // `cancelled` and `ending` hold ids mercurius still holds: at most the bound starting, and
+      // the bound it runs or sets up.
+      const bound = 2 * settings.maxOperations
       // graphql-transport-ws closes the socket with 4400 on a message it does not define; the
       // legacy protocol answers an error. Before, mercurius answered with its own text and none
       // of the contract's extensions, and a `null` message threw in its handler (an error log, a
@@ -444,9 +453,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
             if (typeof callback === 'function') callback()
             if (held !== null) {
               setImmediate(() => {
-                if (socket.readyState !== socket.OPEN) return
-                if (state.starting.size < settings.maxOperations) state.starting.add(key)
-                state.deliver(held)
+                if (socket.readyState === socket.OPEN && start(key)) state.deliver(held)
               })
             }
             return
@@ -454,6 +461,22 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         }
         send.call(this, data, options, cb)
       } as WebSocket['send']
+      // A subscribe handed to mercurius counts among those starting until it reaches
+      // preSubscriptionExecution, or the client completes it. Each of them is an id the client
+      // holds: one more than the bound of them is over the bound, and closes the connection as
+      // preSubscriptionExecution would (before, it was not counted, and a complete of it before
+      // it reached mercurius' hooks was ignored: it ran until the connection closed).
+      const start = (key: string): boolean => {
+        if (!state.starting.has(key) && state.starting.size >= settings.maxOperations) {
+          const reason = `At most ${settings.maxOperations} subscriptions per connection`
+          const connection = connections.get(socket)
+          if (connection === undefined) socket.close(1008, reason)
+          else connection.close(1008, reason)
+          return false
+        }
+        state.starting.add(key)
+        return true
+      }
       const admit = (data: unknown): boolean => {
         let message: unknown
         try {
@@ -479,10 +502,17 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           }
           const operation = connections.get(socket)?.operations.get(key)
           if (operation != null) {
-            if (state.ending.size < settings.maxOperations) state.ending.set(key, null)
+            if (state.ending.size < bound) state.ending.set(key, null)
             return true
           }
-          if ((operation === null || state.starting.has(key)) && state.cancelled.size < settings.maxOperations) state.cancelled.add(key)
+          // One still starting ends as soon as it starts (ENDED), and mercurius holds its id
+          // until then: a subscribe of the id meanwhile is held, as behind a running one. The
+          // client has let go of the id: it no longer counts among those starting.
+          if ((operation === null || state.starting.has(key)) && state.cancelled.size < bound) {
+            state.starting.delete(key)
+            state.cancelled.add(key)
+            if (state.ending.size < bound) state.ending.set(key, null)
+          }
           return false
         }
         if (type !== subscribe) return true
@@ -493,7 +523,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           socket.close(4401, 'Unauthorized')
           return false
         }
-        const error = subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema)
+        const error = subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema, rules)
         if (error === null) {
           const key = String(id)
           if (state.ending.has(key)) {
@@ -502,8 +532,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
             else state.ending.set(key, data as Buffer)
             return false
           }
-          if (state.starting.size < settings.maxOperations) state.starting.add(key)
-          return true
+          return start(key)
         }
         const send = (): void => socket.send(JSON.stringify({ type: 'error', id, payload: [error] }))
         // Before mercurius has taken up connection_init (a subscribe right behind it), the error
@@ -528,8 +557,9 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         const state = early.get(connection.socket)
         if (state?.cancelled.delete(id) === true) {
           connection.operations.delete(id)
-          // mercurius ends it at once and sends a `complete`, not wanted after the client's.
-          state.ending.set(id, null)
+          // mercurius ends it at once and sends a `complete`, not wanted after the client's (a
+          // subscribe of the id held meanwhile goes on after it).
+          if (!state.ending.has(id)) state.ending.set(id, null)
           return ENDED
         }
         const requestId = uuidv7()

@@ -14,8 +14,8 @@ import { run } from './websocket-helper.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
-async function listen (t: Teardown): Promise<{ app: FastifyInstance, url: string }> {
-  const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
+async function listen (t: Teardown, env: Record<string, unknown> = {}): Promise<{ app: FastifyInstance, url: string }> {
+  const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false, ...env })
   await app.listen({ port: 0, host: '127.0.0.1' })
   return { app, url: `ws://127.0.0.1:${(app.server.address() as { port: number }).port}/graphql` }
 }
@@ -48,8 +48,13 @@ t.test('a document graphql-js throws on gets its VALIDATION_FAILED error, and it
     ['a root field skipped', { query: 'subscription { runUpdated @skip(if: true) { id } }' }, `${anonymous} select one top level field: its @skip and @include leave none`],
     ['a root field left out by a variable', { query: 'subscription ($s: Boolean!) { runUpdated @include(if: $s) { id } }', variables: { s: false } }, `${anonymous} select one top level field: its @skip and @include leave none`],
     ['an introspection root field', { query: 'subscription { __typename }' }, `${anonymous} not select an introspection top level field.`],
-    ['a directive argument of the wrong type', { query: 'subscription { runUpdated @skip(if: "yes") { id } }' }, 'Argument "if" has invalid value "yes".'],
-    ['a variable a directive needs, not given', { query: 'subscription ($s: Boolean) { runUpdated @include(if: $s) { id } }' }, 'Argument "if" of required type "Boolean!" was provided the variable "$s" which was not provided a runtime value.'],
+    // graphql's own validation comes first, with its own message, as over HTTP.
+    ['a directive argument of the wrong type', { query: 'subscription { runUpdated @skip(if: "yes") { id } }' }, 'Boolean cannot represent a non boolean value: "yes"'],
+    ['a nullable variable where a directive needs one', { query: 'subscription ($s: Boolean) { runUpdated @include(if: $s) { id } }' }, 'Variable "$s" of type "Boolean" used in position expecting type "Boolean!".'],
+    ['a variable a directive needs, not given', { query: 'subscription ($s: Boolean!) { runUpdated @include(if: $s) { id } }' }, 'Variable "$s" of required type "Boolean!" was not provided.'],
+    ['an unknown fragment', { query: 'subscription { ...F }' }, 'Unknown fragment "F".'],
+    ['a fragment on the wrong type', { query: 'subscription { ...F } fragment F on Query { __typename }' }, 'Fragment "F" cannot be spread here as objects of type "Subscription" can never be of type "Query".'],
+    ['a root field that does not exist', { query: 'subscription { nope }' }, 'Cannot query field "nope" on type "Subscription".'],
     ['two root fields, one by a variable', { query: 'subscription ($s: Boolean = true) { runUpdated { id } again: runUpdated @include(if: $s) { id } }' }, `${anonymous} select only one top level field.`]
   ]
   for (const [what, payload, message] of refused) {
@@ -109,6 +114,70 @@ t.test('a subscribe right behind the complete of the same id runs, and the ended
   c.send({ id: 'd', type: 'subscribe', payload: { query: SUBSCRIPTION } })
   await until(() => c.closed() !== null, 'the close')
   t.same(c.closed(), [4409, 'Subscriber for d already exists'])
+})
+
+t.test('a subscribe, its complete and the same subscribe again, before the first has started: the second runs', async t => {
+  // The client's complete frees the id (graphql-transport-ws). The complete of a subscription
+  // still starting went to `cancelled`, and the second subscribe reached mercurius while the
+  // first still held the id: 4409 'Subscriber for a already exists'.
+  const { app, url } = await listen(t)
+  const c = await open(t, url)
+  for (let i = 0; i < 5; i++) {
+    const id = `s${i}`
+    c.frames.length = 0
+    c.send({ id, type: 'subscribe', payload: { query: SUBSCRIPTION } })
+    c.send({ id, type: 'complete' })
+    c.send({ id, type: 'subscribe', payload: { query: SUBSCRIPTION } })
+    await until(() => app.events.bus.subscriptions === 1 || c.closed() !== null, 'the second subscription')
+    await sleep(20)
+    t.equal(c.closed(), null, `try ${i}: the connection stays open`)
+    t.equal(app.events.bus.subscriptions, 1, `try ${i}: one subscription runs`)
+    await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run(`r${i}`) })
+    await until(() => c.frames.some(f => f.type === 'next') || c.closed() !== null, 'the event')
+    await sleep(20)
+    t.same(c.frames, [{ type: 'next', id, payload: { data: { runUpdated: { id: `r${i}` } } } }], `try ${i}: the event, nothing else`)
+    // Its complete then ends it; a complete of the held one drops it.
+    c.send({ id, type: 'complete' })
+    await until(() => app.events.bus.subscriptions === 0, 'the end')
+  }
+  // subscribe, complete, subscribe, complete: nothing runs, nothing is sent.
+  c.frames.length = 0
+  c.send({ id: 'z', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  c.send({ id: 'z', type: 'complete' })
+  c.send({ id: 'z', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  c.send({ id: 'z', type: 'complete' })
+  await sleep(50)
+  t.equal(app.events.bus.subscriptions, 0)
+  t.same(c.frames, [])
+  t.equal(c.closed(), null)
+})
+
+t.test('the complete of a subscribe sent while the bound of them were starting ends it; one over the bound closes 1008', async t => {
+  // A subscribe counted among those starting only while fewer than the bound were: with two
+  // starting (one of them already completed), a third was not counted, and its complete, before
+  // it reached mercurius' hooks, was ignored: it ran until the connection closed.
+  const { app, url } = await listen(t, { BFF_BATCH_MAX_CALLS: 2 })
+  const c = await open(t, url)
+  c.send({ id: 's1', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  c.send({ id: 's2', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  c.send({ id: 's1', type: 'complete' })
+  c.send({ id: 'x', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  c.send({ id: 'x', type: 'complete' })
+  await until(() => app.events.bus.subscriptions === 1, 's2')
+  await sleep(50)
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run('r') })
+  await until(() => c.frames.some(f => f.type === 'next'), 'the event')
+  await sleep(20)
+  t.same(c.frames.filter(f => f.type !== 'connection_ack'), [{ type: 'next', id: 's2', payload: { data: { runUpdated: { id: 'r' } } } }], 's2 runs, x does not')
+  t.equal(app.events.bus.subscriptions, 1)
+  t.equal(c.closed(), null)
+  // Three live ids at once are over the bound of two, as the operations' bound says.
+  const d = await open(t, url)
+  d.send({ id: 'a', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  d.send({ id: 'b', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  d.send({ id: 'c', type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  await until(() => d.closed() !== null, 'the close')
+  t.same(d.closed(), [1008, 'At most 2 subscriptions per connection'])
 })
 
 t.test('a subscriber that stops reading is closed with 1013 once 4 MiB of its events are unread', async t => {
