@@ -39,7 +39,8 @@ import health from './routes/health.js'
 import batch from './routes/batch.js'
 import { withHook } from './route-hooks.js'
 import { refusedByWs } from './adapters/upgrade.js'
-import { parseQuery, MALFORMED_QUERY } from './query-string.js'
+import { parseQuery, literalQuery, MALFORMED_QUERY } from './query-string.js'
+import { PROBE_PATHS } from './probes.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -238,9 +239,9 @@ function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): void {
 }
 
 /**
- * Refuses a request in the first onRequest hook. A WebSocket upgrade's socket is closed once the
- * answer is written: @fastify/websocket marks it to be closed so in its own onRequest hook, which
- * runs after this one and so never runs, and the socket (no HTTP connection of Node's any more)
+ * Refuses a request in the gateway's root onRequest hook. A WebSocket upgrade's socket is closed
+ * once the answer is written: @fastify/websocket marks it to be closed so in its own onRequest
+ * hook, which runs after this one and so never runs, and the socket (no HTTP connection of Node's any more)
  * stayed open, holding the app's close (found by this change's test).
  */
 function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: Error) => void, err: MantleError): void {
@@ -439,18 +440,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   })
   app.addHook('onRequest', (request, reply, done) => {
     stamp(request, reply)
-    if (closing) {
-      // A request that arrives on an open connection while the gateway shuts down runs nothing.
-      reply.header('connection', 'close')
-      done(new MantleError('OVERLOADED', 'The gateway is shutting down: retry on another instance', { headers: { 'retry-after': '1' } }))
-      return
-    }
-    // Before any route's own hook (an upgrade's credentials, the rate-limit guard) reads it. As a
-    // malformed JSON body: the query string is a call's input (REST, tRPC's and GraphQL's GET).
-    if (request.query === MALFORMED_QUERY) {
-      refuseEarly(request, reply, done, new MantleError('VALIDATION_FAILED', 'The query string is not valid percent-encoding (UTF-8)'))
-      return
-    }
+    // Refused below, once CORS has set its headers; a preflight CORS answers itself closes too.
+    if (closing) reply.header('connection', 'close')
     done()
   })
   // Fastify closes idle keep-alive sockets once, when closing starts; a socket busy then would
@@ -517,6 +508,32 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       preflightContinue: guardsRequests(config)
     })
   }
+
+  // The gateway's own refusals of a request, in a root hook after CORS's (so that they carry its
+  // headers, and a browser sees the refusal, not a CORS failure) and before any route's own hook
+  // (an upgrade's credentials, the rate-limit guard), which run after every root hook. A
+  // preflight passed on (the guard on) reaches it; CORS answers one itself otherwise.
+  const corsOn = config.BFF_CORS_ORIGINS !== undefined
+  app.addHook('onRequest', (request, reply, done) => {
+    if (closing) {
+      // A request that arrives on an open connection while the gateway shuts down runs nothing.
+      refuseEarly(request, reply, done, new MantleError('OVERLOADED', 'The gateway is shutting down: retry on another instance', { headers: { 'retry-after': '1' } }))
+      return
+    }
+    // As a malformed JSON body: the query string is a call's input (REST, tRPC's and GraphQL's
+    // GET). A probe takes it literally: a monitor's junk must not fail it. A preflight is
+    // answered as any other: the request it asks for is the one refused, which a browser's
+    // script then reads (a refused preflight is only a CORS failure to it, whatever its headers).
+    if (request.query === MALFORMED_QUERY) {
+      if (PROBE_PATHS.has(request.routeOptions.url ?? '')) {
+        request.query = literalQuery(request.url)
+      } else if (!(corsOn && request.method === 'OPTIONS')) {
+        refuseEarly(request, reply, done, new MantleError('VALIDATION_FAILED', 'The query string is not valid percent-encoding (UTF-8)'))
+        return
+      }
+    }
+    done()
+  })
 
   // Every concern, its order and its switch, in one place (ARCHITECTURE.md).
   await app.register(pipeline, { manifest })

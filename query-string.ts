@@ -28,3 +28,13 @@ export function parseQuery (query: string): Record<string, unknown> {
   }
   return parse(query) as Record<string, unknown>
 }
+
+/**
+ * A request's query string as fast-querystring reads it, a part it cannot decode kept as its
+ * literal text: for a probe (probes.ts), which takes no input but /readyz's `scope` and must
+ * answer whatever a monitor appends.
+ */
+export function literalQuery (url: string): Record<string, unknown> {
+  const start = url.indexOf('?')
+  return start === -1 ? {} : parse(url.slice(start + 1)) as Record<string, unknown>
+}

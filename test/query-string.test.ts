@@ -57,3 +57,37 @@ t.test('a WebSocket upgrade with a malformed query string is refused 400 before 
     t.equal(JSON.stringify(refused.body).includes('VALIDATION_FAILED'), true, `${path}: VALIDATION_FAILED`)
   }
 })
+
+// A liveness probe with junk in its query (a monitor's cache buster, `?x=%zz`) was refused 400.
+t.test('the probes take a malformed query string literally and answer', async t => {
+  const app = await buildTestApp(t)
+  for (const url of ['/healthz?x=%zz', '/healthz/?x=%ff', '/metrics?x=%E0%A4%A']) {
+    t.equal((await app.inject({ url })).statusCode, 200, url)
+  }
+  const ready = await app.inject({ url: '/readyz?scope=instance&x=%zz' })
+  t.equal(ready.statusCode, 200)
+  t.ok(Array.isArray(ready.json().degraded), 'its well-formed scope is read')
+  const scope = await app.inject({ url: '/readyz?scope=%zz' })
+  t.equal(scope.statusCode, 400, 'a scope that is no scope is still refused, by /readyz\'s own schema')
+  t.equal((await app.inject({ url: '/diagz?x=%zz', headers: bearer({ roles: ['operator'] }) })).statusCode, 400, 'no other route of the gateway\'s own')
+})
+
+// The refusal came in app.ts's first onRequest hook, before @fastify/cors's: it had no CORS
+// header, and a browser reported a CORS failure instead of the 400.
+for (const guard of [3, undefined]) {
+  t.test(`with CORS on, a malformed query's refusal carries CORS's headers, and its preflight is answered (guard ${guard === undefined ? 'off' : 'on'})`, async t => {
+    const origin = 'https://app.example'
+    const app = await buildTestApp(t, { BFF_CORS_ORIGINS: origin, BFF_RATE_LIMIT_GLOBAL_MAX: guard })
+    const preflight = await app.inject({ method: 'OPTIONS', url: '/api/v1/agents?q=%zz', headers: { origin, 'access-control-request-method': 'GET', 'access-control-request-headers': 'authorization' } })
+    t.equal(preflight.statusCode, 204, 'the preflight, as any: the request it asks for is refused, which a script can read')
+    t.equal(preflight.headers['access-control-allow-origin'], origin)
+    t.match(preflight.headers['access-control-allow-headers'], /Authorization/)
+    const res = await app.inject({ url: '/api/v1/agents?q=%zz', headers: { origin, ...bearer() } })
+    t.equal(res.statusCode, 400)
+    t.match(res.json(), { code: 'VALIDATION_FAILED' })
+    t.equal(res.headers['access-control-allow-origin'], origin, 'the refusal carries CORS\'s headers')
+    t.match(res.headers['access-control-expose-headers'], /x-request-id/)
+    t.equal(res.headers['x-content-type-options'], 'nosniff')
+    t.equal(res.headers['ratelimit-limit'], undefined, 'refused before the guard counts it')
+  })
+}

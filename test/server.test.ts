@@ -56,7 +56,9 @@ t.test('the dev token is printed only when the gateway takes the development sec
 // While the gateway drains (close waits for a call in flight), a request arriving on a connection
 // still open got Fastify's own 503 (return503OnClosing): plain JSON, no x-request-id, no
 // security headers. Each face answers in its own envelope, with the refusal's Retry-After
-// (GraphQL's, from mercurius' error handler, had dropped it).
+// (GraphQL's, from mercurius' error handler, had dropped it). With CORS on, CORS's headers too
+// (the refusal came before @fastify/cors's hook: a browser saw a CORS failure, not the 503).
+const ORIGIN = 'https://app.example'
 const DRAIN_REFUSALS: Array<[string, string, RegExp, RegExp]> = [
   ['REST', 'GET /api/v1/fast HTTP/1.1\r\n', /\r\ncontent-type: application\/problem\+json/i, /"code":"OVERLOADED".*shutting down/],
   ['tRPC', 'GET /trpc/fast HTTP/1.1\r\n', /\r\ncontent-type: application\/json/i, /shutting down.*"code":"OVERLOADED"/],
@@ -72,7 +74,7 @@ for (const [face, request, type, code] of DRAIN_REFUSALS) {
       slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } },
       fast: { type: 'query', rest: 'GET /fast', kernel: 'GET /v1/fast', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
     })
-    const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false }, { manifest, kernelUrl: kernel.url })
+    const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false, BFF_CORS_ORIGINS: ORIGIN }, { manifest, kernelUrl: kernel.url })
     await app.listen({ port: 0, host: '127.0.0.1' })
     const { port } = app.server.address() as { port: number }
     const auth = bearer().authorization
@@ -85,7 +87,7 @@ for (const [face, request, type, code] of DRAIN_REFUSALS) {
     await until(() => kernel.requests.some(r => r.url === '/v1/slow'), 'the slow call to reach the Kernel')
     const closing = app.close()
     await until(() => !app.server.listening, 'the server to stop listening')
-    socket.write(`${request}Host: x\r\nAuthorization: ${auth}\r\n\r\n${face === 'GraphQL' ? '{"query":"{fast}"}' : ''}`)
+    socket.write(`${request}Host: x\r\nOrigin: ${ORIGIN}\r\nAuthorization: ${auth}\r\n\r\n${face === 'GraphQL' ? '{"query":"{fast}"}' : ''}`)
     await Promise.race([ended, new Promise(resolve => setTimeout(resolve, 3000))])
     socket.destroy()
     await closing
@@ -100,10 +102,46 @@ for (const [face, request, type, code] of DRAIN_REFUSALS) {
     t.match(head, /\r\nx-content-type-options: nosniff/i, 'security headers')
     t.match(head, /\r\nconnection: close/i)
     t.match(head, /\r\nretry-after: 1\r\n/i)
+    t.match(head, /\r\naccess-control-allow-origin: https:\/\/app\.example\r\n/i, 'CORS\'s headers')
     t.match(refused, code)
     t.equal(kernel.requests.filter(r => r.url === '/v1/fast').length, 0, 'it ran nothing')
   })
 }
+
+// The shutdown refusal came before @fastify/websocket's hook, which marks a refused upgrade's
+// socket to be closed: the 503 went out and the socket stayed open (no HTTP connection of Node's
+// any more), holding the close.
+t.test('a WebSocket upgrade while draining is refused 503 with CORS\'s headers, and its socket closed', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) } })
+  const manifest = testManifest({ slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } })
+  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false, BFF_CORS_ORIGINS: ORIGIN }, { manifest, kernelUrl: kernel.url })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const auth = bearer().authorization
+  const slow = connect(port, '127.0.0.1')
+  slow.on('data', () => {})
+  slow.write(`GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: ${auth}\r\n\r\n`)
+  await until(() => kernel.requests.some(r => r.url === '/v1/slow'), 'the slow call to reach the Kernel')
+  const socket = connect(port, '127.0.0.1')
+  await new Promise(resolve => socket.once('connect', resolve))
+  let data = ''
+  socket.on('data', (c: Buffer) => { data += c.toString() })
+  let closed = false
+  socket.on('close', () => { closed = true })
+  const closing = app.close()
+  await until(() => !app.server.listening, 'the server to stop listening')
+  socket.write(`GET /ws HTTP/1.1\r\nHost: x\r\nOrigin: ${ORIGIN}\r\nAuthorization: ${auth}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`)
+  try {
+    await until(() => closed, 'the refused upgrade\'s socket to close', 3000)
+  } finally {
+    socket.destroy()
+    slow.destroy()
+    await closing
+  }
+  t.match(data, /^HTTP\/1\.1 503 /)
+  t.match(data, /\r\naccess-control-allow-origin: https:\/\/app\.example\r\n/i, 'CORS\'s headers')
+  t.match(data, /"code":"OVERLOADED"/)
+})
 
 t.test('a SIGHUP while the gateway starts is held, then applied once, once it serves', async t => {
   // Its default action ended the process (exit 129) when a ConfigMap update met a starting pod.

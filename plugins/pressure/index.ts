@@ -4,6 +4,7 @@ import underPressure from '@fastify/under-pressure'
 import { getHeapStatistics } from 'node:v8'
 import { Counter, Gauge } from 'prom-client'
 import { MantleError } from '../../errors.js'
+import { PROBE_PATHS } from '../../probes.js'
 
 // Load shedding with @fastify/under-pressure: it samples event-loop delay, heap and RSS once per
 // interval, and past a bound every request but the exempt ones is refused at onRequest, before
@@ -45,7 +46,7 @@ declare module 'fastify' {
  * not-ready itself), the metrics scrape and diagnostics (what an operator needs most when the
  * instance is overloaded). All four are cheap and answer from memory.
  */
-export const EXEMPT_ROUTES: ReadonlySet<string> = new Set(['/healthz', '/readyz', '/metrics', '/diagz'])
+export const EXEMPT_ROUTES: ReadonlySet<string> = new Set([...PROBE_PATHS, '/diagz'])
 
 /** The default heap bound: 90% of the heap V8 may grow to, beyond which it is about to fail. */
 export const defaultHeapBound = (): number => Math.floor(getHeapStatistics().heap_size_limit * 0.9)

@@ -11,6 +11,7 @@ import { RedisWindowStore } from './redis-store.js'
 import { sharedStoreHealth } from '../diagz/index.js'
 import { RateLimiter, fastifyStore, opKey, tenantKey, ipKey, type LimiterCounters, type Scope, type StoreKind } from './limiter.js'
 import { withHook } from '../../route-hooks.js'
+import { PROBE_PATHS, targetsProbe } from '../../probes.js'
 
 export { RateLimiter, opKey, tenantKey, ipKey, keyPart, fastifyStore } from './limiter.js'
 export { MemoryWindowStore } from './memory-store.js'
@@ -44,9 +45,6 @@ export interface RateLimitPluginOptions {
   /** After a failed Redis check, how long checks stay in memory before trying Redis (1 s). */
   retryRedisMs?: number
 }
-
-/** The gateway's own endpoints the guard never counts: probes and scrapes must always answer. */
-const UNGUARDED = new Set(['/healthz', '/readyz', '/metrics'])
 
 async function rateLimitPlugin (app: FastifyInstance, opts: RateLimitPluginOptions): Promise<void> {
   if (opts.store === 'redis' && !app.hasDecorator('redis')) throw new Error('BFF_RATE_LIMIT_STORE=redis needs REDIS_URL')
@@ -123,7 +121,7 @@ async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, w
   })
   const hook = app.rateLimit() as onRequestHookHandler
   app.addHook('onRoute', (route) => {
-    if (UNGUARDED.has(route.url ?? '')) return
+    if (PROBE_PATHS.has(route.url ?? '')) return
     route.onRequest = withHook(route.onRequest, hook, true)
   })
   if (preflights) {
@@ -132,13 +130,19 @@ async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, w
     // guard never counted one, and a flood of them cost nothing of any budget. CORS now passes
     // them on with its headers set (app.ts, preflightContinue); they are counted here and
     // answered as CORS answered them: 204 with Content-Length 0 (Safari waits for a body without).
+    // A preflight to a probe is not counted, as the probe itself is not.
     const counted = hook as unknown as (request: FastifyRequest, reply: FastifyReply) => Promise<void>
+    const answer = (reply: FastifyReply): void => { reply.code(204).header('content-length', '0').send() }
     app.addHook('onRequest', (request, reply, done) => {
       if (request.method !== 'OPTIONS') {
         done()
         return
       }
-      counted(request, reply).then(() => { reply.code(204).header('content-length', '0').send() }, done)
+      if (targetsProbe(request.url)) {
+        answer(reply)
+        return
+      }
+      counted(request, reply).then(() => { answer(reply) }, done)
     })
   }
 }

@@ -195,6 +195,24 @@ t.test('CORS preflights and other OPTIONS requests are counted and refused like 
   for (let i = 0; i < 3; i++) t.equal((await app.inject({ url: '/api/v1/ping', remoteAddress: '10.0.0.8' })).statusCode, 401, 'another address keeps its own')
 })
 
+// The guard's preflight hook counted every OPTIONS request, to the probes too: README says they
+// are never counted.
+t.test('a preflight to a probe is answered as CORS answers it, uncounted', async t => {
+  const origin = 'https://app.example'
+  const app = await guarded(t, { BFF_CORS_ORIGINS: origin, BFF_RATE_LIMIT_GLOBAL_MAX: 1 })
+  for (let i = 0; i < 3; i++) {
+    for (const url of ['/healthz', '/readyz?scope=instance', '/metrics', '/healthz/']) {
+      const res = await app.inject({ method: 'OPTIONS', url, headers: { origin, 'access-control-request-method': 'GET' } })
+      t.equal(res.statusCode, 204, url)
+      t.equal(res.headers['content-length'], '0')
+      t.equal(res.headers['access-control-allow-origin'], origin)
+      t.notOk(res.headers['ratelimit-limit'], `${url} is not counted`)
+    }
+  }
+  t.equal((await app.inject({ method: 'OPTIONS', url: '/healthzz' })).statusCode, 204, 'the one request the limit allows: any other path is counted')
+  t.equal((await app.inject({ url: '/api/v1/ping' })).statusCode, 429)
+})
+
 t.test('without the guard, CORS answers every preflight, uncounted', async t => {
   const origin = 'https://app.example'
   const app = await guarded(t, { BFF_CORS_ORIGINS: origin, BFF_RATE_LIMIT_GLOBAL_MAX: undefined })
