@@ -144,6 +144,18 @@ export async function until (check: () => boolean, what: string, ms = 5000): Pro
   }
 }
 
+/** Reads a streamed answer's body until its text holds `marker` (or the stream ends): the text read. */
+export async function readUntil (res: Response, marker: string): Promise<string> {
+  const reader = res.body!.getReader()
+  let text = ''
+  while (!text.includes(marker)) {
+    const chunk = await reader.read()
+    if (chunk.done) break
+    text += Buffer.from(chunk.value).toString()
+  }
+  return text
+}
+
 /**
  * Until every audit entry enqueued so far is stored or spooled: the queue is empty and no batch
  * is being written. The turn first lets the hooks of answers just sent enqueue theirs.

@@ -5,8 +5,8 @@ import type { FastifyInstance } from 'fastify'
 import { buildApp } from '../../app.js'
 import { createGraphqlFace } from '../../adapters/graphql/index.js'
 import { startKernel } from '../../kernel/server.js'
-import { buildDemoApp, testConfig, token, until } from '../helper.js'
-import { run } from './websocket-helper.js'
+import { buildDemoApp, testConfig, until } from '../helper.js'
+import { openGraphqlWs as open, run } from './websocket-helper.js'
 
 // How a GraphQL subscription's life goes over graphql-transport-ws on /graphql: a document
 // graphql-js throws on, a `complete` then a `subscribe` of the same id, a client that stops
@@ -18,20 +18,6 @@ async function listen (t: Teardown, env: Record<string, unknown> = {}): Promise<
   const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false, ...env })
   await app.listen({ port: 0, host: '127.0.0.1' })
   return { app, url: `ws://127.0.0.1:${(app.server.address() as { port: number }).port}/graphql` }
-}
-
-/** An initialised raw graphql-transport-ws socket: the frames it got, and how it closed. */
-async function open (t: Teardown, url: string, options: { autoPong?: boolean } = {}): Promise<{ ws: WebSocket, frames: any[], send: (m: unknown) => void, closed: () => [number, string] | null }> {
-  const ws = new WebSocket(url, 'graphql-transport-ws', { headers: { authorization: `Bearer ${token({ roles: ['viewer'] })}` }, ...options })
-  t.teardown(() => ws.terminate())
-  const frames: any[] = []
-  let closed: [number, string] | null = null
-  ws.on('message', d => frames.push(JSON.parse(String(d))))
-  ws.on('close', (c, r) => { closed = [c, String(r)] })
-  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
-  ws.send(JSON.stringify({ type: 'connection_init' }))
-  await until(() => frames.some(f => f.type === 'connection_ack'), 'ack')
-  return { ws, frames, send: m => ws.send(JSON.stringify(m)), closed: () => closed }
 }
 
 const SUBSCRIPTION = 'subscription { runUpdated { id } }'

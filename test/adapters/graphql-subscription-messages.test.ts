@@ -1,27 +1,13 @@
 import t from 'tap'
 import { WebSocket } from 'ws'
 import { buildDemoApp, token, until } from '../helper.js'
-import { peakBuffered } from './websocket-helper.js'
+import { openGraphqlWs, peakBuffered } from './websocket-helper.js'
 
 // What a graphql-transport-ws client may send wrong on /graphql, and what it gets back. The face
 // screens `subscribe` and `complete` messages before mercurius reads them
 // (adapters/graphql/subscriptions.ts, guard).
 
 interface Teardown { teardown: (fn: () => unknown) => void }
-
-/** An initialised raw graphql-transport-ws socket: the frames it got, and how it closed. */
-async function open (t: Teardown, port: number): Promise<{ ws: WebSocket, frames: any[], closed: () => [number, string] | null }> {
-  const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, 'graphql-transport-ws', { headers: { authorization: `Bearer ${token({ roles: ['viewer'] })}` } })
-  t.teardown(() => ws.terminate())
-  const frames: any[] = []
-  let closed: [number, string] | null = null
-  ws.on('message', d => frames.push(JSON.parse(String(d))))
-  ws.on('close', (c, r) => { closed = [c, String(r)] })
-  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
-  ws.send(JSON.stringify({ type: 'connection_init' }))
-  await until(() => frames.some(f => f.type === 'connection_ack'), 'ack')
-  return { ws, frames, closed: () => closed }
-}
 
 async function listen (t: Teardown): Promise<{ app: Awaited<ReturnType<typeof buildDemoApp>>, port: number }> {
   const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
@@ -35,7 +21,7 @@ t.test('a `complete` for an id the server does not hold is ignored, and the conn
   // the connection's last subscription, null before the first, and used to throw on it and
   // close the socket without a code (1005).
   const { app, port } = await listen(t)
-  const c = await open(t, port)
+  const c = await openGraphqlWs(t, `ws://127.0.0.1:${port}/graphql`)
   c.ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: 'subscription { runUpdated { id ' } }))
   await until(() => c.frames.some(f => f.id === '1'), 'the error')
   c.ws.send(JSON.stringify({ id: '1', type: 'complete' }))
@@ -71,7 +57,7 @@ t.test('a malformed subscribe message gets an error with the contract extensions
     ['an unknown extension', { payload: { query: subscription }, extensions: [null] }, 'The only extension of a subscribe message is `{ type: "connectionInit", payload }`']
   ]
   for (const [what, message, text] of cases) {
-    const c = await open(t, port)
+    const c = await openGraphqlWs(t, `ws://127.0.0.1:${port}/graphql`)
     c.ws.send(JSON.stringify({ id: '1', type: 'subscribe', ...message }))
     await until(() => c.frames.some(f => f.id === '1'), `the error of ${what}`)
     const error = c.frames.find(f => f.id === '1')
@@ -80,7 +66,7 @@ t.test('a malformed subscribe message gets an error with the contract extensions
   }
 
   // A document over 64 KiB, as over HTTP.
-  const c = await open(t, port)
+  const c = await openGraphqlWs(t, `ws://127.0.0.1:${port}/graphql`)
   c.ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: `${subscription} ${'#'.repeat(65536)}` } }))
   await until(() => c.frames.some(f => f.id === '1'), 'the error of a long document')
   t.match(c.frames.find(f => f.id === '1'), { type: 'error', payload: [{ extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413, requestId: String } }] })
@@ -116,7 +102,7 @@ t.test('a malformed subscribe sent right behind connection_init is screened too'
 // 4 bytes of error frames for each byte it sent, and the connection stayed open.
 t.test('a client that does not read its frames is closed with 1013 once the socket holds 4 MiB', async t => {
   const { app, port } = await listen(t)
-  const c = await open(t, port)
+  const c = await openGraphqlWs(t, `ws://127.0.0.1:${port}/graphql`)
   const server = [...app.websocketServer.clients][0]
   ;(c.ws as unknown as { _socket: { pause: () => void } })._socket.pause()
   const junk = JSON.stringify({ type: 'subscribe', id: '1', payload: { query: '{' } })
@@ -132,7 +118,7 @@ t.test('what a client leaves unread is counted in UTF-8 bytes: no frame is queue
   // ws counted a queued text frame in characters, not UTF-8 bytes: 8,196,680 bytes were queued
   // for a bound of 4 MiB.
   const { app, port } = await listen(t)
-  const c = await open(t, port)
+  const c = await openGraphqlWs(t, `ws://127.0.0.1:${port}/graphql`)
   const server = [...app.websocketServer.clients][0]
   const peaked = peakBuffered(server)
   const socket = (c.ws as unknown as { _socket: { pause: () => void, resume: () => void } })._socket

@@ -10,7 +10,7 @@ import { buildApp } from '../../app.js'
 import { createTrpcFace, type TrpcFaceSettings } from '../../adapters/trpc/index.js'
 import type { FaceOptions } from '../../adapters/face.js'
 import { startKernel } from '../../kernel/server.js'
-import { buildDemoApp, buildTestApp, startTestKernel, testConfig, testManifest, bearer, token, json, SECRET } from '../helper.js'
+import { buildDemoApp, buildTestApp, startTestKernel, testConfig, testManifest, bearer, token, json, SECRET, readUntil } from '../helper.js'
 
 type Headers = Record<string, string>
 type ClientError = TRPCClientError<AnyTRPCRouter>
@@ -176,13 +176,7 @@ t.test('SSE: a subscription refused because the instance holds its most subscrip
   // Before, the bus refused it at the stream's first pull, the headers already sent: none.
   t.equal(res.headers.get('retry-after'), '5', 'the refusal\'s wait on the response')
   t.equal(res.headers.get('www-authenticate'), null)
-  const reader = res.body!.getReader()
-  let text = ''
-  while (!text.includes('serialized-error')) {
-    const chunk = await reader.read()
-    if (chunk.done) break
-    text += Buffer.from(chunk.value).toString()
-  }
+  const text = await readUntil(res, 'serialized-error')
   t.match(text, /"code":"OVERLOADED","httpStatus":503,.*"retryAfter":5/)
 })
 

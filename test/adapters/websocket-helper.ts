@@ -8,7 +8,7 @@ import { buildApp, closeWebSockets, type BuildOptions } from '../../app.js'
 import { startKernel, type KernelOptions } from '../../kernel/server.js'
 import { createWebSocketFace, type WebSocketFaceSettings } from '../../adapters/websocket/index.js'
 import type { FaceOptions } from '../../adapters/face.js'
-import { testConfig, token, manifestFor, type TokenOptions } from '../helper.js'
+import { testConfig, token, manifestFor, until, type TokenOptions } from '../helper.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 type Env = Record<string, string | number | boolean | undefined>
@@ -242,4 +242,18 @@ export function peakBuffered (server: WebSocket): () => { peak: number, before: 
     if (was > 0 && now > was) step = Math.min(step, now - was)
   }) as typeof server.send
   return () => ({ peak, before, step })
+}
+
+/** An initialised raw graphql-transport-ws socket on `url`: the frames it got, a sender, and how it closed. */
+export async function openGraphqlWs (t: Teardown, url: string, options: ClientOptions = {}): Promise<{ ws: WebSocket, frames: any[], send: (m: unknown) => void, closed: () => [number, string] | null }> {
+  const ws = new WebSocket(url, 'graphql-transport-ws', { headers: { authorization: `Bearer ${token({ roles: ['viewer'] })}` }, ...options })
+  t.teardown(() => ws.terminate())
+  const frames: any[] = []
+  let closed: [number, string] | null = null
+  ws.on('message', d => frames.push(JSON.parse(String(d))))
+  ws.on('close', (c, r) => { closed = [c, String(r)] })
+  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  ws.send(JSON.stringify({ type: 'connection_init' }))
+  await until(() => frames.some(f => f.type === 'connection_ack'), 'ack')
+  return { ws, frames, send: m => ws.send(JSON.stringify(m)), closed: () => closed }
 }

@@ -2,7 +2,7 @@ import t from 'tap'
 import { WebSocket } from 'ws'
 import { createClient } from 'graphql-ws'
 import type { FastifyInstance } from 'fastify'
-import { buildDemoApp, bearer, token, until } from '../helper.js'
+import { buildDemoApp, bearer, token, until, readUntil } from '../helper.js'
 
 // One tenant holds at most its share of an instance's event subscriptions
 // (BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT), checked by the bus for every face: a tenant that
@@ -45,13 +45,7 @@ t.test('tenant B still subscribes on every face while tenant A holds its share',
   t.teardown(() => controller.abort())
   const res = await fetch(`http://${host}/trpc/runUpdated`, { headers: { ...bearer({ tenant: 'A', roles: ['viewer'] }), accept: 'text/event-stream' }, signal: controller.signal })
   t.equal(res.headers.get('retry-after'), '5')
-  const reader = res.body!.getReader()
-  let text = ''
-  while (!text.includes('serialized-error')) {
-    const chunk = await reader.read()
-    if (chunk.done) break
-    text += Buffer.from(chunk.value).toString()
-  }
+  const text = await readUntil(res, 'serialized-error')
   t.match(text, /"code":"OVERLOADED","httpStatus":503,.*"retryAfter":5/)
   t.match(text, /A tenant holds at most 3 event subscriptions on this instance/)
 
