@@ -98,10 +98,61 @@ export function hashEntry (previousHash: string, seq: number, e: AuditEntry, iso
   return hash('sha256', previousHash + '\n' + text, 'hex')
 }
 
-// ES2024's String#toWellFormed: Node 20 has it, the project's lib is ES2023.
+// ES2024's String#toWellFormed and #isWellFormed: Node 20 has them, the project's lib is ES2023.
 declare global {
   interface String {
     toWellFormed: () => string
+    isWellFormed: () => boolean
+  }
+}
+
+/** Whether PostgreSQL's text and jsonb can hold `s`: no U+0000, no lone surrogate. */
+const storable = (s: string): boolean => s.isWellFormed() && !s.includes('\u0000')
+/** `s` with each U+0000 and each lone surrogate as U+FFFD. */
+const repaired = (s: string): string => s.toWellFormed().replaceAll('\u0000', '\uFFFD')
+
+/** Whether every text in a metadata value (keys included) is storable. */
+function storableValue (v: unknown): boolean {
+  if (typeof v === 'string') return storable(v)
+  if (typeof v !== 'object' || v === null) return true
+  if (Array.isArray(v)) return v.every(storableValue)
+  for (const k in v) {
+    if (!storable(k) || !storableValue((v as Record<string, unknown>)[k])) return false
+  }
+  return true
+}
+
+function repairedValue (v: unknown): unknown {
+  if (typeof v === 'string') return repaired(v)
+  if (typeof v !== 'object' || v === null) return v
+  if (Array.isArray(v)) return v.map(repairedValue)
+  const out: Record<string, unknown> = {}
+  for (const k in v) out[repaired(k)] = repairedValue((v as Record<string, unknown>)[k])
+  return out
+}
+
+/**
+ * The entry as PostgreSQL's text and jsonb can hold it: each U+0000 and each lone surrogate of
+ * its texts (metadata keys and values included) as U+FFFD. Every entry the gateway makes passes
+ * here before it is queued, so that its hash is computed over what is stored. Before, an entry
+ * whose metadata held a client's NUL or lone surrogate (a tag of an invalidation, the tenant of a
+ * published event) was refused by jsonb and quarantined: the call had run, and the trail showed
+ * nothing. The entry itself when nothing needs repair (nearly always: a check, no copy).
+ */
+export function storableEntry (e: AuditEntry): AuditEntry {
+  const texts = storable(e.requestId) && storable(e.tenantId) && storable(e.userId) && (e.method === null || storable(e.method)) &&
+    (e.path === null || storable(e.path)) && storable(e.action) && storable(e.status)
+  if (texts && storableValue(e.metadata)) return e
+  return {
+    ...e,
+    requestId: repaired(e.requestId),
+    tenantId: repaired(e.tenantId),
+    userId: repaired(e.userId),
+    method: e.method === null ? null : repaired(e.method),
+    path: e.path === null ? null : repaired(e.path),
+    action: repaired(e.action),
+    status: repaired(e.status),
+    metadata: repairedValue(e.metadata) as Record<string, unknown>
   }
 }
 

@@ -7,7 +7,7 @@ import { StageOrder, type CallContext, type Protocol } from '../pipeline/index.j
 import { MantleError, toProblem } from '../../errors.js'
 import { ConfigError } from '../../schemas/config.js'
 import type { Operation } from '../../manifest.js'
-import { type AuditEntry, type AuditStore, type AuditQuery, type Category, type VerifyCursor, VERIFY_MAX_ENTRIES, categoryOf, refusedIdentity } from './entry.js'
+import { type AuditEntry, type AuditStore, type AuditQuery, type Category, type VerifyCursor, VERIFY_MAX_ENTRIES, categoryOf, refusedIdentity, storableEntry } from './entry.js'
 import { unwatchCaller, watchCaller } from '../pipeline/caller.js'
 import { uuidv7 } from '../../ids.js'
 import { upgradeAuthorization } from '../../adapters/upgrade.js'
@@ -385,7 +385,9 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     if (store instanceof MemoryAuditStore) new Gauge({ name: 'mantle_audit_memory_entries', help: 'Audit entries the memory store holds (bounded by BFF_AUDIT_MEMORY_MAX; the oldest are evicted beyond it)', registers: [metrics], collect () { this.set(store.size) } })
     /* eslint-enable no-new */
   }
-  const enqueue = (entry: AuditEntry): void => writer.enqueue(entry)
+  // Every entry the gateway makes goes through here or `refused`: its texts made storable first
+  // (storableEntry), so that what is hashed is what PostgreSQL holds.
+  const enqueue = (entry: AuditEntry): void => writer.enqueue(storableEntry(entry))
 
   const health = (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, writing: writer.writing, spoolBytes: writer.spoolBytes, error: writer.error, refusal })
   app.decorate('audit', { store, enqueue, health, refused, describe })
@@ -487,7 +489,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   // Droppable: an entry of no call, which the writer may drop while saturated. (A declaration:
   // the decorator above hands it out.)
   function refused (request: FastifyRequest, reply: FastifyReply, action: string, code: string, statusCode: number): void {
-    writer.enqueue(httpEntry(request, reply, action, 'security', code, statusCode), true)
+    writer.enqueue(storableEntry(httpEntry(request, reply, action, 'security', code, statusCode)), true)
   }
 
   // The contract code of a refusal thrown on a route that audits itself (role, body, rate limit,

@@ -2,6 +2,8 @@ import t, { type Test } from 'tap'
 import type { FastifyInstance } from 'fastify'
 import { connect, type AddressInfo } from 'node:net'
 import { once } from 'node:events'
+import { existsSync } from 'node:fs'
+import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { bearer, buildDemoApp, drained, testConfig, until } from '../../helper.js'
 import { buildApp } from '../../../app.js'
@@ -83,6 +85,30 @@ if (await postgresAvailable()) {
       { request_id: 'ev-ok', action: 'admin.events.publish', category: 'admin', status: 'ok', status_code: 202, tenant_id: 'public', metadata: { topic: 'runs.updated', tenant: 'globex' } },
       { request_id: 'ev-wrong', action: 'admin.events.publish', category: 'auth', status: 'UNAUTHENTICATED', status_code: 401, tenant_id: 'public', metadata: {} }
     ])
+  })
+
+  t.test('postgres: a NUL or a lone surrogate in what an admin call names is stored as U+FFFD, never quarantined; the chain verifies', async t => {
+    // jsonb refuses \u0000 and lone surrogates: such an entry was quarantined (the file in the
+    // spool directory), while the invalidation had run, and GET /admin/audit showed nothing.
+    const url = databaseUrl(await createTestDatabase(t))
+    const dir = spoolDir(t)
+    const app = await buildDemoApp(t, { BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: dir, BFF_INTERNAL_TOKEN: INTERNAL_TOKEN })
+    const calls = [
+      { id: 'inv-nul', url: '/admin/cache/invalidate', headers: SYSTEM, payload: { tenant: 'victim', tags: ['agents', 'x\u0000'] }, status: 200, metadata: { tenant: 'victim', tags: ['agents', 'x\uFFFD'], tagCount: 2 } },
+      { id: 'inv-surrogate', url: '/admin/cache/invalidate', headers: SYSTEM, payload: { tenant: 'victim', tags: ['y\ud800', 'z\udfff\u0000', '\u{1F600}'] }, status: 200, metadata: { tenant: 'victim', tags: ['y\uFFFD', 'z\uFFFD\uFFFD', '\u{1F600}'], tagCount: 3 } },
+      { id: 'ev-nul', url: '/internal/events', headers: INTERNAL, payload: { topic: 'runs.\ud800', tenantId: 't1\u0000', payload: {} }, status: 202, metadata: { topic: 'runs.\uFFFD', tenant: 't1\uFFFD' } }
+    ]
+    for (const c of calls) {
+      const res = await app.inject({ method: 'POST', url: c.url, headers: { ...c.headers, 'x-request-id': c.id }, payload: c.payload })
+      t.equal(res.statusCode, c.status, `${c.id}: ${res.body.slice(0, 200)}`)
+    }
+    await drained(app)
+    for (const c of calls) {
+      t.same((await entries(app, '&requestId=' + c.id)).map(r => r.metadata), [c.metadata], `${c.id}: found by GET /admin/audit, U+FFFD in place of what jsonb cannot hold`)
+    }
+    t.equal(existsSync(join(dir, 'audit.quarantine')), false, 'nothing quarantined')
+    const verified = await app.inject({ method: 'POST', url: '/admin/audit/verify', headers: bearer(), payload: {} })
+    t.match(verified.json(), { ok: true, firstBroken: null }, 'the hash covers what is stored')
   })
 }
 

@@ -348,7 +348,9 @@ if (available) {
     t.teardown(() => app.close())
     await app.ready()
     const good = entry({ requestId: `q-${randomUUID()}` })
-    const bad = entry({ requestId: `q-${randomUUID()}`, metadata: { x: '\u0000' } })
+    // A time before PostgreSQL's first (4713 BC): its timestamptz refuses it (22008). A NUL in a
+    // text no longer is one: the gateway stores it as U+FFFD (storableEntry).
+    const bad = entry({ requestId: `q-${randomUUID()}`, timestamp: -300_000_000_000_000 })
     app.audit.enqueue(good)
     app.audit.enqueue(bad)
     await until(() => quarantined(dir).length === 1, 'the refused entry quarantined')
@@ -357,7 +359,7 @@ if (available) {
     const diagz = (await app.inject({ method: 'GET', url: '/diagz', headers: bearer() })).json()
     t.match(diagz.audit, { up: true, spoolBytes: 0, quarantined: 1 })
     t.match(diagz.stores.audit, { healthy: true })
-    const logged = lines.map(l => JSON.parse(l) as Record<string, unknown>).filter(l => l.sqlstate === '22P05')
-    t.match(logged, [{ level: 50, entries: 1, sqlstate: '22P05' }])
+    const logged = lines.map(l => JSON.parse(l) as Record<string, unknown>).filter(l => l.sqlstate === '22008')
+    t.match(logged, [{ level: 50, entries: 1, sqlstate: '22008' }])
   })
 }

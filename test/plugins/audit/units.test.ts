@@ -4,7 +4,7 @@ import { appendFileSync, existsSync, readFileSync, readlinkSync, renameSync, rmS
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { FileHandle } from 'node:fs/promises'
-import { categoryOf, hashEntry, isoTime, GENESIS, VERIFY_MAX_ENTRIES, type AuditEntry, type AuditStore, type StoredEntry } from '../../../plugins/audit/entry.js'
+import { categoryOf, hashEntry, isoTime, storableEntry, GENESIS, VERIFY_MAX_ENTRIES, type AuditEntry, type AuditStore, type StoredEntry } from '../../../plugins/audit/entry.js'
 import { canonicalJson as canonical } from '../../../plugins/pipeline/index.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
 import { Spool, SpoolInUseError, SPOOL_FILE, SPOOL_LIMITS } from '../../../plugins/audit/spool.js'
@@ -59,6 +59,16 @@ t.test('the hash covers the link, the position and every field, whatever the key
   const fields = [1, e.id, e.requestId, new Date(e.timestamp).toISOString(), e.tenantId, e.userId, e.method, e.path, e.protocol, e.action,
     e.category, e.riskLevel, e.status, e.statusCode, e.durationMs, '{"cache":"hit","replayed":true}']
   t.equal(h, createHash('sha256').update(GENESIS + '\n' + JSON.stringify(fields)).digest('hex'))
+})
+
+t.test('storableEntry: NUL and lone surrogates become U+FFFD in every text, keys included; a clean entry is kept as it is', async t => {
+  const clean = entry({ metadata: { tags: ['a', '\u{1F600}'], n: 3, nested: { ok: true } } })
+  t.equal(storableEntry(clean), clean, 'no copy when nothing needs repair (a surrogate pair is well formed)')
+  const odd = entry({ requestId: 'r\u0000', userId: 'u\ud800', path: '/p\udc00', metadata: { 'k\u0000': ['x\u0000', { y: '\udfffz' }], n: 1, none: null } })
+  const fixed = storableEntry(odd)
+  t.match(fixed, { requestId: 'r\uFFFD', userId: 'u\uFFFD', path: '/p\uFFFD', tenantId: odd.tenantId, id: odd.id })
+  t.same(fixed.metadata, { 'k\uFFFD': ['x\uFFFD', { y: '\uFFFDz' }], n: 1, none: null })
+  t.equal(odd.userId, 'u\ud800', 'the entry given is not changed')
 })
 
 t.test('isoTime is toISOString, the reused second included', async t => {
