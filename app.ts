@@ -1,5 +1,5 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply, type RouteOptions } from 'fastify'
-import { uuidv7 } from './ids.js'
+import { markClientRequestId, uuidv7 } from './ids.js'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync } from 'node:fs'
 import { Counter } from 'prom-client'
@@ -319,7 +319,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     childLoggerFactory: requestLoggerFactory,
     genReqId: (req) => {
       const id = req.headers['x-request-id']
-      return typeof id === 'string' && REQUEST_ID.test(id) ? id : uuidv7()
+      if (typeof id !== 'string' || !REQUEST_ID.test(id)) return uuidv7()
+      markClientRequestId(req)
+      return id
     },
     // Refused below (onRequest) instead, as problem+json with a request id and the security
     // headers: Fastify's own 503 while closing had none of them.

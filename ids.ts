@@ -100,3 +100,19 @@ export function checkedTracestate (header: string): string | undefined {
   }
   return keys.length === 0 ? undefined : header
 }
+
+const CLIENT_REQUEST_ID = Symbol('mantle.clientRequestId')
+
+/**
+ * Marks a request (its raw IncomingMessage) whose id is the client's own `x-request-id`, which
+ * the client may send again: the audit store looks such ids up before its INSERT, and only them
+ * (README, "Request ids"). The ids the gateway makes never collide.
+ */
+export function markClientRequestId (raw: object): void {
+  (raw as Record<symbol, boolean>)[CLIENT_REQUEST_ID] = true
+}
+
+/** Whether the request's id (and so every id derived from it: `.n`, `.refresh`) is the client's own. */
+export function clientRequestId (raw: object): boolean {
+  return (raw as Record<symbol, boolean | undefined>)[CLIENT_REQUEST_ID] === true
+}

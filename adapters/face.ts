@@ -32,6 +32,8 @@ export interface FaceCall {
   memo?: Map<string, Promise<unknown>> | null
   /** The response or the WebSocket the answer goes to: a call whose caller left is cancelled. */
   caller?: Caller | null
+  /** `requestId` is (or derives from) the client's own x-request-id (CallContext.clientRequestId). */
+  clientRequestId?: boolean
 }
 
 /** A call's answer as JSON shaped by the op's output schema; `value` parses it on first use. */
@@ -135,6 +137,7 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     const input = call.input === undefined || call.input === null ? {} : call.input
     const ctx = new CallContext(call.requestId, call.protocol, op, input as Record<string, unknown>, call.authorization, call.traceparent, op.type === 'mutation' ? call.idempotencyKey : undefined)
     ctx.tracestate = call.tracestate
+    if (call.clientRequestId === true) ctx.clientRequestId = true
     if (call.memo !== undefined) ctx.memo = call.memo
     if (call.refusal !== undefined) ctx.refusal = call.refusal
     if (call.caller != null) ctx.caller = call.caller

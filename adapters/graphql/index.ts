@@ -16,6 +16,7 @@ import type { WebSocket } from 'ws'
 import type { IncomingMessage } from 'node:http'
 import { withHook } from '../../route-hooks.js'
 import { Heartbeat } from '../heartbeat.js'
+import { clientRequestId } from '../../ids.js'
 
 export { manifestSdl } from './schema.js'
 
@@ -34,6 +35,8 @@ const GRAPHQL_RESPONSE = 'application/graphql-response+json'
 /** One HTTP request's context: its calls share the memo; each gets `${request.id}.${n}`. */
 interface RequestContext {
   requestId: string
+  /** `requestId` is the client's own x-request-id (CallContext.clientRequestId). */
+  clientRequestId: boolean
   authorization: string | undefined
   traceparent: string | undefined
   tracestate: string | undefined
@@ -137,6 +140,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
           ? SHUTTING_DOWN()
           : overInputBudget(ctx, input, opts.bodyLimit) ? new MantleError('PAYLOAD_TOO_LARGE', `The document's inputs are over the body limit (${opts.bodyLimit}) as JSON`) : undefined,
         requestId: `${ctx.requestId}.${n}`,
+        clientRequestId: ctx.clientRequestId,
         protocol: 'graphql',
         op: op.name,
         input,
@@ -209,6 +213,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     errorFormatter,
     context: (request): RequestContext => ({
       requestId: request.id,
+      clientRequestId: clientRequestId(request.raw),
       authorization: request.headers.authorization,
       traceparent: single(request.headers.traceparent),
       tracestate: single(request.headers.tracestate),

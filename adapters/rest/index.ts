@@ -2,6 +2,7 @@ import type { FastifyInstance, FastifyRequest, FastifySchema, FastifyReply } fro
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
 import { CallContext } from '../../plugins/pipeline/index.js'
+import { clientRequestId } from '../../ids.js'
 import type { JsonSchema, Operation } from '../../manifest.js'
 
 // The REST face decodes (path params + query string or JSON body into one input), hands the
@@ -163,6 +164,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     // (the ETags then went out, but a matching If-None-Match never got its 304).
     // Before, a cached query over POST answered a matching If-None-Match with a 304.
     if (conditional) ctx.ifNoneMatch = single(headers['if-none-match'])
+    ctx.clientRequestId = clientRequestId(request.raw)
     ctx.tracestate = single(headers.tracestate)
     ctx.caller = reply.raw
     let result: unknown

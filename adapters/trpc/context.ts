@@ -5,6 +5,7 @@ import { idempotencyKeyOf, single } from '../rest/index.js'
 import type { CacheOutcome, Caller } from '../../plugins/pipeline/index.js'
 import { AnswerBudget } from '../face.js'
 import { queryToken } from '../upgrade.js'
+import { clientRequestId } from '../../ids.js'
 
 /** What every procedure of one request (HTTP) or one connection (WebSocket) shares. */
 export interface TrpcContext {
@@ -12,6 +13,8 @@ export interface TrpcContext {
   readonly authorization: string | undefined
   /** The HTTP request's id; null on a WebSocket, where every call gets a fresh one. */
   readonly requestId: string | null
+  /** `requestId` is the client's own x-request-id (CallContext.clientRequestId). */
+  readonly clientRequestId: boolean
   /** A batch (`?batch=1`): each call gets `${requestId}.${batchIndex}`. */
   readonly batch: boolean
   /**
@@ -62,6 +65,7 @@ export function httpContext (request: FastifyRequest, response: ServerResponse, 
   return {
     authorization: httpAuthorization(request, connectionParams),
     requestId: request.id,
+    clientRequestId: clientRequestId(request.raw),
     batch,
     keyPerCall: batch && calls > 1,
     memo: batch ? new Map() : null,
@@ -106,6 +110,7 @@ export function socketContext (socket: WebSocket, upgrade: string | undefined, c
   return {
     authorization: fromParams(connectionParams) ?? upgrade,
     requestId: null,
+    clientRequestId: false,
     batch: false,
     keyPerCall: false,
     memo: null,

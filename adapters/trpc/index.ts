@@ -1,4 +1,4 @@
-import { uuidv7 } from '../../ids.js'
+import { clientRequestId, uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { TRPCError } from '@trpc/server'
 import { fastifyRequestHandler } from '@trpc/server/adapters/fastify'
@@ -257,6 +257,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         traceparent: single(request.headers.traceparent),
         tracestate: single(request.headers.tracestate),
         idempotencyKey: idempotencyKeyOf(request),
+        clientRequestId: clientRequestId(request.raw),
         caller: reply.raw
       })
       reply.type('application/json')

@@ -32,6 +32,12 @@ export interface AuditEntry {
   durationMs: number
   /** cache outcome, firewall finding kinds, idempotent replay: only the keys that apply. */
   metadata: Record<string, unknown>
+  /**
+   * `requestId` is (or derives from) the client's own x-request-id, which may be taken already:
+   * the store looks it up before its INSERT. Neither stored nor hashed; absent (an entry spooled
+   * by an earlier version): as false, a taken id is then found by the INSERT's unique index.
+   */
+  clientRequestId?: boolean
 }
 
 /** An entry as stored: its place in the chain and its hashes. */

@@ -9,7 +9,7 @@ import { ConfigError } from '../../schemas/config.js'
 import type { Operation } from '../../manifest.js'
 import { type AuditEntry, type AuditStore, type AuditQuery, type Category, type VerifyCursor, VERIFY_MAX_ENTRIES, categoryOf, refusedIdentity, storableEntry } from './entry.js'
 import { unwatchCaller, watchCaller } from '../pipeline/caller.js'
-import { uuidv7 } from '../../ids.js'
+import { clientRequestId, uuidv7 } from '../../ids.js'
 import { upgradeAuthorization } from '../../adapters/upgrade.js'
 import { httpAuthorization } from '../../adapters/trpc/context.js'
 import { MemoryAuditStore } from './memory-store.js'
@@ -141,7 +141,8 @@ export function callEntry (ctx: CallContext, where: readonly [string | null, str
     status,
     statusCode,
     durationMs: Math.round(elapsed * 1000) / 1000,
-    metadata
+    metadata,
+    clientRequestId: ctx.clientRequestId
   }
 }
 
@@ -482,7 +483,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       status,
       statusCode,
       durationMs: Math.round(elapsed * 1000) / 1000,
-      metadata
+      metadata,
+      clientRequestId: clientRequestId(request.raw)
     }
   }
 

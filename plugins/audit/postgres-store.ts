@@ -277,11 +277,15 @@ export class PostgresAuditStore implements AuditStore {
 
   /**
    * Stores a batch. The first try assumes what is nearly always true: no entry of the batch is
-   * stored yet and no request id in it is taken. The unique indexes on id and request_id are
-   * the judge: when one refuses (a replay of entries a lost COMMIT had stored, a client reusing
-   * an x-request-id), the batch is written again, that time looking the ids up first. Looking
-   * them up on every batch cost as much PostgreSQL time as the insert itself. Resolves to the
-   * entries inserted (those already stored are skipped, and not counted).
+   * stored yet, and no request id the gateway made is taken (a uuidv7, or one derived from it);
+   * only the request ids that are the clients' own (`clientRequestId`), which a client may send
+   * again, are looked up first, under the chain lock. Looking every id up on every batch cost as
+   * much PostgreSQL time as the insert itself; letting the INSERT fail on a reused client id and
+   * writing the batch again cost 3 times the batch, and a new connection each time. The unique
+   * indexes on id and request_id are still the judge: when one refuses (a replay of entries a
+   * lost COMMIT had stored, an entry spooled by an earlier version), the batch is written again,
+   * that time looking every id up first. Resolves to the entries inserted (those already stored
+   * are skipped, and not counted).
    */
   async write (batch: AuditEntry[]): Promise<number> {
     if (batch.length === 0) return 0
@@ -308,20 +312,31 @@ export class PostgresAuditStore implements AuditStore {
       const head = opened[1]
       let seq = Number(head.rows[0].head_seq)
       let prev = head.rows[0].head_hash
-      const known = lookUp
+      // The clients' own request ids of the batch: only they may be taken on the first try.
+      let clients: string[] | null = null
+      if (!lookUp) {
+        for (const e of batch) if (e.clientRequestId === true) (clients ??= []).push(e.requestId)
+      }
+      const known: Array<{ id?: string, request_id: string }> = lookUp
         ? (await client.query<{ id: string, request_id: string }>(
             'SELECT id, request_id FROM bff_audit_entries WHERE id = ANY($1::uuid[]) OR request_id = ANY($2::text[])',
             [batch.map(e => e.id), batch.map(e => e.requestId)])).rows
-        : []
-      // Only the second try keeps track of ids: on the first, a duplicate within the batch makes
-      // the unique index refuse it, as one already stored does, and the second try sorts it out.
-      const seen = lookUp ? { ids: new Set(known.map(r => r.id)), requestIds: new Set(known.map(r => r.request_id)) } : null
+        : clients !== null
+          ? (await client.query<{ request_id: string }>('SELECT request_id FROM bff_audit_entries WHERE request_id = ANY($1::text[])', [clients])).rows
+          : []
+      // The second try keeps track of ids and request ids, the first of request ids only when the
+      // batch holds a client's (a client's repeated within the batch, or the same as one the
+      // gateway made, is suffixed as on the second try). Otherwise a duplicate within the batch
+      // makes the unique index refuse it, as one already stored does, and the second try sorts it out.
+      const seen = lookUp || clients !== null ? { ids: lookUp ? new Set(known.map(r => r.id)) : null, requestIds: new Set(known.map(r => r.request_id)) } : null
       const cols: unknown[][] = Array.from({ length: 18 }, () => [])
       for (const e of batch) {
         let requestId = e.requestId
         if (seen !== null) {
-          if (seen.ids.has(e.id)) continue
-          seen.ids.add(e.id)
+          if (seen.ids !== null) {
+            if (seen.ids.has(e.id)) continue
+            seen.ids.add(e.id)
+          }
           if (seen.requestIds.has(requestId)) requestId = suffixed(e)
           seen.requestIds.add(requestId)
         }
@@ -343,11 +358,13 @@ export class PostgresAuditStore implements AuditStore {
       await client.query('COMMIT')
       return cols[0].length
     } catch (err) {
-      broken = true
-      await rollBack(client, err)
+      // A statement PostgreSQL refused (a unique index, a value of the batch) and a ROLLBACK it
+      // took leave the connection as good as new: it is kept. Any other failure (no answer, a
+      // cut) destroys it. Destroying it on every error made each batch with a reused request id
+      // open a new connection.
+      broken = !await rollBack(client, err)
       throw err
     } finally {
-      // A connection that failed mid-transaction is not handed out again.
       client.release(broken)
     }
   }
@@ -495,11 +512,19 @@ export class PostgresAuditStore implements AuditStore {
 }
 
 /**
- * Ends a failed transaction whose connection is then destroyed (PostgreSQL rolls back what a
- * closed connection left open): a ROLLBACK only when PostgreSQL itself refused a statement. On a
- * connection that did not answer (a query timeout, a cut), it waited out a second query timeout,
+ * Ends a failed transaction: a ROLLBACK only when PostgreSQL itself refused a statement, or a
+ * value was refused before it was sent (MalformedValue); true when PostgreSQL took it, and the
+ * connection can be handed out again. Otherwise (or when the ROLLBACK fails) the connection is
+ * to be destroyed (PostgreSQL rolls back what a closed connection left open). On a connection
+ * that did not answer (a query timeout, a cut), a ROLLBACK waited out a second query timeout,
  * 20 s in all before the batch was spooled, past a shutdown's grace.
  */
-async function rollBack (client: pg.PoolClient, err: unknown): Promise<void> {
-  if (err instanceof pg.DatabaseError) await client.query('ROLLBACK').catch(() => {})
+async function rollBack (client: pg.PoolClient, err: unknown): Promise<boolean> {
+  if (!(err instanceof pg.DatabaseError) && !(err instanceof MalformedValue)) return false
+  try {
+    await client.query('ROLLBACK')
+    return true
+  } catch {
+    return false
+  }
 }

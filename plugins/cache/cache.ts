@@ -300,6 +300,7 @@ export class ResponseCache {
     if (this.running(key.local, tagKeys) !== undefined) return
     const own = new CallContext(ctx.requestId + '.refresh', ctx.protocol, ctx.op, ctx.input, ctx.authorization, ctx.traceparent, undefined)
     own.tracestate = ctx.tracestate
+    own.clientRequestId = ctx.clientRequestId
     own.tenant = ctx.tenant
     own.user = ctx.user
     own.roles = ctx.roles

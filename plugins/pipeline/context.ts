@@ -99,9 +99,15 @@ export class CallContext {
    * Kernel call watches it, and a call whose caller left is cancelled (README, "Clients that leave").
    */
   caller: Caller | null
+  /**
+   * The request id is (or derives from) the client's own `x-request-id`, which it may send again:
+   * its audit entry is looked up before it is stored (plugins/audit, "Request ids").
+   */
+  clientRequestId: boolean
 
   constructor (requestId: string, protocol: Protocol, op: Operation, input: Record<string, unknown>, authorization: string | undefined, traceparent: string | undefined, idempotencyKey: string | null | undefined) {
     this.requestId = requestId
+    this.clientRequestId = false
     this.protocol = protocol
     this.op = op
     this.input = input

@@ -229,6 +229,29 @@ t.test('the admin endpoints: memory store, role system, body and query checks; t
   t.notOk('postgres' in (await app.inject({ method: 'GET', url: '/readyz' })).json().checks, 'no PostgreSQL line for the memory store')
 })
 
+t.test('entries say whether their request id is the client\'s own (the store looks only those up), on every face', async t => {
+  const app = await buildDemoApp(t)
+  const store = app.audit.store as MemoryAuditStore
+  const written: Array<{ requestId: string, clientRequestId?: boolean }> = []
+  const write = store.write.bind(store)
+  store.write = async batch => { written.push(...batch); return await write(batch) }
+  const calls = async (rid: (face: string) => Record<string, string>): Promise<void> => {
+    await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: { ...bearer(), ...rid('rest') } })
+    await app.inject({ method: 'GET', url: `/trpc/getAgent?input=${encodeURIComponent('{"id":"a1"}')}`, headers: { ...bearer(), ...rid('trpc') } })
+    await app.inject({ method: 'GET', url: `/trpc/getAgent,getAgent?batch=1&input=${encodeURIComponent('{"0":{"id":"a1"},"1":{"id":"a2"}}')}`, headers: { ...bearer(), ...rid('trpcb') } })
+    await app.inject({ method: 'POST', url: '/graphql', headers: { ...bearer(), ...rid('gql') }, payload: { query: '{ a: getAgent(id: "a1") { id } }' } })
+    await app.inject({ method: 'GET', url: '/diagz', headers: { ...bearer(), ...rid('diagz') } })
+    await drained(app)
+  }
+  await calls(face => ({ 'x-request-id': `client-${face}` }))
+  const own = written.splice(0)
+  t.same(own.map(e => e.requestId).sort(), ['client-diagz', 'client-gql.0', 'client-rest', 'client-trpc', 'client-trpcb.0', 'client-trpcb.1'])
+  t.ok(own.every(e => e.clientRequestId === true), 'the client\'s ids, and those derived from them, are marked')
+  await calls(() => ({}))
+  t.equal(written.length, 6)
+  t.ok(written.every(e => e.clientRequestId === false), 'the ids the gateway made are not')
+})
+
 t.test('with audit off there is no stage, no decorator and no admin audit endpoint', async t => {
   const app = await buildDemoApp(t, { BFF_AUDIT_ENABLED: false })
   t.equal(app.hasDecorator('audit'), false)

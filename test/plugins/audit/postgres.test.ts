@@ -282,6 +282,49 @@ if (available) {
     t.same(await store.verify({}), { ok: true, checked: 5, firstBroken: null })
   })
 
+  t.test('the store itself: a client\'s reused request id is looked up first: one INSERT per batch, no new connection', async t => {
+    const { url, store, entry } = await storeOnNewDatabase(t)
+    // Each statement the writer's connections run, and each connection opened.
+    const statements: string[] = []
+    let connects = 0
+    store.pool.on('connect', client => {
+      connects++
+      const query = client.query.bind(client) as (...args: unknown[]) => unknown
+      ;(client as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+        const q = args[0] as string | { name?: string, text: string }
+        statements.push(typeof q === 'string' ? q : q.name ?? q.text)
+        return query(...args)
+      }
+    })
+    const batch = (): AuditEntry[] => [entry(), entry({ requestId: 'fixed-client-id', clientRequestId: true }), entry()]
+    await store.write(batch())
+    t.equal(connects, 1)
+    statements.length = 0
+    for (let i = 0; i < 5; i++) await store.write(batch())
+    t.equal(statements.filter(s => s === 'mantle-audit-insert').length, 5, 'one INSERT per batch, none refused and written again')
+    t.equal(statements.filter(s => s === 'ROLLBACK').length, 0)
+    t.equal(connects, 1, 'no new connection')
+    // Repeated within a batch, and the same as an id the gateway made in that batch: suffixed too.
+    const gatewayMade = entry()
+    const twice = [entry({ requestId: 'in-batch', clientRequestId: true }), entry({ requestId: 'in-batch', clientRequestId: true }), gatewayMade, entry({ requestId: gatewayMade.requestId, clientRequestId: true })]
+    statements.length = 0
+    await store.write(twice)
+    t.equal(statements.filter(s => s === 'mantle-audit-insert').length, 1)
+    const rows = await sql<{ id: string, request_id: string }>(url, 'SELECT id, request_id FROM bff_audit_entries ORDER BY seq')
+    t.equal(rows.length, 22)
+    t.same(rows.filter(r => r.request_id.startsWith('fixed-client-id')).map(r => r.request_id), ['fixed-client-id', ...rows.filter(r => r.request_id.startsWith('fixed-client-id~')).map(r => r.request_id)])
+    t.equal(rows.filter(r => r.request_id.startsWith('fixed-client-id~')).length, 5, 'every later one suffixed')
+    t.same(rows.slice(18).map(r => r.request_id), ['in-batch', `in-batch~${twice[1].id}`, gatewayMade.requestId, `${gatewayMade.requestId}~${twice[3].id}`])
+    // An entry not marked (spooled by an earlier version) whose id is taken: the INSERT refuses it,
+    // the batch is written again with every id looked up, on the same connection.
+    statements.length = 0
+    await store.write([entry({ requestId: 'fixed-client-id' })])
+    t.equal(statements.filter(s => s === 'mantle-audit-insert').length, 2, 'refused once, then written')
+    t.equal(statements.filter(s => s === 'ROLLBACK').length, 1)
+    t.equal(connects, 1, 'the connection of the refused statement is kept')
+    t.same(await store.verify({}), { ok: true, checked: 23, firstBroken: null })
+  })
+
   t.test('the store itself: the batch INSERT is prepared once per connection, then planned once', async t => {
     const { url, store, entry } = await storeOnNewDatabase(t)
     for (let i = 0; i < 8; i++) await store.write([entry(), entry()])
