@@ -533,17 +533,31 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   // Once per request: an onSend hook that fails after this one (a header writeHead refuses) has
   // Fastify send an error answer, which runs the onSend hooks again.
   const audited = new WeakSet<FastifyRequest>()
+  // Refused (503) because neither the store nor the spool takes entries: no entry, as the stage's
+  // refusals leave none (counted as refused).
+  const overloaded = new WeakSet<FastifyRequest>()
   const adminAudit = (action: string) => function auditAdminCall (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void): void {
-    if (audited.has(request)) { done(null, payload); return }
+    if (audited.has(request) || overloaded.has(request)) { done(null, payload); return }
     audited.add(request)
     const status = reply.statusCode < 400 ? 'ok' : (refusals.get(request) ?? (reply.statusCode === 400 ? 'VALIDATION_FAILED' : 'INTERNAL'))
     const category = refusedIdentity(status) ? 'auth' : 'admin'
     enqueue(httpEntry(request, reply, action, category, status, reply.statusCode, descriptions.get(request)))
     done(null, payload)
   }
+  // A route that audits itself is refused, as the stage refuses calls, while neither the store
+  // nor the spool takes entries and the backlog is full: before, its entries (not droppable) were
+  // queued on and on while the admin routes, /diagz and /internal/events were served. First of
+  // its onRequest hooks: before the token is checked, so that no caller grows the backlog.
+  const auditGuard = function auditGuard (request: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void): void {
+    if (!writer.saturated) { done(); return }
+    overloaded.add(request)
+    entries?.inc({ outcome: 'refused' })
+    done(new MantleError('OVERLOADED', 'The audit trail cannot record calls now: retry later', { headers: { 'retry-after': '5' } }))
+  }
   app.addHook('onRoute', (route) => {
     const action = route.config?.audit
     if (action === undefined) return
+    route.onRequest = withHook(route.onRequest, auditGuard, true)
     route.onSend = withHook(route.onSend, adminAudit(action))
   })
 

@@ -368,3 +368,42 @@ t.test('neither PostgreSQL nor the spool\'s disk takes entries: calls are refuse
   t.match(refused.json(), { code: 'OVERLOADED', detail: /audit trail cannot record calls/ })
   t.match((await app.inject({ url: '/metrics' })).body, /mantle_audit_entries_total\{outcome="refused"\} [1-9]/)
 })
+
+t.test('neither PostgreSQL nor the spool\'s disk takes entries: the routes that audit themselves are refused too, the probes are served, the backlog stays bounded', async t => {
+  const dir = spoolDir(t)
+  symlinkSync('/dev/full', join(dir, 'audit.spool'))
+  const kernel = await startKernel({ port: 0, runDelayMs: 1 })
+  t.teardown(() => kernel.close())
+  const internal = 'internal-token-of-the-outage-test'
+  const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: databaseUrl('test', await closedPort()), BFF_AUDIT_SPOOL_DIR: dir, BFF_AUDIT_QUEUE_MAX: 10, BFF_AUDIT_BATCH_SIZE: 5, BFF_INTERNAL_TOKEN: internal }),
+    { logger: false, kernelUrl: kernel.url, audit: { connectTimeoutMs: 200 } })
+  t.teardown(() => app.close())
+  await app.ready()
+  for (let i = 0; i < 300; i++) {
+    if ((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })).statusCode === 503) break
+    await new Promise(resolve => setTimeout(resolve, 2))
+  }
+  const depth = app.audit.health().queueDepth
+  t.ok(depth >= 20, `saturated: two queues wait (${depth})`)
+  const system = bearer({ roles: ['system'] })
+  const admin = [
+    { method: 'GET' as const, url: '/diagz', headers: system },
+    { method: 'POST' as const, url: '/admin/cache/invalidate', headers: system, payload: { tenant: 'victim', tags: ['agents'] } },
+    { method: 'POST' as const, url: '/internal/events', headers: { authorization: `Bearer ${internal}` }, payload: { topic: 'runs.updated', tenantId: 't1', payload: {} } },
+    { method: 'GET' as const, url: '/admin/audit', headers: system },
+    { method: 'POST' as const, url: '/admin/audit/verify', headers: system, payload: {} },
+    { method: 'GET' as const, url: '/diagz' }
+  ]
+  for (let i = 0; i < 50; i++) {
+    for (const c of admin) {
+      const res = await app.inject(c)
+      if (i > 0) continue
+      t.equal(res.statusCode, 503, `${c.method} ${c.url}: refused rather than served without its entry`)
+      t.equal(res.headers['retry-after'], '5')
+      t.match(res.json(), { code: 'OVERLOADED', detail: /audit trail cannot record calls/ })
+    }
+  }
+  t.ok(app.audit.health().queueDepth <= depth, `no entry queued for the ${50 * admin.length} refusals (${app.audit.health().queueDepth})`)
+  for (const url of ['/healthz', '/metrics']) t.equal((await app.inject({ url })).statusCode, 200, `${url} is served: it is not audited`)
+  t.not((await app.inject({ url: '/readyz' })).statusCode, 500)
+})
