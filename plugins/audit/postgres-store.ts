@@ -197,9 +197,67 @@ type Nullable<T> = { [K in keyof T]: T[K] | null }
 // The hash covers the timestamp to the millisecond, as the gateway writes it; the column keeps
 // microseconds, which Date drops when the row is read. A timestamp that is not a whole
 // millisecond was changed after the write, so that row is broken.
+// A row read for verify holds its metadata as PostgreSQL's text of the jsonb (VERIFY_TYPES): the
+// hash covers the metadata as JavaScript read it, and a number whose stored decimal JavaScript
+// cannot tell from another (3.00000000000000000001 for 3) was changed after the write, so that
+// row is broken too. Before, such an UPDATE passed verify.
 function walked (r: Row & { whole_ms: boolean } | Nullable<Row & { whole_ms: boolean }>): WalkedRow {
   const row = r as Row & { whole_ms: boolean }
-  return { e: fromRow(row), intact: row.whole_ms }
+  const text = row.metadata as unknown as string
+  row.metadata = JSON.parse(text) as Record<string, unknown>
+  return { e: fromRow(row), intact: row.whole_ms && numbersAsWritten(text) }
+}
+
+/** verify's reads: a jsonb column as PostgreSQL's text of it, every other type as pg parses it. */
+const VERIFY_TYPES: pg.CustomTypesConfig = {
+  getTypeParser: ((oid: number, format?: 'text' | 'binary') => oid === OID.jsonb ? (v: string) => v : pg.types.getTypeParser(oid, format)) as typeof pg.types.getTypeParser
+}
+
+/**
+ * Whether every number of a JSON text is the decimal the gateway wrote: the shortest form of a
+ * JavaScript number (JSON.stringify's), which jsonb keeps exactly (in its own notation: 1e21 as
+ * 1000000000000000000000). One that reads as a number whose shortest form is another decimal
+ * (3.00000000000000000001, 1e400) was not written by the gateway.
+ */
+export function numbersAsWritten (json: string): boolean {
+  const n = json.length
+  for (let i = 0; i < n; i++) {
+    const c = json.charCodeAt(i)
+    if (c === 34) {
+      // A string: to its closing quote, escapes skipped.
+      for (i++; i < n; i++) {
+        const d = json.charCodeAt(i)
+        if (d === 92) i++
+        else if (d === 34) break
+      }
+    } else if (c === 45 || (c >= 48 && c <= 57)) {
+      let j = i + 1
+      while (j < n && NUMBER_PART.test(json[j])) j++
+      const token = json.slice(i, j)
+      if (decimal(token) !== decimal(String(Number(token)))) return false
+      i = j - 1
+    }
+  }
+  return true
+}
+
+const NUMBER_PART = /[0-9.eE+-]/
+const DECIMAL = /^(-?)([0-9]*)(?:\.([0-9]*))?(?:[eE]([+-]?[0-9]+))?$/
+
+/** A decimal number's text in one form (sign, digits without leading or trailing zeros, exponent); null for none. */
+function decimal (text: string): string | null {
+  const m = DECIMAL.exec(text)
+  if (m === null) return null
+  const frac = m[3] ?? ''
+  let digits = m[2] + frac
+  let exp = Number(m[4] ?? 0) - frac.length
+  let start = 0
+  while (start < digits.length && digits.charCodeAt(start) === 48) start++
+  if (start === digits.length) return '0'
+  let end = digits.length
+  while (digits.charCodeAt(end - 1) === 48) { end--; exp++ }
+  digits = digits.slice(start, end)
+  return `${m[1]}${digits}e${exp}`
 }
 
 function fromRow (r: Row): StoredEntry {
@@ -394,21 +452,27 @@ export class PostgresAuditStore implements AuditStore {
     page: async (after, end, n) => {
       // The anchor and the page in one statement, one snapshot: entries retention removed
       // between two pages show as an anchor past the walk's place, not as a gap.
-      const rows = (await this.reads.query<{ anchor_seq: string, anchor_hash: string } & Nullable<Row & { whole_ms: boolean }>>(
-        `SELECT c.anchor_seq, c.anchor_hash, e.* FROM bff_audit_chain c LEFT JOIN LATERAL
+      const rows = (await this.reads.query<{ anchor_seq: string, anchor_hash: string } & Nullable<Row & { whole_ms: boolean }>>({
+        text: `SELECT c.anchor_seq, c.anchor_hash, e.* FROM bff_audit_chain c LEFT JOIN LATERAL
            (SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3) e ON true
-         WHERE c.id = 1 ORDER BY e.seq`, [after, end, n])).rows
+         WHERE c.id = 1 ORDER BY e.seq`,
+        values: [after, end, n],
+        types: VERIFY_TYPES
+      })).rows
       return { anchorSeq: Number(rows[0].anchor_seq), anchorHash: rows[0].anchor_hash, rows: rows.filter(r => r.id !== null).map(walked) }
     },
     tail: async (after) => {
-      const row = (await this.reads.query<{ head_seq: string, head_hash: string } & Nullable<Row & { whole_ms: boolean }>>(
-        `SELECT c.head_seq, c.head_hash, e.* FROM bff_audit_chain c LEFT JOIN LATERAL
+      const row = (await this.reads.query<{ head_seq: string, head_hash: string } & Nullable<Row & { whole_ms: boolean }>>({
+        text: `SELECT c.head_seq, c.head_hash, e.* FROM bff_audit_chain c LEFT JOIN LATERAL
            (SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq > $1 ORDER BY seq LIMIT 1) e ON true
-         WHERE c.id = 1`, [after])).rows[0]
+         WHERE c.id = 1`,
+        values: [after],
+        types: VERIFY_TYPES
+      })).rows[0]
       return { next: row.id === null ? null : walked(row), headSeq: Number(row.head_seq), headHash: row.head_hash }
     },
     at: async (seq) => {
-      const row = (await this.reads.query<Row & { whole_ms: boolean }>(`SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq = $1`, [seq])).rows[0]
+      const row = (await this.reads.query<Row & { whole_ms: boolean }>({ text: `SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq = $1`, values: [seq], types: VERIFY_TYPES })).rows[0]
       return row === undefined ? null : walked(row)
     }
   }
@@ -435,9 +499,13 @@ export class PostgresAuditStore implements AuditStore {
       let walker = new ChainWalker(0, GENESIS)
       if (lo - 1 === Number(chain.anchor_seq)) walker = new ChainWalker(lo - 1, chain.anchor_hash)
       else if (lo > 1) {
-        const before = await client.query<Row & { whole_ms: boolean }>(`SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq < $1 ORDER BY seq DESC LIMIT 1`, [lo])
+        const before = await client.query<Row & { whole_ms: boolean }>({ text: `SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq < $1 ORDER BY seq DESC LIMIT 1`, values: [lo], types: VERIFY_TYPES })
         const row = before.rows[0]
-        walker = row === undefined ? new ChainWalker(Number(chain.anchor_seq), chain.anchor_hash) : ChainWalker.after(fromRow(row), row.whole_ms)
+        if (row === undefined) walker = new ChainWalker(Number(chain.anchor_seq), chain.anchor_hash)
+        else {
+          const { e, intact } = walked(row)
+          walker = ChainWalker.after(e, intact)
+        }
       }
       return { walker, after: lo - 1, end: hi }
     } catch (err) {

@@ -563,6 +563,28 @@ if (await postgresAvailable()) {
     t.equal(page.entries[0].timestamp, batch[1].timestamp)
   })
 
+  t.test('verify: a number of the metadata changed to a decimal JavaScript reads as the same is a changed row', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    await migrate(url)
+    const store = new PostgresAuditStore({ databaseUrl: url })
+    t.teardown(() => store.close())
+    // Numbers jsonb writes in its own notation (1e21, 1e-7) and the shortest forms of doubles.
+    const base = Date.now() - 10_000
+    const batch = [entry({ timestamp: base }), entry({ timestamp: base + 1000, metadata: { cache: 'hit', tagCount: 3, big: 1e21, small: 1e-7, sum: 0.1 + 0.2, neg: -2.5, max: Number.MAX_VALUE, tiny: 5e-324, list: [0, -0, 1.5e300] } }), entry({ timestamp: base + 2000 }), entry({ timestamp: base + 3000 })]
+    await store.write(batch)
+    t.same(await store.verify({}), { ok: true, checked: 4, firstBroken: null }, 'every number the gateway wrote reads as written')
+    // Each number changed alone, the rest of the metadata as it was.
+    await sql(url, 'UPDATE bff_audit_entries SET metadata = jsonb_set(metadata, \'{tagCount}\', \'3.00000000000000000001\') WHERE seq = 2')
+    t.same((await sql<{ n: string }>(url, 'SELECT metadata->>\'tagCount\' AS n FROM bff_audit_entries WHERE seq = 2'))[0].n, '3.00000000000000000001')
+    t.same((await store.verify({})).firstBroken, { id: batch[1].id, requestId: batch[1].requestId }, 'tagCount 3 as 3.00000000000000000001')
+    await sql(url, 'UPDATE bff_audit_entries SET metadata = jsonb_set(metadata, \'{tagCount}\', \'3\') WHERE seq = 2')
+    t.same(await store.verify({}), { ok: true, checked: 4, firstBroken: null }, 'put back')
+    await sql(url, 'UPDATE bff_audit_entries SET metadata = jsonb_set(metadata, \'{big}\', \'1000000000000000000000.0000000001\') WHERE seq = 2')
+    t.same(await store.verify({}), { ok: false, checked: 2, firstBroken: { id: batch[1].id, requestId: batch[1].requestId } })
+    t.same(await store.verify({ from: new Date(batch[2].timestamp) }), { ok: false, checked: 0, firstBroken: { id: batch[1].id, requestId: batch[1].requestId } }, 'the entry before a range is held to it too')
+    t.same(await store.verify({}, { limit: 1 }).then(async r => await store.verify({}, { next: r.next })), { ok: false, checked: 1, firstBroken: { id: batch[1].id, requestId: batch[1].requestId } }, 'and a resumed walk')
+  })
+
   /** A fresh store holding ten entries one second apart, from a minute ago (`named(i)`: the i-th). */
   const tenSeconds = async (t: Test): Promise<{ url: string, store: PostgresAuditStore, base: number, named: (i: number) => { id: string, requestId: string } }> => {
     const url = databaseUrl(await createTestDatabase(t))

@@ -8,6 +8,7 @@ import { categoryOf, hashEntry, isoTime, storableEntry, GENESIS, VERIFY_MAX_ENTR
 import { canonicalJson as canonical } from '../../../plugins/pipeline/index.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
 import { Spool, SpoolInUseError, SPOOL_FILE, SPOOL_LIMITS } from '../../../plugins/audit/spool.js'
+import { numbersAsWritten } from '../../../plugins/audit/postgres-store.js'
 import { AuditWriter } from '../../../plugins/audit/writer.js'
 import { uuidv7 as entryId } from '../../../ids.js'
 import { until } from '../../helper.js'
@@ -69,6 +70,14 @@ t.test('storableEntry: NUL and lone surrogates become U+FFFD in every text, keys
   t.match(fixed, { requestId: 'r\uFFFD', userId: 'u\uFFFD', path: '/p\uFFFD', tenantId: odd.tenantId, id: odd.id })
   t.same(fixed.metadata, { 'k\uFFFD': ['x\uFFFD', { y: '\uFFFDz' }], n: 1, none: null })
   t.equal(odd.userId, 'u\ud800', 'the entry given is not changed')
+})
+
+t.test('numbersAsWritten: a number jsonb holds is the decimal JavaScript wrote, in any notation; strings are not numbers', async t => {
+  t.ok(numbersAsWritten('{"a": 3, "b": 1000000000000000000000, "c": 0.0000001, "d": -2.5, "e": [0, 1.5e+300, 0.30000000000000004], "s": "3.00000000000000000001", "k\\"1": 2}'))
+  t.notOk(numbersAsWritten('{"a": 3.00000000000000000001}'))
+  t.notOk(numbersAsWritten('[1e400]'), 'not a double')
+  t.notOk(numbersAsWritten('{"a": 0.1000000000000000055511151231257827}'), 'the exact value of 0.1 is not what the gateway wrote')
+  t.ok(numbersAsWritten('{"a": 3.0}'), 'the same decimal (jsonb: equal)')
 })
 
 t.test('isoTime is toISOString, the reused second included', async t => {
