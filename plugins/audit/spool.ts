@@ -45,6 +45,8 @@ export class Spool {
   private lock = ''
   private lost = false
   private bytes = 0
+  /** An append failed: its part may still be in the file (its cut failed too), see lineEnd. */
+  private torn = false
   // Appends, drains and compaction run one after another.
   private chain: Promise<unknown> = Promise.resolve()
   /** Bytes at the start of the file already committed to the store by this process. */
@@ -183,8 +185,20 @@ export class Spool {
       const fh = this.fh
       if (fh === null) throw new Error('the audit spool is closed')
       await this.mustHold()
-      await appendSynced(fh, data, this.bytes)
-      this.bytes += data.length
+      let out = data
+      if (this.torn) {
+        const end = await lineEnd(fh)
+        this.bytes = end.size
+        if (end.open) out = Buffer.concat([NEWLINE, data])
+      }
+      try {
+        await appendSynced(fh, out, this.bytes)
+      } catch (err) {
+        this.torn = true
+        throw err
+      }
+      this.torn = false
+      this.bytes += out.length
     })
   }
 
@@ -337,6 +351,21 @@ async function appendSynced (fh: FileHandle, data: Buffer, bytes: number): Promi
   }
 }
 
+const NEWLINE = Buffer.from('\n')
+
+/**
+ * Where a file ends after a failed append (the part it wrote stays when the cut failed too), and
+ * whether it ends inside a line: the next append then starts on a line of its own, so that the
+ * torn part is one corrupt line, skipped on replay, rather than joined to the next batch's line
+ * (both lost, an acknowledged batch with them).
+ */
+async function lineEnd (fh: FileHandle): Promise<{ size: number, open: boolean }> {
+  const size = (await fh.stat()).size
+  const last = Buffer.alloc(1)
+  const open = size > 0 && (await fh.read(last, 0, 1, size - 1)).bytesRead === 1 && last[0] !== 10
+  return { size, open }
+}
+
 /** An entry the store refused for its own data (README, "Audit trail"). */
 export interface QuarantineRecord {
   /** When it was set aside, ISO 8601. */
@@ -356,6 +385,8 @@ export interface QuarantineRecord {
 export class Quarantine {
   private fh: FileHandle | null = null
   private bytes = 0
+  /** An append failed: its part may still be in the file (its cut failed too), see lineEnd. */
+  private torn = false
   private closed = false
   private chain: Promise<unknown> = Promise.resolve()
 
@@ -383,9 +414,21 @@ export class Quarantine {
         }
         this.fh = fh
       }
+      let out = data
+      if (this.torn) {
+        const end = await lineEnd(this.fh)
+        this.bytes = end.size
+        if (end.open) out = Buffer.concat([NEWLINE, data])
+      }
       const created = this.bytes === 0
-      await appendSynced(this.fh, data, this.bytes)
-      this.bytes += data.length
+      try {
+        await appendSynced(this.fh, out, this.bytes)
+      } catch (err) {
+        this.torn = true
+        throw err
+      }
+      this.torn = false
+      this.bytes += out.length
       // A file just created is found after a crash only once its directory entry is on disk too.
       if (created) await syncDir(this.dir)
     })

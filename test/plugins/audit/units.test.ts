@@ -318,6 +318,44 @@ t.test('spool: a short write is completed; a failed append leaves nothing behind
   await spool.close()
 })
 
+t.test('spool: a failed append whose cut fails too leaves a torn line of its own; the next batch is whole', async t => {
+  const dir = spoolDir(t)
+  for (const target of ['spool', 'quarantine'] as const) {
+    const spool = await Spool.open(join(dir, target))
+    const a = [entry(), entry()]
+    const first = async (): Promise<void> => { target === 'spool' ? await spool.append(a) : await spool.quarantine.append([{ time: 'x', sqlstate: null, error: 'e', entry: a[0] }]) }
+    await first()
+    // The disk takes 7 bytes of the next append, then fails, and so does the cut after it.
+    const fh = (target === 'spool' ? spool as unknown : spool.quarantine) as { fh: FileHandle }
+    const write = fh.fh.write.bind(fh.fh) as (data: Buffer, offset: number, length: number) => Promise<{ bytesWritten: number }>
+    const truncate = fh.fh.truncate.bind(fh.fh)
+    let failNext = true
+    ;(fh.fh as unknown as { write: typeof write }).write = async (data, offset, length) => {
+      if (failNext) { failNext = false; await write(data, offset, 7); throw new Error('EIO: i/o error, write') }
+      return await write(data, offset, length)
+    }
+    ;(fh.fh as unknown as { truncate: (n: number) => Promise<void> }).truncate = async () => { throw new Error('EIO: i/o error, ftruncate') }
+    const b = [entry()]
+    if (target === 'spool') await t.rejects(spool.append(b), /EIO/)
+    else await t.rejects(spool.quarantine.append([{ time: 'y', sqlstate: null, error: 'e', entry: b[0] }]), /EIO/)
+    ;(fh.fh as unknown as { truncate: typeof truncate }).truncate = truncate
+    const c = [entry()]
+    if (target === 'spool') {
+      await spool.append(c)
+      t.equal(spool.size, statSync(spool.path).size, 'the spool knows where its file ends')
+      const seen: AuditEntry[][] = []
+      t.equal(await spool.drain(async batch => { seen.push(batch) }), 3)
+      t.same(seen, [a, c], 'both acknowledged batches come back whole')
+      t.equal(spool.corrupt, 1, 'the torn part is a corrupt line of its own')
+    } else {
+      await spool.quarantine.append([{ time: 'z', sqlstate: null, error: 'e', entry: c[0] }])
+      const lines = readFileSync(spool.quarantine.path, 'utf8').split('\n')
+      t.same(lines.map(l => { try { return (JSON.parse(l) as { time: string }).time } catch { return null } }), ['x', null, 'z', null], 'the record after the torn part is on a line of its own')
+    }
+    await spool.close()
+  }
+})
+
 t.test('spool: one process per directory; a torn or corrupt line is skipped, never half replayed', async t => {
   const dir = spoolDir(t)
   const spool = await Spool.open(dir)
