@@ -219,16 +219,51 @@ function lingeringClose (socket: Duplex): void {
  * Fastify's clientErrorHandler: 408 for a request that took too long, 431 for a head over
  * Node's limit, 400 for anything else the parser refuses, each as problem+json. The parser goes
  * on refusing whatever else the socket brings while it lingers, which lands here again and is
- * dropped.
+ * dropped. Nothing is written in front of the answer of a call that runs on the connection, nor to
+ * a connection that sent nothing.
  */
 function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): void {
   if (lingering.has(socket)) return
-  // An answer already begun on the connection (a request pipelined behind it timed out): another
-  // written now would land inside it. Node itself closes the connection then.
-  if (err.code === 'ECONNRESET' || socket.destroyed || !socket.writable || (socket as HttpSocket)._httpMessage?.headersSent === true) {
+  if (err.code === 'ECONNRESET' || socket.destroyed || !socket.writable) {
     socket.destroy()
     return
   }
+  // A connection that never sent a byte (a browser's preconnect, a pool's spare) has its head
+  // timed from the connect: nothing was asked, so nothing is answered. A 408 written to it was
+  // read as the answer to the request a client sent it at that moment.
+  if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT' && (socket as Socket).bytesRead === 0) {
+    socket.destroy()
+    return
+  }
+  const res = (socket as HttpSocket)._httpMessage
+  if (res !== null && res !== undefined && !res.writableFinished) {
+    if (inFlight(res.req)) {
+      // The connection's answer under way is a call's that runs (a request pipelined behind it, or
+      // its own body, never finished arriving): a 408 written now would be read as that call's
+      // answer. That answer goes out, saying Connection: close, and the connection closes after it
+      // (lingering, see lingeringClose); nothing queued behind it runs.
+      keepNoLonger(res)
+    } else if (res.headersSent) {
+      // Another answer already begun: a 408 written now would land inside it.
+      socket.destroy()
+    } else {
+      answerRefusal(err, socket)
+    }
+    return
+  }
+  answerRefusal(err, socket)
+}
+
+/** The connection's answer under way is its last: Connection: close if not yet sent, and the socket ends after it. */
+function keepNoLonger (res: ServerResponse): void {
+  res.shouldKeepAlive = false
+  // Node's own mark of an answer that ends its connection (it ends it once the answer is sent,
+  // with socket.destroySoon: a lingering close), set too for an answer whose head is already out.
+  ;(res as ServerResponse & { _last: boolean })._last = true
+}
+
+/** The clientErrorHandler's answer, as problem+json, and the lingering close. */
+function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): void {
   const [status, detail] = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
     ? [408, 'The request took too long to arrive']
     : err.code === 'HPE_HEADER_OVERFLOW'
@@ -255,17 +290,30 @@ function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: 
 /** What Node's HTTP server keeps on a connection's socket: its answer under way, and its parser (null once upgraded). */
 type HttpSocket = Socket & { _httpMessage?: ServerResponse | null, parser?: unknown }
 
+/** Requests that reached their route's handler (its preValidation): the calls in flight. */
+const reachedHandler = new WeakSet<IncomingMessage>()
+
 /**
- * A route's first preValidation, once its body has arrived: a request whose connection the gateway
- * has already answered and is closing (408 for a body too slow to arrive, 503 at shutdown) runs
- * nothing. Its answer went out while its body still came, and the rest of it could still arrive
- * within the linger: the call would then have run, a mutation included, behind a refusal.
+ * Whether a request's call runs, or will: it reached its handler (Fastify runs a GET, or any
+ * request it reads no body for, without waiting for a body it announced), or it arrived whole.
+ * Otherwise it is still arriving: it never reached a handler and never will without its body.
+ */
+function inFlight (req: IncomingMessage): boolean {
+  return req.complete || reachedHandler.has(req)
+}
+
+/**
+ * Every route's first preValidation, once its body has arrived (if Fastify waits for one): a
+ * request whose connection the gateway has already answered and is closing (408 for a body too
+ * slow to arrive, 503 at shutdown) runs nothing. Its answer went out while its body still came,
+ * and the rest of it could still arrive within the linger: the call would then have run, a
+ * mutation included, behind a refusal. Any other is marked as having reached its handler.
  */
 function notAnsweredAlready (request: FastifyRequest, reply: FastifyReply, done: () => void): void {
   if (lingering.has(request.raw.socket)) reply.hijack()
+  else reachedHandler.add(request.raw)
   done()
 }
-const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH', 'DELETE'])
 
 /** A HEAD route's last onSend: no Content-Length on a 304 or a 204, which carry no body length of their own. */
 function withoutBodyLength (_request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void): void {
@@ -363,8 +411,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // Added before any route, so that it applies to every one, and runs after Fastify's own.
   app.addHook('onRoute', (route) => {
     if (route.method === 'HEAD') route.onSend = withHook(route.onSend, withoutBodyLength)
-    const methods = Array.isArray(route.method) ? route.method : [route.method]
-    if (methods.some(method => BODY_METHODS.has(method))) route.preValidation = withHook(route.preValidation, notAnsweredAlready, true)
+    route.preValidation = withHook(route.preValidation, notAnsweredAlready, true)
   })
   app.setNotFoundHandler((request, reply) => {
     errorHandler(new MantleError('NOT_FOUND', `No route ${request.method} ${request.url.split('?')[0]}`), request, reply)
@@ -456,6 +503,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   const reap = (): void => {
     app.server.closeIdleConnections()
     const arriving: HttpSocket[] = []
+    let calls = false
     for (const socket of connections as Set<HttpSocket>) {
       // Idle ones were just closed; an upgraded WebSocket (no parser) is closed by its face.
       if (socket.destroyed || lingering.has(socket) || socket.parser === null || socket.parser === undefined) continue
@@ -466,11 +514,18 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
         if (socket.bytesRead === 0) socket.destroy()
         else arriving.push(socket)
       } else if (!res.writableEnded) {
-        // A call in flight (its request whole): wait for it, it may still answer.
-        if (res.req.complete) return
-        arriving.push(socket)
+        // A call in flight (its request whole, or its handler reached without the body it
+        // announced): wait for it, it may still answer. One whose body is still awaited ends its
+        // connection after its answer: the body would otherwise hold it, and be answered 503.
+        if (inFlight(res.req)) {
+          if (!res.req.complete) keepNoLonger(res)
+          calls = true
+        } else {
+          arriving.push(socket)
+        }
       }
     }
+    if (calls) return
     for (const socket of arriving) {
       if (socket._httpMessage?.headersSent === true) {
         socket.destroy()

@@ -181,3 +181,76 @@ t.test('at shutdown, requests still arriving are answered 503 once no call is in
   const entries = (await app.audit.store.query({ limit: 10 })).entries
   t.ok(entries.some(e => e.action === 'slow' && e.statusCode === 200), 'the call\'s entry is stored')
 })
+
+/** A raw connection that sends `text` and records what it reads; it ends when the gateway does. */
+function rawClient (t: { teardown: (fn: () => unknown) => void }, port: number, text: string): { answer: () => string, closed: Promise<void>, socket: Socket } {
+  const socket = connect({ port, host: '127.0.0.1', allowHalfOpen: true })
+  let answer = ''
+  socket.on('data', (chunk: Buffer) => { answer += chunk.toString('latin1') })
+  socket.on('error', () => {})
+  socket.on('end', () => socket.end())
+  const closed = new Promise<void>(resolve => socket.once('close', () => resolve()))
+  if (text !== '') socket.write(text)
+  t.teardown(() => socket.destroy())
+  return { answer: () => answer, closed, socket }
+}
+
+const AGENT = { id: 'a9', name: 'n', model: 'm', description: null, createdAt: '2026-01-01T00:00:00Z', updatedAt: '2026-01-01T00:00:00Z' }
+
+t.test('a request timing out pipelined behind a call that runs: the call\'s own answer goes out, then the connection closes', async t => {
+  // The 408 was written in front of the earlier call's answer, not yet begun: the client read it as
+  // that call's answer, though the call had reached the Kernel, and its real answer was lost.
+  const kernel = await startTestKernel(t, { 'POST /v1/agents': (_req, res) => { setTimeout(() => json(res, 201, AGENT), 900) } })
+  const app = await buildTestApp(t, { BFF_REQUEST_TIMEOUT_MS: 300 }, { kernelUrl: kernel.url })
+  const port = await listen(app)
+  const payload = '{"name":"n","model":"m"}'
+  const client = rawClient(t, port, `POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nAuthorization: ${bearer().authorization}\r\nContent-Type: application/json\r\nContent-Length: ${payload.length}\r\n\r\n${payload}` +
+    STALLED_HEAD)
+  await client.closed
+  t.equal(kernel.requests.length, 1, 'the call ran')
+  t.match(client.answer(), /^HTTP\/1\.1 201 Created\r\n/, 'its own answer, not a 408')
+  t.match(client.answer(), /\r\nConnection: close\r\n/i, 'which says the connection closes')
+  t.match(client.answer(), /"id":"a9"/)
+  t.equal((client.answer().match(/HTTP\/1\.1 \d+/g) ?? []).length, 1, 'one answer')
+})
+
+t.test('a GET whose handler runs with a body announced and never sent is in flight: answered, not 408 nor 503 at shutdown', async t => {
+  // Fastify runs a GET without waiting for a body: its call reached the Kernel, yet the request,
+  // incomplete, was taken for one that never reached a handler.
+  const kernel = await startTestKernel(t, { 'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 700) } })
+  const manifest = testManifest({ slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } })
+  const request = `GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: ${bearer().authorization}\r\nContent-Length: 5\r\n\r\n`
+
+  const timed = await buildTestApp(t, { BFF_REQUEST_TIMEOUT_MS: 300, BFF_CACHE_ENABLED: false }, { manifest, kernelUrl: kernel.url })
+  const timedClient = rawClient(t, await listen(timed), request)
+  await timedClient.closed
+  t.match(timedClient.answer(), /^HTTP\/1\.1 200 OK\r\n/, 'past the request timeout: the call\'s answer, not a 408')
+  t.match(timedClient.answer(), /\r\nConnection: close\r\n/i)
+
+  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false }, { manifest, kernelUrl: kernel.url, audit: { flushIntervalMs: 600_000 } })
+  const port = await listen(app)
+  const before = kernel.requests.length
+  const client = rawClient(t, port, request)
+  await until(() => kernel.requests.length === before + 1, 'the call to reach the Kernel')
+  await app.close()
+  await client.closed
+  t.match(client.answer(), /^HTTP\/1\.1 200 OK\r\n/, 'at shutdown: the call\'s answer, not a 503')
+  t.equal((client.answer().match(/HTTP\/1\.1 \d+/g) ?? []).length, 1, 'and nothing after it')
+  const entries = (await app.audit.store.query({ limit: 10 })).entries
+  t.ok(entries.some(e => e.action === 'slow' && e.statusCode === 200), 'audited as answered')
+})
+
+t.test('a connection that sends nothing within the head\'s timeout is closed unanswered', async t => {
+  // Node times a fresh connection's head from the connect: a browser's preconnect, or a pool's
+  // spare, was sent an unasked 408, which a client sending its first request then read as its answer.
+  const app = await buildTestApp(t, { BFF_REQUEST_TIMEOUT_MS: 300 })
+  const port = await listen(app)
+  const started = Date.now()
+  const silent = rawClient(t, port, '')
+  await silent.closed
+  t.ok(Date.now() - started < 3000, 'closed')
+  t.equal(silent.answer(), '', 'nothing written')
+  const started2 = rawClient(t, port, 'GET /healthz HTTP/1.1\r\nHost: x\r\n')
+  await started2.closed
+  t.match(started2.answer(), /^HTTP\/1\.1 408 /, 'a head begun still gets its 408')
+})
