@@ -326,14 +326,26 @@ function withoutBodyLength (_request: FastifyRequest, reply: FastifyReply, paylo
  * fields GET would (RFC 9110 §9.3.2): its Content-Encoding, `Vary: accept-encoding` and the
  * compressed Content-Length (none for a streamed body). After it, compression never saw a body
  * (the handler had dropped it) and HEAD gave the uncompressed length, no coding and no Vary.
- * @fastify/compress's onSend is the route's last, its onRoute hook having run just before this.
+ * @fastify/compress's onSend is the one its onRoute hook added: onSendBeforeCompression counts a
+ * HEAD route's onSend hooks just before that hook runs, compressBeforeHead just after. A route
+ * compression leaves alone (`compress: false`) has none added, and nothing is moved: its last
+ * onSend (withoutBodyLength, say) stays after Fastify's HEAD handler.
  */
 function compressBeforeHead (route: RouteOptions): void {
   if (route.method !== 'HEAD' || !Array.isArray(route.onSend)) return
   const hooks = route.onSend
+  if (hooks.length !== onSendHooksBefore.get(route)! + 1) return
   const head = hooks.findIndex(hook => hook.name === 'headRouteOnSendHandler')
   if (head === -1 || head === hooks.length - 1) return
   hooks.splice(head, 0, hooks.pop()!)
+}
+
+/** A HEAD route's onSend hooks before compression's onRoute hook ran, for compressBeforeHead. */
+const onSendHooksBefore = new WeakMap<RouteOptions, number>()
+
+function onSendBeforeCompression (route: RouteOptions): void {
+  if (route.method !== 'HEAD') return
+  onSendHooksBefore.set(route, Array.isArray(route.onSend) ? route.onSend.length : route.onSend === undefined ? 0 : 1)
 }
 
 export async function buildApp (config: Readonly<Config>, options: BuildOptions = {}): Promise<FastifyInstance> {
@@ -596,8 +608,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   await app.register(pipeline, { manifest })
   // Compression attaches itself to routes as they are declared: before any route.
   if (config.BFF_COMPRESSION_ENABLED) {
+    // Compression's onRoute hook runs between these two: see compressBeforeHead.
+    app.addHook('onRoute', onSendBeforeCompression)
     await app.register(compression)
-    // Added at once after compression's own: see compressBeforeHead.
     app.addHook('onRoute', compressBeforeHead)
   }
   let reloads: ((outcome: 'applied' | 'refused') => void) | null = null

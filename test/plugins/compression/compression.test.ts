@@ -31,6 +31,8 @@ async function setup (t: Teardown, env: Env = {}): Promise<FastifyInstance> {
   // Routes of the test's own, to check what must never be compressed.
   app.get('/test/problem', async () => { throw new MantleError('VALIDATION_FAILED', 'bad: ' + 'x'.repeat(3000)) })
   app.get('/test/not-modified', async (_req, reply) => reply.code(304).send())
+  // A route compression leaves alone: its HEAD has no compression hook to move.
+  app.get('/test/uncompressed-not-modified', { compress: false }, async (_req, reply) => reply.code(304).send())
   app.get('/test/binary', async (_req, reply) => reply.type('application/octet-stream').send(Buffer.alloc(4096, 7)))
   app.get('/test/image', async (_req, reply) => reply.type('image/png').send(Buffer.alloc(4096, 1)))
   app.get('/test/events', async (_req, reply) => reply.type('text/event-stream').send('data: ' + 'e'.repeat(4096) + '\n\n'))
@@ -217,6 +219,18 @@ t.test('HEAD answers with the headers of GET, compressed or not', async t => {
   t.equal(notModified.statusCode, 304)
   t.equal(notModified.headers.vary, 'authorization, accept-encoding')
   t.equal(notModified.headers['content-length'], undefined)
+})
+
+t.test('HEAD of a route with compress: false keeps its hooks in their order: a 304 without a length', async t => {
+  // Compression's hook was taken to be the route's last onSend: on a route compression leaves
+  // alone, the gateway's withoutBodyLength was moved before Fastify's HEAD handler instead, which
+  // then set content-length: 0 on the 304.
+  const app = await setup(t)
+  for (const url of ['/test/uncompressed-not-modified', '/test/not-modified']) {
+    const head = await app.inject({ method: 'HEAD', url, headers: { 'accept-encoding': 'gzip' } })
+    t.equal(head.statusCode, 304)
+    t.equal(head.headers['content-length'], undefined, `${url}: no Content-Length`)
+  }
 })
 
 // httpBatchStreamLink (`trpc-accept: application/jsonl`) gets each result as it completes. The
