@@ -145,7 +145,6 @@ const fastifyClientErrors: Record<string, [ErrorCode, string]> = {
   FST_ERR_MAX_PARAM_LENGTH: ['BAD_REQUEST', 'A path segment is longer than 256 characters']
 }
 
-/** Turns any thrown value into the problem a client sees; never exposes internals for 5xx. */
 /**
  * How a failed call is logged, the one rule of every face: a gateway bug (`INTERNAL`) at error,
  * a call the Kernel failed (`KERNEL_ERROR`, `KERNEL_TIMEOUT`, `KERNEL_UNAVAILABLE` when it could
@@ -164,6 +163,7 @@ export function logLevelOf (problem: Problem, headers: Record<string, string> | 
   }
 }
 
+/** Turns any thrown value into the problem a client sees; never exposes internals for 5xx. */
 export function toProblem (err: unknown, requestId: string): { problem: Problem, headers: Record<string, string> | null } {
   if (err instanceof MantleError) {
     return {
