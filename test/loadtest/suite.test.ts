@@ -141,7 +141,8 @@ t.test('a WebSocket call never answered fails at its deadline, with its time, an
   t.equal(ws.outcomes.result, 20, 'the answered calls')
   t.ok((ws.outcomes.timeout ?? 0) >= 1, `the stalled calls failed at their deadline: ${JSON.stringify(ws.outcomes)}`)
   t.equal(ws.failed, ws.outcomes.timeout, 'every failure a timeout')
-  t.ok(ws.maxMs >= k6.WS_GET_AGENT.callTimeoutMs && ws.maxMs < k6.WS_GET_AGENT.callTimeoutMs + 500, `timed, as the deadline: max ${ws.maxMs} ms`)
+  // Within the histogram's resolution (0.4 %: a 2,000.4 ms call was read as 1,999.9 ms once).
+  t.ok(ws.maxMs >= k6.WS_GET_AGENT.callTimeoutMs * 0.995 && ws.maxMs < k6.WS_GET_AGENT.callTimeoutMs + 500, `timed, as the deadline: max ${ws.maxMs} ms`)
   t.ok(fake.upgrades.length >= 2, `the user opened another connection after the timeout (${fake.upgrades.length})`)
   const failed = report.thresholds.find((r) => r.metric === 'ws_call_failed{op:getAgent}')
   t.equal(failed?.pass, false, `ws_call_failed crossed: ${String(failed?.observed)}`)
