@@ -3,6 +3,7 @@ import { Ajv } from 'ajv'
 import { AnswerBudget, runCall, callEnvelope } from '../adapters/face.js'
 import { MantleError, refusalHeaders } from '../errors.js'
 import { callKey, idempotencyKeyOf, single } from '../adapters/rest/index.js'
+import { clientRequestId } from '../ids.js'
 
 // The batch body's own validator, without the coercion Fastify's Ajv does: a call id 1 was
 // answered as "1", and ["x"] as "x" (a client matching results to its ids found none).
@@ -61,9 +62,10 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     const traceparent = single(request.headers.traceparent)
     const tracestate = single(request.headers.tracestate)
     const idempotencyKey = idempotencyKeyOf(request)
+    const fromClient = clientRequestId(request.raw)
     // Results are matched to calls by id, and a call's idempotency key is made of its id.
     if (new Set(calls.map(call => call.id)).size !== calls.length) throw new MantleError('VALIDATION_FAILED', 'Each call of a batch needs an id of its own')
-    const outcomes = await Promise.all(calls.map(async (call, n) => await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, tracestate, idempotencyKey: callKey(idempotencyKey, call.id), memo, caller: reply.raw })))
+    const outcomes = await Promise.all(calls.map(async (call, n) => await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, tracestate, clientRequestId: fromClient, idempotencyKey: callKey(idempotencyKey, call.id), memo, caller: reply.raw })))
     // In the calls' order: which results are left out does not depend on when they came.
     const budget = new AnswerBudget()
     const parts = outcomes.map((outcome, n) => callEnvelope(JSON.stringify(calls[n].id), budget.admit(outcome, app.pipeline.manifest.byName.get(calls[n].op)?.type === 'query', `${request.id}.${n}`)))

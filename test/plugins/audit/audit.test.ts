@@ -241,14 +241,15 @@ t.test('entries say whether their request id is the client\'s own (the store loo
     await app.inject({ method: 'GET', url: `/trpc/getAgent,getAgent?batch=1&input=${encodeURIComponent('{"0":{"id":"a1"},"1":{"id":"a2"}}')}`, headers: { ...bearer(), ...rid('trpcb') } })
     await app.inject({ method: 'POST', url: '/graphql', headers: { ...bearer(), ...rid('gql') }, payload: { query: '{ a: getAgent(id: "a1") { id } }' } })
     await app.inject({ method: 'GET', url: '/diagz', headers: { ...bearer(), ...rid('diagz') } })
+    await app.inject({ method: 'POST', url: '/api/v1/batch', headers: { ...bearer(), ...rid('batch') }, payload: { calls: [{ id: 'x', op: 'getAgent', input: { id: 'a1' } }] } })
     await drained(app)
   }
   await calls(face => ({ 'x-request-id': `client-${face}` }))
   const own = written.splice(0)
-  t.same(own.map(e => e.requestId).sort(), ['client-diagz', 'client-gql.0', 'client-rest', 'client-trpc', 'client-trpcb.0', 'client-trpcb.1'])
+  t.same(own.map(e => e.requestId).sort(), ['client-batch.0', 'client-diagz', 'client-gql.0', 'client-rest', 'client-trpc', 'client-trpcb.0', 'client-trpcb.1'])
   t.ok(own.every(e => e.clientRequestId === true), 'the client\'s ids, and those derived from them, are marked')
   await calls(() => ({}))
-  t.equal(written.length, 6)
+  t.equal(written.length, 7)
   t.ok(written.every(e => e.clientRequestId === false), 'the ids the gateway made are not')
 })
 
