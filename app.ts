@@ -353,6 +353,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   if (refused.length > 0) throw new ConfigError('Refusing to start in production: ' + refused.join('; '))
   const manifest = options.manifest ?? await loadManifestFile(config.BFF_MANIFEST)
 
+  const timeouts = requestTimeouts(config.BFF_REQUEST_TIMEOUT_MS)
   const app = Fastify({
     logger: options.logger ?? {
       level: config.LOG_LEVEL,
@@ -369,8 +370,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // A request that never finishes arriving (a body or a head sent a byte at a time) is answered
     // 408 and its connection closed: without a bound it held the connection for ever, and the
     // shutdown with it (the process was killed at its grace, the audit never flushed).
-    requestTimeout: config.BFF_REQUEST_TIMEOUT_MS,
-    http: (({ headersTimeout, connectionsCheckingInterval }) => ({ headersTimeout, connectionsCheckingInterval }))(requestTimeouts(config.BFF_REQUEST_TIMEOUT_MS)),
+    requestTimeout: timeouts.requestTimeout,
+    http: { headersTimeout: timeouts.headersTimeout, connectionsCheckingInterval: timeouts.connectionsCheckingInterval },
     // The client's address (the guard's key before identity, logs) from X-Forwarded-For, through
     // the proxies named here only: believed from anyone, any client could pick its own key.
     ...(config.BFF_TRUST_PROXY === undefined ? {} : { trustProxy: config.BFF_TRUST_PROXY }),
@@ -499,10 +500,37 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     if (options.onFatal !== undefined) options.onFatal(err)
     else app.close().catch((closeErr: Error) => app.log.error({ err: closeErr.message }, 'closing after a fatal condition failed'))
   })
+  // The gateway's own refusals of a request, before any route's own hook (an upgrade's
+  // credentials, the rate-limit guard), which run after every root hook; with CORS on, in a root
+  // hook after CORS's (below), so that they carry its headers and a browser sees the refusal, not
+  // a CORS failure. A preflight passed on (the guard on) reaches it; CORS answers one itself
+  // otherwise. True when it refused the request (done called).
+  const corsOn = config.BFF_CORS_ORIGINS !== undefined
+  const refusedEarly = (request: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void): boolean => {
+    if (closing) {
+      // A request that arrives on an open connection while the gateway shuts down runs nothing.
+      refuseEarly(request, reply, done, new MantleError('OVERLOADED', 'The gateway is shutting down: retry on another instance', { headers: { 'retry-after': '1' } }))
+      return true
+    }
+    // As a malformed JSON body: the query string is a call's input (REST, tRPC's and GraphQL's
+    // GET). A probe takes it literally: a monitor's junk must not fail it. A preflight is
+    // answered as any other: the request it asks for is the one refused, which a browser's
+    // script then reads (a refused preflight is only a CORS failure to it, whatever its headers).
+    if (request.query === MALFORMED_QUERY) {
+      if (PROBE_PATHS.has(request.routeOptions.url ?? '')) {
+        request.query = literalQuery(request.url)
+      } else if (!(corsOn && request.method === 'OPTIONS')) {
+        refuseEarly(request, reply, done, new MantleError('VALIDATION_FAILED', 'The query string is not valid percent-encoding (UTF-8)'))
+        return true
+      }
+    }
+    return false
+  }
   app.addHook('onRequest', (request, reply, done) => {
     stamp(request, reply)
-    // Refused below, once CORS has set its headers; a preflight CORS answers itself closes too.
+    // With CORS on, refused once it has set its headers; a preflight CORS answers itself closes too.
     if (closing) reply.header('connection', 'close')
+    if (!corsOn && refusedEarly(request, reply, done)) return
     done()
   })
   // Fastify closes idle keep-alive sockets once, when closing starts; a socket busy then would
@@ -578,31 +606,11 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     })
   }
 
-  // The gateway's own refusals of a request, in a root hook after CORS's (so that they carry its
-  // headers, and a browser sees the refusal, not a CORS failure) and before any route's own hook
-  // (an upgrade's credentials, the rate-limit guard), which run after every root hook. A
-  // preflight passed on (the guard on) reaches it; CORS answers one itself otherwise.
-  const corsOn = config.BFF_CORS_ORIGINS !== undefined
-  app.addHook('onRequest', (request, reply, done) => {
-    if (closing) {
-      // A request that arrives on an open connection while the gateway shuts down runs nothing.
-      refuseEarly(request, reply, done, new MantleError('OVERLOADED', 'The gateway is shutting down: retry on another instance', { headers: { 'retry-after': '1' } }))
-      return
-    }
-    // As a malformed JSON body: the query string is a call's input (REST, tRPC's and GraphQL's
-    // GET). A probe takes it literally: a monitor's junk must not fail it. A preflight is
-    // answered as any other: the request it asks for is the one refused, which a browser's
-    // script then reads (a refused preflight is only a CORS failure to it, whatever its headers).
-    if (request.query === MALFORMED_QUERY) {
-      if (PROBE_PATHS.has(request.routeOptions.url ?? '')) {
-        request.query = literalQuery(request.url)
-      } else if (!(corsOn && request.method === 'OPTIONS')) {
-        refuseEarly(request, reply, done, new MantleError('VALIDATION_FAILED', 'The query string is not valid percent-encoding (UTF-8)'))
-        return
-      }
-    }
-    done()
-  })
+  if (corsOn) {
+    app.addHook('onRequest', (request, reply, done) => {
+      if (!refusedEarly(request, reply, done)) done()
+    })
+  }
 
   // Every concern, its order and its switch, in one place (ARCHITECTURE.md).
   await app.register(pipeline, { manifest })

@@ -132,16 +132,14 @@ export function holdHangups (): { serve: (reload: () => void) => void } {
  * diagnostic signal (`--report-on-signal` and `--heapsnapshot-signal` by default), and SIGTRAP a
  * debugger's. A report or a heap snapshot taken of a running gateway shut it down. Each is
  * logged and ignored (with no listener at all, its default action would end the process at once).
- * The signals that shut the gateway down gracefully: SIGTERM (orchestrators), SIGINT (Ctrl-C),
- * SIGQUIT (Ctrl-\, and what some supervisors send to stop); SIGHUP reloads the manifest.
  */
-export const NOT_SHUTDOWN_SIGNALS = ['SIGUSR2', 'SIGTRAP'] as const
+const NOT_SHUTDOWN_SIGNALS = ['SIGUSR2', 'SIGTRAP'] as const
 
 /**
  * Ignores NOT_SHUTDOWN_SIGNALS from now on (from start-up: one sent meanwhile ended the process),
  * each told to `warn`; a `--report-on-signal` report or a heap snapshot is still written.
  */
-export function ignoreNonShutdownSignals (warn: (msg: string) => void): void {
+function ignoreNonShutdownSignals (warn: (msg: string) => void): void {
   for (const signal of NOT_SHUTDOWN_SIGNALS) process.on(signal, () => { warn(`${signal} received: not a shutdown signal, ignored`) })
 }
 

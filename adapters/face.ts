@@ -1,5 +1,5 @@
 import type { FastifyInstance } from 'fastify'
-import { CallContext, type Protocol, type CacheOutcome, type Caller } from '../plugins/pipeline/index.js'
+import { CallContext, isSocket, type Protocol, type CacheOutcome, type Caller } from '../plugins/pipeline/index.js'
 import { toProblem, logLevelOf, retryAfterOf, MantleError, type Problem } from '../errors.js'
 
 /** What app.ts hands every face besides REST. */
@@ -126,7 +126,7 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     // request is (OVERLOADED, the same wait as `retryAfter`; counted in mantle_load_shed_total,
     // not a call). With load shedding off the check is null.
     const shedding = pipeline.socketShedding
-    if (shedding !== null && call.caller != null && 'readyState' in call.caller) {
+    if (shedding !== null && call.caller != null && isSocket(call.caller)) {
       const shed = shedding()
       if (shed !== null) throw shed
     }

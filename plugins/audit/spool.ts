@@ -185,20 +185,13 @@ export class Spool {
       const fh = this.fh
       if (fh === null) throw new Error('the audit spool is closed')
       await this.mustHold()
-      let out = data
-      if (this.torn) {
-        const end = await lineEnd(fh)
-        this.bytes = end.size
-        if (end.open) out = Buffer.concat([NEWLINE, data])
-      }
       try {
-        await appendSynced(fh, out, this.bytes)
+        this.bytes = await appendWhole(fh, data, this.bytes, this.torn)
       } catch (err) {
         this.torn = true
         throw err
       }
       this.torn = false
-      this.bytes += out.length
     })
   }
 
@@ -366,6 +359,21 @@ async function lineEnd (fh: FileHandle): Promise<{ size: number, open: boolean }
   return { size, open }
 }
 
+/**
+ * Appends `data` at `bytes`, the end of a file only this process appends to, and syncs it; after
+ * a failed append (`torn`), at the file's real end and on a line of its own (lineEnd). The new end.
+ */
+async function appendWhole (fh: FileHandle, data: Buffer, bytes: number, torn: boolean): Promise<number> {
+  let out = data
+  if (torn) {
+    const end = await lineEnd(fh)
+    bytes = end.size
+    if (end.open) out = Buffer.concat([NEWLINE, data])
+  }
+  await appendSynced(fh, out, bytes)
+  return bytes + out.length
+}
+
 /** An entry the store refused for its own data (README, "Audit trail"). */
 export interface QuarantineRecord {
   /** When it was set aside, ISO 8601. */
@@ -401,11 +409,11 @@ export class Quarantine {
       if (this.fh === null) {
         const fh = await open(this.path, 'a+')
         try {
-          this.bytes = (await fh.stat()).size
           // A line torn by a crash stays as it is (an operator reads it), on a line of its own.
-          const last = Buffer.alloc(1)
-          if (this.bytes > 0 && (await fh.read(last, 0, 1, this.bytes - 1)).bytesRead === 1 && last[0] !== 10) {
-            await appendSynced(fh, Buffer.from('\n'), this.bytes)
+          const end = await lineEnd(fh)
+          this.bytes = end.size
+          if (end.open) {
+            await appendSynced(fh, NEWLINE, this.bytes)
             this.bytes++
           }
         } catch (err) {
@@ -414,21 +422,15 @@ export class Quarantine {
         }
         this.fh = fh
       }
-      let out = data
-      if (this.torn) {
-        const end = await lineEnd(this.fh)
-        this.bytes = end.size
-        if (end.open) out = Buffer.concat([NEWLINE, data])
-      }
-      const created = this.bytes === 0
       try {
-        await appendSynced(this.fh, out, this.bytes)
+        this.bytes = await appendWhole(this.fh, data, this.bytes, this.torn)
       } catch (err) {
         this.torn = true
         throw err
       }
       this.torn = false
-      this.bytes += out.length
+      // The file was empty: only then is its new end the data's length (a torn one is not empty).
+      const created = this.bytes === data.length
       // A file just created is found after a crash only once its directory entry is on disk too.
       if (created) await syncDir(this.dir)
     })

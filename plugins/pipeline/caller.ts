@@ -9,12 +9,15 @@ import type { WebSocket } from 'ws'
  */
 export type Caller = ServerResponse | WebSocket
 
+/** Whether the caller is a WebSocket (else the HTTP response of the request). */
+export const isSocket = (caller: Caller): caller is WebSocket => 'readyState' in caller
+
 /**
  * Whether the caller has left: the response closed before it was sent, or the WebSocket is
  * closing or closed. A response that was sent is not watched any more: the call is over then.
  */
 export function callerGone (caller: Caller): boolean {
-  return 'readyState' in caller ? caller.readyState !== 1 : caller.destroyed
+  return isSocket(caller) ? caller.readyState !== 1 : caller.destroyed
 }
 
 // One 'close' listener per caller, however many of its calls wait on the Kernel at once (the
@@ -42,7 +45,7 @@ export function watchCaller (caller: Caller, left: () => void): boolean {
     }
     // 'close' of a response also comes once it was sent; by then its calls have unwatched.
     caller.once('close', fire)
-    if ('readyState' in caller) {
+    if (isSocket(caller)) {
       // A WebSocket the gateway closes (an expired token, a client that does not read, shutdown)
       // emits 'close' only once the client answers, or after ws' 30 s wait for a client that
       // never does: its calls kept their Kernel slots meanwhile. Its close() is where it leaves.
