@@ -290,28 +290,28 @@ function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: 
 /** What Node's HTTP server keeps on a connection's socket: its answer under way, and its parser (null once upgraded). */
 type HttpSocket = Socket & { _httpMessage?: ServerResponse | null, parser?: unknown }
 
-/** Requests that reached their route's handler (its preValidation): the calls in flight. */
-const reachedHandler = new WeakSet<IncomingMessage>()
+// The methods Fastify runs a route's handler for without waiting for a body (handle-request.js).
+const BODYLESS = new Set(['GET', 'HEAD', 'TRACE'])
 
 /**
- * Whether a request's call runs, or will: it reached its handler (Fastify runs a GET, or any
- * request it reads no body for, without waiting for a body it announced), or it arrived whole.
- * Otherwise it is still arriving: it never reached a handler and never will without its body.
+ * Whether a request's call runs, or will: it arrived whole, or Fastify runs its handler without
+ * waiting for a body it announced (a GET). Otherwise it is still arriving: it never reached a
+ * handler and never will without its body. From the method, not a mark made per request: a hook
+ * on every route (a WeakSet add) had cost every GET a preValidation phase of its own.
  */
 function inFlight (req: IncomingMessage): boolean {
-  return req.complete || reachedHandler.has(req)
+  return req.complete || BODYLESS.has(req.method ?? '')
 }
 
 /**
- * Every route's first preValidation, once its body has arrived (if Fastify waits for one): a
- * request whose connection the gateway has already answered and is closing (408 for a body too
- * slow to arrive, 503 at shutdown) runs nothing. Its answer went out while its body still came,
- * and the rest of it could still arrive within the linger: the call would then have run, a
- * mutation included, behind a refusal. Any other is marked as having reached its handler.
+ * The first preValidation of a route that takes a body, once it has arrived: a request whose
+ * connection the gateway has already answered and is closing (408 for a body too slow to arrive,
+ * 503 at shutdown) runs nothing. Its answer went out while its body still came, and the rest of
+ * it could still arrive within the linger: the call would then have run, a mutation included,
+ * behind a refusal.
  */
 function notAnsweredAlready (request: FastifyRequest, reply: FastifyReply, done: () => void): void {
   if (lingering.has(request.raw.socket)) reply.hijack()
-  else reachedHandler.add(request.raw)
   done()
 }
 
@@ -424,7 +424,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // Added before any route, so that it applies to every one, and runs after Fastify's own.
   app.addHook('onRoute', (route) => {
     if (route.method === 'HEAD') route.onSend = withHook(route.onSend, withoutBodyLength)
-    route.preValidation = withHook(route.preValidation, notAnsweredAlready, true)
+    const methods = Array.isArray(route.method) ? route.method : [route.method]
+    if (!methods.every(method => BODYLESS.has(method))) route.preValidation = withHook(route.preValidation, notAnsweredAlready, true)
   })
   app.setNotFoundHandler((request, reply) => {
     errorHandler(new MantleError('NOT_FOUND', `No route ${request.method} ${request.url.split('?')[0]}`), request, reply)
