@@ -1,4 +1,5 @@
 import type { FastifyInstance } from 'fastify'
+import type { LoadShedding } from '../plugins/pressure/index.js'
 import { CallContext, isSocket, type Protocol, type CacheOutcome, type Caller } from '../plugins/pipeline/index.js'
 import { toProblem, logLevelOf, retryAfterOf, MantleError, type Problem } from '../errors.js'
 
@@ -124,9 +125,9 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     // A call on a WebSocket already open never passed onRequest, where load shedding refuses
     // HTTP requests: while the instance sheds it is refused here, before any stage, as a shed
     // request is (OVERLOADED, the same wait as `retryAfter`; counted in mantle_load_shed_total,
-    // not a call). With load shedding off the check is null.
-    const shedding = pipeline.socketShedding
-    if (shedding !== null && call.caller != null && isSocket(call.caller)) {
+    // not a call). With load shedding off there is no decorator: one undefined read.
+    const shedding = (app.loadShedding as LoadShedding | undefined)?.refuse
+    if (shedding !== undefined && call.caller != null && isSocket(call.caller)) {
       const shed = shedding()
       if (shed !== null) throw shed
     }

@@ -78,7 +78,7 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   let subscribed = false
   let probe: NodeJS.Timeout | undefined
   const metrics = counters(app, () => bus, opts.redisUrl === undefined ? null : () => subscribed ? 1 : 0)
-  const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus, opts.maxSubscriptionsPerTenant, app.pipeline.socketShedding)
+  const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus, opts.maxSubscriptionsPerTenant, app.hasDecorator('loadShedding') ? app.loadShedding.refuse : null)
 
   // Events delivered here because their publish timed out, by the publish's own id, with when
   // they are forgotten: such a publish may still have reached Redis, and the event then comes

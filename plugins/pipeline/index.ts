@@ -70,13 +70,6 @@ export interface Pipeline {
   /** The entry of an operation, stable from registration on, for adapters to hold. */
   entry: (name: string) => OperationEntry
   /**
-   * While the instance sheds load, the refusal of new work on an open WebSocket (a call, which
-   * runCall makes before any stage, or a subscribe); null otherwise. Null itself when load
-   * shedding is off: the faces then pay one comparison. Set once, by the pressure plugin.
-   */
-  readonly socketShedding: (() => Error | null) | null
-  setSocketShedding: (check: () => Error | null) => void
-  /**
    * Applies a changed manifest without dropping a call: every operation's chain is built anew
    * beside the old one, then swapped in; calls in flight finish on the chain they started on.
    * Only policies may change (roles, zone, rate limit, cache, firewall, invalidates, timeout):
@@ -105,15 +98,9 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
   let compiled = false
   let current = manifest
   let ordered: StageDefinition[] = []
-  let socketShedding: (() => Error | null) | null = null
 
   return {
     get manifest () { return current },
-    get socketShedding () { return socketShedding },
-    setSocketShedding (check) {
-      if (socketShedding !== null) throw new Error('the pipeline already has its load shedding')
-      socketShedding = check
-    },
     addStage (definition) {
       if (compiled) throw new Error(`stage ${definition.name} added after the pipeline was compiled`)
       if (definitions.some(d => d.name === definition.name)) throw new Error(`stage ${definition.name} is added twice`)

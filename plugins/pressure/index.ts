@@ -32,6 +32,11 @@ export interface LoadShedding {
   /** The bound exceeded at the last sample, or null; read by /readyz. */
   status: () => { reason: PressureReason, value: number, limit: number } | null
   readonly limits: { maxEventLoopDelayMs: number, maxHeapBytes: number, maxRssBytes: number }
+  /**
+   * While a bound is exceeded, the refusal of new work on an open WebSocket (a call, which
+   * runCall makes before any stage, or a subscribe), counted as a shed request; else null.
+   */
+  refuse: () => Error | null
 }
 
 declare module 'fastify' {
@@ -85,12 +90,12 @@ async function pressurePlugin (app: FastifyInstance, opts: PressureOptions): Pro
   // A call or subscribe on an open WebSocket while a bound is exceeded: refused as an HTTP
   // request is, counted the same. Asked only before socket calls and subscribes: HTTP calls pay nothing for it.
   const overloaded = (): MantleError => new MantleError('OVERLOADED', 'The gateway is overloaded: retry later', { headers: { 'retry-after': retryAfter } })
-  app.pipeline.setSocketShedding(() => {
+  const refuse = (): Error | null => {
     const over = status()
     if (over === null) return null
     shed?.(over.reason)
     return overloaded()
-  })
+  }
 
   await app.register(underPressure, {
     maxEventLoopDelay: limits.maxEventLoopDelayMs,
@@ -115,7 +120,7 @@ async function pressurePlugin (app: FastifyInstance, opts: PressureOptions): Pro
     }
   })
 
-  app.decorate('loadShedding', { limits, status })
+  app.decorate('loadShedding', { limits, status, refuse })
 }
 
-export default fp(pressurePlugin, { name: 'mantle-pressure', dependencies: ['mantle-pipeline'], fastify: '5.x' })
+export default fp(pressurePlugin, { name: 'mantle-pressure', fastify: '5.x' })
