@@ -1,5 +1,6 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply, type RouteOptions } from 'fastify'
 import { markClientRequestId, uuidv7 } from './ids.js'
+import { closeAfterAnswer, lingering, lingeringClose } from './lingering.js'
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync } from 'node:fs'
 import { Counter } from 'prom-client'
@@ -197,24 +198,6 @@ function answerRaw (socket: Duplex, status: number, detail: string, extra: strin
   socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nx-request-id: ${id}\r\n${SECURITY_LINES}${extra}Connection: close\r\n\r\n${body}`)
 }
 
-// How long the gateway still reads a connection it closes (RFC 9112 §9.6, "lingering close"):
-// closing it while the client's bytes are unread resets it, and the reset can reach the client
-// before the answer, which it then never reads (found by `npm run fuzz`: a 413, a 400 for junk
-// in the head or a 431 before a 3 MB body, lost to a reset while the client still sent it).
-// The gateway half-closes, drops what still comes, and closes when the client does or after
-// this long. No library does this for Node's HTTP server.
-const LINGER_MS = 2000
-const lingering = new WeakSet<Duplex>()
-
-function lingeringClose (socket: Duplex): void {
-  if (lingering.has(socket)) return
-  lingering.add(socket)
-  if (socket.writable) socket.end()
-  const timer = setTimeout(() => socket.destroy(), LINGER_MS)
-  timer.unref()
-  socket.once('close', () => clearTimeout(timer))
-}
-
 /**
  * Fastify's clientErrorHandler: 408 for a request that took too long, 431 for a head over
  * Node's limit, 400 for anything else the parser refuses, each as problem+json. The parser goes
@@ -273,17 +256,9 @@ function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): void {
   lingeringClose(socket)
 }
 
-/**
- * Refuses a request in the gateway's root onRequest hook. A WebSocket upgrade's socket is closed
- * once the answer is written: @fastify/websocket marks it to be closed so in its own onRequest
- * hook, which runs after this one and so never runs, and the socket (no HTTP connection of Node's any more)
- * stayed open, holding the app's close (found by this change's test).
- */
+/** Refuses a request in the gateway's root onRequest hook; a WebSocket upgrade's connection closes after the answer. */
 function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: Error) => void, err: MantleError): void {
-  if (request.headers.upgrade !== undefined) {
-    const socket = request.raw.socket
-    reply.raw.once('finish', () => { lingeringClose(socket) })
-  }
+  if (request.headers.upgrade !== undefined) closeAfterAnswer(request, reply)
   done(err)
 }
 

@@ -1,4 +1,5 @@
 import fp from 'fastify-plugin'
+import { closeAfterAnswer } from '../../lingering.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import underPressure from '@fastify/under-pressure'
 import { getHeapStatistics } from 'node:v8'
@@ -109,13 +110,7 @@ async function pressurePlugin (app: FastifyInstance, opts: PressureOptions): Pro
       shed?.(type)
       // Set here too: the GraphQL and tRPC faces encode the error in their own envelope.
       reply.header('retry-after', retryAfter)
-      if (request.headers.upgrade !== undefined) {
-        // @fastify/websocket ends a refused upgrade's socket only when its own onRequest hook
-        // ran, and this one runs first: end it here once the 503 is written.
-        const socket = request.raw.socket
-        reply.header('connection', 'close')
-        reply.raw.once('finish', () => { socket.end(); socket.once('finish', () => socket.destroy()) })
-      }
+      if (request.headers.upgrade !== undefined) closeAfterAnswer(request, reply)
       throw overloaded()
     }
   })
