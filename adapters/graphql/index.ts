@@ -1,6 +1,8 @@
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import mercurius from 'mercurius'
-import { BREAK, Kind, getOperationAST, parse, visit, type DocumentNode } from 'graphql'
+import { BREAK, getOperationAST, parse, visit, type DocumentNode, type GraphQLResolveInfo } from 'graphql'
+// graphql-js's own field collection (16.x; no exports map, so its module is importable as is).
+import { collectFields } from 'graphql/execution/collectFields.js'
 import { MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
@@ -42,6 +44,8 @@ interface RequestContext {
   tracestate: string | undefined
   idempotencyKey: string | null | undefined
   memo: Map<string, Promise<unknown>>
+  /** The operation runs one root field (its call keeps the Idempotency-Key as sent); set by its first call with a key. */
+  oneCall?: boolean
   /** The document runs a mutation (its fields' errors past the answer's bound say they ran: see onResolution). */
   mutation?: boolean
   n: number
@@ -151,7 +155,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         // field, as a batch's key names the call. A document of one field keeps the key as sent,
         // as REST does: a repeat over another face found no outcome under `<key> <field>`, and
         // the Kernel ran it again.
-        idempotencyKey: info.operation.selectionSet.selections.length === 1 && info.operation.selectionSet.selections[0].kind === Kind.FIELD
+        idempotencyKey: ctx.idempotencyKey == null || (ctx.oneCall ??= runsOneField(info))
           ? ctx.idempotencyKey
           : callKey(ctx.idempotencyKey, String(info.path.key)),
         memo: ctx.memo,
@@ -390,6 +394,21 @@ function variableInLiteral (document: DocumentNode): boolean {
     inLiteral.set(document, found)
   }
   return found
+}
+
+/**
+ * Whether the operation runs one root field, judged as the executor collects them: fragments
+ * followed, @skip and @include applied with the request's variables, fields of one response key
+ * merged, `__typename` left out (no call). Judged by the syntax of the root selection set, a
+ * lone field inside a fragment, or beside a skipped field or `__typename`, took a derived key.
+ */
+function runsOneField (info: GraphQLResolveInfo): boolean {
+  const fields = collectFields(info.schema, info.fragments, info.variableValues, info.parentType, info.operation.selectionSet)
+  let calls = 0
+  for (const [field] of fields.values()) {
+    if (!field.name.value.startsWith('__') && ++calls > 1) return false
+  }
+  return calls === 1
 }
 
 /**

@@ -63,6 +63,40 @@ t.test('a request of one call keeps its key as sent: GraphQL, a tRPC batch of on
   t.same(s.kernel.requests.map(r => r.headers['idempotency-key']), [key], 'under the key as sent')
 })
 
+// One call is judged by the root fields that run, not by how the document writes them: a single
+// createItem inside a fragment, beside a skipped field or __typename, or written twice and merged,
+// was keyed `<key> createItem`, and the Kernel ran again what REST had carried out under the key.
+t.test('a document that runs one mutation field, however written, keeps its key as sent', async t => {
+  const s = await idemSetup(t, 'redis')
+  const documents: Array<[string, string, Record<string, unknown>?]> = [
+    ['a fragment spread', 'mutation { ...F } fragment F on Mutation { createItem(name: "d") { id n } }'],
+    ['an inline fragment', 'mutation { ... on Mutation { createItem(name: "d") { id n } } }'],
+    ['an inline fragment without a type', 'mutation { ... { createItem(name: "d") { id n } } }'],
+    ['a sibling skipped', 'mutation { createItem(name: "d") { id n } other: createItem(name: "e") @skip(if: true) { id } }'],
+    ['a sibling not included (a variable)', 'mutation ($on: Boolean!) { createItem(name: "d") { id n } other: renameItem(id: "x", name: "e") @include(if: $on) { id } }', { on: false }],
+    ['the field twice, merged', 'mutation { createItem(name: "d") { id } createItem(name: "d") { n } }'],
+    ['__typename beside it', 'mutation { __typename createItem(name: "d") { id n } }']
+  ]
+  for (const [what, query, variables] of documents) {
+    const key = randomUUID()
+    const rest = await s.create({ name: 'd' }, key)
+    t.equal(rest.statusCode, 201, what)
+    const before = s.calls()
+    // Twice: mercurius runs a document's first request as graphql-js does, the next JIT-compiled.
+    for (const run of ['first', 'again']) {
+      const gql = await s.app.inject({ method: 'POST', url: '/graphql', headers: s.headers(key), payload: { query, variables } })
+      t.match(gql.json(), { data: { createItem: { id: rest.json().id, n: rest.json().n } } }, `${what} (${run}): REST's outcome`)
+      t.notOk('errors' in gql.json(), what)
+    }
+    t.equal(s.calls(), before, `${what}: no Kernel call`)
+  }
+  // Two fields that run are two calls, each under its own key, fragments or not.
+  const key = randomUUID()
+  const two = await s.app.inject({ method: 'POST', url: '/graphql', headers: s.headers(key), payload: { query: 'mutation { ...F __typename } fragment F on Mutation { createItem(name: "f") { id } renameItem(id: "x", name: "r") { id } }' } })
+  t.match(two.json(), { data: { createItem: { id: /^item-/ }, renameItem: { id: 'x' } } })
+  t.same(s.kernel.requests.slice(-2).map(r => r.headers['idempotency-key']), [`${key} createItem`, `${key} renameItem`])
+})
+
 t.test('WebSocket: a call frame\'s idempotencyKey, and one key across faces', async t => {
   const s = await idemSetup(t, 'redis')
   await s.app.listen({ port: 0, host: '127.0.0.1' })
