@@ -56,14 +56,18 @@ export function decodeFrame (text: string): Frame | Refusal {
   try {
     value = SUSPECT.test(text) ? JSON.parse(text, guard) : JSON.parse(text)
   } catch (err) {
-    const detail = (err as Error).message === 'forbidden prototype property' ? 'The frame contains a forbidden prototype property' : 'The frame is not valid JSON'
-    return { kind: 'refused', id: null, detail }
+    if ((err as Error).message !== 'forbidden prototype property') return { kind: 'refused', id: null, detail: 'The frame is not valid JSON' }
+    // Valid JSON, refused by the guard before its id was read: the refusal answers the client's
+    // call, as every other refusal of a frame with a valid id does (before, `"id":null`, and the
+    // client's call never settled). Parsed again without the guard for the id alone: JSON.parse
+    // makes `__proto__` an own key, never a prototype, and nothing else of it is used.
+    return { kind: 'refused', id: givenId(JSON.parse(text)), detail: 'The frame contains a forbidden prototype property' }
   }
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
     return { kind: 'refused', id: null, detail: 'A frame must be a JSON object' }
   }
   const object = value as Record<string, unknown>
-  const given = typeof object.id === 'string' && object.id !== '' && object.id.length <= MAX_ID_LENGTH ? object.id : null
+  const given = givenId(object)
   for (const [key, kind, validate] of validators) {
     if (!(key in object)) continue
     if (!validate(object)) return { kind: 'refused', id: given, detail: describeValidation(validate.errors ?? [], 'frame') }
@@ -71,4 +75,11 @@ export function decodeFrame (text: string): Frame | Refusal {
     return object as unknown as Frame
   }
   return { kind: 'refused', id: given, detail: 'A frame must carry one of op, subscribe, unsubscribe or auth' }
+}
+
+/** The frame's own `id` when it is one a frame may carry (a top-level string within bounds), else null. */
+function givenId (value: unknown): string | null {
+  if (typeof value !== 'object' || value === null || Array.isArray(value) || !Object.hasOwn(value, 'id')) return null
+  const { id } = value as { id: unknown }
+  return typeof id === 'string' && id !== '' && id.length <= MAX_ID_LENGTH ? id : null
 }

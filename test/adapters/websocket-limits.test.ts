@@ -30,8 +30,14 @@ t.test('junk frames get a VALIDATION_FAILED error frame and the connection lives
     ['bad idempotency key (a mutation: refused by its pipeline call)', '{"id":"b","op":"createAgent","idempotencyKey":"has space"}', 'b', /Idempotency-Key must be 1 to 255 visible ASCII characters/],
     ['subscribe a number', '{"id":"n","subscribe":1}', 'n', /frame\.subscribe must be string/],
     ['empty auth', '{"id":"e","auth":""}', 'e', /frame\.auth must NOT have fewer than 1 characters/],
-    ['prototype pollution', '{"id":"p","op":"getAgent","input":{"__proto__":{"admin":true}}}', null, /forbidden prototype property/],
-    ['constructor pollution', '{"id":"c","op":"getAgent","input":{"constructor":{"prototype":{"x":1}}}}', null, /forbidden prototype property/]
+    // Refused with the frame's id, when it has a valid one, as any other refusal: the client's
+    // call settles (before, `"id":null`, and it waited for ever).
+    ['prototype pollution', '{"id":"p","op":"getAgent","input":{"id":"a1","__proto__":{"admin":true}}}', 'p', /forbidden prototype property/],
+    ['constructor pollution', '{"id":"c","op":"getAgent","input":{"constructor":{"prototype":{"x":1}}}}', 'c', /forbidden prototype property/],
+    ['prototype pollution, the id after it', '{"op":"getAgent","input":{"__proto__":{}},"id":"after"}', 'after', /forbidden prototype property/],
+    ['prototype pollution, an id only inside it', '{"__proto__":{"id":"inner"},"op":"getAgent"}', null, /forbidden prototype property/],
+    ['prototype pollution, a numeric id', '{"id":7,"op":"getAgent","input":{"__proto__":{}}}', null, /forbidden prototype property/],
+    ['prototype pollution, a long id', `{"id":"${long}","op":"getAgent","input":{"__proto__":{}}}`, null, /forbidden prototype property/]
   ]
   for (const [name, text, id, detail] of cases) {
     client.send(text)
