@@ -338,13 +338,16 @@ export class KernelClient {
           ? { outcome: 'bad_answer', status: 502, value: undefined, message: `The Kernel answered with a body that is not JSON or is over ${this.maxBytes} bytes` }
           : { outcome: 'ok', status, value, message: undefined }
       }
+      // Any other status classifies the attempt by itself, whatever its body does next: a 4xx's
+      // or 5xx's body read under the call's deadline made one that trickled a 504 and a breaker
+      // failure, and one cut mid-body a 503, retried, for an answer the Kernel had given.
       if (status >= 400 && status < 500) {
-        const value = await readJson(res, 64 * 1024)
-        const message = (value as { message?: unknown } | null)?.message
         const retryAfter = secondsToWait(res.headers['retry-after'])
-        return { outcome: 'client_error', status, value: undefined, message: typeof message === 'string' ? message.slice(0, 300) : undefined, ...(retryAfter === undefined ? {} : { retryAfter }) }
+        const message = await rejectionMessage(res, Math.min(REJECTION_READ_MS, remaining - (performance.now() - deadline.start)))
+        return { outcome: 'client_error', status, value: undefined, message, ...(retryAfter === undefined ? {} : { retryAfter }) }
       }
-      await res.body.dump()
+      // Not read: a body still coming is cut (its connection with it), one already here costs nothing.
+      discard(res)
       if (status >= 300 && status < 400) return { outcome: 'redirect', status, value: undefined, message: undefined }
       return { outcome: 'server_error', status, value: undefined, message: undefined }
     } catch (err) {
@@ -495,6 +498,41 @@ function pathSegment (value: unknown): string {
   const segment = encodeURIComponent(String(value))
   return segment === '.' || segment === '..' ? segment.replaceAll('.', '%2E') : segment
 }
+/** The longest a Kernel 4xx's body is waited for, for its message, within the call's deadline. */
+const REJECTION_READ_MS = 250
+
+/**
+ * A Kernel 4xx's `message` (at most 300 characters), from a JSON body of at most 64 KiB read
+ * within `ms`: undefined when there is none, or the body is not there in time or breaks off
+ * (the body is then cut). The 4xx stands either way.
+ */
+async function rejectionMessage (res: Dispatcher.ResponseData, ms: number): Promise<string | undefined> {
+  let timer: NodeJS.Timeout | undefined
+  const read = readJson(res, 64 * 1024)
+  const late = new Promise<typeof INVALID>(resolve => { timer = setTimeout(resolve, Math.max(0, ms), INVALID) })
+  try {
+    const value = await Promise.race([read, late])
+    if (value === INVALID) {
+      read.catch(nothing)
+      discard(res)
+      return undefined
+    }
+    const message = (value as { message?: unknown } | null)?.message
+    return typeof message === 'string' ? message.slice(0, 300) : undefined
+  } catch {
+    discard(res)
+    return undefined
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+/** Lets an answer's body go unread: destroyed unless it has ended, with the error that raises ignored. */
+function discard (res: Dispatcher.ResponseData): void {
+  res.body.on('error', nothing)
+  res.body.destroy()
+}
+
 function clientError (result: Attempt): MantleError {
   if (result.status === 404) return new MantleError('NOT_FOUND', result.message ?? 'The Kernel has no such resource')
   return new MantleError('KERNEL_REJECTED', result.message ?? `The Kernel refused the call (status ${result.status})`, {

@@ -1,6 +1,6 @@
 import t, { type Test } from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { createServer } from 'node:http'
+import { createServer, type ServerResponse } from 'node:http'
 import { connect, type AddressInfo, type Socket } from 'node:net'
 import { spawn } from 'node:child_process'
 import { buildTestApp, startTestKernel, testManifest, bearer, json, closedPort, type TestKernel } from '../../helper.js'
@@ -370,6 +370,52 @@ t.test('a Kernel redirect is 502 KERNEL_ERROR, not retried and not a breaker fai
   t.equal(app.kernel.breakerState(), 'closed', 'the breaker stays closed')
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a1', headers: bearer() })).statusCode, 200, 'the other operations are served')
   t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_kernel_request_duration_seconds_count\{op="getItem",outcome="redirect"\} 5/)
+})
+
+/** Writes a status line and the start of a body, then a space every 20 ms, never ending it. */
+function trickle (res: ServerResponse, status: number, start: string, headers: Record<string, string> = {}): void {
+  res.writeHead(status, { 'content-type': 'application/json', ...headers })
+  res.write(start)
+  const timer = setInterval(() => res.write(' '), 20)
+  res.on('close', () => clearInterval(timer))
+}
+
+// The status line classifies the attempt: its body was read under the call's deadline, and a
+// 4xx whose body trickled was a 504 and a breaker failure (two such calls opened the breaker), a
+// 4xx cut mid-body a 503, retried, and a trickling 5xx or 3xx a 504 (its body drained until the
+// deadline), the 5xx then not retried.
+t.test('a Kernel status is answered as it is, however its body trickles or breaks off', async t => {
+  const { app, kernel } = await setup(t, { retries: 2, circuitBreaker: { threshold: 1, resetTimeoutMs: 60000 } })
+  kernel.on('GET /v1/items/gone', (_req, res) => trickle(res, 404, '{"message":"no such item"'))
+  kernel.on('GET /v1/slow/gone', (_req, res) => trickle(res, 404, '{"message":"no such item"'))
+  kernel.on('GET /v1/slow/busy', (_req, res) => trickle(res, 429, '{"message":"later"', { 'retry-after': '7' }))
+  kernel.on('GET /v1/items/cut', (req, res) => {
+    res.writeHead(409, { 'content-type': 'application/json', 'content-length': '100' })
+    res.write('{"message":"x"', () => setTimeout(() => res.destroy(), 20))
+  })
+  kernel.on('GET /v1/slow/moved', (_req, res) => trickle(res, 302, 'moved', { location: '/v2/moved' }))
+  const get = async (url: string) => { const res = await app.inject({ url, headers: bearer() }); return [res.statusCode, res.json().code, res.headers['retry-after']] }
+  t.same(await get('/api/v1/items/gone'), [404, 'NOT_FOUND', undefined], 'a 4xx whose body trickles: answered without its message')
+  t.same(await get('/api/v1/slow/gone'), [404, 'NOT_FOUND', undefined], 'the same with less time left than the read of its message may take')
+  t.same(await get('/api/v1/slow/busy'), [429, 'KERNEL_REJECTED', '7'], 'with its Retry-After')
+  t.same(await get('/api/v1/items/cut'), [409, 'KERNEL_REJECTED', undefined], 'a 4xx whose connection drops mid-body')
+  t.same(await get('/api/v1/slow/moved'), [502, 'KERNEL_ERROR', undefined], 'a 3xx whose body trickles is a redirect')
+  t.equal(hits(kernel, '/v1/items/cut'), 1, 'a 4xx cut mid-body is not retried')
+  t.equal(app.kernel.breakerState(), 'closed', 'none was a breaker failure')
+  const metrics = (await app.inject({ url: '/metrics' })).body
+  t.match(metrics, /mantle_kernel_request_duration_seconds_count\{op="getItem",outcome="client_error"\} 2/)
+  t.match(metrics, /mantle_kernel_request_duration_seconds_count\{op="slowItem",outcome="client_error"\} 2/)
+  t.match(metrics, /mantle_kernel_request_duration_seconds_count\{op="slowItem",outcome="redirect"\} 1/)
+  t.notMatch(metrics, /outcome="(timeout|unavailable)"\}/)
+})
+
+t.test('a Kernel 5xx whose body trickles is a 5xx at once: retried, a 502', async t => {
+  const { app, kernel } = await setup(t, { retries: 2, circuitBreaker: { threshold: 100, resetTimeoutMs: 60000 } })
+  kernel.on('GET /v1/items/e1', (_req, res) => trickle(res, 500, '<html>'))
+  const res = await app.inject({ url: '/api/v1/items/e1', headers: bearer() })
+  t.same([res.statusCode, res.json().code], [502, 'KERNEL_ERROR'])
+  t.equal(hits(kernel, '/v1/items/e1'), 3, 'one call and two retries')
+  t.match((await app.inject({ url: '/metrics' })).body, /mantle_kernel_request_duration_seconds_count\{op="getItem",outcome="server_error"\} 3/)
 })
 
 t.test('a 2xx body that is not JSON or is too large is 502 KERNEL_ERROR, not retried and not a breaker failure', async t => {
