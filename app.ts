@@ -716,6 +716,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     resilience: config.BFF_CIRCUIT_BREAKER_ENABLED,
     threshold: config.BFF_CIRCUIT_BREAKER_THRESHOLD,
     resetTimeoutMs: config.BFF_CIRCUIT_BREAKER_TIMEOUT,
+    keepAliveTimeoutMs: config.BFF_KERNEL_KEEP_ALIVE_TIMEOUT_MS,
     ...(options.kernelBackoff === undefined ? {} : { backoff: options.kernelBackoff })
   })
   if (config.BFF_CACHE_ENABLED) {

@@ -46,6 +46,7 @@ export const ConfigSchema = Type.Object({
   // The same bounds as the manifest's kernel.circuitBreaker, which these override.
   BFF_CIRCUIT_BREAKER_THRESHOLD: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000000, description: 'consecutive Kernel failures that open the breaker (overrides the manifest)' })),
   BFF_CIRCUIT_BREAKER_TIMEOUT: Type.Optional(Type.Integer({ minimum: 1, maximum: 86400000, description: 'ms the breaker stays open before one probe (overrides the manifest)' })),
+  BFF_KERNEL_KEEP_ALIVE_TIMEOUT_MS: Type.Integer({ minimum: 100, maximum: 600000, default: 4000, description: 'ms an idle Kernel connection is kept for reuse when the Kernel sends no Keep-Alive timeout; keep it below the Kernel\'s own idle timeout' }),
   BFF_JWT_SECRET: Type.Optional(Type.String({ minLength: 1, description: 'HS256 secret (32 bytes or more in production)' })),
   BFF_JWT_PUBLIC_KEYS: Type.Optional(Type.String({ minLength: 1, description: 'RS256 / ES256 public keys by kid, a JSON object {"<kid>": "<PEM public key>"}' })),
   BFF_JWKS_URL: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'JWKS URL whose RS256 / ES256 signing keys are accepted by kid' })),

@@ -21,6 +21,13 @@ export interface KernelClientOptions {
   resilience: { threshold: number, resetTimeoutMs: number } | null
   /** Largest Kernel answer read, in bytes; a larger one is a KERNEL_ERROR. */
   maxResponseBytes?: number
+  /**
+   * How long an idle connection is kept for reuse when the Kernel's answer has no Keep-Alive
+   * timeout (4000 ms by default). It must stay below the Kernel's own idle timeout: a Kernel that
+   * closes an idle connection first races the next call onto it, which then fails (a mutation
+   * without a key as 503, a breaker failure each).
+   */
+  keepAliveTimeoutMs?: number
   /** Backoff before retry n (0-based) is a random delay in [0, min(cap, base * 2^n)]. */
   backoff?: { baseMs: number, capMs: number }
   metrics?: KernelMetrics
@@ -105,7 +112,7 @@ export class KernelClient {
     this.free = opts.connections
     // No headersTimeout/bodyTimeout of undici's (300 s by default): each attempt's Deadline
     // bounds both, and an operation may allow up to 600 s.
-    this.pool = new Pool(opts.origin, { connections: opts.connections, pipelining: 1, keepAliveTimeout: 10_000, connectTimeout: 2_000, headersTimeout: 0, bodyTimeout: 0 })
+    this.pool = new Pool(opts.origin, { connections: opts.connections, pipelining: 1, keepAliveTimeout: opts.keepAliveTimeoutMs ?? 4_000, connectTimeout: 2_000, headersTimeout: 0, bodyTimeout: 0 })
     this.pool.on('connect', () => this.metrics.connected())
     const r = opts.resilience
     this.breaker = r === null ? null : new CircuitBreaker(r.threshold, r.resetTimeoutMs)

@@ -15,6 +15,8 @@ export interface KernelPluginOptions {
   resilience: boolean
   threshold?: number | undefined
   resetTimeoutMs?: number | undefined
+  /** BFF_KERNEL_KEEP_ALIVE_TIMEOUT_MS. */
+  keepAliveTimeoutMs?: number | undefined
   backoff?: { baseMs: number, capMs: number }
 }
 
@@ -98,6 +100,7 @@ async function kernelPlugin (app: FastifyInstance, opts: KernelPluginOptions): P
     resilience: opts.resilience
       ? { threshold: opts.threshold ?? settings.circuitBreaker.threshold, resetTimeoutMs: opts.resetTimeoutMs ?? settings.circuitBreaker.resetTimeoutMs }
       : null,
+    ...(opts.keepAliveTimeoutMs === undefined ? {} : { keepAliveTimeoutMs: opts.keepAliveTimeoutMs }),
     ...(opts.backoff === undefined ? {} : { backoff: opts.backoff }),
     ...(metrics === undefined ? {} : { metrics })
   })

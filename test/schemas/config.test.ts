@@ -34,6 +34,7 @@ t.test('defaults: every concern on, port 3000, 1 MB bodies, the demo manifest', 
   t.equal(c.BFF_JWT_SECRET, undefined)
   t.equal(c.BFF_CIRCUIT_BREAKER_THRESHOLD, undefined)
   t.equal(c.BFF_CIRCUIT_BREAKER_TIMEOUT, undefined)
+  t.equal(c.BFF_KERNEL_KEEP_ALIVE_TIMEOUT_MS, 4000, "below uvicorn's default idle timeout (5 s, with no Keep-Alive hint)")
   for (const flag of ['BFF_AUTH_ENABLED', 'BFF_METRICS_ENABLED', 'BFF_OPENAPI_ENABLED', 'BFF_CIRCUIT_BREAKER_ENABLED'] as const) {
     t.equal(c[flag], true, `${flag} defaults to true`)
   }
@@ -128,6 +129,7 @@ t.test('each bad value alone', async t => {
   t.equal(errorOf({ BFF_CIRCUIT_BREAKER_THRESHOLD: '0' })?.message, 'Invalid configuration: BFF_CIRCUIT_BREAKER_THRESHOLD="0" is invalid: expected an integer (1..1000000)')
   t.equal(errorOf({ BFF_CIRCUIT_BREAKER_TIMEOUT: 'soon' })?.message, 'Invalid configuration: BFF_CIRCUIT_BREAKER_TIMEOUT="soon" is invalid: expected an integer (1..86400000)')
   t.equal(errorOf({ BFF_CIRCUIT_BREAKER_TIMEOUT: '86400001' })?.message, 'Invalid configuration: BFF_CIRCUIT_BREAKER_TIMEOUT="86400001" is invalid: expected an integer (1..86400000)', 'at most a day, as in the manifest')
+  t.equal(errorOf({ BFF_KERNEL_KEEP_ALIVE_TIMEOUT_MS: '0' })?.message, 'Invalid configuration: BFF_KERNEL_KEEP_ALIVE_TIMEOUT_MS="0" is invalid: expected an integer (100..600000)')
   t.equal(errorOf({ BFF_CIRCUIT_BREAKER_THRESHOLD: '1000001' })?.message, 'Invalid configuration: BFF_CIRCUIT_BREAKER_THRESHOLD="1000001" is invalid: expected an integer (1..1000000)')
   t.equal(errorOf({ BFF_METRICS_ENABLED: 'yes' })?.message, 'Invalid configuration: BFF_METRICS_ENABLED="yes" is invalid: expected true or false')
   t.equal(errorOf({ BFF_DEMO_KERNEL: 'off' })?.message, 'Invalid configuration: BFF_DEMO_KERNEL="off" is invalid: expected true or false')
