@@ -211,6 +211,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
   for (const [name, op] of Object.entries(m.operations)) {
     const at = `operations.${name}`
     if (!NAME.test(name)) faults.push(`${at}: the operation name must match ${NAME.source} (it is a tRPC procedure and a GraphQL field)`)
+    else if (name.startsWith('__')) faults.push(`${at}: an operation name may not begin with __ (GraphQL reserves it for introspection, and the operation is a GraphQL field)`)
     if (TRPC_RESERVED.has(name)) faults.push(`${at}: ${name} cannot name a tRPC procedure (tRPC reserves then, call and apply)`)
     const built = buildOperation(name, index++, op, at, resolvedSchemas, defaults, kernelTimeout, faults, checker)
     if (built === null) continue
@@ -228,6 +229,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
   for (const [name, ev] of Object.entries(m.events ?? {})) {
     const at = `events.${name}`
     if (!NAME.test(name)) faults.push(`${at}: the event name must match ${NAME.source}`)
+    else if (name.startsWith('__')) faults.push(`${at}: an event name may not begin with __ (GraphQL reserves it for introspection, and the event is a GraphQL subscription field)`)
     if (m.operations[name] !== undefined) faults.push(`${at}: an operation has the same name`)
     const payload = resolveRefs(ev.payload, resolvedSchemas, `${at}.payload`, faults, [])
     checkSchema(checker, payload, `${at}.payload`, faults)

@@ -4,7 +4,9 @@ import { Type, type Static } from 'typebox'
 // inside the JSON Schemas a manifest declares (input, output, payload, schemas), which are
 // checked by Ajv when they are compiled.
 
-const Name = Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*$' })
+// An operation's or event's name: a tRPC procedure and a GraphQL field, so not `__…`, which
+// GraphQL reserves (compileManifest refuses both, each with its own message).
+const Name = Type.String({ pattern: '^(?!__)[A-Za-z_][A-Za-z0-9_]*$' })
 const JsonSchema = Type.Unsafe<Record<string, unknown>>(Type.Object({}, { additionalProperties: true }))
 const ZoneSchema = Type.Union([Type.Literal('public'), Type.Literal('internal'), Type.Literal('restricted')])
 const Roles = Type.Array(Type.String({ minLength: 1 }), { uniqueItems: true })

@@ -2,6 +2,7 @@ import t from 'tap'
 import { join } from 'node:path'
 import { compileManifest, loadManifestFile, ManifestError, type Manifest } from '../manifest.js'
 import { DEMO_MANIFEST } from '../schemas/config.js'
+import { OperationNameSchema } from '../schemas/manifest.js'
 
 type Doc = Record<string, unknown>
 
@@ -409,6 +410,18 @@ t.test('names: operations, events and schemas', async t => {
   t.same(faultsOf(doc({ a: query }, { events: { e: { topic: 't', payload: { type: 'nope' } } } })),
     ['events.e.payload: not a valid JSON Schema: schema is invalid: data/type must be equal to one of the allowed values, data/type must be array, data/type must match a schema in anyOf'])
   t.same(faultsOf(doc({ a: query }, { schemas: { 'my-schema': output } })), ['schemas.my-schema: the name must match ^[A-Za-z_][A-Za-z0-9_]*$'])
+  // `__x` matched the pattern and was served on REST and tRPC, while GraphQL, whose prefix it
+  // is, left it out: `{ __x }` was "Cannot query field". `__proto__` too (JSON.parse keeps it
+  // as an own key).
+  t.same(faultsOf(doc({ a: query, __x: { ...query, rest: 'GET /x' } })),
+    ['operations.__x: an operation name may not begin with __ (GraphQL reserves it for introspection, and the operation is a GraphQL field)'])
+  t.same(faultsOf(JSON.parse(JSON.stringify(doc({ a: query })).replace('"operations":{', '"operations":{"__proto__":' + JSON.stringify({ ...query, rest: 'GET /p' }) + ','))),
+    ['operations.__proto__: an operation name may not begin with __ (GraphQL reserves it for introspection, and the operation is a GraphQL field)'])
+  t.same(faultsOf(doc({ a: query }, { events: { __e: { topic: 't', payload: output } } })),
+    ['events.__e: an event name may not begin with __ (GraphQL reserves it for introspection, and the event is a GraphQL subscription field)'])
+  t.equal(compileManifest(doc({ _a: query }, { events: { _e: { topic: 't', payload: output } } })).events[0].name, '_e', 'one underscore is fine')
+  const named = new RegExp((OperationNameSchema as { pattern?: string }).pattern ?? '')
+  t.same(['a', '_a', '__x', '__proto__', 'get-a'].map(n => named.test(n)), [true, true, false, false, false], 'the manifest schema\'s name pattern agrees')
 })
 
 t.test('POST /batch is reserved by the gateway', async t => {

@@ -14,8 +14,8 @@ import { canonicalJson } from '../../plugins/pipeline/index.js'
  *  1. Roots. Each query is a `Query` field, each mutation a `Mutation` field, each event a
  *     `Subscription` field, named as the operation or event. Root fields are nullable, so one
  *     failed call nulls its own field and not the whole answer. A manifest without queries gets
- *     `Query { _: Boolean }` (GraphQL needs a query type); ops or events whose name starts with
- *     `__` (reserved by GraphQL) are left out of the GraphQL face.
+ *     `Query { _: Boolean }` (GraphQL needs a query type). The manifest refuses an op or event
+ *     whose name starts with `__` (reserved by GraphQL), so every one is a field here.
  *  2. Arguments. The properties of an op's input become the field's arguments. When one of
  *     them is not a valid GraphQL name, the field takes a single `input: JSON` argument instead.
  *     An argument given as `null` is dropped when its schema does not accept null (GraphQL
@@ -311,7 +311,6 @@ export function buildSchema (manifest: Manifest, resolvers: SchemaResolvers): Gr
   const types = new TypeFactory(manifest)
   const roots: Record<'query' | 'mutation', GraphQLFieldConfigMap<unknown, unknown>> = { query: {}, mutation: {} }
   for (const op of manifest.operations) {
-    if (!isGraphqlName(op.name)) continue
     const properties = (op.input.properties ?? {}) as Record<string, JsonSchema>
     const required = new Set(Array.isArray(op.input.required) ? op.input.required as string[] : [])
     const whole = !Object.keys(properties).every(isGraphqlName)
@@ -329,7 +328,6 @@ export function buildSchema (manifest: Manifest, resolvers: SchemaResolvers): Gr
   }
   const subscription: GraphQLFieldConfigMap<unknown, unknown> = {}
   for (const event of manifest.events) {
-    if (!isGraphqlName(event.name)) continue
     subscription[event.name] = {
       type: types.output(event.payloadDocument, pascal(event.name) + 'Payload').type,
       description: event.description ?? undefined,

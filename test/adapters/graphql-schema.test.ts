@@ -60,12 +60,10 @@ const RULES = {
       input: { type: 'object', required: ['id', 'shape'], properties: { id: str, shape: { $ref: '#/schemas/Shape' }, note: { type: 'object', properties: { text: str } } } },
       output: { $ref: '#/schemas/Shape' }
     },
-    oddArgs: { type: 'mutation', rest: 'POST /odd', kernel: 'POST /odd', input: { type: 'object', required: ['x-key'], properties: { 'x-key': str } }, output: { type: 'object', additionalProperties: true } },
-    __hidden: { type: 'query', rest: 'GET /hidden', kernel: 'GET /hidden', output: str }
+    oddArgs: { type: 'mutation', rest: 'POST /odd', kernel: 'POST /odd', input: { type: 'object', required: ['x-key'], properties: { 'x-key': str } }, output: { type: 'object', additionalProperties: true } }
   },
   events: {
-    shapeChanged: { topic: 'shapes', payload: { type: 'object', properties: { id: str } }, description: 'A shape changed.' },
-    __secret: { topic: 'secret', payload: str }
+    shapeChanged: { topic: 'shapes', payload: { type: 'object', properties: { id: str } }, description: 'A shape changed.' }
   }
 }
 
@@ -99,7 +97,6 @@ t.test('each rule of the generator, on one manifest', async t => {
   t.match(sdl, /oddArgs\(\n {4}"""\n {4}The whole input of the operation \(its property names are not GraphQL names\)\.\n {4}"""\n {4}input: JSON!\n {2}\): JSON/)
   t.match(sdl, /type Subscription \{\n {2}"""A shape changed\."""\n {2}shapeChanged: ShapeChangedPayload\n\}/)
   t.match(sdl, /type ShapeChangedPayload \{\n {2}id: String\n\}/)
-  t.notMatch(sdl, /__hidden|__secret/, 'names GraphQL reserves are left out')
   t.match(sdl, /scalar JSON/)
 })
 
