@@ -2,6 +2,7 @@ import type { FastifyInstance, FastifyRequest, FastifySchema, FastifyReply } fro
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
 import { CallContext } from '../../plugins/pipeline/index.js'
+import { takesIfNoneMatch } from '../../plugins/cache/index.js'
 import { clientRequestId } from '../../ids.js'
 import type { JsonSchema, Operation } from '../../manifest.js'
 
@@ -28,8 +29,8 @@ type HeaderDoc = Record<string, { type: 'string', description: string }>
 // documented for every operation they may apply to (headers a response "may" carry), not only
 // for those that had them at start-up, so that no reload makes the document untrue.
 
-/** Whether a call of `op` may be cached: a query over GET (the cache plugin on). */
-const mayCache = (op: Operation, on: HeaderConcerns): boolean => on.cache && takesIfNoneMatch(op)
+/** Whether a call of `op` may be cached: a query, over GET or POST (the cache plugin on). */
+const mayCache = (op: Operation, on: HeaderConcerns): boolean => on.cache && op.type === 'query'
 
 const RATE_LIMIT_HEADERS: HeaderDoc = {
   'RateLimit-Limit': { type: 'string', description: 'Calls allowed per window (an operation with a limit, or the gateway\'s own)' },
@@ -42,7 +43,8 @@ function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
   const doc: HeaderDoc = { 'x-request-id': { type: 'string', description: 'The request id: the client\'s x-request-id when it is plain and short, else one the gateway made' } }
   if (mayCache(op, on)) {
     doc['x-cache'] = { type: 'string', description: 'hit, miss or stale: where the answer came from (when the operation is cached)' }
-    doc.ETag = { type: 'string', description: 'A weak tag of the answer (W/"…"); send it back in If-None-Match for a 304 (when the operation is cached)' }
+    // Only where If-None-Match is read: a cached query over POST answers no ETag.
+    if (takesIfNoneMatch(op)) doc.ETag = { type: 'string', description: 'A weak tag of the answer (W/"…"); send it back in If-None-Match for a 304 (when the operation is cached)' }
     doc['Cache-Control'] = { type: 'string', description: 'private, max-age=<seconds of freshness left> (0 when stale; when the operation is cached)' }
     doc.Vary = { type: 'string', description: 'authorization (the answer is the token\'s), and accept-encoding when compressed' }
   }
@@ -240,7 +242,7 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   if (concerns.idempotency && op.type === 'mutation') {
     requestHeaders['idempotency-key'] = { type: 'string', minLength: 1, maxLength: 255, pattern: '^[\\x21-\\x7e]+$', description: 'Runs the mutation once per tenant and key for 24 h; a repeat gets the stored answer with Idempotent-Replayed: true' }
   }
-  if (mayCache(op, concerns)) {
+  if (mayCache(op, concerns) && takesIfNoneMatch(op)) {
     requestHeaders['if-none-match'] = { type: 'string', description: 'An ETag of an earlier answer: 304 with no body while it still matches (when the operation is cached)' }
   }
   if (Object.keys(requestHeaders).length > 0) schema.headers = { type: 'object', properties: requestHeaders }
@@ -252,14 +254,6 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   if (op.inputInBody) schema.body = rest
   else if (Object.keys(rest.properties as object).length > 0) schema.querystring = rest
   return schema as FastifySchema
-}
-
-/**
- * Whether a call of `op` reads If-None-Match: a query over GET (and HEAD, served by GET's route).
- * To any other method a matching If-None-Match is a 412, not a 304 (RFC 9110 §13.1.2).
- */
-function takesIfNoneMatch (op: Operation): boolean {
-  return op.type === 'query' && op.method === 'GET'
 }
 
 /** A number as JSON writes it: what a query string or path may carry for a numeric field. */

@@ -3,7 +3,7 @@ import type { Operation } from '../../manifest.js'
 import { MantleError } from '../../errors.js'
 import { MemoryTier, type CachedAnswer } from './memory.js'
 import type { RedisTier } from './redis.js'
-import { etagOf, localKey, matchesIfNoneMatch, policyOf, sharedKey, tagKey, tagTemplate } from './keys.js'
+import { etagOf, localKey, matchesIfNoneMatch, policyOf, sharedKey, tagKey, tagTemplate, takesIfNoneMatch } from './keys.js'
 
 /** How long an entry is kept past its swr window, to answer (marked stale) while the Kernel is down. */
 export const STALE_IF_ERROR_SECONDS = 300
@@ -228,13 +228,16 @@ export class ResponseCache {
     ctx.json = a.json
     ctx.setHeader('x-cache', outcome)
     if (ctx.protocol === 'rest') {
-      ctx.setHeader('etag', a.etag)
+      // Where If-None-Match is read (a GET): a POST query's ETag could never give a 304.
+      if (takesIfNoneMatch(ctx.op)) {
+        ctx.setHeader('etag', a.etag)
+        if (ctx.ifNoneMatch !== undefined && matchesIfNoneMatch(ctx.ifNoneMatch, a.etag)) ctx.status = 304
+      }
       const maxAge = outcome === 'stale' ? 0 : Math.max(0, Math.ceil((a.freshUntil - this.now()) / 1000))
       ctx.setHeader('cache-control', `private, max-age=${maxAge}`)
       // The answer is the token's (its tenant, or its user): a browser's cache may reuse it only
       // for the same Authorization (RFC 9111 §4.1), not for the next user of that browser.
       ctx.setHeader('vary', 'authorization')
-      if (ctx.ifNoneMatch !== undefined && matchesIfNoneMatch(ctx.ifNoneMatch, a.etag)) ctx.status = 304
     }
     this.metrics.outcome(op, outcome)
     return a.value

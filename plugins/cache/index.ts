@@ -13,7 +13,7 @@ import { HEADER_SAFE } from '../auth/identity.js'
 export { ResponseCache, STALE_IF_ERROR_SECONDS } from './cache.js'
 export { MemoryTier, TagClock, type CachedAnswer } from './memory.js'
 export { RedisTier } from './redis.js'
-export { entryKey, policyOf, sharedKey, localKey, LOCAL_KEY_MAX_INPUT, tagKey, tagTemplate, etagOf, matchesIfNoneMatch, INVALIDATE_CHANNEL } from './keys.js'
+export { entryKey, policyOf, sharedKey, localKey, LOCAL_KEY_MAX_INPUT, tagKey, tagTemplate, etagOf, matchesIfNoneMatch, takesIfNoneMatch, INVALIDATE_CHANNEL } from './keys.js'
 
 /**
  * The most text of tags an invalidation's audit entry names (the first ones, whole): a body of

@@ -79,6 +79,16 @@ export function etagOf (json: string): string {
   return 'W/"' + hash('sha256', json, 'base64url').slice(0, 27) + '"'
 }
 
+/**
+ * Whether a REST call of `op` reads If-None-Match: a query over GET (and HEAD, served by GET's
+ * route). To any other method a matching If-None-Match is a 412, not a 304 (RFC 9110 §13.1.2),
+ * so a cached query over POST reads none, and its answer carries no ETag (it could never give a
+ * 304). The REST adapter and the cache both ask this.
+ */
+export function takesIfNoneMatch (op: Pick<Operation, 'type' | 'method'>): boolean {
+  return op.type === 'query' && op.method === 'GET'
+}
+
 /** RFC 9110 If-None-Match: `*` or a list of tags, compared weakly (a `W/` prefix is ignored). */
 export function matchesIfNoneMatch (header: string, etag: string): boolean {
   const opaque = etag.startsWith('W/') ? etag.slice(2) : etag
