@@ -2,7 +2,14 @@
 //
 // Writes a TypeScript declaration of the tRPC face's router, `AppRouter`, from the manifest:
 // a client imports it into `createTRPCClient<AppRouter>` and gets typed inputs and outputs
-// without the gateway's source. Named schemas become named interfaces.
+// without the gateway's source. Named schemas become named interfaces (or types), of the
+// same name, except a name the file could not declare or would shadow: a word TypeScript
+// reserves (`string`, `class`, ...) or a name the file itself uses (`Record`, `Array`,
+// `AsyncIterable`, `Root`, `AppRouter`, `MantleErrorCode`, ... : RESERVED_NAMES). Such a schema
+// is named `<Name>2` (or 3, ..., the first that no other schema has), as the GraphQL face
+// numbers a taken name. Before, `Record` was declared as is, and the file did not compile
+// (`Type 'Record' is not generic`). A schema named like another global (`Date`, `Promise`)
+// keeps its name: it shadows the global in this file only, which does not use it.
 //
 // The JSON Schema to TypeScript mapping is ours: json-schema-to-typescript is not among the
 // project's packages, and the subset the manifest uses for faces is small (objects, arrays,
@@ -17,6 +24,38 @@ import { ErrorCodes } from '../errors.js'
 
 const REF = /^#\/schemas\/([A-Za-z_][A-Za-z0-9_]*)$/
 const IDENTIFIER = /^[A-Za-z_$][A-Za-z0-9_$]*$/
+
+/** What a named schema may not be called in the generated file (see the top of this file). */
+export const RESERVED_NAMES: ReadonlySet<string> = new Set([
+  // Declared or used by the file itself.
+  'TRPCBuiltRouter', 'TRPCMutationProcedure', 'TRPCQueryProcedure', 'TRPCSubscriptionProcedure', 'TRPC_ERROR_CODE_NUMBER',
+  'MantleErrorCode', 'MantleErrorShape', 'Root', 'AppRouter', 'Record', 'Array', 'AsyncIterable',
+  // TypeScript's own type names, and the words no type may take.
+  'any', 'unknown', 'never', 'void', 'undefined', 'null', 'object', 'string', 'number', 'boolean', 'symbol', 'bigint',
+  'break', 'case', 'catch', 'class', 'const', 'continue', 'debugger', 'default', 'delete', 'do', 'else', 'enum', 'export',
+  'extends', 'false', 'finally', 'for', 'function', 'if', 'import', 'in', 'instanceof', 'new', 'return', 'super', 'switch',
+  'this', 'throw', 'true', 'try', 'typeof', 'var', 'while', 'with', 'implements', 'interface', 'let', 'package',
+  'private', 'protected', 'public', 'static', 'yield', 'await'
+])
+
+/** The TypeScript name of each named schema: its own, or `<Name>2`, ... when RESERVED_NAMES holds it. */
+export function typeNames (schemaNames: readonly string[]): ReadonlyMap<string, string> {
+  const taken = new Set(schemaNames)
+  const names = new Map<string, string>()
+  for (const name of schemaNames) {
+    if (!RESERVED_NAMES.has(name)) {
+      names.set(name, name)
+      continue
+    }
+    let n = 2
+    while (taken.has(`${name}${n}`) || RESERVED_NAMES.has(`${name}${n}`)) n++
+    taken.add(`${name}${n}`)
+    names.set(name, `${name}${n}`)
+  }
+  return names
+}
+
+const NO_NAMES: ReadonlyMap<string, string> = new Map()
 
 /** A single-quoted TypeScript string literal (the project's style), escaped as JSON escapes it. */
 const quote = (text: string): string => `'${JSON.stringify(text).slice(1, -1).replace(/\\"/g, '"').replace(/'/g, "\\'")}'`
@@ -40,23 +79,23 @@ function doc (schema: unknown, indent: string): string {
   return typeof text === 'string' && text.trim() !== '' ? `${indent}/** ${text.trim().replace(/\*\//g, '*\\/').replace(/\s*\n\s*/g, ' ')} */\n` : ''
 }
 
-function objectType (schema: JsonSchema, indent: string): string {
+function objectType (schema: JsonSchema, indent: string, names: ReadonlyMap<string, string>): string {
   const props = (schema.properties ?? {}) as Record<string, unknown>
   const required = new Set(Array.isArray(schema.required) ? schema.required as string[] : [])
   const extra = schema.additionalProperties
-  const names = Object.keys(props)
-  if (names.length === 0) {
+  const declared = Object.keys(props)
+  if (declared.length === 0) {
     if (extra === false) return 'Record<string, never>'
-    return `Record<string, ${typeof extra === 'object' && extra !== null ? toType(extra, indent) : 'unknown'}>`
+    return `Record<string, ${typeof extra === 'object' && extra !== null ? toType(extra, indent, names) : 'unknown'}>`
   }
   const inner = indent + '  '
-  const lines = names.map(name => `${doc(props[name], inner)}${inner}${key(name)}${required.has(name) ? '' : '?'}: ${toType(props[name], inner)}`)
+  const lines = declared.map(name => `${doc(props[name], inner)}${inner}${key(name)}${required.has(name) ? '' : '?'}: ${toType(props[name], inner, names)}`)
   // Extra keys only where the schema says so outright; declared keys stay checked either way.
   if (extra === true || (typeof extra === 'object' && extra !== null)) lines.push(`${inner}[key: string]: unknown`)
   return `{\n${lines.join('\n')}\n${indent}}`
 }
 
-function typeFor (type: unknown, schema: JsonSchema, indent: string): string {
+function typeFor (type: unknown, schema: JsonSchema, indent: string, names: ReadonlyMap<string, string>): string {
   switch (type) {
     case 'string': return 'string'
     case 'number':
@@ -66,27 +105,44 @@ function typeFor (type: unknown, schema: JsonSchema, indent: string): string {
     case 'array': {
       const items = schema.items
       if (typeof items !== 'object' || items === null || Array.isArray(items)) return 'unknown[]'
-      return `Array<${toType(items, indent)}>`
+      return `Array<${toType(items, indent, names)}>`
     }
-    case 'object': return objectType(schema, indent)
+    case 'object': return objectType(schema, indent, names)
     default: return 'unknown'
   }
 }
 
-/** The TypeScript type of a JSON Schema, with `{ $ref: "#/schemas/Name" }` as `Name`. */
-export function toType (schema: unknown, indent = ''): string {
+/**
+ * The TypeScript type of a JSON Schema, with `{ $ref: "#/schemas/Name" }` as `Name` (or the
+ * name `names` gives it). Ajv's `nullable: true` (beside a `type`) adds `null`, as the gateway
+ * answers it; before, `note: { type: string, nullable: true }` was `note?: string`.
+ */
+export function toType (schema: unknown, indent = '', names: ReadonlyMap<string, string> = NO_NAMES): string {
   if (schema === false) return 'never'
   if (schema === null || typeof schema !== 'object' || Array.isArray(schema)) return 'unknown'
   const s = schema as JsonSchema
-  if (typeof s.$ref === 'string') return REF.exec(s.$ref)?.[1] ?? 'unknown'
+  if (typeof s.$ref === 'string') {
+    const name = REF.exec(s.$ref)?.[1]
+    return name === undefined ? 'unknown' : names.get(name) ?? name
+  }
   if ('const' in s) return literal(s.const)
   if (Array.isArray(s.enum)) return union(s.enum.map(literal))
   const alternatives = Array.isArray(s.anyOf) ? s.anyOf : Array.isArray(s.oneOf) ? s.oneOf : null
-  if (alternatives !== null) return union(alternatives.map(a => toType(a, indent)))
-  if (Array.isArray(s.allOf) && s.allOf.length > 0) return s.allOf.map(a => `(${toType(a, indent)})`).join(' & ')
-  const types = Array.isArray(s.type) ? s.type : s.type !== undefined ? [s.type] : s.properties !== undefined ? ['object'] : []
+  if (alternatives !== null) return union(alternatives.map(a => toType(a, indent, names)))
+  if (Array.isArray(s.allOf) && s.allOf.length > 0) return s.allOf.map(a => `(${toType(a, indent, names)})`).join(' & ')
+  const types: unknown[] = Array.isArray(s.type) ? [...s.type] : s.type !== undefined ? [s.type] : s.properties !== undefined ? ['object'] : []
   if (types.length === 0) return 'unknown'
-  return union(types.map(t => typeFor(t, s, indent)))
+  if (s.nullable === true) types.push('null')
+  return union(types.map(t => typeFor(t, s, indent, names)))
+}
+
+/** Whether a schema's type is one object type alone (declared as an interface, not a type alias). */
+function objectOnly (schema: unknown): boolean {
+  if (schema === null || typeof schema !== 'object' || Array.isArray(schema)) return false
+  const s = schema as JsonSchema
+  if (typeof s.$ref === 'string' || 'const' in s || Array.isArray(s.enum) || Array.isArray(s.anyOf) || Array.isArray(s.oneOf) || Array.isArray(s.allOf) || s.nullable === true) return false
+  const type = Array.isArray(s.type) && s.type.length === 1 ? s.type[0] : s.type ?? (s.properties !== undefined ? 'object' : undefined)
+  return type === 'object'
 }
 
 /** Whether a call may leave out its input: no property of it is required. */
@@ -107,9 +163,14 @@ export function generateRouterTypes (manifest: Manifest, namedSchemas: Readonly<
     "import type { TRPCBuiltRouter, TRPCMutationProcedure, TRPCQueryProcedure, TRPCSubscriptionProcedure, TRPC_ERROR_CODE_NUMBER } from '@trpc/server'",
     ''
   ]
-  for (const [name, schema] of Object.entries(namedSchemas)) {
-    const type = toType(schema)
-    out.push(doc(schema, '') + (type.startsWith('{') ? `export interface ${name} ${type}` : `export type ${name} = ${type}`), '')
+  const names = typeNames(Object.keys(namedSchemas))
+  for (const [schemaName, schema] of Object.entries(namedSchemas)) {
+    const name = names.get(schemaName)!
+    const type = toType(schema, '', names)
+    const description = (schema as JsonSchema | null)?.description
+    const renamed = name === schemaName ? '' : `The manifest's schema ${schemaName} (a name TypeScript reserves or this file uses).`
+    const comment = doc({ description: [typeof description === 'string' ? description.trim() : '', renamed].filter(d => d !== '').join(' ') }, '')
+    out.push(comment + (objectOnly(schema) && type.startsWith('{') ? `export interface ${name} ${type}` : `export type ${name} = ${type}`), '')
   }
   out.push(
     '/** The contract codes (CONTRACT §5) carried in `error.data.code`. */',
@@ -134,20 +195,20 @@ export function generateRouterTypes (manifest: Manifest, namedSchemas: Readonly<
     'export type AppRouter = TRPCBuiltRouter<Root, {'
   )
   for (const op of manifest.operations) {
-    const input = toType(op.inputDocument, '    ')
+    const input = toType(op.inputDocument, '    ', names)
     const kind = op.type === 'query' ? 'TRPCQueryProcedure' : 'TRPCMutationProcedure'
     const summary = op.summary ?? op.description
     if (summary !== null) out.push(doc({ description: summary }, '  ').trimEnd())
     out.push(`  ${key(op.name)}: ${kind}<{`)
     out.push(`    input: ${input}${inputOptional(op.inputDocument, namedSchemas) ? ' | void' : ''}`)
-    out.push(`    output: ${toType(op.outputDocument, '    ')}`)
+    out.push(`    output: ${toType(op.outputDocument, '    ', names)}`)
     out.push('    meta: object', '  }>')
   }
   for (const event of manifest.events) {
     if (event.description !== null) out.push(doc(event, '  ').trimEnd())
     out.push(`  ${key(event.name)}: TRPCSubscriptionProcedure<{`)
     out.push('    input: void')
-    out.push(`    output: AsyncIterable<${toType(event.payloadDocument, '    ')}, void, any>`)
+    out.push(`    output: AsyncIterable<${toType(event.payloadDocument, '    ', names)}, void, any>`)
     out.push('    meta: object', '  }>')
   }
   out.push('}>', '')

@@ -7,7 +7,8 @@ import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
 import ts from 'typescript'
 import { ESLint } from 'eslint'
-import { codegen, generateRouterTypes, toType } from '../../scripts/codegen.js'
+import { parse as parseYaml, stringify as stringifyYaml } from 'yaml'
+import { codegen, generateRouterTypes, toType, typeNames } from '../../scripts/codegen.js'
 import { demoManifest, fixture } from '../helper.js'
 
 const root = fileURLToPath(new URL('../..', import.meta.url))
@@ -65,6 +66,14 @@ t.test('JSON Schema to TypeScript', async t => {
   t.equal(toType(true), 'unknown')
   t.equal(toType(false), 'never')
   t.equal(toType({ enum: [] }), 'never')
+  // Ajv's nullable (the gateway answers null there); before, `string` alone.
+  t.equal(toType({ type: 'string', nullable: true }), 'string | null', 'nullable: true')
+  t.equal(toType({ type: ['string', 'null'], nullable: true }), 'string | null')
+  t.equal(toType({ type: 'string', nullable: false }), 'string')
+  // A named schema the file could not declare as is gets the first free number.
+  const names = typeNames(['Record', 'Record2', 'Root', 'Agent', 'string', 'class'])
+  t.same([...names], [['Record', 'Record3'], ['Record2', 'Record2'], ['Root', 'Root2'], ['Agent', 'Agent'], ['string', 'string2'], ['class', 'class2']])
+  t.equal(toType({ type: 'array', items: { $ref: '#/schemas/Record' } }, '', names), 'Array<Record3>', 'a reference takes the new name')
 })
 
 t.test('the generated AppRouter types a real @trpc/client; a wrong input is a compile error', async t => {
@@ -132,19 +141,36 @@ export async function misuse (): Promise<void> {
 
 t.test('another domain generates and type-checks too', async t => {
   const dir = scratch(t)
-  await codegen(['--manifest', fixture('library-manifest.yaml'), '--out', join(dir, 'library.d.ts')], {})
+  // The library's manifest, with schemas named as the file's own names and TypeScript's
+  // (`Record`, `Root`, `string`), and a nullable field. Before, `export interface Record` made
+  // `Type 'Record' is not generic` and `note` was `note?: string` though the gateway answers null.
+  const manifest = parseYaml(readFileSync(fixture('library-manifest.yaml'), 'utf8')) as { schemas: Record<string, unknown>, operations: Record<string, unknown> }
+  manifest.schemas.Record = { type: 'object', required: ['id'], properties: { id: { type: 'string' }, note: { type: 'string', nullable: true }, root: { $ref: '#/schemas/Root' } } }
+  manifest.schemas.Root = { type: 'object', properties: { kind: { $ref: '#/schemas/string' } } }
+  manifest.schemas.string = { type: 'string', enum: ['a', 'b'] }
+  manifest.operations.getRecord = { type: 'query', rest: 'GET /records/:id', kernel: 'GET /records/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { $ref: '#/schemas/Record' } }
+  writeFileSync(join(dir, 'library.yaml'), stringifyYaml(manifest))
+  await codegen(['--manifest', join(dir, 'library.yaml'), '--out', join(dir, 'library.d.ts')], {})
   const text = readFileSync(join(dir, 'library.d.ts'), 'utf8')
   t.match(text, /export interface Book \{/)
   t.match(text, /format\?: 'hardcover' \| 'paperback' \| 'ebook'/)
+  t.match(text, /export interface Record2 \{\n {2}id: string\n {2}note\?: string \| null\n {2}root\?: Root2\n\}/)
+  t.match(text, /export type string2 = 'a' \| 'b'/)
+  // The same text as a source file: a declaration file's own errors are skipped (skipLibCheck).
+  writeFileSync(join(dir, 'library-source.ts'), text)
   writeFileSync(join(dir, 'use.ts'), `
 import { createTRPCClient, httpLink } from '@trpc/client'
-import type { AppRouter, Book } from './library.js'
+import type { AppRouter, Book, Record2 } from './library.js'
 const client = createTRPCClient<AppRouter>({ links: [httpLink({ url: 'http://h/trpc' })] })
 export const books: Promise<Book[]> = client.findBooks.query({ format: ['ebook'], page: 2 })
 export const wrong = client.findBooks.query({ format: ['vinyl'] })
+export async function read (): Promise<Record<string, string | null | undefined>> {
+  const r: Record2 = await client.getRecord.query({ id: 'r' })
+  return { note: r.note, kind: r.root?.kind }
+}
 `)
-  const errors = typecheck(dir, ['use.ts'])
-  t.equal(errors.length, 1)
+  const errors = typecheck(dir, ['use.ts', 'library-source.ts'])
+  t.equal(errors.length, 1, errors.join('\n'))
   t.match(errors[0], /^use\.ts:6 .*vinyl/)
 })
 
