@@ -11,6 +11,7 @@ import type { Duplex } from 'node:stream'
 import { ProblemSchema } from './schemas/manifest.js'
 import { loadManifestFile, type Manifest } from './manifest.js'
 import { toProblem, logLevelOf, MantleError, type ErrorCode } from './errors.js'
+import { jsonText } from './json-body.js'
 import pipeline from './plugins/pipeline/index.js'
 import metrics from './plugins/metrics/index.js'
 import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
@@ -385,12 +386,15 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   app.removeContentTypeParser('text/plain')
   // An empty body under a JSON content type is an absent body, as without one: many clients set
   // the type on every request. Fastify refused it (400 "The JSON body is empty"), a DELETE, whose
-  // input is its path and query, included.
+  // input is its path and query, included. A body that is not UTF-8, or that names another
+  // charset, is refused (json-body.ts).
   const parseJson = app.getDefaultJsonParser('error', 'error')
   app.removeContentTypeParser('application/json')
-  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
-    if (body === '') done(null, undefined)
-    else parseJson(request, body as string, done)
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, body, done) => {
+    const text = jsonText(request.headers['content-type'], body as Buffer)
+    if (typeof text !== 'string') done(text, undefined)
+    else if (text === '') done(null, undefined)
+    else parseJson(request, text, done)
   })
   app.setErrorHandler(errorHandler)
   // Fastify serves HEAD with each GET route's handler (exposeHeadRoutes) and its HEAD onSend

@@ -64,6 +64,12 @@ export class MantleError extends Error {
 }
 
 /**
+ * A body the gateway's JSON parser refuses before any face sees it (bytes that are not UTF-8, a
+ * charset other than UTF-8), as Fastify's own parser refusals are: audited as `security`.
+ */
+export class BodyRefused extends MantleError {}
+
+/**
  * The headers of a response that carries refusals (a tRPC call or batch, a GraphQL document),
  * each with its own headers or none: all of them, and on top those of the refusal that asks the
  * longest wait (its Retry-After and RateLimit-*), since a client that waits less is refused

@@ -19,6 +19,7 @@ import { buildRouter, earlyRequestIds } from './router.js'
 import { DEFAULT_SETTINGS as WEBSOCKET_DEFAULTS } from '../websocket/index.js'
 import { LiveSubscriptions } from './subscriptions.js'
 import { atExpiry } from '../expiry.js'
+import { jsonText } from '../../json-body.js'
 
 export { ProblemError, errorShape, trpcCodeOf, type MantleErrorShape, type MantleErrorData } from './errors.js'
 
@@ -178,9 +179,14 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     const router = buildRouter(app, live, { maxInFlight: limits.maxInFlight, maxSubscriptions: limits.maxSubscriptions, maxBufferedBytes: limits.maxBufferedBytes, ssePingMs: limits.pingMs })
 
     // tRPC parses the JSON body itself (a malformed one is its error); Fastify still reads it,
-    // so BFF_BODY_LIMIT applies. This scope only: other faces keep Fastify's parser.
+    // so BFF_BODY_LIMIT applies, and it is refused as on every face when it is not UTF-8. This
+    // scope only: other faces keep the gateway's parser.
     app.removeContentTypeParser('application/json')
-    app.addContentTypeParser('application/json', { parseAs: 'string' }, (_request, body, done) => { done(null, body) })
+    app.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, body, done) => {
+      const text = jsonText(request.headers['content-type'], body as Buffer)
+      if (typeof text === 'string') done(null, text)
+      else done(text, undefined)
+    })
 
     // Refusals before tRPC runs (body too large, not JSON, batch too long, bad Host) are
     // tRPC-shaped too, so tRPC clients read them like any other error.

@@ -4,7 +4,7 @@ import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import { Counter, Gauge, Histogram } from 'prom-client'
 import pg from 'pg'
 import { StageOrder, type CallContext, type Protocol } from '../pipeline/index.js'
-import { MantleError, toProblem } from '../../errors.js'
+import { BodyRefused, MantleError, toProblem } from '../../errors.js'
 import { ConfigError } from '../../schemas/config.js'
 import type { Operation } from '../../manifest.js'
 import { type AuditEntry, type AuditStore, type AuditQuery, type Category, type VerifyCursor, VERIFY_MAX_ENTRIES, categoryOf, refusedIdentity, storableEntry } from './entry.js'
@@ -503,7 +503,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   }
   const auditsItself = (request: FastifyRequest): boolean => request.routeOptions.config?.audit !== undefined
 
-  // A body Fastify refuses before any face sees it (too large, not JSON, malformed JSON) never
+  // A body refused before any face sees it (too large, not JSON, malformed JSON, not UTF-8) never
   // becomes an operation call; it is still recorded, as `security`. Errors of the calls
   // themselves are MantleErrors, recorded by the stage. Unmatched routes (404) are not recorded.
   app.addHook('onError', (request, reply, error, done) => {
@@ -512,7 +512,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       return done()
     }
     const code = (error as { code?: unknown }).code
-    if ((typeof code === 'string' && code.startsWith('FST_ERR_CTP_')) || (error instanceof SyntaxError && (error as { statusCode?: unknown }).statusCode === 400)) {
+    if ((typeof code === 'string' && code.startsWith('FST_ERR_CTP_')) || error instanceof BodyRefused || (error instanceof SyntaxError && (error as { statusCode?: unknown }).statusCode === 400)) {
       const { problem: p } = toProblem(error, request.id)
       const schema = request.routeOptions.schema as { operationId?: string } | undefined
       refused(request, reply, schema?.operationId ?? 'http', p.code, p.status)

@@ -1,0 +1,36 @@
+// The text of a JSON request body, on every face that reads one over HTTP (REST, batch, tRPC,
+// GraphQL). JSON is UTF-8 (RFC 8259 §8.1): a body that is not, or whose media type names
+// another charset, is refused, never read with U+FFFD for each bad byte (a name "caf\xE9"
+// reached the Kernel as "caf\uFFFD"), as a query string and a path already were.
+import { BodyRefused } from './errors.js'
+
+/** One strict decoder for every body: bytes that are not UTF-8 throw. The BOM is kept, for the JSON parser to judge. */
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
+/** A media type's parameter: its name, and its value as a token or a quoted string (RFC 9110 §5.6.6). */
+const MEDIA_PARAMETER = /;\s*([!#$%&'*+.^`|~\w-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)/g
+
+/** Whether a media type names no charset but UTF-8 (case-insensitive, quoted or not). */
+function utf8Charset (type: string): boolean {
+  for (const [, name, value] of type.matchAll(MEDIA_PARAMETER)) {
+    if (name.toLowerCase() !== 'charset') continue
+    const charset = value.startsWith('"') ? value.slice(1, -1).replace(/\\(.)/g, '$1') : value
+    if (charset.toLowerCase() !== 'utf-8') return false
+  }
+  return true
+}
+
+/**
+ * A JSON body's bytes as text ('' for none), or why it is refused: 415 for a charset other than
+ * UTF-8, 400 for bytes that are not UTF-8. A media type without parameters is not parsed.
+ */
+export function jsonText (contentType: string | undefined, bytes: Buffer): string | BodyRefused {
+  if (contentType !== undefined && contentType.includes(';') && !utf8Charset(contentType)) {
+    return new BodyRefused('UNSUPPORTED_MEDIA_TYPE', 'The request body must be application/json in UTF-8')
+  }
+  if (bytes.length === 0) return ''
+  try {
+    return UTF8.decode(bytes)
+  } catch {
+    return new BodyRefused('VALIDATION_FAILED', 'The body is not valid UTF-8')
+  }
+}

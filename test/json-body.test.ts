@@ -1,0 +1,47 @@
+import t from 'tap'
+import { buildTestApp, startTestKernel, testManifest, json, bearer } from './helper.js'
+
+// JSON is UTF-8 (RFC 8259 §8.1). A body's bytes were read as a string, each byte that is not
+// UTF-8 becoming U+FFFD: {"name":"caf\xE9"} reached the Kernel as "caf\uFFFD", and a body sent
+// as ISO-8859-1 was read as UTF-8. Both are refused now, on every face that reads a body.
+const LATIN1 = Buffer.from('{"name":"caf\xe9"}', 'latin1')
+
+t.test('a body that is not UTF-8, or names another charset, is refused on every HTTP face', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/things': (req, res) => json(res, 200, { body: req.body }) })
+  const manifest = testManifest({
+    create: { type: 'mutation', rest: 'POST /things', kernel: 'POST /v1/things', input: { type: 'object', properties: { name: { type: 'string' } } }, output: { type: 'object', properties: { body: { type: 'string' } } } }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const post = async (url: string, payload: string | Buffer, type = 'application/json') =>
+    await app.inject({ method: 'POST', url, headers: { ...bearer(), 'content-type': type }, payload })
+
+  const rest = await post('/api/v1/things', LATIN1)
+  t.equal(rest.statusCode, 400, 'REST')
+  t.match(rest.headers['content-type'], /^application\/problem\+json/)
+  t.match(rest.json(), { code: 'VALIDATION_FAILED', detail: 'The body is not valid UTF-8' })
+  const batch = await post('/api/v1/batch', Buffer.concat([Buffer.from('{"calls":[{"op":"create","input":'), LATIN1, Buffer.from('}]}')]))
+  t.match([batch.statusCode, batch.json()], [400, { code: 'VALIDATION_FAILED', detail: 'The body is not valid UTF-8' }], 'batch')
+  const trpc = await post('/trpc/create', LATIN1)
+  t.match([trpc.statusCode, trpc.json()], [400, { error: { data: { code: 'VALIDATION_FAILED' } } }], 'tRPC')
+  const gql = await post('/graphql', Buffer.from('{"query":"{ __typename }","variables":{"x":"\xe9"}}', 'latin1'))
+  t.match([gql.statusCode, gql.json()], [400, { errors: [{ extensions: { code: 'VALIDATION_FAILED' } }] }], 'GraphQL')
+
+  for (const type of ['application/json; charset=iso-8859-1', 'application/json;charset="latin1"', 'application/json; foo=bar; charset=UTF-16']) {
+    const res = await post('/api/v1/things', '{"name":"x"}', type)
+    t.match([res.statusCode, res.json()], [415, { code: 'UNSUPPORTED_MEDIA_TYPE', detail: 'The request body must be application/json in UTF-8' }], type)
+  }
+  const trpcCharset = await post('/trpc/create', '{"name":"x"}', 'application/json; charset=iso-8859-1')
+  t.match([trpcCharset.statusCode, trpcCharset.json()], [415, { error: { data: { code: 'UNSUPPORTED_MEDIA_TYPE' } } }], 'tRPC: another charset')
+  t.equal(kernel.requests.length, 0, 'nothing reached the Kernel')
+
+  // UTF-8, however it is named, goes on, and a quoted parameter hides nothing.
+  for (const type of ['application/json; charset=utf-8', 'application/json;Charset="UTF-8"', 'application/json; foo="a;charset=latin1"']) {
+    const res = await post('/api/v1/things', '{"name":"café"}', type)
+    t.same([res.statusCode, res.json()], [200, { body: '{"name":"café"}' }], type)
+  }
+  const trpcOk = await post('/trpc/create', '{"name":"café"}', 'application/json; charset=utf-8')
+  t.same([trpcOk.statusCode, trpcOk.json()], [200, { result: { data: { body: '{"name":"café"}' } } }], 'tRPC: UTF-8')
+  // Malformed JSON and an empty body are as before.
+  t.match((await post('/api/v1/things', '{"name":')).json(), { code: 'VALIDATION_FAILED', detail: 'The body is not valid JSON' })
+  t.equal((await post('/api/v1/things', '')).statusCode, 200, 'an empty body is an absent one')
+})
