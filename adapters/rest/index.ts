@@ -111,14 +111,16 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
     if (props.every(p => p.type === 'string')) return passthrough
     const coerce = coercer.compile(loose)
     const numeric = Object.entries((loose.properties ?? {}) as Record<string, JsonSchema>).filter(([, p]) => takesNumber(p) || (p.items !== undefined && takesNumber(p.items as JsonSchema))).map(([k]) => k)
-    if (numeric.length === 0) return (data: unknown) => { coerce(data); return true }
+    const literals = literalFields(loose.properties as Record<string, JsonSchema>)
+    if (numeric.length === 0 && literals === null) return (data: unknown) => { coerce(data); return true }
     return (data: unknown) => {
       // Ajv turns any text Number() reads into a number (`0x10`, ` 16 `, `+5`, `0b11`) and ""
       // into null, where the other faces refuse them: such a value is left as text, and the
       // pipeline's validation refuses it as it does on every face.
-      const held = holdLooseNumbers(data as Record<string, unknown>, numeric)
+      const held = numeric.length === 0 ? null : holdLooseNumbers(data as Record<string, unknown>, numeric)
       coerce(data)
       if (held !== null) for (const [key, value] of held) (data as Record<string, unknown>)[key] = value
+      if (literals !== null) readLiterals(data as Record<string, unknown>, literals)
       return true
     }
   }
@@ -262,6 +264,55 @@ const DECIMAL = /^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?$/
 function takesNumber (schema: JsonSchema): boolean {
   const types = Array.isArray(schema.type) ? schema.type as unknown[] : [schema.type]
   return types.includes('number') || types.includes('integer')
+}
+
+/** The text of each value a field without a `type` lists (`enum`, `const`) that is no string: `"10"` for 10. */
+type Literals = Map<string, unknown>
+
+function literalsOf (schema: JsonSchema): Literals | null {
+  if (schema === null || typeof schema !== 'object' || schema.type !== undefined) return null
+  const values = [...(Array.isArray(schema.enum) ? schema.enum as unknown[] : []), ...('const' in schema ? [schema.const] : [])]
+  let literals: Literals | null = null
+  for (const v of values) {
+    if (typeof v === 'number' || typeof v === 'boolean' || v === null) (literals ??= new Map()).set(String(v), v)
+  }
+  // A string the field lists stays that string.
+  if (literals !== null) for (const v of values) if (typeof v === 'string') literals.delete(v)
+  return literals === null || literals.size === 0 ? null : literals
+}
+
+/**
+ * The fields (or the items of an array field) declared by `enum` or `const` alone with values
+ * that are no strings: Ajv coerces by `type` only, so `?size=10` for `size: { enum: [10, 20] }`
+ * stayed the text "10" and was refused, where tRPC and batch take 10. Null for none.
+ */
+function literalFields (properties: Record<string, JsonSchema> | undefined): Array<[string, Literals, boolean]> | null {
+  let fields: Array<[string, Literals, boolean]> | null = null
+  for (const [key, p] of Object.entries(properties ?? {})) {
+    const own = literalsOf(p)
+    if (own !== null) (fields ??= []).push([key, own, false])
+    else if (p !== null && typeof p === 'object' && typeof p.items === 'object' && p.items !== null && !Array.isArray(p.items)) {
+      const items = literalsOf(p.items as JsonSchema)
+      if (items !== null) (fields ??= []).push([key, items, true])
+    }
+  }
+  return fields
+}
+
+/** Reads each such field's text as the value it names, only in the form String(value) writes it ("10", never "010" or "1e1"). */
+function readLiterals (data: Record<string, unknown> | null, fields: Array<[string, Literals, boolean]>): void {
+  if (data === null || typeof data !== 'object') return
+  for (const [key, literals, items] of fields) {
+    const value = data[key]
+    if (typeof value === 'string' && !items) {
+      if (literals.has(value)) data[key] = literals.get(value)
+    } else if (Array.isArray(value) && items) {
+      for (let i = 0; i < value.length; i++) {
+        const v: unknown = value[i]
+        if (typeof v === 'string' && literals.has(v)) value[i] = literals.get(v)
+      }
+    }
+  }
 }
 
 /** Takes out of `data` the numeric fields whose text is not a decimal number; null for none. */
