@@ -292,6 +292,12 @@ function buildOperation (
 
   const pathParams = [...path.matchAll(/:([A-Za-z_][A-Za-z0-9_]*)/g)].map(x => x[1])
   if (/:(?![A-Za-z_])/.test(path)) faults.push(`${at}.rest: a path parameter needs a name`)
+  // Fastify's router (find-my-way) ends a parameter's name only at '/', '-', '.' or the end of
+  // the path: `/:a:b` or `/:a~b` is one parameter to it ("a:b", "a~b") and two or one other to
+  // us, and every call to the route was refused ("input.a is required").
+  for (const m of path.matchAll(/:([A-Za-z_][A-Za-z0-9_]*)([^/.-]?)/g)) {
+    if (m[2] !== '') faults.push(`${at}.rest: path parameter :${m[1]} in ${path} is followed by '${m[2]}': a parameter ends at '/', '-', '.' or the end of the path`)
+  }
   for (const p of pathParams) {
     if (!declared.has(p)) faults.push(`${at}.rest: path parameter :${p} is not declared in ${at}.input.properties`)
   }

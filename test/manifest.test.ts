@@ -441,6 +441,17 @@ t.test('manifests that compiled and then stopped the start are refused at their 
   const fine = compileManifest(doc({ a: { ...query, output: { $ref: '#/schemas/P' } }, b: { ...query, rest: 'GET /b', output: { type: 'object', examples: [{ $id: 'Problem' }], default: { $id: 'Problem' } } } }, { schemas: { P: { $id: 'Problem', type: 'object' } } }))
   t.same(fine.operations[0].output, { type: 'object' })
   t.same(faultsOf(doc({ a: { ...query, rest: 'GET /a/:id/:id', kernel: 'GET /v1/a/{id}', input: idInput } })), ['operations.a.rest: path parameter :id appears twice'], 'the first value was dropped')
+  // Fastify's router ends a parameter's name only at '/', '-', '.' or the end: `/:a:b` was one
+  // parameter "a:b" to it, the gateway started, and every call was refused "input.a is required".
+  const ab = { type: 'object', required: ['a', 'b'], properties: { a: { type: 'string' }, b: { type: 'string' } } }
+  t.same(faultsOf(doc({ a: { ...query, rest: 'GET /ok/:a:b', input: ab } })), ["operations.a.rest: path parameter :a in /ok/:a:b is followed by ':': a parameter ends at '/', '-', '.' or the end of the path"], 'a colon after a parameter')
+  t.same(faultsOf(doc({ a: { ...query, rest: 'GET /ok/:a~:b', input: ab } })), ["operations.a.rest: path parameter :a in /ok/:a~:b is followed by '~': a parameter ends at '/', '-', '.' or the end of the path"], 'a tilde after a parameter')
+  t.same(faultsOf(doc({ a: { ...query, rest: 'GET /ok/:id~x', input: idInput } })), ["operations.a.rest: path parameter :id in /ok/:id~x is followed by '~': a parameter ends at '/', '-', '.' or the end of the path"], 'read as one parameter "id~x" by the router')
+  // What the router reads as the manifest does: parameters parted by '-' or '.', a static suffix.
+  for (const rest of ['GET /ok/:a-:b', 'GET /ok/:a.:b', 'GET /ok/:a-b~:b', 'GET /ok/:a/:b']) {
+    t.same(compileManifest(doc({ a: { ...query, rest, input: ab } })).operations[0].pathParams, ['a', 'b'], rest)
+  }
+  t.same(compileManifest(doc({ a: { ...query, rest: 'GET /ok/:id.json', input: idInput } })).operations[0].pathParams, ['id'], 'a static suffix')
   for (const kernel of ['GET /v1/a/{id', 'GET /v1/a/id}', 'GET /v1/{a{id}}']) {
     t.match(faultsOf(doc({ a: { ...query, rest: 'GET /a/:id', kernel, input: idInput } })), ['operations.a.kernel: a { or } outside a {name}'], kernel)
   }
