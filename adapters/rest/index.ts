@@ -152,12 +152,14 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     if (inBody) {
       const body = request.body
       // A body that is not an object goes on as it is: the validation stage refuses it, within
-      // the pipeline, so that the refusal has its audit entry.
-      input = (body === undefined || body === null ? {} : body) as Record<string, unknown>
+      // the pipeline, so that the refusal has its audit entry. Only an absent body is `{}`: the
+      // JSON `null` is a body that is no object, as `[]` and `"s"` are (it was read as `{}`, and
+      // a PATCH of `null` ran, changing the record's updatedAt).
+      input = (body === undefined ? {} : body) as Record<string, unknown>
     } else {
       input = request.query as Record<string, unknown>
     }
-    if (pathParams.length > 0 && typeof input === 'object' && !Array.isArray(input)) {
+    if (pathParams.length > 0 && typeof input === 'object' && input !== null && !Array.isArray(input)) {
       const params = request.params as Record<string, unknown>
       // The path wins over a body or query field of the same name.
       for (const p of pathParams) input[p] = params[p]

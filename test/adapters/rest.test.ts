@@ -77,6 +77,11 @@ t.test('ugly bodies: malformed JSON, not an object, wrong media type, oversized'
   t.match(array.json(), { code: 'VALIDATION_FAILED', detail: 'The input must be a JSON object' })
   const scalar = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: h, payload: '"text"' })
   t.equal(scalar.statusCode, 400)
+  // The JSON null is a body that is no object too: it was read as {}, and a PATCH of null ran.
+  const before = (await app.inject({ url: '/api/v1/agents/a1', headers: bearer() })).json()
+  const nul = await app.inject({ method: 'PATCH', url: '/api/v1/agents/a1', headers: h, payload: 'null' })
+  t.same([nul.statusCode, nul.json().detail], [400, 'The input must be a JSON object'], 'a null body')
+  t.same((await app.inject({ url: '/api/v1/agents/a1', headers: bearer() })).json(), before, 'the agent is as it was')
   const empty = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: h, payload: '' })
   t.equal(empty.statusCode, 400)
   t.match(empty.json(), { code: 'VALIDATION_FAILED' })
