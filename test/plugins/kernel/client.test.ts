@@ -46,6 +46,27 @@ t.test('a 2xx JSON answer is the output, with fields the schema does not declare
   t.same(res.json(), { id: 'a1', name: 'first' })
 })
 
+t.test('an answer that starts with a BOM is read alike with a length and chunked', async t => {
+  // undici's body.json() drops a leading BOM (a length announced), and the chunked reader kept
+  // it: the same answer was 200 with a Content-Length and 502 KERNEL_ERROR without one.
+  const { kernel, app } = await setup(t)
+  const text = '\uFEFF' + JSON.stringify({ id: 'a1', name: 'bom' })
+  kernel.on('GET /v1/items/len', (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) })
+    res.end(text)
+  })
+  kernel.on('GET /v1/items/chunked', (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.write(text.slice(0, 2))
+    res.end(text.slice(2))
+  })
+  for (const id of ['len', 'chunked']) {
+    const res = await app.inject({ method: 'GET', url: `/api/v1/items/${id}`, headers: bearer() })
+    t.same([res.statusCode, res.json()], [200, { id: 'a1', name: 'bom' }], id)
+  }
+  t.notOk(kernel.requests.some(r => r.url === '/v1/items/chunked' && r.headers['content-length'] !== undefined), 'the Kernel answered chunked')
+})
+
 t.test('the Kernel 2xx status is passed on (201 for a creation)', async t => {
   const { app, kernel } = await setup(t)
   const res = await app.inject({ method: 'POST', url: '/api/v1/items', headers: bearer(), payload: { name: 'new' } })
