@@ -9,12 +9,17 @@ const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 /** A media type's parameter: its name, and its value as a token or a quoted string (RFC 9110 §5.6.6). */
 const MEDIA_PARAMETER = /;\s*([!#$%&'*+.^`|~\w-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)/g
 
-/** Whether a media type names no charset but UTF-8 (case-insensitive, quoted or not). */
+/**
+ * Whether a media type names no charset but UTF-8 (case-insensitive, quoted or not), by either
+ * of the labels clients send for it (`utf-8`, and `utf8`, which the WHATWG Encoding Standard
+ * also reads as UTF-8).
+ */
 function utf8Charset (type: string): boolean {
   for (const [, name, value] of type.matchAll(MEDIA_PARAMETER)) {
     if (name.toLowerCase() !== 'charset') continue
     const charset = value.startsWith('"') ? value.slice(1, -1).replace(/\\(.)/g, '$1') : value
-    if (charset.toLowerCase() !== 'utf-8') return false
+    const label = charset.toLowerCase()
+    if (label !== 'utf-8' && label !== 'utf8') return false
   }
   return true
 }

@@ -35,7 +35,7 @@ t.test('a body that is not UTF-8, or names another charset, is refused on every 
   t.equal(kernel.requests.length, 0, 'nothing reached the Kernel')
 
   // UTF-8, however it is named, goes on, and a quoted parameter hides nothing.
-  for (const type of ['application/json; charset=utf-8', 'application/json;Charset="UTF-8"', 'application/json; foo="a;charset=latin1"']) {
+  for (const type of ['application/json; charset=utf-8', 'application/json;Charset="UTF-8"', 'application/json; charset=utf8', 'application/json; foo="a;charset=latin1"']) {
     const res = await post('/api/v1/things', '{"name":"café"}', type)
     t.same([res.statusCode, res.json()], [200, { body: '{"name":"café"}' }], type)
   }
