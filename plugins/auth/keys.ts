@@ -29,7 +29,8 @@ function toPublicKey (key: KeyObject): PublicKey | undefined {
 
 /**
  * Parses BFF_JWT_PUBLIC_KEYS: a JSON object of kid to PEM public key (RSA or EC P-256).
- * Throws an Error naming the variable and the bad kid.
+ * Throws an Error naming the variable and the bad kid, or saying it holds no key: `{}` started a
+ * gateway that refused every token (401 on every call, /readyz ready) with no word at start-up.
  */
 export function parsePublicKeys (text: string): Map<string, PublicKey> {
   let parsed: unknown
@@ -55,6 +56,7 @@ export function parsePublicKeys (text: string): Map<string, PublicKey> {
     if (key === undefined) throw new Error(`BFF_JWT_PUBLIC_KEYS: the key ${JSON.stringify(kid)} is neither RSA nor EC P-256`)
     keys.set(kid, key)
   }
+  if (keys.size === 0) throw new Error('BFF_JWT_PUBLIC_KEYS holds no key: expected {"<kid>": "<PEM public key>", ...}')
   return keys
 }
 

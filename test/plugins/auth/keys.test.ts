@@ -299,6 +299,9 @@ t.test('BFF_JWT_PUBLIC_KEYS is validated at start-up', async t => {
   const bad: Array<[string, RegExp]> = [
     ['{not json', /BFF_JWT_PUBLIC_KEYS is not valid JSON/],
     ['["a"]', /BFF_JWT_PUBLIC_KEYS must be a JSON object/],
+    // A key set with no key refused every token while the gateway said it was ready.
+    ['{}', /^Invalid configuration: BFF_JWT_PUBLIC_KEYS holds no key/],
+    [' { } ', /BFF_JWT_PUBLIC_KEYS holds no key/],
     [JSON.stringify({ k: 'hello' }), /BFF_JWT_PUBLIC_KEYS: the key "k" is not a PEM public key/],
     [JSON.stringify({ k: '-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n' }), /BFF_JWT_PUBLIC_KEYS: the key "k" is not a valid PEM public key/],
     [JSON.stringify({ k: generateKeyPairSync('ed25519').publicKey.export({ type: 'spki', format: 'pem' }).toString() }), /neither RSA nor EC P-256/],
