@@ -3,7 +3,7 @@ import { pathToFileURL } from 'node:url'
 import { resolve } from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import { buildApp } from './app.js'
-import { loadConfig, demoKernel, unknownVariables, productionProblems, ConfigError, DEV_JWT_SECRET, type Config } from './schemas/config.js'
+import { loadConfig, demoKernel, demoKernelRefusal, unknownVariables, productionProblems, ConfigError, DEV_JWT_SECRET, type Config } from './schemas/config.js'
 import { mintToken } from './plugins/auth/index.js'
 import type { KernelEventMessage } from './plugins/events/index.js'
 import type { Manifest } from './manifest.js'
@@ -41,11 +41,9 @@ export async function start (config: Readonly<Config>, options: { onFatal?: (err
   // The demo Kernel publishes run changes straight into the gateway's event bus.
   let publish: ((event: KernelEventMessage) => void) | null = null
   if (demoKernel(config)) {
-    // Forgotten settings in production served the demo's agents, mutations included, as ready.
     // Named with every other reason production refuses, in one line.
-    if (config.NODE_ENV === 'production') {
-      throw new ConfigError('Refusing to start in production: ' + [...productionProblems(config), 'BFF_MANIFEST is the demo manifest and KERNEL_URL is unset, so the demo Kernel would serve its demo data: set BFF_MANIFEST to your catalog (and KERNEL_URL), or BFF_DEMO_KERNEL=false'].join('; '))
-    }
+    const refusal = demoKernelRefusal(config)
+    if (refusal !== null) throw new ConfigError('Refusing to start in production: ' + [...productionProblems(config), refusal].join('; '))
     const { startKernel } = await import('./kernel/server.js')
     const kernel = await startKernel({ port: 0, host: '127.0.0.1', onEvent: event => publish?.(event) })
     kernelUrl = kernel.url
@@ -158,7 +156,7 @@ async function main (): Promise<void> {
     shutDown?.()
   }
   try {
-    config = loadConfig()
+    config = loadConfig(process.env, { starting: true })
     started = await start(config, { onFatal })
   } catch (err) {
     process.stderr.write(`mantle: ${(err as Error).message}\n`)

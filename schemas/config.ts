@@ -123,8 +123,11 @@ export const NUMBER_TEXT = /^(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)
  * Reads and validates the configuration once. A bad value throws one ConfigError whose message
  * names every bad variable and what it accepts, from every check at once (the schema's, then
  * those it cannot express, on the values it accepted); the returned object is frozen.
+ * With `starting` (the gateway's start-up) and NODE_ENV=production, that message also names what
+ * production refuses (productionProblems, and the demo Kernel's refusal) among the valid values:
+ * with a bad value beside them, they were named only on the next run.
  */
-export function loadConfig (env: Record<string, string | number | boolean | undefined> = process.env): Readonly<Config> {
+export function loadConfig (env: Record<string, string | number | boolean | undefined> = process.env, options: { starting?: boolean } = {}): Readonly<Config> {
   const data: Record<string, unknown> = {}
   for (const key of Object.keys(ConfigSchema.properties)) {
     const value = env[key]
@@ -206,6 +209,11 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
   }
   if (config.BFF_AUDIT_ENABLED && config.BFF_AUDIT_STORE === 'postgres' && config.DATABASE_URL === undefined && !bad.has('DATABASE_URL')) {
     problems.push('BFF_AUDIT_STORE=postgres needs DATABASE_URL')
+  }
+  if (problems.length > 0 && options.starting === true) {
+    // The refusals start() and buildApp make later, in the same words, on the values given well.
+    const refused = [...productionProblems(config, bad), demoKernelRefusal(config, bad)].filter(p => p !== null)
+    if (refused.length > 0) problems.push('Refusing to start in production: ' + refused.join('; '))
   }
   if (problems.length > 0) throw fail()
   return Object.freeze(config)
@@ -316,11 +324,15 @@ function fetchedSafely (url: string): boolean {
   return protocol === 'https:' || hostname === 'localhost' || hostname === '[::1]' || /^127\.\d+\.\d+\.\d+$/.test(hostname)
 }
 
-/** Production refuses settings that are only safe on a developer's machine. */
-export function productionProblems (config: Config): string[] {
-  if (config.NODE_ENV !== 'production') return []
+/**
+ * Production refuses settings that are only safe on a developer's machine. A check reading a
+ * variable named in `bad` (refused by loadConfig, so read here as its default) is skipped.
+ */
+export function productionProblems (config: Config, bad: ReadonlySet<string> = new Set()): string[] {
+  if (config.NODE_ENV !== 'production' || bad.has('NODE_ENV')) return []
   const problems: string[] = []
-  if (config.BFF_AUTH_ENABLED) {
+  const valid = (...names: string[]): boolean => names.every(name => !bad.has(name))
+  if (config.BFF_AUTH_ENABLED && valid('BFF_AUTH_ENABLED', 'BFF_JWT_SECRET', 'BFF_JWT_PUBLIC_KEYS', 'BFF_JWKS_URL')) {
     if (config.BFF_JWT_SECRET !== undefined) {
       if (Buffer.byteLength(config.BFF_JWT_SECRET) < 32) problems.push('BFF_JWT_SECRET is shorter than 32 bytes')
       else if (config.BFF_JWT_SECRET === DEV_JWT_SECRET) problems.push('BFF_JWT_SECRET is the development secret, which is published in the source (anyone could sign tokens): set a secret of your own')
@@ -331,10 +343,10 @@ export function productionProblems (config: Config): string[] {
       problems.push('BFF_JWKS_URL is plain http to another host (keys fetched in clear can be replaced on the way, and whoever replaces them can sign tokens): use https')
     }
   }
-  if (config.BFF_CORS_ORIGINS !== undefined && corsOrigins(config.BFF_CORS_ORIGINS).includes('*')) {
+  if (config.BFF_CORS_ORIGINS !== undefined && valid('BFF_CORS_ORIGINS') && corsOrigins(config.BFF_CORS_ORIGINS).includes('*')) {
     problems.push('BFF_CORS_ORIGINS contains * (any site could call the API from a browser): list the allowed origins')
   }
-  if (config.BFF_AUDIT_ENABLED && config.BFF_AUDIT_STORE === 'memory') {
+  if (config.BFF_AUDIT_ENABLED && config.BFF_AUDIT_STORE === 'memory' && valid('BFF_AUDIT_ENABLED', 'BFF_AUDIT_STORE')) {
     problems.push('BFF_AUDIT_STORE is memory (the audit trail would be lost at every restart): set BFF_AUDIT_STORE=postgres and DATABASE_URL')
   }
   return problems
@@ -343,6 +355,15 @@ export function productionProblems (config: Config): string[] {
 /** Whether `npm start` starts the demo Kernel beside the gateway (the embedded default). */
 export function demoKernel (config: Readonly<Config>): boolean {
   return config.KERNEL_URL === undefined && config.BFF_DEMO_KERNEL && resolve(config.BFF_MANIFEST) === DEMO_MANIFEST
+}
+
+/**
+ * Production's refusal of the demo Kernel (forgotten settings served its demo agents, mutations
+ * included, as ready), or null; null too when a variable it reads is named in `bad`.
+ */
+export function demoKernelRefusal (config: Readonly<Config>, bad: ReadonlySet<string> = new Set()): string | null {
+  if (config.NODE_ENV !== 'production' || !demoKernel(config) || ['NODE_ENV', 'KERNEL_URL', 'BFF_DEMO_KERNEL', 'BFF_MANIFEST'].some(name => bad.has(name))) return null
+  return 'BFF_MANIFEST is the demo manifest and KERNEL_URL is unset, so the demo Kernel would serve its demo data: set BFF_MANIFEST to your catalog (and KERNEL_URL), or BFF_DEMO_KERNEL=false'
 }
 
 /**

@@ -43,6 +43,12 @@ t.test('start-up: a KERNEL_URL with an out-of-range port names the variable, not
   t.notMatch(output, /\n\s+at /, 'no stack trace')
 })
 
+t.test('start-up in production: a bad value and production\'s refusals stop the process in one line', async t => {
+  const { code, output } = await startServer({ NODE_ENV: 'production', PORT: 'abc', BFF_JWT_SECRET: 'short' })
+  t.equal(code, 1)
+  t.match(output, /^mantle: Invalid configuration: PORT="abc" is invalid: [^\n]*; Refusing to start in production: BFF_JWT_SECRET is shorter than 32 bytes; [^\n]*BFF_MANIFEST is the demo manifest/m)
+})
+
 t.test('REDIS_URL: redis or rediss, a host, a port 1..65535, no path or a database number', async t => {
   for (const good of ['redis://127.0.0.1:6379', 'redis://127.0.0.1:6379/', 'redis://127.0.0.1:6379/0', 'redis://cache:6379/15', 'rediss://user:pw@cache.example', 'redis://:pw@[::1]:6379/2', 'redis://cache:6379?db=3']) {
     t.equal(refusal({ REDIS_URL: good }), null, `accepts ${good}`)

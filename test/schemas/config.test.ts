@@ -283,6 +283,30 @@ t.test('one error names the problems of every check at once, not one check at a 
   t.match(errorOf({ PORT: 'abc', BFF_CACHE_STORE: 'redis' })?.message, /^Invalid configuration: PORT="abc" is invalid: .*; BFF_CACHE_STORE="redis" needs REDIS_URL/)
 })
 
+t.test('starting in production: a bad value and what production refuses are named in one line', async t => {
+  // PORT=abc BFF_JWT_SECRET=short named PORT only; the short secret was named on the next run.
+  const starting = (env: Record<string, string>): string | undefined => {
+    try {
+      loadConfig({ NODE_ENV: 'production', ...env }, { starting: true })
+    } catch (err) {
+      if (err instanceof ConfigError) return err.message
+      throw err
+    }
+    return undefined
+  }
+  t.equal(starting({ PORT: 'abc', BFF_JWT_SECRET: 'short', BFF_AUDIT_ENABLED: 'false', BFF_DEMO_KERNEL: 'false' }),
+    'Invalid configuration: PORT="abc" is invalid: expected an integer (0..65535); Refusing to start in production: BFF_JWT_SECRET is shorter than 32 bytes')
+  t.match(starting({ PORT: 'abc', BFF_JWT_SECRET: 'a'.repeat(32), BFF_CORS_ORIGINS: '*' }),
+    /^Invalid configuration: PORT="abc" .*; Refusing to start in production: BFF_CORS_ORIGINS contains \*.*; BFF_AUDIT_STORE is memory .*; BFF_MANIFEST is the demo manifest and KERNEL_URL is unset/, 'the demo Kernel\'s refusal too')
+  // A check reading a refused value (read as its default) is not made: it would name a wrong reason.
+  t.equal(starting({ PORT: 'abc', BFF_JWKS_URL: 'ftp://x', KERNEL_URL: 'ftp://k', BFF_AUDIT_STORE: 'file' })?.match(/Refusing/g), null, 'no key source, demo Kernel or audit finding made on refused values')
+  t.equal(starting({ NODE_ENV: 'prod', PORT: 'abc' })?.includes('Refusing'), false, 'nor with NODE_ENV refused')
+  // Alone, production's refusals keep their place and words (start(), buildApp).
+  t.equal(starting({ BFF_JWT_SECRET: 'short' }), undefined)
+  t.equal(errorOf({ NODE_ENV: 'production', PORT: 'abc', BFF_JWT_SECRET: 'short' })?.message, 'Invalid configuration: PORT="abc" is invalid: expected an integer (0..65535)', 'not starting (npm run token): the values only')
+  t.match(errorOf({ NODE_ENV: 'development', PORT: 'abc', BFF_JWT_SECRET: 'short' })?.message, /^Invalid configuration: PORT="abc" is invalid: [^;]*$/)
+})
+
 t.test('the environment is read once, as given: an empty value is unset, and every problem is named at once', async t => {
   const saved = { ...process.env }
   t.teardown(() => {
