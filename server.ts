@@ -3,7 +3,7 @@ import { pathToFileURL } from 'node:url'
 import { resolve } from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import { buildApp } from './app.js'
-import { loadConfig, demoKernel, demoKernelRefusal, unknownVariables, productionProblems, ConfigError, DEV_JWT_SECRET, type Config } from './schemas/config.js'
+import { loadConfig, demoKernel, demoKernelRefusal, startWarnings, productionProblems, ConfigError, DEV_JWT_SECRET, type Config } from './schemas/config.js'
 import { mintToken } from './plugins/auth/index.js'
 import type { KernelEventMessage } from './plugins/events/index.js'
 import type { Manifest } from './manifest.js'
@@ -163,7 +163,7 @@ async function main (): Promise<void> {
     process.exit(1)
   }
   process.stdout.write(banner(started, config))
-  for (const name of unknownVariables()) started.app.log.warn(`${name} is not a setting of the gateway: it is ignored`)
+  for (const warning of startWarnings(config)) started.app.log.warn(warning)
   // The longest grace any manifest applied since start-up needed: calls still running on a chain
   // a reload replaced keep their own, longer deadline.
   let grace = shutdownGraceMs(started.app.pipeline.manifest)

@@ -379,6 +379,19 @@ export function unknownVariables (env: Record<string, string | undefined> = proc
   })
 }
 
+/**
+ * The warnings of the start-up, one a line: each unknown BFF_ variable (unknownVariables), and a
+ * DATABASE_URL the audit trail does not use (BFF_AUDIT_STORE defaults to memory whatever
+ * DATABASE_URL says: setting it alone kept the audit in the process, lost at every restart).
+ */
+export function startWarnings (config: Readonly<Config>, env: Record<string, string | undefined> = process.env): string[] {
+  const warnings = unknownVariables(env).map(name => `${name} is not a setting of the gateway: it is ignored`)
+  if (config.DATABASE_URL !== undefined && config.BFF_AUDIT_ENABLED && config.BFF_AUDIT_STORE === 'memory') {
+    warnings.push('DATABASE_URL is set but BFF_AUDIT_STORE is memory: the audit trail is kept in this process only and lost at restart; set BFF_AUDIT_STORE=postgres to keep it in PostgreSQL')
+  }
+  return warnings
+}
+
 /** Levenshtein distance, for the nearest known name of a misspelt variable (a few dozen names). */
 function distance (a: string, b: string): number {
   let row = Array.from({ length: b.length + 1 }, (_, j) => j)

@@ -28,6 +28,30 @@ async function startServer (env: Record<string, string>): Promise<{ code: number
   return { code, output }
 }
 
+t.test('start-up: a DATABASE_URL the memory audit store does not use is warned of, once', async t => {
+  // BFF_AUDIT_STORE defaults to memory whatever DATABASE_URL says: setting DATABASE_URL alone
+  // kept the audit in the process without a word.
+  const child = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', '-u', 'NODE_V8_COVERAGE', process.execPath, '--import', 'tsx', 'server.ts'], {
+    cwd: root,
+    env: { PATH: process.env.PATH, PORT: '0', LOG_LEVEL: 'warn', BFF_MAX_EVENT_LOOP_DELAY_MS: '0', DATABASE_URL: 'postgres://postgres@127.0.0.1:5432/test' },
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  let output = ''
+  const listening = new Promise<void>(resolve => {
+    child.stdout.on('data', (d: Buffer) => { output += d.toString(); if (output.includes('Mantle is listening')) resolve() })
+  })
+  child.stderr.on('data', (d: Buffer) => { output += d.toString() })
+  const exited = new Promise<number | null>(resolve => child.on('exit', resolve))
+  const timer = setTimeout(() => child.kill('SIGKILL'), 30_000)
+  await Promise.race([listening, exited])
+  // The warnings follow the banner in the same tick of main().
+  await new Promise(resolve => setTimeout(resolve, 200))
+  child.kill('SIGTERM')
+  t.equal(await exited, 0)
+  clearTimeout(timer)
+  t.equal(output.match(/DATABASE_URL is set but BFF_AUDIT_STORE is memory: the audit trail is kept in this process only/g)?.length, 1, 'warned once')
+})
+
 t.test('start-up: a REDIS_URL with a non-numeric database stops the process with one line, no stack', async t => {
   // The database is the path's number: ioredis would send SELECT NaN, whose error nothing catches.
   const { code, output } = await startServer({ REDIS_URL: 'redis://127.0.0.1:6379/abc' })

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { fileURLToPath } from 'node:url'
-import { loadConfig, productionProblems, ConfigError, ConfigSchema, DEMO_MANIFEST, unknownVariables, type Config } from '../../schemas/config.js'
+import { loadConfig, productionProblems, ConfigError, ConfigSchema, DEMO_MANIFEST, unknownVariables, startWarnings, type Config } from '../../schemas/config.js'
 import { randomUUID } from 'node:crypto'
 import { testConfig } from '../helper.js'
 import { refusal } from './refusal.js'
@@ -281,6 +281,16 @@ t.test('one error names the problems of every check at once, not one check at a 
   // A store that needs a REDIS_URL refused just above is not named again as needing one.
   t.notMatch(errorOf({ REDIS_URL: 'redis://h:99999', BFF_CACHE_STORE: 'redis' })?.message, /needs REDIS_URL/)
   t.match(errorOf({ PORT: 'abc', BFF_CACHE_STORE: 'redis' })?.message, /^Invalid configuration: PORT="abc" is invalid: .*; BFF_CACHE_STORE="redis" needs REDIS_URL/)
+})
+
+t.test('start-up warnings: unknown BFF_ variables, and a DATABASE_URL the audit does not use', async t => {
+  const warned = /^DATABASE_URL is set but BFF_AUDIT_STORE is memory: .*set BFF_AUDIT_STORE=postgres/
+  const db = { DATABASE_URL: 'postgres://u@h:5432/d' }
+  t.match(startWarnings(loadConfig(db), {}), [warned], 'DATABASE_URL alone: the audit stays in memory')
+  t.same(startWarnings(loadConfig({ ...db, BFF_AUDIT_STORE: 'postgres' }), {}), [], 'used by the audit')
+  t.same(startWarnings(loadConfig({ ...db, BFF_AUDIT_ENABLED: 'false' }), {}), [], 'no audit, nothing to keep')
+  t.same(startWarnings(loadConfig({}), {}), [], 'no DATABASE_URL')
+  t.same(startWarnings(loadConfig({}), { BFF_RATE_LIMIT_GLOBALMAX: '1' }), ['BFF_RATE_LIMIT_GLOBALMAX (did you mean BFF_RATE_LIMIT_GLOBAL_MAX?) is not a setting of the gateway: it is ignored'])
 })
 
 t.test('starting in production: a bad value and what production refuses are named in one line', async t => {
