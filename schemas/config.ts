@@ -139,7 +139,7 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
   const bad = new Set<string>()
   const refuse = (name: string, expected: string, why?: string): void => {
     bad.add(name)
-    problems.push(`${name}=${JSON.stringify(shown(name, String(given[name] ?? '')))} is invalid: expected ${expected}${why === undefined ? '' : ` (${why})`}`)
+    problems.push(refusalOf(name, String(given[name] ?? ''), expected, why))
   }
   const fail = (): ConfigError => new ConfigError('Invalid configuration: ' + problems.join('; '))
   let config: Config
@@ -219,6 +219,11 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
   return Object.freeze(config)
 }
 
+/** How a refused value is named: `NAME="value" is invalid: expected ... (why)`, secrets masked. */
+function refusalOf (name: string, value: string, expected: string, why?: string): string {
+  return `${name}=${JSON.stringify(shown(name, value))} is invalid: expected ${expected}${why === undefined ? '' : ` (${why})`}`
+}
+
 interface UrlCheck {
   /** Accepted schemes, with their colon (`redis:`). */
   schemes: string[]
@@ -231,8 +236,10 @@ interface UrlCheck {
 const HTTP: UrlCheck = { schemes: ['http:', 'https:'], host: true }
 const DB_INDEX = /^(0|[1-9]\d*)$/
 
+type UrlVariable = 'KERNEL_URL' | 'REDIS_URL' | 'DATABASE_URL' | 'BFF_JWKS_URL' | 'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT' | 'OTEL_EXPORTER_OTLP_ENDPOINT'
+
 /** The URL-valued variables and what each accepts beyond its schema pattern. */
-const URL_VARIABLES: Array<{ name: 'KERNEL_URL' | 'REDIS_URL' | 'DATABASE_URL' | 'BFF_JWKS_URL' | 'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT' | 'OTEL_EXPORTER_OTLP_ENDPOINT', expected: string, check: UrlCheck }> = [
+const URL_VARIABLES: Array<{ name: UrlVariable, expected: string, check: UrlCheck }> = [
   { name: 'KERNEL_URL', expected: 'an http(s)://host[:port] origin', check: HTTP },
   {
     name: 'REDIS_URL',
@@ -255,6 +262,17 @@ const URL_VARIABLES: Array<{ name: 'KERNEL_URL' | 'REDIS_URL' | 'DATABASE_URL' |
   { name: 'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT', expected: 'an http(s) URL', check: HTTP },
   { name: 'OTEL_EXPORTER_OTLP_ENDPOINT', expected: 'an http(s) URL', check: HTTP }
 ]
+
+/**
+ * The refusal of a URL-valued variable as loadConfig words it, or null when the gateway can use
+ * it: for the scripts that read one variable alone (`npm run migrate` passed DATABASE_URL raw to
+ * pg, whose errors were a bare "Invalid URL" or "getaddrinfo ENOTFOUND base").
+ */
+export function urlRefusal (name: UrlVariable, value: string): string | null {
+  const { expected, check } = URL_VARIABLES.find(v => v.name === name)!
+  const why = urlProblem(value, check)
+  return why === null ? null : refusalOf(name, value, expected, why)
+}
 
 /** Why a URL is unusable, or null. */
 function urlProblem (value: string, check: UrlCheck): string | null {

@@ -3,10 +3,13 @@
 import { resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { migrate, migrationStatus } from '../plugins/audit/migrations.js'
+import { urlRefusal } from '../schemas/config.js'
 
 export async function main (argv: string[], env: Record<string, string | undefined> = process.env): Promise<string> {
   const url = env.DATABASE_URL
   if (url === undefined || url === '') throw new Error('DATABASE_URL is not set')
+  const refused = urlRefusal('DATABASE_URL', url)
+  if (refused !== null) throw new Error(refused)
   const [command = 'up', arg] = argv
   if (command === 'status') {
     const s = await migrationStatus(url)

@@ -2,7 +2,7 @@ import t, { type Test } from 'tap'
 import pg from 'pg'
 import { randomUUID } from 'node:crypto'
 import { spawnSync } from 'node:child_process'
-import { cpSync, mkdirSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs'
+import { cpSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -540,6 +540,10 @@ if (available) {
     await t.rejects(migrateMain(['down', '7'], { DATABASE_URL: url }), /down needs a version from 0 to 0/)
     await t.rejects(migrateMain(['sideways'], { DATABASE_URL: url }), /unknown command sideways/)
     await t.rejects(migrateMain(['status'], {}), /DATABASE_URL is not set/)
+    // Checked as the gateway checks it, naming the variable: pg said a bare "Invalid URL" (a port
+    // past 65535) or "getaddrinfo ENOTFOUND base" (not a URL at all).
+    await t.rejects(migrateMain(['status'], { DATABASE_URL: 'postgres://postgres:pw@127.0.0.1:99999/db' }), { message: 'DATABASE_URL="postgres://postgres:***@127.0.0.1:99999/db" is invalid: expected postgres://[user:password@]host[:port]/database (or postgresql://) (the port "99999" is not 1..65535)' })
+    await t.rejects(migrateMain(['up'], { DATABASE_URL: 'notaurl' }), /^DATABASE_URL="notaurl" is invalid: .*\(not a valid URL\)$/)
   })
 }
 
@@ -649,9 +653,8 @@ if (await postgresAvailable()) {
     const root = fileURLToPath(new URL('../../../', import.meta.url))
     const base = mkdtempSync(join(tmpdir(), 'mantle migrate '))
     t.teardown(() => rmSync(base, { recursive: true, force: true }))
-    mkdirSync(join(base, 'plugins/audit'), { recursive: true })
-    cpSync(join(root, 'scripts/migrate.ts'), join(base, 'scripts/migrate.ts'))
-    cpSync(join(root, 'plugins/audit/migrations.ts'), join(base, 'plugins/audit/migrations.ts'))
+    // The script and what it imports: the migrations, and the check of DATABASE_URL (schemas/config.ts).
+    for (const file of ['scripts/migrate.ts', 'plugins/audit/migrations.ts', 'schemas/config.ts', 'plugins/auth/keys.ts', 'read-json.ts']) cpSync(join(root, file), join(base, file))
     cpSync(join(root, 'migrations'), join(base, 'migrations'), { recursive: true })
     cpSync(join(root, 'package.json'), join(base, 'package.json'))
     symlinkSync(join(root, 'node_modules'), join(base, 'node_modules'))
