@@ -161,6 +161,9 @@ export class JwksFetcher {
       const jwks = await readJson(res, JWKS_MAX_BYTES)
       if (jwks === INVALID) throw new Error(`the JWKS is not JSON or is over ${JWKS_MAX_BYTES} bytes`)
       const keys = keysOfJwks(jwks)
+      // As a key set with no key is in BFF_JWT_PUBLIC_KEYS: taken, it dropped every key at an
+      // info line, and every call was 401 until a later fetch found keys again.
+      if (keys.size === 0) throw new Error('the JWKS holds no RSA or EC P-256 signing key with a kid')
       if (this.#closed) return
       this.#options.onKeys(keys)
       log?.info({ url: shownUrl(url), kids: [...keys.keys()] }, 'JWKS keys loaded')

@@ -256,6 +256,23 @@ t.test('a JWKS body over JWKS_MAX_BYTES is not read whole: the last good keys ar
   }
 })
 
+t.test('a JWKS with no usable key is a failed fetch: the last good keys are kept, with a warning', async t => {
+  // Taken, it dropped every key at an info line, and every call was 401.
+  const jwks = await jwksServer(t, { keys: [jwk(rsa1, 'k1')] })
+  const warnings: string[] = []
+  const loaded: string[][] = []
+  const log = { info: () => {}, warn: (obj: object, msg: string) => { warnings.push(JSON.stringify(obj) + msg) } }
+  const fetcher = new JwksFetcher({ url: jwks.url, onKeys: keys => { loaded.push([...keys.keys()]) }, log })
+  await fetcher.fetch()
+  for (const doc of [{ keys: [] }, { keys: [{ kty: 'OKP', crv: 'Ed25519', kid: 'e', x: 'AAAA' }] }, { keys: [{ ...jwk(rsa1, 'k1'), use: 'enc' }] }]) {
+    jwks.set(doc)
+    await fetcher.fetch()
+  }
+  t.same(loaded, [['k1']], 'the first keys only')
+  t.equal(warnings.length, 3)
+  for (const w of warnings) t.match(w, /holds no RSA or EC P-256 signing key.*keeping the last good keys/)
+})
+
 t.test('the JWKS URL is logged without its credentials', async t => {
   const jwks = await jwksServer(t, { keys: [jwk(rsa1, 'k1')] })
   const lines: string[] = []
