@@ -2,6 +2,7 @@
 // GraphQL). JSON is UTF-8 (RFC 8259 §8.1): a body that is not, or whose media type names
 // another charset, is refused, never read with U+FFFD for each bad byte (a name "caf\xE9"
 // reached the Kernel as "caf\uFFFD"), as a query string and a path already were.
+import { Transform, pipeline, type Readable } from 'node:stream'
 import { BodyRefused } from './errors.js'
 
 /** One strict decoder for every body: bytes that are not UTF-8 throw. The BOM is kept, for the JSON parser to judge. */
@@ -29,13 +30,56 @@ function utf8Charset (type: string): boolean {
  * UTF-8, 400 for bytes that are not UTF-8. A media type without parameters is not parsed.
  */
 export function jsonText (contentType: string | undefined, bytes: Buffer): string | BodyRefused {
-  if (contentType !== undefined && contentType.includes(';') && !utf8Charset(contentType)) {
-    return new BodyRefused('UNSUPPORTED_MEDIA_TYPE', 'The request body must be application/json in UTF-8')
-  }
+  // An empty body has no encoding to get wrong: it is an absent body, whatever the type names.
   if (bytes.length === 0) return ''
+  if (otherCharset(contentType)) return new BodyRefused('UNSUPPORTED_MEDIA_TYPE', 'The request body must be application/json in UTF-8')
   try {
     return UTF8.decode(bytes)
   } catch {
-    return new BodyRefused('VALIDATION_FAILED', 'The body is not valid UTF-8')
+    return notUtf8()
   }
+}
+
+const otherCharset = (contentType: string | undefined): boolean => contentType !== undefined && contentType.includes(';') && !utf8Charset(contentType)
+const notUtf8 = (): BodyRefused => new BodyRefused('VALIDATION_FAILED', 'The body is not valid UTF-8')
+
+/**
+ * The body `payload` checked as jsonText checks one, on its bytes as they pass, unchanged: for a
+ * body whose parser is not the gateway's (the GraphQL face's `application/graphql`, which
+ * mercurius parses as text in a scope of its own, where it takes precedence over any parser of
+ * ours: its bad bytes reached the Kernel as U+FFFD). The stream fails with the refusal, which
+ * Fastify answers as it answers a parser's.
+ */
+export function checkedUtf8 (contentType: string | undefined, payload: Readable): Readable {
+  const decoder = new TextDecoder('utf-8', { fatal: true })
+  let first = true
+  const check = new Transform({
+    transform (chunk: Buffer, _encoding, done) {
+      if (first && chunk.length > 0) {
+        first = false
+        if (otherCharset(contentType)) {
+          done(new BodyRefused('UNSUPPORTED_MEDIA_TYPE', 'The request body must be UTF-8'))
+          return
+        }
+      }
+      try {
+        decoder.decode(chunk, { stream: true })
+      } catch {
+        done(notUtf8())
+        return
+      }
+      done(null, chunk)
+    },
+    flush (done) {
+      try {
+        decoder.decode()
+      } catch {
+        done(notUtf8())
+        return
+      }
+      done()
+    }
+  })
+  // A client that leaves mid-body fails the check too, as it failed the payload.
+  return pipeline(payload, check, () => {})
 }

@@ -44,4 +44,25 @@ t.test('a body that is not UTF-8, or names another charset, is refused on every 
   // Malformed JSON and an empty body are as before.
   t.match((await post('/api/v1/things', '{"name":')).json(), { code: 'VALIDATION_FAILED', detail: 'The body is not valid JSON' })
   t.equal((await post('/api/v1/things', '')).statusCode, 200, 'an empty body is an absent one')
+  // An empty body has no encoding to get wrong, whatever charset its type names (it was a 415).
+  t.equal((await post('/api/v1/things', '', 'application/json; charset=iso-8859-1')).statusCode, 200, 'an empty body in another charset is an absent one')
+})
+
+t.test('a GraphQL document sent as application/graphql is held to UTF-8 as a JSON body is', async t => {
+  // mercurius parses that media type itself, as text: its bad bytes reached the Kernel as U+FFFD.
+  const kernel = await startTestKernel(t, { 'POST /v1/things': (req, res) => json(res, 200, { body: req.body }) })
+  const manifest = testManifest({
+    create: { type: 'mutation', rest: 'POST /things', kernel: 'POST /v1/things', input: { type: 'object', properties: { name: { type: 'string' } } }, output: { type: 'object', properties: { body: { type: 'string' } } } }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const post = async (payload: Buffer, type: string) =>
+    await app.inject({ method: 'POST', url: '/graphql', headers: { ...bearer(), 'content-type': type }, payload })
+  const latin1 = Buffer.from('mutation { create(name: "caf\xe9") { body } }', 'latin1')
+  const bad = await post(latin1, 'application/graphql')
+  t.match([bad.statusCode, bad.json()], [400, { errors: [{ message: 'The body is not valid UTF-8', extensions: { code: 'VALIDATION_FAILED' } }] }], 'bytes that are not UTF-8')
+  const charset = await post(Buffer.from('{ __typename }'), 'application/graphql; charset=iso-8859-1')
+  t.match([charset.statusCode, charset.json()], [415, { errors: [{ extensions: { code: 'UNSUPPORTED_MEDIA_TYPE' } }] }], 'another charset')
+  const good = await post(Buffer.from('mutation { create(name: "café") { body } }'), 'application/graphql; charset=utf-8')
+  t.same([good.statusCode, good.json()], [200, { data: { create: { body: '{"name":"café"}' } } }], 'UTF-8')
+  t.equal(kernel.requests.length, 1, 'only the UTF-8 document reached the Kernel')
 })

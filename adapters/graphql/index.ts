@@ -5,6 +5,7 @@ import { BREAK, getOperationAST, parse, visit, type DocumentNode, type GraphQLRe
 import { collectFields } from 'graphql/execution/collectFields.js'
 import { MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
+import { checkedUtf8 } from '../../json-body.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { callKey, idempotencyKeyOf, single } from '../rest/index.js'
 import { buildSchema } from './schema.js'
@@ -33,6 +34,8 @@ const DOCUMENT_CACHE = 256
 /** Tokens one document may hold: parsing stops beyond it. */
 const MAX_TOKENS = 20000
 const GRAPHQL_RESPONSE = 'application/graphql-response+json'
+/** The media type of a body that is the document itself, as mercurius reads one. */
+const GRAPHQL_BODY = /^\s*application\/graphql\s*(?:;|$)/i
 
 /** One HTTP request's context: its calls share the memo; each gets `${request.id}.${n}`. */
 interface RequestContext {
@@ -204,6 +207,12 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   })
   app.addHook('preValidation', async (request) => {
     if (!request.ws && request.routeOptions.url === '/graphql') checkRequest(request, maxQuery)
+  })
+  // An `application/graphql` body is mercurius's to parse (as text): its bytes are checked as
+  // every JSON body's are, as they pass (json-body.ts).
+  app.addHook('preParsing', async (request, _reply, payload) => {
+    const type = request.headers['content-type']
+    return type !== undefined && GRAPHQL_BODY.test(type) ? checkedUtf8(type, payload) : payload
   })
 
   await app.register(mercurius, {
