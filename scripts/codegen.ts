@@ -35,7 +35,10 @@ export const RESERVED_NAMES: ReadonlySet<string> = new Set([
   'break', 'case', 'catch', 'class', 'const', 'continue', 'debugger', 'default', 'delete', 'do', 'else', 'enum', 'export',
   'extends', 'false', 'finally', 'for', 'function', 'if', 'import', 'in', 'instanceof', 'new', 'return', 'super', 'switch',
   'this', 'throw', 'true', 'try', 'typeof', 'var', 'while', 'with', 'implements', 'interface', 'let', 'package',
-  'private', 'protected', 'public', 'static', 'yield', 'await'
+  'private', 'protected', 'public', 'static', 'yield', 'await',
+  // Contextual words that may name a type but not stand where a type is written (`output:
+  // readonly` is a syntax error), or, `as`, not name a type alias at all.
+  'as', 'keyof', 'readonly', 'unique', 'infer'
 ])
 
 /** The TypeScript name of each named schema: its own, or `<Name>2`, ... when RESERVED_NAMES holds it. */
