@@ -30,7 +30,8 @@ t.test('the production build starts, serves, and shuts down gracefully', async t
     child.stdout!.on('data', (d: Buffer) => { out += d.toString() })
     child.stderr!.on('data', (d: Buffer) => { out += d.toString() })
     t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL') })
-    for (let i = 0; i < 200 && !/listening on (http:\S+)/.test(out); i++) {
+    // Up to 30 s: a loaded machine took over 10 s to start it.
+    for (let i = 0; i < 600 && !/listening on (http:\S+)/.test(out); i++) {
       if (child.exitCode !== null) break
       await new Promise(resolve => setTimeout(resolve, 50))
     }

@@ -585,10 +585,10 @@ t.test('run directly: SIGINT also stops it', async (t) => {
 })
 
 t.test('run directly: bad configuration stops it with a message', async (t) => {
-  const badPort = await runMain({ KERNEL_PORT: 'abc' })
+  // Side by side: each child starts through the loaders of this process, seconds each.
+  const [badPort, badDelay] = await Promise.all([runMain({ KERNEL_PORT: 'abc' }), runMain({ KERNEL_PORT: '0', KERNEL_RUN_DELAY_MS: '-1' })])
   t.equal(badPort.code, 1)
   t.match(badPort.stderr, /KERNEL_PORT must be an integer in 0\.\.65535, got abc/)
-  const badDelay = await runMain({ KERNEL_PORT: '0', KERNEL_RUN_DELAY_MS: '-1' })
   t.equal(badDelay.code, 1)
   t.match(badDelay.stderr, /KERNEL_RUN_DELAY_MS must be a number >= 0, got -1/)
 })
@@ -597,12 +597,16 @@ t.test('run directly: a port or delay not in decimal digits, or a blank host, is
   // Number() read KERNEL_PORT=0x10 as 16 and 1e3 as 1000, and KERNEL_HOST=' ' failed at listen.
   // A Kernel that starts all the same is stopped, and the test fails on what it printed.
   const stop = (text: string, kill: (signal: NodeJS.Signals) => void): void => { if (text.includes('kernel listening on')) kill('SIGTERM') }
-  const bad = await runMain({ KERNEL_PORT: '0x10', KERNEL_RUN_DELAY_MS: '1e3', KERNEL_HOST: ' ' }, stop)
+  const ports = [' 80', '+80', '80.0']
+  const [bad, ...byPort] = await Promise.all([
+    runMain({ KERNEL_PORT: '0x10', KERNEL_RUN_DELAY_MS: '1e3', KERNEL_HOST: ' ' }, stop),
+    ...ports.map(async port => await runMain({ KERNEL_PORT: port }, stop))
+  ])
   t.equal(bad.code, 1)
   t.match(bad.stderr, /^kernel: KERNEL_PORT must be an integer in 0\.\.65535, got 0x10 \(decimal digits only\); KERNEL_RUN_DELAY_MS must be a number >= 0, got 1e3 \(decimal digits only\); KERNEL_HOST must be a host name or IP address \(no spaces\), got " "$/m)
-  for (const port of [' 80', '+80', '80.0']) {
-    t.match((await runMain({ KERNEL_PORT: port }, stop)).stderr, `KERNEL_PORT must be an integer in 0..65535, got ${port} (decimal digits only)`, `KERNEL_PORT=${JSON.stringify(port)}`)
-  }
+  ports.forEach((port, i) => {
+    t.match(byPort[i].stderr, `KERNEL_PORT must be an integer in 0..65535, got ${port} (decimal digits only)`, `KERNEL_PORT=${JSON.stringify(port)}`)
+  })
 })
 
 // The manifest must describe what the Kernel really does: validate real answers against the
