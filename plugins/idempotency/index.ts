@@ -68,7 +68,8 @@ const noOpMetrics: OpMetrics = { replay: nothing, conflict: nothing, reused: not
 
 async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions): Promise<void> {
   if (opts.store === 'redis' && !app.hasDecorator('redis')) throw new Error('BFF_IDEMPOTENCY_STORE=redis needs REDIS_URL')
-  const memory = new MemoryIdempotencyStore({ maxKeys: opts.maxKeys, maxBytes: opts.maxBytes ?? MEMORY_MAX_BYTES })
+  let evicted: () => void = nothing
+  const memory = new MemoryIdempotencyStore({ maxKeys: opts.maxKeys, maxBytes: opts.maxBytes ?? MEMORY_MAX_BYTES, onEvict: () => { evicted() } })
   const redis = opts.store === 'redis' ? app.redis : null
   const shared = redis === null ? null : new RedisIdempotencyStore(redis.client)
   const ttlMs = opts.ttlSeconds * 1000
@@ -82,6 +83,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     const conflicts = new Counter({ name: 'mantle_idempotency_conflicts_total', help: 'Repeats refused with 409 IDEMPOTENCY_CONFLICT because the first call was still running, by operation', labelNames: ['op'] as const, registers })
     const reused = new Counter({ name: 'mantle_idempotency_key_reused_total', help: 'Keys refused with 422 IDEMPOTENCY_KEY_REUSED (same key, another input), by operation', labelNames: ['op'] as const, registers })
     const fallbacks = new Counter({ name: 'mantle_idempotency_store_fallbacks_total', help: 'Keyed calls claimed in the memory store because Redis was away or failed (a waiting repeat counts once, not per poll)', registers })
+    const evictions = new Counter({ name: 'mantle_idempotency_memory_evictions_total', help: 'Outcomes the memory idempotency store dropped before their TTL to stay within BFF_IDEMPOTENCY_MAX_KEYS or its 64 MB (each the least recently used of the tenant holding the most); a repeat of one runs again', registers })
+    evicted = () => evictions.inc()
     new Gauge({ name: 'mantle_idempotency_memory_keys', help: 'Keys the memory idempotency store holds', registers, collect () { memory.purge(); this.set(memory.size) } }) // eslint-disable-line no-new
     metricsFor = (op) => {
       const r = replays.labels(op)
@@ -369,8 +372,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
 /** An outcome the memory store holds and the ms it has left, to copy to Redis for that long (never extended). */
 function outcomeOf (held: { record: IdempotencyRecord, ttlMs: number } | undefined): { record: DoneRecord, ttl: number } | null {
   if (held === undefined || held.record.state !== 'done') return null
-  // Less the LRU's clock resolution (it reads the time at most once a millisecond): the remaining
-  // time it reports may be 1 ms stale, and the copy outlived the outcome by that much.
+  // Less a millisecond: the time left is read before the copy is sent, and the copy must not
+  // outlive the outcome (with lru-cache, which read the clock at most once a ms, it did by 1 ms).
   const ttl = Math.floor(held.ttlMs) - 1
   return Number.isFinite(ttl) && ttl > 0 ? { record: held.record, ttl } : null
 }

@@ -1,28 +1,33 @@
 import { randomUUID } from 'node:crypto'
-import { LRUCache } from 'lru-cache'
-import type { Claim, DoneRecord, IdempotencyRecord, IdempotencyStore, RunningRecord } from './store.js'
+import { FairLru } from './fair-lru.js'
+import { tenantOfKey, type Claim, type DoneRecord, type IdempotencyRecord, type IdempotencyStore, type RunningRecord } from './store.js'
 
 export interface MemoryStoreOptions {
-  /** Most keys held; the least recently used goes first beyond it. */
+  /** Most keys held, by all tenants (see the class). */
   maxKeys: number
-  /** Most bytes of stored answers held (keys and answers counted by length). */
+  /** Most bytes of stored answers held, by all tenants (keys and answers counted by length). */
   maxBytes: number
+  /** Called for each outcome a bound pushed out before its TTL. */
+  onEvict?: () => void
 }
 
 /**
- * Idempotency records of this instance: finished outcomes in a bounded LRU whose entries expire
- * after the TTL, running claims apart until their lease ends. Guarantees the Redis store's
- * semantics within one process (claims are synchronous, hence atomic). Outcomes never grow past
- * `maxKeys` or `maxBytes`: an evicted one is forgotten, and a repeat then runs again, so size
- * the bound above the keys a TTL's worth of traffic carries. An answer larger than `maxBytes` is
- * not kept at all. Running claims are never evicted: in the LRU, other keys' answers pushed a
- * claim out while its call ran, and a repeat then made a second Kernel call. They are as many as
- * the keyed calls running at once, each dropped when its call ends or its lease lapses.
+ * Idempotency records of this instance: finished outcomes, expiring after the TTL, in a store
+ * bounded for all tenants together but shared fairly (FairLru), running claims apart until their
+ * lease ends. Guarantees the Redis store's semantics within one process (claims are synchronous,
+ * hence atomic). Outcomes never grow past `maxKeys` or `maxBytes`: an evicted one is forgotten,
+ * and a repeat then runs again, so size the bound above the keys a TTL's worth of traffic
+ * carries. Past a bound the outcome that goes is the least recently used of the tenant holding
+ * the most keys (or bytes): in one LRU for all, one tenant's keyed calls (even DELETEs of
+ * missing ids, each a stored NOT_FOUND) pushed out another tenant's outcomes, whose retry then
+ * ran its mutation a second time. An answer larger than `maxBytes` is not kept at all. Running
+ * claims are never evicted: in the LRU, other keys' answers pushed a claim out while its call
+ * ran, and a repeat then made a second Kernel call. They are as many as the keyed calls running
+ * at once, each dropped when its call ends or its lease lapses.
  */
 export class MemoryIdempotencyStore implements IdempotencyStore {
   readonly kind = 'memory'
-  private readonly cache: LRUCache<string, DoneRecord>
-  private readonly maxKeys: number
+  private readonly cache: FairLru<DoneRecord>
   /**
    * Claims of calls running now, with the end of their lease (performance.now()); `held`: a
    * call of this instance claimed in Redis (see `hold`), which `size` leaves out.
@@ -30,15 +35,9 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
   private readonly running = new Map<string, { record: RunningRecord, until: number, held: boolean }>()
 
   constructor (opts: MemoryStoreOptions) {
-    // No `max`: given one, lru-cache allocates its arrays for that many entries up front (some
-    // 50 bytes each: 5 MB at the default 100000 keys, 500 MB at 10 million, in every instance,
-    // with Redis up too, where this store is the fallback). Without, they grow with the entries;
-    // the key bound is kept in complete(), the byte bound by maxSize.
-    this.maxKeys = opts.maxKeys
-    this.cache = new LRUCache<string, DoneRecord>({
-      maxSize: opts.maxBytes,
-      sizeCalculation: (record, key) => key.length + 64 + (record.body?.length ?? 0) + (record.error?.detail.length ?? 0) + (record.findings?.length ?? 0) * 64
-    })
+    // Its maps grow with the entries: nothing is allocated for the whole bound up front (lru-cache
+    // given a `max` took some 50 bytes a key at start-up, 500 MB at 10 million keys).
+    this.cache = new FairLru<DoneRecord>(opts.maxKeys, opts.maxBytes, opts.onEvict)
   }
 
   /**
@@ -60,7 +59,7 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     if (claim !== undefined) return { record: claim.record, ttlMs: claim.until - performance.now() }
     const record = this.cache.get(key)
     if (record === undefined) return undefined
-    return { record, ttlMs: this.cache.getRemainingTTL(key) }
+    return { record, ttlMs: this.cache.remainingTtl(key) }
   }
 
   async claim (key: string, hash: string, leaseMs: number): Promise<Claim> {
@@ -83,9 +82,7 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     const claim = this.claimOf(key)
     if (claim === undefined ? this.cache.has(key) : claim.record.token !== token) return
     this.running.delete(key)
-    this.cache.set(key, record, { ttl: ttlMs })
-    // One key in at most: the least recently used goes, as lru-cache's `max` would.
-    if (this.cache.size > this.maxKeys) this.cache.pop()
+    this.cache.set(key, tenantOfKey(key), record, sizeOf(key, record), ttlMs)
   }
 
   async release (key: string, token: string): Promise<void> {
@@ -106,4 +103,9 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     this.running.delete(key)
     return undefined
   }
+}
+
+/** What an outcome is counted as against the byte bound: its key and text by length. */
+function sizeOf (key: string, record: DoneRecord): number {
+  return key.length + 64 + (record.body?.length ?? 0) + (record.error?.detail.length ?? 0) + (record.findings?.length ?? 0) * 64
 }

@@ -56,5 +56,14 @@ export interface IdempotencyStore {
  * the tenant is URI-encoded, so no tenant's key can spell another tenant's.
  */
 export function storeKey (tenant: string, op: string, key: string): string {
-  return 'bff:idem:' + encodeURIComponent(tenant) + ':' + op + ':' + key
+  return PREFIX + encodeURIComponent(tenant) + ':' + op + ':' + key
+}
+
+const PREFIX = 'bff:idem:'
+
+/** The tenant of a store key (still URI-encoded: one per tenant all the same), '' for another key. */
+export function tenantOfKey (key: string): string {
+  if (!key.startsWith(PREFIX)) return ''
+  const end = key.indexOf(':', PREFIX.length)
+  return end < 0 ? '' : key.slice(PREFIX.length, end)
 }

@@ -37,3 +37,26 @@ t.test('metrics count replays, conflicts, key reuse and the memory store size', 
   t.match(text, /mantle_idempotency_store_fallbacks_total 0/)
   t.equal(s.app.idempotency.memoryKeys(), 2)
 })
+
+// One LRU for all tenants: tenant A's keyed calls (three, with BFF_IDEMPOTENCY_MAX_KEYS=3)
+// pushed out tenant B's outcome, and B's retry created a second item.
+t.test('another tenant\'s keyed calls never evict a tenant\'s outcome: past the bound, the tenant holding the most gives up its oldest', async t => {
+  const s = await idemSetup(t, 'memory', { BFF_IDEMPOTENCY_MAX_KEYS: 3 })
+  const a = s.tenant + '-a'
+  const b = s.tenant + '-b'
+  const first = await s.create({ name: 'payment' }, 'order-42', b)
+  t.equal(first.statusCode, 201)
+  for (let i = 0; i < 10; i++) t.equal((await s.create({ name: 'flood' }, 'junk-' + i, a)).statusCode, 201)
+  const retry = await s.create({ name: 'payment' }, 'order-42', b)
+  t.equal(retry.statusCode, 201)
+  t.equal(retry.headers['idempotent-replayed'], 'true', 'B\'s retry is replayed')
+  t.same(retry.json(), first.json())
+  t.equal(s.calls(), 11, 'B\'s creation reached the Kernel once')
+  // A's own oldest went: its first keys run again, its two latest are replayed.
+  t.notOk((await s.create({ name: 'flood' }, 'junk-0', a)).headers['idempotent-replayed'], 'A\'s oldest was evicted')
+  t.equal((await s.create({ name: 'flood' }, 'junk-9', a)).headers['idempotent-replayed'], 'true', 'A\'s latest is kept')
+  t.equal(s.calls(), 12)
+  t.equal(s.app.idempotency.memoryKeys(), 3)
+  const text = (await s.app.inject({ method: 'GET', url: '/metrics' })).body
+  t.match(text, /mantle_idempotency_memory_evictions_total 9\n/)
+})

@@ -2,6 +2,8 @@ import t, { type Test } from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { MemoryIdempotencyStore, RedisIdempotencyStore, decode, storeKey, inputHash, type IdempotencyStore, type DoneRecord } from '../../../plugins/idempotency/index.js'
+import { FairLru } from '../../../plugins/idempotency/fair-lru.js'
+import { tenantOfKey } from '../../../plugins/idempotency/store.js'
 import { testConfig } from '../../helper.js'
 import { REDIS_URL, STORES } from './idempotency-helper.js'
 
@@ -93,6 +95,107 @@ t.test('the memory store is bounded by keys and bytes of outcomes, and never evi
   await new Promise(resolve => setTimeout(resolve, 60))
   small.purge()
   t.equal(small.size, 0, 'purge drops lapsed claims')
+})
+
+// One LRU for all tenants: one tenant's keyed calls evicted every other tenant's outcomes, whose
+// retries then ran their mutations again. Past a bound, the tenant holding the most gives one up.
+t.test('the memory store is shared fairly: past a bound, the tenant holding the most keys or bytes gives up its oldest', async t => {
+  const complete = async (store: MemoryIdempotencyStore, key: string, body = '{"id":"1"}'): Promise<void> => {
+    const claim = await store.claim(key, 'h', 60_000)
+    if (!claim.won) throw new Error('unreachable')
+    await store.complete(key, claim.token, done('h', body), 60_000)
+  }
+  const held = async (store: MemoryIdempotencyStore, key: string): Promise<boolean> => store.peek(key)?.record.state === 'done'
+
+  let evictions = 0
+  const byKeys = new MemoryIdempotencyStore({ maxKeys: 4, maxBytes: 1 << 20, onEvict: () => { evictions++ } })
+  const b = storeKey('tenant-b', 'createItem', 'order-42')
+  await complete(byKeys, b)
+  const a = (i: number): string => storeKey('tenant-a', 'deleteItem', 'junk-' + i)
+  for (let i = 0; i < 20; i++) await complete(byKeys, a(i))
+  t.ok(await held(byKeys, b), 'A\'s flood does not evict B\'s outcome')
+  t.equal(byKeys.size, 4)
+  t.same(await Promise.all([17, 18, 19].map(async i => await held(byKeys, a(i)))), [true, true, true], 'A keeps its latest')
+  t.notOk(await held(byKeys, a(16)), 'A\'s oldest go first')
+  t.equal(evictions, 17)
+  // C arrives: A, holding the most, gives up its oldest, never B or C.
+  const c = storeKey('tenant-c', 'createItem', 'k')
+  await complete(byKeys, c)
+  t.ok(await held(byKeys, b))
+  t.ok(await held(byKeys, c))
+  t.notOk(await held(byKeys, a(17)), 'A\'s oldest went for C\'s')
+  // B adds a second: B and A hold 2 each, and the tie goes to B, whose own oldest goes.
+  const b2 = storeKey('tenant-b', 'createItem', 'order-43')
+  await complete(byKeys, b2)
+  t.notOk(await held(byKeys, b), 'B\'s own traffic evicts its oldest when it holds as many as any')
+  t.same(await Promise.all([a(18), a(19), c, b2].map(async k => await held(byKeys, k))), [true, true, true, true])
+  // D arrives: A, holding the most, gives up its oldest.
+  const d = storeKey('tenant-d', 'createItem', 'k')
+  await complete(byKeys, d)
+  t.same(await Promise.all([a(18), a(19), c, b2, d].map(async k => await held(byKeys, k))), [false, true, true, true, true])
+  t.equal(evictions, 20)
+
+  // The byte bound: A's large answers never push out B's small one.
+  const byBytes = new MemoryIdempotencyStore({ maxKeys: 1000, maxBytes: 8192 })
+  await complete(byBytes, b)
+  for (let i = 0; i < 20; i++) await complete(byBytes, a(i), '"' + 'x'.repeat(1500) + '"')
+  t.ok(await held(byBytes, b), 'A\'s large answers do not evict B\'s')
+  t.ok(await held(byBytes, a(19)), 'A keeps its latest')
+  t.notOk(await held(byBytes, a(0)), 'A\'s oldest go first')
+  t.equal(byBytes.size, 1 + 5, 'A holds what fits beside B\'s outcome (5 of some 1.6 KB in 8 KB)')
+  // One tenant alone holds the most by bytes with its single answer: that answer is the one that goes.
+  const lone = new MemoryIdempotencyStore({ maxKeys: 1000, maxBytes: 8192 })
+  for (let i = 0; i < 4; i++) await complete(lone, a(i), '"' + 'x'.repeat(1000) + '"')
+  const big = storeKey('tenant-b', 'createItem', 'big')
+  await complete(lone, big, '"' + 'x'.repeat(6000) + '"')
+  t.notOk(await held(lone, big), 'a tenant holding the most gives up its own answer')
+  t.same(await Promise.all([0, 1, 2, 3].map(async i => await held(lone, a(i)))), [true, true, true, true], 'not another tenant\'s')
+})
+
+t.test('the fair LRU keeps its indexes true under random traffic', async t => {
+  let seed = 42
+  const random = (n: number): number => { seed = (seed * 1103515245 + 12345) % 2 ** 31; return seed % n }
+  for (const [maxEntries, maxBytes] of [[10, 1 << 20], [1000, 3000], [20, 2000]]) {
+    let evicted = 0
+    const lru = new FairLru<number>(maxEntries, maxBytes, () => { evicted++ })
+    const wrong: string[] = []
+    for (let i = 0; i < 5000; i++) {
+      const key = 'k' + random(60)
+      const op = random(10)
+      if (op < 6) {
+        const tenant = 't' + random(random(2) === 0 ? 2 : 8)
+        const before = lru.held(tenant).count
+        const others = lru.size - before
+        lru.set(key, tenant, i, 50 + random(400), 60_000)
+        if (lru.size - lru.held(tenant).count > others) wrong.push(`set ${i}: other tenants grew`)
+      } else if (op < 8) lru.get(key)
+      else lru.delete(key)
+      wrong.push(...lru.check().map(w => `after op ${i}: ${w}`))
+      if (wrong.length > 0) break
+    }
+    t.same(wrong, [], `${maxEntries} entries, ${maxBytes} bytes`)
+    t.ok(evicted > 0, 'the bounds were reached')
+  }
+  // Expiry and purge keep them true too, and a tenant goes with its last entry.
+  const lru = new FairLru<number>(10, 1000)
+  lru.set('a', 'x', 1, 100, 20)
+  lru.set('b', 'y', 2, 100, 60_000)
+  await new Promise(resolve => setTimeout(resolve, 60))
+  t.equal(lru.get('a'), undefined)
+  t.same(lru.held('x'), { count: 0, bytes: 0 })
+  lru.set('c', 'x', 3, 100, 20)
+  await new Promise(resolve => setTimeout(resolve, 60))
+  lru.purgeStale()
+  t.equal(lru.size, 1)
+  t.same(lru.check(), [])
+  t.notOk(lru.set('d', 'x', 4, 1001, 60_000), 'an entry over the byte bound is not kept')
+  t.same(lru.check(), [])
+})
+
+t.test('store keys name their tenant', async t => {
+  t.equal(tenantOfKey(storeKey('a:b', 'op', 'k:1')), 'a%3Ab')
+  t.not(tenantOfKey(storeKey('a', 'op', 'k')), tenantOfKey(storeKey('ab', 'op', 'k')))
+  t.equal(tenantOfKey('other'), '')
 })
 
 // lru-cache given a `max` allocates its arrays for that many entries at once: the store took

@@ -1,0 +1,253 @@
+/**
+ * Entries grouped by tenant, bounded by a count and a byte total shared by all, each expiring
+ * after its TTL. Past a bound, the entry that goes is the least recently used of the tenant that
+ * holds the most (entries past the count bound, bytes past the byte bound), not the least
+ * recently used of all: one tenant's traffic never pushes out another tenant's entries while it
+ * holds more than that tenant. Ties go to the tenant whose entry is being added, unless that
+ * entry is all it holds (then to another tenant holding as much, if any).
+ *
+ * Every operation is O(1) but the byte index's, O(log tenants): a tenant's entries in a Map in
+ * use order; tenants by count in buckets (count -> tenants) with the largest count kept; by
+ * bytes in a binary max-heap. Nothing holds more than the entries do: a tenant is forgotten with
+ * its last entry, an empty bucket at once.
+ */
+interface Group<V> {
+  readonly tenant: string
+  /** Least recently used first. */
+  readonly entries: Map<string, Entry<V>>
+  bytes: number
+  /** Its index in the byte heap. */
+  at: number
+}
+
+interface Entry<V> {
+  readonly value: V
+  readonly bytes: number
+  /** performance.now() at which it expires. */
+  readonly until: number
+  readonly group: Group<V>
+}
+
+export class FairLru<V> {
+  private readonly entries = new Map<string, Entry<V>>()
+  private readonly groups = new Map<string, Group<V>>()
+  /** Tenants by how many entries they hold (only counts some tenant holds). */
+  private readonly byCount = new Map<number, Set<Group<V>>>()
+  private mostCount = 0
+  /** Tenants by bytes held, largest first (a binary max-heap). */
+  private readonly heap: Array<Group<V>> = []
+  private totalBytes = 0
+
+  /** `onEvict`: called for each entry a bound pushed out (not for those that expired). */
+  constructor (private readonly maxEntries: number, private readonly maxBytes: number, private readonly onEvict: () => void = () => {}) {}
+
+  /** Entries held (expired ones until they are next touched or purged). */
+  get size (): number { return this.entries.size }
+  get bytes (): number { return this.totalBytes }
+
+  /** The live entry under `key`, made its tenant's most recently used. */
+  get (key: string): V | undefined {
+    const entry = this.live(key)
+    if (entry === undefined) return undefined
+    entry.group.entries.delete(key)
+    entry.group.entries.set(key, entry)
+    return entry.value
+  }
+
+  has (key: string): boolean { return this.live(key) !== undefined }
+
+  /** Milliseconds the entry under `key` has left (0 if there is none). */
+  remainingTtl (key: string): number {
+    const entry = this.live(key)
+    return entry === undefined ? 0 : entry.until - performance.now()
+  }
+
+  /**
+   * Adds `value` under `key` for `tenant`, then evicts as the bounds require (perhaps this entry,
+   * when its tenant holds the most and has nothing older). An entry over the byte bound alone is
+   * not kept. Returns whether it is held.
+   */
+  set (key: string, tenant: string, value: V, bytes: number, ttlMs: number): boolean {
+    this.delete(key)
+    if (bytes > this.maxBytes) return false
+    let group = this.groups.get(tenant)
+    if (group === undefined) {
+      group = { tenant, entries: new Map(), bytes: 0, at: this.heap.length }
+      this.groups.set(tenant, group)
+      this.heap.push(group)
+    }
+    const entry: Entry<V> = { value, bytes, until: performance.now() + ttlMs, group }
+    this.entries.set(key, entry)
+    group.entries.set(key, entry)
+    this.counted(group, group.entries.size - 1)
+    group.bytes += bytes
+    this.totalBytes += bytes
+    this.siftUp(group.at)
+    while (this.entries.size > this.maxEntries || this.totalBytes > this.maxBytes) {
+      const victim = this.entries.size > this.maxEntries ? this.mostEntries(group) : this.mostBytes(group)
+      const oldest = victim.entries.keys().next().value!
+      this.delete(oldest)
+      this.onEvict()
+    }
+    return this.entries.has(key)
+  }
+
+  delete (key: string): void {
+    const entry = this.entries.get(key)
+    if (entry === undefined) return
+    const group = entry.group
+    this.entries.delete(key)
+    group.entries.delete(key)
+    this.counted(group, group.entries.size + 1)
+    group.bytes -= entry.bytes
+    this.totalBytes -= entry.bytes
+    if (group.entries.size > 0) {
+      this.siftDown(group.at)
+      return
+    }
+    this.groups.delete(group.tenant)
+    const last = this.heap.pop()!
+    if (last !== group) {
+      this.heap[group.at] = last
+      last.at = group.at
+      this.siftDown(last.at)
+      this.siftUp(last.at)
+    }
+  }
+
+  /** Drops every expired entry. */
+  purgeStale (): void {
+    const now = performance.now()
+    for (const [key, entry] of this.entries) if (entry.until <= now) this.delete(key)
+  }
+
+  /** Entries and bytes `tenant` holds. */
+  held (tenant: string): { count: number, bytes: number } {
+    const group = this.groups.get(tenant)
+    return { count: group?.entries.size ?? 0, bytes: group?.bytes ?? 0 }
+  }
+
+  /** For the tests: what is wrong with the indexes, if anything (O(entries)). */
+  check (): string[] {
+    const wrong: string[] = []
+    let count = 0
+    let bytes = 0
+    let most = 0
+    for (const [tenant, group] of this.groups) {
+      if (group.entries.size === 0) wrong.push(`${tenant} is held with no entries`)
+      let sum = 0
+      for (const [key, entry] of group.entries) {
+        if (this.entries.get(key) !== entry) wrong.push(`${key} is not indexed`)
+        sum += entry.bytes
+      }
+      if (sum !== group.bytes) wrong.push(`${tenant} counts ${group.bytes} bytes, holds ${sum}`)
+      if (this.byCount.get(group.entries.size)?.has(group) !== true) wrong.push(`${tenant} is not in its count's bucket`)
+      if (this.heap[group.at] !== group) wrong.push(`${tenant} is not at its place in the heap`)
+      count += group.entries.size
+      bytes += sum
+      most = Math.max(most, group.entries.size)
+    }
+    if (count !== this.entries.size) wrong.push(`${this.entries.size} entries, ${count} in tenants`)
+    if (bytes !== this.totalBytes) wrong.push(`${this.totalBytes} bytes counted, ${bytes} held`)
+    if (most !== this.mostCount) wrong.push(`the largest count is ${most}, not ${this.mostCount}`)
+    let bucketed = 0
+    for (const [n, set] of this.byCount) {
+      if (set.size === 0) wrong.push(`bucket ${n} is empty`)
+      for (const group of set) if (group.entries.size !== n) wrong.push(`${group.tenant} in bucket ${n} holds ${group.entries.size}`)
+      bucketed += set.size
+    }
+    if (bucketed !== this.groups.size) wrong.push(`${bucketed} tenants in buckets, ${this.groups.size} held`)
+    if (this.heap.length !== this.groups.size) wrong.push(`${this.heap.length} tenants in the heap, ${this.groups.size} held`)
+    for (let i = 1; i < this.heap.length; i++) {
+      if (this.heap[i].bytes > this.heap[(i - 1) >> 1].bytes) wrong.push(`the heap is out of order at ${i}`)
+    }
+    if (count > this.maxEntries) wrong.push(`${count} entries past the bound`)
+    if (bytes > this.maxBytes) wrong.push(`${bytes} bytes past the bound`)
+    return wrong
+  }
+
+  private live (key: string): Entry<V> | undefined {
+    const entry = this.entries.get(key)
+    if (entry === undefined || entry.until > performance.now()) return entry
+    this.delete(key)
+    return undefined
+  }
+
+  /**
+   * The tenant that gives up an entry over the count bound: one holding the most, `adding` if
+   * it does and has an older entry than the one it adds, else another holding as many, else
+   * `adding` (the entry it adds goes).
+   */
+  private mostEntries (adding: Group<V>): Group<V> {
+    const size = adding.entries.size
+    if (size === this.mostCount && size > 1) return adding
+    const most = this.byCount.get(this.mostCount)!
+    for (const group of most) if (group !== adding) return group
+    return adding
+  }
+
+  /** The same over the byte bound. A tenant tied for the most is the heap's root or a child of it. */
+  private mostBytes (adding: Group<V>): Group<V> {
+    const top = this.heap[0]
+    if (adding.entries.size > 0 && adding.bytes === top.bytes) {
+      if (adding.entries.size > 1) return adding
+      for (let i = 0; i < 3 && i < this.heap.length; i++) {
+        if (this.heap[i] !== adding && this.heap[i].bytes === top.bytes) return this.heap[i]
+      }
+      return adding
+    }
+    return top
+  }
+
+  /** Moves `group` to its count's bucket from `was`'s. */
+  private counted (group: Group<V>, was: number): void {
+    const now = group.entries.size
+    if (was > 0) {
+      const from = this.byCount.get(was)!
+      from.delete(group)
+      if (from.size === 0) {
+        this.byCount.delete(was)
+        if (this.mostCount === was && now < was) this.mostCount = now
+      }
+    }
+    if (now > 0) {
+      let to = this.byCount.get(now)
+      if (to === undefined) this.byCount.set(now, to = new Set())
+      to.add(group)
+    }
+    if (now > this.mostCount) this.mostCount = now
+  }
+
+  private siftUp (i: number): void {
+    const heap = this.heap
+    while (i > 0) {
+      const parent = (i - 1) >> 1
+      if (heap[parent].bytes >= heap[i].bytes) return
+      this.swap(i, parent)
+      i = parent
+    }
+  }
+
+  private siftDown (i: number): void {
+    const heap = this.heap
+    for (;;) {
+      const left = 2 * i + 1
+      const right = left + 1
+      let largest = i
+      if (left < heap.length && heap[left].bytes > heap[largest].bytes) largest = left
+      if (right < heap.length && heap[right].bytes > heap[largest].bytes) largest = right
+      if (largest === i) return
+      this.swap(i, largest)
+      i = largest
+    }
+  }
+
+  private swap (i: number, j: number): void {
+    const a = this.heap[i]
+    const b = this.heap[j]
+    this.heap[i] = b
+    this.heap[j] = a
+    a.at = j
+    b.at = i
+  }
+}
