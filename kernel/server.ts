@@ -81,7 +81,13 @@ interface TenantStore {
 const SEED_TIME = '2024-01-01T00:00:00.000Z'
 const DEFAULT_MODEL = 'mantle-small'
 const FAIL_MARKER = '#fail'
-const MAX_TENANT_ID_LENGTH = 128
+/**
+ * The gateway's bound on a token's `tid` (HEADER_SAFE in plugins/auth/identity.ts: 1 to 256
+ * characters; README, "Authentication"), matched here rather than imported, so that the Kernel
+ * pulls in none of the gateway's code. At 128, a valid tenant id of 129 to 256 characters got
+ * 400 on every call.
+ */
+const MAX_TENANT_ID_LENGTH = 256
 
 const SEED_AGENTS: ReadonlyArray<Pick<Agent, 'id' | 'name' | 'model' | 'description' | 'internalCostCents'>> = [
   { id: 'a1', name: 'Research Assistant', model: 'mantle-large', description: 'Finds sources and summarises them.', internalCostCents: 120 },
