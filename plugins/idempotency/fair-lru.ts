@@ -10,6 +10,9 @@
  * use order; tenants by count in buckets (count -> tenants) with the largest count kept; by
  * bytes in a binary max-heap. Nothing holds more than the entries do: a tenant is forgotten with
  * its last entry, an empty bucket at once.
+ *
+ * Written here because no cache library evicts by tenant: lru-cache (used elsewhere) evicts the
+ * least recently used of all entries, which is the unfairness this replaces.
  */
 interface Group<V> {
   readonly tenant: string
