@@ -1,17 +1,24 @@
-import t from 'tap'
-import { buildTestApp, startTestKernel, testManifest, json, bearer } from './helper.js'
+import t, { type Test } from 'tap'
+import type { FastifyInstance } from 'fastify'
+import { buildTestApp, startTestKernel, testManifest, json, bearer, type TestKernel } from './helper.js'
 
 // JSON is UTF-8 (RFC 8259 §8.1). A body's bytes were read as a string, each byte that is not
 // UTF-8 becoming U+FFFD: {"name":"caf\xE9"} reached the Kernel as "caf\uFFFD", and a body sent
 // as ISO-8859-1 was read as UTF-8. Both are refused now, on every face that reads a body.
 const LATIN1 = Buffer.from('{"name":"caf\xe9"}', 'latin1')
 
-t.test('a body that is not UTF-8, or names another charset, is refused on every HTTP face', async t => {
+/** A gateway whose one mutation, create, answers the body its Kernel received. */
+async function thingsApp (t: Test): Promise<{ app: FastifyInstance, kernel: TestKernel }> {
   const kernel = await startTestKernel(t, { 'POST /v1/things': (req, res) => json(res, 200, { body: req.body }) })
   const manifest = testManifest({
     create: { type: 'mutation', rest: 'POST /things', kernel: 'POST /v1/things', input: { type: 'object', properties: { name: { type: 'string' } } }, output: { type: 'object', properties: { body: { type: 'string' } } } }
   }, { url: kernel.url })
   const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  return { app, kernel }
+}
+
+t.test('a body that is not UTF-8, or names another charset, is refused on every HTTP face', async t => {
+  const { app, kernel } = await thingsApp(t)
   const post = async (url: string, payload: string | Buffer, type = 'application/json') =>
     await app.inject({ method: 'POST', url, headers: { ...bearer(), 'content-type': type }, payload })
 
@@ -50,11 +57,7 @@ t.test('a body that is not UTF-8, or names another charset, is refused on every 
 
 t.test('a GraphQL document sent as application/graphql is held to UTF-8 as a JSON body is', async t => {
   // mercurius parses that media type itself, as text: its bad bytes reached the Kernel as U+FFFD.
-  const kernel = await startTestKernel(t, { 'POST /v1/things': (req, res) => json(res, 200, { body: req.body }) })
-  const manifest = testManifest({
-    create: { type: 'mutation', rest: 'POST /things', kernel: 'POST /v1/things', input: { type: 'object', properties: { name: { type: 'string' } } }, output: { type: 'object', properties: { body: { type: 'string' } } } }
-  }, { url: kernel.url })
-  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const { app, kernel } = await thingsApp(t)
   const post = async (payload: Buffer, type: string) =>
     await app.inject({ method: 'POST', url: '/graphql', headers: { ...bearer(), 'content-type': type }, payload })
   const latin1 = Buffer.from('mutation { create(name: "caf\xe9") { body } }', 'latin1')
