@@ -168,7 +168,7 @@ export class JwksFetcher {
       this.#options.onKeys(keys)
       log?.info({ url: shownUrl(url), kids: [...keys.keys()] }, 'JWKS keys loaded')
     } catch (err) {
-      log?.warn({ url: shownUrl(url), err: (err as Error).message }, 'the JWKS could not be fetched: keeping the last good keys')
+      log?.warn({ url: shownUrl(url), err: (err as Error).message }, 'the JWKS could not be fetched or used: keeping the last good keys')
     }
   }
 
