@@ -73,6 +73,12 @@ export class FairLru<V> {
   set (key: string, tenant: string, value: V, bytes: number, ttlMs: number): boolean {
     this.delete(key)
     if (bytes > this.maxBytes) return false
+    // Expired entries go before any live one: they counted toward their tenant's holding, and a
+    // quiet tenant's dead entries made an active tenant give up live ones.
+    if (this.entries.size >= this.maxEntries || this.totalBytes + bytes > this.maxBytes) this.dropExpired()
+    // An entry the byte bound would push out itself takes nothing with it: found after the
+    // others had given up theirs, it cost them outcomes for nothing.
+    if (this.totalBytes + bytes > this.maxBytes && !this.survives(tenant, bytes)) return false
     let group = this.groups.get(tenant)
     if (group === undefined) {
       group = { tenant, entries: new Map(), bytes: 0, at: this.heap.length }
@@ -122,6 +128,48 @@ export class FairLru<V> {
   purgeStale (): void {
     const now = performance.now()
     for (const [key, entry] of this.entries) if (entry.until <= now) this.delete(key)
+  }
+
+  /**
+   * Drops expired entries, oldest first, up to the first live one: every entry has the same TTL
+   * (the store's), so the order they were set in is the order they expire in (set moves a key to
+   * the end). With other TTLs, purgeStale and reads drop the rest.
+   */
+  private dropExpired (): void {
+    const now = performance.now()
+    for (const [key, entry] of this.entries) {
+      if (entry.until > now) return
+      this.delete(key)
+    }
+  }
+
+  /**
+   * Whether an entry of `bytes` for `tenant` would outlast the byte bound's evictions (set). The
+   * one that goes is always of a tenant holding the most, ties going to another tenant than the
+   * new entry's while it holds that entry alone: the new entry goes only once its tenant holds
+   * nothing else and every other tenant holds less than it, each having given up its oldest
+   * until it did. So it stays if it fits beside what the others hold at that point. Only tenants
+   * holding `bytes` or more give anything up: found from the heap's root (a node holding less
+   * has no child holding more).
+   */
+  private survives (tenant: string, bytes: number): boolean {
+    let kept = bytes + this.totalBytes - (this.groups.get(tenant)?.bytes ?? 0)
+    const stack = this.heap.length > 0 ? [0] : []
+    while (stack.length > 0 && kept > this.maxBytes) {
+      const i = stack.pop()!
+      const group = this.heap[i]
+      if (group.bytes < bytes) continue
+      if (2 * i + 1 < this.heap.length) stack.push(2 * i + 1)
+      if (2 * i + 2 < this.heap.length) stack.push(2 * i + 2)
+      if (group.tenant === tenant) continue
+      let left = group.bytes
+      for (const entry of group.entries.values()) {
+        if (left < bytes) break
+        left -= entry.bytes
+        kept -= entry.bytes
+      }
+    }
+    return kept <= this.maxBytes
   }
 
   /** Entries and bytes `tenant` holds. */

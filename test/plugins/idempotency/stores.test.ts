@@ -152,6 +152,31 @@ t.test('the memory store is shared fairly: past a bound, the tenant holding the 
   t.same(await Promise.all([0, 1, 2, 3].map(async i => await held(lone, a(i)))), [true, true, true, true], 'not another tenant\'s')
 })
 
+t.test('the fair LRU: an entry that would not stay takes nothing with it; expired entries go before live ones', async t => {
+  // B holds 60 of 64 bytes in 1-byte entries; A's 40 would stay only with B under 24, less than
+  // A then: it goes, and B keeps all of its (before: B gave up 21, and A's was not kept either).
+  let evicted = 0
+  const lru = new FairLru<number>(1000, 64, () => { evicted++ })
+  for (let i = 0; i < 60; i++) lru.set('b' + i, 'B', i, 1, 60_000)
+  t.notOk(lru.set('a', 'A', 0, 40, 60_000), 'A\'s entry is not kept')
+  t.same([lru.held('B').count, evicted], [60, 0], 'and nothing was evicted for it')
+  // One that stays once B gives up some: B's oldest go, down to A's.
+  t.ok(lru.set('a', 'A', 0, 30, 60_000))
+  t.same([lru.held('B').count, lru.held('A').count, evicted], [34, 1, 26])
+  t.same(lru.check(), [])
+
+  // X's two entries expired: Y's three live ones fill the bound, and X's dead ones go first.
+  const ttl = new FairLru<number>(4, 1 << 20, () => { evicted++ })
+  evicted = 0
+  ttl.set('x1', 'X', 1, 1, 20)
+  ttl.set('x2', 'X', 2, 1, 20)
+  await new Promise(resolve => setTimeout(resolve, 60))
+  for (let i = 0; i < 3; i++) ttl.set('y' + i, 'Y', i, 1, 60_000)
+  t.same([0, 1, 2].map(i => ttl.has('y' + i)), [true, true, true], 'Y\'s live entries stay')
+  t.same([ttl.size, ttl.held('X').count, evicted], [3, 0, 0], 'the expired ones went, not counted as evictions')
+  t.same(ttl.check(), [])
+})
+
 t.test('the fair LRU keeps its indexes true under random traffic', async t => {
   let seed = 42
   const random = (n: number): number => { seed = (seed * 1103515245 + 12345) % 2 ** 31; return seed % n }
