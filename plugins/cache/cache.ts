@@ -3,31 +3,17 @@ import type { Operation } from '../../manifest.js'
 import { MantleError } from '../../errors.js'
 import { MemoryTier, type CachedAnswer } from './memory.js'
 import type { RedisTier } from './redis.js'
-import { ALL_TAG_KEY, etagOf, localKey, matchesIfNoneMatch, policyOf, sharedKey, tagKey, tagTemplate, takesIfNoneMatch, tenantTagKey, tenantTagOf } from './keys.js'
+import { etagOf, localKey, matchesIfNoneMatch, policyOf, sharedKey, tagKey, tagTemplate, takesIfNoneMatch } from './keys.js'
 
 /** How long an entry is kept past its swr window, to answer (marked stale) while the Kernel is down. */
 export const STALE_IF_ERROR_SECONDS = 300
 /** After a Redis failure the shared tier is left alone this long: calls use memory, not a timeout each. */
 const REDIS_HOLD_MS = 1000
-/**
- * Invalidations that could not reach Redis, kept tag by tag to be replayed when it is back: at
- * most this many tags, and a tenth of them of one tenant. Past that a tenant's are folded into its
- * tenant tag (tenantTagKey), and past MAX_PENDING_TENANTS of those every one into ALL_TAG_KEY:
- * coarser, never lost (before, the tags past the bound were dropped, and one tenant's many
- * invalidations made another's lost: other instances served its old entry for its whole ttl).
- */
-export const MAX_PENDING_TAGS = 10_000
-export const MAX_PENDING_TAGS_PER_TENANT = MAX_PENDING_TAGS / 10
-export const MAX_PENDING_TENANTS = 10_000
-/**
- * Second invalidations waiting for their time (a mutation's tags whose Kernel call got no
- * answer). Past the bound, the tenant with the most is folded into one of its tenant tag, at the
- * latest of their times; when none has two, all into one of ALL_TAG_KEY (before, the oldest was
- * carried out at once: sooner than its time, when the Kernel may not have made its change yet).
- */
-export const MAX_LATER_INVALIDATIONS = 10_000
-/** A second invalidation: of `tags`, or of `wide` alone (a tenant tag, or ALL_TAG_KEY) once folded. */
-interface LaterInvalidation { tenant: string, tags: readonly string[], wide: string | null, due: number, timer: NodeJS.Timeout }
+/** Invalidations that could not reach Redis, kept to be replayed when it is back. */
+const MAX_PENDING_TAGS = 10_000
+/** Second invalidations waiting for their time (a mutation's tags whose Kernel call got no answer). */
+const MAX_LATER_INVALIDATIONS = 10_000
+interface LaterInvalidation { tenant: string, tags: readonly string[], timer: NodeJS.Timeout }
 
 export interface CacheMetrics {
   outcome: (op: string, outcome: CacheOutcome) => void
@@ -73,8 +59,6 @@ export interface ResponseCacheOptions {
 interface EntryKeys {
   readonly local: string
   readonly shared: string
-  /** Its tag keys in Redis: its own, then its tenant's tag and ALL_TAG_KEY (none for an untagged entry, which nothing invalidates). */
-  readonly sharedTags: readonly string[]
 }
 
 interface Fill {
@@ -104,10 +88,6 @@ export class ResponseCache {
   private redisFailing = false
   /** Tag key -> the clock tick of its latest invalidation that Redis has not received. */
   private readonly pending = new Map<string, number>()
-  /** Tenant tag -> its tenant's tag keys in `pending`. */
-  private readonly pendingOf = new Map<string, Set<string>>()
-  /** Tenant tags (or ALL_TAG_KEY alone) -> the tick: the invalidations folded into them, not yet in Redis. */
-  private readonly pendingWide = new Map<string, number>()
   private replayTimer: ReturnType<typeof setTimeout> | undefined
   /** Second invalidations (invalidateLater), by tenant and tags. */
   private readonly later = new Map<string, LaterInvalidation>()
@@ -202,19 +182,19 @@ export class ResponseCache {
       if (found !== undefined && found.policy !== policy) found = undefined
       if (found !== undefined && this.now() < found.freshUntil) return this.answer(ctx, name, found, 'hit')
       // A miss of the in-process tier: the Redis key and the tag keys are needed from here on.
+      const key: EntryKeys = { local, shared: sharedKey(name, ctx.tenant, canonical) }
       const tagKeys = templates.map(t => tagKey(ctx.tenant, t(ctx.input)))
-      const key: EntryKeys = { local, shared: sharedKey(name, ctx.tenant, canonical), sharedTags: tagKeys.length === 0 ? tagKeys : [...tagKeys, tenantTagKey(ctx.tenant), ALL_TAG_KEY] }
       const since = this.memory.clock.now()
       let versions: string | null = null
       const redis = this.redisTier('read')
       if (redis !== null) {
         try {
-          const read = await redis.read(key.shared, key.sharedTags)
+          const read = await redis.read(key.shared, tagKeys)
           this.redisFailing = false
           versions = read.versions
           // While one of its tags waits to be replayed, Redis still holds the versions the entry
           // was stored under: it may predate the invalidation and is not used.
-          if (read.answer !== null && read.answer.policy === policy && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil) && !this.anyPending(key.sharedTags)) {
+          if (read.answer !== null && read.answer.policy === policy && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil) && !this.anyPending(tagKeys)) {
             found = read.answer
             this.memory.set(local, found, tagKeys, since)
           }
@@ -307,7 +287,7 @@ export class ResponseCache {
     const redis = versions === null ? null : this.redisTier('write')
     if (redis !== null) {
       try {
-        stored = await redis.write(key.shared, key.sharedTags, versions!, answer, this.now())
+        stored = await redis.write(key.shared, tagKeys, versions!, answer, this.now())
         this.redisFailing = false
       } catch (err) {
         this.redisFailed('write', err)
@@ -339,11 +319,7 @@ export class ResponseCache {
    * kept and replayed when it is back (its connection's 'ready') or when the hold ends.
    */
   async invalidate (tenant: string, tags: readonly string[], source: InvalidationSource): Promise<void> {
-    await this.invalidateKeys(tenant, tags.map(t => tagKey(tenant, t)), source)
-  }
-
-  /** invalidate, of tag keys: a tenant's, its tenant tag, or ALL_TAG_KEY. */
-  private async invalidateKeys (tenant: string, keys: readonly string[], source: InvalidationSource): Promise<void> {
+    const keys = tags.map(t => tagKey(tenant, t))
     this.memory.clock.invalidate(keys)
     this.metrics.invalidated(source, keys.length)
     if (this.opts.redis === null) return
@@ -362,54 +338,15 @@ export class ResponseCache {
         this.redisFailed('invalidate', err)
       }
     }
-    this.keep(tenant, keys, this.memory.clock.now())
-    this.scheduleReplay()
-  }
-
-  /**
-   * Keeps invalidations Redis did not get, to be replayed: tag by tag within the bounds, else
-   * folded into the tenant's tag, else into ALL_TAG_KEY (see MAX_PENDING_TAGS). A fold drops
-   * more entries than the tags would have, in Redis and on every instance, never fewer.
-   */
-  private keep (tenant: string, keys: readonly string[], tick: number): void {
-    if (this.pendingWide.has(ALL_TAG_KEY) || keys.includes(ALL_TAG_KEY)) return this.foldAll(tick)
-    const wide = tenantTagKey(tenant)
-    if (this.pendingWide.has(wide) || keys.includes(wide)) return this.foldTenant(tenant, tick)
-    const own = this.pendingOf.get(wide)
-    let added = 0
-    for (const k of keys) if (!this.pending.has(k)) added++
-    if ((own?.size ?? 0) + added > MAX_PENDING_TAGS_PER_TENANT || this.pending.size + added > MAX_PENDING_TAGS) return this.foldTenant(tenant, tick)
-    const mine = own ?? new Set<string>()
-    if (own === undefined) this.pendingOf.set(wide, mine)
+    const tick = this.memory.clock.now()
     for (const k of keys) {
+      if (this.pending.size >= MAX_PENDING_TAGS && !this.pending.has(k)) {
+        this.opts.log.warn({ tags: keys.length }, 'cache: too many invalidations waiting for Redis: some are lost, entries expire by their ttl')
+        break
+      }
       this.pending.set(k, tick)
-      mine.add(k)
     }
-  }
-
-  /** A tenant's pending invalidations become one of its tenant tag: every entry of the tenant, bounded by the number of tenants. */
-  private foldTenant (tenant: string, tick: number): void {
-    const wide = tenantTagKey(tenant)
-    const own = this.pendingOf.get(wide)
-    if (own !== undefined) {
-      for (const k of own) this.pending.delete(k)
-      this.pendingOf.delete(wide)
-    }
-    if (!this.pendingWide.has(wide)) {
-      if (this.pendingWide.size >= MAX_PENDING_TENANTS) return this.foldAll(tick)
-      const level = this.pendingWide.size === 0 ? 'warn' : 'debug'
-      this.opts.log[level]({ tenant }, 'cache: too many invalidations of a tenant waiting for Redis: when it is back, all of the tenant\'s entries are dropped')
-    }
-    this.pendingWide.set(wide, tick)
-  }
-
-  /** Every pending invalidation becomes one of ALL_TAG_KEY: every entry, of every tenant. */
-  private foldAll (tick: number): void {
-    if (!this.pendingWide.has(ALL_TAG_KEY)) this.opts.log.warn({ tenants: this.pendingWide.size }, 'cache: too many tenants\' invalidations waiting for Redis: when it is back, every entry is dropped')
-    this.pending.clear()
-    this.pendingOf.clear()
-    this.pendingWide.clear()
-    this.pendingWide.set(ALL_TAG_KEY, tick)
+    this.scheduleReplay()
   }
 
   /** A message of another instance: drops the tags from this instance's tier. */
@@ -439,10 +376,9 @@ export class ResponseCache {
   async replayPending (): Promise<void> {
     const redis = this.opts.redis
     // Redis down: its connection's 'ready' replays.
-    if (redis === null || this.pendingInvalidations === 0 || !redis.up()) return
-    const wide = [...this.pendingWide]
+    if (redis === null || this.pending.size === 0 || !redis.up()) return
     const replayed = [...this.pending]
-    const keys = [...wide.map(([k]) => k), ...replayed.map(([k]) => k)]
+    const keys = replayed.map(([k]) => k)
     try {
       await redis.tier.invalidate(keys, JSON.stringify({ from: this.opts.instanceId, keys }))
       this.redisFailing = false
@@ -452,15 +388,7 @@ export class ResponseCache {
       return
     }
     // A tag invalidated again while the replay ran may not be covered by it: it stays for the next one.
-    for (const [k, tick] of wide) if (this.pendingWide.get(k) === tick) this.pendingWide.delete(k)
-    for (const [k, tick] of replayed) {
-      if (this.pending.get(k) !== tick) continue
-      this.pending.delete(k)
-      const of = tenantTagOf(k)
-      const own = this.pendingOf.get(of)
-      own?.delete(k)
-      if (own?.size === 0) this.pendingOf.delete(of)
-    }
+    for (const [k, tick] of replayed) if (this.pending.get(k) === tick) this.pending.delete(k)
   }
 
   /** One replay when the hold on Redis ends (at once when there is none). */
@@ -473,16 +401,14 @@ export class ResponseCache {
     this.replayTimer.unref()
   }
 
-  /** Whether one of an entry's Redis tag keys (its own, its tenant's tag, ALL_TAG_KEY) waits to be replayed. */
-  private anyPending (sharedTags: readonly string[]): boolean {
-    if (this.pending.size === 0 && this.pendingWide.size === 0) return false
-    for (const k of sharedTags) if (this.pending.has(k) || this.pendingWide.has(k)) return true
+  private anyPending (tagKeys: readonly string[]): boolean {
+    if (this.pending.size === 0) return false
+    for (const k of tagKeys) if (this.pending.has(k)) return true
     return false
   }
 
-  /** Tag keys waiting for Redis: a tenant's own tags, and the tenant tags (or ALL_TAG_KEY) folded ones became. */
   get pendingInvalidations (): number {
-    return this.pending.size + this.pendingWide.size
+    return this.pending.size
   }
 
   /**
@@ -490,71 +416,25 @@ export class ResponseCache {
    * may still be under way at the Kernel, and a read between the first invalidation and the
    * Kernel's change put the old answer back, under the new tag versions, for its whole ttl on
    * every instance. Repeats of the same tags share one timer; beyond MAX_LATER_INVALIDATIONS
-   * they are folded (a tenant's into its tenant tag, else all into ALL_TAG_KEY), at the latest
-   * time of those folded, never sooner. Once the app closes, none is scheduled.
+   * the oldest is carried out at once. Once the app closes, none is scheduled.
    */
   invalidateLater (tenant: string, tags: readonly string[], ms: number): void {
     if (this.closed) return
-    const due = performance.now() + ms
-    const wide = tenantTagKey(tenant)
-    // Already folded: the fold covers these tags, and is put off to their time.
-    if (this.later.has(ALL_TAG_KEY)) return this.scheduleLater(ALL_TAG_KEY, '', ALL_TAG_KEY, due)
-    if (this.later.has(wide)) return this.scheduleLater(wide, tenant, wide, due)
     const k = JSON.stringify([tenant, tags])
-    if (!this.later.has(k) && this.later.size >= MAX_LATER_INVALIDATIONS) {
-      // The tenant with the most waiting is folded; when none has two, every one is.
-      const count = new Map<string, number>()
-      let most = tenant
-      let top = 0
-      for (const d of this.later.values()) {
-        const n = (count.get(d.tenant) ?? 0) + 1
-        count.set(d.tenant, n)
-        if (n > top) { top = n; most = d.tenant }
-      }
-      if (top < 2) {
-        const all = this.foldLater(() => true)
-        return this.scheduleLater(ALL_TAG_KEY, '', ALL_TAG_KEY, Math.max(due, all))
-      }
-      const folded = this.foldLater(d => d.tenant === most)
-      const mostWide = tenantTagKey(most)
-      this.scheduleLater(mostWide, most, mostWide, folded)
-      if (most === tenant) return this.scheduleLater(wide, tenant, wide, due)
-    }
-    this.scheduleLater(k, tenant, tags, due)
-  }
-
-  /** Takes the second invalidations `which` picks out of `later`, their timers stopped; the latest of their times. */
-  private foldLater (which: (d: LaterInvalidation) => boolean): number {
-    let latest = 0
-    for (const [k, d] of this.later) {
-      if (!which(d)) continue
-      clearTimeout(d.timer)
-      this.later.delete(k)
-      if (d.due > latest) latest = d.due
-    }
-    return latest
-  }
-
-  /** (Re)schedules one second invalidation at `due`, or later when one of the same key already waits longer. */
-  private scheduleLater (k: string, tenant: string, what: readonly string[] | string, due: number): void {
-    const before = this.later.get(k)
-    if (before !== undefined) {
-      clearTimeout(before.timer)
-      if (before.due > due) due = before.due
-    }
+    clearTimeout(this.later.get(k)?.timer)
     this.later.delete(k)
+    if (this.later.size >= MAX_LATER_INVALIDATIONS) {
+      const [oldest, due] = this.later.entries().next().value as [string, LaterInvalidation]
+      clearTimeout(due.timer)
+      this.later.delete(oldest)
+      this.invalidate(due.tenant, due.tags, 'mutation').catch(noop)
+    }
     const timer = setTimeout(() => {
       this.later.delete(k)
-      this.carryOut(d).catch(noop)
-    }, Math.max(0, due - performance.now()))
+      this.invalidate(tenant, tags, 'mutation').catch(noop)
+    }, ms)
     timer.unref()
-    const d: LaterInvalidation = typeof what === 'string' ? { tenant, tags: [], wide: what, due, timer } : { tenant, tags: what, wide: null, due, timer }
-    this.later.set(k, d)
-  }
-
-  private async carryOut (d: LaterInvalidation): Promise<void> {
-    if (d.wide === null) await this.invalidate(d.tenant, d.tags, 'mutation')
-    else await this.invalidateKeys(d.tenant, [d.wide], 'mutation')
+    this.later.set(k, { tenant, tags, timer })
   }
 
   /** Invalidations waiting to be carried out again (invalidateLater). */
@@ -574,7 +454,7 @@ export class ResponseCache {
     const due = [...this.later.values()]
     this.later.clear()
     for (const d of due) clearTimeout(d.timer)
-    await Promise.all(due.map(async d => { await this.carryOut(d) }))
+    await Promise.all(due.map(async d => { await this.invalidate(d.tenant, d.tags, 'mutation') }))
   }
 
   /** The Redis tier when it is usable; null (counted as a fallback when Redis is configured) when not. */

@@ -51,36 +51,6 @@ export function tagKey (tenant: string, tag: string): string {
 }
 
 /**
- * The tag every tagged entry of a tenant is stored under in Redis, beside its own: invalidated, it
- * drops all of them, on every instance. An invalidation that cannot be kept tag by tag is folded
- * into it (see ResponseCache). No tagKey is ever this: a tag key has a ':' after the tenant, and
- * an encoded tenant holds no '#'.
- */
-export function tenantTagKey (tenant: string): string {
-  return TAG_PREFIX + encodeURIComponent(tenant) + '#'
-}
-
-/** The tag every tagged entry of every tenant is stored under in Redis: invalidated, it drops them all. */
-export const ALL_TAG_KEY = TAG_PREFIX + '#all'
-
-/** The tenant tag (tenantTagKey) of a tag key: of its own tenant's, or itself for a tenant tag. */
-export function tenantTagOf (key: string): string {
-  const colon = key.indexOf(':', TAG_PREFIX.length)
-  return colon < 0 ? key : key.slice(0, colon) + '#'
-}
-
-/**
- * What a tag key invalidates beyond the entries stored under it: '' for ALL_TAG_KEY (every
- * entry), the tenant's scope (`bff:cache-tag:{tenant}`, as the in-process tier's TagClock names
- * it) for a tenant tag, null for a tag of the manifest.
- */
-export function wideScope (key: string): string | null {
-  if (key === ALL_TAG_KEY) return ''
-  if (key.charCodeAt(key.length - 1) !== 35 || key.indexOf(':', TAG_PREFIX.length) >= 0) return null
-  return key.slice(0, -1)
-}
-
-/**
  * A manifest tag such as `agent:{id}`, compiled once: `{x}` is filled from the call's input
  * (an absent value fills as the empty string, an object or array as its canonical JSON).
  */

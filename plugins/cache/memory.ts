@@ -1,5 +1,5 @@
 import { LRUCache } from 'lru-cache'
-import { TAG_PREFIX, wideScope } from './keys.js'
+import { TAG_PREFIX } from './keys.js'
 
 /** The scope of a tag key (`tagKey`): its tenant, URI-encoded, so it holds no ':'. */
 const tenantOfTag = (tagKey: string): string => tagKey.slice(0, tagKey.indexOf(':', TAG_PREFIX.length))
@@ -33,10 +33,6 @@ export interface CachedAnswer {
  * more entries, never keep a stale one. With one floor for all, a tenant invalidating enough
  * distinct tags dropped every other tenant's entries. The floors are bounded the same way: an
  * evicted one raises the floor of every scope.
- *
- * A key `wideOf` names as wide invalidates a whole scope (its floor raised to the tick, the
- * scope's marks dropped) or, as '', every entry: the tier's entries never carry those keys, so a
- * hit checks its own tags only, and a wide invalidation (rare: folded ones) pays for the walk.
  */
 export class TagClock {
   private tick = 0
@@ -45,7 +41,7 @@ export class TagClock {
   private readonly marks: LRUCache<string, number>
   private readonly floors: LRUCache<string, number>
 
-  constructor (maxTags: number, private readonly scopeOf: (tagKey: string) => string = () => '', private readonly wideOf: (key: string) => string | null = () => null) {
+  constructor (maxTags: number, private readonly scopeOf: (tagKey: string) => string = () => '') {
     this.floors = new LRUCache<string, number>({
       max: maxTags,
       dispose: (value, _scope, reason) => { if (reason === 'evict' && value > this.floor) this.floor = value }
@@ -67,26 +63,7 @@ export class TagClock {
 
   invalidate (tagKeys: readonly string[]): void {
     const t = ++this.tick
-    let scopes: Set<string> | undefined
-    for (const k of tagKeys) {
-      const wide = this.wideOf(k)
-      if (wide === null) this.marks.set(k, t)
-      else if (wide === '') this.epoch = t
-      else (scopes ??= new Set()).add(wide)
-    }
-    if (scopes !== undefined) this.invalidateScopes(scopes, t)
-  }
-
-  /**
-   * Every entry of the scopes stored before `t` becomes invalid: their unmarked tags count as
-   * `t`, and none stays marked. One walk of the marks, however many scopes (a replay may fold
-   * thousands of tenants into one message).
-   */
-  private invalidateScopes (scopes: ReadonlySet<string>, t: number): void {
-    for (const scope of scopes) this.floors.set(scope, t)
-    const marked: string[] = []
-    for (const k of this.marks.keys()) if (scopes.has(this.scopeOf(k))) marked.push(k)
-    for (const k of marked) this.marks.delete(k)
+    for (const k of tagKeys) this.marks.set(k, t)
   }
 
   /** Every entry stored so far becomes invalid (invalidations may have been missed). */
@@ -157,7 +134,7 @@ export class MemoryTier {
   constructor (max: number, maxBytes: number, private readonly now: () => number) {
     this.lru = new LRUCache<string, LocalEntry>({ max, maxSize: maxBytes, maxEntrySize: Math.max(1, Math.floor(maxBytes / 8)), sizeCalculation: entryBytes })
     // Marks outlive the entries they guard by far: a tag mark per cached entry, and more.
-    this.clock = new TagClock(Math.max(1000, max * 4), tenantOfTag, wideScope)
+    this.clock = new TagClock(Math.max(1000, max * 4), tenantOfTag)
   }
 
   get (key: string): CachedAnswer | undefined {
