@@ -38,7 +38,9 @@ export const RESERVED_NAMES: ReadonlySet<string> = new Set([
   'private', 'protected', 'public', 'static', 'yield', 'await',
   // Contextual words that may name a type but not stand where a type is written (`output:
   // readonly` is a syntax error), or, `as`, not name a type alias at all.
-  'as', 'keyof', 'readonly', 'unique', 'infer'
+  'as', 'keyof', 'readonly', 'unique', 'infer',
+  // Declared, it stands for a type the compiler provides (TS2795 wherever else it is used).
+  'intrinsic'
 ])
 
 /** The TypeScript name of each named schema: its own, or `<Name>2`, ... when RESERVED_NAMES holds it. */

@@ -71,9 +71,9 @@ t.test('JSON Schema to TypeScript', async t => {
   t.equal(toType({ type: ['string', 'null'], nullable: true }), 'string | null')
   t.equal(toType({ type: 'string', nullable: false }), 'string')
   // A named schema the file could not declare as is gets the first free number.
-  const names = typeNames(['Record', 'Record2', 'Root', 'Agent', 'string', 'class', 'as', 'keyof', 'readonly', 'unique', 'infer', 'type'])
+  const names = typeNames(['Record', 'Record2', 'Root', 'Agent', 'string', 'class', 'as', 'keyof', 'readonly', 'unique', 'infer', 'intrinsic', 'type'])
   t.same([...names], [['Record', 'Record3'], ['Record2', 'Record2'], ['Root', 'Root2'], ['Agent', 'Agent'], ['string', 'string2'], ['class', 'class2'],
-    ['as', 'as2'], ['keyof', 'keyof2'], ['readonly', 'readonly2'], ['unique', 'unique2'], ['infer', 'infer2'], ['type', 'type']])
+    ['as', 'as2'], ['keyof', 'keyof2'], ['readonly', 'readonly2'], ['unique', 'unique2'], ['infer', 'infer2'], ['intrinsic', 'intrinsic2'], ['type', 'type']])
   t.equal(toType({ type: 'array', items: { $ref: '#/schemas/Record' } }, '', names), 'Array<Record3>', 'a reference takes the new name')
 })
 
