@@ -78,7 +78,11 @@ export class FairLru<V> {
     if (this.entries.size >= this.maxEntries || this.totalBytes + bytes > this.maxBytes) this.dropExpired()
     // An entry the byte bound would push out itself takes nothing with it: found after the
     // others had given up theirs, it cost them outcomes for nothing.
-    if (this.totalBytes + bytes > this.maxBytes && !this.survives(tenant, bytes)) return false
+    if (this.totalBytes + bytes > this.maxBytes && !this.survives(tenant, bytes)) {
+      // Dropped to stay within the bound, as an evicted entry is (a repeat of its call runs again).
+      this.onEvict()
+      return false
+    }
     let group = this.groups.get(tenant)
     if (group === undefined) {
       group = { tenant, entries: new Map(), bytes: 0, at: this.heap.length }
@@ -144,16 +148,32 @@ export class FairLru<V> {
   }
 
   /**
-   * Whether an entry of `bytes` for `tenant` would outlast the byte bound's evictions (set). The
-   * one that goes is always of a tenant holding the most, ties going to another tenant than the
-   * new entry's while it holds that entry alone: the new entry goes only once its tenant holds
-   * nothing else and every other tenant holds less than it, each having given up its oldest
-   * until it did. So it stays if it fits beside what the others hold at that point. Only tenants
-   * holding `bytes` or more give anything up: found from the heap's root (a node holding less
-   * has no child holding more).
+   * Whether an entry of `bytes` for `tenant` would outlast the evictions of set. Past the count
+   * bound, one entry goes first (mostEntries, with this one added): it is found here the same way.
+   * Then, past the byte bound, the one that goes is always of a tenant holding the most, ties
+   * going to another tenant than the new entry's while it holds that entry alone: the new entry
+   * goes only once its tenant holds nothing else and every other tenant holds less than it, each
+   * having given up its oldest until it did. So it stays if it fits beside what the others hold
+   * at that point. Only tenants holding `bytes` or more give anything up: found from the heap's
+   * root (a node holding less has no child holding more). The walk stops once it fits.
    */
   private survives (tenant: string, bytes: number): boolean {
-    let kept = bytes + this.totalBytes - (this.groups.get(tenant)?.bytes ?? 0)
+    const own = this.groups.get(tenant)
+    let kept = bytes + this.totalBytes - (own?.bytes ?? 0)
+    // The count bound's victim, when it is another tenant's (the new entry's tenant's own older
+    // entries are left out of `kept` already).
+    let counted: Group<V> | undefined
+    if (this.entries.size >= this.maxEntries) {
+      const size = (own?.entries.size ?? 0) + 1
+      const most = Math.max(this.mostCount, size)
+      if (!(size === most && size > 1)) {
+        for (const group of this.byCount.get(most) ?? []) {
+          if (group !== own) { counted = group; break }
+        }
+        if (counted === undefined) return false
+        kept -= counted.entries.values().next().value!.bytes
+      }
+    }
     const stack = this.heap.length > 0 ? [0] : []
     while (stack.length > 0 && kept > this.maxBytes) {
       const i = stack.pop()!
@@ -161,10 +181,17 @@ export class FairLru<V> {
       if (group.bytes < bytes) continue
       if (2 * i + 1 < this.heap.length) stack.push(2 * i + 1)
       if (2 * i + 2 < this.heap.length) stack.push(2 * i + 2)
-      if (group.tenant === tenant) continue
+      if (group === own) continue
       let left = group.bytes
+      let first = group === counted
       for (const entry of group.entries.values()) {
-        if (left < bytes) break
+        if (first) {
+          // Gone to the count bound already.
+          first = false
+          left -= entry.bytes
+          continue
+        }
+        if (left < bytes || kept <= this.maxBytes) break
         left -= entry.bytes
         kept -= entry.bytes
       }

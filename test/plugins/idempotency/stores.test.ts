@@ -158,11 +158,18 @@ t.test('the fair LRU: an entry that would not stay takes nothing with it; expire
   let evicted = 0
   const lru = new FairLru<number>(1000, 64, () => { evicted++ })
   for (let i = 0; i < 60; i++) lru.set('b' + i, 'B', i, 1, 60_000)
-  t.notOk(lru.set('a', 'A', 0, 40, 60_000), 'A\'s entry is not kept')
-  t.same([lru.held('B').count, evicted], [60, 0], 'and nothing was evicted for it')
+  t.notOk(lru.set('a', 'A', 0, 40, 60_000), 'A\'s entry is not kept (counted as an eviction: a repeat runs again)')
+  t.same([lru.held('B').count, evicted], [60, 1], 'and nothing else was evicted for it')
   // One that stays once B gives up some: B's oldest go, down to A's.
   t.ok(lru.set('a', 'A', 0, 30, 60_000))
-  t.same([lru.held('B').count, lru.held('A').count, evicted], [34, 1, 26])
+  t.same([lru.held('B').count, lru.held('A').count, evicted], [34, 1, 27])
+  t.same(lru.check(), [])
+  // Both bounds full: the count bound's victim is another tenant's, and the bytes it frees count
+  // (the new entry was refused as if they did not).
+  const both = new FairLru<number>(3, 64)
+  for (const tenant of ['a', 'b', 'c']) both.set(tenant, tenant, 0, 20, 60_000)
+  t.ok(both.set('d', 'd', 0, 22, 60_000), 'd\'s entry is kept')
+  t.same(['a', 'b', 'c', 'd'].map(k => both.has(k)), [false, true, true, true], 'a\'s went, to the count bound')
   t.same(lru.check(), [])
 
   // X's two entries expired: Y's three live ones fill the bound, and X's dead ones go first.
