@@ -5,13 +5,10 @@ import type { Dispatcher } from 'undici'
 export const INVALID = Symbol('invalid')
 
 /**
- * A body's text as undici's body.json() reads one with a length (the WHATWG "UTF-8 decode"):
- * a leading BOM is dropped. Kept, it made the same answer a 502 when it came chunked.
+ * Decodes a body as undici's body.json() does one with a length (the WHATWG "UTF-8 decode",
+ * which drops a leading BOM): Buffer's toString kept it, and the same answer was a 502 chunked.
  */
-function utf8Text (bytes: Buffer): string {
-  const text = bytes.toString('utf8')
-  return text.charCodeAt(0) === 0xFEFF ? text.slice(1) : text
-}
+const UTF8 = new TextDecoder()
 
 /**
  * A JSON body read up to `limit` bytes (null when empty or 204): INVALID when it is not JSON or is
@@ -40,7 +37,7 @@ export async function readJson (res: Dispatcher.ResponseData, limit: number): Pr
       }
       chunks.push(chunk as Buffer)
     }
-    return size === 0 ? null : JSON.parse(utf8Text(Buffer.concat(chunks, size)))
+    return size === 0 ? null : JSON.parse(UTF8.decode(Buffer.concat(chunks, size)))
   } catch (err) {
     // Only a body that is not JSON is a bad answer; a connection reset mid-body, or the
     // deadline, is the request's failure (for the Kernel, 503 or 504, as before the headers).
