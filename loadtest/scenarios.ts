@@ -1,6 +1,6 @@
 // The scenarios, as plain data: the one definition of each request, its expected status and
 // its thresholds. The Node harness (bench.ts) reads them from here. The k6 scripts read theirs
-// from k6/common.ts, which loads under k6 (no Node APIs); test/loadtest/suite.test.ts
+// from k6/common.ts, which loads under k6 (no Node APIs); test/loadtest/suite.part.ts
 // fails when the two differ.
 import type { Scenario } from './harness.js'
 

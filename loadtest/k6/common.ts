@@ -3,7 +3,7 @@
 // (`import { ... } from './common.ts'`) and Node loads it in the tests.
 //
 // The scenario numbers (method, path, body or frame, expected status, answer check,
-// thresholds) are held equal to loadtest/scenarios.ts by test/loadtest/suite.test.ts.
+// thresholds) are held equal to loadtest/scenarios.ts by test/loadtest/suite.part.ts.
 
 export interface Thresholds {
   /** 99th percentile latency, in ms, a run must stay under. */

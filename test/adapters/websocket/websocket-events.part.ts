@@ -2,8 +2,8 @@ import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { createSigner } from 'fast-jwt'
 import type { FastifyInstance } from 'fastify'
-import { token, SECRET } from '../helper.js'
-import { wsApp, connect, run, type Client } from './websocket-helper.js'
+import { token, SECRET } from '../../helper.js'
+import { wsApp, connect, run, type Client } from '../websocket-helper.js'
 
 const publish = async (app: FastifyInstance, tenantId: string, payload: unknown): Promise<void> => {
   await app.events.publish({ topic: 'runs.updated', tenantId, payload })

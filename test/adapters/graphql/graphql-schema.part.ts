@@ -1,8 +1,8 @@
 import t from 'tap'
 import { buildSchema as parseSdl, validateSchema } from 'graphql'
-import { manifestSdl } from '../../adapters/graphql/index.js'
-import { loadManifestFile } from '../../manifest.js'
-import { buildTestApp, startTestKernel, testManifest, demoManifest, fixture, json, bearer } from '../helper.js'
+import { manifestSdl } from '../../../adapters/graphql/index.js'
+import { loadManifestFile } from '../../../manifest.js'
+import { buildTestApp, startTestKernel, testManifest, demoManifest, fixture, json, bearer } from '../../helper.js'
 
 // The SDL generated from a manifest, one documented rule per case (adapters/graphql/README.md),
 // and a second manifest of another domain served end to end.

@@ -1,7 +1,7 @@
 import t from 'tap'
 import { WebSocket } from 'ws'
-import { buildDemoApp, token, until } from '../helper.js'
-import { openGraphqlWs, peakBuffered } from './websocket-helper.js'
+import { buildDemoApp, token, until } from '../../helper.js'
+import { openGraphqlWs, peakBuffered } from '../websocket-helper.js'
 
 // What a graphql-transport-ws client may send wrong on /graphql, and what it gets back. The face
 // screens `subscribe` and `complete` messages before mercurius reads them

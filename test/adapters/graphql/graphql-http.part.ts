@@ -1,7 +1,7 @@
 import t from 'tap'
 import { serverAudits } from 'graphql-http'
-import { buildDemoApp, startTestKernel, testManifest, testConfig, json, bearer, until } from '../helper.js'
-import { buildApp } from '../../app.js'
+import { buildDemoApp, startTestKernel, testManifest, testConfig, json, bearer, until } from '../../helper.js'
+import { buildApp } from '../../../app.js'
 
 // The graphql-http package's conformance audits of GraphQL over HTTP, run against the live
 // server: every MUST passes. SHOULD and MAY audits are reported and held where we meet them.

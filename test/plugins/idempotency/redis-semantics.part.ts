@@ -1,5 +1,5 @@
 import t from 'tap'
 import { semantics } from './semantics.js'
 
-// The same semantics as memory.test.ts, against the machine's real Redis.
+// The same semantics as memory.part.ts, against the machine's real Redis.
 semantics(t, 'redis')

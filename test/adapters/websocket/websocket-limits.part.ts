@@ -2,8 +2,8 @@ import t from 'tap'
 import type { Socket } from 'node:net'
 import type { WebSocket } from 'ws'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { startTestKernel, testManifest, json, bearer, until, drained } from '../helper.js'
-import { wsApp, connect, refusedUpgrade, run, rawUpgrade, peakBuffered } from './websocket-helper.js'
+import { startTestKernel, testManifest, json, bearer, until, drained } from '../../helper.js'
+import { wsApp, connect, refusedUpgrade, run, rawUpgrade, peakBuffered } from '../websocket-helper.js'
 
 t.test('junk frames get a VALIDATION_FAILED error frame and the connection lives on', async t => {
   const { url } = await wsApp(t)

@@ -1,7 +1,7 @@
 import t from 'tap'
 import { once } from 'node:events'
 import WebSocket from 'ws'
-import { buildDemoApp, bearer } from '../helper.js'
+import { buildDemoApp, bearer } from '../../helper.js'
 
 // Every face that upgrades reports its WebSocket connections (mantle_websocket_connections
 // counts those of /ws alone: GraphQL's and tRPC's were in no metric).

@@ -5,7 +5,7 @@ import { createClient, type Client, type FormattedExecutionResult } from 'graphq
 import { WebSocket, type ClientOptions } from 'ws'
 import { createSigner } from 'fast-jwt'
 import type { FastifyInstance } from 'fastify'
-import { buildDemoApp, token, SECRET, until } from '../helper.js'
+import { buildDemoApp, token, SECRET, until } from '../../helper.js'
 
 // GraphQL subscriptions over the graphql-ws protocol (graphql-transport-ws), with the real
 // graphql-ws client on `ws`, and raw `ws` sockets for what a well-behaved client never sends.

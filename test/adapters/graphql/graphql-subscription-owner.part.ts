@@ -1,6 +1,6 @@
 import t from 'tap'
 import { WebSocket } from 'ws'
-import { buildDemoApp, token, until } from '../helper.js'
+import { buildDemoApp, token, until } from '../../helper.js'
 
 // README, GraphQL: "A `subscribe` message may carry its own (mercurius' extensions: [{ type:
 // "connectionInit", payload }]): it must name the connection's tenant and user (else that

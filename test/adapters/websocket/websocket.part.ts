@@ -1,7 +1,7 @@
 import t from 'tap'
 import { createSigner } from 'fast-jwt'
-import { startTestKernel, testManifest, json, bearer, token, closedPort, SECRET } from '../helper.js'
-import { wsApp, connect, refusedUpgrade } from './websocket-helper.js'
+import { startTestKernel, testManifest, json, bearer, token, closedPort, SECRET } from '../../helper.js'
+import { wsApp, connect, refusedUpgrade } from '../websocket-helper.js'
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
 const UUID_V7 = /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { WebSocket, type RawData } from 'ws'
-import { buildDemoApp, bearer, token } from '../helper.js'
+import { buildDemoApp, bearer, token } from '../../helper.js'
 
 // 5xx answers found by `npm run fuzz` (loadtest/fuzz.ts), each a client's mistake that must be
 // a 400 VALIDATION_FAILED:

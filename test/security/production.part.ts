@@ -127,7 +127,7 @@ t.test('body limits: every face refuses beyond BFF_BODY_LIMIT with a 413 of its 
   const json = { authorization: `Bearer ${token()}`, 'content-type': 'application/json' }
   const pad = 'x'.repeat(LIMIT * 2)
 
-  // What test/body-limits.test.ts does not already cover: other methods, tRPC's batch handler,
+  // What test/body-limits.part.ts does not already cover: other methods, tRPC's batch handler,
   // GraphQL over GET, the internal events route, and anonymous callers.
   const patch = await app.inject({ method: 'PATCH', url: '/api/v1/agents/a1', headers: json, payload: JSON.stringify({ name: pad }) })
   t.match({ status: patch.statusCode, body: patch.json() }, { status: 413, body: { code: 'PAYLOAD_TOO_LARGE' } }, 'REST PATCH')

@@ -2,11 +2,11 @@ import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { WebSocket } from 'ws'
 import type { FastifyInstance } from 'fastify'
-import { buildApp } from '../../app.js'
-import { createGraphqlFace } from '../../adapters/graphql/index.js'
-import { startKernel } from '../../kernel/server.js'
-import { buildDemoApp, testConfig, until } from '../helper.js'
-import { openGraphqlWs as open, run } from './websocket-helper.js'
+import { buildApp } from '../../../app.js'
+import { createGraphqlFace } from '../../../adapters/graphql/index.js'
+import { startKernel } from '../../../kernel/server.js'
+import { buildDemoApp, testConfig, until } from '../../helper.js'
+import { openGraphqlWs as open, run } from '../websocket-helper.js'
 
 // How a GraphQL subscription's life goes over graphql-transport-ws on /graphql: a document
 // graphql-js throws on, a `complete` then a `subscribe` of the same id, a client that stops

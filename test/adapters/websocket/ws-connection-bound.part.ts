@@ -3,10 +3,10 @@
 // completes gives its place back.
 import t from 'tap'
 import type { FastifyInstance } from 'fastify'
-import { createTrpcFace } from '../../adapters/trpc/index.js'
-import { createGraphqlFace } from '../../adapters/graphql/index.js'
-import { bearer } from '../helper.js'
-import { wsApp, upgrade, refusedUpgrade, rawUpgrade, drained, slowUpgrades, type Frame, type Upgrade, type WsSetup } from './websocket-helper.js'
+import { createTrpcFace } from '../../../adapters/trpc/index.js'
+import { createGraphqlFace } from '../../../adapters/graphql/index.js'
+import { bearer } from '../../helper.js'
+import { wsApp, upgrade, refusedUpgrade, rawUpgrade, drained, slowUpgrades, type Frame, type Upgrade, type WsSetup } from '../websocket-helper.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 

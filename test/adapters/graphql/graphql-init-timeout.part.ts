@@ -1,10 +1,10 @@
 import t from 'tap'
 import { WebSocket } from 'ws'
-import { buildApp } from '../../app.js'
-import { createGraphqlFace } from '../../adapters/graphql/index.js'
-import { startKernel } from '../../kernel/server.js'
+import { buildApp } from '../../../app.js'
+import { createGraphqlFace } from '../../../adapters/graphql/index.js'
+import { startKernel } from '../../../kernel/server.js'
 import { createSigner } from 'fast-jwt'
-import { testConfig, token, SECRET, until } from '../helper.js'
+import { testConfig, token, SECRET, until } from '../../helper.js'
 
 /** A gateway whose GraphQL face closes sockets left uninitialised for 150 ms; its /graphql URL. */
 async function shortTimeout (t: { teardown: (fn: () => unknown) => void }): Promise<string> {

@@ -3,8 +3,8 @@ import { createSigner } from 'fast-jwt'
 import { getIntrospectionQuery, GraphQLError } from 'graphql'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { FastifyInstance } from 'fastify'
-import { errorFormatter } from '../../adapters/graphql/errors.js'
-import { buildDemoApp, buildTestApp, startTestKernel, testManifest, closedPort, json, bearer, token, SECRET, type TestKernel } from '../helper.js'
+import { errorFormatter } from '../../../adapters/graphql/errors.js'
+import { buildDemoApp, buildTestApp, startTestKernel, testManifest, closedPort, json, bearer, token, SECRET, type TestKernel } from '../../helper.js'
 
 // The GraphQL face over HTTP, with fetch against a listening gateway: root fields as calls
 // through the one pipeline, per-field errors with the contract codes, per-request memo,

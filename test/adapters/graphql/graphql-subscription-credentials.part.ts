@@ -1,7 +1,7 @@
 import t from 'tap'
 import { WebSocket } from 'ws'
 import { createSigner } from 'fast-jwt'
-import { buildDemoApp, token, SECRET, until } from '../helper.js'
+import { buildDemoApp, token, SECRET, until } from '../../helper.js'
 
 // mercurius lets a `subscribe` message carry its own credentials (`extensions: [{ type:
 // 'connectionInit', payload }]`). Such a token must name the connection's tenant and user, as

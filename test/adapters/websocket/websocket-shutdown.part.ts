@@ -3,8 +3,8 @@
 import t from 'tap'
 import { connect as tcp, type Socket } from 'node:net'
 import WebSocket from 'ws'
-import { buildDemoApp, token } from '../helper.js'
-import { WEBSOCKET_CLOSE_GRACE_MS } from '../../app.js'
+import { buildDemoApp, token } from '../../helper.js'
+import { WEBSOCKET_CLOSE_GRACE_MS } from '../../../app.js'
 
 /** An upgraded socket whose client reads everything and never answers a close frame. */
 async function deaf (t: { teardown: (fn: () => unknown) => void }, port: number, path: string, protocol?: string): Promise<Socket> {
