@@ -104,7 +104,9 @@ t.test('the production build starts, serves, and shuts down gracefully', async t
     second.child.kill('SIGTERM')
     const [code2] = await once(second.child, 'exit')
     t.equal(code2, 1)
-    t.ok(Date.now() - started < 2000, 'the second signal does not wait for the call')
+    // Waiting for the call would take the grace period (at least 10 s, server.ts); 2 s failed
+    // once on a loaded machine.
+    t.ok(Date.now() - started < 5000, 'the second signal does not wait for the call')
     await hanging
   })
 
