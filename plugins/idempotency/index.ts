@@ -369,7 +369,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   })
 }
 
-/** An outcome the memory store holds and the ms it has left, to copy to Redis for that long (never extended). */
+/** An outcome the memory store holds and the ms it has left, to copy to Redis for that long (never a fresh TTL; PX counts from the copy's arrival). */
 function outcomeOf (held: { record: IdempotencyRecord, ttlMs: number } | undefined): { record: DoneRecord, ttl: number } | null {
   if (held === undefined || held.record.state !== 'done') return null
   // Less a millisecond: the time left is read before the copy is sent, and the copy must not
