@@ -58,9 +58,13 @@ function formatOne (error: GraphQLError, refused: boolean, requestId: string, lo
   if (original === undefined || original instanceof GraphQLError) {
     return { ...json, extensions: refused ? { code: 'VALIDATION_FAILED', status: 400, requestId } : { code: 'KERNEL_ERROR', status: 502, requestId } }
   }
-  const { problem } = toProblem(original, requestId)
+  const { problem, headers } = toProblem(original, requestId)
   if (problem.code === 'INTERNAL') log(original)
-  return { ...json, message: problem.detail ?? problem.title, extensions: { code: problem.code, status: problem.status, requestId } }
+  // A refusal of the whole request (the guard, load shedding, shutdown) that asks for a wait says
+  // it here too, as a field's refusal does (FieldError).
+  const retryAfter = retryAfterOf(headers)
+  const extensions = { code: problem.code, status: problem.status, requestId, ...(retryAfter === undefined ? {} : { retryAfter }) }
+  return { ...json, message: problem.detail ?? problem.title, extensions }
 }
 
 /** Flattens mercurius' wrapper of a refused document (parse, validation, GET mutation) into its errors. */

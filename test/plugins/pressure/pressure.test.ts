@@ -51,6 +51,7 @@ t.test('past the heap bound every call is refused with 503 OVERLOADED; health, m
   const graphql = await app.inject({ method: 'POST', url: '/graphql', headers: system, payload: { query: '{ getAgent(id: "a1") { id } }' } })
   t.equal(graphql.statusCode, 503)
   t.equal(graphql.headers['retry-after'], '5')
+  t.match(graphql.json(), { errors: [{ extensions: { code: 'OVERLOADED', status: 503, retryAfter: 5 } }] }, 'the wait in the body too, as a field refusal carries it')
   t.equal((await app.inject({ method: 'GET', url: '/trpc/getAgent?input=' + encodeURIComponent('{"id":"a1"}'), headers: system })).statusCode, 503)
   t.equal((await app.inject({ method: 'POST', url: '/api/v1/batch', headers: system, payload: { calls: [] } })).statusCode, 503)
   t.equal((await app.inject({ method: 'GET', url: '/openapi.json' })).statusCode, 503)
