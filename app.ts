@@ -192,11 +192,18 @@ const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/
  * request; the gateway then closes its side.
  */
 function answerRaw (socket: Duplex, status: number, detail: string, extra: string = '', code: ErrorCode = 'BAD_REQUEST'): void {
-  // As every other answer: a request id the gateway made (UUIDv7), in the body and the header,
-  // and the security headers (these had a v4 id in the body alone, and no security header).
-  const id = uuidv7()
-  const body = JSON.stringify(toProblem(new MantleError(code, detail, { status }), id).problem)
+  const { id, body } = rawProblem(status, detail, code)
   socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nx-request-id: ${id}\r\n${SECURITY_LINES}${extra}Connection: close\r\n\r\n${body}`)
+}
+
+/**
+ * The problem of an answer Fastify never sees. As every other answer: a request id the gateway
+ * made (UUIDv7), in the body and the header, and the security headers (these had a v4 id in the
+ * body alone, and no security header).
+ */
+function rawProblem (status: number, detail: string, code: ErrorCode): { id: string, body: string } {
+  const id = uuidv7()
+  return { id, body: JSON.stringify(toProblem(new MantleError(code, detail, { status }), id).problem) }
 }
 
 /**
@@ -416,6 +423,13 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // A 405 names the methods that are served (RFC 9110 §15.5.6).
     answerRaw(socket, 405, 'CONNECT is not served', 'Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n')
     lingeringClose(socket)
+  })
+  // An Expect other than 100-continue: Node answers a bare 417 (no body, no request id, no
+  // security header) unless a listener answers it, so the gateway does, as problem+json.
+  app.server.on('checkExpectation', (_req, res) => {
+    const { id, body } = rawProblem(417, 'The only expectation served is 100-continue', 'BAD_REQUEST')
+    res.writeHead(417, { ...SECURITY_HEADERS, 'content-type': 'application/problem+json', 'content-length': Buffer.byteLength(body), 'x-request-id': id, connection: 'close' })
+    res.end(body)
   })
   // Node's server closes a connection after an answer that ends it (connection: close, as
   // Fastify answers a body it refused unread) with destroySoon: it lingers instead. Every open

@@ -30,3 +30,25 @@ t.test('CONNECT is answered 405 problem+json, not dropped', async t => {
   const health = await app.inject({ method: 'GET', url: '/healthz' })
   t.equal(health.statusCode, 200, 'the gateway serves on')
 })
+
+// Node answers an Expect other than 100-continue with a bare 417 unless a listener answers it.
+t.test('an Expect other than 100-continue is answered 417 problem+json, and the connection closed', async t => {
+  const app = await buildTestApp(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const answer = await new Promise<string>((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1')
+    let data = ''
+    socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
+    socket.on('end', () => resolve(data))
+    socket.on('error', reject)
+    socket.write('POST /api/v1/agents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\nExpect: 200-ok\r\n\r\n{}')
+  })
+  t.match(answer, /^HTTP\/1\.1 417 Expectation Failed\r\n/)
+  t.match(answer, /\r\ncontent-type: application\/problem\+json\r\n/i)
+  t.match(answer, /\r\nconnection: close\r\n/i)
+  const problem = JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)) as { requestId: string }
+  t.match(problem, { status: 417, code: 'BAD_REQUEST', detail: 'The only expectation served is 100-continue', requestId: /^[0-9a-f]{8}-[0-9a-f]{4}-7/ })
+  t.match(answer, new RegExp(`\\r\\nx-request-id: ${problem.requestId}\\r\\n`, 'i'))
+  t.match(answer, /\r\nx-content-type-options: nosniff\r\n/i)
+})
