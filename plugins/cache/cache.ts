@@ -21,6 +21,8 @@ export interface CacheMetrics {
   invalidated: (source: InvalidationSource, tags: number) => void
   fallback: (operation: 'read' | 'write' | 'invalidate') => void
   discarded: (op: string) => void
+  /** An entry of the in-process tier pushed out by its bounds. */
+  evicted: () => void
 }
 
 export type InvalidationSource = 'mutation' | 'admin' | 'remote'
@@ -68,7 +70,7 @@ interface Fill {
 }
 
 const noop = (): void => {}
-const noMetrics: CacheMetrics = { outcome: noop, coalesced: noop, invalidated: noop, fallback: noop, discarded: noop }
+const noMetrics: CacheMetrics = { outcome: noop, coalesced: noop, invalidated: noop, fallback: noop, discarded: noop, evicted: noop }
 
 /**
  * The response cache: an in-process LRU before Redis, one Kernel call per key at a time, stale
@@ -95,8 +97,9 @@ export class ResponseCache {
 
   constructor (private readonly opts: ResponseCacheOptions) {
     this.now = opts.now ?? Date.now
-    this.memory = new MemoryTier(opts.maxSize, opts.maxBytes, this.now)
     this.metrics = opts.metrics ?? noMetrics
+    const metrics = this.metrics
+    this.memory = new MemoryTier(opts.maxSize, opts.maxBytes, this.now, () => { metrics.evicted() })
   }
 
   get inFlight (): number {
@@ -196,7 +199,7 @@ export class ResponseCache {
           // was stored under: it may predate the invalidation and is not used.
           if (read.answer !== null && read.answer.policy === policy && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil) && !this.anyPending(tagKeys)) {
             found = read.answer
-            this.memory.set(local, found, tagKeys, since)
+            this.memory.set(local, ctx.tenant, found, tagKeys, since)
           }
         } catch (err) {
           this.redisFailed('read', err)
@@ -293,7 +296,7 @@ export class ResponseCache {
         this.redisFailed('write', err)
       }
     }
-    if (stored) stored = this.memory.set(key.local, answer, tagKeys, since)
+    if (stored) stored = this.memory.set(key.local, ctx.tenant, answer, tagKeys, since)
     if (!stored) this.metrics.discarded(op)
     return answer
   }

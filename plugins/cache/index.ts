@@ -65,7 +65,8 @@ function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheM
   const invalidated = new Counter({ name: 'mantle_cache_invalidations_total', help: 'Tags invalidated, by source (mutation, admin, remote: another instance)', labelNames: ['source'] as const, registers })
   const fallbacks = new Counter({ name: 'mantle_cache_redis_fallbacks_total', help: 'Cache operations that skipped Redis (away or failing) and used memory only', labelNames: ['operation'] as const, registers })
   const discarded = new Counter({ name: 'mantle_cache_discarded_total', help: 'Kernel answers not stored because their tags were invalidated during the call', labelNames: ['op'] as const, registers })
-  new Gauge({ name: 'mantle_cache_memory_entries', help: 'Entries in the in-process cache tier (LRU, bounded by BFF_CACHE_MAX_SIZE)', registers, collect () { this.set(cache().memory.size) } }) // eslint-disable-line no-new
+  const evictions = new Counter({ name: 'mantle_cache_memory_evictions_total', help: 'Entries the in-process cache tier pushed out to stay within BFF_CACHE_MAX_SIZE or BFF_CACHE_MAX_BYTES (each the least recently used of the tenant holding the most)', registers })
+  new Gauge({ name: 'mantle_cache_memory_entries', help: 'Entries in the in-process cache tier (LRU shared fairly by tenants, bounded by BFF_CACHE_MAX_SIZE)', registers, collect () { this.set(cache().memory.size) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_memory_bytes', help: 'Bytes of answers in the in-process cache tier, about (bounded by BFF_CACHE_MAX_BYTES)', registers, collect () { this.set(cache().memory.bytes) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_in_flight', help: 'Keys with a Kernel call in flight (coalesced)', registers, collect () { this.set(cache().inFlight) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_pending_invalidations', help: 'Invalidated tags waiting for Redis to come back', registers, collect () { this.set(cache().pendingInvalidations) } }) // eslint-disable-line no-new
@@ -86,7 +87,8 @@ function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheM
     coalesced: op => coalesced.labels(op).inc(),
     invalidated: (source, n) => invalidated.labels(source).inc(n),
     fallback: operation => fallbacks.labels(operation).inc(),
-    discarded: op => discarded.labels(op).inc()
+    discarded: op => discarded.labels(op).inc(),
+    evicted: () => evictions.inc()
   }
 }
 

@@ -1,4 +1,5 @@
 import { LRUCache } from 'lru-cache'
+import { FairLru } from '../../fair-lru.js'
 import { TAG_PREFIX } from './keys.js'
 
 /** The scope of a tag key (`tagKey`): its tenant, URI-encoded, so it holds no ':'. */
@@ -126,13 +127,21 @@ function entryBytes (entry: LocalEntry, key: string): number {
  * nor, about, `maxBytes` of them (counted by entry count alone, 10,000 answers of a few MB each
  * took the process past its memory), keeps no answer over an eighth of that (it stays in Redis),
  * and never returns an entry past its `keepUntil` or invalidated.
+ *
+ * The bounds are shared fairly between tenants (FairLru): past one, the entry that goes is the
+ * least recently used of the tenant holding the most entries (or bytes), and entries past their
+ * `keepUntil` go before any live one. In one LRU for all, a tenant's distinct reads (its input is
+ * part of the key: a filter value each) pushed every other tenant's fresh entries out.
  */
 export class MemoryTier {
-  private readonly lru: LRUCache<string, LocalEntry>
+  private readonly lru: FairLru<LocalEntry>
+  private readonly maxEntryBytes: number
   readonly clock: TagClock
 
-  constructor (max: number, maxBytes: number, private readonly now: () => number) {
-    this.lru = new LRUCache<string, LocalEntry>({ max, maxSize: maxBytes, maxEntrySize: Math.max(1, Math.floor(maxBytes / 8)), sizeCalculation: entryBytes })
+  /** `onEvict`: called for each entry a bound pushed out (not for those expired or invalidated). */
+  constructor (max: number, maxBytes: number, private readonly now: () => number, onEvict?: () => void) {
+    this.lru = new FairLru<LocalEntry>(max, maxBytes, onEvict)
+    this.maxEntryBytes = Math.max(1, Math.floor(maxBytes / 8))
     // Marks outlive the entries they guard by far: a tag mark per cached entry, and more.
     this.clock = new TagClock(Math.max(1000, max * 4), tenantOfTag)
   }
@@ -147,10 +156,23 @@ export class MemoryTier {
     return entry.answer
   }
 
-  /** Stores unless the tags were invalidated since `since`; says whether it stored. */
-  set (key: string, answer: CachedAnswer, tagKeys: readonly string[], since: number): boolean {
+  /**
+   * Stores unless the tags were invalidated since `since`; says whether it stored (an answer too
+   * large for the tier, or pushed out at once by the bounds, counts as stored: nothing raced it).
+   * `tenant`: whose entry it is, whose share of the bounds it takes.
+   */
+  set (key: string, tenant: string, answer: CachedAnswer, tagKeys: readonly string[], since: number): boolean {
     if (!this.clock.valid(tagKeys, since)) return false
-    this.lru.set(key, { answer, tagKeys, since })
+    const entry: LocalEntry = { answer, tagKeys, since }
+    const bytes = entryBytes(entry, key)
+    if (bytes > this.maxEntryBytes) {
+      // The older entry under the key is not served in its place.
+      this.lru.delete(key)
+      return true
+    }
+    // Expires for the tier (performance.now()) when `keepUntil` comes by `now`, so that it goes
+    // before live entries once past it; get checks `keepUntil` by `now` itself, and that decides.
+    this.lru.set(key, tenant, entry, bytes, answer.keepUntil - this.now())
     return true
   }
 
@@ -164,6 +186,6 @@ export class MemoryTier {
 
   /** What the entries held cost, about (entryBytes). */
   get bytes (): number {
-    return this.lru.calculatedSize
+    return this.lru.bytes
   }
 }

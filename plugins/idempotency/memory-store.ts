@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto'
-import { FairLru } from './fair-lru.js'
+import { FairLru } from '../../fair-lru.js'
 import { tenantOfKey, type Claim, type DoneRecord, type IdempotencyRecord, type IdempotencyStore, type RunningRecord } from './store.js'
 
 export interface MemoryStoreOptions {

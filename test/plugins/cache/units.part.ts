@@ -101,9 +101,9 @@ t.test('the tag clock: evicted marks raise their own tenant\'s floor, not anothe
 t.test('the memory tier is bounded, drops expired and invalidated entries, and refuses a raced store', async t => {
   let now = 1000
   const tier = new MemoryTier(2, 1 << 20, () => now)
-  tier.set('a', answer(2000), ['t'], tier.clock.now())
-  tier.set('b', answer(2000), [], tier.clock.now())
-  tier.set('c', answer(2000), [], tier.clock.now())
+  tier.set('a', 'tenant', answer(2000), ['t'], tier.clock.now())
+  tier.set('b', 'tenant', answer(2000), [], tier.clock.now())
+  tier.set('c', 'tenant', answer(2000), [], tier.clock.now())
   t.equal(tier.size, 2)
   t.equal(tier.get('a'), undefined, 'the least recently used went')
   t.ok(tier.get('c'))
@@ -111,11 +111,11 @@ t.test('the memory tier is bounded, drops expired and invalidated entries, and r
   t.equal(tier.get('c'), undefined, 'past keepUntil')
   const since = tier.clock.now()
   tier.clock.invalidate(['t'])
-  t.notOk(tier.set('d', answer(5000), ['t'], since), 'a store that raced an invalidation is refused')
-  t.ok(tier.set('d', answer(5000), ['t'], tier.clock.now()))
+  t.notOk(tier.set('d', 'tenant', answer(5000), ['t'], since), 'a store that raced an invalidation is refused')
+  t.ok(tier.set('d', 'tenant', answer(5000), ['t'], tier.clock.now()))
   tier.clock.invalidate(['t'])
   t.equal(tier.get('d'), undefined)
-  tier.set('e', answer(5000), [], tier.clock.now())
+  tier.set('e', 'tenant', answer(5000), [], tier.clock.now())
   tier.clear()
   t.equal(tier.size, 0)
 })
@@ -124,25 +124,60 @@ t.test('the memory tier is bounded in bytes too: large answers evict others, and
   // Bounded by entry count alone, 10,000 answers of a few MB each took the process past its memory.
   const tier = new MemoryTier(1000, 64 * 1024, () => 1000)
   const sized = (chars: number): CachedAnswer => { const json = JSON.stringify('x'.repeat(chars - 2)); return { ...answer(5000), json } }
-  for (let i = 0; i < 20; i++) tier.set(`k${i}`, sized(2000), [], tier.clock.now())
+  for (let i = 0; i < 20; i++) tier.set(`k${i}`, 'tenant', sized(2000), [], tier.clock.now())
   t.ok(tier.bytes <= 64 * 1024, `within the bound (${tier.bytes} bytes)`)
   t.ok(tier.size < 20 && tier.size >= 9, `the oldest went (${tier.size} kept)`)
   t.ok(tier.get('k19'), 'the newest is kept')
   t.equal(tier.get('k0'), undefined)
-  tier.set('huge', sized(3000), [], tier.clock.now())
+  tier.set('huge', 'tenant', sized(3000), [], tier.clock.now())
   t.equal(tier.get('huge'), undefined, 'an answer over an eighth of the bound stays out')
   t.ok(tier.get('k19'), 'and evicted nothing')
   // The parsed value of many small arrays costs far more than its characters: each is counted.
   const small = new MemoryTier(1000, 1 << 20, () => 1000)
   const json = JSON.stringify(Array.from({ length: 1000 }, (_, i) => [i]))
-  small.set('arrays', { ...answer(5000), json }, [], small.clock.now())
+  small.set('arrays', 'tenant', { ...answer(5000), json }, [], small.clock.now())
   t.ok(small.bytes >= 1000 * 2 * 48, `1,000 arrays count at least 96 KB (${small.bytes})`)
   // Separators inside a string are text: a CSV answer counts as its characters.
   const csv = JSON.stringify({ csv: 'a,b:c,[d],{e}\\",'.repeat(1000) })
   const text = new MemoryTier(1000, 1 << 20, () => 1000)
-  text.set('csv', { ...answer(5000), json: csv }, [], text.clock.now())
+  text.set('csv', 'tenant', { ...answer(5000), json: csv }, [], text.clock.now())
   t.ok(text.get('csv'), 'kept')
   t.ok(text.bytes > 0 && text.bytes < 4 * csv.length, `a CSV string counts as its text (${text.bytes} for ${csv.length} characters)`)
+})
+
+t.test('the memory tier shares its bounds fairly: a tenant past them evicts its own oldest, not another tenant\'s', async t => {
+  // In one LRU for all, a tenant's distinct reads pushed every other tenant's entries out.
+  let evicted = 0
+  const sized = (chars: number): CachedAnswer => { const json = JSON.stringify('x'.repeat(chars - 2)); return { ...answer(5000), json } }
+  const byCount = new MemoryTier(4, 1 << 20, () => 1000, () => { evicted++ })
+  byCount.set('quiet', 'quiet', answer(5000), [], byCount.clock.now())
+  for (let i = 0; i < 10; i++) byCount.set(`hog${i}`, 'hog', answer(5000), [], byCount.clock.now())
+  t.equal(byCount.size, 4)
+  t.ok(byCount.get('quiet'), 'the quiet tenant\'s entry stays past the count bound')
+  t.ok(byCount.get('hog9'), 'the hog keeps its newest')
+  t.equal(byCount.get('hog0'), undefined, 'and lost its oldest')
+  t.equal(evicted, 7, 'each entry pushed out is counted')
+  // Past the byte bound the same (64 KB: entries of about 6 KB each, an eighth being 8 KB).
+  const byBytes = new MemoryTier(1000, 64 * 1024, () => 1000, () => { evicted++ })
+  byBytes.set('quiet', 'quiet', sized(2000), [], byBytes.clock.now())
+  for (let i = 0; i < 40; i++) byBytes.set(`hog${i}`, 'hog', sized(2000), [], byBytes.clock.now())
+  t.ok(byBytes.bytes <= 64 * 1024, `within the bound (${byBytes.bytes} bytes)`)
+  t.ok(byBytes.get('quiet'), 'the quiet tenant\'s entry stays past the byte bound')
+  t.ok(byBytes.get('hog39'))
+  // An entry past its keepUntil goes before any live one (the tier's own clock: real time here).
+  const expiring = new MemoryTier(2, 1 << 20, () => 1000, () => { evicted++ })
+  evicted = 0
+  expiring.set('gone', 'quiet', answer(1000), [], expiring.clock.now())
+  expiring.set('h0', 'hog', answer(5000), [], expiring.clock.now())
+  expiring.set('h1', 'hog', answer(5000), [], expiring.clock.now())
+  t.equal(evicted, 0, 'the expired entry made room, no live one was evicted')
+  t.ok(expiring.get('h0') && expiring.get('h1'))
+  // A stored answer over an eighth of the bytes replaces the one under its key, not kept itself.
+  byBytes.set('quiet', 'quiet', sized(20_000), [], byBytes.clock.now())
+  t.equal(byBytes.get('quiet'), undefined)
+  byBytes.clear()
+  t.equal(byBytes.size, 0)
+  t.equal(byBytes.bytes, 0)
 })
 
 t.test('config: BFF_CACHE_* are validated and redis needs REDIS_URL', async t => {

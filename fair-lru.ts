@@ -12,7 +12,9 @@
  * its last entry, an empty bucket at once.
  *
  * Written here because no cache library evicts by tenant: lru-cache (used elsewhere) evicts the
- * least recently used of all entries, which is the unfairness this replaces.
+ * least recently used of all entries, which is the unfairness this replaces. Used by the memory
+ * idempotency store and by the response cache's in-process tier; each caller says whose entry it
+ * sets (the key is not parsed).
  */
 interface Group<V> {
   readonly tenant: string
@@ -128,6 +130,16 @@ export class FairLru<V> {
     }
   }
 
+  /** Drops every entry. */
+  clear (): void {
+    this.entries.clear()
+    this.groups.clear()
+    this.byCount.clear()
+    this.mostCount = 0
+    this.heap.length = 0
+    this.totalBytes = 0
+  }
+
   /** Drops every expired entry. */
   purgeStale (): void {
     const now = performance.now()
@@ -135,9 +147,10 @@ export class FairLru<V> {
   }
 
   /**
-   * Drops expired entries, oldest first, up to the first live one: every entry has the same TTL
-   * (the store's), so the order they were set in is the order they expire in (set moves a key to
-   * the end). With other TTLs, purgeStale and reads drop the rest.
+   * Drops expired entries, oldest first, up to the first live one: where every entry has the same
+   * TTL (the idempotency store's), the order they were set in is the order they expire in (set
+   * moves a key to the end). With other TTLs (the response cache's, by operation), purgeStale and
+   * reads drop the rest.
    */
   private dropExpired (): void {
     const now = performance.now()

@@ -1,0 +1,39 @@
+// The in-process tier is shared fairly between tenants: a cached query's input is part of its
+// key, so one tenant's distinct reads (a filter value each) pushed every other tenant's fresh
+// entries out of one LRU for all. Past a bound, the entry that goes is the least recently used
+// of the tenant holding the most.
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { buildTestApp, bearer } from '../../helper.js'
+import { itemKernel, itemManifest } from './items.js'
+
+t.test('memory: a tenant filling the tier with distinct reads evicts its own entries, not another tenant\'s', async t => {
+  const kernel = await itemKernel(t)
+  const app = await buildTestApp(t, { BFF_CACHE_STORE: 'memory', BFF_CACHE_MAX_SIZE: 8 }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const victim = bearer({ tenant: 'quiet-' + randomUUID() })
+  const hog = bearer({ tenant: 'hog-' + randomUUID() })
+
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: victim })).headers['x-cache'], 'miss')
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: victim })).headers['x-cache'], 'hit')
+  // Five times the bound of distinct entries: each read is a miss and stores its answer.
+  let misses = 0
+  for (let i = 0; i < 40; i++) {
+    if ((await app.inject({ method: 'GET', url: `/api/v1/items/a?q=${i}`, headers: hog })).headers['x-cache'] === 'miss') misses++
+  }
+  t.equal(misses, 40, 'every read of the hog\'s is a miss')
+  const memory = app.responseCache.cache.memory
+  t.equal(memory.size, 8, 'the tier holds its bound')
+  const reads = kernel.reads()
+  const again = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: victim })
+  t.equal(again.headers['x-cache'], 'hit', 'the quiet tenant\'s entry survived the hog\'s reads')
+  t.equal(kernel.reads(), reads, 'and made no Kernel call')
+  // The hog kept its most recent entries and lost its oldest.
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a?q=39', headers: hog })).headers['x-cache'], 'hit')
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a?q=0', headers: hog })).headers['x-cache'], 'miss')
+
+  const scrape = await app.inject({ method: 'GET', url: '/metrics' })
+  t.match(scrape.body, /\nmantle_cache_memory_evictions_total \d+/, 'evictions are counted')
+  const evicted = Number(/\nmantle_cache_memory_evictions_total (\d+)/.exec(scrape.body)?.[1])
+  // 41 entries of the hog's (q=0 twice) and one of the quiet tenant's, in 8 places: 34 pushed out.
+  t.equal(evicted, 34, 'one eviction for each entry past the bound')
+})
