@@ -31,7 +31,7 @@ import compression from './plugins/compression/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
-import graphql from './adapters/graphql/index.js'
+import graphql, { chooseSubprotocol } from './adapters/graphql/index.js'
 import websocketFace from './adapters/websocket/index.js'
 import type { FaceOptions } from './adapters/face.js'
 import websocket from '@fastify/websocket'
@@ -65,6 +65,8 @@ declare module 'fastify' {
   interface FastifyContextConfig {
     /** The route's path parameters are a call's input (REST): logs show its pattern instead. */
     inputInPath?: boolean
+    /** The route serves WebSocket upgrades (it has a wsHandler): an upgrade of any other route is refused (see refusedEarly). */
+    servesWebSocket?: boolean
   }
 }
 
@@ -270,6 +272,13 @@ function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: 
   done(err)
 }
 
+/**
+ * Node's mark of a request it handed to the 'upgrade' listeners (`Connection: upgrade` and an
+ * `Upgrade` header, with a listener: @fastify/websocket's); false for one it serves as plain
+ * HTTP, an `Upgrade` header without `Connection: upgrade` included. Not in @types/node.
+ */
+type Upgradable = IncomingMessage & { upgrade: boolean }
+
 /** What Node's HTTP server keeps on a connection's socket: its answer under way, and its parser (null once upgraded). */
 type HttpSocket = Socket & { _httpMessage?: ServerResponse | null, parser?: unknown }
 
@@ -409,6 +418,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // representation was empty, where RFC 9110 §8.6 allows a 304 no Content-Length but its 200's.
   // Added before any route, so that it applies to every one, and runs after Fastify's own.
   app.addHook('onRoute', (route) => {
+    if (route.wsHandler !== undefined || route.websocket === true) route.config = { ...route.config, servesWebSocket: true }
     if (route.method === 'HEAD') route.onSend = withHook(route.onSend, withoutBodyLength)
     const methods = Array.isArray(route.method) ? route.method : [route.method]
     if (!methods.every(method => BODYLESS.has(method))) route.preValidation = withHook(route.preValidation, notAnsweredAlready, true)
@@ -517,6 +527,15 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
         refuseEarly(request, reply, done, new MantleError('VALIDATION_FAILED', 'The query string is not valid percent-encoding (UTF-8)'))
         return true
       }
+    }
+    // An upgrade of a route that serves no WebSocket (a probe, a REST route, a tRPC procedure,
+    // GraphQL's POST) is refused before any 101, in its face's shape (the route's error handler).
+    // @fastify/websocket, which has no option for it, accepted each one on a route declared
+    // after it, then closed the socket at once and logged a line at info: any client could
+    // fill the log. A path no route serves stays the 404 of a plain request.
+    if ((request.raw as Upgradable).upgrade && request.routeOptions.config.servesWebSocket !== true && !request.is404) {
+      refuseEarly(request, reply, done, new MantleError('BAD_REQUEST', 'This route serves no WebSocket: send it a plain HTTP request'))
+      return true
     }
     return false
   }
@@ -762,7 +781,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // One WebSocket server for every face that upgrades (/ws, GraphQL and tRPC subscriptions).
   if (config.BFF_WEBSOCKET_ENABLED || config.BFF_GRAPHQL_ENABLED || config.BFF_TRPC_ENABLED) {
     await app.register(websocket, {
-      options: { maxPayload: config.BFF_BODY_LIMIT },
+      // handleProtocols: /graphql answers the subprotocol it speaks among those offered (ws took
+      // the first offered, and echoed one nobody speaks).
+      options: { maxPayload: config.BFF_BODY_LIMIT, handleProtocols: chooseSubprotocol },
       preClose: closeWebSockets,
       // A frame ws refuses (too large, bad UTF-8) is the client's doing, and ws has already
       // closed with the right code: not a gateway error, or any client could fill the log.

@@ -92,6 +92,30 @@ const CLOSE_INIT_TIMEOUT = 4408
  */
 const GRAPHQL_UPGRADES = new WeakSet<IncomingMessage>()
 
+/** The WebSocket subprotocols mercurius speaks (graphql-ws's and the legacy subscriptions-transport-ws's). */
+const SUBPROTOCOLS: ReadonlySet<string> = new Set(['graphql-transport-ws', 'graphql-ws'])
+
+/** The first offered of the subprotocols /graphql speaks, in a Sec-WebSocket-Protocol value (ws's parse would refuse a malformed one anyway). */
+function offeredSubprotocol (offer: string | undefined): string | undefined {
+  if (offer === undefined) return undefined
+  for (const name of offer.split(',')) {
+    const protocol = name.trim()
+    if (SUBPROTOCOLS.has(protocol)) return protocol
+  }
+  return undefined
+}
+
+/**
+ * ws's handleProtocols for the WebSocket server every face shares: an upgrade of /graphql gets
+ * the first offered subprotocol it speaks (its onRequest hook refused an offer with none);
+ * any other keeps ws's own choice, the first offered.
+ */
+export function chooseSubprotocol (protocols: Set<string>, request: IncomingMessage): string | false {
+  if (!GRAPHQL_UPGRADES.has(request)) return protocols.values().next().value ?? false
+  for (const protocol of protocols) if (SUBPROTOCOLS.has(protocol)) return protocol
+  return false
+}
+
 /** The GraphQL face with the given bounds; the default export uses the defaults. */
 export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) {
   const limits = { ...DEFAULT_SETTINGS, ...settings }
@@ -182,6 +206,12 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   // WebSocket server it registers itself; app.ts registers the one every face shares).
   const checkUpgrade = async (request: FastifyRequest): Promise<void> => {
     if (!request.ws) return
+    // mercurius speaks graphql-transport-ws and graphql-ws, and takes none other (without its
+    // wsDefaultSubprotocol, which the gateway leaves unset, not an upgrade offering none): it
+    // accepted the upgrade, closed with 1002 and wrote a warn line and a console.log of its own.
+    if (offeredSubprotocol(request.headers['sec-websocket-protocol']) === undefined) {
+      throw new MantleError('BAD_REQUEST', 'A WebSocket at /graphql speaks graphql-transport-ws or graphql-ws: offer one in Sec-WebSocket-Protocol')
+    }
     GRAPHQL_UPGRADES.add(request.raw)
     slots.reserve(request)
     const authorization = upgradeAuthorization(request)

@@ -1,0 +1,186 @@
+import t from 'tap'
+import { connect as connectTcp } from 'node:net'
+import { WebSocket } from 'ws'
+import type { FastifyInstance } from 'fastify'
+import { buildDemoApp, token } from '../../helper.js'
+
+// An upgrade to a route that serves no WebSocket (a probe, a tRPC procedure, a REST route), or
+// to /graphql without a subprotocol it speaks, is refused before any 101, in the face's error
+// shape, and is no log line. @fastify/websocket had accepted every such upgrade (101, then an
+// empty close, and an info line per request); on /graphql mercurius then closed with 1002 after
+// echoing the unknown subprotocol, with a warn line and a raw console.log on stdout.
+
+interface RawAnswer {
+  head: string
+  status: number
+  headers: Record<string, string>
+  body: string
+  /** Whether the gateway closed the connection (not the test's timeout). */
+  closedByGateway: boolean
+}
+
+/** An upgrade request written on a raw TCP socket, and everything that comes back until the gateway closes. */
+async function rawUpgrade (port: number, path: string, headers: Record<string, string> = {}, method = 'GET'): Promise<RawAnswer> {
+  const lines = Object.entries({
+    host: 'x',
+    connection: 'Upgrade',
+    upgrade: 'websocket',
+    'sec-websocket-key': 'dGhlIHNhbXBsZSBub25jZQ==',
+    'sec-websocket-version': '13',
+    ...headers
+  }).map(([k, v]) => `${k}: ${v}\r\n`).join('')
+  return await new Promise((resolve, reject) => {
+    let timedOut = false
+    const chunks: Buffer[] = []
+    const socket = connectTcp(port, '127.0.0.1', () => socket.write(`${method} ${path} HTTP/1.1\r\n${lines}\r\n`))
+    socket.on('data', (c: Buffer) => chunks.push(c))
+    socket.on('error', reject)
+    socket.setTimeout(3000, () => { timedOut = true; socket.destroy() })
+    socket.on('close', () => {
+      const text = Buffer.concat(chunks).toString('latin1')
+      const end = text.indexOf('\r\n\r\n')
+      const head = end === -1 ? text : text.slice(0, end)
+      const [statusLine = '', ...fields] = head.split('\r\n')
+      const parsed: Record<string, string> = {}
+      for (const field of fields) {
+        const colon = field.indexOf(':')
+        parsed[field.slice(0, colon).toLowerCase()] = field.slice(colon + 1).trim()
+      }
+      resolve({ head, status: Number(statusLine.split(' ')[1]), headers: parsed, body: end === -1 ? '' : text.slice(end + 4), closedByGateway: !timedOut })
+    })
+  })
+}
+
+/** The body as JSON, or as text when it is none (a WebSocket frame). */
+function parse (text: string): unknown {
+  try {
+    return JSON.parse(text)
+  } catch {
+    return text
+  }
+}
+
+const ACCESS_LOG = new Set(['incoming request', 'request completed'])
+
+/** Log lines the gateway writes (but its access log), and whatever reaches stdout, while `run` runs. */
+async function quietly<T> (lines: string[], run: () => Promise<T>): Promise<{ result: T, logged: string[], printed: string[] }> {
+  const printed: string[] = []
+  const write = process.stdout.write
+  const log = console.log
+  process.stdout.write = ((chunk: string | Uint8Array, ...rest: unknown[]) => {
+    printed.push(String(chunk))
+    return (write as (...args: unknown[]) => boolean).call(process.stdout, chunk, ...rest)
+  }) as typeof process.stdout.write
+  console.log = (...args: unknown[]) => { printed.push(args.map(String).join(' ')) }
+  const before = lines.length
+  try {
+    const result = await run()
+    // What a socket's close still writes (mercurius logs once the socket is open).
+    await new Promise(resolve => setTimeout(resolve, 50))
+    // Fastify's access log (`incoming request`, `request completed`) has two lines for every request.
+    const logged = lines.slice(before).filter(line => !ACCESS_LOG.has((JSON.parse(line) as { msg?: string }).msg ?? ''))
+    return { result, logged, printed }
+  } finally {
+    process.stdout.write = write
+    console.log = log
+  }
+}
+
+async function gateway (t: { teardown: (fn: () => unknown) => void }): Promise<{ app: FastifyInstance, port: number, lines: string[] }> {
+  const lines: string[] = []
+  const app = await buildDemoApp(t, { LOG_LEVEL: 'info' }, { logger: undefined, logStream: { write: (line: string) => { lines.push(line) } } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  return { app, port: (app.server.address() as { port: number }).port, lines }
+}
+
+t.test('an upgrade to a route that serves no WebSocket is a 400 in the face\'s shape, before any 101, and no log line', async t => {
+  const { port, lines } = await gateway(t)
+  const problem = { type: String, title: String, status: 400, code: 'BAD_REQUEST', detail: /serves no WebSocket/, requestId: String }
+  const cases: Array<[string, string, Record<string, string>, 'problem' | 'trpc' | 'graphql']> = [
+    ['/healthz', '/healthz', {}, 'problem'],
+    ['/readyz', '/readyz', {}, 'problem'],
+    ['a tRPC query', '/trpc/listAgents', {}, 'trpc'],
+    ['a tRPC query with a token', '/trpc/getAgent?input=%7B%22id%22%3A%22a1%22%7D', { authorization: `Bearer ${token()}` }, 'trpc'],
+    ['a REST route', '/api/v1/agents', {}, 'problem'],
+    ['a REST route with a token', '/api/v1/agents', { authorization: `Bearer ${token()}` }, 'problem'],
+    ['GraphQL over HTTP\'s POST', 'POST /graphql', { 'content-length': '0' }, 'graphql']
+  ]
+  const { result: answers, logged, printed } = await quietly(lines, async () => await Promise.all(cases.map(async ([, target, headers]) => {
+    const [method, path] = target.startsWith('/') ? ['GET', target] : target.split(' ')
+    return await rawUpgrade(port, path, headers, method)
+  }).concat(rawUpgrade(port, '/nope'))))
+  cases.forEach(([what, , , shape], i) => {
+    const answer = answers[i]
+    t.equal(answer.status, 400, `${what}: 400`)
+    t.notMatch(answer.head + answer.body, /101 Switching Protocols/, `${what}: no 101`)
+    t.equal(answer.headers.connection, 'close', `${what}: the answer says the connection closes`)
+    t.ok(answer.closedByGateway, `${what}: and the gateway closes it`)
+    t.ok(answer.headers['x-request-id'] !== undefined, `${what}: a request id`)
+    const body = parse(answer.body)
+    if (shape === 'problem') {
+      t.match(answer.headers['content-type'], /^application\/problem\+json/, what)
+      t.match(body, problem, what)
+    } else if (shape === 'graphql') {
+      t.match(answer.headers['content-type'], /^application\/json/, what)
+      t.match(body, { data: null, errors: [{ message: /serves no WebSocket/, extensions: { code: 'BAD_REQUEST', status: 400 } }] }, what)
+    } else {
+      t.match(answer.headers['content-type'], /^application\/json/, what)
+      t.match(body, { error: { message: /serves no WebSocket/, data: { code: 'BAD_REQUEST', httpStatus: 400 } } }, what)
+    }
+  })
+  // A path no route serves is the 404 it is to a plain request.
+  const unknown = answers[cases.length]
+  t.equal(unknown.status, 404, 'an unknown path: 404')
+  t.match(parse(unknown.body), { status: 404, code: 'NOT_FOUND' }, 'an unknown path: its problem')
+  t.ok(unknown.closedByGateway, 'an unknown path: the gateway closes the connection')
+  t.same(logged, [], 'nothing logged')
+  t.same(printed, [], 'nothing printed')
+})
+
+t.test('/graphql refuses an upgrade offering neither graphql-transport-ws nor graphql-ws before any 101, and takes one offering either', async t => {
+  const { port, lines } = await gateway(t)
+  const cases: Array<[string, Record<string, string>]> = [
+    ['an unknown subprotocol', { 'sec-websocket-protocol': 'foo' }],
+    ['two unknown ones', { 'sec-websocket-protocol': 'foo, bar' }],
+    ['an unknown one with a valid token', { 'sec-websocket-protocol': 'foo', authorization: `Bearer ${token()}` }],
+    ['none', {}]
+  ]
+  const { result: answers, logged, printed } = await quietly(lines, async () => await Promise.all(cases.map(async ([, headers]) => await rawUpgrade(port, '/graphql', headers))))
+  cases.forEach(([what], i) => {
+    const answer = answers[i]
+    t.equal(answer.status, 400, `${what}: 400`)
+    t.notMatch(answer.head + answer.body, /101 Switching Protocols/, `${what}: no 101`)
+    t.equal(answer.headers['sec-websocket-protocol'], undefined, `${what}: no subprotocol echoed`)
+    t.ok(answer.closedByGateway, `${what}: the gateway closes the connection`)
+    t.match(answer.headers['content-type'], /^application\/json/, what)
+    t.match(parse(answer.body), { data: null, errors: [{ message: /graphql-transport-ws or graphql-ws/, extensions: { code: 'BAD_REQUEST', status: 400 } }] }, what)
+  })
+  t.same(logged, [], 'nothing logged')
+  t.same(printed, [], 'nothing printed')
+
+  // An offer holding one the server speaks gets that one, wherever it stands in the offer (ws
+  // picks the first offered by default, and an unknown first one was echoed).
+  for (const [offer, chosen] of [[['graphql-transport-ws'], 'graphql-transport-ws'], [['foo', 'graphql-ws'], 'graphql-ws'], [['foo', 'graphql-transport-ws', 'graphql-ws'], 'graphql-transport-ws']] as const) {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, [...offer])
+    t.teardown(() => ws.terminate())
+    await new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject) })
+    t.equal(ws.protocol, chosen, `${offer.join(', ')}: ${chosen}`)
+    // The protocol answers: connection_init is acknowledged.
+    ws.send(JSON.stringify({ type: 'connection_init', payload: { authorization: `Bearer ${token()}` } }))
+    const reply = await new Promise<string>(resolve => {
+      ws.once('message', (data: Buffer) => resolve(data.toString()))
+      ws.once('close', (code: number) => resolve(`closed with ${code}`))
+    })
+    t.match(JSON.parse(reply), { type: 'connection_ack' }, `${offer.join(', ')}: acknowledged`)
+  }
+})
+
+t.test('the faces that serve a WebSocket still upgrade', async t => {
+  const { port } = await gateway(t)
+  for (const [path, protocol] of [['/ws', undefined], ['/trpc', undefined], ['/graphql', 'graphql-transport-ws']] as const) {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}${path}`, protocol, { headers: { authorization: `Bearer ${token()}` } })
+    t.teardown(() => ws.terminate())
+    await new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject) })
+    t.pass(`${path} upgraded`)
+  }
+})
