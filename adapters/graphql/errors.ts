@@ -47,7 +47,11 @@ interface Wrapped { errors?: unknown, statusCode?: unknown }
  * errors (Fastify's: body too large, wrong media type, malformed JSON) map as REST maps them.
  */
 function formatOne (error: GraphQLError, refused: boolean, requestId: string, log: (err: unknown) => void): GraphQLFormattedError {
-  const json = error.toJSON()
+  // Documents are parsed without locations (PARSE_OPTIONS): graphql-jit's errors then carry an
+  // empty `locations`, which says nothing and is left out, as graphql-js' own errors leave it.
+  const full = error.toJSON()
+  const { locations, ...unlocated } = full
+  const json: GraphQLFormattedError = locations?.length === 0 ? unlocated : full
   // graphql-jit's errors (a JIT-compiled document run without a required variable) have no
   // extensions: a 500 before this fallback, found by `npm run fuzz`.
   const ext: GraphQLError['extensions'] = error.extensions ?? {}
