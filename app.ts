@@ -776,7 +776,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     maxCalls: config.BFF_BATCH_MAX_CALLS,
     maxDepth: config.BFF_GRAPHQL_MAX_DEPTH,
     secured: config.BFF_AUTH_ENABLED,
-    development: config.NODE_ENV !== 'production'
+    development: config.NODE_ENV !== 'production',
+    // As the events' share: with identity off every caller is the one tenant `public`.
+    maxConnectionsPerTenant: config.BFF_AUTH_ENABLED ? config.BFF_WS_MAX_CONNECTIONS_PER_TENANT : undefined
   }
   // One WebSocket server for every face that upgrades (/ws, GraphQL and tRPC subscriptions).
   if (config.BFF_WEBSOCKET_ENABLED || config.BFF_GRAPHQL_ENABLED || config.BFF_TRPC_ENABLED) {

@@ -15,6 +15,12 @@ export interface FaceOptions {
   secured: boolean
   /** GraphiQL and other developer aids, outside production only. */
   development: boolean
+  /**
+   * WebSocket connections one tenant may hold on each face that upgrades, its share of the
+   * face's maxConnections (BFF_WS_MAX_CONNECTIONS_PER_TENANT); unset: no share (identity off:
+   * every caller is one tenant).
+   */
+  maxConnectionsPerTenant?: number | undefined
 }
 
 export interface FaceCall {

@@ -442,14 +442,14 @@ export function gatewayCache (redisUrl: string): TargetDefinition {
 /**
  * The gateway of the WebSocket scale run: the same configuration, plus BFF_INTERNAL_TOKEN so
  * that the harness may publish events with POST /internal/events. Every connection of the run
- * is one tenant's, so that tenant may hold the instance's whole bound of subscriptions (the
- * default share, 10,000, would refuse a run of more connections).
+ * is one tenant's, so that tenant may hold the instance's whole bound of subscriptions and of
+ * /ws connections (the default shares, 10,000 each, would refuse a run of more connections).
  */
 export function gatewayScale (internalToken: string): TargetDefinition {
   return {
     name: 'gateway-scale',
-    description: 'Mantle, as gateway-spine, with BFF_INTERNAL_TOKEN set and one tenant allowed every subscription',
-    process: gatewayEnv(GATEWAY_FLAGS, () => ({ BFF_INTERNAL_TOKEN: internalToken, BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT: '100000' })),
+    description: 'Mantle, as gateway-spine, with BFF_INTERNAL_TOKEN set and one tenant allowed every subscription and connection',
+    process: gatewayEnv(GATEWAY_FLAGS, () => ({ BFF_INTERNAL_TOKEN: internalToken, BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT: '100000', BFF_WS_MAX_CONNECTIONS_PER_TENANT: '100000' })),
     headers: () => ({})
   }
 }

@@ -31,6 +31,8 @@ export const ConfigSchema = Type.Object({
   BFF_INTERNAL_TOKEN: Type.Optional(Type.String({ minLength: 16, pattern: '^[\\x21-\\x7e]+$', description: 'bearer token the Kernel uses to POST /internal/events (16 or more visible ASCII characters)' })),
   // At most the instance's own bound on event subscriptions (100,000), which a larger share could never reach.
   BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT: Type.Integer({ minimum: 1, maximum: 100000, default: 10000, description: 'event subscriptions one tenant may hold on an instance, its share of the instance\'s 100000 (beyond it 503 OVERLOADED); not applied with BFF_AUTH_ENABLED=false' }),
+  // At most each face's own bound on WebSocket connections (100,000), which a larger share could never reach.
+  BFF_WS_MAX_CONNECTIONS_PER_TENANT: Type.Integer({ minimum: 1, maximum: 100000, default: 10000, description: 'WebSocket connections one tenant may hold on an instance at each of /ws, /trpc and /graphql, its share of the face\'s 100000 (beyond it 503 OVERLOADED); not applied with BFF_AUTH_ENABLED=false' }),
   BFF_METRICS_ENABLED: Flag('Prometheus /metrics'),
   BFF_METRICS_TOKEN: Type.Optional(Type.String({ minLength: 16, pattern: '^[\\x21-\\x7e]+$', description: 'bearer token GET /metrics then requires (16 or more visible ASCII characters); unset: /metrics is open' })),
   BFF_DIAGZ_ENABLED: Flag('/diagz (role system): rates, latency percentiles, per-stage and per-face figures, stores, breakers, memory'),

@@ -135,13 +135,13 @@ export function chooseSubprotocol (protocols: Set<string>, request: IncomingMess
 export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) {
   const limits = { ...DEFAULT_SETTINGS, ...settings }
   return async function graphqlFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
-    const slots = new ConnectionSlots(limits.maxConnections)
+    const slots = new ConnectionSlots('graphql', limits.maxConnections, opts.maxConnectionsPerTenant)
     const guard = await graphqlAdapter(app, opts, slots, limits.initTimeoutMs)
     // mercurius keeps a socket that never sends connection_init open for ever: a client could
     // hold sockets at no cost. graphql-ws prescribes closing it with 4408 when no
     // connection_init came in time, whatever else did (a ping or a junk frame does not count).
     if (!app.hasDecorator('websocketServer')) return
-    reportSlots(app, 'graphql', slots)
+    reportSlots(app, slots)
     // mercurius sends no keep-alive: a client that vanished kept its slot and its subscriptions
     // until its token expired (for ever with identity off).
     const heartbeat = new Heartbeat(limits.heartbeatMs)
@@ -167,7 +167,7 @@ export default createGraphqlFace()
 async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: ConnectionSlots, authTimeoutMs: number): Promise<(socket: WebSocket, initialised: () => void) => void> {
   const rules = [limitsRule({ maxDepth: opts.maxDepth, maxRootFields: opts.maxCalls, maxFields: MAX_FIELDS })]
   const maxQuery = Math.min(MAX_QUERY_LENGTH, opts.bodyLimit)
-  const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules, maxQuery, maxTokens: MAX_TOKENS, authTimeoutMs })
+  const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules, maxQuery, maxTokens: MAX_TOKENS, authTimeoutMs, claim: (request, tenant) => { slots.claim(request.raw.socket, tenant) } })
   // HTTP validation results are cached by mercurius per document, so this costs nothing per request.
   const httpRules = [...rules, noSubscriptionOverHttp]
 
@@ -216,7 +216,8 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   })
 
   // A WebSocket upgrade beyond the instance's bound is refused at once (503), and so is one with
-  // credentials when they are bad (a 401); without any, connection_init may still bring them.
+  // credentials when they are bad (a 401), or whose tenant holds its share of the connections
+  // (503); without any, connection_init may still bring them (the share is then checked there).
   // mercurius offers no hook of its own before the upgrade (its verifyClient only applies to a
   // WebSocket server it registers itself; app.ts registers the one every face shares).
   const checkUpgrade = async (request: FastifyRequest): Promise<void> => {
@@ -230,7 +231,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     GRAPHQL_UPGRADES.add(request.raw)
     slots.reserve(request)
     const authorization = upgradeAuthorization(request)
-    if (authorization !== undefined) app.identify(authorization)
+    if (authorization !== undefined) slots.claim(request.raw.socket, app.identify(authorization).tenant)
   }
   app.addHook('onRoute', (route) => {
     // The face's routes stay out of the OpenAPI document, which describes REST.

@@ -9,6 +9,7 @@ import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors
 import { fieldError } from './errors.js'
 import { MAX_BUFFERED_BYTES, slowReader, utf8Sends } from '../slow-reader.js'
 import { upgradeAuthorization } from '../upgrade.js'
+import { CLOSE_TRY_AGAIN_LATER } from '../connection-slots.js'
 import { atExpiry } from '../expiry.js'
 
 // Subscriptions ride on mercurius' graphql-ws server (`subscription` option). What this module
@@ -101,7 +102,10 @@ export class GraphqlConnection {
    */
   private backlog = 0
 
-  constructor (readonly socket: WebSocket, readonly upgradeAuthorization: string | undefined) {
+  /**
+   * @param claim counts the connection against its tenant (see SubscriptionSettings.claim)
+   */
+  constructor (readonly socket: WebSocket, readonly upgradeAuthorization: string | undefined, private readonly claim: (tenant: string) => void = () => {}) {
     socket.once('close', () => this.dispose())
   }
 
@@ -140,8 +144,19 @@ export class GraphqlConnection {
   }
 
   private accept (identity: Identity): Identity {
-    if (this.caller === null) this.caller = { tenant: identity.tenant, user: identity.user }
-    else if (identity.tenant !== this.caller.tenant || identity.user !== this.caller.user) {
+    if (this.caller === null) {
+      // The connection counts against its tenant from its first identity on (its upgrade's
+      // token, when it had one, was counted then). Beyond the tenant's share it is closed with
+      // 1013 (try again later), as one too far behind is: the refusal is the close's reason, and
+      // a subscribe that brought the identity gets it too.
+      try {
+        this.claim(identity.tenant)
+      } catch (err) {
+        this.close(CLOSE_TRY_AGAIN_LATER, (err as Error).message)
+        throw err
+      }
+      this.caller = { tenant: identity.tenant, user: identity.user }
+    } else if (identity.tenant !== this.caller.tenant || identity.user !== this.caller.user) {
       throw new MantleError('FORBIDDEN', 'A subscription\'s token must be for the same tenant and user as the connection')
     }
     if (identity.expiresAt < this.expiresAt) {
@@ -222,6 +237,11 @@ export interface SubscriptionSettings {
   maxTokens: number
   /** How long a connection may stay without a valid identity once initialised (then 4401). */
   authTimeoutMs: number
+  /**
+   * Counts the connection of the upgrade `request` against `tenant` once it is identified, or
+   * throws OVERLOADED when the tenant holds its share of the face's connections.
+   */
+  claim: (request: FastifyRequest, tenant: string) => void
 }
 
 /** The messages a client may send, per subprotocol (graphql-transport-ws, and the legacy graphql-ws). */
@@ -355,7 +375,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         connection.close(4429, 'Too many initialisation requests')
         return { connection }
       }
-      connection = new GraphqlConnection(socket, upgradeAuthorization(request))
+      connection = new GraphqlConnection(socket, upgradeAuthorization(request), tenant => { settings.claim(request, tenant) })
       connections.set(socket, connection)
       connection.open(app, early.get(socket)?.init ?? connection.upgradeAuthorization, settings.authTimeoutMs)
       return { connection }

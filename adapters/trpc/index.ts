@@ -8,7 +8,7 @@ import type { WebSocket } from 'ws'
 import type { IncomingHttpHeaders, IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders } from '../../errors.js'
-import { ConnectionSlots, reportSlots } from '../connection-slots.js'
+import { CLOSE_TRY_AGAIN_LATER, ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { queryToken, refusedByWs, upgradeAuthorization } from '../upgrade.js'
 import { utf8Sends } from '../slow-reader.js'
 import { httpContext, socketContext, type TrpcContext } from './context.js'
@@ -312,8 +312,8 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     if (!app.hasDecorator('websocketServer')) {
       app.get('/trpc', { schema: { hide: true } }, notHere)
     } else {
-      const slots = new ConnectionSlots(limits.maxConnections)
-      reportSlots(app, 'trpc', slots)
+      const slots = new ConnectionSlots('trpc', limits.maxConnections, opts.maxConnectionsPerTenant)
+      reportSlots(app, slots)
       const authenticated = new WeakSet<WebSocket>()
       // The credentials each upgrade carried (its header or ?access_token=), read by its check.
       const upgrades = new WeakMap<IncomingMessage, string | undefined>()
@@ -333,12 +333,20 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           const ctx = socketContext(socket, upgrades.get(req), info.connectionParams)
           let expiresAt: number
           try {
-            expiresAt = app.identify(ctx.authorization).expiresAt
+            const identity = app.identify(ctx.authorization)
+            expiresAt = identity.expiresAt
+            // The tenant's share, counted here for a connection identified by its
+            // connectionParams (one identified by its upgrade was counted then: nothing changes).
+            slots.claim(req.socket, identity.tenant)
           } catch (err) {
             // tRPC sends the error (after this throw, before any timer fires), then closes the
             // socket without a code, a 1005 that wsLink takes for a network drop and answers by
-            // reconnecting with the same token. Closed first with 4401, the client sees why.
-            setImmediate(() => socket.close(CLOSE_UNAUTHENTICATED, 'The token is missing or was refused'))
+            // reconnecting with the same token. Closed first with 4401, the client sees why; beyond
+            // the tenant's share with 1013 (try again later), as a socket too far behind is.
+            const [code, reason] = err instanceof MantleError && err.code === 'OVERLOADED'
+              ? [CLOSE_TRY_AGAIN_LATER, err.message]
+              : [CLOSE_UNAUTHENTICATED, 'The token is missing or was refused']
+            setImmediate(() => socket.close(code, reason))
             throw ProblemError.from(err, uuidv7())
           }
           authenticated.add(socket)
@@ -374,7 +382,10 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           slots.reserve(request)
           if (!request.ws) return
           const authorization = upgradeAuthorization(request)
-          if (authorization !== undefined || !awaitsParams(request)) app.identify(authorization)
+          // The tenant's share too, when these credentials are the connection's (with
+          // ?connectionParams=1, those may name another tenant: counted in createContext).
+          if (!awaitsParams(request)) slots.claim(request.raw.socket, app.identify(authorization).tenant)
+          else if (authorization !== undefined) app.identify(authorization)
           upgrades.set(request.raw, authorization)
         },
         handler: notHere,

@@ -45,8 +45,8 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
     const limits = { ...DEFAULT_SETTINGS, maxFrameBytes: opts.bodyLimit, ...settings }
     const connections = new Set<Connection>()
     // The bound, counted from the check on (the set only holds connections once upgraded).
-    const slots = new ConnectionSlots(limits.maxConnections)
-    reportSlots(app, 'ws', slots)
+    const slots = new ConnectionSlots('ws', limits.maxConnections, opts.maxConnectionsPerTenant)
+    reportSlots(app, slots)
     const eventPrefixes = new Map(app.pipeline.manifest.events.map(e => [e.name, '{"event":' + JSON.stringify(e.name) + ',"data":']))
     // One timer for every connection rather than one each.
     const heartbeat = new Heartbeat(limits.heartbeatMs)
@@ -60,12 +60,15 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
       url: '/ws',
       schema: { hide: true },
       // Runs before the upgrade: without a valid token no socket is accepted, the client gets
-      // the 401 problem+json over plain HTTP.
+      // the 401 problem+json over plain HTTP; nor beyond its tenant's share of the connections
+      // (the tenant never changes: an `auth` frame must keep it), a 503.
       onRequest: (request, _reply, done) => {
         try {
           slots.reserve(request)
           const authorization = upgradeAuthorization(request)
-          verified.set(request, { identity: app.identify(authorization), authorization })
+          const identity = app.identify(authorization)
+          if (request.ws) slots.claim(request.raw.socket, identity.tenant)
+          verified.set(request, { identity, authorization })
           done()
         } catch (err) {
           done(err as Error)

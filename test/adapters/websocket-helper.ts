@@ -61,7 +61,8 @@ export async function wsApp (t: Teardown, options: WsAppOptions = {}): Promise<W
       maxCalls: config.BFF_BATCH_MAX_CALLS,
       maxDepth: config.BFF_GRAPHQL_MAX_DEPTH,
       secured: config.BFF_AUTH_ENABLED,
-      development: true
+      development: true,
+      maxConnectionsPerTenant: config.BFF_AUTH_ENABLED ? config.BFF_WS_MAX_CONNECTIONS_PER_TENANT : undefined
     })
   }
   await app.listen({ port: 0, host: '127.0.0.1' })

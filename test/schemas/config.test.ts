@@ -201,7 +201,8 @@ const MAXIMA: Array<[name: string, max: number, why: string]> = [
   ['BFF_AUDIT_RETENTION_DAYS', 36_500, '100 years; far more days make the prune date an Invalid Date'],
   ['BFF_AUDIT_QUEUE_MAX', 1_000_000, 'the queue lives in the heap'],
   ['BFF_AUDIT_MEMORY_MAX', 10_000_000, 'the memory store indexes entries in Sets, capped by V8 at 2^24'],
-  ['BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT', 100_000, 'the instance\'s own bound on event subscriptions, which a larger share never reaches']
+  ['BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT', 100_000, 'the instance\'s own bound on event subscriptions, which a larger share never reaches'],
+  ['BFF_WS_MAX_CONNECTIONS_PER_TENANT', 100_000, 'each face\'s own bound on WebSocket connections, which a larger share never reaches']
 ]
 
 t.test('each bounded variable accepts its maximum and refuses one more, naming its range', async t => {
