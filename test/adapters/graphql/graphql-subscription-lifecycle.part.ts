@@ -199,7 +199,9 @@ t.test('/graphql pings its sockets and drops one that misses a pong, as /ws does
   const kernel = await startKernel({ port: 0 })
   t.teardown(() => kernel.close())
   const app = await buildApp(testConfig({ BFF_GRAPHQL_ENABLED: false }), { logger: false, kernelUrl: kernel.url })
-  await app.register(createGraphqlFace({ heartbeatMs: 40 }), { bodyLimit: 1048576, maxCalls: 50, maxDepth: 12, secured: true, development: false })
+  // A beat long enough for both subscriptions to start before the dead peer misses a pong (at
+  // 40 ms, a loaded machine dropped it first and the test waited for two subscriptions forever).
+  await app.register(createGraphqlFace({ heartbeatMs: 150 }), { bodyLimit: 1048576, maxCalls: 50, maxDepth: 12, secured: true, development: false })
   t.teardown(() => app.close())
   await app.listen({ port: 0, host: '127.0.0.1' })
   const url = `ws://127.0.0.1:${(app.server.address() as { port: number }).port}/graphql`
@@ -211,7 +213,7 @@ t.test('/graphql pings its sockets and drops one that misses a pong, as /ws does
   await until(() => dead.closed() !== null, 'the dead peer to be dropped')
   t.same(dead.closed(), [1006, ''], 'terminated, no close frame')
   await until(() => app.events.bus.subscriptions === 1, 'its subscription to leave the bus')
-  await sleep(150)
+  await sleep(450)
   t.equal(alive.closed(), null, 'a peer that answers stays')
   await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run('r1') })
   await until(() => alive.frames.some(f => f.type === 'next'), 'the event')
