@@ -1,9 +1,9 @@
 import { clientRequestId, uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { TRPCError } from '@trpc/server'
-import { fastifyRequestHandler } from '@trpc/server/adapters/fastify'
+import { incomingMessageToRequest } from '@trpc/server/adapters/node-http'
 import { getWSConnectionHandler } from '@trpc/server/adapters/ws'
-import type { TRPCRequestInfo } from '@trpc/server/http'
+import { resolveResponse, type TRPCRequestInfo } from '@trpc/server/http'
 import type { WebSocket } from 'ws'
 import type { IncomingHttpHeaders, IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
@@ -242,7 +242,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       // Without a Host, tRPC makes its own URL: let it.
       if (headers.host === undefined) return null
       let text: unknown
-      if (request.method === 'GET' && op.type === 'query') text = query.input
+      if ((request.method === 'GET' || request.method === 'HEAD') && op.type === 'query') text = query.input
       else if (request.method === 'POST' && op.type === 'mutation' && headers['content-type']?.startsWith('application/json') === true) text = request.body
       else return null
       if (text === undefined || text === '') return { input: undefined }
@@ -274,8 +274,36 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       return await reply.code(shape.data.httpStatus).send(JSON.stringify({ error: shape }))
     }
 
+    // @trpc/server's fastifyRequestHandler, but for HEAD, which it answers 204 whatever the
+    // request (resolveResponse's first line): a HEAD goes to tRPC as its GET, and is answered as
+    // its GET is, status and header fields (RFC 9110 §9.3.2), as REST and GraphQL answer HEAD;
+    // Node sends no body for a HEAD. An SSE subscription's body never ends, and is cancelled:
+    // the subscription ends before its first event (it is counted from its first pull).
+    const answerByTrpc = async (request: FastifyRequest, reply: FastifyReply, path: string): Promise<void> => {
+      const incoming = request.raw as IncomingMessage & { body?: unknown }
+      if ('body' in request) incoming.body = request.body
+      const fetchRequest = incomingMessageToRequest(incoming, reply.raw, { maxBodySize: opts.bodyLimit })
+      const head = request.method === 'HEAD'
+      const response = await resolveResponse({
+        router,
+        req: head ? new Request(fetchRequest, { method: 'GET' }) : fetchRequest,
+        path,
+        error: null,
+        createContext: async ({ info }) => httpContext(request, reply.raw, info.connectionParams, info.isBatchCall, info.calls.length),
+        onError: (o) => { onError({ ...o, req: request }) },
+        responseMeta: ({ info, errors, ctx, eagerGeneration }) => responseHeaders(info, errors, ctx, eagerGeneration)
+      })
+      if (head && response.headers.get('content-type')?.startsWith('text/event-stream') === true) {
+        await response.body?.cancel()
+        await reply.send(new Response(null, { status: response.status, headers: response.headers }))
+        return
+      }
+      await reply.send(response)
+    }
+
     app.route({
-      // HEAD is ours (tRPC answers 204): Fastify's automatic HEAD route cannot send a Response.
+      // HEAD is ours, answered as GET (answerByTrpc): Fastify's automatic HEAD route cannot
+      // send a Response.
       method: ['GET', 'HEAD', 'POST'],
       url: '/trpc/*',
       exposeHeadRoute: false,
@@ -288,16 +316,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         const call = singleCall(request, path)
         if (call !== null) return await answerSingle(request, reply, path, call.input)
         if (compressing && asksForStream(request.headers)) request.raw.headers['x-no-compression'] = 'jsonl'
-        await fastifyRequestHandler({
-          router,
-          req: request,
-          res: reply,
-          path,
-          maxBodySize: opts.bodyLimit,
-          createContext: ({ req, res, info }) => httpContext(req, res.raw, info.connectionParams, info.isBatchCall, info.calls.length),
-          onError,
-          responseMeta: ({ info, errors, ctx, eagerGeneration }) => responseHeaders(info, errors, ctx, eagerGeneration)
-        })
+        await answerByTrpc(request, reply, path)
         const refused = refusedEarly?.get(request)
         if (refused !== undefined) app.audit.refused(request, reply, operations.has(path) ? path : 'trpc', errorShape(refused, request.id).data.code, reply.statusCode)
         return reply

@@ -321,8 +321,6 @@ t.test('raw HTTP: the ugly cases are 4xx tRPC errors with contract codes, never 
     const named = await call({ url: `/trpc/getItem?input=${input({ id: 'i2' })}`, headers: { ...h, host } })
     t.equal(named.status, 200, `Host ${host}`)
   }
-  const head = await call({ method: 'HEAD', url: '/trpc/getItem' })
-  t.equal(head.status, 204, 'HEAD is answered by tRPC')
   const put = await call({ method: 'PUT', url: '/trpc/putItem', headers: jsonHeaders, payload: '{}' })
   t.equal(put.status, 404, 'other methods are not routes')
 })
@@ -392,4 +390,53 @@ t.test('a request target in absolute form with credentials is refused 400, never
   t.match(refused, /^HTTP\/1\.1 400 /)
   t.match(refused, /"code":"BAD_REQUEST"/)
   t.match(await raw(`http://x/trpc/getItem,getItem?batch=1&input=${input}`), /^HTTP\/1\.1 200 /, 'absolute form without credentials: served')
+})
+
+// tRPC answers every HEAD 204 (resolveResponse): an unknown procedure, a call without a token,
+// all were "No Content", where REST and GraphQL answer HEAD as their GET (RFC 9110 §9.3.2).
+t.test('HEAD is answered as GET would be: its status and header fields, no body', async t => {
+  const { app, kernel } = await withKernel(t)
+  const base = (await listen(app)).replace(/\/trpc$/, '')
+  const input = (v: unknown): string => encodeURIComponent(JSON.stringify(v))
+  // Fields that differ between any two requests, whatever their method, and the framing of a
+  // streamed body (chunked), which Node leaves off an answer that has none (RFC 9112 §6.1 allows it).
+  const own = new Set(['date', 'x-request-id', 'keep-alive', 'connection', 'transfer-encoding'])
+  const fields = (res: Response): Record<string, string> => Object.fromEntries([...res.headers].filter(([name]) => !own.has(name)))
+  const cases: Array<[string, string, Headers, number]> = [
+    ['an unknown procedure', '/trpc/doesNotExist', bearer(), 404],
+    ['a query without a token', `/trpc/getItem?input=${input({ id: 'i1' })}`, {}, 401],
+    ['a query', `/trpc/getItem?input=${input({ id: 'i1' })}`, bearer(), 200],
+    ['a query, compressed', `/trpc/getItem?input=${input({ id: 'i1' })}`, { ...bearer(), 'accept-encoding': 'gzip' }, 200],
+    ['input that is not JSON', '/trpc/getItem?input=%7B', bearer(), 400],
+    ['a batch', `/trpc/getItem,getItem?batch=1&input=${input({ 0: { id: 'i1' }, 1: { id: 'i2' } })}`, bearer(), 200],
+    ['a batch, compressed', `/trpc/getItem,getItem?batch=1&input=${input({ 0: { id: 'i1' }, 1: { id: 'i2' } })}`, { ...bearer(), 'accept-encoding': 'gzip' }, 200],
+    ['a mutation', '/trpc/putItem', bearer(), 405]
+  ]
+  for (const [name, path, headers, status] of cases) {
+    const get = await fetch(base + path, { headers })
+    await get.arrayBuffer()
+    const head = await fetch(base + path, { method: 'HEAD', headers })
+    t.equal(head.status, status, `${name}: HEAD ${status}`)
+    t.equal(get.status, status, `${name}: GET ${status}`)
+    t.same(fields(head), fields(get), `${name}: the header fields GET has`)
+    t.equal(await head.text(), '', `${name}: no body`)
+  }
+  t.equal(kernel.requests.length, 12, 'a HEAD query runs as its GET does (REST\'s HEAD too): 2 queries and 2 batches of 2, each twice')
+})
+
+t.test('HEAD on a subscription: the SSE response\'s status and header fields, and no subscription left open', async t => {
+  const app = await buildDemoApp(t)
+  const base = (await listen(app)).replace(/\/trpc$/, '')
+  const headers = { ...bearer({ roles: ['viewer'] }), accept: 'text/event-stream' }
+  const controller = new AbortController()
+  const get = await fetch(`${base}/trpc/runUpdated`, { headers, signal: controller.signal })
+  controller.abort()
+  const head = await fetch(`${base}/trpc/runUpdated`, { method: 'HEAD', headers })
+  t.equal(head.status, 200)
+  t.equal(get.status, 200)
+  t.equal(head.headers.get('content-type'), get.headers.get('content-type'))
+  t.match(head.headers.get('content-type'), /^text\/event-stream/)
+  t.equal(await head.text(), '', 'no body')
+  for (let i = 0; i < 200 && app.events.bus.subscriptions > 0; i++) await new Promise(resolve => setTimeout(resolve, 10))
+  t.equal(app.events.bus.subscriptions, 0, 'nothing is held for the HEAD (nor the aborted GET)')
 })
