@@ -34,6 +34,17 @@ export const earlyRequestIds = new WeakMap<object, string>()
 // VALIDATION_FAILED naming the field, as on every face.
 const rawInput = (input: unknown): unknown => input
 
+/**
+ * A subscription takes no input (codegen types it `void`; /ws refuses a subscribe frame that
+ * carries one, GraphQL an argument): any but none, or null (no input to every call of this
+ * face), is refused VALIDATION_FAILED before the subscription starts. Input that is not JSON
+ * is refused by tRPC first, as a query's is. Before, any input was taken and ignored.
+ */
+const noInput = (input: unknown): undefined => {
+  if (input !== undefined && input !== null) throw new MantleError('VALIDATION_FAILED', 'A subscription takes no input')
+  return undefined
+}
+
 function callId (ctx: TrpcContext, batchIndex: number | undefined): string {
   if (ctx.requestId === null) return uuidv7()
   return ctx.batch ? `${ctx.requestId}.${batchIndex ?? 0}` : ctx.requestId
@@ -99,7 +110,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
 
   for (const event of app.pipeline.manifest.events) {
     const name = event.name
-    procedures[name] = t.procedure.subscription(async ({ ctx, signal }) => {
+    procedures[name] = t.procedure.input(noInput).subscription(async ({ ctx, signal }) => {
       const requestId = ctx.requestId ?? uuidv7()
       // Checked before the stream starts: a refusal is the subscription's error, not an event.
       let identity
