@@ -279,6 +279,9 @@ function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: 
  */
 type Upgradable = IncomingMessage & { upgrade: boolean }
 
+/** An Upgrade header that offers WebSocket (among other protocols, perhaps). */
+const WEBSOCKET_UPGRADE = /(?:^|,)\s*websocket\s*(?:,|$)/i
+
 /** What Node's HTTP server keeps on a connection's socket: its answer under way, and its parser (null once upgraded). */
 type HttpSocket = Socket & { _httpMessage?: ServerResponse | null, parser?: unknown }
 
@@ -532,8 +535,10 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // GraphQL's POST) is refused before any 101, in its face's shape (the route's error handler).
     // @fastify/websocket, which has no option for it, accepted each one on a route declared
     // after it, then closed the socket at once and logged a line at info: any client could
-    // fill the log. A path no route serves stays the 404 of a plain request.
-    if ((request.raw as Upgradable).upgrade && request.routeOptions.config.servesWebSocket !== true && !request.is404) {
+    // fill the log. A path no route serves stays the 404 of a plain request. Only a WebSocket
+    // upgrade: a GET offering HTTP/2 (`Upgrade: h2c`, as Java's HttpClient sends on http://) is
+    // served as HTTP/1.1 where it was (REST, OpenAPI, /metrics), as RFC 9110 §7.8 allows.
+    if ((request.raw as Upgradable).upgrade && request.routeOptions.config.servesWebSocket !== true && !request.is404 && WEBSOCKET_UPGRADE.test(request.headers.upgrade ?? '')) {
       refuseEarly(request, reply, done, new MantleError('BAD_REQUEST', 'This route serves no WebSocket: send it a plain HTTP request'))
       return true
     }

@@ -184,3 +184,15 @@ t.test('the faces that serve a WebSocket still upgrade', async t => {
     t.pass(`${path} upgraded`)
   }
 })
+
+// Only a WebSocket upgrade is refused: a GET offering HTTP/2 in cleartext (Java's HttpClient on
+// an http:// URL, `curl --http2`) is answered in HTTP/1.1 where it was, as RFC 9110 §7.8 allows.
+t.test('a GET offering h2c is served as HTTP/1.1 on REST, OpenAPI and /metrics', async t => {
+  const { port } = await gateway(t)
+  const h2c = { connection: 'Upgrade, HTTP2-Settings', upgrade: 'h2c', 'http2-settings': 'AAMAAABkAAQAoAAAAAIAAAAA' }
+  const rest = await rawUpgrade(port, '/api/v1/agents/a1', { ...h2c, authorization: `Bearer ${token()}` })
+  t.equal(rest.status, 200, 'REST')
+  t.match(parse(rest.body), { id: 'a1' })
+  t.equal((await rawUpgrade(port, '/openapi.json', h2c)).status, 200, 'OpenAPI')
+  t.equal((await rawUpgrade(port, '/metrics', h2c)).status, 200, '/metrics')
+})
