@@ -129,9 +129,12 @@ function entryBytes (entry: LocalEntry, key: string): number {
  * and never returns an entry past its `keepUntil` or invalidated.
  *
  * The bounds are shared fairly between tenants (FairLru): past one, the entry that goes is the
- * least recently used of the tenant holding the most entries (or bytes), and entries past their
- * `keepUntil` go before any live one. In one LRU for all, a tenant's distinct reads (its input is
- * part of the key: a filter value each) pushed every other tenant's fresh entries out.
+ * least recently used of the tenant holding the most entries (or bytes). Entries past their
+ * `keepUntil` are dropped when read, at each metrics scrape (purge), and before a bound takes a
+ * live entry, from the oldest set up to the first live one (operations keep theirs for different
+ * times, so an older live entry can shield a dead one until then). In one LRU for all, a
+ * tenant's distinct reads (its input is part of the key: a filter value each) pushed every other
+ * tenant's fresh entries out.
  */
 export class MemoryTier {
   private readonly lru: FairLru<LocalEntry>
@@ -182,6 +185,11 @@ export class MemoryTier {
 
   get size (): number {
     return this.lru.size
+  }
+
+  /** Drops the entries past their keep time (O(entries): at each metrics scrape, as the idempotency store's). */
+  purge (): void {
+    this.lru.purgeStale()
   }
 
   /** What the entries held cost, about (entryBytes). */

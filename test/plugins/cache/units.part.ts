@@ -172,6 +172,15 @@ t.test('the memory tier shares its bounds fairly: a tenant past them evicts its 
   expiring.set('h1', 'hog', answer(5000), [], expiring.clock.now())
   t.equal(evicted, 0, 'the expired entry made room, no live one was evicted')
   t.ok(expiring.get('h0') && expiring.get('h1'))
+  // An expired entry set after a live one (operations keep theirs for different times) is not
+  // reached by set's walk from the oldest; a metrics scrape (purge) drops it.
+  const shielded = new MemoryTier(10, 1 << 20, () => 1000)
+  shielded.set('long', 'a', answer(5000), [], shielded.clock.now())
+  shielded.set('dead', 'b', answer(1000), [], shielded.clock.now())
+  t.equal(shielded.size, 2)
+  shielded.purge()
+  t.equal(shielded.size, 1, 'purge drops the expired entry behind a live one')
+  t.ok(shielded.get('long'), 'and keeps the live one')
   // A stored answer over an eighth of the bytes replaces the one under its key, not kept itself.
   byBytes.set('quiet', 'quiet', sized(20_000), [], byBytes.clock.now())
   t.equal(byBytes.get('quiet'), undefined)
