@@ -279,6 +279,9 @@ function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: 
  */
 type Upgradable = IncomingMessage & { upgrade: boolean }
 
+/** A Content-Encoding that says the body is as sent. */
+const IDENTITY = /^\s*identity\s*$/i
+
 /** An Upgrade header that offers WebSocket (among other protocols, perhaps). */
 const WEBSOCKET_UPGRADE = /(?:^|,)\s*websocket\s*(?:,|$)/i
 
@@ -530,6 +533,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
         refuseEarly(request, reply, done, new MantleError('VALIDATION_FAILED', 'The query string is not valid percent-encoding (UTF-8)'))
         return true
       }
+    }
+    // A body is read as sent: one with a content coding (gzip, br) was read as plain text, so a
+    // JSON body labelled gzip ran its call and a gzipped one was refused for its bytes. A 415
+    // names the one coding served (RFC 9110 §15.5.16).
+    const coding = request.headers['content-encoding']
+    if (coding !== undefined && !IDENTITY.test(coding)) {
+      refuseEarly(request, reply, done, new MantleError('UNSUPPORTED_MEDIA_TYPE', 'A request body is sent without a content coding: no Content-Encoding but identity', { headers: { 'accept-encoding': 'identity' } }))
+      return true
     }
     // An upgrade of a route that serves no WebSocket (a probe, a REST route, a tRPC procedure,
     // GraphQL's POST) is refused before any 101, in its face's shape (the route's error handler).

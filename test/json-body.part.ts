@@ -69,3 +69,22 @@ t.test('a GraphQL document sent as application/graphql is held to UTF-8 as a JSO
   t.same([good.statusCode, good.json()], [200, { data: { create: { body: '{"name":"café"}' } } }], 'UTF-8')
   t.equal(kernel.requests.length, 1, 'only the UTF-8 document reached the Kernel')
 })
+
+// A body is read as sent: one labelled with a content coding was read as plain (a JSON body
+// labelled gzip ran its call; a gzipped one was refused for its bytes).
+t.test('a body with a Content-Encoding but identity is refused 415 on every HTTP face, and runs nothing', async t => {
+  const { app, kernel } = await thingsApp(t)
+  const body = '{"name":"plain"}'
+  for (const coding of ['gzip', 'x-foo', 'br, identity']) {
+    const headers = { ...bearer(), 'content-type': 'application/json', 'content-encoding': coding }
+    const rest = await app.inject({ method: 'POST', url: '/api/v1/things', headers, payload: body })
+    t.match([rest.statusCode, rest.headers['accept-encoding'], rest.json()], [415, 'identity', { code: 'UNSUPPORTED_MEDIA_TYPE' }], `REST, ${coding}`)
+    const trpc = await app.inject({ method: 'POST', url: '/trpc/create', headers, payload: body })
+    t.match([trpc.statusCode, trpc.json()], [415, { error: { data: { code: 'UNSUPPORTED_MEDIA_TYPE' } } }], `tRPC, ${coding}`)
+    const gql = await app.inject({ method: 'POST', url: '/graphql', headers, payload: '{"query":"mutation { create(name: \\"plain\\") { body } }"}' })
+    t.match([gql.statusCode, gql.json()], [415, { errors: [{ extensions: { code: 'UNSUPPORTED_MEDIA_TYPE' } }] }], `GraphQL, ${coding}`)
+  }
+  t.equal(kernel.requests.length, 0, 'nothing reached the Kernel')
+  const identity = await app.inject({ method: 'POST', url: '/api/v1/things', headers: { ...bearer(), 'content-type': 'application/json', 'content-encoding': 'Identity' }, payload: body })
+  t.equal(identity.statusCode, 200, 'identity is the body as sent')
+})
