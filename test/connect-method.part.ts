@@ -5,19 +5,24 @@ import { buildTestApp } from './helper.js'
 // Found by `npm run fuzz`: Node hands CONNECT requests to 'connect' listeners and, without one,
 // closes the connection without an answer. The gateway is no proxy: a 405 problem+json.
 
+/** What the gateway answers `request` written on a raw socket, up to its close. */
+async function rawAnswer (port: number, request: string): Promise<string> {
+  return await new Promise<string>((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1')
+    let data = ''
+    socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
+    socket.on('end', () => resolve(data))
+    socket.on('error', reject)
+    socket.write(request)
+  })
+}
+
 t.test('CONNECT is answered 405 problem+json, not dropped', async t => {
   const app = await buildTestApp(t)
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as { port: number }
   for (const target of ['/api/v1/agents/a1', 'example.com:443']) {
-    const answer = await new Promise<string>((resolve, reject) => {
-      const socket = connect(port, '127.0.0.1')
-      let data = ''
-      socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
-      socket.on('end', () => resolve(data))
-      socket.on('error', reject)
-      socket.write(`CONNECT ${target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`)
-    })
+    const answer = await rawAnswer(port, `CONNECT ${target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`)
     t.match(answer, /^HTTP\/1\.1 405 Method Not Allowed\r\n/, target)
     t.match(answer, /\r\nContent-Type: application\/problem\+json\r\n/)
     const problem = JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)) as { requestId: string }
@@ -36,14 +41,7 @@ t.test('an Expect other than 100-continue is answered 417 problem+json, and the 
   const app = await buildTestApp(t)
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as { port: number }
-  const answer = await new Promise<string>((resolve, reject) => {
-    const socket = connect(port, '127.0.0.1')
-    let data = ''
-    socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
-    socket.on('end', () => resolve(data))
-    socket.on('error', reject)
-    socket.write('POST /api/v1/agents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\nExpect: 200-ok\r\n\r\n{}')
-  })
+  const answer = await rawAnswer(port, 'POST /api/v1/agents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\nExpect: 200-ok\r\n\r\n{}')
   t.match(answer, /^HTTP\/1\.1 417 Expectation Failed\r\n/)
   t.match(answer, /\r\ncontent-type: application\/problem\+json\r\n/i)
   t.match(answer, /\r\nconnection: close\r\n/i)
