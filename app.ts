@@ -35,6 +35,7 @@ import graphql, { chooseSubprotocol } from './adapters/graphql/index.js'
 import websocketFace from './adapters/websocket/index.js'
 import type { FaceOptions } from './adapters/face.js'
 import websocket from '@fastify/websocket'
+import AjvCompiler, { type ValidatorFactory } from '@fastify/ajv-compiler'
 import helmet from 'helmet'
 import cors from '@fastify/cors'
 import health from './routes/health.js'
@@ -279,6 +280,24 @@ function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: 
  */
 type Upgradable = IncomingMessage & { upgrade: boolean }
 
+/** @fastify/ajv-compiler's pool, as Fastify builds its default validators (its types are a union of Ajv's and JTD's). */
+type ValidatorPool = (externalSchemas: unknown, options?: { customOptions?: object }) => (route: { httpPart?: string }) => unknown
+
+/**
+ * Fastify's validator compiler (@fastify/ajv-compiler, its default, one pool per instance as
+ * Fastify makes it), with Ajv's coercion off for bodies: Fastify has one Ajv for every part of a
+ * request, coercing all alike.
+ */
+function bodiesStrict (): ValidatorFactory {
+  const pool = AjvCompiler() as unknown as ValidatorPool
+  const build: ValidatorPool = (externalSchemas, options = {}) => {
+    const coercing = pool(externalSchemas, options)
+    const strict = pool(externalSchemas, { ...options, customOptions: { ...options.customOptions, coerceTypes: false } })
+    return (route) => route.httpPart === 'body' ? strict(route) : coercing(route)
+  }
+  return build as unknown as ValidatorFactory
+}
+
 /** A Content-Encoding that says the body is as sent. */
 const IDENTITY = /^\s*identity\s*$/i
 
@@ -400,7 +419,11 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // /admin/cache/invalidate invalidated the caller's own tenant, and a batch call's unknown key
     // went unnoticed. Only the gateway's own routes use this Ajv: a REST operation's input is
     // validated by the pipeline, with its manifest schema.
-    ajv: { customOptions: { strict: false, removeAdditional: false } }
+    ajv: { customOptions: { strict: false, removeAdditional: false } },
+    // A body is JSON, whose values have their types: a `true` or `["x"]` where a string is due
+    // is refused, not coerced (an invalidation of {"tags":true} dropped the tag "true", a tenant
+    // ["x"] became "x"). A query string, a path or a header is text, coerced as Fastify does.
+    schemaController: { compilersFactory: { buildValidator: bodiesStrict() } }
   })
 
   app.addSchema(ProblemSchema)

@@ -79,3 +79,24 @@ t.test('a refusal on an audit endpoint leaves one entry, with the refusal\'s cod
     t.same(rows, [['admin.audit.verify', code === 403 ? 'auth' : 'admin', status, code]], `${id}: one entry, ${status}`)
   }
 })
+
+// A body is JSON, whose values have their types: Fastify's one Ajv coerced bodies as it coerces
+// query strings, so {"tags":true} invalidated the tag "true" and a tenant ["x"] became "x".
+t.test('admin bodies are not coerced: a boolean, number or array where a string is due is refused', async t => {
+  const app = await buildDemoApp(t)
+  const system = bearer({ roles: ['system'] })
+  const post = async (url: string, payload: unknown): Promise<LightMyRequestResponse> =>
+    await app.inject({ method: 'POST', url, headers: { ...system, 'content-type': 'application/json' }, payload: JSON.stringify(payload) })
+  refused(t, await post('/admin/cache/invalidate', { tags: true }), 'tags: true')
+  refused(t, await post('/admin/cache/invalidate', { tags: [5] }), 'tags: [5]')
+  refused(t, await post('/admin/cache/invalidate', { tags: ['agents'], tenant: ['x'] }), 'tenant: ["x"]')
+  refused(t, await post('/admin/cache/invalidate', { tags: ['agents'], tenant: 5 }), 'tenant: 5')
+  refused(t, await post('/admin/audit/verify', { limit: true }), 'verify limit: true')
+  refused(t, await post('/admin/audit/verify', { limit: [3] }), 'verify limit: [3]')
+  refused(t, await post('/admin/audit/verify', { limit: '3' }), 'verify limit: "3"')
+  const ok = await post('/admin/cache/invalidate', { tags: ['agents'], tenant: 'x' })
+  t.equal(ok.statusCode, 200, 'well-typed bodies pass')
+  // A query string is text: its integers are still read.
+  const page = await app.inject({ url: '/admin/audit?limit=2', headers: system })
+  t.equal(page.statusCode, 200)
+})
