@@ -110,13 +110,9 @@ const GRAPHQL_UPGRADES = new WeakSet<IncomingMessage>()
 /** The WebSocket subprotocols mercurius speaks (graphql-ws's and the legacy subscriptions-transport-ws's). */
 const SUBPROTOCOLS: ReadonlySet<string> = new Set(['graphql-transport-ws', 'graphql-ws'])
 
-/** The first offered of the subprotocols /graphql speaks, in a Sec-WebSocket-Protocol value (ws's parse would refuse a malformed one anyway). */
-function offeredSubprotocol (offer: string | undefined): string | undefined {
-  if (offer === undefined) return undefined
-  for (const name of offer.split(',')) {
-    const protocol = name.trim()
-    if (SUBPROTOCOLS.has(protocol)) return protocol
-  }
+/** The first of `offered` that /graphql speaks (both the upgrade's check and ws's choice ask it). */
+function spoken (offered: Iterable<string>): string | undefined {
+  for (const protocol of offered) if (SUBPROTOCOLS.has(protocol)) return protocol
   return undefined
 }
 
@@ -127,8 +123,7 @@ function offeredSubprotocol (offer: string | undefined): string | undefined {
  */
 export function chooseSubprotocol (protocols: Set<string>, request: IncomingMessage): string | false {
   if (!GRAPHQL_UPGRADES.has(request)) return protocols.values().next().value ?? false
-  for (const protocol of protocols) if (SUBPROTOCOLS.has(protocol)) return protocol
-  return false
+  return spoken(protocols) ?? false
 }
 
 /** The GraphQL face with the given bounds; the default export uses the defaults. */
@@ -225,7 +220,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     // mercurius speaks graphql-transport-ws and graphql-ws, and takes none other (without its
     // wsDefaultSubprotocol, which the gateway leaves unset, not an upgrade offering none): it
     // accepted the upgrade, closed with 1002 and wrote a warn line and a console.log of its own.
-    if (offeredSubprotocol(request.headers['sec-websocket-protocol']) === undefined) {
+    if (spoken((request.headers['sec-websocket-protocol'] ?? '').split(',').map(name => name.trim())) === undefined) {
       throw new MantleError('BAD_REQUEST', 'A WebSocket at /graphql speaks graphql-transport-ws or graphql-ws: offer one in Sec-WebSocket-Protocol')
     }
     GRAPHQL_UPGRADES.add(request.raw)

@@ -98,8 +98,7 @@ export class ResponseCache {
   constructor (private readonly opts: ResponseCacheOptions) {
     this.now = opts.now ?? Date.now
     this.metrics = opts.metrics ?? noMetrics
-    const metrics = this.metrics
-    this.memory = new MemoryTier(opts.maxSize, opts.maxBytes, this.now, () => { metrics.evicted() })
+    this.memory = new MemoryTier(opts.maxSize, opts.maxBytes, this.now, () => { this.metrics.evicted() })
   }
 
   get inFlight (): number {
