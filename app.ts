@@ -301,6 +301,9 @@ function bodiesStrict (): ValidatorFactory {
 /** A Content-Encoding that says the body is as sent. */
 const IDENTITY = /^\s*identity\s*$/i
 
+/** A Transfer-Encoding that frames the body and codes nothing: chunked alone. */
+const CHUNKED = /^\s*chunked\s*$/i
+
 /** An Upgrade header that offers WebSocket (among other protocols, perhaps). */
 const WEBSOCKET_UPGRADE = /(?:^|,)\s*websocket\s*(?:,|$)/i
 
@@ -563,6 +566,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     const coding = request.headers['content-encoding']
     if (coding !== undefined && !IDENTITY.test(coding)) {
       refuseEarly(request, reply, done, new MantleError('UNSUPPORTED_MEDIA_TYPE', 'A request body is sent without a content coding: no Content-Encoding but identity', { headers: { 'accept-encoding': 'identity' } }))
+      return true
+    }
+    // Node's parser takes a transfer coding before chunked (`gzip, chunked`) and hands on the
+    // body still coded: a JSON body so labelled ran its call, read as plain. Only chunked is
+    // served (RFC 9112 §6.1; Node refuses a coding without chunked last itself).
+    const framing = request.headers['transfer-encoding']
+    if (framing !== undefined && !CHUNKED.test(framing)) {
+      refuseEarly(request, reply, done, new MantleError('BAD_REQUEST', 'A request body is sent with no transfer coding but chunked'))
       return true
     }
     // An upgrade of a route that serves no WebSocket (a probe, a REST route, a tRPC procedure,

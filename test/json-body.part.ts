@@ -1,6 +1,7 @@
 import t, { type Test } from 'tap'
 import type { FastifyInstance } from 'fastify'
 import { buildTestApp, startTestKernel, testManifest, json, bearer, type TestKernel } from './helper.js'
+import { connect } from 'node:net'
 
 // JSON is UTF-8 (RFC 8259 §8.1). A body's bytes were read as a string, each byte that is not
 // UTF-8 becoming U+FFFD: {"name":"caf\xE9"} reached the Kernel as "caf\uFFFD", and a body sent
@@ -87,4 +88,30 @@ t.test('a body with a Content-Encoding but identity is refused 415 on every HTTP
   t.equal(kernel.requests.length, 0, 'nothing reached the Kernel')
   const identity = await app.inject({ method: 'POST', url: '/api/v1/things', headers: { ...bearer(), 'content-type': 'application/json', 'content-encoding': 'Identity' }, payload: body })
   t.equal(identity.statusCode, 200, 'identity is the body as sent')
+})
+
+// Node's parser takes a transfer coding before chunked and hands the body on still coded: a JSON
+// body framed `gzip, chunked` ran its call, read as plain text.
+t.test('a body with a transfer coding but chunked is refused 400 before it is read, and runs nothing', async t => {
+  const { app, kernel } = await thingsApp(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const body = '{"name":"plain"}'
+  const send = async (framing: string): Promise<string> => await new Promise<string>((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1')
+    let data = ''
+    socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
+    socket.on('end', () => resolve(data))
+    socket.on('error', reject)
+    socket.write(`POST /api/v1/things HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: ${bearer().authorization}\r\nContent-Type: application/json\r\nTransfer-Encoding: ${framing}\r\nConnection: close\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`)
+  })
+  for (const framing of ['gzip, chunked', 'x-foo, chunked', 'identity, chunked']) {
+    const answer = await send(framing)
+    t.match(answer, /^HTTP\/1\.1 400 Bad Request\r\n/, framing)
+    const problem = JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)) as unknown
+    t.match(problem, { code: 'BAD_REQUEST', detail: 'A request body is sent with no transfer coding but chunked' }, framing)
+  }
+  t.equal(kernel.requests.length, 0, 'nothing reached the Kernel')
+  t.match(await send('Chunked'), /^HTTP\/1\.1 200 OK\r\n/, 'chunked alone is the body as sent')
+  t.equal(kernel.requests.length, 1)
 })
