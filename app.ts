@@ -267,9 +267,14 @@ function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): void {
   lingeringClose(socket)
 }
 
-/** Refuses a request in the gateway's root onRequest hook; a WebSocket upgrade's connection closes after the answer. */
+/**
+ * Refuses a request in the gateway's root onRequest hook; a WebSocket upgrade's connection, or
+ * one whose body has not all arrived, closes after the answer: Node would otherwise read the
+ * refused body to its end, however long, to reach the next request.
+ */
 function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: Error) => void, err: MantleError): void {
   if (request.headers.upgrade !== undefined) closeAfterAnswer(request, reply)
+  else if (!request.raw.complete) keepNoLonger(reply.raw)
   done(err)
 }
 
