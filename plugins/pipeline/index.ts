@@ -156,11 +156,16 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
     // output schema is then a KERNEL_ERROR every stage sees (the audit records what the client
     // gets), not a failure after the pipeline has settled.
     const empty = `The Kernel's answer to ${op.name} is empty or null, which its output schema does not admit`
+    const conforms = outputValidator(op)
     let run: Next = memoized(op, async (ctx) => {
       const value = await call(ctx)
       ctx.answered = true
-      // An empty 2xx body reads as null (a 204 is answered with no body, whatever the schema).
-      if ((value === null || value === undefined) && !op.outputAdmitsNull && ctx.status !== 204) throw new MantleError('KERNEL_ERROR', empty)
+      if (value === null || value === undefined) {
+        // An empty 2xx body reads as null (a 204 is answered with no body, whatever the schema).
+        if (!op.outputAdmitsNull && ctx.status !== 204) throw new MantleError('KERNEL_ERROR', empty)
+      } else if (!conforms(value)) {
+        throw new MantleError('KERNEL_ERROR', `The Kernel's answer to ${op.name} does not match its output schema: ${describeValidation(conforms.errors ?? [], 'output')}`)
+      }
       ctx.json ??= serialize(value)
       return value
     })
@@ -190,6 +195,38 @@ export function reloadProblems (current: Manifest, next: Manifest): string[] {
     if (was !== undefined && was !== value) problems.push(`${key} changed`)
   }
   return problems
+}
+
+const compiledOutputs = new WeakMap<Operation, ValidateFunction>()
+
+/**
+ * The check of a Kernel answer against its operation's output schema, before any face answers
+ * it. fast-json-stringify writes what the schema says without checking it: a null for a required
+ * string went out as "", 1.5 for an integer as 1, "12" for a number as 12, and a status the
+ * schema's enum does not list went out on REST, tRPC and /ws while GraphQL, which checks enums,
+ * answered KERNEL_ERROR for the same call. Formats are not checked (a date-time's text costs a
+ * regular expression per field, and no face reads it); properties the schema does not declare
+ * are dropped by the serializer, not refused (a Kernel may add a field before the manifest
+ * names it), `additionalProperties: false` included.
+ */
+function outputValidator (op: Operation): ValidateFunction {
+  let compiled = compiledOutputs.get(op)
+  if (compiled === undefined) {
+    // One Ajv per operation, as for inputs (a shared one keeps each reloaded manifest's schemas).
+    const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false })
+    compiled = ajv.compile(mapSchema(op.output, openObject) as typeof op.output)
+    compiledOutputs.set(op, compiled)
+  }
+  return compiled
+}
+
+/** A schema that admits properties it does not declare (the serializer drops them). */
+function openObject (s: Readonly<Record<string, unknown>>): Readonly<Record<string, unknown>> {
+  if (s.additionalProperties !== false && s.unevaluatedProperties !== false) return s
+  const open: Record<string, unknown> = { ...s }
+  if (open.additionalProperties === false) delete open.additionalProperties
+  if (open.unevaluatedProperties === false) delete open.unevaluatedProperties
+  return open
 }
 
 function outputSerializer (op: Operation): (value: unknown) => string {
@@ -306,30 +343,42 @@ const MAPS = ['properties', 'patternProperties', '$defs', 'definitions', 'depend
  * bound at it (the manifest's own value, inserted by the stage).
  */
 export function safeIntegers (schema: unknown): unknown {
+  return mapSchema(schema, (s) => {
+    const types = Array.isArray(s.type) ? s.type : [s.type]
+    if (!types.includes('integer') || types.includes('number')) return s
+    const d = typeof s.default === 'number' ? s.default : 0
+    return {
+      ...s,
+      maximum: Math.min(typeof s.maximum === 'number' ? s.maximum : Infinity, Math.max(Number.MAX_SAFE_INTEGER, d)),
+      minimum: Math.max(typeof s.minimum === 'number' ? s.minimum : -Infinity, Math.min(Number.MIN_SAFE_INTEGER, d))
+    }
+  })
+}
+
+/**
+ * `schema` with `visit` applied to each schema in it, innermost first (not under `not`, where a
+ * change would turn its meaning over), or `schema` itself where `visit` changed nothing.
+ */
+function mapSchema (schema: unknown, visit: (s: Readonly<Record<string, unknown>>) => Readonly<Record<string, unknown>>): unknown {
   if (schema === null || typeof schema !== 'object') return schema
   if (Array.isArray(schema)) {
-    const list = schema.map(safeIntegers)
+    const list = schema.map(sub => mapSchema(sub, visit))
     return list.every((x, i) => x === schema[i]) ? schema : list
   }
   const s = { ...(schema as Record<string, unknown>) }
   let changed = false
   const put = (k: string, v: unknown): void => { if (v !== s[k]) { s[k] = v; changed = true } }
-  for (const k of ONE) if (k in s) put(k, safeIntegers(s[k]))
-  for (const k of LISTS) if (Array.isArray(s[k])) put(k, safeIntegers(s[k]))
+  for (const k of ONE) if (k in s) put(k, mapSchema(s[k], visit))
+  for (const k of LISTS) if (Array.isArray(s[k])) put(k, mapSchema(s[k], visit))
   for (const k of MAPS) {
     const map = s[k]
     if (map === null || typeof map !== 'object' || Array.isArray(map)) continue
-    const entries = Object.entries(map).map(([name, sub]) => [name, safeIntegers(sub)] as const)
+    const entries = Object.entries(map).map(([name, sub]) => [name, mapSchema(sub, visit)] as const)
     if (entries.some(([name, sub]) => sub !== (map as Record<string, unknown>)[name])) put(k, Object.fromEntries(entries))
   }
-  const types = Array.isArray(s.type) ? s.type : [s.type]
-  if (types.includes('integer') && !types.includes('number')) {
-    const d = typeof s.default === 'number' ? s.default : 0
-    s.maximum = Math.min(typeof s.maximum === 'number' ? s.maximum : Infinity, Math.max(Number.MAX_SAFE_INTEGER, d))
-    s.minimum = Math.max(typeof s.minimum === 'number' ? s.minimum : -Infinity, Math.min(Number.MIN_SAFE_INTEGER, d))
-    changed = true
-  }
-  return changed ? s : schema
+  const mine = changed ? s : schema as Record<string, unknown>
+  const visited = visit(mine)
+  return visited === mine && !changed ? schema : visited
 }
 
 /** inputFault's answer for an input whose only fault may be an integer beyond ±(2^53 - 1): the schema decides (safeIntegers). */

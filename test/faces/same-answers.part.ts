@@ -209,11 +209,36 @@ t.test('an unreachable Kernel is 503 on every face', async t => {
   await runTable(t, app, [{ name: 'refused', op: 'ping', input: {}, expect: { code: 'KERNEL_UNAVAILABLE', status: 503 } }])
 })
 
+// The serializer wrote what the schema says without checking it: a null for a required string
+// went out as "", 1.5 for an integer as 1, "12" for a number as 12, and an enum value the
+// manifest does not list went out as sent everywhere but GraphQL, which answered KERNEL_ERROR.
 t.test('a Kernel answer that breaks the output schema is KERNEL_ERROR on every face', async t => {
-  const kernel = await startTestKernel(t, { 'GET /v1/shapes/s1': (_req, res) => json(res, 200, { name: 'no id' }) })
+  const shape = { id: 's', name: 'n', sides: 3, size: 1.5, level: 'low' }
+  const answers: Record<string, unknown> = {
+    s1: { name: 'no id' },
+    nullName: { ...shape, name: null },
+    halfSides: { ...shape, sides: 1.5 },
+    textSize: { ...shape, size: '12' },
+    numberId: { ...shape, id: 12 },
+    newLevel: { ...shape, level: 'medium' },
+    listed: { ...shape, undeclared: 'dropped' }
+  }
+  const kernel = await startTestKernel(t, Object.fromEntries(Object.entries(answers).map(([id, answer]) => [`GET /v1/shapes/${id}`, (_req, res) => json(res, 200, answer)])))
   const manifest = testManifest({
-    getShape: { type: 'query', rest: 'GET /shapes/:id', kernel: 'GET /v1/shapes/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', required: ['id'], properties: { id: { type: 'string' }, name: { type: 'string' } } } }
+    getShape: { type: 'query', rest: 'GET /shapes/:id', kernel: 'GET /v1/shapes/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', required: ['id'], additionalProperties: false, properties: { id: { type: 'string' }, name: { type: 'string' }, sides: { type: 'integer' }, size: { type: 'number' }, level: { type: 'string', enum: ['low', 'high'] } } } }
   })
   const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
-  await runTable(t, app, [{ name: 'broken answer', op: 'getShape', input: { id: 's1' }, expect: { code: 'KERNEL_ERROR', status: 502 } }])
+  const broken = { code: 'KERNEL_ERROR', status: 502 }
+  await runTable(t, app, [
+    { name: 'broken answer', op: 'getShape', input: { id: 's1' }, expect: broken },
+    { name: 'null for a string', op: 'getShape', input: { id: 'nullName' }, expect: broken },
+    { name: 'a fraction for an integer', op: 'getShape', input: { id: 'halfSides' }, expect: broken },
+    { name: 'text for a number', op: 'getShape', input: { id: 'textSize' }, expect: broken },
+    { name: 'a number for a string', op: 'getShape', input: { id: 'numberId' }, expect: broken },
+    { name: 'an enum value not listed', op: 'getShape', input: { id: 'newLevel' }, expect: broken },
+    // A Kernel may add a field before the manifest names it: dropped, even under additionalProperties false.
+    { name: 'an undeclared field', op: 'getShape', input: { id: 'listed' }, expect: { ok: true } }
+  ])
+  const listed = await app.inject({ method: 'GET', url: '/api/v1/shapes/listed', headers: { authorization: `Bearer ${token()}` } })
+  t.same(listed.json(), shape, 'the undeclared field is dropped')
 })

@@ -127,12 +127,15 @@ t.test('the generated schema answers: JSON passes through exactly, inputs arrive
     payload: { query: `mutation ($s: ShapeInput!, $odd: JSON!) { putShape(id: "abc", shape: $s) { ${fields} } oddArgs(input: $odd) }`, variables: { s: shape, odd: { 'x-key': 'v' } } }
   })
   t.same(put2.json(), { data: { putShape: { ...shape, free: {} }, oddArgs: { echo: { 'x-key': 'v' } } } })
-  // An answer the GraphQL types cannot carry (an enum value the manifest does not list) fails
-  // its field as KERNEL_ERROR, like an answer the output schema refuses.
+  // An answer the output schema refuses (an enum value the manifest does not list) fails its
+  // field as KERNEL_ERROR, as it fails the call on REST: it was refused by GraphQL's enum alone,
+  // and answered as sent on the other faces.
   kernel.on('GET /shapes/odd', (_req, res) => json(res, 200, { ...shape, level: 'medium' }))
   const odd = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: '{ getShape(id: "odd") { id level } }' } })
   t.equal(odd.statusCode, 200)
-  t.match(odd.json(), { data: { getShape: null }, errors: [{ message: 'Enum "ShapeLevel" cannot represent value: "medium"', path: ['getShape', 'level'], extensions: { code: 'KERNEL_ERROR', status: 502 } }] })
+  t.match(odd.json(), { data: { getShape: null }, errors: [{ message: "The Kernel's answer to getShape does not match its output schema: output.level must be equal to one of the allowed values", path: ['getShape'], extensions: { code: 'KERNEL_ERROR', status: 502 } }] })
+  const oddRest = await app.inject({ method: 'GET', url: '/api/v1/shapes/odd', headers: bearer() })
+  t.match([oddRest.statusCode, oddRest.json()], [502, { code: 'KERNEL_ERROR' }], 'the same answer on REST')
   const putBody = JSON.parse(kernel.requests.find(r => r.method === 'PUT')!.body)
   t.same(putBody, { shape }, 'the input object arrives as sent (id went to the path)')
 })
