@@ -2,6 +2,8 @@ import type { FastifyInstance } from 'fastify'
 import type { LoadShedding } from '../plugins/pressure/index.js'
 import { CallContext, isSocket, type Protocol, type CacheOutcome, type Caller } from '../plugins/pipeline/index.js'
 import { toProblem, logLevelOf, retryAfterOf, MantleError, type Problem } from '../errors.js'
+import type { Decision } from '../plugins/audit/index.js'
+export type { Decision }
 
 /** What app.ts hands every face besides REST. */
 export interface FaceOptions {
@@ -119,6 +121,19 @@ export class AnswerBudget {
     this.used += outcome.json.length
     return outcome
   }
+}
+
+/** Runs a face's decision outside the pipeline, and records it (Audit.decide). */
+export type Decide = <T>(decision: Decision, decide: () => T) => T
+
+/**
+ * How a face runs a decision it makes outside the pipeline on behalf of a connection (a
+ * subscription to an event, a /ws re-auth frame): through the audit trail, which records each
+ * one, accepted or refused; with the audit off, it just runs. Taken once, at the face's
+ * registration (after the audit plugin's).
+ */
+export function decisions (app: FastifyInstance): Decide {
+  return app.hasDecorator('audit') ? app.audit.decide : (_decision, decide) => decide()
 }
 
 /**

@@ -11,6 +11,7 @@ import { MAX_BUFFERED_BYTES, slowReader, utf8Sends } from '../slow-reader.js'
 import { upgradeAuthorization } from '../upgrade.js'
 import { CLOSE_TRY_AGAIN_LATER } from '../connection-slots.js'
 import { atExpiry } from '../expiry.js'
+import { decisions, type Decision } from '../face.js'
 
 // Subscriptions ride on mercurius' graphql-ws server (`subscription` option). What this module
 // adds: identity per connection, event streams from the events plugin's bus scoped to the
@@ -141,6 +142,11 @@ export class GraphqlConnection {
   identify (app: FastifyInstance, authorization: string | undefined, own: string | undefined): Identity {
     if (this.caller === null && own !== undefined && own !== authorization) this.accept(app.identify(own))
     return this.accept(app.identify(authorization))
+  }
+
+  /** The tenant and user the connection speaks for: its first accepted token's (null: none yet). */
+  get speaksFor (): { tenant: string, user: string } | null {
+    return this.caller
   }
 
   private accept (identity: Identity): Identity {
@@ -366,6 +372,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
   // The single-field rule without the variables threw on a variable in a directive: the guard
   // checks the root fields with them (rootFieldRefusal).
   const rules = [...specifiedRules.filter(rule => rule !== SingleFieldSubscriptionsRule), ...settings.rules]
+  const decide = decisions(app)
 
   return {
     // mercurius calls this on each connection_init: a second one breaks the protocol (4429).
@@ -583,14 +590,17 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           return ENDED
         }
         const requestId = uuidv7()
-        let identity: Identity
         let iterator: AsyncIterator<unknown>
         const controller = new AbortController()
+        // One audit entry for the decision, accepted or refused, under the connection's caller.
+        const decision: Decision = { requestId, protocol: 'graphql', path: '/graphql', action: event.name, category: 'read', get caller () { return connection.speaksFor }, clientRequestId: false }
         try {
-          identity = connection.identify(app, context.initAuthorization ?? connection.upgradeAuthorization, initAuthorization(context._connectionInit) ?? connection.upgradeAuthorization)
-          app.events.bus.authorize(event.name, identity)
-          // The bus only ever delivers the caller's own tenant's events.
-          iterator = app.events.bus.stream(event.name, identity.tenant, controller.signal, undefined, bytes => { connection.behind(bytes) })[Symbol.asyncIterator]()
+          iterator = decide(decision, () => {
+            const identity = connection.identify(app, context.initAuthorization ?? connection.upgradeAuthorization, initAuthorization(context._connectionInit) ?? connection.upgradeAuthorization)
+            app.events.bus.authorize(event.name, identity)
+            // The bus only ever delivers the caller's own tenant's events.
+            return app.events.bus.stream(event.name, identity.tenant, controller.signal, undefined, bytes => { connection.behind(bytes) })[Symbol.asyncIterator]()
+          })
         } catch (err) {
           const { problem, headers } = toProblem(err, requestId)
           if (problem.code === 'INTERNAL') app.log.error({ err, requestId }, 'unexpected error on a GraphQL subscription')

@@ -2,7 +2,7 @@ import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance } from 'fastify'
 import { initTRPC, type AnyTRPCProcedure, type AnyTRPCRouter } from '@trpc/server'
 import type { WebSocket } from 'ws'
-import { runCall } from '../face.js'
+import { decisions, runCall, type Decision } from '../face.js'
 import { callKey } from '../rest/index.js'
 import { MantleError } from '../../errors.js'
 import type { TrpcContext } from './context.js'
@@ -67,6 +67,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
     }
   })
   const procedures: Record<string, AnyTRPCProcedure> = {}
+  const decide = decisions(app)
 
   for (const op of app.pipeline.manifest.operations) {
     const name = op.name
@@ -113,12 +114,20 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
     procedures[name] = t.procedure.input(noInput).subscription(async ({ ctx, signal }) => {
       const requestId = ctx.requestId ?? uuidv7()
       // Checked before the stream starts: a refusal is the subscription's error, not an event.
+      // One audit entry for the decision, accepted or refused.
+      const decision: Decision = { requestId, protocol: 'trpc', path: '/trpc/' + name, action: name, category: 'read', caller: null, clientRequestId: ctx.clientRequestId }
       let identity
       try {
-        identity = app.identify(ctx.authorization)
-        app.events.bus.authorize(name, identity)
-        // The bus checks its bound again at the first pull, once the SSE response's headers are out.
-        app.events.bus.checkRoom(identity.tenant)
+        identity = decide(decision, () => {
+          const id = decision.caller = app.identify(ctx.authorization)
+          app.events.bus.authorize(name, id)
+          // The bus checks its bound again at the first pull, once the SSE response's headers are
+          // out; a WebSocket's own bound too (overSocket): both are checked here first, so that
+          // the refusal is the one recorded.
+          app.events.bus.checkRoom(id.tenant)
+          if (ctx.socket !== null) socketRoom(ctx, limits)
+          return id
+        })
       } catch (err) {
         const error = ProblemError.from(err, requestId)
         if (ctx.socket === null) ctx.refused = error.headers
@@ -145,8 +154,10 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
  * (slow_consumer), as the README promises, instead of the socket's buffer growing without end.
  */
 async function * overSocket (stream: AsyncGenerator<unknown, void, unknown>, ctx: TrpcContext, socket: WebSocket, signal: AbortSignal | undefined, limits: RouterLimits, requestId: string): AsyncGenerator<unknown, void, unknown> {
-  if (ctx.subscriptions >= limits.maxSubscriptions) {
-    throw ProblemError.from(new MantleError('OVERLOADED', `A connection holds at most ${limits.maxSubscriptions} subscriptions`), requestId)
+  try {
+    socketRoom(ctx, limits)
+  } catch (err) {
+    throw ProblemError.from(err, requestId)
   }
   ctx.subscriptions++
   try {
@@ -160,6 +171,11 @@ async function * overSocket (stream: AsyncGenerator<unknown, void, unknown>, ctx
   } finally {
     ctx.subscriptions--
   }
+}
+
+/** OVERLOADED when the connection holds its most subscriptions. */
+function socketRoom (ctx: TrpcContext, limits: RouterLimits): void {
+  if (ctx.subscriptions >= limits.maxSubscriptions) throw new MantleError('OVERLOADED', `A connection holds at most ${limits.maxSubscriptions} subscriptions`)
 }
 
 /**

@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify'
 import { uuidv7 } from '../../ids.js'
 import { WebSocket, type RawData } from 'ws'
-import { runCall, callEnvelope, problemJson } from '../face.js'
+import { runCall, callEnvelope, problemJson, type Decide } from '../face.js'
 import { checkedIdempotencyKey } from '../rest/index.js'
 import { MantleError, toProblem } from '../../errors.js'
 import type { Identity } from '../../plugins/auth/index.js'
@@ -28,6 +28,8 @@ export interface FaceShared {
   eventPrefixes: ReadonlyMap<string, string>
   /** Pings every connection; one that misses a pong is dropped. */
   heartbeat: Heartbeat
+  /** Runs a subscribe or re-auth frame's decision and records it (the audit trail's). */
+  decide: Decide
 }
 
 /** Who a connection speaks for, and the header value its calls carry. */
@@ -118,8 +120,8 @@ export class Connection {
     this.face.counters.frameOut()
   }
 
-  private refuse (id: string | null, err: unknown): void {
-    const { problem, headers } = toProblem(err, uuidv7())
+  private refuse (id: string | null, err: unknown, requestId = uuidv7()): void {
+    const { problem, headers } = toProblem(err, requestId)
     this.send('{"id":' + JSON.stringify(id) + ',"error":' + problemJson(problem, headers) + '}')
   }
 
@@ -174,21 +176,31 @@ export class Connection {
     })
   }
 
+  /**
+   * One audit entry per subscribe frame of a known event, accepted or refused (an unknown name is
+   * answered NOT_FOUND unrecorded, as an unknown op).
+   */
   private subscribe (frame: SubscribeFrame): void {
     const name = frame.subscribe
     const { bus } = this.face.app.events
+    const prefix = this.face.eventPrefixes.get(name)
+    if (prefix === undefined) {
+      this.refuse(frame.id, new MantleError('NOT_FOUND', `No event ${name}`))
+      return
+    }
+    const requestId = uuidv7()
     try {
-      bus.authorize(name, this.identity)
-      if (!this.subscriptions.has(name)) {
+      this.face.decide({ requestId, protocol: 'websocket', path: '/ws', action: name, category: 'read', caller: this.identity, clientRequestId: false }, () => {
+        bus.authorize(name, this.identity)
+        if (this.subscriptions.has(name)) return
         const { maxSubscriptions } = this.face.limits
         if (this.subscriptions.size >= maxSubscriptions) throw new MantleError('OVERLOADED', `A connection holds at most ${maxSubscriptions} subscriptions`)
-        const prefix = this.face.eventPrefixes.get(name)!
         // The bus serializes each event once for all its subscribers: the JSON is spliced in.
         const unsubscribe = bus.subscribe(name, this.identity.tenant, (_payload, json) => this.send(prefix + json + '}'))
         this.subscriptions.set(name, { id: frame.id, unsubscribe })
-      }
+      })
     } catch (err) {
-      this.refuse(frame.id, err)
+      this.refuse(frame.id, err, requestId)
       return
     }
     this.send('{"id":' + JSON.stringify(frame.id) + ',"subscribed":' + JSON.stringify(name) + '}')
@@ -208,17 +220,24 @@ export class Connection {
     this.send('{"id":' + JSON.stringify(frame.id) + ',"unsubscribed":' + JSON.stringify(name) + '}')
   }
 
-  /** A fresh token for the same tenant and user; the old one stays if it is refused. */
+  /**
+   * A fresh token for the same tenant and user; the old one stays if it is refused. One audit
+   * entry per frame (`websocket.auth`, under the connection's tenant and user), never the token.
+   */
   private auth (frame: AuthFrame): void {
     const authorization = 'Bearer ' + frame.auth
+    const requestId = uuidv7()
     let identity: Identity
     try {
-      identity = this.face.app.identify(authorization)
-      if (identity.tenant !== this.identity.tenant || identity.user !== this.identity.user) {
-        throw new MantleError('FORBIDDEN', 'The new token must be for the same tenant and user as the connection')
-      }
+      identity = this.face.decide({ requestId, protocol: 'websocket', path: '/ws', action: 'websocket.auth', category: 'auth', caller: this.identity, clientRequestId: false }, () => {
+        const id = this.face.app.identify(authorization)
+        if (id.tenant !== this.identity.tenant || id.user !== this.identity.user) {
+          throw new MantleError('FORBIDDEN', 'The new token must be for the same tenant and user as the connection')
+        }
+        return id
+      })
     } catch (err) {
-      this.refuse(frame.id, err)
+      this.refuse(frame.id, err, requestId)
       return
     }
     this.identity = identity

@@ -1,5 +1,5 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify'
-import type { FaceOptions } from '../face.js'
+import { decisions, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { MAX_BUFFERED_BYTES } from '../slow-reader.js'
@@ -50,7 +50,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
     const eventPrefixes = new Map(app.pipeline.manifest.events.map(e => [e.name, '{"event":' + JSON.stringify(e.name) + ',"data":']))
     // One timer for every connection rather than one each.
     const heartbeat = new Heartbeat(limits.heartbeatMs)
-    const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes, heartbeat }
+    const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes, heartbeat, decide: decisions(app) }
     // Identity verified in the upgrade's onRequest hook, handed to the connection it opens.
     const verified = new WeakMap<FastifyRequest, ConnectionAuth>()
     const forget = (c: Connection): void => { connections.delete(c) }

@@ -54,7 +54,31 @@ export interface Audit {
    * and how it ended: which tenant and tags an invalidation targeted, say. Never input or secrets.
    */
   describe: (request: FastifyRequest, metadata: Record<string, unknown>) => void
+  /**
+   * Runs `decide`, a decision a face makes outside the pipeline on behalf of a connection (a
+   * subscription to an event, a /ws re-auth frame), and records it: one entry, `ok` or the
+   * refusal's code. While the trail cannot record, refused OVERLOADED unrun, with no entry, as
+   * the stage refuses calls. A face reaches it through adapters/face.ts' `decisions`.
+   */
+  decide: <T>(decision: Decision, decide: () => T) => T
   readonly store: AuditStore
+}
+
+/** What the entry of a face's decision outside the pipeline says (Audit.decide). */
+export interface Decision {
+  /** The request id the client is answered with (a refusal's `requestId`). */
+  requestId: string
+  protocol: 'websocket' | 'trpc' | 'graphql'
+  /** The face's endpoint (`/ws`, `/trpc/<event>`, `/graphql`). */
+  path: string
+  /** The event's name, or `websocket.auth`. */
+  action: string
+  /** Accepted: `read` (a subscription) or `auth` (a re-auth, refused too). */
+  category: 'read' | 'auth'
+  /** Who asked, once known (`decide` may set it); null: none, or refused (public / anonymous). */
+  caller: { tenant: string, user: string } | null
+  /** The request id is the client's own (AuditEntry.clientRequestId). */
+  clientRequestId: boolean
 }
 
 declare module 'fastify' {
@@ -143,6 +167,42 @@ export function callEntry (ctx: CallContext, where: readonly [string | null, str
     durationMs: Math.round(elapsed * 1000) / 1000,
     metadata,
     clientRequestId: ctx.clientRequestId
+  }
+}
+
+/**
+ * The entry of a face's decision outside the pipeline, begun at `startedAt` (performance.now()):
+ * `ok` (status 200), or the refusal's code and status, categorised as a call's (auth for 401 and
+ * 403), a re-auth's always `auth`.
+ */
+export function decisionEntry (d: Decision, startedAt: number, err: unknown): AuditEntry {
+  const elapsed = performance.now() - startedAt
+  let status = 'ok'
+  let statusCode = 200
+  let category: Category = d.category
+  if (err !== null) {
+    const { problem } = toProblem(err, d.requestId)
+    status = problem.code
+    statusCode = problem.status
+    if (category !== 'auth') category = categoryOf('query', status, 'none')
+  }
+  return {
+    id: uuidv7(),
+    requestId: d.requestId,
+    timestamp: Math.round(Date.now() - elapsed),
+    tenantId: d.caller?.tenant ?? 'public',
+    userId: d.caller?.user ?? 'anonymous',
+    method: null,
+    path: d.path,
+    protocol: d.protocol,
+    action: d.action,
+    category,
+    riskLevel: 'none',
+    status,
+    statusCode,
+    durationMs: Math.round(elapsed * 1000) / 1000,
+    metadata: NO_METADATA as Record<string, unknown>,
+    clientRequestId: d.clientRequestId
   }
 }
 
@@ -390,8 +450,28 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   // (storableEntry), so that what is hashed is what PostgreSQL holds.
   const enqueue = (entry: AuditEntry): void => writer.enqueue(storableEntry(entry))
 
+  // Neither PostgreSQL nor the spool's disk takes entries, and the backlog is full: what would
+  // leave an entry is refused rather than done without one (counted as refused).
+  const unrecordable = (): MantleError => {
+    entries?.inc({ outcome: 'refused' })
+    return new MantleError('OVERLOADED', 'The audit trail cannot record calls now: retry later', { headers: { 'retry-after': '5' } })
+  }
+  function decide<T> (decision: Decision, run: () => T): T {
+    if (writer.saturated) throw unrecordable()
+    const startedAt = performance.now()
+    let value: T
+    try {
+      value = run()
+    } catch (err) {
+      enqueue(decisionEntry(decision, startedAt, err))
+      throw err
+    }
+    enqueue(decisionEntry(decision, startedAt, null))
+    return value
+  }
+
   const health = (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, writing: writer.writing, spoolBytes: writer.spoolBytes, error: writer.error, refusal })
-  app.decorate('audit', { store, enqueue, health, refused, describe })
+  app.decorate('audit', { store, enqueue, health, refused, describe, decide })
 
   if (app.hasDecorator('diagz')) {
     app.diagz.addStore('audit', () => {
@@ -425,10 +505,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       return (ctx, next) => {
         // Neither PostgreSQL nor the spool's disk takes entries, and the backlog is full: a call
         // is refused rather than served without its entry (which would have nowhere to go).
-        if (writer.saturated) {
-          entries?.inc({ outcome: 'refused' })
-          throw new MantleError('OVERLOADED', 'The audit trail cannot record calls now: retry later', { headers: { 'retry-after': '5' } })
-        }
+        if (writer.saturated) throw unrecordable()
         let result: Promise<unknown>
         try {
           result = next(ctx)
@@ -551,8 +628,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   const auditGuard = function auditGuard (request: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void): void {
     if (!writer.saturated) { done(); return }
     overloaded.add(request)
-    entries?.inc({ outcome: 'refused' })
-    done(new MantleError('OVERLOADED', 'The audit trail cannot record calls now: retry later', { headers: { 'retry-after': '5' } }))
+    done(unrecordable())
   }
   app.addHook('onRoute', (route) => {
     const action = route.config?.audit

@@ -9,7 +9,8 @@ import type { FastifyInstance } from 'fastify'
 import { buildApp, type BuildOptions } from '../../../app.js'
 import { migrate } from '../../../plugins/audit/migrations.js'
 import { startKernel } from '../../../kernel/server.js'
-import { testConfig, bearer, until, SECRET, closedPort } from '../../helper.js'
+import { testConfig, bearer, token, until, SECRET, closedPort } from '../../helper.js'
+import { connect } from '../../adapters/websocket-helper.js'
 import { startTcpProxy, type TcpProxy } from '../../proxy.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_PORT } from './db.js'
 
@@ -404,6 +405,18 @@ t.test('neither PostgreSQL nor the spool\'s disk takes entries: the routes that 
     }
   }
   t.ok(app.audit.health().queueDepth <= depth, `no entry queued for the ${50 * admin.length} refusals (${app.audit.health().queueDepth})`)
+  // Subscriptions and /ws re-auth frames, recorded like calls, are refused like them.
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const client = await connect(t, `ws://127.0.0.1:${(app.server.address() as { port: number }).port}/ws`, { roles: ['viewer'] })
+  for (let i = 0; i < 20; i++) {
+    const subscribed = await client.request({ id: 's', subscribe: 'runUpdated' })
+    const renewed = await client.request({ id: 'a', auth: token({ roles: ['viewer'] }) })
+    if (i > 0) continue
+    t.match(subscribed.error, { code: 'OVERLOADED', detail: /audit trail cannot record calls/ }, 'a subscription is refused rather than made without its entry')
+    t.match(renewed.error, { code: 'OVERLOADED', detail: /audit trail cannot record calls/ }, 'so is a re-auth frame')
+  }
+  t.equal(app.events.bus.subscriptions, 0)
+  t.ok(app.audit.health().queueDepth <= depth, `no entry queued for them (${app.audit.health().queueDepth})`)
   for (const url of ['/healthz', '/metrics']) t.equal((await app.inject({ url })).statusCode, 200, `${url} is served: it is not audited`)
   t.not((await app.inject({ url: '/readyz' })).statusCode, 500)
 })

@@ -1,0 +1,144 @@
+import t from 'tap'
+import type { FastifyInstance } from 'fastify'
+import { WebSocket } from 'ws'
+import { buildDemoApp, bearer, drained, readUntil, token, until } from '../../helper.js'
+import { connect } from '../../adapters/websocket-helper.js'
+import type { StoredEntry } from '../../../plugins/audit/entry.js'
+
+// README, "Audit trail": every subscription decision leaves one entry on every face (accepted:
+// ok, read, the event's name; refused: its code), and so does each /ws re-auth frame
+// (websocket.auth). Before, they were decided outside the pipeline and left none: a denied
+// subscription, or an attempt to switch a socket to another tenant, had no trace.
+
+const now = new Date().toISOString()
+const RUN = { id: 'r1', agentId: 'a1', status: 'queued', temperature: 1, promptChars: 2, output: null, error: null, createdAt: now, updatedAt: now, startedAt: null, finishedAt: null }
+
+async function listen (app: FastifyInstance): Promise<number> {
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  return (app.server.address() as { port: number }).port
+}
+
+async function stored (app: FastifyInstance, action: string): Promise<StoredEntry[]> {
+  await drained(app)
+  return (await app.audit.store.query({ action, limit: 100 })).entries
+}
+
+t.test('/ws: a subscription accepted and one refused each leave one entry; unsubscribes, unknown events and events do not', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const url = `ws://127.0.0.1:${port}/ws`
+  const editor = await connect(t, url, { tenant: 'ta', user: 'ua', roles: ['editor'] })
+  const refused = await editor.request({ id: 's1', subscribe: 'runUpdated' })
+  t.equal(refused.error?.code, 'FORBIDDEN')
+  t.equal((await editor.request({ id: 's2', subscribe: 'noSuchEvent' })).error?.code, 'NOT_FOUND')
+  const viewer = await connect(t, url, { tenant: 'tv', user: 'uv', roles: ['viewer'] })
+  t.equal((await viewer.request({ id: 's3', subscribe: 'runUpdated' })).subscribed, 'runUpdated')
+  app.events.bus.dispatch({ topic: 'runs.updated', tenantId: 'tv', payload: RUN })
+  t.equal((await viewer.next()).event, 'runUpdated')
+  t.equal((await viewer.request({ id: 's4', unsubscribe: 'runUpdated' })).unsubscribed, 'runUpdated')
+  const rows = await stored(app, 'runUpdated')
+  t.equal(rows.length, 2, 'one entry per decision, none for the unsubscribe or the event')
+  const forbidden = rows.find(r => r.status !== 'ok')!
+  t.match(forbidden, { requestId: refused.error.requestId, tenantId: 'ta', userId: 'ua', method: null, path: '/ws', protocol: 'websocket', category: 'auth', status: 'FORBIDDEN', statusCode: 403, riskLevel: 'none' })
+  t.match(rows.find(r => r.status === 'ok'), { tenantId: 'tv', userId: 'uv', method: null, path: '/ws', protocol: 'websocket', category: 'read', statusCode: 200 })
+  t.equal((await stored(app, 'noSuchEvent')).length, 0, 'an unknown event names no event: not recorded, as an unknown op')
+})
+
+t.test('/ws: each re-auth frame leaves one entry (websocket.auth), accepted or refused, never the token', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const client = await connect(t, `ws://127.0.0.1:${port}/ws`, { tenant: 'tr', user: 'ur' })
+  const fresh = token({ tenant: 'tr', user: 'ur' })
+  t.equal((await client.request({ id: 'a1', auth: fresh })).authenticated, true)
+  const garbage = await client.request({ id: 'a2', auth: 'garbage' })
+  t.equal(garbage.error?.status, 401)
+  const other = await client.request({ id: 'a3', auth: token({ tenant: 'elsewhere', user: 'ur' }) })
+  t.equal(other.error?.status, 403)
+  const rows = await stored(app, 'websocket.auth')
+  t.equal(rows.length, 3)
+  const common = { tenantId: 'tr', userId: 'ur', method: null, path: '/ws', protocol: 'websocket', category: 'auth', riskLevel: 'none' }
+  t.match(rows.find(r => r.status === 'ok'), { ...common, statusCode: 200 })
+  t.match(rows.find(r => r.requestId === garbage.error.requestId), { ...common, status: 'UNAUTHENTICATED', statusCode: 401 })
+  t.match(rows.find(r => r.requestId === other.error.requestId), { ...common, status: 'FORBIDDEN', statusCode: 403 })
+  t.notMatch(JSON.stringify(rows), /eyJ|garbage/, 'no token')
+})
+
+t.test('tRPC over SSE: a subscription accepted and each refused one leave one entry', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const open = async (id: string, headers: Record<string, string>, marker: string): Promise<void> => {
+    const controller = new AbortController()
+    t.teardown(() => controller.abort())
+    const res = await fetch(`http://127.0.0.1:${port}/trpc/runUpdated`, { headers: { ...headers, 'x-request-id': id, accept: 'text/event-stream' }, signal: controller.signal })
+    await readUntil(res, marker)
+  }
+  await open('sse-ok', bearer({ tenant: 'ts', user: 'us', roles: ['viewer'] }), 'connected')
+  await until(() => app.events.bus.subscriptions === 1, 'the subscription')
+  await open('sse-forbidden', bearer({ tenant: 'ts', user: 'us', roles: ['editor'] }), 'serialized-error')
+  await open('sse-anonymous', {}, 'serialized-error')
+  const rows = await stored(app, 'runUpdated')
+  t.equal(rows.length, 3)
+  const by = (id: string): StoredEntry | undefined => rows.find(r => r.requestId === id)
+  const common = { method: null, path: '/trpc/runUpdated', protocol: 'trpc', riskLevel: 'none' }
+  t.match(by('sse-ok'), { ...common, tenantId: 'ts', userId: 'us', category: 'read', status: 'ok', statusCode: 200 })
+  t.match(by('sse-forbidden'), { ...common, tenantId: 'ts', userId: 'us', category: 'auth', status: 'FORBIDDEN', statusCode: 403 })
+  t.match(by('sse-anonymous'), { ...common, tenantId: 'public', userId: 'anonymous', category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401 })
+})
+
+t.test('tRPC over WebSocket: a subscription accepted and one refused each leave one entry', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const subscribe = async (roles: string[]): Promise<Array<Record<string, any>>> => {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ tenant: 'tw', user: 'uw', roles }) })
+    t.teardown(() => ws.terminate())
+    const frames: Array<Record<string, any>> = []
+    ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
+    await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+    ws.send(JSON.stringify({ id: 1, method: 'subscription', params: { path: 'runUpdated', input: null } }))
+    await until(() => frames.some(f => f.id === 1), 'the answer')
+    return frames
+  }
+  const refused = (await subscribe(['editor'])).find(f => f.id === 1)!
+  t.equal(refused.error?.data?.code, 'FORBIDDEN')
+  t.equal((await subscribe(['viewer'])).find(f => f.id === 1)?.result?.type, 'started')
+  const rows = await stored(app, 'runUpdated')
+  t.equal(rows.length, 2)
+  const common = { tenantId: 'tw', userId: 'uw', method: null, path: '/trpc/runUpdated', protocol: 'trpc', riskLevel: 'none' }
+  t.match(rows.find(r => r.status !== 'ok'), { ...common, requestId: refused.error.data.requestId, category: 'auth', status: 'FORBIDDEN', statusCode: 403 })
+  t.match(rows.find(r => r.status === 'ok'), { ...common, category: 'read', statusCode: 200 })
+})
+
+t.test('GraphQL over graphql-ws: a subscription accepted and one refused each leave one entry', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const subscribe = async (roles: string[]): Promise<Record<string, any>> => {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, 'graphql-transport-ws')
+    t.teardown(() => ws.terminate())
+    const frames: Array<Record<string, any>> = []
+    ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
+    await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+    ws.send(JSON.stringify({ type: 'connection_init', payload: { authorization: `Bearer ${token({ tenant: 'tg', user: 'ug', roles })}` } }))
+    await until(() => frames.some(f => f.type === 'connection_ack'), 'ack')
+    ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: 'subscription { runUpdated { id } }' } }))
+    return { frames }
+  }
+  const refused = await subscribe(['editor'])
+  await until(() => refused.frames.some((f: Record<string, any>) => f.id === '1'), 'the refusal')
+  const error = refused.frames.find((f: Record<string, any>) => f.id === '1')
+  t.equal(error.type, 'error')
+  await subscribe(['viewer'])
+  await until(() => app.events.bus.subscriptions === 1, 'the subscription')
+  const rows = await stored(app, 'runUpdated')
+  t.equal(rows.length, 2)
+  const common = { tenantId: 'tg', userId: 'ug', method: null, path: '/graphql', protocol: 'graphql', riskLevel: 'none' }
+  t.match(rows.find(r => r.status !== 'ok'), { ...common, requestId: error.payload[0].extensions.requestId, category: 'auth', status: 'FORBIDDEN', statusCode: 403 })
+  t.match(rows.find(r => r.status === 'ok'), { ...common, category: 'read', statusCode: 200 })
+})
+
+t.test('with the audit off, subscriptions and re-auth work and nothing is recorded', async t => {
+  const app = await buildDemoApp(t, { BFF_AUDIT_ENABLED: false })
+  const port = await listen(app)
+  const client = await connect(t, `ws://127.0.0.1:${port}/ws`, { roles: ['viewer'] })
+  t.equal((await client.request({ id: '1', subscribe: 'runUpdated' })).subscribed, 'runUpdated')
+  t.equal((await client.request({ id: '2', auth: token({ roles: ['viewer'] }) })).authenticated, true)
+})
