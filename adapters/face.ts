@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify'
 import type { LoadShedding } from '../plugins/pressure/index.js'
-import { CallContext, isSocket, type Protocol, type CacheOutcome, type Caller } from '../plugins/pipeline/index.js'
+import { CallContext, isSocket, type AnswerHold, type Protocol, type CacheOutcome, type Caller } from '../plugins/pipeline/index.js'
 import { toProblem, logLevelOf, retryAfterOf, MantleError, type Problem } from '../errors.js'
 import type { Decision } from '../plugins/audit/index.js'
 export type { Decision }
@@ -43,6 +43,8 @@ export interface FaceCall {
   caller?: Caller | null
   /** `requestId` is (or derives from) the client's own x-request-id (CallContext.clientRequestId). */
   clientRequestId?: boolean
+  /** The bound on the answer of a request of several calls, which decides on this call's result after it (CallContext.answer). */
+  answer?: AnswerBudget | null
 }
 
 /** A call's answer as JSON shaped by the op's output schema; `value` parses it on first use. */
@@ -106,20 +108,67 @@ export const MAX_ANSWER_CHARS = 32 * 1024 * 1024
 /**
  * The results the calls of one request have answered so far. A query's result that would take
  * them past MAX_ANSWER_CHARS is left out, its call answered PAYLOAD_TOO_LARGE, to be asked again;
- * a mutation's result is always kept, since its effect has happened.
+ * a mutation's result is always kept, since its effect has happened. The audit entry of each call
+ * that succeeded waits here for that decision (CallContext.answer), so that it records what the
+ * client gets: every call the face hands it must be decided (admit, or decide), and a
+ * face that may not reach each one releases them once its answer is made.
  */
-export class AnswerBudget {
+export class AnswerBudget implements AnswerHold {
   private used = 0
+  // The entries held by request id; null until the first (none with the audit off).
+  private held: Map<string, (leftOut: LeftOut | null) => void> | null = null
+  private released = false
+
+  hold (requestId: string, record: (leftOut: LeftOut | null) => void): void {
+    if (this.released) record(null)
+    else (this.held ??= new Map()).set(requestId, record)
+  }
 
   /** `outcome`, counted, or PAYLOAD_TOO_LARGE in its place when it is a query's result that does not fit. */
   admit (outcome: FaceResult, query: boolean, requestId: string): FaceResult {
-    if (!outcome.ok) return outcome
+    if (!outcome.ok) {
+      this.decide(requestId, null)
+      return outcome
+    }
     if (query && this.used + outcome.json.length > MAX_ANSWER_CHARS) {
       const { problem, headers } = toProblem(new MantleError('PAYLOAD_TOO_LARGE', `The answer would pass ${MAX_ANSWER_CHARS} characters: this query's result is left out, ask for it again`), requestId)
+      this.decide(requestId, problem)
       return { ok: false, problem, headers }
     }
     this.used += outcome.json.length
+    this.decide(requestId, null)
     return outcome
+  }
+
+  /** The characters still free in the answer. */
+  room (): number {
+    return MAX_ANSWER_CHARS - this.used
+  }
+
+  /** Counts `chars` when they fit in the answer; false, and nothing counted, when they do not. */
+  take (chars: number): boolean {
+    if (this.used + chars > MAX_ANSWER_CHARS) return false
+    this.used += chars
+    return true
+  }
+
+  /** Records every entry still held as its call ended, and any held after: the answer is made. */
+  release (): void {
+    this.released = true
+    const held = this.held
+    this.held = null
+    if (held !== null) for (const record of held.values()) record(null)
+  }
+
+  /**
+   * Records the held entry of the call `requestId` (none held: nothing to do): `leftOut` null,
+   * its result was answered; else the code and status answered in its place.
+   */
+  decide (requestId: string, leftOut: LeftOut | null): void {
+    const record = this.held?.get(requestId)
+    if (record === undefined) return
+    this.held!.delete(requestId)
+    record(leftOut)
   }
 }
 
@@ -135,6 +184,8 @@ export type Decide = <T>(decision: Decision, decide: () => T) => T
 export function decisions (app: FastifyInstance): Decide {
   return app.hasDecorator('audit') ? app.audit.decide : (_decision, decide) => decide()
 }
+
+type LeftOut = Pick<Problem, 'code' | 'status'>
 
 /**
  * One call through the pipeline, exactly as REST makes it, for the faces that carry calls in
@@ -163,6 +214,7 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     if (call.memo !== undefined) ctx.memo = call.memo
     if (call.refusal !== undefined) ctx.refusal = call.refusal
     if (call.caller != null) ctx.caller = call.caller
+    if (call.answer != null) ctx.answer = call.answer
     const entry = pipeline.entry(op.name)
     const result = await entry.run(ctx)
     return new FaceValue(ctx.json ?? entry.serialize(result), ctx.status, ctx.headers, ctx.cache)

@@ -65,9 +65,10 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     const fromClient = clientRequestId(request.raw)
     // Results are matched to calls by id, and a call's idempotency key is made of its id.
     if (new Set(calls.map(call => call.id)).size !== calls.length) throw new MantleError('VALIDATION_FAILED', 'Each call of a batch needs an id of its own')
-    const outcomes = await Promise.all(calls.map(async (call, n) => await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, tracestate, clientRequestId: fromClient, idempotencyKey: callKey(idempotencyKey, call.id), memo, caller: reply.raw })))
-    // In the calls' order: which results are left out does not depend on when they came.
+    // Each call's audit entry waits for the budget's decision on its result (admit, below).
     const budget = new AnswerBudget()
+    const outcomes = await Promise.all(calls.map(async (call, n) => await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, tracestate, clientRequestId: fromClient, idempotencyKey: callKey(idempotencyKey, call.id), memo, caller: reply.raw, answer: budget })))
+    // In the calls' order: which results are left out does not depend on when they came.
     const parts = outcomes.map((outcome, n) => callEnvelope(JSON.stringify(calls[n].id), budget.admit(outcome, app.pipeline.manifest.byName.get(calls[n].op)?.type === 'query', `${request.id}.${n}`)))
     // The refusals' Retry-After and RateLimit-* (the longest wait's), as on tRPC and GraphQL: a
     // client told RATE_LIMITED or OVERLOADED in the batch had no wait to go by. Never a call's

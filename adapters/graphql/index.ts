@@ -3,7 +3,7 @@ import mercurius from 'mercurius'
 import { BREAK, getOperationAST, parse, visit, type DocumentNode, type GraphQLResolveInfo } from 'graphql'
 // graphql-js's own field collection (16.x; no exports map, so its module is importable as is).
 import { collectFields } from 'graphql/execution/collectFields.js'
-import { MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
+import { AnswerBudget, MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
 import { checkedUtf8 } from '../../json-body.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
@@ -75,6 +75,10 @@ interface RequestContext {
   connection?: { readonly socket: WebSocket }
   /** The response cache's outcome of each root field that had one, by response key. */
   cache?: Record<string, CacheOutcome>
+  /** The bound on the document's answer, applied once it has run (onResolution below). */
+  answer: AnswerBudget
+  /** The request id of each root field's call that answered, by response key (its audit entry waits for the bound). */
+  answered?: Map<string, string>
 }
 
 export interface GraphqlFaceSettings {
@@ -96,6 +100,9 @@ export const DEFAULT_SETTINGS: Readonly<GraphqlFaceSettings> = Object.freeze({
 })
 
 const SHUTTING_DOWN = (): MantleError => new MantleError('OVERLOADED', 'The gateway is shutting down: this mutation did not run; retry it on another instance', { headers: { 'retry-after': '1' } })
+
+/** What a root field's audit entry records when the bound on the answer left its result out. */
+const LEFT_OUT = Object.freeze({ code: 'PAYLOAD_TOO_LARGE', status: 413 })
 
 /** graphql-ws's own close code for a connection that never initialised. */
 const CLOSE_INIT_TIMEOUT = 4408
@@ -170,6 +177,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     operation: (op, toInput) => async (_source, args: Record<string, unknown>, ctx: RequestContext, info) => {
       const n = ctx.n++
       const input = toInput(args)
+      const requestId = `${ctx.requestId}.${n}`
       const result = await runCall(app, {
         // A document's mutations run one after the other: those not begun when the shutdown
         // starts are refused (audited as such), lest the document outlive the grace and the
@@ -180,7 +188,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         refusal: n > 0 && op.type === 'mutation' && app.shuttingDown()
           ? SHUTTING_DOWN()
           : overInputBudget(ctx, input, opts.bodyLimit) ? new MantleError('PAYLOAD_TOO_LARGE', `The document's inputs are over the body limit (${opts.bodyLimit}) as JSON`) : undefined,
-        requestId: `${ctx.requestId}.${n}`,
+        requestId,
         clientRequestId: ctx.clientRequestId,
         protocol: 'graphql',
         op: op.name,
@@ -197,10 +205,12 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
           : callKey(ctx.idempotencyKey, String(info.path.key)),
         memo: ctx.memo,
         // Over HTTP the response, over graphql-ws the socket: a call whose caller left is cancelled.
-        caller: ctx.reply?.raw ?? ctx.connection?.socket ?? null
+        caller: ctx.reply?.raw ?? ctx.connection?.socket ?? null,
+        answer: ctx.answer
       })
       if (op.type === 'mutation') ctx.mutation = true
       if (result.ok) {
+        (ctx.answered ??= new Map()).set(String(info.path.key), requestId)
         // Reported once the document has run (onResolution below).
         if (result.cache !== null && ctx.reply !== undefined) (ctx.cache ??= {})[String(info.path.key)] = result.cache
         return result.value
@@ -273,6 +283,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
       tracestate: single(request.headers.tracestate),
       idempotencyKey: idempotencyKeyOf(request),
       memo: new Map(),
+      answer: new AnswerBudget(),
       n: 0,
       inputChars: 0
     }),
@@ -286,29 +297,31 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   // as serialized, not on the calls' answers: identical query fields share one Kernel call, and
   // one field's selection may name a large value under many aliases (30 aliases of a 3 MB field,
   // one call, made a 94 MB answer from a request of under 1 KB). A mutation's result too, though
-  // the mutation was carried out: selected once, it fits.
+  // the mutation was carried out: selected once, it fits. Each field's audit entry then records
+  // what was answered (AnswerBudget): the entries of those left out, PAYLOAD_TOO_LARGE.
   app.graphql.addHook('onResolution', async (execution, context) => {
+    const { requestId, mutation, answer, answered } = context as unknown as RequestContext
     const data = execution.data as Record<string, unknown> | null | undefined
-    if (data === null || data === undefined) return
-    const { requestId, mutation } = context as unknown as RequestContext
-    let used = 0
-    // What the walks may measure, fields left out included: each of those is walked up to the
-    // room left, and 50 of them held the event loop for 23 s. Past it, fields are left out unmeasured.
-    let walk = 2 * MAX_ANSWER_CHARS
-    for (const key of Object.keys(data)) {
-      if (data[key] === null) continue
-      const size = walk <= 0 ? Infinity : jsonLength(data[key], MAX_ANSWER_CHARS - used)
-      walk -= size
-      if (used + size <= MAX_ANSWER_CHARS) {
-        used += size
-        continue
+    if (data !== null && data !== undefined) {
+      // What the walks may measure, fields left out included: each of those is walked up to the
+      // room left, and 50 of them held the event loop for 23 s. Past it, fields are left out unmeasured.
+      let walk = 2 * MAX_ANSWER_CHARS
+      for (const key of Object.keys(data)) {
+        if (data[key] === null) continue
+        const size = walk <= 0 ? Infinity : jsonLength(data[key], answer.room())
+        walk -= size
+        if (answer.take(size)) continue
+        data[key] = null
+        const message = mutation === true
+          ? `This mutation was carried out; its result would take the answer past ${MAX_ANSWER_CHARS} characters and is left out (select its fields once)`
+          : `The answer would pass ${MAX_ANSWER_CHARS} characters: this field's result is left out, ask for it again`
+        ;(execution as { errors?: unknown[] }).errors = [...(execution.errors ?? []), { message, path: [key], extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413, requestId } }]
+        const call = answered?.get(key)
+        if (call !== undefined) answer.decide(call, LEFT_OUT)
       }
-      data[key] = null
-      const message = mutation === true
-        ? `This mutation was carried out; its result would take the answer past ${MAX_ANSWER_CHARS} characters and is left out (select its fields once)`
-        : `The answer would pass ${MAX_ANSWER_CHARS} characters: this field's result is left out, ask for it again`
-      ;(execution as { errors?: unknown[] }).errors = [...(execution.errors ?? []), { message, path: [key], extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413, requestId } }]
     }
+    // The fields answered as their calls ended.
+    answer.release()
   })
   // The cache's outcomes, once every call of the document has run: a document of one call says
   // it in x-cache, as REST does; one of several has one header for them all, so each cached

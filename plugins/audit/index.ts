@@ -206,6 +206,14 @@ export function decisionEntry (d: Decision, startedAt: number, err: unknown): Au
   }
 }
 
+/**
+ * The entry of a call that ran, whose result its face left out of a bounded answer: the code and
+ * status the client got, and `leftOut` (the call ran: a mutation was carried out).
+ */
+function leftOutEntry (entry: AuditEntry, leftOut: { code: string, status: number }, ctx: CallContext): AuditEntry {
+  return { ...entry, status: leftOut.code, statusCode: leftOut.status, category: categoryOf(ctx.op.type, leftOut.code, ctx.risk), metadata: { ...entry.metadata, leftOut: true } }
+}
+
 /** tRPC's routes, whose HTTP calls take a token in connectionParams or `?access_token=` too. */
 const TRPC_ROUTE = /^\/trpc(?:[/?]|$)/
 
@@ -514,7 +522,11 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
           throw err
         }
         return result.then(value => {
-          enqueue(callEntry(ctx, where[ctx.protocol], null))
+          const entry = callEntry(ctx, where[ctx.protocol], null)
+          // One call of several whose answer is bounded as a whole: its entry waits for the face,
+          // which may answer PAYLOAD_TOO_LARGE in its result's place (adapters/face.ts).
+          if (ctx.answer === null) enqueue(entry)
+          else ctx.answer.hold(ctx.requestId, leftOut => { enqueue(leftOut === null ? entry : leftOutEntry(entry, leftOut, ctx)) })
           return value
         }, (err: unknown) => {
           enqueue(callEntry(ctx, where[ctx.protocol], err))

@@ -24,6 +24,20 @@ export interface Finding {
 export type CacheOutcome = 'hit' | 'miss' | 'stale'
 
 /**
+ * The answer of a request that carries several calls, bounded as a whole (adapters/face.ts,
+ * AnswerBudget): once a call has run, its face decides whether its result goes in the answer or
+ * PAYLOAD_TOO_LARGE goes in its place. The audit stage holds the entry of such a call that
+ * succeeded until then, so that the entry records what the client gets.
+ */
+export interface AnswerHold {
+  /**
+   * Holds `record` until the face has decided on the call `requestId`: called with null when its
+   * result is answered, else with the code and status answered in its place.
+   */
+  hold: (requestId: string, record: (leftOut: { code: string, status: number } | null) => void) => void
+}
+
+/**
  * The one object a call carries through the pipeline. Every field is set in the constructor,
  * in the same order, so all contexts share one hidden class. Stages fill identity and
  * outcome; they never reach back to the adapter's request.
@@ -69,6 +83,11 @@ export class CallContext {
    * stage on its own. null for a call that comes alone.
    */
   memo: Map<string, Promise<unknown>> | null
+  /**
+   * The bound on the answer of the request the call is one of, which its face applies once the
+   * call has run (a REST batch, a tRPC batch, a GraphQL document); null for a call alone.
+   */
+  answer: AnswerHold | null
   /**
    * Response headers stages add for the HTTP faces (x-cache, ETag, Cache-Control, RateLimit-*,
    * Idempotent-Replayed), applied by the adapter on success. null until a stage sets one.
@@ -126,6 +145,7 @@ export class CallContext {
     this.sent = false
     this.startedAt = performance.now()
     this.memo = null
+    this.answer = null
     this.headers = null
     this.cache = null
     this.replayed = false

@@ -10,7 +10,7 @@ import type { CallContext } from './context.js'
 export { canonicalJson }
 
 export { type Caller, Leave, callerGone, isSocket, watchCaller, unwatchCaller } from './caller.js'
-export { CallContext, type Protocol, PROTOCOLS, type RiskLevel, type Finding, type CacheOutcome } from './context.js'
+export { CallContext, type AnswerHold, type Protocol, PROTOCOLS, type RiskLevel, type Finding, type CacheOutcome } from './context.js'
 
 export type Next = (ctx: CallContext) => Promise<unknown>
 /**

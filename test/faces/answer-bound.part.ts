@@ -2,6 +2,7 @@ import t, { type Test } from 'tap'
 import { MAX_ANSWER_CHARS } from '../../adapters/face.js'
 import { jsonLength } from '../../adapters/graphql/limits.js'
 import { buildTestApp, startTestKernel, testManifest, bearer, json } from '../helper.js'
+import { entries } from '../plugins/audit/entries.js'
 
 // Identical queries of one request share one Kernel call: 30 tRPC batch calls or GraphQL fields
 // of one 3 MB query made a 94 MB answer, from a request of under 1 KB (as the REST batch's did).
@@ -33,7 +34,16 @@ t.test('a tRPC batch answers at most MAX_ANSWER_CHARS of query results, the rest
   t.equal(results.filter(r => r.result?.data.blob === blob).length, FIT, 'the query results that fit')
   t.equal(results.filter(r => r.error?.data.code === 'PAYLOAD_TOO_LARGE' && r.error.data.httpStatus === 413).length, n - FIT, 'the rest left out')
   t.equal(kernel.requests.length, 1, 'one Kernel call for the identical queries')
+  // Each call's audit entry records what its client got (counted as calls complete: any order).
+  const id = res.headers['x-request-id'] as string
+  const recorded = await answeredAs(app, 'trpc')
+  t.same(results.map((_, n) => recorded.get(`${id}.${n}`)), results.map(r => r.error === undefined ? ['ok', 200, undefined] : [r.error.data.code, r.error.data.httpStatus, true]), 'each entry as its call was answered')
 })
+
+/** The audit entries of `protocol`'s calls, by request id: [status, statusCode, metadata.leftOut]. */
+async function answeredAs (app: Awaited<ReturnType<typeof bigApp>>['app'], protocol: string): Promise<Map<string, unknown[]>> {
+  return new Map((await entries(app)).filter(e => e.protocol === protocol).map(e => [e.requestId, [e.status, e.statusCode, e.metadata.leftOut]]))
+}
 
 t.test('a GraphQL answer holds at most MAX_ANSWER_CHARS, as serialized: root fields past it are null, PAYLOAD_TOO_LARGE', async t => {
   const { app, kernel } = await bigApp(t)
@@ -56,6 +66,17 @@ t.test('a GraphQL answer holds at most MAX_ANSWER_CHARS, as serialized: root fie
   t.equal(kernel.requests.filter(r => r.method === 'POST').length, FIT + 1, 'every mutation carried out')
   t.equal(Object.values(made.data).filter(v => v?.blob === blob).length, FIT, 'the results that fit')
   t.match(made.errors, [{ path: [`m${FIT}`], message: /mutation was carried out/, extensions: { code: 'PAYLOAD_TOO_LARGE' } }], 'the one past it says the mutation ran')
+
+  // Each root field's audit entry records what its client got; one left out, that its call ran
+  // (leftOut), a mutation's too: the entries said ok/200 for them all.
+  const recorded = await answeredAs(app, 'graphql')
+  const asSent = (res: typeof query, keys: string[]): unknown[] => keys.map(key => (res.json() as { data: Record<string, unknown> }).data[key] === null ? ['PAYLOAD_TOO_LARGE', 413, true] : ['ok', 200, undefined])
+  const calls = (res: typeof query, keys: string[]): unknown[] => keys.map((_, n) => recorded.get(`${res.headers['x-request-id'] as string}.${n}`))
+  const fields = Array.from({ length: n }, (_, i) => `a${i}`)
+  t.same(calls(query, fields), asSent(query, fields), 'the query fields')
+  t.same(calls(aliases, ['one']), [['PAYLOAD_TOO_LARGE', 413, true]], 'the field selected under 30 aliases')
+  const mutated = Array.from({ length: FIT + 1 }, (_, i) => `m${i}`)
+  t.same(calls(mutation, mutated), asSent(mutation, mutated), 'the mutation fields')
 })
 
 t.test('the GraphQL bound counts characters as JSON writes them, escapes included', async t => {

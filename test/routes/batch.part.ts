@@ -1,6 +1,7 @@
 import t from 'tap'
 import { buildDemoApp, buildTestApp, startTestKernel, testManifest, bearer, json } from '../helper.js'
 import { MAX_ANSWER_CHARS } from '../../adapters/face.js'
+import { entries } from '../plugins/audit/entries.js'
 
 t.test('a batch runs each call through the pipeline and keeps ids and order', async t => {
   const app = await buildDemoApp(t)
@@ -117,6 +118,11 @@ t.test('a batch\'s answer is bounded: query results past it are left out, a muta
   t.ok(results.slice(kept).filter(r => r.id !== 'm').every(r => r.error?.code === 'PAYLOAD_TOO_LARGE' && r.error.status === 413), 'the rest left out')
   t.same(results.find(r => r.id === 'm')?.result, { poked: true }, 'the mutation\'s result kept')
   t.equal(kernel.requests.filter(r => r.method === 'GET').length, 1, 'one Kernel call for the identical queries')
+  // Each call's audit entry records what its client got: the results left out were entered as
+  // ok/200, the stage having recorded them before the budget cut them.
+  const id = res.headers['x-request-id'] as string
+  const recorded = new Map((await entries(app)).filter(e => e.protocol === 'batch').map(e => [e.requestId, [e.status, e.statusCode, e.metadata.leftOut]]))
+  t.same(calls.map((_, n) => recorded.get(`${id}.${n}`)), results.map(r => r.error === undefined ? ['ok', 200, undefined] : [r.error.code, r.error.status, true]), 'each entry as its call was answered')
 })
 
 t.test('a Kernel answer that breaks the output schema is a KERNEL_ERROR for that call only', async t => {
