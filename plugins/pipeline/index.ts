@@ -387,6 +387,8 @@ const PROTOTYPE = 'The input contains a forbidden prototype property'
 /** How deeply objects and arrays may nest in an input: what goes after (the Kernel request's JSON, the keys of the cache, idempotency and batch memo) recurses. */
 export const MAX_INPUT_DEPTH = 256
 const TOO_DEEP = `The input nests objects and arrays more than ${MAX_INPUT_DEPTH} levels deep`
+/** inputFault's mark for a text or key holding a lone surrogate; illFormed names it. */
+const ILL_FORMED = Symbol('ill-formed')
 
 /**
  * What is wrong with a parsed input that its schema admits, or null. A number that is not finite:
@@ -398,16 +400,26 @@ const TOO_DEEP = `The input nests objects and arrays more than ${MAX_INPUT_DEPTH
  * MAX_INPUT_DEPTH: 40 KB of nested arrays in a free-form field overflowed the stack of the steps
  * after this one (a 500). An integer-valued number beyond ±(2^53 - 1): UNSAFE_INTEGER, once no
  * other fault is found (whether it is refused is its schema's: a `number` field may hold it).
+ * A text or a key that is not well-formed UTF-16 (a lone surrogate, JSON's "x\ud800"), which
+ * UTF-8 cannot carry: put in the Kernel's path it was a 500 (encodeURIComponent throws), in its
+ * query string U+FFFD (another input), while REST's path and query string cannot hold one at all.
  * Iterative itself: the work is one step per value, bounded by the body limit.
  */
 export function inputFault (input: object): string | null {
+  const fault = walk(input)
+  return fault === ILL_FORMED ? illFormed(input) : fault
+}
+
+function walk (input: object): string | typeof ILL_FORMED | null {
   const stack: unknown[] = [input]
   const depths: number[] = [1]
   let unsafe = false
   while (stack.length > 0) {
     const value = stack.pop()
     const depth = depths.pop()!
-    if (typeof value === 'number') {
+    if (typeof value === 'string') {
+      if (!value.isWellFormed()) return ILL_FORMED
+    } else if (typeof value === 'number') {
       if (!Number.isFinite(value)) return NON_FINITE
       if (!Number.isSafeInteger(value) && Number.isInteger(value)) unsafe = true
     } else if (value !== null && typeof value === 'object') {
@@ -421,6 +433,7 @@ export function inputFault (input: object): string | null {
         for (const k in value) {
           const v = (value as Record<string, unknown>)[k]
           if (k === '__proto__' || (k === 'constructor' && v !== null && typeof v === 'object' && Object.hasOwn(v, 'prototype'))) return PROTOTYPE
+          if (!k.isWellFormed()) return ILL_FORMED
           stack.push(v)
           depths.push(depth + 1)
         }
@@ -428,6 +441,39 @@ export function inputFault (input: object): string | null {
     }
   }
   return unsafe ? UNSAFE_INTEGER : null
+}
+
+/** Where a value sits in the input: its key or index, under its parent's. */
+interface Place { up: Place | null, key: string }
+
+/**
+ * The refusal of an input that walk found a lone surrogate in, naming its field as Ajv's
+ * refusals do (`input.tags.1`). Only for such an input: the walk that found it keeps no path.
+ * This one visits the values in walk's order, so it stops where walk stopped, within its depth.
+ */
+function illFormed (input: object): string {
+  const stack: Array<[unknown, Place | null]> = [[input, null]]
+  const name = (at: Place | null): string => {
+    const keys: string[] = []
+    for (let p = at; p !== null; p = p.up) keys.push(p.key)
+    return ['input', ...keys.reverse()].join('.')
+  }
+  while (stack.length > 0) {
+    const [value, at] = stack.pop()!
+    if (typeof value === 'string') {
+      if (!value.isWellFormed()) return `${name(at)} must be well-formed Unicode text: it holds a lone surrogate`
+    } else if (value !== null && typeof value === 'object') {
+      if (Array.isArray(value)) {
+        value.forEach((v, i) => { stack.push([v, { up: at, key: String(i) }]) })
+      } else {
+        for (const k in value) {
+          if (!k.isWellFormed()) return `${name(at)} has a key that is not well-formed Unicode text: it holds a lone surrogate`
+          stack.push([(value as Record<string, unknown>)[k], { up: at, key: k }])
+        }
+      }
+    }
+  }
+  return 'The input holds a text that is not well-formed Unicode'
 }
 
 async function pipelinePlugin (app: FastifyInstance, opts: { manifest: Manifest }): Promise<void> {

@@ -1,8 +1,10 @@
 // Every face forwards only input its schema accepts: a number JSON cannot carry, and a key an
 // upstream would take for a prototype, are refused (inputFault, in the validation stage).
 import t from 'tap'
+import { once } from 'node:events'
+import WebSocket from 'ws'
 import { inputFault } from '../../../plugins/pipeline/index.js'
-import { buildTestApp, startTestKernel, testManifest, json, bearer } from '../../helper.js'
+import { buildTestApp, startTestKernel, testManifest, json, bearer, until } from '../../helper.js'
 
 t.test('a number too large for a double (1e400) is not turned into null or "Infinity" on its way to the Kernel', async t => {
   // JSON.parse('1e400') is Infinity and a query's "1e400" is coerced to Infinity; Ajv's `number`
@@ -94,4 +96,74 @@ t.test('inputFault: the first thing wrong with a parsed input, anywhere in it', 
   t.match(inputFault(JSON.parse('{"a":[{"b":{"__proto__":{}}}]}') as object), /prototype/)
   t.match(inputFault(JSON.parse('{"constructor":{"prototype":{}}}') as object), /prototype/)
   t.match(inputFault({ a: [Infinity] }), /finite/)
+  t.equal(inputFault({ a: '\ud83d\ude00', '\u{1F600}': ['\uFFFD'] }), null, 'surrogate pairs are well formed')
+  t.equal(inputFault({ a: 1, b: [{ c: 'x' }, { d: ['y', 'z\udc00'] }] }), 'input.b.1.d.1 must be well-formed Unicode text: it holds a lone surrogate')
+  t.equal(inputFault({ '\ud800': 1 }), 'input has a key that is not well-formed Unicode text: it holds a lone surrogate')
+  t.equal(inputFault({ a: { b: { 'x\udbff': 'y' } } }), 'input.a.b has a key that is not well-formed Unicode text: it holds a lone surrogate')
+})
+
+// A lone surrogate has no UTF-8 form: REST's path and query string cannot carry one (invalid
+// percent-encoding, refused 400), but JSON can ("x\ud800"), on every face. Into the Kernel's path
+// it was a 500 (encodeURIComponent throws), into its query string U+FFFD (another input), into
+// its JSON body the escape as sent. The validation stage refuses it, in a value or a key.
+t.test('a text that is not well-formed UTF-16 (a lone surrogate) is refused 400 on every face, as REST refuses it', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/things': (req, res) => json(res, 200, { url: req.url }),
+    'POST /v1/things': (req, res) => json(res, 200, { body: req.body })
+  })
+  const output = { type: 'object', additionalProperties: true }
+  const name = { type: 'object', properties: { name: { type: 'string' } } }
+  const manifest = testManifest({
+    getThing: { type: 'query', rest: 'GET /things/:name', kernel: 'GET /v1/things/{name}', input: { ...name, required: ['name'] }, output },
+    listThings: { type: 'query', rest: 'GET /things', kernel: 'GET /v1/things', input: name, output },
+    makeThing: { type: 'mutation', rest: 'POST /things', kernel: 'POST /v1/things', input: { type: 'object', properties: { name: { type: 'string' }, meta: { type: 'object' }, tags: { type: 'array' } } }, output }
+  }, { url: kernel.url, retries: 0 })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const headers = { ...bearer(), 'content-type': 'application/json' }
+
+  // REST: a path or query string holding one is not valid percent-encoding of UTF-8 (a path
+  // that is not is refused before routing, BAD_REQUEST).
+  for (const [url, code] of [['/api/v1/things/x%ED%A0%80', 'BAD_REQUEST'], ['/api/v1/things?name=x%ED%A0%80y', 'VALIDATION_FAILED']]) {
+    const res = await app.inject({ url, headers: bearer() })
+    t.equal(res.statusCode, 400, `REST ${url}`)
+    t.match(res.json(), { code })
+  }
+
+  // Each input as JSON text, the lone surrogate escaped, and the field the refusal names.
+  const cases = [
+    { op: 'getThing', input: '{"name":"x\\ud800"}', field: /^input\.name /, graphql: 'query Q($name: String!) { getThing(name: $name) }' },
+    { op: 'listThings', input: '{"name":"x\\udc00y"}', field: /^input\.name /, graphql: 'query Q($name: String) { listThings(name: $name) }' },
+    { op: 'makeThing', input: '{"name":"ok","tags":["a","b\\ud83d"]}', field: /^input\.tags\.1 /, graphql: 'mutation M($name: String, $tags: JSON) { makeThing(name: $name, tags: $tags) }' },
+    { op: 'makeThing', input: '{"meta":{"k\\udfff":1}}', field: /^input\.meta /, graphql: 'mutation M($meta: JSON) { makeThing(meta: $meta) }' }
+  ]
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/ws`, { headers: bearer() })
+  t.teardown(() => ws.terminate())
+  await once(ws, 'open')
+  const frames: Array<Record<string, any>> = []
+  ws.on('message', data => frames.push(JSON.parse(String(data)) as Record<string, any>))
+  for (const [n, c] of cases.entries()) {
+    const rest = c.op === 'makeThing' ? await app.inject({ method: 'POST', url: '/api/v1/things', headers, payload: c.input }) : null
+    if (rest !== null) {
+      t.equal(rest.statusCode, 400, `REST body ${c.input}`)
+      t.match(rest.json(), { code: 'VALIDATION_FAILED', detail: c.field })
+    }
+    const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: `{"calls":[{"id":"a","op":"${c.op}","input":${c.input}}]}` })
+    t.match(batch.json(), { results: [{ id: 'a', error: { code: 'VALIDATION_FAILED', status: 400, detail: c.field } }] }, `batch ${c.input}`)
+    const trpc = c.op === 'makeThing'
+      ? await app.inject({ method: 'POST', url: `/trpc/${c.op}`, headers, payload: c.input })
+      : await app.inject({ url: `/trpc/${c.op}?input=${encodeURIComponent(c.input)}`, headers })
+    t.equal(trpc.statusCode, 400, `tRPC ${c.input}`)
+    t.match(trpc.json(), { error: { data: { code: 'VALIDATION_FAILED' }, message: c.field } })
+    const graphql = await app.inject({ method: 'POST', url: '/graphql', headers, payload: `{"query":${JSON.stringify(c.graphql)},"variables":${c.input}}` })
+    t.match(graphql.json(), { errors: [{ message: c.field, extensions: { code: 'VALIDATION_FAILED', status: 400 } }] }, `GraphQL ${c.input}`)
+    ws.send(`{"id":"${n}","op":"${c.op}","input":${c.input}}`)
+    await until(() => frames.some(f => f.id === String(n)), 'the /ws answer')
+    t.match(frames.find(f => f.id === String(n)), { error: { code: 'VALIDATION_FAILED', status: 400, detail: c.field } }, `/ws ${c.input}`)
+  }
+  t.same(kernel.requests.map(r => `${r.method} ${r.url}`), [], 'none reached the Kernel')
+  // A surrogate pair is one character, well formed: served.
+  const pair = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: '{"calls":[{"id":"a","op":"listThings","input":{"name":"\\ud83d\\ude00"}}]}' })
+  t.match(pair.json(), { results: [{ id: 'a', result: { url: '/v1/things?name=%F0%9F%98%80' } }] })
 })
