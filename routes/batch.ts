@@ -20,7 +20,9 @@ const CallSchema = {
   properties: {
     id: { type: 'string', minLength: 1, maxLength: 128 },
     op: { type: 'string', minLength: 1, maxLength: 128 },
-    input: { type: 'object' }
+    // Any JSON value: one that is no object is that call's refusal, the pipeline's (audited), as
+    // on every face, and null is no input (runCall); the batch's other calls run.
+    input: {}
   }
 }
 

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { buildDemoApp, buildTestApp, startTestKernel, testManifest, bearer, json } from '../helper.js'
+import { buildDemoApp, buildTestApp, startTestKernel, testManifest, bearer, json, drained } from '../helper.js'
 import { MAX_ANSWER_CHARS } from '../../adapters/face.js'
 import { entries } from '../plugins/audit/entries.js'
 
@@ -78,7 +78,7 @@ t.test('a call without a valid token is refused on its own; a bad envelope is a 
   const tooMany = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls: [1, 2, 3, 4].map(n => ({ id: String(n), op: 'listAgents' })) } })
   t.equal(tooMany.statusCode, 413)
   t.match(tooMany.json(), { code: 'PAYLOAD_TOO_LARGE', detail: 'A batch carries at most 3 calls' })
-  for (const payload of [{}, { calls: [] }, { calls: [{ op: 'listAgents' }] }, { calls: [{ id: 'a', op: 'listAgents', input: 'x' }] }, { calls: 'x' },
+  for (const payload of [{}, { calls: [] }, { calls: [{ op: 'listAgents' }] }, { calls: 'x' },
     // An unknown key, in the envelope or a call (a misspelt `input` went unnoticed: dropped).
     { calls: [{ id: 'a', op: 'listAgents' }], atomic: true }, { calls: [{ id: 'a', op: 'getAgent', inputs: { id: 'a1' } }] }]) {
     const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload })
@@ -93,6 +93,28 @@ t.test('a call without a valid token is refused on its own; a bad envelope is a 
     t.equal(res.statusCode, 400, JSON.stringify(call))
     t.match(res.json(), { code: 'VALIDATION_FAILED', detail: /must be string/ }, JSON.stringify(call))
   }
+})
+
+t.test('a call whose input is no object is refused on its own, as on the other faces; a null input is none', async t => {
+  // The call schema asked for an object: `"input":[]` refused the whole batch 400, so its other
+  // calls never ran and none was audited, where REST, tRPC and /ws refuse that one call.
+  const kernel = await startTestKernel(t, { 'GET /v1/things': (_req, res) => json(res, 200, { ok: true }) })
+  const manifest = testManifest({
+    listThings: { type: 'query', rest: 'GET /things', kernel: 'GET /v1/things', input: { type: 'object', properties: { q: { type: 'string' } } }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const inputs = [null, [], ['x'], 'x', '', 0, 1, true, false]
+  const calls = [{ id: 'ok', op: 'listThings', input: { q: 'a' } }, ...inputs.map((input, n) => ({ id: String(n), op: 'listThings', input }))]
+  const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls } })
+  t.equal(res.statusCode, 200)
+  const { results } = res.json() as { results: Array<{ id: string, result?: unknown, error?: { code: string, detail: string } }> }
+  t.same(results.map(r => r.id), calls.map(c => c.id), 'every call answered, in order')
+  t.same(results[0].result, { ok: true }, 'the other calls run')
+  t.same(results[1].result, { ok: true }, 'null: no input, as on tRPC and /ws')
+  for (const r of results.slice(2)) t.match(r, { error: { code: 'VALIDATION_FAILED', detail: 'The input must be a JSON object' } }, `input ${JSON.stringify(inputs[Number(r.id)])}`)
+  await drained(app)
+  const audited = (await app.audit.store.query({ status: 'VALIDATION_FAILED', limit: 100 })).entries
+  t.equal(audited.length, inputs.length - 1, 'each refused call has its audit entry')
 })
 
 t.test('a batch\'s answer is bounded: query results past it are left out, a mutation\'s kept', async t => {
