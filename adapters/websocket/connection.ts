@@ -39,6 +39,16 @@ export interface ConnectionAuth {
 }
 
 /**
+ * A call frame's idempotencyKey as the Idempotency-Key header's rule reads it: JSON null is no
+ * key, as an absent one (tRPC and the batch read a null input as none); any other value that is
+ * not text is a malformed key (null), refused on a mutation by its pipeline call, ignored on a query.
+ */
+function frameKey (key: unknown): string | null | undefined {
+  if (key === undefined || key === null) return undefined
+  return typeof key === 'string' ? checkedIdempotencyKey(key) : null
+}
+
+/**
  * One client on /ws. Frames are decoded here and every call goes through runCall, so identity,
  * roles and validation are the pipeline's, per call, as on every other face.
  */
@@ -162,7 +172,7 @@ export class Connection {
       op: frame.op,
       input: frame.input,
       authorization: this.authorization,
-      idempotencyKey: checkedIdempotencyKey(frame.idempotencyKey),
+      idempotencyKey: frameKey(frame.idempotencyKey),
       refusal,
       caller: this.socket
     }).then(outcome => {

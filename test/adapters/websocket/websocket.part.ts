@@ -1,6 +1,6 @@
 import t from 'tap'
 import { createSigner } from 'fast-jwt'
-import { startTestKernel, testManifest, json, bearer, token, closedPort, SECRET } from '../../helper.js'
+import { startTestKernel, testManifest, json, bearer, token, closedPort, SECRET, drained } from '../../helper.js'
 import { wsApp, connect, refusedUpgrade } from '../websocket-helper.js'
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
@@ -56,6 +56,35 @@ t.test('calls in flight answer by id, in any order, each with its own request id
   t.equal(keyed.result.key, 'key-1', 'the idempotency key reaches the Kernel on a mutation')
   const unkeyed = await client.request({ id: 'u', op: 'createItem', input: {} })
   t.equal(unkeyed.result.key, null)
+})
+
+t.test('a call frame\'s idempotencyKey may be any JSON value: null is none, another one that is no text a malformed key', async t => {
+  // The frame schema asked for a string: `"idempotencyKey":null` or `7` refused the frame before
+  // the pipeline, a query's too, and with no audit entry. README: queries ignore the key,
+  // malformed or not; a mutation with a malformed one is refused by its own pipeline call.
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/x': (_req, res) => json(res, 200, { id: 'x' }),
+    'POST /v1/items': (req, res) => json(res, 201, { id: 'n1', key: req.headers['idempotency-key'] ?? null })
+  })
+  const item = { type: 'object', properties: { id: { type: 'string' }, key: { type: ['string', 'null'] } } }
+  const manifest = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: item },
+    createItem: { type: 'mutation', rest: 'POST /items', kernel: 'POST /v1/items', input: { type: 'object' }, output: item }
+  })
+  const { app, url } = await wsApp(t, { build: { manifest, kernelUrl: kernel.url } })
+  const client = await connect(t, url)
+  const malformed = [7, 0, true, false, {}, ['k'], '', 'two words']
+  for (const [n, key] of [null, ...malformed].entries()) {
+    t.same(await client.request({ id: `q${n}`, op: 'getItem', input: { id: 'x' }, idempotencyKey: key }), { id: `q${n}`, result: { id: 'x' } }, `a query ignores the key ${JSON.stringify(key)}`)
+  }
+  t.same(await client.request({ id: 'null', op: 'createItem', input: {}, idempotencyKey: null }), { id: 'null', result: { id: 'n1', key: null } }, 'a mutation with a null key runs without one')
+  for (const [n, key] of malformed.entries()) {
+    t.match(await client.request({ id: `m${n}`, op: 'createItem', input: {}, idempotencyKey: key }), { id: `m${n}`, error: { code: 'VALIDATION_FAILED', status: 400, detail: /Idempotency-Key must be 1 to 255 visible ASCII characters/ } }, `a mutation with the key ${JSON.stringify(key)} is refused by its pipeline call`)
+  }
+  await drained(app)
+  const refused = (await app.audit.store.query({ status: 'VALIDATION_FAILED', limit: 100 })).entries
+  t.equal(refused.length, malformed.length, 'each refusal has its audit entry')
+  t.match(refused[0], { protocol: 'websocket', action: 'createItem', statusCode: 400 })
 })
 
 t.test('each error code as an error frame with the contract shape', async t => {
