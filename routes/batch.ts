@@ -34,6 +34,8 @@ const problemContent = { content: { 'application/problem+json': { schema: { $ref
  * one Kernel call; results keep their ids and order. A call's failure is its own error entry.
  */
 export default async function batchRoute (app: FastifyInstance, opts: BatchOptions): Promise<void> {
+  // With the audit on: once the batch is whole, each call's refusal is its own (the audit stage).
+  const reached = app.hasDecorator('audit') ? app.audit.reached : null
   app.post('/batch', {
     schema: {
       hide: true,
@@ -67,6 +69,7 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     const fromClient = clientRequestId(request.raw)
     // Results are matched to calls by id, and a call's idempotency key is made of its id.
     if (new Set(calls.map(call => call.id)).size !== calls.length) throw new MantleError('VALIDATION_FAILED', 'Each call of a batch needs an id of its own')
+    reached?.(request)
     // Each call's audit entry waits for the budget's decision on its result (admit, below).
     const budget = new AnswerBudget()
     const outcomes = await Promise.all(calls.map(async (call, n) => await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, tracestate, clientRequestId: fromClient, idempotencyKey: callKey(idempotencyKey, call.id), memo, caller: reply.raw, answer: budget })))

@@ -172,6 +172,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules, maxQuery, maxTokens: MAX_TOKENS, authTimeoutMs, claim: (request, tenant) => { slots.claim(request.raw.socket, tenant) } })
   // HTTP validation results are cached by mercurius per document, so this costs nothing per request.
   const httpRules = [...rules, noSubscriptionOverHttp]
+  const reached = app.hasDecorator('audit') ? app.audit.reached : null
 
   const schema = buildSchema(app.pipeline.manifest, {
     operation: (op, toInput) => async (_source, args: Record<string, unknown>, ctx: RequestContext, info) => {
@@ -275,18 +276,23 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     validationRules: httpRules,
     graphql: { parseOptions: PARSE_OPTIONS },
     errorFormatter,
-    context: (request): RequestContext => ({
-      requestId: request.id,
-      clientRequestId: clientRequestId(request.raw),
-      authorization: request.headers.authorization,
-      traceparent: single(request.headers.traceparent),
-      tracestate: single(request.headers.tracestate),
-      idempotencyKey: idempotencyKeyOf(request),
-      memo: new Map(),
-      answer: new AnswerBudget(),
-      n: 0,
-      inputChars: 0
-    }),
+    // Made where mercurius's handler begins: a document it refuses from here on (syntax,
+    // validation) is the face's own answer, and its calls' refusals the audit stage's (Audit.reached).
+    context: (request): RequestContext => {
+      reached?.(request)
+      return {
+        requestId: request.id,
+        clientRequestId: clientRequestId(request.raw),
+        authorization: request.headers.authorization,
+        traceparent: single(request.headers.traceparent),
+        tracestate: single(request.headers.tracestate),
+        idempotencyKey: idempotencyKeyOf(request),
+        memo: new Map(),
+        answer: new AnswerBudget(),
+        n: 0,
+        inputChars: 0
+      }
+    },
     subscription: app.pipeline.manifest.events.length === 0
       ? false
       // Event queues are the bus's streams, bounded (a slow subscriber loses the oldest events).

@@ -147,7 +147,10 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   // A 304 carries the Vary its 200 would (RFC 9110 §15.4.5): @fastify/compress adds it only to a
   // body it negotiates, and a 304 has none.
   const compressing = app.hasReplyDecorator('compress')
+  // With the audit on: from here on, a refusal is the call's, which the audit stage records.
+  const reached = app.hasDecorator('audit') ? app.audit.reached : null
   return async function restHandler (request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
+    reached?.(request)
     let input: Record<string, unknown>
     if (inBody) {
       const body = request.body

@@ -204,6 +204,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     // not take: REST leaves no entry for a route that does not exist either, so that a scanner
     // cannot flood the trail.
     const refusedEarly = app.hasDecorator('audit') ? new WeakMap<FastifyRequest, TRPCError>() : null
+    const reached = app.hasDecorator('audit') ? app.audit.reached : null
     const onError = ({ error, ctx, req }: { error: TRPCError, ctx?: TrpcContext | undefined, req: FastifyRequest }): void => {
       if (ctx === undefined) earlyRequestIds.set(error, req.id)
       if (refusedEarly !== null && EARLY_REFUSALS.has(error.code) && !(error instanceof ProblemError) && !(error.cause instanceof MantleError) && !refusedEarly.has(req)) refusedEarly.set(req, error)
@@ -313,6 +314,8 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       handler: async (request, reply) => {
         const path = (request.params as Wildcard)['*'] ?? ''
         refuseUnusableUrl(request)
+        // From here on tRPC answers: its calls' refusals are the audit stage's, its own refusedEarly's.
+        reached?.(request)
         const call = singleCall(request, path)
         if (call !== null) return await answerSingle(request, reply, path, call.input)
         if (compressing && asksForStream(request.headers)) request.raw.headers['x-no-compression'] = 'jsonl'

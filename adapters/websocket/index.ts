@@ -54,6 +54,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
     // Identity verified in the upgrade's onRequest hook, handed to the connection it opens.
     const verified = new WeakMap<FastifyRequest, ConnectionAuth>()
     const forget = (c: Connection): void => { connections.delete(c) }
+    const reached = app.hasDecorator('audit') ? app.audit.reached : null
 
     app.route({
       method: 'GET',
@@ -74,7 +75,9 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
           done(err as Error)
         }
       },
-      handler: async () => {
+      handler: async (request) => {
+        // The face's own answer to a plain GET, not a refusal before it (see Audit.reached).
+        reached?.(request)
         throw new MantleError('BAD_REQUEST', '/ws speaks WebSocket: send an upgrade request', { status: 426, headers: { upgrade: 'websocket' } })
       },
       wsHandler: (socket, request) => {

@@ -3,8 +3,8 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import { Counter, Gauge, Histogram } from 'prom-client'
 import pg from 'pg'
-import { StageOrder, type CallContext, type Protocol } from '../pipeline/index.js'
-import { BodyRefused, MantleError, toProblem } from '../../errors.js'
+import { StageOrder, isSocket, type CallContext, type Protocol } from '../pipeline/index.js'
+import { MantleError, toProblem } from '../../errors.js'
 import { ConfigError } from '../../schemas/config.js'
 import type { Operation } from '../../manifest.js'
 import { type AuditEntry, type AuditStore, type AuditQuery, type Category, type VerifyCursor, VERIFY_MAX_ENTRIES, categoryOf, refusedIdentity, storableEntry } from './entry.js'
@@ -46,9 +46,16 @@ export interface Audit {
   enqueue: (entry: AuditEntry) => void
   /**
    * Records a request refused before any face made it a call (a body too large, not JSON, a
-   * malformed batch), as `security`, under `action`: the code and status the client got.
+   * malformed batch), as `security` (`auth` for a 401 or 403), under `action`: the code and
+   * status the client got.
    */
   refused: (request: FastifyRequest, reply: FastifyReply, action: string, code: string, statusCode: number) => void
+  /**
+   * Marks a request of a call's route as having reached its face's handler: from there on, what
+   * it is refused is the calls' own (the audit stage records them) or the face's answer. Before
+   * the mark, a refusal is recorded by the route's onError hook (see `earlyRefusal`).
+   */
+  reached: (request: FastifyRequest) => void
   /**
    * What the entry of a request on a route that audits itself (`config.audit`) says besides who
    * and how it ended: which tenant and tags an invalidation targeted, say. Never input or secrets.
@@ -156,7 +163,8 @@ export function callEntry (ctx: CallContext, where: readonly [string | null, str
     timestamp: Math.round(Date.now() - elapsed),
     tenantId: ctx.tenant,
     userId: ctx.user,
-    method: where[0],
+    // The request's own method on REST: a HEAD of a GET operation is a HEAD (the op's was recorded).
+    method: where[0] === 'GET' && ctx.protocol === 'rest' && ctx.caller !== null && !isSocket(ctx.caller) ? ctx.caller.req.method ?? 'GET' : where[0],
     path: where[1],
     protocol: ctx.protocol,
     action: ctx.op.name,
@@ -217,13 +225,33 @@ function leftOutEntry (entry: AuditEntry, leftOut: { code: string, status: numbe
 /** tRPC's routes, whose HTTP calls take a token in connectionParams or `?access_token=` too. */
 const TRPC_ROUTE = /^\/trpc(?:[/?]|$)/
 
+/** The face of a request (or a route template) by its path; `http` for the gateway's other routes. */
 function protocolOf (url: string): AuditEntry['protocol'] {
   if (url.startsWith('/api/v1/batch')) return 'batch'
   if (url.startsWith('/api/v1/')) return 'rest'
   if (url.startsWith('/trpc')) return 'trpc'
   if (url.startsWith('/graphql')) return 'graphql'
+  if (url === '/ws' || url.startsWith('/ws?')) return 'websocket'
   return 'http'
 }
+
+/**
+ * Where a refused request arrived, as a call's entry says it: the HTTP method and route
+ * template on REST, batch and the gateway's own endpoints; the face's endpoint and no method on
+ * the others (`/trpc/<op>`, or `/trpc` for a request naming no one procedure).
+ */
+function endpointOf (request: FastifyRequest, protocol: AuditEntry['protocol'], action: string): readonly [string | null, string | null] {
+  switch (protocol) {
+    case 'trpc': return [null, action === 'trpc' ? '/trpc' : '/trpc/' + action]
+    case 'graphql': return [null, '/graphql']
+    case 'websocket': return [null, '/ws']
+    default: return [request.method, request.routeOptions.url ?? null]
+  }
+}
+
+/** Set on a request of a call's route once its face's handler has it (Audit.reached). */
+const REACHED = Symbol('mantle.audit.reached')
+type Marked = FastifyRequest & { [REACHED]: boolean }
 
 /** Production's refusal of an audit database with pending migrations. */
 class PendingMigrations extends ConfigError {
@@ -479,7 +507,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   }
 
   const health = (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, writing: writer.writing, spoolBytes: writer.spoolBytes, error: writer.error, refusal })
-  app.decorate('audit', { store, enqueue, health, refused, describe, decide })
+  app.decorate('audit', { store, enqueue, health, refused, describe, decide, reached })
 
   if (app.hasDecorator('diagz')) {
     app.diagz.addStore('audit', () => {
@@ -557,15 +585,17 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   const httpEntry = (request: FastifyRequest, reply: FastifyReply, action: string, category: Category, status: string, statusCode: number, metadata = NO_METADATA as Record<string, unknown>): AuditEntry => {
     const { tenant, user } = who(request)
     const elapsed = reply.elapsedTime
+    const protocol = protocolOf(request.url)
+    const [method, path] = endpointOf(request, protocol, action)
     return {
       id: uuidv7(),
       requestId: request.id,
       timestamp: Math.round(Date.now() - elapsed),
       tenantId: tenant,
       userId: user,
-      method: request.method,
-      path: request.routeOptions.url ?? null,
-      protocol: protocolOf(request.url),
+      method,
+      path,
+      protocol,
       action,
       category,
       riskLevel: 'none',
@@ -580,8 +610,13 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   // Droppable: an entry of no call, which the writer may drop while saturated. (A declaration:
   // the decorator above hands it out.)
   function refused (request: FastifyRequest, reply: FastifyReply, action: string, code: string, statusCode: number): void {
-    writer.enqueue(storableEntry(httpEntry(request, reply, action, 'security', code, statusCode)), true)
+    writer.enqueue(storableEntry(httpEntry(request, reply, action, refusedIdentity(code) ? 'auth' : 'security', code, statusCode)), true)
   }
+  function reached (request: FastifyRequest): void {
+    (request as Marked)[REACHED] = true
+  }
+  // A field of every request, set as it is made (one hidden class), rather than a WeakSet.
+  app.decorateRequest(REACHED, false)
 
   // The contract code of a refusal thrown on a route that audits itself (role, body, rate limit,
   // load shedding), and what its handler described, for its one entry, which onResponse writes.
@@ -590,24 +625,37 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   function describe (request: FastifyRequest, metadata: Record<string, unknown>): void {
     descriptions.set(request, metadata)
   }
-  const auditsItself = (request: FastifyRequest): boolean => request.routeOptions.config?.audit !== undefined
 
-  // A body refused before any face sees it (too large, not JSON, malformed JSON, not UTF-8) never
-  // becomes an operation call; it is still recorded, as `security`. Errors of the calls
-  // themselves are MantleErrors, recorded by the stage. Unmatched routes (404) are not recorded.
-  app.addHook('onError', (request, reply, error, done) => {
-    if (auditsItself(request)) {
-      refusals.set(request, toProblem(error, request.id).problem.code)
-      return done()
-    }
-    const code = (error as { code?: unknown }).code
-    if ((typeof code === 'string' && code.startsWith('FST_ERR_CTP_')) || error instanceof BodyRefused || (error instanceof SyntaxError && (error as { statusCode?: unknown }).statusCode === 400)) {
-      const { problem: p } = toProblem(error, request.id)
-      const schema = request.routeOptions.schema as { operationId?: string } | undefined
-      refused(request, reply, schema?.operationId ?? 'http', p.code, p.status)
-    }
+  // A refusal thrown on a route that audits itself: its code, for the entry onSend writes.
+  const noteRefusal = function noteRefusal (request: FastifyRequest, _reply: FastifyReply, error: Error, done: () => void): void {
+    refusals.set(request, toProblem(error, request.id).problem.code)
     done()
-  })
+  }
+
+  // A request on a call's route (REST, batch, tRPC, GraphQL, /ws) refused before its face's
+  // handler has it never becomes a call, and no stage records it: the HTTP guard's 429, a body
+  // too large or not JSON, a content or transfer coding, a malformed query string, a WebSocket
+  // upgrade of a route that serves none or without valid credentials, a batch of the wrong
+  // shape or too long. It is recorded here, once, as `security` (`auth` for a 401 or 403),
+  // under the operation the route or tRPC path names, else `http` (`trpc` on tRPC). Before, only
+  // bodies were, and a flood the guard refused left no entry. Not a refusal for load
+  // (OVERLOADED: shutdown, load shedding, a bound of connections), nor a 404. Once the handler
+  // has the request (reached), what follows is the calls' (recorded by the stage) or the face's
+  // own answer. An onError hook of those routes only: nothing on a request that is not refused.
+  const earlyRefusal = (operationId: string | undefined) => function auditEarlyRefusal (request: FastifyRequest, reply: FastifyReply, error: Error, done: () => void): void {
+    const marked = request as Marked
+    if (marked[REACHED]) { done(); return }
+    marked[REACHED] = true
+    const { problem: p } = toProblem(error, request.id)
+    if (p.code !== 'OVERLOADED' && p.status !== 404) refused(request, reply, operationId ?? trpcAction(request) ?? 'http', p.code, p.status)
+    done()
+  }
+  // The procedure a tRPC request names (`trpc` for a batch, or no procedure); null off tRPC.
+  const trpcAction = (request: FastifyRequest): string | null => {
+    if (!TRPC_ROUTE.test(request.url)) return null
+    const path = (request.params as { '*'?: string } | undefined)?.['*']
+    return path !== undefined && app.pipeline.manifest.byName.has(path) ? path : 'trpc'
+  }
 
   // The gateway's own endpoints (every /admin/* route and /diagz, each declaring its action as
   // `config.audit`) are audited, refusals included: one entry each, category admin (auth for a
@@ -644,9 +692,13 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   }
   app.addHook('onRoute', (route) => {
     const action = route.config?.audit
-    if (action === undefined) return
-    route.onRequest = withHook(route.onRequest, auditGuard, true)
-    route.onSend = withHook(route.onSend, adminAudit(action))
+    if (action !== undefined) {
+      route.onRequest = withHook(route.onRequest, auditGuard, true)
+      route.onError = withHook(route.onError, noteRefusal)
+      route.onSend = withHook(route.onSend, adminAudit(action))
+    } else if (protocolOf(route.url) !== 'http') {
+      route.onError = withHook(route.onError, earlyRefusal((route.schema as { operationId?: string } | undefined)?.operationId))
+    }
   })
 
   app.get('/admin/audit', {

@@ -142,9 +142,10 @@ t.test('tRPC requests refused before any call runs are recorded as security, onc
   t.equal(await send('scan', 'POST', '/trpc/noSuchThing', '{bad'), 404)
   const rows = await entries(app)
   const of = (id: string): Row[] => rows.filter(r => r.requestId === id || r.requestId.startsWith(id + '.'))
-  t.match(of('q-bad'), [{ category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, protocol: 'trpc', action: 'getAgent', tenantId: 't1' }])
+  // The face's endpoint and no method, as a tRPC call's own entry says.
+  t.match(of('q-bad'), [{ category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, protocol: 'trpc', action: 'getAgent', tenantId: 't1', method: null, path: '/trpc/getAgent' }])
   t.match(of('m-bad'), [{ category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'createAgent' }])
-  t.match(of('batch-bad'), [{ category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'trpc' }])
+  t.match(of('batch-bad'), [{ category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'trpc', method: null, path: '/trpc' }])
   t.match(of('big'), [{ category: 'security', status: 'PAYLOAD_TOO_LARGE', statusCode: 413, protocol: 'trpc' }], 'a body Fastify refused: once')
   t.match(of('fine'), [{ category: 'read', status: 'ok', statusCode: 200 }], 'a call: its own entry, none besides')
   t.same(of('scan'), [], 'a procedure that is no operation: none, as for an unmatched route')
@@ -160,6 +161,98 @@ t.test('tRPC requests refused before any call runs are recorded as security, onc
   t.match(one('q-token'), [{ status: 'VALIDATION_FAILED', tenantId: 't9', userId: 'u9' }], 'not public/anonymous')
   t.match(one('q-params'), [{ status: 'VALIDATION_FAILED', tenantId: 't8', userId: 'u8' }], 'connectionParams, as tRPC reads them')
   t.match(one('rest-query'), [{ tenantId: 'public', userId: 'anonymous' }])
+})
+
+/** A request written as it is on a raw socket, and the status of what comes back before the gateway closes. */
+async function rawStatus (port: number, request: string): Promise<number> {
+  const socket = connect(port, '127.0.0.1')
+  const chunks: Buffer[] = []
+  socket.on('data', (c: Buffer) => chunks.push(c))
+  socket.setTimeout(3000, () => socket.destroy())
+  socket.write(request)
+  await once(socket, 'close')
+  return Number(/^HTTP\/1\.1 (\d{3})/.exec(Buffer.concat(chunks).toString('latin1'))?.[1])
+}
+
+/** A WebSocket upgrade of `path` on a raw socket: its status. */
+const upgrade = async (port: number, path: string, headers: Record<string, string> = {}): Promise<number> => await rawStatus(port, `GET ${path} HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n${Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join('')}\r\n`)
+
+t.test('the HTTP guard\'s 429s are recorded on every face, WebSocket upgrades included, once each', async t => {
+  // @fastify/rate-limit refuses in an onRequest hook: the audit recorded only body refusals
+  // there, so a flood refused 429 on REST, batch, GraphQL, tRPC or /ws left no entry.
+  const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 4 })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as AddressInfo).port
+  const flood = bearer({ tenant: 'flood', user: 'f1' })
+  const statuses: number[] = []
+  for (let i = 0; i < 6; i++) statuses.push((await app.inject({ url: '/api/v1/agents', headers: { ...flood, 'x-request-id': `g${i}` } })).statusCode)
+  t.same(statuses, [200, 200, 200, 200, 429, 429])
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/batch', headers: { ...flood, 'x-request-id': 'g-batch' }, payload: { calls: [{ id: 'a', op: 'listAgents' }] } })).statusCode, 429)
+  t.equal((await app.inject({ method: 'POST', url: '/graphql', headers: { ...flood, 'x-request-id': 'g-graphql' }, payload: { query: '{ listAgents { items { id } } }' } })).statusCode, 429)
+  t.equal((await app.inject({ url: '/trpc/listAgents', headers: { ...flood, 'x-request-id': 'g-trpc' } })).statusCode, 429)
+  t.equal(await upgrade(port, '/ws', { ...flood, 'x-request-id': 'g-ws' }), 429)
+  const rows = await entries(app)
+  // A second entry of one request id is stored as `<id>~<entry id>`: counted too.
+  const of = (id: string): Row[] => rows.filter(r => r.requestId === id || r.requestId.startsWith(id + '.') || r.requestId.startsWith(id + '~'))
+  for (let i = 0; i < 4; i++) t.match(of(`g${i}`), [{ status: 'ok' }], `g${i}: its call`)
+  for (const id of ['g4', 'g5']) {
+    t.equal(of(id).length, 1, `${id}: one entry`)
+    t.match(of(id)[0], { category: 'security', status: 'RATE_LIMITED', statusCode: 429, action: 'listAgents', protocol: 'rest', method: 'GET', path: '/api/v1/agents', tenantId: 'flood', userId: 'f1' }, id)
+  }
+  const faces: Array<[string, Record<string, unknown>]> = [
+    ['g-batch', { protocol: 'batch', action: 'http', method: 'POST', path: '/api/v1/batch' }],
+    ['g-graphql', { protocol: 'graphql', action: 'http', method: null, path: '/graphql' }],
+    ['g-trpc', { protocol: 'trpc', action: 'listAgents', method: null, path: '/trpc/listAgents' }],
+    ['g-ws', { protocol: 'websocket', action: 'http', method: null, path: '/ws' }]
+  ]
+  for (const [id, where] of faces) {
+    t.equal(of(id).length, 1, `${id}: one entry`)
+    t.match(of(id)[0], { category: 'security', status: 'RATE_LIMITED', statusCode: 429, tenantId: 'flood', ...where }, id)
+  }
+})
+
+t.test('every refusal on a call\'s route before its face\'s handler is recorded once; what the handler answers, and probes, are not', async t => {
+  const app = await buildDemoApp(t, { BFF_BATCH_MAX_CALLS: 50 })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as AddressInfo).port
+  const auth = bearer().authorization
+  const inject = async (id: string, method: 'GET' | 'HEAD' | 'POST', url: string, payload?: unknown, headers: Record<string, string> = {}): Promise<number> =>
+    (await app.inject({ method, url, payload: payload as never, headers: { ...bearer(), 'x-request-id': id, ...headers } })).statusCode
+  t.equal(await inject('gzip', 'POST', '/api/v1/agents', { name: 'n', model: 'm' }, { 'content-encoding': 'gzip' }), 415)
+  t.equal(await rawStatus(port, `POST /api/v1/agents HTTP/1.1\r\nhost: x\r\nauthorization: ${auth}\r\nx-request-id: framed\r\ncontent-type: application/json\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n`), 400)
+  t.equal(await inject('percent', 'GET', '/api/v1/agents?x=%ZZ'), 400)
+  t.equal(await upgrade(port, '/api/v1/agents', { authorization: auth, 'x-request-id': 'upgraded' }), 400)
+  t.equal(await upgrade(port, '/healthz', { 'x-request-id': 'probe' }), 400)
+  t.equal(await inject('shape', 'POST', '/api/v1/batch', { calls: 5 }), 400)
+  t.equal(await inject('twice', 'POST', '/api/v1/batch', { calls: [{ id: 'a', op: 'listAgents' }, { id: 'a', op: 'listAgents' }] }), 400)
+  t.equal(await inject('long', 'POST', '/api/v1/batch', { calls: Array.from({ length: 51 }, (_, i) => ({ id: String(i), op: 'listAgents' })) }), 413)
+  t.equal(await inject('trpc-long', 'GET', '/trpc/' + Array.from({ length: 51 }, () => 'listAgents').join(',') + '?batch=1'), 413)
+  // Refused by the pipeline (the stage's entry) or answered by the face itself: no second entry.
+  t.equal((await app.inject({ url: '/api/v1/agents', headers: { 'x-request-id': 'anonymous' } })).statusCode, 401)
+  t.equal(await inject('syntax', 'POST', '/graphql', { query: '{ listAgents(' }), 400)
+  t.equal(await inject('plain-ws', 'GET', '/ws'), 426)
+  t.equal(await inject('head', 'HEAD', '/api/v1/agents'), 200)
+  const rows = await entries(app)
+  const of = (id: string): Row[] => rows.filter(r => r.requestId === id || r.requestId.startsWith(id + '.') || r.requestId.startsWith(id + '~'))
+  const cases: Array<[string, Record<string, unknown>]> = [
+    ['gzip', { category: 'security', status: 'UNSUPPORTED_MEDIA_TYPE', statusCode: 415, action: 'createAgent', protocol: 'rest', method: 'POST', path: '/api/v1/agents', tenantId: 't1', userId: 'u1' }],
+    ['framed', { category: 'security', status: 'BAD_REQUEST', statusCode: 400, action: 'createAgent', protocol: 'rest', tenantId: 't1' }],
+    ['percent', { category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'listAgents', protocol: 'rest', method: 'GET', path: '/api/v1/agents' }],
+    ['upgraded', { category: 'security', status: 'BAD_REQUEST', statusCode: 400, action: 'listAgents', protocol: 'rest', tenantId: 't1' }],
+    ['shape', { category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'http', protocol: 'batch', method: 'POST', path: '/api/v1/batch' }],
+    ['twice', { category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'http', protocol: 'batch' }],
+    ['long', { category: 'security', status: 'PAYLOAD_TOO_LARGE', statusCode: 413, action: 'http', protocol: 'batch' }],
+    ['trpc-long', { category: 'security', status: 'PAYLOAD_TOO_LARGE', statusCode: 413, action: 'trpc', protocol: 'trpc', method: null, path: '/trpc' }],
+    ['anonymous', { category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, action: 'listAgents' }],
+    ['head', { category: 'read', status: 'ok', action: 'listAgents', method: 'HEAD', path: '/api/v1/agents' }]
+  ]
+  for (const [id, entry] of cases) {
+    t.equal(of(id).length, 1, `${id}: one entry`)
+    t.match(of(id)[0], entry, id)
+  }
+  t.same(of('probe'), [], 'a probe is not audited')
+  t.same(of('syntax'), [], 'a document GraphQL refuses itself is not')
+  t.same(of('plain-ws'), [], 'nor /ws\'s answer to a request that is no upgrade')
 })
 
 // One call walked the whole trail, holding a read connection (and in PostgreSQL one snapshot)
