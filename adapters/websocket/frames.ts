@@ -6,7 +6,7 @@ import { describeValidation } from '../../errors.js'
 /** Longest frame id echoed back: ids go into every answer frame. */
 export const MAX_ID_LENGTH = 128
 
-export interface CallFrame { kind: 'call', id: string, op: string, input?: Record<string, unknown> | null, idempotencyKey?: unknown }
+export interface CallFrame { kind: 'call', id: string, op: string, input?: unknown, idempotencyKey?: unknown }
 export interface SubscribeFrame { kind: 'subscribe', id: string, subscribe: string }
 export interface UnsubscribeFrame { kind: 'unsubscribe', id: string, unsubscribe: string }
 export interface AuthFrame { kind: 'auth', id: string, auth: string }
@@ -26,7 +26,9 @@ const frame = (key: string, value: object, extra: Record<string, object> = {}): 
 // The key that names a frame's kind, in the order they are looked for.
 const KINDS = [
   ['op', 'call', frame('op', name, {
-    input: { type: ['object', 'null'] },
+    // Any value: null is no input, and one that is no object is the call's refusal, its
+    // pipeline's (audited), as on every other face; the frame's id is answered either way.
+    input: {},
     // Any value: null is no key, and a key no store could key on (any other value that is not
     // text included) is refused by the pipeline, and only for a mutation (queries ignore the
     // key), as REST's Idempotency-Key header (connection.ts).
