@@ -14,6 +14,13 @@ export interface PublicKey {
   readonly pem: string
 }
 
+/**
+ * The shortest RSA modulus accepted, in bits (RFC 7518 §3.3 for RS256; NIST SP 800-131A). A
+ * shorter key was taken as RS256, in production too: a 512-bit one is factored cheaply, and
+ * whoever factors it signs tokens with any role.
+ */
+export const MIN_RSA_BITS = 2048
+
 /** The algorithm a public key signs with: RS256 for RSA, ES256 for EC P-256; undefined otherwise. */
 export function keyAlgorithm (key: KeyObject): KeyAlgorithm | undefined {
   if (key.type !== 'public') return undefined
@@ -22,9 +29,12 @@ export function keyAlgorithm (key: KeyObject): KeyAlgorithm | undefined {
   return undefined
 }
 
-function toPublicKey (key: KeyObject): PublicKey | undefined {
+/** The key as fast-jwt verifies with it, or why it cannot be used. */
+function toPublicKey (key: KeyObject): PublicKey | string {
   const alg = keyAlgorithm(key)
-  return alg === undefined ? undefined : { alg, pem: key.export({ type: 'spki', format: 'pem' }).toString() }
+  if (alg === undefined) return 'is neither RSA nor EC P-256'
+  if (alg === 'RS256' && !((key.asymmetricKeyDetails?.modulusLength ?? 0) >= MIN_RSA_BITS)) return `is an RSA key shorter than ${MIN_RSA_BITS} bits`
+  return { alg, pem: key.export({ type: 'spki', format: 'pem' }).toString() }
 }
 
 /**
@@ -47,20 +57,23 @@ export function parsePublicKeys (text: string): Map<string, PublicKey> {
     if (kid === '' || typeof pem !== 'string' || !pem.includes('-----BEGIN PUBLIC KEY-----')) {
       throw new Error(`BFF_JWT_PUBLIC_KEYS: the key ${JSON.stringify(kid)} is not a PEM public key`)
     }
-    let key: PublicKey | undefined
+    let key: PublicKey | string
     try {
       key = toPublicKey(createPublicKey(pem))
     } catch {
       throw new Error(`BFF_JWT_PUBLIC_KEYS: the key ${JSON.stringify(kid)} is not a valid PEM public key`)
     }
-    if (key === undefined) throw new Error(`BFF_JWT_PUBLIC_KEYS: the key ${JSON.stringify(kid)} is neither RSA nor EC P-256`)
+    if (typeof key === 'string') throw new Error(`BFF_JWT_PUBLIC_KEYS: the key ${JSON.stringify(kid)} ${key}`)
     keys.set(kid, key)
   }
   if (keys.size === 0) throw new Error('BFF_JWT_PUBLIC_KEYS holds no key: expected {"<kid>": "<PEM public key>", ...}')
   return keys
 }
 
-/** The signing keys of a JWKS document: RSA and EC P-256 keys with `use: sig` or no use, by kid. */
+/**
+ * The signing keys of a JWKS document: RSA (of MIN_RSA_BITS or more) and EC P-256 keys with
+ * `use: sig` or no use, by kid.
+ */
 export function keysOfJwks (doc: unknown): Map<string, PublicKey> {
   const keys = new Map<string, PublicKey>()
   const list = (doc as { keys?: unknown } | null)?.keys
@@ -69,13 +82,13 @@ export function keysOfJwks (doc: unknown): Map<string, PublicKey> {
     if (jwk === null || typeof jwk !== 'object' || typeof jwk.kid !== 'string' || jwk.kid === '') continue
     if (jwk.use !== undefined && jwk.use !== 'sig') continue
     if (jwk.kty !== 'RSA' && !(jwk.kty === 'EC' && jwk.crv === 'P-256')) continue
-    let key: PublicKey | undefined
+    let key: PublicKey | string
     try {
       key = toPublicKey(createPublicKey({ key: jwk as JsonWebKey, format: 'jwk' }))
     } catch {
       continue
     }
-    if (key === undefined || (jwk.alg !== undefined && jwk.alg !== key.alg)) continue
+    if (typeof key === 'string' || (jwk.alg !== undefined && jwk.alg !== key.alg)) continue
     keys.set(jwk.kid, key)
   }
   return keys
@@ -163,7 +176,7 @@ export class JwksFetcher {
       const keys = keysOfJwks(jwks)
       // As a key set with no key is in BFF_JWT_PUBLIC_KEYS: taken, it dropped every key at an
       // info line, and every call was 401 until a later fetch found keys again.
-      if (keys.size === 0) throw new Error('the JWKS holds no RSA or EC P-256 signing key with a kid')
+      if (keys.size === 0) throw new Error(`the JWKS holds no usable signing key (RSA of ${MIN_RSA_BITS} bits or more, or EC P-256, with a kid)`)
       if (this.#closed) return
       this.#options.onKeys(keys)
       log?.info({ url: shownUrl(url), kids: [...keys.keys()] }, 'JWKS keys loaded')

@@ -14,9 +14,9 @@ import { wsApp, connect } from '../../adapters/websocket-helper.js'
 const secret = 'keys-test-secret-of-at-least-32-bytes-long'
 
 interface Pair { publicKey: KeyObject, privateKey: KeyObject, pem: string, privatePem: string }
-const pair = (kind: 'rsa' | 'ec'): Pair => {
+const pair = (kind: 'rsa' | 'ec', modulusLength = 2048): Pair => {
   const { publicKey, privateKey } = kind === 'rsa'
-    ? generateKeyPairSync('rsa', { modulusLength: 2048 })
+    ? generateKeyPairSync('rsa', { modulusLength })
     : generateKeyPairSync('ec', { namedCurve: 'P-256' })
   return {
     publicKey,
@@ -270,7 +270,36 @@ t.test('a JWKS with no usable key is a failed fetch: the last good keys are kept
   }
   t.same(loaded, [['k1']], 'the first keys only')
   t.equal(warnings.length, 3)
-  for (const w of warnings) t.match(w, /holds no RSA or EC P-256 signing key.*keeping the last good keys/)
+  for (const w of warnings) t.match(w, /holds no usable signing key.*keeping the last good keys/)
+})
+
+// RSA keys shorter than 2048 bits (RFC 7518 §3.3) were taken as RS256, in production too: a token
+// signed with a 512-bit key, factored cheaply, got /diagz with the role system.
+t.test('an RSA key shorter than 2048 bits is refused: at start-up in BFF_JWT_PUBLIC_KEYS, skipped in a JWKS', async t => {
+  const weak = pair('rsa', 1024)
+  const tiny = pair('rsa', 512)
+  for (const env of [{}, { NODE_ENV: 'production', BFF_AUDIT_ENABLED: 'false' }]) {
+    t.throws(() => loadConfig({ ...env, BFF_JWT_PUBLIC_KEYS: keysJson({ good: rsa1, weak }) }),
+      { name: 'ConfigError', message: /BFF_JWT_PUBLIC_KEYS: the key "weak" is an RSA key shorter than 2048 bits/ }, `1024 bits ${JSON.stringify(env)}`)
+    t.throws(() => loadConfig({ ...env, BFF_JWT_PUBLIC_KEYS: keysJson({ tiny }) }),
+      { name: 'ConfigError', message: /the key "tiny" is an RSA key shorter than 2048 bits/ }, `512 bits ${JSON.stringify(env)}`)
+  }
+  t.throws(() => parsePublicKeys(keysJson({ weak })), /the key "weak" is an RSA key shorter than 2048 bits/)
+  t.same([...parsePublicKeys(keysJson({ good: rsa1 }))].map(([kid, k]) => [kid, k.alg]), [['good', 'RS256']], '2048 bits is enough')
+
+  t.same([...keysOfJwks({ keys: [jwk(weak, 'weak'), jwk(tiny, 'tiny', { alg: 'RS256' }), jwk(rsa1, 'good'), jwk(ec1, 'ec')] }).keys()], ['good', 'ec'], 'the short RSA keys of a JWKS are skipped')
+  // A JWKS left with no usable key is a failed fetch, as one with none: the last good keys stay.
+  const jwks = await jwksServer(t, { keys: [jwk(weak, 'weak')] })
+  const warnings: string[] = []
+  const loaded: string[][] = []
+  const log = { info: () => {}, warn: (obj: object, msg: string) => { warnings.push(JSON.stringify(obj) + msg) } }
+  await new JwksFetcher({ url: jwks.url, onKeys: keys => { loaded.push([...keys.keys()]) }, log }).fetch()
+  t.same(loaded, [])
+  t.match(warnings, [/holds no usable signing key \(RSA of 2048 bits or more/])
+  const identify = createIdentityVerifier({ jwksUrl: jwks.url, jwksMinRefetchMs: 60_000 })
+  t.teardown(() => identify.close())
+  await identify.start()
+  t.throws(() => identify(`Bearer ${sign(weak, 'RS256', 'weak')}`), { code: 'UNAUTHENTICATED', message: /unknown key id \(kid\) "weak"/ }, 'a token of the short key is refused')
 })
 
 t.test('the JWKS URL is logged without its credentials', async t => {
