@@ -51,6 +51,7 @@ const reasons: Record<string, string> = {
   FAST_JWT_INVALID_SIGNATURE: 'the token signature is invalid',
   FAST_JWT_INVALID_ALGORITHM: 'the token algorithm is not accepted',
   FAST_JWT_MALFORMED: 'the token is malformed',
+  FAST_JWT_INVALID_CLAIM_TYPE: 'a token claim has the wrong type',
   FAST_JWT_INVALID_CLAIM_VALUE: 'a token claim has a value that is not accepted',
   FAST_JWT_MISSING_REQUIRED_CLAIM: 'a required token claim is missing'
 }

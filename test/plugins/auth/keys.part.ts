@@ -1,5 +1,5 @@
 import t from 'tap'
-import { generateKeyPairSync, type KeyObject } from 'node:crypto'
+import { createHmac, generateKeyPairSync, type KeyObject } from 'node:crypto'
 import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -96,6 +96,11 @@ t.test('refusals: unknown kid, alg none, key confusion, alg not the key\'s, clai
   const iss = { iss: 'https://iss', aud: 'mantle' }
   t.equal(withSecret(`Bearer ${sign(rsa1, 'RS256', 'r1', iss)}`).user, 'u1', 'the good token passes')
 
+  // fast-jwt's signer refuses a claim of the wrong type: signed by hand.
+  const hs256 = (payload: Record<string, unknown>): string => {
+    const data = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(payload)}`
+    return `${data}.${createHmac('sha256', secret).update(data).digest('base64url')}`
+  }
   const none = `Bearer ${b64({ alg: 'none', typ: 'JWT' })}.${b64({ ...claims(), exp: now + 600 })}.`
   // Key confusion: HS256 with the public key's PEM text as the HMAC secret, claiming the RSA kid.
   const confused = createSigner({ key: rsa1.pem, algorithm: 'HS256', kid: 'r1', expiresIn: 600_000 })(claims(iss))
@@ -113,6 +118,9 @@ t.test('refusals: unknown kid, alg none, key confusion, alg not the key\'s, clai
     ['wrong aud', `Bearer ${sign(rsa1, 'RS256', 'r1', { ...iss, aud: 'other' })}`, /claim has a value that is not accepted/],
     ['expired', `Bearer ${createSigner({ key: rsa1.privatePem, algorithm: 'RS256', kid: 'r1', noTimestamp: true })({ ...claims(iss), exp: now - 10 })}`, /expired/],
     ['not yet valid', `Bearer ${createSigner({ key: rsa1.privatePem, algorithm: 'RS256', kid: 'r1', noTimestamp: true })({ ...claims(iss), exp: now + 600, nbf: now + 300 })}`, /not valid yet/],
+    // Refused as "it cannot be verified": fast-jwt's code for it had no reason.
+    ['exp a string', `Bearer ${hs256({ ...claims(iss), exp: String(now + 600) })}`, /claim has the wrong type/],
+    ['nbf a string', `Bearer ${hs256({ ...claims(iss), exp: now + 600, nbf: String(now - 10) })}`, /claim has the wrong type/],
     ['header not JSON', `Bearer ${Buffer.from('{oops').toString('base64url')}.e30.x`, /malformed/],
     ['header too long', `Bearer ${b64({ alg: 'RS256', kid: 'r1', pad: 'x'.repeat(9000) })}.e30.x`, /malformed/]
   ]
