@@ -210,6 +210,11 @@ export class GraphqlConnection {
     if (bytes > 0 && !this.closed && slowReader(this.socket, MAX_BUFFERED_BYTES, before)) this.dispose()
   }
 
+  /** Whether the connection has accepted an identity (it then stays open until its expiry). */
+  get identified (): boolean {
+    return this.caller !== null
+  }
+
   close (code: number, reason: string): void {
     if (!this.closed) this.socket.close(code, reason)
     this.dispose()
@@ -605,8 +610,10 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           const { problem, headers } = toProblem(err, requestId)
           if (problem.code === 'INTERNAL') app.log.error({ err, requestId }, 'unexpected error on a GraphQL subscription')
           // Nothing can succeed on a connection without a valid identity: once the error has
-          // gone out (mercurius sends it in this same turn of the event loop), close it.
-          if (problem.code === 'UNAUTHENTICATED') setImmediate(() => connection.close(4401, 'Unauthorized'))
+          // gone out (mercurius sends it in this same turn of the event loop), close it. One that
+          // holds an identity loses only this subscription (a subscribe's own refused token), as
+          // /ws keeps a connection whose `auth` frame is refused: it closed with its others.
+          if (problem.code === 'UNAUTHENTICATED' && !connection.identified) setImmediate(() => connection.close(4401, 'Unauthorized'))
           else connection.failed(context.id)
           // Its headers for its Retry-After (extensions.retryAfter): a message has no header.
           // Located as graphql locates a thrown one (the field's path and locations).

@@ -72,3 +72,25 @@ t.test('the connection ends with 4401 when the shortest-lived token it accepted 
   t.equal(client.closed(), 4401, 'closed with 4401')
   await until(() => app.events.bus.subscriptions === 0, 'both streams ended')
 })
+
+// A refused token on one subscribe closed the whole connection (4401), its running
+// subscriptions with it, though the connection held an accepted identity: as /ws keeps a
+// connection whose `auth` frame is refused, only that subscription fails.
+t.test('a subscription\'s own refused token fails that subscription alone on a connection that holds an identity', async t => {
+  const { app, client } = await subscribedAsA(t)
+  await until(() => app.events.bus.subscriptions === 1, 'subscription 1 (tenant A)')
+  const expired = createSigner({ key: SECRET, algorithm: 'HS256', noTimestamp: true })({ sub: 'u', tid: 'A', roles: ['viewer'], exp: Math.floor(Date.now() / 1000) - 60 })
+  const forged = token({ tenant: 'A', user: 'u', roles: ['viewer'], secret: 'another-secret-of-sufficient-length-000000' })
+  for (const [id, authorization] of [['2', `Bearer ${expired}`], ['3', `Bearer ${forged}`], ['4', 'Bearer not-a-jwt']] as const) {
+    client.ws.send(subscribeWith(id, authorization))
+    await until(() => client.frames.some(f => f.id === id && f.type === 'error'), `the error of subscription ${id}`)
+    t.match(client.frames.find(f => f.id === id), { type: 'error', payload: [{ message: /^The token was refused/, extensions: { code: 'UNAUTHENTICATED', status: 401 } }] }, `subscription ${id} is refused`)
+  }
+  // The id of a refused subscription is let go of: it may be used again, with a good token.
+  client.ws.send(subscribeWith('2', `Bearer ${token({ tenant: 'A', user: 'u', roles: ['viewer'], ttlSeconds: 3600 })}`))
+  await until(() => app.events.bus.subscriptions === 2, 'subscription 2 again, with a good token')
+  t.equal(client.closed(), null, 'the connection stays open')
+  await app.events.publish({ topic: 'runs.updated', tenantId: 'A', payload: RUN })
+  await until(() => ['1', '2'].every(id => client.frames.some(f => f.type === 'next' && f.id === id)), 'the event on subscriptions 1 and 2')
+  t.equal(client.closed(), null, 'still open')
+})
