@@ -41,6 +41,13 @@ export default async function healthRoutes (app: FastifyInstance): Promise<void>
     const breaker = app.kernel.breakerState()
     checks.kernel = breaker === 'disabled' ? 'breaker disabled' : `breaker ${breaker}`
     if (breaker === 'open') failing.push('kernel')
+    // Identity without a key refuses every token: a JWKS-only gateway whose JWKS has not answered
+    // yet was ready, and 401'd every call. This instance's own (others may hold the keys).
+    if (app.identityHasKeys !== undefined) {
+      const keys = app.identityHasKeys()
+      checks.identity = keys ? 'keys loaded' : 'no key: every token is refused until the JWKS answers'
+      if (!keys) failing.push('identity')
+    }
     // Redis: the shared store connection and the events subscriber must both be up.
     const events = app.events.health()
     if (events.store === 'redis' || app.hasDecorator('redis')) {

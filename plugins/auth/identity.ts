@@ -63,6 +63,8 @@ export interface IdentityVerifier {
   close: () => void
   /** Tokens whose verified identity is kept (bounded by `cacheSize`). */
   readonly cached: () => number
+  /** Whether it holds any key (a secret, configured or fetched public keys): without, every token is refused. */
+  readonly hasKeys: () => boolean
 }
 
 type Verify = (token: string) => Record<string, unknown>
@@ -183,7 +185,8 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
   return Object.assign(identify, {
     start: async (): Promise<void> => { await jwks?.start() },
     close: (): void => { jwks?.close() },
-    cached: (): number => verified.size
+    cached: (): number => verified.size,
+    hasKeys: (): boolean => hs !== undefined || configured.size > 0 || fetched.size > 0
   })
 }
 

@@ -22,6 +22,11 @@ declare module 'fastify' {
      * through outside production and refuses all in production.
      */
     requireRole: (role: string) => onRequestHookHandler
+    /**
+     * Whether identity holds any key to verify tokens with (a JWKS-only gateway holds none until
+     * its JWKS answers): /readyz fails with `identity` meanwhile. Absent with identity off.
+     */
+    identityHasKeys?: () => boolean
   }
 }
 
@@ -50,6 +55,7 @@ async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise
   const identify = (authorization: string | undefined): Identity => verifier(authorization)
   app.decorate('identify', identify)
   app.decorate('requireRole', (role: string) => roleGuard(identify, role))
+  app.decorate('identityHasKeys', verifier.hasKeys)
 
   app.pipeline.addStage({
     name: 'identity',

@@ -15,7 +15,7 @@ t.test('/readyz reports the Kernel breaker', async t => {
   const app = await buildDemoApp(t)
   const res = await app.inject({ method: 'GET', url: '/readyz' })
   t.equal(res.statusCode, 200)
-  t.match(res.json(), { status: 'ready', failing: [], checks: { kernel: 'breaker closed' } })
+  t.match(res.json(), { status: 'ready', failing: [], checks: { kernel: 'breaker closed', identity: 'keys loaded' } })
 })
 
 t.test('/readyz?scope=instance fails only for what is the instance\'s own; shared dependencies are degraded', async t => {

@@ -204,6 +204,27 @@ t.test('JWKS down at start-up: the app starts, tokens are refused, then keys arr
   t.equal(app.identify(`Bearer ${sign(rsa1, 'RS256', 'k1', { sub: 'later' })}`).user, 'later', 'last good keys kept')
 })
 
+// A JWKS-only gateway whose JWKS had not answered was ready while it refused every token: in a
+// rolling deploy whose new pods could not reach the IdP, every pod was ready and 401'd every call.
+t.test('/readyz fails with identity while no key is held, and is ready once the JWKS answers', async t => {
+  const jwks = await jwksServer(t, { keys: [jwk(rsa1, 'k1')] })
+  jwks.down(true)
+  const app = await buildTestApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url }, { identity: { jwksRefreshMs: 200, jwksMinRefetchMs: 60_000 } })
+  for (const url of ['/readyz', '/readyz?scope=instance']) {
+    const res = await app.inject({ url })
+    t.equal(res.statusCode, 503, url)
+    t.match(res.json(), { status: 'not-ready', failing: ['identity'], checks: { identity: /^no key/ } }, url)
+  }
+  jwks.down(false)
+  const tok = `Bearer ${sign(rsa1, 'RS256', 'k1')}`
+  await until(() => { try { return app.identify(tok).user === 'u1' } catch { return false } }, 'the refresh to bring the keys')
+  for (const url of ['/readyz', '/readyz?scope=instance']) {
+    const res = await app.inject({ url })
+    t.equal(res.statusCode, 200, `${url} once the keys arrived`)
+    t.match(res.json(), { status: 'ready', failing: [], checks: { identity: 'keys loaded' } }, url)
+  }
+})
+
 // Before, a fetch had no deadline of its own: a JWKS that answered a byte now and then held
 // start-up past Fastify's plugin timeout (or, in flight later, every refresh after it).
 t.test('a JWKS that never finishes its answer: start-up goes on, and later refreshes still run', async t => {
