@@ -214,11 +214,19 @@ function outputValidator (op: Operation): ValidateFunction {
   if (compiled === undefined) {
     // One Ajv per operation, as for inputs (a shared one keeps each reloaded manifest's schemas).
     const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false })
-    compiled = ajv.compile(mapSchema(op.output, openObject) as typeof op.output)
+    compiled = ajv.compile(mapSchema(op.output, openObject, CHOOSING) as typeof op.output)
     compiledOutputs.set(op, compiled)
   }
   return compiled
 }
+
+/**
+ * Where an object's `additionalProperties: false` is kept: where it decides which of several
+ * schemas an answer matches (`oneOf`'s one, `if`'s branch, how many items `contains` counts),
+ * opened, it made a right answer match two branches of a `oneOf` and be refused. Elsewhere
+ * opening one only admits more (`anyOf`, `allOf`, properties, items).
+ */
+const CHOOSING = new Set(['oneOf', 'if', 'contains'])
 
 /** A schema that admits properties it does not declare (the serializer drops them). */
 function openObject (s: Readonly<Record<string, unknown>>): Readonly<Record<string, unknown>> {
@@ -357,23 +365,24 @@ export function safeIntegers (schema: unknown): unknown {
 
 /**
  * `schema` with `visit` applied to each schema in it, innermost first (not under `not`, where a
- * change would turn its meaning over), or `schema` itself where `visit` changed nothing.
+ * change would turn its meaning over, nor under the keywords of `apart`), or `schema` itself
+ * where `visit` changed nothing.
  */
-function mapSchema (schema: unknown, visit: (s: Readonly<Record<string, unknown>>) => Readonly<Record<string, unknown>>): unknown {
+function mapSchema (schema: unknown, visit: (s: Readonly<Record<string, unknown>>) => Readonly<Record<string, unknown>>, apart: ReadonlySet<string> = new Set()): unknown {
   if (schema === null || typeof schema !== 'object') return schema
   if (Array.isArray(schema)) {
-    const list = schema.map(sub => mapSchema(sub, visit))
+    const list = schema.map(sub => mapSchema(sub, visit, apart))
     return list.every((x, i) => x === schema[i]) ? schema : list
   }
   const s = { ...(schema as Record<string, unknown>) }
   let changed = false
   const put = (k: string, v: unknown): void => { if (v !== s[k]) { s[k] = v; changed = true } }
-  for (const k of ONE) if (k in s) put(k, mapSchema(s[k], visit))
-  for (const k of LISTS) if (Array.isArray(s[k])) put(k, mapSchema(s[k], visit))
+  for (const k of ONE) if (k in s && !apart.has(k)) put(k, mapSchema(s[k], visit, apart))
+  for (const k of LISTS) if (Array.isArray(s[k]) && !apart.has(k)) put(k, mapSchema(s[k], visit, apart))
   for (const k of MAPS) {
     const map = s[k]
-    if (map === null || typeof map !== 'object' || Array.isArray(map)) continue
-    const entries = Object.entries(map).map(([name, sub]) => [name, mapSchema(sub, visit)] as const)
+    if (map === null || typeof map !== 'object' || Array.isArray(map) || apart.has(k)) continue
+    const entries = Object.entries(map).map(([name, sub]) => [name, mapSchema(sub, visit, apart)] as const)
     if (entries.some(([name, sub]) => sub !== (map as Record<string, unknown>)[name])) put(k, Object.fromEntries(entries))
   }
   const mine = changed ? s : schema as Record<string, unknown>

@@ -242,3 +242,22 @@ t.test('a Kernel answer that breaks the output schema is KERNEL_ERROR on every f
   const listed = await app.inject({ method: 'GET', url: '/api/v1/shapes/listed', headers: { authorization: `Bearer ${token()}` } })
   t.same(listed.json(), shape, 'the undeclared field is dropped')
 })
+
+// Undeclared fields are opened (dropped, not refused) only where that admits more: under a
+// oneOf whose branches are told apart by additionalProperties false, opened, a right answer
+// matched both branches and was refused.
+t.test('an output schema whose oneOf branches are closed objects serves each branch on every face', async t => {
+  const answers: Record<string, unknown> = { a: { x: 'one' }, b: { y: 2 }, both: { x: 'one', y: 2 }, neither: { z: true } }
+  const kernel = await startTestKernel(t, Object.fromEntries(Object.entries(answers).map(([id, answer]) => [`GET /v1/one/${id}`, (_req, res) => json(res, 200, answer)])))
+  const manifest = testManifest({
+    getOne: { type: 'query', rest: 'GET /one/:id', kernel: 'GET /v1/one/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { oneOf: [{ type: 'object', additionalProperties: false, properties: { x: { type: 'string' } } }, { type: 'object', additionalProperties: false, properties: { y: { type: 'number' } } }] } }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  await runTable(t, app, [
+    { name: 'the first branch', op: 'getOne', input: { id: 'a' }, expect: { ok: true } },
+    { name: 'the second branch', op: 'getOne', input: { id: 'b' }, expect: { ok: true } },
+    { name: 'no branch', op: 'getOne', input: { id: 'neither' }, expect: { code: 'KERNEL_ERROR', status: 502 } }
+  ])
+  const a = await app.inject({ method: 'GET', url: '/api/v1/one/a', headers: { authorization: `Bearer ${token()}` } })
+  t.same(a.json(), { x: 'one' })
+})
