@@ -274,8 +274,18 @@ function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): void {
  */
 function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: Error) => void, err: MantleError): void {
   if (request.headers.upgrade !== undefined) closeAfterAnswer(request, reply)
-  else if (!request.raw.complete) keepNoLonger(reply.raw)
+  else if (framesBody(request.raw)) keepNoLonger(reply.raw)
   done(err)
+}
+
+/**
+ * Whether a request announces a body not yet all read: Node emits a request before its parser
+ * has seen even a bodyless one end (`complete` is false for a GET here), so the head decides.
+ */
+function framesBody (req: IncomingMessage): boolean {
+  if (req.complete) return false
+  const length = req.headers['content-length']
+  return req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')
 }
 
 /**

@@ -120,3 +120,23 @@ t.test('a body with a transfer coding but chunked is refused 400 before it is re
   t.match(await send('Transfer-Encoding: Chunked\r\nConnection: close'), /^HTTP\/1\.1 200 OK\r\n/, 'chunked alone is the body as sent')
   t.equal(kernel.requests.length, 1)
 })
+
+// Only a body that has not all arrived ends its connection: Node emits a request before its
+// parser has seen even a bodyless one end, and a GET refused early lost its keep-alive.
+t.test('a request without a body refused before its handler keeps its connection', async t => {
+  const { app } = await thingsApp(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const answer = await new Promise<string>((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1')
+    let data = ''
+    socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
+    socket.on('end', () => resolve(data))
+    socket.on('error', reject)
+    socket.write(`POST /api/v1/things?x=%ZZ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: ${bearer().authorization}\r\nContent-Length: 0\r\n\r\n`)
+    socket.write('GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n')
+  })
+  t.match(answer, /^HTTP\/1\.1 400 Bad Request\r\n/, 'the malformed query string is refused')
+  t.notMatch(answer.slice(0, answer.indexOf('\r\n\r\n')), /\r\nConnection: close\r\n/i, 'and its connection kept')
+  t.match(answer, /HTTP\/1\.1 200 OK\r\n/, 'the next request on it is served')
+})
