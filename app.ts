@@ -21,6 +21,7 @@ import redis from './plugins/redis/index.js'
 import tracing from './plugins/tracing/index.js'
 import rateLimit from './plugins/rate-limit/index.js'
 import { requestLoggerFactory } from './request-logger.js'
+import { CallFailedLog } from './call-failed-log.js'
 import firewall from './plugins/firewall/index.js'
 import idempotency from './plugins/idempotency/index.js'
 import cache from './plugins/cache/index.js'
@@ -55,6 +56,8 @@ declare module 'fastify' {
     reloadManifest: () => Promise<{ applied: boolean, reasons: string[] }>
     /** Whether the gateway is shutting down (its preClose has run): new requests are refused. */
     shuttingDown: () => boolean
+    /** Writes every face's `call failed` warn lines, bounded per operation and code (call-failed-log.ts). */
+    callFailedLog: CallFailedLog
     /**
      * A condition start-up refuses, found only once the gateway runs (production: pending audit
      * migrations once PostgreSQL answers): logged at fatal with its message, and the gateway shuts
@@ -68,6 +71,8 @@ declare module 'fastify' {
     inputInPath?: boolean
     /** The route serves WebSocket upgrades (it has a wsHandler): an upgrade of any other route is refused (see refusedEarly). */
     servesWebSocket?: boolean
+    /** The operation the route serves (REST): its `call failed` lines are bounded under its name. */
+    op?: string
   }
 }
 
@@ -743,6 +748,16 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     const counter = new Counter({ name: 'mantle_manifest_reloads_total', help: 'Manifest reloads, applied or refused', labelNames: ['outcome'] as const, registers: [app.metrics.registry] })
     reloads = outcome => counter.labels(outcome).inc()
   }
+  // Labels: the manifest's op names (or `*`) and the three codes logLevelOf writes at warn.
+  const suppressed = config.BFF_METRICS_ENABLED
+    ? new Counter({ name: 'mantle_log_lines_suppressed_total', help: '`call failed` warn lines left out past the bound of 10 per operation and code in 10 s, by operation and code', labelNames: ['op', 'code'] as const, registers: [app.metrics.registry] })
+    : null
+  const callFailedLog = new CallFailedLog(app.log, suppressed === null ? {} : { onSuppressed: (op, code, n) => { suppressed.labels(op, code).inc(n) } })
+  app.decorate('callFailedLog', callFailedLog)
+  app.addHook('onClose', (_instance, done) => {
+    callFailedLog.close()
+    done()
+  })
   // One shared Redis connection for the stores that use Redis; absent without REDIS_URL.
   if (config.REDIS_URL !== undefined) await app.register(redis, { url: config.REDIS_URL, commandTimeoutMs: config.BFF_REDIS_COMMAND_TIMEOUT_MS })
   if (config.BFF_LOAD_SHEDDING_ENABLED) {
@@ -926,7 +941,7 @@ function errorHandler (err: FastifyError | MantleError | Error, request: Fastify
   const { problem, headers } = toProblem(err, request.id)
   const level = logLevelOf(problem, headers)
   if (level === 'error') request.log.error({ err }, 'unexpected error')
-  else if (level === 'warn') request.log.warn({ code: problem.code, detail: problem.detail }, 'call failed')
+  else if (level === 'warn') request.server.callFailedLog.warn(request.log, request.routeOptions.config?.op ?? '-', problem.code, { code: problem.code, detail: problem.detail })
   if (headers !== null) reply.headers(headers)
   reply.code(problem.status).type('application/problem+json').send(problem)
 }

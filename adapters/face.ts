@@ -27,6 +27,11 @@ export interface FaceOptions {
 
 export interface FaceCall {
   requestId: string
+  /**
+   * The id of the HTTP request that carried the call (`requestId` without its `.n`), when one
+   * did: a `call failed` line carries it as `reqId`, as the access log's lines do.
+   */
+  reqId?: string | undefined
   protocol: Protocol
   op: string
   input: unknown
@@ -222,7 +227,11 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     const { problem, headers } = toProblem(err, call.requestId)
     const level = logLevelOf(problem, headers)
     if (level === 'error') app.log.error({ err, requestId: call.requestId }, 'unexpected error')
-    else if (level === 'warn') app.log.warn({ code: problem.code, detail: problem.detail, requestId: call.requestId }, 'call failed')
+    else if (level === 'warn') {
+      app.callFailedLog.warn(app.log, call.op, problem.code, call.reqId === undefined
+        ? { code: problem.code, detail: problem.detail, requestId: call.requestId }
+        : { reqId: call.reqId, code: problem.code, detail: problem.detail, requestId: call.requestId })
+    }
     return { ok: false, problem, headers }
   }
 }

@@ -72,7 +72,7 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     reached?.(request)
     // Each call's audit entry waits for the budget's decision on its result (admit, below).
     const budget = new AnswerBudget()
-    const outcomes = await Promise.all(calls.map(async (call, n) => await runCall(app, { requestId: `${request.id}.${n}`, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, tracestate, clientRequestId: fromClient, idempotencyKey: callKey(idempotencyKey, call.id), memo, caller: reply.raw, answer: budget })))
+    const outcomes = await Promise.all(calls.map(async (call, n) => await runCall(app, { requestId: `${request.id}.${n}`, reqId: request.id, protocol: 'batch', op: call.op, input: call.input, authorization, traceparent, tracestate, clientRequestId: fromClient, idempotencyKey: callKey(idempotencyKey, call.id), memo, caller: reply.raw, answer: budget })))
     // In the calls' order: which results are left out does not depend on when they came.
     const parts = outcomes.map((outcome, n) => callEnvelope(JSON.stringify(calls[n].id), budget.admit(outcome, app.pipeline.manifest.byName.get(calls[n].op)?.type === 'query', `${request.id}.${n}`)))
     // The refusals' Retry-After and RateLimit-* (the longest wait's), as on tRPC and GraphQL: a

@@ -4,7 +4,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import { requestLoggerFactory } from '../request-logger.js'
 import { buildApp } from '../app.js'
 import { loadConfig } from '../schemas/config.js'
-import { closedPort, bearer, testConfig, testManifest, until } from './helper.js'
+import { closedPort, bearer, startTestKernel, testConfig, testManifest, until } from './helper.js'
 
 /** A pino logger writing its lines into `lines`, with a count of the children made from it. */
 function capture (level: string): { root: FastifyBaseLogger, lines: Array<Record<string, unknown>>, children: () => number } {
@@ -153,4 +153,64 @@ t.test('refusals write no log line per request; a Kernel that failed the call is
   await shedding.inject({ url: trpcUrl, headers })
   await shedding.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ getItem(id: "i1") }' } })
   t.same(lines, [], 'no line for a shed call, on any face')
+})
+
+// One client could write warn lines without limit: a batch of 50 calls the Kernel failed wrote 50
+// `call failed` lines, a /ws connection with calls in flight ~1,700 a second. They are bounded
+// per operation and code (call-failed-log.ts), on every face together; each line of a call an
+// HTTP request carried has the request's reqId, as the access log's lines do.
+t.test('call failed lines: at most 10 per operation and code, then how many were left out; each with its request\'s reqId', async t => {
+  const lines: Array<Record<string, unknown>> = []
+  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
+  const kernel = await startTestKernel(t)
+  for (let i = 0; i < 60; i++) kernel.on(`GET /v1/items/i${i}`, (_req, res) => { res.writeHead(500).end('{}') })
+  const manifest = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object' } },
+    getOther: { type: 'query', rest: 'GET /others/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object' } }
+  }, { url: kernel.url, retries: 0 })
+  const app = await buildApp(testConfig({ LOG_LEVEL: 'warn', BFF_CIRCUIT_BREAKER_THRESHOLD: 1000 }), { logStream, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  const headers = bearer()
+  const failed = (): Array<Record<string, unknown>> => lines.filter(l => l.msg === 'call failed')
+
+  const calls = Array.from({ length: 50 }, (_, i) => ({ id: String(i), op: 'getItem', input: { id: `i${i}` } }))
+  const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: { ...headers, 'x-request-id': 'rid-batch' }, payload: { calls } })
+  t.equal(batch.statusCode, 200)
+  t.equal((batch.json() as { results: Array<{ error?: { code: string } }> }).results.filter(r => r.error?.code === 'KERNEL_ERROR').length, 50, 'every call failed')
+  t.equal(failed().length, 10, '10 lines for 50 failed calls')
+  t.ok(failed().every(l => l.level === 40 && l.code === 'KERNEL_ERROR' && l.reqId === 'rid-batch' && String(l.requestId).startsWith('rid-batch.')), 'each with the batch\'s reqId and its call\'s requestId')
+  // The bound is the operation's, on every face: REST's next failure of getItem writes nothing.
+  t.equal((await app.inject({ url: '/api/v1/items/i1', headers })).json().code, 'KERNEL_ERROR')
+  t.equal(failed().length, 10, 'no line past the bound, on another face either')
+  // Another operation has its own bound, and a REST line its reqId.
+  await app.inject({ url: '/api/v1/others/i1', headers: { ...headers, 'x-request-id': 'rid-rest' } })
+  t.match(failed().at(-1), { code: 'KERNEL_ERROR', reqId: 'rid-rest' })
+  t.equal(failed().length, 11)
+
+  // The interval ends (here at the close): one line per key with what it left out.
+  await app.close()
+  t.same(lines.filter(l => l.msg === 'call failed lines suppressed').map(l => [l.level, l.op, l.code, l.suppressed]), [[40, 'getItem', 'KERNEL_ERROR', 41]])
+  const metric = await app.metrics.registry.getSingleMetricAsString('mantle_log_lines_suppressed_total')
+  t.match(metric, /mantle_log_lines_suppressed_total\{op="getItem",code="KERNEL_ERROR"\} 41/)
+})
+
+t.test('call failed lines of tRPC and GraphQL carry their request\'s reqId', async t => {
+  const lines: Array<Record<string, unknown>> = []
+  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
+  const kernelUrl = `http://127.0.0.1:${await closedPort()}`
+  const manifest = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object' } }
+  }, { url: kernelUrl, retries: 0 })
+  const app = await buildApp(testConfig({ LOG_LEVEL: 'warn', BFF_CIRCUIT_BREAKER_THRESHOLD: 1000 }), { logStream, manifest, kernelUrl })
+  t.teardown(() => app.close())
+  const headers = bearer()
+  const input = encodeURIComponent('{"id":"i1"}')
+  await app.inject({ url: `/trpc/getItem?input=${input}`, headers: { ...headers, 'x-request-id': 'rid-trpc' } })
+  await app.inject({ url: `/trpc/getItem?batch=1&input=${encodeURIComponent('{"0":{"id":"i1"}}')}`, headers: { ...headers, 'x-request-id': 'rid-trpc-batch' } })
+  await app.inject({ method: 'POST', url: '/graphql', headers: { ...headers, 'x-request-id': 'rid-graphql' }, payload: { query: '{ getItem(id: "i1") }' } })
+  t.same(lines.filter(l => l.msg === 'call failed').map(l => [l.code, l.reqId, l.requestId]), [
+    ['KERNEL_UNAVAILABLE', 'rid-trpc', 'rid-trpc'],
+    ['KERNEL_UNAVAILABLE', 'rid-trpc-batch', 'rid-trpc-batch.0'],
+    ['KERNEL_UNAVAILABLE', 'rid-graphql', 'rid-graphql.0']
+  ])
 })

@@ -190,6 +190,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
           ? SHUTTING_DOWN()
           : overInputBudget(ctx, input, opts.bodyLimit) ? new MantleError('PAYLOAD_TOO_LARGE', `The document's inputs are over the body limit (${opts.bodyLimit}) as JSON`) : undefined,
         requestId,
+        reqId: ctx.requestId,
         clientRequestId: ctx.clientRequestId,
         protocol: 'graphql',
         op: op.name,

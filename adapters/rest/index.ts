@@ -132,7 +132,7 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
       method: op.method,
       url: op.path,
       schema: routeSchema(op, opts.secured, concerns),
-      config: { inputInPath: op.pathParams.length > 0 },
+      config: { inputInPath: op.pathParams.length > 0, op: op.name },
       validatorCompiler,
       handler: handlerFor(app, op)
     })

@@ -257,6 +257,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     const answerSingle = async (request: FastifyRequest, reply: FastifyReply, path: string, input: unknown): Promise<FastifyReply> => {
       const result = await runCall(app, {
         requestId: request.id,
+        reqId: request.id,
         protocol: 'trpc',
         op: path,
         input,

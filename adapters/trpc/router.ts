@@ -84,7 +84,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       if (refusal === undefined) ctx.inFlight++
       try {
         const key = ctx.keyPerCall ? callKey(ctx.idempotencyKey, String(batchIndex ?? 0)) : ctx.idempotencyKey
-        const outcome = await runCall(app, { requestId, protocol: 'trpc', op: name, input, authorization: ctx.authorization, traceparent: ctx.traceparent, tracestate: ctx.tracestate, idempotencyKey: key, memo: ctx.memo, refusal, caller: ctx.caller, clientRequestId: ctx.clientRequestId, answer: ctx.answer })
+        const outcome = await runCall(app, { requestId, reqId: ctx.requestId ?? undefined, protocol: 'trpc', op: name, input, authorization: ctx.authorization, traceparent: ctx.traceparent, tracestate: ctx.tracestate, idempotencyKey: key, memo: ctx.memo, refusal, caller: ctx.caller, clientRequestId: ctx.clientRequestId, answer: ctx.answer })
         // Counted as calls complete, not in the batch's order (README): a streamed batch sends each
         // result as it comes, and waiting for the calls before it would hold every result back.
         const result = ctx.answer?.admit(outcome, op.type === 'query', requestId) ?? outcome
