@@ -910,6 +910,10 @@ export function tracesUrl (config: Readonly<Config>): string | null {
 export function requestForLog (req: FastifyRequest): Record<string, unknown> {
   const route = req.routeOptions
   let url = req.url
+  // A target in absolute form (`GET http://user:pass@host/api/v1/... HTTP/1.1`), which the router
+  // serves as its path, is read as its origin form: its credentials and host are never logged,
+  // and the rules below apply to its path.
+  if (url.charCodeAt(0) !== 47) url = originForm(url)
   // A path under the REST prefix that no route took (a 404, a parameter over 256 characters:
   // a 414) may hold the same input: only the prefix is logged.
   const path = route?.config?.inputInPath === true && route.url !== undefined
@@ -919,7 +923,26 @@ export function requestForLog (req: FastifyRequest): Record<string, unknown> {
     const q = url.indexOf('?')
     url = q === -1 ? path : path + url.slice(q)
   }
-  return { method: req.method, url: redactUrl(url), host: req.host, remoteAddress: req.ip, remotePort: req.socket?.remotePort }
+  return { method: req.method, url: cutForLog(redactUrl(url)), host: cutForLog(req.host), remoteAddress: req.ip, remotePort: req.socket?.remotePort }
+}
+
+/** The most characters of a request's URL or host that a log line holds (each may be ~16 KB). */
+const LOGGED_TARGET_CHARS = 512
+const CUT = '...[cut]'
+
+/** `text` cut to LOGGED_TARGET_CHARS, marked as cut. */
+function cutForLog (text: string): string {
+  return text.length > LOGGED_TARGET_CHARS ? text.slice(0, LOGGED_TARGET_CHARS) + CUT : text
+}
+
+/** An absolute-form request target as its origin form (path and query); `[redacted]` if it is no URL. */
+function originForm (target: string): string {
+  try {
+    const url = new URL(target)
+    return url.pathname + url.search
+  } catch {
+    return '[redacted]'
+  }
 }
 
 /**

@@ -4,7 +4,8 @@ import type { FastifyBaseLogger } from 'fastify'
 import { requestLoggerFactory } from '../request-logger.js'
 import { buildApp } from '../app.js'
 import { loadConfig } from '../schemas/config.js'
-import { closedPort, bearer, startTestKernel, testConfig, testManifest, until } from './helper.js'
+import { connect, type AddressInfo } from 'node:net'
+import { closedPort, bearer, demoManifest, startTestKernel, testConfig, testManifest, until } from './helper.js'
 
 /** A pino logger writing its lines into `lines`, with a count of the children made from it. */
 function capture (level: string): { root: FastifyBaseLogger, lines: Array<Record<string, unknown>>, children: () => number } {
@@ -213,4 +214,43 @@ t.test('call failed lines of tRPC and GraphQL carry their request\'s reqId', asy
     ['KERNEL_UNAVAILABLE', 'rid-trpc-batch', 'rid-trpc-batch.0'],
     ['KERNEL_UNAVAILABLE', 'rid-graphql', 'rid-graphql.0']
   ])
+})
+
+// The access log's url: a target in absolute form, which REST serves, was logged as sent, with
+// its credentials, and a 404 under /api/v1 unredacted; a url or a host of 16 KB was logged whole.
+t.test('the access log: an absolute-form target is logged as its path; url and host are cut to 512 characters', async t => {
+  const lines: Array<Record<string, unknown>> = []
+  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
+  const app = await buildApp(testConfig({ LOG_LEVEL: 'info', BFF_AUTH_ENABLED: false }), { logStream, manifest: await demoManifest() })
+  t.teardown(() => app.close())
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  const raw = async (head: string): Promise<string> => await new Promise((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1', () => { socket.write(head) })
+    let answer = ''
+    socket.on('data', (chunk: Buffer) => { answer += chunk.toString('latin1') })
+    socket.on('close', () => { resolve(answer) })
+    socket.on('error', reject)
+  })
+  const logged = (): Array<Record<string, unknown>> => lines.filter(l => l.msg === 'incoming request').map(l => l.req as Record<string, unknown>)
+
+  const served = await raw('GET http://user:ABSPASS-SECRET@h.example/api/v1/agents?limit=1 HTTP/1.1\r\nHost: h.example\r\nConnection: close\r\n\r\n')
+  t.match(served, /^HTTP\/1\.1 (200|503) /, 'REST serves a target in absolute form (the Kernel answers or not)')
+  t.same(logged().at(-1), { method: 'GET', url: '/api/v1/agents?limit=[redacted]', host: 'h.example', remoteAddress: '127.0.0.1', remotePort: logged().at(-1)?.remotePort }, 'logged as its path and query')
+  t.match(await raw('GET http://h.example/api/v1/NOROUTE-SECRET HTTP/1.1\r\nHost: h.example\r\nConnection: close\r\n\r\n'), /^HTTP\/1\.1 404 /)
+  t.equal(logged().at(-1)?.url, '/api/v1/[redacted]', 'a 404 under /api/v1 in absolute form: the prefix only')
+  t.notOk(JSON.stringify(lines).includes('SECRET'), 'no line carries the credentials or the path')
+  await raw('OPTIONS * HTTP/1.1\r\nHost: h.example\r\nConnection: close\r\n\r\n')
+  t.equal(logged().at(-1)?.url, '[redacted]', 'a target that is no URL')
+
+  const long = `/healthz?${'q'.repeat(6_000)}`
+  await raw(`GET ${long} HTTP/1.1\r\nHost: ${'h'.repeat(6_000)}.example\r\nConnection: close\r\n\r\n`)
+  const last = logged().at(-1)!
+  t.equal(last.url, '/healthz?[redacted]', 'a query is redacted, not cut')
+  const path = `/healthz/${'p'.repeat(6_000)}`
+  await raw(`GET ${path} HTTP/1.1\r\nHost: ${'h'.repeat(6_000)}.example\r\nConnection: close\r\n\r\n`)
+  const cut = logged().at(-1)!
+  t.equal(cut.url, path.slice(0, 512) + '...[cut]', 'a url: its first 512 characters, marked')
+  t.equal(cut.host, 'h'.repeat(512) + '...[cut]', 'a host: its first 512 characters, marked')
+  t.ok(lines.every(l => JSON.stringify(l).length < 2_000), 'no line of 6 KB')
 })
