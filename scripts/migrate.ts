@@ -2,7 +2,7 @@
 // same migrations the gateway runs at start-up outside production. Reads DATABASE_URL.
 import { resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
-import { migrate, migrationStatus } from '../plugins/audit/migrations.js'
+import { migrate, migrationStatus, newerThanRelease } from '../plugins/audit/migrations.js'
 import { urlRefusal } from '../schemas/config.js'
 
 export async function main (argv: string[], env: Record<string, string | undefined> = process.env): Promise<string> {
@@ -13,7 +13,8 @@ export async function main (argv: string[], env: Record<string, string | undefin
   const [command = 'up', arg] = argv
   if (command === 'status') {
     const s = await migrationStatus(url)
-    return `version ${s.current} of ${s.max}; pending: ${s.pending.length === 0 ? 'none' : s.pending.join(', ')}`
+    const newer = s.current > s.max ? ` (the database is newer than this release, whose newest migration is ${s.max})` : ''
+    return `version ${s.current} of ${s.max}; pending: ${s.pending.length === 0 ? 'none' : s.pending.join(', ')}${newer}`
   }
   if (command === 'up') {
     const r = await migrate(url)
@@ -21,6 +22,8 @@ export async function main (argv: string[], env: Record<string, string | undefin
   }
   if (command === 'down') {
     const s = await migrationStatus(url)
+    // This release has not the undo steps of a newer one's migrations (a rolled-back deploy).
+    if (s.current > s.max) throw new Error(newerThanRelease(s.current, s.max))
     // Digits only: Number('') and Number(' ') are 0, and `down "$VERSION"` with VERSION unset
     // dropped the whole audit table.
     const target = arg === undefined ? Math.max(0, s.current - 1) : /^[0-9]+$/.test(arg) ? Number(arg) : NaN
