@@ -678,7 +678,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       credentials: false,
       methods: ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'],
       // If-None-Match, ETag and x-cache: the response cache's conditional requests, from a browser.
-      allowedHeaders: ['Authorization', 'Content-Type', 'Idempotency-Key', 'If-None-Match', 'traceparent', 'x-request-id'],
+      allowedHeaders: ['Authorization', 'Content-Type', 'Idempotency-Key', 'If-None-Match', 'traceparent', 'tracestate', 'trpc-accept', 'x-request-id'],
       exposedHeaders: ['x-request-id', 'Retry-After', 'RateLimit', 'RateLimit-Policy', 'RateLimit-Limit', 'RateLimit-Remaining', 'RateLimit-Reset', 'Idempotent-Replayed', 'ETag', 'x-cache'],
       maxAge: 600,
       strictPreflight: false,
