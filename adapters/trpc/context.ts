@@ -43,6 +43,11 @@ export interface TrpcContext {
    */
   cache: Array<CacheOutcome | undefined> | null
   /**
+   * An HTTP request's call answered a replay (Idempotent-Replayed); the response says so when it
+   * carries that one call alone (responseMeta), a batch of one included.
+   */
+  replayed: boolean
+  /**
    * An SSE subscription's refusal, made before its stream began: its headers (Retry-After) go on
    * the response, which tRPC sends as a 200 stream whose one event is the error (null: none).
    */
@@ -78,6 +83,7 @@ export function httpContext (request: FastifyRequest, response: ServerResponse, 
     inFlight: 0,
     subscriptions: 0,
     cache: null,
+    replayed: false,
     refused: null
   }
 }
@@ -123,6 +129,7 @@ export function socketContext (socket: WebSocket, upgrade: string | undefined, c
     inFlight: 0,
     subscriptions: 0,
     cache: null,
+    replayed: false,
     refused: null
   }
 }

@@ -151,7 +151,10 @@ const EARLY_REFUSALS: ReadonlySet<TRPCError['code']> = new Set(['PARSE_ERROR', '
 function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TRPCError[], ctx: TrpcContext | undefined, eager: boolean): { headers?: Record<string, string> } {
   // tRPC answers the calls' one status, else 207: a 401 only when every call was refused so.
   const unauthorized = errors.length === (info?.calls.length ?? errors.length) && errors.every(e => e instanceof ProblemError && e.problem.status === 401)
-  const refused = refusalHeaders(errors.map(error => error instanceof ProblemError ? error.headers : null), info?.isBatchCall !== true, unauthorized)
+  // A response of one call, a batch of one included (httpBatchLink sends a lone call so), has
+  // its HTTP headers to itself, as REST's: Idempotent-Replayed speaks for it.
+  const oneCall = info === undefined || info.calls.length === 1
+  const refused = refusalHeaders(errors.map(error => error instanceof ProblemError ? error.headers : null), oneCall, unauthorized)
   // An SSE subscription refused before its stream began (a 200, its error the one event): the
   // refusal's Retry-After and RateLimit-* on the response, as on every other refusal.
   const subscription = eager && ctx?.refused != null ? refusalHeaders([ctx.refused], true, false) : null
@@ -162,6 +165,7 @@ function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TR
   if (cache !== undefined && cache !== null && info !== undefined && !eager) {
     headers = { ...headers, 'x-cache': info.calls.map((_, i) => cache[i] ?? '-').join(', ') }
   }
+  if (ctx?.replayed === true && oneCall && !eager) headers = { ...headers, 'idempotent-replayed': 'true' }
   return headers === undefined ? {} : { headers }
 }
 
