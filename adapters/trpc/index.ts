@@ -248,7 +248,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       if (headers.host === undefined) return null
       let text: unknown
       if ((request.method === 'GET' || request.method === 'HEAD') && op.type === 'query') text = query.input
-      else if (request.method === 'POST' && op.type === 'mutation' && headers['content-type']?.startsWith('application/json') === true) text = request.body
+      // A query over POST too (tRPC's methodOverride: 'POST', answerByTrpc's allowMethodOverride):
+      // its input is the body, and it runs as over GET, the same pipeline call.
+      else if (request.method === 'POST' && headers['content-type']?.startsWith('application/json') === true) text = request.body
       else return null
       if (text === undefined || text === '') return { input: undefined }
       if (typeof text !== 'string') return null
@@ -295,6 +297,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         req: head ? new Request(fetchRequest, { method: 'GET' }) : fetchRequest,
         path,
         error: null,
+        // A query over POST as well as GET: tRPC's remedy for an input too long for a URL
+        // (methodOverride: 'POST' on httpLink and httpBatchLink). Before, it was refused 405.
+        allowMethodOverride: true,
         createContext: async ({ info }) => httpContext(request, reply.raw, info.connectionParams, info.isBatchCall, info.calls.length),
         onError: (o) => { onError({ ...o, req: request }) },
         responseMeta: ({ info, errors, ctx, eagerGeneration }) => responseHeaders(info, errors, ctx, eagerGeneration)

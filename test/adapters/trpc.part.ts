@@ -272,7 +272,8 @@ t.test('raw HTTP: the ugly cases are 4xx tRPC errors with contract codes, never 
     ['nested path', { url: '/trpc/a/b' }, 404, 'NOT_FOUND'],
     ['no procedure', { url: '/trpc' }, 404, 'NOT_FOUND', /\/trpc\/<name>/],
     ['GET on a mutation', { url: '/trpc/putItem' }, 405, 'BAD_REQUEST', /Unsupported GET-request to mutation/],
-    ['POST on a query', { method: 'POST', url: '/trpc/getItem', headers: jsonHeaders, payload: '{}' }, 405, 'BAD_REQUEST'],
+    // A query over POST (methodOverride) runs as its GET: this input lacks its id.
+    ['POST on a query', { method: 'POST', url: '/trpc/getItem', headers: jsonHeaders, payload: '{}' }, 400, 'VALIDATION_FAILED', /^input\.id is required$/],
     ['mixed batch', { url: '/trpc/getItem,putItem?batch=1' }, 400, 'BAD_REQUEST', /Cannot mix procedure types/],
     // httpBatchStreamLink's header on a call that is no batch: tRPC answered text/plain.
     ['a stream request not batched', { url: `/trpc/getItem?input=${input({ id: 'i1' })}`, headers: { ...h, 'trpc-accept': 'application/jsonl' } }, 400, 'BAD_REQUEST', /must be batched/],
@@ -439,4 +440,44 @@ t.test('HEAD on a subscription: the SSE response\'s status and header fields, an
   t.equal(await head.text(), '', 'no body')
   for (let i = 0; i < 200 && app.events.bus.subscriptions > 0; i++) await new Promise(resolve => setTimeout(resolve, 10))
   t.equal(app.events.bus.subscriptions, 0, 'nothing is held for the HEAD (nor the aborted GET)')
+})
+
+// tRPC's remedy for a query input too long for a URL is `methodOverride: 'POST'` (httpLink,
+// httpBatchLink): refused 405 before, and past Node's 16 KB head limit such a query could not
+// be sent over tRPC HTTP at all (431), while batch, GraphQL and /ws took it.
+t.test('methodOverride: \'POST\': a query over POST is answered as over GET, a long input too', async t => {
+  const kernel = await startTestKernel(t, {
+    'POST /v1/find': (req, res) => json(res, 200, { id: 'found', n: (JSON.parse(req.body) as { q: string }).q.length })
+  })
+  const manifest = testManifest({
+    find: { type: 'query', rest: 'POST /find', kernel: 'POST /v1/find', input: { type: 'object', required: ['q'], properties: { q: { type: 'string' } } }, output: itemOutput, cache: { ttlSeconds: 60 } }
+  }, { url: kernel.url, retries: 0 })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const url = await listen(app)
+  const long = 'x'.repeat(20_000)
+  const single = client(opts => httpLink({ ...opts, methodOverride: 'POST' }), url)
+  t.same(await single.trpc.query('find', { q: long }), { id: 'found', n: 20_000 }, 'httpLink: a 20 KB input')
+  const batch = client(opts => httpBatchLink({ ...opts, methodOverride: 'POST', maxURLLength: 14_000 }), url)
+  t.same(await Promise.all([batch.trpc.query('find', { q: long + 'y' }), batch.trpc.query('find', { q: 'short' })]), [{ id: 'found', n: 20_001 }, { id: 'found', n: 5 }], 'httpBatchLink: one POST')
+  t.equal(batch.requests.length, 1)
+  t.equal(kernel.requests.length, 3)
+
+  // The same call over GET and POST: one cache entry, the same answer and header fields; an
+  // Idempotency-Key is ignored, as on every query.
+  const own = new Set(['date', 'x-request-id', 'keep-alive', 'connection', 'content-length', 'x-cache'])
+  const fields = (res: Response): Record<string, string> => Object.fromEntries([...res.headers].filter(([name]) => !own.has(name)))
+  const input = JSON.stringify({ q: 'same' })
+  const get = await fetch(`${url}/find?input=${encodeURIComponent(input)}`, { headers: bearer() })
+  const post = await fetch(`${url}/find`, { method: 'POST', headers: { ...bearer(), 'content-type': 'application/json', 'idempotency-key': 'two words' }, body: input })
+  t.equal(post.status, 200)
+  t.equal(await post.text(), await get.text(), 'the same answer')
+  t.same([get.headers.get('x-cache'), post.headers.get('x-cache')], ['miss', 'hit'], 'the POST is served by the GET\'s cache entry')
+  t.same(fields(post), fields(get), 'the header fields of the GET')
+  t.equal(kernel.requests.length, 4)
+  t.notOk(kernel.requests[3].headers['idempotency-key'])
+  const batchGet = await fetch(`${url}/find,find?batch=1&input=${encodeURIComponent(JSON.stringify({ 0: { q: 'same' }, 1: { q: 'b' } }))}`, { headers: bearer() })
+  const batchPost = await fetch(`${url}/find,find?batch=1`, { method: 'POST', headers: { ...bearer(), 'content-type': 'application/json' }, body: JSON.stringify({ 0: { q: 'same' }, 1: { q: 'b' } }) })
+  t.equal(await batchPost.text(), await batchGet.text(), 'a batch: the same answers')
+  t.same([batchGet.headers.get('x-cache'), batchPost.headers.get('x-cache')], ['hit, miss', 'hit, hit'])
+  t.equal(kernel.requests.length, 5)
 })
