@@ -27,7 +27,7 @@ export const ConfigSchema = Type.Object({
   BFF_GRAPHQL_ENABLED: Flag('the GraphQL face at /graphql'),
   BFF_WEBSOCKET_ENABLED: Flag('the WebSocket face at /ws'),
   BFF_GRAPHQL_MAX_DEPTH: Type.Integer({ minimum: 1, maximum: 100, default: 12, description: 'deepest GraphQL query accepted' }),
-  BFF_BATCH_MAX_CALLS: Type.Integer({ minimum: 1, maximum: 1000, default: 50, description: 'most calls in one REST batch, tRPC batch or GraphQL document' }),
+  BFF_BATCH_MAX_CALLS: Type.Integer({ minimum: 1, maximum: 1000, default: 50, description: 'most calls in one REST batch, tRPC HTTP batch or GraphQL document' }),
   BFF_INTERNAL_TOKEN: Type.Optional(Type.String({ minLength: 16, pattern: '^[\\x21-\\x7e]+$', description: 'bearer token the Kernel uses to POST /internal/events (16 or more visible ASCII characters)' })),
   // At most the instance's own bound on event subscriptions (100,000), which a larger share could never reach.
   BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT: Type.Integer({ minimum: 1, maximum: 100000, default: 10000, description: 'event subscriptions one tenant may hold on an instance, its share of the instance\'s 100000 (beyond it 503 OVERLOADED); not applied with BFF_AUTH_ENABLED=false' }),

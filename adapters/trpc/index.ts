@@ -40,6 +40,12 @@ export interface TrpcFaceSettings {
    * closes it with 1013 instead. The /ws face's bound.
    */
   maxBufferedBytes: number
+  /**
+   * Calls one WebSocket message may carry (wsLink sends every call started in one tick in one
+   * message); beyond it the whole message is refused PAYLOAD_TOO_LARGE. Far more than the calls
+   * a connection runs at once: past those, each call is refused OVERLOADED on its own.
+   */
+  maxCallsPerMessage: number
 }
 
 export const DEFAULT_SETTINGS: Readonly<TrpcFaceSettings> = Object.freeze({
@@ -48,7 +54,8 @@ export const DEFAULT_SETTINGS: Readonly<TrpcFaceSettings> = Object.freeze({
   maxConnections: 100_000,
   authTimeoutMs: 10_000,
   pingMs: 30_000,
-  maxBufferedBytes: WEBSOCKET_DEFAULTS.maxBufferedBytes
+  maxBufferedBytes: WEBSOCKET_DEFAULTS.maxBufferedBytes,
+  maxCallsPerMessage: 1000
 })
 
 /** 4401: the token is missing, refused or expired (the /ws face uses the same code). */
@@ -355,7 +362,15 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       const onConnection = getWSConnectionHandler({
         router,
         wss: app.websocketServer,
-        maxBatchSize: opts.maxCalls,
+        // Not BFF_BATCH_MAX_CALLS: wsLink sends every call started in one tick in one message,
+        // and has no option to cap it, so a page that started more than 50 queries at once had
+        // them all refused. Past the in-flight bound each call is refused OVERLOADED on its own
+        // (the router's resolve), yet through the pipeline (its audit entry), some 0.1-0.3 ms
+        // each, all in one turn of the event loop: bounded by the frame limit alone
+        // (BFF_BODY_LIMIT, 17,000 calls in 1 MiB), one message held the loop for seconds. At
+        // 1000 calls, no client's tick, a message holds it about as long as one read of /ws
+        // call frames does.
+        maxBatchSize: limits.maxCallsPerMessage,
         keepAlive: { enabled: true, pingMs: limits.pingMs, pongWaitMs: Math.min(limits.pingMs, 10_000) },
         // Once per connection, when it opens or when its connectionParams arrive. A connection
         // without a valid token gets the error, then is closed with 4401; a valid one is closed

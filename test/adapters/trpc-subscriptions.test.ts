@@ -449,7 +449,7 @@ t.test('WebSocket: closed with 4401 when the token expires; bounds per connectio
   const config = testConfig({ BFF_TRPC_ENABLED: false })
   const app = await buildApp(config, { logger: false, manifest, kernelUrl: kernel.url })
   t.teardown(() => app.close())
-  await app.register(createTrpcFace({ authTimeoutMs: 100, maxSubscriptions: 2, maxInFlight: 1, maxConnections: 3 }), { bodyLimit: 4096, maxCalls: 5, maxDepth: 12, secured: true, development: false })
+  await app.register(createTrpcFace({ authTimeoutMs: 100, maxSubscriptions: 2, maxInFlight: 1, maxConnections: 3, maxCallsPerMessage: 8 }), { bodyLimit: 4096, maxCalls: 5, maxDepth: 12, secured: true, development: false })
   await app.ready()
   const port = await listen(app)
 
@@ -471,14 +471,23 @@ t.test('WebSocket: closed with 4401 when the token expires; bounds per connectio
   t.match(byId.get(1), { result: { data: { id: 'slow' } } })
   t.match(byId.get(2), { error: { data: { code: 'OVERLOADED', httpStatus: 503 } } }, 'one call at a time on this connection')
 
-  const tooLong = Array.from({ length: 6 }, (_, i) => ({ id: 10 + i, method: 'query', params: { path: 'slow', input: {} } }))
+  // A message of more calls than BFF_BATCH_MAX_CALLS (wsLink sends a tick's calls in one): those
+  // the connection runs at once run, the others are refused OVERLOADED one by one. Before, the
+  // whole message was refused PAYLOAD_TOO_LARGE.
+  const many = Array.from({ length: 6 }, (_, i) => ({ id: 10 + i, method: 'query', params: { path: 'slow', input: {} } }))
+  busy.socket.send(JSON.stringify(many))
+  await until('answers', () => busy.messages.length === 8)
+  const answers = new Map((busy.messages.slice(2) as Array<{ id: number }>).map(m => [m.id, m]))
+  t.match(answers.get(10), { result: { data: { id: 'slow' } } }, 'a message over BFF_BATCH_MAX_CALLS runs')
+  for (let id = 11; id < 16; id++) t.match(answers.get(id), { error: { data: { code: 'OVERLOADED', httpStatus: 503, retryAfter: 1 } } }, `call ${id}: past the in-flight bound`)
+  const tooLong = Array.from({ length: 9 }, (_, i) => ({ id: 30 + i, method: 'query', params: { path: 'slow', input: {} } }))
   busy.socket.send(JSON.stringify(tooLong))
-  await until('refusals', () => busy.messages.length === 8)
-  t.match(busy.messages[2], { id: 10, error: { data: { code: 'PAYLOAD_TOO_LARGE', httpStatus: 413 } } }, 'a batch message over BFF_BATCH_MAX_CALLS is refused')
+  await until('refusals', () => busy.messages.length === 17)
+  t.match(busy.messages[8], { id: 30, error: { data: { code: 'PAYLOAD_TOO_LARGE', httpStatus: 413 } } }, 'a message over maxCallsPerMessage is refused')
 
   for (let id = 20; id < 23; id++) busy.socket.send(JSON.stringify({ id, method: 'subscription', params: { path: 'ticks', input: null } }))
-  await until('two started and one refused', () => busy.messages.filter(m => (m as { id: number }).id >= 20).length >= 4)
-  const subs = (busy.messages as Array<{ id: number, result?: { type: string }, error?: { data: { code: string } } }>).filter(m => m.id >= 20)
+  await until('two started and one refused', () => busy.messages.filter(m => (m as { id: number }).id >= 20 && (m as { id: number }).id < 23).length >= 4)
+  const subs = (busy.messages as Array<{ id: number, result?: { type: string }, error?: { data: { code: string } } }>).filter(m => m.id >= 20 && m.id < 23)
   t.equal(subs.filter(m => m.result?.type === 'started').length, 3, 'tRPC acknowledges each')
   t.match(subs.find(m => m.error !== undefined), { id: 22, error: { data: { code: 'OVERLOADED' } } })
   await until('two on the bus', () => app.events.bus.subscriptions === 2)

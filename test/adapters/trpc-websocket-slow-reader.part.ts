@@ -138,7 +138,7 @@ t.test('a tRPC WebSocket client that stops reading the answers of its calls is c
   const [server] = [...app.websocketServer.clients]
   let n = 0
   const batch = (): string => JSON.stringify(Array.from({ length: 50 }, () => ({ id: ++n, method: 'query', params: { path: 'listAgents', input: { limit: 100 } } })))
-  // A batch of 50 calls (BFF_BATCH_MAX_CALLS) answers ~10 MB: more than the kernel's socket
+  // A message of 50 calls answers ~10 MB: more than the kernel's socket
   // buffers and the bound take together. Before, each batch added its answers to the buffer.
   for (let round = 0; round < 4 && server.readyState === WebSocket.OPEN; round++) {
     client.send(batch())

@@ -2,7 +2,8 @@ import t from 'tap'
 import { connect, type AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { createSigner } from 'fast-jwt'
-import { createTRPCUntypedClient, httpBatchLink, httpBatchStreamLink, httpLink, TRPCClientError, type TRPCLink } from '@trpc/client'
+import WebSocket from 'ws'
+import { createTRPCUntypedClient, createWSClient, httpBatchLink, httpBatchStreamLink, httpLink, wsLink, TRPCClientError, type TRPCLink } from '@trpc/client'
 import { TRPCError, type AnyTRPCRouter } from '@trpc/server'
 import { MantleError } from '../../errors.js'
 import { ProblemError, errorShape, trpcCodeOf } from '../../adapters/trpc/index.js'
@@ -480,4 +481,29 @@ t.test('methodOverride: \'POST\': a query over POST is answered as over GET, a l
   t.equal(await batchPost.text(), await batchGet.text(), 'a batch: the same answers')
   t.same([batchGet.headers.get('x-cache'), batchPost.headers.get('x-cache')], ['hit, miss', 'hit, hit'])
   t.equal(kernel.requests.length, 5)
+})
+
+// wsLink sends every call started in one tick in one message, and has no option to cap it: the
+// WebSocket held such a message to BFF_BATCH_MAX_CALLS (maxBatchSize), and a page that started
+// 51 queries at once had all of them refused PAYLOAD_TOO_LARGE.
+t.test('wsLink: a tick\'s calls in one message, past BFF_BATCH_MAX_CALLS; past 64 in flight each refused OVERLOADED', async t => {
+  const { app } = await withKernel(t)
+  const port = new URL(await listen(app)).port
+  const socket = createWSClient({
+    url: `ws://127.0.0.1:${port}/trpc`,
+    WebSocket: WebSocket as unknown as typeof globalThis.WebSocket,
+    connectionParams: { token: token() },
+    retryDelayMs: () => 60_000
+  })
+  t.teardown(async () => { await socket.close() })
+  const trpc = createTRPCUntypedClient({ links: [wsLink({ client: socket })] })
+  const page = async (n: number) => await Promise.allSettled(Array.from({ length: n }, async (_, i) => await trpc.query('getItem', { id: i % 2 === 0 ? 'i1' : 'i2' })))
+  const sixty = await page(60)
+  t.same(sixty.filter(o => o.status === 'rejected').map(o => (o as PromiseRejectedResult).reason.data?.code), [], '60 calls at once, more than BFF_BATCH_MAX_CALLS (50): all answered')
+  t.match(sixty[59], { status: 'fulfilled', value: { id: 'i2', n: 2 } })
+  const hundred = await page(100)
+  t.equal(hundred.filter(o => o.status === 'fulfilled').length, 64, '100 at once: the 64 a connection runs at once are answered')
+  const refused = hundred.filter(o => o.status === 'rejected').map(o => (o as PromiseRejectedResult).reason.data)
+  t.equal(refused.length, 36)
+  t.ok(refused.every(d => d?.code === 'OVERLOADED' && d.retryAfter === 1), 'the others are refused OVERLOADED, each with retryAfter')
 })
