@@ -1,7 +1,7 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply, type RouteOptions } from 'fastify'
 import { markClientRequestId, uuidv7 } from './ids.js'
 import { closeAfterAnswer, lingering, lingeringClose } from './lingering.js'
-import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http'
+import { STATUS_CODES, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync } from 'node:fs'
 import { Counter } from 'prom-client'
 import type { SpanExporter } from '@opentelemetry/sdk-trace'
@@ -273,6 +273,23 @@ function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): void {
 }
 
 /**
+ * The refusal of a body sent coded, or null. A body is read as sent: one with a content coding
+ * (gzip, br) was read as plain text, so a JSON body labelled gzip ran its call and a gzipped one
+ * was refused for its bytes; a 415 names the one coding served (RFC 9110 §15.5.16). Node's
+ * parser takes a transfer coding before chunked (`gzip, chunked`) and hands on the body still
+ * coded: only chunked is served (RFC 9112 §6.1; Node refuses a coding without chunked last).
+ */
+function codingRefusal (headers: IncomingHttpHeaders): MantleError | null {
+  const coding = headers['content-encoding']
+  if (coding !== undefined && !IDENTITY.test(coding)) {
+    return new MantleError('UNSUPPORTED_MEDIA_TYPE', 'A request body is sent without a content coding: no Content-Encoding but identity', { headers: { 'accept-encoding': 'identity' } })
+  }
+  const framing = headers['transfer-encoding']
+  if (framing !== undefined && !CHUNKED.test(framing)) return new MantleError('BAD_REQUEST', 'A request body is sent with no transfer coding but chunked')
+  return null
+}
+
+/**
  * Refuses a request in the gateway's root onRequest hook; a WebSocket upgrade's connection, or
  * one whose body has not all arrived, closes after the answer: Node would otherwise read the
  * refused body to its end, however long, to reach the next request.
@@ -493,6 +510,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     res.writeHead(417, { ...SECURITY_HEADERS, 'content-type': 'application/problem+json', 'content-length': Buffer.byteLength(body), 'x-request-id': id, connection: 'close' })
     res.end(body)
   })
+  // Node answers Expect: 100-continue with a 100 as soon as the head arrives unless a listener
+  // decides: a request whose body the gateway refuses for its coding (refusedEarly) was first
+  // invited to send it. Such a one gets its refusal alone, its connection then closed; so does
+  // one arriving while the gateway shuts down.
+  app.server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => {
+    if (!closing && codingRefusal(req.headers) === null) res.writeContinue()
+    app.server.emit('request', req, res)
+  })
   // Node's server closes a connection after an answer that ends it (connection: close, as
   // Fastify answers a body it refused unread) with destroySoon: it lingers instead. Every open
   // connection is kept, for the shutdown to find those whose request is still arriving.
@@ -580,20 +605,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
         return true
       }
     }
-    // A body is read as sent: one with a content coding (gzip, br) was read as plain text, so a
-    // JSON body labelled gzip ran its call and a gzipped one was refused for its bytes. A 415
-    // names the one coding served (RFC 9110 §15.5.16).
-    const coding = request.headers['content-encoding']
-    if (coding !== undefined && !IDENTITY.test(coding)) {
-      refuseEarly(request, reply, done, new MantleError('UNSUPPORTED_MEDIA_TYPE', 'A request body is sent without a content coding: no Content-Encoding but identity', { headers: { 'accept-encoding': 'identity' } }))
-      return true
-    }
-    // Node's parser takes a transfer coding before chunked (`gzip, chunked`) and hands on the
-    // body still coded: a JSON body so labelled ran its call, read as plain. Only chunked is
-    // served (RFC 9112 §6.1; Node refuses a coding without chunked last itself).
-    const framing = request.headers['transfer-encoding']
-    if (framing !== undefined && !CHUNKED.test(framing)) {
-      refuseEarly(request, reply, done, new MantleError('BAD_REQUEST', 'A request body is sent with no transfer coding but chunked'))
+    const coded = codingRefusal(request.headers)
+    if (coded !== null) {
+      refuseEarly(request, reply, done, coded)
       return true
     }
     // An upgrade of a route that serves no WebSocket (a probe, a REST route, a tRPC procedure,

@@ -140,3 +140,35 @@ t.test('a request without a body refused before its handler keeps its connection
   t.notMatch(answer.slice(0, answer.indexOf('\r\n\r\n')), /\r\nConnection: close\r\n/i, 'and its connection kept')
   t.match(answer, /HTTP\/1\.1 200 OK\r\n/, 'the next request on it is served')
 })
+
+// Node sent 100 Continue as soon as the head arrived: a body refused for its coding was first
+// invited, then refused unread.
+t.test('Expect: 100-continue: a body refused for its coding is not invited, one served is', async t => {
+  const { app, kernel } = await thingsApp(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const body = '{"name":"plain"}'
+  const exchange = async (extra: string): Promise<string> => await new Promise<string>((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1')
+    let data = ''
+    let sent = false
+    socket.on('data', (chunk: Buffer) => {
+      data += chunk.toString()
+      // The body, once invited, as a client that waits for the 100 sends it.
+      if (data.startsWith('HTTP/1.1 100 ') && !sent) {
+        sent = true
+        socket.write(body)
+      }
+    })
+    socket.on('end', () => resolve(data))
+    socket.on('error', reject)
+    socket.write(`POST /api/v1/things HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: ${bearer().authorization}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nExpect: 100-continue\r\n${extra}\r\n`)
+  })
+  const refused = await exchange('Content-Encoding: gzip\r\n')
+  t.match(refused, /^HTTP\/1\.1 415 Unsupported Media Type\r\n/, 'the refusal alone, no 100 before it')
+  t.match(refused, /\r\nConnection: close\r\n/i)
+  t.equal(kernel.requests.length, 0)
+  const served = await exchange('Connection: close\r\n')
+  t.match(served, /^HTTP\/1\.1 100 Continue\r\n\r\nHTTP\/1\.1 200 OK\r\n/, 'invited, then served')
+  t.equal(kernel.requests.length, 1)
+})
