@@ -13,7 +13,7 @@ import { clientRequestId, uuidv7 } from '../../ids.js'
 import { upgradeAuthorization } from '../../adapters/upgrade.js'
 import { httpAuthorization } from '../../adapters/trpc/context.js'
 import { MemoryAuditStore } from './memory-store.js'
-import { PostgresAuditStore } from './postgres-store.js'
+import { PostgresAuditStore, failureOf } from './postgres-store.js'
 import { Spool } from './spool.js'
 import { AuditWriter } from './writer.js'
 import { migrate, migrationStatus } from './migrations.js'
@@ -369,8 +369,8 @@ function badRequest (reply: FastifyReply, request: FastifyRequest, detail: strin
  * migration lock), and its refusal was taken for a write failure, so the gateway ran on and
  * spooled every entry for good.
  */
-async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n: number) => void, refused: (err: PendingMigrations) => void): Promise<{ store: AuditStore, spool: Spool | null, ping: () => Promise<boolean>, reachable: boolean }> {
-  if (opts.store === 'memory') return { store: new MemoryAuditStore({ max: opts.memoryMax, onEvict: evicted }), spool: null, ping: async () => true, reachable: true }
+async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n: number) => void, refused: (err: PendingMigrations) => void): Promise<{ store: AuditStore, spool: Spool | null, ping: () => Promise<void>, reachable: boolean, startError: string | null }> {
+  if (opts.store === 'memory') return { store: new MemoryAuditStore({ max: opts.memoryMax, onEvict: evicted }), spool: null, ping: async () => {}, reachable: true, startError: null }
   const databaseUrl = opts.databaseUrl
   if (databaseUrl === undefined) throw new ConfigError('BFF_AUDIT_STORE=postgres needs DATABASE_URL')
   // Outside production the gateway migrates; in production it only checks, and refuses to run
@@ -400,13 +400,17 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
     await schema
   }
   let reachable = true
+  let startError: string | null = null
   try {
     await prepare()
   } catch (err) {
     if (err instanceof ConfigError) throw err
     reachable = false
+    startError = failureOf(err)
     // Down at start-up: the gateway starts and spools; the schema is checked once it answers.
-    app.log.warn({ err: (err as Error).message }, 'PostgreSQL is unreachable at start-up: audit entries are spooled until it is back')
+    // Said as it is: a PostgreSQL (or pooler) that answered with an error (a missing relation, a
+    // refused connection) read as unreachable.
+    app.log.warn({ err: startError }, 'PostgreSQL failed at start-up: audit entries are spooled until it works')
   }
   started = true
   const spool = await Spool.open(opts.spoolDir).catch((err: Error) => { throw new ConfigError(err.message) })
@@ -422,12 +426,16 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
     close: async () => { await pg.close() }
   }
   // The first answer after start-up checks (or migrates) the schema at once, traffic or not.
-  const ping = async (): Promise<boolean> => {
-    if (!await pg.ping()) return false
-    await prepare()
-    return true
+  const ping = async (): Promise<void> => {
+    try {
+      await pg.ping()
+      await prepare()
+    } catch (err) {
+      // Pending migrations are said as they are (and end the gateway: see `refused`).
+      throw err instanceof PendingMigrations ? err : new Error(failureOf(err), { cause: err })
+    }
   }
-  return { store, spool, ping, reachable }
+  return { store, spool, ping, reachable, startError }
 }
 
 async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<void> {
@@ -437,7 +445,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     : new Counter({ name: 'mantle_audit_entries_total', help: 'Audit entries by what became of them: stored, spooled, replayed (stored from the spool; entries already stored are not counted), evicted (memory ring full), pruned (retention); refused: calls refused because neither the store nor the spool took entries; dropped: entries of requests refused before any face then', labelNames: ['outcome'] as const, registers: [metrics] })
   let probing: NodeJS.Timeout | null = null
   let refusal: string | null = null
-  const { store, spool, ping, reachable } = await openStore(app, opts, n => entries?.inc({ outcome: 'evicted' }, n), err => {
+  const { store, spool, ping, reachable, startError } = await openStore(app, opts, n => entries?.inc({ outcome: 'evicted' }, n), err => {
     // What start-up would have refused: the gateway shuts down (its entries are spooled by
     // onClose). No more pings meanwhile: the store is not used again.
     refusal = err.what
@@ -842,7 +850,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     probing.unref()
   }
   // PostgreSQL unreachable at start-up: down from the start, not up until a write fails.
-  if (!reachable) await writer.probe(async () => false)
+  if (!reachable) await writer.probe(async () => { throw new Error(startError ?? 'no answer') })
   retention.unref()
   app.addHook('onReady', async () => { prune().catch(() => {}) })
 

@@ -301,26 +301,38 @@ export class PostgresAuditStore implements AuditStore {
    */
   private readonly reads: pg.Pool
 
+  /**
+   * What opens a writer transaction (batches, retention), and a read's: BEGIN, then its timeouts
+   * as SET LOCAL, in one round trip. Not as connection startup parameters: PgBouncer refuses a
+   * connection that sends one it does not know ("unsupported startup parameter"), and a session
+   * SET does not hold behind a pooler in transaction mode (the next transaction may run on
+   * another server connection). SET LOCAL lasts for its transaction, wherever it runs.
+   */
+  private readonly begin: string
+  private readonly readTimeout: string
+
   constructor (opts: PostgresStoreOptions) {
-    const timeout = opts.queryTimeoutMs ?? 10000
-    const pool = (max: number, name: string, writer: boolean): pg.Pool => {
+    const timeout = Math.trunc(opts.queryTimeoutMs ?? 10000)
+    // Statements end on the server too: pg's query_timeout only stops waiting, and a query of a
+    // large table went on scanning (with its parallel workers) after its 500, each retry adding
+    // one more.
+    const statements = `SET LOCAL statement_timeout = ${timeout}`
+    // The writer's transactions hold the chain head's row lock, which every instance's writer
+    // takes. One whose connection was lost unseen (a network partition between its INSERT and its
+    // COMMIT) stayed open on the server, lock held, until TCP keepalive ended it (2 h by default):
+    // every write and replay of every instance waited on it and was spooled. The server now ends
+    // such a transaction, and a wait for the lock, after the query timeout.
+    this.begin = `BEGIN; SET LOCAL lock_timeout = ${timeout}; SET LOCAL idle_in_transaction_session_timeout = ${timeout}; ${statements}`
+    this.readTimeout = statements
+    const pool = (max: number, name: string): pg.Pool => {
       const p = new pg.Pool({
         connectionString: opts.databaseUrl,
         max,
         connectionTimeoutMillis: opts.connectTimeoutMs ?? 2000,
         query_timeout: timeout,
-        // Statements end on the server too: pg's query_timeout only stops waiting, and a query of
-        // a large table went on scanning (with its parallel workers) after its 500, each retry
-        // adding one more.
-        statement_timeout: timeout,
-        // The writer's transactions hold the chain head's row lock, which every instance's writer
-        // takes. One whose connection was lost unseen (a network partition between its INSERT and
-        // its COMMIT) stayed open on the server, lock held, until TCP keepalive ended it (2 h by
-        // default): every write and replay of every instance waited on it and was spooled. The
-        // server now ends such a transaction, and a wait for the lock, after the query timeout.
-        ...(writer ? { idle_in_transaction_session_timeout: timeout, lock_timeout: timeout } : {}),
         idleTimeoutMillis: 10000,
         keepAlive: true,
+        // With user, database and pg's client_encoding, the only startup parameters: PgBouncer knows them.
         application_name: name
       })
       // A connection that breaks (PostgreSQL restarted, network cut), idle or checked out, must
@@ -329,8 +341,8 @@ export class PostgresAuditStore implements AuditStore {
       p.on('connect', client => { client.on('error', () => {}) })
       return p
     }
-    this.pool = pool(2, 'mantle-audit', true)
-    this.reads = pool(2, 'mantle-audit-reads', false)
+    this.pool = pool(2, 'mantle-audit')
+    this.reads = pool(2, 'mantle-audit-reads')
   }
 
   /**
@@ -365,9 +377,9 @@ export class PostgresAuditStore implements AuditStore {
     const client = await this.pool.connect()
     let broken = false
     try {
-      // One round trip: open the transaction and take the chain head's row lock.
-      const opened = await client.query('BEGIN; SELECT head_seq, head_hash FROM bff_audit_chain WHERE id = 1 FOR UPDATE') as unknown as Array<pg.QueryResult<{ head_seq: string, head_hash: string }>>
-      const head = opened[1]
+      // One round trip: open the transaction, set its timeouts and take the chain head's row lock.
+      const opened = await client.query(`${this.begin}; SELECT head_seq, head_hash FROM bff_audit_chain WHERE id = 1 FOR UPDATE`) as unknown as Array<pg.QueryResult<{ head_seq: string, head_hash: string }>>
+      const head = opened[opened.length - 1]
       let seq = Number(head.rows[0].head_seq)
       let prev = head.rows[0].head_hash
       // The clients' own request ids of the batch: only they may be taken on the first try.
@@ -427,13 +439,29 @@ export class PostgresAuditStore implements AuditStore {
     }
   }
 
-  /** True when PostgreSQL answers a trivial query. */
-  async ping (): Promise<boolean> {
+  /** Resolves when PostgreSQL answers a trivial query; rejects with why it did not (failureOf). */
+  async ping (): Promise<void> {
+    await this.pool.query('SELECT 1')
+  }
+
+  /**
+   * One read statement in a read-only transaction of its own, its statement_timeout set there
+   * (SET LOCAL: see `begin`). A connection whose statement failed without PostgreSQL's answer (a
+   * query timeout) is destroyed, as one that may still be inside the transaction.
+   */
+  private async read<R extends pg.QueryResultRow> (q: pg.QueryConfig): Promise<pg.QueryResult<R>> {
+    const client = await this.reads.connect()
+    let broken = false
     try {
-      await this.pool.query('SELECT 1')
-      return true
-    } catch {
-      return false
+      await client.query(`BEGIN READ ONLY; ${this.readTimeout}`)
+      const result = await client.query<R>(q)
+      await client.query('COMMIT')
+      return result
+    } catch (err) {
+      broken = !await rollBack(client, err)
+      throw err
+    } finally {
+      client.release(broken)
     }
   }
 
@@ -452,7 +480,7 @@ export class PostgresAuditStore implements AuditStore {
     page: async (after, end, n) => {
       // The anchor and the page in one statement, one snapshot: entries retention removed
       // between two pages show as an anchor past the walk's place, not as a gap.
-      const rows = (await this.reads.query<{ anchor_seq: string, anchor_hash: string } & Nullable<Row & { whole_ms: boolean }>>({
+      const rows = (await this.read<{ anchor_seq: string, anchor_hash: string } & Nullable<Row & { whole_ms: boolean }>>({
         text: `SELECT c.anchor_seq, c.anchor_hash, e.* FROM bff_audit_chain c LEFT JOIN LATERAL
            (SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3) e ON true
          WHERE c.id = 1 ORDER BY e.seq`,
@@ -462,7 +490,7 @@ export class PostgresAuditStore implements AuditStore {
       return { anchorSeq: Number(rows[0].anchor_seq), anchorHash: rows[0].anchor_hash, rows: rows.filter(r => r.id !== null).map(walked) }
     },
     tail: async (after) => {
-      const row = (await this.reads.query<{ head_seq: string, head_hash: string } & Nullable<Row & { whole_ms: boolean }>>({
+      const row = (await this.read<{ head_seq: string, head_hash: string } & Nullable<Row & { whole_ms: boolean }>>({
         text: `SELECT c.head_seq, c.head_hash, e.* FROM bff_audit_chain c LEFT JOIN LATERAL
            (SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq > $1 ORDER BY seq LIMIT 1) e ON true
          WHERE c.id = 1`,
@@ -472,7 +500,7 @@ export class PostgresAuditStore implements AuditStore {
       return { next: row.id === null ? null : walked(row), headSeq: Number(row.head_seq), headHash: row.head_hash }
     },
     at: async (seq) => {
-      const row = (await this.reads.query<Row & { whole_ms: boolean }>({ text: `SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq = $1`, values: [seq], types: VERIFY_TYPES })).rows[0]
+      const row = (await this.read<Row & { whole_ms: boolean }>({ text: `SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq = $1`, values: [seq], types: VERIFY_TYPES })).rows[0]
       return row === undefined ? null : walked(row)
     }
   }
@@ -482,7 +510,7 @@ export class PostgresAuditStore implements AuditStore {
     const client = await this.reads.connect()
     let broken = false
     try {
-      await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY')
+      await client.query(`BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; ${this.readTimeout}`)
       const chain = (await client.query<{ anchor_seq: string, anchor_hash: string }>(
         'SELECT anchor_seq, anchor_hash FROM bff_audit_chain WHERE id = 1')).rows[0]
       const bounds = (await client.query<{ lo: string | null, hi: string | null, top: string | null }>(
@@ -537,7 +565,7 @@ export class PostgresAuditStore implements AuditStore {
     if (q.beforeSeq !== undefined) add('seq < ?', q.beforeSeq)
     params.push(q.limit + 1)
     const sql = `SELECT ${COLUMNS} FROM bff_audit_entries ${where.length > 0 ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY seq DESC LIMIT $${params.length}`
-    const rows = (await this.reads.query<Row>(sql, params)).rows.map(fromRow)
+    const rows = (await this.read<Row>({ text: sql, values: params })).rows.map(fromRow)
     const more = rows.length > q.limit
     if (more) rows.pop()
     return { entries: rows, nextSeq: more ? rows[rows.length - 1].seq : null }
@@ -552,8 +580,7 @@ export class PostgresAuditStore implements AuditStore {
     const client = await this.pool.connect()
     let broken = false
     try {
-      await client.query('BEGIN')
-      await client.query('SELECT 1 FROM bff_audit_chain WHERE id = 1 FOR UPDATE')
+      await client.query(`${this.begin}; SELECT 1 FROM bff_audit_chain WHERE id = 1 FOR UPDATE`)
       const oldest = await client.query<{ seq: string, hash: string, old: boolean }>(
         'SELECT seq, hash, "timestamp" < $1 AS old FROM bff_audit_entries ORDER BY seq LIMIT $2', [before, limit])
       let n = 0
@@ -577,6 +604,17 @@ export class PostgresAuditStore implements AuditStore {
   async close (): Promise<void> {
     await Promise.all([this.pool.end(), this.reads.end()])
   }
+}
+
+/**
+ * What a failure of PostgreSQL was, for the log: `answered but failed: <its error>` when it (or a
+ * pooler in front of it) answered with an error (a missing relation, a refused connection, a
+ * failed login), `no answer: <why>` when nothing answered (refused, cut, timed out).
+ */
+export function failureOf (err: unknown): string {
+  const e = err as { message?: unknown, code?: unknown } | null
+  const message = typeof e?.message === 'string' && e.message !== '' ? e.message : typeof e?.code === 'string' ? e.code : String(err)
+  return err instanceof pg.DatabaseError ? `answered but failed: ${message}` : `no answer: ${message}`
 }
 
 /**

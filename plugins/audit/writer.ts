@@ -445,16 +445,23 @@ export class AuditWriter {
    * traffic: it was true from start-up until a write failed, so a PostgreSQL unreachable since
    * start-up, or gone while no call came, read as up. Busy, the writes tell. Not a write failure.
    */
-  async probe (ping: () => Promise<boolean>): Promise<void> {
+  async probe (ping: () => Promise<void>): Promise<void> {
     const spool = this.opts.spool
     if (this.closed || this.flushing !== null || this.queue.length > 0 || (spool !== null && this.spooling(spool))) return
-    const ok = await ping().catch(() => false)
-    if (ok) this.recovered()
-    else if (this.storeUp) {
-      this.opts.log.warn({ err: 'no answer to a ping' }, 'audit store does not answer: entries go to the spool until it is back')
-      this.storeUp = false
-      this.lastError = 'the store does not answer'
+    try {
+      await ping()
+    } catch (err) {
+      // What the ping met, as it is: a store that answered with an error (a missing relation, a
+      // pooler refusing the connection) was logged as one that does not answer.
+      if (this.storeUp) {
+        const message = (err as Error).message
+        this.opts.log.warn({ err: message }, 'audit store fails: entries go to the spool until it is back')
+        this.storeUp = false
+        this.lastError = message
+      }
+      return
     }
+    this.recovered()
   }
 
   /**

@@ -3,6 +3,7 @@ import { randomUUID } from 'node:crypto'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { createServer, connect, type Socket, type AddressInfo } from 'node:net'
 import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
 import { migrate } from '../../../plugins/audit/migrations.js'
 
@@ -78,3 +79,58 @@ export async function pgStore (t: Teardown): Promise<{ url: string, store: Postg
 
 /** The ids of the stored entries, in the chain's order. */
 export const storedIds = async (url: string): Promise<string[]> => (await sql<{ id: string }>(url, 'SELECT id FROM bff_audit_entries ORDER BY seq')).map(r => r.id)
+
+/** The startup parameters PgBouncer takes from a client (its other ones refuse the connection). */
+const POOLER_PARAMETERS = new Set(['user', 'database', 'application_name', 'client_encoding', 'datestyle', 'timezone', 'standard_conforming_strings'])
+
+/**
+ * A TCP proxy in front of the shared PostgreSQL that reads each connection's startup packet and,
+ * as PgBouncer does, refuses one carrying a parameter it does not know (FATAL 08P01
+ * "unsupported startup parameter: <name>"); others are forwarded. `startups` holds each packet's
+ * parameters.
+ */
+export async function startPoolerProxy (t: Teardown): Promise<{ port: number, startups: Array<Record<string, string>> }> {
+  const startups: Array<Record<string, string>> = []
+  const open = new Set<Socket>()
+  const track = (s: Socket): void => {
+    open.add(s)
+    s.on('close', () => open.delete(s))
+    s.on('error', () => s.destroy())
+  }
+  const server = createServer(client => {
+    track(client)
+    let head = Buffer.alloc(0)
+    const startup = (chunk: Buffer): void => {
+      head = Buffer.concat([head, chunk])
+      if (head.length < 8 || head.length < head.readInt32BE(0)) return
+      client.off('data', startup)
+      const length = head.readInt32BE(0)
+      // user\0name\0database\0name\0...\0 after the length and the protocol version.
+      const fields = head.subarray(8, length - 1).toString('utf8').split('\0')
+      const parameters: Record<string, string> = {}
+      for (let i = 0; i + 1 < fields.length; i += 2) parameters[fields[i]] = fields[i + 1]
+      startups.push(parameters)
+      const unknown = Object.keys(parameters).find(name => !POOLER_PARAMETERS.has(name.toLowerCase()))
+      if (unknown !== undefined) {
+        const body = Buffer.from(`SFATAL\0VFATAL\0C08P01\0Munsupported startup parameter: ${unknown}\0\0`)
+        const header = Buffer.alloc(5)
+        header.write('E')
+        header.writeInt32BE(body.length + 4, 1)
+        client.end(Buffer.concat([header, body]))
+        return
+      }
+      const upstream = connect(PG_PORT, '127.0.0.1')
+      track(upstream)
+      upstream.write(head)
+      client.pipe(upstream)
+      upstream.pipe(client)
+    }
+    client.on('data', startup)
+  })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(async () => {
+    for (const s of open) s.destroy()
+    await new Promise(resolve => server.close(resolve))
+  })
+  return { port: (server.address() as AddressInfo).port, startups }
+}

@@ -12,7 +12,7 @@ import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, token, until, SECRET, closedPort } from '../../helper.js'
 import { connect } from '../../adapters/websocket-helper.js'
 import { startTcpProxy, type TcpProxy } from '../../proxy.js'
-import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_PORT } from './db.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_PORT, PG_URL } from './db.js'
 
 const root = fileURLToPath(new URL('../../../', import.meta.url))
 const available = await postgresAvailable()
@@ -343,6 +343,43 @@ if (available) {
     t.ok(await becomes(200), 'ready once PostgreSQL answers, with no call made')
     proxy.cut()
     t.ok(await becomes(503), 'not ready once it stops answering, with no call made')
+  })
+}
+
+// A PostgreSQL (or a pooler in front of it) that answered with an error (a database or relation
+// that is not there, a refused connection) was logged as "unreachable at start-up" and, by the
+// writer's probe, as "no answer to a ping": the cause was nowhere in the log.
+if (available) {
+  t.test('the log tells a PostgreSQL that answered with an error, and that error, from one that did not answer: at start-up and by the probe', async t => {
+    const warnings = (lines: string[]): Array<{ msg: string, err: string }> => lines.map(l => JSON.parse(l) as { level: number, msg: string, err: string }).filter(l => l.level === 40)
+    const gateway = async (url: string): Promise<string[]> => {
+      const lines: string[] = []
+      const app = await buildApp(testConfig({ LOG_LEVEL: 'warn', BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t) }),
+        { logger: undefined, logStream: { write: (line: string) => { lines.push(line) } }, audit: { connectTimeoutMs: 2000, probeIntervalMs: 50 } })
+      t.teardown(() => app.close())
+      await app.ready()
+      return lines
+    }
+    const missing = `mantle_t_missing_${randomUUID().slice(0, 8)}`
+    const answered = `answered but failed: database "${missing}" does not exist`
+    t.match(warnings(await gateway(databaseUrl(missing))), [
+      { msg: 'PostgreSQL failed at start-up: audit entries are spooled until it works', err: answered },
+      { msg: 'audit store fails: entries go to the spool until it is back', err: answered }
+    ], 'a database that is not there')
+    t.match(warnings(await gateway(databaseUrl('test', await closedPort()))), [
+      { msg: 'PostgreSQL failed at start-up: audit entries are spooled until it works', err: /^no answer: / },
+      { msg: 'audit store fails: entries go to the spool until it is back', err: /^no answer: / }
+    ], 'nothing listening')
+    // Up, then its database closed to connections and its connections ended: the probe's new
+    // connection is refused by PostgreSQL.
+    const name = await createTestDatabase(t)
+    const lines = await gateway(databaseUrl(name))
+    t.same(warnings(lines), [], 'up: nothing to say')
+    await sql(PG_URL, `ALTER DATABASE ${name} ALLOW_CONNECTIONS false`)
+    await sql(PG_URL, 'SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1', [name])
+    const probed = (): Array<{ msg: string, err: string }> => warnings(lines).filter(l => l.msg.startsWith('audit store fails'))
+    await until(() => probed().length > 0, 'the probe to fail')
+    t.match(probed(), [{ msg: 'audit store fails: entries go to the spool until it is back', err: /^answered but failed: (database "\w+" is not currently accepting connections|terminating connection due to administrator command)$/ }], 'the probe says what PostgreSQL answered (the end of its connection, or the refusal of a new one)')
   })
 }
 

@@ -12,7 +12,7 @@ import { ConfigError } from '../../../schemas/config.js'
 import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, drained, until, SECRET } from '../../helper.js'
 import { connect } from '../../adapters/websocket-helper.js'
-import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_URL } from './db.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, startPoolerProxy, PG_URL } from './db.js'
 import { main as migrateMain } from '../../../scripts/migrate.js'
 import type { AuditEntry } from '../../../plugins/audit/index.js'
 import { PostgresAuditStore, binaryArray } from '../../../plugins/audit/postgres-store.js'
@@ -400,34 +400,112 @@ if (available) {
     }
     const stuck = await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'mantle-audit-reads' AND state = 'idle in transaction'")
     t.equal(Number(stuck[0].n), 0, 'no read connection idles in a transaction')
-    const reads = (store as unknown as { reads: pg.Pool }).reads
-    t.equal((await reads.query<{ statement_timeout: string }>('SHOW statement_timeout')).rows[0].statement_timeout, '500ms', 'the server ends a read at the same timeout')
+    // The server ends a read at the same timeout: its statement does not wait on for the lock.
+    await locker.query('BEGIN')
+    await locker.query('LOCK TABLE bff_audit_entries IN ACCESS EXCLUSIVE MODE')
+    await t.rejects(store.query({ limit: 50 }), 'the read times out')
+    let waiting = -1
+    for (const end = Date.now() + 3000; Date.now() < end && waiting !== 0; await new Promise(resolve => setTimeout(resolve, 50))) {
+      waiting = Number((await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'mantle-audit-reads' AND wait_event_type = 'Lock'"))[0].n)
+    }
+    t.equal(waiting, 0, 'no read statement waits on the lock on the server')
+    await locker.query('COMMIT')
   })
 
   t.test('the store itself: a writer transaction whose client is gone is ended by the server, and the chain head with it', async t => {
     // A network partition between a batch's INSERT and its COMMIT left the transaction open on
     // the server, the chain head's row lock held, until TCP keepalive (2 h): every write of every
-    // instance waited on it past its timeout and was spooled. Here a writer connection takes the
-    // lock and is never heard from again, as a partitioned one.
+    // instance waited on it past its timeout and was spooled. Here a write takes the lock and its
+    // INSERT never reaches the server, as a partitioned one's.
     const url = databaseUrl(await createTestDatabase(t))
     await migrate(url)
     const store = new PostgresAuditStore({ databaseUrl: url, queryTimeoutMs: 500 })
     t.teardown(() => store.close())
+    let partitioned = false
+    store.pool.on('connect', client => {
+      const query = client.query.bind(client) as (...args: unknown[]) => unknown
+      ;(client as unknown as { query: (...args: unknown[]) => unknown }).query = (...args: unknown[]) => {
+        if (!partitioned || (args[0] as { name?: string }).name !== 'mantle-audit-insert') return query(...args)
+        partitioned = false
+        // Nothing more goes out; the write hears of it only when the connection ends.
+        return new Promise((resolve, reject) => { client.once('end', () => reject(new Error('the connection ended'))) })
+      }
+    })
     await store.write([entry()])
-    const writers = (store as unknown as { pool: pg.Pool }).pool
-    const lost = await writers.connect()
-    let ended = false
-    lost.on('error', () => { ended = true })
-    await lost.query('BEGIN')
-    await lost.query('SELECT 1 FROM bff_audit_chain WHERE id = 1 FOR UPDATE')
-    t.same((await writers.query<{ lock_timeout: string }>('SHOW lock_timeout')).rows[0].lock_timeout, '500ms', 'a wait for the lock ends on the server')
-    // The server ends the idle transaction (idle_in_transaction_session_timeout), and the
-    // connection with it. Not raced against the next write's own lock_timeout, of the same length.
-    await until(() => ended, 'the server to end the lost transaction')
+    partitioned = true
+    const lost = store.write([entry()])
+    await until(() => !partitioned, 'the write to take the lock')
+    const idle = await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'mantle-audit' AND state = 'idle in transaction'")
+    t.equal(Number(idle[0].n), 1, 'the lost write\'s transaction is open on the server')
+    // The server ends the idle transaction (idle_in_transaction_session_timeout, SET LOCAL in
+    // the transaction), and the connection with it.
+    await t.rejects(lost, 'the lost write fails once the server ended its transaction')
     await store.write([entry(), entry()])
-    t.equal(await count(url), 3, 'the next write goes through once the server ended the lost transaction')
+    t.equal(await count(url), 3, 'the next write goes through')
     t.same(await store.verify({}), { ok: true, checked: 3, firstBroken: null })
-    lost.release(true)
+  })
+
+  // PgBouncer refuses a connection whose startup packet carries a parameter it does not know:
+  // the pools sent statement_timeout (the writer's also lock_timeout and
+  // idle_in_transaction_session_timeout), so behind PgBouncer the gateway migrated (the
+  // migration's connection sends none) but never wrote an entry: every batch was spooled.
+  t.test('the store itself: behind a pooler that refuses unknown startup parameters (PgBouncer), writes, reads, verify, retention and the ping work', async t => {
+    const name = await createTestDatabase(t)
+    await migrate(databaseUrl(name))
+    const pooler = await startPoolerProxy(t)
+    const store = new PostgresAuditStore({ databaseUrl: databaseUrl(name, pooler.port), connectTimeoutMs: 1000 })
+    t.teardown(() => store.close())
+    await t.resolves(store.ping(), 'the ping')
+    t.equal(await store.write([entry(), entry(), entry()]), 3, 'a batch is written')
+    t.equal((await store.query({ limit: 10 })).entries.length, 3, 'GET /admin/audit reads it')
+    t.same(await store.verify({}), { ok: true, checked: 3, firstBroken: null }, 'verify')
+    t.equal(await store.prune(new Date(Date.now() + 60_000), 2), 2, 'retention')
+    t.ok(pooler.startups.length >= 2, 'both pools connected through the pooler')
+    for (const parameters of pooler.startups) t.same(Object.keys(parameters).sort(), ['application_name', 'client_encoding', 'database', 'user'], 'no startup parameter but the user, the database, the application name and the encoding')
+  })
+
+  t.test('the store itself: each transaction sets its own timeouts (SET LOCAL), which hold behind a pooler in transaction mode; a session keeps none', async t => {
+    const name = await createTestDatabase(t)
+    await migrate(databaseUrl(name))
+    const pooler = await startPoolerProxy(t)
+    const store = new PostgresAuditStore({ databaseUrl: databaseUrl(name, pooler.port), queryTimeoutMs: 700 })
+    t.teardown(() => store.close())
+    const SETTINGS = "SELECT current_setting('statement_timeout') AS statement, current_setting('lock_timeout') AS lock, current_setting('idle_in_transaction_session_timeout') AS idle, current_setting('transaction_read_only') AS read_only"
+    type Settings = Record<'statement' | 'lock' | 'idle' | 'read_only', string>
+    // What each statement of the store's own runs under, asked on its connection just before it.
+    const seen: Array<{ pool: string, what: string, settings: Settings }> = []
+    const watch = (pool: pg.Pool, label: string): void => {
+      pool.on('connect', client => {
+        const query = client.query.bind(client) as (...args: unknown[]) => Promise<unknown>
+        ;(client as unknown as { query: (...args: unknown[]) => unknown }).query = async (...args: unknown[]) => {
+          const q = args[0] as string | { name?: string, text: string }
+          const text = typeof q === 'string' ? q : q.text
+          if (/^(BEGIN|COMMIT|ROLLBACK)/.test(text) || text.startsWith('SELECT current_setting')) return await query(...args)
+          const settings = (await query(SETTINGS) as pg.QueryResult<Settings>).rows[0]
+          seen.push({ pool: label, what: typeof q === 'string' ? q.slice(0, 30) : q.name ?? q.text.slice(0, 30), settings })
+          return await query(...args)
+        }
+      })
+    }
+    watch(store.pool, 'writer')
+    watch((store as unknown as { reads: pg.Pool }).reads, 'reads')
+    await store.write([entry(), entry()])
+    await store.query({ limit: 10 })
+    await store.verify({})
+    await store.prune(new Date(0), 10)
+    const writer = seen.filter(s => s.pool === 'writer')
+    const reads = seen.filter(s => s.pool === 'reads')
+    t.ok(writer.some(s => s.what === 'mantle-audit-insert'), 'the batch INSERT was watched')
+    t.ok(reads.length >= 3, 'the reads were watched')
+    for (const s of writer) t.same(s.settings, { statement: '700ms', lock: '700ms', idle: '700ms', read_only: 'off' }, `writer: ${s.what}`)
+    for (const s of reads) t.same({ statement: s.settings.statement, read_only: s.settings.read_only }, { statement: '700ms', read_only: 'on' }, `reads: ${s.what}`)
+    // Outside the store's transactions, its connections keep the server's defaults: nothing is
+    // set for a session (behind a pooler it would hold for another client's transactions).
+    const defaults = (await sql<Settings>(databaseUrl(name), SETTINGS))[0]
+    for (const pool of [store.pool, (store as unknown as { reads: pg.Pool }).reads]) {
+      const settings = (await pool.query<Settings>(SETTINGS)).rows[0]
+      t.same(settings, defaults, 'a session holds no timeout of the store')
+    }
   })
 
   t.test('the store itself: duplicates within one batch, and any text in any column, are stored as given', async t => {
