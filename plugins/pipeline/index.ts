@@ -222,11 +222,13 @@ function outputValidator (op: Operation): ValidateFunction {
 
 /**
  * Where an object's `additionalProperties: false` is kept: where it decides which of several
- * schemas an answer matches (`oneOf`'s one, `if`'s branch, how many items `contains` counts),
- * opened, it made a right answer match two branches of a `oneOf` and be refused. Elsewhere
- * opening one only admits more (`anyOf`, `allOf`, properties, items).
+ * schemas an answer matches (`oneOf`'s one, `anyOf`'s, `if`'s branch, how many items `contains`
+ * counts). Opened, it made a right answer match two branches of a `oneOf` and be refused; and
+ * the serializer picks an `anyOf` branch by the closed schemas, so an answer the opened check
+ * passed was refused there, without naming the field. Elsewhere opening one only admits more
+ * (`allOf`, which the serializer merges, properties, items).
  */
-const CHOOSING = new Set(['oneOf', 'if', 'contains'])
+const CHOOSING = new Set(['oneOf', 'anyOf', 'if', 'contains'])
 
 /** A schema that admits properties it does not declare (the serializer drops them). */
 function openObject (s: Readonly<Record<string, unknown>>): Readonly<Record<string, unknown>> {

@@ -261,3 +261,21 @@ t.test('an output schema whose oneOf branches are closed objects serves each bra
   const a = await app.inject({ method: 'GET', url: '/api/v1/one/a', headers: { authorization: `Bearer ${token()}` } })
   t.same(a.json(), { x: 'one' })
 })
+
+// The serializer picks an anyOf branch by its closed schemas: an answer the opened check passed
+// was refused there, a 502 that named no field.
+t.test('an output schema whose anyOf branches are closed objects is checked as written, naming the field at fault', async t => {
+  const answers: Record<string, unknown> = { a: { x: 'one' }, b: { y: 2 }, extra: { x: 'one', extra: 1 } }
+  const kernel = await startTestKernel(t, Object.fromEntries(Object.entries(answers).map(([id, answer]) => [`GET /v1/any/${id}`, (_req, res) => json(res, 200, answer)])))
+  const manifest = testManifest({
+    getAny: { type: 'query', rest: 'GET /any/:id', kernel: 'GET /v1/any/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { anyOf: [{ type: 'object', additionalProperties: false, properties: { x: { type: 'string' } } }, { type: 'object', additionalProperties: false, properties: { y: { type: 'number' } } }] } }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  await runTable(t, app, [
+    { name: 'the first branch', op: 'getAny', input: { id: 'a' }, expect: { ok: true } },
+    { name: 'the second branch', op: 'getAny', input: { id: 'b' }, expect: { ok: true } },
+    { name: 'a field no branch declares', op: 'getAny', input: { id: 'extra' }, expect: { code: 'KERNEL_ERROR', status: 502 } }
+  ])
+  const extra = await app.inject({ method: 'GET', url: '/api/v1/any/extra', headers: { authorization: `Bearer ${token()}` } })
+  t.match(extra.json(), { code: 'KERNEL_ERROR', detail: /output\.extra is not allowed/ }, 'the field at fault is named')
+})
