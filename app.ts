@@ -307,7 +307,7 @@ function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: 
 function framesBody (req: IncomingMessage): boolean {
   if (req.complete) return false
   const length = req.headers['content-length']
-  return req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')
+  return req.headers['transfer-encoding'] !== undefined || (length !== undefined && Number(length) !== 0)
 }
 
 /**

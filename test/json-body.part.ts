@@ -133,7 +133,7 @@ t.test('a request without a body refused before its handler keeps its connection
     socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
     socket.on('end', () => resolve(data))
     socket.on('error', reject)
-    socket.write(`POST /api/v1/things?x=%ZZ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: ${bearer().authorization}\r\nContent-Length: 0\r\n\r\n`)
+    socket.write(`POST /api/v1/things?x=%ZZ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: ${bearer().authorization}\r\nContent-Length: 00\r\n\r\n`)
     socket.write('GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n')
   })
   t.match(answer, /^HTTP\/1\.1 400 Bad Request\r\n/, 'the malformed query string is refused')
