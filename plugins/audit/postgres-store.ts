@@ -323,7 +323,9 @@ export class PostgresAuditStore implements AuditStore {
     // every write and replay of every instance waited on it and was spooled. The server now ends
     // such a transaction, and a wait for the lock, after the query timeout.
     this.begin = `BEGIN; SET LOCAL lock_timeout = ${timeout}; SET LOCAL idle_in_transaction_session_timeout = ${timeout}; ${statements}`
-    this.readTimeout = statements
+    // A read's transaction too: lost unseen between its BEGIN and COMMIT, it held its snapshot
+    // and a lock that migrations' DDL waits on until TCP keepalive ended it.
+    this.readTimeout = `${statements}; SET LOCAL idle_in_transaction_session_timeout = ${timeout}`
     const pool = (max: number, name: string): pg.Pool => {
       const p = new pg.Pool({
         connectionString: opts.databaseUrl,

@@ -499,7 +499,7 @@ if (available) {
     t.ok(writer.some(s => s.what === 'mantle-audit-insert'), 'the batch INSERT was watched')
     t.ok(reads.length >= 3, 'the reads were watched')
     for (const s of writer) t.same(s.settings, { statement: '700ms', lock: '700ms', idle: '700ms', read_only: 'off' }, `writer: ${s.what}`)
-    for (const s of reads) t.same({ statement: s.settings.statement, read_only: s.settings.read_only }, { statement: '700ms', read_only: 'on' }, `reads: ${s.what}`)
+    for (const s of reads) t.same({ statement: s.settings.statement, idle: s.settings.idle, read_only: s.settings.read_only }, { statement: '700ms', idle: '700ms', read_only: 'on' }, `reads: ${s.what}`)
     // Outside the store's transactions, its connections keep the server's defaults: nothing is
     // set for a session (behind a pooler it would hold for another client's transactions).
     const defaults = (await sql<Settings>(databaseUrl(name), SETTINGS))[0]
