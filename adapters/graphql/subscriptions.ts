@@ -210,11 +210,6 @@ export class GraphqlConnection {
     if (bytes > 0 && !this.closed && slowReader(this.socket, MAX_BUFFERED_BYTES, before)) this.dispose()
   }
 
-  /** Whether the connection has accepted an identity (it then stays open until its expiry). */
-  get identified (): boolean {
-    return this.caller !== null
-  }
-
   close (code: number, reason: string): void {
     if (!this.closed) this.socket.close(code, reason)
     this.dispose()
@@ -613,7 +608,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           // gone out (mercurius sends it in this same turn of the event loop), close it. One that
           // holds an identity loses only this subscription (a subscribe's own refused token), as
           // /ws keeps a connection whose `auth` frame is refused: it closed with its others.
-          if (problem.code === 'UNAUTHENTICATED' && !connection.identified) setImmediate(() => connection.close(4401, 'Unauthorized'))
+          if (problem.code === 'UNAUTHENTICATED' && connection.speaksFor === null) setImmediate(() => connection.close(4401, 'Unauthorized'))
           else connection.failed(context.id)
           // Its headers for its Retry-After (extensions.retryAfter): a message has no header.
           // Located as graphql locates a thrown one (the field's path and locations).
