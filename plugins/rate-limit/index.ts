@@ -12,6 +12,8 @@ import { sharedStoreHealth } from '../diagz/index.js'
 import { RateLimiter, fastifyStore, opKey, tenantKey, ipKey, type LimiterCounters, type Scope, type StoreKind } from './limiter.js'
 import { withHook } from '../../route-hooks.js'
 import { PROBE_PATHS, targetsProbe } from '../../probes.js'
+import { upgradeAuthorization } from '../../adapters/upgrade.js'
+import { isIP } from 'node:net'
 
 export { RateLimiter, opKey, tenantKey, ipKey, keyPart, fastifyStore } from './limiter.js'
 export { MemoryWindowStore } from './memory-store.js'
@@ -153,11 +155,10 @@ async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, w
  * tenant's budget, so it is counted by address like an anonymous caller.
  */
 function guardKey (app: FastifyInstance, request: FastifyRequest): string {
-  let authorization = request.headers.authorization
-  if (authorization === undefined && request.url.includes('access_token=')) {
-    const token = new URLSearchParams(request.url.slice(request.url.indexOf('?') + 1)).get('access_token')
-    if (token !== null && token !== '') authorization = `Bearer ${token}`
-  }
+  // The token as the routes read it (upgradeAuthorization): the guard's own reading of the raw
+  // URL missed a percent-encoded `access%5Ftoken`, and an empty header hid the query's token,
+  // which the routes then verified: the tenant's calls counted against an address instead.
+  const authorization = upgradeAuthorization(request)
   if (authorization !== undefined) {
     try {
       return tenantKey(app.identify(authorization).tenant)
@@ -173,7 +174,24 @@ function guardKey (app: FastifyInstance, request: FastifyRequest): string {
  */
 function addressKey (request: FastifyRequest): string {
   const ip = request.ip as string | undefined
-  return ipKey(ip === undefined ? 'unknown' : normalizeIP(ip))
+  return ipKey(ip === undefined ? 'unknown' : normalizeIP(clientAddress(ip, request)))
+}
+
+/** An address with a port (`203.0.113.7:5123`, `[2001:db8::1]:5123`), as some balancers write X-Forwarded-For. */
+const WITH_PORT = /^(?:(\d{1,3}(?:\.\d{1,3}){3}):\d+|\[([0-9A-Fa-f:.]+)\](?::\d+)?)$/
+
+/**
+ * The client's address as the guard keys it: a trusted proxy's X-Forwarded-For entry with a port
+ * (Azure's Application Gateway writes `IP:port`) made a key per client connection, so a client
+ * that opened a new one for each request was never limited, and each filled the shared LRU. A
+ * port is dropped; an entry that is still no address is keyed as the proxy that sent it.
+ */
+function clientAddress (ip: string, request: FastifyRequest): string {
+  if (isIP(ip) !== 0) return ip
+  const m = WITH_PORT.exec(ip)
+  const bare = m === null ? null : (m[1] ?? m[2])
+  if (bare !== null && bare !== undefined && isIP(bare) !== 0) return bare
+  return request.socket?.remoteAddress ?? 'unknown'
 }
 
 function counters (app: FastifyInstance, limiter: () => RateLimiter): LimiterCounters | undefined {

@@ -293,3 +293,30 @@ t.test('BFF_TRUST_PROXY: behind a proxy, callers without a token count by their 
   }
   t.equal(testConfig({ BFF_TRUST_PROXY: '10.0.0.0/8,::1,2001:db8::/32' }).BFF_TRUST_PROXY, '10.0.0.0/8,::1,2001:db8::/32')
 })
+
+// Some balancers write X-Forwarded-For as IP:port (Azure's Application Gateway): each client
+// connection was a key of its own, and a client that opened a new one per request was never limited.
+t.test('BFF_TRUST_PROXY: an X-Forwarded-For entry with a port counts by its address', async t => {
+  const app = await guarded(t, { BFF_TRUST_PROXY: '127.0.0.1' })
+  const codes: number[] = []
+  for (let i = 0; i < 4; i++) codes.push((await app.inject({ url: '/api/v1/ping', headers: { 'x-forwarded-for': `203.0.113.9:${5000 + i}` } })).statusCode)
+  t.same(codes, [401, 401, 401, 429], 'IPv4 with a port: one budget')
+  const six: number[] = []
+  for (let i = 0; i < 4; i++) six.push((await app.inject({ url: '/api/v1/ping', headers: { 'x-forwarded-for': `[2001:db8:1::1]:${5000 + i}` } })).statusCode)
+  t.same(six, [401, 401, 401, 429], 'IPv6 with a port: one budget')
+  const junk: number[] = []
+  for (let i = 0; i < 4; i++) junk.push((await app.inject({ url: '/api/v1/ping', headers: { 'x-forwarded-for': `not-an-address-${i}` } })).statusCode)
+  t.same(junk, [401, 401, 401, 429], 'an entry that is no address: the proxy\'s budget, never one per value')
+})
+
+// The guard read the token from the raw URL and took an empty header as one: a tenant's token
+// sent as %61ccess_token, or beside an empty Authorization, was verified by the route but counted
+// against the caller's address, a budget on top of the tenant's.
+t.test('the guard reads the token as the routes do', async t => {
+  const app = await guarded(t)
+  const tenant = 'g-' + randomUUID()
+  const raw = bearer({ tenant }).authorization.slice('Bearer '.length)
+  for (let i = 0; i < 3; i++) t.equal((await app.inject({ url: '/api/v1/ping', headers: bearer({ tenant }) })).statusCode, 200)
+  t.equal((await app.inject({ url: `/api/v1/ping?%61ccess_token=${raw}` })).statusCode, 429, 'a percent-encoded name: the tenant\'s budget, spent')
+  t.equal((await app.inject({ url: `/api/v1/ping?access_token=${raw}`, headers: { authorization: '' } })).statusCode, 429, 'beside an empty header: the tenant\'s budget, spent')
+})
