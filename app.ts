@@ -183,6 +183,9 @@ export const SECURITY_HEADERS: Readonly<Record<string, string>> = ((): Record<st
   return Object.freeze(headers)
 })()
 
+/** How long one plugin may take to start (Fastify's pluginTimeout): see buildApp. */
+export const PLUGIN_TIMEOUT_MS = 30_000
+
 /** The security headers as raw header lines, for answers written straight to a socket. */
 const SECURITY_LINES = Object.entries(SECURITY_HEADERS).map(([name, value]) => `${name}: ${value}\r\n`).join('')
 
@@ -412,6 +415,12 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
 
   const timeouts = requestTimeouts(config.BFF_REQUEST_TIMEOUT_MS)
   const app = Fastify({
+    // Fastify's default (10 s) was no longer than the audit spool's watch of a lock another
+    // container may hold (two heartbeats, 10 s): a container restarted after a crash or an OOM
+    // kill (a new PID namespace, its predecessor's lock fresh) failed its start ("Plugin did not
+    // start in time: 'mantle-audit'") until the lock was 30 s old. The watch and PostgreSQL's
+    // first answer (5 s) fit, below the startup probe's 60 s.
+    pluginTimeout: PLUGIN_TIMEOUT_MS,
     logger: options.logger ?? {
       level: config.LOG_LEVEL,
       redact: {

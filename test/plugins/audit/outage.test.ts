@@ -3,8 +3,9 @@ import { randomUUID } from 'node:crypto'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
-import { existsSync, readFileSync, statSync, symlinkSync } from 'node:fs'
+import { existsSync, mkdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { hostname } from 'node:os'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type BuildOptions } from '../../../app.js'
 import { migrate } from '../../../plugins/audit/migrations.js'
@@ -457,3 +458,24 @@ t.test('neither PostgreSQL nor the spool\'s disk takes entries: the routes that 
   for (const url of ['/healthz', '/metrics']) t.equal((await app.inject({ url })).statusCode, 200, `${url} is served: it is not audited`)
   t.not((await app.inject({ url: '/readyz' })).statusCode, 500)
 })
+
+// A container restarted after a crash (a new PID namespace) finds its predecessor's lock fresh
+// and watches it for two heartbeats (10 s), which Fastify's default plugin timeout (10 s) did not
+// wait for: the restart failed ("Plugin did not start in time: 'mantle-audit'") until the lock
+// was 30 s old, a crash loop instead of a takeover.
+if (available) {
+  t.test('a gateway that finds a fresh lock of another container takes the spool over at the real heartbeat, within its start', async t => {
+    const name = await createTestDatabase(t)
+    const dir = spoolDir(t)
+    mkdirSync(dir, { recursive: true })
+    // As the crashed container left it: this host, another PID namespace, touched just now.
+    writeFileSync(join(dir, 'audit.lock'), `1 ${hostname()} pid:[4026500000] ${randomUUID()}`)
+    const started = Date.now()
+    const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: databaseUrl(name), BFF_AUDIT_SPOOL_DIR: dir }), { logger: false })
+    t.teardown(() => app.close())
+    await app.ready()
+    t.ok(Date.now() - started >= 9000, 'it watched the lock for two heartbeats first')
+    t.match(readFileSync(join(dir, 'audit.lock'), 'utf8'), new RegExp(`^${process.pid} `), 'and took it over')
+    t.equal((await app.inject({ method: 'GET', url: '/readyz' })).statusCode, 200)
+  })
+}
