@@ -108,19 +108,53 @@ export function banner (started: Started, config: Readonly<Config>): string {
 }
 
 /**
+ * Takes `signals` from now on, while the gateway starts, noting whether one came; `release`
+ * stops taking them and says whether one did.
+ */
+function hold (signals: readonly NodeJS.Signals[], emitter: Pick<NodeJS.Process, 'on' | 'off'>): { release: () => boolean } {
+  let came = false
+  const meanwhile = (): void => { came = true }
+  for (const signal of signals) emitter.on(signal, meanwhile)
+  return {
+    release () {
+      for (const signal of signals) emitter.off(signal, meanwhile)
+      return came
+    }
+  }
+}
+
+/**
  * Takes SIGHUP from now on: its default action ends the process, and one sent while the gateway
  * starts (a ConfigMap's update, `kill -HUP 1` in every pod) ended it (exit 129). `serve` hands
  * SIGHUP to `reload` from then on, and calls it at once when one came meanwhile.
  */
 export function holdHangups (): { serve: (reload: () => void) => void } {
-  let came = false
-  const meanwhile = (): void => { came = true }
-  process.on('SIGHUP', meanwhile)
+  const held = hold(['SIGHUP'], process)
   return {
     serve (reload) {
-      process.off('SIGHUP', meanwhile)
+      const came = held.release()
       process.on('SIGHUP', reload)
       if (came) reload()
+    }
+  }
+}
+
+/** The signals that shut the gateway down (close-with-grace's, but SIGHUP's and NOT_SHUTDOWN_SIGNALS). */
+const SHUTDOWN_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT'] as const
+
+/**
+ * Takes the shutdown signals while the gateway starts, before close-with-grace listens: the
+ * gateway is PID 1 in its container, and the kernel drops a signal PID 1 has no listener for, so
+ * a SIGTERM sent while it started (a rollout superseded, a scale-down, a drain) was lost: the
+ * gateway came up and served until the kubelet's SIGKILL at the end of the grace. `serve` stops
+ * taking them (close-with-grace's listeners take over) and calls `close` at once when one came
+ * meanwhile: the gateway shuts down as soon as it can.
+ */
+export function holdShutdowns (emitter: Pick<NodeJS.Process, 'on' | 'off'> = process): { serve: (close: () => void) => void } {
+  const held = hold(SHUTDOWN_SIGNALS, emitter)
+  return {
+    serve (close) {
+      if (held.release()) close()
     }
   }
 }
@@ -143,6 +177,7 @@ function ignoreNonShutdownSignals (warn: (msg: string) => void): void {
 
 async function main (): Promise<void> {
   const hangups = holdHangups()
+  const shutdowns = holdShutdowns()
   let warn = (msg: string): void => { process.stderr.write(`mantle: ${msg}\n`) }
   ignoreNonShutdownSignals(msg => { warn(msg) })
   let config: Readonly<Config>
@@ -200,6 +235,7 @@ async function main (): Promise<void> {
   })
   shutDown = () => { if (!closing) graceful.close() }
   if (fatal !== null) shutDown()
+  shutdowns.serve(shutDown)
 }
 
 if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) {

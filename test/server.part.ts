@@ -1,5 +1,6 @@
 import t from 'tap'
-import { start, banner, shutdownGraceMs, holdHangups, type Started } from '../server.js'
+import { start, banner, shutdownGraceMs, holdHangups, holdShutdowns, type Started } from '../server.js'
+import { EventEmitter } from 'node:events'
 import { buildApp } from '../app.js'
 import { ConfigError } from '../schemas/config.js'
 import { ManifestError } from '../manifest.js'
@@ -169,6 +170,25 @@ t.test('a SIGHUP while the gateway starts is held, then applied once, once it se
   quiet.serve(count)
   t.equal(none, 0, 'none came: none applied')
   process.off('SIGHUP', count)
+})
+
+// As PID 1 in a container, a signal with no listener is dropped: a SIGTERM sent while the gateway
+// started was lost, and it came up and served until the kubelet's SIGKILL.
+t.test('a shutdown signal while the gateway starts is held, then shuts it down once it can', async t => {
+  for (const signal of ['SIGTERM', 'SIGINT', 'SIGQUIT'] as const) {
+    const signals = new EventEmitter()
+    const shutdowns = holdShutdowns(signals as unknown as NodeJS.Process)
+    t.equal(signals.listenerCount(signal), 1, `${signal} taken while starting`)
+    signals.emit(signal)
+    let closes = 0
+    shutdowns.serve(() => { closes++ })
+    t.equal(closes, 1, `${signal} that came meanwhile: the shutdown, once it is wired`)
+    t.equal(signals.listenerCount(signal), 0, 'no longer taken: close-with-grace\'s listeners take over')
+  }
+  const quiet = new EventEmitter()
+  let none = 0
+  holdShutdowns(quiet as unknown as NodeJS.Process).serve(() => { none++ })
+  t.equal(none, 0, 'none came: no shutdown')
 })
 
 t.test('production refuses the demo Kernel, with every other reason in one line', async t => {
