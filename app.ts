@@ -22,6 +22,7 @@ import tracing from './plugins/tracing/index.js'
 import rateLimit from './plugins/rate-limit/index.js'
 import { requestLoggerFactory } from './request-logger.js'
 import { CallFailedLog } from './call-failed-log.js'
+import { trustedProxies } from './address.js'
 import firewall from './plugins/firewall/index.js'
 import idempotency from './plugins/idempotency/index.js'
 import cache from './plugins/cache/index.js'
@@ -440,7 +441,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     http: { headersTimeout: timeouts.headersTimeout, connectionsCheckingInterval: timeouts.connectionsCheckingInterval },
     // The client's address (the guard's key before identity, logs) from X-Forwarded-For, through
     // the proxies named here only: believed from anyone, any client could pick its own key.
-    ...(config.BFF_TRUST_PROXY === undefined ? {} : { trustProxy: config.BFF_TRUST_PROXY }),
+    ...(config.BFF_TRUST_PROXY === undefined ? {} : { trustProxy: trustedProxies(config.BFF_TRUST_PROXY) }),
     requestIdHeader: false,
     // A request's logger becomes a pino child only when the request writes a line (request-logger.ts).
     childLoggerFactory: requestLoggerFactory,

@@ -13,7 +13,7 @@ import { RateLimiter, fastifyStore, opKey, tenantKey, ipKey, type LimiterCounter
 import { withHook } from '../../route-hooks.js'
 import { PROBE_PATHS, targetsProbe } from '../../probes.js'
 import { upgradeAuthorization } from '../../adapters/upgrade.js'
-import { isIP } from 'node:net'
+import { bareAddress } from '../../address.js'
 
 export { RateLimiter, opKey, tenantKey, ipKey, keyPart, fastifyStore } from './limiter.js'
 export { MemoryWindowStore } from './memory-store.js'
@@ -177,9 +177,6 @@ function addressKey (request: FastifyRequest): string {
   return ipKey(ip === undefined ? 'unknown' : normalizeIP(clientAddress(ip, request)))
 }
 
-/** An address with a port (`203.0.113.7:5123`, `[2001:db8::1]:5123`), as some balancers write X-Forwarded-For. */
-const WITH_PORT = /^(?:(\d{1,3}(?:\.\d{1,3}){3}):\d+|\[([0-9A-Fa-f:.]+)\](?::\d+)?)$/
-
 /**
  * The client's address as the guard keys it: a trusted proxy's X-Forwarded-For entry with a port
  * (Azure's Application Gateway writes `IP:port`) made a key per client connection, so a client
@@ -187,11 +184,7 @@ const WITH_PORT = /^(?:(\d{1,3}(?:\.\d{1,3}){3}):\d+|\[([0-9A-Fa-f:.]+)\](?::\d+
  * port is dropped; an entry that is still no address is keyed as the proxy that sent it.
  */
 function clientAddress (ip: string, request: FastifyRequest): string {
-  if (isIP(ip) !== 0) return ip
-  const m = WITH_PORT.exec(ip)
-  const bare = m === null ? null : (m[1] ?? m[2])
-  if (bare !== null && bare !== undefined && isIP(bare) !== 0) return bare
-  return request.socket?.remoteAddress ?? 'unknown'
+  return bareAddress(ip) ?? request.socket?.remoteAddress ?? 'unknown'
 }
 
 function counters (app: FastifyInstance, limiter: () => RateLimiter): LimiterCounters | undefined {

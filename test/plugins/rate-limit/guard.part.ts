@@ -320,3 +320,16 @@ t.test('the guard reads the token as the routes do', async t => {
   t.equal((await app.inject({ url: `/api/v1/ping?%61ccess_token=${raw}` })).statusCode, 429, 'a percent-encoded name: the tenant\'s budget, spent')
   t.equal((await app.inject({ url: `/api/v1/ping?access_token=${raw}`, headers: { authorization: '' } })).statusCode, 429, 'beside an empty header: the tenant\'s budget, spent')
 })
+
+// proxy-addr trusts no hop written with a port: a trusted proxy behind the balancer that added
+// one (Front Door, then Application Gateway writing IP:port) was taken for the client, and every
+// client behind it shared its key.
+t.test('BFF_TRUST_PROXY: a trusted hop written with a port is still trusted', async t => {
+  const app = await guarded(t, { BFF_TRUST_PROXY: '127.0.0.1,198.51.100.0/24' })
+  const codes: number[] = []
+  for (let i = 0; i < 4; i++) codes.push((await app.inject({ url: '/api/v1/ping', headers: { 'x-forwarded-for': `203.0.113.${i + 1}, 198.51.100.7:443` } })).statusCode)
+  t.same(codes, [401, 401, 401, 401], 'each client behind the trusted proxy has its own budget')
+  const ported: number[] = []
+  for (let i = 0; i < 4; i++) ported.push((await app.inject({ url: '/api/v1/ping', headers: { 'x-forwarded-for': `203.0.113.${i + 11}:80, 198.51.100.7:443` } })).statusCode)
+  t.same(ported, [401, 401, 401, 401], 'and with ports on both')
+})

@@ -1,0 +1,29 @@
+// Addresses as proxies write them in X-Forwarded-For: some balancers add the client's port
+// (Azure's Application Gateway writes `IP:port`, `[IPv6]:port`).
+import { isIP } from 'node:net'
+import proxyAddr from '@fastify/proxy-addr'
+
+/** An address with a port (`203.0.113.7:5123`, `[2001:db8::1]:5123`), or an IPv6 one in brackets. */
+const WITH_PORT = /^(?:(\d{1,3}(?:\.\d{1,3}){3}):\d+|\[([0-9A-Fa-f:.]+)\](?::\d+)?)$/
+
+/** `text` as a bare IP address (its port dropped), or null when it is no address. */
+export function bareAddress (text: string): string | null {
+  if (isIP(text) !== 0) return text
+  const m = WITH_PORT.exec(text)
+  const bare = m === null ? null : (m[1] ?? m[2])
+  return bare !== null && bare !== undefined && isIP(bare) !== 0 ? bare : null
+}
+
+/**
+ * Fastify's trustProxy for BFF_TRUST_PROXY (comma-separated addresses and ranges), reading an
+ * X-Forwarded-For hop with a port by its address: proxy-addr trusts none with a port, so a
+ * trusted proxy behind the balancer that wrote one was taken for the client, and every client
+ * behind it shared its rate-limit key.
+ */
+export function trustedProxies (list: string): (address: string, hop: number) => boolean {
+  const trusted = proxyAddr.compile(list.split(',').map(entry => entry.trim()))
+  return (address, hop) => {
+    const bare = bareAddress(address)
+    return bare !== null && trusted(bare, hop)
+  }
+}
