@@ -108,12 +108,15 @@ export function banner (started: Started, config: Readonly<Config>): string {
 }
 
 /**
- * Takes `signals` from now on, while the gateway starts, noting whether one came; `release`
- * stops taking them and says whether one did.
+ * Takes `signals` from now on, while the gateway starts, noting whether one came (`again` for
+ * each one after the first); `release` stops taking them and says whether one did.
  */
-function hold (signals: readonly NodeJS.Signals[], emitter: Pick<NodeJS.Process, 'on' | 'off'>): { release: () => boolean } {
+function hold (signals: readonly NodeJS.Signals[], emitter: Pick<NodeJS.Process, 'on' | 'off'>, again: () => void = () => {}): { release: () => boolean } {
   let came = false
-  const meanwhile = (): void => { came = true }
+  const meanwhile = (): void => {
+    if (came) again()
+    came = true
+  }
   for (const signal of signals) emitter.on(signal, meanwhile)
   return {
     release () {
@@ -148,10 +151,11 @@ const SHUTDOWN_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT'] as const
  * a SIGTERM sent while it started (a rollout superseded, a scale-down, a drain) was lost: the
  * gateway came up and served until the kubelet's SIGKILL at the end of the grace. `serve` stops
  * taking them (close-with-grace's listeners take over) and calls `close` at once when one came
- * meanwhile: the gateway shuts down as soon as it can.
+ * meanwhile: the gateway shuts down as soon as it can. A second one exits at once.
  */
-export function holdShutdowns (emitter: Pick<NodeJS.Process, 'on' | 'off'> = process): { serve: (close: () => void) => void } {
-  const held = hold(SHUTDOWN_SIGNALS, emitter)
+export function holdShutdowns (emitter: Pick<NodeJS.Process, 'on' | 'off'> = process, exit: () => void = () => process.exit(1)): { serve: (close: () => void) => void } {
+  // A second one exits at once, as close-with-grace does once it listens: Ctrl-C twice.
+  const held = hold(SHUTDOWN_SIGNALS, emitter, exit)
   return {
     serve (close) {
       if (held.release()) close()

@@ -189,6 +189,14 @@ t.test('a shutdown signal while the gateway starts is held, then shuts it down o
   let none = 0
   holdShutdowns(quiet as unknown as NodeJS.Process).serve(() => { none++ })
   t.equal(none, 0, 'none came: no shutdown')
+  // Ctrl-C twice while it starts: the second exits at once, as close-with-grace's second does.
+  const twice = new EventEmitter()
+  let exits = 0
+  holdShutdowns(twice as unknown as NodeJS.Process, () => { exits++ })
+  twice.emit('SIGINT')
+  t.equal(exits, 0, 'the first is held')
+  twice.emit('SIGINT')
+  t.equal(exits, 1, 'the second exits')
 })
 
 t.test('production refuses the demo Kernel, with every other reason in one line', async t => {
