@@ -94,7 +94,10 @@ export function httpContext (request: FastifyRequest, response: ServerResponse, 
  */
 export function httpAuthorization (request: FastifyRequest, connectionParams?: Readonly<Record<string, string | undefined>> | null): string | undefined {
   const query = request.query as Record<string, unknown> | null
-  return request.headers.authorization ?? fromParams(connectionParams === undefined ? paramsIn(query?.connectionParams) : connectionParams) ?? queryToken(request)
+  // An empty header is none, as upgradeAuthorization (and the guard) read it: it hid the token
+  // the guard had counted the call by, and the call was refused 401.
+  const header = request.headers.authorization
+  return (header === '' ? undefined : header) ?? fromParams(connectionParams === undefined ? paramsIn(query?.connectionParams) : connectionParams) ?? queryToken(request)
 }
 
 /** `?connectionParams=` as tRPC reads it: a JSON object, or nothing. */

@@ -9,9 +9,9 @@ import type { IncomingHttpHeaders, IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders } from '../../errors.js'
 import { CLOSE_TRY_AGAIN_LATER, ConnectionSlots, reportSlots } from '../connection-slots.js'
-import { queryToken, refusedByWs, upgradeAuthorization } from '../upgrade.js'
+import { refusedByWs, upgradeAuthorization } from '../upgrade.js'
 import { utf8Sends } from '../slow-reader.js'
-import { httpContext, socketContext, type TrpcContext } from './context.js'
+import { httpAuthorization, httpContext, socketContext, type TrpcContext } from './context.js'
 import { runCall } from '../face.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import { ProblemError, errorShape, isInternal } from './errors.js'
@@ -274,7 +274,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         protocol: 'trpc',
         op: path,
         input,
-        authorization: request.headers.authorization ?? queryToken(request),
+        authorization: httpAuthorization(request, null),
         traceparent: single(request.headers.traceparent),
         tracestate: single(request.headers.tracestate),
         idempotencyKey: idempotencyKeyOf(request),

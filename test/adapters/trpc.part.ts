@@ -317,6 +317,9 @@ t.test('raw HTTP: the ugly cases are 4xx tRPC errors with contract codes, never 
   t.equal(viaParams.status, 200)
   const viaQuery = await call({ url: `/trpc/getItem?input=${input({ id: 'i2' })}&access_token=${token()}`, headers: {} })
   t.same(viaQuery.body, { result: { data: { id: 'i2', n: 2 } } })
+  // An empty Authorization header is none, as the guard reads it: it hid the query's token (401).
+  const besideEmpty = await call({ url: `/trpc/getItem?input=${input({ id: 'i2' })}&access_token=${token()}`, headers: { authorization: '' } })
+  t.same(besideEmpty.body, { result: { data: { id: 'i2', n: 2 } } }, 'a token beside an empty header')
   // Host names of every kind a deployment has: a compose service's underscore, an IPv6
   // literal, upper case, a trailing dot, an IDN, and one in Punycode.
   for (const host of ['my_service:8080', '[::1]:3000', 'API.Example.COM', 'example.com.', 'bücher.example', 'xn--bcher-kva.example']) {
