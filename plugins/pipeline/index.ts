@@ -214,7 +214,7 @@ function outputValidator (op: Operation): ValidateFunction {
   if (compiled === undefined) {
     // One Ajv per operation, as for inputs (a shared one keeps each reloaded manifest's schemas).
     const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false })
-    compiled = ajv.compile(mapSchema(op.output, openObject, CHOOSING) as typeof op.output)
+    compiled = ajv.compile(openedOutput(op) as typeof op.output)
     compiledOutputs.set(op, compiled)
   }
   return compiled
@@ -222,13 +222,44 @@ function outputValidator (op: Operation): ValidateFunction {
 
 /**
  * Where an object's `additionalProperties: false` is kept: where it decides which of several
- * schemas an answer matches (`oneOf`'s one, `anyOf`'s, `if`'s branch, how many items `contains`
- * counts). Opened, it made a right answer match two branches of a `oneOf` and be refused; and
- * the serializer picks an `anyOf` branch by the closed schemas, so an answer the opened check
- * passed was refused there, without naming the field. Elsewhere opening one only admits more
- * (`allOf`, which the serializer merges, properties, items).
+ * schemas an answer matches (`if`'s branch, how many items `contains` counts, and the branches of
+ * a `oneOf` or an `anyOf` of which more than one may hold an object). Opened there, a right
+ * answer of a `oneOf` of closed objects matched two branches and was refused. A `oneOf` or an
+ * `anyOf` with one object among its branches (a nullable object, `anyOf: [{...}, {type: null}]`)
+ * is opened: closing it decides nothing. Elsewhere opening one only admits more (`allOf`,
+ * properties, items).
  */
-const CHOOSING = new Set(['oneOf', 'anyOf', 'if', 'contains'])
+const choosing: Apart = (keyword, schema) => {
+  if (keyword === 'if' || keyword === 'contains') return true
+  if (keyword !== 'oneOf' && keyword !== 'anyOf') return false
+  const branches = schema[keyword] as unknown[]
+  return branches.filter(mayHoldObject).length > 1
+}
+
+/** Whether a schema may admit an object: any but one whose `type` names no object (or `false`). */
+function mayHoldObject (schema: unknown): boolean {
+  if (schema === false) return false
+  if (schema === null || typeof schema !== 'object') return true
+  const type = (schema as { type?: unknown }).type
+  if (type === undefined) return true
+  return Array.isArray(type) ? type.includes('object') : type === 'object'
+}
+
+const openedOutputs = new WeakMap<Operation, unknown>()
+
+/**
+ * The output schema as the check and the serializer both read it: its objects opened, but where
+ * they choose (`choosing`). One schema for both: the serializer picks an `anyOf` branch by its
+ * own schemas, and refused (a 502 naming no field) an answer the check passed.
+ */
+function openedOutput (op: Operation): unknown {
+  let opened = openedOutputs.get(op)
+  if (opened === undefined) {
+    opened = mapSchema(op.output, openObject, choosing)
+    openedOutputs.set(op, opened)
+  }
+  return opened
+}
 
 /** A schema that admits properties it does not declare (the serializer drops them). */
 function openObject (s: Readonly<Record<string, unknown>>): Readonly<Record<string, unknown>> {
@@ -240,7 +271,7 @@ function openObject (s: Readonly<Record<string, unknown>>): Readonly<Record<stri
 }
 
 function outputSerializer (op: Operation): (value: unknown) => string {
-  const compiled = fastJson(op.output as unknown as Parameters<typeof fastJson>[0])
+  const compiled = fastJson(openedOutput(op) as Parameters<typeof fastJson>[0])
   return (value) => {
     if (value === null || value === undefined) return 'null'
     try {
@@ -365,25 +396,29 @@ export function safeIntegers (schema: unknown): unknown {
   })
 }
 
+/** Whether mapSchema leaves alone what `keyword` of `schema` holds. */
+type Apart = (keyword: string, schema: Readonly<Record<string, unknown>>) => boolean
+
 /**
  * `schema` with `visit` applied to each schema in it, innermost first (not under `not`, where a
- * change would turn its meaning over, nor under the keywords of `apart`), or `schema` itself
- * where `visit` changed nothing.
+ * change would turn its meaning over, nor where `apart` says), or `schema` itself where `visit`
+ * changed nothing.
  */
-function mapSchema (schema: unknown, visit: (s: Readonly<Record<string, unknown>>) => Readonly<Record<string, unknown>>, apart: ReadonlySet<string> = new Set()): unknown {
+function mapSchema (schema: unknown, visit: (s: Readonly<Record<string, unknown>>) => Readonly<Record<string, unknown>>, apart: Apart = () => false): unknown {
   if (schema === null || typeof schema !== 'object') return schema
   if (Array.isArray(schema)) {
     const list = schema.map(sub => mapSchema(sub, visit, apart))
     return list.every((x, i) => x === schema[i]) ? schema : list
   }
-  const s = { ...(schema as Record<string, unknown>) }
+  const node = schema as Record<string, unknown>
+  const s = { ...node }
   let changed = false
   const put = (k: string, v: unknown): void => { if (v !== s[k]) { s[k] = v; changed = true } }
-  for (const k of ONE) if (k in s && !apart.has(k)) put(k, mapSchema(s[k], visit, apart))
-  for (const k of LISTS) if (Array.isArray(s[k]) && !apart.has(k)) put(k, mapSchema(s[k], visit, apart))
+  for (const k of ONE) if (k in s && !apart(k, node)) put(k, mapSchema(s[k], visit, apart))
+  for (const k of LISTS) if (Array.isArray(s[k]) && !apart(k, node)) put(k, mapSchema(s[k], visit, apart))
   for (const k of MAPS) {
     const map = s[k]
-    if (map === null || typeof map !== 'object' || Array.isArray(map) || apart.has(k)) continue
+    if (map === null || typeof map !== 'object' || Array.isArray(map) || apart(k, node)) continue
     const entries = Object.entries(map).map(([name, sub]) => [name, mapSchema(sub, visit, apart)] as const)
     if (entries.some(([name, sub]) => sub !== (map as Record<string, unknown>)[name])) put(k, Object.fromEntries(entries))
   }

@@ -279,3 +279,24 @@ t.test('an output schema whose anyOf branches are closed objects is checked as w
   const extra = await app.inject({ method: 'GET', url: '/api/v1/any/extra', headers: { authorization: `Bearer ${token()}` } })
   t.match(extra.json(), { code: 'KERNEL_ERROR', detail: /output\.extra is not allowed/ }, 'the field at fault is named')
 })
+
+// A nullable object written as OpenAPI 3.1 does with a $ref, anyOf [object, null]: with one object
+// among the branches, closing it decides nothing. It was kept closed, and a field the Kernel added
+// was a 502 on every face, where type [object, null] dropped it.
+t.test('a nullable object written anyOf [object, null] drops a field the Kernel adds, on every face', async t => {
+  const answers: Record<string, unknown> = { added: { item: { x: 'one', extra: 1 } }, none: { item: null }, wrong: { item: { x: 5 } } }
+  const kernel = await startTestKernel(t, Object.fromEntries(Object.entries(answers).map(([id, answer]) => [`GET /v1/maybe/${id}`, (_req, res) => json(res, 200, answer)])))
+  const manifest = testManifest({
+    getMaybe: { type: 'query', rest: 'GET /maybe/:id', kernel: 'GET /v1/maybe/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', properties: { item: { anyOf: [{ type: 'object', additionalProperties: false, properties: { x: { type: 'string' } } }, { type: 'null' }] } } } }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  await runTable(t, app, [
+    { name: 'an added field', op: 'getMaybe', input: { id: 'added' }, expect: { ok: true } },
+    { name: 'null', op: 'getMaybe', input: { id: 'none' }, expect: { ok: true } },
+    { name: 'a wrong type', op: 'getMaybe', input: { id: 'wrong' }, expect: { code: 'KERNEL_ERROR', status: 502 } }
+  ])
+  const added = await app.inject({ method: 'GET', url: '/api/v1/maybe/added', headers: { authorization: `Bearer ${token()}` } })
+  t.same(added.json(), { item: { x: 'one' } }, 'the added field is dropped')
+  const wrong = await app.inject({ method: 'GET', url: '/api/v1/maybe/wrong', headers: { authorization: `Bearer ${token()}` } })
+  t.match(wrong.json(), { code: 'KERNEL_ERROR', detail: /output\.item\.x must be string/ }, 'the field at fault is named')
+})
