@@ -185,7 +185,7 @@ export const SECURITY_HEADERS: Readonly<Record<string, string>> = ((): Record<st
 })()
 
 /** How long one plugin may take to start (Fastify's pluginTimeout): see buildApp. */
-export const PLUGIN_TIMEOUT_MS = 30_000
+const PLUGIN_TIMEOUT_MS = 30_000
 
 /** The security headers as raw header lines, for answers written straight to a socket. */
 const SECURITY_LINES = Object.entries(SECURITY_HEADERS).map(([name, value]) => `${name}: ${value}\r\n`).join('')

@@ -5,13 +5,13 @@
 import type { FastifyBaseLogger } from 'fastify'
 
 /** Lines written per (operation, code) in an interval; those past it are counted, not written. */
-export const CALL_FAILED_LINES = 10
-export const CALL_FAILED_INTERVAL_MS = 10_000
+const CALL_FAILED_LINES = 10
+const CALL_FAILED_INTERVAL_MS = 10_000
 /**
  * Keys held at once. Operations x codes is bounded by the manifest; a key past this bound (a
  * manifest of more than 300 operations all failing in one interval) shares the key of op `*`.
  */
-export const CALL_FAILED_MAX_KEYS = 1000
+const CALL_FAILED_MAX_KEYS = 1000
 
 interface Key {
   readonly op: string

@@ -20,6 +20,19 @@ export interface TcpProxy {
   close: () => Promise<void>
 }
 
+/** The open sockets of a test's server, each tracked until it closes; an error destroys it. */
+export function sockets (): { open: Set<Socket>, track: (s: Socket) => void } {
+  const open = new Set<Socket>()
+  return {
+    open,
+    track (s) {
+      open.add(s)
+      s.on('close', () => open.delete(s))
+      s.on('error', () => s.destroy())
+    }
+  }
+}
+
 /**
  * A TCP proxy on port 0 in front of `target` (a real Redis or PostgreSQL) that a test can cut
  * and restore, so an outage is made without stopping the machine's shared server.
@@ -28,14 +41,9 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
   let mode: 'open' | 'reset' | 'stall' = 'open'
   let delayMs = 0
   let connections = 0
-  const open = new Set<Socket>()
+  const { open, track } = sockets()
   /** Chunks held back by `delay`: dropped on close, so that a long delay does not hold the process. */
   const held = new Set<NodeJS.Timeout>()
-  const track = (s: Socket): void => {
-    open.add(s)
-    s.on('close', () => open.delete(s))
-    s.on('error', () => s.destroy())
-  }
   const server = createServer(client => {
     track(client)
     if (mode === 'reset') { client.resetAndDestroy(); return }

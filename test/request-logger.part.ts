@@ -101,17 +101,23 @@ t.test('the gateway: a request\'s error line carries its request id', async t =>
   t.same(mine.map(l => l.msg), ['a handler failed'], 'the line written, with the request id; the info line dropped')
 })
 
-// A refusal is the client's answer, counted by metrics, never a log line per request, on every
-// face by one rule (errors.ts logLevelOf). REST logged every 5xx at warn as `call failed`: with
-// the heap bound passed, 1,000 shed calls wrote 1,000 lines; so did an open breaker's refusals,
-// made without a Kernel call. A Kernel that cannot be reached is still a warn, on every face.
-t.test('refusals write no log line per request; a Kernel that failed the call is a warn on every face', async t => {
+/** A log stream read back as lines, and a manifest of one query whose Kernel cannot be reached. */
+async function unreachableKernel (): Promise<{ lines: Array<Record<string, unknown>>, logStream: { write: (line: string) => void }, kernelUrl: string, manifest: ReturnType<typeof testManifest> }> {
   const lines: Array<Record<string, unknown>> = []
   const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
   const kernelUrl = `http://127.0.0.1:${await closedPort()}`
   const manifest = testManifest({
     getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object' } }
   }, { url: kernelUrl, retries: 0 })
+  return { lines, logStream, kernelUrl, manifest }
+}
+
+// A refusal is the client's answer, counted by metrics, never a log line per request, on every
+// face by one rule (errors.ts logLevelOf). REST logged every 5xx at warn as `call failed`: with
+// the heap bound passed, 1,000 shed calls wrote 1,000 lines; so did an open breaker's refusals,
+// made without a Kernel call. A Kernel that cannot be reached is still a warn, on every face.
+t.test('refusals write no log line per request; a Kernel that failed the call is a warn on every face', async t => {
+  const { lines, logStream, kernelUrl, manifest } = await unreachableKernel()
   const headers = bearer()
   const trpcUrl = '/trpc/getItem?input=' + encodeURIComponent('{"id":"i1"}')
 
@@ -196,12 +202,7 @@ t.test('call failed lines: at most 10 per operation and code, then how many were
 })
 
 t.test('call failed lines of tRPC and GraphQL carry their request\'s reqId', async t => {
-  const lines: Array<Record<string, unknown>> = []
-  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
-  const kernelUrl = `http://127.0.0.1:${await closedPort()}`
-  const manifest = testManifest({
-    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object' } }
-  }, { url: kernelUrl, retries: 0 })
+  const { lines, logStream, kernelUrl, manifest } = await unreachableKernel()
   const app = await buildApp(testConfig({ LOG_LEVEL: 'warn', BFF_CIRCUIT_BREAKER_THRESHOLD: 1000 }), { logStream, manifest, kernelUrl })
   t.teardown(() => app.close())
   const headers = bearer()

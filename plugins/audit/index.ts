@@ -183,7 +183,7 @@ export function callEntry (ctx: CallContext, where: readonly [string | null, str
  * `ok` (status 200), or the refusal's code and status, categorised as a call's (auth for 401 and
  * 403), a re-auth's always `auth`.
  */
-export function decisionEntry (d: Decision, startedAt: number, err: unknown): AuditEntry {
+function decisionEntry (d: Decision, startedAt: number, err: unknown): AuditEntry {
   const elapsed = performance.now() - startedAt
   let status = 'ok'
   let statusCode = 200

@@ -13,7 +13,7 @@ const SCHEMA_TABLE = 'bff_schema_version'
 // which keeps the server connection, and a session-level lock with it, after the client leaves.
 const MIGRATION_LOCK = 0x6d616e746c65 // "mantle"
 /** How long a migration waits for the lock (another migration running), or for a table's lock. */
-export const LOCK_TIMEOUT_MS = 60_000
+const LOCK_TIMEOUT_MS = 60_000
 const LOCK_NOT_AVAILABLE = '55P03'
 
 export interface MigrationStatus {

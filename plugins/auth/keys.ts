@@ -19,7 +19,7 @@ export interface PublicKey {
  * shorter key was taken as RS256, in production too: a 512-bit one is factored cheaply, and
  * whoever factors it signs tokens with any role.
  */
-export const MIN_RSA_BITS = 2048
+const MIN_RSA_BITS = 2048
 
 /** The algorithm a public key signs with: RS256 for RSA, ES256 for EC P-256; undefined otherwise. */
 export function keyAlgorithm (key: KeyObject): KeyAlgorithm | undefined {

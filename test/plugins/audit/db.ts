@@ -3,7 +3,8 @@ import { randomUUID } from 'node:crypto'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { createServer, connect, type Socket, type AddressInfo } from 'node:net'
+import { createServer, connect, type AddressInfo } from 'node:net'
+import { sockets } from '../../proxy.js'
 import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
 import { migrate } from '../../../plugins/audit/migrations.js'
 
@@ -91,12 +92,7 @@ const POOLER_PARAMETERS = new Set(['user', 'database', 'application_name', 'clie
  */
 export async function startPoolerProxy (t: Teardown): Promise<{ port: number, startups: Array<Record<string, string>> }> {
   const startups: Array<Record<string, string>> = []
-  const open = new Set<Socket>()
-  const track = (s: Socket): void => {
-    open.add(s)
-    s.on('close', () => open.delete(s))
-    s.on('error', () => s.destroy())
-  }
+  const { open, track } = sockets()
   const server = createServer(client => {
     track(client)
     let head = Buffer.alloc(0)
