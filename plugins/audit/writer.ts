@@ -63,7 +63,7 @@ export class AuditWriter {
   private readonly timer: NodeJS.Timeout
   /** A tick due before the interval's next one (tickAt). */
   private rest: NodeJS.Timeout | null = null
-  /** When the last flush began (ms). */
+  /** When the last batch began (ms): the next partial one waits an interval from it. */
   private began = 0
   private kicked = false
   private closed = false
@@ -234,7 +234,7 @@ export class AuditWriter {
 
   /**
    * Whether the queue is written now: a full batch waits, the writer closes, or an interval has
-   * passed since the last flush began.
+   * passed since the last batch began.
    */
   private due (now: number): boolean {
     return this.queue.length >= this.opts.batchSize || this.closed || now - this.began >= this.intervalMs
@@ -249,7 +249,7 @@ export class AuditWriter {
 
   /**
    * Replays the spool when it is due, then writes the queue batch by batch: every full batch at
-   * once, the rest of the queue only once the interval has passed since the flush began (tick).
+   * once, the rest of the queue only once the interval has passed since the last batch began.
    * Writing the rest as soon as a write ended made batches of a few dozen entries under load, and
    * each batch costs PostgreSQL a transaction (lock, plan, commit) whatever its size.
    */
@@ -257,7 +257,15 @@ export class AuditWriter {
     const spool = this.opts.spool
     if (spool !== null && spool.size > 0 && this.began >= this.retryAt) await this.replay(spool)
     let first = true
-    while (this.queue.length > 0 && (first || this.due(Date.now()))) {
+    while (this.queue.length > 0) {
+      // Each batch after the first begins an interval of its own: measured from the flush's
+      // beginning, a write that took longer than the interval made every later check due, and
+      // the flush went on writing whatever a few milliseconds had brought, a transaction each.
+      if (!first) {
+        const now = Date.now()
+        if (!this.due(now)) break
+        this.began = now
+      }
       first = false
       // A full queue's append goes first: a batch taken behind it and appended meanwhile came
       // back, should both fail, ahead of it.

@@ -682,6 +682,35 @@ t.test('writer: a full batch is written at once, a partial one once an interval 
   await writer.close()
 })
 
+t.test('writer: after a write longer than the interval, batches still begin an interval apart', async t => {
+  // The flush went on writing, a batch every few milliseconds, once one write had outlasted the
+  // interval: each batch after it was due by the time the flush began.
+  const starts: number[] = []
+  let stored = 0
+  const store: AuditStore = {
+    kind: 'memory',
+    write: async (batch: AuditEntry[]) => {
+      starts.push(Date.now())
+      await new Promise(resolve => setTimeout(resolve, starts.length === 1 ? 60 : 2))
+      stored += batch.length
+      return batch.length
+    },
+    verify: async () => ({ ok: true, checked: 0, firstBroken: null }),
+    query: async () => ({ entries: [], nextSeq: null }),
+    close: async () => {}
+  } as unknown as AuditStore
+  const writer = new AuditWriter({ store, spool: null, batchSize: 500, queueMax: 10_000, intervalMs: 20, log: quiet })
+  for (let i = 0; i < 60; i++) {
+    writer.enqueue(entry())
+    await new Promise(resolve => setTimeout(resolve, 2))
+  }
+  await until(() => stored === 60, 'every entry stored')
+  const gaps = starts.slice(1).map((at, i) => at - starts[i])
+  t.ok(starts.length >= 3, `${starts.length} batches`)
+  t.ok(gaps.every(g => g >= 19), `batches began an interval apart or more (${gaps.join(', ')} ms)`)
+  await writer.close()
+})
+
 // With BFF_AUDIT_BATCH_SIZE up to 10,000, the spool line of one batch is several MB, and a crash
 // mid-append can leave a torn last line longer than the 1 MiB window the spool reads at a time.
 // Opening the spool must still find the last newline and cut the torn line, or the next batch
