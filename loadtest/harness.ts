@@ -435,7 +435,8 @@ export function gatewayCache (redisUrl: string): TargetDefinition {
     name: 'gateway-cache',
     description: 'Mantle, as gateway-spine, with the response cache on (store redis)',
     process: gatewayEnv(GATEWAY_FLAGS, () => ({ BFF_CACHE_ENABLED: 'true', BFF_CACHE_STORE: 'redis', REDIS_URL: redisUrl })),
-    headers: (ctx) => ({ authorization: `Bearer ${ctx.token}` })
+    // Asked as gateway-spine is: the compression negotiation runs on a hit too.
+    headers: GATEWAY_SPINE.headers
   }
 }
 

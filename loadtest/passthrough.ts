@@ -25,8 +25,10 @@ app.get<{ Params: { id: string } }>('/api/v1/agents/:id', async (req, reply) => 
     path: `/v1/agents/${encodeURIComponent(req.params.id)}`,
     headers: typeof tenant === 'string' ? { 'x-tenant-id': tenant } : {}
   })
-  reply.code(statusCode)
-  return await body.json()
+  // The Kernel's JSON as it came: a pass-through has no reason to parse and write it again
+  // (which cost it 3.6 µs a call, and flattered every ratio to it).
+  reply.code(statusCode).type('application/json; charset=utf-8')
+  return await body.text()
 })
 
 await app.listen({ port, host })
