@@ -28,8 +28,9 @@ export interface FaceOptions {
 export interface FaceCall {
   requestId: string
   /**
-   * The id of the HTTP request that carried the call (`requestId` without its `.n`), when one
-   * did: a `call failed` line carries it as `reqId`, as the access log's lines do.
+   * The id of the HTTP request that carried the call (`requestId` without its `.n`), or of a
+   * /ws connection's upgrade request: the call's `call failed` and `unexpected error` lines carry
+   * it as `reqId`, as the access log's lines do.
    */
   reqId?: string | undefined
   protocol: Protocol
@@ -226,7 +227,7 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
   } catch (err) {
     const { problem, headers } = toProblem(err, call.requestId)
     const level = logLevelOf(problem, headers)
-    if (level === 'error') app.log.error({ err, requestId: call.requestId }, 'unexpected error')
+    if (level === 'error') app.log.error(call.reqId === undefined ? { err, requestId: call.requestId } : { reqId: call.reqId, err, requestId: call.requestId }, 'unexpected error')
     else if (level === 'warn') {
       app.callFailedLog.warn(app.log, call.op, problem.code, call.reqId === undefined
         ? { code: problem.code, detail: problem.detail, requestId: call.requestId }

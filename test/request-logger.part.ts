@@ -6,6 +6,7 @@ import { buildApp } from '../app.js'
 import { loadConfig } from '../schemas/config.js'
 import { connect, type AddressInfo } from 'node:net'
 import { closedPort, bearer, demoManifest, startTestKernel, testConfig, testManifest, until } from './helper.js'
+import { connect as wsConnect } from './adapters/websocket-helper.js'
 
 /** A pino logger writing its lines into `lines`, with a count of the children made from it. */
 function capture (level: string): { root: FastifyBaseLogger, lines: Array<Record<string, unknown>>, children: () => number } {
@@ -201,7 +202,9 @@ t.test('call failed lines: at most 10 per operation and code, then how many were
   t.match(metric, /mantle_log_lines_suppressed_total\{op="getItem",code="KERNEL_ERROR"\} 41/)
 })
 
-t.test('call failed lines of tRPC and GraphQL carry their request\'s reqId', async t => {
+// A /ws call's lines had no reqId: nothing tied them to the connection's access-log lines. They
+// carry the upgrade request's, the connection's.
+t.test('call failed lines of tRPC, GraphQL and /ws carry their request\'s reqId (on /ws, the upgrade\'s)', async t => {
   const { lines, logStream, kernelUrl, manifest } = await unreachableKernel()
   const app = await buildApp(testConfig({ LOG_LEVEL: 'warn', BFF_CIRCUIT_BREAKER_THRESHOLD: 1000 }), { logStream, manifest, kernelUrl })
   t.teardown(() => app.close())
@@ -210,11 +213,24 @@ t.test('call failed lines of tRPC and GraphQL carry their request\'s reqId', asy
   await app.inject({ url: `/trpc/getItem?input=${input}`, headers: { ...headers, 'x-request-id': 'rid-trpc' } })
   await app.inject({ url: `/trpc/getItem?batch=1&input=${encodeURIComponent('{"0":{"id":"i1"}}')}`, headers: { ...headers, 'x-request-id': 'rid-trpc-batch' } })
   await app.inject({ method: 'POST', url: '/graphql', headers: { ...headers, 'x-request-id': 'rid-graphql' }, payload: { query: '{ getItem(id: "i1") }' } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const ws = await wsConnect(t, `ws://127.0.0.1:${(app.server.address() as AddressInfo).port}/ws`, {}, { headers: { 'x-request-id': 'rid-ws' } })
+  const answer = await ws.request({ id: '1', op: 'getItem', input: { id: 'i1' } })
+  t.equal(answer.error?.code, 'KERNEL_UNAVAILABLE')
   t.same(lines.filter(l => l.msg === 'call failed').map(l => [l.code, l.reqId, l.requestId]), [
     ['KERNEL_UNAVAILABLE', 'rid-trpc', 'rid-trpc'],
     ['KERNEL_UNAVAILABLE', 'rid-trpc-batch', 'rid-trpc-batch.0'],
-    ['KERNEL_UNAVAILABLE', 'rid-graphql', 'rid-graphql.0']
+    ['KERNEL_UNAVAILABLE', 'rid-graphql', 'rid-graphql.0'],
+    ['KERNEL_UNAVAILABLE', 'rid-ws', answer.error.requestId]
   ])
+  // So does a call's `unexpected error` line (a gateway bug, INTERNAL), on these faces as on REST.
+  const entry = app.pipeline.entry
+  app.pipeline.entry = () => { throw new TypeError('a bug') }
+  t.teardown(() => { app.pipeline.entry = entry })
+  const bug = await ws.request({ id: '2', op: 'getItem', input: { id: 'i1' } })
+  t.equal(bug.error?.code, 'INTERNAL')
+  await app.inject({ method: 'POST', url: '/api/v1/batch', headers: { ...headers, 'x-request-id': 'rid-batch' }, payload: { calls: [{ id: 'a', op: 'getItem', input: { id: 'i1' } }] } })
+  t.same(lines.filter(l => l.msg === 'unexpected error').map(l => [l.level, l.reqId, l.requestId]), [[50, 'rid-ws', bug.error.requestId], [50, 'rid-batch', 'rid-batch.0']])
 })
 
 // The access log's url: a target in absolute form, which REST serves, was logged as sent, with

@@ -63,7 +63,11 @@ export class Connection {
   /** Set once the connection is closing: no frame is read and nothing is sent any more. */
   private closing = false
 
-  constructor (private readonly face: FaceShared, readonly socket: WebSocket, auth: ConnectionAuth, onClose: (c: Connection) => void) {
+  /**
+   * @param reqId the id of the upgrade request (its access-log lines' `reqId`): the log lines of
+   *   the connection's calls carry it too
+   */
+  constructor (private readonly face: FaceShared, readonly socket: WebSocket, auth: ConnectionAuth, private readonly reqId: string, onClose: (c: Connection) => void) {
     this.identity = auth.identity
     this.authorization = auth.authorization
     socket.on('message', (data, isBinary) => this.onMessage(data, isBinary))
@@ -168,6 +172,7 @@ export class Connection {
     const id = JSON.stringify(frame.id)
     runCall(this.face.app, {
       requestId: uuidv7(),
+      reqId: this.reqId,
       protocol: 'websocket',
       op: frame.op,
       input: frame.input,
@@ -182,7 +187,7 @@ export class Connection {
       this.send(callEnvelope(id, outcome))
     }).catch((err: unknown) => {
       // runCall never throws; a failure here is a bug of this face, not of the client.
-      this.face.app.log.error({ err }, 'websocket call failed')
+      this.face.app.log.error({ reqId: this.reqId, err }, 'websocket call failed')
     })
   }
 

@@ -84,7 +84,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
         // This face closes its own connections (1001 on shutdown, below): taken out of the
         // shared server's set, they are not sent the bare close of @fastify/websocket's preClose.
         app.websocketServer.clients.delete(socket)
-        connections.add(new Connection(face, socket, verified.get(request)!, forget))
+        connections.add(new Connection(face, socket, verified.get(request)!, request.id, forget))
         verified.delete(request)
       }
     })
