@@ -261,7 +261,9 @@ export class Connection {
     const expiresAt = identity.expiresAt === Infinity ? 'null' : String(identity.expiresAt)
     this.send('{"id":' + JSON.stringify(frame.id) + ',"authenticated":true,"expiresAt":' + expiresAt + '}')
     // Roles may have changed: a subscription the new token does not allow ends with an error
-    // frame carrying the id of the subscribe frame that opened it.
+    // frame carrying the id of the subscribe frame that opened it, and is recorded as a subscribe
+    // refused for it is (one entry, its code and the requestId the frame carries). The ones kept
+    // are not: nothing was decided about them that their subscribe's entry does not say.
     const { bus } = this.face.app.events
     for (const [name, sub] of this.subscriptions) {
       try {
@@ -269,7 +271,14 @@ export class Connection {
       } catch (err) {
         sub.unsubscribe()
         this.subscriptions.delete(name)
-        this.refuse(sub.id, err)
+        const ending = uuidv7()
+        try {
+          this.face.decide({ requestId: ending, protocol: 'websocket', path: '/ws', action: name, category: 'read', caller: identity, clientRequestId: false }, () => { throw err })
+        } catch {
+          // The refusal rethrown, or the trail's OVERLOADED when it cannot record (no entry then,
+          // as for any decision): the subscription ends FORBIDDEN either way.
+        }
+        this.refuse(sub.id, err, ending)
       }
     }
   }

@@ -63,6 +63,26 @@ t.test('/ws: each re-auth frame leaves one entry (websocket.auth), accepted or r
   t.notMatch(JSON.stringify(rows), /eyJ|garbage/, 'no token')
 })
 
+// A re-auth whose token no longer holds an event's role ends the subscription FORBIDDEN: it left
+// no entry, while the same refusal at subscribe time leaves one. Now recorded as that one is.
+t.test('/ws: a subscription a re-auth ends leaves one entry, as a refused subscribe; one it keeps, none', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const client = await connect(t, `ws://127.0.0.1:${port}/ws`, { tenant: 'te', user: 'ue', roles: ['viewer'] })
+  t.equal((await client.request({ id: 's1', subscribe: 'runUpdated' })).subscribed, 'runUpdated')
+  t.equal((await client.request({ id: 'a1', auth: token({ tenant: 'te', user: 'ue', roles: ['viewer', 'editor'] }) })).authenticated, true)
+  t.equal((await stored(app, 'runUpdated')).length, 1, 'a re-auth that keeps the subscription records nothing more')
+  t.equal((await client.request({ id: 'a2', auth: token({ tenant: 'te', user: 'ue', roles: ['editor'] }) })).authenticated, true)
+  const ended = await client.next()
+  t.match(ended, { id: 's1', error: { code: 'FORBIDDEN', status: 403 } })
+  t.equal((await client.request({ id: 'a3', auth: token({ tenant: 'te', user: 'ue', roles: ['editor'] }) })).authenticated, true)
+  const rows = await stored(app, 'runUpdated')
+  t.equal(rows.length, 2, 'the subscribe and its ending, once')
+  t.match(rows.find(r => r.status !== 'ok'), { requestId: ended.error.requestId, tenantId: 'te', userId: 'ue', method: null, path: '/ws', protocol: 'websocket', category: 'auth', status: 'FORBIDDEN', statusCode: 403, riskLevel: 'none' })
+  t.notMatch(JSON.stringify(rows), /eyJ/, 'no token')
+  t.equal((await stored(app, 'websocket.auth')).length, 3, 'each re-auth frame its own entry, as before')
+})
+
 t.test('tRPC over SSE: a subscription accepted and each refused one leave one entry', async t => {
   const app = await buildDemoApp(t)
   const port = await listen(app)
