@@ -203,9 +203,20 @@ function make (code: ErrorCode, detail: string, requestId: string): Problem {
   return { type: problemType(code), title: ErrorCodes[code].title, status: ErrorCodes[code].status, code, detail, requestId }
 }
 
-/** "input/limit must be <= 100": names the field, as CONTRACT §5 asks. */
-export function describeValidation (errors: Array<{ instancePath?: string, message?: string, params?: Record<string, unknown> }>, context = 'input'): string {
-  const first = errors[0]
+type ValidationError = { instancePath?: string, schemaPath?: string, keyword?: string, message?: string, params?: Record<string, unknown> }
+
+/**
+ * "input/limit must be <= 100": names the field, as CONTRACT §5 asks. Under an `anyOf` or a
+ * `oneOf`, Ajv reports each branch's first error, then that none matched: the first branch's
+ * was named, about a branch the value was never meant to match (an object failing inside the
+ * object branch of `anyOf: [{type: "null"}, {...}]` was "must be null"). The error named is
+ * the one that went deepest into the value (a field named by `required` one level below its
+ * object), a wrong type last among equals (the branch the value's type matched is the one it
+ * came closest to); when every branch refused the value's type, all of them are named ("must be
+ * null or object"). Work only on a refusal, over the few errors Ajv gives.
+ */
+export function describeValidation (errors: readonly ValidationError[], context = 'input'): string {
+  const first = closest(errors)
   if (first === undefined) return 'The input is not valid'
   const path = (first.instancePath ?? '').replace(/^\//, '').replace(/\//g, '.')
   const params = first.params ?? {}
@@ -218,4 +229,40 @@ export function describeValidation (errors: Array<{ instancePath?: string, messa
   }
   const field = path === '' ? context : context + '.' + path
   return `${field} ${first.message ?? 'is not valid'}`
+}
+
+/** Ajv's "must match a schema in anyOf" (and oneOf's with none passing): it says only that the errors before it are its branches'. */
+const summary = (e: ValidationError): boolean =>
+  (e.keyword === 'anyOf' || (e.keyword === 'oneOf' && e.params?.passingSchemas == null))
+
+/** How far into the value an error went: its path's segments, one more for a named field. */
+function depth (e: ValidationError): number {
+  const path = e.instancePath ?? ''
+  let n = 0
+  for (let i = 0; i < path.length; i++) if (path.charCodeAt(i) === 47) n++
+  const params = e.params ?? {}
+  return typeof params.missingProperty === 'string' || typeof params.additionalProperty === 'string' ? n + 1 : n
+}
+
+/** The error describeValidation names (see there); errors[0] when there is no `anyOf` or `oneOf` to choose among. */
+function closest (errors: readonly ValidationError[]): ValidationError | undefined {
+  if (errors.length < 2 || !errors.some(summary)) return errors[0]
+  let best: ValidationError | undefined
+  let bestRank = -1
+  for (const e of errors) {
+    if (summary(e)) continue
+    // A wrong type ranks below any other error at its depth.
+    const rank = depth(e) * 2 + (e.keyword === 'type' ? 0 : 1)
+    if (rank > bestRank) { best = e; bestRank = rank }
+  }
+  if (best === undefined) return errors[0]
+  if (best.keyword !== 'type') return best
+  // The value's type matched no branch: name every type they admit.
+  const types: string[] = []
+  for (const e of errors) {
+    if (e.keyword !== 'type' || e.instancePath !== best.instancePath) continue
+    const type = e.params?.type
+    for (const t of Array.isArray(type) ? type : String(type).split(',')) if (!types.includes(String(t))) types.push(String(t))
+  }
+  return types.length < 2 ? best : { ...best, message: `must be ${types.slice(0, -1).join(', ')} or ${types[types.length - 1]}` }
 }

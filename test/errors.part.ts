@@ -179,3 +179,16 @@ t.test('describeValidation names the field', async t => {
   t.equal(describeValidation([]), 'The input is not valid')
   t.equal(describeValidation([], 'body'), 'The input is not valid')
 })
+
+// Ajv's errors of anyOf [null, object] with { id: 1 }, {} and 'text' (allErrors off: each
+// branch's first error, then anyOf's own): the first was named, "must be null".
+t.test('describeValidation names the error of the branch the value came closest to', async t => {
+  const nullBranch = { instancePath: '', schemaPath: '#/anyOf/0/type', keyword: 'type', params: { type: 'null' }, message: 'must be null' }
+  const anyOf = { instancePath: '', schemaPath: '#/anyOf', keyword: 'anyOf', params: {}, message: 'must match a schema in anyOf' }
+  t.equal(describeValidation([nullBranch, { instancePath: '/id', schemaPath: '#/anyOf/1/properties/id/type', keyword: 'type', params: { type: 'string' }, message: 'must be string' }, anyOf], 'output'), 'output.id must be string', 'the deepest error')
+  t.equal(describeValidation([nullBranch, { instancePath: '', schemaPath: '#/anyOf/1/required', keyword: 'required', params: { missingProperty: 'id' }, message: "must have required property 'id'" }, anyOf], 'output'), 'output.id is required', 'a missing field is one level down')
+  t.equal(describeValidation([nullBranch, { instancePath: '', schemaPath: '#/anyOf/1/minProperties', keyword: 'minProperties', params: { limit: 1 }, message: 'must NOT have fewer than 1 properties' }, anyOf]), 'input must NOT have fewer than 1 properties', 'a wrong type ranks last')
+  t.equal(describeValidation([nullBranch, { instancePath: '', schemaPath: '#/anyOf/1/type', keyword: 'type', params: { type: 'object' }, message: 'must be object' }, { ...anyOf, instancePath: '' }], 'output'), 'output must be null or object', 'no branch took its type: all are named')
+  t.equal(describeValidation([{ instancePath: '/a', schemaPath: '#/properties/a/oneOf/0/type', keyword: 'type', params: { type: 'string' }, message: 'must be string' }, { instancePath: '/a', schemaPath: '#/properties/a/oneOf/1/type', keyword: 'type', params: { type: 'integer' }, message: 'must be integer' }, { instancePath: '/a', schemaPath: '#/properties/a/oneOf/2/type', keyword: 'type', params: { type: 'null,boolean' }, message: 'must be null,boolean' }, { instancePath: '/a', schemaPath: '#/properties/a/oneOf', keyword: 'oneOf', params: { passingSchemas: null }, message: 'must match exactly one schema in oneOf' }]), 'input.a must be string, integer, null or boolean', 'oneOf too')
+  t.equal(describeValidation([{ instancePath: '', schemaPath: '#/oneOf', keyword: 'oneOf', params: { passingSchemas: [0, 1] }, message: 'must match exactly one schema in oneOf' }], 'output'), 'output must match exactly one schema in oneOf', 'a value two branches of a oneOf match')
+})

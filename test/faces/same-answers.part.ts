@@ -300,3 +300,22 @@ t.test('a nullable object written anyOf [object, null] drops a field the Kernel 
   const wrong = await app.inject({ method: 'GET', url: '/api/v1/maybe/wrong', headers: { authorization: `Bearer ${token()}` } })
   t.match(wrong.json(), { code: 'KERNEL_ERROR', detail: /output\.item\.x must be string/ }, 'the field at fault is named')
 })
+
+// Ajv reports each anyOf branch's first error: the null branch's, listed first, was named for an
+// object that failed inside the object branch ("output.item must be null").
+t.test('an answer an anyOf refuses names the error of the branch it came closest to, on REST and GraphQL alike', async t => {
+  const answers: Record<string, unknown> = { wrong: { item: { x: 5 } }, missing: { item: {} }, text: { item: 'text' } }
+  const kernel = await startTestKernel(t, Object.fromEntries(Object.entries(answers).map(([id, answer]) => [`GET /v1/maybe/${id}`, (_req, res) => json(res, 200, answer)])))
+  const manifest = testManifest({
+    getMaybe: { type: 'query', rest: 'GET /maybe/:id', kernel: 'GET /v1/maybe/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', properties: { item: { anyOf: [{ type: 'null' }, { type: 'object', required: ['x'], properties: { x: { type: 'string' } } }] } } } }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const expected: Record<string, string> = { wrong: 'output.item.x must be string', missing: 'output.item.x is required', text: 'output.item must be null or object' }
+  for (const [id, detail] of Object.entries(expected)) {
+    const message = `The Kernel's answer to getMaybe does not match its output schema: ${detail}`
+    const rest = await app.inject({ method: 'GET', url: `/api/v1/maybe/${id}`, headers: { authorization: `Bearer ${token()}` } })
+    t.match(rest.json(), { code: 'KERNEL_ERROR', detail: message }, `REST: ${id}`)
+    const gql = await app.inject({ method: 'POST', url: '/graphql', headers: { authorization: `Bearer ${token()}` }, payload: { query: `{ getMaybe(id: "${id}") { item { x } } }` } })
+    t.match(gql.json(), { errors: [{ message, extensions: { code: 'KERNEL_ERROR' } }] }, `GraphQL: ${id}`)
+  }
+})
