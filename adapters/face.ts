@@ -121,13 +121,21 @@ export const MAX_ANSWER_CHARS = 32 * 1024 * 1024
  */
 export class AnswerBudget implements AnswerHold {
   private used = 0
-  // The entries held by request id; null until the first (none with the audit off).
-  private held: Map<string, (leftOut: LeftOut | null) => void> | null = null
+  // What the stages hold by request id (the audit's entry, the metrics' observation: a list
+  // once there are two); null until the first (none with the audit and the metrics off).
+  private held: Map<string, Held | Held[]> | null = null
   private released = false
 
-  hold (requestId: string, record: (leftOut: LeftOut | null) => void): void {
-    if (this.released) record(null)
-    else (this.held ??= new Map()).set(requestId, record)
+  hold (requestId: string, record: Held): void {
+    if (this.released) {
+      record(null)
+      return
+    }
+    const held = this.held ??= new Map()
+    const before = held.get(requestId)
+    if (before === undefined) held.set(requestId, record)
+    else if (Array.isArray(before)) before.push(record)
+    else held.set(requestId, [before, record])
   }
 
   /** `outcome`, counted, or PAYLOAD_TOO_LARGE in its place when it is a query's result that does not fit. */
@@ -163,19 +171,26 @@ export class AnswerBudget implements AnswerHold {
     this.released = true
     const held = this.held
     this.held = null
-    if (held !== null) for (const record of held.values()) record(null)
+    if (held !== null) for (const records of held.values()) recordAll(records, null)
   }
 
   /**
-   * Records the held entry of the call `requestId` (none held: nothing to do): `leftOut` null,
+   * Records what is held of the call `requestId` (none held: nothing to do): `leftOut` null,
    * its result was answered; else the code and status answered in its place.
    */
   decide (requestId: string, leftOut: LeftOut | null): void {
-    const record = this.held?.get(requestId)
-    if (record === undefined) return
+    const records = this.held?.get(requestId)
+    if (records === undefined) return
     this.held!.delete(requestId)
-    record(leftOut)
+    recordAll(records, leftOut)
   }
+}
+
+type Held = (leftOut: LeftOut | null) => void
+
+function recordAll (records: Held | Held[], leftOut: LeftOut | null): void {
+  if (Array.isArray(records)) for (const record of records) record(leftOut)
+  else records(leftOut)
 }
 
 /** Runs a face's decision outside the pipeline, and records it (Audit.decide). */

@@ -24,6 +24,8 @@ const classOf = (err: unknown): 1 | 2 => {
   const status = (err as { statusCode?: unknown } | null)?.statusCode
   return typeof status === 'number' && status >= 400 && status < 500 ? 1 : 2
 }
+/** The class of what a call of several was answered: its result (null) or, left out, the status in its place. */
+const answeredClass = (leftOut: { status: number } | null): 0 | 1 | 2 => leftOut === null ? 0 : leftOut.status >= 400 && leftOut.status < 500 ? 1 : 2
 
 export interface MetricsOptions {
   /** When set, GET /metrics answers only `Authorization: Bearer <token>` (BFF_METRICS_TOKEN). */
@@ -60,7 +62,11 @@ async function metricsPlugin (app: FastifyInstance, opts: MetricsOptions): Promi
         const observers = children.get(ctx.protocol)!
         try {
           const result = await next(ctx)
-          observers[0].observe((performance.now() - ctx.startedAt) / 1000)
+          const seconds = (performance.now() - ctx.startedAt) / 1000
+          // One call of several whose answer is bounded as a whole: counted once its face has
+          // decided, as the audit entry is (PAYLOAD_TOO_LARGE, a 4xx, where its result is left out).
+          if (ctx.answer === null) observers[0].observe(seconds)
+          else ctx.answer.hold(ctx.requestId, leftOut => { observers[answeredClass(leftOut)].observe(seconds) })
           return result
         } catch (err) {
           observers[classOf(err)].observe((performance.now() - ctx.startedAt) / 1000)

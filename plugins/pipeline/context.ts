@@ -27,7 +27,8 @@ export type CacheOutcome = 'hit' | 'miss' | 'stale'
  * The answer of a request that carries several calls, bounded as a whole (adapters/face.ts,
  * AnswerBudget): once a call has run, its face decides whether its result goes in the answer or
  * PAYLOAD_TOO_LARGE goes in its place. The audit stage holds the entry of such a call that
- * succeeded until then, so that the entry records what the client gets.
+ * succeeded until then, and the metrics stage its observation, so that both record what the
+ * client gets.
  */
 export interface AnswerHold {
   /**

@@ -38,7 +38,17 @@ t.test('a tRPC batch answers at most MAX_ANSWER_CHARS of query results, the rest
   const id = res.headers['x-request-id'] as string
   const recorded = await answeredAs(app, 'trpc')
   t.same(results.map((_, n) => recorded.get(`${id}.${n}`)), results.map(r => r.error === undefined ? ['ok', 200, undefined] : [r.error.data.code, r.error.data.httpStatus, true]), 'each entry as its call was answered')
+  // And its metrics: the calls left out were counted 2xx.
+  t.same(await countedAs(app, 'trpc', 'getBig'), { '2xx': FIT, '4xx': n - FIT }, 'each call counted once, as it was answered')
 })
+
+/** mantle_request_duration_seconds_count of `protocol`'s calls of `op`, by status class. */
+async function countedAs (app: Awaited<ReturnType<typeof bigApp>>['app'], protocol: string, op: string): Promise<Record<string, number>> {
+  const body = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  const counted: Record<string, number> = {}
+  for (const [, statusClass, count] of body.matchAll(new RegExp(`^mantle_request_duration_seconds_count\\{protocol="${protocol}",op="${op}",status_class="(\\w+)"\\} (\\d+)$`, 'gm'))) counted[statusClass] = Number(count)
+  return counted
+}
 
 /** The audit entries of `protocol`'s calls, by request id: [status, statusCode, metadata.leftOut]. */
 async function answeredAs (app: Awaited<ReturnType<typeof bigApp>>['app'], protocol: string): Promise<Map<string, unknown[]>> {
@@ -77,6 +87,9 @@ t.test('a GraphQL answer holds at most MAX_ANSWER_CHARS, as serialized: root fie
   t.same(calls(aliases, ['one']), [['PAYLOAD_TOO_LARGE', 413, true]], 'the field selected under 30 aliases')
   const mutated = Array.from({ length: FIT + 1 }, (_, i) => `m${i}`)
   t.same(calls(mutation, mutated), asSent(mutation, mutated), 'the mutation fields')
+  // And the metrics count each as the entries record it (the fields left out were 2xx).
+  t.same(await countedAs(app, 'graphql', 'getBig'), { '2xx': FIT, '4xx': n - FIT + 1 }, 'the query fields, counted')
+  t.same(await countedAs(app, 'graphql', 'makeBig'), { '2xx': FIT, '4xx': 1 }, 'the mutation fields, counted')
 })
 
 t.test('the GraphQL bound counts characters as JSON writes them, escapes included', async t => {

@@ -145,6 +145,10 @@ t.test('a batch\'s answer is bounded: query results past it are left out, a muta
   const id = res.headers['x-request-id'] as string
   const recorded = new Map((await entries(app)).filter(e => e.protocol === 'batch').map(e => [e.requestId, [e.status, e.statusCode, e.metadata.leftOut]]))
   t.same(calls.map((_, n) => recorded.get(`${id}.${n}`)), results.map(r => r.error === undefined ? ['ok', 200, undefined] : [r.error.code, r.error.status, true]), 'each entry as its call was answered')
+  // The metrics too: the results left out were counted 2xx.
+  const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  t.match(metrics, new RegExp(`^mantle_request_duration_seconds_count\\{protocol="batch",op="getBig",status_class="2xx"\\} ${kept}$`, 'm'), 'the query results kept, counted 2xx')
+  t.match(metrics, new RegExp(`^mantle_request_duration_seconds_count\\{protocol="batch",op="getBig",status_class="4xx"\\} ${12 - kept}$`, 'm'), 'the query results left out, counted 4xx')
 })
 
 t.test('a Kernel answer that breaks the output schema is a KERNEL_ERROR for that call only', async t => {
