@@ -7,7 +7,11 @@ import { etagOf, localKey, matchesIfNoneMatch, policyOf, sharedKey, tagKey, tagT
 
 /** How long an entry is kept past its swr window, to answer (marked stale) while the Kernel is down. */
 export const STALE_IF_ERROR_SECONDS = 300
-/** After a Redis failure the shared tier is left alone this long: calls use memory, not a timeout each. */
+/**
+ * After a Redis failure the shared tier is left alone this long: calls use memory, not a timeout
+ * each. Then one call tries Redis again (the others staying off it for another hold) until a
+ * command answers, as the rate limiter does (RateLimiter.check).
+ */
 const REDIS_HOLD_MS = 1000
 /** Invalidations that could not reach Redis, kept to be replayed when it is back. */
 const MAX_PENDING_TAGS = 10_000
@@ -87,6 +91,9 @@ export class ResponseCache {
   private readonly metrics: CacheMetrics
   private readonly now: () => number
   private redisHeldUntil = 0
+  /** A Redis command failed and none has answered since (nor has the connection been made anew). */
+  private redisOutage = false
+  /** A Redis command failed and neither a command nor the heartbeat's PING has answered since (/diagz). */
   private redisFailing = false
   /** Tag key -> the clock tick of its latest invalidation that Redis has not received. */
   private readonly pending = new Map<string, number>()
@@ -113,15 +120,28 @@ export class ResponseCache {
   }
 
   /**
-   * Redis answers again (reconnected, or the heartbeat's PING answered): the hold after a failed
-   * call ends and the tier is healthy now, not at the next cache call, which may be long in
-   * coming (/diagz said unhealthy until then).
+   * Redis answers again (reconnected, or the heartbeat's PING answered): the tier is healthy now,
+   * not at the next cache call, which may be long in coming (/diagz said unhealthy until then).
+   * A PING answer does not end the hold after a failed command, nor the outage: a Redis that
+   * stalls now and then answers some PINGs, and every call after each of them waited out the
+   * command timeout. The next command that answers ends it, or the connection made anew
+   * (redisReconnected).
    */
   redisAnswers (): void {
     if (!this.redisFailing) return
     this.redisFailing = false
-    this.redisHeldUntil = 0
     this.opts.log.debug({}, 'cache: Redis answers again')
+  }
+
+  /**
+   * Redis' connection is ready again (ioredis 'ready'): the hold ends and the next calls go to
+   * Redis (the commands a reset connection failed say nothing of the new one). Pending
+   * invalidations are replayed.
+   */
+  redisReconnected (): void {
+    this.redisHeldUntil = 0
+    this.redisRecovered()
+    this.replayPending().catch(noop)
   }
 
   /** The pipeline stage of a cached query, or of a mutation that invalidates tags; else null. */
@@ -192,7 +212,7 @@ export class ResponseCache {
       if (redis !== null) {
         try {
           const read = await redis.read(key.shared, tagKeys)
-          this.redisFailing = false
+          this.redisRecovered()
           versions = read.versions
           // While one of its tags waits to be replayed, Redis still holds the versions the entry
           // was stored under: it may predate the invalidation and is not used.
@@ -290,7 +310,7 @@ export class ResponseCache {
     if (redis !== null) {
       try {
         stored = await redis.write(key.shared, tagKeys, versions!, answer, this.now())
-        this.redisFailing = false
+        this.redisRecovered()
       } catch (err) {
         this.redisFailed('write', err)
       }
@@ -330,7 +350,7 @@ export class ResponseCache {
     if (redis !== null) {
       try {
         await redis.invalidate(keys, message)
-        this.redisFailing = false
+        this.redisRecovered()
         // Marked again once Redis has it: a read of this instance that reached Redis before the
         // increment (ioredis resends a script as EVAL after NOSCRIPT, and a read may pass between)
         // put the old entry in memory after the first mark, to be served as a hit for its ttl.
@@ -379,11 +399,16 @@ export class ResponseCache {
     const redis = this.opts.redis
     // Redis down: its connection's 'ready' replays.
     if (redis === null || this.pending.size === 0 || !redis.up()) return
+    // Held off (another call is trying Redis): the replay comes when the hold ends.
+    if (!this.redisOpen()) {
+      this.scheduleReplay()
+      return
+    }
     const replayed = [...this.pending]
     const keys = replayed.map(([k]) => k)
     try {
       await redis.tier.invalidate(keys, JSON.stringify({ from: this.opts.instanceId, keys }))
-      this.redisFailing = false
+      this.redisRecovered()
     } catch (err) {
       this.redisFailed('invalidate', err)
       this.scheduleReplay()
@@ -463,19 +488,43 @@ export class ResponseCache {
   private redisTier (operation: 'read' | 'write' | 'invalidate'): RedisTier | null {
     const redis = this.opts.redis
     if (redis === null) return null
-    if (!redis.up() || performance.now() < this.redisHeldUntil) {
+    if (!redis.up() || !this.redisOpen()) {
       this.metrics.fallback(operation)
       return null
     }
     return redis.tier
   }
 
+  /**
+   * Whether a call may go to Redis now (its connection up): not during the hold after a failed
+   * command. During an outage, one call at a time tries Redis again; the others stay off it until
+   * it answers (its success ends the outage, its failure holds again). A Redis that stalls with
+   * its connection open stays "up": after each hold, every call in flight waited out the command
+   * timeout (500 ms) there.
+   */
+  private redisOpen (): boolean {
+    const now = performance.now()
+    if (now < this.redisHeldUntil) return false
+    if (this.redisOutage) this.redisHeldUntil = now + REDIS_HOLD_MS
+    return true
+  }
+
   private redisFailed (operation: 'read' | 'write' | 'invalidate', err: unknown): void {
-    // Logged once per outage (any Redis call that succeeds ends it), counted every time.
-    if (!this.redisFailing) this.opts.log.warn({ err: (err as Error).message, operation }, 'cache: Redis failed, serving from memory')
+    // Logged once per outage (any Redis command that answers ends it), counted every time.
+    if (!this.redisOutage) this.opts.log.warn({ err: (err as Error).message, operation }, 'cache: Redis failed, serving from memory')
+    this.redisOutage = true
     this.redisFailing = true
     this.redisHeldUntil = performance.now() + REDIS_HOLD_MS
     this.metrics.fallback(operation)
+  }
+
+  /** A Redis command answered (or the connection is ready again): the outage, if any, is over. */
+  private redisRecovered (): void {
+    this.redisFailing = false
+    if (!this.redisOutage) return
+    this.redisOutage = false
+    this.redisHeldUntil = 0
+    this.opts.log.debug({}, 'cache: Redis answers again')
   }
 }
 

@@ -131,12 +131,13 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     })
     subscriber.on('message', (_channel: string, text: string) => c.received(text))
     subscriber.subscribe(INVALIDATE_CHANNEL).catch((err: Error) => app.log.warn({ err: err.message }, 'cache: cannot subscribe to invalidations'))
-    // Invalidations made while Redis was away reach it when it is back.
+    // /diagz: healthy again as soon as Redis answers (a PING too). Its connection ready again
+    // ends the hold after a failed command, and invalidations made while Redis was away reach it.
     shared.onAnswer(() => { c.redisAnswers() })
-    const replay = (): void => { c.replayPending().catch(() => {}) }
-    shared.client.on('ready', replay)
+    const reconnected = (): void => { c.redisReconnected() }
+    shared.client.on('ready', reconnected)
     app.addHook('onClose', async () => {
-      shared.client.off('ready', replay)
+      shared.client.off('ready', reconnected)
       subscriber.disconnect()
     })
   }

@@ -1,6 +1,7 @@
 // Invalidations that could not reach Redis while the cache held off it after a failed command
 // (the connection itself stayed 'ready', so its 'ready' event does not come again): they are
 // replayed when the hold ends, and until then no Redis read brings back an entry they dropped.
+// And the hold itself, over a Redis that stalls with its connection open.
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { buildTestApp, bearer } from '../../helper.js'
@@ -21,8 +22,8 @@ function oldEntry (): CachedAnswer {
   return { value: { n: 1 }, json, status: 200, etag: etagOf(json), freshUntil: Date.now() + 60_000, staleUntil: Date.now() + 60_000, keepUntil: Date.now() + 60_000, policy: policyOf(op, op.cache!) }
 }
 
-/** A cache over `tier`, and a read of item a of tenant t through its stage (the Kernel answers n 101, 102, ...). */
-function cacheOver (t: { teardown: (fn: () => unknown) => void }, tier: RedisTier): { cache: ResponseCache, read: () => Promise<{ value: unknown, cache: string | null }> } {
+/** A cache over `tier`, and a read of item `id` (a) of tenant t through its stage (the Kernel answers n 101, 102, ...). */
+function cacheOver (t: { teardown: (fn: () => unknown) => void }, tier: RedisTier): { cache: ResponseCache, read: (id?: string) => Promise<{ value: unknown, cache: string | null }> } {
   const cache = new ResponseCache({
     redis: { tier, up: () => true },
     maxSize: 100,
@@ -36,8 +37,8 @@ function cacheOver (t: { teardown: (fn: () => unknown) => void }, tier: RedisTie
   t.teardown(() => cache.close())
   const stage = cache.stage(op)!
   let kernelCalls = 0
-  const read = async (): Promise<{ value: unknown, cache: string | null }> => {
-    const ctx = new CallContext('r', 'rest', op, { id: 'a' }, undefined, undefined, undefined)
+  const read = async (id = 'a'): Promise<{ value: unknown, cache: string | null }> => {
+    const ctx = new CallContext('r', 'rest', op, { id }, undefined, undefined, undefined)
     ctx.tenant = 't'
     const value = await stage(ctx, async () => ({ n: 100 + ++kernelCalls }))
     return { value, cache: ctx.cache }
@@ -139,4 +140,64 @@ t.test('a read that reaches Redis before an invalidation does cannot keep the ol
   land()
   await invalidated
   t.same(await read(), { value: { n: 101 }, cache: 'miss' }, 'once Redis has it, the old entry is gone from memory too')
+})
+
+// A Redis that stalls with its connection open (a command fails after its timeout, the connection
+// stays 'ready', and the heartbeat may still get some PINGs answered): after the hold that follows
+// a failed command, every call let through waited out the timeout there, and a PING answered
+// ended the hold at once. Now, as the rate limiter does, one call at a time tries Redis until
+// one answers; the others use memory and the Kernel.
+t.test('a Redis that stalls: after the hold one call at a time tries it, and a PING answered does not end the hold', async t => {
+  const TIMEOUT = 300
+  let stalled = true
+  let commands = 0
+  const command = async <T>(value: T): Promise<T> => {
+    commands++
+    if (!stalled) return value
+    await new Promise(resolve => setTimeout(resolve, TIMEOUT))
+    throw new Error('Command timed out')
+  }
+  const tier = {
+    read: async () => await command({ answer: null, versions: '0' }),
+    write: async () => await command(true),
+    invalidate: async () => { await command(undefined) }
+  } as unknown as RedisTier
+  const { cache, read } = cacheOver(t, tier)
+  let next = 0
+  /** 20 misses at once (keys never read before): the Redis commands they sent, and how many waited out the timeout. */
+  const wave = async (): Promise<{ commands: number, waited: number }> => {
+    const before = commands
+    const waited = await Promise.all(Array.from({ length: 20 }, async () => {
+      const began = performance.now()
+      await read('k' + ++next)
+      return performance.now() - began >= TIMEOUT - 50
+    }))
+    return { commands: commands - before, waited: waited.filter(Boolean).length }
+  }
+  const sleep = async (ms: number): Promise<void> => { await new Promise(resolve => setTimeout(resolve, ms)) }
+
+  t.same(await wave(), { commands: 20, waited: 20 }, 'the stall is not known yet: every call waits')
+  // The hold runs a second from the last failure (the end of a wave that waited).
+  let held = performance.now()
+  cache.redisAnswers()
+  t.equal(cache.redisHealthy, true, 'a PING answered: /diagz says Redis answers')
+  t.same(await wave(), { commands: 0, waited: 0 }, 'but the hold goes on: no call goes to Redis')
+
+  await sleep(1100 - (performance.now() - held))
+  t.same(await wave(), { commands: 1, waited: 1 }, 'the hold is over: one call tries Redis, the others do not wait')
+  held = performance.now()
+  t.equal(cache.redisHealthy, false, 'it failed')
+  cache.redisAnswers()
+  t.same(await wave(), { commands: 0, waited: 0 }, 'its failure holds again, a PING answered or not')
+
+  stalled = false
+  await sleep(1100 - (performance.now() - held))
+  t.same(await wave(), { commands: 2, waited: 0 }, 'the hold is over: one call tries Redis, which answers (its read, then its write)')
+  t.same(await wave(), { commands: 40, waited: 0 }, 'the outage is over: every call reads and writes Redis')
+
+  stalled = true
+  t.same(await wave(), { commands: 20, waited: 20 }, 'Redis stalls again')
+  stalled = false
+  cache.redisReconnected()
+  t.same(await wave(), { commands: 40, waited: 0 }, 'its connection made anew ends the hold at once')
 })
