@@ -217,11 +217,13 @@ export class AuditWriter {
   private tick (): void {
     if (this.flushing !== null) return
     const spool = this.opts.spool
-    const spooled = spool !== null && this.spooling(spool)
-    if (this.queue.length === 0 && !spooled) return
-    // A flush begins at most once an interval, unless a full batch waits (or the spool, or close).
+    if (this.queue.length === 0 && (spool === null || !this.spooling(spool))) return
+    // A flush begins at most once an interval, unless a full batch waits (or close); also while
+    // the spool holds batches. Started at every tick then, two chains of ticks (the interval's,
+    // and the one after each flush) made two flushes an interval while the store was away or the
+    // spool was replayed: a line appended and fsynced each, of a few entries every other time.
     const now = Date.now()
-    if (!spooled && !this.due(now)) {
+    if (!this.due(now)) {
       this.tickAt(this.began + this.intervalMs - now)
       return
     }

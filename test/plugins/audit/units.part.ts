@@ -711,6 +711,34 @@ t.test('writer: after a write longer than the interval, batches still begin an i
   await writer.close()
 })
 
+t.test('writer: while the store is away, one append to the spool an interval, not two', async t => {
+  // While the spool held anything, every tick began a flush: once a full batch had begun one
+  // between two of the interval's ticks, those and the one each flush set for the next made two
+  // flushes an interval, an fsynced line each (of ~45 entries and ~5).
+  const store = flakyStore()
+  store.down = true
+  const spool = await Spool.open(spoolDir(t))
+  const appends: Array<{ n: number, at: number }> = []
+  const writer = new AuditWriter({ store, spool, batchSize: 100, queueMax: 10_000, intervalMs: 50, log: quiet, hooks: { spooled: n => appends.push({ n, at: Date.now() }) } })
+  await new Promise(resolve => setTimeout(resolve, 25))
+  const first = Date.now()
+  for (let i = 0; i < 100; i++) writer.enqueue(entry())
+  let n = 100
+  while (Date.now() - first < 1000) {
+    writer.enqueue(entry())
+    n++
+    await new Promise(resolve => setTimeout(resolve, 1))
+  }
+  const last = Date.now()
+  await until(() => writer.depth === 0, 'every entry spooled')
+  const during = appends.filter(a => a.at <= last)
+  const intervals = Math.ceil((last - first) / 50)
+  t.ok(during.length <= intervals + 2, `${during.length} appends in ${intervals} intervals (${during.map(a => a.n).join(',')})`)
+  await writer.close()
+  t.equal(appends.reduce((sum, a) => sum + a.n, 0), n, 'every entry spooled once')
+  await spool.close()
+})
+
 // With BFF_AUDIT_BATCH_SIZE up to 10,000, the spool line of one batch is several MB, and a crash
 // mid-append can leave a torn last line longer than the 1 MiB window the spool reads at a time.
 // Opening the spool must still find the last newline and cut the torn line, or the next batch
