@@ -196,16 +196,20 @@ export class Spool {
   }
 
   /**
-   * Hands each batch not yet replayed to `commit`, in order. When every batch is committed the
-   * replayed part is cut from the file (what was appended meanwhile stays); when `commit` throws,
-   * the rest stays for the next drain. Returns the entries replayed.
+   * Hands the batches not yet replayed to `commit`, in order: consecutive ones joined while they
+   * hold at most `join` entries together (a batch of more stays alone), so that a spool of many
+   * small batches (a flush every 50 ms while the store was away) is replayed in few transactions;
+   * by default each alone. A batch is cut only once the commit it was part of resolved: when every
+   * batch is committed the replayed part is cut from the file (what was appended meanwhile stays);
+   * when `commit` throws, its batches and the rest stay for the next drain. Returns the entries
+   * replayed.
    *
    * The file is read a window at a time, never whole: a spool grows for as long as the store is
    * away, and one read of a spool over 2 GiB aborted the process (a native assertion in Node's
    * fs), at every replay and again after every restart. A line longer than any batch can make
    * (`limits.line`) is skipped as corrupt without being held in memory.
    */
-  async drain (commit: (batch: AuditEntry[]) => Promise<void>): Promise<number> {
+  async drain (commit: (batch: AuditEntry[]) => Promise<void>, join = 1): Promise<number> {
     const start = this.done
     const end = this.bytes
     const fh = this.fh
@@ -218,6 +222,17 @@ export class Spool {
     let held: Buffer[] = []
     let heldBytes = 0
     let skipping = false
+    // Batches read and not yet committed, joined; `mark`: the end of the last line read, where
+    // `done` goes once they are committed (corrupt lines among them are passed over with them).
+    let pending: AuditEntry[] = []
+    let mark = start
+    const flush = async (): Promise<void> => {
+      const batch = pending
+      pending = []
+      await commit(batch)
+      replayed += batch.length
+      this.done = mark
+    }
     for (let at = start; at < end;) {
       const { bytesRead, buffer } = await fh.read(Buffer.allocUnsafe(Math.min(window, end - at)), 0, Math.min(window, end - at), at)
       if (bytesRead === 0) break
@@ -232,14 +247,18 @@ export class Spool {
           const batch = parse((heldBytes === 0 ? piece : Buffer.concat([...held, piece])).toString('utf8'))
           if (batch === null) this.corrupt++
           else {
-            await commit(batch.entries)
-            replayed += batch.entries.length
+            const entries = batch.entries
+            if (pending.length > 0 && pending.length + entries.length > join) await flush()
+            if (pending.length === 0) pending = entries
+            else for (const e of entries) pending.push(e)
           }
         }
         held = []
         heldBytes = 0
         pos = nl + 1
-        this.done = base + pos
+        mark = base + pos
+        if (pending.length === 0) this.done = mark
+        else if (pending.length >= join) await flush()
       }
       if (skipping || pos === data.length) continue
       if (heldBytes + data.length - pos > maxLine) {
@@ -252,6 +271,7 @@ export class Spool {
         heldBytes += data.length - pos
       }
     }
+    if (pending.length > 0) await flush()
     await this.serial(async () => { await this.compact() })
     return replayed
   }

@@ -285,11 +285,16 @@ export class AuditWriter {
     // spool), nor those quarantined from a line the store refused for its data.
     let n = 0
     try {
-      await spool.drain(async line => {
-        // A replay `close` gave up on stops between lines: the rest stays in the spool, the
+      // Consecutive lines joined up to a batch, a transaction each: a line is what one flush
+      // found (a few dozen entries every 50 ms while the store was away), and replayed a
+      // transaction each, a spool took ten times the transactions live traffic does, while that
+      // traffic went on to the spool until it was empty. Isolation keeps the joined lines whole
+      // as it kept one: none is cut until all of them are stored or quarantined.
+      await spool.drain(async joined => {
+        // A replay `close` gave up on stops between batches: the rest stays in the spool, the
         // queue behind it, in order.
         if (this.abandoned) throw new Abandoned('the writer closed during the replay')
-        const batch = this.kept(line)
+        const batch = this.kept(joined)
         try {
           n += await this.opts.store.write(batch)
         } catch (err) {
@@ -298,7 +303,7 @@ export class AuditWriter {
           n += isolated.stored
           if (isolated.error !== null) throw isolated.error
         }
-      })
+      }, this.opts.batchSize)
       this.setAside.clear()
       if (n > 0) this.opts.log.info(`audit spool replayed: ${n} entries`)
       this.opts.hooks?.replayed?.(n)

@@ -608,7 +608,8 @@ t.test('writer: close waits for a store that hangs only closeTimeoutMs, then spo
 t.test('writer: close does not wait for a long replay of the spool; its rest stays spooled, the queue after it', async t => {
   const store = flakyStore()
   const write = store.write.bind(store)
-  store.write = async (batch: AuditEntry[]) => { await new Promise(resolve => setTimeout(resolve, 5)); return await write(batch) }
+  // 25 ms a write: the replay joins the 200 lines into 20 batches, 500 ms in all.
+  store.write = async (batch: AuditEntry[]) => { await new Promise(resolve => setTimeout(resolve, 25)); return await write(batch) }
   const dir = spoolDir(t)
   const spool = await Spool.open(dir)
   const spooled = Array.from({ length: 200 }, () => entry())
@@ -737,6 +738,42 @@ t.test('writer: while the store is away, one append to the spool an interval, no
   await writer.close()
   t.equal(appends.reduce((sum, a) => sum + a.n, 0), n, 'every entry spooled once')
   await spool.close()
+})
+
+t.test('writer: a spool of many small lines is replayed in batches of up to batchSize, in order, cut once stored', async t => {
+  // Each line was a transaction of its own: after an outage, ~25 entries each where 500 fit.
+  const dir = spoolDir(t)
+  const before = await Spool.open(dir)
+  const all = Array.from({ length: 300 }, () => entry())
+  for (let i = 0; i < all.length; i += 7) await before.append(all.slice(i, i + 7))
+  await before.close()
+  const store = flakyStore()
+  const sizes: number[] = []
+  const write = store.write.bind(store)
+  store.write = async batch => { sizes.push(batch.length); return await write(batch) }
+  const spool = await Spool.open(dir)
+  let replayed = 0
+  const writer = new AuditWriter({ store, spool, batchSize: 100, queueMax: 10_000, intervalMs: 5, log: quiet, hooks: { replayed: n => { replayed += n } } })
+  writer.enqueue(entry())
+  await until(() => spool.size === 0 && store.stored.length === 301, 'the spool replayed and the live entry stored')
+  t.same(sizes.slice(0, -1), [98, 98, 98, 6], 'whole lines joined up to a batch, a write each')
+  t.same(store.stored.slice(0, 300).map(e => e.id), all.map(e => e.id), 'in order')
+  t.equal(replayed, 300)
+  await writer.close()
+  await spool.close()
+
+  // A write that fails midway keeps the batches it held, and the rest, for the next drain.
+  const again = await Spool.open(dir)
+  const some = Array.from({ length: 30 }, () => entry())
+  for (let i = 0; i < some.length; i += 5) await again.append(some.slice(i, i + 5))
+  const seen: number[] = []
+  await t.rejects(again.drain(async batch => { seen.push(batch.length); if (seen.length === 2) throw new Error('down') }, 12), /down/)
+  t.same(seen, [10, 10], 'two lines of 5 a commit')
+  const rest: AuditEntry[] = []
+  t.equal(await again.drain(async batch => { rest.push(...batch) }, 12), 20)
+  t.same(rest.map(e => e.id), some.slice(10).map(e => e.id), 'the failed commit\'s lines and the rest, once each')
+  t.equal(again.size, 0)
+  await again.close()
 })
 
 // With BFF_AUDIT_BATCH_SIZE up to 10,000, the spool line of one batch is several MB, and a crash
