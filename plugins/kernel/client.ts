@@ -42,7 +42,7 @@ export interface KernelMetrics {
   forOperation: (op: string) => { call: Record<Outcome, (seconds: number) => void>, retry: () => void }
 
   budgetExhausted: () => void
-  rejected: (reason: 'breaker_open' | 'bulkhead_full' | 'queue_timeout') => void
+  rejected: (reason: 'breaker_open' | 'bulkhead_full' | 'queue_timeout' | 'queue_shed') => void
   connected: () => void
 }
 
@@ -134,6 +134,7 @@ export class KernelClient {
     // A mutation the Kernel serves over GET changes state all the same: no retry without a key.
     const idempotentMethod = method === 'GET' && op.type === 'query'
     const metrics = this.metrics.forOperation(op.name)
+    const need = new Need()
     const client = this
 
     return function callKernel (ctx: CallContext) {
@@ -191,11 +192,11 @@ export class KernelClient {
       }
       if (body !== undefined) headers['content-type'] = 'application/json'
       if (ctx.idempotencyKey != null) headers['idempotency-key'] = ctx.idempotencyKey
-      return client.execute(ctx, op, metrics, method, path, headers, body, idempotentMethod || ctx.idempotencyKey != null)
+      return client.execute(ctx, op, metrics, need, method, path, headers, body, idempotentMethod || ctx.idempotencyKey != null)
     }
   }
 
-  async execute (ctx: CallContext, op: Operation, metrics: ReturnType<KernelMetrics['forOperation']>, method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, idempotent: boolean): Promise<unknown> {
+  async execute (ctx: CallContext, op: Operation, metrics: ReturnType<KernelMetrics['forOperation']>, need: Need, method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, idempotent: boolean): Promise<unknown> {
     const caller = ctx.caller
     // A caller already gone takes no slot (a call of a batch whose client left while the calls
     // before it ran, say).
@@ -231,7 +232,7 @@ export class KernelClient {
         const started = performance.now()
         let result: Attempt
         try {
-          result = await this.attempt(method, path, headers, body, remaining, leave, op.type === 'mutation')
+          result = await this.attempt(method, path, headers, body, remaining, need, leave, op.type === 'mutation')
         } catch (err) {
           // undici refused to send what the gateway built (a header value it cannot carry): the
           // gateway's fault, not the Kernel's. Neither retried nor a breaker failure; before, it
@@ -252,6 +253,13 @@ export class KernelClient {
           this.breaker?.release(permit)
           this.metrics.rejected('queue_timeout')
           throw failure(timedOut, op)
+        }
+        if (result === shed) {
+          // Handed a connection with less time left than the Kernel needs: the gateway sheds load
+          // (the queue for a connection is too long), as a full bulkhead does. No breaker failure.
+          this.breaker?.release(permit)
+          this.metrics.rejected('queue_shed')
+          throw new MantleError('KERNEL_UNAVAILABLE', 'Too many calls are waiting for the Kernel: this one could not be answered in time', { headers: { 'retry-after': '1' } })
         }
         metrics.call[result.outcome]((performance.now() - started) / 1000)
         // The Kernel answered: it is up, whatever it said. A redirect, or a 2xx body that is not
@@ -291,7 +299,7 @@ export class KernelClient {
     }
   }
 
-  private async attempt (method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, remaining: number, leave: Leave | null, mutation: boolean): Promise<Attempt> {
+  private async attempt (method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, remaining: number, need: Need, leave: Leave | null, mutation: boolean): Promise<Attempt> {
     // One precise timer bounds headers and body together by the op's deadline. undici's own
     // headersTimeout/bodyTimeout run on its coarse timer wheel (a 150 ms timeout fired after
     // more than 600 ms here), too loose for short per-op timeouts.
@@ -299,19 +307,29 @@ export class KernelClient {
     // The caller leaving ends the attempt as its deadline would: out of the connection queue, and
     // a query's request aborted (its connection closed, so the Kernel sees it too).
     if (leave !== null) leave.cancel = deadline
+    let sentAt = deadline.start
     if (this.free > 0) this.free--
     else if (!await this.connection(deadline)) {
       deadline.clear()
       if (leave !== null) leave.cancel = null
       return deadline.cancelled ? leftQueued : queuedOut
-    } else if (remaining - (performance.now() - deadline.start) < MIN_SEND_MS) {
-      // Handed a connection with its time (nearly) gone: calls of a burst share about one
-      // deadline, and the holder that timed out hands its connection on before the next one's
-      // timer fires. Sent, that call was aborted while undici reconnected: a Kernel timeout.
-      deadline.clear()
-      if (leave !== null) leave.cancel = null
-      this.releaseConnection()
-      return queuedOut
+    } else {
+      sentAt = performance.now()
+      const left = remaining - (sentAt - deadline.start)
+      if (left < MIN_SEND_MS || left < need.ms) {
+        // Handed a connection with its time (nearly) gone: calls of a burst share about one
+        // deadline, and the holder that timed out hands its connection on before the next one's
+        // timer fires. Sent, that call was aborted while undici reconnected: a Kernel timeout.
+        // Or with less time left than the Kernel needs: past capacity the queue grew until its
+        // head had waited nearly its whole timeout, and every call went out to time out (the
+        // Kernel did the work, its answer was thrown away, its connection closed, the breaker
+        // opened on a healthy Kernel). Given up unsent, it hands its connection on at once to a
+        // call that can still be answered.
+        deadline.clear()
+        if (leave !== null) leave.cancel = null
+        this.releaseConnection()
+        return left < MIN_SEND_MS ? queuedOut : shed
+      }
     }
     try {
       if (deadline.cancelled) return leftQueued
@@ -341,6 +359,8 @@ export class KernelClient {
       const status = res.statusCode
       if (status >= 200 && status < 300) {
         const value = await readJson(res, this.maxBytes)
+        // Read only for calls waiting for a connection: learnt only while some do.
+        if (this.waiting > 0 && value !== INVALID) need.observe(performance.now() - sentAt)
         return value === INVALID
           ? { outcome: 'bad_answer', status: 502, value: undefined, message: `The Kernel answered with a body that is not JSON or is over ${this.maxBytes} bytes` }
           : { outcome: 'ok', status, value, message: undefined }
@@ -491,6 +511,35 @@ const connectTimedOut: Attempt = { outcome: 'timeout', status: 504, value: undef
 const queuedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined, unsent: true }
 /** Less time left than this once handed a connection: the call gives up unsent (a queue timeout). */
 const MIN_SEND_MS = 10
+/** Less time left than its operation's Kernel needs (Need) once handed a connection: refused unsent, load shed. */
+const shed: Attempt = { outcome: 'unavailable', status: 503, value: undefined, message: undefined, unsent: true }
+
+/**
+ * What an operation's Kernel calls currently need once sent, in ms (0 until known): the mean of
+ * recent successful attempts plus twice their mean deviation (RFC 6298's estimator, gains 1/8 and
+ * 1/4; its 4 deviations, and a first deviation of half the first sample, are for a retransmission
+ * timer, where a false timeout costs more: here a call refused that could have been answered).
+ * A call handed a connection with less time left is not sent. Learnt from the attempts answered
+ * while calls wait for a connection, which is when it is read: nothing for a call while none
+ * waits, and never stuck on an old figure, as the attempts sent at once count too.
+ */
+export class Need {
+  ms = 0
+  private mean = -1
+  private deviation = 0
+
+  observe (ms: number): void {
+    if (this.mean < 0) {
+      this.mean = ms
+    } else {
+      const d = ms - this.mean
+      this.deviation += (Math.abs(d) - this.deviation) / 4
+      this.mean += d / 8
+    }
+    this.ms = this.mean + 2 * this.deviation
+  }
+}
+
 /** An attempt cancelled because its caller left: waiting for a connection (never sent), or sent and aborted. */
 const leftQueued: Attempt = { outcome: 'client_closed', status: 499, value: undefined, message: undefined, unsent: true }
 const leftSent: Attempt = { outcome: 'client_closed', status: 499, value: undefined, message: undefined }

@@ -41,7 +41,7 @@ function kernelMetrics (app: FastifyInstance, origin: string, client: () => Kern
   const duration = new CallHistogram({ name: 'mantle_kernel_request_duration_seconds', help: 'Duration of each attempt towards the Kernel, by operation and outcome', labelNames: ['op', 'outcome'] as const, buckets: LATENCY_BUCKETS, registers })
   const retries = new Counter({ name: 'mantle_kernel_retries_total', help: 'Retries of idempotent Kernel calls', labelNames: ['op'] as const, registers })
   const exhausted = new Counter({ name: 'mantle_kernel_retry_budget_exhausted_total', help: 'Retries refused because the retry budget was spent', registers })
-  const rejected = new Counter({ name: 'mantle_kernel_rejected_total', help: 'Calls failed without reaching the Kernel: breaker open, bulkhead full, or their time ran out waiting for a connection (queue_timeout)', labelNames: ['reason'] as const, registers })
+  const rejected = new Counter({ name: 'mantle_kernel_rejected_total', help: 'Calls failed without reaching the Kernel: breaker open, bulkhead full, their time ran out waiting for a connection (queue_timeout), or they were handed one with less time left than the Kernel needs (queue_shed)', labelNames: ['reason'] as const, registers })
   // Read when Prometheus scrapes, as of then (an open breaker past its reset time is half-open).
   const breaker = new Gauge({
     name: 'mantle_kernel_breaker_state',

@@ -785,21 +785,69 @@ t.test('a Kernel host that drops connection attempts opens the breaker, whatever
   t.equal((await app.inject({ url: '/readyz' })).statusCode, 503, 'not ready')
 })
 
-t.test('calls of a burst handed a connection as their time runs out are queue timeouts, not Kernel timeouts', async t => {
-  // Answers in 400 ms against a 1000 ms deadline: two answered, the third sent with 200 ms left
-  // (a margin a busy machine's timers keep; at 100 against 250 ms, a loaded run failed it).
+t.test('calls of a burst handed a connection as their time runs out are refused unsent, not Kernel timeouts', async t => {
+  // Answers in 400 ms against a 1000 ms deadline: two answered; the third, handed the connection
+  // with 200 ms left, less than the 400 ms the Kernel needs, is refused unsent (it went out and
+  // timed out), and so are the last three (a margin a busy machine's timers keep; at 100 against
+  // 250 ms, a loaded run failed it).
   const kernel = await startTestKernel(t, { 'GET /v1/items/b1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'b1' }), 400) } })
   const manifest = testManifest({
     getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 1000 }
   }, { retries: 0, connections: 1, maxInFlight: 100, circuitBreaker: { threshold: 3, resetTimeoutMs: 60_000 } })
   const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
   const res = await Promise.all(Array.from({ length: 6 }, async () => await app.inject({ url: '/api/v1/items/b1', headers: bearer() })))
-  t.same(res.map(r => r.statusCode), [200, 200, 504, 504, 504, 504])
-  t.equal(hits(kernel, '/v1/items/b1'), 3, 'the third went out with 200 ms left; the last three never did')
-  t.equal(app.kernel.breakerState(), 'closed', 'one Kernel timeout, not four')
+  t.same(res.map(r => r.statusCode), [200, 200, 503, 503, 503, 503])
+  t.same(res.slice(2).map(r => [r.json().code, r.headers['retry-after']]), Array(4).fill(['KERNEL_UNAVAILABLE', '1']), 'load shed, as by a full bulkhead')
+  t.equal(hits(kernel, '/v1/items/b1'), 2, 'the last four never went out')
+  t.equal(app.kernel.breakerState(), 'closed', 'no Kernel timeout')
   const metrics = (await app.inject({ url: '/metrics' })).body.split('\n')
-  t.same(metrics.filter(l => /^mantle_kernel_(rejected_total\{reason="queue_timeout"\}|request_duration_seconds_count\{op="getItem",outcome="timeout"\}) /.test(l)).sort(),
-    ['mantle_kernel_rejected_total{reason="queue_timeout"} 3', 'mantle_kernel_request_duration_seconds_count{op="getItem",outcome="timeout"} 1'])
+  t.same(metrics.filter(l => /^mantle_kernel_(rejected_total\{reason="queue_(timeout|shed)"\}|request_duration_seconds_count\{op="getItem",outcome="timeout"\}) /.test(l)).sort(),
+    ['mantle_kernel_rejected_total{reason="queue_shed"} 4'])
+})
+
+// Congestion collapse (found by a review): past capacity, the queue for a connection grew until
+// its head had waited nearly its whole timeout; from then on every call went out with less time
+// left than the Kernel needs and timed out (sent: the Kernel did the work, its answer was thrown
+// away, its connection closed), the breaker opened on a healthy Kernel, and no call was answered.
+t.test('past capacity, a call handed a connection with less time left than the Kernel needs is refused unsent: answers keep coming, the breaker stays closed', async t => {
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  // 100 ms a call on 2 connections: 20 calls a second; 40 a second are sent for 2.5 s.
+  const kernel = await startTestKernel(t, { 'GET /v1/items/q1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'q1' }), 100) } })
+  const rejected: Record<string, number> = {}
+  const nothing = (): void => {}
+  const calls = { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing, client_closed: nothing }
+  const metrics = { forOperation: () => ({ call: calls, retry: nothing }), budgetExhausted: nothing, rejected: (reason: string) => { rejected[reason] = (rejected[reason] ?? 0) + 1 }, connected: nothing }
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 }, metrics })
+  t.teardown(() => client.close())
+  const op = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 500 }
+  }).byName.get('getItem')!
+  const run = client.forOperation(op)
+  // Outcomes of the calls made once the queue has filled (its head waits 400 ms after 0.4 s).
+  const late: Record<string, number> = {}
+  const refusals: Array<Record<string, string> | undefined> = []
+  const pending: Array<Promise<void>> = []
+  const start = performance.now()
+  let made = 0
+  while (performance.now() - start < 2500) {
+    for (const due = Math.floor((performance.now() - start) / 25); made < due; made++) {
+      const after = performance.now() - start > 1000
+      const count = (key: string): void => { if (after) late[key] = (late[key] ?? 0) + 1 }
+      pending.push(run(new CallContext(`r${made}`, 'rest', op, { id: 'q1' }, undefined, undefined, undefined)).then(() => { count('ok') }, (err: { code: string, headers?: Record<string, string> }) => {
+        count(err.code)
+        if (err.code === 'KERNEL_UNAVAILABLE') refusals.push(err.headers)
+      }))
+    }
+    await sleep(5)
+  }
+  await Promise.all(pending)
+  t.ok((late.ok ?? 0) >= 10, `calls made after the queue filled are still answered (${JSON.stringify(late)})`)
+  t.equal(client.breaker!.state, 'closed', 'the breaker never opened: the Kernel was healthy')
+  t.equal(rejected.breaker_open, undefined, 'no call was refused for an open breaker')
+  t.ok((rejected.queue_shed ?? 0) > 0, `the calls that could not finish were refused unsent (${JSON.stringify(rejected)})`)
+  t.equal(refusals.length, rejected.queue_shed, 'as KERNEL_UNAVAILABLE')
+  t.ok(refusals.every(h => h?.['retry-after'] === '1'), 'with Retry-After, as a full bulkhead')
 })
 
 t.test('an empty path parameter is 400, never another Kernel route', async t => {
