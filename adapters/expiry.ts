@@ -19,5 +19,11 @@ export function atExpiry (expiresAt: number, fn: () => void): () => void {
     timer.unref()
   }
   arm()
-  return () => clearTimeout(timer)
+  // Ref'd before it is cleared: Node frees the list of timers of a delay when its last timer is
+  // cleared only for a ref'd timer (it keeps an unref'd one's for the next, as http's come back).
+  // Each connection's delay is its own (its token's time left, in ms), so each closed connection
+  // left a list (150-260 bytes) until its token would have expired: a client reconnecting in a
+  // loop with a 24 h token grew the heap without bound. ref() then clearTimeout() leaves the
+  // process's ref count as it was.
+  return () => { timer.ref(); clearTimeout(timer) }
 }
