@@ -56,19 +56,36 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   let warned = false
   /** PINGs missed in a row on the connection now ready (the heartbeat below). */
   let missed = 0
+  // A Redis that refuses the connection's AUTH or SELECT (a database past its `databases`, a
+  // password it does not take): ioredis reports it as an `error` during the handshake, and then,
+  // for SELECT, goes `ready` all the same, on database 0: every store ran in another database,
+  // maybe another app's or environment's, while /readyz said up. `refused` is the refusal of the
+  // connection now made (cleared as each connection starts); such a connection is never up.
+  let refused: Error | null = null
+  let refusalLogged = false
+  client.on('connect', () => { refused = null })
   client.on('error', (err: Error) => {
+    if (client.status === 'connect' && refusal(err)) {
+      refused = err
+      if (!refusalLogged) app.log.error({ err: err.message }, `${refusalOf(err)}; stores fall back to memory until it takes it`)
+      refusalLogged = true
+      warned = true
+      return
+    }
     if (!warned) app.log.warn({ err: err.message }, 'Redis connection error: stores fall back to memory until it is back')
     warned = true
   })
   const answering: Array<() => void> = []
   const answered = (): void => { for (const listener of answering) listener() }
   client.on('ready', () => {
+    if (refused !== null) return
     if (warned) app.log.info('Redis is back')
     warned = false
+    refusalLogged = false
     missed = 0
     answered()
   })
-  const up = (): boolean => client.status === 'ready'
+  const up = (): boolean => client.status === 'ready' && refused === null
 
   // A Redis that stops answering with its connection open (hung, or a partition that leaves the
   // TCP connection up) stayed "ready": every keyed mutation waited out the command timeout, and
@@ -79,6 +96,11 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   // could have been taken for a later command's).
   let beating = false
   const heartbeat = setInterval(() => {
+    // A connection Redis refused is made anew each beat, until Redis takes it (ready on database 0, it is not used).
+    if (client.status === 'ready' && refused !== null) {
+      client.disconnect(true)
+      return
+    }
     if (beating || client.status !== 'ready') return
     beating = true
     client.ping().then(() => {
@@ -101,8 +123,14 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
 
   // A Redis down at start-up leaves the gateway up and degraded; ioredis keeps reconnecting.
   await client.connect().catch((err: Error) => {
-    app.log.warn({ err: err.message }, 'Redis is unreachable at start-up: running on memory stores until it is back')
+    if (refused === null) app.log.warn({ err: err.message }, 'Redis is unreachable at start-up: running on memory stores until it is back')
   })
+  // A misconfiguration, unlike a Redis that is away: start-up stops, naming REDIS_URL.
+  if (refused !== null) {
+    clearInterval(heartbeat)
+    client.disconnect()
+    throw new Error(`Refusing to start: ${refusalOf(refused)}`)
+  }
 
   // quit() waits for the server: a client still retrying a Redis that is away must disconnect.
   app.addHook('onClose', async () => {
@@ -110,6 +138,24 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
     if (client.status === 'ready') await client.quit().catch(() => client.disconnect())
     else client.disconnect()
   })
+}
+
+/**
+ * Whether an error is Redis refusing what REDIS_URL asks of it (AUTH or HELLO's credentials, the
+ * SELECT of its database, or a command refused for want of them), not a network error or a
+ * passing one (too many clients).
+ */
+function refusal (err: Error): boolean {
+  if (err.name !== 'ReplyError' || /max number of clients/i.test(err.message)) return false
+  const command = (err as Error & { command?: { name?: string } }).command?.name
+  return command === 'auth' || command === 'hello' || command === 'select' || /^(NOAUTH|WRONGPASS|NOPERM)\b/.test(err.message)
+}
+
+/** How a refusal is told: what Redis refused of REDIS_URL, in its words (never the password). */
+function refusalOf (err: Error): string {
+  const command = (err as Error & { command?: { name?: string, args?: unknown[] } }).command
+  const what = command?.name === 'select' ? `the database ${String(command.args?.[0])} of REDIS_URL (Redis has fewer databases, 16 by default: see its \`databases\` setting)` : 'the credentials of REDIS_URL'
+  return `Redis refused ${what}: ${err.message}`
 }
 
 export default fp(redisPlugin, { name: 'mantle-redis', fastify: '5.x' })

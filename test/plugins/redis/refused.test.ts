@@ -1,0 +1,75 @@
+// A Redis that refuses REDIS_URL's database (SELECT past its `databases`) or credentials: ioredis
+// reported it as an error, then went ready on database 0 all the same, and every store ran there
+// (maybe another app's data) while /readyz, /diagz and mantle_redis_up said up.
+import t from 'tap'
+import { createServer, connect, type Socket } from 'node:net'
+import { buildDemoApp, bearer, until } from '../../helper.js'
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
+const target = new URL(REDIS_URL)
+
+/** Lines of the gateway's log, parsed. */
+function logLines (): { lines: Array<{ level: number, msg: string }>, logStream: { write: (line: string) => void } } {
+  const lines: Array<{ level: number, msg: string }> = []
+  return { lines, logStream: { write: line => { lines.push(JSON.parse(line)) } } }
+}
+
+t.test('a database Redis does not have stops start-up, naming REDIS_URL', async t => {
+  const { lines, logStream } = logLines()
+  await t.rejects(buildDemoApp(t, { REDIS_URL: `redis://${target.host}/99`, LOG_LEVEL: 'warn' }, { logger: undefined, logStream }),
+    /^Refusing to start: Redis refused the database 99 of REDIS_URL .*ERR DB index is out of range/)
+  t.notOk(lines.some(l => /unreachable at start-up/.test(l.msg)), 'not taken for a Redis that is away')
+})
+
+t.test('credentials Redis refuses stop start-up, naming REDIS_URL, never the password', async t => {
+  const err = await buildDemoApp(t, { REDIS_URL: `redis://mantle-no-such-user:s3cret-pw@${target.host}` }).then(() => null, (e: Error) => e)
+  t.ok(err !== null, 'refused')
+  t.match(err?.message, /credentials of REDIS_URL/)
+  t.notMatch(err?.message, /s3cret-pw/)
+})
+
+t.test('a Redis that refuses the database later (restarted with fewer) counts as down, until it takes it again', async t => {
+  // A proxy that, while `refusing`, asks for database 99 where the client asked for database 5.
+  let refusing = false
+  const open = new Set<Socket>()
+  const server = createServer(client => {
+    const upstream = connect(Number(target.port || 6379), target.hostname)
+    for (const s of [client, upstream]) { open.add(s); s.on('close', () => open.delete(s)); s.on('error', () => s.destroy()) }
+    client.on('data', (chunk: Buffer) => {
+      const text = chunk.toString('latin1')
+      upstream.write(refusing ? Buffer.from(text.replace(/(\*2\r\n\$6\r\nselect\r\n)\$1\r\n5\r\n/i, '$1$2\r\n99\r\n'), 'latin1') : chunk)
+    })
+    upstream.on('data', (chunk: Buffer) => client.write(chunk))
+    client.on('close', () => upstream.destroy())
+    upstream.on('close', () => client.destroy())
+  })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(async () => {
+    for (const s of open) s.destroy()
+    await new Promise(resolve => server.close(resolve))
+  })
+  const port = (server.address() as { port: number }).port
+  const { lines, logStream } = logLines()
+  const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${port}/5`, LOG_LEVEL: 'warn' }, { logger: undefined, logStream })
+  await until(() => app.redis.up(), 'Redis up on database 5')
+  refusing = true
+  const id = await app.redis.client.client('ID')
+  for (const s of open) s.destroy()
+  // The new connection is refused its SELECT (ioredis, which sent SELECT 5, names 5) and goes
+  // ready on database 0 all the same: never up.
+  await until(() => lines.some(l => l.level === 50), 'the refusal logged')
+  await until(() => app.redis.client.status === 'ready', 'the connection ready on database 0')
+  t.notOk(app.redis.up(), 'Redis counts as down')
+  const ready = await app.inject({ method: 'GET', url: '/readyz' })
+  t.equal(ready.statusCode, 503, 'not ready')
+  t.match(ready.json(), { failing: ['redis'] })
+  const diag = (await app.inject({ method: 'GET', url: '/diagz', headers: bearer({ roles: ['system'] }) })).json()
+  t.match(diag.stores.redis, { healthy: false }, '/diagz says Redis is not healthy')
+  t.match(lines.filter(l => l.level === 50).map(l => l.msg), [/^Redis refused the database 5 of REDIS_URL .*ERR DB index is out of range; stores fall back to memory/], 'logged at error, once')
+  t.notOk(lines.some(l => /Redis is back/.test(l.msg)), 'never said back')
+  refusing = false
+  await until(() => app.redis.up(), 'up again once Redis takes the database', 10_000)
+  t.not(await app.redis.client.client('ID'), id, 'on a new connection')
+  await until(() => app.events.health().up, 'the events subscriber back (its connection was cut too)', 10_000)
+  t.equal((await app.inject({ method: 'GET', url: '/readyz' })).statusCode, 200, 'ready again')
+})
