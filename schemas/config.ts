@@ -190,10 +190,16 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
   }
   if (config.BFF_CORS_ORIGINS !== undefined) {
     // URL.canParse: the pattern takes any 5 digits as a port, WHATWG URL only 0..65535.
-    const wrong = corsOrigins(config.BFF_CORS_ORIGINS).filter(o => o !== '*' && !(ORIGIN.test(o) && URL.canParse(o)))
-    if (wrong.length > 0 || corsOrigins(config.BFF_CORS_ORIGINS).length === 0) {
-      refuse('BFF_CORS_ORIGINS', 'a comma-separated list of * or http(s) origins without a path' +
-        (wrong.length > 0 ? ` (bad: ${wrong.map(b => JSON.stringify(b)).join(', ')})` : ''))
+    const entries = corsOrigins(config.BFF_CORS_ORIGINS)
+    const wrong = entries.filter(o => o !== '*' && !(ORIGIN.test(o) && URL.canParse(o)))
+    // @fastify/cors compares an entry with the Origin header exactly, and browsers send an origin
+    // in its one form (host in lower case, no default port): https://App.Example.com or
+    // https://app.example.com:443 matched no request, and the front end got opaque CORS errors.
+    const unlike = entries.filter(o => o !== '*' && !wrong.includes(o) && new URL(o).origin !== o)
+    if (wrong.length > 0 || unlike.length > 0 || entries.length === 0) {
+      refuse('BFF_CORS_ORIGINS', 'a comma-separated list of * or http(s) origins without a path, as browsers send them' +
+        (wrong.length > 0 ? ` (bad: ${wrong.map(b => JSON.stringify(b)).join(', ')})` : ''),
+      unlike.length > 0 ? unlike.map(o => `${JSON.stringify(o)} matches no browser's Origin: write ${JSON.stringify(new URL(o).origin)}`).join('; ') : undefined)
     }
   }
   if (config.BFF_TRUST_PROXY !== undefined) {

@@ -181,6 +181,12 @@ t.test('BFF_CORS_ORIGINS: * or http(s) origins without a path; * refused in prod
   for (const bad of ['https://app.example.com/', 'https://app.example.com/path', 'app.example.com', 'ftp://app.example.com', 'https://user@app.example.com', 'https://a.example,null', ' , ', 'https://a.example?x=1']) {
     t.match(errorOf({ BFF_CORS_ORIGINS: bad })?.message, /^Invalid configuration: BFF_CORS_ORIGINS=.* is invalid: expected a comma-separated list of \* or http\(s\) origins/, `refuses ${JSON.stringify(bad)}`)
   }
+  // @fastify/cors compares exactly, and a browser sends its origin in one form only: these matched
+  // no request, and the front end got opaque CORS errors.
+  for (const [bad, origin] of [['https://App.Example.com', 'https://app.example.com'], ['https://app.example.com:443', 'https://app.example.com'], ['http://localhost:80', 'http://localhost'], ['http://[0:0:0:0:0:0:0:1]:3000', 'http://[::1]:3000']]) {
+    t.equal(errorOf({ BFF_CORS_ORIGINS: `https://ok.example, ${bad}` })?.message,
+      `Invalid configuration: BFF_CORS_ORIGINS="https://ok.example, ${bad}" is invalid: expected a comma-separated list of * or http(s) origins without a path, as browsers send them ("${bad}" matches no browser's Origin: write "${origin}")`, `refuses ${bad}, naming ${origin}`)
+  }
   const prod = (origins: string): string[] => productionProblems(loadConfig({ NODE_ENV: 'production', BFF_AUDIT_ENABLED: 'false', BFF_JWT_SECRET: 'a'.repeat(32), BFF_CORS_ORIGINS: origins }))
   t.same(prod('https://app.example.com'), [], 'a listed origin is fine in production')
   t.match(prod('*'), [/^BFF_CORS_ORIGINS contains \*/])
