@@ -180,6 +180,13 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
     const why = value === undefined || bad.has(name) ? null : urlProblem(value, check)
     if (why !== null) refuse(name, expected, why)
   }
+  // The schema only refuses spaces: HOST=0.0.0.0:3000, http://0.0.0.0 or foo_bar! failed at
+  // listen with a bare "getaddrinfo ENOTFOUND ..." that did not name HOST.
+  if (!bad.has('HOST') && !isListenHost(config.HOST)) {
+    const host = config.HOST
+    refuse('HOST', 'an IP address (0.0.0.0, ::, 127.0.0.1, ...) or a host name (localhost, ...), without a scheme or port',
+      host.includes('://') ? 'a URL, not an address' : /^\[.*\]$/.test(host) ? 'an IPv6 address is written without brackets' : /:\d*$/.test(host) && isIP(host) === 0 ? 'the port goes in PORT' : undefined)
+  }
   if (config.BFF_JWT_PUBLIC_KEYS !== undefined) {
     try {
       parsePublicKeys(config.BFF_JWT_PUBLIC_KEYS)
@@ -324,6 +331,16 @@ export const rateLimitStore = (config: Config): 'memory' | 'redis' => storeFor(c
 
 // An origin as browsers send it: scheme, host, optional port; no path, query, user or trailing slash.
 const ORIGIN = /^https?:\/\/(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$/
+
+/** A label of a host name (RFC 1123): letters, digits and hyphens, not at either end, 1..63 of them. */
+const HOST_LABEL = /^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$/
+
+/** Whether HOST is an address the gateway can listen on: an IPv4 or IPv6 address, or a host name (RFC 1123). */
+function isListenHost (host: string): boolean {
+  if (isIP(host) !== 0) return true
+  const name = host.endsWith('.') ? host.slice(0, -1) : host
+  return name.length > 0 && name.length <= 253 && name.split('.').every(label => HOST_LABEL.test(label))
+}
 
 /** The entries of BFF_CORS_ORIGINS, trimmed, empty ones dropped. */
 /**

@@ -277,6 +277,16 @@ t.test('a blank HOST, or one with spaces, is refused at start-up, not at listen'
   t.equal(loadConfig({ HOST: '::' }).HOST, '::')
 })
 
+t.test('a HOST that is neither an IP address nor a host name is refused at start-up, named, not at listen', async t => {
+  const expected = 'expected an IP address (0.0.0.0, ::, 127.0.0.1, ...) or a host name (localhost, ...), without a scheme or port'
+  for (const [host, why] of [['0.0.0.0:3000', ' (the port goes in PORT)'], ['localhost:3000', ' (the port goes in PORT)'], ['http://0.0.0.0', ' (a URL, not an address)'], ['[::1]', ' (an IPv6 address is written without brackets)'], ['foo_bar!', ''], ['-gateway', ''], ['a..b', ''], ['a'.repeat(64), '']]) {
+    t.equal(errorOf({ HOST: host })?.message, `Invalid configuration: HOST=${JSON.stringify(host)} is invalid: ${expected}${why}`, `HOST=${host}`)
+  }
+  for (const host of ['0.0.0.0', '::', '127.0.0.1', '::1', 'fe80::1%eth0', 'localhost', 'gateway-1.internal.example', 'gateway.internal.']) {
+    t.equal(loadConfig({ HOST: host }).HOST, host, `HOST=${host}`)
+  }
+})
+
 t.test('one error names the problems of every check at once, not one check at a time', async t => {
   // The schema's refusals stopped start-up before the checks it cannot express ran: fixing
   // PORT showed REDIS_URL, fixing that showed BFF_CORS_ORIGINS, and so on.
