@@ -62,7 +62,8 @@ async function rateLimitPlugin (app: FastifyInstance, opts: RateLimitPluginOptio
   })
   app.decorate('rateLimiter', limiter)
   if (redis !== null) {
-    const reconnected = (): void => limiter.reconnected()
+    // A connection Redis refused (REDIS_URL's database or credentials) is ready but not up.
+    const reconnected = (): void => { if (redis.up()) limiter.reconnected() }
     redis.client.on('ready', reconnected)
     app.addHook('onClose', async () => { redis.client.off('ready', reconnected) })
   }

@@ -50,7 +50,7 @@ t.test('a Redis that refuses the database later (restarted with fewer) counts as
   })
   const port = (server.address() as { port: number }).port
   const { lines, logStream } = logLines()
-  const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${port}/5`, LOG_LEVEL: 'warn' }, { logger: undefined, logStream })
+  const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${port}/5`, LOG_LEVEL: 'info', BFF_RATE_LIMIT_GLOBAL_MAX: 1000 }, { logger: undefined, logStream })
   await until(() => app.redis.up(), 'Redis up on database 5')
   refusing = true
   const id = await app.redis.client.client('ID')
@@ -60,16 +60,25 @@ t.test('a Redis that refuses the database later (restarted with fewer) counts as
   await until(() => lines.some(l => l.level === 50), 'the refusal logged')
   await until(() => app.redis.client.status === 'ready', 'the connection ready on database 0')
   t.notOk(app.redis.up(), 'Redis counts as down')
+  // A guarded call counts in memory; the refused connections made anew each second do not end that.
+  await app.inject({ method: 'GET', url: '/api/v1/agents?limit=1', headers: bearer() })
+  t.ok(lines.some(l => /rate limits fall back to memory/.test(l.msg)), 'rate limits on memory')
+  const made = lines.filter(l => /Redis refused/.test(l.msg)).length
+  await until(() => app.redis.client.status !== 'ready', 'the refused connection dropped', 5000)
+  await until(() => app.redis.client.status === 'ready', 'and made anew, refused again', 5000)
+  t.equal(lines.filter(l => /Redis refused/.test(l.msg)).length, made, 'the refusal logged once')
+  t.notOk(lines.some(l => /counted in Redis again/.test(l.msg)), 'rate limits not said back in Redis')
   const ready = await app.inject({ method: 'GET', url: '/readyz' })
   t.equal(ready.statusCode, 503, 'not ready')
   t.match(ready.json(), { failing: ['redis'] })
   const diag = (await app.inject({ method: 'GET', url: '/diagz', headers: bearer({ roles: ['system'] }) })).json()
   t.match(diag.stores.redis, { healthy: false }, '/diagz says Redis is not healthy')
   t.match(lines.filter(l => l.level === 50).map(l => l.msg), [/^Redis refused the database 5 of REDIS_URL .*ERR DB index is out of range; stores fall back to memory/], 'logged at error, once')
-  t.notOk(lines.some(l => /Redis is back/.test(l.msg)), 'never said back')
+  t.notOk(lines.some(l => /^(idempotency: )?Redis is back$/.test(l.msg)), 'never said back')
   refusing = false
   await until(() => app.redis.up(), 'up again once Redis takes the database', 10_000)
   t.not(await app.redis.client.client('ID'), id, 'on a new connection')
+  t.ok(lines.some(l => /counted in Redis again/.test(l.msg)), 'rate limits back in Redis')
   await until(() => app.events.health().up, 'the events subscriber back (its connection was cut too)', 10_000)
   t.equal((await app.inject({ method: 'GET', url: '/readyz' })).statusCode, 200, 'ready again')
 })
