@@ -423,14 +423,19 @@ export function unknownVariables (env: Record<string, string | undefined> = proc
 }
 
 /**
- * The warnings of the start-up, one a line: each unknown BFF_ variable (unknownVariables), and a
+ * The warnings of the start-up, one a line: each unknown BFF_ variable (unknownVariables); a
  * DATABASE_URL the audit trail does not use (BFF_AUDIT_STORE defaults to memory whatever
- * DATABASE_URL says: setting it alone kept the audit in the process, lost at every restart).
+ * DATABASE_URL says: setting it alone kept the audit in the process, lost at every restart);
+ * identity off in production (allowed, behind a network that authenticates callers itself: it
+ * started with no word, every call anonymous).
  */
 export function startWarnings (config: Readonly<Config>, env: Record<string, string | undefined> = process.env): string[] {
   const warnings = unknownVariables(env).map(name => `${name} is not a setting of the gateway: it is ignored`)
   if (config.DATABASE_URL !== undefined && config.BFF_AUDIT_ENABLED && config.BFF_AUDIT_STORE === 'memory') {
     warnings.push('DATABASE_URL is set but BFF_AUDIT_STORE is memory: the audit trail is kept in this process only and lost at restart; set BFF_AUDIT_STORE=postgres to keep it in PostgreSQL')
+  }
+  if (config.NODE_ENV === 'production' && !config.BFF_AUTH_ENABLED) {
+    warnings.push('BFF_AUTH_ENABLED=false in production: identity is off, every call is anonymous and no role or zone is checked (any caller may call every operation, restricted ones included); run it so only behind a network that authenticates callers itself')
   }
   return warnings
 }

@@ -310,6 +310,15 @@ t.test('start-up warnings: unknown BFF_ variables, and a DATABASE_URL the audit 
   t.same(startWarnings(loadConfig({}), { BFF_RATE_LIMIT_GLOBALMAX: '1' }), ['BFF_RATE_LIMIT_GLOBALMAX (did you mean BFF_RATE_LIMIT_GLOBAL_MAX?) is not a setting of the gateway: it is ignored'])
 })
 
+t.test('start-up warnings: identity off in production is allowed, and said', async t => {
+  // It started with no word, every call anonymous (an anonymous POST created an agent).
+  const env = { NODE_ENV: 'production', BFF_AUTH_ENABLED: 'false', BFF_AUDIT_STORE: 'postgres', DATABASE_URL: 'postgres://u@h:5432/d', KERNEL_URL: 'http://k:1' }
+  const config = loadConfig(env, { starting: true })
+  t.match(startWarnings(config, env), [/^BFF_AUTH_ENABLED=false in production: .*every call is anonymous/], 'warned')
+  t.same(startWarnings(loadConfig({ BFF_AUTH_ENABLED: 'false' }), { BFF_AUTH_ENABLED: 'false' }), [], 'not outside production')
+  t.same(startWarnings(loadConfig({ ...env, BFF_AUTH_ENABLED: 'true', BFF_JWT_SECRET: 'x'.repeat(40) }), {}), [], 'not with identity on')
+})
+
 t.test('starting in production: a bad value and what production refuses are named in one line', async t => {
   // PORT=abc BFF_JWT_SECRET=short named PORT only; the short secret was named on the next run.
   const starting = (env: Record<string, string>): string | undefined => {
