@@ -216,9 +216,10 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
         `bad: ${wrong.map(b => JSON.stringify(b)).join(', ')}`)
     }
   }
-  // A store named redis needs the Redis to talk to (a REDIS_URL refused above is named already).
+  // A store named redis needs the Redis to talk to (a REDIS_URL refused above is named already);
+  // its feature off, it talks to nothing, and startWarnings says the setting is not used.
   for (const name of ['BFF_RATE_LIMIT_STORE', 'BFF_CACHE_STORE', 'BFF_IDEMPOTENCY_STORE'] as const) {
-    if (config[name] === 'redis' && config.REDIS_URL === undefined && !bad.has('REDIS_URL')) {
+    if (config[name] === 'redis' && featureOn(config, name) && config.REDIS_URL === undefined && !bad.has('REDIS_URL')) {
       problems.push(`${name}="redis" needs REDIS_URL: set REDIS_URL, or ${name}=memory`)
     }
   }
@@ -423,11 +424,37 @@ export function unknownVariables (env: Record<string, string | undefined> = proc
 }
 
 /**
+ * The settings of each feature a BFF_*_ENABLED switches off: the one table of what is not used
+ * while its feature is off. Set then, a setting is named in a start-up warning beside its switch
+ * (it was accepted silently, and BFF_CACHE_STORE=redis alone was refused for want of a Redis the
+ * cache would never use); set to its default, it is not.
+ */
+export const FEATURE_SETTINGS: ReadonlyArray<{ flag: keyof Config, settings: ReadonlyArray<keyof Config> }> = [
+  { flag: 'BFF_AUTH_ENABLED', settings: ['BFF_JWT_SECRET', 'BFF_JWT_PUBLIC_KEYS', 'BFF_JWKS_URL', 'BFF_JWT_ISSUER', 'BFF_JWT_AUDIENCE', 'BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT', 'BFF_WS_MAX_CONNECTIONS_PER_TENANT'] },
+  { flag: 'BFF_RATE_LIMIT_ENABLED', settings: ['BFF_RATE_LIMIT_STORE', 'BFF_RATE_LIMIT_GLOBAL_MAX', 'BFF_RATE_LIMIT_GLOBAL_WINDOW_MS'] },
+  { flag: 'BFF_METRICS_ENABLED', settings: ['BFF_METRICS_TOKEN'] },
+  { flag: 'BFF_CIRCUIT_BREAKER_ENABLED', settings: ['BFF_CIRCUIT_BREAKER_THRESHOLD', 'BFF_CIRCUIT_BREAKER_TIMEOUT'] },
+  { flag: 'BFF_AUDIT_ENABLED', settings: ['BFF_AUDIT_STORE', 'BFF_AUDIT_RETENTION_DAYS', 'BFF_AUDIT_BATCH_SIZE', 'BFF_AUDIT_QUEUE_MAX', 'BFF_AUDIT_SPOOL_DIR', 'BFF_AUDIT_MEMORY_MAX'] },
+  { flag: 'BFF_CACHE_ENABLED', settings: ['BFF_CACHE_STORE', 'BFF_CACHE_TTL', 'BFF_CACHE_MAX_SIZE', 'BFF_CACHE_MAX_BYTES'] },
+  { flag: 'BFF_IDEMPOTENCY_ENABLED', settings: ['BFF_IDEMPOTENCY_STORE', 'BFF_IDEMPOTENCY_TTL_SECONDS', 'BFF_IDEMPOTENCY_MAX_KEYS', 'BFF_IDEMPOTENCY_WAIT_MS'] },
+  { flag: 'BFF_AI_FIREWALL_ENABLED', settings: ['BFF_FIREWALL_CACHE_SIZE'] },
+  { flag: 'BFF_GRAPHQL_ENABLED', settings: ['BFF_GRAPHQL_MAX_DEPTH'] },
+  { flag: 'BFF_LOAD_SHEDDING_ENABLED', settings: ['BFF_MAX_EVENT_LOOP_DELAY_MS', 'BFF_MAX_HEAP_BYTES', 'BFF_MAX_RSS_BYTES'] }
+]
+
+/** Whether the feature a setting belongs to is on (a setting of no feature is always used). */
+function featureOn (config: Readonly<Config>, setting: keyof Config): boolean {
+  const feature = FEATURE_SETTINGS.find(f => f.settings.includes(setting))
+  return feature === undefined || config[feature.flag] === true
+}
+
+/**
  * The warnings of the start-up, one a line: each unknown BFF_ variable (unknownVariables); a
  * DATABASE_URL the audit trail does not use (BFF_AUDIT_STORE defaults to memory whatever
  * DATABASE_URL says: setting it alone kept the audit in the process, lost at every restart);
  * identity off in production (allowed, behind a network that authenticates callers itself: it
- * started with no word, every call anonymous).
+ * started with no word, every call anonymous); and each setting of a feature that is off
+ * (FEATURE_SETTINGS), which is not used.
  */
 export function startWarnings (config: Readonly<Config>, env: Record<string, string | undefined> = process.env): string[] {
   const warnings = unknownVariables(env).map(name => `${name} is not a setting of the gateway: it is ignored`)
@@ -436,6 +463,14 @@ export function startWarnings (config: Readonly<Config>, env: Record<string, str
   }
   if (config.NODE_ENV === 'production' && !config.BFF_AUTH_ENABLED) {
     warnings.push('BFF_AUTH_ENABLED=false in production: identity is off, every call is anonymous and no role or zone is checked (any caller may call every operation, restricted ones included); run it so only behind a network that authenticates callers itself')
+  }
+  for (const { flag, settings } of FEATURE_SETTINGS) {
+    if (config[flag] === true) continue
+    for (const name of settings) {
+      // Its default restated (.env.example writes most out) changes nothing: not a word about it.
+      const byDefault = (ConfigSchema.properties as Record<string, { default?: unknown }>)[name].default
+      if (env[name] !== undefined && env[name] !== '' && config[name] !== byDefault) warnings.push(`${name} is set but ${flag}=false: it is not used`)
+    }
   }
   return warnings
 }

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { fileURLToPath } from 'node:url'
-import { loadConfig, productionProblems, ConfigError, ConfigSchema, DEMO_MANIFEST, unknownVariables, startWarnings, type Config } from '../../schemas/config.js'
+import { loadConfig, productionProblems, ConfigError, ConfigSchema, DEMO_MANIFEST, unknownVariables, startWarnings, FEATURE_SETTINGS, type Config } from '../../schemas/config.js'
 import { randomUUID } from 'node:crypto'
 import { testConfig } from '../helper.js'
 import { refusal } from './refusal.js'
@@ -317,6 +317,35 @@ t.test('start-up warnings: identity off in production is allowed, and said', asy
   t.match(startWarnings(config, env), [/^BFF_AUTH_ENABLED=false in production: .*every call is anonymous/], 'warned')
   t.same(startWarnings(loadConfig({ BFF_AUTH_ENABLED: 'false' }), { BFF_AUTH_ENABLED: 'false' }), [], 'not outside production')
   t.same(startWarnings(loadConfig({ ...env, BFF_AUTH_ENABLED: 'true', BFF_JWT_SECRET: 'x'.repeat(40) }), {}), [], 'not with identity on')
+})
+
+t.test('start-up warnings: a setting of a feature that is off is named with its switch, never refused', async t => {
+  const cases: Array<[Record<string, string>, string]> = [
+    [{ BFF_RATE_LIMIT_ENABLED: 'false', BFF_RATE_LIMIT_GLOBAL_MAX: '10' }, 'BFF_RATE_LIMIT_GLOBAL_MAX is set but BFF_RATE_LIMIT_ENABLED=false: it is not used'],
+    [{ BFF_METRICS_ENABLED: 'false', BFF_METRICS_TOKEN: 'x'.repeat(20) }, 'BFF_METRICS_TOKEN is set but BFF_METRICS_ENABLED=false: it is not used'],
+    [{ BFF_CIRCUIT_BREAKER_ENABLED: 'false', BFF_CIRCUIT_BREAKER_THRESHOLD: '3' }, 'BFF_CIRCUIT_BREAKER_THRESHOLD is set but BFF_CIRCUIT_BREAKER_ENABLED=false: it is not used'],
+    [{ BFF_AUDIT_ENABLED: 'false', BFF_AUDIT_STORE: 'postgres' }, 'BFF_AUDIT_STORE is set but BFF_AUDIT_ENABLED=false: it is not used'],
+    // Refused "needs REDIS_URL", for a Redis the cache off never uses.
+    [{ BFF_CACHE_ENABLED: 'false', BFF_CACHE_STORE: 'redis' }, 'BFF_CACHE_STORE is set but BFF_CACHE_ENABLED=false: it is not used'],
+    [{ BFF_IDEMPOTENCY_ENABLED: 'false', BFF_IDEMPOTENCY_STORE: 'redis' }, 'BFF_IDEMPOTENCY_STORE is set but BFF_IDEMPOTENCY_ENABLED=false: it is not used'],
+    [{ BFF_RATE_LIMIT_ENABLED: 'false', BFF_RATE_LIMIT_STORE: 'redis' }, 'BFF_RATE_LIMIT_STORE is set but BFF_RATE_LIMIT_ENABLED=false: it is not used']
+  ]
+  for (const [env, warning] of cases) {
+    t.same(startWarnings(loadConfig(env), env), [warning], JSON.stringify(env))
+  }
+  // A default restated (as .env.example writes them) is no warning.
+  const restated = { BFF_AUDIT_ENABLED: 'false', BFF_AUDIT_STORE: 'memory', BFF_AUDIT_BATCH_SIZE: '500', BFF_AUDIT_QUEUE_MAX: '7' }
+  t.same(startWarnings(loadConfig(restated), restated), ['BFF_AUDIT_QUEUE_MAX is set but BFF_AUDIT_ENABLED=false: it is not used'], 'defaults restated')
+  // On, the same settings are used, and a redis store still needs its Redis.
+  t.same(startWarnings(loadConfig({ BFF_RATE_LIMIT_GLOBAL_MAX: '10' }), { BFF_RATE_LIMIT_GLOBAL_MAX: '10' }), [])
+  t.match(errorOf({ BFF_CACHE_STORE: 'redis' })?.message, /BFF_CACHE_STORE="redis" needs REDIS_URL/)
+  // Every setting the table names is a setting, of one feature only, and its switch a flag.
+  const named = FEATURE_SETTINGS.flatMap(f => f.settings)
+  t.equal(new Set(named).size, named.length, 'each setting belongs to one feature')
+  for (const { flag, settings } of FEATURE_SETTINGS) {
+    t.equal((ConfigSchema.properties as Record<string, { type?: string }>)[flag]?.type, 'boolean', flag)
+    for (const name of settings) t.ok(name in ConfigSchema.properties, name)
+  }
 })
 
 t.test('starting in production: a bad value and what production refuses are named in one line', async t => {
