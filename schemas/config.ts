@@ -449,12 +449,23 @@ function featureOn (config: Readonly<Config>, setting: keyof Config): boolean {
 }
 
 /**
+ * Security settings an empty value switches off, as it leaves any variable unset (a template
+ * rendered empty): what the check then no longer does, for the start-up's warning.
+ */
+const EMPTY_SWITCHES_OFF: ReadonlyArray<{ name: keyof Config, off: string }> = [
+  { name: 'BFF_JWT_ISSUER', off: 'the iss claim of tokens is not checked' },
+  { name: 'BFF_JWT_AUDIENCE', off: 'the aud claim of tokens is not checked' },
+  { name: 'BFF_METRICS_TOKEN', off: '/metrics is open to anyone' },
+  { name: 'BFF_RATE_LIMIT_GLOBAL_MAX', off: 'there is no HTTP guard' }
+]
+
+/**
  * The warnings of the start-up, one a line: each unknown BFF_ variable (unknownVariables); a
  * DATABASE_URL the audit trail does not use (BFF_AUDIT_STORE defaults to memory whatever
  * DATABASE_URL says: setting it alone kept the audit in the process, lost at every restart);
  * identity off in production (allowed, behind a network that authenticates callers itself: it
- * started with no word, every call anonymous); and each setting of a feature that is off
- * (FEATURE_SETTINGS), which is not used.
+ * started with no word, every call anonymous); a security setting set empty, which counts as
+ * unset; and each setting of a feature that is off (FEATURE_SETTINGS), which is not used.
  */
 export function startWarnings (config: Readonly<Config>, env: Record<string, string | undefined> = process.env): string[] {
   const warnings = unknownVariables(env).map(name => `${name} is not a setting of the gateway: it is ignored`)
@@ -463,6 +474,9 @@ export function startWarnings (config: Readonly<Config>, env: Record<string, str
   }
   if (config.NODE_ENV === 'production' && !config.BFF_AUTH_ENABLED) {
     warnings.push('BFF_AUTH_ENABLED=false in production: identity is off, every call is anonymous and no role or zone is checked (any caller may call every operation, restricted ones included); run it so only behind a network that authenticates callers itself')
+  }
+  for (const { name, off } of EMPTY_SWITCHES_OFF) {
+    if (env[name] === '' && featureOn(config, name)) warnings.push(`${name} is set but empty, which counts as unset: ${off}`)
   }
   for (const { flag, settings } of FEATURE_SETTINGS) {
     if (config[flag] === true) continue

@@ -319,6 +319,20 @@ t.test('start-up warnings: identity off in production is allowed, and said', asy
   t.same(startWarnings(loadConfig({ ...env, BFF_AUTH_ENABLED: 'true', BFF_JWT_SECRET: 'x'.repeat(40) }), {}), [], 'not with identity on')
 })
 
+t.test('start-up warnings: a security setting set empty counts as unset, and is said', async t => {
+  // BFF_JWT_AUDIENCE= (a template rendered empty) switched the aud check off with no word.
+  const env = { BFF_JWT_AUDIENCE: '', BFF_JWT_ISSUER: '', BFF_METRICS_TOKEN: '', BFF_RATE_LIMIT_GLOBAL_MAX: '' }
+  const config = loadConfig(env)
+  t.equal(config.BFF_JWT_AUDIENCE, undefined, 'empty is unset')
+  t.match(startWarnings(config, env), [
+    /^BFF_JWT_ISSUER is set but empty, which counts as unset: the iss claim of tokens is not checked$/,
+    /^BFF_JWT_AUDIENCE is set but empty, .*aud claim/,
+    /^BFF_METRICS_TOKEN is set but empty, .*\/metrics is open/,
+    /^BFF_RATE_LIMIT_GLOBAL_MAX is set but empty, .*no HTTP guard/
+  ])
+  t.same(startWarnings(loadConfig({ BFF_CORS_ORIGINS: '' }), { BFF_CORS_ORIGINS: '' }), [], 'an empty setting that opens nothing')
+})
+
 t.test('start-up warnings: a setting of a feature that is off is named with its switch, never refused', async t => {
   const cases: Array<[Record<string, string>, string]> = [
     [{ BFF_RATE_LIMIT_ENABLED: 'false', BFF_RATE_LIMIT_GLOBAL_MAX: '10' }, 'BFF_RATE_LIMIT_GLOBAL_MAX is set but BFF_RATE_LIMIT_ENABLED=false: it is not used'],
