@@ -6,7 +6,8 @@ import { DEV_JWT_SECRET, loadConfig } from '../schemas/config.js'
 import type { Zone } from '../schemas/manifest.js'
 
 const USAGE = `Usage: npm run token -- [--tenant t1] [--user u1] [--roles viewer,editor] [--zone public|internal|restricted] [--ttl 3600]
-Mints an HS256 JWT with the Mantle claims, signed with BFF_JWT_SECRET (the development secret when unset).`
+Mints an HS256 JWT with the Mantle claims, signed with BFF_JWT_SECRET (the development secret when no key source is set;
+with BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL alone it cannot sign, and says so).`
 
 /** Returns the token for argv, or throws with the usage text. */
 export function tokenFromArgs (args: string[], env: NodeJS.ProcessEnv = process.env): string {
@@ -28,6 +29,13 @@ export function tokenFromArgs (args: string[], env: NodeJS.ProcessEnv = process.
   const ttl = Number(values.ttl)
   if (!Number.isInteger(ttl) || ttl <= 0) throw new Error(`--ttl must be a positive number of seconds\n${USAGE}`)
   const config = loadConfig(env)
+  // With public keys or a JWKS and no secret, the gateway takes only tokens their private keys
+  // sign, which this script does not hold: a token of the development secret was printed, and
+  // refused 401.
+  const keySources = (['BFF_JWT_PUBLIC_KEYS', 'BFF_JWKS_URL'] as const).filter(name => config[name] !== undefined)
+  if (config.BFF_JWT_SECRET === undefined && keySources.length > 0) {
+    throw new Error(`cannot sign: ${keySources.join(' and ')} ${keySources.length > 1 ? 'are' : 'is'} set and BFF_JWT_SECRET is not, so the gateway accepts only tokens signed with the matching private keys, which this script does not hold (and refuses the development secret); mint tokens with your identity provider, or set BFF_JWT_SECRET to sign HS256 ones`)
+  }
   return mintToken(config.BFF_JWT_SECRET ?? DEV_JWT_SECRET, {
     tenant: values.tenant,
     user: values.user,

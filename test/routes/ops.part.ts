@@ -2,6 +2,7 @@ import t from 'tap'
 import { createVerifier } from 'fast-jwt'
 import { buildDemoApp, buildTestApp, bearer, json, startTestKernel, until, SECRET, closedPort } from '../helper.js'
 import { tokenFromArgs } from '../../scripts/token.js'
+import { generateKeyPairSync } from 'node:crypto'
 
 t.test('/healthz answers without asking any dependency', async t => {
   const app = await buildDemoApp(t)
@@ -117,6 +118,17 @@ t.test('npm run token mints a token the gateway accepts', async t => {
   t.throws(() => tokenFromArgs(['--help'], {}), /Usage/)
   t.throws(() => tokenFromArgs(['--bogus'], {}), /Unknown option/)
   t.ok(tokenFromArgs([], {}).split('.').length === 3, 'defaults work with the development secret')
+})
+
+t.test('npm run token refuses to sign when the gateway takes public-key tokens only', async t => {
+  // It signed with the development secret, which such a gateway refuses 401.
+  const pem = generateKeyPairSync('ec', { namedCurve: 'P-256' }).publicKey.export({ type: 'spki', format: 'pem' }).toString()
+  const keys = JSON.stringify({ k1: pem })
+  t.throws(() => tokenFromArgs([], { BFF_JWT_PUBLIC_KEYS: keys }), /^cannot sign: BFF_JWT_PUBLIC_KEYS is set and BFF_JWT_SECRET is not, .*private keys/)
+  t.throws(() => tokenFromArgs([], { BFF_JWKS_URL: 'https://idp.example.com/jwks' }), /^cannot sign: BFF_JWKS_URL is set/)
+  t.throws(() => tokenFromArgs([], { BFF_JWT_PUBLIC_KEYS: keys, BFF_JWKS_URL: 'https://idp.example.com/jwks' }), /^cannot sign: BFF_JWT_PUBLIC_KEYS and BFF_JWKS_URL are set/)
+  const token = tokenFromArgs([], { BFF_JWT_PUBLIC_KEYS: keys, BFF_JWT_SECRET: SECRET })
+  t.match(createVerifier({ key: SECRET })(token), { sub: 'dev' }, 'with a secret beside them, it signs with the secret')
 })
 
 t.test('logs never carry a token: header, cookie or ?access_token=', async t => {
