@@ -12,7 +12,7 @@ import { ProblemSchema } from './schemas/manifest.js'
 import { loadManifestFile, type Manifest } from './manifest.js'
 import { toProblem, logLevelOf, MantleError, type ErrorCode } from './errors.js'
 import { jsonText } from './json-body.js'
-import pipeline from './plugins/pipeline/index.js'
+import pipeline, { PROTOCOLS, type Protocol } from './plugins/pipeline/index.js'
 import metrics from './plugins/metrics/index.js'
 import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
 import kernel from './plugins/kernel/index.js'
@@ -161,8 +161,8 @@ export interface BuildOptions {
   events?: { probeIntervalMs?: number, maxSubscriptions?: number }
   /** Load-shedding sample interval in ms (default 1000; tests shorten it). */
   pressureSampleIntervalMs?: number
-  /** /diagz: one call in `stageSampleEvery` is timed per stage (default 8; tests time every call). */
-  diagz?: { stageSampleEvery?: number }
+  /** /diagz: one call in `stageSampleEvery` is timed per stage (default 8; tests time every call); `cache`: its section shown (a stand-in cache stage). */
+  diagz?: { stageSampleEvery?: number, cache?: boolean }
 }
 
 /**
@@ -794,7 +794,10 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   }
   // Before the concerns, so that each can add its store to /diagz (app.diagz.addStore); its
   // route comes after the rate-limit guard and the audit (diagzRoute).
-  if (config.BFF_DIAGZ_ENABLED) await app.register(diagz, { version: VERSION, ...options.diagz })
+  if (config.BFF_DIAGZ_ENABLED) {
+    const faces = PROTOCOLS.filter(p => ({ trpc: config.BFF_TRPC_ENABLED, graphql: config.BFF_GRAPHQL_ENABLED, websocket: config.BFF_WEBSOCKET_ENABLED } as Partial<Record<Protocol, boolean>>)[p] !== false)
+    await app.register(diagz, { version: VERSION, faces, cache: config.BFF_CACHE_ENABLED, ...options.diagz })
+  }
   if (config.BFF_AUTH_ENABLED) {
     // The development secret is the fallback only when no key source is configured.
     const noKeys = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined

@@ -46,6 +46,13 @@ declare module 'fastify' {
 
 export interface DiagzOptions {
   version: string
+  /**
+   * The faces that are on, which `adapters` lists (one that is off is left out, as /metrics and
+   * /readyz leave it out: listed at zero, it read as on but idle). Default: every face.
+   */
+  faces?: readonly Protocol[]
+  /** Whether the response cache is on, which the `cache` section is about. Default: on. */
+  cache?: boolean
   /** Slot lengths (tests shorten them); defaults 10 s and 60 s. */
   minuteSlotMs?: number
   hourSlotMs?: number
@@ -103,10 +110,12 @@ export interface DiagzReport {
   lastMinute: WindowReport
   lastHour: WindowReport
   stages: Record<string, StageStats & { avgMs: number | null }>
-  adapters: Record<Protocol, { connections: number | null, calls: number, errors: number, refused: number, requestsPerSecond: number }>
+  /** The faces that are on. */
+  adapters: Partial<Record<Protocol, { connections: number | null, calls: number, errors: number, refused: number, requestsPerSecond: number }>>
   http: { connections: number }
   stores: Record<string, StoreHealth>
-  cache: { hitRate: number | null, hits: number, misses: number, stale: number }
+  /** With the response cache on. */
+  cache?: { hitRate: number | null, hits: number, misses: number, stale: number }
   breakers: Record<string, { state: string }>
   memory: { rssBytes: number, heapUsedBytes: number, heapTotalBytes: number, externalBytes: number, arrayBuffersBytes: number }
   eventLoop: { delayP50Ms: number, delayP99Ms: number, delayMaxMs: number }
@@ -203,6 +212,7 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
   const minuteSlotMs = opts.minuteSlotMs ?? 10_000
   const hourSlotMs = opts.hourSlotMs ?? 60_000
   const sampler: StageSampler = { every: opts.stageSampleEvery ?? MIN_SAMPLE_EVERY }
+  const faces = new Set<Protocol>(opts.faces ?? PROTOCOLS)
   const minute = new RollingWindow(6, minuteSlotMs, PROTOCOLS.length, startedAt)
   const hour = new RollingWindow(60, hourSlotMs, PROTOCOLS.length, startedAt)
   const totals = { calls: new Float64Array(PROTOCOLS.length), errors: new Float64Array(PROTOCOLS.length), refused: new Float64Array(PROTOCOLS.length) }
@@ -292,6 +302,7 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
     const minuteSummary = minute.summary(now)
     const adapters = {} as DiagzReport['adapters']
     for (const [i, p] of PROTOCOLS.entries()) {
+      if (!faces.has(p)) continue
       adapters[p] = {
         connections: sockets.get(p) ?? null,
         calls: totals.calls[i],
@@ -326,7 +337,7 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
       adapters,
       http: { connections: httpConnections },
       stores: storeReport,
-      cache: { hitRate: lookups === 0 ? null : round((cache.hit + cache.stale) / lookups, 4), hits: cache.hit, misses: cache.miss, stale: cache.stale },
+      ...(opts.cache === false ? {} : { cache: { hitRate: lookups === 0 ? null : round((cache.hit + cache.stale) / lookups, 4), hits: cache.hit, misses: cache.miss, stale: cache.stale } }),
       breakers,
       memory: { rssBytes: mem.rss, heapUsedBytes: mem.heapUsed, heapTotalBytes: mem.heapTotal, externalBytes: mem.external, arrayBuffersBytes: mem.arrayBuffers },
       eventLoop: { delayP50Ms: loopDelay(loop.percentile(50)), delayP99Ms: loopDelay(loop.percentile(99)), delayMaxMs: loopDelay(loop.max) }

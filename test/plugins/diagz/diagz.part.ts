@@ -96,7 +96,7 @@ t.test('the cache hit rate comes from the call outcome any cache stage records',
     getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } } }
   }, { url: kernel.url })
   // The real cache is off: a stand-in stage picks the outcomes.
-  const app = await buildApp(testConfig({ BFF_AUTH_ENABLED: false, BFF_CACHE_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
+  const app = await buildApp(testConfig({ BFF_AUTH_ENABLED: false, BFF_CACHE_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url, diagz: { cache: true } })
   t.teardown(() => app.close())
   // A stand-in for the cache concern: any stage setting ctx.cache is counted.
   let n = 0
@@ -106,6 +106,19 @@ t.test('the cache hit rate comes from the call outcome any cache stage records',
   for (let i = 0; i < 8; i++) await app.inject({ method: 'GET', url: '/api/v1/items/ok' })
   const report = (await app.inject({ method: 'GET', url: '/diagz' })).json()
   t.match(report.cache, { hits: 4, misses: 2, stale: 2, hitRate: 0.75 })
+})
+
+t.test('what is off is left out: faces and the cache section, as /metrics and /readyz leave them out', async t => {
+  // They were listed at zero whatever the flags, which read as on but idle.
+  const off = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_GRAPHQL_ENABLED: false, BFF_WEBSOCKET_ENABLED: false, BFF_CACHE_ENABLED: false })
+  const report = (await off.inject({ url: '/diagz', headers: system })).json()
+  t.same(Object.keys(report.adapters).sort(), ['batch', 'rest'], 'the faces that are on')
+  t.notOk('cache' in report, 'no cache section with the cache off')
+  const some = await buildDemoApp(t, { BFF_GRAPHQL_ENABLED: false })
+  t.same(Object.keys((await some.inject({ url: '/diagz', headers: system })).json().adapters).sort(), ['batch', 'rest', 'trpc', 'websocket'], 'one face off')
+  const on = (await (await buildDemoApp(t)).inject({ url: '/diagz', headers: system })).json()
+  t.same(Object.keys(on.adapters).sort(), ['batch', 'graphql', 'rest', 'trpc', 'websocket'], 'every face on by default')
+  t.match(on.cache, { hitRate: null, hits: 0 }, 'the cache section with the cache on')
 })
 
 t.test('stores and sections plug in; a failing check reads as unhealthy, not as a 500', async t => {
