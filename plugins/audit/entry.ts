@@ -254,6 +254,9 @@ export interface ChainSource {
   at: (seq: number) => Promise<WalkedRow | null>
 }
 
+/** Where a walk of a range starts: its walker, the position before its first entry, its last, and the retention anchor then. */
+export interface WalkStart { walker: ChainWalker, after: number, end: number, anchorSeq: number }
+
 /**
  * The walk of a verify call, shared by the stores: from `start` (the walker anchored before the
  * range, and the position before its first entry) up to `end`, or from a cursor an earlier call
@@ -261,7 +264,7 @@ export interface ChainSource {
  * before the walk reached them are skipped: it goes on from the new anchor, as a walk begun then
  * would, and says how many.
  */
-export async function walkChain (source: ChainSource, start: () => Promise<{ walker: ChainWalker, after: number, end: number }>, opts: VerifyOptions = {}): Promise<VerifyResult> {
+export async function walkChain (source: ChainSource, start: () => Promise<WalkStart>, opts: VerifyOptions = {}): Promise<VerifyResult> {
   const limit = Math.min(opts.limit ?? VERIFY_MAX_ENTRIES, VERIFY_MAX_ENTRIES)
   const deadline = Date.now() + VERIFY_MAX_MS
   const signal = opts.signal
@@ -269,8 +272,11 @@ export async function walkChain (source: ChainSource, start: () => Promise<{ wal
   let after: number
   let end: number
   let seamGone = false
+  // The retention anchor the walk knows of: entries up to it were removed before the walk began,
+  // and are not counted as skipped by it.
+  let known = -Infinity
   if (opts.next === undefined) {
-    ({ walker, after, end } = await start())
+    ({ walker, after, end, anchorSeq: known } = await start())
   } else {
     const c = opts.next
     after = c.seq - 1
@@ -305,7 +311,10 @@ export async function walkChain (source: ChainSource, start: () => Promise<{ wal
     }
     seamGone = false
     if (page.anchorSeq > after) {
-      skipped += Math.min(page.anchorSeq, end) - after
+      // Only what retention removed since the walk knew the anchor: a row below it (put there
+      // by hand: the walk reports it) made `skipped` count every position from 0 to the anchor.
+      skipped += Math.max(0, Math.min(page.anchorSeq, end) - Math.max(after, known))
+      known = page.anchorSeq
       walker = walker.from(page.anchorSeq, page.anchorHash)
       after = page.anchorSeq
     }

@@ -1,5 +1,5 @@
 import Denque from 'denque'
-import { type AuditEntry, type AuditPage, type AuditQuery, type AuditStore, type ChainSource, type StoredEntry, type VerifyOptions, type VerifyResult, type WalkedRow, ChainWalker, GENESIS, storedEntry, suffixed, walkChain } from './entry.js'
+import { type AuditEntry, type AuditPage, type AuditQuery, type AuditStore, type ChainSource, type StoredEntry, type VerifyOptions, type VerifyResult, type WalkStart, type WalkedRow, ChainWalker, GENESIS, storedEntry, suffixed, walkChain } from './entry.js'
 
 export interface MemoryStoreOptions {
   /** Most entries kept; beyond it the oldest is dropped (and counted). */
@@ -75,20 +75,24 @@ export class MemoryAuditStore implements AuditStore {
     return await walkChain(this.source, async () => this.start(range), opts)
   }
 
-  private start (range: { from?: Date, to?: Date }): { walker: ChainWalker, after: number, end: number } {
+  private start (range: { from?: Date, to?: Date }): WalkStart {
     const from = range.from?.getTime() ?? -Infinity
     const to = range.to?.getTime() ?? Infinity
     const ring = this.ring
+    const inRange = (i: number): boolean => { const t = ring.peekAt(i)!.timestamp; return t >= from && t <= to }
+    // From the first to the last position holding an entry of the range (as PostgreSQL's); with
+    // none, where the range would be: the first entry at or after `from`.
     let first = 0
     while (first < ring.length && ring.peekAt(first)!.timestamp < from) first++
     let last = ring.length - 1
-    while (last >= 0 && ring.peekAt(last)!.timestamp > to) last--
+    while (last >= first && !inRange(last)) last--
+    if (last >= first) while (!inRange(first)) first++
     const before = first === 0 ? null : ring.peekAt(first - 1)!
     const walker = before === null ? new ChainWalker(this.anchorSeq, this.anchorHash) : ChainWalker.after(before)
     // The position before the range's first entry; with nothing in the range, nothing is walked,
     // but the entries around it must still link.
     const after = first < ring.length ? ring.peekAt(first)!.seq - 1 : (before?.seq ?? this.anchorSeq)
-    return { walker, after, end: last >= first ? ring.peekAt(last)!.seq : after }
+    return { walker, after, end: last >= first ? ring.peekAt(last)!.seq : after, anchorSeq: this.anchorSeq }
   }
 
   /** The index of the first entry after position `seq` (the ring is in position order). */

@@ -15,6 +15,7 @@ import { connect } from '../../adapters/websocket-helper.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, startPoolerProxy, PG_URL } from './db.js'
 import { main as migrateMain } from '../../../scripts/migrate.js'
 import type { AuditEntry } from '../../../plugins/audit/index.js'
+import type { AuditPage } from '../../../plugins/audit/entry.js'
 import { PostgresAuditStore, binaryArray } from '../../../plugins/audit/postgres-store.js'
 import { migrate } from '../../../plugins/audit/migrations.js'
 import { entry, resumedVerifies } from './entries.js'
@@ -60,6 +61,47 @@ async function restCalls (app: FastifyInstance, url: string, n: number, prefix =
     if (res.statusCode !== 200) throw new Error(res.body)
   }
   return ids
+}
+
+/**
+ * The statements `run` sends PostgreSQL (reads and writes: every query of a pg client meanwhile),
+ * each with its parameters.
+ */
+async function statementsOf (run: () => Promise<unknown>, match = /^\s*(WITH|SELECT|DELETE)/): Promise<Array<{ text: string, values: unknown[] }>> {
+  const seen: Array<{ text: string, values: unknown[] }> = []
+  const query = pg.Client.prototype.query
+  pg.Client.prototype.query = function (this: pg.Client, q: string | pg.QueryConfig, values?: unknown) {
+    const text = typeof q === 'string' ? q : q.text
+    if (match.test(text)) seen.push({ text, values: (typeof q === 'string' ? values : q.values) as unknown[] ?? [] })
+    return (query as (...args: unknown[]) => unknown).apply(this, [...arguments])
+  } as typeof query
+  try {
+    await run()
+  } finally {
+    pg.Client.prototype.query = query
+  }
+  return seen
+}
+
+interface PlanNode { 'Node Type': string, 'Index Name'?: string, 'Index Cond'?: string, 'Rows Removed by Filter'?: number, Plans?: PlanNode[] }
+
+/** Each statement's plan (EXPLAIN, FORMAT JSON; run with ANALYZE), its nodes in a list. */
+async function plansOf (url: string, statements: Array<{ text: string, values: unknown[] }>, analyze: boolean): Promise<PlanNode[][]> {
+  const client = new pg.Client({ connectionString: url })
+  await client.connect()
+  try {
+    const plans: PlanNode[][] = []
+    for (const { text, values } of statements) {
+      const plan = (await client.query<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(`EXPLAIN (${analyze ? 'ANALYZE, ' : ''}FORMAT JSON) ${text}`, values)).rows[0]['QUERY PLAN'][0].Plan
+      const nodes: PlanNode[] = []
+      const walk = (n: PlanNode): void => { nodes.push(n); for (const c of n.Plans ?? []) walk(c) }
+      walk(plan)
+      plans.push(nodes)
+    }
+    return plans
+  } finally {
+    await client.end()
+  }
 }
 
 const available = await postgresAvailable()
@@ -581,6 +623,56 @@ if (available) {
     const second = (await sql<{ id: string, request_id: string }>(url, 'SELECT id, request_id FROM bff_audit_entries WHERE seq = 1007'))[0]
     await sql(url, 'DELETE FROM bff_audit_entries WHERE seq = 1006')
     t.same((await verify(app)).firstBroken, { id: second.id, requestId: second.request_id }, 'deleting the oldest kept row is still found')
+  })
+
+  t.test('verify and GET /admin/audit with a time range read the entries of the range, not the table', async t => {
+    const { url, store } = await storeOnNewDatabase(t)
+    // 60,000 entries, one a minute from 60,000 minutes ago, of 50 tenants; then one of 47,000
+    // minutes ago written last (a spool replayed late): timestamps out of position order.
+    const minute = 60_000
+    const base = Date.now() - 60_000 * minute
+    for (let i = 0; i < 60_000; i += 5000) {
+      await store.write(Array.from({ length: 5000 }, (_, k) => entry({ timestamp: base + (i + k) * minute, tenantId: `t${(i + k) % 50}` })))
+    }
+    const late = entry({ timestamp: base + 13_000 * minute, tenantId: 't3' })
+    await store.write([late])
+    await sql(url, 'ANALYZE bff_audit_entries')
+    const from = new Date(base + 10_000 * minute)
+    const to = new Date(base + 17_000 * minute)
+    const removed = async (run: () => Promise<unknown>): Promise<number> =>
+      (await plansOf(url, await statementsOf(run), true)).flat().reduce((sum, n) => sum + (n['Rows Removed by Filter'] ?? 0), 0)
+
+    // 7,000 entries in the range (and the late one), 10,000 before it, 43,000 after it.
+    let answer: unknown
+    t.ok(await removed(async () => { answer = await store.verify({ from, to }, { limit: 1 }) }) <= 7001, 'verify of a range: the rows of the range at most')
+    t.same(answer, { ok: true, checked: 1, firstBroken: null, next: { seq: 10_002, hash: (answer as { next: { hash: string } }).next.hash, end: 60_001 }, through: 10_001 }, 'from the first entry of the range to the late one')
+    t.ok(await removed(async () => await store.verify({ from: new Date(base + 53_000 * minute) }, { limit: 1 })) <= 7001, 'verify from a time: the rows before it or the rows after it, whichever are fewer')
+    t.ok(await removed(async () => await store.verify({ from: new Date(base + 59_000 * minute) }, { limit: 1 })) <= 1001, 'verify of the last entries')
+
+    const expected = async (tenant: string | null, beforeSeq?: number): Promise<number[]> => (await sql<{ seq: string }>(url,
+      'SELECT seq FROM bff_audit_entries WHERE ($1::text IS NULL OR tenant_id = $1) AND "timestamp" BETWEEN $2 AND $3 AND seq < $4 ORDER BY seq DESC LIMIT 50',
+      [tenant, from, to, beforeSeq ?? 1e9])).map(r => Number(r.seq))
+    let page: AuditPage | undefined
+    t.ok(await removed(async () => { page = await store.query({ limit: 50, tenant: 't3', from, to }) }) <= 10_000 + 7001, 'query of a tenant and a range: a window of the newest at most, and the range')
+    t.same(page?.entries.map(e => e.seq), await expected('t3'), 'newest first, the late entry first')
+    t.equal(page?.entries[0].id, late.id)
+    t.ok(await removed(async () => { page = await store.query({ limit: 50, tenant: 't3', from, to, beforeSeq: page?.nextSeq ?? 0 }) }) <= 10_000 + 7001, 'its next page too')
+    t.same(page?.entries.map(e => e.seq), await expected('t3', (await expected('t3'))[49]), 'the next page')
+    t.ok(await removed(async () => { page = await store.query({ limit: 50, from, to }) }) <= 10_000 + 7001, 'query of a range')
+    t.same(page?.entries.map(e => e.seq), await expected(null))
+    t.ok(await removed(async () => { page = await store.query({ limit: 50, from: new Date(base + 59_000 * minute) }) }) <= 10_000, 'query of the last entries')
+    t.equal(page?.entries.length, 50)
+  })
+
+  t.test('verify: a row put below retention\'s anchor is the first broken; nothing was skipped', async t => {
+    const { url, store } = await storeOnNewDatabase(t)
+    const old = Date.now() - 40 * 86_400_000
+    await store.write(Array.from({ length: 10 }, (_, i) => entry({ timestamp: old + i })))
+    t.equal(await store.prune(new Date(old + 5), 100), 5)
+    const id = randomUUID()
+    await sql(url, `INSERT INTO bff_audit_entries (id, seq, request_id, "timestamp", hash, previous_hash, tenant_id, user_id, protocol, action, category, risk_level, status, status_code, duration_ms)
+      SELECT $1, 0, 'by-hand', "timestamp", hash, previous_hash, tenant_id, user_id, protocol, action, category, risk_level, status, status_code, duration_ms FROM bff_audit_entries WHERE seq = 6`, [id])
+    t.same(await store.verify({}), { ok: false, checked: 1, firstBroken: { id, requestId: 'by-hand' } }, 'no "skipped": retention removed nothing during the walk')
   })
 
   t.test('migrations: up, down and status; production refuses pending migrations and starts once migrated', async t => {
