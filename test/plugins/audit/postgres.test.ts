@@ -664,6 +664,25 @@ if (available) {
     t.equal(page?.entries.length, 50)
   })
 
+  t.test('retention: each batch reads and deletes from the anchor on, by the seq index, statistics or not', async t => {
+    const { url, store } = await storeOnNewDatabase(t)
+    await sql(url, 'ALTER TABLE bff_audit_entries SET (autovacuum_enabled = false)')
+    const old = Date.now() - 40 * 86_400_000
+    for (let i = 0; i < 20_000; i += 5000) {
+      await store.write(Array.from({ length: 5000 }, (_, k) => entry({ timestamp: old + i + k })))
+    }
+    t.equal(await store.prune(new Date(old + 10_000), 5000), 5000)
+    const statements = await statementsOf(async () => { t.equal(await store.prune(new Date(old + 10_000), 1000), 1000) })
+    const plans = await plansOf(url, statements.filter(s => s.text.includes('bff_audit_entries')), false)
+    t.equal(plans.length, 2, 'the oldest entries read, then deleted')
+    for (const [i, nodes] of plans.entries()) {
+      const scan = nodes.find(n => n['Index Name'] === 'bff_audit_entries_seq_key')
+      t.match(scan?.['Index Cond'], /seq > /, `${i === 0 ? 'read' : 'deleted'} by the seq index from the anchor on`)
+    }
+    t.same((await sql(url, 'SELECT anchor_seq FROM bff_audit_chain'))[0], { anchor_seq: '6000' })
+    t.same(await store.verify({}), { ok: true, checked: 14_000, firstBroken: null })
+  })
+
   t.test('verify: a row put below retention\'s anchor is the first broken; nothing was skipped', async t => {
     const { url, store } = await storeOnNewDatabase(t)
     const old = Date.now() - 40 * 86_400_000
