@@ -209,11 +209,10 @@ type ValidationError = { instancePath?: string, schemaPath?: string, keyword?: s
  * "input/limit must be <= 100": names the field, as CONTRACT §5 asks. Under an `anyOf` or a
  * `oneOf`, Ajv reports each branch's first error, then that none matched: the first branch's
  * was named, about a branch the value was never meant to match (an object failing inside the
- * object branch of `anyOf: [{type: "null"}, {...}]` was "must be null"). The error named is
- * the one that went deepest into the value (a field named by `required` one level below its
- * object), a wrong type last among equals (the branch the value's type matched is the one it
- * came closest to); when every branch refused the value's type, all of them are named ("must be
- * null or object"). Work only on a refusal, over the few errors Ajv gives.
+ * object branch of `anyOf: [{type: "null"}, {...}]` was "must be null"). The error named is the
+ * one of the branch the value came closest to (see `closest`); when every branch refused the
+ * value's type, all of them are named ("must be null or object"). Work only on a refusal, over
+ * the few errors Ajv gives.
  */
 export function describeValidation (errors: readonly ValidationError[], context = 'input'): string {
   const first = closest(errors)
@@ -235,24 +234,38 @@ export function describeValidation (errors: readonly ValidationError[], context 
 const summary = (e: ValidationError): boolean =>
   (e.keyword === 'anyOf' || (e.keyword === 'oneOf' && e.params?.passingSchemas == null))
 
-/** How far into the value an error went: its path's segments, one more for a named field. */
-function depth (e: ValidationError): number {
-  const path = e.instancePath ?? ''
+/** The segments of an instance path. */
+function depth (path: string | undefined): number {
   let n = 0
-  for (let i = 0; i < path.length; i++) if (path.charCodeAt(i) === 47) n++
-  const params = e.params ?? {}
-  return typeof params.missingProperty === 'string' || typeof params.additionalProperty === 'string' ? n + 1 : n
+  if (path !== undefined) for (let i = 0; i < path.length; i++) if (path.charCodeAt(i) === 47) n++
+  return n
 }
 
-/** The error describeValidation names (see there); errors[0] when there is no `anyOf` or `oneOf` to choose among. */
+/**
+ * The error describeValidation names; errors[0] when there is no `anyOf` or `oneOf` to choose
+ * among. A branch whose error says the value is not of its kind, a wrong type of the value
+ * itself or a `const` or `enum` of the value or of one of its fields (a discriminator, as
+ * `kind` of OpenAPI's tagged unions), is the farthest; among the others, the error deepest in the
+ * value (an error of the value itself, a field it lacks, counts one level down from it), the
+ * first among equals. A field's wrong type in the branch the discriminator chose ranked below
+ * the `required` of another branch until 2026-12-05 ("y is required" for {kind: "a", x: 5}).
+ */
 function closest (errors: readonly ValidationError[]): ValidationError | undefined {
   if (errors.length < 2 || !errors.some(summary)) return errors[0]
   let best: ValidationError | undefined
   let bestRank = -1
   for (const e of errors) {
     if (summary(e)) continue
-    // A wrong type ranks below any other error at its depth.
-    const rank = depth(e) * 2 + (e.keyword === 'type' ? 0 : 1)
+    // The union whose branch this error is of: the summary nearest it in the schema.
+    let at = ''
+    let within = -1
+    for (const s of errors) {
+      const prefix = s.schemaPath ?? ''
+      if (summary(s) && prefix.length > within && (e.schemaPath ?? '').startsWith(prefix + '/')) { at = s.instancePath ?? ''; within = prefix.length }
+    }
+    const below = depth(e.instancePath) - depth(at)
+    const notOfKind = (e.keyword === 'type' && below === 0) || ((e.keyword === 'const' || e.keyword === 'enum') && below <= 1)
+    const rank = notOfKind ? 0 : 1 + below
     if (rank > bestRank) { best = e; bestRank = rank }
   }
   if (best === undefined) return errors[0]
@@ -262,6 +275,7 @@ function closest (errors: readonly ValidationError[]): ValidationError | undefin
   for (const e of errors) {
     if (e.keyword !== 'type' || e.instancePath !== best.instancePath) continue
     const type = e.params?.type
+    if (type === undefined) continue
     for (const t of Array.isArray(type) ? type : String(type).split(',')) if (!types.includes(String(t))) types.push(String(t))
   }
   return types.length < 2 ? best : { ...best, message: `must be ${types.slice(0, -1).join(', ')} or ${types[types.length - 1]}` }
