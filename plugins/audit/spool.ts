@@ -52,6 +52,12 @@ export class Spool {
   /** Bytes at the start of the file already committed to the store by this process. */
   private done = 0
   corrupt = 0
+  /**
+   * Where the corrupt lines counted end (bytes of the file): a drain whose commit failed leaves
+   * `done` before the corrupt lines joined with batches it had not committed, and the next drain
+   * reads them again; each was counted again at every retry of an outage.
+   */
+  private countedTo = 0
 
   /** Where the entries the store refused for their own data go, beside the spool. */
   readonly quarantine: Quarantine
@@ -245,8 +251,9 @@ export class Spool {
         else {
           const piece = data.subarray(pos, nl)
           const batch = parse((heldBytes === 0 ? piece : Buffer.concat([...held, piece])).toString('utf8'))
-          if (batch === null) this.corrupt++
-          else {
+          if (batch === null) {
+            if (base + nl + 1 > this.countedTo) this.corrupt++
+          } else {
             const entries = batch.entries
             if (pending.length > 0 && pending.length + entries.length > join) await flush()
             if (pending.length === 0) pending = entries
@@ -257,12 +264,13 @@ export class Spool {
         heldBytes = 0
         pos = nl + 1
         mark = base + pos
+        if (mark > this.countedTo) this.countedTo = mark
         if (pending.length === 0) this.done = mark
         else if (pending.length >= join) await flush()
       }
       if (skipping || pos === data.length) continue
       if (heldBytes + data.length - pos > maxLine) {
-        this.corrupt++
+        if (base + data.length > this.countedTo) this.corrupt++
         skipping = true
         held = []
         heldBytes = 0
@@ -308,6 +316,7 @@ export class Spool {
       this.fh = await open(this.path, 'a+')
     }
     this.bytes -= this.done
+    this.countedTo = Math.max(0, this.countedTo - this.done)
     this.done = 0
   }
 

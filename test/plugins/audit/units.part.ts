@@ -356,6 +356,34 @@ t.test('spool: a failed append whose cut fails too leaves a torn line of its own
   }
 })
 
+t.test('spool: a corrupt line among joined batches is counted once, however often their commit fails', async t => {
+  // Joined, the batches around it are committed together: until they are, the drain's place
+  // stays before the corrupt line, and each retry of an outage read it, and counted it, again.
+  const dir = spoolDir(t)
+  const first = await Spool.open(dir)
+  const a = [entry(), entry()]
+  const b = [entry()]
+  await first.append(a)
+  appendFileSync(first.path, 'not json\n')
+  await first.close()
+  // Opened again, as after a restart: the spool knows the file's size from the file.
+  const spool = await Spool.open(dir)
+  await spool.append(b)
+  for (let i = 0; i < 3; i++) await t.rejects(spool.drain(async () => { throw new Error('down') }, 10), /down/)
+  t.equal(spool.corrupt, 1, 'counted once over three failed drains')
+  const seen: AuditEntry[][] = []
+  t.equal(await spool.drain(async batch => { seen.push(batch) }, 10), 3)
+  t.same(seen, [[...a, ...b]], 'the two batches, joined, past the corrupt line')
+  t.equal(spool.corrupt, 1, 'and not again when they are replayed')
+  await spool.append([entry()])
+  appendFileSync(spool.path, 'junk\n')
+  await spool.close()
+  const reopened = await Spool.open(dir)
+  t.equal(await reopened.drain(async () => {}, 10), 1)
+  t.equal(reopened.corrupt, 1, 'a corrupt line of the file as it is now is counted')
+  await reopened.close()
+})
+
 t.test('spool: one process per directory; a torn or corrupt line is skipped, never half replayed', async t => {
   const dir = spoolDir(t)
   const spool = await Spool.open(dir)
