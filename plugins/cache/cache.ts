@@ -140,8 +140,10 @@ export class ResponseCache {
    */
   redisReconnected (): void {
     this.redisHeldUntil = 0
+    // Ending an outage replays (redisRecovered); otherwise the replay is this one's.
+    const replays = this.redisOutage && this.pending.size > 0
     this.redisRecovered()
-    this.replayPending().catch(noop)
+    if (!replays) this.replayPending().catch(noop)
   }
 
   /** The pipeline stage of a cached query, or of a mutation that invalidates tags; else null. */
@@ -408,7 +410,6 @@ export class ResponseCache {
     const keys = replayed.map(([k]) => k)
     try {
       await redis.tier.invalidate(keys, JSON.stringify({ from: this.opts.instanceId, keys }))
-      this.redisRecovered()
     } catch (err) {
       this.redisFailed('invalidate', err)
       this.scheduleReplay()
@@ -416,6 +417,7 @@ export class ResponseCache {
     }
     // A tag invalidated again while the replay ran may not be covered by it: it stays for the next one.
     for (const [k, tick] of replayed) if (this.pending.get(k) === tick) this.pending.delete(k)
+    this.redisRecovered()
   }
 
   /** One replay when the hold on Redis ends (at once when there is none). */
@@ -525,6 +527,9 @@ export class ResponseCache {
     this.redisOutage = false
     this.redisHeldUntil = 0
     this.opts.log.debug({}, 'cache: Redis answers again')
+    // Invalidations held back meanwhile go now: a call that tried Redis at the hold's end put
+    // the replay off by another hold, and other instances served the entries they drop until then.
+    if (this.pending.size > 0) this.replayPending().catch(noop)
   }
 }
 

@@ -201,3 +201,33 @@ t.test('a Redis that stalls: after the hold one call at a time tries it, and a P
   cache.redisReconnected()
   t.same(await wave(), { commands: 40, waited: 0 }, 'its connection made anew ends the hold at once')
 })
+
+t.test('invalidations held back during an outage are replayed as soon as a call finds Redis answering again', async t => {
+  // The call that tries Redis at the hold's end holds it off for another hold meanwhile: an
+  // invalidation made then waited that whole hold, though the call found Redis answering, while
+  // other instances served the entries it drops.
+  let mode: 'fail' | 'slow' = 'fail'
+  let invalidations = 0
+  const tier = {
+    read: async () => {
+      if (mode === 'fail') throw new Error('Command timed out')
+      await new Promise(resolve => setTimeout(resolve, 200))
+      return { answer: null, versions: '0' }
+    },
+    write: async () => true,
+    invalidate: async () => { invalidations++ }
+  } as unknown as RedisTier
+  const { cache, read } = cacheOver(t, tier)
+  await read('a')
+  t.equal(cache.redisHealthy, false, 'a read failed: the hold begins')
+  await new Promise(resolve => setTimeout(resolve, 1100))
+  mode = 'slow'
+  const probe = read('b')
+  await new Promise(resolve => setTimeout(resolve, 20))
+  await cache.invalidate('t', ['item:a'], 'mutation')
+  t.equal(cache.pendingInvalidations, 1, 'made while the probe is under way: held back')
+  t.same(await probe, { value: { n: 102 }, cache: 'miss' }, 'the probe finds Redis answering')
+  await new Promise(resolve => setTimeout(resolve, 300))
+  t.equal(invalidations, 1, 'the invalidation reached Redis')
+  t.equal(cache.pendingInvalidations, 0, 'none left pending')
+})
