@@ -850,6 +850,53 @@ t.test('past capacity, a call handed a connection with less time left than the K
   t.ok(refusals.every(h => h?.['retry-after'] === '1'), 'with Retry-After, as a full bulkhead')
 })
 
+// Found by a review of the test above: what an operation needs was learnt only while calls
+// waited, and its deviation grew on a faster answer as on a slower one. After a cold burst at
+// 800 ms the estimate rose above the time a waiting call has left on the Kernel's first fast
+// answer; every waiting call was refused at once, so no call waited when the others came back,
+// and nothing more was learnt: every burst had its waiting calls refused against a Kernel
+// answering in 20 ms, for as long as it went on.
+t.test('after a cold burst of slow answers, a Kernel that gets fast has its bursts answered', async t => {
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  let served = 0
+  const kernel = await startTestKernel(t, { 'GET /v1/items/w1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'w1' }), served++ < 3 ? 800 : 20) } })
+  const nothing = (): void => {}
+  const calls = { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing, client_closed: nothing }
+  const metrics = { forOperation: () => ({ call: calls, retry: nothing }), budgetExhausted: nothing, rejected: nothing, connected: nothing }
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 }, metrics })
+  t.teardown(() => client.close())
+  const op = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 1000 }
+  }).byName.get('getItem')!
+  const run = client.forOperation(op)
+  let made = 0
+  const burst = async (n: number): Promise<string[]> => await Promise.all(Array.from({ length: n }, async () =>
+    await run(new CallContext(`c${made++}`, 'rest', op, { id: 'w1' }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)))
+  // Cold: two answered in 800 ms; the third, handed a connection with 200 ms left, is refused.
+  t.same(await burst(3), ['ok', 'ok', 'KERNEL_UNAVAILABLE'], 'the cold burst: the call that could not be answered in time is refused')
+  const outcomes: Record<string, number> = {}
+  for (let i = 0; i < 6; i++) {
+    for (const outcome of await burst(6)) outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
+    await sleep(200)
+  }
+  t.same(outcomes, { ok: 36 }, 'every call of the fast bursts is answered')
+})
+
+t.test('what an operation needs falls with a faster Kernel, and rises with a slower one', async t => {
+  const { Need } = await import('../../../plugins/kernel/client.js')
+  const need = new Need()
+  for (let i = 0; i < 3; i++) need.observe(800)
+  t.equal(need.ms, 800)
+  need.observe(20)
+  t.ok(need.ms < 800, `a faster answer never raises it (${need.ms})`)
+  let samples = 1
+  while (need.ms > 100 && samples < 100) { need.observe(20); samples++ }
+  t.ok(samples <= 10, `a few fast answers bring it down (${samples} to below 100 ms)`)
+  need.observe(800)
+  t.ok(need.ms > 400, `a slow answer raises it at once (${need.ms})`)
+})
+
 t.test('an empty path parameter is 400, never another Kernel route', async t => {
   // DELETE /v1/items/{id} with id "" was DELETE /v1/items/, the collection to a Kernel that
   // ignores trailing slashes; REST refuses the empty segment itself, the other faces did not.
