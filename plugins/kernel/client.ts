@@ -213,6 +213,8 @@ export class KernelClient {
     try {
       this.budget?.deposit()
       const deadline = ctx.startedAt + op.timeoutMs
+      // The failure a retry is made for: what the call answers should the retry not be sent.
+      let retried: Attempt | null = null
       for (let attempt = 0; ; attempt++) {
         // The caller left during the backoff: no retry for no one.
         if (leave?.gone() === true) throw clientClosed()
@@ -258,6 +260,9 @@ export class KernelClient {
           // Handed a connection with less time left than the Kernel needs: the gateway sheds load
           // (the queue for a connection is too long), as a full bulkhead does. No breaker failure.
           this.breaker?.release(permit)
+          // A retry so refused answers the failure it was made for, as a retry not made for want
+          // of time does: a 503 for calls waiting hid the Kernel's own answer.
+          if (retried !== null) throw failure(retried, op)
           this.metrics.rejected('queue_shed')
           throw new MantleError('KERNEL_UNAVAILABLE', 'Too many calls are waiting for the Kernel: this one could not be answered in time', { headers: { 'retry-after': '1' } })
         }
@@ -285,6 +290,7 @@ export class KernelClient {
             if (leave?.gone() === true) throw clientClosed()
             if (this.budget!.withdraw()) {
               metrics.retry()
+              retried = result
               await (leave === null ? sleep(wait) : leave.pause(wait))
               continue
             }

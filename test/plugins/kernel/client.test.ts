@@ -897,6 +897,35 @@ t.test('what an operation needs falls with a faster Kernel, and rises with a slo
   t.ok(need.ms > 400, `a slow answer raises it at once (${need.ms})`)
 })
 
+// A retry waits for a connection like any attempt; refused so, it answered 503 "Too many calls
+// are waiting" and the Kernel's own failure was lost.
+t.test('a retry that would be refused for want of time ends the call with the failure it retried', async t => {
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/f1': (_req, res) => { setTimeout(() => json(res, 500, { message: 'boom' }), 100) },
+    'GET /v1/items/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 700) }
+  })
+  const nothing = (): void => {}
+  const rejected: Record<string, number> = {}
+  const calls = { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing, client_closed: nothing }
+  const metrics = { forOperation: () => ({ call: calls, retry: nothing }), budgetExhausted: nothing, rejected: (reason: string) => { rejected[reason] = (rejected[reason] ?? 0) + 1 }, connected: nothing }
+  const client = new KernelClient({ origin: kernel.url, connections: 1, retries: 1, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 }, metrics })
+  t.teardown(() => client.close())
+  const op = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 1000 }
+  }).byName.get('getItem')!
+  const run = client.forOperation(op)
+  const outcome = async (id: string): Promise<unknown> => await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string, message: string }) => [err.code, err.message])
+  // f1 fails in 100 ms; its retry waits behind s1, which needs 700 ms: handed the connection with
+  // about 200 ms left, the retry is not sent.
+  const [failed, slow] = await Promise.all([outcome('f1'), outcome('s1')])
+  t.equal(slow, 'ok')
+  t.same(failed, ['KERNEL_ERROR', 'The Kernel failed (status 500)'], 'the Kernel\'s 5xx, not a 503 for calls waiting')
+  t.equal(hits(kernel, '/v1/items/f1'), 1, 'the retry was not sent')
+  t.same(rejected, {}, 'the call reached the Kernel: no refusal counted')
+})
+
 t.test('an empty path parameter is 400, never another Kernel route', async t => {
   // DELETE /v1/items/{id} with id "" was DELETE /v1/items/, the collection to a Kernel that
   // ignores trailing slashes; REST refuses the empty segment itself, the other faces did not.
