@@ -796,13 +796,19 @@ t.test('calls of a burst handed a connection as their time runs out are refused 
   }, { retries: 0, connections: 1, maxInFlight: 100, circuitBreaker: { threshold: 3, resetTimeoutMs: 60_000 } })
   const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
   const res = await Promise.all(Array.from({ length: 6 }, async () => await app.inject({ url: '/api/v1/items/b1', headers: bearer() })))
-  t.same(res.map(r => r.statusCode), [200, 200, 503, 503, 503, 503])
-  t.same(res.slice(2).map(r => [r.json().code, r.headers['retry-after']]), Array(4).fill(['KERNEL_UNAVAILABLE', '1']), 'load shed, as by a full bulkhead')
-  t.equal(hits(kernel, '/v1/items/b1'), 2, 'the last four never went out')
+  const codes = res.map(r => r.statusCode)
+  // Two answered on a quiet machine ([200, 200, 503, 503, 503, 503]); on a loaded one the first
+  // answer may come late enough that the second is refused too: what holds either way is that
+  // what went out was answered, and what could not be was refused unsent, from some call on.
+  const answered = codes.lastIndexOf(200) + 1
+  t.ok(answered >= 1 && answered <= 2, `the first ${answered} answered (${codes.join(', ')})`)
+  t.same(codes, [...Array(answered).fill(200), ...Array(6 - answered).fill(503)], 'then every other refused')
+  t.same(res.slice(answered).map(r => [r.json().code, r.headers['retry-after']]), Array(6 - answered).fill(['KERNEL_UNAVAILABLE', '1']), 'load shed, as by a full bulkhead')
+  t.equal(hits(kernel, '/v1/items/b1'), answered, 'the refused ones never went out')
   t.equal(app.kernel.breakerState(), 'closed', 'no Kernel timeout')
   const metrics = (await app.inject({ url: '/metrics' })).body.split('\n')
   t.same(metrics.filter(l => /^mantle_kernel_(rejected_total\{reason="queue_(timeout|shed)"\}|request_duration_seconds_count\{op="getItem",outcome="timeout"\}) /.test(l)).sort(),
-    ['mantle_kernel_rejected_total{reason="queue_shed"} 4'])
+    [`mantle_kernel_rejected_total{reason="queue_shed"} ${6 - answered}`])
 })
 
 // Congestion collapse (found by a review): past capacity, the queue for a connection grew until
