@@ -78,7 +78,13 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   const answering: Array<() => void> = []
   const answered = (): void => { for (const listener of answering) listener() }
   client.on('ready', () => {
-    if (refused !== null) return
+    // Dropped at once, before any store's command: ready on database 0, it took an idempotency
+    // outcome written without asking up() until the heartbeat dropped it. The heartbeat makes
+    // it anew, a second later.
+    if (refused !== null) {
+      client.disconnect(false)
+      return
+    }
     if (warned) app.log.info('Redis is back')
     warned = false
     refusalLogged = false
@@ -96,9 +102,9 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   // could have been taken for a later command's).
   let beating = false
   const heartbeat = setInterval(() => {
-    // A connection Redis refused is made anew each beat, until Redis takes it (ready on database 0, it is not used).
-    if (client.status === 'ready' && refused !== null) {
-      client.disconnect(true)
+    // A connection Redis refused (dropped as it came ready) is made anew each beat, until Redis takes it.
+    if (refused !== null && client.status === 'end') {
+      client.connect().catch(() => {})
       return
     }
     if (beating || client.status !== 'ready') return
@@ -145,10 +151,13 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
  * SELECT of its database, or a command refused for want of them), not a network error or a
  * passing one (too many clients).
  */
-function refusal (err: Error): boolean {
-  if (err.name !== 'ReplyError' || /max number of clients/i.test(err.message)) return false
+export function refusal (err: Error): boolean {
+  // A Redis busy with a script (SELECT is not allowed then), loading, or full is away a moment,
+  // not refusing: taken for a refused database, BUSY stopped a start-up with a wrong message.
+  if (err.name !== 'ReplyError' || /max number of clients/i.test(err.message) || /^(BUSY|LOADING|MASTERDOWN|TRYAGAIN)\b/.test(err.message)) return false
+  if (/^(NOAUTH|WRONGPASS|NOPERM)\b/.test(err.message)) return true
   const command = (err as Error & { command?: { name?: string } }).command?.name
-  return command === 'auth' || command === 'hello' || command === 'select' || /^(NOAUTH|WRONGPASS|NOPERM)\b/.test(err.message)
+  return command === 'auth' || command === 'hello' || (command === 'select' && /DB index/i.test(err.message))
 }
 
 /** How a refusal is told: what Redis refused of REDIS_URL, in its words (never the password). */

@@ -3,7 +3,9 @@
 // (maybe another app's data) while /readyz, /diagz and mantle_redis_up said up.
 import t from 'tap'
 import { createServer, connect, type Socket } from 'node:net'
+import { Redis } from 'ioredis'
 import { buildDemoApp, bearer, until } from '../../helper.js'
+import { refusal } from '../../../plugins/redis/index.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const target = new URL(REDIS_URL)
@@ -52,20 +54,33 @@ t.test('a Redis that refuses the database later (restarted with fewer) counts as
   const { lines, logStream } = logLines()
   const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${port}/5`, LOG_LEVEL: 'info', BFF_RATE_LIMIT_GLOBAL_MAX: 1000 }, { logger: undefined, logStream })
   await until(() => app.redis.up(), 'Redis up on database 5')
+  // What the listeners of 'ready' after the gateway's own find: a refused connection must be
+  // gone by then (ready on database 0, a store's command not asking up() ran there).
+  const seenReady: string[] = []
+  const probe = `mantle-refused-${process.pid}-${Date.now()}`
+  app.redis.client.on('ready', () => {
+    seenReady.push(app.redis.client.status)
+    // As a store's command that does not ask up() (idempotency's outcome did): it must not land.
+    app.redis.client.set(probe, '1').catch(() => {})
+  })
   refusing = true
   const id = await app.redis.client.client('ID')
   for (const s of open) s.destroy()
   // The new connection is refused its SELECT (ioredis, which sent SELECT 5, names 5) and goes
   // ready on database 0 all the same: never up.
   await until(() => lines.some(l => l.level === 50), 'the refusal logged')
-  await until(() => app.redis.client.status === 'ready', 'the connection ready on database 0')
+  await until(() => seenReady.length > 0, 'the connection ready on database 0')
   t.notOk(app.redis.up(), 'Redis counts as down')
+  const db0 = new Redis(`redis://${target.host}/0`)
+  t.teardown(async () => { await db0.del(probe); db0.disconnect() })
   // A guarded call counts in memory; the refused connections made anew each second do not end that.
   await app.inject({ method: 'GET', url: '/api/v1/agents?limit=1', headers: bearer() })
   t.ok(lines.some(l => /rate limits fall back to memory/.test(l.msg)), 'rate limits on memory')
   const made = lines.filter(l => /Redis refused/.test(l.msg)).length
-  await until(() => app.redis.client.status !== 'ready', 'the refused connection dropped', 5000)
-  await until(() => app.redis.client.status === 'ready', 'and made anew, refused again', 5000)
+  const tries = seenReady.length
+  await until(() => seenReady.length > tries, 'made anew, refused again', 5000)
+  await new Promise(resolve => setTimeout(resolve, 100))
+  t.equal(await db0.exists(probe), 0, 'a command sent on the refused connection as it came ready never reached database 0')
   t.equal(lines.filter(l => /Redis refused/.test(l.msg)).length, made, 'the refusal logged once')
   t.notOk(lines.some(l => /counted in Redis again/.test(l.msg)), 'rate limits not said back in Redis')
   const ready = await app.inject({ method: 'GET', url: '/readyz' })
@@ -81,4 +96,17 @@ t.test('a Redis that refuses the database later (restarted with fewer) counts as
   t.ok(lines.some(l => /counted in Redis again/.test(l.msg)), 'rate limits back in Redis')
   await until(() => app.events.health().up, 'the events subscriber back (its connection was cut too)', 10_000)
   t.equal((await app.inject({ method: 'GET', url: '/readyz' })).statusCode, 200, 'ready again')
+})
+
+t.test('a Redis busy, loading or full during the handshake is away a moment, not refusing', async t => {
+  // SELECT is not allowed while a script runs past busy-reply-threshold: a start-up then stopped,
+  // blaming the database count.
+  const reply = (message: string, name: string): Error => Object.assign(new Error(message), { name: 'ReplyError', command: { name, args: ['3'] } })
+  t.notOk(refusal(reply('BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.', 'select')), 'BUSY')
+  t.notOk(refusal(reply('LOADING Redis is loading the dataset in memory', 'select')), 'LOADING')
+  t.notOk(refusal(reply('ERR max number of clients reached', 'auth')), 'full')
+  t.notOk(refusal(Object.assign(new Error('Command timed out'), { command: { name: 'select' } })), 'a timeout is no reply')
+  t.ok(refusal(reply('ERR DB index is out of range', 'select')), 'a database it does not have')
+  t.ok(refusal(reply('WRONGPASS invalid username-password pair or user is disabled.', 'auth')), 'credentials')
+  t.ok(refusal(reply('NOAUTH Authentication required.', 'select')), 'no credentials given')
 })
