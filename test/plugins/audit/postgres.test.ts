@@ -664,6 +664,32 @@ if (available) {
     t.equal(page?.entries.length, 50)
   })
 
+  t.test('GET /admin/audit with a time range and a selective filter reads windows of the newest positions, not the range, for each page', async t => {
+    const { url, store } = await storeOnNewDatabase(t)
+    // 60,000 entries, one a minute; one in 500 of action "rare". A page of 50 of them lies in the
+    // newest 25,500 positions: the whole range below the cursor was read for each page (60,000 rows).
+    const minute = 60_000
+    const base = Date.now() - 60_000 * minute
+    for (let i = 0; i < 60_000; i += 5000) {
+      await store.write(Array.from({ length: 5000 }, (_, k) => entry({ timestamp: base + (i + k) * minute, action: (i + k) % 500 === 0 ? 'rare' : 'getAgent' })))
+    }
+    await sql(url, 'ANALYZE bff_audit_entries')
+    const from = new Date(base + minute)
+    const removed = async (run: () => Promise<unknown>): Promise<number> =>
+      (await plansOf(url, await statementsOf(run), true)).flat().reduce((sum, n) => sum + (n['Rows Removed by Filter'] ?? 0), 0)
+    const expected = async (beforeSeq: number): Promise<number[]> => (await sql<{ seq: string }>(url,
+      'SELECT seq FROM bff_audit_entries WHERE action = \'rare\' AND "timestamp" >= $1 AND seq < $2 ORDER BY seq DESC LIMIT 50', [from, beforeSeq])).map(r => Number(r.seq))
+    let page: AuditPage | undefined
+    let cursor = 1e9
+    for (let n = 1; n <= 2; n++) {
+      const read = await removed(async () => { page = await store.query({ limit: 50, action: 'rare', from, ...(n > 1 ? { beforeSeq: cursor } : {}) }) })
+      t.ok(read <= 31_000, `page ${n}: ${read} rows read past (windows of 10,000 and 20,000 at most)`)
+      t.same(page?.entries.map(e => e.seq), await expected(cursor), `page ${n}: as SQL says`)
+      cursor = page?.nextSeq ?? 0
+    }
+    t.ok(cursor > 0, 'more pages')
+  })
+
   t.test('retention: each batch reads and deletes from the anchor on, by the seq index, statistics or not', async t => {
     const { url, store } = await storeOnNewDatabase(t)
     await sql(url, 'ALTER TABLE bff_audit_entries SET (autovacuum_enabled = false)')
