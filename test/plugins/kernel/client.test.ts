@@ -4,6 +4,8 @@ import { createServer, type ServerResponse } from 'node:http'
 import { connect, createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net'
 import { spawn } from 'node:child_process'
 import { buildTestApp, startTestKernel, testManifest, bearer, json, closedPort, until, type TestKernel } from '../../helper.js'
+import type { KernelClient, KernelMetrics } from '../../../plugins/kernel/client.js'
+import type { Operation } from '../../../manifest.js'
 
 const item = { type: 'object', required: ['id'], properties: { id: { type: 'string' }, name: { type: 'string' } } }
 const idInput = { type: 'object', required: ['id'], properties: { id: { type: 'string' } }, additionalProperties: false }
@@ -811,25 +813,30 @@ t.test('calls of a burst handed a connection as their time runs out are refused 
     [`mantle_kernel_rejected_total{reason="queue_shed"} ${6 - answered}`])
 })
 
+/** A KernelClient of its own on `kernel` and its op getItem (`timeoutMs`), refusals counted by reason. */
+async function itemClient (t: Test, kernel: TestKernel, o: { connections: number, retries: number, timeoutMs: number }): Promise<{ client: KernelClient, op: Operation, run: ReturnType<KernelClient['forOperation']>, rejected: Record<string, number> }> {
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const rejected: Record<string, number> = {}
+  const nothing = (): void => {}
+  const calls = { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing, client_closed: nothing }
+  const metrics: KernelMetrics = { forOperation: () => ({ call: calls, retry: nothing }), budgetExhausted: nothing, rejected: (reason: string) => { rejected[reason] = (rejected[reason] ?? 0) + 1 }, connected: nothing }
+  const client = new KernelClient({ origin: kernel.url, connections: o.connections, retries: o.retries, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 }, metrics })
+  t.teardown(() => client.close())
+  const op = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: o.timeoutMs }
+  }).byName.get('getItem')!
+  return { client, op, run: client.forOperation(op), rejected }
+}
+
 // Congestion collapse (found by a review): past capacity, the queue for a connection grew until
 // its head had waited nearly its whole timeout; from then on every call went out with less time
 // left than the Kernel needs and timed out (sent: the Kernel did the work, its answer was thrown
 // away, its connection closed), the breaker opened on a healthy Kernel, and no call was answered.
 t.test('past capacity, a call handed a connection with less time left than the Kernel needs is refused unsent: answers keep coming, the breaker stays closed', async t => {
-  const { KernelClient } = await import('../../../plugins/kernel/index.js')
   const { CallContext } = await import('../../../plugins/pipeline/index.js')
   // 100 ms a call on 2 connections: 20 calls a second; 40 a second are sent for 2.5 s.
   const kernel = await startTestKernel(t, { 'GET /v1/items/q1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'q1' }), 100) } })
-  const rejected: Record<string, number> = {}
-  const nothing = (): void => {}
-  const calls = { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing, client_closed: nothing }
-  const metrics = { forOperation: () => ({ call: calls, retry: nothing }), budgetExhausted: nothing, rejected: (reason: string) => { rejected[reason] = (rejected[reason] ?? 0) + 1 }, connected: nothing }
-  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 }, metrics })
-  t.teardown(() => client.close())
-  const op = testManifest({
-    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 500 }
-  }).byName.get('getItem')!
-  const run = client.forOperation(op)
+  const { client, op, run, rejected } = await itemClient(t, kernel, { connections: 2, retries: 0, timeoutMs: 500 })
   // Outcomes of the calls made once the queue has filled (its head waits 400 ms after 0.4 s).
   const late: Record<string, number> = {}
   const refusals: Array<Record<string, string> | undefined> = []
@@ -863,19 +870,10 @@ t.test('past capacity, a call handed a connection with less time left than the K
 // and nothing more was learnt: every burst had its waiting calls refused against a Kernel
 // answering in 20 ms, for as long as it went on.
 t.test('after a cold burst of slow answers, a Kernel that gets fast has its bursts answered', async t => {
-  const { KernelClient } = await import('../../../plugins/kernel/index.js')
   const { CallContext } = await import('../../../plugins/pipeline/index.js')
   let served = 0
   const kernel = await startTestKernel(t, { 'GET /v1/items/w1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'w1' }), served++ < 3 ? 800 : 20) } })
-  const nothing = (): void => {}
-  const calls = { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing, client_closed: nothing }
-  const metrics = { forOperation: () => ({ call: calls, retry: nothing }), budgetExhausted: nothing, rejected: nothing, connected: nothing }
-  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 }, metrics })
-  t.teardown(() => client.close())
-  const op = testManifest({
-    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 1000 }
-  }).byName.get('getItem')!
-  const run = client.forOperation(op)
+  const { op, run } = await itemClient(t, kernel, { connections: 2, retries: 0, timeoutMs: 1000 })
   let made = 0
   const burst = async (n: number): Promise<string[]> => await Promise.all(Array.from({ length: n }, async () =>
     await run(new CallContext(`c${made++}`, 'rest', op, { id: 'w1' }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)))
@@ -906,22 +904,12 @@ t.test('what an operation needs falls with a faster Kernel, and rises with a slo
 // A retry waits for a connection like any attempt; refused so, it answered 503 "Too many calls
 // are waiting" and the Kernel's own failure was lost.
 t.test('a retry that would be refused for want of time ends the call with the failure it retried', async t => {
-  const { KernelClient } = await import('../../../plugins/kernel/index.js')
   const { CallContext } = await import('../../../plugins/pipeline/index.js')
   const kernel = await startTestKernel(t, {
     'GET /v1/items/f1': (_req, res) => { setTimeout(() => json(res, 500, { message: 'boom' }), 100) },
     'GET /v1/items/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 700) }
   })
-  const nothing = (): void => {}
-  const rejected: Record<string, number> = {}
-  const calls = { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing, client_closed: nothing }
-  const metrics = { forOperation: () => ({ call: calls, retry: nothing }), budgetExhausted: nothing, rejected: (reason: string) => { rejected[reason] = (rejected[reason] ?? 0) + 1 }, connected: nothing }
-  const client = new KernelClient({ origin: kernel.url, connections: 1, retries: 1, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 }, metrics })
-  t.teardown(() => client.close())
-  const op = testManifest({
-    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 1000 }
-  }).byName.get('getItem')!
-  const run = client.forOperation(op)
+  const { op, run, rejected } = await itemClient(t, kernel, { connections: 1, retries: 1, timeoutMs: 1000 })
   const outcome = async (id: string): Promise<unknown> => await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string, message: string }) => [err.code, err.message])
   // f1 fails in 100 ms; its retry waits behind s1, which needs 700 ms: handed the connection with
   // about 200 ms left, the retry is not sent.
