@@ -264,8 +264,10 @@ function closest (errors: readonly ValidationError[]): ValidationError | undefin
       if (summary(s) && prefix.length > within && (e.schemaPath ?? '').startsWith(prefix + '/')) { at = s.instancePath ?? ''; within = prefix.length }
     }
     const below = depth(e.instancePath) - depth(at)
-    const notOfKind = (e.keyword === 'type' && below === 0) || ((e.keyword === 'const' || e.keyword === 'enum') && below <= 1)
-    const rank = notOfKind ? 0 : 1 + below
+    // A wrong type of the value itself ranks lowest; a const or enum of the value or of a field
+    // next (a discriminator, or an ordinary field's value: of a nullable object, it is the
+    // object's fault, not "must be null"); anything deeper or else, by its depth.
+    const rank = e.keyword === 'type' && below === 0 ? 0 : (e.keyword === 'const' || e.keyword === 'enum') && below <= 1 ? 0.5 : 1 + below
     if (rank > bestRank) { best = e; bestRank = rank }
   }
   if (best === undefined) return errors[0]

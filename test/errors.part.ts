@@ -202,5 +202,10 @@ t.test('describeValidation names the error of the branch the value came closest 
     { instancePath: '/shape/kind', schemaPath: '#/properties/shape/anyOf/0/properties/kind/enum', keyword: 'enum', params: { allowedValues: ['a'] }, message: 'must be equal to one of the allowed values' },
     { instancePath: '/shape/y', schemaPath: '#/properties/shape/anyOf/1/properties/y/type', keyword: 'type', params: { type: 'number' }, message: 'must be number' },
     { instancePath: '/shape', schemaPath: '#/properties/shape/anyOf', keyword: 'anyOf', params: {}, message: 'must match a schema in anyOf' }], 'output'), 'output.shape.y must be number', 'a discriminator of the first branch refused: the second\'s fault')
+  // A nullable object whose field breaks its enum (or const): the object's fault, not "must be null".
+  t.equal(describeValidation([
+    { instancePath: '/item', schemaPath: '#/properties/item/anyOf/0/type', keyword: 'type', params: { type: 'null' }, message: 'must be null' },
+    { instancePath: '/item/status', schemaPath: '#/properties/item/anyOf/1/properties/status/enum', keyword: 'enum', params: { allowedValues: ['active', 'idle'] }, message: 'must be equal to one of the allowed values' },
+    { instancePath: '/item', schemaPath: '#/properties/item/anyOf', keyword: 'anyOf', params: {}, message: 'must match a schema in anyOf' }], 'output'), 'output.item.status must be equal to one of the allowed values', 'a nullable object\'s enum field')
   t.equal(describeValidation([{ instancePath: '', schemaPath: '#/anyOf/0/type', keyword: 'type', message: 'must be null' }, { instancePath: '', schemaPath: '#/anyOf/1/type', keyword: 'type', params: { type: 'object' }, message: 'must be object' }, { instancePath: '', schemaPath: '#/anyOf', keyword: 'anyOf', params: {}, message: 'must match a schema in anyOf' }]), 'input must be null', 'a type error without params names no "undefined"')
 })
