@@ -644,7 +644,7 @@ export class PostgresAuditStore implements AuditStore {
    * index (its first and last entries by time): a range farther below the cursor than it is long
    * is read through the timestamp index (`seq + 0`: never in the seq index's order); otherwise
    * the positions below the cursor are read by the seq index in windows of QUERY_WINDOW,
-   * doubling, down to the range's first entry, until a page is full, and what lies below it
+   * doubling, three at most, down to the range's first entry, until a page is full, and what lies below them
    * (entries whose timestamps are out of position order: several instances, a replayed spool)
    * through the timestamp index. The cost follows the range and the page, never the table.
    */
@@ -673,7 +673,11 @@ export class PostgresAuditStore implements AuditStore {
     })).rows.map(fromRow)
     if (top - 1 - Math.max(first, last) > Math.abs(last - first)) return await byTime(top, want)
     const rows: StoredEntry[] = []
-    for (let size = QUERY_WINDOW; top > floor && rows.length < want; size *= 2) {
+    // Three windows at most (70,000 positions): a filter that matches little or nothing then
+    // reads the rest of the range through the timestamp index in one statement, as a range far
+    // below does, rather than window after window (8 statements over 500,000 rows, 3 times the
+    // time of one).
+    for (let size = QUERY_WINDOW; top > floor && rows.length < want && size <= QUERY_WINDOW * 4; size *= 2) {
       const bottom = Math.max(top - size, floor)
       const page = await this.read<Row>({
         text: `SELECT ${COLUMNS} FROM bff_audit_entries ${filter} AND seq < $${params.length + 1} AND seq >= $${params.length + 2} ORDER BY seq DESC LIMIT $${params.length + 3}`,
