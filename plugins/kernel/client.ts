@@ -253,6 +253,8 @@ export class KernelClient {
         if (result === queuedOut) {
           // Its time ran out waiting for a connection: never sent, so no failure of the Kernel's.
           this.breaker?.release(permit)
+          // A retry so ended answers the failure it was made for, as a retry shed does.
+          if (retried !== null) throw failure(retried, op)
           this.metrics.rejected('queue_timeout')
           throw failure(timedOut, op)
         }
@@ -389,7 +391,10 @@ export class KernelClient {
       const code = (err as { code?: string }).code ?? ''
       if (code === 'UND_ERR_INVALID_ARG') throw new MantleError('INTERNAL', 'The gateway could not form the Kernel request')
       if (deadline.cancelled) return leftSent
-      if (deadline.aborted || TIMEOUT_CODES.has(code)) return timedOut
+      if (deadline.aborted || TIMEOUT_CODES.has(code)) {
+        need.timedOut(performance.now() - sentAt)
+        return timedOut
+      }
       // The Kernel answered, with headers over undici's 16 KiB: it will answer so every time.
       if (code === 'UND_ERR_HEADERS_OVERFLOW') return { outcome: 'bad_answer', status: 502, value: undefined, message: 'The Kernel answered with headers over 16 KiB' }
       return { outcome: 'unavailable', status: 503, value: undefined, message: (err as Error).message, ...(CONNECT_CODES.has(code) ? { unsent: true } : {}) }
@@ -522,35 +527,49 @@ const MIN_SEND_MS = 10
 /** Less time left than its operation's Kernel needs (Need) once handed a connection: refused unsent, load shed. */
 const shed: Attempt = { outcome: 'unavailable', status: 503, value: undefined, message: undefined, unsent: true }
 
+/** How many recent answers bound what an operation's Kernel calls need (Need). */
+const PEAK_ANSWERS = 32
+
 /**
- * What an operation's Kernel calls currently need once sent, in ms (0 until known): the mean of
- * its successful attempts plus twice their deviation above it, learnt from every one (RFC 6298's
- * estimator, but for a refusal, not a retransmission: a false one refuses a call that could have
- * been answered). A call handed a connection with less time left is not sent.
- * Only slowness raises it: an answer slower than the mean moves the mean up by 1/8 of the gap and
- * the deviation towards the gap by 1/4; a faster one moves the mean down by 1/4 of the gap and
- * lets the deviation decay by 1/4. RFC 6298's |gap| made a Kernel getting faster raise it (800 ms
- * answers then one of 20 ms: 800 to 1092), for some 15 answers; now 605, and under 100 ms after 8.
+ * What an operation's Kernel calls currently need once sent, in ms (0 until known): RFC 6298's
+ * estimator of a round trip (a mean and a mean deviation, gains 1/8 and 1/4), the mean plus twice
+ * the deviation, learnt from every successful attempt, and never above the slowest of the last 32
+ * answers; a call handed a connection with less time left is not sent. An attempt sent that timed
+ * out counts as an answer of the time it had (its latency was more), so that a Kernel getting
+ * slower while calls wait raises it: learnt from answers alone, it stayed low, every call went out
+ * to time out and the breaker opened. (Each found by a review; a mean that fell faster than it
+ * rose settled near the 75th percentile, and a quarter of the calls sent past capacity timed out.)
  */
 export class Need {
   ms = 0
   private mean = -1
   private deviation = 0
+  /** The last PEAK_ANSWERS answers (ms), a ring: what it asks is never above the slowest of them. */
+  private readonly recent = new Float64Array(PEAK_ANSWERS)
+  private at = 0
 
   observe (ms: number): void {
+    this.recent[this.at] = ms
+    this.at = (this.at + 1) % PEAK_ANSWERS
     if (this.mean < 0) {
       this.mean = ms
-    } else {
-      const d = ms - this.mean
-      if (d > 0) {
-        this.deviation += (d - this.deviation) / 4
-        this.mean += d / 8
-      } else {
-        this.deviation -= this.deviation / 4
-        this.mean += d / 4
-      }
+      this.ms = ms
+      return
     }
-    this.ms = this.mean + 2 * this.deviation
+    const d = ms - this.mean
+    this.deviation += (Math.abs(d) - this.deviation) / 4
+    this.mean += d / 8
+    // Never above the slowest recent answer: the deviation that a faster answer adds made a Kernel
+    // getting faster ask more than any answer took (800 ms answers, then one of 20 ms: 1,092), as
+    // did one slow answer among fast ones, and calls that had waited a moment were refused.
+    let peak = 0
+    for (let i = 0; i < PEAK_ANSWERS; i++) if (this.recent[i] > peak) peak = this.recent[i]
+    this.ms = Math.min(this.mean + 2 * this.deviation, peak)
+  }
+
+  /** An attempt sent `ms` before its deadline that timed out: its Kernel needed more. */
+  timedOut (ms: number): void {
+    if (ms > this.ms) this.observe(ms)
   }
 }
 
