@@ -65,10 +65,17 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   let refusalLogged = false
   client.on('connect', () => { refused = null })
   client.on('error', (err: Error) => {
-    if (client.status === 'connect' && refusal(err)) {
+    // Any SELECT that failed leaves the connection on database 0: never used (dropped as it
+    // comes ready, made again each second). A refusal (refusal()) is a misconfiguration; a
+    // SELECT a busy Redis put off (BUSY) is not, and is only warned about.
+    if (client.status === 'connect' && (refusal(err) || selectFailed(err))) {
       refused = err
-      if (!refusalLogged) app.log.error({ err: err.message }, `${refusalOf(err)}; stores fall back to memory until it takes it`)
-      refusalLogged = true
+      if (!refusal(err)) {
+        if (!warned) app.log.warn({ err: err.message }, 'Redis did not select the database of REDIS_URL: stores fall back to memory until it does')
+      } else if (!refusalLogged) {
+        app.log.error({ err: err.message }, `${refusalOf(err)}; stores fall back to memory until it takes it`)
+        refusalLogged = true
+      }
       warned = true
       return
     }
@@ -132,7 +139,7 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
     if (refused === null) app.log.warn({ err: err.message }, 'Redis is unreachable at start-up: running on memory stores until it is back')
   })
   // A misconfiguration, unlike a Redis that is away: start-up stops, naming REDIS_URL.
-  if (refused !== null) {
+  if (refused !== null && refusal(refused)) {
     clearInterval(heartbeat)
     client.disconnect()
     throw new Error(`Refusing to start: ${refusalOf(refused)}`)
@@ -158,6 +165,11 @@ export function refusal (err: Error): boolean {
   if (/^(NOAUTH|WRONGPASS|NOPERM)\b/.test(err.message)) return true
   const command = (err as Error & { command?: { name?: string } }).command?.name
   return command === 'auth' || command === 'hello' || (command === 'select' && /DB index/i.test(err.message))
+}
+
+/** Whether an error is Redis' answer to the handshake's SELECT (whatever it says). */
+function selectFailed (err: Error): boolean {
+  return err.name === 'ReplyError' && (err as Error & { command?: { name?: string } }).command?.name === 'select'
 }
 
 /** How a refusal is told: what Redis refused of REDIS_URL, in its words (never the password). */

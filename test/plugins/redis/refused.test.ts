@@ -1,7 +1,7 @@
 // A Redis that refuses REDIS_URL's database (SELECT past its `databases`) or credentials: ioredis
 // reported it as an error, then went ready on database 0 all the same, and every store ran there
 // (maybe another app's data) while /readyz, /diagz and mantle_redis_up said up.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { createServer, connect, type Socket } from 'node:net'
 import { Redis } from 'ioredis'
 import { buildDemoApp, bearer, until } from '../../helper.js'
@@ -15,6 +15,40 @@ function logLines (): { lines: Array<{ level: number, msg: string }>, logStream:
   const lines: Array<{ level: number, msg: string }> = []
   return { lines, logStream: { write: line => { lines.push(JSON.parse(line)) } } }
 }
+
+/**
+ * A proxy to Redis that, as `mode()` says, passes the SELECT of database 5 a client sends, asks
+ * for database 99 in its place (refused: out of range), or has Redis answer it BUSY (as while a
+ * script runs past busy-reply-threshold).
+ */
+async function selectProxy (t: Test, mode: () => 'pass' | 'refuse' | 'busy'): Promise<number> {
+  const SELECT_5 = /\*2\r\n\$6\r\nselect\r\n\$1\r\n5\r\n/i
+  const script = "return redis.error_reply('BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.')"
+  const busy = `*3\r\n$4\r\nEVAL\r\n$${script.length}\r\n${script}\r\n$1\r\n0\r\n`
+  const open = new Set<Socket>()
+  const server = createServer(client => {
+    const upstream = connect(Number(target.port || 6379), target.hostname)
+    for (const s of [client, upstream]) { open.add(s); s.on('close', () => open.delete(s)); s.on('error', () => s.destroy()) }
+    client.on('data', (chunk: Buffer) => {
+      const now = mode()
+      const text = chunk.toString('latin1')
+      upstream.write(now === 'pass' ? chunk : Buffer.from(text.replace(SELECT_5, now === 'refuse' ? '*2\r\n$6\r\nselect\r\n$2\r\n99\r\n' : busy), 'latin1'))
+    })
+    upstream.on('data', (chunk: Buffer) => client.write(chunk))
+    client.on('close', () => upstream.destroy())
+    upstream.on('close', () => client.destroy())
+  })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(async () => {
+    for (const s of open) s.destroy()
+    await new Promise(resolve => server.close(resolve))
+  })
+  cut = () => { for (const s of open) s.destroy() }
+  return (server.address() as { port: number }).port
+}
+
+/** Cuts the connections through the last proxy made. */
+let cut = (): void => {}
 
 t.test('a database Redis does not have stops start-up, naming REDIS_URL', async t => {
   const { lines, logStream } = logLines()
@@ -33,24 +67,7 @@ t.test('credentials Redis refuses stop start-up, naming REDIS_URL, never the pas
 t.test('a Redis that refuses the database later (restarted with fewer) counts as down, until it takes it again', async t => {
   // A proxy that, while `refusing`, asks for database 99 where the client asked for database 5.
   let refusing = false
-  const open = new Set<Socket>()
-  const server = createServer(client => {
-    const upstream = connect(Number(target.port || 6379), target.hostname)
-    for (const s of [client, upstream]) { open.add(s); s.on('close', () => open.delete(s)); s.on('error', () => s.destroy()) }
-    client.on('data', (chunk: Buffer) => {
-      const text = chunk.toString('latin1')
-      upstream.write(refusing ? Buffer.from(text.replace(/(\*2\r\n\$6\r\nselect\r\n)\$1\r\n5\r\n/i, '$1$2\r\n99\r\n'), 'latin1') : chunk)
-    })
-    upstream.on('data', (chunk: Buffer) => client.write(chunk))
-    client.on('close', () => upstream.destroy())
-    upstream.on('close', () => client.destroy())
-  })
-  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
-  t.teardown(async () => {
-    for (const s of open) s.destroy()
-    await new Promise(resolve => server.close(resolve))
-  })
-  const port = (server.address() as { port: number }).port
+  const port = await selectProxy(t, () => refusing ? 'refuse' : 'pass')
   const { lines, logStream } = logLines()
   const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${port}/5`, LOG_LEVEL: 'info', BFF_RATE_LIMIT_GLOBAL_MAX: 1000 }, { logger: undefined, logStream })
   await until(() => app.redis.up(), 'Redis up on database 5')
@@ -65,7 +82,7 @@ t.test('a Redis that refuses the database later (restarted with fewer) counts as
   })
   refusing = true
   const id = await app.redis.client.client('ID')
-  for (const s of open) s.destroy()
+  cut()
   // The new connection is refused its SELECT (ioredis, which sent SELECT 5, names 5) and goes
   // ready on database 0 all the same: never up.
   await until(() => lines.some(l => l.level === 50), 'the refusal logged')
@@ -109,4 +126,30 @@ t.test('a Redis busy, loading or full during the handshake is away a moment, not
   t.ok(refusal(reply('ERR DB index is out of range', 'select')), 'a database it does not have')
   t.ok(refusal(reply('WRONGPASS invalid username-password pair or user is disabled.', 'auth')), 'credentials')
   t.ok(refusal(reply('NOAUTH Authentication required.', 'select')), 'no credentials given')
+})
+
+t.test('a SELECT a busy Redis puts off leaves the connection unused, not on database 0, and does not stop start-up', async t => {
+  let busy = true
+  const port = await selectProxy(t, () => busy ? 'busy' : 'pass')
+  const { lines, logStream } = logLines()
+  const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${port}/5`, LOG_LEVEL: 'info' }, { logger: undefined, logStream })
+  t.notOk(app.redis.up(), 'started, with Redis counted as down')
+  const probe = `mantle-busy-${process.pid}-${Date.now()}`
+  const readies: boolean[] = []
+  app.redis.client.on('ready', () => {
+    readies.push(app.redis.up())
+    app.redis.client.set(probe, '1').catch(() => {})
+  })
+  const db0 = new Redis(`redis://${target.host}/0`)
+  t.teardown(async () => { await db0.del(probe); db0.disconnect() })
+  await until(() => readies.length > 0, 'a connection made again, its SELECT put off again', 5000)
+  await new Promise(resolve => setTimeout(resolve, 100))
+  t.same(readies.filter(Boolean), [], 'never up')
+  t.equal(await db0.exists(probe), 0, 'nothing written to database 0')
+  t.notOk(lines.some(l => l.level === 50), 'not logged as a refusal')
+  busy = false
+  await until(() => app.redis.up(), 'up once Redis selects the database', 10_000)
+  t.equal(await app.redis.client.set(probe + '-5', '1'), 'OK')
+  t.equal(await db0.exists(probe + '-5'), 0, 'on database 5')
+  await app.redis.client.del(probe + '-5')
 })
