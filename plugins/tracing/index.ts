@@ -2,7 +2,8 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { ROOT_CONTEXT, SpanKind, SpanStatusCode, TraceFlags, trace, createNoopMeter, type Attributes, type Context, type Meter, type MeterProvider, type ObservableCallback } from '@opentelemetry/api'
 import { Counter, Gauge } from 'prom-client'
-import { TracerProvider, BatchSpanProcessor, ParentBasedSampler, TraceIdRatioBasedSampler, type SpanExporter } from '@opentelemetry/sdk-trace'
+import { TracerProvider, BatchSpanProcessor, ParentBasedSampler, TraceIdRatioBasedSampler, type ReadableSpan, type SpanExporter } from '@opentelemetry/sdk-trace'
+import type { ExportResult } from '@opentelemetry/core'
 import { OTLPTraceExporter } from '@opentelemetry/exporter-trace-otlp-http'
 import { resourceFromAttributes } from '@opentelemetry/resources'
 import { StageOrder } from '../pipeline/index.js'
@@ -26,8 +27,13 @@ export interface TracingOptions {
 }
 
 // One export's bound: the exporter's default (10 s) is close-with-grace's whole grace period, so a
-// collector that accepted and never answered made every shutdown end killed, exit code 1.
+// collector that accepted and never answered made every shutdown end killed, exit code 1. The
+// exporter's is a socket's idle timeout only (a collector writing its answer a byte a second never
+// trips it): the batch processor's bound on an export is this too.
 const EXPORT_TIMEOUT_MS = 2000
+// Shutdown's bound on the collector: the last batches' export, and no wait beyond it for exports
+// still unanswered (the exporter's own shutdown awaits each, unbounded).
+const SHUTDOWN_TIMEOUT_MS = EXPORT_TIMEOUT_MS + 500
 
 /** The caller's W3C traceparent as a remote parent context (ROOT_CONTEXT when absent or invalid). */
 export function parentContext (traceparent: string | undefined): Context {
@@ -81,19 +87,35 @@ export class SpanQueueReport implements MeterProvider {
   }
 }
 
+/** An exporter, with the spans handed to it and not yet answered for counted. */
+class UnansweredCount implements SpanExporter {
+  unanswered = 0
+  constructor (private readonly exporter: SpanExporter) {}
+
+  export (spans: ReadableSpan[], done: (result: ExportResult) => void): void {
+    this.unanswered += spans.length
+    this.exporter.export(spans, result => { this.unanswered -= spans.length; done(result) })
+  }
+
+  async shutdown (): Promise<void> { await this.exporter.shutdown() }
+
+  async forceFlush (): Promise<void> { await this.exporter.forceFlush?.() }
+}
+
 async function tracingPlugin (app: FastifyInstance, opts: TracingOptions): Promise<void> {
   const report = new SpanQueueReport()
+  const exporter = new UnansweredCount(opts.exporter ?? new OTLPTraceExporter({ url: opts.url, timeoutMillis: EXPORT_TIMEOUT_MS }))
   const provider = new TracerProvider({
     resource: resourceFromAttributes({ 'service.name': opts.serviceName, 'service.version': opts.version }),
     sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(opts.sampleRatio) }),
-    spanProcessors: [new BatchSpanProcessor({ exporter: opts.exporter ?? new OTLPTraceExporter({ url: opts.url, timeoutMillis: EXPORT_TIMEOUT_MS }), maxQueueSize: SPAN_QUEUE_MAX, maxExportBatchSize: 512, scheduledDelayMillis: 1000, selfObsMeterProvider: report })]
+    spanProcessors: [new BatchSpanProcessor({ exporter, exportTimeoutMillis: EXPORT_TIMEOUT_MS, maxQueueSize: SPAN_QUEUE_MAX, maxExportBatchSize: 512, scheduledDelayMillis: 1000, selfObsMeterProvider: report })]
   })
   // The metrics plugin registers after this one: its registry is there once the app is ready.
   app.addHook('onReady', async () => {
     if (!app.hasDecorator('metrics')) return
     const registers = [app.metrics.registry]
     new Gauge({ name: 'mantle_tracing_span_queue', help: `Finished spans waiting for export (at most ${SPAN_QUEUE_MAX}; beyond it spans are dropped)`, registers, collect () { this.set(report.length()) } }) // eslint-disable-line no-new
-    const spans = new Counter({ name: 'mantle_tracing_spans_total', help: 'Finished spans by outcome: exported, failed (the export failed), dropped (the queue was full)', labelNames: ['outcome'] as const, registers })
+    const spans = new Counter({ name: 'mantle_tracing_spans_total', help: 'Finished spans by outcome: exported, failed (the export failed), dropped (the queue was full, or unanswered at shutdown)', labelNames: ['outcome'] as const, registers })
     report.done = (outcome, n) => { spans.labels(outcome).inc(n) }
   })
   const tracer = provider.getTracer('mantle', opts.version)
@@ -130,8 +152,22 @@ async function tracingPlugin (app: FastifyInstance, opts: TracingOptions): Promi
     }
   })
 
-  // Spans still queued are exported before the process goes.
-  app.addHook('onClose', async () => { await provider.shutdown().catch(err => app.log.warn({ err }, 'trace export at shutdown failed')) })
+  // Spans still queued are exported before the process goes, within SHUTDOWN_TIMEOUT_MS: those
+  // the collector has not answered for by then (still queued, or sent) are counted dropped.
+  app.addHook('onClose', async () => {
+    let timer: NodeJS.Timeout | undefined
+    const timeout = new Promise<void>((resolve, reject) => { timer = setTimeout(() => reject(new Error(`no answer from the collector within ${SHUTDOWN_TIMEOUT_MS} ms`)), SHUTDOWN_TIMEOUT_MS) })
+    try {
+      await Promise.race([provider.shutdown(), timeout])
+    } catch (err) {
+      app.log.warn({ err }, 'trace export at shutdown failed')
+    } finally {
+      clearTimeout(timer)
+    }
+    const lost = exporter.unanswered + report.length()
+    if (lost > 0) report.done('dropped', lost)
+    report.done = () => {} // an answer coming later is not counted again
+  })
 }
 
 export default fp(tracingPlugin, { name: 'mantle-tracing', dependencies: ['mantle-pipeline'], fastify: '5.x' })

@@ -197,6 +197,50 @@ t.test('close with a collector that never answers ends within the export bound',
   t.ok(Date.now() - started < 5000, `closed in ${Date.now() - started} ms`)
 })
 
+// A collector that answers 200 and then writes a byte a second never trips the exporter's
+// timeout (a socket's idle timeout), and the exporter's shutdown awaited every export in flight:
+// a shutdown took the batch processor's 30 s per batch, or never ended with an export under way.
+t.test('close with a collector that trickles its answer ends within a few seconds, the spans it held counted dropped', async t => {
+  let posts = 0
+  const sent = (): number => posts
+  const collector = createServer((req, res) => {
+    posts++
+    req.resume()
+    req.on('end', () => {
+      res.writeHead(200, { 'content-type': 'application/json' })
+      const trickle = setInterval(() => res.write(' '), 200)
+      res.on('close', () => clearInterval(trickle))
+    })
+  })
+  await new Promise<void>(resolve => collector.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { collector.closeAllConnections(); collector.close() })
+  const kernel = await startTestKernel(t, { 'GET /things/a': (_req, res) => json(res, 200, { id: 'a' }) })
+  // An export under way at shutdown, with or without spans still queued.
+  for (const queued of [3, 0]) {
+    posts = 0
+    const app = await buildApp(testConfig({ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: `http://127.0.0.1:${(collector.address() as AddressInfo).port}/v1/traces` }), { logger: false, manifest, kernelUrl: kernel.url })
+    await app.ready()
+    const calls = async (n: number): Promise<void> => {
+      for (let i = 0; i < n; i++) t.equal((await app.inject({ url: '/api/v1/things/a', headers: bearer() })).statusCode, 200)
+    }
+    await calls(2)
+    const deadline = Date.now() + 5000
+    while (sent() === 0 && Date.now() < deadline) await new Promise(resolve => setTimeout(resolve, 20))
+    t.equal(posts, 1, 'an export under way, its answer trickling')
+    await calls(queued) // sent at shutdown
+    const started = Date.now()
+    let timer: NodeJS.Timeout | undefined
+    const closed = await Promise.race([app.close().then(() => true), new Promise<false>(resolve => { timer = setTimeout(() => resolve(false), 6000) })])
+    clearTimeout(timer)
+    t.ok(closed, `${queued} queued: closed in ${Date.now() - started} ms (at most 6 s)`)
+    const spans = await app.metrics.registry.getSingleMetric('mantle_tracing_spans_total')?.get()
+    const count = (outcome: string): number => spans?.values.find(v => v.labels.outcome === outcome)?.value ?? 0
+    t.equal(count('dropped'), 2 + queued, `${queued} queued: the spans never answered for are counted dropped`)
+    t.equal(count('exported') + count('failed'), 0)
+    collector.closeAllConnections()
+  }
+})
+
 t.test('the span queue is in the metrics: its length, and spans exported, failed or dropped with the queue full', async t => {
   const kernel = await startTestKernel(t, { 'GET /things/a': (_req, res) => json(res, 200, { id: 'a' }) })
   let exports = 0
