@@ -1,3 +1,4 @@
+import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyRequest } from 'fastify'
 
 /**
@@ -9,6 +10,22 @@ export function upgradeAuthorization (request: FastifyRequest): string | undefin
   const header = request.headers.authorization
   if (typeof header === 'string' && header !== '') return header
   return queryToken(request)
+}
+
+/** The trace context of a WebSocket upgrade, which every call on its connection continues. */
+export interface UpgradeTrace {
+  traceparent: string | undefined
+  tracestate: string | undefined
+}
+
+/**
+ * A WebSocket upgrade's `traceparent` and `tracestate`, read once per connection (/ws, /trpc):
+ * each call on it continues the caller's trace as an HTTP call continues its request's (the
+ * pipeline checks them per call, as it does for HTTP).
+ */
+export function upgradeTrace (headers: IncomingHttpHeaders): UpgradeTrace {
+  const { traceparent, tracestate } = headers
+  return { traceparent: typeof traceparent === 'string' ? traceparent : undefined, tracestate: typeof tracestate === 'string' ? tracestate : undefined }
 }
 
 /** `?access_token=` as an Authorization value (EventSource and WebSocket clients set no header). */

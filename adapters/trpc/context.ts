@@ -4,7 +4,7 @@ import type { WebSocket } from 'ws'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import type { CacheOutcome, Caller } from '../../plugins/pipeline/index.js'
 import { AnswerBudget } from '../face.js'
-import { queryToken } from '../upgrade.js'
+import { queryToken, type UpgradeTrace } from '../upgrade.js'
 import { clientRequestId } from '../../ids.js'
 
 /** What every procedure of one request (HTTP) or one connection (WebSocket) shares. */
@@ -113,9 +113,9 @@ function paramsIn (text: unknown): Readonly<Record<string, string | undefined>> 
 
 /**
  * A WebSocket connection's token: connectionParams, else the upgrade's (`upgrade`: its header or
- * `?access_token=`, as the upgrade's check read them).
+ * `?access_token=`, as the upgrade's check read them), and the upgrade's trace context (`trace`).
  */
-export function socketContext (socket: WebSocket, upgrade: string | undefined, connectionParams: Readonly<Record<string, string | undefined>> | null): TrpcContext {
+export function socketContext (socket: WebSocket, upgrade: string | undefined, connectionParams: Readonly<Record<string, string | undefined>> | null, trace: UpgradeTrace): TrpcContext {
   return {
     authorization: fromParams(connectionParams) ?? upgrade,
     requestId: null,
@@ -124,8 +124,8 @@ export function socketContext (socket: WebSocket, upgrade: string | undefined, c
     keyPerCall: false,
     memo: null,
     answer: null,
-    traceparent: undefined,
-    tracestate: undefined,
+    traceparent: trace.traceparent,
+    tracestate: trace.tracestate,
     idempotencyKey: undefined,
     socket,
     caller: socket,

@@ -9,7 +9,7 @@ import type { IncomingHttpHeaders, IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders } from '../../errors.js'
 import { CLOSE_TRY_AGAIN_LATER, ConnectionSlots, reportSlots } from '../connection-slots.js'
-import { refusedByWs, upgradeAuthorization } from '../upgrade.js'
+import { refusedByWs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
 import { utf8Sends } from '../slow-reader.js'
 import { httpAuthorization, httpContext, socketContext, type TrpcContext } from './context.js'
 import { runCall } from '../face.js'
@@ -377,7 +377,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         // with 4401 when its token expires, and wsLink reconnects with a fresh token.
         createContext: ({ req, res: socket, info }) => {
           awaiting.delete(req)
-          const ctx = socketContext(socket, upgrades.get(req), info.connectionParams)
+          const ctx = socketContext(socket, upgrades.get(req), info.connectionParams, upgradeTrace(req.headers))
           let expiresAt: number
           try {
             const identity = app.identify(ctx.authorization)

@@ -10,6 +10,7 @@ import type { CloseReason, WebSocketCounters } from './metrics.js'
 import { CLOSE_SLOW_READER, SLOW_READER, boundedFrame } from '../slow-reader.js'
 import { atExpiry } from '../expiry.js'
 import type { Heartbeat } from '../heartbeat.js'
+import type { UpgradeTrace } from '../upgrade.js'
 
 /** Per-connection bounds (WebSocketFaceSettings in index.ts documents each). */
 export interface ConnectionLimits {
@@ -66,8 +67,9 @@ export class Connection {
   /**
    * @param reqId the id of the upgrade request (its access-log lines' `reqId`): the log lines of
    *   the connection's calls carry it too
+   * @param trace the upgrade request's traceparent and tracestate, which each call continues
    */
-  constructor (private readonly face: FaceShared, readonly socket: WebSocket, auth: ConnectionAuth, private readonly reqId: string, onClose: (c: Connection) => void) {
+  constructor (private readonly face: FaceShared, readonly socket: WebSocket, auth: ConnectionAuth, private readonly reqId: string, private readonly trace: UpgradeTrace, onClose: (c: Connection) => void) {
     this.identity = auth.identity
     this.authorization = auth.authorization
     socket.on('message', (data, isBinary) => this.onMessage(data, isBinary))
@@ -177,6 +179,8 @@ export class Connection {
       op: frame.op,
       input: frame.input,
       authorization: this.authorization,
+      traceparent: this.trace.traceparent,
+      tracestate: this.trace.tracestate,
       idempotencyKey: frameKey(frame.idempotencyKey),
       refusal,
       caller: this.socket

@@ -5,7 +5,7 @@ import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { MAX_BUFFERED_BYTES } from '../slow-reader.js'
 import { Connection, type ConnectionAuth, type FaceShared } from './connection.js'
 import { websocketMetrics } from './metrics.js'
-import { upgradeAuthorization } from '../upgrade.js'
+import { upgradeAuthorization, upgradeTrace } from '../upgrade.js'
 import { Heartbeat } from '../heartbeat.js'
 
 export { CLOSE_REASONS, type CloseReason } from './metrics.js'
@@ -84,7 +84,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
         // This face closes its own connections (1001 on shutdown, below): taken out of the
         // shared server's set, they are not sent the bare close of @fastify/websocket's preClose.
         app.websocketServer.clients.delete(socket)
-        connections.add(new Connection(face, socket, verified.get(request)!, request.id, forget))
+        connections.add(new Connection(face, socket, verified.get(request)!, request.id, upgradeTrace(request.headers), forget))
         verified.delete(request)
       }
     })

@@ -10,6 +10,7 @@ import { startKernel } from '../../../kernel/server.js'
 import { trace } from '@opentelemetry/api'
 import type { InjectOptions } from 'fastify'
 import { checkedTracestate } from '../../../ids.js'
+import { WebSocket } from 'ws'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 interface OtlpSpan { traceId: string, spanId: string, parentSpanId?: string, name: string, kind: number, status?: { code?: number, message?: string }, attributes: Array<{ key: string, value: Record<string, unknown> }> }
@@ -166,6 +167,47 @@ t.test('a tracestate is forwarded with the traceparent on every HTTP face, with 
       t.equal(await sent(app, request({ ...bearer(), tracestate: 'vendor=abc' })), undefined, `${what}: no traceparent, a new trace: not forwarded`)
       t.equal(await sent(app, request({ ...bearer(), traceparent: 'junk', tracestate: 'vendor=abc' })), undefined, `${what}: an invalid traceparent, a new trace: not forwarded`)
       t.equal(await sent(app, request({ ...bearer(), traceparent, tracestate: 'Vendor=abc' })), undefined, `${what}: malformed: not forwarded`)
+    }
+  }
+})
+
+// README: every call, on every face, continues the caller's traceparent. A call over /ws or tRPC's
+// WebSocket had none (each started a trace of its own), nor the tracestate.
+t.test('the calls of a WebSocket connection (/ws, tRPC) continue its upgrade\'s traceparent and tracestate, with tracing on or off', async t => {
+  const id = '4bf92f3577b34da6a3ce929d0e0e4736'
+  const kernel = await startTestKernel(t, { 'GET /things/a': (_req, res) => json(res, 200, { id: 'a' }) })
+  const off = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const on = await buildTestApp(t, { OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: 'http://127.0.0.1:9/v1/traces' }, { manifest, kernelUrl: kernel.url, traceExporter: { export: (_spans: unknown[], done: (r: { code: number }) => void) => done({ code: 0 }), shutdown: async () => {} } })
+  const faces: Array<[string, string, (n: number) => string]> = [
+    ['/ws', '/ws', n => JSON.stringify({ id: `c${n}`, op: 'getThing', input: { id: 'a' } })],
+    ['tRPC', '/trpc', n => JSON.stringify({ id: n, method: 'query', params: { path: 'getThing', input: { id: 'a' } } })]
+  ]
+  for (const [tracing, app] of [['off', off], ['on', on]] as const) {
+    await app.listen({ port: 0, host: '127.0.0.1' })
+    const port = (app.server.address() as AddressInfo).port
+    for (const [face, path, frame] of faces) {
+      for (const [what, headers, traceparent, tracestate] of [
+        ['continued', { traceparent: `00-${id}-00f067aa0ba902b7-01`, tracestate: 'vendor=abc' }, new RegExp(`^00-${id}-[0-9a-f]{16}-01$`), 'vendor=abc'],
+        ['none: a new trace', {}, /^00-[0-9a-f]{32}-[0-9a-f]{16}-01$/, undefined]
+      ] as const) {
+        const socket = new WebSocket(`ws://127.0.0.1:${port}${path}`, { headers: { ...bearer(), ...headers } })
+        t.teardown(() => socket.terminate())
+        const answers: unknown[] = []
+        socket.on('message', data => answers.push(JSON.parse(String(data))))
+        await new Promise((resolve, reject) => socket.once('open', resolve).once('error', reject))
+        const before = kernel.requests.length
+        for (const n of [1, 2]) socket.send(frame(n))
+        const deadline = Date.now() + 5000
+        while (answers.length < 2 && Date.now() < deadline) await new Promise(resolve => setTimeout(resolve, 10))
+        t.equal(kernel.requests.length, before + 2, `${face}, tracing ${tracing}: two Kernel calls`)
+        const sent = kernel.requests.slice(before)
+        for (const request of sent) {
+          t.match(request.headers.traceparent, traceparent, `${face}, tracing ${tracing}, ${what}: traceparent`)
+          t.equal(request.headers.tracestate, tracestate, `${face}, tracing ${tracing}, ${what}: tracestate`)
+        }
+        if (what !== 'continued') t.not(String(sent[0]?.headers.traceparent).split('-')[1], id, 'not the trace of another connection')
+        socket.close()
+      }
     }
   }
 })
