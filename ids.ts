@@ -62,15 +62,14 @@ const ZERO_SPAN = '0'.repeat(16)
 /**
  * A W3C traceparent's parts, or null when it is absent or invalid (an all-zero trace id or
  * parent id included, which the spec says to ignore). One parser for the Kernel client and the
- * tracing plugin: the client's own did not reject an all-zero parent id, and continued it. A
- * higher version's flags keep only `sampled`, the one flag of the version 00 header that carries
- * them on: its other flags are unknown here.
+ * tracing plugin: the client's own did not reject an all-zero parent id, and continued it. The
+ * flags keep only `sampled`, the one flag version 00 defines: the others are set to zero, as W3C
+ * Trace Context §3.2.2.5 asks (with tracing off, a version 00 header's went to the Kernel as sent).
  */
 export function parseTraceparent (header: string | undefined): { traceId: string, spanId: string, flags: string } | null {
   const m = header === undefined ? null : TRACEPARENT.exec(header)
-  if (m === null || m[2] === ZERO_TRACE || m[3] === ZERO_SPAN) return null
-  if (m[1] === '00') return header!.length === 55 ? { traceId: m[2], spanId: m[3], flags: m[4] } : null
-  if (m[1] === 'ff') return null
+  if (m === null || m[2] === ZERO_TRACE || m[3] === ZERO_SPAN || m[1] === 'ff') return null
+  if (m[1] === '00' && header!.length !== 55) return null
   return { traceId: m[2], spanId: m[3], flags: (parseInt(m[4], 16) & 1) === 1 ? '01' : '00' }
 }
 

@@ -137,6 +137,23 @@ t.test('a traceparent of a higher version is continued by its first 55 character
   }
 })
 
+// W3C Trace Context §3.2.2.5: flags this version does not define are set to zero when passed on.
+// With tracing off, a version 00 header's went to the Kernel as received (`ff` stayed `ff`).
+t.test('a traceparent\'s unknown flags are not carried on, with tracing on or off', async t => {
+  const id = '4bf92f3577b34da6a3ce929d0e0e4736'
+  const span = '00f067aa0ba902b7'
+  for (const [flags, sampled] of [['ff', '01'], ['03', '01'], ['02', '00'], ['fe', '00'], ['01', '01'], ['00', '00']]) {
+    t.match(childTraceparent(`00-${id}-${span}-${flags}`), new RegExp(`^00-${id}-[0-9a-f]{16}-${sampled}$`), `${flags}: ${sampled}`)
+  }
+  const kernel = await startTestKernel(t, { 'GET /things/a': (_req, res) => json(res, 200, { id: 'a' }) })
+  const off = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const on = await buildTestApp(t, { OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: 'http://127.0.0.1:9/v1/traces' }, { manifest, kernelUrl: kernel.url, traceExporter: { export: (_spans: unknown[], done: (r: { code: number }) => void) => done({ code: 0 }), shutdown: async () => {} } })
+  for (const [tracing, app] of [['off', off], ['on', on]] as const) {
+    t.equal((await app.inject({ url: '/api/v1/things/a', headers: { ...bearer(), traceparent: `00-${id}-${span}-ff` } })).statusCode, 200)
+    t.match(kernel.requests.at(-1)!.headers.traceparent, new RegExp(`^00-${id}-[0-9a-f]{16}-01$`), `tracing ${tracing}: sampled kept, the rest zero`)
+  }
+})
+
 // A caller's tracestate goes with its trace (W3C Trace Context §3.3: forwarded with the
 // traceparent, bounded, dropped when malformed or when the traceparent was invalid). It was
 // dropped, with tracing on and off.
