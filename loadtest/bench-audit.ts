@@ -38,6 +38,12 @@ export interface AuditReport {
     reqPerSecOn: number
     ratio: number
     rowsStored: number
+    /**
+     * What gateway-audit's writer did during the rounds, from its /metrics: batches written,
+     * entries stored and spooled, write failures, and the mean batch and write time. A writer
+     * whose batches shrink (many small transactions) costs the gateway and PostgreSQL more a call.
+     */
+    writer: WriterFigures | null
     /** 2xx answers of gateway-audit, warm-up included: each must have its row (rowsStored may hold more, from calls in flight when a run ended). */
     answeredOn: number
     /** A run of either target had a failed answer (non-2xx or error), or rows are missing: the ratio is not a verdict. */
@@ -94,6 +100,37 @@ async function vacuum (databaseUrl: string): Promise<void> {
   } finally {
     await client.end()
   }
+}
+
+export interface WriterFigures { batches: number, stored: number, spooled: number, failures: number, entriesPerBatch: number, meanWriteMs: number }
+
+/** The audit writer's counters from a gateway's /metrics (null when they cannot be read). */
+async function writerFigures (target: { url: string }): Promise<Omit<WriterFigures, 'entriesPerBatch' | 'meanWriteMs'> & { seconds: number } | null> {
+  const text = await fetch(target.url + '/metrics').then(async res => res.ok ? await res.text() : null, () => null)
+  if (text === null) return null
+  const value = (name: string, label = ''): number => {
+    let sum = 0
+    for (const line of text.split('\n')) {
+      if (line.startsWith(name + (label === '' ? '' : '{')) && (label === '' || line.includes(label))) {
+        const at = line.lastIndexOf(' ')
+        if (line.slice(0, at) === name || line[name.length] === '{') sum += Number(line.slice(at + 1))
+      }
+    }
+    return sum
+  }
+  return {
+    batches: value('mantle_audit_flush_duration_seconds_count'),
+    seconds: value('mantle_audit_flush_duration_seconds_sum'),
+    stored: value('mantle_audit_entries_total', 'outcome="stored"'),
+    spooled: value('mantle_audit_entries_total', 'outcome="spooled"'),
+    failures: value('mantle_audit_write_failures_total')
+  }
+}
+
+function writerDelta (a: NonNullable<Awaited<ReturnType<typeof writerFigures>>>, b: NonNullable<Awaited<ReturnType<typeof writerFigures>>>): WriterFigures {
+  const batches = b.batches - a.batches
+  const stored = b.stored - a.stored
+  return { batches, stored, spooled: b.spooled - a.spooled, failures: b.failures - a.failures, entriesPerBatch: batches === 0 ? 0 : stored / batches, meanWriteMs: batches === 0 ? 0 : (b.seconds - a.seconds) * 1000 / batches }
 }
 
 export async function runAudit (opts: AuditBenchOptions, ctx: TargetContext, processes: RunningProcess[], machine: { cpu: string, cores: number }): Promise<AuditReport> {
@@ -164,7 +201,10 @@ export async function runAudit (opts: AuditBenchOptions, ctx: TargetContext, pro
     const warm: RunFigures[] = []
     for (const t of targets) warm.push(await measure(t, getAgent, opts.warmupSeconds, opts.connections))
     // PostgreSQL's processes are watched: on the same cores, what it spends per entry is taken from the gateway.
+    const writerBefore = await writerFigures(targets[1])
     const runs = await measureRounds(targets, getAgent, { rounds: opts.rounds, duration: opts.duration, connections: opts.connections, pauseMs: opts.pauseMs, label: 'audit', watch: () => pidsOf('postgres') })
+    const writerAfter = await writerFigures(targets[1])
+    const written = writerBefore === null || writerAfter === null ? null : writerDelta(writerBefore, writerAfter)
     const off = runs.get(GATEWAY_SPINE.name)!
     const on = runs.get('gateway-audit')!
     const reqPerSecOff = median(off.map(r => r.reqPerSec))
@@ -191,6 +231,7 @@ export async function runAudit (opts: AuditBenchOptions, ctx: TargetContext, pro
         reqPerSecOn,
         ratio: reqPerSecOn / reqPerSecOff,
         rowsStored,
+        writer: written,
         answeredOn,
         flagged,
         // PostgreSQL's background (and other clients') CPU runs by the second, not by the call: the
@@ -210,7 +251,8 @@ export async function runAudit (opts: AuditBenchOptions, ctx: TargetContext, pro
       ['REST audit on / off', `${fmt(reqPerSecOn, 0)} / ${fmt(reqPerSecOff, 0)} req/s = ${fmt(report.rest.ratio, 2)}`, `>= ${AUDIT_GOALS.minRatioAuditOn}`, ok(report.met.ratio) + (flagged ? ' (FLAGGED: failed answers or missing rows)' : '')]
     ]) + `\nrows stored by gateway-audit: ${rowsStored}, for ${answeredOn} 2xx answers (warm-up included)${rowsStored < answeredOn ? ': ROWS MISSING' : ''}\n` +
       `CPU per call (median of rounds): gateway ${fmt(report.rest.cpuUsPerCall.gatewayOn, 1)} µs with the audit on, ${fmt(report.rest.cpuUsPerCall.gatewayOff, 1)} µs off; ` +
-      `PostgreSQL (every process on the host, on the same cores) ${fmt(postgresOn, 1)} µs per call with the audit on, ${fmt(postgresOff, 1)} off: ${fmt(report.rest.cpuUsPerCall.postgresAudit, 1)} for the audit (the off figure scaled to the on rounds' rate)\n`)
+      `PostgreSQL (every process on the host, on the same cores) ${fmt(postgresOn, 1)} µs per call with the audit on, ${fmt(postgresOff, 1)} off: ${fmt(report.rest.cpuUsPerCall.postgresAudit, 1)} for the audit (the off figure scaled to the on rounds' rate)\n` +
+      (written === null ? '' : `writer during the rounds: ${written.batches} batches, ${fmt(written.entriesPerBatch, 0)} entries each, ${fmt(written.meanWriteMs, 1)} ms a write, ${written.spooled} spooled, ${written.failures} failures\n`))
     return report
   } finally {
     for (const d of dirs) rmSync(d, { recursive: true, force: true })
