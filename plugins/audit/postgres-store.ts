@@ -289,6 +289,21 @@ function fromRow (r: Row): StoredEntry {
  */
 const QUERY_WINDOW = 10_000
 
+/** The time conditions of a range (`"timestamp" >= $1 AND ...`, '' for none) and their parameters, numbered from $1. */
+function timeRange (range: { from?: Date, to?: Date }): { inRange: string, params: unknown[] } {
+  const where: string[] = []
+  const params: unknown[] = []
+  if (range.from !== undefined) { params.push(range.from); where.push(`"timestamp" >= $${params.length}`) }
+  if (range.to !== undefined) { params.push(range.to); where.push(`"timestamp" <= $${params.length}`) }
+  return { inRange: where.join(' AND '), params }
+}
+
+/** The positions of a range's first and last entries by time (`first`, `last`), through the timestamp index. */
+function rangeEnds (inRange: string): string {
+  return `(SELECT seq FROM bff_audit_entries WHERE ${inRange} ORDER BY "timestamp" LIMIT 1) AS first,
+    (SELECT seq FROM bff_audit_entries WHERE ${inRange} ORDER BY "timestamp" DESC LIMIT 1) AS last`
+}
+
 /**
  * The positions a verify of `range` walks, `lo` to `hi` (`hi` = `lo` - 1 for none): from the
  * first to the last position holding an entry whose timestamp is in the range. With no entry in
@@ -305,21 +320,16 @@ const QUERY_WINDOW = 10_000
  * Where the range starts and ends, and so how large it is, comes from the timestamp index first.
  */
 async function rangeOf (client: pg.PoolClient, range: { from?: Date, to?: Date }, anchorSeq: number): Promise<{ lo: number, hi: number }> {
-  const where: string[] = []
-  const params: Date[] = []
-  if (range.from !== undefined) { params.push(range.from); where.push(`"timestamp" >= $${params.length}`) }
-  if (range.to !== undefined) { params.push(range.to); where.push(`"timestamp" <= $${params.length}`) }
-  const inRange = where.join(' AND ')
+  const { inRange, params } = timeRange(range)
   const num = (v: string | null): number | null => v === null ? null : Number(v)
   const ends = (await client.query<{ bottom: string | null, top: string | null, first: string | null, last: string | null }>(
-    `SELECT (SELECT min(seq) FROM bff_audit_entries) AS bottom, (SELECT max(seq) FROM bff_audit_entries) AS top${where.length === 0
-      ? ', NULL AS first, NULL AS last'
-      : `, (SELECT seq FROM bff_audit_entries WHERE ${inRange} ORDER BY "timestamp" LIMIT 1) AS first,
-         (SELECT seq FROM bff_audit_entries WHERE ${inRange} ORDER BY "timestamp" DESC LIMIT 1) AS last`}`, params)).rows[0]
+    `SELECT (SELECT min(seq) FROM bff_audit_entries) AS bottom, (SELECT max(seq) FROM bff_audit_entries) AS top, ${inRange === ''
+      ? 'NULL AS first, NULL AS last'
+      : rangeEnds(inRange)}`, params)).rows[0]
   const bottom = num(ends.bottom)
   const top = num(ends.top)
   if (bottom === null || top === null) return { lo: anchorSeq + 1, hi: anchorSeq }
-  if (where.length === 0) return { lo: bottom, hi: top }
+  if (inRange === '') return { lo: bottom, hi: top }
   const first = num(ends.first)
   const last = num(ends.last)
   if (first === null || last === null) {
@@ -651,15 +661,10 @@ export class PostgresAuditStore implements AuditStore {
   private async timeBounded (q: AuditQuery, where: readonly string[], params: readonly unknown[], want: number): Promise<StoredEntry[]> {
     const filter = 'WHERE ' + where.join(' AND ')
     // The range's own bounds, numbered for the statement that reads where it lies.
-    const bounds: unknown[] = []
-    const times: string[] = []
-    if (q.from !== undefined) { bounds.push(q.from); times.push(`"timestamp" >= $${bounds.length}`) }
-    if (q.to !== undefined) { bounds.push(q.to); times.push(`"timestamp" <= $${bounds.length}`) }
+    const { inRange, params: bounds } = timeRange(q)
     if (q.beforeSeq !== undefined) bounds.push(q.beforeSeq)
     const ends = (await this.read<{ top: string | null, first: string | null, last: string | null }>({
-      text: `SELECT ${q.beforeSeq !== undefined ? `$${bounds.length}::int8` : '(SELECT max(seq) + 1 FROM bff_audit_entries)'} AS top,
-        (SELECT seq FROM bff_audit_entries WHERE ${times.join(' AND ')} ORDER BY "timestamp" LIMIT 1) AS first,
-        (SELECT seq FROM bff_audit_entries WHERE ${times.join(' AND ')} ORDER BY "timestamp" DESC LIMIT 1) AS last`,
+      text: `SELECT ${q.beforeSeq !== undefined ? `$${bounds.length}::int8` : '(SELECT max(seq) + 1 FROM bff_audit_entries)'} AS top, ${rangeEnds(inRange)}`,
       values: bounds
     })).rows[0]
     if (ends.top === null || ends.first === null || ends.last === null) return []

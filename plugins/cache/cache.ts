@@ -139,11 +139,10 @@ export class ResponseCache {
    * invalidations are replayed.
    */
   redisReconnected (): void {
-    this.redisHeldUntil = 0
-    // Ending an outage replays (redisRecovered); otherwise the replay is this one's.
-    const replays = this.redisOutage && this.pending.size > 0
+    // As the end of an outage, whether a command had failed or not: the hold ends and pending
+    // invalidations are replayed (redisRecovered).
+    this.redisOutage = true
     this.redisRecovered()
-    if (!replays) this.replayPending().catch(noop)
   }
 
   /** The pipeline stage of a cached query, or of a mutation that invalidates tags; else null. */

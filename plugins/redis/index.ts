@@ -68,9 +68,10 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
     // Any SELECT that failed leaves the connection on database 0: never used (dropped as it
     // comes ready, made again each second). A refusal (refusal()) is a misconfiguration; a
     // SELECT a busy Redis put off (BUSY) is not, and is only warned about.
-    if (client.status === 'connect' && (refusal(err) || selectFailed(err))) {
+    const refusing = refusal(err)
+    if (client.status === 'connect' && (refusing || selectFailed(err))) {
       refused = err
-      if (!refusal(err)) {
+      if (!refusing) {
         if (!warned) app.log.warn({ err: err.message }, 'Redis did not select the database of REDIS_URL: stores fall back to memory until it does')
       } else if (!refusalLogged) {
         app.log.error({ err: err.message }, `${refusalOf(err)}; stores fall back to memory until it takes it`)
