@@ -872,7 +872,7 @@ t.test('past capacity, a call handed a connection with less time left than the K
 t.test('after a cold burst of slow answers, a Kernel that gets fast has its bursts answered', async t => {
   const { CallContext } = await import('../../../plugins/pipeline/index.js')
   let served = 0
-  const kernel = await startTestKernel(t, { 'GET /v1/items/w1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'w1' }), served++ < 3 ? 800 : 20) } })
+  const kernel = await startTestKernel(t, { 'GET /v1/items/w1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'w1' }), served++ < 2 ? 800 : 20) } })
   const { op, run } = await itemClient(t, kernel, { connections: 2, retries: 0, timeoutMs: 1000 })
   let made = 0
   const burst = async (n: number): Promise<string[]> => await Promise.all(Array.from({ length: n }, async () =>
