@@ -89,9 +89,10 @@ export class AuditWriter {
    * The batch deliver is writing to the store, while it is. A queue that fills meanwhile takes it
    * ahead of itself to the spool (`spooled`): should the write fail, it is on disk before what was
    * enqueued after it. Before, it was appended after the full queue, out of order. `quarantined`:
-   * the ids of its entries isolation has quarantined so far, which are not taken.
+   * the ids of its entries isolation has quarantined so far, which are not taken. `onDisk`: the
+   * append that took it succeeded (its entries are counted spooled should the write fail).
    */
-  private inFlight: { batch: AuditEntry[], spooled: boolean, quarantined: Set<string> } | null = null
+  private inFlight: { batch: AuditEntry[], spooled: boolean, quarantined: Set<string>, onDisk: boolean } | null = null
   /** Entries on their way to the spool in a full queue's append. */
   private held = 0
   /** Entries of a batch `deliver` is appending to the spool. */
@@ -157,11 +158,14 @@ export class AuditWriter {
       this.opts.store.write(batch).catch(err => this.fail(err as Error))
       return
     }
+    const flight = this.inFlight
     const ahead = this.takeInFlight()
     const lines = this.lines(batch, ahead)
     this.held = batch.length + (ahead?.length ?? 0)
     const append: Promise<void> = spool.appendMany(lines).then(() => {
       this.spoolFailing = false
+      // The batch taken ahead is counted by deliver, once its write failed: stored otherwise.
+      if (ahead !== null && flight !== null) flight.onDisk = true
       this.opts.hooks?.spooled?.(batch.length)
     }, (err: Error) => {
       // The disk refused too: keep the entries in memory, at the front, for the next flush (the
@@ -385,7 +389,7 @@ export class AuditWriter {
     const spool = this.opts.spool
     if (spool === null || (!this.spooling(spool) && Date.now() >= this.retryAt)) {
       const started = performance.now()
-      const flight = { batch, spooled: false, quarantined: new Set<string>() }
+      const flight = { batch, spooled: false, quarantined: new Set<string>(), onDisk: false }
       this.inFlight = flight
       try {
         // What the store took anew: a batch the disk refused after its write succeeded comes
@@ -415,8 +419,11 @@ export class AuditWriter {
       }
       // A full queue went to the spool meanwhile and took this batch ahead of itself: it is there
       // (or, should the disk have refused, back in the queue) in its place.
+      // Its entries neither stored nor quarantined (`batch`) are counted spooled once on disk:
+      // they were not counted at all, and came back as replayed only.
       if (flight.spooled) {
         await this.overflowing
+        if (flight.onDisk) this.opts.hooks?.spooled?.(batch.length)
         return
       }
     }

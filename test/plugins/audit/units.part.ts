@@ -896,6 +896,38 @@ t.test('writer: the batch being written when a full queue is spooled keeps its p
   }
 })
 
+// The batch in flight that a full queue takes to the spool ahead of itself: should its write
+// fail, its entries are counted spooled (they were counted nowhere, then replayed), and should it
+// succeed, stored only. Each entry enqueued is counted stored or spooled once.
+t.test('writer: the batch in flight taken to the spool by a full queue is counted spooled when its write fails, stored when it succeeds', async t => {
+  for (const outcome of ['fails', 'succeeds'] as const) {
+    const store = flakyStore()
+    const write = store.write.bind(store)
+    let release: ((ok: boolean) => void) | null = null
+    let hang = true
+    store.write = async (batch) => {
+      if (hang) {
+        hang = false
+        if (!await new Promise<boolean>(resolve => { release = resolve })) throw new Error('query read timeout')
+      }
+      return await write(batch)
+    }
+    const spool = await Spool.open(spoolDir(t))
+    const count = { stored: 0, spooled: 0, replayed: 0 }
+    const hooks = { stored: (n: number) => { count.stored += n }, spooled: (n: number) => { count.spooled += n }, replayed: (n: number) => { count.replayed += n } }
+    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, log: quiet, hooks })
+    for (let i = 0; i < 10; i++) writer.enqueue(entry())
+    await until(() => release !== null, 'the first batch in flight')
+    for (let i = 0; i < 100; i++) writer.enqueue(entry()) // the 100th fills the queue: spooled at once, the batch in flight ahead
+    await until(() => spool.size > 0, 'the full queue on disk')
+    release!(outcome === 'succeeds')
+    await until(() => store.stored.length === 110 && spool.size === 0, 'everything stored, the spool replayed', 10_000)
+    await writer.close()
+    await spool.close()
+    t.same(count, outcome === 'fails' ? { stored: 0, spooled: 110, replayed: 110 } : { stored: 10, spooled: 100, replayed: 100 }, `${outcome}: each entry counted stored or spooled once`)
+  }
+})
+
 // close waits for a full queue still on its way to the spool: an entry enqueued is on disk (or
 // stored) before close resolves.
 t.test('writer: close resolves only once a full queue on its way to the spool is on disk', async t => {
