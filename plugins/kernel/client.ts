@@ -324,7 +324,7 @@ export class KernelClient {
     } else {
       sentAt = performance.now()
       const left = remaining - (sentAt - deadline.start)
-      if (left < MIN_SEND_MS || left < need.ms) {
+      if (left < MIN_SEND_MS || (left < need.ms && need.learning(sentAt))) {
         // Handed a connection with its time (nearly) gone: calls of a burst share about one
         // deadline, and the holder that timed out hands its connection on before the next one's
         // timer fires. Sent, that call was aborted while undici reconnected: a Kernel timeout.
@@ -339,6 +339,7 @@ export class KernelClient {
         return left < MIN_SEND_MS ? queuedOut : shed
       }
     }
+    need.out++
     try {
       if (deadline.cancelled) return leftQueued
       // A mutation that goes out is let finish: its outcome is what idempotency stores and the
@@ -400,6 +401,7 @@ export class KernelClient {
       return { outcome: 'unavailable', status: 503, value: undefined, message: (err as Error).message, ...(CONNECT_CODES.has(code) ? { unsent: true } : {}) }
     } finally {
       deadline.clear()
+      need.ended()
       if (leave !== null) leave.cancel = null
       this.releaseConnection()
     }
@@ -527,6 +529,8 @@ const MIN_SEND_MS = 10
 /** Less time left than its operation's Kernel needs (Need) once handed a connection: refused unsent, load shed. */
 const shed: Attempt = { outcome: 'unavailable', status: 503, value: undefined, message: undefined, unsent: true }
 
+/** How long after one of its attempts ended an operation's Need still counts as learning. */
+const LEARNING_MS = 100
 /** How many recent answers bound what an operation's Kernel calls need (Need). */
 const PEAK_ANSWERS = 32
 
@@ -537,13 +541,17 @@ const PEAK_ANSWERS = 32
  * answers; a call handed a connection with less time left is not sent. An attempt sent that timed
  * out counts as an answer of the time it had (its latency was more), so that a Kernel getting
  * slower while calls wait raises it: learnt from answers alone, it stayed low, every call went out
- * to time out and the breaker opened. (Each found by a review; a mean that fell faster than it
- * rose settled near the 75th percentile, and a quarter of the calls sent past capacity timed out.)
+ * to time out and the breaker opened. A call is refused so only while it is learning (learning()).
+ * (Each found by a review; a mean that fell faster than it rose settled near the 75th percentile,
+ * and a quarter of the calls sent past capacity timed out.)
  */
 export class Need {
   ms = 0
   private mean = -1
   private deviation = 0
+  /** Its attempts sent and not yet ended (learning), and when the last one ended. */
+  out = 0
+  private endedAt = 0
   /** The last PEAK_ANSWERS answers (ms), a ring: what it asks is never above the slowest of them. */
   private readonly recent = new Float64Array(PEAK_ANSWERS)
   private at = 0
@@ -570,6 +578,24 @@ export class Need {
   /** An attempt sent `ms` before its deadline that timed out: its Kernel needed more. */
   timedOut (ms: number): void {
     if (ms > this.ms) this.observe(ms)
+  }
+
+  /**
+   * Whether it is learning what the operation needs: one of its attempts is out, or one ended
+   * within the last 100 ms. A call is refused for want of time only then; otherwise it goes out,
+   * and teaches it. Sampled by calls sent alone, an operation whose calls had timed out (it then
+   * asks about their whole timeout) was refused for good once its Kernel recovered, while another
+   * operation's calls kept every connection busy: each of its calls waited a moment, none went
+   * out, nothing was learnt. At most one call at a time, one a 100 ms, goes out so.
+   */
+  learning (now: number): boolean {
+    return this.out > 0 || now - this.endedAt < LEARNING_MS
+  }
+
+  /** One of its attempts sent has ended, answered or not. */
+  ended (): void {
+    this.out--
+    this.endedAt = performance.now()
   }
 }
 

@@ -944,6 +944,48 @@ t.test('a retry that would be refused for want of time ends the call with the fa
   t.equal(rejected.queue_timeout, undefined, 'no refusal counted')
 })
 
+// Found by a review: an operation whose calls timed out learnt a need near its whole timeout, and
+// was then sampled only by calls that found a connection free. While another operation's calls
+// kept the connections busy, each of its calls waited a moment and was refused, nothing of it went
+// out, nothing was learnt: refused for good against a Kernel answering it in 20 ms.
+t.test('an operation that timed out is answered again once its Kernel recovers, while another keeps the connections busy', async t => {
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  let hung = true
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/busy': (_req, res) => { setTimeout(() => json(res, 200, { id: 'busy' }), 40) },
+    'GET /v1/slow/h1': (_req, res) => { if (!hung) setTimeout(() => json(res, 200, { id: 'h1' }), 20) }
+  })
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
+  t.teardown(() => client.close())
+  const m = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 2000 },
+    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: 300 }
+  })
+  const getItem = m.byName.get('getItem')!
+  const slowItem = m.byName.get('slowItem')!
+  const busy = client.forOperation(getItem)
+  const slow = client.forOperation(slowItem)
+  const call = async (run: typeof busy, op: Operation, id: string): Promise<string> =>
+    await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)
+  // slowItem's Kernel hangs: one call times out (its need is now about its whole timeout).
+  t.equal(await call(slow, slowItem, 'h1'), 'KERNEL_TIMEOUT')
+  hung = false
+  // Four callers keep getItem's calls coming on the two connections: one always waits.
+  const load = { running: true }
+  const workers = Array.from({ length: 4 }, async () => { while (load.running) await call(busy, getItem, 'busy') })
+  await sleep(200)
+  const outcomes: Record<string, number> = {}
+  for (let i = 0; i < 20; i++) {
+    const outcome = await call(slow, slowItem, 'h1')
+    outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
+    await sleep(150)
+  }
+  load.running = false
+  await Promise.all(workers)
+  t.ok((outcomes.ok ?? 0) >= 10, `slowItem, answered in 20 ms again, is answered (${JSON.stringify(outcomes)})`)
+})
+
 t.test('an empty path parameter is 400, never another Kernel route', async t => {
   // DELETE /v1/items/{id} with id "" was DELETE /v1/items/, the collection to a Kernel that
   // ignores trailing slashes; REST refuses the empty segment itself, the other faces did not.
