@@ -97,6 +97,13 @@ export class ResponseCache {
   private redisFailing = false
   /** Tag key -> the clock tick of its latest invalidation that Redis has not received. */
   private readonly pending = new Map<string, number>()
+  /**
+   * Until when (this.now()) no entry read from Redis is used: an invalidation past
+   * MAX_PENDING_TAGS was lost, and Redis keeps what it dropped, under versions it never bumped,
+   * until the entry's lifetime ends (RedisTier.tagMs bounds it). Before, once Redis answered
+   * again, this instance read such an entry back and served it as a hit.
+   */
+  private lostUntil = 0
   private replayTimer: ReturnType<typeof setTimeout> | undefined
   /** Second invalidations (invalidateLater), by tenant and tags. */
   private readonly later = new Map<string, LaterInvalidation>()
@@ -217,7 +224,7 @@ export class ResponseCache {
           versions = read.versions
           // While one of its tags waits to be replayed, Redis still holds the versions the entry
           // was stored under: it may predate the invalidation and is not used.
-          if (read.answer !== null && read.answer.policy === policy && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil) && !this.anyPending(tagKeys)) {
+          if (read.answer !== null && read.answer.policy === policy && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil) && !this.anyPending(tagKeys) && this.now() >= this.lostUntil) {
             found = read.answer
             this.memory.set(local, ctx.tenant, found, tagKeys, since)
           }
@@ -364,7 +371,9 @@ export class ResponseCache {
     const tick = this.memory.clock.now()
     for (const k of keys) {
       if (this.pending.size >= MAX_PENDING_TAGS && !this.pending.has(k)) {
-        this.opts.log.warn({ tags: keys.length }, 'cache: too many invalidations waiting for Redis: some are lost, entries expire by their ttl')
+        // Logged once per spell (it came on every invalidation while the bound was reached).
+        if (this.now() >= this.lostUntil) this.opts.log.warn({ tags: keys.length }, 'cache: too many invalidations waiting for Redis: some are lost; other instances serve what they drop until it expires, this one reads no entry from Redis meanwhile')
+        this.lostUntil = this.now() + this.opts.redis.tier.tagMs
         break
       }
       this.pending.set(k, tick)

@@ -91,7 +91,7 @@ export class RedisTier {
   private readonly commands: CacheCommands
 
   /** @param tagMs how long a tag version outlives the last entry or invalidation that used it */
-  constructor (private readonly client: Redis, private readonly tagMs: number) {
+  constructor (private readonly client: Redis, readonly tagMs: number) {
     // defineCommand runs EVALSHA and loads the script once when Redis does not know it.
     if (!('mantleCacheWrite' in client)) {
       client.defineCommand('mantleCacheWrite', { lua: WRITE })

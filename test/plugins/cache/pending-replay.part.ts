@@ -231,3 +231,29 @@ t.test('invalidations held back during an outage are replayed as soon as a call 
   t.equal(invalidations, 1, 'the invalidation reached Redis')
   t.equal(cache.pendingInvalidations, 0, 'none left pending')
 })
+
+// Found by a review: past 10,000 tags pending, an invalidation was lost (a warning said entries
+// expire by their ttl), and once Redis answered again this very instance read the entry the
+// invalidation dropped back from Redis, under the versions it never lost, and served it as a hit.
+t.test('an invalidation past the bound of those pending never lets this instance serve the entry it dropped', async t => {
+  const stored = oldEntry()
+  let failing = true
+  const tier = {
+    read: async () => {
+      if (failing) throw new Error('Command timed out')
+      return { answer: stored, versions: '0' }
+    },
+    write: async () => true,
+    invalidate: async () => { if (failing) throw new Error('Command timed out') },
+    tagMs: 60_000
+  } as unknown as RedisTier
+  const { cache, read } = cacheOver(t, tier)
+  await read('x')
+  t.equal(cache.redisHealthy, false, 'Redis fails')
+  for (let i = 0; i < 10_000; i++) await cache.invalidate('t', [`other:${i}`], 'mutation')
+  await cache.invalidate('t', ['item:a'], 'mutation')
+  failing = false
+  cache.redisReconnected()
+  const after = await read('a')
+  t.not(after.cache, 'hit', `the entry the invalidation dropped is not served (${JSON.stringify(after)})`)
+})
