@@ -267,7 +267,10 @@ function closest (errors: readonly ValidationError[]): ValidationError | undefin
     // A wrong type of the value itself ranks lowest; a const or enum of the value or of a field
     // next (a discriminator, or an ordinary field's value: of a nullable object, it is the
     // object's fault, not "must be null"); anything deeper or else, by its depth.
-    const rank = e.keyword === 'type' && below === 0 ? 0 : (e.keyword === 'const' || e.keyword === 'enum') && below <= 1 ? 0.5 : 1 + below
+    // Counted from the value's root, by the depth of its union: an error of a union nested in a
+    // branch of another (a union field of a nullable object) got as far as that inner union, and
+    // its wrong type tied with the outer null branch's, which won ("output must be null" for {a: true}).
+    const rank = depth(at) + (e.keyword === 'type' && below === 0 ? 0 : (e.keyword === 'const' || e.keyword === 'enum') && below <= 1 ? 0.5 : 1 + below)
     if (rank > bestRank) { best = e; bestRank = rank }
   }
   if (best === undefined) return errors[0]

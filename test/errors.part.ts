@@ -1,4 +1,5 @@
 import t from 'tap'
+import { Ajv } from 'ajv'
 import { MantleError, toProblem, describeValidation, problemType, ErrorCodes, type ErrorCode } from '../errors.js'
 
 const RID = 'req-1'
@@ -208,4 +209,25 @@ t.test('describeValidation names the error of the branch the value came closest 
     { instancePath: '/item/status', schemaPath: '#/properties/item/anyOf/1/properties/status/enum', keyword: 'enum', params: { allowedValues: ['active', 'idle'] }, message: 'must be equal to one of the allowed values' },
     { instancePath: '/item', schemaPath: '#/properties/item/anyOf', keyword: 'anyOf', params: {}, message: 'must match a schema in anyOf' }], 'output'), 'output.item.status must be equal to one of the allowed values', 'a nullable object\'s enum field')
   t.equal(describeValidation([{ instancePath: '', schemaPath: '#/anyOf/0/type', keyword: 'type', message: 'must be null' }, { instancePath: '', schemaPath: '#/anyOf/1/type', keyword: 'type', params: { type: 'object' }, message: 'must be object' }, { instancePath: '', schemaPath: '#/anyOf', keyword: 'anyOf', params: {}, message: 'must match a schema in anyOf' }]), 'input must be null', 'a type error without params names no "undefined"')
+})
+
+// A union inside a branch of another (a nullable object with a union field, a tagged union under a
+// nullable one), with Ajv's own errors as the pipeline gets them (allErrors off): the inner union's
+// type errors ranked with the outer null branch's ("output must be null" for { a: true }).
+t.test('a union nested in a branch of another is named by its own fault', async t => {
+  const ajv = new Ajv({ allErrors: false, strict: false })
+  const named = (schema: object, value: unknown): string => {
+    const validate = ajv.compile(schema)
+    t.notOk(validate(value), `${JSON.stringify(value)} is refused`)
+    return describeValidation(validate.errors ?? [], 'output')
+  }
+  const nullable = (schema: object): object => ({ anyOf: [{ type: 'null' }, schema] })
+  t.equal(named(nullable({ type: 'object', properties: { a: { anyOf: [{ type: 'string' }, { type: 'number' }] } } }), { a: true }), 'output.a must be string or number', 'a union field of a nullable object')
+  t.equal(named(nullable({ type: 'object', properties: { a: nullable({ type: 'string' }) } }), { a: 5 }), 'output.a must be null or string', 'a nullable field of a nullable object')
+  t.equal(named({ type: 'array', items: nullable({ type: 'object', properties: { tags: { type: 'array', items: { oneOf: [{ type: 'string' }, { type: 'integer' }] } } } }) }, [{ tags: ['x', false] }]), 'output.0.tags.1 must be string or integer', 'arrays of unions under a nullable item')
+  const A = { type: 'object', required: ['kind', 'x'], properties: { kind: { const: 'a' }, x: { type: 'string' } } }
+  const B = { type: 'object', required: ['kind', 'y'], properties: { kind: { const: 'b' }, y: { type: 'string' } } }
+  t.equal(named(nullable({ type: 'object', properties: { shape: { oneOf: [B, A] } } }), { shape: { kind: 'a', x: 5 } }), 'output.shape.x must be string', 'a tagged union under a nullable object')
+  t.equal(named(nullable({ type: 'object', properties: { shape: { oneOf: [A, B] } } }), { shape: 7 }), 'output.shape must be object', 'a number where the tagged union wants an object')
+  t.equal(named(nullable({ type: 'object', properties: { a: { type: 'string' } } }), 5), 'output must be null or object', 'a flat nullable object as before')
 })
