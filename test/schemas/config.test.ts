@@ -1,5 +1,6 @@
 import t from 'tap'
 import { fileURLToPath } from 'node:url'
+import { readFileSync } from 'node:fs'
 import { loadConfig, productionProblems, ConfigError, ConfigSchema, DEMO_MANIFEST, unknownVariables, startWarnings, FEATURE_SETTINGS, type Config } from '../../schemas/config.js'
 import { randomUUID } from 'node:crypto'
 import { testConfig } from '../helper.js'
@@ -401,4 +402,13 @@ t.test('the environment is read once, as given: an empty value is unset, and eve
   const names = [...(errorOf(process.env)?.message ?? '').matchAll(/([A-Z_]+)="/g)].map(m => m[1]).sort()
   t.same(names, ['BFF_BODY_LIMIT', 'BFF_TRACE_SAMPLE_RATIO', 'HOST', 'PORT'], 'all four in one message')
   t.equal(loadConfig({}).HOST, '127.0.0.1', 'values given, not the process environment')
+})
+
+// README says .env.example lists every variable: f565e83 wrote BFF_AUTH_ENABLED over the line of
+// BFF_WEBSOCKET_ENABLED, which it then lacked, and listed BFF_AUTH_ENABLED twice.
+t.test('.env.example lists every variable once', async t => {
+  const lines = readFileSync(fileURLToPath(new URL('../../.env.example', import.meta.url)), 'utf8').split('\n')
+  for (const name of Object.keys(ConfigSchema.properties)) {
+    t.equal(lines.filter(line => line.startsWith(`${name}=`) || line.startsWith(`# ${name}=`)).length, 1, name)
+  }
 })
