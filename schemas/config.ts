@@ -218,7 +218,7 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
   }
   // A store named redis needs the Redis to talk to (a REDIS_URL refused above is named already);
   // its feature off, it talks to nothing, and startWarnings says the setting is not used.
-  for (const name of ['BFF_RATE_LIMIT_STORE', 'BFF_CACHE_STORE', 'BFF_IDEMPOTENCY_STORE'] as const) {
+  for (const name of STORE_VARIABLES) {
     if (config[name] === 'redis' && featureOn(config, name) && config.REDIS_URL === undefined && !bad.has('REDIS_URL')) {
       problems.push(`${name}="redis" needs REDIS_URL: set REDIS_URL, or ${name}=memory`)
     }
@@ -321,6 +321,9 @@ function shown (name: string, value: string): string {
   if (SECRET_VARIABLES.has(name)) return '***'
   return URL_VARIABLES.some(v => v.name === name) ? value.replace(/^([a-z][a-z0-9+.-]*:\/\/[^/?#@:]*:)[^/?#@]*@/i, '$1***@') : value
 }
+
+/** The BFF_*_STORE variables, whose default is redis when REDIS_URL is set, else memory. */
+const STORE_VARIABLES: ReadonlyArray<keyof Config> = ['BFF_RATE_LIMIT_STORE', 'BFF_CACHE_STORE', 'BFF_IDEMPOTENCY_STORE']
 
 /** Where a concern keeps its state: its BFF_*_STORE, else Redis when REDIS_URL is set. */
 export function storeFor (config: Config, variable: 'BFF_RATE_LIMIT_STORE' | 'BFF_CACHE_STORE' | 'BFF_IDEMPOTENCY_STORE'): 'memory' | 'redis' {
@@ -482,7 +485,8 @@ export function startWarnings (config: Readonly<Config>, env: Record<string, str
     if (config[flag] === true) continue
     for (const name of settings) {
       // Its default restated (.env.example writes most out) changes nothing: not a word about it.
-      const byDefault = (ConfigSchema.properties as Record<string, { default?: unknown }>)[name].default
+      // A store's default is not in the schema: redis with REDIS_URL, else memory (storeFor).
+      const byDefault = STORE_VARIABLES.includes(name) ? (config.REDIS_URL === undefined ? 'memory' : 'redis') : (ConfigSchema.properties as Record<string, { default?: unknown }>)[name].default
       if (env[name] !== undefined && env[name] !== '' && config[name] !== byDefault) warnings.push(`${name} is set but ${flag}=false: it is not used`)
     }
   }

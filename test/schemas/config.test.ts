@@ -412,3 +412,18 @@ t.test('.env.example lists every variable once', async t => {
     t.equal(lines.filter(line => line.startsWith(`${name}=`) || line.startsWith(`# ${name}=`)).length, 1, name)
   }
 })
+
+// A store's default is redis with REDIS_URL, else memory (README's table): restated with its
+// feature off, it was named as a setting changed ("BFF_CACHE_STORE is set but BFF_CACHE_ENABLED=false").
+t.test('a store restated at its default with its feature off is no warning', async t => {
+  const stores = [['BFF_CACHE_ENABLED', 'BFF_CACHE_STORE'], ['BFF_IDEMPOTENCY_ENABLED', 'BFF_IDEMPOTENCY_STORE'], ['BFF_RATE_LIMIT_ENABLED', 'BFF_RATE_LIMIT_STORE']] as const
+  for (const [flag, store] of stores) {
+    const memory = { [flag]: 'false', [store]: 'memory' }
+    t.same(startWarnings(loadConfig(memory), memory), [], `${store}=memory without REDIS_URL`)
+    const redis = { [flag]: 'false', [store]: 'redis', REDIS_URL: 'redis://127.0.0.1:6379' }
+    t.same(startWarnings(loadConfig(redis), redis), [], `${store}=redis with REDIS_URL`)
+    // Other than its default, it is still named.
+    const other = { [flag]: 'false', [store]: 'memory', REDIS_URL: 'redis://127.0.0.1:6379' }
+    t.same(startWarnings(loadConfig(other), other), [`${store} is set but ${flag}=false: it is not used`], `${store}=memory with REDIS_URL`)
+  }
+})
