@@ -481,6 +481,12 @@ export function startWarnings (config: Readonly<Config>, env: Record<string, str
   for (const { name, off } of EMPTY_SWITCHES_OFF) {
     if (env[name] === '' && featureOn(config, name)) warnings.push(`${name} is set but empty, which counts as unset: ${off}`)
   }
+  // Tracing's switch is an OTLP endpoint (app.ts's tracesUrl): without one, no span is recorded
+  // and the ratio samples nothing (the Kernel gets each new trace marked sampled, as ever).
+  if (config.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT === undefined && config.OTEL_EXPORTER_OTLP_ENDPOINT === undefined &&
+    env.BFF_TRACE_SAMPLE_RATIO !== undefined && env.BFF_TRACE_SAMPLE_RATIO !== '' && config.BFF_TRACE_SAMPLE_RATIO !== (ConfigSchema.properties.BFF_TRACE_SAMPLE_RATIO as { default?: number }).default) {
+    warnings.push('BFF_TRACE_SAMPLE_RATIO is set but neither OTEL_EXPORTER_OTLP_TRACES_ENDPOINT nor OTEL_EXPORTER_OTLP_ENDPOINT is: tracing is off, it is not used')
+  }
   for (const { flag, settings } of FEATURE_SETTINGS) {
     if (config[flag] === true) continue
     for (const name of settings) {

@@ -427,3 +427,16 @@ t.test('a store restated at its default with its feature off is no warning', asy
     t.same(startWarnings(loadConfig(other), other), [`${store} is set but ${flag}=false: it is not used`], `${store}=memory with REDIS_URL`)
   }
 })
+
+// Tracing's switch is an OTLP endpoint: without one, BFF_TRACE_SAMPLE_RATIO samples nothing
+// (the Kernel gets every new trace marked sampled), and it was accepted with no word.
+t.test('BFF_TRACE_SAMPLE_RATIO without an OTLP endpoint is named in a warning', async t => {
+  const alone = { BFF_TRACE_SAMPLE_RATIO: '0.1' }
+  t.same(startWarnings(loadConfig(alone), alone), ['BFF_TRACE_SAMPLE_RATIO is set but neither OTEL_EXPORTER_OTLP_TRACES_ENDPOINT nor OTEL_EXPORTER_OTLP_ENDPOINT is: tracing is off, it is not used'], 'no endpoint')
+  for (const endpoint of ['OTEL_EXPORTER_OTLP_TRACES_ENDPOINT', 'OTEL_EXPORTER_OTLP_ENDPOINT']) {
+    const used = { BFF_TRACE_SAMPLE_RATIO: '0.1', [endpoint]: 'http://127.0.0.1:4318' }
+    t.same(startWarnings(loadConfig(used), used), [], endpoint)
+  }
+  const restated = { BFF_TRACE_SAMPLE_RATIO: '1' }
+  t.same(startWarnings(loadConfig(restated), restated), [], 'its default restated, as .env.example writes it')
+})
