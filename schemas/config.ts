@@ -198,15 +198,16 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
   if (config.BFF_CORS_ORIGINS !== undefined) {
     // URL.canParse: the pattern takes any 5 digits as a port, WHATWG URL only 0..65535.
     const entries = corsOrigins(config.BFF_CORS_ORIGINS)
-    const wrong = entries.filter(o => o !== '*' && !(ORIGIN.test(o) && URL.canParse(o)))
     // @fastify/cors compares an entry with the Origin header exactly, and browsers send an origin
-    // in its one form (host in lower case, no default port): https://App.Example.com or
-    // https://app.example.com:443 matched no request, and the front end got opaque CORS errors.
-    const unlike = entries.filter(o => o !== '*' && !wrong.includes(o) && new URL(o).origin !== o)
-    if (wrong.length > 0 || unlike.length > 0 || entries.length === 0) {
+    // in its one form (host in lower case, no default port, an IDN in punycode, no path):
+    // https://App.Example.com or https://app.example.com:443 matched no request, and the front end
+    // got opaque CORS errors. An entry of which a browser's origin can be told is named with it.
+    const unlike = new Map(entries.filter(o => o !== '*').map(o => [o, browserOrigin(o)] as const).filter((e): e is readonly [string, string] => e[1] !== null))
+    const wrong = entries.filter(o => o !== '*' && !unlike.has(o) && !(ORIGIN.test(o) && URL.canParse(o)))
+    if (wrong.length > 0 || unlike.size > 0 || entries.length === 0) {
       refuse('BFF_CORS_ORIGINS', 'a comma-separated list of * or http(s) origins without a path, as browsers send them' +
         (wrong.length > 0 ? ` (bad: ${wrong.map(b => JSON.stringify(b)).join(', ')})` : ''),
-      unlike.length > 0 ? unlike.map(o => `${JSON.stringify(o)} matches no browser's Origin: write ${JSON.stringify(new URL(o).origin)}`).join('; ') : undefined)
+      unlike.size > 0 ? [...unlike].map(([o, origin]) => `${JSON.stringify(o)} matches no browser's Origin: write ${JSON.stringify(origin)}`).join('; ') : undefined)
     }
   }
   if (config.BFF_TRUST_PROXY !== undefined) {
@@ -335,6 +336,17 @@ export const rateLimitStore = (config: Config): 'memory' | 'redis' => storeFor(c
 
 // An origin as browsers send it: scheme, host, optional port; no path, query, user or trailing slash.
 const ORIGIN = /^https?:\/\/(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$/
+
+/**
+ * The origin a browser sends for a page at `entry`, when `entry` is an http(s) URL and not that
+ * origin as written (https://App.Example.com/, https://bücher.example), else null.
+ */
+function browserOrigin (entry: string): string | null {
+  if (!URL.canParse(entry)) return null
+  const url = new URL(entry)
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') return null
+  return url.origin !== entry && ORIGIN.test(url.origin) ? url.origin : null
+}
 
 /** A label of a host name (RFC 1123): letters, digits and hyphens, not at either end, 1..63 of them. */
 const HOST_LABEL = /^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$/

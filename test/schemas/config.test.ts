@@ -440,3 +440,15 @@ t.test('BFF_TRACE_SAMPLE_RATIO without an OTLP endpoint is named in a warning', 
   const restated = { BFF_TRACE_SAMPLE_RATIO: '1' }
   t.same(startWarnings(loadConfig(restated), restated), [], 'its default restated, as .env.example writes it')
 })
+
+// A browser's Origin of an IDN is in punycode, and has no path or trailing slash: such entries
+// were refused as "bad" with no word of what to write, unlike https://App.Example.com.
+t.test('BFF_CORS_ORIGINS names the origin to write for an IDN, a trailing slash or a path', async t => {
+  for (const [bad, origin] of [['https://bücher.example', 'https://xn--bcher-kva.example'], ['https://app.example.com/', 'https://app.example.com'], ['https://App.Example.com/path', 'https://app.example.com'], ['HTTPS://app.example.com', 'https://app.example.com']]) {
+    t.equal(errorOf({ BFF_CORS_ORIGINS: bad })?.message,
+      `Invalid configuration: BFF_CORS_ORIGINS="${bad}" is invalid: expected a comma-separated list of * or http(s) origins without a path, as browsers send them ("${bad}" matches no browser's Origin: write "${origin}")`, `refuses ${bad}, naming ${origin}`)
+  }
+  t.equal(errorOf({ BFF_CORS_ORIGINS: 'https://xn--bcher-kva.example' }), null, 'the punycode origin is accepted')
+  t.equal(errorOf({ BFF_CORS_ORIGINS: 'ftp://a.example, https://b.example/' })?.message,
+    'Invalid configuration: BFF_CORS_ORIGINS="ftp://a.example, https://b.example/" is invalid: expected a comma-separated list of * or http(s) origins without a path, as browsers send them (bad: "ftp://a.example") ("https://b.example/" matches no browser\'s Origin: write "https://b.example")', 'a bad entry and one with a hint')
+})
