@@ -185,7 +185,7 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
   if (!bad.has('HOST') && !isListenHost(config.HOST)) {
     const host = config.HOST
     refuse('HOST', 'an IP address (0.0.0.0, ::, 127.0.0.1, ...) or a host name (localhost, ...), without a scheme or port',
-      host.includes('://') ? 'a URL, not an address' : /^\[.*\]$/.test(host) ? 'an IPv6 address is written without brackets' : /:\d*$/.test(host) && isIP(host) === 0 ? 'the port goes in PORT' : undefined)
+      host.includes('://') ? 'a URL, not an address' : /^\[.*\]$/.test(host) ? 'an IPv6 address is written without brackets' : /:\d*$/.test(host) || /^[0-9]+$/.test(host) ? 'the port goes in PORT' : /^[0-9]+(?:\.[0-9]+)+$/.test(host) ? 'an IPv4 address is four numbers 0..255' : undefined)
   }
   if (config.BFF_JWT_PUBLIC_KEYS !== undefined) {
     try {
@@ -355,7 +355,10 @@ const HOST_LABEL = /^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$/
 function isListenHost (host: string): boolean {
   if (isIP(host) !== 0) return true
   const name = host.endsWith('.') ? host.slice(0, -1) : host
-  return name.length > 0 && name.length <= 253 && name.split('.').every(label => HOST_LABEL.test(label))
+  const labels = name.split('.')
+  // A name's last label is never all digits (RFC 3696 §2): 3000 or 127.0.1 is no name, and
+  // getaddrinfo reads it as an IPv4 address in inet_aton's shorthand (0.0.11.184, 127.0.0.1).
+  return name.length > 0 && name.length <= 253 && labels.every(label => HOST_LABEL.test(label)) && !/^[0-9]+$/.test(labels[labels.length - 1])
 }
 
 /** The entries of BFF_CORS_ORIGINS, trimmed, empty ones dropped. */

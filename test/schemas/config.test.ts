@@ -452,3 +452,16 @@ t.test('BFF_CORS_ORIGINS names the origin to write for an IDN, a trailing slash 
   t.equal(errorOf({ BFF_CORS_ORIGINS: 'ftp://a.example, https://b.example/' })?.message,
     'Invalid configuration: BFF_CORS_ORIGINS="ftp://a.example, https://b.example/" is invalid: expected a comma-separated list of * or http(s) origins without a path, as browsers send them (bad: "ftp://a.example") ("https://b.example/" matches no browser\'s Origin: write "https://b.example")', 'a bad entry and one with a hint')
 })
+
+// A host name's last label is never all digits (RFC 3696 §2): HOST=3000 (the port in HOST) passed
+// as a name and failed at listen with a bare "listen EADDRNOTAVAIL ... 0.0.11.184:3000", and
+// HOST=127.0.1 listened on 127.0.0.1, read by inet_aton's shorthand.
+t.test('a HOST of numbers that is not an IP address is refused at start-up, named', async t => {
+  const expected = 'expected an IP address (0.0.0.0, ::, 127.0.0.1, ...) or a host name (localhost, ...), without a scheme or port'
+  for (const [host, why] of [['3000', ' (the port goes in PORT)'], ['127.0.1', ' (an IPv4 address is four numbers 0..255)'], ['10.0.0.256', ' (an IPv4 address is four numbers 0..255)'], ['gateway.123', '']]) {
+    t.equal(errorOf({ HOST: host })?.message, `Invalid configuration: HOST=${JSON.stringify(host)} is invalid: ${expected}${why}`, `HOST=${host}`)
+  }
+  for (const host of ['0.0.0.0', '10.0.0.255', 'gateway1', '1gateway', 'node-1.cluster.local', '123.example']) {
+    t.equal(loadConfig({ HOST: host }).HOST, host, `HOST=${host}`)
+  }
+})
