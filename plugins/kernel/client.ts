@@ -234,7 +234,7 @@ export class KernelClient {
         const started = performance.now()
         let result: Attempt
         try {
-          result = await this.attempt(method, path, headers, body, remaining, need, leave, op.type === 'mutation')
+          result = await this.attempt(method, path, headers, body, remaining, op.timeoutMs, need, leave, op.type === 'mutation')
         } catch (err) {
           // undici refused to send what the gateway built (a header value it cannot carry): the
           // gateway's fault, not the Kernel's. Neither retried nor a breaker failure; before, it
@@ -307,7 +307,7 @@ export class KernelClient {
     }
   }
 
-  private async attempt (method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, remaining: number, need: Need, leave: Leave | null, mutation: boolean): Promise<Attempt> {
+  private async attempt (method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, remaining: number, timeoutMs: number, need: Need, leave: Leave | null, mutation: boolean): Promise<Attempt> {
     // One precise timer bounds headers and body together by the op's deadline. undici's own
     // headersTimeout/bodyTimeout run on its coarse timer wheel (a 150 ms timeout fired after
     // more than 600 ms here), too loose for short per-op timeouts.
@@ -324,7 +324,9 @@ export class KernelClient {
     } else {
       sentAt = performance.now()
       const left = remaining - (sentAt - deadline.start)
-      if (left < MIN_SEND_MS || (left < need.ms && need.learning(sentAt))) {
+      // Sent with less than it needs only as the estimate's probe (Need.learning), and only with
+      // at least half its timeout left: a call that waited longer is the queue past capacity.
+      if (left < MIN_SEND_MS || (left < need.ms && (left < timeoutMs / 2 || need.learning(sentAt)))) {
         // Handed a connection with its time (nearly) gone: calls of a burst share about one
         // deadline, and the holder that timed out hands its connection on before the next one's
         // timer fires. Sent, that call was aborted while undici reconnected: a Kernel timeout.
@@ -582,11 +584,15 @@ export class Need {
 
   /**
    * Whether it is learning what the operation needs: one of its attempts is out, or one ended
-   * within the last 100 ms. A call is refused for want of time only then; otherwise it goes out,
-   * and teaches it. Sampled by calls sent alone, an operation whose calls had timed out (it then
-   * asks about their whole timeout) was refused for good once its Kernel recovered, while another
-   * operation's calls kept every connection busy: each of its calls waited a moment, none went
-   * out, nothing was learnt. At most one call at a time, one a 100 ms, goes out so.
+   * within the last 100 ms. A call with at least half its timeout left is refused for want of time
+   * only then; otherwise it goes out, and teaches it. Sampled by calls sent alone, an operation
+   * whose calls had timed out (it then asks about their whole timeout) was refused for good once
+   * its Kernel recovered, while another operation's calls kept every connection busy: each of its
+   * calls waited a moment, none went out, nothing was learnt. At most one call at a time, one a
+   * 100 ms, goes out so. A call that waited more than half its timeout is refused whatever this
+   * says: past capacity with many operations, each one's calls are far apart in the queue, none
+   * of its calls was out when the next was handed a connection, and every call went out with the
+   * little time it had left, timed out, and opened the breaker (found by a review).
    */
   learning (now: number): boolean {
     return this.out > 0 || now - this.endedAt < LEARNING_MS

@@ -986,6 +986,46 @@ t.test('an operation that timed out is answered again once its Kernel recovers, 
   t.ok((outcomes.ok ?? 0) >= 10, `slowItem, answered in 20 ms again, is answered (${JSON.stringify(outcomes)})`)
 })
 
+// Found by a review of 1cd5562: a call is refused for want of time only while its operation's
+// estimate is learning (one of its calls out, or one ended within 100 ms). Past capacity with
+// many operations sharing the connections, each operation's calls are far apart in the queue:
+// none of its calls is out when its next one is handed a connection, so that call went out with
+// the little time left it had and timed out, sent, as before the load shedding.
+t.test('past capacity with many operations, a call handed a connection with less time left than the Kernel needs is still refused unsent', async t => {
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  // 100 ms a call on 2 connections: 20 calls a second; 40 a second, over 8 operations, for 2.5 s.
+  const kernel = await startTestKernel(t, { 'GET /v1/items/q1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'q1' }), 100) } })
+  const rejected: Record<string, number> = {}
+  const nothing = (): void => {}
+  const calls = { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing, client_closed: nothing }
+  const metrics: KernelMetrics = { forOperation: () => ({ call: calls, retry: nothing }), budgetExhausted: nothing, rejected: (reason: string) => { rejected[reason] = (rejected[reason] ?? 0) + 1 }, connected: nothing }
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 }, metrics })
+  t.teardown(() => client.close())
+  const names = Array.from({ length: 8 }, (_, i) => `get${i}`)
+  const m = testManifest(Object.fromEntries(names.map(name =>
+    [name, { type: 'query', rest: `GET /${name}/:id`, kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 500 }])))
+  const ops = names.map(name => m.byName.get(name)!)
+  const runs = ops.map(op => client.forOperation(op))
+  const late: Record<string, number> = {}
+  const pending: Array<Promise<void>> = []
+  const start = performance.now()
+  let made = 0
+  while (performance.now() - start < 2500) {
+    for (const due = Math.floor((performance.now() - start) / 25); made < due; made++) {
+      const after = performance.now() - start > 1000
+      const count = (key: string): void => { if (after) late[key] = (late[key] ?? 0) + 1 }
+      const i = made % ops.length
+      pending.push(runs[i](new CallContext(`r${made}`, 'rest', ops[i], { id: 'q1' }, undefined, undefined, undefined)).then(() => { count('ok') }, (err: { code: string }) => { count(err.code) }))
+    }
+    await sleep(5)
+  }
+  await Promise.all(pending)
+  t.ok((late.ok ?? 0) >= 10, `calls made after the queue filled are still answered (${JSON.stringify(late)})`)
+  t.ok((late.KERNEL_TIMEOUT ?? 0) <= (late.ok ?? 0) / 4, `few of them time out (${JSON.stringify(late)}, ${JSON.stringify(rejected)})`)
+  t.equal(client.breaker!.state, 'closed', 'the breaker never opened: the Kernel was healthy')
+})
+
 t.test('an empty path parameter is 400, never another Kernel route', async t => {
   // DELETE /v1/items/{id} with id "" was DELETE /v1/items/, the collection to a Kernel that
   // ignores trailing slashes; REST refuses the empty segment itself, the other faces did not.
