@@ -7,6 +7,8 @@ import { etagOf, localKey, matchesIfNoneMatch, policyOf, sharedKey, tagKey, tagT
 
 /** How long an entry is kept past its swr window, to answer (marked stale) while the Kernel is down. */
 export const STALE_IF_ERROR_SECONDS = 300
+/** Added to the longest entry's life for the spell without Redis entries after a lost invalidation, as the plugin adds to a tag's. */
+const LOST_MARGIN_MS = 60_000
 /**
  * After a Redis failure the shared tier is left alone this long: calls use memory, not a timeout
  * each. Then one call tries Redis again (the others staying off it for another hold) until a
@@ -104,6 +106,12 @@ export class ResponseCache {
    * again, this instance read such an entry back and served it as a hit.
    */
   private lostUntil = 0
+  /**
+   * The longest an entry of any stage built so far lives after the Kernel call that made it began
+   * (ttl, swr, stale-if-error and the call's timeout). A reload may lengthen a ttl past what
+   * RedisTier.tagMs was made for at start-up: the spell above lasts the longer of the two.
+   */
+  private longestMs = 0
   private replayTimer: ReturnType<typeof setTimeout> | undefined
   /** Second invalidations (invalidateLater), by tenant and tags. */
   private readonly later = new Map<string, LaterInvalidation>()
@@ -189,6 +197,7 @@ export class ResponseCache {
   private queryStage (op: Operation, spec: NonNullable<Operation['cache']>): (ctx: CallContext, next: Next) => Promise<unknown> {
     const ttlMs = (spec.ttlSeconds ?? this.opts.defaultTtlSeconds) * 1000
     const swrMs = spec.swrSeconds * 1000
+    this.longestMs = Math.max(this.longestMs, ttlMs + swrMs + STALE_IF_ERROR_SECONDS * 1000 + op.timeoutMs)
     const templates = spec.tags.map(tagTemplate)
     const serialize = this.opts.serializer(op.name)
     const name = op.name
@@ -373,7 +382,7 @@ export class ResponseCache {
       if (this.pending.size >= MAX_PENDING_TAGS && !this.pending.has(k)) {
         // Logged once per spell (it came on every invalidation while the bound was reached).
         if (this.now() >= this.lostUntil) this.opts.log.warn({ tags: keys.length }, 'cache: too many invalidations waiting for Redis: some are lost; other instances serve what they drop until it expires, this one reads no entry from Redis meanwhile')
-        this.lostUntil = this.now() + this.opts.redis.tier.tagMs
+        this.lostUntil = this.now() + Math.max(this.opts.redis.tier.tagMs, this.longestMs + LOST_MARGIN_MS)
         break
       }
       this.pending.set(k, tick)

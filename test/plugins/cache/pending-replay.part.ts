@@ -257,3 +257,54 @@ t.test('an invalidation past the bound of those pending never lets this instance
   const after = await read('a')
   t.not(after.cache, 'hit', `the entry the invalidation dropped is not served (${JSON.stringify(after)})`)
 })
+
+// Found by a review of the test above: the spell without Redis entries lasted RedisTier.tagMs,
+// the longest an entry lived under the manifest at start-up. A reload may lengthen an operation's
+// ttl (the cache is no fixed part of a manifest): its entries then outlived the spell, and once it
+// ended this instance read the entry the lost invalidation dropped back from Redis, as a hit.
+t.test('after a reload lengthened the ttl, an invalidation past the bound never lets this instance serve the entry it dropped', async t => {
+  let clock = Date.now()
+  const long = { name: 'getItem', timeoutMs: 5000, cache: { ttlSeconds: 3600, swrSeconds: 0, tags: ['item:{id}'] }, invalidates: [] } as unknown as Operation
+  const json = '{"n":1}'
+  const stored: CachedAnswer = { value: { n: 1 }, json, status: 200, etag: etagOf(json), freshUntil: clock + 3_600_000, staleUntil: clock + 3_600_000, keepUntil: clock + 3_900_000, policy: policyOf(long, long.cache!) }
+  let failing = true
+  const tier = {
+    read: async () => {
+      if (failing) throw new Error('Command timed out')
+      return { answer: stored, versions: '0' }
+    },
+    write: async () => true,
+    invalidate: async () => { if (failing) throw new Error('Command timed out') },
+    // What the plugin gives a manifest of 60 s ttls: (60 + 300) s + 5 s + 60 s.
+    tagMs: 425_000
+  } as unknown as RedisTier
+  const cache = new ResponseCache({
+    redis: { tier, up: () => true },
+    maxSize: 100,
+    maxBytes: 1 << 20,
+    defaultTtlSeconds: 60,
+    breakerOpen: () => false,
+    serializer: () => JSON.stringify,
+    instanceId: 'one',
+    now: () => clock,
+    log: { warn: () => {}, debug: () => {} }
+  })
+  t.teardown(() => cache.close())
+  cache.stage({ ...op, timeoutMs: 5000 } as unknown as Operation)
+  // The reload: the operation's stage built anew, with an hour's ttl.
+  const stage = cache.stage(long)!
+  const read = async (id: string): Promise<unknown> => {
+    const ctx = new CallContext('r', 'rest', long, { id }, undefined, undefined, undefined)
+    ctx.tenant = 't'
+    return await stage(ctx, async () => ({ n: 2 }))
+  }
+  await read('x')
+  t.equal(cache.redisHealthy, false, 'Redis fails')
+  for (let i = 0; i < 10_000; i++) await cache.invalidate('t', [`other:${i}`], 'mutation')
+  await cache.invalidate('t', ['item:a'], 'mutation')
+  failing = false
+  cache.redisReconnected()
+  // Ten minutes on: past the start-up manifest's longest entry, within the hour's ttl.
+  clock += 600_000
+  t.same(await read('a'), { n: 2 }, 'the entry the invalidation dropped is not served once the start-up manifest\'s entries would have expired')
+})
