@@ -181,11 +181,12 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
     if (why !== null) refuse(name, expected, why)
   }
   // The schema only refuses spaces: HOST=0.0.0.0:3000, http://0.0.0.0 or foo_bar! failed at
-  // listen with a bare "getaddrinfo ENOTFOUND ..." that did not name HOST.
+  // listen with a bare "getaddrinfo ENOTFOUND ..." that did not name HOST. HOST=0, the shorthand
+  // of some tools for 0.0.0.0, is no port written in HOST: its hint names the address to write.
   if (!bad.has('HOST') && !isListenHost(config.HOST)) {
     const host = config.HOST
     refuse('HOST', 'an IP address (0.0.0.0, ::, 127.0.0.1, ...) or a host name (localhost, ...), without a scheme or port',
-      host.includes('://') ? 'a URL, not an address' : /^\[.*\]$/.test(host) ? 'an IPv6 address is written without brackets' : /:\d*$/.test(host) || /^[0-9]+$/.test(host) ? 'the port goes in PORT' : /^[0-9]+(?:\.[0-9]+)+$/.test(host) ? 'an IPv4 address is four numbers 0..255' : undefined)
+      host.includes('://') ? 'a URL, not an address' : /^\[.*\]$/.test(host) ? 'an IPv6 address is written without brackets' : /^0+$/.test(host) ? 'every IPv4 address is 0.0.0.0, every address ::' : /:\d*$/.test(host) || /^[0-9]+$/.test(host) ? 'the port goes in PORT' : /^[0-9]+(?:\.[0-9]+)+$/.test(host) ? 'an IPv4 address is four numbers 0..255' : undefined)
   }
   if (config.BFF_JWT_PUBLIC_KEYS !== undefined) {
     try {

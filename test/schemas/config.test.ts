@@ -458,7 +458,7 @@ t.test('BFF_CORS_ORIGINS names the origin to write for an IDN, a trailing slash 
 // HOST=127.0.1 listened on 127.0.0.1, read by inet_aton's shorthand.
 t.test('a HOST of numbers that is not an IP address is refused at start-up, named', async t => {
   const expected = 'expected an IP address (0.0.0.0, ::, 127.0.0.1, ...) or a host name (localhost, ...), without a scheme or port'
-  for (const [host, why] of [['3000', ' (the port goes in PORT)'], ['127.0.1', ' (an IPv4 address is four numbers 0..255)'], ['10.0.0.256', ' (an IPv4 address is four numbers 0..255)'], ['gateway.123', '']]) {
+  for (const [host, why] of [['3000', ' (the port goes in PORT)'], ['127.0.1', ' (an IPv4 address is four numbers 0..255)'], ['10.0.0.256', ' (an IPv4 address is four numbers 0..255)'], ['gateway.123', ''], ['0', ' (every IPv4 address is 0.0.0.0, every address ::)']]) {
     t.equal(errorOf({ HOST: host })?.message, `Invalid configuration: HOST=${JSON.stringify(host)} is invalid: ${expected}${why}`, `HOST=${host}`)
   }
   for (const host of ['0.0.0.0', '10.0.0.255', 'gateway1', '1gateway', 'node-1.cluster.local', '123.example']) {
