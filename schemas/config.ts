@@ -205,10 +205,14 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
     // got opaque CORS errors. An entry of which a browser's origin can be told is named with it.
     const unlike = new Map(entries.filter(o => o !== '*').map(o => [o, browserOrigin(o)] as const).filter((e): e is readonly [string, string] => e[1] !== null))
     const wrong = entries.filter(o => o !== '*' && !unlike.has(o) && !(ORIGIN.test(o) && URL.canParse(o)))
+    // "null" is what a file:// page or a sandboxed frame sends (the commonest try for a page opened
+    // from disk): refused as any non-origin is, with why, as allowing it allows every such page.
+    const hints = [...unlike].map(([o, origin]) => `${JSON.stringify(o)} matches no browser's Origin: write ${JSON.stringify(origin)}`)
+    if (wrong.some(o => o.toLowerCase() === 'null')) hints.push('"null", the Origin of file:// pages and sandboxed frames, which any site can open, is never allowed: serve the page from an http(s) origin and name that')
     if (wrong.length > 0 || unlike.size > 0 || entries.length === 0) {
       refuse('BFF_CORS_ORIGINS', 'a comma-separated list of * or http(s) origins without a path, as browsers send them' +
         (wrong.length > 0 ? ` (bad: ${wrong.map(b => JSON.stringify(b)).join(', ')})` : ''),
-      unlike.size > 0 ? [...unlike].map(([o, origin]) => `${JSON.stringify(o)} matches no browser's Origin: write ${JSON.stringify(origin)}`).join('; ') : undefined)
+      hints.length > 0 ? hints.join('; ') : undefined)
     }
   }
   if (config.BFF_TRUST_PROXY !== undefined) {

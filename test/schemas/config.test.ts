@@ -443,6 +443,15 @@ t.test('BFF_TRACE_SAMPLE_RATIO without an OTLP endpoint is named in a warning', 
 
 // A browser's Origin of an IDN is in punycode, and has no path or trailing slash: such entries
 // were refused as "bad" with no word of what to write, unlike https://App.Example.com.
+// A page opened from disk (file://) or a sandboxed frame sends Origin: null; BFF_CORS_ORIGINS=null,
+// the usual try for it, was refused as bad with no word of why.
+t.test('BFF_CORS_ORIGINS=null is refused saying why', async t => {
+  for (const value of ['null', 'http://localhost:3000,null']) {
+    t.equal(errorOf({ BFF_CORS_ORIGINS: value })?.message,
+      `Invalid configuration: BFF_CORS_ORIGINS="${value}" is invalid: expected a comma-separated list of * or http(s) origins without a path, as browsers send them (bad: "null") ("null", the Origin of file:// pages and sandboxed frames, which any site can open, is never allowed: serve the page from an http(s) origin and name that)`, value)
+  }
+})
+
 t.test('BFF_CORS_ORIGINS names the origin to write for an IDN, a trailing slash or a path', async t => {
   for (const [bad, origin] of [['https://bücher.example', 'https://xn--bcher-kva.example'], ['https://app.example.com/', 'https://app.example.com'], ['https://App.Example.com/path', 'https://app.example.com'], ['HTTPS://app.example.com', 'https://app.example.com']]) {
     t.equal(errorOf({ BFF_CORS_ORIGINS: bad })?.message,
