@@ -214,8 +214,8 @@ type ValidationError = { instancePath?: string, schemaPath?: string, keyword?: s
  * value's type, all of them are named ("must be null or object"). Work only on a refusal, over
  * the few errors Ajv gives.
  */
-export function describeValidation (errors: readonly ValidationError[], context = 'input'): string {
-  const first = closest(errors)
+export function describeValidation (errors: readonly ValidationError[], context = 'input', subject?: { schema: unknown, value: unknown }): string {
+  const first = closest(errors, subject === undefined ? null : otherKinds(errors, subject.schema, subject.value))
   if (first === undefined) return 'The input is not valid'
   const path = (first.instancePath ?? '').replace(/^\//, '').replace(/\//g, '.')
   const params = first.params ?? {}
@@ -228,6 +228,58 @@ export function describeValidation (errors: readonly ValidationError[], context 
   }
   const field = path === '' ? context : context + '.' + path
   return `${field} ${first.message ?? 'is not valid'}`
+}
+
+/**
+ * The schema paths ("#/oneOf/0/") of the union branches the value is not of the kind of: an
+ * object branch whose field's `const` or `enum` (a tagged union's `kind`) the value's field
+ * breaks while another branch's `const` or `enum` of that field admits it. Ajv checks `required`
+ * before `properties` and stops at a branch's first error, so a branch that wants other fields
+ * never got to its `kind`: {kind: "b"} missing `y` under `oneOf: [A (kind a, requires x),
+ * B (kind b, requires y)]` was named by A's "x is required". A field no other branch tells by
+ * (a nullable object's enum field) leaves its branch weighed: its fault is then the value's.
+ */
+function otherKinds (errors: readonly ValidationError[], schema: unknown, value: unknown): string[] {
+  const others: string[] = []
+  for (const s of errors) {
+    if (!summary(s) || s.schemaPath === undefined) continue
+    const branches = pointer(schema, s.schemaPath.replace(/^#/, ''), true)
+    const at = pointer(value, s.instancePath ?? '', false)
+    if (!Array.isArray(branches) || typeof at !== 'object' || at === null || Array.isArray(at)) continue
+    const kinds = branches.map(branch => kindFields(branch, at as Record<string, unknown>))
+    kinds.forEach((fields, i) => {
+      const other = [...fields].some(([name, admits]) => !admits && kinds.some((them, j) => j !== i && them.get(name) === true))
+      if (other) others.push(`${s.schemaPath}/${i}/`)
+    })
+  }
+  return others
+}
+
+/** An object branch's fields with a `const` or `enum` the object gives, each with whether it admits the object's value. */
+function kindFields (branch: unknown, object: Record<string, unknown>): Map<string, boolean> {
+  const fields = new Map<string, boolean>()
+  const properties = (branch as { properties?: Record<string, { const?: unknown, enum?: unknown }> } | null)?.properties
+  if (typeof properties !== 'object' || properties === null) return fields
+  for (const [name, field] of Object.entries(properties)) {
+    if (!Object.hasOwn(object, name) || typeof field !== 'object' || field === null) continue
+    const given = JSON.stringify(object[name])
+    if ('const' in field) fields.set(name, JSON.stringify(field.const) === given)
+    else if (Array.isArray(field.enum)) fields.set(name, field.enum.some(v => JSON.stringify(v) === given))
+  }
+  return fields
+}
+
+/** The part of a JSON document at a JSON pointer (Ajv's paths: "/shape/0"; "#" fragments are URI-escaped). */
+function pointer (document: unknown, path: string, uri: boolean): unknown {
+  let at = document
+  if (path === '') return at
+  for (const raw of path.slice(1).split('/')) {
+    let key: string
+    try { key = (uri ? decodeURIComponent(raw) : raw).replace(/~1/g, '/').replace(/~0/g, '~') } catch { return undefined }
+    if (typeof at !== 'object' || at === null || !Object.hasOwn(at, key)) return undefined
+    at = (at as Record<string, unknown>)[key]
+  }
+  return at
 }
 
 /** Ajv's "must match a schema in anyOf" (and oneOf's with none passing): it says only that the errors before it are its branches'. */
@@ -250,12 +302,13 @@ function depth (path: string | undefined): number {
  * first among equals. A field's wrong type in the branch the discriminator chose ranked below
  * the `required` of another branch until 2026-12-05 ("y is required" for {kind: "a", x: 5}).
  */
-function closest (errors: readonly ValidationError[]): ValidationError | undefined {
+function closest (errors: readonly ValidationError[], others: readonly string[] | null = null): ValidationError | undefined {
   if (errors.length < 2 || !errors.some(summary)) return errors[0]
   let best: ValidationError | undefined
   let bestRank = -1
+  const ofOther = (e: ValidationError): boolean => others !== null && others.some(prefix => (e.schemaPath ?? '').startsWith(prefix))
   for (const e of errors) {
-    if (summary(e)) continue
+    if (summary(e) || ofOther(e)) continue
     // The union whose branch this error is of: the summary nearest it in the schema.
     let at = ''
     let within = -1
@@ -278,7 +331,7 @@ function closest (errors: readonly ValidationError[]): ValidationError | undefin
   // The value's type matched no branch: name every type they admit.
   const types: string[] = []
   for (const e of errors) {
-    if (e.keyword !== 'type' || e.instancePath !== best.instancePath) continue
+    if (e.keyword !== 'type' || e.instancePath !== best.instancePath || ofOther(e)) continue
     const type = e.params?.type
     if (type === undefined) continue
     for (const t of Array.isArray(type) ? type : String(type).split(',')) if (!types.includes(String(t))) types.push(String(t))

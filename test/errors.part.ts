@@ -231,3 +231,33 @@ t.test('a union nested in a branch of another is named by its own fault', async 
   t.equal(named(nullable({ type: 'object', properties: { shape: { oneOf: [A, B] } } }), { shape: 7 }), 'output.shape must be object', 'a number where the tagged union wants an object')
   t.equal(named(nullable({ type: 'object', properties: { a: { type: 'string' } } }), 5), 'output must be null or object', 'a flat nullable object as before')
 })
+
+// Ajv checks `required` before `properties` and stops at a branch's first error: a branch of a
+// tagged union that wants other fields never got to its `kind`, and its "x is required" was named
+// for a value whose `kind` chose the other branch ({kind: "b"} missing y: "input.x is required").
+t.test('a tagged union names the branch the value\'s kind chose, whatever the other branch wants', async t => {
+  const ajv = new Ajv({ allErrors: false, strict: false })
+  const named = (schema: object, value: unknown, context = 'input'): string => {
+    const validate = ajv.compile(schema)
+    t.notOk(validate(value), `${JSON.stringify(value)} is refused`)
+    return describeValidation(validate.errors ?? [], context, { schema: validate.schema, value })
+  }
+  const A = { type: 'object', required: ['kind', 'x'], properties: { kind: { const: 'a' }, x: { type: 'string' } } }
+  const B = { type: 'object', required: ['kind', 'y'], properties: { kind: { const: 'b' }, y: { type: 'string' } } }
+  t.equal(named({ oneOf: [A, B] }, { kind: 'b' }), 'input.y is required', 'the second branch\'s missing field')
+  t.equal(named({ anyOf: [{ type: 'null' }, { type: 'object', properties: { s: { oneOf: [A, B] } } }] }, { s: { kind: 'b' } }, 'output'), 'output.s.y is required', 'under a nullable object')
+  // The union field listed before `kind` in the other branch: its wrong type is not this value's fault.
+  const circle = { type: 'object', required: ['kind'], properties: { size: { anyOf: [{ type: 'number' }, { type: 'object' }] }, kind: { const: 'circle' } } }
+  const label = { type: 'object', required: ['kind', 'text'], properties: { kind: { enum: ['label', 'note'] }, size: { type: 'string' }, text: { type: 'string' } } }
+  t.equal(named({ oneOf: [circle, label] }, { kind: 'label', size: 'big' }), 'input.text is required', 'an enum discriminator, a union field before kind')
+  // As before: the value's kind matches no branch; the value is of the first's kind; no kind at all.
+  t.equal(named({ oneOf: [A, B] }, { kind: 'c' }), 'input.x is required', 'no branch of its kind: every branch is weighed')
+  t.equal(named({ oneOf: [A, B] }, { kind: 'a', x: 5 }), 'input.x must be string', 'the first branch\'s fault')
+  t.equal(named({ oneOf: [A, B] }, { x: 'q' }), 'input.kind is required', 'no kind')
+  t.equal(named({ oneOf: [A, B] }, 7), 'input must be object', 'not an object')
+  // A const or enum no other branch tells by is the value's fault, not another kind's (13cce55).
+  t.equal(named({ anyOf: [{ type: 'null' }, { type: 'object', properties: { version: { const: 2 }, status: { enum: ['on', 'off'] } } }] }, { version: 1 }, 'output'), 'output.version must be equal to constant', 'a nullable object\'s const field')
+  t.equal(named({ anyOf: [{ type: 'null' }, { type: 'object', properties: { status: { enum: ['on', 'off'] } } }] }, { status: 'x' }, 'output'), 'output.status must be equal to one of the allowed values', 'a nullable object\'s enum field')
+  // Ajv's paths escape a slash (a~1b), for the schema and the value alike.
+  t.match(named({ anyOf: [{ type: 'null' }, { type: 'object', properties: { 'a/b': { oneOf: [A, B] } } }] }, { 'a/b': { kind: 'b' } }), /\.y is required$/, 'a field whose name has a slash')
+})

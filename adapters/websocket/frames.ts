@@ -73,7 +73,7 @@ export function decodeFrame (text: string): Frame | Refusal {
   const given = givenId(object)
   for (const [key, kind, validate] of validators) {
     if (!(key in object)) continue
-    if (!validate(object)) return { kind: 'refused', id: given, detail: describeValidation(validate.errors ?? [], 'frame') }
+    if (!validate(object)) return { kind: 'refused', id: given, detail: describeValidation(validate.errors ?? [], 'frame', { schema: validate.schema, value: object }) }
     object.kind = kind
     return object as unknown as Frame
   }

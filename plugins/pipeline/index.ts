@@ -164,7 +164,7 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
         // An empty 2xx body reads as null (a 204 is answered with no body, whatever the schema).
         if (!op.outputAdmitsNull && ctx.status !== 204) throw new MantleError('KERNEL_ERROR', empty)
       } else if (!conforms(value)) {
-        throw new MantleError('KERNEL_ERROR', `The Kernel's answer to ${op.name} does not match its output schema: ${describeValidation(conforms.errors ?? [], 'output')}`)
+        throw new MantleError('KERNEL_ERROR', `The Kernel's answer to ${op.name} does not match its output schema: ${describeValidation(conforms.errors ?? [], 'output', { schema: conforms.schema, value })}`)
       }
       ctx.json ??= serialize(value)
       return value
@@ -354,10 +354,10 @@ function validationStage (): StageDefinition {
         const input: unknown = ctx.input
         if (typeof input !== 'object' || input === null || Array.isArray(input)) throw new MantleError('VALIDATION_FAILED', 'The input must be a JSON object')
         if (ctx.idempotencyKey === null) throw new MantleError('VALIDATION_FAILED', 'The Idempotency-Key must be 1 to 255 visible ASCII characters (a batch call\'s id, appended to it, visible ASCII too)')
-        if (!validate(ctx.input)) throw new MantleError('VALIDATION_FAILED', describeValidation(validate.errors ?? []))
+        if (!validate(ctx.input)) throw new MantleError('VALIDATION_FAILED', describeValidation(validate.errors ?? [], 'input', { schema: validate.schema, value: input }))
         const fault = inputFault(input)
         if (fault === UNSAFE_INTEGER) {
-          if (safe !== null && !safe(input)) throw new MantleError('VALIDATION_FAILED', describeValidation(safe.errors ?? []))
+          if (safe !== null && !safe(input)) throw new MantleError('VALIDATION_FAILED', describeValidation(safe.errors ?? [], 'input', { schema: safe.schema, value: input }))
         } else if (fault !== null) throw new MantleError('VALIDATION_FAILED', fault)
         return next(ctx)
       }
