@@ -1,4 +1,5 @@
 import pg from 'pg'
+import tap from 'tap'
 import { randomUUID } from 'node:crypto'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -35,19 +36,68 @@ export async function postgresAvailable (): Promise<boolean> {
   }
 }
 
-/** A fresh database for one test file, dropped at teardown. Returns its name. */
-export async function createTestDatabase (t: Teardown): Promise<string> {
-  const name = 'mantle_t_' + randomUUID().replace(/-/g, '').slice(0, 16)
-  const admin = new pg.Client({ connectionString: PG_URL })
-  await admin.connect()
-  await admin.query(`CREATE DATABASE ${name}`)
-  await admin.end()
-  t.teardown(async () => {
-    const c = new pg.Client({ connectionString: PG_URL })
-    await c.connect()
-    await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
-    await c.end()
+/** Drops of this process's databases still running: a subtest does not wait for its own. */
+const drops = new Set<Promise<void>>()
+let template: Promise<string> | null = null
+
+async function admin<T> (run: (client: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ connectionString: PG_URL })
+  await client.connect()
+  try {
+    return await run(client)
+  } finally {
+    await client.end()
+  }
+}
+
+let waiting = false
+/** Once per process: its last test waits for the drops still running, then drops the template. */
+function waitAtEnd (): void {
+  if (waiting) return
+  waiting = true
+  tap.teardown(async () => {
+    while (drops.size > 0) await Promise.all([...drops])
+    if (template !== null) {
+      const name = await template.catch(() => null)
+      if (name !== null) await admin(async c => { await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`) }).catch(() => {})
+    }
   })
+}
+
+function dropLater (name: string): void {
+  waitAtEnd()
+  const drop: Promise<void> = admin(async c => { await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`) })
+    .catch(() => {})
+    .then(() => { drops.delete(drop) })
+  drops.add(drop)
+}
+
+/**
+ * One migrated database per test process, dropped when the process's tests end: a migrated
+ * database for a test is a copy of it (about 0.2 s, where creating one and migrating it took
+ * about 1 s). Only migrate() writes it, and nothing connects to it after.
+ */
+async function migratedTemplate (): Promise<string> {
+  template ??= (async () => {
+    const name = 'mantle_tpl_' + randomUUID().replace(/-/g, '').slice(0, 16)
+    waitAtEnd()
+    await admin(async c => { await c.query(`CREATE DATABASE ${name}`) })
+    await migrate(databaseUrl(name))
+    return name
+  })()
+  return await template
+}
+
+/**
+ * A fresh database for one test, dropped after it. Returns its name. With `migrated`, a copy of
+ * a database migrated to the latest version (what `migrate(url)` on a fresh one gives); without,
+ * empty. The DROP (0.3 to 1 s) runs behind the next tests; the process's last test waits for it.
+ */
+export async function createTestDatabase (t: Teardown, { migrated = false }: { migrated?: boolean } = {}): Promise<string> {
+  const name = 'mantle_t_' + randomUUID().replace(/-/g, '').slice(0, 16)
+  const from = migrated ? ` TEMPLATE ${await migratedTemplate()}` : ''
+  await admin(async c => { await c.query(`CREATE DATABASE ${name}${from}`) })
+  t.teardown(() => { dropLater(name) })
   return name
 }
 
@@ -71,8 +121,7 @@ export function spoolDir (t: Teardown): string {
 
 /** A PostgreSQL store on a new, migrated database. */
 export async function pgStore (t: Teardown): Promise<{ url: string, store: PostgresAuditStore }> {
-  const url = databaseUrl(await createTestDatabase(t))
-  await migrate(url)
+  const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
   const store = new PostgresAuditStore({ databaseUrl: url })
   t.teardown(() => store.close())
   return { url, store }

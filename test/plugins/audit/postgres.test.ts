@@ -17,7 +17,6 @@ import { main as migrateMain } from '../../../scripts/migrate.js'
 import type { AuditEntry } from '../../../plugins/audit/index.js'
 import type { AuditPage } from '../../../plugins/audit/entry.js'
 import { PostgresAuditStore, binaryArray } from '../../../plugins/audit/postgres-store.js'
-import { migrate } from '../../../plugins/audit/migrations.js'
 import { entry, resumedVerifies } from './entries.js'
 import { VERIFY_PAGE } from '../../../plugins/audit/entry.js'
 
@@ -38,8 +37,7 @@ async function pgApp (t: Teardown, url: string, env: Record<string, string | num
 
 /** A PostgreSQL store on a new, migrated database, and a maker of entries for it. */
 async function storeOnNewDatabase (t: Teardown): Promise<{ url: string, store: PostgresAuditStore, entry: (over?: Partial<AuditEntry>) => AuditEntry }> {
-  const url = databaseUrl(await createTestDatabase(t))
-  await migrate(url)
+  const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
   const store = new PostgresAuditStore({ databaseUrl: url })
   t.teardown(() => store.close())
   return { url, store, entry }
@@ -109,7 +107,7 @@ if (!available) t.comment('PostgreSQL is not reachable on 127.0.0.1:5432: skippe
 
 if (available) {
   t.test('every call on every face, refusals and failures included, gives exactly one row with its request id; the chain verifies', async t => {
-    const url = databaseUrl(await createTestDatabase(t))
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const app = await pgApp(t, url)
     await app.listen({ port: 0, host: '127.0.0.1' })
     const port = (app.server.address() as { port: number }).port
@@ -180,7 +178,7 @@ if (available) {
   })
 
   t.test('GET /admin/audit filters by tenant, time, request id, action and status, a page at a time', async t => {
-    const url = databaseUrl(await createTestDatabase(t))
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const app = await pgApp(t, url)
     const prefix = randomUUID()
     await restCalls(app, url, 5, prefix)
@@ -229,7 +227,7 @@ if (available) {
   })
 
   t.test('tampering by SQL is found at the right entry: a changed field, a deleted row, a swapped pair, a removed tail', async t => {
-    const url = databaseUrl(await createTestDatabase(t))
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const app = await pgApp(t, url)
     await restCalls(app, url, 10)
     await drained(app)
@@ -277,7 +275,7 @@ if (available) {
   })
 
   t.test('two gateway instances writing at once keep one valid chain', async t => {
-    const url = databaseUrl(await createTestDatabase(t))
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const kernel = await startKernel({ port: 0, runDelayMs: 1 })
     t.teardown(() => kernel.close())
     const one = await pgApp(t, url, { BFF_AUDIT_BATCH_SIZE: 7 }, kernel.url)
@@ -423,8 +421,7 @@ if (available) {
   t.test('the store itself: a verify that times out leaves no read connection in its snapshot; reads end on the server too', async t => {
     // A query that timed out made pg drop the COMMIT behind it, and the connection went back to
     // the pool inside the read-only transaction: GET /admin/audit on it read the old snapshot.
-    const url = databaseUrl(await createTestDatabase(t))
-    await migrate(url)
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const store = new PostgresAuditStore({ databaseUrl: url, queryTimeoutMs: 500 })
     t.teardown(() => store.close())
     await store.write([entry(), entry(), entry()])
@@ -459,8 +456,7 @@ if (available) {
     // the server, the chain head's row lock held, until TCP keepalive (2 h): every write of every
     // instance waited on it past its timeout and was spooled. Here a write takes the lock and its
     // INSERT never reaches the server, as a partitioned one's.
-    const url = databaseUrl(await createTestDatabase(t))
-    await migrate(url)
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     // 2 s: on a loaded machine the server had ended the transaction before the check below saw it.
     const store = new PostgresAuditStore({ databaseUrl: url, queryTimeoutMs: 2000 })
     t.teardown(() => store.close())
@@ -493,8 +489,7 @@ if (available) {
   // idle_in_transaction_session_timeout), so behind PgBouncer the gateway migrated (the
   // migration's connection sends none) but never wrote an entry: every batch was spooled.
   t.test('the store itself: behind a pooler that refuses unknown startup parameters (PgBouncer), writes, reads, verify, retention and the ping work', async t => {
-    const name = await createTestDatabase(t)
-    await migrate(databaseUrl(name))
+    const name = await createTestDatabase(t, { migrated: true })
     const pooler = await startPoolerProxy(t)
     const store = new PostgresAuditStore({ databaseUrl: databaseUrl(name, pooler.port), connectTimeoutMs: 1000 })
     t.teardown(() => store.close())
@@ -508,8 +503,7 @@ if (available) {
   })
 
   t.test('the store itself: each transaction sets its own timeouts (SET LOCAL), which hold behind a pooler in transaction mode; a session keeps none', async t => {
-    const name = await createTestDatabase(t)
-    await migrate(databaseUrl(name))
+    const name = await createTestDatabase(t, { migrated: true })
     const pooler = await startPoolerProxy(t)
     const store = new PostgresAuditStore({ databaseUrl: databaseUrl(name, pooler.port), queryTimeoutMs: 700 })
     t.teardown(() => store.close())
@@ -603,7 +597,7 @@ if (available) {
   })
 
   t.test('retention removes the oldest entries in batches; verification starts from the oldest kept', async t => {
-    const url = databaseUrl(await createTestDatabase(t))
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const app = await pgApp(t, url, { BFF_AUDIT_RETENTION_DAYS: 30 })
     const old = Date.now() - 40 * 86_400_000
     // 1,005 entries from 40 days ago (more than one pruning batch), then calls of today.
@@ -774,8 +768,7 @@ if (available) {
 // its hash, computed from the millisecond, would still match.
 if (await postgresAvailable()) {
   t.test('verify: a stored timestamp changed by less than a millisecond is a changed row', async t => {
-    const url = databaseUrl(await createTestDatabase(t))
-    await migrate(url)
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const store = new PostgresAuditStore({ databaseUrl: url })
     t.teardown(() => store.close())
     const batch = [entry(), entry(), entry()]
@@ -789,8 +782,7 @@ if (await postgresAvailable()) {
   })
 
   t.test('verify: a number of the metadata changed to a decimal JavaScript reads as the same is a changed row', async t => {
-    const url = databaseUrl(await createTestDatabase(t))
-    await migrate(url)
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const store = new PostgresAuditStore({ databaseUrl: url })
     t.teardown(() => store.close())
     // Numbers jsonb writes in its own notation (1e21, 1e-7) and the shortest forms of doubles.
@@ -812,8 +804,7 @@ if (await postgresAvailable()) {
 
   /** A fresh store holding ten entries one second apart, from a minute ago (`named(i)`: the i-th). */
   const tenSeconds = async (t: Test): Promise<{ url: string, store: PostgresAuditStore, base: number, named: (i: number) => { id: string, requestId: string } }> => {
-    const url = databaseUrl(await createTestDatabase(t))
-    await migrate(url)
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const store = new PostgresAuditStore({ databaseUrl: url })
     t.teardown(() => store.close())
     const base = Date.now() - 60_000
