@@ -56,7 +56,7 @@ function spooledIds (dir: string): Set<string> {
 
 if (available) {
   t.test('PostgreSQL cut mid-load: calls go on, entries are spooled, and after the cut every entry is stored exactly once', async t => {
-    const name = await createTestDatabase(t)
+    const name = await createTestDatabase(t, { migrated: true })
     const direct = databaseUrl(name)
     const proxy = await startTcpProxy(t, PG_PORT)
     const kernel = await startKernel({ port: 0, runDelayMs: 1 })
@@ -150,7 +150,7 @@ if (available) {
   })
 
   t.test('SIGTERM during load loses no entry', async t => {
-    const name = await createTestDatabase(t)
+    const name = await createTestDatabase(t, { migrated: true })
     const url = databaseUrl(name)
     const dir = spoolDir(t)
     const { child, base } = await gateway(t, url, dir)
@@ -192,7 +192,7 @@ if (available) {
 // process was killed with its queue neither stored nor spooled.
 if (available) {
   t.test('SIGTERM while PostgreSQL hangs: a clean exit within the grace, every answered call stored or spooled', async t => {
-    const name = await createTestDatabase(t)
+    const name = await createTestDatabase(t, { migrated: true })
     const direct = databaseUrl(name)
     const proxy = await startTcpProxy(t, PG_PORT)
     const dir = spoolDir(t)
