@@ -150,6 +150,8 @@ export interface BuildOptions {
   identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number, jwksTimeoutMs?: number }
   /** Rate-limit internals (tests: the memory store's clock, the Redis retry pause). */
   rateLimit?: { now?: () => number, retryRedisMs?: number, memoryMaxKeys?: number }
+  /** Idempotency internals (tests: the margin a Redis claim's lease has over its op's timeout). */
+  idempotency?: { leaseMarginMs?: number }
   /**
    * What app.fatal does once it has logged: server.ts shuts the process down gracefully and exits
    * 1. Without it the app closes (its audit queue flushed, as at any close).
@@ -836,7 +838,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       store: storeFor(config, 'BFF_IDEMPOTENCY_STORE'),
       ttlSeconds: config.BFF_IDEMPOTENCY_TTL_SECONDS,
       maxKeys: config.BFF_IDEMPOTENCY_MAX_KEYS,
-      waitMs: config.BFF_IDEMPOTENCY_WAIT_MS
+      waitMs: config.BFF_IDEMPOTENCY_WAIT_MS,
+      ...options.idempotency
     })
   }
   // After identity (its admin routes use requireRole); its stage still runs outermost but metrics.

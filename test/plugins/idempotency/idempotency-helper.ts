@@ -4,6 +4,7 @@
 import { randomUUID } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
 import { buildTestApp, startTestKernel, testManifest, json, bearer, type TestKernel } from '../../helper.js'
+import type { BuildOptions } from '../../../app.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
@@ -41,7 +42,7 @@ export interface IdemSetup {
   create: (input: Record<string, unknown>, key?: string, tenant?: string) => Promise<Answer>
 }
 
-export async function idemSetup (t: Teardown, store: StoreKind, env: Record<string, string | number | boolean | undefined> = {}, kernelSettings: Record<string, unknown> = {}, existing?: TestKernel): Promise<IdemSetup> {
+export async function idemSetup (t: Teardown, store: StoreKind, env: Record<string, string | number | boolean | undefined> = {}, kernelSettings: Record<string, unknown> = {}, existing?: TestKernel, options: BuildOptions = {}): Promise<IdemSetup> {
   let gate: Promise<void> | null = null
   let created = 0
   const kernel = existing ?? await startTestKernel(t, {
@@ -52,7 +53,7 @@ export async function idemSetup (t: Teardown, store: StoreKind, env: Record<stri
     },
     'PATCH /v1/items/x': (req, res) => json(res, 200, { id: 'x', name: (JSON.parse(req.body) as { name: string }).name })
   })
-  const app = await buildTestApp(t, { BFF_IDEMPOTENCY_STORE: store, BFF_IDEMPOTENCY_TTL_SECONDS: 120, ...(store === 'redis' ? { REDIS_URL } : {}), ...env }, { manifest: idempotencyManifest(kernelSettings), kernelUrl: kernel.url })
+  const app = await buildTestApp(t, { BFF_IDEMPOTENCY_STORE: store, BFF_IDEMPOTENCY_TTL_SECONDS: 120, ...(store === 'redis' ? { REDIS_URL } : {}), ...env }, { ...options, manifest: idempotencyManifest(kernelSettings), kernelUrl: kernel.url })
   const tenant = 'idem-' + randomUUID()
   const headers = (key?: string, who = tenant): Record<string, string> => ({ ...bearer({ tenant: who }), ...(key === undefined ? {} : { 'idempotency-key': key }) })
   return {

@@ -9,6 +9,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { until, startTestKernel, json, type TestHandler } from '../../helper.js'
+import type { BuildOptions } from '../../../app.js'
 import { startTcpProxy } from '../../proxy.js'
 import { storeKey } from '../../../plugins/idempotency/index.js'
 import { idemSetup, REDIS_URL } from './idempotency-helper.js'
@@ -149,7 +150,7 @@ t.test('a claim Redis carried out but never answered, of a call that failed: the
  * claim (409 at once); a Kernel whose item creations (createItem, quickItem) are held until `open()` and answers 503 while
  * `failing`; a direct client of the Redis.
  */
-async function failingCall (t: Teardown) {
+async function failingCall (t: Teardown, options: BuildOptions = {}) {
   let open!: () => void
   const gate = new Promise<void>(resolve => { open = resolve })
   const state = { failing: true }
@@ -160,7 +161,7 @@ async function failingCall (t: Teardown) {
   }
   const kernel = await startTestKernel(t, { 'POST /v1/items': create, 'POST /v1/quick': create })
   const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
-  const a = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, {}, kernel)
+  const a = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, {}, kernel, options)
   const b = await idemSetup(t, 'redis', { BFF_IDEMPOTENCY_WAIT_MS: 0 }, {}, kernel)
   const redis = new Redis(REDIS_URL)
   t.teardown(() => redis.quit())
@@ -204,9 +205,10 @@ for (const answered of [true, false]) {
 }
 
 t.test('a release Redis refused is dropped when the claim\'s lease ends, Redis still away: nothing is retried for a claim gone from Redis', async t => {
-  // quickItem: a 1 s timeout, so a 6 s lease. Past it the claim lapsed in Redis, and the key may
-  // be another call's by now (a release is guarded by the claim's token all the same).
-  const { open, proxy, a, redis } = await failingCall(t)
+  // quickItem: a 1 s timeout, and a margin of 2 s (5 s by default: the test waited out a 6 s
+  // lease), so a 3 s lease. Past it the claim lapsed in Redis, and the key may be another call's
+  // by now (a release is guarded by the claim's token all the same).
+  const { open, proxy, a, redis } = await failingCall(t, { idempotency: { leaseMarginMs: 2000 } })
   const key = randomUUID()
   const at = storeKey(a.tenant, 'quickItem', key)
   const first = a.app.inject({ method: 'POST', url: '/api/v1/quick', headers: a.headers(key), payload: { name: 'q' } })
