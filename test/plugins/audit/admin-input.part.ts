@@ -44,7 +44,7 @@ async function checkRefusals (t: Test, app: FastifyInstance): Promise<void> {
 
 if (await postgresAvailable()) {
   t.test('postgres: a leap-second date-time or a NUL in a text filter is a 400, never a 500', async t => {
-    const app = await pgApp(t, databaseUrl(await createTestDatabase(t)))
+    const app = await pgApp(t, databaseUrl(await createTestDatabase(t, { migrated: true })))
     await checkRefusals(t, app)
   })
 }

@@ -73,7 +73,7 @@ t.test('memory: invalidate, /diagz and /internal/events, allowed and refused, le
 
 if (await postgresAvailable()) {
   t.test('postgres: the entries of invalidate, /diagz and /internal/events are stored, metadata included', async t => {
-    const url = databaseUrl(await createTestDatabase(t))
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const app = await buildDemoApp(t, { BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t), BFF_INTERNAL_TOKEN: INTERNAL_TOKEN })
     const cases = CASES.filter(c => c.id === 'inv-other' || c.id === 'diagz-role' || c.id === 'ev-ok' || c.id === 'ev-wrong')
     await callAll(t, app, cases)
@@ -90,7 +90,7 @@ if (await postgresAvailable()) {
   t.test('postgres: a NUL or a lone surrogate in what an admin call names is stored as U+FFFD, never quarantined; the chain verifies', async t => {
     // jsonb refuses \u0000 and lone surrogates: such an entry was quarantined (the file in the
     // spool directory), while the invalidation had run, and GET /admin/audit showed nothing.
-    const url = databaseUrl(await createTestDatabase(t))
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const dir = spoolDir(t)
     const app = await buildDemoApp(t, { BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: dir, BFF_INTERNAL_TOKEN: INTERNAL_TOKEN })
     const calls = [

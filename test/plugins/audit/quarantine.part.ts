@@ -340,7 +340,7 @@ if (available) {
   })
 
   t.test('gateway: the quarantined count is in /metrics and /diagz, and the error is logged', async t => {
-    const url = databaseUrl(await createTestDatabase(t))
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const dir = spoolDir(t)
     const lines: string[] = []
     const app = await buildApp(testConfig({ LOG_LEVEL: 'warn', BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: dir }),
