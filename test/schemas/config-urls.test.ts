@@ -22,11 +22,18 @@ async function startServer (env: Record<string, string>): Promise<{ code: number
   let output = ''
   child.stdout.on('data', (d: Buffer) => { output += d.toString() })
   child.stderr.on('data', (d: Buffer) => { output += d.toString() })
-  const timer = setTimeout(() => child.kill('SIGKILL'), 20_000)
+  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000)
   const code = await new Promise<number | null>(resolve => child.on('exit', resolve))
   clearTimeout(timer)
   return { code, output }
 }
+
+// Side by side: each start loads the gateway's ~1,100 modules through tsx, seconds of waiting on
+// the machine each; one after another they were most of this file's time. Each subtest awaits its
+// own start (the safety kill above is no assertion: 60 s, as four load at once).
+const badRedis = startServer({ REDIS_URL: 'redis://127.0.0.1:6379/abc' })
+const badKernel = startServer({ KERNEL_URL: 'http://127.0.0.1:99999' })
+const badProduction = startServer({ NODE_ENV: 'production', PORT: 'abc', BFF_JWT_SECRET: 'short' })
 
 t.test('start-up: a DATABASE_URL the memory audit store does not use is warned of, once', async t => {
   // BFF_AUDIT_STORE defaults to memory whatever DATABASE_URL says: setting DATABASE_URL alone
@@ -42,7 +49,7 @@ t.test('start-up: a DATABASE_URL the memory audit store does not use is warned o
   })
   child.stderr.on('data', (d: Buffer) => { output += d.toString() })
   const exited = new Promise<number | null>(resolve => child.on('exit', resolve))
-  const timer = setTimeout(() => child.kill('SIGKILL'), 30_000)
+  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000)
   await Promise.race([listening, exited])
   // The warnings follow the banner in the same tick of main().
   await new Promise(resolve => setTimeout(resolve, 200))
@@ -54,21 +61,21 @@ t.test('start-up: a DATABASE_URL the memory audit store does not use is warned o
 
 t.test('start-up: a REDIS_URL with a non-numeric database stops the process with one line, no stack', async t => {
   // The database is the path's number: ioredis would send SELECT NaN, whose error nothing catches.
-  const { code, output } = await startServer({ REDIS_URL: 'redis://127.0.0.1:6379/abc' })
+  const { code, output } = await badRedis
   t.equal(code, 1)
   t.match(output, /^mantle: Invalid configuration: REDIS_URL=.*the database "abc" is not a non-negative integer/m, 'one line naming the variable and why')
   t.notMatch(output, /\n\s+at /, 'no stack trace')
 })
 
 t.test('start-up: a KERNEL_URL with an out-of-range port names the variable, not a bare "Invalid URL"', async t => {
-  const { code, output } = await startServer({ KERNEL_URL: 'http://127.0.0.1:99999' })
+  const { code, output } = await badKernel
   t.equal(code, 1)
   t.match(output, /^mantle: Invalid configuration: KERNEL_URL="http:\/\/127\.0\.0\.1:99999" is invalid: .*the port "99999" is not 1\.\.65535/m)
   t.notMatch(output, /\n\s+at /, 'no stack trace')
 })
 
 t.test('start-up in production: a bad value and production\'s refusals stop the process in one line', async t => {
-  const { code, output } = await startServer({ NODE_ENV: 'production', PORT: 'abc', BFF_JWT_SECRET: 'short' })
+  const { code, output } = await badProduction
   t.equal(code, 1)
   t.match(output, /^mantle: Invalid configuration: PORT="abc" is invalid: [^\n]*; Refusing to start in production: BFF_JWT_SECRET is shorter than 32 bytes; [^\n]*BFF_MANIFEST is the demo manifest/m)
 })
