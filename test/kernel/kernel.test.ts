@@ -553,7 +553,34 @@ function runMain (env: Record<string, string>, onStdout?: (text: string, kill: (
   })
 }
 
+// The children of the checks that need nothing of their subtest, started side by side with the
+// first one's: each starts through the loaders of this process, seconds each, and one group after
+// another they were most of this file's time. Started when the first "run directly" subtest
+// begins, not at load, so that they do not compete with the in-process subtests' waits.
+const stop = (text: string, kill: (signal: NodeJS.Signals) => void): void => { if (text.includes('kernel listening on')) kill('SIGTERM') }
+const ports = [' 80', '+80', '80.0']
+let spawned: { sigint: Promise<Child>, badPort: Promise<Child>, badDelay: Promise<Child>, bad: Promise<Child>, byPort: Array<Promise<Child>> } | undefined
+function children (): NonNullable<typeof spawned> {
+  let sent = false
+  spawned ??= {
+    sigint: runMain({ KERNEL_PORT: '0', KERNEL_LOGGER: '1' }, (text, kill) => {
+      if (!sent && text.includes('kernel listening on')) {
+        sent = true
+        kill('SIGINT')
+      }
+    }),
+    badPort: runMain({ KERNEL_PORT: 'abc' }),
+    badDelay: runMain({ KERNEL_PORT: '0', KERNEL_RUN_DELAY_MS: '-1' }),
+    // Number() read KERNEL_PORT=0x10 as 16 and 1e3 as 1000, and KERNEL_HOST=' ' failed at listen.
+    // A Kernel that starts all the same is stopped, and the test fails on what it printed.
+    bad: runMain({ KERNEL_PORT: '0x10', KERNEL_RUN_DELAY_MS: '1e3', KERNEL_HOST: ' ' }, stop),
+    byPort: ports.map(async port => await runMain({ KERNEL_PORT: port }, stop))
+  }
+  return spawned
+}
+
 t.test('run directly: listens on KERNEL_PORT, forwards events, stops on SIGTERM', async (t) => {
+  children()
   const r = await receiver(t)
   const exercise = async (url: string): Promise<void> => {
     const res = await fetch(`${url}/v1/agents/a1/runs`, {
@@ -586,20 +613,13 @@ t.test('run directly: listens on KERNEL_PORT, forwards events, stops on SIGTERM'
 })
 
 t.test('run directly: SIGINT also stops it', async (t) => {
-  let sent = false
-  const result = await runMain({ KERNEL_PORT: '0', KERNEL_LOGGER: '1' }, (text, kill) => {
-    if (!sent && text.includes('kernel listening on')) {
-      sent = true
-      kill('SIGINT')
-    }
-  })
+  const result = await children().sigint
   t.equal(result.code, 0, result.stderr)
   t.match(result.stdout, /kernel: SIGINT, shutting down/)
 })
 
 t.test('run directly: bad configuration stops it with a message', async (t) => {
-  // Side by side: each child starts through the loaders of this process, seconds each.
-  const [badPort, badDelay] = await Promise.all([runMain({ KERNEL_PORT: 'abc' }), runMain({ KERNEL_PORT: '0', KERNEL_RUN_DELAY_MS: '-1' })])
+  const [badPort, badDelay] = await Promise.all([children().badPort, children().badDelay])
   t.equal(badPort.code, 1)
   t.match(badPort.stderr, /KERNEL_PORT must be an integer in 0\.\.65535, got abc/)
   t.equal(badDelay.code, 1)
@@ -607,14 +627,7 @@ t.test('run directly: bad configuration stops it with a message', async (t) => {
 })
 
 t.test('run directly: a port or delay not in decimal digits, or a blank host, is refused, every one in one line', async (t) => {
-  // Number() read KERNEL_PORT=0x10 as 16 and 1e3 as 1000, and KERNEL_HOST=' ' failed at listen.
-  // A Kernel that starts all the same is stopped, and the test fails on what it printed.
-  const stop = (text: string, kill: (signal: NodeJS.Signals) => void): void => { if (text.includes('kernel listening on')) kill('SIGTERM') }
-  const ports = [' 80', '+80', '80.0']
-  const [bad, ...byPort] = await Promise.all([
-    runMain({ KERNEL_PORT: '0x10', KERNEL_RUN_DELAY_MS: '1e3', KERNEL_HOST: ' ' }, stop),
-    ...ports.map(async port => await runMain({ KERNEL_PORT: port }, stop))
-  ])
+  const [bad, ...byPort] = await Promise.all([children().bad, ...children().byPort])
   t.equal(bad.code, 1)
   t.match(bad.stderr, /^kernel: KERNEL_PORT must be an integer in 0\.\.65535, got 0x10 \(decimal digits only\); KERNEL_RUN_DELAY_MS must be a number >= 0, got 1e3 \(decimal digits only\); KERNEL_HOST must be a host name or IP address \(no spaces\), got " "$/m)
   ports.forEach((port, i) => {
