@@ -697,8 +697,9 @@ t.test('a connection reset in the middle of a 2xx body is 503 KERNEL_UNAVAILABLE
 // signal only once the request has a connection).
 t.test('a call queued for a Kernel connection answers within its own timeoutMs', async t => {
   const kernel = await startTestKernel(t, {
-    // A Kernel endpoint that takes its time (within the long op's 3 s budget).
-    'GET /v1/long/l1': async (_req, res) => { await sleep(2500); json(res, 200, { id: 'l1' }) },
+    // A Kernel endpoint that takes its time (within the long op's 3 s budget), long after the
+    // fast op's 200 ms deadline (2.5 s until 2026-12: 1.2 s keeps a second of margin).
+    'GET /v1/long/l1': async (_req, res) => { await sleep(1200); json(res, 200, { id: 'l1' }) },
     'GET /v1/fast/f1': (_req, res) => json(res, 200, { id: 'f1' })
   })
   const manifest = testManifest({
@@ -760,24 +761,27 @@ t.test('calls whose time runs out waiting for a connection: no connection torn d
  * A host that drops connection attempts (a blackholed address): a process listening with a
  * backlog of one, stopped, its backlog filled: the system completes no further handshake.
  */
-async function blackhole (t: Test): Promise<number> {
+async function blackhole (t: Test): Promise<{ port: number, release: () => void }> {
   const child = spawn(process.execPath, ['-e', "const s = require('net').createServer().listen({ port: 0, host: '127.0.0.1', backlog: 1 }, () => { console.log(s.address().port); process.kill(process.pid, 'SIGSTOP') })"], { stdio: ['ignore', 'pipe', 'inherit'] })
-  t.teardown(() => { child.kill('SIGKILL') })
   const port = await new Promise<number>(resolve => child.stdout.once('data', (d: Buffer) => resolve(Number(String(d).trim()))))
   await sleep(100)
   const fill: Socket[] = []
-  t.teardown(() => { for (const s of fill) s.destroy() })
   for (let i = 0; i < 4; i++) { const s = connect(port, '127.0.0.1'); s.on('error', () => {}); fill.push(s) }
+  const release = (): void => { child.kill('SIGKILL'); for (const s of fill) s.destroy() }
+  t.teardown(release)
   await sleep(100)
-  return port
+  return { port, release }
 }
 
 t.test('a Kernel host that drops connection attempts opens the breaker, whatever the timeout (the calls were never sent)', async t => {
-  const port = await blackhole(t)
+  const { port, release } = await blackhole(t)
   const m = testManifest({
     getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 300 }
   }, { retries: 0, connections: 4, circuitBreaker: { threshold: 3, resetTimeoutMs: 60_000 } })
   const app = await buildTestApp(t, {}, { manifest: m, kernelUrl: `http://127.0.0.1:${port}` })
+  // Teardowns run last registered first: the host goes away before the app closes, which refuses
+  // the connection attempts still pending (closing the app waited out undici's 2 s connect timeout).
+  t.teardown(release)
   const codes: string[] = []
   for (let i = 0; i < 5; i++) codes.push((await app.inject({ url: '/api/v1/items/x', headers: bearer() })).json().code)
   // Before, a call whose time ran out while undici still opened its connection (connect timeout
