@@ -2,7 +2,6 @@ import closeWithGrace from 'close-with-grace'
 import { pathToFileURL } from 'node:url'
 import { resolve } from 'node:path'
 import type { FastifyInstance } from 'fastify'
-import { buildApp } from './app.js'
 import { loadConfig, demoKernel, demoKernelRefusal, startWarnings, productionProblems, ConfigError, DEV_JWT_SECRET, type Config } from './schemas/config.js'
 import { mintToken } from './plugins/auth/index.js'
 import type { KernelEventMessage } from './plugins/events/index.js'
@@ -51,6 +50,9 @@ export async function start (config: Readonly<Config>, options: { onFatal?: (err
   }
   let app: FastifyInstance | undefined
   try {
+    // Loaded here, not with the module: a configuration refused at start-up is told in a
+    // fraction of the time the whole gateway's modules take to load (about 1,100 of them).
+    const { buildApp } = await import('./app.js')
     app = await buildApp(config, { ...(kernelUrl === null ? {} : { kernelUrl }), ...options })
     const events = app.events
     const log = app.log
