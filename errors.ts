@@ -262,11 +262,30 @@ function kindFields (branch: unknown, object: Record<string, unknown>): Map<stri
   if (typeof properties !== 'object' || properties === null) return fields
   for (const [name, field] of Object.entries(properties)) {
     if (!Object.hasOwn(object, name) || typeof field !== 'object' || field === null) continue
-    const given = JSON.stringify(object[name])
-    if ('const' in field) fields.set(name, JSON.stringify(field.const) === given)
-    else if (Array.isArray(field.enum)) fields.set(name, field.enum.some(v => JSON.stringify(v) === given))
+    const given = object[name]
+    if ('const' in field) fields.set(name, same(field.const, given))
+    else if (Array.isArray(field.enum)) fields.set(name, field.enum.some(v => same(v, given)))
   }
   return fields
+}
+
+/**
+ * Whether the value a client or the Kernel gave equals a schema's literal, as Ajv's `const` and
+ * `enum` compare (key order aside). Walks the literal, not the value: JSON.stringify of the value
+ * overflowed the stack on a deeply nested one (a 500 for a refusal; the depth bound is checked
+ * after the schema) and cost a copy of a megabyte `kind` for every branch.
+ */
+function same (literal: unknown, given: unknown): boolean {
+  if (literal === null || typeof literal !== 'object') return literal === given
+  if (given === null || typeof given !== 'object' || Array.isArray(literal) !== Array.isArray(given)) return false
+  if (Array.isArray(literal)) {
+    const list = given as unknown[]
+    return list.length === literal.length && literal.every((v, i) => same(v, list[i]))
+  }
+  const keys = Object.keys(literal)
+  let n = 0
+  for (const key in given) if (Object.hasOwn(given, key) && ++n > keys.length) return false
+  return n === keys.length && keys.every(key => Object.hasOwn(given, key) && same((literal as Record<string, unknown>)[key], (given as Record<string, unknown>)[key]))
 }
 
 /** The part of a JSON document at a JSON pointer (Ajv's paths: "/shape/0"; "#" fragments are URI-escaped). */

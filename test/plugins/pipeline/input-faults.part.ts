@@ -167,3 +167,22 @@ t.test('a text that is not well-formed UTF-16 (a lone surrogate) is refused 400 
   const pair = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: '{"calls":[{"id":"a","op":"listThings","input":{"name":"\\ud83d\\ude00"}}]}' })
   t.match(pair.json(), { results: [{ id: 'a', result: { url: '/v1/things?name=%F0%9F%98%80' } }] })
 })
+
+// describeValidation compared a tagged union's `kind` with each branch's const by JSON.stringify
+// of the value: a deeply nested `kind` (the depth bound is checked after the schema) overflowed
+// the stack, and the refusal was a 500 INTERNAL instead of the schema's 400.
+t.test('a refused input holding a deeply nested value where a tagged union wants its kind is a 400, not a 500', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/shapes': (_req, res) => json(res, 201, { ok: true }) })
+  const A = { type: 'object', required: ['kind', 'x'], properties: { kind: { const: 'a' }, x: { type: 'string' } } }
+  const B = { type: 'object', required: ['kind', 'y'], properties: { kind: { enum: ['b', 'c'] }, y: { type: 'string' } } }
+  const manifest = testManifest({
+    makeShape: { type: 'mutation', rest: 'POST /shapes', kernel: 'POST /v1/shapes', input: { type: 'object', properties: { shape: { oneOf: [A, B] } } }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
+  }, { url: kernel.url, retries: 0 })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const headers = { ...bearer(), 'content-type': 'application/json' }
+  const payload = '{"shape":{"kind":' + '['.repeat(100_000) + ']'.repeat(100_000) + '}}' // by hand: JSON.stringify would overflow
+  const res = await app.inject({ method: 'POST', url: '/api/v1/shapes', headers, payload })
+  t.equal(res.statusCode, 400)
+  t.match(res.json(), { code: 'VALIDATION_FAILED', detail: /^input\.shape\./ })
+  t.equal(kernel.requests.length, 0)
+})
