@@ -237,7 +237,8 @@ export function describeValidation (errors: readonly ValidationError[], context 
  * before `properties` and stops at a branch's first error, so a branch that wants other fields
  * never got to its `kind`: {kind: "b"} missing `y` under `oneOf: [A (kind a, requires x),
  * B (kind b, requires y)]` was named by A's "x is required". A field no other branch tells by
- * (a nullable object's enum field) leaves its branch weighed: its fault is then the value's.
+ * (a nullable object's enum field) leaves its branch weighed: its fault is then the value's. Of
+ * a union's branches, those with the fewest such faults are weighed, never none.
  */
 function otherKinds (errors: readonly ValidationError[], schema: unknown, value: unknown): string[] {
   const others: string[] = []
@@ -247,10 +248,15 @@ function otherKinds (errors: readonly ValidationError[], schema: unknown, value:
     const at = pointer(value, s.instancePath ?? '', false)
     if (!Array.isArray(branches) || typeof at !== 'object' || at === null || Array.isArray(at)) continue
     const kinds = branches.map(branch => kindFields(branch, at as Record<string, unknown>))
-    kinds.forEach((fields, i) => {
-      const other = [...fields].some(([name, admits]) => !admits && kinds.some((them, j) => j !== i && them.get(name) === true))
-      if (other) others.push(`${s.schemaPath}/${i}/`)
-    })
+    // The fields some branch admits the value's field for; a branch's faults, those it does not.
+    const admitted = new Set<string>()
+    for (const fields of kinds) for (const [name, admits] of fields) if (admits) admitted.add(name)
+    const faults = kinds.map(fields => { let n = 0; for (const [name, admits] of fields) if (!admits && admitted.has(name)) n++; return n })
+    // Only the branches of more faults than another: a value whose fields tell two kinds (kind a,
+    // version 2 of branches a/1 and b/2) set every branch aside, and nothing of the union was
+    // left to name ("output must be null" under a nullable object).
+    const fewest = faults.reduce((a, b) => Math.min(a, b), Infinity)
+    faults.forEach((n, i) => { if (n > fewest) others.push(`${s.schemaPath}/${i}/`) })
   }
   return others
 }

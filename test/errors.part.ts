@@ -261,3 +261,23 @@ t.test('a tagged union names the branch the value\'s kind chose, whatever the ot
   // Ajv's paths escape a slash (a~1b), for the schema and the value alike.
   t.match(named({ anyOf: [{ type: 'null' }, { type: 'object', properties: { 'a/b': { oneOf: [A, B] } } }] }, { 'a/b': { kind: 'b' } }), /\.y is required$/, 'a field whose name has a slash')
 })
+
+// A value whose fields tell two kinds (kind a, version 2 of a union whose branches are a/1 and
+// b/2) is of no branch's kind more than another's: e5eb5c4 set every branch aside, nothing of the
+// union was left to name, and under a nullable object the null branch's "output must be null" won.
+t.test('a value whose fields point at different branches of a tagged union names a fault of the union', async t => {
+  const ajv = new Ajv({ allErrors: false, strict: false })
+  const named = (schema: object, value: unknown): string => {
+    const validate = ajv.compile(schema)
+    t.notOk(validate(value), `${JSON.stringify(value)} is refused`)
+    return describeValidation(validate.errors ?? [], 'output', { schema: validate.schema, value })
+  }
+  const A = { type: 'object', required: ['kind', 'x'], properties: { kind: { const: 'a' }, version: { const: 1 }, x: { type: 'string' } } }
+  const B = { type: 'object', required: ['kind', 'y'], properties: { kind: { const: 'b' }, version: { const: 2 }, y: { type: 'string' } } }
+  const C = { type: 'object', required: ['kind', 'z'], properties: { kind: { const: 'c' }, version: { const: 3 }, z: { type: 'string' } } }
+  const nullable = (schema: object): object => ({ anyOf: [{ type: 'null' }, { type: 'object', properties: { s: schema } }] })
+  t.equal(named(nullable({ oneOf: [A, B] }), { s: { kind: 'a', version: 2, x: 'q' } }), 'output.s.y is required', 'not "must be null"')
+  t.match(named(nullable({ oneOf: [A, B] }), { s: { kind: 'b', version: 1, y: 5 } }), /^output\.s\.\S+ /, 'a fault of a branch, not "must be null"')
+  t.equal(named(nullable({ oneOf: [C, A, B] }), { s: { kind: 'a', version: 2, x: 'q' } }), 'output.s.y is required', 'a branch of neither kind stays aside (not "z is required")')
+  t.equal(named({ oneOf: [C, A, B] }, { kind: 'a', version: 2, x: 'q' }), 'output.y is required', 'at the root: not the first branch\'s "z is required"')
+})
