@@ -217,7 +217,8 @@ type ValidationError = { instancePath?: string, schemaPath?: string, keyword?: s
 export function describeValidation (errors: readonly ValidationError[], context = 'input', subject?: { schema: unknown, value: unknown }): string {
   const first = closest(errors, subject === undefined ? null : otherKinds(errors, subject.schema, subject.value))
   if (first === undefined) return 'The input is not valid'
-  const path = (first.instancePath ?? '').replace(/^\//, '').replace(/\//g, '.')
+  // Ajv's JSON pointer, its segments unescaped: a field "a/b" is a.b's "a/b", not "a~1b".
+  const path = (first.instancePath ?? '').replace(/^\//, '').split('/').map(s => s.replace(/~1/g, '/').replace(/~0/g, '~')).join('.')
   const params = first.params ?? {}
   if (typeof params.missingProperty === 'string') {
     return `${context}.${path === '' ? '' : path + '.'}${params.missingProperty} is required`

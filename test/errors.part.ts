@@ -281,3 +281,18 @@ t.test('a value whose fields point at different branches of a tagged union names
   t.equal(named(nullable({ oneOf: [C, A, B] }), { s: { kind: 'a', version: 2, x: 'q' } }), 'output.s.y is required', 'a branch of neither kind stays aside (not "z is required")')
   t.equal(named({ oneOf: [C, A, B] }, { kind: 'a', version: 2, x: 'q' }), 'output.y is required', 'at the root: not the first branch\'s "z is required"')
 })
+
+// Ajv's instance paths are JSON pointers: a field "a/b" is "/a~1b" there, and the message named
+// "input.a~1b", a field the client never sent nor the schema declared.
+t.test('a field whose name holds a slash or a tilde is named as written', async t => {
+  const ajv = new Ajv({ allErrors: false, strict: false })
+  const named = (schema: object, value: unknown): string => {
+    const validate = ajv.compile(schema)
+    t.notOk(validate(value), `${JSON.stringify(value)} is refused`)
+    return describeValidation(validate.errors ?? [], 'input', { schema: validate.schema, value })
+  }
+  t.equal(named({ type: 'object', properties: { 'a/b': { type: 'string' } } }, { 'a/b': 5 }), 'input.a/b must be string')
+  t.equal(named({ type: 'object', properties: { 'p~q': { type: 'object', required: ['x'] } } }, { 'p~q': {} }), 'input.p~q.x is required')
+  t.equal(named({ type: 'object', properties: { 'c/d': { type: 'object', additionalProperties: false } } }, { 'c/d': { e: 1 } }), 'input.c/d.e is not allowed')
+  t.equal(named({ type: 'array', items: { type: 'object', properties: { '~1': { type: 'integer' } } } }, [{ '~1': 'x' }]), 'input.0.~1 must be integer')
+})
