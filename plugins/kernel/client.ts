@@ -97,6 +97,8 @@ export class KernelClient {
    * it in O(1) (indexOf and splice in an array were O(n) each, O(n^2) for a queue timing out).
    */
   private free: number
+  /** What any operation's Kernel calls need: an operation's estimate before its first answer (Need). */
+  private readonly anyNeed = new Need(null)
   private head: Waiter | null = null
   private tail: Waiter | null = null
   private waiting = 0
@@ -134,7 +136,7 @@ export class KernelClient {
     // A mutation the Kernel serves over GET changes state all the same: no retry without a key.
     const idempotentMethod = method === 'GET' && op.type === 'query'
     const metrics = this.metrics.forOperation(op.name)
-    const need = new Need()
+    const need = new Need(this.anyNeed)
     const client = this
 
     return function callKernel (ctx: CallContext) {
@@ -324,9 +326,9 @@ export class KernelClient {
     } else {
       sentAt = performance.now()
       const left = remaining - (sentAt - deadline.start)
-      // Sent with less than it needs only as the estimate's probe (Need.learning), and only with
-      // at least half its timeout left: a call that waited longer is the queue past capacity.
-      if (left < MIN_SEND_MS || (left < need.ms && (left < timeoutMs / 2 || need.learning(sentAt)))) {
+      // What it asks (Need.asks): its estimate, the client's before its first answer, halved for
+      // each spell it has gone stale.
+      if (left < MIN_SEND_MS || left < need.asks(sentAt, timeoutMs)) {
         // Handed a connection with its time (nearly) gone: calls of a burst share about one
         // deadline, and the holder that timed out hands its connection on before the next one's
         // timer fires. Sent, that call was aborted while undici reconnected: a Kernel timeout.
@@ -340,6 +342,8 @@ export class KernelClient {
         this.releaseConnection()
         return left < MIN_SEND_MS ? queuedOut : shed
       }
+      // Sent with less than its estimate (gone stale): its answer starts the estimate again.
+      if (left < need.ms) need.probing = true
     }
     need.out++
     try {
@@ -531,8 +535,8 @@ const MIN_SEND_MS = 10
 /** Less time left than its operation's Kernel needs (Need) once handed a connection: refused unsent, load shed. */
 const shed: Attempt = { outcome: 'unavailable', status: 503, value: undefined, message: undefined, unsent: true }
 
-/** How long after one of its attempts ended an operation's Need still counts as learning. */
-const LEARNING_MS = 100
+/** An operation's Need goes stale once none of its attempts has been out for this long, or for 4 of its timeouts if longer: halved for each such spell. */
+const STALE_MS = 1000
 /** How many recent answers bound what an operation's Kernel calls need (Need). */
 const PEAK_ANSWERS = 32
 
@@ -543,7 +547,8 @@ const PEAK_ANSWERS = 32
  * answers; a call handed a connection with less time left is not sent. An attempt sent that timed
  * out counts as an answer of the time it had (its latency was more), so that a Kernel getting
  * slower while calls wait raises it: learnt from answers alone, it stayed low, every call went out
- * to time out and the breaker opened. A call is refused so only while it is learning (learning()).
+ * to time out and the breaker opened. What a call is asked for is asks(): before a first answer the
+ * client's estimate (every operation's answers), and an estimate gone stale is halved.
  * (Each found by a review; a mean that fell faster than it rose settled near the 75th percentile,
  * and a quarter of the calls sent past capacity timed out.)
  */
@@ -551,14 +556,34 @@ export class Need {
   ms = 0
   private mean = -1
   private deviation = 0
-  /** Its attempts sent and not yet ended (learning), and when the last one ended. */
+  /** Its attempts sent and not yet ended, and when the last one ended (or it was made). */
   out = 0
-  private endedAt = 0
+  private endedAt: number
+  /** One of its calls went out with less time left than it (gone stale): the next answer starts it again. */
+  probing = false
   /** The last PEAK_ANSWERS answers (ms), a ring: what it asks is never above the slowest of them. */
   private readonly recent = new Float64Array(PEAK_ANSWERS)
   private at = 0
 
+  /** `prior`: the client's, which every answer and timeout of the operation's teaches too (null for the client's own). */
+  constructor (private readonly prior: Need | null = null) {
+    this.endedAt = performance.now()
+  }
+
   observe (ms: number): void {
+    this.prior?.observe(ms)
+    this.learn(ms)
+  }
+
+  private learn (ms: number): void {
+    if (this.probing) {
+      // The answer to a stale estimate's probe: what it knew is out of date, it starts again from
+      // this answer, as from a cold start (one answer of a Kernel that recovered, against an
+      // estimate of the timeouts it had, would have taken it down only a little).
+      this.probing = false
+      this.mean = -1
+      this.recent.fill(0)
+    }
     this.recent[this.at] = ms
     this.at = (this.at + 1) % PEAK_ANSWERS
     if (this.mean < 0) {
@@ -579,23 +604,33 @@ export class Need {
 
   /** An attempt sent `ms` before its deadline that timed out: its Kernel needed more. */
   timedOut (ms: number): void {
-    if (ms > this.ms) this.observe(ms)
+    // A probe that timed out tells that the estimate was not too high: it stands, raised if need be.
+    this.probing = false
+    this.prior?.timedOut(ms)
+    if (ms > this.ms) this.learn(ms)
   }
 
   /**
-   * Whether it is learning what the operation needs: one of its attempts is out, or one ended
-   * within the last 100 ms. A call with at least half its timeout left is refused for want of time
-   * only then; otherwise it goes out, and teaches it. Sampled by calls sent alone, an operation
-   * whose calls had timed out (it then asks about their whole timeout) was refused for good once
-   * its Kernel recovered, while another operation's calls kept every connection busy: each of its
-   * calls waited a moment, none went out, nothing was learnt. At most one call at a time, one a
-   * 100 ms, goes out so. A call that waited more than half its timeout is refused whatever this
-   * says: past capacity with many operations, each one's calls are far apart in the queue, none
-   * of its calls was out when the next was handed a connection, and every call went out with the
-   * little time it had left, timed out, and opened the breaker (found by a review).
+   * What a call of the operation handed a connection at `now` needs left to be sent (ms). Before
+   * its first answer, the client's estimate, going stale as its own does: every operation's answers
+   * (a cold start with many operations sent every operation's first calls whatever they had left,
+   * they timed out, and the breaker opened). Once none of its attempts has been out for STALE_MS, or 4 of its timeouts if
+   * longer, its estimate is stale, and halved for each such spell: sampled only by calls sent, an
+   * estimate too high (about its whole timeout after its calls timed out) refused every call of an
+   * operation that waited behind other operations' calls, for good once its Kernel recovered. A
+   * call sent so starts the estimate again from its answer (probing). Past capacity with many
+   * operations, each one's calls are answered far apart: a call sent whatever it had left whenever
+   * none of its operation's calls had been out for 100 ms timed out, nearly every one, and the
+   * breaker opened; halved once a second at most, what it asks stays near what the Kernel takes.
+   * (Each found by a review.)
    */
-  learning (now: number): boolean {
-    return this.out > 0 || now - this.endedAt < LEARNING_MS
+  asks (now: number, timeoutMs: number): number {
+    const ms = this.mean < 0 ? (this.prior?.ms ?? 0) : this.ms
+    if (this.out > 0) return ms
+    // Stale since its last attempt ended, or since it was made: the client's too (another
+    // operation's timeouts may have raised it) would otherwise refuse an operation for good.
+    const spells = Math.floor((now - this.endedAt) / Math.max(STALE_MS, 4 * timeoutMs))
+    return spells === 0 ? ms : ms / 2 ** Math.min(spells, 30)
   }
 
   /** One of its attempts sent has ended, answered or not. */

@@ -1098,3 +1098,108 @@ t.test('the gateway closes an idle Kernel connection after BFF_KERNEL_KEEP_ALIVE
   t.equal(await post(), 201, 'the next call goes out on a new connection')
   t.equal(sockets.length, 2)
 })
+
+// Found by a review of 5d09bc0: its probe goes out only with at least half the call's timeout
+// left, so an operation whose calls timed out, and which then waits more than half its timeout
+// behind other operations' calls (a queue those calls' longer timeouts let grow), was refused for
+// good once its Kernel recovered, although it could be answered in the time it had left: nothing
+// of it went out, so its estimate, about its whole timeout, never fell.
+t.test('an operation that timed out is answered again once its Kernel recovers, while it waits over half its timeout for a connection', async t => {
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  let hung = true
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/busy': (_req, res) => { setTimeout(() => json(res, 200, { id: 'busy' }), 40) },
+    'GET /v1/slow/h1': (_req, res) => { if (!hung) setTimeout(() => json(res, 200, { id: 'h1' }), 20) }
+  })
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
+  t.teardown(() => client.close())
+  const m = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 5000 },
+    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: 800 }
+  })
+  const getItem = m.byName.get('getItem')!
+  const slowItem = m.byName.get('slowItem')!
+  const busy = client.forOperation(getItem)
+  const slow = client.forOperation(slowItem)
+  const call = async (run: typeof busy, op: Operation, id: string): Promise<string> =>
+    await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)
+  t.equal(await call(slow, slowItem, 'h1'), 'KERNEL_TIMEOUT')
+  hung = false
+  // 24 callers of getItem on two connections answering in 40 ms: each call waits about 440 ms,
+  // over half slowItem's 800 ms, and has 360 left, far more than the 20 ms slowItem now takes.
+  const load = { running: true }
+  const workers = Array.from({ length: 24 }, async () => { while (load.running) await call(busy, getItem, 'busy') })
+  await sleep(1000)
+  const outcomes: Record<string, number> = {}
+  for (let i = 0; i < 20; i++) {
+    const outcome = await call(slow, slowItem, 'h1')
+    outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
+    await sleep(150)
+  }
+  load.running = false
+  await Promise.all(workers)
+  t.ok((outcomes.ok ?? 0) >= 10, `slowItem, answered in 20 ms again, is answered (${JSON.stringify(outcomes)})`)
+  t.equal(client.breaker!.state, 'closed')
+})
+
+/** Calls of `ops` (round robin) on `client`, one every 25 ms for `ms`: the outcomes of those made after the first second. */
+async function drive (client: KernelClient, ops: Operation[], ms: number, id: string): Promise<Record<string, number>> {
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const runs = ops.map(op => client.forOperation(op))
+  const late: Record<string, number> = {}
+  const pending: Array<Promise<void>> = []
+  const start = performance.now()
+  let made = 0
+  while (performance.now() - start < ms) {
+    for (const due = Math.floor((performance.now() - start) / 25); made < due; made++) {
+      const after = performance.now() - start > 1000
+      const count = (key: string): void => { if (after) late[key] = (late[key] ?? 0) + 1 }
+      const i = made % ops.length
+      pending.push(runs[i](new CallContext(`r${made}`, 'rest', ops[i], { id }, undefined, undefined, undefined)).then(() => { count('ok') }, (err: { code: string }) => { count(err.code) }))
+    }
+    await sleep(5)
+  }
+  await Promise.all(pending)
+  return late
+}
+
+// Found by a review of 5d09bc0: with 32 operations from a cold start, each operation's first
+// calls were sent whatever they had left (nothing is known of it before its first answer), and
+// its calls are answered far apart, so that those sent on an estimate gone stale went out with
+// the little time they had left: they timed out, the breaker opened, and nothing was answered
+// (before 5d09bc0 and after it alike). An operation with no answer yet now asks what the client's
+// answers of every operation need, and a stale estimate is halved, not dropped.
+t.test('past capacity with 32 operations from a cold start, the calls sent are answered and the breaker stays closed', async t => {
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  // 100 ms a call on 2 connections: 20 calls a second; 40 a second, over 32 operations, for 5 s.
+  const kernel = await startTestKernel(t, { 'GET /v1/items/q1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'q1' }), 100) } })
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
+  t.teardown(() => client.close())
+  const names = Array.from({ length: 32 }, (_, i) => `get${i}`)
+  const m = testManifest(Object.fromEntries(names.map(name =>
+    [name, { type: 'query', rest: `GET /${name}/:id`, kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 500 }])))
+  const ops = names.map(name => m.byName.get(name)!)
+  const late = await drive(client, ops, 5000, 'q1')
+  t.ok((late.ok ?? 0) >= 20, `calls made after the queue filled are still answered (${JSON.stringify(late)})`)
+  t.ok((late.KERNEL_TIMEOUT ?? 0) <= (late.ok ?? 0) / 4, `few of them time out (${JSON.stringify(late)})`)
+  t.ok((late.KERNEL_UNAVAILABLE ?? 0) > 0, 'the excess is refused')
+  t.equal(client.breaker!.state, 'closed', 'the breaker never opened: the Kernel was healthy')
+})
+
+t.test('past capacity, a Kernel that gets slower bit by bit keeps answering: the estimate follows it', async t => {
+  // From 40 to 240 ms over 4 s, on 2 connections, with calls coming 40 a second: past capacity
+  // from 50 ms on, each call's Kernel answer a little slower than the one before.
+  const start = performance.now()
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/g1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'g1' }), 40 + 200 * Math.min(1, (performance.now() - start) / 4000)) }
+  })
+  const { client, op, rejected } = await itemClient(t, kernel, { connections: 2, retries: 0, timeoutMs: 500 })
+  const late = await drive(client, [op], 4500, 'g1')
+  t.ok((late.ok ?? 0) >= 20, `calls made after the first second are still answered (${JSON.stringify(late)})`)
+  // Each answer a little slower than the slowest of the last 32, which bounds the estimate: about
+  // one call sent in four times out here, against one in ten at a steady pace.
+  t.ok((late.KERNEL_TIMEOUT ?? 0) < (late.ok ?? 0), `most of those sent are answered (${JSON.stringify(late)})`)
+  t.ok((rejected.queue_shed ?? 0) > 0, 'the excess is refused unsent')
+  t.equal(client.breaker!.state, 'closed', 'the breaker never opened: the Kernel was slow, not down')
+})
