@@ -15,6 +15,11 @@ export interface TcpProxy {
   cut: (mode?: 'reset' | 'stall') => void
   /** Holds every chunk from the server back this long (0: none): a slow upstream. */
   delay: (ms: number) => void
+  /**
+   * Calls `fn` with each chunk a client sends, as it is forwarded: a `delay` set there holds
+   * back the server's answer to that chunk (null: no watcher).
+   */
+  watch: (fn: ((chunk: Buffer) => void) | null) => void
   /** Forwards again from now on (and without delay). */
   restore: () => void
   close: () => Promise<void>
@@ -41,6 +46,7 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
   let mode: 'open' | 'reset' | 'stall' = 'open'
   let delayMs = 0
   let connections = 0
+  let watcher: ((chunk: Buffer) => void) | null = null
   const { open, track } = sockets()
   /** Chunks held back by `delay`: dropped on close, so that a long delay does not hold the process. */
   const held = new Set<NodeJS.Timeout>()
@@ -52,6 +58,7 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
     const upstream = connect(targetPort, targetHost)
     track(upstream)
     client.pipe(upstream)
+    client.on('data', (chunk: Buffer) => watcher?.(chunk))
     // Chunks keep their order, also across a change of delay: one queue per connection, written
     // in order as each one's time comes. (A timer per chunk wrote the chunks of a restore()
     // before those still held back: a client then took one command's answer for another's.)
@@ -98,6 +105,7 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
     get connections () { return connections },
     cut (how = 'reset') { mode = how; destroyAll() },
     delay (ms) { delayMs = ms },
+    watch (fn) { watcher = fn },
     restore () { mode = 'open'; delayMs = 0 },
     close
   }

@@ -119,18 +119,32 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
 
   if (shared !== null) {
     // A subscriber of its own (a subscribed connection runs no commands). Commands wait for it
-    // (offline queue), and ioredis subscribes again after a reconnect.
-    const subscriber = shared.client.duplicate({ lazyConnect: false, enableOfflineQueue: true, maxRetriesPerRequest: null, connectionName: 'mantle-cache-sub' })
+    // (offline queue). It subscribes itself on each 'ready', not through ioredis' autoResubscribe:
+    // that one drops the promise of the SUBSCRIBE it sends after a reconnect, and a SUBSCRIBE that
+    // timed out (a starved or slow Redis) or whose connection closed (a shutdown, another cut) was
+    // an unhandled rejection, which ends a Node process; and the connection then stayed ready
+    // without the subscription, missing every other instance's invalidation until it next dropped.
+    const subscriber = shared.client.duplicate({ lazyConnect: false, enableOfflineQueue: true, maxRetriesPerRequest: null, autoResubscribe: false, connectionName: 'mantle-cache-sub' })
     let lost = false
+    let closing = false
+    let subscribeWarned = false
     subscriber.on('error', (err: Error) => app.log.debug({ err: err.message }, 'cache subscriber error'))
     subscriber.on('close', () => { lost = true })
     subscriber.on('ready', () => {
       // Messages sent while it was away are lost: the in-process tier starts over.
       if (lost) c.resync()
       lost = false
+      // A SUBSCRIBE that fails leaves the connection unsubscribed: it is made anew (its 'close'
+      // marks what it heard since as lost), and subscribes again once ready.
+      subscriber.subscribe(INVALIDATE_CHANNEL).then(() => { subscribeWarned = false }, (err: Error) => {
+        if (closing) return
+        // Logged once until a SUBSCRIBE succeeds: a Redis that stays slow fails each attempt.
+        if (!subscribeWarned) app.log.warn({ err: err.message }, 'cache: cannot subscribe to invalidations: reconnecting the subscriber')
+        subscribeWarned = true
+        if (subscriber.status === 'ready') subscriber.disconnect(true)
+      })
     })
     subscriber.on('message', (_channel: string, text: string) => c.received(text))
-    subscriber.subscribe(INVALIDATE_CHANNEL).catch((err: Error) => app.log.warn({ err: err.message }, 'cache: cannot subscribe to invalidations'))
     // /diagz: healthy again as soon as Redis answers (a PING too). Its connection ready again
     // ends the hold after a failed command, and invalidations made while Redis was away reach it.
     shared.onAnswer(() => { c.redisAnswers() })
@@ -138,6 +152,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     shared.client.on('ready', reconnected)
     app.addHook('onClose', async () => {
       shared.client.off('ready', reconnected)
+      closing = true
       subscriber.disconnect()
     })
   }

@@ -102,6 +102,60 @@ t.test('Redis cut mid-traffic: the cache serves from memory, never a 5xx, and in
   }, 'what the cut instance stores is shared again')
 })
 
+// ioredis' own re-subscribe after a reconnect dropped its SUBSCRIBE's promise: one that timed
+// out was an unhandled rejection (the end of a gateway process on Node 20 without a handler),
+// and the subscriber stayed ready but unsubscribed, deaf to every other instance's invalidation.
+t.test('a cache subscriber whose SUBSCRIBE fails after a reconnect subscribes again, and the failure rejects nothing unhandled', async t => {
+  const unhandled: unknown[] = []
+  const onUnhandled = (err: unknown): void => { unhandled.push(err) }
+  process.on('unhandledRejection', onUnhandled)
+  t.teardown(() => { process.off('unhandledRejection', onUnhandled) })
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  const lines: string[] = []
+  const cut = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 1000, LOG_LEVEL: 'warn' }, {
+    manifest,
+    kernelUrl: kernel.url,
+    logger: undefined,
+    logStream: { write: (line: string) => { lines.push(line) } }
+  })
+  const direct = await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })
+  const who = tenant()
+  const headers = bearer({ tenant: who })
+  const key = localKey('getItem', who, canonicalJson({ id: 'a' }))
+  const invalidationArrives = async (what: string): Promise<void> => {
+    await eventually(async () => {
+      await cut.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+      return cut.responseCache.cache.memory.get(key) !== undefined
+    }, `the entry in the cut instance's memory (${what})`)
+    t.equal((await direct.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
+    await eventually(async () => cut.responseCache.cache.memory.get(key) === undefined, `the other instance's invalidation reaches the cut one (${what})`)
+  }
+  await invalidationArrives('subscribed at start-up')
+
+  // The answer to the SUBSCRIBE sent on the next connection is held back past the command timeout.
+  const failures = (): number => lines.filter(l => l.includes('cannot subscribe to invalidations')).length
+  const failed = failures()
+  let subscribes = 0
+  proxy.watch(chunk => {
+    const text = chunk.toString()
+    if (!/subscribe/i.test(text) || !text.includes('bff:cache:invalidate')) return
+    if (++subscribes === 1) proxy.delay(60_000)
+  })
+  proxy.cut('reset')
+  await eventually(async () => !cut.redis.up(), 'the connections to drop')
+  proxy.restore()
+  await eventually(async () => unhandled.length > 0 || failures() > failed, 'the SUBSCRIBE to time out')
+  proxy.restore()
+  t.same(unhandled.map(err => (err as Error).message), [], 'no unhandled rejection')
+  t.equal(failures(), failed + 1, 'the failure is logged')
+  // Its connection made anew (what it held is dropped: the in-process tier starts over), it subscribes again.
+  await eventually(async () => subscribes >= 2, 'a SUBSCRIBE on a new connection')
+  proxy.watch(null)
+  await invalidationArrives('subscribed again')
+})
+
 t.test('a Redis down at start-up: the cache runs on memory', async t => {
   const kernel = await itemKernel(t)
   const proxy = await startTcpProxy(t, REDIS_PORT)
