@@ -388,6 +388,12 @@ export class KernelClient {
       if (status >= 400 && status < 500) {
         const retryAfter = secondsToWait(res.headers['retry-after'])
         const message = await rejectionMessage(res, Math.min(REJECTION_READ_MS, remaining - (performance.now() - deadline.start)))
+        // Learnt like a 2xx, an answer to the request: an operation the Kernel answers with 4xx (a
+        // lookup of what is not there) learnt nothing, asked the client's estimate for good, and
+        // another operation's slow answers refused every call of it handed a connection. (Not a
+        // 429's, the Kernel shedding load, nor a 5xx's or 3xx's: a failure or a refusal, fast or
+        // not, tells nothing of what an answer needs.)
+        if (status !== 429) need.observe(performance.now() - sentAt)
         return { outcome: 'client_error', status, value: undefined, message, ...(retryAfter === undefined ? {} : { retryAfter }) }
       }
       // Not read: a body still coming is cut (its connection with it), one already here costs nothing.
@@ -543,7 +549,7 @@ const PEAK_ANSWERS = 32
 /**
  * What an operation's Kernel calls currently need once sent, in ms (0 until known): RFC 6298's
  * estimator of a round trip (a mean and a mean deviation, gains 1/8 and 1/4), the mean plus twice
- * the deviation, learnt from every successful attempt, and never above the slowest of the last 32
+ * the deviation, learnt from every answer of the Kernel, 2xx or 4xx but 429, and never above the slowest of the last 32
  * answers; a call handed a connection with less time left is not sent. An attempt sent that timed
  * out counts as an answer of the time it had (its latency was more), so that a Kernel getting
  * slower while calls wait raises it: learnt from answers alone, it stayed low, every call went out

@@ -1205,3 +1205,46 @@ t.test('past capacity, a Kernel that gets slower bit by bit keeps answering: the
   t.ok((rejected.queue_shed ?? 0) > 0, 'the excess is refused unsent')
   t.equal(client.breaker!.state, 'closed', 'the breaker never opened: the Kernel was slow, not down')
 })
+
+// Found by a review of f30a6d4: an operation learnt what its Kernel calls need from its 2xx
+// answers alone, so one the Kernel answers with a 4xx (a lookup of what is not there, a
+// conflict) never had an estimate of its own and asked the client's for good: another
+// operation's slow answers (600 ms) refused every call of it handed a connection past capacity,
+// though the Kernel answered it in 10 ms, while before f30a6d4 it asked nothing.
+t.test('an operation its Kernel answers with 4xx learns its own need: another operation\'s slow answers do not refuse it', async t => {
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const kernel = await startTestKernel(t, {
+    'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 600) },
+    'GET /v1/items/x1': (_req, res) => { setTimeout(() => json(res, 404, { message: 'no such item' }), 10) }
+  })
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
+  t.teardown(() => client.close())
+  const m = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 300 },
+    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: 2000 }
+  })
+  const getItem = m.byName.get('getItem')!
+  const slowItem = m.byName.get('slowItem')!
+  const fast = client.forOperation(getItem)
+  const slow = client.forOperation(slowItem)
+  const call = async (run: typeof fast, op: Operation, id: string): Promise<string> =>
+    await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)
+  // slowItem answers in 600 ms on one connection, again and again: the client's estimate is 600.
+  const load = { running: true }
+  const slowWorker = (async () => { while (load.running) await call(slow, slowItem, 's1') })()
+  await sleep(1300)
+  // Six callers of getItem share the other connection: each call waits a few of its 10 ms answers.
+  const outcomes: Record<string, number> = {}
+  const fastWorkers = Array.from({ length: 6 }, async () => {
+    for (let i = 0; i < 30; i++) {
+      const outcome = await call(fast, getItem, 'x1')
+      outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
+    }
+  })
+  await Promise.all(fastWorkers)
+  load.running = false
+  await slowWorker
+  t.ok((outcomes.NOT_FOUND ?? 0) >= 150, `getItem's calls are answered, 404 (${JSON.stringify(outcomes)})`)
+  t.equal(client.breaker!.state, 'closed')
+})
