@@ -405,7 +405,7 @@ export class KernelClient {
       if (code === 'UND_ERR_INVALID_ARG') throw new MantleError('INTERNAL', 'The gateway could not form the Kernel request')
       if (deadline.cancelled) return leftSent
       if (deadline.aborted || TIMEOUT_CODES.has(code)) {
-        need.timedOut(performance.now() - sentAt)
+        need.timedOut(performance.now() - sentAt, timeoutMs - MIN_SEND_MS)
         return timedOut
       }
       // The Kernel answered, with headers over undici's 16 KiB: it will answer so every time.
@@ -608,12 +608,21 @@ export class Need {
     this.ms = Math.min(this.mean + 2 * this.deviation, peak)
   }
 
-  /** An attempt sent `ms` before its deadline that timed out: its Kernel needed more. */
-  timedOut (ms: number): void {
+  /**
+   * An attempt sent `ms` before its deadline that timed out: its Kernel needed more, how much more
+   * is not known. As RFC 6298 §5.5 backs its timer off on a timeout, what it asks doubles (to
+   * `capMs` at most, the operation's timeout less the least a call is sent with) until the next
+   * answer sets it again from the mean and deviation. Raised to `ms` alone, it rose only to the
+   * time such a call had: past capacity, the next call sent had barely more, and against a Kernel
+   * getting slower answer by answer timeouts followed one another and opened the breaker (found
+   * by a review).
+   */
+  timedOut (ms: number, capMs = Infinity): void {
     // A probe that timed out tells that the estimate was not too high: it stands, raised if need be.
     this.probing = false
-    this.prior?.timedOut(ms)
+    this.prior?.timedOut(ms, capMs)
     if (ms > this.ms) this.learn(ms)
+    this.ms = Math.max(this.ms, Math.min(2 * ms, capMs))
   }
 
   /**
