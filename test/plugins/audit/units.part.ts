@@ -533,6 +533,21 @@ t.test('spool: its holder touches the lock, so that another host can tell it is 
 
 /** A store that fails while `down` is set and records what it stored. */
 /** A store that fails while `down` and records the order entries reach it (the chain order). */
+/** `store`'s first write hangs (PostgreSQL up to its query timeout) until released: then it fails, or goes on. */
+function holdFirstWrite (store: AuditStore): { readonly held: boolean, release: (ok: boolean) => void } {
+  const write = store.write.bind(store)
+  let release: ((ok: boolean) => void) | null = null
+  let hang = true
+  store.write = async (batch) => {
+    if (hang) {
+      hang = false
+      if (!await new Promise<boolean>(resolve => { release = resolve })) throw new Error('query read timeout')
+    }
+    return await write(batch)
+  }
+  return { get held () { return release !== null }, release: (ok) => { release!(ok) } }
+}
+
 function flakyStore (): AuditStore & { down: boolean, stored: AuditEntry[], writes: number } {
   const ids = new Set<string>()
   const s = {
@@ -870,27 +885,18 @@ t.test('writer: after a full queue goes to the spool, later entries reach the st
 t.test('writer: the batch being written when a full queue is spooled keeps its place, whether its write fails or succeeds', async t => {
   for (const outcome of ['fails', 'succeeds'] as const) {
     const store = flakyStore()
-    const write = store.write.bind(store)
-    let release: ((ok: boolean) => void) | null = null
-    let hang = true
-    store.write = async (batch) => {
-      if (hang) {
-        hang = false
-        if (!await new Promise<boolean>(resolve => { release = resolve })) throw new Error('query read timeout')
-      }
-      return await write(batch)
-    }
+    const first = holdFirstWrite(store)
     const spool = await Spool.open(spoolDir(t))
     const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, log: quiet })
-    const first = Array.from({ length: 10 }, () => entry())
-    for (const e of first) writer.enqueue(e)
-    await until(() => release !== null, 'the first batch in flight')
+    const early = Array.from({ length: 10 }, () => entry())
+    for (const e of early) writer.enqueue(e)
+    await until(() => first.held, 'the first batch in flight')
     const later = Array.from({ length: 100 }, () => entry()) // the 100th fills the queue: spooled at once
     for (const e of later) writer.enqueue(e)
     await until(() => spool.size > 0, 'the full queue on disk')
-    release!(outcome === 'succeeds')
+    first.release(outcome === 'succeeds')
     await until(() => store.stored.length === 110, 'everything stored', 10_000)
-    t.same(store.stored.map(e => e.id), [...first, ...later].map(e => e.id), `${outcome}: stored once each, in the order enqueued`)
+    t.same(store.stored.map(e => e.id), [...early, ...later].map(e => e.id), `${outcome}: stored once each, in the order enqueued`)
     await writer.close()
     await spool.close()
   }
@@ -902,25 +908,16 @@ t.test('writer: the batch being written when a full queue is spooled keeps its p
 t.test('writer: the batch in flight taken to the spool by a full queue is counted spooled when its write fails, stored when it succeeds', async t => {
   for (const outcome of ['fails', 'succeeds'] as const) {
     const store = flakyStore()
-    const write = store.write.bind(store)
-    let release: ((ok: boolean) => void) | null = null
-    let hang = true
-    store.write = async (batch) => {
-      if (hang) {
-        hang = false
-        if (!await new Promise<boolean>(resolve => { release = resolve })) throw new Error('query read timeout')
-      }
-      return await write(batch)
-    }
+    const first = holdFirstWrite(store)
     const spool = await Spool.open(spoolDir(t))
     const count = { stored: 0, spooled: 0, replayed: 0 }
     const hooks = { stored: (n: number) => { count.stored += n }, spooled: (n: number) => { count.spooled += n }, replayed: (n: number) => { count.replayed += n } }
     const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, log: quiet, hooks })
     for (let i = 0; i < 10; i++) writer.enqueue(entry())
-    await until(() => release !== null, 'the first batch in flight')
+    await until(() => first.held, 'the first batch in flight')
     for (let i = 0; i < 100; i++) writer.enqueue(entry()) // the 100th fills the queue: spooled at once, the batch in flight ahead
     await until(() => spool.size > 0, 'the full queue on disk')
-    release!(outcome === 'succeeds')
+    first.release(outcome === 'succeeds')
     await until(() => store.stored.length === 110 && spool.size === 0, 'everything stored, the spool replayed', 10_000)
     await writer.close()
     await spool.close()

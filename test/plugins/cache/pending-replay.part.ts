@@ -236,23 +236,13 @@ t.test('invalidations held back during an outage are replayed as soon as a call 
 // expire by their ttl), and once Redis answered again this very instance read the entry the
 // invalidation dropped back from Redis, under the versions it never lost, and served it as a hit.
 t.test('an invalidation past the bound of those pending never lets this instance serve the entry it dropped', async t => {
-  const stored = oldEntry()
-  let failing = true
-  const tier = {
-    read: async () => {
-      if (failing) throw new Error('Command timed out')
-      return { answer: stored, versions: '0' }
-    },
-    write: async () => true,
-    invalidate: async () => { if (failing) throw new Error('Command timed out') },
-    tagMs: 60_000
-  } as unknown as RedisTier
-  const { cache, read } = cacheOver(t, tier)
+  const redis = failingTier(oldEntry(), 60_000)
+  const { cache, read } = cacheOver(t, redis.tier)
   await read('x')
   t.equal(cache.redisHealthy, false, 'Redis fails')
   for (let i = 0; i < 10_000; i++) await cache.invalidate('t', [`other:${i}`], 'mutation')
   await cache.invalidate('t', ['item:a'], 'mutation')
-  failing = false
+  redis.failing = false
   cache.redisReconnected()
   const after = await read('a')
   t.not(after.cache, 'hit', `the entry the invalidation dropped is not served (${JSON.stringify(after)})`)
@@ -267,17 +257,9 @@ t.test('after a reload lengthened the ttl, an invalidation past the bound never 
   const long = { name: 'getItem', timeoutMs: 5000, cache: { ttlSeconds: 3600, swrSeconds: 0, tags: ['item:{id}'] }, invalidates: [] } as unknown as Operation
   const json = '{"n":1}'
   const stored: CachedAnswer = { value: { n: 1 }, json, status: 200, etag: etagOf(json), freshUntil: clock + 3_600_000, staleUntil: clock + 3_600_000, keepUntil: clock + 3_900_000, policy: policyOf(long, long.cache!) }
-  let failing = true
-  const tier = {
-    read: async () => {
-      if (failing) throw new Error('Command timed out')
-      return { answer: stored, versions: '0' }
-    },
-    write: async () => true,
-    invalidate: async () => { if (failing) throw new Error('Command timed out') },
-    // What the plugin gives a manifest of 60 s ttls: (60 + 300) s + 5 s + 60 s.
-    tagMs: 425_000
-  } as unknown as RedisTier
+  // tagMs: what the plugin gives a manifest of 60 s ttls, (60 + 300) s + 5 s + 60 s.
+  const redis = failingTier(stored, 425_000)
+  const tier = redis.tier
   const cache = new ResponseCache({
     redis: { tier, up: () => true },
     maxSize: 100,
@@ -302,9 +284,26 @@ t.test('after a reload lengthened the ttl, an invalidation past the bound never 
   t.equal(cache.redisHealthy, false, 'Redis fails')
   for (let i = 0; i < 10_000; i++) await cache.invalidate('t', [`other:${i}`], 'mutation')
   await cache.invalidate('t', ['item:a'], 'mutation')
-  failing = false
+  redis.failing = false
   cache.redisReconnected()
   // Ten minutes on: past the start-up manifest's longest entry, within the hour's ttl.
   clock += 600_000
   t.same(await read('a'), { n: 2 }, 'the entry the invalidation dropped is not served once the start-up manifest\'s entries would have expired')
 })
+
+/** A Redis tier whose commands time out while `failing`, then answer `stored` for every read. */
+function failingTier (stored: CachedAnswer, tagMs: number): { tier: RedisTier, failing: boolean } {
+  const state = {
+    failing: true,
+    tier: {
+      read: async () => {
+        if (state.failing) throw new Error('Command timed out')
+        return { answer: stored, versions: '0' }
+      },
+      write: async () => true,
+      invalidate: async () => { if (state.failing) throw new Error('Command timed out') },
+      tagMs
+    } as unknown as RedisTier
+  }
+  return state
+}

@@ -953,40 +953,8 @@ t.test('a retry that would be refused for want of time ends the call with the fa
 // kept the connections busy, each of its calls waited a moment and was refused, nothing of it went
 // out, nothing was learnt: refused for good against a Kernel answering it in 20 ms.
 t.test('an operation that timed out is answered again once its Kernel recovers, while another keeps the connections busy', async t => {
-  const { CallContext } = await import('../../../plugins/pipeline/index.js')
-  const { KernelClient } = await import('../../../plugins/kernel/index.js')
-  let hung = true
-  const kernel = await startTestKernel(t, {
-    'GET /v1/items/busy': (_req, res) => { setTimeout(() => json(res, 200, { id: 'busy' }), 40) },
-    'GET /v1/slow/h1': (_req, res) => { if (!hung) setTimeout(() => json(res, 200, { id: 'h1' }), 20) }
-  })
-  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
-  t.teardown(() => client.close())
-  const m = testManifest({
-    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 2000 },
-    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: 300 }
-  })
-  const getItem = m.byName.get('getItem')!
-  const slowItem = m.byName.get('slowItem')!
-  const busy = client.forOperation(getItem)
-  const slow = client.forOperation(slowItem)
-  const call = async (run: typeof busy, op: Operation, id: string): Promise<string> =>
-    await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)
-  // slowItem's Kernel hangs: one call times out (its need is now about its whole timeout).
-  t.equal(await call(slow, slowItem, 'h1'), 'KERNEL_TIMEOUT')
-  hung = false
   // Four callers keep getItem's calls coming on the two connections: one always waits.
-  const load = { running: true }
-  const workers = Array.from({ length: 4 }, async () => { while (load.running) await call(busy, getItem, 'busy') })
-  await sleep(200)
-  const outcomes: Record<string, number> = {}
-  for (let i = 0; i < 20; i++) {
-    const outcome = await call(slow, slowItem, 'h1')
-    outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
-    await sleep(150)
-  }
-  load.running = false
-  await Promise.all(workers)
+  const { outcomes } = await recovery(t, { busyTimeoutMs: 2000, slowTimeoutMs: 300, callers: 4, warmMs: 200, calls: 20, gapMs: 150 })
   t.ok((outcomes.ok ?? 0) >= 10, `slowItem, answered in 20 ms again, is answered (${JSON.stringify(outcomes)})`)
 })
 
@@ -1105,6 +1073,22 @@ t.test('the gateway closes an idle Kernel connection after BFF_KERNEL_KEEP_ALIVE
 // good once its Kernel recovered, although it could be answered in the time it had left: nothing
 // of it went out, so its estimate, about its whole timeout, never fell.
 t.test('an operation that timed out is answered again once its Kernel recovers, while it waits over half its timeout for a connection', async t => {
+  // 24 callers of getItem on two connections answering in 40 ms: each call waits about 440 ms,
+  // over half slowItem's 800 ms, and has 360 left, far more than the 20 ms slowItem now takes.
+  // Its estimate, 800 ms, is halved 3.2 s after the call that timed out (4 of its timeouts), and
+  // again 3.2 s later, below the 360 ms its calls have left: from then on they go out.
+  const { outcomes, client } = await recovery(t, { busyTimeoutMs: 5000, slowTimeoutMs: 800, callers: 24, warmMs: 1000, calls: 30, gapMs: 50 })
+  t.ok((outcomes.ok ?? 0) >= 10, `slowItem, answered in 20 ms again, is answered (${JSON.stringify(outcomes)})`)
+  t.equal(client.breaker!.state, 'closed')
+})
+
+/**
+ * slowItem's Kernel hangs until one of its calls times out (its need is then about its whole
+ * timeout), then answers in 20 ms; `callers` callers of getItem (answered in 40 ms) keep the two
+ * connections busy from then on. After `warmMs`, `calls` calls of slowItem, `gapMs` apart: their
+ * outcomes.
+ */
+async function recovery (t: Test, o: { busyTimeoutMs: number, slowTimeoutMs: number, callers: number, warmMs: number, calls: number, gapMs: number }): Promise<{ outcomes: Record<string, number>, client: KernelClient }> {
   const { CallContext } = await import('../../../plugins/pipeline/index.js')
   const { KernelClient } = await import('../../../plugins/kernel/index.js')
   let hung = true
@@ -1115,8 +1099,8 @@ t.test('an operation that timed out is answered again once its Kernel recovers, 
   const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
   t.teardown(() => client.close())
   const m = testManifest({
-    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 5000 },
-    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: 800 }
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: o.busyTimeoutMs },
+    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: o.slowTimeoutMs }
   })
   const getItem = m.byName.get('getItem')!
   const slowItem = m.byName.get('slowItem')!
@@ -1126,24 +1110,19 @@ t.test('an operation that timed out is answered again once its Kernel recovers, 
     await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)
   t.equal(await call(slow, slowItem, 'h1'), 'KERNEL_TIMEOUT')
   hung = false
-  // 24 callers of getItem on two connections answering in 40 ms: each call waits about 440 ms,
-  // over half slowItem's 800 ms, and has 360 left, far more than the 20 ms slowItem now takes.
   const load = { running: true }
-  const workers = Array.from({ length: 24 }, async () => { while (load.running) await call(busy, getItem, 'busy') })
-  await sleep(1000)
+  const workers = Array.from({ length: o.callers }, async () => { while (load.running) await call(busy, getItem, 'busy') })
+  await sleep(o.warmMs)
   const outcomes: Record<string, number> = {}
-  // Its estimate, 800 ms, is halved 3.2 s after the call that timed out (4 of its timeouts), and
-  // again 3.2 s later, below the 360 ms its calls have left: from then on they go out.
-  for (let i = 0; i < 30; i++) {
+  for (let i = 0; i < o.calls; i++) {
     const outcome = await call(slow, slowItem, 'h1')
     outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
-    await sleep(50)
+    await sleep(o.gapMs)
   }
   load.running = false
   await Promise.all(workers)
-  t.ok((outcomes.ok ?? 0) >= 10, `slowItem, answered in 20 ms again, is answered (${JSON.stringify(outcomes)})`)
-  t.equal(client.breaker!.state, 'closed')
-})
+  return { outcomes, client }
+}
 
 /** Calls of `ops` (round robin) on `client`, one every 25 ms for `ms`: the outcomes of those made after the first second. */
 async function drive (client: KernelClient, ops: Operation[], ms: number, id: string): Promise<Record<string, number>> {
