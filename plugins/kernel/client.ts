@@ -392,8 +392,9 @@ export class KernelClient {
         // lookup of what is not there) learnt nothing, asked the client's estimate for good, and
         // another operation's slow answers refused every call of it handed a connection. (Not a
         // 429's, the Kernel shedding load, nor a 5xx's or 3xx's: a failure or a refusal, fast or
-        // not, tells nothing of what an answer needs.)
-        if (status !== 429) need.observe(performance.now() - sentAt)
+        // not, tells nothing of what an answer needs.) Only while none of its last answers was a
+        // 2xx: see Need.rejected.
+        if (status !== 429) need.rejected(performance.now() - sentAt)
         return { outcome: 'client_error', status, value: undefined, message, ...(retryAfter === undefined ? {} : { retryAfter }) }
       }
       // Not read: a body still coming is cut (its connection with it), one already here costs nothing.
@@ -549,7 +550,7 @@ const PEAK_ANSWERS = 32
 /**
  * What an operation's Kernel calls currently need once sent, in ms (0 until known): RFC 6298's
  * estimator of a round trip (a mean and a mean deviation, gains 1/8 and 1/4), the mean plus twice
- * the deviation, learnt from every answer of the Kernel, 2xx or 4xx but 429, and never above the slowest of the last 32
+ * the deviation, learnt from every answer of the Kernel, 2xx, or 4xx but 429 (see rejected), and never above the slowest of the last 32
  * answers; a call handed a connection with less time left is not sent. An attempt sent that timed
  * out counts as an answer of the time it had (its latency was more), so that a Kernel getting
  * slower while calls wait raises it: learnt from answers alone, it stayed low, every call went out
@@ -570,6 +571,8 @@ export class Need {
   /** The last PEAK_ANSWERS answers (ms), a ring: what it asks is never above the slowest of them. */
   private readonly recent = new Float64Array(PEAK_ANSWERS)
   private at = 0
+  /** 4xx answers since its last 2xx (PEAK_ANSWERS before any): fewer, and a 4xx is not learnt. */
+  private rejectedSinceOk = PEAK_ANSWERS
 
   /** `prior`: the client's, which every answer and timeout of the operation's teaches too (null for the client's own). */
   constructor (private readonly prior: Need | null = null) {
@@ -577,6 +580,23 @@ export class Need {
   }
 
   observe (ms: number): void {
+    this.rejectedSinceOk = 0
+    this.prior?.observe(ms)
+    this.learn(ms)
+  }
+
+  /**
+   * A 4xx answer (not a 429) `ms` after it was sent: learnt as an answer only once none of the
+   * operation's last PEAK_ANSWERS answers was a 2xx (an operation the Kernel answers with 4xx
+   * alone, a lookup of what is not there). Learnt beside its 2xx, fast 4xx (a 404 in 5 ms) pulled
+   * the estimate far below what its 2xx take (300 ms, one call in 20): past capacity its 2xx calls
+   * went out with too little time and timed out, sent, breaker failures (found by a review).
+   */
+  rejected (ms: number): void {
+    if (this.rejectedSinceOk < PEAK_ANSWERS) {
+      this.rejectedSinceOk++
+      return
+    }
     this.prior?.observe(ms)
     this.learn(ms)
   }

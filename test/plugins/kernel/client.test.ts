@@ -1228,3 +1228,37 @@ t.test('an operation its Kernel answers with 4xx learns its own need: another op
   t.ok((outcomes.NOT_FOUND ?? 0) >= 150, `getItem's calls are answered, 404 (${JSON.stringify(outcomes)})`)
   t.equal(client.breaker!.state, 'closed')
 })
+
+// Found by a review of 1ce2a29: a 4xx answer taught its operation's estimate as a 2xx does, so an
+// operation the Kernel answers with fast 4xx and slow 2xx (a 404 in 5 ms for ids not there, a 200
+// in 300 ms for the others, one call in 20) asked far less than its 2xx take: past capacity its
+// 2xx calls went out with too little time left and timed out, sent (6 to 8 of 13 to 15 here, the
+// Kernel's work thrown away, breaker failures), where before 1ce2a29 none did. A 4xx is now learnt
+// only by an operation none of whose last 32 answers was a 2xx.
+t.test('an operation the Kernel answers with fast 4xx and slow 2xx: its 2xx calls are not sent with too little time', async t => {
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/p1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'p1' }), 300) },
+    'GET /v1/items/x1': (_req, res) => { setTimeout(() => json(res, 404, { message: 'no such item' }), 5) }
+  })
+  const { client, op, run } = await itemClient(t, kernel, { connections: 2, retries: 0, timeoutMs: 1000 })
+  // About 20 ms a call on average, 100 a second on 2 connections: 140 a second are made for 4 s.
+  const late: Record<string, number> = {}
+  const pending: Array<Promise<void>> = []
+  const start = performance.now()
+  let made = 0
+  while (performance.now() - start < 4000) {
+    for (const due = Math.floor((performance.now() - start) / 7); made < due; made++) {
+      const id = made % 20 === 0 ? 'p1' : 'x1'
+      const after = performance.now() - start > 1000
+      const count = (key: string): void => { if (after) late[`${id} ${key}`] = (late[`${id} ${key}`] ?? 0) + 1 }
+      pending.push(run(new CallContext(`r${made}`, 'rest', op, { id }, undefined, undefined, undefined)).then(() => { count('ok') }, (err: { code: string }) => { count(err.code) }))
+    }
+    await sleep(5)
+  }
+  await Promise.all(pending)
+  t.ok((late['p1 ok'] ?? 0) >= 4, `its 2xx calls are answered (${JSON.stringify(late)})`)
+  t.ok((late['p1 KERNEL_TIMEOUT'] ?? 0) <= (late['p1 ok'] ?? 0) / 4, `few of those sent time out (${JSON.stringify(late)})`)
+  t.ok((late['x1 NOT_FOUND'] ?? 0) >= 100, `its 4xx calls are answered (${JSON.stringify(late)})`)
+  t.equal(client.breaker!.state, 'closed', 'the breaker never opened: the Kernel was healthy')
+})
