@@ -573,6 +573,8 @@ export class Need {
   private at = 0
   /** 4xx answers since its last 2xx (PEAK_ANSWERS before any): fewer, and a 4xx is not learnt. */
   private rejectedSinceOk = PEAK_ANSWERS
+  /** The attempt ending now was a probe answered with a 4xx not learnt: it does not end the stale spell. */
+  private unlearnt = false
 
   /** `prior`: the client's, which every answer and timeout of the operation's teaches too (null for the client's own). */
   constructor (private readonly prior: Need | null = null) {
@@ -595,6 +597,11 @@ export class Need {
   rejected (ms: number): void {
     if (this.rejectedSinceOk < PEAK_ANSWERS) {
       this.rejectedSinceOk++
+      // A stale estimate's probe answered so taught nothing: the estimate stays stale, halved as
+      // before. Ending the spell, it asked the whole estimate again, and behind other operations'
+      // calls one call per spell went out until 32 such 4xx had come back, the rest refused (an
+      // operation whose 2xx took 280 ms, then answered 404 in 10 ms: half a minute; a review).
+      if (this.probing) this.unlearnt = true
       return
     }
     this.prior?.observe(ms)
@@ -671,7 +678,8 @@ export class Need {
   /** One of its attempts sent has ended, answered or not. */
   ended (): void {
     this.out--
-    this.endedAt = performance.now()
+    if (this.unlearnt) this.unlearnt = false
+    else this.endedAt = performance.now()
   }
 }
 
