@@ -99,6 +99,14 @@ export class KernelClient {
   private free: number
   /** What any operation's Kernel calls need: an operation's estimate before its first answer (Need). */
   private readonly anyNeed = new Need(null)
+  /**
+   * Each operation's Need, by name, with the Kernel route it was learnt on: a manifest reload
+   * builds every operation's call again (forOperation), and each built a new one, so what the
+   * operation had learnt was lost and it asked the client's estimate again (another operation's
+   * slow answers refused its calls past capacity after every reload; found by a review). As many
+   * as the manifest has operations (a reload adds or removes none).
+   */
+  private readonly needs = new Map<string, { route: string, need: Need }>()
   private head: Waiter | null = null
   private tail: Waiter | null = null
   private waiting = 0
@@ -136,7 +144,13 @@ export class KernelClient {
     // A mutation the Kernel serves over GET changes state all the same: no retry without a key.
     const idempotentMethod = method === 'GET' && op.type === 'query'
     const metrics = this.metrics.forOperation(op.name)
-    const need = new Need(this.anyNeed)
+    const route = `${method} ${op.kernel.path}`
+    let kept = this.needs.get(op.name)
+    if (kept === undefined || kept.route !== route) {
+      kept = { route, need: new Need(this.anyNeed) }
+      this.needs.set(op.name, kept)
+    }
+    const need = kept.need
     const client = this
 
     return function callKernel (ctx: CallContext) {

@@ -1319,3 +1319,49 @@ t.test('an operation answered with slow 2xx and then fast 4xx is not refused for
   t.ok((outcomes.NOT_FOUND ?? 0) >= 12, `getItem's calls are answered, 404 (${JSON.stringify(outcomes)})`)
   t.equal(client.breaker!.state, 'closed')
 })
+
+// Found by a review of 6df832b: each manifest reload builds every operation's Kernel call again
+// (forOperation), and each built a new estimate, so whatever an operation had learnt was lost and it
+// asked the client's again, another operation's slow answers (600 ms): past capacity its calls
+// were refused for spells after every reload, though its Kernel answered it in 10 ms.
+t.test('a manifest reload keeps what an operation\'s Kernel calls need', async t => {
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const kernel = await startTestKernel(t, {
+    'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 600) },
+    'GET /v1/items/x1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'x1' }), 10) }
+  })
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
+  t.teardown(() => client.close())
+  const m = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 1000 },
+    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: 2000 }
+  })
+  const getItem = m.byName.get('getItem')!
+  const slowItem = m.byName.get('slowItem')!
+  const slow = client.forOperation(slowItem)
+  const call = async (run: typeof slow, op: Operation, id: string): Promise<string> =>
+    await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)
+  // getItem learns 10 ms; four callers of slowItem (600 ms) keep both connections busy.
+  const before = client.forOperation(getItem)
+  for (let i = 0; i < 5; i++) await call(before, getItem, 'x1')
+  const load = { running: true }
+  const slowWorkers = Array.from({ length: 4 }, async () => { while (load.running) await call(slow, slowItem, 's1') })
+  await sleep(3000)
+  // A reload builds getItem's call again; six callers of it wait among four of slowItem's.
+  const after = client.forOperation(getItem)
+  const outcomes: Record<string, number> = {}
+  await Promise.all(Array.from({ length: 6 }, async () => {
+    for (let i = 0; i < 10; i++) {
+      const outcome = await call(after, getItem, 'x1')
+      outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
+    }
+  }))
+  load.running = false
+  await Promise.all(slowWorkers)
+  // Kept, as without a reload: none refused, 30 answered (the rest wait their whole timeout behind
+  // slowItem's calls). Lost, 30 were refused for another operation's slow answers, 12 answered.
+  t.ok((outcomes.KERNEL_UNAVAILABLE ?? 0) <= 6, `getItem's calls are not refused after the reload (${JSON.stringify(outcomes)})`)
+  t.ok((outcomes.ok ?? 0) >= 20, `getItem's calls are answered after the reload (${JSON.stringify(outcomes)})`)
+  t.equal(client.breaker!.state, 'closed')
+})
