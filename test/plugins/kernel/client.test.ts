@@ -1083,31 +1083,39 @@ t.test('an operation that timed out is answered again once its Kernel recovers, 
 })
 
 /**
+ * A client of 2 connections (no retry, its breaker open at 5 failures) on a Kernel serving
+ * `routes`, with getItem (GET /v1/items/{id}) and slowItem (GET /v1/slow/{id}) of the timeouts
+ * given, and `call`: one call of an operation through `run`, its outcome ('ok' or the error's code).
+ */
+async function twoOperations (t: Test, routes: Parameters<typeof startTestKernel>[1], getItemTimeoutMs: number, slowItemTimeoutMs: number): Promise<{ client: KernelClient, getItem: Operation, slowItem: Operation, call: (run: ReturnType<KernelClient['forOperation']>, op: Operation, id: string) => Promise<string> }> {
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const kernel = await startTestKernel(t, routes)
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
+  t.teardown(() => client.close())
+  const m = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: getItemTimeoutMs },
+    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: slowItemTimeoutMs }
+  })
+  const call = async (run: ReturnType<KernelClient['forOperation']>, op: Operation, id: string): Promise<string> =>
+    await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)
+  return { client, getItem: m.byName.get('getItem')!, slowItem: m.byName.get('slowItem')!, call }
+}
+
+/**
  * slowItem's Kernel hangs until one of its calls times out (its need is then about its whole
  * timeout), then answers in 20 ms; `callers` callers of getItem (answered in 40 ms) keep the two
  * connections busy from then on. After `warmMs`, `calls` calls of slowItem, `gapMs` apart: their
  * outcomes.
  */
 async function recovery (t: Test, o: { busyTimeoutMs: number, slowTimeoutMs: number, callers: number, warmMs: number, calls: number, gapMs: number }): Promise<{ outcomes: Record<string, number>, client: KernelClient }> {
-  const { CallContext } = await import('../../../plugins/pipeline/index.js')
-  const { KernelClient } = await import('../../../plugins/kernel/index.js')
   let hung = true
-  const kernel = await startTestKernel(t, {
+  const { client, getItem, slowItem, call } = await twoOperations(t, {
     'GET /v1/items/busy': (_req, res) => { setTimeout(() => json(res, 200, { id: 'busy' }), 40) },
     'GET /v1/slow/h1': (_req, res) => { if (!hung) setTimeout(() => json(res, 200, { id: 'h1' }), 20) }
-  })
-  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
-  t.teardown(() => client.close())
-  const m = testManifest({
-    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: o.busyTimeoutMs },
-    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: o.slowTimeoutMs }
-  })
-  const getItem = m.byName.get('getItem')!
-  const slowItem = m.byName.get('slowItem')!
+  }, o.busyTimeoutMs, o.slowTimeoutMs)
   const busy = client.forOperation(getItem)
   const slow = client.forOperation(slowItem)
-  const call = async (run: typeof busy, op: Operation, id: string): Promise<string> =>
-    await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)
   t.equal(await call(slow, slowItem, 'h1'), 'KERNEL_TIMEOUT')
   hung = false
   const load = { running: true }
@@ -1192,24 +1200,12 @@ t.test('past capacity, a Kernel that gets slower bit by bit keeps answering: the
 // operation's slow answers (600 ms) refused every call of it handed a connection past capacity,
 // though the Kernel answered it in 10 ms, while before f30a6d4 it asked nothing.
 t.test('an operation its Kernel answers with 4xx learns its own need: another operation\'s slow answers do not refuse it', async t => {
-  const { CallContext } = await import('../../../plugins/pipeline/index.js')
-  const { KernelClient } = await import('../../../plugins/kernel/index.js')
-  const kernel = await startTestKernel(t, {
+  const { client, getItem, slowItem, call } = await twoOperations(t, {
     'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 600) },
     'GET /v1/items/x1': (_req, res) => { setTimeout(() => json(res, 404, { message: 'no such item' }), 10) }
-  })
-  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
-  t.teardown(() => client.close())
-  const m = testManifest({
-    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 300 },
-    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: 2000 }
-  })
-  const getItem = m.byName.get('getItem')!
-  const slowItem = m.byName.get('slowItem')!
+  }, 300, 2000)
   const fast = client.forOperation(getItem)
   const slow = client.forOperation(slowItem)
-  const call = async (run: typeof fast, op: Operation, id: string): Promise<string> =>
-    await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)
   // slowItem answers in 600 ms on one connection, again and again: the client's estimate is 600.
   const load = { running: true }
   const slowWorker = (async () => { while (load.running) await call(slow, slowItem, 's1') })()
@@ -1270,28 +1266,16 @@ t.test('an operation the Kernel answers with fast 4xx and slow 2xx: its 2xx call
 // the connections busy, the rest refused, until 32 such 404s had come back (half a minute): 1 or 2
 // of some 120 calls over 4 s answered. Such a probe's 4xx now leaves the estimate stale.
 t.test('an operation answered with slow 2xx and then fast 4xx is not refused for long behind another operation', async t => {
-  const { CallContext } = await import('../../../plugins/pipeline/index.js')
-  const { KernelClient } = await import('../../../plugins/kernel/index.js')
   const state = { found: true }
-  const kernel = await startTestKernel(t, {
+  const { client, getItem, slowItem, call } = await twoOperations(t, {
     'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 100) },
     'GET /v1/items/x1': (_req, res) => {
       if (state.found) setTimeout(() => json(res, 200, { id: 'x1' }), 250)
       else setTimeout(() => json(res, 404, { message: 'no such item' }), 10)
     }
-  })
-  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
-  t.teardown(() => client.close())
-  const m = testManifest({
-    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 300 },
-    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: 2000 }
-  })
-  const getItem = m.byName.get('getItem')!
-  const slowItem = m.byName.get('slowItem')!
+  }, 300, 2000)
   const fast = client.forOperation(getItem)
   const slow = client.forOperation(slowItem)
-  const call = async (run: typeof fast, op: Operation, id: string): Promise<string> =>
-    await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)
   // getItem's Kernel answers it in 250 ms: its estimate is about 250.
   const first: string[] = []
   for (let i = 0; i < 3; i++) first.push(await call(fast, getItem, 'x1'))
@@ -1325,23 +1309,11 @@ t.test('an operation answered with slow 2xx and then fast 4xx is not refused for
 // asked the client's again, another operation's slow answers (600 ms): past capacity its calls
 // were refused for spells after every reload, though its Kernel answered it in 10 ms.
 t.test('a manifest reload keeps what an operation\'s Kernel calls need', async t => {
-  const { CallContext } = await import('../../../plugins/pipeline/index.js')
-  const { KernelClient } = await import('../../../plugins/kernel/index.js')
-  const kernel = await startTestKernel(t, {
+  const { client, getItem, slowItem, call } = await twoOperations(t, {
     'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 600) },
     'GET /v1/items/x1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'x1' }), 10) }
-  })
-  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
-  t.teardown(() => client.close())
-  const m = testManifest({
-    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 1000 },
-    slowItem: { type: 'query', rest: 'GET /slow/:id', kernel: 'GET /v1/slow/{id}', input: idInput, output: item, timeoutMs: 2000 }
-  })
-  const getItem = m.byName.get('getItem')!
-  const slowItem = m.byName.get('slowItem')!
+  }, 1000, 2000)
   const slow = client.forOperation(slowItem)
-  const call = async (run: typeof slow, op: Operation, id: string): Promise<string> =>
-    await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string }) => err.code)
   // getItem learns 10 ms; four callers of slowItem (600 ms) keep both connections busy.
   const before = client.forOperation(getItem)
   for (let i = 0; i < 5; i++) await call(before, getItem, 'x1')
