@@ -110,7 +110,11 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     // The subscriber subscribes itself on every 'ready' (below), so ioredis's own re-subscribe is
     // off: it only replays channels of a connection that had been ready, never the first one.
     subscriber = new Redis(opts.redisUrl, { ...common, autoResubscribe: false, connectionName: 'mantle-events-sub' })
-    publisher = new Redis(opts.redisUrl, { ...common, enableOfflineQueue: false, connectionName: 'mantle-events-pub' })
+    // Nor are a dropped connection's unanswered commands sent again once it is back (ioredis's
+    // autoResendUnfulfilledCommands): a publish that timed out was delivered here alone, then sent
+    // to Redis anyway on the reconnect, late, after newer events (other instances got a run's old
+    // status after its new one), where its log line says it reached this instance only.
+    publisher = new Redis(opts.redisUrl, { ...common, enableOfflineQueue: false, autoResendUnfulfilledCommands: false, connectionName: 'mantle-events-pub' })
     for (const r of [subscriber, publisher]) r.on('error', (err: Error) => app.log.debug({ err }, 'redis events connection error'))
     // Subscribing on each 'ready', not after the first connect(): before, a Redis down at start-up
     // was reconnected to but never subscribed on, while 'ready' alone marked it up. The instance

@@ -300,6 +300,13 @@ t.test('the demo Kernel publishes run changes into the gateway', async t => {
 // memory, and the subscriber stayed "up" (so /readyz said redis up) while no event came.
 t.test('a Redis that stops answering: publishes are delivered here at once, and the subscriber reconnects', async t => {
   const { tenant, proxy, app, got } = await subscribedThroughProxy(t, { probeIntervalMs: 100 })
+  // Another instance's view of Redis, from before the freeze: whatever reaches Redis is seen.
+  const other = new Redis(REDIS_URL)
+  const watcher = new Redis(REDIS_URL)
+  t.teardown(() => { other.disconnect(); watcher.disconnect() })
+  const seen: string[] = []
+  watcher.on('message', (_c: string, text: string) => { seen.push((JSON.parse(text) as { payload: { id: string } }).payload.id) })
+  await watcher.subscribe('bff:events')
   proxy.freeze()
   const started = Date.now()
   await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('frozen') })
@@ -309,12 +316,6 @@ t.test('a Redis that stops answering: publishes are delivered here at once, and 
   // ones) subscribes again.
   await until(() => !app.events.health().up, 'the silent subscriber to be noticed', 5000)
   await until(() => app.events.health().up, 'a new subscriber', 10000)
-  const other = new Redis(REDIS_URL)
-  const watcher = new Redis(REDIS_URL)
-  t.teardown(() => { other.disconnect(); watcher.disconnect() })
-  const seen: string[] = []
-  watcher.on('message', (_c: string, text: string) => { seen.push((JSON.parse(text) as { payload: { id: string } }).payload.id) })
-  await watcher.subscribe('bff:events')
   // The same event as the one whose publish timed out (it never reached Redis): no echo of it,
   // and delivered. Remembered by its text, it was dropped here as a duplicate.
   await other.publish('bff:events', JSON.stringify({ topic: 'runs.updated', tenantId: tenant, payload: run('frozen') }))
