@@ -577,9 +577,9 @@ export class Need {
   ms = 0
   private mean = -1
   private deviation = 0
-  /** Its attempts sent and not yet ended, and when the last one ended (or it was made). */
+  /** Its attempts sent and not yet ended, and when it last learnt (an answer, a timeout; or when it was made). */
   out = 0
-  private endedAt: number
+  private learntAt: number
   /** One of its calls went out with less time left than it (gone stale): the next answer starts it again. */
   probing = false
   /** The last PEAK_ANSWERS answers (ms), a ring: what it asks is never above the slowest of them. */
@@ -587,12 +587,10 @@ export class Need {
   private at = 0
   /** 4xx answers since its last 2xx (PEAK_ANSWERS before any): fewer, and a 4xx is not learnt. */
   private rejectedSinceOk = PEAK_ANSWERS
-  /** The attempt ending now was a probe answered with a 4xx not learnt: it does not end the stale spell. */
-  private unlearnt = false
 
   /** `prior`: the client's, which every answer and timeout of the operation's teaches too (null for the client's own). */
   constructor (private readonly prior: Need | null = null) {
-    this.endedAt = performance.now()
+    this.learntAt = performance.now()
   }
 
   observe (ms: number): void {
@@ -615,7 +613,6 @@ export class Need {
       // before. Ending the spell, it asked the whole estimate again, and behind other operations'
       // calls one call per spell went out until 32 such 4xx had come back, the rest refused (an
       // operation whose 2xx took 280 ms, then answered 404 in 10 ms: half a minute; a review).
-      if (this.probing) this.unlearnt = true
       return
     }
     this.prior?.observe(ms)
@@ -623,6 +620,9 @@ export class Need {
   }
 
   private learn (ms: number): void {
+    // What it asks is fresh from its last lesson: an attempt that taught nothing (a 4xx not learnt,
+    // a 5xx, a call whose caller left) does not end a stale spell.
+    this.learntAt = performance.now()
     if (this.probing) {
       // The answer to a stale estimate's probe: what it knew is out of date, it starts again from
       // this answer, as from a cold start (one answer of a Kernel that recovered, against an
@@ -663,6 +663,7 @@ export class Need {
     this.probing = false
     this.prior?.timedOut(ms, capMs)
     if (ms > this.ms) this.learn(ms)
+    else this.learntAt = performance.now()
     this.ms = Math.max(this.ms, Math.min(2 * ms, capMs))
   }
 
@@ -685,15 +686,13 @@ export class Need {
     if (this.out > 0) return ms
     // Stale since its last attempt ended, or since it was made: the client's too (another
     // operation's timeouts may have raised it) would otherwise refuse an operation for good.
-    const spells = Math.floor((now - this.endedAt) / Math.max(STALE_MS, 4 * timeoutMs))
+    const spells = Math.floor((now - this.learntAt) / Math.max(STALE_MS, 4 * timeoutMs))
     return spells === 0 ? ms : ms / 2 ** Math.min(spells, 30)
   }
 
   /** One of its attempts sent has ended, answered or not. */
   ended (): void {
     this.out--
-    if (this.unlearnt) this.unlearnt = false
-    else this.endedAt = performance.now()
   }
 }
 
