@@ -48,6 +48,11 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
     lazyConnect: true,
     enableOfflineQueue: false,
     maxRetriesPerRequest: 0,
+    // A command left unanswered by a dropped connection has failed to its caller (which went on
+    // from memory); ioredis would send it again on the new connection: a rate-limit check counted
+    // twice, an idempotency claim taken with no caller left to finish it. maxRetriesPerRequest 0
+    // flushes them at each drop already; this says so where a change of that would not.
+    autoResendUnfulfilledCommands: false,
     connectTimeout: opts.connectTimeoutMs ?? 1000,
     commandTimeout: opts.commandTimeoutMs ?? 500,
     retryStrategy: (n: number) => Math.min(n * 100, 1000),
