@@ -29,6 +29,8 @@ export interface CacheMetrics {
   discarded: (op: string) => void
   /** An entry of the in-process tier pushed out by its bounds. */
   evicted: () => void
+  /** Invalidated tags dropped, not kept to be replayed: MAX_PENDING_TAGS were waiting already. */
+  lost: (tags: number) => void
 }
 
 export type InvalidationSource = 'mutation' | 'admin' | 'remote'
@@ -76,7 +78,7 @@ interface Fill {
 }
 
 const noop = (): void => {}
-const noMetrics: CacheMetrics = { outcome: noop, coalesced: noop, invalidated: noop, fallback: noop, discarded: noop, evicted: noop }
+const noMetrics: CacheMetrics = { outcome: noop, coalesced: noop, invalidated: noop, fallback: noop, discarded: noop, evicted: noop, lost: noop }
 
 /**
  * The response cache: an in-process LRU before Redis, one Kernel call per key at a time, stale
@@ -106,6 +108,8 @@ export class ResponseCache {
    * again, this instance read such an entry back and served it as a hit.
    */
   private lostUntil = 0
+  /** Invalidated tags lost since start (mantle_cache_invalidations_lost_total, /diagz). */
+  private lostTags = 0
   /**
    * The longest an entry of any stage built so far lives after the Kernel call that made it began
    * (ttl, swr, stale-if-error and the call's timeout). A reload may lengthen a ttl past what
@@ -378,14 +382,20 @@ export class ResponseCache {
       }
     }
     const tick = this.memory.clock.now()
-    for (const k of keys) {
+    let lost = 0
+    for (const [i, k] of keys.entries()) {
       if (this.pending.size >= MAX_PENDING_TAGS && !this.pending.has(k)) {
-        // Logged once per spell (it came on every invalidation while the bound was reached).
-        if (this.now() >= this.lostUntil) this.opts.log.warn({ tags: keys.length }, 'cache: too many invalidations waiting for Redis: some are lost; other instances serve what they drop until it expires, this one reads no entry from Redis meanwhile')
-        this.lostUntil = this.now() + Math.max(this.opts.redis.tier.tagMs, this.longestMs + LOST_MARGIN_MS)
+        for (const rest of keys.slice(i)) if (!this.pending.has(rest)) lost++
         break
       }
       this.pending.set(k, tick)
+    }
+    if (lost > 0) {
+      // Logged once per spell (it came on every invalidation while the bound was reached).
+      if (this.now() >= this.lostUntil) this.opts.log.warn({ tags: keys.length, lost }, 'cache: too many invalidations waiting for Redis: some are lost; other instances serve what they drop until it expires, this one reads no entry from Redis meanwhile')
+      this.lostUntil = this.now() + Math.max(this.opts.redis.tier.tagMs, this.longestMs + LOST_MARGIN_MS)
+      this.lostTags += lost
+      this.metrics.lost(lost)
     }
     this.scheduleReplay()
   }
@@ -455,6 +465,21 @@ export class ResponseCache {
 
   get pendingInvalidations (): number {
     return this.pending.size
+  }
+
+  /**
+   * /diagz's word on invalidations Redis has not had: how many tags wait to be replayed, and,
+   * once any was lost, how many since start and until when no entry is read from Redis (null
+   * when neither).
+   */
+  get invalidationsDetail (): string | null {
+    const parts: string[] = []
+    if (this.pending.size > 0) parts.push(`${this.pending.size} invalidated tags waiting for Redis`)
+    if (this.lostTags > 0) {
+      const spell = this.now() < this.lostUntil ? `, no entry read from Redis until ${new Date(this.lostUntil).toISOString()}` : ''
+      parts.push(`${this.lostTags} invalidated tags lost since start${spell}`)
+    }
+    return parts.length === 0 ? null : parts.join('; ')
   }
 
   /**

@@ -65,11 +65,12 @@ function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheM
   const invalidated = new Counter({ name: 'mantle_cache_invalidations_total', help: 'Tags invalidated, by source (mutation, admin, remote: another instance)', labelNames: ['source'] as const, registers })
   const fallbacks = new Counter({ name: 'mantle_cache_redis_fallbacks_total', help: 'Cache operations that skipped Redis (away or failing) and used memory only', labelNames: ['operation'] as const, registers })
   const discarded = new Counter({ name: 'mantle_cache_discarded_total', help: 'Kernel answers not stored because their tags were invalidated during the call', labelNames: ['op'] as const, registers })
+  const lost = new Counter({ name: 'mantle_cache_invalidations_lost_total', help: 'Invalidated tags lost: Redis away and 10,000 already waiting to be replayed; other instances serve what they drop until it expires, this one reads no entry from Redis for the longest life of an entry', registers })
   const evictions = new Counter({ name: 'mantle_cache_memory_evictions_total', help: 'Entries the in-process cache tier pushed out to stay within BFF_CACHE_MAX_SIZE or BFF_CACHE_MAX_BYTES (each the least recently used of the tenant holding the most)', registers })
   new Gauge({ name: 'mantle_cache_memory_entries', help: 'Entries in the in-process cache tier (LRU shared fairly by tenants, bounded by BFF_CACHE_MAX_SIZE)', registers, collect () { cache().memory.purge(); this.set(cache().memory.size) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_memory_bytes', help: 'Bytes of answers in the in-process cache tier, about (bounded by BFF_CACHE_MAX_BYTES)', registers, collect () { this.set(cache().memory.bytes) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_in_flight', help: 'Keys with a Kernel call in flight (coalesced)', registers, collect () { this.set(cache().inFlight) } }) // eslint-disable-line no-new
-  new Gauge({ name: 'mantle_cache_pending_invalidations', help: 'Invalidated tags waiting for Redis to come back', registers, collect () { this.set(cache().pendingInvalidations) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_cache_pending_invalidations', help: 'Invalidated tags waiting for Redis to come back (bounded, 10,000: past it a tag is lost, mantle_cache_invalidations_lost_total)', registers, collect () { this.set(cache().pendingInvalidations) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_later_invalidations', help: 'Mutations whose Kernel call got no answer (timed out, connection lost), their tags to be invalidated again after the operation\'s timeout (bounded, 10,000)', registers, collect () { this.set(cache().laterInvalidations) } }) // eslint-disable-line no-new
   // Optimization: an op's label children are resolved at its first call, not per call (bounded
   // by the catalog: three outcomes per cached op).
@@ -88,7 +89,8 @@ function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheM
     invalidated: (source, n) => invalidated.labels(source).inc(n),
     fallback: operation => fallbacks.labels(operation).inc(),
     discarded: op => discarded.labels(op).inc(),
-    evicted: () => evictions.inc()
+    evicted: () => evictions.inc(),
+    lost: n => lost.inc(n)
   }
 }
 
@@ -164,7 +166,12 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
   const invalidate = async (tenant: string, tags: readonly string[]): Promise<void> => await c.invalidate(tenant, tags, 'mutation')
   app.decorate('responseCache', { store: shared === null ? 'memory' : 'redis', cache: c, invalidate })
   if (app.hasDecorator('diagz')) {
-    app.diagz.addStore('cache', () => sharedStoreHealth(shared !== null, c.redisHealthy === true, `${c.memory.size} entries in memory`))
+    app.diagz.addStore('cache', () => {
+      const health = sharedStoreHealth(shared !== null, c.redisHealthy === true, `${c.memory.size} entries in memory`)
+      // Invalidations Redis has not had (pending, lost): only with Redis, only when there are some.
+      const invalidations = shared === null ? null : c.invalidationsDetail
+      return invalidations === null ? health : { ...health, detail: health.detail === undefined ? invalidations : `${health.detail}; ${invalidations}` }
+    })
   }
 
   // Its entry names the tenant whose tags were dropped, the tags and how many (audit on).

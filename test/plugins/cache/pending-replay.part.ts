@@ -307,3 +307,31 @@ function failingTier (stored: CachedAnswer, tagMs: number): { tier: RedisTier, f
   }
   return state
 }
+
+// Every bound has its metric: an invalidation lost past the 10,000 pending was only a warning,
+// logged once per spell, and nothing in /metrics or /diagz said that other instances serve what
+// it drops (and that this one reads no entry from Redis meanwhile).
+t.test('invalidated tags lost past the bound of those pending are counted in /metrics and told in /diagz', async t => {
+  const kernel = await itemKernel(t)
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  proxy.cut('reset')
+  const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_CACHE_STORE: 'redis' }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const who = 'cache-' + randomUUID()
+  const scrape = async (): Promise<string> => (await app.inject({ method: 'GET', url: '/metrics' })).body
+  const diagz = async (): Promise<{ healthy: boolean, detail?: string }> => (await app.inject({ method: 'GET', url: '/diagz', headers: bearer({ roles: ['system'] }) })).json().stores.cache
+  t.match(await scrape(), /^mantle_cache_invalidations_lost_total 0$/m, 'exported at 0')
+  t.notMatch((await diagz()).detail, /invalidated tags/, 'nothing pending, nothing lost')
+
+  for (let i = 0; i < 9_999; i++) await app.responseCache.invalidate(who, [`other:${i}`])
+  t.equal(app.responseCache.cache.pendingInvalidations, 9_999)
+  // One more fits, two are lost; the one already pending is not.
+  await app.responseCache.invalidate(who, ['item:a', 'item:b', 'other:0', 'item:c'])
+  const text = await scrape()
+  t.match(text, /^mantle_cache_pending_invalidations 10000$/m)
+  t.match(text, /^mantle_cache_invalidations_lost_total 2$/m, 'the tags lost')
+  await app.responseCache.invalidate(who, ['item:d'])
+  t.match(await scrape(), /^mantle_cache_invalidations_lost_total 3$/m, 'counted on every loss, not once per spell as the warning')
+  const store = await diagz()
+  t.equal(store.healthy, false)
+  t.match(store.detail, /10000 invalidated tags waiting for Redis; 3 invalidated tags lost since start, no entry read from Redis until \d{4}-/)
+})
