@@ -383,12 +383,12 @@ export class ResponseCache {
     }
     const tick = this.memory.clock.now()
     let lost = 0
-    for (const [i, k] of keys.entries()) {
-      if (this.pending.size >= MAX_PENDING_TAGS && !this.pending.has(k)) {
-        for (const rest of keys.slice(i)) if (!this.pending.has(rest)) lost++
-        break
-      }
-      this.pending.set(k, tick)
+    for (const k of keys) {
+      // Past the bound, a tag already pending still takes this tick: the loop used to stop at
+      // the first tag lost, and a replay under way then took a later one for replayed, though
+      // it went out before this invalidation.
+      if (this.pending.size >= MAX_PENDING_TAGS && !this.pending.has(k)) lost++
+      else this.pending.set(k, tick)
     }
     if (lost > 0) {
       // Logged once per spell (it came on every invalidation while the bound was reached).

@@ -335,3 +335,42 @@ t.test('invalidated tags lost past the bound of those pending are counted in /me
   t.equal(store.healthy, false)
   t.match(store.detail, /10000 invalidated tags waiting for Redis; 3 invalidated tags lost since start, no entry read from Redis until \d{4}-/)
 })
+
+// Found by review of the loss past the bound: the loop stopped at the first tag lost, and a tag
+// after it in the same invalidation, already pending, kept the tick of its earlier invalidation.
+// A replay under way (sent before this invalidation) then took it for replayed and deleted it.
+t.test('past the bound, a tag already pending that a replay under way carries stays pending for the next one', async t => {
+  let replays = 0
+  let land!: () => void
+  const gate = new Promise<void>(resolve => { land = resolve })
+  let failing = true
+  const tier = {
+    read: async () => {
+      if (failing) throw new Error('Command timed out')
+      return { answer: null, versions: '0' }
+    },
+    // While failing, every invalidation fails; then the replay hangs until land(), and an
+    // invalidation made meanwhile fails (Redis stalls again).
+    invalidate: async (keys: string[]) => {
+      if (failing) throw new Error('Command timed out')
+      if (keys.length === 10_000 && ++replays === 1) { await gate; return }
+      throw new Error('Command timed out')
+    },
+    write: async () => true,
+    tagMs: 60_000
+  } as unknown as RedisTier
+  const { cache, read } = cacheOver(t, tier)
+  await read('x')
+  t.equal(cache.redisHealthy, false, 'Redis fails')
+  for (let i = 0; i < 9_999; i++) await cache.invalidate('t', [`other:${i}`], 'mutation')
+  await cache.invalidate('t', ['item:a'], 'mutation')
+  t.equal(cache.pendingInvalidations, 10_000)
+  failing = false
+  cache.redisReconnected()
+  t.equal(replays, 1, 'the replay is under way')
+  // The item is changed again while the replay is on its way: its invalidation fails, one tag is lost.
+  await cache.invalidate('t', ['item:lost', 'item:a'], 'mutation')
+  land()
+  await eventually(async () => cache.pendingInvalidations < 10_000, 'the replay to land')
+  t.equal(cache.pendingInvalidations, 1, 'item:a\'s second invalidation waits for the next replay')
+})
