@@ -108,6 +108,8 @@ export class ResponseCache {
    * again, this instance read such an entry back and served it as a hit.
    */
   private lostUntil = 0
+  /** When (this.now()) the last invalidation was lost: a reload that lengthens an entry's life lengthens the spell from there. */
+  private lostAt = 0
   /** Invalidated tags lost since start (mantle_cache_invalidations_lost_total, /diagz). */
   private lostTags = 0
   /**
@@ -202,6 +204,10 @@ export class ResponseCache {
     const ttlMs = (spec.ttlSeconds ?? this.opts.defaultTtlSeconds) * 1000
     const swrMs = spec.swrSeconds * 1000
     this.longestMs = Math.max(this.longestMs, ttlMs + swrMs + STALE_IF_ERROR_SECONDS * 1000 + op.timeoutMs)
+    // A reload during the spell after a lost invalidation: other instances that ran this stage
+    // before may have stored entries of it, under the versions Redis never bumped, that outlive
+    // the spell as it was set.
+    if (this.lostAt > 0) this.lostUntil = Math.max(this.lostUntil, this.lostAt + this.longestMs + LOST_MARGIN_MS)
     const templates = spec.tags.map(tagTemplate)
     const serialize = this.opts.serializer(op.name)
     const name = op.name
@@ -393,7 +399,8 @@ export class ResponseCache {
     if (lost > 0) {
       // Logged once per spell (it came on every invalidation while the bound was reached).
       if (this.now() >= this.lostUntil) this.opts.log.warn({ tags: keys.length, lost }, 'cache: too many invalidations waiting for Redis: some are lost; other instances serve what they drop until it expires, this one reads no entry from Redis meanwhile')
-      this.lostUntil = this.now() + Math.max(this.opts.redis.tier.tagMs, this.longestMs + LOST_MARGIN_MS)
+      this.lostAt = this.now()
+      this.lostUntil = this.lostAt + Math.max(this.opts.redis.tier.tagMs, this.longestMs + LOST_MARGIN_MS)
       this.lostTags += lost
       this.metrics.lost(lost)
     }

@@ -291,6 +291,43 @@ t.test('after a reload lengthened the ttl, an invalidation past the bound never 
   t.same(await read('a'), { n: 2 }, 'the entry the invalidation dropped is not served once the start-up manifest\'s entries would have expired')
 })
 
+// Found by review of the test above: the spell's length was fixed when the invalidation was
+// lost. A reload after it that lengthens a ttl (instances reload one by one: others ran the new
+// manifest before, and stored its hour-long entries under the versions Redis never bumped) left
+// those entries outliving the spell, and this instance then served the one the loss dropped.
+t.test('a reload after an invalidation past the bound lengthens the spell without Redis entries', async t => {
+  let clock = Date.now()
+  const long = { name: 'getItem', timeoutMs: 5000, cache: { ttlSeconds: 3600, swrSeconds: 0, tags: ['item:{id}'] }, invalidates: [] } as unknown as Operation
+  const json = '{"n":1}'
+  // Stored by an instance that ran the reloaded manifest before this one lost the invalidation.
+  const stored: CachedAnswer = { value: { n: 1 }, json, status: 200, etag: etagOf(json), freshUntil: clock + 3_600_000, staleUntil: clock + 3_600_000, keepUntil: clock + 3_900_000, policy: policyOf(long, long.cache!) }
+  const redis = failingTier(stored, 425_000)
+  const cache = new ResponseCache({
+    redis: { tier: redis.tier, up: () => true },
+    maxSize: 100,
+    maxBytes: 1 << 20,
+    defaultTtlSeconds: 60,
+    breakerOpen: () => false,
+    serializer: () => JSON.stringify,
+    instanceId: 'one',
+    now: () => clock,
+    log: { warn: () => {}, debug: () => {} }
+  })
+  t.teardown(() => cache.close())
+  const short = cache.stage({ ...op, timeoutMs: 5000 } as unknown as Operation)!
+  const ctx = (o: Operation, id: string): CallContext => Object.assign(new CallContext('r', 'rest', o, { id }, undefined, undefined, undefined), { tenant: 't' })
+  await short(ctx(op, 'x'), async () => ({ n: 2 }))
+  t.equal(cache.redisHealthy, false, 'Redis fails')
+  for (let i = 0; i < 10_000; i++) await cache.invalidate('t', [`other:${i}`], 'mutation')
+  await cache.invalidate('t', ['item:a'], 'mutation')
+  // The reload comes after the loss.
+  const stage = cache.stage(long)!
+  redis.failing = false
+  cache.redisReconnected()
+  clock += 600_000
+  t.same(await stage(ctx(long, 'a'), async () => ({ n: 2 })), { n: 2 }, 'the entry the invalidation dropped is not served')
+})
+
 /** A Redis tier whose commands time out while `failing`, then answer `stored` for every read. */
 function failingTier (stored: CachedAnswer, tagMs: number): { tier: RedisTier, failing: boolean } {
   const state = {
