@@ -332,8 +332,11 @@ export class ResponseCache {
     const answer = make(value, ctx.status)
     // Only 2xx answers return from the Kernel call (errors throw), but say it where it matters.
     if (answer.status < 200 || answer.status > 299) return answer
-    let stored = true
-    const redis = versions === null ? null : this.redisTier('write')
+    // Tags invalidated during the call: the answer may predate the change, and memory.set below
+    // refuses it. Not written to Redis either: were the invalidation lost (Redis away, the pending
+    // bound reached), its versions would never be bumped and every other instance would serve it.
+    let stored = this.memory.clock.valid(tagKeys, since)
+    const redis = versions === null || !stored ? null : this.redisTier('write')
     if (redis !== null) {
       try {
         stored = await redis.write(key.shared, tagKeys, versions!, answer, this.now())

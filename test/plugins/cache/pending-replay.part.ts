@@ -411,3 +411,48 @@ t.test('past the bound, a tag already pending that a replay under way carries st
   await eventually(async () => cache.pendingInvalidations < 10_000, 'the replay to land')
   t.equal(cache.pendingInvalidations, 1, 'item:a\'s second invalidation waits for the next replay')
 })
+
+// Found by review of the loss past the bound: a refill whose Kernel call began before an
+// invalidation that was then lost is refused by this instance's memory tier (its tag clock moved
+// during the call), but was written to Redis all the same, under the tag versions Redis never
+// bumped: every other instance then served the answer from before the change as a hit, for its ttl.
+t.test('a refill whose tags were invalidated during its Kernel call is written neither to memory nor to Redis', async t => {
+  let failing = false
+  const writes: unknown[] = []
+  const tier = {
+    read: async () => {
+      if (failing) throw new Error('Command timed out')
+      return { answer: null, versions: '0' }
+    },
+    invalidate: async () => { if (failing) throw new Error('Command timed out') },
+    write: async (_key: string, _tags: unknown, _versions: string, answer: CachedAnswer) => { writes.push(answer.value); return true },
+    tagMs: 60_000
+  } as unknown as RedisTier
+  const cache = new ResponseCache({
+    redis: { tier, up: () => true },
+    maxSize: 100,
+    maxBytes: 1 << 20,
+    defaultTtlSeconds: 60,
+    breakerOpen: () => false,
+    serializer: () => JSON.stringify,
+    instanceId: 'one',
+    log: { warn: () => {}, debug: () => {} }
+  })
+  t.teardown(() => cache.close())
+  const stage = cache.stage(op)!
+  let answer!: (value: unknown) => void
+  const ctx = Object.assign(new CallContext('r', 'rest', op, { id: 'a' }, undefined, undefined, undefined), { tenant: 't' })
+  // A miss: the Kernel call is under way, with the answer from before the change.
+  const refill = stage(ctx, async () => await new Promise(resolve => { answer = resolve }))
+  await eventually(async () => answer !== undefined, 'the Kernel call')
+  // Redis fails; 10,000 tags wait already, and the change's invalidation of item:a is lost.
+  failing = true
+  for (let i = 0; i < 10_000; i++) await cache.invalidate('t', [`other:${i}`], 'mutation')
+  await cache.invalidate('t', ['item:a'], 'mutation')
+  failing = false
+  cache.redisReconnected()
+  answer({ n: 1 })
+  t.same(await refill, { n: 1 }, 'the caller has its answer')
+  t.same(writes, [], 'the answer from before the change is not written to Redis')
+  t.equal(cache.memory.size, 0, 'nor kept in memory')
+})
