@@ -671,10 +671,12 @@ export class Need {
    * What a call of the operation handed a connection at `now` needs left to be sent (ms). Before
    * its first answer, the client's estimate, going stale as its own does: every operation's answers
    * (a cold start with many operations sent every operation's first calls whatever they had left,
-   * they timed out, and the breaker opened). Once none of its attempts has been out for STALE_MS, or 4 of its timeouts if
-   * longer, its estimate is stale, and halved for each such spell: sampled only by calls sent, an
-   * estimate too high (about its whole timeout after its calls timed out) refused every call of an
-   * operation that waited behind other operations' calls, for good once its Kernel recovered. A
+   * they timed out, and the breaker opened), never above its own timeout less MIN_SEND_MS. Once
+   * none of its attempts has been out, and it has learnt nothing, for STALE_MS, or 4 of its
+   * timeouts if longer, its estimate is stale, and halved for each such
+   * spell: sampled only by calls sent, an estimate too high (about its whole timeout after its
+   * calls timed out) refused every call of an operation that waited behind other operations'
+   * calls, for good once its Kernel recovered. A
    * call sent so starts the estimate again from its answer (probing). Past capacity with many
    * operations, each one's calls are answered far apart: a call sent whatever it had left whenever
    * none of its operation's calls had been out for 100 ms timed out, nearly every one, and the
@@ -682,10 +684,13 @@ export class Need {
    * (Each found by a review.)
    */
   asks (now: number, timeoutMs: number): number {
-    const ms = this.mean < 0 ? (this.prior?.ms ?? 0) : this.ms
+    // The client's, no more than a timeout raises its own to: other operations' answers (2 s) made
+    // one of 200 ms ask more than any of its calls could have, and it was refused everything until
+    // that was halved below their time left, a halving a second (4 s; found by a review).
+    const ms = this.mean < 0 ? Math.min(this.prior?.ms ?? 0, timeoutMs - MIN_SEND_MS) : this.ms
     if (this.out > 0) return ms
-    // Stale since its last attempt ended, or since it was made: the client's too (another
-    // operation's timeouts may have raised it) would otherwise refuse an operation for good.
+    // Stale since its last lesson, or since it was made: the client's too (another operation's
+    // timeouts may have raised it) would otherwise refuse an operation for good.
     const spells = Math.floor((now - this.learntAt) / Math.max(STALE_MS, 4 * timeoutMs))
     return spells === 0 ? ms : ms / 2 ** Math.min(spells, 30)
   }
