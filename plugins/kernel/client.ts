@@ -556,8 +556,19 @@ const MIN_SEND_MS = 10
 /** Less time left than its operation's Kernel needs (Need) once handed a connection: refused unsent, load shed. */
 const shed: Attempt = { outcome: 'unavailable', status: 503, value: undefined, message: undefined, unsent: true }
 
-/** An operation's Need goes stale once none of its attempts has been out for this long, or for 4 of its timeouts if longer: halved for each such spell. */
+/** An operation's Need goes stale once none of its attempts has been out for this long, or for 4 of its timeouts if longer (STALE_MAX_MS at most): halved for each such spell. */
 const STALE_MS = 1000
+/**
+ * The longest stale spell. 4 of its timeouts keep the probe of an operation whose Kernel still does
+ * not answer (sent once its estimate, about its whole timeout, is halved, and out until it times out)
+ * out a fifth of the time at most; unbounded, the spell grew with the timeout, and one timeout of an
+ * operation allowed 600 s refused every call of it that waited for a connection for 40 minutes,
+ * though its Kernel answered again at once (found by a review). Past 1.25 s of timeout, such a probe
+ * now holds one connection longer (a 600 s operation's, nearly all the time while its Kernel
+ * hangs): what any one call of it sent below capacity holds anyway, and the breaker sees each
+ * timeout; in exchange, once its Kernel answers again its calls are refused 5 s a halving at most.
+ */
+const STALE_MAX_MS = 5000
 /** How many recent answers bound what an operation's Kernel calls need (Need). */
 const PEAK_ANSWERS = 32
 
@@ -673,7 +684,7 @@ export class Need {
    * (a cold start with many operations sent every operation's first calls whatever they had left,
    * they timed out, and the breaker opened), never above its own timeout less MIN_SEND_MS. Once
    * none of its attempts has been out, and it has learnt nothing, for STALE_MS, or 4 of its
-   * timeouts if longer, its estimate is stale, and halved for each such
+   * timeouts if longer (STALE_MAX_MS at most), its estimate is stale, and halved for each such
    * spell: sampled only by calls sent, an estimate too high (about its whole timeout after its
    * calls timed out) refused every call of an operation that waited behind other operations'
    * calls, for good once its Kernel recovered. A
@@ -691,7 +702,7 @@ export class Need {
     if (this.out > 0) return ms
     // Stale since its last lesson, or since it was made: the client's too (another operation's
     // timeouts may have raised it) would otherwise refuse an operation for good.
-    const spells = Math.floor((now - this.learntAt) / Math.max(STALE_MS, 4 * timeoutMs))
+    const spells = Math.floor((now - this.learntAt) / Math.max(STALE_MS, Math.min(4 * timeoutMs, STALE_MAX_MS)))
     return spells === 0 ? ms : ms / 2 ** Math.min(spells, 30)
   }
 
