@@ -183,10 +183,11 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
   // The schema only refuses spaces: HOST=0.0.0.0:3000, http://0.0.0.0 or foo_bar! failed at
   // listen with a bare "getaddrinfo ENOTFOUND ..." that did not name HOST. HOST=0, the shorthand
   // of some tools for 0.0.0.0, is no port written in HOST: its hint names the address to write.
+  // Any other name of numbers (127.0.1, 0x7f.1, 10.0.0.256) is an IPv4 address written wrong.
   if (!bad.has('HOST') && !isListenHost(config.HOST)) {
     const host = config.HOST
     refuse('HOST', 'an IP address (0.0.0.0, ::, 127.0.0.1, ...) or a host name (localhost, ...), without a scheme or port',
-      host.includes('://') ? 'a URL, not an address' : /^\[.*\]$/.test(host) ? 'an IPv6 address is written without brackets' : /^0+$/.test(host) ? 'every IPv4 address is 0.0.0.0, every address ::' : /:\d*$/.test(host) || /^[0-9]+$/.test(host) ? 'the port goes in PORT' : /^[0-9]+(?:\.[0-9]+)+$/.test(host) ? 'an IPv4 address is four numbers 0..255' : undefined)
+      host.includes('://') ? 'a URL, not an address' : /^\[.*\]$/.test(host) ? 'an IPv6 address is written without brackets' : /^0+$/.test(host) ? 'every IPv4 address is 0.0.0.0, every address ::' : /:\d*$/.test(host) || /^[0-9]+$/.test(host) ? 'the port goes in PORT' : host.split('.').every(label => NUMBER_LABEL.test(label)) ? 'an IPv4 address is four numbers 0..255' : undefined)
   }
   if (config.BFF_JWT_PUBLIC_KEYS !== undefined) {
     try {
@@ -353,17 +354,35 @@ function browserOrigin (entry: string): string | null {
   return url.origin !== entry && ORIGIN.test(url.origin) ? url.origin : null
 }
 
-/** A label of a host name (RFC 1123): letters, digits and hyphens, not at either end, 1..63 of them. */
-const HOST_LABEL = /^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$/
+/**
+ * A label of a host name as resolvers take one: letters, digits, hyphens and underscores, no
+ * hyphen at either end, 1..63 of them. The underscore is in no host name of RFC 952/1123, but DNS
+ * names may hold it (RFC 2181 §11), and resolvers look such a name up as any other (glibc's
+ * res_hnok takes [0-9A-Za-z_-], musl's too), so Node listens on it: a docker compose service or
+ * network named my_service is resolved by Docker's DNS, and refusing it refused a HOST that works.
+ */
+const HOST_LABEL = /^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$/
+/** A label inet_aton reads as a number: decimal, octal (0...) or hexadecimal (0x...). */
+const NUMBER_LABEL = /^(?:[0-9]+|0[xX][0-9A-Fa-f]*)$/
 
-/** Whether HOST is an address the gateway can listen on: an IPv4 or IPv6 address, or a host name (RFC 1123). */
+/**
+ * Whether HOST is an address the gateway can listen on: an IPv4 or IPv6 address, or a host name.
+ * getaddrinfo reads a name whose every label is a number as an IPv4 address, in inet_aton's
+ * shorthand (3000 is 0.0.11.184, 127.0.1 and 0x7f.1 are 127.0.0.1, 0 is 0.0.0.0), and such a
+ * name (10.0.0.256 too) is a slip for an address, never a host's name: refused. Any other name
+ * it looks up, its search domains included. RFC 1123 §2.1 (and RFC 3696 §2) keep digits out of a
+ * top-level label only, so a label of digits is refused last in a name ending with a dot (one
+ * whose last label is top-level), not in node-1.10: a relative name, whose search domain follows
+ * (the service node-1 of the Kubernetes namespace 10).
+ */
 function isListenHost (host: string): boolean {
   if (isIP(host) !== 0) return true
-  const name = host.endsWith('.') ? host.slice(0, -1) : host
+  const absolute = host.endsWith('.')
+  const name = absolute ? host.slice(0, -1) : host
   const labels = name.split('.')
-  // A name's last label is never all digits (RFC 3696 §2): 3000 or 127.0.1 is no name, and
-  // getaddrinfo reads it as an IPv4 address in inet_aton's shorthand (0.0.11.184, 127.0.0.1).
-  return name.length > 0 && name.length <= 253 && labels.every(label => HOST_LABEL.test(label)) && !/^[0-9]+$/.test(labels[labels.length - 1])
+  const last = labels[labels.length - 1]
+  return name.length > 0 && name.length <= 253 && labels.every(label => HOST_LABEL.test(label)) &&
+    !labels.every(label => NUMBER_LABEL.test(label)) && !(absolute && /^[0-9]+$/.test(last))
 }
 
 /** The entries of BFF_CORS_ORIGINS, trimmed, empty ones dropped. */

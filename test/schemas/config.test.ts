@@ -467,10 +467,26 @@ t.test('BFF_CORS_ORIGINS names the origin to write for an IDN, a trailing slash 
 // HOST=127.0.1 listened on 127.0.0.1, read by inet_aton's shorthand.
 t.test('a HOST of numbers that is not an IP address is refused at start-up, named', async t => {
   const expected = 'expected an IP address (0.0.0.0, ::, 127.0.0.1, ...) or a host name (localhost, ...), without a scheme or port'
-  for (const [host, why] of [['3000', ' (the port goes in PORT)'], ['127.0.1', ' (an IPv4 address is four numbers 0..255)'], ['10.0.0.256', ' (an IPv4 address is four numbers 0..255)'], ['gateway.123', ''], ['0', ' (every IPv4 address is 0.0.0.0, every address ::)']]) {
+  for (const [host, why] of [['3000', ' (the port goes in PORT)'], ['127.0.1', ' (an IPv4 address is four numbers 0..255)'], ['10.0.0.256', ' (an IPv4 address is four numbers 0..255)'], ['gateway.123.', ''], ['0', ' (every IPv4 address is 0.0.0.0, every address ::)']]) {
     t.equal(errorOf({ HOST: host })?.message, `Invalid configuration: HOST=${JSON.stringify(host)} is invalid: ${expected}${why}`, `HOST=${host}`)
   }
   for (const host of ['0.0.0.0', '10.0.0.255', 'gateway1', '1gateway', 'node-1.cluster.local', '123.example']) {
     t.equal(loadConfig({ HOST: host }).HOST, host, `HOST=${host}`)
+  }
+})
+
+// getaddrinfo reads a HOST as an IPv4 address only when every label is a number (inet_aton:
+// decimal, octal, 0x hex); any other name it looks up, search domains and all. RFC 1123 §2.1
+// keeps digits out of a top-level label only: node-1.10, written without the final dot, is no
+// top-level name (in Kubernetes, the service node-1 of the namespace 10), and it was refused.
+// An underscore is in no host name of RFC 952/1123, but DNS names may hold it (RFC 2181 §11) and
+// resolvers look it up (glibc's res_hnok takes [0-9A-Za-z_-]): docker compose's service my_service.
+t.test('a HOST that getaddrinfo looks up as a name is accepted, digits in its last label or underscores in it', async t => {
+  for (const host of ['node-1.10', 'gateway.123', 'web-0.nginx.10', 'my_service', 'my_service.my_net', '_gateway', 'a'.repeat(63)]) {
+    t.equal(errorOf({ HOST: host }), null, `HOST=${host} is accepted`)
+  }
+  const expected = 'expected an IP address (0.0.0.0, ::, 127.0.0.1, ...) or a host name (localhost, ...), without a scheme or port'
+  for (const [host, why] of [['0x7f.1', ' (an IPv4 address is four numbers 0..255)'], ['0x7f000001', ' (an IPv4 address is four numbers 0..255)'], ['017.0.0.1', ' (an IPv4 address is four numbers 0..255)'], ['1.2.3.4.5', ' (an IPv4 address is four numbers 0..255)'], ['node.10.', ''], ['my_service!', ''], ['my-service-', ''], ['a.-b', '']]) {
+    t.equal(errorOf({ HOST: host })?.message, `Invalid configuration: HOST=${JSON.stringify(host)} is invalid: ${expected}${why}`, `HOST=${host}`)
   }
 })
