@@ -189,6 +189,15 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
     refuse('HOST', 'an IP address (0.0.0.0, ::, 127.0.0.1, ...) or a host name (localhost, ...), without a scheme or port',
       host.includes('://') ? 'a URL, not an address' : /^\[.*\]$/.test(host) ? 'an IPv6 address is written without brackets' : /^0+$/.test(host) ? 'every IPv4 address is 0.0.0.0, every address ::' : /:\d*$/.test(host) || /^[0-9]+$/.test(host) ? 'the port goes in PORT' : host.split('.').every(label => NUMBER_LABEL.test(label)) ? 'an IPv4 address is four numbers 0..255' : undefined)
   }
+  // fast-jwt compares a token's iss and aud with these exactly: blank, or with spaces around it
+  // (a secret's trailing newline), every token an identity provider signs was refused 401.
+  for (const [name, claim] of [['BFF_JWT_ISSUER', 'iss'], ['BFF_JWT_AUDIENCE', 'aud']] as const) {
+    const value = config[name]
+    if (value === undefined || bad.has(name) || value.trim() === value) continue
+    refuse(name, `the \`${claim}\` tokens must carry, without spaces around it`, value.trim() === ''
+      ? `blank: no token carries it, so every token would be refused; leave ${name} unset for no ${claim} check`
+      : 'tokens carry it without them, so every token would be refused')
+  }
   if (config.BFF_JWT_PUBLIC_KEYS !== undefined) {
     try {
       parsePublicKeys(config.BFF_JWT_PUBLIC_KEYS)

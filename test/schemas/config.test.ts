@@ -490,3 +490,22 @@ t.test('a HOST that getaddrinfo looks up as a name is accepted, digits in its la
     t.equal(errorOf({ HOST: host })?.message, `Invalid configuration: HOST=${JSON.stringify(host)} is invalid: ${expected}${why}`, `HOST=${host}`)
   }
 })
+
+// BFF_JWT_ISSUER=" " (or a value a secret's trailing newline followed) was accepted: fast-jwt
+// compares a token's iss and aud with the setting exactly, so every token an identity provider
+// signed was refused 401, and only one minted with the blank (npm run token) was accepted.
+t.test('a blank BFF_JWT_ISSUER or BFF_JWT_AUDIENCE, or one with spaces around it, is refused at start-up, named', async t => {
+  for (const [name, claim] of [['BFF_JWT_ISSUER', 'iss'], ['BFF_JWT_AUDIENCE', 'aud']]) {
+    for (const value of [' ', '\t', '  \n']) {
+      t.equal(errorOf({ [name]: value })?.message, `Invalid configuration: ${name}=${JSON.stringify(value)} is invalid: expected the \`${claim}\` tokens must carry, without spaces around it (blank: no token carries it, so every token would be refused; leave ${name} unset for no ${claim} check)`, `${name}=${JSON.stringify(value)}`)
+    }
+    for (const value of ['https://issuer.example\n', ' mantle']) {
+      t.equal(errorOf({ [name]: value })?.message, `Invalid configuration: ${name}=${JSON.stringify(value)} is invalid: expected the \`${claim}\` tokens must carry, without spaces around it (tokens carry it without them, so every token would be refused)`, `${name}=${JSON.stringify(value)}`)
+    }
+    for (const value of ['https://issuer.example', 'mantle api']) {
+      t.equal(loadConfig({ [name]: value })[name as 'BFF_JWT_ISSUER'], value, `${name}=${JSON.stringify(value)} is accepted`)
+    }
+  }
+  const both = errorOf({ BFF_JWT_ISSUER: ' ', BFF_JWT_AUDIENCE: 'mantle ', PORT: 'abc' })?.message ?? ''
+  for (const name of ['BFF_JWT_ISSUER=" "', 'BFF_JWT_AUDIENCE="mantle "', 'PORT="abc"']) t.match(both, name, `${name} named with the others`)
+})
