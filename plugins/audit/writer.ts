@@ -47,6 +47,15 @@ const SPOOL_RETRY_MS = 1000
 /** The backlog the writer holds in memory at most, in queues (BFF_AUDIT_QUEUE_MAX each). */
 const BACKLOG_QUEUES = 2
 
+/** A batch `deliver` is writing to the store (see AuditWriter.inFlight). */
+interface Flight {
+  batch: AuditEntry[]
+  spooled: boolean
+  quarantined: Set<string>
+  onDisk: boolean
+  counted: boolean
+}
+
 /** Thrown into a spool replay that `close` has stopped waiting for: the rest stays spooled. */
 class Abandoned extends Error {}
 
@@ -91,8 +100,10 @@ export class AuditWriter {
    * enqueued after it. Before, it was appended after the full queue, out of order. `quarantined`:
    * the ids of its entries isolation has quarantined so far, which are not taken. `onDisk`: the
    * append that took it succeeded (its entries are counted spooled should the write fail).
+   * `counted`: `close` counted its entries spooled, on disk at shutdown while the write had not
+   * ended: the write's end counts them no more (neither stored nor spooled).
    */
-  private inFlight: { batch: AuditEntry[], spooled: boolean, quarantined: Set<string>, onDisk: boolean } | null = null
+  private inFlight: Flight | null = null
   /** Entries on their way to the spool in a full queue's append. */
   private held = 0
   /** Entries of a batch `deliver` is appending to the spool. */
@@ -389,13 +400,13 @@ export class AuditWriter {
     const spool = this.opts.spool
     if (spool === null || (!this.spooling(spool) && Date.now() >= this.retryAt)) {
       const started = performance.now()
-      const flight = { batch, spooled: false, quarantined: new Set<string>(), onDisk: false }
+      const flight: Flight = { batch, spooled: false, quarantined: new Set<string>(), onDisk: false, counted: false }
       this.inFlight = flight
       try {
         // What the store took anew: a batch the disk refused after its write succeeded comes
         // back in the queue, and is written (and skipped) again.
         const stored = await this.opts.store.write(batch)
-        this.opts.hooks?.stored?.(stored, (performance.now() - started) / 1000)
+        if (!flight.counted) this.opts.hooks?.stored?.(stored, (performance.now() - started) / 1000)
         this.recovered()
         return
       } catch (err) {
@@ -406,7 +417,7 @@ export class AuditWriter {
           // Its entries quarantined are left out of a copy a full queue takes to the spool later,
           // and skipped by the replay of one it took already.
           const isolated = await this.isolate(spool, batch, err, id => (flight.spooled ? this.setAside : flight.quarantined).add(id))
-          if (isolated.stored > 0) this.opts.hooks?.stored?.(isolated.stored, (performance.now() - started) / 1000)
+          if (isolated.stored > 0 && !flight.counted) this.opts.hooks?.stored?.(isolated.stored, (performance.now() - started) / 1000)
           if (isolated.error === null) {
             this.recovered()
             return
@@ -423,7 +434,7 @@ export class AuditWriter {
       // they were not counted at all, and came back as replayed only.
       if (flight.spooled) {
         await this.overflowing
-        if (flight.onDisk) this.opts.hooks?.spooled?.(batch.length)
+        if (flight.onDisk && !flight.counted) this.opts.hooks?.spooled?.(batch.length)
         return
       }
     }
@@ -493,6 +504,11 @@ export class AuditWriter {
    * written and the queue go to the spool, after whatever it still holds. Before, close waited
    * for the store: a PostgreSQL that stopped answering failed a write after 10 s, past the
    * shutdown's grace, and the process was killed with the queue neither stored nor spooled.
+   * Each entry it spools is counted spooled once, before it resolves: the batch in flight too,
+   * whether it takes it now or a full queue took it before, as the write's end may come after the
+   * process's (that end then counts it no more; should the write have gone through, the replay
+   * skips the copy and counts it not). Before, the batch it took was counted stored as well when
+   * its write went through after, and one a full queue took was counted nowhere.
    */
   async close (): Promise<void> {
     if (this.closed) return
@@ -509,16 +525,26 @@ export class AuditWriter {
     if (!timedOut) return
     orderly.catch(() => {})
     this.abandoned = true
+    // The batch in flight, its write not ended, is counted here once on disk, and its write's end
+    // counts it no more: taken now, or taken by a full queue whose append succeeded (its entries
+    // not quarantined before, as takeInFlight took them). Had that append failed, they came back
+    // to the queue. Claimed with no await between the check and the claim: a write that ends first
+    // counts its batch itself.
+    const flight = this.inFlight
     const ahead = this.takeInFlight()
+    if (ahead !== null && flight !== null) flight.counted = true
     if (this.overflowing !== null) await this.overflowing
+    let taken = 0
+    if (ahead === null && flight !== null && this.inFlight === flight && flight.onDisk && !flight.counted) {
+      flight.counted = true
+      taken = flight.batch.filter(e => !flight.quarantined.has(e.id)).length
+    }
     const rest = this.kept(this.queue)
     this.queue = []
     const entries = (ahead?.length ?? 0) + rest.length
     this.opts.log.warn({ entries, waitedMs: this.opts.closeTimeoutMs ?? CLOSE_TIMEOUT_MS }, 'audit store did not finish in time at shutdown: what it had not stored is spooled')
-    if (entries > 0) {
-      await spool.appendMany(this.lines(rest, ahead))
-      this.opts.hooks?.spooled?.(entries)
-    }
+    if (entries > 0) await spool.appendMany(this.lines(rest, ahead))
+    if (entries + taken > 0) this.opts.hooks?.spooled?.(entries + taken)
   }
 
   /** What `close` waits for: the running flush, what came meanwhile, the rest of the queue. */
@@ -536,8 +562,13 @@ export class AuditWriter {
       const spool = this.opts.spool
       const rest = this.kept(this.queue)
       this.queue = []
-      if (spool === null) await this.opts.store.write(rest)
-      else await spool.appendMany(this.lines(rest))
+      if (spool === null) {
+        await this.opts.store.write(rest)
+      } else {
+        // Counted, as every other append of entries to the spool is: they were counted nowhere.
+        await spool.appendMany(this.lines(rest))
+        this.opts.hooks?.spooled?.(rest.length)
+      }
     }
   }
 }

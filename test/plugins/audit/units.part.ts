@@ -925,6 +925,62 @@ t.test('writer: the batch in flight taken to the spool by a full queue is counte
   }
 })
 
+// close, once it stops waiting for a store that hangs, spools the batch in flight: it counted it
+// spooled, and the write, ending after (the pool's end fails it, or it goes through), counted it
+// stored too. A batch a full queue had taken to the spool before close was counted nowhere while
+// its write hung. Each entry spooled at shutdown is counted spooled once, whatever its write does.
+t.test('writer: close counts spooled once each entry it spools, the batch in flight included, whatever its write does after', async t => {
+  for (const outcome of ['fails', 'succeeds'] as const) {
+    for (const takenBy of ['close', 'a full queue'] as const) {
+      const store = flakyStore()
+      const first = holdFirstWrite(store)
+      const spool = await Spool.open(spoolDir(t))
+      const count = { stored: 0, spooled: 0 }
+      const hooks = { stored: (n: number) => { count.stored += n }, spooled: (n: number) => { count.spooled += n } }
+      const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, log: quiet, hooks })
+      for (let i = 0; i < 10; i++) writer.enqueue(entry())
+      await until(() => first.held, 'the first batch in flight')
+      // 7 queued behind it, or 100: the 100th fills the queue, spooled at once with the batch in flight ahead.
+      const behind = takenBy === 'close' ? 7 : 100
+      for (let i = 0; i < behind; i++) writer.enqueue(entry())
+      if (takenBy === 'a full queue') await until(() => count.spooled === 100, 'the full queue on disk')
+      await writer.close()
+      t.same(count, { stored: 0, spooled: 10 + behind }, `taken by ${takenBy}: every entry counted spooled once close resolved`)
+      first.release(outcome === 'succeeds')
+      await until(() => !writer.writing, 'the write in flight ended')
+      t.same(count, { stored: 0, spooled: 10 + behind }, `taken by ${takenBy}, its write ${outcome} after close: not counted again`)
+      await spool.close()
+    }
+  }
+})
+
+// What close spools itself once the flushes are over (entries a flush put back when the disk
+// refused them) was counted nowhere.
+t.test('writer: what close appends to the spool after the last flush is counted spooled', async t => {
+  const store = flakyStore()
+  store.down = true
+  const spool = await Spool.open(spoolDir(t))
+  const append = spool.append.bind(spool)
+  let refusals = 2
+  spool.append = async (batch: AuditEntry[]) => {
+    if (refusals-- > 0) throw new Error('EIO: i/o error, write')
+    await append(batch)
+  }
+  let spooled = 0
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 60_000, log: quiet, hooks: { spooled: n => { spooled += n } } })
+  const all = Array.from({ length: 5 }, () => entry())
+  for (const e of all) writer.enqueue(e)
+  await writer.close()
+  t.equal(refusals, 0, 'each flush\'s append was refused')
+  await spool.close()
+  const again = await Spool.open(spool.dir)
+  const seen: AuditEntry[] = []
+  await again.drain(async batch => { seen.push(...batch) })
+  await again.close()
+  t.same(seen.map(e => e.id), all.map(e => e.id), 'on disk once close resolved')
+  t.equal(spooled, all.length, 'counted spooled once each')
+})
+
 // close waits for a full queue still on its way to the spool: an entry enqueued is on disk (or
 // stored) before close resolves.
 t.test('writer: close resolves only once a full queue on its way to the spool is on disk', async t => {
