@@ -54,6 +54,9 @@ export interface TrpcContext {
   refused: Record<string, string> | null
 }
 
+/** The route of tRPC's calls over HTTP (its WebSocket is at `/trpc`). */
+export const TRPC_CALLS = '/trpc/*'
+
 /** connectionParams may carry `{ token }` (a bare JWT) or `{ authorization: "Bearer ..." }`. */
 function fromParams (params: Readonly<Record<string, string | undefined>> | null): string | undefined {
   if (params === null) return undefined

@@ -11,7 +11,7 @@ import { MantleError, refusalHeaders } from '../../errors.js'
 import { CLOSE_TRY_AGAIN_LATER, ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { refusedByWs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
 import { utf8Sends } from '../slow-reader.js'
-import { httpAuthorization, httpContext, socketContext, type TrpcContext } from './context.js'
+import { httpAuthorization, httpContext, socketContext, TRPC_CALLS, type TrpcContext } from './context.js'
 import { runCall } from '../face.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import { ProblemError, errorShape, isInternal } from './errors.js'
@@ -323,7 +323,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       // HEAD is ours, answered as GET (answerByTrpc): Fastify's automatic HEAD route cannot
       // send a Response.
       method: ['GET', 'HEAD', 'POST'],
-      url: '/trpc/*',
+      url: TRPC_CALLS,
       exposeHeadRoute: false,
       bodyLimit: opts.bodyLimit,
       schema: { hide: true },

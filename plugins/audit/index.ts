@@ -10,8 +10,7 @@ import type { Operation } from '../../manifest.js'
 import { type AuditEntry, type AuditStore, type AuditQuery, type Category, type VerifyCursor, VERIFY_MAX_ENTRIES, categoryOf, refusedIdentity, storableEntry } from './entry.js'
 import { unwatchCaller, watchCaller } from '../pipeline/caller.js'
 import { clientRequestId, uuidv7 } from '../../ids.js'
-import { upgradeAuthorization } from '../../adapters/upgrade.js'
-import { httpAuthorization } from '../../adapters/trpc/context.js'
+import { requestAuthorization } from '../../adapters/credentials.js'
 import { MemoryAuditStore } from './memory-store.js'
 import { PostgresAuditStore, failureOf } from './postgres-store.js'
 import { Spool } from './spool.js'
@@ -222,7 +221,7 @@ function leftOutEntry (entry: AuditEntry, leftOut: { code: string, status: numbe
   return { ...entry, status: leftOut.code, statusCode: leftOut.status, category: categoryOf(ctx.op.type, leftOut.code, ctx.risk), metadata: { ...entry.metadata, leftOut: true } }
 }
 
-/** tRPC's routes, whose HTTP calls take a token in connectionParams or `?access_token=` too. */
+/** tRPC's routes, by path (a refused request's procedure, trpcAction). */
 const TRPC_ROUTE = /^\/trpc(?:[/?]|$)/
 
 /** The face of a request (or a route template) by its path; `http` for the gateway's other routes. */
@@ -574,17 +573,14 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
 
   /**
    * Tenant and user of a request outside the pipeline, from its token when it has a valid one,
-   * read where the face reads it: a WebSocket upgrade's header or `?access_token=`; a tRPC call's
-   * header, connectionParams or `?access_token=` (such a call refused before it ran was audited
-   * as public/anonymous); any other request's header.
+   * read where the face reads it (requestAuthorization, the rate-limit guard's too): a WebSocket
+   * upgrade's header or `?access_token=`; a tRPC call's header, connectionParams or
+   * `?access_token=` (such a call refused before it ran was audited as public/anonymous); any
+   * other request's header.
    */
   const who = (request: FastifyRequest): { tenant: string, user: string } => {
-    const upgrade = request.headers.upgrade
-    const authorization = typeof upgrade === 'string' && upgrade.toLowerCase() === 'websocket'
-      ? upgradeAuthorization(request)
-      : TRPC_ROUTE.test(request.url) ? httpAuthorization(request) : request.headers.authorization
     try {
-      const id = app.identify(authorization)
+      const id = app.identify(requestAuthorization(request))
       return { tenant: id.tenant, user: id.user }
     } catch {
       return { tenant: 'public', user: 'anonymous' }

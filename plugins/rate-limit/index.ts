@@ -12,7 +12,7 @@ import { sharedStoreHealth } from '../diagz/index.js'
 import { RateLimiter, fastifyStore, opKey, tenantKey, ipKey, type LimiterCounters, type Scope, type StoreKind } from './limiter.js'
 import { withHook } from '../../route-hooks.js'
 import { PROBE_PATHS, targetsProbe } from '../../probes.js'
-import { upgradeAuthorization } from '../../adapters/upgrade.js'
+import { requestAuthorization } from '../../adapters/credentials.js'
 import { bareAddress } from '../../address.js'
 
 export { RateLimiter, opKey, tenantKey, ipKey, keyPart, fastifyStore } from './limiter.js'
@@ -156,10 +156,11 @@ async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, w
  * tenant's budget, so it is counted by address like an anonymous caller.
  */
 function guardKey (app: FastifyInstance, request: FastifyRequest): string {
-  // The token as the routes read it (upgradeAuthorization): the guard's own reading of the raw
-  // URL missed a percent-encoded `access%5Ftoken`, and an empty header hid the query's token,
-  // which the routes then verified: the tenant's calls counted against an address instead.
-  const authorization = upgradeAuthorization(request)
+  // The token where the route reads it (requestAuthorization, the audit's too). The guard read
+  // only the header and `?access_token=`: a tRPC call whose token came in `?connectionParams=`
+  // (httpSubscriptionLink, EventSource's SSE) counted towards its address, a budget shared by
+  // every tenant behind one NAT and one more for a tenant on each address it called from.
+  const authorization = requestAuthorization(request)
   if (authorization !== undefined) {
     try {
       return tenantKey(app.identify(authorization).tenant)

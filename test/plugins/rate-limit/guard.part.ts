@@ -3,11 +3,13 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import WebSocket from 'ws'
+import { Redis } from 'ioredis'
 import { connect, type AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { buildTestApp, startTestKernel, testManifest, bearer, token, json, testConfig, until } from '../../helper.js'
 import { loadConfig, rateLimitStore, ConfigError } from '../../../schemas/config.js'
 import { buildApp } from '../../../app.js'
+import { tenantKey, ipKey } from '../../../plugins/rate-limit/index.js'
 
 const op = (rest: string) => ({ type: 'query', rest, kernel: 'GET /v1/ok', input: { type: 'object' }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } })
 const events = { runUpdated: { topic: 'runs.updated', payload: { type: 'object' } } }
@@ -317,9 +319,62 @@ t.test('the guard reads the token as the routes do', async t => {
   const tenant = 'g-' + randomUUID()
   const raw = bearer({ tenant }).authorization.slice('Bearer '.length)
   for (let i = 0; i < 3; i++) t.equal((await app.inject({ url: '/api/v1/ping', headers: bearer({ tenant }) })).statusCode, 200)
-  t.equal((await app.inject({ url: `/api/v1/ping?%61ccess_token=${raw}` })).statusCode, 429, 'a percent-encoded name: the tenant\'s budget, spent')
-  t.equal((await app.inject({ url: `/api/v1/ping?access_token=${raw}`, headers: { authorization: '' } })).statusCode, 429, 'beside an empty header: the tenant\'s budget, spent')
+  // tRPC's calls, which take `?access_token=` (REST takes the header alone: below).
+  t.equal((await app.inject({ url: `/trpc/ping?%61ccess_token=${raw}` })).statusCode, 429, 'a percent-encoded name: the tenant\'s budget, spent')
+  t.equal((await app.inject({ url: `/trpc/ping?access_token=${raw}`, headers: { authorization: '' } })).statusCode, 429, 'beside an empty header: the tenant\'s budget, spent')
+  // REST reads no `?access_token=` (a 401): such a request counts by address, as the audit logs it.
+  t.equal((await app.inject({ url: `/api/v1/ping?access_token=${raw}` })).statusCode, 401, 'a token REST does not read: the address\'s budget')
 })
+
+// The guard read a token from the Authorization header or `?access_token=` only, where tRPC
+// also takes one from `?connectionParams=` (httpSubscriptionLink puts it there: an EventSource
+// sets no header). Such calls counted towards their address: every tenant behind one NAT or
+// egress shared one budget (one tenant's calls got another's refused), and a tenant had one
+// more budget on each address it called from. Counted in memory and in the real Redis alike.
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
+for (const store of ['memory', 'redis'] as const) {
+  t.test(`${store}: a token in tRPC's ?connectionParams= counts towards its tenant`, async t => {
+    const app = await guarded(t, store === 'redis' ? { REDIS_URL, BFF_REDIS_COMMAND_TIMEOUT_MS: 10_000 } : {})
+    t.equal(app.rateLimiter.store, store)
+    // Addresses of this test alone (the Redis is shared): 10.x.y.z from a UUID's bytes.
+    const address = (): string => '10.' + randomUUID().replace(/-/g, '').slice(0, 6).match(/../g)!.map(h => parseInt(h, 16)).join('.')
+    const [nat, other, third, fourth] = [address(), address(), address(), address()]
+    const tenants = Array.from({ length: 5 }, () => 'g-' + randomUUID())
+    const [one, two, three, four, spent] = tenants
+    const redis = store === 'redis' ? new Redis(REDIS_URL) : null
+    if (redis !== null) {
+      t.teardown(async () => {
+        await redis.del(...tenants.map(tenantKey), ...[nat, other, third, fourth].map(ipKey))
+        redis.disconnect()
+      })
+    }
+    const params = (value: Record<string, string>): string => encodeURIComponent(JSON.stringify(value))
+    const call = async (remoteAddress: string, query: string, method: 'GET' | 'HEAD' = 'GET'): Promise<number> =>
+      (await app.inject({ method, url: `/trpc/ping?input=%7B%7D&${query}`, remoteAddress })).statusCode
+    // An SSE subscription (HEAD: its status alone) and two calls, all by connectionParams.
+    t.equal((await app.inject({ method: 'HEAD', url: `/trpc/runUpdated?connectionParams=${params({ token: token({ tenant: one }) })}`, remoteAddress: nat })).statusCode, 200, 'an SSE subscription')
+    t.equal(await call(nat, `connectionParams=${params({ token: token({ tenant: one }) })}`), 200)
+    t.equal(await call(nat, `connectionParams=${params({ authorization: `Bearer ${token({ tenant: one, user: 'u2' })}` })}`), 200, '{ authorization } too')
+    t.equal(await call(other, `connectionParams=${params({ token: token({ tenant: one }) })}`), 429, 'the tenant from another address: its one budget, spent')
+    for (let i = 0; i < 3; i++) t.equal(await call(nat, `connectionParams=${params({ token: token({ tenant: two }) })}`), 200, 'another tenant behind the same address has its own budget')
+    t.equal((await app.inject({ url: '/api/v1/ping', remoteAddress: nat })).statusCode, 401, 'and the address its own, untouched')
+    // connectionParams before ?access_token=, as tRPC reads them: the call is the third tenant's,
+    // not the one whose budget its header calls spent.
+    for (let i = 0; i < 3; i++) t.equal((await app.inject({ url: '/api/v1/ping', headers: bearer({ tenant: spent }), remoteAddress: third })).statusCode, 200)
+    t.equal(await call(third, `connectionParams=${params({ token: token({ tenant: three }) })}&access_token=${token({ tenant: spent })}`), 200, 'the token tRPC takes, not the query\'s')
+    // A token that fails verification counts by address, whatever it names: rotating junk or
+    // forged ones does not escape the address's budget.
+    const forged = (i: number): string => token({ tenant: 'g-' + randomUUID(), user: `u${i}`, secret: 'another-secret-that-is-long-enough-0123456789' })
+    const junk: number[] = []
+    for (let i = 0; i < 5; i++) junk.push(await call(fourth, `connectionParams=${params({ token: i % 2 === 0 ? forged(i) : `junk.${randomUUID()}` })}`))
+    t.same(junk, [401, 401, 401, 429, 429], 'forged and junk tokens, each new: the address\'s budget')
+    t.equal(await call(fourth, `connectionParams=${params({ token: token({ tenant: four }) })}`), 200, 'a valid token from that address: its tenant\'s')
+    if (redis !== null) {
+      t.equal(await redis.hget(tenantKey(one as string), 'c'), '3', 'counted in Redis, under the tenant\'s key')
+      t.equal(await redis.hget(ipKey(fourth), 'c'), '3', 'and under the address\'s')
+    }
+  })
+}
 
 // proxy-addr trusts no hop written with a port: a trusted proxy behind the balancer that added
 // one (Front Door, then Application Gateway writing IP:port) was taken for the client, and every
