@@ -130,9 +130,9 @@ function entryBytes (entry: LocalEntry, key: string): number {
  *
  * The bounds are shared fairly between tenants (FairLru): past one, the entry that goes is the
  * least recently used of the tenant holding the most entries (or bytes). Entries past their
- * `keepUntil` are dropped when read, at each metrics scrape (purge), and before a bound takes a
- * live entry, from the oldest set up to the first live one (operations keep theirs for different
- * times, so an older live entry can shield a dead one until then). In one LRU for all, a
+ * `keepUntil` are dropped when read, at each metrics scrape (purgeAll, a slice at a time), and
+ * before a bound takes a live entry, from the oldest set up to the first live one (operations keep
+ * theirs for different times, so an older live entry can shield a dead one until then). In one LRU for all, a
  * tenant's distinct reads (its input is part of the key: a filter value each) pushed every other
  * tenant's fresh entries out.
  */
@@ -187,9 +187,14 @@ export class MemoryTier {
     return this.lru.size
   }
 
-  /** Drops the entries past their keep time (O(entries): at each metrics scrape, as the idempotency store's). */
+  /** Drops the entries past their keep time among the next slice of them (FairLru.purgeStale). */
   purge (): void {
     this.lru.purgeStale()
+  }
+
+  /** Drops every entry past its keep time, a slice at a time (at each metrics scrape, as the idempotency store's). */
+  async purgeAll (): Promise<void> {
+    await this.lru.purgeAllStale()
   }
 
   /** What the entries held cost, about (entryBytes). */

@@ -85,7 +85,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     const fallbacks = new Counter({ name: 'mantle_idempotency_store_fallbacks_total', help: 'Keyed calls claimed in the memory store because Redis was away or failed (a waiting repeat counts once, not per poll)', registers })
     const evictions = new Counter({ name: 'mantle_idempotency_memory_evictions_total', help: 'Outcomes the memory idempotency store dropped before their TTL, or did not keep, to stay within BFF_IDEMPOTENCY_MAX_KEYS or its 64 MB (each the least recently used of the tenant holding the most); a repeat of one runs again', registers })
     evicted = () => evictions.inc()
-    new Gauge({ name: 'mantle_idempotency_memory_keys', help: 'Keys the memory idempotency store holds', registers, collect () { memory.purge(); this.set(memory.size) } }) // eslint-disable-line no-new
+    new Gauge({ name: 'mantle_idempotency_memory_keys', help: 'Keys the memory idempotency store holds', registers, async collect () { await memory.purgeAll(); this.set(memory.size) } }) // eslint-disable-line no-new
     metricsFor = (op) => {
       const r = replays.labels(op)
       const c = conflicts.labels(op)

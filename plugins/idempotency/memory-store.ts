@@ -89,9 +89,22 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     if (this.claimOf(key)?.record.token === token) this.running.delete(key)
   }
 
-  /** Drops expired entries (the plugin calls it before reporting the size). */
+  /**
+   * Drops lapsed claims and the expired entries among the next slice of outcomes (FairLru.purgeStale):
+   * claims are as many as the keyed calls running, outcomes up to `maxKeys`.
+   */
   purge (): void {
     this.cache.purgeStale()
+    this.dropLapsed()
+  }
+
+  /** Drops every lapsed claim and expired outcome, a slice at a time (the plugin's gauge, before reporting the size). */
+  async purgeAll (): Promise<void> {
+    this.dropLapsed()
+    await this.cache.purgeAllStale()
+  }
+
+  private dropLapsed (): void {
     const now = performance.now()
     for (const [key, claim] of this.running) if (claim.until <= now) this.running.delete(key)
   }

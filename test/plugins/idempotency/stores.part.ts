@@ -224,6 +224,40 @@ t.test('the fair LRU keeps its indexes true under random traffic', async t => {
   t.same(lru.check(), [])
 })
 
+// One walk over every entry held the event loop, and so every request, for some 100 ms at
+// 100,000 entries (a set at the bound after a quiet spell, a metrics scrape): expired entries now
+// go a bounded number at a time, still before any live one.
+t.test('the fair LRU drops expired entries a bounded number at a time, before any live one', async t => {
+  let evicted = 0
+  const lru = new FairLru<number>(10_000, 20_000, () => { evicted++ })
+  for (let i = 0; i < 10_000; i++) lru.set('x' + i, 'X', i, 1, 0) // expired as soon as set
+  lru.set('y0', 'Y', 0, 1, 60_000)
+  const dropped = 10_000 - lru.held('X').count
+  t.ok(dropped >= 1 && dropped <= 100, `a set at the count bound dropped ${dropped} expired entries, not all 10,000`)
+  for (let i = 1; i < 100; i++) lru.set('y' + i, 'Y', i, 1, 60_000)
+  t.same([lru.held('Y').count, evicted], [100, 0], 'no live entry went for the sets that followed')
+  // Past the byte bound, as many expired entries go as make room (here 5,000 bytes' worth).
+  lru.set('big', 'Z', 0, 20_000 - lru.bytes + 5000, 60_000)
+  t.same([lru.has('big'), lru.held('Y').count, evicted], [true, 100, 0], 'a large entry took expired ones\' room, no live one\'s')
+  t.same(lru.check(), [])
+  // purgeStale looks at one slice; purgeAllStale at all, a slice at a time, one pass for callers at once.
+  const before = lru.size
+  t.notOk(lru.purgeStale(100), 'a slice of 100 does not end a pass')
+  t.ok(before - lru.size <= 100, `it dropped ${before - lru.size}`)
+  await Promise.all([lru.purgeAllStale(), lru.purgeAllStale()])
+  t.same([lru.held('X').count, lru.held('Y').count, lru.has('big')], [0, 100, true], 'every expired entry went, every live one stayed')
+  t.same(lru.check(), [])
+  // The idempotency store's gauge purges the whole store (more outcomes than one slice).
+  const store = new MemoryIdempotencyStore({ maxKeys: 20_000, maxBytes: 1 << 30 })
+  for (let i = 0; i < 10_000; i++) {
+    const key = storeKey('t', 'op', 'k' + i)
+    const claim = await store.claim(key, 'h', 60_000)
+    if (claim.won) await store.complete(key, claim.token, done('h'), i % 10 === 0 ? 60_000 : 0)
+  }
+  await store.purgeAll()
+  t.equal(store.size, 1000, 'the 9,000 expired outcomes went, the 1,000 live ones stayed')
+})
+
 t.test('store keys name their tenant', async t => {
   t.equal(tenantOfKey(storeKey('a:b', 'op', 'k:1')), 'a%3Ab')
   t.not(tenantOfKey(storeKey('a', 'op', 'k')), tenantOfKey(storeKey('ab', 'op', 'k')))
