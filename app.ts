@@ -885,6 +885,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     bodyLimit: config.BFF_BODY_LIMIT,
     maxCalls: config.BFF_BATCH_MAX_CALLS,
     maxDepth: config.BFF_GRAPHQL_MAX_DEPTH,
+    introspection: config.BFF_GRAPHQL_INTROSPECTION ?? config.NODE_ENV !== 'production',
     secured: config.BFF_AUTH_ENABLED,
     development: config.NODE_ENV !== 'production',
     // As the events' share: with identity off every caller is the one tenant `public`.

@@ -13,6 +13,8 @@ export interface FaceOptions {
   maxCalls: number
   /** Deepest GraphQL query (BFF_GRAPHQL_MAX_DEPTH). */
   maxDepth: number
+  /** Whether GraphQL answers introspection (BFF_GRAPHQL_INTROSPECTION); unset: as `development`. */
+  introspection?: boolean | undefined
   /** Whether identity is on (faces then document and require a bearer token). */
   secured: boolean
   /** GraphiQL and other developer aids, outside production only. */

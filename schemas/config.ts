@@ -27,6 +27,8 @@ export const ConfigSchema = Type.Object({
   BFF_GRAPHQL_ENABLED: Flag('the GraphQL face at /graphql'),
   BFF_WEBSOCKET_ENABLED: Flag('the WebSocket face at /ws'),
   BFF_GRAPHQL_MAX_DEPTH: Type.Integer({ minimum: 1, maximum: 100, default: 12, description: 'deepest GraphQL query accepted' }),
+  // No default here: unset, it follows NODE_ENV (app.ts).
+  BFF_GRAPHQL_INTROSPECTION: Type.Optional(Type.Boolean({ description: 'whether GraphQL introspection (__schema, __type) is answered; unset: on outside production, off in production' })),
   BFF_BATCH_MAX_CALLS: Type.Integer({ minimum: 1, maximum: 1000, default: 50, description: 'most calls in one REST batch, tRPC HTTP batch or GraphQL document' }),
   BFF_INTERNAL_TOKEN: Type.Optional(Type.String({ minLength: 16, pattern: '^[\\x21-\\x7e]+$', description: 'bearer token the Kernel uses to POST /internal/events (16 or more visible ASCII characters)' })),
   // At most the instance's own bound on event subscriptions (100,000), which a larger share could never reach.
@@ -489,7 +491,7 @@ export const FEATURE_SETTINGS: ReadonlyArray<{ flag: keyof Config, settings: Rea
   { flag: 'BFF_CACHE_ENABLED', settings: ['BFF_CACHE_STORE', 'BFF_CACHE_TTL', 'BFF_CACHE_MAX_SIZE', 'BFF_CACHE_MAX_BYTES'] },
   { flag: 'BFF_IDEMPOTENCY_ENABLED', settings: ['BFF_IDEMPOTENCY_STORE', 'BFF_IDEMPOTENCY_TTL_SECONDS', 'BFF_IDEMPOTENCY_MAX_KEYS', 'BFF_IDEMPOTENCY_WAIT_MS'] },
   { flag: 'BFF_AI_FIREWALL_ENABLED', settings: ['BFF_FIREWALL_CACHE_SIZE'] },
-  { flag: 'BFF_GRAPHQL_ENABLED', settings: ['BFF_GRAPHQL_MAX_DEPTH'] },
+  { flag: 'BFF_GRAPHQL_ENABLED', settings: ['BFF_GRAPHQL_MAX_DEPTH', 'BFF_GRAPHQL_INTROSPECTION'] },
   { flag: 'BFF_LOAD_SHEDDING_ENABLED', settings: ['BFF_MAX_EVENT_LOOP_DELAY_MS', 'BFF_MAX_HEAP_BYTES', 'BFF_MAX_RSS_BYTES'] }
 ]
 

@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import mercurius from 'mercurius'
-import { BREAK, getOperationAST, parse, visit, type DocumentNode, type GraphQLResolveInfo } from 'graphql'
+import { BREAK, NoSchemaIntrospectionCustomRule, getOperationAST, parse, visit, type DocumentNode, type GraphQLResolveInfo } from 'graphql'
 // graphql-js's own field collection (16.x; no exports map, so its module is importable as is).
 import { collectFields } from 'graphql/execution/collectFields.js'
 import { AnswerBudget, MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
@@ -167,7 +167,9 @@ export default createGraphqlFace()
 /** Registers the face; answers the screen of each subscription socket's messages. */
 /** `authTimeoutMs`: how long an initialised connection may stay without a valid identity. */
 async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: ConnectionSlots, authTimeoutMs: number): Promise<(socket: WebSocket, initialised: () => void) => void> {
-  const rules = [limitsRule({ maxDepth: opts.maxDepth, maxRootFields: opts.maxCalls, maxFields: MAX_FIELDS })]
+  // Introspection off (production's default): the schema, every operation, argument and type of
+  // the manifest, is not handed to whoever asks; __typename stays (clients need it).
+  const rules = [limitsRule({ maxDepth: opts.maxDepth, maxRootFields: opts.maxCalls, maxFields: MAX_FIELDS }), ...(opts.introspection ?? opts.development ? [] : [NoSchemaIntrospectionCustomRule])]
   const maxQuery = Math.min(MAX_QUERY_LENGTH, opts.bodyLimit)
   const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules, maxQuery, maxTokens: MAX_TOKENS, authTimeoutMs, claim: (request, tenant) => { slots.claim(request.raw.socket, tenant) } })
   // HTTP validation results are cached by mercurius per document, so this costs nothing per request.

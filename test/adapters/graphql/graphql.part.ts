@@ -387,6 +387,28 @@ t.test('GraphiQL outside production only; the face stays out of the OpenAPI docu
   t.same((await prod.gql({ query: '{ getAgent(id: "a1") { id } }' })).body, { data: { getAgent: { id: 'a1' } } })
 })
 
+// Introspection was answered in production: the whole schema (every operation, argument and
+// type of the manifest) to any caller. Off there by default now, BFF_GRAPHQL_INTROSPECTION says otherwise.
+t.test('introspection: off in production unless BFF_GRAPHQL_INTROSPECTION=true, on elsewhere unless false', async t => {
+  const refused = (res: Gql, field: string): void => {
+    t.equal(res.status, 400, `${field} is refused`)
+    t.match(res.body, { errors: [{ message: `GraphQL introspection has been disabled, but the requested query contained the field "${field}".`, extensions: { code: 'VALIDATION_FAILED', status: 400 } }] })
+    t.notOk(res.body.data, 'with no data')
+  }
+  const prod = await demo(t, { NODE_ENV: 'production', BFF_AUDIT_ENABLED: false })
+  refused(await prod.gql({ query: getIntrospectionQuery() }), '__schema')
+  refused(await prod.gql({ query: '{ __type(name: "Agent") { name } }' }), '__type')
+  t.same((await prod.gql({ query: '{ getAgent(id: "a1") { id __typename } }' })).body, { data: { getAgent: { id: 'a1', __typename: 'Agent' } } }, '__typename stays')
+  const opened = await demo(t, { NODE_ENV: 'production', BFF_AUDIT_ENABLED: false, BFF_GRAPHQL_INTROSPECTION: true })
+  const schema = await opened.gql({ query: getIntrospectionQuery() })
+  t.equal(schema.status, 200, 'BFF_GRAPHQL_INTROSPECTION=true answers it in production')
+  t.ok(schema.body.data.__schema.types.some((ty: any) => ty.name === 'Agent'))
+  const dev = await demo(t)
+  t.equal((await dev.gql({ query: '{ __type(name: "Agent") { name } }' })).status, 200, 'on outside production')
+  const closed = await demo(t, { BFF_GRAPHQL_INTROSPECTION: false })
+  refused(await closed.gql({ query: '{ __schema { queryType { name } } }' }), '__schema')
+})
+
 t.test('the face can be switched off', async t => {
   const app = await buildDemoApp(t, { ...ONLY_GRAPHQL, BFF_GRAPHQL_ENABLED: false })
   const res = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: '{ __typename }' } })
