@@ -262,19 +262,32 @@ function otherKinds (errors: readonly ValidationError[], schema: unknown, value:
   return others
 }
 
-/** An object branch's fields with a `const` or `enum` the object gives, each with whether it admits the object's value. */
-function kindFields (branch: unknown, object: Record<string, unknown>): Map<string, boolean> {
-  const fields = new Map<string, boolean>()
-  const properties = (branch as { properties?: Record<string, { const?: unknown, enum?: unknown }> } | null)?.properties
-  if (typeof properties !== 'object' || properties === null) return fields
-  for (const [name, field] of Object.entries(properties)) {
-    if (!Object.hasOwn(object, name) || typeof field !== 'object' || field === null) continue
-    const given = object[name]
-    if ('const' in field) fields.set(name, same(field.const, given))
-    else if (Array.isArray(field.enum)) fields.set(name, field.enum.some(v => same(v, given)))
+/**
+ * An object branch's fields with a `const` or `enum` the object gives, each with whether it admits
+ * the object's value. A branch composed with `allOf` (OpenAPI's way: a base schema by $ref, which
+ * the manifest inlines, then the branch's own `kind` and fields) gives the fields of its parts, a
+ * field admitted only if every part admits it; nested `allOf`s up to `ALL_OF_DEPTH` deep.
+ */
+function kindFields (branch: unknown, object: Record<string, unknown>, fields = new Map<string, boolean>(), level = 0): Map<string, boolean> {
+  if (typeof branch !== 'object' || branch === null) return fields
+  const { properties, allOf } = branch as { properties?: Record<string, { const?: unknown, enum?: unknown }>, allOf?: unknown }
+  if (typeof properties === 'object' && properties !== null) {
+    for (const [name, field] of Object.entries(properties)) {
+      if (!Object.hasOwn(object, name) || typeof field !== 'object' || field === null) continue
+      const given = object[name]
+      let admits: boolean
+      if ('const' in field) admits = same(field.const, given)
+      else if (Array.isArray(field.enum)) admits = field.enum.some(v => same(v, given))
+      else continue
+      fields.set(name, admits && fields.get(name) !== false)
+    }
   }
+  if (Array.isArray(allOf) && level < ALL_OF_DEPTH) for (const part of allOf) kindFields(part, object, fields, level + 1)
   return fields
 }
+
+/** How deep in a union's branch `allOf`s are looked into for its kind: bounds the walk, beyond any manifest's need. */
+const ALL_OF_DEPTH = 8
 
 /**
  * Whether the value a client or the Kernel gave equals a schema's literal, as Ajv's `const` and

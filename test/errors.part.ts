@@ -1,6 +1,7 @@
 import t from 'tap'
 import { Ajv } from 'ajv'
 import { MantleError, toProblem, describeValidation, problemType, ErrorCodes, type ErrorCode } from '../errors.js'
+import { compileManifest } from '../manifest.js'
 
 const RID = 'req-1'
 const INTERNAL_DETAIL = 'The gateway could not complete the call'
@@ -295,4 +296,51 @@ t.test('a field whose name holds a slash or a tilde is named as written', async 
   t.equal(named({ type: 'object', properties: { 'p~q': { type: 'object', required: ['x'] } } }, { 'p~q': {} }), 'input.p~q.x is required')
   t.equal(named({ type: 'object', properties: { 'c/d': { type: 'object', additionalProperties: false } } }, { 'c/d': { e: 1 } }), 'input.c/d.e is not allowed')
   t.equal(named({ type: 'array', items: { type: 'object', properties: { '~1': { type: 'integer' } } } }, [{ '~1': 'x' }]), 'input.0.~1 must be integer')
+})
+
+// Manifests written from OpenAPI compose a tagged union's branches with allOf (a base schema by
+// $ref, then the branch's own `kind` and fields). The manifest inlines each $ref before Ajv sees
+// the schema, but the kind was looked for in a branch's own `properties` only: an allOf branch had
+// none, every branch was weighed, and {id, kind: "b"} was named by the first branch's "x is required".
+t.test('a tagged union whose branches are composed with allOf names the branch the value\'s kind chose', async t => {
+  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
+  const named = (schema: object, value: unknown, context = 'input'): string => {
+    const validate = ajv.compile(schema)
+    t.notOk(validate(value), `${JSON.stringify(value)} is refused`)
+    return describeValidation(validate.errors ?? [], context, { schema: validate.schema, value })
+  }
+  const base = { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }
+  const A = { allOf: [base, { type: 'object', required: ['kind', 'x'], properties: { kind: { const: 'a' }, x: { type: 'string' } } }] }
+  const B = { allOf: [base, { type: 'object', required: ['kind', 'y'], properties: { kind: { const: 'b' }, y: { type: 'string' } } }] }
+  t.equal(named({ oneOf: [A, B] }, { id: 'i', kind: 'b' }), 'input.y is required', 'the second branch\'s missing field')
+  t.equal(named({ anyOf: [A, B] }, { id: 'i', kind: 'b' }), 'input.y is required', 'anyOf too')
+  t.equal(named({ oneOf: [A, B] }, { kind: 'b', y: 'q' }), 'input.id is required', 'the base\'s missing field')
+  t.equal(named({ oneOf: [A, B] }, { id: 'i', kind: 'a', x: 5 }), 'input.x must be string', 'the first branch\'s fault')
+  t.equal(named({ oneOf: [A, B] }, { id: 'i', kind: 'c' }), 'input.x is required', 'no branch of its kind: every branch is weighed')
+  t.equal(named({ anyOf: [{ type: 'null' }, { type: 'object', properties: { s: { oneOf: [A, B] } } }] }, { s: { id: 'i', kind: 'b' } }, 'output'), 'output.s.y is required', 'under a nullable object')
+  // The kind a level further down (allOf in allOf), and a base that declares the kind's enum the branch narrows.
+  const deepB = { allOf: [base, { allOf: [{ properties: { kind: { const: 'b' } } }, { required: ['kind', 'y'], properties: { y: { type: 'string' } } }] }] }
+  t.equal(named({ oneOf: [A, deepB] }, { id: 'i', kind: 'b' }), 'input.y is required', 'a kind in a nested allOf')
+  const kinded = { type: 'object', required: ['id', 'kind'], properties: { id: { type: 'string' }, kind: { enum: ['a', 'b'] } } }
+  const A2 = { allOf: [kinded, { required: ['x'], properties: { kind: { const: 'a' }, x: { type: 'string' } } }] }
+  const B2 = { allOf: [kinded, { required: ['y'], properties: { kind: { const: 'b' }, y: { type: 'string' } } }] }
+  t.equal(named({ oneOf: [A2, B2] }, { id: 'i', kind: 'b' }), 'input.y is required', 'the base\'s enum admits both kinds, the branch\'s const one')
+  // As the manifest gives it: each $ref to a named schema inlined before the validator compiles it.
+  const manifest = compileManifest({
+    version: 1,
+    kernel: { url: 'http://127.0.0.1:1' },
+    schemas: {
+      Shape: { type: 'object', required: ['id', 'kind'], properties: { id: { type: 'string' }, kind: { type: 'string' } } },
+      Circle: { allOf: [{ $ref: '#/schemas/Shape' }, { type: 'object', required: ['radius'], properties: { kind: { const: 'circle' }, radius: { type: 'number' } } }] },
+      Square: { allOf: [{ $ref: '#/schemas/Shape' }, { type: 'object', required: ['side'], properties: { kind: { const: 'square' }, side: { type: 'number' } } }] }
+    },
+    operations: {
+      draw: { type: 'mutation', rest: 'POST /draw', kernel: 'POST /v1/draw', input: { type: 'object', required: ['shape'], properties: { shape: { oneOf: [{ $ref: '#/schemas/Circle' }, { $ref: '#/schemas/Square' }] } } }, output: { type: 'object' } }
+    }
+  }, 'test-manifest')
+  const input = manifest.operations.find(op => op.name === 'draw')?.input
+  t.ok(input !== undefined)
+  t.equal(named(input as object, { shape: { id: 's', kind: 'square' } }), 'input.shape.side is required', 'not the circle\'s "radius is required"')
+  t.equal(named(input as object, { shape: { id: 's', kind: 'square', side: 'big' } }), 'input.shape.side must be number')
+  t.equal(named(input as object, { shape: { id: 's', kind: 'circle' } }), 'input.shape.radius is required')
 })

@@ -186,3 +186,41 @@ t.test('a refused input holding a deeply nested value where a tagged union wants
   t.match(res.json(), { code: 'VALIDATION_FAILED', detail: /^input\.shape\./ })
   t.equal(kernel.requests.length, 0)
 })
+
+// A tagged union whose branches are composed with allOf, as manifests written from OpenAPI do
+// (a base by $ref, then the branch's kind and fields): the refusal named the first branch's
+// missing field for a value whose kind chose the second ("input.shape.radius is required" for a square).
+t.test('a tagged union of allOf branches by $ref names, on every face, the fault of the branch the kind chose', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/draw': (_req, res) => json(res, 200, { ok: true }) })
+  const manifest = testManifest({
+    draw: { type: 'mutation', rest: 'POST /draw', kernel: 'POST /v1/draw', input: { type: 'object', required: ['shape'], properties: { shape: { oneOf: [{ $ref: '#/schemas/Circle' }, { $ref: '#/schemas/Square' }] } } }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
+  }, { url: kernel.url, retries: 0 }, {
+    schemas: {
+      Shape: { type: 'object', required: ['id', 'kind'], properties: { id: { type: 'string' }, kind: { type: 'string' } } },
+      Circle: { allOf: [{ $ref: '#/schemas/Shape' }, { type: 'object', required: ['radius'], properties: { kind: { const: 'circle' }, radius: { type: 'number' } } }] },
+      Square: { allOf: [{ $ref: '#/schemas/Shape' }, { type: 'object', required: ['side'], properties: { kind: { const: 'square' }, side: { type: 'number' } } }] }
+    }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const headers = { ...bearer(), 'content-type': 'application/json' }
+  const input = '{"shape":{"id":"s1","kind":"square"}}'
+  const detail = 'input.shape.side is required'
+  const rest = await app.inject({ method: 'POST', url: '/api/v1/draw', headers, payload: input })
+  t.equal(rest.statusCode, 400)
+  t.match(rest.json(), { code: 'VALIDATION_FAILED', detail })
+  const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: `{"calls":[{"id":"a","op":"draw","input":${input}}]}` })
+  t.match(batch.json(), { results: [{ id: 'a', error: { code: 'VALIDATION_FAILED', detail } }] })
+  const trpc = await app.inject({ method: 'POST', url: '/trpc/draw', headers, payload: input })
+  t.match(trpc.json(), { error: { data: { code: 'VALIDATION_FAILED' }, message: detail } })
+  const graphql = await app.inject({ method: 'POST', url: '/graphql', headers, payload: `{"query":"mutation M($shape: JSON!) { draw(shape: $shape) { ok } }","variables":${input}}` })
+  t.match(graphql.json(), { errors: [{ message: detail, extensions: { code: 'VALIDATION_FAILED' } }] })
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/ws`, { headers: bearer() })
+  t.teardown(() => ws.terminate())
+  await once(ws, 'open')
+  ws.send(`{"id":"1","op":"draw","input":${input}}`)
+  const [frame] = await once(ws, 'message')
+  t.match(JSON.parse(String(frame)), { id: '1', error: { code: 'VALIDATION_FAILED', status: 400, detail } })
+  t.equal(kernel.requests.length, 0)
+})
