@@ -217,18 +217,64 @@ type ValidationError = { instancePath?: string, schemaPath?: string, keyword?: s
 export function describeValidation (errors: readonly ValidationError[], context = 'input', subject?: { schema: unknown, value: unknown }): string {
   const first = closest(errors, subject === undefined ? null : otherKinds(errors, subject.schema, subject.value))
   if (first === undefined) return 'The input is not valid'
-  // Ajv's JSON pointer, its segments unescaped: a field "a/b" is a.b's "a/b", not "a~1b".
-  const path = (first.instancePath ?? '').replace(/^\//, '').split('/').map(s => s.replace(/~1/g, '/').replace(/~0/g, '~')).join('.')
+  const segments = pathOf(first.instancePath ?? '', subject === undefined ? NO_VALUE : subject.value)
   const params = first.params ?? {}
   if (typeof params.missingProperty === 'string') {
-    return `${context}.${path === '' ? '' : path + '.'}${params.missingProperty} is required`
+    return `${field(context, [...segments, segment(params.missingProperty, false)])} is required`
   }
   if (typeof params.additionalProperty === 'string') {
-    const where = path === '' ? '' : path + '.'
-    return `${context}.${where}${params.additionalProperty} is not allowed`
+    return `${field(context, [...segments, segment(params.additionalProperty, false)])} is not allowed`
   }
-  const field = path === '' ? context : context + '.' + path
-  return `${field} ${first.message ?? 'is not valid'}`
+  return `${field(context, segments)} ${first.message ?? 'is not valid'}`
+}
+
+/** describeValidation without the value: whether a number in a path is an array's index or an object's key is not known. */
+const NO_VALUE = Symbol('no value')
+
+/** How many characters of a key a message shows: a key is input, and one of 10,000 made a message of 10,000. */
+const KEY_SHOWN = 64
+/** Past this length a path leaves out its middle segments ("input.a.….y.z"), keeping its first and its last. */
+const PATH_SHOWN = 256
+/** A key shown bare in a dotted path; any other is quoted (["a.b"], ["sp ace"]), "…" being the mark of a cut key. */
+const PLAIN = /^[^\s.[\]"'\\…\p{C}]+$/u
+const INDEX = /^(?:0|[1-9][0-9]*)$/
+
+/**
+ * The segments of Ajv's instance path (a JSON pointer, its ~1 and ~0 unescaped: a field "a/b" is
+ * "a/b", not "a~1b"), each as a path shows it. With the value, a number is an array's index
+ * (".3") or an object's key (["3"]); without it, an index as before.
+ */
+function pathOf (pointer: string, value: unknown): string[] {
+  if (pointer === '') return []
+  const segments: string[] = []
+  let at = value
+  for (const raw of pointer.slice(1).split('/')) {
+    const key = raw.replace(/~1/g, '/').replace(/~0/g, '~')
+    const known = at !== NO_VALUE && typeof at === 'object' && at !== null
+    segments.push(segment(key, known ? Array.isArray(at) : INDEX.test(key)))
+    at = known && Object.hasOwn(at as object, key) ? (at as Record<string, unknown>)[key] : NO_VALUE
+  }
+  return segments
+}
+
+/** A key or index as a path shows it: ".name", ".3", ["a.b"]; a key past KEY_SHOWN characters cut, marked by "…" (outside the quotes). */
+function segment (key: string, index: boolean): string {
+  if (index) return '.' + key
+  let shown = key
+  if (key.length > KEY_SHOWN) shown = Array.from(key.slice(0, 2 * KEY_SHOWN)).slice(0, KEY_SHOWN).join('')
+  const cut = shown.length < key.length ? '…' : ''
+  return PLAIN.test(shown) && !INDEX.test(shown) ? `.${shown}${cut}` : `[${JSON.stringify(shown)}${cut}]`
+}
+
+/** The context and its path's segments, bounded by PATH_SHOWN: the first and as many of the last as fit, "…" between. */
+function field (context: string, segments: readonly string[]): string {
+  let length = context.length
+  for (const s of segments) length += s.length
+  if (length <= PATH_SHOWN || segments.length < 3) return context + segments.join('')
+  let tail = segments[segments.length - 1]
+  const head = context + segments[0]
+  for (let i = segments.length - 2; i > 0 && head.length + tail.length + segments[i].length + 2 <= PATH_SHOWN; i--) tail = segments[i] + tail
+  return `${head}.…${tail}`
 }
 
 /**

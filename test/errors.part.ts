@@ -344,3 +344,47 @@ t.test('a tagged union whose branches are composed with allOf names the branch t
   t.equal(named(input as object, { shape: { id: 's', kind: 'square', side: 'big' } }), 'input.shape.side must be number')
   t.equal(named(input as object, { shape: { id: 's', kind: 'circle' } }), 'input.shape.radius is required')
 })
+
+// Keys are joined with dots: a key "a.b" read as a.b, "a[0]" or "sp ace" as a path and words, a
+// key of 10,000 characters made a message of 20,000, and a key "0" as an array's index.
+t.test('a key that is not a plain name is quoted in a path, and every key and path is bounded', async t => {
+  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
+  const named = (schema: object, value: unknown, context = 'input'): string => {
+    const validate = ajv.compile(schema)
+    t.notOk(validate(value), 'a value is refused')
+    return describeValidation(validate.errors ?? [], context, { schema: validate.schema, value })
+  }
+  const strings = { type: 'object', additionalProperties: { type: 'string' } }
+  t.equal(named(strings, { 'a.b': 1 }), 'input["a.b"] must be string', 'a dot')
+  t.equal(named(strings, { 'a[0]': 1 }), 'input["a[0]"] must be string', 'brackets')
+  t.equal(named(strings, { 'sp ace': 1 }), 'input["sp ace"] must be string', 'a space')
+  t.equal(named(strings, { '': 1 }), 'input[""] must be string', 'the empty key')
+  t.equal(named(strings, { 'a"b\n': 1 }), 'input["a\\"b\\n"] must be string', 'a quote and a newline, escaped')
+  t.equal(named(strings, { 0: 1 }), 'input["0"] must be string', 'an object\'s key "0" is not an index')
+  t.equal(named({ type: 'object', properties: { items: { type: 'array', items: { type: 'object', required: ['name'], properties: { name: { type: 'string' } } } } } }, { items: [{ name: 'a' }, { name: 'b' }, { name: 'c' }, { name: 7 }] }), 'input.items.3.name must be string', 'an index as before')
+  t.equal(named({ type: 'object', properties: { 'a.b': { type: 'object', required: ['c d'] } } }, { 'a.b': {} }), 'input["a.b"]["c d"] is required', 'a missing field')
+  t.equal(named({ type: 'object', properties: { a: { type: 'object', additionalProperties: false } } }, { a: { 'x.y': 1 } }), 'input.a["x.y"] is not allowed', 'a field not allowed')
+  const long = 'k'.repeat(10_000)
+  for (const [what, schema, value] of [
+    ['a long key not allowed', { type: 'object', properties: { a: {} }, additionalProperties: false }, { [long]: 1 }],
+    ['a long key in the path', strings, { [long]: 1 }],
+    ['a long key with a space in the path', strings, { [' ' + long]: 1 }],
+    ['a long missing field', { type: 'object', required: [long] }, {}],
+    ['a long key under a long key', { type: 'object', additionalProperties: { type: 'object', additionalProperties: false } }, { [long]: { [long + '2']: 1 } }]
+  ] as const) {
+    const message = named(schema, value)
+    t.ok(message.length < 300, `${what}: ${message.length} characters`)
+    t.match(message, /^input[.[]/, what)
+  }
+  t.match(named(strings, { [long]: 1 }), /^input\.k{64}… must be string$/, 'the key\'s start, and a mark that it is cut')
+  t.match(named(strings, { [' ' + long]: 1 }), /^input\[" k{63}"…\] must be string$/, 'quoted, and cut outside the quotes')
+  // A deep path of long keys keeps its first and last segments.
+  let schema: object = { type: 'string' }
+  let value: unknown = 1
+  for (let i = 0; i < 30; i++) { schema = { type: 'object', additionalProperties: schema }; value = { [`key ${i} ` + 'x'.repeat(80)]: value } }
+  const deep = named(schema, value)
+  t.ok(deep.length < 600, `a deep path: ${deep.length} characters`)
+  t.match(deep, /^input\["key 29 x+"…\]\.….*\["key 0 x+"…\] must be string$/)
+  // Without the value (Fastify's errors), a number is an index.
+  t.equal(describeValidation([{ instancePath: '/items/3/a.b', message: 'must be string' }]), 'input.items.3["a.b"] must be string')
+})
