@@ -203,7 +203,7 @@ function make (code: ErrorCode, detail: string, requestId: string): Problem {
   return { type: problemType(code), title: ErrorCodes[code].title, status: ErrorCodes[code].status, code, detail, requestId }
 }
 
-type ValidationError = { instancePath?: string, schemaPath?: string, keyword?: string, message?: string, params?: Record<string, unknown> }
+type ValidationError = { instancePath?: string, schemaPath?: string, keyword?: string, message?: string, params?: Record<string, unknown>, propertyName?: string }
 
 /**
  * "input/limit must be <= 100": names the field, as CONTRACT §5 asks. Under an `anyOf` or a
@@ -219,6 +219,14 @@ export function describeValidation (errors: readonly ValidationError[], context 
   if (first === undefined) return 'The input is not valid'
   const segments = pathOf(first.instancePath ?? '', subject === undefined ? NO_VALUE : subject.value)
   const params = first.params ?? {}
+  // A key `propertyNames` refused: Ajv's errors of the key's rule carry the key (the rule's
+  // message is the key's, not the object's: "input.m must match pattern" named the map), and
+  // its own error says only "property name must be valid". The key is named as additionalProperties'
+  // is, cut and quoted as every key.
+  const key = typeof first.propertyName === 'string' ? first.propertyName : first.keyword === 'propertyNames' && typeof params.propertyName === 'string' ? params.propertyName : undefined
+  if (key !== undefined) {
+    return `${field(context, [...segments, segment(key, false)])} is not allowed: the key ${first.keyword === 'propertyNames' ? 'is not valid' : first.message ?? 'is not valid'}`
+  }
   if (typeof params.missingProperty === 'string') {
     return `${field(context, [...segments, segment(params.missingProperty, false)])} is required`
   }

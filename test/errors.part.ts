@@ -1,5 +1,6 @@
 import t from 'tap'
 import { Ajv } from 'ajv'
+import addFormats from 'ajv-formats'
 import { MantleError, toProblem, describeValidation, problemType, ErrorCodes, type ErrorCode } from '../errors.js'
 import { compileManifest } from '../manifest.js'
 
@@ -343,6 +344,31 @@ t.test('a tagged union whose branches are composed with allOf names the branch t
   t.equal(named(input as object, { shape: { id: 's', kind: 'square' } }), 'input.shape.side is required', 'not the circle\'s "radius is required"')
   t.equal(named(input as object, { shape: { id: 's', kind: 'square', side: 'big' } }), 'input.shape.side must be number')
   t.equal(named(input as object, { shape: { id: 's', kind: 'circle' } }), 'input.shape.radius is required')
+})
+
+// A map whose keys must match a pattern (propertyNames): the message named the map with the key's
+// rule as if the map were the string ("input.m must match pattern ..."), and not which key broke it.
+t.test('a key refused by propertyNames is named with its rule, bounded', async t => {
+  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
+  addFormats.default(ajv)
+  const named = (schema: object, value: unknown, context = 'input'): string => {
+    const validate = ajv.compile(schema)
+    t.notOk(validate(value), 'a value is refused')
+    return describeValidation(validate.errors ?? [], context, { schema: validate.schema, value })
+  }
+  const map = (names: object): object => ({ type: 'object', properties: { m: { type: 'object', propertyNames: names, additionalProperties: { type: 'integer' } } } })
+  t.equal(named(map({ pattern: '^[a-z]+$' }), { m: { ok: 1, Bad: 2 } }), 'input.m.Bad is not allowed: the key must match pattern "^[a-z]+$"')
+  t.equal(named(map({ pattern: '^[a-z]+$' }), { m: { 'Bad Key': 2 } }), 'input.m["Bad Key"] is not allowed: the key must match pattern "^[a-z]+$"', 'a key with a space, quoted')
+  t.equal(named(map({ enum: ['a', 'b'] }), { m: { c: 1 } }), 'input.m.c is not allowed: the key must be equal to one of the allowed values')
+  t.equal(named(map({ format: 'email' }), { m: { c: 1 } }), 'input.m.c is not allowed: the key must match format "email"')
+  t.equal(named({ type: 'object', propertyNames: { maxLength: 3 } }, { abcd: 1 }), 'input.abcd is not allowed: the key must NOT have more than 3 characters', 'at the root')
+  t.equal(named({ anyOf: [{ type: 'null' }, map({ anyOf: [{ pattern: '^[a-z]+$' }, { maxLength: 2 }] })] }, { m: { 'Bad Key': 1 } }, 'output'), 'output.m["Bad Key"] is not allowed: the key must match pattern "^[a-z]+$"', 'a union of rules under a nullable object')
+  const long = 'K'.repeat(10_000)
+  const message = named(map({ maxLength: 8 }), { m: { [long]: 1 } })
+  t.ok(message.length < 200, `bounded: ${message.length} characters`)
+  t.match(message, /^input\.m\.K+… is not allowed: the key must NOT have more than 8 characters$/)
+  // Ajv's outer error alone (as a list cut short would give it).
+  t.equal(describeValidation([{ instancePath: '/m', schemaPath: '#/properties/m/propertyNames', keyword: 'propertyNames', params: { propertyName: 'x y' }, message: 'property name must be valid' }]), 'input.m["x y"] is not allowed: the key is not valid')
 })
 
 // Keys are joined with dots: a key "a.b" read as a.b, "a[0]" or "sp ace" as a path and words, a
