@@ -1,8 +1,9 @@
 // describeValidation over a seeded corpus of manifest-like schemas (objects, arrays, nullable
-// objects, tagged unions, anyOf/oneOf/allOf, enum/const, if/then/else, not, names that need
-// escaping), compiled with the pipeline's Ajv options and fed near-valid values: it never throws,
-// always names something, and never echoes a value of the input (strings hold Ω and numbers
-// 86753xx here, which no schema holds), only paths and rules.
+// objects, tagged unions, their branches plain or composed with allOf, anyOf/oneOf/allOf,
+// enum/const, if/then/else, not, propertyNames, names that need escaping or quoting, keys of
+// 5,000 characters), compiled with the pipeline's Ajv options and fed near-valid values: it never
+// throws, always names something, never echoes a value of the input (strings hold Ω and numbers
+// 86753xx here, which no schema holds), only paths and rules, and stays short (keys are cut).
 import t from 'tap'
 import { Ajv } from 'ajv'
 import addFormats from 'ajv-formats'
@@ -22,7 +23,9 @@ t.test('describeValidation never throws, names a fault and echoes no value, over
   const r = rng(20261205)
   const int = (n: number): number => Math.floor(r() * n)
   const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)]
-  const KEYS = ['a', 'b', 'kind', 'x', 'y', 'a/b', 'p~q', 'sp ace', 'pct%25', 'é', '0']
+  const KEYS = ['a', 'b', 'kind', 'x', 'y', 'a/b', 'p~q', 'sp ace', 'pct%25', 'é', '0', 'a.b', 'c[1]', '', 'q"t']
+  const LONG = 'L'.repeat(5000)
+  const NAMES = [{ pattern: '^[a-z]+$' }, { maxLength: 3 }, { enum: ['a', 'b', 'kind', 'version'] }, { anyOf: [{ pattern: '^[a-z]+$' }, { const: 'x' }] }]
   const TAGS = ['a', 'b', 'c', 1, true, null]
   type Schema = Record<string, unknown> | boolean
   const prim = (): Record<string, unknown> => pick<() => Record<string, unknown>>([
@@ -46,7 +49,7 @@ t.test('describeValidation never throws, names a fault and echoes no value, over
       properties[k] = gen(d + 1)
       if (r() < 0.5) required.push(k)
     }
-    return { type: 'object', properties, required, ...(r() < 0.25 ? { additionalProperties: r() < 0.7 ? false : gen(d + 1) } : {}), ...(r() < 0.1 ? { minProperties: 1 } : {}) }
+    return { type: 'object', properties, required, ...(r() < 0.25 ? { additionalProperties: r() < 0.7 ? false : gen(d + 1) } : {}), ...(r() < 0.1 ? { minProperties: 1 } : {}), ...(r() < 0.1 ? { propertyNames: pick(NAMES) } : {}) }
   }
   function gen (d: number): Schema {
     const c = d > 3 ? 0 : r()
@@ -59,7 +62,9 @@ t.test('describeValidation never throws, names a fault and echoes no value, over
       const branches = ['a', 'b', 'c'].slice(0, 2 + int(2)).map(v => object(d + 1, [name, v]))
       // Now and then a second field that tells the branches apart, as a version would.
       if (r() < 0.3) branches.forEach((b, i) => { (b.properties as Record<string, Schema>).version = { const: i } })
-      return { [pick(['oneOf', 'anyOf'])]: branches }
+      // Now and then composed as OpenAPI writes them: a base (a $ref the manifest inlines), then the branch.
+      const base = { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }
+      return { [pick(['oneOf', 'anyOf'])]: r() < 0.3 ? branches.map(b => ({ allOf: [base, r() < 0.3 ? { allOf: [b] } : b] })) : branches }
     }
     if (c < 0.85) return { [pick(['anyOf', 'oneOf'])]: Array.from({ length: 2 + int(2) }, () => gen(d + 1)) }
     if (c < 0.9) return { allOf: [gen(d + 1), gen(d + 1)] }
@@ -88,7 +93,7 @@ t.test('describeValidation never throws, names a fault and echoes no value, over
       case 'object': {
         const out: Record<string, unknown> = {}
         for (const [k, sub] of Object.entries(o.properties as Record<string, unknown>)) if (r() < 0.8) out[k] = value(sub, d + 1)
-        if (r() < 0.15) out[pick(['extra', 'kind', 'version'])] = junk()
+        if (r() < 0.15) out[pick(['extra', 'kind', 'version', 'Bad Key', LONG, LONG + '.x'])] = junk()
         return out
       }
       default: return junk()
@@ -114,7 +119,7 @@ t.test('describeValidation never throws, names a fault and echoes no value, over
       } catch (err) {
         message = `threw ${(err as Error).message}`
       }
-      if (!message.startsWith(context) || /undefined|Ω|86753|threw/.test(message)) bad.push(`${message} for ${shown(given)} under ${JSON.stringify(schema)}`)
+      if (!message.startsWith(context) || /undefined|Ω|86753|threw|L{65}/.test(message) || message.length > 1000) bad.push(`${message} for ${shown(given)} under ${JSON.stringify(schema)}`)
     }
   }
   t.ok(refused > 500, `${refused} refusals described`)
