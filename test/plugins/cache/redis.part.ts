@@ -156,6 +156,33 @@ t.test('a cache subscriber whose SUBSCRIBE fails after a reconnect subscribes ag
   await invalidationArrives('subscribed again')
 })
 
+// The same re-subscribe, still unanswered when the gateway closes: disconnect() failed it with
+// "Connection is closed.", unhandled (seen under load in rate-limit/redis-store.test.ts, whose
+// gateways close right after a cut and its restore).
+t.test('a gateway closed while its cache subscriber\'s SUBSCRIBE after a reconnect is unanswered rejects nothing unhandled', async t => {
+  const unhandled: unknown[] = []
+  const onUnhandled = (err: unknown): void => { unhandled.push(err) }
+  process.on('unhandledRejection', onUnhandled)
+  t.teardown(() => { process.off('unhandledRejection', onUnhandled) })
+  const kernel = await itemKernel(t)
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 5000 }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  let held = false
+  proxy.watch(chunk => {
+    if (held || !/subscribe/i.test(chunk.toString()) || !chunk.toString().includes('bff:cache:invalidate')) return
+    held = true
+    proxy.delay(60_000)
+  })
+  proxy.cut('reset')
+  await eventually(async () => !app.redis.up(), 'the connections to drop')
+  proxy.restore()
+  await eventually(async () => held, 'the cache subscriber to send SUBSCRIBE again')
+  await app.close()
+  // A rejection is reported unhandled once the microtasks after it have run.
+  await new Promise(resolve => setTimeout(resolve, 100))
+  t.same(unhandled.map(err => (err as Error).message), [], 'no unhandled rejection')
+})
+
 t.test('a Redis down at start-up: the cache runs on memory', async t => {
   const kernel = await itemKernel(t)
   const proxy = await startTcpProxy(t, REDIS_PORT)
