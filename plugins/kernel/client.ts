@@ -342,7 +342,8 @@ export class KernelClient {
       const left = remaining - (sentAt - deadline.start)
       // What it asks (Need.asks): its estimate, the client's before its first answer, halved for
       // each spell it has gone stale.
-      if (left < MIN_SEND_MS || left < need.asks(sentAt, timeoutMs)) {
+      const asked = need.asks(sentAt, timeoutMs)
+      if (left < MIN_SEND_MS || left < asked) {
         // Handed a connection with its time (nearly) gone: calls of a burst share about one
         // deadline, and the holder that timed out hands its connection on before the next one's
         // timer fires. Sent, that call was aborted while undici reconnected: a Kernel timeout.
@@ -357,7 +358,7 @@ export class KernelClient {
         return left < MIN_SEND_MS ? queuedOut : shed
       }
       // Sent with less than its estimate (gone stale): its answer starts the estimate again.
-      if (left < need.ms) need.probing = true
+      if (left < need.ms) need.probe(asked)
     }
     need.out++
     try {
@@ -593,6 +594,8 @@ export class Need {
   private learntAt: number
   /** One of its calls went out with less time left than it (gone stale): the next answer starts it again. */
   probing = false
+  /** What that call was asked for (the stale estimate, halved). */
+  private probedMs = 0
   /** The last PEAK_ANSWERS answers (ms), a ring: what it asks is never above the slowest of them. */
   private readonly recent = new Float64Array(PEAK_ANSWERS)
   private at = 0
@@ -620,10 +623,20 @@ export class Need {
   rejected (ms: number): void {
     if (this.rejectedSinceOk < PEAK_ANSWERS) {
       this.rejectedSinceOk++
-      // A stale estimate's probe answered so taught nothing: the estimate stays stale, halved as
-      // before. Ending the spell, it asked the whole estimate again, and behind other operations'
-      // calls one call per spell went out until 32 such 4xx had come back, the rest refused (an
-      // operation whose 2xx took 280 ms, then answered 404 in 10 ms: half a minute; a review).
+      // A stale estimate's probe answered so starts the estimate again at what that probe was
+      // asked for (its stale estimate, halved), not at the 4xx's time, and the spell with it: the
+      // next calls go out as it did. Still probing, each such 4xx after it halves it again, down to
+      // that 4xx's own time, until a 2xx (its time alone), a timeout (raised) or a 4xx learnt sets
+      // it. Ending the spell with the whole estimate, such a 4xx refused the operation's calls for
+      // another spell; left stale, the whole estimate was asked while a call was out, one call went
+      // out at a time, the rest refused, until 32 such 4xx had come back (an operation whose 2xx
+      // took 250 ms, then answered 404 in 10 ms: 148 of 171 refused over 6 s; reviews).
+      if (this.probing) {
+        const from = Math.max(ms, this.probedMs)
+        this.learn(from)
+        this.probing = true
+        this.probedMs = from / 2
+      }
       return
     }
     this.prior?.observe(ms)
@@ -704,6 +717,12 @@ export class Need {
     // timeouts may have raised it) would otherwise refuse an operation for good.
     const spells = Math.floor((now - this.learntAt) / Math.max(STALE_MS, Math.min(4 * timeoutMs, STALE_MAX_MS)))
     return spells === 0 ? ms : ms / 2 ** Math.min(spells, 30)
+  }
+
+  /** One of its calls goes out with `asked` ms, less than its estimate (gone stale): the next answer starts the estimate again. */
+  probe (asked: number): void {
+    this.probing = true
+    this.probedMs = asked
   }
 
   /** One of its attempts sent has ended, answered or not. */
