@@ -151,10 +151,11 @@ export async function runCache (opts: CacheOptions, ctx: TargetContext, processe
   const hit = rows.find((r) => r.name === 'gateway-cache')!
 
   const { lookup, get } = await redisLookup(opts.redisUrl, opts.lookups)
-  const hitOk = !hit.flagged && !pass.flagged && hit.ratioToPassthrough! >= CACHE_GOALS.minHitRatioToPassthrough
+  const hitClean = !hit.flagged && !pass.flagged
+  const hitOk = hitClean && hit.ratioToPassthrough! >= CACHE_GOALS.minHitRatioToPassthrough
   const lookupOk = lookup.p99Ms < CACHE_GOALS.maxRedisLookupP99Ms
   const goals = [
-    { text: `cache-hit REST req/s >= ${CACHE_GOALS.minHitRatioToPassthrough}x passthrough: ${hitOk ? 'goal met' : 'goal NOT met'} (${fmt(hit.ratioToPassthrough, 2)}x; the ceiling, fastify-static, is ${fmt(ceiling.ratioToPassthrough, 2)}x)`, met: hitOk },
+    { text: `cache-hit REST req/s >= ${CACHE_GOALS.minHitRatioToPassthrough}x passthrough: ${hitOk ? 'goal met' : 'goal NOT met'} (${fmt(hit.ratioToPassthrough, 2)}x; the ceiling, fastify-static, is ${fmt(ceiling.ratioToPassthrough, 2)}x)${hitClean ? '' : ': calls failed (gateway-cache or passthrough flagged)'}`, met: hitOk },
     { text: `Redis cache lookup p99 < ${CACHE_GOALS.maxRedisLookupP99Ms} ms: ${lookupOk ? 'goal met' : 'goal NOT met'} (${fmt(lookup.p99Ms, 3)} ms)`, met: lookupOk }
   ]
   const table = textTable(['target', 'req/s', 'p99 ms', 'x passthrough', 'x fastify-static', 'CPU µs/call', 'status'], rows.map((r) => [r.name, fmt(r.reqPerSec, 0), fmt(r.p99FineMs, 2), fmt(r.ratioToPassthrough, 2), fmt(r.ratioToStatic, 2), fmt(r.cpuUsPerCall, 1), r.flagged ? 'FLAGGED' : 'ok']))

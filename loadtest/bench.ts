@@ -22,7 +22,8 @@ import {
 } from './harness.js'
 import { fmt, measure, measureRounds, peakRssMiB, signed, sleep, SPINE_GOAL as GOAL, spineGoal, textTable, type RunFigures } from './measure.js'
 import { getAgent, type ScenarioDefinition } from './scenarios.js'
-import { runFaces, type FacesReport, type FaceRow } from './bench-faces.js'
+import { runFaces, type FacesReport } from './bench-faces.js'
+import { statedTargets } from './targets.js'
 import { runWsScale, type WsScaleReport } from './bench-ws-scale.js'
 import { runRateLimit, type RateLimitReport } from './bench-rate-limit.js'
 import { runFirewall, type FirewallReport } from './bench-firewall.js'
@@ -200,51 +201,6 @@ async function preflight (target: Target, scenario: ScenarioDefinition): Promise
   if (res.status !== scenario.expectedStatus) {
     process.stderr.write(`warning: ${target.name} answered ${res.status} (expected ${scenario.expectedStatus}) to ${req.method} ${req.url}: ${text.slice(0, 300)}\n`)
   }
-}
-
-/** The targets the README states for a 2-core machine, each marked met or not (issue 7). */
-const STATED_TARGETS = { maxP99Ms: 10, minRestReqPerSec: 8000, minTrpcReqPerSec: 10_000, maxRssBytes: 256e6 } as const
-
-interface StatedTarget { text: string, evaluated: boolean, met: boolean }
-
-/**
- * The stated targets from the gateway as deployed (gateway-spine): REST throughput and p99 from
- * the spine section (else the faces' REST), tRPC from the faces, p99 on every face measured,
- * and the largest RSS the gateway reached in either section.
- */
-function statedTargets (spine: TargetReport | undefined, faces: FacesReport | undefined): StatedTarget[] {
-  const T = STATED_TARGETS
-  const mark = (met: boolean): string => met ? 'met' : 'NOT met'
-  const out: StatedTarget[] = []
-  const faceRow = (face: string): FaceRow | undefined => faces?.faces.find((r) => r.face === face && r.skipped === null)
-  const rest = spine ?? faceRow('rest')
-  if (rest === undefined) out.push({ text: `REST > ${T.minRestReqPerSec} req/s: not evaluated (neither spine nor faces ran)`, evaluated: false, met: false })
-  else {
-    const met = rest.reqPerSec > T.minRestReqPerSec && !rest.flagged
-    out.push({ text: `REST > ${T.minRestReqPerSec} req/s: ${mark(met)} (${fmt(rest.reqPerSec, 0)})`, evaluated: true, met })
-  }
-  const trpc = faceRow('trpc')
-  if (trpc === undefined) out.push({ text: `tRPC > ${T.minTrpcReqPerSec} req/s: not evaluated (the faces section did not measure it)`, evaluated: false, met: false })
-  else {
-    const met = trpc.reqPerSec > T.minTrpcReqPerSec && !trpc.flagged
-    out.push({ text: `tRPC > ${T.minTrpcReqPerSec} req/s: ${mark(met)} (${fmt(trpc.reqPerSec, 0)})`, evaluated: true, met })
-  }
-  const p99s: Array<[string, number]> = []
-  if (spine !== undefined) p99s.push(['REST (spine)', spine.p99FineMs])
-  for (const row of faces?.faces ?? []) if (row.skipped === null) p99s.push([row.face, row.p99Ms])
-  if (p99s.length === 0) out.push({ text: `p99 < ${T.maxP99Ms} ms: not evaluated`, evaluated: false, met: false })
-  else {
-    const met = p99s.every(([, v]) => v < T.maxP99Ms)
-    out.push({ text: `p99 < ${T.maxP99Ms} ms on every face: ${mark(met)} (${p99s.map(([n, v]) => `${n} ${fmt(v, 2)}`).join(', ')})`, evaluated: true, met })
-  }
-  const rss = [spine?.peakRssMiB ?? null, ...(faces?.faces ?? []).map((r) => r.peakRssMiB)].filter((v): v is number => v !== null)
-  if (rss.length === 0) out.push({ text: 'RSS under load < 256 MB: not evaluated (no gateway process was read)', evaluated: false, met: false })
-  else {
-    const peak = Math.max(...rss)
-    const met = peak * 2 ** 20 < T.maxRssBytes
-    out.push({ text: `RSS under load < 256 MB: ${mark(met)} (peak ${fmt(peak * 2 ** 20 / 1e6, 0)} MB)`, evaluated: true, met })
-  }
-  return out
 }
 
 function table (rows: readonly TargetReport[]): string {
