@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import pg from 'pg'
 import { GATEWAY_SPINE, median, pidsOf, startTargets, type RunningProcess, type TargetContext, type TargetDefinition } from './harness.js'
-import { fmt, measure, measureRounds, medianCpu, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, httpWarmup, measure, measureRounds, medianCpu, sleep, textTable, warmupFailures, type RunFigures, type WarmupFailures } from './measure.js'
 import { getAgent } from './scenarios.js'
 import { migrate } from '../plugins/audit/migrations.js'
 import { PostgresAuditStore } from '../plugins/audit/postgres-store.js'
@@ -56,6 +56,8 @@ export interface AuditReport {
     cpuUsPerCall: { gatewayOff: number, gatewayOn: number, postgresOn: number, postgresOff: number, postgresAudit: number }
   }
   met: { throughput: boolean, enqueue: boolean, ratio: boolean }
+  /** The REST warm-ups' failed calls (null: none failed); reported, not flagged: the rounds flag their own. */
+  warmupFailures: WarmupFailures | null
 }
 
 const ADMIN_URL = process.env.BENCH_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test'
@@ -219,6 +221,7 @@ export async function runAudit (opts: AuditBenchOptions, ctx: TargetContext, pro
     const flagged = [...off, ...on].some(r => r.non2xx + r.errors > 0) || rowsStored < answeredOn
     const postgresOn = medianCpu(on, (r) => r.watchedCpuUsPerRequest)
     const postgresOff = medianCpu(off, (r) => r.watchedCpuUsPerRequest)
+    const warmupFailed = warmupFailures(targets.map((t, i) => httpWarmup(t.name, warm[i])))
 
     const report: AuditReport = {
       goals: AUDIT_GOALS,
@@ -242,7 +245,8 @@ export async function runAudit (opts: AuditBenchOptions, ctx: TargetContext, pro
         throughput: throughput.entriesPerSec >= AUDIT_GOALS.minEntriesPerSec,
         enqueue: enqueue.p99Us <= AUDIT_GOALS.maxEnqueueP99Us,
         ratio: !flagged && reqPerSecOn / reqPerSecOff >= AUDIT_GOALS.minRatioAuditOn
-      }
+      },
+      warmupFailures: warmupFailed
     }
     const ok = (b: boolean): string => b ? 'goal met' : 'goal NOT met'
     process.stdout.write(`\nMantle bench — audit trail into PostgreSQL (${machine.cpu} x ${machine.cores})\n\n` + textTable(['measure', 'value', 'goal', ''], [
@@ -250,6 +254,7 @@ export async function runAudit (opts: AuditBenchOptions, ctx: TargetContext, pro
       ['enqueue cost per call', `p50 ${fmt(enqueue.p50Us, 1)} µs, p99 ${fmt(enqueue.p99Us, 1)} µs`, `p99 < ${AUDIT_GOALS.maxEnqueueP99Us} µs`, ok(report.met.enqueue)],
       ['REST audit on / off', `${fmt(reqPerSecOn, 0)} / ${fmt(reqPerSecOff, 0)} req/s = ${fmt(report.rest.ratio, 2)}`, `>= ${AUDIT_GOALS.minRatioAuditOn}`, ok(report.met.ratio) + (flagged ? ' (FLAGGED: failed answers or missing rows)' : '')]
     ]) + `\nrows stored by gateway-audit: ${rowsStored}, for ${answeredOn} 2xx answers (warm-up included)${rowsStored < answeredOn ? ': ROWS MISSING' : ''}\n` +
+      (warmupFailed === null ? '' : warmupFailed.text + '\n') +
       `CPU per call (median of rounds): gateway ${fmt(report.rest.cpuUsPerCall.gatewayOn, 1)} µs with the audit on, ${fmt(report.rest.cpuUsPerCall.gatewayOff, 1)} µs off; ` +
       `PostgreSQL (every process on the host, on the same cores) ${fmt(postgresOn, 1)} µs per call with the audit on, ${fmt(postgresOff, 1)} off: ${fmt(report.rest.cpuUsPerCall.postgresAudit, 1)} for the audit (the off figure scaled to the on rounds' rate)\n` +
       (written === null ? '' : `writer during the rounds: ${written.batches} batches, ${fmt(written.entriesPerBatch, 0)} entries each, ${fmt(written.meanWriteMs, 1)} ms a write, ${written.spooled} spooled, ${written.failures} failures\n`))

@@ -8,7 +8,7 @@
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { GATEWAY_SPINE, REST_TARGETS, gatewayCache, median, requestFor, startTargets, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
-import { fmt, measure, measureRounds, medianCpu, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, httpWarmup, measure, measureRounds, medianCpu, sleep, textTable, warmupFailures, type RunFigures, type WarmupFailures, type WarmupRun } from './measure.js'
 import { getAgent } from './scenarios.js'
 import { RedisTier } from '../plugins/cache/redis.js'
 import { entryKey, tagKey, etagOf } from '../plugins/cache/keys.js'
@@ -61,6 +61,8 @@ export interface CacheReport {
   redisLookup: LookupFigures
   redisGet: LookupFigures
   goals: Array<{ text: string, met: boolean }>
+  /** The warm-ups' failed calls (null: none failed); reported, not flagged: the rounds flag their own. */
+  warmupFailures: WarmupFailures | null
 }
 
 function percentile (sorted: ArrayLike<number>, p: number): number {
@@ -124,10 +126,12 @@ export async function runCache (opts: CacheOptions, ctx: TargetContext, processe
     if (res.status !== 200) throw new Error(`${target.name} answered ${res.status} to ${req.url}`)
     if (target.name === 'gateway-cache' && res.headers.get('x-cache') === null) throw new Error('gateway-cache answered without x-cache: the cache is not on')
   }
+  const warm: WarmupRun[] = []
   for (const target of targets) {
-    await measure(target, scenario, opts.warmupSeconds, opts.connections)
+    warm.push(httpWarmup(target.name, await measure(target, scenario, opts.warmupSeconds, opts.connections)))
     await sleep(opts.pauseMs)
   }
+  const warmupFailed = warmupFailures(warm)
   const perTarget = await measureRounds(targets, scenario, { rounds: opts.rounds, duration: opts.duration, connections: opts.connections, pauseMs: opts.pauseMs, label: 'cache' })
   const rows: CacheTargetRow[] = targets.map((target) => {
     const rounds = perTarget.get(target.name) ?? []
@@ -163,6 +167,6 @@ export async function runCache (opts: CacheOptions, ctx: TargetContext, processe
     ['cache lookup (MGET: entry + tag versions)', String(lookup.calls), fmt(lookup.p50Ms, 3), fmt(lookup.p99Ms, 3), fmt(lookup.maxMs, 3)],
     ['plain GET of the entry, for scale', String(get.calls), fmt(get.p50Ms, 3), fmt(get.p99Ms, 3), fmt(get.maxMs, 3)]
   ])
-  process.stdout.write(`\nMantle bench — cache: ${scenario.operation} (${scenario.method} ${scenario.path}), gateway-cache answers hits after the first request\n\n${table}\n\n${lookups}\n\n${goals.map((g) => g.text).join('\n')}\n`)
-  return { operation: scenario.operation, targets: rows, redisLookup: lookup, redisGet: get, goals }
+  process.stdout.write(`\nMantle bench — cache: ${scenario.operation} (${scenario.method} ${scenario.path}), gateway-cache answers hits after the first request\n\n${table}\n${warmupFailed === null ? '' : warmupFailed.text + '\n'}\n${lookups}\n\n${goals.map((g) => g.text).join('\n')}\n`)
+  return { operation: scenario.operation, targets: rows, redisLookup: lookup, redisGet: get, goals, warmupFailures: warmupFailed }
 }

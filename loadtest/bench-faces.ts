@@ -4,7 +4,7 @@
 // rotation. HTTP faces are measured with autocannon in the harness process; the WebSocket face
 // with ws-runner.ts in a child process (autocannon does not speak WebSocket).
 import { requestFor, median, rssKiB, startWorker, type Target, type TargetContext } from './harness.js'
-import { fmt, measure, peakRssMiB, signed, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, httpWarmup, measure, peakRssMiB, signed, sleep, textTable, warmupFailures, type RunFigures, type WarmupFailures, type WarmupRun } from './measure.js'
 import {
   FACE_GOALS, FACE_SCENARIOS, GRAPHQL_ID_TYPE,
   type AnswerCheck, type FaceScenarioDefinition, type WsCallScenarioDefinition
@@ -82,6 +82,8 @@ export interface FacesReport {
   faces: FaceRow[]
   goals: FaceGoal[]
   allGoalsMet: boolean
+  /** The warm-ups' failed calls (null: none failed); reported, not flagged: the rounds flag their own. */
+  warmupFailures: WarmupFailures | null
 }
 
 const LABEL: Record<FaceName, string> = { rest: 'REST', trpc: 'tRPC', graphql: 'GraphQL', websocket: 'WebSocket' }
@@ -191,6 +193,13 @@ function fromWs (r: WsRunnerReport, rss: number | null): FaceRound {
     generatorCpuPct: r.generatorCpuPct,
     ws: r
   }
+}
+
+/** A face's warm-up as a WarmupRun (WebSocket: answers in and after the window, and the failures). */
+function warmupRun (row: FaceRow, round: FaceRound): WarmupRun {
+  if (round.http !== undefined) return httpWarmup(LABEL[row.face], round.http)
+  const calls = round.ws === undefined ? 0 : round.ws.calls + round.ws.lateCalls
+  return { name: LABEL[row.face], calls: calls + round.failures, failed: round.failures }
 }
 
 function describeFailures (row: FaceRow): string {
@@ -382,7 +391,8 @@ export async function runFaces (opts: FacesOptions, ctx: TargetContext, gateway:
   const spread = rows.filter((r) => r.face !== 'rest' && r.ratioToRestPerRound.length > 0)
     .map((r) => `${LABEL[r.face]} ${fmt(Math.min(...r.ratioToRestPerRound), 2)}..${fmt(Math.max(...r.ratioToRestPerRound), 2)}`)
   const spreadLine = spread.length === 0 ? '' : `x REST round by round (min..max): ${spread.join(', ')}\n`
-  process.stdout.write('\n' + header.join('\n') + '\n\n' + table(rows) + '\n\n' + spreadLine + goals.map((g) => g.text).join('\n') + '\n')
+  const warmupFailed = warmupFailures(rows.flatMap((r) => r.warmup === null ? [] : [warmupRun(r, r.warmup)]))
+  process.stdout.write('\n' + header.join('\n') + '\n\n' + table(rows) + '\n' + (warmupFailed === null ? '' : warmupFailed.text + '\n') + '\n' + spreadLine + goals.map((g) => g.text).join('\n') + '\n')
 
   return {
     operation: rest.operation,
@@ -391,6 +401,7 @@ export async function runFaces (opts: FacesOptions, ctx: TargetContext, gateway:
     graphqlIdType,
     faces: rows,
     goals,
-    allGoalsMet: goals.every((g) => g.met)
+    allGoalsMet: goals.every((g) => g.met),
+    warmupFailures: warmupFailed
   }
 }

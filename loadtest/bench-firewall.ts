@@ -6,7 +6,7 @@
 //   with its verdict cache off (every call is scanned: autocannon repeats one body, which the
 //   cache would otherwise answer) and the firewall off.
 import { GATEWAY_SPINE, median, requestFor, startTargets, startWorker, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
-import { fmt, measure, measureRounds, medianCpu, signed, sleep, textTable, type RunFigures } from './measure.js'
+import { fmt, httpWarmup, measure, measureRounds, medianCpu, signed, sleep, textTable, warmupFailures, type RunFigures, type WarmupFailures, type WarmupRun } from './measure.js'
 import { runAgent, type ScenarioDefinition } from './scenarios.js'
 import type { FirewallMicroReport, FirewallMicroRow } from './firewall-micro.js'
 
@@ -41,6 +41,8 @@ export interface FirewallReport {
   throughputRatio: number
   ratioPerRound: number[]
   goals: Array<{ goal: string, met: boolean, text: string }>
+  /** The REST warm-ups' failed calls (null: none failed); reported, not flagged: the rounds flag their own. */
+  warmupFailures: WarmupFailures | null
 }
 
 async function runMicro (): Promise<FirewallMicroRow[]> {
@@ -62,7 +64,9 @@ export async function runFirewall (opts: FirewallOptions, ctx: TargetContext, pr
   const micro = await runMicro()
   const targets = await startTargets([gatewayWithFirewall(true), gatewayWithFirewall(false)], ctx, processes)
   for (const target of targets) await preflight(target, firewalledRun)
-  for (const target of targets) { await measure(target, firewalledRun, opts.warmupSeconds, opts.connections); await sleep(opts.pauseMs) }
+  const warm: WarmupRun[] = []
+  for (const target of targets) { warm.push(httpWarmup(target.name, await measure(target, firewalledRun, opts.warmupSeconds, opts.connections))); await sleep(opts.pauseMs) }
+  const warmupFailed = warmupFailures(warm)
   const perTarget = await measureRounds(targets, firewalledRun, { rounds: opts.rounds, duration: opts.duration, connections: opts.connections, pauseMs: opts.pauseMs, label: 'firewall' })
   const rest = targets.map((target) => {
     const rounds = perTarget.get(target.name) ?? []
@@ -98,7 +102,7 @@ export async function runFirewall (opts: FirewallOptions, ctx: TargetContext, pr
   const cpuLine = `gateway CPU per call (median of rounds): ${fmt(on.cpuUsPerCall, 1)} µs firewall on, ${fmt(off.cpuUsPerCall, 1)} µs off: ` +
     `the firewall adds ${signed(on.cpuUsPerCall - off.cpuUsPerCall, 1)} µs (${signed((on.cpuUsPerCall / off.cpuUsPerCall - 1) * 100, 1)}%)`
   process.stdout.write(`\nFirewall — scan cost per call (scanFields, no cache, one field)\n\n${microTable}\n\n` +
-    `Firewall — REST runAgent with a 1 KB prompt (${firewalledRun.method} ${firewalledRun.path}), ${opts.rounds} rounds x ${opts.duration} s, ${opts.connections} connections\n\n${restTable}\n` +
+    `Firewall — REST runAgent with a 1 KB prompt (${firewalledRun.method} ${firewalledRun.path}), ${opts.rounds} rounds x ${opts.duration} s, ${opts.connections} connections\n\n${restTable}\n${warmupFailed === null ? '' : warmupFailed.text + '\n'}` +
     `x firewall-off round by round: ${ratioPerRound.map((r) => r.toFixed(2)).join(', ')}\n${cpuLine}\n\n${goals.map((g) => g.text).join('\n')}\n`)
-  return { micro, rest, throughputRatio, ratioPerRound, goals }
+  return { micro, rest, throughputRatio, ratioPerRound, goals, warmupFailures: warmupFailed }
 }

@@ -12,7 +12,7 @@ import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { parse, stringify } from 'yaml'
 import { REPO_ROOT, gatewayEnv, GATEWAY_FLAGS, median, startTargets, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
-import { fmt, measure, measureRounds, signed, textTable, type RunFigures } from './measure.js'
+import { fmt, httpWarmup, measure, measureRounds, signed, textTable, warmupFailures, type RunFigures, type WarmupFailures, type WarmupRun } from './measure.js'
 import { getAgent } from './scenarios.js'
 import { MemoryWindowStore, RedisWindowStore } from '../plugins/rate-limit/index.js'
 
@@ -43,6 +43,8 @@ export interface RateLimitReport {
   checks: CheckFigures[]
   rest: RestRow[]
   goal: { maxRedisCheckP99Ms: number, redisCheckP99Ms: number, met: boolean, text: string }
+  /** The REST warm-ups' failed calls (null: none failed); reported, not flagged: the rounds flag their own. */
+  warmupFailures: WarmupFailures | null
 }
 
 const GOAL_P99_MS = 1
@@ -122,7 +124,9 @@ export async function runRateLimit (opts: RateLimitBenchOptions, ctx: TargetCont
 
   const defs = targets(redisUrl, limitedManifest())
   const running: Target[] = await startTargets(defs, ctx, processes)
-  for (const target of running) await measure(target, getAgent, opts.warmupSeconds, opts.connections)
+  const warm: WarmupRun[] = []
+  for (const target of running) warm.push(httpWarmup(target.name, await measure(target, getAgent, opts.warmupSeconds, opts.connections)))
+  const warmupFailed = warmupFailures(warm)
   const perTarget = await measureRounds(running, getAgent, { rounds: opts.rounds, duration: opts.duration, connections: opts.connections, pauseMs: opts.pauseMs, label: 'rate-limit' })
   const rest: RestRow[] = defs.map((def) => {
     const rounds = perTarget.get(def.name) ?? []
@@ -155,6 +159,6 @@ export async function runRateLimit (opts: RateLimitBenchOptions, ctx: TargetCont
     rest.map((r) => [r.name, fmt(r.reqPerSec, 0), fmt(r.p50Ms, 2), fmt(r.p99Ms, 2), fmt(r.ratioToNoLimit, 2), signed(r.p99DiffToNoLimitMs, 2), r.flagged ? 'FLAGGED' : 'ok']))
   process.stdout.write(`\nMantle bench — rate limits (Redis ${redisUrl})\n` +
     `options  ${opts.checks} checks per store measurement; REST ${getAgent.method} ${getAgent.path}, duration ${opts.duration} s x ${opts.rounds} rounds (median), ${opts.connections} connections\n\n` +
-    checkTable + '\n\n' + restTable + '\n\n' + goal.text + '\n')
-  return { redisUrl, checks, rest, goal }
+    checkTable + '\n\n' + restTable + '\n' + (warmupFailed === null ? '' : warmupFailed.text + '\n') + '\n' + goal.text + '\n')
+  return { redisUrl, checks, rest, goal, warmupFailures: warmupFailed }
 }

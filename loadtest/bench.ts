@@ -20,7 +20,7 @@ import {
   GATEWAY_SPINE, REPO_ROOT, REST_TARGETS, benchToken, killAllNow, median, prepareBuild, profileWithPerf, requestFor, startKernelProcess, startTargets, stopAll,
   type RunningProcess, type Target, type TargetContext
 } from './harness.js'
-import { fmt, measure, measureRounds, peakRssMiB, signed, sleep, SPINE_GOAL as GOAL, spineGoal, textTable, type RunFigures } from './measure.js'
+import { fmt, httpWarmup, measure, measureRounds, peakRssMiB, signed, sleep, SPINE_GOAL as GOAL, spineGoal, textTable, warmupFailures, type RunFigures, type WarmupFailures } from './measure.js'
 import { getAgent, type ScenarioDefinition } from './scenarios.js'
 import { runFaces, type FacesReport } from './bench-faces.js'
 import { statedTargets } from './targets.js'
@@ -226,6 +226,8 @@ interface SpineResult {
   scenario: ScenarioDefinition
   goal: typeof GOAL & { evaluated: boolean, met: boolean, text: string }
   targets: TargetReport[]
+  /** The warm-ups' failed calls (null: none failed); reported, not flagged: the rounds flag their own. */
+  warmupFailures: WarmupFailures | null
   /** The gateway-spine process, when this section started it: the faces section reuses it. */
   gatewaySpine: Target | null
 }
@@ -290,6 +292,7 @@ async function runSpine (opts: Options, ctx: TargetContext, processes: RunningPr
   }
 
   const goal = spineGoal(reports.find((r) => r.name === 'gateway-spine'), passRow)
+  const warmupFailed = warmupFailures([...warmups].map(([name, f]) => httpWarmup(name, f)))
 
   const header = [
     `Mantle bench — ${scenario.operation} (${scenario.method} ${scenario.path})`,
@@ -298,8 +301,8 @@ async function runSpine (opts: Options, ctx: TargetContext, processes: RunningPr
     `date     ${started.toISOString()}`,
     `options  duration ${opts.duration} s x ${opts.rounds} rounds (median), ${opts.connections} connections, warm-up ${WARMUP_SECONDS} s, targets ${targets.map((t) => t.name).join(',')}`
   ]
-  process.stdout.write('\n' + header.join('\n') + '\n\n' + table(reports) + '\n\n' + goal.text + '\n')
-  return { scenario, goal: { ...GOAL, ...goal }, targets: reports, gatewaySpine: targets.find((t) => t.name === GATEWAY_SPINE.name) ?? null }
+  process.stdout.write('\n' + header.join('\n') + '\n\n' + table(reports) + '\n' + (warmupFailed === null ? '' : warmupFailed.text + '\n') + '\n' + goal.text + '\n')
+  return { scenario, goal: { ...GOAL, ...goal }, targets: reports, warmupFailures: warmupFailed, gatewaySpine: targets.find((t) => t.name === GATEWAY_SPINE.name) ?? null }
 }
 
 async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
@@ -357,7 +360,7 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   if (sections.includes('spine')) {
     const spine = await runSpine(opts, ctx, processes, machine)
     gatewaySpine = spine.gatewaySpine
-    Object.assign(report, { scenario: spine.scenario, goal: spine.goal, targets: spine.targets })
+    Object.assign(report, { scenario: spine.scenario, goal: spine.goal, targets: spine.targets, warmupFailures: spine.warmupFailures })
   }
   if (sections.includes('faces')) {
     const reused = gatewaySpine !== null

@@ -191,3 +191,30 @@ export function spineGoal (spine: SpineGoalRow | undefined, pass: SpineGoalRow |
       `p99 ${signed(diff, 2)} ms ${latencyOk ? 'ok' : 'too high'}${clean ? '' : ', flagged targets (non-2xx or errors)'}`
   }
 }
+
+/** One target's warm-up: the calls it made and how many failed (non-2xx, errors, other bodies). */
+export interface WarmupRun { name: string, calls: number, failed: number }
+
+/** A section's warm-up calls that failed, by target; null when none did. */
+export interface WarmupFailures { calls: number, failed: number, byTarget: Record<string, number>, text: string }
+
+/** An autocannon warm-up as a WarmupRun: every response and every error is a call. */
+export function httpWarmup (name: string, f: RunFigures): WarmupRun {
+  const calls = f.requests + f.errors
+  return { name, calls, failed: Math.min(calls, f.non2xx + f.errors + f.mismatches) }
+}
+
+/**
+ * The warm-ups' failed calls, or null when none failed. The measurement rounds flag their own
+ * failures; a warm-up's are only reported ("warm-up: N of M calls failed"), never a failed run:
+ * they tell of a target set up wrong (every call a 401, say) before its rounds show it.
+ */
+export function warmupFailures (runs: readonly WarmupRun[]): WarmupFailures | null {
+  const failed = runs.reduce((n, r) => n + r.failed, 0)
+  if (failed === 0) return null
+  const calls = runs.reduce((n, r) => n + r.calls, 0)
+  const byTarget: Record<string, number> = {}
+  for (const r of runs) if (r.failed > 0) byTarget[r.name] = (byTarget[r.name] ?? 0) + r.failed
+  const names = Object.entries(byTarget).map(([name, n]) => `${name} ${n}`).join(', ')
+  return { calls, failed, byTarget, text: `warm-up: ${failed} of ${calls} calls failed (${names})` }
+}
