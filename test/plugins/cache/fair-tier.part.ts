@@ -37,3 +37,25 @@ t.test('memory: a tenant filling the tier with distinct reads evicts its own ent
   // 41 entries of the hog's (q=0 twice) and one of the quiet tenant's, in 8 places: 34 pushed out.
   t.equal(evicted, 34, 'one eviction for each entry past the bound')
 })
+
+// The scrape reads the entries' gauge after a pass over them (a slice at a time, with the event
+// loop let go between slices); the bytes' gauge, collected beside it, read the bytes before that
+// pass had dropped the expired entries: 0 entries, and their bytes still counted.
+t.test('memory: a scrape reports the bytes of the entries it reports, after the expired ones go', async t => {
+  const kernel = await itemKernel(t)
+  const app = await buildTestApp(t, { BFF_CACHE_STORE: 'memory' }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const memory = app.responseCache.cache.memory
+  const tenant = 'swept-' + randomUUID()
+  // More than one slice of them (1,024), each kept for 1 ms.
+  for (let i = 0; i < 3000; i++) {
+    const keepUntil = Date.now() + 1
+    memory.set(`k${i}`, tenant, { value: { i }, json: JSON.stringify({ i }), status: 200, etag: 'W/"x"', freshUntil: keepUntil, staleUntil: keepUntil, keepUntil, policy: 'p' }, [], 0)
+  }
+  t.equal(memory.size, 3000)
+  t.ok(memory.bytes > 0)
+  await new Promise(resolve => setTimeout(resolve, 20))
+  const text = (await app.inject({ url: '/metrics' })).body
+  const gauge = (name: string): number => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1])
+  t.equal(gauge('mantle_cache_memory_entries'), 0, 'the expired entries are dropped')
+  t.equal(gauge('mantle_cache_memory_bytes'), 0, 'and so are their bytes')
+})
