@@ -103,8 +103,13 @@ export function httpAuthorization (request: FastifyRequest, connectionParams?: R
   return (header === '' ? undefined : header) ?? fromParams(connectionParams === undefined ? paramsIn(query?.connectionParams) : connectionParams) ?? queryToken(request)
 }
 
-/** `?connectionParams=` as tRPC reads it: a JSON object, or nothing. */
-function paramsIn (text: unknown): Readonly<Record<string, string | undefined>> | null {
+/**
+ * `?connectionParams=` as tRPC reads it: the first one (URLSearchParams.get; Fastify's query
+ * makes a list of several), a JSON object, or nothing. Read as a list, none: the guard counted
+ * the call, its first one's tenant's, towards its address or the `?access_token=` beside it.
+ */
+function paramsIn (value: unknown): Readonly<Record<string, string | undefined>> | null {
+  const text = Array.isArray(value) ? value[0] : value
   if (typeof text !== 'string') return null
   try {
     const value: unknown = JSON.parse(text)

@@ -376,6 +376,26 @@ for (const store of ['memory', 'redis'] as const) {
   })
 }
 
+// tRPC takes the first ?connectionParams= of a request (URLSearchParams.get); the guard read
+// Fastify's query, where two make a list, and took none: the call, its first one's tenant's,
+// was counted towards its address (a budget more on each address, shared with whoever calls
+// from there), or towards the tenant of the ?access_token= beside it, which tRPC does not read.
+t.test('the guard takes the first ?connectionParams=, as tRPC does', async t => {
+  const app = await guarded(t)
+  const tenant = 'g-' + randomUUID()
+  const other = 'g-' + randomUUID()
+  const params = (value: Record<string, string>): string => encodeURIComponent(JSON.stringify(value))
+  const twice = `connectionParams=${params({ token: token({ tenant }) })}&connectionParams=${params({ token: 'junk' })}`
+  const statuses: number[] = []
+  for (let i = 0; i < 4; i++) statuses.push((await app.inject({ url: `/trpc/ping?input=%7B%7D&${twice}`, remoteAddress: `10.9.8.${i}` })).statusCode)
+  t.same(statuses, [200, 200, 200, 429], 'the tenant\'s calls from four addresses: its one budget')
+  // Beside another tenant's ?access_token=: the call is the first connectionParams' tenant's.
+  for (let i = 0; i < 3; i++) t.equal((await app.inject({ url: '/api/v1/ping', headers: bearer({ tenant: other }), remoteAddress: '10.9.9.1' })).statusCode, 200)
+  const fresh = 'g-' + randomUUID()
+  const beside = `connectionParams=${params({ token: token({ tenant: fresh }) })}&connectionParams=x&access_token=${token({ tenant: other })}`
+  t.equal((await app.inject({ url: `/trpc/ping?input=%7B%7D&${beside}`, remoteAddress: '10.9.9.2' })).statusCode, 200, 'not the spent budget of the tenant tRPC does not run it as')
+})
+
 // proxy-addr trusts no hop written with a port: a trusted proxy behind the balancer that added
 // one (Front Door, then Application Gateway writing IP:port) was taken for the client, and every
 // client behind it shared its key.
