@@ -91,6 +91,20 @@ function flatten (errors: readonly GraphQLError[], requestId: string): GraphQLEr
   return out
 }
 
+/**
+ * graphql-js' suggestion at the end of a message (didYouMean: ' Did you mean "a", "b", or "c"?',
+ * 'the enum value "X"', 'to use an inline fragment on "T"'): names of the schema, quoted.
+ */
+const SUGGESTION = / Did you mean (?:the enum value |to use an inline fragment on )?"[_A-Za-z][_0-9A-Za-z]*"(?:, "[_A-Za-z][_0-9A-Za-z]*")*(?:,? or "[_A-Za-z][_0-9A-Za-z]*")?\?$/
+
+/**
+ * `message` without graphql-js' suggestion of names near a misspelt one: with introspection
+ * off, 'Did you mean "getAgent"?' let a client walk the schema a guess at a time.
+ */
+export function withoutSuggestion (message: string): string {
+  return message.replace(SUGGESTION, '')
+}
+
 interface FormatterContext { reply?: { request: { id: string }, sent: boolean, headers: (h: Record<string, string>) => unknown }, request?: { id: string }, app: { log: { error: (obj: unknown, msg: string) => void } } }
 
 /**
@@ -117,4 +131,17 @@ export function errorFormatter (execution: ExecutionResult & { errors: readonly 
   if (headers !== null && ctx.reply !== undefined && !ctx.reply.sent) ctx.reply.headers(headers)
   if (!refused) return { statusCode, response: { data: execution.data, errors: formatted as unknown as GraphQLError[] } }
   return { statusCode, response: { errors: formatted as unknown as GraphQLError[] } }
+}
+
+/** errorFormatter, leaving out graphql-js' suggestions unless `suggest` (introspection on). */
+export function errorFormatterOf (suggest: boolean): typeof errorFormatter {
+  if (suggest) return errorFormatter
+  return (execution, context) => {
+    const formatted = errorFormatter(execution, context)
+    const errors = formatted.response.errors?.map(e => {
+      const message = withoutSuggestion(e.message)
+      return message === e.message ? e : { ...e, message }
+    })
+    return { statusCode: formatted.statusCode, response: { ...formatted.response, errors: errors as GraphQLError[] | undefined } }
+  }
 }

@@ -10,7 +10,7 @@ import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { callKey, idempotencyKeyOf, single } from '../rest/index.js'
 import { buildSchema } from './schema.js'
 import { jsonLength, limitsRule, noSubscriptionOverHttp, MAX_FIELDS } from './limits.js'
-import { errorFormatter, fieldError } from './errors.js'
+import { errorFormatterOf, fieldError } from './errors.js'
 import { createSubscriptions } from './subscriptions.js'
 import { upgradeAuthorization } from '../upgrade.js'
 import type { CacheOutcome } from '../../plugins/pipeline/index.js'
@@ -169,9 +169,10 @@ export default createGraphqlFace()
 async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: ConnectionSlots, authTimeoutMs: number): Promise<(socket: WebSocket, initialised: () => void) => void> {
   // Introspection off (production's default): the schema, every operation, argument and type of
   // the manifest, is not handed to whoever asks; __typename stays (clients need it).
-  const rules = [limitsRule({ maxDepth: opts.maxDepth, maxRootFields: opts.maxCalls, maxFields: MAX_FIELDS }), ...(opts.introspection ?? opts.development ? [] : [NoSchemaIntrospectionCustomRule])]
+  const introspection = opts.introspection ?? opts.development
+  const rules = [limitsRule({ maxDepth: opts.maxDepth, maxRootFields: opts.maxCalls, maxFields: MAX_FIELDS }), ...(introspection ? [] : [NoSchemaIntrospectionCustomRule])]
   const maxQuery = Math.min(MAX_QUERY_LENGTH, opts.bodyLimit)
-  const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules, maxQuery, maxTokens: MAX_TOKENS, authTimeoutMs, claim: (request, tenant) => { slots.claim(request.raw.socket, tenant) } })
+  const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, rules, suggest: introspection, maxQuery, maxTokens: MAX_TOKENS, authTimeoutMs, claim: (request, tenant) => { slots.claim(request.raw.socket, tenant) } })
   // HTTP validation results are cached by mercurius per document, so this costs nothing per request.
   const httpRules = [...rules, noSubscriptionOverHttp]
   const reached = app.hasDecorator('audit') ? app.audit.reached : null
@@ -278,7 +279,8 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     graphiql: opts.development,
     validationRules: httpRules,
     graphql: { parseOptions: PARSE_OPTIONS },
-    errorFormatter,
+    // Without introspection, graphql's suggestions of names near a misspelt one are left out.
+    errorFormatter: errorFormatterOf(introspection),
     // Made where mercurius's handler begins: a document it refuses from here on (syntax,
     // validation) is the face's own answer, and its calls' refusals the audit stage's (Audit.reached).
     context: (request): RequestContext => {

@@ -6,7 +6,7 @@ import { collectFields } from 'graphql/execution/collectFields.js'
 import type { EventDefinition } from '../../manifest.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors.js'
-import { fieldError } from './errors.js'
+import { fieldError, withoutSuggestion } from './errors.js'
 import { MAX_BUFFERED_BYTES, slowReader, utf8Sends } from '../slow-reader.js'
 import { upgradeAuthorization } from '../upgrade.js'
 import { CLOSE_TRY_AGAIN_LATER } from '../connection-slots.js'
@@ -238,6 +238,8 @@ export interface SubscriptionSettings {
   maxOperations: number
   /** The validation rules of HTTP documents (beyond GraphQL's standard ones). */
   rules: readonly ValidationRule[]
+  /** Whether a refusal keeps graphql's suggestions of names near a misspelt one (introspection on), as over HTTP. */
+  suggest: boolean
   /** Longest document (characters) and most tokens one may hold, as over HTTP. */
   maxQuery: number
   maxTokens: number
@@ -273,6 +275,11 @@ function upTo (text: string, bytes: number): string {
 /** A refusal of a client's message, in the contract's shape. */
 function refusal (code: ErrorCode, message: string, error?: GraphQLError): GraphQLFormattedError {
   return { ...error?.toJSON(), message, extensions: { code, status: ErrorCodes[code].status, requestId: uuidv7() } }
+}
+
+/** `error` without graphql's suggestion unless `suggest` (errorFormatterOf, over HTTP). */
+function suggested (error: GraphQLFormattedError | null, suggest: boolean): GraphQLFormattedError | null {
+  return error === null || suggest ? error : { ...error, message: withoutSuggestion(error.message) }
 }
 
 /**
@@ -550,7 +557,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           socket.close(4401, 'Unauthorized')
           return false
         }
-        const error = subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema, rules)
+        const error = suggested(subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema, rules), settings.suggest)
         if (error === null) {
           const key = String(id)
           if (state.ending.has(key)) {

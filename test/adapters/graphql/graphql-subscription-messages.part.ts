@@ -139,3 +139,20 @@ t.test('what a client leaves unread is counted in UTF-8 bytes: no frame is queue
   await until(() => c.closed() !== null, 'the close', 20_000)
   t.same(c.closed(), [1013, 'The client does not read its frames'])
 })
+
+// With introspection off (production), a subscription's refusal names no field near a
+// misspelt one (graphql's 'Did you mean "id"?'), as over HTTP; with it on, it does.
+t.test('introspection off: a refused subscription names no field it was not given', async t => {
+  for (const [env, message] of [
+    [{ NODE_ENV: 'production', BFF_AUDIT_ENABLED: false }, 'Cannot query field "idd" on type "Run".'],
+    [{}, /^Cannot query field "idd" on type "Run". Did you mean "id"/]
+  ] as const) {
+    const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false, ...env })
+    await app.listen({ port: 0, host: '127.0.0.1' })
+    const c = await openGraphqlWs(t, `ws://127.0.0.1:${(app.server.address() as { port: number }).port}/graphql`)
+    c.ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: 'subscription { runUpdated { idd } }' } }))
+    await until(() => c.frames.some(f => f.id === '1'), 'the error')
+    t.match(c.frames.find(f => f.id === '1'), { type: 'error', payload: [{ message, extensions: { code: 'VALIDATION_FAILED', status: 400 } }] })
+    if (typeof message === 'string') t.equal(c.frames.find(f => f.id === '1').payload[0].message, message, 'nothing after it')
+  }
+})

@@ -409,6 +409,22 @@ t.test('introspection: off in production unless BFF_GRAPHQL_INTROSPECTION=true, 
   refused(await closed.gql({ query: '{ __schema { queryType { name } } }' }), '__schema')
 })
 
+// With introspection refused, graphql's refusal of a misspelt name still named the names near
+// it ('Did you mean "getAgent"?'): the schema could be walked a guess at a time. Without
+// introspection the suggestion is left out; with it (outside production) it stays.
+t.test('introspection off: a refused document names no field, argument or type it was not given', async t => {
+  const prod = await demo(t, { NODE_ENV: 'production', BFF_AUDIT_ENABLED: false })
+  const messages = async (gql: Awaited<ReturnType<typeof demo>>['gql'], query: string): Promise<string[]> => ((await gql({ query })).body.errors ?? []).map((e: { message: string }) => e.message)
+  t.same(await messages(prod.gql, '{ getAgen(id: "a1") { id } }'), ['Cannot query field "getAgen" on type "Query".'], 'a root field')
+  t.same(await messages(prod.gql, '{ getAgent(id: "a1") { nam } }'), ['Cannot query field "nam" on type "Agent".'], 'a type\'s field')
+  t.same(await messages(prod.gql, '{ getAgent(idd: "a1") { id } }'), ['Unknown argument "idd" on field "Query.getAgent".', 'Field "getAgent" argument "id" of type "String!" is required, but it was not provided.'], 'an argument')
+  t.same(await messages(prod.gql, 'query ($x: Strin) { getAgent(id: $x) { id } }'), ['Unknown type "Strin".'], 'a type')
+  const res = await prod.gql({ query: '{ getAgen(id: "a1") { id } }' })
+  t.match(res, { status: 400, body: { errors: [{ extensions: { code: 'VALIDATION_FAILED', status: 400 } }] } }, 'still a 400 VALIDATION_FAILED')
+  const dev = await demo(t)
+  t.same(await messages(dev.gql, '{ getAgen(id: "a1") { id } }'), ['Cannot query field "getAgen" on type "Query". Did you mean "getAgent" or "getRun"?'], 'introspection on: the suggestion stays')
+})
+
 t.test('the face can be switched off', async t => {
   const app = await buildDemoApp(t, { ...ONLY_GRAPHQL, BFF_GRAPHQL_ENABLED: false })
   const res = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: '{ __typename }' } })
