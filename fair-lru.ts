@@ -40,6 +40,13 @@ interface Entry<V> {
 const PURGE_AHEAD = 64
 /** Entries one purgeStale call looks at, at most: about a millisecond. */
 export const PURGE_SLICE = 1024
+/**
+ * Slices a metrics scrape looks at, at most (64 Ki entries): a whole pass over a store of a
+ * million entries took seconds of a scrape (10 s under load: Prometheus' timeout, and the
+ * instance's every metric lost with it); the next scrape goes on from where this one stopped.
+ * What the gauges report is what the store holds, expired entries not yet looked at included.
+ */
+export const SCRAPE_SLICES = 64
 
 export class FairLru<V> {
   private readonly entries = new Map<string, Entry<V>>()
@@ -180,14 +187,14 @@ export class FairLru<V> {
   }
 
   /**
-   * Drops every expired entry, a slice at a time with the event loop let go between slices
-   * (for a metrics scrape); calls made while a pass runs wait for that one.
+   * Drops expired entries, a slice at a time with the event loop let go between slices, until a
+   * pass over all of them ends or `maxSlices` slices are looked at (a metrics scrape: SCRAPE_SLICES;
+   * the next call goes on from there); calls made while one runs wait for that one.
    */
-  async purgeAllStale (): Promise<void> {
+  async purgeAllStale (maxSlices = Infinity): Promise<void> {
     this.sweeping ??= (async () => {
       try {
-        this.sweep = null
-        while (!this.purgeStale()) await new Promise(resolve => setImmediate(resolve))
+        for (let i = 1; !this.purgeStale() && i < maxSlices; i++) await new Promise(resolve => setImmediate(resolve))
       } finally {
         this.sweeping = null
       }

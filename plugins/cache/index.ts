@@ -9,6 +9,7 @@ import { RedisTier } from './redis.js'
 import { INVALIDATE_CHANNEL } from './keys.js'
 import { sharedStoreHealth } from '../diagz/index.js'
 import { HEADER_SAFE } from '../auth/identity.js'
+import { SCRAPE_SLICES } from '../../fair-lru.js'
 
 export { ResponseCache, STALE_IF_ERROR_SECONDS } from './cache.js'
 export { MemoryTier, TagClock, type CachedAnswer } from './memory.js'
@@ -70,8 +71,8 @@ function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheM
   // Both after the scrape's pass over the entries (one pass for both: purgeAllStale shares it),
   // which lets the event loop go between slices: a gauge read beside it, not after, counted the
   // bytes of the expired entries the other no longer counted.
-  new Gauge({ name: 'mantle_cache_memory_entries', help: 'Entries in the in-process cache tier (LRU shared fairly by tenants, bounded by BFF_CACHE_MAX_SIZE)', registers, async collect () { await cache().memory.purgeAll(); this.set(cache().memory.size) } }) // eslint-disable-line no-new
-  new Gauge({ name: 'mantle_cache_memory_bytes', help: 'Bytes of answers in the in-process cache tier, about (bounded by BFF_CACHE_MAX_BYTES)', registers, async collect () { await cache().memory.purgeAll(); this.set(cache().memory.bytes) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_cache_memory_entries', help: 'Entries in the in-process cache tier (LRU shared fairly by tenants, bounded by BFF_CACHE_MAX_SIZE)', registers, async collect () { await cache().memory.purgeAll(SCRAPE_SLICES); this.set(cache().memory.size) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_cache_memory_bytes', help: 'Bytes of answers in the in-process cache tier, about (bounded by BFF_CACHE_MAX_BYTES)', registers, async collect () { await cache().memory.purgeAll(SCRAPE_SLICES); this.set(cache().memory.bytes) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_in_flight', help: 'Keys with a Kernel call in flight (coalesced)', registers, collect () { this.set(cache().inFlight) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_pending_invalidations', help: 'Invalidated tags waiting for Redis to come back (bounded, 10,000: past it a tag is lost, mantle_cache_invalidations_lost_total)', registers, collect () { this.set(cache().pendingInvalidations) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_later_invalidations', help: 'Mutations whose Kernel call got no answer (timed out, connection lost), their tags to be invalidated again after the operation\'s timeout (bounded, 10,000)', registers, collect () { this.set(cache().laterInvalidations) } }) // eslint-disable-line no-new

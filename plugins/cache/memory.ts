@@ -130,7 +130,7 @@ function entryBytes (entry: LocalEntry, key: string): number {
  *
  * The bounds are shared fairly between tenants (FairLru): past one, the entry that goes is the
  * least recently used of the tenant holding the most entries (or bytes). Entries past their
- * `keepUntil` are dropped when read, at each metrics scrape (purgeAll, a slice at a time), and
+ * `keepUntil` are dropped when read, at each metrics scrape (purgeAll, a slice at a time, SCRAPE_SLICES at most), and
  * before a bound takes a live entry, from the oldest set up to the first live one (operations keep
  * theirs for different times, so an older live entry can shield a dead one until then). In one LRU for all, a
  * tenant's distinct reads (its input is part of the key: a filter value each) pushed every other
@@ -192,9 +192,9 @@ export class MemoryTier {
     this.lru.purgeStale()
   }
 
-  /** Drops every entry past its keep time, a slice at a time (at each metrics scrape, as the idempotency store's). */
-  async purgeAll (): Promise<void> {
-    await this.lru.purgeAllStale()
+  /** Drops the entries past their keep time, a slice at a time, `maxSlices` slices at most (FairLru.purgeAllStale; a metrics scrape's, as the idempotency store's). */
+  async purgeAll (maxSlices = Infinity): Promise<void> {
+    await this.lru.purgeAllStale(maxSlices)
   }
 
   /** What the entries held cost, about (entryBytes). */

@@ -98,10 +98,10 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     this.dropLapsed()
   }
 
-  /** Drops every lapsed claim and expired outcome, a slice at a time (the plugin's gauge, before reporting the size). */
-  async purgeAll (): Promise<void> {
+  /** Drops every lapsed claim, and expired outcomes a slice at a time, `maxSlices` at most (FairLru.purgeAllStale; the plugin's gauge, before reporting the size). */
+  async purgeAll (maxSlices = Infinity): Promise<void> {
     this.dropLapsed()
-    await this.cache.purgeAllStale()
+    await this.cache.purgeAllStale(maxSlices)
   }
 
   private dropLapsed (): void {

@@ -2,7 +2,7 @@ import t, { type Test } from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { MemoryIdempotencyStore, RedisIdempotencyStore, decode, storeKey, inputHash, type IdempotencyStore, type DoneRecord } from '../../../plugins/idempotency/index.js'
-import { FairLru } from '../../../fair-lru.js'
+import { FairLru, PURGE_SLICE, SCRAPE_SLICES } from '../../../fair-lru.js'
 import { tenantOfKey } from '../../../plugins/idempotency/store.js'
 import { testConfig } from '../../helper.js'
 import { REDIS_URL, STORES } from './idempotency-helper.js'
@@ -256,6 +256,20 @@ t.test('the fair LRU drops expired entries a bounded number at a time, before an
   }
   await store.purgeAll()
   t.equal(store.size, 1000, 'the 9,000 expired outcomes went, the 1,000 live ones stayed')
+})
+
+// A metrics scrape waited for a whole pass over the entries: seconds at a million (10 s under
+// load, Prometheus' timeout, and every metric of the instance lost with it). A scrape now looks
+// at SCRAPE_SLICES slices at most, and the next goes on from there.
+t.test('a metrics scrape\'s purge looks at a bounded number of entries, the next going on from there', async t => {
+  const lru = new FairLru<number>(200_000, 1 << 30, () => {})
+  const n = SCRAPE_SLICES * PURGE_SLICE + 30_000
+  for (let i = 0; i < n; i++) lru.set('x' + i, 'X', i, 1, 0) // expired as soon as set
+  await lru.purgeAllStale(SCRAPE_SLICES)
+  t.equal(n - lru.size, SCRAPE_SLICES * PURGE_SLICE, 'one scrape dropped the entries of its slices, no more')
+  await lru.purgeAllStale(SCRAPE_SLICES)
+  t.equal(lru.size, 0, 'the next scrape went on where it stopped, to the end')
+  t.same(lru.check(), [])
 })
 
 t.test('store keys name their tenant', async t => {
