@@ -166,7 +166,10 @@ export class AuditWriter {
     this.queue = []
     const spool = this.opts.spool
     if (spool === null) {
-      this.opts.store.write(batch).catch(err => this.fail(err as Error))
+      const started = performance.now()
+      this.opts.store.write(batch).then(n => {
+        this.opts.hooks?.stored?.(n, (performance.now() - started) / 1000)
+      }, err => this.fail(err as Error))
       return
     }
     const flight = this.inFlight
@@ -563,7 +566,10 @@ export class AuditWriter {
       const rest = this.kept(this.queue)
       this.queue = []
       if (spool === null) {
-        await this.opts.store.write(rest)
+        // Counted stored, as a flush's write is: they were counted nowhere.
+        const started = performance.now()
+        const n = await this.opts.store.write(rest)
+        this.opts.hooks?.stored?.(n, (performance.now() - started) / 1000)
       } else {
         // Counted, as every other append of entries to the spool is: they were counted nowhere.
         await spool.appendMany(this.lines(rest))

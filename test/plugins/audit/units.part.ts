@@ -687,6 +687,18 @@ t.test('writer over the memory store: no spool, a full queue is written at once'
   t.same(await store.verify({}), { ok: true, checked: 7, firstBroken: null })
 })
 
+// A full queue over the memory store is written at once, outside the flushes: the write was
+// counted nowhere (neither stored in /metrics and /diagz nor anything else).
+t.test('writer over the memory store: a full queue written at once is counted stored', async t => {
+  const store = new MemoryAuditStore({ max: 100 })
+  let stored = 0
+  const writer = new AuditWriter({ store, spool: null, batchSize: 3, queueMax: 4, intervalMs: 60_000, log: quiet, hooks: { stored: n => { stored += n } } })
+  for (let i = 0; i < 4; i++) writer.enqueue(entry())
+  await until(() => store.size === 4, 'written when full')
+  await writer.close()
+  t.equal(stored, 4, 'each entry counted stored once')
+})
+
 t.test('writer: a full batch is written at once, a partial one once an interval after the last flush began', async t => {
   const starts: Array<{ n: number, at: number }> = []
   const stored: AuditEntry[] = []
