@@ -441,7 +441,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   const metrics = app.hasDecorator('metrics') ? app.metrics.registry : null
   const entries = metrics === null
     ? null
-    : new Counter({ name: 'mantle_audit_entries_total', help: 'Audit entries by what became of them: stored, spooled, replayed (stored from the spool; entries already stored are not counted), evicted (memory ring full), pruned (retention); refused: calls refused because neither the store nor the spool took entries; dropped: entries of requests refused before any face then', labelNames: ['outcome'] as const, registers: [metrics] })
+    : new Counter({ name: 'mantle_audit_entries_total', help: 'Audit entries by what became of them: stored, spooled, replayed (stored from the spool; entries already stored are not counted), evicted (memory ring full), pruned (retention); refused: calls refused because neither the store nor the spool took entries; dropped: entries of requests refused before any face then; lost: entries neither stored nor spooled at shutdown (the disk refused them, logged at error)', labelNames: ['outcome'] as const, registers: [metrics] })
   let probing: NodeJS.Timeout | null = null
   let refusal: string | null = null
   const { store, spool, ping, reachable, startError } = await openStore(app, opts, n => entries?.inc({ outcome: 'evicted' }, n), err => {
@@ -477,7 +477,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       replayed: n => { tally.replayed += n; entries?.inc({ outcome: 'replayed' }, n) },
       failed: () => { tally.failures++; failures?.inc() },
       quarantined: n => { tally.quarantined += n; quarantined?.inc(n) },
-      dropped: n => { entries?.inc({ outcome: 'dropped' }, n) }
+      dropped: n => { entries?.inc({ outcome: 'dropped' }, n) },
+      lost: n => { entries?.inc({ outcome: 'lost' }, n) }
     }
   })
   if (metrics !== null) {
@@ -858,10 +859,11 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     try {
       await writer.close()
     } catch (err) {
-      // Neither the store nor the spool's disk took what was left: it is lost, and said so. The
-      // shutdown goes on (it stopped here, and every later onClose hook with it: connections
-      // stayed open and the process never ended by itself).
-      app.log.error({ err: (err as Error).message }, 'audit entries lost at shutdown: neither the store nor the spool took them')
+      // The writer itself logs, with their count, and counts (outcome "lost") the entries neither
+      // the store nor the spool's disk took; this is any other failure, said so. The shutdown
+      // goes on (it stopped here, and every later onClose hook with it: connections stayed open
+      // and the process never ended by itself).
+      app.log.error({ err: (err as Error).message }, 'audit writer failed at shutdown')
     } finally {
       await spool?.close()
       // Every entry is stored or spooled by now. A connection still held by a write PostgreSQL

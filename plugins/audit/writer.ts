@@ -11,6 +11,11 @@ export interface WriterHooks {
   quarantined?: (n: number, sqlstate: string | null) => void
   /** An entry came while neither the store nor the spool took any and the backlog was full. */
   dropped?: (n: number) => void
+  /**
+   * Entries neither stored nor spooled at shutdown (the disk refused what `close` had left to
+   * append, or they came once `close` had taken the queue for good), logged with their count.
+   */
+  lost?: (n: number) => void
 }
 
 /** What isolating a refused batch came to. */
@@ -64,7 +69,8 @@ class Abandoned extends Error {}
  * writes batches to the store; while the store fails (or the spool still holds batches, so that
  * order is kept) batches go to the spool, which is replayed once the store answers again. A full
  * queue is spooled at once. Guarantees: an entry enqueued is stored or spooled (fsynced) before
- * `close` resolves; it is never dropped.
+ * `close` resolves; it is never dropped. Only when the disk refuses at shutdown too is it lost,
+ * logged with its count and counted (hooks.lost).
  */
 export class AuditWriter {
   private queue: AuditEntry[] = []
@@ -108,6 +114,10 @@ export class AuditWriter {
   private held = 0
   /** Entries of a batch `deliver` is appending to the spool. */
   private appending = 0
+  /** That append while it runs: `close` waits for it (should it fail, its batch comes back to the queue). */
+  private appendDone: Promise<void> | null = null
+  /** `close` took the queue for good: nothing writes entries put into it any more. */
+  private drained = false
   /** Until when a full queue is not appended again, after the spool refused one. */
   private spoolRetryAt = 0
   /** The spool's last append failed (a full disk, say); its next success clears it. */
@@ -145,6 +155,10 @@ export class AuditWriter {
   enqueue (entry: AuditEntry, droppable = false): void {
     if (droppable && this.saturated) {
       this.opts.hooks?.dropped?.(1)
+      return
+    }
+    if (this.drained) {
+      this.lose(1, 'it came after the writer closed')
       return
     }
     const queue = this.queue
@@ -187,7 +201,7 @@ export class AuditWriter {
       this.opts.log.error({ err: err.message }, 'audit spool write failed')
       this.spoolRetryAt = Date.now() + SPOOL_RETRY_MS
       this.spoolFailing = true
-      this.queue = (ahead === null ? batch : ahead.concat(batch)).concat(this.queue)
+      this.putBack(ahead === null ? batch : ahead.concat(batch), err)
     }).finally(() => {
       this.held = 0
       if (this.overflowing === append) this.overflowing = null
@@ -233,7 +247,7 @@ export class AuditWriter {
   }
 
   private tick (): void {
-    if (this.flushing !== null) return
+    if (this.flushing !== null || this.drained) return
     const spool = this.opts.spool
     if (this.queue.length === 0 && (spool === null || !this.spooling(spool))) return
     // A flush begins at most once an interval, unless a full batch waits (or close); also while
@@ -290,7 +304,8 @@ export class AuditWriter {
       // A full queue's append goes first: a batch taken behind it and appended meanwhile came
       // back, should both fail, ahead of it.
       if (this.overflowing !== null) await this.overflowing
-      if (this.queue.length === 0) break
+      // `close` stopped waiting for the flushes: it takes the queue itself.
+      if (this.queue.length === 0 || this.abandoned) break
       const batch = this.queue.length <= this.opts.batchSize ? this.queue : this.queue.slice(0, this.opts.batchSize)
       this.queue = batch === this.queue ? [] : this.queue.slice(this.opts.batchSize)
       await this.deliver(batch)
@@ -442,18 +457,37 @@ export class AuditWriter {
       }
     }
     this.appending = batch.length
+    const append = spool.append(batch)
+    this.appendDone = append.catch(() => {})
     try {
-      await spool.append(batch)
+      await append
       this.spoolFailing = false
       this.opts.hooks?.spooled?.(batch.length)
     } catch (err) {
       this.spoolFailing = true
       this.opts.log.error({ err: (err as Error).message }, 'audit spool write failed')
-      this.queue = batch.concat(this.queue)
+      this.putBack(batch, err as Error)
       throw err
     } finally {
       this.appending = 0
+      this.appendDone = null
     }
+  }
+
+  /**
+   * Entries an append to the spool refused, back at the front of the queue for the next flush;
+   * lost (logged and counted) once `close` has taken the queue for good, as nothing writes it
+   * any more. `close` waits for the appends under way before it takes it: this is the last resort.
+   */
+  private putBack (entries: AuditEntry[], err: Error): void {
+    if (this.drained) this.lose(entries.length, err.message)
+    else this.queue = entries.concat(this.queue)
+  }
+
+  /** `n` entries neither stored nor spooled, for good: said and counted. */
+  private lose (n: number, why: string): void {
+    this.opts.log.error({ entries: n, err: why }, 'audit entries lost at shutdown: neither the store nor the spool took them')
+    this.opts.hooks?.lost?.(n)
   }
 
   private recovered (): void {
@@ -511,7 +545,10 @@ export class AuditWriter {
    * whether it takes it now or a full queue took it before, as the write's end may come after the
    * process's (that end then counts it no more; should the write have gone through, the replay
    * skips the copy and counts it not). Before, the batch it took was counted stored as well when
-   * its write went through after, and one a full queue took was counted nowhere.
+   * its write went through after, and one a full queue took was counted nowhere. It waits for the
+   * appends to the spool under way (the disk's, not the store's) before it takes the queue for
+   * good: what one of them put back when refused is appended with the queue. What the disk refuses
+   * then is lost, logged and counted; close resolves all the same.
    */
   async close (): Promise<void> {
     if (this.closed) return
@@ -536,7 +573,11 @@ export class AuditWriter {
     const flight = this.inFlight
     const ahead = this.takeInFlight()
     if (ahead !== null && flight !== null) flight.counted = true
-    if (this.overflowing !== null) await this.overflowing
+    // The appends to the spool under way (a full queue's, a flush's) end first: should the disk
+    // refuse one, its entries come back to the queue, in their place, and are appended below.
+    // Before, a flush's append that failed once the queue was taken put its batch back into a
+    // queue no one wrote any more: lost without a word.
+    for (let pending = this.overflowing ?? this.appendDone; pending !== null; pending = this.overflowing ?? this.appendDone) await pending
     let taken = 0
     if (ahead === null && flight !== null && this.inFlight === flight && flight.onDisk && !flight.counted) {
       flight.counted = true
@@ -544,10 +585,18 @@ export class AuditWriter {
     }
     const rest = this.kept(this.queue)
     this.queue = []
+    this.drained = true
     const entries = (ahead?.length ?? 0) + rest.length
     this.opts.log.warn({ entries, waitedMs: this.opts.closeTimeoutMs ?? CLOSE_TIMEOUT_MS }, 'audit store did not finish in time at shutdown: what it had not stored is spooled')
-    if (entries > 0) await spool.appendMany(this.lines(rest, ahead))
-    if (entries + taken > 0) this.opts.hooks?.spooled?.(entries + taken)
+    if (taken > 0) this.opts.hooks?.spooled?.(taken)
+    if (entries === 0) return
+    try {
+      await spool.appendMany(this.lines(rest, ahead))
+    } catch (err) {
+      this.lose(entries, (err as Error).message)
+      return
+    }
+    this.opts.hooks?.spooled?.(entries)
   }
 
   /** What `close` waits for: the running flush, what came meanwhile, the rest of the queue. */
@@ -557,24 +606,32 @@ export class AuditWriter {
       if (this.flushing !== null) await this.flushing.catch(() => {})
       else this.tick()
     }
-    if (this.flushing !== null) await this.flushing.catch(() => {})
     // A full queue still on its way to the spool is on disk before close resolves (or, when the
-    // disk refused it, back in the queue and appended again below).
-    if (this.overflowing !== null) await this.overflowing
-    if (this.queue.length > 0 && !this.abandoned) {
-      const spool = this.opts.spool
-      const rest = this.kept(this.queue)
-      this.queue = []
-      if (spool === null) {
-        // Counted stored, as a flush's write is: they were counted nowhere.
-        const started = performance.now()
-        const n = await this.opts.store.write(rest)
-        this.opts.hooks?.stored?.(n, (performance.now() - started) / 1000)
-      } else {
-        // Counted, as every other append of entries to the spool is: they were counted nowhere.
-        await spool.appendMany(this.lines(rest))
-        this.opts.hooks?.spooled?.(rest.length)
-      }
+    // disk refused it, back in the queue and appended again below); so is a flush an enqueue began
+    // meanwhile (a full batch).
+    while (!this.abandoned && (this.flushing !== null || this.overflowing !== null)) {
+      if (this.flushing !== null) await this.flushing.catch(() => {})
+      if (this.overflowing !== null) await this.overflowing
+    }
+    if (this.abandoned) return
+    const spool = this.opts.spool
+    const rest = this.kept(this.queue)
+    this.queue = []
+    this.drained = true
+    if (rest.length === 0) return
+    const started = performance.now()
+    // Counted as every other write or append is: they were counted nowhere. `close` waits for the
+    // append should it stop waiting for the store meanwhile.
+    const last = spool === null ? this.opts.store.write(rest) : spool.appendMany(this.lines(rest)).then(() => rest.length)
+    this.appendDone = last.then(() => {}, () => {})
+    try {
+      const n = await last
+      if (spool === null) this.opts.hooks?.stored?.(n, (performance.now() - started) / 1000)
+      else this.opts.hooks?.spooled?.(n)
+    } catch (err) {
+      this.lose(rest.length, (err as Error).message)
+    } finally {
+      this.appendDone = null
     }
   }
 }

@@ -993,6 +993,64 @@ t.test('writer: what close appends to the spool after the last flush is counted 
   t.equal(spooled, all.length, 'counted spooled once each')
 })
 
+// close, once it stopped waiting for the store, took the queue while a flush's append to the
+// spool was still running: that append then failed, and its batch was put back into a queue no
+// one writes any more, lost without a word. close now waits for that append (the disk, not the
+// store) and spools its batch should it fail.
+t.test('writer: a flush\'s append to the spool that fails after close took the queue: its batch is spooled by close, not lost', async t => {
+  const store = flakyStore()
+  store.down = true
+  const spool = await Spool.open(spoolDir(t))
+  const append = spool.append.bind(spool)
+  let fail: (() => void) | null = null
+  let appends = 0
+  // The flush's append hangs until the test fails it; close's own appendMany goes through.
+  spool.append = async (batch: AuditEntry[]) => {
+    if (appends++ === 0) await new Promise<void>((resolve, reject) => { fail = () => reject(new Error('EIO: i/o error, write')) })
+    await append(batch)
+  }
+  const count = { spooled: 0, lost: 0 }
+  const errors: string[] = []
+  const log = { ...quiet, error: (_: object, msg: string) => { errors.push(msg) } }
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 20, log, hooks: { spooled: n => { count.spooled += n }, lost: n => { count.lost += n } } })
+  const flushed = Array.from({ length: 5 }, () => entry())
+  for (const e of flushed) writer.enqueue(e)
+  await until(() => fail !== null, 'the flush appending to the spool')
+  const queued = Array.from({ length: 3 }, () => entry())
+  for (const e of queued) writer.enqueue(e)
+  // As the plugin's onClose does: the spool is closed once close resolved.
+  const closing = writer.close().then(async () => { await spool.close() })
+  await until(() => (writer as unknown as { abandoned: boolean }).abandoned, 'close stopped waiting for the flush')
+  // Close resolved (and the spool closed) before the append failed, or close waits for it.
+  await Promise.race([closing, new Promise(resolve => setTimeout(resolve, 100))])
+  fail!()
+  await closing
+  const again = await Spool.open(spool.dir)
+  const seen: AuditEntry[] = []
+  await again.drain(async batch => { seen.push(...batch) })
+  await again.close()
+  t.same(seen.map(e => e.id), [...flushed, ...queued].map(e => e.id), 'on disk in order once close resolved')
+  t.same(count, { spooled: 8, lost: 0 }, 'each counted spooled once')
+})
+
+// What neither the store nor the disk takes at shutdown is lost: close rejected, and the plugin
+// logged it without a count, counted nowhere. The writer logs it with its count and counts it.
+t.test('writer: what the disk refuses at shutdown is logged lost with its count and counted lost', async t => {
+  const store = flakyStore()
+  store.down = true
+  const spool = await Spool.open(spoolDir(t))
+  spool.appendMany = async () => { throw new Error('ENOSPC: no space left on device, write') }
+  const count = { spooled: 0, lost: 0 }
+  const errors: Array<{ obj: object, msg: string }> = []
+  const log = { ...quiet, error: (obj: object, msg: string) => { errors.push({ obj, msg }) } }
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 60_000, log, hooks: { spooled: n => { count.spooled += n }, lost: n => { count.lost += n } } })
+  for (let i = 0; i < 5; i++) writer.enqueue(entry())
+  await writer.close().catch(() => {})
+  await spool.close()
+  t.same(count, { spooled: 0, lost: 5 }, 'each entry counted lost once')
+  t.match(errors.filter(e => /lost/.test(e.msg)), [{ obj: { entries: 5 }, msg: 'audit entries lost at shutdown: neither the store nor the spool took them' }], 'logged once with the count')
+})
+
 // close waits for a full queue still on its way to the spool: an entry enqueued is on disk (or
 // stored) before close resolves.
 t.test('writer: close resolves only once a full queue on its way to the spool is on disk', async t => {
