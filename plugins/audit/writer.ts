@@ -359,8 +359,12 @@ export class AuditWriter {
    * cost n transactions. Stops at the first failure that is not a refusal (the store went away)
    * or a quarantine that cannot be written: everything from there on is `rest`, in order (a
    * line of the spool stays whole: `quarantined` is told each id set aside, for its replay to skip).
+   * Stops too, with no error, once `handedOff` says a copy of the batch went to the spool (a full
+   * queue or `close` took it): from there on the copy's replay isolates the rest, once. Before,
+   * isolation went on, and what it quarantined after the copy was taken was quarantined again by
+   * the replay of a process that had not seen it (the ids set aside live in memory only).
    */
-  private async isolate (spool: Spool, batch: AuditEntry[], err: unknown, quarantined: (id: string) => void): Promise<Isolation> {
+  private async isolate (spool: Spool, batch: AuditEntry[], err: unknown, quarantined: (id: string) => void, handedOff: () => boolean = () => false): Promise<Isolation> {
     let stored = 0
     const refusals = new Map<string | null, number>()
     // Spans still to handle, the next one last; each with the error the store gave it, if tried.
@@ -369,6 +373,10 @@ export class AuditWriter {
     let at = batch.length
     while (spans.length > 0) {
       const [from, to, known] = spans.pop() as [number, number, unknown]
+      if (handedOff()) {
+        at = from
+        break
+      }
       let error = known
       if (error === undefined) {
         const part = from === 0 && to === batch.length ? batch : batch.slice(from, to)
@@ -434,13 +442,18 @@ export class AuditWriter {
         } else {
           // Its entries quarantined are left out of a copy a full queue takes to the spool later,
           // and skipped by the replay of one it took already.
-          const isolated = await this.isolate(spool, batch, err, id => (flight.spooled ? this.setAside : flight.quarantined).add(id))
+          // An entry quarantined while the batch was being taken (its quarantine's append under
+          // way) is set aside: the copy holds it.
+          const isolated = await this.isolate(spool, batch, err, id => (flight.spooled ? this.setAside : flight.quarantined).add(id), () => flight.spooled)
           if (isolated.stored > 0 && !flight.counted) this.opts.hooks?.stored?.(isolated.stored, (performance.now() - started) / 1000)
           if (isolated.error === null) {
             this.recovered()
-            return
+            // Isolated whole; or handed off to the copy taken to the spool (`rest`, its entries
+            // not yet stored nor quarantined), counted below.
+            if (isolated.rest.length === 0) return
+          } else {
+            this.fail(isolated.error)
           }
-          this.fail(isolated.error)
           batch = isolated.rest
         }
       } finally {

@@ -318,6 +318,57 @@ if (available) {
     t.equal(counts.quarantined, 2)
   })
 
+  // Once a copy of the batch being isolated went to the spool (taken by close, which stopped
+  // waiting for the store, or by a full queue), isolation went on and quarantined the rest of its
+  // refused entries; the ids set aside live in memory only, so the next process's replay of the
+  // copy quarantined them again: two lines for one entry in the file an operator reads. Now the
+  // copy's replay isolates what is left, once.
+  for (const takenBy of ['close', 'a full queue'] as const) {
+    t.test(`the batch being isolated taken to the spool by ${takenBy}: the next process's replay quarantines none of its entries a second time`, async t => {
+      const { url, store: pgs } = await pgStore(t)
+      const batch = [entry(), entry({ userId: 'a\u0000b' }), entry(), entry({ userId: 'c\u0000d' })]
+      const full = Array.from({ length: 5 }, () => entry())
+      const fullIds = new Set(full.map(e => e.id))
+      // Writes of the batch: 1 whole, 2 its left half, 3 its first entry, 4 the first refused one
+      // (quarantined), 5 the right half, held until the batch was taken. A write holding an entry
+      // of the full queue (the replay of the spool) fails as PostgreSQL gone would: the spool is
+      // left to the next process.
+      const held = holding(pgs, 5)
+      const store: AuditStore = {
+        ...held.store,
+        write: async b => {
+          if (b.some(e => fullIds.has(e.id))) throw Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:5432'), { code: 'ECONNREFUSED' })
+          return await held.store.write(b)
+        }
+      }
+      const dir = spoolDir(t)
+      const spool = await Spool.open(dir)
+      const quiet = { warn: () => {}, info: () => {}, error: () => {} }
+      const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 5, intervalMs: 5, closeTimeoutMs: 50, log: quiet })
+      for (const e of batch) writer.enqueue(e)
+      await until(() => held.release !== null, 'the right half being written')
+      t.same(quarantined(dir).map(l => l.entry.id), [batch[1].id], 'the first refused entry quarantined')
+      if (takenBy === 'close') {
+        await writer.close()
+        held.release!()
+        await until(() => !writer.writing, 'the write in flight ended')
+      } else {
+        for (const e of full) writer.enqueue(e)
+        await until(() => spool.size > 0, 'the full queue on disk, the batch being isolated ahead of it')
+        held.release!()
+        await until(() => !writer.writing && writer.depth === 0, 'the isolation ended')
+        await writer.close()
+      }
+      await spool.close()
+      // The next process, PostgreSQL answering.
+      const next = await writerOn(t, pgs, 10, dir)
+      await until(() => next.spool.size === 0 && !next.writer.writing, 'the spool replayed')
+      t.same(quarantined(dir).map(l => l.entry.id), [batch[1].id, batch[3].id], 'each refused entry quarantined once')
+      t.same(await storedIds(url), [batch[0], batch[2], ...(takenBy === 'close' ? [] : full)].map(e => e.id), 'the others stored in order, each once')
+      t.same(await pgs.verify({}), { ok: true, checked: takenBy === 'close' ? 2 : 7, firstBroken: null })
+    })
+  }
+
   t.test('a quarantine file that cannot be written: the entries stay in the spool until it can, none is dropped', async t => {
     const { url, store } = await pgStore(t)
     const { writer, spool, dir, counts } = await writerOn(t, store)
