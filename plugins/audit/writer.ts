@@ -59,6 +59,8 @@ interface Flight {
   quarantined: Set<string>
   onDisk: boolean
   counted: boolean
+  /** Its write went through (isolation included): every entry is stored or quarantined. */
+  done: boolean
 }
 
 /** Thrown into a spool replay that `close` has stopped waiting for: the rest stays spooled. */
@@ -196,12 +198,17 @@ export class AuditWriter {
       if (ahead !== null && flight !== null) flight.onDisk = true
       this.opts.hooks?.spooled?.(batch.length)
     }, (err: Error) => {
-      // The disk refused too: keep the entries in memory, at the front, for the next flush (the
-      // batch that was being written as well: written twice, the store keeps it once).
+      // The disk refused too: keep the entries in memory, at the front, for the next flush. The
+      // batch taken ahead, its write still running, is left in flight, untaken: its write's end
+      // (or close) handles it, once. Put back into the queue as well, it was counted twice should
+      // its write go through (stored, and spooled from the queue: close's, or the next flush's
+      // while the store was away). Its write ended: put back unless it went through.
       this.opts.log.error({ err: err.message }, 'audit spool write failed')
       this.spoolRetryAt = Date.now() + SPOOL_RETRY_MS
       this.spoolFailing = true
-      this.putBack(ahead === null ? batch : ahead.concat(batch), err)
+      if (ahead !== null && flight !== null && this.inFlight === flight) flight.spooled = false
+      const back = ahead === null || flight === null || this.inFlight === flight || flight.done ? batch : ahead.concat(batch)
+      this.putBack(back, err)
     }).finally(() => {
       this.held = 0
       if (this.overflowing === append) this.overflowing = null
@@ -219,8 +226,9 @@ export class AuditWriter {
     const flight = this.inFlight
     if (flight === null || flight.spooled) return null
     flight.spooled = true
-    if (flight.quarantined.size === 0) return flight.batch
-    const rest = flight.batch.filter(e => !flight.quarantined.has(e.id))
+    if (flight.quarantined.size === 0 && this.setAside.size === 0) return flight.batch
+    // `setAside` too: an entry quarantined while an earlier copy was away that came back.
+    const rest = this.kept(flight.batch).filter(e => !flight.quarantined.has(e.id))
     return rest.length > 0 ? rest : null
   }
 
@@ -426,12 +434,13 @@ export class AuditWriter {
     const spool = this.opts.spool
     if (spool === null || (!this.spooling(spool) && Date.now() >= this.retryAt)) {
       const started = performance.now()
-      const flight: Flight = { batch, spooled: false, quarantined: new Set<string>(), onDisk: false, counted: false }
+      const flight: Flight = { batch, spooled: false, quarantined: new Set<string>(), onDisk: false, counted: false, done: false }
       this.inFlight = flight
       try {
         // What the store took anew: a batch the disk refused after its write succeeded comes
         // back in the queue, and is written (and skipped) again.
         const stored = await this.opts.store.write(batch)
+        flight.done = true
         if (!flight.counted) this.opts.hooks?.stored?.(stored, (performance.now() - started) / 1000)
         this.recovered()
         return
@@ -450,7 +459,10 @@ export class AuditWriter {
             this.recovered()
             // Isolated whole; or handed off to the copy taken to the spool (`rest`, its entries
             // not yet stored nor quarantined), counted below.
-            if (isolated.rest.length === 0) return
+            if (isolated.rest.length === 0) {
+              flight.done = true
+              return
+            }
           } else {
             this.fail(isolated.error)
           }
@@ -578,21 +590,21 @@ export class AuditWriter {
     if (!timedOut) return
     orderly.catch(() => {})
     this.abandoned = true
-    // The batch in flight, its write not ended, is counted here once on disk, and its write's end
-    // counts it no more: taken now, or taken by a full queue whose append succeeded (its entries
-    // not quarantined before, as takeInFlight took them). Had that append failed, they came back
-    // to the queue. Claimed with no await between the check and the claim: a write that ends first
-    // counts its batch itself.
-    const flight = this.inFlight
-    const ahead = this.takeInFlight()
-    if (ahead !== null && flight !== null) flight.counted = true
     // The appends to the spool under way (a full queue's, a flush's) end first: should the disk
     // refuse one, its entries come back to the queue, in their place, and are appended below.
     // Before, a flush's append that failed once the queue was taken put its batch back into a
     // queue no one wrote any more: lost without a word.
     for (let pending = this.overflowing ?? this.appendDone; pending !== null; pending = this.overflowing ?? this.appendDone) await pending
+    // The batch in flight, its write not ended, is counted here once on disk, and its write's end
+    // counts it no more: taken now (also when a full queue had taken it and the disk refused that
+    // append: left in flight), or taken by a full queue whose append succeeded (its entries not
+    // quarantined before, as takeInFlight took them). Claimed with no await between the check and
+    // the claim: a write that ends first counts its batch itself.
+    const flight = this.inFlight
+    const ahead = this.takeInFlight()
+    if (ahead !== null && flight !== null) flight.counted = true
     let taken = 0
-    if (ahead === null && flight !== null && this.inFlight === flight && flight.onDisk && !flight.counted) {
+    if (ahead === null && flight !== null && flight.onDisk && !flight.counted) {
       flight.counted = true
       taken = flight.batch.filter(e => !flight.quarantined.has(e.id)).length
     }

@@ -1051,6 +1051,44 @@ t.test('writer: what the disk refuses at shutdown is logged lost with its count 
   t.match(errors.filter(e => /lost/.test(e.msg)), [{ obj: { entries: 5 }, msg: 'audit entries lost at shutdown: neither the store nor the spool took them' }], 'logged once with the count')
 })
 
+// A full queue took the batch in flight ahead of itself and the disk refused both: the batch was
+// put back into the queue while its write still ran. close then spooled it from the queue and
+// counted it spooled, and its write, going through after, counted it stored as well (20 counts
+// for 10 entries). The batch stays in flight instead: its write's end, or close, handles it once.
+t.test('writer: the batch in flight a refused full queue had taken is counted once, whether close or its write ends it', async t => {
+  for (const outcome of ['fails', 'succeeds'] as const) {
+    const store = flakyStore()
+    const first = holdFirstWrite(store)
+    const spool = await Spool.open(spoolDir(t))
+    const appendMany = spool.appendMany.bind(spool)
+    let refusals = 1
+    spool.appendMany = async (batches: AuditEntry[][]) => {
+      if (refusals-- > 0) throw new Error('ENOSPC: no space left on device, write')
+      await appendMany(batches)
+    }
+    const count = { stored: 0, spooled: 0 }
+    const hooks = { stored: (n: number) => { count.stored += n }, spooled: (n: number) => { count.spooled += n } }
+    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, log: quiet, hooks })
+    const flight = Array.from({ length: 10 }, () => entry())
+    for (const e of flight) writer.enqueue(e)
+    await until(() => first.held, 'the first batch in flight')
+    const full = Array.from({ length: 100 }, () => entry())
+    for (const e of full) writer.enqueue(e) // the 100th fills the queue: its append, the batch in flight ahead, is refused
+    await until(() => refusals === 0 && (writer as unknown as { overflowing: unknown }).overflowing === null, 'the full queue refused by the disk')
+    t.equal(writer.depth, 110, 'every entry waits')
+    await writer.close()
+    first.release(outcome === 'succeeds')
+    await until(() => !writer.writing, 'the write in flight ended')
+    t.same(count, { stored: 0, spooled: 110 }, `its write ${outcome} after close: each entry counted once`)
+    await spool.close()
+    const again = await Spool.open(spool.dir)
+    const seen: AuditEntry[] = []
+    await again.drain(async batch => { seen.push(...batch) })
+    await again.close()
+    t.same(seen.map(e => e.id), [...flight, ...full].map(e => e.id), 'on disk once, in order')
+  }
+})
+
 // close waits for a full queue still on its way to the spool: an entry enqueued is on disk (or
 // stored) before close resolves.
 t.test('writer: close resolves only once a full queue on its way to the spool is on disk', async t => {
