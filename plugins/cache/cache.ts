@@ -392,7 +392,8 @@ export class ResponseCache {
     }
     const tick = this.memory.clock.now()
     let lost = 0
-    for (const k of keys) {
+    // Each tag once: one named twice (two templates filled alike) was counted lost twice.
+    for (const k of new Set(keys)) {
       // Past the bound, a tag already pending still takes this tick: the loop used to stop at
       // the first tag lost, and a replay under way then took a later one for replayed, though
       // it went out before this invalidation.

@@ -456,3 +456,20 @@ t.test('a refill whose tags were invalidated during its Kernel call is written n
   t.same(writes, [], 'the answer from before the change is not written to Redis')
   t.equal(cache.memory.size, 0, 'nor kept in memory')
 })
+
+// Found by review of the count of tags lost: a tag named twice in one invalidation (two templates
+// of a mutation's `invalidates` filled with the same value, as `user:{owner}` and
+// `user:{assignee}` for the same user) was counted lost twice past the bound.
+t.test('past the bound, a tag named twice in one invalidation is counted lost once', async t => {
+  const tier = {
+    read: async () => { throw new Error('Command timed out') },
+    invalidate: async () => { throw new Error('Command timed out') },
+    write: async () => true,
+    tagMs: 60_000
+  } as unknown as RedisTier
+  const { cache, read } = cacheOver(t, tier)
+  await read('x')
+  for (let i = 0; i < 10_000; i++) await cache.invalidate('t', [`other:${i}`], 'mutation')
+  await cache.invalidate('t', ['user:u1', 'user:u1'], 'mutation')
+  t.match(cache.invalidationsDetail, /; 1 invalidated tags lost since start/, 'one tag lost')
+})
