@@ -335,7 +335,9 @@ export class ResponseCache {
     // Tags invalidated during the call: the answer may predate the change, and memory.set below
     // refuses it. Not written to Redis either: were the invalidation lost (Redis away, the pending
     // bound reached), its versions would never be bumped and every other instance would serve it.
-    let stored = this.memory.clock.valid(tagKeys, since)
+    // The subscriber reconnected meanwhile (the clock's epoch) does not stop the write: the
+    // messages it may have missed are invalidations Redis has had, which its script checks.
+    let stored = this.memory.clock.valid(tagKeys, since, false)
     const redis = versions === null || !stored ? null : this.redisTier('write')
     if (redis !== null) {
       try {

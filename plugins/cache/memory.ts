@@ -72,8 +72,12 @@ export class TagClock {
     this.epoch = ++this.tick
   }
 
-  valid (tagKeys: readonly string[], since: number): boolean {
-    if (since < this.epoch) return false
+  /**
+   * `epoch` false: whether the tags alone hold since `since`, whatever invalidateAll said since
+   * (the messages it stands for were other instances' invalidations, which Redis has had).
+   */
+  valid (tagKeys: readonly string[], since: number, epoch = true): boolean {
+    if (epoch && since < this.epoch) return false
     for (const k of tagKeys) if ((this.marks.get(k) ?? this.floorOf(k)) > since) return false
     return true
   }
