@@ -22,8 +22,8 @@ function oldEntry (): CachedAnswer {
   return { value: { n: 1 }, json, status: 200, etag: etagOf(json), freshUntil: Date.now() + 60_000, staleUntil: Date.now() + 60_000, keepUntil: Date.now() + 60_000, policy: policyOf(op, op.cache!) }
 }
 
-/** A cache over `tier`, and a read of item `id` (a) of tenant t through its stage (the Kernel answers n 101, 102, ...). */
-function cacheOver (t: { teardown: (fn: () => unknown) => void }, tier: RedisTier): { cache: ResponseCache, read: (id?: string) => Promise<{ value: unknown, cache: string | null }> } {
+/** A cache over `tier` alone (no metrics, no log), closed with the test; `now` its clock. */
+function cacheWith (t: { teardown: (fn: () => unknown) => void }, tier: RedisTier, now?: () => number): ResponseCache {
   const cache = new ResponseCache({
     redis: { tier, up: () => true },
     maxSize: 100,
@@ -32,9 +32,16 @@ function cacheOver (t: { teardown: (fn: () => unknown) => void }, tier: RedisTie
     breakerOpen: () => false,
     serializer: () => JSON.stringify,
     instanceId: 'one',
+    ...(now === undefined ? {} : { now }),
     log: { warn: () => {}, debug: () => {} }
   })
   t.teardown(() => cache.close())
+  return cache
+}
+
+/** A cache over `tier`, and a read of item `id` (a) of tenant t through its stage (the Kernel answers n 101, 102, ...). */
+function cacheOver (t: { teardown: (fn: () => unknown) => void }, tier: RedisTier): { cache: ResponseCache, read: (id?: string) => Promise<{ value: unknown, cache: string | null }> } {
+  const cache = cacheWith(t, tier)
   const stage = cache.stage(op)!
   let kernelCalls = 0
   const read = async (id = 'a'): Promise<{ value: unknown, cache: string | null }> => {
@@ -260,18 +267,7 @@ t.test('after a reload lengthened the ttl, an invalidation past the bound never 
   // tagMs: what the plugin gives a manifest of 60 s ttls, (60 + 300) s + 5 s + 60 s.
   const redis = failingTier(stored, 425_000)
   const tier = redis.tier
-  const cache = new ResponseCache({
-    redis: { tier, up: () => true },
-    maxSize: 100,
-    maxBytes: 1 << 20,
-    defaultTtlSeconds: 60,
-    breakerOpen: () => false,
-    serializer: () => JSON.stringify,
-    instanceId: 'one',
-    now: () => clock,
-    log: { warn: () => {}, debug: () => {} }
-  })
-  t.teardown(() => cache.close())
+  const cache = cacheWith(t, tier, () => clock)
   cache.stage({ ...op, timeoutMs: 5000 } as unknown as Operation)
   // The reload: the operation's stage built anew, with an hour's ttl.
   const stage = cache.stage(long)!
@@ -302,18 +298,7 @@ t.test('a reload after an invalidation past the bound lengthens the spell withou
   // Stored by an instance that ran the reloaded manifest before this one lost the invalidation.
   const stored: CachedAnswer = { value: { n: 1 }, json, status: 200, etag: etagOf(json), freshUntil: clock + 3_600_000, staleUntil: clock + 3_600_000, keepUntil: clock + 3_900_000, policy: policyOf(long, long.cache!) }
   const redis = failingTier(stored, 425_000)
-  const cache = new ResponseCache({
-    redis: { tier: redis.tier, up: () => true },
-    maxSize: 100,
-    maxBytes: 1 << 20,
-    defaultTtlSeconds: 60,
-    breakerOpen: () => false,
-    serializer: () => JSON.stringify,
-    instanceId: 'one',
-    now: () => clock,
-    log: { warn: () => {}, debug: () => {} }
-  })
-  t.teardown(() => cache.close())
+  const cache = cacheWith(t, redis.tier, () => clock)
   const short = cache.stage({ ...op, timeoutMs: 5000 } as unknown as Operation)!
   const ctx = (o: Operation, id: string): CallContext => Object.assign(new CallContext('r', 'rest', o, { id }, undefined, undefined, undefined), { tenant: 't' })
   await short(ctx(op, 'x'), async () => ({ n: 2 }))
@@ -428,17 +413,7 @@ t.test('a refill whose tags were invalidated during its Kernel call is written n
     write: async (_key: string, _tags: unknown, _versions: string, answer: CachedAnswer) => { writes.push(answer.value); return true },
     tagMs: 60_000
   } as unknown as RedisTier
-  const cache = new ResponseCache({
-    redis: { tier, up: () => true },
-    maxSize: 100,
-    maxBytes: 1 << 20,
-    defaultTtlSeconds: 60,
-    breakerOpen: () => false,
-    serializer: () => JSON.stringify,
-    instanceId: 'one',
-    log: { warn: () => {}, debug: () => {} }
-  })
-  t.teardown(() => cache.close())
+  const cache = cacheWith(t, tier)
   const stage = cache.stage(op)!
   let answer!: (value: unknown) => void
   const ctx = Object.assign(new CallContext('r', 'rest', op, { id: 'a' }, undefined, undefined, undefined), { tenant: 't' })
