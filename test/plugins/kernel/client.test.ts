@@ -1259,6 +1259,31 @@ t.test('an operation the Kernel answers with fast 4xx and slow 2xx: its 2xx call
   t.equal(client.breaker!.state, 'closed', 'the breaker never opened: the Kernel was healthy')
 })
 
+/**
+ * getItem (timeout `timeoutMs`) answered 200 in `slowMs`, three calls learnt, then 404 in 10 ms
+ * from now on, while four callers of slowItem (100 ms) keep both connections busy and the queue
+ * never empty until `stop`.
+ */
+async function goneAfterSlow (t: Test, slowMs: number, timeoutMs: number): Promise<{ client: KernelClient, getItem: Operation, fast: ReturnType<KernelClient['forOperation']>, call: (run: ReturnType<KernelClient['forOperation']>, op: Operation, id: string) => Promise<string>, stop: () => Promise<void> }> {
+  const state = { found: true }
+  const { client, getItem, slowItem, call } = await twoOperations(t, {
+    'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 100) },
+    'GET /v1/items/x1': (_req, res) => {
+      if (state.found) setTimeout(() => json(res, 200, { id: 'x1' }), slowMs)
+      else setTimeout(() => json(res, 404, { message: 'no such item' }), 10)
+    }
+  }, timeoutMs, 2000)
+  const fast = client.forOperation(getItem)
+  const slow = client.forOperation(slowItem)
+  const first: string[] = []
+  for (let i = 0; i < 3; i++) first.push(await call(fast, getItem, 'x1'))
+  t.ok(first.includes('ok'), `getItem answered 200 (${first.join(', ')})`)
+  state.found = false
+  const load = { running: true }
+  const slowWorkers = Array.from({ length: 4 }, async () => { while (load.running) await call(slow, slowItem, 's1') })
+  return { client, getItem, fast, call, stop: async () => { load.running = false; await Promise.all(slowWorkers) } }
+}
+
 // Found by a review of 6df832b: a 4xx is learnt only once none of the operation's last 32 answers
 // was a 2xx, and the answer to a stale estimate's probe that was such a 4xx, unlearnt, still ended
 // the stale spell: an operation whose 2xx had been slow (250 ms) and which the Kernel then answered
@@ -1266,25 +1291,9 @@ t.test('an operation the Kernel answers with fast 4xx and slow 2xx: its 2xx call
 // the connections busy, the rest refused, until 32 such 404s had come back (half a minute): 1 or 2
 // of some 120 calls over 4 s answered. Such a probe's 4xx now leaves the estimate stale.
 t.test('an operation answered with slow 2xx and then fast 4xx is not refused for long behind another operation', async t => {
-  const state = { found: true }
-  const { client, getItem, slowItem, call } = await twoOperations(t, {
-    'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 100) },
-    'GET /v1/items/x1': (_req, res) => {
-      if (state.found) setTimeout(() => json(res, 200, { id: 'x1' }), 250)
-      else setTimeout(() => json(res, 404, { message: 'no such item' }), 10)
-    }
-  }, 300, 2000)
-  const fast = client.forOperation(getItem)
-  const slow = client.forOperation(slowItem)
-  // getItem's Kernel answers it in 250 ms: its estimate is about 250.
-  const first: string[] = []
-  for (let i = 0; i < 3; i++) first.push(await call(fast, getItem, 'x1'))
-  t.ok(first.includes('ok'), `getItem answered 200 (${first.join(', ')})`)
-  // Then the item is gone: 404 in 10 ms. Four callers of slowItem (100 ms) keep both connections
-  // busy and the queue never empty; six callers of getItem wait among them.
-  state.found = false
-  const load = { running: true }
-  const slowWorkers = Array.from({ length: 4 }, async () => { while (load.running) await call(slow, slowItem, 's1') })
+  // getItem's Kernel answers it in 250 ms (its estimate about 250), then 404 in 10 ms; six callers
+  // of getItem wait among slowItem's.
+  const { client, getItem, fast, call, stop } = await goneAfterSlow(t, 250, 300)
   await sleep(700)
   const outcomes: Record<string, number> = {}
   const start = performance.now()
@@ -1296,8 +1305,7 @@ t.test('an operation answered with slow 2xx and then fast 4xx is not refused for
     }
   })
   await Promise.all(fastWorkers)
-  load.running = false
-  await Promise.all(slowWorkers)
+  await stop()
   // A probe's 404 now starts its estimate again at what the probe was asked for, halved by each 404
   // after it (73 to 133 answered); left stale, one call went out at a time (22 answered, 148
   // refused); before 3415ba0, one per stale spell.
@@ -1398,25 +1406,10 @@ t.test('an operation with a long timeout is answered again soon once its Kernel 
 // learnt sets it. Here, of the calls made after the first 404: 67 of 111 and 85 of 123 refused
 // without, 0 of 101 and 9 of 85 with.
 t.test('an operation answered with slow 2xx and then fast 4xx: once a probe is answered 404, its calls are no longer refused', async t => {
-  const state = { found: true }
-  const { client, getItem, slowItem, call } = await twoOperations(t, {
-    'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 100) },
-    'GET /v1/items/x1': (_req, res) => {
-      if (state.found) setTimeout(() => json(res, 200, { id: 'x1' }), 400)
-      else setTimeout(() => json(res, 404, { message: 'no such item' }), 10)
-    }
-  }, 500, 2000)
-  const fast = client.forOperation(getItem)
-  const slow = client.forOperation(slowItem)
-  // getItem learns 400 ms (of its 500); then its item is gone (404 in 10 ms), and four callers of
-  // slowItem (100 ms) keep both connections busy and the queue never empty; ten callers of getItem
-  // wait among them (some 150 ms each) for 5 s: refused until its estimate goes stale (2 s).
-  const first: string[] = []
-  for (let i = 0; i < 3; i++) first.push(await call(fast, getItem, 'x1'))
-  t.ok(first.includes('ok'), `getItem answered 200 (${first.join(', ')})`)
-  state.found = false
-  const load = { running: true }
-  const slowWorkers = Array.from({ length: 4 }, async () => { while (load.running) await call(slow, slowItem, 's1') })
+  // getItem learns 400 ms (of its 500); then its item is gone (404 in 10 ms); ten callers of
+  // getItem wait among slowItem's (some 150 ms each) for 5 s: refused until its estimate goes
+  // stale (2 s).
+  const { client, getItem, fast, call, stop } = await goneAfterSlow(t, 400, 500)
   const before: Record<string, number> = {}
   const after: Record<string, number> = {}
   const start = performance.now()
@@ -1429,8 +1422,7 @@ t.test('an operation answered with slow 2xx and then fast 4xx: once a probe is a
       if (outcome !== 'NOT_FOUND') await sleep(5)
     }
   }))
-  load.running = false
-  await Promise.all(slowWorkers)
+  await stop()
   const outcomes = JSON.stringify({ before, after })
   t.ok((after.NOT_FOUND ?? 0) > 0, `one of getItem's calls goes out and is answered 404 (${outcomes})`)
   t.ok((after.KERNEL_UNAVAILABLE ?? 0) <= (after.NOT_FOUND ?? 0) / 4, `then few of its calls are refused (${outcomes})`)
