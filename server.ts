@@ -9,7 +9,7 @@ import type { Manifest } from './manifest.js'
 
 /** A shutdown's grace at the least (ms). */
 const MIN_GRACE_MS = 10_000
-/** What a shutdown needs after the longest call: the audit's flush (3 s at most) and the stores' close. */
+/** What a shutdown needs after the longest call: the audit's flush (3 s at most for PostgreSQL, then 1 s for the spool's disk) and the stores' close. */
 const GRACE_MARGIN_MS = 5_000
 
 /**

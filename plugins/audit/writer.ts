@@ -41,12 +41,21 @@ export interface WriterOptions {
    * answer fails only after its query timeout (10 s).
    */
   closeTimeoutMs?: number
+  /**
+   * How long `close`, once it stopped waiting for the store, waits for the spool's disk (ms, 1000):
+   * an append that does not settle (a hung volume) held the shutdown until it was killed at its
+   * grace, every later onClose hook unrun and the entries lost without a word.
+   */
+  diskTimeoutMs?: number
   log: { warn: (obj: object, msg: string) => void, info: (msg: string) => void, error: (obj: object, msg: string) => void }
   hooks?: WriterHooks
 }
 
 const MAX_BACKOFF_MS = 2000
 const CLOSE_TIMEOUT_MS = 3000
+const DISK_TIMEOUT_MS = 1000
+/** Entries that come after `close` took the queue are logged in one line at most this often (ms). */
+const LATE_LOG_MS = 1000
 /** After the spool refused a full queue, the next one is tried this much later (ms). */
 const SPOOL_RETRY_MS = 1000
 /** The backlog the writer holds in memory at most, in queues (BFF_AUDIT_QUEUE_MAX each). */
@@ -61,6 +70,15 @@ interface Flight {
   counted: boolean
   /** Its write went through (isolation included): every entry is stored or quarantined. */
   done: boolean
+  /** Entries the write stored while `counted` (not counted stored then: `close` counted them). */
+  late: number
+  /** How many of its entries the append that took it holds. */
+  taken: number
+  /**
+   * `close` could not put it on disk (the disk refused or did not answer) while its write ran:
+   * the write's end counts it, stored what went through and lost (logged) the rest.
+   */
+  orphaned: string | null
 }
 
 /** Thrown into a spool replay that `close` has stopped waiting for: the rest stays spooled. */
@@ -120,6 +138,14 @@ export class AuditWriter {
   private appendDone: Promise<void> | null = null
   /** `close` took the queue for good: nothing writes entries put into it any more. */
   private drained = false
+  /**
+   * `close` stopped waiting for the spool's disk: the entries of the appends still under way are
+   * counted lost, and those appends count nothing and put nothing back when they end.
+   */
+  private gaveUp = false
+  /** Entries that came after `close` took the queue, counted lost but not logged yet, and the timer that logs them. */
+  private lateLost = 0
+  private lateTimer: NodeJS.Timeout | null = null
   /** Until when a full queue is not appended again, after the spool refused one. */
   private spoolRetryAt = 0
   /** The spool's last append failed (a full disk, say); its next success clears it. */
@@ -160,7 +186,7 @@ export class AuditWriter {
       return
     }
     if (this.drained) {
-      this.lose(1, 'it came after the writer closed')
+      this.late()
       return
     }
     const queue = this.queue
@@ -192,7 +218,10 @@ export class AuditWriter {
     const ahead = this.takeInFlight()
     const lines = this.lines(batch, ahead)
     this.held = batch.length + (ahead?.length ?? 0)
+    if (ahead !== null && flight !== null) flight.taken = ahead.length
     const append: Promise<void> = spool.appendMany(lines).then(() => {
+      // `close` gave up on the disk: it counted these entries lost.
+      if (this.gaveUp) return
       this.spoolFailing = false
       // The batch taken ahead is counted by deliver, once its write failed: stored otherwise.
       if (ahead !== null && flight !== null) flight.onDisk = true
@@ -203,6 +232,7 @@ export class AuditWriter {
       // (or close) handles it, once. Put back into the queue as well, it was counted twice should
       // its write go through (stored, and spooled from the queue: close's, or the next flush's
       // while the store was away). Its write ended: put back unless it went through.
+      if (this.gaveUp) return
       this.opts.log.error({ err: err.message }, 'audit spool write failed')
       this.spoolRetryAt = Date.now() + SPOOL_RETRY_MS
       this.spoolFailing = true
@@ -434,7 +464,7 @@ export class AuditWriter {
     const spool = this.opts.spool
     if (spool === null || (!this.spooling(spool) && Date.now() >= this.retryAt)) {
       const started = performance.now()
-      const flight: Flight = { batch, spooled: false, quarantined: new Set<string>(), onDisk: false, counted: false, done: false }
+      const flight: Flight = { batch, spooled: false, quarantined: new Set<string>(), onDisk: false, counted: false, done: false, late: 0, taken: 0, orphaned: null }
       this.inFlight = flight
       try {
         // What the store took anew: a batch the disk refused after its write succeeded comes
@@ -442,6 +472,7 @@ export class AuditWriter {
         const stored = await this.opts.store.write(batch)
         flight.done = true
         if (!flight.counted) this.opts.hooks?.stored?.(stored, (performance.now() - started) / 1000)
+        else flight.late += stored
         this.recovered()
         return
       } catch (err) {
@@ -455,6 +486,7 @@ export class AuditWriter {
           // way) is set aside: the copy holds it.
           const isolated = await this.isolate(spool, batch, err, id => (flight.spooled ? this.setAside : flight.quarantined).add(id), () => flight.spooled)
           if (isolated.stored > 0 && !flight.counted) this.opts.hooks?.stored?.(isolated.stored, (performance.now() - started) / 1000)
+          else flight.late += isolated.stored
           if (isolated.error === null) {
             this.recovered()
             // Isolated whole; or handed off to the copy taken to the spool (`rest`, its entries
@@ -476,6 +508,11 @@ export class AuditWriter {
       // Its entries neither stored nor quarantined (`batch`) are counted spooled once on disk:
       // they were not counted at all, and came back as replayed only.
       if (flight.spooled) {
+        // `close` could not put it on disk: what its write did not store is lost.
+        if (flight.orphaned !== null) {
+          this.lose(batch.length, flight.orphaned)
+          return
+        }
         await this.overflowing
         if (flight.onDisk && !flight.counted) this.opts.hooks?.spooled?.(batch.length)
         return
@@ -486,9 +523,11 @@ export class AuditWriter {
     this.appendDone = append.catch(() => {})
     try {
       await append
+      if (this.gaveUp) return
       this.spoolFailing = false
       this.opts.hooks?.spooled?.(batch.length)
     } catch (err) {
+      if (this.gaveUp) return
       this.spoolFailing = true
       this.opts.log.error({ err: (err as Error).message }, 'audit spool write failed')
       this.putBack(batch, err as Error)
@@ -505,14 +544,40 @@ export class AuditWriter {
    * any more. `close` waits for the appends under way before it takes it: this is the last resort.
    */
   private putBack (entries: AuditEntry[], err: Error): void {
+    if (this.gaveUp) return
     if (this.drained) this.lose(entries.length, err.message)
     else this.queue = entries.concat(this.queue)
   }
 
   /** `n` entries neither stored nor spooled, for good: said and counted. */
   private lose (n: number, why: string): void {
+    if (n <= 0) return
     this.opts.log.error({ entries: n, err: why }, 'audit entries lost at shutdown: neither the store nor the spool took them')
     this.opts.hooks?.lost?.(n)
+  }
+
+  /**
+   * An entry came once `close` had taken the queue for good: counted lost at once, logged with the
+   * others that come within a second in one line (one line each flooded the log should something
+   * go on auditing after the audit closed). The first is logged at once.
+   */
+  private late (): void {
+    this.opts.hooks?.lost?.(1)
+    if (this.lateTimer !== null) {
+      this.lateLost++
+      return
+    }
+    this.sayLate(1)
+    // Not unref'd: the line is written before the process ends.
+    this.lateTimer = setTimeout(() => {
+      this.lateTimer = null
+      if (this.lateLost > 0) this.sayLate(this.lateLost)
+      this.lateLost = 0
+    }, LATE_LOG_MS)
+  }
+
+  private sayLate (n: number): void {
+    this.opts.log.error({ entries: n, err: 'they came after the writer closed' }, 'audit entries lost at shutdown: neither the store nor the spool took them')
   }
 
   private recovered (): void {
@@ -573,7 +638,12 @@ export class AuditWriter {
    * its write went through after, and one a full queue took was counted nowhere. It waits for the
    * appends to the spool under way (the disk's, not the store's) before it takes the queue for
    * good: what one of them put back when refused is appended with the queue. What the disk refuses
-   * then is lost, logged and counted; close resolves all the same.
+   * then is lost, logged and counted; close resolves all the same. The batch in flight close took
+   * and could not put on disk is counted by its write's end (stored if it went through, else
+   * lost): counted lost at once, it was never counted stored when its write went through after.
+   * Once it stops waiting for the store, close waits diskTimeoutMs at most for the disk: what a
+   * disk that does not answer holds is counted lost then, and its appends count nothing when they
+   * end. Before, close awaited them for ever, and the shutdown was killed at its grace.
    */
   async close (): Promise<void> {
     if (this.closed) return
@@ -590,38 +660,113 @@ export class AuditWriter {
     if (!timedOut) return
     orderly.catch(() => {})
     this.abandoned = true
-    // The appends to the spool under way (a full queue's, a flush's) end first: should the disk
-    // refuse one, its entries come back to the queue, in their place, and are appended below.
-    // Before, a flush's append that failed once the queue was taken put its batch back into a
-    // queue no one wrote any more: lost without a word.
-    for (let pending = this.overflowing ?? this.appendDone; pending !== null; pending = this.overflowing ?? this.appendDone) await pending
-    // The batch in flight, its write not ended, is counted here once on disk, and its write's end
-    // counts it no more: taken now (also when a full queue had taken it and the disk refused that
-    // append: left in flight), or taken by a full queue whose append succeeded (its entries not
-    // quarantined before, as takeInFlight took them). Claimed with no await between the check and
-    // the claim: a write that ends first counts its batch itself.
-    const flight = this.inFlight
-    const ahead = this.takeInFlight()
-    if (ahead !== null && flight !== null) flight.counted = true
-    let taken = 0
-    if (ahead === null && flight !== null && flight.onDisk && !flight.counted) {
-      flight.counted = true
-      taken = flight.batch.filter(e => !flight.quarantined.has(e.id)).length
-    }
-    const rest = this.kept(this.queue)
-    this.queue = []
-    this.drained = true
-    const entries = (ahead?.length ?? 0) + rest.length
-    this.opts.log.warn({ entries, waitedMs: this.opts.closeTimeoutMs ?? CLOSE_TIMEOUT_MS }, 'audit store did not finish in time at shutdown: what it had not stored is spooled')
-    if (taken > 0) this.opts.hooks?.spooled?.(taken)
-    if (entries === 0) return
+    // The disk is waited for diskTimeoutMs at most from here: an append that does not settle held
+    // the shutdown until it was killed at its grace.
+    let diskTimer: NodeJS.Timeout | undefined
+    const diskLate = new Promise<'late'>(resolve => { diskTimer = setTimeout(resolve, this.opts.diskTimeoutMs ?? DISK_TIMEOUT_MS, 'late') })
+    const noAnswer = `the spool's disk did not answer within ${this.opts.diskTimeoutMs ?? DISK_TIMEOUT_MS} ms at shutdown`
     try {
-      await spool.appendMany(this.lines(rest, ahead))
-    } catch (err) {
-      this.lose(entries, (err as Error).message)
-      return
+      // The appends to the spool under way (a full queue's, a flush's) end first: should the disk
+      // refuse one, its entries come back to the queue, in their place, and are appended below.
+      // Before, a flush's append that failed once the queue was taken put its batch back into a
+      // queue no one wrote any more: lost without a word.
+      for (let pending = this.overflowing ?? this.appendDone; pending !== null; pending = this.overflowing ?? this.appendDone) {
+        if (await Promise.race([pending.then(() => 'ok', () => 'ok'), diskLate]) === 'late') {
+          this.giveUp(null, [], noAnswer)
+          return
+        }
+      }
+      // The batch in flight, its write not ended, is counted here once on disk, and its write's end
+      // counts it no more: taken now (also when a full queue had taken it and the disk refused that
+      // append: left in flight), or taken by a full queue whose append succeeded (its entries not
+      // quarantined before, as takeInFlight took them). Claimed with no await between the check and
+      // the claim: a write that ends first counts its batch itself.
+      const flight = this.inFlight
+      const ahead = this.takeInFlight()
+      if (ahead !== null && flight !== null) {
+        flight.counted = true
+        flight.taken = ahead.length
+      }
+      let taken = 0
+      if (ahead === null && flight !== null && flight.onDisk && !flight.counted) {
+        flight.counted = true
+        taken = flight.batch.filter(e => !flight.quarantined.has(e.id)).length
+      }
+      const rest = this.kept(this.queue)
+      this.queue = []
+      this.drained = true
+      const entries = (ahead?.length ?? 0) + rest.length
+      this.opts.log.warn({ entries, waitedMs: this.opts.closeTimeoutMs ?? CLOSE_TIMEOUT_MS }, 'audit store did not finish in time at shutdown: what it had not stored is spooled')
+      if (taken > 0) this.opts.hooks?.spooled?.(taken)
+      if (entries === 0) return
+      const outcome = await Promise.race([spool.appendMany(this.lines(rest, ahead)).then(() => null, (err: Error) => err), diskLate])
+      if (outcome === 'late') {
+        this.giveUp(ahead, rest, noAnswer)
+        return
+      }
+      if (outcome === null) {
+        this.opts.hooks?.spooled?.(entries)
+        return
+      }
+      // The batch in flight is lost only if its write does not go through: it was counted lost
+      // here, and stored (uncounted) when its write went through after.
+      this.lose(rest.length + this.unvouched(flight, ahead, outcome.message), outcome.message)
+    } finally {
+      clearTimeout(diskTimer)
     }
-    this.opts.hooks?.spooled?.(entries)
+  }
+
+  /**
+   * `close` stopped waiting for the disk: what it cannot vouch for is counted lost now (the appends
+   * under way, the queue, `rest`), the batch in flight by its write's end (see unvouched), and
+   * what the appends under way do when they end counts nothing more.
+   */
+  private giveUp (ahead: AuditEntry[] | null, rest: AuditEntry[], why: string): void {
+    this.gaveUp = true
+    this.drained = true
+    let n = this.held + this.appending + this.kept(this.queue).length + rest.length
+    this.queue = []
+    const flight = this.inFlight
+    if (ahead !== null) {
+      n += this.unvouched(flight, ahead, why)
+    } else if (flight !== null && !flight.counted && !flight.done) {
+      if (!flight.spooled) {
+        // Not taken by any append: no append takes it now.
+        flight.spooled = true
+        flight.taken = flight.batch.filter(e => !flight.quarantined.has(e.id)).length
+        this.orphan(flight, why)
+      } else if (!flight.onDisk) {
+        // In the append of a full queue that does not answer (`held` counts it).
+        n -= flight.taken
+        this.orphan(flight, why)
+      } else {
+        flight.counted = true
+        this.opts.hooks?.spooled?.(flight.taken)
+      }
+    }
+    this.lose(n, why)
+  }
+
+  /**
+   * The batch in flight `close` took (`ahead`) and could not put on disk: how many of its entries
+   * to count lost now. Its write not ended, none: its end counts them, stored if it went through,
+   * lost otherwise. Ended while close appended, those it did not store (it stored `late`).
+   */
+  private unvouched (flight: Flight | null, ahead: AuditEntry[] | null, why: string): number {
+    if (ahead === null || flight === null) return 0
+    if (this.inFlight === flight) {
+      flight.counted = false
+      this.orphan(flight, why)
+      return 0
+    }
+    if (flight.late > 0) this.opts.hooks?.stored?.(flight.late, 0)
+    return Math.max(0, ahead.length - flight.late)
+  }
+
+  /** The batch in flight is left to its write's end, said now (the process may end first). */
+  private orphan (flight: Flight, why: string): void {
+    flight.orphaned = why
+    this.opts.log.error({ entries: flight.taken, err: why }, 'audit entries not on disk at shutdown: their write to the store has not ended, lost unless it goes through')
   }
 
   /** What `close` waits for: the running flush, what came meanwhile, the rest of the queue. */
@@ -649,13 +794,17 @@ export class AuditWriter {
     // append should it stop waiting for the store meanwhile.
     const last = spool === null ? this.opts.store.write(rest) : spool.appendMany(this.lines(rest)).then(() => rest.length)
     this.appendDone = last.then(() => {}, () => {})
+    this.appending = rest.length
     try {
       const n = await last
+      // `close` gave up on the disk meanwhile: it counted them lost.
+      if (this.gaveUp) return
       if (spool === null) this.opts.hooks?.stored?.(n, (performance.now() - started) / 1000)
       else this.opts.hooks?.spooled?.(n)
     } catch (err) {
-      this.lose(rest.length, (err as Error).message)
+      if (!this.gaveUp) this.lose(rest.length, (err as Error).message)
     } finally {
+      this.appending = 0
       this.appendDone = null
     }
   }
