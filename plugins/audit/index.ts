@@ -865,12 +865,14 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       // and the process never ended by itself).
       app.log.error({ err: (err as Error).message }, 'audit writer failed at shutdown')
     } finally {
-      await spool?.close()
-      // Every entry is stored or spooled by now. A connection still held by a write PostgreSQL
-      // does not answer keeps the pool's end() waiting out its query timeout: the shutdown does
-      // not wait for it beyond a second (it ended killed, past its grace, though nothing was lost).
+      // Every entry is stored, spooled or counted lost by now. A connection still held by a write
+      // PostgreSQL does not answer keeps the pool's end() waiting out its query timeout, and a
+      // spool whose disk does not answer keeps its close waiting for the append under way (it
+      // runs one at a time) for ever: the shutdown waits for neither beyond a second (it ended
+      // killed, past its grace, every later onClose hook unrun).
+      const spoolClosed = spool?.close().catch((err: Error) => app.log.warn({ err: err.message }, 'audit spool close failed'))
       const closed = store.close().catch((err: Error) => app.log.warn({ err: err.message }, 'audit store close failed'))
-      await Promise.race([closed, sleep(STORE_CLOSE_MS, undefined, { ref: false })])
+      await Promise.race([Promise.all([spoolClosed, closed]), sleep(STORE_CLOSE_MS, undefined, { ref: false })])
     }
   })
 }

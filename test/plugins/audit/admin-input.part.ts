@@ -3,6 +3,7 @@ import type { FastifyInstance, LightMyRequestResponse } from 'fastify'
 import { buildApp } from '../../../app.js'
 import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, buildDemoApp, drained } from '../../helper.js'
+import { Spool } from '../../../plugins/audit/spool.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, spoolDir } from './db.js'
 
 // The admin endpoints' schemas let through two kinds of input the stores cannot use. A leap
@@ -99,4 +100,28 @@ t.test('admin bodies are not coerced: a boolean, number or array where a string 
   // A query string is text: its integers are still read.
   const page = await app.inject({ url: '/admin/audit?limit=2', headers: system })
   t.equal(page.statusCode, 200)
+})
+
+// A spool whose disk does not answer at shutdown: the writer's close gives up on it after its
+// bound, but the plugin's onClose then awaited spool.close(), which waits for the append under way
+// (the spool runs one at a time): the shutdown hung until it was killed at its grace.
+t.test('shutdown: an audit spool whose disk does not answer does not hold app.close for ever', async t => {
+  const appendMany = Spool.prototype.appendMany
+  let appends = 0
+  Spool.prototype.appendMany = async function (this: Spool, batches: Parameters<Spool['appendMany']>[0]) {
+    appends++
+    // The disk stops answering: the fsync never returns.
+    const fh = (this as unknown as { fh: { datasync: () => Promise<void> } }).fh
+    fh.datasync = async () => { await new Promise(() => {}) }
+    return await appendMany.call(this, batches)
+  }
+  t.teardown(() => { Spool.prototype.appendMany = appendMany })
+  // PostgreSQL away from the start: every entry goes to the spool.
+  const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: 'postgres://postgres@127.0.0.1:1/none', BFF_AUDIT_SPOOL_DIR: spoolDir(t) }), { logger: false, audit: { connectTimeoutMs: 200 } })
+  await app.ready()
+  const res = await app.inject({ url: '/admin/audit' })
+  t.equal(res.statusCode, 401, 'an audited refusal')
+  const closed = await Promise.race([app.close().then(() => true), new Promise<boolean>(resolve => setTimeout(resolve, 15_000, false))])
+  t.equal(closed, true, 'app.close resolved')
+  t.ok(appends > 0, `the entry went to the spool (${appends} appends)`)
 })
