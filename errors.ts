@@ -246,6 +246,8 @@ const PATH_SHOWN = 256
 /** A key shown bare in a dotted path; any other is quoted (["a.b"], ["sp ace"]), "…" being the mark of a cut key. */
 const PLAIN = /^[^\s.[\]"'\\…\p{C}]+$/u
 const INDEX = /^(?:0|[1-9][0-9]*)$/
+/** An array's index has at most 10 digits (the last is 4294967294): a longer number in a path is an object's key, shown as one. */
+const INDEX_DIGITS = 10
 
 /**
  * The segments of Ajv's instance path (a JSON pointer, its ~1 and ~0 unescaped: a field "a/b" is
@@ -259,19 +261,45 @@ function pathOf (pointer: string, value: unknown): string[] {
   for (const raw of pointer.slice(1).split('/')) {
     const key = raw.replace(/~1/g, '/').replace(/~0/g, '~')
     const known = at !== NO_VALUE && typeof at === 'object' && at !== null
-    segments.push(segment(key, known ? Array.isArray(at) : INDEX.test(key)))
+    segments.push(segment(key, known ? Array.isArray(at) : INDEX.test(key) && key.length <= INDEX_DIGITS))
     at = known && Object.hasOwn(at as object, key) ? (at as Record<string, unknown>)[key] : NO_VALUE
   }
   return segments
 }
 
-/** A key or index as a path shows it: ".name", ".3", ["a.b"]; a key past KEY_SHOWN characters cut, marked by "…" (outside the quotes). */
+/**
+ * A key or index as a path shows it: ".name", ".3", ["a.b"]. A key is cut after KEY_SHOWN
+ * characters (code points), or sooner when its quoted form would pass twice that (a character
+ * escaped as \u0001 is six), the cut marked by "…" (outside the quotes).
+ */
 function segment (key: string, index: boolean): string {
   if (index) return '.' + key
-  let shown = key
-  if (key.length > KEY_SHOWN) shown = Array.from(key.slice(0, 2 * KEY_SHOWN)).slice(0, KEY_SHOWN).join('')
+  let shown = ''
+  let count = 0
+  let width = 0
+  for (const c of key) {
+    const w = quoted(c).length - 2
+    if (count === KEY_SHOWN || width + w > 2 * KEY_SHOWN) break
+    shown += c
+    count++
+    width += w
+  }
   const cut = shown.length < key.length ? '…' : ''
-  return PLAIN.test(shown) && !INDEX.test(shown) ? `.${shown}${cut}` : `[${JSON.stringify(shown)}${cut}]`
+  return PLAIN.test(shown) && !INDEX.test(shown) ? `.${shown}${cut}` : `[${quoted(shown)}${cut}]`
+}
+
+/**
+ * A key JSON-quoted, and every character JSON leaves as it is but a reader would not see as
+ * written escaped too: format characters (U+202E turns the rest of the message around, U+200B and
+ * U+FEFF hide), U+007F..U+009F, private and unassigned ones, and the line breaks U+2028, U+2029 and
+ * U+0085, which would break the detail's line (JSON.stringify escapes U+0000..U+001F only).
+ */
+function quoted (key: string): string {
+  return JSON.stringify(key).replace(/[\p{C}\p{Zl}\p{Zp}]/gu, c => {
+    let escaped = ''
+    for (let i = 0; i < c.length; i++) escaped += '\\u' + c.charCodeAt(i).toString(16).padStart(4, '0')
+    return escaped
+  })
 }
 
 /** The context and its path's segments, bounded by PATH_SHOWN: the first and as many of the last as fit, "…" between. */

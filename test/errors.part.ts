@@ -414,3 +414,42 @@ t.test('a key that is not a plain name is quoted in a path, and every key and pa
   // Without the value (Fastify's errors), a number is an index.
   t.equal(describeValidation([{ instancePath: '/items/3/a.b', message: 'must be string' }]), 'input.items.3["a.b"] must be string')
 })
+
+// A quoted key was JSON.stringify's, which leaves every character above U+001F as it is: a key
+// holding U+2028 or U+0085 put a line break in the detail (and in the problem+json body: valid
+// JSON, not one line), U+202E turned the rest of the message around on screen, and U+200B or
+// U+FEFF hid in it. A key of control characters, each shown as \u0001, made a key of 64 characters
+// 386 long, and a path of two such keys 800; without the value, a key of 10,000 digits was taken
+// for an index and shown whole (10,023 characters).
+t.test('a key\'s invisible, bidi and line-breaking characters are escaped, and what a key shows is bounded', async t => {
+  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
+  const named = (schema: object, value: unknown): string => {
+    const validate = ajv.compile(schema)
+    t.notOk(validate(value), 'a value is refused')
+    return describeValidation(validate.errors ?? [], 'input', { schema: validate.schema, value })
+  }
+  const strings = { type: 'object', additionalProperties: { type: 'string' } }
+  for (const [key, shown] of [
+    ['a\u2028b', 'a\\u2028b'], ['a\u2029b', 'a\\u2029b'], ['a\u0085b', 'a\\u0085b'], ['a\u007fb', 'a\\u007fb'],
+    ['a\u202eevil', 'a\\u202eevil'], ['x\u2066y', 'x\\u2066y'], ['x\u200by', 'x\\u200by'], ['\ufeffa', '\\ufeffa'], ['a\u00adb', 'a\\u00adb'],
+    ['p\u{f0000}', 'p\\udb80\\udc00'], ['a\ud800', 'a\\ud800'], ['a\nb', 'a\\nb'], ['é ü', 'é ü']
+  ] as const) {
+    const message = named(strings, { [key]: 1 })
+    // Compared in ASCII: tap's own report of a raw U+2028 cut its stream.
+    const ascii = (text: string): string => text.replace(/[^\x20-\x7e]/g, c => '<' + c.charCodeAt(0).toString(16) + '>')
+    t.equal(ascii(message), ascii(`input["${shown}"] must be string`), `${ascii(key)} is shown ${ascii(shown)}`)
+    const body = JSON.stringify(toProblem(new MantleError('VALIDATION_FAILED', message), RID).problem)
+    t.notOk(/[\n\r\u0085\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]/u.test(body), `${ascii(shown)}: the problem+json body is one line, with nothing hidden`)
+    t.same(JSON.parse(body).detail, message, 'and valid JSON')
+  }
+  const ctl = '\u0001'.repeat(10_000)
+  t.ok(named(strings, { [ctl]: 1 }).length < 160, `a key of control characters: ${named(strings, { [ctl]: 1 }).length} characters`)
+  const two = named({ type: 'object', additionalProperties: strings }, { [ctl]: { [ctl]: 1 } })
+  t.ok(two.length < 300, `two of them: ${two.length} characters`)
+  const three = named({ type: 'object', additionalProperties: { type: 'object', additionalProperties: strings } }, { [ctl]: { [ctl]: { [ctl]: 1 } } })
+  t.ok(three.length < 300, `three of them: ${three.length} characters`)
+  // Without the value (Fastify's errors), a number of more digits than an array's index has is a key.
+  const digits = describeValidation([{ instancePath: '/' + '1'.repeat(10_000) + '/a', message: 'must be string' }])
+  t.match(digits, /^input\["1{64}"…\]\.a must be string$/, `a key of 10,000 digits: ${digits.length} characters`)
+  t.equal(describeValidation([{ instancePath: '/items/4294967294', message: 'must be string' }]), 'input.items.4294967294 must be string', 'an array\'s last index is an index')
+})
