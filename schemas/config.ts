@@ -195,10 +195,22 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
   // (a secret's trailing newline), every token an identity provider signs was refused 401.
   for (const [name, claim] of [['BFF_JWT_ISSUER', 'iss'], ['BFF_JWT_AUDIENCE', 'aud']] as const) {
     const value = config[name]
-    if (value === undefined || bad.has(name) || value.trim() === value) continue
-    refuse(name, `the \`${claim}\` tokens must carry, without spaces around it`, value.trim() === ''
-      ? `blank: no token carries it, so every token would be refused; leave ${name} unset for no ${claim} check`
-      : 'tokens carry it without them, so every token would be refused')
+    if (value === undefined || bad.has(name)) continue
+    if (value.trim() !== value) {
+      refuse(name, `the \`${claim}\` tokens must carry, without spaces around it`, value.trim() === ''
+        ? `blank: no token carries it, so every token would be refused; leave ${name} unset for no ${claim} check`
+        : 'tokens carry it without them, so every token would be refused')
+      continue
+    }
+    // Copied from a console, a zero-width space or a control character stays invisible in the
+    // value (trim() keeps it) and in its echo; and a list (api-a,api-b) is compared whole with a
+    // token's one value: either way every token was refused 401, with no word at start-up.
+    const hidden = /[\p{Cc}\p{Cf}\u2028\u2029]/u.exec(value)
+    if (hidden !== null) {
+      refuse(name, `the \`${claim}\` tokens must carry`, `it holds an invisible character, U+${hidden[0].codePointAt(0)!.toString(16).toUpperCase().padStart(4, '0')}: tokens do not carry it, so every token would be refused`)
+    } else if (name === 'BFF_JWT_AUDIENCE' && value.includes(',')) {
+      refuse(name, 'the one `aud` tokens must carry', 'a list is not supported: the whole value is compared with a token\'s `aud`, so every token would be refused; set the audience your identity provider puts in tokens for this gateway')
+    }
   }
   if (config.BFF_JWT_PUBLIC_KEYS !== undefined) {
     try {

@@ -506,6 +506,17 @@ t.test('a blank BFF_JWT_ISSUER or BFF_JWT_AUDIENCE, or one with spaces around it
       t.equal(loadConfig({ [name]: value })[name as 'BFF_JWT_ISSUER'], value, `${name}=${JSON.stringify(value)} is accepted`)
     }
   }
+  // Found by review: an invisible character (a zero-width space copied along, an inner newline)
+  // and a list in BFF_JWT_AUDIENCE passed, and every token was refused 401.
+  for (const [name, claim] of [['BFF_JWT_ISSUER', 'iss'], ['BFF_JWT_AUDIENCE', 'aud']]) {
+    for (const [value, point] of [['mantle\u200b', '200B'], ['https://a\nb', '000A'], ['\u200bapi', '200B'], ['a\u00adb', '00AD']]) {
+      t.match(errorOf({ [name]: value })?.message, `${name}=${JSON.stringify(value)} is invalid: expected the \`${claim}\` tokens must carry (it holds an invisible character, U+${point}: `, `${name}=${JSON.stringify(value)}`)
+    }
+  }
+  for (const value of ['api-a,api-b', 'api-a, api-b']) {
+    t.match(errorOf({ BFF_JWT_AUDIENCE: value })?.message, `BFF_JWT_AUDIENCE=${JSON.stringify(value)} is invalid: expected the one \`aud\` tokens must carry (a list is not supported: `, `BFF_JWT_AUDIENCE=${JSON.stringify(value)}`)
+  }
+  t.equal(loadConfig({ BFF_JWT_ISSUER: 'https://a.example/x,y' }).BFF_JWT_ISSUER, 'https://a.example/x,y', 'a comma in the issuer is its own')
   const both = errorOf({ BFF_JWT_ISSUER: ' ', BFF_JWT_AUDIENCE: 'mantle ', PORT: 'abc' })?.message ?? ''
   for (const name of ['BFF_JWT_ISSUER=" "', 'BFF_JWT_AUDIENCE="mantle "', 'PORT="abc"']) t.match(both, name, `${name} named with the others`)
 })
