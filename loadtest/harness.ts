@@ -402,6 +402,9 @@ export function gatewayEnv (on: readonly GatewayFlag[], extra: (ctx: TargetConte
       // `extra` turns them on, so that each target measures exactly what its name says.
       for (const flag of CONCERN_FLAGS) env[flag] = 'false'
       for (const flag of GATEWAY_FLAGS) env[flag] = String(on.includes(flag))
+      // Off in production by default: the faces section reads getAgent's argument type by
+      // introspection (a validation rule less, run once per document: mercurius caches it).
+      if (on.includes('BFF_GRAPHQL_ENABLED')) env.BFF_GRAPHQL_INTROSPECTION = 'true'
       return { ...env, ...extra(ctx) }
     },
     readyPath: '/healthz'
