@@ -79,6 +79,11 @@ interface Flight {
    * the write's end counts it, stored what went through and lost (logged) the rest.
    */
   orphaned: string | null
+  /**
+   * Its write ended, taken to the spool by a full queue's append still under way: how many of its
+   * entries (neither stored nor quarantined) wait for that append to be counted spooled.
+   */
+  waiting: number
 }
 
 /** Thrown into a spool replay that `close` has stopped waiting for: the rest stays spooled. */
@@ -136,6 +141,8 @@ export class AuditWriter {
   private appending = 0
   /** That append while it runs: `close` waits for it (should it fail, its batch comes back to the queue). */
   private appendDone: Promise<void> | null = null
+  /** The batch in flight the full queue's append under way took ahead (`held` counts it). */
+  private overflowFlight: Flight | null = null
   /** `close` took the queue for good: nothing writes entries put into it any more. */
   private drained = false
   /**
@@ -219,6 +226,7 @@ export class AuditWriter {
     const lines = this.lines(batch, ahead)
     this.held = batch.length + (ahead?.length ?? 0)
     if (ahead !== null && flight !== null) flight.taken = ahead.length
+    this.overflowFlight = ahead !== null ? flight : null
     const append: Promise<void> = spool.appendMany(lines).then(() => {
       // `close` gave up on the disk: it counted these entries lost.
       if (this.gaveUp) return
@@ -241,7 +249,10 @@ export class AuditWriter {
       this.putBack(back, err)
     }).finally(() => {
       this.held = 0
-      if (this.overflowing === append) this.overflowing = null
+      if (this.overflowing === append) {
+        this.overflowing = null
+        this.overflowFlight = null
+      }
     })
     this.overflowing = append
   }
@@ -464,7 +475,7 @@ export class AuditWriter {
     const spool = this.opts.spool
     if (spool === null || (!this.spooling(spool) && Date.now() >= this.retryAt)) {
       const started = performance.now()
-      const flight: Flight = { batch, spooled: false, quarantined: new Set<string>(), onDisk: false, counted: false, done: false, late: 0, taken: 0, orphaned: null }
+      const flight: Flight = { batch, spooled: false, quarantined: new Set<string>(), onDisk: false, counted: false, done: false, late: 0, taken: 0, orphaned: null, waiting: 0 }
       this.inFlight = flight
       try {
         // What the store took anew: a batch the disk refused after its write succeeded comes
@@ -513,6 +524,7 @@ export class AuditWriter {
           this.lose(batch.length, flight.orphaned)
           return
         }
+        flight.waiting = batch.length
         await this.overflowing
         if (flight.onDisk && !flight.counted) this.opts.hooks?.spooled?.(batch.length)
         return
@@ -727,6 +739,11 @@ export class AuditWriter {
     let n = this.held + this.appending + this.kept(this.queue).length + rest.length
     this.queue = []
     const flight = this.inFlight
+    // The batch a full queue's append took ahead, its write ended since: `held` counts it whole,
+    // though its write stored (counted stored) or quarantined some of it. Only what waits for the
+    // append is lost.
+    const over = this.overflowFlight
+    if (this.overflowing !== null && over !== null && over !== flight) n += over.waiting - over.taken
     if (ahead !== null) {
       n += this.unvouched(flight, ahead, why)
     } else if (flight !== null && !flight.counted && !flight.done) {

@@ -1237,3 +1237,28 @@ t.test('writer: the disk hangs with the batch in flight in a full queue\'s appen
     await spool.close()
   }
 })
+
+// The disk hangs with a full queue's append that took the batch in flight ahead, and that batch's
+// write then went through (counted stored) before close gave up on the disk: close counted every
+// entry of the append lost, the stored batch with them (stored and lost both). A write that failed
+// leaves its batch to the append: lost with it.
+t.test('writer: the disk hangs with a full queue\'s append whose batch ahead has ended its write since: counted once, stored or lost', async t => {
+  for (const outcome of ['fails', 'succeeds'] as const) {
+    const store = flakyStore()
+    const first = holdFirstWrite(store)
+    const spool = await Spool.open(spoolDir(t))
+    spool.appendMany = async () => { await new Promise(() => {}) }
+    const count = { stored: 0, spooled: 0, lost: 0 }
+    const hooks = { stored: (n: number) => { count.stored += n }, spooled: (n: number) => { count.spooled += n }, lost: (n: number) => { count.lost += n } }
+    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, diskTimeoutMs: 50, log: quiet, hooks })
+    for (let i = 0; i < 10; i++) writer.enqueue(entry())
+    await until(() => first.held, 'the first batch in flight')
+    for (let i = 0; i < 100; i++) writer.enqueue(entry()) // the 100th fills the queue: its append, the batch in flight ahead, hangs
+    first.release(outcome === 'succeeds')
+    await until(() => (writer as unknown as { inFlight: unknown }).inFlight === null, 'the write in flight ended')
+    t.equal(await Promise.race([writer.close().then(() => true), new Promise<boolean>(resolve => setTimeout(resolve, 5000, false))]), true, `${outcome}: close resolved`)
+    t.same(count, outcome === 'succeeds' ? { stored: 10, spooled: 0, lost: 100 } : { stored: 0, spooled: 0, lost: 110 }, `${outcome}: each entry counted once (the stored batch not lost too)`)
+    t.equal(store.stored.length, outcome === 'succeeds' ? 10 : 0)
+    await spool.close()
+  }
+})
