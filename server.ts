@@ -9,8 +9,14 @@ import type { Manifest } from './manifest.js'
 
 /** A shutdown's grace at the least (ms). */
 const MIN_GRACE_MS = 10_000
-/** What a shutdown needs after the longest call: the audit's flush (3 s at most for PostgreSQL, then 1 s for the spool's disk) and the stores' close. */
-const GRACE_MARGIN_MS = 5_000
+/**
+ * What a shutdown needs after the longest call, its onClose hooks one after another: the audit's
+ * 5 s at most (3 s for PostgreSQL, 1 s for the spool's disk, 1 s for the store's and the spool's
+ * close), the trace export's 2.5 s, the Redis connections' quits (a command timeout each), and a
+ * second to spare. It was 5 s, the audit's alone: a shutdown whose audit took its whole bound was
+ * killed at its grace (exit 1) before the trace export and the Redis quits had run.
+ */
+const GRACE_MARGIN_MS = 10_000
 
 /**
  * How long a shutdown may take before the process exits anyway: the longest operation's
