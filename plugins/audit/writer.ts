@@ -767,7 +767,7 @@ export class AuditWriter {
   /**
    * The batch in flight `close` took (`ahead`) and could not put on disk: how many of its entries
    * to count lost now. Its write not ended, none: its end counts them, stored if it went through,
-   * lost otherwise. Ended while close appended, those it did not store (it stored `late`).
+   * lost otherwise. Ended while close appended, those it neither stored (`late`) nor quarantined.
    */
   private unvouched (flight: Flight | null, ahead: AuditEntry[] | null, why: string): number {
     if (ahead === null || flight === null) return 0
@@ -777,7 +777,9 @@ export class AuditWriter {
       return 0
     }
     if (flight.late > 0) this.opts.hooks?.stored?.(flight.late, 0)
-    return Math.max(0, ahead.length - flight.late)
+    // Those its split quarantined once close had taken it (set aside) were counted quarantined.
+    const quarantined = this.setAside.size === 0 ? 0 : ahead.filter(e => this.setAside.has(e.id)).length
+    return Math.max(0, ahead.length - flight.late - quarantined)
   }
 
   /** The batch in flight is left to its write's end, said now (the process may end first). */

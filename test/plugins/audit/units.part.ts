@@ -1262,3 +1262,44 @@ t.test('writer: the disk hangs with a full queue\'s append whose batch ahead has
     await spool.close()
   }
 })
+
+// close took the batch in flight while its write was being split (an entry's quarantine under
+// way), and the disk then refused close's last append after that write had ended: the entry
+// quarantined meanwhile was counted quarantined, and lost again with the rest of the batch.
+t.test('writer: close\'s last append refused after the batch it took was split: an entry quarantined meanwhile is not counted lost too', async t => {
+  const store = flakyStore()
+  const bad = entry()
+  const write = store.write.bind(store)
+  store.write = async (batch) => {
+    if (batch.some(e => e.id === bad.id)) throw Object.assign(new Error('invalid input'), { code: '22P02' })
+    return await write(batch)
+  }
+  const refusing = store as AuditStore & { refuses?: (err: unknown) => boolean }
+  refusing.refuses = err => (err as { code?: string }).code === '22P02'
+  const spool = await Spool.open(spoolDir(t))
+  let quarantine: (() => void) | null = null
+  const append = spool.quarantine.append.bind(spool.quarantine)
+  spool.quarantine.append = async (records) => {
+    await new Promise<void>(resolve => { quarantine = resolve })
+    await append(records)
+  }
+  let refuse: (() => void) | null = null
+  spool.appendMany = async () => {
+    await new Promise<void>(resolve => { refuse = resolve })
+    throw new Error('ENOSPC: no space left on device, write')
+  }
+  const count = { stored: 0, spooled: 0, lost: 0, quarantined: 0 }
+  const hooks = { stored: (n: number) => { count.stored += n }, spooled: (n: number) => { count.spooled += n }, lost: (n: number) => { count.lost += n }, quarantined: (n: number) => { count.quarantined += n } }
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, diskTimeoutMs: 5000, log: quiet, hooks })
+  writer.enqueue(bad)
+  for (let i = 0; i < 9; i++) writer.enqueue(entry())
+  await until(() => quarantine !== null, 'the refused entry\'s quarantine under way')
+  const closed = writer.close()
+  await until(() => refuse !== null, 'close appending the batch in flight')
+  quarantine!()
+  await until(() => (writer as unknown as { inFlight: unknown }).inFlight === null, 'the split ended')
+  refuse!()
+  await closed
+  t.same(count, { stored: 0, spooled: 0, lost: 9, quarantined: 1 }, 'each entry counted once: the quarantined one not lost too')
+  await spool.close()
+})
