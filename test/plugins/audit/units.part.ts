@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { createHash } from 'node:crypto'
 import { appendFileSync, existsSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { hostname } from 'node:os'
@@ -1214,20 +1214,30 @@ t.test('writer: entries that come after close are counted lost each, logged in a
   await spool.close()
 })
 
+/**
+ * A writer whose first batch's write is held (`first`) and whose spool's disk hangs, with that
+ * batch in flight and 100 entries more: the 100th fills the queue, whose append, the batch in
+ * flight ahead, hangs. Store, disk and close wait 50 ms; `count` adds up its hooks.
+ */
+async function hungFullQueue (t: Test): Promise<{ store: ReturnType<typeof flakyStore>, first: ReturnType<typeof holdFirstWrite>, spool: Spool, count: { stored: number, spooled: number, lost: number }, writer: AuditWriter }> {
+  const store = flakyStore()
+  const first = holdFirstWrite(store)
+  const spool = await Spool.open(spoolDir(t))
+  spool.appendMany = async () => { await new Promise(() => {}) }
+  const count = { stored: 0, spooled: 0, lost: 0 }
+  const hooks = { stored: (n: number) => { count.stored += n }, spooled: (n: number) => { count.spooled += n }, lost: (n: number) => { count.lost += n } }
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, diskTimeoutMs: 50, log: quiet, hooks })
+  for (let i = 0; i < 10; i++) writer.enqueue(entry())
+  await until(() => first.held, 'the first batch in flight')
+  for (let i = 0; i < 100; i++) writer.enqueue(entry())
+  return { store, first, spool, count, writer }
+}
+
 // The disk hangs while a full queue's append holds the batch in flight too (its write hung as
 // well): close counts the queue lost, and leaves the batch in flight to its write's end.
 t.test('writer: the disk hangs with the batch in flight in a full queue\'s append: each entry counted once, by what became of it', async t => {
   for (const outcome of ['fails', 'succeeds'] as const) {
-    const store = flakyStore()
-    const first = holdFirstWrite(store)
-    const spool = await Spool.open(spoolDir(t))
-    spool.appendMany = async () => { await new Promise(() => {}) }
-    const count = { stored: 0, spooled: 0, lost: 0 }
-    const hooks = { stored: (n: number) => { count.stored += n }, spooled: (n: number) => { count.spooled += n }, lost: (n: number) => { count.lost += n } }
-    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, diskTimeoutMs: 50, log: quiet, hooks })
-    for (let i = 0; i < 10; i++) writer.enqueue(entry())
-    await until(() => first.held, 'the first batch in flight')
-    for (let i = 0; i < 100; i++) writer.enqueue(entry()) // the 100th fills the queue: its append, the batch in flight ahead, hangs
+    const { first, spool, count, writer } = await hungFullQueue(t)
     t.equal(await Promise.race([writer.close().then(() => true), new Promise<boolean>(resolve => setTimeout(resolve, 5000, false))]), true, `${outcome}: close resolved`)
     t.same(count, { stored: 0, spooled: 0, lost: 100 }, `${outcome}: the full queue counted lost once close resolved`)
     first.release(outcome === 'succeeds')
@@ -1244,16 +1254,7 @@ t.test('writer: the disk hangs with the batch in flight in a full queue\'s appen
 // leaves its batch to the append: lost with it.
 t.test('writer: the disk hangs with a full queue\'s append whose batch ahead has ended its write since: counted once, stored or lost', async t => {
   for (const outcome of ['fails', 'succeeds'] as const) {
-    const store = flakyStore()
-    const first = holdFirstWrite(store)
-    const spool = await Spool.open(spoolDir(t))
-    spool.appendMany = async () => { await new Promise(() => {}) }
-    const count = { stored: 0, spooled: 0, lost: 0 }
-    const hooks = { stored: (n: number) => { count.stored += n }, spooled: (n: number) => { count.spooled += n }, lost: (n: number) => { count.lost += n } }
-    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, diskTimeoutMs: 50, log: quiet, hooks })
-    for (let i = 0; i < 10; i++) writer.enqueue(entry())
-    await until(() => first.held, 'the first batch in flight')
-    for (let i = 0; i < 100; i++) writer.enqueue(entry()) // the 100th fills the queue: its append, the batch in flight ahead, hangs
+    const { store, first, spool, count, writer } = await hungFullQueue(t)
     first.release(outcome === 'succeeds')
     await until(() => (writer as unknown as { inFlight: unknown }).inFlight === null, 'the write in flight ended')
     t.equal(await Promise.race([writer.close().then(() => true), new Promise<boolean>(resolve => setTimeout(resolve, 5000, false))]), true, `${outcome}: close resolved`)
