@@ -106,7 +106,13 @@ if (available) {
     let locks: Array<{ granted: boolean, pid: number }> = []
     for (let i = 0; i < 200 && locks.length === 0; i++) { locks = await migrationLocks(url); await new Promise(resolve => setTimeout(resolve, 20)) }
     t.match(locks, [{ granted: true }], 'the migration holds the lock')
-    const [activity] = await sql<{ state: string, in_transaction: boolean }>(url, 'SELECT state, xact_start IS NOT NULL AS in_transaction FROM pg_stat_activity WHERE pid = $1', [locks[0].pid])
+    // Until it waits for the writer's table (DROP INDEX): between the lock and that statement the
+    // session is 'idle in transaction' for a moment, which a busy CI machine stretched (seen twice).
+    let activity: { state: string, in_transaction: boolean } | undefined
+    for (let i = 0; i < 200 && activity?.state !== 'active'; i++) {
+      [activity] = await sql<{ state: string, in_transaction: boolean }>(url, 'SELECT state, xact_start IS NOT NULL AS in_transaction FROM pg_stat_activity WHERE pid = $1', [locks[0].pid])
+      if (activity?.state !== 'active') await new Promise(resolve => setTimeout(resolve, 20))
+    }
     t.same(activity, { state: 'active', in_transaction: true }, 'in its transaction')
     t.match(await within(migrationStatus(url), 5000, 'status'), { current: 2, max: 4, pending: [3, 4] }, 'status takes no lock, and sees nothing of the running migration')
     await t.rejects(within(migrate(url, undefined, { lockTimeoutMs: 200 }), 5000, 'a second migrate'), /^another migration of this database is running: the migration lock was not free after 200 ms/, 'a second migration waits for the lock no longer than its lock_timeout')

@@ -1381,8 +1381,9 @@ t.test('an operation with no answer yet and a short timeout is not refused for l
   load.running = false
   await Promise.all(busy)
   // Capped by its own timeout (less 10 ms), what it asks is below its calls' time left after one or
-  // two halvings; uncapped, it stays over its timeout for 3 s, and none is sent.
-  t.ok((outcomes.ok ?? 0) >= 20, `getItem's calls are answered within 3 s (${JSON.stringify(outcomes)})`)
+  // two halvings; uncapped, it stays over its timeout for 3 s, and none is sent. (65 answered on a
+  // quiet machine, 18 and 19 in two loaded CI runs: at least 5, against none without the cap.)
+  t.ok((outcomes.ok ?? 0) >= 5, `getItem's calls are answered within 3 s (${JSON.stringify(outcomes)})`)
   t.equal(client.breaker!.state, 'closed')
 })
 
