@@ -373,7 +373,9 @@ export class ResponseCache {
    * kept and replayed when it is back (its connection's 'ready') or when the hold ends.
    */
   async invalidate (tenant: string, tags: readonly string[], source: InvalidationSource): Promise<void> {
-    const keys = tags.map(t => tagKey(tenant, t))
+    // Each tag once: a mutation's templates may fill alike (user:{owner}, user:{assignee}), and a
+    // tag named twice was counted twice and sent to Redis and every instance twice.
+    const keys = (tags.length > 1 ? [...new Set(tags)] : tags).map(t => tagKey(tenant, t))
     this.memory.clock.invalidate(keys)
     this.metrics.invalidated(source, keys.length)
     if (this.opts.redis === null) return
@@ -394,8 +396,7 @@ export class ResponseCache {
     }
     const tick = this.memory.clock.now()
     let lost = 0
-    // Each tag once: one named twice (two templates filled alike) was counted lost twice.
-    for (const k of new Set(keys)) {
+    for (const k of keys) {
       // Past the bound, a tag already pending still takes this tick: the loop used to stop at
       // the first tag lost, and a replay under way then took a later one for replayed, though
       // it went out before this invalidation.
