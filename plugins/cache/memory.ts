@@ -191,11 +191,6 @@ export class MemoryTier {
     return this.lru.size
   }
 
-  /** Drops the entries past their keep time among the next slice of them (FairLru.purgeStale). */
-  purge (): void {
-    this.lru.purgeStale()
-  }
-
   /** Drops the entries past their keep time, a slice at a time, `maxSlices` slices at most (FairLru.purgeAllStale; a metrics scrape's, as the idempotency store's). */
   async purgeAll (maxSlices = Infinity): Promise<void> {
     await this.lru.purgeAllStale(maxSlices)

@@ -89,24 +89,11 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     if (this.claimOf(key)?.record.token === token) this.running.delete(key)
   }
 
-  /**
-   * Drops lapsed claims and the expired entries among the next slice of outcomes (FairLru.purgeStale):
-   * claims are as many as the keyed calls running, outcomes up to `maxKeys`.
-   */
-  purge (): void {
-    this.cache.purgeStale()
-    this.dropLapsed()
-  }
-
-  /** Drops every lapsed claim, and expired outcomes a slice at a time, `maxSlices` at most (FairLru.purgeAllStale; the plugin's gauge, before reporting the size). */
+  /** Drops every lapsed claim (as many as the keyed calls running), and expired outcomes a slice at a time, `maxSlices` at most (FairLru.purgeAllStale; the plugin's gauge, before reporting the size). */
   async purgeAll (maxSlices = Infinity): Promise<void> {
-    this.dropLapsed()
-    await this.cache.purgeAllStale(maxSlices)
-  }
-
-  private dropLapsed (): void {
     const now = performance.now()
     for (const [key, claim] of this.running) if (claim.until <= now) this.running.delete(key)
+    await this.cache.purgeAllStale(maxSlices)
   }
 
   /** The running claim on `key`, unless its lease has lapsed. */

@@ -8,6 +8,7 @@ import { buildTestApp, bearer } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { REDIS_URL, itemKernel, itemManifest, metric, eventually } from './items.js'
 import { ResponseCache, RedisTier, etagOf, localKey, policyOf, type CachedAnswer } from '../../../plugins/cache/index.js'
+import type { CacheMetrics } from '../../../plugins/cache/cache.js'
 import { CallContext, canonicalJson } from '../../../plugins/pipeline/index.js'
 import type { Operation } from '../../../manifest.js'
 
@@ -23,7 +24,7 @@ function oldEntry (): CachedAnswer {
 }
 
 /** A cache over `tier` alone (no metrics, no log), closed with the test; `now` its clock. */
-function cacheWith (t: { teardown: (fn: () => unknown) => void }, tier: RedisTier, now?: () => number): ResponseCache {
+function cacheWith (t: { teardown: (fn: () => unknown) => void }, tier: RedisTier, now?: () => number, metrics?: CacheMetrics): ResponseCache {
   const cache = new ResponseCache({
     redis: { tier, up: () => true },
     maxSize: 100,
@@ -33,6 +34,7 @@ function cacheWith (t: { teardown: (fn: () => unknown) => void }, tier: RedisTie
     serializer: () => JSON.stringify,
     instanceId: 'one',
     ...(now === undefined ? {} : { now }),
+    metrics,
     log: { warn: () => {}, debug: () => {} }
   })
   t.teardown(() => cache.close())
@@ -461,18 +463,7 @@ t.test('a tag named twice in one invalidation is invalidated and counted once', 
   } as unknown as RedisTier
   let counted = 0
   const noop = (): void => {}
-  const cache = new ResponseCache({
-    redis: { tier, up: () => true },
-    maxSize: 100,
-    maxBytes: 1 << 20,
-    defaultTtlSeconds: 60,
-    breakerOpen: () => false,
-    serializer: () => JSON.stringify,
-    instanceId: 'one',
-    metrics: { outcome: noop, coalesced: noop, invalidated: (_source, n) => { counted += n }, fallback: noop, discarded: noop, evicted: noop, lost: noop },
-    log: { warn: () => {}, debug: () => {} }
-  })
-  t.teardown(() => cache.close())
+  const cache = cacheWith(t, tier, undefined, { outcome: noop, coalesced: noop, invalidated: (_source, n) => { counted += n }, fallback: noop, discarded: noop, evicted: noop, lost: noop })
   await cache.invalidate('t', ['user:u1', 'user:u1', 'item:a'], 'mutation')
   t.equal(counted, 2, 'two tags counted')
   t.same(sent.map(keys => keys.length), [2], 'two tags sent to Redis')

@@ -178,7 +178,7 @@ t.test('the memory tier shares its bounds fairly: a tenant past them evicts its 
   shielded.set('long', 'a', answer(5000), [], shielded.clock.now())
   shielded.set('dead', 'b', answer(1000), [], shielded.clock.now())
   t.equal(shielded.size, 2)
-  shielded.purge()
+  await shielded.purgeAll()
   t.equal(shielded.size, 1, 'purge drops the expired entry behind a live one')
   t.ok(shielded.get('long'), 'and keeps the live one')
   // A stored answer over an eighth of the bytes replaces the one under its key, not kept itself.

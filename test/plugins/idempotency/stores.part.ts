@@ -93,7 +93,7 @@ t.test('the memory store is bounded by keys and bytes of outcomes, and never evi
   const small = new MemoryIdempotencyStore({ maxKeys: 10, maxBytes: 4096 })
   await small.claim('gone', 'h', 20)
   await new Promise(resolve => setTimeout(resolve, 60))
-  small.purge()
+  await small.purgeAll()
   t.equal(small.size, 0, 'purge drops lapsed claims')
 })
 
