@@ -737,12 +737,12 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     if (q.from !== undefined) query.from = new Date(q.from)
     if (q.to !== undefined) query.to = new Date(q.to)
     const bad = unplaceable(query)
-    if (bad !== null) return badRequest(reply, request, `input.${bad} is not a time this endpoint can use (a leap second?)`)
+    if (bad !== null) return badRequest(reply, request, `querystring.${bad} is not a time this endpoint can use (a leap second?)`)
     // As verify refuses it: a reversed range answered 200 with nothing, as if no entry were there.
-    if (query.from !== undefined && query.to !== undefined && query.from > query.to) return badRequest(reply, request, 'input.from is after input.to')
+    if (query.from !== undefined && query.to !== undefined && query.from > query.to) return badRequest(reply, request, 'querystring.from is after querystring.to')
     if (q.cursor !== undefined) {
       const seq = decodeCursor(q.cursor)
-      if (seq === null) return badRequest(reply, request, 'input.cursor is not a cursor this endpoint gave')
+      if (seq === null) return badRequest(reply, request, 'querystring.cursor is not a cursor this endpoint gave')
       query.beforeSeq = seq
     }
     const page = await answered(() => store.query(query))
@@ -793,14 +793,14 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     const from = body.from === undefined ? undefined : new Date(body.from)
     const to = body.to === undefined ? undefined : new Date(body.to)
     const bad = unplaceable({ from, to })
-    if (bad !== null) return badRequest(reply, request, `input.${bad} is not a time this endpoint can use (a leap second?)`)
-    if (from !== undefined && to !== undefined && from > to) return badRequest(reply, request, 'input.from is after input.to')
+    if (bad !== null) return badRequest(reply, request, `body.${bad} is not a time this endpoint can use (a leap second?)`)
+    if (from !== undefined && to !== undefined && from > to) return badRequest(reply, request, 'body.from is after body.to')
     let next: VerifyCursor | undefined
     if (body.next !== undefined) {
       // The range travels in the cursor: a from or to beside it would be ignored, so it is refused.
-      if (from !== undefined || to !== undefined) return badRequest(reply, request, 'input.next carries its range: send it without from and to')
+      if (from !== undefined || to !== undefined) return badRequest(reply, request, 'body.next carries its range: send it without from and to')
       const cursor = decodeVerifyCursor(body.next)
-      if (cursor === null) return badRequest(reply, request, 'input.next is not a position this endpoint gave')
+      if (cursor === null) return badRequest(reply, request, 'body.next is not a position this endpoint gave')
       next = cursor
     }
     if (verifying) throw new MantleError('OVERLOADED', 'A verify is running on this instance: retry when it ends (one call walks at most 5 s)', { headers: { 'retry-after': '5' } })
