@@ -601,6 +601,14 @@ export class Need {
   private at = 0
   /** 4xx answers since its last 2xx (PEAK_ANSWERS before any): fewer, and a 4xx is not learnt. */
   private rejectedSinceOk = PEAK_ANSWERS
+  /**
+   * What a timeout backed it off to (timedOut), until an answer it learns from or the descent of
+   * rejected() reaches its 4xx's own time (0 then): asked while one of its calls is out, however
+   * far that descent has taken it down. Asked the halved estimate, every call of an operation whose
+   * Kernel hung on its 2xx went out while the first one hung, after a probe answered 404: one hung
+   * call per connection, a timeout each (8 connections: the breaker opened; found by a review).
+   */
+  private backedOffMs = 0
 
   /** `prior`: the client's, which every answer and timeout of the operation's teaches too (null for the client's own). */
   constructor (private readonly prior: Need | null = null) {
@@ -609,6 +617,7 @@ export class Need {
 
   observe (ms: number): void {
     this.rejectedSinceOk = 0
+    this.backedOffMs = 0
     this.prior?.observe(ms)
     this.learn(ms)
   }
@@ -636,9 +645,12 @@ export class Need {
         this.learn(from)
         this.probing = true
         this.probedMs = from / 2
+        // Down to that 4xx's own time: the 2xx the backoff was for are no longer asked for.
+        if (ms >= from) this.backedOffMs = 0
       }
       return
     }
+    this.backedOffMs = 0
     this.prior?.observe(ms)
     this.learn(ms)
   }
@@ -689,6 +701,7 @@ export class Need {
     if (ms > this.ms) this.learn(ms)
     else this.learntAt = performance.now()
     this.ms = Math.max(this.ms, Math.min(2 * ms, capMs))
+    this.backedOffMs = this.ms
   }
 
   /**
@@ -712,7 +725,7 @@ export class Need {
     // one of 200 ms ask more than any of its calls could have, and it was refused everything until
     // that was halved below their time left, a halving a second (4 s; found by a review).
     const ms = this.mean < 0 ? Math.min(this.prior?.ms ?? 0, timeoutMs - MIN_SEND_MS) : this.ms
-    if (this.out > 0) return ms
+    if (this.out > 0) return Math.max(ms, this.backedOffMs)
     // Stale since its last lesson, or since it was made: the client's too (another operation's
     // timeouts may have raised it) would otherwise refuse an operation for good.
     const spells = Math.floor((now - this.learntAt) / Math.max(STALE_MS, Math.min(4 * timeoutMs, STALE_MAX_MS)))

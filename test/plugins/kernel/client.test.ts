@@ -1087,11 +1087,11 @@ t.test('an operation that timed out is answered again once its Kernel recovers, 
  * `routes`, with getItem (GET /v1/items/{id}) and slowItem (GET /v1/slow/{id}) of the timeouts
  * given, and `call`: one call of an operation through `run`, its outcome ('ok' or the error's code).
  */
-async function twoOperations (t: Test, routes: Parameters<typeof startTestKernel>[1], getItemTimeoutMs: number, slowItemTimeoutMs: number): Promise<{ client: KernelClient, getItem: Operation, slowItem: Operation, call: (run: ReturnType<KernelClient['forOperation']>, op: Operation, id: string) => Promise<string> }> {
+async function twoOperations (t: Test, routes: Parameters<typeof startTestKernel>[1], getItemTimeoutMs: number, slowItemTimeoutMs: number, connections = 2): Promise<{ client: KernelClient, getItem: Operation, slowItem: Operation, call: (run: ReturnType<KernelClient['forOperation']>, op: Operation, id: string) => Promise<string> }> {
   const { CallContext } = await import('../../../plugins/pipeline/index.js')
   const { KernelClient } = await import('../../../plugins/kernel/index.js')
   const kernel = await startTestKernel(t, routes)
-  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
+  const client = new KernelClient({ origin: kernel.url, connections, retries: 0, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 } })
   t.teardown(() => client.close())
   const m = testManifest({
     getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: getItemTimeoutMs },
@@ -1427,5 +1427,46 @@ t.test('an operation answered with slow 2xx and then fast 4xx: once a probe is a
   const outcomes = JSON.stringify({ before, after })
   t.ok((after.NOT_FOUND ?? 0) > 0, `one of getItem's calls goes out and is answered 404 (${outcomes})`)
   t.ok((after.KERNEL_UNAVAILABLE ?? 0) <= (after.NOT_FOUND ?? 0) / 4, `then few of its calls are refused (${outcomes})`)
+  t.equal(client.breaker!.state, 'closed')
+})
+
+// Left open by the review of 16f8183: a stale estimate's probe answered with a 4xx not learnt
+// starts the estimate again at what the probe was asked for (half the stale estimate), and the
+// operation then asked that while its calls were out. After a timeout had backed its estimate off
+// (its Kernel hanging on the 2xx calls), every call of it handed a connection with half that left
+// went out while the first of them hung: one hung call per connection, each a timeout. While one
+// of its calls is out it now asks what the timeout backed it off to, until an answer it learns
+// from (or the descent reaches its 4xx's own time). Here, 4 connections, 6 calls that hang after
+// such a probe: 4 sent and timed out without (8 connections: 6, and the breaker opened); 1 with.
+t.test('after a timeout, a probe answered 404 does not send an operation\'s calls to hang on every connection', async t => {
+  let hung = 0
+  const { client, getItem, slowItem, call } = await twoOperations(t, {
+    'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 100) },
+    'GET /v1/items/p1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'p1' }), 20) },
+    'GET /v1/items/h1': () => { hung++ },
+    'GET /v1/items/x1': (_req, res) => { setTimeout(() => json(res, 404, { message: 'no such item' }), 10) }
+  }, 500, 2000, 4)
+  const fast = client.forOperation(getItem)
+  const slow = client.forOperation(slowItem)
+  // getItem answered 200 (so its 404s are not learnt), then a call of it hangs: its estimate backs
+  // off to its timeout less 10 ms.
+  for (let i = 0; i < 3; i++) t.equal(await call(fast, getItem, 'p1'), 'ok')
+  t.equal(await call(fast, getItem, 'h1'), 'KERNEL_TIMEOUT')
+  hung = 0
+  // Eight callers of slowItem keep the four connections busy; getItem's calls wait among them.
+  const load = { running: true }
+  const slowWorkers = Array.from({ length: 8 }, async () => { while (load.running) await call(slow, slowItem, 's1') })
+  // Its stale spell (2 s) halves the estimate; the probe that then goes out is answered 404.
+  await sleep(2100)
+  t.equal(await call(fast, getItem, 'x1'), 'NOT_FOUND', 'the probe is answered 404')
+  const outcomes: Record<string, number> = {}
+  await Promise.all(Array.from({ length: 6 }, async () => {
+    const outcome = await call(fast, getItem, 'h1')
+    outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
+  }))
+  load.running = false
+  await Promise.all(slowWorkers)
+  t.ok(hung <= 1, `one call at most goes out to hang (${hung} sent, ${JSON.stringify(outcomes)})`)
+  t.ok((outcomes.KERNEL_UNAVAILABLE ?? 0) >= 5, `the others are refused unsent (${JSON.stringify(outcomes)})`)
   t.equal(client.breaker!.state, 'closed')
 })
