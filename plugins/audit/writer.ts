@@ -72,6 +72,8 @@ interface Flight {
   done: boolean
   /** Entries the write stored while `counted` (not counted stored then: `close` counted them). */
   late: number
+  /** How long that write took (s), for the flush it is counted as should `close` count `late` stored after all. */
+  lateSeconds: number
   /** How many of its entries the append that took it holds. */
   taken: number
   /**
@@ -475,7 +477,7 @@ export class AuditWriter {
     const spool = this.opts.spool
     if (spool === null || (!this.spooling(spool) && Date.now() >= this.retryAt)) {
       const started = performance.now()
-      const flight: Flight = { batch, spooled: false, quarantined: new Set<string>(), onDisk: false, counted: false, done: false, late: 0, taken: 0, orphaned: null, waiting: 0 }
+      const flight: Flight = { batch, spooled: false, quarantined: new Set<string>(), onDisk: false, counted: false, done: false, late: 0, lateSeconds: 0, taken: 0, orphaned: null, waiting: 0 }
       this.inFlight = flight
       try {
         // What the store took anew: a batch the disk refused after its write succeeded comes
@@ -483,7 +485,7 @@ export class AuditWriter {
         const stored = await this.opts.store.write(batch)
         flight.done = true
         if (!flight.counted) this.opts.hooks?.stored?.(stored, (performance.now() - started) / 1000)
-        else flight.late += stored
+        else this.storedLate(flight, stored, started)
         this.recovered()
         return
       } catch (err) {
@@ -497,7 +499,7 @@ export class AuditWriter {
           // way) is set aside: the copy holds it.
           const isolated = await this.isolate(spool, batch, err, id => (flight.spooled ? this.setAside : flight.quarantined).add(id), () => flight.spooled)
           if (isolated.stored > 0 && !flight.counted) this.opts.hooks?.stored?.(isolated.stored, (performance.now() - started) / 1000)
-          else flight.late += isolated.stored
+          else if (isolated.stored > 0) this.storedLate(flight, isolated.stored, started)
           if (isolated.error === null) {
             this.recovered()
             // Isolated whole; or handed off to the copy taken to the spool (`rest`, its entries
@@ -776,10 +778,21 @@ export class AuditWriter {
       this.orphan(flight, why)
       return 0
     }
-    if (flight.late > 0) this.opts.hooks?.stored?.(flight.late, 0)
+    if (flight.late > 0) this.opts.hooks?.stored?.(flight.late, flight.lateSeconds)
     // Those its split quarantined once close had taken it (set aside) were counted quarantined.
     const quarantined = this.setAside.size === 0 ? 0 : ahead.filter(e => this.setAside.has(e.id)).length
     return Math.max(0, ahead.length - flight.late - quarantined)
+  }
+
+  /**
+   * `n` entries of the batch in flight stored once `close` counted it spooled: counted stored only
+   * should close's append fail (unvouched), as the flush it was, with the time its write took.
+   * Before, that count was observed as a flush of 0 s (mantle_audit_flush_duration_seconds, and
+   * /diagz's last flush time).
+   */
+  private storedLate (flight: Flight, n: number, started: number): void {
+    flight.late += n
+    flight.lateSeconds = (performance.now() - started) / 1000
   }
 
   /** The batch in flight is left to its write's end, said now (the process may end first). */

@@ -1304,3 +1304,31 @@ t.test('writer: close\'s last append refused after the batch it took was split: 
   t.same(count, { stored: 0, spooled: 0, lost: 9, quarantined: 1 }, 'each entry counted once: the quarantined one not lost too')
   await spool.close()
 })
+
+// close took the batch in flight, its write then went through while close's append ran, and the
+// disk refused that append: the batch is counted stored after all, as the flush it was. It was
+// observed as a flush of 0 s (the flush-time histogram, /diagz's last flush), whatever it took.
+t.test('writer: a batch in flight stored while close\'s refused append ran is counted stored with the time its write took', async t => {
+  const store = flakyStore()
+  const first = holdFirstWrite(store)
+  const spool = await Spool.open(spoolDir(t))
+  let refuse: (() => void) | null = null
+  spool.appendMany = async () => {
+    await new Promise<void>(resolve => { refuse = resolve })
+    throw new Error('ENOSPC: no space left on device, write')
+  }
+  const flushes: Array<[number, number]> = []
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, diskTimeoutMs: 5000, log: quiet, hooks: { stored: (n, s) => flushes.push([n, s]) } })
+  for (let i = 0; i < 10; i++) writer.enqueue(entry())
+  await until(() => first.held, 'the first batch in flight')
+  const closed = writer.close()
+  await until(() => refuse !== null, 'close appending the batch in flight')
+  first.release(true)
+  await until(() => (writer as unknown as { inFlight: unknown }).inFlight === null, 'the write went through')
+  refuse!()
+  await closed
+  t.equal(flushes.length, 1, 'one flush')
+  t.equal(flushes[0]?.[0], 10, 'of the 10 entries')
+  t.ok((flushes[0]?.[1] ?? 0) >= 0.04, `with the time its write took (${flushes[0]?.[1] ?? 0} s, held over 50 ms)`)
+  await spool.close()
+})
