@@ -454,7 +454,7 @@ export class AuditWriter {
       try {
         await spool.quarantine.append([record])
       } catch (qerr) {
-        this.opts.log.error({ err: (qerr as Error).message, file: spool.quarantine.path }, 'audit quarantine write failed: the refused entry stays in the spool')
+        this.opts.log.error({ err: (qerr as Error).message, file: spool.quarantine.path }, 'audit quarantine write failed: the refused entry stays with its batch (in the spool, or counted lost with it at shutdown)')
         failure = qerr as Error
         at = from
         break
@@ -594,8 +594,13 @@ export class AuditWriter {
     this.opts.log.error({ entries: n, err: 'they came after the writer closed' }, 'audit entries lost at shutdown: neither the store nor the spool took them')
   }
 
+  /**
+   * A write went through. Once `close` has taken the queue for good (`drained`) the writer writes
+   * nothing more: a write it had stopped waiting for that goes through says what it stored itself
+   * (see orphan), and "audit store is back" read, after the shutdown lines, as if the audit went on.
+   */
   private recovered (): void {
-    if (!this.storeUp) this.opts.log.info('audit store is back')
+    if (!this.storeUp && !this.drained) this.opts.log.info('audit store is back')
     // The store takes entries: whatever the spool did, nothing need be refused.
     this.spoolFailing = false
     this.storeUp = true
@@ -604,8 +609,13 @@ export class AuditWriter {
     this.lastError = null
   }
 
+  /**
+   * A write failed. Once `close` has taken the queue for good nothing is spooled any more: what
+   * the write held is counted and said by close (spooled) or by the write's end (lost), and
+   * "spooling to disk until it is back", said then, was not true.
+   */
   private fail (err: Error): void {
-    if (this.storeUp) this.opts.log.warn({ err: err.message }, 'audit store write failed: spooling to disk until it is back')
+    if (this.storeUp && !this.drained) this.opts.log.warn({ err: err.message }, 'audit store write failed: spooling to disk until it is back')
     this.storeUp = false
     this.lastError = err.message
     this.backoff = Math.min(this.backoff === 0 ? 100 : this.backoff * 2, MAX_BACKOFF_MS)
@@ -710,7 +720,9 @@ export class AuditWriter {
       this.queue = []
       this.drained = true
       const entries = (ahead?.length ?? 0) + rest.length
-      this.opts.log.warn({ entries, waitedMs: this.opts.closeTimeoutMs ?? CLOSE_TIMEOUT_MS }, 'audit store did not finish in time at shutdown: what it had not stored is spooled')
+      // Said before the append: what the disk then refuses or does not take in time is said lost
+      // below. "is spooled", said here, stood before those lines.
+      this.opts.log.warn({ entries, waitedMs: this.opts.closeTimeoutMs ?? CLOSE_TIMEOUT_MS }, 'audit store did not finish in time at shutdown: what it had not stored goes to the spool')
       if (taken > 0) this.opts.hooks?.spooled?.(taken)
       if (entries === 0) return
       const outcome = await Promise.race([spool.appendMany(this.lines(rest, ahead)).then(() => null, (err: Error) => err), diskLate])

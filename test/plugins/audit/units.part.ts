@@ -1332,3 +1332,31 @@ t.test('writer: a batch in flight stored while close\'s refused append ran is co
   t.ok((flushes[0]?.[1] ?? 0) >= 0.04, `with the time its write took (${flushes[0]?.[1] ?? 0} s, held over 50 ms)`)
   await spool.close()
 })
+
+// close stopped waiting for a write and the disk refused its append: the lines said after were
+// those of a writer that goes on ("audit store is back", "spooling to disk until it is back"), and
+// close's own said "is spooled" before the lines saying the same entries lost.
+t.test('writer: once close gave up, the write it left says no "store is back" nor "spooling until it is back", and close claims no spool the disk refused', async t => {
+  for (const outcome of ['fails', 'succeeds'] as const) {
+    const store = flakyStore()
+    const first = holdFirstWrite(store)
+    const spool = await Spool.open(spoolDir(t))
+    spool.appendMany = async () => { throw new Error('ENOSPC: no space left on device, write') }
+    const lines: string[] = []
+    const log = { info: (msg: string) => lines.push(`info ${msg}`), warn: (_: object, msg: string) => lines.push(`warn ${msg}`), error: (_: object, msg: string) => lines.push(`error ${msg}`) }
+    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, log })
+    // Up (a write that fails says so), or found down while idle by a probe (one that goes through
+    // says it is back); then it answers no more: the write hangs.
+    if (outcome === 'succeeds') await writer.probe(async () => { throw new Error('connection refused') })
+    for (let i = 0; i < 10; i++) writer.enqueue(entry())
+    await until(() => first.held, `${outcome}: the batch in flight`)
+    const before = lines.length
+    await writer.close()
+    first.release(outcome === 'succeeds')
+    await until(() => !writer.writing, `${outcome}: the write ended`)
+    const after = lines.slice(before)
+    t.notOk(after.some(l => /store is back|until it is back/.test(l)), `${outcome}: no line of a writer that goes on (${after.join(' | ')})`)
+    t.notOk(after.some(l => /is spooled/.test(l)), `${outcome}: close does not say spooled what the disk refused`)
+    await spool.close()
+  }
+})
