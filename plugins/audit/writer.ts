@@ -47,7 +47,7 @@ export interface WriterOptions {
    * grace, every later onClose hook unrun and the entries lost without a word.
    */
   diskTimeoutMs?: number
-  log: { warn: (obj: object, msg: string) => void, info: (msg: string) => void, error: (obj: object, msg: string) => void }
+  log: { warn: (obj: object, msg: string) => void, info: (obj: object | string, msg?: string) => void, error: (obj: object, msg: string) => void }
   hooks?: WriterHooks
 }
 
@@ -155,6 +155,14 @@ export class AuditWriter {
   /** Entries that came after `close` took the queue, counted lost but not logged yet, and the timer that logs them. */
   private lateLost = 0
   private lateTimer: NodeJS.Timeout | null = null
+  /** The batch in flight `close` left to its write's end (orphan), while that write runs. */
+  private orphanWaiting: Flight | null = null
+  /**
+   * While something `close` left is still to be said (the late entries' line, the end of an
+   * orphan's write), a listener of the process's exit that says it: the shutdown exits as soon
+   * as the app has closed (close-with-grace's process.exit), before any timer or write ends.
+   */
+  private exitWatch: (() => void) | null = null
   /** Until when a full queue is not appended again, after the spool refused one. */
   private spoolRetryAt = 0
   /** The spool's last append failed (a full disk, say); its next success clears it. */
@@ -485,6 +493,7 @@ export class AuditWriter {
         const stored = await this.opts.store.write(batch)
         flight.done = true
         if (!flight.counted) this.opts.hooks?.stored?.(stored, (performance.now() - started) / 1000)
+        if (flight.orphaned !== null) this.orphanStored(flight, stored)
         else this.storedLate(flight, stored, started)
         this.recovered()
         return
@@ -500,6 +509,7 @@ export class AuditWriter {
           const isolated = await this.isolate(spool, batch, err, id => (flight.spooled ? this.setAside : flight.quarantined).add(id), () => flight.spooled)
           if (isolated.stored > 0 && !flight.counted) this.opts.hooks?.stored?.(isolated.stored, (performance.now() - started) / 1000)
           else if (isolated.stored > 0) this.storedLate(flight, isolated.stored, started)
+          if (flight.orphaned !== null) this.orphanStored(flight, isolated.stored)
           if (isolated.error === null) {
             this.recovered()
             // Isolated whole; or handed off to the copy taken to the spool (`rest`, its entries
@@ -515,6 +525,10 @@ export class AuditWriter {
         }
       } finally {
         this.inFlight = null
+        if (this.orphanWaiting === flight) {
+          this.orphanWaiting = null
+          this.unwatchExit()
+        }
       }
       // A full queue went to the spool meanwhile and took this batch ahead of itself: it is there
       // (or, should the disk have refused, back in the queue) in its place.
@@ -582,12 +596,52 @@ export class AuditWriter {
       return
     }
     this.sayLate(1)
-    // Not unref'd: the line is written before the process ends.
+    // Not unref'd: the line is written before the process ends, should it end by itself; should
+    // it exit first (a shutdown exits once the app has closed), the exit's listener says it.
+    // Before, the entries that came within that second were counted and never said.
     this.lateTimer = setTimeout(() => {
       this.lateTimer = null
       if (this.lateLost > 0) this.sayLate(this.lateLost)
       this.lateLost = 0
+      this.unwatchExit()
     }, LATE_LOG_MS)
+    this.watchExit()
+  }
+
+  private watchExit (): void {
+    if (this.exitWatch !== null) return
+    this.exitWatch = () => { this.atExit() }
+    // Ahead of the logger's own (pino flushes its buffer at exit): what is said here is flushed with it.
+    process.prependListener('exit', this.exitWatch)
+  }
+
+  /** Nothing left to say at exit: the listener goes (one per writer at most, and only while needed). */
+  private unwatchExit (): void {
+    if (this.exitWatch === null || this.lateTimer !== null || this.orphanWaiting !== null) return
+    process.removeListener('exit', this.exitWatch)
+    this.exitWatch = null
+  }
+
+  /**
+   * The process exits: the entries that came after close and are not said yet are said, and the
+   * batch close left to a write that has not ended is said unknown (its write may have committed
+   * in PostgreSQL, its answer not come): counted under no outcome, as neither stored nor lost is
+   * known, and a count at exit is read by no one (/metrics closed with the server).
+   */
+  private atExit (): void {
+    if (this.exitWatch !== null) process.removeListener('exit', this.exitWatch)
+    this.exitWatch = null
+    if (this.lateLost > 0) this.sayLate(this.lateLost)
+    this.lateLost = 0
+    const flight = this.orphanWaiting
+    this.orphanWaiting = null
+    if (flight === null) return
+    this.opts.log.error({ entries: flight.taken, ...idsOf(flight.batch), err: flight.orphaned }, 'audit entries not known to be stored: the process exited before their write to the store ended (look them up by id)')
+  }
+
+  /** The write `close` left to its end went through: what it stored is said (it was said lost unless it did). */
+  private orphanStored (flight: Flight, n: number): void {
+    if (n > 0) this.opts.log.info({ entries: n, ...idsOf(flight.batch) }, 'audit entries left to their write at shutdown: stored, the write went through')
   }
 
   private sayLate (n: number): void {
@@ -810,7 +864,9 @@ export class AuditWriter {
   /** The batch in flight is left to its write's end, said now (the process may end first). */
   private orphan (flight: Flight, why: string): void {
     flight.orphaned = why
-    this.opts.log.error({ entries: flight.taken, err: why }, 'audit entries not on disk at shutdown: their write to the store has not ended, lost unless it goes through')
+    this.orphanWaiting = flight
+    this.watchExit()
+    this.opts.log.error({ entries: flight.taken, ...idsOf(flight.batch), err: why }, 'audit entries not on disk at shutdown: their write to the store has not ended, lost unless it goes through')
   }
 
   /** What `close` waits for: the running flush, what came meanwhile, the rest of the queue. */
@@ -852,6 +908,11 @@ export class AuditWriter {
       this.appendDone = null
     }
   }
+}
+
+/** The first and last ids of a batch (UUIDv7, in time order), for an operator to look it up in the store. */
+function idsOf (batch: AuditEntry[]): { firstId: string | undefined, lastId: string | undefined } {
+  return { firstId: batch[0]?.id, lastId: batch[batch.length - 1]?.id }
 }
 
 /** The store's code for an error (PostgreSQL's SQLSTATE), null when it has none. */

@@ -1343,7 +1343,7 @@ t.test('writer: once close gave up, the write it left says no "store is back" no
     const spool = await Spool.open(spoolDir(t))
     spool.appendMany = async () => { throw new Error('ENOSPC: no space left on device, write') }
     const lines: string[] = []
-    const log = { info: (msg: string) => lines.push(`info ${msg}`), warn: (_: object, msg: string) => lines.push(`warn ${msg}`), error: (_: object, msg: string) => lines.push(`error ${msg}`) }
+    const log = { info: (obj: object | string, msg?: string) => lines.push(`info ${msg ?? String(obj)}`), warn: (_: object, msg: string) => lines.push(`warn ${msg}`), error: (_: object, msg: string) => lines.push(`error ${msg}`) }
     const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, log })
     // Up (a write that fails says so), or found down while idle by a probe (one that goes through
     // says it is back); then it answers no more: the write hangs.
@@ -1357,6 +1357,74 @@ t.test('writer: once close gave up, the write it left says no "store is back" no
     const after = lines.slice(before)
     t.notOk(after.some(l => /store is back|until it is back/.test(l)), `${outcome}: no line of a writer that goes on (${after.join(' | ')})`)
     t.notOk(after.some(l => /is spooled/.test(l)), `${outcome}: close does not say spooled what the disk refused`)
+    await spool.close()
+  }
+})
+
+/** The process's exit listeners added since `before` (a writer's, while it has something to say at exit). */
+function exitListenersSince (before: Function[]): Function[] {
+  return process.listeners('exit').filter(l => !before.includes(l))
+}
+
+// Entries that came after close were said a line a second: the first at once, the rest when the
+// second had passed; a shutdown exits as soon as the app has closed, and those were never said
+// (counted lost, in a /metrics no one reads any more).
+t.test('writer: entries that come after close and are not said yet are said at the process\'s exit, should it come first', async t => {
+  const store = flakyStore()
+  const spool = await Spool.open(spoolDir(t))
+  const errors: Array<{ obj: object, msg: string }> = []
+  const log = { ...quiet, error: (obj: object, msg: string) => { errors.push({ obj, msg }) } }
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, log })
+  await writer.close()
+  const before = process.listeners('exit')
+  for (let i = 0; i < 50; i++) writer.enqueue(entry())
+  const logged = (): number => errors.reduce((n, e) => n + ((e.obj as { entries?: number }).entries ?? 0), 0)
+  t.equal(logged(), 1, 'the first said at once')
+  const added = exitListenersSince(before)
+  t.equal(added.length, 1, 'one exit listener while the rest is not said')
+  for (const l of added) l(0)
+  t.equal(logged(), 50, 'the rest said at exit')
+  await new Promise(resolve => setTimeout(resolve, 1100))
+  t.equal(logged(), 50, 'not said twice')
+  t.equal(exitListenersSince(before).length, 0, 'the listener is gone')
+  await spool.close()
+})
+
+// close left the batch in flight to its write's end (the disk refused its append): the line said
+// "lost unless it goes through", and nothing more was said when it went through, nor when the
+// process exited first: an operator could not tell stored from lost from not known.
+t.test('writer: the batch close left to its write says it was stored when the write goes through, and unknown should the process exit first', async t => {
+  for (const end of ['exit', 'stored'] as const) {
+    const store = flakyStore()
+    const first = holdFirstWrite(store)
+    const spool = await Spool.open(spoolDir(t))
+    spool.appendMany = async () => { throw new Error('ENOSPC: no space left on device, write') }
+    const lines: Array<{ level: string, obj: object, msg: string }> = []
+    const log = {
+      info: (obj: object | string, msg?: string) => lines.push({ level: 'info', obj: typeof obj === 'string' ? {} : obj, msg: msg ?? String(obj) }),
+      warn: (obj: object, msg: string) => lines.push({ level: 'warn', obj, msg }),
+      error: (obj: object, msg: string) => lines.push({ level: 'error', obj, msg })
+    }
+    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, log })
+    const batch = Array.from({ length: 10 }, () => entry())
+    for (const e of batch) writer.enqueue(e)
+    await until(() => first.held, `${end}: the batch in flight`)
+    const before = process.listeners('exit')
+    await writer.close()
+    const added = exitListenersSince(before)
+    t.equal(added.length, 1, `${end}: an exit listener while the write runs`)
+    const ids = { firstId: batch[0]!.id, lastId: batch[9]!.id }
+    if (end === 'exit') {
+      for (const l of added) l(0)
+      t.match(lines.at(-1), { level: 'error', obj: { entries: 10, ...ids }, msg: /not known to be stored/ }, 'said unknown at exit, with the ids to look up')
+      first.release(false)
+    } else {
+      first.release(true)
+      await until(() => !writer.writing, 'the write went through')
+      t.match(lines.at(-1), { level: 'info', obj: { entries: 10, ...ids }, msg: /stored/ }, 'said stored')
+    }
+    await until(() => !writer.writing, `${end}: the write ended`)
+    t.equal(exitListenersSince(before).length, 0, `${end}: the listener is gone`)
     await spool.close()
   }
 })
