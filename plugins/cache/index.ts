@@ -71,8 +71,8 @@ function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheM
   // Both after the scrape's pass over the entries (one pass for both: purgeAllStale shares it),
   // which lets the event loop go between slices: a gauge read beside it, not after, counted the
   // bytes of the expired entries the other no longer counted.
-  new Gauge({ name: 'mantle_cache_memory_entries', help: 'Entries in the in-process cache tier (LRU shared fairly by tenants, bounded by BFF_CACHE_MAX_SIZE)', registers, async collect () { await cache().memory.purgeAll(SCRAPE_SLICES); this.set(cache().memory.size) } }) // eslint-disable-line no-new
-  new Gauge({ name: 'mantle_cache_memory_bytes', help: 'Bytes of answers in the in-process cache tier, about (bounded by BFF_CACHE_MAX_BYTES)', registers, async collect () { await cache().memory.purgeAll(SCRAPE_SLICES); this.set(cache().memory.bytes) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_cache_memory_entries', help: 'Entries held in the in-process cache tier (LRU shared fairly by tenants, bounded by BFF_CACHE_MAX_SIZE), after the scrape drops expired ones (65,536 looked at at most): invalidated ones count until read or pushed out', registers, async collect () { await cache().memory.purgeAll(SCRAPE_SLICES); this.set(cache().memory.size) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_cache_memory_bytes', help: 'Bytes of answers held in the in-process cache tier, about (bounded by BFF_CACHE_MAX_BYTES), counted as mantle_cache_memory_entries', registers, async collect () { await cache().memory.purgeAll(SCRAPE_SLICES); this.set(cache().memory.bytes) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_in_flight', help: 'Keys with a Kernel call in flight (coalesced)', registers, collect () { this.set(cache().inFlight) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_pending_invalidations', help: 'Invalidated tags waiting for Redis to come back (bounded, 10,000: past it a tag is lost, mantle_cache_invalidations_lost_total)', registers, collect () { this.set(cache().pendingInvalidations) } }) // eslint-disable-line no-new
   new Gauge({ name: 'mantle_cache_later_invalidations', help: 'Mutations whose Kernel call got no answer (timed out, connection lost), their tags to be invalidated again after the operation\'s timeout (bounded, 10,000)', registers, collect () { this.set(cache().laterInvalidations) } }) // eslint-disable-line no-new
@@ -171,7 +171,10 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
   app.decorate('responseCache', { store: shared === null ? 'memory' : 'redis', cache: c, invalidate })
   if (app.hasDecorator('diagz')) {
     app.diagz.addStore('cache', () => {
-      const health = sharedStoreHealth(shared !== null, c.redisHealthy === true, `${c.memory.size} entries in memory`)
+      // The entries held: those expired or invalidated are dropped when read, when a bound needs
+      // room or (expired ones) by a scrape's pass, not here (a check must be cheap: a pass over a
+      // million entries takes seconds, and an invalidated entry is found only by reading it).
+      const health = sharedStoreHealth(shared !== null, c.redisHealthy === true, `${c.memory.size} entries in memory, expired or invalidated ones included until dropped`)
       // Invalidations Redis has not had (pending, lost): only with Redis, only when there are some.
       const invalidations = shared === null ? null : c.invalidationsDetail
       return invalidations === null ? health : { ...health, detail: health.detail === undefined ? invalidations : `${health.detail}; ${invalidations}` }
