@@ -17,6 +17,13 @@ const LOST_MARGIN_MS = 60_000
 const REDIS_HOLD_MS = 1000
 /** Invalidations that could not reach Redis, kept to be replayed when it is back. */
 const MAX_PENDING_TAGS = 10_000
+/**
+ * Tenants whose lost invalidations are remembered one by one (the spell without Redis entries
+ * is theirs alone); past it, the spell covers every tenant, and the list starts over.
+ */
+const MAX_LOST_TENANTS = 10_000
+/** A spell without Redis entries: from the tenant's latest lost invalidation (`at`) until `until`. */
+interface Spell { at: number, until: number }
 /** Second invalidations waiting for their time (a mutation's tags whose Kernel call got no answer). */
 const MAX_LATER_INVALIDATIONS = 10_000
 interface LaterInvalidation { tenant: string, tags: readonly string[], timer: NodeJS.Timeout }
@@ -102,22 +109,42 @@ export class ResponseCache {
   /** Tag key -> the clock tick of its latest invalidation that Redis has not received. */
   private readonly pending = new Map<string, number>()
   /**
-   * Until when (this.now()) no entry read from Redis is used: an invalidation past
-   * MAX_PENDING_TAGS was lost, and Redis keeps what it dropped, under versions it never bumped,
-   * until the entry's lifetime ends (RedisTier.tagMs bounds it). Before, once Redis answered
-   * again, this instance read such an entry back and served it as a hit.
+   * No entry of a tenant read from Redis is used during its spell: an invalidation of its tags
+   * past MAX_PENDING_TAGS was lost, and Redis keeps what it dropped, under versions it never
+   * bumped, until the entry's lifetime ends. Before, once Redis answered again, this instance
+   * read such an entry back and served it as a hit. A tag key names its tenant, and an entry's
+   * tags are its own tenant's (tagKey): a lost invalidation leaves no other tenant's entry stale.
+   * So the spell is the tenants' whose invalidations were lost (before, every tenant's, for one
+   * tenant's mutation). By tenant, MAX_LOST_TENANTS at most.
    */
+  private readonly lostTenants = new Map<string, Spell>()
+  /** The spell of every tenant, once more than MAX_LOST_TENANTS lost invalidations (`at` 0: never). */
+  private readonly lostAll: Spell = { at: 0, until: 0 }
+  /** The latest end of any spell (0: none ever): reads check a tenant's only before then. */
   private lostUntil = 0
-  /** When (this.now()) the last invalidation was lost: a reload that lengthens an entry's life lengthens the spell from there. */
-  private lostAt = 0
   /** Invalidated tags lost since start (mantle_cache_invalidations_lost_total, /diagz). */
   private lostTags = 0
   /**
-   * The longest an entry of any stage built so far lives after the Kernel call that made it began
-   * (ttl, swr, stale-if-error and the call's timeout). A reload may lengthen a ttl past what
-   * RedisTier.tagMs was made for at start-up: the spell above lasts the longer of the two.
+   * How long an entry of each operation's stage lives after it is made (ttl, swr,
+   * stale-if-error: what its policy says), by operation: the stages of the manifest in force. A
+   * spell lasts the longest of them (and of the stages replaced below), and the longest call.
    */
-  private longestMs = 0
+  private readonly lives = new Map<string, number>()
+  /**
+   * The longest Kernel call of any stage built since start (its timeout). Not in an entry's
+   * policy: an instance still running a longer one stores entries of the same policy made that
+   * much later. Only grows, as a manifest allows, 600 s at most.
+   */
+  private longestCallMs = 0
+  /**
+   * The longest life of a stage a reload replaced, and until when an entry it made may still
+   * exist (its calls in flight included: replaced at + its life + LOST_MARGIN_MS). Before, the
+   * spell lasted the longest life of any manifest the process ever ran: after a reload that
+   * shortened every ttl from a day to a minute, a lost invalidation still kept every read off
+   * Redis for two days, though no entry this instance takes could live that long (an entry
+   * carries its policy, ttl included, and another policy's is not served).
+   */
+  private readonly retired = { until: 0, ms: 0 }
   private replayTimer: ReturnType<typeof setTimeout> | undefined
   /** Second invalidations (invalidateLater), by tenant and tags. */
   private readonly later = new Map<string, LaterInvalidation>()
@@ -169,6 +196,8 @@ export class ResponseCache {
   /** The pipeline stage of a cached query, or of a mutation that invalidates tags; else null. */
   stage (op: Operation): ((ctx: CallContext, next: Next) => Promise<unknown>) | null {
     if (op.cache !== null) return this.queryStage(op, op.cache)
+    // A reload took its cache away: its stage's entries may live on as long as they were made for.
+    this.retire(op.name)
     if (op.invalidates.length > 0) {
       const templates = op.invalidates.map(tagTemplate)
       return async (ctx, next) => {
@@ -203,11 +232,13 @@ export class ResponseCache {
   private queryStage (op: Operation, spec: NonNullable<Operation['cache']>): (ctx: CallContext, next: Next) => Promise<unknown> {
     const ttlMs = (spec.ttlSeconds ?? this.opts.defaultTtlSeconds) * 1000
     const swrMs = spec.swrSeconds * 1000
-    this.longestMs = Math.max(this.longestMs, ttlMs + swrMs + STALE_IF_ERROR_SECONDS * 1000 + op.timeoutMs)
-    // A reload during the spell after a lost invalidation: other instances that ran this stage
-    // before may have stored entries of it, under the versions Redis never bumped, that outlive
-    // the spell as it was set.
-    if (this.lostAt > 0) this.lostUntil = Math.max(this.lostUntil, this.lostAt + this.longestMs + LOST_MARGIN_MS)
+    this.retire(op.name)
+    this.lives.set(op.name, ttlMs + swrMs + STALE_IF_ERROR_SECONDS * 1000)
+    this.longestCallMs = Math.max(this.longestCallMs, op.timeoutMs)
+    // A reload after a lost invalidation: other instances that ran this stage before may have
+    // stored entries of it, under the versions Redis never bumped, that outlive the spell as it
+    // was set (or the spell was over: it starts again from the loss).
+    this.lengthenSpells()
     const templates = spec.tags.map(tagTemplate)
     const serialize = this.opts.serializer(op.name)
     const name = op.name
@@ -243,7 +274,7 @@ export class ResponseCache {
           versions = read.versions
           // While one of its tags waits to be replayed, Redis still holds the versions the entry
           // was stored under: it may predate the invalidation and is not used.
-          if (read.answer !== null && read.answer.policy === policy && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil) && !this.anyPending(tagKeys) && this.now() >= this.lostUntil) {
+          if (read.answer !== null && read.answer.policy === policy && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil) && !this.anyPending(tagKeys) && !this.inSpell(ctx.tenant)) {
             found = read.answer
             this.memory.set(local, ctx.tenant, found, tagKeys, since)
           }
@@ -405,9 +436,8 @@ export class ResponseCache {
     }
     if (lost > 0) {
       // Logged once per spell (it came on every invalidation while the bound was reached).
-      if (this.now() >= this.lostUntil) this.opts.log.warn({ tags: keys.length, lost }, 'cache: too many invalidations waiting for Redis: some are lost; other instances serve what they drop until it expires, this one reads no entry from Redis meanwhile')
-      this.lostAt = this.now()
-      this.lostUntil = this.lostAt + Math.max(this.opts.redis.tier.tagMs, this.longestMs + LOST_MARGIN_MS)
+      if (this.now() >= this.lostUntil) this.opts.log.warn({ tags: keys.length, lost, tenant }, 'cache: too many invalidations waiting for Redis: some are lost; other instances serve what they drop until it expires, this one reads no entry of their tenant from Redis meanwhile')
+      this.lose(tenant)
       this.lostTags += lost
       this.metrics.lost(lost)
     }
@@ -471,6 +501,66 @@ export class ResponseCache {
     this.replayTimer.unref()
   }
 
+  /** The longest an entry this instance may take from Redis lives after its Kernel call began (lives, retired, the longest call). */
+  private longestMs (): number {
+    let ms = this.now() < this.retired.until ? this.retired.ms : 0
+    for (const life of this.lives.values()) if (life > ms) ms = life
+    return ms + this.longestCallMs
+  }
+
+  /** The stage of `name` is replaced (a reload) or gone: its entries count until they can no longer exist. */
+  private retire (name: string): void {
+    const life = this.lives.get(name)
+    if (life === undefined) return
+    this.lives.delete(name)
+    const now = this.now()
+    if (now >= this.retired.until) this.retired.ms = 0
+    this.retired.ms = Math.max(this.retired.ms, life)
+    // Its calls in flight may still make entries: until the longest call is over.
+    this.retired.until = Math.max(this.retired.until, now + this.longestCallMs + life + LOST_MARGIN_MS)
+  }
+
+  /** An invalidation of `tenant`'s tags was lost: no entry of the tenant is taken from Redis for the longest an entry may live. */
+  private lose (tenant: string): void {
+    const now = this.now()
+    const until = now + this.longestMs() + LOST_MARGIN_MS
+    const all = this.lostAll
+    if (now < all.until || (this.lostTenants.size >= MAX_LOST_TENANTS && !this.lostTenants.has(tenant))) {
+      // Every tenant's spell, from this loss (the latest: a reload lengthens every tenant's from
+      // here). The tenants remembered are covered by it: the list starts over.
+      all.at = now
+      all.until = Math.max(all.until, until)
+      for (const spell of this.lostTenants.values()) all.until = Math.max(all.until, spell.until)
+      this.lostTenants.clear()
+    } else {
+      const spell = this.lostTenants.get(tenant)
+      this.lostTenants.delete(tenant)
+      this.lostTenants.set(tenant, { at: now, until: Math.max(spell?.until ?? 0, until) })
+    }
+    this.lostUntil = Math.max(this.lostUntil, until)
+  }
+
+  /** A stage built (a reload): the spells last as long as an entry may live from their loss under it. */
+  private lengthenSpells (): void {
+    if (this.lostUntil === 0) return
+    const longest = this.longestMs() + LOST_MARGIN_MS
+    for (const spell of [this.lostAll, ...this.lostTenants.values()]) {
+      if (spell.at === 0) continue
+      spell.until = Math.max(spell.until, spell.at + longest)
+      this.lostUntil = Math.max(this.lostUntil, spell.until)
+    }
+  }
+
+  /** Whether no entry of `tenant` is taken from Redis now: an invalidation of its tags was lost. */
+  private inSpell (tenant: string): boolean {
+    if (this.lostUntil === 0) return false
+    const now = this.now()
+    if (now >= this.lostUntil) return false
+    if (now < this.lostAll.until) return true
+    const spell = this.lostTenants.get(tenant)
+    return spell !== undefined && now < spell.until
+  }
+
   private anyPending (tagKeys: readonly string[]): boolean {
     if (this.pending.size === 0) return false
     for (const k of tagKeys) if (this.pending.has(k)) return true
@@ -490,7 +580,16 @@ export class ResponseCache {
     const parts: string[] = []
     if (this.pending.size > 0) parts.push(`${this.pending.size} invalidated tags waiting for Redis`)
     if (this.lostTags > 0) {
-      const spell = this.now() < this.lostUntil ? `, no entry read from Redis until ${new Date(this.lostUntil).toISOString()}` : ''
+      const now = this.now()
+      let spell = ''
+      if (now < this.lostAll.until) {
+        spell = `, no entry read from Redis until ${new Date(this.lostUntil).toISOString()} for any tenant`
+      } else if (now < this.lostUntil) {
+        // At most MAX_LOST_TENANTS, on a /diagz read.
+        let tenants = 0
+        for (const s of this.lostTenants.values()) if (now < s.until) tenants++
+        spell = `, no entry read from Redis until ${new Date(this.lostUntil).toISOString()} for ${tenants === 1 ? 'their tenant' : `their ${tenants} tenants`}`
+      }
       parts.push(`${this.lostTags} invalidated tags lost since start${spell}`)
     }
     return parts.length === 0 ? null : parts.join('; ')
