@@ -170,12 +170,17 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   const pending = new Map<string, { key: string, until: number, release: string | null }>()
   let retrier: NodeJS.Timeout | null = null
   let retrying = false
+  // Set by onClose: a call that ends after it (the Kernel pool's close waits for calls, then
+  // this plugin's onClose runs, then Redis's), or a Redis command of one answered late, is not
+  // put up for a retry; it started a timer that ticked after close until the claim's lease ended.
+  let closed = false
   const retryAll = async (): Promise<void> => {
     if (retrying) return
     retrying = true
     try {
       const now = performance.now()
       for (const [id, p] of pending) {
+        if (closed) break
         if (p.until <= now) pending.delete(id)
         else if (redis!.up()) {
           if (p.release !== null) await shared!.release(p.key, p.release)
@@ -198,6 +203,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   }
   /** Offers Redis again, for the `leaseMs` of the key's claim, its outcome (`release` null) or the release of that claim. */
   const later = (key: string, leaseMs: number, release: string | null): void => {
+    if (closed) return
     const id = release ?? key
     pending.delete(id)
     if (pending.size >= MAX_PENDING) pending.delete(pending.keys().next().value!)
@@ -207,7 +213,12 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       retrier.unref()
     }
   }
-  app.addHook('onClose', async () => { if (retrier !== null) clearInterval(retrier) })
+  app.addHook('onClose', async () => {
+    closed = true
+    if (retrier !== null) clearInterval(retrier)
+    retrier = null
+    pending.clear()
+  })
   if (app.hasDecorator('metrics')) {
     new Gauge({ name: 'mantle_idempotency_pending_redis_writes', help: 'Outcomes and key releases Redis did not take, offered to it again every 250 ms while their claims\' leases last (bounded, 10,000)', registers: [app.metrics.registry], collect () { this.set(pending.size) } }) // eslint-disable-line no-new
   }

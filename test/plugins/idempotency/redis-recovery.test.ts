@@ -274,3 +274,28 @@ t.test('a repeat waiting for a call that holds its key in Redis, Redis failing u
   gate.open()
   t.equal((await first).statusCode, 201)
 })
+
+t.test('an outcome Redis did not take as the gateway closed: nothing of the plugin runs after close, no retry timer is started', async t => {
+  // The call ends after the idempotency plugin's onClose has run (the Kernel pool's close waits
+  // for it, before): its outcome, which Redis did not take in time, was put up for a retry, and
+  // that started a 250 ms timer after close, ticking until the claim's lease ended (the op's
+  // timeout plus 5 s), Redis's connection closed or not.
+  const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  await until(() => s.app.redis.up(), 'Redis to be connected')
+  const gate = s.hold()
+  const first = s.create({ name: 'x' }, randomUUID())
+  await until(() => s.calls() === 1, 'the call, claimed in Redis, to reach the Kernel')
+  proxy.delay(700) // over the 500 ms command timeout: the outcome's write fails
+  const closing = s.app.close()
+  await new Promise(resolve => setTimeout(resolve, 50))
+  gate.open()
+  t.equal((await first).statusCode, 201)
+  await closing
+  let asked = 0
+  const up = s.app.redis.up
+  s.app.redis.up = () => { asked++; return up() }
+  await new Promise(resolve => setTimeout(resolve, 800))
+  t.equal(asked, 0, 'nothing asks Redis anything after close')
+  t.equal(await metric(s.app, 'mantle_idempotency_pending_redis_writes'), 0, 'nothing is held for a retry that will not come')
+})
