@@ -20,6 +20,16 @@ export interface TcpProxy {
    * back the server's answer to that chunk (null: no watcher).
    */
   watch: (fn: ((chunk: Buffer) => void) | null) => void
+  /**
+   * From the first chunk a client sends that `match` accepts, holds that connection's chunks
+   * back from the server (the command never reaches it) until `release()` or `restore()`
+   * (null: holds nothing more from now on).
+   */
+  holdSends: (match: ((chunk: Buffer) => boolean) | null) => void
+  /** Forwards the chunks `holdSends` held back, in order, and forwards again. */
+  release: () => void
+  /** Connections whose chunks to the server are held back now. */
+  readonly holding: number
   /** Forwards again from now on (and without delay). */
   restore: () => void
   close: () => Promise<void>
@@ -47,6 +57,9 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
   let delayMs = 0
   let connections = 0
   let watcher: ((chunk: Buffer) => void) | null = null
+  let holder: ((chunk: Buffer) => boolean) | null = null
+  /** The held connections' flushes (holdSends). */
+  const holding = new Set<() => void>()
   const { open, track } = sockets()
   /** Chunks held back by `delay`: dropped on close, so that a long delay does not hold the process. */
   const held = new Set<NodeJS.Timeout>()
@@ -57,8 +70,26 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
     connections++
     const upstream = connect(targetPort, targetHost)
     track(upstream)
-    client.pipe(upstream)
-    client.on('data', (chunk: Buffer) => watcher?.(chunk))
+    // Forwarded by hand, not piped, so that holdSends can keep a chunk from the server.
+    let out: Buffer[] | null = null
+    const flush = (): void => {
+      holding.delete(flush)
+      const chunks = out ?? []
+      out = null
+      for (const chunk of chunks) if (!upstream.destroyed) upstream.write(chunk)
+      client.resume()
+    }
+    client.on('data', (chunk: Buffer) => {
+      watcher?.(chunk)
+      if (out === null && holder?.(chunk) === true) {
+        out = []
+        holding.add(flush)
+      }
+      if (out !== null) out.push(chunk)
+      else if (!upstream.write(chunk)) client.pause()
+    })
+    upstream.on('drain', () => { if (out === null) client.resume() })
+    client.on('end', () => upstream.end())
     // Chunks keep their order, also across a change of delay: one queue per connection, written
     // in order as each one's time comes. (A timer per chunk wrote the chunks of a restore()
     // before those still held back: a client then took one command's answer for another's.)
@@ -90,6 +121,7 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
   await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
   const { port } = server.address() as AddressInfo
   const destroyAll = (): void => { for (const s of open) s.destroy() }
+  const release = (): void => { for (const flush of [...holding]) flush() }
   let closed = false
   const close = async (): Promise<void> => {
     if (closed) return
@@ -103,10 +135,13 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
   return {
     port,
     get connections () { return connections },
-    cut (how = 'reset') { mode = how; destroyAll() },
+    get holding () { return holding.size },
+    cut (how = 'reset') { mode = how; holding.clear(); destroyAll() },
     delay (ms) { delayMs = ms },
     watch (fn) { watcher = fn },
-    restore () { mode = 'open'; delayMs = 0 },
+    holdSends (match) { holder = match },
+    release,
+    restore () { mode = 'open'; delayMs = 0; holder = null; release() },
     close
   }
 }

@@ -132,17 +132,27 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     // without the subscription, missing every other instance's invalidation until it next dropped.
     const subscriber = shared.client.duplicate({ lazyConnect: false, enableOfflineQueue: true, maxRetriesPerRequest: null, autoResubscribe: false, connectionName: 'mantle-cache-sub' })
     let lost = false
+    // Not subscribed yet (at start-up, or since its connection closed): what the in-process tier
+    // takes in meanwhile may miss an invalidation, published before Redis had the SUBSCRIBE.
+    let unsubscribed = true
     let closing = false
     let subscribeWarned = false
     subscriber.on('error', (err: Error) => app.log.debug({ err: err.message }, 'cache subscriber error'))
-    subscriber.on('close', () => { lost = true })
+    subscriber.on('close', () => { lost = true; unsubscribed = true })
     subscriber.on('ready', () => {
       // Messages sent while it was away are lost: the in-process tier starts over.
       if (lost) c.resync()
       lost = false
       // A SUBSCRIBE that fails leaves the connection unsubscribed: it is made anew (its 'close'
-      // marks what it heard since as lost), and subscribes again once ready.
-      subscriber.subscribe(INVALIDATE_CHANNEL).then(() => { subscribeWarned = false }, (err: Error) => {
+      // marks what it heard since as lost), and subscribes again once ready. Once subscribed,
+      // the tier starts over again: an entry it took in after 'ready' (or at start-up) whose
+      // invalidation came before Redis had the SUBSCRIBE was served until it expired.
+      subscriber.subscribe(INVALIDATE_CHANNEL).then(() => {
+        subscribeWarned = false
+        if (!unsubscribed || subscriber.status !== 'ready') return
+        unsubscribed = false
+        c.resync()
+      }, (err: Error) => {
         if (closing) return
         // Logged once until a SUBSCRIBE succeeds: a Redis that stays slow fails each attempt.
         if (!subscribeWarned) app.log.warn({ err: err.message }, 'cache: cannot subscribe to invalidations: reconnecting the subscriber')

@@ -183,6 +183,54 @@ t.test('a gateway closed while its cache subscriber\'s SUBSCRIBE after a reconne
   t.same(unhandled.map(err => (err as Error).message), [], 'no unhandled rejection')
 })
 
+// The subscriber dropped what its memory held when its connection was ready again, then sent
+// SUBSCRIBE: an invalidation another instance published before Redis had that SUBSCRIBE never
+// reached it, and an entry it had put in memory meanwhile was served, stale, until it expired.
+t.test('an invalidation sent while the cache subscriber subscribes again after a reconnect is not lost to its memory', async t => {
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  const cut = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, { manifest, kernelUrl: kernel.url })
+  const direct = await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })
+  const who = tenant()
+  const headers = bearer({ tenant: who })
+  const keyOf = (id: string): string => localKey('getItem', who, canonicalJson({ id }))
+  const subscribing = (chunk: Buffer): boolean => /subscribe/i.test(chunk.toString()) && chunk.toString().includes('bff:cache:invalidate')
+  const read = async (app: typeof cut, id: string) => await app.inject({ method: 'GET', url: `/api/v1/items/${id}`, headers })
+  // Subscribed at start-up: another instance's invalidation reaches it.
+  await eventually(async () => {
+    await read(cut, 'b')
+    return cut.responseCache.cache.memory.get(keyOf('b')) !== undefined
+  }, 'b in the cut instance\'s memory')
+  t.equal((await direct.inject({ method: 'PATCH', url: '/api/v1/items/b', headers, payload: {} })).statusCode, 200)
+  await eventually(async () => cut.responseCache.cache.memory.get(keyOf('b')) === undefined, 'the invalidation of b to reach the cut instance')
+
+  // Its next SUBSCRIBE is held back from Redis: its connection is ready, not yet subscribed.
+  proxy.holdSends(subscribing)
+  proxy.cut('reset')
+  await eventually(async () => !cut.redis.up(), 'the connections to drop')
+  proxy.restore()
+  proxy.holdSends(subscribing)
+  await eventually(async () => proxy.holding === 1 && cut.redis.up(), 'the subscriber\'s SUBSCRIBE, held, and the shared connection back')
+  const first = await read(cut, 'a')
+  t.equal(first.statusCode, 200)
+  t.ok(cut.responseCache.cache.memory.get(keyOf('a')) !== undefined, 'a is in the cut instance\'s memory')
+  // Another instance changes a, and says so before the SUBSCRIBE reaches Redis.
+  t.equal((await direct.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
+  proxy.holdSends(null)
+  proxy.release()
+  // Subscribed again: the next invalidation (of b, read again) reaches it.
+  await eventually(async () => {
+    await read(cut, 'b')
+    return cut.responseCache.cache.memory.get(keyOf('b')) !== undefined
+  }, 'b in the cut instance\'s memory again')
+  t.equal((await direct.inject({ method: 'PATCH', url: '/api/v1/items/b', headers, payload: {} })).statusCode, 200)
+  await eventually(async () => cut.responseCache.cache.memory.get(keyOf('b')) === undefined, 'the invalidation of b to reach the cut instance again')
+  const after = await read(cut, 'a')
+  t.not(after.headers['x-cache'], 'hit', 'the entry of a made before the subscription is not served')
+  t.ok(after.json().n > first.json().n, `a read after the change (n ${after.json().n}, ${first.json().n} before it)`)
+})
+
 t.test('a Redis down at start-up: the cache runs on memory', async t => {
   const kernel = await itemKernel(t)
   const proxy = await startTcpProxy(t, REDIS_PORT)
