@@ -178,18 +178,24 @@ async function measureWs (gateway: Target, token: string, scenario: WsCallScenar
   return report
 }
 
-function fromHttp (f: RunFigures): FaceRound {
+export function fromHttp (f: RunFigures): FaceRound {
   return { reqPerSec: f.reqPerSec, p50Ms: f.p50FineMs, p99Ms: f.p99FineMs, failures: f.non2xx + f.errors + f.mismatches, generatorCpuPct: f.generatorCpuPct, rssKiB: f.rssKiB, http: f }
 }
 
-function fromWs (r: WsRunnerReport, rss: number | null): FaceRound {
+/**
+ * A WebSocket run as a FaceRound. Its failures are calls and connections, each counted once: a
+ * connection that closed with its call waiting is that unanswered call (closedEarly counts the
+ * connection again: it was counted twice), and a run with no connection opened is its
+ * connections not opened.
+ */
+export function fromWs (r: WsRunnerReport, rss: number | null): FaceRound {
   const notOpened = r.connections - r.opened
   return {
     rssKiB: rss,
     reqPerSec: r.callsPerSec,
     p50Ms: r.p50Ms,
     p99Ms: r.p99Ms,
-    failures: r.errors + r.mismatches + r.unanswered + r.closedEarly + notOpened + (r.failure === null ? 0 : 1),
+    failures: r.errors + r.mismatches + r.unanswered + notOpened + (r.failure === null || r.opened === 0 ? 0 : 1),
     generatorCpuPct: r.generatorCpuPct,
     ws: r
   }

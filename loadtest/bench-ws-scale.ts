@@ -55,6 +55,22 @@ export interface WsScaleReport {
   events: ScaleEvent[]
   median: { ackMs: number, fanoutMs: number, p50Ms: number, p99Ms: number }
   delivery: { exactlyOnce: boolean, none: number, more: number, unexpectedFrames: number, firstUnexpected: string | null, closedEarly: number }
+  /**
+   * The run is not a result (as a flagged row of the other sections): connections failed to
+   * open, closed early, or an event was not delivered exactly once. A fan-out over fewer
+   * connections than asked, or that missed some, is faster than the one asked for.
+   */
+  flagged: boolean
+}
+
+/** What makes a ws-scale run not a result (its `flagged`), each said in a few words; none: a result. */
+export function scaleProblems (r: Pick<WsScaleReport, 'failed' | 'delivery'>): string[] {
+  const d = r.delivery
+  const out: string[] = []
+  if (r.failed > 0) out.push(`${r.failed} connections not opened`)
+  if (d.closedEarly > 0) out.push(`${d.closedEarly} connections closed early`)
+  if (!d.exactlyOnce) out.push('delivery not exactly once')
+  return out
 }
 
 const RUN_PREFIX = 'scale-run-'
@@ -312,8 +328,10 @@ export async function runWsScale (opts: WsScaleOptions, ctx: TargetContext, proc
       p50Ms: median(events.map((e) => e.p50Ms)),
       p99Ms: median(events.map((e) => e.p99Ms))
     },
-    delivery
+    delivery,
+    flagged: false
   }
+  report.flagged = scaleProblems(report).length > 0
   print(report, opts, machine, started)
   return report
 }
@@ -339,6 +357,8 @@ function print (r: WsScaleReport, opts: WsScaleOptions, machine: { cpu: string, 
     ? `delivery     every connection got exactly one frame per event (${r.opened} x ${opts.events})`
     : `delivery     NOT exactly once: ${d.none} (connection, event) pairs without a frame, ${d.more} with more than one, ${d.unexpectedFrames} unexpected frames` +
       `${d.firstUnexpected === null ? '' : ` (first: ${d.firstUnexpected})`}, ${d.closedEarly} connections closed early`
-  process.stdout.write('\n' + header.join('\n') + '\n\n' + table + '\n\n' + check + '\n' +
+  const problems = scaleProblems(r)
+  const status = problems.length === 0 ? 'status       ok' : `status       FLAGGED (not a result): ${problems.join(', ')}`
+  process.stdout.write('\n' + header.join('\n') + '\n\n' + table + '\n\n' + check + '\n' + status + '\n' +
     'fan-out      from the POST to the moment the LAST connection received its frame; p50/p99 over connections; medians over events\n')
 }
