@@ -241,7 +241,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     GRAPHQL_UPGRADES.add(request.raw)
     slots.reserve(request)
     const authorization = upgradeAuthorization(request)
-    if (authorization !== undefined) slots.claim(request.raw.socket, app.identify(authorization).tenant)
+    if (authorization !== undefined) slots.claim(request.raw.socket, app.identify(authorization, request.raw).tenant)
   }
   app.addHook('onRoute', (route) => {
     // The face's routes stay out of the OpenAPI document, which describes REST.

@@ -431,8 +431,8 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           const authorization = upgradeAuthorization(request)
           // The tenant's share too, when these credentials are the connection's (with
           // ?connectionParams=1, those may name another tenant: counted in createContext).
-          if (!awaitsParams(request)) slots.claim(request.raw.socket, app.identify(authorization).tenant)
-          else if (authorization !== undefined) app.identify(authorization)
+          if (!awaitsParams(request)) slots.claim(request.raw.socket, app.identify(authorization, request.raw).tenant)
+          else if (authorization !== undefined) app.identify(authorization, request.raw)
           upgrades.set(request.raw, authorization)
         },
         handler: notHere,

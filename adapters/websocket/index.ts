@@ -67,7 +67,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
         try {
           slots.reserve(request)
           const authorization = upgradeAuthorization(request)
-          const identity = app.identify(authorization)
+          const identity = app.identify(authorization, request.raw)
           if (request.ws) slots.claim(request.raw.socket, identity.tenant)
           verified.set(request, { identity, authorization })
           done()

@@ -581,7 +581,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
    */
   const who = (request: FastifyRequest): { tenant: string, user: string } => {
     try {
-      const id = app.identify(requestAuthorization(request))
+      const id = app.identify(requestAuthorization(request), request.raw)
       return { tenant: id.tenant, user: id.user }
     } catch {
       return { tenant: 'public', user: 'anonymous' }

@@ -58,7 +58,11 @@ const reasons: Record<string, string> = {
 
 /** identify, plus the JWKS lifecycle (start: first fetch, never throws; close: stop refreshing). */
 export interface IdentityVerifier {
-  (authorization: string | undefined): Identity
+  /**
+   * @param request the HTTP request the token came with (Node's IncomingMessage), when the caller
+   *   has it: a token refused for it is refused again for it without being checked again.
+   */
+  (authorization: string | undefined, request?: object): Identity
   start: () => Promise<void>
   close: () => void
   /** Tokens whose verified identity is kept (bounded by `cacheSize`). */
@@ -114,8 +118,15 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
   const toVerifiers = (keys: ReadonlyMap<string, PublicKey>): Map<string, KeyVerifier> =>
     new Map([...keys].map(([kid, k]) => [kid, { alg: k.alg, verify: verifierFor(k.pem, k.alg) }]))
   // Verified identities by token. fast-jwt's own cache hashes every token (SHA-256) per call;
-  // keyed by the token itself, a hit costs one map lookup. Failures are never cached.
+  // keyed by the token itself, a hit costs one map lookup. Failures are never cached (below).
   const verified = new LRUCache<string, { identity: Identity, expiresAt: number }>({ max: options.cacheSize ?? 10000 })
+  // A refusal is remembered for the one request it was made for, nothing longer: the rate-limit
+  // guard, the route, each call of a batch, GraphQL document or tRPC batch, and the audit of a
+  // refused request each asked again, a signature check each for a forged or expired token (a
+  // batch of 50 calls made 51). Across requests nothing is kept: such a memo would be the
+  // attacker's to fill, and would go on refusing a token that has become valid since (`nbf`).
+  // Weak: an entry goes with its request.
+  const refusals = new WeakMap<object, { token: string, error: MantleError }>()
   const configured = toVerifiers(options.publicKeys ?? new Map())
   let fetched = new Map<string, KeyVerifier>()
   let fetchedKeys: ReadonlyMap<string, PublicKey> = new Map()
@@ -159,7 +170,19 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
     return key.verify
   }
 
-  const identify = function identify (authorization: string | undefined): Identity {
+  const check = (token: string): Identity => {
+    const verify = pick(token)
+    let claims: Record<string, unknown>
+    try {
+      claims = verify(token)
+    } catch (err) {
+      const code = err instanceof TokenError ? err.code : ''
+      throw refuse(reasons[code] ?? 'it cannot be verified')
+    }
+    return toIdentity(claims, toleranceMs)
+  }
+
+  const identify = function identify (authorization: string | undefined, request?: object): Identity {
     if (authorization === undefined || authorization === '') throw new MantleError('UNAUTHENTICATED', 'A bearer token is required')
     if (authorization.length < 8 || authorization.slice(0, 7).toLowerCase() !== 'bearer ') {
       throw new MantleError('UNAUTHENTICATED', 'The Authorization header must be "Bearer <token>"', { headers: INVALID_REQUEST })
@@ -170,15 +193,20 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
       if (now() < hit.expiresAt) return hit.identity
       verified.delete(token)
     }
-    const verify = pick(token)
-    let claims: Record<string, unknown>
+    if (request === undefined) return remember(token, check(token))
+    const refused = refusals.get(request)
+    // The same error: the same problem the first refusal answered (MantleError is immutable).
+    if (refused !== undefined && refused.token === token) throw refused.error
+    let identity: Identity
     try {
-      claims = verify(token)
+      identity = check(token)
     } catch (err) {
-      const code = err instanceof TokenError ? err.code : ''
-      throw refuse(reasons[code] ?? 'it cannot be verified')
+      if (err instanceof MantleError) refusals.set(request, { token, error: err })
+      throw err
     }
-    const identity = toIdentity(claims, toleranceMs)
+    return remember(token, identity)
+  }
+  const remember = (token: string, identity: Identity): Identity => {
     verified.set(token, { identity, expiresAt: identity.expiresAt })
     return identity
   }

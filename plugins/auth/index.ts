@@ -1,8 +1,9 @@
+import type { IncomingMessage } from 'node:http'
 import fp from 'fastify-plugin'
 import type { FastifyInstance, onRequestHookHandler } from 'fastify'
 import { Gauge } from 'prom-client'
 import { MantleError } from '../../errors.js'
-import { StageOrder } from '../pipeline/index.js'
+import { StageOrder, requestOf } from '../pipeline/index.js'
 import { createIdentityVerifier, ZONE_RANK, type Identity, type IdentityOptions } from './identity.js'
 
 export { mintToken, ANONYMOUS, type Identity } from './identity.js'
@@ -13,9 +14,11 @@ declare module 'fastify' {
     /**
      * The same verification every face, connection and admin route uses: `Bearer <token>` to
      * an identity, or UNAUTHENTICATED. With identity off, app.ts decorates it with the
-     * anonymous identity instead.
+     * anonymous identity instead. Given the HTTP request the token came with (request.raw), a
+     * token refused once for that request is refused again without a second signature check
+     * (the rate-limit guard, then the route, each call of a batch); nothing is kept past it.
      */
-    identify: (authorization: string | undefined) => Identity
+    identify: (authorization: string | undefined, request?: IncomingMessage) => Identity
     /**
      * An onRequest hook for the gateway's own endpoints (/diagz, /admin/*): 401 without a valid
      * token, 403 without `role`. With identity off, app.ts decorates one that lets every caller
@@ -31,10 +34,10 @@ declare module 'fastify' {
 }
 
 /** The guard of the gateway's own endpoints, from the identify every face uses. */
-export function roleGuard (identify: (authorization: string | undefined) => Identity, role: string): onRequestHookHandler {
+export function roleGuard (identify: (authorization: string | undefined, request?: IncomingMessage) => Identity, role: string): onRequestHookHandler {
   return (request, _reply, done) => {
     try {
-      const id = identify(request.headers.authorization)
+      const id = identify(request.headers.authorization, request.raw)
       if (!id.roles.includes(role)) throw new MantleError('FORBIDDEN', `${request.url.split('?')[0]} needs the role ${role}`)
       done()
     } catch (err) {
@@ -52,7 +55,7 @@ async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise
     // eslint-disable-next-line no-new
     new Gauge({ name: 'mantle_identity_cache_entries', help: 'Verified tokens whose identity is kept, in a bounded LRU (10,000 by default)', registers: [app.metrics.registry], collect () { this.set(verifier.cached()) } })
   }
-  const identify = (authorization: string | undefined): Identity => verifier(authorization)
+  const identify = (authorization: string | undefined, request?: IncomingMessage): Identity => verifier(authorization, request)
   app.decorate('identify', identify)
   app.decorate('requireRole', (role: string) => roleGuard(identify, role))
   app.decorate('identityHasKeys', verifier.hasKeys)
@@ -61,7 +64,7 @@ async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise
     name: 'identity',
     order: StageOrder.identity,
     build: () => (ctx, next) => {
-      const id = identify(ctx.authorization)
+      const id = identify(ctx.authorization, requestOf(ctx.caller))
       ctx.tenant = id.tenant
       ctx.user = id.user
       ctx.roles = id.roles

@@ -213,7 +213,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
   }, async (request) => {
     const body = request.body as { tags: string[], tenant?: string }
     // By default the caller's own tenant; a system caller may name another one.
-    const tenant = body.tenant ?? app.identify(request.headers.authorization).tenant
+    const tenant = body.tenant ?? app.identify(request.headers.authorization, request.raw).tenant
     const tags = [...new Set(body.tags)]
     audit?.describe(request, { tenant, tags: auditedTags(tags), tagCount: tags.length })
     await c.invalidate(tenant, tags, 'admin')

@@ -1,4 +1,4 @@
-import type { ServerResponse } from 'node:http'
+import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { WebSocket } from 'ws'
 
 /**
@@ -11,6 +11,13 @@ export type Caller = ServerResponse | WebSocket
 
 /** Whether the caller is a WebSocket (else the HTTP response of the request). */
 export const isSocket = (caller: Caller): caller is WebSocket => 'readyState' in caller
+
+/**
+ * The HTTP request of a call that came in one (the request of its response), else undefined:
+ * identity remembers a refused token for it (plugins/auth), so that the calls of one request
+ * and the checks before them (the rate-limit guard) verify a bad token once.
+ */
+export const requestOf = (caller: Caller | null): IncomingMessage | undefined => caller === null || isSocket(caller) ? undefined : caller.req
 
 /**
  * Whether the caller has left: the response closed before it was sent, or the WebSocket is

@@ -9,7 +9,7 @@ import type { CallContext } from './context.js'
 
 export { canonicalJson }
 
-export { type Caller, Leave, callerGone, isSocket, watchCaller, unwatchCaller } from './caller.js'
+export { type Caller, Leave, callerGone, isSocket, requestOf, watchCaller, unwatchCaller } from './caller.js'
 export { CallContext, type AnswerHold, type Protocol, PROTOCOLS, type RiskLevel, type Finding, type CacheOutcome } from './context.js'
 
 export type Next = (ctx: CallContext) => Promise<unknown>

@@ -152,7 +152,8 @@ async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, w
 
 /**
  * A caller's tenant, only from a token app.identify verifies (its cache makes the pipeline's
- * own identify of the same token a lookup): a forged or expired token must not spend a real
+ * own identify of the same token a lookup, and a token it refuses is refused for the rest of
+ * this request without another check): a forged or expired token must not spend a real
  * tenant's budget, so it is counted by address like an anonymous caller.
  */
 function guardKey (app: FastifyInstance, request: FastifyRequest): string {
@@ -163,7 +164,7 @@ function guardKey (app: FastifyInstance, request: FastifyRequest): string {
   const authorization = requestAuthorization(request)
   if (authorization !== undefined) {
     try {
-      return tenantKey(app.identify(authorization).tenant)
+      return tenantKey(app.identify(authorization, request.raw).tenant)
     } catch {}
   }
   return addressKey(request)
