@@ -408,3 +408,32 @@ t.test('BFF_TRUST_PROXY: a trusted hop written with a port is still trusted', as
   for (let i = 0; i < 4; i++) ported.push((await app.inject({ url: '/api/v1/ping', headers: { 'x-forwarded-for': `203.0.113.${i + 11}:80, 198.51.100.7:443` } })).statusCode)
   t.same(ported, [401, 401, 401, 401], 'and with ports on both')
 })
+
+t.test('a REST request offering h2c is counted as REST reads it: its ?access_token= is not its token', async t => {
+  // Node marks any request with `Connection: upgrade` as an upgrade (a GET offering HTTP/2 in
+  // cleartext, which REST serves as HTTP/1.1): the guard read such a request's token the
+  // WebSocket way, and counted a REST request's ?access_token=, which REST never reads, towards
+  // the tenant it names rather than the address.
+  const app = await guarded(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  const h2c = async (path: string, authorization?: string): Promise<{ status: number, remaining: string | undefined }> => {
+    const socket = connect(port, '127.0.0.1')
+    const chunks: Buffer[] = []
+    socket.on('data', (c: Buffer) => chunks.push(c))
+    socket.setTimeout(3000, () => socket.destroy())
+    socket.write(`GET ${path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n${authorization === undefined ? '' : `Authorization: ${authorization}\r\n`}\r\n`)
+    await new Promise(resolve => socket.once('close', resolve))
+    const head = Buffer.concat(chunks).toString('latin1').split('\r\n\r\n')[0] ?? ''
+    return { status: Number(head.split(' ')[1]), remaining: /\r\nratelimit-remaining: (\d+)/i.exec(head)?.[1] }
+  }
+  const tenant = 'g-' + randomUUID()
+  const tok = token({ tenant })
+  t.same(await h2c(`/api/v1/ping?access_token=${tok}`), { status: 401, remaining: '2' }, 'REST reads no token there: the address\'s budget')
+  const anonymous = await app.inject({ url: '/api/v1/ping' })
+  t.equal(anonymous.headers['ratelimit-remaining'], '1', 'the same address, one more')
+  const real = await app.inject({ url: '/api/v1/ping', headers: bearer({ tenant }) })
+  t.equal(real.statusCode, 200)
+  t.equal(real.headers['ratelimit-remaining'], '2', 'the tenant\'s budget untouched')
+  t.same(await h2c('/api/v1/ping', `Bearer ${tok}`), { status: 200, remaining: '1' }, 'its Authorization header is read, as REST reads it')
+})
