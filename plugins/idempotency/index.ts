@@ -86,7 +86,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     const fallbacks = new Counter({ name: 'mantle_idempotency_store_fallbacks_total', help: 'Keyed calls claimed in the memory store because Redis was away or failed (a waiting repeat counts once, not per poll)', registers })
     const evictions = new Counter({ name: 'mantle_idempotency_memory_evictions_total', help: 'Outcomes the memory idempotency store dropped before their TTL, or did not keep, to stay within BFF_IDEMPOTENCY_MAX_KEYS or its 64 MB (each the least recently used of the tenant holding the most); a repeat of one runs again', registers })
     evicted = () => evictions.inc()
-    new Gauge({ name: 'mantle_idempotency_memory_keys', help: 'Keys the memory idempotency store holds', registers, async collect () { await memory.purgeAll(SCRAPE_SLICES); this.set(memory.size) } }) // eslint-disable-line no-new
+    new Gauge({ name: 'mantle_idempotency_memory_keys', help: 'Keys the memory idempotency store holds, after the scrape drops expired ones (65,536 looked at at most)', registers, async collect () { await memory.purgeAll(SCRAPE_SLICES); this.set(memory.size) } }) // eslint-disable-line no-new
     metricsFor = (op) => {
       const r = replays.labels(op)
       const c = conflicts.labels(op)
@@ -288,7 +288,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   redis?.onAnswer(back)
   app.decorate('idempotency', { store: opts.store, memoryKeys: () => memory.size })
   if (app.hasDecorator('diagz')) {
-    app.diagz.addStore('idempotency', () => sharedStoreHealth(redis !== null, !degraded && redis?.up() === true, `${memory.size} keys in memory`))
+    app.diagz.addStore('idempotency', () => sharedStoreHealth(redis !== null, !degraded && redis?.up() === true, `${memory.size} keys in memory, expired ones included until dropped`))
   }
 
   app.pipeline.addStage({

@@ -254,6 +254,8 @@ t.test('every concern reports its store: rate limits, cache, idempotency and aud
     idempotency: { type: 'memory', healthy: true, detail: /keys in memory/ },
     audit: { type: 'memory', healthy: true }
   })
+  // As the cache's: the keys held, those expired included until a read, a bound or a scrape drops them (not live keys).
+  t.equal(local.stores.idempotency.detail, '0 keys in memory, expired ones included until dropped')
   t.match(local.audit, { store: 'memory', up: true, queueMax: Number, spoolBytes: 0, failures: 0, lastError: null })
 
   const shared = { REDIS_URL: 'redis://127.0.0.1:6379', BFF_RATE_LIMIT_STORE: 'redis', BFF_CACHE_STORE: 'redis', BFF_IDEMPOTENCY_STORE: 'redis', BFF_AUDIT_STORE: 'memory' }
