@@ -19,7 +19,8 @@ const REDIS_HOLD_MS = 1000
 const MAX_PENDING_TAGS = 10_000
 /**
  * Tenants whose lost invalidations are remembered one by one (the spell without Redis entries
- * is theirs alone); past it, the spell covers every tenant, and the list starts over.
+ * is theirs alone); past it (the spells over make room first), the spell covers every tenant,
+ * and the list starts over.
  */
 const MAX_LOST_TENANTS = 10_000
 /** A spell without Redis entries: from the tenant's latest lost invalidation (`at`) until `until`. */
@@ -118,7 +119,10 @@ export class ResponseCache {
    * tenant's mutation). By tenant, MAX_LOST_TENANTS at most.
    */
   private readonly lostTenants = new Map<string, Spell>()
-  /** The spell of every tenant, once more than MAX_LOST_TENANTS lost invalidations (`at` 0: never). */
+  /**
+   * The spell of every tenant, once more than MAX_LOST_TENANTS tenants are in one (`at` 0: never);
+   * and the tenants' spells over that made room in the list, over too (a reload may start it again).
+   */
   private readonly lostAll: Spell = { at: 0, until: 0 }
   /** The latest end of any spell (0: none ever): reads check a tenant's only before then. */
   private lostUntil = 0
@@ -525,6 +529,19 @@ export class ResponseCache {
     const now = this.now()
     const until = now + this.longestMs() + LOST_MARGIN_MS
     const all = this.lostAll
+    if (now >= all.until && this.lostTenants.size >= MAX_LOST_TENANTS && !this.lostTenants.has(tenant)) {
+      // The spells over make room (once the list is full: a pass at a loss, not per read). Before,
+      // they stayed until the list overflowed, and 10,000 tenants that had ever lost one made the
+      // next tenant's loss every tenant's. Each is folded into the spell of every tenant, still
+      // over: a reload that lengthens a ttl starts it again from the loss (lengthenSpells), for
+      // every tenant then, as it would have started the tenant's.
+      for (const [name, spell] of this.lostTenants) {
+        if (now < spell.until) continue
+        all.at = Math.max(all.at, spell.at)
+        all.until = Math.max(all.until, spell.until)
+        this.lostTenants.delete(name)
+      }
+    }
     if (now < all.until || (this.lostTenants.size >= MAX_LOST_TENANTS && !this.lostTenants.has(tenant))) {
       // Every tenant's spell, from this loss (the latest: a reload lengthens every tenant's from
       // here). The tenants remembered are covered by it: the list starts over.

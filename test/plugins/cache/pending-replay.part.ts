@@ -595,3 +595,56 @@ t.test('the spell without Redis entries is the tenants\' whose invalidations wer
   t.equal(await read('u'), 'miss', 'past them, no tenant takes an entry from Redis')
   t.match(cache.invalidationsDetail, /for any tenant$/)
 })
+
+// Found by review r-cache: the tenants' spells that were over stayed in the list until it
+// overflowed. Once 10,000 tenants had lost an invalidation since start, however long ago, the next
+// tenant's loss took every tenant off Redis. The spells over now make room; a reload that lengthens
+// a ttl still starts them again from their loss (for every tenant).
+t.test('the tenants\' spells that are over make room for another tenant\'s, and a reload still starts them again', async t => {
+  let clock = Date.now()
+  const minute = { name: 'getItem', timeoutMs: 5000, cache: { ttlSeconds: 60, swrSeconds: 0, tags: ['item:{id}'] }, invalidates: [] } as unknown as Operation
+  const day = { ...minute, cache: { ...minute.cache, ttlSeconds: 86_400 } } as unknown as Operation
+  // Redis holds entries of the operation's policy in force here (made now).
+  let served = minute
+  const state = { failing: true }
+  const tier = {
+    read: async () => {
+      if (state.failing) throw new Error('Command timed out')
+      const json = '{"n":1}'
+      const ttl = served.cache!.ttlSeconds! * 1000
+      return { answer: { value: { n: 1 }, json, status: 200, etag: etagOf(json), freshUntil: clock + ttl, staleUntil: clock + ttl, keepUntil: clock + ttl + 300_000, policy: policyOf(served, served.cache!) }, versions: '0' }
+    },
+    write: async () => true,
+    invalidate: async () => { if (state.failing) throw new Error('Command timed out') },
+    tagMs: 86_400_000
+  } as unknown as RedisTier
+  const cache = cacheWith(t, tier, () => clock)
+  let stage = cache.stage(minute)!
+  const read = async (tenant: string): Promise<string | null> => {
+    const ctx = Object.assign(new CallContext('r', 'rest', served, { id: 'a' }, undefined, undefined, undefined), { tenant })
+    await stage(ctx, async () => ({ n: 2 }))
+    return ctx.cache
+  }
+  await read('x')
+  await loseInvalidations(cache, 'filler', Array.from({ length: 10_000 }, (_, i) => `lost${i}`))
+  state.failing = false
+  cache.redisReconnected()
+  // An hour on, every one of those spells is over.
+  clock += 3_600_000
+  t.equal(await read('lost0'), 'hit', 'a spell is over')
+  state.failing = true
+  await read('x')
+  await loseInvalidations(cache, 'filler', ['new'])
+  state.failing = false
+  cache.redisReconnected()
+  t.equal(await read('new'), 'miss', 'the tenant whose invalidation was lost takes no entry from Redis')
+  t.equal(await read('w'), 'hit', 'another tenant\'s entries are read from Redis')
+  t.match(cache.invalidationsDetail, /for their tenant$/, 'one tenant in a spell')
+
+  // A reload lengthens the ttl to a day: other instances that ran it before stored entries of
+  // the tenants whose invalidations were lost an hour ago, that live on.
+  served = day
+  stage = cache.stage(day)!
+  t.equal(await read('lost0'), 'miss', 'a spell over starts again from its loss')
+  t.match(cache.invalidationsDetail, /for any tenant$/, 'for every tenant')
+})
