@@ -246,7 +246,7 @@ export class ResponseCache {
     const templates = spec.tags.map(tagTemplate)
     const serialize = this.opts.serializer(op.name)
     const name = op.name
-    const policy = policyOf(op, spec)
+    const policy = policyOf(op, spec, this.opts.defaultTtlSeconds)
     const make = (value: unknown, status: number): CachedAnswer => {
       const json = serialize(value)
       const now = this.now()
@@ -439,8 +439,9 @@ export class ResponseCache {
       else this.pending.set(k, tick)
     }
     if (lost > 0) {
-      // Logged once per spell (it came on every invalidation while the bound was reached).
-      if (this.now() >= this.lostUntil) this.opts.log.warn({ tags: keys.length, lost, tenant }, 'cache: too many invalidations waiting for Redis: some are lost; other instances serve what they drop until it expires, this one reads no entry of their tenant from Redis meanwhile')
+      // Logged once per tenant's spell (it came on every invalidation while the bound was
+      // reached); once per spell of any tenant, a second tenant's spell went unsaid.
+      if (!this.inSpell(tenant)) this.opts.log.warn({ tags: keys.length, lost, tenant }, 'cache: too many invalidations waiting for Redis: some are lost; other instances serve what they drop until it expires, this one reads no entry of their tenant from Redis meanwhile')
       this.lose(tenant)
       this.lostTags += lost
       this.metrics.lost(lost)

@@ -23,8 +23,14 @@ export function entryKey (op: string, tenant: string, input: unknown): string {
  * entries from Redis (a field it no longer declares included), and after a reload that changed
  * an op's tags, entries stored before it were checked against their old tags only.
  */
-export function policyOf (op: Operation, spec: NonNullable<Operation['cache']>): string {
-  return hash('sha256', canonicalJson([op.output, op.kernel, spec]), 'base64url').slice(0, 16)
+export function policyOf (op: Operation, spec: NonNullable<Operation['cache']>, defaultTtlSeconds: number): string {
+  // The ttl in force, the instance's default (BFF_CACHE_TTL) for an op that sets none: instances
+  // with other defaults made entries of one policy that lived for different times, and one
+  // served the other's day-long entries as its own minute-long ones (an instance that lost an
+  // invalidation read them back once its spell, as long as its own entries live, was over).
+  // The same hash as before for an op that sets its ttl.
+  const effective = spec.ttlSeconds === null ? { ...spec, ttlSeconds: defaultTtlSeconds } : spec
+  return hash('sha256', canonicalJson([op.output, op.kernel, effective]), 'base64url').slice(0, 16)
 }
 
 /** The Redis key of an input already in canonical form (see entryKey). */

@@ -367,3 +367,25 @@ t.test('an instance does not serve an entry made under another output schema (a 
   t.same(Object.keys(fresh.json()).sort(), ['id', 'n'], 'what the new output schema declares')
   t.equal((await v2.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit', 'its own entry is')
 })
+
+// Left open by review r-cache: an entry's policy hashed the op's `cache` as the manifest wrote
+// it, so instances whose BFF_CACHE_TTL differed made entries of one policy that lived for
+// different times: one served the other's hour-long entries as its own minute-long ones (and an
+// instance that lost an invalidation read them back once its spell, as long as its own entries
+// live, was over). The ttl in force is in the policy now.
+t.test('instances with another BFF_CACHE_TTL do not serve each other\'s entries of an op that sets no ttl; those that set one still share', async t => {
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const hour = await buildTestApp(t, { REDIS_URL, BFF_CACHE_TTL: '3600' }, { manifest, kernelUrl: kernel.url })
+  const minute = await buildTestApp(t, { REDIS_URL, BFF_CACHE_TTL: '60' }, { manifest, kernelUrl: kernel.url })
+  const headers = bearer({ tenant: tenant() })
+  t.equal((await hour.inject({ method: 'GET', url: '/api/v1/default/a', headers })).headers['x-cache'], 'miss')
+  const other = await minute.inject({ method: 'GET', url: '/api/v1/default/a', headers })
+  t.equal(other.headers['x-cache'], 'miss', 'the hour-long entry is not served by the instance whose entries live a minute')
+  t.match(other.headers['cache-control'], /max-age=60\b/)
+  t.equal(kernel.reads(), 2)
+  // An op that sets its ttl is the same policy on both: shared as before.
+  t.equal((await hour.inject({ method: 'GET', url: '/api/v1/items/b', headers })).headers['x-cache'], 'miss')
+  t.equal((await minute.inject({ method: 'GET', url: '/api/v1/items/b', headers })).headers['x-cache'], 'hit')
+  t.equal(kernel.reads(), 3)
+})
