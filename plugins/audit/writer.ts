@@ -535,9 +535,10 @@ export class AuditWriter {
       // Its entries neither stored nor quarantined (`batch`) are counted spooled once on disk:
       // they were not counted at all, and came back as replayed only.
       if (flight.spooled) {
-        // `close` could not put it on disk: what its write did not store is lost.
+        // `close` could not put it on disk: what its write did not store is lost, said with the
+        // ids its first line gave (it said only the count).
         if (flight.orphaned !== null) {
-          this.lose(batch.length, flight.orphaned)
+          this.lose(batch.length, flight.orphaned, idsOf(flight.batch))
           return
         }
         flight.waiting = batch.length
@@ -578,9 +579,9 @@ export class AuditWriter {
   }
 
   /** `n` entries neither stored nor spooled, for good: said and counted. */
-  private lose (n: number, why: string): void {
+  private lose (n: number, why: string, ids: ReturnType<typeof idsOf> | null = null): void {
     if (n <= 0) return
-    this.opts.log.error({ entries: n, err: why }, 'audit entries lost at shutdown: neither the store nor the spool took them')
+    this.opts.log.error({ entries: n, ...ids, err: why }, 'audit entries lost at shutdown: neither the store nor the spool took them')
     this.opts.hooks?.lost?.(n)
   }
 

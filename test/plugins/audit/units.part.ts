@@ -1428,3 +1428,31 @@ t.test('writer: the batch close left to its write says it was stored when the wr
     await spool.close()
   }
 })
+
+// The README and the orphan's first line say the batch close left to its write is said with the
+// ids of its first and last entries, then stored or lost when the write ends: the line saying it
+// lost (its write failed) carried its count only, the ids of none.
+t.test('writer: the batch close left to its write says it was lost, with its ids, when the write fails', async t => {
+  const store = flakyStore()
+  const first = holdFirstWrite(store)
+  const spool = await Spool.open(spoolDir(t))
+  spool.appendMany = async () => { throw new Error('ENOSPC: no space left on device, write') }
+  const lines: Array<{ level: string, obj: object, msg: string }> = []
+  const log = {
+    info: (obj: object | string, msg?: string) => lines.push({ level: 'info', obj: typeof obj === 'string' ? {} : obj, msg: msg ?? String(obj) }),
+    warn: (obj: object, msg: string) => lines.push({ level: 'warn', obj, msg }),
+    error: (obj: object, msg: string) => lines.push({ level: 'error', obj, msg })
+  }
+  let lost = 0
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, log, hooks: { lost: n => { lost += n } } })
+  const batch = Array.from({ length: 10 }, () => entry())
+  for (const e of batch) writer.enqueue(e)
+  await until(() => first.held, 'the batch in flight')
+  await writer.close()
+  t.equal(lost, 0, 'not counted lost while its write runs')
+  first.release(false)
+  await until(() => !writer.writing && lost > 0, 'the write failed')
+  t.equal(lost, 10, 'counted lost once its write failed')
+  t.match(lines.at(-1), { level: 'error', obj: { entries: 10, firstId: batch[0]!.id, lastId: batch[9]!.id }, msg: /lost at shutdown/ }, 'said lost, with the ids to look up')
+  await spool.close()
+})
