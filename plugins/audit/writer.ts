@@ -493,7 +493,9 @@ export class AuditWriter {
         const stored = await this.opts.store.write(batch)
         flight.done = true
         if (!flight.counted) this.opts.hooks?.stored?.(stored, (performance.now() - started) / 1000)
-        if (flight.orphaned !== null) this.orphanStored(flight, stored)
+        // Every entry it took is in the store now, those it had already included (an earlier
+        // write committed without its answer): said as stored, not as the few it stored anew.
+        if (flight.orphaned !== null) this.orphanStored(flight, flight.taken)
         else this.storedLate(flight, stored, started)
         this.recovered()
         return
@@ -640,7 +642,7 @@ export class AuditWriter {
     this.opts.log.error({ entries: flight.taken, ...idsOf(flight.batch), err: flight.orphaned }, 'audit entries not known to be stored: the process exited before their write to the store ended (look them up by id)')
   }
 
-  /** The write `close` left to its end went through: what it stored is said (it was said lost unless it did). */
+  /** The write `close` left to its end went through: the `n` entries it put in the store are said (it was said lost unless it did). */
   private orphanStored (flight: Flight, n: number): void {
     if (n > 0) this.opts.log.info({ entries: n, ...idsOf(flight.batch) }, 'audit entries left to their write at shutdown: stored, the write went through')
   }

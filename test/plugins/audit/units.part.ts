@@ -1456,3 +1456,32 @@ t.test('writer: the batch close left to its write says it was lost, with its ids
   t.match(lines.at(-1), { level: 'error', obj: { entries: 10, firstId: batch[0]!.id, lastId: batch[9]!.id }, msg: /lost at shutdown/ }, 'said lost, with the ids to look up')
   await spool.close()
 })
+
+// The write close left to its end went through, but its entries were in the store already (an
+// earlier write committed without its answer, and the disk refused the batch it brought back):
+// nothing was said after "lost unless it goes through", which then read as lost.
+t.test('writer: the batch close left to its write is said stored when its write goes through, also when the store had its entries already', async t => {
+  const store = flakyStore()
+  const batch = Array.from({ length: 10 }, () => entry())
+  await store.write(batch)
+  const first = holdFirstWrite(store)
+  const spool = await Spool.open(spoolDir(t))
+  spool.appendMany = async () => { throw new Error('ENOSPC: no space left on device, write') }
+  const lines: Array<{ level: string, obj: object, msg: string }> = []
+  const log = {
+    info: (obj: object | string, msg?: string) => lines.push({ level: 'info', obj: typeof obj === 'string' ? {} : obj, msg: msg ?? String(obj) }),
+    warn: (obj: object, msg: string) => lines.push({ level: 'warn', obj, msg }),
+    error: (obj: object, msg: string) => lines.push({ level: 'error', obj, msg })
+  }
+  let stored = 0
+  let lost = 0
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, log, hooks: { stored: n => { stored += n }, lost: n => { lost += n } } })
+  for (const e of batch) writer.enqueue(e)
+  await until(() => first.held, 'the batch in flight')
+  await writer.close()
+  first.release(true)
+  await until(() => !writer.writing, 'the write went through')
+  t.same({ stored, lost }, { stored: 0, lost: 0 }, 'counted nowhere anew (stored before)')
+  t.match(lines.at(-1), { level: 'info', obj: { entries: 10, firstId: batch[0]!.id, lastId: batch[9]!.id }, msg: /stored, the write went through/ }, 'said stored')
+  await spool.close()
+})
