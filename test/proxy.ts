@@ -72,12 +72,15 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
     track(upstream)
     // Forwarded by hand, not piped, so that holdSends can keep a chunk from the server.
     let out: Buffer[] | null = null
+    // The client ended or closed while chunks were held: the server gets the end after them.
+    let ended = false
     const flush = (): void => {
       holding.delete(flush)
       const chunks = out ?? []
       out = null
       for (const chunk of chunks) if (!upstream.destroyed) upstream.write(chunk)
-      client.resume()
+      if (ended) upstream.end()
+      else client.resume()
     }
     client.on('data', (chunk: Buffer) => {
       watcher?.(chunk)
@@ -89,7 +92,8 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
       else if (!upstream.write(chunk)) client.pause()
     })
     upstream.on('drain', () => { if (out === null) client.resume() })
-    client.on('end', () => upstream.end())
+    // Not before the chunks held back: ended first, the server never got them (a write after end).
+    client.on('end', () => { if (out === null) upstream.end(); else ended = true })
     // Chunks keep their order, also across a change of delay: one queue per connection, written
     // in order as each one's time comes. (A timer per chunk wrote the chunks of a restore()
     // before those still held back: a client then took one command's answer for another's.)
@@ -115,7 +119,9 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
         if (timer === null) drain()
       }
     })
-    client.on('close', () => upstream.destroy())
+    // Closed (its end makes it close: the server socket is not half-open) with chunks held: the
+    // server gets them, then the end, on release (or loses them at a cut or close, as the rest).
+    client.on('close', () => { if (out === null) upstream.destroy(); else ended = true })
     upstream.on('close', () => client.destroy())
   })
   await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
