@@ -156,6 +156,10 @@ async function run (cfg: WsRunnerConfig): Promise<WsRunnerReport> {
 
   const histogram = new Histogram()
   let active = sockets.length
+  // Set once the drain is over: the calls still waiting then are counted unanswered there, and
+  // what their connections do as they are closed below counts nothing more (their 'close' was
+  // counted as one closed early, and their call unanswered a second time).
+  let ended = false
   let finish: () => void = () => {}
   const finished = new Promise<void>((resolve) => { finish = resolve })
   const cpu = process.cpuUsage()
@@ -180,6 +184,7 @@ async function run (cfg: WsRunnerConfig): Promise<WsRunnerReport> {
       ws.send(frameOf(id))
     }
     ws.on('message', (data: RawData) => {
+      if (ended) return
       const now = performance.now()
       if (over || !waiting) {
         report.mismatches++
@@ -202,7 +207,7 @@ async function run (cfg: WsRunnerConfig): Promise<WsRunnerReport> {
       else stop()
     })
     ws.on('close', () => {
-      if (over) return
+      if (over || ended) return
       report.closedEarly++
       if (waiting) report.unanswered++
       stop()
@@ -213,6 +218,7 @@ async function run (cfg: WsRunnerConfig): Promise<WsRunnerReport> {
 
   const timer = setTimeout(finish, cfg.durationSeconds * 1000 + DRAIN_MS)
   await finished
+  ended = true
   clearTimeout(timer)
   const used = process.cpuUsage(cpu)
   report.generatorCpuPct = (used.user + used.system) / 10 / (performance.now() - start)
