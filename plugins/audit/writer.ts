@@ -493,10 +493,11 @@ export class AuditWriter {
         const stored = await this.opts.store.write(batch)
         flight.done = true
         if (!flight.counted) this.opts.hooks?.stored?.(stored, (performance.now() - started) / 1000)
+        else this.storedLate(flight, stored, started)
         // Every entry it took is in the store now, those it had already included (an earlier
         // write committed without its answer): said as stored, not as the few it stored anew.
+        // (An orphan is not counted: its end counts it, above.)
         if (flight.orphaned !== null) this.orphanStored(flight, flight.taken)
-        else this.storedLate(flight, stored, started)
         this.recovered()
         return
       } catch (err) {
