@@ -602,11 +602,12 @@ export class Need {
   /** 4xx answers since its last 2xx (PEAK_ANSWERS before any): fewer, and a 4xx is not learnt. */
   private rejectedSinceOk = PEAK_ANSWERS
   /**
-   * What a timeout backed it off to (timedOut), until an answer it learns from or the descent of
-   * rejected() reaches its 4xx's own time (0 then): asked while one of its calls is out, however
-   * far that descent has taken it down. Asked the halved estimate, every call of an operation whose
-   * Kernel hung on its 2xx went out while the first one hung, after a probe answered 404: one hung
-   * call per connection, a timeout each (8 connections: the breaker opened; found by a review).
+   * What a timeout backed it off to (timedOut; the most, after several), until an answer it learns
+   * from or the descent of rejected() reaches its 4xx's own time (0 then): asked while one of its
+   * calls is out, however far that descent has taken it down. Asked the halved estimate, every
+   * call of an operation whose Kernel hung on its 2xx went out while the first one hung, after a
+   * probe answered 404: one hung call per connection, a timeout each (8 connections: the breaker
+   * opened; found by a review).
    */
   private backedOffMs = 0
 
@@ -701,7 +702,10 @@ export class Need {
     if (ms > this.ms) this.learn(ms)
     else this.learntAt = performance.now()
     this.ms = Math.max(this.ms, Math.min(2 * ms, capMs))
-    this.backedOffMs = this.ms
+    // Never lowered by a timeout: one of a call sent with little time left (100 ms, during a 4xx
+    // descent) set it to twice that, the 490 ms the operation's calls were known to hang for was
+    // lost, and its next calls went out to hang one per connection again (found by a review).
+    this.backedOffMs = Math.max(this.backedOffMs, this.ms)
   }
 
   /**

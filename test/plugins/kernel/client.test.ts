@@ -1470,3 +1470,44 @@ t.test('after a timeout, a probe answered 404 does not send an operation\'s call
   t.ok((outcomes.KERNEL_UNAVAILABLE ?? 0) >= 5, `the others are refused unsent (${JSON.stringify(outcomes)})`)
   t.equal(client.breaker!.state, 'closed')
 })
+
+// A later timeout of a call sent with little time left (it had waited for a connection, or came
+// late from the pipeline) during that descent set the remembered backoff to twice that call's
+// time: the 490 ms the operation's calls were known to hang for was lost, and its next calls, with
+// more than that left, went out to hang one per connection while the first hung. A timeout never
+// lowers it now.
+t.test('during a 404 descent after a timeout, a call timed out with little time left keeps what the first timeout backed the estimate off to', async t => {
+  let hung = 0
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const { client, getItem, slowItem, call } = await twoOperations(t, {
+    'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 100) },
+    'GET /v1/items/p1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'p1' }), 20) },
+    'GET /v1/items/h1': () => { hung++ },
+    'GET /v1/items/x1': (_req, res) => { setTimeout(() => json(res, 404, { message: 'no such item' }), 10) }
+  }, 500, 2000, 4)
+  const fast = client.forOperation(getItem)
+  const slow = client.forOperation(slowItem)
+  for (let i = 0; i < 3; i++) t.equal(await call(fast, getItem, 'p1'), 'ok')
+  t.equal(await call(fast, getItem, 'h1'), 'KERNEL_TIMEOUT')
+  const load = { running: true }
+  const slowWorkers = Array.from({ length: 8 }, async () => { while (load.running) await call(slow, slowItem, 's1') })
+  await sleep(2100)
+  // The probe (asked 245 ms) and the 404s after it take the estimate down to 61 ms.
+  for (let i = 0; i < 3; i++) t.equal(await call(fast, getItem, 'x1'), 'NOT_FOUND', 'a 404')
+  hung = 0
+  // A call that comes 220 ms late hangs with what it has left once handed a connection (80 to 180 ms).
+  const late = new CallContext('h1', 'rest', getItem, { id: 'h1' }, undefined, undefined, undefined)
+  ;(late as { startedAt: number }).startedAt -= 220
+  const lateOutcome = await fast(late).then(() => 'ok', (err: { code: string }) => err.code)
+  t.equal(lateOutcome, 'KERNEL_TIMEOUT', `the late call goes out and times out (${lateOutcome}, ${hung} sent)`)
+  const sentLate = hung
+  const outcomes: Record<string, number> = {}
+  await Promise.all(Array.from({ length: 6 }, async () => {
+    const outcome = await call(fast, getItem, 'h1')
+    outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
+  }))
+  load.running = false
+  await Promise.all(slowWorkers)
+  t.ok(hung - sentLate <= 1, `one call at most of the next 6 goes out to hang (${hung - sentLate} sent, ${JSON.stringify(outcomes)})`)
+  t.ok((outcomes.KERNEL_UNAVAILABLE ?? 0) >= 5, `the others are refused unsent (${JSON.stringify(outcomes)})`)
+})
