@@ -125,8 +125,14 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
   // refused request each asked again, a signature check each for a forged or expired token (a
   // batch of 50 calls made 51). Across requests nothing is kept: such a memo would be the
   // attacker's to fill, and would go on refusing a token that has become valid since (`nbf`).
-  // Weak: an entry goes with its request.
-  const refusals = new WeakMap<object, { token: string, error: MantleError }>()
+  // Weak: an entry goes with its request. Only a refusal that holds for the rest of the request:
+  // one made under other keys than those held now (a kid fetched since, a key replaced under its
+  // kid) is checked again, and one for a token not valid yet (`nbf`) is never kept (a slow body
+  // after the guard's check at the request's head; only a genuine token gets that far).
+  const refusals = new WeakMap<object, { token: string, keys: number, error: MantleError }>()
+  const passing = new WeakSet<MantleError>()
+  // Bumped each time the fetched keys change.
+  let keysVersion = 0
   const configured = toVerifiers(options.publicKeys ?? new Map())
   let fetched = new Map<string, KeyVerifier>()
   let fetchedKeys: ReadonlyMap<string, PublicKey> = new Map()
@@ -144,6 +150,7 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
         const withdrawn = [...fetchedKeys].some(([kid, k]) => keys.get(kid)?.pem !== k.pem)
         fetchedKeys = keys
         fetched = toVerifiers(keys)
+        keysVersion++
         if (withdrawn) verified.clear()
       }
     })
@@ -177,7 +184,9 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
       claims = verify(token)
     } catch (err) {
       const code = err instanceof TokenError ? err.code : ''
-      throw refuse(reasons[code] ?? 'it cannot be verified')
+      const refusal = refuse(reasons[code] ?? 'it cannot be verified')
+      if (code === 'FAST_JWT_INACTIVE') passing.add(refusal)
+      throw refusal
     }
     return toIdentity(claims, toleranceMs)
   }
@@ -196,12 +205,12 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
     if (request === undefined) return remember(token, check(token))
     const refused = refusals.get(request)
     // The same error: the same problem the first refusal answered (MantleError is immutable).
-    if (refused !== undefined && refused.token === token) throw refused.error
+    if (refused !== undefined && refused.token === token && refused.keys === keysVersion) throw refused.error
     let identity: Identity
     try {
       identity = check(token)
     } catch (err) {
-      if (err instanceof MantleError) refusals.set(request, { token, error: err })
+      if (err instanceof MantleError && !passing.has(err)) refusals.set(request, { token, keys: keysVersion, error: err })
       throw err
     }
     return remember(token, identity)

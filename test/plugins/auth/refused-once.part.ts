@@ -1,9 +1,13 @@
 // A token refused for a request is checked once for it: the rate-limit guard, the route, each
 // call of a batch, GraphQL document or tRPC batch asked again, a signature check each.
 import t from 'tap'
-import { randomUUID } from 'node:crypto'
+import { generateKeyPairSync, randomUUID } from 'node:crypto'
+import { once } from 'node:events'
+import { createServer } from 'node:http'
+import { connect, type AddressInfo } from 'node:net'
+import { createSigner } from 'fast-jwt'
 import { createIdentityVerifier, mintToken } from '../../../plugins/auth/identity.js'
-import { buildTestApp, startTestKernel, testManifest, token, json } from '../../helper.js'
+import { buildTestApp, startTestKernel, testManifest, token, json, until } from '../../helper.js'
 
 const secret = 'identity-test-secret-of-at-least-32-bytes'
 const other = 'another-secret-that-is-long-enough-0123456789'
@@ -68,4 +72,94 @@ t.test('a forged token costs one check per request, however many ask; the 401 is
       }
     }
   }
+})
+
+/** A JWKS on port 0 whose document the test changes; it counts requests. */
+async function jwksServer (t: { teardown: (fn: () => unknown) => void }, initial: { keys: unknown[] }): Promise<{ url: string, hits: () => number, set: (doc: { keys: unknown[] }) => void }> {
+  let doc = initial
+  let hits = 0
+  const server = createServer((_req, res) => {
+    hits++
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(doc))
+  })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise(resolve => { server.close(resolve); server.closeAllConnections() }))
+  const { port } = server.address() as AddressInfo
+  return { url: `http://127.0.0.1:${port}/jwks.json`, hits: () => hits, set: d => { doc = d } }
+}
+
+const rsa = (): { pem: string, jwk: (kid: string) => Record<string, unknown> } => {
+  const { publicKey, privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 })
+  return { pem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), jwk: kid => ({ ...publicKey.export({ format: 'jwk' }), kid, alg: 'RS256', use: 'sig' }) }
+}
+/** The user of an identity, else the refusal's message: an assertion that fails does not end the test. */
+const userOf = (identify: () => { user: string }): string => {
+  try {
+    return identify().user
+  } catch (err) {
+    return (err as Error).message
+  }
+}
+const signed = (key: { pem: string }, kid: string, claims: Record<string, unknown>): string =>
+  createSigner({ key: key.pem, algorithm: 'RS256', kid, expiresIn: 600_000 })({ tid: 't1', roles: [], zone: 'public', ...claims })
+
+// A refusal that holds only until the keys change (a kid not fetched yet, a key replaced under
+// its kid) or time passes (`nbf`) is not the request's to keep: the guard, at the request's
+// head, refused it; the route, once the body was in, must check it again.
+t.test('a refusal is not kept past new keys, nor for a token not valid yet', async t => {
+  const first = rsa()
+  const second = rsa()
+  const jwks = await jwksServer(t, { keys: [first.jwk('k1')] })
+  const identify = createIdentityVerifier({ jwksUrl: jwks.url, jwksRefreshMs: 60_000, jwksMinRefetchMs: 0 })
+  t.teardown(() => identify.close())
+  await identify.start()
+  const request = {}
+  // A kid the gateway has not fetched yet: refused, and a refetch asked for.
+  jwks.set({ keys: [first.jwk('k1'), second.jwk('k2')] })
+  const fresh = `Bearer ${signed(second, 'k2', { sub: 'fresh' })}`
+  t.throws(() => identify(fresh, request), { message: /unknown key id/ })
+  await until(() => userOf(() => identify(`Bearer ${signed(second, 'k2', { sub: 'probe' })}`)) === 'probe', 'the refetch')
+  t.equal(userOf(() => identify(fresh, request)), 'fresh', 'the kid fetched since: accepted for the same request')
+  // A key replaced under its kid: a token of the new key was refused under the old one.
+  const replaced = `Bearer ${signed(second, 'k1', { sub: 'replaced' })}`
+  t.throws(() => identify(replaced, request), { message: /signature is invalid/ })
+  jwks.set({ keys: [second.jwk('k1')] })
+  t.throws(() => identify(`Bearer ${signed(second, 'k0', { sub: 'x' })}`), { message: /unknown key id/ }, 'a refetch asked for')
+  await until(() => userOf(() => identify(`Bearer ${signed(second, 'k1', { sub: 'probe2' })}`)) === 'probe2', 'the rotation')
+  t.equal(userOf(() => identify(replaced, request)), 'replaced', 'the key replaced since: accepted for the same request')
+  // Not valid yet (nbf, beyond the 5 s of tolerance): valid a moment later, in the same request.
+  const hs = createIdentityVerifier({ secret })
+  const nbf = Math.floor(Date.now() / 1000) + 6
+  const early = (sub: string): string => `Bearer ${createSigner({ key: secret, expiresIn: 600_000 })({ sub, tid: 't1', nbf })}`
+  const soon = early('early')
+  t.throws(() => hs(soon, request), { message: /not valid yet/ })
+  // Another token of the same nbf tells when it is valid (the token itself would be kept verified).
+  await until(() => userOf(() => hs(early('probe'))) === 'probe', 'the nbf', 8000)
+  t.equal(userOf(() => hs(soon, request)), 'early', 'valid since: accepted for the same request')
+})
+
+t.test('over HTTP: the guard refuses a kid not fetched yet, the route accepts it once its body is in', async t => {
+  const first = rsa()
+  const second = rsa()
+  const jwks = await jwksServer(t, { keys: [first.jwk('k1')] })
+  const kernel = await startTestKernel(t, { 'POST /v1/things': (_req, res) => json(res, 200, { ok: true }) })
+  const op = { type: 'mutation', rest: 'POST /things', kernel: 'POST /v1/things', input: { type: 'object', properties: { name: { type: 'string' } } }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
+  const app = await buildTestApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url, BFF_RATE_LIMIT_GLOBAL_MAX: 1000, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: 60_000 },
+    { manifest: testManifest({ things: op }, { url: kernel.url }), kernelUrl: kernel.url, identity: { jwksRefreshMs: 60_000, jwksMinRefetchMs: 0 } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  jwks.set({ keys: [first.jwk('k1'), second.jwk('k2')] })
+  const body = JSON.stringify({ name: 'x' })
+  const socket = connect(port, '127.0.0.1')
+  t.teardown(() => socket.destroy())
+  let answer = ''
+  socket.on('data', (chunk: Buffer) => { answer += chunk.toString('latin1') })
+  await once(socket, 'connect')
+  // The head: the guard checks the token (a kid not fetched yet: refused, a refetch asked for).
+  socket.write(`POST /api/v1/things HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${signed(second, 'k2', { sub: 'u1' })}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n`)
+  await until(() => jwks.hits() >= 2, 'the refetch')
+  await until(() => userOf(() => app.identify(`Bearer ${signed(second, 'k2', { sub: 'probe' })}`)) === 'probe', 'the new keys')
+  socket.write(body)
+  await once(socket, 'end')
+  t.match(answer, /^HTTP\/1\.1 200 /, 'the route checked the token again, with the keys it holds now')
 })
