@@ -37,6 +37,7 @@ import graphql, { chooseSubprotocol } from './adapters/graphql/index.js'
 import websocketFace from './adapters/websocket/index.js'
 import type { FaceOptions } from './adapters/face.js'
 import websocket from '@fastify/websocket'
+import { servePlainUpgrades, WEBSOCKET_UPGRADE } from './plain-upgrades.js'
 import AjvCompiler, { type ValidatorFactory } from '@fastify/ajv-compiler'
 import helmet from 'helmet'
 import cors from '@fastify/cors'
@@ -347,9 +348,6 @@ const IDENTITY = /^\s*identity\s*$/i
 /** A Transfer-Encoding that frames the body and codes nothing: chunked alone. */
 const CHUNKED = /^\s*chunked\s*$/i
 
-/** An Upgrade header that offers WebSocket (among other protocols, perhaps). */
-const WEBSOCKET_UPGRADE = /(?:^|,)\s*websocket\s*(?:,|$)/i
-
 /** What Node's HTTP server keeps on a connection's socket: its answer under way, and its parser (null once upgraded). */
 type HttpSocket = Socket & { _httpMessage?: ServerResponse | null, parser?: unknown }
 
@@ -627,8 +625,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // @fastify/websocket, which has no option for it, accepted each one on a route declared
     // after it, then closed the socket at once and logged a line at info: any client could
     // fill the log. A path no route serves stays the 404 of a plain request. Only a WebSocket
-    // upgrade: a GET offering HTTP/2 (`Upgrade: h2c`, as Java's HttpClient sends on http://) is
-    // served as HTTP/1.1 where it was (REST, OpenAPI, /metrics), as RFC 9110 §7.8 allows.
+    // upgrade: an offer of another protocol (`Upgrade: h2c`) is served as plain HTTP
+    // (servePlainUpgrades), and never comes here marked as an upgrade.
     if ((request.raw as Upgradable).upgrade && request.routeOptions.config.servesWebSocket !== true && !request.is404 && WEBSOCKET_UPGRADE.test(request.headers.upgrade ?? '')) {
       refuseEarly(request, reply, done, new MantleError('BAD_REQUEST', 'This route serves no WebSocket: send it a plain HTTP request'))
       return true
@@ -906,6 +904,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
         socket.terminate()
       }
     })
+    // Its 'upgrade' listener took every request offering an upgrade: those offering another
+    // protocol (h2c) are served as plain HTTP again.
+    servePlainUpgrades(app.server)
     // The 101 of an upgrade is written by ws, not through a reply: it gets the same headers here.
     const securityLines = Object.entries(SECURITY_HEADERS).map(([name, value]) => `${name}: ${value}`)
     app.websocketServer.on('headers', (headers: string[]) => { headers.push(...securityLines) })

@@ -7,11 +7,9 @@ import { httpAuthorization, TRPC_CALLS } from './trpc/context.js'
  * before (the rate-limit guard) or beside (the audit of a refused request) the route:
  * - a WebSocket upgrade of a route that serves WebSocket (/ws, /graphql, /trpc): its header,
  *   else `?access_token=`; a token that comes after it (graphql-ws's connection_init, tRPC's
- *   connectionParams message) is not in the request. An upgrade of any other route is read as
- *   that route reads a plain request: Node marks every request with `Connection: upgrade` (a
- *   GET offering h2c, which REST serves as HTTP/1.1), and such a REST request's
- *   `?access_token=`, which REST never reads, named the tenant the guard counted it towards and
- *   the audit recorded;
+ *   connectionParams message) is not in the request. A WebSocket upgrade of any other route is
+ *   read as that route reads a plain request (its `?access_token=`, which REST never reads,
+ *   named the tenant the guard counted it towards and the audit recorded);
  * - a tRPC call over HTTP (`/trpc/*`, SSE subscriptions included): its header, else
  *   `?connectionParams=` (`token` or `authorization`), else `?access_token=`;
  * - any other request (REST, batch, GraphQL over HTTP, the gateway's own): its header.

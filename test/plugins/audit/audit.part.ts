@@ -154,13 +154,13 @@ t.test('tRPC requests refused before any call runs are recorded as security, onc
   t.equal(viaQuery.statusCode, 400)
   const params = encodeURIComponent(JSON.stringify({ token: token({ tenant: 't8', user: 'u8' }) }))
   t.equal((await app.inject({ url: `/trpc/getAgent?input=%7Bnope&connectionParams=${params}`, headers: { 'x-request-id': 'q-params' } })).statusCode, 400)
-  // REST takes no token in the query, whatever its headers (an Upgrade that is no WebSocket's).
+  // REST takes no token in the query, whatever its headers (a WebSocket upgrade of a REST route).
   // On a real connection (inject never sets Node's upgrade mark, by which such a request was read
   // the WebSocket way: its ?access_token= named the entry's tenant), refused before its route (a
   // Content-Encoding on a GET, 415).
   await app.listen({ port: 0, host: '127.0.0.1' })
   const port = (app.server.address() as AddressInfo).port
-  t.equal(await rawStatus(port, `GET /api/v1/agents/a1?access_token=${token({ tenant: 't9' })} HTTP/1.1\r\nhost: x\r\ncontent-encoding: gzip\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nx-request-id: rest-query\r\n\r\n`), 415)
+  t.equal(await rawStatus(port, `GET /api/v1/agents/a1?access_token=${token({ tenant: 't9' })} HTTP/1.1\r\nhost: x\r\ncontent-encoding: gzip\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\nx-request-id: rest-query\r\n\r\n`), 415)
   const later = await entries(app)
   const one = (id: string): Row[] => later.filter(r => r.requestId === id)
   t.match(one('q-token'), [{ status: 'VALIDATION_FAILED', tenantId: 't9', userId: 'u9' }], 'not public/anonymous')

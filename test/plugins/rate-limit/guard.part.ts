@@ -413,7 +413,8 @@ t.test('a REST request offering h2c is counted as REST reads it: its ?access_tok
   // Node marks any request with `Connection: upgrade` as an upgrade (a GET offering HTTP/2 in
   // cleartext, which REST serves as HTTP/1.1): the guard read such a request's token the
   // WebSocket way, and counted a REST request's ?access_token=, which REST never reads, towards
-  // the tenant it names rather than the address.
+  // the tenant it names rather than the address. (Such an offer is now taken off before anything
+  // reads the request: servePlainUpgrades.)
   const app = await guarded(t)
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as AddressInfo

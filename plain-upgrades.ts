@@ -1,0 +1,80 @@
+import type { IncomingMessage, Server } from 'node:http'
+import type { Duplex } from 'node:stream'
+import { Server as TlsServer } from 'node:tls'
+
+/** An Upgrade header that offers WebSocket (among other protocols, perhaps). */
+export const WEBSOCKET_UPGRADE = /(?:^|,)\s*websocket\s*(?:,|$)/i
+
+/** The Connection tokens of an upgrade offer, dropped from a request served as plain HTTP. */
+const OFFER_TOKEN = /^(?:upgrade|http2-settings)$/i
+
+/**
+ * Serves a request that offers an upgrade other than WebSocket (`Upgrade: h2c`, which Java's
+ * HttpClient sends on every http:// request, curl --http2 too, a POST with its body) as the plain
+ * HTTP/1.1 request it also is, on every route, as RFC 9110 §7.8 lets a server ignore an Upgrade.
+ *
+ * Once a server has an 'upgrade' listener (@fastify/websocket's), Node 20 hands it every request
+ * with `Connection: upgrade` and its socket, unparsed past the head: a body was never read (a
+ * POST was refused 400, "the Content-Length header does not match the body"), a GET on a route
+ * that also serves WebSocket (/trpc/*, /graphql) went to ws, which answered a bare 400 "Invalid
+ * Upgrade header", and a connection served so was closed after its answer. Neither Node 20 (its
+ * `shouldUpgradeCallback` came in later versions) nor @fastify/websocket has an option for it: such
+ * an offer is taken from the 'upgrade' event here, and its head written again without the offer
+ * (Upgrade, HTTP2-Settings and their Connection tokens) ahead of what the socket still holds, for
+ * the server's parser to read as a new connection: body, keep-alive and pipelining as for any request.
+ */
+export function servePlainUpgrades (server: Server): void {
+  // Typed loosely: the server's emit is overloaded by event.
+  const emit = server.emit as (this: Server, event: string | symbol, ...args: unknown[]) => boolean
+  // Where the HTTP parser takes a socket: a TLS server's HTTP listens for its sockets once secure.
+  const accepted = server instanceof TlsServer ? 'secureConnection' : 'connection'
+  server.emit = function (this: Server, event: string | symbol, ...args: unknown[]): boolean {
+    if (event === 'upgrade') {
+      const [req, socket, head] = args as [IncomingMessage, Duplex, Buffer]
+      if (!WEBSOCKET_UPGRADE.test(req.headers.upgrade ?? '')) {
+        socket.unshift(Buffer.concat([plainHead(req), head]))
+        whenAnswered(socket as Answering, () => emit.call(this, accepted, socket))
+        return true
+      }
+    }
+    return emit.call(this, event, ...args)
+  } as Server['emit']
+}
+
+/** A connection's socket as Node's HTTP server keeps it: the answer it is writing (the first of those queued), if any. */
+type Answering = Duplex & { _httpMessage?: { once: (event: 'finish', fn: () => void) => unknown } | null }
+
+/**
+ * Runs `fn` once the socket has written the answers to the requests before the offer (a client
+ * that pipelines sends them ahead of it): a new parser taken on at once answered the offer, and
+ * the requests after it, over an answer still being written. Node hands the next queued answer
+ * the socket as each one finishes; none is left once it holds none. A socket that closes first
+ * runs nothing.
+ */
+function whenAnswered (socket: Answering, fn: () => void): void {
+  if (socket.destroyed) return
+  const answer = socket._httpMessage
+  if (answer === null || answer === undefined) {
+    fn()
+    return
+  }
+  answer.once('finish', () => setImmediate(() => whenAnswered(socket, fn)))
+}
+
+/** The request's head as it came (names, values and order: Node reads both as latin1), less its offer. */
+function plainHead (req: IncomingMessage): Buffer {
+  let text = `${req.method ?? 'GET'} ${req.url ?? '/'} HTTP/${req.httpVersion}\r\n`
+  const raw = req.rawHeaders
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i]
+    let value = raw[i + 1]
+    const lower = name.toLowerCase()
+    if (lower === 'upgrade' || lower === 'http2-settings') continue
+    if (lower === 'connection') {
+      value = value.split(',').map(token => token.trim()).filter(token => token !== '' && !OFFER_TOKEN.test(token)).join(', ')
+      if (value === '') continue
+    }
+    text += `${name}: ${value}\r\n`
+  }
+  return Buffer.from(text + '\r\n', 'latin1')
+}
