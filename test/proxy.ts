@@ -30,6 +30,12 @@ export interface TcpProxy {
   release: () => void
   /** Connections whose chunks to the server are held back now. */
   readonly holding: number
+  /**
+   * The connections whose client has sent something `match` accepts (of its first 4 KiB) get
+   * nothing more from the server until `restore()`: what it sends them is dropped, as on a flow
+   * a failover left half-open (the client's chunks still reach the server).
+   */
+  deafen: (match: (sent: string) => boolean) => void
   /** Forwards again from now on (and without delay). */
   restore: () => void
   close: () => Promise<void>
@@ -60,6 +66,8 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
   let holder: ((chunk: Buffer) => boolean) | null = null
   /** The held connections' flushes (holdSends). */
   const holding = new Set<() => void>()
+  /** What each open connection's client sent first (4 KiB at most), and whether it is deaf (deafen). */
+  const links = new Set<{ sent: string, deaf: boolean }>()
   const { open, track } = sockets()
   /** Chunks held back by `delay`: dropped on close, so that a long delay does not hold the process. */
   const held = new Set<NodeJS.Timeout>()
@@ -70,6 +78,9 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
     connections++
     const upstream = connect(targetPort, targetHost)
     track(upstream)
+    const link = { sent: '', deaf: false }
+    links.add(link)
+    client.on('close', () => links.delete(link))
     // Forwarded by hand, not piped, so that holdSends can keep a chunk from the server.
     let out: Buffer[] | null = null
     // The client ended or closed while chunks were held: the server gets the end after them.
@@ -83,6 +94,7 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
       else client.resume()
     }
     client.on('data', (chunk: Buffer) => {
+      if (link.sent.length < 4096) link.sent += chunk.toString('latin1', 0, 4096 - link.sent.length)
       watcher?.(chunk)
       if (out === null && holder?.(chunk) === true) {
         out = []
@@ -113,6 +125,7 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
       }
     }
     upstream.on('data', (chunk: Buffer) => {
+      if (link.deaf) return
       if (delayMs === 0 && queue.length === 0) client.write(chunk)
       else {
         queue.push({ at: performance.now() + delayMs, chunk })
@@ -147,7 +160,8 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
     watch (fn) { watcher = fn },
     holdSends (match) { holder = match },
     release,
-    restore () { mode = 'open'; delayMs = 0; holder = null; release() },
+    deafen (match) { for (const link of links) if (match(link.sent)) link.deaf = true },
+    restore () { mode = 'open'; delayMs = 0; holder = null; for (const link of links) link.deaf = false; release() },
     close
   }
 }

@@ -23,6 +23,9 @@ export { entryKey, policyOf, sharedKey, localKey, LOCAL_KEY_MAX_INPUT, tagKey, t
  */
 export const AUDITED_TAG_CHARS = 2048
 
+/** How often the invalidations subscriber's connection is checked with a PING (ms), as the shared connection's heartbeat. */
+const SUBSCRIBER_PROBE_MS = 1000
+
 function auditedTags (tags: readonly string[]): string[] {
   const named: string[] = []
   let chars = 0
@@ -161,6 +164,25 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
       })
     })
     subscriber.on('message', (_channel: string, text: string) => c.received(text))
+    // The subscriber only listens: a connection that stopped bringing anything (a flow a failover
+    // left half-open, a Redis that hangs) stayed ready and subscribed, and every other instance's
+    // invalidation was missed: the in-process tier served what they dropped as hits until it
+    // expired, for as long as the connection stayed so. A PING (allowed while subscribed), as the
+    // shared connection's heartbeat: two in a row unanswered within the command timeout drop the
+    // connection; it is made anew ('close', then 'ready': the tier starts over) and subscribes.
+    let probing = false
+    let unanswered = 0
+    const probe = setInterval(() => {
+      if (probing || subscriber.status !== 'ready') return
+      probing = true
+      subscriber.ping().then(() => { unanswered = 0 }, (err: Error) => {
+        if (closing || subscriber.status !== 'ready' || ++unanswered < 2) return
+        unanswered = 0
+        app.log.warn({ err: err.message }, 'cache: the invalidations subscriber did not answer two PINGs in time: reconnecting it')
+        subscriber.disconnect(true)
+      }).finally(() => { probing = false })
+    }, SUBSCRIBER_PROBE_MS)
+    probe.unref()
     // /diagz: healthy again as soon as Redis answers (a PING too). Its connection ready again
     // ends the hold after a failed command, and invalidations made while Redis was away reach it.
     shared.onAnswer(() => { c.redisAnswers() })
@@ -169,6 +191,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     app.addHook('onClose', async () => {
       shared.client.off('ready', reconnected)
       closing = true
+      clearInterval(probe)
       subscriber.disconnect()
     })
   }

@@ -389,3 +389,43 @@ t.test('instances with another BFF_CACHE_TTL do not serve each other\'s entries 
   t.equal((await minute.inject({ method: 'GET', url: '/api/v1/items/b', headers })).headers['x-cache'], 'hit')
   t.equal(kernel.reads(), 3)
 })
+
+// The cache subscriber only listens: a connection that stopped bringing anything (a flow a
+// failover left half-open) stayed "ready" and subscribed, deaf to every other instance's
+// invalidation, and the in-process tier served what they dropped as hits until it expired (and
+// so on for every entry it took in after, while the connection stayed so: for ever).
+t.test('a cache subscriber that hears nothing more is made anew: what memory held is not served long past another instance\'s invalidation', async t => {
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  const cut = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_CACHE_TTL: '3600' }, { manifest, kernelUrl: kernel.url })
+  const direct = await buildTestApp(t, { REDIS_URL, BFF_CACHE_TTL: '3600' }, { manifest, kernelUrl: kernel.url })
+  const who = tenant()
+  const headers = bearer({ tenant: who })
+  const keyOf = (id: string): string => localKey('getDefault', who, canonicalJson({ id }))
+  const read = async (id: string) => await cut.inject({ method: 'GET', url: `/api/v1/default/${id}`, headers })
+  await eventually(async () => {
+    await read('a')
+    return cut.responseCache.cache.memory.get(keyOf('a')) !== undefined
+  }, 'a in the cut instance\'s memory')
+  const first = (await read('a')).json().n
+  // The subscriber's connection gets nothing more from Redis; the shared one is untouched.
+  proxy.deafen(sent => sent.includes('mantle-cache-sub'))
+  t.equal((await direct.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
+  let served = first
+  try {
+    await eventually(async () => {
+      served = (await read('a')).json().n
+      return served > first
+    }, 'a read after the change', 8000)
+  } catch {}
+  t.ok(served > first, `a read after the change within seconds (n ${served}, ${first} before it)`)
+  proxy.restore()
+  // Subscribed again: another instance's invalidation reaches it.
+  await eventually(async () => {
+    await read('b')
+    return cut.responseCache.cache.memory.get(keyOf('b')) !== undefined
+  }, 'b in the cut instance\'s memory')
+  t.equal((await direct.inject({ method: 'PATCH', url: '/api/v1/items/b', headers, payload: {} })).statusCode, 200)
+  await eventually(async () => cut.responseCache.cache.memory.get(keyOf('b')) === undefined, 'the invalidation of b to reach the cut instance')
+})
