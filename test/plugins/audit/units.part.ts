@@ -9,7 +9,7 @@ import { canonicalJson as canonical } from '../../../plugins/pipeline/index.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
 import { Spool, SpoolInUseError, SPOOL_FILE, SPOOL_LIMITS } from '../../../plugins/audit/spool.js'
 import { numbersAsWritten } from '../../../plugins/audit/postgres-store.js'
-import { AuditWriter } from '../../../plugins/audit/writer.js'
+import { AuditWriter, type WriterHooks } from '../../../plugins/audit/writer.js'
 import { uuidv7 as entryId } from '../../../ids.js'
 import { until } from '../../helper.js'
 import { spoolDir } from './db.js'
@@ -1361,6 +1361,30 @@ t.test('writer: once close gave up, the write it left says no "store is back" no
   }
 })
 
+/**
+ * A writer over a flaky store whose first write hangs and a spool whose disk refuses every
+ * append (what close leaves to the write's end), its log lines kept: 10 entries enqueued (in the
+ * store already with `storedBefore`), their batch in flight.
+ */
+async function leftToItsWrite (t: Test, opts: { hooks?: WriterHooks, storedBefore?: boolean } = {}): Promise<{ first: ReturnType<typeof holdFirstWrite>, spool: Spool, lines: Array<{ level: string, obj: object, msg: string }>, writer: AuditWriter, batch: AuditEntry[] }> {
+  const store = flakyStore()
+  const batch = Array.from({ length: 10 }, () => entry())
+  if (opts.storedBefore === true) await store.write(batch)
+  const first = holdFirstWrite(store)
+  const spool = await Spool.open(spoolDir(t))
+  spool.appendMany = async () => { throw new Error('ENOSPC: no space left on device, write') }
+  const lines: Array<{ level: string, obj: object, msg: string }> = []
+  const log = {
+    info: (obj: object | string, msg?: string) => lines.push({ level: 'info', obj: typeof obj === 'string' ? {} : obj, msg: msg ?? String(obj) }),
+    warn: (obj: object, msg: string) => lines.push({ level: 'warn', obj, msg }),
+    error: (obj: object, msg: string) => lines.push({ level: 'error', obj, msg })
+  }
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, log, hooks: opts.hooks })
+  for (const e of batch) writer.enqueue(e)
+  await until(() => first.held, 'the batch in flight')
+  return { first, spool, lines, writer, batch }
+}
+
 /** The process's exit listeners added since `before` (a writer's, while it has something to say at exit). */
 function exitListenersSince (before: Function[]): Function[] {
   return process.listeners('exit').filter(l => !before.includes(l))
@@ -1395,20 +1419,7 @@ t.test('writer: entries that come after close and are not said yet are said at t
 // process exited first: an operator could not tell stored from lost from not known.
 t.test('writer: the batch close left to its write says it was stored when the write goes through, and unknown should the process exit first', async t => {
   for (const end of ['exit', 'stored'] as const) {
-    const store = flakyStore()
-    const first = holdFirstWrite(store)
-    const spool = await Spool.open(spoolDir(t))
-    spool.appendMany = async () => { throw new Error('ENOSPC: no space left on device, write') }
-    const lines: Array<{ level: string, obj: object, msg: string }> = []
-    const log = {
-      info: (obj: object | string, msg?: string) => lines.push({ level: 'info', obj: typeof obj === 'string' ? {} : obj, msg: msg ?? String(obj) }),
-      warn: (obj: object, msg: string) => lines.push({ level: 'warn', obj, msg }),
-      error: (obj: object, msg: string) => lines.push({ level: 'error', obj, msg })
-    }
-    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, log })
-    const batch = Array.from({ length: 10 }, () => entry())
-    for (const e of batch) writer.enqueue(e)
-    await until(() => first.held, `${end}: the batch in flight`)
+    const { first, spool, lines, writer, batch } = await leftToItsWrite(t)
     const before = process.listeners('exit')
     await writer.close()
     const added = exitListenersSince(before)
@@ -1433,21 +1444,8 @@ t.test('writer: the batch close left to its write says it was stored when the wr
 // ids of its first and last entries, then stored or lost when the write ends: the line saying it
 // lost (its write failed) carried its count only, the ids of none.
 t.test('writer: the batch close left to its write says it was lost, with its ids, when the write fails', async t => {
-  const store = flakyStore()
-  const first = holdFirstWrite(store)
-  const spool = await Spool.open(spoolDir(t))
-  spool.appendMany = async () => { throw new Error('ENOSPC: no space left on device, write') }
-  const lines: Array<{ level: string, obj: object, msg: string }> = []
-  const log = {
-    info: (obj: object | string, msg?: string) => lines.push({ level: 'info', obj: typeof obj === 'string' ? {} : obj, msg: msg ?? String(obj) }),
-    warn: (obj: object, msg: string) => lines.push({ level: 'warn', obj, msg }),
-    error: (obj: object, msg: string) => lines.push({ level: 'error', obj, msg })
-  }
   let lost = 0
-  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, log, hooks: { lost: n => { lost += n } } })
-  const batch = Array.from({ length: 10 }, () => entry())
-  for (const e of batch) writer.enqueue(e)
-  await until(() => first.held, 'the batch in flight')
+  const { first, spool, lines, writer, batch } = await leftToItsWrite(t, { hooks: { lost: n => { lost += n } } })
   await writer.close()
   t.equal(lost, 0, 'not counted lost while its write runs')
   first.release(false)
@@ -1461,23 +1459,9 @@ t.test('writer: the batch close left to its write says it was lost, with its ids
 // earlier write committed without its answer, and the disk refused the batch it brought back):
 // nothing was said after "lost unless it goes through", which then read as lost.
 t.test('writer: the batch close left to its write is said stored when its write goes through, also when the store had its entries already', async t => {
-  const store = flakyStore()
-  const batch = Array.from({ length: 10 }, () => entry())
-  await store.write(batch)
-  const first = holdFirstWrite(store)
-  const spool = await Spool.open(spoolDir(t))
-  spool.appendMany = async () => { throw new Error('ENOSPC: no space left on device, write') }
-  const lines: Array<{ level: string, obj: object, msg: string }> = []
-  const log = {
-    info: (obj: object | string, msg?: string) => lines.push({ level: 'info', obj: typeof obj === 'string' ? {} : obj, msg: msg ?? String(obj) }),
-    warn: (obj: object, msg: string) => lines.push({ level: 'warn', obj, msg }),
-    error: (obj: object, msg: string) => lines.push({ level: 'error', obj, msg })
-  }
   let stored = 0
   let lost = 0
-  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, log, hooks: { stored: n => { stored += n }, lost: n => { lost += n } } })
-  for (const e of batch) writer.enqueue(e)
-  await until(() => first.held, 'the batch in flight')
+  const { first, spool, lines, writer, batch } = await leftToItsWrite(t, { hooks: { stored: n => { stored += n }, lost: n => { lost += n } }, storedBefore: true })
   await writer.close()
   first.release(true)
   await until(() => !writer.writing, 'the write went through')
