@@ -1430,6 +1430,33 @@ t.test('an operation answered with slow 2xx and then fast 4xx: once a probe is a
   t.equal(client.breaker!.state, 'closed')
 })
 
+/**
+ * getItem (500 ms timeout, 4 connections) answered 200 three times (so its 404s are not learnt),
+ * then a call of it that hangs, timed out: its estimate backed off to its timeout less 10 ms.
+ * Then eight callers of slowItem keep the connections busy, getItem's calls waiting among them,
+ * through its stale spell (2 s), which halves its estimate. `kernel.hung`: getItem's calls sent
+ * to hang since (h1); x1 is answered 404 in 10 ms.
+ */
+async function timedOutBehindLoad (t: Test): Promise<Awaited<ReturnType<typeof twoOperations>> & { fast: ReturnType<KernelClient['forOperation']>, kernel: { hung: number }, stopLoad: () => Promise<void> }> {
+  const kernel = { hung: 0 }
+  const two = await twoOperations(t, {
+    'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 100) },
+    'GET /v1/items/p1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'p1' }), 20) },
+    'GET /v1/items/h1': () => { kernel.hung++ },
+    'GET /v1/items/x1': (_req, res) => { setTimeout(() => json(res, 404, { message: 'no such item' }), 10) }
+  }, 500, 2000, 4)
+  const { client, getItem, slowItem, call } = two
+  const fast = client.forOperation(getItem)
+  const slow = client.forOperation(slowItem)
+  for (let i = 0; i < 3; i++) t.equal(await call(fast, getItem, 'p1'), 'ok')
+  t.equal(await call(fast, getItem, 'h1'), 'KERNEL_TIMEOUT')
+  kernel.hung = 0
+  const load = { running: true }
+  const slowWorkers = Array.from({ length: 8 }, async () => { while (load.running) await call(slow, slowItem, 's1') })
+  await sleep(2100)
+  return { ...two, fast, kernel, stopLoad: async () => { load.running = false; await Promise.all(slowWorkers) } }
+}
+
 // Left open by the review of 16f8183: a stale estimate's probe answered with a 4xx not learnt
 // starts the estimate again at what the probe was asked for (half the stale estimate), and the
 // operation then asked that while its calls were out. After a timeout had backed its estimate off
@@ -1439,33 +1466,16 @@ t.test('an operation answered with slow 2xx and then fast 4xx: once a probe is a
 // from (or the descent reaches its 4xx's own time). Here, 4 connections, 6 calls that hang after
 // such a probe: 4 sent and timed out without (8 connections: 6, and the breaker opened); 1 with.
 t.test('after a timeout, a probe answered 404 does not send an operation\'s calls to hang on every connection', async t => {
-  let hung = 0
-  const { client, getItem, slowItem, call } = await twoOperations(t, {
-    'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 100) },
-    'GET /v1/items/p1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'p1' }), 20) },
-    'GET /v1/items/h1': () => { hung++ },
-    'GET /v1/items/x1': (_req, res) => { setTimeout(() => json(res, 404, { message: 'no such item' }), 10) }
-  }, 500, 2000, 4)
-  const fast = client.forOperation(getItem)
-  const slow = client.forOperation(slowItem)
-  // getItem answered 200 (so its 404s are not learnt), then a call of it hangs: its estimate backs
-  // off to its timeout less 10 ms.
-  for (let i = 0; i < 3; i++) t.equal(await call(fast, getItem, 'p1'), 'ok')
-  t.equal(await call(fast, getItem, 'h1'), 'KERNEL_TIMEOUT')
-  hung = 0
-  // Eight callers of slowItem keep the four connections busy; getItem's calls wait among them.
-  const load = { running: true }
-  const slowWorkers = Array.from({ length: 8 }, async () => { while (load.running) await call(slow, slowItem, 's1') })
-  // Its stale spell (2 s) halves the estimate; the probe that then goes out is answered 404.
-  await sleep(2100)
+  const { client, fast, getItem, call, kernel, stopLoad } = await timedOutBehindLoad(t)
+  // The probe that goes out after its stale spell is answered 404.
   t.equal(await call(fast, getItem, 'x1'), 'NOT_FOUND', 'the probe is answered 404')
   const outcomes: Record<string, number> = {}
   await Promise.all(Array.from({ length: 6 }, async () => {
     const outcome = await call(fast, getItem, 'h1')
     outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
   }))
-  load.running = false
-  await Promise.all(slowWorkers)
+  await stopLoad()
+  const hung = kernel.hung
   t.ok(hung <= 1, `one call at most goes out to hang (${hung} sent, ${JSON.stringify(outcomes)})`)
   t.ok((outcomes.KERNEL_UNAVAILABLE ?? 0) >= 5, `the others are refused unsent (${JSON.stringify(outcomes)})`)
   t.equal(client.breaker!.state, 'closed')
@@ -1477,37 +1487,24 @@ t.test('after a timeout, a probe answered 404 does not send an operation\'s call
 // more than that left, went out to hang one per connection while the first hung. A timeout never
 // lowers it now.
 t.test('during a 404 descent after a timeout, a call timed out with little time left keeps what the first timeout backed the estimate off to', async t => {
-  let hung = 0
   const { CallContext } = await import('../../../plugins/pipeline/index.js')
-  const { client, getItem, slowItem, call } = await twoOperations(t, {
-    'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 100) },
-    'GET /v1/items/p1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'p1' }), 20) },
-    'GET /v1/items/h1': () => { hung++ },
-    'GET /v1/items/x1': (_req, res) => { setTimeout(() => json(res, 404, { message: 'no such item' }), 10) }
-  }, 500, 2000, 4)
-  const fast = client.forOperation(getItem)
-  const slow = client.forOperation(slowItem)
-  for (let i = 0; i < 3; i++) t.equal(await call(fast, getItem, 'p1'), 'ok')
-  t.equal(await call(fast, getItem, 'h1'), 'KERNEL_TIMEOUT')
-  const load = { running: true }
-  const slowWorkers = Array.from({ length: 8 }, async () => { while (load.running) await call(slow, slowItem, 's1') })
-  await sleep(2100)
+  const { fast, getItem, call, kernel, stopLoad } = await timedOutBehindLoad(t)
   // The probe (asked 245 ms) and the 404s after it take the estimate down to 61 ms.
   for (let i = 0; i < 3; i++) t.equal(await call(fast, getItem, 'x1'), 'NOT_FOUND', 'a 404')
-  hung = 0
+  kernel.hung = 0
   // A call that comes 220 ms late hangs with what it has left once handed a connection (80 to 180 ms).
   const late = new CallContext('h1', 'rest', getItem, { id: 'h1' }, undefined, undefined, undefined)
   ;(late as { startedAt: number }).startedAt -= 220
   const lateOutcome = await fast(late).then(() => 'ok', (err: { code: string }) => err.code)
-  t.equal(lateOutcome, 'KERNEL_TIMEOUT', `the late call goes out and times out (${lateOutcome}, ${hung} sent)`)
-  const sentLate = hung
+  t.equal(lateOutcome, 'KERNEL_TIMEOUT', `the late call goes out and times out (${lateOutcome}, ${kernel.hung} sent)`)
+  const sentLate = kernel.hung
   const outcomes: Record<string, number> = {}
   await Promise.all(Array.from({ length: 6 }, async () => {
     const outcome = await call(fast, getItem, 'h1')
     outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
   }))
-  load.running = false
-  await Promise.all(slowWorkers)
+  await stopLoad()
+  const hung = kernel.hung
   t.ok(hung - sentLate <= 1, `one call at most of the next 6 goes out to hang (${hung - sentLate} sent, ${JSON.stringify(outcomes)})`)
   t.ok((outcomes.KERNEL_UNAVAILABLE ?? 0) >= 5, `the others are refused unsent (${JSON.stringify(outcomes)})`)
 })
