@@ -1,6 +1,7 @@
 // The cache shared by several gateway instances through the machine's real Redis, and a Redis
 // cut through a TCP proxy the test controls.
-import t from 'tap'
+import t, { type Test } from 'tap'
+import type { FastifyInstance } from 'fastify'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { buildTestApp, bearer } from '../../helper.js'
@@ -12,6 +13,17 @@ import { canonicalJson } from '../../../plugins/pipeline/index.js'
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const REDIS_PORT = Number(new URL(REDIS_URL).port || 6379)
 const tenant = (): string => 'cache-' + randomUUID()
+
+/** Two instances over the items Kernel, one reaching Redis through a proxy the test controls (cut), the other directly; a tenant of their own. */
+async function cutAndDirect (t: Test, env: Record<string, string> = {}): Promise<{ kernel: Awaited<ReturnType<typeof itemKernel>>, proxy: Awaited<ReturnType<typeof startTcpProxy>>, cut: FastifyInstance, direct: FastifyInstance, who: string, headers: Record<string, string> }> {
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  const cut = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, ...env }, { manifest, kernelUrl: kernel.url })
+  const direct = await buildTestApp(t, { REDIS_URL, ...env }, { manifest, kernelUrl: kernel.url })
+  const who = tenant()
+  return { kernel, proxy, cut, direct, who, headers: bearer({ tenant: who }) }
+}
 
 t.test('two instances: a read on one fills the other; a mutation on one invalidates the other, in both tiers', async t => {
   const kernel = await itemKernel(t)
@@ -60,13 +72,7 @@ t.test('two instances: a read on one fills the other; a mutation on one invalida
 })
 
 t.test('Redis cut mid-traffic: the cache serves from memory, never a 5xx, and invalidations made meanwhile reach Redis when it is back', async t => {
-  const kernel = await itemKernel(t)
-  const manifest = itemManifest(kernel.url)
-  const proxy = await startTcpProxy(t, REDIS_PORT)
-  const cut = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, { manifest, kernelUrl: kernel.url })
-  const direct = await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })
-  const who = tenant()
-  const headers = bearer({ tenant: who })
+  const { proxy, cut, direct, who, headers } = await cutAndDirect(t)
   t.equal((await cut.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss')
   t.equal((await direct.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit', 'stored in Redis')
   const key = localKey('getItem', who, canonicalJson({ id: 'a' }))
@@ -187,13 +193,7 @@ t.test('a gateway closed while its cache subscriber\'s SUBSCRIBE after a reconne
 // SUBSCRIBE: an invalidation another instance published before Redis had that SUBSCRIBE never
 // reached it, and an entry it had put in memory meanwhile was served, stale, until it expired.
 t.test('an invalidation sent while the cache subscriber subscribes again after a reconnect is not lost to its memory', async t => {
-  const kernel = await itemKernel(t)
-  const manifest = itemManifest(kernel.url)
-  const proxy = await startTcpProxy(t, REDIS_PORT)
-  const cut = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, { manifest, kernelUrl: kernel.url })
-  const direct = await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })
-  const who = tenant()
-  const headers = bearer({ tenant: who })
+  const { proxy, cut, direct, who, headers } = await cutAndDirect(t)
   const keyOf = (id: string): string => localKey('getItem', who, canonicalJson({ id }))
   const subscribing = (chunk: Buffer): boolean => /subscribe/i.test(chunk.toString()) && chunk.toString().includes('bff:cache:invalidate')
   const read = async (app: typeof cut, id: string) => await app.inject({ method: 'GET', url: `/api/v1/items/${id}`, headers })
@@ -395,13 +395,7 @@ t.test('instances with another BFF_CACHE_TTL do not serve each other\'s entries 
 // invalidation, and the in-process tier served what they dropped as hits until it expired (and
 // so on for every entry it took in after, while the connection stayed so: for ever).
 t.test('a cache subscriber that hears nothing more is made anew: what memory held is not served long past another instance\'s invalidation', async t => {
-  const kernel = await itemKernel(t)
-  const manifest = itemManifest(kernel.url)
-  const proxy = await startTcpProxy(t, REDIS_PORT)
-  const cut = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_CACHE_TTL: '3600' }, { manifest, kernelUrl: kernel.url })
-  const direct = await buildTestApp(t, { REDIS_URL, BFF_CACHE_TTL: '3600' }, { manifest, kernelUrl: kernel.url })
-  const who = tenant()
-  const headers = bearer({ tenant: who })
+  const { proxy, cut, direct, who, headers } = await cutAndDirect(t, { BFF_CACHE_TTL: '3600' })
   const keyOf = (id: string): string => localKey('getDefault', who, canonicalJson({ id }))
   const read = async (id: string) => await cut.inject({ method: 'GET', url: `/api/v1/default/${id}`, headers })
   await eventually(async () => {
