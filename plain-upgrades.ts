@@ -8,6 +8,8 @@ export const WEBSOCKET_UPGRADE = /(?:^|,)\s*websocket\s*(?:,|$)/i
 /** The Connection tokens of an upgrade offer, dropped from a request served as plain HTTP. */
 const OFFER_TOKEN = /^(?:upgrade|http2-settings)$/i
 
+const ignore = (): void => {}
+
 /**
  * Serves a request that offers an upgrade other than WebSocket (`Upgrade: h2c`, which Java's
  * HttpClient sends on every http:// request, curl --http2 too, a POST with its body) as the plain
@@ -32,8 +34,15 @@ export function servePlainUpgrades (server: Server): void {
     if (event === 'upgrade') {
       const [req, socket, head] = args as [IncomingMessage, Duplex, Buffer]
       if (!WEBSOCKET_UPGRADE.test(req.headers.upgrade ?? '')) {
+        // Node took its own listeners off the socket, 'error' too: one that errors until the parser
+        // takes it on (a client that resets it while an answer before the offer is written) threw
+        // an uncaught exception.
+        socket.on('error', ignore)
         socket.unshift(Buffer.concat([plainHead(req), head]))
-        whenAnswered(socket as Answering, () => emit.call(this, accepted, socket))
+        whenAnswered(socket as Answering, () => {
+          socket.removeListener('error', ignore)
+          emit.call(this, accepted, socket)
+        })
         return true
       }
     }

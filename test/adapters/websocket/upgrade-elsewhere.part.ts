@@ -2,7 +2,7 @@ import t from 'tap'
 import { connect as connectTcp } from 'node:net'
 import { WebSocket } from 'ws'
 import type { FastifyInstance } from 'fastify'
-import { buildDemoApp, token } from '../../helper.js'
+import { buildDemoApp, buildTestApp, json, startTestKernel, testManifest, token } from '../../helper.js'
 
 // An upgrade to a route that serves no WebSocket (a probe, a tRPC procedure, a REST route), or
 // to /graphql without a subprotocol it speaks, is refused before any 101, in the face's error
@@ -249,4 +249,29 @@ t.test('a request offering h2c, a POST with its body included, is served as HTTP
   t.match(parse(answers[3]?.body ?? ''), { result: { data: Array } }, 'tRPC')
   t.match(parse(answers[5]?.body ?? ''), { id: 'a1' })
   t.ok(closedByGateway, 'closed as the last request asked (Connection: close), not held open')
+})
+
+const OFFER = 'Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n'
+
+// Node takes its listeners off an upgrade's socket, 'error' too, and @fastify/websocket adds its
+// own: an offer taken before it, pipelined behind an answer still under way, left its socket
+// with none until that answer was written, and a client that reset the connection then threw an
+// uncaught ECONNRESET (the process's end: anyone could stop the gateway).
+t.test('a client that resets its connection while its offer waits for an answer before it is no uncaught error', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) } })
+  const manifest = testManifest({ slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } })
+  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false, BFF_WEBSOCKET_ENABLED: true }, { manifest, kernelUrl: kernel.url })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const uncaught: Error[] = []
+  const record = (err: Error): void => { uncaught.push(err) }
+  process.prependListener('uncaughtException', record)
+  t.teardown(() => { process.removeListener('uncaughtException', record) })
+  const socket = connectTcp(port, '127.0.0.1', () => socket.write(`GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token()}\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n${OFFER}\r\n`))
+  socket.on('error', () => {})
+  await new Promise(resolve => setTimeout(resolve, 200))
+  socket.resetAndDestroy()
+  await new Promise(resolve => setTimeout(resolve, 800))
+  t.same(uncaught.map(err => err.message), [], 'no uncaught error')
+  t.equal((await fetch(`http://127.0.0.1:${port}/healthz`)).status, 200, 'the gateway still serves')
 })
