@@ -37,7 +37,7 @@ import graphql, { chooseSubprotocol } from './adapters/graphql/index.js'
 import websocketFace from './adapters/websocket/index.js'
 import type { FaceOptions } from './adapters/face.js'
 import websocket from '@fastify/websocket'
-import { servePlainUpgrades, WEBSOCKET_UPGRADE } from './plain-upgrades.js'
+import { FIELDS_OVERFLOW, servePlainUpgrades, WEBSOCKET_UPGRADE } from './plain-upgrades.js'
 import AjvCompiler, { type ValidatorFactory } from '@fastify/ajv-compiler'
 import helmet from 'helmet'
 import cors from '@fastify/cors'
@@ -223,10 +223,11 @@ function rawProblem (status: number, detail: string, code: ErrorCode): { id: str
 
 /**
  * Fastify's clientErrorHandler: 408 for a request that took too long, 431 for a head over
- * Node's limit, 400 for anything else the parser refuses, each as problem+json. The parser goes
- * on refusing whatever else the socket brings while it lingers, which lands here again and is
- * dropped. Nothing is written in front of the answer of a call that runs on the connection, nor to
- * a connection that sent nothing.
+ * Node's limit (or an upgrade offer with more fields than Node hands on: servePlainUpgrades),
+ * 400 for anything else the parser refuses, each as problem+json. The parser goes on refusing
+ * whatever else the socket brings while it lingers, which lands here again and is dropped.
+ * Nothing is written in front of the answer of a call that runs on the connection, nor to a
+ * connection that sent nothing.
  */
 function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): void {
   if (lingering.has(socket)) return
@@ -274,7 +275,9 @@ function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): void {
     ? [408, 'The request took too long to arrive']
     : err.code === 'HPE_HEADER_OVERFLOW'
       ? [431, 'The request head is larger than 16 KB']
-      : [400, 'The request is not valid HTTP']
+      : err.code === FIELDS_OVERFLOW
+        ? [431, 'The request has more header fields than are served']
+        : [400, 'The request is not valid HTTP']
   answerRaw(socket, status, detail)
   lingeringClose(socket)
 }

@@ -8,6 +8,12 @@ export const WEBSOCKET_UPGRADE = /(?:^|,)\s*websocket\s*(?:,|$)/i
 /** The Connection tokens of an upgrade offer, dropped from a request served as plain HTTP. */
 const OFFER_TOKEN = /^(?:upgrade|http2-settings)$/i
 
+/** The clientError code of an offer whose head Node did not hand on whole (too many fields): app.ts answers it 431. */
+export const FIELDS_OVERFLOW = 'MANTLE_HEADER_FIELDS_OVERFLOW'
+
+/** rawHeaders' length beyond which Node drops a head's fields (its parser's default maxHeaderPairs, `MAX_HEADER_PAIRS` in _http_common.js). */
+const NODE_HEADER_ENTRIES = 2000
+
 const ignore = (): void => {}
 
 /**
@@ -38,6 +44,15 @@ export function servePlainUpgrades (server: Server): void {
         // takes it on (a client that resets it while an answer before the offer is written) threw
         // an uncaught exception.
         socket.on('error', ignore)
+        if (!whole(server, req)) {
+          // Node frames the body by every field of the head, but hands on its first ones only: a
+          // head written again from those lost, say, its Content-Length, and its body was read as
+          // the next request. Refused as Node refuses a head it cannot take (clientError), and
+          // what the client still sends is read and dropped.
+          socket.resume()
+          if (!emit.call(this, 'clientError', Object.assign(new Error('The request has more header fields than are served'), { code: FIELDS_OVERFLOW }), socket)) socket.destroy()
+          return true
+        }
         socket.unshift(Buffer.concat([plainHead(req), head]))
         whenAnswered(socket as Answering, () => {
           socket.removeListener('error', ignore)
@@ -48,6 +63,12 @@ export function servePlainUpgrades (server: Server): void {
     }
     return emit.call(this, event, ...args)
   } as Server['emit']
+}
+
+/** Whether Node handed on every field of the request's head (it drops those beyond its maxHeadersCount from rawHeaders, and frames the body by them all). */
+function whole (server: Server, req: IncomingMessage): boolean {
+  const limit = typeof server.maxHeadersCount === 'number' ? server.maxHeadersCount * 2 : NODE_HEADER_ENTRIES
+  return limit <= 0 || req.rawHeaders.length < limit
 }
 
 /** A connection's socket as Node's HTTP server keeps it: the answer it is writing (the first of those queued), if any. */
