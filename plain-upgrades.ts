@@ -36,6 +36,11 @@ export function servePlainUpgrades (server: Server): void {
   const emit = server.emit as (this: Server, event: string | symbol, ...args: unknown[]) => boolean
   // Where the HTTP parser takes a socket: a TLS server's HTTP listens for its sockets once secure.
   const accepted = server instanceof TlsServer ? 'secureConnection' : 'connection'
+  // Node's own listener (connectionListener, _http_server.js), which takes a socket on for a new
+  // parser: the socket is handed to it alone. Emitted, the event ran every listener again as for
+  // a new connection (the app's tracking and /diagz's count, each adding 'close' listeners).
+  const parse = server.listeners(accepted).find(fn => fn.name === 'connectionListener') as ((this: Server, socket: Duplex) => void) | undefined
+  if (parse === undefined) throw new Error(`expected Node's HTTP '${accepted}' listener`)
   server.emit = function (this: Server, event: string | symbol, ...args: unknown[]): boolean {
     if (event === 'upgrade') {
       const [req, socket, head] = args as [IncomingMessage, Duplex, Buffer]
@@ -56,7 +61,7 @@ export function servePlainUpgrades (server: Server): void {
         socket.unshift(Buffer.concat([plainHead(req), head]))
         whenAnswered(socket as Answering, () => {
           socket.removeListener('error', ignore)
-          emit.call(this, accepted, socket)
+          parse.call(this, socket)
         })
         return true
       }

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { connect as connectTcp } from 'node:net'
+import { connect as connectTcp, type Socket } from 'node:net'
 import { WebSocket } from 'ws'
 import type { FastifyInstance } from 'fastify'
 import { buildDemoApp, buildTestApp, json, startTestKernel, testManifest, token } from '../../helper.js'
@@ -277,6 +277,12 @@ function rawConnection (port: number): { write: (text: string) => void, answers:
   }
 }
 
+async function until (check: () => boolean, ms = 3000): Promise<boolean> {
+  const deadline = Date.now() + ms
+  while (!check() && Date.now() < deadline) await new Promise(resolve => setTimeout(resolve, 10))
+  return check()
+}
+
 const OFFER = 'Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n'
 
 // Node takes its listeners off an upgrade's socket, 'error' too, and @fastify/websocket adds its
@@ -318,4 +324,25 @@ t.test('an offer whose head has more fields than Node hands on is refused, its b
   t.equal(answers.length, 1, 'one answer: the body was no request')
   t.equal(answers[0]?.status, 431, 'a head Node could not hand on whole, refused')
   t.notOk(answers.some(a => a.status === 200), 'nothing smuggled was served')
+})
+
+// An offer is served on the connection it came on: not announced as a new one (the 'connection'
+// listeners of the app ran again for each: /diagz counted one more connection for each offer, and
+// each added its 'close' listeners to the socket, without bound on a keep-alive connection).
+t.test('a connection whose requests offer h2c is one connection: counted once, no listener piled up', async t => {
+  const { app, port } = await gateway(t)
+  const served: Socket[] = []
+  app.server.on('connection', (s: Socket) => { if (!served.includes(s)) served.push(s) })
+  const plain = rawConnection(port)
+  const offers = rawConnection(port)
+  const count = 15
+  plain.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'.repeat(count))
+  offers.write(`GET /healthz HTTP/1.1\r\nHost: x\r\n${OFFER}\r\n`.repeat(count))
+  t.ok(await until(() => plain.answers().length === count && offers.answers().length === count), 'every request answered')
+  t.same(offers.answers().map(a => a.status), new Array(count).fill(200))
+  t.equal(app.diagz.report().http.connections, 2, '/diagz counts two connections')
+  t.equal(served.length, 2)
+  t.equal(served[1]?.listenerCount('close'), served[0]?.listenerCount('close'), 'the offers\' socket has as many close listeners as the plain one')
+  plain.end()
+  offers.end()
 })
