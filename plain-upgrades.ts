@@ -1,4 +1,5 @@
 import type { IncomingMessage, Server } from 'node:http'
+import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { Server as TlsServer } from 'node:tls'
 
@@ -61,6 +62,10 @@ export function servePlainUpgrades (server: Server): void {
         socket.unshift(Buffer.concat([plainHead(req), head]))
         whenAnswered(socket as Answering, () => {
           socket.removeListener('error', ignore)
+          // Node arms the keep-alive timeout once the last answer before the offer is written, and
+          // disarms it when the next request comes, which the new parser knows nothing of: it cut
+          // the offer's request (a slow upload, a slow answer) once it ran out.
+          ;(socket as Socket).setTimeout(0)
           parse.call(this, socket)
         })
         return true

@@ -346,3 +346,20 @@ t.test('a connection whose requests offer h2c is one connection: counted once, n
   plain.end()
   offers.end()
 })
+
+// Node arms a connection's keep-alive timeout once its last answer is written, and disarms it when
+// the connection's next request arrives: an offer pipelined behind an answer still under way was
+// handed on with that timeout armed (the new parser knew nothing of it), and its request, a
+// body still uploading say, was cut when it ran out (keep-alive timeout plus a second).
+t.test('an offer pipelined behind an answer is not cut by the keep-alive timeout that answer armed', async t => {
+  const { app, port } = await gateway(t)
+  app.server.keepAliveTimeout = 100
+  const conn = rawConnection(port)
+  const body = JSON.stringify({ name: 'slow h2c' })
+  conn.write(`GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nPOST /api/v1/agents HTTP/1.1\r\nHost: x\r\n${OFFER}Authorization: Bearer ${token()}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body.slice(0, 5)}`)
+  await new Promise(resolve => setTimeout(resolve, 1600))
+  conn.write(body.slice(5))
+  await Promise.race([conn.closed, new Promise(resolve => setTimeout(resolve, 3000))])
+  conn.end()
+  t.same(conn.answers().map(a => a.status), [200, 201], 'both answered')
+})
