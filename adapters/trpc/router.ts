@@ -5,6 +5,7 @@ import type { WebSocket } from 'ws'
 import { decisions, runCall, type Decision } from '../face.js'
 import { callKey } from '../rest/index.js'
 import { MantleError } from '../../errors.js'
+import { requestOf } from '../../plugins/pipeline/index.js'
 import type { TrpcContext } from './context.js'
 import { ProblemError, errorShape, type MantleErrorShape } from './errors.js'
 import type { LiveSubscriptions } from './subscriptions.js'
@@ -120,7 +121,10 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       let identity
       try {
         identity = decide(decision, () => {
-          const id = decision.caller = app.identify(ctx.authorization)
+          // Over SSE, with its HTTP request: a token the guard refused at the request's head is not
+          // checked again here (a signature check). A WebSocket's subscriptions name none, as its
+          // calls do (requestOf): its token passed createContext, and is found verified.
+          const id = decision.caller = app.identify(ctx.authorization, requestOf(ctx.caller))
           app.events.bus.authorize(name, id)
           // The bus checks its bound again at the first pull, once the SSE response's headers are
           // out; a WebSocket's own bound too (overSocket): both are checked here first, so that

@@ -6,8 +6,9 @@ import { once } from 'node:events'
 import { createServer } from 'node:http'
 import { connect, type AddressInfo } from 'node:net'
 import { createSigner } from 'fast-jwt'
+import WebSocket from 'ws'
 import { createIdentityVerifier, mintToken } from '../../../plugins/auth/identity.js'
-import { buildTestApp, startTestKernel, testManifest, token, json, until } from '../../helper.js'
+import { buildDemoApp, buildTestApp, startTestKernel, testManifest, token, json, until } from '../../helper.js'
 
 const secret = 'identity-test-secret-of-at-least-32-bytes'
 const other = 'another-secret-that-is-long-enough-0123456789'
@@ -71,6 +72,36 @@ t.test('a forged token costs one check per request, however many ask; the 401 is
         t.equal(res.body.split('The token was refused: the token signature is invalid').length - 1, face === 'batch' ? 5 : 3, `${face}: each call refused as before`)
       }
     }
+  }
+})
+
+// A tRPC subscription over SSE: the guard checked the token at the request's head, and the
+// subscription's decision checked it again (2 with the guard on). Over WebSocket, a token
+// refused at the upgrade gets a 401 there; one in connectionParams is checked once, by
+// createContext (tRPC calls it once a connection), and the connection closes 4401.
+t.test('tRPC subscriptions: a forged token costs one check per request, or per connection', async t => {
+  for (const guard of [true, false]) {
+    const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: guard ? 1000 : undefined, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: 60_000 })
+    const user = randomUUID()
+    const checked = checks(t, user)
+    const res = await app.inject({ url: '/trpc/runUpdated', headers: { accept: 'text/event-stream', authorization: `Bearer ${token({ user, secret: other })}` } })
+    t.equal(checked(), 1, `SSE, guard ${guard ? 'on' : 'off'}: one check`)
+    // As before: a 200 whose one event is the refusal.
+    t.equal(res.statusCode, 200)
+    t.match(res.body, /event: serialized-error\ndata: \{"message":"The token was refused: the token signature is invalid","code":-32001,"data":\{"code":"UNAUTHENTICATED","httpStatus":401/)
+    await app.listen({ port: 0, host: '127.0.0.1' })
+    const { port } = app.server.address() as AddressInfo
+    const wsUser = randomUUID()
+    const wsChecked = checks(t, wsUser)
+    const socket = new WebSocket(`ws://127.0.0.1:${port}/trpc?connectionParams=1`)
+    t.teardown(() => socket.terminate())
+    await once(socket, 'open')
+    const closed = once(socket, 'close')
+    socket.send(JSON.stringify({ method: 'connectionParams', data: { authorization: `Bearer ${token({ user: wsUser, secret: other })}` } }))
+    socket.send(JSON.stringify({ id: 1, method: 'subscription', params: { path: 'runUpdated' } }))
+    socket.send(JSON.stringify({ id: 2, method: 'subscription', params: { path: 'runUpdated' } }))
+    t.equal((await closed)[0], 4401, `WebSocket, guard ${guard ? 'on' : 'off'}: closed 4401`)
+    t.equal(wsChecked(), 1, `WebSocket, guard ${guard ? 'on' : 'off'}: one check`)
   }
 })
 
