@@ -1,6 +1,7 @@
 import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
+import type { IncomingMessage } from 'node:http'
 import { GraphQLError, Kind, SingleFieldSubscriptionsRule, getOperationAST, getVariableValues, locatedError, parse, responsePathAsArray, specifiedRules, validate, type DocumentNode, type FragmentDefinitionNode, type GraphQLFieldResolver, type GraphQLFormattedError, type GraphQLSchema, type ValidationRule } from 'graphql'
 import { collectFields } from 'graphql/execution/collectFields.js'
 import type { EventDefinition } from '../../manifest.js'
@@ -106,7 +107,11 @@ export class GraphqlConnection {
   /**
    * @param claim counts the connection against its tenant (see SubscriptionSettings.claim)
    */
-  constructor (readonly socket: WebSocket, readonly upgradeAuthorization: string | undefined, private readonly claim: (tenant: string) => void = () => {}) {
+  /**
+   * @param upgrade the upgrade's request: a token refused for the connection is refused again
+   *   without another signature check (app.identify keeps the last one, for that token only)
+   */
+  constructor (readonly socket: WebSocket, readonly upgradeAuthorization: string | undefined, private readonly claim: (tenant: string) => void = () => {}, private readonly upgrade?: IncomingMessage) {
     socket.once('close', () => this.dispose())
   }
 
@@ -121,7 +126,7 @@ export class GraphqlConnection {
    */
   open (app: FastifyInstance, own: string | undefined, authTimeoutMs: number): void {
     try {
-      this.accept(app.identify(own))
+      this.accept(app.identify(own, this.upgrade))
     } catch {
       if (this.closed) return
       const timer = setTimeout(() => {
@@ -140,8 +145,10 @@ export class GraphqlConnection {
    * when the first of the tokens it accepted expires.
    */
   identify (app: FastifyInstance, authorization: string | undefined, own: string | undefined): Identity {
-    if (this.caller === null && own !== undefined && own !== authorization) this.accept(app.identify(own))
-    return this.accept(app.identify(authorization))
+    // With the upgrade's request: the subscribes sent before a refused connection_init's 4401
+    // took effect checked its token again, each (51 checks for 50 subscribes in one read).
+    if (this.caller === null && own !== undefined && own !== authorization) this.accept(app.identify(own, this.upgrade))
+    return this.accept(app.identify(authorization, this.upgrade))
   }
 
   /** The tenant and user the connection speaks for: its first accepted token's (null: none yet). */
@@ -389,7 +396,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         connection.close(4429, 'Too many initialisation requests')
         return { connection }
       }
-      connection = new GraphqlConnection(socket, upgradeAuthorization(request), tenant => { settings.claim(request, tenant) })
+      connection = new GraphqlConnection(socket, upgradeAuthorization(request), tenant => { settings.claim(request, tenant) }, request.raw)
       connections.set(socket, connection)
       connection.open(app, early.get(socket)?.init ?? connection.upgradeAuthorization, settings.authTimeoutMs)
       return { connection }

@@ -105,6 +105,30 @@ t.test('tRPC subscriptions: a forged token costs one check per request, or per c
   }
 })
 
+// GraphQL over WebSocket: connection_init's token is the connection's (a second connection_init
+// closes it, 4429), and is checked at connection_init and again by each subscribe. Refused, the
+// connection closes 4401 after the first subscribe's error, but the subscribes read meanwhile
+// each checked it again: 51 checks for 50 subscribes.
+t.test('GraphQL over WebSocket: a forged connection_init token costs one check per connection', async t => {
+  const app = await buildDemoApp(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  const user = randomUUID()
+  const checked = checks(t, user)
+  const socket = new WebSocket(`ws://127.0.0.1:${port}/graphql`, 'graphql-transport-ws')
+  t.teardown(() => socket.terminate())
+  const messages: Array<{ type: string, id?: string, payload?: Array<{ message: string, extensions: { code: string } }> }> = []
+  socket.on('message', (data: Buffer) => messages.push(JSON.parse(data.toString())))
+  await once(socket, 'open')
+  const closed = once(socket, 'close')
+  socket.send(JSON.stringify({ type: 'connection_init', payload: { authorization: `Bearer ${token({ user, secret: other })}` } }))
+  await until(() => messages.length === 1, 'connection_ack')
+  for (let i = 0; i < 50; i++) socket.send(JSON.stringify({ id: String(i), type: 'subscribe', payload: { query: 'subscription { runUpdated { id status } }' } }))
+  t.equal((await closed)[0], 4401, 'closed 4401, as before')
+  t.equal(checked(), 1, 'one check')
+  t.match(messages[1], { type: 'error', id: '0', payload: [{ message: 'The token was refused: the token signature is invalid', extensions: { code: 'UNAUTHENTICATED' } }] }, 'the refusal, as before')
+})
+
 /** A JWKS on port 0 whose document the test changes; it counts requests. */
 async function jwksServer (t: { teardown: (fn: () => unknown) => void }, initial: { keys: unknown[] }): Promise<{ url: string, hits: () => number, set: (doc: { keys: unknown[] }) => void }> {
   let doc = initial
