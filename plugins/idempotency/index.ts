@@ -54,6 +54,8 @@ const LEASE_MARGIN_MS = 5000
 const RETRY_MS = 250
 /** Most outcomes and releases waiting for Redis (one per call that was running when it failed). */
 const MAX_PENDING = 10_000
+/** Longest the last offer of those to Redis, at close, holds the shutdown. */
+const CLOSE_PASS_MS = 1000
 const MEMORY_MAX_BYTES = 64 * 1024 * 1024
 /** Kernel refusals that say "try later" rather than "no": a repeat must run again. */
 const TRANSIENT_STATUS = new Set([408, 425, 429])
@@ -167,13 +169,22 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   // MAX_PENDING (the oldest is dropped: its claim's lease ends first).
   // Keyed by the store key for an outcome (the memory store holds it), by the claim's token,
   // unique, for a release: a key may have both (a repeat's outcome over a claim of its own).
-  const pending = new Map<string, { key: string, until: number, release: string | null }>()
+  interface Pending { key: string, until: number, release: string | null }
+  const pending = new Map<string, Pending>()
   let retrier: NodeJS.Timeout | null = null
   let retrying = false
   // Set by onClose: a call that ends after it (the Kernel pool's close waits for calls, then
   // this plugin's onClose runs, then Redis's), or a Redis command of one answered late, is not
   // put up for a retry; it started a timer that ticked after close until the claim's lease ended.
   let closed = false
+  /** Offers Redis one pending outcome or release (an outcome the memory store no longer holds: nothing). */
+  const offer = async (p: Pending): Promise<void> => {
+    if (p.release !== null) await shared!.release(p.key, p.release)
+    else {
+      const outcome = outcomeOf(memory.peek(p.key))
+      if (outcome !== null) await shared!.seed(p.key, outcome.record, outcome.ttl)
+    }
+  }
   const retryAll = async (): Promise<void> => {
     if (retrying) return
     retrying = true
@@ -183,11 +194,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         if (closed) break
         if (p.until <= now) pending.delete(id)
         else if (redis!.up()) {
-          if (p.release !== null) await shared!.release(p.key, p.release)
-          else {
-            const outcome = outcomeOf(memory.peek(p.key))
-            if (outcome !== null) await shared!.seed(p.key, outcome.record, outcome.ttl)
-          }
+          await offer(p)
           pending.delete(id)
         }
       }
@@ -213,11 +220,26 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       retrier.unref()
     }
   }
+  // At close, those still waiting are offered to Redis once more if it is up (all at once, the
+  // whole pass CLOSE_PASS_MS at most: a hung Redis does not hold the shutdown; Redis's own onClose
+  // runs after this one), then dropped. Dropped at once, another instance's repeat waited for the
+  // claim's lease and ran the call again, Redis up all along. What ends after this is not kept.
   app.addHook('onClose', async () => {
     closed = true
     if (retrier !== null) clearInterval(retrier)
     retrier = null
+    const now = performance.now()
+    const last = [...pending.values()].filter(p => p.until > now)
     pending.clear()
+    if (last.length === 0) return
+    let taken = 0
+    if (redis?.up() === true) {
+      let timer: NodeJS.Timeout | undefined
+      const offers = Promise.allSettled(last.map(async p => { await offer(p); taken++ }))
+      await Promise.race([offers, new Promise<void>(resolve => { timer = setTimeout(resolve, CLOSE_PASS_MS) })])
+      clearTimeout(timer)
+    }
+    if (taken < last.length) app.log.warn({ dropped: last.length - taken, taken }, 'idempotency: closing, outcomes and key releases Redis did not take are dropped: a repeat on another instance waits for their claims\' leases')
   })
   if (app.hasDecorator('metrics')) {
     new Gauge({ name: 'mantle_idempotency_pending_redis_writes', help: 'Outcomes and key releases Redis did not take, offered to it again every 250 ms while their claims\' leases last (bounded, 10,000)', registers: [app.metrics.registry], collect () { this.set(pending.size) } }) // eslint-disable-line no-new

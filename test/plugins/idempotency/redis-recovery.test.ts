@@ -299,3 +299,81 @@ t.test('an outcome Redis did not take as the gateway closed: nothing of the plug
   t.equal(asked, 0, 'nothing asks Redis anything after close')
   t.equal(await metric(s.app, 'mantle_idempotency_pending_redis_writes'), 0, 'nothing is held for a retry that will not come')
 })
+
+/**
+ * A gateway on Redis through a proxy (command timeout `commandTimeoutMs`) holding, for Redis to
+ * take, the outcome of a call whose write Redis refused (gone as the call ended), Redis back and
+ * answering; its retries (every 250 ms) see Redis away, so that only the close can offer it.
+ * `closing()` lets the close see Redis as it is, right after a retry (the next is 250 ms away).
+ */
+async function outcomeAtClose (t: Teardown, commandTimeoutMs = 500) {
+  const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: commandTimeoutMs })
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.quit())
+  await until(() => s.app.redis.up(), 'Redis to be connected')
+  const key = randomUUID()
+  const at = storeKey(s.tenant, 'createItem', key)
+  const gate = s.hold()
+  const first = s.create({ name: 'x' }, key)
+  await until(() => s.calls() === 1, 'the call, claimed in Redis, to reach the Kernel')
+  proxy.cut('reset')
+  await until(() => !s.app.redis.up(), 'the instance to notice the cut')
+  gate.open()
+  const answer = await first
+  const up = s.app.redis.up
+  let open = false
+  let retries = 0
+  s.app.redis.up = () => {
+    if (open) return up()
+    retries++
+    return false
+  }
+  proxy.restore()
+  await until(() => up(), 'Redis to be back', 10_000)
+  const closing = async (): Promise<void> => {
+    const seen = retries
+    await until(() => retries > seen, 'a retry')
+    open = true
+  }
+  return { proxy, s, redis, key, at, answer, closing }
+}
+
+t.test('an outcome Redis did not take, still waiting as the gateway closes, Redis answering: offered to Redis once more, another instance replays it', async t => {
+  // Dropped at close, another instance's repeat waited for the claim's lease (the op's timeout
+  // plus 5 s), then ran the call a second time, Redis up all along.
+  const { s, redis, key, at, answer, closing } = await outcomeAtClose(t)
+  t.equal(answer.statusCode, 201)
+  t.match(await redis.get(at), /"state":"running"/, 'Redis did not take the outcome')
+  t.equal(await metric(s.app, 'mantle_idempotency_pending_redis_writes'), 1, 'the outcome waits for Redis')
+  await closing()
+  await s.app.close()
+  t.match(JSON.parse((await redis.get(at)) ?? 'null'), { state: 'done' }, 'the outcome reached Redis as the gateway closed')
+  const other = await idemSetup(t, 'redis', { BFF_IDEMPOTENCY_WAIT_MS: 0 }, {}, s.kernel)
+  const repeat = await other.create({ name: 'x' }, key, s.tenant)
+  t.equal(repeat.statusCode, 201, repeat.body)
+  t.equal(repeat.headers['idempotent-replayed'], 'true', 'another instance replays it')
+  t.equal(repeat.body, answer.body, 'the first answer')
+  t.equal(s.calls(), 1, 'one Kernel call for one key')
+})
+
+t.test('an outcome still waiting as the gateway closes, Redis up but not answering: the close goes on after 1 s', async t => {
+  // A command timeout of 5 s: the bound of the pass, not each command's, ends it.
+  const { proxy, s, answer, closing } = await outcomeAtClose(t, 5000)
+  t.equal(answer.statusCode, 201)
+  proxy.delay(20_000)
+  let quitAt = 0
+  const client = s.app.redis.client
+  // Redis's own onClose, after the idempotency plugin's: its QUIT would wait for the command timeout.
+  client.quit = (async () => {
+    quitAt = performance.now()
+    client.disconnect()
+    return 'OK'
+  }) as typeof client.quit
+  await closing()
+  const start = performance.now()
+  await s.app.close()
+  const held = quitAt - start
+  t.ok(quitAt > 0 && held >= 900, `the outcome was offered to Redis and waited for (${Math.round(held)} ms)`)
+  t.ok(held < 1500, `not past the bound of 1 s (${Math.round(held)} ms)`)
+})
