@@ -12,8 +12,8 @@ const MIN_GRACE_MS = 10_000
 /**
  * What a shutdown needs after the longest call, its onClose hooks one after another: the audit's
  * 5 s at most (3 s for PostgreSQL, 1 s for the spool's disk, 1 s for the store's and the spool's
- * close), the trace export's 2.5 s, the Redis connections' quits (a command timeout each), and a
- * second to spare. It was 5 s, the audit's alone: a shutdown whose audit took its whole bound was
+ * close), the trace export's 2.5 s, the idempotency store's last offer to Redis (0.5 s), the
+ * Redis connections' quits (a command timeout each, 0.5 s by default), and what is left to spare. It was 5 s, the audit's alone: a shutdown whose audit took its whole bound was
  * killed at its grace (exit 1) before the trace export and the Redis quits had run.
  */
 const GRACE_MARGIN_MS = 10_000

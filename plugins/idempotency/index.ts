@@ -54,8 +54,11 @@ const LEASE_MARGIN_MS = 5000
 const RETRY_MS = 250
 /** Most outcomes and releases waiting for Redis (one per call that was running when it failed). */
 const MAX_PENDING = 10_000
-/** Longest the last offer of those to Redis, at close, holds the shutdown. */
-const CLOSE_PASS_MS = 1000
+/**
+ * Longest the last offer of those to Redis, at close, holds the shutdown: a Redis command's
+ * timeout by default, within server.ts' GRACE_MARGIN_MS with the audit's and the trace export's.
+ */
+const CLOSE_PASS_MS = 500
 const MEMORY_MAX_BYTES = 64 * 1024 * 1024
 /** Kernel refusals that say "try later" rather than "no": a repeat must run again. */
 const TRANSIENT_STATUS = new Set([408, 425, 429])
