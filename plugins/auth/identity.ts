@@ -129,6 +129,7 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
   // one made under other keys than those held now (a kid fetched since, a key replaced under its
   // kid) is checked again, and one for a token not valid yet (`nbf`) is never kept (a slow body
   // after the guard's check at the request's head; only a genuine token gets that far).
+  // An unknown kid is never kept either (pick): no signature check to save, and a refetch to ask for.
   const refusals = new WeakMap<object, { token: string, keys: number, error: MantleError }>()
   const passing = new WeakSet<MantleError>()
   // Bumped each time the fetched keys change.
@@ -171,7 +172,12 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
     const key = configured.get(kid) ?? fetched.get(kid)
     if (key === undefined) {
       jwks?.unknownKid()
-      throw refuse(`unknown key id (kid) ${JSON.stringify(kid.slice(0, 64))}`)
+      // Never kept (passing): it costs no signature check, and seen again it asks for a refetch
+      // again. Kept, a request that outlives minRefetchMs (a GraphQL connection's upgrade, for
+      // its life) refused a kid refused while a refetch had to wait, never asking again.
+      const refusal = refuse(`unknown key id (kid) ${JSON.stringify(kid.slice(0, 64))}`)
+      passing.add(refusal)
+      throw refusal
     }
     if (key.alg !== alg) throw refuse(`the algorithm ${alg} does not match the key ${JSON.stringify(kid)} (${key.alg})`)
     return key.verify

@@ -193,6 +193,32 @@ t.test('a refusal is not kept past new keys, nor for a token not valid yet', asy
   t.equal(userOf(() => hs(soon, request)), 'early', 'valid since: accepted for the same request')
 })
 
+// A connection's upgrade request lives as long as the connection (GraphQL over WebSocket): a kid
+// refused while a refetch was not allowed yet (minRefetchMs) must ask for one when seen again
+// later, as it does for a new request, or a valid token stays refused until the next refresh.
+t.test('a kid refused while a refetch waits asks for one when seen again for the same request', async t => {
+  const first = rsa()
+  const second = rsa()
+  const jwks = await jwksServer(t, { keys: [first.jwk('k1')] })
+  let clock = 1_000_000
+  const identify = createIdentityVerifier({ jwksUrl: jwks.url, jwksRefreshMs: 600_000, jwksMinRefetchMs: 30_000, jwksClock: () => clock })
+  t.teardown(() => identify.close())
+  await identify.start()
+  t.equal(jwks.hits(), 1)
+  const request = {}
+  jwks.set({ keys: [first.jwk('k1'), second.jwk('k2')] })
+  const fresh = `Bearer ${signed(second, 'k2', { sub: 'fresh' })}`
+  t.throws(() => identify(fresh, request), { message: /unknown key id/ }, 'refused: the last fetch is too recent to refetch')
+  t.equal(jwks.hits(), 1, 'no refetch yet')
+  clock += 31_000
+  t.throws(() => identify(fresh, request), { message: /unknown key id/ }, 'seen again, past minRefetchMs')
+  await until(() => jwks.hits() === 2, 'the refetch', 2000).catch(() => {})
+  t.equal(jwks.hits(), 2, 'a refetch asked for')
+  // Asked for the same request only (another token, or no request, would ask for a refetch itself).
+  await until(() => userOf(() => identify(fresh, request)) === 'fresh', 'the keys', 2000).catch(() => {})
+  t.equal(userOf(() => identify(fresh, request)), 'fresh', 'accepted for the same request once fetched')
+})
+
 t.test('over HTTP: the guard refuses a kid not fetched yet, the route accepts it once its body is in', async t => {
   const first = rsa()
   const second = rsa()
