@@ -155,8 +155,6 @@ export class AuditWriter {
   /** Entries that came after `close` took the queue, counted lost but not logged yet, and the timer that logs them. */
   private lateLost = 0
   private lateTimer: NodeJS.Timeout | null = null
-  /** The batch in flight `close` left to its write's end (orphan), while that write runs. */
-  private orphanWaiting: Flight | null = null
   /**
    * While something `close` left is still to be said (the late entries' line, the end of an
    * orphan's write), a listener of the process's exit that says it: the shutdown exits as soon
@@ -528,10 +526,7 @@ export class AuditWriter {
         }
       } finally {
         this.inFlight = null
-        if (this.orphanWaiting === flight) {
-          this.orphanWaiting = null
-          this.unwatchExit()
-        }
+        if (flight.orphaned !== null) this.unwatchExit()
       }
       // A full queue went to the spool meanwhile and took this batch ahead of itself: it is there
       // (or, should the disk have refused, back in the queue) in its place.
@@ -619,9 +614,15 @@ export class AuditWriter {
     process.prependListener('exit', this.exitWatch)
   }
 
+  /** The batch in flight `close` left to its write's end (orphan), while that write runs (it is the one in flight until it ends). */
+  private orphanWriting (): Flight | null {
+    const flight = this.inFlight
+    return flight !== null && flight.orphaned !== null ? flight : null
+  }
+
   /** Nothing left to say at exit: the listener goes (one per writer at most, and only while needed). */
   private unwatchExit (): void {
-    if (this.exitWatch === null || this.lateTimer !== null || this.orphanWaiting !== null) return
+    if (this.exitWatch === null || this.lateTimer !== null || this.orphanWriting() !== null) return
     process.removeListener('exit', this.exitWatch)
     this.exitWatch = null
   }
@@ -637,8 +638,7 @@ export class AuditWriter {
     this.exitWatch = null
     if (this.lateLost > 0) this.sayLate(this.lateLost)
     this.lateLost = 0
-    const flight = this.orphanWaiting
-    this.orphanWaiting = null
+    const flight = this.orphanWriting()
     if (flight === null) return
     this.opts.log.error({ entries: flight.taken, ...idsOf(flight.batch), err: flight.orphaned }, 'audit entries not known to be stored: the process exited before their write to the store ended (look them up by id)')
   }
@@ -868,7 +868,6 @@ export class AuditWriter {
   /** The batch in flight is left to its write's end, said now (the process may end first). */
   private orphan (flight: Flight, why: string): void {
     flight.orphaned = why
-    this.orphanWaiting = flight
     this.watchExit()
     this.opts.log.error({ entries: flight.taken, ...idsOf(flight.batch), err: why }, 'audit entries not on disk at shutdown: their write to the store has not ended, lost unless it goes through')
   }

@@ -10,6 +10,7 @@ import { INVALIDATE_CHANNEL } from './keys.js'
 import { sharedStoreHealth } from '../diagz/index.js'
 import { HEADER_SAFE } from '../auth/identity.js'
 import { SCRAPE_SLICES } from '../../fair-lru.js'
+import { watchPings } from '../redis/index.js'
 
 export { ResponseCache, STALE_IF_ERROR_SECONDS } from './cache.js'
 export { MemoryTier, TagClock, type CachedAnswer } from './memory.js'
@@ -170,19 +171,9 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     // expired, for as long as the connection stayed so. A PING (allowed while subscribed), as the
     // shared connection's heartbeat: two in a row unanswered within the command timeout drop the
     // connection; it is made anew ('close', then 'ready': the tier starts over) and subscribes.
-    let probing = false
-    let unanswered = 0
-    const probe = setInterval(() => {
-      if (probing || subscriber.status !== 'ready') return
-      probing = true
-      subscriber.ping().then(() => { unanswered = 0 }, (err: Error) => {
-        if (closing || subscriber.status !== 'ready' || ++unanswered < 2) return
-        unanswered = 0
-        app.log.warn({ err: err.message }, 'cache: the invalidations subscriber did not answer two PINGs in time: reconnecting it')
-        subscriber.disconnect(true)
-      }).finally(() => { probing = false })
-    }, SUBSCRIBER_PROBE_MS)
-    probe.unref()
+    const probe = watchPings(subscriber, SUBSCRIBER_PROBE_MS, 2, {
+      deaf: (err) => { app.log.warn({ err: err.message }, 'cache: the invalidations subscriber did not answer two PINGs in time: reconnecting it') }
+    })
     // /diagz: healthy again as soon as Redis answers (a PING too). Its connection ready again
     // ends the hold after a failed command, and invalidations made while Redis was away reach it.
     shared.onAnswer(() => { c.redisAnswers() })

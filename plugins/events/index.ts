@@ -4,6 +4,7 @@ import { requireStaticToken } from '../auth/static-token.js'
 import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
 import { Counter, Gauge } from 'prom-client'
+import { watchPings } from '../redis/index.js'
 import { EventBus, isKernelEvent, type KernelEventMessage, type BusCounters } from './bus.js'
 
 export { EventBus, isKernelEvent, type KernelEventMessage, type Listener } from './bus.js'
@@ -132,16 +133,13 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     // silence, and stay up. A PING (allowed while subscribed) that gets no answer drops the
     // connection, and ioredis makes it again (which subscribes anew); a ready connection that is
     // not subscribed (its SUBSCRIBE failed) subscribes again.
-    probe = setInterval(() => {
-      if (sub.status !== 'ready') return
-      sub.ping().then(() => { if (!subscribed) subscribe() }, (err: Error) => {
-        if (sub.status !== 'ready') return
+    probe = watchPings(sub, opts.probeIntervalMs ?? PROBE_INTERVAL_MS, 1, {
+      heard: () => { if (!subscribed) subscribe() },
+      deaf: (err) => {
         app.log.warn({ err: err.message }, 'Redis events subscriber did not answer: reconnecting')
         subscribed = false
-        sub.disconnect(true)
-      })
-    }, opts.probeIntervalMs ?? PROBE_INTERVAL_MS)
-    probe.unref()
+      }
+    })
     subscriber.on('message', (_channel: string, text: string) => {
       let message: unknown
       try {

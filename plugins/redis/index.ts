@@ -59,8 +59,6 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
     connectionName: 'mantle'
   })
   let warned = false
-  /** PINGs missed in a row on the connection now ready (the heartbeat below). */
-  let missed = 0
   // A Redis that refuses the connection's AUTH or SELECT (a database past its `databases`, a
   // password it does not take): ioredis reports it as an `error` during the handshake, and then,
   // for SELECT, goes `ready` all the same, on database 0: every store ran in another database,
@@ -101,7 +99,6 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
     if (warned) app.log.info('Redis is back')
     warned = false
     refusalLogged = false
-    missed = 0
     answered()
   })
   const up = (): boolean => client.status === 'ready' && refused === null
@@ -113,27 +110,19 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   // a Redis busy for a moment: a fork, a long script): up() is false at once, ioredis connects
   // anew, and 'ready' tells every store it is back (on the connection it left, a late answer
   // could have been taken for a later command's).
-  let beating = false
-  const heartbeat = setInterval(() => {
+  const heartbeat = watchPings(client, opts.heartbeatMs ?? HEARTBEAT_MS, 2, {
     // A connection Redis refused (dropped as it came ready) is made anew each beat, until Redis takes it.
-    if (refused !== null && client.status === 'end') {
+    skip: () => {
+      if (refused === null || client.status !== 'end') return false
       client.connect().catch(() => {})
-      return
-    }
-    if (beating || client.status !== 'ready') return
-    beating = true
-    client.ping().then(() => {
-      missed = 0
-      answered()
-    }, (err: Error) => {
-      if (client.status !== 'ready' || ++missed < 2) return
-      missed = 0
+      return true
+    },
+    heard: answered,
+    deaf: (err) => {
       app.log.warn({ err: err.message }, 'Redis did not answer two PINGs in time: reconnecting; stores fall back to memory meanwhile')
       warned = true
-      client.disconnect(true)
-    }).finally(() => { beating = false })
-  }, opts.heartbeatMs ?? HEARTBEAT_MS)
-  heartbeat.unref()
+    }
+  })
 
   if (app.hasDecorator('metrics')) {
     new Gauge({ name: 'mantle_redis_up', help: '1 when the shared Redis connection is ready (absent without Redis)', registers: [app.metrics.registry], collect () { this.set(up() ? 1 : 0) } }) // eslint-disable-line no-new
@@ -164,6 +153,36 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
  * SELECT of its database, or a command refused for want of them), not a network error or a
  * passing one (too many clients).
  */
+/**
+ * PINGs `client` every `everyMs`, one at a time, while it is ready: `misses` in a row unanswered
+ * (within its command timeout) drop the connection (`deaf` says so first), and ioredis makes it
+ * anew; `heard` runs on each answer, `skip` before each beat (true: none this time). For a
+ * connection that stays "ready" while nothing comes back (a hung Redis, a flow a failover left
+ * half-open): the shared connection's heartbeat and the subscribers' probes (events, cache).
+ * Returns the timer (unref'd), to clear at close.
+ */
+export function watchPings (client: Redis, everyMs: number, misses: number, on: { deaf: (err: Error) => void, heard?: () => void, skip?: () => boolean }): NodeJS.Timeout {
+  let pinging = false
+  // PINGs missed in a row on the connection now ready: a new one starts at none.
+  let missed = 0
+  client.on('ready', () => { missed = 0 })
+  const timer = setInterval(() => {
+    if (on.skip?.() === true || pinging || client.status !== 'ready') return
+    pinging = true
+    client.ping().then(() => {
+      missed = 0
+      on.heard?.()
+    }, (err: Error) => {
+      if (client.status !== 'ready' || ++missed < misses) return
+      missed = 0
+      on.deaf(err)
+      client.disconnect(true)
+    }).finally(() => { pinging = false })
+  }, everyMs)
+  timer.unref()
+  return timer
+}
+
 export function refusal (err: Error): boolean {
   // A Redis busy with a script (SELECT is not allowed then), loading, or full is away a moment,
   // not refusing: taken for a refused database, BUSY stopped a start-up with a wrong message.

@@ -198,12 +198,16 @@ t.test('an invalidation sent while the cache subscriber subscribes again after a
   const subscribing = (chunk: Buffer): boolean => /subscribe/i.test(chunk.toString()) && chunk.toString().includes('bff:cache:invalidate')
   const read = async (app: typeof cut, id: string) => await app.inject({ method: 'GET', url: `/api/v1/items/${id}`, headers })
   // Subscribed at start-up: another instance's invalidation reaches it.
-  await eventually(async () => {
-    await read(cut, 'b')
-    return cut.responseCache.cache.memory.get(keyOf('b')) !== undefined
-  }, 'b in the cut instance\'s memory')
-  t.equal((await direct.inject({ method: 'PATCH', url: '/api/v1/items/b', headers, payload: {} })).statusCode, 200)
-  await eventually(async () => cut.responseCache.cache.memory.get(keyOf('b')) === undefined, 'the invalidation of b to reach the cut instance')
+  // b read into the cut instance's memory, changed by the other: its invalidation reaches it.
+  const invalidationReaches = async (when: string): Promise<void> => {
+    await eventually(async () => {
+      await read(cut, 'b')
+      return cut.responseCache.cache.memory.get(keyOf('b')) !== undefined
+    }, `b in the cut instance's memory${when}`)
+    t.equal((await direct.inject({ method: 'PATCH', url: '/api/v1/items/b', headers, payload: {} })).statusCode, 200)
+    await eventually(async () => cut.responseCache.cache.memory.get(keyOf('b')) === undefined, `the invalidation of b to reach the cut instance${when}`)
+  }
+  await invalidationReaches('')
 
   // Its next SUBSCRIBE is held back from Redis: its connection is ready, not yet subscribed.
   proxy.holdSends(subscribing)
@@ -220,12 +224,7 @@ t.test('an invalidation sent while the cache subscriber subscribes again after a
   proxy.holdSends(null)
   proxy.release()
   // Subscribed again: the next invalidation (of b, read again) reaches it.
-  await eventually(async () => {
-    await read(cut, 'b')
-    return cut.responseCache.cache.memory.get(keyOf('b')) !== undefined
-  }, 'b in the cut instance\'s memory again')
-  t.equal((await direct.inject({ method: 'PATCH', url: '/api/v1/items/b', headers, payload: {} })).statusCode, 200)
-  await eventually(async () => cut.responseCache.cache.memory.get(keyOf('b')) === undefined, 'the invalidation of b to reach the cut instance again')
+  await invalidationReaches(' again')
   const after = await read(cut, 'a')
   t.not(after.headers['x-cache'], 'hit', 'the entry of a made before the subscription is not served')
   t.ok(after.json().n > first.json().n, `a read after the change (n ${after.json().n}, ${first.json().n} before it)`)

@@ -1435,9 +1435,9 @@ t.test('an operation answered with slow 2xx and then fast 4xx: once a probe is a
  * then a call of it that hangs, timed out: its estimate backed off to its timeout less 10 ms.
  * Then eight callers of slowItem keep the connections busy, getItem's calls waiting among them,
  * through its stale spell (2 s), which halves its estimate. `kernel.hung`: getItem's calls sent
- * to hang since (h1); x1 is answered 404 in 10 ms.
+ * to hang since (h1); x1 is answered 404 in 10 ms. `hangSix`: six calls of h1 at once, their outcomes by code.
  */
-async function timedOutBehindLoad (t: Test): Promise<Awaited<ReturnType<typeof twoOperations>> & { fast: ReturnType<KernelClient['forOperation']>, kernel: { hung: number }, stopLoad: () => Promise<void> }> {
+async function timedOutBehindLoad (t: Test): Promise<Awaited<ReturnType<typeof twoOperations>> & { fast: ReturnType<KernelClient['forOperation']>, kernel: { hung: number }, stopLoad: () => Promise<void>, hangSix: () => Promise<Record<string, number>> }> {
   const kernel = { hung: 0 }
   const two = await twoOperations(t, {
     'GET /v1/slow/s1': (_req, res) => { setTimeout(() => json(res, 200, { id: 's1' }), 100) },
@@ -1454,7 +1454,15 @@ async function timedOutBehindLoad (t: Test): Promise<Awaited<ReturnType<typeof t
   const load = { running: true }
   const slowWorkers = Array.from({ length: 8 }, async () => { while (load.running) await call(slow, slowItem, 's1') })
   await sleep(2100)
-  return { ...two, fast, kernel, stopLoad: async () => { load.running = false; await Promise.all(slowWorkers) } }
+  const hangSix = async (): Promise<Record<string, number>> => {
+    const outcomes: Record<string, number> = {}
+    await Promise.all(Array.from({ length: 6 }, async () => {
+      const outcome = await call(fast, getItem, 'h1')
+      outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
+    }))
+    return outcomes
+  }
+  return { ...two, fast, kernel, hangSix, stopLoad: async () => { load.running = false; await Promise.all(slowWorkers) } }
 }
 
 // Left open by the review of 16f8183: a stale estimate's probe answered with a 4xx not learnt
@@ -1466,14 +1474,10 @@ async function timedOutBehindLoad (t: Test): Promise<Awaited<ReturnType<typeof t
 // from (or the descent reaches its 4xx's own time). Here, 4 connections, 6 calls that hang after
 // such a probe: 4 sent and timed out without (8 connections: 6, and the breaker opened); 1 with.
 t.test('after a timeout, a probe answered 404 does not send an operation\'s calls to hang on every connection', async t => {
-  const { client, fast, getItem, call, kernel, stopLoad } = await timedOutBehindLoad(t)
+  const { client, fast, getItem, call, kernel, stopLoad, hangSix } = await timedOutBehindLoad(t)
   // The probe that goes out after its stale spell is answered 404.
   t.equal(await call(fast, getItem, 'x1'), 'NOT_FOUND', 'the probe is answered 404')
-  const outcomes: Record<string, number> = {}
-  await Promise.all(Array.from({ length: 6 }, async () => {
-    const outcome = await call(fast, getItem, 'h1')
-    outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
-  }))
+  const outcomes = await hangSix()
   await stopLoad()
   const hung = kernel.hung
   t.ok(hung <= 1, `one call at most goes out to hang (${hung} sent, ${JSON.stringify(outcomes)})`)
@@ -1488,7 +1492,7 @@ t.test('after a timeout, a probe answered 404 does not send an operation\'s call
 // lowers it now.
 t.test('during a 404 descent after a timeout, a call timed out with little time left keeps what the first timeout backed the estimate off to', async t => {
   const { CallContext } = await import('../../../plugins/pipeline/index.js')
-  const { fast, getItem, call, kernel, stopLoad } = await timedOutBehindLoad(t)
+  const { fast, getItem, call, kernel, stopLoad, hangSix } = await timedOutBehindLoad(t)
   // The probe (asked 245 ms) and the 404s after it take the estimate down to 61 ms.
   for (let i = 0; i < 3; i++) t.equal(await call(fast, getItem, 'x1'), 'NOT_FOUND', 'a 404')
   kernel.hung = 0
@@ -1498,11 +1502,7 @@ t.test('during a 404 descent after a timeout, a call timed out with little time 
   const lateOutcome = await fast(late).then(() => 'ok', (err: { code: string }) => err.code)
   t.equal(lateOutcome, 'KERNEL_TIMEOUT', `the late call goes out and times out (${lateOutcome}, ${kernel.hung} sent)`)
   const sentLate = kernel.hung
-  const outcomes: Record<string, number> = {}
-  await Promise.all(Array.from({ length: 6 }, async () => {
-    const outcome = await call(fast, getItem, 'h1')
-    outcomes[outcome] = (outcomes[outcome] ?? 0) + 1
-  }))
+  const outcomes = await hangSix()
   await stopLoad()
   const hung = kernel.hung
   t.ok(hung - sentLate <= 1, `one call at most of the next 6 goes out to hang (${hung - sentLate} sent, ${JSON.stringify(outcomes)})`)
