@@ -27,6 +27,12 @@ export const AUDITED_TAG_CHARS = 2048
 /** How often the invalidations subscriber's connection is checked with a PING (ms), as the shared connection's heartbeat. */
 const SUBSCRIBER_PROBE_MS = 1000
 
+/**
+ * How long start-up waits for the invalidations subscriber's first SUBSCRIBE, Redis up (ms): its
+ * connection (a 1 s connect timeout) and the command. Past it the gateway starts all the same.
+ */
+const FIRST_SUBSCRIBE_WAIT_MS = 2000
+
 function auditedTags (tags: readonly string[]): string[] {
   const named: string[] = []
   let chars = 0
@@ -141,6 +147,8 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     let unsubscribed = true
     let closing = false
     let subscribeWarned = false
+    let subscribedOnce!: () => void
+    const firstSubscribe = new Promise<void>(resolve => { subscribedOnce = resolve })
     subscriber.on('error', (err: Error) => app.log.debug({ err: err.message }, 'cache subscriber error'))
     subscriber.on('close', () => { lost = true; unsubscribed = true })
     subscriber.on('ready', () => {
@@ -156,6 +164,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
         if (!unsubscribed || subscriber.status !== 'ready') return
         unsubscribed = false
         c.resync()
+        subscribedOnce()
       }, (err: Error) => {
         if (closing) return
         // Logged once until a SUBSCRIBE succeeds: a Redis that stays slow fails each attempt.
@@ -185,6 +194,18 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
       clearInterval(probe)
       subscriber.disconnect()
     })
+    if (app.hasDecorator('metrics')) {
+      new Gauge({ name: 'mantle_cache_subscriber_up', help: '1 while the cache invalidations subscriber is connected and subscribed (absent without Redis)', registers: [app.metrics.registry], collect () { this.set(unsubscribed ? 0 : 1) } }) // eslint-disable-line no-new
+    }
+    // Calls served before the first SUBSCRIBE: the resync it brings made a cold key's callers
+    // after it start a second Kernel call beside the first one's (its answer may predate an
+    // invalidation the subscriber never heard), and an entry taken in before it was dropped.
+    // With Redis up, the gateway listens once subscribed (2 s at most: then as before).
+    if (shared.up()) {
+      let timer: NodeJS.Timeout | undefined
+      await Promise.race([firstSubscribe, new Promise<void>(resolve => { timer = setTimeout(resolve, FIRST_SUBSCRIBE_WAIT_MS) })])
+      clearTimeout(timer)
+    }
   }
   // Registered after the Redis plugin, so this runs before its connection closes.
   app.addHook('onClose', async () => { await c.close() })

@@ -4,6 +4,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { WebSocket } from 'ws'
 import { buildTestApp, bearer, json, until } from '../../helper.js'
+import { startTcpProxy } from '../../proxy.js'
 import { REDIS_URL, STORES, itemKernel, itemManifest, metric, eventually, versionedItem } from './items.js'
 
 const tenant = (): string => 'cache-' + randomUUID()
@@ -451,6 +452,28 @@ t.test('the store: memory without REDIS_URL, redis with it, memory when asked', 
   t.equal((await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })).responseCache.store, 'memory')
   t.equal((await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })).responseCache.store, 'redis')
   t.equal((await buildTestApp(t, { REDIS_URL, BFF_CACHE_STORE: 'memory' }, { manifest, kernelUrl: kernel.url })).responseCache.store, 'memory')
+})
+
+t.test('with Redis up, the gateway starts once its invalidations subscriber is subscribed, 2 s at most', async t => {
+  // Before, calls could be served before the first SUBSCRIBE: its resync then sent the callers of
+  // a cold key after it to a second Kernel call (a CI run's 100 cold reads: 99 joined never came).
+  const kernel = await itemKernel(t)
+  const proxy = await startTcpProxy(t, Number(new URL(REDIS_URL).port))
+  proxy.holdSends(chunk => chunk.includes('bff:cache:invalidate'))
+  let ready = false
+  const building = buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  building.then(() => { ready = true }, () => {})
+  await until(() => proxy.holding > 0, 'the SUBSCRIBE held')
+  await new Promise(resolve => setTimeout(resolve, 500))
+  t.notOk(ready, 'not started while its SUBSCRIBE waits')
+  // Never answered: it starts all the same, not subscribed (/metrics says so), and subscribes
+  // once Redis has its SUBSCRIBE.
+  const app = await building
+  t.equal(await metric(app, 'mantle_cache_subscriber_up'), 0, 'started, not subscribed')
+  proxy.holdSends(null)
+  proxy.release()
+  await eventually(async () => await metric(app, 'mantle_cache_subscriber_up') === 1, 'the subscription')
+  t.pass('subscribed once Redis has the SUBSCRIBE')
 })
 
 t.test('a cached query served over POST answers If-None-Match with its full answer, never a 304, and no ETag; its OpenAPI headers are the ones it carries', async t => {
