@@ -696,11 +696,18 @@ export class PostgresAuditStore implements AuditStore {
   }
 
   /**
-   * Removes the oldest entries (a prefix of the chain, so no gap opens) whose timestamp is before
-   * `before`, at most `limit` in one short transaction, and moves the verification anchor to the
-   * last one removed.
+   * Removes the oldest entries (a prefix of the chain, so no gap opens) older than `before`, at
+   * most `limit` in one short transaction, and moves the verification anchor to the last one
+   * removed. `before` is this process's clock's; PostgreSQL's bounds it too (the same age back
+   * from its `now()`, whichever is earlier): an instance whose clock runs ahead removed entries
+   * early, all of them with a clock a retention period ahead. An entry is old when its timestamp
+   * is before that, or when it was written before it (`created_at`, PostgreSQL's clock): an entry
+   * of an instance whose clock ran ahead (a timestamp a year on) held every entry after it until
+   * its own timestamp was old, and retention stopped for that long.
    */
   async prune (before: Date, limit: number): Promise<number> {
+    // The age `before` stands for, measured back from PostgreSQL's clock as well.
+    const ageMs = Date.now() - before.getTime()
     const client = await this.pool.connect()
     let broken = false
     try {
@@ -712,7 +719,9 @@ export class PostgresAuditStore implements AuditStore {
       // (a DELETE of 1,000 rows by `seq <= $1` alone: 184 ms, 3.1 ms with the bound), while every
       // writer waited on the lock held here.
       const oldest = await client.query<{ seq: string, hash: string, old: boolean }>(
-        'SELECT seq, hash, "timestamp" < $1 AS old FROM bff_audit_entries WHERE seq > $3 ORDER BY seq LIMIT $2', [before, limit, anchor])
+        `SELECT seq, hash, ("timestamp" < cutoff OR created_at < cutoff) AS old
+         FROM bff_audit_entries, (SELECT LEAST($1::timestamptz, now() - $4 * interval '1 millisecond') AS cutoff) c
+         WHERE seq > $3 ORDER BY seq LIMIT $2`, [before, limit, anchor, ageMs])
       let n = 0
       while (n < oldest.rows.length && oldest.rows[n].old) n++
       if (n > 0) {

@@ -719,6 +719,39 @@ if (available) {
     t.same(await store.verify({}), { ok: false, checked: 1, firstBroken: { id, requestId: 'by-hand' } }, 'no "skipped": retention removed nothing during the walk')
   })
 
+  // Retention judged entries by their timestamps alone, against the pruning instance's clock:
+  // an entry of an instance whose clock ran ahead held every entry after it until its own
+  // timestamp was old, and an instance whose clock runs ahead removed entries early.
+  t.test('retention: an entry of a clock ahead holds nothing back, and a clock ahead removes nothing early', async t => {
+    const day = 86_400_000
+    const ahead = await storeOnNewDatabase(t)
+    const now = Date.now()
+    // Written 40 days ago: the second by an instance whose clock was a year ahead.
+    await ahead.store.write([entry({ timestamp: now - 40 * day }), entry({ timestamp: now + 365 * day }), entry({ timestamp: now - 40 * day + 1 })])
+    await sql(ahead.url, 'UPDATE bff_audit_entries SET created_at = now() - interval \'40 days\'')
+    await ahead.store.write([entry()])
+    t.equal(await ahead.store.prune(new Date(now - 30 * day), 1000), 3, 'the three entries written 40 days ago are removed, the one of the clock ahead with them')
+    t.same((await sql(ahead.url, 'SELECT seq FROM bff_audit_entries ORDER BY seq')).map(r => Number(r.seq)), [4])
+    t.same(await ahead.store.verify({}), { ok: true, checked: 1, firstBroken: null })
+
+    const early = await storeOnNewDatabase(t)
+    // Written 10 days ago, and today.
+    await early.store.write([entry({ timestamp: Date.now() - 10 * day })])
+    await sql(early.url, 'UPDATE bff_audit_entries SET created_at = now() - interval \'10 days\'')
+    await early.store.write([entry()])
+    // An instance whose clock runs 30 days ahead: its "30 days ago" is today.
+    const realNow = Date.now
+    Date.now = () => realNow() + 30 * day
+    let removed: number
+    try {
+      removed = await early.store.prune(new Date(Date.now() - 30 * day), 1000)
+    } finally {
+      Date.now = realNow
+    }
+    t.equal(removed, 0, 'the entry of 10 days ago stays: PostgreSQL\'s clock says it is not 30 days old')
+    t.equal(await count(early.url), 2)
+  })
+
   t.test('migrations: up, down and status; production refuses pending migrations and starts once migrated', async t => {
     const url = databaseUrl(await createTestDatabase(t))
     t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 0 of 4; pending: 1, 2, 3, 4')
