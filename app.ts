@@ -9,7 +9,7 @@ import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigi
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { ProblemSchema } from './schemas/manifest.js'
-import { loadManifestFile, type Manifest } from './manifest.js'
+import { SETTLE_MS, loadManifestFile, type Manifest } from './manifest.js'
 import { toProblem, logLevelOf, MantleError, type ErrorCode } from './errors.js'
 import { jsonText } from './json-body.js'
 import pipeline, { PROTOCOLS, type Protocol } from './plugins/pipeline/index.js'
@@ -736,7 +736,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   const reloadOnce = async (): Promise<Reload> => {
     let reasons: string[]
     try {
-      reasons = app.pipeline.reload(await loadManifestFile(config.BFF_MANIFEST))
+      reasons = app.pipeline.reload(await loadManifestFile(config.BFF_MANIFEST, { settleMs: SETTLE_MS }))
     } catch (err) {
       reasons = [(err as Error).message]
     }

@@ -1,4 +1,5 @@
-import { readFile } from 'node:fs/promises'
+import { readFile, stat } from 'node:fs/promises'
+import type { Stats } from 'node:fs'
 import { extname } from 'node:path'
 import { parse as parseYaml, parseDocument } from 'yaml'
 import { Ajv, type ValidateFunction } from 'ajv'
@@ -119,10 +120,40 @@ function schemaChecker (): Ajv {
   return checker
 }
 
-export async function loadManifestFile (file: string): Promise<Manifest> {
+/** How long a manifest file must stay unchanged to be read as written whole (a reload's read). */
+export const SETTLE_MS = 250
+/** Reads of a file that keeps changing before a reload gives up on it. */
+const SETTLE_READS = 8
+
+/**
+ * The file's text once it has stayed unchanged (its inode, size and mtime) for `settleMs`: a
+ * file written in place and read between two writes is often a valid manifest, cut short (before
+ * the last operation's `roles`, it was applied with none, open to every caller). A file last
+ * changed longer ago is read at once; one changed since its read is read again.
+ */
+async function readSettled (file: string, settleMs: number): Promise<string> {
+  const same = (a: Stats, b: Stats): boolean => a.ino === b.ino && a.dev === b.dev && a.size === b.size && a.mtimeMs === b.mtimeMs
+  for (let read = 0; read < SETTLE_READS; read++) {
+    const before = await stat(file)
+    const text = await readFile(file, 'utf8')
+    let after = await stat(file)
+    // Not changed within the last settleMs (nor since): no writer was at work.
+    if (same(before, after) && Date.now() - after.mtimeMs >= settleMs) return text
+    await new Promise(resolve => setTimeout(resolve, settleMs))
+    after = await stat(file)
+    if (same(before, after)) return text
+  }
+  throw new Error(`it kept changing while it was read (${SETTLE_READS} reads, ${settleMs} ms apart): write the new manifest beside it, then rename it into place`)
+}
+
+/**
+ * Loads and compiles a manifest file. With `settleMs` (a reload's read), the file is read once
+ * it has stayed unchanged that long (readSettled).
+ */
+export async function loadManifestFile (file: string, options: { settleMs?: number } = {}): Promise<Manifest> {
   let text: string
   try {
-    text = await readFile(file, 'utf8')
+    text = options.settleMs === undefined ? await readFile(file, 'utf8') : await readSettled(file, options.settleMs)
   } catch (err) {
     throw new ManifestError(file, [`cannot be read: ${(err as Error).message}`])
   }

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { mkdtempSync, writeFileSync, rmSync } from 'node:fs'
+import { appendFileSync, mkdtempSync, writeFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { setFlagsFromString } from 'node:v8'
@@ -146,6 +146,26 @@ t.test('an invalid manifest, or one that changes more than policies, is refused 
   t.equal(res.statusCode, 200, 'the manifest in force still answers')
   const metrics = await app.inject({ url: '/metrics' })
   t.match(metrics.body, /mantle_manifest_reloads_total\{outcome="refused"\} 6/)
+})
+
+t.test('a manifest read while it is being written is not applied half-written', async t => {
+  // A file written in place (not renamed into place) and read in between its writes is often a
+  // valid manifest: cut before the last operation's `roles`, that operation was applied with no
+  // roles, open to every caller, until the next reload.
+  const { app, file } = await setup(t)
+  writeFileSync(file, manifest('operator'))
+  t.equal((await app.reloadManifest()).applied, true)
+  const whole = manifest('operator').replace('roles: [operator]', 'roles: [viewer]')
+  const cut = whole.indexOf('    roles:')
+  writeFileSync(file, whole.slice(0, cut))
+  // The rest comes 50 ms later, as from a writer that paused (the read takes a millisecond or two).
+  const rest = new Promise<void>(resolve => setTimeout(() => { appendFileSync(file, whole.slice(cut)); resolve() }, 50))
+  const outcome = await app.reloadManifest()
+  await rest
+  t.same(outcome, { applied: true, reasons: [] })
+  t.same(app.pipeline.manifest.byName.get('getThing')?.roles, ['viewer'], 'the file as written whole is applied, not its first part')
+  const anyone = await app.inject({ url: '/api/v1/things/a', headers: bearer({ roles: ['nobody'] }) })
+  t.equal(anyone.statusCode, 403, 'the operation was never open to every caller')
 })
 
 t.test('a cache added by a reload answers If-None-Match with 304 on REST', async t => {
