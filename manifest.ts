@@ -289,7 +289,10 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     // was applied, and the document went on showing the old ones.
     fixed.set(`${at}.docs (summary, description, deprecated)`, canonicalJson([op.summary, op.description, op.deprecated]))
   }
-  fixed.set('events', canonicalJson(events))
+  // An event's roles apart: one that has none of its own takes defaults.roles, and a reload that
+  // changed only those was refused as 'events changed', naming nothing the operator had edited.
+  fixed.set('events', canonicalJson(events.map(({ roles: _roles, ...rest }) => rest)))
+  for (const ev of events) fixed.set(`events.${ev.name}.roles (an event without roles of its own takes defaults.roles; subscriptions hold theirs)`, canonicalJson(ev.roles))
   fixed.set('schemas', canonicalJson(resolvedSchemas))
   fixed.set('kernel settings', canonicalJson(kernel))
   return Object.freeze({

@@ -168,6 +168,20 @@ t.test('a manifest read while it is being written is not applied half-written', 
   t.equal(anyone.statusCode, 403, 'the operation was never open to every caller')
 })
 
+t.test('a change of defaults.roles an event takes is refused naming the event\'s roles, not as an edit of its events', async t => {
+  // The one reason given was 'events changed', for a manifest whose events were not edited.
+  const dir = mkdtempSync(join(tmpdir(), 'mantle-reload-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const file = join(dir, 'manifest.yaml')
+  const withEvent = (roles: string): string => manifest('viewer').replace('version: 1\n', `version: 1\ndefaults: { roles: [${roles}] }\n`) +
+    'events:\n  thingChanged: { topic: things, payload: { type: object } }\n'
+  writeFileSync(file, withEvent('viewer'))
+  const app = await buildTestApp(t, { BFF_MANIFEST: file }, { kernelUrl: 'http://127.0.0.1:9' })
+  writeFileSync(file, withEvent('operator'))
+  t.same((await app.reloadManifest()).reasons, ['events.thingChanged.roles (an event without roles of its own takes defaults.roles; subscriptions hold theirs) changed'])
+  t.same(app.pipeline.manifest.events[0].roles, ['viewer'], 'the manifest in force is kept')
+})
+
 t.test('a cache added by a reload answers If-None-Match with 304 on REST', async t => {
   // The REST face decided at start-up whether to read If-None-Match: after a reload added a
   // cache, answers carried an ETag, but a matching If-None-Match never got its 304.
