@@ -1,3 +1,5 @@
+import type { Identity } from '../plugins/auth/identity.js'
+
 /** setTimeout's largest delay (24.8 days): a longer one would fire at once (TimeoutOverflowWarning). */
 const MAX_TIMER_MS = 2 ** 31 - 1
 
@@ -26,4 +28,39 @@ export function atExpiry (expiresAt: number, fn: () => void): () => void {
   // loop with a 24 h token grew the heap without bound. ref() then clearTimeout() leaves the
   // process's ref count as it was.
   return () => { timer.ref(); clearTimeout(timer) }
+}
+
+/** Why a connection's identity ended. */
+export type IdentityEnd = 'expired' | 'withdrawn'
+
+/** The close reason (and SSE error's detail) of each end, the same on every face. */
+export const IDENTITY_ENDED: Readonly<Record<IdentityEnd, string>> = Object.freeze({
+  expired: 'The token has expired',
+  withdrawn: 'The token\'s signing key was withdrawn'
+})
+
+/**
+ * Calls `onEnd` once, when the identity a stream was opened with ends: its token expires
+ * ('expired', atExpiry), or the JWKS key it was verified with is withdrawn or replaced
+ * ('withdrawn', its lease). Returns the one canceller of both, which the caller runs when its
+ * stream ends: the timer is cleared and the lease's listener let go, so a lease holds a listener
+ * per open stream only. `onEnd` never runs from this call.
+ */
+export function untilIdentityEnds (identity: Pick<Identity, 'expiresAt' | 'lease'>, onEnd: (why: IdentityEnd) => void): () => void {
+  let ended = false
+  let cancelExpiry = (): void => {}
+  let release = (): void => {}
+  const cancel = (): void => {
+    ended = true
+    cancelExpiry()
+    release()
+  }
+  const end = (why: IdentityEnd): void => {
+    if (ended) return
+    cancel()
+    onEnd(why)
+  }
+  cancelExpiry = atExpiry(identity.expiresAt, () => { end('expired') })
+  if (identity.lease !== undefined) release = identity.lease.onWithdrawn(() => { end('withdrawn') })
+  return cancel
 }

@@ -5,7 +5,7 @@ import type { IncomingMessage } from 'node:http'
 import { GraphQLError, Kind, SingleFieldSubscriptionsRule, getOperationAST, getVariableValues, locatedError, parse, responsePathAsArray, specifiedRules, validate, type DocumentNode, type FragmentDefinitionNode, type GraphQLFieldResolver, type GraphQLFormattedError, type GraphQLSchema, type ValidationRule } from 'graphql'
 import { collectFields } from 'graphql/execution/collectFields.js'
 import type { EventDefinition } from '../../manifest.js'
-import type { Identity } from '../../plugins/auth/index.js'
+import type { Identity, KeyLease } from '../../plugins/auth/index.js'
 import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors.js'
 import { fieldError, withoutSuggestion } from './errors.js'
 import { MAX_BUFFERED_BYTES, slowReader, utf8Sends } from '../slow-reader.js'
@@ -94,6 +94,12 @@ export class GraphqlConnection {
   private cancelTimer: (() => void) | null = null
   /** The earliest expiry of the tokens the connection accepted (ms; Infinity: none). */
   private expiresAt = Infinity
+  /**
+   * The JWKS keys of the tokens it accepted, each with the remover of its withdrawal listener:
+   * the connection ends when any of them is withdrawn, as when the first of its tokens expires.
+   * Bounded by the keys the JWKS has published (a token of an unknown key is refused).
+   */
+  private readonly leases = new Map<KeyLease, () => void>()
   /** The caller the first accepted token named: every later one must name the same. */
   private caller: { tenant: string, user: string } | null = null
   private closed = false
@@ -176,6 +182,10 @@ export class GraphqlConnection {
       this.expiresAt = identity.expiresAt
       this.armExpiry()
     }
+    const lease = identity.lease
+    if (lease !== undefined && !this.closed && !this.leases.has(lease)) {
+      this.leases.set(lease, lease.onWithdrawn(() => this.close(4401, 'Unauthorized: the token\'s signing key was withdrawn')))
+    }
     return identity
   }
 
@@ -226,6 +236,8 @@ export class GraphqlConnection {
     this.closed = true
     this.cancelTimer?.()
     this.cancelTimer = null
+    for (const release of this.leases.values()) release()
+    this.leases.clear()
     for (const controller of this.operations.values()) controller?.abort()
     this.operations.clear()
   }

@@ -18,7 +18,8 @@ import { ProblemError, errorShape, isInternal } from './errors.js'
 import { buildRouter, earlyRequestIds } from './router.js'
 import { DEFAULT_SETTINGS as WEBSOCKET_DEFAULTS } from '../websocket/index.js'
 import { LiveSubscriptions } from './subscriptions.js'
-import { atExpiry } from '../expiry.js'
+import { untilIdentityEnds, IDENTITY_ENDED } from '../expiry.js'
+import type { Identity } from '../../plugins/auth/index.js'
 import { jsonText } from '../../json-body.js'
 
 export { ProblemError, errorShape, trpcCodeOf, type MantleErrorShape, type MantleErrorData } from './errors.js'
@@ -374,14 +375,14 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         keepAlive: { enabled: true, pingMs: limits.pingMs, pongWaitMs: Math.min(limits.pingMs, 10_000) },
         // Once per connection, when it opens or when its connectionParams arrive. A connection
         // without a valid token gets the error, then is closed with 4401; a valid one is closed
-        // with 4401 when its token expires, and wsLink reconnects with a fresh token.
+        // with 4401 when its token expires or its JWKS key is withdrawn, and wsLink reconnects
+        // with a fresh token.
         createContext: ({ req, res: socket, info }) => {
           awaiting.delete(req)
           const ctx = socketContext(socket, upgrades.get(req), info.connectionParams, upgradeTrace(req.headers))
-          let expiresAt: number
+          let identity: Identity
           try {
-            const identity = app.identify(ctx.authorization)
-            expiresAt = identity.expiresAt
+            identity = app.identify(ctx.authorization)
             // The tenant's share, counted here for a connection identified by its
             // connectionParams (one identified by its upgrade was counted then: nothing changes).
             slots.claim(req.socket, identity.tenant)
@@ -397,7 +398,8 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
             throw ProblemError.from(err, uuidv7())
           }
           authenticated.add(socket)
-          const disarm = atExpiry(expiresAt, () => socket.close(CLOSE_UNAUTHENTICATED, 'The token has expired'))
+          // 4401 too when the JWKS withdraws (or replaces) the key the token was verified with.
+          const disarm = untilIdentityEnds(identity, why => socket.close(CLOSE_UNAUTHENTICATED, IDENTITY_ENDED[why]))
           socket.once('close', disarm)
           return ctx
         },

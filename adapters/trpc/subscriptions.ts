@@ -2,13 +2,14 @@ import type { EventBus } from '../../plugins/events/index.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { MantleError } from '../../errors.js'
 import { ProblemError } from './errors.js'
-import { atExpiry } from '../expiry.js'
+import { untilIdentityEnds, IDENTITY_ENDED, type IdentityEnd } from '../expiry.js'
 
 /**
  * The event subscriptions served over tRPC on this instance. Each is a pull stream on the
  * bus, for its caller's tenant only; it ends when the client leaves, when the gateway shuts
  * down (an open SSE response would otherwise hold the close), or, over SSE, with an
- * UNAUTHENTICATED error when the token expires. Bounded by the bus's own subscription limit.
+ * UNAUTHENTICATED error when the token expires or the JWKS withdraws (or replaces) the key it was
+ * verified with. Bounded by the bus's own subscription limit.
  */
 export class LiveSubscriptions {
   private readonly open = new Set<AbortController>()
@@ -20,14 +21,14 @@ export class LiveSubscriptions {
   async * stream (name: string, identity: Identity, signal: AbortSignal | undefined, requestId: string, overSse: boolean): AsyncGenerator<unknown, void, unknown> {
     const controller = new AbortController()
     const stop = (): void => controller.abort()
-    let expired = false
+    let ended: IdentityEnd | null = null
     signal?.addEventListener('abort', stop, { once: true })
     if (signal?.aborted === true) stop()
     this.open.add(controller)
-    const disarm = overSse ? atExpiry(identity.expiresAt, () => { expired = true; stop() }) : () => {}
+    const disarm = overSse ? untilIdentityEnds(identity, why => { ended = why; stop() }) : () => {}
     try {
       for await (const payload of this.bus.stream(name, identity.tenant, controller.signal)) yield payload
-      if (expired) throw new MantleError('UNAUTHENTICATED', 'The token has expired: subscribe again with a fresh one')
+      if (ended !== null) throw new MantleError('UNAUTHENTICATED', `${IDENTITY_ENDED[ended]}: subscribe again with a fresh token`)
       // An SSE stream that simply ends is complete to httpSubscriptionLink, which then never
       // reconnects: at every deploy, browsers stopped getting events. A 503 it retries.
       if (this.closing && overSse) throw new MantleError('OVERLOADED', 'The gateway is shutting down: subscribe again', { headers: { 'retry-after': '1' } })

@@ -8,7 +8,7 @@ import type { Identity } from '../../plugins/auth/index.js'
 import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame, type AuthFrame } from './frames.js'
 import type { CloseReason, WebSocketCounters } from './metrics.js'
 import { CLOSE_SLOW_READER, SLOW_READER, boundedFrame } from '../slow-reader.js'
-import { atExpiry } from '../expiry.js'
+import { untilIdentityEnds, IDENTITY_ENDED } from '../expiry.js'
 import type { Heartbeat } from '../heartbeat.js'
 import type { UpgradeTrace } from '../upgrade.js'
 
@@ -58,7 +58,7 @@ export class Connection {
   private authorization: string | undefined
   private readonly subscriptions = new Map<string, { id: string, unsubscribe: () => void }>()
   private inFlight = 0
-  /** Cancels the token's expiry timer (null: none armed). */
+  /** Cancels the token's expiry timer and its key's withdrawal listener (null: none armed). */
   private disarmExpiry: (() => void) | null = null
   private reason: CloseReason = 'peer'
   /** Set once the connection is closing: no frame is read and nothing is sent any more. */
@@ -106,7 +106,7 @@ export class Connection {
     this.socket.close(code, text)
   }
 
-  /** Stops every subscription and the expiry timer; idempotent. */
+  /** Stops every subscription, the expiry timer and the key's listener; idempotent. */
   private release (): void {
     this.closing = true
     this.disarmExpiry?.()
@@ -115,10 +115,13 @@ export class Connection {
     this.subscriptions.clear()
   }
 
-  /** Times the current token's expiry (4401), in place of the previous token's. */
+  /**
+   * Times the current token's expiry and watches its JWKS key's withdrawal (4401 either way), in
+   * place of the previous token's: a token replaced by one of another key follows the new key.
+   */
   private armExpiry (): void {
     this.disarmExpiry?.()
-    this.disarmExpiry = atExpiry(this.identity.expiresAt, () => this.close(4401, 'expired', 'The token has expired'))
+    this.disarmExpiry = untilIdentityEnds(this.identity, why => this.close(4401, why === 'expired' ? 'expired' : 'key_withdrawn', IDENTITY_ENDED[why]))
   }
 
   /**

@@ -8,6 +8,7 @@ export const CLOSE_REASONS = [
   'protocol', // a frame `ws` refused (oversized for maxPayload, bad UTF-8, bad opcode)
   'too_large', // 1009: over the face's own frame bound
   'expired', // 4401: the token expired without a fresh one
+  'key_withdrawn', // 4401: the JWKS withdrew (or replaced) the key the token was verified with
   'slow_reader', // 1013: the client did not read its frames
   'heartbeat', // no pong to the last ping
   'shutdown' // 1001: the gateway is closing

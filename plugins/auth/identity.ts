@@ -11,6 +11,64 @@ export interface Identity {
   readonly zone: Zone
   /** When the token stops being valid, in ms since the epoch (connections close then). */
   readonly expiresAt: number
+  /**
+   * The JWKS key the token was verified with, withdrawn when the JWKS withdraws or replaces it
+   * (connections close then); absent for the HS256 secret and BFF_JWT_PUBLIC_KEYS, which change
+   * only by restart.
+   */
+  readonly lease?: KeyLease
+}
+
+/**
+ * One version of one JWKS key (its kid and PEM), shared by every identity verified with it.
+ * The verifier withdraws it when a fetch no longer holds that kid, or holds another key under it:
+ * once withdrawn, every listener is called once and let go. A stream holds one listener while it
+ * is open (adapters/expiry.ts), so the set is bounded by the open streams.
+ */
+export class KeyLease {
+  #withdrawn = false
+  readonly #listeners = new Set<() => void>()
+
+  constructor (readonly kid: string) {}
+
+  get withdrawn (): boolean {
+    return this.#withdrawn
+  }
+
+  /** Listeners held (streams open on this key). */
+  get listeners (): number {
+    return this.#listeners.size
+  }
+
+  /**
+   * Calls `fn` once the key is withdrawn, never from this call (from a later turn when it already
+   * is); returns the remover, which the caller runs when its stream ends.
+   */
+  onWithdrawn (fn: () => void): () => void {
+    if (this.#withdrawn) {
+      const immediate = setImmediate(fn)
+      return () => { clearImmediate(immediate) }
+    }
+    // A wrapper of its own: the same fn given twice is two listeners, each removed by its remover.
+    const listener = (): void => { fn() }
+    this.#listeners.add(listener)
+    return () => { this.#listeners.delete(listener) }
+  }
+
+  /** The verifier's: marks the key withdrawn and calls each listener once (a throw is the listener's alone). */
+  withdraw (onError: (err: unknown) => void): void {
+    if (this.#withdrawn) return
+    this.#withdrawn = true
+    const listeners = [...this.#listeners]
+    this.#listeners.clear()
+    for (const listener of listeners) {
+      try {
+        listener()
+      } catch (err) {
+        onError(err)
+      }
+    }
+  }
 }
 
 /** Who calls when identity is off: every call is the public tenant's anonymous user. */
@@ -72,7 +130,8 @@ export interface IdentityVerifier {
 }
 
 type Verify = (token: string) => Record<string, unknown>
-interface KeyVerifier { alg: string, verify: Verify }
+/** `lease`: a JWKS key's (the identities it verifies carry it). */
+interface KeyVerifier { alg: string, verify: Verify, lease?: KeyLease }
 
 // The encoded JOSE header's bound: an IdP that adds its certificate chain (x5c) makes 1-2 KB.
 const MAX_HEADER = 8192
@@ -114,7 +173,7 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
     ...(options.audience === undefined ? {} : { allowedAud: options.audience }),
     ...(options.clockTimestamp === undefined ? {} : { clockTimestamp: options.clockTimestamp })
   })
-  const hs = options.secret === undefined ? undefined : verifierFor(options.secret, 'HS256')
+  const hs: KeyVerifier | undefined = options.secret === undefined ? undefined : { alg: 'HS256', verify: verifierFor(options.secret, 'HS256') }
   const toVerifiers = (keys: ReadonlyMap<string, PublicKey>): Map<string, KeyVerifier> =>
     new Map([...keys].map(([kid, k]) => [kid, { alg: k.alg, verify: verifierFor(k.pem, k.alg) }]))
   // Verified identities by token. fast-jwt's own cache hashes every token (SHA-256) per call;
@@ -147,18 +206,31 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
       now: options.jwksClock,
       log: options.log,
       onKeys: keys => {
-        // A kid withdrawn or replaced: identities verified with it are forgotten too.
-        const withdrawn = [...fetchedKeys].some(([kid, k]) => keys.get(kid)?.pem !== k.pem)
+        // A key kept (same kid, same PEM) keeps its verifier and its lease; a kid new or
+        // replaced gets a new lease.
+        const next = new Map<string, KeyVerifier>()
+        for (const [kid, k] of keys) {
+          const kept = fetchedKeys.get(kid)?.pem === k.pem ? fetched.get(kid) : undefined
+          next.set(kid, kept ?? { alg: k.alg, verify: verifierFor(k.pem, k.alg), lease: new KeyLease(kid) })
+        }
+        // A kid withdrawn or replaced: identities verified with it are forgotten, and the
+        // streams they opened end (their lease's listeners), once the new keys are in place.
+        const withdrawn = [...fetched].filter(([kid, v]) => next.get(kid) !== v).map(([, v]) => v.lease as KeyLease)
         fetchedKeys = keys
-        fetched = toVerifiers(keys)
+        fetched = next
         keysVersion++
-        if (withdrawn) verified.clear()
+        if (withdrawn.length === 0) return
+        verified.clear()
+        for (const lease of withdrawn) {
+          lease.withdraw(err => options.log?.warn({ err, kid: lease.kid }, 'a stream failed to end at its key\'s withdrawal'))
+        }
+        options.log?.info({ kids: withdrawn.map(l => l.kid) }, 'JWKS keys withdrawn or replaced: their identities are dropped and the streams they opened closed')
       }
     })
 
   const now = (): number => options.clockTimestamp ?? Date.now()
 
-  const pick = (token: string): Verify => {
+  const pick = (token: string): KeyVerifier => {
     const header = tokenHeader(token)
     if (header === undefined) throw refuse(reasons.FAST_JWT_MALFORMED as string)
     const { alg, kid } = header
@@ -180,21 +252,21 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
       throw refusal
     }
     if (key.alg !== alg) throw refuse(`the algorithm ${alg} does not match the key ${JSON.stringify(kid)} (${key.alg})`)
-    return key.verify
+    return key
   }
 
   const check = (token: string): Identity => {
-    const verify = pick(token)
+    const key = pick(token)
     let claims: Record<string, unknown>
     try {
-      claims = verify(token)
+      claims = key.verify(token)
     } catch (err) {
       const code = err instanceof TokenError ? err.code : ''
       const refusal = refuse(reasons[code] ?? 'it cannot be verified')
       if (code === 'FAST_JWT_INACTIVE') passing.add(refusal)
       throw refusal
     }
-    return toIdentity(claims, toleranceMs)
+    return toIdentity(claims, toleranceMs, key.lease)
   }
 
   const identify = function identify (authorization: string | undefined, request?: object): Identity {
@@ -241,7 +313,7 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
  */
 export const HEADER_SAFE = /^[\x21-\x7e\xa1-\xff](?:[\t\x20-\x7e\xa0-\xff]{0,254}[\x21-\x7e\xa1-\xff])?$/
 
-function toIdentity (claims: Record<string, unknown>, toleranceMs: number): Identity {
+function toIdentity (claims: Record<string, unknown>, toleranceMs: number, lease: KeyLease | undefined): Identity {
   const { sub, tid, roles = [], zone = 'public' } = claims
   if (typeof sub !== 'string' || sub === '' || typeof tid !== 'string' || tid === '') {
     throw refuse('sub and tid must be non-empty strings')
@@ -258,7 +330,8 @@ function toIdentity (claims: Record<string, unknown>, toleranceMs: number): Iden
   if (typeof zone !== 'string' || !Object.hasOwn(ZONE_RANK, zone)) {
     throw refuse('zone must be public, internal or restricted')
   }
-  return Object.freeze({ tenant: tid, user: sub, roles: Object.freeze([...roles as string[]]), zone: zone as Zone, expiresAt: (claims.exp as number) * 1000 + toleranceMs })
+  const identity = { tenant: tid, user: sub, roles: Object.freeze([...roles as string[]]), zone: zone as Zone, expiresAt: (claims.exp as number) * 1000 + toleranceMs }
+  return Object.freeze(lease === undefined ? identity : { ...identity, lease })
 }
 
 export interface TokenClaims {

@@ -6,7 +6,7 @@ import { MantleError } from '../../errors.js'
 import { StageOrder, requestOf } from '../pipeline/index.js'
 import { createIdentityVerifier, ZONE_RANK, type Identity, type IdentityOptions } from './identity.js'
 
-export { mintToken, ANONYMOUS, type Identity } from './identity.js'
+export { mintToken, ANONYMOUS, KeyLease, type Identity } from './identity.js'
 export { parsePublicKeys, type PublicKey } from './keys.js'
 
 declare module 'fastify' {

@@ -1,6 +1,7 @@
 import t, { type Test } from 'tap'
 import { mock } from 'node:test'
-import { atExpiry } from '../../adapters/expiry.js'
+import { atExpiry, untilIdentityEnds, type IdentityEnd } from '../../adapters/expiry.js'
+import { KeyLease } from '../../plugins/auth/identity.js'
 
 // The expiry timer of /ws, /graphql and /trpc, on node:test's fake setTimeout and Date: the
 // test moves time by hand, weeks in a tick, and nothing sleeps.
@@ -68,4 +69,74 @@ t.test('a cancelled expiry never fires, before or after a re-arm', async t => {
   rearmed()
   mock.timers.tick(2 * MAX_TIMER_MS)
   t.equal(fired, 0, 'cancelled after the timer was armed again')
+})
+
+// untilIdentityEnds: the expiry timer above plus the JWKS key's lease, one canceller for both.
+const nextTurn = async (): Promise<void> => { await new Promise(resolve => setImmediate(resolve)) }
+const noError = (err: unknown): void => { throw err }
+
+t.test('a withdrawn key ends the identity once, and its expiry timer goes with it', async t => {
+  const { armed } = fakeTime(t, 0)
+  const lease = new KeyLease('A')
+  const ends: IdentityEnd[] = []
+  untilIdentityEnds({ expiresAt: 1000, lease }, why => ends.push(why))
+  t.equal(lease.listeners, 1, 'one listener while the stream is open')
+  lease.withdraw(noError)
+  t.same(ends, ['withdrawn'])
+  t.equal(lease.listeners, 0, 'let go once called')
+  lease.withdraw(noError)
+  mock.timers.tick(2000)
+  t.same(ends, ['withdrawn'], 'once: not again at expiry, nor at a second withdrawal')
+  t.equal(armed(), 1, 'the timer was not armed again')
+})
+
+t.test('cancelled, an identity leaves nothing on its lease and is never ended', async t => {
+  fakeTime(t, 0)
+  const lease = new KeyLease('A')
+  let ended = 0
+  const cancels = Array.from({ length: 100 }, () => untilIdentityEnds({ expiresAt: 1000, lease }, () => { ended++ }))
+  t.equal(lease.listeners, 100)
+  for (const cancel of cancels) cancel()
+  t.equal(lease.listeners, 0, 'no listener is left per closed stream')
+  lease.withdraw(noError)
+  mock.timers.tick(2000)
+  t.equal(ended, 0)
+})
+
+t.test('ended by its expiry, an identity lets go of its lease', async t => {
+  fakeTime(t, 0)
+  const lease = new KeyLease('A')
+  const ends: IdentityEnd[] = []
+  untilIdentityEnds({ expiresAt: 1000, lease }, why => ends.push(why))
+  mock.timers.tick(1000)
+  t.same(ends, ['expired'])
+  t.equal(lease.listeners, 0)
+  lease.withdraw(noError)
+  t.same(ends, ['expired'], 'once')
+})
+
+t.test('a key already withdrawn ends the identity from a later turn, never from the call; cancelled first, never', async t => {
+  const lease = new KeyLease('A')
+  lease.withdraw(noError)
+  const ends: IdentityEnd[] = []
+  const cancel = untilIdentityEnds({ expiresAt: Infinity, lease }, why => ends.push(why))
+  t.same(ends, [], 'not during the call')
+  await nextTurn()
+  t.same(ends, ['withdrawn'])
+  cancel()
+  untilIdentityEnds({ expiresAt: Infinity, lease }, why => ends.push(why))()
+  await nextTurn()
+  t.same(ends, ['withdrawn'], 'cancelled before its turn')
+  t.equal(lease.listeners, 0)
+})
+
+t.test('a listener that throws does not keep the others from ending', async t => {
+  const lease = new KeyLease('A')
+  const errors: unknown[] = []
+  let ended = 0
+  untilIdentityEnds({ expiresAt: Infinity, lease }, () => { throw new Error('boom') })
+  untilIdentityEnds({ expiresAt: Infinity, lease }, () => { ended++ })
+  lease.withdraw(err => errors.push(err))
+  t.equal(ended, 1)
+  t.match(errors, [{ message: 'boom' }])
 })
