@@ -703,7 +703,9 @@ t.test('a call queued for a Kernel connection answers within its own timeoutMs',
   const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
   let longDone = false
   const long = app.inject({ method: 'GET', url: '/api/v1/long/l1', headers: bearer() }).then(res => { longDone = true; return res })
-  await sleep(50)
+  // The long call holds the connection once the Kernel has it (a 50 ms sleep let a loaded
+  // machine's fast call come first and take the connection).
+  await until(() => hits(kernel, '/v1/long/l1') === 1, 'the long call to reach the Kernel')
   const fast = await app.inject({ method: 'GET', url: '/api/v1/fast/f1', headers: bearer() })
   t.equal(fast.statusCode, 504, 'the queued call times out')
   t.match(fast.json(), { code: 'KERNEL_TIMEOUT' })
@@ -717,10 +719,13 @@ t.test('a call queued for a Kernel connection answers within its own timeoutMs',
 t.test('calls whose time runs out waiting for a connection: no connection torn down, no breaker failure', async t => {
   // A Kernel of its own, to count its connections (keep-alive long enough to outlast the test).
   let connections = 0
+  let longs = 0
   const fast: string[] = []
   const server = createServer((req, res) => {
-    if (req.url === '/v1/long/l1') setTimeout(() => json(res, 200, { id: 'l1' }), 600)
-    else { fast.push(req.url ?? ''); json(res, 200, { id: 'f1' }) }
+    if (req.url === '/v1/long/l1') {
+      longs++
+      setTimeout(() => json(res, 200, { id: 'l1' }), 600)
+    } else { fast.push(req.url ?? ''); json(res, 200, { id: 'f1' }) }
   })
   server.keepAliveTimeout = 30_000
   server.on('connection', () => { connections++ })
@@ -736,7 +741,8 @@ t.test('calls whose time runs out waiting for a connection: no connection torn d
   await Promise.all([0, 1].map(async () => await app.inject({ url: '/api/v1/fast/f1', headers: bearer() })))
   t.equal(connections, 2)
   const long = [0, 1].map(async () => await app.inject({ url: '/api/v1/long/l1', headers: bearer() }))
-  await sleep(50)
+  // Both connections held once the Kernel has both long calls (not after a 50 ms sleep).
+  await until(() => longs === 2, 'both long calls to reach the Kernel')
   const queued = await Promise.all(Array.from({ length: 5 }, async () => await app.inject({ url: '/api/v1/fast/f1', headers: bearer() })))
   t.same(queued.map(r => r.json().code), Array(5).fill('KERNEL_TIMEOUT'), 'each times out at its own deadline')
   t.same((await Promise.all(long)).map(r => r.statusCode), [200, 200])
