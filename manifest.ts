@@ -126,22 +126,21 @@ export const SETTLE_MS = 250
 const SETTLE_READS = 8
 
 /**
- * The file's text once it has stayed unchanged (its inode, size and mtime) for `settleMs`: a
- * file written in place and read between two writes is often a valid manifest, cut short (before
- * the last operation's `roles`, it was applied with none, open to every caller). A file last
- * changed longer ago is read at once; one changed since its read is read again.
+ * The file's text once it has stayed unchanged (its inode, size and mtime) for `settleMs` after
+ * its read: a file written in place and read between two writes is often a valid manifest, cut
+ * short (before the last operation's `roles`, it was applied with none, open to every caller).
+ * One changed since its read is read again. Always a wait after the read: a file whose mtime
+ * looked older than `settleMs` was read at once, and an mtime is the file system's clock, not
+ * this process's (a file server, a container's bind mount behind by seconds stamped a file
+ * being written as long settled).
  */
 async function readSettled (file: string, settleMs: number): Promise<string> {
   const same = (a: Stats, b: Stats): boolean => a.ino === b.ino && a.dev === b.dev && a.size === b.size && a.mtimeMs === b.mtimeMs
   for (let read = 0; read < SETTLE_READS; read++) {
     const before = await stat(file)
     const text = await readFile(file, 'utf8')
-    let after = await stat(file)
-    // Not changed within the last settleMs (nor since): no writer was at work.
-    if (same(before, after) && Date.now() - after.mtimeMs >= settleMs) return text
     await new Promise(resolve => setTimeout(resolve, settleMs))
-    after = await stat(file)
-    if (same(before, after)) return text
+    if (same(before, await stat(file))) return text
   }
   throw new Error(`it kept changing while it was read (${SETTLE_READS} reads, ${settleMs} ms apart): write the new manifest beside it, then rename it into place`)
 }

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { appendFileSync, mkdtempSync, writeFileSync, rmSync } from 'node:fs'
+import { appendFileSync, mkdtempSync, writeFileSync, rmSync, utimesSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { setFlagsFromString } from 'node:v8'
@@ -160,6 +160,27 @@ t.test('a manifest read while it is being written is not applied half-written', 
   writeFileSync(file, whole.slice(0, cut))
   // The rest comes 50 ms later, as from a writer that paused (the read takes a millisecond or two).
   const rest = new Promise<void>(resolve => setTimeout(() => { appendFileSync(file, whole.slice(cut)); resolve() }, 50))
+  const outcome = await app.reloadManifest()
+  await rest
+  t.same(outcome, { applied: true, reasons: [] })
+  t.same(app.pipeline.manifest.byName.get('getThing')?.roles, ['viewer'], 'the file as written whole is applied, not its first part')
+  const anyone = await app.inject({ url: '/api/v1/things/a', headers: bearer({ roles: ['nobody'] }) })
+  t.equal(anyone.statusCode, 403, 'the operation was never open to every caller')
+})
+
+t.test('a manifest being written is not applied half-written when its modification time is behind this clock', async t => {
+  // Whether the file had settled was judged by its modification time against this process's
+  // clock: a file server (NFS, a container's bind mount) whose clock runs behind stamps a file
+  // written now as seconds old, and it was read at once, cut short, as if no writer were at work.
+  const { app, file } = await setup(t)
+  writeFileSync(file, manifest('operator'))
+  t.equal((await app.reloadManifest()).applied, true)
+  const whole = manifest('operator').replace('roles: [operator]', 'roles: [viewer]')
+  const cut = whole.indexOf('    roles:')
+  const behind = (): void => { const then = new Date(Date.now() - 10_000); utimesSync(file, then, then) }
+  writeFileSync(file, whole.slice(0, cut))
+  behind()
+  const rest = new Promise<void>(resolve => setTimeout(() => { appendFileSync(file, whole.slice(cut)); behind(); resolve() }, 50))
   const outcome = await app.reloadManifest()
   await rest
   t.same(outcome, { applied: true, reasons: [] })
