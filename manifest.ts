@@ -132,12 +132,14 @@ const SETTLE_READS = 8
  * One changed since its read is read again. Always a wait after the read: a file whose mtime
  * looked older than `settleMs` was read at once, and an mtime is the file system's clock, not
  * this process's (a file server, a container's bind mount behind by seconds stamped a file
- * being written as long settled).
+ * being written as long settled). Only a regular file: the read of a FIFO waited for a writer,
+ * for ever, and every reload asked for after it waited behind it.
  */
 async function readSettled (file: string, settleMs: number): Promise<string> {
   const same = (a: Stats, b: Stats): boolean => a.ino === b.ino && a.dev === b.dev && a.size === b.size && a.mtimeMs === b.mtimeMs
   for (let read = 0; read < SETTLE_READS; read++) {
     const before = await stat(file)
+    if (!before.isFile()) throw new Error('not a regular file: a reload reads a file written whole')
     const text = await readFile(file, 'utf8')
     await new Promise(resolve => setTimeout(resolve, settleMs))
     if (same(before, await stat(file))) return text

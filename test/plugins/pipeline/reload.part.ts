@@ -2,6 +2,7 @@ import t from 'tap'
 import { appendFileSync, mkdtempSync, writeFileSync, rmSync, utimesSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { execFileSync } from 'node:child_process'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import { buildTestApp, startTestKernel, json, bearer } from '../../helper.js'
@@ -187,6 +188,39 @@ t.test('a manifest being written is not applied half-written when its modificati
   t.same(app.pipeline.manifest.byName.get('getThing')?.roles, ['viewer'], 'the file as written whole is applied, not its first part')
   const anyone = await app.inject({ url: '/api/v1/things/a', headers: bearer({ roles: ['nobody'] }) })
   t.equal(anyone.statusCode, 403, 'the operation was never open to every caller')
+})
+
+t.test('a reload refuses a FIFO at the manifest\'s path, and a file that keeps changing, and later reloads still apply', async t => {
+  // Reading a FIFO waits for a writer: the reload never ended, and every reload asked for after
+  // it shared the one queued behind it, so no SIGHUP applied a manifest again until a restart.
+  const { app, file } = await setup(t)
+  rmSync(file)
+  execFileSync('mkfifo', [file])
+  const hung = Symbol('hung')
+  let timer: NodeJS.Timeout | undefined
+  const outcome = await Promise.race([app.reloadManifest(), new Promise<typeof hung>(resolve => { timer = setTimeout(() => resolve(hung), 5000) })])
+  clearTimeout(timer)
+  // Without the refusal the read waits on the FIFO: a writer lets it go.
+  if (outcome === hung) writeFileSync(file, '')
+  t.same(outcome, { applied: false, reasons: [`Invalid manifest ${file}:\n  - cannot be read: not a regular file: a reload reads a file written whole`] })
+  rmSync(file)
+
+  // A file that keeps changing through the reload's 8 reads.
+  writeFileSync(file, manifest('operator'))
+  const writing = { on: true }
+  const writer = (async () => {
+    for (let i = 0; writing.on; i++) {
+      appendFileSync(file, `# ${i}\n`)
+      await new Promise(resolve => setTimeout(resolve, 100))
+    }
+  })()
+  const changing = await app.reloadManifest()
+  writing.on = false
+  await writer
+  t.same(changing, { applied: false, reasons: [`Invalid manifest ${file}:\n  - cannot be read: it kept changing while it was read (8 reads, 250 ms apart): write the new manifest beside it, then rename it into place`] })
+  t.same(app.pipeline.manifest.byName.get('getThing')?.roles, ['viewer'], 'the manifest in force is kept')
+  t.same(await app.reloadManifest(), { applied: true, reasons: [] }, 'once it stays unchanged, it is applied')
+  t.same(app.pipeline.manifest.byName.get('getThing')?.roles, ['operator'])
 })
 
 t.test('a change of defaults.roles an event takes is refused naming the event\'s roles, not as an edit of its events', async t => {
