@@ -194,7 +194,6 @@ t.test('a retry that would be refused for want of time ends the call with the fa
 // none of its calls is out when its next one is handed a connection, so that call went out with
 // the little time left it had and timed out, sent, as before the load shedding.
 t.test('past capacity with many operations, a call handed a connection with less time left than the Kernel needs is still refused unsent', async t => {
-  const { CallContext } = await import('../../../plugins/pipeline/index.js')
   const { KernelClient } = await import('../../../plugins/kernel/index.js')
   // 100 ms a call on 2 connections: 20 calls a second; 40 a second, over 8 operations, for 2.5 s.
   const kernel = await startTestKernel(t, { 'GET /v1/items/q1': (_req, res) => { setTimeout(() => json(res, 200, { id: 'q1' }), 100) } })
@@ -208,24 +207,7 @@ t.test('past capacity with many operations, a call handed a connection with less
   const m = testManifest(Object.fromEntries(names.map(name =>
     [name, { type: 'query', rest: `GET /${name}/:id`, kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 500 }])))
   const ops = names.map(name => m.byName.get(name)!)
-  const runs = ops.map(op => client.forOperation(op))
-  const late: Record<string, number> = {}
-  const pending: Array<Promise<void>> = []
-  const start = performance.now()
-  let made = 0
-  while (performance.now() - start < 2500) {
-    for (const due = Math.floor((performance.now() - start) / 25); made < due; made++) {
-      const after = performance.now() - start > 1000
-      const count = (key: string): void => { if (after) late[key] = (late[key] ?? 0) + 1 }
-      const i = made % ops.length
-      const ctx = new CallContext(`r${made}`, 'rest', ops[i], { id: 'q1' }, undefined, undefined, undefined)
-      // A KERNEL_TIMEOUT never sent (its time ran out waiting for a connection, a queue timeout)
-      // is a call refused unsent too: counted apart from the Kernel timeouts of calls sent.
-      pending.push(runs[i](ctx).then(() => { count('ok') }, (err: { code: string }) => { count(err.code === 'KERNEL_TIMEOUT' && ctx.sent !== true ? 'KERNEL_TIMEOUT_unsent' : err.code) }))
-    }
-    await sleep(5)
-  }
-  await Promise.all(pending)
+  const late = await drive(client, ops, 2500, 'q1')
   t.ok((late.ok ?? 0) >= 10, `calls made after the queue filled are still answered (${JSON.stringify(late)})`)
   t.ok((late.KERNEL_TIMEOUT ?? 0) <= (late.ok ?? 0) / 4, `few of them time out (${JSON.stringify(late)}, ${JSON.stringify(rejected)})`)
   t.equal(client.breaker!.state, 'closed', 'the breaker never opened: the Kernel was healthy')
