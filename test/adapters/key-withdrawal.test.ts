@@ -24,15 +24,20 @@ const pair = (): Pair => {
 const jwk = (p: Pair, kid: string): Record<string, unknown> => ({ ...p.publicKey.export({ format: 'jwk' }), kid })
 // 2100-01-01: a token minted with a leaked key outlives any timer.
 const EXP = 4102444800
-const sign = (p: Pair, kid: string): string =>
-  createSigner({ key: p.privatePem, algorithm: 'RS256', kid, noTimestamp: true })({ sub: 'u1', tid: 't1', roles: ['viewer'], exp: EXP })
+const sign = (p: Pair, kid: string, roles = ['viewer']): string =>
+  createSigner({ key: p.privatePem, algorithm: 'RS256', kid, noTimestamp: true })({ sub: 'u1', tid: 't1', roles, exp: EXP })
 
 /** A JWKS server whose document the test changes; it counts requests. */
-async function jwksServer (t: Teardown, initial: { keys: unknown[] }): Promise<{ url: string, hits: () => number, set: (doc: { keys: unknown[] }) => void }> {
-  let doc = initial
+async function jwksServer (t: Teardown, initial: { keys: unknown[] }): Promise<{ url: string, hits: () => number, set: (doc: { keys: unknown[] } | null) => void }> {
+  let doc: { keys: unknown[] } | null = initial
   let hits = 0
   const server = createServer((_req, res) => {
     hits++
+    // null: the IdP is failing.
+    if (doc === null) {
+      res.writeHead(503).end()
+      return
+    }
     res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(doc))
   })
   await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
@@ -122,11 +127,14 @@ async function sseStream (t: Teardown, port: number, name: string, tok: string):
 async function refetch (app: FastifyInstance, jwks: { hits: () => number }): Promise<void> {
   const before = jwks.hits()
   const b64 = (v: unknown): string => Buffer.from(JSON.stringify(v)).toString('base64url')
-  // Refused at its kid, before any signature check.
-  try {
-    app.identify(`Bearer ${b64({ alg: 'RS256', kid: 'unknown' })}.${b64({})}.x`)
-  } catch {}
-  await until(() => jwks.hits() > before, 'the JWKS refetch')
+  // Refused at its kid, before any signature check; asked again while an earlier fetch is in
+  // flight (the fetcher starts none then).
+  await until(() => {
+    try {
+      app.identify(`Bearer ${b64({ alg: 'RS256', kid: 'unknown' })}.${b64({})}.x`)
+    } catch {}
+    return jwks.hits() > before
+  }, 'the JWKS refetch')
 }
 
 /**
@@ -231,4 +239,173 @@ t.test('identities of the HS256 secret carry no lease: a JWKS change ends none o
   await ending([ended])
   t.match(ended.ended(), /^4401 /, 'the stream of A ended')
   t.equal(kept.ended(), null, 'the HS256 stream stays open')
+})
+
+t.test('a lease holds a listener per open stream only, however its streams end, round after round', async t => {
+  const a = pair()
+  const b = pair()
+  const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(b, 'B')] })
+  const app = await buildDemoApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url }, { identity: { jwksMinRefetchMs: 0, jwksRefreshMs: 600_000 } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  const tokA = sign(a, 'A')
+  const tokB = sign(b, 'B')
+  const noRoleA = sign(a, 'A', [])
+  const leaseA = leaseOf(app, tokA)
+  const kept = await wsStream(t, port, '/ws (A, kept open)', tokA)
+  for (let round = 0; round < 5; round++) {
+    // /ws: the client closes; an auth frame moves one to B; a refused subscribe on a connection
+    // the client then closes.
+    const ws = await open(t, `ws://127.0.0.1:${port}/ws`, `Bearer ${tokA}`)
+    const moved = await open(t, `ws://127.0.0.1:${port}/ws`, `Bearer ${tokA}`)
+    moved.ws.send(JSON.stringify({ id: 'a', auth: tokB }))
+    const refused = await open(t, `ws://127.0.0.1:${port}/ws`, `Bearer ${noRoleA}`)
+    refused.ws.send(JSON.stringify({ id: 's', subscribe: 'runUpdated' }))
+    await until(() => refused.messages.some(m => m.id === 's') && moved.messages.some(m => m.id === 'a'), 'the /ws answers')
+    // GraphQL: a subscription the client completes, and a connection it then closes.
+    const gql = await open(t, `ws://127.0.0.1:${port}/graphql`, `Bearer ${tokA}`, 'graphql-transport-ws')
+    gql.ws.send(JSON.stringify({ type: 'connection_init' }))
+    await until(() => gql.messages.some(m => m.type === 'connection_ack'), 'GraphQL acknowledged')
+    const busBefore = app.events.bus.subscriptions
+    gql.ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: SUBSCRIPTION } }))
+    await until(() => app.events.bus.subscriptions === busBefore + 1, 'the GraphQL subscription')
+    gql.ws.send(JSON.stringify({ id: '1', type: 'complete' }))
+    await until(() => app.events.bus.subscriptions === busBefore, 'the GraphQL subscription completed')
+    // tRPC WebSocket and SSE: the client leaves.
+    const trpc = await open(t, `ws://127.0.0.1:${port}/trpc`, `Bearer ${tokA}`)
+    trpc.ws.send(JSON.stringify({ id: 1, method: 'subscription', params: { path: 'runUpdated' } }))
+    await until(() => trpc.messages.some(m => m.id === 1 && m.result?.type === 'started'), 'tRPC started')
+    const controller = new AbortController()
+    const res = await fetch(`http://127.0.0.1:${port}/trpc/runUpdated`, { headers: { authorization: `Bearer ${tokA}`, accept: 'text/event-stream' }, signal: controller.signal })
+    t.equal(res.status, 200)
+    const sseRefused = await fetch(`http://127.0.0.1:${port}/trpc/runUpdated`, { headers: { authorization: `Bearer ${noRoleA}`, accept: 'text/event-stream' } })
+    await sseRefused.text()
+    await until(() => (leaseA?.listeners ?? 0) >= 6, 'the streams on A')
+    for (const s of [ws, moved, refused, trpc]) s.ws.close()
+    controller.abort()
+    await until(() => leaseA?.listeners === 2, `round ${round}: the listeners of the streams left`).catch(() => {})
+    t.equal(leaseA?.listeners, 2, `round ${round}: the kept /ws and the GraphQL connection alone hold A`)
+    gql.ws.close()
+    await until(() => leaseA?.listeners === 1, `round ${round}: GraphQL's listener`).catch(() => {})
+    t.equal(leaseA?.listeners, 1, `round ${round}: the kept /ws alone holds A`)
+  }
+  t.equal(kept.ended(), null, 'the kept stream is open')
+  await app.close()
+  t.equal(leaseA?.listeners, 0, 'shutdown (1001) lets go of the last')
+  t.equal(leaseA?.withdrawn, false, 'and withdraws nothing')
+})
+
+t.test('a JWKS fetch that fails, or holds no usable key, ends no stream: the last good keys stay', async t => {
+  const a = pair()
+  const b = pair()
+  const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(b, 'B')] })
+  const app = await buildDemoApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url }, { identity: { jwksMinRefetchMs: 0, jwksRefreshMs: 600_000 } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  const tokA = sign(a, 'A')
+  const leaseA = leaseOf(app, tokA)
+  const streams = [
+    await wsStream(t, port, '/ws (A)', tokA),
+    await graphqlStream(t, port, 'graphql (A)', tokA),
+    await trpcWsStream(t, port, 'tRPC WebSocket (A)', tokA),
+    await sseStream(t, port, 'tRPC SSE (A)', tokA)
+  ]
+  // Ended by the last fetch below (B dropped): fetches run one at a time, so once it has ended
+  // every failed fetch before it has been taken, or refused, already.
+  const sentinel = await wsStream(t, port, '/ws (B)', sign(b, 'B'))
+  await until(() => app.events.bus.subscriptions === streams.length + 1, 'every stream on the bus')
+  const short = generateKeyPairSync('rsa', { modulusLength: 1024 }).publicKey
+  const docs: Array<{ keys: unknown[] } | null> = [
+    null, // a 503
+    { keys: [] },
+    { keys: [{ ...short.export({ format: 'jwk' }), kid: 'A' }] }, // a 1024-bit RSA key only
+    { keys: [{ ...b.publicKey.export({ format: 'jwk' }), kid: 'B', use: 'enc' }] }, // no signing key
+    { keys: 'x' as unknown as unknown[] } // no "keys" array
+  ]
+  for (const doc of docs) {
+    jwks.set(doc)
+    await refetch(app, jwks)
+  }
+  jwks.set({ keys: [jwk(a, 'A')] })
+  await refetch(app, jwks)
+  await ending([sentinel])
+  t.match(sentinel.ended(), /^4401 /, 'the fetch that dropped B has been taken')
+  t.same(streams.map(s => s.ended()), streams.map(() => null), 'every stream of A stayed open through the five failed fetches')
+  t.equal(leaseA?.withdrawn, false, 'A\'s lease stands')
+  t.equal(leaseA?.listeners, streams.length, 'and holds its streams\' listeners')
+  t.equal(app.identify(`Bearer ${tokA}`).lease, leaseA, 'A\'s tokens verify, with the same lease')
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: RUN })
+  await until(() => streams.every(s => s.events() === 1), 'the event on every stream')
+  t.pass('they still get events')
+})
+
+t.test('/ws counts a withdrawal close as key_withdrawn; a key of BFF_JWT_PUBLIC_KEYS under a kid the JWKS also has wins, and carries no lease', async t => {
+  const a = pair()
+  const c = pair()
+  const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(pair(), 'C')] })
+  const configured = JSON.stringify({ C: c.publicKey.export({ type: 'spki', format: 'pem' }).toString() })
+  const app = await buildDemoApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url, BFF_JWT_PUBLIC_KEYS: configured }, { identity: { jwksMinRefetchMs: 0, jwksRefreshMs: 600_000 } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  const tokC = sign(c, 'C')
+  t.equal(app.identify(`Bearer ${tokC}`).lease, undefined, 'the configured key verifies C: no lease')
+  const ofA = await wsStream(t, port, '/ws (A)', sign(a, 'A'))
+  const ofC = await wsStream(t, port, '/ws (C)', tokC)
+  jwks.set({ keys: [jwk(pair(), 'other')] })
+  await refetch(app, jwks)
+  await ending([ofA])
+  t.match(ofA.ended(), /^4401 The token's signing key was withdrawn$/)
+  t.equal(ofC.ended(), null, 'the configured C\'s stream stays open though the JWKS dropped C')
+  const counted = /mantle_websocket_closes_total\{reason="key_withdrawn"\} 1/
+  let metrics = ''
+  for (let i = 0; i < 100 && !counted.test(metrics); i++) {
+    if (i > 0) await new Promise(resolve => setTimeout(resolve, 20))
+    metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  }
+  t.match(metrics, counted, 'the close is counted as key_withdrawn')
+})
+
+t.test('the same key under a new kid, and a kid dropped then brought back: the streams of the old kid, or of the drop, end; later tokens get a new lease', async t => {
+  const a = pair()
+  const b = pair()
+  const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(b, 'B')] })
+  const app = await buildDemoApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url }, { identity: { jwksMinRefetchMs: 0, jwksRefreshMs: 600_000 } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  // A's PEM now under kid A2: a token naming A is refused by any call, so its stream ends too.
+  const tokA = sign(a, 'A')
+  const ofA = await wsStream(t, port, '/ws (A)', tokA)
+  // A token of A verified from within the withdrawal (a listener runs once the new keys are in
+  // place and the verified tokens dropped): refused, not answered from the cache.
+  const leaseA = (app.identify(`Bearer ${tokA}`) as { lease?: { onWithdrawn: (fn: () => void) => () => void } }).lease
+  let during = 'not run'
+  leaseA?.onWithdrawn(() => {
+    try {
+      app.identify(`Bearer ${tokA}`)
+      during = 'verified'
+    } catch (err) {
+      during = (err as Error).message
+    }
+  })
+  jwks.set({ keys: [jwk(a, 'A2'), jwk(b, 'B')] })
+  await refetch(app, jwks)
+  await ending([ofA])
+  t.match(during, /unknown key id/, 'a token of A verified during the withdrawal is refused')
+  t.match(ofA.ended(), /^4401 The token's signing key was withdrawn$/, 'the stream of kid A ends')
+  t.throws(() => app.identify(`Bearer ${sign(a, 'A')}`), { message: /unknown key id/ }, 'as a call with its token is refused')
+  const leaseA2 = leaseOf(app, sign(a, 'A2'))
+  t.equal(leaseA2?.withdrawn, false, 'A2 verifies, on a lease of its own')
+  // B dropped, then back with the same key: the drop ends B's streams; the key back is a new lease.
+  const tokB = sign(b, 'B')
+  const leaseB = leaseOf(app, tokB)
+  const ofB = await wsStream(t, port, '/ws (B)', tokB)
+  jwks.set({ keys: [jwk(a, 'A2')] })
+  await refetch(app, jwks)
+  await ending([ofB])
+  t.match(ofB.ended(), /^4401 The token's signing key was withdrawn$/, 'the stream of B ends at the drop')
+  jwks.set({ keys: [jwk(a, 'A2'), jwk(b, 'B')] })
+  await refetch(app, jwks)
+  const back = leaseOf(app, tokB)
+  t.ok(back !== undefined && back !== leaseB && !back.withdrawn, 'B back: its tokens verify again, on a new lease')
+  t.equal(leaseA2?.withdrawn, false, 'A2 was never withdrawn')
 })
