@@ -1,11 +1,11 @@
 import t from 'tap'
 import { generateKeyPairSync, type KeyObject } from 'node:crypto'
-import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { WebSocket } from 'ws'
 import { createSigner } from 'fast-jwt'
 import type { FastifyInstance } from 'fastify'
 import { buildDemoApp, until } from '../helper.js'
+import { jwksServer } from '../plugins/auth/jwks-server.js'
 
 // A key the IdP withdraws from its JWKS is mostly a key that leaked: whoever holds it mints
 // tokens of any lifetime (exp in 2100 here). Before, a stream opened with such a token kept its
@@ -26,24 +26,6 @@ const jwk = (p: Pair, kid: string): Record<string, unknown> => ({ ...p.publicKey
 const EXP = 4102444800
 const sign = (p: Pair, kid: string, roles = ['viewer']): string =>
   createSigner({ key: p.privatePem, algorithm: 'RS256', kid, noTimestamp: true })({ sub: 'u1', tid: 't1', roles, exp: EXP })
-
-/** A JWKS server whose document the test changes; it counts requests. */
-async function jwksServer (t: Teardown, initial: { keys: unknown[] }): Promise<{ url: string, hits: () => number, set: (doc: { keys: unknown[] } | null) => void }> {
-  let doc: { keys: unknown[] } | null = initial
-  let hits = 0
-  const server = createServer((_req, res) => {
-    hits++
-    // null: the IdP is failing.
-    if (doc === null) {
-      res.writeHead(503).end()
-      return
-    }
-    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(doc))
-  })
-  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
-  t.teardown(() => new Promise(resolve => { server.close(resolve); server.closeAllConnections() }))
-  return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/jwks.json`, hits: () => hits, set: d => { doc = d } }
-}
 
 interface Socket { ws: WebSocket, messages: Array<Record<string, any>>, closed: () => { code: number, reason: string } | null }
 

@@ -10,6 +10,7 @@ import { parsePublicKeys, keysOfJwks, JwksFetcher, JWKS_MAX_BYTES } from '../../
 import { loadConfig, productionProblems, ConfigError } from '../../../schemas/config.js'
 import { buildDemoApp, buildTestApp, until } from '../../helper.js'
 import { wsApp, connect } from '../../adapters/websocket-helper.js'
+import { jwksServer } from './jwks-server.js'
 
 const secret = 'keys-test-secret-of-at-least-32-bytes-long'
 
@@ -36,37 +37,6 @@ const sign = (key: Pair, algorithm: 'RS256' | 'ES256', kid: string | undefined, 
 const b64 = (v: unknown): string => Buffer.from(JSON.stringify(v)).toString('base64url')
 const keysJson = (keys: Record<string, Pair>): string => JSON.stringify(Object.fromEntries(Object.entries(keys).map(([k, p]) => [k, p.pem])))
 const jwk = (p: Pair, kid: string, extra: Record<string, unknown> = {}): Record<string, unknown> => ({ ...p.publicKey.export({ format: 'jwk' }), kid, ...extra })
-
-/** A JWKS server on port 0 whose document and availability the test changes; it counts requests. */
-async function jwksServer (t: { teardown: (fn: () => unknown) => void }, initial: { keys: unknown[] }): Promise<{ url: string, hits: () => number, set: (doc: { keys: unknown[] }) => void, down: (d: boolean) => void, trickle: (d: boolean) => void }> {
-  let doc = initial
-  let hits = 0
-  let isDown = false
-  let trickling = false
-  const drips = new Set<NodeJS.Timeout>()
-  t.teardown(() => { for (const d of drips) clearInterval(d) })
-  const server = createServer((req, res) => {
-    hits++
-    if (isDown) {
-      res.writeHead(503).end('down')
-      return
-    }
-    if (trickling) {
-      // Headers, then a byte now and then, never the end: no undici timeout of its own fires.
-      res.writeHead(200, { 'content-type': 'application/json' })
-      res.write(' ')
-      const drip = setInterval(() => { res.write(' ') }, 100)
-      drips.add(drip)
-      res.on('close', () => { clearInterval(drip); drips.delete(drip) })
-      return
-    }
-    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(doc))
-  })
-  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
-  t.teardown(() => new Promise(resolve => { server.close(resolve); server.closeAllConnections() }))
-  const { port } = server.address() as AddressInfo
-  return { url: `http://127.0.0.1:${port}/jwks.json`, hits: () => hits, set: d => { doc = d }, down: d => { isDown = d }, trickle: d => { trickling = d } }
-}
 
 t.test('RS256 and ES256 tokens are accepted by kid, each with its own key', async t => {
   const identify = createIdentityVerifier({ publicKeys: parsePublicKeys(keysJson({ r1: rsa1, e1: ec1 })) })

@@ -3,12 +3,12 @@
 import t from 'tap'
 import { generateKeyPairSync, randomUUID } from 'node:crypto'
 import { once } from 'node:events'
-import { createServer } from 'node:http'
 import { connect, type AddressInfo } from 'node:net'
 import { createSigner } from 'fast-jwt'
 import WebSocket from 'ws'
 import { createIdentityVerifier, mintToken } from '../../../plugins/auth/identity.js'
 import { buildDemoApp, buildTestApp, startTestKernel, testManifest, token, json, until } from '../../helper.js'
+import { jwksServer } from './jwks-server.js'
 
 const secret = 'identity-test-secret-of-at-least-32-bytes'
 const other = 'another-secret-that-is-long-enough-0123456789'
@@ -128,20 +128,6 @@ t.test('GraphQL over WebSocket: a forged connection_init token costs one check p
   t.equal(checked(), 1, 'one check')
   t.match(messages[1], { type: 'error', id: '0', payload: [{ message: 'The token was refused: the token signature is invalid', extensions: { code: 'UNAUTHENTICATED' } }] }, 'the refusal, as before')
 })
-
-/** A JWKS on port 0 whose document the test changes; it counts requests. */
-async function jwksServer (t: { teardown: (fn: () => unknown) => void }, initial: { keys: unknown[] }): Promise<{ url: string, hits: () => number, set: (doc: { keys: unknown[] }) => void }> {
-  let doc = initial
-  let hits = 0
-  const server = createServer((_req, res) => {
-    hits++
-    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(doc))
-  })
-  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
-  t.teardown(() => new Promise(resolve => { server.close(resolve); server.closeAllConnections() }))
-  const { port } = server.address() as AddressInfo
-  return { url: `http://127.0.0.1:${port}/jwks.json`, hits: () => hits, set: d => { doc = d } }
-}
 
 const rsa = (): { pem: string, jwk: (kid: string) => Record<string, unknown> } => {
   const { publicKey, privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 })
