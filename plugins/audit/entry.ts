@@ -459,8 +459,12 @@ export interface AuditStore {
   /** Walks at most one call's bound (see walkChain); `opts.next` goes on where an earlier call stopped. */
   verify: (range: { from?: Date, to?: Date }, opts?: VerifyOptions) => Promise<VerifyResult>
   query: (q: AuditQuery) => Promise<AuditPage>
-  /** Removes up to `limit` of the oldest entries before `before`; returns how many. */
-  prune: (before: Date, limit: number) => Promise<number>
+  /**
+   * Removes up to `limit` of the oldest entries (a prefix of the chain) older than `ageMs`, as the
+   * store's own clock tells their age (PostgreSQL's: when each row was written); returns how many.
+   * An age, not a date: a date would be one gateway's clock's, which the store does not trust.
+   */
+  prune: (ageMs: number, limit: number) => Promise<number>
   close: () => Promise<void>
 }
 

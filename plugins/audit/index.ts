@@ -421,7 +421,7 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
     refuses: (err) => pg.refuses(err),
     verify: async (range, o) => { await prepare(); return await pg.verify(range, o) },
     query: async (q) => { await prepare(); return await pg.query(q) },
-    prune: async (before, limit) => { await prepare(); return await pg.prune(before, limit) },
+    prune: async (ageMs, limit) => { await prepare(); return await pg.prune(ageMs, limit) },
     close: async () => { await pg.close() }
   }
   // The first answer after start-up checks (or migrates) the schema at once, traffic or not.
@@ -828,10 +828,11 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     if (pruning) return
     pruning = true
     try {
-      const before = new Date(Date.now() - opts.retentionDays * 86_400_000)
+      // An age, which the store measures by its own clock (PostgreSQL's), not this instance's.
+      const ageMs = opts.retentionDays * 86_400_000
       let n: number
       do {
-        n = await store.prune(before, PRUNE_BATCH)
+        n = await store.prune(ageMs, PRUNE_BATCH)
         if (n > 0) entries?.inc({ outcome: 'pruned' }, n)
       } while (n === PRUNE_BATCH)
     } catch (err) {

@@ -145,9 +145,11 @@ export class MemoryAuditStore implements AuditStore {
     return { entries, nextSeq: more ? entries[entries.length - 1].seq : null }
   }
 
-  async prune (before: Date, limit: number): Promise<number> {
+  /** One process's clock stamps the entries and judges their age: theirs is `timestamp`. */
+  async prune (ageMs: number, limit: number): Promise<number> {
+    const before = Date.now() - ageMs
     let n = 0
-    while (n < limit && n < this.ring.length && this.ring.peekAt(n)!.timestamp < before.getTime()) n++
+    while (n < limit && n < this.ring.length && this.ring.peekAt(n)!.timestamp < before) n++
     this.drop(n)
     return n
   }

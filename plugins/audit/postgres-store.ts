@@ -696,18 +696,17 @@ export class PostgresAuditStore implements AuditStore {
   }
 
   /**
-   * Removes the oldest entries (a prefix of the chain, so no gap opens) older than `before`, at
-   * most `limit` in one short transaction, and moves the verification anchor to the last one
-   * removed. `before` is this process's clock's; PostgreSQL's bounds it too (the same age back
-   * from its `now()`, whichever is earlier): an instance whose clock runs ahead removed entries
-   * early, all of them with a clock a retention period ahead. An entry is old when its timestamp
-   * is before that, or when it was written before it (`created_at`, PostgreSQL's clock): an entry
-   * of an instance whose clock ran ahead (a timestamp a year on) held every entry after it until
-   * its own timestamp was old, and retention stopped for that long.
+   * Removes the oldest entries (a prefix of the chain, so no gap opens) written more than `ageMs`
+   * ago, at most `limit` in one short transaction, and moves the verification anchor to the last
+   * one removed. An entry's age is PostgreSQL's alone: from its `created_at` (PostgreSQL's
+   * `now()` when its row was written, never before the call it records) to PostgreSQL's `now()`.
+   * No gateway's clock is asked: judged by the entry's `timestamp` too (the clock of the gateway
+   * that made it), a gateway whose clock ran behind had its entries removed early (one reading
+   * 1970 at the next prune), and judged against the pruning gateway's clock, one whose clock ran
+   * ahead removed entries early. An entry replayed from a spool long after its call is kept
+   * `ageMs` from its replay.
    */
-  async prune (before: Date, limit: number): Promise<number> {
-    // The age `before` stands for, measured back from PostgreSQL's clock as well.
-    const ageMs = Date.now() - before.getTime()
+  async prune (ageMs: number, limit: number): Promise<number> {
     const client = await this.pool.connect()
     let broken = false
     try {
@@ -719,9 +718,7 @@ export class PostgresAuditStore implements AuditStore {
       // (a DELETE of 1,000 rows by `seq <= $1` alone: 184 ms, 3.1 ms with the bound), while every
       // writer waited on the lock held here.
       const oldest = await client.query<{ seq: string, hash: string, old: boolean }>(
-        `SELECT seq, hash, ("timestamp" < cutoff OR created_at < cutoff) AS old
-         FROM bff_audit_entries, (SELECT LEAST($1::timestamptz, now() - $4 * interval '1 millisecond') AS cutoff) c
-         WHERE seq > $3 ORDER BY seq LIMIT $2`, [before, limit, anchor, ageMs])
+        'SELECT seq, hash, created_at < now() - $3 * interval \'1 millisecond\' AS old FROM bff_audit_entries WHERE seq > $2 ORDER BY seq LIMIT $1', [limit, anchor, ageMs])
       let n = 0
       while (n < oldest.rows.length && oldest.rows[n].old) n++
       if (n > 0) {

@@ -205,7 +205,7 @@ const MAXIMA: Array<[name: string, max: number, why: string]> = [
   ['BFF_RATE_LIMIT_GLOBAL_WINDOW_MS', 86_400_000, 'a day; Redis keys expire after twice the window'],
   ['BFF_BODY_LIMIT', 268_435_456, '256 MiB; a JSON body is read into one string, and V8 strings stop at 2^29 - 24 characters'],
   ['BFF_IDEMPOTENCY_MAX_KEYS', 10_000_000, 'the LRU allocates its arrays for max keys at start-up'],
-  ['BFF_AUDIT_RETENTION_DAYS', 36_500, '100 years; far more days make the prune date an Invalid Date'],
+  ['BFF_AUDIT_RETENTION_DAYS', 36_500, '100 years; far more days put retention\'s cutoff before what a Date or PostgreSQL\'s timestamptz holds'],
   ['BFF_AUDIT_QUEUE_MAX', 1_000_000, 'the queue lives in the heap'],
   ['BFF_AUDIT_MEMORY_MAX', 10_000_000, 'the memory store indexes entries in Sets, capped by V8 at 2^24'],
   ['BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT', 100_000, 'the instance\'s own bound on event subscriptions, which a larger share never reaches'],

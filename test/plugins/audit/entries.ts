@@ -24,7 +24,7 @@ export async function entries (app: FastifyInstance, query = ''): Promise<Row[]>
   return res.json().entries
 }
 
-/** A store holding ten entries one second apart from `base` (the i-th at position i + 1), and ways to tamper with it. */
+/** A store holding ten entries written one second apart from `base` (the i-th at position i + 1), and ways to tamper with it. */
 export interface TenEntries {
   store: AuditStore
   base: number
@@ -79,7 +79,8 @@ export async function resumedVerifies (t: Test, ten: () => Promise<TenEntries>):
   t.test('resumed: a position retention removed meanwhile is skipped, and the answer says how many', async t => {
     const { store, base } = await ten()
     const first = await store.verify({}, { limit: 4 })
-    t.equal(await store.prune(new Date(base + 5500), 100), 6, 'the 1st to the 6th entries removed')
+    // Entries written (and stamped) one second apart: those written before base + 5.5 s.
+    t.equal(await store.prune(Date.now() - (base + 5500), 100), 6, 'the 1st to the 6th entries removed')
     t.same(await store.verify({}, { next: first.next }), { ok: true, checked: 4, firstBroken: null, skipped: 2 }, 'the 5th and 6th skipped, the rest walked from the new anchor')
   })
 

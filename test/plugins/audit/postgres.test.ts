@@ -497,7 +497,8 @@ if (available) {
     t.equal(await store.write([entry(), entry(), entry()]), 3, 'a batch is written')
     t.equal((await store.query({ limit: 10 })).entries.length, 3, 'GET /admin/audit reads it')
     t.same(await store.verify({}), { ok: true, checked: 3, firstBroken: null }, 'verify')
-    t.equal(await store.prune(new Date(Date.now() + 60_000), 2), 2, 'retention')
+    await sql(databaseUrl(name), 'UPDATE bff_audit_entries SET created_at = now() - interval \'1 day\'')
+    t.equal(await store.prune(3_600_000, 2), 2, 'retention')
     t.ok(pooler.startups.length >= 2, 'both pools connected through the pooler')
     for (const parameters of pooler.startups) t.same(Object.keys(parameters).sort(), ['application_name', 'client_encoding', 'database', 'user'], 'no startup parameter but the user, the database, the application name and the encoding')
   })
@@ -529,7 +530,7 @@ if (available) {
     await store.write([entry(), entry()])
     await store.query({ limit: 10 })
     await store.verify({})
-    await store.prune(new Date(0), 10)
+    await store.prune(90 * 86_400_000, 10)
     const writer = seen.filter(s => s.pool === 'writer')
     const reads = seen.filter(s => s.pool === 'reads')
     t.ok(writer.some(s => s.what === 'mantle-audit-insert'), 'the batch INSERT was watched')
@@ -604,6 +605,10 @@ if (available) {
     for (let i = 0; i < 1005; i++) {
       app.audit.enqueue(entry({ requestId: `old-${i}`, timestamp: old + i }))
     }
+    // Written 40 days ago (nothing is pruned before: each row was written just now).
+    await drained(app)
+    t.equal(await count(url), 1005)
+    await sql(url, 'UPDATE bff_audit_entries SET created_at = now() - interval \'40 days\'')
     const fresh = await restCalls(app, url, 5)
     for (let i = 0; i < 1000; i++) {
       const rows = await sql<{ request_id: string }>(url, 'SELECT request_id FROM bff_audit_entries ORDER BY seq')
@@ -696,8 +701,10 @@ if (available) {
     for (let i = 0; i < 20_000; i += 5000) {
       await store.write(Array.from({ length: 5000 }, (_, k) => entry({ timestamp: old + i + k })))
     }
-    t.equal(await store.prune(new Date(old + 10_000), 5000), 5000)
-    const statements = await statementsOf(async () => { t.equal(await store.prune(new Date(old + 10_000), 1000), 1000) })
+    // The first 10,000 written 40 days ago.
+    await sql(url, 'UPDATE bff_audit_entries SET created_at = now() - interval \'40 days\' WHERE seq <= 10000')
+    t.equal(await store.prune(30 * 86_400_000, 5000), 5000)
+    const statements = await statementsOf(async () => { t.equal(await store.prune(30 * 86_400_000, 1000), 1000) })
     const plans = await plansOf(url, statements.filter(s => s.text.includes('bff_audit_entries')), false)
     t.equal(plans.length, 2, 'the oldest entries read, then deleted')
     for (const [i, nodes] of plans.entries()) {
@@ -712,7 +719,8 @@ if (available) {
     const { url, store } = await storeOnNewDatabase(t)
     const old = Date.now() - 40 * 86_400_000
     await store.write(Array.from({ length: 10 }, (_, i) => entry({ timestamp: old + i })))
-    t.equal(await store.prune(new Date(old + 5), 100), 5)
+    await sql(url, 'UPDATE bff_audit_entries SET created_at = now() - interval \'40 days\' WHERE seq <= 5')
+    t.equal(await store.prune(30 * 86_400_000, 100), 5)
     const id = randomUUID()
     await sql(url, `INSERT INTO bff_audit_entries (id, seq, request_id, "timestamp", hash, previous_hash, tenant_id, user_id, protocol, action, category, risk_level, status, status_code, duration_ms)
       SELECT $1, 0, 'by-hand', "timestamp", hash, previous_hash, tenant_id, user_id, protocol, action, category, risk_level, status, status_code, duration_ms FROM bff_audit_entries WHERE seq = 6`, [id])
@@ -730,7 +738,7 @@ if (available) {
     await ahead.store.write([entry({ timestamp: now - 40 * day }), entry({ timestamp: now + 365 * day }), entry({ timestamp: now - 40 * day + 1 })])
     await sql(ahead.url, 'UPDATE bff_audit_entries SET created_at = now() - interval \'40 days\'')
     await ahead.store.write([entry()])
-    t.equal(await ahead.store.prune(new Date(now - 30 * day), 1000), 3, 'the three entries written 40 days ago are removed, the one of the clock ahead with them')
+    t.equal(await ahead.store.prune(30 * day, 1000), 3, 'the three entries written 40 days ago are removed, the one of the clock ahead with them')
     t.same((await sql(ahead.url, 'SELECT seq FROM bff_audit_entries ORDER BY seq')).map(r => Number(r.seq)), [4])
     t.same(await ahead.store.verify({}), { ok: true, checked: 1, firstBroken: null })
 
@@ -739,17 +747,46 @@ if (available) {
     await early.store.write([entry({ timestamp: Date.now() - 10 * day })])
     await sql(early.url, 'UPDATE bff_audit_entries SET created_at = now() - interval \'10 days\'')
     await early.store.write([entry()])
-    // An instance whose clock runs 30 days ahead: its "30 days ago" is today.
+    // An instance whose clock runs 30 days ahead (before: its "30 days ago" was today).
     const realNow = Date.now
     Date.now = () => realNow() + 30 * day
     let removed: number
     try {
-      removed = await early.store.prune(new Date(Date.now() - 30 * day), 1000)
+      removed = await early.store.prune(30 * day, 1000)
     } finally {
       Date.now = realNow
     }
     t.equal(removed, 0, 'the entry of 10 days ago stays: PostgreSQL\'s clock says it is not 30 days old')
     t.equal(await count(early.url), 2)
+  })
+
+  // Retention judged an entry old by its timestamp (the gateway's clock) as well as by when its
+  // row was written: a gateway whose clock runs behind had its entries removed early, at the next
+  // hourly prune with a clock reading 1970 (a dead battery), 30 days early with one 30 days behind.
+  t.test('retention: the entries of a gateway whose clock runs far behind are kept the retention period from when they were written', async t => {
+    const day = 86_400_000
+    const { url, store } = await storeOnNewDatabase(t)
+    // Written today by gateways whose clocks read 1970 and 30 days ago, then by one on time.
+    await store.write([entry({ timestamp: 1000 }), entry({ timestamp: Date.now() - 30 * day })])
+    await store.write([entry()])
+    // Retention of 20 days, pruned by the gateway 30 days behind (before: its "20 days ago", 50
+    // days ago), then by one on time (before: 20 days ago).
+    const realNow = Date.now
+    Date.now = () => realNow() - 30 * day
+    let removed: number
+    try {
+      removed = await store.prune(20 * day, 1000)
+    } finally {
+      Date.now = realNow
+    }
+    t.equal(removed, 0, 'nothing written today is 20 days old, whatever the gateways\' clocks said')
+    t.equal(await count(url), 3)
+    t.equal(await store.prune(20 * day, 1000), 0, 'a gateway on time removes them no earlier')
+    t.equal(await count(url), 3)
+    // Once written more than 20 days ago (PostgreSQL's clock), they go, the 1970 one no sooner.
+    await sql(url, 'UPDATE bff_audit_entries SET created_at = now() - interval \'21 days\' WHERE seq <= 2')
+    t.equal(await store.prune(20 * day, 1000), 2, 'the two written 21 days ago are removed')
+    t.equal(await count(url), 1)
   })
 
   t.test('migrations: up, down and status; production refuses pending migrations and starts once migrated', async t => {
@@ -843,6 +880,8 @@ if (await postgresAvailable()) {
     const base = Date.now() - 60_000
     const batch = Array.from({ length: 10 }, (_, i) => entry({ timestamp: base + i * 1000 }))
     await store.write(batch)
+    // Each row written when it was stamped (retention goes by when a row was written).
+    await sql(url, 'UPDATE bff_audit_entries SET created_at = "timestamp"')
     return { url, store, base, named: i => ({ id: batch[i].id, requestId: batch[i].requestId }) }
   }
 

@@ -30,7 +30,7 @@ function holding (store: PostgresAuditStore, n: number): { store: AuditStore, re
       refuses: err => store.refuses(err),
       verify: async range => await store.verify(range),
       query: async q => await store.query(q),
-      prune: async (before, limit) => await store.prune(before, limit),
+      prune: async (ageMs, limit) => await store.prune(ageMs, limit),
       close: async () => {}
     }
   }
@@ -236,7 +236,7 @@ if (available) {
         refuses: err => pgs.refuses(err),
         verify: async range => await pgs.verify(range),
         query: async q => await pgs.query(q),
-        prune: async (before, limit) => await pgs.prune(before, limit),
+        prune: async (ageMs, limit) => await pgs.prune(ageMs, limit),
         close: async () => {}
       }
       const batch = [entry(), entry({ userId: 'a\u0000b' }), entry(), entry()]
