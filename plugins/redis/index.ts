@@ -169,11 +169,21 @@ export function watchPings (client: Redis, everyMs: number, misses: number, on: 
   const timer = setInterval(() => {
     if (on.skip?.() === true || pinging || client.status !== 'ready') return
     pinging = true
+    // A process paused past the command timeout (CPU throttling under a container's CPU limit, a
+    // long GC, a big synchronous parse) runs ioredis' timeout timer before it reads the PONG
+    // Redis sent in time: a healthy connection missed its PING, and two such pauses a beat apart
+    // dropped it (every store on memory, the cache emptied). A PING that fails counts as missed
+    // only if nothing at all came from Redis on that socket since it was sent, read once the
+    // poll phase has run (setImmediate): a hung Redis or a half-open flow sends nothing. What
+    // came (the PONG, another answer, a message) is neither a miss nor an answer heard.
+    const stream = client.stream
+    const before = stream.bytesRead
     client.ping().then(() => {
       missed = 0
       on.heard?.()
-    }, (err: Error) => {
-      if (client.status !== 'ready' || ++missed < misses) return
+    }, async (err: Error) => {
+      await new Promise(resolve => setImmediate(resolve))
+      if (client.status !== 'ready' || client.stream !== stream || stream.bytesRead !== before || ++missed < misses) return
       missed = 0
       on.deaf(err)
       client.disconnect(true)
