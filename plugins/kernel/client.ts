@@ -732,8 +732,19 @@ export class Need {
     if (this.out > 0) return Math.max(ms, this.backedOffMs)
     // Stale since its last lesson, or since it was made: the client's too (another operation's
     // timeouts may have raised it) would otherwise refuse an operation for good.
-    const spells = Math.floor((now - this.learntAt) / Math.max(STALE_MS, Math.min(4 * timeoutMs, STALE_MAX_MS)))
-    return spells === 0 ? ms : ms / 2 ** Math.min(spells, 30)
+    const spell = Math.max(STALE_MS, Math.min(4 * timeoutMs, STALE_MAX_MS))
+    const spells = Math.floor((now - this.learntAt) / spell)
+    if (spells === 0) return ms
+    const halved = ms / 2 ** Math.min(spells, 30)
+    // A halving below the client's estimate, while that one is fresh (learnt within the spell) and
+    // within what its timeout lets the operation have, waits one more spell: past capacity with 32
+    // operations, one's calls rarely go out, its estimate (right, about 110 ms, as every operation's
+    // answers showed) went stale every 2 s and its probe went out with half of it, to time out:
+    // up to 16 a second against a capacity of 20 (8 to 16 of some 70 calls sent under load, and the
+    // breaker opened in some runs; 0 to 7 now). One spell late at most: never refused for good.
+    const client = this.prior
+    if (client !== null && halved < client.ms && client.ms <= timeoutMs - MIN_SEND_MS && now - client.learntAt < spell) return Math.min(2 * halved, client.ms)
+    return halved
   }
 
   /** One of its calls goes out with `asked` ms, less than its estimate (gone stale): the next answer starts the estimate again. */

@@ -259,6 +259,35 @@ t.test('past capacity with 32 operations from a cold start, the calls sent are a
   t.equal(client.breaker!.state, 'closed', 'the breaker never opened: the Kernel was healthy')
 })
 
+// Found by a helper measuring the test above on a loaded machine (two busy loops): 8 to 16 of
+// some 70 calls sent timed out, 2 runs of 6 failed it, and a run opened the breaker. Nearly every
+// one was a stale estimate's probe, sent with half an estimate that was right (about 110 ms asked
+// 55, against a Kernel taking 100 ms or more): with 32 operations past capacity, an operation's
+// calls rarely go out, so its estimate goes stale (2 s) though every operation's answers show what
+// the Kernel takes, and 32 operations sent up to 16 such probes a second against a capacity of 20.
+// A halving that would take an estimate below the client's, while that one is fresh (learnt
+// within the stale spell) and within the operation's timeout, now waits one more spell: the
+// probes that still go out are halved once, a spell late, so none is refused for good.
+t.test('a stale estimate is not halved below the client\'s fresh estimate until a spell later', async t => {
+  const { Need } = await import('../../../plugins/kernel/client.js')
+  const client = new Need()
+  const op = new Need(client)
+  const other = new Need(client)
+  op.observe(100)
+  t.equal(op.asks(performance.now(), 200), 100, 'fresh: its estimate')
+  // One stale spell (1 s for a 200 ms timeout) without a lesson of its own; another operation's
+  // answer keeps the client's estimate fresh, at 100 ms.
+  await sleep(1100)
+  other.observe(100)
+  t.equal(op.asks(performance.now(), 200), 100, 'stale one spell: not halved below the client\'s fresh estimate')
+  t.equal(op.asks(performance.now(), 90), 50, 'unless the client\'s estimate is over what the operation\'s timeout lets it have')
+  await sleep(1000)
+  other.observe(100)
+  t.equal(op.asks(performance.now(), 200), 50, 'stale two spells: halved once, a spell late (never refused for good)')
+  // The client's estimate gone stale too: halved for each spell, as before.
+  t.equal(op.asks(performance.now() + 1000, 200), 12.5, 'stale three spells, the client\'s estimate too: halved three times')
+})
+
 t.test('past capacity, a Kernel that gets slower bit by bit keeps answering: the estimate follows it', async t => {
   // From 40 to 240 ms over 4 s, on 2 connections, with calls coming 40 a second: past capacity
   // from 50 ms on, each call's Kernel answer a little slower than the one before.
