@@ -127,6 +127,13 @@ async function ending (streams: Stream[]): Promise<void> {
   await until(() => streams.every(s => s.ended() !== null), 'the streams to end').catch(() => {})
 }
 
+/** A demo gateway listening on port 0 whose identity takes the JWKS at `url` (refetched on any unknown kid), and its port. */
+async function gatewayOn (t: Teardown, url: string, env: Record<string, string | undefined> = {}): Promise<{ app: FastifyInstance, port: number }> {
+  const app = await buildDemoApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: url, ...env }, { identity: { jwksMinRefetchMs: 0, jwksRefreshMs: 600_000 } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  return { app, port: (app.server.address() as AddressInfo).port }
+}
+
 interface Lease { listeners: number, withdrawn: boolean }
 const leaseOf = (app: FastifyInstance, tok: string): Lease | undefined => (app.identify(`Bearer ${tok}`) as { lease?: Lease }).lease
 
@@ -134,9 +141,7 @@ t.test('a JWKS key withdrawn, then one replaced under its kid, ends the streams 
   const a = pair()
   const b = pair()
   const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(b, 'B')] })
-  const app = await buildDemoApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url }, { identity: { jwksMinRefetchMs: 0, jwksRefreshMs: 600_000 } })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as AddressInfo
+  const { app, port } = await gatewayOn(t, jwks.url)
   const tokA = sign(a, 'A')
   const tokB = sign(b, 'B')
   const leaseA = leaseOf(app, tokA)
@@ -209,9 +214,7 @@ t.test('identities of the HS256 secret carry no lease: a JWKS change ends none o
   const a = pair()
   const jwks = await jwksServer(t, { keys: [jwk(a, 'A')] })
   const secret = 'key-withdrawal-test-secret-of-at-least-32-bytes'
-  const app = await buildDemoApp(t, { BFF_JWT_SECRET: secret, BFF_JWKS_URL: jwks.url }, { identity: { jwksMinRefetchMs: 0, jwksRefreshMs: 600_000 } })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as AddressInfo
+  const { app, port } = await gatewayOn(t, jwks.url, { BFF_JWT_SECRET: secret })
   const hs = createSigner({ key: secret, algorithm: 'HS256', noTimestamp: true })({ sub: 'u1', tid: 't1', roles: ['viewer'], exp: EXP })
   t.equal(app.identify(`Bearer ${hs}`).lease, undefined, 'no lease')
   const kept = await wsStream(t, port, '/ws (HS256)', hs)
@@ -227,9 +230,7 @@ t.test('a lease holds a listener per open stream only, however its streams end, 
   const a = pair()
   const b = pair()
   const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(b, 'B')] })
-  const app = await buildDemoApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url }, { identity: { jwksMinRefetchMs: 0, jwksRefreshMs: 600_000 } })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as AddressInfo
+  const { app, port } = await gatewayOn(t, jwks.url)
   const tokA = sign(a, 'A')
   const tokB = sign(b, 'B')
   const noRoleA = sign(a, 'A', [])
@@ -281,9 +282,7 @@ t.test('a JWKS fetch that fails, or holds no usable key, ends no stream: the las
   const a = pair()
   const b = pair()
   const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(b, 'B')] })
-  const app = await buildDemoApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url }, { identity: { jwksMinRefetchMs: 0, jwksRefreshMs: 600_000 } })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as AddressInfo
+  const { app, port } = await gatewayOn(t, jwks.url)
   const tokA = sign(a, 'A')
   const leaseA = leaseOf(app, tokA)
   const streams = [
@@ -326,9 +325,7 @@ t.test('/ws counts a withdrawal close as key_withdrawn; a key of BFF_JWT_PUBLIC_
   const c = pair()
   const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(pair(), 'C')] })
   const configured = JSON.stringify({ C: c.publicKey.export({ type: 'spki', format: 'pem' }).toString() })
-  const app = await buildDemoApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url, BFF_JWT_PUBLIC_KEYS: configured }, { identity: { jwksMinRefetchMs: 0, jwksRefreshMs: 600_000 } })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as AddressInfo
+  const { app, port } = await gatewayOn(t, jwks.url, { BFF_JWT_PUBLIC_KEYS: configured })
   const tokC = sign(c, 'C')
   t.equal(app.identify(`Bearer ${tokC}`).lease, undefined, 'the configured key verifies C: no lease')
   const ofA = await wsStream(t, port, '/ws (A)', sign(a, 'A'))
@@ -351,9 +348,7 @@ t.test('the same key under a new kid, and a kid dropped then brought back: the s
   const a = pair()
   const b = pair()
   const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(b, 'B')] })
-  const app = await buildDemoApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url }, { identity: { jwksMinRefetchMs: 0, jwksRefreshMs: 600_000 } })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as AddressInfo
+  const { app, port } = await gatewayOn(t, jwks.url)
   // A's PEM now under kid A2: a token naming A is refused by any call, so its stream ends too.
   const tokA = sign(a, 'A')
   const ofA = await wsStream(t, port, '/ws (A)', tokA)

@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { appendFileSync, mkdtempSync, writeFileSync, rmSync, utimesSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -149,45 +149,42 @@ t.test('an invalid manifest, or one that changes more than policies, is refused 
   t.match(metrics.body, /mantle_manifest_reloads_total\{outcome="refused"\} 6/)
 })
 
-t.test('a manifest read while it is being written is not applied half-written', async t => {
-  // A file written in place (not renamed into place) and read in between its writes is often a
-  // valid manifest: cut before the last operation's `roles`, that operation was applied with no
-  // roles, open to every caller, until the next reload.
+/**
+ * Reloads a manifest caught half-written: cut just before the last operation's `roles`, the rest
+ * appended 50 ms later, as from a writer that paused (the read takes a millisecond or two); with
+ * `behind`, each write's modification time set 10 s back (a file server whose clock runs behind).
+ * The file as written whole must be applied, and the operation never open to every caller.
+ */
+async function reloadHalfWritten (t: Test, behind: boolean): Promise<void> {
   const { app, file } = await setup(t)
   writeFileSync(file, manifest('operator'))
   t.equal((await app.reloadManifest()).applied, true)
   const whole = manifest('operator').replace('roles: [operator]', 'roles: [viewer]')
   const cut = whole.indexOf('    roles:')
+  const stamp = (): void => { if (behind) { const then = new Date(Date.now() - 10_000); utimesSync(file, then, then) } }
   writeFileSync(file, whole.slice(0, cut))
-  // The rest comes 50 ms later, as from a writer that paused (the read takes a millisecond or two).
-  const rest = new Promise<void>(resolve => setTimeout(() => { appendFileSync(file, whole.slice(cut)); resolve() }, 50))
+  stamp()
+  const rest = new Promise<void>(resolve => setTimeout(() => { appendFileSync(file, whole.slice(cut)); stamp(); resolve() }, 50))
   const outcome = await app.reloadManifest()
   await rest
   t.same(outcome, { applied: true, reasons: [] })
   t.same(app.pipeline.manifest.byName.get('getThing')?.roles, ['viewer'], 'the file as written whole is applied, not its first part')
   const anyone = await app.inject({ url: '/api/v1/things/a', headers: bearer({ roles: ['nobody'] }) })
   t.equal(anyone.statusCode, 403, 'the operation was never open to every caller')
+}
+
+t.test('a manifest read while it is being written is not applied half-written', async t => {
+  // A file written in place (not renamed into place) and read in between its writes is often a
+  // valid manifest: cut before the last operation's `roles`, that operation was applied with no
+  // roles, open to every caller, until the next reload.
+  await reloadHalfWritten(t, false)
 })
 
 t.test('a manifest being written is not applied half-written when its modification time is behind this clock', async t => {
   // Whether the file had settled was judged by its modification time against this process's
   // clock: a file server (NFS, a container's bind mount) whose clock runs behind stamps a file
   // written now as seconds old, and it was read at once, cut short, as if no writer were at work.
-  const { app, file } = await setup(t)
-  writeFileSync(file, manifest('operator'))
-  t.equal((await app.reloadManifest()).applied, true)
-  const whole = manifest('operator').replace('roles: [operator]', 'roles: [viewer]')
-  const cut = whole.indexOf('    roles:')
-  const behind = (): void => { const then = new Date(Date.now() - 10_000); utimesSync(file, then, then) }
-  writeFileSync(file, whole.slice(0, cut))
-  behind()
-  const rest = new Promise<void>(resolve => setTimeout(() => { appendFileSync(file, whole.slice(cut)); behind(); resolve() }, 50))
-  const outcome = await app.reloadManifest()
-  await rest
-  t.same(outcome, { applied: true, reasons: [] })
-  t.same(app.pipeline.manifest.byName.get('getThing')?.roles, ['viewer'], 'the file as written whole is applied, not its first part')
-  const anyone = await app.inject({ url: '/api/v1/things/a', headers: bearer({ roles: ['nobody'] }) })
-  t.equal(anyone.statusCode, 403, 'the operation was never open to every caller')
+  await reloadHalfWritten(t, true)
 })
 
 t.test('a reload refuses a FIFO at the manifest\'s path, and a file that keeps changing, and later reloads still apply', async t => {
