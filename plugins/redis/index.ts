@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
-import { Redis } from 'ioredis'
+import { Command, Redis } from 'ioredis'
 import { Gauge } from 'prom-client'
 
 // The one Redis command connection an instance shares between its stores (rate limits, cache,
@@ -173,17 +173,22 @@ export function watchPings (client: Redis, everyMs: number, misses: number, on: 
     // long GC, a big synchronous parse) runs ioredis' timeout timer before it reads the PONG
     // Redis sent in time: a healthy connection missed its PING, and two such pauses a beat apart
     // dropped it (every store on memory, the cache emptied). A PING that fails counts as missed
-    // only if nothing at all came from Redis on that socket since it was sent, read once the
-    // poll phase has run (setImmediate): a hung Redis or a half-open flow sends nothing. What
-    // came (the PONG, another answer, a message) is neither a miss nor an answer heard.
+    // only if its own answer has not been read once the poll phase has run (setImmediate): a PONG
+    // that came during the pause has been by then. Not "anything read meanwhile": on a busy
+    // connection to an overloaded Redis (or over a saturated link) every answer came later than
+    // the timeout, the answers to the commands sent before the PING kept coming while it waited,
+    // and a connection on which every command waited out the timeout stayed up.
     const stream = client.stream
-    const before = stream.bytesRead
-    client.ping().then(() => {
+    const ping = new Command('ping', [], { replyEncoding: 'utf8' })
+    client.sendCommand(ping)
+    ping.promise.then(() => {
       missed = 0
       on.heard?.()
     }, async (err: Error) => {
       await new Promise(resolve => setImmediate(resolve))
-      if (client.status !== 'ready' || client.stream !== stream || stream.bytesRead !== before || ++missed < misses) return
+      // Its answer read (late, or an error reply): neither a miss nor an answer heard.
+      const unanswered = client.commandQueue.toArray().some(item => item.command === ping)
+      if (client.status !== 'ready' || client.stream !== stream || !unanswered || ++missed < misses) return
       missed = 0
       on.deaf(err)
       client.disconnect(true)

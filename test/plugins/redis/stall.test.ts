@@ -4,7 +4,7 @@
 // two such pauses a beat apart dropped a healthy connection (every store on memory, the cache
 // emptied, the events subscriber made anew).
 import t from 'tap'
-import { Redis } from 'ioredis'
+import { type Command, Redis } from 'ioredis'
 import { watchPings } from '../../../plugins/redis/index.js'
 import { until } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
@@ -21,15 +21,18 @@ const STALL_MS = 500
  */
 function stallAfterEachPing (t: { teardown: (fn: () => void) => void }, client: Redis): string[] {
   const outcomes: string[] = []
-  const ping = client.ping.bind(client) as () => Promise<string>
-  ;(client as unknown as { ping: () => Promise<string> }).ping = () => new Promise<string>((resolve, reject) => {
+  const send = client.sendCommand.bind(client)
+  client.sendCommand = (command: Command, stream?: never) => {
+    if (command.name !== 'ping') return send(command, stream)
     setImmediate(() => {
-      ping().then(pong => { outcomes.push('answered'); resolve(pong) }, (err: Error) => { outcomes.push(err.message); reject(err) })
+      command.promise.then(() => { outcomes.push('answered') }, (err: Error) => { outcomes.push(err.message) })
+      ;(send(command, stream) as Promise<unknown>).catch(() => {})
       const end = Date.now() + STALL_MS
       while (Date.now() < end) { /* the process paused */ }
     })
-  })
-  t.teardown(() => { (client as unknown as { ping: unknown }).ping = ping })
+    return command.promise
+  }
+  t.teardown(() => { client.sendCommand = send })
   return outcomes
 }
 
@@ -69,5 +72,31 @@ t.test('a connection that hears nothing more is still dropped when the process p
   t.same(deaf, ['Command timed out'], 'dropped after two in a row')
   proxy.restore()
   await until(() => client.status === 'ready' && proxy.connections > connections, 'a new connection ready', 10_000)
+  clearInterval(timer)
+})
+
+t.test('a connection whose answers all come later than the command timeout is dropped, though the answers to earlier commands keep coming', async t => {
+  // An overloaded Redis or a saturated link: every answer comes, 400 ms late. On a busy
+  // connection the answers to the commands sent before each PING arrive while it waits, so
+  // "something was read meanwhile" held for every PING, and a connection on which every command
+  // waits out the timeout stayed up (the stores waited the timeout on each call, up() said so).
+  const proxy = await startTcpProxy(t, Number(target.port || 6379), target.hostname)
+  const client = new Redis(`redis://127.0.0.1:${proxy.port}`, { commandTimeout: COMMAND_TIMEOUT_MS })
+  t.teardown(() => client.disconnect())
+  client.on('error', () => {})
+  await until(() => client.status === 'ready', 'the connection ready')
+  const connections = proxy.connections
+  // The stores' calls, each 20 ms (one alone may fail: the timeout, as every call then).
+  const traffic = setInterval(() => { if (client.status === 'ready') client.get('mantle-test-stall-traffic').catch(() => {}) }, 20)
+  t.teardown(() => clearInterval(traffic))
+  const deaf: string[] = []
+  const timer = watchPings(client, 50, 2, { deaf: err => deaf.push(err.message) })
+  t.teardown(() => clearInterval(timer))
+  proxy.delay(2 * COMMAND_TIMEOUT_MS)
+  await until(() => deaf.length > 0, 'the connection found deaf', 10_000).catch(() => {})
+  t.same(deaf, ['Command timed out'], 'dropped after two PINGs answered too late')
+  proxy.restore()
+  await until(() => client.status === 'ready' && proxy.connections > connections, 'a new connection ready', 10_000)
+  clearInterval(traffic)
   clearInterval(timer)
 })
