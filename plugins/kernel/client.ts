@@ -567,7 +567,8 @@ const STALE_MS = 1000
  * though its Kernel answered again at once (found by a review). Past 1.25 s of timeout, such a probe
  * now holds one connection longer (a 600 s operation's, nearly all the time while its Kernel
  * hangs): what any one call of it sent below capacity holds anyway, and the breaker sees each
- * timeout; in exchange, once its Kernel answers again its calls are refused 5 s a halving at most.
+ * timeout; in exchange, once its Kernel answers again its calls are refused 5 s a halving at most,
+ * and 5 s more once while the client's fresh estimate is above the halving (Need.asks).
  */
 const STALE_MAX_MS = 5000
 /** How many recent answers bound what an operation's Kernel calls need (Need). */
