@@ -6,7 +6,7 @@ import { Server as TlsServer } from 'node:tls'
 /** An Upgrade header that offers WebSocket (among other protocols, perhaps). */
 export const WEBSOCKET_UPGRADE = /(?:^|,)\s*websocket\s*(?:,|$)/i
 
-/** The Connection tokens of an upgrade offer, dropped from a request served as plain HTTP. */
+/** The fields of an upgrade offer, and their Connection tokens, dropped from a request served as plain HTTP. */
 const OFFER_TOKEN = /^(?:upgrade|http2-settings)$/i
 
 /** The clientError code of an offer whose head Node did not hand on whole (too many fields): app.ts answers it 431. */
@@ -108,9 +108,8 @@ function plainHead (req: IncomingMessage): Buffer {
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]
     let value = raw[i + 1]
-    const lower = name.toLowerCase()
-    if (lower === 'upgrade' || lower === 'http2-settings') continue
-    if (lower === 'connection') {
+    if (OFFER_TOKEN.test(name)) continue
+    if (name.toLowerCase() === 'connection') {
       value = value.split(',').map(token => token.trim()).filter(token => token !== '' && !OFFER_TOKEN.test(token)).join(', ')
       if (value === '') continue
     }

@@ -112,8 +112,6 @@ export class GraphqlConnection {
 
   /**
    * @param claim counts the connection against its tenant (see SubscriptionSettings.claim)
-   */
-  /**
    * @param upgrade the upgrade's request: a token refused for the connection is refused again
    *   without another signature check (app.identify keeps the last one, for that token only)
    */

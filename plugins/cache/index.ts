@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { randomUUID } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { Counter, Gauge } from 'prom-client'
 import { CallCounter, type CounterSeries } from '../metrics/call-metrics.js'
 import { StageOrder, type CacheOutcome } from '../pipeline/index.js'
@@ -201,11 +202,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     // after it start a second Kernel call beside the first one's (its answer may predate an
     // invalidation the subscriber never heard), and an entry taken in before it was dropped.
     // With Redis up, the gateway listens once subscribed (2 s at most: then as before).
-    if (shared.up()) {
-      let timer: NodeJS.Timeout | undefined
-      await Promise.race([firstSubscribe, new Promise<void>(resolve => { timer = setTimeout(resolve, FIRST_SUBSCRIBE_WAIT_MS) })])
-      clearTimeout(timer)
-    }
+    if (shared.up()) await Promise.race([firstSubscribe, sleep(FIRST_SUBSCRIBE_WAIT_MS, undefined, { ref: false })])
   }
   // Registered after the Redis plugin, so this runs before its connection closes.
   app.addHook('onClose', async () => { await c.close() })

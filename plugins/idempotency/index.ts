@@ -236,12 +236,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     pending.clear()
     if (last.length === 0) return
     let taken = 0
-    if (redis?.up() === true) {
-      let timer: NodeJS.Timeout | undefined
-      const offers = Promise.allSettled(last.map(async p => { await offer(p); taken++ }))
-      await Promise.race([offers, new Promise<void>(resolve => { timer = setTimeout(resolve, CLOSE_PASS_MS) })])
-      clearTimeout(timer)
-    }
+    if (redis?.up() === true) await Promise.race([Promise.allSettled(last.map(async p => { await offer(p); taken++ })), sleep(CLOSE_PASS_MS, undefined, { ref: false })])
     if (taken < last.length) app.log.warn({ dropped: last.length - taken, taken }, 'idempotency: closing, outcomes and key releases Redis did not take are dropped: a repeat on another instance waits for their claims\' leases')
   })
   if (app.hasDecorator('metrics')) {

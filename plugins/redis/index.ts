@@ -149,11 +149,6 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
 }
 
 /**
- * Whether an error is Redis refusing what REDIS_URL asks of it (AUTH or HELLO's credentials, the
- * SELECT of its database, or a command refused for want of them), not a network error or a
- * passing one (too many clients).
- */
-/**
  * PINGs `client` every `everyMs`, one at a time, while it is ready: `misses` in a row unanswered
  * (within its command timeout) drop the connection (`deaf` says so first), and ioredis makes it
  * anew; `heard` runs on each answer, `skip` before each beat (true: none this time). For a
@@ -198,6 +193,11 @@ export function watchPings (client: Redis, everyMs: number, misses: number, on: 
   return timer
 }
 
+/**
+ * Whether an error is Redis refusing what REDIS_URL asks of it (AUTH or HELLO's credentials, the
+ * SELECT of its database, or a command refused for want of them), not a network error or a
+ * passing one (too many clients).
+ */
 export function refusal (err: Error): boolean {
   // A Redis busy with a script (SELECT is not allowed then), loading, or full is away a moment,
   // not refusing: taken for a refused database, BUSY stopped a start-up with a wrong message.

@@ -5,7 +5,7 @@ import { WebSocket } from 'ws'
 import { createSigner } from 'fast-jwt'
 import type { FastifyInstance } from 'fastify'
 import { buildDemoApp, until } from '../helper.js'
-import { jwksServer } from '../plugins/auth/jwks-server.js'
+import { jwksServer, type JwksServer } from '../plugins/auth/jwks-server.js'
 
 // A key the IdP withdraws from its JWKS is mostly a key that leaked: whoever holds it mints
 // tokens of any lifetime (exp in 2100 here). Before, a stream opened with such a token kept its
@@ -134,16 +134,20 @@ async function gatewayOn (t: Teardown, url: string, env: Record<string, string |
   return { app, port: (app.server.address() as AddressInfo).port }
 }
 
-interface Lease { listeners: number, withdrawn: boolean }
-const leaseOf = (app: FastifyInstance, tok: string): Lease | undefined => (app.identify(`Bearer ${tok}`) as { lease?: Lease }).lease
-
-t.test('a JWKS key withdrawn, then one replaced under its kid, ends the streams opened with its tokens on every face; the others stay', async t => {
+/** Keys A and B, a JWKS serving both, a gateway on it, and a token of each. */
+async function twoKeys (t: Teardown): Promise<{ a: Pair, b: Pair, jwks: JwksServer, app: FastifyInstance, port: number, tokA: string, tokB: string }> {
   const a = pair()
   const b = pair()
   const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(b, 'B')] })
   const { app, port } = await gatewayOn(t, jwks.url)
-  const tokA = sign(a, 'A')
-  const tokB = sign(b, 'B')
+  return { a, b, jwks, app, port, tokA: sign(a, 'A'), tokB: sign(b, 'B') }
+}
+
+interface Lease { listeners: number, withdrawn: boolean }
+const leaseOf = (app: FastifyInstance, tok: string): Lease | undefined => (app.identify(`Bearer ${tok}`) as { lease?: Lease }).lease
+
+t.test('a JWKS key withdrawn, then one replaced under its kid, ends the streams opened with its tokens on every face; the others stay', async t => {
+  const { b, jwks, app, port, tokA, tokB } = await twoKeys(t)
   const leaseA = leaseOf(app, tokA)
   const leaseB = leaseOf(app, tokB)
 
@@ -227,12 +231,7 @@ t.test('identities of the HS256 secret carry no lease: a JWKS change ends none o
 })
 
 t.test('a lease holds a listener per open stream only, however its streams end, round after round', async t => {
-  const a = pair()
-  const b = pair()
-  const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(b, 'B')] })
-  const { app, port } = await gatewayOn(t, jwks.url)
-  const tokA = sign(a, 'A')
-  const tokB = sign(b, 'B')
+  const { a, app, port, tokA, tokB } = await twoKeys(t)
   const noRoleA = sign(a, 'A', [])
   const leaseA = leaseOf(app, tokA)
   const kept = await wsStream(t, port, '/ws (A, kept open)', tokA)
@@ -279,11 +278,7 @@ t.test('a lease holds a listener per open stream only, however its streams end, 
 })
 
 t.test('a JWKS fetch that fails, or holds no usable key, ends no stream: the last good keys stay', async t => {
-  const a = pair()
-  const b = pair()
-  const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(b, 'B')] })
-  const { app, port } = await gatewayOn(t, jwks.url)
-  const tokA = sign(a, 'A')
+  const { a, b, jwks, app, port, tokA } = await twoKeys(t)
   const leaseA = leaseOf(app, tokA)
   const streams = [
     await wsStream(t, port, '/ws (A)', tokA),
@@ -345,12 +340,8 @@ t.test('/ws counts a withdrawal close as key_withdrawn; a key of BFF_JWT_PUBLIC_
 })
 
 t.test('the same key under a new kid, and a kid dropped then brought back: the streams of the old kid, or of the drop, end; later tokens get a new lease', async t => {
-  const a = pair()
-  const b = pair()
-  const jwks = await jwksServer(t, { keys: [jwk(a, 'A'), jwk(b, 'B')] })
-  const { app, port } = await gatewayOn(t, jwks.url)
+  const { a, b, jwks, app, port, tokA } = await twoKeys(t)
   // A's PEM now under kid A2: a token naming A is refused by any call, so its stream ends too.
-  const tokA = sign(a, 'A')
   const ofA = await wsStream(t, port, '/ws (A)', tokA)
   // A token of A verified from within the withdrawal (a listener runs once the new keys are in
   // place and the verified tokens dropped): refused, not answered from the cache.
