@@ -305,9 +305,15 @@ export class Spool {
           at += bytesRead
         }
         await out.datasync()
-      } finally {
-        await out.close()
+      } catch (err) {
+        // A copy cut short (a full disk, mostly) is removed: left, it held the space the spool's
+        // next appends need until the next compaction. The spool itself is whole; the next
+        // drain compacts again.
+        await out.close().catch(() => {})
+        await unlink(tmp).catch(() => {})
+        throw err
       }
+      await out.close()
       await fh.close()
       await rename(tmp, this.path)
       // The rename on disk before batches are appended to the new file (a crash could else bring

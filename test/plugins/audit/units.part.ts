@@ -324,6 +324,27 @@ t.test('spool: a short write is completed; a failed append leaves nothing behind
   await spool.close()
 })
 
+t.test('spool: a compaction that fails to copy (a full disk) leaves no partial copy; the next drain compacts', async t => {
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  const a = [entry(), entry()]
+  const c = [entry()]
+  await spool.append(a)
+  // The copy's file is /dev/full: its first write fails with ENOSPC, as on a full disk.
+  const tmp = spool.path + '.tmp'
+  symlinkSync('/dev/full', tmp)
+  const seen: AuditEntry[][] = []
+  // A batch appended during the drain: the compaction copies it rather than truncating.
+  await t.rejects(spool.drain(async batch => { seen.push(batch); await spool.append(c) }), /ENOSPC|no space/)
+  t.notOk(existsSync(tmp), 'the partial copy is removed')
+  t.same(seen, [a])
+  t.equal(await spool.drain(async batch => { seen.push(batch) }), 1, 'the next drain replays what is left, once')
+  t.same(seen, [a, c], 'nothing replayed twice, nothing lost')
+  t.equal(statSync(spool.path).size, 0, 'and compacts')
+  t.notOk(existsSync(tmp))
+  await spool.close()
+})
+
 t.test('spool: a failed append whose cut fails too leaves a torn line of its own; the next batch is whole', async t => {
   const dir = spoolDir(t)
   for (const target of ['spool', 'quarantine'] as const) {
