@@ -153,6 +153,8 @@ export class ResponseCache {
   /** Second invalidations (invalidateLater), by tenant and tags. */
   private readonly later = new Map<string, LaterInvalidation>()
   private closed = false
+  /** Until when a tag version found gone back is not logged again (warnBehind). */
+  private behindWarnedUntil = 0
 
   constructor (private readonly opts: ResponseCacheOptions) {
     this.now = opts.now ?? Date.now
@@ -276,6 +278,15 @@ export class ResponseCache {
           const read = await redis.read(key.shared, tagKeys)
           this.redisRecovered()
           versions = read.versions
+          if (read.behind !== undefined) {
+            // Redis went back (a replica promoted behind its primary): entries the invalidations
+            // it lost dropped match their tags again. The tags are moved past what was known, on
+            // every instance; this call's answer is not written to Redis (its versions are old).
+            this.warnBehind(ctx.tenant, read.behind.length)
+            versions = null
+            await redis.invalidate(read.behind, this.opts.instanceId)
+            this.memory.clock.invalidate(read.behind)
+          }
           // While one of its tags waits to be replayed, Redis still holds the versions the entry
           // was stored under: it may predate the invalidation and is not used.
           if (read.answer !== null && read.answer.policy === policy && read.answer.keepUntil > this.now() && (found === undefined || read.answer.freshUntil > found.freshUntil) && !this.anyPending(tagKeys) && !this.inSpell(ctx.tenant)) {
@@ -414,11 +425,10 @@ export class ResponseCache {
     this.memory.clock.invalidate(keys)
     this.metrics.invalidated(source, keys.length)
     if (this.opts.redis === null) return
-    const message = JSON.stringify({ from: this.opts.instanceId, keys })
     const redis = this.redisTier('invalidate')
     if (redis !== null) {
       try {
-        await redis.invalidate(keys, message)
+        await redis.invalidate(keys, this.opts.instanceId)
         this.redisRecovered()
         // Marked again once Redis has it: a read of this instance that reached Redis before the
         // increment (ioredis resends a script as EVAL after NOSCRIPT, and a read may pass between)
@@ -451,16 +461,27 @@ export class ResponseCache {
 
   /** A message of another instance: drops the tags from this instance's tier. */
   received (text: string): void {
-    let message: { from?: unknown, keys?: unknown }
+    let message: { from?: unknown, keys?: unknown, versions?: unknown }
     try {
       message = JSON.parse(text)
     } catch {
       return
     }
-    if (message.from === this.opts.instanceId || !Array.isArray(message.keys)) return
+    if (message === null || typeof message !== 'object' || message.from === this.opts.instanceId || !Array.isArray(message.keys)) return
     const keys = message.keys.filter((k): k is string => typeof k === 'string')
     this.memory.clock.invalidate(keys)
     this.metrics.invalidated('remote', keys.length)
+    // The versions the tags were given (none from a release before them): Redis answering one
+    // below it later went back.
+    if (Array.isArray(message.versions) && message.versions.length === message.keys.length && keys.length === message.keys.length) this.opts.redis?.tier.learn(keys, message.versions)
+  }
+
+  /** Redis answered tags below the versions known: logged once a minute at most (each is invalidated anew). */
+  private warnBehind (tenant: string, tags: number): void {
+    const now = this.now()
+    if (now < this.behindWarnedUntil) return
+    this.behindWarnedUntil = now + 60_000
+    this.opts.log.warn({ tenant, tags }, 'cache: Redis holds tag versions older than this instance knew (a replica promoted behind its primary?): they are invalidated anew')
   }
 
   /** Invalidations may have been missed (the subscriber was away): nothing in memory is trusted. */
@@ -485,7 +506,7 @@ export class ResponseCache {
     const replayed = [...this.pending]
     const keys = replayed.map(([k]) => k)
     try {
-      await redis.tier.invalidate(keys, JSON.stringify({ from: this.opts.instanceId, keys }))
+      await redis.tier.invalidate(keys, this.opts.instanceId)
     } catch (err) {
       this.redisFailed('invalidate', err)
       this.scheduleReplay()

@@ -121,7 +121,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
   let cache: ResponseCache | null = null
   const metrics = cacheMetrics(app, () => cache!)
   cache = new ResponseCache({
-    redis: shared === null ? null : { tier: new RedisTier(shared.client, longestMs), up: shared.up },
+    redis: shared === null ? null : { tier: new RedisTier(shared.client, longestMs, Math.max(1000, opts.maxSize * 4)), up: shared.up },
     maxSize: opts.maxSize,
     maxBytes: opts.maxBytes,
     defaultTtlSeconds: opts.defaultTtlSeconds,

@@ -1,5 +1,6 @@
 import { randomInt } from 'node:crypto'
 import type { Redis } from 'ioredis'
+import { LRUCache } from 'lru-cache'
 import type { CachedAnswer } from './memory.js'
 import { INVALIDATE_CHANNEL } from './keys.js'
 
@@ -35,16 +36,41 @@ for i = 2, #KEYS do
 end
 return 1
 `
-// KEYS the tag keys; ARGV: tag ms, the message to publish, a random version for the tags that
-// have none (INCR would make one 1).
+// KEYS the tag keys; ARGV: tag ms, the message to publish up to its versions, a random version
+// for the tags that have none (INCR would make one 1), then each tag's floor: the latest version
+// this instance knew it by (0: none). A tag below its floor went back (a replica promoted behind
+// the primary, which lost the writes it had not had): it takes the floor's next, never a version
+// it had before, which entries stored before an invalidation lost with those writes may carry.
+// A tag Redis refuses to write (full, under maxmemory with noeviction) is deleted, which DEL may
+// even then: a tag with no version matches no entry stored before. Its version is '' then. The
+// message, published whatever happened, carries the versions: other instances learn them (floors).
 const INVALIDATE = `
 local ms = tonumber(ARGV[1])
+local out = {}
 for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCR', KEYS[i]) else redis.call('SET', KEYS[i], ARGV[3]) end
-  if redis.call('PTTL', KEYS[i]) < ms then redis.call('PEXPIRE', KEYS[i], ms) end
+  local k = KEYS[i]
+  local v = tonumber(redis.call('GET', k))
+  local floor = tonumber(ARGV[3 + i]) or 0
+  local keep = redis.call('PTTL', k)
+  if keep < ms then keep = ms end
+  local r
+  if v ~= nil and v >= floor then
+    r = redis.pcall('INCR', k)
+    if type(r) ~= 'table' then r = redis.pcall('PEXPIRE', k, keep) end
+  else
+    local n = floor + 1
+    if v == nil and tonumber(ARGV[3]) > n then n = tonumber(ARGV[3]) end
+    r = redis.pcall('SET', k, string.format('%.0f', n), 'PX', keep)
+  end
+  if type(r) == 'table' and r.err then
+    redis.call('DEL', k)
+    out[i] = ''
+  else
+    out[i] = redis.call('GET', k)
+  end
 end
-redis.call('PUBLISH', '${INVALIDATE_CHANNEL}', ARGV[2])
-return #KEYS
+redis.call('PUBLISH', '${INVALIDATE_CHANNEL}', ARGV[2] .. '"' .. table.concat(out, '","') .. '"]}')
+return out
 `
 // KEYS tag keys a read found missing (or with an earlier release's version); ARGV: a random
 // version, tag ms. Their versions, each the one a concurrent read may have given it first.
@@ -72,7 +98,7 @@ const TAG_MARGIN_MS = 60_000
 
 interface CacheCommands {
   mantleCacheWrite: (n: number, ...args: string[]) => Promise<number>
-  mantleCacheInvalidate: (n: number, ...args: string[]) => Promise<number>
+  mantleCacheInvalidate: (n: number, ...args: string[]) => Promise<string[]>
   mantleCacheBorn: (n: number, ...args: string[]) => Promise<string[]>
 }
 
@@ -80,6 +106,12 @@ export interface RedisRead {
   answer: CachedAnswer | null
   /** The tag versions at the time of the read, to be checked again when the refill is stored. */
   versions: string
+  /**
+   * Tags Redis holds at a version below the latest this instance knew them by (absent: none):
+   * they went back, and entries their invalidations dropped may be current again. The read's
+   * answer is null then; they are to be invalidated anew (`invalidate` raises them past what was known).
+   */
+  behind?: readonly string[] | undefined
 }
 
 /**
@@ -89,9 +121,22 @@ export interface RedisRead {
  */
 export class RedisTier {
   private readonly commands: CacheCommands
+  /**
+   * The latest version of each tag this instance knows: from its own invalidations and those it
+   * heard (their messages carry the versions). Redis answering a tag below it went back (a
+   * replica promoted behind its primary, which lost the writes it had not had yet): the entries
+   * stored before the invalidations it lost matched their tags' versions again, and every
+   * instance served them as hits, the in-process tiers emptied by the failover's reconnect.
+   * Bounded: a tag pushed out is no longer checked.
+   */
+  private readonly known: LRUCache<string, number>
 
-  /** @param tagMs how long a tag version outlives the last entry or invalidation that used it */
-  constructor (private readonly client: Redis, readonly tagMs: number) {
+  /**
+   * @param tagMs how long a tag version outlives the last entry or invalidation that used it
+   * @param maxKnown how many tags' latest versions are remembered (`known`)
+   */
+  constructor (private readonly client: Redis, readonly tagMs: number, maxKnown = 10_000) {
+    this.known = new LRUCache<string, number>({ max: maxKnown })
     // defineCommand runs EVALSHA and loads the script once when Redis does not know it.
     if (!('mantleCacheWrite' in client)) {
       client.defineCommand('mantleCacheWrite', { lua: WRITE })
@@ -118,14 +163,43 @@ export class RedisTier {
       // were evicted before the write, which would find it missing as the read did.
       const born = await this.commands.mantleCacheBorn(missing.length, ...missing, randomVersion(), String(this.tagMs))
       let n = 0
-      for (let i = 0; i < tags.length; i++) if (replaced(tags[i])) tags[i] = born[n++]
-      return { answer: null, versions: tags.join(',') }
+      for (let i = 0; i < tags.length; i++) {
+        if (!replaced(tags[i])) continue
+        tags[i] = born[n++]
+        // A version born anew (the tag evicted, or Redis emptied) is no earlier one gone back.
+        this.known.delete(tagKeys[i])
+      }
+      return { answer: null, versions: tags.join(','), behind: this.behind(tagKeys, tags) }
     }
     const versions = tags.join(',')
-    if (entry === null) return { answer: null, versions }
+    const behind = this.behind(tagKeys, tags)
+    if (entry === null || behind !== undefined) return { answer: null, versions, behind }
     const nl = entry.indexOf('\n')
-    if (nl < 0 || entry.slice(0, nl) !== versions) return { answer: null, versions }
-    return { answer: decode(entry.slice(nl + 1)), versions }
+    if (nl < 0 || entry.slice(0, nl) !== versions) return { answer: null, versions, behind }
+    return { answer: decode(entry.slice(nl + 1)), versions, behind }
+  }
+
+  /** The tags whose version read is below the latest this instance knew (none: undefined; the usual case costs a lookup per tag). */
+  private behind (tagKeys: readonly string[], versions: ReadonlyArray<string | null>): string[] | undefined {
+    if (this.known.size === 0) return undefined
+    let out: string[] | undefined
+    for (let i = 0; i < tagKeys.length; i++) {
+      const latest = this.known.peek(tagKeys[i])
+      if (latest !== undefined && Number(versions[i]) < latest) (out ??= []).push(tagKeys[i])
+    }
+    return out
+  }
+
+  /** Versions another instance's invalidation gave its tags (its message): the latest known of each. */
+  learn (tagKeys: readonly string[], versions: readonly unknown[]): void {
+    for (let i = 0; i < tagKeys.length; i++) this.remember(tagKeys[i], versions[i])
+  }
+
+  private remember (tagKey: string, version: unknown): void {
+    const n = typeof version === 'string' && version !== '' ? Number(version) : NaN
+    // '': the tag was deleted (Redis full): whatever version it is born with next is no step back.
+    if (version === '') this.known.delete(tagKey)
+    else if (Number.isSafeInteger(n) && n > (this.known.peek(tagKey) ?? 0)) this.known.set(tagKey, n)
   }
 
   async write (key: string, tagKeys: readonly string[], versions: string, answer: CachedAnswer, now: number): Promise<boolean> {
@@ -137,9 +211,17 @@ export class RedisTier {
     return await this.commands.mantleCacheWrite(1 + tagKeys.length, key, ...tagKeys, versions, encode(answer), String(ms), String(tagMs)) === 1
   }
 
-  async invalidate (tagKeys: readonly string[], message: string): Promise<void> {
+  /**
+   * Moves the tags to new versions (past the latest this instance knew, should Redis have gone
+   * back) and tells every instance, as `{"from", "keys", "versions"}` on INVALIDATE_CHANNEL.
+   * `from`: this instance's id.
+   */
+  async invalidate (tagKeys: readonly string[], from: string): Promise<void> {
     if (tagKeys.length === 0) return
-    await this.commands.mantleCacheInvalidate(tagKeys.length, ...tagKeys, String(this.tagMs), message, randomVersion())
+    const start = JSON.stringify({ from, keys: tagKeys }).slice(0, -1) + ',"versions":['
+    const floors = tagKeys.map(k => String(this.known.peek(k) ?? 0))
+    const versions = await this.commands.mantleCacheInvalidate(tagKeys.length, ...tagKeys, String(this.tagMs), start, randomVersion(), ...floors)
+    for (let i = 0; i < tagKeys.length; i++) this.remember(tagKeys[i], versions[i])
   }
 }
 

@@ -1,0 +1,85 @@
+// Redis that loses data while it answers: a replica promoted behind its primary (tag versions
+// gone back with the entries they matched), a Redis full under maxmemory (noeviction).
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { buildTestApp, bearer } from '../../helper.js'
+import { startRedisServer } from '../../redis-server.js'
+import { itemKernel, itemManifest, eventually, REDIS_URL } from './items.js'
+import { entryKey, localKey, tagKey } from '../../../plugins/cache/index.js'
+import { canonicalJson } from '../../../plugins/pipeline/index.js'
+
+t.test('a replica promoted behind its primary: tag versions gone back do not bring back the entries invalidated since', async t => {
+  // Redis replicates asynchronously: a replica promoted by a failover lacks the primary's last
+  // writes, and an invalidation among them took the tag back to the version the entry before it
+  // was stored under. Every instance (their in-process tiers emptied by the reconnect) served
+  // that entry again as a hit, for its ttl.
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const one = await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })
+  const two = await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })
+  const who = 'cache-' + randomUUID()
+  const headers = bearer({ tenant: who })
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.disconnect())
+  const entry = entryKey('getItem', who, { id: 'a' })
+  const tags = [tagKey(who, 'item:a'), tagKey(who, 'items')]
+  t.teardown(async () => { await redis.del(entry, ...tags) })
+  const local = localKey('getItem', who, canonicalJson({ id: 'a' }))
+
+  t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/a', headers })).json().n, 1)
+  // What the replica has when the failover comes: the entry and the tags it was stored under.
+  const replica = { entry: await redis.dumpBuffer(entry), tags: await redis.mget(...tags) }
+  t.equal((await one.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
+  await eventually(async () => Number(await redis.get(tags[0])) > Number(replica.tags[0]), 'the invalidation')
+  const fresh = await two.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+  t.equal(fresh.json().n, 2, 'the other instance reads the new answer')
+  t.ok(two.responseCache.cache.memory.get(local) !== undefined)
+
+  for (const [name, app] of [['the instance that invalidated', one], ['an instance that heard it', two]] as const) {
+    // The failover: Redis as the replica had it, the in-process tiers emptied by the reconnect.
+    await redis.restore(entry, 60_000, replica.entry!, 'REPLACE')
+    for (let i = 0; i < tags.length; i++) await redis.set(tags[i], replica.tags[i]!, 'PX', 600_000)
+    one.responseCache.cache.resync()
+    two.responseCache.cache.resync()
+    const read = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.equal(read.statusCode, 200)
+    t.not(read.json().n, 1, `${name}: the entry the invalidation dropped is not served again`)
+    t.ok(Number(await redis.get(tags[0])) > Number(replica.tags[0]) + 1, `${name}: the tag moved past every version it had, not back to one it had before`)
+    t.equal(await redis.get(tags[1]), replica.tags[1], 'a tag that did not go back is left as it is')
+    const other = app === one ? two : one
+    const again = await other.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.not(again.json().n, 1, `${name}: nor by the other instance`)
+  }
+})
+
+t.test('Redis full (maxmemory, noeviction): a mutation\'s invalidation still reaches every instance', async t => {
+  // Every write is refused (OOM) while reads go on: the invalidation's script failed, the tag
+  // waited on the invalidating instance to be replayed (refused again as long as Redis stayed
+  // full), and every other instance read the entry it dropped from Redis and served it as a hit.
+  const own = await startRedisServer(t)
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const one = await buildTestApp(t, { REDIS_URL: own.url }, { manifest, kernelUrl: kernel.url })
+  const two = await buildTestApp(t, { REDIS_URL: own.url }, { manifest, kernelUrl: kernel.url })
+  const who = 'cache-' + randomUUID()
+  const headers = bearer({ tenant: who })
+  t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/a', headers })).json().n, 1)
+  await own.client.config('SET', 'maxmemory', '1')
+  t.teardown(async () => { await own.client.config('SET', 'maxmemory', '0') })
+  t.equal((await one.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
+  t.equal(one.responseCache.cache.pendingInvalidations, 0, 'Redis took the invalidation')
+  const statuses: number[] = []
+  for (const app of [two, one]) {
+    const read = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    statuses.push(read.statusCode)
+    t.not(read.json().n, 1, 'the entry the mutation dropped is not served')
+  }
+  t.same(statuses, [200, 200])
+  // Once Redis has room again, the cache uses it as before.
+  await own.client.config('SET', 'maxmemory', '0')
+  await eventually(async () => {
+    await one.inject({ method: 'GET', url: '/api/v1/items/b', headers })
+    return (await two.inject({ method: 'GET', url: '/api/v1/items/b', headers })).headers['x-cache'] === 'hit'
+  }, 'entries shared through Redis again')
+})
