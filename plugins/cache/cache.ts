@@ -281,11 +281,15 @@ export class ResponseCache {
           if (read.behind !== undefined) {
             // Redis went back (a replica promoted behind its primary): entries the invalidations
             // it lost dropped match their tags again. The tags are moved past what was known, on
-            // every instance; this call's answer is not written to Redis (its versions are old).
-            this.warnBehind(ctx.tenant, read.behind.length)
+            // every instance, unless they are past it now (the read was answered before an
+            // invalidation heard meanwhile); this call's answer is not written to Redis (its
+            // versions are old).
             versions = null
-            await redis.invalidate(read.behind, this.opts.instanceId)
-            this.memory.clock.invalidate(read.behind)
+            const moved = await redis.raise(read.behind, this.opts.instanceId)
+            if (moved > 0) {
+              this.warnBehind(ctx.tenant, moved)
+              this.memory.clock.invalidate(read.behind)
+            }
           }
           // While one of its tags waits to be replayed, Redis still holds the versions the entry
           // was stored under: it may predate the invalidation and is not used.

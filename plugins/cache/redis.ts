@@ -37,40 +37,51 @@ end
 return 1
 `
 // KEYS the tag keys; ARGV: tag ms, the message to publish up to its versions, a random version
-// for the tags that have none (INCR would make one 1), then each tag's floor: the latest version
-// this instance knew it by (0: none). A tag below its floor went back (a replica promoted behind
-// the primary, which lost the writes it had not had): it takes the floor's next, never a version
-// it had before, which entries stored before an invalidation lost with those writes may carry.
-// A tag Redis refuses to write (full, under maxmemory with noeviction) is deleted, which DEL may
-// even then: a tag with no version matches no entry stored before. Its version is '' then. The
-// message, published whatever happened, carries the versions: other instances learn them (floors).
+// for the tags that have none (INCR would make one 1), '1' to move only the tags below their
+// floors (else '0': every tag), then each tag's floor: the latest version this instance knew it
+// by (0: none). A tag below its floor went back (a replica promoted behind the primary, which
+// lost the writes it had not had): it takes the floor's next, never a version it had before,
+// which entries stored before an invalidation lost with those writes may carry. A tag Redis
+// refuses to write (full, under maxmemory with noeviction) is deleted, which DEL may even then: a
+// tag with no version matches no entry stored before. Its version is '' then (and that of a tag
+// missing and left so). The message, published when any tag moved, carries the versions: other
+// instances learn them (floors). The tags moved and the versions of all.
 const INVALIDATE = `
 local ms = tonumber(ARGV[1])
+local only = ARGV[4] == '1'
+local moved = 0
 local out = {}
 for i = 1, #KEYS do
   local k = KEYS[i]
   local v = tonumber(redis.call('GET', k))
-  local floor = tonumber(ARGV[3 + i]) or 0
-  local keep = redis.call('PTTL', k)
-  if keep < ms then keep = ms end
-  local r
-  if v ~= nil and v >= floor then
-    r = redis.pcall('INCR', k)
-    if type(r) ~= 'table' then r = redis.pcall('PEXPIRE', k, keep) end
+  local floor = tonumber(ARGV[4 + i]) or 0
+  if only and (v == nil or v >= floor) then
+    out[i] = redis.call('GET', k) or ''
   else
-    local n = floor + 1
-    if v == nil and tonumber(ARGV[3]) > n then n = tonumber(ARGV[3]) end
-    r = redis.pcall('SET', k, string.format('%.0f', n), 'PX', keep)
-  end
-  if type(r) == 'table' and r.err then
-    redis.call('DEL', k)
-    out[i] = ''
-  else
-    out[i] = redis.call('GET', k)
+    moved = moved + 1
+    local keep = redis.call('PTTL', k)
+    if keep < ms then keep = ms end
+    local r
+    if v ~= nil and v >= floor then
+      r = redis.pcall('INCR', k)
+      if type(r) ~= 'table' then r = redis.pcall('PEXPIRE', k, keep) end
+    else
+      local n = floor + 1
+      if v == nil and tonumber(ARGV[3]) > n then n = tonumber(ARGV[3]) end
+      r = redis.pcall('SET', k, string.format('%.0f', n), 'PX', keep)
+    end
+    if type(r) == 'table' and r.err then
+      redis.call('DEL', k)
+      out[i] = ''
+    else
+      out[i] = redis.call('GET', k)
+    end
   end
 end
-redis.call('PUBLISH', '${INVALIDATE_CHANNEL}', ARGV[2] .. '"' .. table.concat(out, '","') .. '"]}')
-return out
+if moved > 0 then
+  redis.call('PUBLISH', '${INVALIDATE_CHANNEL}', ARGV[2] .. '"' .. table.concat(out, '","') .. '"]}')
+end
+return {moved, out}
 `
 // KEYS tag keys a read found missing (or with an earlier release's version); ARGV: a random
 // version, tag ms. Their versions, each the one a concurrent read may have given it first.
@@ -98,7 +109,7 @@ const TAG_MARGIN_MS = 60_000
 
 interface CacheCommands {
   mantleCacheWrite: (n: number, ...args: string[]) => Promise<number>
-  mantleCacheInvalidate: (n: number, ...args: string[]) => Promise<string[]>
+  mantleCacheInvalidate: (n: number, ...args: string[]) => Promise<[number, string[]]>
   mantleCacheBorn: (n: number, ...args: string[]) => Promise<string[]>
 }
 
@@ -218,10 +229,24 @@ export class RedisTier {
    */
   async invalidate (tagKeys: readonly string[], from: string): Promise<void> {
     if (tagKeys.length === 0) return
+    await this.move(tagKeys, from, '0')
+  }
+
+  /**
+   * Moves past what this instance knew, as `invalidate`, the tags a read found behind it (RedisRead's
+   * `behind`), if they are still (one script): a read answered before an invalidation this
+   * instance heard meanwhile read an older version without Redis going back. How many moved.
+   */
+  async raise (tagKeys: readonly string[], from: string): Promise<number> {
+    return await this.move(tagKeys, from, '1')
+  }
+
+  private async move (tagKeys: readonly string[], from: string, only: '0' | '1'): Promise<number> {
     const start = JSON.stringify({ from, keys: tagKeys }).slice(0, -1) + ',"versions":['
     const floors = tagKeys.map(k => String(this.known.peek(k) ?? 0))
-    const versions = await this.commands.mantleCacheInvalidate(tagKeys.length, ...tagKeys, String(this.tagMs), start, randomVersion(), ...floors)
+    const [moved, versions] = await this.commands.mantleCacheInvalidate(tagKeys.length, ...tagKeys, String(this.tagMs), start, randomVersion(), only, ...floors)
     for (let i = 0; i < tagKeys.length; i++) this.remember(tagKeys[i], versions[i])
+    return moved
   }
 }
 

@@ -6,7 +6,7 @@ import { Redis } from 'ioredis'
 import { buildTestApp, bearer } from '../../helper.js'
 import { startRedisServer } from '../../redis-server.js'
 import { itemKernel, itemManifest, eventually, REDIS_URL } from './items.js'
-import { entryKey, localKey, tagKey } from '../../../plugins/cache/index.js'
+import { entryKey, INVALIDATE_CHANNEL, localKey, RedisTier, tagKey } from '../../../plugins/cache/index.js'
 import { canonicalJson } from '../../../plugins/pipeline/index.js'
 
 t.test('a replica promoted behind its primary: tag versions gone back do not bring back the entries invalidated since', async t => {
@@ -82,4 +82,39 @@ t.test('Redis full (maxmemory, noeviction): a mutation\'s invalidation still rea
     await one.inject({ method: 'GET', url: '/api/v1/items/b', headers })
     return (await two.inject({ method: 'GET', url: '/api/v1/items/b', headers })).headers['x-cache'] === 'hit'
   }, 'entries shared through Redis again')
+})
+
+t.test('a tag found behind is moved only if it still is: a read answered before an invalidation heard since moves nothing', async t => {
+  // Messages come on the subscriber's connection, read answers on the command connection: a read
+  // that Redis answered just before an invalidation may be taken in after its message, and its
+  // version is then below the one learned, Redis having gone back in nothing. Moved all the same,
+  // every such race was an invalidation more, of a tag every instance had just refilled.
+  const redis = new Redis(REDIS_URL)
+  const listener = new Redis(REDIS_URL)
+  t.teardown(() => { redis.disconnect(); listener.disconnect() })
+  const tier = new RedisTier(redis, 60_000)
+  const who = 'cache-' + randomUUID()
+  const tag = tagKey(who, 'item:a')
+  const entry = entryKey('getItem', who, { id: 'a' })
+  t.teardown(async () => { await redis.del(tag, entry) })
+  const heard: string[] = []
+  await listener.subscribe(INVALIDATE_CHANNEL)
+  listener.on('message', (_channel: string, text: string) => { if (text.includes(who) || text === who) heard.push(text) })
+
+  const born = (await tier.read(entry, [tag])).versions
+  const next = String(Number(born) + 1)
+  tier.learn([tag], [next])
+  await redis.set(tag, next, 'PX', 60_000)
+  t.equal(await tier.raise([tag], 'test'), 0, 'at the version known: nothing moved')
+  t.equal(await redis.get(tag), next)
+  t.same((await tier.read(entry, [tag])).behind, undefined)
+  // Behind for real: moved past what was known, and every instance told the new version.
+  await redis.set(tag, born, 'PX', 60_000)
+  t.same((await tier.read(entry, [tag])).behind, [tag])
+  t.equal(await tier.raise([tag], 'test'), 1)
+  const raised = String(Number(next) + 1)
+  t.equal(await redis.get(tag), raised, 'past the version known, not back to it')
+  await redis.publish(INVALIDATE_CHANNEL, who)
+  await eventually(async () => heard.at(-1) === who, 'the messages')
+  t.same(heard.map(m => m === who ? m : JSON.parse(m)), [{ from: 'test', keys: [tag], versions: [raised] }, who], 'one message, the raise\'s, with its version')
 })
