@@ -68,6 +68,13 @@ t.test('two instances: a read on one fills the other; a mutation on one invalida
   // Junk on the channel is ignored.
   await redis.publish('bff:cache:invalidate', 'not json')
   await redis.publish('bff:cache:invalidate', '{"from":"x","keys":"nope"}')
+  // JSON that is no object: reading its "from" threw in the subscriber's message handler, an
+  // uncaught exception (the end of every gateway process subscribed).
+  await redis.publish('bff:cache:invalidate', 'null')
+  await redis.publish('bff:cache:invalidate', '[1]')
+  // Versions that are not versions teach nothing.
+  await redis.publish('bff:cache:invalidate', JSON.stringify({ from: 'x', keys: [tagKey(who, 'other')], versions: [null] }))
+  await redis.publish('bff:cache:invalidate', JSON.stringify({ from: 'x', keys: [tagKey(who, 'other'), 7], versions: ['1e300', '5'] }))
   t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit')
 })
 
