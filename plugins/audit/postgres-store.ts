@@ -396,7 +396,13 @@ export class PostgresAuditStore implements AuditStore {
     // COMMIT) stayed open on the server, lock held, until TCP keepalive ended it (2 h by default):
     // every write and replay of every instance waited on it and was spooled. The server now ends
     // such a transaction, and a wait for the lock, after the query timeout.
-    this.begin = `BEGIN; SET LOCAL lock_timeout = ${timeout}; SET LOCAL idle_in_transaction_session_timeout = ${timeout}; ${statements}`
+    // READ COMMITTED whatever the database's default_transaction_isolation: every writer waits
+    // for the chain head's row lock, and under repeatable read or serializable one that waited
+    // while another instance moved the head failed with 40001 (could not serialize access due to
+    // concurrent update). With two instances writing, a third of the batches went to the spool,
+    // the store read as down in turn, and retention failed whenever a write committed meanwhile.
+    // Each statement under the lock reads what the holder before it committed, as `write` needs.
+    this.begin = `BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = ${timeout}; SET LOCAL idle_in_transaction_session_timeout = ${timeout}; ${statements}`
     // A read's transaction too: lost unseen between its BEGIN and COMMIT, it held its snapshot
     // and a lock that migrations' DDL waits on until TCP keepalive ended it.
     this.readTimeout = `${statements}; SET LOCAL idle_in_transaction_session_timeout = ${timeout}`

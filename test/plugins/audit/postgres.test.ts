@@ -546,6 +546,42 @@ if (available) {
     }
   })
 
+  // An operator's database may default to another isolation level (default_transaction_isolation,
+  // set for the database or the role). Under repeatable read or serializable, a writer that waited
+  // for the chain head's row lock while another instance's batch moved the head failed with 40001
+  // "could not serialize access due to concurrent update": with two instances writing, about one
+  // batch in three went to the spool, the store read as down in turn (the warning, /readyz,
+  // mantle_audit_store_up) and retention failed whenever a write committed during its wait.
+  for (const level of ['repeatable read', 'serializable']) {
+    t.test(`the store itself: under a default isolation of ${level}, a write and retention that waited for the chain head another instance moved go through`, async t => {
+      const name = await createTestDatabase(t, { migrated: true })
+      const url = databaseUrl(name)
+      await sql(PG_URL, `ALTER DATABASE ${name} SET default_transaction_isolation = '${level}'`)
+      const store = new PostgresAuditStore({ databaseUrl: url })
+      t.teardown(() => store.close())
+      await store.write([entry()])
+      const other = new pg.Client({ connectionString: url })
+      await other.connect()
+      t.teardown(() => other.end())
+      const waiting = async (): Promise<boolean> => Number((await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'mantle-audit' AND wait_event_type = 'Lock'"))[0].n) === 1
+      // Another instance's batch holds the chain head, and moves it while the write waits.
+      const moved = async (run: () => Promise<number>): Promise<PromiseSettledResult<number>> => {
+        await other.query('BEGIN ISOLATION LEVEL READ COMMITTED')
+        await other.query('UPDATE bff_audit_chain SET head_seq = head_seq WHERE id = 1')
+        const done = run().then(n => ({ status: 'fulfilled' as const, value: n }), (reason: unknown) => ({ status: 'rejected' as const, reason }))
+        for (let i = 0; i < 500 && !await waiting(); i++) await new Promise(resolve => setTimeout(resolve, 10))
+        t.ok(await waiting(), 'the store waits for the chain head')
+        await other.query('COMMIT')
+        return await done
+      }
+      t.same(await moved(async () => await store.write([entry(), entry()])), { status: 'fulfilled', value: 2 }, 'the write goes through')
+      await sql(url, 'UPDATE bff_audit_entries SET created_at = now() - interval \'1 day\'')
+      t.same(await moved(async () => await store.prune(3_600_000, 10)), { status: 'fulfilled', value: 3 }, 'retention goes through')
+      t.same(await store.verify({}), { ok: true, checked: 0, firstBroken: null })
+      t.equal((await sql<{ head_seq: string }>(url, 'SELECT head_seq FROM bff_audit_chain'))[0].head_seq, '3')
+    })
+  }
+
   t.test('the store itself: duplicates within one batch, and any text in any column, are stored as given', async t => {
     const { url, store, entry } = await storeOnNewDatabase(t)
     // Text an array literal must quote or escape: quotes, backslashes, braces, commas, the word
