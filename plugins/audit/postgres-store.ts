@@ -82,6 +82,14 @@ export class MalformedValue extends TypeError {
   readonly code = '22P02'
 }
 
+/** PostgreSQL answers, but a transaction of this connection may not write (25006, read_only_sql_transaction). */
+export class ReadOnlyStore extends Error {
+  readonly code = '25006'
+  constructor () {
+    super('PostgreSQL takes no writes: transaction_read_only is on (a hot standby, or default_transaction_read_only)')
+  }
+}
+
 /**
  * A column of a batch as a one-dimensional PostgreSQL array in binary format (what array_recv
  * reads: header, then each element's length and bytes; -1 for NULL). Written here because pg
@@ -521,9 +529,15 @@ export class PostgresAuditStore implements AuditStore {
     }
   }
 
-  /** Resolves when PostgreSQL answers a trivial query; rejects with why it did not (failureOf). */
+  /**
+   * Resolves when PostgreSQL answers and takes writes; rejects with why not (failureOf). A server
+   * that answers but takes no writes (a hot standby the URL points at after a failover, or
+   * default_transaction_read_only) refuses every batch with 25006; answering `SELECT 1`, it read
+   * as up (/readyz ready, mantle_audit_store_up 1) for as long as no call came.
+   */
   async ping (): Promise<void> {
-    await this.pool.query('SELECT 1')
+    const { rows } = await this.pool.query<{ ro: string }>("SELECT current_setting('transaction_read_only') AS ro")
+    if (rows[0].ro === 'on') throw new ReadOnlyStore()
   }
 
   /**
@@ -756,7 +770,7 @@ export class PostgresAuditStore implements AuditStore {
 export function failureOf (err: unknown): string {
   const e = err as { message?: unknown, code?: unknown } | null
   const message = typeof e?.message === 'string' && e.message !== '' ? e.message : typeof e?.code === 'string' ? e.code : String(err)
-  return err instanceof pg.DatabaseError ? `answered but failed: ${message}` : `no answer: ${message}`
+  return err instanceof pg.DatabaseError || err instanceof ReadOnlyStore ? `answered but failed: ${message}` : `no answer: ${message}`
 }
 
 /**

@@ -9,6 +9,7 @@ import { hostname } from 'node:os'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type BuildOptions } from '../../../app.js'
 import { migrate } from '../../../plugins/audit/migrations.js'
+import { PostgresAuditStore, failureOf } from '../../../plugins/audit/postgres-store.js'
 import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, token, until, SECRET, closedPort } from '../../helper.js'
 import { connect } from '../../adapters/websocket-helper.js'
@@ -344,6 +345,38 @@ if (available) {
     t.ok(await becomes(200), 'ready once PostgreSQL answers, with no call made')
     proxy.cut()
     t.ok(await becomes(503), 'not ready once it stops answering, with no call made')
+  })
+}
+
+// A PostgreSQL that answers but takes no writes (the URL on a hot standby after a failover,
+// default_transaction_read_only) answered the probe's SELECT 1: /readyz said ready, with no
+// call made, while every batch would be refused (25006) and spooled.
+if (available) {
+  t.test('/readyz without traffic: a PostgreSQL that answers but takes no writes is not ready, and ready once it takes them', async t => {
+    const name = await createTestDatabase(t)
+    const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: databaseUrl(name), BFF_AUDIT_SPOOL_DIR: spoolDir(t) }),
+      { logger: false, audit: { connectTimeoutMs: 2000, probeIntervalMs: 50 } })
+    t.teardown(() => app.close())
+    await app.ready()
+    const ready = async (): Promise<number> => (await app.inject({ method: 'GET', url: '/readyz' })).statusCode
+    const becomes = async (status: number): Promise<boolean> => {
+      for (const end = Date.now() + 5000; Date.now() < end; await new Promise(resolve => setTimeout(resolve, 20))) if (await ready() === status) return true
+      return false
+    }
+    t.ok(await becomes(200), 'ready')
+    // New sessions of the database are read-only; the gateway's are ended (as a failover ends them).
+    const sessions = async (): Promise<void> => { await sql(PG_URL, 'SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1', [name]) }
+    await sql(PG_URL, `ALTER DATABASE ${name} SET default_transaction_read_only = on`)
+    await sessions()
+    t.ok(await becomes(503), 'not ready once PostgreSQL takes no writes, with no call made')
+    t.match((await app.inject({ method: 'GET', url: '/readyz' })).json(), { failing: ['postgres'] })
+    // What the probe says (its first failure may be the end of its session instead, logged once).
+    const store = new PostgresAuditStore({ databaseUrl: databaseUrl(name) })
+    t.teardown(() => store.close())
+    t.equal(await store.ping().then(() => 'resolved', failureOf), 'answered but failed: PostgreSQL takes no writes: transaction_read_only is on (a hot standby, or default_transaction_read_only)')
+    await sql(PG_URL, `ALTER DATABASE ${name} RESET default_transaction_read_only`)
+    await sessions()
+    t.ok(await becomes(200), 'ready once it takes writes again')
   })
 }
 
