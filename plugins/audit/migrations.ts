@@ -42,6 +42,11 @@ async function withMigrator<T> (databaseUrl: string, lock: { timeoutMs: number }
   client.on('error', () => {})
   await client.connect()
   try {
+    // Entries carry what clients send (tags, tenants, paths): a database in another encoding
+    // (LATIN1, ...) refused each entry holding a character it lacks (22P05), and such entries
+    // were taken out of the trail into the quarantine file. SQL_ASCII stores the bytes as sent.
+    const encoding = (await client.query<{ server_encoding: string }>('SHOW server_encoding')).rows[0].server_encoding
+    if (encoding !== 'UTF8' && encoding !== 'SQL_ASCII') throw new ConfigError(`the audit database's encoding is ${encoding}: it must be UTF8 (entries holding a character ${encoding} lacks would be refused and kept out of the trail); create it with ENCODING 'UTF8'`)
     const schema = (await client.query<{ s: string | null }>('SELECT current_schema() AS s')).rows[0].s
     if (schema === null) throw new Error('the search_path of DATABASE_URL names no existing schema')
     // postgrator splits the table's name at a dot and writes the schema's name into SQL unescaped.

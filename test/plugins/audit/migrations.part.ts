@@ -174,6 +174,20 @@ if (available) {
     t.equal(app.audit.health().store, 'postgres', 'production starts on it')
   })
 
+  // In a LATIN1 database, an entry holding a character LATIN1 lacks ('€', '中': a tag, a tenant of
+  // a published event) was refused (22P05) and taken out of the trail into the quarantine file.
+  t.test('a database not in UTF8: migrate, status and a start refuse it, naming its encoding', async t => {
+    const url = databaseUrl(await createTestDatabase(t, { encoding: 'LATIN1' }))
+    const REFUSED = /^the audit database's encoding is LATIN1: it must be UTF8 .*ENCODING 'UTF8'$/
+    await t.rejects(migrate(url), REFUSED)
+    await t.rejects(migrateMain(['status'], { DATABASE_URL: url }), REFUSED)
+    await t.rejects(migrateMain(['up'], { DATABASE_URL: url }), REFUSED)
+    t.same(await sql(url, "SELECT to_regclass('bff_audit_entries') AS t"), [{ t: null }], 'nothing migrated')
+    for (const NODE_ENV of ['development', 'production']) {
+      await t.rejects(buildApp(testConfig({ NODE_ENV, BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t) }), { logger: false }), REFUSED, `${NODE_ENV}: the gateway does not start`)
+    }
+  })
+
   // postgrator found the version table by its name in any schema: a second deployment in another
   // schema of the same database (search_path in DATABASE_URL) took the first one's for its own.
   t.test('two deployments in two schemas of one database migrate each its own', async t => {
