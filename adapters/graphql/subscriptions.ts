@@ -538,6 +538,11 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         if (message === null || typeof message !== 'object' || Array.isArray(message)) return invalid(null, 'Invalid message: not a JSON object')
         const { id, type } = message as { id?: unknown, type?: unknown }
         if (typeof type !== 'string' || !known.has(type)) return invalid(id, 'Invalid message: unknown type')
+        // An id is text (or a number, which mercurius takes too). Any other value was read as
+        // text (String(id)) or written back (JSON.stringify) here, outside any handler's catch:
+        // an array nested 5,000 deep (10 KB), from a client with no token, overflowed the stack
+        // and ended the process, every tenant's connections with it.
+        if (id !== undefined && id !== null && typeof id !== 'string' && typeof id !== 'number') return invalid(null, 'Invalid message: an id must be a string')
         if (transport && (type === subscribe || type === complete) && (typeof id !== 'string' || id === '')) return invalid(id, `Invalid message: a ${type} needs an id string`)
         if (type === 'connection_init') {
           initSeen = true

@@ -156,3 +156,36 @@ t.test('introspection off: a refused subscription names no field it was not give
     if (typeof message === 'string') t.equal(c.frames.find(f => f.id === '1').payload[0].message, message, 'nothing after it')
   }
 })
+
+t.test('an id that is no string is refused, without a token, and the process lives on', async t => {
+  // The screen read a legacy `stop`'s id as text (String(id)) and wrote a refused `start`'s id
+  // back (JSON.stringify), outside any catch: an array nested 20,000 deep (40 KB) overflowed
+  // the stack in ws's 'message' listener or in a setImmediate, and ended the process.
+  const { app, port } = await listen(t)
+  const deep = '['.repeat(20_000) + ']'.repeat(20_000)
+  for (const [protocol, messages] of [
+    ['graphql-ws', [`{"type":"stop","id":${deep}}`]],
+    ['graphql-ws', ['{"type":"connection_init"}', `{"type":"start","id":${deep},"payload":null}`]],
+    ['graphql-transport-ws', ['{"type":"connection_init"}', `{"type":"ping","id":${deep}}`]]
+  ] as const) {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, protocol)
+    t.teardown(() => ws.terminate())
+    const frames: any[] = []
+    let closed: [number, string] | null = null
+    ws.on('message', d => frames.push(JSON.parse(String(d))))
+    ws.on('close', (code, reason) => { closed = [code, String(reason)] })
+    await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+    for (const m of messages) ws.send(m)
+    if (protocol === 'graphql-ws') {
+      await until(() => frames.some(f => f.type === 'error'), `the error (${messages.at(-1)!.slice(0, 20)})`)
+      t.match(frames.find(f => f.type === 'error'), { id: null, payload: [{ message: 'Invalid message: an id must be a string', extensions: { code: 'VALIDATION_FAILED', status: 400 } }] })
+    } else {
+      await until(() => closed !== null, 'the close')
+      t.same(closed, [4400, 'Invalid message: an id must be a string'])
+    }
+  }
+  // Still serving.
+  const c = await openGraphqlWs(t, `ws://127.0.0.1:${port}/graphql`)
+  c.ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: 'subscription { runUpdated { id } }' } }))
+  await until(() => app.events.bus.subscriptions === 1, 'a subscription to run')
+})
