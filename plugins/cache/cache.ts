@@ -485,7 +485,7 @@ export class ResponseCache {
     const now = this.now()
     if (now < this.behindWarnedUntil) return
     this.behindWarnedUntil = now + 60_000
-    this.opts.log.warn({ tenant, tags }, 'cache: Redis holds tag versions older than this instance knew (a replica promoted behind its primary?): they are invalidated anew')
+    this.opts.log.warn({ tenant, tags }, 'cache: Redis holds tag versions older than this instance knew (a replica promoted behind its primary, or tags evicted under maxmemory): they are invalidated anew')
   }
 
   /** Invalidations may have been missed (the subscriber was away): nothing in memory is trusted. */

@@ -138,7 +138,11 @@ export class RedisTier {
    * replica promoted behind its primary, which lost the writes it had not had yet): the entries
    * stored before the invalidations it lost matched their tags' versions again, and every
    * instance served them as hits, the in-process tiers emptied by the failover's reconnect.
-   * Bounded: a tag pushed out is no longer checked.
+   * Bounded: a tag pushed out is no longer checked. Each is forgotten before the tag can expire
+   * in Redis (an invalidation leaves it `tagMs` to live, at the least; a tenth of it covers the
+   * message's way here): a tag that expired is born anew at a random version, lower than the
+   * one it had half the time, and was taken for Redis gone back (an invalidation of what had
+   * been stored under it since, and a warning of a failover that never happened).
    */
   private readonly known: LRUCache<string, number>
 
@@ -147,7 +151,7 @@ export class RedisTier {
    * @param maxKnown how many tags' latest versions are remembered (`known`)
    */
   constructor (private readonly client: Redis, readonly tagMs: number, maxKnown = 10_000) {
-    this.known = new LRUCache<string, number>({ max: maxKnown })
+    this.known = new LRUCache<string, number>({ max: maxKnown, ttl: Math.max(1, Math.floor(tagMs * 0.9)) })
     // defineCommand runs EVALSHA and loads the script once when Redis does not know it.
     if (!('mantleCacheWrite' in client)) {
       client.defineCommand('mantleCacheWrite', { lua: WRITE })

@@ -118,3 +118,35 @@ t.test('a tag found behind is moved only if it still is: a read answered before 
   await eventually(async () => heard.at(-1) === who, 'the messages')
   t.same(heard.map(m => m === who ? m : JSON.parse(m)), [{ from: 'test', keys: [tag], versions: [raised] }, who], 'one message, the raise\'s, with its version')
 })
+
+t.test('a tag that expired (its time ran out, nothing lost) is born anew: no instance takes it for Redis gone back', async t => {
+  // A tag lives its tier's tag time after the last entry or invalidation that used it, then
+  // expires, and the next read gives it a random version, lower than the one it had half the
+  // time. An instance that had learnt the old version took the new one for a Redis gone back:
+  // an invalidation of every entry stored under it since, and a warning of a failover that
+  // never happened.
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => { redis.disconnect() })
+  const TAG_MS = 400
+  const one = new RedisTier(redis, TAG_MS)
+  const two = new RedisTier(redis, TAG_MS)
+  const who = 'cache-' + randomUUID()
+  const tag = tagKey(who, 'item:a')
+  const entry = entryKey('getItem', who, { id: 'a' })
+  t.teardown(async () => { await redis.del(tag, entry) })
+  // An invalidation gives the tag a version near the top, which the other instance hears.
+  await redis.set(tag, String(2 ** 47 - 10), 'PX', 60_000)
+  await one.invalidate([tag], 'one')
+  const latest = await redis.get(tag)
+  two.learn([tag], [latest])
+  t.same((await two.read(entry, [tag])).behind, undefined, 'at the version known: not behind')
+  await redis.pexpire(tag, TAG_MS)
+  await eventually(async () => await redis.exists(tag) === 0, 'the tag to expire')
+  await new Promise(resolve => setTimeout(resolve, TAG_MS))
+  const reborn = await one.read(entry, [tag])
+  t.ok(Number(reborn.versions) < Number(latest), 'born anew below the version it had')
+  t.same(reborn.behind, undefined, 'not behind for the instance that gave it its version')
+  t.same((await two.read(entry, [tag])).behind, undefined, 'nor for the instance that had learnt the old one')
+  t.equal(await two.raise([tag], 'two'), 0)
+  t.equal(await redis.get(tag), reborn.versions, 'the tag keeps the version it was born with')
+})
