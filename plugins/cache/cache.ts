@@ -465,7 +465,7 @@ export class ResponseCache {
 
   /** A message of another instance: drops the tags from this instance's tier. */
   received (text: string): void {
-    let message: { from?: unknown, keys?: unknown, versions?: unknown }
+    let message: { from?: unknown, db?: unknown, keys?: unknown, versions?: unknown }
     try {
       message = JSON.parse(text)
     } catch {
@@ -476,8 +476,10 @@ export class ResponseCache {
     this.memory.clock.invalidate(keys)
     this.metrics.invalidated('remote', keys.length)
     // The versions the tags were given (none from a release before them): Redis answering one
-    // below it later went back.
-    if (Array.isArray(message.versions) && message.versions.length === message.keys.length && keys.length === message.keys.length) this.opts.redis?.tier.learn(keys, message.versions)
+    // below it later went back. Only those of this database: a message of another (a deployment
+    // of its own on the same server) drops the tags from memory, as any message, and no more.
+    const tier = this.opts.redis?.tier
+    if (tier !== undefined && message.db === tier.db && Array.isArray(message.versions) && message.versions.length === message.keys.length && keys.length === message.keys.length) tier.learn(keys, message.versions)
   }
 
   /** Redis answered tags below the versions known: logged once a minute at most (each is invalidated anew). */

@@ -145,6 +145,14 @@ export class RedisTier {
    * been stored under it since, and a warning of a failover that never happened).
    */
   private readonly known: LRUCache<string, number>
+  /**
+   * The database of the connection (REDIS_URL's /db), which the messages name: Redis delivers a
+   * PUBLISH to the subscribers of every database, and a version of another database's tag (a
+   * second deployment's, on the same server) is no version of this one's. Learnt, a tag of this
+   * database below it was raised past it, the other's instances learnt that and raised theirs,
+   * and so on: every read of the tag on either side a miss, a raise and a message.
+   */
+  readonly db: number
 
   /**
    * @param tagMs how long a tag version outlives the last entry or invalidation that used it
@@ -152,6 +160,7 @@ export class RedisTier {
    */
   constructor (private readonly client: Redis, readonly tagMs: number, maxKnown = 10_000) {
     this.known = new LRUCache<string, number>({ max: maxKnown, ttl: Math.max(1, Math.floor(tagMs * 0.9)) })
+    this.db = client.options.db ?? 0
     // defineCommand runs EVALSHA and loads the script once when Redis does not know it.
     if (!('mantleCacheWrite' in client)) {
       client.defineCommand('mantleCacheWrite', { lua: WRITE })
@@ -205,7 +214,7 @@ export class RedisTier {
     return out
   }
 
-  /** Versions another instance's invalidation gave its tags (its message): the latest known of each. */
+  /** Versions another instance's invalidation gave its tags (its message, of this `db`): the latest known of each. */
   learn (tagKeys: readonly string[], versions: readonly unknown[]): void {
     for (let i = 0; i < tagKeys.length; i++) this.remember(tagKeys[i], versions[i])
   }
@@ -228,8 +237,8 @@ export class RedisTier {
 
   /**
    * Moves the tags to new versions (past the latest this instance knew, should Redis have gone
-   * back) and tells every instance, as `{"from", "keys", "versions"}` on INVALIDATE_CHANNEL.
-   * `from`: this instance's id.
+   * back) and tells every instance, as `{"from", "db", "keys", "versions"}` on INVALIDATE_CHANNEL.
+   * `from`: this instance's id; `db`: the connection's database.
    */
   async invalidate (tagKeys: readonly string[], from: string): Promise<void> {
     if (tagKeys.length === 0) return
@@ -246,7 +255,7 @@ export class RedisTier {
   }
 
   private async move (tagKeys: readonly string[], from: string, only: '0' | '1'): Promise<number> {
-    const start = JSON.stringify({ from, keys: tagKeys }).slice(0, -1) + ',"versions":['
+    const start = JSON.stringify({ from, db: this.db, keys: tagKeys }).slice(0, -1) + ',"versions":['
     const floors = tagKeys.map(k => String(this.known.peek(k) ?? 0))
     const [moved, versions] = await this.commands.mantleCacheInvalidate(tagKeys.length, ...tagKeys, String(this.tagMs), start, randomVersion(), only, ...floors)
     for (let i = 0; i < tagKeys.length; i++) this.remember(tagKeys[i], versions[i])

@@ -116,7 +116,7 @@ t.test('a tag found behind is moved only if it still is: a read answered before 
   t.equal(await redis.get(tag), raised, 'past the version known, not back to it')
   await redis.publish(INVALIDATE_CHANNEL, who)
   await eventually(async () => heard.at(-1) === who, 'the messages')
-  t.same(heard.map(m => m === who ? m : JSON.parse(m)), [{ from: 'test', keys: [tag], versions: [raised] }, who], 'one message, the raise\'s, with its version')
+  t.same(heard.map(m => m === who ? m : JSON.parse(m)), [{ from: 'test', db: tier.db, keys: [tag], versions: [raised] }, who], 'one message, the raise\'s, with its version')
 })
 
 t.test('a tag that expired (its time ran out, nothing lost) is born anew: no instance takes it for Redis gone back', async t => {
@@ -149,4 +149,42 @@ t.test('a tag that expired (its time ran out, nothing lost) is born anew: no ins
   t.same((await two.read(entry, [tag])).behind, undefined, 'nor for the instance that had learnt the old one')
   t.equal(await two.raise([tag], 'two'), 0)
   t.equal(await redis.get(tag), reborn.versions, 'the tag keeps the version it was born with')
+})
+
+t.test('two deployments on one Redis server, each in a database of its own, do not take each other\'s tag versions for Redis gone back', async t => {
+  // Pub/sub ignores the database: an instance on db 1 hears the invalidations made on db 0. The
+  // same tenant and tag in both (a staging and a production gateway, say) have versions of their
+  // own, and one learnt from the other database's message is no step back of this one's.
+  const own = await startRedisServer(t)
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const x = await buildTestApp(t, { REDIS_URL: own.url + '/0' }, { manifest, kernelUrl: kernel.url })
+  const y = await buildTestApp(t, { REDIS_URL: own.url + '/1' }, { manifest, kernelUrl: kernel.url })
+  const who = 'cache-' + randomUUID()
+  const headers = bearer({ tenant: who })
+  const tag = tagKey(who, 'item:a')
+  const heard: string[] = []
+  const listener = new Redis(own.url)
+  t.teardown(() => listener.disconnect())
+  await listener.subscribe(INVALIDATE_CHANNEL)
+  listener.on('message', (_channel: string, text: string) => { heard.push(text) })
+  for (const app of [x, y]) t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).statusCode, 200)
+  // The tag's version in db 0 below the one in db 1 (each is born random: half the time so).
+  await own.client.select(0)
+  await own.client.set(tag, String(2 ** 40 + 1), 'PX', 600_000)
+  await own.client.select(1)
+  await own.client.set(tag, String(2 ** 46), 'PX', 600_000)
+  t.equal((await y.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
+  await eventually(async () => heard.length === 1, 'the invalidation message')
+  const before = kernel.reads()
+  const outcomes: string[] = []
+  for (let i = 0; i < 6; i++) {
+    for (const app of [x, y]) outcomes.push(String((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache']))
+  }
+  t.ok(kernel.reads() - before <= 2, `each instance refills once, then serves hits (Kernel reads ${kernel.reads() - before}, ${outcomes.join(' ')})`)
+  await listener.publish(INVALIDATE_CHANNEL, who)
+  await eventually(async () => heard.at(-1) === who, 'the messages')
+  t.equal(heard.length, 2, 'no invalidation but the mutation\'s')
+  await own.client.select(0)
+  t.equal(await own.client.get(tag), String(2 ** 40 + 1), 'the tag of db 0 left as it was')
 })
