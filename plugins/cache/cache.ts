@@ -465,7 +465,7 @@ export class ResponseCache {
 
   /** A message of another instance: drops the tags from this instance's tier. */
   received (text: string): void {
-    let message: { from?: unknown, db?: unknown, keys?: unknown, versions?: unknown }
+    let message: { from?: unknown, db?: unknown, ms?: unknown, keys?: unknown, versions?: unknown }
     try {
       message = JSON.parse(text)
     } catch {
@@ -478,8 +478,9 @@ export class ResponseCache {
     // The versions the tags were given (none from a release before them): Redis answering one
     // below it later went back. Only those of this database: a message of another (a deployment
     // of its own on the same server) drops the tags from memory, as any message, and no more.
+    // Remembered no longer than the tags live, by the sender's tag time (`ms`, its manifest's).
     const tier = this.opts.redis?.tier
-    if (tier !== undefined && message.db === tier.db && Array.isArray(message.versions) && message.versions.length === message.keys.length && keys.length === message.keys.length) tier.learn(keys, message.versions)
+    if (tier !== undefined && message.db === tier.db && typeof message.ms === 'number' && message.ms > 0 && Array.isArray(message.versions) && message.versions.length === message.keys.length && keys.length === message.keys.length) tier.learn(keys, message.versions, message.ms)
   }
 
   /** Redis answered tags below the versions known: logged once a minute at most (each is invalidated anew). */

@@ -104,6 +104,9 @@ const randomVersion = (): string => String(randomInt(LEGACY_BELOW, 2 ** 47))
 /** A version the read must replace: none, or one of the release that counted from 0. */
 const replaced = (version: string | null): boolean => version === null || !(Number(version) >= LEGACY_BELOW)
 
+/** How long a version is remembered (RedisTier's `known`) after a move that left its tag `tagMs` to live, at the least. */
+const knownMs = (tagMs: number): number => Math.max(1, Math.floor(tagMs * 0.9))
+
 /** How much longer than the entry stored under it a tag version lives, at the least. */
 const TAG_MARGIN_MS = 60_000
 
@@ -159,7 +162,7 @@ export class RedisTier {
    * @param maxKnown how many tags' latest versions are remembered (`known`)
    */
   constructor (private readonly client: Redis, readonly tagMs: number, maxKnown = 10_000) {
-    this.known = new LRUCache<string, number>({ max: maxKnown, ttl: Math.max(1, Math.floor(tagMs * 0.9)) })
+    this.known = new LRUCache<string, number>({ max: maxKnown, ttl: knownMs(tagMs) })
     this.db = client.options.db ?? 0
     // defineCommand runs EVALSHA and loads the script once when Redis does not know it.
     if (!('mantleCacheWrite' in client)) {
@@ -214,16 +217,22 @@ export class RedisTier {
     return out
   }
 
-  /** Versions another instance's invalidation gave its tags (its message, of this `db`): the latest known of each. */
-  learn (tagKeys: readonly string[], versions: readonly unknown[]): void {
-    for (let i = 0; i < tagKeys.length; i++) this.remember(tagKeys[i], versions[i])
+  /**
+   * Versions another instance's invalidation gave its tags (its message, of this `db`): the
+   * latest known of each. `ms`: the tag time of the instance that moved them (its message's), which
+   * its script gave them at the least: remembered for nine tenths of it if shorter than this
+   * tier's (another manifest), since the tags may expire then and be born anew lower.
+   */
+  learn (tagKeys: readonly string[], versions: readonly unknown[], ms: number = this.tagMs): void {
+    const ttl = ms < this.tagMs ? knownMs(ms) : undefined
+    for (let i = 0; i < tagKeys.length; i++) this.remember(tagKeys[i], versions[i], ttl)
   }
 
-  private remember (tagKey: string, version: unknown): void {
+  private remember (tagKey: string, version: unknown, ttl?: number): void {
     const n = typeof version === 'string' && version !== '' ? Number(version) : NaN
     // '': the tag was deleted (Redis full): whatever version it is born with next is no step back.
     if (version === '') this.known.delete(tagKey)
-    else if (Number.isSafeInteger(n) && n > (this.known.peek(tagKey) ?? 0)) this.known.set(tagKey, n)
+    else if (Number.isSafeInteger(n) && n > (this.known.peek(tagKey) ?? 0)) this.known.set(tagKey, n, ttl === undefined ? undefined : { ttl })
   }
 
   async write (key: string, tagKeys: readonly string[], versions: string, answer: CachedAnswer, now: number): Promise<boolean> {
@@ -237,8 +246,9 @@ export class RedisTier {
 
   /**
    * Moves the tags to new versions (past the latest this instance knew, should Redis have gone
-   * back) and tells every instance, as `{"from", "db", "keys", "versions"}` on INVALIDATE_CHANNEL.
-   * `from`: this instance's id; `db`: the connection's database.
+   * back) and tells every instance, as `{"from", "db", "ms", "keys", "versions"}` on
+   * INVALIDATE_CHANNEL. `from`: this instance's id; `db`: the connection's database; `ms`: the
+   * tag time the tags were given, at the least (`tagMs`).
    */
   async invalidate (tagKeys: readonly string[], from: string): Promise<void> {
     if (tagKeys.length === 0) return
@@ -255,7 +265,7 @@ export class RedisTier {
   }
 
   private async move (tagKeys: readonly string[], from: string, only: '0' | '1'): Promise<number> {
-    const start = JSON.stringify({ from, db: this.db, keys: tagKeys }).slice(0, -1) + ',"versions":['
+    const start = JSON.stringify({ from, db: this.db, ms: this.tagMs, keys: tagKeys }).slice(0, -1) + ',"versions":['
     const floors = tagKeys.map(k => String(this.known.peek(k) ?? 0))
     const [moved, versions] = await this.commands.mantleCacheInvalidate(tagKeys.length, ...tagKeys, String(this.tagMs), start, randomVersion(), only, ...floors)
     for (let i = 0; i < tagKeys.length; i++) this.remember(tagKeys[i], versions[i])

@@ -6,7 +6,7 @@ import { Redis } from 'ioredis'
 import { buildTestApp, bearer } from '../../helper.js'
 import { startRedisServer } from '../../redis-server.js'
 import { itemKernel, itemManifest, eventually, REDIS_URL } from './items.js'
-import { entryKey, INVALIDATE_CHANNEL, localKey, RedisTier, tagKey } from '../../../plugins/cache/index.js'
+import { entryKey, INVALIDATE_CHANNEL, localKey, RedisTier, ResponseCache, tagKey } from '../../../plugins/cache/index.js'
 import { canonicalJson } from '../../../plugins/pipeline/index.js'
 
 t.test('a replica promoted behind its primary: tag versions gone back do not bring back the entries invalidated since', async t => {
@@ -116,7 +116,7 @@ t.test('a tag found behind is moved only if it still is: a read answered before 
   t.equal(await redis.get(tag), raised, 'past the version known, not back to it')
   await redis.publish(INVALIDATE_CHANNEL, who)
   await eventually(async () => heard.at(-1) === who, 'the messages')
-  t.same(heard.map(m => m === who ? m : JSON.parse(m)), [{ from: 'test', db: tier.db, keys: [tag], versions: [raised] }, who], 'one message, the raise\'s, with its version')
+  t.same(heard.map(m => m === who ? m : JSON.parse(m)), [{ from: 'test', db: tier.db, ms: tier.tagMs, keys: [tag], versions: [raised] }, who], 'one message, the raise\'s, with its version')
 })
 
 t.test('a tag that expired (its time ran out, nothing lost) is born anew: no instance takes it for Redis gone back', async t => {
@@ -187,4 +187,52 @@ t.test('two deployments on one Redis server, each in a database of its own, do n
   t.equal(heard.length, 2, 'no invalidation but the mutation\'s')
   await own.client.select(0)
   t.equal(await own.client.get(tag), String(2 ** 40 + 1), 'the tag of db 0 left as it was')
+})
+
+t.test('an instance whose tags live longer (a manifest of its own) forgets a version it heard before the tag the other instance moved can expire', async t => {
+  // A tier's tag time comes from the longest-lived cached op of the manifest it started with: a
+  // reload, or a deploy, that changed it leaves instances with times of their own. The one that
+  // invalidates gives the tag its own time; one that heard it kept the version for nine tenths
+  // of ITS time, longer than the tag lived: the tag expired, a read gave it a new version, lower
+  // half the time, and the instance that had heard took that for Redis gone back (a raise of
+  // every entry stored under it since, and the warning of a failover that never happened).
+  const redis = new Redis(REDIS_URL)
+  const listener = new Redis(REDIS_URL)
+  t.teardown(() => { redis.disconnect(); listener.disconnect() })
+  const SHORT_MS = 1000
+  const short = new RedisTier(redis, SHORT_MS)
+  const long = new RedisTier(redis, 60_000)
+  const warned: string[] = []
+  const cache = new ResponseCache({
+    redis: { tier: long, up: () => true },
+    maxSize: 100,
+    maxBytes: 1 << 20,
+    defaultTtlSeconds: 60,
+    breakerOpen: () => false,
+    serializer: () => JSON.stringify,
+    instanceId: 'long',
+    log: { warn: (_obj: object, msg: string) => { warned.push(msg) }, debug: () => {} }
+  })
+  t.teardown(() => cache.close())
+  const who = 'cache-' + randomUUID()
+  const tag = tagKey(who, 'item:a')
+  const entry = entryKey('getItem', who, { id: 'a' })
+  t.teardown(async () => { await redis.del(tag, entry) })
+  const heard: string[] = []
+  await listener.subscribe(INVALIDATE_CHANNEL)
+  listener.on('message', (_channel: string, text: string) => { if (text.includes(who)) heard.push(text) })
+  // A version near the top, so that the one the tag is born with next is below it.
+  await redis.set(tag, String(2 ** 47 - 10), 'PX', 50)
+  await short.invalidate([tag], 'short')
+  const latest = await redis.get(tag)
+  await eventually(async () => heard.length === 1, 'the invalidation message')
+  cache.received(heard[0])
+  t.same((await long.read(entry, [tag])).behind, undefined, 'at the version heard: not behind')
+  await eventually(async () => await redis.exists(tag) === 0, 'the tag to expire')
+  const reborn = await short.read(entry, [tag])
+  t.ok(Number(reborn.versions) < Number(latest), 'born anew below the version it had')
+  t.same((await long.read(entry, [tag])).behind, undefined, 'not taken for Redis gone back by the instance that heard the old version')
+  t.equal(await long.raise([tag], 'long'), 0)
+  t.equal(await redis.get(tag), reborn.versions, 'the tag keeps the version it was born with')
+  t.same(warned, [])
 })
