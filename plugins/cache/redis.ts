@@ -56,7 +56,7 @@ for i = 1, #KEYS do
   local v = tonumber(redis.call('GET', k))
   local floor = tonumber(ARGV[4 + i]) or 0
   if only and (v == nil or v >= floor) then
-    out[i] = redis.call('GET', k) or ''
+    out[i] = v and string.format('%.0f', v) or ''
   else
     moved = moved + 1
     local keep = redis.call('PTTL', k)
@@ -104,8 +104,13 @@ const randomVersion = (): string => String(randomInt(LEGACY_BELOW, 2 ** 47))
 /** A version the read must replace: none, or one of the release that counted from 0. */
 const replaced = (version: string | null): boolean => version === null || !(Number(version) >= LEGACY_BELOW)
 
-/** How long a version is remembered (RedisTier's `known`) after a move that left its tag `tagMs` to live, at the least. */
-const knownMs = (tagMs: number): number => Math.max(1, Math.floor(tagMs * 0.9))
+/**
+ * How long a version is remembered (RedisTier's `known`) after a move that left its tag `tagMs`
+ * to live, at the least: a tenth less, and no more than 30 s less (the message's way here), so
+ * that with an hour's ttl the entries stored before a lost invalidation stay guarded almost as
+ * long as they may live.
+ */
+const knownMs = (tagMs: number): number => Math.max(1, Math.floor(tagMs - Math.min(30_000, tagMs / 10)))
 
 /** How much longer than the entry stored under it a tag version lives, at the least. */
 const TAG_MARGIN_MS = 60_000

@@ -236,3 +236,28 @@ t.test('an instance whose tags live longer (a manifest of its own) forgets a ver
   t.equal(await redis.get(tag), reborn.versions, 'the tag keeps the version it was born with')
   t.same(warned, [])
 })
+
+t.test('a raise that moves one tag and finds another holding no number still tells every instance, in JSON', async t => {
+  // The message carried the value of a tag that was not moved as Redis held it: one written by
+  // something else than Mantle (`x"y`) made the message invalid JSON, every instance dropped it,
+  // and the tag that was moved was not dropped from their memory.
+  const redis = new Redis(REDIS_URL)
+  const listener = new Redis(REDIS_URL)
+  t.teardown(() => { redis.disconnect(); listener.disconnect() })
+  const tier = new RedisTier(redis, 60_000)
+  const who = 'cache-' + randomUUID()
+  const behind = tagKey(who, 'item:a')
+  const junk = tagKey(who, 'item:b')
+  t.teardown(async () => { await redis.del(behind, junk) })
+  const heard: string[] = []
+  await listener.subscribe(INVALIDATE_CHANNEL)
+  listener.on('message', (_channel: string, text: string) => { if (text.includes(who)) heard.push(text) })
+  await redis.set(behind, String(2 ** 41), 'PX', 60_000)
+  await redis.set(junk, 'x"y', 'PX', 60_000)
+  tier.learn([behind], [String(2 ** 41 + 5)])
+  t.equal(await tier.raise([behind, junk], 'test'), 1, 'the tag behind moved')
+  await eventually(async () => heard.length === 1, 'the message')
+  const message = JSON.parse(heard[0]) as { keys: string[], versions: string[] }
+  t.same(message.keys, [behind, junk])
+  t.same(message.versions, [String(2 ** 41 + 6), ''], 'a value that is no version is told as none')
+})
