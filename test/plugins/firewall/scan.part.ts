@@ -1,5 +1,5 @@
 import t from 'tap'
-import { normalizeForRules, normalizeForMarkers, joinSpacedLetters, packKey, rulesView, keyFilter, invisibleAsSpaces, HOMOGLYPHS, visibleCopy } from '../../../plugins/firewall/normalize.js'
+import { normalizeForRules, normalizeForMarkers, joinSpacedLetters, packKey, rulesView, keyFilter, invisibleAsSpaces, HOMOGLYPHS, visibleCopy, BETWEEN_LETTERS } from '../../../plugins/firewall/normalize.js'
 import { keysOf, wordRuleKeys, matchWordRules, INJECTION_RULES, RULE_KEYS } from '../../../plugins/firewall/injection.js'
 import { prng } from '../../../loadtest/fuzz.js'
 import { luhn, mod97, cardNetwork, validIban, validNir, validSteuerId, findSpans, type Detection, SPAN_RULES } from '../../../plugins/firewall/detectors.js'
@@ -483,6 +483,51 @@ function unboundedQuantifiers (source: string): string[] {
   }
   return found
 }
+
+/**
+ * The groups of a regex source repeated without bound (`+`, `*`, `{n,}`) that hold an alternation
+ * (`(?:a|b)+`). Two alternatives that can match the same character make a run of it match in
+ * 2^n ways, each tried when what follows fails.
+ */
+function repeatedAlternations (source: string): string[] {
+  const found: string[] = []
+  const opens: Array<{ at: number, bar: boolean }> = []
+  let inClass = false
+  for (let i = 0; i < source.length; i++) {
+    const c = source[i]
+    if (c === '\\') { i++; continue }
+    if (inClass) { if (c === ']') inClass = false; continue }
+    if (c === '[') inClass = true
+    else if (c === '(') opens.push({ at: i, bar: false })
+    else if (c === '|' && opens.length > 0) opens[opens.length - 1].bar = true
+    else if (c === ')') {
+      const open = opens.pop()!
+      const next = source.slice(i + 1)
+      if (open.bar && (next[0] === '+' || next[0] === '*' || /^\{\d+,\}/.test(next))) found.push(source.slice(open.at, i + 2))
+    }
+  }
+  return found
+}
+
+t.test('the invisible characters between letters are one class, repeated: no alternation tried 2^n ways', async t => {
+  t.same(repeatedAlternations('(?:[a]|[ab])+x(a|b){2}(?:c|d){1,}[(|)]+'), ['(?:[a]|[ab])+', '(?:c|d){'], 'the checker itself finds them')
+  // It was (?:INVISIBLE|INVISIBLE_ASTRAL)+, two classes that share every BMP format character:
+  // 'a' + 26 soft hyphens + '!' held the event loop 0.4 s in one REST call, 40 would hold it hours.
+  t.same(repeatedAlternations(BETWEEN_LETTERS.source), [])
+  for (const rule of [...INJECTION_RULES, ...SPAN_RULES]) t.same(repeatedAlternations(rule.pattern.source), [], `nor in rule ${rule.pattern.source.slice(0, 40)}`)
+  t.equal(BETWEEN_LETTERS.flags, 'u')
+  // What it matches is what the two classes matched.
+  const hyphens = '\u00ad'.repeat(12)
+  t.equal(invisibleAsSpaces('a' + hyphens + '!'), null, 'invisible characters after a letter, before none')
+  t.equal(invisibleAsSpaces('a' + hyphens + 'b'), 'a' + ' '.repeat(12) + 'b')
+  t.equal(invisibleAsSpaces(`a\u200b${String.fromCodePoint(0xE0100)}\u00adb`), 'a   b', 'BMP and astral invisible characters in one run')
+  t.equal(invisibleAsSpaces(`a${String.fromCodePoint(0x1D173)}b`), 'a b', 'an astral format character alone')
+  t.equal(invisibleAsSpaces('a\tb'), null, 'a tab is whitespace, not invisible')
+  // A Hangul filler is a letter and invisible: three in a row are a letter, an invisible one and a letter.
+  t.equal(invisibleAsSpaces('\u3164\u3164'), null)
+  t.equal(invisibleAsSpaces('\u3164\u3164\u3164'), '   ')
+  t.equal(invisibleAsSpaces('x\u3164!'), null)
+})
 
 t.test('no rule has an unbounded quantifier', async t => {
   t.same(unboundedQuantifiers('a+b*[+*]c{2,}d{1,3}\\+'), ['a+', 'a+b*', 'a+b*[+*]c{2,}'], 'the checker itself finds them')
