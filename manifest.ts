@@ -3,7 +3,7 @@ import type { Stats } from 'node:fs'
 import { extname } from 'node:path'
 import { parse as parseYaml, parseDocument } from 'yaml'
 import { Ajv, type ValidateFunction } from 'ajv'
-import addFormats from 'ajv-formats'
+import { addGatewayFormats } from './formats.js'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
 
 // The manifest is the one place operations are declared. This module turns the document into
@@ -115,7 +115,7 @@ const validateDocument = ajv.compile(ManifestSchema)
 // manifest's schemas for good.
 function schemaChecker (): Ajv {
   const checker = new Ajv({ strict: true, strictRequired: false, allowUnionTypes: true, strictTypes: false, allErrors: true })
-  addFormats.default(checker)
+  addGatewayFormats(checker)
   checker.addVocabulary(['example', 'externalDocs', 'xml'])
   return checker
 }

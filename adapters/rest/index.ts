@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyRequest, FastifySchema, FastifyReply } from 'fastify'
 import { Ajv } from 'ajv'
-import addFormats from 'ajv-formats'
+import { addGatewayFormats } from '../../formats.js'
 import { CallContext } from '../../plugins/pipeline/index.js'
 import { takesIfNoneMatch } from '../../plugins/cache/index.js'
 import { clientRequestId } from '../../ids.js'
@@ -100,7 +100,7 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
   // Path params and query strings arrive as strings: this Ajv only coerces them to the types the
   // input schema declares. Validation proper is the pipeline's, the same on every face.
   const coercer = new Ajv({ coerceTypes: 'array', strict: false, allErrors: true, useDefaults: false })
-  addFormats.default(coercer)
+  addGatewayFormats(coercer)
   const passthrough = (): true => true
   const validatorCompiler = ({ schema, httpPart }: { schema: FastifySchema, httpPart?: string }) => {
     if (httpPart === 'body' || httpPart === 'headers') return passthrough

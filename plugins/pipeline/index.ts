@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { Ajv, type ValidateFunction } from 'ajv'
-import addFormats from 'ajv-formats'
+import { addGatewayFormats } from '../../formats.js'
 import fastJson from 'fast-json-stringify'
 import { canonicalJson, type Manifest, type Operation } from '../../manifest.js'
 import { MantleError, describeValidation } from '../../errors.js'
@@ -334,7 +334,7 @@ function inputValidators (op: Operation): InputValidators {
     // One Ajv per operation: an instance keeps every schema it compiled (its cache and its
     // scope of values), so a shared one would keep each reloaded manifest's for good.
     const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
-    addFormats.default(ajv)
+    addGatewayFormats(ajv)
     const bounded = safeIntegers(op.input)
     compiled = { validate: ajv.compile(op.input), safe: bounded === op.input ? null : ajv.compile(bounded as typeof op.input) }
     compiledInputs.set(op, compiled)
