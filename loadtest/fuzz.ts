@@ -10,7 +10,10 @@
 // - GraphQL: syntax errors, deep and wide documents, aliases, fragment cycles, junk variables;
 // - WebSocket (/ws, and the GraphQL and tRPC sockets): binary, invalid JSON, huge frames,
 //   unknown ops, wrong field types, junk tokens, raw protocol junk;
-// - raw HTTP over a socket: bad methods, request lines, paths and headers no HTTP client sends.
+// - raw HTTP over a socket: bad methods, request lines, paths and headers no HTTP client sends;
+// - on every face, a value nested 5,000 to 30,000 deep (valid JSON, which String(), JSON.stringify
+//   and recursive walkers overflow on) in each field of each message kind: every WebSocket
+//   protocol's messages before and after init or auth, bodies, ?input=, ?variables=, token claims.
 //
 // No fuzzing library fits: the cases are Mantle's own faces and contract (which statuses and
 // close codes are deliberate), and the point is the exact, repeatable set of requests.
@@ -129,7 +132,7 @@ function junkJsonText (r: Rng): string | Buffer {
     case 6: return '{"__proto__":{"polluted":true},"id":"a1"}'
     case 7: return '{"constructor":{"prototype":{"polluted":true}}}'
     case 8: return Buffer.concat([Buffer.from('{"id":"a1","prompt":"'), Buffer.from([0xff, 0xfe, 0xed, 0xa0, 0x80, 0xc0, 0xaf]), Buffer.from('"}')])
-    case 9: return '['.repeat(r.pick([1000, 100_000])) + ']'.repeat(r.pick([0, 1000]))
+    case 9: return r.chance(0.5) ? deepJsonText(r) : '['.repeat(r.pick([1000, 100_000])) + ']'.repeat(r.pick([0, 1000]))
     case 10: return '{"id":"a1","id":"a2","id":' + '"x"'.repeat(2) + '}'
     case 11: return '"just a string"'
     case 12: return ''
@@ -390,6 +393,135 @@ function wsTrpcCase (r: Rng, secret: string, good: string): WsCase {
   return { face: 'trpc', kind: 'trpc-ws', ws: { path: '/trpc?connectionParams=1', headers: {}, frames } }
 }
 
+// --- values nested thousands deep -----------------------------------------------------------
+//
+// JSON.parse has no depth limit, but String(), JSON.stringify, ajv and any recursive walker
+// overflow the stack from about 5,000 levels: one such value, read outside a handler's catch,
+// ends the process. So every field of every message kind of each face gets one, sent as text
+// built by repetition (the fuzzer's own JSON.stringify would overflow too): before and after a
+// connection's init or auth, over the WebSocket protocols and in the HTTP faces' bodies and
+// ?input= / ?variables=.
+
+/** Stands for the deep value in a message; deepJson puts the deep text in its place. */
+const DEEP = '\u0000fuzz-deep\u0000'
+
+/**
+ * JSON text of a value nested 5,000 to 30,000 levels deep, arrays or objects (up to 180 KB).
+ * `urlSafe`: 5,000 arrays (10 KB of brackets) that fit a URL within Node's 16 KiB of head.
+ */
+function deepJsonText (r: Rng, urlSafe = false): string {
+  const depth = urlSafe ? 5000 : r.pick([5000, 10_000, 20_000, 30_000])
+  return urlSafe || r.chance(0.5) ? '['.repeat(depth) + '1' + ']'.repeat(depth) : '{"a":'.repeat(depth) + '1' + '}'.repeat(depth)
+}
+
+/** `message` as JSON text, the deep value where DEEP stands. */
+function deepJson (r: Rng, message: unknown, urlSafe = false): string {
+  return (JSON.stringify(message) ?? '').replace(JSON.stringify(DEEP), () => deepJsonText(r, urlSafe))
+}
+
+/** Every field of a message, nested ones as dotted paths ('' is the message itself). */
+function fieldsOf (message: unknown, prefix = ''): string[] {
+  if (message === null || typeof message !== 'object') return []
+  return Object.entries(message).flatMap(([key, value]) => [prefix + key, ...fieldsOf(value, prefix + key + '.')])
+}
+
+/**
+ * A copy of `message` with DEEP in one of its fields, an unknown key, `__proto__` (an own key,
+ * as JSON.parse makes it) or in place of the whole message.
+ */
+function withDeep (r: Rng, message: Record<string, unknown>): unknown {
+  const path = r.pick(['', '__proto__', 'x' + r.int(10), ...fieldsOf(message), ...fieldsOf(message)])
+  if (path === '') return DEEP
+  const copy = JSON.parse(JSON.stringify(message)) as Record<string, unknown>
+  const keys = path.split('.')
+  let at = copy
+  for (const key of keys.slice(0, -1)) at = at[key] as Record<string, unknown>
+  Object.defineProperty(at, keys[keys.length - 1], { value: DEEP, enumerable: true, writable: true, configurable: true })
+  return copy
+}
+
+/** Each message kind of each WebSocket protocol, as a client sends it. */
+function deepMessages (protocol: 'ws' | 'graphql-transport-ws' | 'graphql-ws' | 'trpc', good: string): Array<Record<string, unknown>> {
+  const payload = { query: 'subscription Q($id: String) { runUpdated { id } }', variables: { id: 'a1' }, extensions: { persistedQuery: { version: 1 } }, operationName: 'Q' }
+  switch (protocol) {
+    case 'ws': return [
+      { id: '1', op: 'getAgent', input: { id: 'a1' } },
+      { id: '1', op: 'runAgent', input: { id: 'a1', prompt: 'hi' }, idempotencyKey: 'k1' },
+      { id: '1', subscribe: 'runUpdated' },
+      { id: '1', unsubscribe: 'runUpdated' },
+      { id: '1', auth: good }
+    ]
+    case 'graphql-transport-ws': return [
+      { type: 'connection_init', payload: { authorization: `Bearer ${good}` } },
+      { type: 'ping', payload: { a: 1 } },
+      { type: 'pong', payload: { a: 1 } },
+      { id: '1', type: 'subscribe', payload },
+      { id: '1', type: 'complete' }
+    ]
+    case 'graphql-ws': return [
+      { type: 'connection_init', payload: { authorization: `Bearer ${good}` } },
+      { id: '1', type: 'start', payload },
+      { id: '1', type: 'stop' },
+      { type: 'connection_terminate' }
+    ]
+    case 'trpc': return [
+      { method: 'connectionParams', data: { token: good } },
+      { id: 1, jsonrpc: '2.0', method: 'query', params: { path: 'getAgent', input: { id: 'a1' } } },
+      { id: 1, jsonrpc: '2.0', method: 'mutation', params: { path: 'runAgent', input: { id: 'a1', prompt: 'hi' } } },
+      { id: 1, jsonrpc: '2.0', method: 'subscription', params: { path: 'runUpdated', input: {}, lastEventId: 'e1' } },
+      { id: 1, jsonrpc: '2.0', method: 'subscription.stop' }
+    ]
+  }
+}
+
+/**
+ * A WebSocket connection: its init or auth (or none yet), then one or two frames with a deep
+ * value, then a plain one (/ws takes no upgrade without a token: there, with or without an
+ * `auth` frame first).
+ */
+function deepWsCase (r: Rng, good: string): WsCase {
+  const protocol = r.pick(['ws', 'graphql-transport-ws', 'graphql-ws', 'trpc'] as const)
+  const messages = deepMessages(protocol, good)
+  const frames: Array<string | Buffer | { raw: Buffer }> = []
+  if (r.chance(0.5)) frames.push(JSON.stringify(protocol === 'ws' ? { id: 'auth', auth: good } : messages[0]))
+  for (let i = r.int(2) + 1; i > 0; i--) frames.push(deepJson(r, withDeep(r, r.pick(messages))))
+  frames.push(JSON.stringify(r.pick(messages)))
+  switch (protocol) {
+    case 'ws': return { face: 'websocket', kind: 'deep /ws', ws: { path: '/ws', headers: { authorization: `Bearer ${good}` }, frames } }
+    case 'trpc': return { face: 'trpc', kind: 'deep trpc-ws', ws: { path: '/trpc?connectionParams=1', headers: {}, frames } }
+    default: return { face: 'graphql', kind: `deep ${protocol}`, ws: { path: '/graphql', protocol, headers: {}, frames } }
+  }
+}
+
+/**
+ * An HTTP request with a deep value in a field of its JSON body, ?input= or ?variables=, with a
+ * good token, none, or one whose claims hold a deep value (signed: it is read past the signature).
+ */
+function deepHttpCase (r: Rng, secret: string, good: string): HttpCase {
+  const claims = { sub: 'fuzz', tid: 'fuzz', roles: ['viewer'], zone: 'public', iat: now, exp: now + 3600 }
+  const token = r.chance(0.1) ? signJwt({ alg: 'HS256', typ: 'JWT' }, deepJson(r, withDeep(r, claims), true), secret) : good
+  const headers: Record<string, string> = { 'content-type': 'application/json', ...(r.chance(0.8) ? { authorization: `Bearer ${token}` } : {}) }
+  const input = { id: 'a1', name: 'x', model: 'm', prompt: 'hi', limit: 5, cursor: 'c', q: 'x' }
+  // In a URL: 5,000 arrays, the brackets as they are (encoded, they would not fit Node's 16 KiB of head).
+  const query = (message: Record<string, unknown>): string => enc(deepJson(r, withDeep(r, message), true)).replace(/%5B/g, '[').replace(/%5D/g, ']')
+  const doc = { query: 'query Q($id: String!) { getAgent(id: $id) { id } }', variables: { id: 'a1' }, operationName: 'Q', extensions: { persistedQuery: { version: 1 } } }
+  switch (r.int(7)) {
+    case 0: {
+      const [method, route] = r.pick(REST_ROUTES.filter(([m]) => m === 'POST' || m === 'PATCH'))
+      return { face: 'rest', kind: `deep ${method} ${route}`, method, path: route.replace(':id', 'a1'), headers, body: deepJson(r, withDeep(r, input)) }
+    }
+    case 1: return { face: 'batch', kind: 'deep POST /api/v1/batch', method: 'POST', path: '/api/v1/batch', headers, body: deepJson(r, withDeep(r, { calls: [{ id: 'c1', op: 'getAgent', input }, { id: 'c2', op: r.pick(OPS), input, idempotencyKey: 'k1' }] })) }
+    case 2: return { face: 'trpc', kind: 'deep GET query', method: 'GET', path: `/trpc/${r.pick(OPS)}?input=${query(input)}`, headers }
+    case 3: return { face: 'trpc', kind: 'deep GET batch', method: 'GET', path: `/trpc/getAgent,listAgents?batch=1&input=${query({ 0: input, 1: input })}`, headers }
+    case 4: {
+      const batch = r.chance(0.5)
+      return { face: 'trpc', kind: 'deep POST mutation', method: 'POST', path: `/trpc/${r.pick(['runAgent', 'createAgent', 'updateAgent'])}${batch ? '?batch=1' : ''}`, headers, body: deepJson(r, withDeep(r, batch ? { 0: input } : input)) }
+    }
+    case 5: return { face: 'graphql', kind: 'deep GET', method: 'GET', path: `/graphql?query=${enc(doc.query)}&operationName=Q&variables=${query(doc.variables)}`, headers }
+    default: return { face: 'graphql', kind: 'deep POST', method: 'POST', path: '/graphql', headers, body: deepJson(r, withDeep(r, r.chance(0.8) ? doc : { 0: doc, 1: doc })) }
+  }
+}
+
 /** Bytes no HTTP client library would send: bad request lines, methods, paths and headers. */
 function rawCase (r: Rng, good: string): HttpCase {
   const line = (method: string, path: string, headers: string[], body = ''): Buffer =>
@@ -425,7 +557,9 @@ export function * generateCases (seed: number, secret: string, goodToken: string
   const r = new Rng(prng(seed))
   while (true) {
     const x = r.next()
-    if (x < 0.28) yield restCase(r, secret, goodToken)
+    // A share of the mix (about a tenth of the requests, a WebSocket frame counting as one).
+    if (r.chance(0.06)) yield r.chance(0.6) ? deepWsCase(r, goodToken) : deepHttpCase(r, secret, goodToken)
+    else if (x < 0.28) yield restCase(r, secret, goodToken)
     else if (x < 0.34) yield batchCase(r, secret, goodToken)
     else if (x < 0.52) yield r.chance(0.1) ? wsTrpcCase(r, secret, goodToken) : trpcCase(r, secret, goodToken)
     else if (x < 0.70) yield graphqlCase(r, secret, goodToken)
@@ -835,6 +969,8 @@ async function main (): Promise<void> {
     if (!alive() && crashes === 0) crashes++
     const after = rssKiB(pid)
     process.stdout.write(formatFuzz(report, { before, after }, crashes) + '\n')
+    // Which request ended it is in the gateway's last words (a fatal log line, a stack).
+    if (crashes > 0) process.stdout.write(`\nthe gateway's last output:\n${started.tail?.() ?? ''}\n`)
     if (report.total.classes['5xx'] > 0 || report.total.dropped > 0 || crashes > 0 || report.unhealthy > 0) process.exitCode = 1
   } catch (err) {
     process.stderr.write(`fuzz: ${(err as Error).stack ?? String(err)}\n`)

@@ -97,6 +97,8 @@ export interface RunningProcess {
   name: string
   pid: number
   stop: () => Promise<void>
+  /** The last few KB of its stdout and stderr (a started process's: what it said before it died). */
+  tail?: () => string
 }
 
 /** The target `--perf` names: it runs with PERF_NODE_FLAGS, and measureRounds samples it. */
@@ -220,8 +222,8 @@ export async function startProcess (opts: ProcessOptions): Promise<RunningProces
   if (child.pid === undefined) throw new Error(`${opts.name}: no pid`)
   const pid = child.pid
   // A profiled process leaves the map of its compiled code behind (/tmp/perf-<pid>.map).
-  if (opts.name === perfTarget) return { name: opts.name, pid, stop: async () => { await stop(); await removePerfMap(pid) } }
-  return { name: opts.name, pid, stop }
+  if (opts.name === perfTarget) return { name: opts.name, pid, stop: async () => { await stop(); await removePerfMap(pid) }, tail }
+  return { name: opts.name, pid, stop, tail }
 }
 
 export interface WorkerOptions {

@@ -22,6 +22,46 @@ t.test('the same seed gives the same cases', async t => {
   t.notOk(deliberateClose(1006) || deliberateClose(1011), 'a cut connection or an internal error is not deliberate')
 })
 
+t.test('a share of the cases carry a value nested thousands deep, on every face and WebSocket protocol', async t => {
+  // The nesting of JSON text, read without parsing it (brackets inside strings do not count).
+  const depthOf = (text: string): number => {
+    let depth = 0
+    let max = 0
+    let inString = false
+    for (let i = 0; i < text.length; i++) {
+      const c = text[i]
+      if (inString) {
+        if (c === '\\') i++
+        else if (c === '"') inString = false
+      } else if (c === '"') inString = true
+      else if (c === '[' || c === '{') max = Math.max(max, ++depth)
+      else if (c === ']' || c === '}') depth--
+    }
+    return max
+  }
+  const gen = generateCases(5, SECRET, 'token', 1_800_000_000)
+  const deepest = new Map<string, number>()
+  let deep = 0
+  const total = 4000
+  for (let i = 0; i < total; i++) {
+    const c = gen.next().value as FuzzCase
+    if (!c.kind.startsWith('deep ')) continue
+    deep++
+    const texts = 'ws' in c
+      ? c.ws.frames.filter((f): f is string => typeof f === 'string')
+      : [decodeURIComponent(c.path), String(c.body ?? ''), Buffer.from(c.headers.authorization?.split('.')[1] ?? '', 'base64url').toString()]
+    const kind = `${c.face} ${'ws' in c ? c.kind : c.kind.replace(/ \/api\/v1\/agents.*/, ' /api/v1/agents')}`
+    deepest.set(kind, Math.max(deepest.get(kind) ?? 0, ...texts.map(depthOf)))
+    // Valid JSON (JSON.parse has no depth limit): it gets past the parser to what reads it.
+    if ('ws' in c) for (const text of texts) JSON.parse(text)
+  }
+  t.ok(deep > total * 0.03 && deep < total * 0.1, `${deep} of ${total} cases`)
+  for (const kind of ['websocket deep /ws', 'graphql deep graphql-transport-ws', 'graphql deep graphql-ws', 'trpc deep trpc-ws', 'rest deep POST /api/v1/agents', 'rest deep PATCH /api/v1/agents',
+    'batch deep POST /api/v1/batch', 'trpc deep GET query', 'trpc deep GET batch', 'trpc deep POST mutation', 'graphql deep GET', 'graphql deep POST']) {
+    t.ok((deepest.get(kind) ?? 0) >= 5000, `${kind}: nested ${deepest.get(kind) ?? 0} deep`)
+  }
+})
+
 t.test('1,000 bad requests over every face: no 5xx, no drop, still healthy', async t => {
   const app = await buildDemoApp(t)
   await app.listen({ port: 0, host: '127.0.0.1' })
