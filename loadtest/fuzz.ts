@@ -476,19 +476,21 @@ function deepMessages (protocol: 'ws' | 'graphql-transport-ws' | 'graphql-ws' | 
 
 /**
  * A WebSocket connection: its init or auth (or none yet), then one or two frames with a deep
- * value, then a plain one (/ws takes no upgrade without a token: there, with or without an
- * `auth` frame first).
+ * value, then a plain one. /ws and /trpc take no upgrade without a token (but /trpc with
+ * connectionParams=1, whose first message must be its connectionParams): there, with the token
+ * on the upgrade, with or without an `auth` frame first on /ws.
  */
 function deepWsCase (r: Rng, good: string): WsCase {
   const protocol = r.pick(['ws', 'graphql-transport-ws', 'graphql-ws', 'trpc'] as const)
   const messages = deepMessages(protocol, good)
   const frames: Array<string | Buffer | { raw: Buffer }> = []
-  if (r.chance(0.5)) frames.push(JSON.stringify(protocol === 'ws' ? { id: 'auth', auth: good } : messages[0]))
+  const trpcUpgrade = protocol === 'trpc' && r.chance(0.3)
+  if (!trpcUpgrade && r.chance(0.5)) frames.push(JSON.stringify(protocol === 'ws' ? { id: 'auth', auth: good } : messages[0]))
   for (let i = r.int(2) + 1; i > 0; i--) frames.push(deepJson(r, withDeep(r, r.pick(messages))))
   frames.push(JSON.stringify(r.pick(messages)))
   switch (protocol) {
     case 'ws': return { face: 'websocket', kind: 'deep /ws', ws: { path: '/ws', headers: { authorization: `Bearer ${good}` }, frames } }
-    case 'trpc': return { face: 'trpc', kind: 'deep trpc-ws', ws: { path: '/trpc?connectionParams=1', headers: {}, frames } }
+    case 'trpc': return { face: 'trpc', kind: 'deep trpc-ws', ws: trpcUpgrade ? { path: '/trpc', headers: { authorization: `Bearer ${good}` }, frames } : { path: '/trpc?connectionParams=1', headers: {}, frames } }
     default: return { face: 'graphql', kind: `deep ${protocol}`, ws: { path: '/graphql', protocol, headers: {}, frames } }
   }
 }
