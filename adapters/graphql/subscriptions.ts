@@ -269,6 +269,28 @@ export interface SubscriptionSettings {
   claim: (request: FastifyRequest, tenant: string) => void
 }
 
+// A message that mentions "__proto__" or "constructor" is looked at for such a key (the text is
+// the cheap test: the others pay nothing). mercurius parses with secure-json-parse, which refuses
+// one, and answered in its own words: an `error` message with id null ("Message must be a JSON
+// string"), which graphql-transport-ws does not define, and a subscribe that held one in its
+// variables never heard of its id again.
+const SUSPECT = /"(?:__proto__|constructor)"/
+const FORBIDDEN_KEY = 'Invalid message: a "__proto__" key, or a "constructor" holding a "prototype"'
+
+/** Whether a parsed message holds a key secure-json-parse refuses. Iterative: any depth. */
+function forbiddenKey (message: object): boolean {
+  const stack: unknown[] = [message]
+  while (stack.length > 0) {
+    const value = stack.pop()
+    if (value === null || typeof value !== 'object') continue
+    if (Object.hasOwn(value, '__proto__')) return true
+    const ctor = (value as { constructor?: unknown }).constructor
+    if (Object.hasOwn(value, 'constructor') && ctor !== null && typeof ctor === 'object' && Object.hasOwn(ctor, 'prototype')) return true
+    for (const v of Object.values(value)) if (v !== null && typeof v === 'object') stack.push(v)
+  }
+  return false
+}
+
 /** The messages a client may send, per subprotocol (graphql-transport-ws, and the legacy graphql-ws). */
 const TRANSPORT_MESSAGES = new Set(['connection_init', 'ping', 'pong', 'subscribe', 'complete'])
 const LEGACY_MESSAGES = new Set(['connection_init', 'connection_terminate', 'start', 'stop'])
@@ -530,8 +552,9 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       }
       const admit = (data: unknown): boolean => {
         let message: unknown
+        const text = String(data)
         try {
-          message = JSON.parse(String(data))
+          message = JSON.parse(text)
         } catch {
           return invalid(null, 'Invalid message: not JSON')
         }
@@ -544,6 +567,11 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         // and ended the process, every tenant's connections with it.
         if (id !== undefined && id !== null && typeof id !== 'string' && typeof id !== 'number') return invalid(null, 'Invalid message: an id must be a string')
         if (transport && (type === subscribe || type === complete) && (typeof id !== 'string' || id === '')) return invalid(id, `Invalid message: a ${type} needs an id string`)
+        // A subscribe is refused for its id, as a malformed one is, and the connection stays open
+        // (graphql-transport-ws: one before connection_init closes with 4401, below); any other
+        // such message is one the protocol does not define.
+        const forbidden = SUSPECT.test(text) && forbiddenKey(message)
+        if (forbidden && (type !== subscribe || (!initSeen && !transport))) return invalid(id, FORBIDDEN_KEY)
         if (type === 'connection_init') {
           initSeen = true
           state.init = initAuthorization((message as { payload?: unknown }).payload)
@@ -579,7 +607,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           socket.close(4401, 'Unauthorized')
           return false
         }
-        const error = suggested(subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema, rules), settings.suggest)
+        const error = forbidden ? refusal('VALIDATION_FAILED', FORBIDDEN_KEY) : suggested(subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema, rules), settings.suggest)
         if (error === null) {
           const key = String(id)
           if (state.ending.has(key)) {

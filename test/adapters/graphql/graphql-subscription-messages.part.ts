@@ -189,3 +189,43 @@ t.test('an id that is no string is refused, without a token, and the process liv
   c.ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: 'subscription { runUpdated { id } }' } }))
   await until(() => app.events.bus.subscriptions === 1, 'a subscription to run')
 })
+
+t.test('a message holding "__proto__" or constructor.prototype is refused in the contract\'s words', async t => {
+  // mercurius parses with secure-json-parse and answered such a message with its own `error`
+  // message, id null ("Message must be a JSON string"): graphql-transport-ws defines no such
+  // message, and a subscribe whose variables held the key never heard of its id again.
+  const { app, port } = await listen(t)
+  const open = async (protocol: string): Promise<{ ws: WebSocket, frames: any[], closed: () => [number, string] | null }> => {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, protocol)
+    t.teardown(() => ws.terminate())
+    const frames: any[] = []
+    let closed: [number, string] | null = null
+    ws.on('message', d => frames.push(JSON.parse(String(d))))
+    ws.on('close', (code, reason) => { closed = [code, String(reason)] })
+    await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+    return { ws, frames, closed: () => closed }
+  }
+  const reason = 'Invalid message: a "__proto__" key, or a "constructor" holding a "prototype"'
+  const query = 'subscription Q($x: String) { runUpdated { id } }'
+  // graphql-transport-ws: a subscribe gets an error for its id and the connection stays open.
+  const c = await openGraphqlWs(t, `ws://127.0.0.1:${port}/graphql`)
+  c.ws.send(JSON.stringify({ id: 's1', type: 'subscribe', payload: { query } }).replace('"query"', '"variables":{"__proto__":{"x":"a"}},"query"'))
+  c.ws.send(JSON.stringify({ id: 's2', type: 'subscribe', payload: { query, extensions: { constructor: { prototype: { a: 1 } } } } }))
+  await until(() => c.frames.filter(f => f.type === 'error').length === 2, 'two errors')
+  for (const id of ['s1', 's2']) t.match(c.frames.find(f => f.id === id), { type: 'error', id, payload: [{ message: reason, extensions: { code: 'VALIDATION_FAILED' } }] })
+  c.ws.send(JSON.stringify({ id: 's3', type: 'subscribe', payload: { query: 'subscription { runUpdated { id } }' } }))
+  await until(() => app.events.bus.subscriptions === 1, 'the connection still subscribes')
+  t.equal(c.closed(), null)
+  // Any other message holding one is a message the protocol does not define: 4400.
+  const p = await open('graphql-transport-ws')
+  p.ws.send('{"type":"connection_init","payload":{"__proto__":{"authorization":"x"}}}')
+  await until(() => p.closed() !== null, 'the close')
+  t.same(p.closed(), [4400, reason])
+  // Legacy graphql-ws: an error message (for the id, when it has one).
+  const l = await open('graphql-ws')
+  l.ws.send('{"type":"connection_init","payload":{"__proto__":{}}}')
+  l.ws.send('{"type":"connection_init"}')
+  l.ws.send(`{"id":"l1","type":"start","payload":{"query":${JSON.stringify(query)},"variables":{"__proto__":{}}}}`)
+  await until(() => l.frames.filter(f => f.type === 'error').length === 2, 'two errors')
+  t.match(l.frames.filter(f => f.type === 'error'), [{ id: null, payload: [{ message: reason, extensions: { code: 'VALIDATION_FAILED' } }] }, { id: 'l1', payload: [{ message: reason, extensions: { code: 'VALIDATION_FAILED' } }] }])
+})
