@@ -9,6 +9,18 @@ import { openGraphqlWs, peakBuffered } from '../websocket-helper.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
+/** A socket on /graphql in `protocol`, no token: the frames it receives (parsed) and its close, once it has one. */
+async function openRaw (t: Teardown, port: number, protocol: string): Promise<{ ws: WebSocket, frames: any[], closed: () => [number, string] | null }> {
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, protocol)
+  t.teardown(() => ws.terminate())
+  const frames: any[] = []
+  let closed: [number, string] | null = null
+  ws.on('message', d => frames.push(JSON.parse(String(d))))
+  ws.on('close', (code, reason) => { closed = [code, String(reason)] })
+  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  return { ws, frames, closed: () => closed }
+}
+
 async function listen (t: Teardown): Promise<{ app: Awaited<ReturnType<typeof buildDemoApp>>, port: number }> {
   const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
   await app.listen({ port: 0, host: '127.0.0.1' })
@@ -168,20 +180,14 @@ t.test('an id that is no string is refused, without a token, and the process liv
     ['graphql-ws', ['{"type":"connection_init"}', `{"type":"start","id":${deep},"payload":null}`]],
     ['graphql-transport-ws', ['{"type":"connection_init"}', `{"type":"ping","id":${deep}}`]]
   ] as const) {
-    const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, protocol)
-    t.teardown(() => ws.terminate())
-    const frames: any[] = []
-    let closed: [number, string] | null = null
-    ws.on('message', d => frames.push(JSON.parse(String(d))))
-    ws.on('close', (code, reason) => { closed = [code, String(reason)] })
-    await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+    const { ws, frames, closed } = await openRaw(t, port, protocol)
     for (const m of messages) ws.send(m)
     if (protocol === 'graphql-ws') {
       await until(() => frames.some(f => f.type === 'error'), `the error (${messages.at(-1)!.slice(0, 20)})`)
       t.match(frames.find(f => f.type === 'error'), { id: null, payload: [{ message: 'Invalid message: an id must be a string', extensions: { code: 'VALIDATION_FAILED', status: 400 } }] })
     } else {
-      await until(() => closed !== null, 'the close')
-      t.same(closed, [4400, 'Invalid message: an id must be a string'])
+      await until(() => closed() !== null, 'the close')
+      t.same(closed(), [4400, 'Invalid message: an id must be a string'])
     }
   }
   // Still serving.
@@ -195,16 +201,6 @@ t.test('a message holding "__proto__" or constructor.prototype is refused in the
   // message, id null ("Message must be a JSON string"): graphql-transport-ws defines no such
   // message, and a subscribe whose variables held the key never heard of its id again.
   const { app, port } = await listen(t)
-  const open = async (protocol: string): Promise<{ ws: WebSocket, frames: any[], closed: () => [number, string] | null }> => {
-    const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, protocol)
-    t.teardown(() => ws.terminate())
-    const frames: any[] = []
-    let closed: [number, string] | null = null
-    ws.on('message', d => frames.push(JSON.parse(String(d))))
-    ws.on('close', (code, reason) => { closed = [code, String(reason)] })
-    await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
-    return { ws, frames, closed: () => closed }
-  }
   const reason = 'Invalid message: a "__proto__" key, or a "constructor" holding a "prototype"'
   const query = 'subscription Q($x: String) { runUpdated { id } }'
   // graphql-transport-ws: a subscribe gets an error for its id and the connection stays open.
@@ -217,12 +213,12 @@ t.test('a message holding "__proto__" or constructor.prototype is refused in the
   await until(() => app.events.bus.subscriptions === 1, 'the connection still subscribes')
   t.equal(c.closed(), null)
   // Any other message holding one is a message the protocol does not define: 4400.
-  const p = await open('graphql-transport-ws')
+  const p = await openRaw(t, port, 'graphql-transport-ws')
   p.ws.send('{"type":"connection_init","payload":{"__proto__":{"authorization":"x"}}}')
   await until(() => p.closed() !== null, 'the close')
   t.same(p.closed(), [4400, reason])
   // Legacy graphql-ws: an error message (for the id, when it has one).
-  const l = await open('graphql-ws')
+  const l = await openRaw(t, port, 'graphql-ws')
   l.ws.send('{"type":"connection_init","payload":{"__proto__":{}}}')
   l.ws.send('{"type":"connection_init"}')
   l.ws.send(`{"id":"l1","type":"start","payload":{"query":${JSON.stringify(query)},"variables":{"__proto__":{}}}}`)

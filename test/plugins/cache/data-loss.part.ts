@@ -84,22 +84,30 @@ t.test('Redis full (maxmemory, noeviction): a mutation\'s invalidation still rea
   }, 'entries shared through Redis again')
 })
 
+/**
+ * A Redis tier of a test's own on the shared Redis (tag time 60 s), a tenant of its own (`who`),
+ * and the invalidation messages that name it, or are it, as they come (`heard`).
+ */
+async function tierHeard (t: { teardown: (fn: () => unknown) => void }): Promise<{ redis: Redis, tier: RedisTier, who: string, heard: string[] }> {
+  const redis = new Redis(REDIS_URL)
+  const listener = new Redis(REDIS_URL)
+  t.teardown(() => { redis.disconnect(); listener.disconnect() })
+  const who = 'cache-' + randomUUID()
+  const heard: string[] = []
+  await listener.subscribe(INVALIDATE_CHANNEL)
+  listener.on('message', (_channel: string, text: string) => { if (text.includes(who)) heard.push(text) })
+  return { redis, tier: new RedisTier(redis, 60_000), who, heard }
+}
+
 t.test('a tag found behind is moved only if it still is: a read answered before an invalidation heard since moves nothing', async t => {
   // Messages come on the subscriber's connection, read answers on the command connection: a read
   // that Redis answered just before an invalidation may be taken in after its message, and its
   // version is then below the one learned, Redis having gone back in nothing. Moved all the same,
   // every such race was an invalidation more, of a tag every instance had just refilled.
-  const redis = new Redis(REDIS_URL)
-  const listener = new Redis(REDIS_URL)
-  t.teardown(() => { redis.disconnect(); listener.disconnect() })
-  const tier = new RedisTier(redis, 60_000)
-  const who = 'cache-' + randomUUID()
+  const { redis, tier, who, heard } = await tierHeard(t)
   const tag = tagKey(who, 'item:a')
   const entry = entryKey('getItem', who, { id: 'a' })
   t.teardown(async () => { await redis.del(tag, entry) })
-  const heard: string[] = []
-  await listener.subscribe(INVALIDATE_CHANNEL)
-  listener.on('message', (_channel: string, text: string) => { if (text.includes(who) || text === who) heard.push(text) })
 
   const born = (await tier.read(entry, [tag])).versions
   const next = String(Number(born) + 1)
@@ -241,17 +249,10 @@ t.test('a raise that moves one tag and finds another holding no number still tel
   // The message carried the value of a tag that was not moved as Redis held it: one written by
   // something else than Mantle (`x"y`) made the message invalid JSON, every instance dropped it,
   // and the tag that was moved was not dropped from their memory.
-  const redis = new Redis(REDIS_URL)
-  const listener = new Redis(REDIS_URL)
-  t.teardown(() => { redis.disconnect(); listener.disconnect() })
-  const tier = new RedisTier(redis, 60_000)
-  const who = 'cache-' + randomUUID()
+  const { redis, tier, who, heard } = await tierHeard(t)
   const behind = tagKey(who, 'item:a')
   const junk = tagKey(who, 'item:b')
   t.teardown(async () => { await redis.del(behind, junk) })
-  const heard: string[] = []
-  await listener.subscribe(INVALIDATE_CHANNEL)
-  listener.on('message', (_channel: string, text: string) => { if (text.includes(who)) heard.push(text) })
   await redis.set(behind, String(2 ** 41), 'PX', 60_000)
   await redis.set(junk, 'x"y', 'PX', 60_000)
   tier.learn([behind], [String(2 ** 41 + 5)])

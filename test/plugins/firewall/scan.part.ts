@@ -466,16 +466,23 @@ const SIZE = 100 * 1024
 const BOUND_MS = 2000
 const fill = (unit: string): string => unit.repeat(Math.ceil(SIZE / unit.length)).slice(0, SIZE)
 
-/** The unbounded quantifiers of a regex source (`*`, `+`, `{n,}`), outside character classes. */
-function unboundedQuantifiers (source: string): string[] {
-  const found: string[] = []
+/** Each character of a regex source, with its index, outside escapes and character classes. */
+function * syntax (source: string): Generator<[string, number]> {
   let inClass = false
   for (let i = 0; i < source.length; i++) {
     const c = source[i]
     if (c === '\\') { i++; continue }
     if (inClass) { if (c === ']') inClass = false; continue }
     if (c === '[') inClass = true
-    else if (c === '*' || c === '+') found.push(source.slice(Math.max(0, i - 12), i + 1))
+    else yield [c, i]
+  }
+}
+
+/** The unbounded quantifiers of a regex source (`*`, `+`, `{n,}`), outside character classes. */
+function unboundedQuantifiers (source: string): string[] {
+  const found: string[] = []
+  for (const [c, i] of syntax(source)) {
+    if (c === '*' || c === '+') found.push(source.slice(Math.max(0, i - 12), i + 1))
     else if (c === '{') {
       const m = /^\{\d+,\}/.exec(source.slice(i))
       if (m !== null) found.push(source.slice(Math.max(0, i - 12), i + m[0].length))
@@ -492,13 +499,8 @@ function unboundedQuantifiers (source: string): string[] {
 function repeatedAlternations (source: string): string[] {
   const found: string[] = []
   const opens: Array<{ at: number, bar: boolean }> = []
-  let inClass = false
-  for (let i = 0; i < source.length; i++) {
-    const c = source[i]
-    if (c === '\\') { i++; continue }
-    if (inClass) { if (c === ']') inClass = false; continue }
-    if (c === '[') inClass = true
-    else if (c === '(') opens.push({ at: i, bar: false })
+  for (const [c, i] of syntax(source)) {
+    if (c === '(') opens.push({ at: i, bar: false })
     else if (c === '|' && opens.length > 0) opens[opens.length - 1].bar = true
     else if (c === ')') {
       const open = opens.pop()!
