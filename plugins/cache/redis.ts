@@ -147,8 +147,8 @@ export class RedisTier {
    * stored before the invalidations it lost matched their tags' versions again, and every
    * instance served them as hits, the in-process tiers emptied by the failover's reconnect.
    * Bounded: a tag pushed out is no longer checked. Each is forgotten before the tag can expire
-   * in Redis (an invalidation leaves it `tagMs` to live, at the least; a tenth of it covers the
-   * message's way here): a tag that expired is born anew at a random version, lower than the
+   * in Redis (an invalidation leaves it `tagMs` to live, at the least; knownMs keeps a margin for
+   * the message's way here): a tag that expired is born anew at a random version, lower than the
    * one it had half the time, and was taken for Redis gone back (an invalidation of what had
    * been stored under it since, and a warning of a failover that never happened).
    */
@@ -225,8 +225,8 @@ export class RedisTier {
   /**
    * Versions another instance's invalidation gave its tags (its message, of this `db`): the
    * latest known of each. `ms`: the tag time of the instance that moved them (its message's), which
-   * its script gave them at the least: remembered for nine tenths of it if shorter than this
-   * tier's (another manifest), since the tags may expire then and be born anew lower.
+   * its script gave them at the least: remembered for knownMs of it if shorter than this tier's
+   * (another manifest), since the tags may expire then and be born anew lower.
    */
   learn (tagKeys: readonly string[], versions: readonly unknown[], ms: number = this.tagMs): void {
     const ttl = ms < this.tagMs ? knownMs(ms) : undefined
