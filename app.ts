@@ -36,6 +36,7 @@ import trpc from './adapters/trpc/index.js'
 import graphql, { chooseSubprotocol } from './adapters/graphql/index.js'
 import websocketFace from './adapters/websocket/index.js'
 import type { FaceOptions } from './adapters/face.js'
+import { UnreadBytes, defaultUnreadBytes } from './adapters/unread.js'
 import websocket from '@fastify/websocket'
 import { FIELDS_OVERFLOW, servePlainUpgrades, WEBSOCKET_UPGRADE } from './plain-upgrades.js'
 import AjvCompiler, { type ValidatorFactory } from '@fastify/ajv-compiler'
@@ -162,6 +163,8 @@ export interface BuildOptions {
   audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number, probeIntervalMs?: number }
   /** Events timings and bound (tests shorten them). */
   events?: { probeIntervalMs?: number, maxSubscriptions?: number }
+  /** What the WebSockets may hold unread, all and per tenant (default: defaultUnreadBytes; tests shrink it). */
+  unreadBytes?: { max: number, perTenant: number }
   /** Load-shedding sample interval in ms (default 1000; tests shorten it). */
   pressureSampleIntervalMs?: number
   /** /diagz: one call in `stageSampleEvery` is timed per stage (default 8; tests time every call); `cache`: its section shown (a stand-in cache stage). */
@@ -890,7 +893,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     secured: config.BFF_AUTH_ENABLED,
     development: config.NODE_ENV !== 'production',
     // As the events' share: with identity off every caller is the one tenant `public`.
-    maxConnectionsPerTenant: config.BFF_AUTH_ENABLED ? config.BFF_WS_MAX_CONNECTIONS_PER_TENANT : undefined
+    maxConnectionsPerTenant: config.BFF_AUTH_ENABLED ? config.BFF_WS_MAX_CONNECTIONS_PER_TENANT : undefined,
+    // One count of what the sockets hold unread for all three faces, each tenant a share of it.
+    unread: options.unreadBytes === undefined ? defaultUnreadBytes(config.BFF_AUTH_ENABLED) : new UnreadBytes(options.unreadBytes.max, config.BFF_AUTH_ENABLED ? options.unreadBytes.perTenant : undefined)
   }
   // One WebSocket server for every face that upgrades (/ws, GraphQL and tRPC subscriptions).
   if (config.BFF_WEBSOCKET_ENABLED || config.BFF_GRAPHQL_ENABLED || config.BFF_TRPC_ENABLED) {

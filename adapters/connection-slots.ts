@@ -56,6 +56,11 @@ export class ConnectionSlots {
     return this.taken
   }
 
+  /** The tenant the connection `socket` (its upgrade's TCP socket) counts against, if any yet. */
+  ownerOf (socket: Socket): string | undefined {
+    return this.owners.get(socket)
+  }
+
   /** Places `tenant` holds now. */
   heldBy (tenant: string): number {
     return this.tenants.get(tenant) ?? 0

@@ -3,6 +3,7 @@ import type { LoadShedding } from '../plugins/pressure/index.js'
 import { CallContext, isSocket, type AnswerHold, type Protocol, type CacheOutcome, type Caller } from '../plugins/pipeline/index.js'
 import { toProblem, logLevelOf, retryAfterOf, MantleError, type Problem } from '../errors.js'
 import type { Decision } from '../plugins/audit/index.js'
+import type { UnreadBytes } from './unread.js'
 export type { Decision }
 
 /** What app.ts hands every face besides REST. */
@@ -25,6 +26,11 @@ export interface FaceOptions {
    * every caller is one tenant).
    */
   maxConnectionsPerTenant?: number | undefined
+  /**
+   * What every WebSocket of the instance holds unread, all faces together, and each tenant's
+   * share (app.ts makes one for all the faces); unset: the face makes its own (defaultUnreadBytes).
+   */
+  unread?: UnreadBytes | undefined
 }
 
 export interface FaceCall {

@@ -1,4 +1,5 @@
 import type { WebSocket } from 'ws'
+import type { UnreadBytes } from './unread.js'
 
 /** What a WebSocket may hold that its client has not read, on every face (4 MiB by default). */
 export const MAX_BUFFERED_BYTES = 4 * 1024 * 1024
@@ -40,17 +41,24 @@ type Send = (data: unknown, options?: unknown, cb?: unknown) => void
  * a string, and anything sent on a socket that is not open, pass through as they are. With
  * `max`, each frame is also held to boundedFrame's rule: one sent to a client that has stopped
  * reading is not queued, and the socket closes with 1013 instead; a callback gets the error ws
- * gives a send on a closing socket. Without it, what the bound does is the caller's.
+ * gives a send on a closing socket. Without it, what the bound does is the caller's. With
+ * `budget`, each frame is counted in the instance's unread bytes against the socket's tenant
+ * (`tenant()`, undefined while not known), and one that finds the tenant's share or the
+ * instance's total passed is not queued either: the socket closes with 1013 (UnreadBytes).
  */
-export function utf8Sends (socket: WebSocket, max?: number): void {
+export function utf8Sends (socket: WebSocket, max?: number, budget?: { unread: UnreadBytes, tenant: () => string | undefined }): void {
   const send = socket.send as Send
   const utf8: Send = function (this: WebSocket, data, options, cb) {
     if (typeof data !== 'string' || socket.readyState !== socket.OPEN) { send.call(this, data, options, cb); return }
     const callback = typeof options === 'function' ? options : cb
     const frame = max === undefined ? Buffer.from(data) : boundedFrame(socket, data, max)
     if (frame !== null) {
-      send.call(this, frame, typeof options === 'object' && options !== null ? { ...options, binary: false } : { binary: false }, callback)
-      return
+      if (budget === undefined) {
+        send.call(this, frame, typeof options === 'object' && options !== null ? { ...options, binary: false } : { binary: false }, callback)
+        return
+      }
+      // The libraries send text frames with no options but `binary` (tRPC, mercurius, graphql-ws).
+      if (budget.unread.send(socket, frame, budget.tenant(), typeof callback === 'function' ? callback as (err?: Error) => void : undefined)) return
     }
     socket.close(CLOSE_SLOW_READER, SLOW_READER)
     if (typeof callback === 'function') process.nextTick(callback, new Error(SLOW_READER))

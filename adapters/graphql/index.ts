@@ -7,6 +7,7 @@ import { AnswerBudget, MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../fa
 import { MantleError } from '../../errors.js'
 import { checkedUtf8 } from '../../json-body.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
+import { defaultUnreadBytes, type UnreadBytes } from '../unread.js'
 import { callKey, idempotencyKeyOf, single } from '../rest/index.js'
 import { buildSchema } from './schema.js'
 import { jsonLength, limitsRule, noSubscriptionOverHttp, MAX_FIELDS } from './limits.js'
@@ -138,6 +139,7 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
   const limits = { ...DEFAULT_SETTINGS, ...settings }
   return async function graphqlFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
     const slots = new ConnectionSlots('graphql', limits.maxConnections, opts.maxConnectionsPerTenant)
+    const unread = opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined)
     const guard = await graphqlAdapter(app, opts, slots, limits.initTimeoutMs)
     // mercurius keeps a socket that never sends connection_init open for ever: a client could
     // hold sockets at no cost. graphql-ws prescribes closing it with 4408 when no
@@ -155,7 +157,8 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
       const disarm = (): void => clearTimeout(timer)
       // Before mercurius (the route's handler) listens to the socket; the screen reads each
       // message's type, and connection_init disarms the timer.
-      guard(socket, disarm)
+      const tcp = request.socket
+      guard(socket, disarm, { unread, tenant: () => slots.ownerOf(tcp) })
       heartbeat.watch(socket)
       socket.once('close', disarm)
     })
@@ -166,7 +169,7 @@ export default createGraphqlFace()
 
 /** Registers the face; answers the screen of each subscription socket's messages. */
 /** `authTimeoutMs`: how long an initialised connection may stay without a valid identity. */
-async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: ConnectionSlots, authTimeoutMs: number): Promise<(socket: WebSocket, initialised: () => void) => void> {
+async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: ConnectionSlots, authTimeoutMs: number): Promise<(socket: WebSocket, initialised: () => void, budget: { unread: UnreadBytes, tenant: () => string | undefined }) => void> {
   // Introspection off (production's default): the schema, every operation, argument and type of
   // the manifest, is not handed to whoever asks; __typename stays (clients need it).
   const introspection = opts.introspection ?? opts.development

@@ -9,6 +9,7 @@ import type { Identity, KeyLease } from '../../plugins/auth/index.js'
 import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors.js'
 import { fieldError, withoutSuggestion } from './errors.js'
 import { MAX_BUFFERED_BYTES, slowReader, utf8Sends } from '../slow-reader.js'
+import type { UnreadBytes } from '../unread.js'
 import { upgradeAuthorization } from '../upgrade.js'
 import { CLOSE_TRY_AGAIN_LATER } from '../connection-slots.js'
 import { atExpiry } from '../expiry.js'
@@ -412,7 +413,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
   subscribe: (event: EventDefinition) => GraphQLFieldResolver<unknown, SubscriptionContext>
   preSubscriptionExecution: (schema: GraphQLSchema, document: DocumentNode, context: SubscriptionContext, id: string | number) => Promise<void>
   onSubscriptionEnd: (context: SubscriptionContext | null, id: string | number) => Promise<void>
-  guard: (socket: WebSocket, initialised: () => void) => void
+  guard: (socket: WebSocket, initialised: () => void, budget?: { unread: UnreadBytes, tenant: () => string | undefined }) => void
 } {
   const connections = new WeakMap<WebSocket, GraphqlConnection>()
   // The single-field rule without the variables threw on a variable in a directive: the guard
@@ -488,10 +489,11 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
      * - a `connection_init` calls `initialised` (the face's 4408 timer), since this is the one
      *   place that reads each message's type.
      */
-    guard (socket, initialised) {
+    guard (socket, initialised, budget) {
       // Every frame mercurius and this screen send goes out as UTF-8 bytes, and is not queued for
-      // a client that has more than the bound unread (see utf8Sends).
-      utf8Sends(socket, MAX_BUFFERED_BYTES)
+      // a client that has more than the bound unread, or whose tenant's sockets (or the
+      // instance's) have more than theirs (see utf8Sends).
+      utf8Sends(socket, MAX_BUFFERED_BYTES, budget)
       const transport = socket.protocol === 'graphql-transport-ws'
       const subscribe = transport ? 'subscribe' : 'start'
       const complete = transport ? 'complete' : 'stop'

@@ -11,6 +11,7 @@ import { MantleError, refusalHeaders } from '../../errors.js'
 import { CLOSE_TRY_AGAIN_LATER, ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { refusedByWs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
 import { utf8Sends } from '../slow-reader.js'
+import { defaultUnreadBytes } from '../unread.js'
 import { httpAuthorization, httpContext, socketContext, TRPC_CALLS, type TrpcContext } from './context.js'
 import { runCall } from '../face.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
@@ -353,6 +354,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       app.get('/trpc', { schema: { hide: true } }, notHere)
     } else {
       const slots = new ConnectionSlots('trpc', limits.maxConnections, opts.maxConnectionsPerTenant)
+      const unread = opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined)
       reportSlots(app, slots)
       const authenticated = new WeakSet<WebSocket>()
       // The credentials each upgrade carried (its header or ?access_token=), read by its check.
@@ -449,7 +451,10 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           // tRPC sends each answer and event as a string: sent as its UTF-8 bytes, what the
           // client has not read is counted in bytes by the bound the router checks (see
           // utf8Sends), as on /ws and /graphql. What passing the bound does is the router's.
-          utf8Sends(socket)
+          // Counted in the instance's unread bytes, against the tenant the connection counts
+          // against once known (a frame past the tenant's share or the instance's closes it, 1013).
+          const tcp = request.raw.socket
+          utf8Sends(socket, undefined, { unread, tenant: () => slots.ownerOf(tcp) })
           onConnection(socket, request.raw)
         }
       })

@@ -11,6 +11,7 @@ import { CLOSE_SLOW_READER, SLOW_READER, boundedFrame } from '../slow-reader.js'
 import { untilIdentityEnds, IDENTITY_ENDED } from '../expiry.js'
 import type { Heartbeat } from '../heartbeat.js'
 import type { UpgradeTrace } from '../upgrade.js'
+import type { UnreadBytes } from '../unread.js'
 
 /** Per-connection bounds (WebSocketFaceSettings in index.ts documents each). */
 export interface ConnectionLimits {
@@ -31,6 +32,8 @@ export interface FaceShared {
   heartbeat: Heartbeat
   /** Runs a subscribe or re-auth frame's decision and records it (the audit trail's). */
   decide: Decide
+  /** What every socket of the instance holds unread, and each tenant's share (UnreadBytes). */
+  unread: UnreadBytes
 }
 
 /** Who a connection speaks for, and the header value its calls carry. */
@@ -126,16 +129,16 @@ export class Connection {
 
   /**
    * Sends a frame unless the client has left more than the bound unread (in UTF-8 bytes, see
-   * boundedFrame): it has stopped reading, and the connection ends with 1013 instead.
+   * boundedFrame), or its tenant's sockets, or the instance's, more than theirs (UnreadBytes):
+   * it has stopped reading, and the connection ends with 1013 instead.
    */
   private send (text: string): void {
     if (this.closing) return
     const frame = boundedFrame(this.socket, text, this.face.limits.maxBufferedBytes)
-    if (frame === null) {
+    if (frame === null || !this.face.unread.send(this.socket, frame, this.identity.tenant)) {
       this.close(CLOSE_SLOW_READER, 'slow_reader', SLOW_READER)
       return
     }
-    this.socket.send(frame, { binary: false })
     this.face.counters.frameOut()
   }
 

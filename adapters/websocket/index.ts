@@ -3,6 +3,7 @@ import { decisions, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { MAX_BUFFERED_BYTES } from '../slow-reader.js'
+import { defaultUnreadBytes } from '../unread.js'
 import { Connection, type ConnectionAuth, type FaceShared } from './connection.js'
 import { websocketMetrics } from './metrics.js'
 import { upgradeAuthorization, upgradeTrace } from '../upgrade.js'
@@ -50,7 +51,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
     const eventPrefixes = new Map(app.pipeline.manifest.events.map(e => [e.name, '{"event":' + JSON.stringify(e.name) + ',"data":']))
     // One timer for every connection rather than one each.
     const heartbeat = new Heartbeat(limits.heartbeatMs)
-    const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes, heartbeat, decide: decisions(app) }
+    const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes, heartbeat, decide: decisions(app), unread: opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined) }
     // Identity verified in the upgrade's onRequest hook, handed to the connection it opens.
     const verified = new WeakMap<FastifyRequest, ConnectionAuth>()
     const forget = (c: Connection): void => { connections.delete(c) }
