@@ -36,7 +36,8 @@ import trpc from './adapters/trpc/index.js'
 import graphql, { chooseSubprotocol } from './adapters/graphql/index.js'
 import websocketFace from './adapters/websocket/index.js'
 import type { FaceOptions } from './adapters/face.js'
-import { UnreadBytes, defaultUnreadBytes } from './adapters/unread.js'
+import { UnreadBytes, answerBounds, defaultUnreadBytes } from './adapters/unread.js'
+import { requestAuthorization } from './adapters/credentials.js'
 import websocket from '@fastify/websocket'
 import { FIELDS_OVERFLOW, servePlainUpgrades, WEBSOCKET_UPGRADE } from './plain-upgrades.js'
 import AjvCompiler, { type ValidatorFactory } from '@fastify/ajv-compiler'
@@ -163,7 +164,7 @@ export interface BuildOptions {
   audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number, probeIntervalMs?: number }
   /** Events timings and bound (tests shorten them). */
   events?: { probeIntervalMs?: number, maxSubscriptions?: number }
-  /** What the WebSockets may hold unread, all and per tenant (default: defaultUnreadBytes; tests shrink it). */
+  /** What clients may leave unread, all and per tenant (default: defaultUnreadBytes; tests shrink it). */
   unreadBytes?: { max: number, perTenant: number }
   /** Load-shedding sample interval in ms (default 1000; tests shorten it). */
   pressureSampleIntervalMs?: number
@@ -836,6 +837,17 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       ...options.rateLimit
     })
   }
+  // What clients leave unread, HTTP answers and WebSocket frames of every face in one count, each
+  // tenant a share of it (adapters/unread.ts). After identity, which names a request's tenant.
+  const unread = options.unreadBytes === undefined ? defaultUnreadBytes(config.BFF_AUTH_ENABLED) : new UnreadBytes(options.unreadBytes.max, config.BFF_AUTH_ENABLED ? options.unreadBytes.perTenant : undefined)
+  answerBounds(app, unread, (request) => {
+    const authorization = requestAuthorization(request)
+    try {
+      return app.identify(authorization, request.raw).tenant
+    } catch {
+      return undefined
+    }
+  })
   if (config.BFF_AI_FIREWALL_ENABLED) await app.register(firewall, { cacheSize: config.BFF_FIREWALL_CACHE_SIZE })
   if (config.BFF_IDEMPOTENCY_ENABLED) {
     await app.register(idempotency, {
@@ -894,8 +906,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     development: config.NODE_ENV !== 'production',
     // As the events' share: with identity off every caller is the one tenant `public`.
     maxConnectionsPerTenant: config.BFF_AUTH_ENABLED ? config.BFF_WS_MAX_CONNECTIONS_PER_TENANT : undefined,
-    // One count of what the sockets hold unread for all three faces, each tenant a share of it.
-    unread: options.unreadBytes === undefined ? defaultUnreadBytes(config.BFF_AUTH_ENABLED) : new UnreadBytes(options.unreadBytes.max, config.BFF_AUTH_ENABLED ? options.unreadBytes.perTenant : undefined)
+    // One count of what clients leave unread, for all three faces and HTTP answers.
+    unread
   }
   // One WebSocket server for every face that upgrades (/ws, GraphQL and tRPC subscriptions).
   if (config.BFF_WEBSOCKET_ENABLED || config.BFF_GRAPHQL_ENABLED || config.BFF_TRPC_ENABLED) {

@@ -1,37 +1,65 @@
 import { getHeapStatistics } from 'node:v8'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
+import { MantleError } from '../errors.js'
 
 /**
- * The bytes every WebSocket of the instance holds that its client has not read (queued in the
- * gateway, not yet handed to the operating system), all faces together, and each tenant's share
- * of them. Each socket is bound on its own (MAX_BUFFERED_BYTES, 4 MiB), but the bound multiplied:
- * one token's tenant opening its 10,000 connections per face, each sent small calls whose answers
- * it never read, made the gateway hold 4 MiB for each (42 GB for 26 MB sent, measured at 4.2 MiB a
- * socket), outside the V8 heap that load shedding watches by default, until the process was
- * killed with every tenant's calls. A frame is queued while, before it, its tenant holds at most
- * its share and the instance at most its total: what is held stays within them and one frame.
+ * The bytes the instance holds that its clients have not read (queued in the gateway, not yet
+ * handed to the operating system): every WebSocket's frames, all faces together, and the HTTP
+ * answers not yet written out (answerBounds); and each tenant's share of them. Each socket is
+ * bound on its own (MAX_BUFFERED_BYTES, 4 MiB), but the bound multiplied: one token's tenant
+ * opening its 10,000 connections per face, each sent small calls whose answers it never read,
+ * made the gateway hold 4 MiB for each (42 GB for 26 MB sent, measured at 4.2 MiB a socket),
+ * outside the V8 heap that load shedding watches by default, until the process was killed with
+ * every tenant's calls. A frame is queued while, before it, its tenant holds at most its share and
+ * the instance at most its total: what is held stays within them and one frame.
  */
 export class UnreadBytes {
   private total = 0
   private readonly tenants = new Map<string, number>()
+  /** Tenants holding more than their share now: while none does, nothing is looked up. */
+  private over = 0
   /** What each socket holds, and for which tenant; returned when the socket closes. */
   private readonly sockets = new WeakMap<WebSocket, { tenant: string | undefined, bytes: number }>()
 
   /**
-   * @param max the bytes all sockets together may hold unread
-   * @param perTenant the bytes one tenant's sockets may hold (undefined: no share, as with
+   * @param max the bytes all clients together may hold unread
+   * @param perTenant the bytes one tenant's clients may hold (undefined: no share, as with
    *   identity off, when every caller is the one tenant `public`)
    */
   constructor (readonly max: number, readonly perTenant: number | undefined) {}
 
-  /** Bytes held now, all sockets together. */
+  /** Bytes held now, all clients together. */
   get size (): number {
     return this.total
   }
 
-  /** Bytes `tenant`'s sockets hold now. */
+  /** Bytes `tenant`'s clients hold now. */
   heldBy (tenant: string): number {
     return this.tenants.get(tenant) ?? 0
+  }
+
+  /** Whether nothing is over its bound: the instance within its total, every tenant within its share. */
+  get within (): boolean {
+    return this.over === 0 && this.total <= this.max
+  }
+
+  /** Whether more may be queued for `tenant` (undefined: not known, the instance's total alone). */
+  admits (tenant: string | undefined): boolean {
+    if (this.total > this.max) return false
+    return tenant === undefined || this.perTenant === undefined || this.heldBy(tenant) <= this.perTenant
+  }
+
+  /** Counts `bytes` (negative: given back) as held for `tenant` (undefined: not known). */
+  add (tenant: string | undefined, bytes: number): void {
+    if (bytes === 0) return
+    this.total += bytes
+    if (tenant === undefined) return
+    const was = this.heldBy(tenant)
+    const now = was + bytes
+    if (now > 0) this.tenants.set(tenant, now)
+    else this.tenants.delete(tenant)
+    if (this.perTenant !== undefined) this.over += Number(now > this.perTenant) - Number(was > this.perTenant)
   }
 
   /**
@@ -41,8 +69,7 @@ export class UnreadBytes {
    * instance more than its total. `cb` is ws's send callback.
    */
   send (socket: WebSocket, frame: Buffer, tenant: string | undefined, cb?: (err?: Error) => void): boolean {
-    if (this.total > this.max) return false
-    if (tenant !== undefined && this.perTenant !== undefined && this.heldBy(tenant) > this.perTenant) return false
+    if (!this.admits(tenant)) return false
     let held = this.sockets.get(socket)
     if (held === undefined) {
       held = { tenant, bytes: 0 }
@@ -51,36 +78,27 @@ export class UnreadBytes {
       // Whatever ws still holds when the socket closes is let go with it (a callback of a write
       // the close cut comes later, or never: it finds the record emptied).
       socket.once('close', () => {
-        this.take(record.tenant, -record.bytes)
+        this.add(record.tenant, -record.bytes)
         record.bytes = 0
       })
     } else if (held.tenant !== tenant) {
       // Identified since (GraphQL's connection_init, tRPC's connectionParams): what it holds
       // counts against its tenant from now on.
-      this.take(held.tenant, -held.bytes)
-      this.take(tenant, held.bytes)
+      this.add(held.tenant, -held.bytes)
+      this.add(tenant, held.bytes)
       held.tenant = tenant
     }
     const record = held
     const bytes = frame.length
     record.bytes += bytes
-    this.take(record.tenant, bytes)
+    this.add(record.tenant, bytes)
     socket.send(frame, { binary: false }, (err?: Error) => {
       const back = Math.min(bytes, record.bytes)
       record.bytes -= back
-      this.take(record.tenant, -back)
+      this.add(record.tenant, -back)
       cb?.(err)
     })
     return true
-  }
-
-  private take (tenant: string | undefined, bytes: number): void {
-    if (bytes === 0) return
-    this.total += bytes
-    if (tenant === undefined) return
-    const left = this.heldBy(tenant) + bytes
-    if (left > 0) this.tenants.set(tenant, left)
-    else this.tenants.delete(tenant)
   }
 }
 
@@ -93,4 +111,56 @@ export class UnreadBytes {
 export function defaultUnreadBytes (perTenant: boolean): UnreadBytes {
   const max = Math.floor(getHeapStatistics().heap_size_limit / 2)
   return new UnreadBytes(max, perTenant ? Math.floor(max / 10) : undefined)
+}
+
+/**
+ * Answers shorter than this are not counted: Node hands them to the operating system at once
+ * (a socket's high-water mark is 16 KiB), and counting every small answer would cost each request
+ * a listener for nothing.
+ */
+export const COUNTED_ANSWER_BYTES = 16 * 1024
+
+/**
+ * Bounds what HTTP answers hold unread, in `unread` beside the WebSockets' frames. Each connection
+ * holds at most an answer or two (Node reads no further pipelined request while one is unwritten),
+ * but connections are not bounded, nor what they hold together: one token's client that sent 40
+ * batches of 50 cached 208 KB answers (120 KB sent) on 40 connections and read none made the
+ * gateway hold 400 MB until the connections closed, and a heap of 256 MiB ran out: the process
+ * died with every tenant's calls.
+ *
+ * An answer of COUNTED_ANSWER_BYTES or more counts against the request's tenant (`tenantOf`,
+ * undefined when it has none: the instance's total alone) until its response closes (written out,
+ * or its connection gone). While a tenant's answers and its sockets' frames hold more than its
+ * share, or the instance more than its total, its requests are refused 503 OVERLOADED
+ * (`Retry-After: 5`) before anything runs, and an answer that finds them so (of requests that came
+ * together, all admitted before any answer was counted) is not sent: 503 OVERLOADED instead, its
+ * call having run. A request with no tenant is never refused here: what the gateway answers
+ * without identity is small. While nothing is over its bound, a request costs one comparison.
+ */
+export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantOf: (request: FastifyRequest) => string | undefined): void {
+  const overloaded = (detail: string): MantleError => new MantleError('OVERLOADED', detail, { headers: { 'retry-after': '5' } })
+  app.addHook('onRequest', (request, _reply, done) => {
+    if (unread.within) {
+      done()
+      return
+    }
+    const tenant = tenantOf(request)
+    if (tenant === undefined || unread.admits(tenant)) done()
+    else done(overloaded('This tenant\'s clients have too many answers unread on this instance'))
+  })
+  app.addHook('onSend', (request, reply, payload, done) => {
+    const bytes = typeof payload === 'string' || Buffer.isBuffer(payload) ? payload.length : 0
+    if (bytes < COUNTED_ANSWER_BYTES || reply.raw.destroyed) {
+      done(null, payload)
+      return
+    }
+    const tenant = tenantOf(request)
+    if (tenant !== undefined && !unread.admits(tenant)) {
+      done(overloaded('This answer was left out: this tenant\'s clients have too many answers unread on this instance. The call did run (a mutation was carried out)'))
+      return
+    }
+    unread.add(tenant, bytes)
+    reply.raw.once('close', () => { unread.add(tenant, -bytes) })
+    done(null, payload)
+  })
 }

@@ -1,0 +1,91 @@
+// What HTTP answers hold unread, per tenant (adapters/unread.ts, answerBounds). A connection holds
+// an answer or two that its client has not read (Node reads no further pipelined request meanwhile),
+// but nothing bounded the connections, nor what they held together: one token's client that sent
+// 40 REST batches of 50 cached 208 KB answers on 40 connections (120 KB sent) and read none made a
+// gateway with a 256 MiB heap run out of memory and die, with every tenant's calls. Now a tenant
+// whose clients hold more than its share unread is refused 503 OVERLOADED, and answers that find
+// it so are left out (503 too), while other tenants are served.
+import t from 'tap'
+import { connect, type Socket } from 'node:net'
+import { buildApp } from '../../app.js'
+import { startTestKernel, testManifest, testConfig, json, token } from '../helper.js'
+
+const big = 'x'.repeat(8 * 1024 * 1024)
+const SHARE = 1024 * 1024
+const HOGS = 3
+
+t.test('one tenant\'s answers left unread are bounded by its share; other tenants are served', async t => {
+  let arrived = 0
+  let release: () => void = () => {}
+  const gate = new Promise<void>(resolve => { release = resolve })
+  const kernel = await startTestKernel(t, {
+    // The three large answers leave together, once all three were asked for: each finds the others.
+    'GET /v1/big': async (_req, res) => {
+      if (++arrived === HOGS) release()
+      await gate
+      json(res, 200, { data: big })
+    },
+    'GET /v1/small': (_req, res) => json(res, 200, { data: 'small' })
+  })
+  const output = { type: 'object', properties: { data: { type: 'string' } } }
+  const manifest = testManifest({
+    getBig: { type: 'query', rest: 'GET /big', kernel: 'GET /v1/big', output, timeoutMs: 10000 },
+    getSmall: { type: 'query', rest: 'GET /small', kernel: 'GET /v1/small', output }
+  }, { url: kernel.url })
+  const app = await buildApp(testConfig({ BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url, unreadBytes: { max: 64 * 1024 * 1024, perTenant: SHARE } })
+  t.teardown(() => app.close())
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const base = `http://127.0.0.1:${port}`
+  const hog = `Bearer ${token({ tenant: 'hog' })}`
+
+  // Clients that read their answer's status line, then nothing more.
+  const sockets: Socket[] = []
+  const statuses = await Promise.all(Array.from({ length: HOGS }, async () => await new Promise<string>((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1', () => {
+      socket.write(`GET /api/v1/big HTTP/1.1\r\nHost: x\r\nAuthorization: ${hog}\r\n\r\n`)
+    })
+    sockets.push(socket)
+    t.teardown(() => socket.destroy())
+    socket.once('error', reject)
+    socket.once('data', (chunk: Buffer) => {
+      socket.pause()
+      resolve(chunk.toString('latin1').split('\r\n')[0])
+    })
+  })))
+  t.same(statuses.map(line => line.split(' ')[1]).sort(), ['200', '503', '503'], `one large answer held for the tenant, the others left out (${statuses.join(', ')})`)
+
+  const small = async (authorization: string): Promise<Response> => await fetch(`${base}/api/v1/small`, { headers: { authorization } })
+  const refused = await small(hog)
+  t.equal(refused.status, 503, 'the tenant\'s next request is refused while its answers are unread')
+  t.equal(refused.headers.get('retry-after'), '5')
+  t.match(await refused.json(), { code: 'OVERLOADED', detail: /answers unread/ })
+  // In each face's own shape.
+  const graphql = await fetch(`${base}/graphql`, { method: 'POST', headers: { authorization: hog, 'content-type': 'application/json' }, body: JSON.stringify({ query: '{ getSmall { data } }' }) })
+  t.equal(graphql.status, 503)
+  t.match(await graphql.json(), { errors: [{ extensions: { code: 'OVERLOADED', retryAfter: 5 } }] }, 'GraphQL')
+  const trpc = await fetch(`${base}/trpc/getSmall`, { headers: { authorization: hog } })
+  t.equal(trpc.status, 503)
+  t.match(await trpc.json(), { error: { data: { code: 'OVERLOADED' } } }, 'tRPC')
+  const other = await small(`Bearer ${token({ tenant: 'other' })}`)
+  t.equal(other.status, 200, 'another tenant is served')
+  t.same(await other.json(), { data: 'small' })
+
+  // The share comes back with the connections that held it.
+  for (const socket of sockets) socket.destroy()
+  let again = 0
+  for (let i = 0; i < 250 && again !== 200; i++) {
+    again = (await small(hog)).status
+    if (again !== 200) await new Promise(resolve => setTimeout(resolve, 20))
+  }
+  t.equal(again, 200, 'the tenant is served again once its connections closed')
+
+  // A large answer read to its end is let go then, with its connection kept open (keep-alive):
+  // three of 8 MiB would otherwise hold the tenant at three times its share for good.
+  const reader = `Bearer ${token({ tenant: 'reader' })}`
+  for (let i = 0; i < 3; i++) {
+    const answer = await fetch(`${base}/api/v1/big`, { headers: { authorization: reader } })
+    t.equal((await answer.json() as { data: string }).data.length, big.length, `large answer ${i + 1} read`)
+  }
+  t.equal((await small(reader)).status, 200, 'answers read are no longer counted')
+})
