@@ -3,7 +3,7 @@ import { markClientRequestId, uuidv7 } from './ids.js'
 import { closeAfterAnswer, lingering, lingeringClose } from './lingering.js'
 import { STATUS_CODES, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync } from 'node:fs'
-import { Counter } from 'prom-client'
+import { Counter, Gauge } from 'prom-client'
 import type { SpanExporter } from '@opentelemetry/sdk-trace'
 import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins, rateLimitStore, storeFor } from './schemas/config.js'
 import type { Socket } from 'node:net'
@@ -840,6 +840,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // What clients leave unread, HTTP answers and WebSocket frames of every face in one count, each
   // tenant a share of it (adapters/unread.ts). After identity, which names a request's tenant.
   const unread = options.unreadBytes === undefined ? defaultUnreadBytes(config.BFF_AUTH_ENABLED) : new UnreadBytes(options.unreadBytes.max, config.BFF_AUTH_ENABLED ? options.unreadBytes.perTenant : undefined)
+  if (app.hasDecorator('metrics')) {
+    new Gauge({ name: 'mantle_unread_bytes', help: 'Bytes of answers and WebSocket frames the instance holds that its clients have not read yet (HTTP answers of 16 KiB or more, and every frame), against its bound of half the V8 heap limit', registers: [app.metrics.registry], collect () { this.set(unread.size) } }) // eslint-disable-line no-new
+  }
   answerBounds(app, unread, (request) => {
     const authorization = requestAuthorization(request)
     try {

@@ -55,6 +55,8 @@ t.test('one tenant\'s answers left unread are bounded by its share; other tenant
   })))
   t.same(statuses.map(line => line.split(' ')[1]).sort(), ['200', '503', '503'], `one large answer held for the tenant, the others left out (${statuses.join(', ')})`)
 
+  const held = async (): Promise<number> => Number(/^mantle_unread_bytes (\d+)$/m.exec(await (await fetch(`${base}/metrics`)).text())?.[1])
+  t.ok(await held() >= big.length, 'the answer held is in /metrics')
   const small = async (authorization: string): Promise<Response> => await fetch(`${base}/api/v1/small`, { headers: { authorization } })
   const refused = await small(hog)
   t.equal(refused.status, 503, 'the tenant\'s next request is refused while its answers are unread')
@@ -79,6 +81,7 @@ t.test('one tenant\'s answers left unread are bounded by its share; other tenant
     if (again !== 200) await new Promise(resolve => setTimeout(resolve, 20))
   }
   t.equal(again, 200, 'the tenant is served again once its connections closed')
+  t.equal(await held(), 0, 'nothing held in /metrics')
 
   // A large answer read to its end is let go then, with its connection kept open (keep-alive):
   // three of 8 MiB would otherwise hold the tenant at three times its share for good.
