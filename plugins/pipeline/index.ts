@@ -489,6 +489,40 @@ function walk (input: object): string | typeof ILL_FORMED | null {
   return unsafe ? UNSAFE_INTEGER : null
 }
 
+/**
+ * Whether objects and arrays nest in `value` more than `max` levels deep (a top-level object is
+ * one level). Iterative, and it stops at the first value past `max`: JSON.parse reads any depth
+ * without recursing, but what serializes a value again (JSON.stringify, a face's serializer)
+ * recurses, and overflows the stack a few thousand levels down.
+ */
+export function nestsDeeperThan (value: unknown, max: number): boolean {
+  if (value === null || typeof value !== 'object') return false
+  const stack: unknown[] = [value]
+  const depths: number[] = [1]
+  while (stack.length > 0) {
+    const v = stack.pop() as object
+    const depth = depths.pop()!
+    if (depth > max) return true
+    if (Array.isArray(v)) {
+      for (const item of v) {
+        if (item !== null && typeof item === 'object') {
+          stack.push(item)
+          depths.push(depth + 1)
+        }
+      }
+    } else {
+      for (const k in v) {
+        const item = (v as Record<string, unknown>)[k]
+        if (item !== null && typeof item === 'object') {
+          stack.push(item)
+          depths.push(depth + 1)
+        }
+      }
+    }
+  }
+  return false
+}
+
 /** Where a value sits in the input: its key or index, under its parent's. */
 interface Place { up: Place | null, key: string }
 

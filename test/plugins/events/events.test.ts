@@ -7,6 +7,7 @@ import { buildDemoApp, bearer, closedPort, testConfig, until } from '../../helpe
 import { EventBus, isKernelEvent } from '../../../plugins/events/index.js'
 import { ANONYMOUS, type Identity } from '../../../plugins/auth/index.js'
 import { start } from '../../../server.js'
+import { startRedisServer } from '../../redis-server.js'
 import type { EventDefinition } from '../../../manifest.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -151,6 +152,32 @@ t.test('POST /internal/events needs the internal token', async t => {
   t.match(metrics.body, /mantle_events_published_total\{source="memory"\} 1/)
   t.match(metrics.body, /mantle_events_delivered_total\{event="runUpdated"\} 1/)
   t.match(metrics.body, /mantle_event_subscriptions 1/)
+})
+
+t.test('POST /internal/events refuses a payload nested deeper than 256 levels, with Redis or without, and nothing else changes', async t => {
+  // A Redis of the test's own: the event must not reach other sessions' gateways on the shared one.
+  const redis = await startRedisServer(t)
+  const token = 'internal-token-0123456789'
+  // As text: light-my-request's JSON.stringify of such an object overflows the test's own stack.
+  const event = (payload: string): string => `{"topic":"runs.updated","tenantId":"acme","payload":${payload}}`
+  const nested = (depth: number): string => '{"id":"r1","deep":' + '['.repeat(depth - 1) + ']'.repeat(depth - 1) + '}'
+  const headers = { authorization: `Bearer ${token}`, 'content-type': 'application/json' }
+  for (const env of [{}, { REDIS_URL: redis.url }]) {
+    const app = await buildDemoApp(t, { BFF_INTERNAL_TOKEN: token, ...env })
+    const store = env.REDIS_URL === undefined ? 'memory' : 'redis'
+    if (store === 'redis') await until(() => app.events.health().up, 'the Redis subscriber')
+    const got: string[] = []
+    app.events.bus.subscribe('runUpdated', 'acme', (_p, json) => got.push(json))
+    for (const depth of [5_000, 100_000]) {
+      const res = await app.inject({ method: 'POST', url: '/internal/events', headers, payload: event(nested(depth)) })
+      t.equal(res.statusCode, 400, `${store}: ${depth} levels`)
+      t.match(res.json(), { code: 'VALIDATION_FAILED', detail: 'body.payload nests objects and arrays more than 256 levels deep' })
+    }
+    const ok = await app.inject({ method: 'POST', url: '/internal/events', headers, payload: event(JSON.stringify(run('r2')).slice(0, -1) + ',"deep":' + '['.repeat(255) + ']'.repeat(255) + '}') })
+    t.equal(ok.statusCode, 202, `${store}: 256 levels are accepted`)
+    await until(() => got.length === 1, 'the event of 256 levels')
+    t.same(got, [JSON.stringify(run('r2'))], `${store}: delivered, shaped by its schema`)
+  }
 })
 
 t.test('two instances sharing Redis: an event published once reaches both, and only its tenant', async t => {
