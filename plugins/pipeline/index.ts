@@ -213,7 +213,9 @@ function outputValidator (op: Operation): ValidateFunction {
   let compiled = compiledOutputs.get(op)
   if (compiled === undefined) {
     // One Ajv per operation, as for inputs (a shared one keeps each reloaded manifest's schemas).
-    const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false })
+    // strictNumbers: a `number` admits no Infinity (JSON.parse's reading of 1e400), which the
+    // serializer wrote as null where the schema wants a number (REST, tRPC, /ws).
+    const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false, strictNumbers: true })
     compiled = ajv.compile(openedOutput(op) as typeof op.output)
     compiledOutputs.set(op, compiled)
   }

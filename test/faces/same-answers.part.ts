@@ -223,7 +223,15 @@ t.test('a Kernel answer that breaks the output schema is KERNEL_ERROR on every f
     newLevel: { ...shape, level: 'medium' },
     listed: { ...shape, undeclared: 'dropped' }
   }
-  const kernel = await startTestKernel(t, Object.fromEntries(Object.entries(answers).map(([id, answer]) => [`GET /v1/shapes/${id}`, (_req, res) => json(res, 200, answer)])))
+  // Numbers past a double's range: JSON.parse reads them as Infinity, which JSON cannot carry.
+  const texts: Record<string, string> = {
+    hugeSize: '{"id":"s","name":"n","sides":3,"size":1e400,"level":"low"}',
+    hugeSides: '{"id":"s","name":"n","sides":-1e400,"size":1.5,"level":"low"}'
+  }
+  const kernel = await startTestKernel(t, {
+    ...Object.fromEntries(Object.entries(answers).map(([id, answer]) => [`GET /v1/shapes/${id}`, (_req, res) => json(res, 200, answer)])),
+    ...Object.fromEntries(Object.entries(texts).map(([id, text]) => [`GET /v1/shapes/${id}`, (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(text) }]))
+  })
   const manifest = testManifest({
     getShape: { type: 'query', rest: 'GET /shapes/:id', kernel: 'GET /v1/shapes/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', required: ['id'], additionalProperties: false, properties: { id: { type: 'string' }, name: { type: 'string' }, sides: { type: 'integer' }, size: { type: 'number' }, level: { type: 'string', enum: ['low', 'high'] } } } }
   })
@@ -236,6 +244,10 @@ t.test('a Kernel answer that breaks the output schema is KERNEL_ERROR on every f
     { name: 'text for a number', op: 'getShape', input: { id: 'textSize' }, expect: broken },
     { name: 'a number for a string', op: 'getShape', input: { id: 'numberId' }, expect: broken },
     { name: 'an enum value not listed', op: 'getShape', input: { id: 'newLevel' }, expect: broken },
+    // Written null by the serializer (REST, tRPC, /ws) where the schema wants a number, while
+    // GraphQL refused it (Float cannot represent Infinity).
+    { name: 'a number beyond a double', op: 'getShape', input: { id: 'hugeSize' }, expect: broken },
+    { name: 'an integer beyond a double', op: 'getShape', input: { id: 'hugeSides' }, expect: broken },
     // A Kernel may add a field before the manifest names it: dropped, even under additionalProperties false.
     { name: 'an undeclared field', op: 'getShape', input: { id: 'listed' }, expect: { ok: true } }
   ])
