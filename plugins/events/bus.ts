@@ -2,6 +2,7 @@ import fastJson from 'fast-json-stringify'
 import type { EventDefinition } from '../../manifest.js'
 import type { Identity } from '../auth/index.js'
 import { MantleError } from '../../errors.js'
+import { MAX_ANSWER_DEPTH, jsonNestsDeeperThan, mayNestDeep } from '../pipeline/index.js'
 
 /** An event as the Kernel publishes it (CONTRACT §4). */
 export interface KernelEventMessage {
@@ -41,6 +42,8 @@ export class EventBus {
   readonly definitions: ReadonlyMap<string, EventDefinition>
   private readonly byTopic = new Map<string, EventDefinition[]>()
   private readonly serializers = new Map<string, (payload: unknown) => string>()
+  /** The events whose payload schema leaves a part free (mayNestDeep): their JSON's depth is checked. */
+  private readonly free = new Set<string>()
   private readonly listeners = new Map<string, Map<string, Set<Listener>>>()
   private count = 0
   /** Subscriptions by tenant: bounded by `count` (an entry per tenant holding one, gone at zero). */
@@ -61,6 +64,7 @@ export class EventBus {
       list.push(e)
       this.byTopic.set(e.topic, list)
       this.serializers.set(e.name, fastJson(e.payload as unknown as Parameters<typeof fastJson>[0]))
+      if (mayNestDeep(e.payload)) this.free.add(e.name)
       this.listeners.set(e.name, new Map())
     }
   }
@@ -214,6 +218,8 @@ export class EventBus {
       let payload: unknown
       try {
         json = this.serializers.get(def.name)!(message.payload)
+        // Bounded as a call's answer is (MAX_ANSWER_DEPTH), whatever way the event came.
+        if (this.free.has(def.name) && jsonNestsDeeperThan(json, MAX_ANSWER_DEPTH)) throw new Error('nested too deep')
         payload = JSON.parse(json)
       } catch {
         this.counters.dropped('invalid')

@@ -5,7 +5,7 @@ import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
 import { Counter, Gauge } from 'prom-client'
 import { watchPings } from '../redis/index.js'
-import { MAX_INPUT_DEPTH, nestsDeeperThan } from '../pipeline/index.js'
+import { MAX_ANSWER_DEPTH, nestsDeeperThan } from '../pipeline/index.js'
 import { MantleError } from '../../errors.js'
 import { EventBus, isKernelEvent, type KernelEventMessage, type BusCounters } from './bus.js'
 
@@ -211,10 +211,10 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     }, async (request, reply) => {
       const message = request.body as KernelEventMessage
       audit?.describe(request, { topic: message.topic, tenant: message.tenantId })
-      // Refused as a call's input nested so deep is: with Redis, the publish's JSON.stringify
-      // overflowed the stack past a few thousand levels (a 500 INTERNAL, logged as a gateway
-      // bug), while without Redis the event was accepted and dropped unseen.
-      if (nestsDeeperThan(message.payload, MAX_INPUT_DEPTH)) throw new MantleError('VALIDATION_FAILED', `body.payload nests objects and arrays more than ${MAX_INPUT_DEPTH} levels deep`)
+      // Bounded as a call's answer is: with Redis, the publish's JSON.stringify overflowed the
+      // stack past a few thousand levels (a 500 INTERNAL, logged as a gateway bug), while
+      // without Redis the event was accepted and dropped unseen.
+      if (nestsDeeperThan(message.payload, MAX_ANSWER_DEPTH)) throw new MantleError('VALIDATION_FAILED', `body.payload nests objects and arrays more than ${MAX_ANSWER_DEPTH} levels deep`)
       await publish(message)
       reply.code(202)
       return { accepted: true }

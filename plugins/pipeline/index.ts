@@ -157,6 +157,8 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
     // gets), not a failure after the pipeline has settled.
     const empty = `The Kernel's answer to ${op.name} is empty or null, which its output schema does not admit`
     const conforms = outputValidator(op)
+    const deep = mayNestDeep(openedOutput(op))
+    const tooDeep = `The Kernel's answer to ${op.name} nests objects and arrays more than ${MAX_ANSWER_DEPTH} levels deep`
     let run: Next = memoized(op, async (ctx) => {
       const value = await call(ctx)
       ctx.answered = true
@@ -166,7 +168,14 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
       } else if (!conforms(value)) {
         throw new MantleError('KERNEL_ERROR', `The Kernel's answer to ${op.name} does not match its output schema: ${describeValidation(conforms.errors ?? [], 'output', { schema: conforms.schema, value })}`)
       }
-      ctx.json ??= serialize(value)
+      if (ctx.json === null) {
+        const json = serialize(value)
+        // Free-form parts are written as they are: what the client gets is bounded here, on every
+        // face, not by where a face serializes it again (GraphQL, a few levels deeper than REST,
+        // answered 500 INTERNAL below the depth at which the serializer itself fails).
+        if (deep && jsonNestsDeeperThan(json, MAX_ANSWER_DEPTH)) throw new MantleError('KERNEL_ERROR', tooDeep)
+        ctx.json = json
+      }
       return value
     })
     if (wrap !== null) {
@@ -521,6 +530,73 @@ export function nestsDeeperThan (value: unknown, max: number): boolean {
         }
       }
     }
+  }
+  return false
+}
+
+/**
+ * How deeply objects and arrays may nest in what the Kernel sends on (an answer as the output
+ * schema shapes it, an event's payload): twice an input's bound, so that an input the Kernel
+ * keeps and gives back inside an answer or a list still passes. Deeper, what serializes it again
+ * after the output check (GraphQL's answer, a few levels deeper than REST's) overflowed the stack,
+ * a 500 INTERNAL, a few thousand levels down.
+ */
+export const MAX_ANSWER_DEPTH = 2 * MAX_INPUT_DEPTH
+
+/**
+ * Whether objects and arrays nest in the JSON `text` more than `max` levels deep. A scan of its
+ * characters (strings skipped): one pass, no recursion, nothing allocated; a text shorter than
+ * two characters a level is not read.
+ */
+export function jsonNestsDeeperThan (text: string, max: number): boolean {
+  if (text.length <= 2 * max) return false
+  let depth = 0
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i)
+    if (c === 0x22) {
+      // A string: to its closing quote, over escaped characters.
+      for (i++; i < text.length; i++) {
+        const d = text.charCodeAt(i)
+        if (d === 0x5c) i++
+        else if (d === 0x22) break
+      }
+    } else if (c === 0x7b || c === 0x5b) {
+      if (++depth > max) return true
+    } else if (c === 0x7d || c === 0x5d) depth--
+  }
+  return false
+}
+
+/**
+ * Whether what the serializer writes under `schema` may nest deeper than the schema itself: it
+ * writes a value as it is (JSON.stringify) where the schema leaves it free (no type, an array
+ * without items, an object's additionalProperties or patternProperties that are), and only what
+ * the schema declares elsewhere (an object's undeclared properties are dropped, `$ref`s are
+ * inlined and never cyclic). Errs towards yes: a keyword it does not weigh makes it say yes.
+ * Checked once per operation or event: one whose schema is closed pays nothing per answer.
+ */
+export function mayNestDeep (schema: unknown): boolean {
+  if (schema === false) return false
+  if (schema === null || typeof schema !== 'object' || Array.isArray(schema)) return true
+  const s = schema as Record<string, unknown>
+  // A value the check passed equals one of the manifest's literals.
+  if ('const' in s || 'enum' in s) return false
+  for (const keyword of ['$ref', 'if', 'then', 'else', 'dependentSchemas', 'dependencies', 'unevaluatedProperties', 'unevaluatedItems', 'prefixItems', 'contains', 'additionalItems']) {
+    if (keyword in s && s[keyword] !== false) return true
+  }
+  const parts = [s.anyOf, s.oneOf, s.allOf].filter((p): p is unknown[] => Array.isArray(p))
+  if (parts.some(list => list.some(mayNestDeep))) return true
+  if (s.type === undefined) return parts.length === 0
+  const types = Array.isArray(s.type) ? s.type as unknown[] : [s.type]
+  if (types.includes('object')) {
+    const properties = (s.properties ?? {}) as Record<string, unknown>
+    if (Object.values(properties).some(mayNestDeep)) return true
+    if (s.additionalProperties !== undefined && mayNestDeep(s.additionalProperties)) return true
+    if (s.patternProperties !== undefined && Object.values(s.patternProperties as Record<string, unknown>).some(mayNestDeep)) return true
+  }
+  if (types.includes('array')) {
+    const items = s.items
+    if (items === undefined || (Array.isArray(items) ? items.some(mayNestDeep) : mayNestDeep(items))) return true
   }
   return false
 }

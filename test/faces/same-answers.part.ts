@@ -255,6 +255,64 @@ t.test('a Kernel answer that breaks the output schema is KERNEL_ERROR on every f
   t.same(listed.json(), shape, 'the undeclared field is dropped')
 })
 
+t.test('a Kernel answer nested more than 512 levels deep where its schema leaves it free is KERNEL_ERROR on every face', async t => {
+  // Objects and arrays n levels deep in all, the answer's own object counted.
+  const arrays = (n: number): string => '['.repeat(n) + ']'.repeat(n)
+  const texts: Record<string, string> = {
+    free512: `{"id":"x","data":${arrays(511)}}`,
+    free513: `{"id":"x","data":${arrays(512)}}`,
+    // Deep, and well within what the serializer writes: every face sent it.
+    free1000: `{"id":"x","data":${arrays(999)}}`,
+    freeDeepest: `{"id":"x","data":${arrays(100_000)}}`,
+    list1000: `{"id":"x","list":[${arrays(998)}]}`,
+    more1000: `{"id":"x","more":{"k":${arrays(998)}}}`,
+    // Undeclared: dropped by the serializer, whatever its depth.
+    undeclared: `{"id":"x","zzz":${arrays(100_000)}}`
+  }
+  const kernel = await startTestKernel(t, Object.fromEntries(Object.entries(texts).map(([id, text]) => [`GET /v1/blobs/${id}`, (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(text) }])))
+  const manifest = testManifest({
+    getBlob: { type: 'query', rest: 'GET /blobs/:id', kernel: 'GET /v1/blobs/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', required: ['id'], properties: { id: { type: 'string' }, data: {}, list: { type: 'array' }, more: { type: 'object', additionalProperties: true } } } }
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const tooDeep = { code: 'KERNEL_ERROR', status: 502 }
+  await runTable(t, app, [
+    { name: '512 levels', op: 'getBlob', input: { id: 'free512' }, expect: { ok: true } },
+    { name: '513 levels', op: 'getBlob', input: { id: 'free513' }, expect: tooDeep },
+    { name: '1,000 levels', op: 'getBlob', input: { id: 'free1000' }, expect: tooDeep },
+    { name: '100,001 levels', op: 'getBlob', input: { id: 'freeDeepest' }, expect: tooDeep },
+    { name: 'an array without items', op: 'getBlob', input: { id: 'list1000' }, expect: tooDeep },
+    { name: 'additionalProperties', op: 'getBlob', input: { id: 'more1000' }, expect: tooDeep },
+    { name: 'an undeclared field', op: 'getBlob', input: { id: 'undeclared' }, expect: { ok: true } }
+  ])
+  const res = await app.inject({ method: 'GET', url: '/api/v1/blobs/free1000', headers: { authorization: `Bearer ${token()}` } })
+  t.equal(res.json().detail, "The Kernel's answer to getBlob nests objects and arrays more than 512 levels deep")
+
+  // GraphQL serializes its answer again, a few levels deeper than REST's: just below the depth
+  // at which the serializer itself fails (about where JSON.stringify does), the output check
+  // passed it and GraphQL answered 500 INTERNAL (4,112 levels on one machine). Around that depth,
+  // found in this process, it is KERNEL_ERROR like any answer too deep.
+  let lo = 1
+  let hi = 1_000_000
+  while (hi - lo > 1) {
+    const mid = Math.floor((lo + hi) / 2)
+    try {
+      JSON.stringify(JSON.parse(arrays(mid)))
+      lo = mid
+    } catch {
+      hi = mid
+    }
+  }
+  let depth = 0
+  kernel.on('GET /v1/blobs/sweep', (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(`{"id":"x","data":${arrays(depth)}}`) })
+  const codes = new Map<string, number>()
+  for (depth = lo - 60; depth <= lo + 20; depth++) {
+    const gql = await app.inject({ method: 'POST', url: '/graphql', headers: { authorization: `Bearer ${token()}` }, payload: { query: '{ getBlob(id: "sweep") { id data } }' } })
+    const code = gql.statusCode !== 200 ? `status ${gql.statusCode} ${String(gql.json().errors?.[0]?.extensions?.code)}` : String(gql.json().errors?.[0]?.extensions?.code)
+    codes.set(code, (codes.get(code) ?? 0) + 1)
+  }
+  t.same([...codes], [['KERNEL_ERROR', 81]], `GraphQL answers KERNEL_ERROR from ${lo - 60} to ${lo + 20} levels`)
+})
+
 // Undeclared fields are opened (dropped, not refused) only where that admits more: under a
 // oneOf whose branches are told apart by additionalProperties false, opened, a right answer
 // matched both branches and was refused.

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { createPipeline, canonicalJson, CallContext } from '../../../plugins/pipeline/index.js'
+import { createPipeline, canonicalJson, CallContext, jsonNestsDeeperThan, mayNestDeep } from '../../../plugins/pipeline/index.js'
 import { testManifest } from '../../helper.js'
 
 const manifest = () => testManifest({
@@ -40,4 +40,40 @@ t.test('the pipeline guards its own assembly', async t => {
   await Promise.all([q({ id: 'a' }), q({ id: 'a' }), q({ id: 'b' }), m(), m()])
   t.same(calls.sort(), ['getX:{"id":"a"}', 'getX:{"id":"b"}', 'setX:{"v":1}', 'setX:{"v":1}'])
   t.equal(p.entry('getX').serialize({ id: 'x', extra: 1 }), '{"id":"x"}')
+})
+
+t.test('mayNestDeep: a schema that leaves a part free, and the depth of a JSON text', async t => {
+  const closed = [
+    { type: 'string' },
+    { type: 'object', properties: { a: { type: 'object', properties: { b: { type: 'array', items: { type: 'integer' } } } } } },
+    // An object without properties is written {}: its undeclared properties are dropped.
+    { type: 'object' },
+    { type: 'object', additionalProperties: false, properties: { a: { type: ['string', 'null'] } } },
+    { enum: [{ a: [[1]] }, 'b'] },
+    { anyOf: [{ type: 'string' }, { type: 'null' }] },
+    { type: 'array', items: [{ type: 'string' }, { type: 'number' }] },
+    false
+  ]
+  for (const schema of closed) t.notOk(mayNestDeep(schema), JSON.stringify(schema))
+  const free = [
+    {},
+    true,
+    { type: 'array' },
+    { type: 'object', properties: { a: {} } },
+    { type: 'object', additionalProperties: true },
+    { type: 'object', additionalProperties: { type: 'array' } },
+    { type: 'object', patternProperties: { '^x': {} } },
+    { type: 'array', items: { type: 'object', properties: { deep: { type: ['object', 'array'] } } } },
+    { anyOf: [{ type: 'string' }, {}] },
+    { type: 'object', properties: { a: { type: 'string' } }, if: { required: ['a'] }, then: {} },
+    { description: 'no type' }
+  ]
+  for (const schema of free) t.ok(mayNestDeep(schema), JSON.stringify(schema))
+
+  t.notOk(jsonNestsDeeperThan('[[[]]]', 3))
+  t.ok(jsonNestsDeeperThan('[[[[]]]]', 3))
+  t.notOk(jsonNestsDeeperThan('{"a":"[[[[[[\\"[[[[","b":[{}]}', 3), 'brackets in strings, escaped quotes included, are text')
+  t.ok(jsonNestsDeeperThan('{"a\\\\":[[[1]]]}', 3), 'an escaped backslash ends before the quote')
+  t.notOk(jsonNestsDeeperThan('[' + '[],'.repeat(10_000) + '[]]', 2), 'wide is not deep')
+  t.ok(jsonNestsDeeperThan('['.repeat(100_000) + ']'.repeat(100_000), 512))
 })
