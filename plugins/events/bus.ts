@@ -2,7 +2,8 @@ import fastJson from 'fast-json-stringify'
 import type { EventDefinition } from '../../manifest.js'
 import type { Identity } from '../auth/index.js'
 import { MantleError } from '../../errors.js'
-import { MAX_ANSWER_DEPTH, jsonNestsDeeperThan, mayNestDeep } from '../pipeline/index.js'
+import type { ValidateFunction } from 'ajv'
+import { MAX_ANSWER_DEPTH, answerCheck, jsonNestsDeeperThan, mayNestDeep, openSchema } from '../pipeline/index.js'
 
 /** An event as the Kernel publishes it (CONTRACT §4). */
 export interface KernelEventMessage {
@@ -23,6 +24,25 @@ export interface BusCounters {
 
 const noCounters: BusCounters = { delivered () {}, dropped () {}, refused () {} }
 
+interface CompiledPayload { serialize: (payload: unknown) => string, check: ValidateFunction, free: boolean }
+
+/**
+ * An event's payload serializer and check, kept for as long as its definition lives: a manifest's
+ * events are frozen, so every gateway built on one shares them (as the pipeline's operations do).
+ */
+const compiledPayloads = new WeakMap<EventDefinition, CompiledPayload>()
+
+function compiledPayload (e: EventDefinition): CompiledPayload {
+  let compiled = compiledPayloads.get(e)
+  if (compiled === undefined) {
+    // Opened as an answer's schema is: an undeclared field is dropped, not refused.
+    const opened = openSchema(e.payload)
+    compiled = { serialize: fastJson(opened as Parameters<typeof fastJson>[0]), check: answerCheck(opened), free: mayNestDeep(opened) }
+    compiledPayloads.set(e, compiled)
+  }
+  return compiled
+}
+
 export function isKernelEvent (value: unknown): value is KernelEventMessage {
   const v = value as Partial<KernelEventMessage> | null
   return v !== null && typeof v === 'object' && typeof v.topic === 'string' && v.topic !== '' &&
@@ -42,6 +62,13 @@ export class EventBus {
   readonly definitions: ReadonlyMap<string, EventDefinition>
   private readonly byTopic = new Map<string, EventDefinition[]>()
   private readonly serializers = new Map<string, (payload: unknown) => string>()
+  /**
+   * Each event's check of its payload against its schema, as a call's answer is checked: the
+   * serializer writes what the schema says without checking it (1.5 for an integer went out as 1,
+   * "12" for a number as 12, a status its enum does not list as it was on /ws and tRPC, while
+   * GraphQL's subscriptions answered an error for the same event).
+   */
+  private readonly checks = new Map<string, ValidateFunction>()
   /** The events whose payload schema leaves a part free (mayNestDeep): their JSON's depth is checked. */
   private readonly free = new Set<string>()
   private readonly listeners = new Map<string, Map<string, Set<Listener>>>()
@@ -63,8 +90,10 @@ export class EventBus {
       const list = this.byTopic.get(e.topic) ?? []
       list.push(e)
       this.byTopic.set(e.topic, list)
-      this.serializers.set(e.name, fastJson(e.payload as unknown as Parameters<typeof fastJson>[0]))
-      if (mayNestDeep(e.payload)) this.free.add(e.name)
+      const compiled = compiledPayload(e)
+      this.serializers.set(e.name, compiled.serialize)
+      this.checks.set(e.name, compiled.check)
+      if (compiled.free) this.free.add(e.name)
       this.listeners.set(e.name, new Map())
     }
   }
@@ -217,6 +246,7 @@ export class EventBus {
       let json: string
       let payload: unknown
       try {
+        if (!this.checks.get(def.name)!(message.payload)) throw new Error('not of its schema')
         json = this.serializers.get(def.name)!(message.payload)
         // Bounded as a call's answer is (MAX_ANSWER_DEPTH), whatever way the event came.
         if (this.free.has(def.name) && jsonNestsDeeperThan(json, MAX_ANSWER_DEPTH)) throw new Error('nested too deep')

@@ -221,14 +221,21 @@ const compiledOutputs = new WeakMap<Operation, ValidateFunction>()
 function outputValidator (op: Operation): ValidateFunction {
   let compiled = compiledOutputs.get(op)
   if (compiled === undefined) {
-    // One Ajv per operation, as for inputs (a shared one keeps each reloaded manifest's schemas).
-    // strictNumbers: a `number` admits no Infinity (JSON.parse's reading of 1e400), which the
-    // serializer wrote as null where the schema wants a number (REST, tRPC, /ws).
-    const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false, strictNumbers: true })
-    compiled = ajv.compile(openedOutput(op) as typeof op.output)
+    compiled = answerCheck(openedOutput(op))
     compiledOutputs.set(op, compiled)
   }
   return compiled
+}
+
+/**
+ * The check of what the Kernel sends (a call's answer, an event's payload) against `opened`, a
+ * schema as openSchema leaves it. One Ajv per schema, as for inputs (a shared one keeps each
+ * reloaded manifest's schemas). strictNumbers: a `number` admits no Infinity (JSON.parse's
+ * reading of 1e400), which the serializer wrote as null where the schema wants a number.
+ */
+export function answerCheck (opened: unknown): ValidateFunction {
+  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false, strictNumbers: true })
+  return ajv.compile(opened as Record<string, unknown>)
 }
 
 /**
@@ -266,10 +273,15 @@ const openedOutputs = new WeakMap<Operation, unknown>()
 function openedOutput (op: Operation): unknown {
   let opened = openedOutputs.get(op)
   if (opened === undefined) {
-    opened = mapSchema(op.output, openObject, choosing)
+    opened = openSchema(op.output)
     openedOutputs.set(op, opened)
   }
   return opened
+}
+
+/** A schema of what the Kernel sends with its objects opened, but where they choose (see `choosing`): for its check and its serializer both. */
+export function openSchema (schema: unknown): unknown {
+  return mapSchema(schema, openObject, choosing)
 }
 
 /** A schema that admits properties it does not declare (the serializer drops them). */
