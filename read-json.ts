@@ -11,12 +11,13 @@ export const INVALID = Symbol('invalid')
 const UTF8 = new TextDecoder()
 
 /**
- * A JSON body read up to `limit` bytes (null when empty or 204): INVALID when it is not JSON or is
+ * A JSON body read up to `limit` bytes (null when empty, 204 or 205): INVALID when it is not JSON or is
  * longer. A connection lost mid-body rejects.
  */
 export async function readJson (res: Dispatcher.ResponseData, limit: number): Promise<unknown> {
   const length = Number(res.headers['content-length'])
-  if (res.statusCode === 204 || length === 0) {
+  // A 204 or a 205 has no content (RFC 9110 §15.3.5, §15.3.6), whatever framing it announces.
+  if (res.statusCode === 204 || res.statusCode === 205 || length === 0) {
     await res.body.dump()
     return null
   }

@@ -184,7 +184,8 @@ function handlerFor (app: FastifyInstance, op: Operation) {
       // say: the call used part of it): they go out beside the problem's own.
       if (ctx.headers !== null) applyHeaders(reply, ctx.headers)
     }
-    if (ctx.status === 204 || ctx.status === 304) {
+    // No content: a 205 too (RFC 9110 §15.3.6), which went out with `null`.
+    if (ctx.status === 204 || ctx.status === 205 || ctx.status === 304) {
       if (ctx.status === 304 && compressing) addVary(reply, 'accept-encoding')
       return reply.code(ctx.status).send()
     }

@@ -163,8 +163,8 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
       const value = await call(ctx)
       ctx.answered = true
       if (value === null || value === undefined) {
-        // An empty 2xx body reads as null (a 204 is answered with no body, whatever the schema).
-        if (!op.outputAdmitsNull && ctx.status !== 204) throw new MantleError('KERNEL_ERROR', empty)
+        // An empty 2xx body reads as null (a 204 or a 205 is answered with no body, whatever the schema).
+        if (!op.outputAdmitsNull && ctx.status !== 204 && ctx.status !== 205) throw new MantleError('KERNEL_ERROR', empty)
       } else if (!conforms(value)) {
         throw new MantleError('KERNEL_ERROR', `The Kernel's answer to ${op.name} does not match its output schema: ${describeValidation(conforms.errors ?? [], 'output', { schema: conforms.schema, value })}`)
       }

@@ -288,6 +288,16 @@ t.test('a 2xx body that is not JSON, or none, is handled', async t => {
   t.equal(r3.statusCode, 204)
   t.equal(r3.body, '')
   t.equal(kernel.requests.at(-1)?.url, '/v1/items/d1', 'DELETE input goes to the path and query, no body')
+  // A 205 carries no content either (RFC 9110 §15.3.6): answered as a 204 is. It was a 502 for
+  // an output that does not admit null, and a 205 with the content `null` for one that does.
+  kernel.on('DELETE /v1/items/d2', (_req, res) => { res.writeHead(205, { 'content-length': '0' }); res.end() })
+  const reset = await app.inject({ method: 'DELETE', url: '/api/v1/items/d2', headers: bearer() })
+  t.equal(reset.statusCode, 205)
+  t.equal(reset.body, '', 'a 205 with no content')
+  kernel.on('POST /v1/items/e5/touch', (_req, res) => { res.writeHead(205, { 'content-length': '0' }); res.end() })
+  const touchedReset = await app.inject({ method: 'POST', url: '/api/v1/items/e5/touch', headers: bearer(), payload: {} })
+  t.equal(touchedReset.statusCode, 205)
+  t.equal(touchedReset.body, '', 'a 205 with no content, whatever the output schema admits')
 
   // An empty 200, or the JSON null, is no answer of an op whose output is an object: before, the
   // client got 200 with the body null. A 204 stays a 204, and an output that admits null has it.
