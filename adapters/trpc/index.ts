@@ -318,6 +318,18 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         await reply.send(new Response(null, { status: response.status, headers: response.headers }))
         return
       }
+      // An answer of JSON (a batch not streamed, an error of the whole request) is held whole
+      // by tRPC's Response anyway: sent as its text, so that onSend sees how long it is, and what
+      // a client leaves of it unread counts against its tenant (answerBounds). Sent as the
+      // Response, it was a stream to onSend, counted as nothing: batches of large answers left
+      // unread were bounded by nothing, as REST's batches were before 159c315. A streamed answer
+      // (jsonl, which tRPC sends chunked, and SSE) goes out as it is made.
+      if (response.headers.get('content-type') === JSON_TYPE['content-type'] && !response.headers.has('transfer-encoding') && response.body !== null) {
+        reply.code(response.status)
+        for (const [name, value] of response.headers) reply.header(name, value)
+        await reply.send(await response.text())
+        return
+      }
       await reply.send(response)
     }
 

@@ -92,3 +92,56 @@ t.test('one tenant\'s answers left unread are bounded by its share; other tenant
   }
   t.equal((await small(reader)).status, 200, 'answers read are no longer counted')
 })
+
+t.test('a tRPC batch\'s answer left unread counts against its tenant as any other answer', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/big': (_req, res) => json(res, 200, { data: big }),
+    'GET /v1/small': (_req, res) => json(res, 200, { data: 'small' })
+  })
+  const output = { type: 'object', properties: { data: { type: 'string' } } }
+  const manifest = testManifest({
+    getBig: { type: 'query', rest: 'GET /big', kernel: 'GET /v1/big', output, timeoutMs: 10000 },
+    getSmall: { type: 'query', rest: 'GET /small', kernel: 'GET /v1/small', output }
+  }, { url: kernel.url })
+  const app = await buildApp(testConfig({ BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url, unreadBytes: { max: 64 * 1024 * 1024, perTenant: SHARE } })
+  t.teardown(() => app.close())
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const base = `http://127.0.0.1:${port}`
+  const hog = `Bearer ${token({ tenant: 'hog' })}`
+  const held = async (): Promise<number> => Number(/^mantle_unread_bytes (\d+)$/m.exec(await (await fetch(`${base}/metrics`)).text())?.[1])
+
+  // A client that sends a batch of two large answers (httpBatchLink's, not streamed), reads the
+  // answer's status line, then nothing more.
+  const socket = connect(port, '127.0.0.1', () => {
+    socket.write(`GET /trpc/getBig,getBig?batch=1 HTTP/1.1\r\nHost: x\r\nAuthorization: ${hog}\r\n\r\n`)
+  })
+  t.teardown(() => socket.destroy())
+  const status = await new Promise<string>((resolve, reject) => {
+    socket.once('error', reject)
+    socket.once('data', (chunk: Buffer) => {
+      socket.pause()
+      resolve(chunk.toString('latin1').split('\r\n')[0])
+    })
+  })
+  t.equal(status.split(' ')[1], '200', status)
+  t.ok(await held() >= 2 * big.length, 'the batch\'s answer held is counted')
+  const refused = await fetch(`${base}/trpc/getSmall`, { headers: { authorization: hog } })
+  t.equal(refused.status, 503, 'the tenant\'s next request is refused while its batch is unread')
+  t.match(await refused.json(), { error: { data: { code: 'OVERLOADED' } } })
+  socket.destroy()
+  let again = 0
+  for (let i = 0; i < 250 && again !== 200; i++) {
+    again = (await fetch(`${base}/trpc/getSmall`, { headers: { authorization: hog } })).status
+    if (again !== 200) await new Promise(resolve => setTimeout(resolve, 20))
+  }
+  t.equal(again, 200, 'served again once the connection closed')
+  t.equal(await held(), 0, 'nothing held')
+  // A batch read to its end is let go, its answer whole.
+  const reader = await fetch(`${base}/trpc/getBig,getSmall?batch=1`, { headers: { authorization: `Bearer ${token({ tenant: 'reader' })}` } })
+  t.equal(reader.status, 200)
+  t.match(reader.headers.get('content-type'), /^application\/json\b/, 'JSON, as a single call\'s answer')
+  const results = await reader.json() as Array<{ result: { data: { data: string } } }>
+  t.same(results.map(r => r.result.data.data.length), [big.length, 5])
+  t.equal(await held(), 0, 'nothing held once read')
+})
