@@ -128,7 +128,7 @@ export const COUNTED_ANSWER_BYTES = 16 * 1024
  * gateway hold 400 MB until the connections closed, and a heap of 256 MiB ran out: the process
  * died with every tenant's calls.
  *
- * An answer of COUNTED_ANSWER_BYTES or more counts against the request's tenant (`tenantOf`,
+ * An answer of COUNTED_ANSWER_BYTES or more (UTF-8 bytes) counts against the request's tenant (`tenantOf`,
  * undefined when it has none: the instance's total alone) until its response closes (written out,
  * or its connection gone). While a tenant's answers and its sockets' frames hold more than its
  * share, or the instance more than its total, its requests are refused 503 OVERLOADED
@@ -149,8 +149,16 @@ export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantO
     else done(overloaded('This tenant\'s clients have too many answers unread on this instance'))
   })
   app.addHook('onSend', (request, reply, payload, done) => {
-    const bytes = typeof payload === 'string' || Buffer.isBuffer(payload) ? payload.length : 0
-    if (bytes < COUNTED_ANSWER_BYTES || reply.raw.destroyed) {
+    // A string in the UTF-8 bytes it is sent as: by its characters, an answer of text in three-byte
+    // characters was counted at a third of what it holds. Measured only when it may reach the
+    // bound: a UTF-16 code unit is three UTF-8 bytes at most.
+    const length = typeof payload === 'string' || Buffer.isBuffer(payload) ? payload.length : 0
+    if (length * 3 < COUNTED_ANSWER_BYTES || reply.raw.destroyed) {
+      done(null, payload)
+      return
+    }
+    const bytes = typeof payload === 'string' ? Buffer.byteLength(payload) : length
+    if (bytes < COUNTED_ANSWER_BYTES) {
       done(null, payload)
       return
     }

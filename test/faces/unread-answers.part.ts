@@ -145,3 +145,38 @@ t.test('a tRPC batch\'s answer left unread counts against its tenant as any othe
   t.same(results.map(r => r.result.data.data.length), [big.length, 5])
   t.equal(await held(), 0, 'nothing held once read')
 })
+
+t.test('an answer left unread is counted in the UTF-8 bytes it is sent as, not in characters', async t => {
+  // Three bytes a character: 9 MiB sent for 3 Mi characters.
+  const euros = '€'.repeat(3 * 1024 * 1024)
+  const kernel = await startTestKernel(t, { 'GET /v1/euros': (_req, res) => json(res, 200, { data: euros }) })
+  const output = { type: 'object', properties: { data: { type: 'string' } } }
+  const manifest = testManifest({ getEuros: { type: 'query', rest: 'GET /euros', kernel: 'GET /v1/euros', output, timeoutMs: 10000 } }, { url: kernel.url })
+  const app = await buildApp(testConfig({ BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url, unreadBytes: { max: 64 * 1024 * 1024, perTenant: 32 * 1024 * 1024 } })
+  t.teardown(() => app.close())
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const held = async (): Promise<number> => Number(/^mantle_unread_bytes (\d+)$/m.exec(await (await fetch(`http://127.0.0.1:${port}/metrics`)).text())?.[1])
+  const socket = connect(port, '127.0.0.1', () => {
+    socket.write(`GET /api/v1/euros HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token({ tenant: 'euro' })}\r\n\r\n`)
+  })
+  t.teardown(() => socket.destroy())
+  const status = await new Promise<string>((resolve, reject) => {
+    socket.once('error', reject)
+    socket.once('data', (chunk: Buffer) => {
+      socket.pause()
+      resolve(chunk.toString('latin1').split('\r\n')[0])
+    })
+  })
+  t.equal(status.split(' ')[1], '200', status)
+  const bytes = Buffer.byteLength(JSON.stringify({ data: euros }))
+  const now = await held()
+  t.ok(now >= bytes, `the answer counted as its ${bytes} bytes (${now})`)
+  socket.destroy()
+  let after = -1
+  for (let i = 0; i < 250 && after !== 0; i++) {
+    after = await held()
+    if (after !== 0) await new Promise(resolve => setTimeout(resolve, 20))
+  }
+  t.equal(after, 0, 'let go with its connection')
+})
