@@ -166,6 +166,8 @@ export interface BuildOptions {
   events?: { probeIntervalMs?: number, maxSubscriptions?: number }
   /** What clients may leave unread, all and per tenant (default: defaultUnreadBytes; tests shrink it). */
   unreadBytes?: { max: number, perTenant: number }
+  /** How long a reload waits to see the manifest file settled (default SETTLE_MS; tests that reload many times shorten it). */
+  manifestSettleMs?: number
   /** Load-shedding sample interval in ms (default 1000; tests shorten it). */
   pressureSampleIntervalMs?: number
   /** /diagz: one call in `stageSampleEvery` is timed per stage (default 8; tests time every call); `cache`: its section shown (a stand-in cache stage). */
@@ -740,7 +742,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   const reloadOnce = async (): Promise<Reload> => {
     let reasons: string[]
     try {
-      reasons = app.pipeline.reload(await loadManifestFile(config.BFF_MANIFEST, { settleMs: SETTLE_MS }))
+      reasons = app.pipeline.reload(await loadManifestFile(config.BFF_MANIFEST, { settleMs: options.manifestSettleMs ?? SETTLE_MS }))
     } catch (err) {
       reasons = [(err as Error).message]
     }
