@@ -694,13 +694,15 @@ export class AuditWriter {
       await ping()
     } catch (err) {
       // What the ping met, as it is: a store that answered with an error (a missing relation, a
-      // pooler refusing the connection) was logged as one that does not answer.
+      // pooler refusing the connection) was logged as one that does not answer. Logged once; the
+      // error kept (/readyz, /diagz) is the latest: the first one alone (the end of a connection)
+      // hid the cause that followed (a server that takes no writes) for as long as no call came.
+      const message = (err as Error).message
       if (this.storeUp) {
-        const message = (err as Error).message
         this.opts.log.warn({ err: message }, 'audit store fails: entries go to the spool until it is back')
         this.storeUp = false
-        this.lastError = message
       }
+      this.lastError = message
       return
     }
     this.recovered()

@@ -1360,6 +1360,21 @@ t.test('writer: a batch in flight stored while close\'s refused append ran is co
   await spool.close()
 })
 
+t.test('writer: an idle probe that keeps failing says the latest error, logged once', async t => {
+  const lines: string[] = []
+  const log = { info: (obj: object | string, msg?: string) => lines.push(`info ${msg ?? String(obj)}`), warn: (_: object, msg: string) => lines.push(`warn ${msg}`), error: (_: object, msg: string) => lines.push(`error ${msg}`) }
+  const writer = new AuditWriter({ store: new MemoryAuditStore({ max: 10 }), spool: null, batchSize: 10, queueMax: 100, intervalMs: 60_000, log })
+  t.teardown(async () => { await writer.close() })
+  await writer.probe(async () => { throw new Error('answered but failed: terminating connection due to administrator command') })
+  t.equal(writer.error, 'answered but failed: terminating connection due to administrator command')
+  await writer.probe(async () => { throw new Error('answered but failed: PostgreSQL takes no writes') })
+  t.equal(writer.error, 'answered but failed: PostgreSQL takes no writes', 'the cause that followed, not the first error')
+  t.same(lines, ['warn audit store fails: entries go to the spool until it is back'], 'logged once')
+  await writer.probe(async () => {})
+  t.equal(writer.error, null, 'none once it answers')
+  t.equal(writer.up, true)
+})
+
 // close stopped waiting for a write and the disk refused its append: the lines said after were
 // those of a writer that goes on ("audit store is back", "spooling to disk until it is back"), and
 // close's own said "is spooled" before the lines saying the same entries lost.
