@@ -8,54 +8,75 @@
 import t from 'tap'
 import { connect, type Socket } from 'node:net'
 import { buildApp } from '../../app.js'
-import { startTestKernel, testManifest, testConfig, json, token } from '../helper.js'
+import { startTestKernel, testManifest, testConfig, json, token, type TestHandler } from '../helper.js'
 
 const big = 'x'.repeat(8 * 1024 * 1024)
 const SHARE = 1024 * 1024
 const HOGS = 3
 
-t.test('one tenant\'s answers left unread are bounded by its share; other tenants are served', async t => {
-  let arrived = 0
-  let release: () => void = () => {}
-  const gate = new Promise<void>(resolve => { release = resolve })
-  const kernel = await startTestKernel(t, {
-    // The three large answers leave together, once all three were asked for: each finds the others.
-    'GET /v1/big': async (_req, res) => {
-      if (++arrived === HOGS) release()
-      await gate
-      json(res, 200, { data: big })
-    },
-    'GET /v1/small': (_req, res) => json(res, 200, { data: 'small' })
-  })
-  const output = { type: 'object', properties: { data: { type: 'string' } } }
-  const manifest = testManifest({
-    getBig: { type: 'query', rest: 'GET /big', kernel: 'GET /v1/big', output, timeoutMs: 10000 },
-    getSmall: { type: 'query', rest: 'GET /small', kernel: 'GET /v1/small', output }
-  }, { url: kernel.url })
-  const app = await buildApp(testConfig({ BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url, unreadBytes: { max: 64 * 1024 * 1024, perTenant: SHARE } })
+type Teardown = { teardown: (fn: () => unknown) => void }
+const output = { type: 'object', properties: { data: { type: 'string' } } }
+
+/** A gateway listening, in front of a Kernel serving `routes` (GET /v1/<name>) as queries GET /api/v1/<name>; a tenant's share of unread bytes `perTenant`. */
+async function gatewayOf (t: Teardown, routes: Record<string, TestHandler>, perTenant: number): Promise<{ port: number, base: string, held: () => Promise<number> }> {
+  const kernel = await startTestKernel(t, Object.fromEntries(Object.entries(routes).map(([name, route]) => [`GET /v1/${name}`, route])))
+  const ops = Object.fromEntries(Object.keys(routes).map(name => [`get${name[0].toUpperCase()}${name.slice(1)}`, { type: 'query', rest: `GET /${name}`, kernel: `GET /v1/${name}`, output, timeoutMs: 10000 }]))
+  const manifest = testManifest(ops, { url: kernel.url })
+  const app = await buildApp(testConfig({ BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url, unreadBytes: { max: 64 * 1024 * 1024, perTenant } })
   t.teardown(() => app.close())
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as { port: number }
   const base = `http://127.0.0.1:${port}`
-  const hog = `Bearer ${token({ tenant: 'hog' })}`
+  const held = async (): Promise<number> => Number(/^mantle_unread_bytes (\d+)$/m.exec(await (await fetch(`${base}/metrics`)).text())?.[1])
+  return { port, base, held }
+}
 
-  // Clients that read their answer's status line, then nothing more.
-  const sockets: Socket[] = []
-  const statuses = await Promise.all(Array.from({ length: HOGS }, async () => await new Promise<string>((resolve, reject) => {
-    const socket = connect(port, '127.0.0.1', () => {
-      socket.write(`GET /api/v1/big HTTP/1.1\r\nHost: x\r\nAuthorization: ${hog}\r\n\r\n`)
-    })
-    sockets.push(socket)
-    t.teardown(() => socket.destroy())
+/** A client that sends GET `path`, reads its answer's status line, then nothing more. */
+async function unreadGet (t: Teardown, port: number, path: string, authorization: string): Promise<{ socket: Socket, status: string }> {
+  const socket = connect(port, '127.0.0.1', () => {
+    socket.write(`GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: ${authorization}\r\n\r\n`)
+  })
+  t.teardown(() => socket.destroy())
+  const status = await new Promise<string>((resolve, reject) => {
     socket.once('error', reject)
     socket.once('data', (chunk: Buffer) => {
       socket.pause()
       resolve(chunk.toString('latin1').split('\r\n')[0])
     })
-  })))
+  })
+  return { socket, status }
+}
+
+/** The status `ask` gets once it is 200, or after 5 s of asking (every 20 ms). */
+async function servedAgain (ask: () => Promise<Response>): Promise<number> {
+  let again = 0
+  for (let i = 0; i < 250 && again !== 200; i++) {
+    again = (await ask()).status
+    if (again !== 200) await new Promise(resolve => setTimeout(resolve, 20))
+  }
+  return again
+}
+
+t.test('one tenant\'s answers left unread are bounded by its share; other tenants are served', async t => {
+  let arrived = 0
+  let release: () => void = () => {}
+  const gate = new Promise<void>(resolve => { release = resolve })
+  const { port, base, held } = await gatewayOf(t, {
+    // The three large answers leave together, once all three were asked for: each finds the others.
+    big: async (_req, res) => {
+      if (++arrived === HOGS) release()
+      await gate
+      json(res, 200, { data: big })
+    },
+    small: (_req, res) => json(res, 200, { data: 'small' })
+  }, SHARE)
+  const hog = `Bearer ${token({ tenant: 'hog' })}`
+
+  // Clients that read their answer's status line, then nothing more.
+  const clients = await Promise.all(Array.from({ length: HOGS }, async () => await unreadGet(t, port, '/api/v1/big', hog)))
+  const statuses = clients.map(c => c.status)
   t.same(statuses.map(line => line.split(' ')[1]).sort(), ['200', '503', '503'], `one large answer held for the tenant, the others left out (${statuses.join(', ')})`)
 
-  const held = async (): Promise<number> => Number(/^mantle_unread_bytes (\d+)$/m.exec(await (await fetch(`${base}/metrics`)).text())?.[1])
   t.ok(await held() >= big.length, 'the answer held is in /metrics')
   const small = async (authorization: string): Promise<Response> => await fetch(`${base}/api/v1/small`, { headers: { authorization } })
   const refused = await small(hog)
@@ -74,13 +95,8 @@ t.test('one tenant\'s answers left unread are bounded by its share; other tenant
   t.same(await other.json(), { data: 'small' })
 
   // The share comes back with the connections that held it.
-  for (const socket of sockets) socket.destroy()
-  let again = 0
-  for (let i = 0; i < 250 && again !== 200; i++) {
-    again = (await small(hog)).status
-    if (again !== 200) await new Promise(resolve => setTimeout(resolve, 20))
-  }
-  t.equal(again, 200, 'the tenant is served again once its connections closed')
+  for (const { socket } of clients) socket.destroy()
+  t.equal(await servedAgain(async () => await small(hog)), 200, 'the tenant is served again once its connections closed')
   t.equal(await held(), 0, 'nothing held in /metrics')
 
   // A large answer read to its end is let go then, with its connection kept open (keep-alive):
@@ -94,48 +110,22 @@ t.test('one tenant\'s answers left unread are bounded by its share; other tenant
 })
 
 t.test('a tRPC batch\'s answer left unread counts against its tenant as any other answer', async t => {
-  const kernel = await startTestKernel(t, {
-    'GET /v1/big': (_req, res) => json(res, 200, { data: big }),
-    'GET /v1/small': (_req, res) => json(res, 200, { data: 'small' })
-  })
-  const output = { type: 'object', properties: { data: { type: 'string' } } }
-  const manifest = testManifest({
-    getBig: { type: 'query', rest: 'GET /big', kernel: 'GET /v1/big', output, timeoutMs: 10000 },
-    getSmall: { type: 'query', rest: 'GET /small', kernel: 'GET /v1/small', output }
-  }, { url: kernel.url })
-  const app = await buildApp(testConfig({ BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url, unreadBytes: { max: 64 * 1024 * 1024, perTenant: SHARE } })
-  t.teardown(() => app.close())
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as { port: number }
-  const base = `http://127.0.0.1:${port}`
+  const { port, base, held } = await gatewayOf(t, {
+    big: (_req, res) => json(res, 200, { data: big }),
+    small: (_req, res) => json(res, 200, { data: 'small' })
+  }, SHARE)
   const hog = `Bearer ${token({ tenant: 'hog' })}`
-  const held = async (): Promise<number> => Number(/^mantle_unread_bytes (\d+)$/m.exec(await (await fetch(`${base}/metrics`)).text())?.[1])
 
   // A client that sends a batch of two large answers (httpBatchLink's, not streamed), reads the
   // answer's status line, then nothing more.
-  const socket = connect(port, '127.0.0.1', () => {
-    socket.write(`GET /trpc/getBig,getBig?batch=1 HTTP/1.1\r\nHost: x\r\nAuthorization: ${hog}\r\n\r\n`)
-  })
-  t.teardown(() => socket.destroy())
-  const status = await new Promise<string>((resolve, reject) => {
-    socket.once('error', reject)
-    socket.once('data', (chunk: Buffer) => {
-      socket.pause()
-      resolve(chunk.toString('latin1').split('\r\n')[0])
-    })
-  })
+  const { socket, status } = await unreadGet(t, port, '/trpc/getBig,getBig?batch=1', hog)
   t.equal(status.split(' ')[1], '200', status)
   t.ok(await held() >= 2 * big.length, 'the batch\'s answer held is counted')
   const refused = await fetch(`${base}/trpc/getSmall`, { headers: { authorization: hog } })
   t.equal(refused.status, 503, 'the tenant\'s next request is refused while its batch is unread')
   t.match(await refused.json(), { error: { data: { code: 'OVERLOADED' } } })
   socket.destroy()
-  let again = 0
-  for (let i = 0; i < 250 && again !== 200; i++) {
-    again = (await fetch(`${base}/trpc/getSmall`, { headers: { authorization: hog } })).status
-    if (again !== 200) await new Promise(resolve => setTimeout(resolve, 20))
-  }
-  t.equal(again, 200, 'served again once the connection closed')
+  t.equal(await servedAgain(async () => await fetch(`${base}/trpc/getSmall`, { headers: { authorization: hog } })), 200, 'served again once the connection closed')
   t.equal(await held(), 0, 'nothing held')
   // A batch read to its end is let go, its answer whole.
   const reader = await fetch(`${base}/trpc/getBig,getSmall?batch=1`, { headers: { authorization: `Bearer ${token({ tenant: 'reader' })}` } })
@@ -149,25 +139,8 @@ t.test('a tRPC batch\'s answer left unread counts against its tenant as any othe
 t.test('an answer left unread is counted in the UTF-8 bytes it is sent as, not in characters', async t => {
   // Three bytes a character: 9 MiB sent for 3 Mi characters.
   const euros = '€'.repeat(3 * 1024 * 1024)
-  const kernel = await startTestKernel(t, { 'GET /v1/euros': (_req, res) => json(res, 200, { data: euros }) })
-  const output = { type: 'object', properties: { data: { type: 'string' } } }
-  const manifest = testManifest({ getEuros: { type: 'query', rest: 'GET /euros', kernel: 'GET /v1/euros', output, timeoutMs: 10000 } }, { url: kernel.url })
-  const app = await buildApp(testConfig({ BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url, unreadBytes: { max: 64 * 1024 * 1024, perTenant: 32 * 1024 * 1024 } })
-  t.teardown(() => app.close())
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const { port } = app.server.address() as { port: number }
-  const held = async (): Promise<number> => Number(/^mantle_unread_bytes (\d+)$/m.exec(await (await fetch(`http://127.0.0.1:${port}/metrics`)).text())?.[1])
-  const socket = connect(port, '127.0.0.1', () => {
-    socket.write(`GET /api/v1/euros HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token({ tenant: 'euro' })}\r\n\r\n`)
-  })
-  t.teardown(() => socket.destroy())
-  const status = await new Promise<string>((resolve, reject) => {
-    socket.once('error', reject)
-    socket.once('data', (chunk: Buffer) => {
-      socket.pause()
-      resolve(chunk.toString('latin1').split('\r\n')[0])
-    })
-  })
+  const { port, held } = await gatewayOf(t, { euros: (_req, res) => json(res, 200, { data: euros }) }, 32 * 1024 * 1024)
+  const { socket, status } = await unreadGet(t, port, '/api/v1/euros', `Bearer ${token({ tenant: 'euro' })}`)
   t.equal(status.split(' ')[1], '200', status)
   const bytes = Buffer.byteLength(JSON.stringify({ data: euros }))
   const now = await held()
