@@ -138,7 +138,7 @@ export const COUNTED_ANSWER_BYTES = 16 * 1024
  * without identity is small. While nothing is over its bound, a request costs one comparison.
  */
 export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantOf: (request: FastifyRequest) => string | undefined): void {
-  const overloaded = (detail: string): MantleError => new MantleError('OVERLOADED', detail, { headers: { 'retry-after': '5' } })
+  const leftOut = (): MantleError => overloaded('This answer was left out: this tenant\'s clients have too many answers unread on this instance. The call did run (a mutation was carried out)')
   app.addHook('onRequest', (request, _reply, done) => {
     if (unread.within) {
       done()
@@ -149,6 +149,27 @@ export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantO
     else done(overloaded('This tenant\'s clients have too many answers unread on this instance'))
   })
   app.addHook('onSend', (request, reply, payload, done) => {
+    if (payload instanceof Response) {
+      // A streamed answer (tRPC's jsonl batch), counted as it is made. Not an SSE subscription's,
+      // whose response is written only as fast as its client reads: its events wait in the
+      // subscription's bounded queue, which drops the oldest (slow_consumer).
+      if (payload.body === null || payload.headers.get('content-type')?.startsWith('text/event-stream') === true || reply.raw.destroyed) {
+        done(null, payload)
+        return
+      }
+      const tenant = tenantOf(request)
+      if (tenant !== undefined && !unread.admits(tenant)) {
+        payload.body.cancel().catch(() => {})
+        done(leftOut())
+        return
+      }
+      const cut = (reason: MantleError): void => {
+        request.log.warn(reason.message)
+        reply.raw.destroy()
+      }
+      done(null, new Response(countedStream(payload.body, unread, tenant, cut), { status: payload.status, headers: payload.headers }))
+      return
+    }
     // A string in the UTF-8 bytes it is sent as: by its characters, an answer of text in three-byte
     // characters was counted at a third of what it holds. Measured only when it may reach the
     // bound: a UTF-16 code unit is three UTF-8 bytes at most.
@@ -164,11 +185,109 @@ export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantO
     }
     const tenant = tenantOf(request)
     if (tenant !== undefined && !unread.admits(tenant)) {
-      done(overloaded('This answer was left out: this tenant\'s clients have too many answers unread on this instance. The call did run (a mutation was carried out)'))
+      done(leftOut())
       return
     }
     unread.add(tenant, bytes)
     reply.raw.once('close', () => { unread.add(tenant, -bytes) })
     done(null, payload)
   })
+}
+
+function overloaded (detail: string): MantleError {
+  return new MantleError('OVERLOADED', detail, { headers: { 'retry-after': '5' } })
+}
+
+/**
+ * A streamed answer's body (tRPC's jsonl batch, each result sent as it completes), counted in
+ * `unread` against `tenant` as answerBounds counts an answer sent whole. Read from `source` as fast
+ * as it is made, not as fast as the client reads: pulled at the client's pace, the results made
+ * but not yet sent waited in @trpc/server, counted nowhere, and a streamed batch of large answers
+ * left unread held them all, as a batch sent whole did before it was counted. Each chunk counts
+ * from the moment it is made until Fastify asks for the next one, which it does once the response
+ * has handed the chunk to the operating system (to within the socket's high-water mark), or until
+ * the answer ends. A chunk made while, before it, the tenant holds more than its share (or the
+ * instance more than its total) is not counted: `cut` is called with the reason, to end the
+ * response there (as a WebSocket frame closes its socket), and all the answer held is given back.
+ * What it holds is given back too when it ends, fails or is cancelled (its connection gone).
+ *
+ * By hand: a web stream's own queue counts its chunks (a size strategy) but says nothing when one
+ * leaves it, nor when the response has written it out.
+ */
+export function countedStream (source: ReadableStream<Uint8Array>, unread: UnreadBytes, tenant: string | undefined, cut: (reason: MantleError) => void): ReadableStream<Uint8Array> {
+  const reader = source.getReader()
+  const made: Uint8Array[] = []
+  /** Bytes counted: the chunks made and not yet handed on, and the one handed on last. */
+  let held = 0
+  /** The chunk handed on last: given back when the next is asked for. */
+  let handed = 0
+  let ended = false
+  let failed: unknown
+  let stopped = false
+  let wake: (() => void) | undefined
+  const giveBack = (bytes: number): void => {
+    held -= bytes
+    unread.add(tenant, -bytes)
+  }
+  const release = (): void => {
+    made.length = 0
+    handed = 0
+    giveBack(held)
+  }
+  const readAll = async (): Promise<void> => {
+    try {
+      for (;;) {
+        const { done, value } = await reader.read()
+        if (stopped) return
+        if (done) break
+        if (!unread.admits(tenant)) {
+          stopped = true
+          failed = overloaded('This streamed answer was cut: this tenant\'s clients have too many answers unread on this instance. Its calls did run (a mutation was carried out)')
+          release()
+          reader.cancel().catch(() => {})
+          cut(failed as MantleError)
+          wake?.()
+          return
+        }
+        held += value.byteLength
+        unread.add(tenant, value.byteLength)
+        made.push(value)
+        wake?.()
+      }
+      ended = true
+    } catch (err) {
+      failed = err
+    }
+    wake?.()
+  }
+  readAll().catch(() => {}) // it catches what it meets
+  return new ReadableStream<Uint8Array>({
+    async pull (controller) {
+      giveBack(handed)
+      handed = 0
+      // Until a chunk is made, or the source ends or fails (readAll wakes it).
+      while (made.length === 0) {
+        if (ended || failed !== undefined) break
+        await new Promise<void>(resolve => { wake = resolve })
+      }
+      wake = undefined
+      if (failed !== undefined) {
+        release()
+        controller.error(failed)
+        return
+      }
+      const chunk = made.shift()
+      if (chunk === undefined) {
+        controller.close()
+        return
+      }
+      handed = chunk.byteLength
+      controller.enqueue(chunk)
+    },
+    async cancel (reason) {
+      stopped = true
+      release()
+      await reader.cancel(reason)
+    }
+  }, { highWaterMark: 0 })
 }

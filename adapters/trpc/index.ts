@@ -323,7 +323,8 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       // a client leaves of it unread counts against its tenant (answerBounds). Sent as the
       // Response, it was a stream to onSend, counted as nothing: batches of large answers left
       // unread were bounded by nothing, as REST's batches were before 159c315. A streamed answer
-      // (jsonl, which tRPC sends chunked, and SSE) goes out as it is made.
+      // (jsonl, which tRPC sends chunked, and SSE) goes out as it is made: answerBounds counts
+      // a jsonl batch's chunks as they are made (countedStream).
       if (response.headers.get('content-type') === JSON_TYPE['content-type'] && !response.headers.has('transfer-encoding') && response.body !== null) {
         reply.code(response.status)
         for (const [name, value] of response.headers) reply.header(name, value)

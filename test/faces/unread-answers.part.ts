@@ -153,3 +153,58 @@ t.test('an answer left unread is counted in the UTF-8 bytes it is sent as, not i
   }
   t.equal(after, 0, 'let go with its connection')
 })
+
+t.test('a streamed tRPC batch (httpBatchStreamLink\'s jsonl) counts as it is made, and is cut past the share', async t => {
+  const { port, base, held } = await gatewayOf(t, {
+    big: (_req, res) => json(res, 200, { data: big }),
+    small: (_req, res) => json(res, 200, { data: 'small' })
+  }, 12 * 1024 * 1024)
+  const hog = `Bearer ${token({ tenant: 'hog' })}`
+  const streamed = `${hog}\r\ntrpc-accept: application/jsonl`
+
+  // Two large results made, none read: both held, and counted, though the client read none.
+  const { socket, status } = await unreadGet(t, port, '/trpc/getBig,getBig?batch=1', streamed)
+  t.equal(status.split(' ')[1], '200', status)
+  let now = 0
+  for (let i = 0; i < 250 && now < 2 * big.length; i++) {
+    now = await held()
+    if (now < 2 * big.length) await new Promise(resolve => setTimeout(resolve, 20))
+  }
+  t.ok(now >= 2 * big.length, `the streamed batch's results made are counted (${now})`)
+  const refused = await fetch(`${base}/trpc/getSmall`, { headers: { authorization: hog } })
+  t.equal(refused.status, 503, 'the tenant\'s next request is refused while its stream is unread')
+  t.match(await refused.json(), { error: { data: { code: 'OVERLOADED' } } })
+  socket.destroy()
+  t.equal(await servedAgain(async () => await fetch(`${base}/trpc/getSmall`, { headers: { authorization: hog } })), 200, 'served again once the connection closed')
+  t.equal(await held(), 0, 'nothing held')
+
+  // Read to its end, it is whole and lets go of what it held.
+  const reader = await fetch(`${base}/trpc/getBig,getSmall?batch=1`, { headers: { authorization: `Bearer ${token({ tenant: 'reader' })}`, 'trpc-accept': 'application/jsonl' } })
+  t.equal(reader.status, 200)
+  t.equal(reader.headers.get('transfer-encoding'), 'chunked', 'streamed')
+  const text = await reader.text()
+  t.ok(text.includes(big) && text.includes('"small"'), 'both results streamed whole')
+  t.equal(await held(), 0, 'nothing held once read')
+
+  // Three large results for a share of 12 MiB: the third finds the tenant over it, and the
+  // answer is cut there, as a WebSocket past its bound is closed.
+  const cutOff = await unreadGet(t, port, '/trpc/getBig,getBig,getBig?batch=1', `Bearer ${token({ tenant: 'cut' })}\r\ntrpc-accept: application/jsonl`)
+  t.equal(cutOff.status.split(' ')[1], '200', cutOff.status)
+  let received = 0
+  let last = ''
+  cutOff.socket.on('data', (chunk: Buffer) => {
+    received += chunk.length
+    last = (last + chunk.toString('latin1')).slice(-16)
+  })
+  cutOff.socket.resume()
+  await new Promise(resolve => cutOff.socket.once('close', resolve))
+  t.ok(received < 3 * big.length, `the answer was cut (${received} bytes received)`)
+  t.notOk(last.endsWith('0\r\n\r\n'), 'its chunked body never ended')
+  let after = -1
+  for (let i = 0; i < 250 && after !== 0; i++) {
+    after = await held()
+    if (after !== 0) await new Promise(resolve => setTimeout(resolve, 20))
+  }
+  t.equal(after, 0, 'what it held is let go')
+  t.equal((await fetch(`${base}/trpc/getSmall`, { headers: { authorization: `Bearer ${token({ tenant: 'cut' })}` } })).status, 200, 'the tenant is served again')
+})
