@@ -22,6 +22,7 @@ import { LiveSubscriptions } from './subscriptions.js'
 import { untilIdentityEnds, IDENTITY_ENDED } from '../expiry.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { jsonText } from '../../json-body.js'
+import { encodeStreamsFast } from './utf8-stream.js'
 
 export { ProblemError, errorShape, trpcCodeOf, type MantleErrorShape, type MantleErrorData } from './errors.js'
 
@@ -187,6 +188,8 @@ function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TR
  */
 export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
   return async function trpcFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
+    // Node 20's TextEncoderStream, which @trpc/server streams batches through, is slow (utf8-stream.ts).
+    encodeStreamsFast()
     const limits = { ...DEFAULT_SETTINGS, ...settings }
     const live = new LiveSubscriptions(app.events.bus)
     const router = buildRouter(app, live, { maxInFlight: limits.maxInFlight, maxSubscriptions: limits.maxSubscriptions, maxBufferedBytes: limits.maxBufferedBytes, ssePingMs: limits.pingMs })
