@@ -15,7 +15,7 @@ const root = fileURLToPath(new URL('..', import.meta.url))
 t.test('SIGUSR2 and SIGTRAP leave the gateway serving (a report is still written); SIGTERM shuts it down', async t => {
   const reports = mkdtempSync(join(tmpdir(), 'mantle-reports-'))
   t.teardown(() => rmSync(reports, { recursive: true, force: true }))
-  // Through env(1) without NODE_OPTIONS and NODE_V8_COVERAGE, as config-urls.test.ts: tap instruments
+  // Through env(1) without NODE_OPTIONS and NODE_V8_COVERAGE, as config-urls.part.ts: tap instruments
   // the processes a test spawns, and the sources tsx compiles here were mapped onto the wrong lines
   // of tap's coverage of the same files (84.9% of lines in all, against 99%). env execs node: the
   // signals reach the gateway's own process.

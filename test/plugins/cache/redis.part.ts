@@ -170,7 +170,7 @@ t.test('a cache subscriber whose SUBSCRIBE fails after a reconnect subscribes ag
 })
 
 // The same re-subscribe, still unanswered when the gateway closes: disconnect() failed it with
-// "Connection is closed.", unhandled (seen under load in rate-limit/redis-store.test.ts, whose
+// "Connection is closed.", unhandled (seen under load in rate-limit/redis-store.part.ts, whose
 // gateways close right after a cut and its restore).
 t.test('a gateway closed while its cache subscriber\'s SUBSCRIBE after a reconnect is unanswered rejects nothing unhandled', async t => {
   const unhandled: unknown[] = []
