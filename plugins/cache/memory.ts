@@ -39,22 +39,36 @@ export class TagClock {
   private tick = 0
   private floor = 0
   private epoch = 0
-  private readonly marks: LRUCache<string, number>
-  private readonly floors: LRUCache<string, number>
+  /**
+   * Made when first needed (the marks at the first invalidation, the floors at the first mark
+   * evicted): lru-cache allocates its arrays for `max` entries when made, 30 ms of CPU each for
+   * 40,000, paid at every start of the gateway (and by every app a test builds) though most hold
+   * no mark for a while, and many never evict one.
+   */
+  private marks: LRUCache<string, number> | undefined
+  private floors: LRUCache<string, number> | undefined
 
-  constructor (maxTags: number, private readonly scopeOf: (tagKey: string) => string = () => '') {
-    this.floors = new LRUCache<string, number>({
-      max: maxTags,
+  constructor (private readonly maxTags: number, private readonly scopeOf: (tagKey: string) => string = () => '') {}
+
+  private floorList (): LRUCache<string, number> {
+    this.floors ??= new LRUCache<string, number>({
+      max: this.maxTags,
       dispose: (value, _scope, reason) => { if (reason === 'evict' && value > this.floor) this.floor = value }
     })
-    this.marks = new LRUCache<string, number>({
-      max: maxTags,
+    return this.floors
+  }
+
+  private markList (): LRUCache<string, number> {
+    this.marks ??= new LRUCache<string, number>({
+      max: this.maxTags,
       dispose: (value, key, reason) => {
         if (reason !== 'evict') return
         const scope = this.scopeOf(key)
-        if (value > (this.floors.peek(scope) ?? 0)) this.floors.set(scope, value)
+        const floors = this.floorList()
+        if (value > (floors.peek(scope) ?? 0)) floors.set(scope, value)
       }
     })
+    return this.marks
   }
 
   /** The tick a read starts at: entries it stores are checked against later invalidations. */
@@ -64,7 +78,8 @@ export class TagClock {
 
   invalidate (tagKeys: readonly string[]): void {
     const t = ++this.tick
-    for (const k of tagKeys) this.marks.set(k, t)
+    const marks = this.markList()
+    for (const k of tagKeys) marks.set(k, t)
   }
 
   /** Every entry stored so far becomes invalid (invalidations may have been missed). */
@@ -78,19 +93,19 @@ export class TagClock {
    */
   valid (tagKeys: readonly string[], since: number, epoch = true): boolean {
     if (epoch && since < this.epoch) return false
-    for (const k of tagKeys) if ((this.marks.get(k) ?? this.floorOf(k)) > since) return false
+    for (const k of tagKeys) if ((this.marks?.get(k) ?? this.floorOf(k)) > since) return false
     return true
   }
 
   /** What an unmarked tag counts as: its scope's floor, or the floor of all when higher. */
   private floorOf (tagKey: string): number {
-    if (this.floors.size === 0) return this.floor
+    if (this.floors === undefined || this.floors.size === 0) return this.floor
     const own = this.floors.get(this.scopeOf(tagKey)) ?? 0
     return own > this.floor ? own : this.floor
   }
 
   get size (): number {
-    return this.marks.size
+    return this.marks?.size ?? 0
   }
 }
 
