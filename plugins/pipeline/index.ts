@@ -3,6 +3,7 @@ import type { FastifyInstance } from 'fastify'
 import { Ajv, type ValidateFunction } from 'ajv'
 import { addGatewayFormats } from '../../formats.js'
 import fastJson from 'fast-json-stringify'
+import { LRUCache } from 'lru-cache'
 import { canonicalJson, type Manifest, type Operation } from '../../manifest.js'
 import { MantleError, describeValidation } from '../../errors.js'
 import type { CallContext } from './context.js'
@@ -206,6 +207,40 @@ export function reloadProblems (current: Manifest, next: Manifest): string[] {
   return problems
 }
 
+/** Schemas compiled (validators and serializers) kept by their text beyond the operations that hold them. */
+export const COMPILED_SCHEMAS = 512
+
+/**
+ * What was compiled from a schema, kept by the schema's text (and what was made of it, `kind`):
+ * an operation declaring a schema already compiled in the process shares it, whichever manifest
+ * or app it belongs to. A manifest read again (a reload, or each app a test process builds on a
+ * manifest of its own) made new operations, and compiled all their schemas again: input checks,
+ * answer checks and serializers were a sixth of the test suite's CPU in a profile. The operations
+ * of a manifest in use hold theirs too (the WeakMaps below): this only spares compiling again,
+ * within COMPILED_SCHEMAS (`mantle_compiled_schemas`), about 14 KiB each for a small schema.
+ */
+const bySchemaText = new LRUCache<string, object>({ max: COMPILED_SCHEMAS })
+
+/** Schemas compiled and kept by their text now. */
+export function compiledSchemas (): number {
+  return bySchemaText.size
+}
+
+function compiledOnce<T extends object> (kind: string, schema: unknown, compile: () => T): T {
+  let key: string
+  try {
+    key = kind + '\u0000' + JSON.stringify(schema)
+  } catch {
+    return compile()
+  }
+  let compiled = bySchemaText.get(key) as T | undefined
+  if (compiled === undefined) {
+    compiled = compile()
+    bySchemaText.set(key, compiled)
+  }
+  return compiled
+}
+
 const compiledOutputs = new WeakMap<Operation, ValidateFunction>()
 
 /**
@@ -234,8 +269,10 @@ function outputValidator (op: Operation): ValidateFunction {
  * reading of 1e400), which the serializer wrote as null where the schema wants a number.
  */
 export function answerCheck (opened: unknown): ValidateFunction {
-  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false, strictNumbers: true })
-  return ajv.compile(opened as Record<string, unknown>)
+  return compiledOnce('answer', opened, () => {
+    const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false, strictNumbers: true })
+    return ajv.compile(opened as Record<string, unknown>)
+  })
 }
 
 /**
@@ -294,7 +331,8 @@ function openObject (s: Readonly<Record<string, unknown>>): Readonly<Record<stri
 }
 
 function outputSerializer (op: Operation): (value: unknown) => string {
-  const compiled = fastJson(openedOutput(op) as Parameters<typeof fastJson>[0])
+  const opened = openedOutput(op)
+  const compiled = compiledOnce('serializer', opened, () => fastJson(opened as Parameters<typeof fastJson>[0]))
   return (value) => {
     if (value === null || value === undefined) return 'null'
     try {
@@ -356,10 +394,12 @@ function inputValidators (op: Operation): InputValidators {
   if (compiled === undefined) {
     // One Ajv per operation: an instance keeps every schema it compiled (its cache and its
     // scope of values), so a shared one would keep each reloaded manifest's for good.
-    const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
-    addGatewayFormats(ajv)
-    const bounded = safeIntegers(op.input)
-    compiled = { validate: ajv.compile(op.input), safe: bounded === op.input ? null : ajv.compile(bounded as typeof op.input) }
+    compiled = compiledOnce('input', op.input, () => {
+      const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
+      addGatewayFormats(ajv)
+      const bounded = safeIntegers(op.input)
+      return { validate: ajv.compile(op.input), safe: bounded === op.input ? null : ajv.compile(bounded as typeof op.input) }
+    })
     compiledInputs.set(op, compiled)
   }
   return compiled
