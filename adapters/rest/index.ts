@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyRequest, FastifySchema, FastifyReply } from 'fastify'
-import { Ajv } from 'ajv'
+import { Ajv, type ValidateFunction } from 'ajv'
 import { addGatewayFormats } from '../../formats.js'
-import { CallContext } from '../../plugins/pipeline/index.js'
+import { CallContext, compiledOnce } from '../../plugins/pipeline/index.js'
 import { takesIfNoneMatch } from '../../plugins/cache/index.js'
 import { clientRequestId } from '../../ids.js'
 import type { JsonSchema, Operation } from '../../manifest.js'
@@ -98,9 +98,13 @@ export function checkedIdempotencyKey (key: string | undefined): string | null |
 
 export default async function restAdapter (app: FastifyInstance, opts: RestAdapterOptions): Promise<void> {
   // Path params and query strings arrive as strings: this Ajv only coerces them to the types the
-  // input schema declares. Validation proper is the pipeline's, the same on every face.
-  const coercer = new Ajv({ coerceTypes: 'array', strict: false, allErrors: true, useDefaults: false })
-  addGatewayFormats(coercer)
+  // input schema declares. Validation proper is the pipeline's, the same on every face. One Ajv
+  // per schema, compiled once per schema text in the process (compiledOnce), as the pipeline's.
+  const coercer = (loose: JsonSchema): ValidateFunction => compiledOnce('coercer', loose, () => {
+    const ajv = new Ajv({ coerceTypes: 'array', strict: false, allErrors: true, useDefaults: false })
+    addGatewayFormats(ajv)
+    return ajv.compile(loose)
+  })
   const passthrough = (): true => true
   const validatorCompiler = ({ schema, httpPart }: { schema: FastifySchema, httpPart?: string }) => {
     if (httpPart === 'body' || httpPart === 'headers') return passthrough
@@ -109,7 +113,7 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
     // Optimization: string-only parts (most path params) need no coercion at all.
     const props = Object.values((loose.properties ?? {}) as Record<string, JsonSchema>)
     if (props.every(p => p.type === 'string')) return passthrough
-    const coerce = coercer.compile(loose)
+    const coerce = coercer(loose)
     const numeric = Object.entries((loose.properties ?? {}) as Record<string, JsonSchema>).filter(([, p]) => takesNumber(p) || (p.items !== undefined && takesNumber(p.items as JsonSchema))).map(([k]) => k)
     const literals = literalFields(loose.properties as Record<string, JsonSchema>)
     if (numeric.length === 0 && literals === null) return (data: unknown) => { coerce(data); return true }

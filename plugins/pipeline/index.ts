@@ -226,7 +226,8 @@ export function compiledSchemas (): number {
   return bySchemaText.size
 }
 
-function compiledOnce<T extends object> (kind: string, schema: unknown, compile: () => T): T {
+/** What `compile` makes of `schema` for `kind`, compiled once per schema text while kept (see bySchemaText). */
+export function compiledOnce<T extends object> (kind: string, schema: unknown, compile: () => T): T {
   let key: string
   try {
     key = kind + '\u0000' + JSON.stringify(schema)
