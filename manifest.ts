@@ -4,6 +4,7 @@ import { extname } from 'node:path'
 import { parse as parseYaml, parseDocument } from 'yaml'
 import { Ajv, type ValidateFunction } from 'ajv'
 import { addGatewayFormats } from './formats.js'
+import { compiledOnce } from './compiled.js'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
 
 // The manifest is the one place operations are declared. This module turns the document into
@@ -223,7 +224,11 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
   }
   const m = doc as ManifestDocument
   const faults: string[] = []
-  const checker = schemaChecker()
+  let made: Ajv | undefined
+  const checker = (): Ajv => {
+    made ??= schemaChecker()
+    return made
+  }
   const schemas = m.schemas ?? {}
 
   for (const name of Object.keys(schemas)) {
@@ -309,7 +314,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
 
 function buildOperation (
   name: string, index: number, op: OperationDocument, at: string, schemas: Record<string, JsonSchema>,
-  defaults: NonNullable<ManifestDocument['defaults']>, kernelTimeout: number, faults: string[], checker: Ajv
+  defaults: NonNullable<ManifestDocument['defaults']>, kernelTimeout: number, faults: string[], checker: () => Ajv
 ): Operation | null {
   const before = faults.length
   const [method, path] = op.rest.split(' ') as [HttpMethod, string]
@@ -429,9 +434,16 @@ function isQueryable (schema: JsonSchema): boolean {
   return schema.type === 'array' && typeof schema.items === 'object' && schema.items !== null && isScalar(schema.items as JsonSchema)
 }
 
-function checkSchema (checker: Ajv, schema: JsonSchema, at: string, faults: string[]): ValidateFunction | null {
+/**
+ * `schema` compiled by the manifest's strict checker (made at its first use), or null with a
+ * fault. A schema compiled by an earlier manifest of the process is not compiled again
+ * (compiledOnce), but one with an `$id`: the checker refuses an `$id` that two schemas of the
+ * manifest give, which it sees only by compiling both.
+ */
+function checkSchema (checker: () => Ajv, schema: JsonSchema, at: string, faults: string[]): ValidateFunction | null {
   try {
-    return checker.compile(schema)
+    const compile = (): ValidateFunction => checker().compile(schema)
+    return JSON.stringify(schema).includes('"$id"') ? compile() : compiledOnce('declared', schema, compile)
   } catch (err) {
     faults.push(`${at}: not a valid JSON Schema: ${(err as Error).message}`)
     return null

@@ -2,8 +2,8 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { Ajv, type ValidateFunction } from 'ajv'
 import { addGatewayFormats } from '../../formats.js'
+import { compiledOnce } from '../../compiled.js'
 import fastJson from 'fast-json-stringify'
-import { LRUCache } from 'lru-cache'
 import { canonicalJson, type Manifest, type Operation } from '../../manifest.js'
 import { MantleError, describeValidation } from '../../errors.js'
 import type { CallContext } from './context.js'
@@ -205,41 +205,6 @@ export function reloadProblems (current: Manifest, next: Manifest): string[] {
     if (was !== undefined && was !== value) problems.push(`${key} changed`)
   }
   return problems
-}
-
-/** Schemas compiled (validators and serializers) kept by their text beyond the operations that hold them. */
-export const COMPILED_SCHEMAS = 512
-
-/**
- * What was compiled from a schema, kept by the schema's text (and what was made of it, `kind`):
- * an operation declaring a schema already compiled in the process shares it, whichever manifest
- * or app it belongs to. A manifest read again (a reload, or each app a test process builds on a
- * manifest of its own) made new operations, and compiled all their schemas again: input checks,
- * answer checks and serializers were a sixth of the test suite's CPU in a profile. The operations
- * of a manifest in use hold theirs too (the WeakMaps below): this only spares compiling again,
- * within COMPILED_SCHEMAS (`mantle_compiled_schemas`), about 14 KiB each for a small schema.
- */
-const bySchemaText = new LRUCache<string, object>({ max: COMPILED_SCHEMAS })
-
-/** Schemas compiled and kept by their text now. */
-export function compiledSchemas (): number {
-  return bySchemaText.size
-}
-
-/** What `compile` makes of `schema` for `kind`, compiled once per schema text while kept (see bySchemaText). */
-export function compiledOnce<T extends object> (kind: string, schema: unknown, compile: () => T): T {
-  let key: string
-  try {
-    key = kind + '\u0000' + JSON.stringify(schema)
-  } catch {
-    return compile()
-  }
-  let compiled = bySchemaText.get(key) as T | undefined
-  if (compiled === undefined) {
-    compiled = compile()
-    bySchemaText.set(key, compiled)
-  }
-  return compiled
 }
 
 const compiledOutputs = new WeakMap<Operation, ValidateFunction>()

@@ -1,8 +1,9 @@
-// Schemas compiled once per text in a process (plugins/pipeline/index.ts, compiledOnce): a
+// Schemas compiled once per text in a process (compiled.ts, compiledOnce): a
 // manifest read again shares what an earlier one compiled, and /metrics says how many are kept
 // (at most COMPILED_SCHEMAS: lru-cache's bound).
 import t from 'tap'
-import { answerCheck, compiledSchemas } from '../../../plugins/pipeline/index.js'
+import { answerCheck } from '../../../plugins/pipeline/index.js'
+import { compiledSchemas } from '../../../compiled.js'
 import { buildApp } from '../../../app.js'
 import { testConfig, testManifest } from '../../helper.js'
 
