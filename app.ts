@@ -37,7 +37,7 @@ import trpc from './adapters/trpc/index.js'
 import graphql, { chooseSubprotocol } from './adapters/graphql/index.js'
 import websocketFace from './adapters/websocket/index.js'
 import type { FaceOptions } from './adapters/face.js'
-import { UnreadBytes, answerBounds, defaultUnreadBytes } from './adapters/unread.js'
+import { UnreadBytes, answerBounds, defaultUnreadBytes, streamMade } from './adapters/unread.js'
 import { requestAuthorization } from './adapters/credentials.js'
 import websocket from '@fastify/websocket'
 import { FIELDS_OVERFLOW, servePlainUpgrades, WEBSOCKET_UPGRADE } from './plain-upgrades.js'
@@ -670,6 +670,12 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
         // either: nothing was asked, so nothing is answered.
         if (socket.bytesRead === 0) socket.destroy()
         else arriving.push(socket)
+      } else if (!res.writableEnded && streamMade(res)) {
+        // A streamed answer (tRPC's jsonl batch) whose calls are all done, what is left of it the
+        // client's to read: closed as Node closes an answer sent whole (closeIdleConnections).
+        // Waited for as a call in flight, a client that read none of it held the shutdown until
+        // the process was killed at its grace.
+        socket.destroy()
       } else if (!res.writableEnded) {
         // A call in flight (its request whole, or its handler reached without the body it
         // announced): wait for it, it may still answer. One whose body is still awaited ends its

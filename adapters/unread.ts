@@ -167,7 +167,8 @@ export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantO
         request.log.warn(reason.message)
         reply.raw.destroy()
       }
-      done(null, new Response(countedStream(payload.body, unread, tenant, cut), { status: payload.status, headers: payload.headers }))
+      const made = (): void => { madeWhole.add(reply.raw) }
+      done(null, new Response(countedStream(payload.body, unread, tenant, cut, made), { status: payload.status, headers: payload.headers }))
       return
     }
     // A string in the UTF-8 bytes it is sent as: by its characters, an answer of text in three-byte
@@ -194,6 +195,17 @@ export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantO
   })
 }
 
+/** Responses whose streamed body (countedStream) is wholly made: what is left is the client's to read. */
+const madeWhole = new WeakSet<object>()
+
+/**
+ * Whether `res`'s streamed answer (a jsonl batch) is wholly made, its calls all done: at shutdown
+ * it is left as an answer sent whole is (app.ts's reap), not waited for as a call in flight.
+ */
+export function streamMade (res: object): boolean {
+  return madeWhole.has(res)
+}
+
 function overloaded (detail: string): MantleError {
   return new MantleError('OVERLOADED', detail, { headers: { 'retry-after': '5' } })
 }
@@ -210,11 +222,12 @@ function overloaded (detail: string): MantleError {
  * instance more than its total) is not counted: `cut` is called with the reason, to end the
  * response there (as a WebSocket frame closes its socket), and all the answer held is given back.
  * What it holds is given back too when it ends, fails or is cancelled (its connection gone).
+ * `whole` is called once the source has ended (every chunk made).
  *
  * By hand: a web stream's own queue counts its chunks (a size strategy) but says nothing when one
  * leaves it, nor when the response has written it out.
  */
-export function countedStream (source: ReadableStream<Uint8Array>, unread: UnreadBytes, tenant: string | undefined, cut: (reason: MantleError) => void): ReadableStream<Uint8Array> {
+export function countedStream (source: ReadableStream<Uint8Array>, unread: UnreadBytes, tenant: string | undefined, cut: (reason: MantleError) => void, whole?: () => void): ReadableStream<Uint8Array> {
   const reader = source.getReader()
   const made: Uint8Array[] = []
   /** Bytes counted: the chunks made and not yet handed on, and the one handed on last. */
@@ -255,6 +268,7 @@ export function countedStream (source: ReadableStream<Uint8Array>, unread: Unrea
         wake?.()
       }
       ended = true
+      whole?.()
     } catch (err) {
       failed = err
     }
