@@ -5,7 +5,7 @@
 // gateway with a 256 MiB heap run out of memory and die, with every tenant's calls. Now a tenant
 // whose clients hold more than its share unread is refused 503 OVERLOADED, and answers that find
 // it so are left out (503 too), while other tenants are served.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { connect, type Socket } from 'node:net'
 import { buildApp } from '../../app.js'
 import { startTestKernel, testManifest, testConfig, json, token, type TestHandler } from '../helper.js'
@@ -47,6 +47,16 @@ async function unreadGet (t: Teardown, port: number, path: string, authorization
   return { socket, status }
 }
 
+/** What `held` reads once `enough` says so, or after 5 s of reading (every 20 ms). */
+async function heldOnce (held: () => Promise<number>, enough: (bytes: number) => boolean): Promise<number> {
+  let now = await held()
+  for (let i = 0; i < 250 && !enough(now); i++) {
+    await new Promise(resolve => setTimeout(resolve, 20))
+    now = await held()
+  }
+  return now
+}
+
 /** The status `ask` gets once it is 200, or after 5 s of asking (every 20 ms). */
 async function servedAgain (ask: () => Promise<Response>): Promise<number> {
   let again = 0
@@ -55,6 +65,20 @@ async function servedAgain (ask: () => Promise<Response>): Promise<number> {
     if (again !== 200) await new Promise(resolve => setTimeout(resolve, 20))
   }
   return again
+}
+
+/**
+ * The tenant of `authorization` is refused a tRPC call while `socket` leaves its `what` unread,
+ * served again once the socket is closed, and nothing is held then.
+ */
+async function refusedUntilClosed (t: Test, base: string, authorization: string, socket: Socket, held: () => Promise<number>, what: string): Promise<void> {
+  const small = async (): Promise<Response> => await fetch(`${base}/trpc/getSmall`, { headers: { authorization } })
+  const refused = await small()
+  t.equal(refused.status, 503, `the tenant's next request is refused while its ${what} is unread`)
+  t.match(await refused.json(), { error: { data: { code: 'OVERLOADED' } } })
+  socket.destroy()
+  t.equal(await servedAgain(small), 200, 'served again once the connection closed')
+  t.equal(await held(), 0, 'nothing held')
 }
 
 t.test('one tenant\'s answers left unread are bounded by its share; other tenants are served', async t => {
@@ -121,12 +145,7 @@ t.test('a tRPC batch\'s answer left unread counts against its tenant as any othe
   const { socket, status } = await unreadGet(t, port, '/trpc/getBig,getBig?batch=1', hog)
   t.equal(status.split(' ')[1], '200', status)
   t.ok(await held() >= 2 * big.length, 'the batch\'s answer held is counted')
-  const refused = await fetch(`${base}/trpc/getSmall`, { headers: { authorization: hog } })
-  t.equal(refused.status, 503, 'the tenant\'s next request is refused while its batch is unread')
-  t.match(await refused.json(), { error: { data: { code: 'OVERLOADED' } } })
-  socket.destroy()
-  t.equal(await servedAgain(async () => await fetch(`${base}/trpc/getSmall`, { headers: { authorization: hog } })), 200, 'served again once the connection closed')
-  t.equal(await held(), 0, 'nothing held')
+  await refusedUntilClosed(t, base, hog, socket, held, 'batch')
   // A batch read to its end is let go, its answer whole.
   const reader = await fetch(`${base}/trpc/getBig,getSmall?batch=1`, { headers: { authorization: `Bearer ${token({ tenant: 'reader' })}` } })
   t.equal(reader.status, 200)
@@ -146,12 +165,7 @@ t.test('an answer left unread is counted in the UTF-8 bytes it is sent as, not i
   const now = await held()
   t.ok(now >= bytes, `the answer counted as its ${bytes} bytes (${now})`)
   socket.destroy()
-  let after = -1
-  for (let i = 0; i < 250 && after !== 0; i++) {
-    after = await held()
-    if (after !== 0) await new Promise(resolve => setTimeout(resolve, 20))
-  }
-  t.equal(after, 0, 'let go with its connection')
+  t.equal(await heldOnce(held, bytes => bytes === 0), 0, 'let go with its connection')
 })
 
 t.test('a streamed tRPC batch (httpBatchStreamLink\'s jsonl) counts as it is made, and is cut past the share', async t => {
@@ -165,18 +179,9 @@ t.test('a streamed tRPC batch (httpBatchStreamLink\'s jsonl) counts as it is mad
   // Two large results made, none read: both held, and counted, though the client read none.
   const { socket, status } = await unreadGet(t, port, '/trpc/getBig,getBig?batch=1', streamed)
   t.equal(status.split(' ')[1], '200', status)
-  let now = 0
-  for (let i = 0; i < 250 && now < 2 * big.length; i++) {
-    now = await held()
-    if (now < 2 * big.length) await new Promise(resolve => setTimeout(resolve, 20))
-  }
+  const now = await heldOnce(held, bytes => bytes >= 2 * big.length)
   t.ok(now >= 2 * big.length, `the streamed batch's results made are counted (${now})`)
-  const refused = await fetch(`${base}/trpc/getSmall`, { headers: { authorization: hog } })
-  t.equal(refused.status, 503, 'the tenant\'s next request is refused while its stream is unread')
-  t.match(await refused.json(), { error: { data: { code: 'OVERLOADED' } } })
-  socket.destroy()
-  t.equal(await servedAgain(async () => await fetch(`${base}/trpc/getSmall`, { headers: { authorization: hog } })), 200, 'served again once the connection closed')
-  t.equal(await held(), 0, 'nothing held')
+  await refusedUntilClosed(t, base, hog, socket, held, 'stream')
 
   // Read to its end, it is whole and lets go of what it held.
   const reader = await fetch(`${base}/trpc/getBig,getSmall?batch=1`, { headers: { authorization: `Bearer ${token({ tenant: 'reader' })}`, 'trpc-accept': 'application/jsonl' } })
@@ -200,11 +205,6 @@ t.test('a streamed tRPC batch (httpBatchStreamLink\'s jsonl) counts as it is mad
   await new Promise(resolve => cutOff.socket.once('close', resolve))
   t.ok(received < 3 * big.length, `the answer was cut (${received} bytes received)`)
   t.notOk(last.endsWith('0\r\n\r\n'), 'its chunked body never ended')
-  let after = -1
-  for (let i = 0; i < 250 && after !== 0; i++) {
-    after = await held()
-    if (after !== 0) await new Promise(resolve => setTimeout(resolve, 20))
-  }
-  t.equal(after, 0, 'what it held is let go')
+  t.equal(await heldOnce(held, bytes => bytes === 0), 0, 'what it held is let go')
   t.equal((await fetch(`${base}/trpc/getSmall`, { headers: { authorization: `Bearer ${token({ tenant: 'cut' })}` } })).status, 200, 'the tenant is served again')
 })
