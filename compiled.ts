@@ -2,6 +2,13 @@ import { LRUCache } from 'lru-cache'
 
 /** Schemas compiled (validators and serializers) kept by their text beyond the operations that hold them. */
 export const COMPILED_SCHEMAS = 512
+/**
+ * And at most this much of their text (characters): what is compiled of a schema grows with it
+ * (about 18 times its text for Ajv's code), and 512 large ones kept from reloads, or manifests
+ * refused, held gigabytes (a 222 KB schema changed 60 times: 480 MB that nothing used). A schema
+ * larger than this is compiled and not kept.
+ */
+export const COMPILED_SCHEMA_TEXT = 2 * 1024 * 1024
 
 /**
  * What was compiled from a schema, kept by the schema's text (and what was made of it, `kind`):
@@ -14,7 +21,7 @@ export const COMPILED_SCHEMAS = 512
  * (`mantle_compiled_schemas`), about 14 KiB each for a small schema. What `compile` throws is not
  * kept: the next asks again.
  */
-const bySchemaText = new LRUCache<string, object>({ max: COMPILED_SCHEMAS })
+const bySchemaText = new LRUCache<string, object>({ max: COMPILED_SCHEMAS, maxSize: COMPILED_SCHEMA_TEXT, sizeCalculation: (_value, key) => key.length })
 
 /** Schemas compiled and kept by their text now. */
 export function compiledSchemas (): number {

@@ -2,7 +2,7 @@ import { readFile, stat } from 'node:fs/promises'
 import type { Stats } from 'node:fs'
 import { extname } from 'node:path'
 import { parse as parseYaml, parseDocument } from 'yaml'
-import { Ajv, type ValidateFunction } from 'ajv'
+import { Ajv } from 'ajv'
 import { addGatewayFormats } from './formats.js'
 import { compiledOnce } from './compiled.js'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
@@ -408,7 +408,7 @@ function buildOperation (
     output,
     inputDocument,
     outputDocument: op.output,
-    outputAdmitsNull: outputCheck!(null),
+    outputAdmitsNull: outputCheck!.admitsNull,
     roles: Object.freeze([...(op.roles ?? defaults.roles ?? [])]),
     zone: op.zone ?? defaults.zone ?? 'public',
     cache: op.cache === undefined ? null : Object.freeze({ ttlSeconds: op.cache.ttlSeconds ?? null, swrSeconds: op.cache.swrSeconds ?? 0, tags: Object.freeze([...(op.cache.tags ?? [])]), scope: op.cache.scope ?? 'tenant' }),
@@ -434,15 +434,20 @@ function isQueryable (schema: JsonSchema): boolean {
   return schema.type === 'array' && typeof schema.items === 'object' && schema.items !== null && isScalar(schema.items as JsonSchema)
 }
 
+/** What the manifest's strict check learnt of a schema that compiled. */
+interface Checked { admitsNull: boolean }
+
 /**
  * `schema` compiled by the manifest's strict checker (made at its first use), or null with a
  * fault. A schema compiled by an earlier manifest of the process is not compiled again
  * (compiledOnce), but one with an `$id`: the checker refuses an `$id` that two schemas of the
  * manifest give, which it sees only by compiling both.
  */
-function checkSchema (checker: () => Ajv, schema: JsonSchema, at: string, faults: string[]): ValidateFunction | null {
+function checkSchema (checker: () => Ajv, schema: JsonSchema, at: string, faults: string[]): Checked | null {
   try {
-    const compile = (): ValidateFunction => checker().compile(schema)
+    // What is kept is what was learnt, not the validator: that one closes over the manifest's
+    // checker, which holds every schema the manifest compiled (kept past the manifest's life).
+    const compile = (): Checked => ({ admitsNull: checker().compile(schema)(null) })
     return JSON.stringify(schema).includes('"$id"') ? compile() : compiledOnce('declared', schema, compile)
   } catch (err) {
     faults.push(`${at}: not a valid JSON Schema: ${(err as Error).message}`)
