@@ -355,16 +355,22 @@ interface InputValidators {
  */
 const compiledInputs = new WeakMap<Operation, InputValidators>()
 
+function inputAjv (): Ajv {
+  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
+  addGatewayFormats(ajv)
+  return ajv
+}
+
 function inputValidators (op: Operation): InputValidators {
   let compiled = compiledInputs.get(op)
   if (compiled === undefined) {
-    // One Ajv per operation: an instance keeps every schema it compiled (its cache and its
-    // scope of values), so a shared one would keep each reloaded manifest's for good.
+    // An Ajv per schema: an instance keeps every schema it compiled (its cache and its scope of
+    // values), so a shared one would keep each reloaded manifest's for good.
     compiled = compiledOnce('input', op.input, () => {
-      const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
-      addGatewayFormats(ajv)
       const bounded = safeIntegers(op.input)
-      return { validate: ajv.compile(op.input), safe: bounded === op.input ? null : ajv.compile(bounded as typeof op.input) }
+      // The copy held to safe integers in an Ajv of its own: it keeps the schema's `$id`, which
+      // one Ajv takes once ("schema with key or id ... already exists": the gateway did not start).
+      return { validate: inputAjv().compile(op.input), safe: bounded === op.input ? null : inputAjv().compile(bounded as typeof op.input) }
     })
     compiledInputs.set(op, compiled)
   }

@@ -5,7 +5,7 @@ import t from 'tap'
 import { answerCheck } from '../../../plugins/pipeline/index.js'
 import { compiledSchemas } from '../../../compiled.js'
 import { buildApp } from '../../../app.js'
-import { testConfig, testManifest } from '../../helper.js'
+import { bearer, testConfig, testManifest } from '../../helper.js'
 
 t.test('two apps built on two readings of one manifest share their operations\' compiled schemas, counted in /metrics', async t => {
   const ops = (): Parameters<typeof testManifest>[0] => ({ getShared: { type: 'query', rest: 'GET /shared', kernel: 'GET /v1/shared', input: { type: 'object', properties: { sharedInput: { type: 'string' } } }, output: { type: 'object', properties: { sharedOutput: { type: 'string' } } } } })
@@ -30,4 +30,15 @@ t.test('the same schema text compiles once; another text compiles anew', async t
   const other = answerCheck({ type: 'object', properties: { compiledOnceA: { type: 'string' } } })
   t.not(other, first, 'another schema is compiled on its own')
   t.equal(other({ compiledOnceA: 'x' }), true)
+})
+
+t.test('an input schema with an $id at its root and an integer field builds, and its integers are held to the safe range', async t => {
+  // Its copy held to safe integers kept the $id, and compiled in the same Ajv it was refused
+  // ("schema with key or id ... already exists"): the manifest passed, the gateway did not start.
+  const manifest = testManifest({ getById: { type: 'query', rest: 'GET /by-id', kernel: 'GET /v1/by-id', input: { $id: 'https://x.example/by-id', type: 'object', properties: { n: { type: 'integer' } } }, output: { type: 'object' } } })
+  const app = await buildApp(testConfig(), { logger: false, manifest })
+  t.teardown(() => app.close())
+  const res = await app.inject({ method: 'GET', url: `/api/v1/by-id?n=${2 ** 60}`, headers: bearer() })
+  t.equal(res.statusCode, 400, 'an integer past the safe range is refused')
+  t.match(res.json(), { code: 'VALIDATION_FAILED' })
 })
