@@ -437,7 +437,7 @@ if (available) {
       const seen = await Promise.all([store.query({ limit: 50 }), store.query({ limit: 50 })])
       t.same(seen.map(page => page.entries.length), [6, 6], `round ${round}: every read sees every entry`)
     }
-    const stuck = await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'mantle-audit-reads' AND state = 'idle in transaction'")
+    const stuck = await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'mantle-audit-reads' AND state = 'idle in transaction'")
     t.equal(Number(stuck[0].n), 0, 'no read connection idles in a transaction')
     // The server ends a read at the same timeout: its statement does not wait on for the lock.
     await locker.query('BEGIN')
@@ -445,7 +445,7 @@ if (available) {
     await t.rejects(store.query({ limit: 50 }), 'the read times out')
     let waiting = -1
     for (const end = Date.now() + 3000; Date.now() < end && waiting !== 0; await new Promise(resolve => setTimeout(resolve, 50))) {
-      waiting = Number((await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'mantle-audit-reads' AND wait_event_type = 'Lock'"))[0].n)
+      waiting = Number((await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'mantle-audit-reads' AND wait_event_type = 'Lock'"))[0].n)
     }
     t.equal(waiting, 0, 'no read statement waits on the lock on the server')
     await locker.query('COMMIT')
@@ -474,7 +474,8 @@ if (available) {
     partitioned = true
     const lost = store.write([entry()])
     await until(() => !partitioned, 'the write to take the lock')
-    const idle = await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'mantle-audit' AND state = 'idle in transaction'")
+    // This database's sessions only: the suite's other processes write audit entries to theirs.
+    const idle = await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'mantle-audit' AND state = 'idle in transaction'")
     t.equal(Number(idle[0].n), 1, 'the lost write\'s transaction is open on the server')
     // The server ends the idle transaction (idle_in_transaction_session_timeout, SET LOCAL in
     // the transaction), and the connection with it.
@@ -563,7 +564,7 @@ if (available) {
       const other = new pg.Client({ connectionString: url })
       await other.connect()
       t.teardown(() => other.end())
-      const waiting = async (): Promise<boolean> => Number((await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'mantle-audit' AND wait_event_type = 'Lock'"))[0].n) === 1
+      const waiting = async (): Promise<boolean> => Number((await sql<{ n: string }>(url, "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'mantle-audit' AND wait_event_type = 'Lock'"))[0].n) === 1
       // Another instance's batch holds the chain head, and moves it while the write waits.
       const moved = async (run: () => Promise<number>): Promise<PromiseSettledResult<number>> => {
         await other.query('BEGIN ISOLATION LEVEL READ COMMITTED')
