@@ -30,12 +30,18 @@ export function compiledSchemas (): number {
 
 /** What `compile` makes of `schema` for `kind`, compiled once per schema text while kept (see bySchemaText). */
 export function compiledOnce<T extends object> (kind: string, schema: unknown, compile: () => T): T {
-  let key: string
+  let text: string
   try {
-    key = kind + '\u0000' + JSON.stringify(schema)
+    text = JSON.stringify(schema)
   } catch {
     return compile()
   }
+  return compiledByText(kind, text, compile)
+}
+
+/** compiledOnce for a caller that has the schema's text (JSON.stringify) already. */
+export function compiledByText<T extends object> (kind: string, text: string, compile: () => T): T {
+  const key = kind + '\u0000' + text
   let compiled = bySchemaText.get(key) as T | undefined
   if (compiled === undefined) {
     compiled = compile()

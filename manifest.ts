@@ -4,7 +4,7 @@ import { extname } from 'node:path'
 import { parse as parseYaml, parseDocument } from 'yaml'
 import { Ajv } from 'ajv'
 import { addGatewayFormats } from './formats.js'
-import { compiledOnce } from './compiled.js'
+import { compiledByText } from './compiled.js'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
 
 // The manifest is the one place operations are declared. This module turns the document into
@@ -440,7 +440,7 @@ interface Checked { admitsNull: boolean }
 /**
  * `schema` compiled by the manifest's strict checker (made at its first use), or null with a
  * fault. A schema compiled by an earlier manifest of the process is not compiled again
- * (compiledOnce), but one with an `$id`: the checker refuses an `$id` that two schemas of the
+ * (compiledByText), but one with an `$id`: the checker refuses an `$id` that two schemas of the
  * manifest give, which it sees only by compiling both.
  */
 function checkSchema (checker: () => Ajv, schema: JsonSchema, at: string, faults: string[]): Checked | null {
@@ -448,7 +448,8 @@ function checkSchema (checker: () => Ajv, schema: JsonSchema, at: string, faults
     // What is kept is what was learnt, not the validator: that one closes over the manifest's
     // checker, which holds every schema the manifest compiled (kept past the manifest's life).
     const compile = (): Checked => ({ admitsNull: checker().compile(schema)(null) })
-    return JSON.stringify(schema).includes('"$id"') ? compile() : compiledOnce('declared', schema, compile)
+    const text = JSON.stringify(schema)
+    return text.includes('"$id"') ? compile() : compiledByText('declared', text, compile)
   } catch (err) {
     faults.push(`${at}: not a valid JSON Schema: ${(err as Error).message}`)
     return null

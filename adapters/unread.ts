@@ -227,7 +227,7 @@ function overloaded (detail: string): MantleError {
  * By hand: a web stream's own queue counts its chunks (a size strategy) but says nothing when one
  * leaves it, nor when the response has written it out.
  */
-export function countedStream (source: ReadableStream<Uint8Array>, unread: UnreadBytes, tenant: string | undefined, cut: (reason: MantleError) => void, whole?: () => void): ReadableStream<Uint8Array> {
+export function countedStream (source: ReadableStream<Uint8Array>, unread: UnreadBytes, tenant: string | undefined, cut: (reason: MantleError) => void, whole: () => void): ReadableStream<Uint8Array> {
   const reader = source.getReader()
   const made: Uint8Array[] = []
   /** Bytes counted: the chunks made and not yet handed on, and the one handed on last. */
@@ -254,11 +254,12 @@ export function countedStream (source: ReadableStream<Uint8Array>, unread: Unrea
         if (stopped) return
         if (done) break
         if (!unread.admits(tenant)) {
+          const reason = overloaded('This streamed answer was cut: this tenant\'s clients have too many answers unread on this instance. Its calls did run (a mutation was carried out)')
           stopped = true
-          failed = overloaded('This streamed answer was cut: this tenant\'s clients have too many answers unread on this instance. Its calls did run (a mutation was carried out)')
+          failed = reason
           release()
           reader.cancel().catch(() => {})
-          cut(failed as MantleError)
+          cut(reason)
           wake?.()
           return
         }
@@ -268,7 +269,7 @@ export function countedStream (source: ReadableStream<Uint8Array>, unread: Unrea
         wake?.()
       }
       ended = true
-      whole?.()
+      whole()
     } catch (err) {
       failed = err
     }
