@@ -2,14 +2,14 @@
 # Mantle: multi-stage build. The runtime image holds production dependencies and dist/ only,
 # runs as a non-root user, and runs exactly what test/build/production.test.ts runs: node dist/server.js.
 
-FROM node:20-bookworm-slim AS build
+FROM node:24-bookworm-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci
 COPY . .
 RUN npm run build
 
-FROM node:20-bookworm-slim AS runtime
+FROM node:24-bookworm-slim AS runtime
 ENV NODE_ENV=production \
     HOST=0.0.0.0 \
     PORT=3000

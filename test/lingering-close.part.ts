@@ -177,10 +177,18 @@ t.test('requests pipelined behind a slow answer: served in order, and bounded pe
   await heavy.closed
   t.equal(heavy.answer(), '', 'heads over the bytes allowed: closed unanswered')
   // A head of many empty headers holds far more than its text: each is a string of its own.
-  const many = `GET /healthz HTTP/1.1\r\nHost: x\r\n${Array.from({ length: 1900 }, (_, i) => `h${i}:\r\n`).join('')}\r\n`
+  const fields = Array.from({ length: 1900 }, (_, i) => `h${i}:\r\n`).join('')
+  const many = `GET /healthz HTTP/1.1\r\nHost: x\r\n${fields}\r\n`
+  // Node 22 and later refuse such a head themselves (431: their parser counts each field against
+  // the 16 KB bound); Node 20 takes it, and the gateway's own bound must close the connection.
+  const probe = open(`GET /healthz HTTP/1.1\r\nHost: x\r\n${fields}Connection: close\r\n\r\n`)
+  await probe.closed
+  const nodeTakes = probe.answer().startsWith('HTTP/1.1 200')
+  if (!nodeTakes) t.match(probe.answer(), /^HTTP\/1\.1 431 /, 'this Node refuses a head of 1,900 empty headers itself')
   const headers = open(first + many.repeat(Math.ceil(MAX_PIPELINED_BYTES / (1900 * 32)) + 1))
   await headers.closed
-  t.equal(headers.answer(), '', 'heads of 1,900 empty headers, their text 14 KB each, a sixth of what they hold: closed unanswered')
+  if (nodeTakes) t.equal(headers.answer(), '', 'heads of 1,900 empty headers, their text 14 KB each, a sixth of what they hold: closed unanswered')
+  else t.notMatch(headers.answer(), /HTTP\/1\.1 200/, 'heads of 1,900 empty headers, refused by Node: none of them served')
   // Within both: every one served, in order, once the slow answer is sent.
   const fine = open(first + health.repeat(MAX_PIPELINED - 2) + big + 'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
   await until(() => fine.answer() === '' && kernel.requests.length > 0, 'a slow call at the Kernel')

@@ -111,7 +111,7 @@ t.test('the pod runs as the image user, read-only, with nothing extra', async t 
   const pod = ofKind('Deployment').spec.template.spec
   const container = pod.containers[0]
   t.equal(pod.securityContext.runAsNonRoot, true)
-  t.equal(pod.securityContext.runAsUser, 1000, 'uid of the node user of node:20-bookworm-slim')
+  t.equal(pod.securityContext.runAsUser, 1000, 'uid of the node user of the official node images')
   t.match(read('Dockerfile'), /^USER node$/m)
   t.match(read('Dockerfile'), /^CMD \["node", "dist\/server.js"\]$/m)
   t.same(container.securityContext, { allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: { drop: ['ALL'] } })
@@ -157,4 +157,15 @@ t.test('migrations run before the gateway, from the image; the audit spool and t
   t.ok((pod.volumes as Doc[]).find(v => v.name === mount!.name)?.emptyDir !== undefined, 'an emptyDir (README: not kept across pod replacement)')
   // The namespace the kustomization puts everything in is one it creates.
   t.equal(ofKind('Namespace').metadata.name, ofKind('Kustomization').namespace)
+})
+
+t.test('the image builds and runs on one Node release, a supported one, and the README names it', async t => {
+  const dockerfile = read('Dockerfile')
+  const bases = [...dockerfile.matchAll(/^FROM (\S+) AS (\w+)$/gm)].map(m => m[1])
+  t.same(bases.length, 2, 'a build stage and a runtime stage')
+  t.equal(new Set(bases).size, 1, 'both stages on the same base: the build and its dependencies made for the Node that runs them')
+  const major = Number(/^node:(\d+)-/.exec(bases[0])?.[1])
+  // Node 20 reached its end of life on 2026-04-30 (no security fixes after it): the image may not run it.
+  t.ok(major >= 22 && major % 2 === 0, `an LTS line after Node 20: ${bases[0]}`)
+  t.match(read('README.md'), `\`${bases[0]}\``, 'the README names the base image')
 })
