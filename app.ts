@@ -40,7 +40,7 @@ import type { FaceOptions } from './adapters/face.js'
 import { UnreadBytes, answerBounds, defaultUnreadBytes, streamMade } from './adapters/unread.js'
 import { requestAuthorization } from './adapters/credentials.js'
 import websocket from '@fastify/websocket'
-import { FIELDS_OVERFLOW, servePlainUpgrades, WEBSOCKET_UPGRADE } from './plain-upgrades.js'
+import { FIELDS_OVERFLOW, OFFER_BODY_OVERFLOW, servePlainUpgrades, WEBSOCKET_UPGRADE } from './plain-upgrades.js'
 import AjvCompiler, { type ValidatorFactory } from '@fastify/ajv-compiler'
 import helmet from 'helmet'
 import cors from '@fastify/cors'
@@ -278,6 +278,11 @@ function keepNoLonger (res: ServerResponse): void {
 
 /** The clientErrorHandler's answer, as problem+json, and the lingering close. */
 function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): void {
+  if (err.code === OFFER_BODY_OVERFLOW) {
+    answerRaw(socket, 413, 'The request body is larger than the limit', '', 'PAYLOAD_TOO_LARGE')
+    lingeringClose(socket)
+    return
+  }
   const [status, detail] = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
     ? [408, 'The request took too long to arrive']
     : err.code === 'HPE_HEADER_OVERFLOW'
@@ -944,7 +949,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     })
     // Its 'upgrade' listener took every request offering an upgrade: those offering another
     // protocol (h2c) are served as plain HTTP again.
-    servePlainUpgrades(app.server)
+    servePlainUpgrades(app.server, config.BFF_BODY_LIMIT)
     // The 101 of an upgrade is written by ws, not through a reply: it gets the same headers here.
     const securityLines = Object.entries(SECURITY_HEADERS).map(([name, value]) => `${name}: ${value}`)
     app.websocketServer.on('headers', (headers: string[]) => { headers.push(...securityLines) })

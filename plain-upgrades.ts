@@ -12,6 +12,12 @@ const OFFER_TOKEN = /^(?:upgrade|http2-settings)$/i
 /** The clientError code of an offer whose head Node did not hand on whole (too many fields): app.ts answers it 431. */
 export const FIELDS_OVERFLOW = 'MANTLE_HEADER_FIELDS_OVERFLOW'
 
+/** The clientError code of an offer whose body, read by Node (26 and later), is over the body limit: app.ts answers it 413. */
+export const OFFER_BODY_OVERFLOW = 'MANTLE_OFFER_BODY_OVERFLOW'
+
+/** The framing of a body, dropped from a head written again with its body read whole (Content-Length in their place). */
+const FRAMING = /^(?:content-length|transfer-encoding)$/i
+
 /** rawHeaders' length beyond which Node drops a head's fields (its parser's default maxHeaderPairs, `MAX_HEADER_PAIRS` in _http_common.js). */
 const NODE_HEADER_ENTRIES = 2000
 
@@ -32,7 +38,7 @@ const ignore = (): void => {}
  * (Upgrade, HTTP2-Settings and their Connection tokens) ahead of what the socket still holds, for
  * the server's parser to read as a new connection: body, keep-alive and pipelining as for any request.
  */
-export function servePlainUpgrades (server: Server): void {
+export function servePlainUpgrades (server: Server, maxBodyBytes: number): void {
   // Typed loosely: the server's emit is overloaded by event.
   const emit = server.emit as (this: Server, event: string | symbol, ...args: unknown[]) => boolean
   // Where the HTTP parser takes a socket: a TLS server's HTTP listens for its sockets once secure.
@@ -59,15 +65,52 @@ export function servePlainUpgrades (server: Server): void {
           if (!emit.call(this, 'clientError', Object.assign(new Error('The request has more header fields than are served'), { code: FIELDS_OVERFLOW }), socket)) socket.destroy()
           return true
         }
-        socket.unshift(Buffer.concat([plainHead(req), head]))
-        whenAnswered(socket as Answering, () => {
-          socket.removeListener('error', ignore)
-          // Node arms the keep-alive timeout once the last answer before the offer is written, and
-          // disarms it when the next request comes, which the new parser knows nothing of: it cut
-          // the offer's request (a slow upload, a slow answer) once it ran out.
-          ;(socket as Socket).setTimeout(0)
-          parse.call(this, socket)
-        })
+        const takeOn = (connection: Duplex, bytes: Buffer): void => {
+          connection.unshift(bytes)
+          whenAnswered(connection as Answering, () => {
+            connection.removeListener('error', ignore)
+            // Node arms the keep-alive timeout once the last answer before the offer is written, and
+            // disarms it when the next request comes, which the new parser knows nothing of: it cut
+            // the offer's request (a slow upload, a slow answer) once it ran out.
+            ;(connection as Socket).setTimeout(0)
+            parse.call(this, connection)
+            // Paused below while no parser read it: a 'data' listener does not resume a paused stream.
+            if (connection.isPaused()) connection.resume()
+          })
+        }
+        if (socket === req.socket && req.readableLength === 0) {
+          // Node 20 to 24: the body is still the socket's, after the head.
+          takeOn(socket, Buffer.concat([plainHead(req), head]))
+          return true
+        }
+        // Node 26 and later read the body of an offer into the request, and hand on, while it is
+        // still arriving, a stream over the socket that yields what follows it: the body is read
+        // whole (to the body limit), then written again after the head, framed by its length,
+        // ahead of what followed, on the connection's own socket.
+        const connection = req.socket
+        connection.on('error', ignore)
+        // Node's parser reads the body on, its timeout listener still on the socket: the keep-alive
+        // timeout an answer before the offer arms (takeOn's comment) would cut a body still arriving.
+        whenAnswered(connection as Answering, () => { connection.setTimeout(0) })
+        readBody(req, maxBodyBytes).then(body => {
+          if (body === null) {
+            req.resume()
+            if (!emit.call(this, 'clientError', Object.assign(new Error('The request body is larger than the limit'), { code: OFFER_BODY_OVERFLOW }), connection)) connection.destroy()
+            return
+          }
+          // What followed the body: the stream's (the socket's bytes once the body ended), else `head`.
+          let after = head
+          if (socket !== connection) {
+            const rest: Buffer[] = []
+            for (let chunk = socket.read() as Buffer | null; chunk !== null; chunk = socket.read() as Buffer | null) rest.push(chunk)
+            after = Buffer.concat(rest)
+            // The stream's own reading of the socket ends here (what it read is in `after`); the
+            // new parser reads it from now on.
+            connection.removeAllListeners('data')
+            connection.pause()
+          }
+          takeOn(connection, Buffer.concat([plainHead(req, body.length), body, after]))
+        }, () => { connection.destroy() })
         return true
       }
     }
@@ -101,19 +144,48 @@ function whenAnswered (socket: Answering, fn: () => void): void {
   answer.once('finish', () => setImmediate(() => whenAnswered(socket, fn)))
 }
 
-/** The request's head as it came (names, values and order: Node reads both as latin1), less its offer. */
-function plainHead (req: IncomingMessage): Buffer {
+/**
+ * The body Node read into `req`, whole, or null past `max` bytes (Node 26 and later read an
+ * offer's body into the request). By hand: node:stream/consumers' buffer() reads a stream
+ * whole with no bound, and the offer never reaches Fastify's body parsing, which has one.
+ */
+async function readBody (req: IncomingMessage, max: number): Promise<Buffer | null> {
+  return await new Promise((resolve, reject) => {
+    const chunks: Buffer[] = []
+    let size = 0
+    const onData = (chunk: Buffer): void => {
+      size += chunk.length
+      if (size <= max) {
+        chunks.push(chunk)
+        return
+      }
+      req.off('data', onData)
+      chunks.length = 0
+      resolve(null)
+    }
+    req.on('data', onData)
+    req.once('end', () => { resolve(size > max ? null : Buffer.concat(chunks)) })
+    req.once('error', reject)
+  })
+}
+
+/**
+ * The request's head as it came (names, values and order: Node reads both as latin1), less its
+ * offer; with `bodyLength`, its framing is that of a body of that many bytes (a body Node read).
+ */
+function plainHead (req: IncomingMessage, bodyLength?: number): Buffer {
   let text = `${req.method ?? 'GET'} ${req.url ?? '/'} HTTP/${req.httpVersion}\r\n`
   const raw = req.rawHeaders
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]
     let value = raw[i + 1]
-    if (OFFER_TOKEN.test(name)) continue
+    if (OFFER_TOKEN.test(name) || (bodyLength !== undefined && FRAMING.test(name))) continue
     if (name.toLowerCase() === 'connection') {
       value = value.split(',').map(token => token.trim()).filter(token => token !== '' && !OFFER_TOKEN.test(token)).join(', ')
       if (value === '') continue
     }
     text += `${name}: ${value}\r\n`
   }
+  if (bodyLength !== undefined) text += `Content-Length: ${bodyLength}\r\n`
   return Buffer.from(text + '\r\n', 'latin1')
 }

@@ -363,3 +363,37 @@ t.test('an offer pipelined behind an answer is not cut by the keep-alive timeout
   conn.end()
   t.same(conn.answers().map(a => a.status), [200, 201], 'both answered')
 })
+
+// Node 26 and later read an offer's body themselves, into the request, where Node 20 to 24 left it
+// on the socket for the parser the head is written again for: servePlainUpgrades reads it whole
+// there, bounded as any body is (BFF_BODY_LIMIT). The same answers on every Node.
+t.test('a request offering h2c with a body over the limit is a 413, whole or still arriving, and what follows it is not served', async t => {
+  const app = await buildDemoApp(t, { BFF_BODY_LIMIT: 2048 })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const body = JSON.stringify({ name: 'x'.repeat(4096) })
+  const head = `POST /api/v1/agents HTTP/1.1\r\nHost: x\r\n${OFFER}Authorization: Bearer ${token()}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n`
+  const next = 'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'
+  const whole = rawConnection(port)
+  whole.write(head + body + next)
+  await Promise.race([whole.closed, new Promise(resolve => setTimeout(resolve, 3000))])
+  whole.end()
+  t.same(whole.answers().map(a => a.status), [413], 'the body sent with its head: 413, and the request after it not served')
+  t.match(JSON.parse(whole.answers()[0]?.body ?? '{}'), { code: 'PAYLOAD_TOO_LARGE' })
+  const slow = rawConnection(port)
+  slow.write(head + body.slice(0, 100))
+  await new Promise(resolve => setTimeout(resolve, 200))
+  slow.write(body.slice(100) + next)
+  await Promise.race([slow.closed, new Promise(resolve => setTimeout(resolve, 3000))])
+  slow.end()
+  t.same(slow.answers().map(a => a.status), [413], 'the body still arriving: 413, and the request after it not served')
+  // Within the limit, the same offer is served and so is what follows it.
+  const small = JSON.stringify({ name: 'within' })
+  const fine = rawConnection(port)
+  fine.write(head.replace(`Content-Length: ${body.length}`, `Content-Length: ${small.length}`) + small.slice(0, 4))
+  await new Promise(resolve => setTimeout(resolve, 200))
+  fine.write(small.slice(4) + 'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+  await Promise.race([fine.closed, new Promise(resolve => setTimeout(resolve, 3000))])
+  fine.end()
+  t.same(fine.answers().map(a => a.status), [201, 200], 'within the limit, still arriving: served, and the request after it')
+})
