@@ -637,11 +637,14 @@ t.test('env overrides the manifest breaker settings', async t => {
 
 t.test('closing the app waits for a call in flight', async t => {
   const { app, kernel }: Setup = await setup(t)
-  kernel.on('GET /v1/items/w1', async (_req, res) => { await sleep(100); json(res, 200, { id: 'w1' }) })
+  let reached = false
+  kernel.on('GET /v1/items/w1', async (_req, res) => { reached = true; await sleep(100); json(res, 200, { id: 'w1' }) })
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as { port: number }
   const pending = fetch(`http://127.0.0.1:${port}/api/v1/items/w1`, { headers: bearer() })
-  await sleep(30)
+  // In flight once the Kernel has it: after a fixed 30 ms, on a loaded machine, the request had
+  // not yet arrived, and the closing gateway refused it 503, as it should.
+  await until(() => reached, 'the call at the Kernel')
   const closing = app.close()
   const res = await pending
   t.equal(res.status, 200)
