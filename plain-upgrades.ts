@@ -32,11 +32,14 @@ const ignore = (): void => {}
  * with `Connection: upgrade` and its socket, unparsed past the head: a body was never read (a
  * POST was refused 400, "the Content-Length header does not match the body"), a GET on a route
  * that also serves WebSocket (/trpc/*, /graphql) went to ws, which answered a bare 400 "Invalid
- * Upgrade header", and a connection served so was closed after its answer. Neither Node 20 (its
- * `shouldUpgradeCallback` came in later versions) nor @fastify/websocket has an option for it: such
+ * Upgrade header", and a connection served so was closed after its answer. Neither Node 20 nor
+ * @fastify/websocket has an option for it, and the `shouldUpgradeCallback` of later Nodes (22.21,
+ * 24, 26) is no way out: a request it declines is served, but Node's parser stops at its end, and
+ * the requests pipelined behind it in the same read were never answered (Node 24.22, 26.12). Such
  * an offer is taken from the 'upgrade' event here, and its head written again without the offer
  * (Upgrade, HTTP2-Settings and their Connection tokens) ahead of what the socket still holds, for
- * the server's parser to read as a new connection: body, keep-alive and pipelining as for any request.
+ * the server's parser to read as a new connection: body, keep-alive and pipelining as for any
+ * request. Node 26 reads the offer's body itself: it is written again after the head.
  */
 export function servePlainUpgrades (server: Server, maxBodyBytes: number): void {
   // Typed loosely: the server's emit is overloaded by event.
