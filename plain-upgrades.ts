@@ -15,8 +15,16 @@ export const FIELDS_OVERFLOW = 'MANTLE_HEADER_FIELDS_OVERFLOW'
 /** The clientError code of an offer whose body, read by Node (26 and later), is over the body limit: app.ts answers it 413. */
 export const OFFER_BODY_OVERFLOW = 'MANTLE_OFFER_BODY_OVERFLOW'
 
-/** The framing of a body, dropped from a head written again with its body read whole (Content-Length in their place). */
-const FRAMING = /^(?:content-length|transfer-encoding)$/i
+/**
+ * Whether Node reads an offer's body itself (Node 26; not 24.22): there an offer whose body was
+ * empty and came with its head (`Transfer-Encoding: chunked` then `0`) looks as one on Node 20
+ * to 24 does, its body still on the socket (the request complete, nothing buffered), and its
+ * head written again still said chunked: the new parser read what followed as the body.
+ */
+const NODE_READS_OFFER_BODY = Number(process.versions.node.split('.')[0]) >= 26
+
+/** An Expect that asks to be invited to send the body (RFC 9110 §10.1.1). */
+const CONTINUE = /^\s*100-continue\s*$/i
 
 /** rawHeaders' length beyond which Node drops a head's fields (its parser's default maxHeaderPairs, `MAX_HEADER_PAIRS` in _http_common.js). */
 const NODE_HEADER_ENTRIES = 2000
@@ -81,24 +89,43 @@ export function servePlainUpgrades (server: Server, maxBodyBytes: number): void 
             if (connection.isPaused()) connection.resume()
           })
         }
-        if (socket === req.socket && req.readableLength === 0) {
+        if (!NODE_READS_OFFER_BODY && socket === req.socket && req.readableLength === 0) {
           // Node 20 to 24: the body is still the socket's, after the head.
           takeOn(socket, Buffer.concat([plainHead(req), head]))
           return true
         }
         // Node 26 and later read the body of an offer into the request, and hand on, while it is
         // still arriving, a stream over the socket that yields what follows it: the body is read
-        // whole (to the body limit), then written again after the head, framed by its length,
-        // ahead of what followed, on the connection's own socket.
+        // whole (to the body limit), then written again after the head, framed as the head frames
+        // it, ahead of what followed, on the connection's own socket.
         const connection = req.socket
-        connection.on('error', ignore)
+        // A body still arriving: Node's stream (`socket`) has just put its listeners on the
+        // connection's socket, the last ones of each event there. They are taken off with it below:
+        // left, each such offer piled up three more on a keep-alive connection.
+        const streamListeners = socket === connection ? [] : ['error', 'close', 'end'].map(event => ({ event, fn: connection.listeners(event).at(-1) as (...args: unknown[]) => void }))
+        // Once only: takeOn takes one off (a second, on the socket `socket` already is, stayed for good).
+        if (connection !== socket) connection.on('error', ignore)
         // Node's parser reads the body on, its timeout listener still on the socket: the keep-alive
         // timeout an answer before the offer arms (takeOn's comment) would cut a body still arriving.
-        whenAnswered(connection as Answering, () => { connection.setTimeout(0) })
+        let invited = false
+        whenAnswered(connection as Answering, () => {
+          connection.setTimeout(0)
+          // Node invites no offer's body (its parser does so for a request, not an upgrade): a
+          // client that waits for the 100 waited until a timeout cut it. Its head is written
+          // again without the Expect then, or the new parser invited the body a second time.
+          if (!req.complete && req.httpVersion === '1.1' && CONTINUE.test(req.headers.expect ?? '')) {
+            connection.write('HTTP/1.1 100 Continue\r\n\r\n')
+            invited = true
+          }
+        })
         readBody(req, maxBodyBytes).then(body => {
           if (body === null) {
             req.resume()
-            if (!emit.call(this, 'clientError', Object.assign(new Error('The request body is larger than the limit'), { code: OFFER_BODY_OVERFLOW }), connection)) connection.destroy()
+            // Once the answers before it are written: written at once, it went in front of them
+            // (or, behind one still under way, the connection closed after it, the 413 unsent).
+            whenAnswered(connection as Answering, () => {
+              if (!emit.call(this, 'clientError', Object.assign(new Error('The request body is larger than the limit'), { code: OFFER_BODY_OVERFLOW }), connection)) connection.destroy()
+            })
             return
           }
           // What followed the body: the stream's (the socket's bytes once the body ended), else `head`.
@@ -111,8 +138,14 @@ export function servePlainUpgrades (server: Server, maxBodyBytes: number): void 
             // new parser reads it from now on.
             connection.removeAllListeners('data')
             connection.pause()
+            for (const { event, fn } of streamListeners) connection.off(event, fn)
+            // Node marks the socket with its stream (a symbol of its own) and, while it is marked,
+            // hands the next offer's request, once read, to that stream and emits no 'upgrade':
+            // the next offer on the connection was never answered. Unmarked, as one whose offer came whole.
+            const marked = connection as unknown as Record<symbol, unknown>
+            for (const mark of Object.getOwnPropertySymbols(marked)) if (marked[mark] === socket) Reflect.deleteProperty(marked, mark)
           }
-          takeOn(connection, Buffer.concat([plainHead(req, body.length), body, after]))
+          takeOn(connection, Buffer.concat([plainHead(req, invited), framed(req, body), after]))
         }, () => { connection.destroy() })
         return true
       }
@@ -173,22 +206,35 @@ async function readBody (req: IncomingMessage, max: number): Promise<Buffer | nu
 }
 
 /**
- * The request's head as it came (names, values and order: Node reads both as latin1), less its
- * offer; with `bodyLength`, its framing is that of a body of that many bytes (a body Node read).
+ * The body Node read, framed again as the head frames it: as it came (Content-Length, or none
+ * for no body), or chunked, one chunk and the trailers. The head is written again with its own
+ * framing: one whose Transfer-Encoding and Content-Length were replaced by the body's length
+ * lost `gzip, chunked`, and a body app.ts refuses for its coding was served.
  */
-function plainHead (req: IncomingMessage, bodyLength?: number): Buffer {
+function framed (req: IncomingMessage, body: Buffer): Buffer {
+  if (req.headers['transfer-encoding'] === undefined) return body
+  let trailers = ''
+  for (let i = 0; i < req.rawTrailers.length; i += 2) trailers += `${req.rawTrailers[i]}: ${req.rawTrailers[i + 1]}\r\n`
+  if (body.length === 0) return Buffer.from(`0\r\n${trailers}\r\n`, 'latin1')
+  return Buffer.concat([Buffer.from(`${body.length.toString(16)}\r\n`, 'latin1'), body, Buffer.from(`\r\n0\r\n${trailers}\r\n`, 'latin1')])
+}
+
+/**
+ * The request's head as it came (names, values and order: Node reads both as latin1), less its
+ * offer, and less its Expect if its body was `invited` already (a 100 written for it).
+ */
+function plainHead (req: IncomingMessage, invited = false): Buffer {
   let text = `${req.method ?? 'GET'} ${req.url ?? '/'} HTTP/${req.httpVersion}\r\n`
   const raw = req.rawHeaders
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]
     let value = raw[i + 1]
-    if (OFFER_TOKEN.test(name) || (bodyLength !== undefined && FRAMING.test(name))) continue
+    if (OFFER_TOKEN.test(name) || (invited && name.toLowerCase() === 'expect')) continue
     if (name.toLowerCase() === 'connection') {
       value = value.split(',').map(token => token.trim()).filter(token => token !== '' && !OFFER_TOKEN.test(token)).join(', ')
       if (value === '') continue
     }
     text += `${name}: ${value}\r\n`
   }
-  if (bodyLength !== undefined) text += `Content-Length: ${bodyLength}\r\n`
   return Buffer.from(text + '\r\n', 'latin1')
 }

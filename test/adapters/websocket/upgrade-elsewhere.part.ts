@@ -397,3 +397,139 @@ t.test('a request offering h2c with a body over the limit is a 413, whole or sti
   fine.end()
   t.same(fine.answers().map(a => a.status), [201, 200], 'within the limit, still arriving: served, and the request after it')
 })
+
+// Node 26 reads an offer's body itself, and an offer whose empty chunked body came with its head
+// looked as one on Node 20 to 24 does (complete, nothing buffered): its head was written again
+// still chunked, and the request after it was read as its body (never answered).
+t.test('an offer with an empty chunked body sent with its head, and the request after it, are both answered', async t => {
+  const { port } = await gateway(t)
+  const conn = rawConnection(port)
+  conn.write(`POST /api/v1/agents HTTP/1.1\r\nHost: x\r\n${OFFER}Authorization: Bearer ${token()}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  await Promise.race([conn.closed, new Promise(resolve => setTimeout(resolve, 3000))])
+  conn.end()
+  t.same(conn.answers().map(a => a.status), [400, 200])
+})
+
+// Node invites no offer's body: a client that waits for the 100 (Expect: 100-continue) waited on
+// Node 26 until a timeout cut it; Node 20 to 24 invite it (the new parser reads the head).
+t.test('an offer that expects 100-continue is invited to send its body, once', async t => {
+  const { port } = await gateway(t)
+  const conn = rawConnection(port)
+  const body = JSON.stringify({ name: 'continue' })
+  conn.write(`POST /api/v1/agents HTTP/1.1\r\nHost: x\r\n${OFFER}Authorization: Bearer ${token()}\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n`)
+  const invited = await until(() => conn.answers().length > 0, 1500)
+  conn.write(body)
+  await Promise.race([conn.closed, new Promise(resolve => setTimeout(resolve, 3000))])
+  conn.end()
+  t.ok(invited, 'invited to send the body')
+  t.same(conn.answers().map(a => a.status), [100, 201])
+})
+
+// Node 26: the head written again had its Transfer-Encoding replaced by a Content-Length, and a
+// body sent `gzip, chunked`, which app.ts refuses (codingRefusal), was served.
+t.test('an offer whose body is sent gzip, chunked is refused as any such request is', async t => {
+  const { port } = await gateway(t)
+  const conn = rawConnection(port)
+  const body = JSON.stringify({ name: 'gz' })
+  conn.write(`POST /api/v1/agents HTTP/1.1\r\nHost: x\r\n${OFFER}Authorization: Bearer ${token()}\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`)
+  await Promise.race([conn.closed, new Promise(resolve => setTimeout(resolve, 3000))])
+  conn.end()
+  t.same(conn.answers().map(a => a.status), [400])
+  t.match(JSON.parse(conn.answers()[0]?.body ?? '{}'), { detail: /chunked/ })
+})
+
+// Node 26: an offer over the body limit behind an answer still under way was refused at once,
+// and the connection closed after that answer, the 413 never sent.
+t.test('an offer over the body limit behind an answer still under way is answered 413 after it', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) } })
+  const manifest = testManifest({ slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } })
+  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false, BFF_WEBSOCKET_ENABLED: true, BFF_BODY_LIMIT: 2048 }, { manifest, kernelUrl: kernel.url })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const conn = rawConnection(port)
+  const body = JSON.stringify({ name: 'x'.repeat(4096) })
+  conn.write(`GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token()}\r\n\r\nPOST /api/v1/agents HTTP/1.1\r\nHost: x\r\n${OFFER}Authorization: Bearer ${token()}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  await Promise.race([conn.closed, new Promise(resolve => setTimeout(resolve, 4000))])
+  conn.end()
+  t.same(conn.answers().map(a => a.status), [200, 413])
+})
+
+// What follows an offer on Node 26 (its body read by Node): a body still arriving a byte at a
+// time, requests after it in later chunks, all behind an answer still under way; a client that
+// resets the connection at each stage.
+t.test('an offer whose body arrives a byte at a time behind an answer under way, and the requests after it, are answered in order', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) } })
+  const manifest = testManifest({ slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } })
+  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false, BFF_WEBSOCKET_ENABLED: true }, { manifest, kernelUrl: kernel.url })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const conn = rawConnection(port)
+  const body = '{}' + ' '.repeat(30)
+  conn.write(`GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token()}\r\n\r\nPOST /api/v1/slow HTTP/1.1\r\nHost: x\r\n${OFFER}Authorization: Bearer ${token()}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n`)
+  for (const c of body) { conn.write(c); await new Promise(resolve => setTimeout(resolve, 5)) }
+  conn.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
+  await new Promise(resolve => setTimeout(resolve, 20))
+  conn.write('GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+  await Promise.race([conn.closed, new Promise(resolve => setTimeout(resolve, 4000))])
+  conn.end()
+  t.same(conn.answers().map(a => a.status), [200, 404, 200, 200])
+})
+t.test('an offer whose body stops arriving is a 408 at the request timeout', async t => {
+  const app = await buildDemoApp(t, { BFF_REQUEST_TIMEOUT_MS: 1000 })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const conn = rawConnection(port)
+  conn.write(`POST /api/v1/agents HTTP/1.1\r\nHost: x\r\n${OFFER}Authorization: Bearer ${token()}\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{"na`)
+  await Promise.race([conn.closed, new Promise(resolve => setTimeout(resolve, 4000))])
+  conn.end()
+  t.same(conn.answers().map(a => a.status), [408])
+})
+t.test('a client that resets an offer mid-body, or after it behind an answer under way, is no uncaught error', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) } })
+  const manifest = testManifest({ slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } })
+  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false, BFF_WEBSOCKET_ENABLED: true }, { manifest, kernelUrl: kernel.url })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const uncaught: Error[] = []
+  const record = (err: Error): void => { uncaught.push(err) }
+  process.prependListener('uncaughtException', record)
+  t.teardown(() => { process.removeListener('uncaughtException', record) })
+  const post = (n: number, part: string): string => `POST /api/v1/slow HTTP/1.1\r\nHost: x\r\n${OFFER}Content-Type: application/json\r\nContent-Length: ${n}\r\n\r\n${part}`
+  for (const [first, second] of [[post(10, '{"a'), null], [post(10, '{"a'), '":1}  '], [`GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token()}\r\n\r\n` + post(10, '{"a'), '":1}  GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n']]) {
+    const socket = connectTcp(port, '127.0.0.1', () => socket.write(first as string))
+    socket.on('error', () => {})
+    await new Promise(resolve => setTimeout(resolve, 100))
+    if (second !== null) socket.write(second)
+    await new Promise(resolve => setTimeout(resolve, 100))
+    socket.resetAndDestroy()
+  }
+  await new Promise(resolve => setTimeout(resolve, 1000))
+  t.same(uncaught.map(err => err.message), [], 'no uncaught error')
+  t.equal((await fetch(`http://127.0.0.1:${port}/healthz`)).status, 200, 'the gateway still serves')
+})
+
+// Node 26 marks a socket whose offer's body is still arriving (its UpgradeStream) and never
+// unmarks it: the next offer on that connection, its body read to its end, was handed to that
+// stream, already drained, and never to the 'upgrade' event: it and the connection hung.
+t.test('offers after one whose body was still arriving are each served, and pile up no listener', async t => {
+  const { app, port } = await gateway(t)
+  const served: Socket[] = []
+  app.server.on('connection', (s: Socket) => { if (!served.includes(s)) served.push(s) })
+  const plain = rawConnection(port)
+  plain.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n')
+  t.ok(await until(() => plain.answers().length === 1))
+  const offers = rawConnection(port)
+  const count = 12
+  for (let i = 0; i < count; i++) {
+    offers.write(`POST /graphql HTTP/1.1\r\nHost: x\r\n${OFFER}Content-Type: application/json\r\nContent-Length: 2\r\n\r\n`)
+    await new Promise(resolve => setTimeout(resolve, 20))
+    offers.write('{}')
+    if (!await until(() => offers.answers().length === i + 1, 1000)) break
+  }
+  offers.write(`GET /healthz HTTP/1.1\r\nHost: x\r\n${OFFER}\r\n`)
+  await until(() => offers.answers().length === count + 1, 1000)
+  t.equal(offers.answers().length, count + 1, 'every offer answered')
+  for (const event of ['close', 'error', 'end', 'data']) t.equal(served[1]?.listenerCount(event), served[0]?.listenerCount(event), `as many '${event}' listeners as a plain connection`)
+  plain.end()
+  offers.end()
+})
