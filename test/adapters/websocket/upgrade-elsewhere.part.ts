@@ -285,20 +285,31 @@ async function until (check: () => boolean, ms = 3000): Promise<boolean> {
 
 const OFFER = 'Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n'
 
+/** A gateway (WebSocket on, cache off) whose op `slow` (GET /api/v1/slow) answers after 600 ms: an answer still under way. */
+async function slowGateway (t: Parameters<typeof buildTestApp>[0], env: Record<string, unknown> = {}): Promise<number> {
+  const kernel = await startTestKernel(t, { 'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) } })
+  const manifest = testManifest({ slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } })
+  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false, BFF_WEBSOCKET_ENABLED: true, ...env }, { manifest, kernelUrl: kernel.url })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  return (app.server.address() as { port: number }).port
+}
+
+/** The uncaught exceptions of the process while the test runs (kept from ending it). */
+function uncaughtErrors (t: { teardown: (fn: () => unknown) => void }): Error[] {
+  const uncaught: Error[] = []
+  const record = (err: Error): void => { uncaught.push(err) }
+  process.prependListener('uncaughtException', record)
+  t.teardown(() => { process.removeListener('uncaughtException', record) })
+  return uncaught
+}
+
 // Node takes its listeners off an upgrade's socket, 'error' too, and @fastify/websocket adds its
 // own: an offer taken before it, pipelined behind an answer still under way, left its socket
 // with none until that answer was written, and a client that reset the connection then threw an
 // uncaught ECONNRESET (the process's end: anyone could stop the gateway).
 t.test('a client that resets its connection while its offer waits for an answer before it is no uncaught error', async t => {
-  const kernel = await startTestKernel(t, { 'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) } })
-  const manifest = testManifest({ slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } })
-  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false, BFF_WEBSOCKET_ENABLED: true }, { manifest, kernelUrl: kernel.url })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const port = (app.server.address() as { port: number }).port
-  const uncaught: Error[] = []
-  const record = (err: Error): void => { uncaught.push(err) }
-  process.prependListener('uncaughtException', record)
-  t.teardown(() => { process.removeListener('uncaughtException', record) })
+  const port = await slowGateway(t)
+  const uncaught = uncaughtErrors(t)
   const socket = connectTcp(port, '127.0.0.1', () => socket.write(`GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token()}\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n${OFFER}\r\n`))
   socket.on('error', () => {})
   await new Promise(resolve => setTimeout(resolve, 200))
@@ -441,11 +452,7 @@ t.test('an offer whose body is sent gzip, chunked is refused as any such request
 // Node 26: an offer over the body limit behind an answer still under way was refused at once,
 // and the connection closed after that answer, the 413 never sent.
 t.test('an offer over the body limit behind an answer still under way is answered 413 after it', async t => {
-  const kernel = await startTestKernel(t, { 'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) } })
-  const manifest = testManifest({ slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } })
-  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false, BFF_WEBSOCKET_ENABLED: true, BFF_BODY_LIMIT: 2048 }, { manifest, kernelUrl: kernel.url })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const port = (app.server.address() as { port: number }).port
+  const port = await slowGateway(t, { BFF_BODY_LIMIT: 2048 })
   const conn = rawConnection(port)
   const body = JSON.stringify({ name: 'x'.repeat(4096) })
   conn.write(`GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token()}\r\n\r\nPOST /api/v1/agents HTTP/1.1\r\nHost: x\r\n${OFFER}Authorization: Bearer ${token()}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
@@ -458,11 +465,7 @@ t.test('an offer over the body limit behind an answer still under way is answere
 // time, requests after it in later chunks, all behind an answer still under way; a client that
 // resets the connection at each stage.
 t.test('an offer whose body arrives a byte at a time behind an answer under way, and the requests after it, are answered in order', async t => {
-  const kernel = await startTestKernel(t, { 'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) } })
-  const manifest = testManifest({ slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } })
-  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false, BFF_WEBSOCKET_ENABLED: true }, { manifest, kernelUrl: kernel.url })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const port = (app.server.address() as { port: number }).port
+  const port = await slowGateway(t)
   const conn = rawConnection(port)
   const body = '{}' + ' '.repeat(30)
   conn.write(`GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token()}\r\n\r\nPOST /api/v1/slow HTTP/1.1\r\nHost: x\r\n${OFFER}Authorization: Bearer ${token()}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n`)
@@ -485,15 +488,8 @@ t.test('an offer whose body stops arriving is a 408 at the request timeout', asy
   t.same(conn.answers().map(a => a.status), [408])
 })
 t.test('a client that resets an offer mid-body, or after it behind an answer under way, is no uncaught error', async t => {
-  const kernel = await startTestKernel(t, { 'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) } })
-  const manifest = testManifest({ slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } })
-  const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false, BFF_WEBSOCKET_ENABLED: true }, { manifest, kernelUrl: kernel.url })
-  await app.listen({ port: 0, host: '127.0.0.1' })
-  const port = (app.server.address() as { port: number }).port
-  const uncaught: Error[] = []
-  const record = (err: Error): void => { uncaught.push(err) }
-  process.prependListener('uncaughtException', record)
-  t.teardown(() => { process.removeListener('uncaughtException', record) })
+  const port = await slowGateway(t)
+  const uncaught = uncaughtErrors(t)
   const post = (n: number, part: string): string => `POST /api/v1/slow HTTP/1.1\r\nHost: x\r\n${OFFER}Content-Type: application/json\r\nContent-Length: ${n}\r\n\r\n${part}`
   for (const [first, second] of [[post(10, '{"a'), null], [post(10, '{"a'), '":1}  '], [`GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token()}\r\n\r\n` + post(10, '{"a'), '":1}  GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n']]) {
     const socket = connectTcp(port, '127.0.0.1', () => socket.write(first as string))
