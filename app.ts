@@ -276,21 +276,18 @@ function keepNoLonger (res: ServerResponse): void {
   ;(res as ServerResponse & { _last: boolean })._last = true
 }
 
+/** The clientErrorHandler's answers, by the error's code: its status, detail and problem code; any other is a 400. */
+const REFUSALS = new Map<string | undefined, [number, string, ErrorCode]>([
+  ['ERR_HTTP_REQUEST_TIMEOUT', [408, 'The request took too long to arrive', 'BAD_REQUEST']],
+  ['HPE_HEADER_OVERFLOW', [431, 'The request head is larger than 16 KB', 'BAD_REQUEST']],
+  [FIELDS_OVERFLOW, [431, 'The request has more header fields than are served', 'BAD_REQUEST']],
+  [OFFER_BODY_OVERFLOW, [413, 'The request body is larger than the limit', 'PAYLOAD_TOO_LARGE']]
+])
+
 /** The clientErrorHandler's answer, as problem+json, and the lingering close. */
 function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): void {
-  if (err.code === OFFER_BODY_OVERFLOW) {
-    answerRaw(socket, 413, 'The request body is larger than the limit', '', 'PAYLOAD_TOO_LARGE')
-    lingeringClose(socket)
-    return
-  }
-  const [status, detail] = err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
-    ? [408, 'The request took too long to arrive']
-    : err.code === 'HPE_HEADER_OVERFLOW'
-      ? [431, 'The request head is larger than 16 KB']
-      : err.code === FIELDS_OVERFLOW
-        ? [431, 'The request has more header fields than are served']
-        : [400, 'The request is not valid HTTP']
-  answerRaw(socket, status, detail)
+  const [status, detail, code] = REFUSALS.get(err.code) ?? [400, 'The request is not valid HTTP', 'BAD_REQUEST']
+  answerRaw(socket, status, detail, '', code)
   lingeringClose(socket)
 }
 

@@ -76,82 +76,99 @@ export function servePlainUpgrades (server: Server, maxBodyBytes: number): void 
           if (!emit.call(this, 'clientError', Object.assign(new Error('The request has more header fields than are served'), { code: FIELDS_OVERFLOW }), socket)) socket.destroy()
           return true
         }
-        const takeOn = (connection: Duplex, bytes: Buffer): void => {
-          connection.unshift(bytes)
-          whenAnswered(connection as Answering, () => {
-            connection.removeListener('error', ignore)
-            // Node arms the keep-alive timeout once the last answer before the offer is written, and
-            // disarms it when the next request comes, which the new parser knows nothing of: it cut
-            // the offer's request (a slow upload, a slow answer) once it ran out.
-            ;(connection as Socket).setTimeout(0)
-            parse.call(this, connection)
-            // Paused below while no parser read it: a 'data' listener does not resume a paused stream.
-            if (connection.isPaused()) connection.resume()
-          })
-        }
-        if (!NODE_READS_OFFER_BODY && socket === req.socket && req.readableLength === 0) {
-          // Node 20 to 24: the body is still the socket's, after the head.
-          takeOn(socket, Buffer.concat([plainHead(req), head]))
-          return true
-        }
-        // Node 26 and later read the body of an offer into the request, and hand on, while it is
-        // still arriving, a stream over the socket that yields what follows it: the body is read
-        // whole (to the body limit), then written again after the head, framed as the head frames
-        // it, ahead of what followed, on the connection's own socket.
-        const connection = req.socket
-        // A body still arriving: Node's stream (`socket`) has just put its listeners on the
-        // connection's socket, the last ones of each event there. They are taken off with it below:
-        // left, each such offer piled up three more on a keep-alive connection.
-        const streamListeners = socket === connection ? [] : ['error', 'close', 'end'].map(event => ({ event, fn: connection.listeners(event).at(-1) as (...args: unknown[]) => void }))
-        // Once only: takeOn takes one off (a second, on the socket `socket` already is, stayed for good).
-        if (connection !== socket) connection.on('error', ignore)
-        // Node's parser reads the body on, its timeout listener still on the socket: the keep-alive
-        // timeout an answer before the offer arms (takeOn's comment) would cut a body still arriving.
-        let invited = false
-        whenAnswered(connection as Answering, () => {
-          connection.setTimeout(0)
-          // Node invites no offer's body (its parser does so for a request, not an upgrade): a
-          // client that waits for the 100 waited until a timeout cut it. Its head is written
-          // again without the Expect then, or the new parser invited the body a second time.
-          if (!req.complete && req.httpVersion === '1.1' && CONTINUE.test(req.headers.expect ?? '')) {
-            connection.write('HTTP/1.1 100 Continue\r\n\r\n')
-            invited = true
-          }
-        })
-        readBody(req, maxBodyBytes).then(body => {
-          if (body === null) {
-            req.resume()
-            // Once the answers before it are written: written at once, it went in front of them
-            // (or, behind one still under way, the connection closed after it, the 413 unsent).
-            whenAnswered(connection as Answering, () => {
-              if (!emit.call(this, 'clientError', Object.assign(new Error('The request body is larger than the limit'), { code: OFFER_BODY_OVERFLOW }), connection)) connection.destroy()
-            })
-            return
-          }
-          // What followed the body: the stream's (the socket's bytes once the body ended), else `head`.
-          let after = head
-          if (socket !== connection) {
-            const rest: Buffer[] = []
-            for (let chunk = socket.read() as Buffer | null; chunk !== null; chunk = socket.read() as Buffer | null) rest.push(chunk)
-            after = Buffer.concat(rest)
-            // The stream's own reading of the socket ends here (what it read is in `after`); the
-            // new parser reads it from now on.
-            connection.removeAllListeners('data')
-            connection.pause()
-            for (const { event, fn } of streamListeners) connection.off(event, fn)
-            // Node marks the socket with its stream (a symbol of its own) and, while it is marked,
-            // hands the next offer's request, once read, to that stream and emits no 'upgrade':
-            // the next offer on the connection was never answered. Unmarked, as one whose offer came whole.
-            const marked = connection as unknown as Record<symbol, unknown>
-            for (const mark of Object.getOwnPropertySymbols(marked)) if (marked[mark] === socket) Reflect.deleteProperty(marked, mark)
-          }
-          takeOn(connection, Buffer.concat([plainHead(req, invited), framed(req, body), after]))
-        }, () => { connection.destroy() })
+        const offer: Offer = { server: this, emit, parse, req, socket }
+        if (NODE_READS_OFFER_BODY) serveReadBody(offer, head, maxBodyBytes)
+        // Node 20 to 24: the body is still the socket's, after the head.
+        else takeOn(offer, socket, Buffer.concat([plainHead(req), head]))
         return true
       }
     }
     return emit.call(this, event, ...args)
   } as Server['emit']
+}
+
+/** An offer taken from the 'upgrade' event: its server, Node's own emit and 'connection' listener, the request and what Node handed on with it. */
+interface Offer {
+  server: Server
+  emit: (this: Server, event: string | symbol, ...args: unknown[]) => boolean
+  parse: (this: Server, socket: Duplex) => void
+  req: IncomingMessage
+  /** The socket, or on Node 26 and later, while the body still arrives, Node's stream over it. */
+  socket: Duplex
+}
+
+/** Hands `connection`, `bytes` put back in front of what it holds, to a new parser once the answers before the offer are written. */
+function takeOn (offer: Offer, connection: Duplex, bytes: Buffer): void {
+  connection.unshift(bytes)
+  whenAnswered(connection as Answering, () => {
+    connection.removeListener('error', ignore)
+    // Node arms the keep-alive timeout once the last answer before the offer is written, and
+    // disarms it when the next request comes, which the new parser knows nothing of: it cut
+    // the offer's request (a slow upload, a slow answer) once it ran out.
+    ;(connection as Socket).setTimeout(0)
+    offer.parse.call(offer.server, connection)
+    // Paused by serveReadBody while no parser read it: a 'data' listener does not resume a paused stream.
+    if (connection.isPaused()) connection.resume()
+  })
+}
+
+/**
+ * Node 26 and later read the body of an offer into the request, and hand on, while it is still
+ * arriving, a stream over the socket that yields what follows it: the body is read whole (to the
+ * body limit), then written again after the head, framed as the head frames it, ahead of what
+ * followed, on the connection's own socket.
+ */
+function serveReadBody (offer: Offer, head: Buffer, maxBodyBytes: number): void {
+  const { req, socket } = offer
+  const connection = req.socket
+  // A body still arriving: Node's stream (`socket`) has just put its listeners on the
+  // connection's socket, the last ones of each event there. They are taken off with it below:
+  // left, each such offer piled up three more on a keep-alive connection.
+  const streamListeners = socket === connection ? [] : ['error', 'close', 'end'].map(event => ({ event, fn: connection.listeners(event).at(-1) as (...args: unknown[]) => void }))
+  // Once only: takeOn takes one off (a second, on the socket `socket` already is, stayed for good).
+  if (connection !== socket) connection.on('error', ignore)
+  // Node's parser reads the body on, its timeout listener still on the socket: the keep-alive
+  // timeout an answer before the offer arms (takeOn's comment) would cut a body still arriving.
+  let invited = false
+  whenAnswered(connection as Answering, () => {
+    connection.setTimeout(0)
+    // Node invites no offer's body (its parser does so for a request, not an upgrade): a
+    // client that waits for the 100 waited until a timeout cut it. Its head is written
+    // again without the Expect then, or the new parser invited the body a second time.
+    if (!req.complete && req.httpVersion === '1.1' && CONTINUE.test(req.headers.expect ?? '')) {
+      connection.write('HTTP/1.1 100 Continue\r\n\r\n')
+      invited = true
+    }
+  })
+  readBody(req, maxBodyBytes).then(body => {
+    if (body === null) {
+      req.resume()
+      // Once the answers before it are written: written at once, it went in front of them
+      // (or, behind one still under way, the connection closed after it, the 413 unsent).
+      whenAnswered(connection as Answering, () => {
+        if (!offer.emit.call(offer.server, 'clientError', Object.assign(new Error('The request body is larger than the limit'), { code: OFFER_BODY_OVERFLOW }), connection)) connection.destroy()
+      })
+      return
+    }
+    // What followed the body: the stream's (the socket's bytes once the body ended), else `head`.
+    let after = head
+    if (socket !== connection) {
+      const rest: Buffer[] = []
+      for (let chunk = socket.read() as Buffer | null; chunk !== null; chunk = socket.read() as Buffer | null) rest.push(chunk)
+      after = Buffer.concat(rest)
+      // The stream's own reading of the socket ends here (what it read is in `after`); the
+      // new parser reads it from now on.
+      connection.removeAllListeners('data')
+      connection.pause()
+      for (const { event, fn } of streamListeners) connection.off(event, fn)
+      // Node marks the socket with its stream (a symbol of its own) and, while it is marked,
+      // hands the next offer's request, once read, to that stream and emits no 'upgrade':
+      // the next offer on the connection was never answered. Unmarked, as one whose offer came whole.
+      const marked = connection as unknown as Record<symbol, unknown>
+      for (const mark of Object.getOwnPropertySymbols(marked)) if (marked[mark] === socket) Reflect.deleteProperty(marked, mark)
+    }
+    takeOn(offer, connection, Buffer.concat([plainHead(req, invited), framed(req, body), after]))
+  }, () => { connection.destroy() })
 }
 
 /** Whether Node handed on every field of the request's head (it drops those beyond its maxHeadersCount from rawHeaders, and frames the body by them all). */
