@@ -868,7 +868,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       return undefined
     }
   })
-  if (config.BFF_AI_FIREWALL_ENABLED) await app.register(firewall, { cacheSize: config.BFF_FIREWALL_CACHE_SIZE })
+  if (config.BFF_AI_FIREWALL_ENABLED) await app.register(firewall, { cacheSize: config.BFF_FIREWALL_CACHE_SIZE, workers: config.BFF_FIREWALL_WORKERS })
   if (config.BFF_IDEMPOTENCY_ENABLED) {
     await app.register(idempotency, {
       store: storeFor(config, 'BFF_IDEMPOTENCY_STORE'),

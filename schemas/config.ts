@@ -47,6 +47,7 @@ export const ConfigSchema = Type.Object({
   BFF_CIRCUIT_BREAKER_ENABLED: Flag('Kernel retries and circuit breaker (the bulkhead, kernel.maxInFlight, always applies)'),
   BFF_AI_FIREWALL_ENABLED: Flag('the AI firewall on the input fields operations name in `firewall`'),
   BFF_FIREWALL_CACHE_SIZE: Type.Integer({ minimum: 0, maximum: 1000000, default: 10000, description: 'AI firewall verdicts cached for identical payloads (0: no cache)' }),
+  BFF_FIREWALL_WORKERS: Type.Integer({ minimum: 0, maximum: 64, default: 1, description: 'Worker threads that scan inputs over 8,192 characters for the AI firewall (0: every input on the event loop)' }),
   // The same bounds as the manifest's kernel.circuitBreaker, which these override.
   BFF_CIRCUIT_BREAKER_THRESHOLD: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000000, description: 'consecutive Kernel failures that open the breaker (overrides the manifest)' })),
   BFF_CIRCUIT_BREAKER_TIMEOUT: Type.Optional(Type.Integer({ minimum: 1, maximum: 86400000, description: 'ms the breaker stays open before one probe (overrides the manifest)' })),
@@ -502,7 +503,7 @@ export const FEATURE_SETTINGS: ReadonlyArray<{ flag: keyof Config, settings: Rea
   { flag: 'BFF_AUDIT_ENABLED', settings: ['BFF_AUDIT_STORE', 'BFF_AUDIT_RETENTION_DAYS', 'BFF_AUDIT_BATCH_SIZE', 'BFF_AUDIT_QUEUE_MAX', 'BFF_AUDIT_SPOOL_DIR', 'BFF_AUDIT_MEMORY_MAX'] },
   { flag: 'BFF_CACHE_ENABLED', settings: ['BFF_CACHE_STORE', 'BFF_CACHE_TTL', 'BFF_CACHE_MAX_SIZE', 'BFF_CACHE_MAX_BYTES'] },
   { flag: 'BFF_IDEMPOTENCY_ENABLED', settings: ['BFF_IDEMPOTENCY_STORE', 'BFF_IDEMPOTENCY_TTL_SECONDS', 'BFF_IDEMPOTENCY_MAX_KEYS', 'BFF_IDEMPOTENCY_WAIT_MS'] },
-  { flag: 'BFF_AI_FIREWALL_ENABLED', settings: ['BFF_FIREWALL_CACHE_SIZE'] },
+  { flag: 'BFF_AI_FIREWALL_ENABLED', settings: ['BFF_FIREWALL_CACHE_SIZE', 'BFF_FIREWALL_WORKERS'] },
   { flag: 'BFF_GRAPHQL_ENABLED', settings: ['BFF_GRAPHQL_MAX_DEPTH', 'BFF_GRAPHQL_INTROSPECTION'] },
   { flag: 'BFF_LOAD_SHEDDING_ENABLED', settings: ['BFF_MAX_EVENT_LOOP_DELAY_MS', 'BFF_MAX_HEAP_BYTES', 'BFF_MAX_RSS_BYTES'] }
 ]

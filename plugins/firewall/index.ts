@@ -4,9 +4,10 @@ import { createHash } from 'node:crypto'
 import { LRUCache } from 'lru-cache'
 import { Gauge } from 'prom-client'
 import { CallCounter, CallHistogram } from '../metrics/call-metrics.js'
-import { StageOrder, type Stage } from '../pipeline/index.js'
+import { StageOrder, type CallContext, type Next, type Stage } from '../pipeline/index.js'
 import { MantleError } from '../../errors.js'
 import { scanFields, CLEAN, type Verdict } from './scan.js'
+import { INLINE_MAX, largerThan, ScanPool } from './pool.js'
 import type { Category } from './detectors.js'
 
 /** ES2024's String.prototype.isWellFormed: no lone surrogate (Node 20 has it; the ES2023 lib does not declare it). */
@@ -20,6 +21,8 @@ const wellFormed = (s: string): boolean => (s as unknown as { isWellFormed: () =
 export interface FirewallOptions {
   /** Verdicts kept for identical payloads (0: no cache). */
   cacheSize: number
+  /** Worker threads that scan inputs larger than INLINE_MAX (0: every input on the event loop). */
+  workers: number
 }
 
 /** Readable names of the categories, for the refusal's detail. */
@@ -55,6 +58,11 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
     return verdict
   }
 
+  // Large inputs on threads of their own (pool.ts): made only with the option, a thread only at
+  // the first large input.
+  const pool = opts.workers > 0 ? new ScanPool({ threads: opts.workers, registers, observe: seconds => { scanDuration.observe(seconds) } }) : null
+  if (pool !== null) app.addHook('onClose', async () => { await pool.close() })
+
   app.pipeline.addStage({
     name: 'firewall',
     order: StageOrder.firewall,
@@ -78,11 +86,13 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
         return false
       }
 
-      const verdictOf = (tenant: string, input: Readonly<Record<string, unknown>>): Verdict => {
+      const verdictOf = (ctx: CallContext): Verdict | Promise<Verdict> => {
+        const input = ctx.input
+        const onPool = pool !== null && largerThan(fields, input, INLINE_MAX)
         // An array or object is scanned each time, never cached: its JSON text (a key) may be
         // many times the request (GraphQL's [$a, $a, ...]), and its redacted copy takes many times
         // its text's length.
-        if (cache === null || structured(input)) return scan(fields, input)
+        if (cache === null || structured(input)) return onPool ? pool.scan(ctx.tenant, fields, input, ctx.caller) : scan(fields, input)
         // The tenant, the operation's name, then each field's name and value (or its absence)
         // after their lengths: no separator would do, since a JSON string may hold any character,
         // \u0000 included. Distinct inputs never share a key, nor do the same values under other
@@ -90,6 +100,7 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
         // reloads: a verdict for a prompt was reused for a note, whose e-mail address then went
         // unredacted). The tenant: a hit (its metric, its time) told one tenant that another had
         // sent that very text.
+        const tenant = ctx.tenant
         const hash = createHash('sha256').update(tenant.length + ':' + tenant + opKey)
         for (let i = 0; i < fields.length; i++) {
           const value = input[fields[i]]
@@ -111,13 +122,18 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
           return cached
         }
         cacheMiss.inc()
+        if (onPool) {
+          return pool.scan(tenant, fields, input, ctx.caller).then(verdict => {
+            cache.set(key, verdict)
+            return verdict
+          })
+        }
         const verdict = scan(fields, input)
         cache.set(key, verdict)
         return verdict
       }
 
-      const stage: Stage = (ctx, next) => {
-        const verdict = verdictOf(ctx.tenant, ctx.input)
+      const decide = (ctx: CallContext, next: Next, verdict: Verdict): Promise<unknown> => {
         if (verdict === CLEAN) {
           passed.inc()
           return next(ctx)
@@ -139,6 +155,11 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
           passed.inc()
         }
         return next(ctx)
+      }
+      const stage: Stage = (ctx, next) => {
+        const verdict = verdictOf(ctx)
+        // A verdict made on the event loop is decided at once, without a promise's turn.
+        return verdict instanceof Promise ? verdict.then(v => decide(ctx, next, v)) : decide(ctx, next, verdict)
       }
       return stage
     }

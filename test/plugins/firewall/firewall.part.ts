@@ -185,6 +185,8 @@ t.test('BFF_AI_FIREWALL_ENABLED=false: no stage at all; a bad value stops start-
   t.equal(kernel.requests.length, 1)
   t.throws(() => testConfig({ BFF_AI_FIREWALL_ENABLED: 'maybe' }), /BFF_AI_FIREWALL_ENABLED="maybe" is invalid/)
   t.throws(() => testConfig({ BFF_FIREWALL_CACHE_SIZE: -1 }), /BFF_FIREWALL_CACHE_SIZE="-1" is invalid/)
+  t.throws(() => testConfig({ BFF_FIREWALL_WORKERS: 65 }), /BFF_FIREWALL_WORKERS="65" is invalid/)
+  t.throws(() => testConfig({ BFF_FIREWALL_WORKERS: 1.5 }), /BFF_FIREWALL_WORKERS="1.5" is invalid/)
 })
 
 t.test('no log line holds what the firewall matched, at any level', async t => {
