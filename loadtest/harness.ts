@@ -145,14 +145,19 @@ export async function prepareBuild (): Promise<void> {
   built = true
 }
 
+// Plain JavaScript, so that it loads without tsx: a process's worker threads load it too (they
+// inherit its --import), and on Node 20 a worker's second --import of a .ts file fails
+// (ERR_UNKNOWN_FILE_EXTENSION: tsx's hooks are not yet in force there).
+const GUARD = pathToFileURL(join(REPO_ROOT, 'loadtest/child-guard.mjs')).href
+
 /** How a child runs `script` (a path from the repository root): compiled when prepared, else through tsx. */
 function nodeArgs (script: string, compiled: boolean): string[] {
-  if (!compiled || !built) return ['--import', 'tsx', '--import', './loadtest/child-guard.ts', script]
-  return ['--import', pathToFileURL(join(BUILD_DIR, 'loadtest/child-guard.js')).href, join(BUILD_DIR, script.replace(/\.ts$/, '.js'))]
+  if (!compiled || !built) return ['--import', 'tsx', '--import', GUARD, script]
+  return ['--import', GUARD, join(BUILD_DIR, script.replace(/\.ts$/, '.js'))]
 }
 
 /**
- * `node --import tsx --import ./loadtest/child-guard.ts <script>` from the repository root (or
+ * `node --import tsx --import ./loadtest/child-guard.mjs <script>` from the repository root (or
  * its compiled form, see prepareBuild), registered for stopAll/killAllNow. Inherited settings
  * that change a configuration are dropped.
  */
@@ -209,7 +214,7 @@ function spawnChild (script: string, extraEnv: Record<string, string>, ipc: bool
 /**
  * Starts `<script>` (compiled, after prepareBuild; else through tsx) as its own process (never in the harness process, whose
  * CPU time goes to the load generator) and waits until it answers. The child also loads
- * child-guard.ts, which ends it when the harness disappears without cleaning up (SIGKILL).
+ * child-guard.mjs, which ends it when the harness disappears without cleaning up (SIGKILL).
  */
 export async function startProcess (opts: ProcessOptions): Promise<RunningProcess> {
   const { child, tail, spawnFailure, stop } = spawnChild(opts.script, opts.env, false, [], opts.name === perfTarget ? PERF_NODE_FLAGS : [], true)
