@@ -60,7 +60,7 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
 
   // Large inputs on threads of their own (pool.ts): made only with the option, a thread only at
   // the first large input.
-  const pool = opts.workers > 0 ? new ScanPool({ threads: opts.workers, registers, observe: seconds => { scanDuration.observe(seconds) } }) : null
+  const pool = opts.workers > 0 ? new ScanPool({ threads: opts.workers, registers, observe: seconds => { scanDuration.observe(seconds) }, onError: err => { app.log.error({ err }, 'an AI firewall scan thread failed: large inputs are scanned on the event loop from now on') } }) : null
   if (pool !== null) app.addHook('onClose', async () => { await pool.close() })
 
   app.pipeline.addStage({
@@ -92,7 +92,7 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
         // An array or object is scanned each time, never cached: its JSON text (a key) may be
         // many times the request (GraphQL's [$a, $a, ...]), and its redacted copy takes many times
         // its text's length.
-        if (cache === null || structured(input)) return onPool ? pool.scan(ctx.tenant, fields, input, ctx.caller) : scan(fields, input)
+        if (cache === null || structured(input)) return onPool ? pool.scan(ctx.tenant, fields, input, ctx.caller, ctx.startedAt + op.timeoutMs) : scan(fields, input)
         // The tenant, the operation's name, then each field's name and value (or its absence)
         // after their lengths: no separator would do, since a JSON string may hold any character,
         // \u0000 included. Distinct inputs never share a key, nor do the same values under other
@@ -123,7 +123,7 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
         }
         cacheMiss.inc()
         if (onPool) {
-          return pool.scan(tenant, fields, input, ctx.caller).then(verdict => {
+          return pool.scan(tenant, fields, input, ctx.caller, ctx.startedAt + op.timeoutMs).then(verdict => {
             cache.set(key, verdict)
             return verdict
           })

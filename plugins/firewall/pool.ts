@@ -4,7 +4,7 @@ import { Piscina } from 'piscina'
 import { Counter, Gauge, type Registry } from 'prom-client'
 import { MantleError } from '../../errors.js'
 import { unwatchCaller, watchCaller, type Caller } from '../pipeline/caller.js'
-import { CLEAN, type Verdict } from './scan.js'
+import { CLEAN, scanFields, type Verdict } from './scan.js'
 import type { ScanResult, ScanTask } from './scan-worker.js'
 
 // Large inputs are scanned on worker threads. A scan is linear in its text, but a character
@@ -18,7 +18,7 @@ import type { ScanResult, ScanTask } from './scan-worker.js'
 /**
  * Inputs up to this size are scanned on the event loop (at most a few milliseconds even for the
  * costliest text, and no copy to a thread); larger ones on the pool. The size counts the named
- * fields' characters, and one for each element, key and value of an array or object.
+ * fields' characters, and one for each element of an array and each entry of an object.
  */
 export const INLINE_MAX = 8192
 
@@ -63,6 +63,8 @@ interface Waiting {
   readonly reject: (err: unknown) => void
   /** Watched on the caller while it waits. */
   readonly left: () => void
+  /** Ends the wait at the call's deadline (its operation's timeoutMs); null: none. */
+  timer: NodeJS.Timeout | null
 }
 
 export interface ScanPoolOptions {
@@ -70,6 +72,10 @@ export interface ScanPoolOptions {
   registers: Registry[]
   /** Each scan's own time on its thread. */
   observe: (seconds: number) => void
+  /** A thread failed outside any scan (it could not start): the scans are made on the event loop from then on. */
+  onError?: (err: unknown) => void
+  /** The worker module (tests); by default scan-worker beside this module. */
+  worker?: string
 }
 
 export class ScanPool {
@@ -81,15 +87,21 @@ export class ScanPool {
   private waiting = 0
   private running = 0
   private idle: (() => void) | null = null
+  /** The close under way: a second close() waits for the same one (it replaced `idle`, and the first never ended). */
+  private closing: Promise<void> | null = null
   private readonly refusedInstance: { inc: () => void }
   private readonly refusedTenant: { inc: () => void }
+  /** Set once a thread failed outside a scan: piscina then starts no other, and what it was given waited for ever. */
+  private broken = false
+  /** The running scans' aborts, for when the pool breaks. */
+  private readonly aborts = new Set<AbortController>()
 
   constructor (opts: ScanPoolOptions) {
     this.threads = opts.threads
     this.observe = opts.observe
     this.piscina = new Piscina<ScanTask, ScanResult>({
       // The worker as this module is: scan-worker.ts run through tsx, scan-worker.js as built.
-      filename: new URL('./scan-worker' + extname(fileURLToPath(import.meta.url)), import.meta.url).href,
+      filename: opts.worker ?? new URL('./scan-worker' + extname(fileURLToPath(import.meta.url)), import.meta.url).href,
       // No thread until a large input comes; one idle for 30 s ends.
       minThreads: 0,
       maxThreads: opts.threads,
@@ -98,6 +110,15 @@ export class ScanPool {
       niceIncrement: 5,
       recordTiming: false
       // piscina's own queue stays empty: a scan is handed over only when a thread is free.
+    })
+    // piscina emits 'error' for a thread that failed outside a task: one that could not start (its
+    // module did not load, no thread could be made). Unheard, the event was an uncaught exception
+    // (the gateway exited), and the scan waiting for that thread never ended, nor did close().
+    const onError = opts.onError
+    this.piscina.on('error', (err: unknown) => {
+      onError?.(err)
+      this.broken = true
+      for (const abort of this.aborts) abort.abort()
     })
     const registers = opts.registers
     const waiting = (): number => this.waiting
@@ -109,8 +130,14 @@ export class ScanPool {
     this.refusedTenant = refused.labels('tenant')
   }
 
-  /** Scans the named fields on a thread, in the tenant's turn. Refuses (OVERLOADED) when the queue is full. */
-  async scan (tenant: string, fields: readonly string[], input: Readonly<Record<string, unknown>>, caller: Caller | null): Promise<Verdict> {
+  /**
+   * Scans the named fields on a thread, in the tenant's turn. Refuses (OVERLOADED) when the queue
+   * is full, or when `deadline` (performance.now()'s clock: the call's start plus its operation's
+   * timeoutMs) passes before a thread takes the scan: the call's time is over (README: timeoutMs
+   * bounds the whole call, and the shutdown's grace counts on it), a scan for it would be thread
+   * time taken from the calls behind it, and the Kernel was not asked (a retry elsewhere is safe).
+   */
+  async scan (tenant: string, fields: readonly string[], input: Readonly<Record<string, unknown>>, caller: Caller | null, deadline = Infinity): Promise<Verdict> {
     if (this.waiting >= POOL_BOUNDS.waiting) {
       this.refusedInstance.inc()
       throw new MantleError('OVERLOADED', 'Too many large inputs are waiting for the AI firewall on this instance: retry later', { headers: { 'retry-after': '1' } })
@@ -123,7 +150,7 @@ export class ScanPool {
     const values: Record<string, unknown> = {}
     for (const field of fields) if (Object.hasOwn(input, field)) values[field] = input[field]
     return await new Promise<Verdict>((resolve, reject) => {
-      const waiting: Waiting = { tenant, task: { fields, values }, caller, resolve, reject, left: () => { this.leave(waiting) } }
+      const waiting: Waiting = { tenant, task: { fields, values }, caller, resolve, reject, left: () => { this.drop(waiting, callerLeft()) }, timer: null }
       if (caller !== null && !watchCaller(caller, waiting.left)) {
         reject(callerLeft())
         return
@@ -132,13 +159,20 @@ export class ScanPool {
       else queue.push(waiting)
       this.waiting++
       this.dispatch()
+      if (this.queues.get(tenant)?.includes(waiting) === true && deadline !== Infinity) {
+        waiting.timer = setTimeout(() => { this.drop(waiting, timedOut()) }, Math.max(0, deadline - performance.now()))
+        waiting.timer.unref()
+      }
     })
   }
 
   /** Waits for every scan taken to end, then ends the threads. */
   async close (): Promise<void> {
-    if (this.waiting + this.running > 0) await new Promise<void>(resolve => { this.idle = resolve })
-    await this.piscina.destroy()
+    this.closing ??= (async () => {
+      if (this.waiting + this.running > 0) await new Promise<void>(resolve => { this.idle = resolve })
+      await this.piscina.destroy()
+    })()
+    await this.closing
   }
 
   /** Hands scans to free threads, one tenant's at a time in turn. */
@@ -158,27 +192,46 @@ export class ScanPool {
     this.running++
     // A running scan ends: piscina stops a task it is told to abort by ending its thread.
     if (w.caller !== null) unwatchCaller(w.caller, w.left)
-    this.piscina.run(w.task).then(result => {
+    if (w.timer !== null) clearTimeout(w.timer)
+    const abort = new AbortController()
+    this.aborts.add(abort)
+    const onThread = this.broken ? Promise.reject(new Error('the scan pool is broken')) : this.piscina.run(w.task, { signal: abort.signal })
+    onThread.then(result => {
       this.observe(result.seconds)
       w.resolve(verdictOf(result.verdict))
     }, (err: unknown) => {
-      w.reject(err)
+      if (!this.broken) {
+        w.reject(err)
+        return
+      }
+      // No thread to be had: scanned on the event loop, as with BFF_FIREWALL_WORKERS=0.
+      try {
+        const started = performance.now()
+        const verdict = scanFields(w.task.fields, w.task.values)
+        this.observe((performance.now() - started) / 1000)
+        w.resolve(verdict)
+      } catch (scanErr) {
+        w.reject(scanErr)
+      }
     }).finally(() => {
+      this.aborts.delete(abort)
       this.running--
       this.dispatch()
       this.settled()
     })
   }
 
-  /** The caller of a waiting scan left: the scan is dropped. */
-  private leave (w: Waiting): void {
+  /** A waiting scan is dropped: its caller left, or its deadline passed. */
+  private drop (w: Waiting, err: MantleError): void {
     const queue = this.queues.get(w.tenant)
     const at = queue === undefined ? -1 : queue.indexOf(w)
     if (at < 0) return
     queue!.splice(at, 1)
     if (queue!.length === 0) this.queues.delete(w.tenant)
     this.waiting--
-    w.reject(callerLeft())
+    if (w.caller !== null) unwatchCaller(w.caller, w.left)
+    if (w.timer !== null) clearTimeout(w.timer)
+    w.reject(err)
     this.settled()
   }
 
@@ -187,6 +240,7 @@ export class ScanPool {
   }
 }
 
+const timedOut = (): MantleError => new MantleError('OVERLOADED', 'The input waited for the AI firewall until its operation\'s timeout: retry later', { headers: { 'retry-after': '1' } })
 const callerLeft = (): MantleError => new MantleError('CLIENT_CLOSED', 'The caller left while its input waited for the AI firewall')
 
 /** A thread's verdict as one made on the event loop: CLEAN itself when nothing was found, frozen as scanFields makes it. */

@@ -3,6 +3,10 @@
 // queues; a scan whose caller left dropped before it runs.
 import t, { type Test } from 'tap'
 import { EventEmitter } from 'node:events'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { pathToFileURL } from 'node:url'
 import { Registry } from 'prom-client'
 import { MantleError } from '../../../errors.js'
 import type { Caller } from '../../../plugins/pipeline/caller.js'
@@ -23,7 +27,7 @@ function pool (t: Test, threads = 1): { pool: ScanPool, registry: Registry, scan
   return { pool: p, registry, scans }
 }
 
-t.test('largerThan counts the named fields\' characters, and one for each element, key and value', async t => {
+t.test('largerThan counts the named fields\' characters, and one for each element and each entry', async t => {
   t.notOk(largerThan(['p'], { p: 'x'.repeat(INLINE_MAX) }, INLINE_MAX))
   t.ok(largerThan(['p'], { p: 'x'.repeat(INLINE_MAX + 1) }, INLINE_MAX))
   t.ok(largerThan(['p', 'q'], { p: 'x'.repeat(INLINE_MAX), q: 'y' }, INLINE_MAX), 'the fields together')
@@ -162,4 +166,46 @@ t.test('through the gateway: a large prompt is scanned off the event loop, which
   t.match(metrics, /mantle_firewall_cache_total\{outcome="hit"\} 1\n/)
   t.match(metrics, /mantle_firewall_pool_waiting 0\n/)
   t.equal(kernel.requests.length, 2)
+})
+
+t.test('closing twice while scans run: each close ends once they have', async t => {
+  const { pool: p } = pool(t)
+  const scan = p.scan('a', ['prompt'], { prompt: filler(INLINE_MAX + 1) }, null)
+  const closes = [p.close(), p.close()]
+  t.equal(await scan, CLEAN)
+  let timer: NodeJS.Timeout | undefined
+  const late = new Promise<string>(resolve => { timer = setTimeout(() => { resolve('a close still pending 2 s after the scan') }, 2000) })
+  t.equal(await Promise.race([Promise.all(closes).then(() => 'both closed'), late]), 'both closed')
+  clearTimeout(timer)
+})
+
+t.test('a waiting scan whose call\'s deadline passes is dropped (OVERLOADED) and never runs; a running one ends', async t => {
+  const { pool: p, registry, scans } = pool(t)
+  const running = p.scan('a', ['prompt'], { prompt: filler(INLINE_MAX + 1) + INJECTION }, null, performance.now() + 1)
+  const expired = p.scan('b', ['prompt'], { prompt: filler(INLINE_MAX + 2) }, null, performance.now() + 1)
+  const kept = p.scan('c', ['prompt'], { prompt: filler(INLINE_MAX + 3) }, null)
+  await t.rejects(expired, { code: 'OVERLOADED', headers: { 'retry-after': '1' } })
+  t.equal((await running).risk, 'critical', 'the running scan ended, its deadline past')
+  t.equal(await kept, CLEAN)
+  t.equal(scans.length, 2, 'the expired one never ran')
+  t.match(await registry.metrics(), /mantle_firewall_pool_waiting 0\n/)
+})
+
+t.test('a thread that cannot start: no uncaught exception, the scans made on the event loop, close() ends', async t => {
+  const dir = mkdtempSync(join(tmpdir(), 'mantle-pool-'))
+  t.teardown(() => { rmSync(dir, { recursive: true, force: true }) })
+  const worker = join(dir, 'broken-worker.mjs')
+  writeFileSync(worker, 'throw new Error("this module does not load")\n')
+  const errors: unknown[] = []
+  const scans: number[] = []
+  const p = new ScanPool({ threads: 1, registers: [new Registry()], observe: s => { scans.push(s) }, onError: err => { errors.push(err) }, worker: pathToFileURL(worker).href })
+  const input = { prompt: filler(INLINE_MAX) + ` mail ${EMAIL}` }
+  let timer: NodeJS.Timeout | undefined
+  const late = new Promise<string>(resolve => { timer = setTimeout(() => { resolve('still waiting after 5 s') }, 5000) })
+  t.same(await Promise.race([p.scan('a', ['prompt'], input, null), late]), scanFields(['prompt'], input))
+  t.same(await p.scan('a', ['prompt'], input, null), scanFields(['prompt'], input), 'and the next')
+  t.equal(scans.length, 2)
+  t.match(errors, [{ message: 'this module does not load' }])
+  t.equal(await Promise.race([p.close().then(() => 'closed'), late]), 'closed')
+  clearTimeout(timer)
 })
