@@ -319,7 +319,7 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
   // Every target and face is measured once per round plus a warm-up; the token must outlive it all.
   const spineTargets = sections.includes('spine') ? REST_TARGETS.filter((t) => opts.only === null ? t.onlyWhenNamed !== true : opts.only.includes(t.name)).length : 0
   // Extra gateway measurements per round, by section.
-  const PER_SECTION: Partial<Record<Section, number>> = { faces: 4, cache: 3, 'rate-limit': 4, firewall: 2, audit: 2 }
+  const PER_SECTION: Partial<Record<Section, number>> = { faces: 4, cache: 3, 'rate-limit': 4, firewall: 4, audit: 2 }
   const faces = sections.reduce((n, s) => n + (PER_SECTION[s] ?? 0), 0)
   const suiteSeconds = opts.scenario === null ? 0 : Math.max(...[opts.scenario.stages, opts.scenario.wsStages].map((stages) => stages.reduce((sum, s) => sum + s.durationS, 0))) * opts.scale
   const estimatedSeconds = (spineTargets + faces) * (opts.rounds * (opts.duration + 2) + WARMUP_SECONDS + 5) + suiteSeconds
