@@ -118,13 +118,16 @@ t.test('Kernel failures: 502, 503, 504 and a passed-on 4xx', async t => {
     'GET /v1/items/slow': async (_req, res) => { await new Promise(resolve => setTimeout(resolve, 400)); json(res, 200, { id: 'slow' }) },
     'GET /v1/items/taken': (_req, res) => json(res, 409, { message: 'already taken' })
   })
-  const op = { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } }, timeoutMs: 100 }
-  const { url } = await wsApp(t, { build: { manifest: testManifest({ getItem: op }, { retries: 0 }), kernelUrl: kernel.url } })
+  // Only the call meant to time out has a short timeout: on a loaded machine (tap's jobs on two
+  // cores) 100 ms was sometimes too short for the others too, a 409 or a refused connection.
+  const op = { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } }, timeoutMs: 10_000 }
+  const slowOp = { ...op, rest: 'GET /slow-items/:id', timeoutMs: 100 }
+  const { url } = await wsApp(t, { build: { manifest: testManifest({ getItem: op, getSlowItem: slowOp }, { retries: 0 }), kernelUrl: kernel.url } })
   const client = await connect(t, url)
   const boom = await client.request({ id: '1', op: 'getItem', input: { id: 'boom' } })
   t.match(boom.error, { code: 'KERNEL_ERROR', status: 502 })
   t.notMatch(JSON.stringify(boom), /internal detail/, 'no Kernel internals reach the client')
-  const slow = await client.request({ id: '2', op: 'getItem', input: { id: 'slow' } })
+  const slow = await client.request({ id: '2', op: 'getSlowItem', input: { id: 'slow' } })
   t.match(slow.error, { code: 'KERNEL_TIMEOUT', status: 504 })
   const taken = await client.request({ id: '3', op: 'getItem', input: { id: 'taken' } })
   t.match(taken.error, { code: 'KERNEL_REJECTED', status: 409, detail: 'already taken' })
