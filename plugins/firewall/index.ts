@@ -62,6 +62,13 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
   // the first large input.
   const pool = opts.workers > 0 ? new ScanPool({ threads: opts.workers, registers, observe: seconds => { scanDuration.observe(seconds) }, onError: err => { app.log.error({ err }, 'an AI firewall scan thread failed: large inputs are scanned on the event loop from now on') } }) : null
   if (pool !== null) app.addHook('onClose', async () => { await pool.close() })
+  if (app.hasDecorator('diagz')) {
+    app.diagz.addSection('firewall', () => ({
+      verdictCache: cache === null ? null : { entries: cache.size, max: opts.cacheSize },
+      // null with BFF_FIREWALL_WORKERS=0: every input is scanned on the event loop.
+      pool: pool === null ? null : pool.figures()
+    }))
+  }
 
   app.pipeline.addStage({
     name: 'firewall',

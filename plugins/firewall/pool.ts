@@ -91,6 +91,8 @@ export class ScanPool {
   private closing: Promise<void> | null = null
   private readonly refusedInstance: { inc: () => void }
   private readonly refusedTenant: { inc: () => void }
+  /** Since start, for /diagz: scans made on a thread, and refused by each bound. */
+  private readonly tally = { scanned: 0, refusedInstance: 0, refusedTenant: 0 }
   /** Set once a thread failed outside a scan: piscina then starts no other, and what it was given waited for ever. */
   private broken = false
   /** The running scans' aborts, for when the pool breaks. */
@@ -140,11 +142,13 @@ export class ScanPool {
   async scan (tenant: string, fields: readonly string[], input: Readonly<Record<string, unknown>>, caller: Caller | null, deadline = Infinity): Promise<Verdict> {
     if (this.waiting >= POOL_BOUNDS.waiting) {
       this.refusedInstance.inc()
+      this.tally.refusedInstance++
       throw new MantleError('OVERLOADED', 'Too many large inputs are waiting for the AI firewall on this instance: retry later', { headers: { 'retry-after': '1' } })
     }
     const queue = this.queues.get(tenant)
     if (queue !== undefined && queue.length >= POOL_BOUNDS.waitingPerTenant) {
       this.refusedTenant.inc()
+      this.tally.refusedTenant++
       throw new MantleError('OVERLOADED', `A tenant has at most ${POOL_BOUNDS.waitingPerTenant} large inputs waiting for the AI firewall on this instance: retry later`, { headers: { 'retry-after': '1' } })
     }
     const values: Record<string, unknown> = {}
@@ -164,6 +168,22 @@ export class ScanPool {
         waiting.timer.unref()
       }
     })
+  }
+
+  /** The pool's state and counts since start, for /diagz's `firewall` section. */
+  figures (): { threads: number, threadsStarted: number, running: number, waiting: number, waitingMax: number, waitingPerTenantMax: number, tenantsWaiting: number, scanned: number, refused: { instance: number, tenant: number }, broken: boolean } {
+    return {
+      threads: this.threads,
+      threadsStarted: this.piscina.threads.length,
+      running: this.running,
+      waiting: this.waiting,
+      waitingMax: POOL_BOUNDS.waiting,
+      waitingPerTenantMax: POOL_BOUNDS.waitingPerTenant,
+      tenantsWaiting: this.queues.size,
+      scanned: this.tally.scanned,
+      refused: { instance: this.tally.refusedInstance, tenant: this.tally.refusedTenant },
+      broken: this.broken
+    }
   }
 
   /** Waits for every scan taken to end, then ends the threads. */
@@ -197,6 +217,7 @@ export class ScanPool {
     this.aborts.add(abort)
     const onThread = this.broken ? Promise.reject(new Error('the scan pool is broken')) : this.piscina.run(w.task, { signal: abort.signal })
     onThread.then(result => {
+      this.tally.scanned++
       this.observe(result.seconds)
       w.resolve(verdictOf(result.verdict))
     }, (err: unknown) => {

@@ -98,6 +98,7 @@ t.test('bounded: a tenant may have POOL_BOUNDS.waitingPerTenant scans waiting, t
   t.match(after, /mantle_firewall_pool_refused_total\{bound="instance"\} 1\n/)
   t.match(after, /mantle_firewall_pool_waiting 0\n/)
   t.match(after, /mantle_firewall_pool_running 0\n/)
+  t.match(p.figures(), { scanned: POOL_BOUNDS.waiting + 1, refused: { instance: 1, tenant: 1 }, waiting: 0, running: 0, tenantsWaiting: 0 })
 })
 
 /** A caller as the pipeline sees an HTTP response: gone once destroyed and closed. */
@@ -166,6 +167,14 @@ t.test('through the gateway: a large prompt is scanned off the event loop, which
   t.match(metrics, /mantle_firewall_cache_total\{outcome="hit"\} 1\n/)
   t.match(metrics, /mantle_firewall_pool_waiting 0\n/)
   t.equal(kernel.requests.length, 2)
+  const diagz = (await app.inject({ method: 'GET', url: '/diagz', headers: bearer() })).json()
+  t.same(diagz.firewall, {
+    verdictCache: { entries: 3, max: 10000 },
+    pool: { threads: 1, threadsStarted: 1, running: 0, waiting: 0, waitingMax: POOL_BOUNDS.waiting, waitingPerTenantMax: POOL_BOUNDS.waitingPerTenant, tenantsWaiting: 0, scanned: 2, refused: { instance: 0, tenant: 0 }, broken: false }
+  }, '/diagz: the verdict cache and the pool')
+
+  const inline = await buildTestApp(t, { BFF_FIREWALL_WORKERS: 0, BFF_FIREWALL_CACHE_SIZE: 0 }, { manifest, kernelUrl: kernel.url })
+  t.same((await inline.inject({ method: 'GET', url: '/diagz', headers: bearer() })).json().firewall, { verdictCache: null, pool: null }, 'no pool with BFF_FIREWALL_WORKERS=0')
 })
 
 t.test('closing twice while scans run: each close ends once they have', async t => {
