@@ -27,6 +27,11 @@ function pool (t: Test, threads = 1): { pool: ScanPool, registry: Registry, scan
   return { pool: p, registry, scans }
 }
 
+// One pool, its thread warm, for the tests whose order of events does not hang on a thread's
+// start (each start is a second or two of a loaded CI run's time); each reads its own counts.
+let warm: ReturnType<typeof pool> | null = null
+const warmPool = (): ReturnType<typeof pool> => (warm ??= pool(t))
+
 t.test('largerThan counts the named fields\' characters, and one for each element and each entry', async t => {
   t.notOk(largerThan(['p'], { p: 'x'.repeat(INLINE_MAX) }, INLINE_MAX))
   t.ok(largerThan(['p'], { p: 'x'.repeat(INLINE_MAX + 1) }, INLINE_MAX))
@@ -41,7 +46,8 @@ t.test('largerThan counts the named fields\' characters, and one for each elemen
 })
 
 t.test('a thread gives the verdict and the redacted copy the event loop gives, on every shape of input', async t => {
-  const { pool: p, scans } = pool(t)
+  const { pool: p, scans } = warmPool()
+  const before = scans.length
   const shared = { role: 'user', content: `mail ${EMAIL} ` + filler(INLINE_MAX) }
   const inputs: Array<Record<string, unknown>> = [
     { prompt: filler(INLINE_MAX) + ` ${INJECTION} token ${SECRET} mail ${EMAIL}` },
@@ -62,11 +68,11 @@ t.test('a thread gives the verdict and the redacted copy the event loop gives, o
   t.ok(Object.hasOwn(proto[0], '__proto__'), 'the key stays a key')
   t.equal(Object.getOwnPropertyDescriptor(proto[0], '__proto__')?.value, '[REDACTED:email]')
   t.equal(await p.scan('t1', ['prompt'], inputs[4], null), CLEAN, 'nothing found: CLEAN itself, which the stage tells apart')
-  t.equal(scans.length, inputs.length + 2, 'each scan\'s own time is observed')
+  t.equal(scans.length - before, inputs.length + 2, 'each scan\'s own time is observed')
 })
 
 t.test('the threads take the tenants in turn: a tenant\'s flood waits behind itself', async t => {
-  const { pool: p } = pool(t)
+  const { pool: p } = warmPool()
   const done: string[] = []
   const scan = (tenant: string, n: number): Promise<void> => p.scan(tenant, ['prompt'], { prompt: filler(INLINE_MAX + n) }, null).then(() => { done.push(tenant + n) })
   // All asked in one turn of the event loop: a, the first, runs; the rest wait.
@@ -75,7 +81,8 @@ t.test('the threads take the tenants in turn: a tenant\'s flood waits behind its
 })
 
 t.test('bounded: a tenant may have POOL_BOUNDS.waitingPerTenant scans waiting, the instance POOL_BOUNDS.waiting', async t => {
-  const { pool: p, registry } = pool(t)
+  const { pool: p, registry } = warmPool()
+  const scannedBefore = p.figures().scanned
   const prompt = { prompt: filler(INLINE_MAX + 1) }
   const taken: Array<Promise<Verdict>> = []
   const refusals: unknown[] = []
@@ -98,7 +105,8 @@ t.test('bounded: a tenant may have POOL_BOUNDS.waitingPerTenant scans waiting, t
   t.match(after, /mantle_firewall_pool_refused_total\{bound="instance"\} 1\n/)
   t.match(after, /mantle_firewall_pool_waiting 0\n/)
   t.match(after, /mantle_firewall_pool_running 0\n/)
-  t.match(p.figures(), { scanned: POOL_BOUNDS.waiting + 1, refused: { instance: 1, tenant: 1 }, waiting: 0, running: 0, tenantsWaiting: 0 })
+  t.match(p.figures(), { refused: { instance: 1, tenant: 1 }, waiting: 0, running: 0, tenantsWaiting: 0 })
+  t.equal(p.figures().scanned - scannedBefore, POOL_BOUNDS.waiting + 1)
 })
 
 /** A caller as the pipeline sees an HTTP response: gone once destroyed and closed. */
@@ -108,7 +116,8 @@ function caller (): Caller & EventEmitter & { leave: () => void } {
 }
 
 t.test('a waiting scan whose caller left is dropped (CLIENT_CLOSED); a running one ends', async t => {
-  const { pool: p, registry, scans } = pool(t)
+  const { pool: p, registry, scans } = warmPool()
+  const before = scans.length
   const first = caller()
   const second = caller()
   const third = caller()
@@ -121,7 +130,7 @@ t.test('a waiting scan whose caller left is dropped (CLIENT_CLOSED); a running o
   t.match(await registry.metrics(), /mantle_firewall_pool_waiting 1\n/, 'out of the queue at once')
   t.equal((await running).risk, 'critical', 'the running scan ended')
   t.equal(await kept, CLEAN)
-  t.equal(scans.length, 2, 'the dropped one never ran')
+  t.equal(scans.length - before, 2, 'the dropped one never ran')
   await t.rejects(p.scan('a', ['prompt'], { prompt: 'x' }, first), { code: 'CLIENT_CLOSED' }, 'a caller already gone waits for nothing')
 })
 
