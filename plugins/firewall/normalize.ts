@@ -490,6 +490,17 @@ function visibleChar (ch: string): string {
   return ch.normalize('NFKC')
 }
 
+// The visible form of each BMP character met so far (undefined: not yet): the copy of a text
+// full of characters NFKC rewrites called visibleChar (two regular expressions and a normalize)
+// for each of them, a third of its scan. 64 K entries at most, bounded by the codes.
+const VISIBLE_OF: Array<string | undefined> = new Array<string | undefined>(0x10000)
+
+function visibleBmp (c: number): string {
+  let seen = VISIBLE_OF[c]
+  if (seen === undefined) VISIBLE_OF[c] = seen = visibleChar(String.fromCharCode(c))
+  return seen
+}
+
 function changes (c: number): boolean {
   let as = VISIBLE_AS[c]
   if (as === 0) {
@@ -547,7 +558,7 @@ export function visibleCopy (text: string): VisibleCopy | null {
       continue
     }
     const width = astral ? 2 : 1
-    const seen = visibleChar(text.slice(i, i + width))
+    const seen = astral ? visibleChar(text.slice(i, i + 2)) : visibleBmp(c)
     out += text.slice(run, i) + seen
     room(seen.length)
     for (let k = 0; k < seen.length; k++) { from[len] = i; to[len++] = i + width }
