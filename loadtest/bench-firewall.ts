@@ -8,11 +8,7 @@
 // - the same 1 KB calls while large prompts flow alongside (one at a time, 300,000 characters of
 //   text NFKC rewrites, the costliest to scan, each refused 403), on two gateways that differ only
 //   in BFF_FIREWALL_WORKERS: 1 (large inputs scanned on a thread) and 0 (on the event loop).
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import { parse, stringify } from 'yaml'
-import { GATEWAY_SPINE, REPO_ROOT, median, requestFor, startTargets, startWorker, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
+import { GATEWAY_SPINE, demoManifestWith, median, requestFor, startTargets, startWorker, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
 import { fmt, httpWarmup, measure, measureRounds, medianCpu, signed, sleep, textTable, warmupFailures, type RunFigures, type WarmupFailures, type WarmupRun } from './measure.js'
 import { runAgent, type ScenarioDefinition } from './scenarios.js'
 import type { FirewallMicroReport, FirewallMicroRow } from './firewall-micro.js'
@@ -44,11 +40,7 @@ export const firewalledRun: ScenarioDefinition = {
 
 /** The demo manifest with runAgent's prompt allowed up to the body limit, in a temporary file. */
 function largePromptManifest (): string {
-  const manifest = parse(readFileSync(join(REPO_ROOT, 'kernel/manifest.yaml'), 'utf8')) as { operations: Record<string, { input: { properties: Record<string, Record<string, unknown>> } }> }
-  manifest.operations.runAgent.input.properties.prompt.maxLength = 1_000_000
-  const file = join(mkdtempSync(join(tmpdir(), 'mantle-bench-')), 'manifest-large-prompts.yaml')
-  writeFileSync(file, stringify(manifest))
-  return file
+  return demoManifestWith('manifest-large-prompts.yaml', operations => { operations.runAgent.input.properties.prompt.maxLength = 1_000_000 })
 }
 
 function gatewayWithWorkers (workers: number, manifest: string): TargetDefinition {
@@ -80,7 +72,7 @@ export interface LargePromptRow {
 }
 
 /** 1 KB calls measured by autocannon while one large prompt at a time goes to the same target. */
-async function measureWithLargePrompts (target: Target, seconds: number, connections: number, first: number): Promise<{ figures: RunFigures, large: number, times: number[], unexpected: number }> {
+export async function measureWithLargePrompts (target: Target, seconds: number, connections: number, first: number): Promise<{ figures: RunFigures, large: number, times: number[], unexpected: number }> {
   const req = requestFor(target, firewalledRun)
   const state = { stop: false }
   let n = first
@@ -90,14 +82,26 @@ async function measureWithLargePrompts (target: Target, seconds: number, connect
   const side = (async () => {
     while (!state.stop) {
       const started = performance.now()
-      const res = await fetch(req.url, { method: 'POST', headers: req.headers, body: largePrompt(n++), signal: AbortSignal.timeout(30_000) }).catch(() => null)
-      if (res !== null) await res.arrayBuffer()
-      if (res?.status === 403) { large++; times.push(performance.now() - started) } else unexpected++
+      // The body read in the same try: an answer that breaks off rejected it, and the loop's
+      // promise, awaited only once the measurement ended, was an unhandled rejection (the bench died).
+      const status = await fetch(req.url, { method: 'POST', headers: req.headers, body: largePrompt(n++), signal: AbortSignal.timeout(30_000) })
+        .then(async res => { await res.arrayBuffer(); return res.status }, () => null)
+        .catch(() => null)
+      if (status === 403) { large++; times.push(performance.now() - started) } else {
+        unexpected++
+        // Not a busy loop of 900 KB bodies beside autocannon when the target fails at once.
+        if (!state.stop) await sleep(100)
+      }
     }
   })()
-  const figures = await measure(target, firewalledRun, seconds, connections)
-  state.stop = true
-  await side
+  let figures: RunFigures
+  try {
+    figures = await measure(target, firewalledRun, seconds, connections)
+  } finally {
+    // Also when the measurement failed: the side loop ends with it.
+    state.stop = true
+    await side
+  }
   return { figures, large, times, unexpected }
 }
 

@@ -5,13 +5,9 @@
 // - REST getAgent through gateways that differ only in getAgent's limit: none, a limit counted
 //   in memory, in Redis, and in Redis with the HTTP guard too (two Redis checks per request),
 //   in interleaved rounds (medians), as ratios to the gateway without a limit.
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { parse, stringify } from 'yaml'
-import { REPO_ROOT, gatewayEnv, GATEWAY_FLAGS, median, startTargets, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
+import { demoManifestWith, gatewayEnv, GATEWAY_FLAGS, median, startTargets, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
 import { fmt, httpWarmup, measure, measureRounds, signed, textTable, warmupFailures, type RunFigures, type WarmupFailures, type WarmupRun } from './measure.js'
 import { getAgent } from './scenarios.js'
 import { MemoryWindowStore, RedisWindowStore } from '../plugins/rate-limit/index.js'
@@ -98,11 +94,7 @@ async function microBench (redisUrl: string, n: number): Promise<CheckFigures[]>
 
 /** The demo manifest with a limit on getAgent that the run never reaches, in a temporary file. */
 function limitedManifest (): string {
-  const manifest = parse(readFileSync(join(REPO_ROOT, 'kernel/manifest.yaml'), 'utf8')) as { operations: Record<string, Record<string, unknown>> }
-  manifest.operations.getAgent.rateLimit = { max: HUGE, windowMs: 60_000 }
-  const file = join(mkdtempSync(join(tmpdir(), 'mantle-bench-')), 'manifest-rate-limited.yaml')
-  writeFileSync(file, stringify(manifest))
-  return file
+  return demoManifestWith('manifest-rate-limited.yaml', operations => { operations.getAgent.rateLimit = { max: HUGE, windowMs: 60_000 } })
 }
 
 function targets (redisUrl: string, manifest: string): TargetDefinition[] {

@@ -3,8 +3,9 @@
 // leaves it no chance to clean up, so the child shuts itself down instead of staying an orphan.
 // SIGTERM (not exit) so that the child's own graceful shutdown runs.
 // Not in a worker thread, which loads it too (it inherits the process's --import): a worker's
-// stdin is empty and ends at once, and the guard then ended the whole gateway at its first large
-// prompt (the AI firewall's scan threads). Plain JavaScript: see GUARD in harness.ts.
+// process.stdin has no unref (the guard threw there, and the thread's uncaught error ended the
+// whole gateway at its first large prompt: the AI firewall's scan threads), and it ends at once
+// (the guard would have sent the process SIGTERM). Plain JavaScript: see GUARD in harness.ts.
 import { isMainThread } from 'node:worker_threads'
 
 if (isMainThread) {

@@ -3,11 +3,13 @@
 // and the gateway configurations every section measures.
 import { nginxPresent } from './nginx-proxy.js'
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
-import { readFileSync, readdirSync } from 'node:fs'
+import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { rm } from 'node:fs/promises'
 import { join } from 'node:path'
+import { tmpdir } from 'node:os'
 import { createServer } from 'node:net'
 import { fileURLToPath, pathToFileURL } from 'node:url'
+import { parse, stringify } from 'yaml'
 import { mintToken } from '../plugins/auth/index.js'
 import { PERF_NODE_FLAGS, removePerfMap } from './perf-profile.js'
 
@@ -380,6 +382,24 @@ export interface TargetDefinition {
 
 /** The tenant of every benchmark request (header for the Kernel and the pass-through, claim for the gateway). */
 export const BENCH_TENANT = 'bench'
+
+/** The demo manifest's operations, as a section changes them (demoManifestWith). */
+export type DemoOperations = Record<string, Record<string, unknown> & { input: { properties: Record<string, Record<string, unknown>> } }>
+
+/**
+ * The demo manifest as `change` leaves it, in a temporary file (its path) for a section's
+ * gateways (BFF_MANIFEST), removed when the bench exits: the gateways read it at start, and
+ * watch it for as long as they run.
+ */
+export function demoManifestWith (name: string, change: (operations: DemoOperations) => void): string {
+  const manifest = parse(readFileSync(join(REPO_ROOT, 'kernel/manifest.yaml'), 'utf8')) as { operations: DemoOperations }
+  change(manifest.operations)
+  const dir = mkdtempSync(join(tmpdir(), 'mantle-bench-'))
+  process.once('exit', () => { rmSync(dir, { recursive: true, force: true }) })
+  const file = join(dir, name)
+  writeFileSync(file, stringify(manifest))
+  return file
+}
 
 /** The concerns of the spine; each gateway target sets every one of them, on or off. */
 const SPINE_FLAGS = ['BFF_AUTH_ENABLED', 'BFF_METRICS_ENABLED', 'BFF_OPENAPI_ENABLED', 'BFF_CIRCUIT_BREAKER_ENABLED'] as const
