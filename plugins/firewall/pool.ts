@@ -67,6 +67,9 @@ interface Waiting {
   timer: NodeJS.Timeout | null
 }
 
+/** What refused a scan: the instance's queue, the tenant's, or the call's deadline while it waited. */
+type Bound = 'instance' | 'tenant' | 'deadline'
+
 export interface ScanPoolOptions {
   threads: number
   registers: Registry[]
@@ -89,10 +92,10 @@ export class ScanPool {
   private idle: (() => void) | null = null
   /** The close under way: a second close() waits for the same one (it replaced `idle`, and the first never ended). */
   private closing: Promise<void> | null = null
-  private readonly refusedInstance: { inc: () => void }
-  private readonly refusedTenant: { inc: () => void }
+  private readonly refusedMetric: Record<Bound, { inc: () => void }>
   /** Since start, for /diagz: scans made on a thread, and refused by each bound. */
-  private readonly tally = { scanned: 0, refusedInstance: 0, refusedTenant: 0 }
+  private scanned = 0
+  private readonly refusals: Record<Bound, number> = { instance: 0, tenant: 0, deadline: 0 }
   /** Set once a thread failed outside a scan: piscina then starts no other, and what it was given waited for ever. */
   private broken = false
   /** The running scans' aborts, for when the pool breaks. */
@@ -127,9 +130,8 @@ export class ScanPool {
     const running = (): number => this.running
     new Gauge({ name: 'mantle_firewall_pool_waiting', help: `AI firewall scans of large inputs waiting for a thread (at most ${POOL_BOUNDS.waiting}, ${POOL_BOUNDS.waitingPerTenant} a tenant)`, registers, collect () { this.set(waiting()) } }) // eslint-disable-line no-new
     new Gauge({ name: 'mantle_firewall_pool_running', help: 'AI firewall scans of large inputs running on the pool\'s threads', registers, collect () { this.set(running()) } }) // eslint-disable-line no-new
-    const refused = new Counter({ name: 'mantle_firewall_pool_refused_total', help: 'AI firewall scans of large inputs refused (503 OVERLOADED): the queue was full for the instance, or for the tenant', labelNames: ['bound'], registers })
-    this.refusedInstance = refused.labels('instance')
-    this.refusedTenant = refused.labels('tenant')
+    const refused = new Counter({ name: 'mantle_firewall_pool_refused_total', help: 'AI firewall scans of large inputs refused (503 OVERLOADED): the queue was full for the instance or for the tenant, or the call\'s timeoutMs passed while it waited', labelNames: ['bound'], registers })
+    this.refusedMetric = { instance: refused.labels('instance'), tenant: refused.labels('tenant'), deadline: refused.labels('deadline') }
   }
 
   /**
@@ -141,14 +143,12 @@ export class ScanPool {
    */
   async scan (tenant: string, fields: readonly string[], input: Readonly<Record<string, unknown>>, caller: Caller | null, deadline = Infinity): Promise<Verdict> {
     if (this.waiting >= POOL_BOUNDS.waiting) {
-      this.refusedInstance.inc()
-      this.tally.refusedInstance++
+      this.refuse('instance')
       throw new MantleError('OVERLOADED', 'Too many large inputs are waiting for the AI firewall on this instance: retry later', { headers: { 'retry-after': '1' } })
     }
     const queue = this.queues.get(tenant)
     if (queue !== undefined && queue.length >= POOL_BOUNDS.waitingPerTenant) {
-      this.refusedTenant.inc()
-      this.tally.refusedTenant++
+      this.refuse('tenant')
       throw new MantleError('OVERLOADED', `A tenant has at most ${POOL_BOUNDS.waitingPerTenant} large inputs waiting for the AI firewall on this instance: retry later`, { headers: { 'retry-after': '1' } })
     }
     const values: Record<string, unknown> = {}
@@ -164,14 +164,14 @@ export class ScanPool {
       this.waiting++
       this.dispatch()
       if (this.queues.get(tenant)?.includes(waiting) === true && deadline !== Infinity) {
-        waiting.timer = setTimeout(() => { this.drop(waiting, timedOut()) }, Math.max(0, deadline - performance.now()))
+        waiting.timer = setTimeout(() => { if (this.drop(waiting, timedOut())) this.refuse('deadline') }, Math.max(0, deadline - performance.now()))
         waiting.timer.unref()
       }
     })
   }
 
   /** The pool's state and counts since start, for /diagz's `firewall` section. */
-  figures (): { threads: number, threadsStarted: number, running: number, waiting: number, waitingMax: number, waitingPerTenantMax: number, tenantsWaiting: number, scanned: number, refused: { instance: number, tenant: number }, broken: boolean } {
+  figures (): { threads: number, threadsStarted: number, running: number, waiting: number, waitingMax: number, waitingPerTenantMax: number, tenantsWaiting: number, scanned: number, refused: Record<Bound, number>, broken: boolean } {
     return {
       threads: this.threads,
       threadsStarted: this.piscina.threads.length,
@@ -180,8 +180,8 @@ export class ScanPool {
       waitingMax: POOL_BOUNDS.waiting,
       waitingPerTenantMax: POOL_BOUNDS.waitingPerTenant,
       tenantsWaiting: this.queues.size,
-      scanned: this.tally.scanned,
-      refused: { instance: this.tally.refusedInstance, tenant: this.tally.refusedTenant },
+      scanned: this.scanned,
+      refused: { ...this.refusals },
       broken: this.broken
     }
   }
@@ -217,7 +217,7 @@ export class ScanPool {
     this.aborts.add(abort)
     const onThread = this.broken ? Promise.reject(new Error('the scan pool is broken')) : this.piscina.run(w.task, { signal: abort.signal })
     onThread.then(result => {
-      this.tally.scanned++
+      this.scanned++
       this.observe(result.seconds)
       w.resolve(verdictOf(result.verdict))
     }, (err: unknown) => {
@@ -243,10 +243,11 @@ export class ScanPool {
   }
 
   /** A waiting scan is dropped: its caller left, or its deadline passed. */
-  private drop (w: Waiting, err: MantleError): void {
+  /** Whether it was still waiting (else it runs, or was dropped already). */
+  private drop (w: Waiting, err: MantleError): boolean {
     const queue = this.queues.get(w.tenant)
     const at = queue === undefined ? -1 : queue.indexOf(w)
-    if (at < 0) return
+    if (at < 0) return false
     queue!.splice(at, 1)
     if (queue!.length === 0) this.queues.delete(w.tenant)
     this.waiting--
@@ -254,6 +255,12 @@ export class ScanPool {
     if (w.timer !== null) clearTimeout(w.timer)
     w.reject(err)
     this.settled()
+    return true
+  }
+
+  private refuse (bound: Bound): void {
+    this.refusedMetric[bound].inc()
+    this.refusals[bound]++
   }
 
   private settled (): void {

@@ -105,7 +105,7 @@ t.test('bounded: a tenant may have POOL_BOUNDS.waitingPerTenant scans waiting, t
   t.match(after, /mantle_firewall_pool_refused_total\{bound="instance"\} 1\n/)
   t.match(after, /mantle_firewall_pool_waiting 0\n/)
   t.match(after, /mantle_firewall_pool_running 0\n/)
-  t.match(p.figures(), { refused: { instance: 1, tenant: 1 }, waiting: 0, running: 0, tenantsWaiting: 0 })
+  t.match(p.figures(), { refused: { instance: 1, tenant: 1, deadline: 0 }, waiting: 0, running: 0, tenantsWaiting: 0 })
   t.equal(p.figures().scanned - scannedBefore, POOL_BOUNDS.waiting + 1)
 })
 
@@ -179,7 +179,7 @@ t.test('through the gateway: a large prompt is scanned off the event loop, which
   const diagz = (await app.inject({ method: 'GET', url: '/diagz', headers: bearer() })).json()
   t.same(diagz.firewall, {
     verdictCache: { entries: 3, max: 10000 },
-    pool: { threads: 1, threadsStarted: 1, running: 0, waiting: 0, waitingMax: POOL_BOUNDS.waiting, waitingPerTenantMax: POOL_BOUNDS.waitingPerTenant, tenantsWaiting: 0, scanned: 2, refused: { instance: 0, tenant: 0 }, broken: false }
+    pool: { threads: 1, threadsStarted: 1, running: 0, waiting: 0, waitingMax: POOL_BOUNDS.waiting, waitingPerTenantMax: POOL_BOUNDS.waitingPerTenant, tenantsWaiting: 0, scanned: 2, refused: { instance: 0, tenant: 0, deadline: 0 }, broken: false }
   }, '/diagz: the verdict cache and the pool')
 
   const inline = await buildTestApp(t, { BFF_FIREWALL_WORKERS: 0, BFF_FIREWALL_CACHE_SIZE: 0 }, { manifest, kernelUrl: kernel.url })
@@ -207,6 +207,8 @@ t.test('a waiting scan whose call\'s deadline passes is dropped (OVERLOADED) and
   t.equal(await kept, CLEAN)
   t.equal(scans.length, 2, 'the expired one never ran')
   t.match(await registry.metrics(), /mantle_firewall_pool_waiting 0\n/)
+  t.match(await registry.metrics(), /mantle_firewall_pool_refused_total\{bound="deadline"\} 1\n/, 'counted: an operator sees these refusals')
+  t.match(p.figures().refused, { instance: 0, tenant: 0, deadline: 1 })
 })
 
 t.test('a thread that cannot start: no uncaught exception, the scans made on the event loop, close() ends', async t => {
