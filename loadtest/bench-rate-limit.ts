@@ -7,8 +7,8 @@
 //   in interleaved rounds (medians), as ratios to the gateway without a limit.
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { demoManifestWith, gatewayEnv, GATEWAY_FLAGS, median, startTargets, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
-import { fmt, httpWarmup, measure, measureRounds, signed, textTable, warmupFailures, type RunFigures, type WarmupFailures, type WarmupRun } from './measure.js'
+import { demoManifestWith, gatewayEnv, GATEWAY_FLAGS, startTargets, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
+import { fmt, httpWarmup, measure, measureRounds, roundsRow, signed, textTable, warmupFailures, type RoundsRow, type WarmupFailures, type WarmupRun } from './measure.js'
 import { getAgent } from './scenarios.js'
 import { MemoryWindowStore, RedisWindowStore } from '../plugins/rate-limit/index.js'
 
@@ -23,14 +23,7 @@ export interface RateLimitBenchOptions {
 }
 
 export interface CheckFigures { name: string, inFlight: number, checks: number, perSec: number, p50Us: number, p99Us: number, meanUs: number }
-export interface RestRow {
-  name: string
-  description: string
-  rounds: RunFigures[]
-  reqPerSec: number
-  p50Ms: number
-  p99Ms: number
-  flagged: boolean
+export interface RestRow extends RoundsRow {
   ratioToNoLimit: number | null
   p99DiffToNoLimitMs: number | null
 }
@@ -121,15 +114,8 @@ export async function runRateLimit (opts: RateLimitBenchOptions, ctx: TargetCont
   const warmupFailed = warmupFailures(warm)
   const perTarget = await measureRounds(running, getAgent, { rounds: opts.rounds, duration: opts.duration, connections: opts.connections, pauseMs: opts.pauseMs, label: 'rate-limit' })
   const rest: RestRow[] = defs.map((def) => {
-    const rounds = perTarget.get(def.name) ?? []
     return {
-      name: def.name,
-      description: def.description,
-      rounds,
-      reqPerSec: median(rounds.map((r) => r.reqPerSec)),
-      p50Ms: median(rounds.map((r) => r.p50FineMs)),
-      p99Ms: median(rounds.map((r) => r.p99FineMs)),
-      flagged: rounds.some((r) => r.non2xx + r.errors > 0),
+      ...roundsRow(def.name, def.description, perTarget.get(def.name) ?? []),
       ratioToNoLimit: null,
       p99DiffToNoLimitMs: null
     }

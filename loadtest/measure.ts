@@ -118,6 +118,32 @@ export async function measure (target: Target, scenario: Scenario, seconds: numb
   }
 }
 
+/** A target's REST rounds, summed up as the sections' tables show them. */
+export interface RoundsRow {
+  name: string
+  description: string
+  rounds: RunFigures[]
+  /** Medians of the rounds. */
+  reqPerSec: number
+  p50Ms: number
+  p99Ms: number
+  /** A call got another answer than expected, or failed: the row is no result. */
+  flagged: boolean
+}
+
+/** The row of a target's rounds: the medians, and flagged when a call failed. */
+export function roundsRow (name: string, description: string, rounds: RunFigures[]): RoundsRow {
+  return {
+    name,
+    description,
+    rounds,
+    reqPerSec: median(rounds.map((r) => r.reqPerSec)),
+    p50Ms: median(rounds.map((r) => r.p50FineMs)),
+    p99Ms: median(rounds.map((r) => r.p99FineMs)),
+    flagged: rounds.some((r) => r.non2xx + r.errors > 0)
+  }
+}
+
 /** The median CPU time per request of a target's runs (µs; NaN when none was read). */
 export function medianCpu (runs: readonly RunFigures[], pick: (r: RunFigures) => number | null = (r) => r.cpuUsPerRequest): number {
   return median(runs.map(pick).filter((v): v is number => v !== null && Number.isFinite(v)))

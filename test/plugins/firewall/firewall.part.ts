@@ -8,6 +8,7 @@ import { join } from 'node:path'
 import { buildApp } from '../../../app.js'
 import { StageOrder, type CallContext } from '../../../plugins/pipeline/index.js'
 import { buildDemoApp, buildTestApp, bearer, json, startTestKernel, testConfig, testManifest, token, type TestKernel } from '../../helper.js'
+import { askApp } from './ask-app.js'
 
 const SECRET = 'ghp_' + 'a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8'
 const EMAIL = 'marie.dupont@orange.fr'
@@ -216,22 +217,6 @@ t.test('the demo manifest: runAgent refuses an injected prompt and runs a clean 
   const ok = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers, payload: { prompt: 'Summarise the quarterly report in three sentences.' } })
   t.equal(ok.statusCode, 201)
 })
-
-/** A gateway whose `ask` mutation blocks on what the firewall finds in `fields` (string fields prompt and note). */
-async function askApp (t: Parameters<typeof buildTestApp>[0], fields: string[]): Promise<{ kernel: Awaited<ReturnType<typeof startTestKernel>>, app: Awaited<ReturnType<typeof buildTestApp>> }> {
-  const kernel = await startTestKernel(t, { 'POST /v1/ask': (_req, res) => json(res, 200, { ok: true }) })
-  const manifest = testManifest({
-    ask: {
-      type: 'mutation',
-      rest: 'POST /ask',
-      kernel: 'POST /v1/ask',
-      input: { type: 'object', properties: { prompt: { type: 'string' }, note: { type: 'string' } } },
-      output: { type: 'object', properties: { ok: { type: 'boolean' } } },
-      firewall: { fields, action: 'block' }
-    }
-  }, { url: kernel.url })
-  return { kernel, app: await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url }) }
-}
 
 t.test('a field whose schema admits any value is scanned when it holds an array (a chat\'s messages), each time', async t => {
   const kernel = await startTestKernel(t, { 'POST /v1/ask': (_req, res) => json(res, 200, { ok: true }) })

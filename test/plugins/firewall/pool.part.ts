@@ -12,7 +12,8 @@ import { MantleError } from '../../../errors.js'
 import type { Caller } from '../../../plugins/pipeline/caller.js'
 import { INLINE_MAX, POOL_BOUNDS, ScanPool, largerThan } from '../../../plugins/firewall/pool.js'
 import { CLEAN, scanFields, type Verdict } from '../../../plugins/firewall/scan.js'
-import { bearer, buildTestApp, json, startTestKernel, testManifest } from '../../helper.js'
+import { bearer, buildTestApp } from '../../helper.js'
+import { askApp } from './ask-app.js'
 
 const SECRET = 'ghp_' + 'a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8'
 const EMAIL = 'marie.dupont@orange.fr'
@@ -144,18 +145,7 @@ t.test('closing waits for the scans taken, then ends the threads', async t => {
 })
 
 t.test('through the gateway: a large prompt is scanned off the event loop, which answers other calls meanwhile', async t => {
-  const kernel = await startTestKernel(t, { 'POST /v1/ask': (_req, res) => json(res, 200, { ok: true }) })
-  const manifest = testManifest({
-    ask: {
-      type: 'mutation',
-      rest: 'POST /ask',
-      kernel: 'POST /v1/ask',
-      input: { type: 'object', required: ['prompt'], properties: { prompt: { type: 'string' } } },
-      output: { type: 'object', properties: { ok: { type: 'boolean' } } },
-      firewall: { fields: ['prompt'], action: 'redact' }
-    }
-  }, { url: kernel.url })
-  const app = await buildTestApp(t, { BFF_BODY_LIMIT: 2 * 1024 * 1024 }, { manifest, kernelUrl: kernel.url })
+  const { kernel, app, manifest } = await askApp(t, ['prompt'], { action: 'redact', env: { BFF_BODY_LIMIT: 2 * 1024 * 1024 } })
   // Text NFKC rewrites: the costliest to scan, 0.1 to 0.5 s here.
   const large = 'ﬁ①Ⅻ'.repeat(200_000) + ' ' + INJECTION
   const order: string[] = []
