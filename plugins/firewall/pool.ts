@@ -31,11 +31,18 @@ export const POOL_BOUNDS = Object.freeze({ waiting: 256, waitingPerTenant: 64 })
  */
 export function largerThan (fields: readonly string[], input: Readonly<Record<string, unknown>>, limit: number): boolean {
   let size = 0
-  const open: object[] = []
+  let structured = false
   for (const field of fields) {
     const value = input[field]
     if (typeof value === 'string') size += value.length
-    else if (value !== null && typeof value === 'object') open.push(value)
+    else if (value !== null && typeof value === 'object') structured = true
+  }
+  // A call whose fields are strings (the hot path: a prompt) allocates nothing here.
+  if (!structured || size > limit) return size > limit
+  const open: object[] = []
+  for (const field of fields) {
+    const value = input[field]
+    if (value !== null && typeof value === 'object') open.push(value)
   }
   while (size <= limit && open.length > 0) {
     const holder = open.pop()!
