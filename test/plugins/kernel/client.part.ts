@@ -737,7 +737,7 @@ t.test('calls whose time runs out waiting for a connection: no connection torn d
   const server = createServer((req, res) => {
     if (req.url === '/v1/long/l1') {
       longs++
-      setTimeout(() => json(res, 200, { id: 'l1' }), 600)
+      setTimeout(() => json(res, 200, { id: 'l1' }), 2000)
     } else { fast.push(req.url ?? ''); json(res, 200, { id: 'f1' }) }
   })
   server.keepAliveTimeout = 30_000
@@ -747,7 +747,9 @@ t.test('calls whose time runs out waiting for a connection: no connection torn d
   const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
   const manifest = testManifest({
     longOp: { type: 'query', rest: 'GET /long/:id', kernel: 'GET /v1/long/{id}', input: idInput, output: item, timeoutMs: 3000 },
-    fastOp: { type: 'query', rest: 'GET /fast/:id', kernel: 'GET /v1/fast/{id}', input: idInput, output: item, timeoutMs: 100 }
+    // 400 ms, not 100: on a loaded CI run a call served at once (the warm-up's, the last one's)
+    // took over 100 ms; the long calls hold both connections for 2 s, long after it.
+    fastOp: { type: 'query', rest: 'GET /fast/:id', kernel: 'GET /v1/fast/{id}', input: idInput, output: item, timeoutMs: 400 }
   }, { url, connections: 2, retries: 0, circuitBreaker: { threshold: 3, resetTimeoutMs: 60_000 } })
   const app = await buildTestApp(t, {}, { manifest, kernelUrl: url })
   // Two connections, warmed.
