@@ -165,6 +165,8 @@ export interface RoundsOptions {
   label: string
   /** Other processes whose CPU time each run reports (watchedCpuUsPerRequest): e.g. PostgreSQL's, pidsOf('postgres'). */
   watch?: () => readonly number[]
+  /** One measurement of a target, when it is more than the scenario alone (the firewall's, with large prompts alongside). */
+  run?: (target: Target) => Promise<RunFigures>
 }
 
 /**
@@ -183,7 +185,7 @@ export async function measureRounds (targets: readonly Target[], scenario: Scena
       const sampled = round === 0 && target.name === profiledTarget() && target.pid !== undefined && opts.duration > 2
         ? new Promise<string>((resolve, reject) => { setTimeout(() => { recordPerf(target.pid!, opts.duration - 2).then(resolve, reject) }, 1000) })
         : null
-      const f = await measure(target, scenario, opts.duration, opts.connections, undefined, opts.watch)
+      const f = opts.run === undefined ? await measure(target, scenario, opts.duration, opts.connections, undefined, opts.watch) : await opts.run(target)
       if (sampled !== null) {
         try {
           f.perf = breakdown(await sampled, [BUILD_DIR + '/', REPO_ROOT])

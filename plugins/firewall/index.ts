@@ -60,7 +60,7 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
 
   // Large inputs on threads of their own (pool.ts): made only with the option, a thread only at
   // the first large input.
-  const pool = opts.workers > 0 ? new ScanPool({ threads: opts.workers, registers, observe: seconds => { scanDuration.observe(seconds) }, onError: err => { app.log.error({ err }, 'an AI firewall scan thread failed: large inputs are scanned on the event loop from now on') } }) : null
+  const pool = opts.workers > 0 ? new ScanPool({ threads: opts.workers, registers, observe: seconds => { scanDuration.observe(seconds) }, inline: scan, onError: err => { app.log.error({ err }, 'an AI firewall scan thread failed: large inputs are scanned on the event loop from now on') } }) : null
   if (pool !== null) app.addHook('onClose', async () => { await pool.close() })
   if (app.hasDecorator('diagz')) {
     app.diagz.addSection('firewall', () => ({
@@ -93,13 +93,17 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
         return false
       }
 
+      /** The input scanned: on the pool when it is large (within the call's time), else at once. */
+      const scanned = (ctx: CallContext): Verdict | Promise<Verdict> => pool !== null && largerThan(fields, ctx.input, INLINE_MAX)
+        ? pool.scan(ctx.tenant, fields, ctx.input, ctx.caller, ctx.startedAt + op.timeoutMs)
+        : scan(fields, ctx.input)
+
       const verdictOf = (ctx: CallContext): Verdict | Promise<Verdict> => {
         const input = ctx.input
-        const onPool = pool !== null && largerThan(fields, input, INLINE_MAX)
         // An array or object is scanned each time, never cached: its JSON text (a key) may be
         // many times the request (GraphQL's [$a, $a, ...]), and its redacted copy takes many times
         // its text's length.
-        if (cache === null || structured(input)) return onPool ? pool.scan(ctx.tenant, fields, input, ctx.caller, ctx.startedAt + op.timeoutMs) : scan(fields, input)
+        if (cache === null || structured(input)) return scanned(ctx)
         // The tenant, the operation's name, then each field's name and value (or its absence)
         // after their lengths: no separator would do, since a JSON string may hold any character,
         // \u0000 included. Distinct inputs never share a key, nor do the same values under other
@@ -129,13 +133,13 @@ async function firewallPlugin (app: FastifyInstance, opts: FirewallOptions): Pro
           return cached
         }
         cacheMiss.inc()
-        if (onPool) {
-          return pool.scan(tenant, fields, input, ctx.caller, ctx.startedAt + op.timeoutMs).then(verdict => {
-            cache.set(key, verdict)
-            return verdict
+        const verdict = scanned(ctx)
+        if (verdict instanceof Promise) {
+          return verdict.then(v => {
+            cache.set(key, v)
+            return v
           })
         }
-        const verdict = scan(fields, input)
         cache.set(key, verdict)
         return verdict
       }

@@ -503,10 +503,7 @@ function visibleBmp (c: number): string {
 
 function changes (c: number): boolean {
   let as = VISIBLE_AS[c]
-  if (as === 0) {
-    const ch = String.fromCharCode(c)
-    VISIBLE_AS[c] = as = visibleChar(ch) === ch ? KEEP : CHANGE
-  }
+  if (as === 0) VISIBLE_AS[c] = as = visibleBmp(c) === String.fromCharCode(c) ? KEEP : CHANGE
   return as === CHANGE
 }
 

@@ -4,7 +4,7 @@ import { Piscina } from 'piscina'
 import { Counter, Gauge, type Registry } from 'prom-client'
 import { MantleError } from '../../errors.js'
 import { unwatchCaller, watchCaller, type Caller } from '../pipeline/caller.js'
-import { CLEAN, scanFields, type Verdict } from './scan.js'
+import { CLEAN, type Verdict } from './scan.js'
 import type { ScanResult, ScanTask } from './scan-worker.js'
 
 // Large inputs are scanned on worker threads. A scan is linear in its text, but a character
@@ -82,6 +82,8 @@ export interface ScanPoolOptions {
   registers: Registry[]
   /** Each scan's own time on its thread. */
   observe: (seconds: number) => void
+  /** The scan on the event loop (the plugin's own, timed as it times it): the pool's once no thread can start. */
+  inline: (fields: readonly string[], input: Readonly<Record<string, unknown>>) => Verdict
   /** A thread failed outside any scan (it could not start): the scans are made on the event loop from then on. */
   onError?: (err: unknown) => void
   /** The worker module (tests); by default scan-worker beside this module. */
@@ -92,6 +94,7 @@ export class ScanPool {
   private readonly piscina: Piscina<ScanTask, ScanResult>
   private readonly threads: number
   private readonly observe: (seconds: number) => void
+  private readonly inline: ScanPoolOptions['inline']
   /** The tenants with scans waiting, each with its own queue, in the order of their turns. */
   private readonly queues = new Map<string, Waiting[]>()
   private waiting = 0
@@ -111,6 +114,7 @@ export class ScanPool {
   constructor (opts: ScanPoolOptions) {
     this.threads = opts.threads
     this.observe = opts.observe
+    this.inline = opts.inline
     this.piscina = new Piscina<ScanTask, ScanResult>({
       // The worker as this module is: scan-worker.ts run through tsx, scan-worker.js as built.
       filename: opts.worker ?? new URL('./scan-worker' + extname(fileURLToPath(import.meta.url)), import.meta.url).href,
@@ -234,10 +238,7 @@ export class ScanPool {
       }
       // No thread to be had: scanned on the event loop, as with BFF_FIREWALL_WORKERS=0.
       try {
-        const started = performance.now()
-        const verdict = scanFields(w.task.fields, w.task.values)
-        this.observe((performance.now() - started) / 1000)
-        w.resolve(verdict)
+        w.resolve(this.inline(w.task.fields, w.task.values))
       } catch (scanErr) {
         w.reject(scanErr)
       }

@@ -23,7 +23,7 @@ const filler = (n: number): string => 'lorem ipsum dolor sit amet '.repeat(Math.
 function pool (t: Test, threads = 1): { pool: ScanPool, registry: Registry, scans: number[] } {
   const registry = new Registry()
   const scans: number[] = []
-  const p = new ScanPool({ threads, registers: [registry], observe: s => { scans.push(s) } })
+  const p = new ScanPool({ threads, registers: [registry], observe: s => { scans.push(s) }, inline: (fields, input) => { scans.push(0); return scanFields(fields, input) } })
   t.teardown(async () => { await p.close() })
   return { pool: p, registry, scans }
 }
@@ -208,7 +208,7 @@ t.test('a thread that cannot start: no uncaught exception, the scans made on the
   writeFileSync(worker, 'throw new Error("this module does not load")\n')
   const errors: unknown[] = []
   const scans: number[] = []
-  const p = new ScanPool({ threads: 1, registers: [new Registry()], observe: s => { scans.push(s) }, onError: err => { errors.push(err) }, worker: pathToFileURL(worker).href })
+  const p = new ScanPool({ threads: 1, registers: [new Registry()], observe: s => { scans.push(s) }, inline: (fields, input) => { scans.push(0); return scanFields(fields, input) }, onError: err => { errors.push(err) }, worker: pathToFileURL(worker).href })
   const input = { prompt: filler(INLINE_MAX) + ` mail ${EMAIL}` }
   let timer: NodeJS.Timeout | undefined
   const late = new Promise<string>(resolve => { timer = setTimeout(() => { resolve('still waiting after 5 s') }, 5000) })
