@@ -242,8 +242,12 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   if (app.hasDecorator('metrics')) {
     new Gauge({ name: 'mantle_idempotency_pending_redis_writes', help: 'Outcomes and key releases Redis did not take, offered to it again every 250 ms while their claims\' leases last (bounded, 10,000)', registers: [app.metrics.registry], collect () { this.set(pending.size) } }) // eslint-disable-line no-new
   }
-  /** Where a claim was made or what it found, and the Redis claim a call claimed in memory may hold (see `finish`). */
-  interface Claimed { store: IdempotencyStore, claim: Claim, unanswered: string | null, unsure?: boolean }
+  /**
+   * Where a claim was made or what it found, and the Redis claim a call claimed in memory may hold
+   * (see `finish`). `inRedis`: what it found in memory is the hold of a call of this instance
+   * claimed in Redis, a record Redis holds as much as one found there.
+   */
+  interface Claimed { store: IdempotencyStore, claim: Claim, unanswered: string | null, unsure?: boolean, inRedis?: boolean }
   /**
    * Claims `key` for a call whose Redis claim is `running` (one per call: a claim whose answer
    * never came, carried out all the same, is then known as the call's own at its next poll).
@@ -264,7 +268,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         if (local !== undefined) {
           const outcome = outcomeOf(local)
           if (outcome !== null) await settle(shared.seed(key, outcome.record, outcome.ttl))
-          return { store: memory, claim: { won: false, record: local.record }, unanswered: null }
+          return { store: memory, claim: { won: false, record: local.record }, unanswered: null, inRedis: local.held === true }
         }
         try {
           const claim = await shared.claim(key, hash, leaseMs, running)
@@ -285,7 +289,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         fallBack(null, first)
       }
     }
-    return { store: memory, claim: await memory.claim(key, hash, leaseMs), unanswered }
+    const claim = await memory.claim(key, hash, leaseMs)
+    return { store: memory, claim, unanswered, inRedis: !claim.won && memory.peek(key)?.held === true }
   }
   /**
    * A repeat waiting for a call that holds its key in Redis, Redis failing or away: it never
@@ -356,12 +361,16 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         let unsure = false
         try {
           for (let first = true; ; first = false) {
-            const { store, claim, unanswered, unsure: maybe } = await claimIn(key, hash, leaseMs, running, first, held)
+            const { store, claim, unanswered, unsure: maybe, inRedis } = await claimIn(key, hash, leaseMs, running, first, held)
             if (store === shared) unsure = false
             else if (maybe === true) unsure = true
             if (claim.won) return await run(ctx, next, store, key, claim.token, hash, unanswered)
             const record = claim.record
-            if (store === shared) held = record
+            // Found in Redis, or as this instance's own call claimed there: its outcome goes to
+            // Redis, and this instance forgets it once Redis takes it. A repeat that waited for it
+            // here and found Redis away at its next poll claimed the key in memory and ran a
+            // second Kernel call.
+            if (store === shared || inRedis === true) held = record
             if (record.hash !== hash) {
               metrics.reused()
               throw new MantleError('IDEMPOTENCY_KEY_REUSED', `The Idempotency-Key was already used for ${op.name} with another input`)

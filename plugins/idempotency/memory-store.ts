@@ -53,10 +53,11 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
   /**
    * The record held for `key` and how long it has left (ms), without claiming it: the plugin asks
    * this first once Redis is back, so that a key claimed here during an outage stays answered here.
+   * `held`: the claim is a hold (see `hold`), of a call of this process that claimed it in Redis.
    */
-  peek (key: string): { record: IdempotencyRecord, ttlMs: number } | undefined {
+  peek (key: string): { record: IdempotencyRecord, ttlMs: number, held?: boolean } | undefined {
     const claim = this.claimOf(key)
-    if (claim !== undefined) return { record: claim.record, ttlMs: claim.until - performance.now() }
+    if (claim !== undefined) return { record: claim.record, ttlMs: claim.until - performance.now(), held: claim.held }
     const record = this.cache.get(key)
     if (record === undefined) return undefined
     return { record, ttlMs: this.cache.remainingTtl(key) }

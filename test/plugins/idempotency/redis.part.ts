@@ -199,3 +199,35 @@ t.test('Redis away: a repeat waiting for the first call counts one fallback, not
   t.equal(s.calls(), 1)
   t.equal(await metric(s.app, 'mantle_idempotency_store_fallbacks_total'), 2, 'two calls, two fallbacks')
 })
+
+t.test('a repeat waiting on the instance that runs the first call, Redis failing once the outcome is there: never a second Kernel call', async t => {
+  const proxy = await startTcpProxy(t, 6379)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const key = randomUUID()
+  const gate = s.hold()
+  const first = s.create({ name: 'then' }, key)
+  await until(() => s.calls() === 1, 'the first call to reach the Kernel')
+  // The repeat finds the first call held on this instance, and polls every 200 ms by now.
+  const repeat = s.create({ name: 'then' }, key)
+  await new Promise(resolve => setTimeout(resolve, 1000))
+  // Once the first call's outcome is on its way to Redis, the claims sent after it (the
+  // repeat's next poll) get no answer: Redis fails after taking the outcome, before the poll.
+  proxy.watch(chunk => {
+    if (!chunk.toString('latin1').includes('"state":"done"')) return
+    proxy.watch(null)
+    proxy.holdSends(sent => {
+      const text = sent.toString('latin1')
+      return text.includes('"state":"running"') && !text.includes('"state":"done"')
+    })
+  })
+  gate.open()
+  const answer = await first
+  t.equal(answer.statusCode, 201)
+  await until(() => proxy.holding > 0, 'the repeat\'s poll to go unanswered')
+  // Past the command timeout: the poll failed (before, the repeat claimed the key in memory and
+  // ran the Kernel call a second time), and the next ones with it until Redis answers.
+  await new Promise(resolve => setTimeout(resolve, 800))
+  proxy.restore()
+  const again = await repeat
+  t.same([again.statusCode, again.headers['idempotent-replayed'], again.body, s.calls()], [201, 'true', answer.body, 1], 'the repeat replays the first call\'s outcome once Redis answers')
+})
