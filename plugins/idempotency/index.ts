@@ -160,6 +160,10 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       if (store !== memory) later(key, leaseMs, token)
     }
     if (store !== memory) await memory.release(key, token)
+    // A call claimed in memory, Redis away: its outcome is copied to Redis once Redis is back,
+    // for as long as it lives here (no claim of it there ends sooner). Copied only when a repeat
+    // reached this instance, a repeat on another instance, Redis back, ran the call again.
+    else if (shared !== null && outcome !== null) later(key, ttlMs, null)
   }
 
   // What Redis did not take, offered to it again every 250 ms without waiting for a repeat to
@@ -168,8 +172,9 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   // its lease (the op's timeout plus 5 s), then ran the call again, or got 409 after a release
   // that failed (README: the key was released). Each is tried until Redis takes it or the
   // claim's lease ends (the claim is gone from Redis then, and a release is guarded by the
-  // claim's token anyway): as many as the calls that were running when Redis failed, at most
-  // MAX_PENDING (the oldest is dropped: its claim's lease ends first).
+  // claim's token anyway), or, for the outcome of a call claimed in memory while Redis was away,
+  // until it expires here: as many as the calls that were running when Redis failed or ran while
+  // it was away, at most MAX_PENDING (the oldest is dropped: its claim's lease ends first).
   // Keyed by the store key for an outcome (the memory store holds it), by the claim's token,
   // unique, for a release: a key may have both (a repeat's outcome over a claim of its own).
   interface Pending { key: string, until: number, release: string | null }

@@ -231,3 +231,28 @@ t.test('a repeat waiting on the instance that runs the first call, Redis failing
   const again = await repeat
   t.same([again.statusCode, again.headers['idempotent-replayed'], again.body, s.calls()], [201, 'true', answer.body, 1], 'the repeat replays the first call\'s outcome once Redis answers')
 })
+
+t.test('an outcome stored in memory while Redis was away reaches Redis once it is back: a repeat on another instance replays it', async t => {
+  const proxy = await startTcpProxy(t, 6379)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const other = await idemSetup(t, 'redis', {}, {}, s.kernel)
+  const redis = await redisClient(t)
+  proxy.cut('reset')
+  await until(() => !s.app.redis.up(), 'the shared connection to notice the cut')
+  const key = randomUUID()
+  const stored = storeKey(s.tenant, 'createItem', key)
+  const answer = await s.create({ name: 'away' }, key)
+  t.equal(answer.statusCode, 201)
+  t.equal(await metric(s.app, 'mantle_idempotency_pending_redis_writes'), 1, 'waiting for Redis')
+  proxy.restore()
+  // Copied without a repeat reaching this instance (before, only a repeat here copied it, and
+  // one reaching another instance first ran the Kernel call a second time).
+  await until(() => s.app.redis.up(), 'Redis to be back', 10_000)
+  let copied: string | null = null
+  for (const began = Date.now(); copied === null && Date.now() - began < 5_000; await new Promise(resolve => setTimeout(resolve, 50))) copied = await redis.get(stored)
+  t.match(JSON.parse(copied ?? '{}'), { state: 'done', status: 201, body: answer.body }, 'the outcome is in Redis')
+  t.ok(await redis.pttl(stored) > 60_000, 'for the TTL it has left')
+  const elsewhere = await other.create({ name: 'away' }, key, s.tenant)
+  t.same([elsewhere.statusCode, elsewhere.headers['idempotent-replayed'], elsewhere.body, s.calls()], [201, 'true', answer.body, 1], 'another instance replays it')
+  await redis.del(stored)
+})
