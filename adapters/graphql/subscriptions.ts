@@ -498,6 +498,14 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       const subscribe = transport ? 'subscribe' : 'start'
       const complete = transport ? 'complete' : 'stop'
       let initSeen = false
+      // Bytes of the messages handed to mercurius while it waits for a frame of its own to be
+      // written (null: it reads on). It reads the socket's messages one at a time, and awaits its
+      // connection_ack (its connection_error, for a legacy start before connection_init) before
+      // the next: a client that does not read held that send up, and every message it sent
+      // meanwhile waited in mercurius' queue of them, which has no bound (300 MB for 300 MB sent,
+      // with no token, until ws gave up on the socket 40 s later). They count as what the client
+      // has left unread: past the bound, it is closed with 1013 and they are not queued.
+      let waiting: number | null = null
       const emit = socket.emit
       const state: Early = { starting: new Set(), cancelled: new Set(), ending: new Map(), deliver: message => { emit.call(socket, 'message', message, false) }, init: undefined }
       early.set(socket, state)
@@ -533,6 +541,15 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
             }
             return
           }
+        }
+        if (waiting !== null && typeof data === 'string' && (data.startsWith('{"type":"connection_ack"') || data.startsWith('{"type":"connection_error"'))) {
+          const callback = typeof options === 'function' ? options : cb
+          const written = (err?: Error): void => {
+            waiting = null
+            if (typeof callback === 'function') callback(err)
+          }
+          send.call(this, data, typeof options === 'function' ? written : options, written)
+          return
         }
         send.call(this, data, options, cb)
       } as WebSocket['send']
@@ -575,6 +592,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         const forbidden = SUSPECT.test(text) && forbiddenKey(message)
         if (forbidden && (type !== subscribe || (!initSeen && !transport))) return invalid(id, FORBIDDEN_KEY)
         if (type === 'connection_init') {
+          waiting ??= 0
           initSeen = true
           state.init = initAuthorization((message as { payload?: unknown }).payload)
           initialised()
@@ -605,7 +623,10 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         // graphql-transport-ws: a subscribe before connection_init closes the socket with 4401
         // (mercurius answered a connection_error, a message of the legacy protocol only).
         if (!initSeen) {
-          if (!transport) return true
+          if (!transport) {
+            waiting ??= 0
+            return true
+          }
           socket.close(4401, 'Unauthorized')
           return false
         }
@@ -631,7 +652,10 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       socket.emit = function (this: WebSocket, event: string | symbol, ...args: unknown[]): boolean {
         // slowReader, as on /ws and /trpc: before, a client that sent frames and never read the
         // answers made the server buffer about 4 bytes for each byte it sent.
-        if (event === 'message' && (slowReader(socket) || !admit(args[0]))) return false
+        if (event === 'message') {
+          if (slowReader(socket, MAX_BUFFERED_BYTES, waiting ?? 0) || !admit(args[0])) return false
+          if (waiting !== null) waiting += (args[0] as Buffer).length
+        }
         return emit.call(this, event, ...args)
       }
     },

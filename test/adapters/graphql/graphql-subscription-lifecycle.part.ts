@@ -195,6 +195,36 @@ t.test('a subscriber that stops reading is closed with 1013 once 4 MiB of its ev
   t.notMatch((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_events_dropped_total\{reason="slow_consumer"\} [1-9]/, 'no event dropped')
 })
 
+t.test('messages sent while mercurius waits to write its connection_ack count as unread: past 4 MiB the socket closes, they are not queued', async t => {
+  // mercurius reads a socket's messages one at a time and awaits the write of its
+  // connection_ack before the next: from a client that does not read (its socket's buffers
+  // filled with pongs), every message sent after connection_init waited in mercurius' queue,
+  // which has no bound: 300 MB held for 300 MB sent, without a token, the socket left open.
+  const { app, url } = await listen(t)
+  let server: WebSocket | undefined
+  app.websocketServer.once('connection', (s: WebSocket) => { server = s })
+  const ws = new WebSocket(url, 'graphql-transport-ws')
+  t.teardown(() => ws.terminate())
+  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  ;(ws as unknown as { _socket: { pause: () => void } })._socket.pause()
+  await until(() => server !== undefined, 'the server socket')
+  // Pongs until the operating system holds no more of them: the server's socket starts to queue.
+  const pings = Array.from({ length: 2000 }, () => '{"type":"ping"}')
+  for (let i = 0; i < 2000 && server!.bufferedAmount < 64 * 1024; i++) {
+    for (const ping of pings) ws.send(ping)
+    await sleep(2)
+  }
+  t.ok(server!.bufferedAmount >= 64 * 1024, 'the client reads nothing')
+  ws.send(JSON.stringify({ type: 'connection_init' }))
+  const pong = JSON.stringify({ type: 'pong', payload: 'x'.repeat(1000 * 1000) })
+  for (let i = 0; i < 8 && server!.readyState === WebSocket.OPEN; i++) {
+    ws.send(pong)
+    await sleep(20)
+  }
+  await until(() => server!.readyState !== WebSocket.OPEN, 'the close', 2000)
+  t.pass('closed as a client that does not read')
+})
+
 t.test('/graphql pings its sockets and drops one that misses a pong, as /ws does', async t => {
   const kernel = await startKernel({ port: 0 })
   t.teardown(() => kernel.close())
