@@ -63,7 +63,7 @@ function counters (app: FastifyInstance, bus: () => EventBus, redisUp: (() => nu
   const registers = [app.metrics.registry]
   const published = new Counter({ name: 'mantle_events_published_total', help: 'Kernel events accepted, by source', labelNames: ['source'] as const, registers })
   const delivered = new Counter({ name: 'mantle_events_delivered_total', help: 'Event deliveries to subscribers on this instance', labelNames: ['event'] as const, registers })
-  const dropped = new Counter({ name: 'mantle_events_dropped_total', help: 'Events not delivered: invalid payload, unknown topic, a slow consumer behind its bound, or a duplicate (an event delivered here after its publish timed out, coming back from Redis)', labelNames: ['reason'] as const, registers })
+  const dropped = new Counter({ name: 'mantle_events_dropped_total', help: 'Events not delivered: invalid payload, unknown topic, a slow consumer behind its bound, or a duplicate (an event delivered here after its publish timed out, or while the subscriber was not subscribed, coming back from Redis)', labelNames: ['reason'] as const, registers })
   const refused = new Counter({ name: 'mantle_event_subscriptions_refused_total', help: 'Event subscriptions refused with OVERLOADED at a bound: the instance\'s (bound="instance") or a tenant\'s share of it (bound="tenant")', labelNames: ['bound'] as const, registers })
   new Gauge({ name: 'mantle_event_subscriptions', help: 'Event subscriptions open on this instance', registers, collect () { this.set(bus().subscriptions) } }) // eslint-disable-line no-new
   // Absent without Redis, as mantle_redis_up: at 0 it set off MantleRedisFallbackActive on every
@@ -172,6 +172,10 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
         // Through Redis, the event comes back to this instance only on its subscriber. Before, with
         // the subscriber down and the publisher up, it never did: deliver it here then.
         if (subscribed) return
+        // Not subscribed as far as this instance knows, yet its SUBSCRIBE may have reached Redis
+        // before this publish, its answer not read: the event then comes back on the subscriber
+        // too, and was delivered twice.
+        deliveredHere(publishId)
       } catch (err) {
         app.log.warn({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
         // A connection that answers nothing is dropped, and ioredis makes it again. Only then

@@ -244,7 +244,7 @@ t.test('a Redis that is down at start-up leaves the gateway up, degraded and say
  * A proxy in front of Redis that can refuse new connections, drop the subscriber's, or freeze
  * those open now (they stay open and pass nothing, as a Redis that hangs or a half-open flow).
  */
-async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promise<{ url: string, refusing: boolean, delayMs: number, dropSubscriber: () => void, dropOthers: () => void, freeze: () => void }> {
+async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promise<{ url: string, refusing: boolean, delayMs: number, subscriberDelayMs: number, subscribes: number, dropSubscriber: () => void, dropOthers: () => void, freeze: () => void }> {
   const target = new URL(REDIS_URL)
   const [host, port] = [target.hostname, Number(target.port || 6379)]
   const pairs = new Set<{ client: Socket, upstream: Socket, subscriber: boolean, frozen: boolean }>()
@@ -253,6 +253,10 @@ async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promis
     refusing: false,
     /** Redis's answers reach the gateway this much later. */
     delayMs: 0,
+    /** Redis's answers reach the subscriber's connection (once it has subscribed) this much later still. */
+    subscriberDelayMs: 0,
+    /** Chunks sent that carry a SUBSCRIBE of bff:events. */
+    subscribes: 0,
     dropSubscriber () { for (const p of pairs) if (p.subscriber) p.client.destroy() },
     dropOthers () { for (const p of pairs) if (!p.subscriber) p.client.destroy() },
     freeze () { for (const p of pairs) p.frozen = true }
@@ -261,11 +265,15 @@ async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promis
     if (state.refusing) { client.resetAndDestroy(); return }
     const pair = { client, upstream: connect(port, host), subscriber: false, frozen: false }
     pairs.add(pair)
-    client.on('data', (chunk: Buffer) => { if (chunk.includes('subscribe')) pair.subscriber = true; if (!pair.frozen) pair.upstream.write(chunk) })
+    client.on('data', (chunk: Buffer) => {
+      if (chunk.includes('subscribe')) { pair.subscriber = true; if (chunk.includes('bff:events')) state.subscribes++ }
+      if (!pair.frozen) pair.upstream.write(chunk)
+    })
     pair.upstream.on('data', (chunk: Buffer) => {
       if (pair.frozen) return
-      if (state.delayMs === 0) client.write(chunk)
-      else setTimeout(() => { if (!client.destroyed) client.write(chunk) }, state.delayMs)
+      const delay = state.delayMs + (pair.subscriber ? state.subscriberDelayMs : 0)
+      if (delay === 0) client.write(chunk)
+      else setTimeout(() => { if (!client.destroyed) client.write(chunk) }, delay)
     })
     for (const s of [client, pair.upstream]) s.on('error', () => s.destroy()).on('close', () => { pairs.delete(pair); client.destroy(); pair.upstream.destroy() })
   })
@@ -329,6 +337,28 @@ t.test('while only the subscriber is down, own events still reach local subscrib
   await until(() => got.length >= 2, 'the event through Redis', 2000)
   await sleep(50)
   t.same(got, ['while-down', 'back'], 'through Redis again, not twice')
+})
+
+// Before, an event published while the subscriber's SUBSCRIBE had reached Redis but its answer
+// had not been read yet was delivered here (not subscribed yet) and again when it came back from
+// Redis on the subscriber: twice, where delivery is at most once.
+t.test('an event published while the subscriber\'s SUBSCRIBE awaits its answer is delivered here once', async t => {
+  const { tenant, proxy, app, got } = await subscribedThroughProxy(t)
+  proxy.subscriberDelayMs = 300
+  const subscribes = proxy.subscribes
+  proxy.dropSubscriber()
+  await until(() => !app.events.health().up, 'the subscriber to drop')
+  await until(() => proxy.subscribes > subscribes, 'the new SUBSCRIBE', 10000)
+  // Redis has it; its answer is on its way.
+  await sleep(50)
+  t.equal(app.events.health().up, false, 'not subscribed yet as far as the gateway knows')
+  await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('meanwhile') })
+  t.same(got, ['meanwhile'], 'delivered here at once')
+  await until(() => app.events.health().up, 'the SUBSCRIBE\'s answer', 5000)
+  // The echo follows the answer on the same connection.
+  await sleep(300)
+  t.same(got, ['meanwhile'], 'not again when it comes back from Redis')
+  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_events_dropped_total\{reason="duplicate"\} 1\n/)
 })
 
 t.test('the demo Kernel publishes run changes into the gateway', async t => {
