@@ -506,6 +506,11 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       // with no token, until ws gave up on the socket 40 s later). They count as what the client
       // has left unread: past the bound, it is closed with 1013 and they are not queued.
       let waiting: number | null = null
+      // Bytes of the subscribes held in `ending`: each waits for mercurius' loop of the id to end,
+      // which waits for its last event to be written, and may carry a megabyte of variables. They
+      // count as unread too: before, a client that read nothing held 100 of them (twice its bound
+      // of operations) on each of its connections, for as long as it kept them open.
+      let held = 0
       const emit = socket.emit
       const state: Early = { starting: new Set(), cancelled: new Set(), ending: new Map(), deliver: message => { emit.call(socket, 'message', message, false) }, init: undefined }
       early.set(socket, state)
@@ -529,14 +534,15 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       socket.send = function (this: WebSocket, data: unknown, options?: unknown, cb?: unknown): void {
         if (state.ending.size > 0 && typeof data === 'string' && data.startsWith('{"type":"complete"')) {
           const key = String((JSON.parse(data) as { id?: unknown }).id)
-          const held = state.ending.get(key)
-          if (held !== undefined) {
+          const subscribe = state.ending.get(key)
+          if (subscribe !== undefined) {
             state.ending.delete(key)
+            if (subscribe !== null) held -= subscribe.length
             const callback = typeof options === 'function' ? options : cb
             if (typeof callback === 'function') callback()
-            if (held !== null) {
+            if (subscribe !== null) {
               setImmediate(() => {
-                if (socket.readyState === socket.OPEN && start(key)) state.deliver(held)
+                if (socket.readyState === socket.OPEN && start(key)) state.deliver(subscribe)
               })
             }
             return
@@ -601,6 +607,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           const key = String(id)
           // A subscribe held behind an ending one is dropped: it never started.
           if (state.ending.has(key)) {
+            held -= state.ending.get(key)?.length ?? 0
             state.ending.set(key, null)
             return false
           }
@@ -636,7 +643,10 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           if (state.ending.has(key)) {
             // A second one is a duplicate of the held one, as of a running one.
             if (state.ending.get(key) !== null) connections.get(socket)?.close(4409, `Subscriber for ${upTo(key, 64)} already exists`)
-            else state.ending.set(key, data as Buffer)
+            else {
+              state.ending.set(key, data as Buffer)
+              held += (data as Buffer).length
+            }
             return false
           }
           return start(key)
@@ -653,7 +663,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         // slowReader, as on /ws and /trpc: before, a client that sent frames and never read the
         // answers made the server buffer about 4 bytes for each byte it sent.
         if (event === 'message') {
-          if (slowReader(socket, MAX_BUFFERED_BYTES, waiting ?? 0) || !admit(args[0])) return false
+          if (slowReader(socket, MAX_BUFFERED_BYTES, (waiting ?? 0) + held) || !admit(args[0])) return false
           if (waiting !== null) waiting += (args[0] as Buffer).length
         }
         return emit.call(this, event, ...args)

@@ -225,6 +225,38 @@ t.test('messages sent while mercurius waits to write its connection_ack count as
   t.pass('closed as a client that does not read')
 })
 
+t.test('subscribes held behind the completes of subscriptions whose events the client does not read count as unread: past 4 MiB the socket closes', async t => {
+  // A subscribe of an id whose subscription the client completed is held until mercurius' loop
+  // of the old one ends, which waits for its last event to be written: from a client that does
+  // not read, for ever. Each held subscribe may carry a megabyte of variables, and a connection
+  // holds 100 of them (twice its bound of operations), none counted.
+  const { app, url } = await listen(t)
+  const c = await open(t, url)
+  const ids = Array.from({ length: 10 }, (_, i) => `s${i}`)
+  for (const id of ids) c.send({ id, type: 'subscribe', payload: { query: SUBSCRIPTION } })
+  await until(() => app.events.bus.subscriptions === ids.length, 'the subscriptions')
+  const server = [...app.websocketServer.clients].find(s => s.readyState === WebSocket.OPEN)!
+  ;(c.ws as unknown as { _socket: { pause: () => void } })._socket.pause()
+  const pings = Array.from({ length: 2000 }, () => '{"type":"ping"}')
+  for (let i = 0; i < 2000 && server.bufferedAmount < 64 * 1024; i++) {
+    for (const ping of pings) c.ws.send(ping)
+    await sleep(2)
+  }
+  t.ok(server.bufferedAmount >= 64 * 1024, 'the client reads nothing')
+  // Each subscription's loop now waits for its event to be written.
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: run('r') })
+  await sleep(50)
+  const variables = { junk: 'x'.repeat(1000 * 1000) }
+  for (const id of ids) {
+    if (server.readyState !== WebSocket.OPEN) break
+    c.send({ id, type: 'complete' })
+    c.send({ id, type: 'subscribe', payload: { query: SUBSCRIPTION, variables } })
+    await sleep(20)
+  }
+  await until(() => server.readyState !== WebSocket.OPEN, 'the close', 2000)
+  t.pass('closed as a client that does not read')
+})
+
 t.test('/graphql pings its sockets and drops one that misses a pong, as /ws does', async t => {
   const kernel = await startKernel({ port: 0 })
   t.teardown(() => kernel.close())
