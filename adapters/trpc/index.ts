@@ -10,7 +10,7 @@ import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders } from '../../errors.js'
 import { CLOSE_TRY_AGAIN_LATER, ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { refusedByWs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
-import { utf8Sends } from '../slow-reader.js'
+import { slowReader, utf8Sends } from '../slow-reader.js'
 import { defaultUnreadBytes } from '../unread.js'
 import { httpAuthorization, httpContext, socketContext, TRPC_CALLS, type TrpcContext } from './context.js'
 import { runCall } from '../face.js'
@@ -471,6 +471,18 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           // against once known (a frame past the tenant's share or the instance's closes it, 1013).
           const tcp = request.raw.socket
           utf8Sends(socket, undefined, { unread, tenant: () => slots.ownerOf(tcp) })
+          // A message from a client that has left more than the bound unread is not read: the
+          // socket closes with 1013, as on /ws and /graphql. The router checks the bound for calls
+          // alone, while @trpc/server answers much else itself, whatever the socket holds: a
+          // subscription refused (its input, its roles, its bound), a batch past 1000 calls (an
+          // error per call), a PING, a message it cannot parse. A client that sent such messages
+          // and read nothing made the socket hold their answers without bound (37 MB, growing, for
+          // 200 batches of refused subscriptions), up to its tenant's share of the unread bytes.
+          const emit = socket.emit
+          socket.emit = function (this: WebSocket, event: string | symbol, ...args: unknown[]): boolean {
+            if (event === 'message' && slowReader(socket, limits.maxBufferedBytes)) return false
+            return emit.call(this, event, ...args)
+          }
           onConnection(socket, request.raw)
         }
       })

@@ -218,3 +218,25 @@ t.test('a tRPC WebSocket call that ends on a socket holding more than the bound 
   t.equal(await Promise.race([closed, sleep(3000).then(() => 'still open')]), 1013, 'closed with 1013')
   t.notOk(ids.includes('held'), 'the held call\'s answer was never sent')
 })
+
+t.test('a client that reads nothing is closed with 1013 once @trpc/server\'s own answers pass the bound, not only its calls\'', async t => {
+  // The router checks the bound for calls alone; @trpc/server answers a subscription refused
+  // before it runs (here its input), a batch past 1000 calls, a PING or a message it cannot parse
+  // itself, whatever the socket holds: 200 messages of 1000 refused subscriptions each made a
+  // socket hold 37 MB, growing, still open.
+  const app = await buildDemoApp(t, { BFF_GRAPHQL_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  const client = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ roles: ['viewer'] }) })
+  t.teardown(() => client.terminate())
+  await new Promise<void>((resolve, reject) => { client.once('open', resolve); client.once('error', reject) })
+  const [server] = [...app.websocketServer.clients]
+  ;(client as unknown as { _socket: Socket })._socket.pause()
+  let id = 0
+  for (let m = 0; m < 100 && server.readyState === WebSocket.OPEN; m++) {
+    client.send(JSON.stringify(Array.from({ length: 1000 }, () => ({ id: ++id, method: 'subscription', params: { path: 'runUpdated', input: { x: 1 } } }))))
+    await sleep(20)
+  }
+  t.not(server.readyState, WebSocket.OPEN, 'closed')
+  t.ok(server.bufferedAmount < 8 * 1024 * 1024, `the socket held ${server.bufferedAmount} bytes: the bound and a message's answers`)
+})
