@@ -98,6 +98,11 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     }
     uncertain.set(id, now + UNCERTAIN_MS)
   }
+  // This instance's publishes waiting for Redis's answer, by id, each with whether it came back on
+  // the subscriber meanwhile (and was delivered then): one whose answer comes late (a publisher's
+  // flow half-open, or slow) may have. Delivered here again once its publish timed out, it reached
+  // its subscribers twice. One entry per publish in flight (each waits COMMAND_TIMEOUT_MS at most).
+  const publishing = new Map<string, boolean>()
   const seenHere = (id: unknown): boolean => {
     if (uncertain.size === 0 || typeof id !== 'string') return false
     const until = uncertain.get(id)
@@ -150,8 +155,15 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
         message = null
       }
       if (!isKernelEvent(message)) metrics?.bus.dropped('invalid')
-      else if (seenHere((message as { publishId?: unknown }).publishId)) metrics?.bus.dropped('duplicate')
-      else bus.dispatch(message)
+      else {
+        const id = (message as { publishId?: unknown }).publishId
+        if (seenHere(id)) {
+          metrics?.bus.dropped('duplicate')
+          return
+        }
+        if (typeof id === 'string' && publishing.has(id)) publishing.set(id, true)
+        bus.dispatch(message)
+      }
     })
     // A Redis that is down at start-up leaves the gateway up, with events delivered locally and
     // /readyz naming redis, until it comes back (ioredis keeps reconnecting; 'ready' subscribes).
@@ -167,6 +179,10 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
       // An id of this publish's own, for its echo only (the bus reads topic, tenant and payload).
       const publishId = randomUUID()
       const text = JSON.stringify({ ...message, publishId })
+      publishing.set(publishId, false)
+      // Whether Redis may have taken the event and send it back on the subscriber after this.
+      let mayComeBack = false
+      let echoed: boolean
       try {
         await publisher.publish(EVENTS_CHANNEL, text)
         // Through Redis, the event comes back to this instance only on its subscriber. Before, with
@@ -175,16 +191,22 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
         // Not subscribed as far as this instance knows, yet its SUBSCRIBE may have reached Redis
         // before this publish, its answer not read: the event then comes back on the subscriber
         // too, and was delivered twice.
-        deliveredHere(publishId)
+        mayComeBack = true
       } catch (err) {
         app.log.warn({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
         // A connection that answers nothing is dropped, and ioredis makes it again. Only then
         // may Redis have taken the event (and ioredis sends it again on its new connection).
         if ((err as Error).message === 'Command timed out') {
           if (publisher.status === 'ready') publisher.disconnect(true)
-          deliveredHere(publishId)
+          mayComeBack = true
         }
+      } finally {
+        echoed = publishing.get(publishId) === true
+        publishing.delete(publishId)
       }
+      // It came back on the subscriber while its publish waited, and was delivered then.
+      if (echoed) return
+      if (mayComeBack) deliveredHere(publishId)
     }
     bus.dispatch(message)
   }

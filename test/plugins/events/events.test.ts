@@ -244,7 +244,7 @@ t.test('a Redis that is down at start-up leaves the gateway up, degraded and say
  * A proxy in front of Redis that can refuse new connections, drop the subscriber's, or freeze
  * those open now (they stay open and pass nothing, as a Redis that hangs or a half-open flow).
  */
-async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promise<{ url: string, refusing: boolean, delayMs: number, subscriberDelayMs: number, subscribes: number, dropSubscriber: () => void, dropOthers: () => void, freeze: () => void }> {
+async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promise<{ url: string, refusing: boolean, delayMs: number, subscriberDelayMs: number, othersDelayMs: number, subscribes: number, dropSubscriber: () => void, dropOthers: () => void, freeze: () => void }> {
   const target = new URL(REDIS_URL)
   const [host, port] = [target.hostname, Number(target.port || 6379)]
   const pairs = new Set<{ client: Socket, upstream: Socket, subscriber: boolean, frozen: boolean }>()
@@ -255,6 +255,8 @@ async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promis
     delayMs: 0,
     /** Redis's answers reach the subscriber's connection (once it has subscribed) this much later still. */
     subscriberDelayMs: 0,
+    /** Redis's answers reach the other connections (not the subscribers') this much later still. */
+    othersDelayMs: 0,
     /** Chunks sent that carry a SUBSCRIBE of bff:events. */
     subscribes: 0,
     dropSubscriber () { for (const p of pairs) if (p.subscriber) p.client.destroy() },
@@ -271,7 +273,7 @@ async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promis
     })
     pair.upstream.on('data', (chunk: Buffer) => {
       if (pair.frozen) return
-      const delay = state.delayMs + (pair.subscriber ? state.subscriberDelayMs : 0)
+      const delay = state.delayMs + (pair.subscriber ? state.subscriberDelayMs : state.othersDelayMs)
       if (delay === 0) client.write(chunk)
       else setTimeout(() => { if (!client.destroyed) client.write(chunk) }, delay)
     })
@@ -420,6 +422,18 @@ t.test('a Redis slower than the publish timeout: the event is delivered here onc
   await sleep(1200)
   t.same(got, ['once', 'once'], 'and not again when Redis sent them back')
   t.match((await app.inject({ url: '/metrics' })).body, /mantle_events_dropped_total\{reason="duplicate"\} 2\n/)
+})
+
+// A publish whose answer is late (the publisher's flow half-open, or slow) may have reached Redis
+// and come back on the subscriber before the publish timed out: it was delivered then, and again
+// here when the publish timed out (only an echo after the timeout was recognised).
+t.test('a publish that times out after its event came back from Redis is not delivered again', async t => {
+  const { tenant, proxy, app, got } = await subscribedThroughProxy(t, { probeIntervalMs: 60_000 })
+  proxy.othersDelayMs = 2000
+  const published = app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('late') })
+  await until(() => got.length === 1, 'the event through Redis', 900)
+  await published
+  t.same(got, ['late'], 'not delivered again when its publish timed out')
 })
 
 t.test('an event whose publish failed at once (Redis away) is no duplicate of a later one', async t => {
