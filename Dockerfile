@@ -15,7 +15,9 @@ ENV NODE_ENV=production \
     PORT=3000
 WORKDIR /app
 COPY package.json package-lock.json ./
-RUN npm ci --omit=dev && npm cache clean --force
+# recheck (the manifest's pattern check) runs its pure JavaScript backend only: its Java and
+# native backends, optional dependencies of 52 MB, are never run and not kept.
+RUN npm ci --omit=dev && rm -rf node_modules/recheck-jar node_modules/recheck-linux-x64 && npm cache clean --force
 COPY --from=build /app/dist ./dist
 USER node
 EXPOSE 3000

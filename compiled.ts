@@ -49,3 +49,8 @@ export function compiledByText<T extends object> (kind: string, text: string, co
   }
   return compiled
 }
+
+/** What was compiled by compiledByText for `kind` from `text`, if it is kept: nothing is compiled. */
+export function keptByText<T extends object> (kind: string, text: string): T | undefined {
+  return bySchemaText.get(kind + '\u0000' + text) as T | undefined
+}

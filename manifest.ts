@@ -5,6 +5,7 @@ import { parse as parseYaml, parseDocument } from 'yaml'
 import { Ajv } from 'ajv'
 import { addGatewayFormats } from './formats.js'
 import { compiledByText } from './compiled.js'
+import { backtrackingFaults } from './manifest-patterns.js'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
 
 // The manifest is the one place operations are declared. This module turns the document into
@@ -174,7 +175,10 @@ export async function loadManifestFile (file: string, options: { settleMs?: numb
     const repeated = parseDocument(text, { prettyErrors: true, uniqueKeys: true }).errors.find(e => e.code === 'DUPLICATE_KEY')
     if (repeated !== undefined) throw new ManifestError(file, [`gives a key twice in one object (JSON would keep the last silently): ${repeated.message.split('\n')[0].replace(/:$/, '')}`])
   }
-  return compileManifest(doc, file)
+  const manifest = compileManifest(doc, file)
+  const faults = await backtrackingFaults(manifest)
+  if (faults.length > 0) throw new ManifestError(file, faults)
+  return manifest
 }
 
 /** The keys a JSON text names: each string followed, past whitespace, by a colon. */

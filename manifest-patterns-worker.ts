@@ -1,0 +1,62 @@
+import { checkSync } from 'recheck'
+import { RegExpParser, visitRegExpAST } from '@eslint-community/regexpp'
+
+// What the thread of manifest-patterns.ts runs: recheck's check of a pattern. The thread is made with RECHECK_SYNC_BACKEND=pure in its own env:
+// recheck's default runs its native binary (a process of its own, that hung on a stack overflow),
+// and its worker backend let a stack overflow escape as the Worker's 'error', which ended the
+// process. Here the pure JavaScript check runs, and what it throws is caught.
+
+export interface PatternTask { readonly source: string, readonly timeoutMs: number }
+export interface PatternAnswer {
+  readonly source: string
+  readonly status: 'safe' | 'vulnerable' | 'unknown'
+  /** A polynomial's degree; null when exponential (or not vulnerable). */
+  readonly degree: number | null
+  /** recheck's attack string, as JavaScript (`'a' + 'a'.repeat(31) + '\x00'`), when vulnerable. */
+  readonly attack: string | null
+}
+
+/**
+ * `source` with each counted repetition left open above (`{1,64}` as `{1,}`, `{13}` as `{13,}`),
+ * or null when it has none (or does not parse). recheck's automaton, exact and quick, gives way
+ * to fuzzing past 30 counted repeats in all (a second or more for `^[A-Za-z0-9_-]{1,64}$`), and
+ * takes a bounded repetition for a constant however large (`^(a|aa){1,300}$`: safe, yet 30 s for
+ * 76 characters). Open, a repetition can only backtrack more: what is safe so is safe as written.
+ */
+export function opened (source: string): string | null {
+  const edits: Array<{ start: number, end: number, text: string }> = []
+  try {
+    const pattern = new RegExpParser({ ecmaVersion: 2025 }).parsePattern(source, 0, source.length, { unicode: true })
+    visitRegExpAST(pattern, {
+      onQuantifierEnter (q) {
+        if (q.max === Infinity || q.max <= 1) return
+        edits.push({ start: q.element.end, end: q.end, text: `{${q.min},}${q.greedy ? '' : '?'}` })
+      }
+    })
+  } catch {
+    return null
+  }
+  if (edits.length === 0) return null
+  // A repetition's own count follows its element, inner ones within it: from the last to the first.
+  edits.sort((a, b) => b.start - a.start)
+  let text = source
+  for (const e of edits) text = text.slice(0, e.start) + e.text + text.slice(e.end)
+  return text
+}
+
+/** recheck's verdict on `source`, within `timeoutMs` of its own steps each time it is asked. */
+export default function checkPattern ({ source, timeoutMs }: PatternTask): PatternAnswer {
+  try {
+    const open = opened(source)
+    if (open !== null && checkSync(open, 'u', { checker: 'automaton', timeout: timeoutMs }).status === 'safe') return { source, status: 'safe', degree: null, attack: null }
+    // The flags Ajv compiles a schema's pattern with (unicodeRegExp). A fixed seed: the fuzzer
+    // finds the same attack, or none, each time a manifest is read.
+    const d = checkSync(source, 'u', { timeout: timeoutMs, randomSeed: 0 })
+    return d.status === 'vulnerable'
+      ? { source, status: 'vulnerable', degree: d.complexity.type === 'polynomial' ? d.complexity.degree : null, attack: d.attack.pattern }
+      : { source, status: d.status, degree: null, attack: null }
+  } catch {
+    // Its analysis of some patterns overflows the stack (a backreference in a repetition).
+    return { source, status: 'unknown', degree: null, attack: null }
+  }
+}

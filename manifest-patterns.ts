@@ -1,0 +1,136 @@
+import { Piscina } from 'piscina'
+import { extname } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { compiledByText, keptByText } from './compiled.js'
+import type { Manifest } from './manifest.js'
+import type { PatternAnswer, PatternTask } from './manifest-patterns-worker.js'
+
+/**
+ * A manifest's `pattern`s and `patternProperties` are matched against what clients send by V8's
+ * backtracking engine, on the event loop: a pattern that backtracks (`^([a-z0-9_.-])+@(([a-z0-9-])+\.)+[a-z]{2,4}$`,
+ * `\s*#?\s*$`) let one request hold the whole gateway for seconds to minutes (a 60-character
+ * string: 4.8 s; 10,000 tabs: 233 s). Such a manifest is refused when it is read (start-up and
+ * reload), naming the pattern and an input that shows it. The analysis is recheck's (automata
+ * theory, then fuzzing where that does not reach), on a thread: some patterns take it seconds,
+ * and a reload's check must not stop the gateway answering. Mantle's own part is only which
+ * patterns are run on what, and the bound below. A pattern recheck cannot decide in
+ * PATTERN_CHECK_MS (or whose analysis fails, as with some backreferences) is let through.
+ */
+export const PATTERN_CHECK_MS = 2000
+/**
+ * The backtracking steps a field's worst input may cost: about 25 ms of V8's matching. A
+ * vulnerable pattern passes when its string's `maxLength` keeps it within: n^degree for a
+ * polynomial, 2^n for an exponential.
+ */
+export const PATTERN_STEPS = 1e8
+
+/** For tests: the worker module, and the time a pattern's check has (PATTERN_CHECK_MS, and 3 s more before its thread is cut). */
+export interface CheckOptions { readonly worker?: string, readonly checkMs?: number }
+
+interface Found { readonly at: string, readonly source: string, readonly maxLength: number | null, readonly name: boolean }
+type Verdict = Omit<PatternAnswer, 'source'>
+
+// Keywords whose values are data, and maps whose keys are names (their values are schemas).
+const DATA_KEYWORDS = new Set(['const', 'default', 'enum', 'example', 'examples'])
+const SCHEMA_MAPS = new Set(['properties', 'patternProperties', 'dependentSchemas', '$defs', 'definitions'])
+
+/** The patterns of `schema`, each with where it is and the `maxLength` beside it. */
+function patternsIn (schema: unknown, at: string, found: Found[]): void {
+  if (Array.isArray(schema)) {
+    schema.forEach((v, i) => { patternsIn(v, `${at}.${i}`, found) })
+    return
+  }
+  if (schema === null || typeof schema !== 'object') return
+  const node = schema as Record<string, unknown>
+  if (typeof node.pattern === 'string') found.push({ at: `${at}.pattern`, source: node.pattern, maxLength: typeof node.maxLength === 'number' ? node.maxLength : null, name: false })
+  for (const [k, v] of Object.entries(node)) {
+    if (DATA_KEYWORDS.has(k)) continue
+    if (SCHEMA_MAPS.has(k) && v !== null && typeof v === 'object' && !Array.isArray(v)) {
+      for (const [name, sub] of Object.entries(v)) {
+        // A property's name has no maxLength of its own here.
+        if (k === 'patternProperties') found.push({ at: `${at}.patternProperties`, source: name, maxLength: null, name: true })
+        patternsIn(sub, `${at}.${k}.${name}`, found)
+      }
+    } else patternsIn(v, `${at}.${k}`, found)
+  }
+}
+
+/** recheck's verdicts on `sources`, on a thread, PATTERN_CHECK_MS each; none for those it could not give in time. */
+async function checkOnThread (sources: string[], opts: CheckOptions): Promise<Map<string, Verdict>> {
+  const verdicts = new Map<string, Verdict>()
+  const checkMs = opts.checkMs ?? PATTERN_CHECK_MS
+  const pool = new Piscina<PatternTask, PatternAnswer>({
+    // The worker as this module is: the .ts run through tsx, the .js as built.
+    filename: opts.worker ?? new URL('./manifest-patterns-worker' + extname(fileURLToPath(import.meta.url)), import.meta.url).href,
+    minThreads: 0,
+    maxThreads: 1,
+    env: { ...process.env, RECHECK_SYNC_BACKEND: 'pure' },
+    recordTiming: false
+  })
+  // A thread that failed outside a task (its module missing from a build): piscina emits 'error'
+  // and its task waited for ever. It is aborted, and the failure said, not passed over as every
+  // pattern taken.
+  const failed = new AbortController()
+  pool.on('error', (err: unknown) => { failed.abort(err) })
+  try {
+    for (const source of sources) {
+      try {
+        // recheck's own timeout is checked between its steps: a step that never ends is cut here.
+        const signal = AbortSignal.any([failed.signal, AbortSignal.timeout(checkMs + 3000)])
+        verdicts.set(source, await pool.run({ source, timeoutMs: checkMs }, { signal }))
+      } catch (err) {
+        if (failed.signal.aborted) throw failed.signal.reason
+        // Past its time: no verdict, the pattern is taken.
+        if ((err as Error).name !== 'AbortError') throw err
+      }
+    }
+  } finally {
+    await pool.destroy()
+  }
+  return verdicts
+}
+
+/** The fault for a pattern `verdict` finds vulnerable, unless its field's maxLength bounds it within PATTERN_STEPS. */
+function faultOf (f: Found, verdict: Verdict): string | null {
+  if (verdict.status !== 'vulnerable') return null
+  const longest = verdict.degree === null ? Math.floor(Math.log2(PATTERN_STEPS)) : Math.floor(PATTERN_STEPS ** (1 / verdict.degree) + 1e-9)
+  if (f.maxLength !== null && f.maxLength <= longest) return null
+  const how = verdict.degree === null ? 'exponentially' : `in n^${verdict.degree} steps`
+  const remedy = f.name
+    ? 'rewrite it (a property name has no maxLength to bound it)'
+    : `rewrite it, or bound the string with maxLength ${longest} or less (${f.maxLength === null ? 'it has none' : `it has ${f.maxLength}`})`
+  return `${f.at}: the pattern ${JSON.stringify(f.source)} backtracks ${how}: an input like ${verdict.attack ?? '(none given)'} holds the gateway's event loop for seconds or more; ${remedy}`
+}
+
+/**
+ * The faults of `manifest`'s patterns that backtrack beyond PATTERN_STEPS on an input a client
+ * may send (or the Kernel, in an output or event). Verdicts are kept by pattern with the compiled
+ * schemas (`mantle_compiled_schemas`): a reload checks only the patterns it has not seen.
+ */
+export async function backtrackingFaults (manifest: Manifest, opts: CheckOptions = {}): Promise<string[]> {
+  const found: Found[] = []
+  for (const op of manifest.operations) {
+    patternsIn(op.input, `operations.${op.name}.input`, found)
+    patternsIn(op.output, `operations.${op.name}.output`, found)
+  }
+  for (const ev of manifest.events) patternsIn(ev.payload, `events.${ev.name}.payload`, found)
+  if (found.length === 0) return []
+  const unseen = [...new Set(found.map(f => f.source))].filter(s => keptByText<Verdict>('pattern verdict', s) === undefined)
+  if (unseen.length > 0) {
+    let verdicts: Map<string, Verdict>
+    try {
+      verdicts = await checkOnThread(unseen, opts)
+    } catch (err) {
+      return [`the patterns could not be checked: ${(err as Error).message}`]
+    }
+    // An unknown is not kept: a check cut short on a busy machine is made again at the next read.
+    for (const [source, verdict] of verdicts) if (verdict.status !== 'unknown') compiledByText('pattern verdict', source, () => verdict)
+  }
+  const faults: string[] = []
+  for (const f of found) {
+    const verdict = keptByText<Verdict>('pattern verdict', f.source)
+    const fault = verdict === undefined ? null : faultOf(f, verdict)
+    if (fault !== null) faults.push(fault)
+  }
+  return faults
+}
