@@ -16,7 +16,7 @@ import { watchPings } from '../redis/index.js'
 export { ResponseCache, STALE_IF_ERROR_SECONDS } from './cache.js'
 export { MemoryTier, TagClock, type CachedAnswer } from './memory.js'
 export { RedisTier } from './redis.js'
-export { entryKey, policyOf, sharedKey, localKey, LOCAL_KEY_MAX_INPUT, tagKey, tagTemplate, etagOf, matchesIfNoneMatch, takesIfNoneMatch, INVALIDATE_CHANNEL } from './keys.js'
+export { entryKey, policyOf, sharedKey, localKey, LOCAL_KEY_MAX_INPUT, tagKey, TAG_KEY_MAX, tagTemplate, etagOf, matchesIfNoneMatch, takesIfNoneMatch, INVALIDATE_CHANNEL } from './keys.js'
 
 /**
  * The most text of tags an invalidation's audit entry names (the first ones, whole): a body of

@@ -51,9 +51,18 @@ export function localKey (op: string, tenant: string, canonical: string): string
   return op + ':' + encodeURIComponent(tenant) + ':' + canonical
 }
 
-/** The key of one tenant's tag: the version every entry tagged with it was stored under. */
+/** Longest tag a tag key holds as it is; a longer one is keyed by its hash (see tagKey). */
+export const TAG_KEY_MAX = 256
+
+/**
+ * The key of one tenant's tag: the version every entry tagged with it was stored under. A tag
+ * longer than TAG_KEY_MAX (its `{x}` filled from a long input) is keyed by `#` and its SHA-256:
+ * kept as it was, a read with a 1 MB id (a GraphQL POST) wrote a 1 MB tag key to Redis for the
+ * tag's lifetime (minutes), even when the Kernel refused the call, and each entry, tag mark and
+ * known version held it in memory uncounted by BFF_CACHE_MAX_BYTES.
+ */
 export function tagKey (tenant: string, tag: string): string {
-  return TAG_PREFIX + encodeURIComponent(tenant) + ':' + tag
+  return TAG_PREFIX + encodeURIComponent(tenant) + ':' + (tag.length > TAG_KEY_MAX ? '#' + hash('sha256', tag, 'base64url') : tag)
 }
 
 /**

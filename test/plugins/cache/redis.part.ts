@@ -4,10 +4,10 @@ import t, { type Test } from 'tap'
 import type { FastifyInstance } from 'fastify'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { buildTestApp, bearer } from '../../helper.js'
+import { buildTestApp, bearer, json } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { itemKernel, itemManifest, metric, eventually } from './items.js'
-import { entryKey, etagOf, localKey, RedisTier, tagKey, type CachedAnswer } from '../../../plugins/cache/index.js'
+import { entryKey, etagOf, localKey, RedisTier, tagKey, TAG_KEY_MAX, type CachedAnswer } from '../../../plugins/cache/index.js'
 import { canonicalJson } from '../../../plugins/pipeline/index.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -283,6 +283,37 @@ t.test('a tag version outlives every entry stored under it, whatever lifetime th
   await tier.invalidate([fresh], 'test')
   const freshTtl = await redis.pttl(fresh)
   t.ok(freshTtl > 50_000 && freshTtl <= 60_000, `the tier's 60 s (${freshTtl} ms)`)
+})
+
+t.test('a tag filled from a long input is keyed by its hash: Redis and memory hold no tag key its length, and its invalidation still drops the entry', async t => {
+  // Kept as it was, a read with a 1 MB id (a GraphQL POST) wrote a 1 MB tag key to Redis for the
+  // tag's lifetime (minutes), even when the Kernel refused the call.
+  const kernel = await itemKernel(t)
+  const id = 'l'.repeat(2000)
+  let n = 0
+  kernel.on(`GET /v1/items/${id}`, (_req, res) => json(res, 200, { id: 'long', n: ++n }))
+  kernel.on(`PATCH /v1/items/${id}`, (_req, res) => json(res, 200, { id: 'long', n: 0 }))
+  const app = await buildTestApp(t, { REDIS_URL }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const who = tenant()
+  const headers = bearer({ tenant: who })
+  const redis = new Redis(REDIS_URL)
+  t.teardown(async () => {
+    const keys = await redis.keys(`bff:cache*:${who}:*`)
+    if (keys.length > 0) await redis.del(...keys)
+    redis.disconnect()
+  })
+  const read = async (): Promise<{ headers: Record<string, unknown>, json: () => { result: { data: { n: number } } } }> => await app.inject({ method: 'GET', url: '/trpc/getItem?input=' + encodeURIComponent(JSON.stringify({ id })), headers })
+  t.equal((await read()).headers['x-cache'], 'miss')
+  t.equal((await read()).headers['x-cache'], 'hit')
+  const tags = await redis.keys(`bff:cache-tag:${who}:*`)
+  t.equal(tags.length, 2, 'item:{id} and items')
+  for (const k of tags) t.ok(k.length <= tagKey(who, '').length + TAG_KEY_MAX, `a tag key of ${k.length} characters`)
+  t.equal(tagKey(who, `item:${id}`), tagKey(who, `item:${id}`), 'one tag, one key')
+  t.not(tagKey(who, `item:${id}`), tagKey(who, `item:${id}x`), 'two tags, two keys')
+  t.equal((await app.inject({ method: 'POST', url: '/trpc/updateItem', headers, payload: { id } })).statusCode, 200)
+  const after = await read()
+  t.equal(after.headers['x-cache'], 'miss', 'the mutation dropped it')
+  t.equal(after.json().result.data.n, 2)
 })
 
 /** A Redis tier of its own for one test: entries of `ids` (getItem) under `tagNames` of a new tenant, removed after. */
