@@ -22,12 +22,23 @@ import { INVALIDATE_CHANNEL } from './keys.js'
 /** Versions below this are the earlier release's (it counted from 0); ours are born above it. */
 const LEGACY_BELOW = 2 ** 40
 
+// A tag key's value, nil when there is none or it is no string: a key of another type (a list,
+// a hash, which some other program wrote under the name) failed GET with WRONGTYPE, and the
+// script with it: every read of the tag, and every invalidation replayed with it, failed, and
+// each failure held the whole shared tier off for a second. SET replaces it with a version.
+const GET_STRING = `
+local function get (k)
+  local v = redis.pcall('GET', k)
+  if type(v) == 'table' then return nil end
+  return v
+end
+`
 // KEYS[1] the entry, KEYS[2..] its tag keys; ARGV: versions read before the Kernel call, body,
 // entry ms, tag ms. 1 stored, 0 raced. A tag's lifetime is only ever lengthened, here and on
 // invalidation.
-const WRITE = `
+const WRITE = GET_STRING + `
 local v = {}
-for i = 2, #KEYS do v[i - 1] = redis.call('GET', KEYS[i]) or '' end
+for i = 2, #KEYS do v[i - 1] = get(KEYS[i]) or '' end
 if table.concat(v, ',') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2], 'PX', ARGV[3])
 local ms = tonumber(ARGV[4])
@@ -46,14 +57,14 @@ return 1
 // tag with no version matches no entry stored before. Its version is '' then (and that of a tag
 // missing and left so). The message, published when any tag moved, carries the versions: other
 // instances learn them (floors). The tags moved and the versions of all.
-const INVALIDATE = `
+const INVALIDATE = GET_STRING + `
 local ms = tonumber(ARGV[1])
 local only = ARGV[4] == '1'
 local moved = 0
 local out = {}
 for i = 1, #KEYS do
   local k = KEYS[i]
-  local v = tonumber(redis.call('GET', k))
+  local v = tonumber(get(k))
   local floor = tonumber(ARGV[4 + i]) or 0
   if only and (v == nil or v >= floor) then
     out[i] = v and string.format('%.0f', v) or ''
@@ -85,10 +96,10 @@ return {moved, out}
 `
 // KEYS tag keys a read found missing (or with an earlier release's version); ARGV: a random
 // version, tag ms. Their versions, each the one a concurrent read may have given it first.
-const BORN = `
+const BORN = GET_STRING + `
 local out = {}
 for i = 1, #KEYS do
-  local v = redis.call('GET', KEYS[i])
+  local v = get(KEYS[i])
   if not v or (tonumber(v) or 0) < ${LEGACY_BELOW} then
     v = ARGV[1]
     redis.call('SET', KEYS[i], v, 'PX', ARGV[2])

@@ -346,6 +346,27 @@ t.test('a tag version Redis evicted does not bring back the entries its invalida
   t.not(await redis.get(tags[0]), '1')
 })
 
+t.test('a tag key some other program wrote as another type (a list) is taken for missing: reads, writes and invalidations of it succeed', async t => {
+  // GET of a list fails with WRONGTYPE, and every script reading the tag failed with it: each
+  // read of the tag held the whole shared tier off for a second, and its invalidation, pending,
+  // failed every replay, with every other invalidation waiting beside it.
+  const { redis, tier, keys: [key], tags, answer } = await tierFor(t, ['a'], ['item:a', 'items'])
+  await redis.rpush(tags[0], 'junk')
+  const read = await tier.read(key, tags)
+  t.equal(read.answer, null)
+  t.equal(await redis.type(tags[0]), 'string', 'the read gave it a version')
+  t.ok(await tier.write(key, tags, read.versions, answer('{"n":1}'), Date.now()), 'stored')
+  t.same((await tier.read(key, tags)).answer?.value, { n: 1 })
+  await redis.del(tags[0])
+  await redis.rpush(tags[0], 'junk')
+  t.notOk(await tier.write(key, tags, read.versions, answer('{"n":2}'), Date.now()), 'a write under it is refused, not failed')
+  t.equal((await tier.read(key, tags)).answer, null, 'the entry stored before is not served')
+  await redis.del(tags[0])
+  await redis.hset(tags[0], 'f', 'v')
+  await tier.invalidate(tags, 'test')
+  t.ok(Number(await redis.get(tags[0])) >= 2 ** 40, 'an invalidation gives it a version of ours')
+})
+
 t.test('a rolling deploy from the release that counted versions from 0: its versions are replaced, its entries never served', async t => {
   // That release read a missing tag as 0 and stored entries under 0, 1, ... counted again from 0
   // after an eviction: a count that repeated made an invalidated entry current again.
