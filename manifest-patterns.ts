@@ -2,6 +2,7 @@ import { Piscina } from 'piscina'
 import { extname } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { compiledByText, keptByText } from './compiled.js'
+import { eachSchemaObject } from './schema-walk.js'
 import type { Manifest } from './manifest.js'
 import type { PatternAnswer, PatternTask } from './manifest-patterns-worker.js'
 
@@ -30,29 +31,14 @@ export interface CheckOptions { readonly worker?: string, readonly checkMs?: num
 interface Found { readonly at: string, readonly source: string, readonly maxLength: number | null, readonly name: boolean }
 type Verdict = Omit<PatternAnswer, 'source'>
 
-// Keywords whose values are data, and maps whose keys are names (their values are schemas).
-const DATA_KEYWORDS = new Set(['const', 'default', 'enum', 'example', 'examples'])
-const SCHEMA_MAPS = new Set(['properties', 'patternProperties', 'dependentSchemas', '$defs', 'definitions'])
-
 /** The patterns of `schema`, each with where it is and the `maxLength` beside it. */
 function patternsIn (schema: unknown, at: string, found: Found[]): void {
-  if (Array.isArray(schema)) {
-    schema.forEach((v, i) => { patternsIn(v, `${at}.${i}`, found) })
-    return
-  }
-  if (schema === null || typeof schema !== 'object') return
-  const node = schema as Record<string, unknown>
-  if (typeof node.pattern === 'string') found.push({ at: `${at}.pattern`, source: node.pattern, maxLength: typeof node.maxLength === 'number' ? node.maxLength : null, name: false })
-  for (const [k, v] of Object.entries(node)) {
-    if (DATA_KEYWORDS.has(k)) continue
-    if (SCHEMA_MAPS.has(k) && v !== null && typeof v === 'object' && !Array.isArray(v)) {
-      for (const [name, sub] of Object.entries(v)) {
-        // A property's name has no maxLength of its own here.
-        if (k === 'patternProperties') found.push({ at: `${at}.patternProperties`, source: name, maxLength: null, name: true })
-        patternsIn(sub, `${at}.${k}.${name}`, found)
-      }
-    } else patternsIn(v, `${at}.${k}`, found)
-  }
+  eachSchemaObject(schema, at, (node, where) => {
+    if (typeof node.pattern === 'string') found.push({ at: `${where}.pattern`, source: node.pattern, maxLength: typeof node.maxLength === 'number' ? node.maxLength : null, name: false })
+    const named = node.patternProperties
+    // A property's name has no maxLength of its own here.
+    if (named !== null && typeof named === 'object' && !Array.isArray(named)) for (const name of Object.keys(named)) found.push({ at: `${where}.patternProperties`, source: name, maxLength: null, name: true })
+  })
 }
 
 /** recheck's verdicts on `sources`, on a thread, PATTERN_CHECK_MS each; none for those it could not give in time. */

@@ -6,6 +6,7 @@ import { Ajv } from 'ajv'
 import { addGatewayFormats } from './formats.js'
 import { compiledByText } from './compiled.js'
 import { backtrackingFaults } from './manifest-patterns.js'
+import { eachSchemaObject } from './schema-walk.js'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
 
 // The manifest is the one place operations are declared. This module turns the document into
@@ -469,22 +470,14 @@ function mayHoldText (schema: JsonSchema): boolean {
   return type === undefined || text(type) || (Array.isArray(type) && type.some(text))
 }
 
-// Keywords whose values are data, not schemas: an `$id` there names nothing.
-const DATA_KEYWORDS = new Set(['const', 'default', 'enum', 'example', 'examples'])
-
 /**
  * Faults for an `$id` of a schema the gateway registers itself, anywhere in `schema` as it
  * reaches Fastify (resolved: a named schema's own `$id` is gone once inlined).
  */
 function checkGatewayIds (schema: unknown, at: string, faults: string[]): void {
-  if (Array.isArray(schema)) {
-    schema.forEach((v, i) => { checkGatewayIds(v, `${at}.${i}`, faults) })
-    return
-  }
-  if (schema === null || typeof schema !== 'object') return
-  const obj = schema as Record<string, unknown>
-  if (typeof obj.$id === 'string' && GATEWAY_SCHEMA_IDS.has(obj.$id)) faults.push(`${at}.$id: "${obj.$id}" is the id of a schema of the gateway's own`)
-  for (const [k, v] of Object.entries(obj)) if (!DATA_KEYWORDS.has(k)) checkGatewayIds(v, `${at}.${k}`, faults)
+  eachSchemaObject(schema, at, (node, where) => {
+    if (typeof node.$id === 'string' && GATEWAY_SCHEMA_IDS.has(node.$id)) faults.push(`${where}.$id: "${node.$id}" is the id of a schema of the gateway's own`)
+  })
 }
 
 /**
