@@ -47,6 +47,10 @@ export class Spool {
   private bytes = 0
   /** An append failed: its part may still be in the file (its cut failed too), see lineEnd. */
   private torn = false
+  /** `close` was called: the file is not opened again. */
+  private closed = false
+  /** A compaction renamed the file and could not sync its directory: synced before the file is used again. */
+  private unsynced = false
   // Appends, drains and compaction run one after another.
   private chain: Promise<unknown> = Promise.resolve()
   /** Bytes at the start of the file already committed to the store by this process. */
@@ -188,8 +192,7 @@ export class Spool {
     }).join('')
     const data = Buffer.from(text)
     await this.serial(async () => {
-      const fh = this.fh
-      if (fh === null) throw new Error('the audit spool is closed')
+      const fh = await this.handle()
       await this.mustHold()
       try {
         this.bytes = await appendWhole(fh, data, this.bytes, this.torn)
@@ -218,8 +221,8 @@ export class Spool {
   async drain (commit: (batch: AuditEntry[]) => Promise<void>, join = 1): Promise<number> {
     const start = this.done
     const end = this.bytes
-    const fh = this.fh
-    if (end <= start || fh === null) return 0
+    if (end <= start || this.closed) return 0
+    const fh = this.fh ?? await this.serial(async () => await this.handle())
     const { window, line: maxLine } = this.limits
     // Appends only ever write past `end`: reading up to it needs no lock.
     let replayed = 0
@@ -286,8 +289,8 @@ export class Spool {
 
   /** Cuts the replayed part: truncates, or copies what was appended since (a window at a time) through a rename. */
   private async compact (): Promise<void> {
-    const fh = this.fh
-    if (fh === null || this.done === 0) return
+    if (this.closed || this.done === 0) return
+    const fh = await this.handle()
     // The file is another process's now: its batches appended since must not be cut.
     await this.mustHold()
     if (this.bytes === this.done) {
@@ -314,16 +317,44 @@ export class Spool {
         throw err
       }
       await out.close()
+      // From here until the new file is open the spool has no handle: should a step fail (an I/O
+      // error, no file descriptor left), the next use opens the file again (handle), the old one
+      // whole if the rename failed, else the new one. Before, the closed handle stayed, and every
+      // append and drain after failed for the life of the process: the writer took the store
+      // for down, its backlog filled, calls were refused 503, and what it held at shutdown was lost.
+      this.fh = null
       await fh.close()
       await rename(tmp, this.path)
+      this.cut()
       // The rename on disk before batches are appended to the new file (a crash could else bring
       // back the old file, replayed part and all, without them).
-      await syncDir(this.dir)
-      this.fh = await open(this.path, 'a+')
+      this.unsynced = true
+      await this.handle()
+      return
     }
+    this.cut()
+  }
+
+  /** The replayed part is cut from the file: offsets from its new start. */
+  private cut (): void {
     this.bytes -= this.done
     this.countedTo = Math.max(0, this.countedTo - this.done)
     this.done = 0
+  }
+
+  /**
+   * The spool file's handle: opened again after a compaction that failed between closing the old
+   * file and opening the new one, its directory synced first when a rename is not known on disk.
+   */
+  private async handle (): Promise<FileHandle> {
+    if (this.fh !== null) return this.fh
+    if (this.closed) throw new Error('the audit spool is closed')
+    if (this.unsynced) {
+      await syncDir(this.dir)
+      this.unsynced = false
+    }
+    this.fh = await open(this.path, 'a+')
+    return this.fh
   }
 
   /**
@@ -350,6 +381,7 @@ export class Spool {
     if (this.heartbeat !== null) clearInterval(this.heartbeat)
     this.heartbeat = null
     await this.quarantine.close()
+    this.closed = true
     await this.serial(async () => {
       try {
         await this.fh?.close()

@@ -1,6 +1,6 @@
 import t, { type Test } from 'tap'
 import { createHash } from 'node:crypto'
-import { appendFileSync, existsSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
+import { appendFileSync, existsSync, mkdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { FileHandle } from 'node:fs/promises'
@@ -342,6 +342,37 @@ t.test('spool: a compaction that fails to copy (a full disk) leaves no partial c
   t.same(seen, [a, c], 'nothing replayed twice, nothing lost')
   t.equal(statSync(spool.path).size, 0, 'and compacts')
   t.notOk(existsSync(tmp))
+  await spool.close()
+})
+
+// The compaction closes the file before it renames the copy over it: a step that failed from
+// there on (an I/O error, no file descriptor left) left the closed handle, and every append and
+// drain after failed ("file closed") for the life of the process.
+t.test('spool: a compaction that fails after closing the file (its rename refused) leaves the spool usable', async t => {
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  const a = [entry(), entry()]
+  const c = [entry()]
+  await spool.append(a)
+  const aside = spool.path + '.aside'
+  const seen: AuditEntry[][] = []
+  // A batch appended during the drain (the compaction copies it), then a directory where the
+  // file was: the rename of the copy over it fails.
+  await t.rejects(spool.drain(async batch => {
+    seen.push(batch)
+    await spool.append(c)
+    renameSync(spool.path, aside)
+    mkdirSync(join(spool.path, 'x'), { recursive: true })
+  }), /EISDIR|ENOTEMPTY|EEXIST|directory/)
+  rmSync(spool.path, { recursive: true })
+  renameSync(aside, spool.path)
+  const d = [entry()]
+  await spool.append(d)
+  t.equal(await spool.drain(async batch => { seen.push(batch) }), 2, 'the next drain replays what is left, once')
+  t.same(seen, [a, c, d], 'nothing replayed twice, nothing lost')
+  t.equal(statSync(spool.path).size, 0, 'and compacts')
+  await spool.append([entry()])
+  t.equal(spool.size, statSync(spool.path).size, 'the spool knows where its file ends')
   await spool.close()
 })
 
