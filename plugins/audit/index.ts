@@ -224,9 +224,14 @@ function leftOutEntry (entry: AuditEntry, leftOut: { code: string, status: numbe
 /** tRPC's routes, by path (a refused request's procedure, trpcAction). */
 const TRPC_ROUTE = /^\/trpc(?:[/?]|$)/
 
-/** The face of a request (or a route template) by its path; `http` for the gateway's other routes. */
+/**
+ * The face of a route template (or a request's path) by its path; `http` for the gateway's other
+ * routes. A refused request's is read from its route's template: its URL may say otherwise (`/ws/`,
+ * which reaches /ws, was `http`), and `/api/v1/batch` is the batch route alone (an operation's
+ * REST route `/api/v1/batches/:id` was `batch`).
+ */
 function protocolOf (url: string): AuditEntry['protocol'] {
-  if (url.startsWith('/api/v1/batch')) return 'batch'
+  if (url === '/api/v1/batch' || url.startsWith('/api/v1/batch?')) return 'batch'
   if (url.startsWith('/api/v1/')) return 'rest'
   if (url.startsWith('/trpc')) return 'trpc'
   if (url.startsWith('/graphql')) return 'graphql'
@@ -590,7 +595,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   const httpEntry = (request: FastifyRequest, reply: FastifyReply, action: string, category: Category, status: string, statusCode: number, metadata = NO_METADATA as Record<string, unknown>): AuditEntry => {
     const { tenant, user } = who(request)
     const elapsed = reply.elapsedTime
-    const protocol = protocolOf(request.url)
+    const protocol = protocolOf(request.routeOptions.url ?? request.url)
     const [method, path] = endpointOf(request, protocol, action)
     return {
       id: uuidv7(),

@@ -7,7 +7,7 @@ import { MantleError } from '../../../errors.js'
 import { StageOrder } from '../../../plugins/pipeline/index.js'
 import { answered } from '../../../plugins/audit/index.js'
 import { startKernel } from '../../../kernel/server.js'
-import { testConfig, bearer, buildDemoApp, drained, token, SECRET, startTestKernel, testManifest, json } from '../../helper.js'
+import { testConfig, bearer, buildDemoApp, buildTestApp, drained, token, SECRET, startTestKernel, testManifest, json } from '../../helper.js'
 import { randomUUID } from 'node:crypto'
 import { entries, entry, type Row } from './entries.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
@@ -237,6 +237,9 @@ t.test('every refusal on a call\'s route before its face\'s handler is recorded 
   t.equal(await inject('syntax', 'POST', '/graphql', { query: '{ listAgents(' }), 400)
   t.equal(await inject('plain-ws', 'GET', '/ws'), 426)
   t.equal(await inject('head', 'HEAD', '/api/v1/agents'), 200)
+  // The route's own face, whatever the URL's form (a trailing slash reaches the same route).
+  t.equal(await upgrade(port, '/ws/', { authorization: 'Bearer forged', 'x-request-id': 'ws-slash' }), 401)
+  t.equal(await inject('batch-slash', 'POST', '/api/v1/batch/', { calls: 5 }), 400)
   const rows = await entries(app)
   const of = (id: string): Row[] => rows.filter(r => r.requestId === id || r.requestId.startsWith(id + '.') || r.requestId.startsWith(id + '~'))
   const cases: Array<[string, Record<string, unknown>]> = [
@@ -249,7 +252,9 @@ t.test('every refusal on a call\'s route before its face\'s handler is recorded 
     ['long', { category: 'security', status: 'PAYLOAD_TOO_LARGE', statusCode: 413, action: 'http', protocol: 'batch' }],
     ['trpc-long', { category: 'security', status: 'PAYLOAD_TOO_LARGE', statusCode: 413, action: 'trpc', protocol: 'trpc', method: null, path: '/trpc' }],
     ['anonymous', { category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, action: 'listAgents' }],
-    ['head', { category: 'read', status: 'ok', action: 'listAgents', method: 'HEAD', path: '/api/v1/agents' }]
+    ['head', { category: 'read', status: 'ok', action: 'listAgents', method: 'HEAD', path: '/api/v1/agents' }],
+    ['ws-slash', { category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, action: 'http', protocol: 'websocket', method: null, path: '/ws' }],
+    ['batch-slash', { category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'http', protocol: 'batch', method: 'POST', path: '/api/v1/batch' }]
   ]
   for (const [id, entry] of cases) {
     t.equal(of(id).length, 1, `${id}: one entry`)
@@ -258,6 +263,18 @@ t.test('every refusal on a call\'s route before its face\'s handler is recorded 
   t.same(of('probe'), [], 'a probe is not audited')
   t.same(of('syntax'), [], 'a document GraphQL refuses itself is not')
   t.same(of('plain-ws'), [], 'nor /ws\'s answer to a request that is no upgrade')
+})
+
+// The face of a request refused before its handler was read from the URL's text: an operation's
+// REST route under /api/v1/batch... was recorded as the batch route's (protocol batch).
+t.test('a request refused before its handler, on an operation whose REST route begins with /batch, is recorded as REST', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/batches': (_req, res) => { json(res, 200, { id: 'b1' }) } })
+  const op = { type: 'mutation', rest: 'POST /batches', kernel: 'POST /v1/batches', input: { type: 'object', properties: { name: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } }, timeoutMs: 5000 }
+  const app = await buildTestApp(t, {}, { manifest: testManifest({ createBatch: op }), kernelUrl: kernel.url })
+  const res = await app.inject({ method: 'POST', url: '/api/v1/batches', headers: { ...bearer(), 'x-request-id': 'batches-415', 'content-type': 'text/plain' }, payload: 'x' })
+  t.equal(res.statusCode, 415)
+  const rows = await entries(app)
+  t.match(rows.filter(r => r.requestId === 'batches-415'), [{ action: 'createBatch', protocol: 'rest', method: 'POST', path: '/api/v1/batches', status: 'UNSUPPORTED_MEDIA_TYPE' }])
 })
 
 // One call walked the whole trail, holding a read connection (and in PostgreSQL one snapshot)
