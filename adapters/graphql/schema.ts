@@ -6,6 +6,7 @@ import {
 } from 'graphql'
 import type { EventDefinition, JsonSchema, Manifest, Operation } from '../../manifest.js'
 import { canonicalJson } from '../../plugins/pipeline/index.js'
+import { inheritedName } from '../../own-properties.js'
 
 /*
  * The GraphQL schema is generated from the manifest, one rule per case (README.md in this
@@ -221,6 +222,8 @@ class TypeFactory {
             for (const [prop, propSchema] of Object.entries(kind.properties)) {
               const field = this.output(propSchema, name + pascal(prop))
               fields[prop] = { type: field.nullable || !kind.required.has(prop) ? field.type : new GraphQLNonNull(field.type), description: describe(propSchema) }
+              // Read as the object's own: left out, the default resolver read Object.prototype's.
+              if (inheritedName(prop)) fields[prop].resolve = (source: unknown) => Object.hasOwn(source as object, prop) ? (source as Record<string, unknown>)[prop] : null
             }
             return fields
           }

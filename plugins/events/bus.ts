@@ -1,4 +1,5 @@
 import fastJson from 'fast-json-stringify'
+import { declaresInheritedName, withoutPrototypes } from '../../own-properties.js'
 import type { EventDefinition } from '../../manifest.js'
 import type { Identity } from '../auth/index.js'
 import { MantleError } from '../../errors.js'
@@ -37,7 +38,8 @@ function compiledPayload (e: EventDefinition): CompiledPayload {
   if (compiled === undefined) {
     // Opened as an answer's schema is: an undeclared field is dropped, not refused.
     const opened = openSchema(e.payload)
-    compiled = { serialize: fastJson(opened as Parameters<typeof fastJson>[0]), check: answerCheck(opened), free: mayNestDeep(opened) }
+    const serialize = fastJson(opened as Parameters<typeof fastJson>[0])
+    compiled = { serialize: declaresInheritedName(opened) ? value => serialize(withoutPrototypes(value)) : serialize, check: answerCheck(opened), free: mayNestDeep(opened) }
     compiledPayloads.set(e, compiled)
   }
   return compiled

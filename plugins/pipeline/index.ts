@@ -4,6 +4,7 @@ import { Ajv, type ValidateFunction } from 'ajv'
 import { addGatewayFormats } from '../../formats.js'
 import { compiledOnce } from '../../compiled.js'
 import fastJson from 'fast-json-stringify'
+import { declaresInheritedName, withoutPrototypes } from '../../own-properties.js'
 import { canonicalJson, type Manifest, type Operation } from '../../manifest.js'
 import { MantleError, describeValidation } from '../../errors.js'
 import type { CallContext } from './context.js'
@@ -236,7 +237,8 @@ function outputValidator (op: Operation): ValidateFunction {
  */
 export function answerCheck (opened: unknown): ValidateFunction {
   return compiledOnce('answer', opened, () => {
-    const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false, strictNumbers: true })
+    // ownProperties: as for inputs (an answer without an optional `toString` was a 502).
+    const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false, strictNumbers: true, ownProperties: true })
     return ajv.compile(opened as Record<string, unknown>)
   })
 }
@@ -299,10 +301,11 @@ function openObject (s: Readonly<Record<string, unknown>>): Readonly<Record<stri
 function outputSerializer (op: Operation): (value: unknown) => string {
   const opened = openedOutput(op)
   const compiled = compiledOnce('serializer', opened, () => fastJson(opened as Parameters<typeof fastJson>[0]))
+  const own = declaresInheritedName(opened)
   return (value) => {
     if (value === null || value === undefined) return 'null'
     try {
-      return compiled(value)
+      return compiled(own ? withoutPrototypes(value) : value)
     } catch {
       throw new MantleError('KERNEL_ERROR', `The Kernel's answer does not match the output schema of ${op.name}`)
     }
@@ -356,7 +359,9 @@ interface InputValidators {
 const compiledInputs = new WeakMap<Operation, InputValidators>()
 
 function inputAjv (): Ajv {
-  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true })
+  // ownProperties: a field named as a member of Object.prototype (`toString`, `constructor`) was
+  // read from the prototype when left out, and the call refused ("input.toString must be string").
+  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true, ownProperties: true })
   addGatewayFormats(ajv)
   return ajv
 }

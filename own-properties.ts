@@ -1,0 +1,35 @@
+import { eachSchemaObject } from './schema-walk.js'
+
+// A field named as a member of Object.prototype (`constructor`, `toString`, `valueOf`) and left
+// out of an answer was read from the prototype by what reads answers by name: fast-json-stringify
+// wrote `"toString":"function toString() { [native code] }"`, and GraphQL answered the same.
+
+const INHERITED = new Set(Object.getOwnPropertyNames(Object.prototype))
+
+/** Whether `name` is a member every plain object has from Object.prototype. */
+export function inheritedName (name: string): boolean {
+  return INHERITED.has(name)
+}
+
+/** Whether `schema` declares a property so named anywhere (decided once, when it is compiled). */
+export function declaresInheritedName (schema: unknown): boolean {
+  let found = false
+  eachSchemaObject(schema, '', node => {
+    const props = node.properties
+    if (props !== null && typeof props === 'object' && !Array.isArray(props) && Object.keys(props).some(inheritedName)) found = true
+  })
+  return found
+}
+
+/**
+ * `value` with each of its objects copied without a prototype, for a serializer of a schema that
+ * declaresInheritedName: a field left out then reads as left out. Recursive: an answer nests 512
+ * levels at most (checked before it is serialized).
+ */
+export function withoutPrototypes (value: unknown): unknown {
+  if (value === null || typeof value !== 'object') return value
+  if (Array.isArray(value)) return value.map(withoutPrototypes)
+  const copy = Object.create(null) as Record<string, unknown>
+  for (const [k, v] of Object.entries(value)) copy[k] = withoutPrototypes(v)
+  return copy
+}
