@@ -328,7 +328,9 @@ function urlProblem (value: string, check: UrlCheck): string | null {
     url = new URL(value)
   } catch {
     // WHATWG URL refuses a port past 65535 or not a number, which is the usual reason.
-    const port = /^[a-z][a-z0-9+.-]*:\/\/(?:[^/?#@]*@)?(?:\[[^\]]*\]|[^/?#:[\]]*):([^/?#]*)/i.exec(value)?.[1]
+    // The user part runs to the last @, never backtracked into (the lookahead): a password with
+    // an @, / or # left unencoded was read as a host and port, and its first part named as the port.
+    const port = /^[a-z][a-z0-9+.-]*:\/\/(?:(?=(.*@))\1|(?!.*@))(?:\[[^\]]*\]|[^/?#:[\]]*):([^/?#]*)/is.exec(value)?.[2]
     if (port !== undefined && port !== '' && !(/^\d+$/.test(port) && Number(port) >= 1 && Number(port) <= 65535)) return `the port ${JSON.stringify(port)} is not 1..65535`
     return 'not a valid URL'
   }
@@ -347,10 +349,14 @@ function urlProblem (value: string, check: UrlCheck): string | null {
 // Secrets an error message never shows (a refused internal token is still someone's token).
 const SECRET_VARIABLES = new Set(['BFF_JWT_SECRET', 'BFF_INTERNAL_TOKEN', 'BFF_METRICS_TOKEN'])
 
-/** A value as an error message may show it: a secret as ***, a URL's password masked. */
+/**
+ * A value as an error message may show it: a secret as ***, a URL's password masked. The password
+ * runs from the user's `:` to the last @: one with an @, / or # left unencoded (the usual reason
+ * such a URL is refused) was shown from its first one on, or whole.
+ */
 function shown (name: string, value: string): string {
   if (SECRET_VARIABLES.has(name)) return '***'
-  return URL_VARIABLES.some(v => v.name === name) ? value.replace(/^([a-z][a-z0-9+.-]*:\/\/[^/?#@:]*:)[^/?#@]*@/i, '$1***@') : value
+  return URL_VARIABLES.some(v => v.name === name) ? value.replace(/^([a-z][a-z0-9+.-]*:\/\/[^/?#@:]*:).*@/is, '$1***@') : value
 }
 
 /** The BFF_*_STORE variables, whose default is redis when REDIS_URL is set, else memory. */

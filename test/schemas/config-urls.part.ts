@@ -115,6 +115,23 @@ t.test('a password in a refused URL is masked', async t => {
   t.notMatch(refusal({ DATABASE_URL: 'mysql://mantle:s3cret@db/mantle' }), /s3cret/, 'also when the schema refuses the scheme')
 })
 
+t.test('a password with an @, / or # left unencoded is masked whole, in the value and in the reason', async t => {
+  // Such a password is the usual reason a URL is refused; its part after the first @, or all of
+  // it, was shown (`postgres://mantle:***@cret@db:99999`, `the port "se"` of `se/cret`).
+  for (const [env, secret] of [
+    [{ DATABASE_URL: 'postgres://mantle:s3@cr3t@db:99999/mantle' }, 'cr3t'],
+    [{ DATABASE_URL: 'postgres://mantle:s3/cr3t@db/mantle' }, 's3'],
+    [{ DATABASE_URL: 'postgres://mantle:s3#cr3t@db:0/mantle' }, 's3'],
+    [{ DATABASE_URL: 'postgres://mantle:s3@x:cr3t@db:0/mantle' }, 'cr3t'],
+    [{ REDIS_URL: 'redis://:s3@cr3t@cache:70000' }, 'cr3t']
+  ] as const) {
+    const message = refusal(env) ?? ''
+    t.match(message, /:\*\*\*@/, `${Object.values(env)[0]}: masked`)
+    t.notMatch(message, secret, `${Object.values(env)[0]}: no part of the password shown`)
+  }
+  t.match(refusal({ DATABASE_URL: 'postgres://mantle:s3@cr3t@db:99999/mantle' }), /DATABASE_URL="postgres:\/\/mantle:\*\*\*@db:99999\/mantle" .*\(the port "99999" is not 1\.\.65535\)$/)
+})
+
 t.test('KERNEL_URL, BFF_JWKS_URL and the OTLP endpoints: http(s) URLs with a port 1..65535', async t => {
   t.equal(refusal({ KERNEL_URL: 'http://127.0.0.1:99999' }), 'Invalid configuration: KERNEL_URL="http://127.0.0.1:99999" is invalid: expected an http(s)://host[:port] origin (the port "99999" is not 1..65535)')
   t.match(refusal({ KERNEL_URL: 'http://127.0.0.1:0' }), /KERNEL_URL=.*\(the port "0" is not 1\.\.65535\)$/)
