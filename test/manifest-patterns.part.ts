@@ -151,4 +151,6 @@ t.test('checkPattern: safe, vulnerable with its degree and attack, unknown', asy
   t.same(checkPattern({ source: '^[a-z]{1,64}$', timeoutMs: 2000 }), { source: '^[a-z]{1,64}$', status: 'safe', degree: null, attack: null })
   t.match(checkPattern({ source: TRAILING, timeoutMs: 2000 }), { status: 'vulnerable', degree: 3, attack: /repeat/ })
   t.same(checkPattern({ source: '(a|b|\\1)+x', timeoutMs: 2000 }), { source: '(a|b|\\1)+x', status: 'unknown', degree: null, attack: null })
+  // The fuzzer given no time (1 ms): what backtracks with its counts open is taken to backtrack.
+  t.match(checkPattern({ source: '^(a|aa){1,300}$', timeoutMs: 1 }), { status: 'vulnerable', degree: null, attack: /repeat/ })
 })
