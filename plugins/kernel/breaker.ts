@@ -14,14 +14,21 @@ export type Permit = typeof DENIED | typeof NORMAL | typeof PROBE
 /**
  * A consecutive-failure circuit breaker. Closed: calls pass, `threshold` failures in a row open
  * it. Open: calls fail fast until `resetTimeoutMs` has passed. Half-open: one probe passes while
- * every other call fails fast; its success closes the breaker, its failure opens it again.
+ * every other call fails fast; its success closes the breaker, its failure opens it again. A
+ * probe still out after `resetTimeoutMs` lets one more through: a probe is bounded only by its
+ * operation's timeout (up to 600 s), and one of a slow operation, or one its Kernel hangs on,
+ * refused every call of every operation that long, on an instance /readyz called ready (found
+ * by a review). A probe's outcome counts as a probe's while the breaker is half-open, else (another
+ * probe closed or opened it meanwhile) as a call's.
  * It never queues or delays a call.
  */
 export class CircuitBreaker {
   state: BreakerState = 'closed'
   private failures = 0
   private openedAt = 0
-  private probing = false
+  /** Probes out, and when the last one went. */
+  private probes = 0
+  private probedAt = 0
 
   constructor (
     readonly threshold: number,
@@ -36,8 +43,9 @@ export class CircuitBreaker {
       if (this.now() - this.openedAt < this.resetTimeoutMs) return DENIED
       this.set('half-open')
     }
-    if (this.probing) return DENIED
-    this.probing = true
+    if (this.probes > 0 && this.now() - this.probedAt < this.resetTimeoutMs) return DENIED
+    this.probes++
+    this.probedAt = this.now()
     return PROBE
   }
 
@@ -57,8 +65,8 @@ export class CircuitBreaker {
   }
 
   success (permit: Permit): void {
-    if (permit === PROBE) {
-      this.probing = false
+    if (permit === PROBE) this.probes--
+    if (permit === PROBE && this.state === 'half-open') {
       this.failures = 0
       this.set('closed')
     } else if (this.state === 'closed') {
@@ -68,12 +76,12 @@ export class CircuitBreaker {
 
   /** A permit whose call never reached the Kernel: a probe is handed back, nothing is counted. */
   release (permit: Permit): void {
-    if (permit === PROBE) this.probing = false
+    if (permit === PROBE) this.probes--
   }
 
   failure (permit: Permit): void {
-    if (permit === PROBE) {
-      this.probing = false
+    if (permit === PROBE) this.probes--
+    if (permit === PROBE && this.state === 'half-open') {
       this.open()
     } else if (this.state === 'closed' && ++this.failures >= this.threshold) {
       this.open()

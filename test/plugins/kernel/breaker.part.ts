@@ -61,9 +61,49 @@ t.test('open: denied until the reset timeout, then exactly one probe', async t =
   t.equal(breaker.state, 'half-open')
   t.equal(breaker.acquire(), DENIED, 'a second call while the probe is out')
   t.equal(breaker.acquire(), DENIED)
-  clock.now += 60_000
-  t.equal(breaker.acquire(), DENIED, 'still one probe, however long it takes')
+  clock.now += 999
+  t.equal(breaker.acquire(), DENIED, 'still one probe, until it has been out for the reset timeout')
   t.same(changes, ['open', 'half-open'])
+})
+
+// A probe was bounded only by its operation's timeout (up to 600 s): one of a slow operation, or
+// one its Kernel hung on, refused every call of every operation that long, while /readyz called
+// the instance ready (half-open).
+t.test('a probe still out after the reset timeout lets one more through; late outcomes count as calls\'', async t => {
+  const { breaker, clock, changes, fail } = setup(2, 1000)
+  fail(2)
+  clock.now += 1000
+  const hung = breaker.acquire()
+  t.equal(hung, PROBE)
+  clock.now += 60_000
+  const second = breaker.acquire()
+  t.equal(second, PROBE, 'the probe has been out for the reset timeout: another one goes')
+  t.equal(breaker.acquire(), DENIED, 'one at a time again')
+  breaker.success(second)
+  t.equal(breaker.state, 'closed', 'its success closes the breaker')
+  breaker.failure(hung)
+  t.equal(breaker.state, 'closed', 'the hung probe\'s late failure counts as one call\'s')
+  fail(1)
+  t.equal(breaker.state, 'open', 'with the next one, two in a row')
+  t.same(changes, ['open', 'half-open', 'closed', 'open'])
+
+  // Both probes fail: the first failure opens it, the late one changes nothing.
+  const again = setup(1, 1000)
+  again.fail(1)
+  again.clock.now += 1000
+  const first = again.breaker.acquire()
+  again.clock.now += 1000
+  const next = again.breaker.acquire()
+  t.same([first, next], [PROBE, PROBE])
+  again.breaker.failure(next)
+  t.equal(again.breaker.state, 'open')
+  again.clock.now += 500
+  again.breaker.failure(first)
+  t.equal(again.breaker.retryAfterMs(), 500, 'the late probe failure does not restart the timeout')
+  again.breaker.success(first)
+  t.equal(again.breaker.state, 'open', 'nor does a late success close it')
+  again.clock.now += 500
+  t.equal(again.breaker.acquire(), PROBE, 'a probe once the timeout has passed: none is counted out')
 })
 
 t.test('a probe success closes the breaker', async t => {
