@@ -234,8 +234,10 @@ export class KernelClient {
     try {
       this.budget?.deposit()
       const deadline = ctx.startedAt + op.timeoutMs
-      // The failure a retry is made for: what the call answers should the retry not be sent.
+      // The failure a retry is made for: what the call answers should the retry not be sent, and
+      // how long that attempt took (the least time left a retry is sent with).
       let retried: Attempt | null = null
+      let retriedMs = 0
       for (let attempt = 0; ; attempt++) {
         // The caller left during the backoff: no retry for no one.
         if (leave?.gone() === true) throw clientClosed()
@@ -246,6 +248,13 @@ export class KernelClient {
           throw new MantleError('KERNEL_UNAVAILABLE', 'The Kernel circuit breaker is open', { headers: { 'retry-after': String(seconds) } })
         }
         const remaining = deadline - performance.now()
+        if (retried !== null && remaining < retriedMs) {
+          // The backoff ended later than planned (a busy event loop fires timers late): the retry
+          // no longer has the failed attempt's time left, and is not sent. It went out with what
+          // was left, or not at all, and the call answered 504 KERNEL_TIMEOUT for the Kernel's 5xx.
+          this.breaker?.release(permit)
+          throw failure(retried, op)
+        }
         if (remaining <= 0) {
           // The call's time ran out before it reached the Kernel (waiting behind an idempotent
           // first call, say): the Kernel was not asked, so this is no failure of the Kernel's.
@@ -309,7 +318,8 @@ export class KernelClient {
           // Only with at least the failed attempt's own time left after the backoff: a retry sent
           // with a few ms left could not be answered in time, and turned the 5xx into a timeout.
           const now = performance.now()
-          if (deadline - now - wait >= Math.max(1, now - started)) {
+          retriedMs = Math.max(1, now - started)
+          if (deadline - now - wait >= retriedMs) {
             if (leave?.gone() === true) throw clientClosed()
             if (this.budget!.withdraw()) {
               metrics.retry()

@@ -188,6 +188,28 @@ t.test('a retry that would be refused for want of time ends the call with the fa
   t.equal(rejected.queue_timeout, undefined, 'no refusal counted')
 })
 
+// The time a retry has left was checked before its backoff only, as planned: a busy event loop
+// fires the backoff's timer late, and the retry went out with whatever was left (to time out, a
+// breaker failure), or, with nothing left, the call answered 504 KERNEL_TIMEOUT for the Kernel's 5xx.
+t.test('a retry whose backoff ends late, without the failed attempt\'s time left, is not sent: the call answers the 5xx', async t => {
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const kernel = await startTestKernel(t, { 'GET /v1/items/f1': (_req, res) => { json(res, 500, { message: 'boom' }) } })
+  const { op, run, client } = await itemClient(t, kernel, { connections: 1, retries: 1, timeoutMs: 1000 })
+  // The backoff's draw blocks the event loop past the deadline once its timer is set (the loop's
+  // next check phase): the timer fires late, as on a loaded machine.
+  const random = Math.random
+  t.teardown(() => { Math.random = random })
+  Math.random = () => {
+    Math.random = random
+    setImmediate(() => { const until = performance.now() + 1500; while (performance.now() < until); })
+    return 0.5
+  }
+  const outcome = await run(new CallContext('f1', 'rest', op, { id: 'f1' }, undefined, undefined, undefined)).then(() => 'ok', (err: { code: string, message: string }) => [err.code, err.message])
+  t.same(outcome, ['KERNEL_ERROR', 'The Kernel failed (status 500)'], 'the Kernel\'s 5xx (before: 504 KERNEL_TIMEOUT)')
+  t.equal(hits(kernel, '/v1/items/f1'), 1, 'the retry was not sent')
+  t.equal(client.inFlight, 0)
+})
+
 // Found by a review of 1cd5562: a call is refused for want of time only while its operation's
 // estimate is learning (one of its calls out, or one ended within 100 ms). Past capacity with
 // many operations sharing the connections, each operation's calls are far apart in the queue:
