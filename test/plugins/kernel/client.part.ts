@@ -380,6 +380,25 @@ t.test('a call whose time ran out before it reached the Kernel is a timeout, but
   t.same(await run(new CallContext('r2', 'rest', op, { id: 'a1' }, undefined, undefined, undefined)), { id: 'a1' })
 })
 
+t.test('a call that reaches the Kernel stage with less than 10 ms left is not sent: a timeout, no breaker failure', async t => {
+  // Sent with what it had left, as a call handed a connection so is not, it timed out, sent: the
+  // Kernel carried a mutation out for a 504, and such calls opened the breaker on a healthy Kernel.
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const kernel = await startTestKernel(t, { 'POST /v1/items': (_req, res) => { setTimeout(() => json(res, 201, { id: 'n1' }), 30) } })
+  const client = new KernelClient({ origin: kernel.url, connections: 2, retries: 0, maxInFlight: 10, resilience: { threshold: 1, resetTimeoutMs: 60_000 } })
+  t.teardown(() => client.close())
+  const op = manifest().byName.get('createItem')!
+  const run = client.forOperation(op)
+  const late = new CallContext('r1', 'rest', op, { name: 'x' }, undefined, undefined, undefined)
+  ;(late as { startedAt: number }).startedAt -= op.timeoutMs - 9
+  await t.rejects(run(late), { code: 'KERNEL_TIMEOUT' })
+  t.equal(late.sent, false, 'not sent')
+  t.equal(kernel.requests.length, 0, 'the Kernel never got the mutation')
+  t.equal(client.breaker!.state, 'closed')
+  t.same(await run(new CallContext('r2', 'rest', op, { name: 'x' }, undefined, undefined, undefined)), { id: 'n1' }, 'a call with its time is sent')
+})
+
 t.test('a Kernel redirect is 502 KERNEL_ERROR, not retried and not a breaker failure', async t => {
   // Before, a 3xx counted as a 5xx: retried, and one misrouted operation opened the breaker on all.
   const { app, kernel } = await setup(t, { retries: 2, circuitBreaker: { threshold: 3, resetTimeoutMs: 60000 } })
