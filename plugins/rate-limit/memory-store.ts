@@ -1,11 +1,23 @@
-import { LRUCache } from 'lru-cache'
+import { FairLru } from '../../fair-lru.js'
 import { hit, type WindowCount, type WindowState } from './window.js'
 
 export interface MemoryStoreOptions {
-  /** Keys kept; beyond it the least recently used key is forgotten (default 100,000). */
+  /** Keys kept; beyond it the least recently used key of the tenant holding the most is forgotten (default 100,000). */
   maxKeys?: number
   /** The clock, in ms (tests move it by hand). */
   now?: () => number
+}
+
+const PREFIX = 'bff:ratelimit:'
+
+/**
+ * Whose a key is, for eviction: its tenant (`bff:ratelimit:{tenant}:...`), or `ip` for every
+ * address's (`bff:ratelimit:ip:{address}`), which are one holder together.
+ */
+function holder (key: string): string {
+  if (!key.startsWith(PREFIX)) return ''
+  const end = key.indexOf(':', PREFIX.length)
+  return end === -1 ? key : key.slice(PREFIX.length, end)
 }
 
 /**
@@ -13,14 +25,16 @@ export interface MemoryStoreOptions {
  * away. Guarantees: a check is synchronous and never throws; at most `maxKeys` keys are held
  * (about 100 bytes each). Never shared between instances: with N instances a limit is N times
  * looser, which is what the Redis store is for. A key evicted under pressure starts afresh.
+ * Past the bound, the key that goes is the least recently used of the tenant (or of the
+ * addresses) holding the most: with one LRU of all, requests from 100,000 addresses (an IPv6
+ * /48 holds 65,536 /64s) pushed out every tenant's counts, and a limit spent started afresh.
  */
 export class MemoryWindowStore {
   /**
-   * Made at the first check: lru-cache allocates its arrays for `max` keys when made, 68 ms of
-   * CPU for 100,000, paid at every start of the gateway (and by every app a test builds) though
-   * most never check a key in memory (with Redis, only while it is away).
+   * Made at the first check: most instances never check a key in memory (with Redis, only while
+   * it is away).
    */
-  private keys: LRUCache<string, WindowState> | undefined
+  private keys: FairLru<WindowState> | undefined
   private readonly maxKeys: number
   private readonly now: () => number
 
@@ -35,11 +49,11 @@ export class MemoryWindowStore {
   }
 
   check (key: string, windowMs: number, max: number): WindowCount {
-    const keys = this.keys ??= new LRUCache({ max: this.maxKeys })
+    const keys = this.keys ??= new FairLru(this.maxKeys, Infinity)
     let state = keys.get(key)
     if (state === undefined) {
       state = { w: 0, c: 0, p: 0 }
-      keys.set(key, state)
+      keys.set(key, holder(key), state, 1, Infinity)
     }
     return hit(state, this.now(), windowMs, max)
   }

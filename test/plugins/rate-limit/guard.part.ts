@@ -438,3 +438,23 @@ t.test('a REST request offering h2c is counted as REST reads it: its ?access_tok
   t.equal(real.headers['ratelimit-remaining'], '2', 'the tenant\'s budget untouched')
   t.same(await h2c('/api/v1/ping', `Bearer ${tok}`), { status: 200, remaining: '1' }, 'its Authorization header is read, as REST reads it')
 })
+
+t.test('addresses flooding the memory store never reset a tenant\'s counts: keys are evicted from whoever holds the most', async t => {
+  // One LRU for all: 100,000 requests from as many addresses (an IPv6 /48 holds 65,536 /64s)
+  // pushed out every counter older than them, a tenant's too: its spent limit started afresh.
+  const kernel = await startTestKernel(t, { 'GET /v1/ok': (_req, res) => json(res, 200, { ok: true }) })
+  const app = await buildTestApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: 60_000 }, {
+    manifest: testManifest({ ping: { ...op('GET /ping'), rateLimit: { max: 2, windowMs: 60_000 } } }, { url: kernel.url }, { events }),
+    kernelUrl: kernel.url,
+    rateLimit: { memoryMaxKeys: 40 }
+  })
+  const headers = bearer({ tenant: 'evict-' + randomUUID() })
+  t.equal((await app.inject({ url: '/api/v1/ping', headers })).statusCode, 200)
+  t.equal((await app.inject({ url: '/api/v1/ping', headers })).statusCode, 200)
+  t.equal((await app.inject({ url: '/api/v1/ping', headers })).statusCode, 429)
+  for (let i = 0; i < 100; i++) {
+    t.equal((await app.inject({ url: '/api/v1/ping', remoteAddress: `2001:db8:${i.toString(16)}::1` })).statusCode, 401)
+  }
+  t.ok(app.rateLimiter.memoryKeys <= 40, 'the store stays within its bound')
+  t.equal((await app.inject({ url: '/api/v1/ping', headers })).statusCode, 429, 'the tenant\'s spent limit still refuses')
+})
