@@ -850,6 +850,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       globalWindowMs: config.BFF_RATE_LIMIT_GLOBAL_WINDOW_MS,
       perTenant: config.BFF_AUTH_ENABLED,
       preflights: config.BFF_CORS_ORIGINS !== undefined,
+      internalToken: config.BFF_INTERNAL_TOKEN,
       ...options.rateLimit
     })
   }

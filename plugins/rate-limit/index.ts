@@ -14,6 +14,7 @@ import { withHook } from '../../route-hooks.js'
 import { PROBE_PATHS, targetsProbe } from '../../probes.js'
 import { requestAuthorization } from '../../adapters/credentials.js'
 import { bareAddress } from '../../address.js'
+import { carriesStaticToken } from '../auth/static-token.js'
 
 export { RateLimiter, opKey, tenantKey, ipKey, keyPart, fastifyStore } from './limiter.js'
 export { MemoryWindowStore } from './memory-store.js'
@@ -40,6 +41,11 @@ export interface RateLimitPluginOptions {
    * OPTIONS request and answers it as CORS would. Off (no CORS): an OPTIONS request has no route.
    */
   preflights?: boolean
+  /**
+   * BFF_INTERNAL_TOKEN: the Kernel's POST /internal/events with it is not counted by the guard
+   * (others to that route are, by address).
+   */
+  internalToken?: string | undefined
   /** Keys the memory store holds (100,000). */
   memoryMaxKeys?: number
   /** The memory store's clock (tests). */
@@ -78,7 +84,7 @@ async function rateLimitPlugin (app: FastifyInstance, opts: RateLimitPluginOptio
     build: op => op.rateLimit === null ? null : operationLimit(limiter, op, op.rateLimit)
   })
 
-  if (opts.globalMax !== undefined) await guard(app, limiter, opts.globalMax, opts.globalWindowMs, opts.perTenant, opts.preflights === true)
+  if (opts.globalMax !== undefined) await guard(app, limiter, opts.globalMax, opts.globalWindowMs, opts.perTenant, opts.preflights === true, opts.internalToken)
 }
 
 /** The per-operation limit: `RateLimit-*` headers on success, 429 RATE_LIMITED beyond it. */
@@ -101,6 +107,9 @@ function operationLimit (limiter: RateLimiter, op: Operation, limit: { max: numb
   }
 }
 
+/** The Kernel's route for its events (plugins/events). */
+const KERNEL_EVENTS = '/internal/events'
+
 function refusalHeaders (max: number, ttl: number): Record<string, string> {
   const seconds = String(Math.ceil(ttl / 1000))
   return { 'retry-after': seconds, 'ratelimit-limit': String(max), 'ratelimit-remaining': '0', 'ratelimit-reset': seconds }
@@ -112,7 +121,7 @@ function refusalHeaders (max: number, ttl: number): Record<string, string> {
  * route, ahead of a route's own hooks (the upgrades verify tokens in theirs), so a flood is
  * refused before it costs anything else.
  */
-async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, windowMs: number, perTenant: boolean, preflights: boolean): Promise<void> {
+async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, windowMs: number, perTenant: boolean, preflights: boolean, internalToken: string | undefined): Promise<void> {
   await app.register(fastifyRateLimit, {
     global: false,
     max,
@@ -123,9 +132,16 @@ async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, w
     errorResponseBuilder: (_request, context) => new MantleError('RATE_LIMITED', `More than ${context.max} requests in ${windowMs} ms`, { headers: refusalHeaders(context.max, context.ttl) })
   })
   const hook = app.rateLimit() as onRequestHookHandler
+  // The Kernel's events (plugins/events): counted by its address, they were refused 429 beyond
+  // the clients' budget, and lost; a publish carrying BFF_INTERNAL_TOKEN is the Kernel's.
+  const kernel = internalToken === undefined ? null : carriesStaticToken(internalToken)
+  const counted = hook as unknown as (request: FastifyRequest, reply: FastifyReply) => Promise<void>
+  const unlessKernel = async (request: FastifyRequest, reply: FastifyReply): Promise<void> => {
+    if (kernel === null || !kernel(request)) await counted(request, reply)
+  }
   app.addHook('onRoute', (route) => {
     if (PROBE_PATHS.has(route.url ?? '')) return
-    route.onRequest = withHook(route.onRequest, hook, true)
+    route.onRequest = withHook(route.onRequest, route.url === KERNEL_EVENTS && kernel !== null ? unlessKernel as onRequestHookHandler : hook, true)
   })
   if (preflights) {
     // @fastify/cors answers every OPTIONS request as a preflight, in its own onRequest hook (ahead
@@ -134,7 +150,6 @@ async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, w
     // them on with its headers set (app.ts, preflightContinue); they are counted here and
     // answered as CORS answered them: 204 with Content-Length 0 (Safari waits for a body without).
     // A preflight to a probe is not counted, as the probe itself is not.
-    const counted = hook as unknown as (request: FastifyRequest, reply: FastifyReply) => Promise<void>
     const answer = (reply: FastifyReply): void => { reply.code(204).header('content-length', '0').send() }
     app.addHook('onRequest', (request, reply, done) => {
       if (request.method !== 'OPTIONS') {

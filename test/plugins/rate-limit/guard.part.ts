@@ -458,3 +458,19 @@ t.test('addresses flooding the memory store never reset a tenant\'s counts: keys
   t.ok(app.rateLimiter.memoryKeys <= 40, 'the store stays within its bound')
   t.equal((await app.inject({ url: '/api/v1/ping', headers })).statusCode, 429, 'the tenant\'s spent limit still refuses')
 })
+
+t.test('the Kernel\'s events are not counted by the guard; a stranger posting them is, by address', async t => {
+  // Counted by the Kernel's address, its events were refused 429 past the clients' budget
+  // (BFF_RATE_LIMIT_GLOBAL_MAX per window), and lost.
+  const internal = 'internal-token-' + randomUUID()
+  const app = await guarded(t, { BFF_INTERNAL_TOKEN: internal })
+  const publish = async (authorization: string): Promise<number> => (await app.inject({
+    method: 'POST',
+    url: '/internal/events',
+    headers: { authorization },
+    payload: { topic: 'runs.updated', tenantId: 't1', payload: {} }
+  })).statusCode
+  for (let i = 0; i < 6; i++) t.equal(await publish(`Bearer ${internal}`), 202, `event ${i + 1}`)
+  t.same([await publish('Bearer wrong'), await publish('Bearer wrong'), await publish('Bearer wrong'), await publish('Bearer wrong')], [401, 401, 401, 429])
+  t.equal(await publish(`Bearer ${internal}`), 202, 'the Kernel still publishes')
+})
