@@ -25,8 +25,15 @@ export const PATTERN_CHECK_MS = 2000
  */
 export const PATTERN_STEPS = 1e8
 
-/** For tests: the worker module, and the time a pattern's check has (PATTERN_CHECK_MS, and 3 s more before its thread is cut). */
-export interface CheckOptions { readonly worker?: string, readonly checkMs?: number }
+/**
+ * Past this, a pattern's check is cut, its thread ended (recheck's own timeout is checked between
+ * its steps): a thread's start and recheck's load are in it too, seconds on a loaded machine (5 s
+ * cut a check of the test suite's, run with coverage beside three other test processes).
+ */
+export const PATTERN_CUT_MS = PATTERN_CHECK_MS + 15_000
+
+/** For tests: the worker module, the time a pattern's fuzzing has, and when its check is cut. */
+export interface CheckOptions { readonly worker?: string, readonly checkMs?: number, readonly cutMs?: number }
 
 interface Found { readonly at: string, readonly source: string, readonly maxLength: number | null, readonly name: boolean }
 type Verdict = Omit<PatternAnswer, 'source'>
@@ -61,8 +68,7 @@ async function checkOnThread (sources: string[], opts: CheckOptions): Promise<Ma
   try {
     for (const source of sources) {
       try {
-        // recheck's own timeout is checked between its steps: a step that never ends is cut here.
-        const signal = AbortSignal.any([failed.signal, AbortSignal.timeout(checkMs + 3000)])
+        const signal = AbortSignal.any([failed.signal, AbortSignal.timeout(opts.cutMs ?? PATTERN_CUT_MS)])
         verdicts.set(source, await pool.run({ source, timeoutMs: checkMs }, { signal }))
       } catch (err) {
         if (failed.signal.aborted) throw failed.signal.reason
