@@ -10,14 +10,21 @@ export interface MemoryStoreOptions {
 
 const PREFIX = 'bff:ratelimit:'
 
+/** The holder of every address's key: a name no tenant's key has (a tenant's `:` is escaped). */
+const ADDRESSES = ':ip'
+
 /**
- * Whose a key is, for eviction: its tenant (`bff:ratelimit:{tenant}:...`), or `ip` for every
- * address's (`bff:ratelimit:ip:{address}`), which are one holder together.
+ * Whose a key is, for eviction: its tenant (`bff:ratelimit:{tenant}:...`), or ADDRESSES for every
+ * address's (`bff:ratelimit:ip:{address}`, the address escaped: no further `:`), which are one
+ * holder together. A tenant named `ip` (`bff:ratelimit:ip:{user}:{op}`, `bff:ratelimit:ip:*`)
+ * is its own: taken for the addresses, a flood of them evicted its counts first.
  */
 function holder (key: string): string {
   if (!key.startsWith(PREFIX)) return ''
   const end = key.indexOf(':', PREFIX.length)
-  return end === -1 ? key : key.slice(PREFIX.length, end)
+  if (end === -1) return key
+  const tenant = key.slice(PREFIX.length, end)
+  return tenant === 'ip' && key.indexOf(':', end + 1) === -1 && !key.endsWith(':*') ? ADDRESSES : tenant
 }
 
 /**

@@ -78,6 +78,19 @@ t.test('keys are separate and bounded', async t => {
   t.equal(store.check('a', 60_000, 1).current, 1, 'an evicted key starts afresh')
 })
 
+t.test('past the bound, the addresses\' keys go first, a tenant named ip\'s kept apart from them', async t => {
+  const store = new MemoryWindowStore({ maxKeys: 6 })
+  const tenantIp = opKey('ip', 'ann', 'getAgent')
+  const guardIp = tenantKey('ip')
+  for (let i = 0; i < 3; i++) store.check(tenantIp, 60_000, 5)
+  store.check(guardIp, 60_000, 5)
+  for (let i = 0; i < 20; i++) store.check(ipKey(`2001:db8:${i.toString(16)}::1`), 60_000, 5)
+  t.equal(store.size, 6)
+  t.equal(store.check(tenantIp, 60_000, 5).current, 4, 'the tenant ip\'s operation count kept')
+  t.equal(store.check(guardIp, 60_000, 5).current, 2, 'and its guard count')
+  t.equal(store.check(ipKey('2001:db8:0::1'), 60_000, 5).current, 1, 'the oldest address\'s key went')
+})
+
 t.test('key segments cannot forge another tenant\'s key', async t => {
   t.equal(opKey('acme', 'ann', 'getAgent'), 'bff:ratelimit:acme:ann:getAgent')
   t.not(opKey('a:b', 'c', 'op'), opKey('a', 'b:c', 'op'))
