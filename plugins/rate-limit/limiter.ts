@@ -56,7 +56,7 @@ export class RateLimiter {
 
   /**
    * True while Redis is configured and checks are answered from memory: after a failed check,
-   * until one succeeds or Redis' connection is ready again, and whenever it is not ready (a
+   * until one Redis counts (not one it refuses) or Redis' connection is ready again, and whenever it is not ready (a
    * check would go to memory: from start-up without traffic, the gauge said 0).
    */
   get fallbackActive (): boolean {
@@ -78,7 +78,10 @@ export class RateLimiter {
     // every check in flight waited out the command timeout (500 ms) there.
     if (this.outage) this.pausedUntil = Date.now() + this.retryRedisMs
     return redis.check(key, windowMs, max).then(count => {
-      if (this.outage) this.recovered()
+      // Only a check Redis counted (it wrote) ends an outage: a refused one only reads, and a Redis
+      // refusing writes (out of memory, say) answered it, so that the outage ended and began again
+      // at every other check, each logged (review rv-rl).
+      if (this.outage && count.current <= max) this.recovered()
       this.counters?.checked(scope, 'redis', count.current > max)
       return count
     }, (err: Error) => {

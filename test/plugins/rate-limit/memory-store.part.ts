@@ -135,6 +135,31 @@ t.test('during an outage, one check at a time tries Redis again', async t => {
   t.same(counts.map(c => c.current).sort((a, b) => a - b), Array.from({ length: 10 }, (_, i) => i + 2), 'all ten answered, from memory')
 })
 
+t.test('a Redis that refuses writes but answers reads does not end the outage: logged once, until a check is counted there', async t => {
+  // Out of memory, Redis failed every check that writes and answered those it refused (they only
+  // read): the outage ended and began again at every other check, each time logged.
+  let full = true
+  const redis = {
+    check: async (key: string, _windowMs: number, max: number) => {
+      if (key === 'spent') return { current: max + 1, ttl: 1000 }
+      if (full) throw new Error('OOM command not allowed when used memory > \'maxmemory\'')
+      return { current: 1, ttl: 1000 }
+    }
+  }
+  const lines: string[] = []
+  const log = { warn: () => { lines.push('warn') }, info: () => { lines.push('info') } }
+  const limiter = new RateLimiter({ memory: new MemoryWindowStore(), redis: redis as never, log, retryRedisMs: 0 })
+  for (let i = 0; i < 10; i++) await limiter.check('op', i % 2 === 0 ? 'fresh' + i : 'spent', 60_000, 5)
+  t.same(lines, ['warn'], 'one outage, logged once')
+  t.ok(limiter.fallbackActive)
+  full = false
+  await limiter.check('op', 'spent', 60_000, 5)
+  t.ok(limiter.fallbackActive, 'a refused check answered does not end it')
+  await limiter.check('op', 'fresh', 60_000, 5)
+  t.same(lines, ['warn', 'info'], 'a counted one does')
+  t.notOk(limiter.fallbackActive)
+})
+
 t.test('the call that takes the last place resets when a call would pass again, not at the window\'s end', async t => {
   // Before: its ttl (RateLimit-Reset) was the end of the fixed window, when the previous
   // window's calls still weigh: a client that waited for it was refused.
