@@ -1,10 +1,11 @@
 import { checkSync, type Diagnostics } from 'recheck'
 import { RegExpParser, visitRegExpAST } from '@eslint-community/regexpp'
 
-// What the thread of manifest-patterns.ts runs: recheck's check of a pattern. The thread is made with RECHECK_SYNC_BACKEND=pure in its own env:
-// recheck's default runs its native binary (a process of its own, that hung on a stack overflow),
-// and its worker backend let a stack overflow escape as the Worker's 'error', which ended the
-// process. Here the pure JavaScript check runs, and what it throws is caught.
+// What the thread of manifest-patterns.ts runs: recheck's check of a pattern. The thread is made
+// with RECHECK_SYNC_BACKEND=pure in its own env: recheck's default runs its native binary (a
+// process of its own, that hung on a stack overflow), and its worker backend let a stack overflow
+// escape as the Worker's 'error', which ended the process. Here the pure JavaScript check runs,
+// and what it throws is caught.
 
 export interface PatternTask { readonly source: string, readonly timeoutMs: number }
 export interface PatternAnswer {

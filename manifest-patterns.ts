@@ -107,20 +107,29 @@ export async function backtrackingFaults (manifest: Manifest, opts: CheckOptions
   }
   for (const ev of manifest.events) patternsIn(ev.payload, `events.${ev.name}.payload`, found)
   if (found.length === 0) return []
-  const unseen = [...new Set(found.map(f => f.source))].filter(s => keptByText<Verdict>('pattern verdict', s) === undefined)
+  // Each pattern's verdict: kept from an earlier read, or made now (read from here, not from where
+  // it is kept: a manifest of more patterns than that holds would lose some of its own).
+  const verdicts = new Map<string, Verdict>()
+  const unseen: string[] = []
+  for (const source of new Set(found.map(f => f.source))) {
+    const kept = keptByText<Verdict>('pattern verdict', source)
+    if (kept === undefined) unseen.push(source)
+    else verdicts.set(source, kept)
+  }
   if (unseen.length > 0) {
-    let verdicts: Map<string, Verdict>
     try {
-      verdicts = await checkOnThread(unseen, opts)
+      for (const [source, verdict] of await checkOnThread(unseen, opts)) {
+        verdicts.set(source, verdict)
+        // An unknown is not kept: a check cut short on a busy machine is made again at the next read.
+        if (verdict.status !== 'unknown') compiledByText('pattern verdict', source, () => verdict)
+      }
     } catch (err) {
       return [`the patterns could not be checked: ${(err as Error).message}`]
     }
-    // An unknown is not kept: a check cut short on a busy machine is made again at the next read.
-    for (const [source, verdict] of verdicts) if (verdict.status !== 'unknown') compiledByText('pattern verdict', source, () => verdict)
   }
   const faults: string[] = []
   for (const f of found) {
-    const verdict = keptByText<Verdict>('pattern verdict', f.source)
+    const verdict = verdicts.get(f.source)
     const fault = verdict === undefined ? null : faultOf(f, verdict)
     if (fault !== null) faults.push(fault)
   }

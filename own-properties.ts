@@ -11,7 +11,16 @@ export function inheritedName (name: string): boolean {
   return INHERITED.has(name)
 }
 
-/** Whether `schema` declares a property so named anywhere (decided once, when it is compiled). */
+/**
+ * `serialize`, compiled from `schema`, as every serializer of an answer is to be called: on the
+ * answer copied without prototypes when the schema declares a property so named (decided once,
+ * here), else as it is, at no cost.
+ */
+export function ownFieldsOnly (schema: unknown, serialize: (value: unknown) => string): (value: unknown) => string {
+  return declaresInheritedName(schema) ? value => serialize(withoutPrototypes(value)) : serialize
+}
+
+/** Whether `schema` declares a property so named anywhere. */
 export function declaresInheritedName (schema: unknown): boolean {
   let found = false
   eachSchemaObject(schema, '', node => {

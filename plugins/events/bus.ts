@@ -1,5 +1,5 @@
 import fastJson from 'fast-json-stringify'
-import { declaresInheritedName, withoutPrototypes } from '../../own-properties.js'
+import { ownFieldsOnly } from '../../own-properties.js'
 import type { EventDefinition } from '../../manifest.js'
 import type { Identity } from '../auth/index.js'
 import { MantleError } from '../../errors.js'
@@ -38,8 +38,7 @@ function compiledPayload (e: EventDefinition): CompiledPayload {
   if (compiled === undefined) {
     // Opened as an answer's schema is: an undeclared field is dropped, not refused.
     const opened = openSchema(e.payload)
-    const serialize = fastJson(opened as Parameters<typeof fastJson>[0])
-    compiled = { serialize: declaresInheritedName(opened) ? value => serialize(withoutPrototypes(value)) : serialize, check: answerCheck(opened), free: mayNestDeep(opened) }
+    compiled = { serialize: ownFieldsOnly(opened, fastJson(opened as Parameters<typeof fastJson>[0])), check: answerCheck(opened), free: mayNestDeep(opened) }
     compiledPayloads.set(e, compiled)
   }
   return compiled

@@ -250,8 +250,7 @@ export class ScanPool {
     })
   }
 
-  /** A waiting scan is dropped: its caller left, or its deadline passed. */
-  /** Whether it was still waiting (else it runs, or was dropped already). */
+  /** A waiting scan is dropped (its caller left, or its deadline passed); false when it was not waiting (it runs, or was dropped already). */
   private drop (w: Waiting, err: MantleError): boolean {
     const queue = this.queues.get(w.tenant)
     const at = queue === undefined ? -1 : queue.indexOf(w)

@@ -4,7 +4,7 @@ import { Ajv, type ValidateFunction } from 'ajv'
 import { addGatewayFormats } from '../../formats.js'
 import { compiledOnce } from '../../compiled.js'
 import fastJson from 'fast-json-stringify'
-import { declaresInheritedName, withoutPrototypes } from '../../own-properties.js'
+import { ownFieldsOnly } from '../../own-properties.js'
 import { canonicalJson, type Manifest, type Operation } from '../../manifest.js'
 import { MantleError, describeValidation } from '../../errors.js'
 import type { CallContext } from './context.js'
@@ -300,12 +300,11 @@ function openObject (s: Readonly<Record<string, unknown>>): Readonly<Record<stri
 
 function outputSerializer (op: Operation): (value: unknown) => string {
   const opened = openedOutput(op)
-  const compiled = compiledOnce('serializer', opened, () => fastJson(opened as Parameters<typeof fastJson>[0]))
-  const own = declaresInheritedName(opened)
+  const compiled = ownFieldsOnly(opened, compiledOnce('serializer', opened, () => fastJson(opened as Parameters<typeof fastJson>[0])))
   return (value) => {
     if (value === null || value === undefined) return 'null'
     try {
-      return compiled(own ? withoutPrototypes(value) : value)
+      return compiled(value)
     } catch {
       throw new MantleError('KERNEL_ERROR', `The Kernel's answer does not match the output schema of ${op.name}`)
     }
