@@ -10,6 +10,19 @@ import { parsePublicKeys } from '../plugins/auth/keys.js'
 export const DEMO_MANIFEST = fileURLToPath(new URL('../kernel/manifest.yaml', import.meta.url))
 /** Outside production only: a known secret so `npm run token` mints tokens `npm start` accepts. */
 export const DEV_JWT_SECRET = 'mantle-dev-secret-not-for-production-0000'
+/**
+ * The credentials the repository's examples hold (.env.example, deploy/k8s/secret.example.yaml),
+ * published with the source as DEV_JWT_SECRET is: production refuses each one (productionProblems).
+ * A Secret applied from the example, or a .env copied with its lines uncommented, started a
+ * production gateway that took tokens anyone could sign (role system included), or events for any
+ * tenant from anyone at /internal/events. test/security/production.part.ts reads the examples'
+ * values, so that one added there and not here fails it.
+ */
+export const EXAMPLE_SECRETS: Readonly<Record<'BFF_JWT_SECRET' | 'BFF_INTERNAL_TOKEN' | 'BFF_METRICS_TOKEN', readonly string[]>> = {
+  BFF_JWT_SECRET: ['change-me-to-32-or-more-random-bytes', 'replace-with-48-random-bytes-in-base64-0123456789abcdef'],
+  BFF_INTERNAL_TOKEN: ['change-me-internal-token', 'replace-with-a-random-token-0123456789'],
+  BFF_METRICS_TOKEN: ['change-me-metrics-token']
+}
 
 const Flag = (description: string) => Type.Boolean({ default: true, description })
 
@@ -452,12 +465,19 @@ export function productionProblems (config: Config, bad: ReadonlySet<string> = n
     if (config.BFF_JWT_SECRET !== undefined) {
       if (Buffer.byteLength(config.BFF_JWT_SECRET) < 32) problems.push('BFF_JWT_SECRET is shorter than 32 bytes')
       else if (config.BFF_JWT_SECRET === DEV_JWT_SECRET) problems.push('BFF_JWT_SECRET is the development secret, which is published in the source (anyone could sign tokens): set a secret of your own')
+      else if (EXAMPLE_SECRETS.BFF_JWT_SECRET.includes(config.BFF_JWT_SECRET)) problems.push('BFF_JWT_SECRET is the example\'s placeholder, which is published in the repository (anyone could sign tokens): set a secret of your own')
     } else if (config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined) {
       problems.push('BFF_JWT_SECRET is missing (or set BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL)')
     }
     if (config.BFF_JWKS_URL !== undefined && !fetchedSafely(config.BFF_JWKS_URL)) {
       problems.push('BFF_JWKS_URL is plain http to another host (keys fetched in clear can be replaced on the way, and whoever replaces them can sign tokens): use https')
     }
+  }
+  if (config.BFF_INTERNAL_TOKEN !== undefined && valid('BFF_INTERNAL_TOKEN') && EXAMPLE_SECRETS.BFF_INTERNAL_TOKEN.includes(config.BFF_INTERNAL_TOKEN)) {
+    problems.push('BFF_INTERNAL_TOKEN is the example\'s placeholder, which is published in the repository (anyone could post events to any tenant\'s subscribers): set a token of your own')
+  }
+  if (config.BFF_METRICS_ENABLED && config.BFF_METRICS_TOKEN !== undefined && valid('BFF_METRICS_ENABLED', 'BFF_METRICS_TOKEN') && EXAMPLE_SECRETS.BFF_METRICS_TOKEN.includes(config.BFF_METRICS_TOKEN)) {
+    problems.push('BFF_METRICS_TOKEN is the example\'s placeholder, which is published in the repository (anyone could read /metrics): set a token of your own')
   }
   if (config.BFF_CORS_ORIGINS !== undefined && valid('BFF_CORS_ORIGINS') && corsOrigins(config.BFF_CORS_ORIGINS).includes('*')) {
     problems.push('BFF_CORS_ORIGINS contains * (any site could call the API from a browser): list the allowed origins')

@@ -4,7 +4,9 @@ import WebSocket from 'ws'
 import { generateKeyPairSync, randomUUID } from 'node:crypto'
 import type { FastifyInstance, InjectOptions } from 'fastify'
 import { buildApp, redactUrl } from '../../app.js'
-import { ConfigError } from '../../schemas/config.js'
+import { ConfigError, productionProblems } from '../../schemas/config.js'
+import { readFileSync } from 'node:fs'
+import { parse } from 'yaml'
 import { startKernel } from '../../kernel/server.js'
 import { buildTestApp, testConfig, testManifest, closedPort, token, SECRET } from '../helper.js'
 
@@ -61,6 +63,28 @@ t.test('production refuses to start, naming each reason; a safe setting starts',
     t.teardown(() => app.close())
     await app.ready()
     t.pass(`${name}: starts`)
+  }
+})
+
+t.test('production refuses the credentials the examples publish (.env.example, the k8s Secret example)', async t => {
+  const root = new URL('../../', import.meta.url)
+  const names = ['BFF_JWT_SECRET', 'BFF_INTERNAL_TOKEN', 'BFF_METRICS_TOKEN']
+  const published: Array<[string, string, string]> = []
+  // Commented out or not: a copy of the file is edited by uncommenting its lines.
+  for (const line of readFileSync(new URL('.env.example', root), 'utf8').split('\n')) {
+    const m = /^#?\s*([A-Z_]+)=(.+)$/.exec(line)
+    if (m !== null && names.includes(m[1])) published.push(['.env.example', m[1], m[2]])
+  }
+  const secret = (parse(readFileSync(new URL('deploy/k8s/secret.example.yaml', root), 'utf8')) as { stringData: Record<string, string> }).stringData
+  for (const [name, value] of Object.entries(secret)) if (names.includes(name)) published.push(['secret.example.yaml', name, value])
+  t.equal(published.length, 5, 'the examples hold five such values')
+  const prod = { NODE_ENV: 'production', BFF_AUDIT_ENABLED: false, BFF_JWT_SECRET: SECRET }
+  for (const [file, name, value] of published) {
+    const err = await buildApp(testConfig({ ...prod, [name]: value }), { logger: false, manifest: testManifest(PING) }).then(async app => { await app.close(); return null }, (e: unknown) => e)
+    t.type(err, ConfigError, `${file}'s ${name} is refused`)
+    t.match((err as Error | null)?.message, new RegExp(`^Refusing to start in production: .*${name} is the example's placeholder`), `${file}'s ${name}: named`)
+    // Control: a value of one's own, the same length, is accepted.
+    t.same(productionProblems(testConfig({ ...prod, [name]: randomUUID().replaceAll('-', '').padEnd(value.length, 'x') })), [], `${name} of one's own: accepted`)
   }
 })
 
