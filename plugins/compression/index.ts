@@ -17,7 +17,41 @@ export const COMPRESSION_THRESHOLD = 1024
  */
 export const COMPRESSIBLE = /^text\/(?!event-stream)|(?:\+|\/)json(?:;|$)|(?:\+|\/)xml(?:;|$)/
 
+/** The codings offered, in the gateway's order of preference. */
+const ENCODINGS = ['br', 'gzip', 'deflate'] as const
+
+/**
+ * An Accept-Encoding with its `*` written out as the codings the header does not name, each with
+ * the `*`'s parameters: `gzip;q=0, *` is `gzip;q=0, br, deflate`. @fastify/compress reads `*` as
+ * gzip, and its negotiator takes the best quality of a coding named twice: a client that refused
+ * gzip (q=0) and took anything else got gzip (RFC 9110 §12.5.3: `*` matches any coding not
+ * explicitly listed). `x-gzip` names gzip (RFC 9110 §8.4.1.3). Only called with a `*` in it.
+ */
+export function withoutWildcard (header: string): string {
+  const named = new Set<string>()
+  const kept: string[] = []
+  let wildcard: string | null = null
+  for (const member of header.split(',')) {
+    const semi = member.indexOf(';')
+    const coding = (semi === -1 ? member : member.slice(0, semi)).trim().toLowerCase()
+    if (coding === '*') {
+      wildcard ??= semi === -1 ? '' : member.slice(semi)
+      continue
+    }
+    named.add(coding === 'x-gzip' ? 'gzip' : coding)
+    kept.push(member)
+  }
+  if (wildcard !== null) for (const coding of ENCODINGS) if (!named.has(coding)) kept.push(coding + wildcard)
+  return kept.join(',')
+}
+
 async function compressionPlugin (app: FastifyInstance): Promise<void> {
+  // Before @fastify/compress negotiates (onSend): only a header with a `*` is rewritten.
+  app.addHook('onRequest', (request, _reply, done) => {
+    const accept = request.headers['accept-encoding']
+    if (accept !== undefined && accept.includes('*')) request.headers['accept-encoding'] = withoutWildcard(accept)
+    done()
+  })
   await app.register(compress, {
     global: true,
     encodings: ['br', 'gzip', 'deflate'],

@@ -71,6 +71,33 @@ t.test('br, gzip and deflate are negotiated for a REST body over 1 KB, and decod
   t.same(unknown.json(), plain.json())
 })
 
+t.test('a coding refused with q=0 is never used, a * beside it notwithstanding (RFC 9110 §12.5.3)', async t => {
+  const app = await setup(t)
+  const plain = await app.inject({ method: 'GET', url: '/api/v1/items?n=200' })
+  const cases: Array<[string, string | undefined]> = [
+    // `*` is every coding the header does not name: gzip refused, the others taken.
+    ['gzip;q=0, *', 'br'],
+    ['gzip;q=0, x-gzip;q=0, *', 'br'],
+    ['x-gzip;q=0, *', 'br'],
+    ['br;q=0, gzip;q=0, *', 'deflate'],
+    ['*, br;q=0, deflate;q=0', 'gzip'],
+    ['GZIP;Q=0, br;q=0, *;q=0.5', 'deflate'],
+    ['br;q=0, gzip;q=0, deflate;q=0, *', undefined],
+    ['*;q=0', undefined],
+    ['identity;q=0, *;q=0', undefined],
+    // Named, a coding keeps its own quality over the `*`'s.
+    ['deflate;q=0.9, *;q=0.1', 'deflate'],
+    ['*', 'br']
+  ]
+  for (const [accept, expected] of cases) {
+    const res = await app.inject({ method: 'GET', url: '/api/v1/items?n=200', headers: { 'accept-encoding': accept } })
+    t.equal(res.statusCode, 200, accept)
+    t.equal(res.headers['content-encoding'], expected, `${accept}: ${expected ?? 'none'}`)
+    const used = res.headers['content-encoding'] as string | undefined
+    t.same(JSON.parse((used === undefined ? res.rawPayload : decoders[used](res.rawPayload)).toString()), plain.json(), `${accept}: the same JSON`)
+  }
+})
+
 t.test('bodies under 1 KB go out as they are', async t => {
   const app = await setup(t)
   const small = await app.inject({ method: 'GET', url: '/api/v1/items?n=5', headers: { 'accept-encoding': 'br, gzip' } })
