@@ -356,7 +356,13 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         if (compressing && asksForStream(request.headers)) request.raw.headers['x-no-compression'] = 'jsonl'
         await answerByTrpc(request, reply, path)
         const refused = refusedEarly?.get(request)
-        if (refused !== undefined) app.audit.refused(request, reply, operations.has(path) ? path : 'trpc', errorShape(refused, request.id).data.code, reply.statusCode)
+        if (refused !== undefined) {
+          // The refusal's own status, as its error says: a streamed batch's response is a 200
+          // whose results carry the errors (its headers left first), and was recorded so, a
+          // VALIDATION_FAILED with status 200.
+          const { code, httpStatus } = errorShape(refused, request.id).data
+          app.audit.refused(request, reply, operations.has(path) ? path : 'trpc', code, httpStatus)
+        }
         return reply
       }
     })

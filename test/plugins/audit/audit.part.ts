@@ -139,6 +139,10 @@ t.test('tRPC requests refused before any call runs are recorded as security, onc
   t.equal(await send('batch-bad', 'GET', '/trpc/getAgent,listAgents?batch=1&input=[1]'), 400)
   t.equal(await send('big', 'POST', '/trpc/createAgent', JSON.stringify({ name: 'x'.repeat(200) })), 413)
   t.equal(await send('fine', 'GET', '/trpc/getAgent?input=' + encodeURIComponent('{"id":"a1"}')), 200)
+  // A streamed batch (httpBatchStreamLink): a 200 whose results are the errors, 400 each.
+  const streamed = await app.inject({ url: '/trpc/getAgent,listAgents?batch=1&input=%7Bnope', headers: { ...bearer(), 'x-request-id': 'stream-bad', 'trpc-accept': 'application/jsonl' } })
+  t.equal(streamed.statusCode, 200)
+  t.match(streamed.body, /"httpStatus":400/)
   t.equal(await send('scan', 'POST', '/trpc/noSuchThing', '{bad'), 404)
   const rows = await entries(app)
   const of = (id: string): Row[] => rows.filter(r => r.requestId === id || r.requestId.startsWith(id + '.'))
@@ -146,6 +150,7 @@ t.test('tRPC requests refused before any call runs are recorded as security, onc
   t.match(of('q-bad'), [{ category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, protocol: 'trpc', action: 'getAgent', tenantId: 't1', method: null, path: '/trpc/getAgent' }])
   t.match(of('m-bad'), [{ category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'createAgent' }])
   t.match(of('batch-bad'), [{ category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'trpc', method: null, path: '/trpc' }])
+  t.match(of('stream-bad'), [{ category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'trpc', path: '/trpc' }], 'a streamed batch: its errors\' status')
   t.match(of('big'), [{ category: 'security', status: 'PAYLOAD_TOO_LARGE', statusCode: 413, protocol: 'trpc' }], 'a body Fastify refused: once')
   t.match(of('fine'), [{ category: 'read', status: 'ok', statusCode: 200 }], 'a call: its own entry, none besides')
   t.same(of('scan'), [], 'a procedure that is no operation: none, as for an unmatched route')
