@@ -21,6 +21,8 @@ import { pathToFileURL } from 'node:url'
 import { parse as parseYaml } from 'yaml'
 import { loadManifestFile, type JsonSchema, type Manifest } from '../manifest.js'
 import { ErrorCodes } from '../errors.js'
+import { Ajv } from 'ajv'
+import { addGatewayFormats } from '../formats.js'
 
 const REF = /^#\/schemas\/([A-Za-z_][A-Za-z0-9_]*)$/
 const IDENTIFIER = /^[A-Za-z_$][A-Za-z0-9_$]*$/
@@ -150,11 +152,18 @@ function objectOnly (schema: unknown): boolean {
   return type === 'object'
 }
 
-/** Whether a call may leave out its input: no property of it is required. */
-function inputOptional (schema: JsonSchema, named: Readonly<Record<string, unknown>>): boolean {
-  const ref = typeof schema.$ref === 'string' ? REF.exec(schema.$ref)?.[1] : undefined
-  const target = (ref === undefined ? schema : named[ref]) as JsonSchema | undefined
-  return !Array.isArray(target?.required) || target.required.length === 0
+/**
+ * Whether a call may leave out its input: the gateway takes none (or null) as `{}`, so exactly
+ * when the op's input schema, its references resolved, admits `{}`, as the pipeline's validation
+ * reads it (defaults filled in, own properties only). Before, only the `required` of the schema
+ * as written, or of the one named schema it referred to, was read: an input naming a schema that
+ * names another (`IdsAlias: { $ref: "#/schemas/Ids" }`), or one with `minProperties`, was typed
+ * `| void`, and `api.op.query()` type-checked, to be refused VALIDATION_FAILED.
+ */
+function inputOptional (schema: JsonSchema): boolean {
+  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true, ownProperties: true })
+  addGatewayFormats(ajv)
+  return ajv.compile(schema)({}) === true
 }
 
 /**
@@ -205,7 +214,7 @@ export function generateRouterTypes (manifest: Manifest, namedSchemas: Readonly<
     const summary = op.summary ?? op.description
     if (summary !== null) out.push(doc({ description: summary }, '  ').trimEnd())
     out.push(`  ${key(op.name)}: ${kind}<{`)
-    out.push(`    input: ${input}${inputOptional(op.inputDocument, namedSchemas) ? ' | void' : ''}`)
+    out.push(`    input: ${input}${inputOptional(op.input) ? ' | void' : ''}`)
     out.push(`    output: ${toType(op.outputDocument, '    ', names)}`)
     out.push('    meta: object', '  }>')
   }

@@ -9,7 +9,7 @@ import ts from 'typescript'
 import { ESLint } from 'eslint'
 import { parse as parseYaml, stringify as stringifyYaml } from 'yaml'
 import { codegen, generateRouterTypes, toType, typeNames } from '../../scripts/codegen.js'
-import { demoManifest, fixture } from '../helper.js'
+import { demoManifest, fixture, testManifest } from '../helper.js'
 
 const root = fileURLToPath(new URL('../..', import.meta.url))
 
@@ -196,4 +196,33 @@ t.test('npm run codegen: the CLI writes the file, and a bad manifest fails with 
   t.equal((failed as { code: number }).code, 1)
   t.match((failed as { stderr: string }).stderr, /mantle: Invalid manifest .*bad\.yaml/)
   await t.rejects(codegen(['--bogus'], {}), /Unknown option/)
+})
+
+t.test('an input is `| void` exactly when the gateway takes none: its schema, references resolved, admits {}', async t => {
+  // The gateway takes no input (or null) as {}, which the op's input schema then validates.
+  // Before, only `required` of the schema as written (or of the one schema it named) was read:
+  // an input naming a schema that names another, or with minProperties, was typed `| void`, and
+  // `client.op.query()` type-checked, to be refused VALIDATION_FAILED.
+  const schemas = {
+    Ids: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } },
+    IdsAlias: { $ref: '#/schemas/Ids' },
+    Paging: { type: 'object', properties: { limit: { type: 'integer' } } }
+  }
+  const op = (path: string, input: unknown): Record<string, unknown> => ({ type: 'query', rest: `GET /${path}`, kernel: `GET /v1/${path}`, input, output: { type: 'object' } })
+  const manifest = testManifest({
+    viaAlias: op('a', { $ref: '#/schemas/IdsAlias' }),
+    someField: op('b', { type: 'object', minProperties: 1, properties: { a: { type: 'string' }, b: { type: 'string' } } }),
+    paging: op('c', { $ref: '#/schemas/Paging' }),
+    defaulted: op('d', { type: 'object', required: ['limit'], properties: { limit: { type: 'integer', default: 10 } } }),
+    none: op('e', undefined)
+  }, {}, { schemas })
+  const text = generateRouterTypes(manifest, schemas)
+  const inputOf = (name: string): string | undefined => new RegExp(`  ${name}: TRPCQueryProcedure<\\{\\n {4}input: ([^\\n]*)`).exec(text)?.[1]
+  t.equal(inputOf('viaAlias'), 'IdsAlias', 'a required field, through two references')
+  t.equal(inputOf('someField'), '{', 'minProperties: 1')
+  t.notMatch(text, /someField: TRPCQueryProcedure<\{\n {4}input: \{[^}]*\} \| void/)
+  t.equal(inputOf('paging'), 'Paging | void', 'nothing required')
+  t.equal(inputOf('none'), 'Record<string, never> | void', 'no input declared')
+  // A required field with a default is filled in (the pipeline's useDefaults): no input is taken.
+  t.match(text, /defaulted: TRPCQueryProcedure<\{\n {4}input: \{\n {6}limit: number\n {4}\} \| void\n/)
 })
