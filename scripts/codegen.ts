@@ -21,8 +21,7 @@ import { pathToFileURL } from 'node:url'
 import { parse as parseYaml } from 'yaml'
 import { loadManifestFile, type JsonSchema, type Manifest } from '../manifest.js'
 import { ErrorCodes } from '../errors.js'
-import { Ajv } from 'ajv'
-import { addGatewayFormats } from '../formats.js'
+import { inputAjv } from '../plugins/pipeline/index.js'
 
 const REF = /^#\/schemas\/([A-Za-z_][A-Za-z0-9_]*)$/
 const IDENTIFIER = /^[A-Za-z_$][A-Za-z0-9_$]*$/
@@ -161,9 +160,7 @@ function objectOnly (schema: unknown): boolean {
  * `| void`, and `api.op.query()` type-checked, to be refused VALIDATION_FAILED.
  */
 function inputOptional (schema: JsonSchema): boolean {
-  const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true, ownProperties: true })
-  addGatewayFormats(ajv)
-  return ajv.compile(schema)({}) === true
+  return inputAjv().compile(schema)({}) === true
 }
 
 /**

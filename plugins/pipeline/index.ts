@@ -357,7 +357,8 @@ interface InputValidators {
  */
 const compiledInputs = new WeakMap<Operation, InputValidators>()
 
-function inputAjv (): Ajv {
+/** The Ajv an input is checked with (codegen asks it whether a call may leave its input out). */
+export function inputAjv (): Ajv {
   // ownProperties: a field named as a member of Object.prototype (`toString`, `constructor`) was
   // read from the prototype when left out, and the call refused ("input.toString must be string").
   const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true, ownProperties: true })
