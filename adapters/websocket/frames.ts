@@ -44,27 +44,38 @@ const ajv = new Ajv({ allErrors: false })
 const validators: ReadonlyArray<readonly [string, Frame['kind'], ValidateFunction]> = KINDS.map(([key, kind, schema]) => [key, kind, ajv.compile(schema)] as const)
 
 // JSON.parse keeps "__proto__" as an own key; REST refuses such bodies (secure-json-parse), so
-// this face does too. Only frames that mention one pay for the reviver.
+// this face does too. Only frames that mention one are looked at, after parsing, iteratively: a
+// reviver on JSON.parse recurses, and a frame a few thousand levels deep (10 KB) overflowed the
+// stack, refused as "not valid JSON" with id null, its call never answered.
 const SUSPECT = /"(?:__proto__|constructor)"/
-function guard (key: string, value: unknown): unknown {
-  if (key === '__proto__' || (key === 'constructor' && typeof value === 'object' && value !== null && 'prototype' in value)) {
-    throw new SyntaxError('forbidden prototype property')
+
+/** Whether a parsed frame holds a key secure-json-parse refuses, at any depth. */
+function forbiddenKey (frame: object): boolean {
+  const stack: unknown[] = [frame]
+  while (stack.length > 0) {
+    const value = stack.pop()
+    if (value === null || typeof value !== 'object') continue
+    if (Object.hasOwn(value, '__proto__')) return true
+    const ctor = (value as { constructor?: unknown }).constructor
+    if (Object.hasOwn(value, 'constructor') && ctor !== null && typeof ctor === 'object' && Object.hasOwn(ctor, 'prototype')) return true
+    for (const v of Object.values(value)) if (v !== null && typeof v === 'object') stack.push(v)
   }
-  return value
+  return false
 }
 
 /** A text frame to a frame, or a refusal that says what is wrong with it. Never throws. */
 export function decodeFrame (text: string): Frame | Refusal {
   let value: unknown
   try {
-    value = SUSPECT.test(text) ? JSON.parse(text, guard) : JSON.parse(text)
-  } catch (err) {
-    if ((err as Error).message !== 'forbidden prototype property') return { kind: 'refused', id: null, detail: 'The frame is not valid JSON' }
-    // Valid JSON, refused by the guard before its id was read: the refusal answers the client's
-    // call, as every other refusal of a frame with a valid id does (before, `"id":null`, and the
-    // client's call never settled). Parsed again without the guard for the id alone: JSON.parse
-    // makes `__proto__` an own key, never a prototype, and nothing else of it is used.
-    return { kind: 'refused', id: givenId(JSON.parse(text)), detail: 'The frame contains a forbidden prototype property' }
+    value = JSON.parse(text)
+  } catch {
+    return { kind: 'refused', id: null, detail: 'The frame is not valid JSON' }
+  }
+  // Refused with the frame's id when it has a valid one, as every other refusal of a frame with
+  // a valid id (before, `"id":null`, and the client's call never settled). JSON.parse makes
+  // `__proto__` an own key, never a prototype: the id is read from the frame's own keys.
+  if (value !== null && typeof value === 'object' && SUSPECT.test(text) && forbiddenKey(value)) {
+    return { kind: 'refused', id: givenId(value), detail: 'The frame contains a forbidden prototype property' }
   }
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
     return { kind: 'refused', id: null, detail: 'A frame must be a JSON object' }

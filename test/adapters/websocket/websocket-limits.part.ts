@@ -55,6 +55,29 @@ t.test('junk frames get a VALIDATION_FAILED error frame and the connection lives
   t.match(await bystander.request({ id: 'b', op: 'getAgent', input: { id: 'a1' } }), { id: 'b', result: { id: 'a1' } }, 'and so does another one')
 })
 
+// The frame's own check for "__proto__" keys ran as a JSON.parse reviver, which recurses: a frame
+// nested a few thousand levels deep that mentioned "constructor" anywhere (a value will do)
+// overflowed the stack and was answered "not valid JSON" with id null, its call never settled.
+t.test('a deeply nested frame is answered with its id, whether it mentions "constructor" or "__proto__" or not', async t => {
+  const { url } = await wsApp(t)
+  const client = await connect(t, url)
+  const deep = (n: number, inner = '1'): string => '['.repeat(n) + inner + ']'.repeat(n)
+  for (const [name, text, detail] of [
+    ['nested, no suspect key', `{"id":"plain","op":"getAgent","input":{"id":"a1","x":${deep(20_000)}}}`, /input/],
+    ['nested, "constructor" as a value', `{"id":"ctor","op":"getAgent","input":{"id":"constructor","x":${deep(20_000)}}}`, /input/],
+    ['nested, a harmless "constructor" key', `{"id":"key","op":"getAgent","input":{"id":"a1","x":${deep(20_000, '{"constructor":"x"}')}}}`, /input/],
+    ['a "__proto__" key deep inside', `{"id":"proto","op":"getAgent","input":{"id":"a1","x":${deep(20_000, '{"__proto__":{}}')}}}`, /forbidden prototype property/],
+    ['a constructor.prototype deep inside', `{"id":"proto2","op":"getAgent","input":{"id":"a1","x":${deep(20_000, '{"constructor":{"prototype":{}}}')}}}`, /forbidden prototype property/]
+  ] as const) {
+    client.send(text)
+    const frame = await client.next()
+    t.equal(frame.id, JSON.parse(text.slice(0, text.indexOf(',"op"')) + '}').id, name)
+    t.match(frame.error, { code: 'VALIDATION_FAILED', detail }, name)
+    t.notMatch(frame.error.detail, /not valid JSON/, name)
+  }
+  t.match(await client.request({ id: 'still', op: 'getAgent', input: { id: 'a1' } }), { id: 'still', result: { id: 'a1' } }, 'the connection still works')
+})
+
 t.test('frames over the bounds close the connection with 1009; bad UTF-8 with 1007', async t => {
   const { app, url } = await wsApp(t, { env: { BFF_BODY_LIMIT: 4096 }, settings: { maxFrameBytes: 1024 } })
   const own = await connect(t, url)
