@@ -47,7 +47,7 @@ import cors from '@fastify/cors'
 import health from './routes/health.js'
 import batch from './routes/batch.js'
 import { withHook } from './route-hooks.js'
-import { refusedByWs } from './adapters/upgrade.js'
+import { crossSiteUpgrade, refusedByWs } from './adapters/upgrade.js'
 import { parseQuery, literalQuery, MALFORMED_QUERY } from './query-string.js'
 import { PROBE_PATHS } from './probes.js'
 
@@ -609,6 +609,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // a CORS failure. A preflight passed on (the guard on) reaches it; CORS answers one itself
   // otherwise. True when it refused the request (done called).
   const corsOn = config.BFF_CORS_ORIGINS !== undefined
+  const crossSite = config.BFF_AUTH_ENABLED ? null : crossSiteUpgrade(config.BFF_CORS_ORIGINS === undefined ? [] : corsOrigins(config.BFF_CORS_ORIGINS))
   const refusedEarly = (request: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void): boolean => {
     if (closing) {
       // A request that arrives on an open connection while the gateway shuts down runs nothing.
@@ -641,6 +642,12 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // (servePlainUpgrades), and never comes here marked as an upgrade.
     if ((request.raw as Upgradable).upgrade && request.routeOptions.config.servesWebSocket !== true && !request.is404 && WEBSOCKET_UPGRADE.test(request.headers.upgrade ?? '')) {
       refuseEarly(request, reply, done, new MantleError('BAD_REQUEST', 'This route serves no WebSocket: send it a plain HTTP request'))
+      return true
+    }
+    // With identity off, a browser's upgrade from another site (its Origin) is refused before any
+    // socket opens, as CORS keeps that site from reading REST's answers (crossSiteUpgrade).
+    if (crossSite !== null && (request.raw as Upgradable).upgrade && request.routeOptions.config.servesWebSocket === true && WEBSOCKET_UPGRADE.test(request.headers.upgrade ?? '') && crossSite(request)) {
+      refuseEarly(request, reply, done, new MantleError('FORBIDDEN', 'A WebSocket upgrade from another site\'s page is refused: its Origin is neither this gateway nor one BFF_CORS_ORIGINS names'))
       return true
     }
     return false

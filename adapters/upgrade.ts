@@ -39,3 +39,39 @@ export function refusedByWs (cause: unknown): boolean {
   const code = (cause as { code?: unknown } | null | undefined)?.code
   return cause instanceof Error && typeof code === 'string' && code.startsWith('WS_ERR_')
 }
+
+/**
+ * Whether a WebSocket upgrade comes from a page another site serves, for a gateway whose
+ * identity is off (BFF_AUTH_ENABLED=false: the network in front authenticates callers, perhaps
+ * by a cookie its proxy checks, which a browser sends along with a cross-site upgrade). A
+ * browser holds a page's WebSocket to no same-origin rule, as it does its HTTP requests (CORS):
+ * without this, any site a user inside that network opened read every operation's answers
+ * over /ws, /graphql or /trpc, which its REST calls could not (no CORS header). Allowed: an
+ * upgrade without `Origin` (no browser sends one without it), one whose `Origin` is this
+ * gateway's own host (its scheme not compared: TLS may end at a balancer; a port left out is the
+ * scheme's default), and one `origins` (BFF_CORS_ORIGINS) names, or any with `*`. `null` (a
+ * sandboxed frame, a file:// page) and anything that is no http(s) origin are cross-site.
+ */
+export function crossSiteUpgrade (origins: readonly string[]): (request: FastifyRequest) => boolean {
+  const any = origins.includes('*')
+  const allowed = new Set(origins)
+  return (request) => {
+    const origin = request.headers.origin
+    if (origin === undefined || any || allowed.has(origin)) return false
+    let url: URL
+    try {
+      url = new URL(origin)
+    } catch {
+      return true
+    }
+    if (url.protocol !== 'http:' && url.protocol !== 'https:') return true
+    const port = url.port === '' ? (url.protocol === 'https:' ? '443' : '80') : url.port
+    let host: URL
+    try {
+      host = new URL(`${url.protocol}//${request.host}`)
+    } catch {
+      return true
+    }
+    return host.hostname !== url.hostname || (host.port === '' ? port !== (url.protocol === 'https:' ? '443' : '80') : host.port !== port)
+  }
+}

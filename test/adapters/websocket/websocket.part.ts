@@ -1,7 +1,7 @@
 import t from 'tap'
 import { createSigner } from 'fast-jwt'
 import { startTestKernel, testManifest, json, bearer, token, closedPort, SECRET, drained } from '../../helper.js'
-import { wsApp, connect, refusedUpgrade } from '../websocket-helper.js'
+import { wsApp, connect, refusedUpgrade, upgrade } from '../websocket-helper.js'
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
 const UUID_V7 = /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/
@@ -178,6 +178,39 @@ t.test('with identity off, connections are anonymous', async t => {
   t.same(auth, { id: '2', authenticated: true, expiresAt: null }, 'an anonymous connection never expires')
   const sub = await client.request({ id: '3', subscribe: 'runUpdated' })
   t.same(sub, { id: '3', subscribed: 'runUpdated' }, 'no role is checked')
+})
+
+// With identity off the network in front authenticates callers (a proxy's cookie, perhaps, which
+// a browser sends with a cross-site upgrade too), and CORS keeps other sites from reading REST's
+// answers; every upgrade was accepted whatever its Origin, so any site a user inside that network
+// opened read every operation's answers over /ws, /graphql and /trpc.
+t.test('with identity off, an upgrade from another site\'s page is refused 403 on every face; same-origin, listed and non-browser ones are not', async t => {
+  const env = { BFF_AUTH_ENABLED: false, BFF_TRPC_ENABLED: true, BFF_GRAPHQL_ENABLED: true }
+  const { url } = await wsApp(t, { env })
+  const { host } = new URL(url)
+  const faces: Array<[string, string | undefined]> = [[url, undefined], [url.replace('/ws', '/graphql'), 'graphql-transport-ws'], [url.replace('/ws', '/trpc'), undefined]]
+  for (const [at, protocol] of faces) {
+    for (const origin of ['https://evil.example', 'null', `http://${host}.evil.example`, 'http://127.0.0.1:1', 'chrome-extension://abc']) {
+      const refused = await upgrade(null, at, { origin }, protocol)
+      t.equal(refused.status, 403, `${at} from ${origin}`)
+      // In the face's error shape (problem+json on /ws): its text names the reason on every face.
+      t.match(JSON.stringify(refused.body), /FORBIDDEN.*another site|another site.*FORBIDDEN/, `${at} from ${origin}`)
+    }
+    for (const headers of [{}, { origin: `http://${host}` }, { origin: `https://${host}` }] as Array<Record<string, string>>) {
+      const open = await upgrade(t, at, headers, protocol)
+      t.equal(open.status, 101, `${at} ${JSON.stringify(headers)}`)
+      open.ws?.terminate()
+    }
+  }
+  const client = await connect(t, url, null, { headers: { origin: `http://${host}` } })
+  t.match(await client.request({ id: '1', op: 'kernelHeaders' }), { id: '1', result: { 'x-tenant-id': 'public' } }, 'a same-origin page is served')
+
+  const listed = await wsApp(t, { env: { ...env, BFF_CORS_ORIGINS: 'https://app.example' } })
+  t.equal((await upgrade(t, listed.url, { origin: 'https://app.example' })).status, 101, 'an origin BFF_CORS_ORIGINS names')
+  t.equal((await upgrade(null, listed.url, { origin: 'https://evil.example' })).status, 403, 'and no other')
+
+  const secured = await wsApp(t)
+  t.equal((await upgrade(t, secured.url, { origin: 'https://evil.example', authorization: bearer().authorization })).status, 101, 'with identity on, a token is what a page needs, whatever its origin')
 })
 
 t.test('the face is off when BFF_WEBSOCKET_ENABLED=false', async t => {
