@@ -308,7 +308,8 @@ const EntrySchema = {
     id: { type: 'string' },
     seq: { type: 'integer' },
     requestId: { type: 'string' },
-    timestamp: { type: 'string' },
+    // null for a stored timestamp JavaScript cannot represent (changed after the write: verify reports it)
+    timestamp: { type: ['string', 'null'] },
     hash: { type: 'string' },
     previousHash: { type: 'string' },
     tenantId: { type: 'string' },
@@ -752,7 +753,9 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     }
     const page = await answered(() => store.query(query))
     return {
-      entries: page.entries.map(e => ({ ...e, timestamp: new Date(e.timestamp).toISOString() })),
+      // A timestamp changed after the write to one JavaScript cannot represent is answered null
+      // (it was a 500 for every page holding it).
+      entries: page.entries.map(e => ({ ...e, timestamp: Number.isNaN(e.timestamp) ? null : new Date(e.timestamp).toISOString() })),
       nextCursor: page.nextSeq === null ? null : encodeCursor(page.nextSeq)
     }
   })

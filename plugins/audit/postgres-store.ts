@@ -209,11 +209,15 @@ type Nullable<T> = { [K in keyof T]: T[K] | null }
 // hash covers the metadata as JavaScript read it, and a number whose stored decimal JavaScript
 // cannot tell from another (3.00000000000000000001 for 3) was changed after the write, so that
 // row is broken too. Before, such an UPDATE passed verify.
+// A timestamp JavaScript cannot represent (`infinity`, a year past 275760: never one the gateway
+// wrote) was changed after the write too: that row is broken. Before, hashing it threw, and
+// verify answered 500 for every walk that reached it.
 function walked (r: Row & { whole_ms: boolean } | Nullable<Row & { whole_ms: boolean }>): WalkedRow {
   const row = r as Row & { whole_ms: boolean }
   const text = row.metadata as unknown as string
   row.metadata = JSON.parse(text) as Record<string, unknown>
-  return { e: fromRow(row), intact: row.whole_ms && numbersAsWritten(text) }
+  const e = fromRow(row)
+  return { e, intact: row.whole_ms && !Number.isNaN(e.timestamp) && numbersAsWritten(text) }
 }
 
 /** verify's reads: a jsonb column as PostgreSQL's text of it, every other type as pg parses it. */
@@ -268,12 +272,20 @@ function decimal (text: string): string | null {
   return `${m[1]}${digits}e${exp}`
 }
 
+/**
+ * A stored timestamp in ms; NaN for one JavaScript cannot represent: pg reads `infinity` and
+ * `-infinity` as numbers, and a year past 275760 as an Invalid Date.
+ */
+function msOf (v: unknown): number {
+  return v instanceof Date ? v.getTime() : Number.NaN
+}
+
 function fromRow (r: Row): StoredEntry {
   return {
     id: r.id,
     seq: Number(r.seq),
     requestId: r.request_id,
-    timestamp: r.timestamp.getTime(),
+    timestamp: msOf(r.timestamp),
     hash: r.hash,
     previousHash: r.previous_hash,
     tenantId: r.tenant_id,

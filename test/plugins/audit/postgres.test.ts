@@ -888,6 +888,27 @@ if (await postgresAvailable()) {
     t.equal(page.entries[0].timestamp, batch[1].timestamp)
   })
 
+  // pg reads `infinity` as a number and a year past 275760 as an Invalid Date: hashing the row
+  // threw, and verify and GET /admin/audit answered 500 for every walk or page that reached it.
+  t.test('verify: a stored timestamp JavaScript cannot represent is a changed row; GET /admin/audit answers it as null', async t => {
+    const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
+    const app = await pgApp(t, url)
+    const ids = await restCalls(app, url, 3)
+    await drained(app)
+    const [row] = await sql<{ id: string, request_id: string, seq: string }>(url, 'SELECT id, request_id, seq FROM bff_audit_entries WHERE request_id = $1', [ids[1]])
+    t.match(await verify(app), { ok: true, firstBroken: null })
+    for (const value of ['infinity', '-infinity', '290000-01-01T00:00:00Z']) {
+      await sql(url, 'UPDATE bff_audit_entries SET "timestamp" = $1 WHERE seq = $2', [value, row.seq])
+      t.same((await verify(app)).firstBroken, { id: row.id, requestId: row.request_id }, `${value}: the changed row is the first broken`)
+      t.same((await verify(app, { from: new Date(Date.now() - 60_000).toISOString() })).firstBroken, { id: row.id, requestId: row.request_id }, `${value}: in a range too`)
+      const res = await app.inject({ url: `/admin/audit?requestId=${ids[1]}`, headers: bearer() })
+      t.equal(res.statusCode, 200, `${value}: GET /admin/audit ${res.body.slice(0, 200)}`)
+      t.match(res.json(), { entries: [{ requestId: ids[1], timestamp: null }] }, `${value}: its timestamp answered null`)
+      const all = await app.inject({ url: '/admin/audit?limit=500', headers: bearer() })
+      t.equal(all.statusCode, 200, `${value}: a page holding it`)
+    }
+  })
+
   t.test('verify: a number of the metadata changed to a decimal JavaScript reads as the same is a changed row', async t => {
     const url = databaseUrl(await createTestDatabase(t, { migrated: true }))
     const store = new PostgresAuditStore({ databaseUrl: url })
