@@ -309,6 +309,16 @@ function fromRow (r: Row): StoredEntry {
  */
 const QUERY_WINDOW = 10_000
 
+/**
+ * A stored position as the walk and GET /admin/audit compute with it: one past 2^53 - 1 either
+ * way (put there by hand: the gateway would have to write 2^53 entries first) as the nearest safe
+ * integer. As it was, Number() rounded 2^63 - 1 up to 2^63, and the statement that carried it back
+ * failed (22003, out of range for bigint): every verify, and every GET /admin/audit with a time
+ * range, answered 500. The row itself is still read with its own position, which no walk accepts.
+ */
+const SAFE = Number.MAX_SAFE_INTEGER
+const position = (v: string): number => Math.min(Math.max(Number(v), -SAFE), SAFE)
+
 /** The time conditions of a range (`"timestamp" >= $1 AND ...`, '' for none) and their parameters, numbered from $1. */
 function timeRange (range: { from?: Date, to?: Date }): { inRange: string, params: unknown[] } {
   const where: string[] = []
@@ -341,7 +351,7 @@ function rangeEnds (inRange: string): string {
  */
 async function rangeOf (client: pg.PoolClient, range: { from?: Date, to?: Date }, anchorSeq: number): Promise<{ lo: number, hi: number }> {
   const { inRange, params } = timeRange(range)
-  const num = (v: string | null): number | null => v === null ? null : Number(v)
+  const num = (v: string | null): number | null => v === null ? null : position(v)
   const ends = (await client.query<{ bottom: string | null, top: string | null, first: string | null, last: string | null }>(
     `SELECT (SELECT min(seq) FROM bff_audit_entries) AS bottom, (SELECT max(seq) FROM bff_audit_entries) AS top, ${inRange === ''
       ? 'NULL AS first, NULL AS last'
@@ -624,7 +634,13 @@ export class PostgresAuditStore implements AuditStore {
       const { lo, hi } = await rangeOf(client, range, Number(chain.anchor_seq))
       // The anchor: the entry before the range, or the last one retention removed, or the genesis.
       let walker = new ChainWalker(0, GENESIS)
-      if (lo - 1 === Number(chain.anchor_seq)) walker = new ChainWalker(lo - 1, chain.anchor_hash)
+      // The range starts below every safe position: a row was put there by hand, before the
+      // first of the chain, where no page reaches it. It is the first broken.
+      const below = lo === -SAFE
+        ? (await client.query<Row & { whole_ms: boolean }>({ text: `SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq < $1 ORDER BY seq LIMIT 1`, values: [-SAFE], types: VERIFY_TYPES })).rows[0]
+        : undefined
+      if (below !== undefined) walker.fail(walked(below).e)
+      else if (lo - 1 === Number(chain.anchor_seq)) walker = new ChainWalker(lo - 1, chain.anchor_hash)
       else if (lo > 1) {
         const before = await client.query<Row & { whole_ms: boolean }>({ text: `SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq < $1 ORDER BY seq DESC LIMIT 1`, values: [lo], types: VERIFY_TYPES })
         const row = before.rows[0]
@@ -672,7 +688,8 @@ export class PostgresAuditStore implements AuditStore {
     }
     const more = rows.length > q.limit
     if (more) rows.pop()
-    return { entries: rows, nextSeq: more ? rows[rows.length - 1].seq : null }
+    // A cursor names a safe position (see `position`).
+    return { entries: rows, nextSeq: more ? Math.min(Math.max(rows[rows.length - 1].seq, -SAFE), SAFE) : null }
   }
 
   /**
@@ -696,13 +713,14 @@ export class PostgresAuditStore implements AuditStore {
     const { inRange, params: bounds } = timeRange(q)
     if (q.beforeSeq !== undefined) bounds.push(q.beforeSeq)
     const ends = (await this.read<{ top: string | null, first: string | null, last: string | null }>({
-      text: `SELECT ${q.beforeSeq !== undefined ? `$${bounds.length}::int8` : '(SELECT max(seq) + 1 FROM bff_audit_entries)'} AS top, ${rangeEnds(inRange)}`,
+      text: `SELECT ${q.beforeSeq !== undefined ? `$${bounds.length}::int8` : '(SELECT max(seq) FROM bff_audit_entries)'} AS top, ${rangeEnds(inRange)}`,
       values: bounds
     })).rows[0]
     if (ends.top === null || ends.first === null || ends.last === null) return []
-    const first = Number(ends.first)
-    const last = Number(ends.last)
-    let top = Number(ends.top)
+    const first = position(ends.first)
+    const last = position(ends.last)
+    // Below the cursor, or past the newest entry.
+    let top = q.beforeSeq ?? position(ends.top) + 1
     const floor = Math.min(first, last)
     const byTime = async (below: number, n: number): Promise<StoredEntry[]> => (await this.read<Row>({
       text: `SELECT ${COLUMNS} FROM bff_audit_entries ${filter} AND seq < $${params.length + 1} ORDER BY seq + 0 DESC LIMIT $${params.length + 2}`,

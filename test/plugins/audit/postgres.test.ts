@@ -43,6 +43,9 @@ async function storeOnNewDatabase (t: Teardown): Promise<{ url: string, store: P
   return { url, store, entry }
 }
 
+/** The columns of an entry but its id, position and request id (a row copied by hand). */
+const COPIED = '"timestamp", hash, previous_hash, tenant_id, user_id, method, path, protocol, action, category, risk_level, status, status_code, duration_ms, metadata'
+
 const count = async (url: string): Promise<number> => Number((await sql<{ n: string }>(url, 'SELECT count(*) AS n FROM bff_audit_entries'))[0].n)
 
 async function verify (app: FastifyInstance, body: Record<string, unknown> = {}): Promise<{ ok: boolean, checked: number, firstBroken: { id: string, requestId: string } | null }> {
@@ -907,6 +910,39 @@ if (await postgresAvailable()) {
       const all = await app.inject({ url: '/admin/audit?limit=500', headers: bearer() })
       t.equal(all.statusCode, 200, `${value}: a page holding it`)
     }
+  })
+
+  // Number() rounded 2^63 - 1 up to 2^63, which the next statement sent back out of bigint's range
+  // (22003): every verify, and GET /admin/audit with a time range, answered 500.
+  t.test('verify: a row moved to a position past 2^53 either way is reported, and GET /admin/audit pages on', async t => {
+    const { url, store } = await storeOnNewDatabase(t)
+    const base = Date.now() - 60_000
+    const batch = Array.from({ length: 5 }, (_, i) => entry({ timestamp: base + i * 1000 }))
+    await store.write(batch)
+    const named = (i: number): { id: string, requestId: string } => ({ id: batch[i].id, requestId: batch[i].requestId })
+    const pages = async (q: { from?: Date }): Promise<number> => {
+      let n = 0
+      let beforeSeq: number | undefined
+      for (let i = 0; i < 10; i++) {
+        const page = await store.query({ limit: 2, ...q, beforeSeq })
+        n += page.entries.length
+        if (page.nextSeq === null) return n
+        beforeSeq = page.nextSeq
+      }
+      return n
+    }
+    await sql(url, 'UPDATE bff_audit_entries SET seq = 9223372036854775807 WHERE seq = 5')
+    t.same(await store.verify({}), { ok: false, checked: 4, firstBroken: named(4) }, 'the last row moved to 2^63 - 1')
+    t.same(await store.verify({ from: new Date(base + 2000) }), { ok: false, checked: 2, firstBroken: named(4) }, 'in a range too')
+    t.equal(await pages({}), 5, 'every entry, page by page')
+    t.ok(await pages({ from: new Date(base) }) >= 4, 'with a time range')
+    await sql(url, 'UPDATE bff_audit_entries SET seq = 5 WHERE seq = 9223372036854775807')
+    t.same(await store.verify({}), { ok: true, checked: 5, firstBroken: null }, 'put back')
+    await sql(url, `INSERT INTO bff_audit_entries (${COPIED}, id, seq, request_id) SELECT ${COPIED}, gen_random_uuid(), -9223372036854775808, 'forged' FROM bff_audit_entries WHERE seq = 1`)
+    const [forged] = await sql<{ id: string }>(url, 'SELECT id FROM bff_audit_entries WHERE request_id = \'forged\'')
+    t.same(await store.verify({}), { ok: false, checked: 0, firstBroken: { id: forged.id, requestId: 'forged' } }, 'a row put at -2^63, before the chain')
+    t.equal(await pages({}), 6, 'every entry, page by page')
+    t.equal(await pages({ from: new Date(base) }), 6, 'with a time range')
   })
 
   t.test('verify: a number of the metadata changed to a decimal JavaScript reads as the same is a changed row', async t => {
