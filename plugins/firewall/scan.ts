@@ -366,10 +366,20 @@ function redactTexts (value: object, texts: readonly Text[]): unknown {
       }
       continue
     }
+    // The next suffix to try for each redacted name of this object: the names before it are
+    // taken (by the object's keys or given already), and stay so. Tried from 2 each time, n keys
+    // redacted to one name ({ "<address>": 0, ... }) cost n^2 / 2 lookups: 32,000 addresses,
+    // 660 KB of JSON, held a thread (or the event loop) for minutes.
+    const suffixes = new Map<string, number>()
     for (const [key, v] of Object.entries(from)) {
       const c = change?.get(key)
       let name = c?.key ?? key
-      if (name !== key) for (let n = 2; Object.hasOwn(into, name) || Object.hasOwn(from, name); n++) name = `${c!.key!}#${n}`
+      if (name !== key && (Object.hasOwn(into, name) || Object.hasOwn(from, name))) {
+        const base = name
+        let n = suffixes.get(base) ?? 2
+        while (Object.hasOwn(into, name = `${base}#${n}`) || Object.hasOwn(from, name)) n++
+        suffixes.set(base, n + 1)
+      }
       // defineProperty: a key "__proto__" (JSON.parse makes it an own property) stays a key.
       Object.defineProperty(into, name, { value: c?.value != null ? c.value : copy(v), enumerable: true, writable: true, configurable: true })
     }
