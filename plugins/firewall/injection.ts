@@ -137,6 +137,12 @@ const SAFETY_STRONG = any('guardrails', 'safeguards', 'censorship', 'filtres (?:
   'sicherheitsfilter', 'inhaltsfilter', 'zensur', 'sicherheitsrichtlinien', 'sicherheitsregeln')
 const SAFETY_TARGET = any('filters?', 'guidelines', 'polic(?:y|ies)', 'restrictions', 'protections', 'filtres', 'filtros', SAFETY_STRONG)
 
+// Asking for the system prompt: what qualifies it, what it is, and what makes "the" one a
+// thing of the user's (for, of, about, in, from, to something).
+const LEAK_QUALIFIER = any('system', 'initial', 'original', 'hidden', 'secret', 'first', 'internal', 'confidential', 'pre ?prompt', 'starting')
+const LEAK_NOUN = any('prompt', 'instructions', 'message', 'rules', 'directives')
+const NOT_ABOUT = '(?! (?:for|on|about|of|in|from|to)\\b)'
+
 const R = (type: string, score: number, source: string, view: 'words' | 'markers' = 'words'): InjectionRule =>
   Object.freeze({ type, score, view, pattern: new RegExp(source), keys: view === 'words' ? Object.freeze(wordRuleKeys(source).map(packKey)) : null })
 
@@ -201,7 +207,12 @@ export const INJECTION_RULES: readonly InjectionRule[] = Object.freeze([
   R('bypass-safety', 0.85, `\\b(?:ignore|override|bypass|disable) ${gap(2)}(?:safety|content|ethical) (?:rules|guidelines|policy|policies|filters?|training)\\b`),
 
   // Asking for the system prompt.
-  R('prompt-leak', 0.85, `\\b(?:reveal|show|print|tell|repeat|output|display|leak|dump|write out|give|quote|copy|paste|share|disclose|recite|spell out|provide|return|echo|list|what (?:is|are|were)|whats) ${gap(2)}(?:your|the|its) (?:full |entire |complete |exact )?(?:system|initial|original|hidden|secret|first|internal|confidential|pre ?prompt|starting) ?(?:prompt|instructions|message|rules|directives)`),
+  // "Your" prompt, message or rules are the model's; "the" ones only when a prompt or the
+  // system's, or not of something else: "quote the original message in your reply", "what is
+  // the first message in this thread", "give the initial instructions for the chair" and "list
+  // the first rules of the game" are ordinary requests (they were refused), "show me the hidden
+  // instructions" is not.
+  R('prompt-leak', 0.85, `\\b(?:reveal|show|print|tell|repeat|output|display|leak|dump|write out|give|quote|copy|paste|share|disclose|recite|spell out|provide|return|echo|list|what (?:is|are|were)|whats) ${gap(2)}(?:your (?:full |entire |complete |exact )?${LEAK_QUALIFIER} ?${LEAK_NOUN}|(?:the|its) (?:full |entire |complete |exact )?(?:${LEAK_QUALIFIER} ?prompt|system ?${LEAK_NOUN}|${LEAK_QUALIFIER} (?:instructions|messages?|rules|directives)\\b${NOT_ABOUT}))`),
   // Not "show me your instructions for brewing coffee": instructions for, on or about something.
   R('prompt-leak', 0.8, '\\b(?:repeat|reveal|print|show|output|dump|recite|quote|display|leak|disclose) (?:me )?(?:all )?(?:of )?your (?:instructions|prompt|rules|directives|guidelines)\\b(?! (?:for|on|about|how) )'),
   R('new-instructions', 0.8, '\\byour new (?:instructions|task|rules|role|directives?|orders|objective|goal) (?:are|is)\\b'),
