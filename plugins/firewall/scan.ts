@@ -107,13 +107,16 @@ function spansInto (text: string, plain: boolean, out: Detection[]): void {
   if (seen === null) return
   const found: Detection[] = []
   findSpans(seen.text, found)
-  const raw = out.length
+  if (found.length === 0) return
+  // The raw text's spans, to leave out what the copy finds again. A set: searched through for
+  // each span of the copy, a text of n addresses and one no-break space took n^2 / 2 steps
+  // (40,000 addresses, 670 KB: 7.5 s).
+  const raw = new Set<string>()
+  for (let i = first; i < out.length; i++) raw.add(`${out[i].start}:${out[i].end}:${out[i].type}`)
   for (const d of found) {
     const start = seen.from[d.start]
     const end = seen.to[d.end - 1]
-    let again = false
-    for (let i = first; i < raw && !again; i++) again = out[i].type === d.type && out[i].start === start && out[i].end === end
-    if (!again) out.push({ category: d.category, type: d.type, score: d.score, start, end })
+    if (!raw.has(`${start}:${end}:${d.type}`)) out.push({ category: d.category, type: d.type, score: d.score, start, end })
   }
 }
 
