@@ -18,7 +18,8 @@ import type { ScanResult, ScanTask } from './scan-worker.js'
 /**
  * Inputs up to this size are scanned on the event loop (at most a few milliseconds even for the
  * costliest text, and no copy to a thread); larger ones on the pool. The size counts the named
- * fields' characters, and one for each element of an array and each entry of an object.
+ * fields' characters, TEXT_WEIGHT more for each string in an array or object and each entry of
+ * an object, and one for each other element.
  */
 export const INLINE_MAX = 8192
 
@@ -47,17 +48,33 @@ export function largerThan (fields: readonly string[], input: Readonly<Record<st
   while (size <= limit && open.length > 0) {
     const holder = open.pop()!
     if (Array.isArray(holder)) {
-      for (let i = 0; i < holder.length && size <= limit; i++) size += sizeOf(holder[i] as unknown, open)
+      for (let i = 0; i < holder.length && size <= limit; i++) {
+        const value: unknown = holder[i]
+        size += typeof value === 'string' ? TEXT_WEIGHT + value.length : opened(value, open)
+      }
     } else {
       const keys = Object.keys(holder)
-      for (let i = 0; i < keys.length && size <= limit; i++) size += keys[i].length + sizeOf((holder as Record<string, unknown>)[keys[i]], open)
+      for (let i = 0; i < keys.length && size <= limit; i++) {
+        // An entry is one text: its key, with its value when that is a string.
+        const value = (holder as Record<string, unknown>)[keys[i]]
+        size += TEXT_WEIGHT + keys[i].length + (typeof value === 'string' ? value.length : opened(value, open) - 1)
+      }
     }
   }
   return size > limit
 }
 
-function sizeOf (value: unknown, open: object[]): number {
-  if (typeof value === 'string') return 1 + value.length
+/**
+ * What each text of an array or object (a string element, an entry) counts beyond its
+ * characters. Each is scanned on its own, at a cost of its own: a text of one no-break space or
+ * full-width letter took 6 µs, as much as 12 characters of the costliest string, and counted
+ * one, so that an array of 4,096 of them (8,192) was scanned on the event loop, 32 ms where a
+ * string of that size takes 4 at most.
+ */
+export const TEXT_WEIGHT = 16
+
+/** A value that is not a string counts one; an array or object is opened. */
+function opened (value: unknown, open: object[]): number {
   if (value !== null && typeof value === 'object') open.push(value)
   return 1
 }

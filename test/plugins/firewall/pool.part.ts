@@ -10,7 +10,7 @@ import { pathToFileURL } from 'node:url'
 import { Registry } from 'prom-client'
 import { MantleError } from '../../../errors.js'
 import type { Caller } from '../../../plugins/pipeline/caller.js'
-import { INLINE_MAX, POOL_BOUNDS, ScanPool, largerThan } from '../../../plugins/firewall/pool.js'
+import { INLINE_MAX, POOL_BOUNDS, ScanPool, TEXT_WEIGHT, largerThan } from '../../../plugins/firewall/pool.js'
 import { CLEAN, scanFields, type Verdict } from '../../../plugins/firewall/scan.js'
 import { bearer, buildTestApp } from '../../helper.js'
 import { askApp } from './ask-app.js'
@@ -32,6 +32,18 @@ function pool (t: Test, threads = 1): { pool: ScanPool, registry: Registry, scan
 // start (each start is a second or two of a loaded CI run's time); each reads its own counts.
 let warm: ReturnType<typeof pool> | null = null
 const warmPool = (): ReturnType<typeof pool> => (warm ??= pool(t))
+
+t.test('largerThan counts each text of an array or object at TEXT_WEIGHT more: short texts each cost a scan of their own', async t => {
+  // 4,096 no-break spaces counted 8,192, and were scanned on the event loop: 32 ms, where a
+  // string of 8,192 characters takes 4 at most.
+  const n = Math.ceil(INLINE_MAX / (TEXT_WEIGHT + 1)) + 1
+  t.ok(largerThan(['p'], { p: new Array(n).fill('\u00a0') }, INLINE_MAX), `${n} one-character strings`)
+  t.ok(largerThan(['p'], { p: Object.fromEntries(Array.from({ length: n }, (_, i) => [String.fromCharCode(0x4e00 + i), 1])) }, INLINE_MAX), `${n} one-character keys`)
+  t.ok(largerThan(['p'], { p: Array.from({ length: n }, () => ['\u00a0']) }, INLINE_MAX), 'nested')
+  t.notOk(largerThan(['p'], { p: new Array(Math.floor(INLINE_MAX / (TEXT_WEIGHT + 1))).fill('\u00a0') }, INLINE_MAX), 'up to the limit: on the event loop')
+  t.notOk(largerThan(['p'], { p: [{ role: 'user', content: 'x'.repeat(INLINE_MAX - 1 - 2 * TEXT_WEIGHT - 'roleusercontent'.length) }] }, INLINE_MAX), 'a chat message: the array\'s element, and its two entries')
+  t.ok(largerThan(['p'], { p: [{ role: 'user', content: 'x'.repeat(INLINE_MAX - 2 * TEXT_WEIGHT - 'roleusercontent'.length) }] }, INLINE_MAX))
+})
 
 t.test('largerThan counts the named fields\' characters, and one for each element and each entry', async t => {
   t.notOk(largerThan(['p'], { p: 'x'.repeat(INLINE_MAX) }, INLINE_MAX))
