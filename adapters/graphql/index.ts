@@ -355,15 +355,14 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   // two requests naming the mutation, refused for want of a token, chose it for everyone. A
   // document of several operations is handed back as its own modified form, which mercurius
   // never compiles; one of a single operation keeps the JIT.
-  // Nor is a document with a variable inside a list or object literal (`[$a, $a]`, `{k: $a}`):
-  // its compiled form read the literal once, without the variables, and from the second request
-  // on the Kernel received `[null, null]` and `{}` for what the client sent.
+  // Nor is a document whose literals the compiled form misreads (jitMisreads): a variable inside a
+  // list or object literal, a text holding graphql-jit's markers (which ran as JavaScript).
   app.graphql.addHook('preExecution', async (_schema, document) => {
     let operations = 0
     for (const definition of document.definitions) {
       if (definition.kind === 'OperationDefinition' && ++operations > 1) return { document }
     }
-    if (variableInLiteral(document)) return { document }
+    if (jitMisreads(document)) return { document }
   })
   app.graphql.addHook('preSubscriptionExecution', subscriptions.preSubscriptionExecution)
   app.graphql.addHook('onSubscriptionEnd', subscriptions.onSubscriptionEnd)
@@ -451,24 +450,43 @@ function checkGetOperation (query: string, operationName: unknown, method: strin
 }
 
 // Per document: mercurius keeps one parsed document per text, so each is walked once.
-const inLiteral = new WeakMap<DocumentNode, boolean>()
+const misread = new WeakMap<DocumentNode, boolean>()
 
-/** Whether a variable is used inside a list or object literal anywhere in `document`. */
-function variableInLiteral (document: DocumentNode): boolean {
-  let found = inLiteral.get(document)
+/**
+ * graphql-jit's markers of the values JSON cannot carry (`"__MAGIC_NAN__<uuid>"`, Infinity's,
+ * -Infinity's, `"__MAGIC_DATE__<uuid><time>"`): it writes an argument's literal into the source it
+ * compiles as JSON, then replaces each marker, wherever it is, with code.
+ */
+const JIT_MARKER = '__MAGIC_'
+
+/**
+ * Whether graphql-jit's compiled form of `document` would misread its literals, which it writes
+ * into the JavaScript it compiles (such a document runs uncompiled, as graphql-js reads it):
+ * - a variable inside a list or object literal (`[$a, $a]`, `{k: $a}`): the compiled form read
+ *   the literal once, without the variables, and from the second request on the Kernel received
+ *   `[null, null]` and `{}` for what the client sent;
+ * - a text, enum value or object key holding a marker (JIT_MARKER): `"__MAGIC_DATE__<uuid>" + s`
+ *   became `new Date(s)` in the source, `s` being the client's own text: any caller, without a
+ *   token, ran JavaScript in the gateway by sending such an argument twice.
+ */
+function jitMisreads (document: DocumentNode): boolean {
+  let found = misread.get(document)
   if (found === undefined) {
     found = false
     let depth = 0
+    const stop = (): typeof BREAK => {
+      found = true
+      return BREAK
+    }
     visit(document, {
       ListValue: { enter () { depth++ }, leave () { depth-- } },
       ObjectValue: { enter () { depth++ }, leave () { depth-- } },
-      Variable () {
-        if (depth === 0) return undefined
-        found = true
-        return BREAK
-      }
+      Variable () { return depth === 0 ? undefined : stop() },
+      StringValue (node) { return node.value.includes(JIT_MARKER) ? stop() : undefined },
+      EnumValue (node) { return node.value.includes(JIT_MARKER) ? stop() : undefined },
+      ObjectField (node) { return node.name.value.includes(JIT_MARKER) ? stop() : undefined }
     })
-    inLiteral.set(document, found)
+    misread.set(document, found)
   }
   return found
 }

@@ -57,6 +57,42 @@ t.test('a variable inside a list or object literal reaches the Kernel on every r
   }
 })
 
+t.test('a text holding graphql-jit\'s markers is a text on every request: its compiled form made code of it (any caller ran JavaScript in the gateway)', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/ask': (req, res) => json(res, 200, JSON.parse(req.body)) })
+  const manifest = testManifest({ ask: { type: 'mutation', rest: 'POST /ask', kernel: 'POST /v1/ask', input: { type: 'object', properties: { s: { type: 'string' }, m: {} } }, output: {} } })
+  const app = await buildApp(testConfig({ BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  const mark = '__mantle_jit_' + process.pid
+  t.teardown(() => { Reflect.deleteProperty(globalThis, mark) })
+  // graphql-jit writes an argument's literal into its source as JSON, then turns its markers
+  // into code: "__MAGIC_DATE__<uuid>" + s became new Date(s).
+  const code = `0).getTime() + (globalThis.${mark} = 1) + (0`
+  const date = '__MAGIC_DATE__33a9e76d_02e0_4128_8e92_3530ad3da74d'
+  const nan = '__MAGIC_NAN__57f286b9_4c20_487f_b409_79804ddcb4f8'
+  const cases: Array<[string, Record<string, unknown>]> = [
+    [`mutation { ask(s: ${JSON.stringify(date + code)}) }`, { s: date + code }],
+    [`mutation { ask(m: {k: [${JSON.stringify(date + code)}]}) }`, { m: { k: [date + code] } }],
+    [`mutation { ask(s: ${JSON.stringify(nan)}) }`, { s: nan }],
+    [`mutation { ask(m: ${date}x) }`, { m: date + 'x' }],
+    [`mutation { ask(m: {${date}x: 1}) }`, { m: { [date + 'x']: 1 } }]
+  ]
+  // Without a token: the call is refused, but the document was compiled and run all the same.
+  for (let i = 0; i < 3; i++) {
+    const res = await app.inject({ method: 'POST', url: '/graphql', payload: { query: cases[0][0] } })
+    t.match(res.json(), { data: { ask: null }, errors: [{ extensions: { code: 'UNAUTHENTICATED' } }] })
+  }
+  t.equal(Reflect.get(globalThis, mark), undefined, 'no text of an anonymous client ran as code')
+  for (const [query, sent] of cases) {
+    for (let i = 0; i < 3; i++) {
+      const res = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query } })
+      t.same(res.json(), { data: { ask: sent } }, `${query}, request ${i + 1}`)
+      t.same(JSON.parse(kernel.requests.at(-1)?.body ?? 'null'), sent, 'as the Kernel received it')
+    }
+  }
+  t.equal(Reflect.get(globalThis, mark), undefined, 'no text of a client ran as code')
+  t.equal(kernel.requests.length, cases.length * 3)
+})
+
 t.test('at shutdown, the mutations of a document not begun yet are refused (through the pipeline) and never reach the Kernel', async t => {
   // A document's mutations run one after the other: three slow ones outlived the grace, and the
   // process was killed with the last carried out by the Kernel, neither answered nor audited.
