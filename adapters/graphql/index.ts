@@ -356,7 +356,8 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   // document of several operations is handed back as its own modified form, which mercurius
   // never compiles; one of a single operation keeps the JIT.
   // Nor is a document whose literals the compiled form misreads (jitMisreads): a variable inside a
-  // list or object literal, a text holding graphql-jit's markers (which ran as JavaScript).
+  // list or object literal, a text holding graphql-jit's markers (which ran as JavaScript), an
+  // object key `__proto__`.
   app.graphql.addHook('preExecution', async (_schema, document) => {
     let operations = 0
     for (const definition of document.definitions) {
@@ -467,7 +468,11 @@ const JIT_MARKER = '__MAGIC_'
  *   `[null, null]` and `{}` for what the client sent;
  * - a text, enum value or object key holding a marker (JIT_MARKER): `"__MAGIC_DATE__<uuid>" + s`
  *   became `new Date(s)` in the source, `s` being the client's own text: any caller, without a
- *   token, ran JavaScript in the gateway by sending such an argument twice.
+ *   token, ran JavaScript in the gateway by sending such an argument twice;
+ * - an object key `__proto__` (in a `JSON` argument or a variable's default): the source's
+ *   `{"__proto__": …}` set the object's prototype, where graphql-js keeps an own key, which the
+ *   pipeline refuses as on every face: compiled, the key was dropped, the Kernel got `{}`, and
+ *   the pipeline's checks read its members as the object's (inherited ones).
  */
 function jitMisreads (document: DocumentNode): boolean {
   let found = misread.get(document)
@@ -484,7 +489,7 @@ function jitMisreads (document: DocumentNode): boolean {
       Variable () { return depth === 0 ? undefined : stop() },
       StringValue (node) { return node.value.includes(JIT_MARKER) ? stop() : undefined },
       EnumValue (node) { return node.value.includes(JIT_MARKER) ? stop() : undefined },
-      ObjectField (node) { return node.name.value.includes(JIT_MARKER) ? stop() : undefined }
+      ObjectField (node) { return node.name.value === '__proto__' || node.name.value.includes(JIT_MARKER) ? stop() : undefined }
     })
     misread.set(document, found)
   }

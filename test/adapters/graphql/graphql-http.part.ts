@@ -93,6 +93,20 @@ t.test('a text holding graphql-jit\'s markers is a text on every request: its co
   t.equal(kernel.requests.length, cases.length * 3)
 })
 
+t.test('a __proto__ key in a JSON literal is refused on every request, as graphql-js reads it (the compiled form made it the object\'s prototype)', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/ask': (req, res) => json(res, 200, JSON.parse(req.body)) })
+  const manifest = testManifest({ ask: { type: 'mutation', rest: 'POST /ask', kernel: 'POST /v1/ask', input: { type: 'object', properties: { m: {} } }, output: {} } })
+  const app = await buildApp(testConfig({ BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  for (const query of ['mutation { ask(m: {__proto__: {admin: true}}) }', 'mutation { ask(m: {k: [{__proto__: {admin: true}}]}) }', 'mutation($m: JSON = {__proto__: {admin: true}}) { ask(m: $m) }']) {
+    for (let i = 0; i < 3; i++) {
+      const res = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query } })
+      t.match(res.json(), { data: { ask: null }, errors: [{ message: 'The input contains a forbidden prototype property', extensions: { code: 'VALIDATION_FAILED' } }] }, `${query}, request ${i + 1}`)
+    }
+  }
+  t.equal(kernel.requests.length, 0, 'none reached the Kernel')
+})
+
 t.test('at shutdown, the mutations of a document not begun yet are refused (through the pipeline) and never reach the Kernel', async t => {
   // A document's mutations run one after the other: three slow ones outlived the grace, and the
   // process was killed with the last carried out by the Kernel, neither answered nor audited.
