@@ -326,11 +326,12 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         walk -= size
         if (answer.take(size)) continue
         data[key] = null
+        // The field's own call's id (`<request id>.<n>`), as its audit entry and every other field error carry it.
+        const call = answered?.get(key)
         const message = mutation === true
           ? `This mutation was carried out; its result would take the answer past ${MAX_ANSWER_CHARS} characters and is left out (select its fields once)`
           : `The answer would pass ${MAX_ANSWER_CHARS} characters: this field's result is left out, ask for it again`
-        ;(execution as { errors?: unknown[] }).errors = [...(execution.errors ?? []), { message, path: [key], extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413, requestId } }]
-        const call = answered?.get(key)
+        ;(execution as { errors?: unknown[] }).errors = [...(execution.errors ?? []), { message, path: [key], extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413, requestId: call ?? requestId } }]
         if (call !== undefined) answer.decide(call, LEFT_OUT)
       }
     }

@@ -87,6 +87,12 @@ t.test('a GraphQL answer holds at most MAX_ANSWER_CHARS, as serialized: root fie
   t.same(calls(aliases, ['one']), [['PAYLOAD_TOO_LARGE', 413, true]], 'the field selected under 30 aliases')
   const mutated = Array.from({ length: FIT + 1 }, (_, i) => `m${i}`)
   t.same(calls(mutation, mutated), asSent(mutation, mutated), 'the mutation fields')
+  // Each left-out field's error names its own call, as the audit entry and every field error do.
+  const ids = (res: typeof query): unknown[] => (res.json() as { errors: Array<{ path: string[], extensions: { requestId: string } }> }).errors.map(e => [e.path[0], e.extensions.requestId])
+  const own = (res: typeof query, keys: string[]): unknown[] => keys.flatMap((key, n) => (res.json() as { data: Record<string, unknown> }).data[key] === null ? [[key, `${res.headers['x-request-id'] as string}.${n}`]] : [])
+  t.same(ids(query), own(query, fields), 'the query fields\' errors name their calls')
+  t.same(ids(aliases), own(aliases, ['one']), 'the field selected under 30 aliases names its call')
+  t.same(ids(mutation), own(mutation, mutated), 'the mutation field\'s error names its call')
   // And the metrics count each as the entries record it (the fields left out were 2xx).
   t.same(await countedAs(app, 'graphql', 'getBig'), { '2xx': FIT, '4xx': n - FIT + 1 }, 'the query fields, counted')
   t.same(await countedAs(app, 'graphql', 'makeBig'), { '2xx': FIT, '4xx': 1 }, 'the mutation fields, counted')
