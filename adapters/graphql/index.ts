@@ -448,7 +448,8 @@ function checkGetOperation (query: string, operationName: unknown, method: strin
   }
   // Only a query over a safe method. mercurius refuses a mutation over GET, but not over HEAD,
   // which Fastify serves by the GET route: HEAD /graphql?query=mutation... ran the mutation.
-  if (operation.operation !== 'query') throw new MantleError('BAD_REQUEST', `Operation cannot be performed via a ${method} request`, { status: 405 })
+  // A 405 names the method that serves it (RFC 9110: its Allow header is a MUST).
+  if (operation.operation !== 'query') throw new MantleError('BAD_REQUEST', `Operation cannot be performed via a ${method} request`, { status: 405, headers: { allow: 'POST' } })
 }
 
 // Per document: mercurius keeps one parsed document per text, so each is walked once.

@@ -123,7 +123,9 @@ t.test('mutations run in order, each its own call; GET runs queries only', async
     const [query, name] = params.split('&')
     const head = await fetch(`${base}/graphql?query=${encodeURIComponent(query)}${name === undefined ? '' : '&' + name}`, { method: 'HEAD', headers: bearer() })
     t.equal(head.status, 405, `HEAD: ${params}`)
+    t.equal(head.headers.get('allow'), 'POST', `HEAD: ${params}, the method that serves it named (RFC 9110)`)
   }
+  t.equal(getMutation.headers.get('allow'), 'POST', 'a 405 names the method that serves it (RFC 9110)')
   const badVariables = await fetch(`${base}/graphql?query=${encodeURIComponent('{ listAgents { id } }')}&variables=%7Bnot`, { headers: bearer() })
   t.equal(badVariables.status, 400)
   t.match(await badVariables.json(), { errors: [{ extensions: { code: 'VALIDATION_FAILED', status: 400 } }] })
