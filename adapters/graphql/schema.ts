@@ -1,6 +1,6 @@
 import {
   GraphQLSchema, GraphQLObjectType, GraphQLInputObjectType, GraphQLEnumType, GraphQLScalarType, GraphQLList, GraphQLNonNull,
-  GraphQLString, GraphQLInt, GraphQLFloat, GraphQLBoolean, valueFromASTUntyped, printSchema,
+  GraphQLString, GraphQLInt, GraphQLFloat, GraphQLBoolean, valueFromASTUntyped, printSchema, isInputObjectType, isListType, isNonNullType,
   type GraphQLOutputType, type GraphQLInputType, type GraphQLFieldConfigMap, type GraphQLFieldConfigArgumentMap,
   type GraphQLInputFieldConfigMap, type GraphQLFieldResolver
 } from 'graphql'
@@ -20,7 +20,8 @@ import { inheritedName } from '../../own-properties.js'
  *  2. Arguments. The properties of an op's input become the field's arguments. When one of
  *     them is not a valid GraphQL name, the field takes a single `input: JSON` argument instead.
  *     An argument given as `null` is dropped when its schema does not accept null (GraphQL
- *     clients send null for "unset"); every argument is then validated by the pipeline as REST.
+ *     clients send null for "unset"), and so is an input object's field, at every level; every
+ *     argument is then validated by the pipeline as REST.
  *  3. Named types. A `schemas` entry that is an object becomes an object type of the same name
  *     for outputs and an input type `<Name>Input` for inputs; a string enum keeps its name for
  *     both. An inline schema identical to a named one is that named type.
@@ -253,6 +254,7 @@ class TypeFactory {
           description: describe(schema),
           fields: () => this.inputFields(kind.properties, kind.required, base)
         })
+        NULL_DROPPED.set(type, new Set(Object.keys(kind.properties).filter(p => !splitNull(this.resolve(kind.properties[p])).nullable)))
         if (key !== null) this.inputs.set(key, type)
         return type
       }
@@ -292,12 +294,58 @@ function describeOp (op: Operation): string | undefined {
   return text === '' ? undefined : text
 }
 
+/** The fields of each input object type whose schema does not accept null (rule 2: a null given them is dropped). */
+const NULL_DROPPED = new WeakMap<GraphQLInputObjectType, ReadonlySet<string>>()
+
+/** Whether a value of `type` may hold an input object (whose nulls withoutNulls drops). */
+function holdsInputObject (type: GraphQLInputType): boolean {
+  const t = isNonNullType(type) ? type.ofType : type
+  return isInputObjectType(t) || (isListType(t) && holdsInputObject(t.ofType as GraphQLInputType))
+}
+
+/**
+ * `value` of `type` without the nulls GraphQL admits where the manifest's schema does not: an
+ * input object's field given null is dropped when its schema does not accept null, at every
+ * level (a copy is made of what changes; nothing else is touched).
+ */
+function withoutNulls (value: unknown, type: GraphQLInputType): unknown {
+  const t = isNonNullType(type) ? type.ofType : type
+  if (value === null || typeof value !== 'object') return value
+  if (isListType(t)) {
+    if (!Array.isArray(value)) return value
+    let out: unknown[] = value
+    for (let i = 0; i < value.length; i++) {
+      const item = withoutNulls(value[i], t.ofType as GraphQLInputType)
+      if (item === value[i]) continue
+      if (out === value) out = [...value]
+      out[i] = item
+    }
+    return out
+  }
+  if (!isInputObjectType(t)) return value
+  const source = value as Record<string, unknown>
+  const dropped = NULL_DROPPED.get(t)
+  let out = source
+  for (const [name, field] of Object.entries(t.getFields())) {
+    if (!Object.hasOwn(source, name)) continue
+    const v = source[name]
+    const w = v === null ? (dropped?.has(name) === true ? undefined : null) : withoutNulls(v, field.type)
+    if (w === v) continue
+    if (out === source) out = { ...source }
+    if (w === undefined) delete out[name]
+    else out[name] = w
+  }
+  return out
+}
+
 /** Turns a field's arguments into the op's input (rule 2), built once per op. */
-function inputMapper (op: Operation, whole: boolean): (args: Record<string, unknown>) => Record<string, unknown> {
+function inputMapper (op: Operation, whole: boolean, args: GraphQLFieldConfigArgumentMap): (args: Record<string, unknown>) => Record<string, unknown> {
   if (whole) return (args) => (args.input ?? {}) as Record<string, unknown>
   const properties = (op.input.properties ?? {}) as Record<string, JsonSchema>
   const dropNull = Object.keys(properties).filter(p => !splitNull(properties[p]).nullable)
-  if (dropNull.length === 0) return (args) => args
+  // Arguments that hold input objects, whose fields' nulls are dropped as the arguments' are.
+  const nested = Object.entries(args).filter(([, arg]) => holdsInputObject(arg.type))
+  if (dropNull.length === 0 && nested.length === 0) return (args) => args
   return (args) => {
     let input = args
     for (const p of dropNull) {
@@ -305,6 +353,13 @@ function inputMapper (op: Operation, whole: boolean): (args: Record<string, unkn
         if (input === args) input = { ...args }
         delete input[p]
       }
+    }
+    for (const [p, arg] of nested) {
+      const v = input[p]
+      const w = withoutNulls(v, arg.type)
+      if (w === v) continue
+      if (input === args) input = { ...args }
+      input[p] = w
     }
     return input
   }
@@ -326,7 +381,7 @@ export function buildSchema (manifest: Manifest, resolvers: SchemaResolvers): Gr
       args,
       description: describeOp(op),
       ...(op.deprecated ? { deprecationReason: 'Deprecated in the manifest' } : {}),
-      resolve: resolvers.operation(op, inputMapper(op, whole))
+      resolve: resolvers.operation(op, inputMapper(op, whole, args))
     }
   }
   const subscription: GraphQLFieldConfigMap<unknown, unknown> = {}

@@ -107,6 +107,29 @@ t.test('a __proto__ key in a JSON literal is refused on every request, as graphq
   t.equal(kernel.requests.length, 0, 'none reached the Kernel')
 })
 
+t.test('a null given to an input object\'s field is dropped when its schema does not accept null, at every level, as an argument\'s is', async t => {
+  const kernel = await startTestKernel(t, { 'POST /v1/ask': (req, res) => json(res, 200, JSON.parse(req.body)) })
+  const note = { type: 'object', additionalProperties: false, required: ['name'], properties: { name: { type: 'string' }, text: { type: 'string' }, maybe: { type: ['string', 'null'] } } }
+  const manifest = testManifest({ ask: { type: 'mutation', rest: 'POST /ask', kernel: 'POST /v1/ask', input: { type: 'object', additionalProperties: false, properties: { x: { type: 'object', additionalProperties: false, properties: { note: { $ref: '#/schemas/Note' }, notes: { type: 'array', items: { $ref: '#/schemas/Note' } }, text: { type: 'string' } } } } }, output: {} } }, {}, { schemas: { Note: note } })
+  const app = await buildApp(testConfig({ BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  // The GraphQL schema says each of these fields may be null (String, NoteInput): a client sends
+  // null for "unset", and the pipeline refused it ("input.x.text must be string").
+  const sent = { x: { text: null, note: { name: 'a', text: null, maybe: null }, notes: [{ name: 'b', text: null }, { name: 'c', maybe: null }] } }
+  const expected = { x: { note: { name: 'a', maybe: null }, notes: [{ name: 'b' }, { name: 'c', maybe: null }] } }
+  const literal = 'mutation { ask(x: {text: null, note: {name: "a", text: null, maybe: null}, notes: [{name: "b", text: null}, {name: "c", maybe: null}]}) }'
+  for (const [query, variables] of [[literal, undefined], ['mutation($x: AskXInput) { ask(x: $x) }', sent]] as const) {
+    for (let i = 0; i < 3; i++) {
+      const res = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query, variables } })
+      t.same(res.json(), { data: { ask: expected } }, `${variables === undefined ? 'literal' : 'variables'}, request ${i + 1}`)
+      t.same(JSON.parse(kernel.requests.at(-1)?.body ?? 'null'), expected, 'as the Kernel received it')
+    }
+  }
+  // A required field's null is still refused by GraphQL itself.
+  const required = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: 'mutation { ask(x: {note: {name: null}}) }' } })
+  t.equal(required.statusCode, 400)
+})
+
 t.test('at shutdown, the mutations of a document not begun yet are refused (through the pipeline) and never reach the Kernel', async t => {
   // A document's mutations run one after the other: three slow ones outlived the grace, and the
   // process was killed with the last carried out by the Kernel, neither answered nor audited.
