@@ -115,7 +115,7 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
     const props = Object.values((loose.properties ?? {}) as Record<string, JsonSchema>)
     if (props.every(p => p.type === 'string')) return passthrough
     const coerce = coercer(loose)
-    const numeric = Object.entries((loose.properties ?? {}) as Record<string, JsonSchema>).filter(([, p]) => takesNumber(p) || (p.items !== undefined && takesNumber(p.items as JsonSchema))).map(([k]) => k)
+    const numeric = numericFields(loose.properties as Record<string, JsonSchema>)
     const literals = literalFields(loose.properties as Record<string, JsonSchema>)
     if (numeric.length === 0 && literals === null) return (data: unknown) => { coerce(data); return true }
     return (data: unknown) => {
@@ -124,7 +124,7 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
       // pipeline's validation refuses it as it does on every face.
       const held = numeric.length === 0 ? null : holdLooseNumbers(data as Record<string, unknown>, numeric)
       coerce(data)
-      if (held !== null) for (const [key, value] of held) (data as Record<string, unknown>)[key] = value
+      if (held !== null) restoreLooseNumbers(data as Record<string, unknown>, held)
       if (literals !== null) readLiterals(data as Record<string, unknown>, literals)
       return true
     }
@@ -326,17 +326,61 @@ function readLiterals (data: Record<string, unknown> | null, fields: Array<[stri
   }
 }
 
-/** Takes out of `data` the numeric fields whose text is not a decimal number; null for none. */
-function holdLooseNumbers (data: Record<string, unknown> | null, numeric: readonly string[]): Array<[string, unknown]> | null {
+/** A numeric field of a query or a path: its name, and whether its items are the numbers (an array field). */
+type NumericField = [key: string, items: boolean]
+
+function numericFields (properties: Record<string, JsonSchema> | undefined): NumericField[] {
+  const fields: NumericField[] = []
+  for (const [key, p] of Object.entries(properties ?? {})) {
+    if (takesNumber(p)) fields.push([key, false])
+    else if (p.items !== undefined && p.items !== null && typeof p.items === 'object' && !Array.isArray(p.items) && takesNumber(p.items as JsonSchema)) fields.push([key, p.type === 'array'])
+  }
+  return fields
+}
+
+/** A value held out of the coercion: a field's whole (index null), or one item of an array field. */
+type Held = [key: string, index: number | null, value: unknown]
+
+/**
+ * Takes out of `data` the numbers whose text is not a decimal number; null for none. Of an array
+ * field only the loose items are held, each in its place (a lone value made the one-item array
+ * Ajv makes of it), so that the validation names the item at fault: `?ns=1&ns=x` was refused as
+ * `input.ns.0 must be integer` (the 1), and `?ns=0x10` as `input.ns must be array`, where every
+ * other face names `input.ns.1` and `input.ns.0`.
+ */
+function holdLooseNumbers (data: Record<string, unknown> | null, numeric: readonly NumericField[]): Held[] | null {
   if (data === null || typeof data !== 'object') return null
-  let held: Array<[string, unknown]> | null = null
-  for (const key of numeric) {
-    const value = data[key]
+  let held: Held[] | null = null
+  for (const [key, items] of numeric) {
+    let value = data[key]
+    if (items && typeof value === 'string' && !DECIMAL.test(value)) data[key] = value = [value]
+    if (items && Array.isArray(value)) {
+      for (let i = 0; i < value.length; i++) {
+        const item: unknown = value[i]
+        if (typeof item === 'string' && !DECIMAL.test(item)) {
+          (held ??= []).push([key, i, item])
+          // Left as it is by the coercion (no type reads undefined), and put back after it.
+          value[i] = undefined
+        }
+      }
+      continue
+    }
     const loose = Array.isArray(value) ? value.some(v => typeof v === 'string' && !DECIMAL.test(v)) : typeof value === 'string' && !DECIMAL.test(value)
     if (loose) {
-      (held ??= []).push([key, value])
+      (held ??= []).push([key, null, value])
       data[key] = undefined
     }
   }
   return held
+}
+
+/** Puts back what holdLooseNumbers took out, where it was. */
+function restoreLooseNumbers (data: Record<string, unknown>, held: readonly Held[]): void {
+  for (const [key, index, value] of held) {
+    if (index === null) data[key] = value
+    else {
+      const items = data[key]
+      if (Array.isArray(items)) items[index] = value
+    }
+  }
 }

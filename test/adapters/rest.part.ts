@@ -280,3 +280,22 @@ t.test('query and path numbers are read as on every other face: decimal only', a
   const trpc = await app.inject({ url: '/trpc/listThings?input=' + encodeURIComponent(JSON.stringify({ n: '0x10' })), headers: bearer() })
   t.equal(trpc.statusCode, 400, 'as tRPC')
 })
+
+t.test('a loose number among a query array\'s items is named as the item it is, as on every other face', async t => {
+  // The whole array was held out of the coercion for one loose item, and its first item named:
+  // ?ns=1&ns=x was refused as input.ns.0 (the 1), ?ns=0x10 as "input.ns must be array".
+  const kernel = await startTestKernel(t, { 'GET /v1/things': (req, res) => json(res, 200, { url: req.url }) })
+  const manifest = testManifest({
+    listThings: { type: 'query', rest: 'GET /things', kernel: 'GET /v1/things', input: { type: 'object', properties: { ns: { type: 'array', items: { type: 'integer' } } } }, output: { type: 'object', properties: { url: { type: 'string' } } } }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const detail = async (query: string): Promise<unknown> => (await app.inject({ url: '/api/v1/things?' + query, headers: bearer() })).json().detail
+  t.equal(await detail('ns=1&ns=x'), 'input.ns.1 must be integer')
+  t.equal(await detail('ns=1&ns=2&ns=0x10'), 'input.ns.2 must be integer')
+  t.equal(await detail('ns=0x10'), 'input.ns.0 must be integer', 'a lone value is the one-item array')
+  const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls: [{ id: 'a', op: 'listThings', input: { ns: [1, 'x'] } }] } })
+  t.equal(batch.json().results[0].error.detail, 'input.ns.1 must be integer', 'as the batch names it')
+  const ok = await app.inject({ url: '/api/v1/things?ns=1&ns=2', headers: bearer() })
+  t.same([ok.statusCode, ok.json().url], [200, '/v1/things?ns=1&ns=2'], 'decimal items still read')
+  t.equal(kernel.requests.length, 1, 'no refused call reached the Kernel')
+})
