@@ -3,6 +3,7 @@ import type { FastifyInstance } from 'fastify'
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
 import { Ajv } from 'ajv'
+import type { Operation } from '../../manifest.js'
 
 export interface OpenApiOptions {
   version: string
@@ -11,6 +12,7 @@ export interface OpenApiOptions {
 
 type Content = Record<string, { schema?: Record<string, unknown> }>
 type DocOperation = {
+  operationId?: string
   requestBody?: { required?: boolean, content?: Content }
   parameters?: Array<{ name?: string, in?: string, schema?: Record<string, unknown> }>
   responses?: Record<string, { description?: string, headers?: Record<string, unknown>, content?: Content }>
@@ -83,22 +85,47 @@ function acceptsEmpty (schema: { required?: unknown }): boolean {
 }
 
 /**
+ * The operations whose body may not be left out though its documented schema admits `{}`: with
+ * path parameters, the body is documented without the rules over the whole input (anyOf,
+ * minProperties, dependencies, ...), which the server checks on the path parameters and the
+ * body together. When those rules refuse the path parameters alone (any values), an absent body
+ * is refused whatever the path: `minProperties: 2` over an `id` in the path and a body field,
+ * or `dependencies: { id: [name] }`, was documented an optional body, and the call without one
+ * was a 400.
+ */
+export function bodiesNeeded (operations: readonly Operation[]): Set<string> {
+  const needed = new Set<string>()
+  for (const op of operations) {
+    if (!op.inputInBody || op.pathParams.length === 0) continue
+    // Any value of a path parameter passes its own schema here: only the rules over the whole input are asked.
+    const properties = { ...(op.input.properties as Record<string, unknown> | undefined), ...Object.fromEntries(op.pathParams.map(p => [p, true])) }
+    try {
+      if (!probe.validate({ ...op.input, properties }, Object.fromEntries(op.pathParams.map(p => [p, ''])))) needed.add(op.name)
+    } catch {
+      // A schema this Ajv cannot compile: left to acceptsEmpty, as before.
+    }
+  }
+  return needed
+}
+
+/**
  * What @fastify/swagger cannot know from a route's schemas, set on the document it builds
  * (and every schema in it in the dialect it declares, dialect2020):
  * - a body whose schema requires nothing may be left out (the gateway reads an absent body as
- *   `{}`), while @fastify/swagger marks every requestBody required;
+ *   `{}`), while @fastify/swagger marks every requestBody required; but not one whose
+ *   operation's rules over the whole input refuse its path parameters alone (`needsBody`);
  * - every answer carries x-request-id, refusals too (the routes declare it on 2XX only);
  * - a cached query (one that takes If-None-Match) answers 304 with no body while the tag still
  *   matches, with the 2XX answer's cache headers: a 304 is not a 2XX, and clients generated from
  *   the document took it for an undocumented status.
  */
-export function completeDocument (doc: { paths?: Record<string, Record<string, DocOperation>>, components?: { schemas?: Record<string, unknown> } }): void {
+export function completeDocument (doc: { paths?: Record<string, Record<string, DocOperation>>, components?: { schemas?: Record<string, unknown> } }, needsBody: ReadonlySet<string> = new Set()): void {
   const schemas = doc.components?.schemas
   if (schemas !== undefined) for (const name of Object.keys(schemas)) schemas[name] = dialect2020(schemas[name])
   for (const methods of Object.values(doc.paths ?? {})) {
     for (const op of Object.values(methods)) {
       const body = op.requestBody?.content?.['application/json']?.schema
-      if (op.requestBody !== undefined && body !== undefined && acceptsEmpty(body)) op.requestBody.required = false
+      if (op.requestBody !== undefined && body !== undefined && acceptsEmpty(body) && !(op.operationId !== undefined && needsBody.has(op.operationId))) op.requestBody.required = false
       contentIn2020(op.requestBody?.content)
       for (const parameter of op.parameters ?? []) if (parameter.schema !== undefined) parameter.schema = dialect2020(parameter.schema) as Record<string, unknown>
       for (const response of Object.values(op.responses ?? {})) contentIn2020(response.content)
@@ -140,7 +167,7 @@ async function openapiPlugin (app: FastifyInstance, opts: OpenApiOptions): Promi
     // Shared schemas keep their own names (`Problem`) in components.
     transformObject: (document) => {
       const openapiObject = 'openapiObject' in document ? document.openapiObject : document.swaggerObject
-      completeDocument(openapiObject as Parameters<typeof completeDocument>[0])
+      completeDocument(openapiObject as Parameters<typeof completeDocument>[0], bodiesNeeded(app.pipeline.manifest.operations))
       return openapiObject
     },
     refResolver: { buildLocalReference: (json, _baseUri, _fragment, i) => typeof json.$id === 'string' ? json.$id : `def-${i}` }

@@ -182,3 +182,28 @@ t.test('rules over the whole input stay out of a body that shares it with path p
   t.notOk('patternProperties' in patterned)
   t.notOk('additionalProperties' in patterned, 'without patternProperties, a false additionalProperties would refuse the x- fields the server admits')
 })
+
+t.test('a body is documented optional only when the path parameters alone pass the rules over the whole input', async t => {
+  // Those rules are left out of a body shared with path parameters; the body was then
+  // documented optional whenever its own schema took {}, though the server refuses an absent
+  // body when they refuse the path alone (minProperties counts the path's id, dependencies ask a
+  // body field for it).
+  const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
+  const manifest = testManifest({
+    counted: { type: 'mutation', rest: 'PUT /counted/:id', kernel: 'PUT /v1/counted/{id}', input: { type: 'object', required: ['id'], minProperties: 2, properties: { id: { type: 'string' }, name: { type: 'string' }, note: { type: 'string' } } }, output },
+    dependent: { type: 'mutation', rest: 'PATCH /dependent/:id', kernel: 'PATCH /v1/dependent/{id}', input: { type: 'object', required: ['id'], dependencies: { id: ['name'] }, properties: { id: { type: 'string', minLength: 3 }, name: { type: 'string' } } }, output },
+    // Met by the path alone: still optional (the case the rules were left out for).
+    pathed: { type: 'mutation', rest: 'PATCH /pathed/:id', kernel: 'PATCH /v1/pathed/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' }, name: { type: 'string' } }, anyOf: [{ required: ['id'] }, { required: ['name'] }] }, output }
+  })
+  const app = await buildTestApp(t, {}, { manifest })
+  const doc = (await app.inject({ url: '/openapi.json' })).json()
+  t.equal(doc.paths['/api/v1/counted/{id}'].put.requestBody.required, true, 'minProperties over the path and the body')
+  t.equal(doc.paths['/api/v1/dependent/{id}'].patch.requestBody.required, true, 'a dependency of the path parameter')
+  t.equal(doc.paths['/api/v1/pathed/{id}'].patch.requestBody.required, false, 'anyOf met by the path')
+  // What the document says matches what the server does.
+  for (const [method, url] of [['PUT', '/api/v1/counted/x1'], ['PATCH', '/api/v1/dependent/x1']] as const) {
+    const res = await app.inject({ method, url, headers: bearer() })
+    t.same([res.statusCode, res.json().code], [400, 'VALIDATION_FAILED'], `${method} ${url} without a body is refused, as documented`)
+  }
+  t.equal((await new Validator().validate(doc)).valid, true)
+})
