@@ -56,7 +56,20 @@ function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
   return doc
 }
 
-/** A 429's own entry: its Retry-After and RateLimit-* (a 4XX documents no header). */
+/**
+ * The headers a refusal may carry, for the document's 4XX and 5XX: Retry-After on each that asks
+ * for a wait (IDEMPOTENCY_CONFLICT, the breaker's or the bulkhead's KERNEL_UNAVAILABLE, OVERLOADED,
+ * a Kernel 4xx's own passed on), whatever concern is on; and a 401's challenge. Only the 429 had
+ * its Retry-After documented, and only with the rate limits on.
+ */
+const RETRY_AFTER: HeaderDoc = { 'Retry-After': { type: 'string', description: 'Seconds to wait before calling again, on a refusal that asks for a wait (IDEMPOTENCY_CONFLICT 409, KERNEL_UNAVAILABLE or OVERLOADED 503, a Kernel refusal that said so)' } }
+const BEARER_CHALLENGE: HeaderDoc = { 'WWW-Authenticate': { type: 'string', description: 'Bearer, with error="invalid_token" or "invalid_request" for a token refused: on a 401' } }
+
+function problemResponse (headers: HeaderDoc): Record<string, unknown> {
+  return { headers, ...problem }
+}
+
+/** A 429's own entry: its Retry-After and RateLimit-*. */
 const tooManyRequests = {
   description: 'RATE_LIMITED: the operation\'s limit, or the gateway\'s, is reached; retry after Retry-After seconds',
   headers: { 'Retry-After': { type: 'string', description: 'Seconds to wait before a call may pass' }, ...RATE_LIMIT_HEADERS },
@@ -248,7 +261,7 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
     operationId: op.name,
     tags: [op.type === 'query' ? 'queries' : 'mutations'],
     // `headers` is read by @fastify/swagger only; answers are encoded by the op's own serializer.
-    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, ...(concerns.rateLimit ? { 429: tooManyRequests } : {}), '4xx': problem, '5xx': problem }
+    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, ...(concerns.rateLimit ? { 429: tooManyRequests } : {}), '4xx': problemResponse(secured ? { ...RETRY_AFTER, ...BEARER_CHALLENGE } : RETRY_AFTER), '5xx': problemResponse(RETRY_AFTER) }
   }
   // Documentation only: the headers validator is a pass-through (the stages check what they read).
   const requestHeaders: Record<string, JsonSchema> = {}

@@ -1,7 +1,7 @@
 import t from 'tap'
 import { Validator } from '@seriousme/openapi-schema-validator'
 import { Ajv2020 } from 'ajv/dist/2020.js'
-import { buildDemoApp, buildTestApp, demoManifest, testManifest, bearer } from '../helper.js'
+import { buildDemoApp, buildTestApp, demoManifest, testManifest, bearer, startTestKernel, json } from '../helper.js'
 
 interface OpenApiDoc {
   openapi: string
@@ -206,4 +206,39 @@ t.test('a body is documented optional only when the path parameters alone pass t
     t.same([res.statusCode, res.json().code], [400, 'VALIDATION_FAILED'], `${method} ${url} without a body is refused, as documented`)
   }
   t.equal((await new Validator().validate(doc)).valid, true)
+})
+
+t.test('refusals document the Retry-After they may carry whatever concern is on, and a 401 its challenge', async t => {
+  // Only the 429 documented a Retry-After, and only with the rate limits on; a 409
+  // IDEMPOTENCY_CONFLICT, a 503 of an open breaker or of load shedding, and a Kernel 4xx passed
+  // on carry one too, and every 401 a WWW-Authenticate.
+  const kernel = await startTestKernel(t, {
+    'POST /v1/busy': (_req, res) => { res.writeHead(409, { 'content-type': 'application/json', 'retry-after': '7' }); res.end('{"message":"busy"}') },
+    'POST /v1/down': (_req, res) => json(res, 500, { message: 'down' })
+  })
+  const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
+  const manifest = testManifest({
+    busy: { type: 'mutation', rest: 'POST /busy', kernel: 'POST /v1/busy', input: { type: 'object' }, output },
+    down: { type: 'mutation', rest: 'POST /down', kernel: 'POST /v1/down', input: { type: 'object' }, output }
+  }, { url: kernel.url, retries: 0, circuitBreaker: { threshold: 1, resetTimeoutMs: 30000 } })
+  const app = await buildTestApp(t, { BFF_RATE_LIMIT_ENABLED: false }, { manifest, kernelUrl: kernel.url })
+  const doc = (await app.inject({ url: '/openapi.json' })).json()
+  const responses = doc.paths['/api/v1/busy'].post.responses
+  t.notOk(responses['429'], 'no rate limits: no 429 of their own')
+  t.match(responses['4XX'].headers, { 'Retry-After': { schema: { type: 'string' } }, 'WWW-Authenticate': { schema: { type: 'string' } }, 'x-request-id': {} })
+  t.match(responses['5XX'].headers, { 'Retry-After': { schema: { type: 'string' } }, 'x-request-id': {} })
+  t.equal((await new Validator().validate(doc)).valid, true)
+  // What the document says matches what the server does.
+  const busy = await app.inject({ method: 'POST', url: '/api/v1/busy', headers: bearer(), payload: {} })
+  t.same([busy.statusCode, busy.headers['retry-after']], [409, '7'], 'a Kernel 4xx\'s Retry-After, passed on')
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/down', headers: bearer(), payload: {} })).statusCode, 502)
+  const open = await app.inject({ method: 'POST', url: '/api/v1/down', headers: bearer(), payload: {} })
+  t.equal(open.statusCode, 503, 'the breaker is open')
+  t.ok(open.headers['retry-after'], 'a 503 with Retry-After')
+  const unauthenticated = await app.inject({ method: 'POST', url: '/api/v1/busy', payload: {} })
+  t.same([unauthenticated.statusCode, unauthenticated.headers['www-authenticate']], [401, 'Bearer'])
+  // Without identity there is no challenge to document.
+  const open2 = await buildTestApp(t, { BFF_AUTH_ENABLED: false }, { manifest, kernelUrl: kernel.url })
+  const doc2 = (await open2.inject({ url: '/openapi.json' })).json()
+  t.notOk('WWW-Authenticate' in doc2.paths['/api/v1/busy'].post.responses['4XX'].headers)
 })
