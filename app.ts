@@ -32,7 +32,7 @@ import diagz, { diagzRoute } from './plugins/diagz/index.js'
 import pressure from './plugins/pressure/index.js'
 import compression from './plugins/compression/index.js'
 import openapi from './adapters/openapi/index.js'
-import rest from './adapters/rest/index.js'
+import rest, { MAX_PATH_PARAM_LENGTH } from './adapters/rest/index.js'
 import trpc from './adapters/trpc/index.js'
 import graphql, { chooseSubprotocol } from './adapters/graphql/index.js'
 import websocketFace from './adapters/websocket/index.js'
@@ -475,7 +475,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // Requests Node's HTTP parser refuses (junk in the head, a head over 16 KB, a timeout).
     clientErrorHandler: answerClientError,
     // A query string that is not valid percent-encoding is refused (onRequest below), not taken literally.
-    routerOptions: { ignoreTrailingSlash: true, maxParamLength: 256, querystringParser: parseQuery },
+    routerOptions: { ignoreTrailingSlash: true, maxParamLength: MAX_PATH_PARAM_LENGTH, querystringParser: parseQuery },
     // An unknown key is refused, not dropped (Fastify's default removes it): a mistyped filter of
     // GET /admin/audit (`?tenant_id=acme`) answered every tenant's entries, a `tenantId` for
     // /admin/cache/invalidate invalidated the caller's own tenant, and a batch call's unknown key

@@ -15,6 +15,13 @@ const problem = { content: { 'application/problem+json': { schema: { $ref: 'Prob
 const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/
 const VISIBLE_ASCII = /^[\x21-\x7e]+$/
 
+/**
+ * The longest a path parameter may be, in characters once decoded: the router's bound (app.ts),
+ * beyond which a call is refused 414 BAD_REQUEST before any route. The document says so of each
+ * path parameter that may be text.
+ */
+export const MAX_PATH_PARAM_LENGTH = 256
+
 export interface RestAdapterOptions {
   /** Adds the bearer security requirement to the OpenAPI document. */
   secured: boolean
@@ -276,10 +283,24 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   if (op.description !== null) schema.description = op.description
   if (op.deprecated) schema.deprecated = true
   if (secured) schema.security = [{ bearerAuth: [] }]
-  if (op.pathParams.length > 0) schema.params = { type: 'object', properties: pick(isPath), required: [...op.pathParams] }
+  if (op.pathParams.length > 0) schema.params = { type: 'object', properties: Object.fromEntries(Object.entries(pick(isPath)).map(([k, p]) => [k, boundedPathParam(p)])), required: [...op.pathParams] }
   if (op.inputInBody) schema.body = rest
   else if (Object.keys(rest.properties as object).length > 0) schema.querystring = rest
   return schema as FastifySchema
+}
+
+/**
+ * A path parameter's schema with the router's bound on its length (MAX_PATH_PARAM_LENGTH) when it
+ * may be text and declares none as tight: the document said any length of an `id` was served, and
+ * a longer one was refused 414 before the route. For the document (and the coercion, which
+ * refuses nothing): the bound itself is the router's.
+ */
+function boundedPathParam (schema: JsonSchema): JsonSchema {
+  if (schema === null || typeof schema !== 'object') return schema
+  const types = Array.isArray(schema.type) ? schema.type as unknown[] : [schema.type]
+  if (schema.type !== undefined && !types.includes('string')) return schema
+  if (typeof schema.maxLength === 'number' && schema.maxLength <= MAX_PATH_PARAM_LENGTH) return schema
+  return { ...schema, maxLength: MAX_PATH_PARAM_LENGTH }
 }
 
 /** A number as JSON writes it: what a query string or path may carry for a numeric field. */

@@ -242,3 +242,29 @@ t.test('refusals document the Retry-After they may carry whatever concern is on,
   const doc2 = (await open2.inject({ url: '/openapi.json' })).json()
   t.notOk('WWW-Authenticate' in doc2.paths['/api/v1/busy'].post.responses['4XX'].headers)
 })
+
+t.test('a path parameter that may be text is documented with the router\'s bound on its length', async t => {
+  // The router refuses a path parameter over 256 characters (414 BAD_REQUEST, before any route),
+  // while the document said an id of any length (or of the manifest's maxLength: 1000) was served.
+  const kernel = await startTestKernel(t)
+  const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
+  const manifest = testManifest({
+    free: { type: 'query', rest: 'GET /free/:id', kernel: 'GET /v1/free/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output },
+    wide: { type: 'query', rest: 'GET /wide/:id', kernel: 'GET /v1/wide/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string', maxLength: 1000 } } }, output },
+    tight: { type: 'query', rest: 'GET /tight/:id', kernel: 'GET /v1/tight/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string', maxLength: 64 } } }, output },
+    numbered: { type: 'query', rest: 'GET /numbered/:n', kernel: 'GET /v1/numbered/{n}', input: { type: 'object', required: ['n'], properties: { n: { type: 'integer' } } }, output }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const doc = (await app.inject({ url: '/openapi.json' })).json()
+  const param = (path: string, name: string): Record<string, unknown> => doc.paths[path].get.parameters.find((p: { in: string, name: string }) => p.in === 'path' && p.name === name).schema
+  t.same(param('/api/v1/free/{id}', 'id'), { type: 'string', maxLength: 256 })
+  t.same(param('/api/v1/wide/{id}', 'id'), { type: 'string', maxLength: 256 }, 'the tighter of the two')
+  t.same(param('/api/v1/tight/{id}', 'id'), { type: 'string', maxLength: 64 })
+  t.same(param('/api/v1/numbered/{n}', 'n'), { type: 'integer' }, 'a number has no length')
+  t.equal((await new Validator().validate(doc)).valid, true)
+  // What the document says matches what the server does.
+  const long = await app.inject({ url: '/api/v1/wide/' + 'a'.repeat(257), headers: bearer() })
+  t.same([long.statusCode, long.json().code], [414, 'BAD_REQUEST'], 'one character more is refused')
+  t.equal((await app.inject({ url: '/api/v1/wide/' + 'a'.repeat(256), headers: bearer() })).statusCode, 404, 'at the bound, the Kernel is asked (it has no such route)')
+  t.equal(kernel.requests.length, 1)
+})
