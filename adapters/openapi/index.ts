@@ -95,12 +95,15 @@ function acceptsEmpty (schema: { required?: unknown }): boolean {
  */
 export function bodiesNeeded (operations: readonly Operation[]): Set<string> {
   const needed = new Set<string>()
+  // An Ajv of its own: an input's `$id`, compiled here, would be one acceptsEmpty's probe then
+  // refuses to compile again with the body (and reads as a body that may be left out).
+  const ajv = new Ajv({ strict: false, validateFormats: false })
   for (const op of operations) {
     if (!op.inputInBody || op.pathParams.length === 0) continue
     // Any value of a path parameter passes its own schema here: only the rules over the whole input are asked.
     const properties = { ...(op.input.properties as Record<string, unknown> | undefined), ...Object.fromEntries(op.pathParams.map(p => [p, true])) }
     try {
-      if (!probe.validate({ ...op.input, properties }, Object.fromEntries(op.pathParams.map(p => [p, ''])))) needed.add(op.name)
+      if (!ajv.validate({ ...op.input, properties }, Object.fromEntries(op.pathParams.map(p => [p, ''])))) needed.add(op.name)
     } catch {
       // A schema this Ajv cannot compile: left to acceptsEmpty, as before.
     }
