@@ -72,6 +72,19 @@ function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
 const RETRY_AFTER: HeaderDoc = { 'Retry-After': { type: 'string', description: 'Seconds to wait before calling again, on a refusal that asks for a wait (IDEMPOTENCY_CONFLICT 409, KERNEL_UNAVAILABLE or OVERLOADED 503, a Kernel refusal that said so)' } }
 const BEARER_CHALLENGE: HeaderDoc = { 'WWW-Authenticate': { type: 'string', description: 'Bearer, with error="invalid_token" or "invalid_request" for a token refused: on a 401' } }
 
+/**
+ * What a 4XX of `op` may carry: Retry-After, a 401's challenge (identity on), and the
+ * Idempotent-Replayed of a Kernel refusal stored under an Idempotency-Key and answered again
+ * (a mutation, idempotency on), which the 2XX alone documented.
+ */
+function refusalHeaders (op: Operation, secured: boolean, on: HeaderConcerns): HeaderDoc {
+  return {
+    ...RETRY_AFTER,
+    ...(secured ? BEARER_CHALLENGE : {}),
+    ...(on.idempotency && op.type === 'mutation' ? { 'Idempotent-Replayed': { type: 'string', description: 'true when the refusal is the stored one (the Kernel\'s 4xx) of an earlier call with the same Idempotency-Key' } } : {})
+  }
+}
+
 function problemResponse (headers: HeaderDoc): Record<string, unknown> {
   return { headers, ...problem }
 }
@@ -268,7 +281,7 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
     operationId: op.name,
     tags: [op.type === 'query' ? 'queries' : 'mutations'],
     // `headers` is read by @fastify/swagger only; answers are encoded by the op's own serializer.
-    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, ...(concerns.rateLimit ? { 429: tooManyRequests } : {}), '4xx': problemResponse(secured ? { ...RETRY_AFTER, ...BEARER_CHALLENGE } : RETRY_AFTER), '5xx': problemResponse(RETRY_AFTER) }
+    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, ...(concerns.rateLimit ? { 429: tooManyRequests } : {}), '4xx': problemResponse(refusalHeaders(op, secured, concerns)), '5xx': problemResponse(RETRY_AFTER) }
   }
   // Documentation only: the headers validator is a pass-through (the stages check what they read).
   const requestHeaders: Record<string, JsonSchema> = {}

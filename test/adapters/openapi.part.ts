@@ -268,3 +268,20 @@ t.test('a path parameter that may be text is documented with the router\'s bound
   t.equal((await app.inject({ url: '/api/v1/wide/' + 'a'.repeat(256), headers: bearer() })).statusCode, 404, 'at the bound, the Kernel is asked (it has no such route)')
   t.equal(kernel.requests.length, 1)
 })
+
+t.test('a mutation\'s 4XX documents the Idempotent-Replayed of a stored Kernel refusal answered again', async t => {
+  // A Kernel 4xx under an Idempotency-Key is stored and answered again with Idempotent-Replayed:
+  // true, which only the 2XX documented.
+  const app = await buildDemoApp(t)
+  const doc = (await app.inject({ url: '/openapi.json' })).json()
+  t.match(doc.paths['/api/v1/agents/{id}'].patch.responses['4XX'].headers, { 'Idempotent-Replayed': { schema: { type: 'string' } } })
+  t.notOk('Idempotent-Replayed' in doc.paths['/api/v1/agents/{id}'].get.responses['4XX'].headers, 'a query takes no key')
+  const call = async () => await app.inject({ method: 'PATCH', url: '/api/v1/agents/nope', headers: { ...bearer(), 'idempotency-key': 'replayed-refusal' }, payload: { name: 'x' } })
+  const first = await call()
+  t.same([first.statusCode, first.headers['idempotent-replayed']], [404, undefined])
+  const again = await call()
+  t.same([again.statusCode, again.headers['idempotent-replayed']], [404, 'true'], 'as documented')
+  const off = await buildDemoApp(t, { BFF_IDEMPOTENCY_ENABLED: false })
+  const docOff = (await off.inject({ url: '/openapi.json' })).json()
+  t.notOk('Idempotent-Replayed' in docOff.paths['/api/v1/agents/{id}'].patch.responses['4XX'].headers, 'idempotency off: none')
+})
