@@ -8,6 +8,7 @@ import { ownFieldsOnly } from '../../own-properties.js'
 import { canonicalJson, type Manifest, type Operation } from '../../manifest.js'
 import { MantleError, describeValidation } from '../../errors.js'
 import type { CallContext } from './context.js'
+import { addUniqueItems } from './unique-items.js'
 
 export { canonicalJson }
 
@@ -239,6 +240,7 @@ export function answerCheck (opened: unknown): ValidateFunction {
   return compiledOnce('answer', opened, () => {
     // ownProperties: as for inputs (an answer without an optional `toString` was a 502).
     const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false, strictNumbers: true, ownProperties: true })
+    addUniqueItems(ajv)
     return ajv.compile(opened as Record<string, unknown>)
   })
 }
@@ -363,6 +365,8 @@ export function inputAjv (): Ajv {
   // read from the prototype when left out, and the call refused ("input.toString must be string").
   const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, useDefaults: true, ownProperties: true })
   addGatewayFormats(ajv)
+  // uniqueItems in one pass: Ajv's compares every pair of items (unique-items.ts).
+  addUniqueItems(ajv)
   return ajv
 }
 
