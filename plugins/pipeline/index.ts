@@ -9,6 +9,7 @@ import { canonicalJson, type Manifest, type Operation } from '../../manifest.js'
 import { MantleError, describeValidation } from '../../errors.js'
 import type { CallContext } from './context.js'
 import { addUniqueItems } from './unique-items.js'
+import { eachSchemaObject } from '../../schema-walk.js'
 
 export { canonicalJson }
 
@@ -393,12 +394,18 @@ function validationStage (): StageDefinition {
     order: StageOrder.validation,
     build (op) {
       const { validate, safe } = inputValidators(op)
+      const defaults = declaresDefault(op.input)
       return (ctx, next) => {
         if (ctx.refusal !== null) throw ctx.refusal
-        const input: unknown = ctx.input
-        if (typeof input !== 'object' || input === null || Array.isArray(input)) throw new MantleError('VALIDATION_FAILED', 'The input must be a JSON object')
+        const given: unknown = ctx.input
+        if (typeof given !== 'object' || given === null || Array.isArray(given)) throw new MantleError('VALIDATION_FAILED', 'The input must be a JSON object')
         if (ctx.idempotencyKey === null) throw new MantleError('VALIDATION_FAILED', 'The Idempotency-Key must be 1 to 255 visible ASCII characters (a batch call\'s id, appended to it, visible ASCII too)')
-        if (!validate(ctx.input)) throw new MantleError('VALIDATION_FAILED', describeValidation(validate.errors ?? [], 'input', { schema: validate.schema, value: input }))
+        // The schema's defaults go into the call's own copy: the face's object may be another
+        // call's too (GraphQL hands every field that names one variable the same value), and a
+        // mutation of one document got the defaults of the field before it, another operation's.
+        const input = defaults ? copyInput(given as Record<string, unknown>) : given
+        ctx.input = input as Record<string, unknown>
+        if (!validate(input)) throw new MantleError('VALIDATION_FAILED', describeValidation(validate.errors ?? [], 'input', { schema: validate.schema, value: input }))
         const fault = inputFault(input)
         if (fault === UNSAFE_INTEGER) {
           if (safe !== null && !safe(input)) throw new MantleError('VALIDATION_FAILED', describeValidation(safe.errors ?? [], 'input', { schema: safe.schema, value: input }))
@@ -407,6 +414,47 @@ function validationStage (): StageDefinition {
       }
     }
   }
+}
+
+/**
+ * Whether a schema declares a `default` anywhere (a property so named counts too: it only costs
+ * a copy), which Ajv's useDefaults then writes into the input.
+ */
+export function declaresDefault (schema: unknown): boolean {
+  let found = false
+  eachSchemaObject(schema, '', node => { if (Object.hasOwn(node, 'default')) found = true })
+  return found
+}
+
+/**
+ * A copy of a parsed input, its objects and arrays each copied, keys in their order (`__proto__`
+ * as an own key, as JSON.parse keeps it: the validation stage refuses it). Iterative: the input's
+ * depth is checked after its schema.
+ */
+export function copyInput (input: Record<string, unknown>): Record<string, unknown> {
+  const stack: Array<[from: object, to: Record<string, unknown> | unknown[]]> = []
+  const take = (value: unknown): unknown => {
+    if (value === null || typeof value !== 'object') return value
+    const to = Array.isArray(value) ? [] : {}
+    stack.push([value, to])
+    return to
+  }
+  const root = take(input) as Record<string, unknown>
+  while (stack.length > 0) {
+    const [from, to] = stack.pop()!
+    if (Array.isArray(from)) {
+      const list = to as unknown[]
+      for (let i = 0; i < from.length; i++) list.push(take(from[i]))
+    } else {
+      const record = to as Record<string, unknown>
+      for (const key of Object.keys(from)) {
+        const value = take((from as Record<string, unknown>)[key])
+        if (key === '__proto__') Object.defineProperty(record, key, { value, writable: true, enumerable: true, configurable: true })
+        else record[key] = value
+      }
+    }
+  }
+  return root
 }
 
 const NON_FINITE = 'The input holds a number out of range: numbers must be finite'
