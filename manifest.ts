@@ -85,11 +85,38 @@ export interface Manifest {
 
 /** JSON with object keys sorted, so `{a,b}` and `{b,a}` are the same input. */
 export function canonicalJson (value: unknown): string {
-  if (value === null || typeof value !== 'object') return JSON.stringify(value) ?? 'null'
-  if (Array.isArray(value)) return '[' + value.map(canonicalJson).join(',') + ']'
-  const obj = value as Record<string, unknown>
-  const keys = Object.keys(obj).filter(k => obj[k] !== undefined).sort()
-  return '{' + keys.map(k => JSON.stringify(k) + ':' + canonicalJson(obj[k])).join(',') + '}'
+  // Iterative, not recursive: uniqueItems (unique-items.ts) writes each item so before the
+  // input's depth is checked, and an item nested 100,000 levels deep overflowed the stack.
+  let out = ''
+  const stack: Array<string | { value: unknown }> = [{ value }]
+  while (stack.length > 0) {
+    const top = stack.pop()!
+    if (typeof top === 'string') {
+      out += top
+      continue
+    }
+    const v = top.value
+    if (v === null || typeof v !== 'object') {
+      out += JSON.stringify(v) ?? 'null'
+    } else if (Array.isArray(v)) {
+      stack.push(']')
+      for (let i = v.length - 1; i >= 0; i--) {
+        stack.push({ value: v[i] })
+        if (i > 0) stack.push(',')
+      }
+      out += '['
+    } else {
+      const record = v as Record<string, unknown>
+      const keys = Object.keys(record).filter(k => record[k] !== undefined).sort()
+      stack.push('}')
+      for (let i = keys.length - 1; i >= 0; i--) {
+        stack.push({ value: record[keys[i]] })
+        stack.push((i > 0 ? ',' : '') + JSON.stringify(keys[i]) + ':')
+      }
+      out += '{'
+    }
+  }
+  return out
 }
 
 export class ManifestError extends Error {

@@ -1,4 +1,5 @@
 import type { Ajv, SchemaValidateFunction } from 'ajv'
+import { canonicalJson } from '../../manifest.js'
 
 /**
  * `uniqueItems` checked in one pass over the array, in place of Ajv's own. Ajv's compares every
@@ -30,47 +31,10 @@ export function duplicate (items: readonly unknown[]): [number, number] | null {
   const last = new Map<string, number>()
   let found: [number, number] | null = null
   for (let i = 0; i < items.length; i++) {
-    const text = canonicalText(items[i])
+    const text = canonicalJson(items[i])
     const before = last.get(text)
     if (before !== undefined) found = [before, i]
     last.set(text, i)
   }
   return found
-}
-
-/**
- * A JSON value as text with its objects' keys sorted. Iterative, not recursive: the schema runs
- * before the input's depth is checked, and an item nested 100,000 levels deep overflowed the stack.
- */
-export function canonicalText (value: unknown): string {
-  let out = ''
-  const stack: Array<string | { value: unknown }> = [{ value }]
-  while (stack.length > 0) {
-    const top = stack.pop()!
-    if (typeof top === 'string') {
-      out += top
-      continue
-    }
-    const v = top.value
-    if (v === null || typeof v !== 'object') {
-      out += JSON.stringify(v) ?? 'null'
-    } else if (Array.isArray(v)) {
-      stack.push(']')
-      for (let i = v.length - 1; i >= 0; i--) {
-        stack.push({ value: v[i] })
-        if (i > 0) stack.push(',')
-      }
-      out += '['
-    } else {
-      const record = v as Record<string, unknown>
-      const keys = Object.keys(record).filter(k => record[k] !== undefined).sort()
-      stack.push('}')
-      for (let i = keys.length - 1; i >= 0; i--) {
-        stack.push({ value: record[keys[i]] })
-        stack.push((i > 0 ? ',' : '') + JSON.stringify(keys[i]) + ':')
-      }
-      out += '{'
-    }
-  }
-  return out
 }
