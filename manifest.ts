@@ -265,11 +265,14 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
 
   for (const name of Object.keys(schemas)) {
     if (!NAME.test(name)) faults.push(`schemas.${name}: the name must match ${NAME.source}`)
+    // JSON.parse and YAML keep it as an own key, but it is an object's prototype wherever the
+    // gateway stores the named schemas by name (a plain object's `__proto__` is its prototype).
+    else if (name === '__proto__') faults.push(`schemas.${name}: __proto__ cannot name a schema`)
   }
   // Resolve named schemas first, so a cycle or a missing ref is reported once, at its place.
   const resolvedSchemas: Record<string, JsonSchema> = {}
   for (const [name, schema] of Object.entries(schemas)) {
-    resolvedSchemas[name] = resolveRefs(schema, schemas, `schemas.${name}`, faults, [name])
+    if (name !== '__proto__') resolvedSchemas[name] = resolveRefs(schema, schemas, `schemas.${name}`, faults, [name])
   }
 
   const defaults = m.defaults ?? {}
@@ -299,7 +302,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     const at = `events.${name}`
     if (!NAME.test(name)) faults.push(`${at}: the event name must match ${NAME.source}`)
     else if (name.startsWith('__')) faults.push(`${at}: an event name may not begin with __ (GraphQL reserves it for introspection, and the event is a GraphQL subscription field)`)
-    if (m.operations[name] !== undefined) faults.push(`${at}: an operation has the same name`)
+    if (Object.hasOwn(m.operations, name)) faults.push(`${at}: an operation has the same name`)
     const payload = resolveRefs(ev.payload, resolvedSchemas, `${at}.payload`, faults, [])
     checkSchema(checker, payload, `${at}.payload`, faults)
     events.push(Object.freeze({ name, topic: ev.topic, payload, payloadDocument: ev.payload, roles: Object.freeze([...(ev.roles ?? defaults.roles ?? [])]), description: ev.description ?? null }))
@@ -522,7 +525,9 @@ function resolveRefs (node: unknown, schemas: Record<string, JsonSchema>, at: st
         faults.push(`${path}.$ref: "${obj.$ref}" must have the form #/schemas/Name`)
         return {}
       }
-      const target = schemas[match[1]]
+      // Only a declared schema: `#/schemas/toString` (or constructor, __proto__) found
+      // Object.prototype's member, and a $ref to no schema was read as `{}`.
+      const target = Object.hasOwn(schemas, match[1]) ? schemas[match[1]] : undefined
       if (target === undefined) {
         faults.push(`${path}.$ref: "${obj.$ref}" names a schema that is not declared in schemas`)
         return {}

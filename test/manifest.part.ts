@@ -267,6 +267,24 @@ t.test('$ref faults name the place of the $ref', async t => {
     ['operations.a.input.properties.x.$ref: "#/schemas/Nope" names a schema that is not declared in schemas'], 'in input')
 })
 
+t.test('a $ref to a name Object.prototype holds is a missing schema, and __proto__ names no schema', async t => {
+  // `#/schemas/toString` found Object.prototype's member: the manifest started, its output `{}`,
+  // the whole Kernel answer passed on every face.
+  for (const name of ['toString', 'constructor', 'hasOwnProperty', '__proto__']) {
+    t.same(faultsOf(doc({ a: { ...query, output: { $ref: `#/schemas/${name}` } } })),
+      [`operations.a.output.$ref: "#/schemas/${name}" names a schema that is not declared in schemas`], name)
+    t.same(faultsOf(doc({ a: { ...query, output: { $ref: `#/schemas/${name}` } } }, { schemas: { A: output } })),
+      [`operations.a.output.$ref: "#/schemas/${name}" names a schema that is not declared in schemas`], `${name}, beside a declared schema`)
+  }
+  // JSON.parse (and YAML) keep `__proto__` as an own key; stored by name, it was the prototype of
+  // the named schemas, whose members (`type`, `properties`) a $ref then found.
+  const proto = JSON.parse(JSON.stringify(doc({ a: { ...query, output: { $ref: '#/schemas/type' } } })).replace('"operations":', `"schemas":{"__proto__":${JSON.stringify(output)}},"operations":`))
+  t.same(faultsOf(proto), ['schemas.__proto__: __proto__ cannot name a schema', 'operations.a.output.$ref: "#/schemas/type" names a schema that is not declared in schemas'])
+  const constructor = compileManifest(doc({ a: { ...query, output: { $ref: '#/schemas/constructor' } } }, { schemas: { constructor: output } }))
+  t.same(constructor.operations[0].output, output, 'a schema declared as constructor is that schema')
+  t.equal(compileManifest(doc({ a: query }, { events: { toString: { topic: 't', payload: output } } })).events[0].name, 'toString', 'an event toString is no operation of the same name')
+})
+
 t.test('a cyclic $ref is refused', async t => {
   t.same(faultsOf(doc({ a: query }, { schemas: { Node: { type: 'object', properties: { next: { $ref: '#/schemas/Node' } } } } })),
     ['schemas.Node.properties.next.$ref: "#/schemas/Node" is cyclic (Node -> Node), which the faces cannot express'], 'direct')
