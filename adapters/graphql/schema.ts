@@ -18,7 +18,9 @@ import { inheritedName } from '../../own-properties.js'
  *     `Query { _: Boolean }` (GraphQL needs a query type). The manifest refuses an op or event
  *     whose name starts with `__` (reserved by GraphQL), so every one is a field here.
  *  2. Arguments. The properties of an op's input become the field's arguments. When one of
- *     them is not a valid GraphQL name, the field takes a single `input: JSON` argument instead.
+ *     them is not a valid GraphQL name, or the input declares none and does not refuse others
+ *     (a map: `additionalProperties` a schema, `patternProperties`, or no
+ *     `additionalProperties: false`), the field takes a single `input: JSON` argument instead.
  *     An argument given as `null` is dropped when its schema does not accept null (GraphQL
  *     clients send null for "unset"), and so is an input object's field, at every level; every
  *     argument is then validated by the pipeline as REST.
@@ -365,16 +367,27 @@ function inputMapper (op: Operation, whole: boolean, args: GraphQLFieldConfigArg
   }
 }
 
+/** Whether an input schema admits properties it does not declare: it does not close itself with `additionalProperties: false`, or names them by pattern. */
+function takesUndeclared (input: JsonSchema): boolean {
+  return input.additionalProperties !== false || input.patternProperties !== undefined
+}
+
 export function buildSchema (manifest: Manifest, resolvers: SchemaResolvers): GraphQLSchema {
   const types = new TypeFactory(manifest)
   const roots: Record<'query' | 'mutation', GraphQLFieldConfigMap<unknown, unknown>> = { query: {}, mutation: {} }
   for (const op of manifest.operations) {
     const properties = (op.input.properties ?? {}) as Record<string, JsonSchema>
     const required = new Set(Array.isArray(op.input.required) ? op.input.required as string[] : [])
-    const whole = !Object.keys(properties).every(isGraphqlName)
+    const names = Object.keys(properties)
+    const named = names.every(isGraphqlName)
+    // An input that declares no property but takes some (a map, `additionalProperties: { ... }`,
+    // `patternProperties`, or properties given in an `anyOf`'s branches) had no argument at all: a
+    // call could send the op nothing but `{}`, which a mutation then ran with.
+    const whole = !named || (names.length === 0 && takesUndeclared(op.input))
     const hint = pascal(op.name)
+    const why = named ? 'it declares no property, and takes properties' : 'its property names are not GraphQL names'
     const args = whole
-      ? { input: { type: required.size > 0 ? new GraphQLNonNull(JSONScalar) : JSONScalar, description: 'The whole input of the operation (its property names are not GraphQL names).' } }
+      ? { input: { type: required.size > 0 ? new GraphQLNonNull(JSONScalar) : JSONScalar, description: `The whole input of the operation (${why}).` } }
       : types.inputFields(properties, required, hint)
     roots[op.type][op.name] = {
       type: types.output(op.outputDocument, hint + 'Output').type,

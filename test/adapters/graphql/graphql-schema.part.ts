@@ -153,6 +153,48 @@ t.test('a manifest without queries still has a Query type', async t => {
   t.same(q.json(), { data: { _: null } })
 })
 
+t.test('an input that declares no property but takes some is one input: JSON argument', async t => {
+  // A map (`additionalProperties` a schema), `patternProperties`, properties only in `anyOf`'s
+  // branches: the field had no argument, and every call reached the Kernel with `{}` (a
+  // mutation ran with nothing), while REST and tRPC sent what the client gave.
+  const echo = { type: 'object', properties: { got: {} } }
+  const manifest = testManifest({
+    setLabels: { type: 'mutation', rest: 'PUT /labels', kernel: 'PUT /labels', input: { type: 'object', minProperties: 1, additionalProperties: { type: 'string' } }, output: echo },
+    byPattern: { type: 'mutation', rest: 'POST /pattern', kernel: 'POST /pattern', input: { type: 'object', required: ['x-a'], patternProperties: { '^x-': { type: 'string' } }, additionalProperties: false }, output: echo },
+    either: { type: 'query', rest: 'GET /either', kernel: 'GET /either', input: { type: 'object', anyOf: [{ required: ['a'], properties: { a: str } }, { required: ['b'], properties: { b: str } }] }, output: echo },
+    none: { type: 'query', rest: 'GET /none', kernel: 'GET /none', output: echo },
+    closed: { type: 'query', rest: 'GET /closed', kernel: 'GET /closed', input: { type: 'object', additionalProperties: false }, output: echo }
+  })
+  const sdl = manifestSdl(manifest)
+  t.same(validateSchema(parseSdl(sdl)), [])
+  t.match(sdl, /setLabels\(\n(?: {4}.*\n)* {4}input: JSON\n {2}\): SetLabelsOutput/)
+  t.match(sdl, /The whole input of the operation \(it declares no property, and takes\s+properties\)\./)
+  t.match(sdl, /byPattern\(\n(?: {4}.*\n)* {4}input: JSON!\n {2}\): ByPatternOutput/, 'required when the input requires a name')
+  t.match(sdl, /either\(\n(?: {4}.*\n)* {4}input: JSON\n {2}\): EitherOutput/)
+  t.match(sdl, / {2}none: NoneOutput\n/, 'an input left out (closed, no property) takes no argument')
+  t.match(sdl, / {2}closed: ClosedOutput\n/)
+  const sent = (req: { body: string, url: string }): unknown => req.body === '' ? Object.fromEntries(new URL(req.url, 'http://k').searchParams) : JSON.parse(req.body)
+  const kernel = await startTestKernel(t, {
+    'PUT /labels': (req, res) => json(res, 200, { got: sent(req) }),
+    'POST /pattern': (req, res) => json(res, 200, { got: sent(req) }),
+    'GET /either': (req, res) => json(res, 200, { got: sent(req) })
+  })
+  const app = await buildTestApp(t, ONLY_GRAPHQL, { manifest, kernelUrl: kernel.url })
+  const res = await app.inject({
+    method: 'POST',
+    url: '/graphql',
+    headers: bearer(),
+    payload: { query: 'mutation ($l: JSON) { setLabels(input: $l) { got } byPattern(input: { x_b: "no" }) { got } }', variables: { l: { env: 'prod', team: 'core' } } }
+  })
+  t.match(res.json(), { data: { setLabels: { got: { env: 'prod', team: 'core' } }, byPattern: null }, errors: [{ path: ['byPattern'], extensions: { code: 'VALIDATION_FAILED' } }] })
+  const pattern = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: 'mutation ($p: JSON!) { byPattern(input: $p) { got } }', variables: { p: { 'x-a': '1', 'x-b': '2' } } } })
+  t.same(pattern.json(), { data: { byPattern: { got: { 'x-a': '1', 'x-b': '2' } } } })
+  const q = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: '{ either(input: { b: "2" }) { got } }' } })
+  t.same(q.json(), { data: { either: { got: { b: '2' } } } })
+  const empty = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: 'mutation { setLabels { got } }' } })
+  t.match(empty.json(), { data: { setLabels: null }, errors: [{ extensions: { code: 'VALIDATION_FAILED' } }] }, 'no input is {}, refused by the schema as on REST')
+})
+
 t.test('names the manifest allows that GraphQL does not are made GraphQL names', async t => {
   // `_1x` became `1xOutput` (pascal drops the underscore), `__Foo` stayed `__Foo`, GraphQL's
   // own prefix: the start stopped with GraphQL's error, naming no place in the manifest.
