@@ -380,6 +380,9 @@ function buildOperation (
   for (const p of new Set(pathParams)) {
     if (pathParams.indexOf(p) !== pathParams.lastIndexOf(p)) faults.push(`${at}.rest: path parameter :${p} appears twice`)
   }
+  // The Kernel, or a proxy before it, resolves a `.` or `..` segment: the call would reach another
+  // route than the one written (a parameter's are refused when a call makes one, plugins/kernel).
+  if (kPath.split('/').some(s => s === '.' || s === '..')) faults.push(`${at}.kernel: a '.' or '..' segment, which the Kernel or a proxy before it resolves to another path`)
   // A brace outside a `{name}` would reach the Kernel as it is.
   if (/[{}]/.test(kPath.replace(/\{[^{}]*\}/g, ''))) faults.push(`${at}.kernel: a { or } outside a {name}`)
   const kernelParams = [...kPath.matchAll(/\{([^}]*)\}/g)].map(x => x[1])

@@ -322,6 +322,13 @@ t.test('a named schema with an $id serves several operations, and twice in one',
   t.same(m.operations[1].output, { type: 'object', properties: { one: { type: 'object', properties: { id: { type: 'string' } } }, two: { type: 'object', properties: { id: { type: 'string' } } } } })
 })
 
+t.test('a Kernel path with a . or .. segment is refused: the Kernel would resolve it to another route', async t => {
+  for (const kernel of ['GET /v1/./a', 'GET /v1/../a', 'GET /v1/a/..', 'GET /v1/{id}/../a']) {
+    t.same(faultsOf(doc({ a: { ...query, rest: 'GET /a/:id', kernel, input: idInput } })), ['operations.a.kernel: a \'.\' or \'..\' segment, which the Kernel or a proxy before it resolves to another path'], kernel)
+  }
+  for (const kernel of ['GET /v1/.a', 'GET /v1/a.../b', 'GET /v1/{id}.json']) t.equal(compileManifest(doc({ a: { ...query, rest: 'GET /a/:id', kernel, input: idInput } })).operations[0].kernel.path, kernel.slice(4), `${kernel} is fine`)
+})
+
 t.test('a duplicate REST route is refused, whatever the param names', async t => {
   t.same(faultsOf(doc({
     a: { ...query, rest: 'GET /a/:id', kernel: 'GET /v1/a/{id}', input: idInput },

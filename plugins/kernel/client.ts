@@ -163,6 +163,9 @@ export class KernelClient {
         if (segment === '') throw new MantleError('VALIDATION_FAILED', `input.${parts[i]} must not be empty: it is a segment of the Kernel's path`)
         path += segment + parts[i + 1]
       }
+      // encodeURIComponent leaves dots: only a parameter can make a segment `.` or `..` (the
+      // manifest refuses one of its own, manifest.ts).
+      if (parts.length > 1 && path.includes('.')) refuseDotSegments(path, parts, input)
       let body: string | undefined
       if (sendsBody) {
         // The input as it is when the path takes none of it (no `__proto__` key reaches here: the
@@ -783,14 +786,23 @@ const leftQueued: Attempt = { outcome: 'client_closed', status: 499, value: unde
 const leftSent: Attempt = { outcome: 'client_closed', status: 499, value: undefined, message: undefined }
 const DEADLINE_PASSED = new Error('the attempt\'s deadline passed')
 
-/**
- * A path parameter as one segment of the Kernel's path. encodeURIComponent leaves `.` and `..`
- * as they are, which a Kernel or a proxy before it would resolve (`/v1/agents/../runs` is
- * `/v1/runs`): those two are sent as `%2E`.
- */
+/** A path parameter as (part of) one segment of the Kernel's path: `/` and the rest encodeURIComponent encodes are percent-encoded. */
 function pathSegment (value: unknown): string {
-  const segment = encodeURIComponent(String(value))
-  return segment === '.' || segment === '..' ? segment.replaceAll('.', '%2E') : segment
+  return encodeURIComponent(String(value))
+}
+
+/**
+ * Refuses a Kernel path one of whose segments is `.` or `..`, which only a parameter can make: a
+ * Kernel or a proxy before it resolves them (`/v1/agents/../runs` is `/v1/runs`, another
+ * resource, reached under this operation's roles). No encoding sends them safely: they went as
+ * `%2E%2E`, which the WHATWG URL parser (Node's `new URL(req.url, base)`, Deno, Bun, Workers)
+ * resolves as `..`, and so does RFC 3986 normalization (`%2E` is an unreserved character's).
+ */
+function refuseDotSegments (path: string, parts: readonly string[], input: Record<string, unknown>): void {
+  if (!path.split('/').some(s => s === '.' || s === '..')) return
+  const fields: string[] = []
+  for (let i = 1; i < parts.length; i += 2) if (/^\.+$/.test(String(input[parts[i]])) && !fields.includes(`input.${parts[i]}`)) fields.push(`input.${parts[i]}`)
+  throw new MantleError('VALIDATION_FAILED', `${fields.join(', ')} must not make a segment of the Kernel's path '.' or '..'`)
 }
 /** The longest a Kernel 4xx's body is waited for, for its message, within the call's deadline. */
 const REJECTION_READ_MS = 250

@@ -671,23 +671,36 @@ t.test('closing the app waits for a call in flight', async t => {
   await closing
 })
 
-// A path parameter is one segment of the Kernel's path, whatever it holds: `.` and `..` would be
-// resolved by a Kernel or a proxy that normalizes paths (`/v1/items/..` is `/v1/`), so they are
-// percent-encoded; so are slashes and the rest of what encodeURIComponent encodes.
+// A path parameter is one segment of the Kernel's path, whatever it holds: slashes and the rest of
+// what encodeURIComponent encodes are percent-encoded. A segment `.` or `..` is refused: a Kernel
+// or a proxy that normalizes paths resolves it (`/v1/items/../detail` is `/v1/detail`), and no
+// encoding of it is safe (`%2E%2E` was sent, which WHATWG's URL parser and RFC 3986 normalization
+// resolve as `..`: a Kernel reading `new URL(req.url, base)` served another route).
 t.test('path parameters never become path structure at the Kernel', async t => {
   const kernel = await startTestKernel(t, {})
   const idInput = { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }
   const manifest = testManifest({
-    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}/detail', input: idInput, output: { type: 'object', properties: { id: { type: 'string' } } } }
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}/detail', input: idInput, output: { type: 'object', properties: { id: { type: 'string' } } } },
+    getPair: { type: 'query', rest: 'GET /pairs/:a/:b', kernel: 'GET /v1/pairs/{a}{b}/x', input: { type: 'object', required: ['a', 'b'], properties: { a: { type: 'string' }, b: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } } }
   }, { retries: 0 })
   const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
-  const cases: Array<[string, string]> = [['..', '%2E%2E'], ['.', '%2E'], ['...', '...'], ['a/../b', 'a%2F..%2Fb'], ['x.y', 'x.y']]
+  const cases: Array<[string, string]> = [['...', '...'], ['a/../b', 'a%2F..%2Fb'], ['x.y', 'x.y'], ['%2E%2E', '%252E%252E']]
   for (const [, sent] of cases) kernel.on(`GET /v1/items/${sent}/detail`, (_req, res) => json(res, 200, { id: 'x' }))
   for (const [id] of cases) {
     const res = await app.inject({ url: `/trpc/getItem?input=${encodeURIComponent(JSON.stringify({ id }))}`, headers: bearer() })
     t.equal(res.statusCode, 200, `${id}: ${res.body.slice(0, 120)}`)
   }
   t.same(kernel.requests.map(r => r.url), cases.map(([, sent]) => `/v1/items/${sent}/detail`))
+  for (const id of ['..', '.']) {
+    const trpc = await app.inject({ url: `/trpc/getItem?input=${encodeURIComponent(JSON.stringify({ id }))}`, headers: bearer() })
+    t.equal(trpc.statusCode, 400, `${id} over tRPC: ${trpc.body.slice(0, 160)}`)
+    t.match(trpc.json(), { error: { message: "input.id must not make a segment of the Kernel's path '.' or '..'", data: { code: 'VALIDATION_FAILED' } } })
+    const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls: [{ id: 'c', op: 'getItem', input: { id } }] } })
+    t.match(batch.json(), { results: [{ id: 'c', error: { code: 'VALIDATION_FAILED', status: 400 } }] }, `${id} in a batch`)
+  }
+  const pair = await app.inject({ url: `/trpc/getPair?input=${encodeURIComponent(JSON.stringify({ a: '.', b: '.' }))}`, headers: bearer() })
+  t.match([pair.statusCode, pair.json()], [400, { error: { message: "input.a, input.b must not make a segment of the Kernel's path '.' or '..'" } }], 'two parameters of one segment')
+  t.equal(kernel.requests.length, cases.length, 'none of them reached the Kernel')
 })
 
 // README "The Kernel side": "a refused or reset connection | 503 KERNEL_UNAVAILABLE".
