@@ -16,3 +16,27 @@ export function eachSchemaObject (schema: unknown, at: string, visit: (node: Rec
   visit(node, at)
   for (const [k, v] of Object.entries(node)) if (!DATA_KEYWORDS.has(k)) eachSchemaObject(v, `${at}.${k}`, visit)
 }
+
+/** Keywords whose value maps names (not keywords) to schemas. */
+const SCHEMA_MAPS = new Set(['properties', 'patternProperties', 'definitions', '$defs', 'dependentSchemas', 'dependencies'])
+
+/**
+ * A copy of the JSON Schema `schema` without the keyword `key` in any of its schemas (the values
+ * of data keywords are copied as they are, and a property named as `key` stays).
+ */
+export function withoutKeyword (schema: unknown, key: string): unknown {
+  if (Array.isArray(schema)) return schema.map(v => withoutKeyword(v, key))
+  if (schema === null || typeof schema !== 'object') return schema
+  const out: Record<string, unknown> = {}
+  for (const [k, v] of Object.entries(schema)) {
+    if (k === key) continue
+    const value = DATA_KEYWORDS.has(k)
+      ? v
+      : SCHEMA_MAPS.has(k) && v !== null && typeof v === 'object' && !Array.isArray(v)
+        ? Object.fromEntries(Object.entries(v).map(([name, s]) => [name, withoutKeyword(s, key)]))
+        : withoutKeyword(v, key)
+    // A key `__proto__` (JSON.parse keeps one as an own key) stays an own key.
+    Object.defineProperty(out, k, { value, enumerable: true, writable: true, configurable: true })
+  }
+  return out
+}

@@ -3,6 +3,7 @@ import { Ajv, type ValidateFunction } from 'ajv'
 import { addGatewayFormats } from '../../formats.js'
 import { CallContext } from '../../plugins/pipeline/index.js'
 import { compiledOnce } from '../../compiled.js'
+import { withoutKeyword } from '../../schema-walk.js'
 import { takesIfNoneMatch } from '../../plugins/cache/index.js'
 import { clientRequestId } from '../../ids.js'
 import type { JsonSchema, Operation } from '../../manifest.js'
@@ -143,7 +144,12 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
   const validatorCompiler = ({ schema, httpPart }: { schema: FastifySchema, httpPart?: string }) => {
     if (httpPart === 'body' || httpPart === 'headers') return passthrough
     // Only the fields are coerced (the other rules of the input are the pipeline's to check).
-    const loose: JsonSchema = { type: 'object', properties: (schema as JsonSchema).properties ?? {} }
+    // Without their patterns: this Ajv reads every keyword of a field (allErrors), and ran a
+    // pattern on text longer than the field's maxLength, which the pipeline's check refuses
+    // first. The manifest lets a pattern that backtracks through only when maxLength bounds it
+    // (manifest-patterns.ts): `^(a|a)*$` with maxLength 20 held the event loop 0.8 s for 26
+    // characters of a query string, doubling with each more.
+    const loose = withoutKeyword({ type: 'object', properties: (schema as JsonSchema).properties ?? {} }, 'pattern') as JsonSchema
     // Optimization: string-only parts (most path params) need no coercion at all.
     const props = Object.values((loose.properties ?? {}) as Record<string, JsonSchema>)
     if (props.every(p => p.type === 'string')) return passthrough

@@ -1,4 +1,5 @@
 import t from 'tap'
+import { mock } from 'node:test'
 import { createSigner } from 'fast-jwt'
 import { buildDemoApp, buildTestApp, startTestKernel, testManifest, json, bearer, token, SECRET } from '../helper.js'
 
@@ -298,4 +299,30 @@ t.test('a loose number among a query array\'s items is named as the item it is, 
   const ok = await app.inject({ url: '/api/v1/things?ns=1&ns=2', headers: bearer() })
   t.same([ok.statusCode, ok.json().url], [200, '/v1/things?ns=1&ns=2'], 'decimal items still read')
   t.equal(kernel.requests.length, 1, 'no refused call reached the Kernel')
+})
+
+t.test('a field\'s pattern is not run on text its maxLength refuses, in the path or the query string', async t => {
+  // The manifest lets a pattern that backtracks through when the field's maxLength bounds it
+  // (manifest-patterns.ts), since the pipeline's check reads maxLength first. The REST face's
+  // coercion of the path and query (an Ajv that reads every keyword) ran the pattern on text of
+  // any length: `^(a|a)*$` with maxLength 20 held the event loop 0.8 s for 26 characters, twice
+  // that for each more. Counted here by the pattern's runs, not timed.
+  const short = { type: 'string', maxLength: 3, pattern: '^[ab]+$' }
+  const manifest = testManifest({
+    find: { type: 'query', rest: 'GET /find/:key/:n', kernel: 'GET /find', input: { type: 'object', required: ['key', 'n'], properties: { key: short, n: { type: 'integer' }, q: short, limit: { type: 'integer' } } }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
+  })
+  const kernel = await startTestKernel(t, { 'GET /find': (_req, res) => json(res, 200, { ok: true }) })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const test = mock.method(RegExp.prototype, 'test')
+  t.teardown(() => { test.mock.restore() })
+  const runs = (longer: number): number => test.mock.calls.filter(c => (c.this as RegExp).source === '^[ab]+$' && String(c.arguments[0]).length > longer).length
+  const ok = await app.inject({ url: '/api/v1/find/ab/1?q=ba&limit=2', headers: bearer() })
+  t.equal(ok.statusCode, 200, ok.body)
+  t.ok(runs(0) >= 2, `the pattern is checked on text within maxLength (${runs(0)} runs)`)
+  for (const url of ['/api/v1/find/abababab/1?limit=2', '/api/v1/find/ab/1?q=abababab&limit=2']) {
+    const res = await app.inject({ url, headers: bearer() })
+    t.match([res.statusCode, res.json()], [400, { code: 'VALIDATION_FAILED', detail: /must NOT have more than 3 characters/ }], url)
+    t.equal(runs(3), 0, `${url}: the pattern is not run on text longer than maxLength`)
+  }
+  t.equal(kernel.requests.length, 1)
 })
