@@ -203,10 +203,29 @@ export async function loadManifestFile (file: string, options: { settleMs?: numb
     const repeated = parseDocument(text, { prettyErrors: true, uniqueKeys: true }).errors.find(e => e.code === 'DUPLICATE_KEY')
     if (repeated !== undefined) throw new ManifestError(file, [`gives a key twice in one object (JSON would keep the last silently): ${repeated.message.split('\n')[0].replace(/:$/, '')}`])
   }
+  // YAML has values JSON has not (`.inf`, `.nan`; under `%YAML 1.1`, a timestamp, binary, a set):
+  // a schema holding one was compiled, and misread (a `default: 2024-01-01` of a string field,
+  // a Date, refused every call that left the field out: "input.since must be string").
+  const notJson = nonJsonValues(doc, '')
+  if (notJson.length > 0) throw new ManifestError(file, notJson)
   const manifest = compileManifest(doc, file)
   const faults = await backtrackingFaults(manifest)
   if (faults.length > 0) throw new ManifestError(file, faults)
   return manifest
+}
+
+/** Faults for the values of a parsed document that are no JSON values (YAML's), at their manifest paths; at most 20. */
+function nonJsonValues (value: unknown, at: string, faults: string[] = []): string[] {
+  if (faults.length >= 20) return faults
+  const where = at === '' ? '(root)' : at
+  if (typeof value === 'number' && !Number.isFinite(value)) faults.push(`${where}: ${String(value)} is not a JSON number (a manifest holds JSON values only)`)
+  else if (Array.isArray(value)) value.forEach((v, i) => nonJsonValues(v, at === '' ? String(i) : `${at}.${i}`, faults))
+  else if (value !== null && typeof value === 'object') {
+    const proto = Object.getPrototypeOf(value) as unknown
+    if (proto !== Object.prototype && proto !== null) faults.push(`${where}: a ${(value as object).constructor?.name ?? 'value'} is not a JSON value (a YAML 1.1 timestamp, binary or set: write it as a string or an array)`)
+    else for (const [k, v] of Object.entries(value)) nonJsonValues(v, at === '' ? k : `${at}.${k}`, faults)
+  } else if (typeof value !== 'string' && typeof value !== 'boolean' && typeof value !== 'number' && value !== null) faults.push(`${where}: a ${typeof value} is not a JSON value`)
+  return faults
 }
 
 /** The keys a JSON text names: each string followed, past whitespace, by a colon. */

@@ -191,6 +191,35 @@ t.test('file faults: unreadable, invalid YAML, invalid JSON, invalid content', a
   await t.rejects(loadManifestFile(wrong), { faults: ['operations: is required'], message: `Invalid manifest ${wrong}:\n  - operations: is required` })
 })
 
+t.test('a YAML value JSON has not (.inf, .nan, a YAML 1.1 timestamp or binary) is refused at its place', async t => {
+  // A `%YAML 1.1` manifest's `default: 2024-01-01` was a Date: the manifest started, and every
+  // call leaving the field out was refused "input.since must be string" (the Date put in its
+  // place); `.inf` in an enum made codegen write `Infinity` as a type, which does not compile.
+  const head = 'version: 1\nkernel: { url: "http://127.0.0.1:1" }\noperations:\n  a: { type: query, rest: GET /a, kernel: GET /a, '
+  const dir = t.testdir({
+    'v11.yaml': '%YAML 1.1\n---\n' + head + 'input: { type: object, properties: { since: { type: string, default: !!timestamp 2024-01-01 }, b: { type: string, examples: [!!binary aGVsbG8=] } } }, output: {} }\n',
+    'inf.yaml': head + 'input: { type: object, properties: { n: { type: number, enum: [1, .inf], default: .nan } } }, output: { enum: [-.inf, 2] } }\n',
+    'ok.yaml': '%YAML 1.1\n---\n' + head + 'input: { type: object, properties: { since: { type: string, default: "2024-01-01" }, flag: { type: boolean, default: yes } } }, output: {} }\n'
+  })
+  await t.rejects(loadManifestFile(join(dir, 'v11.yaml')), {
+    name: 'ManifestError',
+    faults: [
+      'operations.a.input.properties.since.default: a Date is not a JSON value (a YAML 1.1 timestamp, binary or set: write it as a string or an array)',
+      'operations.a.input.properties.b.examples.0: a Buffer is not a JSON value (a YAML 1.1 timestamp, binary or set: write it as a string or an array)'
+    ]
+  })
+  await t.rejects(loadManifestFile(join(dir, 'inf.yaml')), {
+    name: 'ManifestError',
+    faults: [
+      'operations.a.input.properties.n.enum.1: Infinity is not a JSON number (a manifest holds JSON values only)',
+      'operations.a.input.properties.n.default: NaN is not a JSON number (a manifest holds JSON values only)',
+      'operations.a.output.enum.0: -Infinity is not a JSON number (a manifest holds JSON values only)'
+    ]
+  })
+  const ok = await loadManifestFile(join(dir, 'ok.yaml'))
+  t.same(ok.operations[0].input.properties, { since: { type: 'string', default: '2024-01-01' }, flag: { type: 'boolean', default: true } }, 'a quoted date and YAML 1.1 booleans are JSON values')
+})
+
 t.test('a JSON manifest that gives a key twice in one object is refused at its place', async t => {
   // JSON.parse keeps the last: the first copy's roles were dropped without a word.
   const dir = t.testdir({
