@@ -308,7 +308,10 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     if (built === null) continue
     // Routes as Fastify tells them apart: it ignores a trailing slash (`GET /a/` is `GET /a`).
     const route = `${built.method} ${built.path.length > 1 ? built.path.replace(/\/+$/, '') : built.path}`
-    const routeKey = route.replace(/:[^/]+/g, ':')
+    // A parameter's name is not part of the route (`/a/:id` and `/a/:key` are one), the text
+    // beside it in its segment is: Fastify serves `/a/:id` and `/a/:id.json` apart (both were
+    // refused as one route, `/a/:`).
+    const routeKey = route.replace(/:[A-Za-z_][A-Za-z0-9_]*/g, ':')
     const seen = routes.get(routeKey)
     if (seen !== undefined) faults.push(`${at}.rest: duplicate REST route ${op.rest} (also ${seen}.rest)`)
     else routes.set(routeKey, at)

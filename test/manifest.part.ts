@@ -366,6 +366,21 @@ t.test('a duplicate REST route is refused, whatever the param names', async t =>
   t.same(faultsOf(doc({ a: query, b: { ...query, kernel: 'GET /v1/b' } })), ['operations.b.rest: duplicate REST route GET /a (also operations.a.rest)'])
   const ok = compileManifest(doc({ a: query, b: { ...mutation, rest: 'POST /a' }, c: { ...query, rest: 'GET /a/b' } }))
   t.equal(ok.operations.length, 3, 'another method or another path is another route')
+  // The text beside a parameter in its segment is part of the route, as Fastify reads it: these
+  // were refused as duplicates of `/a/:`.
+  const two = (x: string, y: string): Record<string, unknown> => ({ type: 'object', required: [x, y], properties: { [x]: { type: 'string' }, [y]: { type: 'string' } } })
+  const apart = compileManifest(doc({
+    a: { ...query, rest: 'GET /a/:id', kernel: 'GET /v1/a/{id}', input: idInput },
+    b: { ...query, rest: 'GET /a/:id.json', kernel: 'GET /v1/b/{id}', input: idInput },
+    c: { ...query, rest: 'GET /a/:x-:y', kernel: 'GET /v1/c', input: two('x', 'y') },
+    d: { ...query, rest: 'GET /a/:x.:y', kernel: 'GET /v1/d', input: two('x', 'y') },
+    e: { ...query, rest: 'GET /a/:id-b', kernel: 'GET /v1/e', input: idInput }
+  }))
+  t.same(apart.operations.map(o => o.path), ['/a/:id', '/a/:id.json', '/a/:x-:y', '/a/:x.:y', '/a/:id-b'])
+  t.same(faultsOf(doc({
+    a: { ...query, rest: 'GET /a/:x-:y', kernel: 'GET /v1/c', input: two('x', 'y') },
+    b: { ...query, rest: 'GET /a/:p-:q', kernel: 'GET /v1/c', input: two('p', 'q') }
+  })), ['operations.b.rest: duplicate REST route GET /a/:p-:q (also operations.a.rest)'], 'the same text beside other names is the same route')
 })
 
 t.test('path params must be declared in input and required', async t => {

@@ -326,3 +326,21 @@ t.test('a field\'s pattern is not run on text its maxLength refuses, in the path
   }
   t.equal(kernel.requests.length, 1)
 })
+
+t.test('routes that differ by the text beside a parameter are served apart', async t => {
+  // `/items/:id` and `/items/:id.json` were refused as one duplicate route (`/items/:`), though
+  // Fastify's router serves them apart.
+  const idInput = { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }
+  const out = { type: 'object', properties: { route: { type: 'string' }, id: { type: 'string' } } }
+  const manifest = testManifest({
+    item: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /item/{id}', input: idInput, output: out },
+    itemJson: { type: 'query', rest: 'GET /items/:id.json', kernel: 'GET /json/{id}', input: idInput, output: out }
+  })
+  const kernel = await startTestKernel(t, {
+    'GET /item/a1': (_req, res) => json(res, 200, { route: 'item', id: 'a1' }),
+    'GET /json/a1': (_req, res) => json(res, 200, { route: 'json', id: 'a1' })
+  })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  t.same((await app.inject({ url: '/api/v1/items/a1', headers: bearer() })).json(), { route: 'item', id: 'a1' })
+  t.same((await app.inject({ url: '/api/v1/items/a1.json', headers: bearer() })).json(), { route: 'json', id: 'a1' })
+})
