@@ -17,7 +17,7 @@ import { compiledSchemas, COMPILED_SCHEMAS, COMPILED_SCHEMA_TEXT } from './compi
 import metrics from './plugins/metrics/index.js'
 import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
 import kernel from './plugins/kernel/index.js'
-import events from './plugins/events/index.js'
+import events, { EVENTS_CHANNEL } from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
 import type {} from './plugins/tracing/index.js' // its decorators' types; the plugin is loaded when on
 import rateLimit from './plugins/rate-limit/index.js'
@@ -26,7 +26,7 @@ import { CallFailedLog } from './call-failed-log.js'
 import { trustedProxies } from './address.js'
 import firewall from './plugins/firewall/index.js'
 import idempotency from './plugins/idempotency/index.js'
-import cache from './plugins/cache/index.js'
+import cache, { INVALIDATE_CHANNEL } from './plugins/cache/index.js'
 import audit from './plugins/audit/index.js'
 import diagz, { diagzRoute } from './plugins/diagz/index.js'
 import pressure from './plugins/pressure/index.js'
@@ -813,7 +813,11 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     done()
   })
   // One shared Redis connection for the stores that use Redis; absent without REDIS_URL.
-  if (config.REDIS_URL !== undefined) await app.register(redis, { url: config.REDIS_URL, commandTimeoutMs: config.BFF_REDIS_COMMAND_TIMEOUT_MS })
+  // The channels its users subscribe to, checked at start-up: events always go through Redis with it.
+  if (config.REDIS_URL !== undefined) {
+    const channels = config.BFF_CACHE_ENABLED && storeFor(config, 'BFF_CACHE_STORE') === 'redis' ? [EVENTS_CHANNEL, INVALIDATE_CHANNEL] : [EVENTS_CHANNEL]
+    await app.register(redis, { url: config.REDIS_URL, commandTimeoutMs: config.BFF_REDIS_COMMAND_TIMEOUT_MS, channels })
+  }
   if (config.BFF_LOAD_SHEDDING_ENABLED) {
     await app.register(pressure, {
       maxEventLoopDelayMs: config.BFF_MAX_EVENT_LOOP_DELAY_MS,

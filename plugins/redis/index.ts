@@ -38,6 +38,11 @@ export interface RedisOptions {
   connectTimeoutMs?: number
   /** How often the connection is checked with a PING (ms). */
   heartbeatMs?: number
+  /**
+   * The pub/sub channels the gateway's other connections use (events, cache invalidations): a
+   * user REDIS_URL names that Redis does not let use them stops start-up, as refused credentials do.
+   */
+  channels?: readonly string[]
 }
 
 const HEARTBEAT_MS = 1000
@@ -139,6 +144,19 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
     client.disconnect()
     throw new Error(`Refusing to start: ${refusalOf(refused)}`)
   }
+  // A user whose ACL takes the keys but not the channels (Redis 7 gives a new user none:
+  // acl-pubsub-default resetchannels, so `ACL SETUSER mantle on >pw ~* +@all` has none) started,
+  // and was not ready for ever: /readyz said "redis: down (memory stores)" with every store on
+  // Redis, no event crossed instances, and each cache invalidation failed its script (replayed
+  // each second, never heard by the other instances).
+  if (client.status === 'ready' && opts.channels !== undefined && opts.channels.length > 0) {
+    const denied = await channelsRefused(client, opts.channels)
+    if (denied !== null) {
+      clearInterval(heartbeat)
+      client.disconnect()
+      throw new Error(`Refusing to start: Redis refused the channels ${opts.channels.join(', ')} to the user of REDIS_URL (grant them, e.g. &bff:*): ${denied.message}`)
+    }
+  }
 
   // quit() waits for the server: a client still retrying a Redis that is away must disconnect.
   app.addHook('onClose', async () => {
@@ -205,6 +223,25 @@ export function refusal (err: Error): boolean {
   if (/^(NOAUTH|WRONGPASS|NOPERM)\b/.test(err.message)) return true
   const command = (err as Error & { command?: { name?: string } }).command?.name
   return command === 'auth' || command === 'hello' || (command === 'select' && /DB index/i.test(err.message))
+}
+
+/**
+ * Redis' refusal of a SUBSCRIBE of `channels` (the ACL of REDIS_URL's user), on a connection of
+ * its own made for it and closed after; null when Redis takes it, or could not be asked (it went
+ * away meanwhile: the gateway starts degraded, as it would).
+ */
+async function channelsRefused (client: Redis, channels: readonly string[]): Promise<Error | null> {
+  const probe = client.duplicate({ lazyConnect: true, enableOfflineQueue: false, maxRetriesPerRequest: 0, retryStrategy: () => null, connectionName: 'mantle-probe' })
+  probe.on('error', () => {})
+  try {
+    await probe.connect()
+    await probe.subscribe(...channels)
+    return null
+  } catch (err) {
+    return err instanceof Error && refusal(err) ? err : null
+  } finally {
+    probe.disconnect()
+  }
 }
 
 /** Whether an error is Redis' answer to the handshake's SELECT (whatever it says). */

@@ -4,6 +4,7 @@
 import t, { type Test } from 'tap'
 import { createServer, connect, type Socket } from 'node:net'
 import { Redis } from 'ioredis'
+import { randomUUID } from 'node:crypto'
 import { buildDemoApp, bearer, until } from '../../helper.js'
 import { refusal } from '../../../plugins/redis/index.js'
 
@@ -62,6 +63,38 @@ t.test('credentials Redis refuses stop start-up, naming REDIS_URL, never the pas
   t.ok(err !== null, 'refused')
   t.match(err?.message, /credentials of REDIS_URL/)
   t.notMatch(err?.message, /s3cret-pw/)
+})
+
+// Redis 7 gives a new ACL user no channel (acl-pubsub-default resetchannels): the usual
+// `ACL SETUSER mantle on >pw ~* +@all` takes every key and no channel. Such a gateway started and
+// was not ready for ever (/readyz: "redis: down (memory stores)", every store on Redis all the
+// same), no event crossed instances, and each cache invalidation failed its script.
+t.test('a user Redis does not let use the gateway\'s channels stops start-up, naming REDIS_URL; one it lets starts', async t => {
+  const admin = new Redis(REDIS_URL)
+  const users: string[] = []
+  t.teardown(async () => {
+    for (const user of users) await admin.call('ACL', 'DELUSER', user)
+    admin.disconnect()
+  })
+  const userWith = async (...rules: string[]): Promise<string> => {
+    const user = `mantle-test-${randomUUID()}`
+    users.push(user)
+    await admin.call('ACL', 'SETUSER', user, 'on', '>s3cret-pw-0123', '~*', '+@all', 'resetchannels', ...rules)
+    return `redis://${user}:s3cret-pw-0123@${target.host}/3`
+  }
+  const { lines, logStream } = logLines()
+  const err = await buildDemoApp(t, { REDIS_URL: await userWith(), LOG_LEVEL: 'warn' }, { logger: undefined, logStream }).then(() => null, (e: Error) => e)
+  t.ok(err !== null, 'refused')
+  t.match(err?.message, /^Refusing to start: Redis refused the channels bff:events, bff:cache:invalidate to the user of REDIS_URL .*NOPERM/)
+  t.notMatch(err?.message, /s3cret-pw/)
+  t.notOk(lines.some(l => /unreachable at start-up/.test(l.msg)), 'not taken for a Redis that is away')
+  // Events alone go through Redis with the cache on memory: only their channel is asked for.
+  const eventsOnly = await buildDemoApp(t, { REDIS_URL: await userWith('&bff:events'), BFF_CACHE_STORE: 'memory' })
+  await until(() => eventsOnly.events.health().up, 'the events subscriber')
+  t.equal((await eventsOnly.inject({ method: 'GET', url: '/readyz' })).statusCode, 200, 'ready')
+  const granted = await buildDemoApp(t, { REDIS_URL: await userWith('&bff:*') })
+  await until(() => granted.events.health().up, 'the events subscriber')
+  t.equal((await granted.inject({ method: 'GET', url: '/readyz' })).statusCode, 200, 'ready with the channels granted')
 })
 
 t.test('a Redis that refuses the database later (restarted with fewer) counts as down, until it takes it again', async t => {
