@@ -3,6 +3,7 @@ import { markClientRequestId, uuidv7 } from './ids.js'
 import { closeAfterAnswer, lingering, lingeringClose } from './lingering.js'
 import { STATUS_CODES, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync } from 'node:fs'
+import { randomUUID } from 'node:crypto'
 import { Counter, Gauge } from 'prom-client'
 import type { SpanExporter } from '@opentelemetry/sdk-trace'
 import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins, rateLimitStore, storeFor } from './schemas/config.js'
@@ -20,13 +21,13 @@ import kernel from './plugins/kernel/index.js'
 import events, { EVENTS_CHANNEL } from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
 import type {} from './plugins/tracing/index.js' // its decorators' types; the plugin is loaded when on
-import rateLimit from './plugins/rate-limit/index.js'
+import rateLimit, { opKey } from './plugins/rate-limit/index.js'
 import { requestLoggerFactory } from './request-logger.js'
 import { CallFailedLog } from './call-failed-log.js'
 import { trustedProxies } from './address.js'
 import firewall from './plugins/firewall/index.js'
-import idempotency from './plugins/idempotency/index.js'
-import cache, { INVALIDATE_CHANNEL } from './plugins/cache/index.js'
+import idempotency, { storeKey } from './plugins/idempotency/index.js'
+import cache, { INVALIDATE_CHANNEL, sharedKey, tagKey } from './plugins/cache/index.js'
 import audit from './plugins/audit/index.js'
 import diagz, { diagzRoute } from './plugins/diagz/index.js'
 import pressure from './plugins/pressure/index.js'
@@ -813,10 +814,18 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     done()
   })
   // One shared Redis connection for the stores that use Redis; absent without REDIS_URL.
-  // The channels its users subscribe to, checked at start-up: events always go through Redis with it.
+  // The channels its users subscribe to and a key of each store on it (a fresh tenant's), checked
+  // at start-up: events always go through Redis with it.
   if (config.REDIS_URL !== undefined) {
-    const channels = config.BFF_CACHE_ENABLED && storeFor(config, 'BFF_CACHE_STORE') === 'redis' ? [EVENTS_CHANNEL, INVALIDATE_CHANNEL] : [EVENTS_CHANNEL]
-    await app.register(redis, { url: config.REDIS_URL, commandTimeoutMs: config.BFF_REDIS_COMMAND_TIMEOUT_MS, channels })
+    const cacheOnRedis = config.BFF_CACHE_ENABLED && storeFor(config, 'BFF_CACHE_STORE') === 'redis'
+    const channels = cacheOnRedis ? [EVENTS_CHANNEL, INVALIDATE_CHANNEL] : [EVENTS_CHANNEL]
+    const probe = `mantle-probe-${randomUUID()}`
+    const keys = [
+      ...(config.BFF_RATE_LIMIT_ENABLED && rateLimitStore(config) === 'redis' ? [opKey(probe, probe, probe)] : []),
+      ...(cacheOnRedis ? [sharedKey(probe, probe, '{}'), tagKey(probe, probe)] : []),
+      ...(config.BFF_IDEMPOTENCY_ENABLED && storeFor(config, 'BFF_IDEMPOTENCY_STORE') === 'redis' ? [storeKey(probe, probe, probe)] : [])
+    ]
+    await app.register(redis, { url: config.REDIS_URL, commandTimeoutMs: config.BFF_REDIS_COMMAND_TIMEOUT_MS, channels, keys })
   }
   if (config.BFF_LOAD_SHEDDING_ENABLED) {
     await app.register(pressure, {

@@ -43,6 +43,11 @@ export interface RedisOptions {
    * user REDIS_URL names that Redis does not let use them stops start-up, as refused credentials do.
    */
   channels?: readonly string[]
+  /**
+   * A key of each store on Redis, as the store makes them (a fresh tenant's: none exists): a user
+   * REDIS_URL names that Redis does not let write them (or run scripts) stops start-up too.
+   */
+  keys?: readonly string[]
 }
 
 const HEARTBEAT_MS = 1000
@@ -149,6 +154,18 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   // and was not ready for ever: /readyz said "redis: down (memory stores)" with every store on
   // Redis, no event crossed instances, and each cache invalidation failed its script (replayed
   // each second, never heard by the other instances).
+  // So did a user whose ACL does not cover the stores' keys (`~app:*`, read-only, no scripting):
+  // every store command failed NOPERM, each store ran on memory for ever (rate limits and
+  // idempotency per instance: a repeat on another instance ran the call again), while /readyz
+  // and mantle_redis_up said up.
+  if (client.status === 'ready' && opts.keys !== undefined && opts.keys.length > 0) {
+    const denied = await keysRefused(client, opts.keys)
+    if (denied !== null) {
+      clearInterval(heartbeat)
+      client.disconnect()
+      throw new Error(`Refusing to start: Redis refused the user of REDIS_URL the stores' keys (${opts.keys.map(k => k.slice(0, k.indexOf(':', 4) + 1) + '*').join(', ')}; grant them and scripts, e.g. ~bff:* +@all): ${denied.message}`)
+    }
+  }
   if (client.status === 'ready' && opts.channels !== undefined && opts.channels.length > 0) {
     const denied = await channelsRefused(client, opts.channels)
     if (denied !== null) {
@@ -223,6 +240,20 @@ export function refusal (err: Error): boolean {
   if (/^(NOAUTH|WRONGPASS|NOPERM)\b/.test(err.message)) return true
   const command = (err as Error & { command?: { name?: string } }).command?.name
   return command === 'auth' || command === 'hello' || (command === 'select' && /DB index/i.test(err.message))
+}
+
+/**
+ * Redis' refusal of the stores' commands on `keys` (which do not exist: a DEL of each, in a script
+ * as the stores' commands are, changes nothing); null when Redis takes them, or could not be
+ * asked (away, a timeout: the gateway starts degraded, as it would).
+ */
+async function keysRefused (client: Redis, keys: readonly string[]): Promise<Error | null> {
+  try {
+    await client.eval("for i = 1, #KEYS do redis.call('DEL', KEYS[i]) end return 1", keys.length, ...keys)
+    return null
+  } catch (err) {
+    return err instanceof Error && (refusal(err) || /user executing the script can't/i.test(err.message)) ? err : null
+  }
 }
 
 /**

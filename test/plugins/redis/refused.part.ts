@@ -69,19 +69,25 @@ t.test('credentials Redis refuses stop start-up, naming REDIS_URL, never the pas
 // `ACL SETUSER mantle on >pw ~* +@all` takes every key and no channel. Such a gateway started and
 // was not ready for ever (/readyz: "redis: down (memory stores)", every store on Redis all the
 // same), no event crossed instances, and each cache invalidation failed its script.
-t.test('a user Redis does not let use the gateway\'s channels stops start-up, naming REDIS_URL; one it lets starts', async t => {
+/** Makes REDIS_URL's of scratch ACL users (each of its own name), deleted when `t` ends: `rules` after `on >password`. */
+function aclUsers (t: Test): (...rules: string[]) => Promise<string> {
   const admin = new Redis(REDIS_URL)
   const users: string[] = []
   t.teardown(async () => {
     for (const user of users) await admin.call('ACL', 'DELUSER', user)
     admin.disconnect()
   })
-  const userWith = async (...rules: string[]): Promise<string> => {
+  return async (...rules) => {
     const user = `mantle-test-${randomUUID()}`
     users.push(user)
-    await admin.call('ACL', 'SETUSER', user, 'on', '>s3cret-pw-0123', '~*', '+@all', 'resetchannels', ...rules)
+    await admin.call('ACL', 'SETUSER', user, 'on', '>s3cret-pw-0123', ...rules)
     return `redis://${user}:s3cret-pw-0123@${target.host}/3`
   }
+}
+
+t.test('a user Redis does not let use the gateway\'s channels stops start-up, naming REDIS_URL; one it lets starts', async t => {
+  const users = aclUsers(t)
+  const userWith = async (...rules: string[]): Promise<string> => await users('~*', '+@all', 'resetchannels', ...rules)
   const { lines, logStream } = logLines()
   const err = await buildDemoApp(t, { REDIS_URL: await userWith(), LOG_LEVEL: 'warn' }, { logger: undefined, logStream }).then(() => null, (e: Error) => e)
   t.ok(err !== null, 'refused')
@@ -95,6 +101,25 @@ t.test('a user Redis does not let use the gateway\'s channels stops start-up, na
   const granted = await buildDemoApp(t, { REDIS_URL: await userWith('&bff:*') })
   await until(() => granted.events.health().up, 'the events subscriber')
   t.equal((await granted.inject({ method: 'GET', url: '/readyz' })).statusCode, 200, 'ready with the channels granted')
+})
+
+// A user whose ACL does not cover the stores' keys: every store command failed NOPERM and each
+// store ran on memory for ever (rate limits and idempotency per instance: a repeat on another
+// instance ran its call again), while /readyz and mantle_redis_up said up.
+t.test('a user Redis does not let write the stores\' keys, or run scripts, stops start-up, naming REDIS_URL', async t => {
+  const users = aclUsers(t)
+  for (const rules of [['~app:*', '+@all'], ['%R~*', '+@all'], ['~*', '+@all', '-@scripting']]) {
+    const err = await buildDemoApp(t, { REDIS_URL: await users(...rules, 'allchannels') }).then(() => null, (e: Error) => e)
+    t.ok(err !== null, `${rules.join(' ')}: refused`)
+    t.match(err?.message, /^Refusing to start: Redis refused the user of REDIS_URL the stores' keys \(bff:ratelimit:\*, bff:cache:\*, bff:cache-tag:\*, bff:idem:\*; .*NOPERM/, rules.join(' '))
+    t.notMatch(err?.message, /s3cret-pw/)
+  }
+  // Only the stores on Redis are asked for: with every store on memory, keys are not needed.
+  const memory = await buildDemoApp(t, { REDIS_URL: await users('~app:*', '+@all', 'allchannels'), BFF_RATE_LIMIT_STORE: 'memory', BFF_CACHE_STORE: 'memory', BFF_IDEMPOTENCY_STORE: 'memory' })
+  await until(() => memory.events.health().up, 'the events subscriber')
+  t.equal((await memory.inject({ method: 'GET', url: '/readyz' })).statusCode, 200, 'ready')
+  const granted = await buildDemoApp(t, { REDIS_URL: await users('resetkeys', '~bff:*', '+@all', 'resetchannels', '&bff:*') })
+  t.ok(granted.redis.up(), 'a user granted ~bff:* starts, on Redis')
 })
 
 t.test('a Redis that refuses the database later (restarted with fewer) counts as down, until it takes it again', async t => {
