@@ -33,9 +33,11 @@ export interface TcpProxy {
   /**
    * The connections whose client has sent something `match` accepts (of its first 4 KiB) get
    * nothing more from the server until `restore()`: what it sends them is dropped, as on a flow
-   * a failover left half-open (the client's chunks still reach the server).
+   * a failover left half-open (the client's chunks still reach the server). `lasting`: so do the
+   * connections made later, as soon as what they send matches (until `restore()`): a client that
+   * can never get through again (its server full, a path that stays broken).
    */
-  deafen: (match: (sent: string) => boolean) => void
+  deafen: (match: (sent: string) => boolean, lasting?: boolean) => void
   /** Forwards again from now on (and without delay). */
   restore: () => void
   close: () => Promise<void>
@@ -64,6 +66,8 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
   let connections = 0
   let watcher: ((chunk: Buffer) => void) | null = null
   let holder: ((chunk: Buffer) => boolean) | null = null
+  /** deafen's match for the connections made later (lasting), null: none. */
+  let deafening: ((sent: string) => boolean) | null = null
   /** The held connections' flushes (holdSends). */
   const holding = new Set<() => void>()
   /** What each open connection's client sent first (4 KiB at most), and whether it is deaf (deafen). */
@@ -95,6 +99,7 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
     }
     client.on('data', (chunk: Buffer) => {
       if (link.sent.length < 4096) link.sent += chunk.toString('latin1', 0, 4096 - link.sent.length)
+      if (deafening?.(link.sent) === true) link.deaf = true
       watcher?.(chunk)
       if (out === null && holder?.(chunk) === true) {
         out = []
@@ -160,8 +165,11 @@ export async function startTcpProxy (t: Teardown, targetPort: number, targetHost
     watch (fn) { watcher = fn },
     holdSends (match) { holder = match },
     release,
-    deafen (match) { for (const link of links) if (match(link.sent)) link.deaf = true },
-    restore () { mode = 'open'; delayMs = 0; holder = null; for (const link of links) link.deaf = false; release() },
+    deafen (match, lasting = false) {
+      if (lasting) deafening = match
+      for (const link of links) if (match(link.sent)) link.deaf = true
+    },
+    restore () { mode = 'open'; delayMs = 0; holder = null; deafening = null; for (const link of links) link.deaf = false; release() },
     close
   }
 }

@@ -156,6 +156,15 @@ export class ResponseCache {
   /** Until when a tag version found gone back is not logged again (warnBehind). */
   private behindWarnedUntil = 0
 
+  /**
+   * Whether this instance hears the other instances' invalidations (its subscriber subscribed;
+   * set by the plugin). While it does not, Redis up, an entry in memory is served only as Redis
+   * holds it: the subscriber away for long (Redis full at maxclients for new connections, a path
+   * to it that stays broken), memory served what other instances had invalidated, and what it
+   * took from Redis meanwhile, as hits for their ttl, Redis answering all along.
+   */
+  hearing: () => boolean = () => true
+
   constructor (private readonly opts: ResponseCacheOptions) {
     this.now = opts.now ?? Date.now
     this.metrics = opts.metrics ?? noMetrics
@@ -266,7 +275,8 @@ export class ResponseCache {
       const local = localKey(name, ctx.tenant, canonical)
       let found = this.memory.get(local)
       if (found !== undefined && found.policy !== policy) found = undefined
-      if (found !== undefined && this.now() < found.freshUntil) return this.answer(ctx, name, found, 'hit')
+      const deaf = this.opts.redis !== null && !this.hearing()
+      if (found !== undefined && !deaf && this.now() < found.freshUntil) return this.answer(ctx, name, found, 'hit')
       // A miss of the in-process tier: the Redis key and the tag keys are needed from here on.
       const key: EntryKeys = { local, shared: sharedKey(name, ctx.tenant, canonical) }
       const tagKeys = templates.map(t => tagKey(ctx.tenant, t(ctx.input)))
@@ -277,6 +287,9 @@ export class ResponseCache {
         try {
           const read = await redis.read(key.shared, tagKeys)
           this.redisRecovered()
+          // Deaf to invalidations: what memory holds counts only as Redis has it (Redis away, the
+          // read failed: memory alone answers, as it does then).
+          if (deaf) found = undefined
           versions = read.versions
           if (read.behind !== undefined) {
             // Redis went back (a replica promoted behind its primary): entries the invalidations

@@ -175,6 +175,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
       })
     })
     subscriber.on('message', (_channel: string, text: string) => c.received(text))
+    c.hearing = () => !unsubscribed
     // The subscriber only listens: a connection that stopped bringing anything (a flow a failover
     // left half-open, a Redis that hangs) stayed ready and subscribed, and every other instance's
     // invalidation was missed: the in-process tier served what they dropped as hits until it

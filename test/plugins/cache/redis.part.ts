@@ -481,3 +481,32 @@ t.test('a cache subscriber that hears nothing more is made anew: what memory hel
   t.equal((await direct.inject({ method: 'PATCH', url: '/api/v1/items/b', headers, payload: {} })).statusCode, 200)
   await eventually(async () => cut.responseCache.cache.memory.get(keyOf('b')) === undefined, 'the invalidation of b to reach the cut instance')
 })
+
+// The subscriber away for good while the shared connection works (Redis full at maxclients for
+// new connections, a path to it that stays broken): the in-process tier went on serving its
+// entries, and those it took from Redis meanwhile, as hits for their ttl, deaf to every other
+// instance's invalidation, Redis answering all along. Until the subscriber is back, a read asks
+// Redis, which knows the versions.
+t.test('while the cache subscriber cannot get back, Redis up, memory does not serve what another instance invalidated', async t => {
+  const { proxy, cut, direct, who, headers } = await cutAndDirect(t, { BFF_CACHE_TTL: '3600' })
+  const keyOf = (id: string): string => localKey('getDefault', who, canonicalJson({ id }))
+  const read = async (id: string) => await cut.inject({ method: 'GET', url: `/api/v1/default/${id}`, headers })
+  const subscribed = async (): Promise<number> => await metric(cut, 'mantle_cache_subscriber_up')
+  // The subscriber's connection, and every one it makes again, gets nothing from Redis.
+  proxy.deafen(sent => sent.includes('mantle-cache-sub'), true)
+  await eventually(async () => await subscribed() === 0, 'the subscriber dropped', 10_000)
+  // Read while it is away: in memory, from the Kernel or from Redis.
+  await eventually(async () => {
+    await read('a')
+    return cut.responseCache.cache.memory.get(keyOf('a')) !== undefined
+  }, 'a in the cut instance\'s memory')
+  const first = (await read('a')).json().n
+  t.ok(cut.redis.up(), 'the shared connection is up')
+  t.equal((await direct.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
+  const after = await read('a')
+  t.equal(await subscribed(), 0, 'the subscriber still away')
+  t.not(after.json().n, first, 'the change is read')
+  t.not(after.headers['x-cache'], 'hit', 'not the entry from before it')
+  proxy.restore()
+  await eventually(async () => await subscribed() === 1, 'subscribed again', 10_000)
+})
