@@ -48,7 +48,7 @@ export interface Events {
   readonly bus: EventBus
   /** Publishes to every instance (through Redis when configured, else in process). */
   publish: (message: KernelEventMessage) => Promise<void>
-  /** `memory`, or Redis and whether its subscriber is up and subscribed to the channel. */
+  /** `memory`, or Redis and whether its subscriber is up and subscribed to the channel, and its publisher's connection ready. */
   health: () => { store: 'memory' | 'redis', up: boolean }
 }
 
@@ -214,7 +214,11 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   app.decorate('events', {
     bus,
     publish,
-    health: () => subscriber === null ? { store: 'memory' as const, up: true } : { store: 'redis' as const, up: subscribed }
+    // Up: subscribed, and able to publish. A publisher that could not get back (Redis full at
+    // maxclients for new connections, a path that stays broken) left every event posted here on
+    // this instance alone, never another's, while /readyz said ready and the balancer kept
+    // sending it the Kernel's events.
+    health: () => subscriber === null ? { store: 'memory' as const, up: true } : { store: 'redis' as const, up: subscribed && publisher?.status === 'ready' }
   })
 
   if (opts.internalToken !== undefined) {

@@ -8,6 +8,7 @@ import { EventBus, isKernelEvent } from '../../../plugins/events/index.js'
 import { ANONYMOUS, type Identity } from '../../../plugins/auth/index.js'
 import { start } from '../../../server.js'
 import { startRedisServer } from '../../redis-server.js'
+import { startTcpProxy } from '../../proxy.js'
 import type { EventDefinition } from '../../../manifest.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -453,4 +454,40 @@ t.test('an event whose publish failed at once (Redis away) is no duplicate of a 
   await until(() => got.length >= 2, 'the same event again, from Redis', 3000)
   t.same(got, ['r1', 'r1'])
   t.notMatch((await app.inject({ url: '/metrics' })).body, /mantle_events_dropped_total\{reason="duplicate"\}/)
+})
+
+// The publishing connection away for good while the subscriber stays (Redis at maxclients for
+// new connections, a path to it that stays broken): every event posted to this instance reached
+// its own subscribers only, never another instance's, while /readyz said ready (the load
+// balancer kept sending it the Kernel's events) and /diagz said the events store was healthy.
+t.test('a publisher that cannot get back to Redis: /readyz fails redis, while the subscriber is up', async t => {
+  const tenant = 'tenant-' + randomUUID()
+  const token = 'internal-token-0123456789'
+  const proxy = await startTcpProxy(t, Number(new URL(REDIS_URL).port || 6379))
+  const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_INTERNAL_TOKEN: token })
+  const other = await buildDemoApp(t, { REDIS_URL })
+  await until(() => app.events.health().up && other.events.health().up, 'both Redis subscribers')
+  t.equal((await app.inject({ method: 'GET', url: '/readyz' })).statusCode, 200)
+  const got: string[] = []
+  other.events.bus.subscribe('runUpdated', tenant, p => got.push((p as { id: string }).id))
+  // The publisher's connection, and each one it makes again, gets nothing more from Redis.
+  proxy.deafen(sent => sent.includes('mantle-events-pub'), true)
+  const post = async (id: string): Promise<number> => (await app.inject({ method: 'POST', url: '/internal/events', headers: { authorization: `Bearer ${token}` }, payload: { topic: 'runs.updated', tenantId: tenant, payload: run(id) } })).statusCode
+  // The first publish reaches Redis but its answer does not come: it times out, and the
+  // publisher's connection is made anew, never ready again.
+  t.equal(await post('first'), 202)
+  await sleep(300)
+  t.equal(await post('lost'), 202, 'accepted (delivered on this instance only)')
+  await sleep(300)
+  t.notOk(got.includes('lost'), 'the other instance did not get it')
+  const ready = await app.inject({ method: 'GET', url: '/readyz' })
+  t.equal(ready.statusCode, 503, 'not ready')
+  t.match(ready.json(), { failing: ['redis'] })
+  t.ok(app.redis.up(), 'though the shared connection is up')
+  proxy.restore()
+  await until(() => app.events.health().up, 'the publisher back', 10_000)
+  t.equal((await app.inject({ method: 'GET', url: '/readyz' })).statusCode, 200, 'ready again')
+  t.equal(await post('through'), 202)
+  await until(() => got.includes('through'), 'the other instance gets the next one', 3000)
+  t.notOk(got.includes('lost'))
 })
