@@ -42,3 +42,28 @@ export function withoutPrototypes (value: unknown): unknown {
   for (const [k, v] of Object.entries(value)) copy[k] = withoutPrototypes(v)
   return copy
 }
+
+/**
+ * Whether JSON text may hold a key secure-json-parse refuses (the cheap test: only text that
+ * names one is walked by forbiddenKey).
+ */
+export const MAY_HOLD_FORBIDDEN_KEY = /"(?:__proto__|constructor)"/
+
+/**
+ * Whether a parsed JSON value holds a key secure-json-parse refuses (REST's parser): a
+ * `__proto__` (JSON.parse keeps it as an own key), or a `constructor` holding a `prototype`.
+ * Iterative, at any depth: a reviver on JSON.parse recursed, and a message a few thousand
+ * levels deep overflowed the stack. For the WebSocket faces, which parse their frames themselves.
+ */
+export function forbiddenKey (parsed: object): boolean {
+  const stack: unknown[] = [parsed]
+  while (stack.length > 0) {
+    const value = stack.pop()
+    if (value === null || typeof value !== 'object') continue
+    if (Object.hasOwn(value, '__proto__')) return true
+    const ctor = (value as { constructor?: unknown }).constructor
+    if (Object.hasOwn(value, 'constructor') && ctor !== null && typeof ctor === 'object' && Object.hasOwn(ctor, 'prototype')) return true
+    for (const v of Object.values(value)) if (v !== null && typeof v === 'object') stack.push(v)
+  }
+  return false
+}

@@ -14,6 +14,7 @@ import { upgradeAuthorization } from '../upgrade.js'
 import { CLOSE_TRY_AGAIN_LATER } from '../connection-slots.js'
 import { atExpiry } from '../expiry.js'
 import { decisions, type Decision } from '../face.js'
+import { forbiddenKey, MAY_HOLD_FORBIDDEN_KEY } from '../../own-properties.js'
 
 // Subscriptions ride on mercurius' graphql-ws server (`subscription` option). What this module
 // adds: identity per connection, event streams from the events plugin's bus scoped to the
@@ -275,22 +276,7 @@ export interface SubscriptionSettings {
 // one, and answered in its own words: an `error` message with id null ("Message must be a JSON
 // string"), which graphql-transport-ws does not define, and a subscribe that held one in its
 // variables never heard of its id again.
-const SUSPECT = /"(?:__proto__|constructor)"/
 const FORBIDDEN_KEY = 'Invalid message: a "__proto__" key, or a "constructor" holding a "prototype"'
-
-/** Whether a parsed message holds a key secure-json-parse refuses. Iterative: any depth. */
-function forbiddenKey (message: object): boolean {
-  const stack: unknown[] = [message]
-  while (stack.length > 0) {
-    const value = stack.pop()
-    if (value === null || typeof value !== 'object') continue
-    if (Object.hasOwn(value, '__proto__')) return true
-    const ctor = (value as { constructor?: unknown }).constructor
-    if (Object.hasOwn(value, 'constructor') && ctor !== null && typeof ctor === 'object' && Object.hasOwn(ctor, 'prototype')) return true
-    for (const v of Object.values(value)) if (v !== null && typeof v === 'object') stack.push(v)
-  }
-  return false
-}
 
 /** The messages a client may send, per subprotocol (graphql-transport-ws, and the legacy graphql-ws). */
 const TRANSPORT_MESSAGES = new Set(['connection_init', 'ping', 'pong', 'subscribe', 'complete'])
@@ -595,7 +581,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         // A subscribe is refused for its id, as a malformed one is, and the connection stays open
         // (graphql-transport-ws: one before connection_init closes with 4401, below); any other
         // such message is one the protocol does not define.
-        const forbidden = SUSPECT.test(text) && forbiddenKey(message)
+        const forbidden = MAY_HOLD_FORBIDDEN_KEY.test(text) && forbiddenKey(message)
         if (forbidden && (type !== subscribe || (!initSeen && !transport))) return invalid(id, FORBIDDEN_KEY)
         if (type === 'connection_init') {
           waiting ??= 0

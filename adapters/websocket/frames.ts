@@ -2,6 +2,7 @@
 // JSON Schema compiled once; refusals name the field the way REST names input fields.
 import { Ajv, type ValidateFunction } from 'ajv'
 import { describeValidation } from '../../errors.js'
+import { forbiddenKey, MAY_HOLD_FORBIDDEN_KEY } from '../../own-properties.js'
 
 /** Longest frame id echoed back: ids go into every answer frame. */
 export const MAX_ID_LENGTH = 128
@@ -47,21 +48,6 @@ const validators: ReadonlyArray<readonly [string, Frame['kind'], ValidateFunctio
 // this face does too. Only frames that mention one are looked at, after parsing, iteratively: a
 // reviver on JSON.parse recurses, and a frame a few thousand levels deep (10 KB) overflowed the
 // stack, refused as "not valid JSON" with id null, its call never answered.
-const SUSPECT = /"(?:__proto__|constructor)"/
-
-/** Whether a parsed frame holds a key secure-json-parse refuses, at any depth. */
-function forbiddenKey (frame: object): boolean {
-  const stack: unknown[] = [frame]
-  while (stack.length > 0) {
-    const value = stack.pop()
-    if (value === null || typeof value !== 'object') continue
-    if (Object.hasOwn(value, '__proto__')) return true
-    const ctor = (value as { constructor?: unknown }).constructor
-    if (Object.hasOwn(value, 'constructor') && ctor !== null && typeof ctor === 'object' && Object.hasOwn(ctor, 'prototype')) return true
-    for (const v of Object.values(value)) if (v !== null && typeof v === 'object') stack.push(v)
-  }
-  return false
-}
 
 /** A text frame to a frame, or a refusal that says what is wrong with it. Never throws. */
 export function decodeFrame (text: string): Frame | Refusal {
@@ -74,7 +60,7 @@ export function decodeFrame (text: string): Frame | Refusal {
   // Refused with the frame's id when it has a valid one, as every other refusal of a frame with
   // a valid id (before, `"id":null`, and the client's call never settled). JSON.parse makes
   // `__proto__` an own key, never a prototype: the id is read from the frame's own keys.
-  if (value !== null && typeof value === 'object' && SUSPECT.test(text) && forbiddenKey(value)) {
+  if (value !== null && typeof value === 'object' && MAY_HOLD_FORBIDDEN_KEY.test(text) && forbiddenKey(value)) {
     return { kind: 'refused', id: givenId(value), detail: 'The frame contains a forbidden prototype property' }
   }
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
