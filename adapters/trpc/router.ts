@@ -8,7 +8,7 @@ import { MantleError } from '../../errors.js'
 import { requestOf } from '../../plugins/pipeline/index.js'
 import type { TrpcContext } from './context.js'
 import { ProblemError, errorShape, type MantleErrorShape } from './errors.js'
-import type { LiveSubscriptions } from './subscriptions.js'
+import { pulledSafely, type LiveSubscriptions } from './subscriptions.js'
 import { SLOW_READER, slowReader } from '../slow-reader.js'
 
 export interface RouterLimits {
@@ -141,7 +141,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       // Over WebSocket the connection itself closes when its token expires (adapters/trpc/index.ts).
       const socket = ctx.socket
       const stream = live.stream(name, identity, signal, requestId, socket === null)
-      return socket === null ? stream : overSocket(stream, ctx, socket, signal, limits, requestId)
+      return socket === null ? pulledSafely(stream) : overSocket(stream, ctx, socket, signal, limits, requestId)
     })
   }
 

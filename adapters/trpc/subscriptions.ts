@@ -47,3 +47,29 @@ export class LiveSubscriptions {
     for (const controller of this.open) controller.abort()
   }
 }
+
+/**
+ * `stream` as tRPC's SSE producer may pull it: every pull's promise is marked handled as it is
+ * made, and still settles for tRPC as it would. tRPC's ping (withPing) asks for the next event
+ * before it hands on the one it holds, and looks at that promise only once its reader pulls
+ * again: while a client reads nothing (its socket full), none does. A subscription that ended
+ * meanwhile with its error (the token expired, its key withdrawn, the gateway shutting down)
+ * rejected a promise no one held, an unhandled rejection: close-with-grace shut the instance
+ * down for it (at shutdown, exited at once), with every tenant's calls.
+ */
+export function pulledSafely<T> (stream: AsyncGenerator<T, void, unknown>): AsyncGenerator<T, void, unknown> {
+  const noop = (): void => {}
+  const mark = <R>(promise: Promise<R>): Promise<R> => {
+    promise.catch(noop)
+    return promise
+  }
+  // The very promises the generator gives, not ones of an async function around them: those
+  // would reject unhandled in their turn.
+  const safe: AsyncGenerator<T, void, unknown> = {
+    next: (...args: [] | [unknown]) => mark(stream.next(...args)),
+    return: (value: void | PromiseLike<void>) => mark(stream.return(value)),
+    throw: (err: unknown) => mark(stream.throw(err)),
+    [Symbol.asyncIterator]: () => safe
+  }
+  return safe
+}

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { connect, type AddressInfo } from 'node:net'
+import { connect, type AddressInfo, type Socket } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { createSigner } from 'fast-jwt'
 import { EventSource } from 'eventsource'
@@ -214,6 +214,53 @@ t.test('SSE: shutting down ends open subscriptions promptly, and clients subscri
   await next.events.publish({ topic: 'runs.updated', tenantId: 't-deploy', payload: run('after') })
   await until('the event from the next instance', () => seen.data.length === 1)
   t.match(seen.data, [{ id: 'after' }])
+})
+
+/** An SSE subscription on a socket of its own, which reads the response's head and nothing after it. */
+async function stalledSse (t: Teardown, port: number, tenant: string): Promise<Socket> {
+  const socket = connect(port, '127.0.0.1', () => {
+    socket.write(`GET /trpc/runUpdated HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nAuthorization: Bearer ${token({ tenant, roles: ['viewer'] })}\r\n\r\n`)
+  })
+  socket.on('error', () => {})
+  t.teardown(() => socket.destroy())
+  await new Promise<void>(resolve => socket.once('data', () => { socket.pause(); resolve() }))
+  return socket
+}
+
+// tRPC's SSE ping asks for a subscription's next event before it hands on the one it holds, and
+// looks at that promise only when its reader pulls again, which it never does while the client
+// reads nothing. A subscription that ended then with its error (shutting down here; a token that
+// expired, a key withdrawn, alike) rejected a promise no one held: an unhandled rejection, which
+// close-with-grace answers by shutting the instance down. Each tenant's client stalls at another
+// point (a large event fills its socket, then 0 to 5 small ones): one of them stalls tRPC there.
+t.test('SSE: a subscription that ends while its client reads nothing is no unhandled rejection', async t => {
+  const app = await buildTestApp(t, { BFF_WEBSOCKET_ENABLED: false })
+  const port = await listen(app)
+  const unhandled: unknown[] = []
+  const onUnhandled = (reason: unknown): void => { unhandled.push(reason) }
+  process.on('unhandledRejection', onUnhandled)
+  t.teardown(() => { process.off('unhandledRejection', onUnhandled) })
+  const tenants = [0, 1, 2, 3, 4, 5].map(i => `stalled-${i}`)
+  const sockets = []
+  for (const tenant of tenants) sockets.push(await stalledSse(t, port, tenant))
+  await until('subscribed', () => app.events.bus.subscriptions === tenants.length)
+  // 8 MiB: more than a socket on loopback takes unread (4 MiB of send buffer, the peer's receive window).
+  const big = 'x'.repeat(8 * 1024 * 1024)
+  for (const [i, tenant] of tenants.entries()) {
+    await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('big', 'running', { output: big }) })
+    await sleep(100)
+    for (let n = 0; n < i; n++) {
+      await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run(`small-${n}`) })
+      await sleep(20)
+    }
+  }
+  await sleep(200)
+  const closed = app.close()
+  await until('every subscription ended', () => app.events.bus.subscriptions === 0)
+  await sleep(200)
+  for (const socket of sockets) socket.destroy()
+  await closed
+  t.same(unhandled.map(err => (err as Error).message), [], 'no unhandled rejection')
 })
 
 t.test('runs started over tRPC stream their status changes from the demo Kernel', async t => {
