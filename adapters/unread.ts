@@ -199,7 +199,15 @@ export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantO
 const madeWhole = new WeakSet<object>()
 
 /**
- * Whether `res`'s streamed answer (a jsonl batch) is wholly made, its calls all done: at shutdown
+ * Marks `res`'s streamed answer as wholly made (streamMade): an SSE subscription ended at shutdown,
+ * which makes nothing more but its end, the client's to read.
+ */
+export function markMade (res: object): void {
+  madeWhole.add(res)
+}
+
+/**
+ * Whether `res`'s streamed answer (a jsonl batch, or an SSE subscription ended at shutdown) is wholly made, its calls all done: at shutdown
  * it is left as an answer sent whole is (app.ts's reap), not waited for as a call in flight.
  */
 export function streamMade (res: object): boolean {

@@ -140,7 +140,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       }
       // Over WebSocket the connection itself closes when its token expires (adapters/trpc/index.ts).
       const socket = ctx.socket
-      const stream = live.stream(name, identity, signal, requestId, socket === null)
+      const stream = live.stream(name, identity, signal, requestId, socket === null ? ctx.caller : null)
       return socket === null ? pulledSafely(stream) : overSocket(stream, ctx, socket, signal, limits, requestId)
     })
   }

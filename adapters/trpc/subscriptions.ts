@@ -3,6 +3,7 @@ import type { Identity } from '../../plugins/auth/index.js'
 import { MantleError } from '../../errors.js'
 import { ProblemError } from './errors.js'
 import { untilIdentityEnds, IDENTITY_ENDED, type IdentityEnd } from '../expiry.js'
+import { markMade } from '../unread.js'
 
 /**
  * The event subscriptions served over tRPC on this instance. Each is a pull stream on the
@@ -12,19 +13,21 @@ import { untilIdentityEnds, IDENTITY_ENDED, type IdentityEnd } from '../expiry.j
  * verified with. Bounded by the bus's own subscription limit.
  */
 export class LiveSubscriptions {
-  private readonly open = new Set<AbortController>()
+  /** Each open stream's controller, and its SSE response (null over WebSocket). */
+  private readonly open = new Map<AbortController, object | null>()
   private closing = false
 
   constructor (private readonly bus: EventBus) {}
 
-  /** `overSse`: the stream is an SSE response (a WebSocket's is ended by its socket's close). */
-  async * stream (name: string, identity: Identity, signal: AbortSignal | undefined, requestId: string, overSse: boolean): AsyncGenerator<unknown, void, unknown> {
+  /** `response`: the SSE response the stream is sent on; null over WebSocket (ended by its socket's close). */
+  async * stream (name: string, identity: Identity, signal: AbortSignal | undefined, requestId: string, response: object | null): AsyncGenerator<unknown, void, unknown> {
+    const overSse = response !== null
     const controller = new AbortController()
     const stop = (): void => controller.abort()
     let ended: IdentityEnd | null = null
     signal?.addEventListener('abort', stop, { once: true })
     if (signal?.aborted === true) stop()
-    this.open.add(controller)
+    this.open.set(controller, response)
     const disarm = overSse ? untilIdentityEnds(identity, why => { ended = why; stop() }) : () => {}
     try {
       for await (const payload of this.bus.stream(name, identity.tenant, controller.signal)) yield payload
@@ -41,10 +44,19 @@ export class LiveSubscriptions {
     }
   }
 
-  /** Ends every stream (at shutdown): SSE clients are told to subscribe again (elsewhere). */
+  /**
+   * Ends every stream (at shutdown): SSE clients are told to subscribe again (elsewhere). An SSE
+   * response then makes nothing more but its end: marked made (markMade), its connection is
+   * closed by the shutdown (app.ts's reap) if its client has not read it to that end. Waited for
+   * as a call in flight, a client that read nothing (its socket full) held the shutdown until the
+   * process was killed at its grace (exit 1).
+   */
   closeAll (): void {
     this.closing = true
-    for (const controller of this.open) controller.abort()
+    for (const [controller, response] of this.open) {
+      controller.abort()
+      if (response !== null) markMade(response)
+    }
   }
 }
 

@@ -263,6 +263,24 @@ t.test('SSE: a subscription that ends while its client reads nothing is no unhan
   t.same(unhandled.map(err => (err as Error).message), [], 'no unhandled rejection')
 })
 
+// At shutdown an SSE stream ends with its error event, which a client that reads nothing never
+// takes: the response was waited for as a call in flight, and held app.close until the process was
+// killed at its grace (exit 1, the audit's last batch with it).
+t.test('SSE: app.close does not wait for a subscriber that reads nothing', async t => {
+  const app = await buildTestApp(t, { BFF_WEBSOCKET_ENABLED: false })
+  const port = await listen(app)
+  const socket = await stalledSse(t, port, 'stalled')
+  await until('subscribed', () => app.events.bus.subscriptions === 1)
+  // More than a socket on loopback takes unread: the response waits for the client.
+  await app.events.publish({ topic: 'runs.updated', tenantId: 'stalled', payload: run('big', 'running', { output: 'x'.repeat(8 * 1024 * 1024) }) })
+  await sleep(200)
+  const closed = app.close()
+  const outcome = await Promise.race([closed.then(() => 'closed'), sleep(3000).then(() => 'still open')])
+  t.equal(outcome, 'closed', 'the shutdown did not wait for the client')
+  socket.destroy()
+  await closed
+})
+
 t.test('runs started over tRPC stream their status changes from the demo Kernel', async t => {
   // The Kernel's events go to the gateway as they would through /internal/events.
   const target: { app?: FastifyInstance } = {}
