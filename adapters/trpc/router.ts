@@ -5,7 +5,7 @@ import type { WebSocket } from 'ws'
 import { decisions, runCall, type Decision } from '../face.js'
 import { callKey } from '../rest/index.js'
 import { MantleError } from '../../errors.js'
-import { requestOf } from '../../plugins/pipeline/index.js'
+import { isSocket, requestOf } from '../../plugins/pipeline/index.js'
 import type { TrpcContext } from './context.js'
 import { ProblemError, errorShape, type MantleErrorShape } from './errors.js'
 import { pulledSafely, type LiveSubscriptions } from './subscriptions.js'
@@ -140,7 +140,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       }
       // Over WebSocket the connection itself closes when its token expires (adapters/trpc/index.ts).
       const socket = ctx.socket
-      const stream = live.stream(name, identity, signal, requestId, socket === null ? ctx.caller : null)
+      const stream = live.stream(name, identity, signal, requestId, socket === null && !isSocket(ctx.caller) ? ctx.caller : null)
       return socket === null ? pulledSafely(stream) : overSocket(stream, ctx, socket, signal, limits, requestId)
     })
   }

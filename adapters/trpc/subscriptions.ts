@@ -4,6 +4,7 @@ import { MantleError } from '../../errors.js'
 import { ProblemError } from './errors.js'
 import { untilIdentityEnds, IDENTITY_ENDED, type IdentityEnd } from '../expiry.js'
 import { markMade } from '../unread.js'
+import type { ServerResponse } from 'node:http'
 
 /**
  * The event subscriptions served over tRPC on this instance. Each is a pull stream on the
@@ -14,13 +15,18 @@ import { markMade } from '../unread.js'
  */
 export class LiveSubscriptions {
   /** Each open stream's controller, and its SSE response (null over WebSocket). */
-  private readonly open = new Map<AbortController, object | null>()
+  private readonly open = new Map<AbortController, ServerResponse | null>()
   private closing = false
 
-  constructor (private readonly bus: EventBus) {}
+  /**
+   * @param endedGraceMs how long an SSE response whose identity ended (its token expired, its key
+   *   withdrawn) may take to be read to its end (the UNAUTHENTICATED event) before its connection
+   *   is closed
+   */
+  constructor (private readonly bus: EventBus, private readonly endedGraceMs = 30_000) {}
 
   /** `response`: the SSE response the stream is sent on; null over WebSocket (ended by its socket's close). */
-  async * stream (name: string, identity: Identity, signal: AbortSignal | undefined, requestId: string, response: object | null): AsyncGenerator<unknown, void, unknown> {
+  async * stream (name: string, identity: Identity, signal: AbortSignal | undefined, requestId: string, response: ServerResponse | null): AsyncGenerator<unknown, void, unknown> {
     const overSse = response !== null
     const controller = new AbortController()
     const stop = (): void => controller.abort()
@@ -28,7 +34,7 @@ export class LiveSubscriptions {
     signal?.addEventListener('abort', stop, { once: true })
     if (signal?.aborted === true) stop()
     this.open.set(controller, response)
-    const disarm = overSse ? untilIdentityEnds(identity, why => { ended = why; stop() }) : () => {}
+    const disarm = overSse ? untilIdentityEnds(identity, why => { ended = why; stop(); this.endSoon(response) }) : () => {}
     try {
       for await (const payload of this.bus.stream(name, identity.tenant, controller.signal)) yield payload
       if (ended !== null) throw new MantleError('UNAUTHENTICATED', `${IDENTITY_ENDED[ended]}: subscribe again with a fresh token`)
@@ -42,6 +48,20 @@ export class LiveSubscriptions {
       signal?.removeEventListener('abort', stop)
       this.open.delete(controller)
     }
+  }
+
+  /**
+   * Closes `response`'s connection unless it is read to its end (the identity's error) within
+   * endedGraceMs, as a WebSocket closed with 4401 is cut once its close handshake times out. Its
+   * subscription has left the bus, which bounds the streams open per tenant: a client that read
+   * nothing (its socket full) kept its connection, and the events the gateway held for it, for as
+   * long as it liked, and could open as many more as its fresh tokens allowed.
+   */
+  private endSoon (response: ServerResponse | null): void {
+    if (response === null || response.writableFinished || response.destroyed) return
+    const timer = setTimeout(() => { if (!response.writableFinished) response.destroy() }, this.endedGraceMs)
+    timer.unref()
+    response.once('close', () => { clearTimeout(timer) })
   }
 
   /**

@@ -281,6 +281,35 @@ t.test('SSE: app.close does not wait for a subscriber that reads nothing', async
   await closed
 })
 
+// A subscription whose token expires leaves the bus (its tenant's share of subscriptions), and
+// ends with its UNAUTHENTICATED event; a client that reads nothing never takes it, and kept its
+// connection, and what the gateway held for it, for as long as it liked: as many as its fresh
+// tokens allowed. It has a ping interval to read the end, then its connection is closed.
+t.test('SSE: the connection of a subscriber that reads nothing is closed once its token has expired', async t => {
+  const app = await buildWithSettings(t, { pingMs: 300 }, { BFF_WEBSOCKET_ENABLED: false })
+  const port = await listen(app)
+  // Expired 3 s ago, inside the 5 s clock tolerance: valid for 2 to 3 more seconds.
+  const exp = Math.ceil(Date.now() / 1000) - 3
+  const almost = createSigner({ key: SECRET, algorithm: 'HS256', noTimestamp: true })({ sub: 'u', tid: 'stalled', roles: ['viewer'], exp })
+  const socket = connect(port, '127.0.0.1', () => {
+    socket.write(`GET /trpc/runUpdated HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nAuthorization: Bearer ${almost}\r\n\r\n`)
+  })
+  socket.on('error', () => {})
+  t.teardown(() => socket.destroy())
+  await new Promise<void>(resolve => socket.once('data', () => { socket.pause(); resolve() }))
+  await until('subscribed', () => app.events.bus.subscriptions === 1)
+  // More than a socket on loopback takes unread: the response waits for the client.
+  await app.events.publish({ topic: 'runs.updated', tenantId: 'stalled', payload: run('big', 'running', { output: 'x'.repeat(8 * 1024 * 1024) }) })
+  await until('expiry', () => app.events.bus.subscriptions === 0, 6000)
+  const connections = async (): Promise<number> => await new Promise(resolve => app.server.getConnections((_err, n) => resolve(n)))
+  let open = await connections()
+  for (let i = 0; i < 100 && open > 0; i++) {
+    await sleep(50)
+    open = await connections()
+  }
+  t.equal(open, 0, 'closed, a ping interval after its end')
+})
+
 t.test('runs started over tRPC stream their status changes from the demo Kernel', async t => {
   // The Kernel's events go to the gateway as they would through /internal/events.
   const target: { app?: FastifyInstance } = {}
