@@ -191,8 +191,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     // Node 20's TextEncoderStream, which @trpc/server streams batches through, is slow (utf8-stream.ts).
     encodeStreamsFast()
     const limits = { ...DEFAULT_SETTINGS, ...settings }
-    // An SSE client gets a ping interval to read its stream's end once its token has expired.
-    const live = new LiveSubscriptions(app.events.bus, limits.pingMs)
+    // An SSE client gets a ping interval to read its stream's end once its token has expired, and
+    // holds at most maxBufferedBytes unread, as a WebSocket's client does.
+    const live = new LiveSubscriptions(app.events.bus, limits.pingMs, limits.maxBufferedBytes)
     const router = buildRouter(app, live, { maxInFlight: limits.maxInFlight, maxSubscriptions: limits.maxSubscriptions, maxBufferedBytes: limits.maxBufferedBytes, ssePingMs: limits.pingMs })
 
     // tRPC parses the JSON body itself (a malformed one is its error); Fastify still reads it,

@@ -4,6 +4,7 @@ import { MantleError } from '../../errors.js'
 import { ProblemError } from './errors.js'
 import { untilIdentityEnds, IDENTITY_ENDED, type IdentityEnd } from '../expiry.js'
 import { markMade } from '../unread.js'
+import { MAX_BUFFERED_BYTES } from '../slow-reader.js'
 import type { ServerResponse } from 'node:http'
 
 /**
@@ -23,7 +24,7 @@ export class LiveSubscriptions {
    *   withdrawn) may take to be read to its end (the UNAUTHENTICATED event) before its connection
    *   is closed
    */
-  constructor (private readonly bus: EventBus, private readonly endedGraceMs = 30_000) {}
+  constructor (private readonly bus: EventBus, private readonly endedGraceMs = 30_000, private readonly maxBufferedBytes = MAX_BUFFERED_BYTES) {}
 
   /** `response`: the SSE response the stream is sent on; null over WebSocket (ended by its socket's close). */
   async * stream (name: string, identity: Identity, signal: AbortSignal | undefined, requestId: string, response: ServerResponse | null): AsyncGenerator<unknown, void, unknown> {
@@ -36,7 +37,7 @@ export class LiveSubscriptions {
     this.open.set(controller, response)
     const disarm = overSse ? untilIdentityEnds(identity, why => { ended = why; stop(); this.endSoon(response) }) : () => {}
     try {
-      for await (const payload of this.bus.stream(name, identity.tenant, controller.signal)) yield payload
+      for await (const payload of this.bus.stream(name, identity.tenant, controller.signal, undefined, overSse ? this.bounded(response, stop) : undefined)) yield payload
       if (ended !== null) throw new MantleError('UNAUTHENTICATED', `${IDENTITY_ENDED[ended]}: subscribe again with a fresh token`)
       // An SSE stream that simply ends is complete to httpSubscriptionLink, which then never
       // reconnects: at every deploy, browsers stopped getting events. A 503 it retries.
@@ -47,6 +48,26 @@ export class LiveSubscriptions {
       disarm()
       signal?.removeEventListener('abort', stop)
       this.open.delete(controller)
+    }
+  }
+
+  /**
+   * The bus's `behind` for an SSE response: an event that finds its client holding more than
+   * maxBufferedBytes unread, written to the response and not yet sent (writableLength) or queued
+   * on the bus, ends the subscription and closes the connection, as a WebSocket's is closed with
+   * 1013. A client that read nothing (its socket full) had the bus queue up to 256 events for it,
+   * 256 MB of 1 MB events, for each subscription its tenant's share allows. Judged by what it held
+   * before the event, not with it: a client a moment behind is not cut for one large event.
+   */
+  private bounded (response: ServerResponse, stop: () => void): (bytes: number) => void {
+    let queued = 0
+    return (bytes) => {
+      const before = queued
+      queued += bytes
+      if (bytes > 0 && !response.destroyed && before + response.writableLength > this.maxBufferedBytes) {
+        stop()
+        response.destroy()
+      }
     }
   }
 

@@ -310,6 +310,34 @@ t.test('SSE: the connection of a subscriber that reads nothing is closed once it
   t.equal(open, 0, 'closed, a ping interval after its end')
 })
 
+// A client that reads nothing had the bus queue up to 256 events for it (256 MB of 1 MB events),
+// for each subscription its tenant's share allows: past the WebSocket faces' bound on what a
+// client leaves unread, its subscription ends and its connection is closed, as a WebSocket's is.
+t.test('SSE: a subscriber that reads nothing is cut once it holds more than maxBufferedBytes unread', async t => {
+  const app = await buildWithSettings(t, { maxBufferedBytes: 1024 * 1024 }, { BFF_WEBSOCKET_ENABLED: false })
+  const port = await listen(app)
+  await stalledSse(t, port, 'unread')
+  const reader = sse(port, { headers: bearer({ tenant: 'unread', roles: ['viewer'] }) })
+  const seen = watch(reader, t)
+  await until('subscribed', () => app.events.bus.subscriptions === 2)
+  const connections = async (): Promise<number> => await new Promise(resolve => app.server.getConnections((_err, n) => resolve(n)))
+  t.equal(await connections(), 2)
+  // 10 MB in all, more than loopback's buffers take unread, at a pace a reader keeps up with.
+  for (let i = 0; i < 80; i++) {
+    await app.events.publish({ topic: 'runs.updated', tenantId: 'unread', payload: run(`e${i}`, 'running', { output: 'x'.repeat(128 * 1024) }) })
+    await sleep(40)
+  }
+  await until('the stalled one cut', () => app.events.bus.subscriptions === 1, 10_000)
+  let open = await connections()
+  for (let i = 0; i < 100 && open > 1; i++) {
+    await sleep(50)
+    open = await connections()
+  }
+  t.equal(open, 1, 'its connection closed; the reader\'s kept')
+  await until('the reader has every event', () => seen.data.length === 80, 10_000)
+  t.equal(seen.data.length, 80, 'a client that reads is not cut')
+})
+
 t.test('runs started over tRPC stream their status changes from the demo Kernel', async t => {
   // The Kernel's events go to the gateway as they would through /internal/events.
   const target: { app?: FastifyInstance } = {}
