@@ -1,4 +1,4 @@
-import { GraphQLError, Kind, type ASTVisitor, type SelectionSetNode, type ValidationContext, type ValidationRule } from 'graphql'
+import { GraphQLError, Kind, NoFragmentCyclesRule, NoUnusedFragmentsRule, type ASTVisitor, type FieldNode, type SelectionSetNode, type ValidationContext, type ValidationRule } from 'graphql'
 
 export interface Limits {
   /** Deepest selection (BFF_GRAPHQL_MAX_DEPTH): `{ a { b } }` is 2 deep. */
@@ -16,6 +16,23 @@ export const MAX_FIELDS = 1000
  * introspection fields may go that deep even when BFF_GRAPHQL_MAX_DEPTH is lower.
  */
 export const INTROSPECTION_DEPTH = 15
+/**
+ * Fields one selection set may select under one response key, fragments included where they
+ * are spread (`x: id x: name`, `a: getAgent(id: "1") { id } a: getAgent(id: "2") { id }`), but
+ * for repeats of one field without arguments or selections (`id id id`, which cost nothing).
+ * graphql-js' OverlappingFieldsCanBeMerged compares every two of them: 660 `x: id` / `x: name`
+ * (a 4.6 KB document within MAX_TOKENS) cost it 200 ms, 660 long distinct names 400 ms.
+ */
+export const MAX_SAME_KEY = 20
+/**
+ * Fragments one selection set may spread, those they spread counted (each once). graphql-js
+ * compares the fields of each selection set with those of every fragment it reaches, and the
+ * fragments two by two: a chain of 220 (`fragment F1 on Agent { id ...F2 }`, within MAX_TOKENS)
+ * cost it 50 ms, fields that are all `id` notwithstanding.
+ */
+export const MAX_SPREAD_FRAGMENTS = 50
+/** Fields and fragments (each where it is spread) the check of response keys walks in one document. */
+export const MAX_KEY_WALK = 10 * MAX_FIELDS
 
 interface Measure { fields: number, depth: number, dataRoots: number }
 const EMPTY: Measure = { fields: 0, depth: 0, dataRoots: 0 }
@@ -83,6 +100,90 @@ export function limitsRule (limits: Limits): ValidationRule {
       }
     }
   }
+}
+
+/** Whether the fields of one response key are all one field without arguments or selections. */
+function sameLeaf (fields: readonly FieldNode[]): boolean {
+  const name = fields[0].name.value
+  return fields.every(f => f.name.value === name && f.selectionSet === undefined && (f.arguments === undefined || f.arguments.length === 0))
+}
+
+/**
+ * A validation rule that bounds the fields one selection set selects under one response key
+ * (MAX_SAME_KEY) and the fragments it spreads (MAX_SPREAD_FRAGMENTS), fields merged as the executor merges them: through inline fragments and
+ * fragment spreads (each fragment once per selection set), and the sub-selections of the fields
+ * of one key together. That is what graphql-js' OverlappingFieldsCanBeMerged compares two by two.
+ * The walk stops at the deepest level the face allows (deeper is refused by limitsRule, or is a
+ * fragment cycle) and after MAX_KEY_WALK fields and fragments, where the document is refused.
+ */
+export function responseKeysRule (limits: Pick<Limits, 'maxDepth'>): ValidationRule {
+  const deepest = Math.max(limits.maxDepth, INTROSPECTION_DEPTH)
+  return (context: ValidationContext): ASTVisitor => ({
+    Document: {
+      leave (document) {
+        let work = 0
+        const collect = (set: SelectionSetNode, into: Map<string, FieldNode[]>, visited: Set<string>): boolean => {
+          for (const selection of set.selections) {
+            if (++work > MAX_KEY_WALK) return false
+            if (selection.kind === Kind.FIELD) {
+              const key = selection.alias?.value ?? selection.name.value
+              const fields = into.get(key)
+              if (fields === undefined) into.set(key, [selection])
+              else fields.push(selection)
+            } else if (selection.kind === Kind.INLINE_FRAGMENT) {
+              if (!collect(selection.selectionSet, into, visited)) return false
+            } else if (!visited.has(selection.name.value)) {
+              visited.add(selection.name.value)
+              const fragment = context.getFragment(selection.name.value)
+              if (fragment != null && !collect(fragment.selectionSet, into, visited)) return false
+            }
+          }
+          return true
+        }
+        // The first key or selection set over a bound, or null; `false` once the walk is over its own bound.
+        const walk = (sets: readonly SelectionSetNode[], depth: number): { key: string, count: number } | { fragments: number } | null | false => {
+          const keys = new Map<string, FieldNode[]>()
+          const visited = new Set<string>()
+          for (const set of sets) if (!collect(set, keys, visited)) return false
+          if (visited.size > MAX_SPREAD_FRAGMENTS) return { fragments: visited.size }
+          for (const [key, fields] of keys) {
+            if (fields.length > MAX_SAME_KEY && !sameLeaf(fields)) return { key, count: fields.length }
+            if (depth >= deepest) continue
+            const below: SelectionSetNode[] = []
+            for (const field of fields) if (field.selectionSet !== undefined) below.push(field.selectionSet)
+            if (below.length === 0) continue
+            const found = walk(below, depth + 1)
+            if (found !== null) return found
+          }
+          return null
+        }
+        for (const definition of document.definitions) {
+          if (definition.kind !== Kind.OPERATION_DEFINITION) continue
+          const found = walk([definition.selectionSet], 1)
+          if (found === null) continue
+          const what = definition.name === undefined ? 'The operation' : `Operation ${definition.name.value}`
+          const extensions = { code: 'PAYLOAD_TOO_LARGE', status: 413 }
+          context.reportError(found === false
+            ? new GraphQLError(`The document's operations select more than ${MAX_KEY_WALK} fields and fragments, a fragment counted in each selection set that spreads it`, { extensions })
+            : 'fragments' in found
+              ? new GraphQLError(`${what} spreads ${found.fragments} fragments in one selection set, those they spread included; at most ${MAX_SPREAD_FRAGMENTS} are allowed`, { nodes: [definition], extensions })
+              : new GraphQLError(`${what} selects "${found.key.slice(0, 100)}" ${found.count} times in one selection set; at most ${MAX_SAME_KEY} are allowed, unless each is the same field without arguments or selections`, { nodes: [definition], extensions }))
+          return
+        }
+      }
+    }
+  })
+}
+
+/**
+ * The rules run before graphql-js' own (which may cost hundreds of milliseconds on a document
+ * within MAX_TOKENS: see MAX_SAME_KEY): a document they refuse is refused with their errors
+ * alone, and graphql-js' validation never runs on it. Unused fragments and fragment cycles are
+ * refused first, as graphql-js would: the other walks start from the operations, and stop at
+ * the deepest level allowed.
+ */
+export function limitRules (limits: Limits): ValidationRule[] {
+  return [NoUnusedFragmentsRule, NoFragmentCyclesRule, limitsRule(limits), responseKeysRule(limits)]
 }
 
 /** Subscriptions are served over WebSocket (graphql-transport-ws) on the same path, not over HTTP. */
