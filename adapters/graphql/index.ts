@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import mercurius from 'mercurius'
-import { BREAK, NoSchemaIntrospectionCustomRule, getOperationAST, parse, validate, visit, type DocumentNode, type GraphQLResolveInfo } from 'graphql'
+import { BREAK, Kind, NoSchemaIntrospectionCustomRule, getOperationAST, parse, validate, visit, type DocumentNode, type GraphQLResolveInfo, type SelectionSetNode } from 'graphql'
 // graphql-js's own field collection (16.x; no exports map, so its module is importable as is).
 import { collectFields } from 'graphql/execution/collectFields.js'
 import { AnswerBudget, MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
@@ -358,6 +358,8 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   // two requests naming the mutation, refused for want of a token, chose it for everyone. A
   // document of several operations is handed back as its own modified form, which mercurius
   // never compiles; one of a single operation keeps the JIT.
+  // Nor is one of more than JIT_MAX_FIELDS fields: compiling it costs more than running it ever
+  // saves a client that sends it twice (any caller, before any token is looked at).
   // Nor is a document whose literals the compiled form misreads (jitMisreads): a variable inside a
   // list or object literal, a text holding graphql-jit's markers (which ran as JavaScript), an
   // object key `__proto__`.
@@ -366,7 +368,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     for (const definition of document.definitions) {
       if (definition.kind === 'OperationDefinition' && ++operations > 1) return { document }
     }
-    if (jitMisreads(document)) return { document }
+    if (jitMisreads(document) || fieldsOf(document) > JIT_MAX_FIELDS) return { document }
   })
   // The face's limits before graphql-js' validation (mercurius runs this hook on a document it has
   // not cached, right before): a document they refuse is answered with their errors alone, and
@@ -465,6 +467,51 @@ function checkGetOperation (query: string, operationName: unknown, method: strin
 
 // Per document: mercurius keeps one parsed document per text, so each is walked once.
 const misread = new WeakMap<DocumentNode, boolean>()
+
+/**
+ * Most fields (fragments counted each time they are spread) of a document mercurius compiles
+ * with graphql-jit. Compiling is paid once per document text, on its second request, by whoever
+ * sends it: a document of 50 root fields each spreading a fragment of 19 (1,000 fields, 1.4 KB)
+ * cost 20-50 ms of CPU to compile, 190 fields 6-7 ms. Larger documents run uncompiled.
+ */
+export const JIT_MAX_FIELDS = 200
+const fieldCounts = new WeakMap<DocumentNode, number>()
+
+/** The fields of `document`'s operations, fragments counted each time they are spread (it has passed validation: no cycles). */
+function fieldsOf (document: DocumentNode): number {
+  let total = fieldCounts.get(document)
+  if (total !== undefined) return total
+  const fragments = new Map<string, SelectionSetNode>()
+  for (const definition of document.definitions) {
+    if (definition.kind === Kind.FRAGMENT_DEFINITION) fragments.set(definition.name.value, definition.selectionSet)
+  }
+  const memo = new Map<string, number>()
+  const count = (set: SelectionSetNode): number => {
+    let n = 0
+    for (const selection of set.selections) {
+      if (selection.kind === Kind.FIELD) n += 1 + (selection.selectionSet === undefined ? 0 : count(selection.selectionSet))
+      else if (selection.kind === Kind.INLINE_FRAGMENT) n += count(selection.selectionSet)
+      else {
+        const name = selection.name.value
+        let m = memo.get(name)
+        if (m === undefined) {
+          memo.set(name, 0)
+          const fragment = fragments.get(name)
+          m = fragment === undefined ? 0 : count(fragment)
+          memo.set(name, m)
+        }
+        n += m
+      }
+    }
+    return n
+  }
+  total = 0
+  for (const definition of document.definitions) {
+    if (definition.kind === Kind.OPERATION_DEFINITION) total += count(definition.selectionSet)
+  }
+  fieldCounts.set(document, total)
+  return total
+}
 
 /**
  * graphql-jit's markers of the values JSON cannot carry (`"__MAGIC_NAN__<uuid>"`, Infinity's,
