@@ -94,6 +94,12 @@ t.test('fragments graphql-js would refuse are refused before its other rules run
   t.equal(roots.statusCode, 413)
   t.match(roots.json(), { errors: [{ message: 'The operation selects 300 root fields; at most 50 are allowed (each one is a call)', extensions: { code: 'PAYLOAD_TOO_LARGE' } }, { message: /^The operation selects "a" 300 times/ }] })
   t.equal(roots.json().errors.length, 2)
+  // The walk of response keys has its own bound, over all the operations: 8 operations of 1,534
+  // fields each (a tree of fragments, each spread twice), each also over the bound on fields.
+  const tree = 'fragment T0 on Agent { id } ' + times(9, i => `fragment T${i + 1} on Agent { a { ...T${i} } b { ...T${i} } }`)
+  const walk = await post(`${times(8, i => `query Q${i} { listAgents { ...T9 } }`)} ${tree}`)
+  t.equal(walk.statusCode, 413)
+  t.match(walk.json().errors.at(-1), { message: 'The document\'s operations select more than 10000 fields and fragments, a fragment counted in each selection set that spreads it', extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413 } })
 })
 
 t.test('over WebSocket, a subscribe is checked against the same limits first', async t => {
