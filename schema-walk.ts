@@ -17,8 +17,9 @@ export function eachSchemaObject (schema: unknown, at: string, visit: (node: Rec
   for (const [k, v] of Object.entries(node)) if (!DATA_KEYWORDS.has(k)) eachSchemaObject(v, `${at}.${k}`, visit)
 }
 
-/** Keywords whose value maps names (not keywords) to schemas. */
-const SCHEMA_MAPS = new Set(['properties', 'patternProperties', 'definitions', '$defs', 'dependentSchemas', 'dependencies'])
+/** Keywords whose value maps names (not keywords) to schemas (the pipeline's walks read it too). */
+export const SCHEMA_MAPS = ['properties', 'patternProperties', '$defs', 'definitions', 'dependentSchemas', 'dependencies'] as const
+const MAP_KEYWORDS = new Set<string>(SCHEMA_MAPS)
 
 /**
  * A copy of the JSON Schema `schema` without the keyword `key` in any of its schemas (the values
@@ -32,7 +33,7 @@ export function withoutKeyword (schema: unknown, key: string): unknown {
     if (k === key) continue
     const value = DATA_KEYWORDS.has(k)
       ? v
-      : SCHEMA_MAPS.has(k) && v !== null && typeof v === 'object' && !Array.isArray(v)
+      : MAP_KEYWORDS.has(k) && v !== null && typeof v === 'object' && !Array.isArray(v)
         ? Object.fromEntries(Object.entries(v).map(([name, s]) => [name, withoutKeyword(s, key)]))
         : withoutKeyword(v, key)
     // A key `__proto__` (JSON.parse keeps one as an own key) stays an own key.

@@ -317,7 +317,7 @@ const QUERY_WINDOW = 10_000
  * range, answered 500. The row itself is still read with its own position, which no walk accepts.
  */
 const SAFE = Number.MAX_SAFE_INTEGER
-const position = (v: string): number => Math.min(Math.max(Number(v), -SAFE), SAFE)
+const position = (v: string | number): number => Math.min(Math.max(Number(v), -SAFE), SAFE)
 
 /** The time conditions of a range (`"timestamp" >= $1 AND ...`, '' for none) and their parameters, numbered from $1. */
 function timeRange (range: { from?: Date, to?: Date }): { inRange: string, params: unknown[] } {
@@ -689,7 +689,7 @@ export class PostgresAuditStore implements AuditStore {
     const more = rows.length > q.limit
     if (more) rows.pop()
     // A cursor names a safe position (see `position`).
-    return { entries: rows, nextSeq: more ? Math.min(Math.max(rows[rows.length - 1].seq, -SAFE), SAFE) : null }
+    return { entries: rows, nextSeq: more ? position(rows[rows.length - 1].seq) : null }
   }
 
   /**

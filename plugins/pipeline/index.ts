@@ -9,7 +9,7 @@ import { canonicalJson, type Manifest, type Operation } from '../../manifest.js'
 import { MantleError, describeValidation } from '../../errors.js'
 import type { CallContext } from './context.js'
 import { addUniqueItems } from './unique-items.js'
-import { eachSchemaObject } from '../../schema-walk.js'
+import { SCHEMA_MAPS, eachSchemaObject } from '../../schema-walk.js'
 
 export { canonicalJson }
 
@@ -462,7 +462,6 @@ const NON_FINITE = 'The input holds a number out of range: numbers must be finit
 /** The keywords under which a schema holds other schemas (one, a list, or a map of them). */
 const ONE = ['items', 'additionalProperties', 'if', 'then', 'else', 'contains', 'propertyNames', 'unevaluatedItems', 'unevaluatedProperties'] as const
 const LISTS = ['allOf', 'anyOf', 'oneOf', 'prefixItems'] as const
-const MAPS = ['properties', 'patternProperties', '$defs', 'definitions', 'dependentSchemas', 'dependencies'] as const
 
 /**
  * `schema` with its integers held to what a JavaScript number carries exactly, ±(2^53 - 1), or
@@ -508,7 +507,7 @@ function mapSchema (schema: unknown, visit: (s: Readonly<Record<string, unknown>
   const put = (k: string, v: unknown): void => { if (v !== s[k]) { s[k] = v; changed = true } }
   for (const k of ONE) if (k in s && !apart(k, node)) put(k, mapSchema(s[k], visit, apart))
   for (const k of LISTS) if (Array.isArray(s[k]) && !apart(k, node)) put(k, mapSchema(s[k], visit, apart))
-  for (const k of MAPS) {
+  for (const k of SCHEMA_MAPS) {
     const map = s[k]
     if (map === null || typeof map !== 'object' || Array.isArray(map) || apart(k, node)) continue
     const entries = Object.entries(map).map(([name, sub]) => [name, mapSchema(sub, visit, apart)] as const)
