@@ -1,5 +1,7 @@
 import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { WebSocket } from 'ws'
 import type { FastifyInstance } from 'fastify'
 import { buildApp } from '../../../app.js'
@@ -18,6 +20,19 @@ async function listen (t: Teardown, env: Record<string, unknown> = {}): Promise<
   const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false, ...env })
   await app.listen({ port: 0, host: '127.0.0.1' })
   return { app, url: `ws://127.0.0.1:${(app.server.address() as { port: number }).port}/graphql` }
+}
+
+let sockets = 0
+/**
+ * As listen(), on a Unix socket: the operating system holds about 200 KB of a client that does
+ * not read there, against several MB over loopback TCP, so a test that must fill it first sends
+ * hundreds of pings, not hundreds of thousands (10 s of CPU on each side, on a loaded run 30 s).
+ */
+async function listenUnix (t: Teardown): Promise<{ app: FastifyInstance, url: string }> {
+  const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
+  const path = join(tmpdir(), `mantle-graphql-${process.pid}-${++sockets}.sock`)
+  await app.listen({ path })
+  return { app, url: `ws+unix://${path}:/graphql` }
 }
 
 const SUBSCRIPTION = 'subscription { runUpdated { id } }'
@@ -200,7 +215,7 @@ t.test('messages sent while mercurius waits to write its connection_ack count as
   // connection_ack before the next: from a client that does not read (its socket's buffers
   // filled with pongs), every message sent after connection_init waited in mercurius' queue,
   // which has no bound: 300 MB held for 300 MB sent, without a token, the socket left open.
-  const { app, url } = await listen(t)
+  const { app, url } = await listenUnix(t)
   let server: WebSocket | undefined
   app.websocketServer.once('connection', (s: WebSocket) => { server = s })
   const ws = new WebSocket(url, 'graphql-transport-ws')
@@ -230,7 +245,7 @@ t.test('subscribes held behind the completes of subscriptions whose events the c
   // of the old one ends, which waits for its last event to be written: from a client that does
   // not read, for ever. Each held subscribe may carry a megabyte of variables, and a connection
   // holds 100 of them (twice its bound of operations), none counted.
-  const { app, url } = await listen(t)
+  const { app, url } = await listenUnix(t)
   const c = await open(t, url)
   const ids = Array.from({ length: 10 }, (_, i) => `s${i}`)
   for (const id of ids) c.send({ id, type: 'subscribe', payload: { query: SUBSCRIPTION } })
