@@ -513,10 +513,12 @@ export function forwardEvents (
   }
 }
 
-async function main (): Promise<void> {
-  const env = process.env
-  // As the gateway reads its own (schemas/config.ts): decimal digits only (Number() took 0x10 as
-  // 16), an empty value is unset (Number('') was port 0, a random one), and every bad one is named.
+/**
+ * The Kernel's settings from `env`, as the gateway reads its own (schemas/config.ts): decimal
+ * digits only (Number() took 0x10 as 16), an empty value is unset (Number('') was port 0, a
+ * random one), and every bad one is named in `problems`.
+ */
+export function kernelSettings (env: NodeJS.ProcessEnv): { port: number, host: string, runDelayMs: number | undefined, problems: string[] } {
   const set = (name: string): string | undefined => env[name] === '' ? undefined : env[name]
   const problems: string[] = []
   const portText = set('KERNEL_PORT')
@@ -527,6 +529,12 @@ async function main (): Promise<void> {
   if (runDelayMs !== undefined && !Number.isFinite(runDelayMs)) problems.push(`KERNEL_RUN_DELAY_MS must be a number >= 0, got ${delayText} (decimal digits only)`)
   const host = set('KERNEL_HOST') ?? '127.0.0.1'
   if (!/^\S+$/.test(host)) problems.push(`KERNEL_HOST must be a host name or IP address (no spaces), got ${JSON.stringify(host)}`)
+  return { port, host, runDelayMs, problems }
+}
+
+async function main (): Promise<void> {
+  const env = process.env
+  const { port, host, runDelayMs, problems } = kernelSettings(env)
   if (problems.length > 0) {
     console.error(`kernel: ${problems.join('; ')}`)
     process.exitCode = 1

@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url'
 import { Ajv } from 'ajv'
 import { parse } from 'yaml'
 import type { FastifyInstance, InjectOptions } from 'fastify'
-import { buildKernel, forwardEvents, startKernel } from '../../kernel/server.js'
+import { buildKernel, forwardEvents, kernelSettings, startKernel } from '../../kernel/server.js'
 import { HEADER_SAFE } from '../../plugins/auth/identity.js'
 import type { Agent, DocumentSummary, KernelDocument, KernelEvent, KernelOptions, Run } from '../../kernel/server.js'
 
@@ -556,10 +556,11 @@ function runMain (env: Record<string, string>, onStdout?: (text: string, kill: (
 // The children of the checks that need nothing of their subtest, started side by side with the
 // first one's: each starts through the loaders of this process, seconds each, and one group after
 // another they were most of this file's time. Started when the first "run directly" subtest
-// begins, not at load, so that they do not compete with the in-process subtests' waits.
+// begins, not at load, so that they do not compete with the in-process subtests' waits. Each
+// setting's own refusal is checked in this process (kernelSettings); one child checks that a bad
+// configuration stops the process with all of them in one line.
 const stop = (text: string, kill: (signal: NodeJS.Signals) => void): void => { if (text.includes('kernel listening on')) kill('SIGTERM') }
-const ports = [' 80', '+80', '80.0']
-let spawned: { sigint: Promise<Child>, badPort: Promise<Child>, badDelay: Promise<Child>, bad: Promise<Child>, byPort: Array<Promise<Child>> } | undefined
+let spawned: { sigint: Promise<Child>, bad: Promise<Child> } | undefined
 function children (): NonNullable<typeof spawned> {
   let sent = false
   spawned ??= {
@@ -569,12 +570,9 @@ function children (): NonNullable<typeof spawned> {
         kill('SIGINT')
       }
     }),
-    badPort: runMain({ KERNEL_PORT: 'abc' }),
-    badDelay: runMain({ KERNEL_PORT: '0', KERNEL_RUN_DELAY_MS: '-1' }),
     // Number() read KERNEL_PORT=0x10 as 16 and 1e3 as 1000, and KERNEL_HOST=' ' failed at listen.
     // A Kernel that starts all the same is stopped, and the test fails on what it printed.
-    bad: runMain({ KERNEL_PORT: '0x10', KERNEL_RUN_DELAY_MS: '1e3', KERNEL_HOST: ' ' }, stop),
-    byPort: ports.map(async port => await runMain({ KERNEL_PORT: port }, stop))
+    bad: runMain({ KERNEL_PORT: '0x10', KERNEL_RUN_DELAY_MS: '1e3', KERNEL_HOST: ' ' }, stop)
   }
   return spawned
 }
@@ -618,21 +616,21 @@ t.test('run directly: SIGINT also stops it', async (t) => {
   t.match(result.stdout, /kernel: SIGINT, shutting down/)
 })
 
-t.test('run directly: bad configuration stops it with a message', async (t) => {
-  const [badPort, badDelay] = await Promise.all([children().badPort, children().badDelay])
-  t.equal(badPort.code, 1)
-  t.match(badPort.stderr, /KERNEL_PORT must be an integer in 0\.\.65535, got abc/)
-  t.equal(badDelay.code, 1)
-  t.match(badDelay.stderr, /KERNEL_RUN_DELAY_MS must be a number >= 0, got -1/)
+t.test('bad configuration is refused with a message naming each setting', async (t) => {
+  t.match(kernelSettings({ KERNEL_PORT: 'abc' }).problems, [/^KERNEL_PORT must be an integer in 0\.\.65535, got abc/])
+  t.match(kernelSettings({ KERNEL_PORT: '0', KERNEL_RUN_DELAY_MS: '-1' }).problems, [/^KERNEL_RUN_DELAY_MS must be a number >= 0, got -1/])
+  for (const port of [' 80', '+80', '80.0', '65536']) {
+    t.same(kernelSettings({ KERNEL_PORT: port }).problems, [`KERNEL_PORT must be an integer in 0..65535, got ${port} (decimal digits only)`], `KERNEL_PORT=${JSON.stringify(port)}`)
+  }
+  // An empty value is unset: the default port (Number('') was port 0, a random one).
+  t.same(kernelSettings({ KERNEL_PORT: '', KERNEL_RUN_DELAY_MS: '', KERNEL_HOST: '' }), { port: 4001, host: '127.0.0.1', runDelayMs: undefined, problems: [] })
+  t.same(kernelSettings({ KERNEL_PORT: '0', KERNEL_RUN_DELAY_MS: '2.5', KERNEL_HOST: 'localhost' }), { port: 0, host: 'localhost', runDelayMs: 2.5, problems: [] })
 })
 
-t.test('run directly: a port or delay not in decimal digits, or a blank host, is refused, every one in one line', async (t) => {
-  const [bad, ...byPort] = await Promise.all([children().bad, ...children().byPort])
+t.test('run directly: a port or delay not in decimal digits, or a blank host, is refused, every one in one line, and it exits 1', async (t) => {
+  const bad = await children().bad
   t.equal(bad.code, 1)
   t.match(bad.stderr, /^kernel: KERNEL_PORT must be an integer in 0\.\.65535, got 0x10 \(decimal digits only\); KERNEL_RUN_DELAY_MS must be a number >= 0, got 1e3 \(decimal digits only\); KERNEL_HOST must be a host name or IP address \(no spaces\), got " "$/m)
-  ports.forEach((port, i) => {
-    t.match(byPort[i].stderr, `KERNEL_PORT must be an integer in 0..65535, got ${port} (decimal digits only)`, `KERNEL_PORT=${JSON.stringify(port)}`)
-  })
 })
 
 // The manifest must describe what the Kernel really does: validate real answers against the
