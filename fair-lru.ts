@@ -64,8 +64,8 @@ export class FairLru<V> {
   private readonly heap: Array<Group<V>> = []
   private totalBytes = 0
 
-  /** `onEvict`: called for each entry a bound pushed out (not for those that expired). */
-  constructor (private readonly maxEntries: number, private readonly maxBytes: number, private readonly onEvict: () => void = () => {}) {}
+  /** `onEvict`: called for each entry a bound pushed out (not for those that expired), with its key and tenant. */
+  constructor (private readonly maxEntries: number, private readonly maxBytes: number, private readonly onEvict: (key: string, tenant: string) => void = () => {}) {}
 
   /** Entries held (expired ones until they are next touched or purged). */
   get size (): number { return this.entries.size }
@@ -81,6 +81,17 @@ export class FairLru<V> {
   }
 
   has (key: string): boolean { return this.live(key) !== undefined }
+
+  /** The live entry under `key`, its place in its tenant's use order left as it is. */
+  peek (key: string): V | undefined { return this.live(key)?.value }
+
+  /** The entries held, least recently set or used first within each tenant (expired ones until dropped). */
+  * items (): IterableIterator<[string, V]> {
+    for (const [key, entry] of this.entries) yield [key, entry.value]
+  }
+
+  /** The most entries one tenant holds (0: none). */
+  get most (): number { return this.mostCount }
 
   /** Milliseconds the entry under `key` has left (0 if there is none). */
   remainingTtl (key: string): number {
@@ -103,7 +114,7 @@ export class FairLru<V> {
     // others had given up theirs, it cost them outcomes for nothing.
     if (this.totalBytes + bytes > this.maxBytes && !this.survives(tenant, bytes)) {
       // Dropped to stay within the bound, as an evicted entry is (a repeat of its call runs again).
-      this.onEvict()
+      this.onEvict(key, tenant)
       return false
     }
     let group = this.groups.get(tenant)
@@ -123,7 +134,7 @@ export class FairLru<V> {
       const victim = this.entries.size > this.maxEntries ? this.mostEntries(group) : this.mostBytes(group)
       const oldest = victim.entries.keys().next().value!
       this.delete(oldest)
-      this.onEvict()
+      this.onEvict(oldest, victim.tenant)
     }
     return this.entries.has(key)
   }

@@ -4,6 +4,7 @@ import { MantleError } from '../../errors.js'
 import { MemoryTier, type CachedAnswer } from './memory.js'
 import type { RedisTier } from './redis.js'
 import { etagOf, localKey, matchesIfNoneMatch, policyOf, sharedKey, tagKey, tagTemplate, takesIfNoneMatch } from './keys.js'
+import { FairLru } from '../../fair-lru.js'
 
 /** How long an entry is kept past its swr window, to answer (marked stale) while the Kernel is down. */
 export const STALE_IF_ERROR_SECONDS = 300
@@ -107,8 +108,16 @@ export class ResponseCache {
   private redisOutage = false
   /** A Redis command failed and neither a command nor the heartbeat's PING has answered since (/diagz). */
   private redisFailing = false
-  /** Tag key -> the clock tick of its latest invalidation that Redis has not received. */
-  private readonly pending = new Map<string, number>()
+  /**
+   * Tag key -> the clock tick of its latest invalidation that Redis has not received, by tenant.
+   * Shared fairly (FairLru): past MAX_PENDING_TAGS, the tenant holding the most gives up its
+   * oldest (`evicted`), or the tag being added when that is its own tenant (a tie included). In
+   * one pool, first come first kept, one tenant's mutations during an outage filled it, and every
+   * other tenant's invalidation after that was lost.
+   */
+  private readonly pending = new FairLru<number>(MAX_PENDING_TAGS, Infinity, (_key, tenant) => { (this.evicted ??= new Map()).set(tenant, (this.evicted.get(tenant) ?? 0) + 1) })
+  /** The tags each tenant gave up to another's while an invalidation was added (null: none). */
+  private evicted: Map<string, number> | null = null
   /**
    * No entry of a tenant read from Redis is used during its spell: an invalidation of its tags
    * past MAX_PENDING_TAGS was lost, and Redis keeps what it dropped, under versions it never
@@ -461,19 +470,28 @@ export class ResponseCache {
     for (const k of keys) {
       // Past the bound, a tag already pending still takes this tick: the loop used to stop at
       // the first tag lost, and a replay under way then took a later one for replayed, though
-      // it went out before this invalidation.
-      if (this.pending.size >= MAX_PENDING_TAGS && !this.pending.has(k)) lost++
-      else this.pending.set(k, tick)
+      // it went out before this invalidation. A new tag is lost when its tenant holds the most
+      // (with it, a tie too); else the tenant that does gives up its oldest (`evicted`).
+      if (this.pending.size >= MAX_PENDING_TAGS && !this.pending.has(k) && this.pending.held(tenant).count + 1 >= this.pending.most) lost++
+      else this.pending.set(k, tenant, tick, 0, Infinity)
     }
-    if (lost > 0) {
-      // Logged once per tenant's spell (it came on every invalidation while the bound was
-      // reached); once per spell of any tenant, a second tenant's spell went unsaid.
-      if (!this.inSpell(tenant)) this.opts.log.warn({ tags: keys.length, lost, tenant }, 'cache: too many invalidations waiting for Redis: some are lost; other instances serve what they drop until it expires, this one reads no entry of their tenant from Redis meanwhile')
-      this.lose(tenant)
-      this.lostTags += lost
-      this.metrics.lost(lost)
+    if (lost > 0) this.lost(tenant, lost, keys.length)
+    if (this.evicted !== null) {
+      const evicted = this.evicted
+      this.evicted = null
+      for (const [other, n] of evicted) this.lost(other, n, keys.length)
     }
     this.scheduleReplay()
+  }
+
+  /** `n` of `tenant`'s invalidated tags will never reach Redis (see `lose`). */
+  private lost (tenant: string, n: number, tags: number): void {
+    // Logged once per tenant's spell (it came on every invalidation while the bound was
+    // reached); once per spell of any tenant, a second tenant's spell went unsaid.
+    if (!this.inSpell(tenant)) this.opts.log.warn({ tags, lost: n, tenant }, 'cache: too many invalidations waiting for Redis: some are lost; other instances serve what they drop until it expires, this one reads no entry of their tenant from Redis meanwhile')
+    this.lose(tenant)
+    this.lostTags += n
+    this.metrics.lost(n)
   }
 
   /** A message of another instance: drops the tags from this instance's tier. */
@@ -523,7 +541,7 @@ export class ResponseCache {
       this.scheduleReplay()
       return
     }
-    const replayed = [...this.pending]
+    const replayed = [...this.pending.items()]
     const keys = replayed.map(([k]) => k)
     try {
       await redis.tier.invalidate(keys, this.opts.instanceId)
@@ -533,7 +551,7 @@ export class ResponseCache {
       return
     }
     // A tag invalidated again while the replay ran may not be covered by it: it stays for the next one.
-    for (const [k, tick] of replayed) if (this.pending.get(k) === tick) this.pending.delete(k)
+    for (const [k, tick] of replayed) if (this.pending.peek(k) === tick) this.pending.delete(k)
     this.redisRecovered()
   }
 

@@ -7,7 +7,7 @@ import { randomUUID } from 'node:crypto'
 import { buildTestApp, bearer } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { REDIS_URL, itemKernel, itemManifest, metric, eventually } from './items.js'
-import { ResponseCache, RedisTier, etagOf, localKey, policyOf, type CachedAnswer } from '../../../plugins/cache/index.js'
+import { ResponseCache, RedisTier, etagOf, localKey, policyOf, tagKey, type CachedAnswer } from '../../../plugins/cache/index.js'
 import type { CacheMetrics } from '../../../plugins/cache/cache.js'
 import { CallContext, canonicalJson } from '../../../plugins/pipeline/index.js'
 import type { Operation } from '../../../manifest.js'
@@ -257,6 +257,44 @@ t.test('an invalidation past the bound of those pending never lets this instance
   t.not(after.cache, 'hit', `the entry the invalidation dropped is not served (${JSON.stringify(after)})`)
 })
 
+// Left open by the revert of 577631c (review tenant-leak): the 10,000 tags kept while Redis is away
+// were one pool, first come first kept. One tenant's mutations during an outage filled it, and
+// every other tenant's invalidation after that was lost: other instances served that tenant's
+// entries from before its own change as hits for their ttl, and this one read none of its entries
+// from Redis for as long. Past the bound, the tenant holding the most now gives up a tag.
+t.test('past the bound, the tenant holding the most pending invalidations loses one, not another tenant', async t => {
+  const replayed: string[] = []
+  const redis = failingTier(oldEntry(), 60_000)
+  const invalidate = redis.tier.invalidate.bind(redis.tier)
+  redis.tier.invalidate = async (keys: string[], from: string) => {
+    await invalidate(keys, from)
+    replayed.push(...keys)
+  }
+  const cache = cacheWith(t, redis.tier)
+  const stage = cache.stage(op)!
+  const read = async (tenant: string): Promise<string | null> => {
+    const ctx = Object.assign(new CallContext('r', 'rest', op, { id: 'a' }, undefined, undefined, undefined), { tenant })
+    await stage(ctx, async () => ({ n: 2 }))
+    return ctx.cache
+  }
+  await read('x')
+  t.equal(cache.redisHealthy, false, 'Redis fails')
+  for (let i = 0; i < 10_000; i++) await cache.invalidate('flood', [`other:${i}`], 'mutation')
+  await cache.invalidate('quiet', ['item:a'], 'mutation')
+  await cache.invalidate('quiet', ['item:b'], 'mutation')
+  t.equal(cache.pendingInvalidations, 10_000, 'still 10,000 pending')
+  t.match(cache.invalidationsDetail, /; 2 invalidated tags lost since start/, 'two tags lost')
+  redis.failing = false
+  cache.redisReconnected()
+  await eventually(async () => cache.pendingInvalidations === 0, 'the replay')
+  t.ok(replayed.includes(tagKey('quiet', 'item:a')) && replayed.includes(tagKey('quiet', 'item:b')), 'the quiet tenant\'s invalidations reach Redis')
+  t.notOk(replayed.includes(tagKey('flood', 'other:0')), 'the flooding tenant\'s oldest is lost')
+  t.notOk(replayed.includes(tagKey('flood', 'other:1')), 'and its next oldest')
+  t.ok(replayed.includes(tagKey('flood', 'other:2')), 'its others reach Redis')
+  t.equal(await read('quiet'), 'hit', 'the quiet tenant reads its entries from Redis again')
+  t.equal(await read('flood'), 'miss', 'the tenant whose invalidations were lost takes no entry from Redis')
+})
+
 // Left open by review r-cache: the spell became each tenant's, but its warning was still said
 // once while any tenant's ran: a second tenant's loss then, whose reads no longer took entries
 // from Redis, was counted and never said.
@@ -269,7 +307,9 @@ t.test('each tenant whose invalidation is lost is said once for its spell', asyn
   ctx.tenant = 't'
   await stage(ctx, async () => ({ n: 1 }))
   t.equal(cache.redisHealthy, false, 'Redis fails')
-  for (let i = 0; i < 10_000; i++) await cache.invalidate('t', [`other:${i}`], 'mutation')
+  // Past the bound, the tenant holding the most gives up a tag (the one adding, on a tie): both hold as many.
+  for (let i = 0; i < 5_000; i++) await cache.invalidate('t', [`other:${i}`], 'mutation')
+  for (let i = 0; i < 5_000; i++) await cache.invalidate('u', [`other:${i}`], 'mutation')
   await cache.invalidate('t', ['item:a'], 'mutation')
   await cache.invalidate('t', ['item:b'], 'mutation')
   await cache.invalidate('u', ['item:a'], 'mutation')
@@ -535,9 +575,17 @@ function entryTier (o: Operation, clock: () => number): { tier: RedisTier, faili
   return state
 }
 
-/** Fills the 10,000 invalidations pending with tenant `filler`'s tags, then loses one of each tenant in `lost`. */
+/**
+ * Fills the 10,000 invalidations pending (none may be pending before), then loses one of each
+ * tenant in `lost` (item:a). Past the bound, the tenant holding the most gives up a tag, the one
+ * adding on a tie: so each tenant in `lost` holds as many as any (its own other:i), and tenant
+ * `filler` the rest, pending and never lost, while any is left over.
+ */
 async function loseInvalidations (cache: ResponseCache, filler: string, lost: readonly string[]): Promise<void> {
-  for (let i = 0; i < 10_000; i++) await cache.invalidate(filler, [`other:${i}`], 'mutation')
+  if (cache.pendingInvalidations !== 0) throw new Error('invalidations are pending already')
+  const each = Math.max(1, Math.floor(10_000 / (lost.length + 1)))
+  for (const tenant of lost) for (let i = 0; i < each; i++) await cache.invalidate(tenant, [`other:${i}`], 'mutation')
+  for (let i = 0; cache.pendingInvalidations < 10_000; i++) await cache.invalidate(filler, [`other:${i}`], 'mutation')
   for (const tenant of lost) await cache.invalidate(tenant, ['item:a'], 'mutation')
 }
 
