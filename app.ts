@@ -155,8 +155,8 @@ export interface BuildOptions {
   identity?: { jwksRefreshMs?: number, jwksMinRefetchMs?: number, jwksTimeoutMs?: number }
   /** Rate-limit internals (tests: the memory store's clock, the Redis retry pause). */
   rateLimit?: { now?: () => number, retryRedisMs?: number, memoryMaxKeys?: number }
-  /** Idempotency internals (tests: the margin a Redis claim's lease has over its op's timeout). */
-  idempotency?: { leaseMarginMs?: number }
+  /** Idempotency internals (tests: the margin a Redis claim's lease has over its op's timeout, the bound of writes waiting for Redis). */
+  idempotency?: { leaseMarginMs?: number, maxPending?: number }
   /**
    * What app.fatal does once it has logged: server.ts shuts the process down gracefully and exits
    * 1. Without it the app closes (its audit queue flushed, as at any close).

@@ -8,9 +8,9 @@ import { MantleError } from '../../errors.js'
 import type { Operation } from '../../manifest.js'
 import { MemoryIdempotencyStore } from './memory-store.js'
 import { RedisIdempotencyStore, UnreadableRecordError } from './redis-store.js'
-import { storeKey, type Claim, type DoneRecord, type IdempotencyRecord, type IdempotencyStore } from './store.js'
+import { storeKey, tenantOfKey, type Claim, type DoneRecord, type IdempotencyRecord, type IdempotencyStore } from './store.js'
+import { FairLru, SCRAPE_SLICES } from '../../fair-lru.js'
 import { sharedStoreHealth } from '../diagz/index.js'
-import { SCRAPE_SLICES } from '../../fair-lru.js'
 
 export { MemoryIdempotencyStore } from './memory-store.js'
 export { RedisIdempotencyStore, UnreadableRecordError, decode } from './redis-store.js'
@@ -32,6 +32,8 @@ export interface IdempotencyOptions {
   leaseMarginMs?: number
   /** Most bytes of answers the memory store holds. */
   maxBytes?: number
+  /** Most outcomes and releases waiting for Redis (MAX_PENDING; tests lower it). */
+  maxPending?: number
 }
 
 export interface Idempotency {
@@ -174,11 +176,14 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   // claim's lease ends (the claim is gone from Redis then, and a release is guarded by the
   // claim's token anyway), or, for the outcome of a call claimed in memory while Redis was away,
   // until it expires here: as many as the calls that were running when Redis failed or ran while
-  // it was away, at most MAX_PENDING (the oldest is dropped: its claim's lease ends first).
+  // it was away, at most `maxPending` (MAX_PENDING), shared fairly between tenants (FairLru): past
+  // it, the oldest of the tenant holding the most is dropped (its claim's lease ends first). In one
+  // pool, one tenant's keyed mutations during an outage pushed out another tenant's outcomes, and a
+  // repeat of that tenant's call on another instance, Redis back, ran its mutation a second time.
   // Keyed by the store key for an outcome (the memory store holds it), by the claim's token,
   // unique, for a release: a key may have both (a repeat's outcome over a claim of its own).
   interface Pending { key: string, until: number, release: string | null }
-  const pending = new Map<string, Pending>()
+  const pending = new FairLru<Pending>(opts.maxPending ?? MAX_PENDING, Infinity)
   let retrier: NodeJS.Timeout | null = null
   let retrying = false
   // Set by onClose: a call that ends after it (the Kernel pool's close waits for calls, then
@@ -198,7 +203,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     retrying = true
     try {
       const now = performance.now()
-      for (const [id, p] of pending) {
+      for (const [id, p] of pending.items()) {
         if (closed) break
         if (p.until <= now) pending.delete(id)
         else if (redis!.up()) {
@@ -220,9 +225,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   const later = (key: string, leaseMs: number, release: string | null): void => {
     if (closed) return
     const id = release ?? key
-    pending.delete(id)
-    if (pending.size >= MAX_PENDING) pending.delete(pending.keys().next().value!)
-    pending.set(id, { key, until: performance.now() + leaseMs, release })
+    pending.set(id, tenantOfKey(key), { key, until: performance.now() + leaseMs, release }, 0, leaseMs)
     if (retrier === null) {
       retrier = setInterval(() => { retryAll().catch(() => {}) }, RETRY_MS)
       retrier.unref()
@@ -237,7 +240,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     if (retrier !== null) clearInterval(retrier)
     retrier = null
     const now = performance.now()
-    const last = [...pending.values()].filter(p => p.until > now)
+    const last = [...pending.items()].map(([, p]) => p).filter(p => p.until > now)
     pending.clear()
     if (last.length === 0) return
     let taken = 0
@@ -245,7 +248,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     if (taken < last.length) app.log.warn({ dropped: last.length - taken, taken }, 'idempotency: closing, outcomes and key releases Redis did not take are dropped: a repeat on another instance waits for their claims\' leases')
   })
   if (app.hasDecorator('metrics')) {
-    new Gauge({ name: 'mantle_idempotency_pending_redis_writes', help: 'Outcomes and key releases Redis did not take, offered to it again every 250 ms while their claims\' leases last (bounded, 10,000)', registers: [app.metrics.registry], collect () { this.set(pending.size) } }) // eslint-disable-line no-new
+    new Gauge({ name: 'mantle_idempotency_pending_redis_writes', help: 'Outcomes and key releases Redis did not take, offered to it again every 250 ms while their claims\' leases last (bounded, 10,000, shared fairly between tenants)', registers: [app.metrics.registry], collect () { this.set(pending.size) } }) // eslint-disable-line no-new
   }
   /**
    * Where a claim was made or what it found, and the Redis claim a call claimed in memory may hold

@@ -377,3 +377,36 @@ t.test('an outcome still waiting as the gateway closes, Redis up but not answeri
   t.ok(quitAt > 0 && held >= 400, `the outcome was offered to Redis and waited for (${Math.round(held)} ms)`)
   t.ok(held < 2500, `well within the 5 s command timeout: the pass's bound of 0.5 s ended it (${Math.round(held)} ms)`)
 })
+
+// Review tenant-leak: the outcomes waiting to be copied to Redis were one pool for every tenant,
+// the oldest dropped past its bound (10,000). One tenant's keyed mutations during an outage
+// pushed another tenant's outcome out: once Redis was back, a repeat of that tenant's call on
+// another instance found no record there and ran its mutation a second time. Past the bound, the
+// tenant holding the most now gives up its oldest (the bound lowered to 3 here).
+t.test('one tenant\'s calls during an outage never push another tenant\'s outcome out of those waiting for Redis', async t => {
+  const proxy = await startTcpProxy(t, 6379)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, {}, undefined, { idempotency: { maxPending: 3 } })
+  const redis = new Redis(REDIS_URL, { lazyConnect: true })
+  await redis.connect()
+  t.teardown(() => redis.quit())
+  proxy.cut('reset')
+  await until(() => !s.app.redis.up(), 'the shared connection to notice the cut')
+  const quiet = 'idem-' + randomUUID()
+  const key = randomUUID()
+  const first = await s.create({ name: 'quiet' }, key, quiet)
+  t.equal(first.statusCode, 201)
+  // Another tenant's keyed calls, more than the bound.
+  for (let i = 0; i < 4; i++) t.equal((await s.create({ name: `flood-${i}` }, randomUUID())).statusCode, 201)
+  t.equal(await metric(s.app, 'mantle_idempotency_pending_redis_writes'), 3, 'the bound holds')
+  proxy.restore()
+  await until(() => s.app.redis.up(), 'Redis to be back', 10_000)
+  const at = storeKey(quiet, 'createItem', key)
+  await eventually(async () => await metric(s.app, 'mantle_idempotency_pending_redis_writes') === 0, 'the writes waiting for Redis to land', 5000)
+  t.match(JSON.parse((await redis.get(at)) ?? 'null'), { state: 'done' }, 'the quiet tenant\'s outcome was copied to Redis, not pushed out')
+  const calls = s.calls()
+  const other = await idemSetup(t, 'redis', {}, {}, s.kernel)
+  const repeat = await other.create({ name: 'quiet' }, key, quiet)
+  t.equal(repeat.headers['idempotent-replayed'], 'true', 'another instance replays it')
+  t.equal(repeat.body, first.body, 'the first answer')
+  t.equal(s.calls(), calls, 'never a second Kernel call')
+})
