@@ -64,8 +64,8 @@ export class FairLru<V> {
   private readonly heap: Array<Group<V>> = []
   private totalBytes = 0
 
-  /** `onEvict`: called for each entry a bound pushed out (not for those that expired), with its key and tenant. */
-  constructor (private readonly maxEntries: number, private readonly maxBytes: number, private readonly onEvict: (key: string, tenant: string) => void = () => {}) {}
+  /** `onEvict`: called for each entry a bound pushed out (not for those that expired), with its key, tenant and value. */
+  constructor (private readonly maxEntries: number, private readonly maxBytes: number, private readonly onEvict: (key: string, tenant: string, value: V) => void = () => {}) {}
 
   /** Entries held (expired ones until they are next touched or purged). */
   get size (): number { return this.entries.size }
@@ -114,7 +114,7 @@ export class FairLru<V> {
     // others had given up theirs, it cost them outcomes for nothing.
     if (this.totalBytes + bytes > this.maxBytes && !this.survives(tenant, bytes)) {
       // Dropped to stay within the bound, as an evicted entry is (a repeat of its call runs again).
-      this.onEvict(key, tenant)
+      this.onEvict(key, tenant, value)
       return false
     }
     let group = this.groups.get(tenant)
@@ -132,9 +132,9 @@ export class FairLru<V> {
     this.siftUp(group.at)
     while (this.entries.size > this.maxEntries || this.totalBytes > this.maxBytes) {
       const victim = this.entries.size > this.maxEntries ? this.mostEntries(group) : this.mostBytes(group)
-      const oldest = victim.entries.keys().next().value!
+      const [oldest, gone] = victim.entries.entries().next().value!
       this.delete(oldest)
-      this.onEvict(oldest, victim.tenant)
+      this.onEvict(oldest, victim.tenant, gone.value)
     }
     return this.entries.has(key)
   }

@@ -159,8 +159,18 @@ export class ResponseCache {
    */
   private readonly retired = { until: 0, ms: 0 }
   private replayTimer: ReturnType<typeof setTimeout> | undefined
-  /** Second invalidations (invalidateLater), by tenant and tags. */
-  private readonly later = new Map<string, LaterInvalidation>()
+  /**
+   * Second invalidations (invalidateLater), by tenant and tags. Shared fairly (FairLru): past
+   * MAX_LATER_INVALIDATIONS, the oldest of the tenant holding the most is carried out at once
+   * (sooner than its time). In one pool, one tenant's mutations without an answer had every other
+   * tenant's second invalidation carried out at once, which then no longer covered a read made
+   * before the Kernel's change.
+   */
+  private readonly later = new FairLru<LaterInvalidation>(MAX_LATER_INVALIDATIONS, Infinity, (_key, _tenant, due) => {
+    clearTimeout(due.timer)
+    this.invalidate(due.tenant, due.tags, 'mutation').catch(noop)
+  })
+
   private closed = false
   /** Until when a tag version found gone back is not logged again (warnBehind). */
   private behindWarnedUntil = 0
@@ -677,25 +687,20 @@ export class ResponseCache {
    * may still be under way at the Kernel, and a read between the first invalidation and the
    * Kernel's change put the old answer back, under the new tag versions, for its whole ttl on
    * every instance. Repeats of the same tags share one timer; beyond MAX_LATER_INVALIDATIONS
-   * the oldest is carried out at once. Once the app closes, none is scheduled.
+   * the oldest of the tenant holding the most is carried out at once. Once the app closes, none
+   * is scheduled.
    */
   invalidateLater (tenant: string, tags: readonly string[], ms: number): void {
     if (this.closed) return
     const k = JSON.stringify([tenant, tags])
-    clearTimeout(this.later.get(k)?.timer)
+    clearTimeout(this.later.peek(k)?.timer)
     this.later.delete(k)
-    if (this.later.size >= MAX_LATER_INVALIDATIONS) {
-      const [oldest, due] = this.later.entries().next().value as [string, LaterInvalidation]
-      clearTimeout(due.timer)
-      this.later.delete(oldest)
-      this.invalidate(due.tenant, due.tags, 'mutation').catch(noop)
-    }
     const timer = setTimeout(() => {
       this.later.delete(k)
       this.invalidate(tenant, tags, 'mutation').catch(noop)
     }, ms)
     timer.unref()
-    this.later.set(k, { tenant, tags, timer })
+    this.later.set(k, tenant, { tenant, tags, timer }, 0, Infinity)
   }
 
   /** Invalidations waiting to be carried out again (invalidateLater). */
@@ -712,7 +717,7 @@ export class ResponseCache {
     this.closed = true
     clearTimeout(this.replayTimer)
     this.replayTimer = undefined
-    const due = [...this.later.values()]
+    const due = [...this.later.items()].map(([, d]) => d)
     this.later.clear()
     for (const d of due) clearTimeout(d.timer)
     await Promise.all(due.map(async d => { await this.invalidate(d.tenant, d.tags, 'mutation') }))

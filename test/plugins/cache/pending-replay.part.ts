@@ -295,6 +295,23 @@ t.test('past the bound, the tenant holding the most pending invalidations loses 
   t.equal(await read('flood'), 'miss', 'the tenant whose invalidations were lost takes no entry from Redis')
 })
 
+// Review tenant-leak: the second invalidations of mutations that got no answer were one pool, the
+// oldest carried out at once past 10,000: one tenant's mutations without an answer had another
+// tenant's second invalidation carried out at once, sooner than its time, where it no longer
+// dropped an answer read before the Kernel's change. Past the bound, the tenant holding the most
+// now has its own oldest carried out.
+t.test('past the bound of second invalidations, the tenant holding the most has its own carried out early, not another tenant\'s', async t => {
+  const cache = new ResponseCache({ redis: null, maxSize: 100, maxBytes: 1 << 20, defaultTtlSeconds: 60, breakerOpen: () => false, serializer: () => JSON.stringify, instanceId: 'one', log: { warn: () => {}, debug: () => {} } })
+  const early: string[] = []
+  const invalidate = cache.invalidate.bind(cache)
+  cache.invalidate = async (tenant, tags, source) => { early.push(`${tenant} ${tags.join(',')}`); await invalidate(tenant, tags, source) }
+  t.teardown(async () => { cache.invalidate = invalidate; await cache.close() })
+  cache.invalidateLater('quiet', ['item:a'], 60_000)
+  for (let i = 0; i < 10_000; i++) cache.invalidateLater('flood', [`other:${i}`], 60_000)
+  t.equal(cache.laterInvalidations, 10_000, 'the bound holds')
+  t.same(early, ['flood other:0'], 'the flooding tenant\'s oldest is carried out at once, the quiet tenant\'s waits for its time')
+})
+
 // Left open by review r-cache: the spell became each tenant's, but its warning was still said
 // once while any tenant's ran: a second tenant's loss then, whose reads no longer took entries
 // from Redis, was counted and never said.
