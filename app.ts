@@ -21,13 +21,13 @@ import kernel from './plugins/kernel/index.js'
 import events, { EVENTS_CHANNEL } from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
 import type {} from './plugins/tracing/index.js' // its decorators' types; the plugin is loaded when on
-import rateLimit, { opKey } from './plugins/rate-limit/index.js'
+import rateLimit, { opKey, RATE_LIMIT_COMMANDS } from './plugins/rate-limit/index.js'
 import { requestLoggerFactory } from './request-logger.js'
 import { CallFailedLog } from './call-failed-log.js'
 import { trustedProxies } from './address.js'
 import firewall from './plugins/firewall/index.js'
-import idempotency, { storeKey } from './plugins/idempotency/index.js'
-import cache, { INVALIDATE_CHANNEL, sharedKey, tagKey } from './plugins/cache/index.js'
+import idempotency, { storeKey, IDEMPOTENCY_COMMANDS } from './plugins/idempotency/index.js'
+import cache, { CACHE_COMMANDS, INVALIDATE_CHANNEL, sharedKey, tagKey } from './plugins/cache/index.js'
 import audit from './plugins/audit/index.js'
 import diagz, { diagzRoute } from './plugins/diagz/index.js'
 import pressure from './plugins/pressure/index.js'
@@ -820,12 +820,16 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     const cacheOnRedis = config.BFF_CACHE_ENABLED && storeFor(config, 'BFF_CACHE_STORE') === 'redis'
     const channels = cacheOnRedis ? [EVENTS_CHANNEL, INVALIDATE_CHANNEL] : [EVENTS_CHANNEL]
     const probe = `mantle-probe-${randomUUID()}`
+    const rateLimitOnRedis = config.BFF_RATE_LIMIT_ENABLED && rateLimitStore(config) === 'redis'
+    const idempotencyOnRedis = config.BFF_IDEMPOTENCY_ENABLED && storeFor(config, 'BFF_IDEMPOTENCY_STORE') === 'redis'
     const keys = [
-      ...(config.BFF_RATE_LIMIT_ENABLED && rateLimitStore(config) === 'redis' ? [opKey(probe, probe, probe)] : []),
+      ...(rateLimitOnRedis ? [opKey(probe, probe, probe)] : []),
       ...(cacheOnRedis ? [sharedKey(probe, probe, '{}'), tagKey(probe, probe)] : []),
-      ...(config.BFF_IDEMPOTENCY_ENABLED && storeFor(config, 'BFF_IDEMPOTENCY_STORE') === 'redis' ? [storeKey(probe, probe, probe)] : [])
+      ...(idempotencyOnRedis ? [storeKey(probe, probe, probe)] : [])
     ]
-    await app.register(redis, { url: config.REDIS_URL, commandTimeoutMs: config.BFF_REDIS_COMMAND_TIMEOUT_MS, channels, keys })
+    // And the commands they run on them (each store's own list), asked for each key.
+    const commands = [...new Set([...(rateLimitOnRedis ? RATE_LIMIT_COMMANDS : []), ...(cacheOnRedis ? CACHE_COMMANDS : []), ...(idempotencyOnRedis ? IDEMPOTENCY_COMMANDS : [])])]
+    await app.register(redis, { url: config.REDIS_URL, commandTimeoutMs: config.BFF_REDIS_COMMAND_TIMEOUT_MS, channels, keys, commands })
   }
   if (config.BFF_LOAD_SHEDDING_ENABLED) {
     await app.register(pressure, {

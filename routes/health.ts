@@ -48,11 +48,14 @@ export default async function healthRoutes (app: FastifyInstance): Promise<void>
       checks.identity = keys ? 'keys loaded' : 'no key: every token is refused until the JWKS answers'
       if (!keys) failing.push('identity')
     }
-    // Redis: the shared store connection and the events subscriber must both be up.
+    // Redis: the shared store connection and the events subscriber must both be up, and Redis
+    // must permit what the gateway's parts ask of it (an ACL changed while it runs: the parts it
+    // refuses run as if it were away, and instances diverge).
     const events = app.events.health()
     if (events.store === 'redis' || app.hasDecorator('redis')) {
-      const up = events.up && (!app.hasDecorator('redis') || app.redis.up())
-      checks.redis = up ? 'up' : 'down (memory stores)'
+      const denial = app.hasDecorator('redis') ? app.redis.denial() : null
+      const up = events.up && (!app.hasDecorator('redis') || app.redis.up()) && denial === null
+      checks.redis = up ? 'up' : denial !== null && app.redis.up() ? `refused (memory stores): ${denial}` : 'down (memory stores)'
       if (!up) failing.push('redis')
     }
     // PostgreSQL behind the audit trail: down, entries are spooled to disk and /readyz says so.

@@ -57,8 +57,12 @@ function rolesSegment (roles: readonly string[]): string {
 }
 
 export interface ResponseCacheOptions {
-  /** null: memory only. */
-  redis: { tier: RedisTier, up: () => boolean } | null
+  /**
+   * null: memory only. `denied`: told of each failed Redis command (true: Redis refused it for
+   * want of permission); `allowed`: Redis answered again after a failure; `refuses`: whether Redis
+   * refuses the tier its commands now (the shared connection's, plugins/redis).
+   */
+  redis: { tier: RedisTier, up: () => boolean, denied?: (err: unknown) => boolean, allowed?: () => void, refuses?: () => boolean } | null
   maxSize: number
   /** Bytes of answers the in-process tier holds, about. */
   maxBytes: number
@@ -210,7 +214,9 @@ export class ResponseCache {
    * (redisReconnected).
    */
   redisAnswers (): void {
-    if (!this.redisFailing) return
+    // Redis refusing the tier its commands answers PINGs all the same: /diagz said healthy again
+    // each second, the next call failing again.
+    if (!this.redisFailing || this.opts.redis?.refuses?.() === true) return
     this.redisFailing = false
     this.opts.log.debug({}, 'cache: Redis answers again')
   }
@@ -755,6 +761,7 @@ export class ResponseCache {
     this.redisFailing = true
     this.redisHeldUntil = performance.now() + REDIS_HOLD_MS
     this.metrics.fallback(operation)
+    this.opts.redis?.denied?.(err)
   }
 
   /** A Redis command answered (or the connection is ready again): the outage, if any, is over. */
@@ -763,6 +770,7 @@ export class ResponseCache {
     if (!this.redisOutage) return
     this.redisOutage = false
     this.redisHeldUntil = 0
+    this.opts.redis?.allowed?.()
     this.opts.log.debug({}, 'cache: Redis answers again')
     // Invalidations held back meanwhile go now: a call that tried Redis at the hold's end put
     // the replay off by another hold, and other instances served the entries they drop until then.

@@ -15,7 +15,7 @@ import { watchPings } from '../redis/index.js'
 
 export { ResponseCache, STALE_IF_ERROR_SECONDS } from './cache.js'
 export { MemoryTier, TagClock, type CachedAnswer } from './memory.js'
-export { RedisTier } from './redis.js'
+export { RedisTier, CACHE_COMMANDS } from './redis.js'
 export { entryKey, policyOf, sharedKey, localKey, LOCAL_KEY_MAX_INPUT, tagKey, TAG_KEY_MAX, tagTemplate, etagOf, matchesIfNoneMatch, takesIfNoneMatch, INVALIDATE_CHANNEL } from './keys.js'
 
 /**
@@ -24,6 +24,9 @@ export { entryKey, policyOf, sharedKey, localKey, LOCAL_KEY_MAX_INPUT, tagKey, T
  * memory store, which count entries, not bytes. `tagCount` says how many there were.
  */
 export const AUDITED_TAG_CHARS = 2048
+
+/** The part of the gateway the tier is to the shared Redis (its refusals, /readyz). */
+const CACHE = 'cache'
 
 /** How often the invalidations subscriber's connection is checked with a PING (ms), as the shared connection's heartbeat. */
 const SUBSCRIBER_PROBE_MS = 1000
@@ -121,7 +124,15 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
   let cache: ResponseCache | null = null
   const metrics = cacheMetrics(app, () => cache!)
   cache = new ResponseCache({
-    redis: shared === null ? null : { tier: new RedisTier(shared.client, longestMs, Math.max(1000, opts.maxSize * 4)), up: shared.up },
+    redis: shared === null
+      ? null
+      : {
+          tier: new RedisTier(shared.client, longestMs, Math.max(1000, opts.maxSize * 4)),
+          up: shared.up,
+          denied: (err: unknown) => shared.denied(CACHE, err),
+          allowed: () => { shared.allowed(CACHE) },
+          refuses: () => shared.refuses(CACHE)
+        },
     maxSize: opts.maxSize,
     maxBytes: opts.maxBytes,
     defaultTtlSeconds: opts.defaultTtlSeconds,
@@ -188,6 +199,9 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     // /diagz: healthy again as soon as Redis answers (a PING too). Its connection ready again
     // ends the hold after a failed command, and invalidations made while Redis was away reach it.
     shared.onAnswer(() => { c.redisAnswers() })
+    // Redis permits the tier's commands again (an ACL put back): as a reconnection (pending
+    // invalidations are replayed at once).
+    shared.onAllowed(() => { c.redisReconnected() })
     const reconnected = (): void => { c.redisReconnected() }
     shared.client.on('ready', reconnected)
     app.addHook('onClose', async () => {

@@ -109,6 +109,12 @@ end
 return out
 `
 
+/**
+ * The commands the tier runs on its keys (its reads' MGET and its scripts'), which Redis must
+ * permit (plugins/redis checks them, and PUBLISH on INVALIDATE_CHANNEL).
+ */
+export const CACHE_COMMANDS: readonly string[] = ['mget', 'get', 'set', 'del', 'incr', 'pttl', 'pexpire']
+
 /** A random version, within Redis' (and Lua's exact) integers, above every legacy one. */
 const randomVersion = (): string => String(randomInt(LEGACY_BELOW, 2 ** 47))
 

@@ -364,7 +364,11 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
       })
     }
     if (app.hasDecorator('redis') && !stores.has('redis')) {
-      stores.set('redis', () => app.redis.up() ? { type: 'redis', healthy: true } : { type: 'redis', healthy: false, detail: 'unreachable: stores fall back to memory' })
+      stores.set('redis', () => {
+        if (!app.redis.up()) return { type: 'redis', healthy: false, detail: 'unreachable: stores fall back to memory' }
+        const denial = app.redis.denial()
+        return denial === null ? { type: 'redis', healthy: true } : { type: 'redis', healthy: false, detail: `refused (the ACL of REDIS_URL's user): ${denial}; those parts fall back to memory` }
+      })
     }
     if (app.hasDecorator('websocketServer')) {
       for (const [, face] of UPGRADE_FACES) sockets.set(face, 0)

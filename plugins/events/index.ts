@@ -38,6 +38,9 @@ export interface EventsOptions {
  * each waiting publish stayed queued in memory), and so did quit() at shutdown.
  */
 const COMMAND_TIMEOUT_MS = 1000
+/** The parts of the gateway the publisher and the subscriber are to the shared Redis (its refusals, /readyz). */
+const EVENTS = 'events'
+const EVENTS_SUBSCRIBER = 'events subscriber'
 const PROBE_INTERVAL_MS = 5000
 /** Events delivered here after a publish that timed out are recognised on the subscriber this long (ms)… */
 const UNCERTAIN_MS = 30_000
@@ -80,6 +83,12 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   let publisher: Redis | null = null
   let subscribed = false
   let probe: NodeJS.Timeout | undefined
+  // The shared connection's record of what Redis refuses for want of permission (plugins/redis):
+  // a publish or SUBSCRIBE it refuses (an ACL changed while the gateway runs, `-publish`) is
+  // reported there, /readyz fails naming it, and it is logged once there. A publisher refused
+  // each publish (each logged) while /readyz and /diagz said up: every event posted here reached
+  // this instance alone.
+  const shared = opts.redisUrl !== undefined && app.hasDecorator('redis') ? app.redis : null
   const metrics = counters(app, () => bus, opts.redisUrl === undefined ? null : () => subscribed ? 1 : 0)
   const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus, opts.maxSubscriptionsPerTenant, app.hasDecorator('loadShedding') ? app.loadShedding.refuse : null)
 
@@ -130,11 +139,16 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     // Up means SUBSCRIBE was acknowledged on the connection that is still ready.
     const sub = subscriber
     const subscribe = (): void => {
-      sub.subscribe(EVENTS_CHANNEL).then(() => { subscribed = sub.status === 'ready' }, (err: Error) => {
-        app.log.warn({ err: err.message }, 'Redis events subscribe failed: retried on the next probe')
+      sub.subscribe(EVENTS_CHANNEL).then(() => {
+        subscribed = sub.status === 'ready'
+        if (subscribed) shared?.allowed(EVENTS_SUBSCRIBER)
+      }, (err: Error) => {
+        if (shared?.denied(EVENTS_SUBSCRIBER, err) !== true) app.log.warn({ err: err.message }, 'Redis events subscribe failed: retried on the next probe')
       })
     }
     sub.on('ready', subscribe)
+    // Redis permits the SUBSCRIBE again (an ACL put back): at once, not at the next probe.
+    shared?.onAllowed(() => { if (!subscribed && sub.status === 'ready') subscribe() })
     sub.on('close', () => { subscribed = false })
     // The subscriber only listens: a connection that stopped answering would show nothing but
     // silence, and stay up. A PING (allowed while subscribed) that gets no answer drops the
@@ -185,6 +199,7 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
       let echoed: boolean
       try {
         await publisher.publish(EVENTS_CHANNEL, text)
+        shared?.allowed(EVENTS)
         // Through Redis, the event comes back to this instance only on its subscriber. Before, with
         // the subscriber down and the publisher up, it never did: deliver it here then.
         if (subscribed) return
@@ -193,7 +208,8 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
         // too, and was delivered twice.
         mayComeBack = true
       } catch (err) {
-        app.log.warn({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
+        // A refusal for want of permission is logged once, by the shared connection.
+        if (shared?.denied(EVENTS, err) !== true) app.log.warn({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
         // A connection that answers nothing is dropped, and ioredis makes it again. Only then
         // may Redis have taken the event (and ioredis sends it again on its new connection).
         if ((err as Error).message === 'Command timed out') {
@@ -218,7 +234,8 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     // maxclients for new connections, a path that stays broken) left every event posted here on
     // this instance alone, never another's, while /readyz said ready and the balancer kept
     // sending it the Kernel's events.
-    health: () => subscriber === null ? { store: 'memory' as const, up: true } : { store: 'redis' as const, up: subscribed && publisher?.status === 'ready' }
+    // Nor while Redis refuses it its publishes.
+    health: () => subscriber === null ? { store: 'memory' as const, up: true } : { store: 'redis' as const, up: subscribed && publisher?.status === 'ready' && shared?.refuses(EVENTS) !== true }
   })
 
   if (opts.internalToken !== undefined) {

@@ -13,7 +13,7 @@ import { FairLru, SCRAPE_SLICES } from '../../fair-lru.js'
 import { sharedStoreHealth } from '../diagz/index.js'
 
 export { MemoryIdempotencyStore } from './memory-store.js'
-export { RedisIdempotencyStore, UnreadableRecordError, decode } from './redis-store.js'
+export { RedisIdempotencyStore, UnreadableRecordError, decode, IDEMPOTENCY_COMMANDS } from './redis-store.js'
 export { storeKey, type IdempotencyStore, type IdempotencyRecord, type DoneRecord, type Claim } from './store.js'
 
 // Mantle's own idea, by hand: no library keys a pipeline call by tenant, op and key with a
@@ -49,6 +49,8 @@ declare module 'fastify' {
   }
 }
 
+/** The part of the gateway the store is to the shared Redis (its refusals, /readyz). */
+const IDEMPOTENCY = 'idempotency'
 const FIRST_POLL_MS = 5
 const MAX_POLL_MS = 200
 const LEASE_MARGIN_MS = 5000
@@ -107,6 +109,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   // run a call once; a 5xx for a store failure would be worse for the client than that.
   let degraded = false
   const outage = (err: unknown): void => {
+    redis?.denied(IDEMPOTENCY, err)
     if (!degraded) app.log.warn({ err: (err as Error | null)?.message }, 'idempotency: Redis is unavailable, new keys are held in memory until it is back')
     degraded = true
   }
@@ -117,6 +120,11 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   const back = (): void => {
     if (degraded) app.log.info('idempotency: Redis is back')
     degraded = false
+  }
+  /** Redis took a claim: back, and permitting the store its commands (a refusal of them is over). */
+  const claimed = (): void => {
+    redis?.allowed(IDEMPOTENCY)
+    back()
   }
   // Copying an outcome held in memory to Redis may fail: never a replay's error.
   const settle = async (write: Promise<void>): Promise<void> => {
@@ -151,6 +159,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         return
       } else await store.complete(key, token, outcome, ttlMs)
     } catch (err) {
+      redis?.denied(IDEMPOTENCY, err)
       app.log.warn({ err: (err as Error).message }, outcome === null ? 'idempotency: could not release the key of a failed call' : 'idempotency: could not store the outcome of a call')
       if (outcome !== null) {
         const kept: DoneRecord = { ...outcome, heldAs: token }
@@ -211,8 +220,9 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
           pending.delete(id)
         }
       }
-    } catch {
-      // Redis is away again: the next tick tries the rest.
+    } catch (err) {
+      // Redis is away again (or refuses the store its commands): the next tick tries the rest.
+      redis?.denied(IDEMPOTENCY, err)
     } finally {
       retrying = false
       if (pending.size === 0 && retrier !== null) {
@@ -280,11 +290,11 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         }
         try {
           const claim = await shared.claim(key, hash, leaseMs, running)
-          back()
+          claimed()
           return { store: shared, claim, unanswered: null }
         } catch (err) {
           if (err instanceof UnreadableRecordError) {
-            back()
+            claimed()
             throw unreadable()
           }
           if (held !== null) return waiting(key, held, err)
@@ -317,8 +327,12 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   }
 
   // Redis answers again (reconnected, or a PING answered): the outage is over now, not at the
-  // next keyed claim, which may be long in coming (/diagz said unhealthy until then).
-  redis?.onAnswer(back)
+  // next keyed claim, which may be long in coming (/diagz said unhealthy until then). Not while
+  // Redis refuses the store its commands (its PING answers all the same): the store said "Redis
+  // is back" at each PING and "unavailable" at its next claim, two lines a second, and /diagz
+  // said healthy between. Over when Redis permits them again (its check, or a claim it takes).
+  redis?.onAnswer(() => { if (!redis.refuses(IDEMPOTENCY)) back() })
+  redis?.onAllowed(back)
   app.decorate('idempotency', { store: opts.store, memoryKeys: () => memory.size })
   if (app.hasDecorator('diagz')) {
     app.diagz.addStore('idempotency', () => sharedStoreHealth(redis !== null, !degraded && redis?.up() === true, `${memory.size} keys in memory, expired ones included until dropped`))

@@ -21,6 +21,9 @@ const RELEASE = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0`
 
+/** The commands the store runs on its keys (its scripts'), which Redis must permit (plugins/redis checks them). */
+export const IDEMPOTENCY_COMMANDS: readonly string[] = ['get', 'set', 'del']
+
 interface Scripts {
   mantleIdemClaim: (key: string, running: string, leaseMs: number) => Promise<string | null>
   mantleIdemComplete: (key: string, running: string, done: string, ttlMs: number) => Promise<number>

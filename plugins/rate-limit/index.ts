@@ -18,7 +18,7 @@ import { carriesStaticToken } from '../auth/static-token.js'
 
 export { RateLimiter, opKey, tenantKey, ipKey, keyPart, fastifyStore } from './limiter.js'
 export { MemoryWindowStore } from './memory-store.js'
-export { RedisWindowStore } from './redis-store.js'
+export { RedisWindowStore, RATE_LIMIT_COMMANDS } from './redis-store.js'
 export { hit, SLIDING_WINDOW_LUA, type WindowCount } from './window.js'
 
 declare module 'fastify' {
@@ -64,13 +64,16 @@ async function rateLimitPlugin (app: FastifyInstance, opts: RateLimitPluginOptio
     up: redis === null ? undefined : redis.up,
     log: app.log,
     counters: counters(app, (): RateLimiter => limiter),
-    retryRedisMs: opts.retryRedisMs
+    retryRedisMs: opts.retryRedisMs,
+    ...(redis === null ? {} : { failed: (err: Error) => { redis.denied(RATE_LIMITS, err) }, counted: () => { redis.allowed(RATE_LIMITS) } })
   })
   app.decorate('rateLimiter', limiter)
   if (redis !== null) {
     // A connection Redis refused (REDIS_URL's database or credentials) is ready but not up.
     const reconnected = (): void => { if (redis.up()) limiter.reconnected() }
     redis.client.on('ready', reconnected)
+    // Redis permits the gateway's commands again (an ACL put back): as a reconnection.
+    redis.onAllowed(reconnected)
     app.addHook('onClose', async () => { redis.client.off('ready', reconnected) })
   }
   if (app.hasDecorator('diagz')) {
@@ -86,6 +89,9 @@ async function rateLimitPlugin (app: FastifyInstance, opts: RateLimitPluginOptio
 
   if (opts.globalMax !== undefined) await guard(app, limiter, opts.globalMax, opts.globalWindowMs, opts.perTenant, opts.preflights === true, opts.internalToken)
 }
+
+/** The part of the gateway the limiter is to the shared Redis (its refusals, /readyz). */
+const RATE_LIMITS = 'rate limits'
 
 /** The per-operation limit: `RateLimit-*` headers on success, 429 RATE_LIMITED beyond it. */
 function operationLimit (limiter: RateLimiter, op: Operation, limit: { max: number, windowMs: number }): Stage {

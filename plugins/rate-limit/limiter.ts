@@ -24,6 +24,12 @@ export interface LimiterOptions {
   counters?: LimiterCounters | undefined
   /** After a failed Redis command, checks stay in memory this long before trying Redis (ms). */
   retryRedisMs?: number
+  /**
+   * Told of each failed Redis check (the shared connection's `denied`: a refusal for want of
+   * permission makes /readyz fail), and when Redis counts again after a failure (`allowed`).
+   */
+  failed?: (err: Error) => void
+  counted?: () => void
 }
 
 /**
@@ -41,6 +47,8 @@ export class RateLimiter {
   private readonly log: LimiterOptions['log']
   private readonly counters: LimiterCounters | undefined
   private readonly retryRedisMs: number
+  private readonly failed: ((err: Error) => void) | undefined
+  private readonly counted: (() => void) | undefined
   private pausedUntil = 0
   private outage = false
 
@@ -52,6 +60,8 @@ export class RateLimiter {
     this.log = options.log
     this.counters = options.counters
     this.retryRedisMs = options.retryRedisMs ?? 1000
+    this.failed = options.failed
+    this.counted = options.counted
   }
 
   /**
@@ -86,6 +96,7 @@ export class RateLimiter {
       return count
     }, (err: Error) => {
       this.pausedUntil = Date.now() + this.retryRedisMs
+      this.failed?.(err)
       return this.fallback(scope, key, windowMs, max, err.message)
     })
   }
@@ -120,6 +131,7 @@ export class RateLimiter {
   private recovered (): void {
     this.outage = false
     this.pausedUntil = 0
+    this.counted?.()
     this.log.info('rate limits are counted in Redis again')
   }
 }

@@ -22,6 +22,23 @@ export interface SharedRedis {
    * /diagz and its gauges do not say "fallback" until its next call of that kind.
    */
   onAnswer: (listener: () => void) => void
+  /**
+   * Reports a command of `part` (a store, the events' publisher or subscriber) that failed: true
+   * when Redis refused it for want of permission (the ACL of REDIS_URL's user changed while the
+   * gateway runs: NOPERM, or a script's "can't"), false for any other failure. A refusal is
+   * logged once at error and makes /readyz and /diagz say Redis is not ready, naming it, until
+   * `part` is allowed again (`allowed`), or Redis lets the gateway do what its parts need (the
+   * heartbeat checks it each beat meanwhile, and tells `onAllowed`'s listeners).
+   */
+  denied: (part: string, err: unknown) => boolean
+  /** A command of `part` went through: a refusal of it reported before is over. */
+  allowed: (part: string) => void
+  /** Whether Redis refuses `part` its commands now (reported by `denied`, not allowed since). */
+  refuses: (part: string) => boolean
+  /** What Redis refuses now, for /readyz and /diagz; null when it refuses nothing. */
+  denial: () => string | null
+  /** Calls `listener` when the heartbeat finds that Redis lets the gateway do what its parts need again. */
+  onAllowed: (listener: () => void) => void
 }
 
 declare module 'fastify' {
@@ -48,6 +65,12 @@ export interface RedisOptions {
    * REDIS_URL names that Redis does not let write them (or run scripts) stops start-up too.
    */
   keys?: readonly string[]
+  /**
+   * The commands the stores run on those keys (in their scripts or not): Redis 7 is asked, in a
+   * script run as the stores run theirs (EVALSHA), whether the user may run each of them on each
+   * key, and PUBLISH and SUBSCRIBE on each channel, at start-up and while a refusal is reported.
+   */
+  commands?: readonly string[]
 }
 
 const HEARTBEAT_MS = 1000
@@ -113,6 +136,47 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   })
   const up = (): boolean => client.status === 'ready' && refused === null
 
+  // Commands Redis refused the gateway's parts for want of permission, by part (a handful of
+  // names, fixed in code): an ACL changed while the gateway runs (`ACL SETUSER mantle -evalsha`,
+  // `resetkeys`, `-publish`). Every store failed NOPERM and ran on memory (rate limits and
+  // idempotency per instance, invalidations and events never reaching the other instances) while
+  // /readyz, /diagz and mantle_redis_up said up; the idempotency store said "Redis is back" at
+  // each PING and "unavailable" at its next claim, a pair of lines each second.
+  const denials = new Map<string, string>()
+  /** Refusals reported so far: a check that began before the latest one does not end it. */
+  let reported = 0
+  const allowing: Array<() => void> = []
+  const denied = (part: string, err: unknown): boolean => {
+    if (!(err instanceof Error) || !permissionRefused(err)) return false
+    reported++
+    if (!denials.has(part)) app.log.error({ err: err.message, part }, `Redis refused ${part} a command for want of permission (the ACL of REDIS_URL's user): it runs as if Redis were away, and /readyz fails naming redis, until Redis permits it`)
+    denials.set(part, err.message)
+    return true
+  }
+  const allowed = (part: string): void => {
+    if (denials.size === 0 || !denials.delete(part)) return
+    app.log.info({ part }, `Redis permits ${part} its commands again`)
+  }
+  const denial = (): string | null => denials.size === 0 ? null : [...denials].map(([part, message]) => `${part}: ${message}`).join('; ')
+  // While a refusal stands, Redis is asked each beat (one check at a time) whether it lets the
+  // gateway do what its parts need: without calls, nothing else would find the permission back.
+  let checking = false
+  const recheck = (): void => {
+    if (denials.size === 0 || checking || !up()) return
+    checking = true
+    const since = reported
+    checkPermissions(client, opts.keys ?? [], opts.channels ?? [], opts.commands ?? []).then(asked => {
+      // Redis 6 cannot say (no redis.acl_check_cmd): each part then ends its refusal itself, when
+      // a command of it goes through (ended here, a part refused `-publish` was refused and
+      // logged again at its next command, each second).
+      if (!asked || reported !== since || denials.size === 0) return
+      const parts = [...denials.keys()]
+      denials.clear()
+      app.log.info({ parts }, 'Redis permits the gateway\'s commands again')
+      for (const listener of allowing) listener()
+    }, () => {}).finally(() => { checking = false })
+  }
+
   // A Redis that stops answering with its connection open (hung, or a partition that leaves the
   // TCP connection up) stayed "ready": every keyed mutation waited out the command timeout, and
   // /readyz and mantle_redis_up said up. Two PINGs in a row (each sent a second after the last
@@ -127,17 +191,33 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
       client.connect().catch(() => {})
       return true
     },
-    heard: answered,
+    heard: () => {
+      allowed('heartbeat')
+      answered()
+    },
+    refused: (err) => { denied('heartbeat', err) },
     deaf: (err) => {
       app.log.warn({ err: err.message }, 'Redis did not answer two PINGs in time: reconnecting; stores fall back to memory meanwhile')
       warned = true
     }
   })
 
+  const rechecks = setInterval(recheck, opts.heartbeatMs ?? HEARTBEAT_MS)
+  rechecks.unref()
+
   if (app.hasDecorator('metrics')) {
-    new Gauge({ name: 'mantle_redis_up', help: '1 when the shared Redis connection is ready (absent without Redis)', registers: [app.metrics.registry], collect () { this.set(up() ? 1 : 0) } }) // eslint-disable-line no-new
+    new Gauge({ name: 'mantle_redis_up', help: '1 when the shared Redis connection is ready and Redis refuses none of the gateway\'s commands (absent without Redis)', registers: [app.metrics.registry], collect () { this.set(up() && denials.size === 0 ? 1 : 0) } }) // eslint-disable-line no-new
   }
-  app.decorate('redis', { client, up, onAnswer: (listener: () => void) => { answering.push(listener) } })
+  app.decorate('redis', {
+    client,
+    up,
+    onAnswer: (listener: () => void) => { answering.push(listener) },
+    denied,
+    allowed,
+    refuses: (part: string) => denials.size > 0 && denials.has(part),
+    denial,
+    onAllowed: (listener: () => void) => { allowing.push(listener) }
+  })
 
   // A Redis down at start-up leaves the gateway up and degraded; ioredis keeps reconnecting.
   await client.connect().catch((err: Error) => {
@@ -146,6 +226,7 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   // A misconfiguration, unlike a Redis that is away: start-up stops, naming REDIS_URL.
   if (refused !== null && refusal(refused)) {
     clearInterval(heartbeat)
+    clearInterval(rechecks)
     client.disconnect()
     throw new Error(`Refusing to start: ${refusalOf(refused)}`)
   }
@@ -158,26 +239,31 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   // every store command failed NOPERM, each store ran on memory for ever (rate limits and
   // idempotency per instance: a repeat on another instance ran the call again), while /readyz
   // and mantle_redis_up said up.
-  if (client.status === 'ready' && opts.keys !== undefined && opts.keys.length > 0) {
-    const denied = await keysRefused(client, opts.keys)
-    if (denied !== null) {
-      clearInterval(heartbeat)
-      client.disconnect()
-      throw new Error(`Refusing to start: Redis refused the user of REDIS_URL the stores' keys (${opts.keys.map(k => k.slice(0, k.indexOf(':', 4) + 1) + '*').join(', ')}; grant them and scripts, e.g. ~bff:* +@all): ${denied.message}`)
-    }
-  }
   if (client.status === 'ready' && opts.channels !== undefined && opts.channels.length > 0) {
     const denied = await channelsRefused(client, opts.channels)
     if (denied !== null) {
       clearInterval(heartbeat)
+      clearInterval(rechecks)
       client.disconnect()
       throw new Error(`Refusing to start: Redis refused the channels ${opts.channels.join(', ')} to the user of REDIS_URL (grant them, e.g. &bff:*): ${denied.message}`)
     }
   }
-
+  // And, Redis 7, the commands the stores and the events run (checkPermissions): EVALSHA (ioredis
+  // sends a script's first call as EVAL: the stores worked a call each, then failed), a command
+  // a store's script runs (`-hset`), PUBLISH (`-publish`: every event and invalidation failed).
+  if (client.status === 'ready' && opts.keys !== undefined && opts.keys.length > 0) {
+    const denied = await keysRefused(client, opts.keys, opts.channels ?? [], opts.commands ?? [])
+    if (denied !== null) {
+      clearInterval(heartbeat)
+      clearInterval(rechecks)
+      client.disconnect()
+      throw new Error(`Refusing to start: Redis refused the user of REDIS_URL the stores' keys (${opts.keys.map(k => k.slice(0, k.indexOf(':', 4) + 1) + '*').join(', ')}; grant them, the commands the stores run on them, scripts and PUBLISH, e.g. ~bff:* +@all): ${denied.message}`)
+    }
+  }
   // quit() waits for the server: a client still retrying a Redis that is away must disconnect.
   app.addHook('onClose', async () => {
     clearInterval(heartbeat)
+    clearInterval(rechecks)
     if (client.status === 'ready') await client.quit().catch(() => client.disconnect())
     else client.disconnect()
   })
@@ -191,7 +277,7 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
  * half-open): the shared connection's heartbeat and the subscribers' probes (events, cache).
  * Returns the timer (unref'd), to clear at close.
  */
-export function watchPings (client: Redis, everyMs: number, misses: number, on: { deaf: (err: Error) => void, heard?: () => void, skip?: () => boolean }): NodeJS.Timeout {
+export function watchPings (client: Redis, everyMs: number, misses: number, on: { deaf: (err: Error) => void, heard?: () => void, skip?: () => boolean, refused?: (err: Error) => void }): NodeJS.Timeout {
   let pinging = false
   // PINGs missed in a row on the connection now ready: a new one starts at none.
   let missed = 0
@@ -216,7 +302,9 @@ export function watchPings (client: Redis, everyMs: number, misses: number, on: 
       on.heard?.()
     }, async (err: Error) => {
       await new Promise(resolve => setImmediate(resolve))
-      // Its answer read (late, or an error reply): neither a miss nor an answer heard.
+      // Its answer read (late, or an error reply): neither a miss nor an answer heard. Refused
+      // for want of permission (`-ping`), it is told (`refused`).
+      if (err.name === 'ReplyError') on.refused?.(err)
       const unanswered = client.commandQueue.toArray().some(item => item.command === ping)
       if (client.status !== 'ready' || client.stream !== stream || !unanswered || ++missed < misses) return
       missed = 0
@@ -243,16 +331,67 @@ export function refusal (err: Error): boolean {
 }
 
 /**
- * Redis' refusal of the stores' commands on `keys` (which do not exist: a DEL of each, in a script
- * as the stores' commands are, changes nothing); null when Redis takes them, or could not be
- * asked (away, a timeout: the gateway starts degraded, as it would).
+ * Whether an error is Redis refusing a command for want of permission (the ACL of REDIS_URL's
+ * user): NOPERM, or a script's command refused (Redis words it "The user executing the script can't ...").
  */
-async function keysRefused (client: Redis, keys: readonly string[]): Promise<Error | null> {
+export function permissionRefused (err: Error): boolean {
+  return err.name === 'ReplyError' && (/^NOPERM\b/.test(err.message) || /user executing the script can't/i.test(err.message))
+}
+
+// KEYS: a key of each store (none exists: a DEL of each changes nothing); ARGV[1]: how many
+// commands follow, then the commands, then the channels. Redis 7 says whether the user may run
+// PING (the heartbeat's), EVALSHA and EVAL (the stores' scripts: ioredis sends a script's first
+// call on a connection as EVAL, its next ones as EVALSHA) and each command on each key
+// (redis.acl_check_cmd runs nothing), and PUBLISH and SUBSCRIBE on each channel; Redis 6 has no
+// such check, and the DEL alone asks for the keys.
+const PERMISSIONS_LUA = `
+local n = tonumber(ARGV[1])
+local check = redis.acl_check_cmd
+if check then
+  if not check('ping') then return redis.error_reply('NOPERM this user has no permissions to run the \\'ping\\' command') end
+  for k = 1, #KEYS do
+    for _, command in ipairs({'evalsha', 'eval'}) do
+      if not check(command, '0', '1', KEYS[k]) then return redis.error_reply('NOPERM this user has no permissions to run the \\'' .. command .. '\\' command on ' .. KEYS[k]) end
+    end
+  end
+  for i = 2, n + 1 do
+    for k = 1, #KEYS do
+      if not check(ARGV[i], KEYS[k]) then return redis.error_reply('NOPERM this user has no permissions to run the \\'' .. ARGV[i] .. '\\' command on ' .. KEYS[k]) end
+    end
+  end
+  for i = n + 2, #ARGV do
+    if not check('publish', ARGV[i], '') then return redis.error_reply('NOPERM this user has no permissions to publish to the channel ' .. ARGV[i]) end
+    if not check('subscribe', ARGV[i]) then return redis.error_reply('NOPERM this user has no permissions to subscribe to the channel ' .. ARGV[i]) end
+  end
+end
+for k = 1, #KEYS do redis.call('DEL', KEYS[k]) end
+if check then return 1 end
+return 0
+`
+
+interface WithPermissions { mantlePermissions: (numberOfKeys: number, ...args: string[]) => Promise<number> }
+
+/**
+ * Resolves when Redis lets the user of REDIS_URL run `commands` on `keys` (as the stores do, in a
+ * script) and publish and subscribe on `channels`: true when Redis could say so of each (Redis 7),
+ * false when only the keys' DEL was asked (Redis 6); rejects with Redis' refusal, or any failure.
+ */
+async function checkPermissions (client: Redis, keys: readonly string[], channels: readonly string[], commands: readonly string[]): Promise<boolean> {
+  if (typeof (client as unknown as Partial<WithPermissions>).mantlePermissions !== 'function') client.defineCommand('mantlePermissions', { lua: PERMISSIONS_LUA })
+  return await (client as unknown as WithPermissions).mantlePermissions(keys.length, ...keys, String(commands.length), ...commands, ...channels) === 1
+}
+
+/**
+ * Redis' refusal of the stores' commands on `keys`, or of PUBLISH and SUBSCRIBE on `channels`
+ * (checkPermissions); null when Redis takes them, or could not be asked (away, a timeout: the
+ * gateway starts degraded, as it would).
+ */
+async function keysRefused (client: Redis, keys: readonly string[], channels: readonly string[], commands: readonly string[]): Promise<Error | null> {
   try {
-    await client.eval("for i = 1, #KEYS do redis.call('DEL', KEYS[i]) end return 1", keys.length, ...keys)
+    await checkPermissions(client, keys, channels, commands)
     return null
   } catch (err) {
-    return err instanceof Error && (refusal(err) || /user executing the script can't/i.test(err.message)) ? err : null
+    return err instanceof Error && (refusal(err) || permissionRefused(err)) ? err : null
   }
 }
 

@@ -4,9 +4,9 @@
 import t, { type Test } from 'tap'
 import { createServer, connect, type Socket } from 'node:net'
 import { Redis } from 'ioredis'
-import { randomUUID } from 'node:crypto'
 import { buildDemoApp, bearer, until } from '../../helper.js'
 import { refusal } from '../../../plugins/redis/index.js'
+import { aclUsers } from './acl.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const target = new URL(REDIS_URL)
@@ -70,23 +70,13 @@ t.test('credentials Redis refuses stop start-up, naming REDIS_URL, never the pas
 // was not ready for ever (/readyz: "redis: down (memory stores)", every store on Redis all the
 // same), no event crossed instances, and each cache invalidation failed its script.
 /** Makes REDIS_URL's of scratch ACL users (each of its own name), deleted when `t` ends: `rules` after `on >password`. */
-function aclUsers (t: Test): (...rules: string[]) => Promise<string> {
-  const admin = new Redis(REDIS_URL)
-  const users: string[] = []
-  t.teardown(async () => {
-    for (const user of users) await admin.call('ACL', 'DELUSER', user)
-    admin.disconnect()
-  })
-  return async (...rules) => {
-    const user = `mantle-test-${randomUUID()}`
-    users.push(user)
-    await admin.call('ACL', 'SETUSER', user, 'on', '>s3cret-pw-0123', ...rules)
-    return `redis://${user}:s3cret-pw-0123@${target.host}/3`
-  }
+function aclUrls (t: Test): (...rules: string[]) => Promise<string> {
+  const { make } = aclUsers(t)
+  return async (...rules) => (await make(...rules)).url
 }
 
 t.test('a user Redis does not let use the gateway\'s channels stops start-up, naming REDIS_URL; one it lets starts', async t => {
-  const users = aclUsers(t)
+  const users = aclUrls(t)
   const userWith = async (...rules: string[]): Promise<string> => await users('~*', '+@all', 'resetchannels', ...rules)
   const { lines, logStream } = logLines()
   const err = await buildDemoApp(t, { REDIS_URL: await userWith(), LOG_LEVEL: 'warn' }, { logger: undefined, logStream }).then(() => null, (e: Error) => e)
@@ -107,8 +97,10 @@ t.test('a user Redis does not let use the gateway\'s channels stops start-up, na
 // store ran on memory for ever (rate limits and idempotency per instance: a repeat on another
 // instance ran its call again), while /readyz and mantle_redis_up said up.
 t.test('a user Redis does not let write the stores\' keys, or run scripts, stops start-up, naming REDIS_URL', async t => {
-  const users = aclUsers(t)
-  for (const rules of [['~app:*', '+@all'], ['%R~*', '+@all'], ['~*', '+@all', '-@scripting']]) {
+  const users = aclUrls(t)
+  // Nor EVALSHA, which the stores' scripts run as (the check ran EVAL alone: started, every store
+  // then failed NOPERM), nor a command a store's script runs, nor PUBLISH (each invalidation failed).
+  for (const rules of [['~app:*', '+@all'], ['%R~*', '+@all'], ['~*', '+@all', '-@scripting'], ['~*', '+@all', '-evalsha'], ['~*', '+@all', '-hset'], ['~*', '+@all', '-publish']]) {
     const err = await buildDemoApp(t, { REDIS_URL: await users(...rules, 'allchannels') }).then(() => null, (e: Error) => e)
     t.ok(err !== null, `${rules.join(' ')}: refused`)
     t.match(err?.message, /^Refusing to start: Redis refused the user of REDIS_URL the stores' keys \(bff:ratelimit:\*, bff:cache:\*, bff:cache-tag:\*, bff:idem:\*; .*NOPERM/, rules.join(' '))

@@ -1,0 +1,129 @@
+// An ACL changed while the gateway runs (`ACL SETUSER mantle -evalsha`, `resetkeys`, `-publish`):
+// every store failed NOPERM and ran on memory (rate limits and idempotency per instance,
+// invalidations and events never reaching the other instances) while /readyz, /diagz and
+// mantle_redis_up said up, and the idempotency store logged "Redis is back" at each PING and
+// "unavailable" at its next claim.
+import t, { type Test } from 'tap'
+import { randomUUID } from 'node:crypto'
+import type { FastifyInstance } from 'fastify'
+import { bearer, buildTestApp, until } from '../../helper.js'
+import { itemKernel, itemManifest } from '../cache/items.js'
+import { storeKey } from '../../../plugins/idempotency/index.js'
+import { aclUsers } from './acl.js'
+
+const INTERNAL = 'internal-token-0123456789abcdef'
+/** What the users are granted at first, and given back. */
+const GRANTED = ['~bff:*', '&bff:*', '+@all']
+
+interface Line { level: number, msg: string, part?: string }
+
+async function gateway (t: Test, url: string): Promise<{ app: FastifyInstance, lines: Line[] }> {
+  const kernel = await itemKernel(t)
+  const lines: Line[] = []
+  const app = await buildTestApp(t, { REDIS_URL: url, LOG_LEVEL: 'info', BFF_RATE_LIMIT_GLOBAL_MAX: 10_000, BFF_INTERNAL_TOKEN: INTERNAL }, {
+    manifest: itemManifest(kernel.url),
+    kernelUrl: kernel.url,
+    logger: undefined,
+    logStream: { write: line => { lines.push(JSON.parse(line)) } }
+  })
+  await until(() => app.events.health().up, 'the events subscriber')
+  return { app, lines }
+}
+
+const readyz = async (app: FastifyInstance): Promise<{ statusCode: number, body: any }> => {
+  const res = await app.inject({ method: 'GET', url: '/readyz' })
+  return { statusCode: res.statusCode, body: res.json() }
+}
+const stores = async (app: FastifyInstance): Promise<Record<string, { healthy: boolean, detail?: string }>> =>
+  (await app.inject({ method: 'GET', url: '/diagz', headers: bearer({ roles: ['system'] }) })).json().stores
+const metric = async (app: FastifyInstance, name: string): Promise<number> => {
+  const text = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  return text.split('\n').filter(l => l.startsWith(name + ' ') || l.startsWith(name + '{')).reduce((sum, l) => sum + Number(l.split(' ').pop()), 0)
+}
+/** Polls an answer until it holds (a probe's, without a call between). */
+async function eventually (check: () => Promise<boolean>, what: string, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms
+  while (!(await check())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
+    await new Promise(resolve => setTimeout(resolve, 50))
+  }
+}
+/** Until the shared connection's heartbeat has been answered `n` more times. */
+function beats (app: FastifyInstance): (n: number) => Promise<void> {
+  let heard = 0
+  app.redis.onAnswer(() => { heard++ })
+  return async n => {
+    const until_ = heard + n
+    await until(() => heard >= until_, `${n} PINGs answered`, 10_000)
+  }
+}
+
+for (const [revoke, giveBack] of [[['-evalsha'], ['+evalsha']], [['resetkeys', '~mantle-*'], ['~bff:*']]]) {
+  t.test(`Redis refusing the stores (${revoke.join(' ')}) while the gateway runs: memory stores and no 5xx, /readyz and /diagz say so, logged once; ready again once Redis permits it, without a call`, async t => {
+    const { make, admin } = aclUsers(t)
+    const user = await make(...GRANTED)
+    const { app, lines } = await gateway(t, user.url)
+    const beat = beats(app)
+    const tenant = 'revoked-' + randomUUID()
+    const headers = (key?: string): Record<string, string> => ({ ...bearer({ tenant }), ...(key === undefined ? {} : { 'idempotency-key': key }) })
+    const calls = async (): Promise<number[]> => [
+      (await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: headers() })).statusCode,
+      (await app.inject({ method: 'GET', url: '/api/v1/items/b', headers: headers() })).statusCode,
+      (await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers: headers(randomUUID()) })).statusCode
+    ]
+    t.same(await calls(), [200, 200, 200])
+    t.equal((await readyz(app)).statusCode, 200, 'ready')
+
+    await admin.call('ACL', 'SETUSER', user.name, ...revoke)
+    // Calls with PINGs answered between: the store was said back at each.
+    for (let i = 0; i < 3; i++) {
+      t.same(await calls(), [200, 200, 200], 'no 5xx: each store answers from memory')
+      await beat(1)
+    }
+    const ready = await readyz(app)
+    t.equal(ready.statusCode, 503, 'not ready')
+    t.same(ready.body.failing, ['redis'])
+    t.match(ready.body.checks.redis, /^refused \(memory stores\): .*NOPERM/, 'naming the refusal')
+    const health = await stores(app)
+    t.match(health.redis, { healthy: false, detail: /NOPERM/ }, '/diagz: Redis refuses')
+    t.match(health, { rateLimit: { healthy: false }, idempotency: { healthy: false }, cache: { healthy: false } }, '/diagz: each store on memory, a PING answered since')
+    t.equal(await metric(app, 'mantle_redis_up'), 0, 'mantle_redis_up 0')
+    t.ok(await metric(app, 'mantle_rate_limit_fallback_total') > 0, 'rate-limit fallbacks counted')
+    t.ok(await metric(app, 'mantle_idempotency_store_fallbacks_total') > 0, 'idempotency fallbacks counted')
+    t.ok(await metric(app, 'mantle_cache_redis_fallbacks_total') > 0, 'cache fallbacks counted')
+    const refusals = lines.filter(l => l.level === 50 && /^Redis refused/.test(l.msg))
+    t.same(refusals.map(l => l.part).sort(), ['cache', 'idempotency', 'rate limits'], 'logged once at error for each store')
+    t.same(lines.filter(l => /^idempotency: Redis is (back|unavailable)/.test(l.msg)).map(l => l.msg), ['idempotency: Redis is unavailable, new keys are held in memory until it is back'], 'the idempotency store not said back at each PING')
+
+    await admin.call('ACL', 'SETUSER', user.name, ...giveBack)
+    await eventually(async () => (await readyz(app)).statusCode === 200, 'ready again, without a call')
+    t.match(await stores(app), { redis: { healthy: true }, rateLimit: { healthy: true }, idempotency: { healthy: true }, cache: { healthy: true } }, '/diagz: every store back on Redis')
+    t.equal(await metric(app, 'mantle_redis_up'), 1)
+    t.ok(lines.some(l => /^Redis permits the gateway's commands again/.test(l.msg)), 'logged')
+    const key = randomUUID()
+    t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers: headers(key) })).statusCode, 200)
+    await admin.select(3)
+    t.equal(await admin.exists(storeKey(tenant, 'updateItem', key)), 1, 'a keyed call claimed in Redis again')
+    await admin.del(storeKey(tenant, 'updateItem', key))
+  })
+}
+
+t.test('Redis refusing the events\' publishes (-publish) while the gateway runs: delivered here, no 5xx, /readyz says so; ready again once Redis permits it', async t => {
+  const { make, admin } = aclUsers(t)
+  const user = await make(...GRANTED)
+  const { app, lines } = await gateway(t, user.url)
+  t.equal((await readyz(app)).statusCode, 200, 'ready')
+  await admin.call('ACL', 'SETUSER', user.name, '-publish')
+  const publish = async (): Promise<number> => (await app.inject({ method: 'POST', url: '/internal/events', headers: { authorization: `Bearer ${INTERNAL}` }, payload: { topic: 'item.changed', tenantId: 't1', payload: {} } })).statusCode
+  for (let i = 0; i < 3; i++) t.equal(await publish(), 202, 'accepted, no 5xx')
+  const ready = await readyz(app)
+  t.equal(ready.statusCode, 503, 'not ready: events posted here reach no other instance')
+  t.match(ready.body.checks.redis, /events: NOPERM .*'publish'/)
+  t.match((await stores(app)).events, { healthy: false }, '/diagz: events on this instance only')
+  t.equal(lines.filter(l => l.part === 'events').length, 1, 'logged once')
+  t.notOk(lines.some(l => /Redis publish failed/.test(l.msg)), 'not once per publish')
+  await admin.call('ACL', 'SETUSER', user.name, '+publish')
+  await eventually(async () => (await readyz(app)).statusCode === 200, 'ready again, without a publish')
+  t.equal(await publish(), 202)
+  t.match((await stores(app)).events, { healthy: true })
+})
