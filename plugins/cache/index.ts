@@ -27,6 +27,7 @@ export const AUDITED_TAG_CHARS = 2048
 
 /** The part of the gateway the tier is to the shared Redis (its refusals, /readyz). */
 const CACHE = 'cache'
+const CACHE_SUBSCRIBER = 'cache invalidations subscriber'
 
 /** How often the invalidations subscriber's connection is checked with a PING (ms), as the shared connection's heartbeat. */
 const SUBSCRIBER_PROBE_MS = 1000
@@ -163,6 +164,31 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     const firstSubscribe = new Promise<void>(resolve => { subscribedOnce = resolve })
     subscriber.on('error', (err: Error) => app.log.debug({ err: err.message }, 'cache subscriber error'))
     subscriber.on('close', () => { lost = true; unsubscribed = true })
+    let subscribing = false
+    const subscribe = (): void => {
+      if (subscribing) return
+      subscribing = true
+      subscriber.subscribe(INVALIDATE_CHANNEL).then(() => {
+        subscribeWarned = false
+        shared.allowed(CACHE_SUBSCRIBER)
+        if (!unsubscribed || subscriber.status !== 'ready') return
+        unsubscribed = false
+        c.resync()
+        subscribedOnce()
+      }, (err: Error) => {
+        if (closing) return
+        // Refused for want of permission (the ACL of REDIS_URL's user changed: `resetchannels`,
+        // `-subscribe`): reported to the shared connection (logged once, /readyz fails naming
+        // it), and asked again at each PING answered on this connection and when Redis permits
+        // it. Made anew at each refusal, the connection was made ~10 times a second for as long
+        // as the ACL stayed so (each ready at once, refused at once).
+        if (shared.denied(CACHE_SUBSCRIBER, err)) return
+        // Logged once until a SUBSCRIBE succeeds: a Redis that stays slow fails each attempt.
+        if (!subscribeWarned) app.log.warn({ err: err.message }, 'cache: cannot subscribe to invalidations: reconnecting the subscriber')
+        subscribeWarned = true
+        if (subscriber.status === 'ready') subscriber.disconnect(true)
+      }).finally(() => { subscribing = false })
+    }
     subscriber.on('ready', () => {
       // Messages sent while it was away are lost: the in-process tier starts over.
       if (lost) c.resync()
@@ -171,19 +197,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
       // marks what it heard since as lost), and subscribes again once ready. Once subscribed,
       // the tier starts over again: an entry it took in after 'ready' (or at start-up) whose
       // invalidation came before Redis had the SUBSCRIBE was served until it expired.
-      subscriber.subscribe(INVALIDATE_CHANNEL).then(() => {
-        subscribeWarned = false
-        if (!unsubscribed || subscriber.status !== 'ready') return
-        unsubscribed = false
-        c.resync()
-        subscribedOnce()
-      }, (err: Error) => {
-        if (closing) return
-        // Logged once until a SUBSCRIBE succeeds: a Redis that stays slow fails each attempt.
-        if (!subscribeWarned) app.log.warn({ err: err.message }, 'cache: cannot subscribe to invalidations: reconnecting the subscriber')
-        subscribeWarned = true
-        if (subscriber.status === 'ready') subscriber.disconnect(true)
-      })
+      subscribe()
     })
     subscriber.on('message', (_channel: string, text: string) => c.received(text))
     c.hearing = () => !unsubscribed
@@ -194,6 +208,8 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     // shared connection's heartbeat: two in a row unanswered within the command timeout drop the
     // connection; it is made anew ('close', then 'ready': the tier starts over) and subscribes.
     const probe = watchPings(subscriber, SUBSCRIBER_PROBE_MS, 2, {
+      // A SUBSCRIBE Redis refused for want of permission is asked again (not another connection).
+      heard: () => { if (unsubscribed && shared.refuses(CACHE_SUBSCRIBER)) subscribe() },
       deaf: (err) => { app.log.warn({ err: err.message }, 'cache: the invalidations subscriber did not answer two PINGs in time: reconnecting it') }
     })
     // /diagz: healthy again as soon as Redis answers (a PING too). Its connection ready again
@@ -201,7 +217,10 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     shared.onAnswer(() => { c.redisAnswers() })
     // Redis permits the tier's commands again (an ACL put back): as a reconnection (pending
     // invalidations are replayed at once).
-    shared.onAllowed(() => { c.redisReconnected() })
+    shared.onAllowed(() => {
+      c.redisReconnected()
+      if (unsubscribed && subscriber.status === 'ready') subscribe()
+    })
     const reconnected = (): void => { c.redisReconnected() }
     shared.client.on('ready', reconnected)
     app.addHook('onClose', async () => {

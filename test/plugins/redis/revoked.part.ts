@@ -5,6 +5,7 @@
 // "unavailable" at its next claim.
 import t, { type Test } from 'tap'
 import { randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
 import type { FastifyInstance } from 'fastify'
 import { bearer, buildTestApp, until } from '../../helper.js'
 import { itemKernel, itemManifest } from '../cache/items.js'
@@ -126,4 +127,37 @@ t.test('Redis refusing the events\' publishes (-publish) while the gateway runs:
   await eventually(async () => (await readyz(app)).statusCode === 200, 'ready again, without a publish')
   t.equal(await publish(), 202)
   t.match((await stores(app)).events, { healthy: true })
+})
+
+t.test('Redis refusing the invalidations channel (resetchannels) while the gateway runs: the cache subscriber asks again on its connection, not on a new one ten times a second; /readyz says so until Redis permits it', async t => {
+  // The cache's subscriber, as the plugin makes it (a duplicate of the shared connection).
+  const duplicate = Redis.prototype.duplicate
+  let connects = 0
+  Redis.prototype.duplicate = function (this: Redis, ...args: Parameters<Redis['duplicate']>) {
+    const made = duplicate.apply(this, args)
+    if (args[0]?.connectionName === 'mantle-cache-sub') made.on('connect', () => { connects++ })
+    return made
+  }
+  t.teardown(() => { Redis.prototype.duplicate = duplicate })
+  const { make, admin } = aclUsers(t)
+  const user = await make(...GRANTED)
+  const { app, lines } = await gateway(t, user.url)
+  Redis.prototype.duplicate = duplicate
+  const beat = beats(app)
+  t.equal(connects, 1, 'one connection')
+  // Redis 7 drops the connections subscribed to the channels it no longer grants.
+  await admin.call('ACL', 'SETUSER', user.name, 'resetchannels')
+  await until(() => connects >= 2, 'the subscriber dropped and made anew')
+  await beat(3)
+  t.ok(connects <= 3, `the subscriber made anew ${connects - 1} times, at most twice`)
+  const ready = await readyz(app)
+  t.equal(ready.statusCode, 503, 'not ready')
+  t.match(ready.body.checks.redis, /cache invalidations subscriber: NOPERM/)
+  t.equal(await metric(app, 'mantle_cache_subscriber_up'), 0)
+  t.equal(lines.filter(l => l.part === 'cache invalidations subscriber').length, 1, 'logged once')
+  t.notOk(lines.some(l => /cache: cannot subscribe/.test(l.msg)), 'not taken for a Redis that is slow')
+  await admin.call('ACL', 'SETUSER', user.name, '&bff:*')
+  await eventually(async () => (await readyz(app)).statusCode === 200, 'ready again', 15_000)
+  t.equal(await metric(app, 'mantle_cache_subscriber_up'), 1, 'subscribed again')
+  t.ok(connects <= 3, 'on the same connection')
 })
