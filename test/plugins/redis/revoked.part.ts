@@ -18,14 +18,15 @@ const GRANTED = ['~bff:*', '&bff:*', '+@all']
 
 interface Line { level: number, msg: string, part?: string }
 
-async function gateway (t: Test, url: string): Promise<{ app: FastifyInstance, lines: Line[] }> {
+async function gateway (t: Test, url: string, eventsProbeMs?: number): Promise<{ app: FastifyInstance, lines: Line[] }> {
   const kernel = await itemKernel(t)
   const lines: Line[] = []
   const app = await buildTestApp(t, { REDIS_URL: url, LOG_LEVEL: 'info', BFF_RATE_LIMIT_GLOBAL_MAX: 10_000, BFF_INTERNAL_TOKEN: INTERNAL }, {
     manifest: itemManifest(kernel.url),
     kernelUrl: kernel.url,
     logger: undefined,
-    logStream: { write: line => { lines.push(JSON.parse(line)) } }
+    logStream: { write: line => { lines.push(JSON.parse(line)) } },
+    ...(eventsProbeMs === undefined ? {} : { events: { probeIntervalMs: eventsProbeMs } })
   })
   await until(() => app.events.health().up, 'the events subscriber')
   return { app, lines }
@@ -160,4 +161,27 @@ t.test('Redis refusing the invalidations channel (resetchannels) while the gatew
   await eventually(async () => (await readyz(app)).statusCode === 200, 'ready again', 15_000)
   t.equal(await metric(app, 'mantle_cache_subscriber_up'), 1, 'subscribed again')
   t.ok(connects <= 3, 'on the same connection')
+})
+
+t.test('Redis refusing the events\' SUBSCRIBE (-subscribe) once the subscriber reconnects: /readyz names it, logged once, not once per probe; subscribed again once Redis permits it', async t => {
+  const { make, admin } = aclUsers(t)
+  const user = await make(...GRANTED)
+  // The subscriber's probe (a PING, and a SUBSCRIBE while not subscribed) each 200 ms.
+  const { app, lines } = await gateway(t, user.url, 200)
+  const beat = beats(app)
+  await admin.call('ACL', 'SETUSER', user.name, '-subscribe')
+  // A subscription made stays (Redis checks SUBSCRIBE as it comes): the subscriber's connection is cut.
+  const list = String(await admin.call('CLIENT', 'LIST', 'TYPE', 'pubsub'))
+  const ids = list.split('\n').filter(l => l.includes(`user=${user.name} `) && l.includes('name=mantle-events-sub ')).map(l => /^id=(\d+)/.exec(l)![1])
+  t.equal(ids.length, 1, 'the events subscriber found')
+  await admin.call('CLIENT', 'KILL', 'ID', ids[0])
+  await eventually(async () => (await readyz(app)).statusCode === 503, 'not ready')
+  await eventually(async () => /events subscriber: NOPERM/.test((await readyz(app)).body.checks.redis), 'naming the subscriber')
+  await beat(2)
+  t.equal(lines.filter(l => l.part === 'events subscriber').length, 1, 'logged once')
+  t.notOk(lines.some(l => /Redis events subscribe failed/.test(l.msg)), 'not as a passing failure')
+  t.notOk(app.events.health().up)
+  await admin.call('ACL', 'SETUSER', user.name, '+subscribe')
+  await eventually(async () => (await readyz(app)).statusCode === 200, 'ready again', 15_000)
+  t.ok(app.events.health().up, 'subscribed again')
 })
