@@ -51,6 +51,7 @@ import { withHook } from './route-hooks.js'
 import { crossSiteUpgrade, refusedByWs } from './adapters/upgrade.js'
 import { parseQuery, literalQuery, MALFORMED_QUERY } from './query-string.js'
 import { PROBE_PATHS } from './probes.js'
+import { RouteMethods } from './allowed-methods.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -509,14 +510,24 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // sets content-length: 0 on any answer without a body: a HEAD revalidated to 304 said its
   // representation was empty, where RFC 9110 §8.6 allows a 304 no Content-Length but its 200's.
   // Added before any route, so that it applies to every one, and runs after Fastify's own.
+  const routeMethods = new RouteMethods()
   app.addHook('onRoute', (route) => {
+    routeMethods.add(route.method)
     if (route.wsHandler !== undefined || route.websocket === true) route.config = { ...route.config, servesWebSocket: true }
     if (route.method === 'HEAD') route.onSend = withHook(route.onSend, withoutBodyLength)
     const methods = Array.isArray(route.method) ? route.method : [route.method]
     if (!methods.every(method => BODYLESS.has(method))) route.preValidation = withHook(route.preValidation, notAnsweredAlready, true)
   })
+  // A path that is served, but not with this method, is a 405 naming those it is served with
+  // (RFC 9110 §15.5.6), not a 404: `PUT /api/v1/agents` said there was no such resource. Asked
+  // of the router here only, on a request no route matched.
   app.setNotFoundHandler((request, reply) => {
-    errorHandler(new MantleError('NOT_FOUND', `No route ${request.method} ${request.url.split('?')[0]}`), request, reply)
+    const path = request.url.split('?')[0]
+    const allow = routeMethods.allowed(app, path)
+    const err = allow === null
+      ? new MantleError('NOT_FOUND', `No route ${request.method} ${path}`)
+      : new MantleError('BAD_REQUEST', `${request.method} is not served at ${path}: ${allow}`, { status: 405, headers: { allow } })
+    errorHandler(err, request, reply)
   })
   // Node hands a CONNECT request to 'connect' listeners, and without one drops the connection
   // unanswered (found by `npm run fuzz`): the gateway is no proxy, so it answers 405.

@@ -1,6 +1,7 @@
 import t from 'tap'
 import { mock } from 'node:test'
 import { createSigner } from 'fast-jwt'
+import type { FastifyInstance } from 'fastify'
 import { buildDemoApp, buildTestApp, startTestKernel, testManifest, json, bearer, token, SECRET } from '../helper.js'
 
 t.test('REST reads reach the Kernel and answer only what the output schema declares', async t => {
@@ -102,6 +103,47 @@ t.test('an unknown route is a 404 problem', async t => {
   const res = await app.inject({ method: 'GET', url: '/api/v1/nothing?x=1', headers: bearer() })
   t.equal(res.statusCode, 404)
   t.match(res.json(), { code: 'NOT_FOUND', detail: 'No route GET /api/v1/nothing', requestId: String })
+})
+
+t.test('a method the path is not served with is a 405 problem naming those it is, on every route', async t => {
+  const cases: Array<[string, string, string]> = [
+    ['PUT', '/api/v1/agents', 'GET, HEAD, POST'],
+    ['POST', '/api/v1/agents/a1?x=1', 'GET, HEAD, PATCH, DELETE'],
+    ['HEAD', '/api/v1/batch', 'POST'],
+    ['PROPFIND', '/api/v1/agents/a1/runs', 'GET, HEAD, POST'],
+    ['PUT', '/trpc/getAgent', 'GET, HEAD, POST'],
+    ['DELETE', '/trpc', 'GET, HEAD'],
+    ['PUT', '/graphql', 'GET, HEAD, POST'],
+    ['GET', '/admin/audit/verify', 'POST'],
+    ['DELETE', '/admin/audit', 'GET, HEAD'],
+    ['POST', '/openapi.json', 'GET, HEAD'],
+    ['POST', '/docs', 'GET, HEAD'],
+    ['POST', '/ws', 'GET, HEAD'],
+    ['OPTIONS', '/healthz', 'GET, HEAD']
+  ]
+  const check = async (app: FastifyInstance, method: string, url: string, allow: string, what: string): Promise<void> => {
+    const res = await app.inject({ method: method as 'GET', url, headers: bearer() })
+    t.equal(res.statusCode, 405, what)
+    t.equal(res.headers.allow, allow, what)
+    t.match(res.headers['content-type'], /^application\/problem\+json/, what)
+    t.ok(res.headers['x-request-id'], what)
+    if (method !== 'HEAD') t.match(res.json(), { status: 405, code: 'BAD_REQUEST', detail: `${method} is not served at ${url.split('?')[0]}: ${allow}`, requestId: res.headers['x-request-id'] }, what)
+  }
+  const app = await buildDemoApp(t)
+  for (const [method, url, allow] of cases) await check(app, method, url, allow, `${method} ${url}`)
+  // A path no route has, whatever the method, stays a 404; so does one Fastify's router refuses
+  // for a path segment too long, which matched no route either.
+  for (const [method, url] of [['PUT', '/api/v1/nothing'], ['OPTIONS', '/nothing'], ['PUT', `/api/v1/agents/${'x'.repeat(300)}/nothing`]]) {
+    const res = await app.inject({ method: method as 'GET', url, headers: bearer() })
+    t.equal(res.statusCode, 404, `${method} ${url.slice(0, 40)}`)
+    t.equal(res.headers.allow, undefined)
+    t.match(res.json(), { code: 'NOT_FOUND' })
+  }
+  // With CORS on, its preflight route (OPTIONS on every path) is one more method served, and no
+  // path of its own: an unknown path stays a 404.
+  const cors = await buildDemoApp(t, { BFF_CORS_ORIGINS: 'https://app.example' })
+  await check(cors, 'PUT', '/api/v1/agents', 'GET, HEAD, POST, OPTIONS', 'with CORS')
+  t.equal((await cors.inject({ method: 'PUT', url: '/api/v1/nothing', headers: bearer() })).statusCode, 404, 'with CORS, an unknown path')
 })
 
 t.test('identity: missing, malformed, forged, expired, not yet valid, alg none, wrong claims', async t => {

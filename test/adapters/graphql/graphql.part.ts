@@ -357,7 +357,10 @@ t.test('ugly requests are 4xx GraphQL errors with a contract code, never a 5xx',
   t.equal(nothing.status, 400)
   t.match(await nothing.json(), { errors: [{ extensions: { code: 'VALIDATION_FAILED' } }] })
   const put = await fetch(`${base}/graphql`, { method: 'PUT', headers: bearer() })
-  t.equal(put.status, 404)
+  // A 405 naming the methods /graphql is served with (a 404 before: the path exists).
+  t.equal(put.status, 405)
+  t.equal(put.headers.get('allow'), 'GET, HEAD, POST')
+  t.match(await put.json(), { status: 405, code: 'BAD_REQUEST' })
 })
 
 t.test('media types: application/graphql-response+json when asked for', async t => {

@@ -108,7 +108,7 @@ t.test('an upgrade to a route that serves no WebSocket is a 400 in the face\'s s
   const { result: answers, logged, printed } = await quietly(lines, async () => await Promise.all(cases.map(async ([, target, headers]) => {
     const [method, path] = target.startsWith('/') ? ['GET', target] : target.split(' ')
     return await rawUpgrade(port, path, headers, method)
-  }).concat(rawUpgrade(port, '/nope'))))
+  }).concat(rawUpgrade(port, '/nope'), rawUpgrade(port, '/admin/audit/verify'))))
   cases.forEach(([what, , , shape], i) => {
     const answer = answers[i]
     t.equal(answer.status, 400, `${what}: 400`)
@@ -133,6 +133,12 @@ t.test('an upgrade to a route that serves no WebSocket is a 400 in the face\'s s
   t.equal(unknown.status, 404, 'an unknown path: 404')
   t.match(parse(unknown.body), { status: 404, code: 'NOT_FOUND' }, 'an unknown path: its problem')
   t.ok(unknown.closedByGateway, 'an unknown path: the gateway closes the connection')
+  // One served with other methods only, the 405 naming them.
+  const otherMethods = answers[cases.length + 1]
+  t.equal(otherMethods.status, 405, 'a path served with POST alone: 405')
+  t.equal(otherMethods.headers.allow, 'POST')
+  t.match(parse(otherMethods.body), { status: 405, code: 'BAD_REQUEST' })
+  t.ok(otherMethods.closedByGateway, 'a path served with POST alone: the gateway closes the connection')
   t.same(logged, [], 'nothing logged')
   t.same(printed, [], 'nothing printed')
 })
@@ -475,7 +481,8 @@ t.test('an offer whose body arrives a byte at a time behind an answer under way,
   conn.write('GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
   await Promise.race([conn.closed, new Promise(resolve => setTimeout(resolve, 4000))])
   conn.end()
-  t.same(conn.answers().map(a => a.status), [200, 404, 200, 200])
+  // The POST: /api/v1/slow is served with GET alone, a 405 (a 404 before the 405 was answered).
+  t.same(conn.answers().map(a => a.status), [200, 405, 200, 200])
 })
 t.test('an offer whose body stops arriving is a 408 at the request timeout', async t => {
   const app = await buildDemoApp(t, { BFF_REQUEST_TIMEOUT_MS: 1000 })
