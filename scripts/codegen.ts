@@ -90,15 +90,57 @@ function objectType (schema: JsonSchema, indent: string, names: ReadonlyMap<stri
   const required = new Set(Array.isArray(schema.required) ? schema.required as string[] : [])
   const extra = schema.additionalProperties
   const declared = Object.keys(props)
-  if (declared.length === 0) {
+  // A required key the schema does not declare in `properties` (JSON Schema allows it: its value
+  // is then the additionalProperties' or a patternProperties'): it must be there all the same.
+  // Before, it was left out of the type, and a call without it type-checked, to be refused
+  // VALIDATION_FAILED ("input.tag is required").
+  const undeclared = [...required].filter(name => !Object.hasOwn(props, name))
+  const extraType = typeof extra === 'object' && extra !== null ? toType(extra, indent, names) : 'unknown'
+  if (declared.length === 0 && undeclared.length === 0) {
     if (extra === false) return 'Record<string, never>'
-    return `Record<string, ${typeof extra === 'object' && extra !== null ? toType(extra, indent, names) : 'unknown'}>`
+    return `Record<string, ${extraType}>`
   }
   const inner = indent + '  '
   const lines = declared.map(name => `${doc(props[name], inner)}${inner}${key(name)}${required.has(name) ? '' : '?'}: ${toType(props[name], inner, names)}`)
-  // Extra keys only where the schema says so outright; declared keys stay checked either way.
-  if (extra === true || (typeof extra === 'object' && extra !== null)) lines.push(`${inner}[key: string]: unknown`)
+  const undeclaredTypes = undeclared.map(name => undeclaredType(schema, name, inner, names))
+  undeclared.forEach((name, i) => lines.push(`${inner}${key(name)}: ${undeclaredTypes[i]}`))
+  if (declared.length === 0) {
+    // No declared key: any other key is the additionalProperties' (as `Record<string, ...>` above),
+    // typed so that the required ones fit the index (a patternProperties' type may differ).
+    const others = extra === false ? 'never' : extraType
+    const index = undeclaredTypes.every(type => type === others) ? others : 'unknown'
+    lines.push(`${inner}[key: string]: ${index}`)
+  } else if (extra === true || (typeof extra === 'object' && extra !== null)) {
+    // Extra keys only where the schema says so outright; declared keys stay checked either way.
+    lines.push(`${inner}[key: string]: unknown`)
+  }
   return `{\n${lines.join('\n')}\n${indent}}`
+}
+
+/**
+ * The type of a required key that `properties` does not declare: that of each patternProperties
+ * whose pattern it matches, else the additionalProperties' (`never` under `false`: no value of
+ * the schema has it, nor lacks it), else `unknown`.
+ */
+function undeclaredType (schema: JsonSchema, name: string, indent: string, names: ReadonlyMap<string, string>): string {
+  const patterns = schema.patternProperties
+  if (typeof patterns === 'object' && patterns !== null) {
+    const matched: string[] = []
+    for (const [pattern, sub] of Object.entries(patterns as Record<string, unknown>)) {
+      let matches: boolean
+      try {
+        matches = new RegExp(pattern, 'u').test(name)
+      } catch {
+        return 'unknown'
+      }
+      if (matches) matched.push(toType(sub, indent, names))
+    }
+    if (matched.length === 1) return matched[0]
+    if (matched.length > 1) return matched.map(type => `(${type})`).join(' & ')
+  }
+  const extra = schema.additionalProperties
+  if (extra === false) return 'never'
+  return typeof extra === 'object' && extra !== null ? toType(extra, indent, names) : 'unknown'
 }
 
 function typeFor (type: unknown, schema: JsonSchema, indent: string, names: ReadonlyMap<string, string>): string {

@@ -61,6 +61,17 @@ t.test('JSON Schema to TypeScript', async t => {
   t.equal(toType({ type: 'object', required: ['a'], properties: { a: { type: 'string' }, 'b-c': { type: 'boolean', description: 'has */ inside\nand lines' } } }),
     '{\n  a: string\n  /** has *\\/ inside and lines */\n  \'b-c\'?: boolean\n}')
   t.equal(toType({ properties: { a: {} }, additionalProperties: true }), '{\n  a?: unknown\n  [key: string]: unknown\n}', 'properties imply an object')
+  // A required key `properties` does not declare is required all the same, typed as the
+  // additionalProperties (or a patternProperties whose pattern it matches) say; before, it was
+  // left out of the type, and a call without it type-checked.
+  t.equal(toType({ type: 'object', required: ['a', 'b'], properties: { a: { type: 'string' } }, additionalProperties: { type: 'integer' } }),
+    '{\n  a: string\n  b: number\n  [key: string]: unknown\n}', 'an undeclared required key: the additionalProperties\' type')
+  t.equal(toType({ type: 'object', required: ['b'], properties: { a: {} } }), '{\n  a?: unknown\n  b: unknown\n}', 'unknown without additionalProperties')
+  t.equal(toType({ type: 'object', required: ['n'], additionalProperties: { type: 'integer' } }), '{\n  n: number\n  [key: string]: number\n}', 'no property declared')
+  t.equal(toType({ type: 'object', required: ['n'] }), '{\n  n: unknown\n  [key: string]: unknown\n}')
+  t.equal(toType({ type: 'object', required: ['n'], additionalProperties: false }), '{\n  n: never\n  [key: string]: never\n}', 'no value has it, nor lacks it')
+  t.equal(toType({ type: 'object', required: ['x-id', 'y'], patternProperties: { '^x-': { type: 'string' }, id$: { type: 'string', minLength: 1 } }, additionalProperties: { type: 'boolean' } }),
+    "{\n  'x-id': (string) & (string)\n  y: boolean\n  [key: string]: unknown\n}", 'the patternProperties a key matches, all of them')
   t.equal(toType({ type: 'thing' }), 'unknown')
   t.equal(toType({}), 'unknown')
   t.equal(toType(true), 'unknown')
@@ -150,6 +161,11 @@ t.test('another domain generates and type-checks too', async t => {
   manifest.schemas.Root = { type: 'object', properties: { kind: { $ref: '#/schemas/string' } } }
   manifest.schemas.string = { type: 'string', enum: ['a', 'b'] }
   manifest.operations.getRecord = { type: 'query', rest: 'GET /records/:id', kernel: 'GET /records/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { $ref: '#/schemas/Record' } }
+  // Required keys `properties` does not declare: `tag` the additionalProperties' string, `n` an
+  // object's only key. Before, both were left out of the input's type (a call without them
+  // type-checked), and `tag: 5` type-checked too.
+  manifest.operations.tagBook = { type: 'mutation', rest: 'POST /tags', kernel: 'POST /tags', input: { type: 'object', required: ['isbn', 'tag'], properties: { isbn: { type: 'string' } }, additionalProperties: { type: 'string' } }, output: { type: 'object' } }
+  manifest.operations.count = { type: 'query', rest: 'GET /count', kernel: 'GET /count', input: { type: 'object', required: ['n'], additionalProperties: { type: 'integer' } }, output: { type: 'object' } }
   writeFileSync(join(dir, 'library.yaml'), stringifyYaml(manifest))
   await codegen(['--manifest', join(dir, 'library.yaml'), '--out', join(dir, 'library.d.ts')], {})
   const text = readFileSync(join(dir, 'library.d.ts'), 'utf8')
@@ -169,10 +185,18 @@ export async function read (): Promise<Record<string, string | null | undefined>
   const r: Record2 = await client.getRecord.query({ id: 'r' })
   return { note: r.note, kind: r.root?.kind }
 }
+export const tagged = client.tagBook.mutate({ isbn: 'i', tag: 't', more: 'm' })
+export const counted = client.count.query({ n: 1 })
+export const untagged = client.tagBook.mutate({ isbn: 'i' })
+export const badTag = client.tagBook.mutate({ isbn: 'i', tag: 5 })
+export const uncounted = client.count.query({})
 `)
   const errors = typecheck(dir, ['use.ts', 'library-source.ts'])
-  t.equal(errors.length, 1, errors.join('\n'))
+  t.same(errors.map(e => /^use\.ts:(\d+) /.exec(e)?.[1]), ['6', '13', '14', '15'], errors.join('\n'))
   t.match(errors[0], /^use\.ts:6 .*vinyl/)
+  t.match(errors[1], /^use\.ts:13 .*Property 'tag' is missing/)
+  t.match(errors[2], /^use\.ts:14 .*'number' is not assignable to type 'string'/)
+  t.match(errors[3], /^use\.ts:15 .*Property 'n' is missing/)
 })
 
 t.test('named schemas keep their names when they refer to each other', async t => {
