@@ -245,6 +245,12 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   // whole pass CLOSE_PASS_MS at most: a hung Redis does not hold the shutdown; Redis's own onClose
   // runs after this one), then dropped. Dropped at once, another instance's repeat waited for the
   // claim's lease and ran the call again, Redis up all along. What ends after this is not kept.
+  // Set by preClose: the gateway is shutting down (see the repeats' wait, below).
+  let closing = false
+  app.addHook('preClose', (done) => {
+    closing = true
+    done()
+  })
   app.addHook('onClose', async () => {
     closed = true
     if (retrier !== null) clearInterval(retrier)
@@ -405,6 +411,16 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
             if (remaining <= 0) {
               metrics.conflict()
               throw new MantleError('IDEMPOTENCY_CONFLICT', `The first ${op.name} call with this Idempotency-Key is still running`, { headers: { 'retry-after': '1' } })
+            }
+            // Shutting down, a repeat waits on only for a call this instance runs, which ends within
+            // the shutdown's grace (its op's timeout). One that runs elsewhere (another instance's
+            // Redis claim, a crashed one's until its lease lapses, or any, Redis away, until the wait
+            // ends) held the shutdown up to BFF_IDEMPOTENCY_WAIT_MS (600 s at most), past the grace
+            // (the longest timeout plus 10 s): the process was killed, the audit not flushed. It is
+            // answered as at the end of its wait, to be sent again to another instance.
+            if (closing && memory.peek(key)?.record.state !== 'running') {
+              metrics.conflict()
+              throw new MantleError('IDEMPOTENCY_CONFLICT', `The first ${op.name} call with this Idempotency-Key runs on another instance, and this one is shutting down`, { headers: { 'retry-after': '1' } })
             }
             // A repeat whose caller left stops waiting at once (README, "Clients that leave"):
             // it polled the store until the first call ended or its wait bound passed.
