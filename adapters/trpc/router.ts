@@ -40,10 +40,12 @@ const rawInput = (input: unknown): unknown => input
  * carries one, GraphQL an argument): any but none, or null (no input to every call of this
  * face), is refused VALIDATION_FAILED before the subscription starts. Input that is not JSON
  * is refused by tRPC first, as a query's is. Before, any input was taken and ignored.
+ * Checked inside the subscription's decision, after its token and roles as a call's input is
+ * after them: as tRPC's input parser, the refusal came before the decision and left no audit
+ * entry, while the same subscription refused for its roles left one.
  */
-const noInput = (input: unknown): undefined => {
+const noInput = (input: unknown): void => {
   if (input !== undefined && input !== null) throw new MantleError('VALIDATION_FAILED', 'A subscription takes no input')
-  return undefined
 }
 
 function callId (ctx: TrpcContext, batchIndex: number | undefined): string {
@@ -113,7 +115,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
 
   for (const event of app.pipeline.manifest.events) {
     const name = event.name
-    procedures[name] = t.procedure.input(noInput).subscription(async ({ ctx, signal }) => {
+    procedures[name] = t.procedure.input(rawInput).subscription(async ({ ctx, input, signal }) => {
       const requestId = ctx.requestId ?? uuidv7()
       // Checked before the stream starts: a refusal is the subscription's error, not an event.
       // One audit entry for the decision, accepted or refused.
@@ -126,6 +128,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
           // calls do (requestOf): its token passed createContext, and is found verified.
           const id = decision.caller = app.identify(ctx.authorization, requestOf(ctx.caller))
           app.events.bus.authorize(name, id)
+          noInput(input)
           // The bus checks its bound again at the first pull, once the SSE response's headers are
           // out; a WebSocket's own bound too (overSocket): both are checked here first, so that
           // the refusal is the one recorded.

@@ -5,7 +5,7 @@ import { runCall, callEnvelope, problemJson, type Decide } from '../face.js'
 import { checkedIdempotencyKey } from '../rest/index.js'
 import { MantleError, toProblem } from '../../errors.js'
 import type { Identity } from '../../plugins/auth/index.js'
-import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame, type AuthFrame } from './frames.js'
+import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame, type AuthFrame, type Refusal } from './frames.js'
 import type { CloseReason, WebSocketCounters } from './metrics.js'
 import { CLOSE_SLOW_READER, SLOW_READER, boundedFrame } from '../slow-reader.js'
 import { untilIdentityEnds, IDENTITY_ENDED } from '../expiry.js'
@@ -166,16 +166,52 @@ export class Connection {
       case 'subscribe': return this.subscribe(frame)
       case 'unsubscribe': return this.unsubscribe(frame)
       case 'auth': return this.auth(frame)
-      default: return this.refuse(frame.id, new MantleError('VALIDATION_FAILED', frame.detail))
+      default: return this.refused(frame)
     }
   }
 
-  private call (frame: CallFrame): void {
+  /**
+   * A frame refused for its form. One that names an op of the manifest is that call's refusal,
+   * through its pipeline (its identity and roles first, then this refusal in validation's place),
+   * and one that names a known event is that subscription's, decided as a subscribe is: each
+   * leaves its one audit entry, as a call or subscription refused for its input does on every
+   * face; so does an `auth` frame, as each re-auth frame does. Before, a subscribe frame with an
+   * input (which a tRPC subscription refuses, audited) or a call frame with a key too many left
+   * none. A frame that names nothing known is junk, answered unrecorded (README, "Audit trail").
+   */
+  private refused (frame: Refusal): void {
+    const error = new MantleError('VALIDATION_FAILED', frame.detail)
+    const names = frame.names
+    if (names?.kind === 'call' && this.face.app.pipeline.manifest.byName.has(names.name)) {
+      this.call({ id: frame.id, op: names.name }, error)
+      return
+    }
+    const subscribe = names?.kind === 'subscribe' && this.face.eventPrefixes.has(names.name)
+    if (!subscribe && names?.kind !== 'auth') {
+      this.refuse(frame.id, error)
+      return
+    }
+    const requestId = uuidv7()
+    const decision = subscribe
+      ? { requestId, protocol: 'websocket', path: '/ws', action: names.name, category: 'read', caller: this.identity, clientRequestId: false } as const
+      : { requestId, protocol: 'websocket', path: '/ws', action: 'websocket.auth', category: 'auth', caller: this.identity, clientRequestId: false } as const
+    try {
+      this.face.decide(decision, () => {
+        if (subscribe) this.face.app.events.bus.authorize(names.name, this.identity)
+        throw error
+      })
+    } catch (err) {
+      this.refuse(frame.id, err, requestId)
+    }
+  }
+
+  /** `formRefusal`: the frame's own refusal (refused), which its pipeline makes in validation's place. */
+  private call (frame: Pick<CallFrame, 'op' | 'input' | 'idempotencyKey'> & { id: string | null }, formRefusal?: MantleError): void {
     const { maxInFlight } = this.face.limits
     // Beyond the bound the pipeline refuses the call before anything that costs (it never
     // reaches the Kernel), so that the refusal has its audit entry like every other.
     // A second's wait, as tRPC's bound asks: the calls in flight end and make room.
-    const refusal = this.inFlight >= maxInFlight ? new MantleError('OVERLOADED', `A connection may have at most ${maxInFlight} calls in flight`, { headers: { 'retry-after': '1' } }) : undefined
+    const refusal = this.inFlight >= maxInFlight ? new MantleError('OVERLOADED', `A connection may have at most ${maxInFlight} calls in flight`, { headers: { 'retry-after': '1' } }) : formRefusal
     if (refusal === undefined) this.inFlight++
     const id = JSON.stringify(frame.id)
     runCall(this.face.app, {

@@ -11,12 +11,18 @@ export interface CallFrame { kind: 'call', id: string, op: string, input?: unkno
 export interface SubscribeFrame { kind: 'subscribe', id: string, subscribe: string }
 export interface UnsubscribeFrame { kind: 'unsubscribe', id: string, unsubscribe: string }
 export interface AuthFrame { kind: 'auth', id: string, auth: string }
-/** A frame refused before it reaches any handler; `id` is the client's when it was valid. */
-export interface Refusal { kind: 'refused', id: string | null, detail: string }
+/**
+ * A frame refused before it reaches any handler; `id` is the client's when it was valid. `names`:
+ * the kind of frame it is (the key it carries) and, for a call or a subscribe, the op or event it
+ * names when that is a name a frame may carry: its refusal is that call's or subscription's,
+ * recorded as theirs are (connection.ts), where a frame that names none is junk.
+ */
+export interface Refusal { kind: 'refused', id: string | null, detail: string, names?: { kind: 'call' | 'subscribe' | 'auth', name: string } }
 export type Frame = CallFrame | SubscribeFrame | UnsubscribeFrame | AuthFrame
 
 const id = { type: 'string', minLength: 1, maxLength: MAX_ID_LENGTH }
-const name = { type: 'string', minLength: 1, maxLength: 128 }
+const MAX_NAME_LENGTH = 128
+const name = { type: 'string', minLength: 1, maxLength: MAX_NAME_LENGTH }
 const frame = (key: string, value: object, extra: Record<string, object> = {}): object => ({
   type: 'object',
   required: ['id', key],
@@ -70,7 +76,13 @@ export function decodeFrame (text: string): Frame | Refusal {
   const given = givenId(object)
   for (const [key, kind, validate] of validators) {
     if (!(key in object)) continue
-    if (!validate(object)) return { kind: 'refused', id: given, detail: describeValidation(validate.errors ?? [], 'frame', { schema: validate.schema, value: object }) }
+    if (!validate(object)) {
+      const detail = describeValidation(validate.errors ?? [], 'frame', { schema: validate.schema, value: object })
+      if (kind === 'auth') return { kind: 'refused', id: given, detail, names: { kind, name: 'websocket.auth' } }
+      const named: unknown = object[key]
+      if (kind === 'unsubscribe' || typeof named !== 'string' || named.length === 0 || named.length > MAX_NAME_LENGTH) return { kind: 'refused', id: given, detail }
+      return { kind: 'refused', id: given, detail, names: { kind, name: named } }
+    }
     object.kind = kind
     return object as unknown as Frame
   }

@@ -162,3 +162,83 @@ t.test('with the audit off, subscriptions and re-auth work and nothing is record
   t.equal((await client.request({ id: '1', subscribe: 'runUpdated' })).subscribed, 'runUpdated')
   t.equal((await client.request({ id: '2', auth: token({ roles: ['viewer'] }) })).authenticated, true)
 })
+
+// A subscription refused for its input (a subscription takes none) was refused before its
+// decision: tRPC's input parser, /ws's frame schema. It left no entry, where the same
+// subscription refused for its roles leaves one, and a call refused for its input too. Now one
+// entry each, VALIDATION_FAILED under the caller's own tenant and user, its roles checked first
+// (as a call's are, before its input).
+t.test('tRPC over SSE and WebSocket: a subscription refused for its input leaves one entry', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  for (const [id, input] of [['sse-object', '{"x":1}'], ['sse-number', '5']]) {
+    const controller = new AbortController()
+    t.teardown(() => controller.abort())
+    const res = await fetch(`http://127.0.0.1:${port}/trpc/runUpdated?input=${encodeURIComponent(input)}`, { headers: { ...bearer({ tenant: 'ti', user: 'ui', roles: ['viewer'] }), 'x-request-id': id, accept: 'text/event-stream' }, signal: controller.signal })
+    t.match(await readUntil(res, 'serialized-error'), /A subscription takes no input/)
+    controller.abort()
+  }
+  // Roles first: an editor's subscription with an input is refused for its roles, once.
+  {
+    const controller = new AbortController()
+    t.teardown(() => controller.abort())
+    const res = await fetch(`http://127.0.0.1:${port}/trpc/runUpdated?input=5`, { headers: { ...bearer({ tenant: 'ti', user: 'ui', roles: ['editor'] }), 'x-request-id': 'sse-editor', accept: 'text/event-stream' }, signal: controller.signal })
+    t.match(await readUntil(res, 'serialized-error'), /FORBIDDEN/)
+    controller.abort()
+  }
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ tenant: 'ti', user: 'uw', roles: ['viewer'] }) })
+  t.teardown(() => ws.terminate())
+  const frames: Array<Record<string, any>> = []
+  ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
+  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  ws.send(JSON.stringify({ id: 1, method: 'subscription', params: { path: 'runUpdated', input: { x: 1 } } }))
+  await until(() => frames.some(f => f.id === 1), 'the refusal')
+  const refused = frames.find(f => f.id === 1)!
+  t.equal(refused.error?.data?.code, 'VALIDATION_FAILED')
+  t.equal(app.events.bus.subscriptions, 0, 'none started')
+
+  const rows = await stored(app, 'runUpdated')
+  t.equal(rows.length, 4, 'one entry per subscription refused')
+  const common = { method: null, path: '/trpc/runUpdated', protocol: 'trpc', riskLevel: 'none', category: 'read', status: 'VALIDATION_FAILED', statusCode: 400 }
+  t.match(rows.find(r => r.requestId === 'sse-object'), { ...common, tenantId: 'ti', userId: 'ui' })
+  t.match(rows.find(r => r.requestId === 'sse-number'), { ...common, tenantId: 'ti', userId: 'ui' })
+  t.match(rows.find(r => r.requestId === 'sse-editor'), { ...common, tenantId: 'ti', userId: 'ui', category: 'auth', status: 'FORBIDDEN', statusCode: 403 })
+  t.match(rows.find(r => r.requestId === refused.error.data.requestId), { ...common, tenantId: 'ti', userId: 'uw' })
+  t.notMatch(JSON.stringify(rows), /"x"/, 'never the input')
+})
+
+t.test('/ws: a subscribe, call or auth frame refused for its form leaves the one entry of what it names; junk frames none', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const client = await connect(t, `ws://127.0.0.1:${port}/ws`, { tenant: 'tf', user: 'uf', roles: ['viewer'] })
+  const subscribe = await client.request({ id: 's1', subscribe: 'runUpdated', input: { secret: 'hunter2' } })
+  t.match(subscribe.error, { code: 'VALIDATION_FAILED', detail: 'frame.input is not allowed' })
+  const call = await client.request({ id: 'c1', op: 'getAgent', input: { id: 'a1' }, extra: 'hunter2' })
+  t.match(call.error, { code: 'VALIDATION_FAILED', detail: 'frame.extra is not allowed' })
+  const mutation = await client.request({ id: 'c2', op: 'runAgent', input: { id: 'a1', prompt: 'hunter2' }, extra: 1 })
+  t.match(mutation.error, { code: 'FORBIDDEN' }, 'a call\'s roles come before its form, as before its input')
+  const auth = await client.request({ id: 'a1', auth: 5 })
+  t.match(auth.error, { code: 'VALIDATION_FAILED', detail: 'frame.auth must be string' })
+  // Frames that name nothing known: answered, unrecorded.
+  t.equal((await client.request({ id: 'j1', subscribe: 'noSuchEvent', input: 1 })).error?.code, 'VALIDATION_FAILED')
+  t.equal((await client.request({ id: 'j2', op: 'noSuchOp', extra: 1 })).error?.code, 'VALIDATION_FAILED')
+  t.equal((await client.request({ id: 'j3', unsubscribe: 'runUpdated', extra: 1 })).error?.code, 'VALIDATION_FAILED')
+  t.equal((await client.request({ id: 'j4', nothing: 1 })).error?.code, 'VALIDATION_FAILED')
+  t.equal(app.events.bus.subscriptions, 0)
+
+  const common = { tenantId: 'tf', userId: 'uf', method: null, path: '/ws', protocol: 'websocket', riskLevel: 'none' }
+  const subscriptions = await stored(app, 'runUpdated')
+  t.equal(subscriptions.length, 1)
+  t.match(subscriptions[0], { ...common, requestId: subscribe.error.requestId, category: 'read', status: 'VALIDATION_FAILED', statusCode: 400 })
+  const calls = await stored(app, 'getAgent')
+  t.equal(calls.length, 1)
+  t.match(calls[0], { ...common, requestId: call.error.requestId, category: 'read', status: 'VALIDATION_FAILED', statusCode: 400 })
+  const mutations = await stored(app, 'runAgent')
+  t.equal(mutations.length, 1)
+  t.match(mutations[0], { ...common, requestId: mutation.error.requestId, category: 'auth', status: 'FORBIDDEN', statusCode: 403 })
+  const auths = await stored(app, 'websocket.auth')
+  t.equal(auths.length, 1)
+  t.match(auths[0], { ...common, requestId: auth.error.requestId, category: 'auth', status: 'VALIDATION_FAILED', statusCode: 400 })
+  t.equal((await app.audit.store.query({ limit: 100 })).entries.length, 4, 'nothing else')
+  t.notMatch(JSON.stringify(await app.audit.store.query({ limit: 100 })), /hunter2|secret/, 'never the input')
+})
