@@ -248,6 +248,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     // streams and a Response for every call: 3x the CPU of a REST call on this machine. Anything
     // else, including every malformed request, goes to tRPC's own handler below.
     const operations = app.pipeline.manifest.byName
+    // A procedure is an operation or an event (a subscription): a refusal names either (a reload
+    // changes no event).
+    const events = new Set(app.pipeline.manifest.events.map(e => e.name))
     // A streamed batch goes out uncompressed: gzip and brotli hold their output until the stream
     // ends, and httpBatchStreamLink must get each result as it completes. @fastify/compress skips
     // a request that carries `x-no-compression` (tRPC's SSE is text/event-stream, never compressed).
@@ -363,7 +366,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           // whose results carry the errors (its headers left first), and was recorded so, a
           // VALIDATION_FAILED with status 200.
           const { code, httpStatus } = errorShape(refused, request.id).data
-          app.audit.refused(request, reply, operations.has(path) ? path : 'trpc', code, httpStatus)
+          app.audit.refused(request, reply, operations.has(path) || events.has(path) ? path : 'trpc', code, httpStatus)
         }
         return reply
       }

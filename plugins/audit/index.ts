@@ -661,11 +661,14 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     if (p.code !== 'OVERLOADED' && p.status !== 404) refused(request, reply, operationId ?? trpcAction(request) ?? 'http', p.code, p.status)
     done()
   }
-  // The procedure a tRPC request names (`trpc` for a batch, or no procedure); null off tRPC.
+  // The procedure a tRPC request names, an operation or an event (`trpc` for a batch, or no
+  // procedure); null off tRPC. A reload changes no event. Before, an event's subscription refused
+  // here (the HTTP guard's 429) was recorded as `trpc`, at `/trpc`.
+  const events = new Set(app.pipeline.manifest.events.map(e => e.name))
   const trpcAction = (request: FastifyRequest): string | null => {
     if (!TRPC_ROUTE.test(request.url)) return null
     const path = (request.params as { '*'?: string } | undefined)?.['*']
-    return path !== undefined && app.pipeline.manifest.byName.has(path) ? path : 'trpc'
+    return path !== undefined && (app.pipeline.manifest.byName.has(path) || events.has(path)) ? path : 'trpc'
   }
 
   // The gateway's own endpoints (every /admin/* route and /diagz, each declaring its action as

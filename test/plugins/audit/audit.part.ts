@@ -221,6 +221,22 @@ t.test('the HTTP guard\'s 429s are recorded on every face, WebSocket upgrades in
   }
 })
 
+// A tRPC request that names an event (a subscription over SSE) refused before it ran (the HTTP
+// guard's 429, input that is not JSON) was recorded as `trpc` at `/trpc`, as if it named no
+// procedure, where the same refusal of an operation's names the operation.
+t.test('a tRPC subscription refused before it runs is recorded under its event, as an operation\'s call is', async t => {
+  const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1 })
+  const sse = { ...bearer({ tenant: 'te', user: 'ue', roles: ['viewer'] }), accept: 'text/event-stream' }
+  const notJson = await app.inject({ url: '/trpc/runUpdated?input=%7Bnope', headers: { ...sse, 'x-request-id': 'sub-bad' } })
+  t.match(notJson.body, /The input is not valid JSON/)
+  t.equal((await app.inject({ url: '/trpc/runUpdated', headers: { ...sse, 'x-request-id': 'sub-limited' } })).statusCode, 429)
+  const rows = await entries(app)
+  const of = (id: string): Row[] => rows.filter(r => r.requestId === id)
+  const where = { protocol: 'trpc', action: 'runUpdated', method: null, path: '/trpc/runUpdated', tenantId: 'te', userId: 'ue', category: 'security' }
+  t.match(of('sub-bad'), [{ ...where, status: 'VALIDATION_FAILED', statusCode: 400 }])
+  t.match(of('sub-limited'), [{ ...where, status: 'RATE_LIMITED', statusCode: 429 }])
+})
+
 t.test('every refusal on a call\'s route before its face\'s handler is recorded once; what the handler answers, and probes, are not', async t => {
   const app = await buildDemoApp(t, { BFF_BATCH_MAX_CALLS: 50 })
   await app.listen({ port: 0, host: '127.0.0.1' })
