@@ -13,7 +13,7 @@ import { refusedByWs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
 import { slowReader, utf8Sends } from '../slow-reader.js'
 import { defaultUnreadBytes } from '../unread.js'
 import { httpAuthorization, httpContext, socketContext, TRPC_CALLS, type TrpcContext } from './context.js'
-import { runCall } from '../face.js'
+import { decisions, runCall } from '../face.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import { ProblemError, errorShape, isInternal } from './errors.js'
 import { buildRouter, earlyRequestIds } from './router.js'
@@ -389,6 +389,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       // Sockets whose connectionParams (?connectionParams=1) tRPC has not taken yet: until then
       // an error without a context is tRPC's refusal of that first message.
       const awaiting = new WeakMap<IncomingMessage, WebSocket>()
+      const decide = decisions(app)
       const onConnection = getWSConnectionHandler({
         router,
         wss: app.websocketServer,
@@ -420,11 +421,25 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
             // socket without a code, a 1005 that wsLink takes for a network drop and answers by
             // reconnecting with the same token. Closed first with 4401, the client sees why; beyond
             // the tenant's share with 1013 (try again later), as a socket too far behind is.
-            const [code, reason] = err instanceof MantleError && err.code === 'OVERLOADED'
+            const overloaded = err instanceof MantleError && err.code === 'OVERLOADED'
+            const [code, reason] = overloaded
               ? [CLOSE_TRY_AGAIN_LATER, err.message]
               : [CLOSE_UNAUTHENTICATED, 'The token is missing or was refused']
             setImmediate(() => socket.close(code, reason))
-            throw ProblemError.from(err, uuidv7())
+            const requestId = uuidv7()
+            // Recorded as the upgrade's own 401 is (`trpc` at /trpc, public / anonymous): the same
+            // credentials refused, brought later. Before, a forged or expired token in
+            // connectionParams (and the calls sent behind it, answered with its error) left no
+            // entry. Not a refusal for load (the tenant's share), as an upgrade's is not.
+            if (!overloaded) {
+              try {
+                decide({ requestId, protocol: 'trpc', path: '/trpc', action: 'trpc', category: 'auth', caller: null, clientRequestId: false }, () => { throw err })
+              } catch {
+                // The refusal rethrown, or the trail's OVERLOADED when it cannot record: the
+                // connection is refused for its token either way.
+              }
+            }
+            throw ProblemError.from(err, requestId)
           }
           authenticated.add(socket)
           // 4401 too when the JWKS withdraws (or replaces) the key the token was verified with.

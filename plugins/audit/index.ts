@@ -77,7 +77,7 @@ export interface Decision {
   protocol: 'websocket' | 'trpc' | 'graphql'
   /** The face's endpoint (`/ws`, `/trpc/<event>`, `/graphql`). */
   path: string
-  /** The event's name, or `websocket.auth`. */
+  /** The event's name, `websocket.auth`, or `trpc` (a tRPC WebSocket's connectionParams refused). */
   action: string
   /** Accepted: `read` (a subscription) or `auth` (a re-auth, refused too). */
   category: 'read' | 'auth'

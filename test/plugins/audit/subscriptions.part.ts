@@ -242,3 +242,42 @@ t.test('/ws: a subscribe, call or auth frame refused for its form leaves the one
   t.equal((await app.audit.store.query({ limit: 100 })).entries.length, 4, 'nothing else')
   t.notMatch(JSON.stringify(await app.audit.store.query({ limit: 100 })), /hunter2|secret/, 'never the input')
 })
+
+// An upgrade of /trpc whose token is refused is a 401, recorded (`trpc` at /trpc, auth). The same
+// token brought in connectionParams (?connectionParams=1, wsLink's `connectionParams`) was refused
+// with the same UNAUTHENTICATED, the calls sent behind it too, and left no entry.
+t.test('tRPC over WebSocket: a token in connectionParams refused leaves one entry, as the upgrade\'s refusal does; one accepted, none', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const open = async (token: string): Promise<{ frames: Array<Record<string, any>>, code: number }> => {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/trpc?connectionParams=1`)
+    t.teardown(() => ws.terminate())
+    const frames: Array<Record<string, any>> = []
+    ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
+    const closed = new Promise<number>(resolve => ws.once('close', resolve))
+    await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+    ws.send(JSON.stringify({ method: 'connectionParams', data: { token } }))
+    ws.send(JSON.stringify({ id: 1, method: 'query', params: { path: 'getAgent', input: { id: 'a1' } } }))
+    await until(() => frames.some(f => f.id === 1), 'the call\'s answer')
+    if (frames.some(f => f.id === 1 && f.result !== undefined)) {
+      ws.close()
+      return { frames, code: 0 }
+    }
+    return { frames, code: await closed }
+  }
+  const forged = await open('not.a.token')
+  t.equal(forged.code, 4401)
+  const expired = await open(token({ tenant: 'tc', user: 'uc', ttlSeconds: -60 }))
+  t.equal(expired.code, 4401)
+  const fine = await open(token({ tenant: 'tc', user: 'uc' }))
+  t.equal(fine.code, 0, 'answered')
+  const rows = await stored(app, 'trpc')
+  t.equal(rows.length, 2, 'one per refused connection')
+  for (const refused of [forged, expired]) {
+    const error = refused.frames.find(f => f.id === null)?.error
+    t.equal(error?.data?.code, 'UNAUTHENTICATED')
+    t.match(rows.find(r => r.requestId === error.data.requestId), { tenantId: 'public', userId: 'anonymous', method: null, path: '/trpc', protocol: 'trpc', category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, riskLevel: 'none' })
+  }
+  t.notMatch(JSON.stringify(rows), /not\.a\.token|eyJ/, 'never the token')
+  t.equal((await stored(app, 'getAgent')).length, 1, 'the accepted connection\'s call, its own entry')
+})
