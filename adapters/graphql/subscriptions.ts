@@ -2,7 +2,7 @@ import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
 import type { IncomingMessage } from 'node:http'
-import { GraphQLError, Kind, SingleFieldSubscriptionsRule, getOperationAST, getVariableValues, locatedError, parse, responsePathAsArray, specifiedRules, validate, type DocumentNode, type FragmentDefinitionNode, type GraphQLFieldResolver, type GraphQLFormattedError, type GraphQLSchema, type ValidationRule } from 'graphql'
+import { GraphQLError, Kind, SingleFieldSubscriptionsRule, getOperationAST, getVariableValues, locatedError, parse, responsePathAsArray, specifiedRules, validate, type DocumentNode, type FragmentDefinitionNode, type SelectionNode, type GraphQLFieldResolver, type GraphQLFormattedError, type GraphQLSchema, type ValidationRule } from 'graphql'
 import { collectFields } from 'graphql/execution/collectFields.js'
 import type { EventDefinition } from '../../manifest.js'
 import type { Identity, KeyLease } from '../../plugins/auth/index.js'
@@ -300,6 +300,17 @@ function upTo (text: string, bytes: number): string {
   return cut
 }
 
+/** Tenant and user of a token when it is a valid one (identity's cache answers a token seen), else null. */
+function tokenOwner (app: FastifyInstance, authorization: string | undefined): { tenant: string, user: string } | null {
+  if (authorization === undefined) return null
+  try {
+    const { tenant, user } = app.identify(authorization)
+    return { tenant, user }
+  } catch {
+    return null
+  }
+}
+
 /** A refusal of a client's message, in the contract's shape. */
 function refusal (code: ErrorCode, message: string, error?: GraphQLError): GraphQLFormattedError {
   return { ...error?.toJSON(), message, extensions: { code, status: ErrorCodes[code].status, requestId: uuidv7() } }
@@ -311,12 +322,24 @@ function suggested (error: GraphQLFormattedError | null, suggest: boolean): Grap
 }
 
 /**
+ * The event a subscription's document names: its one root field written as such (no fragment,
+ * not an alias of another), when that is a field of the schema's subscription type; else null.
+ * What a refusal of the document is recorded under (see the guard).
+ */
+function rootEvent (schema: GraphQLSchema, selections: readonly SelectionNode[]): string | null {
+  if (selections.length !== 1 || selections[0].kind !== Kind.FIELD) return null
+  const name = selections[0].name.value
+  const fields = schema.getSubscriptionType()?.getFields()
+  return fields !== undefined && Object.hasOwn(fields, name) ? name : null
+}
+
+/**
  * What is wrong with a `subscribe` message, or null. mercurius reads the payload without
  * checking it: a payload that is not an object, a document it cannot run or a query instead of
  * a subscription got an error with mercurius' or JavaScript's own message (`Cannot destructure
  * property 'query' of 'payload' as it is null.`) and none of the contract's extensions.
  */
-function subscribeRefusal (message: Record<string, unknown>, settings: SubscriptionSettings, schema: GraphQLSchema, rules: readonly ValidationRule[]): GraphQLFormattedError | null {
+function subscribeRefusal (message: Record<string, unknown>, settings: SubscriptionSettings, schema: GraphQLSchema, rules: readonly ValidationRule[], named: { event: string | null }): GraphQLFormattedError | null {
   const payload = message.payload
   if (payload === null || typeof payload !== 'object' || Array.isArray(payload)) return refusal('VALIDATION_FAILED', 'A subscribe message needs a `payload` object')
   const { query, operationName, variables } = payload as Record<string, unknown>
@@ -344,6 +367,7 @@ function subscribeRefusal (message: Record<string, unknown>, settings: Subscript
       : 'The document does not define exactly one operation: name one in `operationName`')
   }
   if (operation.operation !== 'subscription') return refusal('VALIDATION_FAILED', `A subscribe message carries a subscription; a ${operation.operation} goes over HTTP`)
+  named.event = rootEvent(schema, operation.selectionSet.selections)
   // Validated here, before anything is held, so that graphql's own message comes first: the
   // root fields are counted by a walk that skips what validation refuses (an unknown fragment,
   // one on the wrong type), and its refusal named @skip and @include instead.
@@ -410,6 +434,8 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
   // checks the root fields with them (rootFieldRefusal).
   const rules = [...specifiedRules.filter(rule => rule !== SingleFieldSubscriptionsRule), ...settings.rules]
   const decide = decisions(app)
+  // With the audit off, a refused document is not looked at again for its entry (recordRefusal).
+  const auditing = app.hasDecorator('audit')
 
   return {
     // mercurius calls this on each connection_init: a second one breaks the protocol (4429).
@@ -505,6 +531,27 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       const state: Early = { starting: new Set(), cancelled: new Set(), ending: new Map(), deliver: message => { emit.call(socket, 'message', message, false) }, init: undefined }
       early.set(socket, state)
       const known = transport ? TRANSPORT_MESSAGES : LEGACY_MESSAGES
+      // A subscription whose document names an event, refused for its form (an argument, a
+      // variable, a directive: its input, which a subscription never takes, or a field the event
+      // does not have) is that subscription's refusal, recorded as one refused for its roles is
+      // (Audit.decide), as tRPC and /ws record theirs: before, it left no entry. Under the tenant
+      // and user the connection speaks for, else those of its own valid token (connection_init's,
+      // else the upgrade's), as a request refused before its face has it names them; never the
+      // document. A message that names no event (not a subscription, not parsed) is the
+      // protocol's, unrecorded.
+      const recordRefusal = (event: string, error: GraphQLFormattedError): void => {
+        const extensions = error.extensions as { code?: unknown, requestId?: unknown } | undefined
+        const code = typeof extensions?.code === 'string' && extensions.code in ErrorCodes ? extensions.code as ErrorCode : 'VALIDATION_FAILED'
+        const requestId = typeof extensions?.requestId === 'string' ? extensions.requestId : uuidv7()
+        const connection = connections.get(socket)
+        const caller = connection?.speaksFor ?? tokenOwner(app, state.init ?? connection?.upgradeAuthorization)
+        try {
+          decide({ requestId, protocol: 'graphql', path: '/graphql', action: event, category: 'read', caller, clientRequestId: false }, () => { throw new MantleError(code, error.message) })
+        } catch {
+          // The refusal rethrown, or the trail's OVERLOADED when it cannot record (no entry then,
+          // as for any decision): the client gets the document's refusal either way.
+        }
+      }
       // `cancelled` and `ending` hold ids mercurius still holds: at most the bound starting, and
       // the bound it runs or sets up.
       const bound = 2 * settings.maxOperations
@@ -627,7 +674,9 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
           socket.close(4401, 'Unauthorized')
           return false
         }
-        const error = forbidden ? refusal('VALIDATION_FAILED', FORBIDDEN_KEY) : suggested(subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema, rules), settings.suggest)
+        const named = { event: null as string | null }
+        const error = forbidden ? refusal('VALIDATION_FAILED', FORBIDDEN_KEY) : suggested(subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema, rules, named), settings.suggest)
+        if (error !== null && named.event !== null && auditing) recordRefusal(named.event, error)
         if (error === null) {
           const key = String(id)
           if (state.ending.has(key)) {

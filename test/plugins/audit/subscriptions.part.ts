@@ -281,3 +281,40 @@ t.test('tRPC over WebSocket: a token in connectionParams refused leaves one entr
   t.notMatch(JSON.stringify(rows), /not\.a\.token|eyJ/, 'never the token')
   t.equal((await stored(app, 'getAgent')).length, 1, 'the accepted connection\'s call, its own entry')
 })
+
+// A GraphQL subscription refused for its document (an argument, which a subscription never takes;
+// a variable; a field its event does not have) was answered by the face's screen before any
+// decision, and left no entry, where one refused for its roles leaves one. Now one each, under the
+// caller's own valid token; a message that names no event (a query, a document that does not
+// parse) is the protocol's, unrecorded.
+t.test('GraphQL over graphql-ws: a subscription refused for its document leaves one entry under its event', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, 'graphql-transport-ws')
+  t.teardown(() => ws.terminate())
+  const frames: Array<Record<string, any>> = []
+  ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
+  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  ws.send(JSON.stringify({ type: 'connection_init', payload: { authorization: `Bearer ${token({ tenant: 'tq', user: 'uq', roles: ['viewer'] })}` } }))
+  await until(() => frames.some(f => f.type === 'connection_ack'), 'ack')
+  const documents: Array<[string, Record<string, unknown>]> = [
+    ['1', { query: 'subscription { runUpdated(secret: "hunter2") { id } }' }],
+    ['2', { query: 'subscription S($x: String) { runUpdated { id } }', variables: { x: 'hunter2' } }],
+    ['3', { query: 'subscription { runUpdated { nope } }' }],
+    ['4', { query: '{ getAgent(id: "a1") { id } }' }],
+    ['5', { query: 'subscription { runUpdated { id ' }],
+    ['6', { query: 'subscription { noSuchEvent { id } }' }]
+  ]
+  for (const [id, payload] of documents) ws.send(JSON.stringify({ id, type: 'subscribe', payload }))
+  await until(() => documents.every(([id]) => frames.some(f => f.id === id)), 'the refusals')
+  const errorOf = (id: string): Record<string, any> => frames.find(f => f.id === id)!
+  for (const [id] of documents) t.equal(errorOf(id).type, 'error', `${id}: refused`)
+  t.equal(app.events.bus.subscriptions, 0)
+  const rows = await stored(app, 'runUpdated')
+  t.equal(rows.length, 3, 'the three that name the event')
+  for (const id of ['1', '2', '3']) {
+    t.match(rows.find(r => r.requestId === errorOf(id).payload[0].extensions.requestId), { tenantId: 'tq', userId: 'uq', method: null, path: '/graphql', protocol: 'graphql', action: 'runUpdated', category: 'read', status: 'VALIDATION_FAILED', statusCode: 400, riskLevel: 'none' }, id)
+  }
+  t.equal((await app.audit.store.query({ limit: 100 })).entries.length, 3, 'nothing for the others')
+  t.notMatch(JSON.stringify(rows), /hunter2|secret/, 'never the document')
+})
