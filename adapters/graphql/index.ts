@@ -4,7 +4,7 @@ import { BREAK, Kind, NoSchemaIntrospectionCustomRule, getOperationAST, parse, v
 // graphql-js's own field collection (16.x; no exports map, so its module is importable as is).
 import { collectFields } from 'graphql/execution/collectFields.js'
 import { AnswerBudget, MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
-import { MantleError } from '../../errors.js'
+import { ErrorCodes, MantleError } from '../../errors.js'
 import { checkedUtf8 } from '../../json-body.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { defaultUnreadBytes, type UnreadBytes } from '../unread.js'
@@ -181,6 +181,26 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   // HTTP validation results are cached by mercurius per document, so this costs nothing per request.
   const httpRules = [...rules, noSubscriptionOverHttp]
   const reached = app.hasDecorator('audit') ? app.audit.reached : null
+  // With the audit on, each HTTP request's context, so that a document refused before any of its
+  // fields ran is recorded (refusedDocument).
+  const contexts = reached === null ? null : new WeakMap<FastifyRequest, RequestContext>()
+  /**
+   * A document over HTTP that mercurius refused before any of its fields ran (it does not parse
+   * or validate, the face's limits, variables that do not fit, a subscription over HTTP) leaves
+   * one entry, as a GraphQL request refused before its document is read does (`http`, category
+   * `security`, the code and status the client got). Before, it left none: an argument REST
+   * refuses VALIDATION_FAILED, recorded (`?limit=abc`), written in a document (`limit: "abc"`) is
+   * refused by GraphQL's validation, and a caller probing an operation's input over GraphQL left no
+   * trace. Never the document. A refusal for load is not recorded, as on every face.
+   */
+  const refusedDocument = function refusedDocument (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void): void {
+    const ctx = contexts?.get(request)
+    if (ctx !== undefined) {
+      contexts?.delete(request)
+      if (ctx.n === 0 && reply.statusCode >= 400 && reply.statusCode < 500) app.audit.refused(request, reply, 'http', problemCode(payload), reply.statusCode)
+    }
+    done(null, payload)
+  }
 
   const schema = buildSchema(app.pipeline.manifest, {
     operation: (op, toInput) => async (_source, args: Record<string, unknown>, ctx: RequestContext, info) => {
@@ -256,6 +276,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     // upgrades of /graphql were refused 401 without the guard counting them.
     if (route.url === '/graphql') {
       route.onRequest = withHook(route.onRequest, checkUpgrade)
+      if (contexts !== null) route.onSend = withHook(route.onSend, refusedDocument)
     }
   })
   // GraphQL over HTTP's own media type, for clients that ask for it (the status codes are
@@ -289,8 +310,10 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     // Made where mercurius's handler begins: a document it refuses from here on (syntax,
     // validation) is the face's own answer, and its calls' refusals the audit stage's (Audit.reached).
     context: (request): RequestContext => {
-      reached?.(request)
-      return {
+      // mercurius makes a context for its error handler too: a request refused before its
+      // handler (recorded by the audit then) or a second context of one is not looked at again.
+      const first = reached?.(request) === true
+      const ctx: RequestContext = {
         requestId: request.id,
         clientRequestId: clientRequestId(request.raw),
         authorization: request.headers.authorization,
@@ -302,6 +325,8 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         n: 0,
         inputChars: 0
       }
+      if (first) contexts?.set(request, ctx)
+      return ctx
     },
     subscription: app.pipeline.manifest.events.length === 0
       ? false
@@ -581,4 +606,15 @@ function overInputBudget (ctx: RequestContext, input: unknown, limit: number): b
   if (size > left) return true
   ctx.inputChars += size
   return false
+}
+
+/** The contract code of the first error of a GraphQL answer's text (`VALIDATION_FAILED` when it names none). */
+function problemCode (payload: unknown): string {
+  if (typeof payload === 'string') {
+    try {
+      const code = (JSON.parse(payload) as { errors?: Array<{ extensions?: { code?: unknown } }> }).errors?.[0]?.extensions?.code
+      if (typeof code === 'string' && Object.hasOwn(ErrorCodes, code)) return code
+    } catch {}
+  }
+  return 'VALIDATION_FAILED'
 }

@@ -52,9 +52,10 @@ export interface Audit {
   /**
    * Marks a request of a call's route as having reached its face's handler: from there on, what
    * it is refused is the calls' own (the audit stage records them) or the face's answer. Before
-   * the mark, a refusal is recorded by the route's onError hook (see `earlyRefusal`).
+   * the mark, a refusal is recorded by the route's onError hook (see `earlyRefusal`). False when
+   * the request was marked already (by its face, or by that hook as it recorded its refusal).
    */
-  reached: (request: FastifyRequest) => void
+  reached: (request: FastifyRequest) => boolean
   /**
    * What the entry of a request on a route that audits itself (`config.audit`) says besides who
    * and how it ended: which tenant and tags an invalidation targeted, say. Never input or secrets.
@@ -623,8 +624,11 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   function refused (request: FastifyRequest, reply: FastifyReply, action: string, code: string, statusCode: number): void {
     writer.enqueue(storableEntry(httpEntry(request, reply, action, refusedIdentity(code) ? 'auth' : 'security', code, statusCode)), true)
   }
-  function reached (request: FastifyRequest): void {
-    (request as Marked)[REACHED] = true
+  function reached (request: FastifyRequest): boolean {
+    const marked = request as Marked
+    if (marked[REACHED]) return false
+    marked[REACHED] = true
+    return true
   }
   // A field of every request, set as it is made (one hidden class), rather than a WeakSet.
   app.decorateRequest(REACHED, false)

@@ -275,15 +275,44 @@ t.test('every refusal on a call\'s route before its face\'s handler is recorded 
     ['anonymous', { category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, action: 'listAgents' }],
     ['head', { category: 'read', status: 'ok', action: 'listAgents', method: 'HEAD', path: '/api/v1/agents' }],
     ['ws-slash', { category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, action: 'http', protocol: 'websocket', method: null, path: '/ws' }],
-    ['batch-slash', { category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'http', protocol: 'batch', method: 'POST', path: '/api/v1/batch' }]
+    ['batch-slash', { category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'http', protocol: 'batch', method: 'POST', path: '/api/v1/batch' }],
+    // A document refused before any of its fields ran: recorded as its request refused before
+    // the document was read is (once: it is the face's answer, not a field's).
+    ['syntax', { category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'http', protocol: 'graphql', method: null, path: '/graphql', tenantId: 't1' }]
   ]
   for (const [id, entry] of cases) {
     t.equal(of(id).length, 1, `${id}: one entry`)
     t.match(of(id)[0], entry, id)
   }
   t.same(of('probe'), [], 'a probe is not audited')
-  t.same(of('syntax'), [], 'a document GraphQL refuses itself is not')
   t.same(of('plain-ws'), [], 'nor /ws\'s answer to a request that is no upgrade')
+})
+
+// A GraphQL document over HTTP refused before any of its fields ran (it does not parse or
+// validate, a face limit, variables that do not fit) left no entry, while the same input refused
+// over REST leaves one (`?limit=abc`): probing an operation's input over GraphQL left no trace.
+// Now one entry each, as a request refused before its document is read; never the document; a
+// document whose fields ran leaves its fields' entries alone.
+t.test('a GraphQL document refused before any of its fields ran leaves one entry; one that ran, its fields\' alone', async t => {
+  const app = await buildDemoApp(t)
+  const send = async (id: string, payload: unknown, method: 'GET' | 'POST' = 'POST', headers: Record<string, string> = {}): Promise<number> =>
+    (await app.inject({ method, url: '/graphql', payload: payload as never, headers: { ...bearer({ tenant: 'tg', user: 'ug', roles: ['viewer'] }), 'x-request-id': id, ...headers } })).statusCode
+  t.equal(await send('argument', { query: '{ listAgents(limit: "hunter2") { items { id } } }' }), 400)
+  t.equal(await send('variable', { query: 'query Q($l: Int) { listAgents(limit: $l) { items { id } } }', variables: { l: 'hunter2' } }), 400)
+  t.equal(await send('field', { query: '{ getAgent(id: "a1") { hunter2 } }' }), 400)
+  t.equal(await send('syntax', { query: '{ getAgent(id: "hunter2"' }), 400)
+  t.equal(await send('deep', { query: '{ getAgent(id: "a1") { ' + 'id '.repeat(2) + '} ' + '}' }), 200, 'one that runs')
+  t.equal(await send('early', { query: 5 }), 400)
+  t.equal(await send('text', '{ getAgent(id: "a1") { hunter2 } }', 'POST', { 'content-type': 'application/graphql' }), 400)
+  const rows = await entries(app)
+  const of = (id: string): Row[] => rows.filter(r => r.requestId === id || r.requestId.startsWith(id + '.') || r.requestId.startsWith(id + '~'))
+  for (const id of ['argument', 'variable', 'field', 'syntax', 'text']) {
+    t.equal(of(id).length, 1, `${id}: one entry`)
+    t.match(of(id)[0], { requestId: id, category: 'security', status: 'VALIDATION_FAILED', statusCode: 400, action: 'http', protocol: 'graphql', method: null, path: '/graphql', tenantId: 'tg', userId: 'ug', riskLevel: 'none' }, id)
+  }
+  t.match(of('deep'), [{ action: 'getAgent', status: 'ok' }], 'a document that ran: its field\'s entry alone')
+  t.match(of('early'), [{ action: 'http', status: 'VALIDATION_FAILED' }], 'refused before its document was read: once, as before')
+  t.notMatch(JSON.stringify(rows), /hunter2/, 'never the document')
 })
 
 // The face of a request refused before its handler was read from the URL's text: an operation's
