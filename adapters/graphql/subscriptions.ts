@@ -534,19 +534,21 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       // A subscription whose document names an event, refused for its form (an argument, a
       // variable, a directive: its input, which a subscription never takes, or a field the event
       // does not have) is that subscription's refusal, recorded as one refused for its roles is
-      // (Audit.decide), as tRPC and /ws record theirs: before, it left no entry. Under the tenant
+      // (Audit.decide), as tRPC and /ws record theirs: before, it left no entry. A subscribe whose
+      // document names no event (no `query`, one that does not parse or validate, a query) is
+      // recorded as the same document over HTTP is: `http`, category security. Under the tenant
       // and user the connection speaks for, else those of its own valid token (connection_init's,
       // else the upgrade's), as a request refused before its face has it names them; never the
-      // document. A message that names no event (not a subscription, not parsed) is the
-      // protocol's, unrecorded.
-      const recordRefusal = (event: string, error: GraphQLFormattedError): void => {
+      // document. A message that is no subscribe (not JSON, an unknown type) is the protocol's,
+      // unrecorded, as a bad frame on /ws.
+      const recordRefusal = (event: string | null, error: GraphQLFormattedError): void => {
         const extensions = error.extensions as { code?: unknown, requestId?: unknown } | undefined
         const code = typeof extensions?.code === 'string' && extensions.code in ErrorCodes ? extensions.code as ErrorCode : 'VALIDATION_FAILED'
         const requestId = typeof extensions?.requestId === 'string' ? extensions.requestId : uuidv7()
         const connection = connections.get(socket)
         const caller = connection?.speaksFor ?? tokenOwner(app, state.init ?? connection?.upgradeAuthorization)
         try {
-          decide({ requestId, protocol: 'graphql', path: '/graphql', action: event, category: 'read', caller, clientRequestId: false }, () => { throw new MantleError(code, error.message) })
+          decide({ requestId, protocol: 'graphql', path: '/graphql', action: event ?? 'http', category: event === null ? 'security' : 'read', caller, clientRequestId: false }, () => { throw new MantleError(code, error.message) })
         } catch {
           // The refusal rethrown, or the trail's OVERLOADED when it cannot record (no entry then,
           // as for any decision): the client gets the document's refusal either way.
@@ -676,7 +678,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         }
         const named = { event: null as string | null }
         const error = forbidden ? refusal('VALIDATION_FAILED', FORBIDDEN_KEY) : suggested(subscribeRefusal(message as Record<string, unknown>, settings, app.graphql.schema, rules, named), settings.suggest)
-        if (error !== null && named.event !== null && auditing) recordRefusal(named.event, error)
+        if (error !== null && auditing) recordRefusal(named.event, error)
         if (error === null) {
           const key = String(id)
           if (state.ending.has(key)) {

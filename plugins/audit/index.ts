@@ -78,10 +78,17 @@ export interface Decision {
   protocol: 'websocket' | 'trpc' | 'graphql'
   /** The face's endpoint (`/ws`, `/trpc/<event>`, `/graphql`). */
   path: string
-  /** The event's name, `websocket.auth`, or `trpc` (a tRPC WebSocket's connectionParams refused). */
+  /**
+   * The event's name, `websocket.auth`, `trpc` (a tRPC WebSocket's connectionParams refused), or
+   * `http` (a graphql-ws subscribe refused before its document named an event).
+   */
   action: string
-  /** Accepted: `read` (a subscription) or `auth` (a re-auth, refused too). */
-  category: 'read' | 'auth'
+  /**
+   * Accepted: `read` (a subscription) or `auth` (a re-auth, refused too); `security`: a request
+   * refused before it named an event (a graphql-ws subscribe whose document names none), refused
+   * only, recorded as Audit.refused records one (`auth` for a 401 or 403).
+   */
+  category: 'read' | 'auth' | 'security'
   /** Who asked, once known (`decide` may set it); null: none, or refused (public / anonymous). */
   caller: { tenant: string, user: string } | null
   /** The request id is the client's own (AuditEntry.clientRequestId). */
@@ -192,7 +199,8 @@ function decisionEntry (d: Decision, startedAt: number, err: unknown): AuditEntr
     const { problem } = toProblem(err, d.requestId)
     status = problem.code
     statusCode = problem.status
-    if (category !== 'auth') category = categoryOf('query', status, 'none')
+    if (category === 'read') category = categoryOf('query', status, 'none')
+    else if (category === 'security' && refusedIdentity(status)) category = 'auth'
   }
   return {
     id: uuidv7(),

@@ -285,9 +285,9 @@ t.test('tRPC over WebSocket: a token in connectionParams refused leaves one entr
 // A GraphQL subscription refused for its document (an argument, which a subscription never takes;
 // a variable; a field its event does not have) was answered by the face's screen before any
 // decision, and left no entry, where one refused for its roles leaves one. Now one each, under the
-// caller's own valid token; a message that names no event (a query, a document that does not
-// parse) is the protocol's, unrecorded.
-t.test('GraphQL over graphql-ws: a subscription refused for its document leaves one entry under its event', async t => {
+// caller's own valid token; one whose document names no event (a query, a document that does not
+// parse) as the same document over HTTP is (`http`).
+t.test('GraphQL over graphql-ws: a subscription refused for its document leaves one entry, under its event when it names one', async t => {
   const app = await buildDemoApp(t)
   const port = await listen(app)
   const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, 'graphql-transport-ws')
@@ -315,6 +315,16 @@ t.test('GraphQL over graphql-ws: a subscription refused for its document leaves 
   for (const id of ['1', '2', '3']) {
     t.match(rows.find(r => r.requestId === errorOf(id).payload[0].extensions.requestId), { tenantId: 'tq', userId: 'uq', method: null, path: '/graphql', protocol: 'graphql', action: 'runUpdated', category: 'read', status: 'VALIDATION_FAILED', statusCode: 400, riskLevel: 'none' }, id)
   }
-  t.equal((await app.audit.store.query({ limit: 100 })).entries.length, 3, 'nothing for the others')
-  t.notMatch(JSON.stringify(rows), /hunter2|secret/, 'never the document')
+  // Those that name no event: as the same document over HTTP, `http`, category security.
+  const others = await stored(app, 'http')
+  t.equal(others.length, 3)
+  for (const id of ['4', '5', '6']) {
+    t.match(others.find(r => r.requestId === errorOf(id).payload[0].extensions.requestId), { tenantId: 'tq', userId: 'uq', method: null, path: '/graphql', protocol: 'graphql', action: 'http', category: 'security', status: 'VALIDATION_FAILED', statusCode: 400 }, id)
+  }
+  // A message that is no subscribe: the protocol's, unrecorded (graphql-transport-ws closes 4400).
+  const closed = new Promise<number>(resolve => ws.once('close', resolve))
+  ws.send('{"type":"nonsense"}')
+  t.equal(await closed, 4400)
+  t.equal((await app.audit.store.query({ limit: 100 })).entries.length, 6, 'nothing else')
+  t.notMatch(JSON.stringify(await app.audit.store.query({ limit: 100 })), /hunter2|secret/, 'never the document')
 })
