@@ -88,6 +88,9 @@ export class ProblemError extends TRPCError {
 
 const INTERNAL_DETAIL = 'The gateway could not complete the call'
 
+/** @trpc/server's refusal of a WebSocket message of more calls than its maxBatchSize. */
+export const BATCH_TOO_LONG = 'Batch call exceeds maximum size'
+
 /** What tRPC itself refused, in contract terms. */
 function fromTrpc (error: TRPCError): { code: ErrorCode, status: number, detail: string } {
   const cause = error.cause
@@ -97,7 +100,7 @@ function fromTrpc (error: TRPCError): { code: ErrorCode, status: number, detail:
       return { code: 'VALIDATION_FAILED', status: 400, detail: error.message === 'PARSE_ERROR' ? 'The message could not be parsed' : error.message }
     case 'BAD_REQUEST':
       // A WebSocket message batch over BFF_BATCH_MAX_CALLS: refused as an HTTP batch is.
-      if (error.message === 'Batch call exceeds maximum size') return { code: 'PAYLOAD_TOO_LARGE', status: 413, detail: error.message }
+      if (error.message === BATCH_TOO_LONG) return { code: 'PAYLOAD_TOO_LARGE', status: 413, detail: error.message }
       // `"input" needs to be an object when doing a batch call` is about the input's shape.
       return { code: error.message.includes('"input"') ? 'VALIDATION_FAILED' : 'BAD_REQUEST', status: 400, detail: error.message }
     case 'NOT_FOUND':

@@ -7,7 +7,7 @@ import { resolveResponse, type TRPCRequestInfo } from '@trpc/server/http'
 import type { WebSocket } from 'ws'
 import type { IncomingHttpHeaders, IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
-import { MantleError, refusalHeaders } from '../../errors.js'
+import { MantleError, refusalHeaders, type ErrorCode } from '../../errors.js'
 import { CLOSE_TRY_AGAIN_LATER, ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { refusedByWs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
 import { slowReader, utf8Sends } from '../slow-reader.js'
@@ -15,7 +15,7 @@ import { defaultUnreadBytes } from '../unread.js'
 import { httpAuthorization, httpContext, socketContext, TRPC_CALLS, type TrpcContext } from './context.js'
 import { decisions, runCall } from '../face.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
-import { ProblemError, errorShape, isInternal } from './errors.js'
+import { BATCH_TOO_LONG, ProblemError, errorShape, isInternal } from './errors.js'
 import { buildRouter, earlyRequestIds } from './router.js'
 import { DEFAULT_SETTINGS as WEBSOCKET_DEFAULTS } from '../websocket/index.js'
 import { LiveSubscriptions } from './subscriptions.js'
@@ -390,6 +390,15 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       // an error without a context is tRPC's refusal of that first message.
       const awaiting = new WeakMap<IncomingMessage, WebSocket>()
       const decide = decisions(app)
+      // Tenant and user of a connection's token, for an entry of its own (null: public / anonymous).
+      const tokenOwner = (authorization: string | undefined): { tenant: string, user: string } | null => {
+        try {
+          const { tenant, user } = app.identify(authorization)
+          return { tenant, user }
+        } catch {
+          return null
+        }
+      }
       const onConnection = getWSConnectionHandler({
         router,
         wss: app.websocketServer,
@@ -447,7 +456,21 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           socket.once('close', disarm)
           return ctx
         },
-        onError: ({ error, ctx, req }) => {
+        onError: ({ error, ctx, req, path }) => {
+          // A message of more calls than maxCallsPerMessage is refused whole (413 each), as an HTTP
+          // batch of more than BFF_BATCH_MAX_CALLS is, which is recorded (`trpc`, security): so is
+          // this one, once, with the request id its errors carry (set here: tRPC formats them
+          // after). Before, it left no entry. Never its calls' input.
+          if (ctx !== undefined && path === undefined && error.message === BATCH_TOO_LONG) {
+            const requestId = uuidv7()
+            earlyRequestIds.set(error, requestId)
+            const { code } = errorShape(error, requestId).data
+            try {
+              decide({ requestId, protocol: 'trpc', path: '/trpc', action: 'trpc', category: 'security', caller: tokenOwner(ctx.authorization), clientRequestId: false }, () => { throw new MantleError(code as ErrorCode, error.message) })
+            } catch {
+              // The refusal rethrown, or the trail's OVERLOADED when it cannot record.
+            }
+          }
           // A connectionParams message that is not JSON, or not an object of strings: tRPC sends
           // its error, then closes without a code (1005, a network drop to wsLink). Closed first
           // with 4400 and why, as /graphql closes on a message its protocol does not define.

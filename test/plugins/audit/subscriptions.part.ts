@@ -328,3 +328,26 @@ t.test('GraphQL over graphql-ws: a subscription refused for its document leaves 
   t.equal((await app.audit.store.query({ limit: 100 })).entries.length, 6, 'nothing else')
   t.notMatch(JSON.stringify(await app.audit.store.query({ limit: 100 })), /hunter2|secret/, 'never the document')
 })
+
+// A tRPC WebSocket message of more calls than the face runs from one message (1000) is refused
+// whole, PAYLOAD_TOO_LARGE for each call, as an HTTP batch past BFF_BATCH_MAX_CALLS is: that one
+// is recorded (`trpc`, security), this one left no entry.
+t.test('tRPC over WebSocket: a message of too many calls leaves one entry, as an HTTP batch too long does', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ tenant: 'tl', user: 'ul' }) })
+  t.teardown(() => ws.terminate())
+  const frames: Array<Record<string, any>> = []
+  ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
+  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  ws.send(JSON.stringify(Array.from({ length: 1001 }, (_, i) => ({ id: i, method: 'query', params: { path: 'getAgent', input: { id: 'hunter2' } } }))))
+  await until(() => frames.length === 1001, 'each call\'s refusal')
+  t.match(frames[0], { error: { data: { code: 'PAYLOAD_TOO_LARGE', httpStatus: 413 } } })
+  const requestId = frames[0].error.data.requestId
+  t.ok(frames.every(f => f.error?.data?.requestId === requestId), 'one refusal, one request id')
+  const rows = await stored(app, 'trpc')
+  t.equal(rows.length, 1)
+  t.match(rows[0], { requestId, tenantId: 'tl', userId: 'ul', method: null, path: '/trpc', protocol: 'trpc', action: 'trpc', category: 'security', status: 'PAYLOAD_TOO_LARGE', statusCode: 413 })
+  t.equal((await stored(app, 'getAgent')).length, 0, 'no call ran')
+  t.notMatch(JSON.stringify(rows), /hunter2/, 'never the input')
+})
