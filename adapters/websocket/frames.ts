@@ -67,7 +67,7 @@ export function decodeFrame (text: string): Frame | Refusal {
   // a valid id (before, `"id":null`, and the client's call never settled). JSON.parse makes
   // `__proto__` an own key, never a prototype: the id is read from the frame's own keys.
   if (value !== null && typeof value === 'object' && MAY_HOLD_FORBIDDEN_KEY.test(text) && forbiddenKey(value)) {
-    return { kind: 'refused', id: givenId(value), detail: 'The frame contains a forbidden prototype property' }
+    return refused(givenId(value), 'The frame contains a forbidden prototype property', Array.isArray(value) ? undefined : namesOf(value as Record<string, unknown>))
   }
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
     return { kind: 'refused', id: null, detail: 'A frame must be a JSON object' }
@@ -76,17 +76,30 @@ export function decodeFrame (text: string): Frame | Refusal {
   const given = givenId(object)
   for (const [key, kind, validate] of validators) {
     if (!(key in object)) continue
-    if (!validate(object)) {
-      const detail = describeValidation(validate.errors ?? [], 'frame', { schema: validate.schema, value: object })
-      if (kind === 'auth') return { kind: 'refused', id: given, detail, names: { kind, name: 'websocket.auth' } }
-      const named: unknown = object[key]
-      if (kind === 'unsubscribe' || typeof named !== 'string' || named.length === 0 || named.length > MAX_NAME_LENGTH) return { kind: 'refused', id: given, detail }
-      return { kind: 'refused', id: given, detail, names: { kind, name: named } }
-    }
+    if (!validate(object)) return refused(given, describeValidation(validate.errors ?? [], 'frame', { schema: validate.schema, value: object }), namesOf(object))
     object.kind = kind
     return object as unknown as Frame
   }
   return { kind: 'refused', id: given, detail: 'A frame must carry one of op, subscribe, unsubscribe or auth' }
+}
+
+function refused (id: string | null, detail: string, names: Refusal['names']): Refusal {
+  return names === undefined ? { kind: 'refused', id, detail } : { kind: 'refused', id, detail, names }
+}
+
+/**
+ * What a frame refused for its form names (Refusal.names): the kind its first key of a kind says,
+ * and the op or event it names when that is a name a frame may carry; `auth` names the re-auth.
+ */
+function namesOf (object: Record<string, unknown>): Refusal['names'] {
+  for (const [key, kind] of validators) {
+    if (!Object.hasOwn(object, key)) continue
+    if (kind === 'auth') return { kind, name: 'websocket.auth' }
+    const named = object[key]
+    if (kind === 'unsubscribe' || typeof named !== 'string' || named.length === 0 || named.length > MAX_NAME_LENGTH) return undefined
+    return { kind, name: named }
+  }
+  return undefined
 }
 
 /** The frame's own `id` when it is one a frame may carry (a top-level string within bounds), else null. */
