@@ -2,6 +2,7 @@ import type { Socket } from 'node:net'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import { Counter, Gauge, type Registry } from 'prom-client'
 import { MantleError } from '../errors.js'
+import { clientAddress } from '../address.js'
 
 /** The faces that upgrade, as metrics name them (the face's path without its slash). */
 export type SlotsFace = 'ws' | 'graphql' | 'trpc'
@@ -12,8 +13,32 @@ export type SlotsFace = 'ws' | 'graphql' | 'trpc'
  */
 export const CLOSE_TRY_AGAIN_LATER = 1013
 
-/** The bound that refused a connection: the instance's, or its tenant's share of it. */
-export type SlotsBound = 'instance' | 'tenant'
+/**
+ * The bound that refused a connection: the instance's, or its tenant's share of it; of those
+ * still unidentified (an upgrade with no credentials), the instance's (`unidentified`) or its
+ * client address's share of them (`address`).
+ */
+export type SlotsBound = 'instance' | 'tenant' | 'unidentified' | 'address'
+
+/**
+ * The bounds on connections still unidentified: upgrades that carry no credentials, which a
+ * client may bring once upgraded (GraphQL's connection_init, tRPC's connectionParams).
+ */
+export interface UnidentifiedBounds {
+  /** Such connections on the instance, at each face. */
+  max: number
+  /** Such connections from one client address (an IPv6 one by its /64), at each face. */
+  perAddress: number
+}
+
+/**
+ * A legitimate client is unidentified for one round trip (its upgrade's answer, then its
+ * connection_init or connectionParams): a few at a time even from an address that many clients
+ * share (a NAT, a balancer's when BFF_TRUST_PROXY is unset). Before, anyone could hold the
+ * face's 100,000 places without a token, each 10 s and the close handshake's 30 s: a GraphQL
+ * socket held some 50 KB of heap (5 GB at the bound), a tRPC one some 14 KB.
+ */
+export const UNIDENTIFIED_DEFAULTS: Readonly<UnidentifiedBounds> = Object.freeze({ max: 5000, perAddress: 200 })
 
 /**
  * A face's bound on the WebSocket connections of this instance (every face that upgrades has
@@ -42,18 +67,67 @@ export class ConnectionSlots {
   private readonly tenants = new Map<string, number>()
   /** The tenant each socket counts against (at most one at a time). */
   private readonly owners = new WeakMap<Socket, string>()
+  /** Unidentified connections now, and each client address's (an entry goes at 0). */
+  private unidentifiedCount = 0
+  private readonly addresses = new Map<string, number>()
+  /** The client address each unidentified connection (its upgrade's TCP socket) counts against. */
+  private readonly unidentifiedBy = new WeakMap<Socket, string>()
   /** Counts a refusal by the bound that made it (reportSlots sets it when metrics are on). */
   refused: (bound: SlotsBound) => void = () => {}
 
   /**
    * @param perTenant the places one tenant may hold (undefined: no share, as with identity off,
-   *   when every caller is the one tenant `public`)
+   *   when every caller is the one tenant `public`; the bounds on unidentified connections then
+   *   do not apply either: every connection is the anonymous caller's)
    */
-  constructor (readonly face: SlotsFace, readonly max: number, readonly perTenant: number | undefined = undefined) {}
+  constructor (readonly face: SlotsFace, readonly max: number, readonly perTenant: number | undefined = undefined, readonly unidentifiedBounds: Readonly<UnidentifiedBounds> = UNIDENTIFIED_DEFAULTS) {}
 
   /** Places taken now. */
   get size (): number {
     return this.taken
+  }
+
+  /** Connections open or being upgraded without credentials and not identified since. */
+  get unidentified (): number {
+    return this.unidentifiedCount
+  }
+
+  /**
+   * Counts the upgrade `request`, which carries no credentials, as unidentified against its
+   * client's address until it is identified (claim) or closed; throws 503 OVERLOADED when the
+   * instance holds its bound of such connections, or the address its share of them. Called after
+   * reserve. With identity off (no share per tenant) nothing is counted.
+   */
+  awaitIdentity (request: FastifyRequest): void {
+    if (this.perTenant === undefined || request.ws !== true) return
+    const socket = request.raw.socket as Socket | undefined
+    if (socket === undefined || this.unidentifiedBy.has(socket) || this.owners.has(socket)) return
+    const address = clientAddress(request)
+    const { max, perAddress } = this.unidentifiedBounds
+    if (this.unidentifiedCount >= max) {
+      this.refused('unidentified')
+      throw new MantleError('OVERLOADED', `Too many WebSocket connections without a token at /${this.face} on this instance: send the token with the upgrade (Authorization or ?access_token=)`, { headers: { 'retry-after': '5' } })
+    }
+    if ((this.addresses.get(address) ?? 0) >= perAddress) {
+      this.refused('address')
+      throw new MantleError('OVERLOADED', `An address holds at most ${perAddress} WebSocket connections without a token at /${this.face} on this instance: send the token with the upgrade (Authorization or ?access_token=)`, { headers: { 'retry-after': '5' } })
+    }
+    if (socket.destroyed) return
+    this.unidentifiedBy.set(socket, address)
+    this.unidentifiedCount++
+    this.addresses.set(address, (this.addresses.get(address) ?? 0) + 1)
+    socket.once('close', () => { this.identified(socket) })
+  }
+
+  /** `socket` no longer counts as unidentified (it is identified, or closed); once. */
+  private identified (socket: Socket): void {
+    const address = this.unidentifiedBy.get(socket)
+    if (address === undefined) return
+    this.unidentifiedBy.delete(socket)
+    this.unidentifiedCount--
+    const left = (this.addresses.get(address) ?? 1) - 1
+    if (left > 0) this.addresses.set(address, left)
+    else this.addresses.delete(address)
   }
 
   /** The tenant the connection `socket` (its upgrade's TCP socket) counts against, if any yet. */
@@ -113,6 +187,7 @@ export class ConnectionSlots {
     }
     this.owners.set(socket, tenant)
     this.tenants.set(tenant, this.heldBy(tenant) + 1)
+    this.identified(socket)
   }
 
   private release (tenant: string): void {
@@ -140,7 +215,9 @@ export function reportSlots (app: FastifyInstance, slots: ConnectionSlots): void
     const all = new Map<SlotsFace, ConnectionSlots>()
     // eslint-disable-next-line no-new
     new Gauge({ name: 'mantle_websocket_slots', help: 'WebSocket connections of each face, open or being upgraded (bound: its maxConnections)', labelNames: ['face'], registers: [registry], collect () { for (const [name, taken] of all) this.set({ face: name }, taken.size) } })
-    const refused = new Counter({ name: 'mantle_websocket_connections_refused_total', help: 'WebSocket connections refused with OVERLOADED at a bound, by face: the instance\'s (bound="instance", the face\'s maxConnections) or a tenant\'s share of it (bound="tenant", BFF_WS_MAX_CONNECTIONS_PER_TENANT)', labelNames: ['face', 'bound'] as const, registers: [registry] })
+    // eslint-disable-next-line no-new
+    new Gauge({ name: 'mantle_websocket_unidentified', help: 'WebSocket connections of each face opened without a token and not identified yet (GraphQL\'s connection_init, tRPC\'s connectionParams), bounded per instance and per client address', labelNames: ['face'], registers: [registry], collect () { for (const [name, taken] of all) this.set({ face: name }, taken.unidentified) } })
+    const refused = new Counter({ name: 'mantle_websocket_connections_refused_total', help: 'WebSocket connections refused with OVERLOADED at a bound, by face: the instance\'s (bound="instance", the face\'s maxConnections), a tenant\'s share of it (bound="tenant", BFF_WS_MAX_CONNECTIONS_PER_TENANT), or of those without a token the instance\'s (bound="unidentified") or a client address\'s (bound="address")', labelNames: ['face', 'bound'] as const, registers: [registry] })
     report = { faces: all, refused }
     reported.set(registry, report)
   }

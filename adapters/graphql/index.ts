@@ -6,7 +6,7 @@ import { collectFields } from 'graphql/execution/collectFields.js'
 import { AnswerBudget, MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
 import { ErrorCodes, MantleError } from '../../errors.js'
 import { checkedUtf8 } from '../../json-body.js'
-import { ConnectionSlots, reportSlots } from '../connection-slots.js'
+import { ConnectionSlots, UNIDENTIFIED_DEFAULTS, reportSlots } from '../connection-slots.js'
 import { defaultUnreadBytes, type UnreadBytes } from '../unread.js'
 import { callKey, idempotencyKeyOf, single } from '../rest/index.js'
 import { buildSchema } from './schema.js'
@@ -92,12 +92,21 @@ export interface GraphqlFaceSettings {
   maxConnections: number
   /** Ping interval of its sockets; one that has not answered the previous ping is dropped (as on /ws). */
   heartbeatMs: number
+  /**
+   * Connections at /graphql opened without a token and not identified yet (by connection_init):
+   * on this instance, and from one client address; beyond either an upgrade without a token gets
+   * 503 OVERLOADED. With identity off, not applied.
+   */
+  maxUnidentified: number
+  maxUnidentifiedPerAddress: number
 }
 
 export const DEFAULT_SETTINGS: Readonly<GraphqlFaceSettings> = Object.freeze({
   initTimeoutMs: 10_000,
   maxConnections: 100_000,
-  heartbeatMs: 30_000
+  heartbeatMs: 30_000,
+  maxUnidentified: UNIDENTIFIED_DEFAULTS.max,
+  maxUnidentifiedPerAddress: UNIDENTIFIED_DEFAULTS.perAddress
 })
 
 const SHUTTING_DOWN = (): MantleError => new MantleError('OVERLOADED', 'The gateway is shutting down: this mutation did not run; retry it on another instance', { headers: { 'retry-after': '1' } })
@@ -138,7 +147,7 @@ export function chooseSubprotocol (protocols: Set<string>, request: IncomingMess
 export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) {
   const limits = { ...DEFAULT_SETTINGS, ...settings }
   return async function graphqlFace (app: FastifyInstance, opts: FaceOptions): Promise<void> {
-    const slots = new ConnectionSlots('graphql', limits.maxConnections, opts.maxConnectionsPerTenant)
+    const slots = new ConnectionSlots('graphql', limits.maxConnections, opts.maxConnectionsPerTenant, { max: limits.maxUnidentified, perAddress: limits.maxUnidentifiedPerAddress })
     const unread = opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined)
     const guard = await graphqlAdapter(app, opts, slots, limits.initTimeoutMs)
     // mercurius keeps a socket that never sends connection_init open for ever: a client could
@@ -267,6 +276,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     slots.reserve(request)
     const authorization = upgradeAuthorization(request)
     if (authorization !== undefined) slots.claim(request.raw.socket, app.identify(authorization, request.raw).tenant)
+    else slots.awaitIdentity(request)
   }
   app.addHook('onRoute', (route) => {
     // The face's routes stay out of the OpenAPI document, which describes REST.

@@ -8,7 +8,7 @@ import type { WebSocket } from 'ws'
 import type { IncomingHttpHeaders, IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders, type ErrorCode } from '../../errors.js'
-import { CLOSE_TRY_AGAIN_LATER, ConnectionSlots, reportSlots } from '../connection-slots.js'
+import { CLOSE_TRY_AGAIN_LATER, ConnectionSlots, UNIDENTIFIED_DEFAULTS, reportSlots } from '../connection-slots.js'
 import { refusedByWs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
 import { slowReader, utf8Sends } from '../slow-reader.js'
 import { defaultUnreadBytes } from '../unread.js'
@@ -49,6 +49,13 @@ export interface TrpcFaceSettings {
    * a connection runs at once: past those, each call is refused OVERLOADED on its own.
    */
   maxCallsPerMessage: number
+  /**
+   * WebSocket connections at /trpc opened without a token (`?connectionParams=1`) and not
+   * identified yet: on this instance, and from one client address; beyond either such an upgrade
+   * gets 503 OVERLOADED. With identity off, not applied.
+   */
+  maxUnidentified: number
+  maxUnidentifiedPerAddress: number
 }
 
 export const DEFAULT_SETTINGS: Readonly<TrpcFaceSettings> = Object.freeze({
@@ -58,7 +65,9 @@ export const DEFAULT_SETTINGS: Readonly<TrpcFaceSettings> = Object.freeze({
   authTimeoutMs: 10_000,
   pingMs: 30_000,
   maxBufferedBytes: WEBSOCKET_DEFAULTS.maxBufferedBytes,
-  maxCallsPerMessage: 1000
+  maxCallsPerMessage: 1000,
+  maxUnidentified: UNIDENTIFIED_DEFAULTS.max,
+  maxUnidentifiedPerAddress: UNIDENTIFIED_DEFAULTS.perAddress
 })
 
 /** 4401: the token is missing, refused or expired (the /ws face uses the same code). */
@@ -380,7 +389,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     if (!app.hasDecorator('websocketServer')) {
       app.get('/trpc', { schema: { hide: true } }, notHere)
     } else {
-      const slots = new ConnectionSlots('trpc', limits.maxConnections, opts.maxConnectionsPerTenant)
+      const slots = new ConnectionSlots('trpc', limits.maxConnections, opts.maxConnectionsPerTenant, { max: limits.maxUnidentified, perAddress: limits.maxUnidentifiedPerAddress })
       const unread = opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined)
       reportSlots(app, slots)
       const authenticated = new WeakSet<WebSocket>()
@@ -502,6 +511,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           // ?connectionParams=1, those may name another tenant: counted in createContext).
           if (!awaitsParams(request)) slots.claim(request.raw.socket, app.identify(authorization, request.raw).tenant)
           else if (authorization !== undefined) app.identify(authorization, request.raw)
+          else slots.awaitIdentity(request)
           upgrades.set(request.raw, authorization)
         },
         handler: notHere,

@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
-import fastifyRateLimit, { normalizeIP } from '@fastify/rate-limit'
+import fastifyRateLimit from '@fastify/rate-limit'
 import { Counter, Gauge } from 'prom-client'
 import { CallCounter, type CounterSeries } from '../metrics/call-metrics.js'
 import { MantleError } from '../../errors.js'
@@ -13,7 +13,7 @@ import { RateLimiter, fastifyStore, opKey, tenantKey, ipKey, type LimiterCounter
 import { withHook } from '../../route-hooks.js'
 import { PROBE_PATHS, targetsProbe } from '../../probes.js'
 import { requestAuthorization } from '../../adapters/credentials.js'
-import { bareAddress } from '../../address.js'
+import { clientAddress } from '../../address.js'
 import { carriesStaticToken } from '../auth/static-token.js'
 
 export { RateLimiter, opKey, tenantKey, ipKey, keyPart, fastifyStore } from './limiter.js'
@@ -191,24 +191,9 @@ function guardKey (app: FastifyInstance, request: FastifyRequest): string {
   return addressKey(request)
 }
 
-/**
- * The key of a caller by its address. A client that reset its connection before its request's
- * hooks ran has none (request.ip is undefined then): normalizeIP threw on it, a 500 logged with
- * its stack for each such request.
- */
+/** The key of a caller by its address (clientAddress). */
 function addressKey (request: FastifyRequest): string {
-  const ip = request.ip as string | undefined
-  return ipKey(ip === undefined ? 'unknown' : normalizeIP(clientAddress(ip, request)))
-}
-
-/**
- * The client's address as the guard keys it: a trusted proxy's X-Forwarded-For entry with a port
- * (Azure's Application Gateway writes `IP:port`) made a key per client connection, so a client
- * that opened a new one for each request was never limited, and each filled the shared LRU. A
- * port is dropped; an entry that is still no address is keyed as the proxy that sent it.
- */
-function clientAddress (ip: string, request: FastifyRequest): string {
-  return bareAddress(ip) ?? request.socket?.remoteAddress ?? 'unknown'
+  return ipKey(clientAddress(request))
 }
 
 function counters (app: FastifyInstance, limiter: () => RateLimiter): LimiterCounters | undefined {
