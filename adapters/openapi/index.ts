@@ -2,6 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
+import { precompressedFiles } from './precompressed.js'
 import { Ajv } from 'ajv'
 import type { Operation } from '../../manifest.js'
 
@@ -175,7 +176,12 @@ async function openapiPlugin (app: FastifyInstance, opts: OpenApiOptions): Promi
     },
     refResolver: { buildLocalReference: (json, _baseUri, _fragment, i) => typeof json.$id === 'string' ? json.$id : `def-${i}` }
   })
-  await app.register(swaggerUi, { routePrefix: '/docs', uiConfig: { deepLinking: false } })
+  // Swagger UI's files, compressed once each (precompressed.ts) when compression is on: a hook
+  // of their own context, which runs before @fastify/compress's (a hook of each route).
+  await app.register(async (docs) => {
+    if (app.hasPlugin('mantle-compression')) docs.addHook('onSend', precompressedFiles())
+    await docs.register(swaggerUi, { routePrefix: '/docs', uiConfig: { deepLinking: false } })
+  })
   app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger())
 }
 

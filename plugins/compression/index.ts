@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import compress from '@fastify/compress'
-import { constants } from 'node:zlib'
+import { constants, type BrotliOptions, type ZlibOptions } from 'node:zlib'
 
 // Response compression with @fastify/compress, negotiated from Accept-Encoding (br, gzip,
 // deflate, in the client's order of preference; identity or no header: none). It must be
@@ -18,7 +18,12 @@ export const COMPRESSION_THRESHOLD = 1024
 export const COMPRESSIBLE = /^text\/(?!event-stream)|(?:\+|\/)json(?:;|$)|(?:\+|\/)xml(?:;|$)/
 
 /** The codings offered, in the gateway's order of preference. */
-const ENCODINGS = ['br', 'gzip', 'deflate'] as const
+export const ENCODINGS = ['br', 'gzip', 'deflate'] as const
+export type Encoding = typeof ENCODINGS[number]
+
+/** Brotli's default quality (11) costs tens of ms per 100 KB: 4 is near gzip's speed and smaller. */
+export const BROTLI_OPTIONS: BrotliOptions = Object.freeze({ params: Object.freeze({ [constants.BROTLI_PARAM_QUALITY]: 4 }) })
+export const ZLIB_OPTIONS: ZlibOptions = Object.freeze({ level: 6 })
 
 /**
  * An Accept-Encoding with its `*` written out as the codings the header does not name, each with
@@ -54,12 +59,11 @@ async function compressionPlugin (app: FastifyInstance): Promise<void> {
   })
   await app.register(compress, {
     global: true,
-    encodings: ['br', 'gzip', 'deflate'],
+    encodings: [...ENCODINGS],
     threshold: COMPRESSION_THRESHOLD,
     customTypes: COMPRESSIBLE,
-    // Brotli's default quality (11) costs tens of ms per 100 KB: 4 is near gzip's speed and smaller.
-    brotliOptions: { params: { [constants.BROTLI_PARAM_QUALITY]: 4 } },
-    zlibOptions: { level: 6 },
+    brotliOptions: BROTLI_OPTIONS,
+    zlibOptions: ZLIB_OPTIONS,
     // Request bodies are not inflated: a compressed body is refused as it always was, so a small
     // upload can never expand into a large one behind the body limit.
     globalDecompression: false

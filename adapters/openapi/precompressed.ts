@@ -1,0 +1,102 @@
+import type { FastifyReply, FastifyRequest } from 'fastify'
+import { ReadStream } from 'node:fs'
+import { readFile } from 'node:fs/promises'
+import zlib from 'node:zlib'
+import { promisify } from 'node:util'
+import { BROTLI_OPTIONS, COMPRESSION_THRESHOLD, ENCODINGS, ZLIB_OPTIONS, type Encoding } from '../../plugins/compression/index.js'
+
+/**
+ * The files of /docs (Swagger UI's bundle, its CSS, ...) compressed once per file and coding,
+ * then answered from memory. @fastify/compress compressed each answer anew, as it must a Kernel
+ * answer: the 1.6 MB bundle cost 35-50 ms of CPU per request (br, gzip), for anyone without a
+ * token, and a client that closed each connection once asked paid nothing for it.
+ */
+
+/** Codings × files kept: Swagger UI's static directory has about a dozen files. */
+const MAX_ENTRIES = 64
+/** Files larger than this are left to @fastify/compress (none of Swagger UI's is near it). */
+const MAX_FILE_BYTES = 8 * 1024 * 1024
+/** What is compressed here: the text files (JavaScript, CSS, HTML, SVG, JSON); images are compressed already. */
+const TEXT = /^(?:text\/|application\/(?:javascript|json)|image\/svg\+xml)/
+
+const compressors: Record<Encoding, (data: Buffer) => Promise<Buffer>> = {
+  // Looked up on zlib at each call, not bound once.
+  br: async data => await promisify(zlib.brotliCompress)(data, BROTLI_OPTIONS),
+  gzip: async data => await promisify(zlib.gzip)(data, ZLIB_OPTIONS),
+  deflate: async data => await promisify(zlib.deflate)(data, ZLIB_OPTIONS)
+}
+
+/**
+ * The coding of ENCODINGS `accept` (an Accept-Encoding the compression plugin has written any `*`
+ * out of) prefers, as @fastify/compress's negotiator picks it: the highest q above 0, on a tie the
+ * first of ENCODINGS; `x-gzip` is gzip; null when it takes none of them.
+ */
+export function negotiate (accept: string): Encoding | null {
+  let best: Encoding | null = null
+  let bestQ = 0
+  for (const member of accept.toLowerCase().split(',')) {
+    const [name = '', ...params] = member.split(';')
+    let coding = name.trim()
+    if (coding === 'x-gzip') coding = 'gzip'
+    const rank = ENCODINGS.indexOf(coding as Encoding)
+    if (rank === -1) continue
+    let q = 1
+    for (const param of params) {
+      const [key, value] = param.split('=')
+      if (key?.trim() === 'q') q = Number.parseFloat(value ?? '') || 0
+    }
+    if (q > bestQ || (q === bestQ && best !== null && rank < ENCODINGS.indexOf(best))) {
+      best = coding as Encoding
+      bestQ = q
+    }
+  }
+  return best
+}
+
+/**
+ * An onSend hook for @fastify/static's answers: a whole file (200, no range) of a text type,
+ * whose client takes a coding, is answered with that coding's bytes, compressed once and kept
+ * (at most MAX_ENTRIES). Set before @fastify/compress's own onSend, which then leaves it alone
+ * (it has a Content-Encoding). Anything else goes on as it came.
+ */
+export function precompressedFiles (): (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: Error | null, payload?: unknown) => void) => void {
+  const kept = new Map<string, Promise<Buffer | null>>()
+  const compressed = (path: string, coding: Encoding): Promise<Buffer | null> | null => {
+    const key = coding + ' ' + path
+    let entry = kept.get(key)
+    if (entry === undefined) {
+      if (kept.size >= MAX_ENTRIES) return null
+      entry = readFile(path).then(async data => data.length > MAX_FILE_BYTES ? null : await compressors[coding](data), () => null)
+      kept.set(key, entry)
+    }
+    return entry
+  }
+  return function precompressed (request, reply, payload, done) {
+    const accept = request.headers['accept-encoding']
+    if (!(payload instanceof ReadStream) || typeof payload.path !== 'string' || reply.statusCode !== 200 || accept === undefined ||
+        request.headers['x-no-compression'] !== undefined || reply.hasHeader('content-encoding') || reply.hasHeader('content-range') ||
+        !TEXT.test(String(reply.getHeader('content-type') ?? '')) || Number(reply.getHeader('content-length') ?? 0) < COMPRESSION_THRESHOLD) {
+      done(null, payload)
+      return
+    }
+    const coding = negotiate(accept)
+    const pending = coding === null ? null : compressed(payload.path, coding)
+    if (coding === null || pending === null) {
+      done(null, payload)
+      return
+    }
+    pending.then(body => {
+      if (body === null) {
+        done(null, payload)
+        return
+      }
+      // The file's stream is not read: closed, its descriptor with it.
+      payload.destroy()
+      const vary = reply.getHeader('vary')
+      reply.header('vary', vary === undefined || vary === '' ? 'accept-encoding' : `${String(vary)}, accept-encoding`)
+      reply.header('content-encoding', coding)
+      reply.header('content-length', body.length)
+      done(null, body)
+    }, (err: Error) => { done(err) })
+  }
+}
