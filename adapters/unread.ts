@@ -2,6 +2,7 @@ import { getHeapStatistics } from 'node:v8'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
 import { MantleError } from '../errors.js'
+import { FRAME_OVERHEAD, queueFrame } from './slow-reader.js'
 
 /**
  * The bytes the instance holds that its clients have not read (queued in the gateway, not yet
@@ -89,10 +90,13 @@ export class UnreadBytes {
       held.tenant = tenant
     }
     const record = held
-    const bytes = frame.length
+    // With what queuing it holds besides its bytes: small frames cost far more than their size.
+    const bytes = frame.length + FRAME_OVERHEAD
     record.bytes += bytes
     this.add(record.tenant, bytes)
+    const sent = queueFrame(socket)
     socket.send(frame, { binary: false }, (err?: Error) => {
+      sent()
       const back = Math.min(bytes, record.bytes)
       record.bytes -= back
       this.add(record.tenant, -back)
