@@ -25,6 +25,7 @@ import rateLimit, { opKey, RATE_LIMIT_COMMANDS } from './plugins/rate-limit/inde
 import { requestLoggerFactory } from './request-logger.js'
 import { CallFailedLog } from './call-failed-log.js'
 import { trustedProxies } from './address.js'
+import { connectionBound, openFilesLimit } from './connection-bound.js'
 import firewall from './plugins/firewall/index.js'
 import idempotency, { storeKey, IDEMPOTENCY_COMMANDS } from './plugins/idempotency/index.js'
 import cache, { CACHE_COMMANDS, INVALIDATE_CHANNEL, sharedKey, tagKey } from './plugins/cache/index.js'
@@ -175,6 +176,8 @@ export interface BuildOptions {
   pressureSampleIntervalMs?: number
   /** /diagz: one call in `stageSampleEvery` is timed per stage (default 8; tests time every call); `cache`: its section shown (a stand-in cache stage). */
   diagz?: { stageSampleEvery?: number, cache?: boolean }
+  /** Connections accepted at once (default connectionBound of the process's open-files limit; null: none; tests shrink it). */
+  maxConnections?: number | null
 }
 
 /**
@@ -556,6 +559,10 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // Fastify answers a body it refused unread) with destroySoon: it lingers instead. Every open
   // connection is kept, for the shutdown to find those whose request is still arriving.
   const connections = new Set<Socket>()
+  // Beyond the bound, Node closes a new connection at once ('drop'): the descriptors left are
+  // the gateway's own connections' (connection-bound.ts).
+  const maxConnections = options.maxConnections === undefined ? connectionBound(openFilesLimit(), manifest.kernel.connections) : options.maxConnections
+  if (maxConnections !== null) app.server.maxConnections = maxConnections
   app.server.on('connection', (socket: Socket) => {
     socket.destroySoon = () => { lingeringClose(socket) }
     connections.add(socket)
@@ -813,6 +820,10 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     await app.register(metrics, config.BFF_METRICS_TOKEN === undefined ? {} : { token: config.BFF_METRICS_TOKEN })
     const counter = new Counter({ name: 'mantle_manifest_reloads_total', help: 'Manifest reloads, applied or refused', labelNames: ['outcome'] as const, registers: [app.metrics.registry] })
     reloads = outcome => counter.labels(outcome).inc()
+    if (maxConnections !== null) {
+      const dropped = new Counter({ name: 'mantle_connections_dropped_total', help: `Connections closed as soon as accepted: the instance held its bound of ${maxConnections} (the open-files limit less the descriptors its own connections need)`, registers: [app.metrics.registry] })
+      app.server.on('drop', () => { dropped.inc() })
+    }
   }
   // Labels: the manifest's op names (or `*`) and the three codes logLevelOf writes at warn.
   const suppressed = config.BFF_METRICS_ENABLED
