@@ -3,6 +3,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
 import { MantleError } from '../errors.js'
 import { FRAME_OVERHEAD, queueFrame } from './slow-reader.js'
+import { PROBE_PATHS } from '../probes.js'
 
 /**
  * The bytes the instance holds that its clients have not read (queued in the gateway, not yet
@@ -15,6 +16,12 @@ import { FRAME_OVERHEAD, queueFrame } from './slow-reader.js'
  * every tenant's calls. A frame is queued while, before it, its tenant holds at most its share and
  * the instance at most its total: what is held stays within them and one frame.
  */
+/**
+ * The key under which what clients without a token hold is counted, as one tenant's (no tenant
+ * id can be it: a tenant id is visible characters).
+ */
+const ANONYMOUS = '\u0000anonymous'
+
 export class UnreadBytes {
   private total = 0
   private readonly tenants = new Map<string, number>()
@@ -45,17 +52,24 @@ export class UnreadBytes {
     return this.over === 0 && this.total <= this.max
   }
 
-  /** Whether more may be queued for `tenant` (undefined: not known, the instance's total alone). */
+  /**
+   * Whether more may be queued for `tenant` (undefined: not known, a client without a token,
+   * whose share is the one all such clients hold together). Without a share of their own, the
+   * answers and frames of clients without a token counted against the instance's total alone: they
+   * could fill it (an /openapi.json or /docs/yaml answer left unread on each of many connections),
+   * and every tenant's answers and frames were then refused.
+   */
   admits (tenant: string | undefined): boolean {
     if (this.total > this.max) return false
-    return tenant === undefined || this.perTenant === undefined || this.heldBy(tenant) <= this.perTenant
+    return this.perTenant === undefined || this.heldBy(tenant ?? ANONYMOUS) <= this.perTenant
   }
 
-  /** Counts `bytes` (negative: given back) as held for `tenant` (undefined: not known). */
-  add (tenant: string | undefined, bytes: number): void {
+  /** Counts `bytes` (negative: given back) as held for the tenant `known` (undefined: not known, counted with the other clients without a token). */
+  add (known: string | undefined, bytes: number): void {
     if (bytes === 0) return
     this.total += bytes
-    if (tenant === undefined) return
+    if (known === undefined && this.perTenant === undefined) return
+    const tenant = known ?? ANONYMOUS
     const was = this.heldBy(tenant)
     const now = was + bytes
     if (now > 0) this.tenants.set(tenant, now)
@@ -138,11 +152,14 @@ export const COUNTED_ANSWER_BYTES = 16 * 1024
  * share, or the instance more than its total, its requests are refused 503 OVERLOADED
  * (`Retry-After: 5`) before anything runs, and an answer that finds them so (of requests that came
  * together, all admitted before any answer was counted) is not sent: 503 OVERLOADED instead, its
- * call having run. A request with no tenant is never refused here: what the gateway answers
- * without identity is small. While nothing is over its bound, a request costs one comparison.
+ * call having run. A request with no tenant is never refused before it runs (it runs nothing but
+ * its refusal, or a document's answer), but its answer of COUNTED_ANSWER_BYTES or more counts in
+ * the share all clients without a token hold together, and is left out beyond it (503), except a
+ * probe's or the scrape's. While nothing is over its bound, a request costs one comparison.
  */
 export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantOf: (request: FastifyRequest) => string | undefined): void {
   const leftOut = (): MantleError => overloaded('This answer was left out: this tenant\'s clients have too many answers unread on this instance. The call did run (a mutation was carried out)')
+  const anonymousLeftOut = (): MantleError => overloaded('This answer was left out: clients without a token have too many answers unread on this instance')
   app.addHook('onRequest', (request, _reply, done) => {
     if (unread.within) {
       done()
@@ -162,9 +179,9 @@ export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantO
         return
       }
       const tenant = tenantOf(request)
-      if (tenant !== undefined && !unread.admits(tenant)) {
+      if (!unread.admits(tenant) && !PROBE_PATHS.has(request.routeOptions.url ?? '')) {
         payload.body.cancel().catch(() => {})
-        done(leftOut())
+        done(tenant === undefined ? anonymousLeftOut() : leftOut())
         return
       }
       const cut = (reason: MantleError): void => {
@@ -189,8 +206,10 @@ export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantO
       return
     }
     const tenant = tenantOf(request)
-    if (tenant !== undefined && !unread.admits(tenant)) {
-      done(leftOut())
+    // A client without a token, beyond the share all of them hold together: its answer (the
+    // OpenAPI document, say) is left out. Not a probe's or the scrape's: a monitor is never refused.
+    if (!unread.admits(tenant) && !PROBE_PATHS.has(request.routeOptions.url ?? '')) {
+      done(tenant === undefined ? anonymousLeftOut() : leftOut())
       return
     }
     unread.add(tenant, bytes)

@@ -1,5 +1,6 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { ReadStream } from 'node:fs'
+import { Readable } from 'node:stream'
 import { readFile } from 'node:fs/promises'
 import zlib from 'node:zlib'
 import { promisify } from 'node:util'
@@ -96,7 +97,9 @@ export function precompressedFiles (): (request: FastifyRequest, reply: FastifyR
       reply.header('vary', vary === undefined || vary === '' ? 'accept-encoding' : `${String(vary)}, accept-encoding`)
       reply.header('content-encoding', coding)
       reply.header('content-length', body.length)
-      done(null, body)
+      // As a stream over the one kept Buffer: every connection shares it, so it is not counted as
+      // each connection's unread answer (answerBounds counts a Buffer answer, not a stream).
+      done(null, Readable.from([body], { objectMode: false }))
     }, (err: Error) => { done(err) })
   }
 }
