@@ -299,9 +299,15 @@ t.test('during a 404 descent after a timeout, a call timed out with little time 
   for (let i = 0; i < 3; i++) t.equal(await call(fast, getItem, 'x1'), 'NOT_FOUND', 'a 404')
   kernel.hung = 0
   // A call that comes 220 ms late hangs with what it has left once handed a connection (80 to 180 ms).
-  const late = new CallContext('h1', 'rest', getItem, { id: 'h1' }, undefined, undefined, undefined)
-  ;(late as { startedAt: number }).startedAt -= 220
-  const lateOutcome = await fast(late).then(() => 'ok', (err: { code: string }) => err.code)
+  // On a loaded machine the wait for a connection can be foreseen past that, and the call refused
+  // unsent (KERNEL_UNAVAILABLE, nothing learnt from it): another late call is made then, up to 5.
+  let lateOutcome = ''
+  for (let attempt = 0; attempt < 5 && lateOutcome !== 'KERNEL_TIMEOUT'; attempt++) {
+    const late = new CallContext('h1', 'rest', getItem, { id: 'h1' }, undefined, undefined, undefined)
+    ;(late as { startedAt: number }).startedAt -= 220
+    lateOutcome = await fast(late).then(() => 'ok', (err: { code: string }) => err.code)
+    if (lateOutcome !== 'KERNEL_UNAVAILABLE' || kernel.hung > 0) break
+  }
   t.equal(lateOutcome, 'KERNEL_TIMEOUT', `the late call goes out and times out (${lateOutcome}, ${kernel.hung} sent)`)
   const sentLate = kernel.hung
   const outcomes = await hangSix()
