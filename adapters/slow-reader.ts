@@ -1,5 +1,8 @@
+import type { FastifyInstance } from 'fastify'
+import type { Registry } from 'prom-client'
 import type { WebSocket } from 'ws'
 import type { UnreadBytes } from './unread.js'
+import { CallCounter, type CounterSeries } from '../plugins/metrics/call-metrics.js'
 
 /** What a WebSocket may hold that its client has not read, on every face (4 MiB by default). */
 export const MAX_BUFFERED_BYTES = 4 * 1024 * 1024
@@ -50,8 +53,52 @@ export function unreadOn (socket: WebSocket): number {
  */
 export function slowReader (socket: WebSocket | null, max = MAX_BUFFERED_BYTES, unsent = 0): boolean {
   if (socket === null || unreadOn(socket) + unsent <= max) return false
-  socket.close(CLOSE_SLOW_READER, SLOW_READER)
+  cutSlowReader(socket)
   return true
+}
+
+/** Where a client that did not read is cut: a face, and how its client reads it. */
+export type SlowReaderFace = 'ws' | 'graphql' | 'trpc' | 'trpc_sse'
+const FACES: ReadonlyArray<[SlowReaderFace, string, string]> = [['ws', 'ws', 'websocket'], ['graphql', 'graphql', 'websocket'], ['trpc', 'trpc', 'websocket'], ['trpc_sse', 'trpc', 'sse']]
+/** The counter of each registry (one per app), made by the first face that asks for it. */
+const cutCounters = new WeakMap<Registry, Map<SlowReaderFace, CounterSeries>>()
+/** The counter each socket's cut is counted in (only while metrics are on). */
+const socketCounters = new WeakMap<WebSocket, CounterSeries>()
+
+/**
+ * `face`'s series of mantle_slow_reader_cuts_total on the app's registry (every face's series made
+ * at 0 with the first), or null when metrics are off.
+ */
+export function slowReaderCuts (app: FastifyInstance, face: SlowReaderFace): CounterSeries | null {
+  if (!app.hasDecorator('metrics')) return null
+  const registry = app.metrics.registry
+  let series = cutCounters.get(registry)
+  if (series === undefined) {
+    const counter = new CallCounter({
+      name: 'mantle_slow_reader_cuts_total',
+      help: 'Clients cut for leaving more than their bound unread (a WebSocket closed with 1013: over its 4 MiB, or its tenant\'s or the instance\'s share of the unread bytes; a tRPC SSE stream ended past its 4 MiB), by face and transport',
+      labelNames: ['face', 'transport'],
+      registers: [registry]
+    })
+    series = new Map(FACES.map(([key, face, transport]) => {
+      const one = counter.series(face, transport)
+      one.inc(0)
+      return [key, one]
+    }))
+    cutCounters.set(registry, series)
+  }
+  return series.get(face)!
+}
+
+/** Counts `socket`'s cut as a slow reader (cutSlowReader) in `counter`; nothing when it is null (metrics off). */
+export function countSlowReaderCuts (socket: WebSocket, counter: CounterSeries | null): void {
+  if (counter !== null) socketCounters.set(socket, counter)
+}
+
+/** Closes `socket` with 1013, counted once (while open) in its face's counter (countSlowReaderCuts). */
+export function cutSlowReader (socket: WebSocket): void {
+  if (socket.readyState === socket.OPEN) socketCounters.get(socket)?.inc()
+  socket.close(CLOSE_SLOW_READER, SLOW_READER)
 }
 
 /**
@@ -96,7 +143,7 @@ export function utf8Sends (socket: WebSocket, max?: number, budget?: { unread: U
       // The libraries send text frames with no options but `binary` (tRPC, mercurius, graphql-ws).
       if (budget.unread.send(socket, frame, budget.tenant(), typeof callback === 'function' ? callback as (err?: Error) => void : undefined)) return
     }
-    socket.close(CLOSE_SLOW_READER, SLOW_READER)
+    cutSlowReader(socket)
     if (typeof callback === 'function') process.nextTick(callback, new Error(SLOW_READER))
   }
   socket.send = utf8 as WebSocket['send']

@@ -20,6 +20,7 @@ import type { WebSocket } from 'ws'
 import type { IncomingMessage } from 'node:http'
 import { withHook } from '../../route-hooks.js'
 import { Heartbeat } from '../heartbeat.js'
+import { countSlowReaderCuts, slowReaderCuts } from '../slow-reader.js'
 import { clientRequestId } from '../../ids.js'
 
 export { manifestSdl } from './schema.js'
@@ -159,8 +160,10 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
     // until its token expired (for ever with identity off).
     const heartbeat = new Heartbeat(limits.heartbeatMs)
     app.addHook('preClose', async () => { heartbeat.stop() })
+    const cuts = slowReaderCuts(app, 'graphql')
     app.websocketServer.on('connection', (socket: WebSocket, request: IncomingMessage) => {
       if (!GRAPHQL_UPGRADES.has(request)) return
+      countSlowReaderCuts(socket, cuts)
       const timer = setTimeout(() => socket.close(CLOSE_INIT_TIMEOUT, 'Connection initialisation timeout'), limits.initTimeoutMs)
       timer.unref()
       const disarm = (): void => clearTimeout(timer)

@@ -10,7 +10,7 @@ import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders, type ErrorCode } from '../../errors.js'
 import { CLOSE_TRY_AGAIN_LATER, ConnectionSlots, UNIDENTIFIED_DEFAULTS, reportSlots } from '../connection-slots.js'
 import { refusedByWs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
-import { slowReader, utf8Sends } from '../slow-reader.js'
+import { countSlowReaderCuts, slowReader, slowReaderCuts, utf8Sends } from '../slow-reader.js'
 import { defaultUnreadBytes } from '../unread.js'
 import { httpAuthorization, httpContext, socketContext, TRPC_CALLS, type TrpcContext } from './context.js'
 import { decisions, runCall } from '../face.js'
@@ -202,7 +202,8 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     const limits = { ...DEFAULT_SETTINGS, ...settings }
     // An SSE client gets a ping interval to read its stream's end once its token has expired, and
     // holds at most maxBufferedBytes unread, as a WebSocket's client does.
-    const live = new LiveSubscriptions(app.events.bus, limits.pingMs, limits.maxBufferedBytes)
+    const sseCuts = slowReaderCuts(app, 'trpc_sse')
+    const live = new LiveSubscriptions(app.events.bus, limits.pingMs, limits.maxBufferedBytes, sseCuts === null ? undefined : () => sseCuts.inc())
     const router = buildRouter(app, live, { maxInFlight: limits.maxInFlight, maxSubscriptions: limits.maxSubscriptions, maxBufferedBytes: limits.maxBufferedBytes, ssePingMs: limits.pingMs })
 
     // tRPC parses the JSON body itself (a malformed one is its error); Fastify still reads it,
@@ -390,6 +391,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       app.get('/trpc', { schema: { hide: true } }, notHere)
     } else {
       const slots = new ConnectionSlots('trpc', limits.maxConnections, opts.maxConnectionsPerTenant, { max: limits.maxUnidentified, perAddress: limits.maxUnidentifiedPerAddress })
+      const cuts = slowReaderCuts(app, 'trpc')
       const unread = opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined)
       reportSlots(app, slots)
       const authenticated = new WeakSet<WebSocket>()
@@ -529,6 +531,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           // Counted in the instance's unread bytes, against the tenant the connection counts
           // against once known (a frame past the tenant's share or the instance's closes it, 1013).
           const tcp = request.raw.socket
+          countSlowReaderCuts(socket, cuts)
           utf8Sends(socket, undefined, { unread, tenant: () => slots.ownerOf(tcp) })
           // A message from a client that has left more than the bound unread is not read: the
           // socket closes with 1013, as on /ws and /graphql. The router checks the bound for calls

@@ -23,8 +23,9 @@ export class LiveSubscriptions {
    * @param endedGraceMs how long an SSE response whose identity ended (its token expired, its key
    *   withdrawn) may take to be read to its end (the UNAUTHENTICATED event) before its connection
    *   is closed
+   * @param cut called for each stream cut past maxBufferedBytes (mantle_slow_reader_cuts_total)
    */
-  constructor (private readonly bus: EventBus, private readonly endedGraceMs = 30_000, private readonly maxBufferedBytes = MAX_BUFFERED_BYTES) {}
+  constructor (private readonly bus: EventBus, private readonly endedGraceMs = 30_000, private readonly maxBufferedBytes = MAX_BUFFERED_BYTES, private readonly cut?: () => void) {}
 
   /** `response`: the SSE response the stream is sent on; null over WebSocket (ended by its socket's close). */
   async * stream (name: string, identity: Identity, signal: AbortSignal | undefined, requestId: string, response: ServerResponse | null): AsyncGenerator<unknown, void, unknown> {
@@ -67,6 +68,7 @@ export class LiveSubscriptions {
       if (bytes > 0 && !response.destroyed && before + response.writableLength > this.maxBufferedBytes) {
         stop()
         response.destroy()
+        this.cut?.()
       }
     }
   }

@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify'
 import { Gauge } from 'prom-client'
 import { CallCounter } from '../../plugins/metrics/call-metrics.js'
+import { slowReaderCuts } from '../slow-reader.js'
 
 /** Why a connection ended; a fixed set, so the label's cardinality is too. */
 export const CLOSE_REASONS = [
@@ -35,9 +36,14 @@ export function websocketMetrics (app: FastifyInstance, openConnections: () => n
   const framesIn = frames.series('in')
   const framesOut = frames.series('out')
   const byReason = new Map(CLOSE_REASONS.map(r => [r, closes.series(r)]))
+  // Every face's slow readers in one metric (mantle_slow_reader_cuts_total{face="ws"}), as closed.
+  const cuts = slowReaderCuts(app, 'ws')!
   return {
     frameIn: () => framesIn.inc(),
     frameOut: () => framesOut.inc(),
-    closed: reason => byReason.get(reason)!.inc()
+    closed: reason => {
+      byReason.get(reason)!.inc()
+      if (reason === 'slow_reader') cuts.inc()
+    }
   }
 }

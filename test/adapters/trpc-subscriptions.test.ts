@@ -336,6 +336,8 @@ t.test('SSE: a subscriber that reads nothing is cut once it holds more than maxB
   t.equal(open, 1, 'its connection closed; the reader\'s kept')
   await until('the reader has every event', () => seen.data.length === 80, 10_000)
   t.equal(seen.data.length, 80, 'a client that reads is not cut')
+  // Counted, once, as /ws counts its own (it was counted nowhere).
+  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_slow_reader_cuts_total\{face="trpc",transport="sse"\} 1\n/)
 })
 
 t.test('runs started over tRPC stream their status changes from the demo Kernel', async t => {

@@ -158,6 +158,8 @@ t.test('a tRPC WebSocket client that stops reading the answers of its calls is c
   raw.resume()
   t.equal(await Promise.race([closed, sleep(3000).then(() => 'still open')]), 1013, 'closed with 1013, as /ws closes a reader that does not read')
   t.ok(answers > 0 && answers < n, `the client got ${answers} of its ${n} answers`)
+  // Counted, once, as /ws counts its own (it was counted nowhere).
+  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_slow_reader_cuts_total\{face="trpc",transport="websocket"\} 1\n/)
 })
 
 // The answer of a call that started while the socket held little, and ends once it holds more

@@ -197,7 +197,11 @@ t.test('a client that does not read is closed with 1013 instead of buffering wit
   t.equal(reader.ws.readyState, reader.ws.OPEN, 'a client that reads is untouched')
   t.ok(received > 0)
   await sleep(20)
-  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_websocket_closes_total\{reason="slow_reader"\} 1/)
+  const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  t.match(metrics, /mantle_websocket_closes_total\{reason="slow_reader"\} 1/)
+  // Every face's slow readers in one metric.
+  t.match(metrics, /mantle_slow_reader_cuts_total\{face="ws",transport="websocket"\} 1\n/)
+  t.match(metrics, /mantle_slow_reader_cuts_total\{face="graphql",transport="websocket"\} 0\n/)
 })
 
 t.test('what a client leaves unread is counted in UTF-8 bytes: no frame is queued once it passes the bound', async t => {
