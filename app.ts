@@ -905,6 +905,11 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   const unread = options.unreadBytes === undefined ? defaultUnreadBytes(config.BFF_AUTH_ENABLED) : new UnreadBytes(options.unreadBytes.max, config.BFF_AUTH_ENABLED ? options.unreadBytes.perTenant : undefined)
   if (app.hasDecorator('metrics')) {
     new Gauge({ name: 'mantle_unread_bytes', help: 'Bytes of answers and WebSocket frames the instance holds that its clients have not read yet (HTTP answers of 16 KiB or more, and every frame, with 1 KiB for its queuing), against its bound of half the V8 heap limit', registers: [app.metrics.registry], collect () { this.set(unread.size) } }) // eslint-disable-line no-new
+    // Every connection the HTTP server holds (WebSockets' included, and those lingering after an
+    // answer that ended them): bounded in time by the request, headers and keep-alive timeouts,
+    // and in number by maxConnections (connection-bound.ts). Counted nowhere before: a client
+    // holding thousands of idle keep-alive connections showed only as file descriptors.
+    new Gauge({ name: 'mantle_http_connections', help: 'TCP connections the HTTP server holds open (WebSocket ones and lingering ones included)', registers: [app.metrics.registry], collect () { this.set(connections.size) } }) // eslint-disable-line no-new
     new Gauge({ name: 'mantle_compiled_schemas', help: `Schemas of operations compiled (input and answer checks, serializers) kept by their text for an operation that declares one again (a reload), at most ${COMPILED_SCHEMAS} and ${COMPILED_SCHEMA_TEXT} characters of schema text`, registers: [app.metrics.registry], collect () { this.set(compiledSchemas()) } }) // eslint-disable-line no-new
   }
   answerBounds(app, unread, (request) => {
