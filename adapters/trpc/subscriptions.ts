@@ -54,17 +54,33 @@ export class LiveSubscriptions {
 
   /**
    * The bus's `behind` for an SSE response: an event that finds its client holding more than
-   * maxBufferedBytes unread, written to the response and not yet sent (writableLength) or queued
-   * on the bus, ends the subscription and closes the connection, as a WebSocket's is closed with
-   * 1013. A client that read nothing (its socket full) had the bus queue up to 256 events for it,
-   * 256 MB of 1 MB events, for each subscription its tenant's share allows. Judged by what it held
-   * before the event, not with it: a client a moment behind is not cut for one large event.
+   * maxBufferedBytes unread, written to the response and not yet sent (writableLength), taken from
+   * the bus and not yet written (`pulled`), or queued on the bus, ends the subscription and closes
+   * the connection, as a WebSocket's is closed with 1013. A client that read nothing (its socket
+   * full) had the bus queue up to 256 events for it, 256 MB of 1 MB events, for each subscription
+   * its tenant's share allows. Judged by what it held before the event, not with it: a client a
+   * moment behind is not cut for one large event.
+   *
+   * `pulled`: tRPC takes events from the bus ahead of its client (withPing asks for the next one
+   * before it hands on the one it holds, and the web streams between it and the response hold one
+   * each): with them uncounted, a client that read nothing held 3 events past the bound (3 MiB of
+   * 1 MiB events, measured: 8 MiB taken from the bus, 4 MiB in the kernel's buffers, 1 MiB in
+   * writableLength). Counted in the bytes of the events' JSON as the bus gives them back, and let
+   * go as the response is written to (its SSE framing and pings included: never below zero).
    */
   private bounded (response: ServerResponse, stop: () => void): (bytes: number) => void {
     let queued = 0
+    let pulled = 0
+    const write = response.write
+    response.write = function (this: ServerResponse, chunk: unknown, ...rest: unknown[]): boolean {
+      const length = typeof chunk === 'string' ? Buffer.byteLength(chunk) : (chunk as Uint8Array | null)?.byteLength ?? 0
+      pulled = Math.max(0, pulled - length)
+      return (write as (...args: unknown[]) => boolean).call(this, chunk, ...rest)
+    } as ServerResponse['write']
     return (bytes) => {
-      const before = queued
+      const before = queued + pulled
       queued += bytes
+      if (bytes < 0) pulled -= bytes
       if (bytes > 0 && !response.destroyed && before + response.writableLength > this.maxBufferedBytes) {
         stop()
         response.destroy()

@@ -1,5 +1,6 @@
 import t from 'tap'
 import { connect, type AddressInfo, type Socket } from 'node:net'
+import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { FastifyInstance } from 'fastify'
 import { createSigner } from 'fast-jwt'
 import { EventSource } from 'eventsource'
@@ -338,6 +339,50 @@ t.test('SSE: a subscriber that reads nothing is cut once it holds more than maxB
   t.equal(seen.data.length, 80, 'a client that reads is not cut')
   // Counted, once, as /ws counts its own (it was counted nowhere).
   t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_slow_reader_cuts_total\{face="trpc",transport="sse"\} 1\n/)
+})
+
+// tRPC takes an SSE subscription's events from the bus ahead of its client (withPing asks for the
+// next before it hands on the one it holds; the web streams to the response hold one each): the
+// bound counted what the bus queued and the response's writableLength, not those. A client that
+// read nothing held 3 events past the bound when it was cut (1 MiB bound, 256 KiB events: 2 MiB).
+t.test('SSE: what a subscriber that reads nothing holds at its cut counts the events tRPC took ahead', async t => {
+  const MAX = 1024 * 1024
+  const SIZE = 256 * 1024
+  const app = await buildWithSettings(t, { maxBufferedBytes: MAX }, { BFF_WEBSOCKET_ENABLED: false })
+  const port = await listen(app)
+  // What the bus gave the subscription (queued, and taken from its queue), and at each event
+  // what the gateway held for the client before it: queued, and taken less what reached the
+  // operating system (socket.bytesWritten counts the socket's own buffer too: added back).
+  let queued = 0
+  let taken = 0
+  let response: ServerResponse | null = null
+  const held: number[] = []
+  app.server.on('request', (req: IncomingMessage, res: ServerResponse) => { if (req.url?.startsWith('/trpc/runUpdated') === true) response = res })
+  const bus = app.events.bus
+  const stream = bus.stream.bind(bus)
+  bus.stream = (name, tenant, signal, highWaterMark, behind) => stream(name, tenant, signal, highWaterMark, bytes => {
+    if (bytes > 0) {
+      const socket = (response as ServerResponse | null)?.socket
+      if (socket !== null && socket !== undefined && !socket.destroyed) held.push(queued + taken - (socket.bytesWritten - socket.writableLength))
+      queued += bytes
+    } else {
+      queued += bytes
+      taken -= bytes
+    }
+    behind?.(bytes)
+  })
+  await stalledSse(t, port, 'ahead')
+  await until('subscribed', () => app.events.bus.subscriptions === 1)
+  // 20 MB at most: well past loopback's buffers and the bound.
+  for (let i = 0; i < 80 && app.events.bus.subscriptions === 1; i++) {
+    await app.events.publish({ topic: 'runs.updated', tenantId: 'ahead', payload: run(`e${i}`, 'running', { output: 'x'.repeat(SIZE) }) })
+    await sleep(30)
+  }
+  await until('cut', () => app.events.bus.subscriptions === 0, 10_000)
+  const most = Math.max(...held)
+  // Before the event that cut it, more than the bound, by one event at most (a few bytes of
+  // SSE framing aside).
+  t.ok(most <= MAX + SIZE + 16 * 1024, `held at most the bound and one event (${(most / 1024).toFixed(0)} KiB)`)
 })
 
 t.test('runs started over tRPC stream their status changes from the demo Kernel', async t => {
