@@ -904,7 +904,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // tenant a share of it (adapters/unread.ts). After identity, which names a request's tenant.
   const unread = options.unreadBytes === undefined ? defaultUnreadBytes(config.BFF_AUTH_ENABLED) : new UnreadBytes(options.unreadBytes.max, config.BFF_AUTH_ENABLED ? options.unreadBytes.perTenant : undefined)
   if (app.hasDecorator('metrics')) {
-    new Gauge({ name: 'mantle_unread_bytes', help: 'Bytes of answers and WebSocket frames the instance holds that its clients have not read yet (HTTP answers of 16 KiB or more, and every frame, with 1 KiB for its queuing), against its bound of half the V8 heap limit', registers: [app.metrics.registry], collect () { this.set(unread.size) } }) // eslint-disable-line no-new
+    new Gauge({ name: 'mantle_unread_bytes', help: 'Bytes of answers, tRPC SSE events and WebSocket frames the instance holds that its clients have not read yet (HTTP answers of 16 KiB or more, SSE events taken and not yet written out, and every frame, with 1 KiB for its queuing), against its bound of half the V8 heap limit', registers: [app.metrics.registry], collect () { this.set(unread.size) } }) // eslint-disable-line no-new
     // Every connection the HTTP server holds (WebSockets' included, and those lingering after an
     // answer that ended them): bounded in time by the request, headers and keep-alive timeouts,
     // and in number by maxConnections (connection-bound.ts). Counted nowhere before: a client

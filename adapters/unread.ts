@@ -172,8 +172,9 @@ export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantO
   app.addHook('onSend', (request, reply, payload, done) => {
     if (payload instanceof Response) {
       // A streamed answer (tRPC's jsonl batch), counted as it is made. Not an SSE subscription's,
-      // whose response is written only as fast as its client reads: its events wait in the
-      // subscription's bounded queue, which drops the oldest (slow_consumer).
+      // whose response is written only as fast as its client reads: what it holds of its own
+      // (the events tRPC took and has not written, and writableLength) is counted by its
+      // subscription (adapters/trpc/subscriptions.ts, LiveSubscriptions.bounded).
       if (payload.body === null || payload.headers.get('content-type')?.startsWith('text/event-stream') === true || reply.raw.destroyed) {
         done(null, payload)
         return

@@ -202,8 +202,11 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     const limits = { ...DEFAULT_SETTINGS, ...settings }
     // An SSE client gets a ping interval to read its stream's end once its token has expired, and
     // holds at most maxBufferedBytes unread, as a WebSocket's client does.
+    // What clients leave unread, all faces in one count (app.ts's), each tenant a share of it: SSE
+    // responses' too.
+    const unread = opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined)
     const sseCuts = slowReaderCuts(app, 'trpc_sse')
-    const live = new LiveSubscriptions(app.events.bus, limits.pingMs, limits.maxBufferedBytes, sseCuts === null ? undefined : () => sseCuts.inc())
+    const live = new LiveSubscriptions(app.events.bus, limits.pingMs, limits.maxBufferedBytes, sseCuts === null ? undefined : () => sseCuts.inc(), unread)
     const router = buildRouter(app, live, { maxInFlight: limits.maxInFlight, maxSubscriptions: limits.maxSubscriptions, maxBufferedBytes: limits.maxBufferedBytes, ssePingMs: limits.pingMs })
 
     // tRPC parses the JSON body itself (a malformed one is its error); Fastify still reads it,
@@ -392,7 +395,6 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     } else {
       const slots = new ConnectionSlots('trpc', limits.maxConnections, opts.maxConnectionsPerTenant, { max: limits.maxUnidentified, perAddress: limits.maxUnidentifiedPerAddress })
       const cuts = slowReaderCuts(app, 'trpc')
-      const unread = opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined)
       reportSlots(app, slots)
       const authenticated = new WeakSet<WebSocket>()
       // The credentials each upgrade carried (its header or ?access_token=), read by its check.

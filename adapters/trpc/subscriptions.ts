@@ -3,7 +3,7 @@ import type { Identity } from '../../plugins/auth/index.js'
 import { MantleError } from '../../errors.js'
 import { ProblemError } from './errors.js'
 import { untilIdentityEnds, IDENTITY_ENDED, type IdentityEnd } from '../expiry.js'
-import { markMade } from '../unread.js'
+import { markMade, type UnreadBytes } from '../unread.js'
 import { MAX_BUFFERED_BYTES } from '../slow-reader.js'
 import type { ServerResponse } from 'node:http'
 
@@ -24,8 +24,9 @@ export class LiveSubscriptions {
    *   withdrawn) may take to be read to its end (the UNAUTHENTICATED event) before its connection
    *   is closed
    * @param cut called for each stream cut past maxBufferedBytes (mantle_slow_reader_cuts_total)
+   * @param unread the instance's count of what clients leave unread, each tenant a share of it
    */
-  constructor (private readonly bus: EventBus, private readonly endedGraceMs = 30_000, private readonly maxBufferedBytes = MAX_BUFFERED_BYTES, private readonly cut?: () => void) {}
+  constructor (private readonly bus: EventBus, private readonly endedGraceMs = 30_000, private readonly maxBufferedBytes = MAX_BUFFERED_BYTES, private readonly cut?: () => void, private readonly unread?: UnreadBytes) {}
 
   /** `response`: the SSE response the stream is sent on; null over WebSocket (ended by its socket's close). */
   async * stream (name: string, identity: Identity, signal: AbortSignal | undefined, requestId: string, response: ServerResponse | null): AsyncGenerator<unknown, void, unknown> {
@@ -38,7 +39,7 @@ export class LiveSubscriptions {
     this.open.set(controller, response)
     const disarm = overSse ? untilIdentityEnds(identity, why => { ended = why; stop(); this.endSoon(response) }) : () => {}
     try {
-      for await (const payload of this.bus.stream(name, identity.tenant, controller.signal, undefined, overSse ? this.bounded(response, stop) : undefined)) yield payload
+      for await (const payload of this.bus.stream(name, identity.tenant, controller.signal, undefined, overSse ? this.bounded(response, stop, identity.tenant) : undefined)) yield payload
       if (ended !== null) throw new MantleError('UNAUTHENTICATED', `${IDENTITY_ENDED[ended]}: subscribe again with a fresh token`)
       // An SSE stream that simply ends is complete to httpSubscriptionLink, which then never
       // reconnects: at every deploy, browsers stopped getting events. A 503 it retries.
@@ -67,25 +68,51 @@ export class LiveSubscriptions {
    * 1 MiB events, measured: 8 MiB taken from the bus, 4 MiB in the kernel's buffers, 1 MiB in
    * writableLength). Counted in the bytes of the events' JSON as the bus gives them back, and let
    * go as the response is written to (its SSE framing and pings included: never below zero).
+   *
+   * What it holds of its own (taken and not yet written, and writableLength: the bus's queue
+   * holds the events every subscriber shares) counts in `unread` against `tenant` until the
+   * response closes, as a WebSocket's frames do, and an event that finds the tenant's share or the
+   * instance's total passed cuts it too. Uncounted, one tenant's 10,000 subscriptions (its share
+   * of the bus's) that read nothing each held up to 4 MiB outside the bound that keeps a tenant's
+   * sockets within a tenth of half the heap.
    */
-  private bounded (response: ServerResponse, stop: () => void): (bytes: number) => void {
+  private bounded (response: ServerResponse, stop: () => void, tenant: string): (bytes: number) => void {
     let queued = 0
     let pulled = 0
+    const unread = this.unread
+    /** Bytes counted in `unread` (null once the response has closed: all given back). */
+    let counted: number | null = response.closed || response.destroyed ? null : 0
+    const sync = (): void => {
+      if (unread === undefined || counted === null) return
+      const now = pulled + response.writableLength
+      if (now !== counted) unread.add(tenant, now - counted)
+      counted = now
+    }
+    if (unread !== undefined) {
+      response.once('close', () => {
+        if (counted !== null) unread.add(tenant, -counted)
+        counted = null
+      })
+    }
     const write = response.write
     response.write = function (this: ServerResponse, chunk: unknown, ...rest: unknown[]): boolean {
       const length = typeof chunk === 'string' ? Buffer.byteLength(chunk) : (chunk as Uint8Array | null)?.byteLength ?? 0
       pulled = Math.max(0, pulled - length)
-      return (write as (...args: unknown[]) => boolean).call(this, chunk, ...rest)
+      const flowing = (write as (...args: unknown[]) => boolean).call(this, chunk, ...rest)
+      sync()
+      return flowing
     } as ServerResponse['write']
     return (bytes) => {
       const before = queued + pulled
       queued += bytes
       if (bytes < 0) pulled -= bytes
-      if (bytes > 0 && !response.destroyed && before + response.writableLength > this.maxBufferedBytes) {
+      if (bytes > 0 && !response.destroyed && (before + response.writableLength > this.maxBufferedBytes || unread?.admits(tenant) === false)) {
         stop()
         response.destroy()
         this.cut?.()
+        return
       }
+      sync()
     }
   }
 

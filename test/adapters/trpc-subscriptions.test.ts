@@ -385,6 +385,45 @@ t.test('SSE: what a subscriber that reads nothing holds at its cut counts the ev
   t.ok(most <= MAX + SIZE + 16 * 1024, `held at most the bound and one event (${(most / 1024).toFixed(0)} KiB)`)
 })
 
+// README "Load shedding": what clients leave unread counts against their tenant's share, every
+// face's. An SSE response's did not (answerBounds leaves event streams to the subscription's own
+// bound): one tenant's subscriptions that read nothing each held up to 4 MiB of their own, its
+// 10,000 of them 40 GiB, outside its share. They count now, and an event that finds the share
+// passed cuts the stream, as a frame closes a WebSocket.
+t.test('SSE: what a subscriber that reads nothing holds counts against its tenant\'s share of the unread bytes', async t => {
+  const SIZE = 256 * 1024
+  // Its subscription's own bound is 4 MiB: the tenant's share, 1 MiB, cuts it first.
+  const app = await buildTestApp(t, { BFF_WEBSOCKET_ENABLED: false }, { unreadBytes: { max: 1024 * 1024 * 1024, perTenant: 1024 * 1024 } })
+  const port = await listen(app)
+  const unread = async (): Promise<number> => Number(/^mantle_unread_bytes (\d+)$/m.exec((await app.inject({ method: 'GET', url: '/metrics' })).body)?.[1] ?? NaN)
+  let response: ServerResponse | null = null
+  app.server.on('request', (req: IncomingMessage, res: ServerResponse) => { if (req.url?.startsWith('/trpc/runUpdated') === true) response = res })
+  await stalledSse(t, port, 'share')
+  await until('subscribed', () => app.events.bus.subscriptions === 1)
+  let most = 0
+  // Events published once the operating system's buffers are full (the socket holds some itself).
+  let past = 0
+  // 15 MB at most: past loopback's buffers and the tenant's 1 MiB.
+  for (let i = 0; i < 60 && app.events.bus.subscriptions === 1; i++) {
+    if (((response as ServerResponse | null)?.socket?.writableLength ?? 0) > 0) past++
+    await app.events.publish({ topic: 'runs.updated', tenantId: 'share', payload: run(`e${i}`, 'running', { output: 'x'.repeat(SIZE) }) })
+    await sleep(30)
+    most = Math.max(most, await unread())
+  }
+  await until('cut at the tenant\'s share', () => app.events.bus.subscriptions === 0, 10_000)
+  // At its own bound, 4 MiB queued on the bus as well: 16 events and more.
+  t.ok(past < 12, `cut at the tenant's share, ${past} events after the buffers filled`)
+  t.ok(most > 0, `counted while held (${(most / 1024).toFixed(0)} KiB at most)`)
+  const connections = async (): Promise<number> => await new Promise(resolve => app.server.getConnections((_err, n) => resolve(n)))
+  let open = await connections()
+  for (let i = 0; i < 100 && open > 0; i++) {
+    await sleep(50)
+    open = await connections()
+  }
+  t.equal(open, 0, 'its connection closed')
+  t.equal(await unread(), 0, 'all given back')
+})
+
 t.test('runs started over tRPC stream their status changes from the demo Kernel', async t => {
   // The Kernel's events go to the gateway as they would through /internal/events.
   const target: { app?: FastifyInstance } = {}
