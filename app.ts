@@ -11,7 +11,7 @@ import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { ProblemSchema } from './schemas/manifest.js'
 import { SETTLE_MS, loadManifestFile, type Manifest } from './manifest.js'
-import { toProblem, logLevelOf, MantleError, type ErrorCode } from './errors.js'
+import { toProblem, logLevelOf, detailForLog, MantleError, type ErrorCode } from './errors.js'
 import { jsonText } from './json-body.js'
 import pipeline, { PROTOCOLS, type Protocol } from './plugins/pipeline/index.js'
 import { compiledSchemas, COMPILED_SCHEMAS, COMPILED_SCHEMA_TEXT } from './compiled.js'
@@ -1088,7 +1088,7 @@ function errorHandler (err: FastifyError | MantleError | Error, request: Fastify
   const { problem, headers } = toProblem(err, request.id)
   const level = logLevelOf(problem, headers)
   if (level === 'error') request.log.error({ err }, 'unexpected error')
-  else if (level === 'warn') request.server.callFailedLog.warn(request.log, request.routeOptions.config?.op ?? '-', problem.code, { code: problem.code, detail: problem.detail })
+  else if (level === 'warn') request.server.callFailedLog.warn(request.log, request.routeOptions.config?.op ?? '-', problem.code, { code: problem.code, detail: detailForLog(err, problem) })
   if (headers !== null) reply.headers(headers)
   reply.code(problem.status).type('application/problem+json').send(problem)
 }

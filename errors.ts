@@ -44,12 +44,19 @@ export interface MantleErrorOptions {
   cause?: unknown
   /** Refusals that can come at a high rate skip the stack trace: it is never shown anyway. */
   stack?: boolean
+  /**
+   * The detail as a log line may hold it, when the client's holds data the logs must not (the
+   * keys of a Kernel answer that broke its schema): see detailForLog.
+   */
+  logDetail?: string
 }
 
 export class MantleError extends Error {
   readonly code: ErrorCode
   readonly statusCode: number
   readonly headers: Record<string, string> | null
+  /** The detail for log lines, when it differs from the client's (null: the same). */
+  readonly logDetail: string | null
 
   constructor (code: ErrorCode, detail?: string, options: MantleErrorOptions = {}) {
     const limit = Error.stackTraceLimit
@@ -60,7 +67,17 @@ export class MantleError extends Error {
     this.code = code
     this.statusCode = options.status ?? ErrorCodes[code].status
     this.headers = options.headers ?? null
+    this.logDetail = options.logDetail ?? null
   }
+}
+
+/**
+ * The detail a `call failed` line logs for `err`: the client's (`problem.detail`) unless the error
+ * carries one for logs. The client gets what concerns its own call; a log line never holds a
+ * call's input or answer (README, "Logs").
+ */
+export function detailForLog (err: unknown, problem: Problem): string | undefined {
+  return err instanceof MantleError && err.logDetail !== null ? err.logDetail : problem.detail
 }
 
 /**
@@ -206,18 +223,28 @@ function make (code: ErrorCode, detail: string, requestId: string): Problem {
 type ValidationError = { instancePath?: string, schemaPath?: string, keyword?: string, message?: string, params?: Record<string, unknown>, propertyName?: string }
 
 /**
+ * What describeValidation is told of the value refused: its schema and the value (to tell an
+ * array's index from an object's key, and a union's branches apart), and whether the keys the
+ * schema does not name are the value's data (`hideDataKeys`: a Kernel answer's, for a log line).
+ */
+export interface ValidationSubject { schema: unknown, value: unknown, hideDataKeys?: boolean }
+
+/**
  * "input/limit must be <= 100": names the field, as CONTRACT §5 asks. Under an `anyOf` or a
  * `oneOf`, Ajv reports each branch's first error, then that none matched: the first branch's
  * was named, about a branch the value was never meant to match (an object failing inside the
  * object branch of `anyOf: [{type: "null"}, {...}]` was "must be null"). The error named is the
  * one of the branch the value came closest to (see `closest`); when every branch refused the
  * value's type, all of them are named ("must be null or object"). Work only on a refusal, over
- * the few errors Ajv gives.
+ * the few errors Ajv gives. With `hideDataKeys`, a key no `properties` or `required` of the
+ * schema names (a map's: an e-mail address, a user's name) is shown as `[<key>]`.
  */
-export function describeValidation (errors: readonly ValidationError[], context = 'input', subject?: { schema: unknown, value: unknown }): string {
+export function describeValidation (errors: readonly ValidationError[], context = 'input', subject?: ValidationSubject): string {
   const first = closest(errors, subject === undefined ? null : otherKinds(errors, subject.schema, subject.value))
   if (first === undefined) return 'The input is not valid'
-  const segments = pathOf(first.instancePath ?? '', subject === undefined ? NO_VALUE : subject.value)
+  const named = subject?.hideDataKeys === true ? namesOf(subject.schema) : null
+  const keySegment = (key: string): string => named !== null && !named.has(key) ? DATA_KEY : segment(key, false)
+  const segments = pathOf(first.instancePath ?? '', subject === undefined ? NO_VALUE : subject.value, named)
   const params = first.params ?? {}
   // A key `propertyNames` refused: Ajv's errors of the key's rule carry the key (the rule's
   // message is the key's, not the object's: "input.m must match pattern" named the map), and
@@ -225,15 +252,43 @@ export function describeValidation (errors: readonly ValidationError[], context 
   // is, cut and quoted as every key.
   const key = typeof first.propertyName === 'string' ? first.propertyName : first.keyword === 'propertyNames' && typeof params.propertyName === 'string' ? params.propertyName : undefined
   if (key !== undefined) {
-    return `${field(context, [...segments, segment(key, false)])} is not allowed: the key ${first.keyword === 'propertyNames' ? 'is not valid' : first.message ?? 'is not valid'}`
+    return `${field(context, [...segments, keySegment(key)])} is not allowed: the key ${first.keyword === 'propertyNames' ? 'is not valid' : first.message ?? 'is not valid'}`
   }
   if (typeof params.missingProperty === 'string') {
-    return `${field(context, [...segments, segment(params.missingProperty, false)])} is required`
+    return `${field(context, [...segments, keySegment(params.missingProperty)])} is required`
   }
   if (typeof params.additionalProperty === 'string') {
-    return `${field(context, [...segments, segment(params.additionalProperty, false)])} is not allowed`
+    return `${field(context, [...segments, keySegment(params.additionalProperty)])} is not allowed`
   }
   return `${field(context, segments)} ${first.message ?? 'is not valid'}`
+}
+
+/** A key of the value's own data in a path describeValidation writes with `hideDataKeys`. */
+const DATA_KEY = '[<key>]'
+
+/** The property names a schema declares (`properties`' keys, `required`'s names), anywhere in it; computed once per schema. */
+const schemaNames = new WeakMap<object, ReadonlySet<string>>()
+
+function namesOf (schema: unknown): ReadonlySet<string> {
+  if (typeof schema !== 'object' || schema === null) return new Set()
+  let names = schemaNames.get(schema)
+  if (names === undefined) {
+    const found = new Set<string>()
+    const seen = new Set<object>()
+    const walk = (node: unknown): void => {
+      if (typeof node !== 'object' || node === null || seen.has(node)) return
+      seen.add(node)
+      if (Array.isArray(node)) { for (const item of node) walk(item); return }
+      const { properties, required } = node as { properties?: unknown, required?: unknown }
+      if (typeof properties === 'object' && properties !== null && !Array.isArray(properties)) for (const name of Object.keys(properties)) found.add(name)
+      if (Array.isArray(required)) for (const name of required) if (typeof name === 'string') found.add(name)
+      for (const k in node) if (Object.hasOwn(node, k)) walk((node as Record<string, unknown>)[k])
+    }
+    walk(schema)
+    names = found
+    schemaNames.set(schema, names)
+  }
+  return names
 }
 
 /** describeValidation without the value: whether a number in a path is an array's index or an object's key is not known. */
@@ -252,16 +307,18 @@ const INDEX_DIGITS = 10
 /**
  * The segments of Ajv's instance path (a JSON pointer, its ~1 and ~0 unescaped: a field "a/b" is
  * "a/b", not "a~1b"), each as a path shows it. With the value, a number is an array's index
- * (".3") or an object's key (["3"]); without it, an index as before.
+ * (".3") or an object's key (["3"]); without it, an index as before. With `named`, an object's
+ * key not in it is the value's data, shown as DATA_KEY.
  */
-function pathOf (pointer: string, value: unknown): string[] {
+function pathOf (pointer: string, value: unknown, named: ReadonlySet<string> | null = null): string[] {
   if (pointer === '') return []
   const segments: string[] = []
   let at = value
   for (const raw of pointer.slice(1).split('/')) {
     const key = raw.replace(/~1/g, '/').replace(/~0/g, '~')
     const known = at !== NO_VALUE && typeof at === 'object' && at !== null
-    segments.push(segment(key, known ? Array.isArray(at) : INDEX.test(key) && key.length <= INDEX_DIGITS))
+    const index = known ? Array.isArray(at) : INDEX.test(key) && key.length <= INDEX_DIGITS
+    segments.push(!index && named !== null && !named.has(key) ? DATA_KEY : segment(key, index))
     at = known && Object.hasOwn(at as object, key) ? (at as Record<string, unknown>)[key] : NO_VALUE
   }
   return segments

@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify'
 import type { LoadShedding } from '../plugins/pressure/index.js'
 import { CallContext, isSocket, type AnswerHold, type Protocol, type CacheOutcome, type Caller } from '../plugins/pipeline/index.js'
-import { toProblem, logLevelOf, retryAfterOf, MantleError, type Problem } from '../errors.js'
+import { toProblem, logLevelOf, detailForLog, retryAfterOf, MantleError, type Problem } from '../errors.js'
 import type { Decision } from '../plugins/audit/index.js'
 import type { UnreadBytes } from './unread.js'
 export type { Decision }
@@ -253,8 +253,8 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     if (level === 'error') app.log.error(call.reqId === undefined ? { err, requestId: call.requestId } : { reqId: call.reqId, err, requestId: call.requestId }, 'unexpected error')
     else if (level === 'warn') {
       app.callFailedLog.warn(app.log, call.op, problem.code, call.reqId === undefined
-        ? { code: problem.code, detail: problem.detail, requestId: call.requestId }
-        : { reqId: call.reqId, code: problem.code, detail: problem.detail, requestId: call.requestId })
+        ? { code: problem.code, detail: detailForLog(err, problem), requestId: call.requestId }
+        : { reqId: call.reqId, code: problem.code, detail: detailForLog(err, problem), requestId: call.requestId })
     }
     return { ok: false, problem, headers }
   }

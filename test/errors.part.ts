@@ -453,3 +453,28 @@ t.test('a key\'s invisible, bidi and line-breaking characters are escaped, and w
   t.match(digits, /^input\["1{64}"…\]\.a must be string$/, `a key of 10,000 digits: ${digits.length} characters`)
   t.equal(describeValidation([{ instancePath: '/items/4294967294', message: 'must be string' }]), 'input.items.4294967294 must be string', 'an array\'s last index is an index')
 })
+
+t.test('describeValidation with hideDataKeys shows the keys the schema names, and [<key>] for the value\'s own', async t => {
+  const ajv = new Ajv({ allErrors: false, strict: false })
+  const schema = {
+    type: 'object',
+    required: ['byUser'],
+    properties: {
+      byUser: { type: 'object', additionalProperties: { type: 'object', required: ['score'], properties: { score: { type: 'integer' } } } },
+      closed: { type: 'object', properties: { a: { type: 'string' } }, additionalProperties: false },
+      names: { type: 'object', propertyNames: { pattern: '^[a-z]+$' } }
+    }
+  }
+  const validate = ajv.compile(schema)
+  const say = (value: unknown, hide: boolean): string => {
+    t.notOk(validate(value))
+    return describeValidation(validate.errors ?? [], 'output', { schema, value, hideDataKeys: hide })
+  }
+  const deep = { byUser: { 'bob@example.com': { score: 'high' } } }
+  t.equal(say(deep, false), 'output.byUser["bob@example.com"].score must be integer', 'shown whole to the client')
+  t.equal(say(deep, true), 'output.byUser[<key>].score must be integer')
+  t.equal(say({ byUser: { 'bob@example.com': {} } }, true), 'output.byUser[<key>].score is required', 'a required name is the schema\'s')
+  t.equal(say({ byUser: {}, closed: { 'carol@example.com': 1 } }, true), 'output.closed[<key>] is not allowed', 'an additional property is the value\'s')
+  t.equal(say({ byUser: {}, names: { 'Dave Smith': 1 } }, true), 'output.names[<key>] is not allowed: the key must match pattern "^[a-z]+$"', 'a key propertyNames refused is the value\'s')
+  t.equal(say({ byUser: { score: { score: 'x' } } }, true), 'output.byUser.score.score must be integer', 'a key that is a name the schema declares is shown')
+})

@@ -271,3 +271,42 @@ t.test('the access log: an absolute-form target is logged as its path; url and h
   t.equal(cut.host, 'h'.repeat(512) + '...[cut]', 'a host: its first 512 characters, marked')
   t.ok(lines.every(l => JSON.stringify(l).length < 2_000), 'no line of 6 KB')
 })
+
+// A Kernel answer that broke its output schema was logged with the path of the field at fault,
+// and a map's key is the answer's own data: `output.scores["alice.smith@example.com"] must be
+// integer` reached the warn line of every face. The client is still told the key (its own
+// answer); the log line shows the keys its schema names and `[<key>]` for the others.
+t.test('a call failed line never holds the keys of a Kernel answer that broke its schema, on any face', async t => {
+  const lines: Array<Record<string, unknown>> = []
+  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
+  const EMAIL = 'alice.smith@example.com'
+  const kernel = await startTestKernel(t, {
+    'GET /v1/scores': (_req, res) => { res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ team: { scores: { [EMAIL]: 'high', bob: 3 } } })) }
+  })
+  const manifest = testManifest({
+    scores: {
+      type: 'query',
+      rest: 'GET /scores',
+      kernel: 'GET /v1/scores',
+      input: { type: 'object', properties: {} },
+      output: { type: 'object', properties: { team: { type: 'object', required: ['scores'], properties: { scores: { type: 'object', additionalProperties: { type: 'integer' } } } } } }
+    }
+  }, { url: kernel.url, retries: 0 })
+  const app = await buildApp(testConfig({ LOG_LEVEL: 'trace' }), { logStream, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  const headers = bearer()
+  const rest = await app.inject({ url: '/api/v1/scores', headers })
+  t.equal(rest.statusCode, 502)
+  t.equal(rest.json().detail, `The Kernel's answer to scores does not match its output schema: output.team.scores["${EMAIL}"] must be integer`, 'the client is told the field at fault')
+  t.equal((await app.inject({ url: '/trpc/scores', headers })).json().error.data.code, 'KERNEL_ERROR')
+  const graphql = await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ scores { team { scores } } }' } })
+  t.equal(graphql.json().errors?.[0]?.extensions?.code, 'KERNEL_ERROR', graphql.body)
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls: [{ id: 'a', op: 'scores' }] } })).json().results[0].error.code, 'KERNEL_ERROR')
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const ws = await wsConnect(t, `ws://127.0.0.1:${(app.server.address() as AddressInfo).port}/ws`)
+  t.equal((await ws.request({ id: '1', op: 'scores', input: {} })).error?.code, 'KERNEL_ERROR')
+  const failed = lines.filter(l => l.msg === 'call failed')
+  t.equal(failed.length, 5, 'a line per face')
+  for (const line of failed) t.equal(line.detail, 'The Kernel\'s answer to scores does not match its output schema: output.team.scores[<key>] must be integer', 'the names the schema declares, not the answer\'s own keys')
+  t.same(lines.filter(l => JSON.stringify(l).includes(EMAIL)), [], 'no log line holds the key, at any level')
+})

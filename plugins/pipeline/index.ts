@@ -160,6 +160,7 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
     // output schema is then a KERNEL_ERROR every stage sees (the audit records what the client
     // gets), not a failure after the pipeline has settled.
     const empty = `The Kernel's answer to ${op.name} is empty or null, which its output schema does not admit`
+    const mismatch = `The Kernel's answer to ${op.name} does not match its output schema: `
     const conforms = outputValidator(op)
     const deep = mayNestDeep(openedOutput(op))
     const tooDeep = `The Kernel's answer to ${op.name} nests objects and arrays more than ${MAX_ANSWER_DEPTH} levels deep`
@@ -170,7 +171,12 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
         // An empty 2xx body reads as null (a 204 or a 205 is answered with no body, whatever the schema).
         if (!op.outputAdmitsNull && ctx.status !== 204 && ctx.status !== 205) throw new MantleError('KERNEL_ERROR', empty)
       } else if (!conforms(value)) {
-        throw new MantleError('KERNEL_ERROR', `The Kernel's answer to ${op.name} does not match its output schema: ${describeValidation(conforms.errors ?? [], 'output', { schema: conforms.schema, value })}`)
+        // The client is told the field at fault in its own answer; a log line is told the path
+        // without the answer's own keys (a map's: e-mail addresses, names), as it never holds a
+        // call's input or answer.
+        const errors = conforms.errors ?? []
+        const subject = { schema: conforms.schema, value }
+        throw new MantleError('KERNEL_ERROR', mismatch + describeValidation(errors, 'output', subject), { logDetail: mismatch + describeValidation(errors, 'output', { ...subject, hideDataKeys: true }) })
       }
       if (ctx.json === null) {
         const json = serialize(value)
