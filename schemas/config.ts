@@ -369,8 +369,24 @@ const SECRET_VARIABLES = new Set(['BFF_JWT_SECRET', 'BFF_INTERNAL_TOKEN', 'BFF_M
  */
 function shown (name: string, value: string): string {
   if (SECRET_VARIABLES.has(name)) return '***'
-  return URL_VARIABLES.some(v => v.name === name) ? value.replace(/^([a-z][a-z0-9+.-]*:\/\/[^/?#@:]*:).*@/is, '$1***@') : value
+  return URL_VARIABLES.some(v => v.name === name) ? shownUrl(value) : value
 }
+
+/**
+ * A URL with its credentials masked: the password of its user part; all before the last @ of one
+ * whose scheme has no `//` (`redis:pw@cache`, which the schema refuses, was shown whole); and the
+ * value of a query parameter that names a credential (`?password=`, which pg and ioredis both
+ * take as the password, `?token=`, `?sslpassword=`), which was shown as written.
+ */
+function shownUrl (value: string): string {
+  const masked = /^[a-z][a-z0-9+.-]*:\/\//i.test(value)
+    ? value.replace(/^([a-z][a-z0-9+.-]*:\/\/[^/?#@:]*:).*@/is, '$1***@')
+    : value.replace(/^([a-z][a-z0-9+.-]*:)?[^/?#]*@/is, (_all, scheme: string | undefined) => (scheme ?? '') + '***@')
+  return masked.replace(CREDENTIAL_PARAMETER, '$1***')
+}
+
+/** A query parameter whose name says it holds a credential, and its value (up to the next & or #). */
+const CREDENTIAL_PARAMETER = /([?&][^=&#]*(?:pass|secret|token|key|auth|sig|cred)[^=&#]*=)[^&#]*/gi
 
 /** The BFF_*_STORE variables, whose default is redis when REDIS_URL is set, else memory. */
 const STORE_VARIABLES: ReadonlyArray<keyof Config> = ['BFF_RATE_LIMIT_STORE', 'BFF_CACHE_STORE', 'BFF_IDEMPOTENCY_STORE']

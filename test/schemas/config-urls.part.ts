@@ -115,6 +115,25 @@ t.test('a password in a refused URL is masked', async t => {
   t.notMatch(refusal({ DATABASE_URL: 'mysql://mantle:s3cret@db/mantle' }), /s3cret/, 'also when the schema refuses the scheme')
 })
 
+// pg (pg-connection-string) and ioredis both take `?password=` as the password, and a JWKS or
+// OTLP URL may carry a token in its query: such a value was shown as written in the refusal,
+// which start-up prints (a crash-looping pod's log). So was the whole of `redis:pw@cache`, which
+// the schema refuses for its missing `//`.
+t.test('a credential in a refused URL\'s query, or before the @ of one without //, is masked', async t => {
+  for (const [env, shownAs] of [
+    [{ DATABASE_URL: 'postgres://mantle@db:99999/mantle?sslmode=require&password=s3cret' }, 'DATABASE_URL="postgres://mantle@db:99999/mantle?sslmode=require&password=***"'],
+    [{ REDIS_URL: 'redis://cache:6379/x?password=s3cret' }, 'REDIS_URL="redis://cache:6379/x?password=***"'],
+    [{ BFF_JWKS_URL: 'https://idp.example:0/jwks?access_token=s3cret' }, 'BFF_JWKS_URL="https://idp.example:0/jwks?access_token=***"'],
+    [{ OTEL_EXPORTER_OTLP_ENDPOINT: 'https://collector:99999/?sig=s3cret&x=1' }, 'OTEL_EXPORTER_OTLP_ENDPOINT="https://collector:99999/?sig=***&x=1"'],
+    [{ REDIS_URL: 'redis:s3cret@cache' }, 'REDIS_URL="redis:***@cache"']
+  ] as const) {
+    const message = refusal(env) ?? ''
+    t.ok(message.includes(shownAs), `${shownAs} in ${message}`)
+    t.notMatch(message, /s3cret/, `${Object.keys(env)[0]}: the credential is not shown`)
+  }
+  t.equal(refusal({ REDIS_URL: 'redis://cache/x?db=7' }), 'Invalid configuration: REDIS_URL="redis://cache/x?db=7" is invalid: expected redis://[user:password@]host[:port][/db] or rediss://... (the database "x" is not a non-negative integer)', 'other parameters are shown')
+})
+
 t.test('a password with an @, / or # left unencoded is masked whole, in the value and in the reason', async t => {
   // Such a password is the usual reason a URL is refused; its part after the first @, or all of
   // it, was shown (`postgres://mantle:***@cret@db:99999`, `the port "se"` of `se/cret`).
