@@ -12,6 +12,13 @@ export const SPOOL_FILE = 'audit.spool'
 /** Beside the spool: the entries the store refused for their own data, for an operator to read. */
 export const QUARANTINE_FILE = 'audit.quarantine'
 const LOCK_FILE = 'audit.lock'
+/**
+ * The spool's and quarantine's files are the owner's alone, as its directory when the spool makes
+ * it: they hold audit entries (tenants, users, actions, request ids), which any local account
+ * could read from the default directory in the shared tmpdir (0644 files in a 0755 directory).
+ */
+const FILE_MODE = 0o600
+const DIR_MODE = 0o700
 /** The holder of a lock touches it this often (SpoolLimits.heartbeatMs in tests). */
 const LOCK_HEARTBEAT_MS = 5_000
 /** A lock whose pid is alive here is another process's unless untouched this long (a reused pid). */
@@ -95,7 +102,7 @@ export class Spool {
     if (OPEN_HERE.has(here)) throw inUse(process.pid)
     OPEN_HERE.add(here)
     try {
-      await mkdir(dir, { recursive: true })
+      await mkdir(dir, { recursive: true, mode: DIR_MODE })
       const lock = join(dir, LOCK_FILE)
       const namespace = await pidNamespace()
       // The nonce tells this holder's lock from any other's, a twin's with the same pid included.
@@ -123,7 +130,9 @@ export class Spool {
       }
       const spool = new Spool(dir, limits)
       spool.lock = mine
-      spool.fh = await open(spool.path, 'a+')
+      spool.fh = await open(spool.path, 'a+', FILE_MODE)
+      // One an earlier version made (0644) is the owner's alone from now on.
+      await spool.fh.chmod(FILE_MODE).catch(() => {})
       // The file's directory entry on disk (it may have just been created): batches fsynced into
       // a file a crash then loses from its directory would be lost with it.
       await syncDir(dir)
@@ -298,7 +307,7 @@ export class Spool {
       await fh.datasync()
     } else {
       const tmp = this.path + '.tmp'
-      const out = await open(tmp, 'w')
+      const out = await open(tmp, 'w', FILE_MODE)
       try {
         const buf = Buffer.allocUnsafe(Math.min(this.limits.window, this.bytes - this.done))
         for (let at = this.done; at < this.bytes;) {
@@ -353,7 +362,7 @@ export class Spool {
       await syncDir(this.dir)
       this.unsynced = false
     }
-    this.fh = await open(this.path, 'a+')
+    this.fh = await open(this.path, 'a+', FILE_MODE)
     return this.fh
   }
 
@@ -474,8 +483,9 @@ export class Quarantine {
     const run = this.chain.then(async () => {
       if (this.closed) throw new Error('the audit quarantine is closed')
       if (this.fh === null) {
-        const fh = await open(this.path, 'a+')
+        const fh = await open(this.path, 'a+', FILE_MODE)
         try {
+          await fh.chmod(FILE_MODE).catch(() => {})
           // A line torn by a crash stays as it is (an operator reads it), on a line of its own.
           const end = await lineEnd(fh)
           this.bytes = end.size

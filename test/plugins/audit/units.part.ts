@@ -232,6 +232,28 @@ t.test('memory store: a changed row moved just out of a range is found at the ra
   }
 })
 
+// The spool and the quarantine hold audit entries (tenants, users, actions, request ids), and the
+// default directory is in the shared tmpdir: they were made 0644 in a 0755 directory, readable by
+// every local account. They are the owner's alone now, and a spool an earlier version made too.
+t.test('spool: its directory, spool and quarantine files are readable by their owner only', async t => {
+  const parent = spoolDir(t)
+  const dir = join(parent, 'made-by-the-spool')
+  const spool = await Spool.open(dir)
+  await spool.append([entry()])
+  await spool.quarantine.append([{ time: 'x', sqlstate: null, error: 'e', entry: entry() }])
+  const others = (path: string): number => statSync(path).mode & 0o077
+  t.equal(others(dir), 0, 'the directory it made')
+  t.equal(others(spool.path), 0, 'audit.spool')
+  t.equal(others(spool.quarantine.path), 0, 'audit.quarantine')
+  await spool.close()
+  const older = join(parent, 'older')
+  mkdirSync(older)
+  writeFileSync(join(older, SPOOL_FILE), '', { mode: 0o644 })
+  const reopened = await Spool.open(older)
+  t.teardown(() => reopened.close())
+  t.equal(others(reopened.path), 0, 'a spool an earlier version made 0644')
+})
+
 t.test('spool: batches come back in order, replayed ones are cut, a failing commit keeps the rest', async t => {
   const dir = spoolDir(t)
   const spool = await Spool.open(dir)
