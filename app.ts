@@ -444,7 +444,10 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       redact: {
         paths: ['req.headers.authorization', 'req.headers.cookie', 'req.headers["proxy-authorization"]', 'req.headers["x-api-key"]', 'res.headers["set-cookie"]',
           // A call's input may hold what the AI firewall found (secrets, personal data): never logged.
-          'input', 'body', 'req.body', '*.input', '*.body'],
+          'input', 'body', 'req.body', '*.input', '*.body',
+          // ioredis hangs the command Redis refused on its error, with its arguments: a refused
+          // AUTH's are REDIS_URL's user and password, a SET's a cached answer or an outcome.
+          'err.command.args', 'err.cause.command.args', 'err.aggregateErrors[*].command.args'],
         censor: '[redacted]'
       },
       serializers: { req: requestForLog },

@@ -132,7 +132,9 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     // to Redis anyway on the reconnect, late, after newer events (other instances got a run's old
     // status after its new one), where its log line says it reached this instance only.
     publisher = new Redis(opts.redisUrl, { ...common, enableOfflineQueue: false, autoResendUnfulfilledCommands: false, connectionName: 'mantle-events-pub' })
-    for (const r of [subscriber, publisher]) r.on('error', (err: Error) => app.log.debug({ err }, 'redis events connection error'))
+    // What Redis said, not the error whole: ioredis hangs the refused command on it, and a refused
+    // AUTH's arguments are REDIS_URL's user and password.
+    for (const r of [subscriber, publisher]) r.on('error', (err: Error) => app.log.debug({ err: err.message }, 'redis events connection error'))
     // Subscribing on each 'ready', not after the first connect(): before, a Redis down at start-up
     // was reconnected to but never subscribed on, while 'ready' alone marked it up. The instance
     // then got no event at all (not even its own, published to Redis) and /readyz said redis up.
