@@ -1,3 +1,4 @@
+import { constants } from 'node:fs'
 import { open, readFile, readlink, rename, link, mkdir, writeFile, unlink, stat, utimes, type FileHandle } from 'node:fs/promises'
 import { hostname } from 'node:os'
 import { hash, randomUUID } from 'node:crypto'
@@ -19,6 +20,24 @@ const LOCK_FILE = 'audit.lock'
  */
 const FILE_MODE = 0o600
 const DIR_MODE = 0o700
+/**
+ * The spool's files are opened never through a symbolic link: one put in their place in a shared
+ * directory made the spool append audit lines to the file it named, and truncate it once replayed.
+ */
+const APPEND = constants.O_APPEND | constants.O_CREAT | constants.O_RDWR | (constants.O_NOFOLLOW ?? 0)
+
+/**
+ * Refuses (closing it) a spool or quarantine file this process's user does not own: another local
+ * account made it (in the default directory, in the shared tmpdir), and may have written batches
+ * that the spool would replay into the audit trail as the gateway's own, hash-chained with them.
+ */
+async function ownedHere (fh: FileHandle, path: string): Promise<FileHandle> {
+  const uid = process.getuid?.()
+  const owner = uid === undefined ? uid : (await fh.stat()).uid
+  if (owner === uid) return fh
+  await fh.close().catch(() => {})
+  throw new Error(`${path} belongs to another user (uid ${String(owner)}, the gateway runs as ${String(uid)}): what it holds would be replayed into the audit trail as the gateway's own; give the gateway a spool directory of its own (BFF_AUDIT_SPOOL_DIR)`)
+}
 /** The holder of a lock touches it this often (SpoolLimits.heartbeatMs in tests). */
 const LOCK_HEARTBEAT_MS = 5_000
 /** A lock whose pid is alive here is another process's unless untouched this long (a reused pid). */
@@ -130,7 +149,7 @@ export class Spool {
       }
       const spool = new Spool(dir, limits)
       spool.lock = mine
-      spool.fh = await open(spool.path, 'a+', FILE_MODE)
+      spool.fh = await ownedHere(await open(spool.path, APPEND, FILE_MODE), spool.path)
       // One an earlier version made (0644) is the owner's alone from now on.
       await spool.fh.chmod(FILE_MODE).catch(() => {})
       // The file's directory entry on disk (it may have just been created): batches fsynced into
@@ -362,7 +381,7 @@ export class Spool {
       await syncDir(this.dir)
       this.unsynced = false
     }
-    this.fh = await open(this.path, 'a+', FILE_MODE)
+    this.fh = await ownedHere(await open(this.path, APPEND, FILE_MODE), this.path)
     return this.fh
   }
 
@@ -483,7 +502,7 @@ export class Quarantine {
     const run = this.chain.then(async () => {
       if (this.closed) throw new Error('the audit quarantine is closed')
       if (this.fh === null) {
-        const fh = await open(this.path, 'a+', FILE_MODE)
+        const fh = await ownedHere(await open(this.path, APPEND, FILE_MODE), this.path)
         try {
           await fh.chmod(FILE_MODE).catch(() => {})
           // A line torn by a crash stays as it is (an operator reads it), on a line of its own.

@@ -1,6 +1,6 @@
 import t, { type Test } from 'tap'
 import { createHash } from 'node:crypto'
-import { appendFileSync, existsSync, mkdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
+import { appendFileSync, chownSync, existsSync, mkdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { FileHandle } from 'node:fs/promises'
@@ -252,6 +252,35 @@ t.test('spool: its directory, spool and quarantine files are readable by their o
   const reopened = await Spool.open(older)
   t.teardown(() => reopened.close())
   t.equal(others(reopened.path), 0, 'a spool an earlier version made 0644')
+})
+
+// The default spool directory is in the shared tmpdir: another local account could put a file of
+// its own there, holding batches the spool replayed into the audit trail as the gateway's (chained
+// with the rest), or a symbolic link, and the spool appended its lines to the file it named (and
+// truncated it once they were replayed).
+t.test('spool: a spool file that is a symbolic link, or another user\'s, is refused', async t => {
+  const parent = spoolDir(t)
+  const linked = join(parent, 'linked')
+  mkdirSync(linked)
+  const victim = join(parent, 'victim.txt')
+  writeFileSync(victim, 'precious\n')
+  symlinkSync(victim, join(linked, SPOOL_FILE))
+  await t.rejects(Spool.open(linked), { code: 'ELOOP' }, 'a link is not followed')
+  t.equal(readFileSync(victim, 'utf8'), 'precious\n', 'the file it names is untouched')
+  if (process.getuid?.() !== 0) {
+    t.comment('another user\'s file: only root can make one, not checked here')
+    return
+  }
+  const planted = join(parent, 'planted')
+  mkdirSync(planted)
+  writeFileSync(join(planted, SPOOL_FILE), JSON.stringify({ n: 1, sum: 'x', entries: [entry()] }) + '\n', { mode: 0o666 })
+  chownSync(join(planted, SPOOL_FILE), 4242, 4242)
+  await t.rejects(Spool.open(planted), /audit\.spool belongs to another user \(uid 4242, the gateway runs as 0\)/)
+  const own = await Spool.open(join(parent, 'own'))
+  t.teardown(() => own.close())
+  writeFileSync(own.quarantine.path, '', { mode: 0o666 })
+  chownSync(own.quarantine.path, 4242, 4242)
+  await t.rejects(own.quarantine.append([{ time: 'x', sqlstate: null, error: 'e', entry: entry() }]), /audit\.quarantine belongs to another user/)
 })
 
 t.test('spool: batches come back in order, replayed ones are cut, a failing commit keeps the rest', async t => {
