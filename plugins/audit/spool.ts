@@ -1,5 +1,5 @@
 import { constants } from 'node:fs'
-import { open, readFile, readlink, rename, link, mkdir, writeFile, unlink, stat, utimes, type FileHandle } from 'node:fs/promises'
+import { lstat, open, readFile, readlink, rename, link, mkdir, writeFile, unlink, stat, utimes, type FileHandle } from 'node:fs/promises'
 import { hostname } from 'node:os'
 import { hash, randomUUID } from 'node:crypto'
 import { join, resolve } from 'node:path'
@@ -21,22 +21,45 @@ const LOCK_FILE = 'audit.lock'
 const FILE_MODE = 0o600
 const DIR_MODE = 0o700
 /**
- * The spool's files are opened never through a symbolic link: one put in their place in a shared
- * directory made the spool append audit lines to the file it named, and truncate it once replayed.
+ * The spool's files are opened through a symbolic link only if it is this process's user's own:
+ * one another local account put in their place in a shared directory made the spool append audit
+ * lines to the file it named, and truncate it once replayed. (A link of the gateway's own user is
+ * followed: an operator's, or a test's pointing at /dev/full to stand for a full disk.)
  */
-const APPEND = constants.O_APPEND | constants.O_CREAT | constants.O_RDWR | (constants.O_NOFOLLOW ?? 0)
+const APPEND = constants.O_APPEND | constants.O_CREAT | constants.O_RDWR
+const NOFOLLOW = constants.O_NOFOLLOW ?? 0
+
+/**
+ * Opens a spool or quarantine file for appending, refusing a symbolic link (see APPEND) or a
+ * regular file (ownedHere) this process's user does not own.
+ */
+async function openOwn (path: string): Promise<FileHandle> {
+  let fh: FileHandle
+  try {
+    fh = await open(path, APPEND | NOFOLLOW, FILE_MODE)
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ELOOP') throw err
+    const uid = process.getuid?.()
+    const owner = (await lstat(path)).uid
+    if (uid !== undefined && owner !== uid) throw new Error(`${path} is a symbolic link of another user (uid ${owner}, the gateway runs as ${uid}): it is not followed; give the gateway a spool directory of its own (BFF_AUDIT_SPOOL_DIR)`)
+    fh = await open(path, APPEND, FILE_MODE)
+  }
+  return await ownedHere(fh, path)
+}
 
 /**
  * Refuses (closing it) a spool or quarantine file this process's user does not own: another local
  * account made it (in the default directory, in the shared tmpdir), and may have written batches
  * that the spool would replay into the audit trail as the gateway's own, hash-chained with them.
+ * Only a regular file: a device (/dev/full, say) holds no batches, and only root makes one.
  */
 async function ownedHere (fh: FileHandle, path: string): Promise<FileHandle> {
   const uid = process.getuid?.()
-  const owner = uid === undefined ? uid : (await fh.stat()).uid
-  if (owner === uid) return fh
+  if (uid === undefined) return fh
+  const stats = await fh.stat()
+  if (!stats.isFile() || stats.uid === uid) return fh
   await fh.close().catch(() => {})
-  throw new Error(`${path} belongs to another user (uid ${String(owner)}, the gateway runs as ${String(uid)}): what it holds would be replayed into the audit trail as the gateway's own; give the gateway a spool directory of its own (BFF_AUDIT_SPOOL_DIR)`)
+  throw new Error(`${path} belongs to another user (uid ${stats.uid}, the gateway runs as ${uid}): what it holds would be replayed into the audit trail as the gateway's own; give the gateway a spool directory of its own (BFF_AUDIT_SPOOL_DIR)`)
 }
 /** The holder of a lock touches it this often (SpoolLimits.heartbeatMs in tests). */
 const LOCK_HEARTBEAT_MS = 5_000
@@ -149,7 +172,7 @@ export class Spool {
       }
       const spool = new Spool(dir, limits)
       spool.lock = mine
-      spool.fh = await ownedHere(await open(spool.path, APPEND, FILE_MODE), spool.path)
+      spool.fh = await openOwn(spool.path)
       // One an earlier version made (0644) is the owner's alone from now on.
       await spool.fh.chmod(FILE_MODE).catch(() => {})
       // The file's directory entry on disk (it may have just been created): batches fsynced into
@@ -381,7 +404,7 @@ export class Spool {
       await syncDir(this.dir)
       this.unsynced = false
     }
-    this.fh = await ownedHere(await open(this.path, APPEND, FILE_MODE), this.path)
+    this.fh = await openOwn(this.path)
     return this.fh
   }
 
@@ -502,7 +525,7 @@ export class Quarantine {
     const run = this.chain.then(async () => {
       if (this.closed) throw new Error('the audit quarantine is closed')
       if (this.fh === null) {
-        const fh = await ownedHere(await open(this.path, APPEND, FILE_MODE), this.path)
+        const fh = await openOwn(this.path)
         try {
           await fh.chmod(FILE_MODE).catch(() => {})
           // A line torn by a crash stays as it is (an operator reads it), on a line of its own.
