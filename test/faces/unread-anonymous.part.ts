@@ -4,32 +4,14 @@
 // until the total was passed; every tenant's requests were then refused 503 OVERLOADED, and
 // every WebSocket frame closed its socket with 1013.
 import t from 'tap'
-import { connect, type Socket } from 'node:net'
+import { unreadGet } from './unread-client.js'
 import { buildApp } from '../../app.js'
 import { startTestKernel, testManifest, testConfig, json, token } from '../helper.js'
-
-type Teardown = { teardown: (fn: () => unknown) => void }
 
 // A schema whose description makes the OpenAPI document some 8 MB (it is written twice): more than a socket's buffers take.
 const LONG = 'd'.repeat(4 * 1024 * 1024)
 const SHARE = 1024 * 1024
 const TOTAL = 20 * 1024 * 1024
-
-/** A client that sends GET `path` with `headers`, reads its answer's status line, then nothing more. */
-async function unreadGet (t: Teardown, port: number, path: string, headers = ''): Promise<{ socket: Socket, status: string }> {
-  const socket = connect(port, '127.0.0.1', () => {
-    socket.write(`GET ${path} HTTP/1.1\r\nHost: x\r\n${headers}\r\n`)
-  })
-  t.teardown(() => socket.destroy())
-  const status = await new Promise<string>((resolve, reject) => {
-    socket.once('error', reject)
-    socket.once('data', (chunk: Buffer) => {
-      socket.pause()
-      resolve(chunk.toString('latin1').split('\r\n')[0])
-    })
-  })
-  return { socket, status }
-}
 
 t.test('clients without a token hold at most one share unread together; tenants are served', async t => {
   const kernel = await startTestKernel(t, { 'GET /v1/small': (_req, res) => json(res, 200, { data: 'small' }) })

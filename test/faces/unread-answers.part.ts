@@ -6,7 +6,8 @@
 // whose clients hold more than its share unread is refused 503 OVERLOADED, and answers that find
 // it so are left out (503 too), while other tenants are served.
 import t, { type Test } from 'tap'
-import { connect, type Socket } from 'node:net'
+import type { Socket } from 'node:net'
+import { unreadGet as unreadClient } from './unread-client.js'
 import { buildApp } from '../../app.js'
 import { startTestKernel, testManifest, testConfig, json, token, type TestHandler } from '../helper.js'
 
@@ -31,21 +32,8 @@ async function gatewayOf (t: Teardown, routes: Record<string, TestHandler>, perT
   return { port, base, held }
 }
 
-/** A client that sends GET `path`, reads its answer's status line, then nothing more. */
-async function unreadGet (t: Teardown, port: number, path: string, authorization: string): Promise<{ socket: Socket, status: string }> {
-  const socket = connect(port, '127.0.0.1', () => {
-    socket.write(`GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: ${authorization}\r\n\r\n`)
-  })
-  t.teardown(() => socket.destroy())
-  const status = await new Promise<string>((resolve, reject) => {
-    socket.once('error', reject)
-    socket.once('data', (chunk: Buffer) => {
-      socket.pause()
-      resolve(chunk.toString('latin1').split('\r\n')[0])
-    })
-  })
-  return { socket, status }
-}
+/** A client that sends GET `path` with `authorization`, reads its answer's status line, then nothing more. */
+const unreadGet = async (t: Teardown, port: number, path: string, authorization: string): Promise<{ socket: Socket, status: string }> => await unreadClient(t, port, path, `Authorization: ${authorization}\r\n`)
 
 /** What `held` reads once `enough` says so, or after 5 s of reading (every 20 ms). */
 async function heldOnce (held: () => Promise<number>, enough: (bytes: number) => boolean): Promise<number> {

@@ -4,7 +4,7 @@ import type { AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { json, startTestKernel, until } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
-import { MemoryIdempotencyStore, RedisIdempotencyStore } from '../../../plugins/idempotency/index.js'
+import { storeReads } from './store-reads.js'
 import { idemSetup, REDIS_URL, STORES, type IdemSetup } from './idempotency-helper.js'
 
 // A repeat waiting for the first call with its Idempotency-Key, as the gateway shuts down. The
@@ -16,21 +16,8 @@ import { idemSetup, REDIS_URL, STORES, type IdemSetup } from './idempotency-help
 // client reset. Now it is answered 409 IDEMPOTENCY_CONFLICT at its next poll; one waiting for a
 // call this instance runs waits on (that call ends within the grace).
 
-// Every read of the stores a waiting repeat makes (one per poll), to know that it waits: a claim,
-// or with Redis, for a call this instance runs (held in memory), a peek.
-let claims = 0
-for (const proto of [MemoryIdempotencyStore.prototype, RedisIdempotencyStore.prototype] as Array<{ claim: (...args: unknown[]) => unknown }>) {
-  const claim = proto.claim
-  proto.claim = function (this: unknown, ...args: unknown[]) {
-    claims++
-    return claim.apply(this, args)
-  }
-}
-const peek = MemoryIdempotencyStore.prototype.peek
-MemoryIdempotencyStore.prototype.peek = function (this: MemoryIdempotencyStore, ...args: Parameters<typeof peek>) {
-  claims++
-  return peek.apply(this, args)
-}
+// Every read of the stores a waiting repeat makes (one per poll), to know that it waits.
+const claims = storeReads
 
 /** A call over HTTP (the shutdown waits for requests in flight on its connections). */
 async function post (app: FastifyInstance, s: IdemSetup, key: string): Promise<{ status: number, headers: Headers, body: any }> {
@@ -57,9 +44,9 @@ async function heldKernel (t: Parameters<typeof startTestKernel>[0], status: num
 
 /** Starts a repeat of `key` on `app` and waits until it polls for the first call (its answer in an object: awaited, it would be awaited too). */
 async function waitingRepeat (app: FastifyInstance, s: IdemSetup, key: string): Promise<{ answer: Promise<{ status: number, headers: Headers, body: any }> }> {
-  const before = claims
+  const before = claims()
   const answer = post(app, s, key)
-  await until(() => claims - before >= 3, 'the repeat to wait for the first call')
+  await until(() => claims() - before >= 3, 'the repeat to wait for the first call')
   return { answer }
 }
 
@@ -75,8 +62,8 @@ for (const store of STORES) {
     const closing = s.app.close()
     await until(() => s.app.shuttingDown(), 'the shutdown to begin')
     // Polling on through the shutdown: the first call ends within the grace.
-    const polled = claims
-    await until(() => claims - polled >= 3, 'the repeat to wait on')
+    const polled = claims()
+    await until(() => claims() - polled >= 3, 'the repeat to wait on')
     open()
     t.equal((await first).status, 201)
     const answer = await repeat
@@ -130,14 +117,14 @@ t.test('redis: shutting down, Redis away, a repeat waiting for a call Redis hold
   const { answer: repeat } = await waitingRepeat(two.app, two, key)
   proxy.cut('reset')
   await until(() => !two.app.redis.up(), 'Redis to be away')
-  const polled = claims
-  await until(() => claims - polled >= 3, 'the repeat to wait on, Redis away')
-  const atClose = claims
+  const polled = claims()
+  await until(() => claims() - polled >= 3, 'the repeat to wait on, Redis away')
+  const atClose = claims()
   const closing = two.app.close()
   const answer = await repeat
   // Two reads a poll at most (Redis away, the repeat looks at what this instance holds; shutting
   // down, once more), and one poll may be under way as the shutdown begins. Before, some 150.
-  t.ok(claims - atClose <= 4, `the repeat stopped at its next poll (${claims - atClose} store reads after the shutdown began)`)
+  t.ok(claims() - atClose <= 4, `the repeat stopped at its next poll (${claims() - atClose} store reads after the shutdown began)`)
   t.equal(answer.status, 409)
   t.match(answer.body, { code: 'IDEMPOTENCY_CONFLICT', detail: /another instance/ })
   await closing
