@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
-import { precompressedFiles } from './precompressed.js'
+import { precompressedAnswers, precompressedFiles } from './precompressed.js'
 import { Ajv } from 'ajv'
 import type { Operation } from '../../manifest.js'
 
@@ -178,11 +178,22 @@ async function openapiPlugin (app: FastifyInstance, opts: OpenApiOptions): Promi
   })
   // Swagger UI's files, compressed once each (precompressed.ts) when compression is on: a hook
   // of their own context, which runs before @fastify/compress's (a hook of each route).
+  // The document itself, as JSON (/openapi.json, /docs/json) and YAML (/docs/yaml), is the same
+  // text for the life of the process: compressed once per route and coding (precompressedAnswers).
+  const compressing = app.hasPlugin('mantle-compression')
+  const documents = compressing ? precompressedAnswers() : null
+  const DOCUMENT_ROUTES = new Set(['/docs/json', '/docs/yaml'])
   await app.register(async (docs) => {
-    if (app.hasPlugin('mantle-compression')) docs.addHook('onSend', precompressedFiles())
+    if (compressing) {
+      const files = precompressedFiles()
+      docs.addHook('onSend', (request, reply, payload, done) => {
+        if (DOCUMENT_ROUTES.has(request.routeOptions.url ?? '')) documents!(request, reply, payload, done)
+        else files(request, reply, payload, done)
+      })
+    }
     await docs.register(swaggerUi, { routePrefix: '/docs', uiConfig: { deepLinking: false } })
   })
-  app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger())
+  app.get('/openapi.json', { schema: { hide: true }, ...(documents === null ? {} : { onSend: documents }) }, async () => app.swagger())
 }
 
 export default fp(openapiPlugin, { name: 'mantle-openapi', fastify: '5.x' })

@@ -77,3 +77,30 @@ t.test('/docs with compression off: the files as they are', async t => {
   t.equal(res.headers['content-encoding'], undefined)
   t.ok(res.rawPayload.equals(bundle))
 })
+
+// The OpenAPI document is the same text for the life of the process, and anyone may ask for it:
+// each answer cost a compression of the whole document (about 2 ms of CPU with br).
+t.test('the OpenAPI document (/openapi.json, /docs/json, /docs/yaml) is compressed once per route and coding', async t => {
+  const app = await buildTestApp(t)
+  const plain: Record<string, string> = {}
+  for (const url of ['/openapi.json', '/docs/json', '/docs/yaml']) plain[url] = (await app.inject({ method: 'GET', url })).body
+  t.ok(plain['/openapi.json']!.length > 1024 && plain['/docs/yaml']!.startsWith('openapi:'), 'the documents, large enough to compress')
+  const n = await compressions(async () => {
+    for (let i = 0; i < 4; i++) {
+      for (const url of Object.keys(plain)) {
+        for (const [coding, decode] of Object.entries(decoders)) {
+          const res = await app.inject({ method: 'GET', url, headers: { 'accept-encoding': coding } })
+          t.equal(res.statusCode, 200)
+          t.equal(res.headers['content-encoding'], coding)
+          t.match(res.headers.vary, /accept-encoding/)
+          t.equal(Number(res.headers['content-length']), res.rawPayload.length, 'the compressed length')
+          t.equal(decode(res.rawPayload).toString(), plain[url], `${url}, ${coding}: the document`)
+        }
+      }
+    }
+  })
+  t.equal(n, 9, 'one compression per route and coding for 36 answers')
+  const none = await app.inject({ method: 'GET', url: '/openapi.json', headers: { 'accept-encoding': 'identity' } })
+  t.equal(none.headers['content-encoding'], undefined, 'a client that takes no coding: the text')
+  t.equal(none.body, plain['/openapi.json'])
+})
