@@ -20,11 +20,35 @@ export interface WindowCount {
   ttl: number
 }
 
-/** One key's counters: the fixed window's index and the two buckets. */
+/** One key's counters: the fixed window's index and the two buckets, and the window's length they count in. */
 export interface WindowState {
   w: number
   c: number
   p: number
+  /** The window's length `w` counts in (absent: a key counted before it was kept, taken as the length asked now). */
+  m?: number
+}
+
+/**
+ * A key counted in windows of another length (a manifest reload changed the operation's
+ * `windowMs`) in windows of `windowMs`: the calls its sliding window held at `now` go into the
+ * current window of the new length, scaled down to its share when it is shorter (the calls taken
+ * as spread evenly). Without it the key's window index read as foreign and the key started at 0:
+ * a reload that tightened 2 calls a minute to 2 an hour gave every caller that had just spent its
+ * 2 calls 2 more at once.
+ */
+function rescale (state: WindowState, now: number, windowMs: number, was: number): void {
+  const at = Math.floor(now / was)
+  const elapsed = now - at * was
+  let used = 0
+  if (state.w === at) used = state.p * (was - elapsed) / was + state.c
+  else if (state.w === at - 1) used = state.c * (was - elapsed) / was
+  // A clock stepped back by less than a window (see hit): the counts stand.
+  else if (state.w === at + 1) used = state.c + state.p
+  if (windowMs < was) used = used * windowMs / was
+  state.w = Math.floor(now / windowMs)
+  state.c = Math.ceil(used)
+  state.p = 0
 }
 
 /**
@@ -32,6 +56,8 @@ export interface WindowState {
  * call is not counted: a client that keeps knocking is let back in as soon as its rate allows.
  */
 export function hit (state: WindowState, now: number, windowMs: number, max: number): WindowCount {
+  if (state.m !== undefined && state.m !== windowMs) rescale(state, now, windowMs, state.m)
+  state.m = windowMs
   let index = Math.floor(now / windowMs)
   let elapsed = now - index * windowMs
   // A clock stepped back (NTP; a Redis failover to a replica behind) by less than a window does
@@ -72,7 +98,7 @@ function retryAfter (state: WindowState, elapsed: number, windowMs: number, max:
 /**
  * `hit` as one Redis script: one round trip, atomic across every gateway instance. The clock is
  * Redis's own (TIME), so instances with skewed clocks still share one window. KEYS[1] is the
- * limit's key, a hash {w, c, p}; ARGV: windowMs, max. Returns {current, ttl}.
+ * limit's key, a hash {w, c, p, m}; ARGV: windowMs, max. Returns {current, ttl}.
  */
 export const SLIDING_WINDOW_LUA = `
 local window = tonumber(ARGV[1])
@@ -81,10 +107,29 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local index = math.floor(now / window)
 local elapsed = now - index * window
-local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
+local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p', 'm')
 local w = tonumber(s[1])
 local c = tonumber(s[2]) or 0
 local p = tonumber(s[3]) or 0
+local m = tonumber(s[4])
+local rescaled = false
+if w ~= nil and m ~= nil and m ~= window then
+  local at = math.floor(now / m)
+  local e = now - at * m
+  local used = 0
+  if w == at then
+    used = p * (m - e) / m + c
+  elseif w == at - 1 then
+    used = c * (m - e) / m
+  elseif w == at + 1 then
+    used = c + p
+  end
+  if window < m then used = used * window / m end
+  w = index
+  c = math.ceil(used)
+  p = 0
+  rescaled = true
+end
 if w ~= nil and w > index and w - index <= 1 then
   index = w
   elapsed = 0
@@ -106,14 +151,14 @@ end
 local used = p * (window - elapsed) / window + c
 if used + 1 <= max then
   c = c + 1
-  redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p)
+  redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'm', window)
   redis.call('PEXPIRE', KEYS[1], window * 2)
   local current = math.ceil(used) + 1
   if current >= max then return {current, retryAfter()} end
   return {current, window - elapsed}
 end
-if w ~= index then
-  redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p)
+if w ~= index or rescaled or m == nil then
+  redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'm', window)
   redis.call('PEXPIRE', KEYS[1], window * 2)
 end
 return {max + 1, retryAfter()}

@@ -276,3 +276,19 @@ t.test('reloads do not grow the heap: the schemas of a replaced manifest are let
   // Each reload of the demo manifest left about 0.27 MiB behind in Ajv's caches: 8 MiB here.
   t.ok(grown < 4, `the heap grew ${grown.toFixed(1)} MiB over 30 reloads`)
 })
+
+t.test('a reload that lengthens an operation\'s rate-limit window keeps the calls already counted', async t => {
+  // The sliding window's state is the index of a fixed window of the length in force: a reload
+  // that changed `windowMs` found every key's index foreign and started it at 0. Tightening a
+  // limit from 2 a minute to 2 an hour (a reload to curb a caller) handed every caller who had
+  // just spent its 2 calls 2 more at once.
+  const { app, file } = await setup(t)
+  writeFileSync(file, manifest('viewer', '    rateLimit: { max: 2, windowMs: 60000 }\n'))
+  t.same(await app.reloadManifest(), { applied: true, reasons: [] })
+  const viewer = bearer({ roles: ['viewer'] })
+  const call = async (): Promise<number> => (await app.inject({ url: '/api/v1/things/a', headers: viewer })).statusCode
+  t.same([await call(), await call(), await call()], [200, 200, 429], 'the limit is spent')
+  writeFileSync(file, manifest('viewer', '    rateLimit: { max: 2, windowMs: 3600000 }\n'))
+  t.same(await app.reloadManifest(), { applied: true, reasons: [] })
+  t.equal(await call(), 429, 'the calls of the last minute count in the hour')
+})

@@ -70,6 +70,25 @@ t.test('a clock stepped back never moves a window back: the calls counted stand'
   t.equal(state.w, 5)
 })
 
+t.test('a key counted in windows of another length (a reload changed windowMs) keeps its calls, scaled to a shorter window', async t => {
+  // Before, the key's window index read as foreign and the key started at 0: tightening 2 calls
+  // a minute to 2 an hour gave back 2 calls at once.
+  const longer = { w: 0, c: 0, p: 0 }
+  t.equal(hit(longer, 120_000, 60_000, 2).current, 1)
+  t.equal(hit(longer, 120_001, 60_000, 2).current, 2)
+  t.equal(hit(longer, 130_000, 3_600_000, 2).current, 3, 'refused: the 2 of the last minute count in the hour')
+  t.equal(hit(longer, 3_599_000, 3_600_000, 2).current, 3, 'and still at the hour\'s end')
+  t.equal(hit(longer, 5_400_000, 3_600_000, 2).current, 2, 'halfway through the next hour they weigh 1: one more fits')
+  // Shortened from an hour to a minute: 60 calls in the hour are 1 in a minute's share.
+  const shorter = { w: 0, c: 0, p: 0 }
+  for (let i = 0; i < 60; i++) hit(shorter, 1000 + i, 3_600_000, 100)
+  t.equal(hit(shorter, 2000, 60_000, 2).current, 2, 'one call carried, one more fits')
+  t.equal(hit(shorter, 2001, 60_000, 2).current, 3)
+  // A key counted before the length was kept (m absent) is read as counted in the length asked.
+  const legacy = { w: 2, c: 2, p: 0 }
+  t.equal(hit(legacy, 120_000, 60_000, 2).current, 3)
+})
+
 t.test('keys are separate and bounded', async t => {
   const store = new MemoryWindowStore({ maxKeys: 3 })
   for (const k of ['a', 'b', 'c', 'd']) store.check(k, 60_000, 1)

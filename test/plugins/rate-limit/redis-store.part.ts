@@ -242,3 +242,20 @@ t.test('in Redis too, a key whose window is ahead of the clock keeps its count',
   t.equal((await store.check(key, 60_000, 3)).current, 1)
   t.equal(await redis.hget(key, 'w'), String(index), 'the window is the clock\'s')
 })
+
+t.test('in Redis too, a key counted in windows of another length (a reload changed windowMs) keeps its calls', async t => {
+  const key = opKey('length-' + randomUUID(), 'u', 'op')
+  const redis = await redisClient(t, [key])
+  const store = new RedisWindowStore(redis)
+  t.equal((await store.check(key, 60_000, 2)).current, 1)
+  t.equal((await store.check(key, 60_000, 2)).current, 2)
+  t.equal(await redis.hget(key, 'm'), '60000', 'the length is kept with the counts')
+  const refused = await store.check(key, 3_600_000, 2)
+  t.equal(refused.current, 3, 'refused: the 2 of the last minute count in the hour')
+  t.equal(await redis.hget(key, 'm'), '3600000', 'the key now counts in hours')
+  t.equal(await redis.hget(key, 'c'), '2')
+  t.equal((await store.check(key, 3_600_000, 2)).current, 3, 'and is refused again')
+  // Back to a minute: 2 calls in the hour are a minute's share of them, rounded up: 1.
+  t.equal((await store.check(key, 60_000, 2)).current, 2)
+  t.equal((await store.check(key, 60_000, 2)).current, 3)
+})
