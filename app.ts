@@ -167,7 +167,7 @@ export interface BuildOptions {
   /** Audit timings (tests shorten them). */
   audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number, probeIntervalMs?: number }
   /** Events timings and bound (tests shorten them). */
-  events?: { probeIntervalMs?: number, maxSubscriptions?: number }
+  events?: { probeIntervalMs?: number, maxSubscriptions?: number, maxPublishing?: number }
   /** What clients may leave unread, all and per tenant (default: defaultUnreadBytes; tests shrink it). */
   unreadBytes?: { max: number, perTenant: number }
   /** How long a reload waits to see the manifest file settled (default SETTLE_MS; tests that reload many times shorten it). */

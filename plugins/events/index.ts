@@ -29,6 +29,8 @@ export interface EventsOptions {
   maxSubscriptionsPerTenant?: number | undefined
   /** How often the subscriber's connection is checked with a PING (ms; tests shorten it). */
   probeIntervalMs?: number
+  /** Publishes waiting for Redis's answer at once (default MAX_PUBLISHING; tests shrink it). */
+  maxPublishing?: number
 }
 
 /**
@@ -46,6 +48,13 @@ const PROBE_INTERVAL_MS = 5000
 const UNCERTAIN_MS = 30_000
 /** …and at most this many at once. */
 const MAX_UNCERTAIN = 1000
+/**
+ * Publishes waiting for Redis's answer at once (each waits COMMAND_TIMEOUT_MS at most): past it a
+ * publish is refused with OVERLOADED, counted. Each holds its message's JSON and an entry in
+ * `publishing`: a Redis that answers late (not a closed one: enableOfflineQueue is off) let a
+ * Kernel posting events as fast as it could grow them without a bound for a second at a time.
+ */
+const MAX_PUBLISHING = 10_000
 
 export interface Events {
   readonly bus: EventBus
@@ -61,7 +70,14 @@ declare module 'fastify' {
   }
 }
 
-function counters (app: FastifyInstance, bus: () => EventBus, redisUp: (() => number) | null): { bus: BusCounters, published: (source: string) => void } | undefined {
+interface EventsMetrics {
+  bus: BusCounters
+  published: (source: string) => void
+  /** A publish refused at MAX_PUBLISHING. */
+  publishRefused: () => void
+}
+
+function counters (app: FastifyInstance, bus: () => EventBus, redisUp: (() => number) | null, sizes: () => { publishing: number, uncertain: number }): EventsMetrics | undefined {
   if (!app.hasDecorator('metrics')) return undefined
   const registers = [app.metrics.registry]
   const published = new Counter({ name: 'mantle_events_published_total', help: 'Kernel events accepted, by source', labelNames: ['source'] as const, registers })
@@ -72,9 +88,14 @@ function counters (app: FastifyInstance, bus: () => EventBus, redisUp: (() => nu
   // Absent without Redis, as mantle_redis_up: at 0 it set off MantleRedisFallbackActive on every
   // instance that runs on the embedded default.
   if (redisUp !== null) new Gauge({ name: 'mantle_events_redis_up', help: '1 when the Redis event subscriber is connected and subscribed (absent without Redis)', registers, collect () { this.set(redisUp()) } }) // eslint-disable-line no-new
+  // Both stay at 0 without Redis (nothing is published to it).
+  new Gauge({ name: 'mantle_events_publishing', help: 'Publishes of this instance waiting for Redis\'s answer (1 s at most each; bounded, 10,000: past it a publish is refused, mantle_events_publishes_refused_total)', registers, collect () { this.set(sizes().publishing) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_events_uncertain', help: 'Events whose publish to Redis timed out, delivered here, remembered to drop their echo from Redis (30 s each; bounded, 1,000: past it the oldest is forgotten)', registers, collect () { this.set(sizes().uncertain) } }) // eslint-disable-line no-new
+  const publishRefused = new Counter({ name: 'mantle_events_publishes_refused_total', help: 'Events refused with OVERLOADED because 10,000 publishes of this instance already waited for Redis', registers })
   return {
     bus: { delivered: (event, n) => delivered.labels(event).inc(n), dropped: reason => dropped.labels(reason).inc(), refused: bound => refused.labels(bound).inc() },
-    published: source => published.labels(source).inc()
+    published: source => published.labels(source).inc(),
+    publishRefused: () => publishRefused.inc()
   }
 }
 
@@ -89,7 +110,8 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   // each publish (each logged) while /readyz and /diagz said up: every event posted here reached
   // this instance alone.
   const shared = opts.redisUrl !== undefined && app.hasDecorator('redis') ? app.redis : null
-  const metrics = counters(app, () => bus, opts.redisUrl === undefined ? null : () => subscribed ? 1 : 0)
+  const metrics = counters(app, () => bus, opts.redisUrl === undefined ? null : () => subscribed ? 1 : 0, () => ({ publishing: publishing.size, uncertain: uncertain.size }))
+  const maxPublishing = opts.maxPublishing ?? MAX_PUBLISHING
   const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus, opts.maxSubscriptionsPerTenant, app.hasDecorator('loadShedding') ? app.loadShedding.refuse : null)
 
   // Events delivered here because their publish timed out, by the publish's own id, with when
@@ -110,7 +132,8 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   // This instance's publishes waiting for Redis's answer, by id, each with whether it came back on
   // the subscriber meanwhile (and was delivered then): one whose answer comes late (a publisher's
   // flow half-open, or slow) may have. Delivered here again once its publish timed out, it reached
-  // its subscribers twice. One entry per publish in flight (each waits COMMAND_TIMEOUT_MS at most).
+  // its subscribers twice. One entry per publish in flight (each waits COMMAND_TIMEOUT_MS at most),
+  // maxPublishing at most.
   const publishing = new Map<string, boolean>()
   const seenHere = (id: unknown): boolean => {
     if (uncertain.size === 0 || typeof id !== 'string') return false
@@ -190,6 +213,10 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   }
 
   const publish = async (message: KernelEventMessage): Promise<void> => {
+    if (publisher !== null && publishing.size >= maxPublishing) {
+      metrics?.publishRefused()
+      throw new MantleError('OVERLOADED', 'Too many event publishes waiting for Redis on this instance', { headers: { 'retry-after': '1' } })
+    }
     metrics?.published(publisher === null ? 'memory' : 'redis')
     if (publisher !== null) {
       // An id of this publish's own, for its echo only (the bus reads topic, tenant and payload).

@@ -291,7 +291,7 @@ async function redisProxy (t: { teardown: (fn: () => unknown) => void }): Promis
 }
 
 /** A gateway on Redis through redisProxy, subscribed (up), and the ids of a fresh tenant's events it delivers. */
-async function subscribedThroughProxy (t: { teardown: (fn: () => unknown) => void }, events: { probeIntervalMs?: number } = {}) {
+async function subscribedThroughProxy (t: { teardown: (fn: () => unknown) => void }, events: { probeIntervalMs?: number, maxPublishing?: number } = {}) {
   const tenant = 'tenant-' + randomUUID()
   const proxy = await redisProxy(t)
   const app = await buildDemoApp(t, { REDIS_URL: proxy.url }, { events })
@@ -423,6 +423,26 @@ t.test('a Redis slower than the publish timeout: the event is delivered here onc
   await sleep(1200)
   t.same(got, ['once', 'once'], 'and not again when Redis sent them back')
   t.match((await app.inject({ url: '/metrics' })).body, /mantle_events_dropped_total\{reason="duplicate"\} 2\n/)
+})
+
+// The publishes waiting for Redis had no bound and no metric (nor had the echoes remembered once
+// they timed out): a Redis answering late let them pile up unseen.
+t.test('publishes waiting for Redis are bounded and counted, and so are the echoes remembered', async t => {
+  const { tenant, proxy, app, got } = await subscribedThroughProxy(t, { probeIntervalMs: 60_000, maxPublishing: 2 })
+  proxy.delayMs = 1500
+  const event = { topic: 'runs.updated', tenantId: tenant, payload: run('slow') }
+  const waiting = [app.events.publish(event), app.events.publish(event)]
+  const refused = await app.events.publish(event).then(() => null, (err: unknown) => err)
+  t.match(refused, { code: 'OVERLOADED', headers: { 'retry-after': '1' } }, 'a third publish is refused while two wait')
+  // Read from the registry, not scraped: at once, well within the 1 s the publishes wait.
+  const value = async (name: string) => (await app.metrics.registry.getSingleMetric(name)?.get())?.values[0]?.value
+  t.equal(await value('mantle_events_publishing'), 2, 'the two waiting')
+  t.equal(await value('mantle_events_publishes_refused_total'), 1, 'the refusal counted')
+  await Promise.all(waiting)
+  t.same(got, ['slow', 'slow'], 'the two delivered here when they timed out')
+  const after = (await app.inject({ url: '/metrics' })).body
+  t.match(after, /mantle_events_publishing 0\n/, 'none waiting any more')
+  t.match(after, /mantle_events_uncertain 2\n/, 'their echoes remembered')
 })
 
 // A publish whose answer is late (the publisher's flow half-open, or slow) may have reached Redis
