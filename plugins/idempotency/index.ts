@@ -96,6 +96,9 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     const evictions = new Counter({ name: 'mantle_idempotency_memory_evictions_total', help: 'Outcomes the memory idempotency store dropped before their TTL, or did not keep, to stay within BFF_IDEMPOTENCY_MAX_KEYS or its 64 MB (each the least recently used of the tenant holding the most); a repeat of one runs again', registers })
     evicted = () => evictions.inc()
     new Gauge({ name: 'mantle_idempotency_memory_keys', help: 'Keys the memory idempotency store holds, after the scrape drops expired ones (65,536 looked at at most)', registers, async collect () { await memory.purgeAll(SCRAPE_SLICES); this.set(memory.size) } }) // eslint-disable-line no-new
+    // Not bounded by a number of their own: one per keyed call running (each until its call ends
+    // or its lease lapses), so by the calls in flight.
+    new Gauge({ name: 'mantle_idempotency_running_claims', help: 'Claims of keyed calls this instance is running, by where the key was claimed (memory, or redis: held here too so that a repeat here waits for it); one per keyed call in flight', labelNames: ['store'] as const, registers, collect () { const n = memory.runningClaims(); this.labels('memory').set(n.memory); this.labels('redis').set(n.redis) } }) // eslint-disable-line no-new
     metricsFor = (op) => {
       const r = replays.labels(op)
       const c = conflicts.labels(op)

@@ -97,6 +97,21 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     await this.cache.purgeAllStale(maxSlices)
   }
 
+  /**
+   * The claims of calls running now, after dropping lapsed ones: those claimed here (`memory`)
+   * and the holds of calls claimed in Redis (`redis`). As many as the keyed calls running (the
+   * plugin's gauge).
+   */
+  runningClaims (): { memory: number, redis: number } {
+    const now = performance.now()
+    let held = 0
+    for (const [key, claim] of this.running) {
+      if (claim.until <= now) this.running.delete(key)
+      else if (claim.held) held++
+    }
+    return { memory: this.running.size - held, redis: held }
+  }
+
   /** The running claim on `key`, unless its lease has lapsed. */
   private claimOf (key: string): { record: RunningRecord, until: number, held: boolean } | undefined {
     const claim = this.running.get(key)

@@ -38,6 +38,21 @@ t.test('metrics count replays, conflicts, key reuse and the memory store size', 
   t.equal(s.app.idempotency.memoryKeys(), 2)
 })
 
+// The claims of keyed calls running had no metric (they are bounded by the calls in flight only).
+t.test('the claims of keyed calls running are counted, by store, until their calls end', async t => {
+  const s = await idemSetup(t, 'memory')
+  const scrape = async () => (await s.app.inject({ method: 'GET', url: '/metrics' })).body
+  const gate = s.hold()
+  const slow = [s.create({ name: 'a' }, randomUUID()), s.create({ name: 'b' }, randomUUID())]
+  await until(() => s.calls() === 2, 'both calls to reach the Kernel')
+  const during = await scrape()
+  t.match(during, /mantle_idempotency_running_claims\{store="memory"\} 2\n/, 'two claims running')
+  t.match(during, /mantle_idempotency_running_claims\{store="redis"\} 0\n/)
+  gate.open()
+  await Promise.all(slow)
+  t.match(await scrape(), /mantle_idempotency_running_claims\{store="memory"\} 0\n/, 'none once they ended')
+})
+
 // One LRU for all tenants: tenant A's keyed calls (three, with BFF_IDEMPOTENCY_MAX_KEYS=3)
 // pushed out tenant B's outcome, and B's retry created a second item.
 t.test('another tenant\'s keyed calls never evict a tenant\'s outcome: past the bound, the tenant holding the most gives up its oldest', async t => {

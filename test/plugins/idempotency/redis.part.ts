@@ -42,6 +42,19 @@ t.test('two instances sharing Redis: a repeat on the other instance replays, con
   t.equal(one.calls(), 2, 'one Kernel call for ten calls on two instances')
 })
 
+t.test('a keyed call claimed in Redis counts as a running claim of store redis until it ends', async t => {
+  const s = await idemSetup(t, 'redis')
+  const gate = s.hold()
+  const slow = s.create({ name: 'a' }, randomUUID())
+  await until(() => s.calls() === 1, 'the call to reach the Kernel')
+  const text = (await s.app.inject({ method: 'GET', url: '/metrics' })).body
+  t.match(text, /mantle_idempotency_running_claims\{store="redis"\} 1\n/, 'claimed in Redis, held here')
+  t.match(text, /mantle_idempotency_running_claims\{store="memory"\} 0\n/)
+  gate.open()
+  await slow
+  t.match((await s.app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_idempotency_running_claims\{store="redis"\} 0\n/, 'none once it ended')
+})
+
 t.test('Redis is the default store when REDIS_URL is set, and keys are where the README says', async t => {
   const s = await idemSetup(t, 'redis', { BFF_IDEMPOTENCY_STORE: undefined })
   t.equal(s.app.idempotency.store, 'redis')
