@@ -40,7 +40,12 @@ export interface CacheMetrics {
   evicted: () => void
   /** Invalidated tags dropped, not kept to be replayed: MAX_PENDING_TAGS were waiting already. */
   lost: (tags: number) => void
+  /** A tag version pushed out of its list at the list's bound (the clock's marks or floors, the Redis tier's known versions). */
+  tagEvicted: (list: TagVersionList) => void
 }
+
+/** The bounded lists of tag versions: the in-process clock's marks and floors, the Redis tier's known versions. */
+export type TagVersionList = 'marks' | 'floors' | 'known'
 
 export type InvalidationSource = 'mutation' | 'admin' | 'remote'
 
@@ -91,7 +96,7 @@ interface Fill {
 }
 
 const noop = (): void => {}
-const noMetrics: CacheMetrics = { outcome: noop, coalesced: noop, invalidated: noop, fallback: noop, discarded: noop, evicted: noop, lost: noop }
+const noMetrics: CacheMetrics = { outcome: noop, coalesced: noop, invalidated: noop, fallback: noop, discarded: noop, evicted: noop, lost: noop, tagEvicted: noop }
 
 /**
  * The response cache: an in-process LRU before Redis, one Kernel call per key at a time, stale
@@ -191,7 +196,14 @@ export class ResponseCache {
   constructor (private readonly opts: ResponseCacheOptions) {
     this.now = opts.now ?? Date.now
     this.metrics = opts.metrics ?? noMetrics
-    this.memory = new MemoryTier(opts.maxSize, opts.maxBytes, this.now, () => { this.metrics.evicted() })
+    this.memory = new MemoryTier(opts.maxSize, opts.maxBytes, this.now, () => { this.metrics.evicted() }, list => { this.metrics.tagEvicted(list) })
+  }
+
+  /** Entries of each bounded list of tag versions (`known` absent without Redis). */
+  get tagVersions (): Partial<Record<TagVersionList, number>> {
+    const sizes: Partial<Record<TagVersionList, number>> = { marks: this.memory.clock.size, floors: this.memory.clock.floorsSize }
+    if (this.opts.redis !== null) sizes.known = this.opts.redis.tier.knownSize
+    return sizes
   }
 
   get inFlight (): number {

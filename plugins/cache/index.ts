@@ -82,6 +82,8 @@ function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheM
   const fallbacks = new Counter({ name: 'mantle_cache_redis_fallbacks_total', help: 'Cache operations that skipped Redis (away or failing) and used memory only', labelNames: ['operation'] as const, registers })
   const discarded = new Counter({ name: 'mantle_cache_discarded_total', help: 'Kernel answers not stored because their tags were invalidated during the call', labelNames: ['op'] as const, registers })
   const lost = new Counter({ name: 'mantle_cache_invalidations_lost_total', help: 'Invalidated tags lost: Redis away and 10,000 already waiting to be replayed (the tenant holding the most of those gives up one); other instances serve what they drop until it expires, this one reads no entry of their tenant from Redis for the longest life of an entry (of any tenant past 10,000 tenants)', registers })
+  const tagEvictions = new Counter({ name: 'mantle_cache_tag_versions_evicted_total', help: 'Tag versions pushed out of a bounded list: list="marks" (a tag\'s latest in-process invalidation; its tenant\'s floor rises, so its other unmarked tags\' entries miss), "floors" (a tenant\'s floor; the floor of all rises, every tenant\'s entries made before it miss), "known" (a tag\'s latest Redis version; Redis going back on it is no longer seen)', labelNames: ['list'] as const, registers })
+  new Gauge({ name: 'mantle_cache_tag_versions', help: 'Entries of the bounded lists of tag versions: list="marks" and "floors" (in-process, bounded by 4 x BFF_CACHE_MAX_SIZE, 1,000 at the least, each), "known" (the Redis tier\'s, the same bound; absent without Redis)', labelNames: ['list'] as const, registers, collect () { for (const [list, n] of Object.entries(cache().tagVersions)) this.labels(list).set(n) } }) // eslint-disable-line no-new
   const evictions = new Counter({ name: 'mantle_cache_memory_evictions_total', help: 'Entries the in-process cache tier pushed out to stay within BFF_CACHE_MAX_SIZE or BFF_CACHE_MAX_BYTES (each the least recently used of the tenant holding the most)', registers })
   // Both after the scrape's pass over the entries (one pass for both: purgeAllStale shares it),
   // which lets the event loop go between slices: a gauge read beside it, not after, counted the
@@ -109,7 +111,8 @@ function cacheMetrics (app: FastifyInstance, cache: () => ResponseCache): CacheM
     fallback: operation => fallbacks.labels(operation).inc(),
     discarded: op => discarded.labels(op).inc(),
     evicted: () => evictions.inc(),
-    lost: n => lost.inc(n)
+    lost: n => lost.inc(n),
+    tagEvicted: list => tagEvictions.labels(list).inc()
   }
 }
 
@@ -128,7 +131,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     redis: shared === null
       ? null
       : {
-          tier: new RedisTier(shared.client, longestMs, Math.max(1000, opts.maxSize * 4)),
+          tier: new RedisTier(shared.client, longestMs, Math.max(1000, opts.maxSize * 4), metrics === undefined ? undefined : () => { metrics.tagEvicted('known') }),
           up: shared.up,
           denied: (err: unknown) => shared.denied(CACHE, err),
           allowed: () => { shared.allowed(CACHE) },

@@ -48,12 +48,20 @@ export class TagClock {
   private marks: LRUCache<string, number> | undefined
   private floors: LRUCache<string, number> | undefined
 
-  constructor (private readonly maxTags: number, private readonly scopeOf: (tagKey: string) => string = () => '') {}
+  /**
+   * `onEvict`: called for each mark or floor its bound pushed out (the metric: each raises a
+   * floor, and the entries under it miss).
+   */
+  constructor (private readonly maxTags: number, private readonly scopeOf: (tagKey: string) => string = () => '', private readonly onEvict?: (list: 'marks' | 'floors') => void) {}
 
   private floorList (): LRUCache<string, number> {
     this.floors ??= new LRUCache<string, number>({
       max: this.maxTags,
-      dispose: (value, _scope, reason) => { if (reason === 'evict' && value > this.floor) this.floor = value }
+      dispose: (value, _scope, reason) => {
+        if (reason !== 'evict') return
+        this.onEvict?.('floors')
+        if (value > this.floor) this.floor = value
+      }
     })
     return this.floors
   }
@@ -63,6 +71,7 @@ export class TagClock {
       max: this.maxTags,
       dispose: (value, key, reason) => {
         if (reason !== 'evict') return
+        this.onEvict?.('marks')
         const scope = this.scopeOf(key)
         const floors = this.floorList()
         if (value > (floors.peek(scope) ?? 0)) floors.set(scope, value)
@@ -106,6 +115,11 @@ export class TagClock {
 
   get size (): number {
     return this.marks?.size ?? 0
+  }
+
+  /** Scopes (tenants) with a floor of their own, raised by a mark pushed out. */
+  get floorsSize (): number {
+    return this.floors?.size ?? 0
   }
 }
 
@@ -160,12 +174,15 @@ export class MemoryTier {
   private readonly maxEntryBytes: number
   readonly clock: TagClock
 
-  /** `onEvict`: called for each entry a bound pushed out (not for those expired or invalidated). */
-  constructor (max: number, maxBytes: number, private readonly now: () => number, onEvict?: () => void) {
+  /**
+   * `onEvict`: called for each entry a bound pushed out (not for those expired or invalidated);
+   * `onTagEvict`: for each mark or floor of the clock's pushed out.
+   */
+  constructor (max: number, maxBytes: number, private readonly now: () => number, onEvict?: () => void, onTagEvict?: (list: 'marks' | 'floors') => void) {
     this.lru = new FairLru<LocalEntry>(max, maxBytes, onEvict)
     this.maxEntryBytes = Math.max(1, Math.floor(maxBytes / 8))
     // Marks outlive the entries they guard by far: a tag mark per cached entry, and more.
-    this.clock = new TagClock(Math.max(1000, max * 4), tenantOfTag)
+    this.clock = new TagClock(Math.max(1000, max * 4), tenantOfTag, onTagEvict)
   }
 
   get (key: string): CachedAnswer | undefined {

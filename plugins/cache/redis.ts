@@ -182,9 +182,11 @@ export class RedisTier {
   /**
    * @param tagMs how long a tag version outlives the last entry or invalidation that used it
    * @param maxKnown how many tags' latest versions are remembered (`known`)
+   * @param onEvict called for each version `known` pushed out at its bound (that tag's going back
+   *   is no longer seen)
    */
-  constructor (private readonly client: Redis, readonly tagMs: number, maxKnown = 10_000) {
-    this.known = new LRUCache<string, number>({ max: maxKnown, ttl: knownMs(tagMs) })
+  constructor (private readonly client: Redis, readonly tagMs: number, maxKnown = 10_000, onEvict?: () => void) {
+    this.known = new LRUCache<string, number>({ max: maxKnown, ttl: knownMs(tagMs), ...(onEvict === undefined ? {} : { dispose: (_v: number, _k: string, reason: LRUCache.DisposeReason) => { if (reason === 'evict') onEvict() } }) })
     this.db = client.options.db ?? 0
     // defineCommand runs EVALSHA and loads the script once when Redis does not know it.
     if (!('mantleCacheWrite' in client)) {
@@ -193,6 +195,11 @@ export class RedisTier {
       client.defineCommand('mantleCacheBorn', { lua: BORN })
     }
     this.commands = client as unknown as CacheCommands
+  }
+
+  /** Tags whose latest version is remembered (`known`; expired ones until lru-cache drops them). */
+  get knownSize (): number {
+    return this.known.size
   }
 
   /**

@@ -6,6 +6,7 @@ import { WebSocket } from 'ws'
 import { buildTestApp, bearer, json, until } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { REDIS_URL, STORES, itemKernel, itemManifest, metric, eventually, versionedItem } from './items.js'
+import { tagKey } from '../../../plugins/cache/index.js'
 
 const tenant = (): string => 'cache-' + randomUUID()
 
@@ -433,6 +434,32 @@ for (const { store, env } of STORES) {
     const app = await buildTestApp(t, { ...env, BFF_CACHE_TTL: 7 }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
     const res = await app.inject({ method: 'GET', url: '/api/v1/default/a', headers: bearer({ tenant: tenant() }) })
     t.equal(res.headers['cache-control'], 'private, max-age=7')
+  })
+
+  // The lists of tag versions were bounded but unseen: marks and floors pushed out make entries
+  // miss, a known version pushed out is a tag whose going back in Redis is no longer seen.
+  t.test(`${store}: the bounded lists of tag versions are gauged, and what their bounds push out counted`, async t => {
+    const kernel = await itemKernel(t)
+    // Each list holds 4 x BFF_CACHE_MAX_SIZE, 1,000 at the least.
+    const app = await buildTestApp(t, { ...env, BFF_CACHE_MAX_SIZE: 10 }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const cache = app.responseCache.cache
+    const who = tenant()
+    await cache.invalidate(who, Array.from({ length: 1001 }, (_, i) => `tag:${i}`), 'admin')
+    t.equal(await metric(app, 'mantle_cache_tag_versions', { list: 'marks' }), 1000, 'marks at their bound')
+    // With Redis the tags are marked again once Redis has them: each pushes out the next.
+    t.equal(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'marks' }), store === 'memory' ? 1 : 1002, 'the marks pushed out')
+    t.equal(await metric(app, 'mantle_cache_tag_versions', { list: 'floors' }), 1, 'the tenant\'s floor raised')
+    if (store === 'redis') {
+      t.equal(await metric(app, 'mantle_cache_tag_versions', { list: 'known' }), 1000, 'known versions at their bound')
+      // Other test processes' invalidations may be heard meanwhile: at least the one pushed out.
+      t.ok(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'known' }) >= 1, 'a known version pushed out')
+    }
+    // A mark each of 2,001 other tenants: the first 1,000 push out the rest of the first tenant's
+    // marks, the next 1,001 those of 1,001 other tenants, each a floor: 1,002 floors for 1,000.
+    for (let i = 0; i < 2001; i++) cache.memory.clock.invalidate([tagKey(`${who}-${i}`, 'x')])
+    t.equal(await metric(app, 'mantle_cache_tag_versions', { list: 'floors' }), 1000, 'floors at their bound')
+    t.equal(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'floors' }), 2, 'the floors pushed out')
+    t.equal(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'marks' }), (store === 'memory' ? 1 : 1002) + 2001)
   })
 }
 

@@ -540,7 +540,7 @@ t.test('a tag named twice in one invalidation is invalidated and counted once', 
   } as unknown as RedisTier
   let counted = 0
   const noop = (): void => {}
-  const cache = cacheWith(t, tier, undefined, { outcome: noop, coalesced: noop, invalidated: (_source, n) => { counted += n }, fallback: noop, discarded: noop, evicted: noop, lost: noop })
+  const cache = cacheWith(t, tier, undefined, { outcome: noop, coalesced: noop, invalidated: (_source, n) => { counted += n }, fallback: noop, discarded: noop, evicted: noop, lost: noop, tagEvicted: noop })
   await cache.invalidate('t', ['user:u1', 'user:u1', 'item:a'], 'mutation')
   t.equal(counted, 2, 'two tags counted')
   t.same(sent.map(keys => keys.length), [2], 'two tags sent to Redis')
