@@ -421,6 +421,28 @@ function rootFieldRefusal (schema: GraphQLSchema, document: DocumentNode, operat
   return null
 }
 
+/**
+ * The event a valid subscription document names: its one subscription's root field (through a
+ * fragment too, @skip and @include read without the variables), else null.
+ */
+function subscriptionEvent (schema: GraphQLSchema, document: DocumentNode): string | null {
+  const operations = document.definitions.filter(d => d.kind === Kind.OPERATION_DEFINITION && d.operation === 'subscription')
+  const type = schema.getSubscriptionType()
+  if (operations.length !== 1 || operations[0].kind !== Kind.OPERATION_DEFINITION || type == null) return null
+  const event = rootEvent(schema, operations[0].selectionSet.selections)
+  if (event !== null) return event
+  const fragments: Record<string, FragmentDefinitionNode> = Object.create(null)
+  for (const definition of document.definitions) {
+    if (definition.kind === Kind.FRAGMENT_DEFINITION) fragments[definition.name.value] = definition
+  }
+  try {
+    const [nodes] = collectFields(schema, fragments, {}, type, operations[0].selectionSet).values()
+    return nodes?.[0]?.name.value ?? null
+  } catch {
+    return null
+  }
+}
+
 export function createSubscriptions (app: FastifyInstance, settings: SubscriptionSettings): {
   context: (socket: WebSocket, request: FastifyRequest) => { connection: GraphqlConnection }
   onConnect: (data: { payload?: unknown }) => true | { initAuthorization: string }
@@ -436,6 +458,21 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
   const decide = decisions(app)
   // With the audit off, a refused document is not looked at again for its entry (recordRefusal).
   const auditing = app.hasDecorator('audit')
+  // A subscription past the connection's bound is refused OVERLOADED, recorded under its event as
+  // /ws and tRPC record theirs (before, it closed the connection with no entry), under the
+  // tenant and user the connection speaks for, else those of its valid token; then the
+  // connection closes (1008), as before.
+  const recordOverload = (socket: WebSocket, event: string | null, reason: string): void => {
+    if (!auditing) return
+    const connection = connections.get(socket)
+    const caller = connection?.speaksFor ?? tokenOwner(app, early.get(socket)?.init ?? connection?.upgradeAuthorization)
+    try {
+      decide({ requestId: uuidv7(), protocol: 'graphql', path: '/graphql', action: event ?? 'http', category: event === null ? 'security' : 'read', caller, clientRequestId: false }, () => { throw new MantleError('OVERLOADED', reason) })
+    } catch {
+      // The refusal rethrown, or the trail's OVERLOADED when it cannot record: the connection
+      // closes either way.
+    }
+  }
 
   return {
     // mercurius calls this on each connection_init: a second one breaks the protocol (4429).
@@ -469,7 +506,9 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         throw new GraphQLError('Subscriber already exists', { extensions: { code: 'VALIDATION_FAILED', status: 400 } })
       }
       if (connection.operations.size >= settings.maxOperations) {
-        connection.close(1008, `At most ${settings.maxOperations} subscriptions per connection`)
+        const reason = `At most ${settings.maxOperations} subscriptions per connection`
+        recordOverload(connection.socket, subscriptionEvent(schema, document), reason)
+        connection.close(1008, reason)
         throw new GraphQLError('Too many subscriptions', { extensions: { code: 'PAYLOAD_TOO_LARGE', status: 413 } })
       }
       // The document was validated by the guard (subscribeRefusal), before anything was held.
@@ -527,6 +566,8 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       // count as unread too: before, a client that read nothing held 100 of them (twice its bound
       // of operations) on each of its connections, for as long as it kept them open.
       let held = 0
+      // The event each held subscribe names, for its entry should it find the bound full.
+      const heldEvents = new WeakMap<Buffer, string | null>()
       const emit = socket.emit
       const state: Early = { starting: new Set(), cancelled: new Set(), ending: new Map(), deliver: message => { emit.call(socket, 'message', message, false) }, init: undefined }
       early.set(socket, state)
@@ -581,7 +622,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
             if (typeof callback === 'function') callback()
             if (subscribe !== null) {
               setImmediate(() => {
-                if (socket.readyState === socket.OPEN && start(key)) state.deliver(subscribe)
+                if (socket.readyState === socket.OPEN && start(key, heldEvents.get(subscribe) ?? null)) state.deliver(subscribe)
               })
             }
             return
@@ -603,9 +644,10 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       // holds: one more than the bound of them is over the bound, and closes the connection as
       // preSubscriptionExecution would (before, it was not counted, and a complete of it before
       // it reached mercurius' hooks was ignored: it ran until the connection closed).
-      const start = (key: string): boolean => {
+      const start = (key: string, event: string | null): boolean => {
         if (!state.starting.has(key) && state.starting.size >= settings.maxOperations) {
           const reason = `At most ${settings.maxOperations} subscriptions per connection`
+          recordOverload(socket, event, reason)
           const connection = connections.get(socket)
           if (connection === undefined) socket.close(1008, reason)
           else connection.close(1008, reason)
@@ -686,11 +728,12 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
             if (state.ending.get(key) !== null) connections.get(socket)?.close(4409, `Subscriber for ${upTo(key, 64)} already exists`)
             else {
               state.ending.set(key, data as Buffer)
+              heldEvents.set(data as Buffer, named.event)
               held += (data as Buffer).length
             }
             return false
           }
-          return start(key)
+          return start(key, named.event)
         }
         const send = (): void => socket.send(JSON.stringify({ type: 'error', id, payload: [error] }))
         // Before mercurius has taken up connection_init (a subscribe right behind it), the error

@@ -5,7 +5,7 @@ import { createClient, type Client, type FormattedExecutionResult } from 'graphq
 import { WebSocket, type ClientOptions } from 'ws'
 import { createSigner } from 'fast-jwt'
 import type { FastifyInstance } from 'fastify'
-import { buildDemoApp, token, SECRET, until } from '../../helper.js'
+import { buildDemoApp, drained, token, SECRET, until } from '../../helper.js'
 
 // GraphQL subscriptions over the graphql-ws protocol (graphql-transport-ws), with the real
 // graphql-ws client on `ws`, and raw `ws` sockets for what a well-behaved client never sends.
@@ -270,6 +270,11 @@ t.test('protocol abuse: duplicate ids, a second init, too many subscriptions, ju
   many.send({ id: 'd', type: 'subscribe', payload: { query: SUBSCRIPTION } })
   t.match(await many.closed, { code: 1008, reason: 'At most 2 subscriptions per connection' })
   await until(() => app.events.bus.subscriptions === 0, 'the closed connection to leave the bus')
+  // The refused one has its entry, under its event, as /ws and tRPC record theirs (OVERLOADED).
+  await drained(app)
+  const overloaded = (await app.audit.store.query({ status: 'OVERLOADED', limit: 10 })).entries
+  t.match(overloaded, [{ protocol: 'graphql', path: '/graphql', action: 'runUpdated', statusCode: 503, category: 'read', method: null }])
+  t.equal(overloaded.length, 1, 'one entry')
 
   // A message graphql-transport-ws does not define closes the socket with 4400 (mercurius
   // answered with its own text and no extensions, and a `null` threw in its handler).
