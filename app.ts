@@ -35,6 +35,7 @@ import pressure from './plugins/pressure/index.js'
 import compression from './plugins/compression/index.js'
 import openapi from './adapters/openapi/index.js'
 import rest, { MAX_PATH_PARAM_LENGTH } from './adapters/rest/index.js'
+import { overlongOperation } from './overlong-route.js'
 import trpc from './adapters/trpc/index.js'
 import graphql, { chooseSubprotocol } from './adapters/graphql/index.js'
 import websocketFace from './adapters/websocket/index.js'
@@ -478,6 +479,16 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // same problem+json, request id and security headers as every other refusal.
     frameworkErrors: (error, request, reply) => {
       stamp(request, reply)
+      // A REST path whose parameter is too long (414) is recorded under the operation it was
+      // made to, as the same call with a shorter bad parameter is (VALIDATION_FAILED); a path no
+      // operation serves is not, as a 404 is not.
+      if (error.code === 'FST_ERR_MAX_PARAM_LENGTH' && app.hasDecorator('audit')) {
+        const op = overlongOperation(app, request.method, request.url, REST_PREFIX, MAX_PATH_PARAM_LENGTH)
+        if (op !== null) {
+          const { problem } = toProblem(error, request.id)
+          app.audit.refused(request, reply, op.name, problem.code, problem.status, REST_PREFIX + op.path)
+        }
+      }
       errorHandler(error, request, reply)
     },
     // Requests Node's HTTP parser refuses (junk in the head, a head over 16 KB, a timeout).

@@ -46,9 +46,10 @@ export interface Audit {
   /**
    * Records a request refused before any face made it a call (a body too large, not JSON, a
    * malformed batch), as `security` (`auth` for a 401 or 403), under `action`: the code and
-   * status the client got.
+   * status the client got. `route`: the template of a request no route took that was made to
+   * one (a REST path segment too long), as its path.
    */
-  refused: (request: FastifyRequest, reply: FastifyReply, action: string, code: string, statusCode: number) => void
+  refused: (request: FastifyRequest, reply: FastifyReply, action: string, code: string, statusCode: number, route?: string) => void
   /**
    * Marks a request of a call's route as having reached its face's handler: from there on, what
    * it is refused is the calls' own (the audit stage records them) or the face's answer. Before
@@ -629,8 +630,11 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
 
   // Droppable: an entry of no call, which the writer may drop while saturated. (A declaration:
   // the decorator above hands it out.)
-  function refused (request: FastifyRequest, reply: FastifyReply, action: string, code: string, statusCode: number): void {
-    writer.enqueue(storableEntry(httpEntry(request, reply, action, refusedIdentity(code) ? 'auth' : 'security', code, statusCode)), true)
+  function refused (request: FastifyRequest, reply: FastifyReply, action: string, code: string, statusCode: number, route?: string): void {
+    const entry = httpEntry(request, reply, action, refusedIdentity(code) ? 'auth' : 'security', code, statusCode)
+    // A request no route took, made to `route` (a REST path segment too long: overlong-route.ts).
+    if (route !== undefined) entry.path = route
+    writer.enqueue(storableEntry(entry), true)
   }
   function reached (request: FastifyRequest): boolean {
     const marked = request as Marked

@@ -327,6 +327,32 @@ t.test('a request refused before its handler, on an operation whose REST route b
   t.match(rows.filter(r => r.requestId === 'batches-415'), [{ action: 'createBatch', protocol: 'rest', method: 'POST', path: '/api/v1/batches', status: 'UNSUPPORTED_MEDIA_TYPE' }])
 })
 
+t.test('a REST path whose parameter is too long (414) is recorded under the operation it was made to; one no operation serves is not', async t => {
+  const app = await buildDemoApp(t)
+  const long = 'a'.repeat(300)
+  const cases: Array<[string, string, string]> = [
+    ['GET', `/api/v1/agents/${long}`, 'long-get'],
+    ['HEAD', `/api/v1/agents/${long}`, 'long-head'],
+    ['GET', `/api/v1/agents/${long}/?x=1`, 'long-slash'],
+    ['GET', `/api/v1/agents/${'%C3%A9'.repeat(300)}/runs`, 'long-escaped'],
+    ['GET', `/api/v1/agents/${long}/nothing`, 'long-nowhere'],
+    ['POST', `/api/v1/agents/${long}`, 'long-method']
+  ]
+  for (const [method, url, id] of cases) {
+    const res = await app.inject({ method: method as 'GET', url, headers: { ...bearer(), 'x-request-id': id } })
+    t.equal(res.statusCode, 414, id)
+  }
+  const rows = await entries(app)
+  const by = (id: string): Row[] => rows.filter(r => r.requestId === id)
+  t.match(by('long-get'), [{ action: 'getAgent', protocol: 'rest', method: 'GET', path: '/api/v1/agents/:id', category: 'security', status: 'BAD_REQUEST', statusCode: 414, tenantId: 't1', userId: 'u1' }])
+  t.match(by('long-head'), [{ action: 'getAgent', method: 'HEAD', path: '/api/v1/agents/:id', status: 'BAD_REQUEST' }])
+  t.match(by('long-slash'), [{ action: 'getAgent', path: '/api/v1/agents/:id' }], 'a trailing slash, a query string')
+  t.match(by('long-escaped'), [{ action: 'listRuns', path: '/api/v1/agents/:id/runs' }], 'a segment of escapes, counted decoded')
+  t.same(by('long-nowhere'), [], 'a path no operation serves is not recorded, as a 404 is not')
+  t.same(by('long-method'), [], 'nor one of a method its path is not served with')
+  t.equal(rows.filter(r => r.requestId.startsWith('long-')).length, 4, 'one entry each')
+})
+
 // One call walked the whole trail, holding a read connection (and in PostgreSQL one snapshot)
 // for hours on a large table; two at once took both read connections from GET /admin/audit.
 t.test('verify: a call is bounded and resumed with its next; one at a time per instance; a client that leaves stops it', async t => {
