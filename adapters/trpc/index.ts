@@ -16,7 +16,7 @@ import { httpAuthorization, httpContext, socketContext, TRPC_CALLS, type TrpcCon
 import { decisions, runCall } from '../face.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import { BATCH_TOO_LONG, ProblemError, errorShape, isInternal } from './errors.js'
-import { buildRouter, earlyRequestIds } from './router.js'
+import { buildRouter, earlyRequestIds, unparsed } from './router.js'
 import { DEFAULT_SETTINGS as WEBSOCKET_DEFAULTS } from '../websocket/index.js'
 import { LiveSubscriptions } from './subscriptions.js'
 import { untilIdentityEnds, IDENTITY_ENDED } from '../expiry.js'
@@ -412,6 +412,42 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           return null
         }
       }
+      // Each connection's context, once tRPC made it: whose token a message it refuses spoke with.
+      const contexts = new WeakMap<WebSocket, TrpcContext>()
+      const auditing = app.hasDecorator('audit')
+      // A message tRPC cannot parse (not JSON, a call without an id, a batch one element of which
+      // is malformed) is refused whole, its calls unrun (VALIDATION_FAILED, id null); a call whose
+      // id is null is refused alone. One that
+      // names a procedure of the manifest (an operation or an event) is recorded, once, as an
+      // HTTP request of procedures tRPC refuses before running any is: security, the procedure as
+      // action (`trpc` for a batch), under the connection's token's tenant and user, with the
+      // request id the error carries. Before, it left no entry, while a /ws frame refused for its
+      // form that names an op is recorded. One that names none is the protocol's, unrecorded, as
+      // such a /ws frame is. Read again here only when refused; never its input.
+      const recordUnparsed = (socket: WebSocket, data: unknown, requestId: string, idless: boolean): void => {
+        const ctx = contexts.get(socket)
+        if (ctx === undefined) return
+        let message: unknown
+        try {
+          message = JSON.parse(String(data))
+        } catch {
+          return
+        }
+        const named = (m: unknown): string | null => {
+          const params = m !== null && typeof m === 'object' ? (m as { params?: unknown }).params : undefined
+          const path = params !== null && typeof params === 'object' ? (params as { path?: unknown }).path : undefined
+          return typeof path === 'string' && (operations.has(path) || events.has(path)) ? path : null
+        }
+        // Of a message whose calls parse, only those whose id is null were refused (idless).
+        const refused = (m: unknown): boolean => !idless || (m !== null && typeof m === 'object' && (m as { id?: unknown }).id === null)
+        const action = Array.isArray(message) ? (message.some(m => refused(m) && named(m) !== null) ? 'trpc' : null) : refused(message) ? named(message) : null
+        if (action === null) return
+        try {
+          decide({ requestId, protocol: 'trpc', path: action === 'trpc' ? '/trpc' : '/trpc/' + action, action, category: 'security', caller: tokenOwner(ctx.authorization), clientRequestId: false }, () => { throw new MantleError('VALIDATION_FAILED', 'The message could not be parsed') })
+        } catch {
+          // The refusal rethrown, or the trail's OVERLOADED when it cannot record.
+        }
+      }
       const onConnection = getWSConnectionHandler({
         router,
         wss: app.websocketServer,
@@ -432,6 +468,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         createContext: ({ req, res: socket, info }) => {
           awaiting.delete(req)
           const ctx = socketContext(socket, upgrades.get(req), info.connectionParams, upgradeTrace(req.headers))
+          contexts.set(socket, ctx)
           let identity: Identity
           try {
             identity = app.identify(ctx.authorization)
@@ -544,8 +581,20 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           // 200 batches of refused subscriptions), up to its tenant's share of the unread bytes.
           const emit = socket.emit
           socket.emit = function (this: WebSocket, event: string | symbol, ...args: unknown[]): boolean {
-            if (event === 'message' && slowReader(socket, limits.maxBufferedBytes)) return false
-            return emit.call(this, event, ...args)
+            if (event !== 'message') return emit.call(this, event, ...args)
+            if (slowReader(socket, limits.maxBufferedBytes)) return false
+            if (!auditing) return emit.call(this, event, ...args)
+            // tRPC parses the message, and refuses it if it cannot, within this call (recordUnparsed).
+            unparsed.watching = true
+            unparsed.requestId = null
+            try {
+              return emit.call(this, event, ...args)
+            } finally {
+              unparsed.watching = false
+              const { requestId, idless } = unparsed
+              unparsed.requestId = null
+              if (requestId !== null) recordUnparsed(socket, args[0], requestId, idless)
+            }
           }
           onConnection(socket, request.raw)
         }

@@ -31,6 +31,18 @@ export interface RouterLimits {
  */
 export const earlyRequestIds = new WeakMap<object, string>()
 
+/**
+ * While a WebSocket message is handed to @trpc/server (the face sets `watching`), the request id
+ * of its refusal of the message as one it cannot parse, which it formats within that same call:
+ * the face records it when the message names a procedure; `idless`: the refusal was of its calls
+ * whose id is null alone, the others run. One slot for the process: a message is handled
+ * synchronously up to that refusal.
+ */
+export const unparsed: { watching: boolean, requestId: string | null, idless: boolean } = { watching: false, requestId: null, idless: false }
+
+/** @trpc/server's refusal of one call of a message whose id is null (the others run). */
+const ID_REQUIRED = '`id` is required'
+
 // No validation here: the pipeline validates with the op's compiled schema and answers
 // VALIDATION_FAILED naming the field, as on every face.
 const rawInput = (input: unknown): unknown => input
@@ -62,8 +74,14 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
   const t = initTRPC.context<TrpcContext>().create({
     isDev: false,
     isServer: true,
-    errorFormatter: ({ error, ctx, path }): MantleErrorShape =>
-      errorShape(error, ctx?.requestId ?? earlyRequestIds.get(error) ?? undefined, path),
+    errorFormatter: ({ error, ctx, path }): MantleErrorShape => {
+      const shape = errorShape(error, ctx?.requestId ?? earlyRequestIds.get(error) ?? undefined, path)
+      if (unparsed.watching && error.code === 'PARSE_ERROR' && path === undefined) {
+        unparsed.requestId = shape.data.requestId
+        unparsed.idless = error.message === ID_REQUIRED
+      }
+      return shape
+    },
     sse: {
       ping: { enabled: true, intervalMs: limits.ssePingMs },
       client: { reconnectAfterInactivityMs: limits.ssePingMs * 3 }

@@ -337,6 +337,48 @@ t.test('GraphQL over graphql-ws: a subscription refused for its document leaves 
 // A tRPC WebSocket message of more calls than the face runs from one message (1000) is refused
 // whole, PAYLOAD_TOO_LARGE for each call, as an HTTP batch past BFF_BATCH_MAX_CALLS is: that one
 // is recorded (`trpc`, security), this one left no entry.
+t.test('tRPC over WebSocket: a message tRPC cannot parse leaves one entry when it names a procedure, as a /ws frame naming an op does', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ tenant: 'tp', user: 'up' }) })
+  t.teardown(() => ws.terminate())
+  const frames: Array<Record<string, any>> = []
+  ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
+  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  const send = async (message: string): Promise<Record<string, any>> => {
+    const before = frames.length
+    ws.send(message)
+    await until(() => frames.length > before, 'the refusal')
+    return frames[frames.length - 1]
+  }
+  // A batch one call of which is malformed: refused whole, nothing runs. Recorded as `trpc`.
+  const batch = await send(JSON.stringify([{ id: 1, method: 'query', params: { path: 'getAgent', input: { id: 'hunter2' } } }, { id: {}, method: 'query' }]))
+  t.match(batch, { id: null, error: { data: { code: 'VALIDATION_FAILED', httpStatus: 400 } } })
+  // One call of an event, without an id: under its procedure.
+  const single = await send(JSON.stringify({ method: 'subscription', params: { path: 'runUpdated' } }))
+  t.match(single, { id: null, error: { data: { code: 'VALIDATION_FAILED' } } })
+  // A call whose id is null is refused alone; its neighbour runs (its own entry). A batch: `trpc`.
+  ws.send(JSON.stringify([{ id: null, method: 'query', params: { path: 'getAgent', input: { id: 'a1' } } }, { id: 2, method: 'query', params: { path: 'listAgents' } }]))
+  await until(() => frames.some(f => f.id === 2), 'the neighbour\'s answer')
+  await until(() => frames.some(f => f.id === null && f.error?.message === '`id` is required'), 'the refusal of the call without an id')
+  const idless = frames.find(f => f.id === null && f.error?.message === '`id` is required')!
+  // Naming no procedure, or one the manifest does not have: the protocol's, unrecorded.
+  await send('not json')
+  await send(JSON.stringify([{ id: 3, method: 'query', params: { path: 'nope' } }, { id: {} }]))
+  await send(JSON.stringify([{ id: null, method: 'query', params: { path: 'nope' } }]))
+  const rows = await stored(app, 'trpc')
+  // Newest first: the batch of a call without an id, then the malformed batch, once each.
+  t.match(rows, [
+    { requestId: idless.error.data.requestId, path: '/trpc', action: 'trpc', status: 'VALIDATION_FAILED' },
+    { requestId: batch.error.data.requestId, tenantId: 'tp', userId: 'up', method: null, path: '/trpc', protocol: 'trpc', action: 'trpc', category: 'security', status: 'VALIDATION_FAILED', statusCode: 400 }
+  ])
+  t.equal(rows.length, 2)
+  t.match(await stored(app, 'runUpdated'), [{ requestId: single.error.data.requestId, path: '/trpc/runUpdated', action: 'runUpdated', category: 'security', status: 'VALIDATION_FAILED' }])
+  t.equal((await stored(app, 'getAgent')).length, 0, 'getAgent ran in none of them')
+  t.equal((await stored(app, 'listAgents')).length, 1, 'the neighbour ran')
+  t.notMatch(JSON.stringify(await app.audit.store.query({ limit: 100 })), /hunter2/, 'never the input')
+})
+
 t.test('tRPC over WebSocket: a message of too many calls leaves one entry, as an HTTP batch too long does', async t => {
   const app = await buildDemoApp(t)
   const port = await listen(app)
