@@ -445,21 +445,27 @@ for (const { store, env } of STORES) {
     const cache = app.responseCache.cache
     const who = tenant()
     await cache.invalidate(who, Array.from({ length: 1001 }, (_, i) => `tag:${i}`), 'admin')
+    // With Redis, other test processes' invalidations on the shared channel are heard meanwhile:
+    // each marks a tag of another tenant here, and can only add marks and floors, and push out
+    // more. So with Redis the counts are at least those of this test's own, exactly with memory.
+    const count = (got: number, want: number, what: string): void => {
+      if (store === 'memory') t.equal(got, want, what)
+      else t.ok(got >= want, `${what} (${got}, at least ${want})`)
+    }
     t.equal(await metric(app, 'mantle_cache_tag_versions', { list: 'marks' }), 1000, 'marks at their bound')
     // With Redis the tags are marked again once Redis has them: each pushes out the next.
-    t.equal(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'marks' }), store === 'memory' ? 1 : 1002, 'the marks pushed out')
-    t.equal(await metric(app, 'mantle_cache_tag_versions', { list: 'floors' }), 1, 'the tenant\'s floor raised')
+    count(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'marks' }), store === 'memory' ? 1 : 1002, 'the marks pushed out')
+    count(await metric(app, 'mantle_cache_tag_versions', { list: 'floors' }), 1, 'the tenant\'s floor raised')
     if (store === 'redis') {
       t.equal(await metric(app, 'mantle_cache_tag_versions', { list: 'known' }), 1000, 'known versions at their bound')
-      // Other test processes' invalidations may be heard meanwhile: at least the one pushed out.
       t.ok(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'known' }) >= 1, 'a known version pushed out')
     }
     // A mark each of 2,001 other tenants: the first 1,000 push out the rest of the first tenant's
     // marks, the next 1,001 those of 1,001 other tenants, each a floor: 1,002 floors for 1,000.
     for (let i = 0; i < 2001; i++) cache.memory.clock.invalidate([tagKey(`${who}-${i}`, 'x')])
     t.equal(await metric(app, 'mantle_cache_tag_versions', { list: 'floors' }), 1000, 'floors at their bound')
-    t.equal(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'floors' }), 2, 'the floors pushed out')
-    t.equal(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'marks' }), (store === 'memory' ? 1 : 1002) + 2001)
+    count(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'floors' }), 2, 'the floors pushed out')
+    count(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'marks' }), (store === 'memory' ? 1 : 1002) + 2001, 'every mark pushed out')
   })
 }
 
