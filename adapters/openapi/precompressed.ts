@@ -1,4 +1,5 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
+import pick from '@fastify/accept-negotiator'
 import { ReadStream } from 'node:fs'
 import { Readable } from 'node:stream'
 import { readFile } from 'node:fs/promises'
@@ -27,31 +28,18 @@ const compressors: Record<Encoding, (data: Buffer) => Promise<Buffer>> = {
   deflate: async data => await promisify(zlib.deflate)(data, ZLIB_OPTIONS)
 }
 
+const CODINGS = [...ENCODINGS]
+// What @fastify/compress hands its negotiator: `*` (the compression plugin has written any out
+// already) and x-gzip read as gzip, the header lowercased.
+const GZIP_ALIAS = /\*|x-gzip/gu
+
 /**
- * The coding of ENCODINGS `accept` (an Accept-Encoding the compression plugin has written any `*`
- * out of) prefers, as @fastify/compress's negotiator picks it: the highest q above 0, on a tie the
- * first of ENCODINGS; `x-gzip` is gzip; null when it takes none of them.
+ * The coding of ENCODINGS `accept` prefers, as @fastify/compress picks it (the same negotiator,
+ * given the header as it gives it): the highest q above 0, on a tie the first of ENCODINGS; null
+ * when it takes none of them.
  */
 export function negotiate (accept: string): Encoding | null {
-  let best: Encoding | null = null
-  let bestQ = 0
-  for (const member of accept.toLowerCase().split(',')) {
-    const [name = '', ...params] = member.split(';')
-    let coding = name.trim()
-    if (coding === 'x-gzip') coding = 'gzip'
-    const rank = ENCODINGS.indexOf(coding as Encoding)
-    if (rank === -1) continue
-    let q = 1
-    for (const param of params) {
-      const [key, value] = param.split('=')
-      if (key?.trim() === 'q') q = Number.parseFloat(value ?? '') || 0
-    }
-    if (q > bestQ || (q === bestQ && best !== null && rank < ENCODINGS.indexOf(best))) {
-      best = coding as Encoding
-      bestQ = q
-    }
-  }
-  return best
+  return pick(accept.toLowerCase().replace(GZIP_ALIAS, 'gzip'), CODINGS)
 }
 
 /**
