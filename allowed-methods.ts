@@ -7,6 +7,16 @@ import type { FastifyInstance, HTTPMethods } from 'fastify'
 /** The order Allow lists the methods in; any other method comes after, by name. */
 const ORDER = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS']
 
+/**
+ * The route `method` `url` reaches, as Fastify's router finds it, or null. A handle without
+ * searchParams is no route: what find-my-way gives for a path it refuses (a segment longer than
+ * maxParamLength), to answer 414 with.
+ */
+export function routed (app: FastifyInstance, method: string, url: string): ReturnType<FastifyInstance['findRoute']> | null {
+  const route = app.findRoute({ method: method as HTTPMethods, url }) as ReturnType<FastifyInstance['findRoute']> | null
+  return route === null || route.searchParams === undefined ? null : route
+}
+
 const rank = (method: string): number => {
   const i = ORDER.indexOf(method)
   return i === -1 ? ORDER.length : i
@@ -32,10 +42,7 @@ export class RouteMethods {
     const found: string[] = []
     let other = false
     for (const method of this.sorted) {
-      const route = app.findRoute({ method: method as HTTPMethods, url: path }) as ReturnType<FastifyInstance['findRoute']> | null
-      // A handle without searchParams is no route: what find-my-way gives for a path it refuses
-      // (a segment longer than maxParamLength), to answer 414 with.
-      if (route === null || route.searchParams === undefined) continue
+      if (routed(app, method, path) === null) continue
       found.push(method)
       if (method !== 'OPTIONS') other = true
     }

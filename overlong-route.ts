@@ -4,7 +4,8 @@
 // same operation with a bad parameter of an allowed length is recorded VALIDATION_FAILED. Asked
 // on such a refusal only: a request that is routed pays nothing.
 
-import type { FastifyInstance, HTTPMethods } from 'fastify'
+import type { FastifyInstance } from 'fastify'
+import { routed } from './allowed-methods.js'
 import type { Operation } from './manifest.js'
 
 /**
@@ -22,9 +23,8 @@ export function overlongOperation (app: FastifyInstance, method: string, url: st
   // text may end inside an escape, or a character).
   const stand = '~'.repeat(maxParamLength)
   const cut = path.split('/').map(s => (decoded(s) ?? s).length > maxParamLength ? stand : s).join('/')
-  const found = app.findRoute({ method: method as HTTPMethods, url: cut }) as ReturnType<FastifyInstance['findRoute']> | null
-  // A handle without searchParams is no route (a bad URL: see allowed-methods.ts).
-  if (found === null || found.searchParams === undefined) return null
+  const found = routed(app, method, cut)
+  if (found === null) return null
   const params = found.params as Record<string, string>
   const served = method === 'HEAD' ? 'GET' : method
   for (const op of app.pipeline.manifest.operations) {

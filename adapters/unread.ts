@@ -6,6 +6,12 @@ import { FRAME_OVERHEAD, queueFrame } from './slow-reader.js'
 import { PROBE_PATHS } from '../probes.js'
 
 /**
+ * The key under which what clients without a token hold is counted, as one tenant's (no tenant
+ * id can be it: a tenant id is visible characters).
+ */
+const ANONYMOUS = '\u0000anonymous'
+
+/**
  * The bytes the instance holds that its clients have not read (queued in the gateway, not yet
  * handed to the operating system): every WebSocket's frames, all faces together, and the HTTP
  * answers not yet written out (answerBounds); and each tenant's share of them. Each socket is
@@ -16,12 +22,6 @@ import { PROBE_PATHS } from '../probes.js'
  * every tenant's calls. A frame is queued while, before it, its tenant holds at most its share and
  * the instance at most its total: what is held stays within them and one frame.
  */
-/**
- * The key under which what clients without a token hold is counted, as one tenant's (no tenant
- * id can be it: a tenant id is visible characters).
- */
-const ANONYMOUS = '\u0000anonymous'
-
 export class UnreadBytes {
   private total = 0
   private readonly tenants = new Map<string, number>()
