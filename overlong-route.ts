@@ -20,25 +20,38 @@ export function overlongOperation (app: FastifyInstance, method: string, url: st
   if (!path.startsWith(prefix + '/')) return null
   // Each overlong segment (the router counts its decoded characters) in place of a parameter's
   // value: a text no static segment is, which needs no decoding (a cut of the segment's own
-  // text may end inside an escape, or a character).
+  // text may end inside an escape, or a character). Then, for a segment of several parameters
+  // (`/:a-:b`, `/:a.:b`: the router ends a parameter at '-' or '.'), each overlong piece between
+  // those separators instead, which keeps them: the whole segment in one stand matches no such
+  // template, and a single parameter's value with a '-' in it matches no cut by pieces.
   const stand = '~'.repeat(maxParamLength)
-  const cut = path.split('/').map(s => (decoded(s) ?? s).length > maxParamLength ? stand : s).join('/')
+  const long = (s: string): boolean => (decoded(s) ?? s).length > maxParamLength
+  const segments = path.split('/')
+  const whole = segments.map(s => long(s) ? stand : s).join('/')
+  const pieces = segments.map(s => long(s) ? s.split(/([-.])/).map(p => long(p) ? stand : p).join('') : s).join('/')
+  return operationAt(app, method, whole, prefix) ?? (pieces === whole ? null : operationAt(app, method, pieces, prefix))
+}
+
+function operationAt (app: FastifyInstance, method: string, cut: string, prefix: string): Operation | null {
   const found = routed(app, method, cut)
   if (found === null) return null
   const params = found.params as Record<string, string>
   const served = method === 'HEAD' ? 'GET' : method
   for (const op of app.pipeline.manifest.operations) {
     if (op.method !== served || op.pathParams.length !== Object.keys(params).length || !op.pathParams.every(p => Object.hasOwn(params, p))) continue
-    // The template's segments against the cut path's: each static one equal, each parameter's
-    // the value the router found (decoded, as it gives them).
+    // The template's segments against the cut path's: each static one equal, each one with
+    // parameters the segment the router's values (decoded, as it gives them) make of it.
     const template = (prefix + op.path).split('/')
     // ignoreTrailingSlash: `/agents/<id>/` is `/agents/:id`'s.
     const segments = (cut.endsWith('/') ? cut.slice(0, -1) : cut).split('/')
     if (template.length !== segments.length) continue
-    if (template.every((t, i) => t.startsWith(':') ? decoded(segments[i]) === params[t.slice(1)] : t === segments[i])) return op
+    if (template.every((t, i) => t.includes(':') ? decoded(segments[i]) === t.replace(PARAM, (_m, name: string) => params[name]) : t === segments[i])) return op
   }
   return null
 }
+
+/** A parameter in a template's segment, as manifest.ts reads them. */
+const PARAM = /:([A-Za-z_][A-Za-z0-9_]*)/g
 
 function decoded (segment: string): string | null {
   try {

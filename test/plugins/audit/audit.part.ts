@@ -353,6 +353,29 @@ t.test('a REST path whose parameter is too long (414) is recorded under the oper
   t.equal(rows.filter(r => r.requestId.startsWith('long-')).length, 4, 'one entry each')
 })
 
+// A segment of two parameters (`/:a-:b`) was cut whole into one value, which no such template
+// matches: its 414 was recorded nowhere.
+t.test('a 414 on a segment of several parameters is recorded under its operation', async t => {
+  const str = { type: 'string' }
+  const op = (rest: string): Record<string, unknown> => ({ type: 'query', rest, kernel: 'GET /v1/x', input: { type: 'object', properties: { a: str, b: str, id: str }, required: rest.includes(':id') ? ['id'] : ['a', 'b'] }, output: { type: 'object' } })
+  const app = await buildTestApp(t, {}, { manifest: testManifest({ getPair: op('GET /pairs/:a-:b'), getDotted: op('GET /dotted/:a.:b'), getOne: op('GET /one/:id') }) })
+  const long = 'a'.repeat(300)
+  const cases: Array<[string, string]> = [
+    [`/api/v1/pairs/${long}-b`, 'pair-first'],
+    [`/api/v1/pairs/a-${long}`, 'pair-second'],
+    [`/api/v1/dotted/${long}.${long}`, 'dotted-both'],
+    [`/api/v1/one/${long}-b`, 'one-dashed']
+  ]
+  for (const [url, id] of cases) t.equal((await app.inject({ url, headers: { ...bearer(), 'x-request-id': id } })).statusCode, 414, id)
+  const rows = await entries(app)
+  const by = (id: string): Row[] => rows.filter(r => r.requestId === id)
+  t.match(by('pair-first'), [{ action: 'getPair', path: '/api/v1/pairs/:a-:b', status: 'BAD_REQUEST', statusCode: 414 }])
+  t.match(by('pair-second'), [{ action: 'getPair' }])
+  t.match(by('dotted-both'), [{ action: 'getDotted', path: '/api/v1/dotted/:a.:b' }])
+  t.match(by('one-dashed'), [{ action: 'getOne', path: '/api/v1/one/:id' }], 'one parameter whose value has a dash: still the whole segment')
+  t.equal(rows.length, cases.length, 'one entry each')
+})
+
 // One call walked the whole trail, holding a read connection (and in PostgreSQL one snapshot)
 // for hours on a large table; two at once took both read connections from GET /admin/audit.
 t.test('verify: a call is bounded and resumed with its next; one at a time per instance; a client that leaves stops it', async t => {
