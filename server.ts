@@ -86,11 +86,15 @@ export async function start (config: Readonly<Config>, options: { onFatal?: (err
 
 export function banner (started: Started, config: Readonly<Config>): string {
   const { url } = started
+  const ws = 'ws' + url.slice('http'.length)
   const lines = [
     '',
     `Mantle is listening on ${url}`,
     `  REST        ${url}/api/v1/...`,
     ...(config.BFF_OPENAPI_ENABLED ? [`  OpenAPI     ${url}/openapi.json   docs: ${url}/docs`] : []),
+    ...(config.BFF_TRPC_ENABLED ? [`  tRPC        ${url}/trpc/<procedure>   ${ws}/trpc`] : []),
+    ...(config.BFF_GRAPHQL_ENABLED ? [`  GraphQL     ${url}/graphql   ${ws}/graphql${config.NODE_ENV === 'production' ? '' : `   IDE: ${url}/graphiql`}`] : []),
+    ...(config.BFF_WEBSOCKET_ENABLED ? [`  WebSocket   ${ws}/ws`] : []),
     `  health      ${url}/healthz   ${url}/readyz`,
     ...(config.BFF_METRICS_ENABLED ? [`  metrics     ${url}/metrics`] : []),
     ...(config.BFF_DIAGZ_ENABLED ? [`  diagnostics ${url}/diagz   (role system)`] : []),

@@ -57,6 +57,17 @@ t.test('the dev token is printed only when the gateway takes the development sec
   t.notMatch(banner(started, testConfig({ BFF_JWT_SECRET: undefined, BFF_JWKS_URL: 'https://issuer.example/jwks' })), /Dev token/, 'JWKS only')
 })
 
+t.test('the banner names every face that is on, with its WebSocket URL', async t => {
+  const started = { url: 'http://127.0.0.1:1', kernelUrl: null } as unknown as Started
+  const all = banner(started, testConfig())
+  t.match(all, /tRPC +http:\/\/127\.0\.0\.1:1\/trpc\/<procedure> +ws:\/\/127\.0\.0\.1:1\/trpc\n/)
+  t.match(all, /GraphQL +http:\/\/127\.0\.0\.1:1\/graphql +ws:\/\/127\.0\.0\.1:1\/graphql +IDE: http:\/\/127\.0\.0\.1:1\/graphiql\n/)
+  t.match(all, /WebSocket +ws:\/\/127\.0\.0\.1:1\/ws\n/)
+  t.notMatch(banner(started, testConfig({ NODE_ENV: 'production', BFF_JWT_SECRET: 'a-real-staging-secret-0123456789abcdef' })), /graphiql/, 'no IDE in production (mercurius serves none there)')
+  const none = banner(started, testConfig({ BFF_TRPC_ENABLED: false, BFF_GRAPHQL_ENABLED: false, BFF_WEBSOCKET_ENABLED: false }))
+  t.notMatch(none, /tRPC|GraphQL|WebSocket/, 'a face that is off is not named')
+})
+
 // While the gateway drains (close waits for a call in flight), a request arriving on a connection
 // still open got Fastify's own 503 (return503OnClosing): plain JSON, no x-request-id, no
 // security headers. Each face answers in its own envelope, with the refusal's Retry-After
