@@ -548,10 +548,13 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           slots.reserve(request)
           if (!request.ws) return
           const authorization = upgradeAuthorization(request)
-          // The tenant's share too, when these credentials are the connection's (with
-          // ?connectionParams=1, those may name another tenant: counted in createContext).
-          if (!awaitsParams(request)) slots.claim(request.raw.socket, app.identify(authorization, request.raw).tenant)
-          else if (authorization !== undefined) app.identify(authorization, request.raw)
+          // The tenant's share too, counted against the upgrade's token whenever it has one. With
+          // ?connectionParams=1 those may name another tenant: the connection moves to it in
+          // createContext, as /graphql's moves to its connection_init's. Counted nowhere until
+          // then (neither the tenant's share nor the bound of connections without a token), a
+          // tenant past its share opened as many more as the instance allows, each held until its
+          // connectionParams wait ran out, and every other tenant's upgrade was refused.
+          if (authorization !== undefined || !awaitsParams(request)) slots.claim(request.raw.socket, app.identify(authorization, request.raw).tenant)
           else slots.awaitIdentity(request)
           upgrades.set(request.raw, authorization)
         },

@@ -169,3 +169,23 @@ for (const { face, path, identify, refusal } of identifiedLater) {
     t.match(await metrics(app), new RegExp(`mantle_websocket_connections_refused_total\\{face="${face.label}",bound="tenant"\\} 3\\n`))
   })
 }
+
+// An upgrade to /trpc?connectionParams=1 that carries a valid token (its header or
+// ?access_token=) was verified and then counted nowhere: not against its tenant's share (its
+// connectionParams might name another tenant), nor as a connection without a token (it had one).
+// A tenant that held its share opened as many more as the instance allows that way (each kept 10 s
+// waiting for connectionParams, then opened again), and every other tenant's upgrade was refused.
+// Counted against the upgrade's tenant, as /graphql counts an upgrade whose connection_init may
+// name another tenant (moved to that one once it is known).
+t.test('tRPC: an upgrade awaiting connectionParams with a token counts against that token\'s tenant', async t => {
+  const { url } = await setup(t, faces[1])
+  const hog = bearer({ tenant: 'hog' })
+  const held = await Promise.all(Array.from({ length: SHARE }, async () => await upgrade(t, `${url}?connectionParams=1`, hog)))
+  t.same(held.map(u => u.status), [101, 101], 'the share opens')
+  const over = await upgrade(t, `${url}?connectionParams=1`, hog)
+  t.equal(over.status, 503, 'the hog\'s next upgrade is refused before it is accepted')
+  t.equal(faces[1].code(over.body!), 'OVERLOADED')
+  const query = await upgrade(t, `${url}?connectionParams=1&access_token=${hog.authorization.slice(7)}`)
+  t.equal(query.status, 503, 'so is one with the token in ?access_token=')
+  t.equal((await upgrade(t, url, bearer({ tenant: 'other' }))).status, 101, 'another tenant still connects')
+})
