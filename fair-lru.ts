@@ -90,6 +90,13 @@ export class FairLru<V> {
     for (const [key, entry] of this.entries) yield [key, entry.value]
   }
 
+  /** The entries `tenant` holds, least recently used first (expired ones until dropped). */
+  * itemsOf (tenant: string): IterableIterator<[string, V]> {
+    const group = this.groups.get(tenant)
+    if (group === undefined) return
+    for (const [key, entry] of group.entries) yield [key, entry.value]
+  }
+
   /** The most entries one tenant holds (0: none). */
   get most (): number { return this.mostCount }
 

@@ -30,10 +30,16 @@ export interface CachedAnswer {
  * its tags with it; an entry stored from a read that began at tick `c` is valid while none of
  * its tags was marked after `c`. So a refill whose Kernel call raced an invalidation is never
  * served, whenever it lands. The marks are bounded: an evicted mark raises the floor of its
- * scope (a tenant), which every unmarked tag of that scope then counts as; that can only drop
- * more entries, never keep a stale one. With one floor for all, a tenant invalidating enough
- * distinct tags dropped every other tenant's entries. The floors are bounded the same way: an
- * evicted one raises the floor of every scope.
+ * scope (a tenant), which every unmarked tag of that scope then counts as for a read still under
+ * way (valid); that can only refuse more stores, never let a stale one in. With one floor for
+ * all, a tenant invalidating enough distinct tags refused every other tenant's. The floors are
+ * bounded the same way: an evicted one raises the floor of every scope.
+ * An entry already stored is not held to the floors (validStored): the marks an invalidation
+ * pushed out are told to `onForget` before it returns, and the memory tier drops the entries
+ * stored under those tags before them, each tag's own, no other. Held to the floors, one
+ * invalidation of more tags than the marks hold (an admin call of 1,000 tags, a replay of
+ * pending ones at BFF_CACHE_MAX_SIZE=10) raised its tenant's floor to its own tick, and every
+ * entry of that tenant missed, whatever its tags.
  */
 export class TagClock {
   private tick = 0
@@ -47,12 +53,16 @@ export class TagClock {
    */
   private marks: LRUCache<string, number> | undefined
   private floors: LRUCache<string, number> | undefined
+  /** The marks the invalidation under way pushed out (tag key -> its tick), told to `onForget` once it is done. */
+  private forgotten: Map<string, number> | null = null
 
   /**
    * `onEvict`: called for each mark or floor its bound pushed out (the metric: each raises a
-   * floor, and the entries under it miss).
+   * floor, and the reads under way under it store nothing). `onForget`: the marks one
+   * invalidation pushed out (tag key -> its tick), to drop the entries stored under them before
+   * that tick (validStored no longer sees them).
    */
-  constructor (private readonly maxTags: number, private readonly scopeOf: (tagKey: string) => string = () => '', private readonly onEvict?: (list: 'marks' | 'floors') => void) {}
+  constructor (private readonly maxTags: number, private readonly scopeOf: (tagKey: string) => string = () => '', private readonly onEvict?: (list: 'marks' | 'floors') => void, private readonly onForget?: (marks: ReadonlyMap<string, number>) => void) {}
 
   private floorList (): LRUCache<string, number> {
     this.floors ??= new LRUCache<string, number>({
@@ -72,6 +82,8 @@ export class TagClock {
       dispose: (value, key, reason) => {
         if (reason !== 'evict') return
         this.onEvict?.('marks')
+        const forgotten = this.forgotten
+        if (forgotten !== null && value > (forgotten.get(key) ?? 0)) forgotten.set(key, value)
         const scope = this.scopeOf(key)
         const floors = this.floorList()
         if (value > (floors.peek(scope) ?? 0)) floors.set(scope, value)
@@ -88,7 +100,14 @@ export class TagClock {
   invalidate (tagKeys: readonly string[]): void {
     const t = ++this.tick
     const marks = this.markList()
-    for (const k of tagKeys) marks.set(k, t)
+    // Only here are marks set, so only here pushed out.
+    const forgotten = this.forgotten = new Map<string, number>()
+    try {
+      for (const k of tagKeys) marks.set(k, t)
+    } finally {
+      this.forgotten = null
+    }
+    if (forgotten.size > 0) this.onForget?.(forgotten)
   }
 
   /** Every entry stored so far becomes invalid (invalidations may have been missed). */
@@ -103,6 +122,19 @@ export class TagClock {
   valid (tagKeys: readonly string[], since: number, epoch = true): boolean {
     if (epoch && since < this.epoch) return false
     for (const k of tagKeys) if ((this.marks?.get(k) ?? this.floorOf(k)) > since) return false
+    return true
+  }
+
+  /**
+   * Whether an entry stored (as `valid` said then) holds since `since`: its tags' marks and
+   * invalidateAll, not the floors. A mark pushed out since it was stored was told to `onForget`,
+   * which dropped it if the mark came after `since`; one stored after the mark went was held to
+   * the floor it raised. Only for a clock whose `onForget` drops entries so (the memory tier's).
+   */
+  validStored (tagKeys: readonly string[], since: number): boolean {
+    if (since < this.epoch) return false
+    if (this.marks === undefined) return true
+    for (const k of tagKeys) if ((this.marks.get(k) ?? 0) > since) return false
     return true
   }
 
@@ -182,13 +214,40 @@ export class MemoryTier {
     this.lru = new FairLru<LocalEntry>(max, maxBytes, onEvict)
     this.maxEntryBytes = Math.max(1, Math.floor(maxBytes / 8))
     // Marks outlive the entries they guard by far: a tag mark per cached entry, and more.
-    this.clock = new TagClock(Math.max(1000, max * 4), tenantOfTag, onTagEvict)
+    this.clock = new TagClock(Math.max(1000, max * 4), tenantOfTag, onTagEvict, marks => { this.forget(marks) })
+  }
+
+  /**
+   * Drops the entries stored under a tag whose mark was pushed out before that mark's tick: those
+   * of the tenants the tags name alone (each tenant's entries once), the others left as they are.
+   */
+  private forget (marks: ReadonlyMap<string, number>): void {
+    const tenants = new Set<string>()
+    for (const k of marks.keys()) tenants.add(tenantOfTag(k))
+    for (const scope of tenants) {
+      let tenant: string
+      try {
+        tenant = decodeURIComponent(scope.slice(TAG_PREFIX.length))
+      } catch {
+        continue // no tag key this tier makes (tagKey): another instance's message, mangled
+      }
+      const gone: string[] = []
+      for (const [key, entry] of this.lru.itemsOf(tenant)) {
+        for (const k of entry.tagKeys) {
+          if ((marks.get(k) ?? 0) > entry.since) {
+            gone.push(key)
+            break
+          }
+        }
+      }
+      for (const key of gone) this.lru.delete(key)
+    }
   }
 
   get (key: string): CachedAnswer | undefined {
     const entry = this.lru.get(key)
     if (entry === undefined) return undefined
-    if (entry.answer.keepUntil <= this.now() || !this.clock.valid(entry.tagKeys, entry.since)) {
+    if (entry.answer.keepUntil <= this.now() || !this.clock.validStored(entry.tagKeys, entry.since)) {
       this.lru.delete(key)
       return undefined
     }

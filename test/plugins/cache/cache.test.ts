@@ -6,7 +6,8 @@ import { WebSocket } from 'ws'
 import { buildTestApp, bearer, json, until } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { REDIS_URL, STORES, itemKernel, itemManifest, metric, eventually, versionedItem } from './items.js'
-import { tagKey } from '../../../plugins/cache/index.js'
+import { localKey, tagKey } from '../../../plugins/cache/index.js'
+import { canonicalJson } from '../../../plugins/pipeline/index.js'
 
 const tenant = (): string => 'cache-' + randomUUID()
 
@@ -466,6 +467,26 @@ for (const { store, env } of STORES) {
     t.equal(await metric(app, 'mantle_cache_tag_versions', { list: 'floors' }), 1000, 'floors at their bound')
     count(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'floors' }), 2, 'the floors pushed out')
     count(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'marks' }), (store === 'memory' ? 1 : 1002) + 2001, 'every mark pushed out')
+  })
+
+  // Before, the marks (1,000 at BFF_CACHE_MAX_SIZE=10) could not hold one invalidation of 1,001
+  // tags: the mark pushed out raised the tenant's floor to the invalidation itself, and every
+  // entry of the tenant in memory missed (with Redis, read from Redis again, one by one).
+  t.test(`${store}: one invalidation of more tags than the marks hold leaves the tenant's other entries in memory`, async t => {
+    const kernel = await itemKernel(t)
+    const app = await buildTestApp(t, { ...env, BFF_CACHE_MAX_SIZE: 10 }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const cache = app.responseCache.cache
+    const who = tenant()
+    const headers = bearer({ tenant: who })
+    const get = async (id: string): Promise<unknown> => (await app.inject({ method: 'GET', url: `/api/v1/items/${id}`, headers })).headers['x-cache']
+    const inMemory = (id: string): boolean => cache.memory.get(localKey('getItem', who, canonicalJson({ id }))) !== undefined
+    t.same([await get('a'), await get('b'), await get('c')], ['miss', 'miss', 'miss'])
+    // Its first tag is item:a, whose mark the next ones push out.
+    await cache.invalidate(who, ['item:a', ...Array.from({ length: 1000 }, (_, i) => `tag:${i}`)], 'admin')
+    t.ok(await metric(app, 'mantle_cache_tag_versions_evicted_total', { list: 'marks' }) >= 1, 'a mark of the invalidation pushed out')
+    t.same([inMemory('a'), inMemory('b'), inMemory('c')], [false, true, true], 'only the invalidated tag\'s entry left memory')
+    t.same([await get('a'), await get('b'), await get('c')], ['miss', 'hit', 'hit'])
+    t.equal(kernel.reads(), 4, 'item a read again, no other')
   })
 }
 

@@ -98,6 +98,39 @@ t.test('the tag clock: evicted marks raise their own tenant\'s floor, not anothe
   t.notOk(tier.clock.valid([tagKey('no:isy', 'doc')], before), 'the noisy tenant\'s unmarked tags count as its floor')
 })
 
+t.test('the memory tier: one invalidation of more tags than the marks hold drops what it invalidated, and no other entry of the tenant', async t => {
+  // The marks hold 1,000 tags (BFF_CACHE_MAX_SIZE 10). Before, the invalidation pushed out its
+  // own first mark, which raised its tenant's floor to the invalidation's tick: every entry of the
+  // tenant stored before it missed, whatever its tags.
+  const tier = new MemoryTier(10, 1 << 20, () => 0)
+  const who = 'ten:ant'
+  const other = 'other'
+  const since = tier.clock.now()
+  t.ok(tier.set('kept', who, answer(2000), [tagKey(who, 'doc'), tagKey(who, 'docs')], since))
+  t.ok(tier.set('first', who, answer(2000), [tagKey(who, 'item:0')], since), 'under the tag whose mark is pushed out')
+  t.ok(tier.set('last', who, answer(2000), [tagKey(who, 'item:1000')], since), 'under a tag whose mark stays')
+  t.ok(tier.set('theirs', other, answer(2000), [tagKey(other, 'item:0')], since), 'another tenant\'s, under a tag of the same name')
+  const reading = tier.clock.now() // a read under way, whose store comes after the invalidation
+  tier.clock.invalidate(Array.from({ length: 1001 }, (_, i) => tagKey(who, `item:${i}`)))
+  t.equal(tier.clock.size, 1000, 'the marks stay bounded')
+  t.ok(tier.get('kept'), 'an entry under tags not invalidated is still served')
+  t.equal(tier.get('first'), undefined, 'the entry of the tag whose mark was pushed out is dropped')
+  t.equal(tier.get('last'), undefined, 'the entry of a tag still marked is dropped')
+  t.ok(tier.get('theirs'), 'another tenant\'s entry is left')
+  t.notOk(tier.set('late', who, answer(2000), [tagKey(who, 'item:0')], reading), 'a read that began before the invalidation stores nothing under a tag it pushed out')
+  t.ok(tier.set('fresh', who, answer(2000), [tagKey(who, 'item:0')], tier.clock.now()), 'a read that began after it stores')
+  t.ok(tier.get('fresh'))
+  // A later invalidation pushes out another of those marks (of its own tick): still no entry of
+  // the tenant but those of the tags drops.
+  tier.clock.invalidate([tagKey(other, 'x')])
+  t.ok(tier.get('kept'), 'still served after the next invalidation pushes out a mark')
+  t.ok(tier.get('fresh'), 'stored after the invalidation: kept')
+  t.equal(tier.clock.floorsSize, 1, 'the tenant\'s floor, for reads under way')
+  // Another instance's message may name tag keys no tenant's entry is under (not URI-encoded).
+  tier.clock.invalidate(Array.from({ length: 1001 }, (_, i) => `bff:cache-tag:%E0%A4%A:item:${i}`))
+  t.ok(tier.get('kept'), 'a mangled tag key pushed out drops nothing')
+})
+
 t.test('the memory tier is bounded, drops expired and invalidated entries, and refuses a raced store', async t => {
   let now = 1000
   const tier = new MemoryTier(2, 1 << 20, () => now)
