@@ -10,6 +10,7 @@ import type { FastifyInstance } from 'fastify'
 import { bearer, buildTestApp, until } from '../../helper.js'
 import { itemKernel, itemManifest } from '../cache/items.js'
 import { storeKey } from '../../../plugins/idempotency/index.js'
+import { tagKey } from '../../../plugins/cache/index.js'
 import { aclUsers } from './acl.js'
 
 const INTERNAL = 'internal-token-0123456789abcdef'
@@ -128,6 +129,35 @@ t.test('Redis refusing the events\' publishes (-publish) while the gateway runs:
   await eventually(async () => (await readyz(app)).statusCode === 200, 'ready again, without a publish')
   t.equal(await publish(), 202)
   t.match((await stores(app)).events, { healthy: true })
+})
+
+t.test('Redis refusing the cache\'s PUBLISH (-publish): its invalidation moves no tag until Redis lets it tell the other instances, then moves it once, whatever the replays meanwhile', async t => {
+  // Before, the script moved the tags and then failed at its PUBLISH, and each replay of the
+  // pending invalidation (one a second) moved them again: the version of item:a went up by one
+  // each second for as long as the refusal lasted.
+  const { make, admin } = aclUsers(t)
+  const user = await make(...GRANTED)
+  const { app } = await gateway(t, user.url)
+  const beat = beats(app)
+  const tenant = 'revoked-' + randomUUID()
+  const key = tagKey(tenant, 'item:a')
+  await admin.select(3)
+  t.teardown(async () => { await admin.del(key, tagKey(tenant, 'items')) })
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant }) })).headers['x-cache'], 'miss')
+  const before = Number(await admin.get(key))
+  t.ok(before > 0, 'item:a has a version')
+  await admin.call('ACL', 'SETUSER', user.name, '-publish')
+  t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers: bearer({ tenant }), payload: {} })).statusCode, 200)
+  await beat(3)
+  t.equal(Number(await admin.get(key)), before, 'no tag moved while the message cannot go out, replayed each second')
+  t.equal(app.responseCache.cache.pendingInvalidations, 1, 'the invalidation waits for Redis')
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant }) })).headers['x-cache'], 'miss', 'the entry it drops is not served meanwhile')
+  const ready = await readyz(app)
+  t.equal(ready.statusCode, 503)
+  t.match(ready.body.checks.redis, /cache: NOPERM .*publish/, 'the cache refused its PUBLISH')
+  await admin.call('ACL', 'SETUSER', user.name, '+publish')
+  await eventually(async () => app.responseCache.cache.pendingInvalidations === 0, 'the invalidation replayed')
+  t.equal(Number(await admin.get(key)), before + 1, 'moved once')
 })
 
 t.test('Redis refusing the invalidations channel (resetchannels) while the gateway runs: the cache subscriber asks again on its connection, not on a new one ten times a second; /readyz says so until Redis permits it', async t => {
