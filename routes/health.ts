@@ -51,11 +51,14 @@ export default async function healthRoutes (app: FastifyInstance): Promise<void>
     // Redis: the shared store connection and the events subscriber must both be up, and Redis
     // must permit what the gateway's parts ask of it (an ACL changed while it runs: the parts it
     // refuses run as if it were away, and instances diverge).
+    // Which part Redis refuses, and what, never in Redis' words (Redis 7.2 names REDIS_URL's
+    // user in them: this answer is anyone's); /diagz (role system) and the logs have them. A
+    // refused PING (the heartbeat) leaves every store on Redis: not said to be on memory.
     const events = app.events.health()
     if (events.store === 'redis' || app.hasDecorator('redis')) {
-      const denial = app.hasDecorator('redis') ? app.redis.denial() : null
+      const denial = app.hasDecorator('redis') ? app.redis.denialSummary() : null
       const up = events.up && (!app.hasDecorator('redis') || app.redis.up()) && denial === null
-      checks.redis = up ? 'up' : denial !== null && app.redis.up() ? `refused (memory stores): ${denial}` : 'down (memory stores)'
+      checks.redis = up ? 'up' : denial !== null && app.redis.up() ? (app.redis.denialOnMemory() ? `refused (memory stores): ${denial}` : `refused: ${denial}; the stores still run on Redis`) : 'down (memory stores)'
       if (!up) failing.push('redis')
     }
     // PostgreSQL behind the audit trail: down, entries are spooled to disk and /readyz says so.

@@ -367,7 +367,9 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
       stores.set('redis', () => {
         if (!app.redis.up()) return { type: 'redis', healthy: false, detail: 'unreachable: stores fall back to memory' }
         const denial = app.redis.denial()
-        return denial === null ? { type: 'redis', healthy: true } : { type: 'redis', healthy: false, detail: `refused (the ACL of REDIS_URL's user): ${denial}; those parts fall back to memory` }
+        if (denial === null) return { type: 'redis', healthy: true }
+        // The heartbeat's PING alone refused: every store still runs on Redis (their own entries say so).
+        return { type: 'redis', healthy: false, detail: `refused (the ACL of REDIS_URL's user): ${denial}; ${app.redis.denialOnMemory() ? 'those parts fall back to memory' : 'the stores still run on Redis, but a Redis that stops answering is not found'}` }
       })
     }
     if (app.hasDecorator('websocketServer')) {

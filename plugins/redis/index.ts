@@ -35,8 +35,15 @@ export interface SharedRedis {
   allowed: (part: string) => void
   /** Whether Redis refuses `part` its commands now (reported by `denied`, not allowed since). */
   refuses: (part: string) => boolean
-  /** What Redis refuses now, for /readyz and /diagz; null when it refuses nothing. */
+  /** What Redis refuses now, in its words, for /diagz (role system) and logs; null when it refuses nothing. */
   denial: () => string | null
+  /**
+   * What Redis refuses now, for /readyz (unauthenticated): each part and the command, never Redis'
+   * words (Redis 7.2 names REDIS_URL's user in them); null when it refuses nothing.
+   */
+  denialSummary: () => string | null
+  /** Whether a part Redis refuses runs on memory: any but the heartbeat's PING (HEARTBEAT_PART), which only watches. */
+  denialOnMemory: () => boolean
   /** Calls `listener` when the heartbeat finds that Redis lets the gateway do what its parts need again. */
   onAllowed: (listener: () => void) => void
 }
@@ -74,6 +81,12 @@ export interface RedisOptions {
 }
 
 const HEARTBEAT_MS = 1000
+
+/**
+ * The part the heartbeat's PING is to Redis' refusals: refused (`-ping`), nothing runs on memory
+ * (the stores' commands go through), but a Redis that stops answering is no longer found.
+ */
+export const HEARTBEAT_PART = 'heartbeat PING'
 
 async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<void> {
   // No offline queue: a command while Redis is away fails at once instead of piling up in memory.
@@ -149,7 +162,11 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   const denied = (part: string, err: unknown): boolean => {
     if (!(err instanceof Error) || !permissionRefused(err)) return false
     reported++
-    if (!denials.has(part)) app.log.error({ err: err.message, part }, `Redis refused ${part} a command for want of permission (the ACL of REDIS_URL's user): it runs as if Redis were away, and /readyz fails naming redis, until Redis permits it`)
+    if (!denials.has(part)) {
+      app.log.error({ err: err.message, part }, part === HEARTBEAT_PART
+        ? 'Redis refused the heartbeat its PING for want of permission (the ACL of REDIS_URL\'s user): the stores still run on Redis, but a Redis that stops answering is not found, and /readyz fails naming redis, until Redis permits it'
+        : `Redis refused ${part} a command for want of permission (the ACL of REDIS_URL's user): it runs as if Redis were away, and /readyz fails naming redis, until Redis permits it`)
+    }
     denials.set(part, err.message)
     return true
   }
@@ -158,6 +175,8 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
     app.log.info({ part }, `Redis permits ${part} its commands again`)
   }
   const denial = (): string | null => denials.size === 0 ? null : [...denials].map(([part, message]) => `${part}: ${message}`).join('; ')
+  const denialSummary = (): string | null => denials.size === 0 ? null : [...denials].map(([part, message]) => `${part}: ${refusedCommand(message)}`).join('; ')
+  const denialOnMemory = (): boolean => denials.size > (denials.has(HEARTBEAT_PART) ? 1 : 0)
   // While a refusal stands, Redis is asked each beat (one check at a time) whether it lets the
   // gateway do what its parts need: without calls, nothing else would find the permission back.
   let checking = false
@@ -192,10 +211,10 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
       return true
     },
     heard: () => {
-      allowed('heartbeat')
+      allowed(HEARTBEAT_PART)
       answered()
     },
-    refused: (err) => { denied('heartbeat', err) },
+    refused: (err) => { denied(HEARTBEAT_PART, err) },
     deaf: (err) => {
       app.log.warn({ err: err.message }, 'Redis did not answer two PINGs in time: reconnecting; stores fall back to memory meanwhile')
       warned = true
@@ -216,6 +235,8 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
     allowed,
     refuses: (part: string) => denials.size > 0 && denials.has(part),
     denial,
+    denialSummary,
+    denialOnMemory,
     onAllowed: (listener: () => void) => { allowing.push(listener) }
   })
 
@@ -328,6 +349,23 @@ export function refusal (err: Error): boolean {
   if (/^(NOAUTH|WRONGPASS|NOPERM)\b/.test(err.message)) return true
   const command = (err as Error & { command?: { name?: string } }).command?.name
   return command === 'auth' || command === 'hello' || (command === 'select' && /DB index/i.test(err.message))
+}
+
+/**
+ * A refusal of permission (permissionRefused) told without Redis' words: `NOPERM` and what was
+ * refused, when Redis' text says it (the command, PUBLISH or SUBSCRIBE on a channel, keys,
+ * channels). Redis 7.2 names the user in its text ("User mantle has no permissions ..."), which
+ * /readyz, unauthenticated, showed.
+ */
+export function refusedCommand (message: string): string {
+  const command = /'([a-z][a-z|-]*)' command/i.exec(message)?.[1]
+  if (command !== undefined) return `NOPERM (${command.toLowerCase()})`
+  const onChannel = /\b(publish|subscribe)\b[^']*\bchannel\b/i.exec(message)?.[1]
+  if (onChannel !== undefined) return `NOPERM (${onChannel.toLowerCase()} on a channel)`
+  if (/\bkeys?\b/i.test(message)) return 'NOPERM (keys)'
+  if (/\bchannels?\b/i.test(message)) return 'NOPERM (channels)'
+  if (/\bscript\b/i.test(message)) return 'NOPERM (a command of a script)'
+  return 'NOPERM'
 }
 
 /**

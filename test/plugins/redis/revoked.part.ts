@@ -5,13 +5,14 @@
 // "unavailable" at its next claim.
 import t, { type Test } from 'tap'
 import { randomUUID } from 'node:crypto'
-import { Redis } from 'ioredis'
+import { Redis, ReplyError } from 'ioredis'
 import type { FastifyInstance } from 'fastify'
 import { bearer, buildTestApp, until } from '../../helper.js'
 import { itemKernel, itemManifest } from '../cache/items.js'
 import { storeKey } from '../../../plugins/idempotency/index.js'
 import { tagKey } from '../../../plugins/cache/index.js'
 import { aclUsers } from './acl.js'
+import { refusedCommand } from '../../../plugins/redis/index.js'
 
 const INTERNAL = 'internal-token-0123456789abcdef'
 /** What the users are granted at first, and given back. */
@@ -121,7 +122,7 @@ t.test('Redis refusing the events\' publishes (-publish) while the gateway runs:
   for (let i = 0; i < 3; i++) t.equal(await publish(), 202, 'accepted, no 5xx')
   const ready = await readyz(app)
   t.equal(ready.statusCode, 503, 'not ready: events posted here reach no other instance')
-  t.match(ready.body.checks.redis, /events: NOPERM .*'publish'/)
+  t.match(ready.body.checks.redis, /events: NOPERM \(publish\)/)
   t.match((await stores(app)).events, { healthy: false }, '/diagz: events on this instance only')
   t.equal(lines.filter(l => l.part === 'events').length, 1, 'logged once')
   t.notOk(lines.some(l => /Redis publish failed/.test(l.msg)), 'not once per publish')
@@ -158,6 +159,63 @@ t.test('Redis refusing the cache\'s PUBLISH (-publish): its invalidation moves n
   await admin.call('ACL', 'SETUSER', user.name, '+publish')
   await eventually(async () => app.responseCache.cache.pendingInvalidations === 0, 'the invalidation replayed')
   t.equal(Number(await admin.get(key)), before + 1, 'moved once')
+})
+
+t.test('Redis refusing the heartbeat\'s PING (-ping) while the gateway runs: reported as the PING refused, the stores still on Redis and said so', async t => {
+  // Before, the refusal was reported as "heartbeat" among the parts that run on memory: /readyz
+  // said "refused (memory stores)" and /diagz "those parts fall back to memory", every store
+  // still on Redis.
+  const { make, admin } = aclUsers(t)
+  const user = await make(...GRANTED)
+  const { app, lines } = await gateway(t, user.url)
+  const tenant = 'revoked-' + randomUUID()
+  await admin.call('ACL', 'SETUSER', user.name, '-ping')
+  await eventually(async () => (await readyz(app)).statusCode === 503, 'the refusal reported')
+  const ready = await readyz(app)
+  t.same(ready.body.failing, ['redis'])
+  t.match(ready.body.checks.redis, /^refused: heartbeat PING: NOPERM \(ping\); the stores still run on Redis/, 'what is refused, and the stores not said on memory')
+  t.notMatch(ready.body.checks.redis, /memory stores/)
+  const key = randomUUID()
+  t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers: { ...bearer({ tenant }), 'idempotency-key': key }, payload: {} })).statusCode, 200)
+  await admin.select(3)
+  t.equal(await admin.exists(storeKey(tenant, 'updateItem', key)), 1, 'a keyed call still claimed in Redis')
+  await admin.del(storeKey(tenant, 'updateItem', key))
+  const health = await stores(app)
+  t.match(health, { rateLimit: { healthy: true }, idempotency: { healthy: true }, cache: { healthy: true } }, '/diagz: every store on Redis')
+  t.match(health.redis, { healthy: false, detail: /heartbeat PING.*NOPERM.*the stores still run on Redis/ })
+  t.notMatch(health.redis.detail, /fall back to memory/)
+  const logged = lines.filter(l => l.part === 'heartbeat PING')
+  t.equal(logged.length, 1, 'logged once')
+  t.notMatch(logged[0].msg, /as if Redis were away/)
+  await admin.call('ACL', 'SETUSER', user.name, '+ping')
+  await eventually(async () => (await readyz(app)).statusCode === 200, 'ready again')
+})
+
+t.test('/readyz names the part Redis refuses and the command, never the user of REDIS_URL, its password or the URL; /diagz (role system) has Redis\' words', async t => {
+  // Redis 7.2 words a refusal "NOPERM User <name> has no permissions ...", and /readyz, which
+  // anyone may read, showed it as it came. The Redis of the tests (7.0) says "this user": the
+  // events' refusal is told in 7.2's words, beside a real one of the cache's (-evalsha, which
+  // keeps the refusals standing: Redis is asked again each second).
+  const { make, admin } = aclUsers(t)
+  const user = await make(...GRANTED)
+  const { app } = await gateway(t, user.url)
+  const tenant = 'revoked-' + randomUUID()
+  await admin.call('ACL', 'SETUSER', user.name, '-evalsha', '-eval')
+  await eventually(async () => {
+    await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant }) })
+    return /cache/.test((await readyz(app)).body.checks.redis ?? '')
+  }, 'the cache\'s refusal reported')
+  t.ok(app.redis.denied('events', new ReplyError(`NOPERM User ${user.name} has no permissions to run the 'publish' command`)), 'a refusal in 7.2\'s words')
+  for (const url of ['/readyz', '/readyz?scope=instance']) {
+    const text = (await app.inject({ method: 'GET', url })).body
+    t.match(text, /cache: NOPERM \(eval(sha)?\); events: NOPERM \(publish\)/, `${url} names each part and what it was refused`)
+    t.notOk(text.includes(user.name), `${url} does not name the user`)
+    t.notOk(text.includes('s3cret-pw-0123'), `${url} shows no password`)
+    t.notOk(/redis:\/\//.test(text), `${url} shows no URL`)
+  }
+  const detail = (await stores(app)).redis.detail ?? ''
+  t.ok(detail.includes(`events: NOPERM User ${user.name} has no permissions`), '/diagz keeps Redis\' words')
+  t.notOk(detail.includes('s3cret-pw-0123'), '/diagz shows no password')
 })
 
 t.test('Redis refusing the invalidations channel (resetchannels) while the gateway runs: the cache subscriber asks again on its connection, not on a new one ten times a second; /readyz says so until Redis permits it', async t => {
@@ -214,4 +272,17 @@ t.test('Redis refusing the events\' SUBSCRIBE (-subscribe) once the subscriber r
   await admin.call('ACL', 'SETUSER', user.name, '+subscribe')
   await eventually(async () => (await readyz(app)).statusCode === 200, 'ready again', 15_000)
   t.ok(app.events.health().up, 'subscribed again')
+})
+
+t.test('a refusal is told on /readyz by what was refused, never in Redis\' words', async t => {
+  const cases: Array<[string, string]> = [
+    ["NOPERM User mantle has no permissions to run the 'evalsha' command", 'NOPERM (evalsha)'],
+    ["NOPERM this user has no permissions to run the 'config|get' command", 'NOPERM (config|get)'],
+    ['NOPERM this user has no permissions to publish to the channel bff:cache:invalidate: no tag moved', 'NOPERM (publish on a channel)'],
+    ['NOPERM User mantle has no permissions to access one of the keys used as arguments', 'NOPERM (keys)'],
+    ['NOPERM User mantle has no permissions to access one of the channels used as arguments', 'NOPERM (channels)'],
+    ['ERR The user executing the script can\'t run this command or subcommand script: 4f2e, on @user_script:3.', 'NOPERM (a command of a script)'],
+    ['NOPERM User mantle is not allowed', 'NOPERM']
+  ]
+  for (const [message, told] of cases) t.equal(refusedCommand(message), told, message)
 })
