@@ -64,7 +64,11 @@ const MAX_PENDING = 10_000
  */
 const CLOSE_PASS_MS = 500
 const MEMORY_MAX_BYTES = 64 * 1024 * 1024
-/** Kernel refusals that say "try later" rather than "no": a repeat must run again. */
+/**
+ * Kernel refusals that say "try later" rather than "no": a repeat must run again. So does any
+ * refusal whose Kernel answer carried a Retry-After (a 423 or 409 "busy, come back"): stored, the
+ * retry it asked for got the refusal replayed, without its Retry-After, until the key expired.
+ */
 const TRANSIENT_STATUS = new Set([408, 425, 429])
 
 /** The hash of an input that a repeat must match: canonical JSON, so key order does not matter. */
@@ -365,7 +369,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         try {
           result = await next(ctx)
         } catch (err) {
-          const definitive = err instanceof MantleError && (err.code === 'KERNEL_REJECTED' || err.code === 'NOT_FOUND') && !TRANSIENT_STATUS.has(err.statusCode)
+          const definitive = err instanceof MantleError && (err.code === 'KERNEL_REJECTED' || err.code === 'NOT_FOUND') && !TRANSIENT_STATUS.has(err.statusCode) && err.headers?.['retry-after'] === undefined
           await finish(store, key, token, definitive ? { state: 'done', hash, status: err.statusCode, body: null, error: { code: err.code as 'KERNEL_REJECTED' | 'NOT_FOUND', status: err.statusCode, detail: err.message }, ...verdictOf(ctx) } : null, leaseMs, unanswered)
           throw err
         }

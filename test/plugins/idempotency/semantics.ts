@@ -174,6 +174,28 @@ export function semantics (t: Test, store: StoreKind): void {
     t.equal(s.calls('POST /v1/safe'), 4)
   })
 
+  // A Kernel 4xx with Retry-After (423 Locked, a 409 "busy") tells the client to send it again
+  // later. It was stored as final: the client, retrying as told with the same key, got the
+  // refusal replayed (without its Retry-After) for 24 h, and the key could never succeed.
+  t.test('a Kernel refusal that asks for a retry (Retry-After) releases the key, as a 429 does', async t => {
+    const s = await idemSetup(t, store)
+    let status = 423
+    s.kernel.on('POST /v1/safe', (_req, res) => {
+      if (status !== 201) res.setHeader('retry-after', '2')
+      json(res, status, status === 201 ? { id: 'l1' } : { message: 'locked' })
+    })
+    const key = randomUUID()
+    const call = async () => await s.app.inject({ method: 'POST', url: '/api/v1/safe', headers: s.headers(key), payload: { name: 'q' } })
+    const first = await call()
+    t.same([first.statusCode, first.json().code, first.headers['retry-after']], [423, 'KERNEL_REJECTED', '2'])
+    status = 201
+    const retried = await call()
+    t.equal(retried.statusCode, 201, 'the retry the Kernel asked for runs')
+    t.notOk(retried.headers['idempotent-replayed'])
+    t.equal((await call()).headers['idempotent-replayed'], 'true', 'and its success is stored')
+    t.equal(s.calls('POST /v1/safe'), 2)
+  })
+
   t.test('with a key the Kernel client retries a failing mutation, and the outcome is stored once', async t => {
     const s = await idemSetup(t, store, {}, { retries: 2 })
     let failures = 2
