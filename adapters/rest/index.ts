@@ -29,7 +29,13 @@ export interface RestAdapterOptions {
 }
 
 /** Which concerns add headers to an answer: the OpenAPI document says which, per operation. */
-interface HeaderConcerns { cache: boolean, idempotency: boolean, rateLimit: boolean }
+interface HeaderConcerns {
+  cache: boolean
+  idempotency: boolean
+  /** How long a stored outcome answers repeats, in words (BFF_IDEMPOTENCY_TTL_SECONDS: it said 24 h whatever it was). */
+  idempotencyFor: string
+  rateLimit: boolean
+}
 
 type HeaderDoc = Record<string, { type: 'string', description: string }>
 
@@ -126,6 +132,13 @@ export function callKey (key: string | null | undefined, suffix: string): string
   return VISIBLE_ASCII.test(suffix) ? `${key} ${suffix}` : null
 }
 
+/** Seconds in the largest whole unit that states them exactly: 86400 is `24 h`, 90 is `90 s`. */
+function duration (seconds: number): string {
+  if (seconds % 3600 === 0) return `${seconds / 3600} h`
+  if (seconds % 60 === 0) return `${seconds / 60} min`
+  return `${seconds} s`
+}
+
 /** An Idempotency-Key as sent (undefined: none), or null when no store could key on it. */
 export function checkedIdempotencyKey (key: string | undefined): string | null | undefined {
   return key === undefined || IDEMPOTENCY_KEY.test(key) ? key : null
@@ -170,7 +183,7 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
   }
 
   // Registered before this adapter when on (app.ts): their decorators say which headers exist.
-  const concerns: HeaderConcerns = { cache: app.hasDecorator('responseCache'), idempotency: app.hasDecorator('idempotency'), rateLimit: app.hasDecorator('rateLimiter') }
+  const concerns: HeaderConcerns = { cache: app.hasDecorator('responseCache'), idempotency: app.hasDecorator('idempotency'), idempotencyFor: app.hasDecorator('idempotency') ? duration(app.idempotency.ttlSeconds) : '', rateLimit: app.hasDecorator('rateLimiter') }
   for (const op of app.pipeline.manifest.operations) {
     app.route({
       method: op.method,
@@ -292,7 +305,7 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   // Documentation only: the headers validator is a pass-through (the stages check what they read).
   const requestHeaders: Record<string, JsonSchema> = {}
   if (concerns.idempotency && op.type === 'mutation') {
-    requestHeaders['idempotency-key'] = { type: 'string', minLength: 1, maxLength: 255, pattern: '^[\\x21-\\x7e]+$', description: 'Runs the mutation once per tenant and key for 24 h; a repeat gets the stored answer with Idempotent-Replayed: true' }
+    requestHeaders['idempotency-key'] = { type: 'string', minLength: 1, maxLength: 255, pattern: '^[\\x21-\\x7e]+$', description: `Runs the mutation once per tenant and key for ${concerns.idempotencyFor}; a repeat gets the stored answer with Idempotent-Replayed: true` }
   }
   if (mayCache(op, concerns) && takesIfNoneMatch(op)) {
     requestHeaders['if-none-match'] = { type: 'string', description: 'An ETag of an earlier answer: 304 with no body while it still matches (when the operation is cached)' }

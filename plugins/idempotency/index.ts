@@ -39,6 +39,8 @@ export interface IdempotencyOptions {
 export interface Idempotency {
   /** The configured store's kind (the memory store also serves while Redis is away). */
   readonly store: 'memory' | 'redis'
+  /** How long a stored outcome answers repeats (BFF_IDEMPOTENCY_TTL_SECONDS): the OpenAPI document says it. */
+  readonly ttlSeconds: number
   /** Keys the memory store holds now. */
   memoryKeys: () => number
 }
@@ -346,7 +348,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   // said healthy between. Over when Redis permits them again (its check, or a claim it takes).
   redis?.onAnswer(() => { if (!redis.refuses(IDEMPOTENCY)) back() })
   redis?.onAllowed(back)
-  app.decorate('idempotency', { store: opts.store, memoryKeys: () => memory.size })
+  app.decorate('idempotency', { store: opts.store, ttlSeconds: opts.ttlSeconds, memoryKeys: () => memory.size })
   if (app.hasDecorator('diagz')) {
     app.diagz.addStore('idempotency', () => sharedStoreHealth(redis !== null, !degraded && redis?.up() === true, `${memory.size} keys in memory, expired ones included until dropped`))
   }

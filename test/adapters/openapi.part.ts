@@ -92,6 +92,17 @@ t.test('/openapi.json is a valid OpenAPI 3.1 document of every operation', async
   }
 })
 
+// The Idempotency-Key's description said "for 24 h" whatever BFF_IDEMPOTENCY_TTL_SECONDS was.
+t.test('the Idempotency-Key is documented with the TTL in force', async t => {
+  const keyOf = async (env: Record<string, number>): Promise<string> => {
+    const doc = (await (await buildDemoApp(t, env)).inject({ url: '/openapi.json' })).json() as OpenApiDoc
+    return JSON.stringify(doc.paths['/api/v1/agents/{id}'].patch.parameters?.find(p => p.name === 'idempotency-key'))
+  }
+  t.match(await keyOf({}), /once per tenant and key for 24 h;/, 'the default, 86400 s')
+  t.match(await keyOf({ BFF_IDEMPOTENCY_TTL_SECONDS: 120 }), /once per tenant and key for 2 min;/)
+  t.match(await keyOf({ BFF_IDEMPOTENCY_TTL_SECONDS: 90 }), /once per tenant and key for 90 s;/)
+})
+
 t.test('/docs renders the document', async t => {
   const app = await buildDemoApp(t)
   const res = await app.inject({ method: 'GET', url: '/docs/' })
