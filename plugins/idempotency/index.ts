@@ -28,7 +28,10 @@ export interface IdempotencyOptions {
   maxKeys: number
   /** Longest a repeat waits for the first call (BFF_IDEMPOTENCY_WAIT_MS); default the op's timeout. */
   waitMs?: number | undefined
-  /** A running claim lapses this long after the op's timeout (a crashed holder frees its key). */
+  /**
+   * A running claim lapses this long after the op's timeout (a crashed holder frees its key); by
+   * default 5 s, or with Redis twice its command timeout and 1 s when that is longer (see LEASE_MARGIN_MS).
+   */
   leaseMarginMs?: number
   /** Most bytes of answers the memory store holds. */
   maxBytes?: number
@@ -55,7 +58,15 @@ declare module 'fastify' {
 const IDEMPOTENCY = 'idempotency'
 const FIRST_POLL_MS = 5
 const MAX_POLL_MS = 200
+/**
+ * What a claim's lease adds to the op's timeout: what a call does after its Kernel call (its
+ * cache stage's invalidation, then storing its outcome: two Redis commands, each up to
+ * BFF_REDIS_COMMAND_TIMEOUT_MS). At 5 s whatever that timeout was (up to 60 s), a Redis slow
+ * within it took the outcome after the claim had lapsed, and a repeat on another instance claimed
+ * the key and ran the Kernel call a second time.
+ */
 const LEASE_MARGIN_MS = 5000
+const leaseMarginFor = (commandTimeoutMs: number): number => Math.max(LEASE_MARGIN_MS, 2 * commandTimeoutMs + 1000)
 /** How often outcomes and releases Redis did not take are offered to it again. */
 const RETRY_MS = 250
 /** Most outcomes and releases waiting for Redis (one per call that was running when it failed). */
@@ -89,7 +100,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   const redis = opts.store === 'redis' ? app.redis : null
   const shared = redis === null ? null : new RedisIdempotencyStore(redis.client)
   const ttlMs = opts.ttlSeconds * 1000
-  const leaseMargin = opts.leaseMarginMs ?? LEASE_MARGIN_MS
+  const leaseMargin = opts.leaseMarginMs ?? leaseMarginFor(redis?.client.options.commandTimeout ?? 0)
 
   let metricsFor: (op: string) => OpMetrics = () => noOpMetrics
   let fellBack: () => void = nothing

@@ -1,10 +1,10 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { bearer, closedPort, until } from '../../helper.js'
+import { bearer, closedPort, json, until } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
 import { inputHash, storeKey } from '../../../plugins/idempotency/index.js'
-import { idemSetup, REDIS_URL } from './idempotency-helper.js'
+import { idemSetup, REDIS_URL, type Answer } from './idempotency-helper.js'
 
 async function redisClient (t: { teardown: (fn: () => unknown) => void }): Promise<Redis> {
   const client = new Redis(REDIS_URL, { lazyConnect: true })
@@ -186,6 +186,37 @@ t.test('Redis cut while the first call runs: one Kernel call for every repeat, o
   t.same([elsewhere.statusCode, elsewhere.headers['idempotent-replayed'], elsewhere.json(), s.calls()], [201, 'true', answer.json(), 1], 'another instance replays it at once, not after the lease')
   t.equal((await s.create({ name: 'mid' }, key)).headers['idempotent-replayed'], 'true', 'and so does this one')
   await redis.del(stored)
+})
+
+// The lease was the op's timeout plus 5 s whatever BFF_REDIS_COMMAND_TIMEOUT_MS was (up to 60 s):
+// a call whose Kernel call had ended but whose outcome Redis took late (a Redis slow within that
+// timeout) lost its claim, and a repeat on another instance claimed the key and ran the Kernel
+// call a second time. Shown with the outcome held back 6.5 s, past the old 6 s lease of quickItem.
+t.test('a claim outlives the Redis commands a call makes after its Kernel call, each up to BFF_REDIS_COMMAND_TIMEOUT_MS', async t => {
+  const proxy = await startTcpProxy(t, 6379)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 20000 })
+  const other = await idemSetup(t, 'redis', {}, {}, s.kernel)
+  s.kernel.on('POST /v1/quick', (_req, res) => json(res, 201, { id: 'q-' + s.calls('POST /v1/quick') }))
+  const key = randomUUID()
+  const call = async (on: typeof s) => await on.app.inject({ method: 'POST', url: '/api/v1/quick', headers: s.headers(key), payload: { name: 'slow redis' } })
+  // The outcome of the call (and any copy of it) does not reach Redis until released.
+  proxy.holdSends(chunk => chunk.toString('latin1').includes('"state":"done"'))
+  const first = call(s)
+  await until(() => proxy.holding > 0, 'the outcome to be held on its way to Redis')
+  t.equal(s.calls('POST /v1/quick'), 1)
+  await new Promise(resolve => setTimeout(resolve, 6500))
+  const repeat = await call(other)
+  t.equal(s.calls('POST /v1/quick'), 1, 'the repeat on the other instance did not run the call again')
+  t.not(repeat.statusCode, 201, 'it waited for the claim, then was refused (409) or replayed')
+  proxy.holdSends(null)
+  proxy.release()
+  t.equal((await first).statusCode, 201)
+  let replayed: Answer | null = null
+  for (const began = Date.now(); Date.now() - began < 10_000; await new Promise(resolve => setTimeout(resolve, 100))) {
+    replayed = await call(other)
+    if (replayed.headers['idempotent-replayed'] === 'true') break
+  }
+  t.same([replayed?.statusCode, replayed?.headers['idempotent-replayed'], s.calls('POST /v1/quick')], [201, 'true', 1], 'then the outcome is replayed, one Kernel call in all')
 })
 
 t.test('a Redis unreachable at start-up: the gateway starts and keys are held in memory', async t => {
