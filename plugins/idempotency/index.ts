@@ -30,7 +30,7 @@ export interface IdempotencyOptions {
   waitMs?: number | undefined
   /**
    * A running claim lapses this long after the op's timeout (a crashed holder frees its key); by
-   * default 5 s, or with Redis twice its command timeout and 1 s when that is longer (see LEASE_MARGIN_MS).
+   * default 5 s, or with REDIS_URL set twice its command timeout and 1 s when that is longer (see LEASE_MARGIN_MS).
    */
   leaseMarginMs?: number
   /** Most bytes of answers the memory store holds. */
@@ -100,7 +100,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   const redis = opts.store === 'redis' ? app.redis : null
   const shared = redis === null ? null : new RedisIdempotencyStore(redis.client)
   const ttlMs = opts.ttlSeconds * 1000
-  const leaseMargin = opts.leaseMarginMs ?? leaseMarginFor(redis?.client.options.commandTimeout ?? 0)
+  // Any Redis, not only the store's: a mutation's cache invalidation goes to it after its Kernel call.
+  const leaseMargin = opts.leaseMarginMs ?? leaseMarginFor(app.hasDecorator('redis') ? app.redis.client.options.commandTimeout ?? 0 : 0)
 
   let metricsFor: (op: string) => OpMetrics = () => noOpMetrics
   let fellBack: () => void = nothing

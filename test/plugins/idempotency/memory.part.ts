@@ -1,7 +1,8 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { until } from '../../helper.js'
-import { idemSetup } from './idempotency-helper.js'
+import { bearer, buildTestApp, json, startTestKernel, testManifest, until } from '../../helper.js'
+import { startTcpProxy } from '../../proxy.js'
+import { idemSetup, REDIS_URL } from './idempotency-helper.js'
 import { semantics } from './semantics.js'
 
 semantics(t, 'memory')
@@ -74,4 +75,37 @@ t.test('another tenant\'s keyed calls never evict a tenant\'s outcome: past the 
   t.equal(s.app.idempotency.memoryKeys(), 3)
   const text = (await s.app.inject({ method: 'GET', url: '/metrics' })).body
   t.match(text, /mantle_idempotency_memory_evictions_total 9\n/)
+})
+
+// With the memory store and REDIS_URL set, a mutation's cache invalidation goes to Redis after its
+// Kernel call. Its claim's lease was the op's timeout plus 5 s whatever BFF_REDIS_COMMAND_TIMEOUT_MS
+// was: an invalidation Redis took late (within that timeout) outlasted the claim, and a repeat
+// on the same instance claimed the key and ran the Kernel call a second time.
+t.test('memory store, Redis set: a claim outlives the cache invalidation its call makes after the Kernel call', async t => {
+  const port = Number(new URL(REDIS_URL).port || 6379)
+  const proxy = await startTcpProxy(t, port)
+  let calls = 0
+  const kernel = await startTestKernel(t, { 'POST /v1/tagged': (_req, res) => json(res, 201, { id: 'tagged-' + ++calls }) })
+  const manifest = testManifest({
+    tagItem: { type: 'mutation', rest: 'POST /tagged', kernel: 'POST /v1/tagged', input: { type: 'object', properties: { name: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } }, timeoutMs: 1000, invalidates: ['tagged'] }
+  }, { retries: 0 })
+  const app = await buildTestApp(t, { BFF_IDEMPOTENCY_STORE: 'memory', BFF_IDEMPOTENCY_TTL_SECONDS: 120, REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 20000 }, { manifest, kernelUrl: kernel.url })
+  const tenant = 'idem-' + randomUUID()
+  const key = randomUUID()
+  const call = async () => await app.inject({ method: 'POST', url: '/api/v1/tagged', headers: { ...bearer({ tenant }), 'idempotency-key': key }, payload: { name: 'n' } })
+  // The call's invalidation of its tag does not reach Redis until released.
+  proxy.holdSends(chunk => chunk.toString('latin1').includes(encodeURIComponent(tenant) + ':tagged'))
+  const first = call()
+  await until(() => proxy.holding > 0, 'the invalidation to be held on its way to Redis')
+  t.equal(calls, 1)
+  await new Promise(resolve => setTimeout(resolve, 6500))
+  const repeat = call()
+  // The repeat either waits for the first call (its claim still held) or, its lease lapsed, runs.
+  await new Promise(resolve => setTimeout(resolve, 300))
+  t.equal(calls, 1, 'the repeat did not run the call again')
+  proxy.holdSends(null)
+  proxy.release()
+  t.equal((await first).statusCode, 201)
+  await repeat
+  t.equal(calls, 1, 'one Kernel call in all')
 })
