@@ -4,6 +4,18 @@ import type { Dispatcher } from 'undici'
 /** What readJson returns for a body that is not JSON, or is over its limit. */
 export const INVALID = Symbol('invalid')
 
+/** What readJson returns when the bytes its caller may hold (a ByteBudget) would be exceeded: the body is cut, not read. */
+export const OVER_BUDGET = Symbol('over budget')
+
+/**
+ * Bytes that the bodies read at once, together, may hold: `take` claims `bytes` (false, and
+ * nothing claimed, when there is not room for them), `give` hands back what was claimed.
+ */
+export interface ByteBudget {
+  take: (bytes: number) => boolean
+  give: (bytes: number) => void
+}
+
 /**
  * Decodes a body as undici's body.json() does one with a length (the WHATWG "UTF-8 decode",
  * which drops a leading BOM): Buffer's toString kept it, and the same answer was a 502 chunked.
@@ -12,9 +24,11 @@ const UTF8 = new TextDecoder()
 
 /**
  * A JSON body read up to `limit` bytes (null when empty, 204 or 205): INVALID when it is not JSON or is
- * longer. A connection lost mid-body rejects.
+ * longer. A connection lost mid-body rejects. With a `budget`, its bytes are claimed from it while
+ * they are read (a length announced, at once; chunked, chunk by chunk), and handed back once it is
+ * parsed: OVER_BUDGET, the body cut, when there is no room for them.
  */
-export async function readJson (res: Dispatcher.ResponseData, limit: number): Promise<unknown> {
+export async function readJson (res: Dispatcher.ResponseData, limit: number, budget?: ByteBudget): Promise<unknown> {
   const length = Number(res.headers['content-length'])
   // A 204 or a 205 has no content (RFC 9110 §15.3.5, §15.3.6), whatever framing it announces.
   if (res.statusCode === 204 || res.statusCode === 205 || length === 0) {
@@ -25,8 +39,15 @@ export async function readJson (res: Dispatcher.ResponseData, limit: number): Pr
     await res.body.dump()
     return INVALID
   }
+  let claimed = 0
   try {
-    if (length > 0) return await res.body.json()
+    if (length > 0) {
+      if (budget !== undefined) {
+        if (!budget.take(length)) return cut(res)
+        claimed = length
+      }
+      return await res.body.json()
+    }
     // No length announced: read with a bound rather than trusting the stream.
     const chunks: Buffer[] = []
     let size = 0
@@ -36,6 +57,10 @@ export async function readJson (res: Dispatcher.ResponseData, limit: number): Pr
         res.body.destroy()
         return INVALID
       }
+      if (budget !== undefined) {
+        if (!budget.take((chunk as Buffer).length)) return cut(res)
+        claimed += (chunk as Buffer).length
+      }
       chunks.push(chunk as Buffer)
     }
     return size === 0 ? null : JSON.parse(UTF8.decode(Buffer.concat(chunks, size)))
@@ -44,5 +69,13 @@ export async function readJson (res: Dispatcher.ResponseData, limit: number): Pr
     // deadline, is the request's failure (for the Kernel, 503 or 504, as before the headers).
     if (err instanceof SyntaxError) return INVALID
     throw err
+  } finally {
+    if (claimed > 0) budget!.give(claimed)
   }
+}
+
+function cut (res: Dispatcher.ResponseData): typeof OVER_BUDGET {
+  res.body.on('error', () => {})
+  res.body.destroy()
+  return OVER_BUDGET
 }

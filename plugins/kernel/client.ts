@@ -6,7 +6,8 @@ import { MantleError } from '../../errors.js'
 import type { Operation } from '../../manifest.js'
 import { Leave, callerGone, watchCaller, unwatchCaller, type CallContext, type Next } from '../pipeline/index.js'
 import { CircuitBreaker, RetryBudget, DENIED, NORMAL, type Permit } from './breaker.js'
-import { INVALID, readJson } from '../../read-json.js'
+import { getHeapStatistics } from 'node:v8'
+import { INVALID, OVER_BUDGET, readJson, type ByteBudget } from '../../read-json.js'
 
 export interface KernelClientOptions {
   origin: string
@@ -21,6 +22,12 @@ export interface KernelClientOptions {
   resilience: { threshold: number, resetTimeoutMs: number } | null
   /** Largest Kernel answer read, in bytes; a larger one is a KERNEL_ERROR. */
   maxResponseBytes?: number
+  /**
+   * The bytes of 2xx answers being read at once, all calls together (an eighth of V8's heap limit
+   * by default, never below maxResponseBytes): a call whose answer finds no room is answered
+   * 503 OVERLOADED, its answer cut (answerBytes).
+   */
+  maxAnswerBytes?: number
   /**
    * How long an idle connection is kept for reuse when the Kernel's answer has no Keep-Alive
    * timeout (4000 ms by default). It must stay below the Kernel's own idle timeout: a Kernel that
@@ -43,12 +50,14 @@ export interface KernelMetrics {
 
   budgetExhausted: () => void
   rejected: (reason: 'breaker_open' | 'bulkhead_full' | 'queue_timeout' | 'queue_shed') => void
+  /** A 2xx answer cut for want of room among the answers being read (answerBytes). */
+  answerDropped: () => void
   connected: () => void
 }
 
 const nothing = (): void => {}
 const noOpMetrics = { call: { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing, client_closed: nothing }, retry: nothing }
-const noMetrics: KernelMetrics = { forOperation: () => noOpMetrics, budgetExhausted: nothing, rejected: nothing, connected: nothing }
+const noMetrics: KernelMetrics = { forOperation: () => noOpMetrics, budgetExhausted: nothing, rejected: nothing, answerDropped: nothing, connected: nothing }
 
 // undici's own error codes, by what they mean for a call. Unknown codes count as unreachable.
 const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'])
@@ -86,6 +95,16 @@ export class KernelClient {
   private readonly backoff: { baseMs: number, capMs: number }
   private readonly metrics: KernelMetrics
   inFlight = 0
+  /**
+   * The bytes of the 2xx answers being read now, all calls together, bounded by maxAnswerBytes
+   * (mantle_kernel_answer_bytes). Each call's answer was bounded (maxResponseBytes, 10 MB) but not
+   * their sum: 24 calls answered 9.4 MB lists at once took the heap past 384 MB (the Deployment's
+   * --max-old-space-size) and the process died of it, every call of every tenant with it; load
+   * shedding refuses new requests only, not the answers of those already sent.
+   */
+  answerBytes = 0
+  private readonly maxAnswerBytes: number
+  private readonly answerBudget: ByteBudget
   /**
    * Connections free for an attempt, and the attempts waiting for one, first come first served
    * (fewer than the calls in flight, so under maxInFlight, breaker or not: with the bulkhead off
@@ -130,6 +149,15 @@ export class KernelClient {
     this.retries = r === null ? 0 : opts.retries
     this.maxInFlight = opts.maxInFlight
     this.maxBytes = opts.maxResponseBytes ?? 10 * 1024 * 1024
+    this.maxAnswerBytes = Math.max(this.maxBytes, opts.maxAnswerBytes ?? Math.floor(getHeapStatistics().heap_size_limit / 8))
+    this.answerBudget = {
+      take: (bytes) => {
+        if (this.answerBytes + bytes > this.maxAnswerBytes) return false
+        this.answerBytes += bytes
+        return true
+      },
+      give: (bytes) => { this.answerBytes -= bytes }
+    }
     this.backoff = opts.backoff ?? { baseMs: 25, capMs: 500 }
   }
 
@@ -294,6 +322,14 @@ export class KernelClient {
           this.metrics.rejected('queue_timeout')
           throw failure(timedOut, op)
         }
+        if (result === answerDropped) {
+          // The Kernel answered, and did its work (a mutation was carried out): no breaker failure,
+          // no retry (it would fetch the same answer again). The instance is at its bound, as when
+          // its clients leave too many answers unread.
+          this.breaker?.success(permit)
+          this.metrics.answerDropped()
+          throw new MantleError('OVERLOADED', 'The Kernel\'s answer was left out: the answers being read from the Kernel on this instance are at their bound. The call did run (a mutation was carried out)', { headers: { 'retry-after': '1' } })
+        }
         if (result === shed) {
           // Handed a connection with less time left than the Kernel needs: the gateway sheds load
           // (the queue for a connection is too long), as a full bulkhead does. No breaker failure.
@@ -409,7 +445,8 @@ export class KernelClient {
       }
       const status = res.statusCode
       if (status >= 200 && status < 300) {
-        const value = await readJson(res, this.maxBytes)
+        const value = await readJson(res, this.maxBytes, this.answerBudget)
+        if (value === OVER_BUDGET) return answerDropped
         // Every answer is learnt, waiting calls or not (one update, no allocation): learnt only
         // while calls waited, a need above their time left refused them all at once, and the
         // answers of the calls already sent then came back to an empty queue, unlearnt.
@@ -575,6 +612,8 @@ const connectTimedOut: Attempt = { outcome: 'timeout', status: 504, value: undef
 const queuedOut: Attempt = { outcome: 'timeout', status: 504, value: undefined, message: undefined, unsent: true }
 /** Less time left than this once handed a connection: the call gives up unsent (a queue timeout). */
 const MIN_SEND_MS = 10
+/** A 2xx whose answer found no room among those being read (answerBytes): cut, unread. */
+const answerDropped: Attempt = { outcome: 'bad_answer', status: 503, value: undefined, message: undefined }
 /** Less time left than its operation's Kernel needs (Need) once handed a connection: refused unsent, load shed. */
 const shed: Attempt = { outcome: 'unavailable', status: 503, value: undefined, message: undefined, unsent: true }
 

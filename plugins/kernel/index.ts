@@ -53,6 +53,8 @@ function kernelMetrics (app: FastifyInstance, origin: string, client: () => Kern
       if (b !== null) this.set({ origin }, BREAKER_VALUE[b.current()])
     }
   })
+  const dropped = new Counter({ name: 'mantle_kernel_answers_dropped_total', help: 'Kernel 2xx answers cut, and their calls answered 503 OVERLOADED, for want of room among the answers being read at once', registers })
+  new Gauge({ name: 'mantle_kernel_answer_bytes', help: 'Bytes of Kernel 2xx answers being read now, all calls together (bounded: see mantle_kernel_answers_dropped_total)', registers, collect () { this.set(client().answerBytes) } }) // eslint-disable-line no-new
   const connections = new Counter({ name: 'mantle_kernel_pool_connections_opened_total', help: 'Connections the Kernel pool opened (requests / connections = reuse)', registers })
   breaker.set({ origin }, 0)
   // Pool gauges are read when Prometheus scrapes, not on the hot path.
@@ -83,6 +85,7 @@ function kernelMetrics (app: FastifyInstance, origin: string, client: () => Kern
     },
     budgetExhausted: () => exhausted.inc(),
     rejected: reason => rejected.labels(reason).inc(),
+    answerDropped: () => dropped.inc(),
     connected: () => connections.inc()
   }
 }

@@ -868,3 +868,71 @@ t.test('the gateway closes an idle Kernel connection after BFF_KERNEL_KEEP_ALIVE
   t.equal(await post(), 201, 'the next call goes out on a new connection')
   t.equal(sockets.length, 2)
 })
+
+// Each answer was bounded (10 MB), not the answers read at once: 24 calls answered 9.4 MB lists
+// together took the heap past the Deployment's 384 MB and the process died (every call of every
+// tenant with it). What the answers being read hold, all together, is bounded now.
+t.test('the 2xx answers read at once are bounded together: past the bound a call is 503 OVERLOADED, no breaker failure, no retry', async t => {
+  const { KernelClient } = await import('../../../plugins/kernel/index.js')
+  const { CallContext } = await import('../../../plugins/pipeline/index.js')
+  const body = JSON.stringify({ id: 'big', name: 'x'.repeat(1000) })
+  const held: Array<() => void> = []
+  /** Writes the headers and half the body, and the rest once the test lets it go. */
+  const halfThenHold = (chunked: boolean) => (_req: unknown, res: ServerResponse): void => {
+    res.writeHead(200, { 'content-type': 'application/json', ...(chunked ? {} : { 'content-length': String(Buffer.byteLength(body)) }) })
+    res.write(body.slice(0, 500))
+    held.push(() => res.end(body.slice(500)))
+  }
+  const kernel = await startTestKernel(t, {
+    'GET /v1/items/len': halfThenHold(false),
+    'GET /v1/items/chunked': halfThenHold(true),
+    'GET /v1/items/small': (_req, res) => json(res, 200, { id: 'small' })
+  })
+  const dropped: string[] = []
+  const nothing = (): void => {}
+  const calls = { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing, client_closed: nothing }
+  const client = new KernelClient({
+    origin: kernel.url,
+    connections: 4,
+    retries: 2,
+    maxInFlight: 100,
+    resilience: { threshold: 1, resetTimeoutMs: 60_000 },
+    maxResponseBytes: 1500,
+    maxAnswerBytes: 1500,
+    metrics: { forOperation: () => ({ call: calls, retry: nothing }), budgetExhausted: nothing, rejected: nothing, answerDropped: () => dropped.push('dropped'), connected: nothing }
+  })
+  t.teardown(() => client.close())
+  const op = testManifest({
+    getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 5000 }
+  }).byName.get('getItem')!
+  const run = client.forOperation(op)
+  const call = async (id: string): Promise<unknown> => await run(new CallContext(id, 'rest', op, { id }, undefined, undefined, undefined)).then(
+    (value) => value,
+    (err: { code: string, headers?: Record<string, string> }) => [err.code, err.headers?.['retry-after']]
+  )
+  for (const [first, second] of [['len', 'len'], ['chunked', 'len'], ['len', 'chunked']]) {
+    held.length = 0
+    const holding = call(first)
+    await until(() => client.answerBytes > 0, `the answer to ${first} is being read`)
+    t.same(await call(second), ['OVERLOADED', '1'], `${second}'s answer finds no room while ${first}'s (${client.answerBytes} bytes) is read`)
+    t.same(await call('small'), { id: 'small' }, 'a small answer that fits is read')
+    held[0]()
+    t.same(await holding, { id: 'big', name: 'x'.repeat(1000) }, `${first}'s answer is whole`)
+    t.equal(client.answerBytes, 0, 'its bytes are handed back once read')
+  }
+  held.length = 0
+  const last = call('len')
+  await until(() => held.length === 1, 'the last answer is being written')
+  held[0]()
+  t.same(await last, { id: 'big', name: 'x'.repeat(1000) }, 'with room again, it is read')
+  t.equal(dropped.length, 3)
+  t.equal(hits(kernel, '/v1/items/len') + hits(kernel, '/v1/items/chunked'), 7, 'none of the answers cut was retried')
+  t.equal(client.breaker!.state, 'closed', 'and none was a breaker failure (threshold 1)')
+})
+
+t.test('the bytes of the answers being read and those cut are in /metrics', async t => {
+  const { app } = await setup(t)
+  const metrics = (await app.inject({ url: '/metrics' })).body
+  t.match(metrics, /^mantle_kernel_answer_bytes 0$/m)
+  t.match(metrics, /^mantle_kernel_answers_dropped_total 0$/m)
+})

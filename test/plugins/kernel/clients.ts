@@ -17,7 +17,7 @@ export async function itemClient (t: Test, kernel: TestKernel, o: { connections:
   const rejected: Record<string, number> = {}
   const nothing = (): void => {}
   const calls = { ok: nothing, client_error: nothing, redirect: nothing, bad_answer: nothing, server_error: nothing, timeout: nothing, unavailable: nothing, client_closed: nothing }
-  const metrics: KernelMetrics = { forOperation: () => ({ call: calls, retry: nothing }), budgetExhausted: nothing, rejected: (reason: string) => { rejected[reason] = (rejected[reason] ?? 0) + 1 }, connected: nothing }
+  const metrics: KernelMetrics = { forOperation: () => ({ call: calls, retry: nothing }), budgetExhausted: nothing, rejected: (reason: string) => { rejected[reason] = (rejected[reason] ?? 0) + 1 }, answerDropped: nothing, connected: nothing }
   const client = new KernelClient({ origin: kernel.url, connections: o.connections, retries: o.retries, maxInFlight: 1000, resilience: { threshold: 5, resetTimeoutMs: 60_000 }, metrics })
   t.teardown(() => client.close())
   const op = testManifest({
