@@ -24,9 +24,10 @@ const UTF8 = new TextDecoder()
 
 /**
  * A JSON body read up to `limit` bytes (null when empty, 204 or 205): INVALID when it is not JSON or is
- * longer. A connection lost mid-body rejects. With a `budget`, its bytes are claimed from it while
- * they are read (a length announced, at once; chunked, chunk by chunk), and handed back once it is
- * parsed: OVER_BUDGET, the body cut, when there is no room for them.
+ * longer. A connection lost mid-body rejects. With a `budget`, its bytes are claimed from it as they
+ * arrive and handed back once it is parsed: OVER_BUDGET, the body cut, when a chunk finds no room.
+ * As they arrive, not as a length announces them: a body that trickles holds what has come, not
+ * its whole length for as long as it takes.
  */
 export async function readJson (res: Dispatcher.ResponseData, limit: number, budget?: ByteBudget): Promise<unknown> {
   const length = Number(res.headers['content-length'])
@@ -41,14 +42,9 @@ export async function readJson (res: Dispatcher.ResponseData, limit: number, bud
   }
   let claimed = 0
   try {
-    if (length > 0) {
-      if (budget !== undefined) {
-        if (!budget.take(length)) return cut(res)
-        claimed = length
-      }
-      return await res.body.json()
-    }
-    // No length announced: read with a bound rather than trusting the stream.
+    if (length > 0 && budget === undefined) return await res.body.json()
+    // No length announced: read with a bound rather than trusting the stream; or chunk by chunk
+    // against the budget.
     const chunks: Buffer[] = []
     let size = 0
     for await (const chunk of res.body) {
