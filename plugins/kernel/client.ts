@@ -348,7 +348,11 @@ export class KernelClient {
         if (result.outcome === 'ok' || result.outcome === 'client_error' || result.outcome === 'redirect' || result.outcome === 'bad_answer') {
           this.breaker?.success(permit)
           if (result.outcome === 'ok') {
-            ctx.status = result.status
+            // A 206 or a 226 answers a Range or an A-IM request, which the gateway never sends, and
+            // goes with headers it does not pass on (Content-Range, IM): passed on, the client got a
+            // 206 without a Content-Range (RFC 9110 §15.3.7), which caches and the Cache API take
+            // for part of a representation. It is the whole answer: 200.
+            ctx.status = result.status === 206 || result.status === 226 ? 200 : result.status
             return result.value
           }
           if (result.outcome === 'bad_answer') throw new MantleError('KERNEL_ERROR', result.message!)

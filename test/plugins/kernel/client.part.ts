@@ -72,6 +72,15 @@ t.test('the Kernel 2xx status is passed on (201 for a creation)', async t => {
   t.equal(kernel.requests[0].headers['content-type'], 'application/json')
 })
 
+t.test('a Kernel 206 or 226 is answered 200: the gateway asks for no range or delta, and passes on no Content-Range', async t => {
+  const { app, kernel } = await setup(t)
+  for (const status of [206, 226, 203, 207]) kernel.on(`GET /v1/items/s${status}`, (_req, res) => json(res, status, { id: `s${status}` }))
+  for (const [status, expected] of [[206, 200], [226, 200], [203, 203], [207, 207]]) {
+    const res = await app.inject({ method: 'GET', url: `/api/v1/items/s${status}`, headers: bearer() })
+    t.same([res.statusCode, res.json(), res.headers['content-range']], [expected, { id: `s${status}` }, undefined], String(status))
+  }
+})
+
 t.test('the Kernel request carries the request id, tenant, user, roles and a child traceparent', async t => {
   const { app, kernel } = await setup(t)
   const traceId = '4bf92f3577b34da6a3ce929d0e0e4736'
