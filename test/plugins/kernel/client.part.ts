@@ -922,8 +922,8 @@ t.test('the 2xx answers read at once are bounded together: past the bound a call
   for (const [first, second] of [['len', 'len'], ['chunked', 'len'], ['len', 'chunked']]) {
     held.length = 0
     const holding = call(first)
-    // What has come of it, not the length it announced: a body that trickles holds no more.
-    await until(() => client.answerBytes === 900, `the answer to ${first} is being read`)
+    // The length it announced, or without one what has come of it.
+    await until(() => client.answerBytes === (first === 'len' ? Buffer.byteLength(body) : 900), `the answer to ${first} is being read`)
     t.same(await call(second), ['OVERLOADED', '1'], `${second}'s answer finds no room while ${first}'s is read`)
     t.same(await call('small'), { id: 'small' }, 'a small answer that fits is read')
     held[0]()
