@@ -121,7 +121,8 @@ export function bodiesNeeded (operations: readonly Operation[]): Set<string> {
  * - every answer carries x-request-id, refusals too (the routes declare it on 2XX only);
  * - a cached query (one that takes If-None-Match) answers 304 with no body while the tag still
  *   matches, with the 2XX answer's cache headers: a 304 is not a 2XX, and clients generated from
- *   the document took it for an undocumented status.
+ *   the document took it for an undocumented status; and the RateLimit-* of the 2XX, which a
+ *   304 carries as its 200 would.
  */
 export function completeDocument (doc: { paths?: Record<string, Record<string, DocOperation>>, components?: { schemas?: Record<string, unknown> } }, needsBody: ReadonlySet<string> = new Set()): void {
   const schemas = doc.components?.schemas
@@ -141,10 +142,12 @@ export function completeDocument (doc: { paths?: Record<string, Record<string, D
         }
       }
       if (op.responses !== undefined && op.parameters?.some(p => p.in === 'header' && p.name === 'if-none-match') === true) {
-        const { 'x-cache': xCache, ETag, 'Cache-Control': cacheControl, Vary, 'x-request-id': requestId } = op.responses['2XX']?.headers ?? {}
+        const { 'x-cache': xCache, ETag, 'Cache-Control': cacheControl, Vary, 'x-request-id': requestId, ...others } = op.responses['2XX']?.headers ?? {}
+        // RateLimit-* too (rate limits on): a 304 has passed the limits as its 200 would.
+        const rateLimit = Object.fromEntries(Object.entries(others).filter(([name]) => name.startsWith('RateLimit-')))
         op.responses['304'] = {
           description: 'Not Modified: If-None-Match still matches the answer\'s ETag; no body',
-          headers: { 'x-request-id': requestId, 'x-cache': xCache, ETag, 'Cache-Control': cacheControl, Vary }
+          headers: { 'x-request-id': requestId, 'x-cache': xCache, ETag, 'Cache-Control': cacheControl, Vary, ...rateLimit }
         }
       }
     }

@@ -80,16 +80,27 @@ const RETRY_AFTER: HeaderDoc = { 'Retry-After': { type: 'string', description: '
 const BEARER_CHALLENGE: HeaderDoc = { 'WWW-Authenticate': { type: 'string', description: 'Bearer, with error="invalid_token" or "invalid_request" for a token refused: on a 401' } }
 
 /**
- * What a 4XX of `op` may carry: Retry-After, a 401's challenge (identity on), and the
+ * What a 4XX of `op` may carry: Retry-After, a 401's challenge (identity on), the
  * Idempotent-Replayed of a Kernel refusal stored under an Idempotency-Key and answered again
- * (a mutation, idempotency on), which the 2XX alone documented.
+ * (a mutation, idempotency on), which the 2XX alone documented, and RateLimit-* (rate limits on).
  */
 function refusalHeaders (op: Operation, secured: boolean, on: HeaderConcerns): HeaderDoc {
   return {
     ...RETRY_AFTER,
     ...(secured ? BEARER_CHALLENGE : {}),
-    ...(on.idempotency && op.type === 'mutation' ? { 'Idempotent-Replayed': { type: 'string', description: 'true when the refusal is the stored one (the Kernel\'s 4xx) of an earlier call with the same Idempotency-Key' } } : {})
+    ...(on.idempotency && op.type === 'mutation' ? { 'Idempotent-Replayed': { type: 'string', description: 'true when the refusal is the stored one (the Kernel\'s 4xx) of an earlier call with the same Idempotency-Key' } } : {}),
+    ...(on.rateLimit ? RATE_LIMIT_HEADERS : {})
   }
+}
+
+/**
+ * What a 5XX may carry: Retry-After, and RateLimit-* (rate limits on). A call refused past the
+ * HTTP guard or an operation's limit (a Kernel failure, a validation refusal, a 401 of the guard's
+ * tenant) carries the window's RateLimit-* as its 2XX would: the document declared them on the
+ * 2XX and the 429 only.
+ */
+function failureHeaders (on: HeaderConcerns): HeaderDoc {
+  return on.rateLimit ? { ...RETRY_AFTER, ...RATE_LIMIT_HEADERS } : RETRY_AFTER
 }
 
 function problemResponse (headers: HeaderDoc): Record<string, unknown> {
@@ -300,7 +311,7 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
     operationId: op.name,
     tags: [op.type === 'query' ? 'queries' : 'mutations'],
     // `headers` is read by @fastify/swagger only; answers are encoded by the op's own serializer.
-    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, ...(concerns.rateLimit ? { 429: tooManyRequests } : {}), '4xx': problemResponse(refusalHeaders(op, secured, concerns)), '5xx': problemResponse(RETRY_AFTER) }
+    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, ...(concerns.rateLimit ? { 429: tooManyRequests } : {}), '4xx': problemResponse(refusalHeaders(op, secured, concerns)), '5xx': problemResponse(failureHeaders(concerns)) }
   }
   // Documentation only: the headers validator is a pass-through (the stages check what they read).
   const requestHeaders: Record<string, JsonSchema> = {}

@@ -238,6 +238,7 @@ t.test('refusals document the Retry-After they may carry whatever concern is on,
   t.notOk(responses['429'], 'no rate limits: no 429 of their own')
   t.match(responses['4XX'].headers, { 'Retry-After': { schema: { type: 'string' } }, 'WWW-Authenticate': { schema: { type: 'string' } }, 'x-request-id': {} })
   t.match(responses['5XX'].headers, { 'Retry-After': { schema: { type: 'string' } }, 'x-request-id': {} })
+  t.notOk('RateLimit-Limit' in responses['4XX'].headers || 'RateLimit-Limit' in responses['5XX'].headers, 'no rate limits: no RateLimit-* on a refusal')
   t.equal((await new Validator().validate(doc)).valid, true)
   // What the document says matches what the server does.
   const busy = await app.inject({ method: 'POST', url: '/api/v1/busy', headers: bearer(), payload: {} })
