@@ -164,7 +164,7 @@ t.test('every demo operation\'s real answers, success and refusal, are the ones 
   }
 })
 
-t.test('the gateway\'s own refusals (429, 502, 503, 504) and a Kernel 204 are declared as they are sent', async t => {
+t.test('the gateway\'s own refusals (429, 502, 503, 504), under an operation\'s limit, and a manifest\'s parameters are declared as they are', async t => {
   const kernel = await startTestKernel(t, {
     'GET /v1/thing': (_req, res) => json(res, 200, { ok: true, at: '2024-01-01T00:00:00.000Z' }),
     'POST /v1/down': (_req, res) => json(res, 500, { message: 'down' }),
@@ -174,6 +174,7 @@ t.test('the gateway\'s own refusals (429, 502, 503, 504) and a Kernel 204 are de
   const output = { type: 'object', required: ['ok'], properties: { ok: { type: 'boolean' }, at: { type: 'string', format: 'date-time' } } }
   const manifest = testManifest({
     limited: { type: 'query', rest: 'GET /limited', kernel: 'GET /v1/thing', input: { type: 'object', properties: { tags: { type: 'array', items: { type: 'string' } } } }, output, rateLimit: { max: 1, windowMs: 60000 }, cache: { ttlSeconds: 30 } },
+    counted: { type: 'query', rest: 'GET /counted/:n', kernel: 'GET /v1/thing', input: { type: 'object', required: ['n', 'ns'], properties: { n: { type: 'integer' }, ns: { type: 'array', items: { type: 'integer' } }, flag: { type: 'boolean' } } }, output },
     // A limit of its own: its refusals past the limit carry RateLimit-* too.
     down: { type: 'mutation', rest: 'POST /down', kernel: 'POST /v1/down', input: { type: 'object' }, output, rateLimit: { max: 100, windowMs: 60000 } },
     wrong: { type: 'mutation', rest: 'POST /wrong', kernel: 'POST /v1/wrong', input: { type: 'object' }, output },
@@ -187,6 +188,17 @@ t.test('the gateway\'s own refusals (429, 502, 503, 504) and a Kernel 204 are de
   t.same(limited, { ok: true, at: '2024-01-01T00:00:00.000Z' })
   t.equal(kernel.requests[0].url, '/v1/limited'.replace('limited', 'thing') + '?tags=a&tags=b', 'an array query parameter as the document\'s default style (form, exploded) writes it')
   await call(app, '/api/v1/limited', 'get', { url: '/api/v1/limited', headers: auth }, 429)
+  // Parameters: each query field one parameter, required as the input says, an array in the
+  // default style of a query parameter (form, exploded: a repeated key), as the gateway reads it.
+  const parameters = (doc.paths['/api/v1/counted/{n}'].get as unknown as { parameters: Array<Record<string, unknown>> }).parameters
+  t.match(parameters.find(p => p.name === 'n'), { in: 'path', required: true, schema: { type: 'integer' } })
+  t.match(parameters.find(p => p.name === 'ns'), { in: 'query', required: true, schema: { type: 'array', items: { type: 'integer' } } })
+  t.match(parameters.find(p => p.name === 'flag'), { in: 'query', required: false, schema: { type: 'boolean' } })
+  for (const p of parameters) t.ok(p.style === undefined && p.explode === undefined, `${String(p.name)}: the default style`)
+  await call(app, '/api/v1/counted/{n}', 'get', { url: '/api/v1/counted/7?ns=1&ns=2&flag=true', headers: auth }, 200)
+  await call(app, '/api/v1/counted/{n}', 'get', { url: '/api/v1/counted/7?ns=1,2', headers: auth }, 400)
+  await call(app, '/api/v1/counted/{n}', 'get', { url: '/api/v1/counted/7', headers: auth }, 400)
+  await call(app, '/api/v1/counted/{n}', 'get', { url: '/api/v1/counted/x?ns=1', headers: auth }, 400)
   await call(app, '/api/v1/slow', 'get', { url: '/api/v1/slow', headers: auth }, 504)
   await call(app, '/api/v1/wrong', 'post', { url: '/api/v1/wrong', headers: auth, payload: {} }, 502)
   await call(app, '/api/v1/down', 'post', { url: '/api/v1/down', headers: auth, payload: {} }, 502)
