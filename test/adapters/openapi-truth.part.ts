@@ -167,6 +167,7 @@ t.test('every demo operation\'s real answers, success and refusal, are the ones 
 t.test('the gateway\'s own refusals (429, 502, 503, 504), under an operation\'s limit, and a manifest\'s parameters are declared as they are', async t => {
   const kernel = await startTestKernel(t, {
     'GET /v1/thing': (_req, res) => json(res, 200, { ok: true, at: '2024-01-01T00:00:00.000Z' }),
+    'DELETE /v1/removed/r1': (_req, res) => json(res, 200, { ok: true }),
     'POST /v1/down': (_req, res) => json(res, 500, { message: 'down' }),
     'POST /v1/wrong': (_req, res) => json(res, 200, { ok: 'yes' }),
     'GET /v1/slow': async (_req, res) => { await new Promise(resolve => setTimeout(resolve, 300)); json(res, 200, { ok: true }) }
@@ -174,6 +175,7 @@ t.test('the gateway\'s own refusals (429, 502, 503, 504), under an operation\'s 
   const output = { type: 'object', required: ['ok'], properties: { ok: { type: 'boolean' }, at: { type: 'string', format: 'date-time' } } }
   const manifest = testManifest({
     limited: { type: 'query', rest: 'GET /limited', kernel: 'GET /v1/thing', input: { type: 'object', properties: { tags: { type: 'array', items: { type: 'string' } } } }, output, rateLimit: { max: 1, windowMs: 60000 }, cache: { ttlSeconds: 30 } },
+    removed: { type: 'mutation', rest: 'DELETE /removed/:id', kernel: 'DELETE /v1/removed/{id}', input: { type: 'object', additionalProperties: false, required: ['id'], properties: { id: { type: 'string' }, force: { type: 'boolean' } } }, output },
     counted: { type: 'query', rest: 'GET /counted/:n', kernel: 'GET /v1/thing', input: { type: 'object', required: ['n', 'ns'], properties: { n: { type: 'integer' }, ns: { type: 'array', items: { type: 'integer' } }, flag: { type: 'boolean' } } }, output },
     // A limit of its own: its refusals past the limit carry RateLimit-* too.
     down: { type: 'mutation', rest: 'POST /down', kernel: 'POST /v1/down', input: { type: 'object' }, output, rateLimit: { max: 100, windowMs: 60000 } },
@@ -199,9 +201,35 @@ t.test('the gateway\'s own refusals (429, 502, 503, 504), under an operation\'s 
   await call(app, '/api/v1/counted/{n}', 'get', { url: '/api/v1/counted/7?ns=1,2', headers: auth }, 400)
   await call(app, '/api/v1/counted/{n}', 'get', { url: '/api/v1/counted/7', headers: auth }, 400)
   await call(app, '/api/v1/counted/{n}', 'get', { url: '/api/v1/counted/x?ns=1', headers: auth }, 400)
+  // A DELETE takes its input from the query string, and a mutation's Idempotency-Key.
+  const removed = doc.paths['/api/v1/removed/{id}'].delete as unknown as { parameters: Array<Record<string, unknown>>, requestBody?: unknown }
+  t.match(removed.parameters.find(p => p.name === 'force'), { in: 'query', required: false, schema: { type: 'boolean' } })
+  t.match(removed.parameters.find(p => p.name === 'idempotency-key'), { in: 'header', required: false })
+  t.notOk(removed.requestBody, 'no body')
+  await call(app, '/api/v1/removed/{id}', 'delete', { url: '/api/v1/removed/r1?force=true', headers: { ...auth, 'idempotency-key': `removed-${process.pid}` } }, 200)
+  t.equal(kernel.requests.at(-1)?.url, '/v1/removed/r1?force=true')
+  await call(app, '/api/v1/removed/{id}', 'delete', { url: '/api/v1/removed/r1?force=yes', headers: auth }, 400)
   await call(app, '/api/v1/slow', 'get', { url: '/api/v1/slow', headers: auth }, 504)
   await call(app, '/api/v1/wrong', 'post', { url: '/api/v1/wrong', headers: auth, payload: {} }, 502)
   await call(app, '/api/v1/down', 'post', { url: '/api/v1/down', headers: auth, payload: {} }, 502)
   await call(app, '/api/v1/down', 'post', { url: '/api/v1/down', headers: auth, payload: {} }, 502)
   await call(app, '/api/v1/down', 'post', { url: '/api/v1/down', headers: auth, payload: {} }, 503)
+})
+
+t.test('with the concerns off, the document declares none of what they add, and the gateway sends none of it', async t => {
+  const app = await buildDemoApp(t, { BFF_CACHE_ENABLED: false, BFF_RATE_LIMIT_ENABLED: false, BFF_IDEMPOTENCY_ENABLED: false, BFF_AUTH_ENABLED: false })
+  const doc = (await app.inject({ url: '/openapi.json' })).json() as Doc
+  t.equal((await new Validator().validate(doc as unknown as Schema)).valid, true, 'a valid OpenAPI 3.1 document')
+  for (const [path, methods] of Object.entries(doc.paths)) {
+    for (const [method, op] of Object.entries(methods) as Array<[string, DocOperation & { parameters?: Array<{ in: string }>, security?: unknown }]>) {
+      t.same(Object.keys(op.responses).sort(), ['2XX', '4XX', '5XX'], `${method} ${path}: no 304, no 429`)
+      t.notOk(op.security, 'no security requirement')
+      t.notOk(op.parameters?.some(p => p.in === 'header'), 'no header parameter (If-None-Match, Idempotency-Key)')
+      for (const [status, response] of Object.entries(op.responses)) t.same(Object.keys(response.headers ?? {}).sort(), status === '2XX' ? ['x-request-id'] : ['Retry-After', 'x-request-id'], `${method} ${path} ${status}: x-request-id (and Retry-After) only`)
+    }
+  }
+  const { call } = checker(t, doc)
+  await call(app, '/api/v1/agents', 'get', { url: '/api/v1/agents' }, 200)
+  await call(app, '/api/v1/agents/{id}', 'get', { url: '/api/v1/agents/nope' }, 404)
+  await call(app, '/api/v1/agents', 'post', { url: '/api/v1/agents', headers: { 'idempotency-key': 'ignored' }, payload: { name: 'Off' } }, 201)
 })
