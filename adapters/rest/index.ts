@@ -315,8 +315,18 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   }
   // Documentation only: the headers validator is a pass-through (the stages check what they read).
   const requestHeaders: Record<string, JsonSchema> = {}
-  if (concerns.idempotency && op.type === 'mutation') {
-    requestHeaders['idempotency-key'] = { type: 'string', minLength: 1, maxLength: 255, pattern: '^[\\x21-\\x7e]+$', description: `Runs the mutation once per tenant and key for ${concerns.idempotencyFor}; a repeat gets the stored answer with Idempotent-Replayed: true` }
+  // Read with the store off too: checked (400 when malformed), passed on to the Kernel, and a
+  // keyed mutation is retried. The document left it out then, and a generated client could not send it.
+  if (op.type === 'mutation') {
+    requestHeaders['idempotency-key'] = {
+      type: 'string',
+      minLength: 1,
+      maxLength: 255,
+      pattern: '^[\\x21-\\x7e]+$',
+      description: concerns.idempotency
+        ? `Runs the mutation once per tenant and key for ${concerns.idempotencyFor}; a repeat gets the stored answer with Idempotent-Replayed: true`
+        : 'Passed on to the Kernel as its Idempotency-Key (which may answer a repeat from its own record); the call may then be retried after a Kernel failure. The gateway stores no answer (BFF_IDEMPOTENCY_ENABLED=false)'
+    }
   }
   if (mayCache(op, concerns) && takesIfNoneMatch(op)) {
     requestHeaders['if-none-match'] = { type: 'string', description: 'An ETag of an earlier answer: 304 with no body while it still matches (when the operation is cached)' }

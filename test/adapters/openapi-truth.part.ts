@@ -224,12 +224,32 @@ t.test('with the concerns off, the document declares none of what they add, and 
     for (const [method, op] of Object.entries(methods) as Array<[string, DocOperation & { parameters?: Array<{ in: string }>, security?: unknown }]>) {
       t.same(Object.keys(op.responses).sort(), ['2XX', '4XX', '5XX'], `${method} ${path}: no 304, no 429`)
       t.notOk(op.security, 'no security requirement')
-      t.notOk(op.parameters?.some(p => p.in === 'header'), 'no header parameter (If-None-Match, Idempotency-Key)')
+      // A mutation's Idempotency-Key is still read: checked, and passed on to the Kernel.
+      t.same(op.parameters?.filter(p => p.in === 'header').map(p => (p as { name?: string }).name) ?? [], method === 'get' ? [] : ['idempotency-key'], 'no If-None-Match; Idempotency-Key on a mutation only')
       for (const [status, response] of Object.entries(op.responses)) t.same(Object.keys(response.headers ?? {}).sort(), status === '2XX' ? ['x-request-id'] : ['Retry-After', 'x-request-id'], `${method} ${path} ${status}: x-request-id (and Retry-After) only`)
     }
   }
   const { call } = checker(t, doc)
   await call(app, '/api/v1/agents', 'get', { url: '/api/v1/agents' }, 200)
   await call(app, '/api/v1/agents/{id}', 'get', { url: '/api/v1/agents/nope' }, 404)
-  await call(app, '/api/v1/agents', 'post', { url: '/api/v1/agents', headers: { 'idempotency-key': 'ignored' }, payload: { name: 'Off' } }, 201)
+  await call(app, '/api/v1/agents', 'post', { url: '/api/v1/agents', headers: { 'idempotency-key': 'passed-on' }, payload: { name: 'Off' } }, 201)
+  await call(app, '/api/v1/agents', 'post', { url: '/api/v1/agents', headers: { 'idempotency-key': 'a b' }, payload: { name: 'Off' } }, 400)
+})
+
+t.test('with idempotency off, a mutation still documents the Idempotency-Key it checks and passes on to the Kernel', async t => {
+  // The document left the header out with the gateway's store off, while the gateway still
+  // refuses a malformed key 400, sends a good one to the Kernel (which may answer a repeat from
+  // its own record) and retries a keyed mutation: a generated client could not send it.
+  const kernel = await startTestKernel(t, { 'POST /v1/things': (_req, res) => json(res, 201, { ok: true }) })
+  const manifest = testManifest({ addThing: { type: 'mutation', rest: 'POST /things', kernel: 'POST /v1/things', input: { type: 'object' }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } }, { url: kernel.url })
+  const app = await buildTestApp(t, { BFF_IDEMPOTENCY_ENABLED: false }, { manifest, kernelUrl: kernel.url })
+  const doc = (await app.inject({ url: '/openapi.json' })).json()
+  const op = doc.paths['/api/v1/things'].post
+  t.match(op.parameters?.find((p: { name: string }) => p.name === 'idempotency-key'), { in: 'header', required: false, schema: { type: 'string', minLength: 1, maxLength: 255 }, description: /Kernel/ })
+  t.notOk('Idempotent-Replayed' in op.responses['2XX'].headers, 'no replay of the gateway\'s own')
+  const { call } = checker(t, doc as Doc)
+  await call(app, '/api/v1/things', 'post', { url: '/api/v1/things', headers: { ...bearer(), 'idempotency-key': 'thing-1' }, payload: {} }, 201)
+  t.equal(kernel.requests[0].headers['idempotency-key'], 'thing-1', 'passed on')
+  await call(app, '/api/v1/things', 'post', { url: '/api/v1/things', headers: { ...bearer(), 'idempotency-key': 'a b' }, payload: {} }, 400)
+  t.equal(kernel.requests.length, 1, 'a malformed key is refused, as its documented pattern says')
 })
