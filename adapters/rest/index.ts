@@ -28,13 +28,18 @@ export interface RestAdapterOptions {
   secured: boolean
 }
 
-/** Which concerns add headers to an answer: the OpenAPI document says which, per operation. */
+/**
+ * Which concerns add headers to an answer, or refusals of their own: the OpenAPI document says
+ * which, per operation.
+ */
 interface HeaderConcerns {
   cache: boolean
   idempotency: boolean
   /** How long a stored outcome answers repeats, in words (BFF_IDEMPOTENCY_TTL_SECONDS: it said 24 h whatever it was). */
   idempotencyFor: string
   rateLimit: boolean
+  firewall: boolean
+  shedding: boolean
 }
 
 type HeaderDoc = Record<string, { type: 'string', description: string }>
@@ -103,8 +108,30 @@ function failureHeaders (on: HeaderConcerns): HeaderDoc {
   return on.rateLimit ? { ...RETRY_AFTER, ...RATE_LIMIT_HEADERS } : RETRY_AFTER
 }
 
-function problemResponse (headers: HeaderDoc): Record<string, unknown> {
-  return { headers, ...problem }
+function problemResponse (description: string, headers: HeaderDoc): Record<string, unknown> {
+  return { description, headers, ...problem }
+}
+
+/**
+ * The codes a 4XX of `op` may carry, for its description (it read "Default Response"): only those
+ * that can happen to it, with the concerns that are on. The firewall's on any operation while the
+ * firewall is on, as a reload may give an operation a `firewall`.
+ */
+function refusalDescription (op: Operation, secured: boolean, on: HeaderConcerns): string {
+  const codes = ['VALIDATION_FAILED 400 (the input, or a malformed Idempotency-Key)']
+  if (secured) codes.push('UNAUTHENTICATED 401', 'FORBIDDEN 403 (the token\'s roles or zone)')
+  if (on.firewall) codes.push('FIREWALL_BLOCKED 403')
+  codes.push('NOT_FOUND 404')
+  if (on.idempotency && op.type === 'mutation') codes.push('IDEMPOTENCY_CONFLICT 409', 'IDEMPOTENCY_KEY_REUSED 422')
+  if (op.inputInBody) codes.push('PAYLOAD_TOO_LARGE 413', 'UNSUPPORTED_MEDIA_TYPE 415')
+  if (op.pathParams.length > 0) codes.push('BAD_REQUEST 414 (a path parameter over 256 characters)')
+  codes.push('KERNEL_REJECTED (any other 4xx of the Kernel, with its status)')
+  return `A refusal (its code is stable): ${codes.join(', ')}`
+}
+
+/** The codes a 5XX may carry, for its description. */
+function failureDescription (on: HeaderConcerns): string {
+  return `A failure (its code is stable): INTERNAL 500, KERNEL_ERROR 502, KERNEL_UNAVAILABLE 503${on.shedding ? ', OVERLOADED 503' : ''}, KERNEL_TIMEOUT 504`
 }
 
 /** A 429's own entry: its Retry-After and RateLimit-*. */
@@ -194,7 +221,7 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
   }
 
   // Registered before this adapter when on (app.ts): their decorators say which headers exist.
-  const concerns: HeaderConcerns = { cache: app.hasDecorator('responseCache'), idempotency: app.hasDecorator('idempotency'), idempotencyFor: app.hasDecorator('idempotency') ? duration(app.idempotency.ttlSeconds) : '', rateLimit: app.hasDecorator('rateLimiter') }
+  const concerns: HeaderConcerns = { cache: app.hasDecorator('responseCache'), idempotency: app.hasDecorator('idempotency'), idempotencyFor: app.hasDecorator('idempotency') ? duration(app.idempotency.ttlSeconds) : '', rateLimit: app.hasDecorator('rateLimiter'), firewall: app.hasPlugin('mantle-firewall'), shedding: app.hasPlugin('mantle-pressure') }
   for (const op of app.pipeline.manifest.operations) {
     app.route({
       method: op.method,
@@ -311,7 +338,7 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
     operationId: op.name,
     tags: [op.type === 'query' ? 'queries' : 'mutations'],
     // `headers` is read by @fastify/swagger only; answers are encoded by the op's own serializer.
-    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, ...(concerns.rateLimit ? { 429: tooManyRequests } : {}), '4xx': problemResponse(refusalHeaders(op, secured, concerns)), '5xx': problemResponse(failureHeaders(concerns)) }
+    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, ...(concerns.rateLimit ? { 429: tooManyRequests } : {}), '4xx': problemResponse(refusalDescription(op, secured, concerns), refusalHeaders(op, secured, concerns)), '5xx': problemResponse(failureDescription(concerns), failureHeaders(concerns)) }
   }
   // Documentation only: the headers validator is a pass-through (the stages check what they read).
   const requestHeaders: Record<string, JsonSchema> = {}

@@ -80,6 +80,8 @@ function checker (t: Test, doc: Doc) {
       const body = res.json()
       const validate = ajv.compile(resolved(schema, doc) as Schema)
       t.ok(validate(body), `${label}: the body matches ${op.operationId}'s ${key} ${media} schema ${JSON.stringify(validate.errors ?? [])}`)
+      // A refusal's code is one its entry names (the description read "Default Response").
+      if (media === 'application/problem+json') t.ok(entry.description?.includes(String(body.code)), `${label}: ${op.operationId}'s ${key} names ${String(body.code)}`)
       return body as Record<string, unknown>
     }
   }
@@ -229,7 +231,16 @@ t.test('with the concerns off, the document declares none of what they add, and 
       for (const [status, response] of Object.entries(op.responses)) t.same(Object.keys(response.headers ?? {}).sort(), status === '2XX' ? ['x-request-id'] : ['Retry-After', 'x-request-id'], `${method} ${path} ${status}: x-request-id (and Retry-After) only`)
     }
   }
+  for (const methods of Object.values(doc.paths)) {
+    for (const op of Object.values(methods)) {
+      t.notMatch(op.responses['4XX'].description, /UNAUTHENTICATED|FORBIDDEN 403|IDEMPOTENCY_/, `${op.operationId}: no identity, no idempotency: none of their refusals`)
+      t.match(op.responses['5XX'].description, /KERNEL_TIMEOUT 504/)
+    }
+  }
+  t.notMatch(doc.paths['/api/v1/agents'].get.responses['4XX'].description, /413|415|414/, 'a query string, no path parameter: no body\'s refusal, no 414')
+  t.match(doc.paths['/api/v1/agents/{id}/runs'].post.responses['4XX'].description, /PAYLOAD_TOO_LARGE 413.*UNSUPPORTED_MEDIA_TYPE 415.*BAD_REQUEST 414/)
   const { call } = checker(t, doc)
+  await call(app, '/api/v1/kernel/headers', 'get', { url: '/api/v1/kernel/headers' }, 200)
   await call(app, '/api/v1/agents', 'get', { url: '/api/v1/agents' }, 200)
   await call(app, '/api/v1/agents/{id}', 'get', { url: '/api/v1/agents/nope' }, 404)
   await call(app, '/api/v1/agents', 'post', { url: '/api/v1/agents', headers: { 'idempotency-key': 'passed-on' }, payload: { name: 'Off' } }, 201)
