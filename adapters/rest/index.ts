@@ -99,10 +99,10 @@ function refusalHeaders (op: Operation, secured: boolean, on: HeaderConcerns): H
 }
 
 /**
- * What a 5XX may carry: Retry-After, and RateLimit-* (rate limits on). A call refused past the
- * HTTP guard or an operation's limit (a Kernel failure, a validation refusal, a 401 of the guard's
- * tenant) carries the window's RateLimit-* as its 2XX would: the document declared them on the
- * 2XX and the 429 only.
+ * What a 5XX may carry: Retry-After, and RateLimit-* (rate limits on). A call that fails or is
+ * refused past the HTTP guard or an operation's limit (a Kernel failure here, a 400, 401, 403,
+ * 404 ... in refusalHeaders) carries the window's RateLimit-* as its 2XX would: the document
+ * declared them on the 2XX and the 429 only.
  */
 function failureHeaders (on: HeaderConcerns): HeaderDoc {
   return on.rateLimit ? { ...RETRY_AFTER, ...RATE_LIMIT_HEADERS } : RETRY_AFTER
@@ -118,7 +118,7 @@ function problemResponse (description: string, headers: HeaderDoc): Record<strin
  * firewall is on, as a reload may give an operation a `firewall`.
  */
 function refusalDescription (op: Operation, secured: boolean, on: HeaderConcerns): string {
-  const codes = ['VALIDATION_FAILED 400 (the input, or a malformed Idempotency-Key)']
+  const codes = [op.type === 'mutation' ? 'VALIDATION_FAILED 400 (the input, or a malformed Idempotency-Key)' : 'VALIDATION_FAILED 400 (the input)']
   if (secured) codes.push('UNAUTHENTICATED 401', 'FORBIDDEN 403 (the token\'s roles or zone)')
   if (on.firewall) codes.push('FIREWALL_BLOCKED 403')
   codes.push('NOT_FOUND 404')
