@@ -1,6 +1,6 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply, type RouteOptions } from 'fastify'
 import { markClientRequestId, uuidv7 } from './ids.js'
-import { closeAfterAnswer, lingering, lingeringClose } from './lingering.js'
+import { closeAfterAnswer, framesBody, lingering, lingeringClose } from './lingering.js'
 import { STATUS_CODES, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync } from 'node:fs'
 import { randomUUID } from 'node:crypto'
@@ -326,16 +326,6 @@ function refuseEarly (request: FastifyRequest, reply: FastifyReply, done: (err: 
 }
 
 /**
- * Whether a request announces a body not yet all read: Node emits a request before its parser
- * has seen even a bodyless one end (`complete` is false for a GET here), so the head decides.
- */
-function framesBody (req: IncomingMessage): boolean {
-  if (req.complete) return false
-  const length = req.headers['content-length']
-  return req.headers['transfer-encoding'] !== undefined || (length !== undefined && Number(length) !== 0)
-}
-
-/**
  * Node's mark of a request it handed to the 'upgrade' listeners (`Connection: upgrade` and an
  * `Upgrade` header, with a listener: @fastify/websocket's); false for one it serves as plain
  * HTTP, an `Upgrade` header without `Connection: upgrade` included. Not in @types/node.
@@ -538,13 +528,15 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // A path that is served, but not with this method, is a 405 naming those it is served with
   // (RFC 9110 §15.5.6), not a 404: `PUT /api/v1/agents` said there was no such resource. Asked
   // of the router here only, on a request no route matched.
-  app.setNotFoundHandler((request, reply) => {
+  const notFound = (request: FastifyRequest): MantleError => {
     const path = request.url.split('?')[0]
     const allow = routeMethods.allowed(app, path)
-    const err = allow === null
+    return allow === null
       ? new MantleError('NOT_FOUND', `No route ${request.method} ${path}`)
       : new MantleError('BAD_REQUEST', `${request.method} is not served at ${path}: ${allow}`, { status: 405, headers: { allow } })
-    errorHandler(err, request, reply)
+  }
+  app.setNotFoundHandler((request, reply) => {
+    errorHandler(notFound(request), request, reply)
   })
   // Node hands a CONNECT request to 'connect' listeners, and without one drops the connection
   // unanswered (found by `npm run fuzz`): the gateway is no proxy, so it answers 405.
@@ -664,6 +656,13 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     const coded = codingRefusal(request.headers)
     if (coded !== null) {
       refuseEarly(request, reply, done, coded)
+      return true
+    }
+    // A path no route serves, or not with this method, is answered before its body is read:
+    // Fastify read and parsed it first (any caller's 1 MB of JSON cost some 30 ms of CPU, and a
+    // malformed one was a 400 rather than the 404 or 405).
+    if (request.is404 && framesBody(request.raw)) {
+      refuseEarly(request, reply, done, notFound(request))
       return true
     }
     // An upgrade of a route that serves no WebSocket (a probe, a REST route, a tRPC procedure,

@@ -1,5 +1,6 @@
 // The gateway's lingering close of a connection, shared by app.ts and the refusals of an
 // upgrade made before @fastify/websocket's own hook runs (the root hooks, load shedding).
+import type { IncomingMessage } from 'node:http'
 import type { Duplex } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 
@@ -33,4 +34,16 @@ export function closeAfterAnswer (request: FastifyRequest, reply: FastifyReply):
   const socket = request.raw.socket
   reply.header('connection', 'close')
   reply.raw.once('finish', () => { lingeringClose(socket) })
+}
+
+/**
+ * Whether a request announces a body not yet all read: Node emits a request before its parser
+ * has seen even a bodyless one end (`complete` is false for a GET here), so the head decides.
+ * A request refused so ends its connection after the answer: Node would otherwise read the
+ * refused body to its end, however long, to reach the next request.
+ */
+export function framesBody (req: IncomingMessage): boolean {
+  if (req.complete) return false
+  const length = req.headers['content-length']
+  return req.headers['transfer-encoding'] !== undefined || (length !== undefined && Number(length) !== 0)
 }

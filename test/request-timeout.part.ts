@@ -34,7 +34,8 @@ function stalled (t: { teardown: (fn: () => unknown) => void }, port: number, he
   return { socket, answer: () => answer, closed, stop }
 }
 
-const STALLED_BODY = 'POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"na'
+// With a valid token: without one it is refused 401 before its body is awaited.
+const STALLED_BODY = `POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nAuthorization: ${bearer().authorization}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"na`
 const STALLED_HEAD = 'GET /healthz HTTP/1.1\r\nHost: x\r\n'
 
 function problemOf (answer: string): Record<string, unknown> {
@@ -143,7 +144,11 @@ t.test('at shutdown, requests still arriving are answered 503 once no call is in
   const kernel = await startTestKernel(t, {
     'GET /v1/slow': (_req, res) => { setTimeout(() => json(res, 200, { ok: true }), 600) }
   })
-  const manifest = testManifest({ slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } } })
+  // POST /agents served (STALLED_BODY's route): a request to no route is answered 404 before its body arrives.
+  const manifest = testManifest({
+    slow: { type: 'query', rest: 'GET /slow', kernel: 'GET /v1/slow', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } },
+    make: { type: 'mutation', rest: 'POST /agents', kernel: 'POST /v1/agents', input: { type: 'object', properties: {} }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
+  })
   // The default timeout (30 s): a request still arriving at shutdown would hold the close that long.
   // No flush by the audit's interval within the test: only the close's.
   const app = await buildTestApp(t, { BFF_CACHE_ENABLED: false }, { manifest, kernelUrl: kernel.url, audit: { flushIntervalMs: 600_000 } })
