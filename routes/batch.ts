@@ -37,6 +37,8 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
   // With the audit on: once the batch is whole, each call's refusal is its own (the audit stage).
   const reached = app.hasDecorator('audit') ? app.audit.reached : null
   app.post('/batch', {
+    // Every call needs a token: none, or a refused one, is a 401 before the body is read.
+    config: { identity: 'required' },
     schema: {
       hide: true,
       body: {

@@ -47,7 +47,8 @@ async function listening (t: Parameters<typeof buildTestApp>[0], overrides: Para
 
 t.test('a body refused unread (413): the answer is read and the upload ends without a reset', async t => {
   const { port } = await listening(t, { BFF_BODY_LIMIT: 1024 })
-  const res = await exchange(port, `POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${BODY}\r\n\r\n`, BODY)
+  // With a valid token: without one the 401 comes first, before the body is read too.
+  const res = await exchange(port, `POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nAuthorization: ${bearer().authorization}\r\nContent-Type: application/json\r\nContent-Length: ${BODY}\r\n\r\n`, BODY)
   t.match(res.answer, /^HTTP\/1\.1 413 /)
   t.match(res.answer, /connection: close/i)
   t.equal(res.error, null, 'no reset while the body was still sent')
@@ -108,7 +109,7 @@ t.test('a request pipelined after a refused body is not served: it never reaches
     socket.on('error', () => {})
     socket.on('close', () => resolve(data))
     socket.on('connect', () => {
-      socket.write(`POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${size}\r\n\r\n`)
+      socket.write(`POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nAuthorization: ${bearer().authorization}\r\nContent-Type: application/json\r\nContent-Length: ${size}\r\n\r\n`)
       socket.write(Buffer.alloc(size, 'x'))
       socket.write(get)
       socket.end()

@@ -313,6 +313,9 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   await app.register(mercurius, {
     schema,
     path: '/graphql',
+    // A token sent is checked before the body is read (a refused one is a 401); none may be
+    // sent, for a document that calls no operation (`__typename`).
+    additionalRouteOptions: { config: { identity: 'presented' } },
     jit: 1,
     cache: DOCUMENT_CACHE,
     graphiql: opts.development,

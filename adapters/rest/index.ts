@@ -227,7 +227,7 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
       method: op.method,
       url: op.path,
       schema: routeSchema(op, opts.secured, concerns),
-      config: { inputInPath: op.pathParams.length > 0, op: op.name },
+      config: { inputInPath: op.pathParams.length > 0, op: op.name, identity: 'required' },
       validatorCompiler,
       handler: handlerFor(app, op)
     })

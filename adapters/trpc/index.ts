@@ -363,6 +363,8 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       exposeHeadRoute: false,
       bodyLimit: opts.bodyLimit,
       schema: { hide: true },
+      // Every procedure needs a token: none, or a refused one, is a 401 before a body is read.
+      config: { identity: 'required' },
       onRequest: boundBatch,
       handler: async (request, reply) => {
         const path = (request.params as Wildcard)['*'] ?? ''

@@ -127,6 +127,11 @@ export interface IdentityVerifier {
   readonly cached: () => number
   /** Whether it holds any key (a secret, configured or fetched public keys): without, every token is refused. */
   readonly hasKeys: () => boolean
+  /**
+   * For a refusal of a kid not fetched (yet), the JWKS fetch under way, which may bring it (the
+   * token is then worth checking again once it ends); null for any other refusal, or none under way.
+   */
+  readonly keysFor: (refusal: unknown) => Promise<void> | null
 }
 
 type Verify = (token: string) => Record<string, unknown>
@@ -191,6 +196,8 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
   // An unknown kid is never kept either (pick): no signature check to save, and a refetch to ask for.
   const refusals = new WeakMap<object, { token: string, keys: number, error: MantleError }>()
   const passing = new WeakSet<MantleError>()
+  // The refusals of a kid not held: a JWKS fetch under way may bring it (keysFor).
+  const unknownKids = new WeakSet<MantleError>()
   // Bumped each time the fetched keys change.
   let keysVersion = 0
   const configured = toVerifiers(options.publicKeys ?? new Map())
@@ -249,6 +256,7 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
       // its life) refused a kid refused while a refetch had to wait, never asking again.
       const refusal = refuse(`unknown key id (kid) ${JSON.stringify(kid.slice(0, 64))}`)
       passing.add(refusal)
+      unknownKids.add(refusal)
       throw refusal
     }
     if (key.alg !== alg) throw refuse(`the algorithm ${alg} does not match the key ${JSON.stringify(kid)} (${key.alg})`)
@@ -301,7 +309,8 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
     start: async (): Promise<void> => { await jwks?.start() },
     close: (): void => { jwks?.close() },
     cached: (): number => verified.size,
-    hasKeys: (): boolean => hs !== undefined || configured.size > 0 || fetched.size > 0
+    hasKeys: (): boolean => hs !== undefined || configured.size > 0 || fetched.size > 0,
+    keysFor: (refusal: unknown): Promise<void> | null => refusal instanceof MantleError && unknownKids.has(refusal) ? jwks?.inFlight ?? null : null
   })
 }
 

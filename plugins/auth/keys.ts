@@ -141,6 +141,11 @@ export class JwksFetcher {
     this.fetch().catch(() => {})
   }
 
+  /** The fetch under way, if any: a kid it may bring is worth waiting for (tokenFirst). */
+  get inFlight (): Promise<void> | null {
+    return this.#inFlight
+  }
+
   fetch (): Promise<void> {
     if (this.#inFlight !== null) return this.#inFlight
     this.#lastFetch = (this.#options.now ?? Date.now)()

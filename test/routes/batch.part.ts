@@ -70,11 +70,13 @@ t.test('identical query calls in one batch reach the Kernel once; mutations alwa
   t.equal(kernel.requests.filter(r => r.method === 'GET').length, 2)
 })
 
-t.test('a call without a valid token is refused on its own; a bad envelope is a 400 or 413', async t => {
+t.test('a batch without a valid token is a 401 before its body is read; a bad envelope is a 400 or 413', async t => {
   const app = await buildDemoApp(t, { BFF_BATCH_MAX_CALLS: 3 })
+  // Every call of a batch needs a token: without one the batch is refused whole, its body unread
+  // (it was read, parsed and answered 200 with each call's UNAUTHENTICATED).
   const anonymous = await app.inject({ method: 'POST', url: '/api/v1/batch', payload: { calls: [{ id: 'a', op: 'getAgent', input: { id: 'a1' } }] } })
-  t.equal(anonymous.statusCode, 200)
-  t.match(anonymous.json(), { results: [{ id: 'a', error: { code: 'UNAUTHENTICATED', status: 401 } }] })
+  t.equal(anonymous.statusCode, 401)
+  t.match(anonymous.json(), { code: 'UNAUTHENTICATED', status: 401, detail: 'A bearer token is required' })
   const tooMany = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls: [1, 2, 3, 4].map(n => ({ id: String(n), op: 'listAgents' })) } })
   t.equal(tooMany.statusCode, 413)
   t.match(tooMany.json(), { code: 'PAYLOAD_TOO_LARGE', detail: 'A batch carries at most 3 calls' })

@@ -133,7 +133,9 @@ t.test('mutations run in order, each its own call; GET runs queries only', async
   t.equal(still.body.data.getAgent.id, 'a3', 'the GET mutation did not run')
 })
 
-t.test('identity: missing, forged, expired and wrong-scheme tokens fail every field with UNAUTHENTICATED', async t => {
+// A token sent and refused is a 401 for the whole request, before its body is read; without a
+// token the document is read (one of `__typename` alone needs none), and each field is refused.
+t.test('identity: a missing token fails every field with UNAUTHENTICATED; a forged, expired or wrong-scheme one the request', async t => {
   const { gql } = await demo(t)
   const now = Math.floor(Date.now() / 1000)
   const expired = createSigner({ key: SECRET, algorithm: 'HS256', noTimestamp: true })({ sub: 'u', tid: 't', exp: now - 60 })
@@ -146,6 +148,13 @@ t.test('identity: missing, forged, expired and wrong-scheme tokens fail every fi
   ]
   for (const [what, headers, message] of cases) {
     const res = await gql({ query: '{ listAgents { id } getAgent(id: "a1") { id } }' }, headers)
+    if (what !== 'none') {
+      t.equal(res.status, 401, what)
+      t.equal(res.body.data, undefined, `${what}: no field ran`)
+      t.equal(res.body.errors.length, 1)
+      t.match(res.body.errors[0], { message, extensions: { code: 'UNAUTHENTICATED', status: 401 } }, what)
+      continue
+    }
     t.equal(res.status, 200, what)
     t.same(res.body.data, { listAgents: null, getAgent: null })
     t.equal(res.body.errors.length, 2)

@@ -48,17 +48,25 @@ t.test('a 401 carries its challenge: WWW-Authenticate, with RFC 6750\'s error wh
     }
   }
   t.equal((await app.inject({ url: '/api/v1/agents/a1', headers: bearer() })).headers['www-authenticate'], undefined, 'none on an answer')
-  // A GraphQL document whose calls ran is a 200 whatever its fields' codes: the 401 is the
-  // field's (extensions.status), and a challenge belongs on a 401 only (RFC 9110 §11.6.1).
+  // A GraphQL document without a token whose calls ran is a 200 whatever its fields' codes: the
+  // 401 is the field's (extensions.status), and a challenge belongs on a 401 only (RFC 9110
+  // §11.6.1). A token sent and refused is a 401 before the body is read, as a REST batch
+  // without a valid token is (every call of a batch needs one), each with its challenge.
   for (const authorization of [undefined, forged]) {
     const res = await app.inject({ method: 'POST', url: '/graphql', headers: authorization === undefined ? {} : { authorization }, payload: { query: '{ getAgent(id: "a1") { id } }' } })
-    t.equal(res.statusCode, 200)
-    t.match(res.json(), { data: { getAgent: null }, errors: [{ extensions: { code: 'UNAUTHENTICATED', status: 401 } }] })
-    t.equal(res.headers['www-authenticate'], undefined, `GraphQL ${authorization === undefined ? '(none)' : 'forged'}: no challenge on a 200`)
+    if (authorization === undefined) {
+      t.equal(res.statusCode, 200)
+      t.match(res.json(), { data: { getAgent: null }, errors: [{ extensions: { code: 'UNAUTHENTICATED', status: 401 } }] })
+      t.equal(res.headers['www-authenticate'], undefined, 'GraphQL (none): no challenge on a 200')
+    } else {
+      t.equal(res.statusCode, 401)
+      t.match(res.json(), { errors: [{ extensions: { code: 'UNAUTHENTICATED', status: 401 } }] })
+      t.equal(res.headers['www-authenticate'], 'Bearer error="invalid_token"', 'GraphQL forged: refused before the body, with the challenge')
+    }
     const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: authorization === undefined ? {} : { authorization }, payload: { calls: [{ id: 'a', op: 'getAgent', input: { id: 'a1' } }] } })
-    t.equal(batch.statusCode, 200)
-    t.match(batch.json(), { results: [{ id: 'a', error: { code: 'UNAUTHENTICATED', status: 401 } }] })
-    t.equal(batch.headers['www-authenticate'], undefined, `REST batch ${authorization === undefined ? '(none)' : 'forged'}: no challenge on a 200`)
+    t.equal(batch.statusCode, 401)
+    t.match(batch.json(), { code: 'UNAUTHENTICATED', status: 401 })
+    t.equal(batch.headers['www-authenticate'], authorization === undefined ? 'Bearer' : 'Bearer error="invalid_token"', `REST batch ${authorization === undefined ? '(none)' : 'forged'}: refused before the body, with the challenge`)
     // A tRPC batch of a refused call and another error is a 207: no challenge either; all refused, a 401 with it.
     const headers = authorization === undefined ? {} : { authorization }
     const mixed = await app.inject({ url: '/trpc/getAgent,nosuch?batch=1&input=%7B%220%22%3A%7B%22id%22%3A%22a1%22%7D%7D', headers })
