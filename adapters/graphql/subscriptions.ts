@@ -85,6 +85,17 @@ function refusedStream (error: GraphQLError): AsyncIterableIterator<never> {
   }
 }
 
+/**
+ * The close of a connection whose identity ended (its first accepted token expired, or the JWKS
+ * withdrew the key of one of its tokens): graphql-transport-ws' 4403 Forbidden, the server's
+ * refusal of a connection's credentials, which graphql-ws' client retries, asking its
+ * connectionParams again (a fresh token), and then subscribes its sinks again. It was 4401, which
+ * that client takes for fatal: at each token's expiry every subscription failed with the close,
+ * and the client never reconnected. A connection that never had a valid identity still closes
+ * with 4401: the same credentials again would be refused again.
+ */
+const CLOSE_IDENTITY_ENDED = 4403
+
 /** One graphql-ws connection: its credentials, its operations as mercurius holds them, its expiry. */
 export class GraphqlConnection {
   /**
@@ -147,7 +158,7 @@ export class GraphqlConnection {
    * Verifies a subscription's token (cached by the identity plugin). mercurius lets each
    * `subscribe` message carry its own credentials: they must name the connection's tenant and
    * user (those of its own credentials, `own`: connection_init's, else the upgrade's; with none,
-   * those of its first subscription), as /ws's `auth` frame must, and the connection ends (4401)
+   * those of its first subscription), as /ws's `auth` frame must, and the connection ends (4403)
    * when the first of the tokens it accepted expires.
    */
   identify (app: FastifyInstance, authorization: string | undefined, own: string | undefined): Identity {
@@ -184,16 +195,16 @@ export class GraphqlConnection {
     }
     const lease = identity.lease
     if (lease !== undefined && !this.closed && !this.leases.has(lease)) {
-      this.leases.set(lease, lease.onWithdrawn(() => this.close(4401, 'Unauthorized: the token\'s signing key was withdrawn')))
+      this.leases.set(lease, lease.onWithdrawn(() => this.close(CLOSE_IDENTITY_ENDED, 'Forbidden: the token\'s signing key was withdrawn')))
     }
     return identity
   }
 
-  /** Times the earliest expiry (4401), in place of the timer pending (the wait, or a later expiry). */
+  /** Times the earliest expiry (4403), in place of the timer pending (the wait, or a later expiry). */
   private armExpiry (): void {
     if (this.closed) return
     this.cancelTimer?.()
-    this.cancelTimer = atExpiry(this.expiresAt, () => this.close(4401, 'Unauthorized: the token has expired'))
+    this.cancelTimer = atExpiry(this.expiresAt, () => this.close(CLOSE_IDENTITY_ENDED, 'Forbidden: the token has expired'))
   }
 
   /**

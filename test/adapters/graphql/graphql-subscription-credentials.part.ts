@@ -5,7 +5,7 @@ import { buildDemoApp, token, SECRET, until } from '../../helper.js'
 
 // mercurius lets a `subscribe` message carry its own credentials (`extensions: [{ type:
 // 'connectionInit', payload }]`). Such a token must name the connection's tenant and user, as
-// /ws's `auth` frame must, and the connection ends (4401) when the first token it accepted
+// /ws's `auth` frame must, and the connection ends (4403) when the first token it accepted
 // expires: a subscription never outlives the token that authorized it.
 
 const RUN = { id: 'r1', agentId: 'a1', status: 'running', temperature: 0.5, promptChars: 12, output: null, error: null, createdAt: '2026-01-01T00:00:00Z', updatedAt: '2026-01-01T00:00:01Z', startedAt: '2026-01-01T00:00:01Z', finishedAt: null }
@@ -61,7 +61,7 @@ t.test('a subscription\'s own token for another tenant is refused; the connectio
   t.notOk(client.frames.some(f => f.type === 'next' && f.id !== '1'), 'nothing on the refused ids')
 })
 
-t.test('the connection ends with 4401 when the shortest-lived token it accepted expires', async t => {
+t.test('the connection ends with 4403 when the shortest-lived token it accepted expires', async t => {
   const { app, client } = await subscribedAsA(t)
   await until(() => app.events.bus.subscriptions === 1, 'subscription 1 (long token)')
   // The same caller, a token past its exp by 3 s: within the 5 s tolerance for 1 to 2 s more.
@@ -69,7 +69,7 @@ t.test('the connection ends with 4401 when the shortest-lived token it accepted 
   client.ws.send(subscribeWith('2', `Bearer ${short}`))
   await until(() => app.events.bus.subscriptions === 2, 'subscription 2 (short token)')
   await until(() => client.closed() !== null, 'the close at the short token\'s expiry', 8000)
-  t.equal(client.closed(), 4401, 'closed with 4401')
+  t.equal(client.closed(), 4403, 'closed with 4403')
   await until(() => app.events.bus.subscriptions === 0, 'both streams ended')
 })
 

@@ -393,7 +393,7 @@ t.test('a complete right behind its subscribe ends the subscription', async t =>
   await until(() => app.events.bus.subscriptions === 2, 'x subscribed again')
 })
 
-t.test('a connection is closed with 4401 when its token expires', async t => {
+t.test('a connection is closed with 4403 when its token expires', async t => {
   const { app, url } = await gateway(t)
   // exp 3 s ago; the 5 s clock tolerance leaves it good for 1 to 2 more seconds.
   const now = Math.floor(Date.now() / 1000)
@@ -404,7 +404,7 @@ t.test('a connection is closed with 4401 when its token expires', async t => {
   socket.send({ id: '1', type: 'subscribe', payload: { query: SUBSCRIPTION } })
   await until(() => app.events.bus.subscriptions === 1, 'subscription')
   const closed = await socket.closed
-  t.equal(closed.code, 4401)
+  t.equal(closed.code, 4403)
   t.match(closed.reason, /expired/)
   await until(() => app.events.bus.subscriptions === 0, 'the expired connection to leave the bus')
 })
