@@ -27,7 +27,7 @@ import { CallFailedLog } from './call-failed-log.js'
 import { trustedProxies } from './address.js'
 import { connectionBound, openFilesLimit } from './connection-bound.js'
 import firewall from './plugins/firewall/index.js'
-import idempotency, { storeKey, IDEMPOTENCY_COMMANDS } from './plugins/idempotency/index.js'
+import idempotency, { storeKey, tenantIndex, IDEMPOTENCY_COMMANDS } from './plugins/idempotency/index.js'
 import cache, { CACHE_COMMANDS, INVALIDATE_CHANNEL, sharedKey, tagKey } from './plugins/cache/index.js'
 import audit from './plugins/audit/index.js'
 import diagz, { diagzRoute } from './plugins/diagz/index.js'
@@ -860,7 +860,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     const keys = [
       ...(rateLimitOnRedis ? [opKey(probe, probe, probe)] : []),
       ...(cacheOnRedis ? [sharedKey(probe, probe, '{}'), tagKey(probe, probe)] : []),
-      ...(idempotencyOnRedis ? [storeKey(probe, probe, probe)] : [])
+      ...(idempotencyOnRedis ? [storeKey(probe, probe, probe), tenantIndex(storeKey(probe, probe, probe))!.index] : [])
     ]
     // And the commands they run on them (each store's own list), asked for each key.
     const commands = [...new Set([...(rateLimitOnRedis ? RATE_LIMIT_COMMANDS : []), ...(cacheOnRedis ? CACHE_COMMANDS : []), ...(idempotencyOnRedis ? IDEMPOTENCY_COMMANDS : [])])]
@@ -939,6 +939,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       store: storeFor(config, 'BFF_IDEMPOTENCY_STORE'),
       ttlSeconds: config.BFF_IDEMPOTENCY_TTL_SECONDS,
       maxKeys: config.BFF_IDEMPOTENCY_MAX_KEYS,
+      maxKeysPerTenant: config.BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT ?? config.BFF_IDEMPOTENCY_MAX_KEYS,
       waitMs: config.BFF_IDEMPOTENCY_WAIT_MS,
       ...options.idempotency
     })

@@ -92,6 +92,8 @@ export const ConfigSchema = Type.Object({
   BFF_IDEMPOTENCY_TTL_SECONDS: Type.Integer({ minimum: 1, maximum: 2592000, default: 86400, description: 'seconds a stored outcome answers repeats of its key' }),
   // At most 10 million: the LRU allocates its index arrays for `max` keys at start-up (1e9 runs out of heap).
   BFF_IDEMPOTENCY_MAX_KEYS: Type.Integer({ minimum: 1, maximum: 10000000, default: 100000, description: 'most keys the memory idempotency store holds (least recently used first out)' }),
+  // Unset: BFF_IDEMPOTENCY_MAX_KEYS, what the memory store holds for all tenants together.
+  BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT: Type.Optional(Type.Integer({ minimum: 1, maximum: 100000000, description: 'most idempotency records (running or stored) one tenant holds in Redis; past it its new keys are refused 429 (default: BFF_IDEMPOTENCY_MAX_KEYS)' })),
   BFF_IDEMPOTENCY_WAIT_MS: Type.Optional(Type.Integer({ minimum: 0, maximum: 600000, description: 'longest a repeat waits for the first call with its key before 409 (default: the op timeout)' })),
   BFF_CACHE_ENABLED: Flag('the response cache of query operations that declare `cache`'),
   BFF_CACHE_STORE: Type.Optional(Type.Union([Type.Literal('memory'), Type.Literal('redis')], { description: 'memory | redis (default: redis when REDIS_URL is set, else memory)' })),
@@ -544,7 +546,7 @@ export const FEATURE_SETTINGS: ReadonlyArray<{ flag: keyof Config, settings: Rea
   { flag: 'BFF_CIRCUIT_BREAKER_ENABLED', settings: ['BFF_CIRCUIT_BREAKER_THRESHOLD', 'BFF_CIRCUIT_BREAKER_TIMEOUT'] },
   { flag: 'BFF_AUDIT_ENABLED', settings: ['BFF_AUDIT_STORE', 'BFF_AUDIT_RETENTION_DAYS', 'BFF_AUDIT_BATCH_SIZE', 'BFF_AUDIT_QUEUE_MAX', 'BFF_AUDIT_SPOOL_DIR', 'BFF_AUDIT_MEMORY_MAX'] },
   { flag: 'BFF_CACHE_ENABLED', settings: ['BFF_CACHE_STORE', 'BFF_CACHE_TTL', 'BFF_CACHE_MAX_SIZE', 'BFF_CACHE_MAX_BYTES'] },
-  { flag: 'BFF_IDEMPOTENCY_ENABLED', settings: ['BFF_IDEMPOTENCY_STORE', 'BFF_IDEMPOTENCY_TTL_SECONDS', 'BFF_IDEMPOTENCY_MAX_KEYS', 'BFF_IDEMPOTENCY_WAIT_MS'] },
+  { flag: 'BFF_IDEMPOTENCY_ENABLED', settings: ['BFF_IDEMPOTENCY_STORE', 'BFF_IDEMPOTENCY_TTL_SECONDS', 'BFF_IDEMPOTENCY_MAX_KEYS', 'BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT', 'BFF_IDEMPOTENCY_WAIT_MS'] },
   { flag: 'BFF_AI_FIREWALL_ENABLED', settings: ['BFF_FIREWALL_CACHE_SIZE', 'BFF_FIREWALL_WORKERS'] },
   { flag: 'BFF_GRAPHQL_ENABLED', settings: ['BFF_GRAPHQL_MAX_DEPTH', 'BFF_GRAPHQL_INTROSPECTION'] },
   { flag: 'BFF_LOAD_SHEDDING_ENABLED', settings: ['BFF_MAX_EVENT_LOOP_DELAY_MS', 'BFF_MAX_HEAP_BYTES', 'BFF_MAX_RSS_BYTES'] }

@@ -7,14 +7,14 @@ import { Leave, StageOrder, canonicalJson, unwatchCaller, watchCaller, type Call
 import { MantleError } from '../../errors.js'
 import type { Operation } from '../../manifest.js'
 import { MemoryIdempotencyStore } from './memory-store.js'
-import { RedisIdempotencyStore, UnreadableRecordError } from './redis-store.js'
+import { RedisIdempotencyStore, TenantFullError, UnreadableRecordError } from './redis-store.js'
 import { storeKey, tenantOfKey, type Claim, type DoneRecord, type IdempotencyRecord, type IdempotencyStore } from './store.js'
 import { FairLru, SCRAPE_SLICES } from '../../fair-lru.js'
 import { sharedStoreHealth } from '../diagz/index.js'
 
 export { MemoryIdempotencyStore } from './memory-store.js'
-export { RedisIdempotencyStore, UnreadableRecordError, decode, IDEMPOTENCY_COMMANDS } from './redis-store.js'
-export { storeKey, type IdempotencyStore, type IdempotencyRecord, type DoneRecord, type Claim } from './store.js'
+export { RedisIdempotencyStore, TenantFullError, UnreadableRecordError, decode, IDEMPOTENCY_COMMANDS } from './redis-store.js'
+export { storeKey, tenantIndex, type IdempotencyStore, type IdempotencyRecord, type DoneRecord, type Claim } from './store.js'
 
 // Mantle's own idea, by hand: no library keys a pipeline call by tenant, op and key with a
 // lease, a stored outcome and a memory fallback (the Fastify idempotency plugins wrap whole
@@ -26,6 +26,11 @@ export interface IdempotencyOptions {
   ttlSeconds: number
   /** Bound of the memory store (BFF_IDEMPOTENCY_MAX_KEYS). */
   maxKeys: number
+  /**
+   * Most records one tenant holds in the Redis store (BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT;
+   * by default `maxKeys`): past it, its new keys are refused 429 until its oldest record expires.
+   */
+  maxKeysPerTenant?: number
   /** Longest a repeat waits for the first call (BFF_IDEMPOTENCY_WAIT_MS); default the op's timeout. */
   waitMs?: number | undefined
   /**
@@ -89,16 +94,16 @@ export function inputHash (input: unknown): string {
   return digest('sha256', canonicalJson(input), 'base64url')
 }
 
-interface OpMetrics { replay: () => void, conflict: () => void, reused: () => void }
+interface OpMetrics { replay: () => void, conflict: () => void, reused: () => void, full: () => void }
 const nothing = (): void => {}
-const noOpMetrics: OpMetrics = { replay: nothing, conflict: nothing, reused: nothing }
+const noOpMetrics: OpMetrics = { replay: nothing, conflict: nothing, reused: nothing, full: nothing }
 
 async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions): Promise<void> {
   if (opts.store === 'redis' && !app.hasDecorator('redis')) throw new Error('BFF_IDEMPOTENCY_STORE=redis needs REDIS_URL')
   let evicted: () => void = nothing
   const memory = new MemoryIdempotencyStore({ maxKeys: opts.maxKeys, maxBytes: opts.maxBytes ?? MEMORY_MAX_BYTES, onEvict: () => { evicted() } })
   const redis = opts.store === 'redis' ? app.redis : null
-  const shared = redis === null ? null : new RedisIdempotencyStore(redis.client)
+  const shared = redis === null ? null : new RedisIdempotencyStore(redis.client, { maxKeysPerTenant: opts.maxKeysPerTenant ?? opts.maxKeys })
   const ttlMs = opts.ttlSeconds * 1000
   // Any Redis, not only the store's: a mutation's cache invalidation goes to it after its Kernel call.
   const leaseMargin = opts.leaseMarginMs ?? leaseMarginFor(app.hasDecorator('redis') ? app.redis.client.options.commandTimeout ?? 0 : 0)
@@ -110,6 +115,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     const replays = new Counter({ name: 'mantle_idempotency_replays_total', help: 'Repeats answered with the stored outcome of the first call, by operation', labelNames: ['op'] as const, registers })
     const conflicts = new Counter({ name: 'mantle_idempotency_conflicts_total', help: 'Repeats refused with 409 IDEMPOTENCY_CONFLICT because the first call was still running, by operation', labelNames: ['op'] as const, registers })
     const reused = new Counter({ name: 'mantle_idempotency_key_reused_total', help: 'Keys refused with 422 IDEMPOTENCY_KEY_REUSED (same key, another input), by operation', labelNames: ['op'] as const, registers })
+    const full = new Counter({ name: 'mantle_idempotency_tenant_full_total', help: 'Keyed calls refused with 429 RATE_LIMITED, before any Kernel call, because their tenant held BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT records in Redis, by operation', labelNames: ['op'] as const, registers })
     const fallbacks = new Counter({ name: 'mantle_idempotency_store_fallbacks_total', help: 'Keyed calls claimed in the memory store because Redis was away or failed (a waiting repeat counts once, not per poll)', registers })
     const evictions = new Counter({ name: 'mantle_idempotency_memory_evictions_total', help: 'Outcomes the memory idempotency store dropped before their TTL, or did not keep, to stay within BFF_IDEMPOTENCY_MAX_KEYS or its 64 MB (each the least recently used of the tenant holding the most); a repeat of one runs again', registers })
     evicted = () => evictions.inc()
@@ -121,7 +127,8 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       const r = replays.labels(op)
       const c = conflicts.labels(op)
       const k = reused.labels(op)
-      return { replay: () => r.inc(), conflict: () => c.inc(), reused: () => k.inc() }
+      const f = full.labels(op)
+      return { replay: () => r.inc(), conflict: () => c.inc(), reused: () => k.inc(), full: () => f.inc() }
     }
     fellBack = () => fallbacks.inc()
   }
@@ -324,6 +331,10 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
             claimed()
             throw unreadable()
           }
+          if (err instanceof TenantFullError) {
+            claimed()
+            throw err
+          }
           if (held !== null) return waiting(key, held, err)
           unanswered = running
           fallBack(err, first)
@@ -410,7 +421,15 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         let unsure = false
         try {
           for (let first = true; ; first = false) {
-            const { store, claim, unanswered, unsure: maybe, inRedis } = await claimIn(key, hash, leaseMs, running, first, held)
+            let claimedIn: Claimed
+            try {
+              claimedIn = await claimIn(key, hash, leaseMs, running, first, held)
+            } catch (err) {
+              if (!(err instanceof TenantFullError)) throw err
+              metrics.full()
+              throw tenantFull(err)
+            }
+            const { store, claim, unanswered, unsure: maybe, inRedis } = claimedIn
             if (store === shared) unsure = false
             else if (maybe === true) unsure = true
             if (claim.won) return await run(ctx, next, store, key, claim.token, hash, unanswered)
@@ -476,6 +495,15 @@ function outcomeOf (held: { record: IdempotencyRecord, ttlMs: number } | undefin
   // outlive the outcome (with lru-cache, which read the clock at most once a ms, it did by 1 ms).
   const ttl = Math.floor(held.ttlMs) - 1
   return Number.isFinite(ttl) && ttl > 0 ? { record: held.record, ttl } : null
+}
+
+/**
+ * A keyed call whose tenant holds the most records it may in Redis: refused before its Kernel call
+ * (run without its key stored, a repeat would run it again), to be sent again once its tenant's
+ * oldest record expires, or without a key. A 429: the tenant's own keyed traffic filled its share.
+ */
+function tenantFull (err: TenantFullError): MantleError {
+  return new MantleError('RATE_LIMITED', `The tenant holds ${err.max} idempotency keys, the most it may: a keyed mutation runs once one of them expires`, { headers: { 'retry-after': String(Math.ceil(err.retryAfterMs / 1000)) } })
 }
 
 /** Nobody reads it: how a repeat whose caller left while it waited ends, for its audit entry. */

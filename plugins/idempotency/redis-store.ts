@@ -1,33 +1,78 @@
 import { randomUUID } from 'node:crypto'
 import type { Redis } from 'ioredis'
-import type { Claim, DoneRecord, IdempotencyRecord, IdempotencyStore } from './store.js'
+import { tenantIndex, type Claim, type DoneRecord, type IdempotencyRecord, type IdempotencyStore } from './store.js'
 
 // Each step is one Lua script: one round trip, atomic for its key. The running record is its
 // holder's token: complete and release act only while the key still holds that exact value,
 // so a holder whose lease lapsed never overwrites or frees a newer claim.
-const CLAIM = `
+//
+// Each also keeps the tenant's index (KEYS[2], `bff:idem:{tenant}`): a sorted set of its records,
+// each scored by when it expires (Redis' clock, as its PX). A claim first drops the entries whose
+// time has passed (records gone by their TTL or lease leave the count so, each once), then wins
+// only while the tenant holds fewer than ARGV[4] records; else it answers the ms until the
+// tenant's first record expires (at least 1), and claims nothing. Without it one tenant's keyed
+// mutations filled Redis: with `noeviction` every tenant's claims were refused (memory fallback),
+// with an LRU policy other tenants' outcomes were evicted and their repeats ran again. The index
+// expires with its last record. Two keys per script: like the cache's, not for Redis Cluster.
+const NOW = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)`
+const INDEX = `
+local function index (now, ms)
+  redis.call('ZADD', KEYS[2], now + ms, ARGV[#ARGV])
+  if redis.call('PTTL', KEYS[2]) < ms then redis.call('PEXPIRE', KEYS[2], ms) end
+end`
+const CLAIM = `${INDEX}
 local v = redis.call('GET', KEYS[1])
-if v then return v end
+if v then return v end${NOW}
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  return math.max(1, tonumber(first[2]) - now)
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+index(now, tonumber(ARGV[2]))
 return false`
-const COMPLETE = `
+const COMPLETE = `${INDEX}
 local v = redis.call('GET', KEYS[1])
 if v == false or v == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])${NOW}
+  index(now, tonumber(ARGV[3]))
   return 1
 end
 return 0`
 const RELEASE = `
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return redis.call('DEL', KEYS[1])
+end
 return 0`
 
 /** The commands the store runs on its keys (its scripts'), which Redis must permit (plugins/redis checks them). */
-export const IDEMPOTENCY_COMMANDS: readonly string[] = ['get', 'set', 'del']
+export const IDEMPOTENCY_COMMANDS: readonly string[] = ['get', 'set', 'del', 'time', 'zadd', 'zrem', 'zremrangebyscore', 'zcard', 'zrange', 'pttl', 'pexpire']
 
+/** Each script's keys: the record's, then its tenant's index; the record's member in it is the last argument. */
 interface Scripts {
-  mantleIdemClaim: (key: string, running: string, leaseMs: number) => Promise<string | null>
-  mantleIdemComplete: (key: string, running: string, done: string, ttlMs: number) => Promise<number>
-  mantleIdemRelease: (key: string, running: string) => Promise<number>
+  mantleIdemClaim2: (key: string, index: string, running: string, leaseMs: number, max: number, member: string) => Promise<string | number | null>
+  mantleIdemComplete2: (key: string, index: string, running: string, done: string, ttlMs: number, member: string) => Promise<number>
+  mantleIdemRelease2: (key: string, index: string, running: string, member: string) => Promise<number>
+}
+
+/**
+ * A claim refused because the key's tenant holds `maxKeysPerTenant` records in Redis: nothing was
+ * claimed, and no call may run under the key (its repeats would run again). `retryAfterMs`: until
+ * the tenant's first record expires, freeing a place.
+ */
+export class TenantFullError extends Error {
+  constructor (readonly retryAfterMs: number, readonly max: number) {
+    super(`the tenant holds ${max} idempotency records in Redis`)
+    this.name = 'TenantFullError'
+  }
+}
+
+export interface RedisStoreOptions {
+  /** Most records (running claims and outcomes) one tenant holds (BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT). */
+  maxKeysPerTenant: number
 }
 
 /**
@@ -39,14 +84,17 @@ export class RedisIdempotencyStore implements IdempotencyStore {
   readonly kind = 'redis'
   private readonly scripts: Scripts
 
-  constructor (private readonly client: Redis) {
+  private readonly maxKeysPerTenant: number
+
+  constructor (private readonly client: Redis, opts: RedisStoreOptions) {
     // Defined once per connection (ioredis sends EVALSHA, and the script on a cache miss).
-    if (typeof (client as unknown as Partial<Scripts>).mantleIdemClaim !== 'function') {
-      client.defineCommand('mantleIdemClaim', { numberOfKeys: 1, lua: CLAIM })
-      client.defineCommand('mantleIdemComplete', { numberOfKeys: 1, lua: COMPLETE })
-      client.defineCommand('mantleIdemRelease', { numberOfKeys: 1, lua: RELEASE })
+    if (typeof (client as unknown as Partial<Scripts>).mantleIdemClaim2 !== 'function') {
+      client.defineCommand('mantleIdemClaim2', { numberOfKeys: 2, lua: CLAIM })
+      client.defineCommand('mantleIdemComplete2', { numberOfKeys: 2, lua: COMPLETE })
+      client.defineCommand('mantleIdemRelease2', { numberOfKeys: 2, lua: RELEASE })
     }
     this.scripts = client as unknown as Scripts
+    this.maxKeysPerTenant = opts.maxKeysPerTenant
   }
 
   /**
@@ -59,7 +107,9 @@ export class RedisIdempotencyStore implements IdempotencyStore {
   }
 
   async claim (key: string, hash: string, leaseMs: number, running = RedisIdempotencyStore.running(hash)): Promise<Claim> {
-    const found = await this.scripts.mantleIdemClaim(key, running, leaseMs)
+    const { index, member } = indexOf(key)
+    const found = await this.scripts.mantleIdemClaim2(key, index, running, leaseMs, this.maxKeysPerTenant, member)
+    if (typeof found === 'number') throw new TenantFullError(found, this.maxKeysPerTenant)
     // `running` itself: an earlier claim of this call with it, whose answer never came (a
     // command timeout), was carried out. The key is this call's.
     if (found === null || found === running) return { won: true, token: running }
@@ -67,11 +117,13 @@ export class RedisIdempotencyStore implements IdempotencyStore {
   }
 
   async complete (key: string, token: string, record: DoneRecord, ttlMs: number): Promise<void> {
-    await this.scripts.mantleIdemComplete(key, token, JSON.stringify(record), ttlMs)
+    const { index, member } = indexOf(key)
+    await this.scripts.mantleIdemComplete2(key, index, token, JSON.stringify(record), ttlMs, member)
   }
 
   async release (key: string, token: string): Promise<void> {
-    await this.scripts.mantleIdemRelease(key, token)
+    const { index, member } = indexOf(key)
+    await this.scripts.mantleIdemRelease2(key, index, token, member)
   }
 
   /**
@@ -81,8 +133,16 @@ export class RedisIdempotencyStore implements IdempotencyStore {
    */
   async seed (key: string, record: DoneRecord, ttlMs: number): Promise<void> {
     const { heldAs, ...outcome } = record
-    await this.scripts.mantleIdemComplete(key, heldAs ?? '', JSON.stringify(outcome), ttlMs)
+    const { index, member } = indexOf(key)
+    await this.scripts.mantleIdemComplete2(key, index, heldAs ?? '', JSON.stringify(outcome), ttlMs, member)
   }
+}
+
+/** The tenant index of a store key (see `tenantIndex`): every key the store is given is one. */
+function indexOf (key: string): { index: string, member: string } {
+  const found = tenantIndex(key)
+  if (found === null) throw new Error(`not an idempotency store key: ${key}`)
+  return found
 }
 
 /**

@@ -61,6 +61,16 @@ export function storeKey (tenant: string, op: string, key: string): string {
 
 const PREFIX = 'bff:idem:'
 
+/**
+ * The Redis store's index of one tenant's records, `bff:idem:{tenant}` (a sorted set of
+ * `{op}:{key}` scored by when each record expires), and the member `key` is in it. No record's key
+ * is an index's: a record's has two more colons. Null for a key that is not a store key.
+ */
+export function tenantIndex (key: string): { index: string, member: string } | null {
+  const end = key.startsWith(PREFIX) ? key.indexOf(':', PREFIX.length) : -1
+  return end < 0 ? null : { index: key.slice(0, end), member: key.slice(end + 1) }
+}
+
 /** The tenant of a store key (still URI-encoded: one per tenant all the same), '' for another key. */
 export function tenantOfKey (key: string): string {
   if (!key.startsWith(PREFIX)) return ''

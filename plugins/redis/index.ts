@@ -278,7 +278,7 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
       clearInterval(heartbeat)
       clearInterval(rechecks)
       client.disconnect()
-      throw new Error(`Refusing to start: Redis refused the user of REDIS_URL the stores' keys (${opts.keys.map(k => k.slice(0, k.indexOf(':', 4) + 1) + '*').join(', ')}; grant them, the commands the stores run on them, scripts and PUBLISH, e.g. ~bff:* +@all): ${denied.message}`)
+      throw new Error(`Refusing to start: Redis refused the user of REDIS_URL the stores' keys (${[...new Set(opts.keys.map(k => k.slice(0, k.indexOf(':', 4) + 1) + '*'))].join(', ')}; grant them, the commands the stores run on them, scripts and PUBLISH, e.g. ~bff:* +@all): ${denied.message}`)
     }
   }
   // quit() waits for the server: a client still retrying a Redis that is away must disconnect.

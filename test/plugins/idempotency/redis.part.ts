@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { bearer, closedPort, json, until } from '../../helper.js'
 import { startTcpProxy } from '../../proxy.js'
-import { inputHash, storeKey } from '../../../plugins/idempotency/index.js'
+import { inputHash, storeKey, tenantIndex } from '../../../plugins/idempotency/index.js'
 import { idemSetup, REDIS_URL, type Answer } from './idempotency-helper.js'
 
 async function redisClient (t: { teardown: (fn: () => unknown) => void }): Promise<Redis> {
@@ -299,4 +299,25 @@ t.test('an outcome stored in memory while Redis was away reaches Redis once it i
   const elsewhere = await other.create({ name: 'away' }, key, s.tenant)
   t.same([elsewhere.statusCode, elsewhere.headers['idempotent-replayed'], elsewhere.body, s.calls()], [201, 'true', answer.body, 1], 'another instance replays it')
   await redis.del(stored)
+})
+
+t.test('a tenant past its bound of records in Redis: its new keys are refused 429 before any Kernel call, others run', async t => {
+  const s = await idemSetup(t, 'redis', { BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT: 2 })
+  const redis = await redisClient(t)
+  t.teardown(() => redis.del(tenantIndex(storeKey(s.tenant, 'createItem', 'k'))!.index))
+  const first = randomUUID()
+  t.equal((await s.create({ name: 'a' }, first)).statusCode, 201)
+  t.equal((await s.create({ name: 'b' }, randomUUID())).statusCode, 201)
+  const refused = await s.create({ name: 'c' }, randomUUID())
+  t.match([refused.statusCode, refused.json()], [429, { code: 'RATE_LIMITED' }], 'the third key is refused')
+  const retryAfter = Number(refused.headers['retry-after'])
+  t.ok(retryAfter >= 1 && retryAfter <= 120, 'until its oldest record expires (the test TTL, 120 s)')
+  t.equal(s.calls(), 2, 'never a Kernel call for it')
+  const repeat = await s.create({ name: 'a' }, first)
+  t.match([repeat.statusCode, repeat.headers['idempotent-replayed']], [201, 'true'], 'its stored outcomes still replay')
+  t.equal((await s.create({ name: 'd' })).statusCode, 201, 'a mutation without a key runs')
+  t.equal((await s.create({ name: 'e' }, randomUUID(), 'idem-' + randomUUID())).statusCode, 201, 'another tenant\'s keys run')
+  t.equal(s.calls(), 4)
+  t.equal(await metric(s.app, 'mantle_idempotency_tenant_full_total\\{op="createItem"\\}'), 1, 'counted')
+  t.equal(await metric(s.app, 'mantle_idempotency_store_fallbacks_total'), 0, 'not an outage: nothing claimed in memory')
 })

@@ -1,7 +1,7 @@
 import t, { type Test } from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { MemoryIdempotencyStore, RedisIdempotencyStore, decode, storeKey, inputHash, type IdempotencyStore, type DoneRecord } from '../../../plugins/idempotency/index.js'
+import { MemoryIdempotencyStore, RedisIdempotencyStore, TenantFullError, tenantIndex, decode, storeKey, inputHash, type IdempotencyStore, type DoneRecord } from '../../../plugins/idempotency/index.js'
 import { FairLru, PURGE_SLICE, SCRAPE_SLICES } from '../../../fair-lru.js'
 import { tenantOfKey } from '../../../plugins/idempotency/store.js'
 import { testConfig } from '../../helper.js'
@@ -14,7 +14,7 @@ async function makeStore (t: Test, kind: typeof STORES[number]): Promise<Idempot
   const client = new Redis(REDIS_URL, { lazyConnect: true })
   await client.connect()
   t.teardown(() => client.quit())
-  return new RedisIdempotencyStore(client)
+  return new RedisIdempotencyStore(client, { maxKeysPerTenant: 1000 })
 }
 
 for (const kind of STORES) {
@@ -320,7 +320,55 @@ t.test('decode accepts the records the stores write and refuses anything else', 
   }
 })
 
+// One tenant's keyed mutations filled Redis: nothing bounded its records (24 h each by default),
+// and with `noeviction` every tenant's claims were refused, with an LRU policy other tenants'
+// outcomes were evicted and their repeats ran again.
+t.test('redis store: one tenant holds at most its bound of records; expired and released ones leave the count', async t => {
+  const client = new Redis(REDIS_URL, { lazyConnect: true })
+  await client.connect()
+  t.teardown(() => client.quit())
+  const store = new RedisIdempotencyStore(client, { maxKeysPerTenant: 3 })
+  const tenant = 'bound-' + randomUUID()
+  const key = (k: string, who = tenant): string => storeKey(who, 'createItem', k)
+  const a = await store.claim(key('a'), 'h', 60_000)
+  const b = await store.claim(key('b'), 'h', 60_000)
+  const c = await store.claim(key('c'), 'h', 300)
+  t.ok(a.won && b.won && c.won, 'three claims win')
+  if (!a.won || !b.won || !c.won) throw new Error('unreachable')
+  await store.complete(key('a'), a.token, done('h'), 60_000)
+  const refused = await store.claim(key('d'), 'h', 60_000).then(() => null, (err: unknown) => err)
+  t.type(refused, TenantFullError, 'a fourth key of the tenant is refused')
+  t.ok(refused instanceof TenantFullError && refused.retryAfterMs >= 1 && refused.retryAfterMs <= 300, 'until its first record (the 300 ms claim) expires')
+  t.equal(await client.get(key('d')), null, 'nothing claimed')
+  t.match(await store.claim(key('a'), 'h', 60_000), { won: false, record: { state: 'done' } }, 'its stored outcomes still answer')
+  t.match(await store.claim(key('b'), 'h', 60_000), { won: false, record: { state: 'running' } }, 'and its running claims')
+  t.ok((await store.claim(key('d', 'other-' + randomUUID()), 'h', 60_000)).won, 'another tenant is not bounded by it')
+
+  const { index, member } = tenantIndex(key('a'))!
+  t.equal(index, 'bff:idem:' + encodeURIComponent(tenant), 'the index is in the store\'s key scheme')
+  t.equal(member, 'createItem:a')
+  t.same((await client.zrange(index, '0', '-1')).sort(), ['createItem:a', 'createItem:b', 'createItem:c'])
+  t.teardown(() => client.del(index))
+  const pttl = await client.pttl(index)
+  t.ok(pttl > 300 && pttl <= 60_000, 'the index expires with its last record')
+
+  await store.release(key('b'), b.token)
+  t.ok((await store.claim(key('d'), 'h', 60_000)).won, 'a released key leaves the count')
+  t.type(await store.claim(key('e'), 'h', 60_000).then(() => null, (err: unknown) => err), TenantFullError)
+  // The 300 ms claim lapses (a crashed holder): its record is gone, and so is its place.
+  await new Promise(resolve => setTimeout(resolve, 400))
+  t.ok((await store.claim(key('e'), 'h', 60_000)).won, 'a lapsed record leaves the count')
+  t.same((await client.zrange(index, '0', '-1')).sort(), ['createItem:a', 'createItem:d', 'createItem:e'], 'trimmed at the claim')
+
+  // An outcome copied from memory (seed) is kept whatever the bound: its call already ran.
+  await store.seed(key('f'), done('h'), 60_000)
+  t.match(await store.claim(key('f'), 'h', 60_000), { won: false, record: { state: 'done' } })
+  t.equal(await client.zcard(index), 4, 'and counted')
+})
+
 t.test('configuration', async t => {
+  t.throws(() => testConfig({ BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT: '0' }), /BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT="0" is invalid/)
+  t.equal(testConfig({ BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT: '5' }).BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT, 5)
   t.throws(() => testConfig({ BFF_IDEMPOTENCY_STORE: 'redis' }), /BFF_IDEMPOTENCY_STORE="redis" needs REDIS_URL/)
   t.throws(() => testConfig({ BFF_IDEMPOTENCY_STORE: 'disk' }), /BFF_IDEMPOTENCY_STORE="disk" is invalid: expected memory \| redis/)
   t.throws(() => testConfig({ BFF_IDEMPOTENCY_TTL_SECONDS: 0 }), /BFF_IDEMPOTENCY_TTL_SECONDS="0" is invalid: expected an integer \(1\.\.2592000\)/)
