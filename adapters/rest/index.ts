@@ -1,4 +1,5 @@
 import type { FastifyInstance, FastifyRequest, FastifySchema, FastifyReply } from 'fastify'
+import { hash } from 'node:crypto'
 import { Ajv, type ValidateFunction } from 'ajv'
 import { addGatewayFormats } from '../../formats.js'
 import { CallContext } from '../../plugins/pipeline/index.js'
@@ -15,6 +16,13 @@ import type { JsonSchema, Operation } from '../../manifest.js'
 const problem = { content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } } }
 const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/
 const VISIBLE_ASCII = /^[\x21-\x7e]+$/
+/**
+ * The longest call name kept as it is in a call's key (a REST batch call id's own bound): a longer
+ * one, a GraphQL alias (bounded only by the document's size), is shortened (see callKey).
+ */
+export const MAX_CALL_SUFFIX = 128
+/** How much of a longer call name its key keeps, before the hash of the whole name. */
+const SUFFIX_HEAD = 64
 
 /**
  * The longest a path parameter may be, in characters once decoded: the router's bound (app.ts),
@@ -167,7 +175,13 @@ export function idempotencyKeyOf (request: FastifyRequest): string | null | unde
  */
 export function callKey (key: string | null | undefined, suffix: string): string | null | undefined {
   if (key == null) return key
-  return VISIBLE_ASCII.test(suffix) ? `${key} ${suffix}` : null
+  if (!VISIBLE_ASCII.test(suffix)) return null
+  // A name over MAX_CALL_SUFFIX characters is its first 64, a space and the SHA-256 of it whole
+  // (base64url): a key of 364 characters at most. A GraphQL alias made the key as long as the
+  // document allows (64 KiB), sent to the Kernel as a header (one over ~16 KB answered 431, and
+  // that refusal was stored) and written in the store's keys. No name kept as it is holds a
+  // space, so no shortened name is one, and two names differ in their hashes.
+  return suffix.length <= MAX_CALL_SUFFIX ? `${key} ${suffix}` : `${key} ${suffix.slice(0, SUFFIX_HEAD)} ${hash('sha256', suffix, 'base64url')}`
 }
 
 /** Seconds in the largest whole unit that states them exactly: 86400 is `24 h`, 90 is `90 s`. */

@@ -2,6 +2,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { idemSetup } from '../plugins/idempotency/idempotency-helper.js'
 import { connect } from '../adapters/websocket-helper.js'
+import { callKey } from '../../adapters/rest/index.js'
 
 // One key, one call, whichever face carries it: on the shared Redis store.
 
@@ -238,4 +239,39 @@ t.test('a single call keyed `K.0` is never call 0 of a batch keyed K, on any fac
   t.same(await gql(`${k4}.one`, 'mutation { one: createItem(name: "g") { id } }'), { data: { one: { id: 'item-9' } } })
   t.same(await gql(k4, 'mutation { one: createItem(name: "g") { id } two: createItem(name: "h") { id } }'), { data: { one: { id: 'item-10' }, two: { id: 'item-11' } } }, 'GraphQL: field one runs')
   t.equal(s.calls(), 11, 'every call reached the Kernel')
+})
+
+// A GraphQL alias is bounded only by the document (64 KiB): its field's key `<key> <alias>` was
+// as long, sent to the Kernel as its Idempotency-Key header (a Kernel answers 431 past ~16 KB,
+// and that refusal was stored) and written in the store's keys. A call name over 128 characters
+// (a REST batch call id's bound) is now its first 64, a space and the hash of it whole.
+t.test('GraphQL: a long alias makes a bounded key, one per alias, that replays', async t => {
+  const s = await idemSetup(t, 'redis')
+  const key = randomUUID()
+  const head = 'a'.repeat(64)
+  const one = head + 'x'.repeat(20_000)
+  const two = head + 'y'.repeat(20_000)
+  const doc = `mutation { ${one}: createItem(name: "l1") { id } ${two}: createItem(name: "l2") { id } }`
+  const gql = async () => await s.app.inject({ method: 'POST', url: '/graphql', headers: s.headers(key), payload: { query: doc } })
+  const first = await gql()
+  t.same(first.json(), { data: { [one]: { id: 'item-1' }, [two]: { id: 'item-2' } } })
+  const sent = s.kernel.requests.map(r => String(r.headers['idempotency-key']))
+  t.equal(sent.length, 2)
+  t.ok(sent.every(k => k.length <= 255 + 1 + 128 + 1 + 43), `bounded keys (${sent.map(k => k.length).join(', ')} characters)`)
+  t.ok(sent.every(k => k.startsWith(`${key} ${head} `)), 'the key, a space, the alias\'s first 64 characters, a space and its hash')
+  t.not(sent[0], sent[1], 'two aliases with one head: two keys')
+  t.equal((await gql()).body, first.body, 'the document replays')
+  t.equal(s.calls(), 2)
+})
+
+t.test('callKey: call names up to 128 characters are kept as they are, longer ones shortened', async t => {
+  const exact = 'n'.repeat(128)
+  t.equal(callKey('K', exact), `K ${exact}`)
+  const long = 'n'.repeat(129)
+  const short = callKey('K', long)!
+  t.match(short, new RegExp(`^K ${'n'.repeat(64)} [A-Za-z0-9_-]{43}$`))
+  t.equal(callKey('K', long), short, 'the same name, the same key')
+  t.not(callKey('K', long + 'm'), short)
+  t.equal(callKey('K', 'a b'), null, 'a name with a space is still malformed: no kept name spells a shortened one')
+  t.equal(callKey(undefined, long), undefined)
 })
