@@ -89,7 +89,7 @@ function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
  * a Kernel 4xx's own passed on), whatever concern is on; and a 401's challenge. Only the 429 had
  * its Retry-After documented, and only with the rate limits on.
  */
-const RETRY_AFTER: HeaderDoc = { 'Retry-After': { type: 'string', description: 'Seconds to wait before calling again, on a refusal that asks for a wait (IDEMPOTENCY_CONFLICT 409, KERNEL_UNAVAILABLE or OVERLOADED 503, a Kernel refusal that said so)' } }
+const RETRY_AFTER: HeaderDoc = { 'Retry-After': { type: 'string', description: 'Seconds to wait before calling again, on a refusal that asks for a wait (IDEMPOTENCY_CONFLICT 409, RATE_LIMITED 429 of a tenant holding the most idempotency keys it may, KERNEL_UNAVAILABLE or OVERLOADED 503, a Kernel refusal that said so)' } }
 const BEARER_CHALLENGE: HeaderDoc = { 'WWW-Authenticate': { type: 'string', description: 'Bearer, with error="invalid_token" or "invalid_request" for a token refused: on a 401' } }
 
 /**
