@@ -45,6 +45,19 @@ declare module 'fastify' {
   }
 }
 
+/**
+ * The largest body read without a token on a route where none is required (`presented`: GraphQL,
+ * whose `__typename` or introspection documents call no operation; graphql-js' whole
+ * introspection query is about 2 KB).
+ */
+export const ANONYMOUS_BODY_BYTES = 16 * 1024
+
+/** Whether a body announced so may be read without a token: a length, at most ANONYMOUS_BODY_BYTES. */
+function anonymousBodyFits (length: string | undefined): boolean {
+  if (length === undefined || !/^\d{1,9}$/.test(length)) return false
+  return Number(length) <= ANONYMOUS_BODY_BYTES
+}
+
 /** The methods Fastify reads no body for (handle-request.js): nothing to check before. */
 const BODYLESS = new Set(['GET', 'HEAD', 'TRACE'])
 
@@ -67,13 +80,19 @@ export function tokenFirst (identify: (authorization: string | undefined, reques
       return
     }
     const authorization = requestAuthorization(request)
-    if (authorization === undefined && !required) {
-      done(null, payload)
-      return
-    }
     const refused = (err: unknown): void => {
       if (framesBody(request.raw)) reply.header('connection', 'close')
       done(err as Error)
+    }
+    if (authorization === undefined && !required) {
+      // None sent (GraphQL): a document that calls no operation is small. Read whole, up to the
+      // body limit, anyone could have the gateway parse a megabyte of JSON per request.
+      if (!anonymousBodyFits(request.headers['content-length'])) {
+        refused(new MantleError('UNAUTHENTICATED', `A token is required for a body over ${ANONYMOUS_BODY_BYTES / 1024} KiB or of no announced length: without one, a document may call no operation`))
+        return
+      }
+      done(null, payload)
+      return
     }
     try {
       identify(authorization, request.raw)

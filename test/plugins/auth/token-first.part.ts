@@ -51,6 +51,21 @@ t.test('no valid token: a 401 in the face\'s shape before the body, which is nev
   t.equal(typename.statusCode, 200, 'GraphQL without a token: `{ __typename }` still answered')
 })
 
+t.test('GraphQL without a token: a body no larger than a document that calls no operation needs', async t => {
+  const app = await buildDemoApp(t)
+  // Read whole up to the body limit (1 MB), anyone could have a megabyte of JSON parsed.
+  const padded = JSON.stringify({ query: '{ __typename }', variables: { pad: 'x'.repeat(17 * 1024) } })
+  const gqlLarge = await app.inject({ method: 'POST', url: '/graphql', headers: { ...json, 'x-request-id': 'gql-anonymous-large' }, payload: padded })
+  t.equal(gqlLarge.statusCode, 401, 'GraphQL without a token, a body over 16 KiB: 401 before it is read')
+  t.match(gqlLarge.json(), { errors: [{ message: /A token is required for a body over 16 KiB/, extensions: { code: 'UNAUTHENTICATED', status: 401 } }] })
+  const gqlLargeValid = await app.inject({ method: 'POST', url: '/graphql', headers: { ...json, ...bearer() }, payload: padded })
+  t.equal(gqlLargeValid.statusCode, 200, 'with a token, the same body is read')
+  const { getIntrospectionQuery } = await import('graphql')
+  const introspection = await app.inject({ method: 'POST', url: '/graphql', headers: json, payload: JSON.stringify({ query: getIntrospectionQuery({ descriptions: true }) }) })
+  t.equal(introspection.statusCode, 200, 'the whole introspection query fits (outside production, where it is answered)')
+  t.match((await entries(app)).filter((r: Row) => r.requestId === 'gql-anonymous-large'), [{ category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, protocol: 'graphql' }], 'recorded once')
+})
+
 t.test('the refused body is never awaited: the 401 comes after the head alone, and the connection ends', async t => {
   const app = await buildDemoApp(t)
   await app.listen({ port: 0, host: '127.0.0.1' })
