@@ -760,7 +760,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       methods: ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'],
       // If-None-Match, ETag and x-cache: the response cache's conditional requests, from a browser.
       allowedHeaders: ['Authorization', 'Content-Type', 'Idempotency-Key', 'If-None-Match', 'traceparent', 'tracestate', 'trpc-accept', 'x-request-id'],
-      exposedHeaders: ['x-request-id', 'Retry-After', 'RateLimit', 'RateLimit-Policy', 'RateLimit-Limit', 'RateLimit-Remaining', 'RateLimit-Reset', 'Idempotent-Replayed', 'ETag', 'x-cache'],
+      exposedHeaders: ['x-request-id', 'Retry-After', 'RateLimit', 'RateLimit-Policy', 'RateLimit-Limit', 'RateLimit-Remaining', 'RateLimit-Reset', 'Idempotent-Replayed', 'ETag', 'x-cache', 'WWW-Authenticate'],
       maxAge: 600,
       strictPreflight: false,
       // With the rate-limit guard on, a preflight goes on past CORS's hook, its headers set, to

@@ -40,7 +40,7 @@ t.test('CORS: an allowed origin gets the headers, another origin does not', asyn
   t.equal(simple.headers['access-control-allow-origin'], ALLOWED)
   t.equal(simple.headers.vary, 'Origin, authorization', 'CORS\'s Vary and the cache\'s, both')
   const exposed = String(simple.headers['access-control-expose-headers']).toLowerCase()
-  for (const h of ['x-request-id', 'retry-after', 'ratelimit-remaining', 'etag', 'x-cache']) t.ok(exposed.includes(h), `exposes ${h}`)
+  for (const h of ['x-request-id', 'retry-after', 'ratelimit-remaining', 'etag', 'x-cache', 'www-authenticate']) t.ok(exposed.includes(h), `exposes ${h}`)
 
   const badPre = await app.inject({ method: 'OPTIONS', url: '/api/v1/agents', headers: preflight(OTHER) })
   t.equal(badPre.headers['access-control-allow-origin'], undefined, 'preflight of another origin: no allow-origin')
