@@ -66,6 +66,9 @@ export class Connection {
   private reason: CloseReason = 'peer'
   /** Set once the connection is closing: no frame is read and nothing is sent any more. */
   private closing = false
+  /** Set by drain (shutdown): new calls are refused; called once no call is in flight. */
+  private drained: (() => void) | null = null
+  private draining = false
 
   /**
    * @param reqId the id of the upgrade request (its access-log lines' `reqId`): the log lines of
@@ -84,11 +87,24 @@ export class Connection {
     // ws has already answered a protocol error with its own close code; remember why.
     socket.on('error', () => { if (this.reason === 'peer') this.reason = 'protocol' })
     socket.once('close', () => {
+      this.drained?.()
       this.release()
       face.counters.closed(this.reason)
       onClose(this)
     })
     this.armExpiry()
+  }
+
+  /**
+   * The shutdown's first step: calls sent from now on are refused (OVERLOADED, through their
+   * pipeline, audited), and it resolves once the calls in flight have sent their answers (or the
+   * socket closed). Before, the socket closed at once with 1001 and the answer of a call in
+   * flight was lost, a mutation carried out at the Kernel and its client never told.
+   */
+  async drain (): Promise<void> {
+    this.draining = true
+    if (this.inFlight === 0 || this.closing) return
+    await new Promise<void>(resolve => { this.drained = resolve })
   }
 
   /** Closes with 1001 (going away) and resolves once the socket is closed. */
@@ -211,7 +227,10 @@ export class Connection {
     // Beyond the bound the pipeline refuses the call before anything that costs (it never
     // reaches the Kernel), so that the refusal has its audit entry like every other.
     // A second's wait, as tRPC's bound asks: the calls in flight end and make room.
-    const refusal = this.inFlight >= maxInFlight ? new MantleError('OVERLOADED', `A connection may have at most ${maxInFlight} calls in flight`, { headers: { 'retry-after': '1' } }) : formRefusal
+    // Once the shutdown has begun a call is refused as well (drain): the gateway is going away.
+    const refusal = this.draining || this.face.app.shuttingDown()
+      ? new MantleError('OVERLOADED', 'The gateway is shutting down: this call did not run; retry it on another instance', { headers: { 'retry-after': '1' } })
+      : this.inFlight >= maxInFlight ? new MantleError('OVERLOADED', `A connection may have at most ${maxInFlight} calls in flight`, { headers: { 'retry-after': '1' } }) : formRefusal
     if (refusal === undefined) this.inFlight++
     const id = JSON.stringify(frame.id)
     runCall(this.face.app, {
@@ -231,6 +250,7 @@ export class Connection {
       // The answer is already JSON shaped by the op's output schema: it is spliced in as is.
       // A replayed idempotent call and the cache's outcome say so, as REST's headers do.
       this.send(callEnvelope(id, outcome))
+      if (this.inFlight === 0) this.drained?.()
     }).catch((err: unknown) => {
       // runCall never throws; a failure here is a bug of this face, not of the client.
       this.face.app.log.error({ reqId: this.reqId, err }, 'websocket call failed')

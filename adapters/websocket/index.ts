@@ -94,6 +94,14 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
       heartbeat.stop()
       if (connections.size === 0) return
       let timer: NodeJS.Timeout | undefined
+      // The calls in flight are let finish and answered first, as HTTP requests are: each ends
+      // by its operation's timeoutMs, which the shutdown's grace allows (server.ts), so the wait
+      // is bounded by the longest of them.
+      let longest = 0
+      for (const op of app.pipeline.manifest.operations) longest = Math.max(longest, op.timeoutMs)
+      const calls = new Promise<void>(resolve => { timer = setTimeout(resolve, longest) })
+      await Promise.race([Promise.all([...connections].map(async c => await c.drain())), calls])
+      clearTimeout(timer)
       const grace = new Promise<void>(resolve => { timer = setTimeout(resolve, limits.closeGraceMs) })
       await Promise.race([Promise.all([...connections].map(async c => await c.shutdown())), grace])
       clearTimeout(timer)

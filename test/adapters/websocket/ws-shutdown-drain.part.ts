@@ -1,0 +1,76 @@
+// Shutdown and the calls in flight on a WebSocket: their answers are sent before the 1001 close,
+// calls sent once the shutdown has begun are refused, and a call that hangs holds the close no
+// longer than its operation's timeout. Before, every socket closed at once with 1001 and the
+// answer of a call in flight was lost (a mutation carried out at the Kernel, its client never told).
+import t from 'tap'
+import WebSocket from 'ws'
+import { buildApp } from '../../../app.js'
+import { startTestKernel, testManifest, testConfig, json, token, until } from '../../helper.js'
+
+interface Face {
+  path: string
+  env: Record<string, boolean>
+  call: (id: number, op: string) => string
+  /** The id of an answer frame, and whether it is a result (else the refusal's code). */
+  answer: (frame: any) => { id: unknown, ok: boolean, code?: string }
+}
+
+const FACES: Face[] = [
+  {
+    path: '/ws',
+    env: { BFF_TRPC_ENABLED: false, BFF_GRAPHQL_ENABLED: false },
+    call: (id, op) => JSON.stringify({ id: String(id), op, input: {} }),
+    answer: (f) => ({ id: Number(f.id), ok: 'result' in f, code: f.error?.code })
+  }
+]
+
+async function setup (t: { teardown: (fn: () => unknown) => void }, face: Face, kernelHandler: () => Promise<void>, timeoutMs: number) {
+  let calls = 0
+  const kernel = await startTestKernel(t, { 'POST /poke': async (_req, res) => { calls++; await kernelHandler(); json(res, 200, true) } })
+  const manifest = testManifest({ poke: { type: 'mutation', rest: 'POST /poke', kernel: 'POST /poke', output: { type: 'boolean' }, timeoutMs } })
+  const app = await buildApp(testConfig(face.env), { logger: false, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const ws = new WebSocket(`ws://127.0.0.1:${port}${face.path}?access_token=${token()}`)
+  t.teardown(() => ws.terminate())
+  await new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject) })
+  // Everything the client saw, in order: answers and the close.
+  const seen: Array<{ id: unknown, ok: boolean, code?: string } | { close: number }> = []
+  ws.on('message', (data) => {
+    const frame = JSON.parse(data.toString())
+    if (frame.id !== undefined && frame.id !== null) seen.push(face.answer(frame))
+  })
+  const closed = new Promise<void>(resolve => ws.once('close', (code: number) => { seen.push({ close: code }); resolve() }))
+  return { app, ws, seen, closed, calls: () => calls }
+}
+
+for (const face of FACES) {
+  t.test(`${face.path}: at shutdown the answer of a call in flight is sent before the 1001 close, a call sent meanwhile is refused`, async t => {
+    let release!: () => void
+    const gate = new Promise<void>(resolve => { release = resolve })
+    const s = await setup(t, face, async () => { await gate }, 5000)
+    s.ws.send(face.call(1, 'poke'))
+    await until(() => s.calls() === 1, 'the call at the Kernel')
+    const closing = s.app.close()
+    await until(() => s.app.shuttingDown(), 'the shutdown to begin')
+    s.ws.send(face.call(2, 'poke'))
+    await until(() => s.seen.length > 0, 'the refusal of the call sent once the shutdown began')
+    release()
+    await s.closed
+    await closing
+    t.equal(s.calls(), 1, 'the call sent during the shutdown never reached the Kernel')
+    t.same(s.seen, [{ id: 2, ok: false, code: 'OVERLOADED' }, { id: 1, ok: true, code: undefined }, { close: 1001 }])
+  })
+
+  t.test(`${face.path}: a call that hangs at shutdown ends by its timeout, answered, and the close goes on`, async t => {
+    const s = await setup(t, face, async () => { await new Promise(() => {}) }, 300)
+    s.ws.send(face.call(1, 'poke'))
+    await until(() => s.calls() === 1, 'the call at the Kernel')
+    await s.app.close()
+    await s.closed
+    t.equal(s.seen.length, 2)
+    t.match(s.seen[0], { id: 1, ok: false })
+    t.same(s.seen[1], { close: 1001 })
+  })
+}
