@@ -50,7 +50,7 @@ import cors from '@fastify/cors'
 import health from './routes/health.js'
 import batch from './routes/batch.js'
 import { withHook } from './route-hooks.js'
-import { crossSiteUpgrade, refusedByWs } from './adapters/upgrade.js'
+import { closedByTheirFace, crossSiteUpgrade, refusedByWs } from './adapters/upgrade.js'
 import { parseQuery, literalQuery, MALFORMED_QUERY } from './query-string.js'
 import { PROBE_PATHS } from './probes.js'
 import { RouteMethods } from './allowed-methods.js'
@@ -133,8 +133,9 @@ export const WEBSOCKET_CLOSE_GRACE_MS = 2000
  */
 export function closeWebSockets (this: FastifyInstance, done: () => void): void {
   const server = this.websocketServer
-  for (const client of server.clients) client.close(1001, 'The gateway is shutting down')
-  const cut = setTimeout(() => { for (const client of server.clients) client.terminate() }, WEBSOCKET_CLOSE_GRACE_MS)
+  // A face's own (closedByTheirFace) answers its calls in flight first, and is closed by it.
+  for (const client of server.clients) if (!closedByTheirFace.has(client)) client.close(1001, 'The gateway is shutting down')
+  const cut = setTimeout(() => { for (const client of server.clients) if (!closedByTheirFace.has(client)) client.terminate() }, WEBSOCKET_CLOSE_GRACE_MS)
   cut.unref()
   server.close(() => { clearTimeout(cut) })
   done()

@@ -1,5 +1,13 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyRequest } from 'fastify'
+import type { WebSocket } from 'ws'
+
+/**
+ * Sockets of the shared WebSocket server whose face closes them itself at shutdown, once their
+ * calls in flight are answered (/trpc): @fastify/websocket's preClose (closeWebSockets, app.ts),
+ * which closes the others at once, leaves them alone.
+ */
+export const closedByTheirFace = new WeakSet<WebSocket>()
 
 /**
  * A WebSocket upgrade's credentials: the Authorization header, else `?access_token=` (a browser

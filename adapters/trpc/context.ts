@@ -37,6 +37,8 @@ export interface TrpcContext {
   /** Calls of a WebSocket connection running now, and its event subscriptions (both bounded). */
   inFlight: number
   subscriptions: number
+  /** Set by the shutdown, which waits for the connection's calls in flight: called once none is left. */
+  idle?: () => void
   /**
    * The response cache's outcome of each call of an HTTP request, by batch index (null: no
    * call had one yet); the response's `x-cache` lists them (responseMeta).

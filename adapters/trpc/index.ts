@@ -9,7 +9,7 @@ import type { IncomingHttpHeaders, IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders, type ErrorCode } from '../../errors.js'
 import { CLOSE_TRY_AGAIN_LATER, ConnectionSlots, UNIDENTIFIED_DEFAULTS, reportSlots } from '../connection-slots.js'
-import { refusedByWs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
+import { closedByTheirFace, refusedByWs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
 import { countSlowReaderCuts, slowReader, slowReaderCuts, utf8Sends } from '../slow-reader.js'
 import { defaultUnreadBytes } from '../unread.js'
 import { httpAuthorization, httpContext, socketContext, TRPC_CALLS, type TrpcContext } from './context.js'
@@ -56,6 +56,8 @@ export interface TrpcFaceSettings {
    */
   maxUnidentified: number
   maxUnidentifiedPerAddress: number
+  /** How long a shutdown waits for clients to acknowledge 1001 before dropping them. */
+  closeGraceMs: number
 }
 
 export const DEFAULT_SETTINGS: Readonly<TrpcFaceSettings> = Object.freeze({
@@ -67,7 +69,8 @@ export const DEFAULT_SETTINGS: Readonly<TrpcFaceSettings> = Object.freeze({
   maxBufferedBytes: WEBSOCKET_DEFAULTS.maxBufferedBytes,
   maxCallsPerMessage: 1000,
   maxUnidentified: UNIDENTIFIED_DEFAULTS.max,
-  maxUnidentifiedPerAddress: UNIDENTIFIED_DEFAULTS.perAddress
+  maxUnidentifiedPerAddress: UNIDENTIFIED_DEFAULTS.perAddress,
+  closeGraceMs: WEBSOCKET_DEFAULTS.closeGraceMs
 })
 
 /** 4401: the token is missing, refused or expired (the /ws face uses the same code). */
@@ -416,6 +419,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       }
       // Each connection's context, once tRPC made it: whose token a message it refuses spoke with.
       const contexts = new WeakMap<WebSocket, TrpcContext>()
+      // The open sockets, which this face closes itself at shutdown (below); bounded by the
+      // connection slots.
+      const sockets = new Set<WebSocket>()
       const auditing = app.hasDecorator('audit')
       // A message tRPC cannot parse (not JSON, a call without an id, a batch one element of which
       // is malformed) is refused whole, its calls unrun (VALIDATION_FAILED, id null); a call whose
@@ -602,7 +608,51 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
             }
           }
           onConnection(socket, request.raw)
+          // Not closed at once by @fastify/websocket's preClose: its calls in flight are answered
+          // first (below).
+          closedByTheirFace.add(socket)
+          sockets.add(socket)
+          socket.once('close', () => { sockets.delete(socket) })
         }
+      })
+
+      // At shutdown, as HTTP requests in flight are let finish: every socket is told to reconnect
+      // (tRPC's notification: wsLink opens a new connection, through the load balancer, and
+      // sends its new calls there while the old one answers those it holds), the calls sent from
+      // now on are refused OVERLOADED (the router's resolve), and those in flight are let finish
+      // and answered, each by its operation's timeoutMs at most, which the shutdown's grace
+      // allows (server.ts); then each socket closes with 1001, and one whose client has not
+      // completed the close after closeGraceMs is cut. Before, every socket closed at once with
+      // 1001 and the answer of a call in flight was lost: wsLink reported "WebSocket closed" for
+      // a mutation the Kernel may have carried out.
+      app.addHook('preClose', async () => {
+        if (sockets.size === 0) return
+        const open = [...sockets]
+        for (const socket of open) if (socket.readyState === socket.OPEN) socket.send('{"id":null,"method":"reconnect"}')
+        let longest = 0
+        for (const op of app.pipeline.manifest.operations) longest = Math.max(longest, op.timeoutMs)
+        const busy = open.map(socket => contexts.get(socket)).filter(ctx => ctx !== undefined && ctx.inFlight > 0) as TrpcContext[]
+        if (busy.length > 0) {
+          let timer: NodeJS.Timeout | undefined
+          const bound = new Promise<void>(resolve => { timer = setTimeout(resolve, longest) })
+          await Promise.race([Promise.all(busy.map(async ctx => { await new Promise<void>(resolve => { ctx.idle = resolve; ctx.socket?.once('close', () => { resolve() }) }) })), bound])
+          clearTimeout(timer)
+          // The last answers go out once their resolve has returned: tRPC sends them a few
+          // promise steps later, all before the next turn of the event loop.
+          await new Promise(resolve => setImmediate(resolve))
+        }
+        let cut: NodeJS.Timeout | undefined
+        const grace = new Promise<void>(resolve => { cut = setTimeout(resolve, limits.closeGraceMs) })
+        const closed = open.map(async socket => {
+          if (socket.readyState === socket.CLOSED) return
+          await new Promise<void>(resolve => {
+            socket.once('close', () => { resolve() })
+            socket.close(1001, 'The gateway is shutting down')
+          })
+        })
+        await Promise.race([Promise.all(closed), grace])
+        clearTimeout(cut)
+        for (const socket of sockets) socket.terminate()
       })
     }
 

@@ -99,9 +99,15 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       // its client's unread bytes until ws gives up on it: the calls still arriving on it run
       // nothing either. Over HTTP a batch is bounded by BFF_BATCH_MAX_CALLS alone: counted
       // here too, a batch's calls past the 64th were refused OVERLOADED.
-      const refusal = ctx.socket !== null && ctx.inFlight >= limits.maxInFlight
-        ? new MantleError('OVERLOADED', `A connection runs at most ${limits.maxInFlight} calls at once`, { headers: { 'retry-after': '1' } })
-        : slowReader(ctx.socket, limits.maxBufferedBytes) ? new MantleError('OVERLOADED', SLOW_READER) : undefined
+      // Once the shutdown has begun a call on a socket is refused too: the socket is going away
+      // (its client was told to reconnect), and the shutdown waits only for the calls in flight.
+      const refusal = ctx.socket === null
+        ? undefined
+        : app.shuttingDown()
+          ? new MantleError('OVERLOADED', 'The gateway is shutting down: this call did not run; retry it on another instance', { headers: { 'retry-after': '1' } })
+          : ctx.inFlight >= limits.maxInFlight
+            ? new MantleError('OVERLOADED', `A connection runs at most ${limits.maxInFlight} calls at once`, { headers: { 'retry-after': '1' } })
+            : slowReader(ctx.socket, limits.maxBufferedBytes) ? new MantleError('OVERLOADED', SLOW_READER) : undefined
       if (refusal === undefined) ctx.inFlight++
       try {
         const key = ctx.keyPerCall ? callKey(ctx.idempotencyKey, String(batchIndex ?? 0)) : ctx.idempotencyKey
@@ -124,7 +130,8 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
         }
         throw ProblemError.of(result.problem, result.headers)
       } finally {
-        if (refusal === undefined) ctx.inFlight--
+        // The shutdown waits for a socket's calls in flight (adapters/trpc/index.ts).
+        if (refusal === undefined && --ctx.inFlight === 0) ctx.idle?.()
       }
     }
     const base = t.procedure.input(rawInput)

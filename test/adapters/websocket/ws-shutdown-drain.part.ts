@@ -1,7 +1,9 @@
-// Shutdown and the calls in flight on a WebSocket: their answers are sent before the 1001 close,
-// calls sent once the shutdown has begun are refused, and a call that hangs holds the close no
-// longer than its operation's timeout. Before, every socket closed at once with 1001 and the
-// answer of a call in flight was lost (a mutation carried out at the Kernel, its client never told).
+// Shutdown and the calls in flight on a WebSocket (/ws, /trpc; GraphQL over WebSocket carries
+// subscriptions alone): their answers are sent before the 1001 close, calls sent once the
+// shutdown has begun are refused, tRPC's clients are told to reconnect first, and a call that
+// hangs holds the close no longer than its operation's timeout. Before, every socket closed at
+// once with 1001 and the answer of a call in flight was lost (a mutation carried out at the
+// Kernel, its client never told; wsLink reported "WebSocket closed").
 import t from 'tap'
 import WebSocket from 'ws'
 import { buildApp } from '../../../app.js'
@@ -10,6 +12,8 @@ import { startTestKernel, testManifest, testConfig, json, token, until } from '.
 interface Face {
   path: string
   env: Record<string, boolean>
+  /** The face tells its clients to reconnect (tRPC's notification) when the shutdown begins. */
+  notifies: boolean
   call: (id: number, op: string) => string
   /** The id of an answer frame, and whether it is a result (else the refusal's code). */
   answer: (frame: any) => { id: unknown, ok: boolean, code?: string }
@@ -19,8 +23,16 @@ const FACES: Face[] = [
   {
     path: '/ws',
     env: { BFF_TRPC_ENABLED: false, BFF_GRAPHQL_ENABLED: false },
+    notifies: false,
     call: (id, op) => JSON.stringify({ id: String(id), op, input: {} }),
     answer: (f) => ({ id: Number(f.id), ok: 'result' in f, code: f.error?.code })
+  },
+  {
+    path: '/trpc',
+    env: { BFF_WEBSOCKET_ENABLED: false, BFF_GRAPHQL_ENABLED: false },
+    notifies: true,
+    call: (id, op) => JSON.stringify({ id, method: 'mutation', params: { path: op, input: {} } }),
+    answer: (f) => ({ id: f.id, ok: 'result' in f, code: f.error?.data?.code })
   }
 ]
 
@@ -36,10 +48,11 @@ async function setup (t: { teardown: (fn: () => unknown) => void }, face: Face, 
   t.teardown(() => ws.terminate())
   await new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject) })
   // Everything the client saw, in order: answers and the close.
-  const seen: Array<{ id: unknown, ok: boolean, code?: string } | { close: number }> = []
+  const seen: Array<{ id: unknown, ok: boolean, code?: string } | { close: number } | { reconnect: true }> = []
   ws.on('message', (data) => {
     const frame = JSON.parse(data.toString())
-    if (frame.id !== undefined && frame.id !== null) seen.push(face.answer(frame))
+    if (frame.method === 'reconnect') seen.push({ reconnect: true })
+    else if (frame.id !== undefined && frame.id !== null) seen.push(face.answer(frame))
   })
   const closed = new Promise<void>(resolve => ws.once('close', (code: number) => { seen.push({ close: code }); resolve() }))
   return { app, ws, seen, closed, calls: () => calls }
@@ -54,13 +67,15 @@ for (const face of FACES) {
     await until(() => s.calls() === 1, 'the call at the Kernel')
     const closing = s.app.close()
     await until(() => s.app.shuttingDown(), 'the shutdown to begin')
+    const told = face.notifies ? [{ reconnect: true }] : []
+    if (face.notifies) await until(() => s.seen.length > 0, 'the reconnect notification')
     s.ws.send(face.call(2, 'poke'))
-    await until(() => s.seen.length > 0, 'the refusal of the call sent once the shutdown began')
+    await until(() => s.seen.length > told.length, 'the refusal of the call sent once the shutdown began')
     release()
     await s.closed
     await closing
     t.equal(s.calls(), 1, 'the call sent during the shutdown never reached the Kernel')
-    t.same(s.seen, [{ id: 2, ok: false, code: 'OVERLOADED' }, { id: 1, ok: true, code: undefined }, { close: 1001 }])
+    t.same(s.seen, [...told, { id: 2, ok: false, code: 'OVERLOADED' }, { id: 1, ok: true, code: undefined }, { close: 1001 }])
   })
 
   t.test(`${face.path}: a call that hangs at shutdown ends by its timeout, answered, and the close goes on`, async t => {
@@ -69,8 +84,10 @@ for (const face of FACES) {
     await until(() => s.calls() === 1, 'the call at the Kernel')
     await s.app.close()
     await s.closed
-    t.equal(s.seen.length, 2)
-    t.match(s.seen[0], { id: 1, ok: false })
-    t.same(s.seen[1], { close: 1001 })
+    const told = face.notifies ? [{ reconnect: true }] : []
+    t.equal(s.seen.length, told.length + 2)
+    t.same(s.seen.slice(0, told.length), told)
+    t.match(s.seen[told.length], { id: 1, ok: false })
+    t.same(s.seen[told.length + 1], { close: 1001 })
   })
 }
