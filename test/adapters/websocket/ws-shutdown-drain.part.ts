@@ -8,6 +8,12 @@ import t from 'tap'
 import WebSocket from 'ws'
 import { buildApp } from '../../../app.js'
 import { startTestKernel, testManifest, testConfig, json, token, until } from '../../helper.js'
+import type { AuditStore } from '../../../plugins/audit/entry.js'
+
+/** The audit entries of `poke`, oldest first: read from the store, which outlives the closed app. */
+async function pokes (store: AuditStore): Promise<string[]> {
+  return (await store.query({ action: 'poke', limit: 10 })).entries.map(e => e.status).reverse()
+}
 
 interface Face {
   path: string
@@ -76,6 +82,7 @@ for (const face of FACES) {
     await closing
     t.equal(s.calls(), 1, 'the call sent during the shutdown never reached the Kernel')
     t.same(s.seen, [...told, { id: 2, ok: false, code: 'OVERLOADED' }, { id: 1, ok: true, code: undefined }, { close: 1001 }])
+    t.same(await pokes(s.app.audit.store), ['OVERLOADED', 'ok'], 'one audit entry per call, the refused one and the answered one')
   })
 
   t.test(`${face.path}: a call that hangs at shutdown ends by its timeout, answered, and the close goes on`, async t => {
@@ -89,5 +96,6 @@ for (const face of FACES) {
     t.same(s.seen.slice(0, told.length), told)
     t.match(s.seen[told.length], { id: 1, ok: false })
     t.same(s.seen[told.length + 1], { close: 1001 })
+    t.equal((await pokes(s.app.audit.store)).length, 1, 'one audit entry')
   })
 }
