@@ -170,7 +170,7 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
       // Before mercurius (the route's handler) listens to the socket; the screen reads each
       // message's type, and connection_init disarms the timer.
       const tcp = request.socket
-      guard(socket, disarm, { unread, tenant: () => slots.ownerOf(tcp) })
+      guard(socket, disarm, { unread, tenant: () => slots.ownerOf(tcp) }, request)
       heartbeat.watch(socket)
       socket.once('close', disarm)
     })
@@ -181,7 +181,7 @@ export default createGraphqlFace()
 
 /** Registers the face; answers the screen of each subscription socket's messages. */
 /** `authTimeoutMs`: how long an initialised connection may stay without a valid identity. */
-async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: ConnectionSlots, authTimeoutMs: number): Promise<(socket: WebSocket, initialised: () => void, budget: { unread: UnreadBytes, tenant: () => string | undefined }) => void> {
+async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: ConnectionSlots, authTimeoutMs: number): Promise<(socket: WebSocket, initialised: () => void, budget: { unread: UnreadBytes, tenant: () => string | undefined }, upgrade: IncomingMessage) => void> {
   // Introspection off (production's default): the schema, every operation, argument and type of
   // the manifest, is not handed to whoever asks; __typename stays (clients need it).
   const introspection = opts.introspection ?? opts.development

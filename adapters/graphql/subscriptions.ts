@@ -95,6 +95,8 @@ function refusedStream (error: GraphQLError): AsyncIterableIterator<never> {
  * with 4401: the same credentials again would be refused again.
  */
 const CLOSE_IDENTITY_ENDED = 4403
+/** graphql-transport-ws' close of a connection_init whose credentials are refused (see the guard). */
+const CLOSE_FORBIDDEN = 4403
 
 /** One graphql-ws connection: its credentials, its operations as mercurius holds them, its expiry. */
 export class GraphqlConnection {
@@ -134,8 +136,10 @@ export class GraphqlConnection {
 
   /**
    * Once connection_init is in, its credentials (`own`: connection_init's, else the upgrade's)
-   * are verified and their expiry timed. A connection left without a valid identity (none, or
-   * refused) is closed with 4401 after `authTimeoutMs`, unless a subscribe brings one first
+   * are verified and their expiry timed (over graphql-transport-ws, connection_init's own were
+   * verified by the guard first: refused, the socket was closed with 4403 and never got here). A
+   * connection left without a valid identity (none, or refused) is closed with 4401 after
+   * `authTimeoutMs`, unless a subscribe brings one first
    * (mercurius' connectionInit extension); one that does subscribe with bad credentials gets the
    * reason, then 4401, as before. Before, only a subscribe read them: a socket that never
    * subscribed stayed open for ever, anonymous, forged or expired, holding one of the face's
@@ -464,7 +468,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
   subscribe: (event: EventDefinition) => GraphQLFieldResolver<unknown, SubscriptionContext>
   preSubscriptionExecution: (schema: GraphQLSchema, document: DocumentNode, context: SubscriptionContext, id: string | number) => Promise<void>
   onSubscriptionEnd: (context: SubscriptionContext | null, id: string | number) => Promise<void>
-  guard: (socket: WebSocket, initialised: () => void, budget?: { unread: UnreadBytes, tenant: () => string | undefined }) => void
+  guard: (socket: WebSocket, initialised: () => void, budget?: { unread: UnreadBytes, tenant: () => string | undefined }, upgrade?: IncomingMessage) => void
 } {
   const connections = new WeakMap<WebSocket, GraphqlConnection>()
   // The single-field rule without the variables threw on a variable in a directive: the guard
@@ -505,7 +509,8 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
 
     // `connection_init` may carry `{ authorization: "Bearer …" }`; it is verified on each
     // subscribe, where a refusal can carry its code (mercurius' own refusal of a connection
-    // is not a message of the graphql-transport-ws protocol).
+    // is not a message of the graphql-transport-ws protocol: there the guard refuses a bad one
+    // first, 4403).
     onConnect (data) {
       const authorization = initAuthorization(data.payload)
       return authorization === undefined ? true : { initAuthorization: authorization }
@@ -557,9 +562,10 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
      *   connection_init got through unscreened, and mercurius, which handles messages in order,
      *   ran it once initialised;
      * - a `connection_init` calls `initialised` (the face's 4408 timer), since this is the one
-     *   place that reads each message's type.
+     *   place that reads each message's type. Over graphql-transport-ws, the first one whose
+     *   credentials are refused closes the socket at once with 4403 (see refuseInit).
      */
-    guard (socket, initialised, budget) {
+    guard (socket, initialised, budget, upgrade) {
       // Every frame mercurius and this screen send goes out as UTF-8 bytes, and is not queued for
       // a client that has more than the bound unread, or whose tenant's sockets (or the
       // instance's) have more than theirs (see utf8Sends).
@@ -568,6 +574,10 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       const subscribe = transport ? 'subscribe' : 'start'
       const complete = transport ? 'complete' : 'stop'
       let initSeen = false
+      // Set once connection_init's credentials were refused: the socket is closing (4403), and
+      // nothing it sent after them reaches mercurius (a subscribe behind them would be decided,
+      // and recorded, again).
+      let refusedInit = false
       // Bytes of the messages handed to mercurius while it waits for a frame of its own to be
       // written (null: it reads on). It reads the socket's messages one at a time, and awaits its
       // connection_ack (its connection_error, for a legacy start before connection_init) before
@@ -673,7 +683,36 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         state.starting.add(key)
         return true
       }
+      // graphql-transport-ws: a connection_init whose credentials (its payload's `authorization`)
+      // are refused closes the socket at once with 4403 Forbidden, before any connection_ack, as
+      // graphql-ws' own server does when its onConnect refuses. Before, it was acked and closed
+      // with 4401 about 10 s later (authTimeoutMs) or at its first subscribe: graphql-ws' client
+      // takes 4401 for fatal, and one whose connectionParams gave a stale token on a reconnect
+      // failed every subscription instead of asking for a fresh one (it retries 4403). Recorded
+      // once, as the upgrade's own 401 for the same token is (`http` at /graphql, public /
+      // anonymous): before, it left an entry only when a subscribe followed, one per subscribe.
+      // One without credentials is left to the connection (the upgrade's token, else 4401 once
+      // authTimeoutMs has passed without a subscribe bringing one).
+      const refuseInit = (authorization: string): boolean => {
+        try {
+          app.identify(authorization, upgrade)
+          return false
+        } catch (err) {
+          refusedInit = true
+          socket.close(CLOSE_FORBIDDEN, upTo(`Forbidden: ${(err as Error).message}`, 123))
+          if (auditing) {
+            try {
+              decide({ requestId: uuidv7(), protocol: 'graphql', path: '/graphql', action: 'http', category: 'auth', caller: null, clientRequestId: false }, () => { throw err })
+            } catch {
+              // The refusal rethrown, or the trail's OVERLOADED when it cannot record: the
+              // connection is refused for its credentials either way.
+            }
+          }
+          return true
+        }
+      }
       const admit = (data: unknown): boolean => {
+        if (refusedInit) return false
         let message: unknown
         const text = String(data)
         try {
@@ -696,10 +735,12 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         const forbidden = MAY_HOLD_FORBIDDEN_KEY.test(text) && forbiddenKey(message)
         if (forbidden && (type !== subscribe || (!initSeen && !transport))) return invalid(id, FORBIDDEN_KEY)
         if (type === 'connection_init') {
-          waiting ??= 0
+          const first = !initSeen
           initSeen = true
           state.init = initAuthorization((message as { payload?: unknown }).payload)
           initialised()
+          if (transport && first && state.init !== undefined && refuseInit(state.init)) return false
+          waiting ??= 0
           // mercurius copies this payload (or its `headers`) onto the upgrade request's headers,
           // key by key (a string's characters, one key each), on every subscribe, before any
           // token is looked at: 20 subscribes behind a payload of 60,000 keys held the event loop

@@ -341,7 +341,16 @@ function probes (app: FastifyInstance, port: number): { list: Probe[], reset: ()
       const { socket } = opened
       const init = carrier === 'init' ? { ...auth.spoof?.params, ...(auth.token === undefined ? {} : { authorization: `Bearer ${auth.token}` }) } : { ...auth.spoof?.params }
       socket.ws.send(JSON.stringify({ type: 'connection_init', payload: init }))
-      await message(socket, m => m.type === 'connection_ack', 'connection_ack')
+      // connection_init's token refused: the socket is closed at once with 4403, never acked (a
+      // close carries no problem code: the refusal is its token's, UNAUTHENTICATED as recorded).
+      let refusedInit = false
+      socket.ws.once('close', () => { refusedInit = !socket.messages.some(m => m.type === 'connection_ack') })
+      await soon(() => refusedInit || socket.messages.some(m => m.type === 'connection_ack'), 'connection_ack or the refusal')
+      if (refusedInit) {
+        const close = await socket.closed
+        await shut(socket.ws)
+        return { outcome: { ok: false, status: 401, code: 'UNAUTHENTICATED', close }, events: [], close: async () => {} }
+      }
       const before = app.events.bus.subscriptions
       socket.ws.send(JSON.stringify({ id: 's1', type: 'subscribe', payload: { query: `subscription { runUpdated ${RUN_SELECTION} }` } }))
       const events: Array<Record<string, unknown>> = []
@@ -600,8 +609,13 @@ t.test('tokens: every bad token is a 401 on every face and every carrier; good o
         if (c.ok === true) t.ok(outcome.ok, `${c.name}: ${label} passes` + (outcome.ok ? '' : ` (${JSON.stringify(outcome)})`))
         else {
           expectRefusal(t, `${c.name}: ${label}`, outcome, 401)
-          // graphql-ws: the subscription's error, then the connection closes with 4401.
-          if (label.startsWith('GraphQL WS connection_init') && !outcome.ok) t.equal(outcome.close, 4401, `${c.name}: ${label} closes with 4401`)
+          // graphql-ws: a token in connection_init refused closes the connection at once with
+          // 4403 (graphql-ws' client retries, asking its connectionParams again); without one,
+          // the subscription's error, then the connection closes with 4401.
+          if (label.startsWith('GraphQL WS connection_init') && !outcome.ok) {
+            const close = c.auth.token === undefined ? 4401 : 4403
+            t.equal(outcome.close, close, `${c.name}: ${label} closes with ${close}`)
+          }
           if (label.startsWith('tRPC WS') && !outcome.ok && outcome.close !== undefined) t.not(outcome.close, 1011, `${c.name}: ${label} not an internal-error close`)
         }
       }

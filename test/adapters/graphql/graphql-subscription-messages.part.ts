@@ -237,7 +237,9 @@ t.test('a message holding "__proto__" or constructor.prototype is refused in the
 t.test('connection_init\'s payload is not copied onto the upgrade request\'s headers, whatever it holds', async t => {
   const { port, app } = await listen(t)
   for (const [name, payload] of [
-    ['an object', { authorization: 'Bearer not-a-jwt', 'x-planted': 'by the client', ...Object.fromEntries(Array.from({ length: 100 }, (_, i) => [`k${i}`, 'v'])) }],
+    // No credentials: a connection_init whose token is refused is closed at once (4403), before
+    // mercurius sees it.
+    ['an object', { 'x-planted': 'by the client', ...Object.fromEntries(Array.from({ length: 100 }, (_, i) => [`k${i}`, 'v'])) }],
     ['its headers', { headers: { 'x-planted': 'by the client' } }],
     ['a string', 'abcdefghij']
   ] as const) {

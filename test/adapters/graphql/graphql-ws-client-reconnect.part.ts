@@ -44,3 +44,38 @@ t.test('graphql-ws\' client reconnects with a fresh token when its token expires
   await until(() => results.length === 1, 'the event after the reconnection')
   t.same(results[0], { data: { runUpdated: { id: 'r1', status: 'running' } } })
 })
+
+// A connection_init whose token is refused (a stale one its connectionParams gave on a reconnect,
+// before the application refreshed it) was acked, the subscription then failed UNAUTHENTICATED and
+// the connection closed 4401, which graphql-ws' client takes for fatal: the subscription ended for
+// good. Refused at once with 4403, before any ack, as graphql-ws' own server refuses, the client
+// retries, asks its connectionParams again, and subscribes on the new connection.
+t.test('graphql-ws\' client whose connectionParams give a refused token retries with a fresh one, and its subscription goes on', async t => {
+  const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const stale = token({ tenant: 't1', user: 'u1', roles: ['viewer'], ttlSeconds: -60 })
+  let asked = 0
+  const closes: Array<[number, string]> = []
+  let connected = 0
+  const client = createClient({
+    url: `ws://127.0.0.1:${port}/graphql`,
+    webSocketImpl: WebSocket,
+    retryAttempts: 3,
+    retryWait: async () => {},
+    connectionParams: () => ({ authorization: `Bearer ${asked++ === 0 ? stale : token({ tenant: 't1', user: 'u1', roles: ['viewer'] })}` }),
+    on: { closed: (event) => { const { code, reason } = event as { code: number, reason: string }; closes.push([code, String(reason)]) }, connected: () => { connected++ } }
+  })
+  t.teardown(() => client.dispose())
+  const results: Array<FormattedExecutionResult<Record<string, unknown>, unknown>> = []
+  let error: unknown = null
+  client.subscribe({ query: 'subscription { runUpdated { id status } }' }, { next: r => { results.push(r) }, error: e => { error = e }, complete: () => {} })
+  await until(() => error !== null || (connected === 1 && app.events.bus.subscriptions === 1), 'the subscription on the second connection, or its error', 8000)
+  t.equal(error, null, 'the subscription did not fail')
+  t.match(closes[0], [4403, /^Forbidden: The token was refused/], 'the stale token\'s connection is refused with 4403, which graphql-ws\' client retries')
+  t.equal(asked, 2, 'asking its connectionParams again: the fresh token')
+  t.equal(connected, 1, 'the refused connection was never acknowledged')
+  await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: RUN })
+  await until(() => results.length === 1, 'the event')
+  t.same(results[0], { data: { runUpdated: { id: 'r1', status: 'running' } } })
+})

@@ -398,3 +398,33 @@ t.test('tRPC over WebSocket: a message of too many calls leaves one entry, as an
   t.equal((await stored(app, 'getAgent')).length, 0, 'no call ran')
   t.notMatch(JSON.stringify(rows), /hunter2/, 'never the input')
 })
+
+// A connection_init whose token is refused closes the socket at once (4403), before any ack: its
+// refusal is recorded once, as the upgrade's own 401 for the same token is (`http` at /graphql,
+// public / anonymous). Before, it was acked and left an entry only if a subscribe followed, one
+// per subscribe (under the event), and none when the client sent nothing more.
+t.test('GraphQL over graphql-ws: a connection_init whose token is refused leaves one entry, as the upgrade\'s refusal does, whatever follows it', async t => {
+  const app = await buildDemoApp(t)
+  const port = await listen(app)
+  const refuse = async (authorization: unknown, subscribes: number): Promise<{ code: number, frames: unknown[] }> => {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, 'graphql-transport-ws')
+    t.teardown(() => ws.terminate())
+    const frames: unknown[] = []
+    ws.on('message', d => frames.push(JSON.parse(String(d))))
+    const closed = new Promise<number>(resolve => ws.once('close', resolve))
+    await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+    ws.send(JSON.stringify({ type: 'connection_init', payload: { authorization } }))
+    for (let i = 0; i < subscribes; i++) ws.send(JSON.stringify({ id: String(i), type: 'subscribe', payload: { query: 'subscription { runUpdated { id } }' } }))
+    return { code: await closed, frames }
+  }
+  const forged = await refuse('Bearer not.a.token', 0)
+  const expired = await refuse(`Bearer ${token({ tenant: 'tx', user: 'ux', ttlSeconds: -60 })}`, 3)
+  const junk = await refuse(42, 1)
+  for (const refused of [forged, expired, junk]) t.same(refused, { code: 4403, frames: [] }, 'closed with 4403, nothing answered')
+  const rows = await stored(app, 'http')
+  t.equal(rows.length, 3, 'one per refused connection')
+  for (const row of rows) t.match(row, { tenantId: 'public', userId: 'anonymous', method: null, path: '/graphql', protocol: 'graphql', action: 'http', category: 'auth', status: 'UNAUTHENTICATED', statusCode: 401, riskLevel: 'none' })
+  t.equal((await stored(app, 'runUpdated')).length, 0, 'the subscribes behind it were not decided')
+  t.notMatch(JSON.stringify(rows), /not\.a\.token|eyJ/, 'never the token')
+  t.equal(app.events.bus.subscriptions, 0)
+})
