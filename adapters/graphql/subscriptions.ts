@@ -734,6 +734,13 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         // such message is one the protocol does not define.
         const forbidden = MAY_HOLD_FORBIDDEN_KEY.test(text) && forbiddenKey(message)
         if (forbidden && (type !== subscribe || (!initSeen && !transport))) return invalid(id, FORBIDDEN_KEY)
+        // graphql-transport-ws: the payload of a connection_init, ping or pong is an object, or
+        // none (null or absent); any other closes the socket with 4400, as graphql-ws' own server
+        // does. Before, mercurius acked (or ponged) it, and a connection_init's was read as none.
+        if (transport && (type === 'connection_init' || type === 'ping' || type === 'pong')) {
+          const payload = (message as { payload?: unknown }).payload
+          if (payload !== undefined && payload !== null && (typeof payload !== 'object' || Array.isArray(payload))) return invalid(id, `Invalid message: a ${type} payload must be an object`)
+        }
         if (type === 'connection_init') {
           const first = !initSeen
           initSeen = true

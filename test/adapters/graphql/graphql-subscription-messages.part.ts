@@ -237,11 +237,10 @@ t.test('a message holding "__proto__" or constructor.prototype is refused in the
 t.test('connection_init\'s payload is not copied onto the upgrade request\'s headers, whatever it holds', async t => {
   const { port, app } = await listen(t)
   for (const [name, payload] of [
-    // No credentials: a connection_init whose token is refused is closed at once (4403), before
-    // mercurius sees it.
+    // No credentials: a connection_init whose token is refused is closed at once (4403), and a
+    // payload that is no object (a string) with 4400, before mercurius sees either.
     ['an object', { 'x-planted': 'by the client', ...Object.fromEntries(Array.from({ length: 100 }, (_, i) => [`k${i}`, 'v'])) }],
-    ['its headers', { headers: { 'x-planted': 'by the client' } }],
-    ['a string', 'abcdefghij']
+    ['its headers', { headers: { 'x-planted': 'by the client' } }]
   ] as const) {
     const upgraded = new Promise<{ headers: Record<string, unknown> }>(resolve => app.websocketServer.once('connection', (_socket: unknown, request: { headers: Record<string, unknown> }) => { resolve(request) }))
     const c = await openRaw(t, port, 'graphql-transport-ws')
@@ -255,4 +254,34 @@ t.test('connection_init\'s payload is not copied onto the upgrade request\'s hea
     t.ok(Object.keys(request.headers).length <= before + 1, `${name}: at most authorization added (${Object.keys(request.headers).length - before} keys added)`)
     c.ws.terminate()
   }
+})
+
+// graphql-transport-ws: the payload of a connection_init, ping or pong is an object, or none (null
+// or absent); graphql-ws' own server closes the socket with 4400 on any other. mercurius acked a
+// connection_init whose payload was a string (read as no credentials), and answered such a ping.
+t.test('graphql-transport-ws: a connection_init, ping or pong whose payload is not an object closes the socket with 4400', async t => {
+  const { port } = await listen(t)
+  for (const type of ['connection_init', 'ping', 'pong']) {
+    for (const payload of ['x', 5, true, ['a']]) {
+      const c = await openRaw(t, port, 'graphql-transport-ws')
+      c.ws.send(JSON.stringify({ type, payload }))
+      await until(() => c.closed() !== null, `${type} ${JSON.stringify(payload)}: the close`)
+      t.same(c.closed(), [4400, `Invalid message: a ${type} payload must be an object`], `${type} ${JSON.stringify(payload)}`)
+      t.same(c.frames, [], `${type} ${JSON.stringify(payload)}: nothing answered`)
+    }
+  }
+  // An object, null or none: as before.
+  const c = await openRaw(t, port, 'graphql-transport-ws')
+  c.ws.send(JSON.stringify({ type: 'ping', payload: null }))
+  c.ws.send(JSON.stringify({ type: 'ping', payload: { at: 1 } }))
+  c.ws.send(JSON.stringify({ type: 'pong' }))
+  c.ws.send(JSON.stringify({ type: 'connection_init', payload: null }))
+  await until(() => c.frames.some(f => f.type === 'connection_ack'), 'the ack')
+  t.same(c.frames.map(f => f.type), ['pong', 'pong', 'connection_ack'])
+  t.equal(c.closed(), null)
+  // The legacy protocol defines no such rule: a connection_init whose payload is a string is acked.
+  const legacy = await openRaw(t, port, 'graphql-ws')
+  legacy.ws.send(JSON.stringify({ type: 'connection_init', payload: 'x' }))
+  await until(() => legacy.frames.some(f => f.type === 'connection_ack'), 'the legacy ack')
+  t.equal(legacy.closed(), null)
 })
