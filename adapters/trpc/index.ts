@@ -628,6 +628,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       app.addHook('preClose', async () => {
         if (sockets.size === 0) return
         const open = [...sockets]
+        // Each socket already has ten 'close' listeners of its own (ws, the bounds, the counters,
+        // the expiry...): the two the shutdown adds below would warn of a leak that is none.
+        for (const socket of open) socket.setMaxListeners(socket.getMaxListeners() + 2)
         for (const socket of open) if (socket.readyState === socket.OPEN) socket.send('{"id":null,"method":"reconnect"}')
         let longest = 0
         for (const op of app.pipeline.manifest.operations) longest = Math.max(longest, op.timeoutMs)
