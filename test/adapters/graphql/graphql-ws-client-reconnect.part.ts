@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { createClient, type FormattedExecutionResult } from 'graphql-ws'
 import { WebSocket } from 'ws'
 import { createSigner } from 'fast-jwt'
@@ -11,34 +11,42 @@ import { buildDemoApp, token, SECRET, until } from '../../helper.js'
 
 const RUN = { id: 'r1', agentId: 'a1', status: 'running', temperature: 0.5, promptChars: 12, output: null, error: null, createdAt: '2026-01-01T00:00:00Z', updatedAt: '2026-01-01T00:00:01Z', startedAt: '2026-01-01T00:00:01Z', finishedAt: null }
 
+/**
+ * graphql-ws' client on the demo app's /graphql, as an application makes it: its connectionParams
+ * a function asked again on each connection, giving `first` once and a fresh token after; up to
+ * three retries, at once. `asked` counts the connectionParams asked, `connected` the connections.
+ */
+function reconnectingClient (t: Test, port: number, first: string, closed: (event: { code: number, reason: string }) => void): { client: ReturnType<typeof createClient>, counts: { asked: number, connected: number } } {
+  const counts = { asked: 0, connected: 0 }
+  const client = createClient({
+    url: `ws://127.0.0.1:${port}/graphql`,
+    webSocketImpl: WebSocket,
+    retryAttempts: 3,
+    retryWait: async () => {},
+    connectionParams: () => ({ authorization: `Bearer ${counts.asked++ === 0 ? first : token({ tenant: 't1', user: 'u1', roles: ['viewer'] })}` }),
+    on: { closed: (event) => { closed(event as { code: number, reason: string }) }, connected: () => { counts.connected++ } }
+  })
+  t.teardown(() => client.dispose())
+  return { client, counts }
+}
+
 t.test('graphql-ws\' client reconnects with a fresh token when its token expires, and its subscription goes on', async t => {
   const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as { port: number }
   // The first token's exp is 3 s ago: the 5 s clock tolerance leaves it good for 1 to 2 s more.
   const expiring = createSigner({ key: SECRET, algorithm: 'HS256', noTimestamp: true })({ sub: 'u1', tid: 't1', roles: ['viewer'], exp: Math.floor(Date.now() / 1000) - 3 })
-  let asked = 0
   const closes: number[] = []
-  let connected = 0
-  const client = createClient({
-    url: `ws://127.0.0.1:${port}/graphql`,
-    webSocketImpl: WebSocket,
-    retryAttempts: 3,
-    retryWait: async () => {},
-    // As an application gives it: a function, asked again on each connection, with its current token.
-    connectionParams: () => ({ authorization: `Bearer ${asked++ === 0 ? expiring : token({ tenant: 't1', user: 'u1', roles: ['viewer'] })}` }),
-    on: { closed: (event) => { closes.push((event as { code: number }).code) }, connected: () => { connected++ } }
-  })
-  t.teardown(() => client.dispose())
+  const { client, counts } = reconnectingClient(t, port, expiring, ({ code }) => { closes.push(code) })
   const results: Array<FormattedExecutionResult<Record<string, unknown>, unknown>> = []
   let error: unknown = null
   client.subscribe({ query: 'subscription { runUpdated { id status } }' }, { next: r => { results.push(r) }, error: e => { error = e }, complete: () => {} })
-  await until(() => connected === 1 && app.events.bus.subscriptions === 1, 'the first connection\'s subscription')
-  await until(() => error !== null || connected === 2, 'the expiry\'s close, then the client\'s reconnection or its error', 8000)
+  await until(() => counts.connected === 1 && app.events.bus.subscriptions === 1, 'the first connection\'s subscription')
+  await until(() => error !== null || counts.connected === 2, 'the expiry\'s close, then the client\'s reconnection or its error', 8000)
   t.equal(error, null, 'the subscription did not fail')
   t.equal(closes[0], 4403, 'the expired connection is closed with 4403, which graphql-ws\' client retries')
-  t.equal(connected, 2, 'the client reconnected')
-  t.equal(asked, 2, 'asking its connectionParams again: the fresh token')
+  t.equal(counts.connected, 2, 'the client reconnected')
+  t.equal(counts.asked, 2, 'asking its connectionParams again: the fresh token')
   await until(() => app.events.bus.subscriptions === 1, 'the subscription again, on the new connection')
   await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: RUN })
   await until(() => results.length === 1, 'the event after the reconnection')
@@ -55,26 +63,16 @@ t.test('graphql-ws\' client whose connectionParams give a refused token retries 
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as { port: number }
   const stale = token({ tenant: 't1', user: 'u1', roles: ['viewer'], ttlSeconds: -60 })
-  let asked = 0
   const closes: Array<[number, string]> = []
-  let connected = 0
-  const client = createClient({
-    url: `ws://127.0.0.1:${port}/graphql`,
-    webSocketImpl: WebSocket,
-    retryAttempts: 3,
-    retryWait: async () => {},
-    connectionParams: () => ({ authorization: `Bearer ${asked++ === 0 ? stale : token({ tenant: 't1', user: 'u1', roles: ['viewer'] })}` }),
-    on: { closed: (event) => { const { code, reason } = event as { code: number, reason: string }; closes.push([code, String(reason)]) }, connected: () => { connected++ } }
-  })
-  t.teardown(() => client.dispose())
+  const { client, counts } = reconnectingClient(t, port, stale, ({ code, reason }) => { closes.push([code, String(reason)]) })
   const results: Array<FormattedExecutionResult<Record<string, unknown>, unknown>> = []
   let error: unknown = null
   client.subscribe({ query: 'subscription { runUpdated { id status } }' }, { next: r => { results.push(r) }, error: e => { error = e }, complete: () => {} })
-  await until(() => error !== null || (connected === 1 && app.events.bus.subscriptions === 1), 'the subscription on the second connection, or its error', 8000)
+  await until(() => error !== null || (counts.connected === 1 && app.events.bus.subscriptions === 1), 'the subscription on the second connection, or its error', 8000)
   t.equal(error, null, 'the subscription did not fail')
   t.match(closes[0], [4403, /^Forbidden: The token was refused/], 'the stale token\'s connection is refused with 4403, which graphql-ws\' client retries')
-  t.equal(asked, 2, 'asking its connectionParams again: the fresh token')
-  t.equal(connected, 1, 'the refused connection was never acknowledged')
+  t.equal(counts.asked, 2, 'asking its connectionParams again: the fresh token')
+  t.equal(counts.connected, 1, 'the refused connection was never acknowledged')
   await app.events.publish({ topic: 'runs.updated', tenantId: 't1', payload: RUN })
   await until(() => results.length === 1, 'the event')
   t.same(results[0], { data: { runUpdated: { id: 'r1', status: 'running' } } })
