@@ -72,6 +72,14 @@ export class MantleError extends Error {
 }
 
 /**
+ * A call refused because the gateway is shutting down (its preClose has run): OVERLOADED, retried
+ * in a second on another instance. `what` names it as its face does (a call, a mutation).
+ */
+export function shuttingDownRefusal (what = 'call'): MantleError {
+  return new MantleError('OVERLOADED', `The gateway is shutting down: this ${what} did not run; retry it on another instance`, { headers: { 'retry-after': '1' } })
+}
+
+/**
  * The detail a `call failed` line logs for `err`: the client's (`problem.detail`) unless the error
  * carries one for logs. The client gets what concerns its own call; a log line never holds a
  * call's input or answer (README, "Logs").

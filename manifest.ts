@@ -83,6 +83,13 @@ export interface Manifest {
   readonly fixed: ReadonlyMap<string, string>
 }
 
+/** The longest `timeoutMs` of the manifest's operations (0 without any): what a call in flight may still take. */
+export function longestTimeoutMs (manifest: Manifest): number {
+  let longest = 0
+  for (const op of manifest.operations) longest = Math.max(longest, op.timeoutMs)
+  return longest
+}
+
 /** JSON with object keys sorted, so `{a,b}` and `{b,a}` are the same input. */
 export function canonicalJson (value: unknown): string {
   // Iterative, not recursive: uniqueItems (unique-items.ts) writes each item so before the

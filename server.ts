@@ -5,7 +5,7 @@ import type { FastifyInstance } from 'fastify'
 import { loadConfig, demoKernel, demoKernelRefusal, startWarnings, productionProblems, ConfigError, DEV_JWT_SECRET, type Config } from './schemas/config.js'
 import { mintToken } from './plugins/auth/index.js'
 import type { KernelEventMessage } from './plugins/events/index.js'
-import type { Manifest } from './manifest.js'
+import { longestTimeoutMs, type Manifest } from './manifest.js'
 
 /** A shutdown's grace at the least (ms). */
 const MIN_GRACE_MS = 10_000
@@ -24,9 +24,7 @@ const GRACE_MARGIN_MS = 10_000
  * Before, a fixed 10 s cut calls whose operation allowed them longer (up to 600 s).
  */
 export function shutdownGraceMs (manifest: Manifest): number {
-  let longest = 0
-  for (const op of manifest.operations) longest = Math.max(longest, op.timeoutMs)
-  return Math.max(MIN_GRACE_MS, longest + GRACE_MARGIN_MS)
+  return Math.max(MIN_GRACE_MS, longestTimeoutMs(manifest) + GRACE_MARGIN_MS)
 }
 
 export interface Started {

@@ -4,7 +4,7 @@ import { BREAK, Kind, NoSchemaIntrospectionCustomRule, getOperationAST, parse, v
 // graphql-js's own field collection (16.x; no exports map, so its module is importable as is).
 import { collectFields } from 'graphql/execution/collectFields.js'
 import { AnswerBudget, MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
-import { ErrorCodes, MantleError } from '../../errors.js'
+import { ErrorCodes, MantleError, shuttingDownRefusal } from '../../errors.js'
 import { checkedUtf8 } from '../../json-body.js'
 import { ConnectionSlots, UNIDENTIFIED_DEFAULTS, reportSlots } from '../connection-slots.js'
 import { defaultUnreadBytes, type UnreadBytes } from '../unread.js'
@@ -109,8 +109,6 @@ export const DEFAULT_SETTINGS: Readonly<GraphqlFaceSettings> = Object.freeze({
   maxUnidentified: UNIDENTIFIED_DEFAULTS.max,
   maxUnidentifiedPerAddress: UNIDENTIFIED_DEFAULTS.perAddress
 })
-
-const SHUTTING_DOWN = (): MantleError => new MantleError('OVERLOADED', 'The gateway is shutting down: this mutation did not run; retry it on another instance', { headers: { 'retry-after': '1' } })
 
 /** What a root field's audit entry records when the bound on the answer left its result out. */
 const LEFT_OUT = Object.freeze({ code: 'PAYLOAD_TOO_LARGE', status: 413 })
@@ -227,7 +225,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         // one value of a variable used many times ([$a, $a, ...]), which went on to the Kernel
         // once per use (a 57 KB request sent 144 MB; 50 calls of a 33 KB one, 48 MB).
         refusal: n > 0 && op.type === 'mutation' && app.shuttingDown()
-          ? SHUTTING_DOWN()
+          ? shuttingDownRefusal('mutation')
           : overInputBudget(ctx, input, opts.bodyLimit) ? new MantleError('PAYLOAD_TOO_LARGE', `The document's inputs are over the body limit (${opts.bodyLimit}) as JSON`) : undefined,
         requestId,
         reqId: ctx.requestId,

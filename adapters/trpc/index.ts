@@ -1,3 +1,4 @@
+import { longestTimeoutMs } from '../../manifest.js'
 import { clientRequestId, uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { TRPCError } from '@trpc/server'
@@ -632,12 +633,10 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         // the expiry...): the two the shutdown adds below would warn of a leak that is none.
         for (const socket of open) socket.setMaxListeners(socket.getMaxListeners() + 2)
         for (const socket of open) if (socket.readyState === socket.OPEN) socket.send('{"id":null,"method":"reconnect"}')
-        let longest = 0
-        for (const op of app.pipeline.manifest.operations) longest = Math.max(longest, op.timeoutMs)
         const busy = open.map(socket => contexts.get(socket)).filter(ctx => ctx !== undefined && ctx.inFlight > 0) as TrpcContext[]
         if (busy.length > 0) {
           let timer: NodeJS.Timeout | undefined
-          const bound = new Promise<void>(resolve => { timer = setTimeout(resolve, longest) })
+          const bound = new Promise<void>(resolve => { timer = setTimeout(resolve, longestTimeoutMs(app.pipeline.manifest)) })
           await Promise.race([Promise.all(busy.map(async ctx => { await new Promise<void>(resolve => { ctx.idle = resolve; ctx.socket?.once('close', () => { resolve() }) }) })), bound])
           clearTimeout(timer)
           // The last answers go out once their resolve has returned: tRPC sends them a few

@@ -4,7 +4,7 @@ import { initTRPC, type AnyTRPCProcedure, type AnyTRPCRouter } from '@trpc/serve
 import type { WebSocket } from 'ws'
 import { decisions, runCall, type Decision } from '../face.js'
 import { callKey } from '../rest/index.js'
-import { MantleError } from '../../errors.js'
+import { MantleError, shuttingDownRefusal } from '../../errors.js'
 import { isSocket, requestOf } from '../../plugins/pipeline/index.js'
 import type { TrpcContext } from './context.js'
 import { ProblemError, errorShape, type MantleErrorShape } from './errors.js'
@@ -104,7 +104,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       const refusal = ctx.socket === null
         ? undefined
         : app.shuttingDown()
-          ? new MantleError('OVERLOADED', 'The gateway is shutting down: this call did not run; retry it on another instance', { headers: { 'retry-after': '1' } })
+          ? shuttingDownRefusal()
           : ctx.inFlight >= limits.maxInFlight
             ? new MantleError('OVERLOADED', `A connection runs at most ${limits.maxInFlight} calls at once`, { headers: { 'retry-after': '1' } })
             : slowReader(ctx.socket, limits.maxBufferedBytes) ? new MantleError('OVERLOADED', SLOW_READER) : undefined

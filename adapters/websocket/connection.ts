@@ -3,7 +3,7 @@ import { uuidv7 } from '../../ids.js'
 import { WebSocket, type RawData } from 'ws'
 import { runCall, callEnvelope, problemJson, type Decide } from '../face.js'
 import { checkedIdempotencyKey } from '../rest/index.js'
-import { MantleError, toProblem } from '../../errors.js'
+import { MantleError, shuttingDownRefusal, toProblem } from '../../errors.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame, type AuthFrame, type Refusal } from './frames.js'
 import type { CloseReason, WebSocketCounters } from './metrics.js'
@@ -66,9 +66,8 @@ export class Connection {
   private reason: CloseReason = 'peer'
   /** Set once the connection is closing: no frame is read and nothing is sent any more. */
   private closing = false
-  /** Set by drain (shutdown): new calls are refused; called once no call is in flight. */
+  /** Set by drain (shutdown): called once no call is in flight. */
   private drained: (() => void) | null = null
-  private draining = false
 
   /**
    * @param reqId the id of the upgrade request (its access-log lines' `reqId`): the log lines of
@@ -96,13 +95,12 @@ export class Connection {
   }
 
   /**
-   * The shutdown's first step: calls sent from now on are refused (OVERLOADED, through their
-   * pipeline, audited), and it resolves once the calls in flight have sent their answers (or the
-   * socket closed). Before, the socket closed at once with 1001 and the answer of a call in
+   * The shutdown's first step, once the gateway says it is shutting down (so calls sent from now
+   * on are refused OVERLOADED, through their pipeline, audited): resolves once the calls in
+   * flight have sent their answers (or the socket closed). Before, the socket closed at once with 1001 and the answer of a call in
    * flight was lost, a mutation carried out at the Kernel and its client never told.
    */
   async drain (): Promise<void> {
-    this.draining = true
     if (this.inFlight === 0 || this.closing) return
     await new Promise<void>(resolve => { this.drained = resolve })
   }
@@ -228,8 +226,8 @@ export class Connection {
     // reaches the Kernel), so that the refusal has its audit entry like every other.
     // A second's wait, as tRPC's bound asks: the calls in flight end and make room.
     // Once the shutdown has begun a call is refused as well (drain): the gateway is going away.
-    const refusal = this.draining || this.face.app.shuttingDown()
-      ? new MantleError('OVERLOADED', 'The gateway is shutting down: this call did not run; retry it on another instance', { headers: { 'retry-after': '1' } })
+    const refusal = this.face.app.shuttingDown()
+      ? shuttingDownRefusal()
       : this.inFlight >= maxInFlight ? new MantleError('OVERLOADED', `A connection may have at most ${maxInFlight} calls in flight`, { headers: { 'retry-after': '1' } }) : formRefusal
     if (refusal === undefined) this.inFlight++
     const id = JSON.stringify(frame.id)

@@ -1,3 +1,4 @@
+import { longestTimeoutMs } from '../../manifest.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import { decisions, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
@@ -97,9 +98,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
       // The calls in flight are let finish and answered first, as HTTP requests are: each ends
       // by its operation's timeoutMs, which the shutdown's grace allows (server.ts), so the wait
       // is bounded by the longest of them.
-      let longest = 0
-      for (const op of app.pipeline.manifest.operations) longest = Math.max(longest, op.timeoutMs)
-      const calls = new Promise<void>(resolve => { timer = setTimeout(resolve, longest) })
+      const calls = new Promise<void>(resolve => { timer = setTimeout(resolve, longestTimeoutMs(app.pipeline.manifest)) })
       await Promise.race([Promise.all([...connections].map(async c => await c.drain())), calls])
       clearTimeout(timer)
       const grace = new Promise<void>(resolve => { timer = setTimeout(resolve, limits.closeGraceMs) })
