@@ -18,6 +18,16 @@ async function listen (app: FastifyInstance): Promise<number> {
   return (app.server.address() as { port: number }).port
 }
 
+/** A tRPC WebSocket of the app at `port`, open, with `headers`; the frames it receives, parsed. */
+async function trpcSocket (t: { teardown: (fn: () => void) => void }, port: number, headers: Record<string, string>): Promise<{ ws: WebSocket, frames: Array<Record<string, any>> }> {
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers })
+  t.teardown(() => ws.terminate())
+  const frames: Array<Record<string, any>> = []
+  ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
+  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  return { ws, frames }
+}
+
 async function stored (app: FastifyInstance, action: string): Promise<StoredEntry[]> {
   await drained(app)
   return (await app.audit.store.query({ action, limit: 100 })).entries
@@ -186,11 +196,7 @@ t.test('tRPC over SSE and WebSocket: a subscription refused for its input leaves
     t.match(await readUntil(res, 'serialized-error'), /FORBIDDEN/)
     controller.abort()
   }
-  const ws = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ tenant: 'ti', user: 'uw', roles: ['viewer'] }) })
-  t.teardown(() => ws.terminate())
-  const frames: Array<Record<string, any>> = []
-  ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
-  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  const { ws, frames } = await trpcSocket(t, port, bearer({ tenant: 'ti', user: 'uw', roles: ['viewer'] }))
   ws.send(JSON.stringify({ id: 1, method: 'subscription', params: { path: 'runUpdated', input: { x: 1 } } }))
   await until(() => frames.some(f => f.id === 1), 'the refusal')
   const refused = frames.find(f => f.id === 1)!
@@ -334,17 +340,10 @@ t.test('GraphQL over graphql-ws: a subscription refused for its document leaves 
   t.notMatch(JSON.stringify(await app.audit.store.query({ limit: 100 })), /hunter2|secret/, 'never the document')
 })
 
-// A tRPC WebSocket message of more calls than the face runs from one message (1000) is refused
-// whole, PAYLOAD_TOO_LARGE for each call, as an HTTP batch past BFF_BATCH_MAX_CALLS is: that one
-// is recorded (`trpc`, security), this one left no entry.
 t.test('tRPC over WebSocket: a message tRPC cannot parse leaves one entry when it names a procedure, as a /ws frame naming an op does', async t => {
   const app = await buildDemoApp(t)
   const port = await listen(app)
-  const ws = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ tenant: 'tp', user: 'up' }) })
-  t.teardown(() => ws.terminate())
-  const frames: Array<Record<string, any>> = []
-  ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
-  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  const { ws, frames } = await trpcSocket(t, port, bearer({ tenant: 'tp', user: 'up' }))
   const send = async (message: string): Promise<Record<string, any>> => {
     const before = frames.length
     ws.send(message)
@@ -379,14 +378,13 @@ t.test('tRPC over WebSocket: a message tRPC cannot parse leaves one entry when i
   t.notMatch(JSON.stringify(await app.audit.store.query({ limit: 100 })), /hunter2/, 'never the input')
 })
 
+// A tRPC WebSocket message of more calls than the face runs from one message (1000) is refused
+// whole, PAYLOAD_TOO_LARGE for each call, as an HTTP batch past BFF_BATCH_MAX_CALLS is: that one
+// is recorded (`trpc`, security), this one left no entry.
 t.test('tRPC over WebSocket: a message of too many calls leaves one entry, as an HTTP batch too long does', async t => {
   const app = await buildDemoApp(t)
   const port = await listen(app)
-  const ws = new WebSocket(`ws://127.0.0.1:${port}/trpc`, { headers: bearer({ tenant: 'tl', user: 'ul' }) })
-  t.teardown(() => ws.terminate())
-  const frames: Array<Record<string, any>> = []
-  ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
-  await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
+  const { ws, frames } = await trpcSocket(t, port, bearer({ tenant: 'tl', user: 'ul' }))
   ws.send(JSON.stringify(Array.from({ length: 1001 }, (_, i) => ({ id: i, method: 'query', params: { path: 'getAgent', input: { id: 'hunter2' } } }))))
   await until(() => frames.length === 1001, 'each call\'s refusal')
   t.match(frames[0], { error: { data: { code: 'PAYLOAD_TOO_LARGE', httpStatus: 413 } } })
