@@ -1,6 +1,7 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
+import { longestTimeoutMs, type Manifest } from '../manifest.js'
 
 /**
  * Sockets of the shared WebSocket server whose face closes them itself at shutdown, once their
@@ -8,6 +9,21 @@ import type { WebSocket } from 'ws'
  * which closes the others at once, leaves them alone.
  */
 export const closedByTheirFace = new WeakSet<WebSocket>()
+
+/**
+ * What a call that ends by its timeout takes to be answered once its timer fires: the Kernel
+ * request's abort, the audit entry, the frame. At shutdown, a face waits for its sockets' calls in
+ * flight for the longest operation timeout and this (within server.ts' GRACE_MARGIN_MS). With the
+ * timeout alone, a call sent just before the shutdown began timed out, under load, a few event-loop
+ * turns before its answer went, and the drain's own timer, due at about the same moment, closed its
+ * socket first: the answer was lost.
+ */
+export const ANSWER_MARGIN_MS = 1000
+
+/** How long a WebSocket face's shutdown waits for its calls in flight (/ws, /trpc). */
+export function inFlightBoundMs (manifest: Manifest): number {
+  return longestTimeoutMs(manifest) + ANSWER_MARGIN_MS
+}
 
 /**
  * A WebSocket upgrade's credentials: the Authorization header, else `?access_token=` (a browser

@@ -8,14 +8,14 @@ import { connect, type Socket } from 'node:net'
 import { testConfig, bearer, startTestKernel, json, fixture, buildTestApp, testManifest, until } from './helper.js'
 
 // A fixed 10 s cut calls in flight whose operation allowed them longer (timeoutMs up to 600 s).
-t.test('a shutdown\'s grace covers the longest operation\'s timeoutMs, and 10 s to close', async t => {
+t.test('a shutdown\'s grace covers the longest operation\'s timeoutMs, and 13 s to close', async t => {
   const op = { type: 'query', rest: 'GET /a', kernel: 'GET /v1/a', output: { type: 'object' } }
-  // 10 s to close after the longest call: the audit's 5 s at most (3 s for PostgreSQL, 1 s for the
+  // 13 s to close after the longest call: a WebSocket call's answer (1 s) and close (2 s), the audit's 5 s at most (3 s for PostgreSQL, 1 s for the
   // spool's disk, 1 s for the closes), the trace export's 2.5 s and the Redis quits. 5 s, the
   // audit's alone, had the shutdown killed before the hooks after it ran.
-  t.equal(shutdownGraceMs(testManifest({ a: op })), 15_000, 'the 5 s default timeout, and 10 s to close')
-  t.equal(shutdownGraceMs(testManifest({ a: op, b: { ...op, rest: 'GET /b', timeoutMs: 20_000 } })), 30_000, 'the longest, and 10 s to close')
-  t.equal(shutdownGraceMs(testManifest({ a: op }, { timeoutMs: 60_000 })), 70_000, 'the Kernel\'s default')
+  t.equal(shutdownGraceMs(testManifest({ a: op })), 18_000, 'the 5 s default timeout, and 13 s to close')
+  t.equal(shutdownGraceMs(testManifest({ a: op, b: { ...op, rest: 'GET /b', timeoutMs: 20_000 } })), 33_000, 'the longest, and 13 s to close')
+  t.equal(shutdownGraceMs(testManifest({ a: op }, { timeoutMs: 60_000 })), 73_000, 'the Kernel\'s default')
 })
 
 t.test('start() runs the embedded default: the demo Kernel starts alongside', async t => {

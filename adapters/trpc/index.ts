@@ -1,4 +1,3 @@
-import { longestTimeoutMs } from '../../manifest.js'
 import { clientRequestId, uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { TRPCError } from '@trpc/server'
@@ -10,7 +9,7 @@ import type { IncomingHttpHeaders, IncomingMessage } from 'node:http'
 import type { FaceOptions } from '../face.js'
 import { MantleError, refusalHeaders, type ErrorCode } from '../../errors.js'
 import { CLOSE_TRY_AGAIN_LATER, ConnectionSlots, UNIDENTIFIED_DEFAULTS, reportSlots } from '../connection-slots.js'
-import { closedByTheirFace, refusedByWs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
+import { closedByTheirFace, inFlightBoundMs, refusedByWs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
 import { countSlowReaderCuts, slowReader, slowReaderCuts, utf8Sends } from '../slow-reader.js'
 import { defaultUnreadBytes } from '../unread.js'
 import { httpAuthorization, httpContext, socketContext, TRPC_CALLS, type TrpcContext } from './context.js'
@@ -636,7 +635,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         const busy = open.map(socket => contexts.get(socket)).filter(ctx => ctx !== undefined && ctx.inFlight > 0) as TrpcContext[]
         if (busy.length > 0) {
           let timer: NodeJS.Timeout | undefined
-          const bound = new Promise<void>(resolve => { timer = setTimeout(resolve, longestTimeoutMs(app.pipeline.manifest)) })
+          const bound = new Promise<void>(resolve => { timer = setTimeout(resolve, inFlightBoundMs(app.pipeline.manifest)) })
           await Promise.race([Promise.all(busy.map(async ctx => { await new Promise<void>(resolve => { ctx.idle = resolve; ctx.socket?.once('close', () => { resolve() }) }) })), bound])
           clearTimeout(timer)
           // The last answers go out once their resolve has returned: tRPC sends them a few

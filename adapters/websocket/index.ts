@@ -1,4 +1,3 @@
-import { longestTimeoutMs } from '../../manifest.js'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import { decisions, type FaceOptions } from '../face.js'
 import { MantleError } from '../../errors.js'
@@ -7,7 +6,7 @@ import { MAX_BUFFERED_BYTES } from '../slow-reader.js'
 import { defaultUnreadBytes } from '../unread.js'
 import { Connection, type ConnectionAuth, type FaceShared } from './connection.js'
 import { websocketMetrics } from './metrics.js'
-import { upgradeAuthorization, upgradeTrace } from '../upgrade.js'
+import { inFlightBoundMs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
 import { Heartbeat } from '../heartbeat.js'
 
 export { CLOSE_REASONS, type CloseReason } from './metrics.js'
@@ -97,8 +96,8 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
       let timer: NodeJS.Timeout | undefined
       // The calls in flight are let finish and answered first, as HTTP requests are: each ends
       // by its operation's timeoutMs, which the shutdown's grace allows (server.ts), so the wait
-      // is bounded by the longest of them.
-      const calls = new Promise<void>(resolve => { timer = setTimeout(resolve, longestTimeoutMs(app.pipeline.manifest)) })
+      // is bounded by the longest of them and the time an answer then takes (inFlightBoundMs).
+      const calls = new Promise<void>(resolve => { timer = setTimeout(resolve, inFlightBoundMs(app.pipeline.manifest)) })
       await Promise.race([Promise.all([...connections].map(async c => await c.drain())), calls])
       clearTimeout(timer)
       const grace = new Promise<void>(resolve => { timer = setTimeout(resolve, limits.closeGraceMs) })

@@ -98,4 +98,24 @@ for (const face of FACES) {
     t.same(s.seen[told.length + 1], { close: 1001 })
     t.equal((await pokes(s.app.audit.store)).length, 1, 'one audit entry')
   })
+
+  // The event loop held past both the call's timeout and the drain's bound (a loaded gateway):
+  // both timers are due at once when it runs again. The drain's bound alone was the longest
+  // timeout, due a moment after the call's, and closed the socket before the timed-out call's
+  // answer went out: the client saw the 1001 close and no answer.
+  t.test(`${face.path}: a call that times out while the event loop lags at shutdown is still answered before the close`, async t => {
+    const s = await setup(t, face, async () => { await new Promise(() => {}) }, 300)
+    s.ws.send(face.call(1, 'poke'))
+    await until(() => s.calls() === 1, 'the call at the Kernel')
+    const closing = s.app.close()
+    await until(() => s.app.shuttingDown(), 'the shutdown to begin')
+    // The face's drain has started (its preClose follows the root's within a few turns).
+    for (let i = 0; i < 5; i++) await new Promise(resolve => setImmediate(resolve))
+    const until500 = Date.now() + 500
+    while (Date.now() < until500) { /* the event loop held, as a loaded gateway's is */ }
+    await closing
+    await s.closed
+    const told = face.notifies ? [{ reconnect: true }] : []
+    t.same(s.seen, [...told, { id: 1, ok: false, code: 'KERNEL_TIMEOUT' }, { close: 1001 }])
+  })
 }
