@@ -6,7 +6,8 @@ import { fileURLToPath, pathToFileURL } from 'node:url'
 // tap process; each part's top-level t.test() calls join the same root and run one after another.
 // A tap process costs about 5 s of CPU before its first test (Node, the TypeScript loader and the
 // gateway's ~1,100 modules loaded under coverage), and the suite is CPU-bound on two cores, so
-// files whose own work is a few seconds share one process. Written here because tap runs one
+// a directory's files share one process, unless one needs a process of its own (a spy loaded
+// before the gateway, gc exposed) or would take the group past tap's per-file timeout. Written here because tap runs one
 // process per file and has no option to share one. A part runs alone as `npx tap <file>.part.ts`.
 export async function runParts (groupUrl: string): Promise<void> {
   const dir = dirname(fileURLToPath(groupUrl))
