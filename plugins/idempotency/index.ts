@@ -456,7 +456,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
             // the shutdown's grace (its op's timeout). One that runs elsewhere (another instance's
             // Redis claim, a crashed one's until its lease lapses, or any, Redis away, until the wait
             // ends) held the shutdown up to BFF_IDEMPOTENCY_WAIT_MS (600 s at most), past the grace
-            // (the longest timeout plus 10 s): the process was killed, the audit not flushed. It is
+            // (the longest timeout plus 13 s): the process was killed, the audit not flushed. It is
             // answered as at the end of its wait, to be sent again to another instance.
             if (closing && memory.peek(key)?.record.state !== 'running') {
               metrics.conflict()

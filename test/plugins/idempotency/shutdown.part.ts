@@ -8,7 +8,7 @@ import { storeReads } from './store-reads.js'
 import { idemSetup, REDIS_URL, STORES, type IdemSetup } from './idempotency-helper.js'
 
 // A repeat waiting for the first call with its Idempotency-Key, as the gateway shuts down. The
-// shutdown's grace (server.ts) is the longest operation's timeout plus 10 s: it lets the calls in
+// shutdown's grace (server.ts) is the longest operation's timeout plus 13 s: it lets the calls in
 // flight finish, each within its timeout. A waiting repeat is in flight too, and it waited on for a
 // call another instance runs: until that call ended, or its claim's lease lapsed (the timeout plus
 // 5 s, a crashed instance's), or, Redis away, until its wait ended, BFF_IDEMPOTENCY_WAIT_MS (600 s
