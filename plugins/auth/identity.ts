@@ -339,6 +339,11 @@ function toIdentity (claims: Record<string, unknown>, toleranceMs: number, lease
   if (typeof zone !== 'string' || !Object.hasOwn(ZONE_RANK, zone)) {
     throw refuse('zone must be public, internal or restricted')
   }
+  // A NumericDate (RFC 7519) is seconds; JSON lets `1e400` through, which parses to Infinity: a
+  // token valid for ever, kept in the cache for good, its sockets never closed at expiry.
+  if (typeof claims.exp !== 'number' || !Number.isFinite(claims.exp)) {
+    throw refuse('exp must be a finite number of seconds')
+  }
   const identity = { tenant: tid, user: sub, roles: Object.freeze([...roles as string[]]), zone: zone as Zone, expiresAt: (claims.exp as number) * 1000 + toleranceMs }
   return Object.freeze(lease === undefined ? identity : { ...identity, lease })
 }
