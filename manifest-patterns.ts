@@ -1,10 +1,8 @@
 import { Piscina } from 'piscina'
-import { extname } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { compiledByText, keptByText } from './compiled.js'
 import { eachSchemaObject } from './schema-walk.js'
 import type { Manifest } from './manifest.js'
-import type { PatternAnswer, PatternTask } from './manifest-patterns-worker.js'
+import type { PatternAnswer, PatternTask } from './manifest-patterns-worker.mjs'
 
 /**
  * A manifest's `pattern`s and `patternProperties` are matched against what clients send by V8's
@@ -53,8 +51,11 @@ async function checkOnThread (sources: string[], opts: CheckOptions): Promise<Ma
   const verdicts = new Map<string, Verdict>()
   const checkMs = opts.checkMs ?? PATTERN_CHECK_MS
   const pool = new Piscina<PatternTask, PatternAnswer>({
-    // The worker as this module is: the .ts run through tsx, the .js as built.
-    filename: opts.worker ?? new URL('./manifest-patterns-worker' + extname(fileURLToPath(import.meta.url)), import.meta.url).href,
+    // JavaScript beside this module, in the sources and in the build alike, run with no loader:
+    // a TypeScript loader the process runs under (tsx, the tests' ts-node) would start a thread and
+    // a compiler of its own in the worker, for a module that needs neither (see the worker).
+    filename: opts.worker ?? new URL('./manifest-patterns-worker.mjs', import.meta.url).href,
+    execArgv: [],
     minThreads: 0,
     maxThreads: 1,
     env: { ...process.env, RECHECK_SYNC_BACKEND: 'pure' },

@@ -2,7 +2,7 @@ import t from 'tap'
 import { join } from 'node:path'
 import { compileManifest, loadManifestFile, ManifestError } from '../manifest.js'
 import { backtrackingFaults, PATTERN_STEPS } from '../manifest-patterns.js'
-import checkPattern, { opened } from '../manifest-patterns-worker.js'
+import checkPattern, { opened } from '../manifest-patterns-worker.mjs'
 import { keptByText } from '../compiled.js'
 
 // A manifest whose patterns backtrack is refused when it is read: one client's request could hold

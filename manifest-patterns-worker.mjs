@@ -1,4 +1,5 @@
-import { checkSync, type Diagnostics } from 'recheck'
+// @ts-check
+import { checkSync } from 'recheck'
 import { RegExpParser, visitRegExpAST } from '@eslint-community/regexpp'
 
 // What the thread of manifest-patterns.ts runs: recheck's check of a pattern. The thread is made
@@ -6,16 +7,21 @@ import { RegExpParser, visitRegExpAST } from '@eslint-community/regexpp'
 // process of its own, that hung on a stack overflow), and its worker backend let a stack overflow
 // escape as the Worker's 'error', which ended the process. Here the pure JavaScript check runs,
 // and what it throws is caught.
+//
+// JavaScript, type-checked by tsc from its JSDoc (checkJs), not TypeScript: the thread then runs
+// it with no loader (execArgv: []), as the build does. From a .ts module, each gateway a process
+// started under a TypeScript loader (npm start, every test process) started a thread that
+// started that loader's own thread and compiler: about 1 s of CPU per process, the test suite's
+// 36 processes each paying it for the demo manifest's one pattern.
 
-export interface PatternTask { readonly source: string, readonly timeoutMs: number }
-export interface PatternAnswer {
-  readonly source: string
-  readonly status: 'safe' | 'vulnerable' | 'unknown'
-  /** A polynomial's degree; null when exponential (or not vulnerable). */
-  readonly degree: number | null
-  /** recheck's attack string, as JavaScript (`'a' + 'a'.repeat(31) + '\x00'`), when vulnerable. */
-  readonly attack: string | null
-}
+/** @typedef {{ readonly source: string, readonly timeoutMs: number }} PatternTask */
+/**
+ * @typedef {object} PatternAnswer
+ * @property {string} source
+ * @property {'safe' | 'vulnerable' | 'unknown'} status
+ * @property {number | null} degree A polynomial's degree; null when exponential (or not vulnerable).
+ * @property {string | null} attack recheck's attack string, as JavaScript (`'a' + 'a'.repeat(31) + '\x00'`), when vulnerable.
+ */
 
 /**
  * `source` with each counted repetition left open above (`{1,64}` as `{1,}`, `{13}` as `{13,}`),
@@ -24,8 +30,13 @@ export interface PatternAnswer {
  * takes a bounded repetition for a constant however large (`^(a|aa){1,300}$`: safe, yet 30 s for
  * 76 characters). Open, a repetition can only backtrack more: what is safe so is safe as written.
  */
-export function opened (source: string): string | null {
-  const edits: Array<{ start: number, end: number, text: string }> = []
+/**
+ * @param {string} source
+ * @returns {string | null}
+ */
+export function opened (source) {
+  /** @type {Array<{ start: number, end: number, text: string }>} */
+  const edits = []
   try {
     const pattern = new RegExpParser({ ecmaVersion: 2025 }).parsePattern(source, 0, source.length, { unicode: true })
     visitRegExpAST(pattern, {
@@ -45,8 +56,12 @@ export function opened (source: string): string | null {
   return text
 }
 
-/** recheck's verdict on `source`, its fuzzing within `timeoutMs` of its own steps. */
-export default function checkPattern ({ source, timeoutMs }: PatternTask): PatternAnswer {
+/**
+ * recheck's verdict on `source`, its fuzzing within `timeoutMs` of its own steps.
+ * @param {PatternTask} task
+ * @returns {PatternAnswer}
+ */
+export default function checkPattern ({ source, timeoutMs }) {
   try {
     // The automaton alone first, on the pattern with its counts open (as written when it has
     // none): milliseconds, and untimed, so that its verdict does not hang on the machine's load
@@ -55,7 +70,8 @@ export default function checkPattern ({ source, timeoutMs }: PatternTask): Patte
     const open = opened(source) ?? source
     const automaton = checkSync(open, 'u', { checker: 'automaton', timeout: null })
     if (automaton.status === 'safe') return { source, status: 'safe', degree: null, attack: null }
-    let verdict: Diagnostics = automaton
+    /** @type {import('recheck').Diagnostics} */
+    let verdict = automaton
     if (automaton.status !== 'vulnerable' || open !== source) {
       // The flags Ajv compiles a schema's pattern with (unicodeRegExp). A fixed seed: the fuzzer
       // finds the same attack, or none, each time a manifest is read.
