@@ -1,6 +1,7 @@
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { fileURLToPath } from 'node:url'
+import { createHmac } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
 import { buildApp, type BuildOptions } from '../app.js'
 import { loadConfig, DEMO_MANIFEST, type Config } from '../schemas/config.js'
@@ -30,6 +31,17 @@ export function token (opts: TokenOptions = {}): string {
     zone: opts.zone ?? 'restricted',
     ttlSeconds: opts.ttlSeconds ?? 600
   })
+}
+
+/**
+ * An HS256 token signed by hand, independently of the verifier's library, so that its claims can
+ * be what fast-jwt's signer refuses: a payload object, or its JSON text as written (`"exp":1e400`,
+ * which no object serializes to).
+ */
+export function hs256Token (secret: string, payload: Record<string, unknown> | string): string {
+  const b64 = (text: string): string => Buffer.from(text).toString('base64url')
+  const data = b64('{"alg":"HS256","typ":"JWT"}') + '.' + b64(typeof payload === 'string' ? payload : JSON.stringify(payload))
+  return data + '.' + createHmac('sha256', secret).update(data).digest('base64url')
 }
 
 export const bearer = (opts: TokenOptions = {}): { authorization: string } => ({ authorization: `Bearer ${token(opts)}` })

@@ -97,8 +97,9 @@ export class Connection {
   /**
    * The shutdown's first step, once the gateway says it is shutting down (so calls sent from now
    * on are refused OVERLOADED, through their pipeline, audited): resolves once the calls in
-   * flight have sent their answers (or the socket closed). Before, the socket closed at once with 1001 and the answer of a call in
-   * flight was lost, a mutation carried out at the Kernel and its client never told.
+   * flight have sent their answers (or the socket closed). Before, the socket closed at once with
+   * 1001 and the answer of a call in flight was lost, a mutation carried out at the Kernel and
+   * its client never told.
    */
   async drain (): Promise<void> {
     if (this.inFlight === 0 || this.closing) return

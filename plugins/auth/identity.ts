@@ -344,7 +344,7 @@ function toIdentity (claims: Record<string, unknown>, toleranceMs: number, lease
   if (typeof claims.exp !== 'number' || !Number.isFinite(claims.exp)) {
     throw refuse('exp must be a finite number of seconds')
   }
-  const identity = { tenant: tid, user: sub, roles: Object.freeze([...roles as string[]]), zone: zone as Zone, expiresAt: (claims.exp as number) * 1000 + toleranceMs }
+  const identity = { tenant: tid, user: sub, roles: Object.freeze([...roles as string[]]), zone: zone as Zone, expiresAt: claims.exp * 1000 + toleranceMs }
   return Object.freeze(lease === undefined ? identity : { ...identity, lease })
 }
 

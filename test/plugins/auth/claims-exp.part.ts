@@ -1,19 +1,11 @@
 import t from 'tap'
-import { createHmac } from 'node:crypto'
 import { createIdentityVerifier } from '../../../plugins/auth/identity.js'
-import { buildDemoApp, SECRET } from '../../helper.js'
+import { buildDemoApp, hs256Token, SECRET } from '../../helper.js'
 
 // RFC 7519 §2: `exp` is a NumericDate, a number of seconds. JSON's grammar lets a number be as
 // large as it likes: `1e400` parses to Infinity, and a token so signed was taken as valid for
 // ever (kept in the verifier's cache for good, its WebSocket connections never closed at expiry).
 // A claim that is no finite number of seconds is refused: 401 UNAUTHENTICATED.
-
-/** An HS256 token whose payload is `payload` as written (a JSON text, so that `1e400` stays as it is). */
-function signedText (secret: string, payload: string): string {
-  const part = (text: string): string => Buffer.from(text).toString('base64url')
-  const head = part('{"alg":"HS256","typ":"JWT"}') + '.' + part(payload)
-  return head + '.' + createHmac('sha256', secret).update(head).digest('base64url')
-}
 
 const secret = 'identity-test-secret-of-at-least-32-bytes'
 const now = Math.floor(Date.now() / 1000)
@@ -22,17 +14,17 @@ const claims = (exp: string): string => `{"sub":"u1","tid":"t1","roles":["viewer
 t.test('an exp that is no finite number of seconds is refused', async t => {
   const identify = createIdentityVerifier({ secret })
   for (const exp of ['1e400', '1.7976931348623157e309']) {
-    t.throws(() => identify(`Bearer ${signedText(secret, claims(exp))}`), { code: 'UNAUTHENTICATED', message: /exp must be a finite number of seconds/ }, `exp ${exp}`)
+    t.throws(() => identify(`Bearer ${hs256Token(secret, claims(exp))}`), { code: 'UNAUTHENTICATED', message: /exp must be a finite number of seconds/ }, `exp ${exp}`)
   }
   // -Infinity: fast-jwt refuses it itself (an exp must be positive).
-  t.throws(() => identify(`Bearer ${signedText(secret, claims('-1e400'))}`), { code: 'UNAUTHENTICATED' }, 'exp -1e400')
-  t.equal(identify(`Bearer ${signedText(secret, claims(String(now + 600)))}`).tenant, 't1', 'a finite exp in the future passes')
-  t.equal(identify(`Bearer ${signedText(secret, claims('1e10'))}`).tenant, 't1', 'a far but finite exp (year 2286) passes')
+  t.throws(() => identify(`Bearer ${hs256Token(secret, claims('-1e400'))}`), { code: 'UNAUTHENTICATED' }, 'exp -1e400')
+  t.equal(identify(`Bearer ${hs256Token(secret, claims(String(now + 600)))}`).tenant, 't1', 'a finite exp in the future passes')
+  t.equal(identify(`Bearer ${hs256Token(secret, claims('1e10'))}`).tenant, 't1', 'a far but finite exp (year 2286) passes')
 })
 
 t.test('over the wire: a 401, on REST and on a WebSocket upgrade', async t => {
   const app = await buildDemoApp(t)
-  const forever = `Bearer ${signedText(SECRET, claims('1e400'))}`
+  const forever = `Bearer ${hs256Token(SECRET, claims('1e400'))}`
   const rest = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: { authorization: forever } })
   t.equal(rest.statusCode, 401, rest.body)
   t.equal(rest.json().code, 'UNAUTHENTICATED')

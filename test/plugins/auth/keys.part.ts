@@ -1,5 +1,5 @@
 import t from 'tap'
-import { createHmac, generateKeyPairSync, type KeyObject } from 'node:crypto'
+import { generateKeyPairSync, type KeyObject } from 'node:crypto'
 import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -8,7 +8,7 @@ import { Agent, getGlobalDispatcher, setGlobalDispatcher } from 'undici'
 import { createIdentityVerifier, mintToken } from '../../../plugins/auth/identity.js'
 import { parsePublicKeys, keysOfJwks, JwksFetcher, JWKS_MAX_BYTES } from '../../../plugins/auth/keys.js'
 import { loadConfig, productionProblems, ConfigError } from '../../../schemas/config.js'
-import { buildDemoApp, buildTestApp, until } from '../../helper.js'
+import { buildDemoApp, buildTestApp, hs256Token, until } from '../../helper.js'
 import { wsApp, connect } from '../../adapters/websocket-helper.js'
 import { jwksServer } from './jwks-server.js'
 
@@ -67,10 +67,7 @@ t.test('refusals: unknown kid, alg none, key confusion, alg not the key\'s, clai
   t.equal(withSecret(`Bearer ${sign(rsa1, 'RS256', 'r1', iss)}`).user, 'u1', 'the good token passes')
 
   // fast-jwt's signer refuses a claim of the wrong type: signed by hand.
-  const hs256 = (payload: Record<string, unknown>): string => {
-    const data = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(payload)}`
-    return `${data}.${createHmac('sha256', secret).update(data).digest('base64url')}`
-  }
+  const hs256 = (payload: Record<string, unknown>): string => hs256Token(secret, payload)
   const none = `Bearer ${b64({ alg: 'none', typ: 'JWT' })}.${b64({ ...claims(), exp: now + 600 })}.`
   // Key confusion: HS256 with the public key's PEM text as the HMAC secret, claiming the RSA kid.
   const confused = createSigner({ key: rsa1.pem, algorithm: 'HS256', kid: 'r1', expiresIn: 600_000 })(claims(iss))
