@@ -3,6 +3,7 @@ import type { LoadShedding } from '../plugins/pressure/index.js'
 import { CallContext, isSocket, type AnswerHold, type Protocol, type CacheOutcome, type Caller } from '../plugins/pipeline/index.js'
 import { toProblem, logLevelOf, detailForLog, retryAfterOf, MantleError, type Problem } from '../errors.js'
 import type { Decision } from '../plugins/audit/index.js'
+import type { MessageGuard } from '../plugins/rate-limit/index.js'
 import type { UnreadBytes } from './unread.js'
 export type { Decision }
 
@@ -212,6 +213,14 @@ export type Decide = <T>(decision: Decision, decide: () => T) => T
  */
 export function decisions (app: FastifyInstance): Decide {
   return app.hasDecorator('audit') ? app.audit.decide : (_decision, decide) => decide()
+}
+
+/**
+ * The HTTP guard's count of a WebSocket message that is no operation's call (MessageGuard), or
+ * null when there is no guard. Taken once, at the face's registration (after the rate-limit plugin's).
+ */
+export function messageGuardOf (app: FastifyInstance): MessageGuard | null {
+  return app.hasDecorator('messageGuard') ? app.messageGuard : null
 }
 
 type LeftOut = Pick<Problem, 'code' | 'status'>

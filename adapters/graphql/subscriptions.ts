@@ -13,7 +13,8 @@ import type { UnreadBytes } from '../unread.js'
 import { upgradeAuthorization } from '../upgrade.js'
 import { CLOSE_TRY_AGAIN_LATER } from '../connection-slots.js'
 import { atExpiry } from '../expiry.js'
-import { decisions, type Decision } from '../face.js'
+import { decisions, messageGuardOf, type Decision } from '../face.js'
+import { clientAddress } from '../../address.js'
 import { forbiddenKey, MAY_HOLD_FORBIDDEN_KEY } from '../../own-properties.js'
 
 // Subscriptions ride on mercurius' graphql-ws server (`subscription` option). What this module
@@ -475,6 +476,10 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
   // checks the root fields with them (rootFieldRefusal).
   const rules = [...specifiedRules.filter(rule => rule !== SingleFieldSubscriptionsRule), ...settings.rules]
   const decide = decisions(app)
+  // Each subscribe of a connection that speaks for a tenant is one request of it to the HTTP
+  // guard (of its upgrade's address, with identity off): MessageGuard.
+  const guard = messageGuardOf(app)
+  const addresses = new WeakMap<GraphqlConnection, string>()
   // With the audit off, a refused document is not looked at again for its entry (recordRefusal).
   const auditing = app.hasDecorator('audit')
   // A subscription past the connection's bound is refused OVERLOADED, recorded under its event as
@@ -503,6 +508,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
       }
       connection = new GraphqlConnection(socket, upgradeAuthorization(request), tenant => { settings.claim(request, tenant) }, request.raw)
       connections.set(socket, connection)
+      if (guard !== null) addresses.set(connection, clientAddress(request))
       connection.open(app, early.get(socket)?.init ?? connection.upgradeAuthorization, settings.authTimeoutMs)
       return { connection }
     },
@@ -833,63 +839,74 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
     subscribe (event) {
       return (_source, _args, context, info) => {
         const { connection } = context
-        const id = String(context.id)
-        const state = early.get(connection.socket)
-        if (state?.cancelled.delete(id) === true) {
-          connection.operations.delete(id)
-          // mercurius ends it at once and sends a `complete`, not wanted after the client's (a
-          // subscribe of the id held meanwhile goes on after it).
-          if (!state.ending.has(id)) state.ending.set(id, null)
-          return ENDED
-        }
-        const requestId = uuidv7()
-        let iterator: AsyncIterator<unknown>
-        const controller = new AbortController()
-        // One audit entry for the decision, accepted or refused, under the connection's caller.
-        const decision: Decision = { requestId, protocol: 'graphql', path: '/graphql', action: event.name, category: 'read', get caller () { return connection.speaksFor }, clientRequestId: false }
-        try {
-          iterator = decide(decision, () => {
-            const identity = connection.identify(app, context.initAuthorization ?? connection.upgradeAuthorization, initAuthorization(context._connectionInit) ?? connection.upgradeAuthorization)
-            app.events.bus.authorize(event.name, identity)
-            // The bus only ever delivers the caller's own tenant's events.
-            return app.events.bus.stream(event.name, identity.tenant, controller.signal, undefined, bytes => { connection.behind(bytes) })[Symbol.asyncIterator]()
-          })
-        } catch (err) {
-          const { problem, headers } = toProblem(err, requestId)
-          if (problem.code === 'INTERNAL') app.log.error({ err, requestId }, 'unexpected error on a GraphQL subscription')
-          // Nothing can succeed on a connection without a valid identity: once the error has
-          // gone out (mercurius sends it in this same turn of the event loop), close it. One that
-          // holds an identity loses only this subscription (a subscribe's own refused token), as
-          // /ws keeps a connection whose `auth` frame is refused: it closed with its others.
-          if (problem.code === 'UNAUTHENTICATED' && connection.speaksFor === null) setImmediate(() => connection.close(4401, 'Unauthorized'))
-          else connection.failed(context.id)
-          // Its headers for its Retry-After (extensions.retryAfter): a message has no header.
-          // Located as graphql locates a thrown one (the field's path and locations).
-          return refusedStream(locatedError(fieldError(problem, headers), info.fieldNodes, responsePathAsArray(info.path)))
-        }
-        connection.operations.set(id, controller)
-        const end = (): void => {
-          controller.abort()
-          if (connection.operations.get(id) === controller) connection.operations.delete(id)
-        }
-        const stream: AsyncIterableIterator<unknown> = {
-          async next () {
-            // The next event is not taken while the client is that far behind: it is closed.
-            if (slowReader(connection.socket)) {
+        const caller = guard === null ? null : connection.speaksFor
+        const counted = caller === null ? null : guard!(caller, addresses.get(connection) ?? 'unknown')
+        if (!(counted instanceof Promise)) return begin(counted)
+        // On Redis: graphql-js takes the stream when it comes. A client that completed the id
+        // meanwhile finds it in `cancelled`, as for any subscription still being set up; one that
+        // left has nothing to be decided for it.
+        return counted.then(beyond => connection.socket.readyState === connection.socket.OPEN ? begin(beyond) : ENDED)
+
+        function begin (beyond: MantleError | null): AsyncIterableIterator<unknown> {
+          const id = String(context.id)
+          const state = early.get(connection.socket)
+          if (state?.cancelled.delete(id) === true) {
+            connection.operations.delete(id)
+            // mercurius ends it at once and sends a `complete`, not wanted after the client's (a
+            // subscribe of the id held meanwhile goes on after it).
+            if (!state.ending.has(id)) state.ending.set(id, null)
+            return ENDED
+          }
+          const requestId = uuidv7()
+          let iterator: AsyncIterator<unknown>
+          const controller = new AbortController()
+          // One audit entry for the decision, accepted or refused, under the connection's caller.
+          const decision: Decision = { requestId, protocol: 'graphql', path: '/graphql', action: event.name, category: 'read', get caller () { return connection.speaksFor }, clientRequestId: false }
+          try {
+            iterator = decide(decision, () => {
+              const identity = connection.identify(app, context.initAuthorization ?? connection.upgradeAuthorization, initAuthorization(context._connectionInit) ?? connection.upgradeAuthorization)
+              if (beyond !== null) throw beyond
+              app.events.bus.authorize(event.name, identity)
+              // The bus only ever delivers the caller's own tenant's events.
+              return app.events.bus.stream(event.name, identity.tenant, controller.signal, undefined, bytes => { connection.behind(bytes) })[Symbol.asyncIterator]()
+            })
+          } catch (err) {
+            const { problem, headers } = toProblem(err, requestId)
+            if (problem.code === 'INTERNAL') app.log.error({ err, requestId }, 'unexpected error on a GraphQL subscription')
+            // Nothing can succeed on a connection without a valid identity: once the error has
+            // gone out (mercurius sends it in this same turn of the event loop), close it. One that
+            // holds an identity loses only this subscription (a subscribe's own refused token), as
+            // /ws keeps a connection whose `auth` frame is refused: it closed with its others.
+            if (problem.code === 'UNAUTHENTICATED' && connection.speaksFor === null) setImmediate(() => connection.close(4401, 'Unauthorized'))
+            else connection.failed(context.id)
+            // Its headers for its Retry-After (extensions.retryAfter): a message has no header.
+            // Located as graphql locates a thrown one (the field's path and locations).
+            return refusedStream(locatedError(fieldError(problem, headers), info.fieldNodes, responsePathAsArray(info.path)))
+          }
+          connection.operations.set(id, controller)
+          const end = (): void => {
+            controller.abort()
+            if (connection.operations.get(id) === controller) connection.operations.delete(id)
+          }
+          const stream: AsyncIterableIterator<unknown> = {
+            async next () {
+              // The next event is not taken while the client is that far behind: it is closed.
+              if (slowReader(connection.socket)) {
+                end()
+                return { done: true, value: undefined }
+              }
+              const result = await iterator.next()
+              if (result.done === true) end()
+              return result
+            },
+            async return () {
               end()
-              return { done: true, value: undefined }
-            }
-            const result = await iterator.next()
-            if (result.done === true) end()
-            return result
-          },
-          async return () {
-            end()
-            return await iterator.return!()
-          },
-          [Symbol.asyncIterator] () { return this }
+              return await iterator.return!()
+            },
+            [Symbol.asyncIterator] () { return this }
+          }
+          return stream
         }
-        return stream
       }
     }
   }

@@ -13,7 +13,8 @@ import { closedByTheirFace, inFlightBoundMs, refusedByWs, upgradeAuthorization, 
 import { countSlowReaderCuts, slowReader, slowReaderCuts, utf8Sends } from '../slow-reader.js'
 import { defaultUnreadBytes } from '../unread.js'
 import { httpAuthorization, httpContext, socketContext, TRPC_CALLS, type TrpcContext } from './context.js'
-import { decisions, runCall } from '../face.js'
+import { decisions, messageGuardOf, runCall } from '../face.js'
+import { clientAddress } from '../../address.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import { BATCH_TOO_LONG, ProblemError, errorShape, isInternal } from './errors.js'
 import { buildRouter, earlyRequestIds, unparsed } from './router.js'
@@ -210,7 +211,18 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     const unread = opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined)
     const sseCuts = slowReaderCuts(app, 'trpc_sse')
     const live = new LiveSubscriptions(app.events.bus, limits.pingMs, limits.maxBufferedBytes, sseCuts === null ? undefined : () => sseCuts.inc(), unread)
-    const router = buildRouter(app, live, { maxInFlight: limits.maxInFlight, maxSubscriptions: limits.maxSubscriptions, maxBufferedBytes: limits.maxBufferedBytes, ssePingMs: limits.pingMs })
+    // Each subscription a WebSocket starts is a request of its connection's tenant to the HTTP
+    // guard (its address's with identity off), known once createContext has its identity.
+    const guard = messageGuardOf(app)
+    const guarded = new WeakMap<WebSocket, { caller: Identity, address: string }>()
+    const addresses = new WeakMap<IncomingMessage, string>()
+    const guardSocket = guard === null
+      ? null
+      : (socket: WebSocket) => {
+          const counted = guarded.get(socket)
+          return counted === undefined ? null : guard(counted.caller, counted.address)
+        }
+    const router = buildRouter(app, live, { maxInFlight: limits.maxInFlight, maxSubscriptions: limits.maxSubscriptions, maxBufferedBytes: limits.maxBufferedBytes, ssePingMs: limits.pingMs }, guardSocket)
 
     // tRPC parses the JSON body itself (a malformed one is its error); Fastify still reads it,
     // so BFF_BODY_LIMIT applies, and it is refused as on every face when it is not UTF-8. This
@@ -509,6 +521,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
             throw ProblemError.from(err, requestId)
           }
           authenticated.add(socket)
+          if (guard !== null) guarded.set(socket, { caller: identity, address: addresses.get(req) ?? 'unknown' })
           // 4401 too when the JWKS withdraws (or replaces) the key the token was verified with.
           const disarm = untilIdentityEnds(identity, why => socket.close(CLOSE_UNAUTHENTICATED, IDENTITY_ENDED[why]))
           socket.once('close', disarm)
@@ -565,6 +578,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           if (authorization !== undefined || !awaitsParams(request)) slots.claim(request.raw.socket, app.identify(authorization, request.raw).tenant)
           else slots.awaitIdentity(request)
           upgrades.set(request.raw, authorization)
+          if (guard !== null) addresses.set(request.raw, clientAddress(request))
         },
         handler: notHere,
         wsHandler: (socket, request) => {

@@ -70,7 +70,13 @@ function callId (ctx: TrpcContext, batchIndex: number | undefined): string {
  * subscription per event, built once at registration. Resolvers only decode and encode:
  * runCall runs the whole pipeline, and its problem becomes the tRPC error.
  */
-export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limits: RouterLimits): AnyTRPCRouter {
+/**
+ * The HTTP guard's count of a subscription a WebSocket starts, as one request of its connection
+ * (MessageGuard; null: no guard). Over SSE the subscription is an HTTP request, counted as such.
+ */
+export type SocketGuard = (socket: WebSocket) => MantleError | null | Promise<MantleError | null>
+
+export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limits: RouterLimits, guard: SocketGuard | null = null): AnyTRPCRouter {
   const t = initTRPC.context<TrpcContext>().create({
     isDev: false,
     isServer: true,
@@ -145,6 +151,8 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       // Checked before the stream starts: a refusal is the subscription's error, not an event.
       // One audit entry for the decision, accepted or refused.
       const decision: Decision = { requestId, protocol: 'trpc', path: '/trpc/' + name, action: name, category: 'read', caller: null, clientRequestId: ctx.clientRequestId }
+      const counted = guard === null || ctx.socket === null ? null : guard(ctx.socket)
+      const beyond = counted instanceof Promise ? await counted : counted
       let identity
       try {
         identity = decide(decision, () => {
@@ -152,6 +160,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
           // checked again here (a signature check). A WebSocket's subscriptions name none, as its
           // calls do (requestOf): its token passed createContext, and is found verified.
           const id = decision.caller = app.identify(ctx.authorization, requestOf(ctx.caller))
+          if (beyond !== null) throw beyond
           app.events.bus.authorize(name, id)
           noInput(input)
           // The bus checks its bound again at the first pull, once the SSE response's headers are

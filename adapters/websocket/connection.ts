@@ -2,6 +2,7 @@ import type { FastifyInstance } from 'fastify'
 import { uuidv7 } from '../../ids.js'
 import { WebSocket, type RawData } from 'ws'
 import { runCall, callEnvelope, problemJson, type Decide } from '../face.js'
+import type { MessageGuard } from '../../plugins/rate-limit/index.js'
 import { checkedIdempotencyKey } from '../rest/index.js'
 import { MantleError, shuttingDownRefusal, toProblem } from '../../errors.js'
 import type { Identity } from '../../plugins/auth/index.js'
@@ -32,6 +33,8 @@ export interface FaceShared {
   heartbeat: Heartbeat
   /** Runs a subscribe or re-auth frame's decision and records it (the audit trail's). */
   decide: Decide
+  /** Counts each subscribe and auth frame towards the HTTP guard's budget; null: no guard. */
+  guard: MessageGuard | null
   /** What every socket of the instance holds unread, and each tenant's share (UnreadBytes). */
   unread: UnreadBytes
 }
@@ -40,6 +43,8 @@ export interface FaceShared {
 export interface ConnectionAuth {
   identity: Identity
   authorization: string | undefined
+  /** The upgrade's client address (clientAddress): the guard's key with identity off. */
+  address: string
 }
 
 /**
@@ -59,6 +64,10 @@ function frameKey (key: unknown): string | null | undefined {
 export class Connection {
   private identity: Identity
   private authorization: string | undefined
+  private readonly address: string
+  /** Set while the guard counts a frame on Redis: the frames read meanwhile are held, in order. */
+  private holding = false
+  private held: Array<[RawData, boolean]> = []
   private readonly subscriptions = new Map<string, { id: string, unsubscribe: () => void }>()
   private inFlight = 0
   /** Cancels the token's expiry timer and its key's withdrawal listener (null: none armed). */
@@ -77,6 +86,7 @@ export class Connection {
   constructor (private readonly face: FaceShared, readonly socket: WebSocket, auth: ConnectionAuth, private readonly reqId: string, private readonly trace: UpgradeTrace, onClose: (c: Connection) => void) {
     this.identity = auth.identity
     this.authorization = auth.authorization
+    this.address = auth.address
     socket.on('message', (data, isBinary) => this.onMessage(data, isBinary))
     // A peer that misses a pong is terminated, its reason recorded and its subscriptions let go first.
     face.heartbeat.watch(socket, () => {
@@ -165,6 +175,11 @@ export class Connection {
   private onMessage (data: RawData, isBinary: boolean): void {
     if (this.closing) return
     this.face.counters.frameIn()
+    if (this.holding) this.held.push([data, isBinary])
+    else this.read(data, isBinary)
+  }
+
+  private read (data: RawData, isBinary: boolean): void {
     if (isBinary) {
       this.refuse(null, new MantleError('VALIDATION_FAILED', 'Binary frames are not accepted: send JSON text frames'))
       return
@@ -206,18 +221,61 @@ export class Connection {
       this.refuse(frame.id, error)
       return
     }
-    const requestId = uuidv7()
-    const decision = subscribe
-      ? { requestId, protocol: 'websocket', path: '/ws', action: names.name, category: 'read', caller: this.identity, clientRequestId: false } as const
-      : { requestId, protocol: 'websocket', path: '/ws', action: 'websocket.auth', category: 'auth', caller: this.identity, clientRequestId: false } as const
-    try {
-      this.face.decide(decision, () => {
-        if (subscribe) this.face.app.events.bus.authorize(names.name, this.identity)
-        throw error
-      })
-    } catch (err) {
-      this.refuse(frame.id, err, requestId)
+    this.guarded(beyond => {
+      const requestId = uuidv7()
+      const decision = subscribe
+        ? { requestId, protocol: 'websocket', path: '/ws', action: names.name, category: 'read', caller: this.identity, clientRequestId: false } as const
+        : { requestId, protocol: 'websocket', path: '/ws', action: 'websocket.auth', category: 'auth', caller: this.identity, clientRequestId: false } as const
+      try {
+        this.face.decide(decision, () => {
+          if (beyond !== null) throw beyond
+          if (subscribe) this.face.app.events.bus.authorize(names.name, this.identity)
+          throw error
+        })
+      } catch (err) {
+        this.refuse(frame.id, err, requestId)
+      }
+    })
+  }
+
+  /**
+   * Runs a subscribe or auth frame (of a known event, well-formed or not) once the HTTP guard
+   * has counted it as one request (MessageGuard), given the guard's refusal when the tenant is
+   * beyond its budget (null: within it, or no guard), which the frame's decision throws first.
+   * On Redis the count is a promise: the socket is paused and the frames read meanwhile are held,
+   * then handled in the order they came once it is decided, so a call sent after an `auth` frame
+   * still runs with its new token and an unsubscribe after its subscribe finds it. Held frames
+   * are bounded: paused, the socket reads no more, and ws emits only the frames of the data it
+   * had already read.
+   */
+  private guarded (run: (beyond: MantleError | null) => void): void {
+    const guard = this.face.guard
+    const beyond = guard === null ? null : guard(this.identity, this.address)
+    if (!(beyond instanceof Promise)) {
+      run(beyond)
+      return
     }
+    this.holding = true
+    this.socket.pause()
+    beyond.then(refusal => {
+      this.holding = false
+      const held = this.held
+      this.held = []
+      if (this.closing) return
+      this.socket.resume()
+      run(refusal)
+      for (let i = 0; i < held.length; i++) {
+        // A held frame the guard counts in turn holds the rest again, still in order.
+        if (this.holding) {
+          this.held.push(...held.slice(i))
+          return
+        }
+        this.read(held[i][0], held[i][1])
+      }
+    }).catch((err: unknown) => {
+      // The guard never rejects, nor do the frames' handlers throw: a failure here is a bug of this face.
+      this.face.app.log.error({ reqId: this.reqId, err }, 'websocket frame failed')
+    })
   }
 
   /** `formRefusal`: the frame's own refusal (refused), which its pipeline makes in validation's place. */
@@ -268,22 +326,25 @@ export class Connection {
       this.refuse(frame.id, new MantleError('NOT_FOUND', `No event ${name}`))
       return
     }
-    const requestId = uuidv7()
-    try {
-      this.face.decide({ requestId, protocol: 'websocket', path: '/ws', action: name, category: 'read', caller: this.identity, clientRequestId: false }, () => {
-        bus.authorize(name, this.identity)
-        if (this.subscriptions.has(name)) return
-        const { maxSubscriptions } = this.face.limits
-        if (this.subscriptions.size >= maxSubscriptions) throw new MantleError('OVERLOADED', `A connection holds at most ${maxSubscriptions} subscriptions`)
-        // The bus serializes each event once for all its subscribers: the JSON is spliced in.
-        const unsubscribe = bus.subscribe(name, this.identity.tenant, (_payload, json) => this.send(prefix + json + '}'))
-        this.subscriptions.set(name, { id: frame.id, unsubscribe })
-      })
-    } catch (err) {
-      this.refuse(frame.id, err, requestId)
-      return
-    }
-    this.send('{"id":' + JSON.stringify(frame.id) + ',"subscribed":' + JSON.stringify(name) + '}')
+    this.guarded(beyond => {
+      const requestId = uuidv7()
+      try {
+        this.face.decide({ requestId, protocol: 'websocket', path: '/ws', action: name, category: 'read', caller: this.identity, clientRequestId: false }, () => {
+          if (beyond !== null) throw beyond
+          bus.authorize(name, this.identity)
+          if (this.subscriptions.has(name)) return
+          const { maxSubscriptions } = this.face.limits
+          if (this.subscriptions.size >= maxSubscriptions) throw new MantleError('OVERLOADED', `A connection holds at most ${maxSubscriptions} subscriptions`)
+          // The bus serializes each event once for all its subscribers: the JSON is spliced in.
+          const unsubscribe = bus.subscribe(name, this.identity.tenant, (_payload, json) => this.send(prefix + json + '}'))
+          this.subscriptions.set(name, { id: frame.id, unsubscribe })
+        })
+      } catch (err) {
+        this.refuse(frame.id, err, requestId)
+        return
+      }
+      this.send('{"id":' + JSON.stringify(frame.id) + ',"subscribed":' + JSON.stringify(name) + '}')
+    })
   }
 
   private unsubscribe (frame: UnsubscribeFrame): void {
@@ -305,11 +366,16 @@ export class Connection {
    * entry per frame (`websocket.auth`, under the connection's tenant and user), never the token.
    */
   private auth (frame: AuthFrame): void {
+    this.guarded(beyond => { this.reauth(frame, beyond) })
+  }
+
+  private reauth (frame: AuthFrame, beyond: MantleError | null): void {
     const authorization = 'Bearer ' + frame.auth
     const requestId = uuidv7()
     let identity: Identity
     try {
       identity = this.face.decide({ requestId, protocol: 'websocket', path: '/ws', action: 'websocket.auth', category: 'auth', caller: this.identity, clientRequestId: false }, () => {
+        if (beyond !== null) throw beyond
         const id = this.face.app.identify(authorization)
         if (id.tenant !== this.identity.tenant || id.user !== this.identity.user) {
           throw new MantleError('FORBIDDEN', 'The new token must be for the same tenant and user as the connection')

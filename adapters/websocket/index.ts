@@ -1,5 +1,6 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify'
-import { decisions, type FaceOptions } from '../face.js'
+import { decisions, messageGuardOf, type FaceOptions } from '../face.js'
+import { clientAddress } from '../../address.js'
 import { MantleError } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { MAX_BUFFERED_BYTES } from '../slow-reader.js'
@@ -51,7 +52,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
     const eventPrefixes = new Map(app.pipeline.manifest.events.map(e => [e.name, '{"event":' + JSON.stringify(e.name) + ',"data":']))
     // One timer for every connection rather than one each.
     const heartbeat = new Heartbeat(limits.heartbeatMs)
-    const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes, heartbeat, decide: decisions(app), unread: opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined) }
+    const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes, heartbeat, decide: decisions(app), guard: messageGuardOf(app), unread: opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined) }
     // Identity verified in the upgrade's onRequest hook, handed to the connection it opens.
     const verified = new WeakMap<FastifyRequest, ConnectionAuth>()
     const forget = (c: Connection): void => { connections.delete(c) }
@@ -70,7 +71,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
           const authorization = upgradeAuthorization(request)
           const identity = app.identify(authorization, request.raw)
           if (request.ws) slots.claim(request.raw.socket, identity.tenant)
-          verified.set(request, { identity, authorization })
+          verified.set(request, { identity, authorization, address: face.guard === null ? '' : clientAddress(request) })
           done()
         } catch (err) {
           done(err as Error)

@@ -10,6 +10,7 @@ import { MemoryWindowStore } from './memory-store.js'
 import { RedisWindowStore } from './redis-store.js'
 import { sharedStoreHealth } from '../diagz/index.js'
 import { RateLimiter, fastifyStore, opKey, tenantKey, ipKey, type LimiterCounters, type Scope, type StoreKind } from './limiter.js'
+import type { WindowCount } from './window.js'
 import { withHook } from '../../route-hooks.js'
 import { PROBE_PATHS, targetsProbe } from '../../probes.js'
 import { requestAuthorization } from '../../adapters/credentials.js'
@@ -25,8 +26,20 @@ declare module 'fastify' {
   interface FastifyInstance {
     /** The limiter both limits count with (its store, and whether it is on its memory fallback). */
     rateLimiter: RateLimiter
+    /** The HTTP guard's count of a WebSocket message that is no operation's call; null: no guard. */
+    messageGuard: MessageGuard | null
   }
 }
+
+/**
+ * Counts one WebSocket message that asks for something other than an operation's call (a
+ * subscription, a /ws `auth` frame) as one request of its connection towards the HTTP guard's
+ * budget: under the tenant its connection speaks for, as the guard counts a request whose token
+ * verifies, or under the upgrade's client address when identity is off (clientAddress). Gives the guard's
+ * 429 refusal beyond the limit, else null: synchronously on the memory store, a promise on
+ * Redis (never rejected).
+ */
+export type MessageGuard = (caller: { readonly tenant: string }, address: string) => MantleError | null | Promise<MantleError | null>
 
 export interface RateLimitPluginOptions {
   /** Where limits are counted; `redis` needs the mantle-redis plugin (REDIS_URL). */
@@ -87,7 +100,28 @@ async function rateLimitPlugin (app: FastifyInstance, opts: RateLimitPluginOptio
     build: op => op.rateLimit === null ? null : operationLimit(limiter, op, op.rateLimit)
   })
 
+  app.decorate('messageGuard', opts.globalMax === undefined ? null : messageGuard(limiter, opts.globalMax, opts.globalWindowMs, opts.perTenant))
   if (opts.globalMax !== undefined) await guard(app, limiter, opts.globalMax, opts.globalWindowMs, opts.perTenant, opts.preflights === true, opts.internalToken)
+}
+
+/** The guard's refusal of a request (or message) beyond `max` per `windowMs`. */
+function guardRefusal (max: number, windowMs: number, ttl: number): MantleError {
+  return new MantleError('RATE_LIMITED', `More than ${max} requests in ${windowMs} ms`, { headers: refusalHeaders(max, ttl) })
+}
+
+/**
+ * Before, a WebSocket's upgrade was the only request of it the guard counted: behind it, a
+ * connection could send subscribe and `auth` frames without end, each one decided (a token's
+ * signature checked, an audit entry written) and counted by no limit, as calls are by their
+ * operations'. Now each counts as one request, in the key its upgrade was counted in (the
+ * verified tenant), so the tenant's budget is the same on every face.
+ */
+function messageGuard (limiter: RateLimiter, max: number, windowMs: number, perTenant: boolean): MessageGuard {
+  const decide = (count: WindowCount): MantleError | null => count.current > max ? guardRefusal(max, windowMs, count.ttl) : null
+  return (caller, address) => {
+    const count = limiter.check('global', perTenant ? tenantKey(caller.tenant) : ipKey(address), windowMs, max)
+    return count instanceof Promise ? count.then(decide) : decide(count)
+  }
 }
 
 /** The part of the gateway the limiter is to the shared Redis (its refusals, /readyz). */
@@ -135,7 +169,7 @@ async function guard (app: FastifyInstance, limiter: RateLimiter, max: number, w
     store: fastifyStore(limiter, 'global'),
     keyGenerator: perTenant ? (request) => guardKey(app, request) : addressKey,
     enableDraftSpec: true,
-    errorResponseBuilder: (_request, context) => new MantleError('RATE_LIMITED', `More than ${context.max} requests in ${windowMs} ms`, { headers: refusalHeaders(context.max, context.ttl) })
+    errorResponseBuilder: (_request, context) => guardRefusal(context.max, windowMs, context.ttl)
   })
   const hook = app.rateLimit() as onRequestHookHandler
   // The Kernel's events (plugins/events): counted by its address, they were refused 429 beyond
