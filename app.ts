@@ -983,7 +983,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   })
   if (config.BFF_OPENAPI_ENABLED) await app.register(openapi, { version: VERSION, secured: config.BFF_AUTH_ENABLED })
   await app.register(rest, { prefix: REST_PREFIX, secured: config.BFF_AUTH_ENABLED })
-  await app.register(batch, { prefix: REST_PREFIX, maxCalls: config.BFF_BATCH_MAX_CALLS })
+  await app.register(batch, { prefix: REST_PREFIX, maxCalls: config.BFF_BATCH_MAX_CALLS, secured: config.BFF_AUTH_ENABLED })
   const face: FaceOptions = {
     bodyLimit: config.BFF_BODY_LIMIT,
     maxCalls: config.BFF_BATCH_MAX_CALLS,

@@ -2,7 +2,8 @@ import type { FastifyInstance } from 'fastify'
 import { Ajv } from 'ajv'
 import { AnswerBudget, runCall, callEnvelope } from '../adapters/face.js'
 import { MantleError, refusalHeaders } from '../errors.js'
-import { callKey, idempotencyKeyOf, single } from '../adapters/rest/index.js'
+import { BEARER_CHALLENGE, RATE_LIMIT_HEADERS, RETRY_AFTER, callKey, failureHeaders, headerConcerns, idempotencyKeyHeader, idempotencyKeyOf, problemResponse, single, tooManyRequests, type HeaderConcerns } from '../adapters/rest/index.js'
+import { ProblemSchema } from '../schemas/manifest.js'
 import { clientRequestId } from '../ids.js'
 
 // The batch body's own validator, without the coercion Fastify's Ajv does: a call id 1 was
@@ -11,6 +12,8 @@ const strict = new Ajv({ coerceTypes: false, removeAdditional: false, strict: fa
 
 export interface BatchOptions {
   maxCalls: number
+  /** Adds the bearer security requirement to the OpenAPI document. */
+  secured?: boolean
 }
 
 const CallSchema = {
@@ -18,15 +21,63 @@ const CallSchema = {
   required: ['id', 'op'],
   additionalProperties: false,
   properties: {
-    id: { type: 'string', minLength: 1, maxLength: 128 },
-    op: { type: 'string', minLength: 1, maxLength: 128 },
+    id: { type: 'string', minLength: 1, maxLength: 128, description: 'The call\'s id, distinct within the batch: its result carries it' },
+    op: { type: 'string', minLength: 1, maxLength: 128, description: 'The operation\'s name (one the document does not list is that call\'s NOT_FOUND)' },
     // Any JSON value: one that is no object is that call's refusal, the pipeline's (audited), as
     // on every face, and null is no input (runCall); the batch's other calls run.
-    input: {}
+    input: { description: 'The operation\'s input, as one object (path parameters, query and body fields together); null or none: {}' }
   }
 }
 
-const problemContent = { content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } } }
+/**
+ * The OpenAPI document's batch route (it was left out: a client generated from the document
+ * could not send one). Its schemas are for the document only: the 200 is written by hand, and
+ * the body is checked by the strict validator below, which the descriptions do not change.
+ */
+function documented (maxCalls: number, secured: boolean, on: HeaderConcerns): Record<string, unknown> {
+  const error = {
+    type: 'object',
+    required: ProblemSchema.required,
+    properties: { ...ProblemSchema.properties, retryAfter: { type: 'integer', description: 'Seconds to wait before sending the call again, on a refusal that asks for a wait' } }
+  }
+  const result = {
+    type: 'object',
+    required: ['id'],
+    oneOf: [{ required: ['result'] }, { required: ['error'] }],
+    properties: {
+      id: { type: 'string' },
+      result: { description: 'The operation\'s answer, shaped by its output schema' },
+      error,
+      replayed: { type: 'boolean', description: 'true when the outcome is the stored one of an earlier call with the same key (Idempotency-Key and call id)' },
+      cache: { type: 'string', enum: ['hit', 'miss', 'stale'], description: 'Where a cached query\'s answer came from' }
+    }
+  }
+  const waits = on.rateLimit ? { ...RETRY_AFTER, ...RATE_LIMIT_HEADERS } : RETRY_AFTER
+  const refusals = ['VALIDATION_FAILED 400 (the body: not `{"calls":[...]}`, a key it does not take, call ids that repeat)']
+  if (secured) refusals.push('UNAUTHENTICATED 401')
+  refusals.push(`PAYLOAD_TOO_LARGE 413 (more than ${maxCalls} calls, or a body past the limit)`, 'UNSUPPORTED_MEDIA_TYPE 415')
+  return {
+    operationId: 'batch',
+    tags: ['batch'],
+    summary: 'Several calls in one request',
+    description: `At most ${maxCalls} calls, each run as if it came alone (its identity, roles, validation, limits, cache and audit entry), identical queries reaching the Kernel once. Each result carries its call's id, in the calls' order; a call refused or failed is its own error, and the batch answers 200.`,
+    ...(secured ? { security: [{ bearerAuth: [] }] } : {}),
+    headers: { type: 'object', properties: { 'idempotency-key': idempotencyKeyHeader(on, 'Each mutation of the batch runs, under the key and its call id,') } },
+    response: {
+      '2xx': {
+        description: 'The calls\' results, in their order. Retry-After (and RateLimit-*) are those of the refused call that asks the longest wait',
+        headers: { 'x-request-id': { type: 'string', description: 'The request id; the calls\' are it, a dot and the call\'s index' }, ...waits },
+        type: 'object',
+        required: ['results'],
+        properties: { results: { type: 'array', items: result } }
+      },
+      ...(on.rateLimit ? { 429: tooManyRequests } : {}),
+      '4xx': problemResponse(`A refusal of the whole batch (its code is stable): ${refusals.join(', ')}`, { ...RETRY_AFTER, ...(secured ? BEARER_CHALLENGE : {}), ...(on.rateLimit ? RATE_LIMIT_HEADERS : {}) }),
+      // The Kernel's failures are the calls' own errors.
+      '5xx': problemResponse(`A failure of the whole batch (its code is stable): INTERNAL 500${on.shedding ? ', OVERLOADED 503 (the instance sheds load)' : ''}`, failureHeaders(on))
+    }
+  }
+}
 
 /**
  * POST /api/v1/batch (CONTRACT §3): several calls in one request. Each runs the whole pipeline
@@ -40,20 +91,16 @@ export default async function batchRoute (app: FastifyInstance, opts: BatchOptio
     // Every call needs a token: none, or a refused one, is a 401 before the body is read.
     config: { identity: 'required' },
     schema: {
-      hide: true,
+      ...documented(opts.maxCalls, opts.secured === true, headerConcerns(app)),
       body: {
         type: 'object',
         required: ['calls'],
         additionalProperties: false,
         properties: { calls: { type: 'array', minItems: 1, items: CallSchema } }
-      },
-      // 200 is written by hand below: each result is already JSON shaped by its op's schema.
-      response: {
-        '4xx': problemContent,
-        '5xx': problemContent
       }
     },
-    validatorCompiler: ({ schema }) => strict.compile(schema),
+    // The headers' schema is the document's: a malformed Idempotency-Key is each mutation's own refusal.
+    validatorCompiler: ({ schema, httpPart }) => httpPart === 'headers' ? () => true : strict.compile(schema),
     // Checked before validation: an oversized batch is refused whole, without running any call.
     preValidation: async (request) => {
       const calls = (request.body as { calls?: unknown } | null)?.calls

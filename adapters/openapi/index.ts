@@ -168,7 +168,7 @@ async function openapiPlugin (app: FastifyInstance, opts: OpenApiOptions): Promi
         description: 'Every Kernel operation of the manifest, served under /api/v1. Errors are RFC 7807 application/problem+json with a stable `code`.'
       },
       servers: [],
-      tags: [{ name: 'queries', description: 'Read operations' }, { name: 'mutations', description: 'Write operations' }],
+      tags: [{ name: 'queries', description: 'Read operations' }, { name: 'mutations', description: 'Write operations' }, { name: 'batch', description: 'Several operations\' calls in one request' }],
       ...(opts.secured ? { components: { securitySchemes: { bearerAuth: { type: 'http', scheme: 'bearer', bearerFormat: 'JWT' } } } } : {})
     },
     // Shared schemas keep their own names (`Problem`) in components.

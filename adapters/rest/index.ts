@@ -13,7 +13,7 @@ import type { JsonSchema, Operation } from '../../manifest.js'
 // call to the pipeline and encodes with the op's compiled output serializer, so fields the
 // schema does not declare never reach the client. No policy lives here.
 
-const problem = { content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } } }
+export const problem = { content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } } }
 const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/
 const VISIBLE_ASCII = /^[\x21-\x7e]+$/
 /**
@@ -40,7 +40,7 @@ export interface RestAdapterOptions {
  * Which concerns add headers to an answer, or refusals of their own: the OpenAPI document says
  * which, per operation.
  */
-interface HeaderConcerns {
+export interface HeaderConcerns {
   cache: boolean
   idempotency: boolean
   /** How long a stored outcome answers repeats, in words (BFF_IDEMPOTENCY_TTL_SECONDS: it said 24 h whatever it was). */
@@ -50,7 +50,7 @@ interface HeaderConcerns {
   shedding: boolean
 }
 
-type HeaderDoc = Record<string, { type: 'string', description: string }>
+export type HeaderDoc = Record<string, { type: 'string', description: string }>
 
 // The OpenAPI document is built once, from the routes' schemas, while a manifest reload may
 // give an operation a cache or a rate limit, or take them away: what those concerns add is
@@ -60,7 +60,7 @@ type HeaderDoc = Record<string, { type: 'string', description: string }>
 /** Whether a call of `op` may be cached: a query, over GET or POST (the cache plugin on). */
 const mayCache = (op: Operation, on: HeaderConcerns): boolean => on.cache && op.type === 'query'
 
-const RATE_LIMIT_HEADERS: HeaderDoc = {
+export const RATE_LIMIT_HEADERS: HeaderDoc = {
   'RateLimit-Limit': { type: 'string', description: 'Calls allowed per window (an operation with a limit, or the gateway\'s own)' },
   'RateLimit-Remaining': { type: 'string', description: 'Calls left in the window' },
   'RateLimit-Reset': { type: 'string', description: 'Seconds until the window frees a call' }
@@ -89,8 +89,8 @@ function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
  * a Kernel 4xx's own passed on), whatever concern is on; and a 401's challenge. Only the 429 had
  * its Retry-After documented, and only with the rate limits on.
  */
-const RETRY_AFTER: HeaderDoc = { 'Retry-After': { type: 'string', description: 'Seconds to wait before calling again, on a refusal that asks for a wait (IDEMPOTENCY_CONFLICT 409, RATE_LIMITED 429 of a tenant holding the most idempotency keys it may, KERNEL_UNAVAILABLE or OVERLOADED 503, a Kernel refusal that said so)' } }
-const BEARER_CHALLENGE: HeaderDoc = { 'WWW-Authenticate': { type: 'string', description: 'Bearer, with error="invalid_token" or "invalid_request" for a token refused: on a 401' } }
+export const RETRY_AFTER: HeaderDoc = { 'Retry-After': { type: 'string', description: 'Seconds to wait before calling again, on a refusal that asks for a wait (IDEMPOTENCY_CONFLICT 409, RATE_LIMITED 429 of a tenant holding the most idempotency keys it may, KERNEL_UNAVAILABLE or OVERLOADED 503, a Kernel refusal that said so)' } }
+export const BEARER_CHALLENGE: HeaderDoc = { 'WWW-Authenticate': { type: 'string', description: 'Bearer, with error="invalid_token" or "invalid_request" for a token refused: on a 401' } }
 
 /**
  * What a 4XX of `op` may carry: Retry-After, a 401's challenge (identity on), the
@@ -112,11 +112,11 @@ function refusalHeaders (op: Operation, secured: boolean, on: HeaderConcerns): H
  * 404 ... in refusalHeaders) carries the window's RateLimit-* as its 2XX would: the document
  * declared them on the 2XX and the 429 only.
  */
-function failureHeaders (on: HeaderConcerns): HeaderDoc {
+export function failureHeaders (on: HeaderConcerns): HeaderDoc {
   return on.rateLimit ? { ...RETRY_AFTER, ...RATE_LIMIT_HEADERS } : RETRY_AFTER
 }
 
-function problemResponse (description: string, headers: HeaderDoc): Record<string, unknown> {
+export function problemResponse (description: string, headers: HeaderDoc): Record<string, unknown> {
   return { description, headers, ...problem }
 }
 
@@ -143,7 +143,7 @@ function failureDescription (on: HeaderConcerns): string {
 }
 
 /** A 429's own entry: its Retry-After and RateLimit-*. */
-const tooManyRequests = {
+export const tooManyRequests = {
   description: 'RATE_LIMITED: the operation\'s limit, or the gateway\'s, is reached; retry after Retry-After seconds',
   headers: { 'Retry-After': { type: 'string', description: 'Seconds to wait before a call may pass' }, ...RATE_LIMIT_HEADERS },
   content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } }
@@ -182,6 +182,27 @@ export function callKey (key: string | null | undefined, suffix: string): string
   // that refusal was stored) and written in the store's keys. No name kept as it is holds a
   // space, so no shortened name is one, and two names differ in their hashes.
   return suffix.length <= MAX_CALL_SUFFIX ? `${key} ${suffix}` : `${key} ${suffix.slice(0, SUFFIX_HEAD)} ${hash('sha256', suffix, 'base64url')}`
+}
+
+/**
+ * The concerns that are on, for the document of a route registered after them (app.ts): their
+ * decorators say which headers exist.
+ */
+export function headerConcerns (app: FastifyInstance): HeaderConcerns {
+  return { cache: app.hasDecorator('responseCache'), idempotency: app.hasDecorator('idempotency'), idempotencyFor: app.hasDecorator('idempotency') ? duration(app.idempotency.ttlSeconds) : '', rateLimit: app.hasDecorator('rateLimiter'), firewall: app.hasPlugin('mantle-firewall'), shedding: app.hasPlugin('mantle-pressure') }
+}
+
+/** The Idempotency-Key request header, for the document (`keyed`: what a key does to the calls). */
+export function idempotencyKeyHeader (concerns: HeaderConcerns, keyed = 'Runs the mutation'): JsonSchema {
+  return {
+    type: 'string',
+    minLength: 1,
+    maxLength: 255,
+    pattern: '^[\\x21-\\x7e]+$',
+    description: concerns.idempotency
+      ? `${keyed} once per tenant and key for ${concerns.idempotencyFor}; a repeat gets the stored answer with Idempotent-Replayed: true`
+      : 'Passed on to the Kernel as its Idempotency-Key (which may answer a repeat from its own record); the call may then be retried after a Kernel failure. The gateway stores no answer (BFF_IDEMPOTENCY_ENABLED=false)'
+  }
 }
 
 /** Seconds in the largest whole unit that states them exactly: 86400 is `24 h`, 90 is `90 s`. */
@@ -234,8 +255,7 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
     }
   }
 
-  // Registered before this adapter when on (app.ts): their decorators say which headers exist.
-  const concerns: HeaderConcerns = { cache: app.hasDecorator('responseCache'), idempotency: app.hasDecorator('idempotency'), idempotencyFor: app.hasDecorator('idempotency') ? duration(app.idempotency.ttlSeconds) : '', rateLimit: app.hasDecorator('rateLimiter'), firewall: app.hasPlugin('mantle-firewall'), shedding: app.hasPlugin('mantle-pressure') }
+  const concerns = headerConcerns(app)
   for (const op of app.pipeline.manifest.operations) {
     app.route({
       method: op.method,
@@ -358,17 +378,7 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   const requestHeaders: Record<string, JsonSchema> = {}
   // Read with the store off too: checked (400 when malformed), passed on to the Kernel, and a
   // keyed mutation is retried. The document left it out then, and a generated client could not send it.
-  if (op.type === 'mutation') {
-    requestHeaders['idempotency-key'] = {
-      type: 'string',
-      minLength: 1,
-      maxLength: 255,
-      pattern: '^[\\x21-\\x7e]+$',
-      description: concerns.idempotency
-        ? `Runs the mutation once per tenant and key for ${concerns.idempotencyFor}; a repeat gets the stored answer with Idempotent-Replayed: true`
-        : 'Passed on to the Kernel as its Idempotency-Key (which may answer a repeat from its own record); the call may then be retried after a Kernel failure. The gateway stores no answer (BFF_IDEMPOTENCY_ENABLED=false)'
-    }
-  }
+  if (op.type === 'mutation') requestHeaders['idempotency-key'] = idempotencyKeyHeader(concerns)
   if (mayCache(op, concerns) && takesIfNoneMatch(op)) {
     requestHeaders['if-none-match'] = { type: 'string', description: 'An ETag of an earlier answer: 304 with no body while it still matches (when the operation is cached)' }
   }

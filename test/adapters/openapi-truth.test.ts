@@ -162,6 +162,22 @@ t.test('every demo operation\'s real answers, success and refusal, are the ones 
   await call(app, agent, 'delete', { url: `/api/v1/agents/${id}`, headers: auth }, 200)
   await call(app, agent, 'delete', { url: `/api/v1/agents/${id}`, headers: auth }, 404)
 
+  // The batch: its results (a result, an error, a cache marker, a replay), and its own refusals.
+  const batch = '/api/v1/batch'
+  const calls = [{ id: 'a', op: 'getAgent', input: { id: 'a1' } }, { id: 'b', op: 'nope' }, { id: 'c', op: 'createAgent', input: { name: 'Batched' } }]
+  const keyed = { ...auth, 'idempotency-key': `truth-batch-${process.pid}` }
+  const results = (await call(app, batch, 'post', { url: batch, headers: keyed, payload: { calls } }, 200)).results as Array<Record<string, unknown>>
+  t.match(results, [{ id: 'a', result: { id: 'a1' }, cache: String }, { id: 'b', error: { code: 'NOT_FOUND' } }, { id: 'c', result: { name: 'Batched' } }])
+  t.match(((await call(app, batch, 'post', { url: batch, headers: keyed, payload: { calls } }, 200)).results as unknown[])[2], { id: 'c', replayed: true })
+  // A malformed key is each mutation's own refusal (the header's documented pattern is not the batch's).
+  const malformed = (await call(app, batch, 'post', { url: batch, headers: { ...auth, 'idempotency-key': 'a b' }, payload: { calls: [calls[0], calls[2]] } }, 200)).results as unknown[]
+  t.match(malformed, [{ id: 'a', result: { id: 'a1' } }, { id: 'c', error: { code: 'VALIDATION_FAILED' } }])
+  await call(app, batch, 'post', { url: batch, headers: auth, payload: { calls: [{ id: 'a', op: 'getAgent' }, { id: 'a', op: 'getAgent' }] } }, 400)
+  await call(app, batch, 'post', { url: batch, headers: auth, payload: { calls: [{ id: 1, op: 'getAgent' }] } }, 400)
+  await call(app, batch, 'post', { url: batch, payload: { calls } }, 401)
+  await call(app, batch, 'post', { url: batch, headers: auth, payload: { calls: Array.from({ length: 51 }, (_, i) => ({ id: String(i), op: 'getAgent', input: { id: 'a1' } })) } }, 413)
+  await call(app, batch, 'post', { url: batch, headers: { ...auth, 'content-type': 'text/plain' }, payload: 'x' }, 415)
+
   // Every operation was called with success.
   for (const methods of Object.values(doc.paths)) {
     for (const op of Object.values(methods)) t.ok([200, 201].some(s => seen.has(`${op.operationId} ${s}`)), `${op.operationId} was called`)
@@ -194,6 +210,11 @@ t.test('the gateway\'s own refusals (429, 502, 503, 504), under an operation\'s 
   t.same(limited, { ok: true, at: '2024-01-01T00:00:00.000Z' })
   t.equal(kernel.requests[0].url, '/v1/thing?tags=a&tags=b', 'an array query parameter as the document\'s default style (form, exploded) writes it')
   await call(app, '/api/v1/limited', 'get', { url: '/api/v1/limited', headers: auth }, 429)
+  // A batch whose call is refused for a wait: the 200 carries its Retry-After and RateLimit-*.
+  const waited = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: auth, payload: { calls: [{ id: 'l', op: 'limited' }] } })
+  t.ok(Number(waited.headers['retry-after']) >= 1, 'the refused call\'s wait on the batch\'s answer')
+  const refusedCall = (await call(app, '/api/v1/batch', 'post', { url: '/api/v1/batch', headers: auth, payload: { calls: [{ id: 'l', op: 'limited' }] } }, 200)).results as Array<Record<string, any>>
+  t.match(refusedCall[0], { id: 'l', error: { code: 'RATE_LIMITED', retryAfter: Number } })
   // Parameters: each query field one parameter, required as the input says, an array in the
   // default style of a query parameter (form, exploded: a repeated key), as the gateway reads it.
   const parameters = (doc.paths['/api/v1/counted/{n}'].get as unknown as { parameters: Array<Record<string, unknown>> }).parameters
@@ -230,13 +251,15 @@ t.test('with the concerns off, the document declares none of what they add, and 
       t.notOk(op.security, 'no security requirement')
       // A mutation's Idempotency-Key is still read: checked, and passed on to the Kernel.
       t.same(op.parameters?.filter(p => p.in === 'header').map(p => (p as { name?: string }).name) ?? [], method === 'get' ? [] : ['idempotency-key'], 'no If-None-Match; Idempotency-Key on a mutation only')
-      for (const [status, response] of Object.entries(op.responses)) t.same(Object.keys(response.headers ?? {}).sort(), status === '2XX' ? ['x-request-id'] : ['Retry-After', 'x-request-id'], `${method} ${path} ${status}: x-request-id (and Retry-After) only`)
+      // A batch's answer carries the wait of its refused call that asks the longest.
+      for (const [status, response] of Object.entries(op.responses)) t.same(Object.keys(response.headers ?? {}).sort(), status === '2XX' && op.operationId !== 'batch' ? ['x-request-id'] : ['Retry-After', 'x-request-id'], `${method} ${path} ${status}: x-request-id (and Retry-After) only`)
     }
   }
   for (const methods of Object.values(doc.paths)) {
     for (const op of Object.values(methods)) {
       t.notMatch(op.responses['4XX'].description, /UNAUTHENTICATED|FORBIDDEN 403|IDEMPOTENCY_/, `${op.operationId}: no identity, no idempotency: none of their refusals`)
-      t.match(op.responses['5XX'].description, /KERNEL_TIMEOUT 504/)
+      // The batch's Kernel failures are its calls' errors, in its 200.
+      t.match(op.responses['5XX'].description, op.operationId === 'batch' ? /^A failure of the whole batch \(its code is stable\): INTERNAL 500, OVERLOADED 503/ : /KERNEL_TIMEOUT 504/)
     }
   }
   t.notMatch(doc.paths['/api/v1/agents'].get.responses['4XX'].description, /413|415|414/, 'a query string, no path parameter: no body\'s refusal, no 414')

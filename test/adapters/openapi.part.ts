@@ -38,7 +38,8 @@ t.test('/openapi.json is a valid OpenAPI 3.1 document of every operation', async
     t.equal(found?.method, op.method.toLowerCase())
     t.equal(found?.path, '/api/v1' + op.path.replace(/:([A-Za-z_][A-Za-z0-9_]*)/g, '{$1}'))
   }
-  t.equal(ops.size, manifest.operations.length, 'nothing but the operations is documented')
+  t.same(ops.get('batch'), { path: '/api/v1/batch', method: 'post' }, 'and the batch route')
+  t.equal(ops.size, manifest.operations.length + 1, 'nothing but the operations and the batch is documented')
   t.notOk(Object.keys(doc.paths).some(p => p.startsWith('/healthz') || p.startsWith('/metrics')))
 
   const getAgent = doc.paths['/api/v1/agents/{id}'].get
