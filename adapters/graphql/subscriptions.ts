@@ -476,8 +476,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
   // checks the root fields with them (rootFieldRefusal).
   const rules = [...specifiedRules.filter(rule => rule !== SingleFieldSubscriptionsRule), ...settings.rules]
   const decide = decisions(app)
-  // Each subscribe of a connection that speaks for a tenant is one request of it to the HTTP
-  // guard (of its upgrade's address, with identity off): MessageGuard.
+  // Each subscribe is one request of its connection's tenant to the HTTP guard (MessageGuard).
   const guard = messageGuardOf(app)
   const addresses = new WeakMap<GraphqlConnection, string>()
   // With the audit off, a refused document is not looked at again for its entry (recordRefusal).
@@ -839,8 +838,9 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
     subscribe (event) {
       return (_source, _args, context, info) => {
         const { connection } = context
-        const caller = guard === null ? null : connection.speaksFor
-        const counted = caller === null ? null : guard!(caller, addresses.get(connection) ?? 'unknown')
+        // Under its upgrade's address while the connection speaks for no one (a subscribe that
+        // brings its first token), as the guard counts a request without a verified one.
+        const counted = guard === null ? null : guard(connection.speaksFor, addresses.get(connection) ?? 'unknown')
         if (!(counted instanceof Promise)) return begin(counted)
         // On Redis: graphql-js takes the stream when it comes. A client that completed the id
         // meanwhile finds it in `cancelled`, as for any subscription still being set up; one that

@@ -66,16 +66,16 @@ function callId (ctx: TrpcContext, batchIndex: number | undefined): string {
 }
 
 /**
- * One procedure per manifest operation (query or mutation, named as the op) and one
- * subscription per event, built once at registration. Resolvers only decode and encode:
- * runCall runs the whole pipeline, and its problem becomes the tRPC error.
- */
-/**
  * The HTTP guard's count of a subscription a WebSocket starts, as one request of its connection
  * (MessageGuard; null: no guard). Over SSE the subscription is an HTTP request, counted as such.
  */
 export type SocketGuard = (socket: WebSocket) => MantleError | null | Promise<MantleError | null>
 
+/**
+ * One procedure per manifest operation (query or mutation, named as the op) and one
+ * subscription per event, built once at registration. Resolvers only decode and encode:
+ * runCall runs the whole pipeline, and its problem becomes the tRPC error.
+ */
 export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limits: RouterLimits, guard: SocketGuard | null = null): AnyTRPCRouter {
   const t = initTRPC.context<TrpcContext>().create({
     isDev: false,

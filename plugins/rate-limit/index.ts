@@ -35,11 +35,12 @@ declare module 'fastify' {
  * Counts one WebSocket message that asks for something other than an operation's call (a
  * subscription, a /ws `auth` frame) as one request of its connection towards the HTTP guard's
  * budget: under the tenant its connection speaks for, as the guard counts a request whose token
- * verifies, or under the upgrade's client address when identity is off (clientAddress). Gives the guard's
+ * verifies, or under the upgrade's client address when identity is off (clientAddress) or the
+ * connection speaks for no one yet (`caller` null: a graphql-ws subscribe bringing its token). Gives the guard's
  * 429 refusal beyond the limit, else null: synchronously on the memory store, a promise on
  * Redis (never rejected).
  */
-export type MessageGuard = (caller: { readonly tenant: string }, address: string) => MantleError | null | Promise<MantleError | null>
+export type MessageGuard = (caller: { readonly tenant: string } | null, address: string) => MantleError | null | Promise<MantleError | null>
 
 export interface RateLimitPluginOptions {
   /** Where limits are counted; `redis` needs the mantle-redis plugin (REDIS_URL). */
@@ -119,7 +120,7 @@ function guardRefusal (max: number, windowMs: number, ttl: number): MantleError 
 function messageGuard (limiter: RateLimiter, max: number, windowMs: number, perTenant: boolean): MessageGuard {
   const decide = (count: WindowCount): MantleError | null => count.current > max ? guardRefusal(max, windowMs, count.ttl) : null
   return (caller, address) => {
-    const count = limiter.check('global', perTenant ? tenantKey(caller.tenant) : ipKey(address), windowMs, max)
+    const count = limiter.check('global', perTenant && caller !== null ? tenantKey(caller.tenant) : ipKey(address), windowMs, max)
     return count instanceof Promise ? count.then(decide) : decide(count)
   }
 }

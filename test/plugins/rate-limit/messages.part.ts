@@ -157,3 +157,22 @@ t.test('redis: a GraphQL subscription completed while the guard counts it never 
   t.same(graphql.frames.filter(f => f.type !== 'connection_ack').map(f => [f.id, f.type]).sort(), [['x', 'next'], ['y', 'next']], 'nothing else: no error, no complete for the one that never started')
   t.equal(graphql.closed(), null)
 })
+
+t.test('a GraphQL subscribe that brings the connection\'s first token counts towards the address, as a request without one', async t => {
+  const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 3, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: DAY, BFF_WEBSOCKET_ENABLED: false, BFF_TRPC_ENABLED: false })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const tenant = 'g-' + randomUUID()
+  // No token on the upgrade nor in connection_init: the upgrade counts towards the address (1).
+  const graphql = await openGraphqlWs(t, `ws://127.0.0.1:${(app.server.address() as { port: number }).port}/graphql`, { headers: {} })
+  const query = 'subscription { runUpdated { id } }'
+  const extensions = [{ type: 'connectionInit', payload: { authorization: `Bearer ${token({ tenant, roles: ['viewer'] })}` } }]
+  graphql.send({ id: 'a', type: 'subscribe', payload: { query }, extensions }) // the address: 2
+  await until(() => app.events.bus.subscriptions === 1, 'a running')
+  graphql.send({ id: 'b', type: 'subscribe', payload: { query }, extensions }) // the tenant: 1
+  await until(() => app.events.bus.subscriptions === 2, 'b running')
+  t.equal((await app.inject({ url: '/api/v1/agents' })).statusCode, 401, 'the address\'s third request')
+  t.equal((await app.inject({ url: '/api/v1/agents' })).statusCode, 429, 'and its fourth: the first subscribe was the address\'s second')
+  const statuses: number[] = []
+  for (let i = 0; i < 3; i++) statuses.push((await app.inject({ url: '/api/v1/agents', headers: bearer({ tenant }) })).statusCode)
+  t.same(statuses, [200, 200, 429], 'the second subscribe was the tenant\'s first')
+})
