@@ -57,7 +57,9 @@ function documented (maxCalls: number, secured: boolean, on: HeaderConcerns): Re
   if (secured) refusals.push('UNAUTHENTICATED 401')
   refusals.push(`PAYLOAD_TOO_LARGE 413 (more than ${maxCalls} calls, or a body past the limit)`, 'UNSUPPORTED_MEDIA_TYPE 415')
   return {
-    operationId: 'batch',
+    // Not a name an operation of the manifest may have (no `-` in those): two operations of one
+    // document may not share an operationId.
+    operationId: 'batch-calls',
     tags: ['batch'],
     summary: 'Several calls in one request',
     description: `At most ${maxCalls} calls, each run as if it came alone (its identity, roles, validation, limits, cache and audit entry), identical queries reaching the Kernel once. Each result carries its call's id, in the calls' order; a call refused or failed is its own error, and the batch answers 200.`,

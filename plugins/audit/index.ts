@@ -727,7 +727,9 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       route.onError = withHook(route.onError, noteRefusal)
       route.onSend = withHook(route.onSend, adminAudit(action))
     } else if (protocolOf(route.url) !== 'http') {
-      route.onError = withHook(route.onError, earlyRefusal((route.schema as { operationId?: string } | undefined)?.operationId))
+      // The operation a REST route serves (config.op), not its document's operationId: the batch
+      // route has one too, and is no operation.
+      route.onError = withHook(route.onError, earlyRefusal(route.config?.op))
     }
   })
 

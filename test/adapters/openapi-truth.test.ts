@@ -252,14 +252,14 @@ t.test('with the concerns off, the document declares none of what they add, and 
       // A mutation's Idempotency-Key is still read: checked, and passed on to the Kernel.
       t.same(op.parameters?.filter(p => p.in === 'header').map(p => (p as { name?: string }).name) ?? [], method === 'get' ? [] : ['idempotency-key'], 'no If-None-Match; Idempotency-Key on a mutation only')
       // A batch's answer carries the wait of its refused call that asks the longest.
-      for (const [status, response] of Object.entries(op.responses)) t.same(Object.keys(response.headers ?? {}).sort(), status === '2XX' && op.operationId !== 'batch' ? ['x-request-id'] : ['Retry-After', 'x-request-id'], `${method} ${path} ${status}: x-request-id (and Retry-After) only`)
+      for (const [status, response] of Object.entries(op.responses)) t.same(Object.keys(response.headers ?? {}).sort(), status === '2XX' && op.operationId !== 'batch-calls' ? ['x-request-id'] : ['Retry-After', 'x-request-id'], `${method} ${path} ${status}: x-request-id (and Retry-After) only`)
     }
   }
   for (const methods of Object.values(doc.paths)) {
     for (const op of Object.values(methods)) {
       t.notMatch(op.responses['4XX'].description, /UNAUTHENTICATED|FORBIDDEN 403|IDEMPOTENCY_/, `${op.operationId}: no identity, no idempotency: none of their refusals`)
       // The batch's Kernel failures are its calls' errors, in its 200.
-      t.match(op.responses['5XX'].description, op.operationId === 'batch' ? /^A failure of the whole batch \(its code is stable\): INTERNAL 500, OVERLOADED 503/ : /KERNEL_TIMEOUT 504/)
+      t.match(op.responses['5XX'].description, op.operationId === 'batch-calls' ? /^A failure of the whole batch \(its code is stable\): INTERNAL 500, OVERLOADED 503/ : /KERNEL_TIMEOUT 504/)
     }
   }
   t.notMatch(doc.paths['/api/v1/agents'].get.responses['4XX'].description, /413|415|414/, 'a query string, no path parameter: no body\'s refusal, no 414')

@@ -38,7 +38,7 @@ t.test('/openapi.json is a valid OpenAPI 3.1 document of every operation', async
     t.equal(found?.method, op.method.toLowerCase())
     t.equal(found?.path, '/api/v1' + op.path.replace(/:([A-Za-z_][A-Za-z0-9_]*)/g, '{$1}'))
   }
-  t.same(ops.get('batch'), { path: '/api/v1/batch', method: 'post' }, 'and the batch route')
+  t.same(ops.get('batch-calls'), { path: '/api/v1/batch', method: 'post' }, 'and the batch route')
   t.equal(ops.size, manifest.operations.length + 1, 'nothing but the operations and the batch is documented')
   t.notOk(Object.keys(doc.paths).some(p => p.startsWith('/healthz') || p.startsWith('/metrics')))
 
@@ -297,4 +297,15 @@ t.test('a mutation\'s 4XX documents the Idempotent-Replayed of a stored Kernel r
   const off = await buildDemoApp(t, { BFF_IDEMPOTENCY_ENABLED: false })
   const docOff = (await off.inject({ url: '/openapi.json' })).json()
   t.notOk('Idempotent-Replayed' in docOff.paths['/api/v1/agents/{id}'].patch.responses['4XX'].headers, 'idempotency off: none')
+})
+
+t.test('an operation named batch keeps its operationId: the batch route\'s is one no operation may have', async t => {
+  const op = { type: 'query', rest: 'GET /batch/:id', kernel: 'GET /v1/batch/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: { type: 'object' } }
+  const app = await buildTestApp(t, {}, { manifest: testManifest({ batch: op }) })
+  const doc = (await app.inject({ url: '/openapi.json' })).json() as OpenApiDoc
+  t.equal((await new Validator().validate(doc as unknown as Record<string, unknown>)).valid, true, 'a valid document: no two operations share an id')
+  const ids = Object.values(doc.paths).flatMap(methods => Object.values(methods).map(o => o.operationId))
+  t.equal(new Set(ids).size, ids.length, 'operationIds are unique, as OpenAPI asks')
+  t.equal(doc.paths['/api/v1/batch/{id}'].get.operationId, 'batch')
+  t.equal(doc.paths['/api/v1/batch'].post.operationId, 'batch-calls')
 })
