@@ -55,6 +55,8 @@ export interface EventDefinition {
   readonly payload: JsonSchema
   readonly payloadDocument: JsonSchema
   readonly roles: readonly string[]
+  /** The lowest zone a subscriber's token must reach, as an operation's (defaults.zone, else public). */
+  readonly zone: Zone
   readonly description: string | null
 }
 
@@ -334,7 +336,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     if (Object.hasOwn(m.operations, name)) faults.push(`${at}: an operation has the same name`)
     const payload = resolveRefs(ev.payload, resolvedSchemas, `${at}.payload`, faults, [])
     checkSchema(checker, payload, `${at}.payload`, faults)
-    events.push(Object.freeze({ name, topic: ev.topic, payload, payloadDocument: ev.payload, roles: Object.freeze([...(ev.roles ?? defaults.roles ?? [])]), description: ev.description ?? null }))
+    events.push(Object.freeze({ name, topic: ev.topic, payload, payloadDocument: ev.payload, roles: Object.freeze([...(ev.roles ?? defaults.roles ?? [])]), zone: ev.zone ?? defaults.zone ?? 'public', description: ev.description ?? null }))
   }
 
   if (faults.length > 0) throw new ManifestError(source, faults)
@@ -361,8 +363,12 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
   }
   // An event's roles apart: one that has none of its own takes defaults.roles, and a reload that
   // changed only those was refused as 'events changed', naming nothing the operator had edited.
-  fixed.set('events', canonicalJson(events.map(({ roles: _roles, ...rest }) => rest)))
-  for (const ev of events) fixed.set(`events.${ev.name}.roles (an event without roles of its own takes defaults.roles; subscriptions hold theirs)`, canonicalJson(ev.roles))
+  // Its zone too, which one without its own takes from defaults.zone.
+  fixed.set('events', canonicalJson(events.map(({ roles: _roles, zone: _zone, ...rest }) => rest)))
+  for (const ev of events) {
+    fixed.set(`events.${ev.name}.roles (an event without roles of its own takes defaults.roles; subscriptions hold theirs)`, canonicalJson(ev.roles))
+    fixed.set(`events.${ev.name}.zone (an event without a zone of its own takes defaults.zone; subscriptions hold theirs)`, ev.zone)
+  }
   fixed.set('schemas', canonicalJson(resolvedSchemas))
   fixed.set('kernel settings', canonicalJson(kernel))
   return Object.freeze({

@@ -54,6 +54,7 @@ export const EventSchema = Type.Object({
   topic: Type.String({ minLength: 1 }),
   payload: JsonSchema,
   roles: Type.Optional(Roles),
+  zone: Type.Optional(ZoneSchema),
   description: Type.Optional(Type.String())
 }, { additionalProperties: false })
 

@@ -71,7 +71,7 @@ t.test('the demo manifest loads', async t => {
   t.equal(m.byName.get('listAgents')?.deprecated, false)
 
   t.equal(m.events.length, 1)
-  t.match(m.events[0], { name: 'runUpdated', topic: 'runs.updated', roles: ['viewer'] })
+  t.match(m.events[0], { name: 'runUpdated', topic: 'runs.updated', roles: ['viewer'], zone: 'public' })
   t.same(m.events[0].payload, m.schemas.Run)
   t.same(m.events[0].payloadDocument, { $ref: '#/schemas/Run' })
   t.equal(m.byName.get('nope'), undefined)
@@ -95,18 +95,21 @@ t.test('defaults are merged into every operation that does not override them', a
     own: { ...query, rest: 'GET /b', roles: ['editor'], zone: 'restricted', rateLimit: { max: 5, windowMs: 1000 }, timeoutMs: 42 }
   }, {
     defaults: { roles: ['viewer'], zone: 'internal', rateLimit: { max: 100, windowMs: 60000 }, timeoutMs: 900 },
-    events: { withDefaults: { topic: 't.a', payload: output }, withOwn: { topic: 't.b', payload: output, roles: ['system'], description: 'mine' } }
+    events: { withDefaults: { topic: 't.a', payload: output }, withOwn: { topic: 't.b', payload: output, roles: ['system'], zone: 'restricted', description: 'mine' } }
   }, { timeoutMs: 3000 }))
   t.match(m.byName.get('plain'), { roles: ['viewer'], zone: 'internal', rateLimit: { max: 100, windowMs: 60000 }, timeoutMs: 900 })
   t.match(m.byName.get('own'), { roles: ['editor'], zone: 'restricted', rateLimit: { max: 5, windowMs: 1000 }, timeoutMs: 42 })
   t.same(m.events[0].roles, ['viewer'], 'an event without roles gets the default roles')
   t.equal(m.events[0].description, null)
   t.same(m.events[1].roles, ['system'], 'an event keeps its own roles')
+  t.equal(m.events[0].zone, 'internal', 'an event without a zone gets the default zone')
+  t.equal(m.events[1].zone, 'restricted', 'an event keeps its own zone')
   t.equal(m.events[1].description, 'mine')
 
   const bare = compileManifest(doc({ a: query }, { events: { e: { topic: 't', payload: output } } }))
   t.match(bare.operations[0], { roles: [], zone: 'public', rateLimit: null, timeoutMs: 5000, cache: null, firewall: null, invalidates: [], summary: null, description: null, deprecated: false })
   t.same(bare.events[0].roles, [], 'no roles anywhere: any authenticated caller')
+  t.equal(bare.events[0].zone, 'public', 'no zone anywhere: public')
   t.same(bare.operations[0].input, { type: 'object', properties: {}, additionalProperties: false }, 'no input: an empty object that takes nothing')
 })
 
@@ -258,6 +261,7 @@ t.test('the document shape: version, required keys, values', async t => {
   t.same(faultsOf(doc({})), ['operations: must NOT have fewer than 1 properties'])
   t.same(faultsOf(doc({ a: { type: 'query', rest: 'GET /a', kernel: 'GET /v1/a' } })), ['operations.a.output: is required'])
   t.same(faultsOf(doc({ a: { ...query, zone: 'secret' } })), ['operations.a.zone: must be one of the allowed values'])
+  t.same(faultsOf(doc({ a: query }, { events: { e: { topic: 't', payload: output, zone: 'secret' } } })), ['events.e.zone: must be one of the allowed values'])
   t.same(faultsOf(doc({ a: { ...query, type: 'command' } })), ['operations.a.type: must be one of the allowed values'])
   t.same(faultsOf(doc({ a: { ...query, rest: 'FETCH /a' } })), ['operations.a.rest: must match pattern "^(GET|POST|PUT|PATCH|DELETE) (/[A-Za-z0-9_.~:-]*)+$"'])
   t.same(faultsOf(doc({ a: { ...query, rest: 'GET /a/:' } })), ['operations.a.rest: a path parameter needs a name'])

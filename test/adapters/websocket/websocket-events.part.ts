@@ -2,7 +2,7 @@ import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { createSigner } from 'fast-jwt'
 import type { FastifyInstance } from 'fastify'
-import { token, SECRET } from '../../helper.js'
+import { token, SECRET, testManifest } from '../../helper.js'
 import { wsApp, connect, run, type Client } from '../websocket-helper.js'
 
 const publish = async (app: FastifyInstance, tenantId: string, payload: unknown): Promise<void> => {
@@ -120,6 +120,19 @@ t.test('a token without the role any more ends the subscription it held', async 
   t.match(await client.next(), { id: 'sub', error: { code: 'FORBIDDEN' } }, 'the subscribe frame id carries the end')
   await publish(app, 't1', run('r1'))
   t.ok(await nothingQueued(client, 'n'), 'no event after it')
+  t.equal(app.events.bus.subscriptions, 0)
+})
+
+t.test('an event in a zone is refused to a token below it, and ends for a re-auth below it', async t => {
+  const ping = { type: 'query', rest: 'GET /ping', kernel: 'GET /v1/ok', input: { type: 'object' }, output: { type: 'object' } }
+  const manifest = testManifest({ ping }, {}, { events: { secretRun: { topic: 'runs.secret', payload: { type: 'object' }, zone: 'restricted' } } })
+  const { app, url } = await wsApp(t, { build: { manifest } })
+  const low = await connect(t, url, { zone: 'internal' })
+  t.match(await low.request({ id: 'r', subscribe: 'secretRun' }), { id: 'r', error: { code: 'FORBIDDEN', status: 403, detail: 'secretRun is in the restricted zone, beyond the caller\'s' } })
+  const high = await connect(t, url, { zone: 'restricted' })
+  t.same(await high.request({ id: 's', subscribe: 'secretRun' }), { id: 's', subscribed: 'secretRun' })
+  t.equal((await high.request({ id: 'a', auth: token({ zone: 'internal' }) })).authenticated, true)
+  t.match(await high.next(), { id: 's', error: { code: 'FORBIDDEN' } }, 'the subscription ends with the zone it needs')
   t.equal(app.events.bus.subscriptions, 0)
 })
 

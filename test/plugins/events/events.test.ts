@@ -14,7 +14,7 @@ import type { EventDefinition } from '../../../manifest.js'
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const run = (id: string, extra: Record<string, unknown> = {}) => ({ id, agentId: 'a1', status: 'running', temperature: 1, promptChars: 3, output: null, error: null, createdAt: 'c', updatedAt: 'u', startedAt: null, finishedAt: null, ...extra })
 const viewer: Identity = { tenant: 't1', user: 'u', roles: ['viewer'], zone: 'public', expiresAt: Infinity }
-const def: EventDefinition = { name: 'runUpdated', topic: 'runs.updated', payload: { type: 'object', required: ['id'], properties: { id: { type: 'string' }, status: { type: 'string' } } }, payloadDocument: {}, roles: ['viewer'], description: null }
+const def: EventDefinition = { name: 'runUpdated', topic: 'runs.updated', payload: { type: 'object', required: ['id'], properties: { id: { type: 'string' }, status: { type: 'string' } } }, payloadDocument: {}, roles: ['viewer'], zone: 'public', description: null }
 
 t.test('the bus delivers an event to its tenant only, shaped by the event schema', async t => {
   const dropped: string[] = []
@@ -67,6 +67,14 @@ t.test('subscriptions are authorized and bounded', async t => {
   t.throws(() => bus.subscribe('nope', 't', () => {}), { code: 'NOT_FOUND' })
   const open = new EventBus([def], false)
   t.equal(open.authorize('runUpdated', ANONYMOUS).name, 'runUpdated', 'no role check with identity off')
+  // An event's zone, as an operation's: a token must reach it (public < internal < restricted).
+  const zoned = new EventBus([{ ...def, name: 'internalRun', zone: 'internal' }, { ...def, name: 'restrictedRun', topic: 'runs.restricted', zone: 'restricted' }], true)
+  t.throws(() => zoned.authorize('internalRun', viewer), { code: 'FORBIDDEN', message: 'internalRun is in the internal zone, beyond the caller\'s' })
+  t.equal(zoned.authorize('internalRun', { ...viewer, zone: 'internal' }).name, 'internalRun')
+  t.throws(() => zoned.authorize('restrictedRun', { ...viewer, zone: 'internal' }), { code: 'FORBIDDEN', message: 'restrictedRun is in the restricted zone, beyond the caller\'s' })
+  t.equal(zoned.authorize('restrictedRun', { ...viewer, zone: 'restricted' }).name, 'restrictedRun')
+  t.throws(() => zoned.authorize('internalRun', { ...viewer, zone: 'constructor' as 'public' }), { code: 'FORBIDDEN' }, 'a zone with no rank is below every zone')
+  t.equal(new EventBus([{ ...def, zone: 'restricted' }], false).authorize('runUpdated', ANONYMOUS).name, 'runUpdated', 'no zone check with identity off')
   bus.subscribe('runUpdated', 't', () => {})
   bus.subscribe('runUpdated', 't', () => {})
   t.throws(() => bus.subscribe('runUpdated', 't', () => {}), { code: 'OVERLOADED' })

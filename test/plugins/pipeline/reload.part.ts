@@ -234,6 +234,20 @@ t.test('a change of defaults.roles an event takes is refused naming the event\'s
   t.same(app.pipeline.manifest.events[0].roles, ['viewer'], 'the manifest in force is kept')
 })
 
+t.test('an event\'s zone is fixed as its roles are: a change of the defaults.zone it takes is refused naming it', async t => {
+  const dir = mkdtempSync(join(tmpdir(), 'mantle-reload-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const file = join(dir, 'manifest.yaml')
+  const withEvent = (zone: string): string => manifest('viewer').replace('version: 1\n', `version: 1\ndefaults: { zone: ${zone} }\n`) +
+    'events:\n  thingChanged: { topic: things, payload: { type: object } }\n'
+  writeFileSync(file, withEvent('internal'))
+  const app = await buildTestApp(t, { BFF_MANIFEST: file }, { kernelUrl: 'http://127.0.0.1:9' })
+  t.equal(app.pipeline.manifest.events[0].zone, 'internal', 'an event without a zone of its own takes defaults.zone')
+  writeFileSync(file, withEvent('restricted'))
+  t.same((await app.reloadManifest()).reasons, ['events.thingChanged.zone (an event without a zone of its own takes defaults.zone; subscriptions hold theirs) changed'])
+  t.equal(app.pipeline.manifest.events[0].zone, 'internal', 'the manifest in force is kept')
+})
+
 t.test('a cache added by a reload answers If-None-Match with 304 on REST', async t => {
   // The REST face decided at start-up whether to read If-None-Match: after a reload added a
   // cache, answers carried an ETag, but a matching If-None-Match never got its 304.
