@@ -67,7 +67,7 @@ function documented (maxCalls: number, secured: boolean, on: HeaderConcerns): Re
     headers: { type: 'object', properties: { 'idempotency-key': idempotencyKeyHeader(on, 'Each mutation of the batch runs, under the key and its call id,') } },
     response: {
       '2xx': {
-        description: 'The calls\' results, in their order. Retry-After (and RateLimit-*) are those of the refused call that asks the longest wait',
+        description: 'The calls\' results, in their order. Retry-After and RateLimit-* are those of the refused call that asks the longest wait, else RateLimit-* the HTTP guard\'s',
         headers: { 'x-request-id': { type: 'string', description: 'The request id; the calls\' are it, a dot and the call\'s index' }, ...waits },
         type: 'object',
         required: ['results'],

@@ -13,7 +13,7 @@ import type { JsonSchema, Operation } from '../../manifest.js'
 // call to the pipeline and encodes with the op's compiled output serializer, so fields the
 // schema does not declare never reach the client. No policy lives here.
 
-export const problem = { content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } } }
+const problem = { content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } } }
 const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/
 const VISIBLE_ASCII = /^[\x21-\x7e]+$/
 /**
@@ -50,7 +50,7 @@ export interface HeaderConcerns {
   shedding: boolean
 }
 
-export type HeaderDoc = Record<string, { type: 'string', description: string }>
+type HeaderDoc = Record<string, { type: 'string', description: string }>
 
 // The OpenAPI document is built once, from the routes' schemas, while a manifest reload may
 // give an operation a cache or a rate limit, or take them away: what those concerns add is
