@@ -36,9 +36,9 @@ declare module 'fastify' {
  * subscription, a /ws `auth` frame) as one request of its connection towards the HTTP guard's
  * budget: under the tenant its connection speaks for, as the guard counts a request whose token
  * verifies, or under the upgrade's client address when identity is off (clientAddress) or the
- * connection speaks for no one yet (`caller` null: a graphql-ws subscribe bringing its token). Gives the guard's
- * 429 refusal beyond the limit, else null: synchronously on the memory store, a promise on
- * Redis (never rejected).
+ * connection speaks for no one yet (`caller` null: a graphql-ws subscribe bringing its token).
+ * Gives the guard's 429 refusal beyond the limit, else null: synchronously on the memory store,
+ * a promise on Redis (never rejected).
  */
 export type MessageGuard = (caller: { readonly tenant: string } | null, address: string) => MantleError | null | Promise<MantleError | null>
 
@@ -113,9 +113,9 @@ function guardRefusal (max: number, windowMs: number, ttl: number): MantleError 
 /**
  * Before, a WebSocket's upgrade was the only request of it the guard counted: behind it, a
  * connection could send subscribe and `auth` frames without end, each one decided (a token's
- * signature checked, an audit entry written) and counted by no limit, as calls are by their
- * operations'. Now each counts as one request, in the key its upgrade was counted in (the
- * verified tenant), so the tenant's budget is the same on every face.
+ * signature checked, an audit entry written) and counted by no limit (its calls are counted by
+ * their operations' limits). Now each counts as one request, under the key its upgrade was
+ * counted by (the verified tenant), so the tenant's budget is the same on every face.
  */
 function messageGuard (limiter: RateLimiter, max: number, windowMs: number, perTenant: boolean): MessageGuard {
   const decide = (count: WindowCount): MantleError | null => count.current > max ? guardRefusal(max, windowMs, count.ttl) : null
