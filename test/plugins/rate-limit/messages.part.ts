@@ -9,6 +9,7 @@ import { WebSocket } from 'ws'
 import { buildDemoApp, startTestKernel, testManifest, bearer, token, json, until } from '../../helper.js'
 import { wsApp, connect, openGraphqlWs, run, type Frame } from '../../adapters/websocket-helper.js'
 import { tenantKey } from '../../../plugins/rate-limit/index.js'
+import { startTcpProxy } from '../../proxy.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const op = { type: 'query', rest: 'GET /ping', kernel: 'GET /v1/ok', input: { type: 'object' }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
@@ -175,4 +176,30 @@ t.test('a GraphQL subscribe that brings the connection\'s first token counts tow
   const statuses: number[] = []
   for (let i = 0; i < 3; i++) statuses.push((await app.inject({ url: '/api/v1/agents', headers: bearer({ tenant }) })).statusCode)
   t.same(statuses, [200, 200, 429], 'the second subscribe was the tenant\'s first')
+})
+
+t.test('redis stalled: the frames held behind a counted one are answered, in order, once the guard falls back to memory', async t => {
+  const proxy = await startTcpProxy(t, Number(new URL(REDIS_URL).port || 6379))
+  const { app, url } = await guardedWs(t, 'redis', { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 100 })
+  const tenant = 'g-' + randomUUID()
+  forgetInRedis(t, [tenantKey(tenant)])
+  const client = await connect(t, url, { tenant })
+  proxy.delay(60_000)
+  const frames = [
+    { id: '1', subscribe: 'runUpdated' },
+    { id: '2', op: 'ping', input: {} },
+    { id: '3', unsubscribe: 'runUpdated' },
+    { id: '4', auth: token({ tenant }) },
+    { id: '5', subscribe: 'runUpdated' }
+  ]
+  for (const frame of frames) client.send(frame)
+  const answers: Frame[] = []
+  for (let i = 0; i < frames.length; i++) answers.push(await client.next(5000))
+  t.same(answers.map(a => a.id as string).filter(id => id !== '2'), ['1', '3', '4', '5'], 'every frame answered, in order')
+  t.match(answers.find(a => a.id === '1'), { subscribed: 'runUpdated' })
+  t.match(answers.find(a => a.id === '2'), { result: { ok: true } })
+  t.match(answers.find(a => a.id === '4'), { authenticated: true })
+  t.match(answers.find(a => a.id === '5'), { subscribed: 'runUpdated' })
+  t.equal(app.rateLimiter.fallbackActive, true, 'counted in memory meanwhile')
+  proxy.restore()
 })
