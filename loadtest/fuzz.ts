@@ -948,12 +948,15 @@ async function main (): Promise<void> {
     const port = await freePort()
     const gateway = { url: `http://127.0.0.1:${port}` }
     // A loaded machine may need long to start it: the fuzz is about answers, not start-up time.
-    const started = await startProcess({ name: GATEWAY_SPINE.name, script: GATEWAY_SPINE.process!.script, env: GATEWAY_SPINE.process!.env(ctx, port), readyUrl: gateway.url + '/healthz', readyTimeoutMs: 180_000 })
+    // With the HTTP guard on, at a limit the run never reaches: its count of every request and of
+    // the WebSocket messages it counts (subscribe, auth) is fuzzed with the rest.
+    const env = { ...GATEWAY_SPINE.process!.env(ctx, port), BFF_RATE_LIMIT_ENABLED: 'true', BFF_RATE_LIMIT_GLOBAL_MAX: '100000000' }
+    const started = await startProcess({ name: GATEWAY_SPINE.name, script: GATEWAY_SPINE.process!.script, env, readyUrl: gateway.url + '/healthz', readyTimeoutMs: 180_000 })
     processes.push(started)
     const pid = started.pid
     const alive = (): boolean => { try { process.kill(pid, 0); return true } catch { return false } }
     const before = rssKiB(pid)
-    process.stderr.write(`fuzz: ${count} requests, seed ${seed}, against ${GATEWAY_SPINE.name} (pid ${pid}) at ${gateway.url}\n`)
+    process.stderr.write(`fuzz: ${count} requests, seed ${seed}, against ${GATEWAY_SPINE.name} with the HTTP guard on (pid ${pid}) at ${gateway.url}\n`)
     let crashes = 0
     const report = await runFuzz({
       url: gateway.url,
