@@ -94,6 +94,10 @@ export function longestTimeoutMs (manifest: Manifest): number {
 
 /** JSON with object keys sorted, so `{a,b}` and `{b,a}` are the same input. */
 export function canonicalJson (value: unknown): string {
+  if (value !== null && typeof value === 'object' && !Array.isArray(value)) {
+    const flat = flatObjectJson(value as Record<string, unknown>)
+    if (flat !== null) return flat
+  }
   // Iterative, not recursive: uniqueItems (unique-items.ts) writes each item so before the
   // input's depth is checked, and an item nested 100,000 levels deep overflowed the stack.
   let out = ''
@@ -126,6 +130,28 @@ export function canonicalJson (value: unknown): string {
     }
   }
   return out
+}
+
+/**
+ * canonicalJson of an object none of whose values is an object or array (most calls' inputs,
+ * `{"id":"a1"}`, and an audit entry's metadata), written in one pass: the general walk's stack
+ * of pieces took 2 to 3 times as long (a cache key and an audit hash on every call). The same
+ * text as the walk writes; null for any other object.
+ */
+function flatObjectJson (record: Record<string, unknown>): string | null {
+  const keys = Object.keys(record)
+  for (let i = 0; i < keys.length; i++) {
+    const v = record[keys[i]]
+    if (v !== null && typeof v === 'object') return null
+  }
+  keys.sort()
+  let out = '{'
+  for (let i = 0; i < keys.length; i++) {
+    const v = record[keys[i]]
+    if (v === undefined) continue
+    out += (out.length === 1 ? '' : ',') + JSON.stringify(keys[i]) + ':' + (JSON.stringify(v) ?? 'null')
+  }
+  return out + '}'
 }
 
 export class ManifestError extends Error {

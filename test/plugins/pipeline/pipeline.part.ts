@@ -13,6 +13,27 @@ t.test('canonical JSON sorts keys at every depth and skips undefined', async t =
   t.equal(canonicalJson('s'), '"s"')
 })
 
+// A flat object (no value an object or array) is written in one pass: the same text as the
+// general walk, which writes it when it is an array's item.
+t.test('canonical JSON of a flat object is the text the general walk writes', async t => {
+  const values: unknown[] = ['', 'a', 'é"\\\n\u2028', '\ud800', 0, -0, 1.5, -1e300, NaN, Infinity, true, false, null, undefined, () => 1, Symbol('s')]
+  const keys = ['a', 'b', 'B', '', 'é', '\u0000', '__proto__', 'constructor', '10', '9', 'z z']
+  let seed = 7
+  const next = (n: number): number => { seed = (seed * 1103515245 + 12345) % 2147483648; return (seed >>> 16) % n }
+  for (let i = 0; i < 500; i++) {
+    const record: Record<string, unknown> = {}
+    for (let k = next(6); k > 0; k--) Object.defineProperty(record, keys[next(keys.length)], { value: values[next(values.length)], enumerable: true, configurable: true, writable: true })
+    const walked = canonicalJson([record]).slice(1, -1)
+    if (canonicalJson(record) !== walked) t.fail(`${walked} written as ${canonicalJson(record)}`)
+  }
+  t.equal(canonicalJson({ b: 1, a: 'x', u: undefined, n: null, f: () => 1 }), '{"a":"x","b":1,"f":null,"n":null}')
+  t.equal(canonicalJson({}), '{}')
+  t.equal(canonicalJson({ u: undefined }), '{}')
+  t.equal(canonicalJson({ z: 1, a: [] }), '{"a":[],"z":1}', 'an array value: the walk')
+  t.throws(() => canonicalJson({ big: 1n }), TypeError, 'a BigInt throws, as in the walk')
+  t.throws(() => canonicalJson([{ big: 1n }]), TypeError)
+})
+
 t.test('the pipeline guards its own assembly', async t => {
   const p = createPipeline(manifest())
   t.throws(() => p.compile(), /no terminal/)
