@@ -62,7 +62,7 @@ for (const store of ['memory', 'redis'] as const) {
     // Each refusal is the frame's decision, recorded as any other (the subscribe and auth frames').
     // (Read from the store: GET /admin/audit is a request the guard counts too.)
     let rows: Array<{ action: string, statusCode: number }> = []
-    for (let i = 0; i < 100 && rows.length < 3; i++) {
+    for (let i = 0; i < 250 && rows.length < 3; i++) {
       rows = (await app.audit.store.query({ limit: 10, tenant, status: 'RATE_LIMITED' })).entries.filter(e => e.protocol === 'websocket')
       if (rows.length < 3) await new Promise(resolve => setTimeout(resolve, 20))
     }
