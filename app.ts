@@ -67,6 +67,8 @@ declare module 'fastify' {
     shuttingDown: () => boolean
     /** Writes every face's `call failed` warn lines, bounded per operation and code (call-failed-log.ts). */
     callFailedLog: CallFailedLog
+    /** Counts a problem+json answer over HTTP by code and status (mantle_http_problems_total; a no-op with metrics off). */
+    problemAnswered: (code: string, status: number) => void
     /**
      * A condition start-up refuses, found only once the gateway runs (production: pending audit
      * migrations once PostgreSQL answers): logged at fatal with its message, and the gateway shuts
@@ -243,18 +245,18 @@ function rawProblem (status: number, detail: string, code: ErrorCode): { id: str
  * Nothing is written in front of the answer of a call that runs on the connection, nor to a
  * connection that sent nothing.
  */
-function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): void {
-  if (lingering.has(socket)) return
+function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): [number, ErrorCode] | null {
+  if (lingering.has(socket)) return null
   if (err.code === 'ECONNRESET' || socket.destroyed || !socket.writable) {
     socket.destroy()
-    return
+    return null
   }
   // A connection that never sent a byte (a browser's preconnect, a pool's spare) has its head
   // timed from the connect: nothing was asked, so nothing is answered. A 408 written to it was
   // read as the answer to the request a client sent it at that moment.
   if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT' && (socket as Socket).bytesRead === 0) {
     socket.destroy()
-    return
+    return null
   }
   const res = (socket as HttpSocket)._httpMessage
   if (res !== null && res !== undefined && !res.writableFinished) {
@@ -264,15 +266,15 @@ function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): void {
       // answer. That answer goes out, saying Connection: close, and the connection closes after it
       // (lingering, see lingeringClose); nothing queued behind it runs.
       keepNoLonger(res)
+      return null
     } else if (res.headersSent) {
       // Another answer already begun: a 408 written now would land inside it.
       socket.destroy()
-    } else {
-      answerRefusal(err, socket)
+      return null
     }
-    return
+    return answerRefusal(err, socket)
   }
-  answerRefusal(err, socket)
+  return answerRefusal(err, socket)
 }
 
 /** The connection's answer under way is its last: Connection: close if not yet sent, and the socket ends after it. */
@@ -291,11 +293,12 @@ const REFUSALS = new Map<string | undefined, [number, string, ErrorCode]>([
   [OFFER_BODY_OVERFLOW, [413, 'The request body is larger than the limit', 'PAYLOAD_TOO_LARGE']]
 ])
 
-/** The clientErrorHandler's answer, as problem+json, and the lingering close. */
-function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): void {
+/** The clientErrorHandler's answer, as problem+json, and the lingering close; its status and code. */
+function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): [number, ErrorCode] {
   const [status, detail, code] = REFUSALS.get(err.code) ?? [400, 'The request is not valid HTTP', 'BAD_REQUEST']
   answerRaw(socket, status, detail, '', code)
   lingeringClose(socket)
+  return [status, code]
 }
 
 /**
@@ -424,6 +427,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   const manifest = options.manifest ?? await loadManifestFile(config.BFF_MANIFEST)
 
   const timeouts = requestTimeouts(config.BFF_REQUEST_TIMEOUT_MS)
+  // Set once the metrics are registered (below): the answers written before any route runs count too.
+  let problemAnswered: (code: string, status: number) => void = () => {}
   const app = Fastify({
     // Fastify's default (10 s) was no longer than the audit spool's watch of a lock another
     // container may hold (two heartbeats, 10 s): a container restarted after a crash or an OOM
@@ -483,7 +488,10 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       errorHandler(error, request, reply)
     },
     // Requests Node's HTTP parser refuses (junk in the head, a head over 16 KB, a timeout).
-    clientErrorHandler: answerClientError,
+    clientErrorHandler: (err, socket) => {
+      const answered = answerClientError(err, socket)
+      if (answered !== null) problemAnswered(answered[1], answered[0])
+    },
     // A query string that is not valid percent-encoding is refused (onRequest below), not taken literally.
     routerOptions: { ignoreTrailingSlash: true, maxParamLength: MAX_PATH_PARAM_LENGTH, querystringParser: parseQuery },
     // An unknown key is refused, not dropped (Fastify's default removes it): a mistyped filter of
@@ -545,12 +553,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     socket.on('error', () => {})
     // A 405 names the methods that are served (RFC 9110 §15.5.6).
     answerRaw(socket, 405, 'CONNECT is not served', 'Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n')
+    problemAnswered('BAD_REQUEST', 405)
     lingeringClose(socket)
   })
   // An Expect other than 100-continue: Node answers a bare 417 (no body, no request id, no
   // security header) unless a listener answers it, so the gateway does, as problem+json.
   app.server.on('checkExpectation', (_req, res) => {
     const { id, body } = rawProblem(417, 'The only expectation served is 100-continue', 'BAD_REQUEST')
+    problemAnswered('BAD_REQUEST', 417)
     res.writeHead(417, { ...SECURITY_HEADERS, 'content-type': 'application/problem+json', 'content-length': Buffer.byteLength(body), 'x-request-id': id, connection: 'close' })
     res.end(body)
   })
@@ -736,6 +746,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
         socket.destroy()
       } else {
         answerRaw(socket, 503, 'The gateway is shutting down: retry on another instance', 'Retry-After: 1\r\n', 'OVERLOADED')
+        problemAnswered('OVERLOADED', 503)
         lingeringClose(socket)
       }
     }
@@ -834,6 +845,12 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     await app.register(metrics, config.BFF_METRICS_TOKEN === undefined ? {} : { token: config.BFF_METRICS_TOKEN })
     const counter = new Counter({ name: 'mantle_manifest_reloads_total', help: 'Manifest reloads, applied or refused', labelNames: ['outcome'] as const, registers: [app.metrics.registry] })
     reloads = outcome => counter.labels(outcome).inc()
+    // Every problem+json answer over HTTP, by its code: the refusals no face's call metrics see
+    // (a 401 before the body, 404, 405, 413, 415, the guard's 429, a head Node's parser refuses)
+    // as well as REST's and the batch's. Before, a flood of 401s or 413s showed in no metric.
+    // Labels: the contract's codes, and the statuses they carry (a Kernel 4xx passed on, 400 to 499).
+    const problems = new Counter({ name: 'mantle_http_problems_total', help: 'problem+json answers over HTTP (REST, the batch, the gateway\'s own routes, and requests refused before any face: a 401 before the body, 404, 405, 413, 415, the HTTP guard\'s 429, a head Node refuses), by code and status', labelNames: ['code', 'status'] as const, registers: [app.metrics.registry] })
+    problemAnswered = (code, status) => { problems.labels(code, String(status)).inc() }
     if (maxConnections !== null) {
       const dropped = new Counter({ name: 'mantle_connections_dropped_total', help: `Connections closed as soon as accepted: the instance held its bound of ${maxConnections} (the open-files limit less the descriptors its own connections need)`, registers: [app.metrics.registry] })
       app.server.on('drop', () => { dropped.inc() })
@@ -845,6 +862,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     : null
   const callFailedLog = new CallFailedLog(app.log, suppressed === null ? {} : { onSuppressed: (op, code, n) => { suppressed.labels(op, code).inc(n) } })
   app.decorate('callFailedLog', callFailedLog)
+  app.decorate('problemAnswered', (code: string, status: number) => { problemAnswered(code, status) })
   app.addHook('onClose', (_instance, done) => {
     callFailedLog.close()
     done()
@@ -1105,5 +1123,6 @@ function errorHandler (err: FastifyError | MantleError | Error, request: Fastify
   if (level === 'error') request.log.error({ err }, 'unexpected error')
   else if (level === 'warn') request.server.callFailedLog.warn(request.log, request.routeOptions.config?.op ?? '-', problem.code, { code: problem.code, detail: detailForLog(err, problem) })
   if (headers !== null) reply.headers(headers)
+  request.server.problemAnswered(problem.code, problem.status)
   reply.code(problem.status).type('application/problem+json').send(problem)
 }

@@ -1,0 +1,56 @@
+import t from 'tap'
+import { connect } from 'node:net'
+import { buildDemoApp, bearer } from './helper.js'
+
+// mantle_http_problems_total counts every problem+json answer over HTTP by code and status:
+// the refusals no face's call metrics see (a 401 before the body, 404, 405, 413, 415, the
+// guard's 429, a head Node's parser refuses) as well as REST's own. Before, a flood of 401s
+// showed in no metric.
+
+async function rawAnswer (port: number, request: string): Promise<string> {
+  return await new Promise<string>((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1')
+    let data = ''
+    socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
+    socket.on('end', () => resolve(data))
+    socket.on('error', reject)
+    socket.write(request)
+  })
+}
+
+t.test('every problem+json answer is counted by its code and status, refusals before any face included', async t => {
+  const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, BFF_BODY_LIMIT: 1000 })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const auth = bearer()
+  const statuses = [
+    (await app.inject({ url: '/api/v1/agents' })).statusCode, // no token: 401 before the route's handler
+    (await app.inject({ url: '/api/v1/agents', headers: { authorization: 'Bearer x.y.z' } })).statusCode,
+    (await app.inject({ url: '/api/v1/nope', headers: auth })).statusCode, // 404
+    (await app.inject({ method: 'PUT', url: '/api/v1/agents', headers: auth })).statusCode, // 405
+    (await app.inject({ method: 'POST', url: '/api/v1/agents', headers: { ...auth, 'content-type': 'text/plain' }, payload: 'x' })).statusCode, // 415
+    (await app.inject({ method: 'POST', url: '/api/v1/agents', headers: { ...auth, 'content-type': 'application/json' }, payload: JSON.stringify({ name: 'x'.repeat(2000) }) })).statusCode, // 413
+    (await app.inject({ url: '/api/v1/agents?limit=0', headers: auth })).statusCode, // the call's own 400
+    (await app.inject({ url: '/api/v1/agents/nope', headers: auth })).statusCode, // a Kernel 404
+    (await app.inject({ method: 'POST', url: '/graphql', headers: auth, payload: { query: '{ nope }' } })).statusCode // GraphQL's shape: not counted
+  ]
+  t.same(statuses, [401, 401, 404, 405, 415, 413, 400, 404, 400])
+  t.match(await rawAnswer(port, 'GARBAGE\r\n\r\n'), /^HTTP\/1\.1 400 /, 'a head Node refuses')
+  t.match(await rawAnswer(port, 'CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n'), /^HTTP\/1\.1 405 /)
+  const scrape = (await app.inject({ url: '/metrics' })).body
+  const count = (code: string, status: number): number => Number(new RegExp(`^mantle_http_problems_total\\{code="${code}",status="${status}"\\} (\\d+)$`, 'm').exec(scrape)?.[1] ?? 0)
+  t.equal(count('UNAUTHENTICATED', 401), 2)
+  t.equal(count('NOT_FOUND', 404), 2, 'no route, and the Kernel\'s 404 of a call')
+  t.equal(count('BAD_REQUEST', 405), 2, 'PUT where GET and POST are served, and CONNECT')
+  t.equal(count('UNSUPPORTED_MEDIA_TYPE', 415), 1)
+  t.equal(count('PAYLOAD_TOO_LARGE', 413), 1)
+  t.equal(count('VALIDATION_FAILED', 400), 1, 'the call\'s own refusal; not GraphQL\'s error')
+  t.equal(count('BAD_REQUEST', 400), 1, 'the head Node refused')
+  t.match(scrape, /# HELP mantle_http_problems_total problem\+json answers over HTTP/)
+})
+
+t.test('with metrics off, problems are answered as before and nothing is counted', async t => {
+  const app = await buildDemoApp(t, { BFF_METRICS_ENABLED: false })
+  t.equal((await app.inject({ url: '/api/v1/agents' })).statusCode, 401)
+  t.equal((await app.inject({ url: '/metrics' })).statusCode, 404)
+})
