@@ -54,3 +54,10 @@ t.test('with metrics off, problems are answered as before and nothing is counted
   t.equal((await app.inject({ url: '/api/v1/agents' })).statusCode, 401)
   t.equal((await app.inject({ url: '/metrics' })).statusCode, 404)
 })
+
+t.test('the HTTP guard\'s 429 is counted too', async t => {
+  const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1 })
+  const auth = bearer({ tenant: 'problems-429' })
+  t.same([(await app.inject({ url: '/api/v1/agents', headers: auth })).statusCode, (await app.inject({ url: '/api/v1/agents', headers: auth })).statusCode], [200, 429])
+  t.match((await app.inject({ url: '/metrics' })).body, /^mantle_http_problems_total\{code="RATE_LIMITED",status="429"\} 1$/m)
+})
