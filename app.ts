@@ -67,8 +67,8 @@ declare module 'fastify' {
     shuttingDown: () => boolean
     /** Writes every face's `call failed` warn lines, bounded per operation and code (call-failed-log.ts). */
     callFailedLog: CallFailedLog
-    /** Counts a problem+json answer over HTTP by code and status (mantle_http_problems_total; a no-op with metrics off). */
-    problemAnswered: (code: string, status: number) => void
+    /** Counts an error answered over HTTP by code and status (mantle_http_errors_total; a no-op with metrics off). */
+    errorAnswered: (code: string, status: number) => void
     /**
      * A condition start-up refuses, found only once the gateway runs (production: pending audit
      * migrations once PostgreSQL answers): logged at fatal with its message, and the gateway shuts
@@ -428,7 +428,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
 
   const timeouts = requestTimeouts(config.BFF_REQUEST_TIMEOUT_MS)
   // Set once the metrics are registered (below): the answers written before any route runs count too.
-  let problemAnswered: (code: string, status: number) => void = () => {}
+  let errorAnswered: (code: string, status: number) => void = () => {}
   const app = Fastify({
     // Fastify's default (10 s) was no longer than the audit spool's watch of a lock another
     // container may hold (two heartbeats, 10 s): a container restarted after a crash or an OOM
@@ -490,7 +490,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // Requests Node's HTTP parser refuses (junk in the head, a head over 16 KB, a timeout).
     clientErrorHandler: (err, socket) => {
       const answered = answerClientError(err, socket)
-      if (answered !== null) problemAnswered(answered[1], answered[0])
+      if (answered !== null) errorAnswered(answered[1], answered[0])
     },
     // A query string that is not valid percent-encoding is refused (onRequest below), not taken literally.
     routerOptions: { ignoreTrailingSlash: true, maxParamLength: MAX_PATH_PARAM_LENGTH, querystringParser: parseQuery },
@@ -553,14 +553,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     socket.on('error', () => {})
     // A 405 names the methods that are served (RFC 9110 §15.5.6).
     answerRaw(socket, 405, 'CONNECT is not served', 'Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n')
-    problemAnswered('BAD_REQUEST', 405)
+    errorAnswered('BAD_REQUEST', 405)
     lingeringClose(socket)
   })
   // An Expect other than 100-continue: Node answers a bare 417 (no body, no request id, no
   // security header) unless a listener answers it, so the gateway does, as problem+json.
   app.server.on('checkExpectation', (_req, res) => {
     const { id, body } = rawProblem(417, 'The only expectation served is 100-continue', 'BAD_REQUEST')
-    problemAnswered('BAD_REQUEST', 417)
+    errorAnswered('BAD_REQUEST', 417)
     res.writeHead(417, { ...SECURITY_HEADERS, 'content-type': 'application/problem+json', 'content-length': Buffer.byteLength(body), 'x-request-id': id, connection: 'close' })
     res.end(body)
   })
@@ -746,7 +746,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
         socket.destroy()
       } else {
         answerRaw(socket, 503, 'The gateway is shutting down: retry on another instance', 'Retry-After: 1\r\n', 'OVERLOADED')
-        problemAnswered('OVERLOADED', 503)
+        errorAnswered('OVERLOADED', 503)
         lingeringClose(socket)
       }
     }
@@ -845,12 +845,13 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     await app.register(metrics, config.BFF_METRICS_TOKEN === undefined ? {} : { token: config.BFF_METRICS_TOKEN })
     const counter = new Counter({ name: 'mantle_manifest_reloads_total', help: 'Manifest reloads, applied or refused', labelNames: ['outcome'] as const, registers: [app.metrics.registry] })
     reloads = outcome => counter.labels(outcome).inc()
-    // Every problem+json answer over HTTP, by its code: the refusals no face's call metrics see
-    // (a 401 before the body, 404, 405, 413, 415, the guard's 429, a head Node's parser refuses)
-    // as well as REST's and the batch's. Before, a flood of 401s or 413s showed in no metric.
-    // Labels: the contract's codes, and the statuses they carry (a Kernel 4xx passed on, 400 to 499).
-    const problems = new Counter({ name: 'mantle_http_problems_total', help: 'problem+json answers over HTTP (REST, the batch, the gateway\'s own routes, and requests refused before any face: a 401 before the body, 404, 405, 413, 415, the HTTP guard\'s 429, a head Node refuses), by code and status', labelNames: ['code', 'status'] as const, registers: [app.metrics.registry] })
-    problemAnswered = (code, status) => { problems.labels(code, String(status)).inc() }
+    // Every error answered over HTTP, by its code: the refusals no face's call metrics see (a 401
+    // before the body, 404, 405, 413, 415, the guard's 429, a head Node's parser refuses, a tRPC
+    // or GraphQL request refused whole) as well as REST's and the batch's. Before, a flood of
+    // 401s or 413s showed in no metric. Labels: the contract's codes, and the statuses they
+    // carry (a Kernel 4xx passed on, 400 to 499).
+    const problems = new Counter({ name: 'mantle_http_errors_total', help: 'Errors answered over HTTP, by code and status: every problem+json answer (REST, the batch, the gateway\'s own routes, requests refused before any face: a 401 before the body, 404, 405, 413, 415, the HTTP guard\'s 429, a head Node refuses), and a tRPC or GraphQL request refused whole in its own shape', labelNames: ['code', 'status'] as const, registers: [app.metrics.registry] })
+    errorAnswered = (code, status) => { problems.labels(code, String(status)).inc() }
     if (maxConnections !== null) {
       const dropped = new Counter({ name: 'mantle_connections_dropped_total', help: `Connections closed as soon as accepted: the instance held its bound of ${maxConnections} (the open-files limit less the descriptors its own connections need)`, registers: [app.metrics.registry] })
       app.server.on('drop', () => { dropped.inc() })
@@ -862,7 +863,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     : null
   const callFailedLog = new CallFailedLog(app.log, suppressed === null ? {} : { onSuppressed: (op, code, n) => { suppressed.labels(op, code).inc(n) } })
   app.decorate('callFailedLog', callFailedLog)
-  app.decorate('problemAnswered', (code: string, status: number) => { problemAnswered(code, status) })
+  app.decorate('errorAnswered', (code: string, status: number) => { errorAnswered(code, status) })
   app.addHook('onClose', (_instance, done) => {
     callFailedLog.close()
     done()
@@ -1123,6 +1124,6 @@ function errorHandler (err: FastifyError | MantleError | Error, request: Fastify
   if (level === 'error') request.log.error({ err }, 'unexpected error')
   else if (level === 'warn') request.server.callFailedLog.warn(request.log, request.routeOptions.config?.op ?? '-', problem.code, { code: problem.code, detail: detailForLog(err, problem) })
   if (headers !== null) reply.headers(headers)
-  request.server.problemAnswered(problem.code, problem.status)
+  request.server.errorAnswered(problem.code, problem.status)
   reply.code(problem.status).type('application/problem+json').send(problem)
 }

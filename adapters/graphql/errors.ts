@@ -105,7 +105,7 @@ export function withoutSuggestion (message: string): string {
   return message.replace(SUGGESTION, '')
 }
 
-interface FormatterContext { reply?: { request: { id: string }, sent: boolean, headers: (h: Record<string, string>) => unknown }, request?: { id: string }, app: { log: { error: (obj: unknown, msg: string) => void } } }
+interface FormatterContext { reply?: { request: { id: string }, sent: boolean, headers: (h: Record<string, string>) => unknown }, request?: { id: string }, app: { log: { error: (obj: unknown, msg: string) => void }, errorAnswered?: (code: string, status: number) => void } }
 
 /**
  * mercurius' errorFormatter. An answer with data (calls ran; some fields failed) is a 200, as
@@ -129,6 +129,12 @@ export function errorFormatter (execution: ExecutionResult & { errors: readonly 
   // (README), its fields being several calls.
   const headers = refusalHeaders(errors.map(headersOf), false, statusCode === 401)
   if (headers !== null && ctx.reply !== undefined && !ctx.reply.sent) ctx.reply.headers(headers)
+  // A document refused whole over HTTP (no call answered): counted as REST's refusals are
+  // (mantle_http_errors_total); its calls' own errors are in their call metrics.
+  if (refused && ctx.reply !== undefined) {
+    const code = formatted[0]?.extensions?.code
+    ctx.app.errorAnswered?.(typeof code === 'string' ? code : 'VALIDATION_FAILED', statusCode)
+  }
   if (!refused) return { statusCode, response: { data: execution.data, errors: formatted as unknown as GraphQLError[] } }
   return { statusCode, response: { errors: formatted as unknown as GraphQLError[] } }
 }

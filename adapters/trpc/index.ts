@@ -241,6 +241,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       const shape = errorShape(error, request.id)
       if (shape.data.code === 'INTERNAL') request.log.error({ err }, 'unexpected error')
       if (error instanceof ProblemError && error.headers !== null) reply.headers(error.headers)
+      request.server.errorAnswered(shape.data.code, shape.data.httpStatus)
       reply.code(shape.data.httpStatus).type('application/json').send(JSON.stringify({ error: shape }))
     })
 

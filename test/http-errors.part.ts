@@ -2,10 +2,10 @@ import t from 'tap'
 import { connect } from 'node:net'
 import { buildDemoApp, bearer } from './helper.js'
 
-// mantle_http_problems_total counts every problem+json answer over HTTP by code and status:
-// the refusals no face's call metrics see (a 401 before the body, 404, 405, 413, 415, the
-// guard's 429, a head Node's parser refuses) as well as REST's own. Before, a flood of 401s
-// showed in no metric.
+// mantle_http_errors_total counts every error answered over HTTP by code and status: the
+// refusals no face's call metrics see (a 401 before the body, 404, 405, 413, 415, the guard's
+// 429, a head Node's parser refuses, a tRPC or GraphQL request refused whole) as well as REST's
+// own. Before, a flood of 401s showed in no metric.
 
 async function rawAnswer (port: number, request: string): Promise<string> {
   return await new Promise<string>((resolve, reject) => {
@@ -18,7 +18,7 @@ async function rawAnswer (port: number, request: string): Promise<string> {
   })
 }
 
-t.test('every problem+json answer is counted by its code and status, refusals before any face included', async t => {
+t.test('every error answered over HTTP is counted by its code and status, refusals before any face included', async t => {
   const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, BFF_BODY_LIMIT: 1000 })
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as { port: number }
@@ -32,21 +32,24 @@ t.test('every problem+json answer is counted by its code and status, refusals be
     (await app.inject({ method: 'POST', url: '/api/v1/agents', headers: { ...auth, 'content-type': 'application/json' }, payload: JSON.stringify({ name: 'x'.repeat(2000) }) })).statusCode, // 413
     (await app.inject({ url: '/api/v1/agents?limit=0', headers: auth })).statusCode, // the call's own 400
     (await app.inject({ url: '/api/v1/agents/nope', headers: auth })).statusCode, // a Kernel 404
-    (await app.inject({ method: 'POST', url: '/graphql', headers: auth, payload: { query: '{ nope }' } })).statusCode // GraphQL's shape: not counted
+    (await app.inject({ method: 'POST', url: '/graphql', headers: auth, payload: { query: '{ nope }' } })).statusCode, // refused whole, in GraphQL's shape
+    (await app.inject({ method: 'POST', url: '/graphql', headers: { 'content-type': 'application/json' }, payload: { query: '{ listAgents { id } }' } })).statusCode, // no token: each field refused, a 200
+    (await app.inject({ method: 'POST', url: '/graphql', headers: auth, payload: { query: '{ getAgent(id: "nope") { id } }' } })).statusCode, // a call's error: its call metrics
+    (await app.inject({ method: 'POST', url: '/trpc/createAgent', headers: { 'content-type': 'application/json' }, payload: '{}' })).statusCode // no token, before tRPC runs
   ]
-  t.same(statuses, [401, 401, 404, 405, 415, 413, 400, 404, 400])
+  t.same(statuses, [401, 401, 404, 405, 415, 413, 400, 404, 400, 200, 200, 401])
   t.match(await rawAnswer(port, 'GARBAGE\r\n\r\n'), /^HTTP\/1\.1 400 /, 'a head Node refuses')
   t.match(await rawAnswer(port, 'CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n'), /^HTTP\/1\.1 405 /)
   const scrape = (await app.inject({ url: '/metrics' })).body
-  const count = (code: string, status: number): number => Number(new RegExp(`^mantle_http_problems_total\\{code="${code}",status="${status}"\\} (\\d+)$`, 'm').exec(scrape)?.[1] ?? 0)
-  t.equal(count('UNAUTHENTICATED', 401), 2)
-  t.equal(count('NOT_FOUND', 404), 2, 'no route, and the Kernel\'s 404 of a call')
+  const count = (code: string, status: number): number => Number(new RegExp(`^mantle_http_errors_total\\{code="${code}",status="${status}"\\} (\\d+)$`, 'm').exec(scrape)?.[1] ?? 0)
+  t.equal(count('UNAUTHENTICATED', 401), 3, 'REST twice and tRPC; not the GraphQL fields refused so (their calls\' metrics)')
+  t.equal(count('NOT_FOUND', 404), 2, 'no route, and the Kernel\'s 404 of a REST call; not the GraphQL field\'s')
   t.equal(count('BAD_REQUEST', 405), 2, 'PUT where GET and POST are served, and CONNECT')
   t.equal(count('UNSUPPORTED_MEDIA_TYPE', 415), 1)
   t.equal(count('PAYLOAD_TOO_LARGE', 413), 1)
-  t.equal(count('VALIDATION_FAILED', 400), 1, 'the call\'s own refusal; not GraphQL\'s error')
+  t.equal(count('VALIDATION_FAILED', 400), 2, 'the REST call\'s own refusal, and the GraphQL document refused whole')
   t.equal(count('BAD_REQUEST', 400), 1, 'the head Node refused')
-  t.match(scrape, /# HELP mantle_http_problems_total problem\+json answers over HTTP/)
+  t.match(scrape, /# HELP mantle_http_errors_total Errors answered over HTTP/)
 })
 
 t.test('with metrics off, problems are answered as before and nothing is counted', async t => {
@@ -59,5 +62,5 @@ t.test('the HTTP guard\'s 429 is counted too', async t => {
   const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1 })
   const auth = bearer({ tenant: 'problems-429' })
   t.same([(await app.inject({ url: '/api/v1/agents', headers: auth })).statusCode, (await app.inject({ url: '/api/v1/agents', headers: auth })).statusCode], [200, 429])
-  t.match((await app.inject({ url: '/metrics' })).body, /^mantle_http_problems_total\{code="RATE_LIMITED",status="429"\} 1$/m)
+  t.match((await app.inject({ url: '/metrics' })).body, /^mantle_http_errors_total\{code="RATE_LIMITED",status="429"\} 1$/m)
 })
