@@ -850,8 +850,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // or GraphQL request refused whole) as well as REST's and the batch's. Before, a flood of
     // 401s or 413s showed in no metric. Labels: the contract's codes, and the statuses they
     // carry (a Kernel 4xx passed on, 400 to 499).
-    const problems = new Counter({ name: 'mantle_http_errors_total', help: 'Errors answered over HTTP, by code and status: every problem+json answer (REST, the batch, the gateway\'s own routes, requests refused before any face: a 401 before the body, 404, 405, 413, 415, the HTTP guard\'s 429, a head Node refuses), and a tRPC or GraphQL request refused whole in its own shape', labelNames: ['code', 'status'] as const, registers: [app.metrics.registry] })
-    errorAnswered = (code, status) => { problems.labels(code, String(status)).inc() }
+    const errors = new Counter({ name: 'mantle_http_errors_total', help: 'Errors answered over HTTP, by code and status: every problem+json answer (REST, the batch, the gateway\'s own routes, requests refused before any face: a 401 before the body, 404, 405, 413, 415, the HTTP guard\'s 429, a head Node refuses), and a tRPC or GraphQL request refused whole in its own shape', labelNames: ['code', 'status'] as const, registers: [app.metrics.registry] })
+    errorAnswered = (code, status) => { errors.labels(code, String(status)).inc() }
     if (maxConnections !== null) {
       const dropped = new Counter({ name: 'mantle_connections_dropped_total', help: `Connections closed as soon as accepted: the instance held its bound of ${maxConnections} (the open-files limit less the descriptors its own connections need)`, registers: [app.metrics.registry] })
       app.server.on('drop', () => { dropped.inc() })

@@ -1,21 +1,8 @@
 import t from 'tap'
-import { connect } from 'node:net'
-import { buildTestApp } from './helper.js'
+import { buildTestApp, rawAnswer } from './helper.js'
 
 // Found by `npm run fuzz`: Node hands CONNECT requests to 'connect' listeners and, without one,
 // closes the connection without an answer. The gateway is no proxy: a 405 problem+json.
-
-/** What the gateway answers `request` written on a raw socket, up to its close. */
-async function rawAnswer (port: number, request: string): Promise<string> {
-  return await new Promise<string>((resolve, reject) => {
-    const socket = connect(port, '127.0.0.1')
-    let data = ''
-    socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
-    socket.on('end', () => resolve(data))
-    socket.on('error', reject)
-    socket.write(request)
-  })
-}
 
 t.test('CONNECT is answered 405 problem+json, not dropped', async t => {
   const app = await buildTestApp(t)

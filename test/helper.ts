@@ -1,5 +1,5 @@
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
-import type { AddressInfo } from 'node:net'
+import { connect, type AddressInfo } from 'node:net'
 import { fileURLToPath } from 'node:url'
 import { createHmac } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
@@ -175,4 +175,16 @@ export async function readUntil (res: Response, marker: string): Promise<string>
 export async function drained (app: FastifyInstance): Promise<void> {
   await new Promise(resolve => setImmediate(resolve))
   await until(() => { const h = app.audit.health(); return h.queueDepth === 0 && !h.writing }, 'the audit queue to drain and its last batch to land')
+}
+
+/** What the gateway answers `request` written on a raw socket, up to its close. */
+export async function rawAnswer (port: number, request: string): Promise<string> {
+  return await new Promise<string>((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1')
+    let data = ''
+    socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
+    socket.on('end', () => resolve(data))
+    socket.on('error', reject)
+    socket.write(request)
+  })
 }

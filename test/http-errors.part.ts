@@ -1,22 +1,10 @@
 import t from 'tap'
-import { connect } from 'node:net'
-import { buildDemoApp, bearer } from './helper.js'
+import { buildDemoApp, bearer, rawAnswer } from './helper.js'
 
 // mantle_http_errors_total counts every error answered over HTTP by code and status: the
 // refusals no face's call metrics see (a 401 before the body, 404, 405, 413, 415, the guard's
 // 429, a head Node's parser refuses, a tRPC or GraphQL request refused whole) as well as REST's
 // own. Before, a flood of 401s showed in no metric.
-
-async function rawAnswer (port: number, request: string): Promise<string> {
-  return await new Promise<string>((resolve, reject) => {
-    const socket = connect(port, '127.0.0.1')
-    let data = ''
-    socket.on('data', (chunk: Buffer) => { data += chunk.toString() })
-    socket.on('end', () => resolve(data))
-    socket.on('error', reject)
-    socket.write(request)
-  })
-}
 
 t.test('every error answered over HTTP is counted by its code and status, refusals before any face included', async t => {
   const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, BFF_BODY_LIMIT: 1000 })
