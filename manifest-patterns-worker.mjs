@@ -8,8 +8,8 @@ import { RegExpParser, visitRegExpAST } from '@eslint-community/regexpp'
 // escape as the Worker's 'error', which ended the process. Here the pure JavaScript check runs,
 // and what it throws is caught.
 //
-// JavaScript, type-checked by tsc from its JSDoc (checkJs), not TypeScript: the thread then runs
-// it with no loader (execArgv: []), as the build does. From a .ts module, each gateway a process
+// JavaScript, type-checked by tsc from its JSDoc (allowJs and `// @ts-check`), not TypeScript:
+// the thread then runs it with no loader (execArgv: []), as the build does. From a .ts module, each gateway a process
 // started under a TypeScript loader (npm start, every test process) started a thread that
 // started that loader's own thread and compiler: about 1 s of CPU per process, the test suite's
 // 36 processes each paying it for the demo manifest's one pattern.

@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify'
 import { Ajv } from 'ajv'
 import { AnswerBudget, runCall, callEnvelope } from '../adapters/face.js'
 import { MantleError, refusalHeaders } from '../errors.js'
-import { BEARER_CHALLENGE, RATE_LIMIT_HEADERS, RETRY_AFTER, callKey, failureHeaders, headerConcerns, idempotencyKeyHeader, idempotencyKeyOf, problemResponse, single, tooManyRequests, type HeaderConcerns } from '../adapters/rest/index.js'
+import { callKey, failureHeaders, headerConcerns, idempotencyKeyHeader, idempotencyKeyOf, problemResponse, refusalHeaderDoc, single, tooManyRequests, type HeaderConcerns } from '../adapters/rest/index.js'
 import { ProblemSchema } from '../schemas/manifest.js'
 import { clientRequestId } from '../ids.js'
 
@@ -52,7 +52,6 @@ function documented (maxCalls: number, secured: boolean, on: HeaderConcerns): Re
       cache: { type: 'string', enum: ['hit', 'miss', 'stale'], description: 'Where a cached query\'s answer came from' }
     }
   }
-  const waits = on.rateLimit ? { ...RETRY_AFTER, ...RATE_LIMIT_HEADERS } : RETRY_AFTER
   const refusals = ['VALIDATION_FAILED 400 (the body: not `{"calls":[...]}`, a key it does not take, call ids that repeat)']
   if (secured) refusals.push('UNAUTHENTICATED 401')
   refusals.push(`PAYLOAD_TOO_LARGE 413 (more than ${maxCalls} calls, or a body past the limit)`, 'UNSUPPORTED_MEDIA_TYPE 415')
@@ -68,13 +67,14 @@ function documented (maxCalls: number, secured: boolean, on: HeaderConcerns): Re
     response: {
       '2xx': {
         description: 'The calls\' results, in their order. Retry-After and RateLimit-* are those of the refused call that asks the longest wait, else RateLimit-* the HTTP guard\'s',
-        headers: { 'x-request-id': { type: 'string', description: 'The request id; the calls\' are it, a dot and the call\'s index' }, ...waits },
+        // A refused call's wait: what a 5XX may carry (failureHeaders).
+        headers: { 'x-request-id': { type: 'string', description: 'The request id; the calls\' are it, a dot and the call\'s index' }, ...failureHeaders(on) },
         type: 'object',
         required: ['results'],
         properties: { results: { type: 'array', items: result } }
       },
       ...(on.rateLimit ? { 429: tooManyRequests } : {}),
-      '4xx': problemResponse(`A refusal of the whole batch (its code is stable): ${refusals.join(', ')}`, { ...RETRY_AFTER, ...(secured ? BEARER_CHALLENGE : {}), ...(on.rateLimit ? RATE_LIMIT_HEADERS : {}) }),
+      '4xx': problemResponse(`A refusal of the whole batch (its code is stable): ${refusals.join(', ')}`, refusalHeaderDoc(secured, on)),
       // The Kernel's failures are the calls' own errors.
       '5xx': problemResponse(`A failure of the whole batch (its code is stable): INTERNAL 500${on.shedding ? ', OVERLOADED 503 (the instance sheds load)' : ''}`, failureHeaders(on))
     }

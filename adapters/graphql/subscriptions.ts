@@ -130,8 +130,10 @@ export class GraphqlConnection {
    * @param claim counts the connection against its tenant (see SubscriptionSettings.claim)
    * @param upgrade the upgrade's request: a token refused for the connection is refused again
    *   without another signature check (app.identify keeps the last one, for that token only)
+   * @param address the upgrade's client address (clientAddress): the HTTP guard's key for its
+   *   subscribes while it speaks for no one, or with identity off ('' without a guard)
    */
-  constructor (readonly socket: WebSocket, readonly upgradeAuthorization: string | undefined, private readonly claim: (tenant: string) => void = () => {}, private readonly upgrade?: IncomingMessage) {
+  constructor (readonly socket: WebSocket, readonly upgradeAuthorization: string | undefined, private readonly claim: (tenant: string) => void = () => {}, private readonly upgrade?: IncomingMessage, readonly address = '') {
     socket.once('close', () => this.dispose())
   }
 
@@ -478,7 +480,6 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
   const decide = decisions(app)
   // Each subscribe is one request of its connection's tenant to the HTTP guard (MessageGuard).
   const guard = messageGuardOf(app)
-  const addresses = new WeakMap<GraphqlConnection, string>()
   // With the audit off, a refused document is not looked at again for its entry (recordRefusal).
   const auditing = app.hasDecorator('audit')
   // A subscription past the connection's bound is refused OVERLOADED, recorded under its event as
@@ -505,9 +506,8 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         connection.close(4429, 'Too many initialisation requests')
         return { connection }
       }
-      connection = new GraphqlConnection(socket, upgradeAuthorization(request), tenant => { settings.claim(request, tenant) }, request.raw)
+      connection = new GraphqlConnection(socket, upgradeAuthorization(request), tenant => { settings.claim(request, tenant) }, request.raw, guard === null ? '' : clientAddress(request))
       connections.set(socket, connection)
-      if (guard !== null) addresses.set(connection, clientAddress(request))
       connection.open(app, early.get(socket)?.init ?? connection.upgradeAuthorization, settings.authTimeoutMs)
       return { connection }
     },
@@ -840,7 +840,7 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         const { connection } = context
         // Under its upgrade's address while the connection speaks for no one (a subscribe that
         // brings its first token), as the guard counts a request without a verified one.
-        const counted = guard === null ? null : guard(connection.speaksFor, addresses.get(connection) ?? 'unknown')
+        const counted = guard === null ? null : guard(connection.speaksFor, connection.address)
         if (!(counted instanceof Promise)) return begin(counted)
         // On Redis: graphql-js takes the stream when it comes. A client that completed the id
         // meanwhile finds it in `cancelled`, as for any subscription still being set up; one that

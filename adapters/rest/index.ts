@@ -60,7 +60,7 @@ type HeaderDoc = Record<string, { type: 'string', description: string }>
 /** Whether a call of `op` may be cached: a query, over GET or POST (the cache plugin on). */
 const mayCache = (op: Operation, on: HeaderConcerns): boolean => on.cache && op.type === 'query'
 
-export const RATE_LIMIT_HEADERS: HeaderDoc = {
+const RATE_LIMIT_HEADERS: HeaderDoc = {
   'RateLimit-Limit': { type: 'string', description: 'Calls allowed per window (an operation with a limit, or the gateway\'s own)' },
   'RateLimit-Remaining': { type: 'string', description: 'Calls left in the window' },
   'RateLimit-Reset': { type: 'string', description: 'Seconds until the window frees a call' }
@@ -89,19 +89,19 @@ function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
  * a Kernel 4xx's own passed on), whatever concern is on; and a 401's challenge. Only the 429 had
  * its Retry-After documented, and only with the rate limits on.
  */
-export const RETRY_AFTER: HeaderDoc = { 'Retry-After': { type: 'string', description: 'Seconds to wait before calling again, on a refusal that asks for a wait (IDEMPOTENCY_CONFLICT 409, RATE_LIMITED 429 of a tenant holding the most idempotency keys it may, KERNEL_UNAVAILABLE or OVERLOADED 503, a Kernel refusal that said so)' } }
-export const BEARER_CHALLENGE: HeaderDoc = { 'WWW-Authenticate': { type: 'string', description: 'Bearer, with error="invalid_token" or "invalid_request" for a token refused: on a 401' } }
+const RETRY_AFTER: HeaderDoc = { 'Retry-After': { type: 'string', description: 'Seconds to wait before calling again, on a refusal that asks for a wait (IDEMPOTENCY_CONFLICT 409, RATE_LIMITED 429 of a tenant holding the most idempotency keys it may, KERNEL_UNAVAILABLE or OVERLOADED 503, a Kernel refusal that said so)' } }
+const BEARER_CHALLENGE: HeaderDoc = { 'WWW-Authenticate': { type: 'string', description: 'Bearer, with error="invalid_token" or "invalid_request" for a token refused: on a 401' } }
 
 /**
- * What a 4XX of `op` may carry: Retry-After, a 401's challenge (identity on), the
- * Idempotent-Replayed of a Kernel refusal stored under an Idempotency-Key and answered again
- * (a mutation, idempotency on), which the 2XX alone documented, and RateLimit-* (rate limits on).
+ * What a 4XX may carry: Retry-After, a 401's challenge (identity on), RateLimit-* (rate limits
+ * on), and with `replays` (a mutation, idempotency on) the Idempotent-Replayed of a Kernel
+ * refusal stored under an Idempotency-Key and answered again, which the 2XX alone documented.
  */
-function refusalHeaders (op: Operation, secured: boolean, on: HeaderConcerns): HeaderDoc {
+export function refusalHeaderDoc (secured: boolean, on: HeaderConcerns, replays = false): HeaderDoc {
   return {
     ...RETRY_AFTER,
     ...(secured ? BEARER_CHALLENGE : {}),
-    ...(on.idempotency && op.type === 'mutation' ? { 'Idempotent-Replayed': { type: 'string', description: 'true when the refusal is the stored one (the Kernel\'s 4xx) of an earlier call with the same Idempotency-Key' } } : {}),
+    ...(replays ? { 'Idempotent-Replayed': { type: 'string', description: 'true when the refusal is the stored one (the Kernel\'s 4xx) of an earlier call with the same Idempotency-Key' } } : {}),
     ...(on.rateLimit ? RATE_LIMIT_HEADERS : {})
   }
 }
@@ -109,7 +109,7 @@ function refusalHeaders (op: Operation, secured: boolean, on: HeaderConcerns): H
 /**
  * What a 5XX may carry: Retry-After, and RateLimit-* (rate limits on). A call that fails or is
  * refused past the HTTP guard or an operation's limit (a Kernel failure here, a 400, 401, 403,
- * 404 ... in refusalHeaders) carries the window's RateLimit-* as its 2XX would: the document
+ * 404 ... in refusalHeaderDoc) carries the window's RateLimit-* as its 2XX would: the document
  * declared them on the 2XX and the 429 only.
  */
 export function failureHeaders (on: HeaderConcerns): HeaderDoc {
@@ -372,7 +372,7 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
     operationId: op.name,
     tags: [op.type === 'query' ? 'queries' : 'mutations'],
     // `headers` is read by @fastify/swagger only; answers are encoded by the op's own serializer.
-    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, ...(concerns.rateLimit ? { 429: tooManyRequests } : {}), '4xx': problemResponse(refusalDescription(op, secured, concerns), refusalHeaders(op, secured, concerns)), '5xx': problemResponse(failureDescription(concerns), failureHeaders(concerns)) }
+    response: { '2xx': { ...op.output, headers: responseHeaders(op, concerns) }, ...(concerns.rateLimit ? { 429: tooManyRequests } : {}), '4xx': problemResponse(refusalDescription(op, secured, concerns), refusalHeaderDoc(secured, concerns, concerns.idempotency && op.type === 'mutation')), '5xx': problemResponse(failureDescription(concerns), failureHeaders(concerns)) }
   }
   // Documentation only: the headers validator is a pass-through (the stages check what they read).
   const requestHeaders: Record<string, JsonSchema> = {}

@@ -215,7 +215,6 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     // guard (its address's with identity off), known once createContext has its identity.
     const guard = messageGuardOf(app)
     const guarded = new WeakMap<WebSocket, { caller: Identity, address: string }>()
-    const addresses = new WeakMap<IncomingMessage, string>()
     const guardSocket = guard === null
       ? null
       : (socket: WebSocket) => {
@@ -415,8 +414,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       const cuts = slowReaderCuts(app, 'trpc')
       reportSlots(app, slots)
       const authenticated = new WeakSet<WebSocket>()
-      // The credentials each upgrade carried (its header or ?access_token=), read by its check.
-      const upgrades = new WeakMap<IncomingMessage, string | undefined>()
+      // The credentials each upgrade carried (its header or ?access_token=), read by its check,
+      // and its client address (the guard's key with identity off; '' without a guard).
+      const upgrades = new WeakMap<IncomingMessage, { authorization: string | undefined, address: string }>()
       // Sockets whose connectionParams (?connectionParams=1) tRPC has not taken yet: until then
       // an error without a context is tRPC's refusal of that first message.
       const awaiting = new WeakMap<IncomingMessage, WebSocket>()
@@ -488,7 +488,8 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         // with a fresh token.
         createContext: ({ req, res: socket, info }) => {
           awaiting.delete(req)
-          const ctx = socketContext(socket, upgrades.get(req), info.connectionParams, upgradeTrace(req.headers))
+          const upgrade = upgrades.get(req)
+          const ctx = socketContext(socket, upgrade?.authorization, info.connectionParams, upgradeTrace(req.headers))
           contexts.set(socket, ctx)
           let identity: Identity
           try {
@@ -522,7 +523,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
             throw ProblemError.from(err, requestId)
           }
           authenticated.add(socket)
-          if (guard !== null) guarded.set(socket, { caller: identity, address: addresses.get(req) ?? 'unknown' })
+          if (guard !== null) guarded.set(socket, { caller: identity, address: upgrade?.address ?? 'unknown' })
           // 4401 too when the JWKS withdraws (or replaces) the key the token was verified with.
           const disarm = untilIdentityEnds(identity, why => socket.close(CLOSE_UNAUTHENTICATED, IDENTITY_ENDED[why]))
           socket.once('close', disarm)
@@ -578,8 +579,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           // connectionParams wait ran out, and every other tenant's upgrade was refused.
           if (authorization !== undefined || !awaitsParams(request)) slots.claim(request.raw.socket, app.identify(authorization, request.raw).tenant)
           else slots.awaitIdentity(request)
-          upgrades.set(request.raw, authorization)
-          if (guard !== null) addresses.set(request.raw, clientAddress(request))
+          upgrades.set(request.raw, { authorization, address: guard === null ? '' : clientAddress(request) })
         },
         handler: notHere,
         wsHandler: (socket, request) => {

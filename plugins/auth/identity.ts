@@ -103,6 +103,14 @@ export interface IdentityOptions {
 // No prototype: `constructor`, `toString` and the like are not zones (a token's zone is looked up here).
 export const ZONE_RANK: Readonly<Record<Zone, number>> = Object.freeze(Object.assign(Object.create(null) as Record<Zone, number>, { public: 0, internal: 1, restricted: 2 }))
 
+/**
+ * The refusal of a caller whose zone is below `zone`, the zone of `name` (an operation's or an
+ * event's), or null when it reaches it. Fails closed: a zone with no rank is below every zone.
+ */
+export function zoneRefusal (name: string, zone: Zone, callerZone: Zone): MantleError | null {
+  return ZONE_RANK[callerZone] >= ZONE_RANK[zone] ? null : new MantleError('FORBIDDEN', `${name} is in the ${zone} zone, beyond the caller's`)
+}
+
 const reasons: Record<string, string> = {
   FAST_JWT_EXPIRED: 'the token has expired',
   FAST_JWT_INACTIVE: 'the token is not valid yet',

@@ -7,7 +7,7 @@ import { requestAuthorization } from '../../adapters/credentials.js'
 import { framesBody } from '../../lingering.js'
 import { withHook } from '../../route-hooks.js'
 import { StageOrder, requestOf } from '../pipeline/index.js'
-import { createIdentityVerifier, ZONE_RANK, type Identity, type IdentityOptions } from './identity.js'
+import { createIdentityVerifier, zoneRefusal, type Identity, type IdentityOptions } from './identity.js'
 
 export { mintToken, ANONYMOUS, KeyLease, type Identity } from './identity.js'
 export { parsePublicKeys, type PublicKey } from './keys.js'
@@ -177,10 +177,9 @@ async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise
       // `roles: []` and the public zone ask only for an authenticated caller: nothing to check.
       if (op.roles.length === 0 && op.zone === 'public') return null
       const needed = op.roles
-      const zone = ZONE_RANK[op.zone]
       return (ctx, next) => {
-        // Fails closed: a zone with no rank (never verified as one) is below every zone.
-        if (!(ZONE_RANK[ctx.zone] >= zone)) throw new MantleError('FORBIDDEN', `${op.name} is in the ${op.zone} zone, beyond the caller's`)
+        const outside = zoneRefusal(op.name, op.zone, ctx.zone)
+        if (outside !== null) throw outside
         if (needed.length > 0 && !needed.some(r => ctx.roles.includes(r))) {
           throw new MantleError('FORBIDDEN', `${op.name} needs one of the roles: ${needed.join(', ')}`)
         }

@@ -1,7 +1,7 @@
 import fastJson from 'fast-json-stringify'
 import { ownFieldsOnly } from '../../own-properties.js'
 import type { EventDefinition } from '../../manifest.js'
-import { ZONE_RANK, type Identity } from '../auth/identity.js'
+import { zoneRefusal, type Identity } from '../auth/identity.js'
 import { MantleError } from '../../errors.js'
 import type { ValidateFunction } from 'ajv'
 import { MAX_ANSWER_DEPTH, answerCheck, jsonNestsDeeperThan, mayNestDeep, openSchema } from '../pipeline/index.js'
@@ -107,10 +107,9 @@ export class EventBus {
   authorize (name: string, identity: Identity): EventDefinition {
     const def = this.definitions.get(name)
     if (def === undefined) throw new MantleError('NOT_FOUND', `No event ${name}`)
-    // As an operation's zone (the authorization stage): fails closed on a zone with no rank.
-    if (this.checkRoles && def.zone !== 'public' && !(ZONE_RANK[identity.zone] >= ZONE_RANK[def.zone])) {
-      throw new MantleError('FORBIDDEN', `${name} is in the ${def.zone} zone, beyond the caller's`)
-    }
+    // As an operation's zone is checked by the authorization stage.
+    const outside = this.checkRoles ? zoneRefusal(name, def.zone, identity.zone) : null
+    if (outside !== null) throw outside
     if (this.checkRoles && def.roles.length > 0 && !def.roles.some(r => identity.roles.includes(r))) {
       throw new MantleError('FORBIDDEN', `${name} needs one of the roles: ${def.roles.join(', ')}`)
     }
