@@ -60,12 +60,32 @@ export interface EventDefinition {
   readonly description: string | null
 }
 
+/**
+ * The failure-rate rule (opt-in, kernel.circuitBreaker.failureRate): over the last `windowMs`,
+ * once at least `minimumCalls` attempts have ended and `failureRate` of them or more failed, the
+ * breaker opens. A Kernel failing most calls but never `threshold` in a row (every other one; or
+ * two in three, fail, fail, pass, behind a round-robin balancer with one healthy replica of
+ * three) never opened a breaker that counts consecutive failures only.
+ */
+export interface FailureRateRule {
+  readonly failureRate: number
+  readonly minimumCalls: number
+  readonly windowMs: number
+}
+
+export interface BreakerSettings {
+  readonly threshold: number
+  readonly resetTimeoutMs: number
+  /** null: consecutive failures only. */
+  readonly rate?: FailureRateRule | null
+}
+
 export interface KernelSettings {
   readonly url: string
   readonly connections: number
   readonly timeoutMs: number
   readonly retries: number
-  readonly circuitBreaker: { readonly threshold: number, readonly resetTimeoutMs: number }
+  readonly circuitBreaker: BreakerSettings
   readonly maxInFlight: number
 }
 
@@ -365,6 +385,13 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     events.push(Object.freeze({ name, topic: ev.topic, payload, payloadDocument: ev.payload, roles: Object.freeze([...(ev.roles ?? defaults.roles ?? [])]), zone: ev.zone ?? defaults.zone ?? 'public', description: ev.description ?? null }))
   }
 
+  const breaker = m.kernel.circuitBreaker
+  if (breaker !== undefined && breaker.failureRate === undefined) {
+    for (const key of ['minimumCalls', 'windowMs'] as const) {
+      if (breaker[key] !== undefined) faults.push(`kernel.circuitBreaker.${key}: needs failureRate (it belongs to the failure-rate rule)`)
+    }
+  }
+
   if (faults.length > 0) throw new ManifestError(source, faults)
 
   const kernel: KernelSettings = Object.freeze({
@@ -372,7 +399,11 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     connections: m.kernel.connections ?? 128,
     timeoutMs: kernelTimeout,
     retries: m.kernel.retries ?? 2,
-    circuitBreaker: Object.freeze({ threshold: m.kernel.circuitBreaker?.threshold ?? 5, resetTimeoutMs: m.kernel.circuitBreaker?.resetTimeoutMs ?? 30000 }),
+    circuitBreaker: Object.freeze({
+      threshold: breaker?.threshold ?? 5,
+      resetTimeoutMs: breaker?.resetTimeoutMs ?? 30000,
+      rate: breaker?.failureRate === undefined ? null : Object.freeze({ failureRate: breaker.failureRate, minimumCalls: breaker.minimumCalls ?? 20, windowMs: breaker.windowMs ?? 10_000 })
+    }),
     maxInFlight: m.kernel.maxInFlight ?? 1024
   })
   const fixed = new Map<string, string>()

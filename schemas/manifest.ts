@@ -67,7 +67,11 @@ export const ManifestSchema = Type.Object({
     retries: Type.Optional(Type.Integer({ minimum: 0, maximum: 10 })),
     circuitBreaker: Type.Optional(Type.Object({
       threshold: Type.Integer({ minimum: 1, maximum: 1_000_000 }),
-      resetTimeoutMs: Type.Integer({ minimum: 1, maximum: DAY_MS })
+      resetTimeoutMs: Type.Integer({ minimum: 1, maximum: DAY_MS }),
+      // The failure-rate rule (opt-in): minimumCalls and windowMs are read only with failureRate.
+      failureRate: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 1 })),
+      minimumCalls: Type.Optional(Type.Integer({ minimum: 1, maximum: 1_000_000 })),
+      windowMs: Type.Optional(Type.Integer({ minimum: 100, maximum: DAY_MS }))
     }, { additionalProperties: false })),
     maxInFlight: Type.Optional(Type.Integer({ minimum: 1, maximum: 1_000_000 }))
   }, { additionalProperties: false }),

@@ -42,7 +42,7 @@ t.test('the demo manifest loads', async t => {
     t.notOk(hasRef(op.output), `${op.name}: no $ref left in output`)
     t.equal(op.input.type, 'object', `${op.name}: input is an object schema`)
   }
-  t.same(m.kernel, { url: 'http://127.0.0.1:4001', connections: 128, timeoutMs: 5000, retries: 2, circuitBreaker: { threshold: 5, resetTimeoutMs: 30000 }, maxInFlight: 1024 })
+  t.same(m.kernel, { url: 'http://127.0.0.1:4001', connections: 128, timeoutMs: 5000, retries: 2, circuitBreaker: { threshold: 5, resetTimeoutMs: 30000, rate: null }, maxInFlight: 1024 })
 
   const getAgent = m.byName.get('getAgent')
   t.ok(getAgent)
@@ -79,12 +79,12 @@ t.test('the demo manifest loads', async t => {
 
 t.test('kernel settings get their defaults and the URL loses its trailing slash', async t => {
   const m = compileManifest(doc({ a: query }, {}, { url: 'https://kernel.example:8443/' }), 'inline')
-  t.same(m.kernel, { url: 'https://kernel.example:8443', connections: 128, timeoutMs: 5000, retries: 2, circuitBreaker: { threshold: 5, resetTimeoutMs: 30000 }, maxInFlight: 1024 })
+  t.same(m.kernel, { url: 'https://kernel.example:8443', connections: 128, timeoutMs: 5000, retries: 2, circuitBreaker: { threshold: 5, resetTimeoutMs: 30000, rate: null }, maxInFlight: 1024 })
   t.equal(m.source, 'inline')
   t.same(m.events, [])
   t.same(m.schemas, {})
   const set = compileManifest(doc({ a: query }, {}, { connections: 8, timeoutMs: 750, retries: 0, circuitBreaker: { threshold: 1, resetTimeoutMs: 10 }, maxInFlight: 3 }))
-  t.same(set.kernel, { url: 'http://127.0.0.1:4001', connections: 8, timeoutMs: 750, retries: 0, circuitBreaker: { threshold: 1, resetTimeoutMs: 10 }, maxInFlight: 3 })
+  t.same(set.kernel, { url: 'http://127.0.0.1:4001', connections: 8, timeoutMs: 750, retries: 0, circuitBreaker: { threshold: 1, resetTimeoutMs: 10, rate: null }, maxInFlight: 3 })
   t.equal(set.source, 'manifest', 'the default source name')
   t.equal(set.operations[0].timeoutMs, 750, 'an operation timeout defaults to kernel.timeoutMs')
 })
@@ -285,6 +285,23 @@ t.test('numbers the gateway cannot honour are refused at their path', async t =>
     'kernel.maxInFlight: must be <= 1000000'
   ])
   t.same(faultsOf(doc({ a: { ...query, rateLimit: { max: 1_000_000_000, windowMs: 86_400_000 }, cache: { ttlSeconds: 86_400, swrSeconds: 86_400 } } }, {}, { maxInFlight: 1e6, circuitBreaker: { threshold: 1e6, resetTimeoutMs: 86_400_000 } })), [], 'the maxima themselves are allowed')
+})
+
+t.test('the breaker\'s failure-rate rule: opt-in, its defaults, its bounds', async t => {
+  const breaker = (cb: Record<string, unknown>): unknown => compileManifest(doc({ a: query }, {}, { circuitBreaker: { threshold: 5, resetTimeoutMs: 1000, ...cb } })).kernel.circuitBreaker
+  t.same(breaker({ failureRate: 0.5 }), { threshold: 5, resetTimeoutMs: 1000, rate: { failureRate: 0.5, minimumCalls: 20, windowMs: 10_000 } }, 'minimumCalls 20 and windowMs 10 s by default')
+  t.same(breaker({ failureRate: 1, minimumCalls: 3, windowMs: 100 }), { threshold: 5, resetTimeoutMs: 1000, rate: { failureRate: 1, minimumCalls: 3, windowMs: 100 } })
+  t.ok(Object.isFrozen((breaker({ failureRate: 0.5 }) as { rate: object }).rate), 'frozen')
+  t.same(faultsOf(doc({ a: query }, {}, { circuitBreaker: { threshold: 5, resetTimeoutMs: 1000, minimumCalls: 10, windowMs: 5000 } })), [
+    'kernel.circuitBreaker.minimumCalls: needs failureRate (it belongs to the failure-rate rule)',
+    'kernel.circuitBreaker.windowMs: needs failureRate (it belongs to the failure-rate rule)'
+  ], 'its settings without the rate are named, not ignored')
+  t.same(faultsOf(doc({ a: query }, {}, { circuitBreaker: { threshold: 5, resetTimeoutMs: 1000, failureRate: 0 } })), ['kernel.circuitBreaker.failureRate: must be > 0'])
+  t.same(faultsOf(doc({ a: query }, {}, { circuitBreaker: { threshold: 5, resetTimeoutMs: 1000, failureRate: 1.5 } })), ['kernel.circuitBreaker.failureRate: must be <= 1'])
+  t.same(faultsOf(doc({ a: query }, {}, { circuitBreaker: { threshold: 5, resetTimeoutMs: 1000, failureRate: 0.5, minimumCalls: 0, windowMs: 99 } })).sort(), [
+    'kernel.circuitBreaker.minimumCalls: must be >= 1',
+    'kernel.circuitBreaker.windowMs: must be >= 100'
+  ])
 })
 
 t.test('$ref faults name the place of the $ref', async t => {

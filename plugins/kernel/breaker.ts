@@ -3,6 +3,8 @@
 // retry may go at all. Libraries such as opossum wrap one function with their own timeout and
 // fallback logic, which would duplicate the client's deadline and status mapping.
 
+import type { BreakerSettings, FailureRateRule } from '../../manifest.js'
+
 export type BreakerState = 'closed' | 'open' | 'half-open'
 
 /** What `acquire` grants: a normal call, the single half-open probe, or nothing (fail fast). */
@@ -11,10 +13,75 @@ export const NORMAL = 1
 export const PROBE = 2
 export type Permit = typeof DENIED | typeof NORMAL | typeof PROBE
 
+/** Why the breaker opened: `threshold` failures in a row, the failure-rate rule, or a failed probe. */
+export type OpenReason = 'consecutive' | 'failure_rate' | 'probe'
+
+/** Buckets of the failure-rate window: the window slides by a tenth of its length. */
+const BUCKETS = 10
+
 /**
- * A consecutive-failure circuit breaker. Closed: calls pass, `threshold` failures in a row open
- * it. Open: calls fail fast until `resetTimeoutMs` has passed. Half-open: one probe passes while
- * every other call fails fast; its success closes the breaker, its failure opens it again. A
+ * The outcomes of the last `windowMs`, in ten buckets of a tenth each (so its memory is fixed,
+ * whatever the rate of calls). Hand-written: it is a few lines, and a library's rolling counter
+ * would bring timers of its own (opossum's runs an interval per breaker).
+ */
+class OutcomeWindow {
+  private readonly calls = new Uint32Array(BUCKETS)
+  private readonly failures = new Uint32Array(BUCKETS)
+  private readonly width: number
+  private head = 0
+  private headEnds: number
+  private totalCalls = 0
+  private totalFailures = 0
+
+  constructor (private readonly rule: FailureRateRule, now: number) {
+    this.width = rule.windowMs / BUCKETS
+    this.headEnds = now + this.width
+  }
+
+  /** Records one attempt's outcome; true when the rule now says open. */
+  record (failed: boolean, now: number): boolean {
+    this.slide(now)
+    this.calls[this.head]++
+    this.totalCalls++
+    if (!failed) return false
+    this.failures[this.head]++
+    this.totalFailures++
+    return this.totalCalls >= this.rule.minimumCalls && this.totalFailures >= this.rule.failureRate * this.totalCalls
+  }
+
+  /** Forgets every outcome: the breaker opened or closed. */
+  reset (now: number): void {
+    this.calls.fill(0)
+    this.failures.fill(0)
+    this.totalCalls = 0
+    this.totalFailures = 0
+    this.headEnds = now + this.width
+  }
+
+  /** Moves the head to the bucket of `now`, emptying the buckets it passes (at most all ten). */
+  private slide (now: number): void {
+    if (now < this.headEnds) return
+    const steps = Math.floor((now - this.headEnds) / this.width) + 1
+    if (steps >= BUCKETS) {
+      this.reset(now)
+      return
+    }
+    for (let i = 0; i < steps; i++) {
+      this.head = (this.head + 1) % BUCKETS
+      this.totalCalls -= this.calls[this.head]
+      this.totalFailures -= this.failures[this.head]
+      this.calls[this.head] = 0
+      this.failures[this.head] = 0
+    }
+    this.headEnds += steps * this.width
+  }
+}
+
+/**
+ * A circuit breaker. Closed: calls pass; `threshold` failures in a row open it, and so does the
+ * failure-rate rule when the manifest sets one. Open: calls fail fast until `resetTimeoutMs` has
+ * passed. Half-open: one probe passes while every other call fails fast; its success closes the
+ * breaker, its failure opens it again. A
  * probe still out after `resetTimeoutMs` lets one more through: a probe is bounded only by its
  * operation's timeout (up to 600 s), and one of a slow operation, or one its Kernel hangs on,
  * refused every call of every operation that long, on an instance /readyz called ready (found
@@ -24,24 +91,35 @@ export type Permit = typeof DENIED | typeof NORMAL | typeof PROBE
  */
 export class CircuitBreaker {
   state: BreakerState = 'closed'
+  readonly threshold: number
+  readonly resetTimeoutMs: number
   private failures = 0
   private openedAt = 0
   /** Probes out, and when the last one went. */
   private probes = 0
   private probedAt = 0
+  /** The failure-rate rule's window; null: consecutive failures only. */
+  private readonly window: OutcomeWindow | null
 
+  /**
+   * @param onChange told of each change of state, with why it opened (null for any other change)
+   */
   constructor (
-    readonly threshold: number,
-    readonly resetTimeoutMs: number,
-    private readonly onChange: (state: BreakerState) => void = () => {},
+    settings: BreakerSettings,
+    private readonly onChange: (state: BreakerState, why: OpenReason | null) => void = () => {},
     private readonly now: () => number = () => performance.now()
-  ) {}
+  ) {
+    this.threshold = settings.threshold
+    this.resetTimeoutMs = settings.resetTimeoutMs
+    const rate = settings.rate ?? null
+    this.window = rate === null ? null : new OutcomeWindow(rate, now())
+  }
 
   acquire (): Permit {
     if (this.state === 'closed') return NORMAL
     if (this.state === 'open') {
       if (this.now() - this.openedAt < this.resetTimeoutMs) return DENIED
-      this.set('half-open')
+      this.set('half-open', null)
     }
     if (this.probes > 0 && this.now() - this.probedAt < this.resetTimeoutMs) return DENIED
     this.probes++
@@ -68,9 +146,10 @@ export class CircuitBreaker {
     if (permit === PROBE) this.probes--
     if (permit === PROBE && this.state === 'half-open') {
       this.failures = 0
-      this.set('closed')
+      this.set('closed', null)
     } else if (this.state === 'closed') {
       this.failures = 0
+      this.window?.record(false, this.now())
     }
   }
 
@@ -82,23 +161,26 @@ export class CircuitBreaker {
   failure (permit: Permit): void {
     if (permit === PROBE) this.probes--
     if (permit === PROBE && this.state === 'half-open') {
-      this.open()
-    } else if (this.state === 'closed' && ++this.failures >= this.threshold) {
-      this.open()
+      this.open('probe')
+    } else if (this.state === 'closed') {
+      if (++this.failures >= this.threshold) this.open('consecutive')
+      else if (this.window?.record(true, this.now()) === true) this.open('failure_rate')
     }
     // A late failure of a call that started before the breaker opened changes nothing.
   }
 
-  private open (): void {
+  /** Opens the breaker, forgetting the failures counted so far (both rules start again once it closes). */
+  private open (why: OpenReason): void {
     this.openedAt = this.now()
     this.failures = 0
-    this.set('open')
+    this.window?.reset(this.openedAt)
+    this.set('open', why)
   }
 
-  private set (state: BreakerState): void {
+  private set (state: BreakerState, why: OpenReason | null): void {
     if (this.state === state) return
     this.state = state
-    this.onChange(state)
+    this.onChange(state, why)
   }
 }
 

@@ -3,9 +3,9 @@ import { checkedTracestate, parseTraceparent, randomHex } from '../../ids.js'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { EventEmitter } from 'node:events'
 import { MantleError } from '../../errors.js'
-import type { Operation } from '../../manifest.js'
+import type { BreakerSettings, Operation } from '../../manifest.js'
 import { Leave, callerGone, watchCaller, unwatchCaller, type CallContext, type Next } from '../pipeline/index.js'
-import { CircuitBreaker, RetryBudget, DENIED, NORMAL, type Permit } from './breaker.js'
+import { CircuitBreaker, RetryBudget, DENIED, NORMAL, type BreakerState, type OpenReason, type Permit } from './breaker.js'
 import { getHeapStatistics } from 'node:v8'
 import { INVALID, OVER_BUDGET, readJson, type ByteBudget } from '../../read-json.js'
 
@@ -19,7 +19,7 @@ export interface KernelClientOptions {
    */
   maxInFlight: number
   /** null: retries and the breaker are off (BFF_CIRCUIT_BREAKER_ENABLED=false). */
-  resilience: { threshold: number, resetTimeoutMs: number } | null
+  resilience: BreakerSettings | null
   /** Largest Kernel answer read, in bytes; a larger one is a KERNEL_ERROR. */
   maxResponseBytes?: number
   /**
@@ -38,6 +38,8 @@ export interface KernelClientOptions {
   /** Backoff before retry n (0-based) is a random delay in [0, min(cap, base * 2^n)]. */
   backoff?: { baseMs: number, capMs: number }
   metrics?: KernelMetrics
+  /** Told of each change of the breaker's state, with why it opened (null for any other change). */
+  onBreakerChange?: (state: BreakerState, why: OpenReason | null) => void
 }
 
 /** `client_closed`: the caller left, and the attempt was aborted or gave up waiting for a connection. */
@@ -144,7 +146,7 @@ export class KernelClient {
     this.pool = new Pool(opts.origin, { connections: opts.connections, pipelining: 1, keepAliveTimeout: opts.keepAliveTimeoutMs ?? 4_000, connectTimeout: 2_000, headersTimeout: 0, bodyTimeout: 0 })
     this.pool.on('connect', () => this.metrics.connected())
     const r = opts.resilience
-    this.breaker = r === null ? null : new CircuitBreaker(r.threshold, r.resetTimeoutMs)
+    this.breaker = r === null ? null : new CircuitBreaker(r, opts.onBreakerChange)
     this.budget = r === null ? null : new RetryBudget()
     this.retries = r === null ? 0 : opts.retries
     this.maxInFlight = opts.maxInFlight

@@ -95,17 +95,28 @@ async function kernelPlugin (app: FastifyInstance, opts: KernelPluginOptions): P
   const origin = (opts.url ?? settings.url).replace(/\/$/, '')
   let client: KernelClient | null = null
   const metrics = kernelMetrics(app, origin, () => client!)
+  const opened = app.hasDecorator('metrics')
+    ? new Counter({ name: 'mantle_kernel_breaker_opened_total', help: 'Times the Kernel circuit breaker opened, by why: consecutive (threshold failures in a row), failure_rate (the failure-rate rule), probe (the half-open probe failed)', labelNames: ['origin', 'reason'] as const, registers: [app.metrics.registry] })
+    : null
   client = new KernelClient({
     origin,
     connections: settings.connections,
     retries: settings.retries,
     maxInFlight: settings.maxInFlight,
     resilience: opts.resilience
-      ? { threshold: opts.threshold ?? settings.circuitBreaker.threshold, resetTimeoutMs: opts.resetTimeoutMs ?? settings.circuitBreaker.resetTimeoutMs }
+      ? { threshold: opts.threshold ?? settings.circuitBreaker.threshold, resetTimeoutMs: opts.resetTimeoutMs ?? settings.circuitBreaker.resetTimeoutMs, rate: settings.circuitBreaker.rate }
       : null,
     ...(opts.keepAliveTimeoutMs === undefined ? {} : { keepAliveTimeoutMs: opts.keepAliveTimeoutMs }),
     ...(opts.backoff === undefined ? {} : { backoff: opts.backoff }),
-    ...(metrics === undefined ? {} : { metrics })
+    ...(metrics === undefined ? {} : { metrics }),
+    onBreakerChange: (state, why) => {
+      if (why !== null) {
+        opened?.labels(origin, why).inc()
+        app.log.warn({ origin, reason: why }, 'the Kernel circuit breaker opened')
+      } else if (state === 'closed') {
+        app.log.info({ origin }, 'the Kernel circuit breaker closed')
+      }
+    }
   })
   const c = client
   app.pipeline.setTerminal(op => c.forOperation(op))

@@ -5,7 +5,7 @@ import { CircuitBreaker, RetryBudget, DENIED, NORMAL, PROBE, type BreakerState }
 function setup (threshold = 3, resetTimeoutMs = 1000) {
   const clock = { now: 10_000 }
   const changes: BreakerState[] = []
-  const breaker = new CircuitBreaker(threshold, resetTimeoutMs, state => { changes.push(state) }, () => clock.now)
+  const breaker = new CircuitBreaker({ threshold, resetTimeoutMs }, state => { changes.push(state) }, () => clock.now)
   const fail = (n: number): void => {
     for (let i = 0; i < n; i++) breaker.failure(breaker.acquire())
   }
@@ -190,12 +190,116 @@ t.test('retryAfterMs counts down while open and is 0 otherwise', async t => {
 })
 
 t.test('the default onChange and clock work', async t => {
-  const breaker = new CircuitBreaker(1, 60_000)
+  const breaker = new CircuitBreaker({ threshold: 1, resetTimeoutMs: 60_000 })
   breaker.failure(breaker.acquire())
   t.equal(breaker.state, 'open')
   t.equal(breaker.acquire(), DENIED)
   const left = breaker.retryAfterMs()
   t.ok(left > 59_000 && left <= 60_000, `Date.now is the clock (${left})`)
+})
+
+/** A breaker with the failure-rate rule (threshold 100, so that only the rule opens it), recording why it opened. */
+function rated (failureRate: number, minimumCalls: number, windowMs = 1000, threshold = 100) {
+  const clock = { now: 10_000 }
+  const opened: string[] = []
+  const breaker = new CircuitBreaker({ threshold, resetTimeoutMs: 500, rate: { failureRate, minimumCalls, windowMs } }, (state, why) => { if (state === 'open') opened.push(String(why)) }, () => clock.now)
+  const outcomes = (pattern: string): void => {
+    for (const c of pattern) {
+      if (c === 'f') breaker.failure(breaker.acquire())
+      else breaker.success(breaker.acquire())
+    }
+  }
+  return { breaker, clock, opened, outcomes }
+}
+
+t.test('the failure-rate rule opens a breaker that failures in a row never would', async t => {
+  const { breaker, opened, outcomes } = rated(0.5, 10)
+  outcomes('fsfsfsfsf')
+  t.equal(breaker.state, 'closed', '5 failures of 9: fewer than minimumCalls outcomes')
+  outcomes('s')
+  t.equal(breaker.state, 'closed', 'a success never opens it, whatever the rate')
+  outcomes('f')
+  t.equal(breaker.state, 'open', '6 failures of 11, never two in a row')
+  t.same(opened, ['failure_rate'])
+
+  const consecutive = new CircuitBreaker({ threshold: 5, resetTimeoutMs: 500 })
+  for (let i = 0; i < 1000; i++) {
+    consecutive.failure(consecutive.acquire())
+    consecutive.success(consecutive.acquire())
+  }
+  t.equal(consecutive.state, 'closed', 'without the rule, 500 failures in 1,000 calls leave it closed')
+})
+
+t.test('the failure-rate rule: below the rate stays closed, at it opens', async t => {
+  const below = rated(0.5, 10)
+  below.outcomes('ffffssssss' + 'ssss')
+  below.outcomes('f')
+  t.equal(below.breaker.state, 'closed', '5 of 15 is below 0.5')
+  const at = rated(0.4, 10)
+  at.outcomes('ssssssfff')
+  t.equal(at.breaker.state, 'closed', '3 of 9: fewer than minimumCalls')
+  at.outcomes('f')
+  t.equal(at.breaker.state, 'open', '4 of 10 is the rate itself')
+  const all = rated(1, 3)
+  all.outcomes('ff')
+  t.equal(all.breaker.state, 'closed')
+  all.outcomes('f')
+  t.equal(all.breaker.state, 'open', 'a rate of 1 opens once minimumCalls attempts all failed')
+  t.same(all.opened, ['failure_rate'])
+})
+
+t.test('the failure-rate window forgets what is older than windowMs, a tenth at a time', async t => {
+  const { breaker, clock, outcomes } = rated(0.5, 10, 1000)
+  outcomes('fffff')
+  clock.now += 500
+  outcomes('ssss')
+  clock.now += 499
+  outcomes('f')
+  t.equal(breaker.state, 'open', '6 of 10 within 999 ms')
+
+  const slid = rated(0.5, 10, 1000)
+  slid.outcomes('fffff')
+  slid.clock.now += 500
+  slid.outcomes('ssss')
+  slid.clock.now += 500
+  slid.outcomes('f')
+  t.equal(slid.breaker.state, 'closed', 'at 1000 ms the first failures left the window: 1 of 5')
+  slid.outcomes('fffff')
+  t.equal(slid.breaker.state, 'open', '6 of 10 of the last second')
+
+  const idle = rated(0.5, 10, 1000)
+  idle.outcomes('fffffffff')
+  idle.clock.now += 60_000
+  idle.outcomes('f')
+  t.equal(idle.breaker.state, 'closed', 'after a minute without calls the window is empty again')
+  idle.outcomes('fffffffff')
+  t.equal(idle.breaker.state, 'open')
+})
+
+t.test('the failure-rate rule starts again when the breaker opens and after it closes', async t => {
+  const { breaker, clock, opened, outcomes } = rated(0.5, 4)
+  outcomes('sfsf')
+  t.equal(breaker.state, 'open')
+  breaker.failure(NORMAL)
+  breaker.success(NORMAL)
+  t.equal(breaker.state, 'open', 'a late outcome of a call sent before it opened changes nothing')
+  clock.now += 500
+  breaker.success(breaker.acquire())
+  t.equal(breaker.state, 'closed', 'the probe closed it')
+  outcomes('fss')
+  t.equal(breaker.state, 'closed', 'the failures before it opened are forgotten: 1 of 3')
+  outcomes('f')
+  t.equal(breaker.state, 'open', '2 of 4 since it closed')
+  clock.now += 500
+  breaker.failure(breaker.acquire())
+  t.same(opened, ['failure_rate', 'failure_rate', 'probe'], 'a failed probe opens it again, as a probe')
+})
+
+t.test('with the rule on, failures in a row still open the breaker first', async t => {
+  const { breaker, opened, outcomes } = rated(0.9, 1000, 1000, 3)
+  outcomes('sssfff')
+  t.equal(breaker.state, 'open')
+  t.same(opened, ['consecutive'])
 })
 
 t.test('RetryBudget: reserve, deposits up to the cap, withdrawals of one token', async t => {

@@ -514,7 +514,9 @@ t.test('the circuit breaker opens after the threshold, fails fast, and closes af
   // state (open), and an instance its Service no longer sent calls to never became ready again.
   t.equal(app.kernel.breakerState(), 'half-open')
   t.equal((await app.inject({ method: 'GET', url: '/readyz' })).statusCode, 200)
-  t.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /mantle_kernel_breaker_state\{origin="[^"]+"\} 1/)
+  const scraped = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  t.match(scraped, /mantle_kernel_breaker_state\{origin="[^"]+"\} 1/)
+  t.match(scraped, /mantle_kernel_breaker_opened_total\{origin="[^"]+",reason="consecutive"\} 1/, 'opened once, by failures in a row')
   healthy = true
   // Half-open: two calls at once, only one probe reaches the Kernel.
   const slowProbe = new Promise<void>(resolve => kernel.on('GET /v1/items/b1', async (_req, res) => { await sleep(50); json(res, 200, { id: 'b1' }); resolve() }))
@@ -542,6 +544,21 @@ t.test('a failed probe opens the breaker again', async t => {
   t.equal(probe.statusCode, 502)
   t.equal(app.kernel.breakerState(), 'open')
   t.equal(hits(kernel, '/v1/items/p1'), 2)
+})
+
+t.test('the failure-rate rule opens the breaker on a Kernel failing every other call, and the metric says why', async t => {
+  const { app, kernel } = await setup(t, { retries: 0, circuitBreaker: { threshold: 3, resetTimeoutMs: 60_000, failureRate: 0.5, minimumCalls: 10 } })
+  let n = 0
+  kernel.on('GET /v1/items/f1', (_req, res) => (n++ % 2 === 0) ? json(res, 503, {}) : json(res, 200, { id: 'f1' }))
+  const statuses: number[] = []
+  for (let i = 0; i < 12; i++) statuses.push((await app.inject({ method: 'GET', url: '/api/v1/items/f1', headers: bearer() })).statusCode)
+  // Never two failures in a row; the 11th call's failure is the 6th of 11, past minimumCalls and at least half.
+  t.same(statuses, [502, 200, 502, 200, 502, 200, 502, 200, 502, 200, 502, 503], 'open once 10 calls or more have failed half or more')
+  t.equal(app.kernel.breakerState(), 'open')
+  t.equal(hits(kernel, '/v1/items/f1'), 11, 'an open breaker does not call the Kernel')
+  const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  t.match(metrics, /mantle_kernel_breaker_opened_total\{origin="[^"]+",reason="failure_rate"\} 1/)
+  t.notMatch(metrics, /reason="consecutive"/)
 })
 
 t.test('retries stop when the breaker opens', async t => {
