@@ -116,7 +116,8 @@ export interface DiagzReport {
   stores: Record<string, StoreHealth>
   /** With the response cache on. */
   cache?: { hitRate: number | null, hits: number, misses: number, stale: number }
-  breakers: Record<string, { state: string }>
+  /** `failureWindow`: with the failure-rate rule, the attempts of its window and how many failed. */
+  breakers: Record<string, { state: string, failureWindow?: { calls: number, failures: number, failureRate: number, minimumCalls: number, windowMs: number } }>
   memory: { rssBytes: number, heapUsedBytes: number, heapTotalBytes: number, externalBytes: number, arrayBuffersBytes: number }
   eventLoop: { delayP50Ms: number, delayP99Ms: number, delayMaxMs: number }
   [section: string]: unknown
@@ -325,7 +326,10 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
     }
     const lookups = cache.hit + cache.miss + cache.stale
     const breakers: DiagzReport['breakers'] = {}
-    if (app.hasDecorator('kernel')) breakers.kernel = { state: app.kernel.breakerState() }
+    if (app.hasDecorator('kernel')) {
+      const failureWindow = app.kernel.breakerWindow()
+      breakers.kernel = { state: app.kernel.breakerState(), ...(failureWindow === null ? {} : { failureWindow }) }
+    }
     const mem = process.memoryUsage()
     const out: DiagzReport = {
       version: opts.version,

@@ -33,7 +33,7 @@ class OutcomeWindow {
   private totalCalls = 0
   private totalFailures = 0
 
-  constructor (private readonly rule: FailureRateRule, now: number) {
+  constructor (readonly rule: FailureRateRule, now: number) {
     this.width = rule.windowMs / BUCKETS
     this.headEnds = now + this.width
   }
@@ -47,6 +47,12 @@ class OutcomeWindow {
     this.failures[this.head]++
     this.totalFailures++
     return this.totalCalls >= this.rule.minimumCalls && this.totalFailures >= this.rule.failureRate * this.totalCalls
+  }
+
+  /** The outcomes of the last `windowMs` as of `now`. */
+  counts (now: number): { calls: number, failures: number } {
+    this.slide(now)
+    return { calls: this.totalCalls, failures: this.totalFailures }
   }
 
   /** Forgets every outcome: the breaker opened or closed. */
@@ -135,6 +141,15 @@ export class CircuitBreaker {
    */
   current (): BreakerState {
     return this.state === 'open' && this.now() - this.openedAt >= this.resetTimeoutMs ? 'half-open' : this.state
+  }
+
+  /**
+   * With the failure-rate rule, its window as of now: the attempts that ended in the last
+   * `windowMs` and how many failed (both 0 while the breaker is open, and just after); else null.
+   */
+  failureWindow (): { calls: number, failures: number, failureRate: number, minimumCalls: number, windowMs: number } | null {
+    if (this.window === null) return null
+    return { ...this.window.counts(this.now()), ...this.window.rule }
   }
 
   /** Milliseconds until an open breaker lets a probe through (0 when it is not open). */

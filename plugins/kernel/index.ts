@@ -3,7 +3,7 @@ import type { FastifyInstance } from 'fastify'
 import { Counter, Gauge } from 'prom-client'
 import { CallHistogram } from '../metrics/call-metrics.js'
 import { KernelClient, type KernelMetrics } from './client.js'
-import type { BreakerState } from './breaker.js'
+import type { BreakerState, CircuitBreaker } from './breaker.js'
 import { LATENCY_BUCKETS } from '../metrics/index.js'
 
 export { KernelClient, childTraceparent } from './client.js'
@@ -24,6 +24,8 @@ export interface KernelStatus {
   readonly origin: string
   /** `disabled` when retries and the breaker are switched off (the bulkhead never is). */
   breakerState: () => BreakerState | 'disabled'
+  /** The breaker's failure-rate window as of now (CircuitBreaker.failureWindow); null without the rule or the breaker. */
+  breakerWindow: () => ReturnType<CircuitBreaker['failureWindow']>
   inFlight: () => number
 }
 
@@ -123,6 +125,7 @@ async function kernelPlugin (app: FastifyInstance, opts: KernelPluginOptions): P
   app.decorate('kernel', {
     origin,
     breakerState: () => c.breaker?.current() ?? 'disabled',
+    breakerWindow: () => c.breaker?.failureWindow() ?? null,
     inFlight: () => c.inFlight
   })
   // Fastify has let in-flight requests finish before onClose: the pool can close now.

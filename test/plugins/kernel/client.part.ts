@@ -551,7 +551,11 @@ t.test('the failure-rate rule opens the breaker on a Kernel failing every other 
   let n = 0
   kernel.on('GET /v1/items/f1', (_req, res) => (n++ % 2 === 0) ? json(res, 503, {}) : json(res, 200, { id: 'f1' }))
   const statuses: number[] = []
-  for (let i = 0; i < 12; i++) statuses.push((await app.inject({ method: 'GET', url: '/api/v1/items/f1', headers: bearer() })).statusCode)
+  const call = async (): Promise<void> => { statuses.push((await app.inject({ method: 'GET', url: '/api/v1/items/f1', headers: bearer() })).statusCode) }
+  const diagzWindow = async (): Promise<unknown> => (await app.inject({ method: 'GET', url: '/diagz', headers: bearer({ roles: ['system'] }) })).json().breakers.kernel.failureWindow
+  for (let i = 0; i < 5; i++) await call()
+  t.same(await diagzWindow(), { calls: 5, failures: 3, failureRate: 0.5, minimumCalls: 10, windowMs: 10_000 }, '/diagz shows the window as it stands')
+  for (let i = 0; i < 7; i++) await call()
   // Never two failures in a row; the 11th call's failure is the 6th of 11, past minimumCalls and at least half.
   t.same(statuses, [502, 200, 502, 200, 502, 200, 502, 200, 502, 200, 502, 503], 'open once 10 calls or more have failed half or more')
   t.equal(app.kernel.breakerState(), 'open')
@@ -559,6 +563,7 @@ t.test('the failure-rate rule opens the breaker on a Kernel failing every other 
   const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body
   t.match(metrics, /mantle_kernel_breaker_opened_total\{origin="[^"]+",reason="failure_rate"\} 1/)
   t.notMatch(metrics, /reason="consecutive"/)
+  t.match(await diagzWindow(), { calls: 0, failures: 0 }, 'the window starts again when the breaker opens')
 })
 
 t.test('retries stop when the breaker opens', async t => {
