@@ -46,7 +46,8 @@ class OutcomeWindow {
     if (!failed) return false
     this.failures[this.head]++
     this.totalFailures++
-    return this.totalCalls >= this.rule.minimumCalls && this.totalFailures >= this.rule.failureRate * this.totalCalls
+    // failures / calls, not rate * calls: 0.55 * 100 is 55.00000000000001, and 55 of 100 did not open it.
+    return this.totalCalls >= this.rule.minimumCalls && this.totalFailures / this.totalCalls >= this.rule.failureRate
   }
 
   /** The outcomes of the last `windowMs` as of `now`. */

@@ -246,6 +246,11 @@ t.test('the failure-rate rule: below the rate stays closed, at it opens', async 
   all.outcomes('f')
   t.equal(all.breaker.state, 'open', 'a rate of 1 opens once minimumCalls attempts all failed')
   t.same(all.opened, ['failure_rate'])
+  const exact = rated(0.55, 100)
+  exact.outcomes('s'.repeat(45) + 'f'.repeat(54))
+  t.equal(exact.breaker.state, 'closed', '54 of 99: fewer than minimumCalls')
+  exact.outcomes('f')
+  t.equal(exact.breaker.state, 'open', '55 of 100 is 0.55 itself (0.55 * 100 is 55.00000000000001 in floating point)')
 })
 
 t.test('the failure-rate window forgets what is older than windowMs, a tenth at a time', async t => {
