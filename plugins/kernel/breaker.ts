@@ -14,7 +14,8 @@ export const PROBE = 2
 export type Permit = typeof DENIED | typeof NORMAL | typeof PROBE
 
 /** Why the breaker opened: `threshold` failures in a row, the failure-rate rule, or a failed probe. */
-export type OpenReason = 'consecutive' | 'failure_rate' | 'probe'
+export const OPEN_REASONS = ['consecutive', 'failure_rate', 'probe'] as const
+export type OpenReason = typeof OPEN_REASONS[number]
 
 /** Buckets of the failure-rate window: the window slides by a tenth of its length. */
 const BUCKETS = 10

@@ -3,7 +3,7 @@ import type { FastifyInstance } from 'fastify'
 import { Counter, Gauge } from 'prom-client'
 import { CallHistogram } from '../metrics/call-metrics.js'
 import { KernelClient, type KernelMetrics } from './client.js'
-import type { BreakerState, CircuitBreaker } from './breaker.js'
+import { OPEN_REASONS, type BreakerState, type CircuitBreaker } from './breaker.js'
 import { LATENCY_BUCKETS } from '../metrics/index.js'
 
 export { KernelClient, childTraceparent } from './client.js'
@@ -100,6 +100,9 @@ async function kernelPlugin (app: FastifyInstance, opts: KernelPluginOptions): P
   const opened = app.hasDecorator('metrics')
     ? new Counter({ name: 'mantle_kernel_breaker_opened_total', help: 'Times the Kernel circuit breaker opened, by why: consecutive (threshold failures in a row), failure_rate (the failure-rate rule), probe (the half-open probe failed)', labelNames: ['origin', 'reason'] as const, registers: [app.metrics.registry] })
     : null
+  // Each reason's series from 0: one first seen at 1 shows no increase() (Prometheus needs two
+  // samples), and the flapping alert missed the first opening.
+  for (const reason of OPEN_REASONS) opened?.labels(origin, reason).inc(0)
   client = new KernelClient({
     origin,
     connections: settings.connections,
