@@ -6,6 +6,7 @@ import { GraphQLError, Kind, SingleFieldSubscriptionsRule, getOperationAST, getV
 import { collectFields } from 'graphql/execution/collectFields.js'
 import type { EventDefinition } from '../../manifest.js'
 import type { Identity, KeyLease } from '../../plugins/auth/index.js'
+import type { MessageGuard } from '../../plugins/rate-limit/index.js'
 import { ErrorCodes, MantleError, toProblem, type ErrorCode } from '../../errors.js'
 import { fieldError, withoutSuggestion } from './errors.js'
 import { MAX_BUFFERED_BYTES, slowReader, utf8Sends } from '../slow-reader.js'
@@ -125,6 +126,11 @@ export class GraphqlConnection {
    * the next, so what its client has not read waits there, not on the socket.
    */
   private backlog = 0
+  /**
+   * Set while the guard counts, on Redis, a subscribe of a connection that speaks for no one yet
+   * (one that brings its first token): it settles once that subscribe has been decided.
+   */
+  firstCount: Promise<void> | null = null
 
   /**
    * @param claim counts the connection against its tenant (see SubscriptionSettings.claim)
@@ -838,14 +844,30 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
     subscribe (event) {
       return (_source, _args, context, info) => {
         const { connection } = context
-        // Under its upgrade's address while the connection speaks for no one (a subscribe that
-        // brings its first token), as the guard counts a request without a verified one.
-        const counted = guard === null ? null : guard(connection.speaksFor, connection.address)
-        if (!(counted instanceof Promise)) return begin(counted)
-        // On Redis: graphql-js takes the stream when it comes. A client that completed the id
-        // meanwhile finds it in `cancelled`, as for any subscription still being set up; one that
-        // left has nothing to be decided for it.
-        return counted.then(beyond => connection.socket.readyState === connection.socket.OPEN ? begin(beyond) : ENDED)
+        if (guard === null) return begin(null)
+        // A subscribe behind one that brings the connection's first token, whose count waits for
+        // Redis, is counted once that one is decided, under the caller its token names: counted
+        // at once, it went to the address as well (the memory store, whose count is immediate,
+        // counts it towards the tenant).
+        const before = connection.firstCount
+        return before === null ? count(guard) : before.then(() => count(guard))
+
+        function count (guard: MessageGuard): AsyncIterableIterator<unknown> | Promise<AsyncIterableIterator<unknown>> {
+          // Under its upgrade's address while the connection speaks for no one (a subscribe that
+          // brings its first token), as the guard counts a request without a verified one.
+          const counted = guard(connection.speaksFor, connection.address)
+          if (!(counted instanceof Promise)) return begin(counted)
+          // On Redis: graphql-js takes the stream when it comes. A client that completed the id
+          // meanwhile finds it in `cancelled`, as for any subscription still being set up; one that
+          // left has nothing to be decided for it.
+          const decided = counted.then(beyond => connection.socket.readyState === connection.socket.OPEN ? begin(beyond) : ENDED)
+          if (connection.speaksFor === null) {
+            const clear = (): void => { if (connection.firstCount === settled) connection.firstCount = null }
+            const settled: Promise<void> = decided.then(clear, clear)
+            connection.firstCount = settled
+          }
+          return decided
+        }
 
         function begin (beyond: MantleError | null): AsyncIterableIterator<unknown> {
           const id = String(context.id)

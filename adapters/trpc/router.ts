@@ -1,7 +1,7 @@
 import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance } from 'fastify'
 import { initTRPC, type AnyTRPCProcedure, type AnyTRPCRouter } from '@trpc/server'
-import type { WebSocket } from 'ws'
+import { WebSocket } from 'ws'
 import { decisions, runCall, type Decision } from '../face.js'
 import { callKey } from '../rest/index.js'
 import { MantleError, shuttingDownRefusal } from '../../errors.js'
@@ -153,6 +153,10 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       const decision: Decision = { requestId, protocol: 'trpc', path: '/trpc/' + name, action: name, category: 'read', caller: null, clientRequestId: ctx.clientRequestId }
       const counted = guard === null || ctx.socket === null ? null : guard(ctx.socket)
       const beyond = counted instanceof Promise ? await counted : counted
+      // Stopped (subscription.stop) or its socket closed while the guard counted it on Redis:
+      // nothing is decided, as a GraphQL subscription completed meanwhile never starts. It was
+      // recorded as granted, a subscription tRPC never started.
+      if (counted instanceof Promise && (signal?.aborted === true || ctx.socket?.readyState !== WebSocket.OPEN)) return stopped()
       let identity
       try {
         identity = decide(decision, () => {
@@ -184,6 +188,9 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
 
   return t.router(procedures)
 }
+
+/** The stream of a subscription stopped before it was decided: it ends at once, having sent nothing. */
+async function * stopped (): AsyncGenerator<never, void, unknown> {}
 
 /**
  * A subscription over WebSocket. The connection holds a bounded number of them, counted from

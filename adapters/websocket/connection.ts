@@ -109,11 +109,18 @@ export class Connection {
    * on are refused OVERLOADED, through their pipeline, audited): resolves once the calls in
    * flight have sent their answers (or the socket closed). Before, the socket closed at once with
    * 1001 and the answer of a call in flight was lost, a mutation carried out at the Kernel and
-   * its client never told.
+   * its client never told. Frames held while the guard counts one (guarded) are waited for too:
+   * they were received, and a call among them is answered (refused OVERLOADED, audited) like one
+   * that came a moment later; they were dropped unanswered.
    */
   async drain (): Promise<void> {
-    if (this.inFlight === 0 || this.closing) return
+    if ((this.inFlight === 0 && !this.holding) || this.closing) return
     await new Promise<void>(resolve => { this.drained = resolve })
+  }
+
+  /** Tells a drain waiting that no call is in flight and no frame held any more. */
+  private settled (): void {
+    if (this.inFlight === 0 && !this.holding) this.drained?.()
   }
 
   /** Closes with 1001 (going away) and resolves once the socket is closed. */
@@ -261,10 +268,15 @@ export class Connection {
       this.holding = false
       const held = this.held
       this.held = []
-      if (this.closing) return
+      // Resumed whatever happened meanwhile: a socket left paused by a connection that began to
+      // close (its token expired, a slow reader, a frame too large) never read the client's answer
+      // to the close, which then waited for ws's own 30 s timer, holding the connection's place.
       this.socket.resume()
+      if (this.closing) return
       run(refusal)
       for (let i = 0; i < held.length; i++) {
+        // A frame before it may have closed the connection (1009): the rest are not read.
+        if (this.closing) return
         // A held frame the guard counts in turn holds the rest again, still in order.
         if (this.holding) {
           this.held.push(...held.slice(i))
@@ -272,6 +284,7 @@ export class Connection {
         }
         this.read(held[i][0], held[i][1])
       }
+      this.settled()
     }).catch((err: unknown) => {
       // The guard never rejects, nor do the frames' handlers throw: a failure here is a bug of this face.
       this.face.app.log.error({ reqId: this.reqId, err }, 'websocket frame failed')
@@ -307,7 +320,7 @@ export class Connection {
       // The answer is already JSON shaped by the op's output schema: it is spliced in as is.
       // A replayed idempotent call and the cache's outcome say so, as REST's headers do.
       this.send(callEnvelope(id, outcome))
-      if (this.inFlight === 0) this.drained?.()
+      this.settled()
     }).catch((err: unknown) => {
       // runCall never throws; a failure here is a bug of this face, not of the client.
       this.face.app.log.error({ reqId: this.reqId, err }, 'websocket call failed')
