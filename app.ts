@@ -43,7 +43,7 @@ import type { FaceOptions } from './adapters/face.js'
 import { UnreadBytes, answerBounds, defaultUnreadBytes, streamMade } from './adapters/unread.js'
 import { requestAuthorization } from './adapters/credentials.js'
 import websocket from '@fastify/websocket'
-import { FIELDS_OVERFLOW, OFFER_BODY_OVERFLOW, servePlainUpgrades, WEBSOCKET_UPGRADE } from './plain-upgrades.js'
+import { FIELDS_OVERFLOW, FIELDS_OVERFLOW_DETAIL, OFFER_BODY_OVERFLOW, servePlainUpgrades, WEBSOCKET_UPGRADE, wholeHead } from './plain-upgrades.js'
 import AjvCompiler, { type ValidatorFactory } from '@fastify/ajv-compiler'
 import helmet from 'helmet'
 import cors from '@fastify/cors'
@@ -289,7 +289,7 @@ function keepNoLonger (res: ServerResponse): void {
 const REFUSALS = new Map<string | undefined, [number, string, ErrorCode]>([
   ['ERR_HTTP_REQUEST_TIMEOUT', [408, 'The request took too long to arrive', 'BAD_REQUEST']],
   ['HPE_HEADER_OVERFLOW', [431, 'The request head is larger than 16 KB', 'BAD_REQUEST']],
-  [FIELDS_OVERFLOW, [431, 'The request has more header fields than are served', 'BAD_REQUEST']],
+  [FIELDS_OVERFLOW, [431, FIELDS_OVERFLOW_DETAIL, 'BAD_REQUEST']],
   [OFFER_BODY_OVERFLOW, [413, 'The request body is larger than the limit', 'PAYLOAD_TOO_LARGE']]
 ])
 
@@ -650,6 +650,13 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     if (closing) {
       // A request that arrives on an open connection while the gateway shuts down runs nothing.
       refuseEarly(request, reply, done, new MantleError('OVERLOADED', 'The gateway is shutting down: retry on another instance', { headers: { 'retry-after': '1' } }))
+      return true
+    }
+    // Node hands on a head's first 999 fields or so and drops the rest (servePlainUpgrades): a
+    // request with more reached the routes without them, its Authorization or Idempotency-Key
+    // among those lost (a 401, or a keyed mutation run twice). Refused as a head too large is.
+    if (!wholeHead(app.server, request.raw)) {
+      refuseEarly(request, reply, done, new MantleError('BAD_REQUEST', FIELDS_OVERFLOW_DETAIL, { status: 431 }))
       return true
     }
     // As a malformed JSON body: the query string is a call's input (REST, tRPC's and GraphQL's

@@ -12,6 +12,9 @@ const OFFER_TOKEN = /^(?:upgrade|http2-settings)$/i
 /** The clientError code of an offer whose head Node did not hand on whole (too many fields): app.ts answers it 431. */
 export const FIELDS_OVERFLOW = 'MANTLE_HEADER_FIELDS_OVERFLOW'
 
+/** The refusal's detail, wherever a head with more fields than Node hands on is refused (431). */
+export const FIELDS_OVERFLOW_DETAIL = 'The request has more header fields than are served (at most 999)'
+
 /** The clientError code of an offer whose body, read by Node (26 and later), is over the body limit: app.ts answers it 413. */
 export const OFFER_BODY_OVERFLOW = 'MANTLE_OFFER_BODY_OVERFLOW'
 
@@ -67,7 +70,7 @@ export function servePlainUpgrades (server: Server, maxBodyBytes: number): void 
         // takes it on (a client that resets it while an answer before the offer is written) threw
         // an uncaught exception.
         socket.on('error', ignore)
-        if (!whole(server, req)) {
+        if (!wholeHead(server, req)) {
           // Node frames the body by every field of the head, but hands on its first ones only: a
           // head written again from those lost, say, its Content-Length, and its body was read as
           // the next request. Refused as Node refuses a head it cannot take (clientError), and
@@ -171,8 +174,12 @@ function serveReadBody (offer: Offer, head: Buffer, maxBodyBytes: number): void 
   }, () => { connection.destroy() })
 }
 
-/** Whether Node handed on every field of the request's head (it drops those beyond its maxHeadersCount from rawHeaders, and frames the body by them all). */
-function whole (server: Server, req: IncomingMessage): boolean {
+/**
+ * Whether Node handed on every field of the request's head (it drops those beyond its
+ * maxHeadersCount from rawHeaders, and frames the body by them all). A head of exactly that many
+ * fields cannot be told from a longer one: it is taken as not whole.
+ */
+export function wholeHead (server: Server, req: IncomingMessage): boolean {
   const limit = typeof server.maxHeadersCount === 'number' ? server.maxHeadersCount * 2 : NODE_HEADER_ENTRIES
   return limit <= 0 || req.rawHeaders.length < limit
 }

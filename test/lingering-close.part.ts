@@ -1,6 +1,6 @@
 import t from 'tap'
 import { connect } from 'node:net'
-import { bearer, buildTestApp, json, startTestKernel, until } from './helper.js'
+import { bearer, buildTestApp, json, rawAnswer, startTestKernel, until } from './helper.js'
 import { MAX_PIPELINED, MAX_PIPELINED_BYTES } from '../app.js'
 
 // Found by `npm run fuzz`: the gateway answered a request it refused before reading its body
@@ -71,6 +71,29 @@ t.test('a head over 16 KB: 431 problem+json', async t => {
   t.match(res.answer, /^HTTP\/1\.1 431 Request Header Fields Too Large\r\n/)
   t.match(JSON.parse(res.answer.slice(res.answer.indexOf('\r\n\r\n') + 4)), { status: 431, code: 'BAD_REQUEST', detail: 'The request head is larger than 16 KB' })
   t.equal(res.error, null)
+})
+
+// Node hands JavaScript a head's first 999 fields and drops the rest: a request with more reached
+// the routes without them, so that an Idempotency-Key among those lost let a keyed mutation run
+// twice, and an Authorization among them made a 401 of a call with a valid token. Found by a
+// session exploring the gateway as its users would.
+t.test('a head of more fields than Node hands on: 431 problem+json on every route, never served without them', async t => {
+  const agent = { id: 'n1', name: 'x', model: 'm', description: '', createdAt: '2026-01-01T00:00:00Z', updatedAt: '2026-01-01T00:00:00Z' }
+  const kernel = await startTestKernel(t, { 'POST /v1/agents': (_req, res) => json(res, 201, agent) })
+  const { port } = await listening(t, {}, { kernelUrl: kernel.url })
+  const junk = Array.from({ length: 1000 }, (_, i) => `x-h${i}: 1\r\n`).join('')
+  const post = `POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nAuthorization: ${bearer().authorization}\r\nContent-Type: application/json\r\nContent-Length: 12\r\n${junk}Idempotency-Key: k-fields\r\nConnection: close\r\n\r\n{"name":"x"}`
+  for (let i = 0; i < 2; i++) {
+    const res = await exchange(port, post, 0)
+    t.match(res.answer, /^HTTP\/1\.1 431 Request Header Fields Too Large\r\n/, `the keyed mutation, sent ${i + 1} time(s)`)
+    t.match(JSON.parse(res.answer.slice(res.answer.indexOf('\r\n\r\n') + 4)), { status: 431, code: 'BAD_REQUEST', detail: 'The request has more header fields than are served (at most 999)' })
+  }
+  t.equal(kernel.requests.length, 0, 'the Kernel never called: the key among the fields lost could not guard it')
+  const probe = await exchange(port, `GET /healthz HTTP/1.1\r\nHost: x\r\n${junk}Connection: close\r\n\r\n`, 0)
+  t.match(probe.answer, /^HTTP\/1\.1 431 /, 'a probe too')
+  const fewer = Array.from({ length: 994 }, (_, i) => `x-h${i}: 1\r\n`).join('')
+  const served = await rawAnswer(port, `POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nAuthorization: ${bearer().authorization}\r\nContent-Type: application/json\r\nContent-Length: 12\r\n${fewer}Connection: close\r\n\r\n{"name":"x"}`)
+  t.match(served, /^HTTP\/1\.1 201 /, '999 fields: served')
 })
 
 t.test('a client that never closes its side is closed by the gateway after the linger', async t => {
@@ -181,7 +204,8 @@ t.test('requests pipelined behind a slow answer: served in order, and bounded pe
   const fields = Array.from({ length: 1900 }, (_, i) => `h${i}:\r\n`).join('')
   const many = `GET /healthz HTTP/1.1\r\nHost: x\r\n${fields}\r\n`
   // Node 22 and later refuse such a head themselves (431: their parser counts each field against
-  // the 16 KB bound); Node 20 takes it, and the gateway's own bound must close the connection.
+  // the 16 KB bound); Node 20 takes it, and the gateway refuses it (431: more fields than Node
+  // hands on), or its own bound closes the connection.
   const probe = open(`GET /healthz HTTP/1.1\r\nHost: x\r\n${fields}Connection: close\r\n\r\n`)
   await probe.closed
   const nodeTakes = probe.answer().startsWith('HTTP/1.1 200')
