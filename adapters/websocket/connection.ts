@@ -93,8 +93,12 @@ export class Connection {
       this.reason = 'heartbeat'
       this.release()
     })
-    // ws has already answered a protocol error with its own close code; remember why.
-    socket.on('error', () => { if (this.reason === 'peer') this.reason = 'protocol' })
+    // ws has already answered a protocol error with its own close code; remember why. A frame over
+    // its maxPayload (BFF_BODY_LIMIT, the face's own bound by default) is one too large (1009):
+    // counted as a protocol error, the face's `too_large` never showed with the defaults.
+    socket.on('error', (err: Error & { code?: string }) => {
+      if (this.reason === 'peer') this.reason = err.code === 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH' ? 'too_large' : 'protocol'
+    })
     socket.once('close', () => {
       this.drained?.()
       this.release()

@@ -6,8 +6,8 @@ import { slowReaderCuts } from '../slow-reader.js'
 /** Why a connection ended; a fixed set, so the label's cardinality is too. */
 export const CLOSE_REASONS = [
   'peer', // the client closed, or the socket dropped
-  'protocol', // a frame `ws` refused (oversized for maxPayload, bad UTF-8, bad opcode)
-  'too_large', // 1009: over the face's own frame bound
+  'protocol', // a frame `ws` refused (bad UTF-8, bad opcode, ...)
+  'too_large', // 1009: over the face's own frame bound, or over BFF_BODY_LIMIT (ws's maxPayload)
   'expired', // 4401: the token expired without a fresh one
   'key_withdrawn', // 4401: the JWKS withdrew (or replaced) the key the token was verified with
   'slow_reader', // 1013: the client did not read its frames
