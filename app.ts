@@ -1128,8 +1128,9 @@ export function redactUrl (url: string): string {
 function errorHandler (err: FastifyError | MantleError | Error, request: FastifyRequest, reply: FastifyReply): void {
   const { problem, headers } = toProblem(err, request.id)
   const level = logLevelOf(problem, headers)
-  if (level === 'error') request.log.error({ err }, 'unexpected error')
-  else if (level === 'warn') request.server.callFailedLog.warn(request.log, request.routeOptions.config?.op ?? '-', problem.code, { code: problem.code, detail: detailForLog(err, problem) })
+  // With the call's requestId, as every other face's lines (README, "Logs"): a query on it missed REST's.
+  if (level === 'error') request.log.error({ err, requestId: problem.requestId }, 'unexpected error')
+  else if (level === 'warn') request.server.callFailedLog.warn(request.log, request.routeOptions.config?.op ?? '-', problem.code, { code: problem.code, detail: detailForLog(err, problem), requestId: problem.requestId })
   if (headers !== null) reply.headers(headers)
   request.server.errorAnswered(problem.code, problem.status)
   reply.code(problem.status).type('application/problem+json').send(problem)

@@ -130,7 +130,7 @@ t.test('refusals write no log line per request; a Kernel that failed the call is
   t.equal(rest.headers['retry-after'], undefined, 'the Kernel was called and could not be reached')
   t.equal((await failing.inject({ url: trpcUrl, headers })).json().error.data.code, 'KERNEL_UNAVAILABLE')
   // The second failure opens the breaker: one warn says so, once, with why.
-  t.match(lines, [{ level: 40, msg: 'call failed', code: 'KERNEL_UNAVAILABLE' }, { level: 40, msg: 'the Kernel circuit breaker opened', origin: kernelUrl, reason: 'consecutive' }, { level: 40, msg: 'call failed', code: 'KERNEL_UNAVAILABLE' }])
+  t.match(lines, [{ level: 40, msg: 'call failed', code: 'KERNEL_UNAVAILABLE', requestId: rest.json().requestId }, { level: 40, msg: 'the Kernel circuit breaker opened', origin: kernelUrl, reason: 'consecutive' }, { level: 40, msg: 'call failed', code: 'KERNEL_UNAVAILABLE', requestId: String }])
   t.equal(lines.length, 3)
   // The breaker is open now: its refusals, without a Kernel call, write nothing.
   lines.length = 0
