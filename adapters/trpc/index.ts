@@ -161,7 +161,7 @@ export function asksForStream (headers: IncomingHttpHeaders): boolean {
 }
 
 /** tRPC's own refusals of a request it could not make calls of (see `refusedEarly`). */
-const EARLY_REFUSALS: ReadonlySet<TRPCError['code']> = new Set(['PARSE_ERROR', 'BAD_REQUEST', 'PAYLOAD_TOO_LARGE', 'UNSUPPORTED_MEDIA_TYPE'])
+const EARLY_REFUSALS: ReadonlySet<TRPCError['code']> = new Set(['PARSE_ERROR', 'BAD_REQUEST', 'PAYLOAD_TOO_LARGE', 'UNSUPPORTED_MEDIA_TYPE', 'METHOD_NOT_SUPPORTED'])
 
 /**
  * Problem headers (Retry-After) of the errors in a response, for the HTTP response itself.
@@ -245,10 +245,11 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     })
 
     // Requests tRPC refused itself before any call ran (input not JSON, a batch of the wrong
-    // shape): no pipeline call recorded them, and each gets one audit entry, as a REST body
-    // Fastify refuses does. Not an unknown procedure (tRPC says so first) nor a method it does
-    // not take: REST leaves no entry for a route that does not exist either, so that a scanner
-    // cannot flood the trail.
+    // shape, a mutation over GET: 405): no pipeline call recorded them, and
+    // each gets one audit entry, as a REST body Fastify refuses does, and as GraphQL's mutation
+    // over GET does (the 405 was left out, though it names an operation). Not an unknown
+    // procedure (tRPC says so first): REST leaves no entry for a route that does not exist
+    // either, so that a scanner cannot flood the trail.
     const refusedEarly = app.hasDecorator('audit') ? new WeakMap<FastifyRequest, TRPCError>() : null
     const reached = app.hasDecorator('audit') ? app.audit.reached : null
     const onError = ({ error, ctx, req }: { error: TRPCError, ctx?: TrpcContext | undefined, req: FastifyRequest }): void => {

@@ -144,6 +144,8 @@ t.test('tRPC requests refused before any call runs are recorded as security, onc
   t.equal(streamed.statusCode, 200)
   t.match(streamed.body, /"httpStatus":400/)
   t.equal(await send('scan', 'POST', '/trpc/noSuchThing', '{bad'), 404)
+  // A mutation over GET: 405, as GraphQL's mutation over GET, which is recorded; the tRPC one was not.
+  t.equal(await send('m-get', 'GET', '/trpc/createAgent?input=' + encodeURIComponent('{"name":"x"}')), 405)
   const rows = await entries(app)
   const of = (id: string): Row[] => rows.filter(r => r.requestId === id || r.requestId.startsWith(id + '.'))
   // The face's endpoint and no method, as a tRPC call's own entry says.
@@ -154,6 +156,7 @@ t.test('tRPC requests refused before any call runs are recorded as security, onc
   t.match(of('big'), [{ category: 'security', status: 'PAYLOAD_TOO_LARGE', statusCode: 413, protocol: 'trpc' }], 'a body Fastify refused: once')
   t.match(of('fine'), [{ category: 'read', status: 'ok', statusCode: 200 }], 'a call: its own entry, none besides')
   t.same(of('scan'), [], 'a procedure that is no operation: none, as for an unmatched route')
+  t.match(of('m-get'), [{ category: 'security', status: 'BAD_REQUEST', statusCode: 405, protocol: 'trpc', action: 'createAgent', path: '/trpc/createAgent' }], 'a mutation over GET')
   // The token where tRPC takes it too, ?access_token= (EventSource sets no header): its tenant.
   const viaQuery = await app.inject({ url: `/trpc/getAgent?input=%7Bnope&access_token=${token({ tenant: 't9', user: 'u9' })}`, headers: { 'x-request-id': 'q-token' } })
   t.equal(viaQuery.statusCode, 400)
