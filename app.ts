@@ -455,7 +455,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // 408 and its connection closed: without a bound it held the connection for ever, and the
     // shutdown with it (the process was killed at its grace, the audit never flushed).
     requestTimeout: timeouts.requestTimeout,
-    http: { headersTimeout: timeouts.headersTimeout, connectionsCheckingInterval: timeouts.connectionsCheckingInterval },
+    // An HTTP/1.1 request without Host is refused by the gateway (refusedEarly), as problem+json:
+    // Node's own refusal was a bare 400 with no body, no request id and no security headers.
+    http: { headersTimeout: timeouts.headersTimeout, connectionsCheckingInterval: timeouts.connectionsCheckingInterval, requireHostHeader: false },
     // The client's address (the guard's key before identity, logs) from X-Forwarded-For, through
     // the proxies named here only: believed from anyone, any client could pick its own key.
     ...(config.BFF_TRUST_PROXY === undefined ? {} : { trustProxy: trustedProxies(config.BFF_TRUST_PROXY) }),
@@ -650,6 +652,11 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     if (closing) {
       // A request that arrives on an open connection while the gateway shuts down runs nothing.
       refuseEarly(request, reply, done, new MantleError('OVERLOADED', 'The gateway is shutting down: retry on another instance', { headers: { 'retry-after': '1' } }))
+      return true
+    }
+    // RFC 9112 §3.2: a server answers 400 to an HTTP/1.1 request without a Host (HTTP/1.0 may omit it).
+    if (request.headers.host === undefined && request.raw.httpVersionMajor === 1 && request.raw.httpVersionMinor === 1) {
+      refuseEarly(request, reply, done, new MantleError('BAD_REQUEST', 'An HTTP/1.1 request needs a Host header'))
       return true
     }
     // Node hands on a head's first 999 fields or so and drops the rest (servePlainUpgrades): a

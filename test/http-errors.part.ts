@@ -52,3 +52,21 @@ t.test('the HTTP guard\'s 429 is counted too', async t => {
   t.same([(await app.inject({ url: '/api/v1/agents', headers: auth })).statusCode, (await app.inject({ url: '/api/v1/agents', headers: auth })).statusCode], [200, 429])
   t.match((await app.inject({ url: '/metrics' })).body, /^mantle_http_errors_total\{code="RATE_LIMITED",status="429"\} 1$/m)
 })
+
+// RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400. Node answered it itself, a bare 400
+// with no body, no request id, no security headers, and no count (found exploring the gateway).
+t.test('an HTTP/1.1 request without Host: a 400 problem+json of the gateway, counted; HTTP/1.0 may omit it', async t => {
+  const app = await buildDemoApp(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as { port: number }
+  const answer = await rawAnswer(port, `GET /api/v1/agents HTTP/1.1\r\nAuthorization: ${bearer().authorization}\r\nConnection: close\r\n\r\n`)
+  t.match(answer, /^HTTP\/1\.1 400 /)
+  t.match(answer, /\r\ncontent-type: application\/problem\+json/i)
+  t.match(answer, /\r\nx-request-id: \S+/i)
+  t.match(answer, /\r\nx-content-type-options: nosniff/i)
+  t.match(JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)), { status: 400, code: 'BAD_REQUEST', detail: 'An HTTP/1.1 request needs a Host header' })
+  t.match(await rawAnswer(port, 'GET /healthz HTTP/1.0\r\n\r\n'), /^HTTP\/1\.1 200 /, 'HTTP/1.0 without Host: served')
+  t.match(await rawAnswer(port, 'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'), /^HTTP\/1\.1 200 /)
+  const scrape = (await app.inject({ url: '/metrics' })).body
+  t.match(scrape, /^mantle_http_errors_total\{code="BAD_REQUEST",status="400"\} 1$/m)
+})
