@@ -1050,6 +1050,15 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // The 101 of an upgrade is written by ws, not through a reply: it gets the same headers here.
     const securityLines = Object.entries(SECURITY_HEADERS).map(([name, value]) => `${name}: ${value}`)
     app.websocketServer.on('headers', (headers: string[]) => { headers.push(...securityLines) })
+    // A handshake ws refuses (no Sec-WebSocket-Key or a malformed one, a version other than 13 or
+    // 8, a malformed Sec-WebSocket-Protocol or -Extensions): answered as every refusal is,
+    // problem+json with a request id and the security headers, and counted. ws wrote a bare
+    // text/html 400 of its own (found exploring the gateway).
+    app.websocketServer.on('wsClientError', (err: Error, socket: Duplex) => {
+      const version = /Sec-WebSocket-Version/i.test(err.message) ? 'Sec-WebSocket-Version: 13, 8\r\n' : ''
+      answerRaw(socket, 400, `The WebSocket handshake is refused: ${err.message}`, version)
+      errorAnswered('BAD_REQUEST', 400)
+    })
   }
   if (config.BFF_TRPC_ENABLED) await app.register(trpc, face)
   if (config.BFF_GRAPHQL_ENABLED) await app.register(graphql, face)
