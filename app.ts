@@ -571,7 +571,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // invited to send it. Such a one gets its refusal alone, its connection then closed; so does
   // one arriving while the gateway shuts down.
   app.server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => {
-    if (!closing && codingRefusal(req.headers) === null) res.writeContinue()
+    if (!closing && codingRefusal(req.headers) === null && headRefusal(req) === null) res.writeContinue()
     app.server.emit('request', req, res)
   })
   // Node's server closes a connection after an answer that ends it (connection: close, as
@@ -648,22 +648,21 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // otherwise. True when it refused the request (done called).
   const corsOn = config.BFF_CORS_ORIGINS !== undefined
   const crossSite = config.BFF_AUTH_ENABLED ? null : crossSiteUpgrade(config.BFF_CORS_ORIGINS === undefined ? [] : corsOrigins(config.BFF_CORS_ORIGINS))
+  // A head Node did not hand on whole first (its Host may be among the fields lost), then no Host.
+  const headRefusal = (req: IncomingMessage): MantleError | null => {
+    if (!wholeHead(app.server, req)) return new MantleError('BAD_REQUEST', FIELDS_OVERFLOW_DETAIL, { status: 431 })
+    if (req.headers.host === undefined && req.httpVersionMajor === 1 && req.httpVersionMinor === 1) return new MantleError('BAD_REQUEST', 'An HTTP/1.1 request needs a Host header')
+    return null
+  }
   const refusedEarly = (request: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void): boolean => {
     if (closing) {
       // A request that arrives on an open connection while the gateway shuts down runs nothing.
       refuseEarly(request, reply, done, new MantleError('OVERLOADED', 'The gateway is shutting down: retry on another instance', { headers: { 'retry-after': '1' } }))
       return true
     }
-    // RFC 9112 §3.2: a server answers 400 to an HTTP/1.1 request without a Host (HTTP/1.0 may omit it).
-    if (request.headers.host === undefined && request.raw.httpVersionMajor === 1 && request.raw.httpVersionMinor === 1) {
-      refuseEarly(request, reply, done, new MantleError('BAD_REQUEST', 'An HTTP/1.1 request needs a Host header'))
-      return true
-    }
-    // Node hands on a head's first 999 fields or so and drops the rest (servePlainUpgrades): a
-    // request with more reached the routes without them, its Authorization or Idempotency-Key
-    // among those lost (a 401, or a keyed mutation run twice). Refused as a head too large is.
-    if (!wholeHead(app.server, request.raw)) {
-      refuseEarly(request, reply, done, new MantleError('BAD_REQUEST', FIELDS_OVERFLOW_DETAIL, { status: 431 }))
+    const head = headRefusal(request.raw)
+    if (head !== null) {
+      refuseEarly(request, reply, done, head)
       return true
     }
     // As a malformed JSON body: the query string is a call's input (REST, tRPC's and GraphQL's
@@ -714,6 +713,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // With CORS on, refused once it has set its headers; a preflight CORS answers itself closes too.
     if (closing) reply.header('connection', 'close')
     if (!corsOn && refusedEarly(request, reply, done)) return
+    // Before CORS answers a preflight itself: Node's requireHostHeader refused it, now off.
+    if (corsOn && !closing) {
+      const head = headRefusal(request.raw)
+      if (head !== null) {
+        refuseEarly(request, reply, done, head)
+        return
+      }
+    }
     done()
   })
   // Fastify closes idle keep-alive sockets once, when closing starts; a socket busy then would
@@ -1057,6 +1064,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     app.websocketServer.on('wsClientError', (err: Error, socket: Duplex) => {
       const version = /Sec-WebSocket-Version/i.test(err.message) ? 'Sec-WebSocket-Version: 13, 8\r\n' : ''
       answerRaw(socket, 400, `The WebSocket handshake is refused: ${err.message}`, version)
+      lingeringClose(socket)
       errorAnswered('BAD_REQUEST', 400)
     })
   }
