@@ -428,7 +428,11 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
     app.log.warn({ err: startError }, 'PostgreSQL failed at start-up: audit entries are spooled until it works')
   }
   started = true
-  const spool = await Spool.open(opts.spoolDir).catch((err: Error) => { throw new ConfigError(err.message) })
+  // Named by its variable, as every bad setting is: a file there, or a directory the gateway may
+  // not create, stopped the start with Node's words alone ("EEXIST: file already exists, mkdir").
+  const spool = await Spool.open(opts.spoolDir).catch((err: Error) => {
+    throw new ConfigError(err.message.includes('BFF_AUDIT_SPOOL_DIR') ? err.message : `BFF_AUDIT_SPOOL_DIR=${opts.spoolDir}: ${err.message}`)
+  })
   const pg = new PostgresAuditStore({ databaseUrl, connectTimeoutMs: opts.connectTimeoutMs })
   // Every use waits for the schema first (a no-op once it is there).
   const store: AuditStore = {

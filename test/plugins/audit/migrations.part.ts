@@ -5,7 +5,7 @@
 import t from 'tap'
 import pg from 'pg'
 import { spawnSync } from 'node:child_process'
-import { cpSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs'
+import { cpSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { createServer, connect, type Socket, type AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -186,6 +186,15 @@ if (available) {
     for (const NODE_ENV of ['development', 'production']) {
       await t.rejects(buildApp(testConfig({ NODE_ENV, BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t) }), { logger: false }), REFUSED, `${NODE_ENV}: the gateway does not start`)
     }
+  })
+
+  // A spool directory the gateway cannot use stopped the start with Node's words alone ("EEXIST:
+  // file already exists, mkdir '/tmp/afile'"), where every bad setting is named by its variable.
+  t.test('a spool directory the gateway cannot make stops the start naming BFF_AUDIT_SPOOL_DIR', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    const file = join(spoolDir(t), 'a-file')
+    writeFileSync(file, 'x')
+    await t.rejects(buildApp(testConfig({ BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: file }), { logger: false }), { name: 'ConfigError', message: /^BFF_AUDIT_SPOOL_DIR=.*a-file: EEXIST/ })
   })
 
   // postgrator found the version table by its name in any schema: a second deployment in another
