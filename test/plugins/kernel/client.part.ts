@@ -674,6 +674,11 @@ t.test('with resilience off: no retry, no breaker, same status mapping', async t
   t.equal(hits(kernel, '/v1/items/o1'), 3)
   t.equal(app.kernel.breakerState(), 'disabled')
   t.equal((await app.inject({ method: 'GET', url: '/readyz' })).json().checks.kernel, 'breaker disabled')
+  // Off, the breaker is in no metric, as every concern that is off: its state read 0, closed.
+  const scrape = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  t.notMatch(scrape, /mantle_kernel_breaker_state/)
+  t.notMatch(scrape, /mantle_kernel_breaker_opened_total/)
+  t.match(scrape, /mantle_kernel_in_flight/, 'the Kernel\'s other metrics stay')
 })
 
 t.test('env overrides the manifest breaker settings', async t => {
