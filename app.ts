@@ -455,7 +455,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // 408 and its connection closed: without a bound it held the connection for ever, and the
     // shutdown with it (the process was killed at its grace, the audit never flushed).
     requestTimeout: timeouts.requestTimeout,
-    // An HTTP/1.1 request without Host is refused by the gateway (refusedEarly), as problem+json:
+    // An HTTP/1.1 request without Host is refused by the gateway (headRefusal), as problem+json:
     // Node's own refusal was a bare 400 with no body, no request id and no security headers.
     http: { headersTimeout: timeouts.headersTimeout, connectionsCheckingInterval: timeouts.connectionsCheckingInterval, requireHostHeader: false },
     // The client's address (the guard's key before identity, logs) from X-Forwarded-For, through
@@ -648,7 +648,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // otherwise. True when it refused the request (done called).
   const corsOn = config.BFF_CORS_ORIGINS !== undefined
   const crossSite = config.BFF_AUTH_ENABLED ? null : crossSiteUpgrade(config.BFF_CORS_ORIGINS === undefined ? [] : corsOrigins(config.BFF_CORS_ORIGINS))
-  // A head Node did not hand on whole first (its Host may be among the fields lost), then no Host.
+  /**
+   * The refusal of a request by its head alone, or null. A head of more fields than Node hands on
+   * (its first 999; servePlainUpgrades): served without the rest, a request lost an Authorization
+   * (a 401) or an Idempotency-Key (a keyed mutation ran twice) that came after them. Checked
+   * first: its Host may be among the fields lost. Then an HTTP/1.1 request without Host (RFC 9112
+   * §3.2; HTTP/1.0 may omit it), which Node refused itself with a bare 400 (requireHostHeader).
+   * Also read before a 100 Continue, which must not invite a body the head refuses.
+   */
   const headRefusal = (req: IncomingMessage): MantleError | null => {
     if (!wholeHead(app.server, req)) return new MantleError('BAD_REQUEST', FIELDS_OVERFLOW_DETAIL, { status: 431 })
     if (req.headers.host === undefined && req.httpVersionMajor === 1 && req.httpVersionMinor === 1) return new MantleError('BAD_REQUEST', 'An HTTP/1.1 request needs a Host header')

@@ -57,7 +57,7 @@ class OutcomeWindow {
     return { calls: this.totalCalls, failures: this.totalFailures }
   }
 
-  /** Forgets every outcome: the breaker opened or closed. */
+  /** Forgets every outcome: the breaker opened, or the whole window passed without a call. */
   reset (now: number): void {
     this.calls.fill(0)
     this.failures.fill(0)
@@ -89,13 +89,12 @@ class OutcomeWindow {
  * A circuit breaker. Closed: calls pass; `threshold` failures in a row open it, and so does the
  * failure-rate rule when the manifest sets one. Open: calls fail fast until `resetTimeoutMs` has
  * passed. Half-open: one probe passes while every other call fails fast; its success closes the
- * breaker, its failure opens it again. A
- * probe still out after `resetTimeoutMs` lets one more through: a probe is bounded only by its
- * operation's timeout (up to 600 s), and one of a slow operation, or one its Kernel hangs on,
- * refused every call of every operation that long, on an instance /readyz called ready (found
- * by a review). A probe's outcome counts as a probe's while the breaker is half-open, else (another
- * probe closed or opened it meanwhile) as a call's.
- * It never queues or delays a call.
+ * breaker, its failure opens it again. A probe still out after `resetTimeoutMs` lets one more
+ * through: a probe is bounded only by its operation's timeout (up to 600 s), and one of a slow
+ * operation, or one its Kernel hangs on, refused every call of every operation that long, on an
+ * instance /readyz called ready (found by a review). A probe's outcome counts as a probe's while
+ * the breaker is half-open, else (another probe closed or opened it meanwhile) as a call's. It
+ * never queues or delays a call.
  */
 export class CircuitBreaker {
   state: BreakerState = 'closed'
