@@ -85,6 +85,15 @@ export async function start (config: Readonly<Config>, options: { onFatal?: (err
   }
 }
 
+/**
+ * Who may read /diagz, as its route decides: the role `system`, or with identity off anyone
+ * outside production and no one in it (the banner said "role system" whatever the setting).
+ */
+function diagzAccess (config: Readonly<Config>): string {
+  if (config.BFF_AUTH_ENABLED) return 'role system'
+  return config.NODE_ENV === 'production' ? 'closed: identity is off, nobody holds the role system' : 'open: identity is off'
+}
+
 export function banner (started: Started, config: Readonly<Config>): string {
   const { url } = started
   const ws = 'ws' + url.slice('http'.length)
@@ -98,7 +107,7 @@ export function banner (started: Started, config: Readonly<Config>): string {
     ...(config.BFF_WEBSOCKET_ENABLED ? [`  WebSocket   ${ws}/ws`] : []),
     `  health      ${url}/healthz   ${url}/readyz`,
     ...(config.BFF_METRICS_ENABLED ? [`  metrics     ${url}/metrics`] : []),
-    ...(config.BFF_DIAGZ_ENABLED ? [`  diagnostics ${url}/diagz   (role system)`] : []),
+    ...(config.BFF_DIAGZ_ENABLED ? [`  diagnostics ${url}/diagz   (${diagzAccess(config)})`] : []),
     `  Kernel      ${started.kernelUrl === null ? (config.KERNEL_URL ?? 'from the manifest') : started.kernelUrl + ' (demo Kernel)'}`
   ]
   // Only with the development secret (no key source at all): a token signed with a configured

@@ -57,6 +57,13 @@ t.test('the dev token is printed only when the gateway takes the development sec
   t.notMatch(banner(started, testConfig({ BFF_JWT_SECRET: undefined, BFF_JWKS_URL: 'https://issuer.example/jwks' })), /Dev token/, 'JWKS only')
 })
 
+t.test('the banner says who may read /diagz: the role system, or with identity off anyone outside production and no one in it', async t => {
+  const started = { url: 'http://127.0.0.1:1', kernelUrl: null } as unknown as Started
+  t.match(banner(started, testConfig({})), /\/diagz {3}\(role system\)/)
+  t.match(banner(started, testConfig({ BFF_AUTH_ENABLED: false })), /\/diagz {3}\(open: identity is off\)/)
+  t.match(banner(started, testConfig({ BFF_AUTH_ENABLED: false, NODE_ENV: 'production' })), /\/diagz {3}\(closed: identity is off, nobody holds the role system\)/)
+})
+
 t.test('the banner names every face that is on, with its WebSocket URL', async t => {
   const started = { url: 'http://127.0.0.1:1', kernelUrl: null } as unknown as Started
   const all = banner(started, testConfig())
