@@ -89,7 +89,11 @@ function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
  * a Kernel 4xx's own passed on), whatever concern is on; and a 401's challenge. Only the 429 had
  * its Retry-After documented, and only with the rate limits on.
  */
-const RETRY_AFTER: HeaderDoc = { 'Retry-After': { type: 'string', description: 'Seconds to wait before calling again, on a refusal that asks for a wait (IDEMPOTENCY_CONFLICT 409, RATE_LIMITED 429 of a tenant holding the most idempotency keys it may, KERNEL_UNAVAILABLE or OVERLOADED 503, a Kernel refusal that said so)' } }
+const retryAfterDoc = (idempotency: boolean): HeaderDoc => ({ 'Retry-After': { type: 'string', description: `Seconds to wait before calling again, on a refusal that asks for a wait (${idempotency ? 'IDEMPOTENCY_CONFLICT 409, RATE_LIMITED 429 of a tenant holding the most idempotency keys it may, ' : ''}KERNEL_UNAVAILABLE or OVERLOADED 503, a Kernel refusal that said so)` } })
+// With idempotency off, the description named its two refusals, which cannot happen then.
+const RETRY_AFTER = retryAfterDoc(true)
+const RETRY_AFTER_NO_KEYS = retryAfterDoc(false)
+const retryAfter = (on: HeaderConcerns): HeaderDoc => on.idempotency ? RETRY_AFTER : RETRY_AFTER_NO_KEYS
 const BEARER_CHALLENGE: HeaderDoc = { 'WWW-Authenticate': { type: 'string', description: 'Bearer, with error="invalid_token" or "invalid_request" for a token refused: on a 401' } }
 
 /**
@@ -99,7 +103,7 @@ const BEARER_CHALLENGE: HeaderDoc = { 'WWW-Authenticate': { type: 'string', desc
  */
 export function refusalHeaderDoc (secured: boolean, on: HeaderConcerns, replays = false): HeaderDoc {
   return {
-    ...RETRY_AFTER,
+    ...retryAfter(on),
     ...(secured ? BEARER_CHALLENGE : {}),
     ...(replays ? { 'Idempotent-Replayed': { type: 'string', description: 'true when the refusal is the stored one (the Kernel\'s 4xx) of an earlier call with the same Idempotency-Key' } } : {}),
     ...(on.rateLimit ? RATE_LIMIT_HEADERS : {})
@@ -113,7 +117,7 @@ export function refusalHeaderDoc (secured: boolean, on: HeaderConcerns, replays 
  * declared them on the 2XX and the 429 only.
  */
 export function failureHeaders (on: HeaderConcerns): HeaderDoc {
-  return on.rateLimit ? { ...RETRY_AFTER, ...RATE_LIMIT_HEADERS } : RETRY_AFTER
+  return on.rateLimit ? { ...retryAfter(on), ...RATE_LIMIT_HEADERS } : retryAfter(on)
 }
 
 export function problemResponse (description: string, headers: HeaderDoc): Record<string, unknown> {

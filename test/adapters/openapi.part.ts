@@ -297,6 +297,11 @@ t.test('a mutation\'s 4XX documents the Idempotent-Replayed of a stored Kernel r
   const off = await buildDemoApp(t, { BFF_IDEMPOTENCY_ENABLED: false })
   const docOff = (await off.inject({ url: '/openapi.json' })).json()
   t.notOk('Idempotent-Replayed' in docOff.paths['/api/v1/agents/{id}'].patch.responses['4XX'].headers, 'idempotency off: none')
+  // Retry-After's description names idempotency's refusals only while it is on: off, they cannot happen.
+  for (const status of ['4XX', '5XX']) {
+    t.match(doc.paths['/api/v1/agents/{id}'].patch.responses[status].headers['Retry-After'].description, /IDEMPOTENCY_CONFLICT 409/, `${status}, idempotency on`)
+    t.notMatch(docOff.paths['/api/v1/agents/{id}'].patch.responses[status].headers['Retry-After'].description, /IDEMPOTENCY|RATE_LIMITED/, `${status}, idempotency off`)
+  }
 })
 
 t.test('an operation named batch keeps its operationId: the batch route\'s is one no operation may have', async t => {
