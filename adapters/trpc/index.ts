@@ -79,6 +79,31 @@ const CLOSE_UNAUTHENTICATED = 4401
 /** 4400: a message the protocol does not define (graphql-transport-ws closes so on /graphql). */
 const CLOSE_BAD_MESSAGE = 4400
 
+/**
+ * How long a socket whose connectionParams were refused stays open before its close (4401, or
+ * 1013 beyond the tenant's share), so that the calls its client sent behind them get that error
+ * too, as the README says: wsLink sends its queued calls right after the connectionParams, often
+ * in a read of their own, which came after a close made at the next turn of the event loop and
+ * went unanswered (the client saw "Unknown error", no code). tRPC answers each with the
+ * context's error; the time bounds what the client may send meanwhile.
+ */
+const REFUSED_PARAMS_LINGER_MS = 200
+
+/**
+ * Closes a socket whose context was refused, with its code and reason, once the calls sent behind
+ * its connectionParams have been answered (REFUSED_PARAMS_LINGER_MS). tRPC closes it itself at the
+ * next turn, without a code (1005, which wsLink takes for a network drop and reconnects after
+ * with the same token): that close, the only one made without a code, is held back for ours.
+ * Hand-written: neither tRPC nor ws has an option for it.
+ */
+function closeAfterCallsSent (socket: WebSocket, code: number, reason: string): void {
+  const close = socket.close.bind(socket)
+  socket.close = ((closeCode?: number, closeReason?: string | Buffer) => {
+    if (closeCode !== undefined) close(closeCode, closeReason)
+  }) as WebSocket['close']
+  setTimeout(() => { close(code, reason) }, REFUSED_PARAMS_LINGER_MS).unref()
+}
+
 /** Why a connectionParams message tRPC could not read (PARSE_ERROR) closes its socket: never its text. */
 function unreadableParams (error: TRPCError): string {
   return error.cause instanceof SyntaxError
@@ -507,7 +532,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
             const [code, reason] = overloaded
               ? [CLOSE_TRY_AGAIN_LATER, err.message]
               : [CLOSE_UNAUTHENTICATED, 'The token is missing or was refused']
-            setImmediate(() => socket.close(code, reason))
+            closeAfterCallsSent(socket, code, reason)
             const requestId = uuidv7()
             // Recorded as the upgrade's own 401 is (`trpc` at /trpc, public / anonymous): the same
             // credentials refused, brought later. Before, a forged or expired token in

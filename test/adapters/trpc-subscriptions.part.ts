@@ -559,6 +559,17 @@ t.test('WebSocket: a connection without a valid token is refused and closed', as
   t.match(forged.messages[1], { id: 1, ...unauthenticated })
   t.equal(await forged.closed, 4401, 'closed with 4401')
 
+  // A call that arrives in a read of its own, a moment after the connectionParams (as wsLink's
+  // queued calls often do): it gets the error too. The socket closed at the next turn of the event
+  // loop, and the call went unanswered (wsLink: "Unknown error", no code). Found by a session
+  // using the gateway with @trpc/client.
+  const late = await rawSocket(t, port, '/trpc?connectionParams=1')
+  late.socket.send(JSON.stringify({ method: 'connectionParams', data: { token: forgedToken } }))
+  await new Promise(resolve => setTimeout(resolve, 30))
+  late.socket.send(JSON.stringify({ id: 2, method: 'query', params: { path: 'getAgent', input: { id: 'a1' } } }))
+  t.equal(await late.closed, 4401, 'closed with 4401')
+  t.match(late.messages, [{ id: null, ...unauthenticated }, { id: 2, ...unauthenticated }], 'the call sent 30 ms behind its connectionParams is answered before the close')
+
   const junk = await rawSocket(t, port, '/trpc?connectionParams=1')
   junk.socket.send('not json at all')
   await until('refusal', () => junk.messages.length === 1)
