@@ -6,6 +6,7 @@ import { CallContext } from '../../plugins/pipeline/index.js'
 import { compiledOnce } from '../../compiled.js'
 import { withoutKeyword } from '../../schema-walk.js'
 import { takesIfNoneMatch } from '../../plugins/cache/index.js'
+import { COMPRESSION_THRESHOLD } from '../../plugins/compression/index.js'
 import { clientRequestId } from '../../ids.js'
 import type { JsonSchema, Operation } from '../../manifest.js'
 
@@ -278,7 +279,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   const inBody = op.inputInBody
   const conditional = takesIfNoneMatch(op)
   // A 304 carries the Vary its 200 would (RFC 9110 §15.4.5): @fastify/compress adds it only to a
-  // body it negotiates, and a 304 has none.
+  // body it compresses, and a 304 has none (wouldCompress).
   const compressing = app.hasReplyDecorator('compress')
   // With the audit on: from here on, a refusal is the call's, which the audit stage records.
   const reached = app.hasDecorator('audit') ? app.audit.reached : null
@@ -319,7 +320,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     }
     // No content: a 205 too (RFC 9110 §15.3.6), which went out with `null`.
     if (ctx.status === 204 || ctx.status === 205 || ctx.status === 304) {
-      if (ctx.status === 304 && compressing) addVary(reply, 'accept-encoding')
+      if (ctx.status === 304 && compressing && wouldCompress(request, ctx.json)) addVary(reply, 'accept-encoding')
       return reply.code(ctx.status).send()
     }
     // The same compiled output serializer as every other face (the route's 2xx schema is for
@@ -329,6 +330,21 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     reply.type('application/json; charset=utf-8')
     return json
   }
+}
+
+/** An encoding @fastify/compress would pick (ENCODINGS), named in Accept-Encoding. */
+const COMPRESSING_ENCODING = /(?:^|,)\s*(?:br|gzip|deflate)\s*(?:;\s*q=(?!0(?:\.0*)?\s*(?:,|$))[0-9.]+\s*)?(?:,|$)/i
+
+/**
+ * Whether @fastify/compress would have compressed the 200 a 304 stands for, so named
+ * `accept-encoding` in its Vary: an answer of at least its threshold, to a request that accepts an
+ * encoding it speaks. Every 304 named it: the 304 of a small answer, or of a request asking for
+ * no encoding, had a Vary its 200 did not (found using the gateway as a client would).
+ */
+function wouldCompress (request: FastifyRequest, json: string | null | undefined): boolean {
+  if (json === null || json === undefined || Buffer.byteLength(json) < COMPRESSION_THRESHOLD) return false
+  const accept = request.headers['accept-encoding']
+  return accept !== undefined && COMPRESSING_ENCODING.test(accept)
 }
 
 /** The stages' headers onto the reply; their Vary is added to the one already there, not put in its place. */

@@ -199,6 +199,15 @@ t.test('a 304 carries the Vary its 200 carries', async t => {
   const notModified = await app.inject({ method: 'GET', url, headers: { ...headers, 'if-none-match': etag } })
   t.equal(notModified.statusCode, 304)
   t.equal(notModified.headers.vary, full.headers.vary, 'the 304 has the 200\'s Vary')
+  // A small answer, or one asked for without an encoding, is compressed by no one: its 200 has no
+  // accept-encoding in Vary, and its 304 had one (found using the gateway as a client would).
+  for (const [what, path, asked] of [['under the threshold', '/api/v1/agents/a1', 'gzip, deflate, br'], ['no encoding asked for', url, 'identity']] as const) {
+    const small = await app.inject({ method: 'GET', url: path, headers: { ...bearer(), 'accept-encoding': asked } })
+    t.equal(small.headers['content-encoding'], undefined, what)
+    const again = await app.inject({ method: 'GET', url: path, headers: { ...bearer(), 'accept-encoding': asked, 'if-none-match': small.headers.etag as string } })
+    t.equal(again.statusCode, 304, what)
+    t.equal(again.headers.vary, small.headers.vary, `${what}: the 304 has the 200's Vary (${String(small.headers.vary)})`)
+  }
   // The gzip and plain answers are different representations of one answer: a strong ETag would
   // have to differ between them (RFC 9110 §8.8.3), so the tag, the same for both, is weak.
   const plain = await app.inject({ method: 'GET', url, headers: bearer() })
