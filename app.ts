@@ -667,11 +667,6 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       refuseEarly(request, reply, done, new MantleError('OVERLOADED', 'The gateway is shutting down: retry on another instance', { headers: { 'retry-after': '1' } }))
       return true
     }
-    const head = headRefusal(request.raw)
-    if (head !== null) {
-      refuseEarly(request, reply, done, head)
-      return true
-    }
     // As a malformed JSON body: the query string is a call's input (REST, tRPC's and GraphQL's
     // GET). A probe takes it literally: a monitor's junk must not fail it. A preflight is
     // answered as any other: the request it asks for is the one refused, which a browser's
@@ -719,15 +714,15 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     stamp(request, reply)
     // With CORS on, refused once it has set its headers; a preflight CORS answers itself closes too.
     if (closing) reply.header('connection', 'close')
-    if (!corsOn && refusedEarly(request, reply, done)) return
-    // Before CORS answers a preflight itself: Node's requireHostHeader refused it, now off.
-    if (corsOn && !closing) {
-      const head = headRefusal(request.raw)
-      if (head !== null) {
-        refuseEarly(request, reply, done, head)
-        return
-      }
+    // The head's own refusals, once per request and before CORS answers a preflight itself
+    // (Node's requireHostHeader refused one without Host, now off); while closing, the
+    // shutdown's refusal (refusedEarly) comes first.
+    const head = closing ? null : headRefusal(request.raw)
+    if (head !== null) {
+      refuseEarly(request, reply, done, head)
+      return
     }
+    if (!corsOn && refusedEarly(request, reply, done)) return
     done()
   })
   // Fastify closes idle keep-alive sockets once, when closing starts; a socket busy then would

@@ -3,7 +3,7 @@ import type { FastifyInstance } from 'fastify'
 import { Counter, Gauge } from 'prom-client'
 import { CallHistogram } from '../metrics/call-metrics.js'
 import { KernelClient, type KernelMetrics } from './client.js'
-import { OPEN_REASONS, type BreakerState, type CircuitBreaker } from './breaker.js'
+import { OPEN_REASONS, type BreakerState, type CircuitBreaker, type OpenReason } from './breaker.js'
 import { LATENCY_BUCKETS } from '../metrics/index.js'
 
 export { KernelClient, childTraceparent } from './client.js'
@@ -38,29 +38,38 @@ declare module 'fastify' {
 const BREAKER_VALUE: Record<BreakerState, number> = { closed: 0, 'half-open': 1, open: 2 }
 
 /**
- * @param resilience whether the breaker is on (BFF_CIRCUIT_BREAKER_ENABLED): off, its state is in
- *   no metric, as every concern that is off (it read 0, closed, while /readyz said disabled)
+ * The breaker's metrics, registered only while it is on (BFF_CIRCUIT_BREAKER_ENABLED), as every
+ * concern's (off, its state read 0, closed, while /readyz said disabled); the counter of its
+ * openings, or null with metrics off.
  */
-function kernelMetrics (app: FastifyInstance, origin: string, client: () => KernelClient, resilience: boolean): KernelMetrics | undefined {
+function breakerMetrics (app: FastifyInstance, origin: string, client: () => KernelClient): ((why: OpenReason) => void) | null {
+  if (!app.hasDecorator('metrics')) return null
+  const registers = [app.metrics.registry]
+  // Read when Prometheus scrapes, as of then (an open breaker past its reset time is half-open).
+  new Gauge({
+    name: 'mantle_kernel_breaker_state',
+    help: 'Kernel circuit breaker: 0 closed, 1 half-open, 2 open',
+    labelNames: ['origin'] as const,
+    registers,
+    collect () {
+      const b = client().breaker
+      if (b !== null) this.set({ origin }, BREAKER_VALUE[b.current()])
+    }
+  }).set({ origin }, 0)
+  const opened = new Counter({ name: 'mantle_kernel_breaker_opened_total', help: 'Times the Kernel circuit breaker opened, by why: consecutive (threshold failures in a row), failure_rate (the failure-rate rule), probe (the half-open probe failed)', labelNames: ['origin', 'reason'] as const, registers })
+  // Each reason's series from 0: one first seen at 1 shows no increase() (Prometheus needs two
+  // samples), and the flapping alert missed the first opening.
+  for (const reason of OPEN_REASONS) opened.labels(origin, reason).inc(0)
+  return why => opened.labels(origin, why).inc()
+}
+
+function kernelMetrics (app: FastifyInstance, origin: string, client: () => KernelClient): KernelMetrics | undefined {
   if (!app.hasDecorator('metrics')) return undefined
   const registers = [app.metrics.registry]
   const duration = new CallHistogram({ name: 'mantle_kernel_request_duration_seconds', help: 'Duration of each attempt towards the Kernel, by operation and outcome', labelNames: ['op', 'outcome'] as const, buckets: LATENCY_BUCKETS, registers })
   const retries = new Counter({ name: 'mantle_kernel_retries_total', help: 'Retries of idempotent Kernel calls', labelNames: ['op'] as const, registers })
   const exhausted = new Counter({ name: 'mantle_kernel_retry_budget_exhausted_total', help: 'Retries refused because the retry budget was spent', registers })
   const rejected = new Counter({ name: 'mantle_kernel_rejected_total', help: 'Calls failed without reaching the Kernel: breaker open, bulkhead full, their time ran out waiting for a connection (queue_timeout), or they were handed one with less time left than the Kernel needs (queue_shed)', labelNames: ['reason'] as const, registers })
-  // Read when Prometheus scrapes, as of then (an open breaker past its reset time is half-open).
-  if (resilience) {
-    new Gauge({
-      name: 'mantle_kernel_breaker_state',
-      help: 'Kernel circuit breaker: 0 closed, 1 half-open, 2 open',
-      labelNames: ['origin'] as const,
-      registers,
-      collect () {
-        const b = client().breaker
-        if (b !== null) this.set({ origin }, BREAKER_VALUE[b.current()])
-      }
-    }).set({ origin }, 0)
-  }
   const dropped = new Counter({ name: 'mantle_kernel_answers_dropped_total', help: 'Kernel 2xx answers cut, and their calls answered 503 OVERLOADED, for want of room among the answers being read at once', registers })
   new Gauge({ name: 'mantle_kernel_answer_bytes', help: 'Bytes of Kernel 2xx answers being read now, all calls together (bounded: see mantle_kernel_answers_dropped_total)', registers, collect () { this.set(client().answerBytes) } }) // eslint-disable-line no-new
   const connections = new Counter({ name: 'mantle_kernel_pool_connections_opened_total', help: 'Connections the Kernel pool opened (requests / connections = reuse)', registers })
@@ -101,13 +110,8 @@ async function kernelPlugin (app: FastifyInstance, opts: KernelPluginOptions): P
   const settings = app.pipeline.manifest.kernel
   const origin = (opts.url ?? settings.url).replace(/\/$/, '')
   let client: KernelClient | null = null
-  const metrics = kernelMetrics(app, origin, () => client!, opts.resilience)
-  const opened = opts.resilience && app.hasDecorator('metrics')
-    ? new Counter({ name: 'mantle_kernel_breaker_opened_total', help: 'Times the Kernel circuit breaker opened, by why: consecutive (threshold failures in a row), failure_rate (the failure-rate rule), probe (the half-open probe failed)', labelNames: ['origin', 'reason'] as const, registers: [app.metrics.registry] })
-    : null
-  // Each reason's series from 0: one first seen at 1 shows no increase() (Prometheus needs two
-  // samples), and the flapping alert missed the first opening.
-  for (const reason of OPEN_REASONS) opened?.labels(origin, reason).inc(0)
+  const metrics = kernelMetrics(app, origin, () => client!)
+  const opened = opts.resilience ? breakerMetrics(app, origin, () => client!) : null
   client = new KernelClient({
     origin,
     connections: settings.connections,
@@ -121,7 +125,7 @@ async function kernelPlugin (app: FastifyInstance, opts: KernelPluginOptions): P
     ...(metrics === undefined ? {} : { metrics }),
     onBreakerChange: (state, why) => {
       if (why !== null) {
-        opened?.labels(origin, why).inc()
+        opened?.(why)
         app.log.warn({ origin, reason: why }, 'the Kernel circuit breaker opened')
       } else if (state === 'closed') {
         app.log.info({ origin }, 'the Kernel circuit breaker closed')
