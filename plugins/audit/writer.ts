@@ -99,14 +99,21 @@ class Abandoned extends Error {}
  * `close` resolves; it is never dropped. Only when the disk refuses at shutdown too is it lost,
  * logged with its count and counted (hooks.lost).
  */
+/**
+ * The writer's clock for its interval, backoff and pauses: monotonic. On the wall clock, a step
+ * back (NTP setting right a clock that ran fast, a VM resumed) held a partial batch in memory,
+ * and a store that had come back untried, until the clock came back to where it had been.
+ */
+const monotonic = (): number => performance.now()
+
 export class AuditWriter {
   private queue: AuditEntry[] = []
   private flushing: Promise<void> | null = null
   private readonly timer: NodeJS.Timeout
   /** A tick due before the interval's next one (tickAt). */
   private rest: NodeJS.Timeout | null = null
-  /** When the last batch began (ms): the next partial one waits an interval from it. */
-  private began = 0
+  /** When the last batch began (monotonic ms): the next partial one waits an interval from it. */
+  private began = -Infinity
   private kicked = false
   private closed = false
   /** `close` stopped waiting for the store: what it had not stored was spooled. */
@@ -210,7 +217,7 @@ export class AuditWriter {
     // for a while after the spool refused one: each overflow encoded and hashed the whole
     // backlog, and two that failed were put back newest first (the chain's order was not the calls').
     if (queue.length >= this.opts.queueMax) {
-      if (this.overflowing === null && this.appending === 0 && Date.now() >= this.spoolRetryAt) this.overflow()
+      if (this.overflowing === null && this.appending === 0 && monotonic() >= this.spoolRetryAt) this.overflow()
     } else if (queue.length >= this.opts.batchSize && !this.kicked) {
       this.kicked = true
       setImmediate(() => { this.kicked = false; this.tick() })
@@ -250,7 +257,7 @@ export class AuditWriter {
       // while the store was away). Its write ended: put back unless it went through.
       if (this.gaveUp) return
       this.opts.log.error({ err: err.message }, 'audit spool write failed')
-      this.spoolRetryAt = Date.now() + SPOOL_RETRY_MS
+      this.spoolRetryAt = monotonic() + SPOOL_RETRY_MS
       this.spoolFailing = true
       if (ahead !== null && flight !== null && this.inFlight === flight) flight.spooled = false
       const back = ahead === null || flight === null || this.inFlight === flight || flight.done ? batch : ahead.concat(batch)
@@ -311,7 +318,7 @@ export class AuditWriter {
     // the spool holds batches. Started at every tick then, two chains of ticks (the interval's,
     // and the one after each flush) made two flushes an interval while the store was away or the
     // spool was replayed: a line appended and fsynced each, of a few entries every other time.
-    const now = Date.now()
+    const now = monotonic()
     if (!this.due(now)) {
       this.tickAt(this.began + this.intervalMs - now)
       return
@@ -319,7 +326,7 @@ export class AuditWriter {
     this.began = now
     this.flushing = this.run().catch(() => {}).finally(() => {
       this.flushing = null
-      if (this.queue.length > 0 && !this.closed) this.tickAt(this.began + this.intervalMs - Date.now())
+      if (this.queue.length > 0 && !this.closed) this.tickAt(this.began + this.intervalMs - monotonic())
     })
   }
 
@@ -353,7 +360,7 @@ export class AuditWriter {
       // beginning, a write that took longer than the interval made every later check due, and
       // the flush went on writing whatever a few milliseconds had brought, a transaction each.
       if (!first) {
-        const now = Date.now()
+        const now = monotonic()
         if (!this.due(now)) break
         this.began = now
       }
@@ -481,7 +488,7 @@ export class AuditWriter {
     batch = this.kept(batch)
     if (batch.length === 0) return
     const spool = this.opts.spool
-    if (spool === null || (!this.spooling(spool) && Date.now() >= this.retryAt)) {
+    if (spool === null || (!this.spooling(spool) && monotonic() >= this.retryAt)) {
       const started = performance.now()
       const flight: Flight = { batch, spooled: false, quarantined: new Set<string>(), onDisk: false, counted: false, done: false, late: 0, lateSeconds: 0, taken: 0, orphaned: null, waiting: 0 }
       this.inFlight = flight
@@ -677,7 +684,7 @@ export class AuditWriter {
     this.storeUp = false
     this.lastError = err.message
     this.backoff = Math.min(this.backoff === 0 ? 100 : this.backoff * 2, MAX_BACKOFF_MS)
-    this.retryAt = Date.now() + this.backoff
+    this.retryAt = monotonic() + this.backoff
     this.opts.hooks?.failed?.(err)
   }
 

@@ -49,6 +49,10 @@ export class RateLimiter {
   private readonly retryRedisMs: number
   private readonly failed: ((err: Error) => void) | undefined
   private readonly counted: (() => void) | undefined
+  /**
+   * Until when checks stay in memory after a failed one (performance.now(): monotonic; on the wall
+   * clock, a step back held every check in memory for as long as the step, Redis back or not).
+   */
   private pausedUntil = 0
   private outage = false
 
@@ -82,11 +86,11 @@ export class RateLimiter {
   check (scope: Scope, key: string, windowMs: number, max: number): WindowCount | Promise<WindowCount> {
     const redis = this.redis
     if (redis === null) return this.local(scope, key, windowMs, max)
-    if (!this.up() || (this.pausedUntil !== 0 && Date.now() < this.pausedUntil)) return this.fallback(scope, key, windowMs, max, 'Redis is not connected')
+    if (!this.up() || (this.pausedUntil !== 0 && performance.now() < this.pausedUntil)) return this.fallback(scope, key, windowMs, max, 'Redis is not connected')
     // During an outage, one check at a time tries Redis again; the others stay in memory until it
     // answers. A Redis that stalls without closing the connection stays "up": after each pause,
     // every check in flight waited out the command timeout (500 ms) there.
-    if (this.outage) this.pausedUntil = Date.now() + this.retryRedisMs
+    if (this.outage) this.pausedUntil = performance.now() + this.retryRedisMs
     return redis.check(key, windowMs, max).then(count => {
       // Only a check Redis counted (it wrote) ends an outage: a refused one only reads, and a Redis
       // refusing writes (out of memory, say) answered it, so that the outage ended and began again
@@ -95,7 +99,7 @@ export class RateLimiter {
       this.counters?.checked(scope, 'redis', count.current > max)
       return count
     }, (err: Error) => {
-      this.pausedUntil = Date.now() + this.retryRedisMs
+      this.pausedUntil = performance.now() + this.retryRedisMs
       this.failed?.(err)
       return this.fallback(scope, key, windowMs, max, err.message)
     })

@@ -814,7 +814,7 @@ t.test('writer: a full batch is written at once, a partial one once an interval 
   const stored: AuditEntry[] = []
   const store: AuditStore = {
     kind: 'memory',
-    write: async (batch: AuditEntry[]) => { starts.push({ n: batch.length, at: Date.now() }); await new Promise(resolve => setTimeout(resolve, 3)); stored.push(...batch); return batch.length },
+    write: async (batch: AuditEntry[]) => { starts.push({ n: batch.length, at: performance.now() }); await new Promise(resolve => setTimeout(resolve, 3)); stored.push(...batch); return batch.length },
     verify: async () => ({ ok: true, checked: 0, firstBroken: null }),
     query: async () => ({ entries: [], nextSeq: null }),
     close: async () => {}
@@ -835,7 +835,7 @@ t.test('writer: a full batch is written at once, a partial one once an interval 
   starts.length = 0
   stored.length = 0
   const writer = new AuditWriter({ store, spool: null, batchSize: 500, queueMax: 10_000, intervalMs: 40, log: quiet })
-  const first = Date.now()
+  const first = performance.now()
   for (let i = 0; i < 40; i++) {
     writer.enqueue(entry())
     writer.enqueue(entry())
@@ -843,7 +843,7 @@ t.test('writer: a full batch is written at once, a partial one once an interval 
   }
   await until(() => stored.length === 80, 'every entry of the trickle stored')
   const gaps = starts.slice(1).map((s, i) => s.at - starts[i].at)
-  t.ok(gaps.every(g => g >= 39), `flushes began an interval apart or more (${gaps.join(', ')} ms)`)
+  t.ok(gaps.every(g => g >= 39), `flushes began an interval apart or more (${gaps.map(g => g.toFixed(1)).join(', ')} ms)`)
   t.ok(starts.length <= Math.ceil((starts[starts.length - 1].at - first) / 40) + 1, `${starts.length} flushes for 80 entries`)
   await writer.close()
 })
@@ -851,12 +851,14 @@ t.test('writer: a full batch is written at once, a partial one once an interval 
 t.test('writer: after a write longer than the interval, batches still begin an interval apart', async t => {
   // The flush went on writing, a batch every few milliseconds, once one write had outlasted the
   // interval: each batch after it was due by the time the flush began.
+  // Timed by the writer's clock (monotonic): the wall clock moved against it by a few ms here, and
+  // a gap of 14 ms showed between batches the writer had begun 20 ms apart.
   const starts: number[] = []
   let stored = 0
   const store: AuditStore = {
     kind: 'memory',
     write: async (batch: AuditEntry[]) => {
-      starts.push(Date.now())
+      starts.push(performance.now())
       await new Promise(resolve => setTimeout(resolve, starts.length === 1 ? 60 : 2))
       stored += batch.length
       return batch.length
@@ -873,8 +875,32 @@ t.test('writer: after a write longer than the interval, batches still begin an i
   await until(() => stored === 60, 'every entry stored')
   const gaps = starts.slice(1).map((at, i) => at - starts[i])
   t.ok(starts.length >= 3, `${starts.length} batches`)
-  t.ok(gaps.every(g => g >= 19), `batches began an interval apart or more (${gaps.join(', ')} ms)`)
+  t.ok(gaps.every(g => g >= 19), `batches began an interval apart or more (${gaps.map(g => g.toFixed(1)).join(', ')} ms)`)
   await writer.close()
+})
+
+// The writer timed its interval and its retries with the wall clock: stepped back (NTP setting a
+// clock that ran fast, a VM resumed), a partial batch waited until the clock came back to where it
+// had been, in memory all the while, and a store that came back was not tried again until then.
+t.test('writer: a wall clock stepped back an hour delays neither a partial batch nor a retry of the store', async t => {
+  const realNow = Date.now
+  t.teardown(() => { Date.now = realNow })
+  const store = flakyStore()
+  const spool = await Spool.open(spoolDir(t))
+  const writer = new AuditWriter({ store, spool, batchSize: 100, queueMax: 1000, intervalMs: 20, log: quiet })
+  writer.enqueue(entry())
+  await until(() => store.stored.length === 1, 'the first entry stored')
+  Date.now = () => realNow() - 3_600_000
+  writer.enqueue(entry())
+  await until(() => store.stored.length === 2, 'a partial batch after the step', 2000)
+  store.down = true
+  writer.enqueue(entry())
+  await until(() => writer.spoolBytes > 0 && writer.depth === 0, 'the entry spooled')
+  Date.now = () => realNow() - 7_200_000
+  store.down = false
+  await until(() => store.stored.length === 3 && writer.spoolBytes === 0, 'the store tried again and the spool replayed', 2000)
+  await writer.close()
+  await spool.close()
 })
 
 t.test('writer: while the store is away, one append to the spool an interval, not two', async t => {

@@ -154,6 +154,25 @@ t.test('during an outage, one check at a time tries Redis again', async t => {
   t.same(counts.map(c => c.current).sort((a, b) => a - b), Array.from({ length: 10 }, (_, i) => i + 2), 'all ten answered, from memory')
 })
 
+t.test('a wall clock stepped back does not hold the checks in memory: Redis is tried again after the pause', async t => {
+  // The pause was timed by the wall clock: stepped back an hour (NTP, a VM resumed) during an
+  // outage, every check stayed in memory for that hour, Redis back or not.
+  const realNow = Date.now
+  t.teardown(() => { Date.now = realNow })
+  let sent = 0
+  let down = true
+  const redis = { check: async () => { sent++; if (down) throw new Error('Connection is closed.'); return { current: 1, ttl: 1000 } } }
+  const limiter = new RateLimiter({ memory: new MemoryWindowStore(), redis: redis as never, log: { warn: () => {}, info: () => {} }, retryRedisMs: 50 })
+  await limiter.check('op', 'k', 60_000, 100)
+  t.equal(sent, 1)
+  Date.now = () => realNow() - 3_600_000
+  down = false
+  await new Promise(resolve => setTimeout(resolve, 60))
+  await limiter.check('op', 'k', 60_000, 100)
+  t.equal(sent, 2, 'tried again once the pause had passed')
+  t.notOk(limiter.fallbackActive, 'the outage is over')
+})
+
 t.test('a Redis that refuses writes but answers reads does not end the outage: logged once, until a check is counted there', async t => {
   // Out of memory, Redis failed every check that writes and answered those it refused (they only
   // read): the outage ended and began again at every other check, each time logged.
