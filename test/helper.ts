@@ -3,7 +3,7 @@ import { connect, type AddressInfo } from 'node:net'
 import { fileURLToPath } from 'node:url'
 import { createHmac } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
-import { buildApp, type BuildOptions } from '../app.js'
+import { buildApp, bodiesStrict, type BuildOptions } from '../app.js'
 import { loadConfig, DEMO_MANIFEST, type Config } from '../schemas/config.js'
 import { compileManifest, loadManifestFile, type Manifest } from '../manifest.js'
 import { mintToken } from '../plugins/auth/index.js'
@@ -56,10 +56,21 @@ export async function manifestFor (config: Readonly<Config>): Promise<Manifest |
   return config.BFF_MANIFEST === DEMO_MANIFEST ? await demoManifest() : undefined
 }
 
+/**
+ * One validator compiler for every 50 gateways a test process builds (see BuildOptions.validators):
+ * its Ajv instances keep what they compiled of each gateway's route schemas, 50 gateways' worth.
+ */
+let validators = bodiesStrict()
+let validatorUses = 0
+function sharedValidators (): BuildOptions['validators'] {
+  if (++validatorUses % 50 === 0) validators = bodiesStrict()
+  return validators
+}
+
 /** Builds the gateway from a test config; closed when the test ends. */
 export async function buildTestApp (t: Teardown, overrides: Record<string, string | number | boolean | undefined> = {}, options: BuildOptions = {}): Promise<FastifyInstance> {
   const config = testConfig(overrides)
-  const app = await buildApp(config, { logger: false, kernelBackoff: { baseMs: 1, capMs: 5 }, manifest: await manifestFor(config), ...options })
+  const app = await buildApp(config, { logger: false, kernelBackoff: { baseMs: 1, capMs: 5 }, manifest: await manifestFor(config), validators: sharedValidators(), ...options })
   t.teardown(() => app.close())
   await app.ready()
   return app
