@@ -28,7 +28,7 @@ import { trustedProxies } from './address.js'
 import { connectionBound, openFilesLimit } from './connection-bound.js'
 import firewall from './plugins/firewall/index.js'
 import idempotency, { storeKey, tenantIndex, IDEMPOTENCY_COMMANDS } from './plugins/idempotency/index.js'
-import cache, { CACHE_COMMANDS, INVALIDATE_CHANNEL, sharedKey, tagKey } from './plugins/cache/index.js'
+import cache, { CACHE_COMMANDS, INVALIDATE_CHANNEL, sharedKey, tagKey, tenantBudgetKeys } from './plugins/cache/index.js'
 import audit from './plugins/audit/index.js'
 import diagz, { diagzRoute } from './plugins/diagz/index.js'
 import pressure from './plugins/pressure/index.js'
@@ -908,7 +908,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     const idempotencyOnRedis = config.BFF_IDEMPOTENCY_ENABLED && storeFor(config, 'BFF_IDEMPOTENCY_STORE') === 'redis'
     const keys = [
       ...(rateLimitOnRedis ? [opKey(probe, probe, probe)] : []),
-      ...(cacheOnRedis ? [sharedKey(probe, probe, '{}'), tagKey(probe, probe)] : []),
+      ...(cacheOnRedis ? [sharedKey(probe, probe, '{}'), tagKey(probe, probe), ...tenantBudgetKeys(sharedKey(probe, probe, '{}'))] : []),
       ...(idempotencyOnRedis ? [storeKey(probe, probe, probe), tenantIndex(storeKey(probe, probe, probe))!.index] : [])
     ]
     // And the commands they run on them (each store's own list), asked for each key.
@@ -1018,7 +1018,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     ...(options.kernelBackoff === undefined ? {} : { backoff: options.kernelBackoff })
   })
   if (config.BFF_CACHE_ENABLED) {
-    await app.register(cache, { store: storeFor(config, 'BFF_CACHE_STORE'), defaultTtlSeconds: config.BFF_CACHE_TTL, maxSize: config.BFF_CACHE_MAX_SIZE, maxBytes: config.BFF_CACHE_MAX_BYTES, now: options.cacheClock })
+    await app.register(cache, { store: storeFor(config, 'BFF_CACHE_STORE'), defaultTtlSeconds: config.BFF_CACHE_TTL, maxSize: config.BFF_CACHE_MAX_SIZE, maxBytes: config.BFF_CACHE_MAX_BYTES, maxBytesPerTenant: config.BFF_CACHE_REDIS_MAX_BYTES_PER_TENANT ?? config.BFF_CACHE_MAX_BYTES, now: options.cacheClock })
   }
   // A tenant's share of the instance's subscriptions: with identity off every caller is the one
   // tenant `public`, whose share would then only shrink the instance's bound.

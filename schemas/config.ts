@@ -100,6 +100,8 @@ export const ConfigSchema = Type.Object({
   BFF_CACHE_TTL: Type.Integer({ minimum: 1, maximum: 86400, default: 60, description: 'seconds an answer stays fresh when the operation\'s cache sets no ttlSeconds' }),
   BFF_CACHE_MAX_SIZE: Type.Integer({ minimum: 1, maximum: 10000000, default: 10000, description: 'most entries of the in-process cache tier (LRU)' }),
   BFF_CACHE_MAX_BYTES: Type.Integer({ minimum: 1048576, maximum: 17179869184, default: 67108864, description: 'most bytes of answers the in-process cache tier holds (about; an answer over an eighth of it is not kept there)' }),
+  // Unset: BFF_CACHE_MAX_BYTES, what the in-process tier holds for all tenants together.
+  BFF_CACHE_REDIS_MAX_BYTES_PER_TENANT: Type.Optional(Type.Integer({ minimum: 1024, maximum: 1099511627776, description: 'most bytes one tenant\'s cached answers take in Redis (each counted as its key three times, its stored text, and 192 more); past it an answer is not written there (default: BFF_CACHE_MAX_BYTES)' })),
   DATABASE_URL: Type.Optional(Type.String({ pattern: '^postgres(ql)?://', description: 'PostgreSQL URL (postgres://user@host:5432/db): the audit trail with BFF_AUDIT_STORE=postgres' })),
   BFF_AUDIT_ENABLED: Flag('the hash-chained audit trail of every call'),
   BFF_AUDIT_STORE: Type.Union([Type.Literal('memory'), Type.Literal('postgres')], { default: 'memory', description: 'memory | postgres (postgres needs DATABASE_URL)' }),
@@ -545,7 +547,7 @@ export const FEATURE_SETTINGS: ReadonlyArray<{ flag: keyof Config, settings: Rea
   { flag: 'BFF_METRICS_ENABLED', settings: ['BFF_METRICS_TOKEN'] },
   { flag: 'BFF_CIRCUIT_BREAKER_ENABLED', settings: ['BFF_CIRCUIT_BREAKER_THRESHOLD', 'BFF_CIRCUIT_BREAKER_TIMEOUT'] },
   { flag: 'BFF_AUDIT_ENABLED', settings: ['BFF_AUDIT_STORE', 'BFF_AUDIT_RETENTION_DAYS', 'BFF_AUDIT_BATCH_SIZE', 'BFF_AUDIT_QUEUE_MAX', 'BFF_AUDIT_SPOOL_DIR', 'BFF_AUDIT_MEMORY_MAX'] },
-  { flag: 'BFF_CACHE_ENABLED', settings: ['BFF_CACHE_STORE', 'BFF_CACHE_TTL', 'BFF_CACHE_MAX_SIZE', 'BFF_CACHE_MAX_BYTES'] },
+  { flag: 'BFF_CACHE_ENABLED', settings: ['BFF_CACHE_STORE', 'BFF_CACHE_TTL', 'BFF_CACHE_MAX_SIZE', 'BFF_CACHE_MAX_BYTES', 'BFF_CACHE_REDIS_MAX_BYTES_PER_TENANT'] },
   { flag: 'BFF_IDEMPOTENCY_ENABLED', settings: ['BFF_IDEMPOTENCY_STORE', 'BFF_IDEMPOTENCY_TTL_SECONDS', 'BFF_IDEMPOTENCY_MAX_KEYS', 'BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT', 'BFF_IDEMPOTENCY_WAIT_MS'] },
   { flag: 'BFF_AI_FIREWALL_ENABLED', settings: ['BFF_FIREWALL_CACHE_SIZE', 'BFF_FIREWALL_WORKERS'] },
   { flag: 'BFF_GRAPHQL_ENABLED', settings: ['BFF_GRAPHQL_MAX_DEPTH', 'BFF_GRAPHQL_INTROSPECTION'] },

@@ -15,7 +15,7 @@ import { watchPings } from '../redis/index.js'
 
 export { ResponseCache, STALE_IF_ERROR_SECONDS } from './cache.js'
 export { MemoryTier, TagClock, type CachedAnswer } from './memory.js'
-export { RedisTier, CACHE_COMMANDS } from './redis.js'
+export { RedisTier, CACHE_COMMANDS, tenantBudgetKeys } from './redis.js'
 export { entryKey, policyOf, sharedKey, localKey, LOCAL_KEY_MAX_INPUT, tagKey, TAG_KEY_MAX, tagTemplate, etagOf, matchesIfNoneMatch, takesIfNoneMatch, INVALIDATE_CHANNEL } from './keys.js'
 
 /**
@@ -55,6 +55,8 @@ export interface CacheOptions {
   maxSize: number
   /** Bytes of answers the in-process tier holds, about (BFF_CACHE_MAX_BYTES). */
   maxBytes: number
+  /** Bytes one tenant's entries may take in Redis (BFF_CACHE_REDIS_MAX_BYTES_PER_TENANT; unset: no bound). */
+  maxBytesPerTenant?: number | undefined
   /** The clock entries are dated with (tests move it). */
   now?: (() => number) | undefined
 }
@@ -127,11 +129,17 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
   }
   let cache: ResponseCache | null = null
   const metrics = cacheMetrics(app, () => cache!)
+  // Each tenant's entries in Redis are bounded (RedisTier): one tenant's distinct reads filled it,
+  // and Redis then evicted other tenants' idempotency records and rate-limit windows (or, under
+  // noeviction, refused every tenant's writes).
+  const tenantFull = shared !== null && app.hasDecorator('metrics')
+    ? new Counter({ name: 'mantle_cache_redis_tenant_full_total', help: 'Answers not written to Redis because their tenant\'s entries there would take more than BFF_CACHE_REDIS_MAX_BYTES_PER_TENANT (this instance keeps them in memory)', registers: [app.metrics.registry] })
+    : null
   cache = new ResponseCache({
     redis: shared === null
       ? null
       : {
-          tier: new RedisTier(shared.client, longestMs, Math.max(1000, opts.maxSize * 4), metrics === undefined ? undefined : () => { metrics.tagEvicted('known') }),
+          tier: new RedisTier(shared.client, longestMs, Math.max(1000, opts.maxSize * 4), metrics === undefined ? undefined : () => { metrics.tagEvicted('known') }, opts.maxBytesPerTenant ?? Infinity, tenantFull === null ? undefined : () => { tenantFull.inc() }),
           up: shared.up,
           denied: (err: unknown) => shared.denied(CACHE, err),
           allowed: () => { shared.allowed(CACHE) },

@@ -33,17 +33,50 @@ local function get (k)
   return v
 end
 `
-// KEYS[1] the entry, KEYS[2..] its tag keys; ARGV: versions read before the Kernel call, body,
-// entry ms, tag ms. 1 stored, 0 raced. A tag's lifetime is only ever lengthened, here and on
-// invalidation.
+// KEYS[1] the entry, KEYS[2..n] its tag keys, then its tenant's index (a sorted set of the
+// tenant's entries, each scored by when it expires, Redis' clock) and its tenant's sizes (a hash:
+// entry -> the bytes it was counted as, '' -> their total). An entry counts as its key three times
+// (the entry's, its member in the index and its field in the sizes), its text, and 192 bytes for
+// Redis' own keeping of the three. ARGV: versions read before the Kernel
+// call, body, entry ms, tag ms, the bytes one tenant's entries may take (0: no bound). 1 stored,
+// 0 raced, 2 not stored: the tenant's entries would take more than their bound. A tag's lifetime
+// is only ever lengthened, here and on invalidation. The index first lets go of the tenant's
+// entries past their time (256 at most a write: the others with the next writes, counted meanwhile).
+// Without the bound one tenant's distinct reads (an entry each) filled Redis: under an LRU policy
+// other tenants' idempotency records were evicted (their repeats ran their mutations again) and
+// their rate-limit windows; under noeviction every tenant's writes were refused.
 const WRITE = GET_STRING + `
+local n = #KEYS - 2
 local v = {}
-for i = 2, #KEYS do v[i - 1] = get(KEYS[i]) or '' end
+for i = 2, n do v[i - 1] = get(KEYS[i]) or '' end
 if table.concat(v, ',') ~= ARGV[1] then return 0 end
+local index, sizes = KEYS[n + 1], KEYS[n + 2]
+local ms = tonumber(ARGV[3])
+local size = 3 * #KEYS[1] + #ARGV[1] + #ARGV[2] + 192
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, 256)
+local freed = 0
+for _, m in ipairs(gone) do
+  freed = freed + (tonumber(redis.call('HGET', sizes, m)) or 0)
+  redis.call('HDEL', sizes, m)
+end
+if #gone > 0 then redis.call('ZREM', index, unpack(gone)) end
+local total = math.max(0, (tonumber(redis.call('HGET', sizes, '')) or 0) - freed)
+local old = tonumber(redis.call('HGET', sizes, KEYS[1])) or 0
+local max = tonumber(ARGV[5])
+if max > 0 and total - old + size > max then
+  if freed > 0 then redis.call('HSET', sizes, '', total) end
+  return 2
+end
 redis.call('SET', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2], 'PX', ARGV[3])
-local ms = tonumber(ARGV[4])
-for i = 2, #KEYS do
-  if redis.call('PTTL', KEYS[i]) < ms then redis.call('PEXPIRE', KEYS[i], ms) end
+redis.call('ZADD', index, now + ms, KEYS[1])
+redis.call('HSET', sizes, KEYS[1], size, '', total - old + size)
+if redis.call('PTTL', index) < ms then redis.call('PEXPIRE', index, ms) end
+if redis.call('PTTL', sizes) < ms then redis.call('PEXPIRE', sizes, ms) end
+local tagMs = tonumber(ARGV[4])
+for i = 2, n do
+  if redis.call('PTTL', KEYS[i]) < tagMs then redis.call('PEXPIRE', KEYS[i], tagMs) end
 end
 return 1
 `
@@ -122,7 +155,7 @@ return out
  * The commands the tier runs on its keys (its reads' MGET and its scripts'), which Redis must
  * permit (plugins/redis checks them, and PUBLISH on INVALIDATE_CHANNEL).
  */
-export const CACHE_COMMANDS: readonly string[] = ['mget', 'get', 'set', 'del', 'incr', 'pttl', 'pexpire']
+export const CACHE_COMMANDS: readonly string[] = ['mget', 'get', 'set', 'del', 'incr', 'pttl', 'pexpire', 'time', 'zadd', 'zrangebyscore', 'zrem', 'hget', 'hset', 'hdel']
 
 /** A random version, within Redis' (and Lua's exact) integers, above every legacy one. */
 const randomVersion = (): string => String(randomInt(LEGACY_BELOW, 2 ** 47))
@@ -137,6 +170,23 @@ const replaced = (version: string | null): boolean => version === null || !(Numb
  * long as they may live.
  */
 const knownMs = (tagMs: number): number => Math.max(1, Math.floor(tagMs - Math.min(30_000, tagMs / 10)))
+
+/**
+ * Each tenant's index of its entries in Redis and their sizes (see WRITE), by its URI-encoded
+ * tenant: prefixes no operation's entry key (`bff:cache:{op}:`) nor tag key can take.
+ */
+const INDEX_PREFIX = 'bff:cache-index:'
+const SIZES_PREFIX = 'bff:cache-bytes:'
+
+/**
+ * The index and the sizes of the tenant of an entry key `bff:cache:{op}:{tenant}:{hash}` (see
+ * WRITE), by its tenant as the key holds it (URI-encoded); those of '' for another key.
+ */
+export function tenantBudgetKeys (entryKey: string): [index: string, sizes: string] {
+  const parts = entryKey.split(':', 5)
+  const tenant = parts.length === 5 && parts[0] === 'bff' && parts[1] === 'cache' ? parts[3] : ''
+  return [INDEX_PREFIX + tenant, SIZES_PREFIX + tenant]
+}
 
 /** How much longer than the entry stored under it a tag version lives, at the least. */
 const TAG_MARGIN_MS = 60_000
@@ -193,8 +243,12 @@ export class RedisTier {
    * @param maxKnown how many tags' latest versions are remembered (`known`)
    * @param onEvict called for each version `known` pushed out at its bound (that tag's going back
    *   is no longer seen)
+   * @param maxBytesPerTenant the bytes one tenant's entries may take in Redis (each counted as its
+   *   key three times, its text, and 192 more: see WRITE; BFF_CACHE_REDIS_MAX_BYTES_PER_TENANT):
+   *   past it an answer is not written there (Infinity: no bound)
+   * @param onFull called for each answer not written for its tenant's bound
    */
-  constructor (private readonly client: Redis, readonly tagMs: number, maxKnown = 10_000, onEvict?: () => void) {
+  constructor (private readonly client: Redis, readonly tagMs: number, maxKnown = 10_000, onEvict?: () => void, private readonly maxBytesPerTenant = Infinity, private readonly onFull?: () => void) {
     this.known = new LRUCache<string, number>({ max: maxKnown, ttl: knownMs(tagMs), ...(onEvict === undefined ? {} : { dispose: (_v: number, _k: string, reason: LRUCache.DisposeReason) => { if (reason === 'evict') onEvict() } }) })
     this.db = client.options.db ?? 0
     // defineCommand runs EVALSHA and loads the script once when Redis does not know it.
@@ -279,7 +333,11 @@ export class RedisTier {
     // The tags outlive this entry whatever lifetime the manifest gave it: a reload may lengthen
     // an operation's ttl beyond what the tag lifetime was computed from at start-up.
     const tagMs = Math.max(this.tagMs, ms + TAG_MARGIN_MS)
-    return await this.commands.mantleCacheWrite(1 + tagKeys.length, key, ...tagKeys, versions, encode(answer), String(ms), String(tagMs)) === 1
+    const max = Number.isFinite(this.maxBytesPerTenant) ? String(this.maxBytesPerTenant) : '0'
+    const written = await this.commands.mantleCacheWrite(3 + tagKeys.length, key, ...tagKeys, ...tenantBudgetKeys(key), versions, encode(answer), String(ms), String(tagMs), max)
+    // Past its tenant's bound the answer is not in Redis, but nothing raced it: memory may keep it.
+    if (written === 2) this.onFull?.()
+    return written !== 0
   }
 
   /**

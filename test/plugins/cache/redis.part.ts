@@ -510,3 +510,33 @@ t.test('while the cache subscriber cannot get back, Redis up, memory does not se
   proxy.restore()
   await eventually(async () => await subscribed() === 1, 'subscribed again', 10_000)
 })
+
+t.test('one tenant\'s entries in Redis are bounded (BFF_CACHE_REDIS_MAX_BYTES_PER_TENANT): its distinct reads take no more, and another tenant\'s are still written', async t => {
+  // Unbounded, one tenant's distinct reads (an entry each) filled Redis: under an LRU policy it
+  // then evicted other tenants' idempotency records (their repeats ran their mutations again).
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const env = { REDIS_URL, BFF_CACHE_REDIS_MAX_BYTES_PER_TENANT: '4096' }
+  const one = await buildTestApp(t, env, { manifest, kernelUrl: kernel.url })
+  const two = await buildTestApp(t, env, { manifest, kernelUrl: kernel.url })
+  const a = tenant()
+  const b = tenant()
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.disconnect())
+  const read = (i: number): string => `/api/v1/items/a?q=${'x'.repeat(100)}${i}`
+  const statuses = new Set<number>()
+  for (let i = 0; i < 40; i++) statuses.add((await one.inject({ method: 'GET', url: read(i), headers: bearer({ tenant: a }) })).statusCode)
+  t.same([...statuses], [200], 'every read is answered')
+  const keys = (await redis.keys(`bff:cache:getItem:${a}:*`))
+  let bytes = 0
+  for (const key of keys) bytes += key.length + await redis.strlen(key)
+  t.ok(keys.length > 0 && keys.length < 40, `some of the tenant's reads are in Redis, not all (${keys.length} of 40)`)
+  t.ok(bytes <= 4096, `the tenant's entries take at most its bound in Redis (${bytes} bytes)`)
+  // The last read, past the bound: answered, kept in the memory of the instance that made it only.
+  t.equal((await one.inject({ method: 'GET', url: read(39), headers: bearer({ tenant: a }) })).headers['x-cache'], 'hit', 'in its instance\'s memory')
+  t.equal((await two.inject({ method: 'GET', url: read(39), headers: bearer({ tenant: a }) })).headers['x-cache'], 'miss', 'not in Redis')
+  t.ok(await metric(one, 'mantle_cache_redis_tenant_full_total') > 0, 'counted')
+  // Another tenant's entry is written as ever.
+  t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/b', headers: bearer({ tenant: b }) })).headers['x-cache'], 'miss')
+  t.equal((await two.inject({ method: 'GET', url: '/api/v1/items/b', headers: bearer({ tenant: b }) })).headers['x-cache'], 'hit', 'the other tenant\'s entry is in Redis')
+})

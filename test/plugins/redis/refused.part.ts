@@ -103,7 +103,7 @@ t.test('a user Redis does not let write the stores\' keys, or run scripts, stops
   for (const rules of [['~app:*', '+@all'], ['%R~*', '+@all'], ['~*', '+@all', '-@scripting'], ['~*', '+@all', '-evalsha'], ['~*', '+@all', '-hset'], ['~*', '+@all', '-publish']]) {
     const err = await buildDemoApp(t, { REDIS_URL: await users(...rules, 'allchannels') }).then(() => null, (e: Error) => e)
     t.ok(err !== null, `${rules.join(' ')}: refused`)
-    t.match(err?.message, /^Refusing to start: Redis refused the user of REDIS_URL the stores' keys \(bff:ratelimit:\*, bff:cache:\*, bff:cache-tag:\*, bff:idem:\*; .*NOPERM/, rules.join(' '))
+    t.match(err?.message, /^Refusing to start: Redis refused the user of REDIS_URL the stores' keys \(bff:ratelimit:\*, bff:cache:\*, bff:cache-tag:\*, bff:cache-index:\*, bff:cache-bytes:\*, bff:idem:\*; .*NOPERM/, rules.join(' '))
     t.notMatch(err?.message, /s3cret-pw/)
   }
   // Only the stores on Redis are asked for: with every store on memory, keys are not needed.
