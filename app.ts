@@ -45,6 +45,7 @@ import { requestAuthorization } from './adapters/credentials.js'
 import websocket from '@fastify/websocket'
 import { FIELDS_OVERFLOW, FIELDS_OVERFLOW_DETAIL, OFFER_BODY_OVERFLOW, servePlainUpgrades, WEBSOCKET_UPGRADE, wholeHead } from './plain-upgrades.js'
 import AjvCompiler, { type ValidatorFactory } from '@fastify/ajv-compiler'
+import type { SerializerFactory } from '@fastify/fast-json-stringify-compiler'
 import helmet from 'helmet'
 import cors from '@fastify/cors'
 import health from './routes/health.js'
@@ -188,6 +189,8 @@ export interface BuildOptions {
    * CPU to make, and compiled the gateway's own route schemas again.
    */
   validators?: ValidatorFactory
+  /** Fastify's serializer compiler (default: Fastify's own); tests share one, as `validators`. */
+  serializers?: SerializerFactory
 }
 
 /**
@@ -511,7 +514,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // A body is JSON, whose values have their types: a `true` or `["x"]` where a string is due
     // is refused, not coerced (an invalidation of {"tags":true} dropped the tag "true", a tenant
     // ["x"] became "x"). A query string, a path or a header is text, coerced as Fastify does.
-    schemaController: { compilersFactory: { buildValidator: options.validators ?? bodiesStrict() } }
+    schemaController: { compilersFactory: { buildValidator: options.validators ?? bodiesStrict(), ...(options.serializers === undefined ? {} : { buildSerializer: options.serializers }) } }
   })
 
   app.addSchema(ProblemSchema)
