@@ -1,14 +1,21 @@
 import type { Identity } from '../plugins/auth/identity.js'
 
-/** setTimeout's largest delay (24.8 days): a longer one would fire at once (TimeoutOverflowWarning). */
-const MAX_TIMER_MS = 2 ** 31 - 1
+/**
+ * Longest wait before the deadline is looked at again. Timers run on the monotonic clock, the
+ * deadline (a token's exp) is on the wall clock: one timer armed for the whole time left fired
+ * that long, however far the wall clock stepped forward meanwhile (an NTP correction, a VM
+ * resumed after a pause, during which the monotonic clock stood still), and a connection stayed
+ * open on a token expired an hour (the step) before. One timer callback a minute per connection.
+ */
+const RECHECK_MS = 60_000
 
 /**
  * Calls `fn` once `expiresAt` (ms since the epoch, a token's expiry) has passed; returns the
- * canceller, which the caller runs when its connection ends. A deadline beyond setTimeout's
- * largest delay is waited in steps, re-armed until Date.now() reaches it. `fn` always runs from
- * a timer, never from this call, even for a deadline already past. Nothing is armed for
- * Infinity (a token that never expires: identity off). The timer does not hold the process open.
+ * canceller, which the caller runs when its connection ends. A deadline further than RECHECK_MS
+ * is waited in steps, re-armed until Date.now() reaches it: a wall clock stepped forward past it
+ * ends it within RECHECK_MS. `fn` always runs from a timer, never from this call, even for a
+ * deadline already past. Nothing is armed for Infinity (a token that never expires: identity
+ * off). The timer does not hold the process open.
  */
 export function atExpiry (expiresAt: number, fn: () => void): () => void {
   if (expiresAt === Infinity) return () => {}
@@ -17,7 +24,7 @@ export function atExpiry (expiresAt: number, fn: () => void): () => void {
     timer = setTimeout(() => {
       if (Date.now() < expiresAt) arm()
       else fn()
-    }, Math.min(Math.max(expiresAt - Date.now(), 0), MAX_TIMER_MS))
+    }, Math.min(Math.max(expiresAt - Date.now(), 0), RECHECK_MS))
     timer.unref()
   }
   arm()

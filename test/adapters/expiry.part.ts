@@ -6,6 +6,8 @@ import { KeyLease } from '../../plugins/auth/identity.js'
 // The expiry timer of /ws, /graphql and /trpc, on node:test's fake setTimeout and Date: the
 // test moves time by hand, weeks in a tick, and nothing sleeps.
 const MAX_TIMER_MS = 2 ** 31 - 1
+/** How often a deadline is looked at again (the wall clock may have stepped meanwhile). */
+const RECHECK_MS = 60_000
 
 /** Fake timers from `now` for the rest of the subtest; `armed()` counts the timers set since. */
 function fakeTime (t: Test, now: number): { armed: () => number } {
@@ -33,6 +35,42 @@ t.test('a deadline beyond one timer fires only after re-arming, at the deadline'
   t.same(fired, [expiresAt], 'at the deadline')
   mock.timers.tick(3 * MAX_TIMER_MS)
   t.same(fired, [expiresAt], 'once')
+})
+
+// Timers run on the monotonic clock, a token's exp on the wall clock. A wall clock stepped
+// forward (an NTP correction; a VM resumed after a pause, during which the monotonic clock
+// stood still) past the deadline: the connection's token has expired, but the one timer armed
+// for its time left fired that long after it (an hour's step, a connection open an hour on an
+// expired token). The deadline is looked at again every minute.
+t.test('a wall clock stepped forward past the deadline ends it within one re-check, not when the old timer would have fired', async t => {
+  fakeTime(t, 0)
+  const fired: number[] = []
+  atExpiry(3_600_000, () => fired.push(Date.now()))
+  mock.timers.tick(1000)
+  const MockDate = Date
+  const mocked = MockDate.now
+  MockDate.now = () => mocked() + 3_600_000
+  t.teardown(() => { MockDate.now = mocked })
+  mock.timers.tick(RECHECK_MS)
+  t.equal(fired.length, 1, 'ended within a re-check of the step')
+  t.ok(fired[0] >= 3_600_000, 'at a wall time past the deadline')
+  mock.timers.tick(3_600_000)
+  t.equal(fired.length, 1, 'once')
+})
+
+// A step back leaves the deadline where the token puts it (its exp, on the wall clock).
+t.test('a wall clock stepped back delays the end until the wall clock reaches the deadline', async t => {
+  fakeTime(t, 0)
+  const fired: number[] = []
+  atExpiry(60_000, () => fired.push(Date.now()))
+  const MockDate = Date
+  const mocked = MockDate.now
+  MockDate.now = () => mocked() - 3_600_000
+  t.teardown(() => { MockDate.now = mocked })
+  mock.timers.tick(3_600_000 + 59_999)
+  t.same(fired, [], 'not before the wall clock reaches the deadline')
+  mock.timers.tick(RECHECK_MS)
+  t.equal(fired.length, 1)
 })
 
 t.test('a deadline already past fires from a timer, never from the call itself', async t => {
