@@ -87,7 +87,7 @@ export interface IdentityOptions {
   jwksMinRefetchMs?: number | undefined
   /** Longest one JWKS fetch may take, ms (5 s). */
   jwksTimeoutMs?: number | undefined
-  /** The clock of the JWKS refetch interval (tests move it by hand). */
+  /** The clock of the JWKS refetch interval, ms (tests move it by hand; performance.now() by default). */
   jwksClock?: (() => number) | undefined
   log?: { info: (obj: object, msg: string) => void, warn: (obj: object, msg: string) => void } | undefined
   issuer?: string | undefined

@@ -104,12 +104,18 @@ export interface JwksOptions {
   minRefetchMs?: number | undefined
   /** Longest a fetch may take, connecting and reading included (ms; default 5 s). */
   timeoutMs?: number | undefined
-  /** The clock of the refetch interval, epoch ms (tests move it by hand). */
+  /**
+   * The clock of the refetch interval, ms (tests move it by hand). By default performance.now():
+   * an interval, not a time of day; on the wall clock, one stepped back an hour after a fetch
+   * refused every refetch of an unknown kid until the next background refresh.
+   */
   now?: (() => number) | undefined
   /** Called with every new key set (to build verifiers once per key). */
   onKeys: (keys: Map<string, PublicKey>) => void
   log?: Log | undefined
 }
+
+const monotonic = (): number => performance.now()
 
 /**
  * Keeps the keys of a JWKS URL: fetched at start, refreshed in the background, re-fetched on
@@ -137,7 +143,7 @@ export class JwksFetcher {
   /** An unknown kid was seen: re-fetch, unless a fetch started less than minRefetchMs ago. */
   unknownKid (): void {
     if (this.#closed || this.#inFlight !== null) return
-    if ((this.#options.now ?? Date.now)() - this.#lastFetch < (this.#options.minRefetchMs ?? 30_000)) return
+    if ((this.#options.now ?? monotonic)() - this.#lastFetch < (this.#options.minRefetchMs ?? 30_000)) return
     this.fetch().catch(() => {})
   }
 
@@ -148,7 +154,7 @@ export class JwksFetcher {
 
   fetch (): Promise<void> {
     if (this.#inFlight !== null) return this.#inFlight
-    this.#lastFetch = (this.#options.now ?? Date.now)()
+    this.#lastFetch = (this.#options.now ?? monotonic)()
     this.#inFlight = this.#load().finally(() => { this.#inFlight = null })
     return this.#inFlight
   }

@@ -151,6 +151,28 @@ t.test('JWKS: keys fetched from the URL are accepted; unknown kids refetch at mo
   t.throws(() => identify(ecToken), { message: /unknown key id/ }, 'a kid removed from the JWKS is refused, even a token verified (cached) before')
 })
 
+// The refetch interval is a time between two fetches, not a time of day: on the wall clock, a
+// clock stepped back an hour (an NTP correction) after a fetch refused every refetch for that
+// hour (until the next background refresh, 10 minutes by default), and the tokens of a key the
+// issuer had just rotated to were refused meanwhile.
+t.test('JWKS: a wall clock stepped back does not hold up the refetch of an unknown kid', async t => {
+  const jwks = await jwksServer(t, { keys: [jwk(rsa1, 'j-rsa')] })
+  const identify = createIdentityVerifier({ jwksUrl: jwks.url, jwksRefreshMs: 600_000, jwksMinRefetchMs: 100 })
+  t.teardown(() => identify.close())
+  await identify.start()
+  t.equal(jwks.hits(), 1, 'fetched once at start')
+  const now = Date.now
+  Date.now = () => now() - 3_600_000
+  t.teardown(() => { Date.now = now })
+  await sleep(150)
+  jwks.set({ keys: [jwk(rsa1, 'j-rsa'), jwk(rsa2, 'j-new')] })
+  const fresh = `Bearer ${sign(rsa2, 'RS256', 'j-new')}`
+  t.throws(() => identify(fresh), { message: /unknown key id/ }, 'refused until the refetch brings its kid')
+  await until(() => jwks.hits() >= 2, 'the refetch')
+  await until(() => { try { return identify(fresh).user === 'u1' } catch { return false } }, 'the new keys')
+  t.equal(identify(fresh).user, 'u1', 'the new kid is known after the refetch')
+})
+
 t.test('JWKS down at start-up: the app starts, tokens are refused, then keys arrive on refresh', async t => {
   const jwks = await jwksServer(t, { keys: [jwk(rsa1, 'k1')] })
   jwks.down(true)
