@@ -119,10 +119,11 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   // back on the subscriber (a Redis slower than the timeout delivered it here twice). By id, not
   // by text: by text, another event alike after a publish that never reached Redis was dropped,
   // and of two alike whose publishes both timed out, the second echo was delivered again.
-  // Oldest first; bounded in number and in time.
+  // Oldest first; bounded in number and in time. Time by performance.now(): a wall clock stepped
+  // forward between a publish's timeout and its echo forgot the echo, delivered here again.
   const uncertain = new Map<string, number>()
   const deliveredHere = (id: string): void => {
-    const now = Date.now()
+    const now = performance.now()
     for (const [old, until] of uncertain) {
       if (until > now && uncertain.size < MAX_UNCERTAIN) break
       uncertain.delete(old)
@@ -140,7 +141,7 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     const until = uncertain.get(id)
     if (until === undefined) return false
     uncertain.delete(id)
-    return until > Date.now()
+    return until > performance.now()
   }
 
   if (opts.redisUrl !== undefined) {

@@ -433,6 +433,21 @@ t.test('a Redis slower than the publish timeout: the event is delivered here onc
   t.match((await app.inject({ url: '/metrics' })).body, /mantle_events_dropped_total\{reason="duplicate"\} 2\n/)
 })
 
+// The echoes are remembered for a time (30 s), not until a time of day: on the wall clock, one
+// stepped forward (an NTP correction) between a publish's timeout and its echo forgot the echo,
+// and the event was delivered here twice.
+t.test('a wall clock stepped forward before the echo comes back: the event is still delivered here once', async t => {
+  const { tenant, proxy, app, got } = await subscribedThroughProxy(t, { probeIntervalMs: 60_000 })
+  proxy.delayMs = 1500
+  await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run('stepped') })
+  t.same(got, ['stepped'], 'delivered here when the publish timed out')
+  const now = Date.now
+  Date.now = () => now() + 60_000
+  t.teardown(() => { Date.now = now })
+  await sleep(1200)
+  t.same(got, ['stepped'], 'and not again when Redis sent it back')
+})
+
 // The publishes waiting for Redis had no bound and no metric (nor had the echoes remembered once
 // they timed out): a Redis answering late let them pile up unseen.
 t.test('publishes waiting for Redis are bounded and counted, and so are the echoes remembered', async t => {
