@@ -622,12 +622,13 @@ async function create (lock: string, mine: string): Promise<boolean> {
 /**
  * Whether the lock is touched again (its mtime moves from `touchedAt`) within `ms` from now: its
  * holder is alive. Looked at every tenth of that. From now, not from the mtime: another host's
- * clock may be behind.
+ * clock may be behind. By performance.now(): on the wall clock, one stepped back an hour while
+ * this watched kept the start-up watching an untouched lock for that hour.
  */
 async function touchedSince (lock: string, touchedAt: number, ms: number): Promise<boolean> {
-  const until = Date.now() + ms
-  while (Date.now() < until) {
-    await new Promise(resolve => setTimeout(resolve, Math.min(ms / 10, Math.max(1, until - Date.now()))))
+  const until = performance.now() + ms
+  while (performance.now() < until) {
+    await new Promise(resolve => setTimeout(resolve, Math.min(ms / 10, Math.max(1, until - performance.now()))))
     const now = await stat(lock).then(s => s.mtimeMs, () => touchedAt)
     if (now !== touchedAt) return true
   }

@@ -590,6 +590,27 @@ t.test('spool: a pid in the lock is trusted only in the PID namespace it was wri
   await reused.close()
 })
 
+// The watch on another host's lock is two heartbeats long, a duration: on the wall clock, one
+// stepped back an hour (an NTP correction) while it watched kept the start-up watching a lock
+// nobody touched for that hour (stepped forward, it judged a live holder's lock stale at once).
+t.test('spool: a wall clock stepped back while another host\'s lock is watched does not hold up the start', async t => {
+  const dir = spoolDir(t)
+  const lock = join(dir, 'audit.lock')
+  writeFileSync(lock, '4242 another-host pid:[1]')
+  // Watched two heartbeats (2 s): the step comes while it watches.
+  const opening = Spool.open(dir, { ...SPOOL_LIMITS, heartbeatMs: 1000 })
+  await new Promise(resolve => setTimeout(resolve, 500))
+  const now = Date.now
+  Date.now = () => now() - 3_600_000
+  t.teardown(() => { Date.now = now })
+  let timer: NodeJS.Timeout | undefined
+  const opened = await Promise.race([opening, new Promise<null>(resolve => { timer = setTimeout(() => resolve(null), 5000) })])
+  clearTimeout(timer)
+  t.not(opened, null, 'the untouched lock is taken over after two heartbeats')
+  if (opened !== null) await opened.close()
+  else opening.then(async spool => { await spool.close() }, () => {})
+})
+
 t.test('spool: of two processes taking one stale lock over at once, one does; a holder whose lock was taken stops writing', async t => {
   const dir = spoolDir(t)
   const lock = join(dir, 'audit.lock')
