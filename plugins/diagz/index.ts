@@ -209,13 +209,17 @@ export function timeStage (stats: StageStats, stage: Stage, sampler: StageSample
 }
 
 async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<void> {
+  // Uptime and the windows' rates are durations, on performance.now(); the wall clock gives only
+  // the start's time of day (on it, a clock stepped back made uptimeSeconds negative, and every
+  // rate a thousand times too high, the window's seconds at their floor).
   const startedAt = Date.now()
+  const started = performance.now()
   const minuteSlotMs = opts.minuteSlotMs ?? 10_000
   const hourSlotMs = opts.hourSlotMs ?? 60_000
   const sampler: StageSampler = { every: opts.stageSampleEvery ?? MIN_SAMPLE_EVERY }
   const faces = new Set<Protocol>(opts.faces ?? PROTOCOLS)
-  const minute = new RollingWindow(6, minuteSlotMs, PROTOCOLS.length, startedAt)
-  const hour = new RollingWindow(60, hourSlotMs, PROTOCOLS.length, startedAt)
+  const minute = new RollingWindow(6, minuteSlotMs, PROTOCOLS.length, started)
+  const hour = new RollingWindow(60, hourSlotMs, PROTOCOLS.length, started)
   const totals = { calls: new Float64Array(PROTOCOLS.length), errors: new Float64Array(PROTOCOLS.length), refused: new Float64Array(PROTOCOLS.length) }
   const cache = { hit: 0, miss: 0, stale: 0 }
   // One stats object per stage name, shared by every operation: bounded by the stage list.
@@ -228,8 +232,8 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
   loop.enable()
 
   // Rotation on timers, so a call records with no clock read beyond the one it already made.
-  const minuteTimer = setInterval(() => minute.rotate(Date.now()), minuteSlotMs)
-  const hourTimer = setInterval(() => { hour.rotate(Date.now()); loop.reset() }, hourSlotMs)
+  const minuteTimer = setInterval(() => minute.rotate(performance.now()), minuteSlotMs)
+  const hourTimer = setInterval(() => { hour.rotate(performance.now()); loop.reset() }, hourSlotMs)
   minuteTimer.unref()
   hourTimer.unref()
   // Timing a call costs ~0.5 us per stage (two promises, four clock reads): under load the share
@@ -299,7 +303,7 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
   }
 
   const report = (): DiagzReport => {
-    const now = Date.now()
+    const now = performance.now()
     const minuteSummary = minute.summary(now)
     const adapters = {} as DiagzReport['adapters']
     for (const [i, p] of PROTOCOLS.entries()) {
@@ -333,7 +337,7 @@ async function diagzPlugin (app: FastifyInstance, opts: DiagzOptions): Promise<v
     const mem = process.memoryUsage()
     const out: DiagzReport = {
       version: opts.version,
-      uptimeSeconds: round((now - startedAt) / 1000, 1),
+      uptimeSeconds: round((now - started) / 1000, 1),
       startedAt: new Date(startedAt).toISOString(),
       lastMinute: windowReport(minuteSummary),
       lastHour: windowReport(hour.summary(now)),

@@ -74,6 +74,28 @@ t.test('calls of every face are counted with their outcome, latency and the stag
   t.match(report.eventLoop, { delayP99Ms: Number })
 })
 
+// Uptime and the windows' rates are durations: on the wall clock, one stepped back an hour (an
+// NTP correction) made uptimeSeconds negative until the next restart and every rate of the last
+// hour a thousand times too high (the window's seconds at their floor of 0.001); stepped
+// forward, a process up a second had an hour's uptime and rates an hour's worth too low.
+t.test('a wall clock stepped back or forward changes neither the uptime nor the rates', async t => {
+  const app = await buildDemoApp(t)
+  for (let i = 0; i < 5; i++) t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents', headers: viewer })).statusCode, 200)
+  await new Promise(resolve => setTimeout(resolve, 200))
+  const now = Date.now
+  t.teardown(() => { Date.now = now })
+  for (const step of [-3_600_000, 3_600_000]) {
+    Date.now = () => now() + step
+    // A token of the stepped clock's time.
+    const report = (await app.inject({ method: 'GET', url: '/diagz', headers: bearer({ roles: ['system'] }) })).json()
+    t.ok(report.uptimeSeconds >= 0 && report.uptimeSeconds < 600, `uptime ${report.uptimeSeconds} s, stepped ${step} ms`)
+    for (const window of ['lastMinute', 'lastHour']) {
+      t.ok(report[window].seconds >= 0.1 && report[window].seconds < 600, `${window} covers ${report[window].seconds} s, stepped ${step} ms`)
+      t.ok(report[window].requestsPerSecond <= 6 / 0.1, `${window}: ${report[window].requestsPerSecond} calls/s, stepped ${step} ms`)
+    }
+  }
+})
+
 t.test('refusals of the checking stages are counted with metrics on and off', async t => {
   // Identity, roles and validation throw synchronously: with no async stage between them and
   // diagz (metrics off), their refusals skipped the count.
