@@ -313,7 +313,7 @@ export class ResponseCache {
       let found = this.memory.get(local)
       if (found !== undefined && found.policy !== policy) found = undefined
       const deaf = this.opts.redis !== null && !this.hearing()
-      if (found !== undefined && !deaf && this.now() < found.freshUntil) return this.answer(ctx, name, found, 'hit')
+      if (found !== undefined && !deaf && this.now() < found.freshUntil) return this.answer(ctx, name, found, 'hit', ttlMs)
       // A miss of the in-process tier: the Redis key and the tag keys are needed from here on.
       const key: EntryKeys = { local, shared: sharedKey(name, ctx.tenant, canonical) }
       const tagKeys = templates.map(t => tagKey(ctx.tenant, t(ctx.input)))
@@ -353,24 +353,25 @@ export class ResponseCache {
       }
       const now = this.now()
       if (found !== undefined) {
-        if (now < found.freshUntil) return this.answer(ctx, name, found, 'hit')
+        if (now < found.freshUntil) return this.answer(ctx, name, found, 'hit', ttlMs)
         if (now < found.staleUntil) {
           this.refresh(name, key, tagKeys, since, versions, ctx, next, make)
-          return this.answer(ctx, name, found, 'stale')
+          return this.answer(ctx, name, found, 'stale', ttlMs)
         }
-        if (this.opts.breakerOpen()) return this.answer(ctx, name, found, 'stale')
+        if (this.opts.breakerOpen()) return this.answer(ctx, name, found, 'stale', ttlMs)
       }
       try {
         const filled = await this.fill(name, key, tagKeys, since, versions, ctx, next, make)
-        return this.answer(ctx, name, filled, 'miss')
+        return this.answer(ctx, name, filled, 'miss', ttlMs)
       } catch (err) {
-        if (found !== undefined && kernelDown(err)) return this.answer(ctx, name, found, 'stale')
+        if (found !== undefined && kernelDown(err)) return this.answer(ctx, name, found, 'stale', ttlMs)
         throw err
       }
     }
   }
 
-  private answer (ctx: CallContext, op: string, a: CachedAnswer, outcome: CacheOutcome): unknown {
+  /** `ttlMs`: the op's ttl, the most freshness an answer of its policy has (the max-age said at most). */
+  private answer (ctx: CallContext, op: string, a: CachedAnswer, outcome: CacheOutcome, ttlMs: number): unknown {
     ctx.cache = outcome
     ctx.status = a.status
     // What the entry holds is exactly what the op's serializer made of the answer.
@@ -382,7 +383,10 @@ export class ResponseCache {
         ctx.setHeader('etag', a.etag)
         if (ctx.ifNoneMatch !== undefined && matchesIfNoneMatch(ctx.ifNoneMatch, a.etag)) ctx.status = 304
       }
-      const maxAge = outcome === 'stale' ? 0 : Math.max(0, Math.ceil((a.freshUntil - this.now()) / 1000))
+      // At most the ttl: `freshUntil` is a time of day (instances share it through Redis), and a
+      // wall clock stepped back an hour made an entry's remaining freshness an hour longer, which
+      // a browser then kept the answer for.
+      const maxAge = outcome === 'stale' ? 0 : Math.max(0, Math.ceil(Math.min(a.freshUntil - this.now(), ttlMs) / 1000))
       ctx.setHeader('cache-control', `private, max-age=${maxAge}`)
       // The answer is the token's (its tenant, or its user): a browser's cache may reuse it only
       // for the same Authorization (RFC 9111 §4.1), not for the next user of that browser.

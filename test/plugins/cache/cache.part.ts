@@ -56,6 +56,23 @@ for (const { store, env } of STORES) {
     t.equal(await metric(app, 'mantle_cache_memory_entries'), 2)
   })
 
+  // An entry's freshness is a time of day (instances share it through Redis), so a wall clock
+  // stepped back an hour (an NTP correction) left an entry made before the step fresh for an hour
+  // more by the clock: a hit then answered max-age=3606 for an op of a 10 s ttl, and a browser
+  // kept it an hour. The max-age a hit says is at most the op's ttl.
+  t.test(`${store}: a wall clock stepped back never makes a hit's max-age longer than the ttl`, async t => {
+    const kernel = await itemKernel(t)
+    let now = Date.now()
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url, cacheClock: () => now })
+    const headers = bearer({ tenant: tenant() })
+    const first = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.equal(first.headers['cache-control'], 'private, max-age=10')
+    now += 4000 - 3_600_000
+    const hit = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.equal(hit.headers['x-cache'], 'hit')
+    t.equal(hit.headers['cache-control'], 'private, max-age=10', 'the ttl at most')
+  })
+
   t.test(`${store}: a tenant never receives another tenant's entry`, async t => {
     const kernel = await itemKernel(t)
     const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
