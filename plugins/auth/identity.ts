@@ -72,6 +72,21 @@ export class KeyLease {
 }
 
 /** Who calls when identity is off: every call is the public tenant's anonymous user. */
+/**
+ * Bytes of text the verified-token cache holds at most (each entry counted as its token, its
+ * identity's tenant, user and roles, and 256 more). Bounded by count alone, its size followed its
+ * tokens': 10,000 tokens of 200 roles (18 KB each; a WebSocket auth frame or tRPC's
+ * connectionParams may carry more than a header's 16 KB) held 385 MB of heap.
+ */
+export const IDENTITY_CACHE_BYTES = 16 * 1024 * 1024
+
+/** What an entry of the verified-token cache counts against IDENTITY_CACHE_BYTES. */
+function cachedSize (token: string, identity: Identity): number {
+  let n = 256 + token.length + identity.tenant.length + identity.user.length
+  for (const role of identity.roles) n += 16 + role.length
+  return n
+}
+
 export const ANONYMOUS: Identity = Object.freeze({ tenant: 'public', user: 'anonymous', roles: Object.freeze([]), zone: 'public', expiresAt: Infinity })
 
 export interface IdentityOptions {
@@ -96,6 +111,8 @@ export interface IdentityOptions {
   clockToleranceSec?: number
   /** Verified tokens kept (a bounded LRU; an entry never outlives its token's `exp`). */
   cacheSize?: number
+  /** Bytes of text those tokens and their identities take at most (IDENTITY_CACHE_BYTES). */
+  cacheBytes?: number
   /** For tests: the verifier's clock, in ms. */
   clockTimestamp?: number
 }
@@ -133,6 +150,8 @@ export interface IdentityVerifier {
   close: () => void
   /** Tokens whose verified identity is kept (bounded by `cacheSize`). */
   readonly cached: () => number
+  /** Bytes those entries count as (bounded by `cacheBytes`, see IDENTITY_CACHE_BYTES). */
+  readonly cachedBytes: () => number
   /** Whether it holds any key (a secret, configured or fetched public keys): without, every token is refused. */
   readonly hasKeys: () => boolean
   /**
@@ -191,7 +210,8 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
     new Map([...keys].map(([kid, k]) => [kid, { alg: k.alg, verify: verifierFor(k.pem, k.alg) }]))
   // Verified identities by token. fast-jwt's own cache hashes every token (SHA-256) per call;
   // keyed by the token itself, a hit costs one map lookup. Failures are never cached (below).
-  const verified = new LRUCache<string, { identity: Identity, expiresAt: number }>({ max: options.cacheSize ?? 10000 })
+  // Bounded in number and in bytes (IDENTITY_CACHE_BYTES): a token larger than the whole bound is not kept.
+  const verified = new LRUCache<string, { identity: Identity, expiresAt: number }>({ max: options.cacheSize ?? 10000, maxSize: options.cacheBytes ?? IDENTITY_CACHE_BYTES, sizeCalculation: (v, token) => cachedSize(token, v.identity) })
   // A refusal is remembered for the one request it was made for, nothing longer: the rate-limit
   // guard, the route, each call of a batch, GraphQL document or tRPC batch, and the audit of a
   // refused request each asked again, a signature check each for a forged or expired token (a
@@ -317,6 +337,7 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
     start: async (): Promise<void> => { await jwks?.start() },
     close: (): void => { jwks?.close() },
     cached: (): number => verified.size,
+    cachedBytes: (): number => verified.calculatedSize,
     hasKeys: (): boolean => hs !== undefined || configured.size > 0 || fetched.size > 0,
     keysFor: (refusal: unknown): Promise<void> | null => refusal instanceof MantleError && unknownKids.has(refusal) ? jwks?.inFlight ?? null : null
   })

@@ -7,7 +7,7 @@ import { requestAuthorization } from '../../adapters/credentials.js'
 import { framesBody } from '../../lingering.js'
 import { withHook } from '../../route-hooks.js'
 import { StageOrder, requestOf } from '../pipeline/index.js'
-import { createIdentityVerifier, zoneRefusal, type Identity, type IdentityOptions } from './identity.js'
+import { createIdentityVerifier, zoneRefusal, IDENTITY_CACHE_BYTES, type Identity, type IdentityOptions } from './identity.js'
 
 export { mintToken, ANONYMOUS, KeyLease, type Identity } from './identity.js'
 export { parsePublicKeys, type PublicKey } from './keys.js'
@@ -142,6 +142,8 @@ async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise
   if (app.hasDecorator('metrics')) {
     // eslint-disable-next-line no-new
     new Gauge({ name: 'mantle_identity_cache_entries', help: 'Verified tokens whose identity is kept, in a bounded LRU (10,000 by default)', registers: [app.metrics.registry], collect () { this.set(verifier.cached()) } })
+    // eslint-disable-next-line no-new
+    new Gauge({ name: 'mantle_identity_cache_bytes', help: `Bytes of text the verified tokens kept and their identities count as (at most ${IDENTITY_CACHE_BYTES})`, registers: [app.metrics.registry], collect () { this.set(verifier.cachedBytes()) } })
   }
   const identify = (authorization: string | undefined, request?: IncomingMessage): Identity => verifier(authorization, request)
   app.decorate('identify', identify)

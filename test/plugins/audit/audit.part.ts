@@ -532,6 +532,7 @@ t.test('the memory store\'s entries and the verified tokens kept are in /metrics
   await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer({ user: 'other' }) })
   await drained(app)
   t.equal(await gauge('mantle_identity_cache_entries'), 2, 'two tokens')
+  t.ok(await gauge('mantle_identity_cache_bytes') > 2 * 256, 'and the text they count as')
   t.equal(await gauge('mantle_audit_memory_entries'), 3, 'three calls')
   for (let i = 0; i < 2; i++) await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: mine })
   await drained(app)

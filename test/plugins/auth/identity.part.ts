@@ -1,6 +1,6 @@
 import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { createIdentityVerifier, mintToken } from '../../../plugins/auth/identity.js'
+import { createIdentityVerifier, mintToken, IDENTITY_CACHE_BYTES } from '../../../plugins/auth/identity.js'
 
 const secret = 'identity-test-secret-of-at-least-32-bytes'
 
@@ -25,6 +25,21 @@ t.test('the cache is bounded and failures are not cached', async t => {
   t.same(identify(tokens[0]), ids[0])
   const forged = `Bearer ${mintToken('another-secret-of-at-least-32-bytes-long', { tenant: 't', user: 'x' })}`
   for (let i = 0; i < 2; i++) t.throws(() => identify(forged), { code: 'UNAUTHENTICATED', message: /signature is invalid/ })
+})
+
+// Bounded by count alone (10,000), the cache's size followed its tokens': an issuer's tokens of
+// 200 roles (18 KB each; a WebSocket auth frame or connectionParams may carry more than a
+// header's 16 KB) held 385 MB of heap at 10,000, past the Deployment's 384 MB heap. It is
+// bounded in bytes too: the tokens' and their identities' text.
+t.test('the cache is bounded in bytes too: large tokens are kept fewer', async t => {
+  const identify = createIdentityVerifier({ secret })
+  const roles = Array.from({ length: 120 }, (_, i) => `role-${i}-${'r'.repeat(60)}`)
+  const tokens = Array.from({ length: 2000 }, (_, i) => `Bearer ${mintToken(secret, { tenant: 't', user: `u${i}`, roles })}`)
+  t.ok(tokens[0].length > 10_000, `tokens of ${tokens[0].length} characters`)
+  for (const token of tokens) identify(token)
+  t.ok(identify.cached() > 0 && identify.cached() < 2000, `${identify.cached()} of the 2,000 kept`)
+  t.ok(identify.cachedBytes() <= IDENTITY_CACHE_BYTES, `${identify.cachedBytes()} bytes counted, ${IDENTITY_CACHE_BYTES} at most`)
+  t.equal(identify(tokens[1999]).user, 'u1999', 'the latest is served')
 })
 
 t.test('the scheme is case-insensitive and the token may be padded', async t => {
