@@ -71,7 +71,6 @@ export class KeyLease {
   }
 }
 
-/** Who calls when identity is off: every call is the public tenant's anonymous user. */
 /**
  * Bytes of text the verified-token cache holds at most (each entry counted as its token, its
  * identity's tenant, user and roles, and 256 more). Bounded by count alone, its size followed its
@@ -87,6 +86,7 @@ function cachedSize (token: string, identity: Identity): number {
   return n
 }
 
+/** Who calls when identity is off: every call is the public tenant's anonymous user. */
 export const ANONYMOUS: Identity = Object.freeze({ tenant: 'public', user: 'anonymous', roles: Object.freeze([]), zone: 'public', expiresAt: Infinity })
 
 export interface IdentityOptions {
