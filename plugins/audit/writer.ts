@@ -88,6 +88,13 @@ interface Flight {
   waiting: number
 }
 
+/**
+ * The writer's clock for its interval, backoff and pauses: monotonic. On the wall clock, a step
+ * back (NTP setting right a clock that ran fast, a VM resumed) held a partial batch in memory,
+ * and a store that had come back untried, until the clock came back to where it had been.
+ */
+const monotonic = (): number => performance.now()
+
 /** Thrown into a spool replay that `close` has stopped waiting for: the rest stays spooled. */
 class Abandoned extends Error {}
 
@@ -99,13 +106,6 @@ class Abandoned extends Error {}
  * `close` resolves; it is never dropped. Only when the disk refuses at shutdown too is it lost,
  * logged with its count and counted (hooks.lost).
  */
-/**
- * The writer's clock for its interval, backoff and pauses: monotonic. On the wall clock, a step
- * back (NTP setting right a clock that ran fast, a VM resumed) held a partial batch in memory,
- * and a store that had come back untried, until the clock came back to where it had been.
- */
-const monotonic = (): number => performance.now()
-
 export class AuditWriter {
   private queue: AuditEntry[] = []
   private flushing: Promise<void> | null = null
