@@ -133,7 +133,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
   // and Redis then evicted other tenants' idempotency records and rate-limit windows (or, under
   // noeviction, refused every tenant's writes).
   const tenantFull = shared !== null && app.hasDecorator('metrics')
-    ? new Counter({ name: 'mantle_cache_redis_tenant_full_total', help: 'Answers not written to Redis because their tenant\'s entries there would take more than BFF_CACHE_REDIS_MAX_BYTES_PER_TENANT (this instance keeps them in memory)', registers: [app.metrics.registry] })
+    ? new Counter({ name: 'mantle_cache_redis_tenant_full_total', help: 'Answers not written to Redis because their tenant\'s entries there would take more than BFF_CACHE_REDIS_MAX_BYTES_PER_TENANT (this instance keeps them in memory, unless over an eighth of BFF_CACHE_MAX_BYTES)', registers: [app.metrics.registry] })
     : null
   cache = new ResponseCache({
     redis: shared === null
