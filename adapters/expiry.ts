@@ -30,10 +30,11 @@ export function atExpiry (expiresAt: number, fn: () => void): () => void {
   arm()
   // Ref'd before it is cleared: Node frees the list of timers of a delay when its last timer is
   // cleared only for a ref'd timer (it keeps an unref'd one's for the next, as http's come back).
-  // Each connection's delay is its own (its token's time left, in ms), so each closed connection
-  // left a list (150-260 bytes) until its token would have expired: a client reconnecting in a
-  // loop with a 24 h token grew the heap without bound. ref() then clearTimeout() leaves the
-  // process's ref count as it was.
+  // A delay is RECHECK_MS, shared, until the token's last minute, then the time left (in ms), a
+  // connection's own: when each delay was the whole time left, each closed connection left a
+  // list (150-260 bytes) until its token would have expired, and a client reconnecting in a loop
+  // with a 24 h token grew the heap without bound. ref() then clearTimeout() leaves the process's
+  // ref count as it was.
   return () => { timer.ref(); clearTimeout(timer) }
 }
 
