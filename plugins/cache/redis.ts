@@ -174,10 +174,12 @@ const knownMs = (tagMs: number): number => Math.max(1, Math.floor(tagMs - Math.m
 
 /**
  * Each tenant's index of its entries in Redis and their sizes (see WRITE), by its URI-encoded
- * tenant: prefixes no operation's entry key (`bff:cache:{op}:`) nor tag key can take.
+ * tenant: under the entries' own prefix `bff:cache:`, which an ACL written for the stores' keys
+ * already grants (prefixes of their own made such a user's gateway refuse to start once
+ * upgraded), with an empty operation name, which no operation's entry key (`bff:cache:{op}:`) has.
  */
-const INDEX_PREFIX = 'bff:cache-index:'
-const SIZES_PREFIX = 'bff:cache-bytes:'
+const INDEX_PREFIX = 'bff:cache::index:'
+const SIZES_PREFIX = 'bff:cache::bytes:'
 
 /**
  * The index and the sizes of the tenant of an entry key `bff:cache:{op}:{tenant}:{hash}` (see
