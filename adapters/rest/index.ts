@@ -8,6 +8,7 @@ import { withoutKeyword } from '../../schema-walk.js'
 import { takesIfNoneMatch } from '../../plugins/cache/index.js'
 import { COMPRESSION_THRESHOLD } from '../../plugins/compression/index.js'
 import { clientRequestId } from '../../ids.js'
+import { MantleError } from '../../errors.js'
 import type { JsonSchema, Operation } from '../../manifest.js'
 
 // The REST face decodes (path params + query string or JSON body into one input), hands the
@@ -138,6 +139,7 @@ function refusalDescription (op: Operation, secured: boolean, on: HeaderConcerns
   if (on.idempotency && op.type === 'mutation') codes.push('IDEMPOTENCY_CONFLICT 409', 'IDEMPOTENCY_KEY_REUSED 422')
   if (op.inputInBody) codes.push('PAYLOAD_TOO_LARGE 413', 'UNSUPPORTED_MEDIA_TYPE 415')
   if (op.pathParams.length > 0) codes.push('BAD_REQUEST 414 (a path parameter over 256 characters)')
+  if (op.type === 'mutation') codes.push('BAD_REQUEST 412 (an If-Match other than *: the gateway\'s entity tags are weak, so none holds)')
   codes.push('KERNEL_REJECTED (any other 4xx of the Kernel, with its status)')
   return `A refusal (its code is stable): ${codes.join(', ')}`
 }
@@ -152,6 +154,11 @@ export const tooManyRequests = {
   description: 'RATE_LIMITED: the operation\'s limit, or the gateway\'s, is reached; retry after Retry-After seconds',
   headers: { 'Retry-After': { type: 'string', description: 'Seconds to wait before a call may pass' }, ...RATE_LIMIT_HEADERS },
   content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } }
+}
+
+/** A header's value, several fields of it joined as one list (RFC 9110 §5.3). */
+function headerText (value: string | string[] | undefined): string | undefined {
+  return Array.isArray(value) ? value.join(', ') : value
 }
 
 export function single (value: string | string[] | undefined): string | undefined {
@@ -283,7 +290,19 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   const compressing = app.hasReplyDecorator('compress')
   // With the audit on: from here on, a refusal is the call's, which the audit stage records.
   const reached = app.hasDecorator('audit') ? app.audit.reached : null
+  const mutation = op.type === 'mutation'
   return async function restHandler (request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
+    // If-Match (RFC 9110 §13.1.1: a server MUST evaluate it before performing the method) compares
+    // strongly, and the gateway's entity tags are all weak: on a mutation, a list of tags cannot
+    // hold, so the method is not performed. It was ignored, and a client guarding an update with
+    // the ETag it had read (optimistic concurrency) overwrote whatever had changed since. `*` holds
+    // when the target exists, which the Kernel decides. A refusal before the call, as a 415 is.
+    if (mutation) {
+      const ifMatch = headerText(request.headers['if-match'])
+      if (ifMatch !== undefined && ifMatch.trim() !== '*') {
+        throw new MantleError('BAD_REQUEST', 'If-Match cannot hold: the gateway\'s entity tags are weak, and If-Match compares strong ones; the mutation did not run', { status: 412 })
+      }
+    }
     reached?.(request)
     let input: Record<string, unknown>
     if (inBody) {

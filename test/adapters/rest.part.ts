@@ -49,6 +49,33 @@ t.test('mutations: body input, path params win, and the Kernel status is kept', 
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a3', headers: bearer() })).statusCode, 404)
 })
 
+t.test('a mutation sent with an If-Match no tag of the gateway can satisfy is a 412, and does not run (RFC 9110 §13.1.1)', async t => {
+  const app = await buildDemoApp(t)
+  const got = await app.inject({ method: 'GET', url: '/api/v1/agents/a2', headers: bearer() })
+  const etag = got.headers.etag as string
+  t.match(etag, /^W\//, 'the gateway\'s tags are weak')
+  // A client guarding its update with the tag it read (optimistic concurrency): the gateway has
+  // no strong tag, and If-Match compares strongly, so the condition cannot hold. It was ignored,
+  // and the update ran: the lost update the client asked to be kept from.
+  for (const ifMatch of [etag, '"stale"', `"stale", ${etag}`]) {
+    const res = await app.inject({ method: 'PATCH', url: '/api/v1/agents/a2', headers: { ...bearer(), 'if-match': ifMatch }, payload: { name: 'Overwritten' } })
+    t.equal(res.statusCode, 412, ifMatch)
+    t.match(res.headers['content-type'], /^application\/problem\+json/)
+    t.match(res.json(), { status: 412, code: 'BAD_REQUEST', detail: /If-Match/ })
+  }
+  const deleted = await app.inject({ method: 'DELETE', url: '/api/v1/agents/a2', headers: { ...bearer(), 'if-match': '"stale"' } })
+  t.equal(deleted.statusCode, 412)
+  const after = await app.inject({ method: 'GET', url: '/api/v1/agents/a2', headers: bearer() })
+  t.equal(after.statusCode, 200)
+  t.not(after.json().name, 'Overwritten', 'no refused update ran')
+  // `*` holds when the target exists, which the Kernel decides: the call runs.
+  const any = await app.inject({ method: 'PATCH', url: '/api/v1/agents/a2', headers: { ...bearer(), 'if-match': '*' }, payload: { name: 'Renamed' } })
+  t.equal(any.statusCode, 200)
+  t.equal(any.json().name, 'Renamed')
+  // A query ignores it, as before.
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a2', headers: { ...bearer(), 'if-match': '"stale"' } })).statusCode, 200)
+})
+
 t.test('bad input is a 400 VALIDATION_FAILED that names the field', async t => {
   const app = await buildDemoApp(t)
   const cases: Array<[string, string, unknown, RegExp]> = [
