@@ -123,6 +123,33 @@ const CLOSE_INIT_TIMEOUT = 4408
  */
 const GRAPHQL_UPGRADES = new WeakSet<IncomingMessage>()
 
+/**
+ * Whether `accept` asks for GraphQL over HTTP's own media type rather than application/json:
+ * named (not by a wildcard), with a weight above 0 and at least application/json's (the most
+ * specific of its ranges that match it: `application/json`, `application/*`, `*\/*`), as RFC 9110
+ * §12.5.1 reads weights. A tie goes to it, as the spec asks clients to prefer it. Any mention
+ * of it chose it, `;q=0` ("not acceptable") and a lower weight than application/json's too.
+ */
+export function prefersGraphqlResponse (accept: string | undefined): boolean {
+  if (accept === undefined) return false
+  let own = -1
+  let json = -1
+  let jsonRank = -1
+  for (const range of accept.split(',')) {
+    const [type = '', ...params] = range.split(';')
+    const name = type.trim().toLowerCase()
+    let q = 1
+    for (const param of params) {
+      const [key = '', value = ''] = param.split('=')
+      if (key.trim().toLowerCase() === 'q') q = /^\s*(?:0(?:\.\d{0,3})?|1(?:\.0{0,3})?)\s*$/.test(value) ? Number(value) : 0
+    }
+    if (name === GRAPHQL_RESPONSE) own = Math.max(own, q)
+    const rank = name === 'application/json' ? 2 : name === 'application/*' ? 1 : name === '*/*' ? 0 : -1
+    if (rank > jsonRank) { jsonRank = rank; json = q } else if (rank >= 0 && rank === jsonRank) json = Math.max(json, q)
+  }
+  return own > 0 && own >= json
+}
+
 /** The WebSocket subprotocols mercurius speaks (graphql-ws's and the legacy subscriptions-transport-ws's). */
 const SUBPROTOCOLS: ReadonlySet<string> = new Set(['graphql-transport-ws', 'graphql-ws'])
 
@@ -293,7 +320,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   // GraphQL over HTTP's own media type, for clients that ask for it (the status codes are
   // already those it prescribes: 4xx for a refused document, 200 once calls ran).
   app.addHook('onSend', async (request, reply, payload) => {
-    if (request.headers.accept?.includes(GRAPHQL_RESPONSE) === true && String(reply.getHeader('content-type')).startsWith('application/json')) {
+    if (prefersGraphqlResponse(request.headers.accept) && String(reply.getHeader('content-type')).startsWith('application/json')) {
       reply.header('content-type', GRAPHQL_RESPONSE + '; charset=utf-8')
     }
     return payload

@@ -382,6 +382,17 @@ t.test('media types: application/graphql-response+json when asked for', async t 
   t.equal(refused.headers.get('content-type'), 'application/graphql-response+json; charset=utf-8')
   const plain = await gql({ query: '{ __typename }' }, { accept: 'application/json' })
   t.match(plain.headers.get('content-type'), /^application\/json/)
+  // The Accept header's weights are read (RFC 9110 §12.5.1): q=0 is "not acceptable", and a type
+  // the client weighs lower is not chosen over the one it prefers. Any mention of the media type
+  // gave it, even `;q=0`.
+  for (const accept of ['application/graphql-response+json;q=0, application/json', 'application/json;q=0.5, application/graphql-response+json;q=0.4', 'application/graphql-response+json; q=0.1, */*']) {
+    const res = await gql({ query: '{ __typename }' }, { accept })
+    t.match(res.headers.get('content-type'), /^application\/json/, accept)
+  }
+  for (const accept of ['application/json;q=0.9, application/graphql-response+json', 'application/json, application/graphql-response+json', 'APPLICATION/GRAPHQL-RESPONSE+JSON;charset=utf-8']) {
+    const res = await gql({ query: '{ __typename }' }, { accept })
+    t.equal(res.headers.get('content-type'), 'application/graphql-response+json; charset=utf-8', accept)
+  }
 })
 
 t.test('the trace continues through every field', async t => {
