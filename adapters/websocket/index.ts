@@ -77,10 +77,13 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
           done(err as Error)
         }
       },
-      handler: async (request) => {
+      handler: async (request, reply) => {
         // The face's own answer to a plain GET, not a refusal before it (see Audit.reached).
         reached?.(request)
-        throw new MantleError('BAD_REQUEST', '/ws speaks WebSocket: send an upgrade request', { status: 426, headers: { upgrade: 'websocket' } })
+        // A sender of Upgrade MUST name it in Connection (RFC 9110 §7.8), so that an intermediary
+        // that does not know it drops it as hop-by-hop; the connection kept or not as Node would.
+        const connection = reply.raw.shouldKeepAlive ? 'upgrade' : 'upgrade, close'
+        throw new MantleError('BAD_REQUEST', '/ws speaks WebSocket: send an upgrade request', { status: 426, headers: { upgrade: 'websocket', connection } })
       },
       wsHandler: (socket, request) => {
         // This face closes its own connections (1001 on shutdown, below): taken out of the

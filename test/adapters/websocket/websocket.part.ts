@@ -1,4 +1,5 @@
 import t from 'tap'
+import { connect as connectTcp } from 'node:net'
 import { createSigner } from 'fast-jwt'
 import { startTestKernel, testManifest, json, bearer, token, closedPort, SECRET, drained } from '../../helper.js'
 import { wsApp, connect, refusedUpgrade, upgrade } from '../websocket-helper.js'
@@ -167,6 +168,32 @@ t.test('the upgrade needs a valid token: header or ?access_token=', async t => {
   t.equal(plain.statusCode, 426, 'a plain GET is told to upgrade')
   t.equal(plain.headers.upgrade, 'websocket')
   t.match(plain.json(), { code: 'BAD_REQUEST', status: 426 })
+})
+
+t.test('a plain GET of /ws is a 426 whose Upgrade is named in Connection (RFC 9110 §7.8)', async t => {
+  const { url } = await wsApp(t)
+  const { port } = new URL(url)
+  // Raw, as an intermediary reads it: Upgrade is hop-by-hop only when Connection names it, and a
+  // sender of Upgrade MUST send that option. The 426 sent Upgrade with Connection: keep-alive.
+  const answer = async (head: string): Promise<string> => await new Promise((resolve, reject) => {
+    const socket = connectTcp(Number(port), '127.0.0.1', () => socket.write(head))
+    let text = ''
+    socket.setEncoding('latin1')
+    socket.on('data', (chunk: string) => {
+      text += chunk
+      if (text.includes('\r\n\r\n')) { socket.destroy(); resolve(text.slice(0, text.indexOf('\r\n\r\n'))) }
+    })
+    socket.on('error', reject)
+  })
+  const header = (head: string, name: string): string | undefined => head.split('\r\n').find(line => line.toLowerCase().startsWith(name + ':'))?.slice(name.length + 1).trim().toLowerCase()
+  const kept = await answer(`GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token()}\r\n\r\n`)
+  t.match(kept, /^HTTP\/1\.1 426 /)
+  t.equal(header(kept, 'upgrade'), 'websocket')
+  t.match(header(kept, 'connection'), /(?:^|,)\s*upgrade\s*(?:,|$)/, 'Connection names upgrade')
+  t.notMatch(header(kept, 'connection'), /close/, 'and the connection is kept')
+  const once = await answer(`GET /ws HTTP/1.0\r\nAuthorization: Bearer ${token()}\r\n\r\n`)
+  t.match(header(once, 'connection'), /(?:^|,)\s*upgrade\s*(?:,|$)/)
+  t.match(header(once, 'connection'), /close/, 'an HTTP/1.0 request without keep-alive still has its connection closed')
 })
 
 t.test('with identity off, connections are anonymous', async t => {
