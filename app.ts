@@ -542,9 +542,20 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     routeMethods.add(route.method)
     if (route.wsHandler !== undefined || route.websocket === true) route.config = { ...route.config, servesWebSocket: true }
     if (route.method === 'HEAD') route.onSend = withHook(route.onSend, withoutBodyLength)
+    // With CORS on, an OPTIONS that is no preflight (no Access-Control-Request-Method) is answered
+    // 204 by CORS's route: it names the methods the path is served with in Allow, as RFC 9110
+    // §9.3.7 asks of a successful OPTIONS and as the path's 405 does. It named none.
+    if (route.method === 'OPTIONS') route.onSend = withHook(route.onSend, allowOnOptions)
     const methods = Array.isArray(route.method) ? route.method : [route.method]
     if (!methods.every(method => BODYLESS.has(method))) route.preValidation = withHook(route.preValidation, notAnsweredAlready, true)
   })
+  function allowOnOptions (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void): void {
+    if (reply.statusCode === 204 && request.headers['access-control-request-method'] === undefined && !reply.hasHeader('allow')) {
+      const allow = routeMethods.allowed(app, request.url.split('?')[0])
+      if (allow !== null) reply.header('allow', allow)
+    }
+    done(null, payload)
+  }
   // A path that is served, but not with this method, is a 405 naming those it is served with
   // (RFC 9110 §15.5.6), not a 404: `PUT /api/v1/agents` said there was no such resource. Asked
   // of the router here only, on a request no route matched.

@@ -18,6 +18,22 @@ t.test('no CORS header at all when BFF_CORS_ORIGINS is unset', async t => {
   t.equal(pre.headers['access-control-allow-methods'], undefined)
 })
 
+t.test('with CORS on, a plain OPTIONS (no preflight) names the path\'s methods in Allow (RFC 9110 §9.3.7)', async t => {
+  const app = await buildDemoApp(t, { BFF_CORS_ORIGINS: ALLOWED })
+  // A client asking what a resource is served with (no Access-Control-Request-Method): the 204
+  // said nothing, while the 405 of the same path names them.
+  const plain = await app.inject({ method: 'OPTIONS', url: '/api/v1/agents/a1?x=1' })
+  t.equal(plain.statusCode, 204)
+  t.equal(plain.headers.allow, 'GET, HEAD, PATCH, DELETE, OPTIONS')
+  t.equal((await app.inject({ method: 'OPTIONS', url: '/graphql' })).headers.allow, 'GET, HEAD, POST, OPTIONS')
+  // A preflight is CORS's: its methods are in Access-Control-Allow-Methods.
+  const pre = await app.inject({ method: 'OPTIONS', url: '/api/v1/agents/a1', headers: preflight(ALLOWED) })
+  t.equal(pre.statusCode, 204)
+  t.equal(pre.headers.allow, undefined)
+  // A path no route serves has no methods to name.
+  t.equal((await app.inject({ method: 'OPTIONS', url: '/api/v1/nothing' })).headers.allow, undefined)
+})
+
 t.test('CORS: an allowed origin gets the headers, another origin does not', async t => {
   const app = await buildDemoApp(t, { BFF_CORS_ORIGINS: ` ${ALLOWED}, http://localhost:5173 ` })
 
