@@ -468,6 +468,10 @@ function checkRequest (request: FastifyRequest, maxQuery: number): void {
   if (typeof query !== 'string' || query === '') throw new MantleError('VALIDATION_FAILED', 'The request needs a `query` string holding a GraphQL document')
   if (query.length > maxQuery) throw new MantleError('PAYLOAD_TOO_LARGE', `The GraphQL document is longer than ${maxQuery} characters`)
   if (isJsonText(query)) throw new MantleError('VALIDATION_FAILED', 'The `query` must be a GraphQL document')
+  // No operation has the empty name, so it names none (GraphQL's GetOperation: a request error).
+  // graphql-js refused it on a text's first run over POST, and the form graphql-jit compiled on
+  // its second ran the anonymous operation: the same request got a 400, then a 200.
+  if (params.operationName === '') throw new MantleError('VALIDATION_FAILED', NO_SUCH_OPERATION)
   if (request.method === 'GET' || request.method === 'HEAD') checkGetOperation(query, params.operationName, request.method)
   // Checked before Fastify's schema, which would coerce a number or a boolean to a string.
   if (params.operationName !== undefined && params.operationName !== null && typeof params.operationName !== 'string') {
@@ -504,6 +508,8 @@ function isJsonText (query: string): boolean {
   }
 }
 
+const NO_SUCH_OPERATION = 'The document defines no operation of that `operationName`'
+
 /**
  * Over GET, mercurius looks up the operation to run (to refuse a mutation) without checking that
  * there is one: an `operationName` the document does not define, or several operations and no
@@ -523,7 +529,7 @@ function checkGetOperation (query: string, operationName: unknown, method: strin
   if (operation == null) {
     throw new MantleError('VALIDATION_FAILED', name === undefined
       ? 'The document does not define exactly one operation: name one in `operationName`'
-      : 'The document defines no operation of that `operationName`')
+      : NO_SUCH_OPERATION)
   }
   // Only a query over a safe method. mercurius refuses a mutation over GET, but not over HEAD,
   // which Fastify serves by the GET route: HEAD /graphql?query=mutation... ran the mutation.

@@ -496,6 +496,26 @@ t.test('a document of several operations runs the one each request names, never 
   t.equal(await count(), agents + 1, 'one agent created, for the request that named the mutation')
 })
 
+t.test('an empty operationName names no operation: refused the same on every run, over POST and GET', async t => {
+  // No operation has the empty name (GraphQL's GetOperation: a name the document does not define
+  // is a request error). Over POST, graphql-js refused it on a text's first run, and the form
+  // graphql-jit compiled on its second ran the anonymous operation: 400, then 200 for the same
+  // request; over GET it was refused every time.
+  const app = await buildDemoApp(t, ONLY_GRAPHQL)
+  const gql = await listen(app)
+  for (const query of ['{ __typename listAgents(limit: 1) { id } }', 'query A { __typename getAgent(id: "a1") { id } }']) {
+    for (let i = 0; i < 3; i++) {
+      const res = await gql({ query, operationName: '' }, bearer())
+      t.equal(res.status, 400, `POST run ${i + 1}: ${query}`)
+      t.equal(res.body.errors[0].extensions.code, 'VALIDATION_FAILED')
+      t.notOk('data' in res.body)
+    }
+    const get = await app.inject({ method: 'GET', url: `/graphql?operationName=&query=${encodeURIComponent(query)}`, headers: bearer() })
+    t.equal(get.statusCode, 400, `GET: ${query}`)
+    t.equal(get.json().errors[0].message, (await gql({ query, operationName: '' }, bearer())).body.errors[0].message, 'the same words')
+  }
+})
+
 t.test('a document whose values nest thousands deep is refused in the gateway\'s words', async t => {
   const app = await buildDemoApp(t, ONLY_GRAPHQL)
   const gql = await listen(app)
