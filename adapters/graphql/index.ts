@@ -123,15 +123,21 @@ const CLOSE_INIT_TIMEOUT = 4408
  */
 const GRAPHQL_UPGRADES = new WeakSet<IncomingMessage>()
 
+/** Whether an Accept header names application/graphql-response+json (in any case). */
+const GRAPHQL_RESPONSE_NAMED = /application\/graphql-response\+json/i
+
 /**
  * Whether `accept` asks for GraphQL over HTTP's own media type rather than application/json:
  * named (not by a wildcard), with a weight above 0 and at least application/json's (the most
  * specific of its ranges that match it: `application/json`, `application/*`, `*\/*`), as RFC 9110
  * §12.5.1 reads weights. A tie goes to it, as the spec asks clients to prefer it. Any mention
  * of it chose it, `;q=0` ("not acceptable") and a lower weight than application/json's too.
+ * Read here: `negotiator` breaks a tie by the header's order (`application/json,
+ * application/graphql-response+json` chose JSON), and @fastify/accept-negotiator reads no media
+ * ranges. A header that does not name the type is not parsed at all.
  */
 export function prefersGraphqlResponse (accept: string | undefined): boolean {
-  if (accept === undefined) return false
+  if (accept === undefined || !GRAPHQL_RESPONSE_NAMED.test(accept)) return false
   let own = -1
   let json = -1
   let jsonRank = -1
