@@ -1,11 +1,10 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import pick from '@fastify/accept-negotiator'
 import { ReadStream } from 'node:fs'
 import { Readable } from 'node:stream'
 import { readFile } from 'node:fs/promises'
 import zlib from 'node:zlib'
 import { promisify } from 'node:util'
-import { BROTLI_OPTIONS, COMPRESSION_THRESHOLD, ENCODINGS, ZLIB_OPTIONS, type Encoding } from '../../plugins/compression/index.js'
+import { BROTLI_OPTIONS, COMPRESSION_THRESHOLD, ZLIB_OPTIONS, negotiate, type Encoding } from '../../plugins/compression/index.js'
 
 /**
  * The files of /docs (Swagger UI's bundle, its CSS, ...) compressed once per file and coding,
@@ -26,20 +25,6 @@ const compressors: Record<Encoding, (data: Buffer) => Promise<Buffer>> = {
   br: async data => await promisify(zlib.brotliCompress)(data, BROTLI_OPTIONS),
   gzip: async data => await promisify(zlib.gzip)(data, ZLIB_OPTIONS),
   deflate: async data => await promisify(zlib.deflate)(data, ZLIB_OPTIONS)
-}
-
-const CODINGS = [...ENCODINGS]
-// What @fastify/compress hands its negotiator: `*` (the compression plugin has written any out
-// already) and x-gzip read as gzip, the header lowercased.
-const GZIP_ALIAS = /\*|x-gzip/gu
-
-/**
- * The coding of ENCODINGS `accept` prefers, as @fastify/compress picks it (the same negotiator,
- * given the header as it gives it): the highest q above 0, on a tie the first of ENCODINGS; null
- * when it takes none of them.
- */
-export function negotiate (accept: string): Encoding | null {
-  return pick(accept.toLowerCase().replace(GZIP_ALIAS, 'gzip'), CODINGS)
 }
 
 /**

@@ -6,7 +6,7 @@ import { CallContext } from '../../plugins/pipeline/index.js'
 import { compiledOnce } from '../../compiled.js'
 import { withoutKeyword } from '../../schema-walk.js'
 import { takesIfNoneMatch } from '../../plugins/cache/index.js'
-import { COMPRESSION_THRESHOLD } from '../../plugins/compression/index.js'
+import { COMPRESSION_THRESHOLD, negotiate } from '../../plugins/compression/index.js'
 import { clientRequestId } from '../../ids.js'
 import { MantleError } from '../../errors.js'
 import type { JsonSchema, Operation } from '../../manifest.js'
@@ -156,11 +156,6 @@ export const tooManyRequests = {
   content: { 'application/problem+json': { schema: { $ref: 'Problem#' } } }
 }
 
-/** A header's value, several fields of it joined as one list (RFC 9110 §5.3). */
-function headerText (value: string | string[] | undefined): string | undefined {
-  return Array.isArray(value) ? value.join(', ') : value
-}
-
 export function single (value: string | string[] | undefined): string | undefined {
   return typeof value === 'string' ? value : undefined
 }
@@ -298,7 +293,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     // the ETag it had read (optimistic concurrency) overwrote whatever had changed since. `*` holds
     // when the target exists, which the Kernel decides. A refusal before the call, as a 415 is.
     if (mutation) {
-      const ifMatch = headerText(request.headers['if-match'])
+      const ifMatch = request.headers['if-match']
       if (ifMatch !== undefined && ifMatch.trim() !== '*') {
         throw new MantleError('BAD_REQUEST', 'If-Match cannot hold: the gateway\'s entity tags are weak, and If-Match compares strong ones; the mutation did not run', { status: 412 })
       }
@@ -351,19 +346,17 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   }
 }
 
-/** An encoding @fastify/compress would pick (ENCODINGS), named in Accept-Encoding. */
-const COMPRESSING_ENCODING = /(?:^|,)\s*(?:br|gzip|deflate)\s*(?:;\s*q=(?!0(?:\.0*)?\s*(?:,|$))[0-9.]+\s*)?(?:,|$)/i
-
 /**
  * Whether @fastify/compress would have compressed the 200 a 304 stands for, so named
- * `accept-encoding` in its Vary: an answer of at least its threshold, to a request that accepts an
- * encoding it speaks. Every 304 named it: the 304 of a small answer, or of a request asking for
- * no encoding, had a Vary its 200 did not (found using the gateway as a client would).
+ * `accept-encoding` in its Vary: an answer of at least its threshold, to a request whose
+ * Accept-Encoding takes a coding by @fastify/compress's own negotiation (`negotiate`). Every 304
+ * named it: the 304 of a small answer, or of a request asking for no encoding, had a Vary its 200
+ * did not (found using the gateway as a client would).
  */
 function wouldCompress (request: FastifyRequest, json: string | null | undefined): boolean {
   if (json === null || json === undefined || Buffer.byteLength(json) < COMPRESSION_THRESHOLD) return false
   const accept = request.headers['accept-encoding']
-  return accept !== undefined && COMPRESSING_ENCODING.test(accept)
+  return accept !== undefined && negotiate(accept) !== null
 }
 
 /** The stages' headers onto the reply; their Vary is added to the one already there, not put in its place. */

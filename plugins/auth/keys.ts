@@ -115,8 +115,6 @@ export interface JwksOptions {
   log?: Log | undefined
 }
 
-const monotonic = (): number => performance.now()
-
 /**
  * Keeps the keys of a JWKS URL: fetched at start, refreshed in the background, re-fetched on
  * an unknown kid at most once per `minRefetchMs`. A failed fetch keeps the last good keys.
@@ -143,7 +141,7 @@ export class JwksFetcher {
   /** An unknown kid was seen: re-fetch, unless a fetch started less than minRefetchMs ago. */
   unknownKid (): void {
     if (this.#closed || this.#inFlight !== null) return
-    if ((this.#options.now ?? monotonic)() - this.#lastFetch < (this.#options.minRefetchMs ?? 30_000)) return
+    if ((this.#options.now?.() ?? performance.now()) - this.#lastFetch < (this.#options.minRefetchMs ?? 30_000)) return
     this.fetch().catch(() => {})
   }
 
@@ -154,7 +152,7 @@ export class JwksFetcher {
 
   fetch (): Promise<void> {
     if (this.#inFlight !== null) return this.#inFlight
-    this.#lastFetch = (this.#options.now ?? monotonic)()
+    this.#lastFetch = (this.#options.now?.() ?? performance.now())
     this.#inFlight = this.#load().finally(() => { this.#inFlight = null })
     return this.#inFlight
   }

@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import compress from '@fastify/compress'
+import pick from '@fastify/accept-negotiator'
 import { constants, type BrotliOptions, type ZlibOptions } from 'node:zlib'
 
 // Response compression with @fastify/compress, negotiated from Accept-Encoding (br, gzip,
@@ -20,6 +21,20 @@ export const COMPRESSIBLE = /^text\/(?!event-stream)|(?:\+|\/)json(?:;|$)|(?:\+|
 /** The codings offered, in the gateway's order of preference. */
 export const ENCODINGS = ['br', 'gzip', 'deflate'] as const
 export type Encoding = typeof ENCODINGS[number]
+
+const CODINGS = [...ENCODINGS]
+// What @fastify/compress hands its negotiator: `*` (the compression plugin has written any out
+// already) and x-gzip read as gzip, the header lowercased.
+const GZIP_ALIAS = /\*|x-gzip/gu
+
+/**
+ * The coding of ENCODINGS `accept` prefers, as @fastify/compress picks it (the same negotiator,
+ * given the header as it gives it): the highest q above 0, on a tie the first of ENCODINGS; null
+ * when it takes none of them.
+ */
+export function negotiate (accept: string): Encoding | null {
+  return pick(accept.toLowerCase().replace(GZIP_ALIAS, 'gzip'), CODINGS)
+}
 
 /** Brotli's default quality (11) costs tens of ms per 100 KB: 4 is near gzip's speed and smaller. */
 export const BROTLI_OPTIONS: BrotliOptions = Object.freeze({ params: Object.freeze({ [constants.BROTLI_PARAM_QUALITY]: 4 }) })

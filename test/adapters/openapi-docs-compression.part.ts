@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
 import { buildTestApp } from '../helper.js'
-import { negotiate } from '../../adapters/openapi/precompressed.js'
+import { negotiate } from '../../plugins/compression/index.js'
 
 const BUNDLE = '/docs/static/swagger-ui-bundle.js'
 const bundle = readFileSync(join(dirname(createRequire(import.meta.url).resolve('@fastify/swagger-ui')), 'static', 'swagger-ui-bundle.js'))
