@@ -112,6 +112,36 @@ for (const [revoke, giveBack] of [[['-evalsha'], ['+evalsha']], [['resetkeys', '
   })
 }
 
+t.test('Redis refusing the cache its scripts (-evalsha) while its reads go through: a read answered between does not end the refusal, logged once (not at each miss after a hold)', async t => {
+  const { make, admin } = aclUsers(t)
+  const user = await make(...GRANTED)
+  const { app, lines } = await gateway(t, user.url)
+  const tenant = 'revoked-' + randomUUID()
+  const get = async (path: string): Promise<string | undefined> => {
+    const res = await app.inject({ method: 'GET', url: `/api/v1/${path}`, headers: bearer({ tenant }) })
+    t.equal(res.statusCode, 200, 'no 5xx')
+    return res.headers['x-cache'] as string | undefined
+  }
+  // Item a's tags in Redis already: a read of an entry under them is its MGET alone, which Redis
+  // still answers once it refuses scripts.
+  t.equal(await get('items/a'), 'miss')
+  await admin.call('ACL', 'SETUSER', user.name, '-evalsha')
+  // Misses of other operations under the same tags, each once the cache's hold on Redis has
+  // ended: the read answered, the write (a script) refused.
+  for (const path of ['default/a', 'fresh/a', 'mine/a']) {
+    t.equal(await get(path), 'miss')
+    await new Promise(resolve => setTimeout(resolve, 1100))
+  }
+  t.equal(lines.filter(l => l.level === 50 && l.part === 'cache').length, 1, 'the refusal logged once')
+  t.notOk(lines.some(l => /^Redis permits cache its commands again/.test(l.msg)), 'not said permitted at each read')
+  t.notOk(lines.some(l => /^cache: Redis failed/.test(l.msg)), 'nor warned of as an outage of Redis')
+  t.match((await readyz(app)).body.checks.redis, /cache: NOPERM/, '/readyz still names the cache')
+  t.match((await stores(app)).cache, { healthy: false }, '/diagz: the cache on memory')
+  await admin.call('ACL', 'SETUSER', user.name, '+evalsha')
+  await eventually(async () => (await readyz(app)).statusCode === 200, 'ready again, without a call')
+  t.match((await stores(app)).cache, { healthy: true })
+})
+
 t.test('Redis refusing the events\' publishes (-publish) while the gateway runs: delivered here, no 5xx, /readyz says so; ready again once Redis permits it', async t => {
   const { make, admin } = aclUsers(t)
   const user = await make(...GRANTED)
