@@ -91,7 +91,7 @@ function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
  * a Kernel 4xx's own passed on), whatever concern is on; and a 401's challenge. Only the 429 had
  * its Retry-After documented, and only with the rate limits on.
  */
-const retryAfterDoc = (idempotency: boolean): HeaderDoc => ({ 'Retry-After': { type: 'string', description: `Seconds to wait before calling again, on a refusal that asks for a wait (${idempotency ? 'IDEMPOTENCY_CONFLICT 409, RATE_LIMITED 429 of a tenant holding the most idempotency keys it may, ' : ''}KERNEL_UNAVAILABLE or OVERLOADED 503, a Kernel refusal that said so)` } })
+const retryAfterDoc = (idempotency: boolean): HeaderDoc => ({ 'Retry-After': { type: 'string', description: `Seconds to wait before calling again, on a refusal that asks for a wait (${idempotency ? 'IDEMPOTENCY_CONFLICT 409, RATE_LIMITED 429 of a tenant holding the most idempotency keys it may, ' : ''}KERNEL_UNAVAILABLE or OVERLOADED 503, a Kernel refusal or failure (KERNEL_ERROR 502) that said so)` } })
 // With idempotency off, the description named its two refusals, which cannot happen then.
 const RETRY_AFTER = retryAfterDoc(true)
 const RETRY_AFTER_NO_KEYS = retryAfterDoc(false)

@@ -79,7 +79,7 @@ interface Attempt {
   message: string | undefined
   /** The request did not go out: no connection was made (refused, no such host, still opening), or none came free in time. */
   unsent?: true
-  /** A 4xx's Retry-After, as whole seconds (a 429 or 503 of the Kernel's asks for a wait). */
+  /** A 4xx's or 5xx's Retry-After, as whole seconds (a 429 or 503 of the Kernel's asks for a wait). */
   retryAfter?: string
 }
 
@@ -362,7 +362,10 @@ export class KernelClient {
         }
         this.breaker?.failure(permit)
         if (result.outcome !== 'timeout' && idempotent && attempt < this.retries) {
-          const wait = Math.random() * Math.min(this.backoff.capMs, this.backoff.baseMs * 2 ** attempt)
+          const jitter = Math.random() * Math.min(this.backoff.capMs, this.backoff.baseMs * 2 ** attempt)
+          // Never sooner than the Kernel's Retry-After asked (RFC 9110 §10.2.3); a wait the deadline
+          // leaves no time after means no retry, and the 502 carries the wait on.
+          const wait = result.retryAfter === undefined ? jitter : Math.max(jitter, Number(result.retryAfter) * 1000)
           // Only with at least the failed attempt's own time left after the backoff: a retry sent
           // with a few ms left could not be answered in time, and turned the 5xx into a timeout.
           const now = performance.now()
@@ -479,7 +482,12 @@ export class KernelClient {
       // Not read: a body still coming is cut (its connection with it), one already here costs nothing.
       discard(res)
       if (status >= 300 && status < 400) return { outcome: 'redirect', status, value: undefined, message: undefined }
-      return { outcome: 'server_error', status, value: undefined, message: undefined }
+      // A 5xx's Retry-After (a 503 of a Kernel restarting or shedding load) is the wait before a
+      // retry (execute), and goes on to the client with the 502 (failure): it was ignored, the
+      // retries went out within milliseconds of a Kernel asking for seconds, and the client, told
+      // nothing, called again at once.
+      const retryAfter = secondsToWait(res.headers['retry-after'])
+      return { outcome: 'server_error', status, value: undefined, message: undefined, ...(retryAfter === undefined ? {} : { retryAfter }) }
     } catch (err) {
       const code = (err as { code?: string }).code ?? ''
       if (code === 'UND_ERR_INVALID_ARG') throw new MantleError('INTERNAL', 'The gateway could not form the Kernel request')
@@ -931,5 +939,5 @@ function clientClosed (): MantleError {
 function failure (result: Attempt, op: Operation): MantleError {
   if (result.outcome === 'timeout') return new MantleError('KERNEL_TIMEOUT', `The Kernel did not answer within ${op.timeoutMs} ms`)
   if (result.outcome === 'unavailable') return new MantleError('KERNEL_UNAVAILABLE', 'The Kernel cannot be reached')
-  return new MantleError('KERNEL_ERROR', result.message ?? `The Kernel failed (status ${result.status})`)
+  return new MantleError('KERNEL_ERROR', result.message ?? `The Kernel failed (status ${result.status})`, result.retryAfter === undefined ? undefined : { headers: { 'retry-after': result.retryAfter } })
 }

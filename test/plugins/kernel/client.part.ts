@@ -234,6 +234,32 @@ t.test('a GET that fails once and then succeeds answers 200', async t => {
   t.equal(hits(kernel, '/v1/items/f1'), 2)
 })
 
+// A Kernel 5xx's Retry-After (a 503 of a Kernel restarting or shedding load) was ignored: the
+// retries went out within milliseconds, and the client was told nothing of the wait.
+t.test('a Kernel 5xx\'s Retry-After is waited for before a retry, and passed on when there is no time for one', async t => {
+  const { app, kernel } = await setup(t, { circuitBreaker: { threshold: 100, resetTimeoutMs: 1000 } })
+  const at: number[] = []
+  kernel.on('GET /v1/items/w1', (_req, res) => {
+    at.push(Date.now())
+    if (at.length === 1) { res.setHeader('retry-after', '1'); json(res, 503, {}) } else json(res, 200, { id: 'w1' })
+  })
+  const res = await app.inject({ url: '/api/v1/items/w1', headers: bearer() })
+  t.same([res.statusCode, res.json()], [200, { id: 'w1' }])
+  t.equal(at.length, 2)
+  t.ok(at[1] - at[0] >= 950, `the retry waited for the Retry-After (${at[1] - at[0]} ms)`)
+  kernel.on('GET /v1/items/w2', (_req, res) => { res.setHeader('retry-after', '120'); json(res, 503, {}) })
+  const started = Date.now()
+  const rest = await app.inject({ url: '/api/v1/items/w2', headers: bearer() })
+  t.same([rest.statusCode, rest.json().code, rest.headers['retry-after']], [502, 'KERNEL_ERROR', '120'], 'REST')
+  t.ok(Date.now() - started < 1000, 'answered at once')
+  t.equal(hits(kernel, '/v1/items/w2'), 1, 'no retry the wait leaves no time for')
+  const trpc = await app.inject({ url: '/trpc/getItem?input=' + encodeURIComponent(JSON.stringify({ id: 'w2' })), headers: bearer() })
+  t.same([trpc.statusCode, trpc.json().error.data.code, trpc.json().error.data.retryAfter], [502, 'KERNEL_ERROR', 120], 'tRPC')
+  kernel.on('POST /v1/items', (_req, res) => { res.setHeader('retry-after', '7'); json(res, 500, {}) })
+  const post = await app.inject({ method: 'POST', url: '/api/v1/items', headers: bearer(), payload: { name: 'x' } })
+  t.same([post.statusCode, post.headers['retry-after']], [502, '7'], 'a mutation without a key: not retried, the wait passed on')
+})
+
 t.test('a POST without an Idempotency-Key is never retried', async t => {
   const { app, kernel } = await setup(t, { circuitBreaker: { threshold: 100, resetTimeoutMs: 1000 } })
   kernel.on('POST /v1/items', (_req, res) => json(res, 502, {}))
