@@ -241,14 +241,17 @@ function outputValidator (op: Operation): ValidateFunction {
  * The check of what the Kernel sends (a call's answer, an event's payload) against `opened`, a
  * schema as openSchema leaves it. One Ajv per schema, as for inputs (a shared one keeps each
  * reloaded manifest's schemas). strictNumbers: a `number` admits no Infinity (JSON.parse's
- * reading of 1e400), which the serializer wrote as null where the schema wants a number.
+ * reading of 1e400), which the serializer wrote as null where the schema wants a number. Its
+ * integers are held to ±(2^53 - 1) (safeIntegers), as an input's are: JSON.parse reads
+ * 9007199254740993 as 9007199254740992, and an `integer` id of the Kernel's past the range reached
+ * the client as another number, on every face, which it then asked for (another resource).
  */
 export function answerCheck (opened: unknown): ValidateFunction {
   return compiledOnce('answer', opened, () => {
     // ownProperties: as for inputs (an answer without an optional `toString` was a 502).
     const ajv = new Ajv({ allErrors: false, strict: false, coerceTypes: false, validateFormats: false, strictNumbers: true, ownProperties: true })
     addUniqueItems(ajv)
-    return ajv.compile(opened as Record<string, unknown>)
+    return ajv.compile(safeIntegers(opened) as Record<string, unknown>)
   })
 }
 

@@ -228,7 +228,13 @@ t.test('a Kernel answer that breaks the output schema is KERNEL_ERROR on every f
   // Numbers past a double's range: JSON.parse reads them as Infinity, which JSON cannot carry.
   const texts: Record<string, string> = {
     hugeSize: '{"id":"s","name":"n","sides":3,"size":1e400,"level":"low"}',
-    hugeSides: '{"id":"s","name":"n","sides":-1e400,"size":1.5,"level":"low"}'
+    hugeSides: '{"id":"s","name":"n","sides":-1e400,"size":1.5,"level":"low"}',
+    // Integers past 2^53 - 1: JSON.parse reads them rounded (9007199254740993 as ...992), and
+    // the client was answered another number, another id, as an input beyond them would be.
+    unsafeSides: '{"id":"s","name":"n","sides":9007199254740993,"size":1.5,"level":"low"}',
+    unsafeNegative: '{"id":"s","name":"n","sides":-9007199254740992,"size":1.5,"level":"low"}',
+    safeSides: '{"id":"s","name":"n","sides":9007199254740991,"size":1.5,"level":"low"}',
+    bigSize: '{"id":"s","name":"n","sides":3,"size":9007199254740993,"level":"low"}'
   }
   const kernel = await startTestKernel(t, {
     ...Object.fromEntries(Object.entries(answers).map(([id, answer]) => [`GET /v1/shapes/${id}`, (_req, res) => json(res, 200, answer)])),
@@ -250,11 +256,18 @@ t.test('a Kernel answer that breaks the output schema is KERNEL_ERROR on every f
     // GraphQL refused it (Float cannot represent Infinity).
     { name: 'a number beyond a double', op: 'getShape', input: { id: 'hugeSize' }, expect: broken },
     { name: 'an integer beyond a double', op: 'getShape', input: { id: 'hugeSides' }, expect: broken },
+    { name: 'an integer beyond 2^53 - 1', op: 'getShape', input: { id: 'unsafeSides' }, expect: broken },
+    { name: 'an integer below -(2^53 - 1)', op: 'getShape', input: { id: 'unsafeNegative' }, expect: broken },
+    { name: 'an integer of 2^53 - 1', op: 'getShape', input: { id: 'safeSides' }, expect: { ok: true } },
+    // A `number` is a double: the schema asks for no more than JSON.parse reads.
+    { name: 'a number beyond 2^53', op: 'getShape', input: { id: 'bigSize' }, expect: { ok: true } },
     // A Kernel may add a field before the manifest names it: dropped, even under additionalProperties false.
     { name: 'an undeclared field', op: 'getShape', input: { id: 'listed' }, expect: { ok: true } }
   ])
   const listed = await app.inject({ method: 'GET', url: '/api/v1/shapes/listed', headers: { authorization: `Bearer ${token()}` } })
   t.same(listed.json(), shape, 'the undeclared field is dropped')
+  const unsafe = await app.inject({ method: 'GET', url: '/api/v1/shapes/unsafeSides', headers: { authorization: `Bearer ${token()}` } })
+  t.match(unsafe.json().detail, /output\.sides must be <= 9007199254740991/, 'the field at fault is named')
 })
 
 t.test('a Kernel answer nested more than 512 levels deep where its schema leaves it free is KERNEL_ERROR on every face', async t => {
