@@ -5,7 +5,7 @@ import type { EventEmitter } from 'node:events'
 import { MantleError } from '../../errors.js'
 import type { BreakerSettings, Operation } from '../../manifest.js'
 import { Leave, callerGone, watchCaller, unwatchCaller, type CallContext, type Next } from '../pipeline/index.js'
-import { CircuitBreaker, RetryBudget, DENIED, NORMAL, type BreakerState, type OpenReason, type Permit } from './breaker.js'
+import { CircuitBreaker, RetryBudget, DENIED, NORMAL, PROBE, type BreakerState, type OpenReason, type Permit } from './breaker.js'
 import { getHeapStatistics } from 'node:v8'
 import { INVALID, OVER_BUDGET, readJson, type ByteBudget } from '../../read-json.js'
 
@@ -300,7 +300,12 @@ export class KernelClient {
         const started = performance.now()
         let result: Attempt
         try {
-          result = await this.attempt(method, path, headers, body, remaining, op.timeoutMs, need, leave, op.type === 'mutation')
+          // A half-open breaker's probe, once sent, is let finish as a mutation is (attempt): aborted
+          // when its caller left, it was handed back (release) as never sent, and the next call
+          // went out as another probe at once, one per client that left (a load balancer giving up
+          // before the operation's timeout), to a Kernel that may hang on each; and no probe's
+          // outcome ever closed or opened the breaker.
+          result = await this.attempt(method, path, headers, body, remaining, op.timeoutMs, need, leave, op.type === 'mutation' || permit === PROBE)
         } catch (err) {
           // undici refused to send what the gateway built (a header value it cannot carry): the
           // gateway's fault, not the Kernel's. Neither retried nor a breaker failure; before, it
@@ -389,7 +394,8 @@ export class KernelClient {
     }
   }
 
-  private async attempt (method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, remaining: number, timeoutMs: number, need: Need, leave: Leave | null, mutation: boolean): Promise<Attempt> {
+  /** `letFinish`: once sent, the attempt is not aborted when its caller leaves (a mutation, the breaker's probe). */
+  private async attempt (method: Dispatcher.HttpMethod, path: string, headers: Record<string, string>, body: string | undefined, remaining: number, timeoutMs: number, need: Need, leave: Leave | null, letFinish: boolean): Promise<Attempt> {
     // One precise timer bounds headers and body together by the op's deadline. undici's own
     // headersTimeout/bodyTimeout run on its coarse timer wheel (a 150 ms timeout fired after
     // more than 600 ms here), too loose for short per-op timeouts.
@@ -430,8 +436,9 @@ export class KernelClient {
     try {
       if (deadline.cancelled) return leftQueued
       // A mutation that goes out is let finish: its outcome is what idempotency stores and the
-      // audit records, and a Kernel that got it may act on it whatever the gateway does.
-      if (leave !== null && mutation) leave.cancel = null
+      // audit records, and a Kernel that got it may act on it whatever the gateway does. So is the
+      // breaker's probe: its outcome is what closes or opens the breaker (execute).
+      if (leave !== null && letFinish) leave.cancel = null
       const request = this.pool.request({ method, path, headers, body, signal: deadline as unknown as EventEmitter })
       // undici acts on the signal only once the request has a connection: a call queued behind
       // busy connections, or waiting for one that does not open, would outlive its deadline.

@@ -190,3 +190,40 @@ t.test('a cancelled attempt is counted: outcome client_closed, sent or still wai
   t.notMatch(text, /mantle_kernel_request_duration_seconds_count\{op="getItem",outcome="timeout"\}/, 'not a Kernel timeout')
   t.notMatch(text, /mantle_kernel_rejected_total\{reason=/, 'nor a rejection')
 })
+
+// The half-open breaker's one probe, aborted when its caller left, was handed back as if never
+// sent: the next call went out as another probe at once, one per client that left, to a Kernel
+// that may hang on each (a load balancer or browser giving up before the operation's timeout
+// made a stream of them), and no probe's outcome ever closed or opened the breaker.
+t.test('a half-open breaker\'s probe whose caller leaves is let finish: its outcome decides, and no other call goes out meanwhile', async t => {
+  const { app, kernel, port } = await setup(t, { retries: 0, circuitBreaker: { threshold: 1, resetTimeoutMs: 300 } }, false, 1000)
+  kernel.on('GET /v1/items/boom', (_q, res) => json(res, 500, {}))
+  let hung = 0
+  kernel.on('GET /v1/items/hang', () => { hung++ })
+  const open = async (): Promise<void> => {
+    t.equal((await app.inject({ url: '/api/v1/items/boom', headers: bearer() })).statusCode, 502)
+    t.equal(app.kernel.breakerState(), 'open')
+    await until(() => app.kernel.breakerState() === 'half-open', 'the reset time to pass')
+  }
+  await open()
+  for (let i = 0; i < 3; i++) {
+    const req = send(port, 'GET', '/api/v1/items/hang', `probe-${i}`)
+    await until(() => app.kernel.inFlight() > 0 || hung > i, `call ${i} to run`)
+    await new Promise(resolve => setTimeout(resolve, 30))
+    req.destroy()
+    await new Promise(resolve => setTimeout(resolve, 30))
+  }
+  t.equal(hung, 1, 'one probe reached the Kernel, not one per client that left')
+  const refused = await app.inject({ url: '/api/v1/items/hang', headers: bearer() })
+  t.same([refused.statusCode, refused.json().code], [503, 'KERNEL_UNAVAILABLE'], 'the probe is still out: refused fast')
+  await until(() => app.kernel.inFlight() === 0, 'the probe to time out (1 s)', 3000)
+  t.equal(app.kernel.breakerState(), 'open', 'its timeout opened the breaker again')
+  // A Kernel that answers: the probe let finish closes the breaker, its caller gone or not.
+  await until(() => app.kernel.breakerState() === 'half-open', 'the reset time to pass')
+  kernel.on('GET /v1/items/slowok', (_q, res) => { setTimeout(() => json(res, 200, { id: 'slowok' }), 150) })
+  const req = send(port, 'GET', '/api/v1/items/slowok', 'probe-ok')
+  await until(() => hits(kernel, '/v1/items/slowok') === 1, 'the probe to reach the Kernel')
+  req.destroy()
+  await until(() => app.kernel.inFlight() === 0, 'the probe to end')
+  t.equal(app.kernel.breakerState(), 'closed', 'its answer closed the breaker')
+})
