@@ -912,9 +912,9 @@ const RETRY_AFTER_MAX_S = 86_400
 
 /**
  * A Kernel's Retry-After (delta-seconds or an HTTP-date, RFC 9110 §10.2.3) as whole seconds from
- * now, at most a day; undefined when absent or neither. Passed on with its 4xx (a 429 of the
- * Kernel's reached clients without it), as seconds: the faces that have no headers carry it as
- * a number (retryAfterOf).
+ * now, at most a day; undefined when absent or neither. Passed on with its 4xx or 5xx (a 429 of
+ * the Kernel's reached clients without it), as seconds: the faces that have no headers carry it
+ * as a number (retryAfterOf).
  */
 export function secondsToWait (value: string | string[] | undefined): string | undefined {
   if (typeof value !== 'string') return undefined
@@ -922,11 +922,40 @@ export function secondsToWait (value: string | string[] | undefined): string | u
   let seconds: number
   if (/^\d{1,10}$/.test(text)) seconds = Number(text)
   else {
-    const at = Date.parse(text)
-    if (Number.isNaN(at) || !/^[A-Za-z]{3}, /.test(text)) return undefined
+    const at = httpDate(text)
+    if (Number.isNaN(at)) return undefined
     seconds = Math.max(0, Math.ceil((at - Date.now()) / 1000))
   }
   return String(Math.min(seconds, RETRY_AFTER_MAX_S))
+}
+
+const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec']
+const RFC850_DATE = /^(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), (\d{2})-([A-Z][a-z]{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2}) GMT$/
+const ASCTIME_DATE = /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) ([A-Z][a-z]{2}) ([ \d]\d) (\d{2}):(\d{2}):(\d{2}) (\d{4})$/
+
+/**
+ * An HTTP-date as milliseconds since the epoch (NaN: none). A recipient MUST accept all three of
+ * its formats (RFC 9110 §5.6.7): the IMF-fixdate alone was read, and a Retry-After in the obsolete
+ * RFC 850 or asctime form reached the client as no wait at all. asctime is GMT (Date.parse read it
+ * as local time); an RFC 850 two-digit year more than 50 years ahead is the last such year past.
+ */
+function httpDate (text: string): number {
+  if (/^[A-Za-z]{3}, /.test(text)) return Date.parse(text)
+  const rfc850 = RFC850_DATE.exec(text)
+  if (rfc850 !== null) {
+    const thisYear = new Date().getUTCFullYear()
+    let year = thisYear - (thisYear % 100) + Number(rfc850[3])
+    if (year > thisYear + 50) year -= 100
+    return utc(year, rfc850[2], rfc850[1], rfc850[4], rfc850[5], rfc850[6])
+  }
+  const asctime = ASCTIME_DATE.exec(text)
+  if (asctime !== null) return utc(Number(asctime[6]), asctime[1], asctime[2], asctime[3], asctime[4], asctime[5])
+  return NaN
+}
+
+function utc (year: number, month: string, day: string, hours: string, minutes: string, seconds: string): number {
+  const m = MONTHS.indexOf(month)
+  return m < 0 ? NaN : Date.UTC(year, m, Number(day), Number(hours), Number(minutes), Number(seconds))
 }
 
 // Without the Location: it may name hosts inside the network, which clients have no need of.

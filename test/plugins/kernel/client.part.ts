@@ -202,6 +202,28 @@ t.test('a Kernel 429 passes its Retry-After on, a Kernel 401 carries a challenge
   t.equal(hits(kernel, '/v1/items/l1'), 2, 'a 429 is not retried')
 })
 
+// RFC 9110 §5.6.7: a recipient MUST accept all three HTTP-date formats. Only the IMF-fixdate was
+// read; a Retry-After in the obsolete RFC 850 or asctime form reached the client as no wait at all.
+t.test('a Kernel Retry-After in any of the three HTTP-date formats is passed on as seconds', async t => {
+  const { app, kernel } = await setup(t)
+  const at = new Date(Date.now() + 90_000)
+  const two = (n: number) => String(n).padStart(2, '0')
+  const time = `${two(at.getUTCHours())}:${two(at.getUTCMinutes())}:${two(at.getUTCSeconds())}`
+  const month = at.toUTCString().slice(8, 11)
+  const days = ['Sunday', 'Monday', 'Tuesday', 'Wednesday', 'Thursday', 'Friday', 'Saturday']
+  const dates: Record<string, string> = {
+    imf: at.toUTCString(),
+    rfc850: `${days[at.getUTCDay()]}, ${two(at.getUTCDate())}-${month}-${two(at.getUTCFullYear() % 100)} ${time} GMT`,
+    asctime: `${days[at.getUTCDay()].slice(0, 3)} ${month} ${String(at.getUTCDate()).padStart(2, ' ')} ${time} ${at.getUTCFullYear()}`
+  }
+  for (const [form, date] of Object.entries(dates)) {
+    kernel.on(`GET /v1/items/${form}`, (_req, res) => { res.setHeader('retry-after', date); json(res, 429, {}) })
+    const res = await app.inject({ url: `/api/v1/items/${form}`, headers: bearer() })
+    const seconds = Number(res.headers['retry-after'])
+    t.ok(res.statusCode === 429 && seconds >= 85 && seconds <= 90, `${form} (${date}): ${String(res.headers['retry-after'])}`)
+  }
+})
+
 t.test('a Kernel 5xx on a GET is retried, then surfaces as 502 KERNEL_ERROR', async t => {
   const { app, kernel } = await setup(t, { circuitBreaker: { threshold: 100, resetTimeoutMs: 1000 } })
   kernel.on('GET /v1/items/e1', (_req, res) => json(res, 500, { message: 'boom' }))
