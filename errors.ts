@@ -12,7 +12,7 @@ export const ErrorCodes = {
   PAYLOAD_TOO_LARGE: { status: 413, title: 'Payload too large' },
   UNSUPPORTED_MEDIA_TYPE: { status: 415, title: 'Unsupported media type' },
   IDEMPOTENCY_CONFLICT: { status: 409, title: 'Idempotent call still running' },
-  IDEMPOTENCY_KEY_REUSED: { status: 422, title: 'Idempotency key reused with another input' },
+  IDEMPOTENCY_KEY_REUSED: { status: 422, title: 'Idempotency key reused with another input or by another user' },
   RATE_LIMITED: { status: 429, title: 'Rate limited' },
   BAD_REQUEST: { status: 400, title: 'Bad request' },
   KERNEL_REJECTED: { status: 400, title: 'Rejected by the Kernel' },

@@ -207,7 +207,7 @@ export function idempotencyKeyHeader (concerns: HeaderConcerns, keyed = 'Runs th
     maxLength: 255,
     pattern: '^[\\x21-\\x7e]+$',
     description: concerns.idempotency
-      ? `${keyed} once per tenant and key for ${concerns.idempotencyFor}; a repeat gets the stored answer with Idempotent-Replayed: true`
+      ? `${keyed} once per tenant and key for ${concerns.idempotencyFor}; a repeat by the same user gets the stored answer with Idempotent-Replayed: true (by another user of the tenant, 422)`
       : 'Passed on to the Kernel as its Idempotency-Key (which may answer a repeat from its own record); the call may then be retried after a Kernel failure. The gateway stores no answer (BFF_IDEMPOTENCY_ENABLED=false)'
   }
 }

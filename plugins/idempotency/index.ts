@@ -114,7 +114,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     const registers = [app.metrics.registry]
     const replays = new Counter({ name: 'mantle_idempotency_replays_total', help: 'Repeats answered with the stored outcome of the first call, by operation', labelNames: ['op'] as const, registers })
     const conflicts = new Counter({ name: 'mantle_idempotency_conflicts_total', help: 'Repeats refused with 409 IDEMPOTENCY_CONFLICT because the first call was still running, by operation', labelNames: ['op'] as const, registers })
-    const reused = new Counter({ name: 'mantle_idempotency_key_reused_total', help: 'Keys refused with 422 IDEMPOTENCY_KEY_REUSED (same key, another input), by operation', labelNames: ['op'] as const, registers })
+    const reused = new Counter({ name: 'mantle_idempotency_key_reused_total', help: 'Keys refused with 422 IDEMPOTENCY_KEY_REUSED (same key, another input or another user of the tenant), by operation', labelNames: ['op'] as const, registers })
     const full = new Counter({ name: 'mantle_idempotency_tenant_full_total', help: 'Keyed calls refused with 429 RATE_LIMITED, before any Kernel call, because their tenant held BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT records in Redis, by operation', labelNames: ['op'] as const, registers })
     const fallbacks = new Counter({ name: 'mantle_idempotency_store_fallbacks_total', help: 'Keyed calls claimed in the memory store because Redis was away or failed (a waiting repeat counts once, not per poll)', registers })
     const evictions = new Counter({ name: 'mantle_idempotency_memory_evictions_total', help: 'Outcomes the memory idempotency store dropped before their TTL, or did not keep, to stay within BFF_IDEMPOTENCY_MAX_KEYS or its 64 MB (each the least recently used of the tenant holding the most); a repeat of one runs again', registers })
@@ -307,7 +307,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
    * poll). `held`: the running record the call found in Redis (a repeat waiting for another
    * call), else null.
    */
-  const claimIn = async (key: string, hash: string, leaseMs: number, running: string, first: boolean, held: IdempotencyRecord | null): Promise<Claimed> => {
+  const claimIn = async (key: string, hash: string, user: string, leaseMs: number, running: string, first: boolean, held: IdempotencyRecord | null): Promise<Claimed> => {
     let unanswered: string | null = null
     if (shared !== null) {
       if (redis!.up()) {
@@ -345,7 +345,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         fallBack(null, first)
       }
     }
-    const claim = await memory.claim(key, hash, leaseMs)
+    const claim = await memory.claim(key, hash, leaseMs, user)
     return { store: memory, claim, unanswered, inRedis: !claim.won && memory.peek(key)?.held === true }
   }
   /**
@@ -389,19 +389,19 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       const run = async (ctx: CallContext, next: Next, store: IdempotencyStore, key: string, token: string, hash: string, unanswered: string | null): Promise<unknown> => {
         // A call claimed in Redis is held here too: a repeat on this instance waits for it even
         // if Redis goes away meanwhile (it claimed the key in memory and ran a second call).
-        if (store !== memory) memory.hold(key, hash, token, leaseMs)
+        if (store !== memory) memory.hold(key, hash, token, leaseMs, ctx.user)
         let result: unknown
         try {
           result = await next(ctx)
         } catch (err) {
           const definitive = err instanceof MantleError && (err.code === 'KERNEL_REJECTED' || err.code === 'NOT_FOUND') && !TRANSIENT_STATUS.has(err.statusCode) && err.headers?.['retry-after'] === undefined
-          await finish(store, key, token, definitive ? { state: 'done', hash, status: err.statusCode, body: null, error: { code: err.code as 'KERNEL_REJECTED' | 'NOT_FOUND', status: err.statusCode, detail: err.message }, ...verdictOf(ctx) } : null, leaseMs, unanswered)
+          await finish(store, key, token, definitive ? { state: 'done', hash, user: ctx.user, status: err.statusCode, body: null, error: { code: err.code as 'KERNEL_REJECTED' | 'NOT_FOUND', status: err.statusCode, detail: err.message }, ...verdictOf(ctx) } : null, leaseMs, unanswered)
           throw err
         }
         // The chain's innermost step serialized the answer (ctx.json; an answer that breaks the
         // output schema threw there, and released the key above): stored as the client gets it.
         const body = ctx.json ?? entry.serialize(result)
-        await finish(store, key, token, { state: 'done', hash, status: ctx.status, body, error: null, ...verdictOf(ctx) }, leaseMs, unanswered)
+        await finish(store, key, token, { state: 'done', hash, user: ctx.user, status: ctx.status, body, error: null, ...verdictOf(ctx) }, leaseMs, unanswered)
         return result
       }
 
@@ -413,7 +413,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         // Made at a repeat's first wait, not before: a call that claims its key pays nothing.
         let leave: Leave | null = null
         const caller = ctx.caller
-        const running = shared === null ? '' : RedisIdempotencyStore.running(hash)
+        const running = shared === null ? '' : RedisIdempotencyStore.running(hash, ctx.user)
         // The running record this call found in Redis: from then on it never claims in memory.
         let held: IdempotencyRecord | null = null
         // A poll of it that Redis did not answer in time, and none answered since: that claim
@@ -423,7 +423,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
           for (let first = true; ; first = false) {
             let claimedIn: Claimed
             try {
-              claimedIn = await claimIn(key, hash, leaseMs, running, first, held)
+              claimedIn = await claimIn(key, hash, ctx.user, leaseMs, running, first, held)
             } catch (err) {
               if (!(err instanceof TenantFullError)) throw err
               metrics.full()
@@ -439,9 +439,14 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
             // here and found Redis away at its next poll claimed the key in memory and ran a
             // second Kernel call.
             if (store === shared || inRedis === true) held = record
-            if (record.hash !== hash) {
+            // Another user of the tenant with the key is refused as another input is (the Kernel
+            // gets the user as x-user-id: it is part of the call). The key is the tenant's, the
+            // answer the first user's: replayed to another user (or waited for, while the first ran),
+            // it went to anyone who learnt or guessed the key (a token the Kernel minted for the
+            // first user, say). A record of an older version names no user: any user's, as before.
+            if (record.hash !== hash || (record.user !== undefined && record.user !== ctx.user)) {
               metrics.reused()
-              throw new MantleError('IDEMPOTENCY_KEY_REUSED', `The Idempotency-Key was already used for ${op.name} with another input`)
+              throw new MantleError('IDEMPOTENCY_KEY_REUSED', `The Idempotency-Key was already used for ${op.name} with another input, or by another user`)
             }
             if (record.state === 'done') {
               metrics.replay()

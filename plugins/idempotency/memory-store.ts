@@ -63,11 +63,11 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
     return { record, ttlMs: this.cache.remainingTtl(key) }
   }
 
-  async claim (key: string, hash: string, leaseMs: number): Promise<Claim> {
+  async claim (key: string, hash: string, leaseMs: number, user?: string): Promise<Claim> {
     const record = this.claimOf(key)?.record ?? this.cache.get(key)
     if (record !== undefined) return { won: false, record }
     const token = randomUUID()
-    this.running.set(key, { record: { state: 'running', hash, token }, until: performance.now() + leaseMs, held: false })
+    this.running.set(key, { record: running(hash, token, user), until: performance.now() + leaseMs, held: false })
     return { won: true, token }
   }
 
@@ -75,8 +75,8 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
    * Holds `key` for a call of this process that claimed it elsewhere (in Redis, under `token`):
    * a repeat here waits for it even if Redis goes away meanwhile.
    */
-  hold (key: string, hash: string, token: string, leaseMs: number): void {
-    this.running.set(key, { record: { state: 'running', hash, token }, until: performance.now() + leaseMs, held: true })
+  hold (key: string, hash: string, token: string, leaseMs: number, user?: string): void {
+    this.running.set(key, { record: running(hash, token, user), until: performance.now() + leaseMs, held: true })
   }
 
   async complete (key: string, token: string, record: DoneRecord, ttlMs: number): Promise<void> {
@@ -121,7 +121,12 @@ export class MemoryIdempotencyStore implements IdempotencyStore {
   }
 }
 
-/** What an outcome is counted as against the byte bound: its key and text by length. */
+/** A running claim, for `user` when the call has one. */
+function running (hash: string, token: string, user: string | undefined): RunningRecord {
+  return user === undefined ? { state: 'running', hash, token } : { state: 'running', hash, token, user }
+}
+
+/** What an outcome is counted as against the byte bound: its key and text (its user's too, up to 256 characters) by length. */
 function sizeOf (key: string, record: DoneRecord): number {
-  return key.length + 64 + (record.body?.length ?? 0) + (record.error?.detail.length ?? 0) + (record.findings?.length ?? 0) * 64
+  return key.length + 64 + (record.user?.length ?? 0) + (record.body?.length ?? 0) + (record.error?.detail.length ?? 0) + (record.findings?.length ?? 0) * 64
 }

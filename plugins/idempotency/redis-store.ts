@@ -102,8 +102,8 @@ export class RedisIdempotencyStore implements IdempotencyStore {
    * so that a claim whose answer never came (a command timeout while Redis carried it out) is
    * still known, and an outcome can be copied over it (`seed`).
    */
-  static running (hash: string): string {
-    return JSON.stringify({ state: 'running', hash, token: randomUUID() })
+  static running (hash: string, user?: string): string {
+    return JSON.stringify({ state: 'running', hash, token: randomUUID(), user })
   }
 
   async claim (key: string, hash: string, leaseMs: number, running = RedisIdempotencyStore.running(hash)): Promise<Claim> {
@@ -163,7 +163,7 @@ export function decode (text: string): IdempotencyRecord {
   try {
     value = JSON.parse(text) as Partial<Record<string, unknown>> | null
   } catch {}
-  if (value !== null && typeof value === 'object' && typeof value.hash === 'string') {
+  if (value !== null && typeof value === 'object' && typeof value.hash === 'string' && (value.user === undefined || typeof value.user === 'string')) {
     if (value.state === 'running' && typeof value.token === 'string') return value as unknown as IdempotencyRecord
     if (value.state === 'done' && typeof value.status === 'number' && (value.body === null || (typeof value.body === 'string' && isJson(value.body)))) {
       const error = value.error as DoneRecord['error'] | undefined

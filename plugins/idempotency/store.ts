@@ -1,8 +1,11 @@
 // What an idempotency store keeps per (tenant, op, key), and the interface both stores share.
 import type { Finding, RiskLevel } from '../pipeline/index.js'
 
-/** A call with this key is running: `token` names the holder, `hash` the input it runs with. */
-export interface RunningRecord { readonly state: 'running', readonly hash: string, readonly token: string }
+/**
+ * A call with this key is running: `token` names the holder, `hash` the input it runs with,
+ * `user` the user it runs for (see DoneRecord).
+ */
+export interface RunningRecord { readonly state: 'running', readonly hash: string, readonly token: string, readonly user?: string }
 
 /**
  * The final outcome of the first call with a key, as the client saw it: a 2xx with its status and
@@ -11,6 +14,11 @@ export interface RunningRecord { readonly state: 'running', readonly hash: strin
 export interface DoneRecord {
   readonly state: 'done'
   readonly hash: string
+  /**
+   * The user the first call ran for (the token's `sub`): the Kernel made the answer for that user,
+   * so only that user's repeats replay it. Absent in records of older versions (any user's then).
+   */
+  readonly user?: string
   readonly status: number
   /** The answer's JSON (2xx), or null for a refusal. */
   readonly body: string | null

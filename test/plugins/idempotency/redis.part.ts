@@ -62,7 +62,7 @@ t.test('Redis is the default store when REDIS_URL is set, and keys are where the
   await s.create({ name: 'where' }, key)
   const redis = await redisClient(t)
   const stored = JSON.parse((await redis.get(storeKey(s.tenant, 'createItem', key)))!)
-  t.same(stored, { state: 'done', hash: inputHash({ name: 'where' }), status: 201, body: '{"id":"item-1","name":"where","n":1}', error: null }, 'the shaped answer, never undeclared fields')
+  t.same(stored, { state: 'done', hash: inputHash({ name: 'where' }), user: 'u1', status: 201, body: '{"id":"item-1","name":"where","n":1}', error: null }, 'the shaped answer, never undeclared fields')
   const ttl = await redis.pttl(storeKey(s.tenant, 'createItem', key))
   t.ok(ttl > 0 && ttl <= 120_000, 'kept for the TTL')
 })

@@ -2,7 +2,7 @@
 // (two files, so that each stays well inside tap's per-file timeout on a loaded machine).
 import type { Test } from 'tap'
 import { randomUUID } from 'node:crypto'
-import { json, until } from '../../helper.js'
+import { bearer, json, until } from '../../helper.js'
 import { idemSetup, type StoreKind } from './idempotency-helper.js'
 
 export function semantics (t: Test, store: StoreKind): void {
@@ -55,6 +55,35 @@ export function semantics (t: Test, store: StoreKind): void {
     t.equal(rename.statusCode, 200)
     t.notOk(rename.headers['idempotent-replayed'], 'another op runs its own call')
     t.equal(s.calls('PATCH /v1/items/x'), 1)
+  })
+
+  // The key is the tenant's, but the answer is the user's: the Kernel made it for the first
+  // user (its x-user-id and x-user-roles). Another user of the tenant sending the same key and
+  // input got that answer replayed (a token the Kernel minted for the first user, say), or waited
+  // for it while the first call ran: a leak to anyone who learnt or guessed the key.
+  t.test('another user of the tenant with the same key and input is refused 422, never given the first user\'s answer', async t => {
+    const s = await idemSetup(t, store)
+    const key = randomUUID()
+    const as = (user: string): Record<string, string> => ({ ...bearer({ tenant: s.tenant, user }), 'idempotency-key': key })
+    const create = async (user: string) => await s.app.inject({ method: 'POST', url: '/api/v1/items', headers: as(user), payload: { name: 'mine' } })
+    const gate = s.hold()
+    const first = create('u1')
+    await until(() => s.calls() === 1, 'the first call to reach the Kernel')
+    const whileRunning = await create('u2')
+    t.equal(whileRunning.statusCode, 422, 'refused at once while the first runs, not made to wait for its answer')
+    t.match(whileRunning.json(), { code: 'IDEMPOTENCY_KEY_REUSED', status: 422 })
+    gate.open()
+    const answer = await first
+    t.equal(answer.statusCode, 201)
+    const other = await create('u2')
+    t.equal(other.statusCode, 422)
+    t.match(other.json(), { code: 'IDEMPOTENCY_KEY_REUSED', status: 422 })
+    t.notOk(other.headers['idempotent-replayed'])
+    t.notMatch(other.body, /item-1/, 'nothing of the first user\'s answer')
+    const own = await create('u1')
+    t.equal(own.headers['idempotent-replayed'], 'true', 'the first user\'s own repeat replays')
+    t.equal(own.body, answer.body)
+    t.equal(s.calls(), 1, 'one Kernel call')
   })
 
   t.test('20 concurrent repeats while the first runs make exactly one Kernel call and all get its answer', async t => {

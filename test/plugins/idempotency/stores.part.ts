@@ -312,6 +312,9 @@ t.test('decode accepts the records the stores write and refuses anything else', 
   t.same(decode(JSON.stringify(refused)), refused)
   const risky = { ...done('h'), risk: 'high', findings: [{ category: 'injection', type: 'ignore-instructions', score: 0.9, field: 'prompt' }] }
   t.same(decode(JSON.stringify(risky)), risky, 'with the first call\'s firewall verdict')
+  t.same(decode(JSON.stringify({ ...running, user: 'u1' })), { ...running, user: 'u1' }, 'with the user a call runs for')
+  t.same(decode(JSON.stringify({ ...done('h'), user: 'u1' })), { ...done('h'), user: 'u1' })
+  t.throws(() => decode(JSON.stringify({ ...done('h'), user: 7 })), { name: 'UnreadableRecordError' }, 'a user that is no string')
   for (const bad of ['not json', 'null', '{}', '{"state":"running","hash":"h"}', '{"state":"done","hash":"h","status":"201","body":null,"error":null}',
     '{"state":"done","hash":"h","status":201,"body":1,"error":null}', '{"state":"done","hash":"h","status":400,"body":null,"error":{"code":"INTERNAL"}}',
     '{"state":"other","hash":"h"}', '{"state":"done","hash":"h","status":201,"body":null,"error":null,"risk":"severe","findings":[]}', '{"state":"done","hash":"h","status":201,"body":null,"error":null,"risk":"high"}',
