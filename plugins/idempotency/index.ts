@@ -105,6 +105,9 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   const redis = opts.store === 'redis' ? app.redis : null
   const shared = redis === null ? null : new RedisIdempotencyStore(redis.client, { maxKeysPerTenant: opts.maxKeysPerTenant ?? opts.maxKeys })
   const ttlMs = opts.ttlSeconds * 1000
+  // Rate limits are on (mantle-rate-limit, registered before): their RateLimit-* are on every
+  // response, the tenant-full refusal's included unless it sets its own (see tenantFull).
+  const limited = app.hasDecorator('rateLimiter')
   // Any Redis, not only the store's: a mutation's cache invalidation goes to it after its Kernel call.
   const leaseMargin = opts.leaseMarginMs ?? leaseMarginFor(app.hasDecorator('redis') ? app.redis.client.options.commandTimeout ?? 0 : 0)
 
@@ -427,7 +430,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
             } catch (err) {
               if (!(err instanceof TenantFullError)) throw err
               metrics.full()
-              throw tenantFull(err)
+              throw tenantFull(err, limited)
             }
             const { store, claim, unanswered, unsure: maybe, inRedis } = claimedIn
             if (store === shared) unsure = false
@@ -506,9 +509,18 @@ function outcomeOf (held: { record: IdempotencyRecord, ttlMs: number } | undefin
  * A keyed call whose tenant holds the most records it may in Redis: refused before its Kernel call
  * (run without its key stored, a repeat would run it again), to be sent again once its tenant's
  * oldest record expires, or without a key. A 429: the tenant's own keyed traffic filled its share.
+ * With rate limits on (`limited`), RateLimit-* of its own, as every RATE_LIMITED has (CONTRACT §5):
+ * the bound, none left, and the reset Retry-After names. With Retry-After alone, the response kept
+ * the RateLimit-* the HTTP guard or the operation's limit had set on it, places left and an
+ * earlier reset: a 429 saying "RateLimit-Remaining: 97, RateLimit-Reset: 26" beside "Retry-After:
+ * 60". With rate limits off nothing sets RateLimit-*, and the OpenAPI document declares none.
  */
-function tenantFull (err: TenantFullError): MantleError {
-  return new MantleError('RATE_LIMITED', `The tenant holds ${err.max} idempotency keys, the most it may: a keyed mutation runs once one of them expires`, { headers: { 'retry-after': String(Math.ceil(err.retryAfterMs / 1000)) } })
+function tenantFull (err: TenantFullError, limited: boolean): MantleError {
+  const seconds = String(Math.ceil(err.retryAfterMs / 1000))
+  const headers: Record<string, string> = limited
+    ? { 'retry-after': seconds, 'ratelimit-limit': String(err.max), 'ratelimit-remaining': '0', 'ratelimit-reset': seconds }
+    : { 'retry-after': seconds }
+  return new MantleError('RATE_LIMITED', `The tenant holds ${err.max} idempotency keys, the most it may: a keyed mutation runs once one of them expires`, { headers })
 }
 
 /** Nobody reads it: how a repeat whose caller left while it waited ends, for its audit entry. */

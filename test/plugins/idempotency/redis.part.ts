@@ -321,3 +321,30 @@ t.test('a tenant past its bound of records in Redis: its new keys are refused 42
   t.equal(await metric(s.app, 'mantle_idempotency_tenant_full_total\\{op="createItem"\\}'), 1, 'counted')
   t.equal(await metric(s.app, 'mantle_idempotency_store_fallbacks_total'), 0, 'not an outage: nothing claimed in memory')
 })
+
+// The refusal carried Retry-After alone, so the RateLimit-* already on the response stayed: the
+// HTTP guard's (or the operation's limit's), with places left and an earlier reset. A 429 said
+// "RateLimit-Remaining: 97, RateLimit-Reset: 26" beside "Retry-After: 60": a client that read
+// RateLimit-* sent again at once, or at the reset, and was refused again.
+t.test('a tenant past its bound of records: the 429 carries RateLimit-* of its own, never the guard\'s places left, on every face', async t => {
+  const s = await idemSetup(t, 'redis', { BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT: 1, BFF_RATE_LIMIT_GLOBAL_MAX: 1000 })
+  const redis = await redisClient(t)
+  t.teardown(() => redis.del(tenantIndex(storeKey(s.tenant, 'createItem', 'k'))!.index))
+  t.equal((await s.create({ name: 'a' }, randomUUID())).statusCode, 201)
+  const rest = await s.create({ name: 'b' }, randomUUID())
+  const trpc = await s.app.inject({ method: 'POST', url: '/trpc/createItem', headers: { ...s.headers(randomUUID()), 'content-type': 'application/json' }, payload: { name: 'c' } })
+  const gql = await s.app.inject({ method: 'POST', url: '/graphql', headers: s.headers(randomUUID()), payload: { query: 'mutation { createItem(name: "d") { id } }' } })
+  t.match(gql.json(), { errors: [{ extensions: { code: 'RATE_LIMITED', status: 429 } }] })
+  for (const [face, res] of [['REST', rest], ['tRPC', trpc], ['GraphQL', gql]] as const) {
+    const h = res.headers
+    t.ok(Number(h['retry-after']) >= 1, `${face}: Retry-After ${String(h['retry-after'])}`)
+    t.same([h['ratelimit-limit'], h['ratelimit-remaining'], h['ratelimit-reset']], ['1', '0', h['retry-after']], `${face}: the bound, none left, reset when Retry-After says`)
+  }
+  t.equal(s.calls(), 1)
+  // Rate limits off: nothing else sets RateLimit-*, and the OpenAPI document declares none then.
+  const off = await idemSetup(t, 'redis', { BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT: 1, BFF_RATE_LIMIT_ENABLED: false })
+  t.teardown(() => redis.del(tenantIndex(storeKey(off.tenant, 'createItem', 'k'))!.index))
+  await off.create({ name: 'a' }, randomUUID())
+  const plain = await off.create({ name: 'b' }, randomUUID())
+  t.same([plain.statusCode, Number(plain.headers['retry-after']) >= 1, 'ratelimit-limit' in plain.headers], [429, true, false], 'rate limits off: Retry-After alone')
+})
