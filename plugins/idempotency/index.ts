@@ -186,7 +186,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
         await store.release(key, token)
       } else if (unanswered !== null) {
         await memory.complete(key, token, { ...outcome, heldAs: unanswered }, ttlMs)
-        later(key, leaseMs, null)
+        later(key, ttlMs, null)
         return
       } else await store.complete(key, token, outcome, ttlMs)
     } catch (err) {
@@ -195,7 +195,10 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       if (outcome !== null) {
         const kept: DoneRecord = { ...outcome, heldAs: token }
         await memory.complete(key, token, kept, ttlMs)
-        later(key, leaseMs, null)
+        // Offered for as long as it lives here, not only while its claim is leased in Redis: a
+        // Redis away for longer came back with the claim gone and the key free, the outcome no
+        // longer offered, and a repeat on another instance ran the Kernel call again.
+        later(key, ttlMs, null)
         return
       }
       // The Redis claim of a failed call: released once Redis is back.
@@ -212,14 +215,17 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
   // reach this instance: an outcome, copied over its call's claim there, and the release of a
   // failed call's claim. A repeat on another instance found that claim running and waited for
   // its lease (the op's timeout plus 5 s), then ran the call again, or got 409 after a release
-  // that failed (README: the key was released). Each is tried until Redis takes it or the
+  // that failed (README: the key was released). A release is tried until Redis takes it or the
   // claim's lease ends (the claim is gone from Redis then, and a release is guarded by the
-  // claim's token anyway), or, for the outcome of a call claimed in memory while Redis was away,
-  // until it expires here: as many as the calls that were running when Redis failed or ran while
-  // it was away, at most `maxPending` (MAX_PENDING), shared fairly between tenants (FairLru): past
-  // it, the oldest of the tenant holding the most is dropped (its claim's lease ends first). In one
-  // pool, one tenant's keyed mutations during an outage pushed out another tenant's outcomes, and a
-  // repeat of that tenant's call on another instance, Redis back, ran its mutation a second time.
+  // claim's token anyway); an outcome until Redis takes it or it expires here (once the claim's
+  // lease has ended, it is copied into the key if the key is still free there, never over another
+  // call's record; offered only while the lease lasted, an outage longer than it left the key free
+  // in Redis, and a repeat on another instance ran the call again). As many as the calls that
+  // were running when Redis failed or ran while it was away, at most `maxPending` (MAX_PENDING),
+  // shared fairly between tenants (FairLru): past it, the oldest of the tenant holding the most is
+  // dropped (its claim's lease ends first). In one pool, one tenant's keyed mutations during an
+  // outage pushed out another tenant's outcomes, and a repeat of that tenant's call on another
+  // instance, Redis back, ran its mutation a second time.
   // Keyed by the store key for an outcome (the memory store holds it), by the claim's token,
   // unique, for a release: a key may have both (a repeat's outcome over a claim of its own).
   interface Pending { key: string, until: number, release: string | null }
@@ -262,7 +268,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
       }
     }
   }
-  /** Offers Redis again, for the `leaseMs` of the key's claim, its outcome (`release` null) or the release of that claim. */
+  /** Offers Redis again, for `leaseMs` (its claim's lease, or its outcome's TTL), the key's outcome (`release` null) or the release of a claim. */
   const later = (key: string, leaseMs: number, release: string | null): void => {
     if (closed) return
     const id = release ?? key
@@ -295,7 +301,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
     if (taken < last.length) app.log.warn({ dropped: last.length - taken, taken }, 'idempotency: closing, outcomes and key releases Redis did not take are dropped: a repeat on another instance waits for their claims\' leases')
   })
   if (app.hasDecorator('metrics')) {
-    new Gauge({ name: 'mantle_idempotency_pending_redis_writes', help: 'Outcomes and key releases Redis did not take, offered to it again every 250 ms while their claims\' leases last (bounded, 10,000, shared fairly between tenants)', registers: [app.metrics.registry], collect () { this.set(pending.size) } }) // eslint-disable-line no-new
+    new Gauge({ name: 'mantle_idempotency_pending_redis_writes', help: 'Outcomes and key releases Redis did not take, offered to it again every 250 ms (outcomes while they live here, releases while their claims\' leases last; bounded, 10,000, shared fairly between tenants)', registers: [app.metrics.registry], collect () { this.set(pending.size) } }) // eslint-disable-line no-new
   }
   /**
    * Where a claim was made or what it found, and the Redis claim a call claimed in memory may hold

@@ -188,6 +188,47 @@ t.test('Redis cut while the first call runs: one Kernel call for every repeat, o
   await redis.del(stored)
 })
 
+// The outcome Redis did not take was offered to it again only while the call's claim there was
+// leased (the op's timeout plus the margin): a Redis away for longer (a failover takes 30 s and
+// more) came back with the claim gone and the key free, the outcome still kept here for its TTL but
+// no longer offered, and a repeat on another instance claimed the key and ran the Kernel call again.
+t.test('an outcome Redis did not take, Redis away for longer than its claim\'s lease: copied once Redis is back, another instance replays it', async t => {
+  const proxy = await startTcpProxy(t, 6379)
+  // quickItem: a 1 s timeout, so a lease of 1.5 s with this margin.
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, {}, undefined, { idempotency: { leaseMarginMs: 500 } })
+  const other = await idemSetup(t, 'redis', {}, {}, s.kernel)
+  const redis = await redisClient(t)
+  let answer!: () => void
+  const answered = new Promise<void>(resolve => { answer = resolve })
+  s.kernel.on('POST /v1/quick', async (_req, res) => {
+    await answered
+    json(res, 201, { id: 'q-' + s.calls('POST /v1/quick') })
+  })
+  const key = randomUUID()
+  const stored = storeKey(s.tenant, 'quickItem', key)
+  t.teardown(() => redis.del(stored))
+  const quick = async (app: typeof s.app) => await app.inject({ method: 'POST', url: '/api/v1/quick', headers: s.headers(key), payload: { name: 'long' } })
+  const first = quick(s.app)
+  await until(() => s.calls('POST /v1/quick') === 1, 'the call to reach the Kernel')
+  t.equal(JSON.parse((await redis.get(stored))!).state, 'running', 'claimed in Redis')
+  proxy.cut('reset')
+  await until(() => !s.app.redis.up(), 'the shared connection to notice the cut')
+  answer()
+  const done = await first
+  t.equal(done.statusCode, 201, 'the client gets its answer, Redis away')
+  // Past the claim's lease, Redis still away: the claim is gone from Redis, the key free there.
+  await new Promise(resolve => setTimeout(resolve, 2500))
+  t.equal(await redis.get(stored), null, 'the claim lapsed in Redis')
+  proxy.restore()
+  await until(() => s.app.redis.up(), 'the shared connection to be back', 10_000)
+  let copied: string | null = null
+  for (const began = Date.now(); copied === null && Date.now() - began < 3000; await new Promise(resolve => setTimeout(resolve, 50))) copied = await redis.get(stored)
+  t.match(JSON.parse(copied ?? 'null'), { state: 'done', status: 201, body: done.body }, 'the outcome kept here is copied to Redis, the key being free there')
+  const elsewhere = await quick(other.app)
+  t.same([elsewhere.statusCode, elsewhere.headers['idempotent-replayed'], elsewhere.body], [201, 'true', done.body], 'another instance replays it')
+  t.equal(s.calls('POST /v1/quick'), 1, 'never a second Kernel call')
+})
+
 // The lease was the op's timeout plus 5 s whatever BFF_REDIS_COMMAND_TIMEOUT_MS was (up to 60 s):
 // a call whose Kernel call had ended but whose outcome Redis took late (a Redis slow within that
 // timeout) lost its claim, and a repeat on another instance claimed the key and ran the Kernel
