@@ -33,8 +33,9 @@ function holder (key: string): string {
  * (about 100 bytes each). Never shared between instances: with N instances a limit is N times
  * looser, which is what the Redis store is for. A key evicted under pressure starts afresh.
  * Past the bound, the key that goes is the least recently used of the tenant (or of the
- * addresses) holding the most: with one LRU of all, requests from 100,000 addresses (an IPv6
- * /48 holds 65,536 /64s) pushed out every tenant's counts, and a limit spent started afresh.
+ * addresses) holding the most, but an address's new key only ever pushes out an address's (see
+ * check): with one LRU of all, requests from 100,000 addresses (an IPv6 /48 holds 65,536 /64s)
+ * pushed out every tenant's counts, and a limit spent started afresh.
  */
 export class MemoryWindowStore {
   /**
@@ -60,7 +61,18 @@ export class MemoryWindowStore {
     let state = keys.get(key)
     if (state === undefined) {
       state = { w: 0, c: 0, p: 0 }
-      keys.set(key, holder(key), state, 1, Infinity)
+      const who = holder(key)
+      // An address's new key, the store full: the addresses' least recently used goes, never a
+      // tenant's. Left to the holder with the most, a tenant holding more keys than the addresses
+      // (many users, a count per operation each) lost its oldest to every new address until the
+      // addresses held as many: a client with an IPv6 /48 (no token needed) reset the spent limits
+      // of that tenant's users, its own among them. Addresses cost nothing to make; a tenant's
+      // keys come from verified tokens. With no address held, one tenant key goes (the fair way).
+      if (who === ADDRESSES && keys.size >= this.maxKeys) {
+        const oldest = keys.itemsOf(ADDRESSES).next()
+        if (oldest.done !== true) keys.delete(oldest.value[0])
+      }
+      keys.set(key, who, state, 1, Infinity)
     }
     return hit(state, this.now(), windowMs, max)
   }

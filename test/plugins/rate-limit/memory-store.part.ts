@@ -110,6 +110,26 @@ t.test('past the bound, the addresses\' keys go first, a tenant named ip\'s kept
   t.equal(store.check(ipKey('2001:db8:0::1'), 60_000, 5).current, 1, 'the oldest address\'s key went')
 })
 
+// Past the bound the key that went was the least recently used of whoever held the most: a tenant
+// holding more keys than the addresses (many users, each with a count per operation) lost its
+// oldest to every new address, until the addresses held as many. A client with a /48 of IPv6
+// addresses (no token needed) so reset the spent limits of that tenant's users, its own among them.
+t.test('a flood of new addresses never evicts a tenant\'s counts, even of a tenant holding the most keys', async t => {
+  const store = new MemoryWindowStore({ maxKeys: 6 })
+  const users = ['u1', 'u2', 'u3', 'u4', 'u5'].map(u => opKey('big', u, 'runAgent'))
+  for (const key of users) store.check(key, 60_000, 1)
+  store.check(ipKey('203.0.113.1'), 60_000, 5)
+  for (let i = 0; i < 50; i++) store.check(ipKey(`2001:db8:${i.toString(16)}::1`), 60_000, 5)
+  t.equal(store.size, 6, 'within the bound')
+  t.same(users.map(key => store.check(key, 60_000, 1).current), [2, 2, 2, 2, 2], 'every user\'s spent limit still refuses')
+  t.equal(store.check(ipKey('203.0.113.1'), 60_000, 5).current, 1, 'an address\'s key went instead (the least recently used)')
+  // Tenants' keys still push out addresses' (the holder with the most), and each other fairly.
+  const small = new MemoryWindowStore({ maxKeys: 4 })
+  for (let i = 0; i < 4; i++) small.check(ipKey(`198.51.100.${i}`), 60_000, 5)
+  small.check(opKey('t', 'u', 'op'), 60_000, 1)
+  t.equal(small.check(opKey('t', 'u', 'op'), 60_000, 1).current, 2, 'a tenant\'s new key evicts an address\'s')
+})
+
 t.test('key segments cannot forge another tenant\'s key', async t => {
   t.equal(opKey('acme', 'ann', 'getAgent'), 'bff:ratelimit:acme:ann:getAgent')
   t.not(opKey('a:b', 'c', 'op'), opKey('a', 'b:c', 'op'))
