@@ -747,6 +747,43 @@ t.test('writer: a full queue goes to the spool at once; close spools what the st
   await spool.close()
 })
 
+// While the store was away, the flush appended the queue to the spool a batch (and an fsync) at a
+// time, and an entry that filled the queue did not send it to the spool while such an append ran:
+// on a disk slower than the calls came (20 ms an fsync, 10,000 calls a second, batches of 10) the
+// queue grew past BFF_AUDIT_QUEUE_MAX without bound (13,470 entries for a bound of 100 within 1.5 s).
+t.test('writer: a queue that fills while the flush appends a batch to the spool goes there whole, next: the queue stays bounded', async t => {
+  const store = flakyStore()
+  store.down = true
+  const spool = await Spool.open(spoolDir(t))
+  const appendMany = spool.appendMany.bind(spool)
+  // Each append to the spool waits until the test lets it go on: the disk is as slow as the test says.
+  const appends: Array<{ entries: number, go: () => void }> = []
+  spool.appendMany = async (batches: AuditEntry[][]) => {
+    await new Promise<void>(resolve => { appends.push({ entries: batches.reduce((n, b) => n + b.length, 0), go: resolve }) })
+    await appendMany(batches)
+  }
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 100, intervalMs: 5, log: quiet })
+  const all = Array.from({ length: 310 }, () => entry())
+  for (const e of all.slice(0, 10)) writer.enqueue(e)
+  await until(() => appends.length === 1, 'the first batch on its way to the spool')
+  // The queue fills, and more, while that append runs.
+  for (const e of all.slice(10)) writer.enqueue(e)
+  t.equal(writer.depth, 310)
+  appends[0].go()
+  await until(() => appends.length === 2, 'the next append')
+  t.equal(appends[1].entries, 300, 'the full queue, in one append, not the next batch of 10')
+  appends[1].go()
+  await until(() => writer.depth === 0 && writer.spoolBytes > 0, 'everything spooled')
+  t.equal(appends.length, 2, 'two appends (two fsyncs) for 310 entries')
+  const closing = writer.close()
+  for (const a of appends) a.go()
+  await closing
+  const seen: AuditEntry[] = []
+  await spool.drain(async batch => { seen.push(...batch) })
+  t.same(seen.map(e => e.id), all.map(e => e.id), 'each once, in order')
+  await spool.close()
+})
+
 // Before, close waited for the store whatever it took: a PostgreSQL that stopped answering, or a
 // long replay of the spool, ran past the shutdown's grace, and the queue was neither stored nor
 // spooled when the process was killed.
