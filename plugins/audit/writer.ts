@@ -172,6 +172,9 @@ export class AuditWriter {
   private spoolRetryAt = 0
   /** The spool's last append failed (a full disk, say); its next success clears it. */
   private spoolFailing = false
+  /** Appends to the spool under way (a full queue's, a flush's), and when the first of them began (monotonic ms). */
+  private spoolBusy = 0
+  private spoolBusySince = 0
 
   constructor (private readonly opts: WriterOptions) {
     this.intervalMs = opts.intervalMs ?? 50
@@ -186,16 +189,33 @@ export class AuditWriter {
   }
 
   /**
-   * The backlog is full (two queues) while the spool refuses appends: neither the store nor the
-   * spool takes entries. The audit stage then refuses calls (a call is never served without its
+   * The backlog is full (two queues) while the spool refuses appends, or an append has not
+   * settled for a second (spoolStalled): neither the store nor the spool takes entries. The audit stage then refuses calls (a call is never served without its
    * entry), and `enqueue` drops the droppable entries that still come, counting them.
    */
-  get saturated (): boolean { return this.spoolFailing && this.depth >= this.opts.queueMax * BACKLOG_QUEUES }
+  get saturated (): boolean { return (this.spoolFailing || this.spoolStalled()) && this.depth >= this.opts.queueMax * BACKLOG_QUEUES }
+
   /** A batch is off the queue and not yet stored or spooled (a flush or a replay is under way). */
   get writing (): boolean { return this.flushing !== null }
   get up (): boolean { return this.storeUp }
   get spoolBytes (): number { return this.opts.spool?.size ?? 0 }
   get error (): string | null { return this.lastError }
+
+  /**
+   * An append to the spool has not settled for SPOOL_RETRY_MS: a disk that does not answer (a hung
+   * volume) takes entries no more than one that refuses them. Only a refusal counted, and an
+   * append that never settled held every later one: while the store was away the backlog grew
+   * without bound (27,000 entries within 3 s for a bound of 2 x 100), calls served on.
+   */
+  private spoolStalled (): boolean {
+    return this.spoolBusy > 0 && monotonic() - this.spoolBusySince >= SPOOL_RETRY_MS
+  }
+
+  /** `append`, an append to the spool, counted as under way until it settles (spoolStalled). */
+  private underWay (append: Promise<void>): Promise<void> {
+    if (this.spoolBusy++ === 0) this.spoolBusySince = monotonic()
+    return append.finally(() => { this.spoolBusy-- })
+  }
 
   /**
    * `droppable`: the entry of a request refused before any face, dropped (and counted) while the
@@ -242,7 +262,7 @@ export class AuditWriter {
     this.held = batch.length + (ahead?.length ?? 0)
     if (ahead !== null && flight !== null) flight.taken = ahead.length
     this.overflowFlight = ahead !== null ? flight : null
-    const append: Promise<void> = spool.appendMany(lines).then(() => {
+    const append: Promise<void> = this.underWay(spool.appendMany(lines)).then(() => {
       // `close` gave up on the disk: it counted these entries lost.
       if (this.gaveUp) return
       this.spoolFailing = false
@@ -560,7 +580,7 @@ export class AuditWriter {
       }
     }
     this.appending = batch.length
-    const append = spool.append(batch)
+    const append = this.underWay(spool.append(batch))
     this.appendDone = append.catch(() => {})
     try {
       await append

@@ -1339,6 +1339,38 @@ t.test('writer: when neither the store nor the spool takes entries, the backlog 
   t.equal(writer.saturated, false)
 })
 
+// The spool's disk that does not answer (a hung volume) while the store is away: the writer counted
+// only a refused append as the spool failing, and an append that never settled held every later
+// one. The backlog grew without bound (27,000 entries within 3 s for a bound of 2 x 100) and
+// calls were served on, their entries nowhere but in memory.
+t.test('writer: when the store is away and an append to the spool does not settle, the backlog is bounded and saturated', async t => {
+  const store = flakyStore()
+  store.down = true
+  let appends = 0
+  const spool = {
+    size: 0,
+    async appendMany () { appends++; await new Promise(() => {}) },
+    async append (batch: AuditEntry[]) { await spool.appendMany() },
+    async drain () { return 0 },
+    quarantine: { async close () {} },
+    async close () {}
+  }
+  const dropped: number[] = []
+  const lost: number[] = []
+  const writer = new AuditWriter({ store, spool: spool as unknown as Spool, batchSize: 10, queueMax: 100, intervalMs: 5, closeTimeoutMs: 50, diskTimeoutMs: 50, log: quiet, hooks: { dropped: n => dropped.push(n), lost: n => lost.push(n) } })
+  for (let i = 0; i < 10; i++) writer.enqueue(entry())
+  await until(() => appends === 1, 'the first batch on its way to the spool')
+  for (let i = 0; i < 300; i++) writer.enqueue(entry())
+  t.equal(writer.saturated, false, 'an append just begun is not taken for a disk that does not answer')
+  await new Promise(resolve => setTimeout(resolve, 1100))
+  t.equal(writer.saturated, true, 'an append unsettled for a second, two queues waiting: saturated (the stage refuses calls)')
+  for (let i = 0; i < 100; i++) writer.enqueue(entry(), true)
+  t.equal(writer.depth, 310, 'the droppable entries that came meanwhile were dropped')
+  t.same(dropped, Array(100).fill(1))
+  await writer.close()
+  t.equal(lost.reduce((a, b) => a + b, 0), 310, 'what the disk did not take at shutdown is counted lost')
+})
+
 // close stopped waiting for a hung write, took its batch and the queue, and the disk refused that
 // last append: every entry was counted lost, the batch in flight with them, so that when its write
 // then went through its entries were stored and counted lost (never stored). What close cannot
