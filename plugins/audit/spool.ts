@@ -48,6 +48,23 @@ async function openOwn (path: string): Promise<FileHandle> {
 }
 
 /**
+ * Opens the compaction's copy, created anew: what is in its place (a copy a crash left, a symbolic
+ * link or a file another local account put there in a shared directory) is removed first, never
+ * opened. Opened with 'w' as any file is, the copy followed such a link, truncated and wrote the
+ * file it named (one of the gateway's own), and the link was then renamed over the spool, whose
+ * next open refused it: the spool unusable for the rest of the process. A link of this process's
+ * user is followed, as for the spool's own file (see APPEND). O_EXCL follows no link: one put back
+ * between the unlink and the open fails this compaction, and the next drain compacts again.
+ */
+async function openCopy (path: string): Promise<FileHandle> {
+  const found = await lstat(path).catch(() => null)
+  const uid = process.getuid?.()
+  if (found !== null && found.isSymbolicLink() && (uid === undefined || found.uid === uid)) return await open(path, 'w', FILE_MODE)
+  if (found !== null) await unlink(path).catch(() => {})
+  return await open(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | NOFOLLOW, FILE_MODE)
+}
+
+/**
  * Refuses (closing it) a spool or quarantine file this process's user does not own: another local
  * account made it (in the default directory, in the shared tmpdir), and may have written batches
  * that the spool would replay into the audit trail as the gateway's own, hash-chained with them.
@@ -349,7 +366,7 @@ export class Spool {
       await fh.datasync()
     } else {
       const tmp = this.path + '.tmp'
-      const out = await open(tmp, 'w', FILE_MODE)
+      const out = await openCopy(tmp)
       try {
         const buf = Buffer.allocUnsafe(Math.min(this.limits.window, this.bytes - this.done))
         for (let at = this.done; at < this.bytes;) {

@@ -428,6 +428,40 @@ t.test('spool: a compaction that fails after closing the file (its rename refuse
   await spool.close()
 })
 
+// The compaction's copy, audit.spool.tmp, was opened as any file is: through a symbolic link
+// another local account put there (in a shared directory, as for the spool's own file) it wrote the
+// spool's batches into the file the link named, truncating it first, and then renamed the link
+// over audit.spool, where the next open refused it: the gateway's own file clobbered, the spool
+// unusable for the rest of the process.
+t.test('spool: the compaction\'s copy is never written through a link or a file someone put in its place', async t => {
+  const parent = spoolDir(t)
+  const victim = join(parent, 'victim.txt')
+  writeFileSync(victim, 'precious\n')
+  const dir = join(parent, 'spool')
+  const spool = await Spool.open(dir)
+  t.teardown(() => spool.close())
+  // A link of the gateway's own user is followed (the test before points one at /dev/full).
+  if (process.getuid?.() !== 0) {
+    t.comment('another user\'s link: only root can make one, not checked here')
+    return
+  }
+  symlinkSync(victim, spool.path + '.tmp')
+  lchownSync(spool.path + '.tmp', 4242, 4242)
+  const a = [entry(), entry()]
+  const c = [entry()]
+  await spool.append(a)
+  const seen: AuditEntry[][] = []
+  // A batch appended during the drain: the compaction copies it to the new file.
+  t.equal(await spool.drain(async batch => { seen.push(batch); await spool.append(c) }), 2)
+  t.equal(readFileSync(victim, 'utf8'), 'precious\n', 'the file the link names is untouched')
+  const d = [entry()]
+  await spool.append(d)
+  t.equal(await spool.drain(async batch => { seen.push(batch) }), 2, 'the spool is still usable')
+  t.same(seen, [a, c, d], 'nothing replayed twice, nothing lost')
+  t.equal(statSync(spool.path).size, 0, 'and compacts')
+  t.notOk(existsSync(spool.path + '.tmp'), 'no copy left behind')
+})
+
 t.test('spool: a failed append whose cut fails too leaves a torn line of its own; the next batch is whole', async t => {
   const dir = spoolDir(t)
   for (const target of ['spool', 'quarantine'] as const) {
