@@ -172,6 +172,8 @@ export class AuditWriter {
   private spoolRetryAt = 0
   /** The spool's last append failed (a full disk, say); its next success clears it. */
   private spoolFailing = false
+  /** Until when the spool is not replayed again, after its replay failed on the spool's side (monotonic ms). */
+  private replayAt = 0
   /** Appends to the spool under way (a full queue's, a flush's), and when the first of them began (monotonic ms). */
   private spoolBusy = 0
   private spoolBusySince = 0
@@ -373,7 +375,7 @@ export class AuditWriter {
    */
   private async run (): Promise<void> {
     const spool = this.opts.spool
-    if (spool !== null && spool.size > 0 && this.began >= this.retryAt) await this.replay(spool)
+    if (spool !== null && spool.size > 0 && this.began >= this.retryAt && this.began >= this.replayAt) await this.replay(spool)
     let first = true
     while (this.queue.length > 0) {
       // Each batch after the first begins an interval of its own: measured from the flush's
@@ -408,6 +410,10 @@ export class AuditWriter {
     // and the cut, the copy of a batch whose write succeeded after a full queue took it to the
     // spool), nor those quarantined from a line the store refused for its data.
     let n = 0
+    // Whether the store took a batch of this replay, and whether the failure (if any) is the
+    // store's: thrown by a commit, not by the spool itself (reading it, cutting what was replayed).
+    let committed = false
+    let storeFailed = false
     try {
       // Consecutive lines joined up to a batch, a transaction each: a line is what one flush
       // found (a few dozen entries every 50 ms while the store was away), and replayed a
@@ -422,11 +428,12 @@ export class AuditWriter {
         try {
           n += await this.opts.store.write(batch)
         } catch (err) {
-          if (!this.refused(err)) throw err
+          if (!this.refused(err)) { storeFailed = true; throw err }
           const isolated = await this.isolate(spool, batch, err, id => this.setAside.add(id))
           n += isolated.stored
-          if (isolated.error !== null) throw isolated.error
+          if (isolated.error !== null) { storeFailed = true; throw isolated.error }
         }
+        committed = true
       }, this.opts.batchSize)
       this.setAside.clear()
       if (n > 0) this.opts.log.info(`audit spool replayed: ${n} entries`)
@@ -434,7 +441,19 @@ export class AuditWriter {
       this.recovered()
     } catch (err) {
       if (n > 0) this.opts.hooks?.replayed?.(n)
-      if (!(err instanceof Abandoned)) this.fail(err as Error)
+      if (err instanceof Abandoned) return
+      if (storeFailed) {
+        this.fail(err as Error)
+        return
+      }
+      // The spool failed, not the store (a compaction's copy the disk refused, a read's I/O
+      // error): what the store committed stays committed, and the next replay goes on from there,
+      // a second later. Before, the store was said down (/readyz 503 "postgres: down", the
+      // store-up gauge 0, a write failure counted) with the disk's error as its own, though it had
+      // just taken every batch.
+      this.opts.log.error({ err: (err as Error).message }, 'audit spool replay failed: the spool is replayed again a second later')
+      this.replayAt = monotonic() + SPOOL_RETRY_MS
+      if (committed) this.recovered()
     }
   }
 

@@ -765,6 +765,48 @@ t.test('writer: batches while the store is up, spools while it is down, replays 
   await spool.close()
 })
 
+// A replay whose batches the store committed, and whose spool then failed (its compaction's copy
+// refused by a full disk, a read's I/O error), was taken for the store failing: the store was said
+// down (/readyz 503 "postgres: down", mantle_audit_store_up 0, a write failure counted) with the
+// disk's error as the store's, though PostgreSQL had just taken every batch.
+t.test('writer: a replay the store took whose spool then fails says the spool failed, not the store', async t => {
+  const store = flakyStore()
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  const errors: string[] = []
+  const log = { ...quiet, error: (obj: object, msg: string) => { errors.push(msg) } }
+  let failures = 0
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 1000, intervalMs: 5, log, hooks: { failed: () => { failures++ } } })
+  t.teardown(async () => { await writer.close(); await spool.close() })
+  store.down = true
+  const early = Array.from({ length: 10 }, () => entry())
+  for (const e of early) writer.enqueue(e)
+  await until(() => writer.spoolBytes > 0 && writer.depth === 0, 'spooled')
+  // The compaction's copy is /dev/full (a full disk), and a batch reaches the spool while the
+  // replay runs (a full queue): the compaction copies it, and fails.
+  const tmp = spool.path + '.tmp'
+  symlinkSync('/dev/full', tmp)
+  const late = [entry()]
+  const write = store.write.bind(store)
+  let appended = false
+  store.write = async (batch: AuditEntry[]) => {
+    if (!appended) { appended = true; await spool.append(late) }
+    return await write(batch)
+  }
+  const before = failures
+  store.down = false
+  await until(() => store.stored.length === 10, 'the replay stored')
+  await new Promise(resolve => setTimeout(resolve, 50))
+  t.equal(writer.up, true, 'the store took the replay: it is up')
+  t.equal(failures, before, 'no store failure counted')
+  t.equal(writer.error, null)
+  t.ok(errors.some(m => /audit spool/.test(m)), 'the spool\'s failure is logged as the spool\'s')
+  // The failed copy was removed with the link: the next replay compacts.
+  rmSync(tmp, { force: true })
+  await until(() => store.stored.length === 11 && writer.spoolBytes === 0, 'the rest replayed once the disk takes the copy')
+  t.same(store.stored.map(e => e.id), [...early, ...late].map(e => e.id), 'each once, in order')
+})
+
 t.test('writer: a full queue goes to the spool at once; close spools what the store cannot take', async t => {
   const store = flakyStore()
   store.down = true
