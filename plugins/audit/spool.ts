@@ -115,6 +115,10 @@ export class Spool {
   private torn = false
   /** `close` was called: the file is not opened again. */
   private closed = false
+  /** A drain reads the file (by offsets of this file: it is not replaced until its compaction). */
+  private draining = false
+  /** An append replacing a file removed under it (see appendMany), while it does. */
+  private relinking: Promise<void> | null = null
   /** A compaction renamed the file and could not sync its directory: synced before the file is used again. */
   private unsynced = false
   // Appends, drains and compaction run one after another.
@@ -260,8 +264,24 @@ export class Spool {
     }).join('')
     const data = Buffer.from(text)
     await this.serial(async () => {
-      const fh = await this.handle()
+      let fh = await this.handle()
       await this.mustHold()
+      // The file was removed under the open handle (a cleaner of the tmpdir, the default
+      // directory, removes files by age: an idle, empty spool is old): appended to as it was,
+      // a batch was fsynced into a file no directory named, acknowledged, and lost with the
+      // process. What it holds not yet replayed goes to a new file first. (During a drain, its
+      // compaction does that, after the drain's last read of the old file.)
+      if (!this.draining && await unlinked(fh)) {
+        const relink = this.rewrite(fh)
+        this.relinking = relink.catch(() => {})
+        try {
+          await relink
+        } finally {
+          this.relinking = null
+        }
+        this.torn = false
+        fh = await this.handle()
+      }
       try {
         this.bytes = await appendWhole(fh, data, this.bytes, this.torn)
       } catch (err) {
@@ -287,6 +307,17 @@ export class Spool {
    * (`limits.line`) is skipped as corrupt without being held in memory.
    */
   async drain (commit: (batch: AuditEntry[]) => Promise<void>, join = 1): Promise<number> {
+    // No append replaces the file while a drain reads it by its offsets; one replacing it now ends first.
+    this.draining = true
+    try {
+      if (this.relinking !== null) await this.relinking
+      return await this.drainNow(commit, join)
+    } finally {
+      this.draining = false
+    }
+  }
+
+  private async drainNow (commit: (batch: AuditEntry[]) => Promise<void>, join: number): Promise<number> {
     const start = this.done
     const end = this.bytes
     if (end <= start || this.closed) return 0
@@ -361,46 +392,54 @@ export class Spool {
     const fh = await this.handle()
     // The file is another process's now: its batches appended since must not be cut.
     await this.mustHold()
-    if (this.bytes === this.done) {
+    if (this.bytes === this.done && !await unlinked(fh)) {
       await fh.truncate(0)
       await fh.datasync()
-    } else {
-      const tmp = this.path + '.tmp'
-      const out = await openCopy(tmp)
-      try {
-        const buf = Buffer.allocUnsafe(Math.min(this.limits.window, this.bytes - this.done))
-        for (let at = this.done; at < this.bytes;) {
-          const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, this.bytes - at), at)
-          if (bytesRead === 0) throw new Error('the audit spool is shorter than written')
-          for (let w = 0; w < bytesRead;) w += (await out.write(buf, w, bytesRead - w)).bytesWritten
-          at += bytesRead
-        }
-        await out.datasync()
-      } catch (err) {
-        // A copy cut short (a full disk, mostly) is removed: left, it held the space the spool's
-        // next appends need until the next compaction. The spool itself is whole; the next
-        // drain compacts again.
-        await out.close().catch(() => {})
-        await unlink(tmp).catch(() => {})
-        throw err
-      }
-      await out.close()
-      // From here until the new file is open the spool has no handle: should a step fail (an I/O
-      // error, no file descriptor left), the next use opens the file again (handle), the old one
-      // whole if the rename failed, else the new one. Before, the closed handle stayed, and every
-      // append and drain after failed for the life of the process: the writer took the store
-      // for down, its backlog filled, calls were refused 503, and what it held at shutdown was lost.
-      this.fh = null
-      await fh.close()
-      await rename(tmp, this.path)
       this.cut()
-      // The rename on disk before batches are appended to the new file (a crash could else bring
-      // back the old file, replayed part and all, without them).
-      this.unsynced = true
-      await this.handle()
       return
     }
+    await this.rewrite(fh)
+  }
+
+  /**
+   * Copies what is not replayed yet (from `done`) into a new file that takes the spool's place,
+   * a window at a time, and goes on with it: the compaction of a spool appended to meanwhile, and
+   * a spool whose file was removed under it (see appendMany).
+   */
+  private async rewrite (fh: FileHandle): Promise<void> {
+    const tmp = this.path + '.tmp'
+    const out = await openCopy(tmp)
+    try {
+      const buf = Buffer.allocUnsafe(Math.min(this.limits.window, this.bytes - this.done))
+      for (let at = this.done; at < this.bytes;) {
+        const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, this.bytes - at), at)
+        if (bytesRead === 0) throw new Error('the audit spool is shorter than written')
+        for (let w = 0; w < bytesRead;) w += (await out.write(buf, w, bytesRead - w)).bytesWritten
+        at += bytesRead
+      }
+      await out.datasync()
+    } catch (err) {
+      // A copy cut short (a full disk, mostly) is removed: left, it held the space the spool's
+      // next appends need until the next compaction. The spool itself is whole; the next
+      // drain compacts again.
+      await out.close().catch(() => {})
+      await unlink(tmp).catch(() => {})
+      throw err
+    }
+    await out.close()
+    // From here until the new file is open the spool has no handle: should a step fail (an I/O
+    // error, no file descriptor left), the next use opens the file again (handle), the old one
+    // whole if the rename failed, else the new one. Before, the closed handle stayed, and every
+    // append and drain after failed for the life of the process: the writer took the store
+    // for down, its backlog filled, calls were refused 503, and what it held at shutdown was lost.
+    this.fh = null
+    await fh.close()
+    await rename(tmp, this.path)
     this.cut()
+    // The rename on disk before batches are appended to the new file (a crash could else bring
+    // back the old file, replayed part and all, without them).
+    this.unsynced = true
+    await this.handle()
   }
 
   /** The replayed part is cut from the file: offsets from its new start. */
@@ -580,6 +619,11 @@ export class Quarantine {
     await this.fh?.close()
     this.fh = null
   }
+}
+
+/** Whether the file of `fh` has been removed from every directory (nothing finds it after a crash). */
+async function unlinked (fh: FileHandle): Promise<boolean> {
+  return (await fh.stat()).nlink === 0
 }
 
 async function syncDir (dir: string): Promise<void> {

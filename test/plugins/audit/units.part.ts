@@ -462,6 +462,38 @@ t.test('spool: the compaction\'s copy is never written through a link or a file 
   t.notOk(existsSync(spool.path + '.tmp'), 'no copy left behind')
 })
 
+// A cleaner of the tmpdir (the spool's default directory) removes files by age, open or not: an
+// idle, empty spool is old. The spool went on appending to the file it had open, which no
+// directory named any more: each batch fsynced and acknowledged, and lost with the process.
+t.test('spool: a spool file removed under it is made again; what it held and what follows is on disk', async t => {
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  t.teardown(() => spool.close())
+  const onDisk = (): string[][] => readFileSync(spool.path, 'utf8').split('\n').filter(l => l !== '').map(l => (JSON.parse(l) as { entries: AuditEntry[] }).entries.map(e => e.id))
+  // Idle and empty, removed; then an outage.
+  rmSync(spool.path)
+  const a = [entry(), entry()]
+  await spool.append(a)
+  t.same(onDisk(), [a.map(e => e.id)], 'the batch is in a file the directory names')
+  // Removed while it holds a batch not yet replayed: that batch is carried over.
+  rmSync(spool.path)
+  const b = [entry()]
+  await spool.append(b)
+  t.same(onDisk(), [a.map(e => e.id), b.map(e => e.id)], 'the batch not yet replayed, then the new one')
+  t.equal(spool.size, statSync(spool.path).size)
+  // Removed during a drain, appended to meanwhile: the drain's compaction makes it again.
+  const c = [entry()]
+  const seen: AuditEntry[][] = []
+  t.equal(await spool.drain(async batch => {
+    seen.push(batch)
+    if (seen.length === 1) { rmSync(spool.path); await spool.append(c) }
+  }), 3)
+  t.same(onDisk(), [c.map(e => e.id)], 'what came during the drain is on disk')
+  t.equal(await spool.drain(async batch => { seen.push(batch) }), 1)
+  t.same(seen, [a, b, c], 'each once, in order')
+  t.equal(statSync(spool.path).size, 0)
+})
+
 t.test('spool: a failed append whose cut fails too leaves a torn line of its own; the next batch is whole', async t => {
   const dir = spoolDir(t)
   for (const target of ['spool', 'quarantine'] as const) {
