@@ -828,7 +828,7 @@ t.test('writer: a replay the store took whose spool then fails says the spool fa
   const before = failures
   store.down = false
   await until(() => store.stored.length === 10, 'the replay stored')
-  await new Promise(resolve => setTimeout(resolve, 50))
+  await until(() => errors.length > 0 || failures > before, 'the replay\'s end')
   t.equal(writer.up, true, 'the store took the replay: it is up')
   t.equal(failures, before, 'no store failure counted')
   t.equal(writer.error, null)
