@@ -596,6 +596,12 @@ export class Quarantine {
           throw err
         }
         this.fh = fh
+      } else if (await unlinked(this.fh)) {
+        // Removed under the open handle (a cleaner of the tmpdir, as for the spool): its records,
+        // which are nowhere else, go to a new file first, then this append. Before, records went
+        // on into a file no directory named, and were lost with the process.
+        this.fh = await this.relinked(this.fh)
+        this.torn = false
       }
       try {
         this.bytes = await appendWhole(this.fh, data, this.bytes, this.torn)
@@ -611,6 +617,29 @@ export class Quarantine {
     })
     this.chain = run.catch(() => {})
     await run
+  }
+
+  /** A new file at the path holding what `old` (removed) held, synced, its directory entry too. */
+  private async relinked (old: FileHandle): Promise<FileHandle> {
+    const fh = await openOwn(this.path)
+    try {
+      await fh.chmod(FILE_MODE).catch(() => {})
+      const buf = Buffer.allocUnsafe(Math.min(SPOOL_LIMITS.window, Math.max(1, this.bytes)))
+      for (let at = 0; at < this.bytes;) {
+        const { bytesRead } = await old.read(buf, 0, Math.min(buf.length, this.bytes - at), at)
+        if (bytesRead === 0) break
+        for (let w = 0; w < bytesRead;) w += (await fh.write(buf, w, bytesRead - w)).bytesWritten
+        at += bytesRead
+      }
+      await fh.datasync()
+      await syncDir(this.dir)
+      this.bytes = (await fh.stat()).size
+    } catch (err) {
+      await fh.close().catch(() => {})
+      throw err
+    }
+    await old.close().catch(() => {})
+    return fh
   }
 
   async close (): Promise<void> {

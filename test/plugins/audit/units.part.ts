@@ -7,7 +7,7 @@ import type { FileHandle } from 'node:fs/promises'
 import { categoryOf, hashEntry, isoTime, storableEntry, GENESIS, VERIFY_MAX_ENTRIES, type AuditEntry, type AuditStore, type StoredEntry } from '../../../plugins/audit/entry.js'
 import { canonicalJson as canonical } from '../../../plugins/pipeline/index.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
-import { Spool, SpoolInUseError, SPOOL_FILE, SPOOL_LIMITS } from '../../../plugins/audit/spool.js'
+import { Spool, SpoolInUseError, SPOOL_FILE, SPOOL_LIMITS, type QuarantineRecord } from '../../../plugins/audit/spool.js'
 import { numbersAsWritten } from '../../../plugins/audit/postgres-store.js'
 import { AuditWriter, type WriterHooks } from '../../../plugins/audit/writer.js'
 import { uuidv7 as entryId } from '../../../ids.js'
@@ -492,6 +492,20 @@ t.test('spool: a spool file removed under it is made again; what it held and wha
   t.equal(await spool.drain(async batch => { seen.push(batch) }), 1)
   t.same(seen, [a, b, c], 'each once, in order')
   t.equal(statSync(spool.path).size, 0)
+})
+
+t.test('quarantine: a quarantine file removed under it is made again, with the records it held', async t => {
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  t.teardown(() => spool.close())
+  const record = (e: AuditEntry): QuarantineRecord => ({ time: new Date().toISOString(), sqlstate: '22P02', error: 'refused', entry: e })
+  const a = entry()
+  const b = entry()
+  await spool.quarantine.append([record(a)])
+  rmSync(spool.quarantine.path)
+  await spool.quarantine.append([record(b)])
+  const ids = readFileSync(spool.quarantine.path, 'utf8').split('\n').filter(l => l !== '').map(l => (JSON.parse(l) as QuarantineRecord).entry.id)
+  t.same(ids, [a.id, b.id], 'the records it held, then the new one, in a file the directory names')
 })
 
 t.test('spool: a failed append whose cut fails too leaves a torn line of its own; the next batch is whole', async t => {
