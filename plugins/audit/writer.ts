@@ -192,8 +192,9 @@ export class AuditWriter {
 
   /**
    * The backlog is full (two queues) while the spool refuses appends, or an append has not
-   * settled for a second (spoolStalled): neither the store nor the spool takes entries. The audit stage then refuses calls (a call is never served without its
-   * entry), and `enqueue` drops the droppable entries that still come, counting them.
+   * settled for a second (spoolStalled): neither the store nor the spool takes entries. The audit
+   * stage then refuses calls (a call is never served without its entry), and `enqueue` drops the
+   * droppable entries that still come, counting them.
    */
   get saturated (): boolean { return (this.spoolFailing || this.spoolStalled()) && this.depth >= this.opts.queueMax * BACKLOG_QUEUES }
 
