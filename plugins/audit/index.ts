@@ -290,7 +290,10 @@ const CLIENT_GAVE_UP = /^(?:Query read timeout|timeout exceeded when trying to c
  * A read of the audit trail whose PostgreSQL could not answer (unreachable, or past the reads'
  * timeout: a filter by action or status alone is a scan of the whole table) is a 503 with
  * Retry-After: nothing is wrong with the request, nor with the gateway. It was a 500 INTERNAL.
- * A SQLSTATE is read only from PostgreSQL's own errors (EPIPE is five letters too).
+ * A SQLSTATE is read only from PostgreSQL's own errors (EPIPE is five letters too). A host name
+ * with several addresses (localhost as ::1 and 127.0.0.1, a name with AAAA and A records) fails,
+ * each refused, as Node's AggregateError (autoSelectFamily: code ECONNREFUSED, no message), which
+ * was a 500 too.
  */
 export async function answered<T> (read: () => Promise<T>): Promise<T> {
   try {
@@ -302,7 +305,7 @@ export async function answered<T> (read: () => Promise<T>): Promise<T> {
     const { code, message } = err as { code?: unknown, message?: unknown }
     const unavailable = err instanceof pg.DatabaseError
       ? typeof code === 'string' && UNAVAILABLE_STATES.test(code)
-      : err instanceof Error && err.constructor === Error && ((typeof code === 'string' && NETWORK_CODES.has(code)) || (typeof message === 'string' && CLIENT_GAVE_UP.test(message)))
+      : err instanceof Error && (err.constructor === Error || err instanceof AggregateError) && ((typeof code === 'string' && NETWORK_CODES.has(code)) || (typeof message === 'string' && CLIENT_GAVE_UP.test(message)))
     if (!unavailable) throw err
     throw new MantleError('OVERLOADED', 'The audit trail\'s database did not answer in time: retry later, or narrow the query (from and to, tenant)', { headers: { 'retry-after': '5' }, cause: err })
   }

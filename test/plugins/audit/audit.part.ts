@@ -9,6 +9,7 @@ import { answered } from '../../../plugins/audit/index.js'
 import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, buildDemoApp, buildTestApp, drained, token, SECRET, startTestKernel, testManifest, json } from '../../helper.js'
 import { randomUUID } from 'node:crypto'
+import dns from 'node:dns'
 import { entries, entry, type Row } from './entries.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
 import { hashEntry } from '../../../plugins/audit/entry.js'
@@ -519,6 +520,29 @@ t.test('a read the audit\'s PostgreSQL cannot answer now is a 503; any other fai
     await t.rejects(answered(failing(err)), err, `${String((err as { code?: string }).code)} ${err.message}: as it is`)
   }
   t.equal(await answered(async () => 7), 7)
+})
+
+// A host name with an IPv6 and an IPv4 address (localhost on most systems, a database's DNS name
+// with AAAA and A records): Node 20 tries each (autoSelectFamily) and, all refused, fails with an
+// AggregateError (code ECONNREFUSED, no message). The reads took it for some other failure and
+// answered 500 INTERNAL while PostgreSQL was down.
+t.test('a read of a PostgreSQL whose name has two addresses, both unreachable, is a 503 too', async t => {
+  const lookup = dns.lookup
+  const dual = ((host: string, options: unknown, callback?: unknown) => {
+    const cb = (typeof options === 'function' ? options : callback) as (err: Error | null, address: unknown, family?: number) => void
+    const all = typeof options === 'object' && options !== null && (options as { all?: boolean }).all === true
+    if (host !== 'dual-stack.invalid') return (lookup as (...args: unknown[]) => void)(host, options, callback)
+    if (all) cb(null, [{ address: '::1', family: 6 }, { address: '127.0.0.1', family: 4 }])
+    else cb(null, '::1', 6)
+  }) as typeof dns.lookup
+  dns.lookup = dual
+  t.teardown(() => { dns.lookup = lookup })
+  const pool = new pg.Pool({ connectionString: 'postgres://postgres@dual-stack.invalid:1/x', connectionTimeoutMillis: 2000 })
+  pool.on('error', () => {})
+  t.teardown(() => pool.end())
+  const err = await pool.query('SELECT 1').catch((e: unknown) => e)
+  t.equal((err as Error).constructor.name, 'AggregateError', 'what Node gives')
+  await t.rejects(answered(async () => await pool.query('SELECT 1')), { code: 'OVERLOADED', statusCode: 503, headers: { 'retry-after': '5' } })
 })
 
 t.test('the memory store\'s entries and the verified tokens kept are in /metrics', async t => {
