@@ -727,9 +727,12 @@ export class AuditWriter {
    * "spooling to disk until it is back", said then, was not true.
    */
   private fail (err: Error): void {
-    if (this.storeUp && !this.drained) this.opts.log.warn({ err: err.message }, 'audit store write failed: spooling to disk until it is back')
+    // An error with no message is said by its code: Node's refusal of a connection to a name with
+    // several addresses (an AggregateError, code ECONNREFUSED) was logged, and kept for /diagz, as ''.
+    const why = err.message !== '' ? err.message : codeOf(err) ?? String(err)
+    if (this.storeUp && !this.drained) this.opts.log.warn({ err: why }, 'audit store write failed: spooling to disk until it is back')
     this.storeUp = false
-    this.lastError = err.message
+    this.lastError = why
     this.backoff = Math.min(this.backoff === 0 ? 100 : this.backoff * 2, MAX_BACKOFF_MS)
     this.retryAt = monotonic() + this.backoff
     this.opts.hooks?.failed?.(err)

@@ -853,6 +853,21 @@ t.test('writer: a replay the store took whose spool then fails says the spool fa
   t.same(store.stored.map(e => e.id), [...early, ...late].map(e => e.id), 'each once, in order')
 })
 
+// Node's refusal of a connection to a name with several addresses (an AggregateError: code
+// ECONNREFUSED, no message) was the store's error as it was: logged, and kept for /diagz, as ''.
+t.test('writer: a store failure with no message is said by its code', async t => {
+  const store = flakyStore()
+  store.write = async () => { throw Object.assign(new AggregateError([], ''), { code: 'ECONNREFUSED' }) }
+  const spool = await Spool.open(spoolDir(t))
+  const warned: Array<{ err?: unknown }> = []
+  const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 1000, intervalMs: 5, log: { ...quiet, warn: (obj: object) => { warned.push(obj) } } })
+  t.teardown(async () => { await writer.close(); await spool.close() })
+  writer.enqueue(entry())
+  await until(() => !writer.up, 'the write failed')
+  t.equal(writer.error, 'ECONNREFUSED')
+  t.same(warned, [{ err: 'ECONNREFUSED' }])
+})
+
 t.test('writer: a full queue goes to the spool at once; close spools what the store cannot take', async t => {
   const store = flakyStore()
   store.down = true
