@@ -410,13 +410,7 @@ export class Spool {
     const tmp = this.path + '.tmp'
     const out = await openCopy(tmp)
     try {
-      const buf = Buffer.allocUnsafe(Math.min(this.limits.window, this.bytes - this.done))
-      for (let at = this.done; at < this.bytes;) {
-        const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, this.bytes - at), at)
-        if (bytesRead === 0) throw new Error('the audit spool is shorter than written')
-        for (let w = 0; w < bytesRead;) w += (await out.write(buf, w, bytesRead - w)).bytesWritten
-        at += bytesRead
-      }
+      if (await copyRange(fh, out, this.done, this.bytes, this.limits.window) < this.bytes - this.done) throw new Error('the audit spool is shorter than written')
       await out.datasync()
     } catch (err) {
       // A copy cut short (a full disk, mostly) is removed: left, it held the space the spool's
@@ -624,13 +618,7 @@ export class Quarantine {
     const fh = await openOwn(this.path)
     try {
       await fh.chmod(FILE_MODE).catch(() => {})
-      const buf = Buffer.allocUnsafe(Math.min(SPOOL_LIMITS.window, Math.max(1, this.bytes)))
-      for (let at = 0; at < this.bytes;) {
-        const { bytesRead } = await old.read(buf, 0, Math.min(buf.length, this.bytes - at), at)
-        if (bytesRead === 0) break
-        for (let w = 0; w < bytesRead;) w += (await fh.write(buf, w, bytesRead - w)).bytesWritten
-        at += bytesRead
-      }
+      await copyRange(old, fh, 0, this.bytes, SPOOL_LIMITS.window)
       await fh.datasync()
       await syncDir(this.dir)
       this.bytes = (await fh.stat()).size
@@ -648,6 +636,19 @@ export class Quarantine {
     await this.fh?.close()
     this.fh = null
   }
+}
+
+/** Copies `from`'s bytes [start, end) to the end of `to`, a window at a time: how many it copied (fewer: `from` is shorter). */
+async function copyRange (from: FileHandle, to: FileHandle, start: number, end: number, window: number): Promise<number> {
+  const buf = Buffer.allocUnsafe(Math.max(1, Math.min(window, end - start)))
+  let at = start
+  while (at < end) {
+    const { bytesRead } = await from.read(buf, 0, Math.min(buf.length, end - at), at)
+    if (bytesRead === 0) break
+    for (let w = 0; w < bytesRead;) w += (await to.write(buf, w, bytesRead - w)).bytesWritten
+    at += bytesRead
+  }
+  return at - start
 }
 
 /** Whether the file of `fh` has been removed from every directory (nothing finds it after a crash). */
