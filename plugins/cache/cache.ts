@@ -438,6 +438,13 @@ export class ResponseCache {
   }
 
   private async load (op: string, key: EntryKeys, tagKeys: readonly string[], since: number, versions: string | null, ctx: CallContext, next: Next, make: (value: unknown, status: number) => CachedAnswer): Promise<CachedAnswer> {
+    // A Kernel call of its own, not the one an identical call of its request (a batch, a GraphQL
+    // document) made, which the request's memo would hand it: that one may have begun before an
+    // invalidation this call began after (`since`), and its answer was stored under the new tag
+    // versions, in memory and in Redis, and served as a hit on every instance for its ttl. The
+    // cache's own coalescing (fill) shares a call between a request's identical calls when no
+    // invalidation came between them.
+    ctx.memo = null
     const value = await next(ctx)
     const answer = make(value, ctx.status)
     // Only 2xx answers return from the Kernel call (errors throw), but say it where it matters.

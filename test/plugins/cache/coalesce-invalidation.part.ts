@@ -3,7 +3,9 @@
 // it (that call may have read what the mutation changed). It makes a call of its own.
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { buildTestApp, bearer, until } from '../../helper.js'
+import { buildApp } from '../../../app.js'
+import { StageOrder } from '../../../plugins/pipeline/index.js'
+import { buildTestApp, bearer, testConfig, until } from '../../helper.js'
 import { STORES, itemKernel, itemManifest, versionedItem } from './items.js'
 
 const tenant = (): string => 'cache-' + randomUUID()
@@ -57,5 +59,35 @@ for (const { store, env } of STORES) {
     const read = await after
     t.equal(read.headers['x-cache'], 'miss', 'the invalidated entry is not served, not even stale')
     t.equal(read.json().n, 3, 'nor the refresh begun before the mutation')
+  })
+
+  t.test(`${store}: a call of a batch begun after an invalidation does not store the answer of its batch's identical call begun before it`, async t => {
+    const kernel = await itemKernel(t)
+    // The read of version 1 is slow to answer.
+    const { release } = versionedItem(kernel, 1)
+    const app = await buildApp(testConfig(env), { logger: false, manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    t.teardown(() => app.close())
+    // The batch's second call reaches the cache later than its first (a stage before it that
+    // takes its time: a rate limit's or a firewall's round trip), here once the mutation is over.
+    let mutated!: () => void
+    const after = new Promise<void>(resolve => { mutated = resolve })
+    let lagging = false
+    app.pipeline.addStage({ name: 'lag', order: StageOrder.firewall + 1, build: op => op.name === 'getItem' ? async (ctx, next) => { if (ctx.requestId.endsWith('.1')) { lagging = true; await after } return await next(ctx) } : null })
+    await app.ready()
+    const headers = bearer({ tenant: tenant() })
+    const calls = [{ id: 'first', op: 'getItem', input: { id: 'c' } }, { id: 'second', op: 'getItem', input: { id: 'c' } }]
+    const batch = app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls } })
+    await until(() => kernel.reads() === 1 && lagging, 'the first call at the Kernel, the second one held')
+    // The item is updated: the Kernel holds version 2 and the tag item:c is invalidated.
+    t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/items/c', headers, payload: {} })).statusCode, 200)
+    mutated()
+    await new Promise(resolve => setTimeout(resolve, 50))
+    release()
+    t.equal((await batch).statusCode, 200)
+    // A read sent once the mutation has answered never gets version 1: the batch's second call
+    // began after the invalidation, and what it stored is the answer of its own Kernel call, not
+    // the first call's (begun before the mutation) that the batch's calls shared.
+    const read = await app.inject({ method: 'GET', url: '/api/v1/items/c', headers })
+    t.equal(read.json().n, 2, `a read after the mutation gets version 2 (x-cache: ${String(read.headers['x-cache'])})`)
   })
 }
