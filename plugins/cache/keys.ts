@@ -75,7 +75,11 @@ export function tagTemplate (template: string): (input: Record<string, unknown>)
   return (input) => {
     let out = parts[0]
     for (let i = 1; i < parts.length; i += 2) {
-      const v = input[parts[i]]
+      // The input's own field only: a REST query's input (the query string's) has no prototype,
+      // a JSON body's has Object's, and a field named as one of its members (`constructor`,
+      // `toString`) absent filled '' for the one and that member's source for the other, so a
+      // mutation sent with a body never dropped the entry a GET had stored under it.
+      const v = Object.hasOwn(input, parts[i]) ? input[parts[i]] : undefined
       // An object or array fills as its canonical JSON: String() made "[object Object]" of every
       // object (one tag for all), and threw for {"toString": 1} (a 500, after the Kernel had
       // carried a mutation out, with nothing invalidated).

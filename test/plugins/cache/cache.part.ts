@@ -161,6 +161,25 @@ for (const { store, env } of STORES) {
     t.equal(await metric(app, 'mantle_cache_invalidations_total', { source: 'mutation' }), 1)
   })
 
+  t.test(`${store}: a tag filled from a field named as Object.prototype's (constructor) drops a REST query's entry when the field is absent`, async t => {
+    const kernel = await itemKernel(t)
+    const byMaker = { type: 'object', properties: { constructor: { type: 'string' }, q: { type: 'string' } } }
+    const manifest = itemManifest(kernel.url, {
+      // A REST GET's input is the query string's object (no prototype, once the query string holds
+      // anything); a JSON body's has Object's, and its `constructor` is Object itself.
+      getItem: { rest: 'GET /makers', kernel: 'GET /v1/items/a', input: byMaker, cache: { ttlSeconds: 10, tags: ['maker:{constructor}'] } },
+      updateItem: { rest: 'PATCH /makers', kernel: 'PATCH /v1/items/a', input: byMaker, invalidates: ['maker:{constructor}'] }
+    })
+    const app = await buildTestApp(t, env, { manifest, kernelUrl: kernel.url })
+    const headers = bearer({ tenant: tenant() })
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/makers?q=1', headers })).json().n, 1)
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/makers?q=1', headers })).headers['x-cache'], 'hit')
+    t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/makers', headers, payload: {} })).statusCode, 200)
+    const after = await app.inject({ method: 'GET', url: '/api/v1/makers?q=1', headers })
+    t.equal(after.headers['x-cache'], 'miss', 'the mutation dropped the entry')
+    t.equal(after.json().n, 2)
+  })
+
   // Before, the tags went only with an answer the gateway accepted: a 2xx the Kernel answered
   // empty (or out of the output schema) was a 502 to the client, the change was made all the
   // same, and every instance went on serving the old entry as a hit for its ttl.

@@ -234,3 +234,12 @@ t.test('config: BFF_CACHE_* are validated and redis needs REDIS_URL', async t =>
   t.throws(() => loadConfig({ BFF_CACHE_MAX_SIZE: 'lots' }), /BFF_CACHE_MAX_SIZE="lots" is invalid/)
   t.equal(loadConfig({ BFF_CACHE_STORE: 'redis', REDIS_URL: 'redis://127.0.0.1:6379' }).BFF_CACHE_STORE, 'redis')
 })
+
+t.test('tag templates fill {x} from the input\'s own fields only: a name Object.prototype has is absent when the input lacks it', async t => {
+  // A REST query's input is a null-prototype object (the query string's), a JSON body's is not:
+  // the same absent field filled '' for the one and Object's constructor for the other.
+  t.equal(tagTemplate('maker:{constructor}')({}), 'maker:')
+  t.equal(tagTemplate('maker:{constructor}')(Object.create(null)), 'maker:')
+  t.equal(tagTemplate('t:{toString}/{valueOf}')({}), 't:/')
+  t.equal(tagTemplate('maker:{constructor}')({ constructor: 'ferrari' }), 'maker:ferrari')
+})
