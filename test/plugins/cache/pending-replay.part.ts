@@ -59,7 +59,8 @@ t.test('redis: an invalidation made during the hold after a command timeout reac
   const kernel = await itemKernel(t)
   const manifest = itemManifest(kernel.url)
   const proxy = await startTcpProxy(t, REDIS_PORT)
-  const env = { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_CACHE_STORE: 'redis', BFF_IDEMPOTENCY_STORE: 'memory', BFF_RATE_LIMIT_STORE: 'memory' }
+  // REDIS_URL's database, as the other instance's (through the proxy it was database 0).
+  const env = { REDIS_URL: `redis://127.0.0.1:${proxy.port}${new URL(REDIS_URL).pathname}`, BFF_CACHE_STORE: 'redis', BFF_IDEMPOTENCY_STORE: 'memory', BFF_RATE_LIMIT_STORE: 'memory' }
   const app = await buildTestApp(t, env, { manifest, kernelUrl: kernel.url })
   // Another instance, straight on Redis.
   const other = await buildTestApp(t, { REDIS_URL, BFF_CACHE_STORE: 'redis' }, { manifest, kernelUrl: kernel.url })

@@ -19,7 +19,9 @@ async function cutAndDirect (t: Test, env: Record<string, string> = {}): Promise
   const kernel = await itemKernel(t)
   const manifest = itemManifest(kernel.url)
   const proxy = await startTcpProxy(t, REDIS_PORT)
-  const cut = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, ...env }, { manifest, kernelUrl: kernel.url })
+  // The database of REDIS_URL for both: through the proxy it was database 0 whatever REDIS_URL
+  // named, and with REDIS_URL naming another the two instances shared no tag or entry.
+  const cut = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}${new URL(REDIS_URL).pathname}`, ...env }, { manifest, kernelUrl: kernel.url })
   const direct = await buildTestApp(t, { REDIS_URL, ...env }, { manifest, kernelUrl: kernel.url })
   const who = tenant()
   return { kernel, proxy, cut, direct, who, headers: bearer({ tenant: who }) }
