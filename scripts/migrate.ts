@@ -10,7 +10,15 @@ export async function main (argv: string[], env: Record<string, string | undefin
   if (url === undefined || url === '') throw new Error('DATABASE_URL is not set')
   const refused = urlRefusal('DATABASE_URL', url)
   if (refused !== null) throw new Error(refused)
-  const [command = 'up', arg] = argv
+  const [command = 'up', arg, ...more] = argv
+  const usage = 'use up, down [version] or status'
+  const words = (list: string[]): string => list.map(w => JSON.stringify(w)).join(' ')
+  // A word a command does not take is refused before anything runs: `up 3` migrated to the newest
+  // version (an operator who meant to stop short of a migration got it), and `status now` or
+  // `down 2 1` ran as without their stray word.
+  if (command === 'up' && arg !== undefined) throw new Error(`up takes no version (it migrates to the newest): got ${words(argv.slice(1))}; ${usage}`)
+  if (command === 'status' && arg !== undefined) throw new Error(`status takes nothing: got ${words(argv.slice(1))}; ${usage}`)
+  if (command === 'down' && more.length > 0) throw new Error(`down takes one version at most: got ${words(argv.slice(1))}; ${usage}`)
   if (command === 'status') {
     const s = await migrationStatus(url)
     const newer = s.current > s.max ? ` (the database is newer than this release, whose newest migration is ${s.max})` : ''
@@ -31,7 +39,7 @@ export async function main (argv: string[], env: Record<string, string | undefin
     const r = await migrate(url, target)
     return `migrated down from ${r.from} to ${r.to}${r.ran.length > 0 ? ': ' + r.ran.join(', ') : ' (nothing to do)'}`
   }
-  throw new Error(`unknown command ${command}: use up, down [version] or status`)
+  throw new Error(`unknown command ${command}: ${usage}`)
 }
 
 // As a file URL: `file://${argv[1]}` did not percent-encode, so from a checkout whose path has a

@@ -155,6 +155,19 @@ if (available) {
     t.match(await migrateMain(['down', '0'], { DATABASE_URL: url }), /^migrated down from 1 to 0/)
   })
 
+  // `up 3` migrated to the newest version (an operator who meant to stop short of 004's index
+  // rebuild got it), and `status` or `down 1` with a stray word ran as without it: a word a command
+  // does not take is refused before anything runs.
+  t.test('a word a command does not take is refused, and nothing runs', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    await t.rejects(migrateMain(['up', '3'], { DATABASE_URL: url }), /^up takes no version \(it migrates to the newest\): got "3"; use up, down \[version\] or status$/)
+    t.same(await migrationStatus(url), { current: 0, max: 4, pending: [1, 2, 3, 4] }, 'nothing migrated')
+    await migrate(url)
+    await t.rejects(migrateMain(['down', '2', '1'], { DATABASE_URL: url }), /^down takes one version at most: got "2" "1"; use up, down \[version\] or status$/)
+    await t.rejects(migrateMain(['status', 'now'], { DATABASE_URL: url }), /^status takes nothing: got "now"; use up, down \[version\] or status$/)
+    t.same(await versions(url), [0, 1, 2, 3, 4], 'nothing undone')
+  })
+
   // A rolled-back deploy: down said "from 5 to 5 (nothing to do)", and down 3 ran 004's undo,
   // said "from 5 to 5" and left 0,1,2,3,5, after which up never applied 004 again.
   t.test('a database newer than this release: down refuses, status says so, up and a production start accept it', async t => {
