@@ -33,7 +33,10 @@ export default async function healthRoutes (app: FastifyInstance): Promise<void>
     schema: {
       hide: true,
       querystring: { type: 'object', properties: { scope: { type: 'string', enum: ['all', 'instance'], default: 'all' } } },
-      response: { 200: ReadySchema, 503: ReadySchema }
+      // A 503 is the readiness above, or the shutdown's refusal of every request (app.ts's
+      // refusedEarly), a problem+json: serialized by ReadySchema, which keeps `status` alone, it
+      // went out as {"status":"503"}, neither the problem (no code, no detail) nor a readiness.
+      response: { 200: ReadySchema, 503: { content: { 'application/json': { schema: ReadySchema }, 'application/problem+json': { schema: { $ref: 'Problem#' } } } } }
     }
   }, async (request, reply) => {
     const checks: Record<string, string> = {}

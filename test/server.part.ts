@@ -84,7 +84,10 @@ const ORIGIN = 'https://app.example'
 const DRAIN_REFUSALS: Array<[string, string, RegExp, RegExp]> = [
   ['REST', 'GET /api/v1/fast HTTP/1.1\r\n', /\r\ncontent-type: application\/problem\+json/i, /"code":"OVERLOADED".*shutting down/],
   ['tRPC', 'GET /trpc/fast HTTP/1.1\r\n', /\r\ncontent-type: application\/json/i, /shutting down.*"code":"OVERLOADED"/],
-  ['GraphQL', 'POST /graphql HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 18\r\n', /\r\ncontent-type: application\/json/i, /"code":"OVERLOADED"/]
+  ['GraphQL', 'POST /graphql HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 18\r\n', /\r\ncontent-type: application\/json/i, /"code":"OVERLOADED"/],
+  // A load balancer's readiness probe: the refusal went through /readyz's own 503 schema, which
+  // kept its `status` alone, so the body was {"status":"503"}: neither the problem nor a readiness.
+  ['readiness probe', 'GET /readyz?scope=instance HTTP/1.1\r\n', /\r\ncontent-type: application\/problem\+json/i, /\{"type":"urn:mantle:problem:overloaded".*"code":"OVERLOADED".*shutting down/]
 ]
 for (const [face, request, type, code] of DRAIN_REFUSALS) {
   t.test(`a request refused while draining is a problem+json with a request id (${face})`, async t => {
