@@ -14,10 +14,11 @@ const MIN_GRACE_MS = 10_000
  * timeout (1 s, ANSWER_MARGIN_MS) and its socket's close handshake (2 s, then it is cut), then
  * the onClose hooks one after another: the audit's 5 s at most (3 s for PostgreSQL, 1 s for the
  * spool's disk, 1 s for the store's and the spool's close), the trace export's 2.5 s, the
- * idempotency store's last offer to Redis (0.5 s), the Redis connections' quits (a command
- * timeout each, 0.5 s by default), and what is left to spare. It was 5 s, the audit's alone: a
- * shutdown whose audit took its whole bound was killed at its grace (exit 1) before the trace
- * export and the Redis quits had run; then 10 s, which left the WebSocket faces' 3 s out.
+ * idempotency store's last offer to Redis (0.5 s), the Redis connections' quits (the shared
+ * one's 0.5 s at most, whatever BFF_REDIS_COMMAND_TIMEOUT_MS says), and what is left to spare.
+ * It was 5 s, the audit's alone: a shutdown whose audit took its whole bound was killed at its
+ * grace (exit 1) before the trace export and the Redis quits had run; then 10 s, which left the
+ * WebSocket faces' 3 s out.
  */
 const GRACE_MARGIN_MS = 13_000
 

@@ -2,6 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { Command, Redis } from 'ioredis'
 import { Gauge } from 'prom-client'
+import { setTimeout as sleep } from 'node:timers/promises'
 
 // The one Redis command connection an instance shares between its stores (rate limits, cache,
 // idempotency). Not @fastify/redis: it holds registration until Redis answers, and a gateway
@@ -81,6 +82,8 @@ export interface RedisOptions {
 }
 
 const HEARTBEAT_MS = 1000
+/** How long the shutdown waits for Redis to answer the shared connection's QUIT (the default command timeout). */
+const QUIT_MS = 500
 
 /**
  * The part the heartbeat's PING is to Redis' refusals: refused (`-ping`), nothing runs on memory
@@ -282,11 +285,19 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
     }
   }
   // quit() waits for the server: a client still retrying a Redis that is away must disconnect.
+  // A Redis that hangs (connected, answering nothing) is waited for QUIT_MS at most, then cut:
+  // quit() alone waited BFF_REDIS_COMMAND_TIMEOUT_MS (up to 60 s), where the shutdown's grace
+  // allows the Redis connections half a second (server.ts, GRACE_MARGIN_MS), and a gateway whose
+  // timeout was 20 s was killed at its grace (exit 1) on every shutdown while Redis hung.
   app.addHook('onClose', async () => {
     clearInterval(heartbeat)
     clearInterval(rechecks)
-    if (client.status === 'ready') await client.quit().catch(() => client.disconnect())
-    else client.disconnect()
+    if (client.status !== 'ready') {
+      client.disconnect()
+      return
+    }
+    const said = await Promise.race([client.quit().then(() => true, () => false), sleep(QUIT_MS, false, { ref: false })])
+    if (!said) client.disconnect()
   })
 }
 
