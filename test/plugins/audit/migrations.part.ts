@@ -17,6 +17,7 @@ import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
 import { main as migrateMain } from '../../../scripts/migrate.js'
 import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_URL, PG_PORT } from './db.js'
 import { entry } from './entries.js'
+import { startTcpProxy } from '../../proxy.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
@@ -224,6 +225,29 @@ if (available) {
     t.match(await migrationStatus(inSchema('two')), { current: 4, pending: [] })
     t.match(await migrate(inSchema('one'), 3), { from: 4, to: 3 })
     t.match(await migrationStatus(inSchema('two')), { current: 4 }, 'the other deployment\'s version is its own')
+  })
+
+  // A PostgreSQL (or a pooler: PgBouncer waiting for a server connection) that takes the
+  // connection and then answers nothing: the schema's check waited for ever. A gateway's start-up
+  // failed after 30 s with Fastify's "Plugin did not start in time: 'mantle-audit'", where one
+  // whose PostgreSQL is down starts and spools; `npm run migrate -- status` never ended.
+  t.test('a PostgreSQL that answers nothing: the check fails in bounded time, and the gateway starts spooling', async t => {
+    const name = await createTestDatabase(t, { migrated: true })
+    const proxy = await startTcpProxy(t, PG_PORT, new URL(PG_URL).hostname)
+    proxy.holdSends(chunk => chunk.toString('latin1').includes('server_encoding'))
+    const url = databaseUrl(name, proxy.port)
+    const runs: Array<[string, () => Promise<unknown>]> = [['status', async () => await migrationStatus(url, { answerTimeoutMs: 300 })], ['migrate', async () => await migrate(url, undefined, { answerTimeoutMs: 300 })]]
+    for (const [what, run] of runs) {
+      const started = performance.now()
+      await t.rejects(within(run(), 10_000, what), /^PostgreSQL did not answer within 300 ms/, what)
+      t.ok(performance.now() - started < 5000, `${what} gave up in ${Math.round(performance.now() - started)} ms`)
+    }
+    const started = performance.now()
+    const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t) }), { logger: false })
+    t.teardown(() => app.close())
+    await within((async () => { await app.ready() })(), 25_000, 'the start')
+    t.ok(performance.now() - started < 25_000, `started in ${Math.round(performance.now() - started)} ms`)
+    t.equal(app.audit.health().up, false, 'PostgreSQL is taken as unreachable: entries are spooled')
   })
 
   // Without dist/migrations, status said "version 0 of -Infinity", up "nothing to do" (exit 0),
