@@ -170,7 +170,7 @@ export interface BuildOptions {
    */
   onFatal?: (err: Error) => void
   /** Audit timings (tests shorten them). */
-  audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number, probeIntervalMs?: number }
+  audit?: { retentionIntervalMs?: number, flushIntervalMs?: number, connectTimeoutMs?: number, probeIntervalMs?: number, schemaWaitMs?: number }
   /** Events timings and bound (tests shorten them). */
   events?: { probeIntervalMs?: number, maxSubscriptions?: number, maxPublishing?: number }
   /** What clients may leave unread, all and per tenant (default: defaultUnreadBytes; tests shrink it). */

@@ -129,9 +129,16 @@ export interface AuditOptions {
   flushIntervalMs?: number
   /** PostgreSQL connect timeout (ms): how long a batch waits before it is spooled. */
   connectTimeoutMs?: number
+  /** How long the start-up waits for the schema's migration or check (SCHEMA_WAIT_MS); tests shorten it. */
+  schemaWaitMs?: number
 }
 
 const PRUNE_BATCH = 1000
+/**
+ * How long the start-up waits for the schema's migration (or, in production, its check) before
+ * it starts without it, spooling: well within Fastify's 30 s for a plugin to start (app.ts).
+ */
+const SCHEMA_WAIT_MS = 20_000
 /** The longest a shutdown waits for the audit store to close, once every entry is stored or spooled. */
 const STORE_CLOSE_MS = 1000
 const NO_METADATA: Readonly<Record<string, unknown>> = Object.freeze({})
@@ -420,7 +427,23 @@ async function openStore (app: FastifyInstance, opts: AuditOptions, evicted: (n:
   let reachable = true
   let startError: string | null = null
   try {
-    await prepare()
+    // Waited for SCHEMA_WAIT_MS at most, then left to end meanwhile: the start-up had Fastify's
+    // 30 s for the audit plugin (PLUGIN_TIMEOUT_MS), and a migration that took longer (an index
+    // built on a large table), or a wait for another instance's, failed the start with "Plugin did
+    // not start in time: 'mantle-audit'"; the migration was rolled back with the process, and cut
+    // again at each restart. Every use of the store waits for it (prepare), so entries are spooled
+    // until it has ended; in production, pending migrations it finds then end the gateway as when
+    // PostgreSQL answers late (`refused`).
+    // Its failure once the start stopped waiting is its next use's to say (handled here: an
+    // unhandled rejection would end the process).
+    const ended = prepare().then(() => true)
+    ended.catch(() => {})
+    const waitMs = opts.schemaWaitMs ?? SCHEMA_WAIT_MS
+    if (!await Promise.race([ended, sleep(waitMs, false, { ref: false })])) {
+      reachable = false
+      startError = `the audit schema's ${opts.production ? 'check' : 'migration'} had not ended after ${waitMs} ms (another instance's migration, or a long one, holds it)`
+      app.log.warn({ err: startError }, 'PostgreSQL failed at start-up: audit entries are spooled until it works')
+    }
   } catch (err) {
     if (err instanceof ConfigError) throw err
     reachable = false

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { buildApp } from '../../../app.js'
-import { testConfig, SECRET } from '../../helper.js'
+import { testConfig, SECRET, until } from '../../helper.js'
 import { migrate, migrationStatus } from '../../../plugins/audit/migrations.js'
 import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
 import { main as migrateMain } from '../../../scripts/migrate.js'
@@ -248,6 +248,25 @@ if (available) {
     await within((async () => { await app.ready() })(), 25_000, 'the start')
     t.ok(performance.now() - started < 25_000, `started in ${Math.round(performance.now() - started)} ms`)
     t.equal(app.audit.health().up, false, 'PostgreSQL is taken as unreachable: entries are spooled')
+  })
+
+  // Outside production the start-up migrates, within Fastify's 30 s for the audit plugin: a
+  // migration that took longer (an index built on a large table), or an instance waiting for
+  // another's, failed the start with "Plugin did not start in time: 'mantle-audit'", and the
+  // migration was rolled back with the process, to be started again, and cut again, at each restart.
+  t.test('a start-up migration that takes its time: the gateway starts spooling, and the migration ends meanwhile', async t => {
+    const url = databaseUrl(await createTestDatabase(t))
+    // Another migration holds the lock (an instance starting at once, its migration a long one).
+    const other = await holding(t, url, 'SELECT pg_advisory_xact_lock(120265232378981)')
+    const started = performance.now()
+    const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t) }), { logger: false, audit: { schemaWaitMs: 1000, probeIntervalMs: 100, flushIntervalMs: 50 } })
+    t.teardown(() => app.close())
+    await within((async () => { await app.ready() })(), 20_000, 'the start')
+    t.ok(performance.now() - started < 10_000, `started in ${Math.round(performance.now() - started)} ms`)
+    t.equal(app.audit.health().up, false, 'entries are spooled meanwhile')
+    await other.query('COMMIT')
+    await until(() => app.audit.health().up, 'the audit store up once the migration has run', 15_000)
+    t.same(await versions(url), [0, 1, 2, 3, 4], 'migrated')
   })
 
   // Without dist/migrations, status said "version 0 of -Infinity", up "nothing to do" (exit 0),
