@@ -17,7 +17,8 @@ t.test('a command unanswered when the connection drops is not sent again once Re
   const proxy = await startTcpProxy(t, Number(target.port || 6379), target.hostname)
   const app = Fastify()
   t.teardown(() => app.close())
-  await app.register(redis, { url: `redis://127.0.0.1:${proxy.port}`, commandTimeoutMs: 200, heartbeatMs: 60_000 })
+  // REDIS_URL's database, as the direct client's below (through the proxy it was database 0).
+  await app.register(redis, { url: `redis://127.0.0.1:${proxy.port}${target.pathname}`, commandTimeoutMs: 200, heartbeatMs: 60_000 })
   await app.ready()
   await until(() => app.redis.up(), 'the shared connection ready')
   const direct = new Redis(REDIS_URL)
