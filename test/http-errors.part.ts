@@ -40,6 +40,28 @@ t.test('every error answered over HTTP is counted by its code and status, refusa
   t.match(scrape, /# HELP mantle_http_errors_total Errors answered over HTTP/)
 })
 
+// tRPC answers some requests itself, in its own shape, before any call runs: an input that is not
+// JSON, a mutation over GET, a procedure that does not exist. No call metric saw them, and they
+// went uncounted here too (GraphQL's refused documents were counted): a flood of them showed in
+// no metric at all.
+t.test('a tRPC request refused by tRPC before any call runs is counted by its code and status', async t => {
+  const app = await buildDemoApp(t)
+  const auth = bearer()
+  const statuses = [
+    (await app.inject({ url: '/trpc/listAgents?input=%7Bbad', headers: auth })).statusCode, // input not JSON
+    (await app.inject({ method: 'POST', url: '/trpc/createAgent', headers: { ...auth, 'content-type': 'application/json' }, payload: '{bad' })).statusCode, // body not JSON
+    (await app.inject({ url: '/trpc/createAgent?input=%7B%7D', headers: auth })).statusCode, // a mutation over GET
+    (await app.inject({ url: '/trpc/noSuchProcedure', headers: auth })).statusCode, // no such procedure
+    (await app.inject({ url: '/trpc/getAgent?input=%7B%22id%22%3A%22nope%22%7D', headers: auth })).statusCode // a call's error: its call metrics
+  ]
+  t.same(statuses, [400, 400, 405, 404, 404])
+  const scrape = (await app.inject({ url: '/metrics' })).body
+  const count = (code: string, status: number): number => Number(new RegExp(`^mantle_http_errors_total\\{code="${code}",status="${status}"\\} (\\d+)$`, 'm').exec(scrape)?.[1] ?? 0)
+  t.equal(count('VALIDATION_FAILED', 400), 2, 'the input and the body that are not JSON')
+  t.equal(count('BAD_REQUEST', 405), 1, 'the mutation over GET')
+  t.equal(count('NOT_FOUND', 404), 1, 'the procedure that does not exist; not the call\'s Kernel 404 (its call metrics)')
+})
+
 t.test('with metrics off, problems are answered as before and nothing is counted', async t => {
   const app = await buildDemoApp(t, { BFF_METRICS_ENABLED: false })
   t.equal((await app.inject({ url: '/api/v1/agents' })).statusCode, 401)

@@ -277,8 +277,14 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     // either, so that a scanner cannot flood the trail.
     const refusedEarly = app.hasDecorator('audit') ? new WeakMap<FastifyRequest, TRPCError>() : null
     const reached = app.hasDecorator('audit') ? app.audit.reached : null
+    // The first error of a request that tRPC made itself, not a call's (an input or body not
+    // JSON, a mutation over GET, a procedure that does not exist): no call ran for it, so no
+    // call metric saw it, and it is counted in mantle_http_errors_total as REST's and GraphQL's
+    // refusals are. Before, these were counted nowhere: a flood of them showed in no metric.
+    const ownErrors = new WeakMap<FastifyRequest, TRPCError>()
     const onError = ({ error, ctx, req }: { error: TRPCError, ctx?: TrpcContext | undefined, req: FastifyRequest }): void => {
       if (ctx === undefined) earlyRequestIds.set(error, req.id)
+      if (!(error instanceof ProblemError) && !(error.cause instanceof MantleError) && !ownErrors.has(req)) ownErrors.set(req, error)
       if (refusedEarly !== null && EARLY_REFUSALS.has(error.code) && !(error instanceof ProblemError) && !(error.cause instanceof MantleError) && !refusedEarly.has(req)) refusedEarly.set(req, error)
       if (isInternal(error)) req.log.error({ err: error.cause ?? error }, 'unexpected error')
     }
@@ -416,6 +422,11 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         if (call !== null) return await answerSingle(request, reply, path, call.input)
         if (compressing && asksForStream(request.headers)) request.raw.headers['x-no-compression'] = 'jsonl'
         await answerByTrpc(request, reply, path)
+        const own = ownErrors.get(request)
+        if (own !== undefined) {
+          const { code, httpStatus } = errorShape(own, request.id).data
+          request.server.errorAnswered(code, httpStatus)
+        }
         const refused = refusedEarly?.get(request)
         if (refused !== undefined) {
           // The refusal's own status, as its error says: a streamed batch's response is a 200
