@@ -282,6 +282,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     // call metric saw it, and it is counted in mantle_http_errors_total as REST's and GraphQL's
     // refusals are. Before, these were counted nowhere: a flood of them showed in no metric.
     const ownErrors = new WeakMap<FastifyRequest, TRPCError>()
+    // The error of a call alone in its request that tRPC's handler answered (HEAD, a stream asked
+    // for): the request's answer, counted as answerSingle's are. A batch's are its calls'.
+    const singleErrors = new WeakMap<FastifyRequest, TRPCError>()
     const onError = ({ error, ctx, req }: { error: TRPCError, ctx?: TrpcContext | undefined, req: FastifyRequest }): void => {
       if (ctx === undefined) earlyRequestIds.set(error, req.id)
       if (!(error instanceof ProblemError) && !(error.cause instanceof MantleError) && !ownErrors.has(req)) ownErrors.set(req, error)
@@ -356,6 +359,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       if (result.ok) return await reply.send('{"result":{"data":' + result.json + '}}')
       const shape = errorShape(ProblemError.of(result.problem, result.headers), request.id, path)
       if (result.headers !== null) reply.headers(result.headers)
+      // The request's answer is the call's error, its status too: counted as REST's call errors
+      // are (a query over GET with an expired token was a 401 counted nowhere, the same over POST was).
+      request.server.errorAnswered(shape.data.code, shape.data.httpStatus)
       return await reply.code(shape.data.httpStatus).send(JSON.stringify({ error: shape }))
     }
 
@@ -379,7 +385,11 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         allowMethodOverride: true,
         createContext: async ({ info }) => httpContext(request, reply.raw, info.connectionParams, info.isBatchCall, info.calls.length),
         onError: (o) => { onError({ ...o, req: request }) },
-        responseMeta: ({ info, errors, ctx, eagerGeneration }) => responseHeaders(info, errors, ctx, eagerGeneration)
+        responseMeta: ({ info, errors, ctx, eagerGeneration }) => {
+          // A call alone in its request (not a batch) that failed: its error is the answer's (answerSingle).
+          if (info?.isBatchCall === false && errors.length > 0 && !singleErrors.has(request)) singleErrors.set(request, errors[0])
+          return responseHeaders(info, errors, ctx, eagerGeneration)
+        }
       })
       if (head && response.headers.get('content-type')?.startsWith('text/event-stream') === true) {
         await response.body?.cancel()
@@ -422,9 +432,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         if (call !== null) return await answerSingle(request, reply, path, call.input)
         if (compressing && asksForStream(request.headers)) request.raw.headers['x-no-compression'] = 'jsonl'
         await answerByTrpc(request, reply, path)
-        const own = ownErrors.get(request)
-        if (own !== undefined) {
-          const { code, httpStatus } = errorShape(own, request.id).data
+        const answered = ownErrors.get(request) ?? singleErrors.get(request)
+        if (answered !== undefined) {
+          const { code, httpStatus } = errorShape(answered, request.id).data
           request.server.errorAnswered(code, httpStatus)
         }
         const refused = refusedEarly?.get(request)
