@@ -293,6 +293,12 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
 
   const check = (token: string): Identity => {
     const key = pick(token)
+    // The signature spelt in canonical base64url only: its last character holds bits past the
+    // signature's bytes (2 for HS256, 4 for RS256 and ES256), which the decoder ignores, so each
+    // token had 4 to 16 spellings that all verified, each a new token to whatever is keyed by its
+    // text (this verifier's cache: an entry and a signature check per spelling).
+    const signature = token.slice(token.lastIndexOf('.') + 1)
+    if (Buffer.from(signature, 'base64url').toString('base64url') !== signature) throw refuse(reasons.FAST_JWT_INVALID_SIGNATURE as string)
     let claims: Record<string, unknown>
     try {
       claims = key.verify(token)

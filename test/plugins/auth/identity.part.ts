@@ -92,3 +92,22 @@ t.test('a 401 carries its challenge: WWW-Authenticate, with RFC 6750\'s error wh
     t.equal(all.headers['www-authenticate'], authorization === undefined ? 'Bearer' : 'Bearer error="invalid_token"')
   }
 })
+
+// A signature's base64url text has bits past its bytes (2 for HS256's 32 bytes, 4 for RS256's
+// 256 and ES256's 64): Node's decoder ignores them, so one token had 4 to 16 spellings that all
+// verified. Each is a distinct token to everything keyed by the token's text (the verified-token
+// cache took each as a new entry and a new signature check), though none is a genuine token's.
+t.test('a token whose signature is spelt in non-canonical base64url is refused', async t => {
+  const identify = createIdentityVerifier({ secret })
+  const token = mintToken(secret, { tenant: 't', user: 'u' })
+  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'
+  const last = alphabet.indexOf(token.at(-1) as string)
+  t.equal(last & 3, 0, 'the genuine signature\'s spare bits are zero')
+  t.equal(identify(`Bearer ${token}`).user, 'u')
+  for (const spare of [1, 2, 3]) {
+    const variant = token.slice(0, -1) + alphabet[last | spare]
+    t.not(variant, token)
+    t.throws(() => identify(`Bearer ${variant}`), { code: 'UNAUTHENTICATED', message: /signature is invalid/ }, `spare bits ${spare}`)
+  }
+  t.equal(identify.cached(), 1, 'only the genuine token is kept')
+})
