@@ -72,7 +72,7 @@ export function parsePublicKeys (text: string): Map<string, PublicKey> {
 
 /**
  * The signing keys of a JWKS document: RSA (of MIN_RSA_BITS or more) and EC P-256 keys with
- * `use: sig` or no use, by kid.
+ * `use: sig` or no use, and `key_ops` holding `verify` or none, by kid.
  */
 export function keysOfJwks (doc: unknown): Map<string, PublicKey> {
   const keys = new Map<string, PublicKey>()
@@ -81,6 +81,9 @@ export function keysOfJwks (doc: unknown): Map<string, PublicKey> {
   for (const jwk of list as Array<Record<string, unknown>>) {
     if (jwk === null || typeof jwk !== 'object' || typeof jwk.kid !== 'string' || jwk.kid === '') continue
     if (jwk.use !== undefined && jwk.use !== 'sig') continue
+    // key_ops (RFC 7517 §4.3) as use: a key not for `verify` (an encryption key with no use and no
+    // alg) is another protocol's, and was taken for checking signatures.
+    if (jwk.key_ops !== undefined && !(Array.isArray(jwk.key_ops) && jwk.key_ops.includes('verify'))) continue
     if (jwk.kty !== 'RSA' && !(jwk.kty === 'EC' && jwk.crv === 'P-256')) continue
     let key: PublicKey | string
     try {

@@ -394,3 +394,19 @@ t.test('production: at least one key source; a given secret must be 32+ bytes', 
   t.throws(() => app.identify(`Bearer ${mintToken('mantle-dev-secret-not-for-production-0000', { tenant: 't', user: 'u' })}`), { message: /HS256 tokens are not accepted/ })
   await t.rejects(buildTestApp(t, { NODE_ENV: 'production', BFF_JWT_SECRET: undefined }), ConfigError)
 })
+
+// RFC 7517 §4.3: `key_ops` says what a key is for, as `use` does (`verify` for checking
+// signatures). A key published for encryption alone (`key_ops: ["encrypt", "wrapKey"]`, no
+// `use`, no `alg`) was taken as a signing key: the key of another protocol, whose private half
+// may answer as an oracle there, verified tokens here.
+t.test('a JWKS key whose key_ops leave out verify is skipped', async t => {
+  const keys = keysOfJwks({
+    keys: [
+      jwk(rsa1, 'enc-only', { key_ops: ['encrypt', 'wrapKey'] }),
+      jwk(rsa2, 'not-a-list', { key_ops: 'verify' }),
+      jwk(ec1, 'verifies', { key_ops: ['verify'] }),
+      jwk(rsa1, 'no-ops')
+    ]
+  })
+  t.same([...keys.keys()], ['verifies', 'no-ops'])
+})
