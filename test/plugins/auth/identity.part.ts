@@ -1,5 +1,7 @@
 import t from 'tap'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { generateKeyPairSync, type KeyObject } from 'node:crypto'
+import { createSigner } from 'fast-jwt'
 import { createIdentityVerifier, mintToken, IDENTITY_CACHE_BYTES } from '../../../plugins/auth/identity.js'
 
 const secret = 'identity-test-secret-of-at-least-32-bytes'
@@ -110,4 +112,39 @@ t.test('a token whose signature is spelt in non-canonical base64url is refused',
     t.throws(() => identify(`Bearer ${variant}`), { code: 'UNAUTHENTICATED', message: /signature is invalid/ }, `spare bits ${spare}`)
   }
   t.equal(identify.cached(), 1, 'only the genuine token is kept')
+})
+
+// fast-jwt decodes and parses a token's payload before it checks the signature: a forged token
+// from anyone, its payload arrays nested deep, cost that parse (JSON.parse takes some 0.1 ms per
+// KB of `[[[[...`, against 4 µs for plain text; a 16 KB header some 1 ms, a tRPC connectionParams
+// or GraphQL connection_init of 1 MB some 120 ms of the event loop). The signature is now checked
+// first, over the encoded text: a forged token's payload is never decoded.
+t.test('a forged token\'s payload is not parsed: the signature is checked first', async t => {
+  const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 })
+  const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' })
+  const pem = (k: KeyObject): string => k.export({ type: 'spki', format: 'pem' }).toString()
+  const identify = createIdentityVerifier({ secret, publicKeys: new Map([['r', { alg: 'RS256' as const, pem: pem(rsa.publicKey) }], ['e', { alg: 'ES256' as const, pem: pem(ec.publicKey) }]]) })
+  const b64 = (s: string): string => Buffer.from(s).toString('base64url')
+  const nested = b64('{"sub":"u","tid":"t","exp":9999999999,"x":' + '['.repeat(20000) + ']'.repeat(20000) + '}')
+  const parse = JSON.parse
+  let parsed = 0
+  JSON.parse = function (text: string, ...rest: unknown[]) {
+    if (typeof text === 'string' && text.length > 20000) parsed++
+    return (parse as (...a: unknown[]) => unknown)(text, ...rest)
+  } as typeof JSON.parse
+  t.teardown(() => { JSON.parse = parse })
+  for (const [header, sigBytes] of [[{ alg: 'HS256' }, 32], [{ alg: 'RS256', kid: 'r' }, 256], [{ alg: 'ES256', kid: 'e' }, 64]] as const) {
+    const forged = `Bearer ${b64(JSON.stringify(header))}.${nested}.${Buffer.alloc(sigBytes, 7).toString('base64url')}`
+    t.throws(() => identify(forged), { code: 'UNAUTHENTICATED', message: /signature is invalid/ }, header.alg)
+  }
+  JSON.parse = parse
+  t.equal(parsed, 0, 'no forged payload was parsed')
+  // Genuine tokens of each kind still verify, and malformed ones are still called so.
+  const signed = (alg: 'RS256' | 'ES256', kid: string, key: KeyObject): string => createSigner({ key: key.export({ type: 'pkcs8', format: 'pem' }).toString(), algorithm: alg, kid, expiresIn: 60_000 })({ sub: 'u', tid: 't' })
+  t.equal(identify(`Bearer ${signed('RS256', 'r', rsa.privateKey)}`).user, 'u')
+  t.equal(identify(`Bearer ${signed('ES256', 'e', ec.privateKey)}`).user, 'u')
+  t.equal(identify(`Bearer ${mintToken(secret, { tenant: 't', user: 'u' })}`).user, 'u')
+  for (const malformed of ['a.b', 'a.b.c.d', `${b64('{"alg":"HS256"}')}.x!y.AAAA`]) {
+    t.throws(() => identify(`Bearer ${malformed}`), { code: 'UNAUTHENTICATED', message: /malformed/ }, malformed)
+  }
 })
