@@ -18,8 +18,9 @@ import type { ScanResult, ScanTask } from './scan-worker.js'
 /**
  * Inputs up to this size are scanned on the event loop (at most a few milliseconds even for the
  * costliest text, and no copy to a thread); larger ones on the pool. The size counts the named
- * fields' characters, TEXT_WEIGHT more for each string in an array or object and each entry of
- * an object, and one for each other element.
+ * fields' characters (one that NFKC writes as several as that many, see `read`), TEXT_WEIGHT
+ * more for each string in an array or object and each entry of an object, and one for each
+ * other element.
  */
 export const INLINE_MAX = 8192
 
@@ -35,7 +36,7 @@ export function largerThan (fields: readonly string[], input: Readonly<Record<st
   let structured = false
   for (const field of fields) {
     const value = input[field]
-    if (typeof value === 'string') size += value.length
+    if (typeof value === 'string') size += read(value, size, limit)
     else if (value !== null && typeof value === 'object') structured = true
   }
   // A call whose fields are strings (the hot path: a prompt) allocates nothing here.
@@ -50,14 +51,15 @@ export function largerThan (fields: readonly string[], input: Readonly<Record<st
     if (Array.isArray(holder)) {
       for (let i = 0; i < holder.length && size <= limit; i++) {
         const value: unknown = holder[i]
-        size += typeof value === 'string' ? TEXT_WEIGHT + value.length : opened(value, open)
+        size += typeof value === 'string' ? TEXT_WEIGHT + read(value, size, limit) : opened(value, open)
       }
     } else {
       const keys = Object.keys(holder)
       for (let i = 0; i < keys.length && size <= limit; i++) {
         // An entry is one text: its key, with its value when that is a string.
         const value = (holder as Record<string, unknown>)[keys[i]]
-        size += TEXT_WEIGHT + keys[i].length + (typeof value === 'string' ? value.length : opened(value, open) - 1)
+        size += TEXT_WEIGHT + read(keys[i], size, limit)
+        size += typeof value === 'string' ? read(value, size, limit) : opened(value, open) - 1
       }
     }
   }
@@ -72,6 +74,29 @@ export function largerThan (fields: readonly string[], input: Readonly<Record<st
  * string of that size takes 4 at most.
  */
 export const TEXT_WEIGHT = 16
+
+// The characters NFKC writes as four or more (U+FDFA as 18, U+FDFB as 8, the squared katakana
+// words of U+3300 to U+33FF as up to 6, parenthesized numbers, ...): a superset of them, by
+// block. The rules read a text after NFKC, so that such a character costs its scan what that
+// many characters cost: 8,192 U+FDFA counted 8,192 and were scanned on the event loop, 15 ms
+// each, where 8,192 characters of any other kind take 4 at most.
+const EXPANDS = /[\u2057\u2152\u2167\u2177\u247d-\u2487\u2a0c\u321d\u321e\u3300-\u33ff\ufdf2-\ufdfc]/g
+/** The most characters NFKC writes for one (U+FDFA). */
+const MOST_READ = 18
+
+/**
+ * What a text counts: its length, each character NFKC writes as several counting as many. A
+ * text that cannot take `size` past `limit` even so (a prompt of a few hundred characters, the
+ * hot path) is not searched; the search stops once past the limit.
+ */
+function read (text: string, size: number, limit: number): number {
+  let n = text.length
+  if (size + n * MOST_READ <= limit || size + n > limit) return n
+  EXPANDS.lastIndex = 0
+  let m: RegExpExecArray | null
+  while (size + n <= limit && (m = EXPANDS.exec(text)) !== null) n += m[0].normalize('NFKC').length - 1
+  return n
+}
 
 /** A value that is not a string counts one; an array or object is opened. */
 function opened (value: unknown, open: object[]): number {

@@ -45,6 +45,27 @@ t.test('largerThan counts each text of an array or object at TEXT_WEIGHT more: s
   t.ok(largerThan(['p'], { p: [{ role: 'user', content: 'x'.repeat(INLINE_MAX - 2 * TEXT_WEIGHT - 'roleusercontent'.length) }] }, INLINE_MAX))
 })
 
+t.test('largerThan counts a character NFKC writes as several at the length the rules read', async t => {
+  // The rules read a text after NFKC, which writes U+FDFA as 18 characters: 8,192 of them
+  // counted 8,192 and were scanned on the event loop, 15 ms each (a string of 8,192 characters
+  // of any other kind takes 4 at most), so that a client held the loop with small requests.
+  const many = Math.floor(INLINE_MAX / 18) + 1
+  t.ok(largerThan(['p'], { p: '\ufdfa'.repeat(many) }, INLINE_MAX), `${many} U+FDFA: ${many * 18} characters read`)
+  t.ok(largerThan(['p'], { p: 'x'.repeat(INLINE_MAX - 17) + '\ufdfa' }, INLINE_MAX), 'one, at the edge')
+  t.notOk(largerThan(['p'], { p: 'x'.repeat(INLINE_MAX - 18) + '\ufdfa' }, INLINE_MAX), 'up to the limit: on the event loop')
+  t.ok(largerThan(['p'], { p: ['\u3316'.repeat(Math.floor(INLINE_MAX / 6))] }, INLINE_MAX), 'in an array (U+3316: 6 characters)')
+  t.ok(largerThan(['p'], { p: { ['\ufdfb'.repeat(INLINE_MAX / 8)]: 1 } }, INLINE_MAX), 'in a key (U+FDFB: 8 characters)')
+  t.notOk(largerThan(['p'], { p: '\u00e9\uff21'.repeat(INLINE_MAX / 2) }, INLINE_MAX), 'characters NFKC writes as one count one')
+  // Every BMP character NFKC writes as four or more is weighed so (the table is written by hand).
+  for (let c = 0; c < 0x10000; c++) {
+    if (c >= 0xd800 && c <= 0xdfff) continue
+    const ch = String.fromCharCode(c)
+    const read = ch.normalize('NFKC').length
+    if (read < 4) continue
+    if (!largerThan(['p'], { p: 'x'.repeat(INLINE_MAX - read + 1) + ch }, INLINE_MAX)) t.fail(`U+${c.toString(16)} counted less than ${read}`)
+  }
+})
+
 t.test('largerThan counts the named fields\' characters, and one for each element and each entry', async t => {
   t.notOk(largerThan(['p'], { p: 'x'.repeat(INLINE_MAX) }, INLINE_MAX))
   t.ok(largerThan(['p'], { p: 'x'.repeat(INLINE_MAX + 1) }, INLINE_MAX))
