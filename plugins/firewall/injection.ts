@@ -227,8 +227,11 @@ export const INJECTION_RULES: readonly InjectionRule[] = Object.freeze([
   R('exfiltration', 0.8, `\\b(?:send|forward|upload|post|email|mail|transmit|exfiltrate|leak) ${gap(4)}(?:conversation|chat history|chat log|history|data|files|credentials|passwords|secrets|api keys|tokens) (?:${gap(2)})?to (?:http|https|www|ftp|this url|this address|the url)\\b`),
   R('exfiltration', 0.8, '\\bexfiltrate (?:the|all|any|every|their|his|her|your|this|these)\\b'),
 
-  // Chat-template and role markers a model may take for its own turns (punctuation kept).
-  R('template-markers', 0.85, String.raw`<\|(?:im_start|im_end|system|endoftext|start_header_id|end_header_id|eot_id)\|>|<<\/?sys>>|\[\/?inst\]|<\/?system>|\[system\]\(#|#{2,4} ?(?:system|instruction|new instructions?) ?:|^ {0,3}system ?: ?(?:you|ignore|new|the assistant)|\n {0,3}system ?: ?(?:you|ignore|new|the assistant)|\buser input\b.{0,40}\bsystem ?:`, 'markers')
+  // Chat-template and role markers a model may take for its own turns (punctuation kept). A
+  // `system:` line starts after any line break (normalizeForMarkers makes the vertical tab, form
+  // feed and NEL a LF), indented by spaces or tabs: after LF alone, `\rsystem: you ...`,
+  // U+2028 or a tab indent hid it.
+  R('template-markers', 0.85, String.raw`<\|(?:im_start|im_end|system|endoftext|start_header_id|end_header_id|eot_id)\|>|<<\/?sys>>|\[\/?inst\]|<\/?system>|\[system\]\(#|#{2,4} ?(?:system|instruction|new instructions?) ?:|(?:^|[\n\r\u2028\u2029])[ \t]{0,3}system ?: ?(?:you|ignore|new|the assistant)|\buser input\b.{0,40}\bsystem ?:`, 'markers')
 ])
 
 // The rules each word key can start, and a filter of those keys for normalize.ts, so that the

@@ -461,12 +461,19 @@ function plainLetters (text: string): string {
   return foldHomoglyphs(s.toLowerCase())
 }
 
+// Controls that break a line (vertical tab, form feed, NEL): a LF in the markers view, where a
+// line's start counts (`system:`), not removed as the other controls are (the marker then joined
+// the line before it, and passed).
+const LINE_BREAK_CONTROLS = /[\v\f\u0085]/
+const LINE_BREAK_CONTROLS_ALL = new RegExp(LINE_BREAK_CONTROLS.source, 'g')
+
 /**
- * The text for rules that read punctuation (chat-template delimiters): NFKC, invisible
- * characters removed, diacritics dropped and look-alikes folded as for the word rules (a
- * Cyrillic І in `[INST]` hid it), lowercase.
+ * The text for rules that read punctuation (chat-template delimiters): line-breaking controls a
+ * LF, NFKC, invisible characters removed, diacritics dropped and look-alikes folded as for the
+ * word rules (a Cyrillic І in `[INST]` hid it), lowercase.
  */
 export function normalizeForMarkers (text: string): string {
+  if (LINE_BREAK_CONTROLS.test(text)) text = text.replace(LINE_BREAK_CONTROLS_ALL, '\n')
   return NOT_ASCII.test(text) ? plainLetters(text) : visible(text).toLowerCase()
 }
 
