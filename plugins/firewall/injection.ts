@@ -129,7 +129,9 @@ const MODEL_SUBJECT = any('answer', 'respond', 'reply', 'talk', 'act', 'behave',
 const EVADE_VERB = any('bypass', 'circumvent', 'override', 'evade', 'get around', 'contourne[rz]?', 'umgehe?')
 const OFF_VERB = any('disable', 'turn off', 'switch off', 'deactivate', 'remove', 'ignore', 'lift',
   'desactive[rz]?', 'supprime[rz]?', 'evita', 'evite', 'desactiva', 'quita', 'elimina', 'salta(?:te)?', 'deaktiviere', 'schalte', 'entferne')
-const SAFETY_DET = any('the', 'all', 'any', 'los', 'las', 'die', 'alle')
+// The articles of the four languages: without the French ones and the Spanish singular,
+// "contourne les filtres" and "desactiva la censura" passed where "umgehe die Filter" was found.
+const SAFETY_DET = any('the', 'all', 'any', 'les', 'la', 'tous les', 'toutes les', 'el', 'los', 'las', 'todos los', 'todas las', 'die', 'alle')
 const SAFETY_POSSESSIVE = any('your', 'all your', 'tes', 'vos', 'tous tes', 'toutes tes', 'tus', 'todos tus', 'sus', 'deine', 'ihre')
 const SAFETY_QUALIFIER = any('safety', 'content', 'security', 'ethical', 'moral', 'moderation')
 // Targets that are the model's whatever precedes them.
