@@ -152,6 +152,9 @@ export const HOMOGLYPHS: ReadonlyMap<string, string> = (() => {
   const map = new Map(HOMOGLYPH_LIST.join(' ').split(' ').map(pair => [pair[0], pair.slice(1)] as [string, string]))
   // Cherokee small letters look like their capitals (U+13A0-13EF to U+AB70-ABBF, 13F0-13F5 to 13F8-13FD).
   for (const [from, to] of [...map]) if (from >= '\u13a0' && from <= '\u13f5') map.set(from.toLowerCase(), to)
+  // Parenthesized small letters (U+249C to U+24B5): NFKC writes them "(a)", a letter the rules
+  // read alone, so that an instruction in them passed; folded before NFKC (BEFORE_NFKC).
+  for (let i = 0; i < 26; i++) map.set(String.fromCharCode(0x249c + i), String.fromCharCode(97 + i))
   return map
 })()
 
@@ -450,6 +453,17 @@ export function normalizeForRules (text: string): string {
   return rulesView(text).words
 }
 
+// Letters in a negative circle or square and the regional indicators (U+1F150, U+1F170,
+// U+1F1E6, A to Z each): no decomposition, and beyond the BMP table, so an instruction written in
+// them read as no words and passed, where circled and squared letters (NFKC: the letter) were
+// found. Read as the letter, a flag as its two letters.
+const ENCLOSED = /[\u{1F150}-\u{1F169}\u{1F170}-\u{1F189}\u{1F1E6}-\u{1F1FF}]/u
+const ENCLOSED_ALL = new RegExp(ENCLOSED.source, 'gu')
+function unenclosed (c: string): string {
+  const code = c.codePointAt(0)!
+  return String.fromCharCode(97 + code - (code >= 0x1F1E6 ? 0x1F1E6 : code >= 0x1F170 ? 0x1F170 : 0x1F150))
+}
+
 /**
  * A text that is not ASCII, for the rules: NFKC, invisible characters removed, diacritics dropped
  * (before folding: an accented look-alike such as ό or ѐ is in no table, its base letter is),
@@ -457,6 +471,7 @@ export function normalizeForRules (text: string): string {
  */
 function plainLetters (text: string): string {
   if (BEFORE_NFKC.test(text)) text = text.replace(BEFORE_NFKC_ALL, c => HOMOGLYPHS.get(c)!)
+  if (ASTRAL.test(text) && ENCLOSED.test(text)) text = text.replace(ENCLOSED_ALL, unenclosed)
   const s = foldHomoglyphs(unmarked(visible(text.normalize('NFKC')).normalize('NFD')))
   return foldHomoglyphs(s.toLowerCase())
 }
