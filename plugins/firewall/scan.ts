@@ -1,7 +1,7 @@
 // One scan of one text: injection rules on the normalized text, secrets and personal data on
 // the raw text, and the same again inside base64 and hex runs that decode to text (bounded in
 // count, size and depth). Plain functions: the plugin only wires them into the pipeline.
-import { rulesView, normalizeForMarkers, invisibleAsSpaces, visibleCopy } from './normalize.js'
+import { rulesView, normalizeForMarkers, invisibleAsSpaces, visibleCopy, type VisibleCopy } from './normalize.js'
 import { INJECTION_RULES, RULE_KEYS, hasMarkerGate, matchWordRules } from './injection.js'
 import { findSpans, type Category, type Detection } from './detectors.js'
 import { charTable, hasRun } from './text.js'
@@ -61,34 +61,58 @@ function markersView (text: string, plain: boolean): string {
   return hasMarkerGate(markers) ? markers : ''
 }
 
-function decodeRuns (text: string, depth: number, budget: Budget, out: Detection[]): void {
-  // Optimization: most texts hold no run long enough; the regexes below are not even tried.
-  if (depth >= DECODE_LIMITS.depth || !hasLongRun(text)) return
+/**
+ * The base64 and hex runs of a text decoded and scanned again: the raw text's, then those of
+ * its visible copy `seen` (null: none) that are not the raw text's, their spans mapped back to
+ * the raw characters they were read from. The runs of both count toward runsPerText.
+ */
+function decodeRuns (raw: string, seen: VisibleCopy | null, depth: number, budget: Budget, out: Detection[]): void {
+  if (depth >= DECODE_LIMITS.depth) return
   let runs = 0
-  for (const [re, encoding] of [[BASE64_RUN, 'base64'], [HEX_RUN, 'hex']] as const) {
-    re.lastIndex = 0
-    let m: RegExpExecArray | null
-    while ((m = re.exec(text)) !== null && runs < DECODE_LIMITS.runsPerText && budget.decoded > 0) {
-      let run = (encoding === 'base64' && m[0].includes('\n') ? m[0].replace(LINE_BREAKS, '') : m[0]).slice(0, DECODE_LIMITS.runChars)
-      // A run of hex digits is decoded as hex, not as base64.
-      if (encoding === 'base64' && /^[0-9A-Fa-f]+$/.test(run)) continue
-      if (encoding === 'hex' && run.length % 2 === 1) run = run.slice(0, -1)
-      const decoded = Buffer.from(run, encoding).toString('utf8')
-      if (!readable(decoded)) continue
-      runs++
-      budget.decoded -= decoded.length
-      const inner: Detection[] = []
-      detectInto(decoded, depth + 1, budget, inner)
-      // What was found inside stands for the whole run: redaction replaces the run.
-      for (const d of inner) out.push({ category: d.category, type: d.type, score: d.score, start: m.index, end: m.index + m[0].length })
+  // The raw text's runs, by encoding and span, when there is a copy: not decoded again in it.
+  let rawRuns = null as Set<string> | null
+  for (const copy of seen === null ? [null] : [null, seen]) {
+    const text = copy === null ? raw : copy.text
+    // Optimization: most texts hold no run long enough; the regexes below are not even tried.
+    if (!hasLongRun(text)) continue
+    for (const [re, encoding] of [[BASE64_RUN, 'base64'], [HEX_RUN, 'hex']] as const) {
+      re.lastIndex = 0
+      let m: RegExpExecArray | null
+      while ((m = re.exec(text)) !== null && runs < DECODE_LIMITS.runsPerText && budget.decoded > 0) {
+        const start = copy === null ? m.index : copy.from[m.index]
+        const end = copy === null ? m.index + m[0].length : copy.to[m.index + m[0].length - 1]
+        if (seen !== null) {
+          const span = encoding + start + ':' + end
+          if (copy === null) (rawRuns ??= new Set()).add(span)
+          else if (rawRuns?.has(span) === true) continue
+        }
+        let run = (encoding === 'base64' && m[0].includes('\n') ? m[0].replace(LINE_BREAKS, '') : m[0]).slice(0, DECODE_LIMITS.runChars)
+        // A run of hex digits is decoded as hex, not as base64.
+        if (encoding === 'base64' && /^[0-9A-Fa-f]+$/.test(run)) continue
+        if (encoding === 'hex' && run.length % 2 === 1) run = run.slice(0, -1)
+        const decoded = Buffer.from(run, encoding).toString('utf8')
+        if (!readable(decoded)) continue
+        runs++
+        budget.decoded -= decoded.length
+        const inner: Detection[] = []
+        detectInto(decoded, depth + 1, budget, inner)
+        // What was found inside stands for the whole run: redaction replaces the run.
+        for (const d of inner) out.push({ category: d.category, type: d.type, score: d.score, start, end })
+      }
     }
   }
 }
 
 function detectInto (text: string, depth: number, budget: Budget, out: Detection[]): void {
   const plain = injectionsInto(text, out)
-  spansInto(text, plain, out)
-  decodeRuns(text, depth, budget, out)
+  // A plain text (ASCII, no control character) is its own visible copy.
+  const seen = plain ? null : visibleCopy(text)
+  spansInto(text, seen, out)
+  // The runs as written and as read: in the raw text alone, an invisible character inside a run
+  // cut it in two (the second half no longer aligned) and full-width letters were no run at all,
+  // so that what it encoded passed; in the copy alone, a letter NFKC makes ASCII just before a
+  // run (Ａ, ﬁ) would lengthen it out of alignment.
+  decodeRuns(text, seen, depth, budget, out)
 }
 
 /**
@@ -96,14 +120,12 @@ function detectInto (text: string, depth: number, budget: Budget, out: Detection
  * invisible characters removed, Unicode spaces a space), where a full-width `＠`, a no-break
  * space between card groups or a zero-width space inside a key no longer hides them. A span
  * found in the copy is mapped back to the raw characters it was read from (all of them, the
- * invisible ones between included), so that redaction leaves no part of it. A plain text
- * (ASCII, no control character) is its own visible copy.
+ * invisible ones between included), so that redaction leaves no part of it. `seen`: the
+ * copy, null when it is the text itself (visibleCopy).
  */
-function spansInto (text: string, plain: boolean, out: Detection[]): void {
+function spansInto (text: string, seen: VisibleCopy | null, out: Detection[]): void {
   const first = out.length
   findSpans(text, out)
-  if (plain) return
-  const seen = visibleCopy(text)
   if (seen === null) return
   const found: Detection[] = []
   findSpans(seen.text, found)
