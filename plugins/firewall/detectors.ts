@@ -141,7 +141,10 @@ export function validSteuerId (digits: string): boolean {
 // --- validators -------------------------------------------------------------------------------
 
 const hasMixedCaseAndDigit = (s: string): boolean => /[a-z]/.test(s) && /[A-Z]/.test(s) && /\d/.test(s)
-const RESERVED_DOMAIN = /(?:^|\.)(?:example|test|invalid|localhost|local)(?:\.[a-z]{2,6})?$/i
+// example.* (RFC 2606's example.com, .net, .org), and the reserved top-level domains .test,
+// .invalid, .localhost and .local. Any one label after each of them passed: test.de, local.ch,
+// mail.test.fr, real domains, were never found.
+const RESERVED_DOMAIN = /(?:^|\.)example(?:\.[a-z]{2,6})?$|\.(?:test|invalid|localhost|local)$/i
 const CONTEXT_BEFORE = (text: string, index: number, words: RegExp): boolean => words.test(text.slice(Math.max(0, index - 40), index))
 const PHONE_WORDS = /(?:phone|tel|t[ée]l[ée]phone|tel[ée]fono|telefon|mobile?|cell|handy|fax|call|ring|whatsapp|sms|appelle[rz]?|llam[ae]|ruf)\W{0,6}(?:\w{1,12}\W{1,3}){0,2}$/i
 const TAX_WORDS = /(?:steuer|idnr|identifikationsnummer|tax ?id|tin)\W{0,6}(?:\w{1,12}\W{1,3}){0,1}$/i
@@ -224,7 +227,9 @@ export const SPAN_RULES: readonly SpanRule[] = Object.freeze([
   S('huggingface-token', 0.9, ['hf_'], /\bhf_[A-Za-z]{34}\b/g),
   S('sendgrid-key', 0.9, ['SG.'], /\bSG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])/g),
 
-  P('email', 0.7, ['@'], /[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}\.[A-Za-z0-9.-]{2,190}/g, { validate: validEmail }),
+  // The local part starts after any dots: taken from the first dot on (.anna@...), it was
+  // refused for starting with one, and the address after it was never tried.
+  P('email', 0.7, ['@'], /[A-Za-z0-9_%+-][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9-]{1,63}\.[A-Za-z0-9.-]{2,190}/g, { validate: validEmail }),
   // Groups apart by a space, a dash or a dot (other spaces are a space in the visible copy); not
   // inside a longer dotted number (a version, an address).
   P('card-number', 0.9, 'digits', /(?<![\d-]|\d\.)(?:\d{4}([ .-]?)\d{4}\1\d{4}\1\d{4}|\d{4}([ .-]?)\d{6}\2\d{5}|\d{13,19})(?!\d|\.\d)/g, { validate: validCard }),

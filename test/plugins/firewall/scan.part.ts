@@ -81,6 +81,24 @@ t.test('look-alikes of Latin letters: small capitals, IPA, Coptic, Cherokee, Lis
   for (const text of ['Καλημέρα σας, πώς είστε;', 'Բարև ձեզ, ինչպես եք', 'ᏣᎳᎩ ᎦᏬᏂᎯᏍᏗ', 'मूल्य ५०० रुपये है, १० प्रतिशत छूट']) t.equal(risk(text), 'none', text)
 })
 
+t.test('e-mail addresses: only the reserved domains pass, and a dot before one does not hide it', async t => {
+  // The reserved names were matched with any one label after them: test.de, local.ch,
+  // mail.test.fr and api.invalid.com (real domains) passed, where README reserves the .test,
+  // .invalid and .localhost top-level domains and example.* only.
+  for (const address of ['anna@test.de', 'anna@local.ch', 'anna@mail.test.fr', 'anna@api.invalid.com', 'anna@corp.localhost.io']) {
+    t.same(types(`write to ${address} today`), ['pii:email'], address)
+  }
+  for (const address of ['anna@example.com', 'anna@mail.example.org', 'anna@host.test', 'anna@x.invalid', 'anna@box.localhost', 'anna@printer.local']) {
+    t.same(types(`write to ${address} today`), [], address)
+  }
+  // The local part was taken from the first dot on, and refused for starting with it: the
+  // address after it was never tried, and ".anna@gmail.com" passed unredacted.
+  for (const text of ['write to .anna@gmail.com today', 'see the list below.anna@gmail.com', 'write to...anna@gmail.com']) {
+    t.match(scanFields(['p'], { p: text }).redacted?.p, /\[REDACTED:email\]/, text)
+    t.notOk(String(scanFields(['p'], { p: text }).redacted?.p).includes('gmail'), text)
+  }
+})
+
 t.test('a base64 run is decoded as read: an invisible character inside it or full-width forms hide nothing', async t => {
   // Runs were looked for in the raw text only: a zero-width space, a soft hyphen, a word joiner
   // or a tag character inside a run cut it in two (the second half no longer aligned), and
