@@ -92,14 +92,17 @@ const EN_FILL = any('all', 'any', 'every', 'the', 'your', 'my', 'of', 'previous'
 // --- French (diacritics dropped: precedentes, regles, systeme) -------------------------------
 const FR_VERB = any('ignore[rz]?', 'ignorons', 'oublie[rz]?', 'oublions', 'ne tiens pas compte', 'ne tenez pas compte', 'ne prends pas en compte', 'ne prenez pas en compte',
   'fais abstraction', 'faites abstraction', 'fais fi', 'faites fi', 'neglige[rz]?', 'passe outre', 'passez outre', 'outrepasse[rz]?', 'ne suis plus', 'ne suivez plus', 'ne respecte plus', 'ne respectez plus', 'arrete de suivre', 'arretez de suivre')
-const FR_TARGET = any('instructions?', 'consignes?', 'regles', 'directives?', 'indications', 'prompt', 'ordres', 'restrictions', 'limites', 'programmation')
-const FR_MARK = any('toutes', 'tous', 'tes', 'vos', 'les', 'des', 'precedentes?', 'anterieures?', 'ci dessus', 'initiales?', 'd origine', 'de securite', 'systeme')
+const FR_TARGET = any('instructions?', 'consignes?', 'regles?', 'directives?', 'indications', 'prompt', 'ordres', 'restrictions', 'limites', 'programmation')
+// The singular articles too: an adjective follows the noun, so that "ignore la consigne
+// precedente" had no mark before its target, and passed.
+const FR_MARK = any('toutes', 'tous', 'tes', 'vos', 'les', 'des', 'la', 'l', 'ces', 'cette', 'precedentes?', 'anterieures?', 'ci dessus', 'initiales?', 'd origine', 'de securite', 'systeme')
 
 // --- Spanish (olvida, instrucciones, anteriores) -------------------------------------------
 const ES_VERB = any('ignora[rd]?', 'ignore', 'olvida[rd]?', 'olvidate de', 'olvidese de', 'omite', 'omitid', 'omitir', 'haz caso omiso', 'haga caso omiso', 'no hagas caso', 'no haga caso',
   'no sigas', 'no siga', 'deja de seguir', 'deje de seguir', 'salta(?:te)?', 'pasa por alto', 'pase por alto', 'desobedece', 'descarta', 'desatiende', 'ya no sigas')
-const ES_TARGET = any('instrucciones', 'instruccion', 'reglas', 'normas', 'indicaciones', 'directrices', 'directivas', 'ordenes', 'prompt', 'restricciones', 'pautas', 'programacion')
-const ES_MARK = any('todas', 'todos', 'tus', 'sus', 'las', 'anteriores', 'previas', 'de arriba', 'iniciales', 'originales', 'de seguridad', 'del sistema')
+const ES_TARGET = any('instrucciones', 'instruccion', 'reglas?', 'normas', 'indicaciones', 'directrices', 'directivas', 'ordenes', 'prompt', 'restricciones', 'pautas', 'programacion')
+// The singular articles and demonstratives too, as in French ("ignora la instruccion anterior").
+const ES_MARK = any('todas', 'todos', 'tus', 'sus', 'las', 'los', 'la', 'el', 'esta', 'estas', 'este', 'estos', 'anteriores', 'previas', 'de arriba', 'iniciales', 'originales', 'de seguridad', 'del sistema')
 
 // --- German (einschrankungen after the umlaut is dropped) ------------------------------------
 const DE_VERB = any('ignorier(?:e|en|t)?', 'vergiss', 'vergessen sie', 'vergesst', 'missachte', 'missachten sie', 'uberspringe', 'uberspring', 'verwirf', 'verwerfen sie')
@@ -164,7 +167,9 @@ export const INJECTION_RULES: readonly InjectionRule[] = Object.freeze([
   // Ignore / forget the instructions.
   R('ignore-instructions', 0.9, `\\b${EN_VERB}(?: ${gap(5)}|(?:${EN_FILL}){1,5})${EN_STRONG}`),
   R('ignore-instructions', 0.85, `\\b${EN_VERB}(?: ${gap(3)}${EN_MARK} ${gap(3)}|(?:${EN_FILL}){0,4}${EN_MARK}(?:${EN_FILL}){0,4})${EN_WEAK}`),
-  R('ignore-instructions', 0.9, `\\b${FR_VERB} ${gap(3)}${FR_MARK} ${gap(3)}${FR_TARGET}`),
+  // Not the past tense nor the negation: "j'ai oublié la consigne, peux-tu me la rappeler ?" and
+  // "n'ignore pas les consignes" (diacritics dropped, oublié is oublie) are a user's own words.
+  R('ignore-instructions', 0.9, `\\b${FR_VERB}(?<!\\b(?:ai|as|a|avons|avez|ont|n) [a-z]{1,20}) ${gap(3)}${FR_MARK} ${gap(3)}${FR_TARGET}`),
   R('ignore-instructions', 0.85, '\\boublie[rz]? (?:tout|tout ce qui precede|tout ce qu on (?:t|vous) a dit|tout ce que (?:je|l on|on) (?:t|vous) a dit|ce qui precede)\\b'),
   R('ignore-instructions', 0.9, `\\b${ES_VERB} ${gap(3)}${ES_MARK} ${gap(3)}${ES_TARGET}`),
   R('ignore-instructions', 0.85, '\\bolvida(?:te de)? (?:todo lo anterior|todo lo que te (?:han|he) dicho|lo anterior)\\b'),
