@@ -185,8 +185,11 @@ function foldHomoglyphs (text: string): string {
 }
 
 const isLetter = (c: number): boolean => c >= 97 && c <= 122
-// Space, tab, line breaks (letters written one a line), . - _ * / | , :
-const isSpacer = (c: number): boolean => c === 32 || c === 46 || c === 45 || c === 95 || c === 42 || c === 9 || c === 10 || c === 13 || c === 47 || c === 124 || c === 44 || c === 58
+// Space, tab, line breaks (letters written one a line: LF, CR, and the Unicode line and
+// paragraph separators, which NFKC keeps and which passed), . - _ * / | , : and the Unicode
+// hyphen (NFKC makes the non-breaking one, U+2011, a U+2010).
+const isSpacer = (c: number): boolean => c === 32 || c === 46 || c === 45 || c === 95 || c === 42 || c === 9 || c === 10 || c === 13 || c === 47 || c === 124 || c === 44 || c === 58 ||
+  c === 0x2028 || c === 0x2029 || c === 0x2010
 // Punctuation that may take one space after it and still be one spacer: `i, g, n`, `i. g. n`, `i: g: n`.
 const isPunctuationSpacer = (c: number): boolean => c === 44 || c === 46 || c === 58
 
