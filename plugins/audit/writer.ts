@@ -239,12 +239,16 @@ export class AuditWriter {
     // One append to the spool at a time (a batch `deliver` appends included), and no full queue
     // for a while after the spool refused one: each overflow encoded and hashed the whole
     // backlog, and two that failed were put back newest first (the chain's order was not the calls').
-    if (queue.length >= this.opts.queueMax) {
-      if (this.overflowing === null && this.appending === 0 && monotonic() >= this.spoolRetryAt) this.overflow()
-    } else if (queue.length >= this.opts.batchSize && !this.kicked) {
+    if (queue.length >= this.opts.queueMax) this.overflowIfFree()
+    else if (queue.length >= this.opts.batchSize && !this.kicked) {
       this.kicked = true
       setImmediate(() => { this.kicked = false; this.tick() })
     }
+  }
+
+  /** A full queue goes to the spool whole, unless an append is under way or the spool is paused after refusing one. */
+  private overflowIfFree (): void {
+    if (this.overflowing === null && this.appending === 0 && monotonic() >= this.spoolRetryAt) this.overflow()
   }
 
   /** The queue is full: it goes to disk (or, for memory, straight to the store) now. */
@@ -394,7 +398,7 @@ export class AuditWriter {
       // a disk slower than the calls came, no entry ever found the spool free, and the queue grew
       // past BFF_AUDIT_QUEUE_MAX without bound (13,470 entries for a bound of 100 within 1.5 s:
       // 20 ms an fsync, 10,000 calls a second, batches of 10).
-      if (this.queue.length >= this.opts.queueMax && this.overflowing === null && this.appending === 0 && monotonic() >= this.spoolRetryAt) this.overflow()
+      if (this.queue.length >= this.opts.queueMax) this.overflowIfFree()
       // A full queue's append goes first: a batch taken behind it and appended meanwhile came
       // back, should both fail, ahead of it.
       if (this.overflowing !== null) await this.overflowing

@@ -74,9 +74,9 @@ export class KeyLease {
 
 /**
  * Bytes of text the verified-token cache holds at most (each entry counted as its token, its
- * identity's tenant and user, its roles and 16 more for each, and 256 more). Bounded by count alone, its size followed its
- * tokens': 10,000 tokens of 200 roles (18 KB each; a WebSocket auth frame or tRPC's
- * connectionParams may carry more than a header's 16 KB) held 385 MB of heap.
+ * identity's tenant and user, its roles and 16 more for each, and 256 more). Bounded by count
+ * alone, its size followed its tokens': 10,000 tokens of 200 roles (18 KB each; a WebSocket auth
+ * frame or tRPC's connectionParams may carry more than a header's 16 KB) held 385 MB of heap.
  */
 export const IDENTITY_CACHE_BYTES = 16 * 1024 * 1024
 

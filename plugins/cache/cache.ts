@@ -64,11 +64,11 @@ function rolesSegment (roles: readonly string[]): string {
 export interface ResponseCacheOptions {
   /**
    * null: memory only. `denied`: told of each failed Redis command (true: Redis refused it for
-   * want of permission); `allowed`: Redis answered each kind of command it refused (the reads,
-   * the scripts) again; `refuses`: whether Redis
+   * want of permission); `allowed`: a command (`mget`, a script's `evalsha`) went through while
+   * Redis refused the tier some; `refuses`: whether Redis
    * refuses the tier its commands now (the shared connection's, plugins/redis).
    */
-  redis: { tier: RedisTier, up: () => boolean, denied?: (err: unknown) => boolean, allowed?: () => void, refuses?: () => boolean } | null
+  redis: { tier: RedisTier, up: () => boolean, denied?: (err: unknown) => boolean, allowed?: (command: TierCommand) => void, refuses?: () => boolean } | null
   maxSize: number
   /** Bytes of answers the in-process tier holds, about. */
   maxBytes: number
@@ -118,11 +118,6 @@ export class ResponseCache {
   private redisOutage = false
   /** A Redis command failed and neither a command nor the heartbeat's PING has answered since (/diagz). */
   private redisFailing = false
-  /**
-   * The kinds of the tier's commands Redis refuses it for want of permission (its ACL): the plain
-   * read (MGET), the scripts (EVALSHA). Two names at most.
-   */
-  private readonly refused = new Set<CommandKind>()
   /**
    * Tag key -> the clock tick of its latest invalidation that Redis has not received, by tenant.
    * Shared fairly (FairLru): past MAX_PENDING_TAGS, the tenant holding the most gives up its
@@ -329,7 +324,7 @@ export class ResponseCache {
       if (redis !== null) {
         try {
           const read = await redis.read(key.shared, tagKeys)
-          this.redisRecovered('read')
+          this.redisRecovered('mget')
           // Deaf to invalidations: what memory holds counts only as Redis has it (Redis away, the
           // read failed: memory alone answers, as it does then).
           if (deaf) found = undefined
@@ -459,7 +454,7 @@ export class ResponseCache {
     if (redis !== null) {
       try {
         stored = await redis.write(key.shared, tagKeys, versions!, answer, this.now())
-        this.redisRecovered('script')
+        this.redisRecovered('evalsha')
       } catch (err) {
         this.redisFailed('write', err)
       }
@@ -500,7 +495,7 @@ export class ResponseCache {
     if (redis !== null) {
       try {
         await redis.invalidate(keys, this.opts.instanceId)
-        this.redisRecovered('script')
+        this.redisRecovered('evalsha')
         // Marked again once Redis has it: a read of this instance that reached Redis before the
         // increment (ioredis resends a script as EVAL after NOSCRIPT, and a read may pass between)
         // put the old entry in memory after the first mark, to be served as a hit for its ttl.
@@ -597,7 +592,7 @@ export class ResponseCache {
     }
     // A tag invalidated again while the replay ran may not be covered by it: it stays for the next one.
     for (const [k, tick] of replayed) if (this.pending.peek(k) === tick) this.pending.delete(k)
-    this.redisRecovered('script')
+    this.redisRecovered('evalsha')
   }
 
   /** One replay when the hold on Redis ends (at once when there is none). */
@@ -786,9 +781,8 @@ export class ResponseCache {
   private redisFailed (operation: 'read' | 'write' | 'invalidate', err: unknown): void {
     // A refusal for want of permission is logged by the shared connection, once (plugins/redis).
     const refusal = this.opts.redis?.denied?.(err) === true
-    if (refusal) this.refused.add(commandKind(err))
     // Logged once per outage (any Redis command that answers ends it), counted every time.
-    else if (!this.redisOutage) this.opts.log.warn({ err: (err as Error).message, operation }, 'cache: Redis failed, serving from memory')
+    if (!refusal && !this.redisOutage) this.opts.log.warn({ err: (err as Error).message, operation }, 'cache: Redis failed, serving from memory')
     this.redisOutage = true
     this.redisFailing = true
     this.redisHeldUntil = performance.now() + REDIS_HOLD_MS
@@ -796,22 +790,15 @@ export class ResponseCache {
   }
 
   /**
-   * A Redis command of `kind` answered (or, without a kind, the connection is ready again, or
-   * Redis permits the gateway's commands again): the outage, if any, is over.
+   * A Redis command answered (`command`), or the connection is ready again, or Redis permits the
+   * gateway's commands again (none): the outage, if any, is over.
    */
-  private redisRecovered (kind?: CommandKind): void {
+  private redisRecovered (command?: TierCommand): void {
     this.redisFailing = false
-    if (this.refused.size > 0) {
-      // A refusal ends once each kind of command refused has answered (or Redis says it permits
-      // them, plugins/redis): Redis refusing the scripts alone (`-evalsha`) answers the reads,
-      // and a read answered ended it; the next write was refused and logged again, each second
-      // of misses, and /readyz went ready and not ready with it.
-      if (kind !== undefined) this.refused.delete(kind)
-      if (this.refused.size === 0 || this.opts.redis?.refuses?.() !== true) {
-        this.refused.clear()
-        this.opts.redis?.allowed?.()
-      }
-    }
+    // A refusal ends once each command refused has gone through (plugins/redis), not at any: Redis
+    // refusing the scripts alone (`-evalsha`) answers the reads, and a read that ended it had the
+    // next write refused and logged again, each second of misses, /readyz ready and not with it.
+    if (command !== undefined && this.opts.redis?.refuses?.() === true) this.opts.redis.allowed?.(command)
     if (!this.redisOutage) return
     this.redisOutage = false
     this.redisHeldUntil = 0
@@ -822,11 +809,8 @@ export class ResponseCache {
   }
 }
 
-type CommandKind = 'read' | 'script'
-/** Which kind of the tier's commands Redis failed: its MGET, or a script (ioredis names the command of a reply error). */
-function commandKind (err: unknown): CommandKind {
-  return (err as { command?: { name?: string } }).command?.name === 'mget' ? 'read' : 'script'
-}
+/** The tier's commands, as ioredis names them: its read, and its scripts (defineCommand's). */
+type TierCommand = 'mget' | 'evalsha'
 
 function kernelDown (err: unknown): boolean {
   return err instanceof MantleError && (err.code === 'KERNEL_UNAVAILABLE' || err.code === 'KERNEL_TIMEOUT')

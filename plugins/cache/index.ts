@@ -142,7 +142,7 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
           tier: new RedisTier(shared.client, longestMs, Math.max(1000, opts.maxSize * 4), metrics === undefined ? undefined : () => { metrics.tagEvicted('known') }, opts.maxBytesPerTenant ?? Infinity, tenantFull === null ? undefined : () => { tenantFull.inc() }),
           up: shared.up,
           denied: (err: unknown) => shared.denied(CACHE, err),
-          allowed: () => { shared.allowed(CACHE) },
+          allowed: (command: string) => { shared.allowed(CACHE, command) },
           refuses: () => shared.refuses(CACHE)
         },
     maxSize: opts.maxSize,

@@ -938,6 +938,8 @@ const ASCTIME_DATE = /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) ([A-Z][a-z]{2}) ([ \d]\d)
  * its formats (RFC 9110 §5.6.7): the IMF-fixdate alone was read, and a Retry-After in the obsolete
  * RFC 850 or asctime form reached the client as no wait at all. asctime is GMT (Date.parse read it
  * as local time); an RFC 850 two-digit year more than 50 years ahead is the last such year past.
+ * Written here: undici reads the three forms (lib/util/date.js) but does not export the reading,
+ * and Date.parse takes asctime as local time and much that is no HTTP-date.
  */
 function httpDate (text: string): number {
   if (/^[A-Za-z]{3}, /.test(text)) return Date.parse(text)

@@ -32,8 +32,13 @@ export interface SharedRedis {
    * heartbeat checks it each beat meanwhile, and tells `onAllowed`'s listeners).
    */
   denied: (part: string, err: unknown) => boolean
-  /** A command of `part` went through: a refusal of it reported before is over. */
-  allowed: (part: string) => void
+  /**
+   * A command of `part` went through: a refusal of it reported before is over; with `command`
+   * (ioredis' name of it: `mget`, `evalsha`), once each command refused it has gone through (a
+   * part that runs plain reads and scripts, the cache, refused its scripts alone, is still refused
+   * when a read goes through).
+   */
+  allowed: (part: string, command?: string) => void
   /** Whether Redis refuses `part` its commands now (reported by `denied`, not allowed since). */
   refuses: (part: string) => boolean
   /** What Redis refuses now, in its words, for /diagz (role system) and logs; null when it refuses nothing. */
@@ -158,7 +163,9 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
   // idempotency per instance, invalidations and events never reaching the other instances) while
   // /readyz, /diagz and mantle_redis_up said up; the idempotency store said "Redis is back" at
   // each PING and "unavailable" at its next claim, a pair of lines each second.
-  const denials = new Map<string, string>()
+  // Each part's refusal: Redis' words, and the commands it refused (their names as ioredis gives
+  // them; ANY_COMMAND when it gave none), which must each go through to end it (allowed).
+  const denials = new Map<string, { message: string, commands: Set<string> }>()
   /** Refusals reported so far: a check that began before the latest one does not end it. */
   let reported = 0
   const allowing: Array<() => void> = []
@@ -170,15 +177,28 @@ async function redisPlugin (app: FastifyInstance, opts: RedisOptions): Promise<v
         ? 'Redis refused the heartbeat its PING for want of permission (the ACL of REDIS_URL\'s user): the stores still run on Redis, but a Redis that stops answering is not found, and /readyz fails naming redis, until Redis permits it'
         : `Redis refused ${part} a command for want of permission (the ACL of REDIS_URL's user): it runs as if Redis were away, and /readyz fails naming redis, until Redis permits it`)
     }
-    denials.set(part, err.message)
+    const command = commandOf(err)
+    const held = denials.get(part)
+    if (held === undefined) denials.set(part, { message: err.message, commands: new Set([command]) })
+    else {
+      held.message = err.message
+      held.commands.add(command)
+    }
     return true
   }
-  const allowed = (part: string): void => {
-    if (denials.size === 0 || !denials.delete(part)) return
+  const allowed = (part: string, command?: string): void => {
+    const held = denials.get(part)
+    if (held === undefined) return
+    if (command !== undefined) {
+      held.commands.delete(command)
+      held.commands.delete(ANY_COMMAND)
+      if (held.commands.size > 0) return
+    }
+    denials.delete(part)
     app.log.info({ part }, `Redis permits ${part} its commands again`)
   }
-  const denial = (): string | null => denials.size === 0 ? null : [...denials].map(([part, message]) => `${part}: ${message}`).join('; ')
-  const denialSummary = (): string | null => denials.size === 0 ? null : [...denials].map(([part, message]) => `${part}: ${refusedCommand(message)}`).join('; ')
+  const denial = (): string | null => denials.size === 0 ? null : [...denials].map(([part, { message }]) => `${part}: ${message}`).join('; ')
+  const denialSummary = (): string | null => denials.size === 0 ? null : [...denials].map(([part, { message }]) => `${part}: ${refusedCommand(message)}`).join('; ')
   const denialOnMemory = (): boolean => denials.size > (denials.has(HEARTBEAT_PART) ? 1 : 0)
   // While a refusal stands, Redis is asked each beat (one check at a time) whether it lets the
   // gateway do what its parts need: without calls, nothing else would find the permission back.
@@ -466,6 +486,13 @@ async function channelsRefused (client: Redis, channels: readonly string[]): Pro
 /** Whether an error is Redis' answer to the handshake's SELECT (whatever it says). */
 function selectFailed (err: Error): boolean {
   return err.name === 'ReplyError' && (err as Error & { command?: { name?: string } }).command?.name === 'select'
+}
+
+/** A refused command's name as ioredis gives it (a script's, `eval` when resent after NOSCRIPT, as `evalsha`); ANY_COMMAND when it gave none. */
+const ANY_COMMAND = '*'
+function commandOf (err: Error): string {
+  const name = (err as { command?: { name?: unknown } }).command?.name
+  return typeof name !== 'string' ? ANY_COMMAND : name === 'eval' ? 'evalsha' : name
 }
 
 /** How a refusal is told: what Redis refused of REDIS_URL, in its words (never the password). */
