@@ -1,5 +1,6 @@
 import type { Socket } from 'node:net'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
+import type { WebSocket } from 'ws'
 import { Counter, Gauge, type Registry } from 'prom-client'
 import { MantleError } from '../errors.js'
 import { clientAddress } from '../address.js'
@@ -41,6 +42,19 @@ export interface UnidentifiedBounds {
 export const UNIDENTIFIED_DEFAULTS: Readonly<UnidentifiedBounds> = Object.freeze({ max: 5000, perAddress: 200 })
 
 /**
+ * The bytes an unidentified connection may send before it is identified: its connection_init or
+ * connectionParams, a token of a few KB in it, and (graphql-ws' legacy protocol) the subscribes
+ * its client sends right behind it. Past them it is closed with 1008 before the message is read:
+ * before, it could send message after message of up to BFF_BODY_LIMIT for the 10 s a token is
+ * waited for, each parsed whole (JSON nested deep cost some 165 ms of CPU per MB), where an HTTP
+ * request without a token is refused before its body is read (a GraphQL one read up to 16 KiB).
+ */
+export const UNIDENTIFIED_MAX_BYTES = 64 * 1024
+
+/** 1008 (policy violation): the close of a connection that sent too much before it was identified. */
+export const CLOSE_POLICY_VIOLATION = 1008
+
+/**
  * A face's bound on the WebSocket connections of this instance (every face that upgrades has
  * one), and the share of them one tenant may hold (BFF_WS_MAX_CONNECTIONS_PER_TENANT). The place
  * is taken where the bound is checked, in the upgrade's onRequest hook, so the check and the
@@ -70,10 +84,15 @@ export class ConnectionSlots {
   /** Unidentified connections now, and each client address's (an entry goes at 0). */
   private unidentifiedCount = 0
   private readonly addresses = new Map<string, number>()
-  /** The client address each unidentified connection (its upgrade's TCP socket) counts against. */
-  private readonly unidentifiedBy = new WeakMap<Socket, string>()
+  /**
+   * The client address each unidentified connection (its upgrade's TCP socket) counts against,
+   * and the bytes it has sent since it was upgraded (see screen).
+   */
+  private readonly unidentifiedBy = new WeakMap<Socket, { address: string, received: number }>()
   /** Counts a refusal by the bound that made it (reportSlots sets it when metrics are on). */
   refused: (bound: SlotsBound) => void = () => {}
+  /** Counts a connection closed past UNIDENTIFIED_MAX_BYTES (reportSlots sets it too). */
+  overflowed: () => void = () => {}
 
   /**
    * @param perTenant the places one tenant may hold (undefined: no share, as with identity off,
@@ -113,7 +132,7 @@ export class ConnectionSlots {
       throw new MantleError('OVERLOADED', `An address holds at most ${perAddress} WebSocket connections without a token at /${this.face} on this instance: send the token with the upgrade (Authorization or ?access_token=)`, { headers: { 'retry-after': '5' } })
     }
     if (socket.destroyed) return
-    this.unidentifiedBy.set(socket, address)
+    this.unidentifiedBy.set(socket, { address, received: 0 })
     this.unidentifiedCount++
     this.addresses.set(address, (this.addresses.get(address) ?? 0) + 1)
     socket.once('close', () => { this.identified(socket) })
@@ -121,13 +140,40 @@ export class ConnectionSlots {
 
   /** `socket` no longer counts as unidentified (it is identified, or closed); once. */
   private identified (socket: Socket): void {
-    const address = this.unidentifiedBy.get(socket)
+    const address = this.unidentifiedBy.get(socket)?.address
     if (address === undefined) return
     this.unidentifiedBy.delete(socket)
     this.unidentifiedCount--
     const left = (this.addresses.get(address) ?? 1) - 1
     if (left > 0) this.addresses.set(address, left)
     else this.addresses.delete(address)
+  }
+
+  /**
+   * Screens the messages of `ws`, the connection its upgrade's TCP socket `tcp` carries, while
+   * it is unidentified: one that takes what it has sent past UNIDENTIFIED_MAX_BYTES closes it
+   * with 1008, and neither it nor any after it is handed on. To be called once the face has
+   * wrapped the socket's 'message' event, so that this screen runs first. A connection upgraded
+   * with its token (or with identity off) is not screened: nothing is added to its messages.
+   */
+  screen (ws: WebSocket, tcp: Socket): void {
+    if (!this.unidentifiedBy.has(tcp)) return
+    const unidentified = this.unidentifiedBy
+    const emit = ws.emit
+    let closed = false
+    const overflowed = (): void => { this.overflowed() }
+    ws.emit = function (this: WebSocket, event: string | symbol, ...args: unknown[]): boolean {
+      if (event !== 'message') return emit.call(this, event, ...args)
+      if (closed) return false
+      const entry = unidentified.get(tcp)
+      if (entry === undefined) return emit.call(this, event, ...args)
+      entry.received += byteLength(args[0])
+      if (entry.received <= UNIDENTIFIED_MAX_BYTES) return emit.call(this, event, ...args)
+      closed = true
+      overflowed()
+      ws.close(CLOSE_POLICY_VIOLATION, `At most ${UNIDENTIFIED_MAX_BYTES / 1024} KiB may be sent before the connection is identified: send the token first`)
+      return false
+    } as WebSocket['emit']
   }
 
   /** The tenant the connection `socket` (its upgrade's TCP socket) counts against, if any yet. */
@@ -197,9 +243,15 @@ export class ConnectionSlots {
   }
 }
 
+/** A WebSocket message's size in bytes, as `ws` hands it ('nodebuffer': a Buffer; else an ArrayBuffer or a Buffer's fragments). */
+function byteLength (data: unknown): number {
+  if (Array.isArray(data)) return data.reduce<number>((sum, part: Buffer) => sum + part.length, 0)
+  return (data as Buffer | ArrayBuffer).byteLength
+}
+
 // The faces whose places each registry reports: one gauge and one counter per registry, a
 // series per face.
-const reported = new WeakMap<Registry, { faces: Map<SlotsFace, ConnectionSlots>, refused: Counter<'face' | 'bound'> }>()
+const reported = new WeakMap<Registry, { faces: Map<SlotsFace, ConnectionSlots>, refused: Counter<'face' | 'bound'>, overflowed: Counter<'face'> }>()
 
 /**
  * Reports `slots` as `mantle_websocket_slots{face}` when metrics are on: the WebSocket
@@ -218,10 +270,12 @@ export function reportSlots (app: FastifyInstance, slots: ConnectionSlots): void
     // eslint-disable-next-line no-new
     new Gauge({ name: 'mantle_websocket_unidentified', help: 'WebSocket connections of each face opened without a token and not identified yet (GraphQL\'s connection_init, tRPC\'s connectionParams), bounded per instance and per client address', labelNames: ['face'], registers: [registry], collect () { for (const [name, taken] of all) this.set({ face: name }, taken.unidentified) } })
     const refused = new Counter({ name: 'mantle_websocket_connections_refused_total', help: 'WebSocket connections refused with OVERLOADED at a bound, by face: the instance\'s (bound="instance", the face\'s maxConnections), a tenant\'s share of it (bound="tenant", BFF_WS_MAX_CONNECTIONS_PER_TENANT), or of those without a token the instance\'s (bound="unidentified") or a client address\'s (bound="address")', labelNames: ['face', 'bound'] as const, registers: [registry] })
-    report = { faces: all, refused }
+    const overflowed = new Counter({ name: 'mantle_websocket_unidentified_overflows_total', help: `WebSocket connections of each face opened without a token and closed (1008) for sending more than ${UNIDENTIFIED_MAX_BYTES / 1024} KiB before a token identified them`, labelNames: ['face'] as const, registers: [registry] })
+    report = { faces: all, refused, overflowed }
     reported.set(registry, report)
   }
   report.faces.set(slots.face, slots)
-  const counter = report.refused
-  slots.refused = bound => counter.labels(slots.face, bound).inc()
+  const { refused, overflowed } = report
+  slots.refused = bound => refused.labels(slots.face, bound).inc()
+  slots.overflowed = () => overflowed.labels(slots.face).inc()
 }

@@ -202,6 +202,9 @@ export function createGraphqlFace (settings: Partial<GraphqlFaceSettings> = {}) 
       // message's type, and connection_init disarms the timer.
       const tcp = request.socket
       guard(socket, disarm, { unread, tenant: () => slots.ownerOf(tcp) }, request)
+      // Runs before the guard's screen: a connection without a token may send little until one
+      // identifies it.
+      slots.screen(socket, tcp)
       heartbeat.watch(socket)
       socket.once('close', disarm)
     })

@@ -669,6 +669,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
               if (requestId !== null) recordUnparsed(socket, args[0], requestId, idless)
             }
           }
+          // Runs before the screen above: a connection awaiting its connectionParams may send
+          // little until they identify it.
+          slots.screen(socket, tcp)
           onConnection(socket, request.raw)
           // Not closed at once by @fastify/websocket's preClose: its calls in flight are answered
           // first (below).

@@ -7,7 +7,7 @@ import type { FastifyInstance } from 'fastify'
 import { buildApp } from '../../../app.js'
 import { createGraphqlFace } from '../../../adapters/graphql/index.js'
 import { startKernel } from '../../../kernel/server.js'
-import { buildDemoApp, testConfig, until } from '../../helper.js'
+import { buildDemoApp, testConfig, token, until } from '../../helper.js'
 import { openGraphqlWs as open, run } from '../websocket-helper.js'
 
 // How a GraphQL subscription's life goes over graphql-transport-ws on /graphql: a document
@@ -218,10 +218,11 @@ t.test('messages sent while mercurius waits to write its connection_ack count as
   // connection_ack before the next: from a client that does not read (its socket's buffers
   // filled with pongs), every message sent after connection_init waited in mercurius' queue,
   // which has no bound: 300 MB held for 300 MB sent, without a token, the socket left open.
+  // (Its token with the upgrade: one without any is closed once it has sent 64 KiB.)
   const { app, url } = await listenUnix(t)
   let server: WebSocket | undefined
   app.websocketServer.once('connection', (s: WebSocket) => { server = s })
-  const ws = new WebSocket(url, 'graphql-transport-ws')
+  const ws = new WebSocket(url, 'graphql-transport-ws', { headers: { authorization: `Bearer ${token()}` } })
   t.teardown(() => ws.terminate())
   await new Promise<void>((resolve, reject) => { ws.on('open', resolve); ws.on('error', reject) })
   ;(ws as unknown as { _socket: { pause: () => void } })._socket.pause()

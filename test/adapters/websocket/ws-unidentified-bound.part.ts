@@ -123,3 +123,81 @@ for (const face of faces) {
     t.notMatch(await metrics(app), /bound="(?:address|unidentified)"\} [1-9]/, 'none refused')
   })
 }
+
+/** How `ws` closes, or code 0 when it is still open after 5 s. */
+async function closeOf (ws: WebSocket): Promise<{ code: number, reason: string }> {
+  return await new Promise(resolve => {
+    const timer = setTimeout(() => resolve({ code: 0, reason: 'still open after 5 s' }), 5000)
+    ws.once('close', (code, reason) => {
+      clearTimeout(timer)
+      resolve({ code, reason: String(reason) })
+    })
+  })
+}
+
+// What a connection without a token may send until one identifies it: UNIDENTIFIED_MAX_BYTES.
+// Before, message after message of up to BFF_BODY_LIMIT, each parsed whole.
+const BYTES = 64 * 1024
+const OVER = 'At most 64 KiB may be sent before the connection is identified: send the token first'
+
+const padded = [
+  {
+    name: 'GraphQL',
+    label: 'graphql',
+    face: faces[0],
+    // A connection_init that would identify the connection, and a ping answered by a pong.
+    init: (pad: string): string => JSON.stringify({ type: 'connection_init', payload: { authorization: `Bearer ${token()}`, pad } }),
+    small: (pad: string): string => JSON.stringify({ type: 'ping', payload: { pad } }),
+    answered: (m: Frame): boolean => m.type === 'pong'
+  },
+  {
+    name: 'tRPC',
+    label: 'trpc',
+    face: faces[1],
+    init: (pad: string): string => JSON.stringify({ method: 'connectionParams', data: { token: token(), pad } }),
+    // A call, answered (its input refused) once the connection is identified.
+    small: (pad: string): string => JSON.stringify({ id: 1, method: 'query', params: { path: 'getAgent', input: { id: 'a2', pad } } }),
+    answered: (m: Frame): boolean => m.id === 1
+  }
+]
+
+for (const p of padded) {
+  t.test(`${p.name}: a connection without a token is closed (1008) once it has sent more than 64 KiB, before the message is read`, async t => {
+    const { app, url } = await setup(t, p.face)
+    const { ws, messages } = await open(t, url, p.face.protocol)
+    const closed = closeOf(ws)
+    // Its token in it, but past the bound: not read, so not identified.
+    ws.send(p.init('x'.repeat(BYTES)))
+    t.same(await closed, { code: 1008, reason: OVER })
+    t.same(messages, [], 'nothing answered: the message was not handed on')
+    await unidentified(app, p.label, 0)
+    t.match(await metrics(app), new RegExp(`mantle_websocket_unidentified_overflows_total\\{face="${p.label}"\\} 1\\n`))
+  })
+
+  t.test(`${p.name}: the bound counts every message until the connection is identified, not after`, async t => {
+    const { app, url } = await setup(t, p.face)
+    if (p.label === 'graphql') {
+      // Pings, each answered, until the ones that pass the bound.
+      const { ws, messages } = await open(t, url, p.face.protocol)
+      const closed = closeOf(ws)
+      for (let i = 0; i < 20; i++) ws.send(p.small('x'.repeat(4000)))
+      t.same(await closed, { code: 1008, reason: OVER })
+      // Those within 64 KiB handed on (the last one's pong may be dropped by the close that
+      // follows it at once), none after.
+      const within = Math.floor(BYTES / Buffer.byteLength(p.small('x'.repeat(4000))))
+      const answered = messages.filter(p.answered).length
+      t.ok(answered >= within - 1 && answered <= within, `${answered} of the ${within} pings within 64 KiB answered, none after`)
+    }
+    // Identified, it may send as much as any client with a token.
+    const { ws, messages } = await open(t, url, p.face.protocol)
+    ws.send(p.init('x'.repeat(1000)))
+    if (p.label === 'graphql') await until(() => messages.some(m => m.type === 'connection_ack'), 'connection_ack')
+    else await unidentified(app, p.label, 0)
+    for (let i = 0; i < 3; i++) ws.send(p.small('x'.repeat(BYTES)))
+    await until(() => messages.filter(p.answered).length === 3, 'three answers past 64 KiB once identified')
+    t.equal(ws.readyState, WebSocket.OPEN)
+    const overflows = new RegExp(`mantle_websocket_unidentified_overflows_total\\{face="${p.label}"\\} 1\\n`)
+    if (p.label === 'graphql') t.match(await metrics(app), overflows, 'the pings\' connection alone')
+    else t.notMatch(await metrics(app), overflows)
+  })
+}
