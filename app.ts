@@ -1125,17 +1125,22 @@ export function requestForLog (req: FastifyRequest): Record<string, unknown> {
   // serves as its path, is read as its origin form: its credentials and host are never logged,
   // and the rules below apply to its path.
   if (url.charCodeAt(0) !== 47) url = originForm(url)
-  // A path under the REST prefix that no route took (a 404, a parameter over 256 characters:
-  // a 414) may hold the same input: only the prefix is logged.
+  // A path under the REST prefix that no route of its own took may hold the same input: only the
+  // prefix is logged. So for a 404, a parameter over 256 characters (a 414), CORS's OPTIONS,
+  // whose one route (`*`) takes every path (a preflight of `PUT /api/v1/agents/<id>` logged the
+  // id), and a path whose slashes were doubled (a client's base URL ending in `/`: a 404 logged whole).
   const path = route?.config?.inputInPath === true && route.url !== undefined
     ? route.url
-    : route?.url === undefined && url.startsWith(REST_PREFIX + '/') ? REST_PREFIX + '/[redacted]' : null
+    : (route?.url === undefined || route.url === '*') && url.replace(SLASHES, '/').startsWith(REST_PREFIX + '/') ? REST_PREFIX + '/[redacted]' : null
   if (path !== null) {
     const q = url.indexOf('?')
     url = q === -1 ? path : path + url.slice(q)
   }
   return { method: req.method, url: cutForLog(redactUrl(url)), host: cutForLog(req.host), remoteAddress: req.ip, remotePort: req.socket?.remotePort }
 }
+
+/** Slashes in a row, which no route's path has. */
+const SLASHES = /\/{2,}/g
 
 /** The most characters of a request's URL or host that a log line holds (each may be ~16 KB). */
 const LOGGED_TARGET_CHARS = 512

@@ -273,6 +273,28 @@ t.test('the access log: an absolute-form target is logged as its path; url and h
   t.ok(lines.every(l => JSON.stringify(l).length < 2_000), 'no line of 6 KB')
 })
 
+// CORS answers every OPTIONS through one route, `*`: a preflight of `POST /api/v1/agents/<id>/runs`
+// (and an OPTIONS without one) was logged with the id, which the operation's own requests log by
+// their pattern. So was a 404 of a path whose slashes were doubled (a client's base URL ending in
+// `/`), which did not start with /api/v1/.
+t.test('the access log: an OPTIONS under /api/v1 (CORS on) and a path with doubled slashes log the prefix only', async t => {
+  const lines: Array<Record<string, unknown>> = []
+  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
+  const app = await buildApp(testConfig({ LOG_LEVEL: 'info', BFF_CORS_ORIGINS: 'https://app.example.com' }), { logStream, manifest: await demoManifest() })
+  t.teardown(() => app.close())
+  const logged = (): unknown => (lines.filter(l => l.msg === 'incoming request').at(-1)?.req as Record<string, unknown>).url
+  const preflight = await app.inject({ method: 'OPTIONS', url: '/api/v1/agents/PREFLIGHT-SECRET/runs', headers: { origin: 'https://app.example.com', 'access-control-request-method': 'POST' } })
+  t.equal(preflight.statusCode, 204)
+  t.equal(logged(), '/api/v1/[redacted]', 'a preflight')
+  t.equal((await app.inject({ method: 'OPTIONS', url: '/api/v1/agents/OPTIONS-SECRET?x=1', headers: bearer() })).statusCode, 204)
+  t.equal(logged(), '/api/v1/[redacted]?x=[redacted]', 'an OPTIONS that is no preflight')
+  t.equal((await app.inject({ url: '//api/v1/agents/SLASHES-SECRET', headers: bearer() })).statusCode, 404)
+  t.equal(logged(), '/api/v1/[redacted]', 'a path with doubled slashes')
+  t.notOk(JSON.stringify(lines).includes('SECRET'), 'no line carries a path parameter')
+  t.equal((await app.inject({ method: 'OPTIONS', url: '/graphql', headers: { origin: 'https://app.example.com', 'access-control-request-method': 'POST' } })).statusCode, 204)
+  t.equal(logged(), '/graphql', 'a path outside /api/v1 is logged as it is')
+})
+
 // A Kernel answer that broke its output schema was logged with the path of the field at fault,
 // and a map's key is the answer's own data: `output.scores["alice.smith@example.com"] must be
 // integer` reached the warn line of every face. The client is still told the key (its own
