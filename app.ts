@@ -123,6 +123,9 @@ export function requestTimeouts (requestTimeoutMs: number): { requestTimeout: nu
   }
 }
 
+/** How long a connection's answer may wait with none of its bytes taken by the client before the connection is closed (ms). */
+export const ANSWER_STALL_MS = 30_000
+
 /** How long a WebSocket client has to complete the close at shutdown before it is cut. */
 export const WEBSOCKET_CLOSE_GRACE_MS = 2000
 
@@ -607,6 +610,20 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     connections.add(socket)
     socket.once('close', () => { connections.delete(socket) })
   })
+  // A connection whose client reads nothing of an answer (its bytes wait, none taken, for
+  // ANSWER_STALL_MS) is closed: nothing else bounded it in time, as the request, headers and
+  // keep-alive timeouts do not run while an answer is written, and clients that sent a request
+  // each and read none of a large answer (Swagger UI's bundle, with no token) held their
+  // connections for good, until every place the open-files limit leaves was taken and each new
+  // connection was dropped. Node's socket timeout counts a write still being taken as activity;
+  // a socket idle otherwise (a call the Kernel takes long to answer, an idle SSE stream) is left
+  // alone, as an upgraded WebSocket is (ws turns the timeout off: its heartbeat bounds it). A
+  // listener here keeps Node from closing a socket whose timeout runs out: one with no answer
+  // under way (the keep-alive timeout, which Node runs on the same timer) is closed as Node would.
+  app.server.timeout = ANSWER_STALL_MS
+  app.server.on('timeout', (socket: HttpSocket) => {
+    if (socket.writableLength > 0 || socket._httpMessage === null || socket._httpMessage === undefined) socket.destroy()
+  })
   // A request parsed from what a lingering connection still brings (pipelined after the answer
   // that ended it, say after a refused body) is not served: its answer could not be sent, and
   // it must not run unseen. The connection is closed instead. A request pipelined behind an
@@ -982,8 +999,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   if (app.hasDecorator('metrics')) {
     new Gauge({ name: 'mantle_unread_bytes', help: 'Bytes of answers, tRPC SSE events and WebSocket frames the instance holds that its clients have not read yet (HTTP answers of 16 KiB or more, SSE events taken and not yet written out, and every frame, with 1 KiB for its queuing), against its bound of half the V8 heap limit', registers: [app.metrics.registry], collect () { this.set(unread.size) } }) // eslint-disable-line no-new
     // Every connection the HTTP server holds (WebSockets' included, and those lingering after an
-    // answer that ended them): bounded in time by the request, headers and keep-alive timeouts,
-    // and in number by maxConnections (connection-bound.ts). Counted nowhere before: a client
+    // answer that ended them): bounded in time by the request, headers and keep-alive timeouts
+    // and ANSWER_STALL_MS, and in number by maxConnections (connection-bound.ts). Counted nowhere before: a client
     // holding thousands of idle keep-alive connections showed only as file descriptors.
     new Gauge({ name: 'mantle_http_connections', help: 'TCP connections the HTTP server holds open (WebSocket ones and lingering ones included)', registers: [app.metrics.registry], collect () { this.set(connections.size) } }) // eslint-disable-line no-new
     new Gauge({ name: 'mantle_compiled_schemas', help: `Schemas of operations compiled (input and answer checks, serializers) kept by their text for an operation that declares one again (a reload), at most ${COMPILED_SCHEMAS} and ${COMPILED_SCHEMA_TEXT} characters of schema text`, registers: [app.metrics.registry], collect () { this.set(compiledSchemas()) } }) // eslint-disable-line no-new
