@@ -31,7 +31,14 @@ const compressors: Record<Encoding, (data: Buffer) => Promise<Buffer>> = {
  * An onSend hook for @fastify/static's answers: a whole file (200, no range) of a text type,
  * whose client takes a coding, is answered with that coding's bytes, compressed once and kept
  * (at most MAX_ENTRIES). Set before @fastify/compress's own onSend, which then leaves it alone
- * (it has a Content-Encoding). Anything else goes on as it came.
+ * (it has a Content-Encoding). Such a file says `Vary: accept-encoding` whatever the client
+ * takes, and so does a 304, which goes on with no body. Anything else goes on as it came.
+ *
+ * The files are `Cache-Control: public`, which a shared cache may keep. The file as it is (a
+ * client that takes no coding) said no Vary: a cache could hand it to every client. And a 304's
+ * empty body (@fastify/static's stream of no bytes, with no Content-Type, which @fastify/compress
+ * reads as JSON) was compressed: the 304 said `Content-Encoding: br`, and a cache that updates
+ * the answer it keeps with a 304's header fields (RFC 9111 §4.3.4) labelled the file as it is br.
  */
 export function precompressedFiles (): (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: Error | null, payload?: unknown) => void) => void {
   const kept = new Map<string, Promise<Buffer | null>>()
@@ -46,10 +53,21 @@ export function precompressedFiles (): (request: FastifyRequest, reply: FastifyR
     return entry
   }
   return function precompressed (request, reply, payload, done) {
-    const accept = request.headers['accept-encoding']
-    if (!(payload instanceof ReadStream) || typeof payload.path !== 'string' || reply.statusCode !== 200 || accept === undefined ||
-        request.headers['x-no-compression'] !== undefined || reply.hasHeader('content-encoding') || reply.hasHeader('content-range') ||
+    if (reply.statusCode === 304) {
+      if (payload instanceof Readable) payload.destroy()
+      varyOnCoding(reply)
+      done(null, null)
+      return
+    }
+    if (!(payload instanceof ReadStream) || typeof payload.path !== 'string' || reply.statusCode !== 200 ||
+        reply.hasHeader('content-encoding') || reply.hasHeader('content-range') ||
         !TEXT.test(String(reply.getHeader('content-type') ?? '')) || Number(reply.getHeader('content-length') ?? 0) < COMPRESSION_THRESHOLD) {
+      done(null, payload)
+      return
+    }
+    varyOnCoding(reply)
+    const accept = request.headers['accept-encoding']
+    if (accept === undefined || request.headers['x-no-compression'] !== undefined) {
       done(null, payload)
       return
     }
@@ -77,11 +95,17 @@ export function precompressedFiles (): (request: FastifyRequest, reply: FastifyR
  * answer (answerBounds counts a Buffer answer, not a stream).
  */
 function coded (reply: FastifyReply, coding: Encoding, body: Buffer): Readable {
-  const vary = reply.getHeader('vary')
-  reply.header('vary', vary === undefined || vary === '' ? 'accept-encoding' : `${String(vary)}, accept-encoding`)
+  varyOnCoding(reply)
   reply.header('content-encoding', coding)
   reply.header('content-length', body.length)
   return Readable.from([body], { objectMode: false })
+}
+
+/** Adds accept-encoding to the answer's Vary, once. */
+function varyOnCoding (reply: FastifyReply): void {
+  const vary = reply.getHeader('vary')
+  if (vary === undefined || vary === '') reply.header('vary', 'accept-encoding')
+  else if (!/\baccept-encoding\b/i.test(String(vary))) reply.header('vary', `${String(vary)}, accept-encoding`)
 }
 
 /**

@@ -63,6 +63,30 @@ t.test('/docs: each of Swagger UI\'s files is compressed once per coding, howeve
   t.equal(cached.statusCode, 304, 'revalidation still answers 304')
 })
 
+// Swagger UI's files are `Cache-Control: public`, which a shared cache may keep. The file as it
+// is said no Vary (a cache could hand it to every client), and a 304 was run through brotli or
+// gzip: its empty body came labelled `Content-Encoding: br`, which a cache that updates the
+// answer it keeps with a 304's fields put on the file it kept as it is.
+t.test('/docs: a file says Vary: accept-encoding whatever the client takes, and a 304 carries no Content-Encoding', async t => {
+  const app = await buildTestApp(t)
+  for (const headers of [{}, { 'accept-encoding': 'identity' }, { 'accept-encoding': 'gzip;q=0' }, { 'accept-encoding': 'br', 'x-no-compression': '1' }]) {
+    const res = await app.inject({ method: 'GET', url: BUNDLE, headers })
+    t.equal(res.headers['content-encoding'], undefined, JSON.stringify(headers))
+    t.equal(res.headers.vary, 'accept-encoding', 'the file as it is varies with Accept-Encoding too')
+    t.ok(res.rawPayload.equals(bundle))
+  }
+  const tag = (await app.inject({ method: 'GET', url: BUNDLE })).headers.etag as string
+  for (const method of ['GET', 'HEAD'] as const) {
+    for (const headers of [{ 'accept-encoding': 'br', 'if-none-match': tag }, { 'accept-encoding': 'gzip', 'if-modified-since': new Date(Date.now() + 60_000).toUTCString() }, { 'if-none-match': tag }]) {
+      const res = await app.inject({ method, url: BUNDLE, headers })
+      t.equal(res.statusCode, 304, `${method} ${JSON.stringify(headers)}`)
+      t.equal(res.headers['content-encoding'], undefined, 'a 304 names no coding')
+      t.equal(res.headers.vary, 'accept-encoding', 'and the Vary its 200 carries')
+      t.equal(res.rawPayload.length, 0)
+    }
+  }
+})
+
 t.test('the coding chosen is the one @fastify/compress would choose', async t => {
   t.equal(negotiate('gzip, deflate, br'), 'br', 'on a tie, the gateway\'s order')
   t.equal(negotiate('gzip;q=1, br;q=0.5'), 'gzip', 'the highest q')
