@@ -381,12 +381,6 @@ function unplaceable (dates: { from?: Date, to?: Date }): 'from' | 'to' | null {
   return null
 }
 
-/** A problem+json 400 for a query or body the schema let through but that makes no sense. */
-function badRequest (reply: FastifyReply, request: FastifyRequest, detail: string): FastifyReply {
-  const { problem: body } = toProblem({ validation: [{ instancePath: '', message: detail }], validationContext: 'input' }, request.id)
-  return reply.code(400).type('application/problem+json').send({ ...body, detail })
-}
-
 /**
  * `refused`: production found pending migrations only once PostgreSQL answered (it was
  * unreachable at start-up). From then on every use of the store fails at once with that
@@ -794,12 +788,12 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     if (q.from !== undefined) query.from = new Date(q.from)
     if (q.to !== undefined) query.to = new Date(q.to)
     const bad = unplaceable(query)
-    if (bad !== null) return badRequest(reply, request, `querystring.${bad} is not a time this endpoint can use (a leap second?)`)
+    if (bad !== null) throw new MantleError('VALIDATION_FAILED', `querystring.${bad} is not a time this endpoint can use (a leap second?)`)
     // As verify refuses it: a reversed range answered 200 with nothing, as if no entry were there.
-    if (query.from !== undefined && query.to !== undefined && query.from > query.to) return badRequest(reply, request, 'querystring.from is after querystring.to')
+    if (query.from !== undefined && query.to !== undefined && query.from > query.to) throw new MantleError('VALIDATION_FAILED', 'querystring.from is after querystring.to')
     if (q.cursor !== undefined) {
       const seq = decodeCursor(q.cursor)
-      if (seq === null) return badRequest(reply, request, 'querystring.cursor is not a cursor this endpoint gave')
+      if (seq === null) throw new MantleError('VALIDATION_FAILED', 'querystring.cursor is not a cursor this endpoint gave')
       query.beforeSeq = seq
     }
     const page = await answered(() => store.query(query))
@@ -852,14 +846,14 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     const from = body.from === undefined ? undefined : new Date(body.from)
     const to = body.to === undefined ? undefined : new Date(body.to)
     const bad = unplaceable({ from, to })
-    if (bad !== null) return badRequest(reply, request, `body.${bad} is not a time this endpoint can use (a leap second?)`)
-    if (from !== undefined && to !== undefined && from > to) return badRequest(reply, request, 'body.from is after body.to')
+    if (bad !== null) throw new MantleError('VALIDATION_FAILED', `body.${bad} is not a time this endpoint can use (a leap second?)`)
+    if (from !== undefined && to !== undefined && from > to) throw new MantleError('VALIDATION_FAILED', 'body.from is after body.to')
     let next: VerifyCursor | undefined
     if (body.next !== undefined) {
       // The range travels in the cursor: a from or to beside it would be ignored, so it is refused.
-      if (from !== undefined || to !== undefined) return badRequest(reply, request, 'body.next carries its range: send it without from and to')
+      if (from !== undefined || to !== undefined) throw new MantleError('VALIDATION_FAILED', 'body.next carries its range: send it without from and to')
       const cursor = decodeVerifyCursor(body.next)
-      if (cursor === null) return badRequest(reply, request, 'body.next is not a position this endpoint gave')
+      if (cursor === null) throw new MantleError('VALIDATION_FAILED', 'body.next is not a position this endpoint gave')
       next = cursor
     }
     if (verifying) throw new MantleError('OVERLOADED', 'A verify is running on this instance: retry when it ends (one call walks at most 5 s)', { headers: { 'retry-after': '5' } })

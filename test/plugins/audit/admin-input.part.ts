@@ -57,6 +57,32 @@ t.test('memory: a leap-second date-time is a 400, not a filter silently ignored;
   await checkRefusals(t, app)
 })
 
+// The refusals the handlers make themselves (a reversed range, a leap second, a cursor or a next
+// they never gave, a next beside a range) are problem+json answers like the schema's, and
+// mantle_http_errors_total counts every such answer: they were sent from the handler, past the
+// error handler, and no metric counted them (an operator's dashboard showed no 400 at all).
+t.test('the audit endpoints\' own 400s are counted in mantle_http_errors_total, as their schema\'s are', async t => {
+  const app = await buildDemoApp(t)
+  const counted = async (): Promise<number> => {
+    const line = (await app.inject({ url: '/metrics' })).body.split('\n').find(l => l.startsWith('mantle_http_errors_total{code="VALIDATION_FAILED",status="400"}'))
+    return line === undefined ? 0 : Number(line.split(' ')[1])
+  }
+  const system = bearer({ roles: ['system'] })
+  const requests: Array<{ method: 'GET' | 'POST', url: string, payload?: Record<string, unknown> }> = [
+    { method: 'GET', url: '/admin/audit?from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z' },
+    { method: 'GET', url: `/admin/audit?to=${encodeURIComponent(LEAP)}` },
+    { method: 'GET', url: '/admin/audit?cursor=bm90LWEtY3Vyc29y' },
+    { method: 'POST', url: '/admin/audit/verify', payload: { from: '2026-01-02T00:00:00Z', to: '2026-01-01T00:00:00Z' } },
+    { method: 'POST', url: '/admin/audit/verify', payload: { next: 'bm90LWEtcG9zaXRpb24' } },
+    { method: 'POST', url: '/admin/audit/verify', payload: { next: 'bm90LWEtcG9zaXRpb24', from: '2026-01-01T00:00:00Z' } }
+  ]
+  for (const r of requests) {
+    const before = await counted()
+    refused(t, await app.inject({ ...r, headers: system }), `${r.method} ${r.url} ${JSON.stringify(r.payload ?? '')}`)
+    t.equal(await counted(), before + 1, `${r.method} ${r.url} ${JSON.stringify(r.payload ?? '')}: counted`)
+  }
+})
+
 // The audit endpoints record themselves (category admin; auth for a 401 or 403). A body Fastify refused there was
 // recorded twice (once more as `security`, action `http`), and a refusal other than 400, 401
 // and 403 was recorded as INTERNAL.
