@@ -561,13 +561,16 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   }
   // A path that is served, but not with this method, is a 405 naming those it is served with
   // (RFC 9110 §15.5.6), not a 404: `PUT /api/v1/agents` said there was no such resource. Asked
-  // of the router here only, on a request no route matched.
+  // of the router here only, on a request no route matched, or whose route found nothing to
+  // answer (a file missing under /docs/static/*, whose route @fastify/static hands to this
+  // handler): that path is served with the request's method, and stays a 404 (it was a 405
+  // "GET is not served at /docs/static/x.js: GET, HEAD").
   const notFound = (request: FastifyRequest): MantleError => {
     const path = request.url.split('?')[0]
     const allow = routeMethods.allowed(app, path)
-    return allow === null
-      ? new MantleError('NOT_FOUND', `No route ${request.method} ${path}`)
-      : new MantleError('BAD_REQUEST', `${request.method} is not served at ${path}: ${allow}`, { status: 405, headers: { allow } })
+    if (allow === null) return new MantleError('NOT_FOUND', `No route ${request.method} ${path}`)
+    if (allow.split(', ').includes(request.method)) return new MantleError('NOT_FOUND', `Nothing is served at ${request.method} ${path}`)
+    return new MantleError('BAD_REQUEST', `${request.method} is not served at ${path}: ${allow}`, { status: 405, headers: { allow } })
   }
   app.setNotFoundHandler((request, reply) => {
     errorHandler(notFound(request), request, reply)

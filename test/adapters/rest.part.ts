@@ -173,6 +173,25 @@ t.test('a method the path is not served with is a 405 problem naming those it is
   t.equal((await cors.inject({ method: 'PUT', url: '/api/v1/nothing', headers: bearer() })).statusCode, 404, 'with CORS, an unknown path')
 })
 
+// A route that took the request and found nothing to answer hands it to the not-found handler
+// (@fastify/static, for a file missing under /docs/static/*): its path is served with the
+// request's own method, and it was a 405 "GET is not served at /docs/static/x.js: GET, HEAD".
+t.test('a file missing under /docs/static is a 404, not a 405 naming its own method', async t => {
+  const app = await buildDemoApp(t)
+  for (const [method, url] of [['GET', '/docs/static/no-such-file.js'], ['HEAD', '/docs/static/no-such-file.js'], ['GET', '/docs/static/a/b/c.css?v=1'], ['GET', '/docs/static/..%2f..%2fpackage.json']]) {
+    const res = await app.inject({ method: method as 'GET', url })
+    t.equal(res.statusCode, 404, `${method} ${url}`)
+    t.equal(res.headers.allow, undefined, `${method} ${url}: no Allow`)
+    t.match(res.headers['content-type'], /^application\/problem\+json/, `${method} ${url}`)
+    if (method !== 'HEAD') t.match(res.json(), { status: 404, code: 'NOT_FOUND', detail: `Nothing is served at GET ${url.split('?')[0]}` }, `${method} ${url}`)
+  }
+  // The files that are there are served; another method on that path is still its 405.
+  t.equal((await app.inject({ url: '/docs/static/swagger-ui.css' })).statusCode, 200)
+  const post = await app.inject({ method: 'POST', url: '/docs/static/no-such-file.js' })
+  t.equal(post.statusCode, 405)
+  t.equal(post.headers.allow, 'GET, HEAD')
+})
+
 t.test('identity: missing, malformed, forged, expired, not yet valid, alg none, wrong claims', async t => {
   const app = await buildDemoApp(t)
   const call = async (authorization?: string) => await app.inject({ method: 'GET', url: '/api/v1/agents', headers: authorization === undefined ? {} : { authorization } })
