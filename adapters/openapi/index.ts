@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
 import { precompressedAnswers, precompressedFiles } from './precompressed.js'
@@ -154,6 +154,24 @@ export function completeDocument (doc: { paths?: Record<string, Record<string, D
   }
 }
 
+/** Swagger UI's old address of its page, which it redirects to the page itself. */
+const DOCS_INDEX = '/docs/static/index.html'
+
+/**
+ * Swagger UI redirects `/docs/static/index.html` to `/docs/` by rewriting the URL's end: one with
+ * a query string or a trailing slash (which the router also takes) was redirected to itself, for
+ * ever (a browser's "too many redirects"). Redirected here instead, its query string kept; its
+ * other routes go on.
+ */
+function toDocsRoot (request: FastifyRequest, reply: FastifyReply, done: () => void): void {
+  if (request.routeOptions.url !== DOCS_INDEX) {
+    done()
+    return
+  }
+  const query = request.url.indexOf('?')
+  reply.redirect('/docs/' + (query === -1 ? '' : request.url.slice(query)))
+}
+
 /**
  * `/openapi.json` (OpenAPI 3.1 of every operation, built by @fastify/swagger from the routes'
  * compiled schemas) and `/docs`. Registered before the REST adapter so it sees its routes.
@@ -194,7 +212,7 @@ async function openapiPlugin (app: FastifyInstance, opts: OpenApiOptions): Promi
         else files(request, reply, payload, done)
       })
     }
-    await docs.register(swaggerUi, { routePrefix: '/docs', uiConfig: { deepLinking: false } })
+    await docs.register(swaggerUi, { routePrefix: '/docs', uiConfig: { deepLinking: false }, uiHooks: { preHandler: toDocsRoot } })
   })
   app.get('/openapi.json', { schema: { hide: true }, ...(documents === null ? {} : { onSend: documents }) }, async () => app.swagger())
 }
