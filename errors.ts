@@ -206,6 +206,11 @@ export function toProblem (err: unknown, requestId: string): { problem: Problem,
   if (Array.isArray(e.validation)) {
     return { problem: make('VALIDATION_FAILED', describeValidation(e.validation, e.validationContext), requestId), headers: null }
   }
+  // A body whose client stopped sending it (its connection closed, or answered 408 and closed):
+  // Node's 'aborted', which Fastify's body reader passes on as a 400. Nobody is left to answer,
+  // and nothing was malformed: it was recorded as a VALIDATION_FAILED body (category security on
+  // a call's route) and counted as a 400 no one was sent.
+  if (e.code === 'ECONNRESET' && e.message === 'aborted') return { problem: make('CLIENT_CLOSED', 'The client left before its request arrived whole', requestId), headers: null }
   if (typeof e.code === 'string' && e.code in fastifyClientErrors) {
     const [code, detail] = fastifyClientErrors[e.code]
     const problem = make(code, detail, requestId)

@@ -690,7 +690,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   // shape or too long. It is recorded here, once, as `security` (`auth` for a 401 or 403),
   // under the operation the route or tRPC path names, else `http` (`trpc` on tRPC). Before, only
   // bodies were, and a flood the guard refused left no entry. Not a refusal for load
-  // (OVERLOADED: shutdown, load shedding, a bound of connections), nor a 404. Once the handler
+  // (OVERLOADED: shutdown, load shedding, a bound of connections), nor a 404, nor a body its client
+  // stopped sending (CLIENT_CLOSED: nothing was refused, nothing ran). Once the handler
   // has the request (reached), what follows is the calls' (recorded by the stage) or the face's
   // own answer. An onError hook of those routes only: nothing on a request that is not refused.
   const earlyRefusal = (operationId: string | undefined) => function auditEarlyRefusal (request: FastifyRequest, reply: FastifyReply, error: Error, done: () => void): void {
@@ -698,7 +699,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     if (marked[REACHED]) { done(); return }
     marked[REACHED] = true
     const { problem: p } = toProblem(error, request.id)
-    if (p.code !== 'OVERLOADED' && p.status !== 404) refused(request, reply, operationId ?? trpcAction(request) ?? 'http', p.code, p.status)
+    if (p.code !== 'OVERLOADED' && p.code !== 'CLIENT_CLOSED' && p.status !== 404) refused(request, reply, operationId ?? trpcAction(request) ?? 'http', p.code, p.status)
     done()
   }
   // The procedure a tRPC request names, an operation or an event (`trpc` for a batch, or no

@@ -155,6 +155,45 @@ t.test('an admin call whose client leaves before the answer still leaves its one
   t.match(await entries(app, '&requestId=left-early'), [{ action: 'admin.cache.invalidate', tenantId: 'acme', status: 'ok', metadata: { tenant: 'victim', tags: ['agents'] } }], 'its one entry')
 })
 
+// A body its client stops sending (the connection closed mid-body, or answered 408 and closed
+// when it came too slowly) reaches the gateway as Node's 'aborted', which Fastify passes on as a
+// 400: an admin call was recorded VALIDATION_FAILED 400 (the client got a 408, or nothing), a
+// call's route left a `security` entry for a malformed body that never was, and each counted a
+// 400 in mantle_http_errors_total that no one was sent.
+t.test('a request whose client leaves before its body arrived is no malformed body: CLIENT_CLOSED on an admin route, no entry on a call\'s route', async t => {
+  const app = await buildDemoApp(t, { BFF_REQUEST_TIMEOUT_MS: 500 })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as AddressInfo).port
+  const caller = bearer({ tenant: 'acme', user: 'ops', roles: ['system', 'editor', 'operator'] })
+  const partial = async (path: string, id: string, leave: boolean): Promise<string> => {
+    const socket = connect(port, '127.0.0.1')
+    await once(socket, 'connect')
+    socket.on('error', () => {})
+    let answer = ''
+    socket.on('data', (d: Buffer) => { answer += d.toString('latin1') })
+    socket.write(`POST ${path} HTTP/1.1\r\nhost: x\r\nauthorization: ${caller.authorization}\r\ncontent-type: application/json\r\ncontent-length: 100\r\nx-request-id: ${id}\r\n\r\n{"tags":`)
+    if (leave) {
+      await sleep(100)
+      socket.destroy()
+    } else {
+      await once(socket, 'close')
+    }
+    return answer.split('\r\n')[0]
+  }
+  await partial('/admin/cache/invalidate', 'admin-left', true)
+  t.equal(await partial('/admin/cache/invalidate', 'admin-slow', false), 'HTTP/1.1 408 Request Timeout', 'a body too slow is answered 408')
+  await partial('/api/v1/agents/a1/runs', 'call-left', true)
+  t.equal(await partial('/api/v1/agents/a1/runs', 'call-slow', false), 'HTTP/1.1 408 Request Timeout')
+  await sleep(100)
+  const rows = await entries(app)
+  for (const id of ['admin-left', 'admin-slow']) {
+    t.match(rows.filter(r => r.requestId === id), [{ action: 'admin.cache.invalidate', category: 'admin', status: 'CLIENT_CLOSED', statusCode: 499, tenantId: 'acme' }], `${id}: its one entry says the client left`)
+  }
+  for (const id of ['call-left', 'call-slow']) t.same(rows.filter(r => r.requestId === id), [], `${id}: no entry, nothing was refused`)
+  const metrics = (await app.inject({ url: '/metrics' })).body
+  t.notMatch(metrics, /mantle_http_errors_total\{code="VALIDATION_FAILED"/, 'no 400 counted that no one was sent')
+})
+
 t.test('an answer sent again after an onSend hook failed leaves one entry, not one per try', async t => {
   const app = await buildApp(testConfig(), { logger: false })
   t.teardown(async () => await app.close())
