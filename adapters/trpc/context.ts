@@ -45,10 +45,11 @@ export interface TrpcContext {
    */
   cache: Array<CacheOutcome | undefined> | null
   /**
-   * An HTTP request's call answered a replay (Idempotent-Replayed); the response says so when it
-   * carries that one call alone (responseMeta), a batch of one included.
+   * The header fields the stages set on an HTTP request's call that succeeded (RateLimit-*,
+   * Idempotent-Replayed, x-cache; null: none); the response carries them when it carries that one
+   * call alone (responseMeta), a batch of one included, as REST's answer does.
    */
-  replayed: boolean
+  headers: Record<string, string> | null
   /**
    * An SSE subscription's refusal, made before its stream began: its headers (Retry-After) go on
    * the response, which tRPC sends as a 200 stream whose one event is the error (null: none).
@@ -88,7 +89,7 @@ export function httpContext (request: FastifyRequest, response: ServerResponse, 
     inFlight: 0,
     subscriptions: 0,
     cache: null,
-    replayed: false,
+    headers: null,
     refused: null
   }
 }
@@ -142,7 +143,7 @@ export function socketContext (socket: WebSocket, upgrade: string | undefined, c
     inFlight: 0,
     subscriptions: 0,
     cache: null,
-    replayed: false,
+    headers: null,
     refused: null
   }
 }

@@ -213,7 +213,10 @@ function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TR
   if (cache !== undefined && cache !== null && info !== undefined && !eager) {
     headers = { ...headers, 'x-cache': info.calls.map((_, i) => cache[i] ?? '-').join(', ') }
   }
-  if (ctx?.replayed === true && oneCall && !eager) headers = { ...headers, 'idempotent-replayed': 'true' }
+  // A call alone in its request that succeeded: its RateLimit-* and Idempotent-Replayed, as REST's
+  // answer carries them. httpBatchLink sends a lone call as a batch of one, which answered the
+  // HTTP guard's RateLimit-* (or none) while the operation's limit counted the call.
+  if (ctx?.headers != null && oneCall && !eager) headers = { ...headers, ...ctx.headers }
   return headers === undefined ? {} : { headers }
 }
 

@@ -131,7 +131,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
         slowReader(ctx.socket, limits.maxBufferedBytes)
         if (result.ok) {
           if (result.cache !== null && ctx.requestId !== null) (ctx.cache ??= [])[batchIndex ?? 0] = result.cache
-          if (result.headers?.['idempotent-replayed'] === 'true') ctx.replayed = true
+          if (result.headers !== null && ctx.requestId !== null) ctx.headers = result.headers
           return result.value
         }
         throw ProblemError.of(result.problem, result.headers)

@@ -100,6 +100,30 @@ t.test('tRPC: data.code RATE_LIMITED, httpStatus 429, Retry-After on the respons
   t.equal(results[2].error?.data.code, 'RATE_LIMITED')
 })
 
+t.test('tRPC: a call alone in its request carries its operation\'s RateLimit-* on success, a batch of one (httpBatchLink\'s lone call) too', async t => {
+  const { app } = await setup(t)
+  const headers = bearer({ tenant: 'f-' + randomUUID() })
+  const single = await app.inject({ url: '/trpc/limited?input=' + encodeURIComponent('{}'), headers })
+  t.equal(single.statusCode, 200)
+  t.equal(single.headers['ratelimit-limit'], '2')
+  t.equal(single.headers['ratelimit-remaining'], '1')
+  // Before, a batch of one answered no RateLimit-* (the guard's, with the guard on) while the call was counted.
+  for (const method of ['GET', 'POST'] as const) {
+    const other = bearer({ tenant: 'f-' + randomUUID() })
+    const ofOne = method === 'GET'
+      ? await app.inject({ url: '/trpc/limited?batch=1&input=' + encodeURIComponent(JSON.stringify({ 0: {} })), headers: other })
+      : await app.inject({ method, url: '/trpc/limited?batch=1', headers: { ...other, 'content-type': 'application/json' }, payload: JSON.stringify({ 0: {} }) })
+    t.equal(ofOne.statusCode, 200, method)
+    t.equal(ofOne.headers['ratelimit-limit'], '2', method)
+    t.equal(ofOne.headers['ratelimit-remaining'], '1', method)
+    t.ok(Number(ofOne.headers['ratelimit-reset']) >= 1, method)
+  }
+  // A batch of several has no one call's RateLimit-* to carry.
+  const several = await app.inject({ url: '/trpc/limited,free?batch=1&input=' + encodeURIComponent(JSON.stringify({ 0: {}, 1: {} })), headers: bearer({ tenant: 'f-' + randomUUID() }) })
+  t.equal(several.statusCode, 200)
+  t.notOk(several.headers['ratelimit-limit'])
+})
+
 t.test('tRPC batch: of several refused calls, the longest wait is the response\'s Retry-After and RateLimit-*, whatever their order', async t => {
   const kernel = await startTestKernel(t, { 'GET /v1/ok': (_req, res) => json(res, 200, { ok: true }) })
   const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
