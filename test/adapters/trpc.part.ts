@@ -169,6 +169,25 @@ t.test('httpBatchLink: one HTTP request, each call its own pipeline, result and 
   t.equal(requests.length, 3)
 })
 
+// httpBatchLink and httpBatchStreamLink send every call started in one tick in one batch, with
+// no bound unless given maxItems: README tells clients to set it to BFF_BATCH_MAX_CALLS.
+t.test('httpBatchLink and httpBatchStreamLink with maxItems BFF_BATCH_MAX_CALLS (README): more calls at once than a batch takes are all answered', async t => {
+  const app = await buildDemoApp(t, { BFF_BATCH_MAX_CALLS: 5 })
+  const url = await listen(app)
+  for (const [name, link] of [['httpBatchLink', httpBatchLink], ['httpBatchStreamLink', httpBatchStreamLink]] as const) {
+    const calls = async (maxItems?: number): Promise<{ codes: unknown[], requests: string[] }> => {
+      const { trpc, requests } = client(opts => link({ ...opts, ...(maxItems === undefined ? {} : { maxItems }) }), url)
+      const outcomes = await Promise.allSettled(Array.from({ length: 6 }, () => trpc.query('listAgents', { limit: 1 })))
+      return { codes: outcomes.map(o => o.status === 'fulfilled' ? 'ok' : (o.reason as TRPCClientError<AnyTRPCRouter>).data?.code), requests }
+    }
+    const unbounded = await calls()
+    t.same(unbounded.codes, Array(6).fill('PAYLOAD_TOO_LARGE'), `${name} without maxItems: one batch of 6, refused whole`)
+    const bounded = await calls(5)
+    t.same(bounded.codes, Array(6).fill('ok'), `${name} with maxItems 5: every call answered`)
+    t.equal(bounded.requests.length, 2, `${name}: in two batches`)
+  }
+})
+
 t.test('httpBatchStreamLink answers each call as it completes', async t => {
   const app = await buildDemoApp(t)
   const { trpc } = client(httpBatchStreamLink, await listen(app))
