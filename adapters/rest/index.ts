@@ -184,9 +184,9 @@ export function callKey (key: string | null | undefined, suffix: string): string
   if (key == null) return key
   if (!VISIBLE_ASCII.test(suffix)) return null
   // A name over MAX_CALL_SUFFIX characters is its first 64, a space and the SHA-256 of it whole
-  // (base64url): a key of 364 characters at most. A GraphQL alias made the key as long as the
-  // document allows (64 KiB), sent to the Kernel as a header (one over ~16 KB answered 431, and
-  // that refusal was stored) and written in the store's keys. No name kept as it is holds a
+  // (base64url): a key of 384 characters at most (255, a space and a name of 128). A GraphQL
+  // alias made the key as long as the document allows (64 KiB), sent to the Kernel as a header
+  // (one over ~16 KB answered 431, and that refusal was stored) and written in the store's keys. No name kept as it is holds a
   // space, so no shortened name is one, and two names differ in their hashes.
   return suffix.length <= MAX_CALL_SUFFIX ? `${key} ${suffix}` : `${key} ${suffix.slice(0, SUFFIX_HEAD)} ${hash('sha256', suffix, 'base64url')}`
 }
