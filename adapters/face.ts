@@ -108,7 +108,18 @@ export function callEnvelope (id: string, outcome: FaceResult): string {
   return (outcome.ok ? '{"id":' + id + ',"result":' + outcome.json : '{"id":' + id + ',"error":' + problemJson(outcome.problem, outcome.headers)) + resultMarkers(outcome) + '}'
 }
 
-export interface FaceProblem { ok: false, problem: Problem, headers: Record<string, string> | null }
+export interface FaceProblem {
+  ok: false
+  problem: Problem
+  /** The refusal's own header fields (Retry-After, ...). */
+  headers: Record<string, string> | null
+  /**
+   * The header fields the stages had set when the call failed (an operation's RateLimit-*: the
+   * call used part of its limit), for a face whose answer carries this call alone, under the
+   * refusal's own, as REST's does.
+   */
+  callHeaders?: Record<string, string> | null
+}
 export type FaceResult = FaceValue | FaceProblem
 
 /**
@@ -230,6 +241,7 @@ type LeftOut = Pick<Problem, 'code' | 'status'>
  * their own envelopes. Never throws: the outcome is a value or the problem every face encodes.
  */
 export async function runCall (app: FastifyInstance, call: FaceCall): Promise<FaceResult> {
+  let ctx: CallContext | undefined
   try {
     const pipeline = app.pipeline
     // A call on a WebSocket already open never passed onRequest, where load shedding refuses
@@ -246,7 +258,7 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
     // An input that is not an object goes on as it is: the validation stage refuses it, within
     // the pipeline, so that the refusal has its audit entry.
     const input = call.input === undefined || call.input === null ? {} : call.input
-    const ctx = new CallContext(call.requestId, call.protocol, op, input as Record<string, unknown>, call.authorization, call.traceparent, op.type === 'mutation' ? call.idempotencyKey : undefined)
+    ctx = new CallContext(call.requestId, call.protocol, op, input as Record<string, unknown>, call.authorization, call.traceparent, op.type === 'mutation' ? call.idempotencyKey : undefined)
     ctx.tracestate = call.tracestate
     if (call.clientRequestId === true) ctx.clientRequestId = true
     if (call.memo !== undefined) ctx.memo = call.memo
@@ -265,6 +277,6 @@ export async function runCall (app: FastifyInstance, call: FaceCall): Promise<Fa
         ? { code: problem.code, detail: detailForLog(err, problem), requestId: call.requestId }
         : { reqId: call.reqId, code: problem.code, detail: detailForLog(err, problem), requestId: call.requestId })
     }
-    return { ok: false, problem, headers }
+    return { ok: false, problem, headers, callHeaders: ctx?.headers ?? null }
   }
 }

@@ -45,9 +45,10 @@ export interface TrpcContext {
    */
   cache: Array<CacheOutcome | undefined> | null
   /**
-   * The header fields the stages set on an HTTP request's call that succeeded (RateLimit-*,
-   * Idempotent-Replayed, x-cache; null: none); the response carries them when it carries that one
-   * call alone (responseMeta), a batch of one included, as REST's answer does.
+   * The header fields the stages set on an HTTP request's call (RateLimit-*, Idempotent-Replayed,
+   * x-cache; null: none), also when it then failed; the response carries them when it carries
+   * that one call alone (responseMeta), a batch of one included, under a refusal's own, as REST's
+   * answer does.
    */
   headers: Record<string, string> | null
   /**

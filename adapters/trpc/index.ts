@@ -206,17 +206,17 @@ function responseHeaders (info: TRPCRequestInfo | undefined, errors: readonly TR
   // An SSE subscription refused before its stream began (a 200, its error the one event): the
   // refusal's Retry-After and RateLimit-* on the response, as on every other refusal.
   const subscription = eager && ctx?.refused != null ? refusalHeaders([ctx.refused], true, false) : null
-  let headers: Record<string, string> | undefined = eager ? subscription ?? refused ?? undefined : { ...JSON_TYPE, ...refused }
+  // A call alone in its request: its RateLimit-* and Idempotent-Replayed, under a refusal's own, as
+  // REST's answer carries them (httpBatchLink sends a lone call as a batch of one, which answered
+  // the HTTP guard's RateLimit-*, or none, while the operation's limit had counted the call).
+  const own = oneCall && !eager ? ctx?.headers : null
+  let headers: Record<string, string> | undefined = eager ? subscription ?? refused ?? undefined : { ...JSON_TYPE, ...own, ...refused }
   // The cache's outcome of each call, in the calls' order, `-` for a call without one. Not on a
   // streamed answer, whose headers leave before its results are known.
   const cache = ctx?.cache
   if (cache !== undefined && cache !== null && info !== undefined && !eager) {
     headers = { ...headers, 'x-cache': info.calls.map((_, i) => cache[i] ?? '-').join(', ') }
   }
-  // A call alone in its request that succeeded: its RateLimit-* and Idempotent-Replayed, as REST's
-  // answer carries them. httpBatchLink sends a lone call as a batch of one, which answered the
-  // HTTP guard's RateLimit-* (or none) while the operation's limit counted the call.
-  if (ctx?.headers != null && oneCall && !eager) headers = { ...headers, ...ctx.headers }
   return headers === undefined ? {} : { headers }
 }
 
@@ -361,6 +361,9 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       if (result.ok && result.headers !== null) reply.headers(result.headers)
       if (result.ok) return await reply.send('{"result":{"data":' + result.json + '}}')
       const shape = errorShape(ProblemError.of(result.problem, result.headers), request.id, path)
+      // What the stages set before the call failed (its operation's RateLimit-*: the call used part
+      // of the limit), then the refusal's own, as REST's answer carries them.
+      if (result.callHeaders != null) reply.headers(result.callHeaders)
       if (result.headers !== null) reply.headers(result.headers)
       // The request's answer is the call's error, its status too: counted as REST's call errors
       // are (a query over GET with an expired token was a 401 counted nowhere, the same over POST was).

@@ -129,9 +129,11 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
         // answers went out whatever the socket held: a client that sent small batched queries and
         // never read made the gateway hold their answers without bound (56 MiB for 0.02 MiB sent).
         slowReader(ctx.socket, limits.maxBufferedBytes)
+        // The call's header fields, for a response that carries it alone (responseMeta).
+        const own = result.ok ? result.headers : result.callHeaders ?? null
+        if (own !== null && ctx.requestId !== null) ctx.headers = own
         if (result.ok) {
           if (result.cache !== null && ctx.requestId !== null) (ctx.cache ??= [])[batchIndex ?? 0] = result.cache
-          if (result.headers !== null && ctx.requestId !== null) ctx.headers = result.headers
           return result.value
         }
         throw ProblemError.of(result.problem, result.headers)

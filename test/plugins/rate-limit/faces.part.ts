@@ -239,6 +239,34 @@ t.test('REST: a counted call answered with an error still carries the operation\
   }
 })
 
+t.test('tRPC: a call alone in its request, counted then failed, carries its operation\'s RateLimit-* as REST\'s does', async t => {
+  // Only the refusal's own header fields went out: a Kernel 404 answered the HTTP guard's
+  // RateLimit-* (or none) over tRPC, while REST answered the operation's, which the call had used.
+  const kernel = await startTestKernel(t, { 'POST /v1/gone': (_req, res) => json(res, 404, { message: 'gone' }) })
+  const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
+  const manifest = testManifest({
+    poke: { type: 'mutation', rest: 'POST /poke', kernel: 'POST /v1/gone', input: { type: 'object' }, output, rateLimit: { max: 5, windowMs: 60_000 } }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1000 }, { manifest, kernelUrl: kernel.url })
+  const headers = { ...bearer({ tenant: 'h-' + randomUUID() }), 'content-type': 'application/json' }
+  const calls = [['single', '/trpc/poke', '{}'], ['batch of one', '/trpc/poke?batch=1', '{"0":{}}']] as const
+  for (const [[name, url, payload], remaining] of calls.map((c, i) => [c, String(4 - i)] as const)) {
+    const res = await app.inject({ method: 'POST', url, headers, payload })
+    t.equal(res.statusCode, 404, name)
+    t.match(JSON.stringify(res.json()), /"code":"NOT_FOUND"/, name)
+    t.equal(res.headers['ratelimit-limit'], '5', `${name}: the operation's limit, not the guard's`)
+    t.equal(res.headers['ratelimit-remaining'], remaining, name)
+  }
+  // A refusal's own RateLimit-* still have the last word: the operation's limit, spent.
+  for (let i = 0; i < 3; i++) await app.inject({ method: 'POST', url: '/trpc/poke', headers, payload: '{}' })
+  for (const [name, url, payload] of calls) {
+    const refused = await app.inject({ method: 'POST', url, headers, payload })
+    t.equal(refused.statusCode, 429, name)
+    t.equal(refused.headers['ratelimit-remaining'], '0', name)
+    t.ok(Number(refused.headers['retry-after']) >= 1, name)
+  }
+})
+
 t.test('REST batch: a refused call\'s Retry-After and RateLimit-* go on the response, as on tRPC and GraphQL', async t => {
   const { app } = await setup(t)
   const headers = bearer({ tenant: 'f-' + randomUUID() })
