@@ -57,6 +57,15 @@ export function sockets (): { open: Set<Socket>, track: (s: Socket) => void } {
 }
 
 /**
+ * The Redis URL of a proxy (or another server) on `port` of this host, with the database
+ * REDIS_URL names: a test that reads through its own client on REDIS_URL then reads what the
+ * gateway behind the proxy wrote (without it, database 0 whatever REDIS_URL said).
+ */
+export function redisVia (port: number): string {
+  return `redis://127.0.0.1:${port}${new URL(process.env.REDIS_URL ?? 'redis://127.0.0.1:6379').pathname}`
+}
+
+/**
  * A TCP proxy on port 0 in front of `target` (a real Redis or PostgreSQL) that a test can cut
  * and restore, so an outage is made without stopping the machine's shared server.
  */

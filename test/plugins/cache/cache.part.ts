@@ -4,7 +4,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { WebSocket } from 'ws'
 import { buildTestApp, bearer, json, until } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 import { REDIS_URL, STORES, itemKernel, itemManifest, metric, eventually, versionedItem } from './items.js'
 import { localKey, tagKey } from '../../../plugins/cache/index.js'
 import { canonicalJson } from '../../../plugins/pipeline/index.js'
@@ -554,7 +554,7 @@ t.test('with Redis up, the gateway starts once its invalidations subscriber is s
   const proxy = await startTcpProxy(t, Number(new URL(REDIS_URL).port))
   proxy.holdSends(chunk => chunk.includes('bff:cache:invalidate'))
   let ready = false
-  const building = buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const building = buildTestApp(t, { REDIS_URL: redisVia(proxy.port) }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
   building.then(() => { ready = true }, () => {})
   await until(() => proxy.holding > 0, 'the SUBSCRIBE held')
   await new Promise(resolve => setTimeout(resolve, 500))

@@ -5,7 +5,7 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { buildTestApp, bearer } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 import { REDIS_URL, itemKernel, itemManifest, metric, eventually } from './items.js'
 import { ResponseCache, RedisTier, etagOf, localKey, policyOf, tagKey, type CachedAnswer } from '../../../plugins/cache/index.js'
 import type { CacheMetrics } from '../../../plugins/cache/cache.js'
@@ -60,7 +60,7 @@ t.test('redis: an invalidation made during the hold after a command timeout reac
   const manifest = itemManifest(kernel.url)
   const proxy = await startTcpProxy(t, REDIS_PORT)
   // REDIS_URL's database, as the other instance's (through the proxy it was database 0).
-  const env = { REDIS_URL: `redis://127.0.0.1:${proxy.port}${new URL(REDIS_URL).pathname}`, BFF_CACHE_STORE: 'redis', BFF_IDEMPOTENCY_STORE: 'memory', BFF_RATE_LIMIT_STORE: 'memory' }
+  const env = { REDIS_URL: redisVia(proxy.port), BFF_CACHE_STORE: 'redis', BFF_IDEMPOTENCY_STORE: 'memory', BFF_RATE_LIMIT_STORE: 'memory' }
   const app = await buildTestApp(t, env, { manifest, kernelUrl: kernel.url })
   // Another instance, straight on Redis.
   const other = await buildTestApp(t, { REDIS_URL, BFF_CACHE_STORE: 'redis' }, { manifest, kernelUrl: kernel.url })
@@ -417,7 +417,7 @@ t.test('invalidated tags lost past the bound of those pending are counted in /me
   const kernel = await itemKernel(t)
   const proxy = await startTcpProxy(t, REDIS_PORT)
   proxy.cut('reset')
-  const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_CACHE_STORE: 'redis' }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const app = await buildTestApp(t, { REDIS_URL: redisVia(proxy.port), BFF_CACHE_STORE: 'redis' }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
   const who = 'cache-' + randomUUID()
   const scrape = async (): Promise<string> => (await app.inject({ method: 'GET', url: '/metrics' })).body
   const diagz = async (): Promise<{ healthy: boolean, detail?: string }> => (await app.inject({ method: 'GET', url: '/diagz', headers: bearer({ roles: ['system'] }) })).json().stores.cache

@@ -5,7 +5,7 @@ import type { FastifyInstance } from 'fastify'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { buildTestApp, bearer, json } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 import { itemKernel, itemManifest, metric, eventually } from './items.js'
 import { entryKey, etagOf, localKey, RedisTier, tagKey, TAG_KEY_MAX, type CachedAnswer } from '../../../plugins/cache/index.js'
 import { canonicalJson } from '../../../plugins/pipeline/index.js'
@@ -21,7 +21,7 @@ async function cutAndDirect (t: Test, env: Record<string, string> = {}): Promise
   const proxy = await startTcpProxy(t, REDIS_PORT)
   // The database of REDIS_URL for both: through the proxy it was database 0 whatever REDIS_URL
   // named, and with REDIS_URL naming another the two instances shared no tag or entry.
-  const cut = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}${new URL(REDIS_URL).pathname}`, ...env }, { manifest, kernelUrl: kernel.url })
+  const cut = await buildTestApp(t, { REDIS_URL: redisVia(proxy.port), ...env }, { manifest, kernelUrl: kernel.url })
   const direct = await buildTestApp(t, { REDIS_URL, ...env }, { manifest, kernelUrl: kernel.url })
   const who = tenant()
   return { kernel, proxy, cut, direct, who, headers: bearer({ tenant: who }) }
@@ -129,7 +129,7 @@ t.test('a cache subscriber whose SUBSCRIBE fails after a reconnect subscribes ag
   const manifest = itemManifest(kernel.url)
   const proxy = await startTcpProxy(t, REDIS_PORT)
   const lines: string[] = []
-  const cut = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 1000, LOG_LEVEL: 'warn' }, {
+  const cut = await buildTestApp(t, { REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: 1000, LOG_LEVEL: 'warn' }, {
     manifest,
     kernelUrl: kernel.url,
     logger: undefined,
@@ -181,7 +181,7 @@ t.test('a gateway closed while its cache subscriber\'s SUBSCRIBE after a reconne
   t.teardown(() => { process.off('unhandledRejection', onUnhandled) })
   const kernel = await itemKernel(t)
   const proxy = await startTcpProxy(t, REDIS_PORT)
-  const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 5000 }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const app = await buildTestApp(t, { REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: 5000 }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
   let held = false
   proxy.watch(chunk => {
     if (held || !/subscribe/i.test(chunk.toString()) || !chunk.toString().includes('bff:cache:invalidate')) return
@@ -243,7 +243,7 @@ t.test('a Redis down at start-up: the cache runs on memory', async t => {
   const kernel = await itemKernel(t)
   const proxy = await startTcpProxy(t, REDIS_PORT)
   proxy.cut('reset')
-  const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const app = await buildTestApp(t, { REDIS_URL: redisVia(proxy.port) }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
   const headers = bearer({ tenant: tenant() })
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'miss')
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit')

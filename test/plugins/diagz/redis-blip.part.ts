@@ -5,7 +5,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
 import { bearer, buildTestApp, until } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 import { idemSetup } from '../idempotency/idempotency-helper.js'
 import { itemKernel, itemManifest } from '../cache/items.js'
 
@@ -17,7 +17,7 @@ const stores = async (app: FastifyInstance): Promise<Record<string, { healthy: b
 
 t.test('idempotency: healthy again once Redis answers, without another keyed call', async t => {
   const proxy = await startTcpProxy(t, REDIS_PORT)
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const s = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) })
   await until(() => s.app.redis.up(), 'connected')
   proxy.delay(700)
   t.equal((await s.create({ name: 'x' }, randomUUID())).statusCode, 201)
@@ -32,7 +32,7 @@ t.test('idempotency: healthy again once Redis answers, without another keyed cal
 t.test('cache: healthy again once Redis answers, without another cached call', async t => {
   const kernel = await itemKernel(t)
   const proxy = await startTcpProxy(t, REDIS_PORT)
-  const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const app = await buildTestApp(t, { REDIS_URL: redisVia(proxy.port) }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
   await until(() => app.redis.up(), 'connected')
   proxy.delay(700)
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant: 'blip-' + randomUUID() }) })).statusCode, 200)

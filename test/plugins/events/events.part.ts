@@ -8,7 +8,7 @@ import { EventBus, isKernelEvent } from '../../../plugins/events/index.js'
 import { ANONYMOUS, type Identity } from '../../../plugins/auth/index.js'
 import { start } from '../../../server.js'
 import { startRedisServer } from '../../redis-server.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 import type { EventDefinition } from '../../../manifest.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -233,7 +233,7 @@ t.test('two instances sharing Redis: an event published once reaches both, and o
 
 t.test('a Redis that is down at start-up leaves the gateway up, degraded and saying so', async t => {
   const port = await closedPort()
-  const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${port}` })
+  const app = await buildDemoApp(t, { REDIS_URL: redisVia(port) })
   const ready = await app.inject({ method: 'GET', url: '/readyz' })
   t.equal(ready.statusCode, 503)
   t.match(ready.json(), { status: 'not-ready', failing: ['redis'], checks: { redis: 'down' } })
@@ -513,7 +513,7 @@ t.test('a publisher that cannot get back to Redis: /readyz fails redis, while th
   const tenant = 'tenant-' + randomUUID()
   const token = 'internal-token-0123456789'
   const proxy = await startTcpProxy(t, Number(new URL(REDIS_URL).port || 6379))
-  const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_INTERNAL_TOKEN: token })
+  const app = await buildDemoApp(t, { REDIS_URL: redisVia(proxy.port), BFF_INTERNAL_TOKEN: token })
   const other = await buildDemoApp(t, { REDIS_URL })
   await until(() => app.events.health().up && other.events.health().up, 'both Redis subscribers')
   t.equal((await app.inject({ method: 'GET', url: '/readyz' })).statusCode, 200)

@@ -1,7 +1,7 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { bearer, buildTestApp, json, startTestKernel, testManifest, until } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 import { idemSetup, REDIS_URL } from './idempotency-helper.js'
 import { semantics } from './semantics.js'
 
@@ -89,7 +89,7 @@ t.test('memory store, Redis set: a claim outlives the cache invalidation its cal
   const manifest = testManifest({
     tagItem: { type: 'mutation', rest: 'POST /tagged', kernel: 'POST /v1/tagged', input: { type: 'object', properties: { name: { type: 'string' } } }, output: { type: 'object', properties: { id: { type: 'string' } } }, timeoutMs: 1000, invalidates: ['tagged'] }
   }, { retries: 0 })
-  const app = await buildTestApp(t, { BFF_IDEMPOTENCY_STORE: 'memory', BFF_IDEMPOTENCY_TTL_SECONDS: 120, REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 20000 }, { manifest, kernelUrl: kernel.url })
+  const app = await buildTestApp(t, { BFF_IDEMPOTENCY_STORE: 'memory', BFF_IDEMPOTENCY_TTL_SECONDS: 120, REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: 20000 }, { manifest, kernelUrl: kernel.url })
   const tenant = 'idem-' + randomUUID()
   const key = randomUUID()
   const call = async () => await app.inject({ method: 'POST', url: '/api/v1/tagged', headers: { ...bearer({ tenant }), 'idempotency-key': key }, payload: { name: 'n' } })

@@ -10,7 +10,7 @@ import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { until, startTestKernel, json, type TestHandler } from '../../helper.js'
 import type { BuildOptions } from '../../../app.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 import { storeKey } from '../../../plugins/idempotency/index.js'
 import { idemSetup, REDIS_URL } from './idempotency-helper.js'
 import { metric, eventually } from '../cache/items.js'
@@ -25,7 +25,7 @@ type Teardown = { teardown: (fn: () => unknown) => void }
  */
 async function duringOutage (t: Teardown): Promise<{ proxy: Awaited<ReturnType<typeof startTcpProxy>>, s: Awaited<ReturnType<typeof idemSetup>>, redis: Redis }> {
   const proxy = await startTcpProxy(t, 6379)
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const s = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) })
   const redis = new Redis(REDIS_URL, { lazyConnect: true })
   await redis.connect()
   t.teardown(() => redis.quit())
@@ -101,7 +101,7 @@ t.test('a claim Redis carried out but never answered in time: the outcome held i
   // outcome was never copied over that claim, and a repeat on another instance waited out the
   // conflict (409), then ran the Kernel call a second time once the claim's lease ended.
   const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
-  const a = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const a = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) })
   const b = await idemSetup(t, 'redis', {}, {}, a.kernel)
   const redis = new Redis(REDIS_URL)
   t.teardown(() => redis.quit())
@@ -161,7 +161,7 @@ async function failingCall (t: Teardown, options: BuildOptions = {}) {
   }
   const kernel = await startTestKernel(t, { 'POST /v1/items': create, 'POST /v1/quick': create })
   const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
-  const a = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, {}, kernel, options)
+  const a = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) }, {}, kernel, options)
   const b = await idemSetup(t, 'redis', { BFF_IDEMPOTENCY_WAIT_MS: 0 }, {}, kernel)
   const redis = new Redis(REDIS_URL)
   t.teardown(() => redis.quit())
@@ -229,7 +229,7 @@ t.test('a repeat waiting for a call that holds its key in Redis never claims it 
   // key: it won it there and called the Kernel again, and each instance replayed its own answer.
   const a = await idemSetup(t, 'redis')
   const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
-  const b = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, {}, a.kernel)
+  const b = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) }, {}, a.kernel)
   await until(() => a.app.redis.up() && b.app.redis.up(), 'both instances connected')
   const key = randomUUID()
   const gate = a.hold()
@@ -256,7 +256,7 @@ t.test('a repeat waiting for a call that holds its key in Redis never claims it 
 t.test('a repeat waiting for a call that holds its key in Redis, Redis failing until its wait ends: 409, never a second Kernel call', async t => {
   const a = await idemSetup(t, 'redis')
   const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
-  const b = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_IDEMPOTENCY_WAIT_MS: 1500 }, {}, a.kernel)
+  const b = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port), BFF_IDEMPOTENCY_WAIT_MS: 1500 }, {}, a.kernel)
   await until(() => a.app.redis.up() && b.app.redis.up(), 'both instances connected')
   const key = randomUUID()
   const gate = a.hold()
@@ -281,7 +281,7 @@ t.test('an outcome Redis did not take as the gateway closed: nothing of the plug
   // that started a 250 ms timer after close, ticking until the claim's lease ended (the op's
   // timeout plus 5 s), Redis's connection closed or not.
   const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const s = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) })
   await until(() => s.app.redis.up(), 'Redis to be connected')
   const gate = s.hold()
   const first = s.create({ name: 'x' }, randomUUID())
@@ -308,7 +308,7 @@ t.test('an outcome Redis did not take as the gateway closed: nothing of the plug
  */
 async function outcomeAtClose (t: Teardown, commandTimeoutMs = 500) {
   const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: commandTimeoutMs })
+  const s = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: commandTimeoutMs })
   const redis = new Redis(REDIS_URL)
   t.teardown(() => redis.quit())
   await until(() => s.app.redis.up(), 'Redis to be connected')
@@ -385,7 +385,7 @@ t.test('an outcome still waiting as the gateway closes, Redis up but not answeri
 // tenant holding the most now gives up its oldest (the bound lowered to 3 here).
 t.test('one tenant\'s calls during an outage never push another tenant\'s outcome out of those waiting for Redis', async t => {
   const proxy = await startTcpProxy(t, 6379)
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, {}, undefined, { idempotency: { maxPending: 3 } })
+  const s = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) }, {}, undefined, { idempotency: { maxPending: 3 } })
   const redis = new Redis(REDIS_URL, { lazyConnect: true })
   await redis.connect()
   t.teardown(() => redis.quit())

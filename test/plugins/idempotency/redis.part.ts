@@ -2,7 +2,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { bearer, closedPort, json, until } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 import { inputHash, storeKey, tenantIndex } from '../../../plugins/idempotency/index.js'
 import { idemSetup, REDIS_URL, type Answer } from './idempotency-helper.js'
 
@@ -116,7 +116,7 @@ t.test('a record Redis holds that this version cannot read takes the key: 409, n
 
 t.test('Redis cut through a proxy: no 5xx, keys held in memory, back to Redis after the cut', async t => {
   const proxy = await startTcpProxy(t, 6379)
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const s = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) })
   const redis = await redisClient(t)
   const before = randomUUID()
   t.equal((await s.create({ name: 'before' }, before)).statusCode, 201)
@@ -142,7 +142,7 @@ t.test('Redis cut through a proxy: no 5xx, keys held in memory, back to Redis af
 
 t.test('Redis cut while the first call runs: one Kernel call for every repeat, on this instance during the cut and on every instance after it', async t => {
   const proxy = await startTcpProxy(t, 6379)
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const s = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) })
   const other = await idemSetup(t, 'redis', {}, {}, s.kernel)
   const redis = await redisClient(t)
   const key = randomUUID()
@@ -195,7 +195,7 @@ t.test('Redis cut while the first call runs: one Kernel call for every repeat, o
 t.test('an outcome Redis did not take, Redis away for longer than its claim\'s lease: copied once Redis is back, another instance replays it', async t => {
   const proxy = await startTcpProxy(t, 6379)
   // quickItem: a 1 s timeout, so a lease of 1.5 s with this margin.
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` }, {}, undefined, { idempotency: { leaseMarginMs: 500 } })
+  const s = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) }, {}, undefined, { idempotency: { leaseMarginMs: 500 } })
   const other = await idemSetup(t, 'redis', {}, {}, s.kernel)
   const redis = await redisClient(t)
   let answer!: () => void
@@ -235,7 +235,7 @@ t.test('an outcome Redis did not take, Redis away for longer than its claim\'s l
 // call a second time. Shown with the outcome held back 6.5 s, past the old 6 s lease of quickItem.
 t.test('a claim outlives the Redis commands a call makes after its Kernel call, each up to BFF_REDIS_COMMAND_TIMEOUT_MS', async t => {
   const proxy = await startTcpProxy(t, 6379)
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 20000 })
+  const s = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: 20000 })
   const other = await idemSetup(t, 'redis', {}, {}, s.kernel)
   s.kernel.on('POST /v1/quick', (_req, res) => json(res, 201, { id: 'q-' + s.calls('POST /v1/quick') }))
   const key = randomUUID()
@@ -287,7 +287,7 @@ t.test('Redis away: a repeat waiting for the first call counts one fallback, not
 
 t.test('a repeat waiting on the instance that runs the first call, Redis failing once the outcome is there: never a second Kernel call', async t => {
   const proxy = await startTcpProxy(t, 6379)
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const s = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) })
   const key = randomUUID()
   const gate = s.hold()
   const first = s.create({ name: 'then' }, key)
@@ -319,7 +319,7 @@ t.test('a repeat waiting on the instance that runs the first call, Redis failing
 
 t.test('an outcome stored in memory while Redis was away reaches Redis once it is back: a repeat on another instance replays it', async t => {
   const proxy = await startTcpProxy(t, 6379)
-  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}` })
+  const s = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) })
   const other = await idemSetup(t, 'redis', {}, {}, s.kernel)
   const redis = await redisClient(t)
   proxy.cut('reset')

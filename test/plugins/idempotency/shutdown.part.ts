@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto'
 import type { AddressInfo } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { json, startTestKernel, until } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 import { storeReads } from './store-reads.js'
 import { idemSetup, REDIS_URL, STORES, type IdemSetup } from './idempotency-helper.js'
 
@@ -108,7 +108,7 @@ t.test('redis: shutting down, Redis away, a repeat waiting for a call Redis hold
   t.teardown(open)
   const one = await idemSetup(t, 'redis', {}, {}, kernel)
   const proxy = await startTcpProxy(t, new URL(REDIS_URL).port === '' ? 6379 : Number(new URL(REDIS_URL).port), new URL(REDIS_URL).hostname)
-  const two = await idemSetup(t, 'redis', { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_IDEMPOTENCY_WAIT_MS: 30_000 }, {}, kernel)
+  const two = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port), BFF_IDEMPOTENCY_WAIT_MS: 30_000 }, {}, kernel)
   await until(() => two.app.redis.up(), 'Redis to be connected')
   await two.app.listen({ port: 0, host: '127.0.0.1' })
   const key = randomUUID()

@@ -8,7 +8,7 @@ import { WebSocket } from 'ws'
 import { buildDemoApp, bearer, startTestKernel, testManifest, token, json, until } from '../../helper.js'
 import { wsApp, connect, openGraphqlWs, type Client } from '../../adapters/websocket-helper.js'
 import { tenantKey, ipKey } from '../../../plugins/rate-limit/index.js'
-import { startTcpProxy, type TcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy, type TcpProxy } from '../../proxy.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const op = { type: 'query', rest: 'GET /ping', kernel: 'GET /v1/ok', input: { type: 'object' }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
@@ -22,7 +22,7 @@ async function setup (t: Test, settings?: { maxFrameBytes: number }): Promise<{ 
   const hits = { n: 0 }
   const kernel = await startTestKernel(t, { 'GET /v1/ok': (_req, res) => { hits.n++; json(res, 200, { ok: true }) } })
   const { app, url } = await wsApp(t, {
-    env: { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: DAY, BFF_AUDIT_ENABLED: true, REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 10_000 },
+    env: { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: DAY, BFF_AUDIT_ENABLED: true, REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: 10_000 },
     ...(settings === undefined ? {} : { settings }),
     build: { manifest: testManifest({ ping: op }, { url: kernel.url }, { events }), kernelUrl: kernel.url }
   })
@@ -77,7 +77,7 @@ t.test('redis: a /ws shutdown while a frame is counted answers the call held beh
 
 t.test('redis: a tRPC subscription stopped while the guard counts it is never decided, nor recorded as granted', async t => {
   const proxy = await startTcpProxy(t, Number(new URL(REDIS_URL).port || 6379))
-  const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: DAY, BFF_WEBSOCKET_ENABLED: false, BFF_GRAPHQL_ENABLED: false, BFF_AUDIT_ENABLED: true, REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 10_000 })
+  const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: DAY, BFF_WEBSOCKET_ENABLED: false, BFF_GRAPHQL_ENABLED: false, BFF_AUDIT_ENABLED: true, REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: 10_000 })
   await app.listen({ port: 0, host: '127.0.0.1' })
   const tenant = 'g-' + randomUUID()
   const redis = new Redis(REDIS_URL)
@@ -101,7 +101,7 @@ t.test('redis: a tRPC subscription stopped while the guard counts it is never de
 
 t.test('redis: of two GraphQL subscribes bringing the connection\'s first token, only the first counts towards the address (as on the memory store)', async t => {
   const proxy = await startTcpProxy(t, Number(new URL(REDIS_URL).port || 6379))
-  const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: DAY, BFF_WEBSOCKET_ENABLED: false, BFF_TRPC_ENABLED: false, REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 10_000 })
+  const app = await buildDemoApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, BFF_RATE_LIMIT_GLOBAL_WINDOW_MS: DAY, BFF_WEBSOCKET_ENABLED: false, BFF_TRPC_ENABLED: false, REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: 10_000 })
   await app.listen({ port: 0, host: '127.0.0.1' })
   const tenant = 'g-' + randomUUID()
   const redis = new Redis(REDIS_URL)

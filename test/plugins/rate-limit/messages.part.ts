@@ -9,7 +9,7 @@ import { WebSocket } from 'ws'
 import { buildDemoApp, startTestKernel, testManifest, bearer, token, json, until } from '../../helper.js'
 import { wsApp, connect, openGraphqlWs, run, type Frame } from '../../adapters/websocket-helper.js'
 import { tenantKey } from '../../../plugins/rate-limit/index.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const op = { type: 'query', rest: 'GET /ping', kernel: 'GET /v1/ok', input: { type: 'object' }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
@@ -180,7 +180,7 @@ t.test('a GraphQL subscribe that brings the connection\'s first token counts tow
 
 t.test('redis stalled: the frames held behind a counted one are answered, in order, once the guard falls back to memory', async t => {
   const proxy = await startTcpProxy(t, Number(new URL(REDIS_URL).port || 6379))
-  const { app, url } = await guardedWs(t, 'redis', { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 100 })
+  const { app, url } = await guardedWs(t, 'redis', { BFF_RATE_LIMIT_GLOBAL_MAX: 1000, REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: 100 })
   const tenant = 'g-' + randomUUID()
   forgetInRedis(t, [tenantKey(tenant)])
   const client = await connect(t, url, { tenant })

@@ -2,7 +2,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { buildTestApp, startTestKernel, testManifest, bearer, json, until } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 import { opKey, tenantKey, RedisWindowStore } from '../../../plugins/rate-limit/index.js'
 
 // Against the machine's real Redis: two gateway instances share one limit, and a Redis cut in
@@ -114,7 +114,7 @@ t.test('Redis cut mid-load: no 5xx, limits keep working from memory, back to Red
       // only its ready check's command timeout ends it once the proxy forwards again: with
       // PATIENT's 10 s, each run waited 10 s for that. 3 s still gives a starved event loop room.
       const timeouts = mode === 'stall' ? { BFF_REDIS_COMMAND_TIMEOUT_MS: 3000 } : PATIENT
-      const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, ...timeouts }, { manifest: manifest(kernel.url), kernelUrl: kernel.url, rateLimit: { retryRedisMs: 50 } })
+      const app = await buildTestApp(t, { REDIS_URL: redisVia(proxy.port), ...timeouts }, { manifest: manifest(kernel.url), kernelUrl: kernel.url, rateLimit: { retryRedisMs: 50 } })
       t.equal(app.redis.up(), true)
       const headers = bearer({ tenant, user: 'u1' })
 
@@ -169,7 +169,7 @@ t.test('after a failed check, limits go back to Redis as soon as its connection 
   const tenant = 'rl-' + randomUUID()
   await redisClient(t, [opKey(tenant, 'u1', 'loose')])
   // A pause of ten minutes after a failed check: only the reconnection can end it within the test.
-  const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 100 }, { manifest: manifest(kernel.url), kernelUrl: kernel.url, rateLimit: { retryRedisMs: 600_000 } })
+  const app = await buildTestApp(t, { REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: 100 }, { manifest: manifest(kernel.url), kernelUrl: kernel.url, rateLimit: { retryRedisMs: 600_000 } })
   const headers = bearer({ tenant, user: 'u1' })
   const call = async (): Promise<number> => (await app.inject({ url: '/api/v1/loose', headers })).statusCode
   t.equal(await call(), 200)
@@ -195,7 +195,7 @@ t.test('a gateway configured for Redis that cannot reach it starts and limits fr
   const proxy = await startTcpProxy(t, REDIS_PORT)
   proxy.cut('reset')
   const lines: string[] = []
-  const app = await buildTestApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_RATE_LIMIT_STORE: 'redis', LOG_LEVEL: 'warn' }, {
+  const app = await buildTestApp(t, { REDIS_URL: redisVia(proxy.port), BFF_RATE_LIMIT_STORE: 'redis', LOG_LEVEL: 'warn' }, {
     manifest: manifest(kernel.url),
     kernelUrl: kernel.url,
     logger: undefined,

@@ -6,7 +6,7 @@ import t from 'tap'
 import Fastify from 'fastify'
 import redis from '../../../plugins/redis/index.js'
 import { until } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const target = new URL(REDIS_URL)
@@ -14,7 +14,7 @@ const target = new URL(REDIS_URL)
 t.test('a Redis that hangs holds the close for half a second at most, whatever the command timeout', async t => {
   const proxy = await startTcpProxy(t, Number(target.port || 6379), target.hostname)
   const app = Fastify()
-  await app.register(redis, { url: `redis://127.0.0.1:${proxy.port}${target.pathname}`, commandTimeoutMs: 5000, heartbeatMs: 60_000 })
+  await app.register(redis, { url: redisVia(proxy.port), commandTimeoutMs: 5000, heartbeatMs: 60_000 })
   await app.ready()
   await until(() => app.redis.up(), 'the shared connection ready')
   // The QUIT never reaches Redis, and so nothing comes back (a Redis that hangs).
@@ -29,7 +29,7 @@ t.test('a Redis that hangs holds the close for half a second at most, whatever t
 t.test('a Redis that answers gets its QUIT', async t => {
   const proxy = await startTcpProxy(t, Number(target.port || 6379), target.hostname)
   const app = Fastify()
-  await app.register(redis, { url: `redis://127.0.0.1:${proxy.port}${target.pathname}`, commandTimeoutMs: 5000, heartbeatMs: 60_000 })
+  await app.register(redis, { url: redisVia(proxy.port), commandTimeoutMs: 5000, heartbeatMs: 60_000 })
   await app.ready()
   await until(() => app.redis.up(), 'the shared connection ready')
   const sent: string[] = []

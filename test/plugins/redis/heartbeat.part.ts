@@ -3,7 +3,7 @@
 import t from 'tap'
 import type { Command } from 'ioredis'
 import { buildDemoApp, until } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 
@@ -23,7 +23,7 @@ async function redisUp (app: Awaited<ReturnType<typeof buildDemoApp>>): Promise<
 
 t.test('a Redis that stops answering on an open connection is found by the heartbeat, and the connection made anew', async t => {
   const proxy = await startTcpProxy(t, Number(new URL(REDIS_URL).port || 6379), new URL(REDIS_URL).hostname)
-  const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 200 })
+  const app = await buildDemoApp(t, { REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: 200 })
   t.equal(await readyWithin(app, 5000), 200, 'ready: Redis and the events subscriber connected')
   const connections = proxy.connections
   proxy.delay(600_000)
@@ -42,7 +42,7 @@ t.test('a Redis that stops answering on an open connection is found by the heart
 
 t.test('one PING missed (a Redis busy for a moment) keeps the connection: only two in a row drop it', async t => {
   const proxy = await startTcpProxy(t, Number(new URL(REDIS_URL).port || 6379), new URL(REDIS_URL).hostname)
-  const app = await buildDemoApp(t, { REDIS_URL: `redis://127.0.0.1:${proxy.port}`, BFF_REDIS_COMMAND_TIMEOUT_MS: 200 })
+  const app = await buildDemoApp(t, { REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: 200 })
   t.equal(await readyWithin(app, 5000), 200, 'ready')
   const client = app.redis.client
   const outcomes: string[] = []

@@ -7,7 +7,7 @@ import t from 'tap'
 import { type Command, Redis } from 'ioredis'
 import { watchPings } from '../../../plugins/redis/index.js'
 import { until } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const target = new URL(REDIS_URL)
@@ -57,7 +57,7 @@ t.test('PINGs answered in time but read after a pause of the process longer than
 
 t.test('a connection that hears nothing more is still dropped when the process pauses after each PING', async t => {
   const proxy = await startTcpProxy(t, Number(target.port || 6379), target.hostname)
-  const client = new Redis(`redis://127.0.0.1:${proxy.port}`, { commandTimeout: COMMAND_TIMEOUT_MS, connectionName: 'mantle-test-stall' })
+  const client = new Redis(redisVia(proxy.port), { commandTimeout: COMMAND_TIMEOUT_MS, connectionName: 'mantle-test-stall' })
   t.teardown(() => client.disconnect())
   await client.ping()
   const connections = proxy.connections
@@ -81,7 +81,7 @@ t.test('a connection whose answers all come later than the command timeout is dr
   // "something was read meanwhile" held for every PING, and a connection on which every command
   // waits out the timeout stayed up (the stores waited the timeout on each call, up() said so).
   const proxy = await startTcpProxy(t, Number(target.port || 6379), target.hostname)
-  const client = new Redis(`redis://127.0.0.1:${proxy.port}`, { commandTimeout: COMMAND_TIMEOUT_MS })
+  const client = new Redis(redisVia(proxy.port), { commandTimeout: COMMAND_TIMEOUT_MS })
   t.teardown(() => client.disconnect())
   client.on('error', () => {})
   await until(() => client.status === 'ready', 'the connection ready')

@@ -8,7 +8,7 @@ import Fastify from 'fastify'
 import { Redis } from 'ioredis'
 import redis from '../../../plugins/redis/index.js'
 import { until } from '../../helper.js'
-import { startTcpProxy } from '../../proxy.js'
+import { redisVia, startTcpProxy } from '../../proxy.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const target = new URL(REDIS_URL)
@@ -18,7 +18,7 @@ t.test('a command unanswered when the connection drops is not sent again once Re
   const app = Fastify()
   t.teardown(() => app.close())
   // REDIS_URL's database, as the direct client's below (through the proxy it was database 0).
-  await app.register(redis, { url: `redis://127.0.0.1:${proxy.port}${target.pathname}`, commandTimeoutMs: 200, heartbeatMs: 60_000 })
+  await app.register(redis, { url: redisVia(proxy.port), commandTimeoutMs: 200, heartbeatMs: 60_000 })
   await app.ready()
   await until(() => app.redis.up(), 'the shared connection ready')
   const direct = new Redis(REDIS_URL)
