@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import mercurius from 'mercurius'
-import { BREAK, Kind, NoSchemaIntrospectionCustomRule, getOperationAST, parse, validate, visit, type DocumentNode, type GraphQLResolveInfo, type SelectionSetNode } from 'graphql'
+import { BREAK, Kind, NoSchemaIntrospectionCustomRule, getOperationAST, parse, validate, visit, type DocumentNode, type OperationDefinitionNode, type GraphQLResolveInfo, type SelectionSetNode } from 'graphql'
 // graphql-js's own field collection (16.x; no exports map, so its module is importable as is).
 import { collectFields } from 'graphql/execution/collectFields.js'
 import { AnswerBudget, MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
@@ -438,11 +438,19 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   // Nor is a document whose literals the compiled form misreads (jitMisreads): a variable inside a
   // list or object literal, a text holding graphql-jit's markers (which ran as JavaScript), an
   // object key `__proto__`.
-  app.graphql.addHook('preExecution', async (_schema, document) => {
-    let operations = 0
+  // Nor is the request that names an operation the document does not define: the compiled form
+  // ran its one operation whatever the name (mercurius checks it only with the request's
+  // variables), so a request without any was refused on the text's first run and answered 200
+  // once it was compiled. graphql-js refuses it, on every run.
+  app.graphql.addHook('preExecution', async (_schema, document, context) => {
+    let operation: OperationDefinitionNode | undefined
     for (const definition of document.definitions) {
-      if (definition.kind === 'OperationDefinition' && ++operations > 1) return { document }
+      if (definition.kind !== Kind.OPERATION_DEFINITION) continue
+      if (operation !== undefined) return { document }
+      operation = definition
     }
+    const name = operationNameOf((context as unknown as RequestContext).reply?.request)
+    if (name !== undefined && name !== operation?.name?.value) return { document }
     if (jitMisreads(document) || fieldsOf(document) > JIT_MAX_FIELDS) return { document }
   })
   // The face's limits before graphql-js' validation (mercurius runs this hook on a document it has
@@ -518,6 +526,14 @@ function isJsonText (query: string): boolean {
 }
 
 const NO_SUCH_OPERATION = 'The document defines no operation of that `operationName`'
+
+/** The `operationName` an HTTP request names (checkRequest refused one that is not a string), or undefined. */
+function operationNameOf (request: FastifyRequest | undefined): string | undefined {
+  if (request === undefined) return undefined
+  const params = (request.method === 'POST' ? request.body : request.query) as { operationName?: unknown } | null | undefined
+  const name = params?.operationName
+  return typeof name === 'string' ? name : undefined
+}
 
 /**
  * Over GET, mercurius looks up the operation to run (to refuse a mutation) without checking that

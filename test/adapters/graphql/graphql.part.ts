@@ -516,6 +516,27 @@ t.test('an empty operationName names no operation: refused the same on every run
   }
 })
 
+t.test('an operationName the document does not define is refused on every run, once its text is compiled too', async t => {
+  // mercurius runs the compiled form of a text whatever operationName the request gives, and
+  // checks the name only with the request's variables: sent without any, a name the document
+  // does not define was refused on the text's first run, then answered 200 (its one operation
+  // run) once the text was compiled.
+  const app = await buildDemoApp(t, ONLY_GRAPHQL)
+  const gql = await listen(app)
+  for (const query of ['query A { getAgent(id: "a1") { id } }', '{ getAgent(id: "a2") { id } }']) {
+    for (let i = 0; i < 2; i++) {
+      const res = await gql({ query, ...(query.startsWith('query A') ? { operationName: 'A' } : {}) }, bearer())
+      t.equal(res.status, 200, `run ${i + 1} as sent: ${query}`)
+    }
+    for (let i = 0; i < 3; i++) {
+      const res = await gql({ query, operationName: 'Nope' }, bearer())
+      t.equal(res.status, 400, `run ${i + 1} naming Nope: ${query}`)
+      t.match(res.body, { errors: [{ message: 'Unknown operation named "Nope".', extensions: { code: 'VALIDATION_FAILED', status: 400 } }] })
+      t.notOk('data' in res.body)
+    }
+  }
+})
+
 t.test('a document whose values nest thousands deep is refused in the gateway\'s words', async t => {
   const app = await buildDemoApp(t, ONLY_GRAPHQL)
   const gql = await listen(app)
