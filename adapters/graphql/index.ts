@@ -22,6 +22,7 @@ import { withHook } from '../../route-hooks.js'
 import { Heartbeat } from '../heartbeat.js'
 import { countSlowReaderCuts, slowReaderCuts } from '../slow-reader.js'
 import { clientRequestId } from '../../ids.js'
+import { inheritedName } from '../../own-properties.js'
 
 export { manifestSdl } from './schema.js'
 
@@ -435,9 +436,9 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   // never compiles; one of a single operation keeps the JIT.
   // Nor is one of more than JIT_MAX_FIELDS fields: compiling it costs more than running it ever
   // saves a client that sends it twice (any caller, before any token is looked at).
-  // Nor is a document whose literals the compiled form misreads (jitMisreads): a variable inside a
-  // list or object literal, a text holding graphql-jit's markers (which ran as JavaScript), an
-  // object key `__proto__`.
+  // Nor is a document whose literals or variables the compiled form misreads (jitMisreads): a
+  // variable inside a list or object literal, a text holding graphql-jit's markers (which ran as
+  // JavaScript), an object key `__proto__`, a variable named as an Object.prototype member.
   // Nor is the request that names an operation the document does not define: the compiled form
   // ran its one operation whatever the name (mercurius checks it only with the request's
   // variables), so a request without any was refused on the text's first run and answered 200
@@ -629,7 +630,10 @@ const JIT_MARKER = '__MAGIC_'
  * - an object key `__proto__` (in a `JSON` argument or a variable's default): the source's
  *   `{"__proto__": …}` set the object's prototype, where graphql-js keeps an own key, which the
  *   pipeline refuses as on every face: compiled, the key was dropped, the Kernel got `{}`, and
- *   the pipeline's checks read its members as the object's (inherited ones).
+ *   the pipeline's checks read its members as the object's (inherited ones);
+ * - a variable named as a member of Object.prototype (`$constructor`, `$toString`): the compiled
+ *   form reads a variable from the request's without asking whether it is their own, and one
+ *   left out was the inherited function (a 400, "String cannot represent a non string value").
  */
 function jitMisreads (document: DocumentNode): boolean {
   let found = misread.get(document)
@@ -646,7 +650,8 @@ function jitMisreads (document: DocumentNode): boolean {
       Variable () { return depth === 0 ? undefined : stop() },
       StringValue (node) { return node.value.includes(JIT_MARKER) ? stop() : undefined },
       EnumValue (node) { return node.value.includes(JIT_MARKER) ? stop() : undefined },
-      ObjectField (node) { return node.name.value === '__proto__' || node.name.value.includes(JIT_MARKER) ? stop() : undefined }
+      ObjectField (node) { return node.name.value === '__proto__' || node.name.value.includes(JIT_MARKER) ? stop() : undefined },
+      VariableDefinition (node) { return inheritedName(node.variable.name.value) ? stop() : undefined }
     })
     misread.set(document, found)
   }

@@ -107,6 +107,30 @@ t.test('a __proto__ key in a JSON literal is refused on every request, as graphq
   t.equal(kernel.requests.length, 0, 'none reached the Kernel')
 })
 
+t.test('a variable named as an Object.prototype member may be left out on every request, once the text is compiled too', async t => {
+  // graphql-jit's compiled form reads each variable from the request's variables without asking
+  // whether it is their own: `$constructor` left out read the inherited function, and from the
+  // text's second request on a request graphql-js had answered was refused 400 ("String cannot
+  // represent a non string value: [function Object]"). Clients name variables after arguments.
+  const kernel = await startTestKernel(t, { 'POST /v1/ask': (req, res) => json(res, 200, JSON.parse(req.body)) })
+  const manifest = testManifest({ ask: { type: 'mutation', rest: 'POST /ask', kernel: 'POST /v1/ask', input: { type: 'object', additionalProperties: false, properties: { constructor: { type: 'string' }, text: { type: 'string' } } }, output: {} } })
+  const app = await buildApp(testConfig({ BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  const cases: Array<[string, Record<string, unknown> | undefined, unknown]> = [
+    ['mutation($constructor: String) { ask(constructor: $constructor, text: "a") }', undefined, { text: 'a' }],
+    ['mutation($constructor: String) { ask(constructor: $constructor, text: "b") }', {}, { text: 'b' }],
+    ['mutation($toString: String = "d") { ask(text: $toString) }', {}, { text: 'd' }],
+    ['mutation($valueOf: String) { ask(constructor: $valueOf) }', { valueOf: 'given' }, { constructor: 'given' }]
+  ]
+  for (const [query, variables, sent] of cases) {
+    for (let i = 0; i < 3; i++) {
+      const res = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query, variables } })
+      t.same(res.json(), { data: { ask: sent } }, `${query}, request ${i + 1}`)
+      t.same(JSON.parse(kernel.requests.at(-1)?.body ?? 'null'), sent, 'as the Kernel received it')
+    }
+  }
+})
+
 t.test('a null given to an input object\'s field is dropped when its schema does not accept null, at every level, as an argument\'s is', async t => {
   const kernel = await startTestKernel(t, { 'POST /v1/ask': (req, res) => json(res, 200, JSON.parse(req.body)) })
   const note = { type: 'object', additionalProperties: false, required: ['name'], properties: { name: { type: 'string' }, text: { type: 'string' }, maybe: { type: ['string', 'null'] } } }
