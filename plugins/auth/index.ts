@@ -58,7 +58,10 @@ function anonymousBodyFits (length: string | undefined): boolean {
   return Number(length) <= ANONYMOUS_BODY_BYTES
 }
 
-/** The methods Fastify reads no body for (handle-request.js): nothing to check before. */
+/**
+ * The methods Fastify reads no body for (handle-request.js): on a `required` route nothing to
+ * check before, its calls refuse the request themselves.
+ */
 const BODYLESS = new Set(['GET', 'HEAD', 'TRACE'])
 
 /**
@@ -71,11 +74,15 @@ const BODYLESS = new Set(['GET', 'HEAD', 'TRACE'])
  * verifier's cache for the route, and a refused one is refused for the rest of the request
  * without another check (after the rate-limit guard, which asks first). The refused body is left
  * unread: the connection ends after the answer, as after the root hook's refusals.
+ * A `presented` route's bodyless requests (GraphQL over GET and HEAD) are checked too: a refused
+ * token refused each field of the document alone, a 200 where the same document over POST was
+ * the 401 (with its WWW-Authenticate) a client renews its token on.
  */
 export function tokenFirst (identify: (authorization: string | undefined, request?: IncomingMessage) => Identity, keysFor: (refusal: unknown) => Promise<void> | null, mode: 'required' | 'presented'): preParsingHookHandler {
   const required = mode === 'required'
   return function tokenFirst (request, reply, payload, done) {
-    if (BODYLESS.has(request.method)) {
+    const bodyless = BODYLESS.has(request.method)
+    if (bodyless && required) {
       done(null, payload)
       return
     }
@@ -87,7 +94,7 @@ export function tokenFirst (identify: (authorization: string | undefined, reques
     if (authorization === undefined && !required) {
       // None sent (GraphQL): a document that calls no operation is small. Read whole, up to the
       // body limit, anyone could have the gateway parse a megabyte of JSON per request.
-      if (!anonymousBodyFits(request.headers['content-length'])) {
+      if (!bodyless && !anonymousBodyFits(request.headers['content-length'])) {
         refused(new MantleError('UNAUTHENTICATED', `A token is required for a body over ${ANONYMOUS_BODY_BYTES / 1024} KiB or of no announced length: without one, a document may call no operation`))
         return
       }
@@ -155,7 +162,7 @@ async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise
     const mode = route.config?.identity
     if (mode === undefined) return
     const methods = Array.isArray(route.method) ? route.method : [route.method]
-    if (methods.every(method => BODYLESS.has(method))) return
+    if (mode === 'required' && methods.every(method => BODYLESS.has(method))) return
     route.preParsing = withHook(route.preParsing, hooks[mode], true)
   })
 

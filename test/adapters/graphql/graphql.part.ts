@@ -162,6 +162,31 @@ t.test('identity: a missing token fails every field with UNAUTHENTICATED; a forg
   }
 })
 
+t.test('identity over GET and HEAD: a forged or wrong-scheme token refuses the request 401, as over POST', async t => {
+  // Over GET the token was looked at by each field's call only: a refused one answered 200 with
+  // every field's UNAUTHENTICATED (and a document of `__typename` alone ran), where the same
+  // document over POST was a 401 with its WWW-Authenticate. A client that renews its token on a
+  // 401 (Apollo's GET for queries) never did.
+  const { app } = await demo(t)
+  const forged = `Bearer ${token({ secret: 'another-secret-of-sufficient-length-000000' })}`
+  for (const [what, authorization, challenge] of [['forged', forged, 'invalid_token'], ['basic', 'Basic dXNlcjpwYXNz', 'invalid_request']] as const) {
+    for (const query of ['{ listAgents { id } getAgent(id: "a1") { id } }', '{ __typename }']) {
+      const url = `/graphql?query=${encodeURIComponent(query)}`
+      const get = await app.inject({ method: 'GET', url, headers: { authorization } })
+      t.equal(get.statusCode, 401, `GET ${what}: ${query}`)
+      t.notOk('data' in get.json(), 'no field ran')
+      t.match(get.json().errors, [{ extensions: { code: 'UNAUTHENTICATED', status: 401 } }])
+      t.match(get.headers['www-authenticate'], challenge)
+      t.equal((await app.inject({ method: 'HEAD', url, headers: { authorization } })).statusCode, 401, `HEAD ${what}`)
+    }
+  }
+  // None sent: each field says so, in a 200, as over POST.
+  const none = await app.inject({ method: 'GET', url: `/graphql?query=${encodeURIComponent('{ getAgent(id: "a1") { id } __typename }')}` })
+  t.equal(none.statusCode, 200)
+  t.match(none.json(), { data: { getAgent: null, __typename: 'Query' }, errors: [{ extensions: { code: 'UNAUTHENTICATED' } }] })
+  t.same((await app.inject({ method: 'GET', url: `/graphql?query=${encodeURIComponent('{ getAgent(id: "a1") { id } }')}`, headers: bearer() })).json(), { data: { getAgent: { id: 'a1' } } }, 'a valid token')
+})
+
 t.test('with identity off, calls are the public tenant\'s', async t => {
   const { gql } = await demo(t, { BFF_AUTH_ENABLED: false })
   const res = await gql({ query: '{ headers: kernelHeaders }' }, {})
