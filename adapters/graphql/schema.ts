@@ -22,7 +22,7 @@ import { inheritedName } from '../../own-properties.js'
  *     (a map: `additionalProperties` a schema, `patternProperties`, or no
  *     `additionalProperties: false`), the field takes a single `input: JSON` argument instead.
  *     An argument given as `null` is dropped when its schema does not accept null (GraphQL
- *     clients send null for "unset"), and so is an input object's field, at every level; every
+ *     clients send null for "unset"; `{}` accepts it), and so is an input object's field, at every level; every
  *     argument is then validated by the pipeline as REST.
  *  3. Named types. A `schemas` entry that is an object becomes an object type of the same name
  *     for outputs and an input type `<Name>Input` for inputs; a string enum keeps its name for
@@ -107,6 +107,18 @@ function splitNull (schema: JsonSchema): { schema: JsonSchema, nullable: boolean
   }
   if (s.nullable === true) nullable = true
   return { schema: s, nullable }
+}
+
+/** Keywords that may keep null out of a schema's values: a schema with none of them (`{}`) admits null as any value. */
+const TYPE_KEYWORDS = ['type', 'enum', 'const', '$ref', 'not', 'allOf', 'anyOf', 'oneOf', 'if']
+
+/**
+ * Whether a null given for `schema` is kept (rule 2): the schema accepts null (rule 5), or says
+ * nothing of its values' type. Dropped, `meta: null` for a `meta: {}` (clear it, in a PATCH)
+ * reached the Kernel as no `meta` at all, where REST sent it null.
+ */
+function keepsNull (schema: JsonSchema): boolean {
+  return splitNull(schema).nullable || TYPE_KEYWORDS.every(k => schema[k] === undefined)
 }
 
 function fitsInt32 (s: JsonSchema): boolean {
@@ -256,7 +268,7 @@ class TypeFactory {
           description: describe(schema),
           fields: () => this.inputFields(kind.properties, kind.required, base)
         })
-        NULL_DROPPED.set(type, new Set(Object.keys(kind.properties).filter(p => !splitNull(this.resolve(kind.properties[p])).nullable)))
+        NULL_DROPPED.set(type, new Set(Object.keys(kind.properties).filter(p => !keepsNull(this.resolve(kind.properties[p])))))
         if (key !== null) this.inputs.set(key, type)
         return type
       }
@@ -344,7 +356,7 @@ function withoutNulls (value: unknown, type: GraphQLInputType): unknown {
 function inputMapper (op: Operation, whole: boolean, args: GraphQLFieldConfigArgumentMap): (args: Record<string, unknown>) => Record<string, unknown> {
   if (whole) return (args) => (args.input ?? {}) as Record<string, unknown>
   const properties = (op.input.properties ?? {}) as Record<string, JsonSchema>
-  const dropNull = Object.keys(properties).filter(p => !splitNull(properties[p]).nullable)
+  const dropNull = Object.keys(properties).filter(p => !keepsNull(properties[p]))
   // Arguments that hold input objects, whose fields' nulls are dropped as the arguments' are.
   const nested = Object.entries(args).filter(([, arg]) => holdsInputObject(arg.type))
   if (dropNull.length === 0 && nested.length === 0) return (args) => args

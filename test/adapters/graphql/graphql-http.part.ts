@@ -154,6 +154,29 @@ t.test('a null given to an input object\'s field is dropped when its schema does
   t.equal(required.statusCode, 400)
 })
 
+t.test('a null given where the schema says nothing of the type (`{}`) is kept, as REST keeps it', async t => {
+  // Such a schema accepts null, so the rule that drops a null (GraphQL's "unset") where the schema
+  // does not accept it does not apply: `meta: null` (clear it, in a PATCH) reached the Kernel as
+  // no `meta` at all over GraphQL, and as `null` over REST.
+  const kernel = await startTestKernel(t, { 'POST /v1/ask': (req, res) => json(res, 200, JSON.parse(req.body)) })
+  const input = { type: 'object', additionalProperties: false, properties: { meta: {}, text: { type: 'string' }, x: { type: 'object', additionalProperties: false, properties: { meta: { description: 'anything' }, text: { type: 'string' } } } } }
+  const manifest = testManifest({ ask: { type: 'mutation', rest: 'POST /ask', kernel: 'POST /v1/ask', input, output: {} } })
+  const app = await buildApp(testConfig({ BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  const expected = { meta: null, x: { meta: null } }
+  const rest = await app.inject({ method: 'POST', url: '/api/v1/ask', headers: bearer(), payload: { meta: null, text: null, x: { meta: null, text: null } } })
+  t.equal(rest.statusCode, 400, 'REST refuses a null text')
+  t.equal((await app.inject({ method: 'POST', url: '/api/v1/ask', headers: bearer(), payload: expected })).statusCode, 200)
+  t.same(JSON.parse(kernel.requests.at(-1)?.body ?? 'null'), expected, 'REST sends the nulls on')
+  for (const [query, variables] of [['mutation { ask(meta: null, text: null, x: {meta: null, text: null}) }', undefined], ['mutation($m: JSON, $x: AskXInput) { ask(meta: $m, x: $x) }', { m: null, x: { meta: null, text: null } }]] as const) {
+    for (let i = 0; i < 3; i++) {
+      const res = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query, variables } })
+      t.same(res.json(), { data: { ask: expected } }, `${variables === undefined ? 'literal' : 'variables'}, request ${i + 1}`)
+      t.same(JSON.parse(kernel.requests.at(-1)?.body ?? 'null'), expected, 'as the Kernel received it')
+    }
+  }
+})
+
 t.test('at shutdown, the mutations of a document not begun yet are refused (through the pipeline) and never reach the Kernel', async t => {
   // A document's mutations run one after the other: three slow ones outlived the grace, and the
   // process was killed with the last carried out by the Kernel, neither answered nor audited.
