@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyRequest, FastifyReply } from 'fastify'
 import mercurius from 'mercurius'
-import { BREAK, Kind, NoSchemaIntrospectionCustomRule, getOperationAST, parse, validate, visit, type DocumentNode, type OperationDefinitionNode, type GraphQLResolveInfo, type SelectionSetNode } from 'graphql'
+import { BREAK, Kind, NoSchemaIntrospectionCustomRule, getOperationAST, isInputType, parse, typeFromAST, validate, visit, type DocumentNode, type GraphQLInputObjectType, type GraphQLSchema, type OperationDefinitionNode, type GraphQLResolveInfo, type SelectionSetNode } from 'graphql'
 // graphql-js's own field collection (16.x; no exports map, so its module is importable as is).
 import { collectFields } from 'graphql/execution/collectFields.js'
 import { AnswerBudget, MAX_ANSWER_CHARS, runCall, type FaceOptions } from '../face.js'
@@ -9,7 +9,7 @@ import { checkedUtf8 } from '../../json-body.js'
 import { ConnectionSlots, UNIDENTIFIED_DEFAULTS, reportSlots } from '../connection-slots.js'
 import { defaultUnreadBytes, type UnreadBytes } from '../unread.js'
 import { callKey, idempotencyKeyOf, single } from '../rest/index.js'
-import { buildSchema } from './schema.js'
+import { buildSchema, inputsNamingInherited, withOwnFields } from './schema.js'
 import { jsonLength, limitRules, noSubscriptionOverHttp, MAX_FIELDS } from './limits.js'
 import { errorFormatterOf, fieldError } from './errors.js'
 import { createSubscriptions } from './subscriptions.js'
@@ -22,7 +22,7 @@ import { withHook } from '../../route-hooks.js'
 import { Heartbeat } from '../heartbeat.js'
 import { countSlowReaderCuts, slowReaderCuts } from '../slow-reader.js'
 import { clientRequestId } from '../../ids.js'
-import { inheritedName } from '../../own-properties.js'
+import { MAY_HOLD_FORBIDDEN_KEY, forbiddenKey, inheritedName } from '../../own-properties.js'
 
 export { manifestSdl } from './schema.js'
 
@@ -82,6 +82,8 @@ interface RequestContext {
   answer: AnswerBudget
   /** The request id of each root field's call that answered, by response key (its audit entry waits for the bound). */
   answered?: Map<string, string>
+  /** The request's variables, taken out of it when the schema's input objects name inherited members (takeVariables). */
+  variables?: Record<string, unknown>
 }
 
 export interface GraphqlFaceSettings {
@@ -297,6 +299,13 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     subscribe: subscriptions.subscribe
   })
 
+  // Input object types with a field named as an Object.prototype member, which graphql-js and
+  // graphql-jit read from a variable's object inherited when it is left out (withOwnFields): a
+  // request's variables are then taken from it before mercurius checks them, and handed back,
+  // such objects copied with their own fields only, by the preExecution hook below. Most
+  // manifests have none, and their requests pay nothing.
+  const inherited = inputsNamingInherited(schema)
+
   // A WebSocket upgrade beyond the instance's bound is refused at once (503), and so is one with
   // credentials when they are bad (a 401), or whose tenant holds its share of the connections
   // (503); without any, connection_init may still bring them (the share is then checked there).
@@ -377,6 +386,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         inputChars: 0
       }
       if (first) contexts?.set(request, ctx)
+      if (inherited.size > 0) ctx.variables = takeVariables(request)
       return ctx
     },
     subscription: app.pipeline.manifest.events.length === 0
@@ -443,16 +453,24 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   // ran its one operation whatever the name (mercurius checks it only with the request's
   // variables), so a request without any was refused on the text's first run and answered 200
   // once it was compiled. graphql-js refuses it, on every run.
-  app.graphql.addHook('preExecution', async (_schema, document, context) => {
+  const compilable = (document: DocumentNode, name: string | undefined): boolean => {
     let operation: OperationDefinitionNode | undefined
     for (const definition of document.definitions) {
       if (definition.kind !== Kind.OPERATION_DEFINITION) continue
-      if (operation !== undefined) return { document }
+      if (operation !== undefined) return false
       operation = definition
     }
-    const name = operationNameOf((context as unknown as RequestContext).reply?.request)
-    if (name !== undefined && name !== operation?.name?.value) return { document }
-    if (jitMisreads(document) || fieldsOf(document) > JIT_MAX_FIELDS) return { document }
+    if (name !== undefined && name !== operation?.name?.value) return false
+    return !jitMisreads(document) && fieldsOf(document) <= JIT_MAX_FIELDS
+  }
+  // The variables taken from the request (takeVariables) are handed back here, their input
+  // objects read as their own fields.
+  app.graphql.addHook('preExecution', async (schema, document, context) => {
+    const ctx = context as unknown as RequestContext
+    const name = operationNameOf(ctx.reply?.request)
+    const variables = ctx.variables === undefined ? undefined : ownFieldsOf(schema, document, name, ctx.variables, inherited)
+    if (!compilable(document, name)) return { document, variables }
+    if (variables !== undefined) return { variables }
   })
   // The face's limits before graphql-js' validation (mercurius runs this hook on a document it has
   // not cached, right before): a document they refuse is answered with their errors alone, and
@@ -527,6 +545,41 @@ function isJsonText (query: string): boolean {
 }
 
 const NO_SUCH_OPERATION = 'The document defines no operation of that `operationName`'
+
+/**
+ * The variables of an HTTP request, taken out of it: mercurius checks them with graphql-js before
+ * the preExecution hook runs, and graphql-js reads an input object's fields inherited members
+ * included. POST's object; GET's JSON text parsed, unless it is not JSON or holds a key
+ * secure-json-parse (mercurius' parser) refuses, which is left for mercurius to refuse.
+ */
+function takeVariables (request: FastifyRequest): Record<string, unknown> | undefined {
+  const params = (request.method === 'POST' ? request.body : request.query) as { variables?: unknown }
+  let value = params.variables
+  if (typeof value === 'string' && request.method !== 'POST') {
+    try {
+      value = JSON.parse(value)
+    } catch {
+      return undefined
+    }
+    if (MAY_HOLD_FORBIDDEN_KEY.test(params.variables as string) && value !== null && typeof value === 'object' && forbiddenKey(value)) return undefined
+  }
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) return undefined
+  params.variables = undefined
+  return value as Record<string, unknown>
+}
+
+/** `variables` with the input objects of `types` each holds copied with their own fields only (withOwnFields), by the named operation's definitions. */
+function ownFieldsOf (schema: GraphQLSchema, document: DocumentNode, name: string | undefined, variables: Record<string, unknown>, types: ReadonlySet<GraphQLInputObjectType>): Record<string, unknown> {
+  const operation = getOperationAST(document, name)
+  if (operation == null) return variables
+  const out = { ...variables }
+  for (const definition of operation.variableDefinitions ?? []) {
+    const variable = definition.variable.name.value
+    const type = typeFromAST(schema, definition.type)
+    if (Object.hasOwn(variables, variable) && type !== undefined && isInputType(type)) out[variable] = withOwnFields(variables[variable], type, types)
+  }
+  return out
+}
 
 /** The `operationName` an HTTP request names (checkRequest refused one that is not a string), or undefined. */
 function operationNameOf (request: FastifyRequest | undefined): string | undefined {

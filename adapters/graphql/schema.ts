@@ -1,6 +1,6 @@
 import {
   GraphQLSchema, GraphQLObjectType, GraphQLInputObjectType, GraphQLEnumType, GraphQLScalarType, GraphQLList, GraphQLNonNull,
-  GraphQLString, GraphQLInt, GraphQLFloat, GraphQLBoolean, valueFromASTUntyped, printSchema, isInputObjectType, isListType, isNonNullType,
+  GraphQLString, GraphQLInt, GraphQLFloat, GraphQLBoolean, valueFromASTUntyped, printSchema, isInputObjectType, isListType, isNonNullType, getNamedType,
   type GraphQLOutputType, type GraphQLInputType, type GraphQLFieldConfigMap, type GraphQLFieldConfigArgumentMap,
   type GraphQLInputFieldConfigMap, type GraphQLFieldResolver
 } from 'graphql'
@@ -350,6 +350,47 @@ function withoutNulls (value: unknown, type: GraphQLInputType): unknown {
     else out[name] = w
   }
   return out
+}
+
+/**
+ * The input object types of `schema` that hold, at any depth, a field named as a member of
+ * Object.prototype (`constructor`, `toString`, `valueOf`): none for most manifests.
+ */
+export function inputsNamingInherited (schema: GraphQLSchema): ReadonlySet<GraphQLInputObjectType> {
+  const inputs = Object.values(schema.getTypeMap()).filter(isInputObjectType)
+  const found = new Set<GraphQLInputObjectType>()
+  // Until no type is added: a type holds one when one of its fields is so named, or holds one.
+  for (let grew = true; grew;) {
+    grew = false
+    for (const type of inputs) {
+      if (found.has(type)) continue
+      if (Object.values(type.getFields()).some(f => inheritedName(f.name) || found.has(getNamedType(f.type) as GraphQLInputObjectType))) {
+        found.add(type)
+        grew = true
+      }
+    }
+  }
+  return found
+}
+
+/**
+ * `value` of `type` with each input object of one of `types` copied without a prototype, its own
+ * fields only (lists followed; nothing else is touched). graphql-js and graphql-jit read an input
+ * object's fields by name, the inherited ones included: a field `valueOf` left out of a variable
+ * was the inherited function, and the request was refused 400 ("Float cannot represent non
+ * numeric value: [function valueOf]"). Their coercion makes a new object of what it reads.
+ */
+export function withOwnFields (value: unknown, type: GraphQLInputType, types: ReadonlySet<GraphQLInputObjectType>): unknown {
+  const t = isNonNullType(type) ? type.ofType : type
+  if (isListType(t)) {
+    const item = t.ofType as GraphQLInputType
+    return Array.isArray(value) ? value.map(v => withOwnFields(v, item, types)) : withOwnFields(value, item, types)
+  }
+  if (!isInputObjectType(t) || !types.has(t) || value === null || typeof value !== 'object' || Array.isArray(value)) return value
+  const fields = t.getFields()
+  const copy = Object.create(null) as Record<string, unknown>
+  for (const [name, v] of Object.entries(value)) copy[name] = Object.hasOwn(fields, name) ? withOwnFields(v, fields[name].type, types) : v
+  return copy
 }
 
 /** Turns a field's arguments into the op's input (rule 2), built once per op. */

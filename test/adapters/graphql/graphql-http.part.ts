@@ -131,6 +131,40 @@ t.test('a variable named as an Object.prototype member may be left out on every 
   }
 })
 
+t.test('an input object\'s field named as an Object.prototype member may be left out of a variable, over POST and GET, on every request', async t => {
+  // graphql-js (and graphql-jit's compiled form) read an input object's fields by name, inherited
+  // ones included: a variable's object without its `valueOf` or `toString` field was refused 400
+  // on every request ("Float cannot represent non numeric value: [function valueOf]"), where the
+  // same object written in the document, or sent to REST, was served.
+  const kernel = await startTestKernel(t, { 'POST /v1/ask': (req, res) => json(res, 200, JSON.parse(req.body)) })
+  const note = { type: 'object', additionalProperties: false, properties: { text: { type: 'string' }, valueOf: { type: 'integer' }, inner: { type: 'array', items: { type: 'object', additionalProperties: false, properties: { toString: { type: 'string' }, x: { type: 'string' } } } } } }
+  const input = { type: 'object', additionalProperties: false, properties: { note } }
+  const manifest = testManifest({
+    ask: { type: 'mutation', rest: 'POST /ask', kernel: 'POST /v1/ask', input, output: {} },
+    look: { type: 'query', rest: 'POST /look', kernel: 'POST /v1/ask', input, output: {} }
+  })
+  const app = await buildApp(testConfig({ BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false, BFF_CACHE_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  const sent = { note: { text: 'a', inner: [{ x: 'b' }] } }
+  for (const [method, query] of [['POST', 'mutation($n: AskNoteInput) { ask(note: $n) }'], ['POST', 'query($n: LookNoteInput!) { look(note: $n) }'], ['GET', 'query Q($n: LookNoteInput) { look(note: $n) }']] as const) {
+    for (let i = 0; i < 3; i++) {
+      const res = method === 'POST'
+        ? await app.inject({ method, url: '/graphql', headers: bearer(), payload: { query, variables: { n: sent.note } } })
+        : await app.inject({ method, url: `/graphql?query=${encodeURIComponent(query)}&operationName=Q&variables=${encodeURIComponent(JSON.stringify({ n: sent.note }))}`, headers: bearer() })
+      t.same(res.json(), { data: { [query.includes('ask') ? 'ask' : 'look']: sent } }, `${method} ${query}, request ${i + 1}`)
+      t.same(JSON.parse(kernel.requests.at(-1)?.body ?? 'null'), sent, 'as the Kernel received it')
+    }
+  }
+  // Given, they are read; a field the type does not define is still refused.
+  const given = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: 'mutation($n: AskNoteInput) { ask(note: $n) }', variables: { n: { valueOf: 3, inner: { toString: 's' } } } } })
+  t.same(given.json(), { data: { ask: { note: { valueOf: 3, inner: [{ toString: 's' }] } } } })
+  const unknown = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: 'mutation($n: AskNoteInput) { ask(note: $n) }', variables: { n: { nope: 1 } } } })
+  t.equal(unknown.statusCode, 400)
+  t.match(unknown.json(), { errors: [{ message: /"nope" is not defined by type "?AskNoteInput/, extensions: { code: 'VALIDATION_FAILED' } }] })
+  const wrong = await app.inject({ method: 'POST', url: '/graphql', headers: bearer(), payload: { query: 'mutation($n: AskNoteInput) { ask(note: $n) }', variables: { n: { valueOf: 'x' } } } })
+  t.equal(wrong.statusCode, 400, 'a wrong type is refused')
+})
+
 t.test('a null given to an input object\'s field is dropped when its schema does not accept null, at every level, as an argument\'s is', async t => {
   const kernel = await startTestKernel(t, { 'POST /v1/ask': (req, res) => json(res, 200, JSON.parse(req.body)) })
   const note = { type: 'object', additionalProperties: false, required: ['name'], properties: { name: { type: 'string' }, text: { type: 'string' }, maybe: { type: ['string', 'null'] } } }
