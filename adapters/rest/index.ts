@@ -380,8 +380,11 @@ function addVary (reply: FastifyReply, value: string): void {
 const WHOLE_INPUT_RULES = new Set(['allOf', 'anyOf', 'oneOf', 'not', 'if', 'then', 'else', 'dependencies', 'dependentRequired', 'dependentSchemas', 'minProperties', 'maxProperties', 'propertyNames'])
 
 function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns): FastifySchema {
-  const props = (op.input.properties ?? {}) as Record<string, JsonSchema>
-  const required = Array.isArray(op.input.required) ? op.input.required as string[] : []
+  // A query string's fields include those the input is composed of (queryFields): the body's
+  // document keeps the composition itself.
+  const { properties: props, required } = op.inputInBody
+    ? { properties: (op.input.properties ?? {}) as Record<string, JsonSchema>, required: Array.isArray(op.input.required) ? op.input.required as string[] : [] }
+    : queryFields(op.input)
   const pick = (keep: (k: string) => boolean): Record<string, JsonSchema> =>
     Object.fromEntries(Object.entries(props).filter(([k]) => keep(k)))
   const isPath = (k: string): boolean => op.pathParams.includes(k)
@@ -423,6 +426,37 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   if (op.inputInBody) schema.body = rest
   else if (Object.keys(rest.properties as object).length > 0) schema.querystring = rest
   return schema as FastifySchema
+}
+
+/** The keywords that compose an input of other schemas, whose fields are the input's too. */
+const COMPOSITIONS = ['allOf', 'anyOf', 'oneOf'] as const
+
+/**
+ * The fields a query string may carry for an input, and those it must: the input's `properties`
+ * and `required`, and those of the schemas it is composed of (`allOf`, `anyOf`, `oneOf`, at any
+ * depth; only an `allOf`'s `required` always applies). A field declared more than once is read
+ * by its first declaration, the input's own first. Only the input's own `properties` were read:
+ * a field an input takes from a shared schema (`allOf: [{ $ref: "#/schemas/Paging" }]`) was
+ * never coerced, so `?limit=5` was refused (`input.limit must be integer`) where tRPC took
+ * `{"limit":5}`, and the document had no parameter for it.
+ */
+function queryFields (input: JsonSchema): { properties: Record<string, JsonSchema>, required: string[] } {
+  const properties = new Map<string, JsonSchema>()
+  const required = new Set<string>()
+  const visit = (schema: unknown, always: boolean): void => {
+    if (schema === null || typeof schema !== 'object' || Array.isArray(schema)) return
+    const s = schema as JsonSchema
+    if (s.properties !== null && typeof s.properties === 'object') {
+      for (const [key, field] of Object.entries(s.properties as Record<string, JsonSchema>)) if (!properties.has(key)) properties.set(key, field)
+    }
+    if (always && Array.isArray(s.required)) for (const key of s.required as unknown[]) if (typeof key === 'string') required.add(key)
+    for (const keyword of COMPOSITIONS) {
+      const members = s[keyword]
+      if (Array.isArray(members)) for (const member of members) visit(member, always && keyword === 'allOf')
+    }
+  }
+  visit(input, true)
+  return { properties: Object.fromEntries(properties), required: [...required] }
 }
 
 /**
