@@ -234,7 +234,10 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
     return ajv.compile(loose)
   })
   const passthrough = (): true => true
-  const validatorCompiler = ({ schema, httpPart }: { schema: FastifySchema, httpPart?: string }) => {
+  // `input`: the operation's, whose fields not named (patternProperties, an additionalProperties
+  // schema) a query string may carry too; the route's own query schema leaves them out (they are
+  // not parameters the document can name).
+  const validatorCompiler = (input: JsonSchema) => ({ schema, httpPart }: { schema: FastifySchema, httpPart?: string }) => {
     if (httpPart === 'body' || httpPart === 'headers') return passthrough
     // Only the fields are coerced (the other rules of the input are the pipeline's to check).
     // Without their patterns: this Ajv reads every keyword of a field (allErrors), and ran a
@@ -242,22 +245,28 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
     // first. The manifest lets a pattern that backtracks through only when maxLength bounds it
     // (manifest-patterns.ts): `^(a|a)*$` with maxLength 20 held the event loop 0.8 s for 26
     // characters of a query string, doubling with each more.
-    const loose = withoutKeyword({ type: 'object', properties: (schema as JsonSchema).properties ?? {} }, 'pattern') as JsonSchema
+    const unnamed = httpPart === 'querystring' ? unnamedFields(input) : null
+    const loose = withoutKeyword({ type: 'object', properties: (schema as JsonSchema).properties ?? {}, ...unnamed }, 'pattern') as JsonSchema
     // Optimization: string-only parts (most path params) need no coercion at all.
     const props = Object.values((loose.properties ?? {}) as Record<string, JsonSchema>)
-    if (props.every(p => p.type === 'string')) return passthrough
+    if (unnamed === null && props.every(p => p.type === 'string')) return passthrough
     const coerce = coercer(loose)
     const numeric = numericFields(loose.properties as Record<string, JsonSchema>)
     const literals = literalFields(loose.properties as Record<string, JsonSchema>)
-    if (numeric.length === 0 && literals === null) return (data: unknown) => { coerce(data); return true }
+    const others = unnamed === null ? null : schemasOfUnnamed(loose)
+    if (numeric.length === 0 && literals === null && others === null) return (data: unknown) => { coerce(data); return true }
     return (data: unknown) => {
+      // A field not named is read by the rules of the schemas that take it, as a named one is.
+      const extra = others === null ? null : others(data as Record<string, unknown>)
+      const numericNow = extra === null ? numeric : [...numeric, ...numericFields(extra)]
+      const literalsNow = extra === null ? literals : [...(literals ?? []), ...(literalFields(extra) ?? [])]
       // Ajv turns any text Number() reads into a number (`0x10`, ` 16 `, `+5`, `0b11`) and ""
       // into null, where the other faces refuse them: such a value is left as text, and the
       // pipeline's validation refuses it as it does on every face.
-      const held = numeric.length === 0 ? null : holdLooseNumbers(data as Record<string, unknown>, numeric)
+      const held = numericNow.length === 0 ? null : holdLooseNumbers(data as Record<string, unknown>, numericNow)
       coerce(data)
       if (held !== null) restoreLooseNumbers(data as Record<string, unknown>, held)
-      if (literals !== null) readLiterals(data as Record<string, unknown>, literals)
+      if (literalsNow !== null && literalsNow.length > 0) readLiterals(data as Record<string, unknown>, literalsNow)
       return true
     }
   }
@@ -269,7 +278,7 @@ export default async function restAdapter (app: FastifyInstance, opts: RestAdapt
       url: op.path,
       schema: routeSchema(op, opts.secured, concerns),
       config: { inputInPath: op.pathParams.length > 0, op: op.name, identity: 'required' },
-      validatorCompiler,
+      validatorCompiler: validatorCompiler(op.input),
       handler: handlerFor(app, op)
     })
   }
@@ -424,7 +433,8 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   if (secured) schema.security = [{ bearerAuth: [] }]
   if (op.pathParams.length > 0) schema.params = { type: 'object', properties: Object.fromEntries(Object.entries(pick(isPath)).map(([k, p]) => [k, boundedPathParam(p)])), required: [...op.pathParams] }
   if (op.inputInBody) schema.body = rest
-  else if (Object.keys(rest.properties as object).length > 0) schema.querystring = rest
+  // With no field named, one the input does not name is still coerced (the route's validatorCompiler).
+  else if (Object.keys(rest.properties as object).length > 0 || unnamedFields(op.input) !== null) schema.querystring = rest
   return schema as FastifySchema
 }
 
@@ -471,6 +481,43 @@ function boundedPathParam (schema: JsonSchema): JsonSchema {
   if (schema.type !== undefined && !types.includes('string')) return schema
   if (typeof schema.maxLength === 'number' && schema.maxLength <= MAX_PATH_PARAM_LENGTH) return schema
   return { ...schema, maxLength: MAX_PATH_PARAM_LENGTH }
+}
+
+/**
+ * The schemas an input gives the fields it does not name (`patternProperties`, an
+ * `additionalProperties` schema), or null for none. A query string carries such fields too, and
+ * they were never coerced: `?f_a=5` for `patternProperties: { "^f_": { type: integer } }` was
+ * refused (`input.f_a must be integer`) where tRPC took {"f_a":5}.
+ */
+function unnamedFields (input: JsonSchema): JsonSchema | null {
+  const { patternProperties, additionalProperties } = input
+  const patterns = patternProperties !== null && typeof patternProperties === 'object' && Object.keys(patternProperties).length > 0 ? patternProperties : undefined
+  const rest = additionalProperties !== null && typeof additionalProperties === 'object' ? additionalProperties : undefined
+  if (patterns === undefined && rest === undefined) return null
+  return { ...(patterns === undefined ? {} : { patternProperties: patterns }), ...(rest === undefined ? {} : { additionalProperties: rest }) }
+}
+
+/**
+ * For a query of `loose` (a schema of unnamedFields), the fields of the data it does not name,
+ * each with the schema whose rules read its text (numbers and literals): the first pattern that
+ * matches its key, else the additionalProperties schema (Ajv's coercion applies each that
+ * matches). Null when there are none.
+ */
+function schemasOfUnnamed (loose: JsonSchema): (data: Record<string, unknown> | null) => Record<string, JsonSchema> | null {
+  const named = new Set(Object.keys((loose.properties ?? {}) as object))
+  // As Ajv reads a pattern (the `u` flag).
+  const patterns = Object.entries((loose.patternProperties ?? {}) as Record<string, JsonSchema>).map(([source, field]) => [new RegExp(source, 'u'), field] as const)
+  const rest = loose.additionalProperties as JsonSchema | undefined
+  return (data) => {
+    if (data === null || typeof data !== 'object') return null
+    let fields: Map<string, JsonSchema> | null = null
+    for (const key of Object.keys(data)) {
+      if (named.has(key)) continue
+      const field = patterns.find(([pattern]) => pattern.test(key))?.[1] ?? rest
+      if (field !== undefined) (fields ??= new Map()).set(key, field)
+    }
+    return fields === null ? null : Object.fromEntries(fields)
+  }
 }
 
 /** A number as JSON writes it: what a query string or path may carry for a numeric field. */
