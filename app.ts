@@ -11,7 +11,7 @@ import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { ProblemSchema } from './schemas/manifest.js'
 import { SETTLE_MS, loadManifestFile, type Manifest } from './manifest.js'
-import { toProblem, logLevelOf, detailForLog, MantleError, type ErrorCode } from './errors.js'
+import { toProblem, logLevelOf, detailForLog, MantleError, BodyRefused, type ErrorCode } from './errors.js'
 import { jsonText } from './json-body.js'
 import pipeline, { PROTOCOLS, type Protocol } from './plugins/pipeline/index.js'
 import { compiledSchemas, COMPILED_SCHEMAS, COMPILED_SCHEMA_TEXT } from './compiled.js'
@@ -534,6 +534,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     if (typeof text !== 'string') done(text, undefined)
     else if (text === '') done(null, undefined)
     else parseJson(request, text, done)
+  })
+  // So is a body of no bytes under any other type (Content-Length: 0): it has no media type to be
+  // wrong. `curl -d ''` labels it application/x-www-form-urlencoded, fetch's `body: ''`
+  // text/plain, and a mutation without input was refused 415. Any other body is refused as
+  // Fastify refused it, unread.
+  app.addContentTypeParser('*', (request, _payload, done) => {
+    if (request.headers['content-length'] === '0' && request.headers['transfer-encoding'] === undefined) done(null, undefined)
+    else done(new BodyRefused('UNSUPPORTED_MEDIA_TYPE', 'The request body must be application/json'), undefined)
   })
   app.setErrorHandler(errorHandler)
   // Fastify serves HEAD with each GET route's handler (exposeHeadRoutes) and its HEAD onSend

@@ -117,6 +117,12 @@ t.test('ugly bodies: malformed JSON, not an object, wrong media type, oversized'
   const text = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: { ...bearer(), 'content-type': 'text/plain' }, payload: 'hello' })
   t.equal(text.statusCode, 415)
   t.match(text.json(), { code: 'UNSUPPORTED_MEDIA_TYPE' })
+  // A body of no bytes has no media type to be wrong: an absent body, as under application/json
+  // (`curl -d ''` labels it form-encoded, fetch's `body: ''` text/plain). It was a 415.
+  for (const type of ['application/x-www-form-urlencoded', 'text/plain;charset=UTF-8']) {
+    const res = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: { ...bearer(), 'content-type': type, 'content-length': '0' } })
+    t.match([res.statusCode, res.json()], [400, { code: 'VALIDATION_FAILED', detail: /prompt is required/ }], `an empty ${type} body`)
+  }
   const big = await app.inject({ method: 'POST', url: '/api/v1/agents/a1/runs', headers: h, payload: JSON.stringify({ prompt: 'x'.repeat(5000) }) })
   t.equal(big.statusCode, 413)
   t.match(big.json(), { code: 'PAYLOAD_TOO_LARGE', status: 413 })
