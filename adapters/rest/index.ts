@@ -389,11 +389,13 @@ function addVary (reply: FastifyReply, value: string): void {
 const WHOLE_INPUT_RULES = new Set(['allOf', 'anyOf', 'oneOf', 'not', 'if', 'then', 'else', 'dependencies', 'dependentRequired', 'dependentSchemas', 'minProperties', 'maxProperties', 'propertyNames'])
 
 function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns): FastifySchema {
-  // A query string's fields include those the input is composed of (queryFields): the body's
-  // document keeps the composition itself.
-  const { properties: props, required } = op.inputInBody
+  // A query string's fields include those the input is composed of (composedFields), and so do
+  // a body's beside path parameters, whose document leaves the composition out (a rule over the
+  // whole input, below): it documented no field the input took from `allOf: [{ $ref }]`, and a
+  // client generated from it could not send them. Any other body's document keeps the composition.
+  const { properties: props, required } = op.inputInBody && op.pathParams.length === 0
     ? { properties: (op.input.properties ?? {}) as Record<string, JsonSchema>, required: Array.isArray(op.input.required) ? op.input.required as string[] : [] }
-    : queryFields(op.input)
+    : composedFields(op.input)
   const pick = (keep: (k: string) => boolean): Record<string, JsonSchema> =>
     Object.fromEntries(Object.entries(props).filter(([k]) => keep(k)))
   const isPath = (k: string): boolean => op.pathParams.includes(k)
@@ -442,15 +444,15 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
 const COMPOSITIONS = ['allOf', 'anyOf', 'oneOf'] as const
 
 /**
- * The fields a query string may carry for an input, and those it must: the input's `properties`
- * and `required`, and those of the schemas it is composed of (`allOf`, `anyOf`, `oneOf`, at any
+ * The fields an input's query string (or body beside path parameters) may carry, and those it
+ * must: the input's `properties` and `required`, and those of the schemas it is composed of (`allOf`, `anyOf`, `oneOf`, at any
  * depth; only an `allOf`'s `required` always applies). A field declared more than once is read
  * by its first declaration, the input's own first. Only the input's own `properties` were read:
  * a field an input takes from a shared schema (`allOf: [{ $ref: "#/schemas/Paging" }]`) was
  * never coerced, so `?limit=5` was refused (`input.limit must be integer`) where tRPC took
  * `{"limit":5}`, and the document had no parameter for it.
  */
-function queryFields (input: JsonSchema): { properties: Record<string, JsonSchema>, required: string[] } {
+function composedFields (input: JsonSchema): { properties: Record<string, JsonSchema>, required: string[] } {
   const properties = new Map<string, JsonSchema>()
   const required = new Set<string>()
   const visit = (schema: unknown, always: boolean): void => {

@@ -213,6 +213,23 @@ t.test('rules over the whole input stay out of a body that shares it with path p
   t.notOk('additionalProperties' in patterned, 'without patternProperties, a false additionalProperties would refuse the x- fields the server admits')
 })
 
+t.test('a body beside path parameters documents the fields the input is composed of', async t => {
+  // allOf is a rule over the whole input, left out of such a body: the document named no field
+  // the input took from a shared schema, and a client generated from it could not send `name`,
+  // which the server requires.
+  const manifest = testManifest({
+    rename: { type: 'mutation', rest: 'PUT /things/:id', kernel: 'PUT /v1/things/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } }, allOf: [{ $ref: '#/schemas/ThingFields' }] }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
+  }, {}, { schemas: { ThingFields: { type: 'object', required: ['name'], properties: { name: { type: 'string' }, note: { type: 'string' } } } } })
+  const app = await buildTestApp(t, {}, { manifest })
+  const doc = (await app.inject({ url: '/openapi.json' })).json()
+  const body = doc.paths['/api/v1/things/{id}'].put.requestBody
+  t.same(body.content['application/json'].schema, { type: 'object', properties: { name: { type: 'string' }, note: { type: 'string' } }, required: ['name'] })
+  t.equal(body.required, true)
+  const refused = await app.inject({ method: 'PUT', url: '/api/v1/things/t1', headers: bearer(), payload: { note: 'x' } })
+  t.match([refused.statusCode, refused.json()], [400, { detail: 'input.name is required' }], 'as the server reads it')
+  t.equal((await new Validator().validate(doc)).valid, true)
+})
+
 t.test('a body is documented optional only when the path parameters alone pass the rules over the whole input', async t => {
   // Those rules are left out of a body shared with path parameters; the body was then
   // documented optional whenever its own schema took {}, though the server refuses an absent
