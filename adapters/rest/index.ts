@@ -440,6 +440,9 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   return schema as FastifySchema
 }
 
+/** Whether a field's schema says what its values are (a bare `true`, `{}` or description does not). */
+const typed = (field: unknown): boolean => field !== null && typeof field === 'object' && ('type' in field || 'enum' in field || 'const' in field)
+
 /** The keywords that compose an input of other schemas, whose fields are the input's too. */
 const COMPOSITIONS = ['allOf', 'anyOf', 'oneOf'] as const
 
@@ -447,7 +450,9 @@ const COMPOSITIONS = ['allOf', 'anyOf', 'oneOf'] as const
  * The fields an input's query string (or body beside path parameters) may carry, and those it
  * must: the input's `properties` and `required`, and those of the schemas it is composed of (`allOf`, `anyOf`, `oneOf`, at any
  * depth; only an `allOf`'s `required` always applies). A field declared more than once is read
- * by its first declaration, the input's own first. Only the input's own `properties` were read:
+ * by its first declaration, the input's own first, but one that says what the field's values are
+ * (a `type`, an `enum` or a `const`) wins over one that does not: `properties: { limit: true }`
+ * beside an `additionalProperties: false` only lets the field through. Only the input's own `properties` were read:
  * a field an input takes from a shared schema (`allOf: [{ $ref: "#/schemas/Paging" }]`) was
  * never coerced, so `?limit=5` was refused (`input.limit must be integer`) where tRPC took
  * `{"limit":5}`, and the document had no parameter for it.
@@ -459,7 +464,10 @@ function composedFields (input: JsonSchema): { properties: Record<string, JsonSc
     if (schema === null || typeof schema !== 'object' || Array.isArray(schema)) return
     const s = schema as JsonSchema
     if (s.properties !== null && typeof s.properties === 'object') {
-      for (const [key, field] of Object.entries(s.properties as Record<string, JsonSchema>)) if (!properties.has(key)) properties.set(key, field)
+      for (const [key, field] of Object.entries(s.properties as Record<string, JsonSchema>)) {
+        const first = properties.get(key)
+        if (first === undefined || (!typed(first) && typed(field))) properties.set(key, field)
+      }
     }
     if (always && Array.isArray(s.required)) for (const key of s.required as unknown[]) if (typeof key === 'string') required.add(key)
     for (const keyword of COMPOSITIONS) {

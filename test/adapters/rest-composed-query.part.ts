@@ -24,6 +24,14 @@ t.test('a query string field the input is composed of is coerced and documented'
       kernel: 'GET /v1/items/{id}',
       input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } }, oneOf: [{ required: ['n'], properties: { n: { type: 'integer' } } }, { required: ['s'], properties: { s: { type: 'string' } } }] },
       output: { type: 'object', properties: { url: { type: 'string' } } }
+    },
+    // A closed input lets the composed fields through by naming them `true`: the typed declaration is read.
+    closedItems: {
+      type: 'query',
+      rest: 'GET /closed-items',
+      kernel: 'GET /v1/items',
+      input: { type: 'object', additionalProperties: false, properties: { limit: true, all: true }, allOf: [{ $ref: '#/schemas/Paging' }] },
+      output: { type: 'object', properties: { url: { type: 'string' } } }
     }
   }, { url: kernel.url }, { schemas: { Paging: { type: 'object', required: ['limit'], properties: { limit: { type: 'integer', maximum: 10 }, all: { type: 'boolean' } } } } })
   const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
@@ -33,6 +41,8 @@ t.test('a query string field the input is composed of is coerced and documented'
   t.same([listed.statusCode, listed.json()], [200, { url: '/v1/items?limit=5&all=true&q=a' }], 'the fields of a schema in allOf')
   const found = await get('/items/a?n=5')
   t.same([found.statusCode, found.json()], [200, { url: '/v1/items/a?n=5' }], 'a field of a oneOf branch')
+  const closed = await get('/closed-items?limit=5&all=false')
+  t.same([closed.statusCode, closed.json()], [200, { url: '/v1/items?limit=5&all=false' }], 'a field named `true` by a closed input, typed in allOf')
   // Refused as on every other face, by the rules of the schema that declares the field.
   t.match((await get('/items?limit=50')).json(), { code: 'VALIDATION_FAILED', detail: 'input.limit must be <= 10' })
   t.match((await get('/items?limit=0x1')).json(), { code: 'VALIDATION_FAILED', detail: 'input.limit must be integer' })
@@ -43,5 +53,6 @@ t.test('a query string field the input is composed of is coerced and documented'
     .filter((p: { in: string }) => p.in === 'query')
     .map((p: { name: string, required: boolean, schema: unknown }) => [p.name, p.required, p.schema])
   t.same(parameters('/api/v1/items'), [['q', false, { type: 'string' }], ['limit', true, { type: 'integer', maximum: 10 }], ['all', false, { type: 'boolean' }]], 'allOf\'s fields, and its required')
+  t.same(parameters('/api/v1/closed-items'), [['limit', true, { type: 'integer', maximum: 10 }], ['all', false, { type: 'boolean' }]], 'the typed declarations')
   t.same(parameters('/api/v1/items/{id}'), [['n', false, { type: 'integer' }], ['s', false, { type: 'string' }]], 'a branch\'s required is not always')
 })
