@@ -64,7 +64,11 @@ export function hit (state: WindowState, now: number, windowMs: number, max: num
   // not move a key's window back: taken as a jump ahead, it forgot the calls counted, and let
   // twice the limit through. By more (a clock that had jumped ahead and was set right), the key
   // starts anew: kept in a window far ahead, it would refuse until the clock caught up.
+  // Counted as at the start of the key's window, which the clock reaches `ahead` ms from now: a
+  // wait named from that start alone was short by the step, and a client that kept to it refused.
+  let ahead = 0
   if (index < state.w && state.w - index <= 1) {
+    ahead = state.w * windowMs - now
     index = state.w
     elapsed = 0
   }
@@ -80,9 +84,9 @@ export function hit (state: WindowState, now: number, windowMs: number, max: num
     // The window slides: after the last place is taken, the previous window's calls still weigh
     // once the current one ends. Its end as RateLimit-Reset sent a client that waited for it
     // into a refusal; the wait a refusal would name is the honest reset.
-    return { current, ttl: current >= max ? retryAfter(state, elapsed, windowMs, max) : windowMs - elapsed }
+    return { current, ttl: ahead + (current >= max ? retryAfter(state, elapsed, windowMs, max) : windowMs - elapsed) }
   }
-  return { current: max + 1, ttl: retryAfter(state, elapsed, windowMs, max) }
+  return { current: max + 1, ttl: ahead + retryAfter(state, elapsed, windowMs, max) }
 }
 
 /** ms until `p * (W - e - d) / W + c + 1 <= max` holds, in this window or the next. */
@@ -130,7 +134,9 @@ if w ~= nil and m ~= nil and m ~= window then
   p = 0
   rescaled = true
 end
+local ahead = 0
 if w ~= nil and w > index and w - index <= 1 then
+  ahead = w * window - now
   index = w
   elapsed = 0
 end
@@ -146,7 +152,7 @@ local function retryAfter ()
     ttl = window - elapsed + math.ceil(window * (1 - (max - 1) / c))
   end
   if ttl < 1 then ttl = 1 end
-  return ttl
+  return ahead + ttl
 end
 local used = p * (window - elapsed) / window + c
 if used + 1 <= max then
@@ -155,7 +161,7 @@ if used + 1 <= max then
   redis.call('PEXPIRE', KEYS[1], window * 2)
   local current = math.ceil(used) + 1
   if current >= max then return {current, retryAfter()} end
-  return {current, window - elapsed}
+  return {current, ahead + window - elapsed}
 end
 if w ~= index or rescaled or m == nil then
   redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'm', window)

@@ -70,6 +70,20 @@ t.test('a clock stepped back never moves a window back: the calls counted stand'
   t.equal(state.w, 5)
 })
 
+// After a step back, the key is counted as at the start of its window, which the clock reaches
+// only after the step: the waits named from that start alone were short by the step (up to a
+// window), and a client that kept to its Retry-After was refused again.
+t.test('after a clock stepped back, the waits named count the step: a call at the time given passes', async t => {
+  const state = { w: 0, c: 0, p: 0 }
+  for (let i = 0; i < 10; i++) hit(state, 60_000, 60_000, 10)
+  const refused = hit(state, 30_000, 60_000, 10)
+  t.same(refused, { current: 11, ttl: 30_000 + 60_000 + 6_000 }, 'back 30 s: the step, the window, and the previous 10 sliding to 9')
+  t.equal(hit(state, 30_000 + refused.ttl - 1, 60_000, 10).current, 11, 'refused 1 ms before')
+  t.equal(hit(state, 30_000 + refused.ttl, 60_000, 10).current, 10, 'allowed at the wait it named')
+  const fresh = { w: 1, c: 0, p: 0, m: 60_000 }
+  t.same(hit(fresh, 30_000, 60_000, 10), { current: 1, ttl: 90_000 }, 'allowed: until the key\'s window ends, not a window from now')
+})
+
 t.test('a key counted in windows of another length (a reload changed windowMs) keeps its calls, scaled to a shorter window', async t => {
   // Before, the key's window index read as foreign and the key started at 0: tightening 2 calls
   // a minute to 2 an hour gave back 2 calls at once.

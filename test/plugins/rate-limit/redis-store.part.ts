@@ -243,6 +243,23 @@ t.test('in Redis too, a key whose window is ahead of the clock keeps its count',
   t.equal(await redis.hget(key, 'w'), String(index), 'the window is the clock\'s')
 })
 
+t.test('in Redis too, after a clock stepped back the waits named count the step', async t => {
+  const key = opKey('back-wait-' + randomUUID(), 'u', 'op')
+  const redis = await redisClient(t, [key])
+  const index = Math.floor(Date.now() / 60_000)
+  await redis.hset(key, 'w', index + 1, 'c', 3, 'p', 0, 'm', 60_000)
+  const store = new RedisWindowStore(redis)
+  const refused = await store.check(key, 60_000, 3)
+  const step = (index + 1) * 60_000 - Date.now()
+  t.equal(refused.current, 4)
+  // From the start of the key's window: 60 s for it to end, 20 s more for its 3 calls to weigh 2.
+  t.ok(Math.abs(refused.ttl - (step + 80_000)) < 1000, `the step (${step} ms) and 80 s (${refused.ttl})`)
+  await redis.hset(key, 'w', index + 1, 'c', 0, 'p', 0, 'm', 60_000)
+  const allowed = await store.check(key, 60_000, 3)
+  t.equal(allowed.current, 1)
+  t.ok(Math.abs(allowed.ttl - (step + 60_000)) < 1000, `allowed: until the key's window ends (${allowed.ttl})`)
+})
+
 t.test('in Redis too, a key counted in windows of another length (a reload changed windowMs) keeps its calls', async t => {
   const key = opKey('length-' + randomUUID(), 'u', 'op')
   const redis = await redisClient(t, [key])
