@@ -89,14 +89,18 @@ export function hit (state: WindowState, now: number, windowMs: number, max: num
   return { current: max + 1, ttl: ahead + retryAfter(state, elapsed, windowMs, max) }
 }
 
-/** ms until `p * (W - e - d) / W + c + 1 <= max` holds, in this window or the next. */
+/**
+ * ms until `p * (W - e - d) / W + c + 1 <= max` holds, in this window or the next: one division of
+ * whole numbers, exact when the wait is whole (`1 - (max - 1) / c` in floating point named 80,001 ms
+ * for 80,000, and a Retry-After of 81 s).
+ */
 function retryAfter (state: WindowState, elapsed: number, windowMs: number, max: number): number {
   if (state.c + 1 <= max) {
     // Refused because of the previous window's weight: wait until enough of it slides out.
-    return Math.max(1, Math.ceil(windowMs - elapsed - (max - state.c - 1) * windowMs / state.p))
+    return Math.max(1, windowMs - elapsed - Math.floor((max - state.c - 1) * windowMs / state.p))
   }
   // The current window is full: in the next one it becomes the previous bucket.
-  return Math.max(1, windowMs - elapsed + Math.ceil(windowMs * (1 - (max - 1) / state.c)))
+  return Math.max(1, windowMs - elapsed + Math.ceil(windowMs * (state.c - max + 1) / state.c))
 }
 
 /**
@@ -147,9 +151,9 @@ end
 local function retryAfter ()
   local ttl
   if c + 1 <= max then
-    ttl = math.ceil(window - elapsed - (max - c - 1) * window / p)
+    ttl = window - elapsed - math.floor((max - c - 1) * window / p)
   else
-    ttl = window - elapsed + math.ceil(window * (1 - (max - 1) / c))
+    ttl = window - elapsed + math.ceil(window * (c - max + 1) / c)
   end
   if ttl < 1 then ttl = 1 end
   return ahead + ttl

@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { buildTestApp, startTestKernel, testManifest, bearer, json, until } from '../../helper.js'
 import { redisVia, startTcpProxy } from '../../proxy.js'
-import { opKey, tenantKey, RedisWindowStore } from '../../../plugins/rate-limit/index.js'
+import { opKey, tenantKey, RedisWindowStore, SLIDING_WINDOW_LUA } from '../../../plugins/rate-limit/index.js'
 
 // Against the machine's real Redis: two gateway instances share one limit, and a Redis cut in
 // the middle of the load (a TCP proxy the test controls) costs no 5xx and no limit.
@@ -225,6 +225,21 @@ t.test('in Redis too, the call that takes the last place resets when a call woul
   const refused = await store.check(key, 60_000, 3)
   t.equal(refused.current, 4)
   t.ok(Math.abs(refused.ttl - last.ttl) < 1000, 'the same wait a refusal names')
+})
+
+t.test('in Redis too, the waits named are exact to the ms', async t => {
+  const key = opKey('exact-' + randomUUID(), 'u', 'op')
+  const redis = await redisClient(t, [key])
+  // The script on a clock the test sets: Redis' TIME replaced by the seconds and microseconds given.
+  const script = SLIDING_WINDOW_LUA.replace("redis.call('TIME')", '{ARGV[3], ARGV[4]}')
+  t.not(script, SLIDING_WINDOW_LUA)
+  const at = async (ms: number, max: number): Promise<unknown> => await redis.eval(script, 1, key, 60_000, max, Math.floor(ms / 1000), (ms % 1000) * 1000)
+  t.same(await at(6_000_000, 3), [1, 60_000])
+  await at(6_000_000, 3)
+  t.same(await at(6_000_000, 3), [3, 80_000], 'the last place: 80 s, when the 3 calls weigh 2 (not 80,001 ms, a Retry-After of 81 s)')
+  t.same(await at(6_000_000, 3), [4, 80_000], 'refused: the same wait')
+  t.same(await at(6_079_999, 3), [4, 1])
+  t.same(await at(6_080_000, 3), [3, 20_000], 'allowed at the wait it named: the last place, until the previous 3 weigh 1')
 })
 
 // A clock stepped back (a failover to a replica behind) never moves a key's window back: taken
