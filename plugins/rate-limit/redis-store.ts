@@ -10,7 +10,9 @@ interface WithScript { mantleRateLimit: (key: string, windowMs: number, max: num
 /**
  * The sliding window in Redis, shared by every gateway instance: one atomic Lua script per
  * check (ioredis' defineCommand sends EVALSHA and falls back to EVAL on NOSCRIPT, after a
- * restart or a SCRIPT FLUSH). Each key expires two windows after its last counted call.
+ * restart or a SCRIPT FLUSH). Each key expires two windows after its last counted call (the
+ * clock stepped back, after the start of the key's window that call was counted in: two windows
+ * from the call, the key went while its count still weighed).
  * Guarantees nothing when Redis is away: a check then rejects (no offline queue, the shared
  * connection's command timeout), and the limiter answers from memory instead.
  */

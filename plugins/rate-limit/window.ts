@@ -162,14 +162,14 @@ local used = p * (window - elapsed) / window + c
 if used + 1 <= max then
   c = c + 1
   redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'm', window)
-  redis.call('PEXPIRE', KEYS[1], window * 2)
+  redis.call('PEXPIRE', KEYS[1], window * 2 + ahead)
   local current = math.ceil(used) + 1
   if current >= max then return {current, retryAfter()} end
   return {current, ahead + window - elapsed}
 end
 if w ~= index or rescaled or m == nil then
   redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'm', window)
-  redis.call('PEXPIRE', KEYS[1], window * 2)
+  redis.call('PEXPIRE', KEYS[1], window * 2 + ahead)
 end
 return {max + 1, retryAfter()}
 `

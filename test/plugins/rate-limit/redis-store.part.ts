@@ -242,6 +242,18 @@ t.test('in Redis too, the waits named are exact to the ms', async t => {
   t.same(await at(6_080_000, 3), [3, 20_000], 'allowed at the wait it named: the last place, until the previous 3 weigh 1')
 })
 
+t.test('in Redis too, a key counted in a window ahead of the clock expires two windows after that window\'s start', async t => {
+  // It expired two windows after the call: while its count still weighed in the window after
+  // its own, for as long as the clock had stepped back, and that many more calls passed.
+  const key = opKey('back-expiry-' + randomUUID(), 'u', 'op')
+  const redis = await redisClient(t, [key])
+  const script = SLIDING_WINDOW_LUA.replace("redis.call('TIME')", '{ARGV[3], ARGV[4]}')
+  await redis.hset(key, 'w', 101, 'c', 1, 'p', 0, 'm', 60_000)
+  t.same(await redis.eval(script, 1, key, 60_000, 3, 6_030, 0), [2, 30_000 + 60_000], '30 s back: counted in the window ahead')
+  const pttl = await redis.pttl(key)
+  t.ok(pttl > 150_000 - 1000 && pttl <= 150_000, `kept until two windows after that window's start (${pttl} ms)`)
+})
+
 // A clock stepped back (a failover to a replica behind) never moves a key's window back: taken
 // as a jump ahead, the calls counted were forgotten, and twice the limit passed.
 t.test('in Redis too, a key whose window is ahead of the clock keeps its count', async t => {
