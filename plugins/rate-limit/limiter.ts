@@ -55,6 +55,13 @@ export class RateLimiter {
    */
   private pausedUntil = 0
   private outage = false
+  /**
+   * A check of an outage is trying Redis again: the others stay in memory until it answers. The
+   * pause alone let another through each `retryRedisMs` while it waited: with a command timeout
+   * longer than that (BFF_REDIS_COMMAND_TIMEOUT_MS up to 60 s), a Redis that stalls with its
+   * connection open held one more call each second for the whole timeout.
+   */
+  private probing = false
 
   constructor (options: LimiterOptions) {
     this.memory = options.memory
@@ -86,12 +93,17 @@ export class RateLimiter {
   check (scope: Scope, key: string, windowMs: number, max: number): WindowCount | Promise<WindowCount> {
     const redis = this.redis
     if (redis === null) return this.local(scope, key, windowMs, max)
-    if (!this.up() || (this.pausedUntil !== 0 && performance.now() < this.pausedUntil)) return this.fallback(scope, key, windowMs, max, 'Redis is not connected')
+    if (!this.up() || this.probing || (this.pausedUntil !== 0 && performance.now() < this.pausedUntil)) return this.fallback(scope, key, windowMs, max, 'Redis is not connected')
     // During an outage, one check at a time tries Redis again; the others stay in memory until it
     // answers. A Redis that stalls without closing the connection stays "up": after each pause,
     // every check in flight waited out the command timeout (500 ms) there.
-    if (this.outage) this.pausedUntil = performance.now() + this.retryRedisMs
+    const probe = this.outage
+    if (probe) {
+      this.pausedUntil = performance.now() + this.retryRedisMs
+      this.probing = true
+    }
     return redis.check(key, windowMs, max).then(count => {
+      if (probe) this.probing = false
       // Only a check Redis counted (it wrote) ends an outage: a refused one only reads, and a Redis
       // refusing writes (out of memory, say) answered it, so that the outage ended and began again
       // at every other check, each logged (review rv-rl).
@@ -99,6 +111,7 @@ export class RateLimiter {
       this.counters?.checked(scope, 'redis', count.current > max)
       return count
     }, (err: Error) => {
+      if (probe) this.probing = false
       this.pausedUntil = performance.now() + this.retryRedisMs
       this.failed?.(err)
       return this.fallback(scope, key, windowMs, max, err.message)
@@ -112,6 +125,9 @@ export class RateLimiter {
    */
   reconnected (): void {
     this.pausedUntil = 0
+    // A check still trying the connection that was left (ioredis resends it on the new one) no
+    // longer holds the others in memory: they would start an outage anew.
+    this.probing = false
     // The outage is over now, not at the next check: without traffic the fallback gauge (and
     // /diagz, and the alert on it) stayed at 1 for as long as no guarded call came.
     if (this.outage) this.recovered()

@@ -188,6 +188,38 @@ t.test('during an outage, one check at a time tries Redis again', async t => {
   t.same(counts.map(c => c.current).sort((a, b) => a - b), Array.from({ length: 10 }, (_, i) => i + 2), 'all ten answered, from memory')
 })
 
+t.test('during an outage, a check trying Redis again that waits longer than the pause keeps the others in memory', async t => {
+  // The pause alone let one more check through to a stalled Redis each time it passed: with a
+  // command timeout longer than the pause, one more call each second waited out that timeout.
+  const waiting: Array<() => void> = []
+  const answerAll = (): void => { for (const answer of waiting.splice(0)) answer() }
+  let sent = 0
+  const stalled = {
+    check: async () => {
+      sent++
+      if (sent > 1) await new Promise<void>(resolve => { waiting.push(resolve) })
+      throw new Error('Command timed out')
+    }
+  }
+  t.teardown(answerAll)
+  const limiter = new RateLimiter({ memory: new MemoryWindowStore(), redis: stalled as never, log: { warn: () => {}, info: () => {} }, retryRedisMs: 20 })
+  await limiter.check('op', 'k', 60_000, 100)
+  await new Promise(resolve => setTimeout(resolve, 30))
+  const trying = limiter.check('op', 'k', 60_000, 100)
+  t.equal(sent, 2, 'after the pause, a check tries Redis')
+  await new Promise(resolve => setTimeout(resolve, 30))
+  const other = limiter.check('op', 'k', 60_000, 100)
+  t.equal(sent, 2, 'another, after the pause, is answered from memory while the first waits for Redis')
+  t.notOk(other instanceof Promise)
+  answerAll()
+  t.ok((await trying).current <= 3, 'the one trying Redis falls back to memory when it fails')
+  await new Promise(resolve => setTimeout(resolve, 30))
+  const again = limiter.check('op', 'k', 60_000, 100)
+  t.equal(sent, 3, 'and the pause after it passed, the next check tries Redis')
+  answerAll()
+  await again
+})
+
 t.test('a wall clock stepped back does not hold the checks in memory: Redis is tried again after the pause', async t => {
   // The pause was timed by the wall clock: stepped back an hour (NTP, a VM resumed) during an
   // outage, every check stayed in memory for that hour, Redis back or not.
