@@ -1,5 +1,5 @@
 import t from 'tap'
-import { runChaos, chaosTable } from '../../loadtest/chaos.js'
+import { runChaos, chaosPassed, chaosTable, type PhaseFigures } from '../../loadtest/chaos.js'
 
 // `npm run chaos` in CI, with short phases: under steady load through proxies this test cuts
 // Redis, cuts PostgreSQL, slows and then stops the Kernel, and sends SIGTERM. No 5xx while
@@ -23,4 +23,21 @@ t.test('chaos, short: no 5xx while Redis or PostgreSQL are away, no audit entry 
   t.ok(report.answered > 0)
   t.equal(report.auditLost, 0, 'every answered call has its audit entry')
   t.ok(report.passed)
+})
+
+t.test('the chaos verdict fails a call left without an answer, and a 5xx while everything is up', async t => {
+  const names = ['steady', 'redis cut', 'redis back', 'postgres cut', 'postgres back', 'kernel slow', 'kernel down', 'kernel back', 'sigterm']
+  const phases = (change: Partial<Record<string, Partial<PhaseFigures>>> = {}): PhaseFigures[] => names.map(phase => ({
+    phase, calls: 100, ok: 100, c4xx: 0, c5xx: 0, codes: {}, noAnswer: 0, p99Ms: 5, recoverMs: null, ...change[phase]
+  }))
+  t.equal(chaosPassed(phases(), 0), true, 'every call answered, no 5xx')
+  t.equal(chaosPassed(phases({ 'kernel down': { c5xx: 50, codes: { KERNEL_UNAVAILABLE: 50 } }, sigterm: { noAnswer: 30 } }), 0), true,
+    'the Kernel phases may answer 5xx, and calls after the SIGTERM may find the port closed')
+  t.equal(chaosPassed(phases(), 1), false, 'an audit entry lost')
+  t.equal(chaosPassed(phases({ 'redis cut': { c5xx: 1 } }), 0), false, 'a 5xx while Redis is away')
+  // A gateway that crashed (or hung) when Redis went away answered no 5xx, and its calls without
+  // an answer have no audit entry to miss: it passed.
+  t.equal(chaosPassed(phases({ 'redis cut': { ok: 3, noAnswer: 97 } }), 0), false, 'calls without an answer while Redis is away')
+  t.equal(chaosPassed(phases({ 'kernel down': { noAnswer: 1 } }), 0), false, 'a call without an answer while the Kernel is down')
+  t.equal(chaosPassed(phases({ steady: { c5xx: 2 } }), 0), false, 'a 5xx with every dependency up')
 })
