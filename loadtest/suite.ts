@@ -50,7 +50,7 @@ export interface FaceResult {
   face: SuiteFace
   /** Answered requests (calls) plus transport failures. */
   requests: number
-  /** Non-expected status, transport error or timeout (WebSocket: error frame, wrong answer, refused upgrade, a call unanswered by its deadline or by a close). */
+  /** Non-expected status, transport error or timeout (WebSocket: error frame, wrong answer, refused upgrade or connection, a call unanswered by its deadline or by a close). */
   failed: number
   /** Answers with the expected status whose body did not carry the expected value. */
   checkFailures: number
@@ -246,6 +246,8 @@ class WsUsers {
       let id = ''
       let sentAt = 0
       let waiting = false
+      /** Set once the connection opened, or its upgrade was answered (and counted): a later error is not a failed connection. */
+      let settled = false
       let deadline: NodeJS.Timeout | undefined
       const timedOut = (): void => {
         if (!waiting) return
@@ -264,8 +266,12 @@ class WsUsers {
         socket.send('{"id":"' + id + '",' + this.rest)
         deadline = setTimeout(timedOut, wsGetAgent.callTimeoutMs)
       }
-      socket.on('open', send)
+      socket.on('open', () => {
+        settled = true
+        send()
+      })
       socket.on('unexpected-response', (_req, res) => {
+        settled = true
         c.requests++
         c.failed++
         count(c, `upgrade ${res.statusCode ?? '?'}`)
@@ -289,7 +295,16 @@ class WsUsers {
         if (stopped) socket.close(1000, 'done')
         else send()
       })
-      socket.on('error', () => {})
+      socket.on('error', (err: NodeJS.ErrnoException) => {
+        // A connection that failed before it opened, without an HTTP answer (refused, reset, its
+        // upgrade cut unanswered): one failed call, as k6's onerror counts it. Uncounted, a gateway
+        // gone mid-run failed one call per connection, however long it stayed gone.
+        if (settled) return
+        settled = true
+        c.requests++
+        c.failed++
+        count(c, `connect ${err.code ?? 'error'}`)
+      })
       socket.on('close', () => {
         clearTimeout(deadline)
         if (waiting) {

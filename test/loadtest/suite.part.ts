@@ -152,6 +152,39 @@ t.test('a WebSocket call never answered fails at its deadline, with its time, an
   t.strictSame(fake.upgrades.map((r) => [r.url, r.headers.authorization]), fake.upgrades.map(() => ['/ws', 'Bearer tok']))
 })
 
+t.test('a WebSocket connection refused without an answer is a failed call, each time, as k6 counts it', async (t) => {
+  // The gateway goes away 0.5 s into a 3 s run, and each of the user's new connections is refused.
+  // Only the call in flight when it went was counted: gone for the rest of a long run, it failed
+  // one call per connection against every call answered before, and ws_call_failed passed.
+  const server = createServer((_req, res) => { res.statusCode = 404; res.end() })
+  const wss = new WebSocketServer({ server, path: '/ws' })
+  wss.on('connection', (socket) => {
+    socket.on('message', (data: RawData) => {
+      const call = JSON.parse((data as Buffer).toString('utf8')) as { id: string }
+      socket.send(JSON.stringify({ id: call.id, result: { id: 'a1', name: 'x', model: 'y' } }))
+    })
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const url = `http://127.0.0.1:${(server.address() as { port: number }).port}`
+  const gone = setTimeout(() => {
+    for (const c of wss.clients) c.terminate()
+    wss.close()
+    server.close()
+  }, 500)
+  t.teardown(() => {
+    clearTimeout(gone)
+    for (const c of wss.clients) c.terminate()
+    wss.close()
+    server.close()
+  })
+  const report = await runSuite({ profile: smoke, timeScale: 0.1, rateScale: 1, target: { name: 'fake', url, headers: {} }, token: null, faces: ['websocket'], stepSeconds: 0.2 })
+  const ws = report.faces[0]
+  t.ok((ws.outcomes.result ?? 0) > 0, `calls answered before it went: ${JSON.stringify(ws.outcomes)}`)
+  // 2.5 s without the gateway, a new connection every 100 ms after each refusal.
+  t.ok((ws.outcomes['connect ECONNREFUSED'] ?? 0) >= 5, `each refused connection failed: ${JSON.stringify(ws.outcomes)}`)
+  t.equal(ws.failed, ws.requests - (ws.outcomes.result ?? 0), 'every call but the answered ones failed')
+})
+
 // k6 cannot run here: what k6/websocket.ts must do is checked in its source (type-checked
 // against @types/k6 by `npx tsc -p loadtest/k6/tsconfig.json`).
 t.test('k6/websocket.ts: the token in the header, a deadline per call, a pause after a failure', async (t) => {
