@@ -240,6 +240,22 @@ export function profileNamed (raw: string | undefined, fallback: LoadProfile['na
   return PROFILES[name as LoadProfile['name']]
 }
 
+/** The HTTP faces a suite can load (FACES), in the order their scenarios run. */
+export const HTTP_FACES: ReadonlyArray<FaceScenario['face']> = ['rest', 'trpc', 'graphql']
+
+/**
+ * The HTTP faces named in `raw` (FACES, comma-separated), every one when unset. A name that is not
+ * a face stops the run, as does a list naming none: FACES=rest,grpahql loaded REST alone, and its
+ * passed thresholds read as GraphQL's too.
+ */
+export function facesNamed (raw: string | undefined): Array<FaceScenario['face']> {
+  if (raw === undefined) return [...HTTP_FACES]
+  const names = raw.split(',').map((f) => f.trim()).filter((f) => f !== '')
+  const unknown = names.filter((f) => !(HTTP_FACES as readonly string[]).includes(f))
+  if (names.length === 0 || unknown.length > 0) throw new Error(`FACES=${raw}: ${unknown.length > 0 ? `unknown face ${unknown.join(', ')}: ` : ''}name at least one of ${HTTP_FACES.join(', ')}`)
+  return HTTP_FACES.filter((f) => names.includes(f))
+}
+
 /** The value at `path` inside a parsed JSON answer, or undefined. */
 export function valueAt (value: unknown, path: readonly string[]): unknown {
   let v = value

@@ -12,7 +12,7 @@ import http from 'k6/http'
 import { check } from 'k6'
 import type { Options } from 'k6/options'
 import {
-  GRAPHQL_GET_AGENT, K6_GRACEFUL_STOP_S, positiveNumber, rampingArrival, REST_GET_AGENT, runSeconds, suiteThresholds, TRPC_GET_AGENT, valueAt,
+  facesNamed, GRAPHQL_GET_AGENT, K6_GRACEFUL_STOP_S, positiveNumber, rampingArrival, REST_GET_AGENT, runSeconds, suiteThresholds, TRPC_GET_AGENT, valueAt,
   type FaceScenario, type LoadProfile
 } from './common.ts'
 import { refuseShortToken } from './token.ts'
@@ -29,9 +29,8 @@ const FACES: ReadonlyArray<{ exec: string, scenario: FaceScenario }> = [
   { exec: 'graphqlGetAgent', scenario: GRAPHQL_GET_AGENT }
 ]
 
-const wanted = (__ENV.FACES ?? 'rest,trpc,graphql').split(',').map((f) => f.trim())
+const wanted = facesNamed(__ENV.FACES)
 const SELECTED = FACES.filter((f) => wanted.includes(f.scenario.face))
-if (SELECTED.length === 0) throw new Error(`FACES=${__ENV.FACES ?? ''}: name at least one of rest, trpc, graphql`)
 
 /** How long the suite of this script runs at most (s), set by suiteOptions; for setup. */
 let runS = 0

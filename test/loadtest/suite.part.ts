@@ -265,6 +265,17 @@ t.test('a set but invalid SCALE or PROFILE stops the k6 script', async (t) => {
   for (const raw of ['toString', 'constructor', '__proto__', 'Smoke']) t.throws(() => k6.profileNamed(raw, 'load'), { message: `PROFILE=${raw}: one of smoke, load, stress, spike, soak` }, `PROFILE=${raw} throws`)
 })
 
+t.test('FACES names the HTTP faces a k6 suite loads; a name that is no face stops it', async (t) => {
+  t.strictSame(k6.facesNamed(undefined), ['rest', 'trpc', 'graphql'], 'unset: every face')
+  t.strictSame(k6.facesNamed('graphql, rest,'), ['rest', 'graphql'], 'in the order the scenarios run')
+  // FACES=rest,grpahql loaded REST alone, without a word: its thresholds passed, read as GraphQL's too.
+  t.throws(() => k6.facesNamed('rest,grpahql'), { message: 'FACES=rest,grpahql: unknown face grpahql: name at least one of rest, trpc, graphql' })
+  t.throws(() => k6.facesNamed('websocket'), { message: /^FACES=websocket: unknown face websocket/ }, 'websocket.ts is its own script')
+  for (const raw of ['', ',']) t.throws(() => k6.facesNamed(raw), { message: `FACES=${raw}: name at least one of rest, trpc, graphql` })
+  const src = readFileSync(new URL('../../loadtest/k6/http-faces.ts', import.meta.url), 'utf8')
+  t.match(src, 'const wanted = facesNamed(__ENV.FACES)\n', 'http-faces.ts reads FACES with it')
+})
+
 t.test('the k6 suites (smoke, load, stress, spike, soak) = the profiles of loadtest/scenarios.ts', async (t) => {
   t.strictSame(Object.keys(k6.PROFILES).sort(), PROFILES.map((p) => p.name).sort(), 'the same suites')
   for (const profile of PROFILES) {
