@@ -13,6 +13,7 @@ import { join } from 'node:path'
 import pg from 'pg'
 import { GATEWAY_SPINE, median, pidsOf, startTargets, type RunningProcess, type TargetContext, type TargetDefinition } from './harness.js'
 import { fmt, httpWarmup, measure, measureRounds, medianCpu, sleep, textTable, warmupFailures, type RunFigures, type WarmupFailures } from './measure.js'
+import { nearestRank } from './histogram.js'
 import { getAgent } from './scenarios.js'
 import { migrate } from '../plugins/audit/migrations.js'
 import { PostgresAuditStore } from '../plugins/audit/postgres-store.js'
@@ -165,7 +166,7 @@ export async function runAudit (opts: AuditBenchOptions, ctx: TargetContext, pro
     }
     while (counted.stored < calls) await sleep(10)
     samples.sort()
-    const enqueue = { calls, p50Us: samples[Math.floor(calls * 0.5)], p99Us: samples[Math.floor(calls * 0.99)] }
+    const enqueue = { calls, p50Us: nearestRank(samples, 0.5), p99Us: nearestRank(samples, 0.99) }
 
     // Sustained throughput: keep the queue fed (below its bound) for the duration, count what is stored.
     const base = counted.stored

@@ -10,6 +10,7 @@ import { Redis } from 'ioredis'
 import { GATEWAY_SPINE, REST_TARGETS, gatewayCache, median, requestFor, startTargets, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
 import { fmt, httpWarmup, measure, measureRounds, medianCpu, sleep, textTable, warmupFailures, type RunFigures, type WarmupFailures, type WarmupRun } from './measure.js'
 import { getAgent } from './scenarios.js'
+import { nearestRank } from './histogram.js'
 import { RedisTier } from '../plugins/cache/redis.js'
 import { entryKey, tagKey, etagOf } from '../plugins/cache/keys.js'
 
@@ -65,10 +66,6 @@ export interface CacheReport {
   warmupFailures: WarmupFailures | null
 }
 
-function percentile (sorted: ArrayLike<number>, p: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))]
-}
-
 /**
  * Times `calls` in alternation, one of each per step, so that every kind sees the same moments
  * of a shared machine: timed one kind after the other, a busy spell fell on one of them only
@@ -86,7 +83,7 @@ async function timeCalls (n: number, calls: ReadonlyArray<() => Promise<unknown>
   }
   return times.map((t) => {
     t.sort()
-    return { calls: n, p50Ms: percentile(t, 0.5), p99Ms: percentile(t, 0.99), maxMs: t[n - 1] }
+    return { calls: n, p50Ms: nearestRank(t, 0.5), p99Ms: nearestRank(t, 0.99), maxMs: t[n - 1] }
   })
 }
 

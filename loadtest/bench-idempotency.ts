@@ -14,6 +14,7 @@ import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { freePort, killAllNow, median, prepareBuild, startKernelProcess, startProcess, stopAll, type RunningProcess } from './harness.js'
 import { fmt, textTable } from './measure.js'
+import { nearestRank } from './histogram.js'
 import { mintToken } from '../plugins/auth/index.js'
 
 export const MODES = ['no key', 'fresh key', 'same key (replay)'] as const
@@ -79,8 +80,7 @@ async function run (url: string, token: string, mode: Mode, duration: number, co
     instance.on('response', (_client, statusCode, _bytes, responseTime) => { if (statusCode >= 200 && statusCode < 300) times.push(responseTime) })
   })
   times.sort((a, b) => a - b)
-  const at = (q: number): number => times[Math.min(times.length - 1, Math.max(0, Math.ceil(times.length * q) - 1))] ?? Number.NaN
-  return { reqPerSec: result.requests.average, p50Ms: at(0.5), p99Ms: at(0.99), non2xx: result.non2xx, errors: result.errors }
+  return { reqPerSec: result.requests.average, p50Ms: nearestRank(times, 0.5), p99Ms: nearestRank(times, 0.99), non2xx: result.non2xx, errors: result.errors }
 }
 
 async function main (): Promise<void> {

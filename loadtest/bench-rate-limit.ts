@@ -9,6 +9,7 @@ import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { demoManifestWith, gatewayEnv, GATEWAY_FLAGS, startTargets, type RunningProcess, type Target, type TargetContext, type TargetDefinition } from './harness.js'
 import { fmt, httpWarmup, measure, measureRounds, roundsRow, signed, textTable, warmupFailures, type RoundsRow, type WarmupFailures, type WarmupRun } from './measure.js'
+import { nearestRank } from './histogram.js'
 import { getAgent } from './scenarios.js'
 import { MemoryWindowStore, RedisWindowStore } from '../plugins/rate-limit/index.js'
 
@@ -42,8 +43,7 @@ const HUGE = 1_000_000_000
 
 function figures (name: string, inFlight: number, micros: number[], seconds: number): CheckFigures {
   micros.sort((a, b) => a - b)
-  const at = (q: number): number => micros[Math.min(micros.length - 1, Math.ceil(micros.length * q) - 1)]
-  return { name, inFlight, checks: micros.length, perSec: micros.length / seconds, p50Us: at(0.5), p99Us: at(0.99), meanUs: micros.reduce((a, b) => a + b, 0) / micros.length }
+  return { name, inFlight, checks: micros.length, perSec: micros.length / seconds, p50Us: nearestRank(micros, 0.5), p99Us: nearestRank(micros, 0.99), meanUs: micros.reduce((a, b) => a + b, 0) / micros.length }
 }
 
 /** `n` calls of `call`, `inFlight` at a time, each timed from its start to its answer. */

@@ -12,6 +12,7 @@ import {
   median, type RunningProcess, type TargetContext, type Worker
 } from './harness.js'
 import { fmt, sleep, textTable } from './measure.js'
+import { nearestRank } from './histogram.js'
 import { wsSubscribeRunUpdated } from './scenarios.js'
 import type { FromClient, ToClient } from './ws-scale-client.js'
 
@@ -166,7 +167,6 @@ async function gauges (url: string): Promise<Record<string, number>> {
   return out
 }
 
-const quantile = (sorted: readonly number[], q: number): number => sorted.length === 0 ? Number.NaN : sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(sorted.length * q) - 1))]
 const mib = (kib: number): string => fmt(kib / 1024, 1)
 
 export async function runWsScale (opts: WsScaleOptions, ctx: TargetContext, processes: RunningProcess[], machine: { cpu: string, cores: number, memoryGiB: number, os: string }): Promise<WsScaleReport> {
@@ -273,8 +273,8 @@ export async function runWsScale (opts: WsScaleOptions, ctx: TargetContext, proc
       received: latencies.length,
       missing: opened - latencies.length,
       firstMs: latencies[0] ?? Number.NaN,
-      p50Ms: quantile(latencies, 0.5),
-      p99Ms: quantile(latencies, 0.99),
+      p50Ms: nearestRank(latencies, 0.5),
+      p99Ms: nearestRank(latencies, 0.99),
       fanoutMs: latencies.at(-1) ?? Number.NaN
     }
     events.push(row)

@@ -17,6 +17,7 @@ import { startTcpProxy } from '../test/proxy.js'
 import { freePort, startKernelProcess, startProcess, stopAll, killAllNow, type RunningProcess } from './harness.js'
 import { mintToken } from '../plugins/auth/index.js'
 import { textTable, fmt, sleep } from './measure.js'
+import { nearestRank } from './histogram.js'
 
 export interface ChaosOptions {
   /** Seconds each phase lasts. */
@@ -199,7 +200,7 @@ export async function runChaos (opts: ChaosOptions): Promise<ChaosReport> {
         c5xx: own.filter(c => c.status >= 500).length,
         codes,
         noAnswer: own.filter(c => c.status === 0).length,
-        p99Ms: sorted.length === 0 ? 0 : sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * 0.99))],
+        p99Ms: nearestRank(sorted, 0.99),
         recoverMs: restores[name] === undefined ? null : recoveryMs(calls, restores[name])
       }
     })

@@ -3,6 +3,7 @@
 // no verdict cache. A child process of the harness (startWorker): it prints one JSON report.
 // Each call scans a different text (a counter changes it), as distinct prompts would be.
 import { scanFields } from '../plugins/firewall/scan.js'
+import { nearestRank } from './histogram.js'
 
 /**
  * Per-call times: wall clock (performance.now()) and CPU time of this process (process.cpuUsage,
@@ -26,10 +27,6 @@ function prompt (bytes: number, n: number): string {
   let text = `Request ${n}. `
   for (let i = n; text.length < bytes; i++) text += PARAGRAPHS[i % PARAGRAPHS.length]
   return text.slice(0, bytes)
-}
-
-function percentile (sorted: readonly number[], q: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(sorted.length * q) - 1))]
 }
 
 const FIELDS = ['prompt'] as const
@@ -56,6 +53,6 @@ for (const [bytes, calls] of [[1024, 4000], [4096, 4000], [20480, 1000]] as cons
   times.sort((a, b) => a - b)
   cpu.sort((a, b) => a - b)
   const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / xs.length
-  rows.push({ bytes, calls, p50Ms: percentile(times, 0.5), p99Ms: percentile(times, 0.99), meanMs: mean(times), cpuP50Ms: percentile(cpu, 0.5), cpuP99Ms: percentile(cpu, 0.99), cpuMeanMs: mean(cpu), findings })
+  rows.push({ bytes, calls, p50Ms: nearestRank(times, 0.5), p99Ms: nearestRank(times, 0.99), meanMs: mean(times), cpuP50Ms: nearestRank(cpu, 0.5), cpuP99Ms: nearestRank(cpu, 0.99), cpuMeanMs: mean(cpu), findings })
 }
 process.stdout.write(JSON.stringify({ rows } satisfies FirewallMicroReport) + '\n')

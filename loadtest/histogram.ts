@@ -26,6 +26,15 @@ function valueOf (index: number): number {
   return low + (2 ** shift - 1) / 2
 }
 
+/**
+ * The q-quantile (0..1) of samples sorted in ascending order, by nearest rank: the ceil(q·n)-th
+ * smallest; NaN when there is none. (The sorted[floor(q·n)] some sections read was one rank
+ * high: of 100 samples their p99 was the largest.)
+ */
+export function nearestRank (sorted: ArrayLike<number>, q: number): number {
+  return sorted.length === 0 ? Number.NaN : sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(sorted.length * q) - 1))]
+}
+
 export class Histogram {
   readonly counts = new Float64Array(OCTAVES * SUB_BUCKETS)
   total = 0

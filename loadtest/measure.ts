@@ -4,6 +4,7 @@ import autocannon from 'autocannon'
 import type { EventEmitter } from 'node:events'
 import { BUILD_DIR, REPO_ROOT, cpuMicros, median, profiledTarget, requestFor, rssKiB, type Scenario, type Target } from './harness.js'
 import { breakdown, formatBreakdown, recordPerf, type PerfBreakdown } from './perf-profile.js'
+import { nearestRank } from './histogram.js'
 
 export interface RunFigures {
   reqPerSec: number
@@ -99,13 +100,12 @@ export async function measure (target: Target, scenario: Scenario, seconds: numb
   const watched = watching === null ? null : cpuSince(watching.before, cpuOf(watching.pids()))
   const answered = result.requests.total
   times.sort((a, b) => a - b)
-  const at = (q: number): number => times.length === 0 ? Number.NaN : times[Math.min(times.length - 1, Math.max(0, Math.ceil(times.length * q) - 1))]
   return {
     reqPerSec: result.requests.average,
     p50Ms: result.latency.p50,
     p99Ms: result.latency.p99,
-    p50FineMs: at(0.5),
-    p99FineMs: at(0.99),
+    p50FineMs: nearestRank(times, 0.5),
+    p99FineMs: nearestRank(times, 0.99),
     requests: result.requests.total,
     non2xx: result.non2xx,
     errors: result.errors,

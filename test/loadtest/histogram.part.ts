@@ -1,7 +1,7 @@
 // The harness's latency histogram (loadtest/histogram.ts): the suites (suite.ts) evaluate
 // `p(99)<x` on it as k6 evaluates it on a Trend.
 import t from 'tap'
-import { Histogram } from '../../loadtest/histogram.js'
+import { Histogram, nearestRank } from '../../loadtest/histogram.js'
 
 /** k6's TrendSink.P: linear interpolation at q·(n−1) over the sorted samples. */
 function k6P (samples: readonly number[], q: number): number {
@@ -55,4 +55,18 @@ t.test('a recorded value is reported within 0.4 % (its bucket\'s midpoint)', asy
     const got = of([0.001, ms, ms, 1e6]).trendMs(0.5)
     t.ok(Math.abs(got - ms) / ms <= 1 / 256, `${ms} ms reads ${got} ms`)
   }
+})
+
+t.test('nearestRank: the ceil(q·n)-th smallest of sorted samples', async (t) => {
+  const hundred = Array.from({ length: 100 }, (_, i) => i + 1)
+  // sorted[floor(q·n)] (the cache lookup's, the audit enqueue's and chaos's p99) read 100 here: the largest.
+  t.equal(nearestRank(hundred, 0.99), 99)
+  t.equal(nearestRank(hundred, 0.5), 50)
+  t.equal(nearestRank(hundred, 1), 100)
+  t.equal(nearestRank(hundred, 0), 1)
+  t.equal(nearestRank(Float64Array.from(hundred), 0.99), 99, 'a typed array too')
+  t.equal(nearestRank([7], 0.99), 7)
+  t.ok(Number.isNaN(nearestRank([], 0.99)), 'no sample: no value')
+  // The same rank as the histogram's quantile, which the WebSocket runner reads (1 to 100 µs: a bucket each).
+  t.equal(of(hundred.map((us) => us / 1000)).quantileMs(0.99), nearestRank(hundred, 0.99) / 1000)
 })
