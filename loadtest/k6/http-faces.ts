@@ -6,7 +6,7 @@
 //   BASE_URL    the gateway (default http://127.0.0.1:3000)
 //   TOKEN       a bearer token (empty: a gateway with BFF_AUTH_ENABLED=false)
 //   FACES       comma-separated faces to load (default rest,trpc,graphql)
-//   SCALE       multiplies every stage's duration (default 1; 0.1 runs a tenth as long)
+//   SCALE       multiplies every stage's duration and delayAbortEval (default 1; 0.1 runs a tenth as long)
 //   RATE_SCALE  multiplies every stage's rate (default 1)
 import http from 'k6/http'
 import { check } from 'k6'

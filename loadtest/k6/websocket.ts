@@ -8,7 +8,7 @@
 //   k6 run -e BASE_URL=http://127.0.0.1:3000 -e TOKEN="$(npm run -s token)" \
 //          -e PROFILE=stress -e SESSION=10 loadtest/k6/websocket.ts
 //
-// SCALE multiplies the stages' durations, CONNECTIONS_SCALE their connection counts (default 1);
+// SCALE multiplies the stages' durations (and delayAbortEval), CONNECTIONS_SCALE their connection counts (default 1);
 // a set value that is not a positive number (SESSION: a whole number) stops the run.
 // A call unanswered after WS_GET_AGENT.callTimeoutMs (2 s) fails, timed as that long: the
 // connection is closed and the VU opens another (as the harness's suite.ts does).
