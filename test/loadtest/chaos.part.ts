@@ -25,7 +25,7 @@ t.test('chaos, short: no 5xx while Redis or PostgreSQL are away, no audit entry 
   t.ok(report.passed)
 })
 
-t.test('the chaos verdict fails a call left without an answer, and a 5xx while everything is up', async t => {
+t.test('the chaos verdict fails a call left without an answer, a 5xx while everything is up, and a 5xx the contract does not name', async t => {
   const names = ['steady', 'redis cut', 'redis back', 'postgres cut', 'postgres back', 'kernel slow', 'kernel down', 'kernel back', 'sigterm']
   const phases = (change: Partial<Record<string, Partial<PhaseFigures>>> = {}): PhaseFigures[] => names.map(phase => ({
     phase, calls: 100, ok: 100, c4xx: 0, c5xx: 0, codes: {}, noAnswer: 0, p99Ms: 5, recoverMs: null, ...change[phase]
@@ -40,4 +40,9 @@ t.test('the chaos verdict fails a call left without an answer, and a 5xx while e
   t.equal(chaosPassed(phases({ 'redis cut': { ok: 3, noAnswer: 97 } }), 0), false, 'calls without an answer while Redis is away')
   t.equal(chaosPassed(phases({ 'kernel down': { noAnswer: 1 } }), 0), false, 'a call without an answer while the Kernel is down')
   t.equal(chaosPassed(phases({ steady: { c5xx: 2 } }), 0), false, 'a 5xx with every dependency up')
+  // A 500 INTERNAL (or a 5xx without a code) while the Kernel is down is the gateway failing, not the Kernel.
+  t.equal(chaosPassed(phases({ 'kernel down': { c5xx: 3, codes: { KERNEL_UNAVAILABLE: 2, INTERNAL: 1 } } }), 0), false, 'a 500 INTERNAL while the Kernel is down')
+  t.equal(chaosPassed(phases({ 'kernel slow': { c5xx: 1, codes: { 502: 1 } } }), 0), false, 'a 5xx without a contract code')
+  t.equal(chaosPassed(phases({ 'kernel slow': { c5xx: 1, codes: { KERNEL_TIMEOUT: 1 } }, sigterm: { c5xx: 4, codes: { OVERLOADED: 4 } } }), 0), true,
+    'a Kernel timeout, and 503 OVERLOADED while closing')
 })
