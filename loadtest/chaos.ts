@@ -106,7 +106,19 @@ export async function runChaos (opts: ChaosOptions): Promise<ChaosReport> {
     }
     let gateway = await start()
 
-    const token = mintToken(SECRET, { tenant: 'chaos-' + randomUUID().slice(0, 8), user: 'sre', roles: ['viewer', 'editor'], zone: 'restricted', ttlSeconds: 3600 })
+    const restores: Record<string, number> = {}
+    const ms = opts.phaseSeconds * 1000
+    const phases: Array<[string, () => void | Promise<void>]> = [
+      ['steady', () => {}],
+      ['redis cut', () => redisProxy.cut('reset')],
+      ['redis back', () => { redisProxy.restore(); restores['redis back'] = Date.now() }],
+      ['postgres cut', () => pgProxy.cut('reset')],
+      ['postgres back', () => { pgProxy.restore(); restores['postgres back'] = Date.now() }],
+      ['kernel slow', () => kernelProxy.delay(200)],
+      ['kernel down', () => kernelProxy.cut('reset')],
+      ['kernel back', () => { kernelProxy.restore(); restores['kernel back'] = Date.now() }]
+    ]
+    const token = mintToken(SECRET, { tenant: 'chaos-' + randomUUID().slice(0, 8), user: 'sre', roles: ['viewer', 'editor'], zone: 'restricted', ttlSeconds: chaosTokenTtl(phases.length + 1, opts.phaseSeconds) })
     const calls: Call[] = []
     let phase = 'steady'
     const state = { running: true }
@@ -142,18 +154,6 @@ export async function runChaos (opts: ChaosOptions): Promise<ChaosReport> {
         }
       }
     }
-    const restores: Record<string, number> = {}
-    const ms = opts.phaseSeconds * 1000
-    const phases: Array<[string, () => void | Promise<void>]> = [
-      ['steady', () => {}],
-      ['redis cut', () => redisProxy.cut('reset')],
-      ['redis back', () => { redisProxy.restore(); restores['redis back'] = Date.now() }],
-      ['postgres cut', () => pgProxy.cut('reset')],
-      ['postgres back', () => { pgProxy.restore(); restores['postgres back'] = Date.now() }],
-      ['kernel slow', () => kernelProxy.delay(200)],
-      ['kernel down', () => kernelProxy.cut('reset')],
-      ['kernel back', () => { kernelProxy.restore(); restores['kernel back'] = Date.now() }]
-    ]
     const loops = Array.from({ length: opts.concurrency }, loop)
     for (const [name, act] of phases) {
       phase = name
@@ -213,6 +213,16 @@ export async function runChaos (opts: ChaosOptions): Promise<ChaosReport> {
     await admin.end()
     rmSync(spool, { recursive: true, force: true })
   }
+}
+
+/**
+ * The lifetime (s) of the run's token: its phases (and the SIGTERM's) twice over, for the
+ * start-ups and the audit's lookup, and at least an hour. One hour flat expired in a run of
+ * 10-minute phases (--phase-seconds 600): from the Kernel-down phase on, every call was a 401,
+ * not a 5xx, and those phases passed untested.
+ */
+export function chaosTokenTtl (phases: number, phaseSeconds: number): number {
+  return Math.max(3600, Math.ceil(phases * phaseSeconds * 2))
 }
 
 /** The phases in which every call must be answered without a 5xx: the gateway's own dependencies fail, not the Kernel. */

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { runChaos, chaosPassed, chaosTable, type PhaseFigures } from '../../loadtest/chaos.js'
+import { runChaos, chaosPassed, chaosTable, chaosTokenTtl, type PhaseFigures } from '../../loadtest/chaos.js'
 
 // `npm run chaos` in CI, with short phases: under steady load through proxies this test cuts
 // Redis, cuts PostgreSQL, slows and then stops the Kernel, and sends SIGTERM. No 5xx while
@@ -45,4 +45,11 @@ t.test('the chaos verdict fails a call left without an answer, a 5xx while every
   t.equal(chaosPassed(phases({ 'kernel slow': { c5xx: 1, codes: { 502: 1 } } }), 0), false, 'a 5xx without a contract code')
   t.equal(chaosPassed(phases({ 'kernel slow': { c5xx: 1, codes: { KERNEL_TIMEOUT: 1 } }, sigterm: { c5xx: 4, codes: { OVERLOADED: 4 } } }), 0), true,
     'a Kernel timeout, and 503 OVERLOADED while closing')
+})
+
+t.test('the chaos token outlives the run, however long its phases', async t => {
+  // 8 phases and the SIGTERM: with 10-minute phases the hour-long token expired in the sixth, and
+  // every later call was a 401 (a 4xx: the Kernel phases passed untested).
+  t.ok(chaosTokenTtl(9, 600) >= 9 * 600 + 600, `10-minute phases: ${chaosTokenTtl(9, 600)} s`)
+  t.equal(chaosTokenTtl(9, 1), 3600, 'short phases: an hour')
 })
