@@ -1,5 +1,5 @@
 import t from 'tap'
-import { runChaos, chaosPassed, chaosTable, chaosTokenTtl, type PhaseFigures } from '../../loadtest/chaos.js'
+import { runChaos, chaosOptions, chaosPassed, chaosTable, chaosTokenTtl, type PhaseFigures } from '../../loadtest/chaos.js'
 
 // `npm run chaos` in CI, with short phases: under steady load through proxies this test cuts
 // Redis, cuts PostgreSQL, slows and then stops the Kernel, and sends SIGTERM. No 5xx while
@@ -45,6 +45,7 @@ t.test('the chaos verdict fails a call left without an answer, a 5xx while every
   t.equal(chaosPassed(phases({ 'kernel slow': { c5xx: 1, codes: { 502: 1 } } }), 0), false, 'a 5xx without a contract code')
   t.equal(chaosPassed(phases({ 'kernel slow': { c5xx: 1, codes: { KERNEL_TIMEOUT: 1 } }, sigterm: { c5xx: 4, codes: { OVERLOADED: 4 } } }), 0), true,
     'a Kernel timeout, and 503 OVERLOADED while closing')
+  t.equal(chaosPassed(phases({ 'postgres cut': { calls: 0, ok: 0 } }), 0), false, 'a phase that made no call tested nothing')
 })
 
 t.test('the chaos token outlives the run, however long its phases', async t => {
@@ -52,4 +53,14 @@ t.test('the chaos token outlives the run, however long its phases', async t => {
   // every later call was a 401 (a 4xx: the Kernel phases passed untested).
   t.ok(chaosTokenTtl(9, 600) >= 9 * 600 + 600, `10-minute phases: ${chaosTokenTtl(9, 600)} s`)
   t.equal(chaosTokenTtl(9, 1), 3600, 'short phases: an hour')
+})
+
+t.test('npm run chaos refuses options that are not numbers, rather than testing nothing', async t => {
+  t.match(chaosOptions([], {}), { phaseSeconds: 5, concurrency: 16, redisPort: 6379, postgresUrl: 'postgres://postgres@127.0.0.1:5432/test' })
+  t.match(chaosOptions(['--phase-seconds', '0.5', '--concurrency', '4', '--redis-port', '6380'], { DATABASE_URL: 'postgres://x/y' }), { phaseSeconds: 0.5, concurrency: 4, redisPort: 6380, postgresUrl: 'postgres://x/y' })
+  // --phase-seconds 5s was NaN: every phase slept 1 ms and made no call, and the run passed.
+  t.throws(() => chaosOptions(['--phase-seconds', '5s']), { message: '--phase-seconds must be a positive number of seconds, got "5s"' })
+  t.throws(() => chaosOptions(['--phase-seconds', '0']), { message: /^--phase-seconds must be/ })
+  t.throws(() => chaosOptions(['--concurrency', '1.5']), { message: '--concurrency must be a positive integer, got "1.5"' })
+  t.throws(() => chaosOptions(['--redis-port', 'x']), { message: /^--redis-port must be a port number/ })
 })
