@@ -123,8 +123,14 @@ export function requestTimeouts (requestTimeoutMs: number): { requestTimeout: nu
   }
 }
 
-/** How long a connection's answer may wait with none of its bytes taken by the client before the connection is closed (ms). */
-export const ANSWER_STALL_MS = 30_000
+/**
+ * How long a connection's answer may wait, written out but not all taken by its client, before
+ * the connection is closed (ms): Node's historic server timeout. Node refreshes a socket's timer
+ * when a write completes, and an answer is one write: a client that reads slowly cannot be told
+ * from one that reads nothing before this runs out (a shorter bound, 30 s, cut a client reading
+ * 8 MB at 0.5 MB/s).
+ */
+export const ANSWER_STALL_MS = 120_000
 
 /** How long a WebSocket client has to complete the close at shutdown before it is cut. */
 export const WEBSOCKET_CLOSE_GRACE_MS = 2000
@@ -621,16 +627,16 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     connections.add(socket)
     socket.once('close', () => { connections.delete(socket) })
   })
-  // A connection whose client reads nothing of an answer (its bytes wait, none taken, for
-  // ANSWER_STALL_MS) is closed: nothing else bounded it in time, as the request, headers and
+  // A connection whose answer is still not all taken by its client ANSWER_STALL_MS after it was
+  // written out is closed: nothing else bounded it in time, as the request, headers and
   // keep-alive timeouts do not run while an answer is written, and clients that sent a request
   // each and read none of a large answer (Swagger UI's bundle, with no token) held their
   // connections for good, until every place the open-files limit leaves was taken and each new
-  // connection was dropped. Node's socket timeout counts a write still being taken as activity;
-  // a socket idle otherwise (a call the Kernel takes long to answer, an idle SSE stream) is left
-  // alone, as an upgraded WebSocket is (ws turns the timeout off: its heartbeat bounds it). A
-  // listener here keeps Node from closing a socket whose timeout runs out: one with no answer
-  // under way (the keep-alive timeout, which Node runs on the same timer) is closed as Node would.
+  // connection was dropped. A socket with nothing to write (a call the Kernel takes long to
+  // answer, an idle SSE stream) is left alone, as an upgraded WebSocket is (ws turns the timeout
+  // off: its heartbeat bounds it). A listener here keeps Node from closing a socket whose timeout
+  // runs out: one with no answer under way (the keep-alive timeout, which Node runs on the same
+  // timer) is closed as Node would.
   app.server.timeout = ANSWER_STALL_MS
   app.server.on('timeout', (socket: HttpSocket) => {
     if (socket.writableLength > 0 || socket._httpMessage === null || socket._httpMessage === undefined) socket.destroy()
