@@ -8,6 +8,7 @@ import { compiledByText } from './compiled.js'
 import { backtrackingFaults } from './manifest-patterns.js'
 import { eachSchemaObject } from './schema-walk.js'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
+import { urlProblemOf } from './schemas/config.js'
 
 // The manifest is the one place operations are declared. This module turns the document into
 // frozen Operation objects, or throws one ManifestError naming the manifest path of each fault.
@@ -384,6 +385,12 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     checkSchema(checker, payload, `${at}.payload`, faults)
     events.push(Object.freeze({ name, topic: ev.topic, payload, payloadDocument: ev.payload, roles: Object.freeze([...(ev.roles ?? defaults.roles ?? [])]), zone: ev.zone ?? defaults.zone ?? 'public', description: ev.description ?? null }))
   }
+
+  // The pattern checks the URL's shape only: a port past 65535 (or not a number) stopped
+  // start-up later, in the Kernel client, with a bare "Invalid URL" that named nothing, and
+  // port 0 was taken (every call then failed), where KERNEL_URL refuses both.
+  const kernelUrl = urlProblemOf('KERNEL_URL', m.kernel.url)
+  if (kernelUrl !== null) faults.push(`kernel.url: ${kernelUrl}`)
 
   const breaker = m.kernel.circuitBreaker
   if (breaker !== undefined && breaker.failureRate === undefined) {

@@ -333,9 +333,16 @@ const URL_VARIABLES: Array<{ name: UrlVariable, expected: string, check: UrlChec
  * pg, whose errors were a bare "Invalid URL" or "getaddrinfo ENOTFOUND base").
  */
 export function urlRefusal (name: UrlVariable, value: string): string | null {
-  const { expected, check } = URL_VARIABLES.find(v => v.name === name)!
-  const why = urlProblem(value, check)
-  return why === null ? null : refusalOf(name, value, expected, why)
+  const why = urlProblemOf(name, value)
+  return why === null ? null : refusalOf(name, value, URL_VARIABLES.find(v => v.name === name)!.expected, why)
+}
+
+/**
+ * Why a URL is unusable as a value of `name`, or null: for a manifest's URL that stands for one
+ * (kernel.url, which KERNEL_URL overrides), named at its manifest path.
+ */
+export function urlProblemOf (name: UrlVariable, value: string): string | null {
+  return urlProblem(value, URL_VARIABLES.find(v => v.name === name)!.check)
 }
 
 /** Why a URL is unusable, or null. */

@@ -272,6 +272,16 @@ t.test('the document shape: version, required keys, values', async t => {
   t.same(faultsOf(null), ['(root): must be object'])
 })
 
+t.test('a kernel.url the Kernel client cannot use is refused at its path, as KERNEL_URL is', async t => {
+  // The pattern took them: start-up then stopped with a bare "Invalid URL", or, port 0, every call failed.
+  t.same(faultsOf(doc({ a: query }, {}, { url: 'http://k:99999' })), ['kernel.url: the port "99999" is not 1..65535'])
+  t.same(faultsOf(doc({ a: query }, {}, { url: 'http://k:0/' })), ['kernel.url: the port "0" is not 1..65535'])
+  t.same(faultsOf(doc({ a: query }, {}, { url: 'http://k:abc' })), ['kernel.url: the port "abc" is not 1..65535'])
+  t.same(faultsOf(doc({ a: query }, {}, { url: 'http://[::1' })), ['kernel.url: not a valid URL'])
+  t.same(faultsOf(doc({ a: query }, {}, { url: 'http://k%zz' })), ['kernel.url: not a valid URL'])
+  t.same(faultsOf(doc({ a: query }, {}, { url: 'https://[::1]:65535/' })), [])
+})
+
 t.test('numbers the gateway cannot honour are refused at their path', async t => {
   // A window of 1e300 ms was served: 429 with `Retry-After: 2e+297`.
   t.same(faultsOf(doc({ a: { ...query, rateLimit: { max: 1, windowMs: 1e300 } } })), ['operations.a.rateLimit.windowMs: must be <= 86400000'])
