@@ -9,6 +9,7 @@ import { backtrackingFaults } from './manifest-patterns.js'
 import { eachSchemaObject } from './schema-walk.js'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
 import { urlProblemOf } from './schemas/config.js'
+import { HEADER_SAFE } from './plugins/auth/identity.js'
 
 // The manifest is the one place operations are declared. This module turns the document into
 // frozen Operation objects, or throws one ManifestError naming the manifest path of each fault.
@@ -351,6 +352,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
   }
 
   const defaults = m.defaults ?? {}
+  checkRoles(defaults.roles, 'defaults.roles', faults)
   const kernelTimeout = m.kernel.timeoutMs ?? 5000
   const operations: Operation[] = []
   const routes = new Map<string, string>()
@@ -360,6 +362,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     if (!NAME.test(name)) faults.push(`${at}: the operation name must match ${NAME.source} (it is a tRPC procedure and a GraphQL field)`)
     else if (name.startsWith('__')) faults.push(`${at}: an operation name may not begin with __ (GraphQL reserves it for introspection, and the operation is a GraphQL field)`)
     if (TRPC_RESERVED.has(name)) faults.push(`${at}: ${name} cannot name a tRPC procedure (tRPC reserves then, call and apply)`)
+    checkRoles(op.roles, `${at}.roles`, faults)
     const built = buildOperation(name, index++, op, at, resolvedSchemas, defaults, kernelTimeout, faults, checker)
     if (built === null) continue
     // Routes as Fastify tells them apart: it ignores a trailing slash (`GET /a/` is `GET /a`).
@@ -381,6 +384,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     if (!NAME.test(name)) faults.push(`${at}: the event name must match ${NAME.source}`)
     else if (name.startsWith('__')) faults.push(`${at}: an event name may not begin with __ (GraphQL reserves it for introspection, and the event is a GraphQL subscription field)`)
     if (Object.hasOwn(m.operations, name)) faults.push(`${at}: an operation has the same name`)
+    checkRoles(ev.roles, `${at}.roles`, faults)
     const payload = resolveRefs(ev.payload, resolvedSchemas, `${at}.payload`, faults, [])
     checkSchema(checker, payload, `${at}.payload`, faults)
     events.push(Object.freeze({ name, topic: ev.topic, payload, payloadDocument: ev.payload, roles: Object.freeze([...(ev.roles ?? defaults.roles ?? [])]), zone: ev.zone ?? defaults.zone ?? 'public', description: ev.description ?? null }))
@@ -556,6 +560,20 @@ function buildOperation (
     summary: op.summary ?? null,
     description: op.description ?? null,
     deprecated: op.deprecated ?? false
+  })
+}
+
+/**
+ * Faults for the roles no token can carry: identity refuses a token whose role has a comma,
+ * spaces around it, a character outside Latin-1's visible ones or more than 256 of them (roles
+ * travel to the Kernel as x-user-roles), so no caller ever held such a role, and an operation
+ * or event that named only it (`roles: ["viewer, editor"]`) was refused 403 to every caller.
+ */
+function checkRoles (roles: readonly string[] | undefined, at: string, faults: string[]): void {
+  roles?.forEach((role, i) => {
+    if (!HEADER_SAFE.test(role) || role.includes(',')) {
+      faults.push(`${at}.${i}: ${JSON.stringify(role)} is a role no token can carry (a role is visible characters, at most 256, without a comma or spaces around it), so no caller would hold it`)
+    }
   })
 }
 

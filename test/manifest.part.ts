@@ -272,6 +272,17 @@ t.test('the document shape: version, required keys, values', async t => {
   t.same(faultsOf(null), ['(root): must be object'])
 })
 
+t.test('a role no token can carry is refused at its path, in defaults, operations and events', async t => {
+  // Identity refuses a token holding such a role, so an operation naming only it was a 403 to every caller.
+  const why = 'is a role no token can carry (a role is visible characters, at most 256, without a comma or spaces around it), so no caller would hold it'
+  t.same(faultsOf(doc({ a: { ...query, roles: ['viewer, editor'] } })), [`operations.a.roles.0: "viewer, editor" ${why}`])
+  t.same(faultsOf(doc({ a: { ...query, roles: ['admin', ' viewer'] } })), [`operations.a.roles.1: " viewer" ${why}`])
+  t.same(faultsOf(doc({ a: query }, { defaults: { roles: ['viewer\n'] } })), [`defaults.roles.0: "viewer\\n" ${why}`])
+  t.same(faultsOf(doc({ a: query }, { events: { e: { topic: 't', payload: output, roles: ['r'.repeat(257)] } } })), [`events.e.roles.0: "${'r'.repeat(257)}" ${why}`])
+  t.same(faultsOf(doc({ a: { ...query, roles: ['ops\u200b'] } })).length, 1, 'an invisible character')
+  t.same(faultsOf(doc({ a: { ...query, roles: ['team lead', 'r'.repeat(256), 'rôle', 'a:b/c'] } })), [], 'inner spaces, 256 characters, Latin-1 letters and punctuation are roles a token carries')
+})
+
 t.test('a kernel.url the Kernel client cannot use is refused at its path, as KERNEL_URL is', async t => {
   // The pattern took them: start-up then stopped with a bare "Invalid URL", or, port 0, every call failed.
   t.same(faultsOf(doc({ a: query }, {}, { url: 'http://k:99999' })), ['kernel.url: the port "99999" is not 1..65535'])
