@@ -9,7 +9,7 @@ import { backtrackingFaults } from './manifest-patterns.js'
 import { eachSchemaObject } from './schema-walk.js'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
 import { urlProblemOf } from './schemas/config.js'
-import { HEADER_SAFE } from './plugins/auth/identity.js'
+import { carriesRole } from './plugins/auth/identity.js'
 
 // The manifest is the one place operations are declared. This module turns the document into
 // frozen Operation objects, or throws one ManifestError naming the manifest path of each fault.
@@ -571,7 +571,7 @@ function buildOperation (
  */
 function checkRoles (roles: readonly string[] | undefined, at: string, faults: string[]): void {
   roles?.forEach((role, i) => {
-    if (!HEADER_SAFE.test(role) || role.includes(',')) {
+    if (!carriesRole(role)) {
       faults.push(`${at}.${i}: ${JSON.stringify(role)} is a role no token can carry (a role is visible characters, at most 256, without a comma or spaces around it), so no caller would hold it`)
     }
   })

@@ -2,7 +2,8 @@ import { parseArgs } from 'node:util'
 import { pathToFileURL } from 'node:url'
 import { resolve } from 'node:path'
 import { mintToken } from '../plugins/auth/index.js'
-import { DEV_JWT_SECRET, loadConfig } from '../schemas/config.js'
+import { HEADER_SAFE, carriesRole } from '../plugins/auth/identity.js'
+import { DEV_JWT_SECRET, INTEGER_TEXT, loadConfig } from '../schemas/config.js'
 import type { Zone } from '../schemas/manifest.js'
 
 const USAGE = `Usage: npm run token -- [--tenant t1] [--user u1] [--roles viewer,editor] [--zone public|internal|restricted] [--ttl 3600]
@@ -26,8 +27,16 @@ export function tokenFromArgs (args: string[], env: NodeJS.ProcessEnv = process.
   if (values.help) throw new Error(USAGE)
   const zone = values.zone as Zone
   if (!['public', 'internal', 'restricted'].includes(zone)) throw new Error(`--zone must be public, internal or restricted\n${USAGE}`)
-  const ttl = Number(values.ttl)
-  if (!Number.isInteger(ttl) || ttl <= 0) throw new Error(`--ttl must be a positive number of seconds\n${USAGE}`)
+  const ttl = INTEGER_TEXT.test(values.ttl) ? Number(values.ttl) : NaN
+  if (!Number.isSafeInteger(ttl) || ttl <= 0) throw new Error(`--ttl must be a positive number of seconds, in decimal digits\n${USAGE}`)
+  // What the gateway takes (plugins/auth/identity.ts): it refuses 401 a token whose tid, sub or
+  // a role cannot travel to the Kernel as a header, and such a token was printed all the same.
+  for (const [option, value] of [['--tenant', values.tenant], ['--user', values.user]] as const) {
+    if (!HEADER_SAFE.test(value)) throw new Error(`${option} must be 1 to 256 visible characters (Latin-1), without spaces around them: the gateway refuses a token with ${JSON.stringify(value)}\n${USAGE}`)
+  }
+  const roles = values.roles.split(',').map(r => r.trim()).filter(r => r !== '')
+  const refused = roles.find(role => !carriesRole(role))
+  if (refused !== undefined) throw new Error(`--roles must be comma-separated roles of 1 to 256 visible characters (Latin-1): the gateway refuses a token with ${JSON.stringify(refused)}\n${USAGE}`)
   const config = loadConfig(env)
   // With public keys or a JWKS and no secret, the gateway takes only tokens their private keys
   // sign, which this script does not hold: a token of the development secret was printed, and
@@ -39,7 +48,7 @@ export function tokenFromArgs (args: string[], env: NodeJS.ProcessEnv = process.
   return mintToken(config.BFF_JWT_SECRET ?? DEV_JWT_SECRET, {
     tenant: values.tenant,
     user: values.user,
-    roles: values.roles.split(',').map(r => r.trim()).filter(r => r !== ''),
+    roles,
     zone,
     ttlSeconds: ttl,
     issuer: config.BFF_JWT_ISSUER,

@@ -393,6 +393,9 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
  */
 export const HEADER_SAFE = /^[\x21-\x7e\xa1-\xff](?:[\t\x20-\x7e\xa0-\xff]{0,254}[\x21-\x7e\xa1-\xff])?$/
 
+/** Whether a token may carry `role`: HEADER_SAFE and no comma, as roles travel joined in x-user-roles. */
+export const carriesRole = (role: string): boolean => HEADER_SAFE.test(role) && !role.includes(',')
+
 function toIdentity (claims: Record<string, unknown>, toleranceMs: number, lease: KeyLease | undefined): Identity {
   const { sub, tid, roles = [], zone = 'public' } = claims
   if (typeof sub !== 'string' || sub === '' || typeof tid !== 'string' || tid === '') {
@@ -404,7 +407,7 @@ function toIdentity (claims: Record<string, unknown>, toleranceMs: number, lease
   if (!Array.isArray(roles) || !roles.every(r => typeof r === 'string')) {
     throw refuse('roles must be an array of strings')
   }
-  if (!roles.every(r => HEADER_SAFE.test(r) && !r.includes(','))) {
+  if (!roles.every(carriesRole)) {
     throw refuse('each role must be visible characters without a comma (they travel as x-user-roles)')
   }
   if (typeof zone !== 'string' || !Object.hasOwn(ZONE_RANK, zone)) {
