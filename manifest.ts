@@ -345,10 +345,26 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     // gateway stores the named schemas by name (a plain object's `__proto__` is its prototype).
     else if (name === '__proto__') faults.push(`schemas.${name}: __proto__ cannot name a schema`)
   }
+  // Each named schema is checked at its own path, its references read as any value (each is
+  // checked at its own): a fault of one was reported at every operation and event using it, in
+  // Ajv's words from there (`operations.a.output: ... data/properties/name/type ...`), and one
+  // that none used was never checked. A use of one found invalid inlines {}: its fault is said once.
+  const anySchema = Object.fromEntries(Object.keys(schemas).map(name => [name, {}]))
+  const invalid = new Set<string>()
+  for (const [name, schema] of Object.entries(schemas)) {
+    if (name === '__proto__' || !NAME.test(name)) continue
+    // Without its own $id, as each use inlines it (resolveRefs); one holding an `$id` further in
+    // on a checker of its own, as the operations' checker refuses an `$id` it has compiled once.
+    const { $id: _id, ...own } = resolveRefs(schema, anySchema, `schemas.${name}`, [], [])
+    if (checkSchema(JSON.stringify(own).includes('"$id"') ? schemaChecker : checker, own, `schemas.${name}`, faults) === null) invalid.add(name)
+  }
+  const usable = Object.fromEntries(Object.entries(schemas).map(([name, schema]) => [name, invalid.has(name) ? {} : schema]))
   // Resolve named schemas first, so a cycle or a missing ref is reported once, at its place.
   const resolvedSchemas: Record<string, JsonSchema> = {}
   for (const [name, schema] of Object.entries(schemas)) {
-    if (name !== '__proto__') resolvedSchemas[name] = resolveRefs(schema, schemas, `schemas.${name}`, faults, [name])
+    if (name === '__proto__') continue
+    const resolved = resolveRefs(schema, usable, `schemas.${name}`, faults, [name])
+    resolvedSchemas[name] = invalid.has(name) ? {} : resolved
   }
 
   const defaults = m.defaults ?? {}

@@ -272,6 +272,20 @@ t.test('the document shape: version, required keys, values', async t => {
   t.same(faultsOf(null), ['(root): must be object'])
 })
 
+t.test('a named schema that is no valid JSON Schema is refused once, at its own path, used or not', async t => {
+  // It was refused at each operation using it (operations.a.output: ... data/properties/name/type ...), and never when unused.
+  const ops = { a: { ...query, output: { $ref: '#/schemas/Agent' } }, b: { ...query, rest: 'GET /b', output: { type: 'array', items: { $ref: '#/schemas/Agents' } } } }
+  const agent = { type: 'object', properties: { name: { type: 'strin' } } }
+  t.same(faultsOf(doc(ops, { schemas: { Agent: agent, Agents: { $ref: '#/schemas/Agent' } } })), [
+    'schemas.Agent: not a valid JSON Schema: schema is invalid: data/properties/name/type must be equal to one of the allowed values, data/properties/name/type must be array, data/properties/name/type must match a schema in anyOf'
+  ])
+  t.same(faultsOf(doc({ a: query }, { schemas: { Unused: { type: 'object', requird: ['id'] } } })), ['schemas.Unused: not a valid JSON Schema: strict mode: unknown keyword: "requird"'])
+  t.same(faultsOf(doc(ops, { schemas: { Agent: agent, Agents: { $ref: '#/schemas/Nope' } } })).length, 2, 'and a missing reference beside it')
+  // An $id inside a named schema, used once: compiled at its path and at its use, as before.
+  const nested = { type: 'object', properties: { tag: { $id: 'urn:tag', type: 'string' } } }
+  t.same(faultsOf(doc({ a: { ...query, output: { $ref: '#/schemas/Tagged' } } }, { schemas: { Tagged: { $id: 'urn:tagged', ...nested } } })), [])
+})
+
 t.test('a role no token can carry is refused at its path, in defaults, operations and events', async t => {
   // Identity refuses a token holding such a role, so an operation naming only it was a 403 to every caller.
   const why = 'is a role no token can carry (a role is visible characters, at most 256, without a comma or spaces around it), so no caller would hold it'
