@@ -400,6 +400,8 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     if (!NAME.test(name)) faults.push(`${at}: the event name must match ${NAME.source}`)
     else if (name.startsWith('__')) faults.push(`${at}: an event name may not begin with __ (GraphQL reserves it for introspection, and the event is a GraphQL subscription field)`)
     if (Object.hasOwn(m.operations, name)) faults.push(`${at}: an operation has the same name`)
+    // An event is a tRPC subscription procedure, in the same router as the operations.
+    if (TRPC_RESERVED.has(name)) faults.push(`${at}: ${name} cannot name a tRPC subscription (tRPC reserves then, call and apply)`)
     checkRoles(ev.roles, `${at}.roles`, faults)
     const payload = resolveRefs(ev.payload, resolvedSchemas, `${at}.payload`, faults, [])
     checkSchema(checker, payload, `${at}.payload`, faults)

@@ -272,6 +272,14 @@ t.test('the document shape: version, required keys, values', async t => {
   t.same(faultsOf(null), ['(root): must be object'])
 })
 
+t.test('an event named then, call or apply is refused at its path, as an operation is', async t => {
+  // It compiled, and start-up stopped in tRPC's words: "Reserved words used in `router({})` call: then".
+  for (const name of ['then', 'call', 'apply']) {
+    t.same(faultsOf(doc({ a: query }, { events: { [name]: { topic: 't', payload: output } } })), [`events.${name}: ${name} cannot name a tRPC subscription (tRPC reserves then, call and apply)`])
+  }
+  t.same(faultsOf(doc({ a: query }, { events: { thenable: { topic: 't', payload: output } } })), [])
+})
+
 t.test('a named schema that is no valid JSON Schema is refused once, at its own path, used or not', async t => {
   // It was refused at each operation using it (operations.a.output: ... data/properties/name/type ...), and never when unused.
   const ops = { a: { ...query, output: { $ref: '#/schemas/Agent' } }, b: { ...query, rest: 'GET /b', output: { type: 'array', items: { $ref: '#/schemas/Agents' } } } }
