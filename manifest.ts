@@ -6,7 +6,7 @@ import { Ajv } from 'ajv'
 import { addGatewayFormats } from './formats.js'
 import { compiledByText } from './compiled.js'
 import { backtrackingFaults } from './manifest-patterns.js'
-import { eachSchemaObject } from './schema-walk.js'
+import { eachSchemaObject, keywordPath } from './schema-walk.js'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
 import { urlProblemOf } from './schemas/config.js'
 import { carriesRole } from './plugins/auth/identity.js'
@@ -624,7 +624,11 @@ function checkSchema (checker: () => Ajv, schema: JsonSchema, at: string, faults
     const text = JSON.stringify(schema)
     return text.includes('"$id"') ? compile() : compiledByText('declared', text, compile)
   } catch (err) {
-    faults.push(`${at}: not a valid JSON Schema: ${(err as Error).message}`)
+    // Ajv names an unknown keyword (a misspelt one: maxLenght) without saying where it is: it is
+    // named at its own path (operations.a.input.properties.name), not the whole schema's.
+    const message = (err as Error).message
+    const unknown = /^strict mode: unknown keyword: "(.*)"$/.exec(message)
+    faults.push(`${(unknown === null ? null : keywordPath(schema, at, unknown[1])) ?? at}: not a valid JSON Schema: ${message}`)
     return null
   }
 }

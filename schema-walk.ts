@@ -22,6 +22,36 @@ export const SCHEMA_MAPS = ['properties', 'patternProperties', '$defs', 'definit
 const MAP_KEYWORDS = new Set<string>(SCHEMA_MAPS)
 
 /**
+ * The manifest path (`at`, then `.key` and `.index` down) of the first schema in `schema` that
+ * holds the keyword `key`, or null: past the values of data keywords, and reading the keys of a
+ * map of named schemas (`properties`) as names, not keywords.
+ */
+export function keywordPath (schema: unknown, at: string, key: string): string | null {
+  if (Array.isArray(schema)) {
+    for (let i = 0; i < schema.length; i++) {
+      const found = keywordPath(schema[i], `${at}.${i}`, key)
+      if (found !== null) return found
+    }
+    return null
+  }
+  if (schema === null || typeof schema !== 'object') return null
+  if (Object.hasOwn(schema, key)) return at
+  for (const [k, v] of Object.entries(schema)) {
+    if (DATA_KEYWORDS.has(k)) continue
+    if (MAP_KEYWORDS.has(k) && v !== null && typeof v === 'object' && !Array.isArray(v)) {
+      for (const [name, named] of Object.entries(v)) {
+        const found = keywordPath(named, `${at}.${k}.${name}`, key)
+        if (found !== null) return found
+      }
+      continue
+    }
+    const found = keywordPath(v, `${at}.${k}`, key)
+    if (found !== null) return found
+  }
+  return null
+}
+
+/**
  * A copy of the JSON Schema `schema` without the keyword `key` in any of its schemas (the values
  * of data keywords are copied as they are, and a property named as `key` stays).
  */
