@@ -32,7 +32,8 @@ export const ConfigSchema = Type.Object({
   NODE_ENV: Type.Union([Type.Literal('development'), Type.Literal('production'), Type.Literal('test')], { default: 'development', description: 'development | production | test' }),
   LOG_LEVEL: Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map(l => Type.Literal(l)), { default: 'info', description: 'fatal | error | warn | info | debug | trace | silent' }),
   BFF_MANIFEST: Type.String({ minLength: 1, default: DEMO_MANIFEST, description: 'path of the manifest (YAML or JSON)' }),
-  KERNEL_URL: Type.Optional(Type.String({ pattern: '^https?://[^\\s/?#@]+$', description: 'Kernel origin, http(s)://host:port, wins over the manifest' })),
+  // A slash after the origin is taken, as the manifest's kernel.url takes it (the Kernel client drops it).
+  KERNEL_URL: Type.Optional(Type.String({ pattern: '^https?://[^\\s/?#@]+/?$', description: 'Kernel origin, http(s)://host:port, wins over the manifest' })),
   REDIS_URL: Type.Optional(Type.String({ pattern: '^rediss?://', description: 'Redis URL (redis://host:port/db): shared rate limits, cache, idempotency and event fan-out across instances' })),
   BFF_REDIS_COMMAND_TIMEOUT_MS: Type.Integer({ minimum: 10, maximum: 60000, default: 500, description: 'a Redis command slower than this fails and the store falls back to memory (ms)' }),
   BFF_AUTH_ENABLED: Flag('JWT identity, roles and zones'),

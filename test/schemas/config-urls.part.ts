@@ -4,7 +4,7 @@
 import t from 'tap'
 import { spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
-import { testConfig } from '../helper.js'
+import { testConfig, buildTestApp, startTestKernel, testManifest, bearer, json } from '../helper.js'
 import { refusal } from './refusal.js'
 
 const root = fileURLToPath(new URL('../..', import.meta.url))
@@ -155,11 +155,23 @@ t.test('KERNEL_URL, BFF_JWKS_URL and the OTLP endpoints: http(s) URLs with a por
   t.equal(refusal({ KERNEL_URL: 'http://127.0.0.1:99999' }), 'Invalid configuration: KERNEL_URL="http://127.0.0.1:99999" is invalid: expected an http(s)://host[:port] origin (the port "99999" is not 1..65535)')
   t.match(refusal({ KERNEL_URL: 'http://127.0.0.1:0' }), /KERNEL_URL=.*\(the port "0" is not 1\.\.65535\)$/)
   t.equal(refusal({ KERNEL_URL: 'http://[::1]:4001' }), null, 'an IPv6 origin')
+  // Refused, while the manifest's kernel.url took http://kernel:4001/ as that origin.
+  t.equal(refusal({ KERNEL_URL: 'http://kernel:4001/' }), null, 'an origin with the slash after it, as kernel.url takes it')
+  t.match(refusal({ KERNEL_URL: 'http://kernel:4001//' }), /KERNEL_URL="http:\/\/kernel:4001\/\/" is invalid/, 'not a path')
   for (const name of ['BFF_JWKS_URL', 'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT', 'OTEL_EXPORTER_OTLP_ENDPOINT']) {
     t.equal(refusal({ [name]: 'https://host.example:8443/path' }), null, `${name} accepts a URL with a path`)
     t.equal(refusal({ [name]: 'https://host.example:99999/path' }), `Invalid configuration: ${name}="https://host.example:99999/path" is invalid: expected an http(s) URL (the port "99999" is not 1..65535)`)
     t.match(refusal({ [name]: 'http://[::1:4318/x' }), new RegExp(`^Invalid configuration: ${name}=.*\\(not a valid URL\\)$`))
   }
+})
+
+t.test('a KERNEL_URL with the slash after its origin reaches the Kernel at the operation\'s path', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/a': (_req, res) => { json(res, 200, { ok: true }) } })
+  const manifest = testManifest({ a: { type: 'query', rest: 'GET /a', kernel: 'GET /v1/a', output: { type: 'object' } } })
+  const app = await buildTestApp(t, { KERNEL_URL: kernel.url + '/', BFF_AUDIT_ENABLED: false }, { manifest })
+  const res = await app.inject({ method: 'GET', url: '/api/v1/a', headers: bearer() })
+  t.equal(res.statusCode, 200, res.body)
+  t.same(kernel.requests.map(r => r.url), ['/v1/a'])
 })
 
 t.test('every bad URL is named in one error', async t => {
