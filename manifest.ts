@@ -624,13 +624,38 @@ function checkSchema (checker: () => Ajv, schema: JsonSchema, at: string, faults
     const text = JSON.stringify(schema)
     return text.includes('"$id"') ? compile() : compiledByText('declared', text, compile)
   } catch (err) {
-    // Ajv names an unknown keyword (a misspelt one: maxLenght) without saying where it is: it is
-    // named at its own path (operations.a.input.properties.name), not the whole schema's.
-    const message = (err as Error).message
-    const unknown = /^strict mode: unknown keyword: "(.*)"$/.exec(message)
-    faults.push(`${(unknown === null ? null : keywordPath(schema, at, unknown[1])) ?? at}: not a valid JSON Schema: ${message}`)
+    faults.push(...refusedSchema(schema, at, (err as Error).message))
     return null
   }
+}
+
+/**
+ * The faults of a schema Ajv refused with `message`, each where it is. Ajv names an unknown
+ * keyword (a misspelt one: maxLenght) without saying where, and stops at the first pattern that is
+ * no regular expression, also without saying where: the keyword is named at the schema holding
+ * it (operations.a.input.properties.name), and every such pattern (and patternProperties name)
+ * at its own path, not all at the whole schema's, one per start.
+ */
+function refusedSchema (schema: JsonSchema, at: string, message: string): string[] {
+  const unknown = /^strict mode: unknown keyword: "(.*)"$/.exec(message)
+  if (unknown !== null) return [`${keywordPath(schema, at, unknown[1]) ?? at}: not a valid JSON Schema: ${message}`]
+  const patterns: string[] = []
+  if (message.startsWith('Invalid regular expression')) {
+    const check = (source: string, where: string): void => {
+      try {
+        // As Ajv compiles a pattern (its unicodeRegExp, on by default).
+        RegExp(source, 'u')
+      } catch (err) {
+        patterns.push(`${where}: not a valid JSON Schema: ${(err as Error).message}`)
+      }
+    }
+    eachSchemaObject(schema, at, (node, where) => {
+      if (typeof node.pattern === 'string') check(node.pattern, `${where}.pattern`)
+      const named = node.patternProperties
+      if (named !== null && typeof named === 'object' && !Array.isArray(named)) for (const name of Object.keys(named)) check(name, `${where}.patternProperties`)
+    })
+  }
+  return patterns.length > 0 ? patterns : [`${at}: not a valid JSON Schema: ${message}`]
 }
 
 /** Whether a field may hold a string, or an array or object (the firewall scans the strings in it): its `type` admits one, or it has none. */

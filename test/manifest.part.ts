@@ -283,6 +283,21 @@ t.test('an unknown keyword is named at the path of the schema holding it', async
   t.same(faultsOf(doc({ a: query }, { schemas: { Agent: { type: 'object', properties: { id: { type: 'string', formt: 'uuid' } } } } })), [fault('schemas.Agent.properties.id', 'formt')])
 })
 
+t.test('every pattern that is no regular expression is named at its own path', async t => {
+  // Ajv stops at the first and says not where: one per start, each named at the whole input.
+  const input = {
+    type: 'object',
+    properties: { phone: { type: 'string', pattern: '^\\+?[0-9\\-]+$' }, code: { type: 'string', pattern: '^[A-Z]{2}\\-\\d+$' }, tags: { type: 'array', items: { type: 'string', pattern: '([a-z]' } } },
+    patternProperties: { '^x\\-': { type: 'string' } }
+  }
+  t.same(faultsOf(doc({ a: { ...mutation, input } })), [
+    'operations.a.input.patternProperties: not a valid JSON Schema: Invalid regular expression: /^x\\-/u: Invalid escape',
+    'operations.a.input.properties.code.pattern: not a valid JSON Schema: Invalid regular expression: /^[A-Z]{2}\\-\\d+$/u: Invalid escape',
+    'operations.a.input.properties.tags.items.pattern: not a valid JSON Schema: Invalid regular expression: /([a-z]/u: Unterminated group'
+  ], 'a hyphen escaped in a class is valid, outside one it is not (Ajv compiles with the u flag)')
+  t.same(faultsOf(doc({ a: query }, { schemas: { Code: { type: 'string', pattern: '\\p{Foo}' } } })), ['schemas.Code.pattern: not a valid JSON Schema: Invalid regular expression: /\\p{Foo}/u: Invalid property name'])
+})
+
 t.test('an event named then, call or apply is refused at its path, as an operation is', async t => {
   // It compiled, and start-up stopped in tRPC's words: "Reserved words used in `router({})` call: then".
   for (const name of ['then', 'call', 'apply']) {
