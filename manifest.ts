@@ -711,7 +711,13 @@ function resolveRefs (node: unknown, schemas: Record<string, JsonSchema>, at: st
       return Object.keys(rest).length === 0 ? resolved : { ...resolved, ...(walk(rest, path, names) as Record<string, unknown>) }
     }
     const out: Record<string, unknown> = {}
-    for (const [k, v] of Object.entries(obj)) out[k] = walk(v, `${path}.${k}`, names)
+    for (const [k, v] of Object.entries(obj)) {
+      // JSON.parse and YAML keep it as an own key, but assigned here it set the copy's prototype:
+      // the key was lost, and the schema read as another (a property named so made the input's
+      // `properties` read as the property's schema: "data/properties/type must be object,boolean").
+      if (k === '__proto__') faults.push(`${path}.__proto__: __proto__ cannot be a key in a schema (it is an object's prototype wherever the gateway copies the schema)`)
+      else out[k] = walk(v, `${path}.${k}`, names)
+    }
     return out
   }
   return walk(node, at, stack) as JsonSchema

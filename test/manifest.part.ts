@@ -386,6 +386,17 @@ t.test('$ref faults name the place of the $ref', async t => {
     ['operations.a.input.properties.x.$ref: "#/schemas/Nope" names a schema that is not declared in schemas'], 'in input')
 })
 
+t.test('a __proto__ key in a schema is refused at its path, not misread', async t => {
+  // Copied by assignment, it set the copy's prototype: a property named so made the input's
+  // `properties` read as that property's schema, refused as "data/properties/type must be object,boolean".
+  const why = '__proto__ cannot be a key in a schema (it is an object\'s prototype wherever the gateway copies the schema)'
+  const input = JSON.parse('{"type":"object","properties":{"__proto__":{"type":"string"},"a":{"type":"string"}}}')
+  t.same(faultsOf(doc({ a: { ...mutation, input } })), [`operations.a.input.properties.__proto__: ${why}`])
+  t.same(faultsOf(doc({ a: { ...query, output: JSON.parse('{"type":"object","default":{"__proto__":1}}') } })), [`operations.a.output.default.__proto__: ${why}`])
+  t.same(faultsOf(doc({ a: { ...query, output: { $ref: '#/schemas/A' } }, b: { ...query, rest: 'GET /b', output: { $ref: '#/schemas/A' } } }, { schemas: { A: input } })),
+    [`schemas.A.properties.__proto__: ${why}`], 'once, in a named schema')
+})
+
 t.test('a $ref to a name Object.prototype holds is a missing schema, and __proto__ names no schema', async t => {
   // `#/schemas/toString` found Object.prototype's member: the manifest started, its output `{}`,
   // the whole Kernel answer passed on every face.
