@@ -504,6 +504,9 @@ function buildOperation (
   // The Kernel, or a proxy before it, resolves a `.` or `..` segment: the call would reach another
   // route than the one written (a parameter's are refused when a call makes one, plugins/kernel).
   if (kPath.split('/').some(s => s === '.' || s === '..')) faults.push(`${at}.kernel: a '.' or '..' segment, which the Kernel or a proxy before it resolves to another path`)
+  // The same on the REST side: browsers, fetch and curl resolve one before they send the request
+  // (RFC 3986 §5.2.4), so no client reached the route as written (GET /a/./b was asked as /a/b).
+  if (path.split('/').some(s => s === '.' || s === '..')) faults.push(`${at}.rest: a '.' or '..' segment, which clients resolve before sending (the route could not be reached)`)
   // A brace outside a `{name}` would reach the Kernel as it is.
   if (/[{}]/.test(kPath.replace(/\{[^{}]*\}/g, ''))) faults.push(`${at}.kernel: a { or } outside a {name}`)
   const kernelParams = [...kPath.matchAll(/\{([^}]*)\}/g)].map(x => x[1])

@@ -459,6 +459,14 @@ t.test('a Kernel path with a . or .. segment is refused: the Kernel would resolv
   for (const kernel of ['GET /v1/.a', 'GET /v1/a.../b', 'GET /v1/{id}.json']) t.equal(compileManifest(doc({ a: { ...query, rest: 'GET /a/:id', kernel, input: idInput } })).operations[0].kernel.path, kernel.slice(4), `${kernel} is fine`)
 })
 
+t.test('a REST route with a . or .. segment is refused: clients resolve it before sending', async t => {
+  // It compiled, and GET /api/v1/a/./b answered 404 to every client: fetch and curl ask /api/v1/a/b.
+  for (const rest of ['GET /a/./b', 'GET /a/../b', 'GET /a/b/.', 'GET /a/:id/..']) {
+    t.same(faultsOf(doc({ a: { ...query, rest, input: idInput, kernel: 'GET /v1/a' } })).filter(f => !f.includes('path parameter')), ['operations.a.rest: a \'.\' or \'..\' segment, which clients resolve before sending (the route could not be reached)'], rest)
+  }
+  for (const rest of ['GET /a/.b', 'GET /a/b...', 'GET /a/:id.json']) t.equal(compileManifest(doc({ a: { ...query, rest, kernel: 'GET /v1/a/{id}', input: idInput } })).operations[0].path, rest.slice(4), `${rest} is fine`)
+})
+
 t.test('a duplicate REST route is refused, whatever the param names', async t => {
   t.same(faultsOf(doc({
     a: { ...query, rest: 'GET /a/:id', kernel: 'GET /v1/a/{id}', input: idInput },
