@@ -9,7 +9,7 @@ import { backtrackingFaults } from './manifest-patterns.js'
 import { eachSchemaObject, keywordPath } from './schema-walk.js'
 import { ManifestSchema, type ManifestDocument, type OperationDocument, type Zone } from './schemas/manifest.js'
 import { urlProblemOf } from './schemas/config.js'
-import { carriesRole } from './plugins/auth/identity.js'
+import { carriesRole } from './plugins/auth/claims.js'
 
 // The manifest is the one place operations are declared. This module turns the document into
 // frozen Operation objects, or throws one ManifestError naming the manifest path of each fault.

@@ -2,7 +2,7 @@ import { parseArgs } from 'node:util'
 import { pathToFileURL } from 'node:url'
 import { resolve } from 'node:path'
 import { mintToken } from '../plugins/auth/index.js'
-import { HEADER_SAFE, carriesRole } from '../plugins/auth/identity.js'
+import { HEADER_SAFE, carriesRole } from '../plugins/auth/claims.js'
 import { DEV_JWT_SECRET, INTEGER_TEXT, loadConfig } from '../schemas/config.js'
 import type { Zone } from '../schemas/manifest.js'
 

@@ -3,6 +3,7 @@ import { createVerifier, createSigner, TokenError } from 'fast-jwt'
 import { LRUCache } from 'lru-cache'
 import { MantleError } from '../../errors.js'
 import { JwksFetcher, type PublicKey } from './keys.js'
+import { HEADER_SAFE, carriesRole } from './claims.js'
 import type { Zone } from '../../schemas/manifest.js'
 
 export interface Identity {
@@ -385,16 +386,8 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
   })
 }
 
-/**
- * What a header value can carry unchanged: visible Latin-1 characters, inner spaces and tabs,
- * no surrounding whitespace. A control character or a code point above U+00FF made the Kernel
- * request fail before it left (a 503 that also tripped the breaker for every tenant), and
- * surrounding spaces are trimmed on the way, so " acme" would have reached acme's data.
- */
-export const HEADER_SAFE = /^[\x21-\x7e\xa1-\xff](?:[\t\x20-\x7e\xa0-\xff]{0,254}[\x21-\x7e\xa1-\xff])?$/
-
-/** Whether a token may carry `role`: HEADER_SAFE and no comma, as roles travel joined in x-user-roles. */
-export const carriesRole = (role: string): boolean => HEADER_SAFE.test(role) && !role.includes(',')
+// HEADER_SAFE, where it was: claims.ts, a module of its own that the manifest reads too.
+export { HEADER_SAFE } from './claims.js'
 
 function toIdentity (claims: Record<string, unknown>, toleranceMs: number, lease: KeyLease | undefined): Identity {
   const { sub, tid, roles = [], zone = 'public' } = claims
