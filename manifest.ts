@@ -245,6 +245,7 @@ export async function loadManifestFile (file: string, options: { settleMs?: numb
   } catch (err) {
     throw new ManifestError(file, [`cannot be read: ${(err as Error).message}`])
   }
+  text = withoutBom(text)
   let doc: unknown
   try {
     doc = extname(file) === '.json' ? JSON.parse(text) : parseYaml(text, { prettyErrors: true })
@@ -269,6 +270,15 @@ export async function loadManifestFile (file: string, options: { settleMs?: numb
   const faults = await backtrackingFaults(manifest)
   if (faults.length > 0) throw new ManifestError(file, faults)
   return manifest
+}
+
+/**
+ * A manifest's text without the byte order mark an editor may write first (Windows' Notepad
+ * does): JSON.parse refused such a JSON manifest, "Unexpected token '\uFEFF'", the character
+ * invisible in the message (RFC 8259 §8.1 lets a parser ignore it; YAML's does).
+ */
+export function withoutBom (text: string): string {
+  return text.charCodeAt(0) === 0xfeff ? text.slice(1) : text
 }
 
 /** Faults for the values of a parsed document that are no JSON values (YAML's), at their manifest paths; at most 20. */

@@ -19,7 +19,7 @@ import { dirname, extname, resolve } from 'node:path'
 import { parseArgs } from 'node:util'
 import { pathToFileURL } from 'node:url'
 import { parse as parseYaml } from 'yaml'
-import { loadManifestFile, type JsonSchema, type Manifest } from '../manifest.js'
+import { loadManifestFile, withoutBom, type JsonSchema, type Manifest } from '../manifest.js'
 import { ErrorCodes } from '../errors.js'
 import { inputAjv } from '../plugins/pipeline/index.js'
 
@@ -270,7 +270,7 @@ export function generateRouterTypes (manifest: Manifest, namedSchemas: Readonly<
 
 /** The manifest's `schemas` as written, for named interfaces that name each other. */
 async function rawSchemas (file: string): Promise<Record<string, unknown>> {
-  const text = await readFile(file, 'utf8')
+  const text = withoutBom(await readFile(file, 'utf8'))
   const doc = (extname(file) === '.json' ? JSON.parse(text) : parseYaml(text)) as { schemas?: Record<string, unknown> }
   return doc.schemas ?? {}
 }

@@ -1,5 +1,7 @@
 import t from 'tap'
 import { join } from 'node:path'
+import { readFile } from 'node:fs/promises'
+import { codegen } from '../scripts/codegen.js'
 import { compileManifest, loadManifestFile, ManifestError, type Manifest } from '../manifest.js'
 import { DEMO_MANIFEST } from '../schemas/config.js'
 import { OperationNameSchema } from '../schemas/manifest.js'
@@ -164,6 +166,19 @@ t.test('a JSON manifest file loads', async t => {
   const yml = await loadManifestFile(join(dir, 'm.yml'))
   t.equal(yml.kernel.url, 'http://k:1')
   t.same(yml.operations[0].output, { type: 'string' })
+})
+
+t.test('a manifest file that begins with a byte order mark loads, JSON as YAML, and codegen reads it', async t => {
+  // Windows' Notepad writes one: a JSON manifest was refused "Unexpected token '\uFEFF'", the character invisible.
+  const dir = t.testdir({
+    'm.json': '\uFEFF' + JSON.stringify(doc({ a: query }, { schemas: { A: output } })),
+    'm.yaml': '\uFEFFversion: 1\nkernel: { url: "http://k:1" }\noperations:\n  a: { type: query, rest: GET /a, kernel: GET /v1/a, output: { type: string } }\n'
+  })
+  for (const name of ['m.json', 'm.yaml']) {
+    t.same((await loadManifestFile(join(dir, name))).operations.map(o => o.name), ['a'], name)
+    const out = await codegen(['--manifest', join(dir, name), '--out', join(dir, `${name}.d.ts`)])
+    t.match(await readFile(out, 'utf8'), /export type AppRouter/, `codegen of ${name}`)
+  }
 })
 
 t.test('file faults: unreadable, invalid YAML, invalid JSON, invalid content', async t => {
