@@ -25,13 +25,19 @@ export const EXAMPLE_SECRETS: Readonly<Record<'BFF_JWT_SECRET' | 'BFF_INTERNAL_T
 }
 
 const Flag = (description: string) => Type.Boolean({ default: true, description })
+/**
+ * A path: no whitespace around it, nor a line break in it. " " was read as a file or directory
+ * named so in the working directory, and a templated value's trailing newline as part of the
+ * name: the spool was kept in a directory beside the volume provisioned for it.
+ */
+const PATH = '^\\S(?:.*\\S)?$'
 
 export const ConfigSchema = Type.Object({
   PORT: Type.Integer({ minimum: 0, maximum: 65535, default: 3000, description: 'port the gateway listens on' }),
   HOST: Type.String({ pattern: '^\\S+$', default: '127.0.0.1', description: 'address the gateway listens on, a host name or IP address (no spaces)' }),
   NODE_ENV: Type.Union([Type.Literal('development'), Type.Literal('production'), Type.Literal('test')], { default: 'development', description: 'development | production | test' }),
   LOG_LEVEL: Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map(l => Type.Literal(l)), { default: 'info', description: 'fatal | error | warn | info | debug | trace | silent' }),
-  BFF_MANIFEST: Type.String({ minLength: 1, default: DEMO_MANIFEST, description: 'path of the manifest (YAML or JSON)' }),
+  BFF_MANIFEST: Type.String({ minLength: 1, pattern: PATH, default: DEMO_MANIFEST, description: 'path of the manifest (YAML or JSON), without spaces around it' }),
   // A slash after the origin is taken, as the manifest's kernel.url takes it (the Kernel client drops it).
   KERNEL_URL: Type.Optional(Type.String({ pattern: '^https?://[^\\s/?#@]+/?$', description: 'Kernel origin, http(s)://host:port, wins over the manifest' })),
   REDIS_URL: Type.Optional(Type.String({ pattern: '^rediss?://', description: 'Redis URL (redis://host:port/db): shared rate limits, cache, idempotency and event fan-out across instances' })),
@@ -112,7 +118,7 @@ export const ConfigSchema = Type.Object({
   // At most a million (20 times the default): the queue lives in the heap, and a bound much past it
   // would let the heap run out before the queue is ever spooled.
   BFF_AUDIT_QUEUE_MAX: Type.Integer({ minimum: 1, maximum: 1000000, default: 50000, description: 'audit entries waiting in memory before the queue is spooled to disk' }),
-  BFF_AUDIT_SPOOL_DIR: Type.String({ minLength: 1, default: join(tmpdir(), 'mantle-audit-spool'), description: 'directory of the audit spool file (one per gateway instance)' }),
+  BFF_AUDIT_SPOOL_DIR: Type.String({ minLength: 1, pattern: PATH, default: join(tmpdir(), 'mantle-audit-spool'), description: 'directory of the audit spool file (one per gateway instance), without spaces around it' }),
   // At most 10 million: the store indexes its entries in Sets, which V8 caps at 2^24 (16.7 million) entries.
   BFF_AUDIT_MEMORY_MAX: Type.Integer({ minimum: 1, maximum: 10000000, default: 100000, description: 'most entries the memory audit store keeps (the oldest are dropped)' }),
   BFF_DEMO_KERNEL: Type.Boolean({ default: true, description: 'start the demo Kernel when KERNEL_URL is unset and the demo manifest is used' })

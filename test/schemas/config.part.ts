@@ -278,6 +278,17 @@ t.test('a blank HOST, or one with spaces, is refused at start-up, not at listen'
   t.equal(loadConfig({ HOST: '::' }).HOST, '::')
 })
 
+t.test('a path with spaces around it, or a line break in it, is refused, named', async t => {
+  // " " was a file or directory so named in the working directory, and a templated value's trailing
+  // newline part of the name (the spool kept beside the volume provisioned for it).
+  for (const [name, value] of [['BFF_MANIFEST', ' '], ['BFF_MANIFEST', '/etc/mantle/manifest.yaml\n'], ['BFF_AUDIT_SPOOL_DIR', ' /var/lib/mantle/audit-spool'], ['BFF_AUDIT_SPOOL_DIR', '/var/lib/mantle\n/audit-spool']]) {
+    const message = errorOf({ [name]: value })?.message ?? ''
+    t.ok(message.startsWith(`Invalid configuration: ${name}=${JSON.stringify(value)} is invalid: expected `) && message.endsWith(', without spaces around it'), message)
+  }
+  const c = loadConfig({ BFF_MANIFEST: '/srv/my manifests/m.yaml', BFF_AUDIT_SPOOL_DIR: 'spool dir' })
+  t.same([c.BFF_MANIFEST, c.BFF_AUDIT_SPOOL_DIR], ['/srv/my manifests/m.yaml', 'spool dir'], 'spaces inside are a path\'s own')
+})
+
 t.test('a HOST that is neither an IP address nor a host name is refused at start-up, named, not at listen', async t => {
   const expected = 'expected an IP address (0.0.0.0, ::, 127.0.0.1, ...) or a host name (localhost, ...), without a scheme or port'
   for (const [host, why] of [['0.0.0.0:3000', ' (the port goes in PORT)'], ['localhost:3000', ' (the port goes in PORT)'], ['http://0.0.0.0', ' (a URL, not an address)'], ['[::1]', ' (an IPv6 address is written without brackets)'], ['foo_bar!', ''], ['-gateway', ''], ['a..b', ''], ['a'.repeat(64), '']]) {
