@@ -981,6 +981,11 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // The development secret is the fallback only when no key source is configured.
     const noKeys = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined
     if (noKeys) app.log.warn('no token key is configured: using the well-known development secret')
+    // A secret read from a file often ends with that file's line break, which the gateway keeps
+    // (a secret may hold any bytes) and many issuers trim: every token was then refused 401, with
+    // nothing at start-up to say why.
+    const secret = config.BFF_JWT_SECRET
+    if (secret !== undefined && secret.trim() !== secret) app.log.warn('BFF_JWT_SECRET begins or ends with white space (a line break from a secret file?): tokens are verified with the secret as it is, white space included')
     await app.register(auth, {
       secret: noKeys ? DEV_JWT_SECRET : config.BFF_JWT_SECRET,
       publicKeys: config.BFF_JWT_PUBLIC_KEYS === undefined ? undefined : parsePublicKeys(config.BFF_JWT_PUBLIC_KEYS),

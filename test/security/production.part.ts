@@ -253,3 +253,16 @@ t.test('redactUrl: every query value redacted, the names kept', async t => {
   ]
   for (const [url, logged] of cases) t.equal(redactUrl(url), logged, url)
 })
+
+t.test('a BFF_JWT_SECRET with white space around it is warned of at start-up', async t => {
+  const warned = async (secret: string): Promise<string[]> => {
+    const lines: string[] = []
+    const app = await buildTestApp(t, { BFF_JWT_SECRET: secret, LOG_LEVEL: 'warn' }, { logger: undefined, logStream: { write: (line: string) => { lines.push(line) } } })
+    await app.close()
+    return lines.filter(l => l.includes('BFF_JWT_SECRET begins or ends with white space'))
+  }
+  t.equal((await warned(SECRET + '\n')).length, 1, 'a trailing line break: warned of once')
+  t.equal((await warned(' ' + SECRET)).length, 1, 'a leading space too')
+  t.same(await warned(SECRET), [], 'none for a secret without')
+  t.notMatch((await warned(SECRET + '\n'))[0], SECRET, 'the secret itself is not logged')
+})
