@@ -20,7 +20,7 @@ import { carriesStaticToken } from '../auth/static-token.js'
 export { RateLimiter, opKey, tenantKey, ipKey, keyPart, fastifyStore } from './limiter.js'
 export { MemoryWindowStore } from './memory-store.js'
 export { RedisWindowStore, RATE_LIMIT_COMMANDS } from './redis-store.js'
-export { hit, SLIDING_WINDOW_LUA, type WindowCount } from './window.js'
+export { hit, SLIDING_WINDOW_LUA, type WindowCount, type WindowState } from './window.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

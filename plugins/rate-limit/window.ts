@@ -27,6 +27,60 @@ export interface WindowState {
   p: number
   /** The window's length `w` counts in (absent: a key counted before it was kept, taken as the length asked now). */
   m?: number
+  /**
+   * The counts in other window lengths asked of this key lately, the most recently asked first
+   * (absent: only one length was ever asked, the normal case). See hit.
+   */
+  o?: WindowSlot[]
+}
+
+/** A key's counts in another window length than the one asked last: `k` is when it was last asked (or left for another). */
+export interface WindowSlot {
+  w: number
+  c: number
+  p: number
+  m: number
+  k: number
+}
+
+/**
+ * Window lengths a key counts in at once (the one asked last and MAX_LENGTHS - 1 others): the
+ * oldest asked goes beyond it. The Lua script's fields w2..k2, w3..k3 are the others.
+ */
+export const MAX_LENGTHS = 3
+
+/** Counts one call in another length's slot, its window moved as hit moves the key's. */
+function countIn (slot: WindowSlot, now: number): void {
+  let index = Math.floor(now / slot.m)
+  if (index < slot.w && slot.w - index <= 1) index = slot.w
+  if (slot.w !== index) {
+    slot.p = slot.w === index - 1 ? slot.c : 0
+    slot.c = 0
+    slot.w = index
+  }
+  slot.c++
+}
+
+/**
+ * The key is asked in `windowMs` and was last asked in `was`: the counts in `windowMs` kept
+ * since it was last asked become the key's, or, for a length not kept, the calls of `was` are
+ * carried over (rescale). The counts in `was` are kept among the others.
+ */
+function switchLength (state: WindowState, now: number, windowMs: number, was: number): void {
+  const others = state.o ?? []
+  const at = others.findIndex(slot => slot.m === windowMs)
+  const left: WindowSlot = { w: state.w, c: state.c, p: state.p, m: was, k: now }
+  if (at !== -1) {
+    const slot = others.splice(at, 1)[0]
+    state.w = slot.w
+    state.c = slot.c
+    state.p = slot.p
+  } else {
+    rescale(state, now, windowMs, was)
+  }
+  others.unshift(left)
+  if (others.length > MAX_LENGTHS - 1) others.length = MAX_LENGTHS - 1
+  state.o = others
 }
 
 /**
@@ -56,7 +110,13 @@ function rescale (state: WindowState, now: number, windowMs: number, was: number
  * call is not counted: a client that keeps knocking is let back in as soon as its rate allows.
  */
 export function hit (state: WindowState, now: number, windowMs: number, max: number): WindowCount {
-  if (state.m !== undefined && state.m !== windowMs) rescale(state, now, windowMs, state.m)
+  // A length not asked for two of its windows is no longer in use (a reload or a deploy done):
+  // its counts go, and the key no longer pays for them.
+  if (state.o !== undefined) {
+    state.o = state.o.filter(slot => !(now - slot.k > 2 * slot.m))
+    if (state.o.length === 0) state.o = undefined
+  }
+  if (state.m !== undefined && state.m !== windowMs) switchLength(state, now, windowMs, state.m)
   state.m = windowMs
   let index = Math.floor(now / windowMs)
   let elapsed = now - index * windowMs
@@ -80,6 +140,8 @@ export function hit (state: WindowState, now: number, windowMs: number, max: num
   const used = state.p * (windowMs - elapsed) / windowMs + state.c
   if (used + 1 <= max) {
     state.c++
+    // Counted in every length in use too: each configuration's limit holds against every call.
+    if (state.o !== undefined) for (const slot of state.o) countIn(slot, now)
     const current = Math.ceil(used) + 1
     // The window slides: after the last place is taken, the previous window's calls still weigh
     // once the current one ends. Its end as RateLimit-Reset sent a client that waited for it
@@ -106,7 +168,9 @@ function retryAfter (state: WindowState, elapsed: number, windowMs: number, max:
 /**
  * `hit` as one Redis script: one round trip, atomic across every gateway instance. The clock is
  * Redis's own (TIME), so instances with skewed clocks still share one window. KEYS[1] is the
- * limit's key, a hash {w, c, p, m}; ARGV: windowMs, max. Returns {current, ttl}.
+ * limit's key, a hash {w, c, p, m}, and, while other window lengths are in use for it (state.o),
+ * {w2, c2, p2, m2, k2} and {w3, c3, p3, m3, k3} (an empty m2 or m3: none); ARGV: windowMs, max.
+ * Returns {current, ttl}.
  */
 export const SLIDING_WINDOW_LUA = `
 local window = tonumber(ARGV[1])
@@ -115,28 +179,56 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local index = math.floor(now / window)
 local elapsed = now - index * window
-local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p', 'm')
+local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p', 'm', 'w2', 'c2', 'p2', 'm2', 'k2', 'w3', 'c3', 'p3', 'm3', 'k3')
 local w = tonumber(s[1])
 local c = tonumber(s[2]) or 0
 local p = tonumber(s[3]) or 0
 local m = tonumber(s[4])
-local rescaled = false
-if w ~= nil and m ~= nil and m ~= window then
-  local at = math.floor(now / m)
-  local e = now - at * m
-  local used = 0
-  if w == at then
-    used = p * (m - e) / m + c
-  elseif w == at - 1 then
-    used = c * (m - e) / m
-  elseif w == at + 1 then
-    used = c + p
+local others = {}
+local held = false
+local changed = false
+for j = 0, 1 do
+  local b = 5 + j * 5
+  local om = tonumber(s[b + 3])
+  if om ~= nil then
+    held = true
+    local o = {w = tonumber(s[b]), c = tonumber(s[b + 1]), p = tonumber(s[b + 2]), m = om, k = tonumber(s[b + 4])}
+    if now - o.k > 2 * o.m then changed = true else others[#others + 1] = o end
   end
-  if window < m then used = used * window / m end
-  w = index
-  c = math.ceil(used)
-  p = 0
-  rescaled = true
+end
+if w ~= nil and m ~= nil and m ~= window then
+  local at = nil
+  for i = 1, #others do
+    if others[i].m == window then
+      at = i
+      break
+    end
+  end
+  local left = {w = w, c = c, p = p, m = m, k = now}
+  if at ~= nil then
+    local o = table.remove(others, at)
+    w = o.w
+    c = o.c
+    p = o.p
+  else
+    local was = math.floor(now / m)
+    local e = now - was * m
+    local used = 0
+    if w == was then
+      used = p * (m - e) / m + c
+    elseif w == was - 1 then
+      used = c * (m - e) / m
+    elseif w == was + 1 then
+      used = c + p
+    end
+    if window < m then used = used * window / m end
+    w = index
+    c = math.ceil(used)
+    p = 0
+  end
+  table.insert(others, 1, left)
+  while #others > 2 do table.remove(others) end
+  changed = true
 end
 local ahead = 0
 if w ~= nil and w > index and w - index <= 1 then
@@ -158,18 +250,43 @@ local function retryAfter ()
   if ttl < 1 then ttl = 1 end
   return ahead + ttl
 end
+local function save ()
+  redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'm', window)
+  local expiry = window * 2 + ahead
+  if held or #others > 0 then
+    for j = 1, 2 do
+      local o = others[j]
+      local n = tostring(j + 1)
+      if o ~= nil then
+        redis.call('HSET', KEYS[1], 'w' .. n, o.w, 'c' .. n, o.c, 'p' .. n, o.p, 'm' .. n, o.m, 'k' .. n, o.k)
+        local e = o.m * 2 + math.max(0, o.w * o.m - now)
+        if e > expiry then expiry = e end
+      else
+        redis.call('HSET', KEYS[1], 'w' .. n, '', 'c' .. n, '', 'p' .. n, '', 'm' .. n, '', 'k' .. n, '')
+      end
+    end
+  end
+  redis.call('PEXPIRE', KEYS[1], expiry)
+end
 local used = p * (window - elapsed) / window + c
 if used + 1 <= max then
   c = c + 1
-  redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'm', window)
-  redis.call('PEXPIRE', KEYS[1], window * 2 + ahead)
+  for i = 1, #others do
+    local o = others[i]
+    local oi = math.floor(now / o.m)
+    if oi < o.w and o.w - oi <= 1 then oi = o.w end
+    if o.w ~= oi then
+      if o.w == oi - 1 then o.p = o.c else o.p = 0 end
+      o.c = 0
+      o.w = oi
+    end
+    o.c = o.c + 1
+  end
+  save()
   local current = math.ceil(used) + 1
   if current >= max then return {current, retryAfter()} end
   return {current, ahead + window - elapsed}
 end
-if w ~= index or rescaled or m == nil then
-  redis.call('HSET', KEYS[1], 'w', index, 'c', c, 'p', p, 'm', window)
-  redis.call('PEXPIRE', KEYS[1], window * 2 + ahead)
-end
+if w ~= index or changed or m == nil then save() end
 return {max + 1, retryAfter()}
 `

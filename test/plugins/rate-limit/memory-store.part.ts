@@ -1,5 +1,5 @@
 import t from 'tap'
-import { MemoryWindowStore, RateLimiter, hit, keyPart, opKey, tenantKey, ipKey, fastifyStore } from '../../../plugins/rate-limit/index.js'
+import { MemoryWindowStore, RateLimiter, hit, type WindowState, keyPart, opKey, tenantKey, ipKey, fastifyStore } from '../../../plugins/rate-limit/index.js'
 
 // The sliding window on a clock the test moves by hand: no sleeping, no timed assertion.
 
@@ -101,6 +101,42 @@ t.test('a key counted in windows of another length (a reload changed windowMs) k
   // A key counted before the length was kept (m absent) is read as counted in the length asked.
   const legacy = { w: 2, c: 2, p: 0 }
   t.equal(hit(legacy, 120_000, 60_000, 2).current, 3)
+})
+
+t.test('two window lengths in use at once (a rolling deploy, a reload reaching instances apart): neither limit lapses', async t => {
+  // Alternating 10 a minute and 10 an hour, one call a second for 10 minutes: each change of
+  // length rescaled the key, a shortening divided its count, and all 600 passed.
+  const state: WindowState = { w: 0, c: 0, p: 0 }
+  let minute = 0
+  let hour = 0
+  const passedAt: number[] = []
+  for (let i = 0; i < 600; i++) {
+    const windowMs = i % 2 === 0 ? 60_000 : 3_600_000
+    if (hit(state, 6_000_000 + i * 1000, windowMs, 10).current > 10) continue
+    passedAt.push(i)
+    if (windowMs === 60_000) minute++
+    else hour++
+  }
+  t.ok(hour <= 10, `the hour's limit holds against every call: ${hour} passed under it`)
+  t.ok(minute + hour <= 110, `about 10 a minute in all: ${minute + hour} of 600 passed`)
+  const busiest = Math.max(...passedAt.map(i => passedAt.filter(j => j > i - 60 && j <= i).length))
+  t.ok(busiest <= 10, `no 60 s hold more than the minute's limit: ${busiest} at most`)
+  t.ok((state.o?.length ?? 0) <= 2, 'the other lengths kept are bounded')
+})
+
+t.test('a length no longer asked goes after two of its windows; one length alone keeps no others', async t => {
+  const state: WindowState = { w: 0, c: 0, p: 0 }
+  for (let i = 0; i < 5; i++) hit(state, 1000 * i, 60_000, 100)
+  t.equal(state.o, undefined, 'one length: nothing else kept')
+  hit(state, 10_000, 1000, 100)
+  t.equal(state.o?.length, 1, 'the minute\'s counts kept while seconds are asked')
+  hit(state, 130_001, 1000, 100)
+  t.equal(state.o, undefined, 'not asked for two minutes: gone')
+  // Lengths beyond MAX_LENGTHS: the one asked longest ago goes.
+  hit(state, 140_000, 2000, 100)
+  hit(state, 140_001, 3000, 100)
+  hit(state, 140_002, 4000, 100)
+  t.same(state.o?.map(o => o.m), [3000, 2000], 'the most recently asked first, 1000 dropped')
 })
 
 t.test('keys are separate and bounded', async t => {

@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { buildTestApp, startTestKernel, testManifest, bearer, json, until } from '../../helper.js'
 import { redisVia, startTcpProxy } from '../../proxy.js'
-import { opKey, tenantKey, RedisWindowStore, SLIDING_WINDOW_LUA } from '../../../plugins/rate-limit/index.js'
+import { opKey, tenantKey, RedisWindowStore, SLIDING_WINDOW_LUA, hit, type WindowState } from '../../../plugins/rate-limit/index.js'
 
 // Against the machine's real Redis: two gateway instances share one limit, and a Redis cut in
 // the middle of the load (a TCP proxy the test controls) costs no 5xx and no limit.
@@ -299,7 +299,66 @@ t.test('in Redis too, a key counted in windows of another length (a reload chang
   t.equal(await redis.hget(key, 'm'), '3600000', 'the key now counts in hours')
   t.equal(await redis.hget(key, 'c'), '2')
   t.equal((await store.check(key, 3_600_000, 2)).current, 3, 'and is refused again')
-  // Back to a minute: 2 calls in the hour are a minute's share of them, rounded up: 1.
-  t.equal((await store.check(key, 60_000, 2)).current, 2)
-  t.equal((await store.check(key, 60_000, 2)).current, 3)
+  // Back to a minute: the minute's counts were kept beside the hour's, and its 2 calls still
+  // count (a minute's share of the hour's, rounded up, gave one more: a lapse while instances
+  // disagree on the length).
+  t.equal((await store.check(key, 60_000, 2)).current, 3, 'refused: the minute\'s own 2 calls stand')
+  t.equal(await redis.hget(key, 'm2'), '3600000', 'the hour\'s counts are kept beside')
+})
+
+t.test('in Redis too, two window lengths in use at once: neither limit lapses, call by call as in memory', async t => {
+  // Alternating 10 a minute and 10 an hour, one call a second for 10 minutes (instances that
+  // disagree on windowMs): all 600 passed, each shortening dividing the key's count.
+  const key = opKey('lengths-' + randomUUID(), 'u', 'op')
+  const redis = await redisClient(t, [key])
+  const script = SLIDING_WINDOW_LUA.replace("redis.call('TIME')", '{ARGV[3], ARGV[4]}')
+  const at = async (ms: number, windowMs: number, max: number): Promise<number[]> => await redis.eval(script, 1, key, windowMs, max, Math.floor(ms / 1000), (ms % 1000) * 1000) as number[]
+  const state: WindowState = { w: 0, c: 0, p: 0 }
+  let passed = 0
+  let hour = 0
+  let same = true
+  for (let i = 0; i < 600; i++) {
+    const windowMs = i % 2 === 0 ? 60_000 : 3_600_000
+    const now = 6_000_000 + i * 1000
+    const [current, ttl] = await at(now, windowMs, 10)
+    const expected = hit(state, now, windowMs, 10)
+    if (same && (current !== expected.current || ttl !== expected.ttl)) {
+      same = false
+      t.fail(`call ${i}: Redis ${current}, ${ttl}; memory ${expected.current}, ${expected.ttl}`)
+    }
+    if (current <= 10) {
+      passed++
+      if (windowMs !== 60_000) hour++
+    }
+  }
+  t.ok(same, 'Redis and memory agree on every call')
+  t.ok(hour <= 10, `the hour's limit holds: ${hour} passed under it`)
+  t.ok(passed <= 110, `about 10 a minute in all: ${passed} of 600 passed`)
+  const pttl = await redis.pttl(key)
+  t.ok(pttl > 60_000 * 2, `the key lives as long as the hour's counts weigh (${pttl} ms)`)
+  // The minute asked from now on: the hour's counts are kept beside, and go once it has not been
+  // asked for two hours; the key is one length's again.
+  await at(6_600_000, 60_000, 10)
+  t.same(await redis.hmget(key, 'm', 'm2', 'm3'), ['60000', '3600000', ''])
+  await at(6_600_000 + 7_200_001, 60_000, 10)
+  t.same(await redis.hmget(key, 'm', 'm2', 'm3'), ['60000', '', ''])
+})
+
+t.test('in Redis too, one window length keeps the hash and the answers as they were', async t => {
+  const key = opKey('one-length-' + randomUUID(), 'u', 'op')
+  const redis = await redisClient(t, [key])
+  const script = SLIDING_WINDOW_LUA.replace("redis.call('TIME')", '{ARGV[3], ARGV[4]}')
+  const state: WindowState = { w: 0, c: 0, p: 0 }
+  let now = 6_000_000
+  for (let i = 0; i < 300; i++) {
+    now += (i * 7919) % 1500
+    const got = await redis.eval(script, 1, key, 60_000, 25, Math.floor(now / 1000), (now % 1000) * 1000) as number[]
+    const expected = hit(state, now, 60_000, 25)
+    if (got[0] !== expected.current || got[1] !== expected.ttl) {
+      t.fail(`call ${i}: Redis ${got.join(', ')}; memory ${expected.current}, ${expected.ttl}`)
+      break
+    }
+  }
+  t.same(Object.keys(await redis.hgetall(key)).sort(), ['c', 'm', 'p', 'w'], 'only the four fields')
+  t.equal(state.o, undefined, 'nor in memory')
 })
