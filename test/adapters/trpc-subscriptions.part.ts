@@ -741,3 +741,17 @@ t.test('without @fastify/websocket the face serves HTTP only', async t => {
   t.equal(res.statusCode, 404)
   t.match(res.json(), { error: { data: { code: 'NOT_FOUND' } } })
 })
+
+t.test('WebSocket at /trpc: one event\'s frames to many readers of a tenant, together past its share, close none of them', async t => {
+  const app = await buildTestApp(t, {}, { unreadBytes: { max: 64 * 1024 * 1024, perTenant: 512 * 1024 } })
+  const port = await listen(app)
+  const seen: Seen[] = []
+  for (let i = 0; i < 40; i++) seen.push(watch(ws(t, port, { token: token({ tenant: 'many', roles: ['viewer'] }) }).client, t))
+  await until('subscribed', () => app.events.bus.subscriptions === 40, 10_000)
+  for (let i = 0; i < 3; i++) {
+    await app.events.publish({ topic: 'runs.updated', tenantId: 'many', payload: run(`e${i}`, 'running', { output: 'x'.repeat(64 * 1024) }) })
+    await until(`event ${i} read`, () => seen.every(s => s.data.length > i || s.errors.length > 0 || s.stopped) && app.events.bus.subscriptions === 40, 5000).catch(() => {})
+  }
+  t.equal(app.events.bus.subscriptions, 40, 'every reader is still subscribed')
+  t.same(seen.map(s => s.data.length), seen.map(() => 3), 'each read every event')
+})

@@ -98,3 +98,22 @@ for (const face of FACES) {
     t.equal(again.raw.readyState, again.raw.OPEN, 'the tenant\'s share is free again once its slow sockets closed')
   })
 }
+
+for (const face of FACES) {
+  t.test(`${face.name}: one event's frames to many readers of a tenant, together past its share, close none of them`, async t => {
+    const { app, url: wsUrl } = await wsApp(t, { env: face.env, build: { unreadBytes: { max: 64 * 1024 * 1024, perTenant: SHARE } } })
+    const url = wsUrl.replace(/\/ws$/, face.path)
+    // Each reads what it is sent; the frames of one event to all of them hold 2.6 MB, five times the share.
+    const readers: Array<Awaited<ReturnType<Face['open']>>> = []
+    for (let i = 0; i < 40; i++) {
+      readers.push(await face.open(t, url, 'many'))
+      await until(() => app.events.bus.subscriptions === i + 1, `${i + 1} subscriptions`)
+    }
+    for (let i = 0; i < 3; i++) {
+      await app.events.publish({ topic: 'runs.updated', tenantId: 'many', payload: run(`r${i}`, { output: 'x'.repeat(FRAME) }) })
+      await until(() => readers.every(r => r.received() > i || r.raw.readyState !== r.raw.OPEN), `event ${i} read`)
+    }
+    t.equal(readers.filter(r => r.raw.readyState !== r.raw.OPEN).length, 0, 'no reader was closed')
+    t.equal(app.events.bus.subscriptions, 40, 'every reader is still subscribed')
+  })
+}
