@@ -460,8 +460,12 @@ export class ResponseCache {
       }
     }
     if (stored) stored = this.memory.set(key.local, ctx.tenant, answer, tagKeys, since)
-    if (!stored) this.metrics.discarded(op)
-    return answer
+    if (stored) return answer
+    this.metrics.discarded(op)
+    // Fresh for no one: it may predate the change the invalidation stands for. Said fresh for the
+    // ttl, a browser kept it (max-age) and answered it to the page's next read, after the
+    // mutation's own answer had dropped what the browser held of the URL (RFC 9111 §4.4).
+    return { ...answer, freshUntil: Math.min(answer.freshUntil, this.now()) }
   }
 
   /** Stale while revalidate: one background refill per key, with a context of its own. */
