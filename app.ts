@@ -495,10 +495,10 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // same problem+json, request id and security headers as every other refusal.
     frameworkErrors: (error, request, reply) => {
       stamp(request, reply)
-      // A REST path whose parameter is too long (414) is recorded under the operation it was
-      // made to, as the same call with a shorter bad parameter is (VALIDATION_FAILED); a path no
-      // operation serves is not, as a 404 is not.
-      if (error.code === 'FST_ERR_MAX_PARAM_LENGTH' && app.hasDecorator('audit')) {
+      // A REST path whose parameter is too long (414) or not valid percent-encoding (400) is
+      // recorded under the operation it was made to, as the same call with a bad parameter the
+      // router takes is (VALIDATION_FAILED); a path no operation serves is not, as a 404 is not.
+      if ((error.code === 'FST_ERR_MAX_PARAM_LENGTH' || error.code === 'FST_ERR_BAD_URL') && app.hasDecorator('audit')) {
         const op = overlongOperation(app, request.method, request.url, REST_PREFIX, MAX_PATH_PARAM_LENGTH)
         if (op !== null) {
           const { problem } = toProblem(error, request.id)

@@ -1,8 +1,9 @@
-// The REST operation a request refused for an overlong path segment was made to. find-my-way
-// refuses a parameter longer than maxParamLength before any route (Fastify's 414, through
-// frameworkErrors), so the request has no route, and its refusal was not recorded, where the
-// same operation with a bad parameter of an allowed length is recorded VALIDATION_FAILED. Asked
-// on such a refusal only: a request that is routed pays nothing.
+// The REST operation a request refused for its path was made to. find-my-way refuses a parameter
+// longer than maxParamLength (Fastify's 414) or a path that is not valid percent-encoding
+// (`/agents/%zz`, Fastify's 400 BAD_REQUEST) before any route, through frameworkErrors, so the
+// request has no route, and its refusal was not recorded, where the same operation with a bad
+// parameter of an allowed length is recorded VALIDATION_FAILED. Asked on such a refusal only: a
+// request that is routed pays nothing.
 
 import type { FastifyInstance } from 'fastify'
 import { routed } from './allowed-methods.js'
@@ -10,7 +11,7 @@ import type { Operation } from './manifest.js'
 
 /**
  * The operation whose REST route `url` (under `prefix`) would reach were each of its segments at
- * most `maxParamLength` characters, or null. The router itself says whether the cut path is
+ * most `maxParamLength` characters and valid percent-encoding, or null. The router itself says whether the cut path is
  * routed (Fastify's own route, its constraints); the manifest says which of the method's
  * templates it is: the one whose parameters take the values the router found.
  */
@@ -18,14 +19,14 @@ export function overlongOperation (app: FastifyInstance, method: string, url: st
   const q = url.indexOf('?')
   const path = q === -1 ? url : url.slice(0, q)
   if (!path.startsWith(prefix + '/')) return null
-  // Each overlong segment (the router counts its decoded characters) in place of a parameter's
-  // value: a text no static segment is, which needs no decoding (a cut of the segment's own
+  // Each overlong segment (the router counts its decoded characters), and each one that does not
+  // decode, in place of a parameter's value: a text no static segment is, which needs no decoding (a cut of the segment's own
   // text may end inside an escape, or a character). Then, for a segment of several parameters
   // (`/:a-:b`, `/:a.:b`: the router ends a parameter at '-' or '.'), each overlong piece between
   // those separators instead, which keeps them: the whole segment in one stand matches no such
   // template, and a single parameter's value with a '-' in it matches no cut by pieces.
   const stand = '~'.repeat(maxParamLength)
-  const long = (s: string): boolean => (decoded(s) ?? s).length > maxParamLength
+  const long = (s: string): boolean => { const d = decoded(s); return d === null || d.length > maxParamLength }
   const segments = path.split('/')
   const whole = segments.map(s => long(s) ? stand : s).join('/')
   const pieces = segments.map(s => long(s) ? s.split(/([-.])/).map(p => long(p) ? stand : p).join('') : s).join('/')

@@ -357,6 +357,34 @@ t.test('a REST path whose parameter is too long (414) is recorded under the oper
   t.equal(rows.filter(r => r.requestId.startsWith('long-')).length, 4, 'one entry each')
 })
 
+// find-my-way refuses a path that is not valid percent-encoding before any route (400
+// BAD_REQUEST), as it refuses an overlong one (414): `GET /api/v1/agents/%zz` was recorded
+// nowhere, where `/api/v1/agents/` and 300 characters, or `?q=%zz`, was recorded under getAgent.
+t.test('a REST path that is not valid percent-encoding is recorded under the operation it was made to; one no operation serves is not', async t => {
+  const app = await buildDemoApp(t)
+  const cases: Array<[string, string, string]> = [
+    ['GET', '/api/v1/agents/%zz', 'pct-get'],
+    ['HEAD', '/api/v1/agents/%E0%A4%A?access_token=secret', 'pct-head'],
+    ['GET', '/api/v1/agents/a%ff1/runs', 'pct-runs'],
+    ['GET', '/api/v1/agents/%zz/nothing', 'pct-nowhere'],
+    ['GET', '/api/v1/agent%zz', 'pct-static'],
+    ['GET', '/nope/%zz', 'pct-unrouted'],
+    ['POST', '/api/v1/agents/%zz', 'pct-method']
+  ]
+  for (const [method, url, id] of cases) {
+    const res = await app.inject({ method: method as 'GET', url, headers: { ...bearer(), 'x-request-id': id } })
+    t.equal(res.statusCode, 400, id)
+  }
+  const rows = await entries(app)
+  const by = (id: string): Row[] => rows.filter(r => r.requestId === id)
+  t.match(by('pct-get'), [{ action: 'getAgent', protocol: 'rest', method: 'GET', path: '/api/v1/agents/:id', category: 'security', status: 'BAD_REQUEST', statusCode: 400, tenantId: 't1', userId: 'u1', metadata: {} }])
+  t.match(by('pct-head'), [{ action: 'getAgent', method: 'HEAD', path: '/api/v1/agents/:id', status: 'BAD_REQUEST' }], 'never the URL')
+  t.match(by('pct-runs'), [{ action: 'listRuns', path: '/api/v1/agents/:id/runs' }])
+  for (const id of ['pct-nowhere', 'pct-static', 'pct-unrouted', 'pct-method']) t.same(by(id), [], `${id}: no operation's route, not recorded, as a 404 is not`)
+  t.equal(rows.filter(r => r.requestId.startsWith('pct-')).length, 3, 'one entry each')
+  t.notOk(JSON.stringify(rows).includes('secret'))
+})
+
 // A segment of two parameters (`/:a-:b`) was cut whole into one value, which no such template
 // matches: its 414 was recorded nowhere.
 t.test('a 414 on a segment of several parameters is recorded under its operation', async t => {
