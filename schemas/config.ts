@@ -98,7 +98,7 @@ export const ConfigSchema = Type.Object({
   // At most 30 days: * 1000 is the PX of every stored outcome, and Redis refuses an expiry past 2^63 ms.
   BFF_IDEMPOTENCY_TTL_SECONDS: Type.Integer({ minimum: 1, maximum: 2592000, default: 86400, description: 'seconds a stored outcome answers repeats of its key' }),
   // At most 10 million: the LRU allocates its index arrays for `max` keys at start-up (1e9 runs out of heap).
-  BFF_IDEMPOTENCY_MAX_KEYS: Type.Integer({ minimum: 1, maximum: 10000000, default: 100000, description: 'most keys the memory idempotency store holds (least recently used first out)' }),
+  BFF_IDEMPOTENCY_MAX_KEYS: Type.Integer({ minimum: 1, maximum: 10000000, default: 100000, description: 'most keys the memory idempotency store holds, for all tenants together, shared fairly' }),
   // Unset: BFF_IDEMPOTENCY_MAX_KEYS, what the memory store holds for all tenants together.
   BFF_IDEMPOTENCY_REDIS_MAX_KEYS_PER_TENANT: Type.Optional(Type.Integer({ minimum: 1, maximum: 100000000, description: 'most idempotency records (running or stored) one tenant holds in Redis; past it its new keys are refused 429 (default: BFF_IDEMPOTENCY_MAX_KEYS)' })),
   BFF_IDEMPOTENCY_WAIT_MS: Type.Optional(Type.Integer({ minimum: 0, maximum: 600000, description: 'longest a repeat waits for the first call with its key before 409 (default: the op timeout)' })),

@@ -270,7 +270,8 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
 
   if (opts.internalToken !== undefined) {
     // Audited as the admin routes are (plugins/audit: config.audit), refusals included: one entry
-    // a request, naming the topic and tenant of an accepted event, never its payload. It left none.
+    // a request, naming the topic and tenant of a well-formed body (accepted, or refused after
+    // its schema: a payload nested too deep, a publish that failed), never its payload. It left none.
     const audit = app.hasDecorator('audit') ? app.audit : null
     app.post('/internal/events', {
       config: { audit: 'admin.events.publish' },
