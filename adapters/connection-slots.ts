@@ -158,19 +158,17 @@ export class ConnectionSlots {
    */
   screen (ws: WebSocket, tcp: Socket): void {
     if (!this.unidentifiedBy.has(tcp)) return
-    const unidentified = this.unidentifiedBy
+    const slots = this
     const emit = ws.emit
-    let closed = false
-    const overflowed = (): void => { this.overflowed() }
     ws.emit = function (this: WebSocket, event: string | symbol, ...args: unknown[]): boolean {
       if (event !== 'message') return emit.call(this, event, ...args)
-      if (closed) return false
-      const entry = unidentified.get(tcp)
+      const entry = slots.unidentifiedBy.get(tcp)
       if (entry === undefined) return emit.call(this, event, ...args)
+      // Past the bound already: the connection is closing, and what it sends is not read.
+      if (entry.received > UNIDENTIFIED_MAX_BYTES) return false
       entry.received += byteLength(args[0])
       if (entry.received <= UNIDENTIFIED_MAX_BYTES) return emit.call(this, event, ...args)
-      closed = true
-      overflowed()
+      slots.overflowed()
       ws.close(CLOSE_POLICY_VIOLATION, `At most ${UNIDENTIFIED_MAX_BYTES / 1024} KiB may be sent before the connection is identified: send the token first`)
       return false
     } as WebSocket['emit']

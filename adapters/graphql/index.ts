@@ -553,7 +553,7 @@ const NO_SUCH_OPERATION = 'The document defines no operation of that `operationN
  * secure-json-parse (mercurius' parser) refuses, which is left for mercurius to refuse.
  */
 function takeVariables (request: FastifyRequest): Record<string, unknown> | undefined {
-  const params = (request.method === 'POST' ? request.body : request.query) as { variables?: unknown }
+  const params = paramsOf(request) as { variables?: unknown }
   let value = params.variables
   if (typeof value === 'string' && request.method !== 'POST') {
     try {
@@ -584,9 +584,13 @@ function ownFieldsOf (schema: GraphQLSchema, document: DocumentNode, name: strin
 /** The `operationName` an HTTP request names (checkRequest refused one that is not a string), or undefined. */
 function operationNameOf (request: FastifyRequest | undefined): string | undefined {
   if (request === undefined) return undefined
-  const params = (request.method === 'POST' ? request.body : request.query) as { operationName?: unknown } | null | undefined
-  const name = params?.operationName
+  const name = (paramsOf(request) as { operationName?: unknown } | null | undefined)?.operationName
   return typeof name === 'string' ? name : undefined
+}
+
+/** An HTTP request's GraphQL parameters: POST's body, else the query string. */
+function paramsOf (request: FastifyRequest): unknown {
+  return request.method === 'POST' ? request.body : request.query
 }
 
 /**
