@@ -119,7 +119,7 @@ export function bodiesNeeded (operations: readonly Operation[]): Set<string> {
  *   `{}`), while @fastify/swagger marks every requestBody required; but not one whose
  *   operation's rules over the whole input refuse its path parameters alone (`needsBody`);
  * - every answer carries x-request-id, refusals too (the routes declare it on 2XX only);
- * - a cached query (one that takes If-None-Match) answers 304 with no body while the tag still
+ * - a cached GET query (one that takes If-None-Match) answers 304 with no body while the tag still
  *   matches, with the 2XX answer's cache headers: a 304 is not a 2XX, and clients generated from
  *   the document took it for an undocumented status; and the RateLimit-* of the 2XX, which a
  *   304 carries as its 200 would.
@@ -128,7 +128,7 @@ export function completeDocument (doc: { paths?: Record<string, Record<string, D
   const schemas = doc.components?.schemas
   if (schemas !== undefined) for (const name of Object.keys(schemas)) schemas[name] = dialect2020(schemas[name])
   for (const methods of Object.values(doc.paths ?? {})) {
-    for (const op of Object.values(methods)) {
+    for (const [method, op] of Object.entries(methods)) {
       const body = op.requestBody?.content?.['application/json']?.schema
       if (op.requestBody !== undefined && body !== undefined && acceptsEmpty(body) && !(op.operationId !== undefined && needsBody.has(op.operationId))) op.requestBody.required = false
       contentIn2020(op.requestBody?.content)
@@ -141,7 +141,8 @@ export function completeDocument (doc: { paths?: Record<string, Record<string, D
           if (status !== '2XX' && response.headers?.['x-request-id'] === undefined) response.headers = { 'x-request-id': requestIdHeader, ...response.headers }
         }
       }
-      if (op.responses !== undefined && op.parameters?.some(p => p.in === 'header' && p.name === 'if-none-match') === true) {
+      // A mutation's If-None-Match is the Kernel's, sent on to it: a 412, never a 304 (RFC 9110 §13.1.2).
+      if (op.responses !== undefined && method === 'get' && op.parameters?.some(p => p.in === 'header' && p.name === 'if-none-match') === true) {
         const { 'x-cache': xCache, ETag, 'Cache-Control': cacheControl, Vary, 'x-request-id': requestId, ...others } = op.responses['2XX']?.headers ?? {}
         // RateLimit-* too (rate limits on): a 304 has passed the limits as its 200 would.
         const rateLimit = Object.fromEntries(Object.entries(others).filter(([name]) => name.startsWith('RateLimit-')))

@@ -301,8 +301,9 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     // hold, so the method is not performed. It was ignored, and a client guarding an update with
     // the ETag it had read (optimistic concurrency) overwrote whatever had changed since. `*` holds
     // when the target exists, which the Kernel decides. A refusal before the call, as a 415 is.
+    let ifMatch: string | undefined
     if (mutation) {
-      const ifMatch = request.headers['if-match']
+      ifMatch = request.headers['if-match']
       if (ifMatch !== undefined && ifMatch.trim() !== '*') {
         throw new MantleError('BAD_REQUEST', 'If-Match cannot hold: the gateway\'s entity tags are weak, and If-Match compares strong ones; the mutation did not run', { status: 412 })
       }
@@ -330,6 +331,13 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     // (the ETags then went out, but a matching If-None-Match never got its 304).
     // Before, a cached query over POST answered a matching If-None-Match with a 304.
     if (conditional) ctx.ifNoneMatch = single(headers['if-none-match'])
+    else if (mutation) {
+      // A gateway that is not the origin forwards the conditions it cannot evaluate (RFC 9110
+      // §13.2.1): whether the target exists is the Kernel's to say. They were dropped, and a
+      // create-only PUT (If-None-Match: *) overwrote what was there.
+      ctx.ifNoneMatch = single(headers['if-none-match'])
+      if (ifMatch !== undefined) ctx.ifMatch = '*'
+    }
     ctx.clientRequestId = clientRequestId(request.raw)
     ctx.tracestate = single(headers.tracestate)
     ctx.caller = reply.raw
@@ -424,7 +432,11 @@ function routeSchema (op: Operation, secured: boolean, concerns: HeaderConcerns)
   const requestHeaders: Record<string, JsonSchema> = {}
   // Read with the store off too: checked (400 when malformed), passed on to the Kernel, and a
   // keyed mutation is retried. The document left it out then, and a generated client could not send it.
-  if (op.type === 'mutation') requestHeaders['idempotency-key'] = idempotencyKeyHeader(concerns)
+  if (op.type === 'mutation') {
+    requestHeaders['idempotency-key'] = idempotencyKeyHeader(concerns)
+    requestHeaders['if-none-match'] = { type: 'string', description: 'Sent on to the Kernel, which evaluates it (`*`: only if the target does not exist yet); the Kernel\'s 412 is answered as KERNEL_REJECTED' }
+    requestHeaders['if-match'] = { type: 'string', description: 'Only `*` (only if the target exists), sent on to the Kernel, which evaluates it; any other value is refused 412 BAD_REQUEST: the gateway\'s tags are weak' }
+  }
   if (mayCache(op, concerns) && takesIfNoneMatch(op)) {
     requestHeaders['if-none-match'] = { type: 'string', description: 'An ETag of an earlier answer: 304 with no body while it still matches (when the operation is cached)' }
   }

@@ -173,6 +173,8 @@ export class KernelClient {
     const sendsBody = op.kernel.sendsBody
     // A mutation the Kernel serves over GET changes state all the same: no retry without a key.
     const idempotentMethod = method === 'GET' && op.type === 'query'
+    // A query's conditions are the gateway's own (its cache's ETags); a mutation's are the Kernel's.
+    const conditional = op.type === 'mutation'
     const metrics = this.metrics.forOperation(op.name)
     const route = `${method} ${op.kernel.path}`
     let kept = this.needs.get(op.name)
@@ -246,6 +248,10 @@ export class KernelClient {
       }
       if (body !== undefined) headers['content-type'] = 'application/json'
       if (ctx.idempotencyKey != null) headers['idempotency-key'] = ctx.idempotencyKey
+      if (conditional) {
+        if (ctx.ifNoneMatch !== undefined) headers['if-none-match'] = ctx.ifNoneMatch
+        if (ctx.ifMatch !== undefined) headers['if-match'] = ctx.ifMatch
+      }
       return client.execute(ctx, op, metrics, need, method, path, headers, body, idempotentMethod || ctx.idempotencyKey != null)
     }
   }

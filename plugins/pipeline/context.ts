@@ -102,8 +102,13 @@ export class CallContext {
   /** The firewall's verdict: the highest risk of its findings, and the findings (null: none). */
   risk: RiskLevel
   findings: readonly Finding[] | null
-  /** REST's `If-None-Match` on a cached query (the cache answers 304 when it matches); else undefined. */
+  /**
+   * REST's `If-None-Match`: on a query the cache's (it answers 304 when it matches); on a mutation
+   * the Kernel's, sent on to it (RFC 9110 §13.2.1). Else undefined.
+   */
   ifNoneMatch: string | undefined
+  /** REST's `If-Match: *` on a mutation, sent on to the Kernel (the adapter refuses any other); else undefined. */
+  ifMatch: string | undefined
   /**
    * The answer already encoded by the op's output serializer, when a stage holds it so (a cache
    * hit): the faces send it as it is instead of serializing the value again. null: serialize.
@@ -153,6 +158,7 @@ export class CallContext {
     this.risk = 'none'
     this.findings = null
     this.ifNoneMatch = undefined
+    this.ifMatch = undefined
     this.json = null
     this.refusal = null
     this.caller = null

@@ -76,6 +76,43 @@ t.test('a mutation sent with an If-Match no tag of the gateway can satisfy is a 
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a2', headers: { ...bearer(), 'if-match': '"stale"' } })).statusCode, 200)
 })
 
+t.test('a REST mutation\'s If-None-Match and If-Match: * reach the Kernel, which evaluates them (RFC 9110 §13.2.1)', async t => {
+  // A create-only PUT (If-None-Match: *): the gateway cannot tell whether the target exists, and
+  // did not say the condition to the Kernel either, so the PUT overwrote what was there.
+  const things = new Map<string, string>([['t1', 'first']])
+  const kernel = await startTestKernel(t)
+  for (const id of ['t1', 't2', 't3']) {
+    kernel.on(`PUT /v1/things/${id}`, (req, res) => {
+      const exists = things.has(id)
+      if ((req.headers['if-none-match'] === '*' && exists) || (req.headers['if-match'] === '*' && !exists)) return json(res, 412, { message: 'precondition failed' })
+      things.set(id, (JSON.parse(req.body) as { name: string }).name)
+      json(res, exists ? 200 : 201, { id, name: things.get(id) })
+    })
+  }
+  const thing = { type: 'object', properties: { id: { type: 'string' }, name: { type: 'string' } } }
+  const manifest = testManifest({
+    putThing: { type: 'mutation', rest: 'PUT /things/:id', kernel: 'PUT /v1/things/{id}', input: { type: 'object', required: ['id', 'name'], properties: { id: { type: 'string' }, name: { type: 'string' } } }, output: thing },
+    getThing: { type: 'query', rest: 'GET /things/:id', kernel: 'GET /v1/things/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: thing }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const put = async (id: string, headers: Record<string, string>) => await app.inject({ method: 'PUT', url: `/api/v1/things/${id}`, headers: { ...bearer(), ...headers }, payload: { name: 'second' } })
+  const createOnly = await put('t1', { 'if-none-match': '*' })
+  t.equal(createOnly.statusCode, 412, 'a create-only PUT of a thing that exists is refused by the Kernel')
+  t.match(createOnly.json(), { status: 412, code: 'KERNEL_REJECTED' })
+  t.equal(things.get('t1'), 'first', 'nothing was overwritten')
+  t.equal((await put('t2', { 'if-none-match': '*' })).statusCode, 201, 'and creates one that does not')
+  const updateOnly = await put('t3', { 'if-match': '*' })
+  t.equal(updateOnly.statusCode, 412, 'If-Match: * of a thing that does not exist: refused by the Kernel')
+  t.notOk(things.has('t3'), 'nothing was created')
+  const sent = kernel.requests.filter(r => r.method === 'PUT')
+  t.same(sent.map(r => [r.headers['if-none-match'], r.headers['if-match']]), [['*', undefined], ['*', undefined], [undefined, '*']], 'each condition went as sent')
+  // A query's conditions are the gateway's own (its cache's ETags): none goes to the Kernel.
+  kernel.on('GET /v1/things/t1', (req, res) => json(res, 200, { id: 't1', name: 'first' }))
+  await app.inject({ url: '/api/v1/things/t1', headers: { ...bearer(), 'if-none-match': '*', 'if-match': '*' } })
+  const got = kernel.requests.at(-1)!
+  t.same([got.method, got.headers['if-none-match'], got.headers['if-match']], ['GET', undefined, undefined], 'a query forwards none')
+})
+
 t.test('bad input is a 400 VALIDATION_FAILED that names the field', async t => {
   const app = await buildDemoApp(t)
   const cases: Array<[string, string, unknown, RegExp]> = [
