@@ -10,7 +10,7 @@ import { ConnectionSlots, UNIDENTIFIED_DEFAULTS, reportSlots } from '../connecti
 import { defaultUnreadBytes, type UnreadBytes } from '../unread.js'
 import { callKey, idempotencyKeyOf, single } from '../rest/index.js'
 import { buildSchema, inputsNamingInherited, withOwnFields } from './schema.js'
-import { jsonLength, limitRules, noSubscriptionOverHttp, MAX_FIELDS } from './limits.js'
+import { jsonLength, limitRules, subscriptionsOverHttp, MAX_FIELDS } from './limits.js'
 import { errorFormatterOf, fieldError } from './errors.js'
 import { createSubscriptions } from './subscriptions.js'
 import { upgradeAuthorization } from '../upgrade.js'
@@ -228,7 +228,8 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   const maxQuery = Math.min(MAX_QUERY_LENGTH, opts.bodyLimit)
   const subscriptions = createSubscriptions(app, { maxOperations: opts.maxCalls, first, rules, suggest: introspection, maxQuery, maxTokens: MAX_TOKENS, authTimeoutMs, claim: (request, tenant) => { slots.claim(request.raw.socket, tenant) } })
   // HTTP validation results are cached by mercurius per document, so this costs nothing per request.
-  const httpRules = [...rules, noSubscriptionOverHttp]
+  const overHttp = subscriptionsOverHttp()
+  const httpRules = [...rules, overHttp.rule]
   const reached = app.hasDecorator('audit') ? app.audit.reached : null
   // With the audit on, each HTTP request's context, so that a document refused before any of its
   // fields ran is recorded (refusedDocument).
@@ -468,6 +469,7 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
   app.graphql.addHook('preExecution', async (schema, document, context) => {
     const ctx = context as unknown as RequestContext
     const name = operationNameOf(ctx.reply?.request)
+    overHttp.refuseSelected(document, name)
     const variables = ctx.variables === undefined ? undefined : ownFieldsOf(schema, document, name, ctx.variables, inherited)
     if (!compilable(document, name)) return { document, variables }
     if (variables !== undefined) return { variables }

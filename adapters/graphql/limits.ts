@@ -1,4 +1,4 @@
-import { GraphQLError, Kind, NoFragmentCyclesRule, NoUnusedFragmentsRule, type ASTVisitor, type FieldNode, type SelectionSetNode, type ValidationContext, type ValidationRule } from 'graphql'
+import { GraphQLError, Kind, NoFragmentCyclesRule, NoUnusedFragmentsRule, getOperationAST, type ASTVisitor, type DocumentNode, type OperationDefinitionNode, type FieldNode, type SelectionSetNode, type ValidationContext, type ValidationRule } from 'graphql'
 
 export interface Limits {
   /** Deepest selection (BFF_GRAPHQL_MAX_DEPTH): `{ a { b } }` is 2 deep. */
@@ -186,15 +186,44 @@ export function limitRules (limits: Limits): ValidationRule[] {
   return [NoUnusedFragmentsRule, NoFragmentCyclesRule, limitsRule(limits), responseKeysRule(limits)]
 }
 
-/** Subscriptions are served over WebSocket (graphql-transport-ws) on the same path, not over HTTP. */
-export const noSubscriptionOverHttp: ValidationRule = (context) => ({
-  OperationDefinition (node) {
-    if (node.operation === 'subscription') {
-      context.reportError(new GraphQLError('Subscriptions are served over WebSocket (graphql-transport-ws) on this path, not over HTTP', { nodes: [node], extensions: { code: 'BAD_REQUEST', status: 400 } }))
+function subscriptionOverHttp (node: OperationDefinitionNode): GraphQLError {
+  return new GraphQLError('Subscriptions are served over WebSocket (graphql-transport-ws) on this path, not over HTTP', { nodes: [node], extensions: { code: 'BAD_REQUEST', status: 400 } })
+}
+
+/**
+ * Subscriptions are served over WebSocket (graphql-transport-ws) on the same path, not over HTTP.
+ * A document of subscriptions only is refused by the validation rule (cached by mercurius with the
+ * document). One that also holds a query or a mutation is valid: which operation runs is the
+ * request's `operationName`, not the document's, so `refuseSelected` refuses it at execution, for
+ * such documents only (the rule marks them). The rule refused the whole document, and a query
+ * picked by operationName beside a subscription was refused too.
+ */
+export function subscriptionsOverHttp (): { rule: ValidationRule, refuseSelected: (document: DocumentNode, operationName: string | undefined) => void } {
+  const mixed = new WeakSet<DocumentNode>()
+  const rule: ValidationRule = (context) => {
+    const document = context.getDocument()
+    const subscriptions: OperationDefinitionNode[] = []
+    let others = false
+    for (const definition of document.definitions) {
+      if (definition.kind !== Kind.OPERATION_DEFINITION) continue
+      if (definition.operation === 'subscription') subscriptions.push(definition)
+      else others = true
     }
-    return false
+    if (subscriptions.length > 0) {
+      if (others) mixed.add(document)
+      else for (const node of subscriptions) context.reportError(subscriptionOverHttp(node))
+    }
+    return {}
   }
-})
+  const refuseSelected = (document: DocumentNode, operationName: string | undefined): void => {
+    if (!mixed.has(document)) return
+    const operation = getOperationAST(document, operationName)
+    if (operation?.operation === 'subscription') {
+      throw Object.assign(new Error('Graphql validation error'), { errors: [subscriptionOverHttp(operation)], statusCode: 400 })
+    }
+  }
+  return { rule, refuseSelected }
+}
 
 // Characters JSON.stringify writes escaped: controls, `"`, `\\`, and surrogates (paired ones as
 // they are, a lone one as \uXXXX).

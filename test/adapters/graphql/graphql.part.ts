@@ -397,6 +397,29 @@ t.test('ugly requests are 4xx GraphQL errors with a contract code, never a 5xx',
   t.match(await put.json(), { status: 405, code: 'BAD_REQUEST' })
 })
 
+t.test('a document holding a subscription and a query runs the query operationName picks over HTTP; the subscription stays refused', async t => {
+  // The refusal looked at the whole document: `query A { ... } subscription B { ... }` with
+  // operationName A was refused 400 "served over WebSocket", though A is a query.
+  const { gql, app } = await demo(t)
+  const query = 'query A { getAgent(id: "a1") { id } } subscription B { runUpdated { id } }'
+  for (let i = 0; i < 3; i++) { // the document is cached (and compiled) after its first runs
+    const a = await gql({ query, operationName: 'A' })
+    t.equal(a.status, 200, `run ${i + 1}: the query`)
+    t.same(a.body, { data: { getAgent: { id: 'a1' } } })
+    const b = await gql({ query, operationName: 'B' })
+    t.equal(b.status, 400, `run ${i + 1}: the subscription`)
+    t.match(b.body, { errors: [{ message: /served over WebSocket/, extensions: { code: 'BAD_REQUEST', status: 400, requestId: String } }] })
+    t.notOk('data' in b.body, 'no data entry')
+  }
+  const alone = await gql({ query: 'subscription { runUpdated { id } }' })
+  t.match([alone.status, alone.body.errors[0].extensions.code], [400, 'BAD_REQUEST'], 'a subscription alone, as before')
+  const overGet = async (operationName: string) => await app.inject({ url: '/graphql?' + new URLSearchParams({ query, operationName }).toString(), headers: bearer() })
+  t.same((await overGet('A')).json(), { data: { getAgent: { id: 'a1' } } }, 'over GET, the query runs')
+  const getB = await overGet('B')
+  t.equal(getB.statusCode, 405, 'over GET, the subscription is refused as a mutation is')
+  t.match(getB.json(), { errors: [{ message: /GET/, extensions: { code: 'BAD_REQUEST', status: 405 } }] })
+})
+
 t.test('media types: application/graphql-response+json when asked for', async t => {
   const { gql } = await demo(t)
   const ok = await gql({ query: '{ __typename }' }, { accept: 'application/graphql-response+json, application/json;q=0.9' })
