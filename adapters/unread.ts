@@ -22,13 +22,27 @@ const ANONYMOUS = '\u0000anonymous'
  * every tenant's calls. A frame is queued while, before it, its tenant holds at most its share and
  * the instance at most its total: what is held stays within them and one frame.
  */
+/**
+ * One frame's bytes sent on many sockets: an event's frame on /ws, the same bytes for each of its
+ * tenant's subscribers, encoded once and handed to each socket as is (ws writes a Buffer without
+ * copying it). UnreadBytes.send counts its bytes once against its tenant, while any socket holds it,
+ * and each socket's send FRAME_OVERHEAD: what is really held.
+ */
+export class SharedFrame {
+  /** Sends of it not yet handed to the operating system (nor cut by their socket's close). */
+  holders = 0
+  /** The tenant its bytes count against while held (the first send's). */
+  tenant: string | undefined = undefined
+  constructor (readonly bytes: Buffer) {}
+}
+
 export class UnreadBytes {
   private total = 0
   private readonly tenants = new Map<string, number>()
   /** Tenants holding more than their share now: while none does, nothing is looked up. */
   private over = 0
   /** What each socket holds, and for which tenant; returned when the socket closes. */
-  private readonly sockets = new WeakMap<WebSocket, { tenant: string | undefined, bytes: number }>()
+  private readonly sockets = new WeakMap<WebSocket, { tenant: string | undefined, bytes: number, shared: Map<SharedFrame, number> | null }>()
 
   /**
    * @param max the bytes all clients together may hold unread
@@ -78,16 +92,16 @@ export class UnreadBytes {
   }
 
   /**
-   * Sends `frame` (a text frame's UTF-8 bytes) on `socket` for `tenant` (undefined: not known
-   * yet), counted until ws has handed it to the operating system or the socket has closed; or
-   * returns false, sending nothing, when before it the tenant held more than its share or the
-   * instance more than its total. `cb` is ws's send callback.
+   * Sends `frame` (a text frame's UTF-8 bytes, or a SharedFrame's) on `socket` for `tenant`
+   * (undefined: not known yet), counted until ws has handed it to the operating system or the
+   * socket has closed; or returns false, sending nothing, when before it the tenant held more than
+   * its share or the instance more than its total. `cb` is ws's send callback.
    */
-  send (socket: WebSocket, frame: Buffer, tenant: string | undefined, cb?: (err?: Error) => void): boolean {
+  send (socket: WebSocket, frame: Buffer | SharedFrame, tenant: string | undefined, cb?: (err?: Error) => void): boolean {
     if (!this.admits(tenant)) return false
     let held = this.sockets.get(socket)
     if (held === undefined) {
-      held = { tenant, bytes: 0 }
+      held = { tenant, bytes: 0, shared: null }
       const record = held
       this.sockets.set(socket, record)
       // Whatever ws still holds when the socket closes is let go with it (a callback of a write
@@ -95,6 +109,9 @@ export class UnreadBytes {
       socket.once('close', () => {
         this.add(record.tenant, -record.bytes)
         record.bytes = 0
+        if (record.shared === null) return
+        for (const [shared, sends] of record.shared) this.unhold(shared, sends)
+        record.shared = null
       })
     } else if (held.tenant !== tenant) {
       // Identified since (GraphQL's connection_init, tRPC's connectionParams): what it holds
@@ -104,21 +121,40 @@ export class UnreadBytes {
       held.tenant = tenant
     }
     const record = held
-    // With what queuing it holds besides its bytes: small frames cost far more than their size.
-    const bytes = frame.length + FRAME_OVERHEAD
+    const shared = frame instanceof SharedFrame ? frame : null
+    // With what queuing it holds besides its bytes: small frames cost far more than their size. A
+    // shared frame's bytes count once, however many sockets hold it (hold).
+    const bytes = shared === null ? (frame as Buffer).length + FRAME_OVERHEAD : FRAME_OVERHEAD
     record.bytes += bytes
     this.add(record.tenant, bytes)
+    if (shared !== null) {
+      record.shared ??= new Map()
+      record.shared.set(shared, (record.shared.get(shared) ?? 0) + 1)
+      if (shared.holders++ === 0) {
+        shared.tenant = record.tenant
+        this.add(shared.tenant, shared.bytes.length)
+      }
+    }
     const sent = queueFrame(socket)
     // Once: at ws's callback, or at once when the frame went straight to the operating system.
     let owed = bytes
+    let holding = shared !== null
     const release = (): void => {
       sent()
       const back = Math.min(owed, record.bytes)
       owed = 0
       record.bytes -= back
       this.add(record.tenant, -back)
+      if (!holding) return
+      holding = false
+      // Not when the socket's close let it go already (its record's shared frames emptied).
+      const sends = record.shared?.get(shared!)
+      if (sends === undefined) return
+      if (sends > 1) record.shared!.set(shared!, sends - 1)
+      else record.shared!.delete(shared!)
+      this.unhold(shared!, 1)
     }
-    socket.send(frame, { binary: false }, (err?: Error) => {
+    socket.send(shared === null ? frame as Buffer : shared.bytes, { binary: false }, (err?: Error) => {
       release()
       cb?.(err)
     })
@@ -128,6 +164,12 @@ export class UnreadBytes {
     // share of 1 MiB, and most of them, reading all along, were closed with 1013.
     if (socket.bufferedAmount === 0) release()
     return true
+  }
+
+  /** `sends` sends of `shared` held no more: its bytes are given back once none holds it. */
+  private unhold (shared: SharedFrame, sends: number): void {
+    shared.holders -= sends
+    if (shared.holders === 0) this.add(shared.tenant, -shared.bytes.length)
   }
 }
 

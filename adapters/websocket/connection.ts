@@ -8,11 +8,11 @@ import { MantleError, shuttingDownRefusal, toProblem } from '../../errors.js'
 import type { Identity } from '../../plugins/auth/index.js'
 import { decodeFrame, type CallFrame, type SubscribeFrame, type UnsubscribeFrame, type AuthFrame, type Refusal } from './frames.js'
 import type { CloseReason, WebSocketCounters } from './metrics.js'
-import { CLOSE_SLOW_READER, SLOW_READER, boundedFrame } from '../slow-reader.js'
+import { CLOSE_SLOW_READER, SLOW_READER, boundedFrame, unreadOn } from '../slow-reader.js'
 import { untilIdentityEnds, IDENTITY_ENDED } from '../expiry.js'
 import type { Heartbeat } from '../heartbeat.js'
 import type { UpgradeTrace } from '../upgrade.js'
-import type { UnreadBytes } from '../unread.js'
+import type { SharedFrame, UnreadBytes } from '../unread.js'
 
 /** Per-connection bounds (WebSocketFaceSettings in index.ts documents each). */
 export interface ConnectionLimits {
@@ -29,6 +29,11 @@ export interface FaceShared {
   counters: WebSocketCounters
   /** `{"event":"<name>","data":` per event name: an event frame is this + its JSON + `}`. */
   eventPrefixes: ReadonlyMap<string, string>
+  /**
+   * The frame of an event (its prefix, its payload's JSON) for a tenant's subscribers, encoded
+   * once for all of them: every subscriber's frame is the same bytes (index.ts).
+   */
+  eventFrame: (prefix: string, json: string, tenant: string) => SharedFrame
   /** Pings every connection; one that misses a pong is dropped. */
   heartbeat: Heartbeat
   /** Runs a subscribe or re-auth frame's decision and records it (the audit trail's). */
@@ -168,9 +173,10 @@ export class Connection {
    * boundedFrame), or its tenant's sockets, or the instance's, more than theirs (UnreadBytes):
    * it has stopped reading, and the connection ends with 1013 instead.
    */
-  private send (text: string): void {
+  private send (text: string | SharedFrame): void {
     if (this.closing) return
-    const frame = boundedFrame(this.socket, text, this.face.limits.maxBufferedBytes)
+    const { maxBufferedBytes } = this.face.limits
+    const frame = typeof text === 'string' ? boundedFrame(this.socket, text, maxBufferedBytes) : unreadOn(this.socket) > maxBufferedBytes ? null : text
     if (frame === null || !this.face.unread.send(this.socket, frame, this.identity.tenant)) {
       this.close(CLOSE_SLOW_READER, 'slow_reader', SLOW_READER)
       return
@@ -352,8 +358,10 @@ export class Connection {
           if (this.subscriptions.has(name)) return
           const { maxSubscriptions } = this.face.limits
           if (this.subscriptions.size >= maxSubscriptions) throw new MantleError('OVERLOADED', `A connection holds at most ${maxSubscriptions} subscriptions`)
-          // The bus serializes each event once for all its subscribers: the JSON is spliced in.
-          const unsubscribe = bus.subscribe(name, this.identity.tenant, (_payload, json) => this.send(prefix + json + '}'))
+          // The bus serializes each event once for all its subscribers, and its frame is encoded
+          // once for all of them too (eventFrame): each socket holds the same bytes, counted once.
+          const tenant = this.identity.tenant
+          const unsubscribe = bus.subscribe(name, tenant, (_payload, json) => { this.send(this.face.eventFrame(prefix, json, tenant)) })
           this.subscriptions.set(name, { id: frame.id, unsubscribe })
         })
       } catch (err) {

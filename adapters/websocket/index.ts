@@ -4,7 +4,7 @@ import { clientAddress } from '../../address.js'
 import { MantleError } from '../../errors.js'
 import { ConnectionSlots, reportSlots } from '../connection-slots.js'
 import { MAX_BUFFERED_BYTES } from '../slow-reader.js'
-import { defaultUnreadBytes } from '../unread.js'
+import { SharedFrame, defaultUnreadBytes } from '../unread.js'
 import { Connection, type ConnectionAuth, type FaceShared } from './connection.js'
 import { websocketMetrics } from './metrics.js'
 import { inFlightBoundMs, upgradeAuthorization, upgradeTrace } from '../upgrade.js'
@@ -52,7 +52,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
     const eventPrefixes = new Map(app.pipeline.manifest.events.map(e => [e.name, '{"event":' + JSON.stringify(e.name) + ',"data":']))
     // One timer for every connection rather than one each.
     const heartbeat = new Heartbeat(limits.heartbeatMs)
-    const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes, heartbeat, decide: decisions(app), guard: messageGuardOf(app), unread: opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined) }
+    const face: FaceShared = { app, limits, counters: websocketMetrics(app, () => connections.size), eventPrefixes, eventFrame: eventFrames(), heartbeat, decide: decisions(app), guard: messageGuardOf(app), unread: opts.unread ?? defaultUnreadBytes(opts.maxConnectionsPerTenant !== undefined) }
     // Identity verified in the upgrade's onRequest hook, handed to the connection it opens.
     const verified = new WeakMap<FastifyRequest, ConnectionAuth>()
     const forget = (c: Connection): void => { connections.delete(c) }
@@ -110,6 +110,24 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
       // Clients that did not acknowledge the close in time would hold the server open.
       for (const c of connections) c.socket.terminate()
     })
+  }
+}
+
+/**
+ * An event's frame for its tenant's subscribers, encoded once per event: the bus hands each of them
+ * the same JSON in one synchronous loop, and the frame made for the first is handed to the others
+ * (and forgotten once the loop is over, not held until the next event). Encoded apart, a large
+ * event held a copy per subscriber until each was written out, each counted in its tenant's share:
+ * a 2 MB event to 100 subscribers whose networks were a moment behind counted 200 MB against it.
+ */
+function eventFrames (): (prefix: string, json: string, tenant: string) => SharedFrame {
+  let last: { prefix: string, json: string, tenant: string, frame: SharedFrame } | null = null
+  const forget = (): void => { last = null }
+  return (prefix, json, tenant) => {
+    if (last !== null && last.json === json && last.prefix === prefix && last.tenant === tenant) return last.frame
+    if (last === null) queueMicrotask(forget)
+    last = { prefix, json, tenant, frame: new SharedFrame(Buffer.from(prefix + json + '}')) }
+    return last.frame
   }
 }
 

@@ -8,6 +8,7 @@ import { buildApp, closeWebSockets, type BuildOptions } from '../../app.js'
 import { startKernel, type KernelOptions } from '../../kernel/server.js'
 import { createWebSocketFace, type WebSocketFaceSettings } from '../../adapters/websocket/index.js'
 import type { FaceOptions } from '../../adapters/face.js'
+import type { UnreadBytes } from '../../adapters/unread.js'
 import { testConfig, token, manifestFor, until, type TokenOptions } from '../helper.js'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
@@ -38,6 +39,8 @@ export interface WsAppOptions {
   build?: BuildOptions
   /** Options of the demo Kernel started when build.kernelUrl is not given. */
   kernel?: KernelOptions
+  /** What the test's face (with `settings` or `face`) counts its sockets' unread bytes in. */
+  unread?: UnreadBytes
 }
 
 /** A listening gateway with the WebSocket face; everything is closed at teardown. */
@@ -62,7 +65,8 @@ export async function wsApp (t: Teardown, options: WsAppOptions = {}): Promise<W
       maxDepth: config.BFF_GRAPHQL_MAX_DEPTH,
       secured: config.BFF_AUTH_ENABLED,
       development: true,
-      maxConnectionsPerTenant: config.BFF_AUTH_ENABLED ? config.BFF_WS_MAX_CONNECTIONS_PER_TENANT : undefined
+      maxConnectionsPerTenant: config.BFF_AUTH_ENABLED ? config.BFF_WS_MAX_CONNECTIONS_PER_TENANT : undefined,
+      unread: options.unread
     })
   }
   await app.listen({ port: 0, host: '127.0.0.1' })
