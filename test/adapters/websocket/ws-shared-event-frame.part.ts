@@ -107,3 +107,20 @@ t.test('/ws: a large event to subscribers who read late is held once, counted on
   }
   await until(() => unread.size === 0, 'everything given back once read')
 })
+
+t.test('/ws: every subscriber receives the event frame\'s bytes as they were encoded apart', async t => {
+  const { app, url } = await wsApp(t)
+  const raw: string[][] = [[], []]
+  for (const received of raw) {
+    const client = await connect(t, url, { tenant: 'bytes', roles: ['viewer'] })
+    await client.request({ id: 's', subscribe: 'runUpdated' })
+    client.ws.on('message', (data: Buffer) => { received.push(data.toString('utf8')) })
+  }
+  let json = ''
+  const off = app.events.bus.subscribe('runUpdated', 'bytes', (_payload, text) => { json = text })
+  t.teardown(off)
+  app.events.bus.dispatch({ topic: 'runs.updated', tenantId: 'bytes', payload: run('r1', { output: 'é😀\u2028"\\' }) })
+  await until(() => raw.every(r => r.length === 1), 'both frames')
+  t.equal(raw[0][0], '{"event":"runUpdated","data":' + json + '}', 'the prefix, the payload\'s JSON, the closing brace')
+  t.equal(raw[1][0], raw[0][0], 'the same bytes for each subscriber')
+})
