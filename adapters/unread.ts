@@ -12,17 +12,6 @@ import { PROBE_PATHS } from '../probes.js'
 const ANONYMOUS = '\u0000anonymous'
 
 /**
- * The bytes the instance holds that its clients have not read (queued in the gateway, not yet
- * handed to the operating system): every WebSocket's frames, all faces together, and the HTTP
- * answers not yet written out (answerBounds); and each tenant's share of them. Each socket is
- * bound on its own (MAX_BUFFERED_BYTES, 4 MiB), but the bound multiplied: one token's tenant
- * opening its 10,000 connections per face, each sent small calls whose answers it never read,
- * made the gateway hold 4 MiB for each (42 GB for 26 MB sent, measured at 4.2 MiB a socket),
- * outside the V8 heap that load shedding watches by default, until the process was killed with
- * every tenant's calls. A frame is queued while, before it, its tenant holds at most its share and
- * the instance at most its total: what is held stays within them and one frame.
- */
-/**
  * One frame's bytes sent on many sockets: an event's frame on /ws, the same bytes for each of its
  * tenant's subscribers, encoded once and handed to each socket as is (ws writes a Buffer without
  * copying it). UnreadBytes.send counts its bytes once against its tenant, while any socket holds it,
@@ -36,6 +25,17 @@ export class SharedFrame {
   constructor (readonly bytes: Buffer) {}
 }
 
+/**
+ * The bytes the instance holds that its clients have not read (queued in the gateway, not yet
+ * handed to the operating system): every WebSocket's frames, all faces together, and the HTTP
+ * answers not yet written out (answerBounds); and each tenant's share of them. Each socket is
+ * bound on its own (MAX_BUFFERED_BYTES, 4 MiB), but the bound multiplied: one token's tenant
+ * opening its 10,000 connections per face, each sent small calls whose answers it never read,
+ * made the gateway hold 4 MiB for each (42 GB for 26 MB sent, measured at 4.2 MiB a socket),
+ * outside the V8 heap that load shedding watches by default, until the process was killed with
+ * every tenant's calls. A frame is queued while, before it, its tenant holds at most its share and
+ * the instance at most its total: what is held stays within them and one frame.
+ */
 export class UnreadBytes {
   private total = 0
   private readonly tenants = new Map<string, number>()
@@ -123,7 +123,7 @@ export class UnreadBytes {
     const record = held
     const shared = frame instanceof SharedFrame ? frame : null
     // With what queuing it holds besides its bytes: small frames cost far more than their size. A
-    // shared frame's bytes count once, however many sockets hold it (hold).
+    // shared frame's bytes count once, however many sockets hold it (until unhold).
     const bytes = shared === null ? (frame as Buffer).length + FRAME_OVERHEAD : FRAME_OVERHEAD
     record.bytes += bytes
     this.add(record.tenant, bytes)
