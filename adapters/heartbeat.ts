@@ -1,4 +1,5 @@
 import { WebSocket } from 'ws'
+import type { Socket } from 'node:net'
 
 /**
  * WebSocket pings for a face's sockets, one timer for them all: each tick, a socket that has not
@@ -8,8 +9,11 @@ import { WebSocket } from 'ws'
  * use it (tRPC's adapter pings its own).
  */
 export class Heartbeat {
-  /** The sockets watched, each with whether it answered since the last ping and what to do before it is cut. */
-  private readonly watched = new Map<WebSocket, { alive: boolean, dead: (() => void) | undefined }>()
+  /**
+   * The sockets watched, each with whether it answered since the last ping, the bytes the
+   * operating system had taken of it then (taken), and what to do before it is cut.
+   */
+  private readonly watched = new Map<WebSocket, { alive: boolean, taken: number, dead: (() => void) | undefined }>()
   private readonly timer: NodeJS.Timeout
 
   constructor (intervalMs: number) {
@@ -19,7 +23,7 @@ export class Heartbeat {
 
   /** Pings `socket` until it closes; `dead` runs just before it is terminated for a missed pong. */
   watch (socket: WebSocket, dead?: () => void): void {
-    const beat = { alive: true, dead }
+    const beat = { alive: true, taken: 0, dead }
     this.watched.set(socket, beat)
     socket.on('pong', () => { beat.alive = true })
     socket.once('close', () => { this.watched.delete(socket) })
@@ -34,13 +38,33 @@ export class Heartbeat {
       // A closing socket has ws's own close timer.
       if (socket.readyState !== WebSocket.OPEN) continue
       if (!beat.alive) {
+        // The ping waits behind every frame queued before it: a peer still taking them (the
+        // operating system took more of them since the ping) is reading, only not yet as far as
+        // the ping. It was cut, on a link slower than what was queued over one interval, though
+        // it read on. One that takes nothing is cut, as one that sends no pong.
+        const now = taken(socket)
+        if (now > beat.taken) {
+          beat.taken = now
+          continue
+        }
         this.watched.delete(socket)
         beat.dead?.()
         socket.terminate()
         continue
       }
       beat.alive = false
+      beat.taken = taken(socket)
       socket.ping()
     }
   }
+}
+
+/**
+ * The bytes the operating system has taken of `socket` so far: net.Socket's bytesWritten counts
+ * what is still queued in Node too (writableLength). ws keeps its socket as `_socket` (it offers
+ * no other way to it once open).
+ */
+function taken (socket: WebSocket): number {
+  const raw = (socket as unknown as { _socket?: Socket })._socket
+  return raw === undefined ? 0 : raw.bytesWritten - raw.writableLength
 }
