@@ -4,7 +4,7 @@ import { fileURLToPath } from 'node:url'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { isIP } from 'node:net'
-import { parsePublicKeys } from '../plugins/auth/keys.js'
+import { isAsymmetricKey, parsePublicKeys, SECRET_IS_A_KEY } from '../plugins/auth/keys.js'
 
 /** The demo manifest: the embedded default when BFF_MANIFEST is not set. */
 export const DEMO_MANIFEST = fileURLToPath(new URL('../kernel/manifest.yaml', import.meta.url))
@@ -244,6 +244,12 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
       bad.add('BFF_JWT_PUBLIC_KEYS')
       problems.push((err as Error).message)
     }
+  }
+  // HS256 is an HMAC keyed with the secret's text: an IdP's public key put here (its PEM, the bare
+  // base64 Keycloak shows, its JWK) made a secret anyone who fetched that key had, who then signed
+  // HS256 tokens of any tenant and role that the gateway took.
+  if (config.BFF_JWT_SECRET !== undefined && !bad.has('BFF_JWT_SECRET') && isAsymmetricKey(config.BFF_JWT_SECRET)) {
+    refuse('BFF_JWT_SECRET', 'an HS256 secret (32 random bytes or more), not a key', SECRET_IS_A_KEY)
   }
   if (config.BFF_CORS_ORIGINS !== undefined) {
     // URL.canParse: the pattern takes any 5 digits as a port, WHATWG URL only 0..65535.

@@ -2,7 +2,7 @@ import { createHmac, createPublicKey, timingSafeEqual, verify as verifySignature
 import { createVerifier, createSigner, TokenError } from 'fast-jwt'
 import { LRUCache } from 'lru-cache'
 import { MantleError } from '../../errors.js'
-import { JwksFetcher, type PublicKey } from './keys.js'
+import { JwksFetcher, isAsymmetricKey, SECRET_IS_A_KEY, type PublicKey } from './keys.js'
 import { HEADER_SAFE, carriesRole } from './claims.js'
 import type { Zone } from '../../schemas/manifest.js'
 
@@ -224,6 +224,8 @@ const refuse = (why: string): MantleError => new MantleError('UNAUTHENTICATED', 
  * memory, and the JWKS fetcher fills them in the background.
  */
 export function createIdentityVerifier (options: IdentityOptions): IdentityVerifier {
+  // The configuration refuses it first (loadConfig); here for any other caller.
+  if (options.secret !== undefined && isAsymmetricKey(options.secret)) throw new Error('BFF_JWT_SECRET cannot be the HS256 secret: ' + SECRET_IS_A_KEY)
   const toleranceMs = (options.clockToleranceSec ?? 5) * 1000
   const verifierFor = (key: string, alg: string): Verify => createVerifier({
     key,

@@ -1,4 +1,4 @@
-import { createPublicKey, type KeyObject, type JsonWebKey } from 'node:crypto'
+import { X509Certificate, createPublicKey, type KeyObject, type JsonWebKey } from 'node:crypto'
 import { request } from 'undici'
 import { INVALID, readJson } from '../../read-json.js'
 
@@ -36,6 +36,51 @@ function toPublicKey (key: KeyObject): PublicKey | string {
   if (alg === 'RS256' && !((key.asymmetricKeyDetails?.modulusLength ?? 0) >= MIN_RSA_BITS)) return `is an RSA key shorter than ${MIN_RSA_BITS} bits`
   return { alg, pem: key.export({ type: 'spki', format: 'pem' }).toString() }
 }
+
+/** Base64 of a DER key: at least a P-256 SPKI's 91 bytes, lines allowed (a PEM's body). */
+const BARE_BASE64 = /^[A-Za-z0-9+/\s]{120,}={0,2}$/
+
+/**
+ * Whether `text` is an RSA or EC key rather than a shared secret: a PEM (public key, PKCS#1,
+ * certificate, private key), the bare base64 of a DER public key or certificate (a PEM's body, as
+ * Keycloak's realm settings show its key and certificate), or a JWK or JWKS of one. Given as the HS256 secret, a public key
+ * is a secret anyone holding it has: whoever fetches the IdP's key signs HS256 tokens of any
+ * tenant and role (algorithm confusion, by configuration).
+ */
+export function isAsymmetricKey (text: string): boolean {
+  const parses = (key: Parameters<typeof createPublicKey>[0]): boolean => {
+    try {
+      createPublicKey(key)
+      return true
+    } catch {
+      return false
+    }
+  }
+  if (text.includes('-----BEGIN ')) return parses(text)
+  const trimmed = text.trim()
+  if (BARE_BASE64.test(trimmed)) {
+    const der = Buffer.from(trimmed.replace(/\s/g, ''), 'base64')
+    if (parses({ key: der, format: 'der', type: 'spki' }) || parses({ key: der, format: 'der', type: 'pkcs1' })) return true
+    try {
+      return new X509Certificate(der).publicKey.type === 'public'
+    } catch {
+      return false
+    }
+  }
+  if (!trimmed.startsWith('{')) return false
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(trimmed)
+  } catch {
+    return false
+  }
+  const set = (parsed as { keys?: unknown } | null)?.keys
+  const jwks = Array.isArray(set) ? set as unknown[] : [parsed]
+  return jwks.some(jwk => jwk !== null && typeof jwk === 'object' && (jwk as { kty?: unknown }).kty !== 'oct' && parses({ key: jwk as JsonWebKey, format: 'jwk' }))
+}
+
+/** Why BFF_JWT_SECRET cannot be a key (isAsymmetricKey), in the configuration's and the verifier's refusal. */
+export const SECRET_IS_A_KEY = 'it is an RSA or EC key (a PEM, its bare base64, or a JWK), and HS256 keyed with a public key takes tokens anyone holding that public key signs: put public keys in BFF_JWT_PUBLIC_KEYS ({"<kid>": "<PEM public key>"}) or give BFF_JWKS_URL'
 
 /**
  * Parses BFF_JWT_PUBLIC_KEYS: a JSON object of kid to PEM public key (RSA or EC P-256).

@@ -531,3 +531,51 @@ t.test('a blank BFF_JWT_ISSUER or BFF_JWT_AUDIENCE, or one with spaces around it
   const both = errorOf({ BFF_JWT_ISSUER: ' ', BFF_JWT_AUDIENCE: 'mantle ', PORT: 'abc' })?.message ?? ''
   for (const name of ['BFF_JWT_ISSUER=" "', 'BFF_JWT_AUDIENCE="mantle "', 'PORT="abc"']) t.match(both, name, `${name} named with the others`)
 })
+
+// HS256 is an HMAC of the secret's text: a public key given as BFF_JWT_SECRET (an IdP's PEM, the
+// bare base64 of its key as Keycloak's realm settings show it, its JWK) made a secret that anyone
+// holding the public key had, and so could sign HS256 tokens of any tenant and role, which the
+// gateway took. Such a value stops start-up, in every environment.
+// A self-signed EC P-256 certificate (CN=idp.example), as an identity provider publishes its key.
+const CERTIFICATE = [
+  '-----BEGIN CERTIFICATE-----',
+  'MIIBgTCCASegAwIBAgIUOO8JPVGj5laLXvjKrB2SB3gQUzwwCgYIKoZIzj0EAwIw',
+  'FjEUMBIGA1UEAwwLaWRwLmV4YW1wbGUwHhcNMjYxMjA3MTkyMzAxWhcNMjYxMjA4',
+  'MTkyMzAxWjAWMRQwEgYDVQQDDAtpZHAuZXhhbXBsZTBZMBMGByqGSM49AgEGCCqG',
+  'SM49AwEHA0IABECg4Vg3klUMhvMJzrgRyD9BMxkVVdamsk2JNujetUSyXLTquyEv',
+  'oYJIkxALTDwdgHmKYEHnt/5fsaz1xIJJiOmjUzBRMB0GA1UdDgQWBBQxLDyu9nFJ',
+  'Xn47yA2xL5dd+RMq5DAfBgNVHSMEGDAWgBQxLDyu9nFJXn47yA2xL5dd+RMq5DAP',
+  'BgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIFzOqc72Tjvr0+PpPvZR',
+  'f3g7EXpvDLny/w+bvYwzcd2OAiEAo/Nqrfrau1/ZosJ8G1d6XLDx5swftdxZ+7Ww',
+  'EOd9GN0=',
+  '-----END CERTIFICATE-----'
+].join('\n')
+t.test('BFF_JWT_SECRET holding a public key (PEM, bare base64, JWK) is refused in every environment', async t => {
+  const { generateKeyPairSync } = await import('node:crypto')
+  const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 })
+  const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' })
+  const pem = rsa.publicKey.export({ type: 'spki', format: 'pem' }).toString()
+  const keys: Array<[string, string]> = [
+    ['an RSA public key (PEM)', pem],
+    ['an EC public key (PEM)', ec.publicKey.export({ type: 'spki', format: 'pem' }).toString()],
+    ['an RSA public key (PKCS#1 PEM)', rsa.publicKey.export({ type: 'pkcs1', format: 'pem' }).toString()],
+    ['the PEM\'s bare base64 body', pem.replace(/-----[^-]+-----/g, '').replace(/\s/g, '')],
+    ['the bare base64 body on several lines', pem.replace(/-----[^-]+-----/g, '').trim()],
+    ['an RSA JWK', JSON.stringify({ ...rsa.publicKey.export({ format: 'jwk' }), kid: 'k1', use: 'sig' })],
+    ['a JWKS', JSON.stringify({ keys: [ec.publicKey.export({ format: 'jwk' })] })],
+    ['a private key (PEM)', rsa.privateKey.export({ type: 'pkcs8', format: 'pem' }).toString()],
+    ['a certificate (PEM)', CERTIFICATE],
+    ['a certificate\'s bare base64 (Keycloak\'s "Certificate")', CERTIFICATE.replace(/-----[^-]+-----/g, '').replace(/\s/g, '')]
+  ]
+  for (const env of ['development', 'production']) {
+    for (const [what, value] of keys) {
+      const err = errorOf({ NODE_ENV: env, BFF_AUDIT_ENABLED: 'false', BFF_JWT_SECRET: value })
+      t.match(err?.message, /BFF_JWT_SECRET="\*\*\*" is invalid: .*public key.*BFF_JWT_PUBLIC_KEYS/, `${env}: ${what} refused`)
+      t.notOk(err?.message.includes(value.slice(30, 60)), `${env}: ${what}: the value is not shown`)
+    }
+  }
+  // Secrets that merely look alike are taken: random base64, JSON that is no key, a symmetric JWK's text.
+  for (const value of [randomUUID() + randomUUID(), Buffer.alloc(48, 7).toString('base64'), 'MIIB' + 'A'.repeat(60), '{"not":"a key","x":"0123456789abcdef0123"}', JSON.stringify({ kty: 'oct', k: 'c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA' })]) {
+    t.equal(loadConfig({ NODE_ENV: 'production', BFF_AUDIT_ENABLED: 'false', BFF_JWT_SECRET: value }).BFF_JWT_SECRET, value, `taken: ${value.slice(0, 24)}`)
+  }
+})

@@ -148,3 +148,18 @@ t.test('a forged token\'s payload is not parsed: the signature is checked first'
     t.throws(() => identify(`Bearer ${malformed}`), { code: 'UNAUTHENTICATED', message: /malformed/ }, malformed)
   }
 })
+
+// Algorithm confusion by configuration: a public key given as the HS256 secret (an IdP's PEM put
+// in BFF_JWT_SECRET) verified HS256 tokens that anyone holding the public key signed, with any
+// tenant and role. The verifier refuses such a secret (the configuration refuses it first).
+t.test('a public key given as the HS256 secret is refused, never used to verify', async t => {
+  const { createHmac } = await import('node:crypto')
+  const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 })
+  const pem = rsa.publicKey.export({ type: 'spki', format: 'pem' }).toString()
+  const b64 = (o: unknown): string => Buffer.from(JSON.stringify(o)).toString('base64url')
+  const input = b64({ alg: 'HS256', typ: 'JWT' }) + '.' + b64({ sub: 'attacker', tid: 'victim', roles: ['system'], zone: 'restricted', exp: Math.floor(Date.now() / 1000) + 60 })
+  const forged = `Bearer ${input}.${createHmac('sha256', pem).update(input).digest('base64url')}`
+  let identify: ReturnType<typeof createIdentityVerifier> | undefined
+  t.throws(() => { identify = createIdentityVerifier({ secret: pem }) }, /public key.*BFF_JWT_PUBLIC_KEYS/)
+  if (identify !== undefined) t.throws(() => identify!(forged), { code: 'UNAUTHENTICATED' }, 'the forged token is refused')
+})
