@@ -6,7 +6,7 @@ import { MantleError } from '../../errors.js'
 import { requestAuthorization } from '../../adapters/credentials.js'
 import { framesBody } from '../../lingering.js'
 import { withHook } from '../../route-hooks.js'
-import { StageOrder, requestOf } from '../pipeline/index.js'
+import { StageOrder, requestOf, type CallContext } from '../pipeline/index.js'
 import { createIdentityVerifier, zoneRefusal, IDENTITY_CACHE_BYTES, type Identity, type IdentityOptions } from './identity.js'
 
 export { mintToken, ANONYMOUS, KeyLease, type Identity } from './identity.js'
@@ -170,12 +170,20 @@ async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise
     name: 'identity',
     order: StageOrder.identity,
     build: () => (ctx, next) => {
-      const id = identify(ctx.authorization, requestOf(ctx.caller))
-      ctx.tenant = id.tenant
-      ctx.user = id.user
-      ctx.roles = id.roles
-      ctx.zone = id.zone
-      return next(ctx)
+      let id: Identity
+      try {
+        id = identify(ctx.authorization, requestOf(ctx.caller))
+      } catch (err) {
+        // A kid the JWKS fetch under way may bring (keys rotated at the IdP, the fetch most often
+        // started by this very token): checked again once it ends (within the JWKS timeout), as
+        // tokenFirst does before a body. A call without one (a REST or tRPC GET, a /ws call frame)
+        // was refused 401 at once, while the key was on its way.
+        const keys = verifier.keysFor(err)
+        if (keys === null) throw err
+        const again = async (): Promise<unknown> => await next(identified(ctx, identify(ctx.authorization, requestOf(ctx.caller))))
+        return keys.then(again, again)
+      }
+      return next(identified(ctx, id))
     }
   })
 
@@ -196,6 +204,15 @@ async function authPlugin (app: FastifyInstance, opts: IdentityOptions): Promise
       }
     }
   })
+}
+
+/** The call's context, its caller's identity set. */
+function identified (ctx: CallContext, id: Identity): CallContext {
+  ctx.tenant = id.tenant
+  ctx.user = id.user
+  ctx.roles = id.roles
+  ctx.zone = id.zone
+  return ctx
 }
 
 export default fp(authPlugin, { name: 'mantle-auth', dependencies: ['mantle-pipeline'], fastify: '5.x' })

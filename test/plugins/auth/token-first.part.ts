@@ -136,3 +136,44 @@ t.test('a kid not held: checked again once the JWKS fetch under way ends, else r
   t.match(res.json(), { code: 'UNAUTHENTICATED', detail: /unknown key id/ })
   t.equal(jwks.hits(), before, 'no fetch asked for')
 })
+
+// A kid the issuer has just rotated to, on a call without a body (REST GET, tRPC GET query): the
+// calls waited for the JWKS fetch under way only when their body was read after the check
+// (tokenFirst), and a GET was refused 401 at once while the fetch its own token had started was
+// bringing the key, which many front ends take for a lost session.
+t.test('a kid not held on a call without a body: checked again once the JWKS fetch under way ends', async t => {
+  const { generateKeyPairSync } = await import('node:crypto')
+  const { createSigner } = await import('fast-jwt')
+  const { jwksServer } = await import('./jwks-server.js')
+  const { buildTestApp, startTestKernel, testManifest, json: answer } = await import('../../helper.js')
+  const rsa = (): { pem: string, jwk: (kid: string) => Record<string, unknown> } => {
+    const { publicKey, privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 })
+    return { pem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), jwk: kid => ({ ...publicKey.export({ format: 'jwk' }), kid, alg: 'RS256', use: 'sig' }) }
+  }
+  const signed = (key: { pem: string }, kid: string): string => 'Bearer ' + createSigner({ key: key.pem, algorithm: 'RS256', kid, expiresIn: 600_000 })({ sub: 'u1', tid: 't1' })
+  const first = rsa()
+  const jwks = await jwksServer(t, { keys: [first.jwk('k1')] })
+  const kernel = await startTestKernel(t, { 'GET /v1/things': (_req, res) => answer(res, 200, { ok: true }) })
+  const op = { type: 'query', rest: 'GET /things', kernel: 'GET /v1/things', input: { type: 'object' }, output: { type: 'object', properties: { ok: { type: 'boolean' } } } }
+  const app = await buildTestApp(t, { BFF_JWT_SECRET: undefined, BFF_JWKS_URL: jwks.url, BFF_CACHE_ENABLED: false },
+    { manifest: testManifest({ things: op }, { url: kernel.url }), kernelUrl: kernel.url, identity: { jwksRefreshMs: 600_000, jwksMinRefetchMs: 0 } })
+  const get = async (url: string, authorization: string): Promise<{ status: number, body: string }> => {
+    const res = await app.inject({ url, headers: { authorization } })
+    return { status: res.statusCode, body: res.body }
+  }
+  t.equal((await get('/api/v1/things', signed(first, 'k1'))).status, 200, 'the key held: 200')
+  // The issuer rotates: each call below brings a kid the gateway has not fetched yet.
+  for (const [face, url] of [['REST GET', '/api/v1/things'], ['tRPC GET', '/trpc/things']] as const) {
+    const next = rsa()
+    const kid = `k-${face.replace(/\W/g, '')}`
+    jwks.set({ keys: [first.jwk('k1'), next.jwk(kid)] })
+    const hits = jwks.hits()
+    const got = await get(url, signed(next, kid))
+    t.equal(got.status, 200, `${face}: the fetch its token started brought the key: 200 (${got.body.slice(0, 160)})`)
+    t.equal(jwks.hits(), hits + 1, `${face}: one fetch`)
+  }
+  // A kid no fetch brings is refused once the fetch ends, as before.
+  const got = await get('/api/v1/things', signed(rsa(), 'k-nowhere'))
+  t.equal(got.status, 401, 'a kid no fetch brings: 401')
+  t.match(JSON.parse(got.body), { code: 'UNAUTHENTICATED', detail: /unknown key id/ })
+})
