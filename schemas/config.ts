@@ -607,6 +607,12 @@ export function startWarnings (config: Readonly<Config>, env: Record<string, str
   if (config.NODE_ENV === 'production' && !config.BFF_AUTH_ENABLED) {
     warnings.push('BFF_AUTH_ENABLED=false in production: identity is off, every call is anonymous and no role or zone is checked (any caller may call every operation, restricted ones included); run it so only behind a network that authenticates callers itself')
   }
+  // An identity provider's keys sign tokens for every application it serves (RFC 8725 §3.9): with
+  // no audience checked, a token issued to any other of them was taken, with the roles it gives.
+  if (config.NODE_ENV === 'production' && config.BFF_AUTH_ENABLED && config.BFF_JWT_AUDIENCE === undefined) {
+    const sources = (['BFF_JWKS_URL', 'BFF_JWT_PUBLIC_KEYS'] as const).filter(name => config[name] !== undefined)
+    if (sources.length > 0) warnings.push(`BFF_JWT_AUDIENCE is not set: every token the keys of ${sources.join(' and ')} sign is taken, whatever application the identity provider issued it to (any application's token, with the roles it gives, passes); set BFF_JWT_AUDIENCE to the \`aud\` it puts in this gateway's tokens`)
+  }
   for (const { name, off } of EMPTY_SWITCHES_OFF) {
     if (env[name] === '' && featureOn(config, name)) warnings.push(`${name} is set but empty, which counts as unset: ${off}`)
   }

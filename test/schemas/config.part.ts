@@ -579,3 +579,26 @@ t.test('BFF_JWT_SECRET holding a public key (PEM, bare base64, JWK) is refused i
     t.equal(loadConfig({ NODE_ENV: 'production', BFF_AUDIT_ENABLED: 'false', BFF_JWT_SECRET: value }).BFF_JWT_SECRET, value, `taken: ${value.slice(0, 24)}`)
   }
 })
+
+// An identity provider's keys sign tokens for every application it serves: without an audience
+// to check, a production gateway on its JWKS (or its keys in BFF_JWT_PUBLIC_KEYS) took a token
+// issued to any other of them, with the roles that application gives (with a multi-tenant
+// provider's common keys, an application anyone may register), and started with no word of it.
+t.test('start-up warnings: an identity provider\'s keys without BFF_JWT_AUDIENCE in production', async t => {
+  const { generateKeyPairSync } = await import('node:crypto')
+  const pem = generateKeyPairSync('ec', { namedCurve: 'P-256' }).publicKey.export({ type: 'spki', format: 'pem' }).toString()
+  const base = { NODE_ENV: 'production', BFF_AUDIT_STORE: 'postgres', DATABASE_URL: 'postgres://u@h:5432/d', KERNEL_URL: 'http://k:1' }
+  const warned = /^BFF_JWT_AUDIENCE is not set: .*any application/
+  for (const [what, keys] of [['BFF_JWKS_URL', { BFF_JWKS_URL: 'https://idp.example/.well-known/jwks.json' }], ['BFF_JWT_PUBLIC_KEYS', { BFF_JWT_PUBLIC_KEYS: JSON.stringify({ k1: pem }) }]] as const) {
+    const env = { ...base, ...keys }
+    t.match(startWarnings(loadConfig(env, { starting: true }), env), [warned], `${what}: warned`)
+    const aud = { ...env, BFF_JWT_AUDIENCE: 'mantle-api' }
+    t.same(startWarnings(loadConfig(aud, { starting: true }), aud), [], `${what} with an audience: no word`)
+    t.same(startWarnings(loadConfig({ ...env, NODE_ENV: 'development' }), {}), [], `${what}: not outside production`)
+    const off = { ...env, BFF_AUTH_ENABLED: 'false' }
+    t.notMatch(startWarnings(loadConfig(off, { starting: true }), off).join('\n'), warned, `${what}: not with identity off`)
+  }
+  // The gateway's own secret signs for nobody else.
+  const hs = { ...base, BFF_JWT_SECRET: 'x'.repeat(40) }
+  t.same(startWarnings(loadConfig(hs, { starting: true }), hs), [], 'BFF_JWT_SECRET alone: no word')
+})
