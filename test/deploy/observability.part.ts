@@ -1,7 +1,8 @@
 import t from 'tap'
 import { readFileSync } from 'node:fs'
 import { parse } from 'yaml'
-import { buildDemoApp } from '../helper.js'
+import { buildDemoApp, buildTestApp } from '../helper.js'
+import { ConfigSchema } from '../../schemas/config.js'
 
 // The dashboard and the alert rules in deploy/ name only metrics the gateway exports: a renamed
 // or removed metric fails here instead of leaving a panel blank or an alert that never fires.
@@ -79,6 +80,22 @@ t.test('every metric the alert rules and the dashboard name is one the gateway e
   for (const n of ['mantle_request_duration_seconds_bucket', 'mantle_request_duration_seconds_count', 'nodejs_eventloop_lag_p99_seconds', 'nodejs_heap_size_used_bytes', 'mantle_requests_in_flight', 'mantle_kernel_pool', 'mantle_websocket_connections', 'mantle_load_shed_total']) {
     t.ok(used.includes(n), `the dashboard shows ${n}`)
   }
+})
+
+t.test('an alert fires when no instance\'s metrics reach Prometheus, whatever the gateway\'s configuration', async t => {
+  // Every other rule reads the gateway's own series: with every replica down (a crash loop, a
+  // bad manifest in every pod) or every scrape refused (BFF_METRICS_TOKEN set and Prometheus
+  // without it: 401), those series end and every rule stays quiet, the outage unannounced.
+  const rule = rules().find(r => r.alert === 'MantleMetricsAbsent')
+  t.ok(rule, 'MantleMetricsAbsent')
+  const absent = /^absent\((\w+)\)$/.exec(rule?.expr.trim() ?? '')
+  t.ok(absent, `an absent() of one metric: ${rule?.expr ?? ''}`)
+  t.equal(rule?.labels?.severity, 'critical')
+  t.ok(rule?.for !== undefined, 'not on one failed scrape')
+  // A metric every instance exports, every other concern off: absent only when nothing is scraped.
+  const off = Object.fromEntries(Object.keys(ConfigSchema.properties).filter(k => k.endsWith('_ENABLED') && k !== 'BFF_METRICS_ENABLED').map(k => [k, false]))
+  const app = await buildTestApp(t, off)
+  t.ok(exported((await app.inject({ method: 'GET', url: '/metrics' })).body).has(absent?.[1] ?? ''), `${absent?.[1] ?? ''} is exported with every concern off`)
 })
 
 t.test('on the embedded default (no Redis) no Redis gauge is exported: MantleRedisFallbackActive stays quiet', async t => {
