@@ -85,6 +85,10 @@ async function pressurePlugin (app: FastifyInstance, opts: PressureOptions): Pro
     const registers = [app.metrics.registry]
     const counter = new Counter({ name: 'mantle_load_shed_total', help: 'Requests, and calls or subscribes on open WebSockets, refused with 503 OVERLOADED because the instance was under pressure, by bound', labelNames: ['reason'] as const, registers })
     shed = reason => counter.labels(reason).inc()
+    // Each checked bound's series from 0: one first seen at 1 shows no increase() (Prometheus
+    // needs two samples), and a lone burst of shedding was in no rate().
+    const checked: Record<PressureReason, number> = { eventLoopDelay: limits.maxEventLoopDelayMs, heapUsedBytes: limits.maxHeapBytes, rssBytes: limits.maxRssBytes }
+    for (const [reason, limit] of Object.entries(checked)) if (limit > 0) counter.labels(reason).inc(0)
     new Gauge({ name: 'mantle_under_pressure', help: '1 while the instance sheds load (a bound of BFF_MAX_* exceeded at the last sample)', registers, collect () { this.set(status() === null ? 0 : 1) } }) // eslint-disable-line no-new
   }
 

@@ -220,3 +220,18 @@ t.test('bad bounds stop start-up naming the variable', async t => {
   t.throws(() => loadConfig({ BFF_LOAD_SHEDDING_ENABLED: 'maybe' }), /BFF_LOAD_SHEDDING_ENABLED="maybe" is invalid: expected true or false/)
   t.equal(loadConfig({}).BFF_MAX_HEAP_BYTES, undefined)
 })
+
+t.test('each bound that is checked has its shed counter from 0: the first shedding shows in rate() and increase()', async t => {
+  // A series first seen at 1 shows no increase (Prometheus needs two samples): a first burst of
+  // shedding, the only one, was in no rate() (MantleShedding's, the dashboard's panel).
+  const app = await buildApp(testConfig({ BFF_MAX_EVENT_LOOP_DELAY_MS: 500, BFF_MAX_RSS_BYTES: 1e12 }), { logger: false, kernelUrl: 'http://127.0.0.1:9' })
+  t.teardown(() => app.close())
+  await app.ready()
+  const body = (await app.inject({ method: 'GET', url: '/metrics' })).body
+  for (const reason of ['eventLoopDelay', 'heapUsedBytes', 'rssBytes']) t.match(body, new RegExp(`^mantle_load_shed_total\\{reason="${reason}"\\} 0$`, 'm'), reason)
+  // A bound turned off (0) sheds nothing: no series of its own.
+  const off = await buildApp(testConfig({ BFF_MAX_EVENT_LOOP_DELAY_MS: 0, BFF_MAX_HEAP_BYTES: 0 }), { logger: false, kernelUrl: 'http://127.0.0.1:9' })
+  t.teardown(() => off.close())
+  await off.ready()
+  t.notMatch((await off.inject({ method: 'GET', url: '/metrics' })).body, /^mantle_load_shed_total\{/m)
+})
