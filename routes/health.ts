@@ -75,6 +75,12 @@ export default async function healthRoutes (app: FastifyInstance): Promise<void>
       } else {
         checks.postgres = audit.up ? (audit.spooling ? `up (replaying ${audit.spoolBytes} spooled bytes)` : 'up') : `down (audit spooling, ${audit.spoolBytes} bytes)`
         if (!audit.up) failing.push('postgres')
+        // Its spool's disk refuses too, and the backlog is full: this instance refuses every call
+        // while replicas whose spools take entries serve them. Its own part, not PostgreSQL's.
+        if (audit.saturated) {
+          checks.audit = `refusing calls: neither PostgreSQL nor the spool's disk takes entries (${audit.queueDepth} waiting)`
+          failing.push('audit')
+        }
       }
     }
     // Under pressure the instance sheds load: take it out of the balancer until it recovers.

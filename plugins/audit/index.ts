@@ -32,6 +32,11 @@ export interface AuditHealth {
   spoolBytes: number
   error: string | null
   /**
+   * Neither the store nor the spool's disk takes entries, and the backlog is full: every call
+   * is refused (503 OVERLOADED) until one of them takes entries again. This instance's own.
+   */
+  saturated: boolean
+  /**
    * Production found pending migrations once PostgreSQL answered (it was unreachable at
    * start-up): what start-up would have refused, e.g. `pending migrations (4)`. The gateway
    * shuts down (app.fatal); null otherwise.
@@ -554,7 +559,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     return value
   }
 
-  const health = (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, writing: writer.writing, spoolBytes: writer.spoolBytes, error: writer.error, refusal })
+  const health = (): AuditHealth => ({ store: store.kind, up: writer.up, spooling: writer.spoolBytes > 0, queueDepth: writer.depth, writing: writer.writing, spoolBytes: writer.spoolBytes, error: writer.error, saturated: writer.saturated, refusal })
   app.decorate('audit', { store, enqueue, health, refused, describe, decide, reached })
 
   if (app.hasDecorator('diagz')) {

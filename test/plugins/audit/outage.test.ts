@@ -492,6 +492,35 @@ t.test('neither PostgreSQL nor the spool\'s disk takes entries: the routes that 
   t.not((await app.inject({ url: '/readyz' })).statusCode, 500)
 })
 
+t.test('neither PostgreSQL nor the spool\'s disk takes entries: the instance is not ready in either scope', async t => {
+  // This instance refuses every call (503) while its own disk refuses the spool: the readiness
+  // probe (?scope=instance) said 200 "degraded" (PostgreSQL is every replica's), and the load
+  // balancer kept sending it calls that replicas whose spools take entries would have served.
+  const dir = spoolDir(t)
+  symlinkSync('/dev/full', join(dir, 'audit.spool'))
+  const kernel = await startKernel({ port: 0, runDelayMs: 1 })
+  t.teardown(() => kernel.close())
+  const app = await buildApp(testConfig({ BFF_AUDIT_STORE: 'postgres', DATABASE_URL: databaseUrl('test', await closedPort()), BFF_AUDIT_SPOOL_DIR: dir, BFF_AUDIT_QUEUE_MAX: 10, BFF_AUDIT_BATCH_SIZE: 5 }),
+    { logger: false, kernelUrl: kernel.url, audit: { connectTimeoutMs: 200 } })
+  t.teardown(() => app.close())
+  await app.ready()
+  const before = await app.inject({ url: '/readyz?scope=instance' })
+  t.equal(before.statusCode, 200, 'PostgreSQL away alone: degraded, still ready')
+  t.same(before.json().degraded, ['postgres'])
+  for (let i = 0; i < 300; i++) {
+    if ((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })).statusCode === 503) break
+    await new Promise(resolve => setTimeout(resolve, 2))
+  }
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })).statusCode, 503, 'every call refused')
+  const instance = await app.inject({ url: '/readyz?scope=instance' })
+  t.equal(instance.statusCode, 503, 'not ready: its own spool refuses')
+  t.match(instance.json(), { status: 'not-ready', failing: ['audit'], degraded: ['postgres'] })
+  t.match(instance.json().checks.audit, /^refusing calls: /)
+  const all = await app.inject({ url: '/readyz' })
+  t.equal(all.statusCode, 503)
+  t.same(all.json().failing, ['postgres', 'audit'])
+})
+
 // A container restarted after a crash (a new PID namespace) finds its predecessor's lock fresh
 // and watches it for two heartbeats (10 s), which Fastify's default plugin timeout (10 s) did not
 // wait for: the restart failed ("Plugin did not start in time: 'mantle-audit'") until the lock
