@@ -922,6 +922,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     await app.register(metrics, config.BFF_METRICS_TOKEN === undefined ? {} : { token: config.BFF_METRICS_TOKEN })
     const counter = new Counter({ name: 'mantle_manifest_reloads_total', help: 'Manifest reloads, applied or refused', labelNames: ['outcome'] as const, registers: [app.metrics.registry] })
     reloads = outcome => counter.labels(outcome).inc()
+    // Both outcomes from 0: a series first seen at 1 shows no increase() (Prometheus needs two
+    // samples), and the one refused reload of an operator's SIGHUP was in none.
+    for (const outcome of ['applied', 'refused'] as const) counter.labels(outcome).inc(0)
     // Every error answered over HTTP, by its code: the refusals no face's call metrics see (a 401
     // before the body, 404, 405, 413, 415, the guard's 429, a head Node's parser refuses, a tRPC
     // or GraphQL request refused whole) as well as REST's and the batch's. Before, a flood of

@@ -63,6 +63,9 @@ t.test('every metric the alert rules and the dashboard name is one the gateway e
   t.match(byAlert.get('MantleCacheInvalidationsLost')?.expr, /increase\(mantle_cache_invalidations_lost_total\[10m\]\)\) > 0/)
   // A breaker that opens again and again is never open a minute on end: the openings are counted.
   t.match(byAlert.get('MantleKernelBreakerFlapping')?.expr, /increase\(mantle_kernel_breaker_opened_total\[15m\]\)\) >= 3/)
+  // A refused reload leaves the manifest in force unlike the one mounted: a pod started later (a
+  // scale-up, a restart) reads the mounted one, and fails on it or serves another catalog.
+  t.match(byAlert.get('MantleManifestReloadRefused')?.expr, /increase\(mantle_manifest_reloads_total\{outcome="refused"\}\[\w+\]\)\) > 0/)
   t.match(byAlert.get('MantleLatencyP99High')!.expr, /histogram_quantile\(0\.99,.*mantle_request_duration_seconds_bucket.*\) > 0\.010/s)
   t.match(byAlert.get('MantleErrorRateHigh')!.expr, /status_class="5xx".*> 0\.001/s)
   for (const rule of alertRules) {

@@ -306,3 +306,12 @@ t.test('a reload that lengthens an operation\'s rate-limit window keeps the call
   t.same(await app.reloadManifest(), { applied: true, reasons: [] })
   t.equal(await call(), 429, 'the calls of the last minute count in the hour')
 })
+
+t.test('the reload counter has both outcomes from 0: a first refused reload shows in increase()', async t => {
+  // A series first seen at 1 shows no increase (Prometheus needs two samples): the one refused
+  // reload an operator's SIGHUP makes was in no increase(), and MantleManifestReloadRefused missed it.
+  const { app } = await setup(t)
+  const body = (await app.inject({ url: '/metrics' })).body
+  t.match(body, /^mantle_manifest_reloads_total\{outcome="applied"\} 0$/m)
+  t.match(body, /^mantle_manifest_reloads_total\{outcome="refused"\} 0$/m)
+})
