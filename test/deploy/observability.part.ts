@@ -69,6 +69,9 @@ t.test('every metric the alert rules and the dashboard name is one the gateway e
   // A quarantined audit entry is never retried and lives in the spool directory, an emptyDir in
   // deploy/k8s that goes with its pod: an operator must be told to read it while it is there.
   t.match(byAlert.get('MantleAuditEntriesQuarantined')?.expr, /increase\(mantle_audit_quarantined_total\[\w+\]\)\) > 0/)
+  // A connection closed as soon as accepted (the descriptor bound) is no call and no HTTP answer:
+  // in no other metric the rules read.
+  t.match(byAlert.get('MantleConnectionsDropped')?.expr, /increase\(mantle_connections_dropped_total\[\w+\]\)\) > 0/)
   t.match(byAlert.get('MantleLatencyP99High')!.expr, /histogram_quantile\(0\.99,.*mantle_request_duration_seconds_bucket.*\) > 0\.010/s)
   t.match(byAlert.get('MantleErrorRateHigh')!.expr, /status_class="5xx".*> 0\.001/s)
   for (const rule of alertRules) {
