@@ -308,6 +308,12 @@ function handlerFor (app: FastifyInstance, op: Operation) {
         throw new MantleError('BAD_REQUEST', 'If-Match cannot hold: the gateway\'s entity tags are weak, and If-Match compares strong ones; the mutation did not run', { status: 412 })
       }
     }
+    // A DELETE's input is its path and query string (a GET's body is never parsed): a body with
+    // fields was read and dropped without a word, and the mutation ran with other input than the
+    // client sent. `{}`, like an absent or empty body, holds none.
+    if (!inBody && request.body !== undefined && !isEmptyObject(request.body)) {
+      throw new MantleError('VALIDATION_FAILED', `A ${op.method} takes its input from the path and the query string, not a body: send its fields in the query string`)
+    }
     reached?.(request)
     let input: Record<string, unknown>
     if (inBody) {
@@ -377,6 +383,11 @@ function wouldCompress (request: FastifyRequest, json: string | null | undefined
 }
 
 /** The stages' headers onto the reply; their Vary is added to the one already there, not put in its place. */
+/** A JSON object without a key: the one body a DELETE may carry (some clients send `{}` always). */
+function isEmptyObject (value: unknown): boolean {
+  return typeof value === 'object' && value !== null && !Array.isArray(value) && Object.keys(value).length === 0
+}
+
 function applyHeaders (reply: FastifyReply, headers: Record<string, string>): void {
   const vary = headers.vary
   const before = vary === undefined ? undefined : reply.getHeader('vary')

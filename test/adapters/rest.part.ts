@@ -342,6 +342,25 @@ t.test('an empty body under a JSON content type is an absent body', async t => {
   t.equal(proto.statusCode, 400, 'and __proto__ too')
 })
 
+t.test('a DELETE whose body holds fields is refused, never run without them', async t => {
+  // A DELETE takes its input from its path and query string (the contract): a body's fields were
+  // parsed and then dropped without a word, and the mutation ran with other input than the client
+  // sent (axios' `delete(url, { data })`, fetch with a body).
+  const app = await buildDemoApp(t)
+  const h = { ...bearer({ roles: ['viewer', 'editor'] }), 'content-type': 'application/json' }
+  const created = await app.inject({ method: 'POST', url: '/api/v1/agents', headers: h, payload: { name: 'kept' } })
+  const id = created.json().id as string
+  for (const payload of ['{"force":true}', '{"id":"a1"}', '[]', 'null', '"x"']) {
+    const res = await app.inject({ method: 'DELETE', url: `/api/v1/agents/${id}`, headers: h, payload })
+    t.equal(res.statusCode, 400, payload)
+    t.match(res.json(), { code: 'VALIDATION_FAILED', detail: /query string/ }, payload)
+  }
+  t.equal((await app.inject({ method: 'GET', url: `/api/v1/agents/${id}`, headers: h })).statusCode, 200, 'the agent is still there')
+  // An empty object is no field, as an absent or empty body is none.
+  const deleted = await app.inject({ method: 'DELETE', url: `/api/v1/agents/${id}`, headers: h, payload: '{}' })
+  t.equal(deleted.statusCode, 200, 'DELETE with {}')
+})
+
 t.test('an integer beyond what a JavaScript number carries exactly is refused on every face, never rounded', async t => {
   // Before, 1234567890123456789 reached the Kernel as 1234567890123456800: a GET answered
   // another item, a DELETE removed another one.
