@@ -325,14 +325,23 @@ const dotted = (instancePath: string): string => instancePath.replace(/^\//, '')
 
 /** Validates a parsed manifest document and builds the frozen catalog. */
 export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
-  if (!validateDocument(doc)) {
-    const faults = (validateDocument.errors ?? []).filter(e => e.keyword !== 'anyOf' && e.keyword !== 'const').map(e => {
+  // Unknown keys alone leave a document the checks below can read (they read only the keys they
+  // know): they are named with those checks' faults, in one message, as README says. A misspelt
+  // key (rateLimt) was named alone, the other faults one start-up later.
+  const shapeErrors = validateDocument(doc) ? [] : validateDocument.errors ?? []
+  const unknownKey = (e: typeof shapeErrors[number]): string => {
+    const at = dotted(e.instancePath)
+    return `${at === '' ? '' : at + '.'}${String(e.params.additionalProperty)}: unknown key`
+  }
+  const unknownKeysOnly = shapeErrors.every(e => e.keyword === 'additionalProperties')
+  if (!unknownKeysOnly) {
+    const faults = shapeErrors.filter(e => e.keyword !== 'anyOf' && e.keyword !== 'const').map(e => {
       const at = dotted(e.instancePath)
-      if (e.keyword === 'additionalProperties') return `${at === '' ? '' : at + '.'}${String(e.params.additionalProperty)}: unknown key`
+      if (e.keyword === 'additionalProperties') return unknownKey(e)
       if (e.keyword === 'required') return `${at === '' ? '' : at + '.'}${String(e.params.missingProperty)}: is required`
       return `${at === '' ? '(root)' : at}: ${e.message ?? 'is invalid'}`
     })
-    const unions = (validateDocument.errors ?? []).filter(e => e.keyword === 'anyOf' || e.keyword === 'const')
+    const unions = shapeErrors.filter(e => e.keyword === 'anyOf' || e.keyword === 'const')
     for (const e of unions) {
       const at = dotted(e.instancePath)
       if (e.keyword === 'const' && at === 'version') faults.push('version: must be 1')
@@ -341,7 +350,7 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     throw new ManifestError(source, [...new Set(faults)])
   }
   const m = doc as ManifestDocument
-  const faults: string[] = []
+  const faults: string[] = [...new Set(shapeErrors.map(unknownKey))]
   let made: Ajv | undefined
   const checker = (): Ajv => {
     made ??= schemaChecker()

@@ -266,6 +266,23 @@ t.test('unknown keys are named by their manifest path', async t => {
   t.same(faultsOf(doc({ a: query }, { events: { e: { topic: 't', payload: output, channel: 'x' } } })), ['events.e.channel: unknown key'], 'in an event')
 })
 
+// README: "one message lists every fault". A misspelt key (rateLimt) beside a missing $ref and a
+// path parameter the input lacks was named alone: the others came one start-up later, then a
+// duplicate route one more.
+t.test('unknown keys are named with the other faults, in one message', async t => {
+  const a = { ...query, rest: 'GET /a/:id', kernel: 'GET /v1/a/{id}', input: idInput, rateLimt: { max: 1, windowMs: 1 } }
+  const b = { ...query, rest: 'GET /a/:key', kernel: 'GET /v1/a/{key}', input: idInput, output: { $ref: '#/schemas/Missing' } }
+  t.same(faultsOf(doc({ a, b }, { extra: 1 })), [
+    'extra: unknown key',
+    'operations.a.rateLimt: unknown key',
+    'operations.b.output.$ref: "#/schemas/Missing" names a schema that is not declared in schemas',
+    'operations.b.rest: path parameter :key is not declared in operations.b.input.properties',
+    'operations.b.kernel: path parameter {key} is not declared in operations.b.input.properties'
+  ])
+  // A fault of another kind in the shape still stops there: what follows could not be read.
+  t.same(faultsOf(doc({ a: { ...a, zone: 'secret' }, b })), ['operations.a.rateLimt: unknown key', 'operations.a.zone: must be one of the allowed values'])
+})
+
 t.test('the document shape: version, required keys, values', async t => {
   t.same(faultsOf({ ...doc(), version: 2 }), ['version: must be 1'])
   const stringVersion = faultsOf({ ...doc(), version: '1' })
