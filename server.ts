@@ -95,6 +95,13 @@ function diagzAccess (config: Readonly<Config>): string {
   return config.NODE_ENV === 'production' ? 'closed: identity is off, nobody holds the role system' : 'open: identity is off'
 }
 
+/** The manifest's kernel.url, which the gateway calls without KERNEL_URL (it was printed as "from the manifest"). */
+function manifestKernel (started: Started): string {
+  // Optional: a Started made by hand (tests) may have no app.
+  const app = started.app as FastifyInstance | undefined
+  return app?.pipeline.manifest.kernel.url ?? 'from the manifest'
+}
+
 export function banner (started: Started, config: Readonly<Config>): string {
   const { url } = started
   const ws = 'ws' + url.slice('http'.length)
@@ -109,7 +116,7 @@ export function banner (started: Started, config: Readonly<Config>): string {
     `  health      ${url}/healthz   ${url}/readyz`,
     ...(config.BFF_METRICS_ENABLED ? [`  metrics     ${url}/metrics`] : []),
     ...(config.BFF_DIAGZ_ENABLED ? [`  diagnostics ${url}/diagz   (${diagzAccess(config)})`] : []),
-    `  Kernel      ${started.kernelUrl === null ? (config.KERNEL_URL ?? 'from the manifest') : started.kernelUrl + ' (demo Kernel)'}`
+    `  Kernel      ${started.kernelUrl === null ? (config.KERNEL_URL ?? manifestKernel(started)) : started.kernelUrl + ' (demo Kernel)'}`
   ]
   // Only with the development secret (no key source at all): a token signed with a configured
   // secret, system role included, went to stdout and so into the logs of any run without

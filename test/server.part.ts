@@ -37,6 +37,16 @@ t.test('start() with KERNEL_URL does not start the demo Kernel', async t => {
   t.equal(((await res.json()) as { name: string }).name, 'remote')
 })
 
+// README: the banner names "the Kernel it calls". Without KERNEL_URL, a manifest's own kernel.url
+// was printed as "from the manifest": the one Kernel line of a first run named no Kernel.
+t.test('the banner names the Kernel the gateway calls, the manifest\'s own URL included', async t => {
+  const started = await start(testConfig({ PORT: 0, BFF_MANIFEST: fixture('slow-manifest.yaml') }))
+  t.teardown(() => started.close())
+  t.equal(started.kernelUrl, null, 'no demo Kernel')
+  t.match(banner(started, testConfig({ BFF_MANIFEST: fixture('slow-manifest.yaml') })), /\n {2}Kernel {6}http:\/\/127\.0\.0\.1:9\n/)
+  t.match(banner(started, testConfig({ BFF_MANIFEST: fixture('slow-manifest.yaml'), KERNEL_URL: 'http://kernel.internal:4001' })), /\n {2}Kernel {6}http:\/\/kernel\.internal:4001\n/, 'KERNEL_URL wins')
+})
+
 t.test('start() stops the demo Kernel again when the gateway cannot start', async t => {
   await t.rejects(start(testConfig({ PORT: 0, BFF_MANIFEST: fixture('missing.yaml') })), ManifestError)
   await t.rejects(start(testConfig({ PORT: 0, HOST: '203.0.113.1' })), /EADDRNOTAVAIL|EINVAL/)
