@@ -154,6 +154,18 @@ export async function misuse (): Promise<void> {
   t.match(errors.find(e => e.startsWith('bad.ts:7 ')), /prompt/)
 })
 
+// README's tRPC example, as written, in a client project that is an ES module (NodeNext): its
+// `./generated/trpc-router` import, without the extension, failed with TS2834 there.
+t.test('README\'s tRPC client example type-checks against the generated file', async t => {
+  const dir = scratch(t)
+  await codegen(['--out', join(dir, 'generated', 'trpc-router.d.ts')], { BFF_MANIFEST: fileURLToPath(new URL('../../kernel/manifest.yaml', import.meta.url)) })
+  const readme = readFileSync(join(root, 'README.md'), 'utf8')
+  const example = [...readme.matchAll(/```ts\n([\s\S]*?)```/g)].map(m => m[1]).find(code => code.includes('createTRPCClient<AppRouter>'))
+  t.ok(example, 'README has the example')
+  writeFileSync(join(dir, 'client.ts'), 'declare const TOKEN: string\n' + (example ?? '') + 'export { agent }\n')
+  t.same(typecheck(dir, ['client.ts']), [])
+})
+
 t.test('another domain generates and type-checks too', async t => {
   const dir = scratch(t)
   // The library's manifest, with schemas named as the file's own names and TypeScript's
