@@ -382,12 +382,12 @@ function wouldCompress (request: FastifyRequest, json: string | null | undefined
   return accept !== undefined && negotiate(accept) !== null
 }
 
-/** The stages' headers onto the reply; their Vary is added to the one already there, not put in its place. */
 /** A JSON object without a key: the one body a DELETE may carry (some clients send `{}` always). */
 function isEmptyObject (value: unknown): boolean {
   return typeof value === 'object' && value !== null && !Array.isArray(value) && Object.keys(value).length === 0
 }
 
+/** The stages' headers onto the reply; their Vary is added to the one already there, not put in its place. */
 function applyHeaders (reply: FastifyReply, headers: Record<string, string>): void {
   const vary = headers.vary
   const before = vary === undefined ? undefined : reply.getHeader('vary')
