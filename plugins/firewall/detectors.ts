@@ -287,8 +287,10 @@ export function findPrivateKeys (text: string, out: Detection[]): void {
 }
 
 // The numeric regions digit rules are tried on: a digit-led run of digits and separators,
-// with a few characters around it (a DNI letter, an NIE or country prefix, a + or a paren).
-const NUMERIC_REGION = /\d[\d ()./-]{5,}\d/g
+// with a few characters around it (a DNI letter, an NIE or country prefix, a + or a paren). An A
+// or a B after a 2 is in it: the department of a NIR of someone born in Corsica (2A, 2B), which
+// cut the region in two, so that no such NIR was ever found.
+const NUMERIC_REGION = /\d(?:[\d ()./-]|(?<=2)[AB]){5,}\d/g
 const REGION_CHARS = charTable('0123456789 ()./-')
 const REGION_MIN = 7
 const REGION_MARGIN = 4
