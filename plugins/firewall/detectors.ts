@@ -73,37 +73,20 @@ export function cardNetwork (digits: string): string | null {
 }
 
 const DNI_LETTERS = 'TRWAGMYFPDXBNJZSQVHLCKE'
-// IBAN length per country (the ones of Europe's larger economies and their neighbours).
-const IBAN_LENGTH: Readonly<Record<string, number>> = {
-  AT: 20,
-  BE: 16,
-  CH: 21,
-  CZ: 24,
-  DE: 22,
-  DK: 18,
-  ES: 24,
-  FI: 18,
-  FR: 27,
-  GB: 22,
-  GR: 27,
-  HR: 21,
-  HU: 28,
-  IE: 22,
-  IT: 27,
-  LU: 20,
-  MC: 27,
-  NL: 18,
-  NO: 15,
-  PL: 28,
-  PT: 25,
-  RO: 24,
-  SE: 24,
-  SI: 19,
-  SK: 24
-}
+// IBAN length per country: every country of SWIFT's IBAN registry. Only Europe's larger
+// economies and their neighbours were listed, and the IBANs of six EU members (Bulgaria, Cyprus,
+// Estonia, Latvia, Lithuania, Malta), of SEPA's Iceland and Liechtenstein and of every country
+// beyond were never found. Each entry is the country's code followed by its length.
+const IBAN_LENGTH: ReadonlyMap<string, number> = new Map([
+  'AD24 AE23 AL28 AT20 AZ28 BA20 BE16 BG22 BH22 BI27 BR29 BY28 CH21 CR22 CY28 CZ24 DE22 DJ27 DK18 DO28 EE20 EG29',
+  'ES24 FI18 FK18 FO18 FR27 GB22 GE22 GI23 GL18 GR27 GT28 HN28 HR21 HU28 IE22 IL23 IQ23 IS26 IT27 JO30 KW30 KZ20',
+  'LB28 LC32 LI21 LT20 LU20 LV21 LY25 MC27 MD24 ME22 MK19 MN20 MR27 MT31 MU30 NI28 NL18 NO15 OM23 PK24 PL28 PS29',
+  'PT25 QA29 RO24 RS22 RU33 SA24 SC31 SD18 SE24 SI19 SK24 SM27 SO23 ST25 SV28 TL23 TN24 TR26 UA29 VA22 VG24 XK20',
+  'YE30'
+].join(' ').split(' ').map(e => [e.slice(0, 2), Number(e.slice(2))]))
 
 export function validIban (compact: string): boolean {
-  const length = IBAN_LENGTH[compact.slice(0, 2)]
+  const length = IBAN_LENGTH.get(compact.slice(0, 2))
   if (length === undefined || compact.length !== length) return false
   const rearranged = compact.slice(4) + compact.slice(0, 4)
   let digits = ''
@@ -200,7 +183,7 @@ function validDni (m: RegExpExecArray): number {
 
 function validIbanMatch (m: RegExpExecArray): number {
   const compact = m[0].replace(/ /g, '')
-  const length = IBAN_LENGTH[compact.slice(0, 2)]
+  const length = IBAN_LENGTH.get(compact.slice(0, 2))
   return length !== undefined && validIban(compact.slice(0, length)) ? 0.85 : 0
 }
 
