@@ -439,10 +439,16 @@ function startsDelimiter (s: string, i: number, c: number): boolean {
   }
 }
 
+// ANSI escape sequences (CSI: ESC [ or U+009B, parameters, a final byte), which a terminal shows
+// as nothing (colour, bold): only their escape character was removed, as a control, and the rest
+// joined the word it touched ("\x1b[31mIgnore" read "eimignore", and passed every rule).
+// eslint-disable-next-line no-control-regex -- the escape characters
+const ANSI_CSI = /(?:\u001b\[|\u009b)[\u0030-\u003f]{0,32}[\u0020-\u002f]{0,8}[\u0040-\u007e]/g
+
 /**
  * The text as the injection rules read it: lowercase ASCII words, one space between words,
- * with the keys of its words. NFKC (full-width and compatibility forms), invisible characters
- * removed, diacritics dropped, homoglyphs folded, markup comment delimiters removed, leetspeak
+ * with the keys of its words. ANSI escape sequences removed, NFKC (full-width and compatibility
+ * forms), invisible characters removed, diacritics dropped, homoglyphs folded, markup comment delimiters removed, leetspeak
  * undone (unless `leet` is false: its characters are then separators), letters spaced out one
  * by one joined, everything that is not a letter one space.
  */
@@ -451,10 +457,11 @@ export function rulesView (text: string, only: Uint8Array | null = null, leet = 
   // Optimization: most texts are ASCII with no comment delimiter; copying the text's bytes tells
   // the first, the one pass that collapses them checks the second, and only the other texts are
   // normalized first and collapsed again.
-  let s = text
+  let s = text.includes('\u001b') || text.includes('\u009b') ? text.replace(ANSI_CSI, '') : text
   const ascii = asciiBytes(s)
   let collapsed = ascii ? collapse(s, true, only, readAs) : null
-  const plain = collapsed !== null && !collapsed.control
+  // A text that held an escape sequence held a control character: not plain.
+  const plain = collapsed !== null && !collapsed.control && s === text
   if (collapsed === null) {
     if (!ascii) s = plainLetters(s)
     if (s.includes('<!--') || s.includes('->') || s.includes('/*') || s.includes('*/') || s.includes('{#') || s.includes('#}')) s = s.replace(COMMENT_DELIMITERS, '')
