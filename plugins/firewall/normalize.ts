@@ -186,28 +186,40 @@ function foldHomoglyphs (text: string): string {
 
 const isLetter = (c: number): boolean => c >= 97 && c <= 122
 // Space, tab, line breaks (letters written one a line: LF, CR, and the Unicode line and
-// paragraph separators, which NFKC keeps and which passed), . - _ * / | , : and the Unicode
-// hyphen (NFKC makes the non-breaking one, U+2011, a U+2010).
-const isSpacer = (c: number): boolean => c === 32 || c === 46 || c === 45 || c === 95 || c === 42 || c === 9 || c === 10 || c === 13 || c === 47 || c === 124 || c === 44 || c === 58 ||
-  c === 0x2028 || c === 0x2029 || c === 0x2010
-// Punctuation that may take one space after it and still be one spacer: `i, g, n`, `i. g. n`, `i: g: n`.
-const isPunctuationSpacer = (c: number): boolean => c === 44 || c === 46 || c === 58
+// paragraph separators, which NFKC keeps and which passed), every ASCII punctuation mark but
+// leetspeak's @ and $ (only . - _ * / | , : were: a semicolon, a plus, a tilde, a quote passed),
+// the middle dots and bullets, and the Unicode hyphen and dashes (NFKC makes the non-breaking
+// hyphen, U+2011, a U+2010).
+const ASCII_SPACERS = charTable(' \t\n\r!"#%&\'()*+,-./:;<=>?[\\]^_`{|}~')
+const isSpacer = (c: number): boolean => c < 128
+  ? ASCII_SPACERS[c] === 1
+  : c === 0x2028 || c === 0x2029 || (c >= 0x2010 && c <= 0x2015) || c === 0x00b7 || c === 0x2022 || c === 0x2027 || c === 0x2219 || c === 0x22c5 || c === 0x30fb
+// Punctuation that may take one space after it and still be one spacer: `i, g, n`, `i. g. n`, `i: g: n`, `i; g; n`.
+const isPunctuationSpacer = (c: number): boolean => c === 44 || c === 46 || c === 58 || c === 59
+
+// The kinds of spacer (spacerAt); each but ONE_SPACER is two characters long.
+const ONE_SPACER = 1
+const CRLF_SPACER = 2
+const PUNCTUATION_SPACE_SPACER = 3
+const DOUBLED_SPACER = 4
 
 /**
- * The length of the spacer at `i`: one spacer character, CR LF, or `,` `.` `:` and one space
- * after it, as one; 0 when none.
+ * The kind of the spacer at `i`: one spacer character, CR LF, `,` `.` `:` `;` and one space
+ * after it, or one spacer character written twice (`i  g  n`, one letter a paragraph: an array's
+ * texts are read with a blank line between them); 0 when none.
  */
 function spacerAt (text: string, i: number): number {
   const c = text.charCodeAt(i)
-  if (c === 13 && text.charCodeAt(i + 1) === 10) return 2
-  if (isPunctuationSpacer(c) && text.charCodeAt(i + 1) === 32) return 2
-  return isSpacer(c) ? 1 : 0
+  if (c === 13 && text.charCodeAt(i + 1) === 10) return CRLF_SPACER
+  if (isPunctuationSpacer(c) && text.charCodeAt(i + 1) === 32) return PUNCTUATION_SPACE_SPACER
+  if (!isSpacer(c)) return 0
+  return text.charCodeAt(i + 1) === c ? DOUBLED_SPACER : ONE_SPACER
 }
 
 /**
  * Joins letters spaced out one by one (`i g n o r e`, `i.g.n.o.r.e`, `i, g, n, o, r, e`, one a
  * line): a run of at least three single letters each followed by one spacer becomes one word.
- * A word's spacers are all as long as its first: two or more spacers end a word, so
+ * A word's spacers are all of the kind of its first (spacerAt): two or more spacers end a word, so
  * `i g n o r e   a l l` gives `ignore all`, and so does `i.g.n.o.r.e. a.l.l` (a spacer `. ` after
  * spacers `.`). One pass over the text.
  */
@@ -221,13 +233,13 @@ export function joinSpacedLetters (text: string): string {
     if (isLetter(c) && (i === 0 || !isLetter(text.charCodeAt(i - 1)))) {
       let word = text[i]
       let j = i
-      let width = 0
+      let kind = 0
       // j: the last letter taken; the next one is a single letter after one spacer.
       for (;;) {
         const gap = spacerAt(text, j + 1)
-        const k = j + 1 + gap
-        if (gap === 0 || (width !== 0 && gap !== width) || k >= n || !isLetter(text.charCodeAt(k)) || (k + 1 < n && isLetter(text.charCodeAt(k + 1)))) break
-        width = gap
+        const k = j + 1 + (gap === ONE_SPACER ? 1 : 2)
+        if (gap === 0 || (kind !== 0 && gap !== kind) || k >= n || !isLetter(text.charCodeAt(k)) || (k + 1 < n && isLetter(text.charCodeAt(k + 1)))) break
+        kind = gap
         word += text[k]
         j = k
       }
