@@ -530,6 +530,36 @@ export function normalizeForMarkers (text: string): string {
   return NOT_ASCII.test(text) ? plainLetters(text) : visible(text).toLowerCase()
 }
 
+// --- escapes a model reads as what they stand for ---------------------------------------------
+
+// HTML character references (numeric, and the named ones of markup: `&lt;|im_start|&gt;`) and
+// runs of percent-escapes (UTF-8 bytes, as URLs write them).
+const CHARACTER_REFERENCE = /&#(?:[xX]([0-9A-Fa-f]{1,8})|([0-9]{1,10}));?|&(lt|gt|amp|quot|apos|nbsp);/g
+const NAMED_REFERENCES: Readonly<Record<string, string>> = { lt: '<', gt: '>', amp: '&', quot: '"', apos: "'", nbsp: '\u00a0' }
+const PERCENT_RUN = /(?:%[0-9A-Fa-f]{2}){1,4096}/g
+const HAS_ESCAPE = /&#|&(?:lt|gt|amp|quot|apos|nbsp);|%[0-9A-Fa-f]{2}/
+
+function referenced (whole: string, hex: string | undefined, decimal: string | undefined, name: string | undefined): string {
+  if (name !== undefined) return NAMED_REFERENCES[name]
+  const code = hex !== undefined ? parseInt(hex, 16) : Number(decimal)
+  // A code point that is none (beyond U+10FFFF, a surrogate, NUL) is left as written.
+  return code > 0 && code <= 0x10ffff && (code < 0xd800 || code > 0xdfff) ? String.fromCodePoint(code) : whole
+}
+
+/**
+ * The text with its HTML character references and percent-escapes decoded, or null when it holds
+ * none: an instruction written in them (`&#73;gnore`, `%59%6F%75%20%61%72%65`) is read by a model
+ * as what they stand for, and passed every rule. A run of percent-escapes that is no UTF-8 is
+ * decoded with U+FFFD in place of its bad bytes.
+ */
+export function unescaped (text: string): string | null {
+  if ((!text.includes('&') && !text.includes('%')) || !HAS_ESCAPE.test(text)) return null
+  const decoded = text
+    .replace(CHARACTER_REFERENCE, referenced)
+    .replace(PERCENT_RUN, run => Buffer.from(run.replace(/%/g, ''), 'hex').toString('utf8'))
+  return decoded === text ? null : decoded
+}
+
 // --- the visible copy, for the secret and personal-data detectors ----------------------------
 
 // Spaces other than the ASCII one (no-break, narrow, ideographic, Ogham, line and paragraph

@@ -1,7 +1,7 @@
 // One scan of one text: injection rules on the normalized text, secrets and personal data on
 // the raw text, and the same again inside base64 and hex runs that decode to text (bounded in
 // count, size and depth). Plain functions: the plugin only wires them into the pipeline.
-import { rulesView, normalizeForMarkers, invisibleAsSpaces, leetAgainstLetter, visibleCopy, type VisibleCopy } from './normalize.js'
+import { rulesView, normalizeForMarkers, invisibleAsSpaces, leetAgainstLetter, unescaped, visibleCopy, type VisibleCopy } from './normalize.js'
 import { INJECTION_RULES, RULE_KEYS, hasMarkerGate, matchWordRules } from './injection.js'
 import { findSpans, type Category, type Detection } from './detectors.js'
 import { charTable, hasRun } from './text.js'
@@ -142,8 +142,21 @@ function spansInto (text: string, seen: VisibleCopy | null, out: Detection[]): v
   }
 }
 
-/** The injection rules' findings in one text (no spans); whether the text is plain (rulesView). */
+/**
+ * The injection rules' findings in one text (no spans), and in it again with its HTML character
+ * references and percent-escapes decoded (unescaped), when it holds any; whether the text is
+ * plain (rulesView).
+ */
 function injectionsInto (text: string, out: Detection[]): boolean {
+  const plain = readInjections(text, out)
+  // An instruction written as &#73;gnore or %59%6F%75 is read by a model as it is decoded, and
+  // passed every rule.
+  const decoded = unescaped(text)
+  if (decoded !== null) readInjections(decoded, out)
+  return plain
+}
+
+function readInjections (text: string, out: Detection[]): boolean {
   const view = rulesView(text, RULE_KEYS)
   const matched = matchWordRules(view)
   // A text where leetspeak's digits, @ or $ touch a letter is read again without leetspeak: read as
