@@ -124,6 +124,15 @@ const ANY_WORD = any('any', 'all', 'the', 'your', 'its', 'aucune?', 'aucun', 'ni
 const MODEL_SUBJECT = any('answer', 'respond', 'reply', 'talk', 'act', 'behave', 'operate', 'speak', 'write', 'ai', 'assistant', 'model', 'chatbot', 'mode', 'version',
   'reponds', 'repondez', 'agis', 'agissez', 'ia', 'comporte toi', 'responde', 'responda', 'contesta', 'actua', 'antworte', 'antworten sie', 'handle', 'ki', 'agiere')
 
+// The verbs that switch a mode on.
+const MODE_VERB = any('enable', 'activate', 'enter', 'switch to', 'switch into', 'turn on', 'start', 'engage', 'now in', 'you are in', 'active', 'activez', 'activer',
+  'passe en', 'passez en', 'entre en', 'activa', 'entra en', 'pasa a', 'cambia a', 'aktiviere', 'wechsle in den', 'schalte in den', 'starte den')
+// A developer mode on or in a named OS, browser, app or a phone or computer is theirs, not the
+// model's: "enable developer mode on Android", "in Chrome", "in Windows settings" were refused.
+// Named ones only (not "settings" nor "device"): a model has no Android, but has settings.
+const DEVICE = `${gap(2)}(?:android|ios|ipados|iphone|ipad|ipod|chrome|chromebook|chromeos|chromium|edge|firefox|safari|opera|brave|browser|navigateur|navegador|windows|mac|macos|macbook|linux|ubuntu|xbox|playstation|phone|smartphone|handy|telephone|telefono|movil|mobile|tablet|tablette|tableta|laptop|computer|pc|ordinateur|ordenador|computadora|rechner|pixel|samsung|galaxy|huawei|xiaomi|oneplus|motorola|kindle|roku|vs code|vscode|visual studio|intellij|discord|telegram|steam|oculus|quest|smartwatch)\\b`
+const ON_A_DEVICE = `(?! (?:on|in|for|of|auf|im|am|fur|sur|dans|pour|de|du|en|para|del) ${DEVICE})`
+
 // Switching the safety filters off. Verbs that only ever apply to rules (bypass, circumvent,
 // override, evade) take any target; the others ("remove", "disable", "turn off") take a bare
 // target (filters, policy, guidelines, restrictions) only when it is marked as the model's, by a
@@ -198,9 +207,11 @@ export const INJECTION_RULES: readonly InjectionRule[] = Object.freeze([
   R('role-override', 0.8, `\\b(?:answer|respond|reply|antworte|reponds|repondez|responde|contesta) ${gap(2)}(?:unzensiert|uncensored|unfiltered|sans censure|sin censura)\\b`),
 
   // Modes that switch the model's rules off.
-  R('jailbreak-mode', 0.85, '\\b(?:enable|activate|enter|switch to|switch into|turn on|start|engage|now in|you are in|active|activez|activer|passe en|passez en|entre en|activa|entra en|pasa a|cambia a|aktiviere|wechsle in den|schalte in den|starte den) (?:the |le |el |den |in )?(?:developer|god|jailbreak|dan|unrestricted|unfiltered|uncensored|evil|developpeur|desarrollador|entwickler|dios) ?(?:mode|modus|modo)\\b'),
-  R('jailbreak-mode', 0.85, '\\b(?:passe|passez|passer|active|activez|activer|entre|entrez|bascule|activa|activar|entra|pasa|cambia)(?: en| a| al)? (?:le |el )?(?:mode|modo) (?:developpeur|desarrollador|dios|jailbreak|dan|sans censure|sin censura|sans restrictions?|sin restricciones)\\b'),
-  R('jailbreak-mode', 0.85, '\\b(?:mode|modo) (?:developpeur|desarrollador|dios|jailbreak|dan|sin censura|sans censure) (?:active|activado|activated|enabled)\\b|\\b(?:developer|jailbreak|god|dan) mode (?:activated|enabled|on)\\b'),
+  R('jailbreak-mode', 0.85, `\\b${MODE_VERB} (?:the |le |el |den |in )?(?:god|jailbreak|dan|unrestricted|unfiltered|uncensored|evil|dios) ?(?:mode|modus|modo)\\b`),
+  R('jailbreak-mode', 0.85, `\\b${MODE_VERB} (?:the |le |el |den |in )?(?:developer|developpeur|desarrollador|entwickler) ?(?:mode|modus|modo)\\b${ON_A_DEVICE}`),
+  R('jailbreak-mode', 0.85, '\\b(?:passe|passez|passer|active|activez|activer|entre|entrez|bascule|activa|activar|entra|pasa|cambia)(?: en| a| al)? (?:le |el )?(?:mode|modo) (?:dios|jailbreak|dan|sans censure|sin censura|sans restrictions?|sin restricciones)\\b'),
+  R('jailbreak-mode', 0.85, `\\b(?:passe|passez|passer|active|activez|activer|entre|entrez|bascule|activa|activar|entra|pasa|cambia)(?: en| a| al)? (?:le |el )?(?:mode|modo) (?:developpeur|desarrollador)\\b${ON_A_DEVICE}`),
+  R('jailbreak-mode', 0.85, `\\b(?:mode|modo) (?:dios|jailbreak|dan|sin censura|sans censure) (?:active|activado|activated|enabled)\\b|\\b(?:mode|modo) (?:developpeur|desarrollador) (?:active|activado|activated|enabled)\\b${ON_A_DEVICE}|\\b(?:jailbreak|god|dan) mode (?:activated|enabled|on)\\b|\\bdeveloper mode (?:(?:activated|enabled)\\b${ON_A_DEVICE}|on\\b(?! ${DEVICE}))`),
   R('jailbreak-mode', 0.85, '\\b(?:jailbroken|jailbreak) (?:version|mode|ai|assistant|model)\\b|\\bsimulate a jailbroken\\b'),
 
   // Switching the safety filters off.
