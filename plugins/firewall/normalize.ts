@@ -533,13 +533,16 @@ export function normalizeForMarkers (text: string): string {
 // --- escapes a model reads as what they stand for ---------------------------------------------
 
 // HTML character references (numeric, and the named ones of markup: `&lt;|im_start|&gt;`) and
-// runs of percent-escapes (UTF-8 bytes, as URLs write them).
-const CHARACTER_REFERENCE = /&#(?:[xX]([0-9A-Fa-f]{1,8})|([0-9]{1,10}));?|&(lt|gt|amp|quot|apos|nbsp);/g
+// runs of percent-escapes (UTF-8 bytes, as URLs write them), in one search.
+const ESCAPE = /((?:%[0-9A-Fa-f]{2}){1,4096})|&#(?:[xX]([0-9A-Fa-f]{1,8})|([0-9]{1,10}));?|&(lt|gt|amp|quot|apos|nbsp);/g
 const NAMED_REFERENCES: Readonly<Record<string, string>> = { lt: '<', gt: '>', amp: '&', quot: '"', apos: "'", nbsp: '\u00a0' }
-const PERCENT_RUN = /(?:%[0-9A-Fa-f]{2}){1,4096}/g
 const HAS_ESCAPE = /&#|&(?:lt|gt|amp|quot|apos|nbsp);|%[0-9A-Fa-f]{2}/
 
-function referenced (whole: string, hex: string | undefined, decimal: string | undefined, name: string | undefined): string {
+/** What one escape (a match of ESCAPE) stands for. */
+function unescape (m: RegExpExecArray): string {
+  const [whole, percent, hex, decimal, name] = m
+  // A run of percent-escapes that is no UTF-8 has U+FFFD in place of its bad bytes.
+  if (percent !== undefined) return Buffer.from(percent.replace(/%/g, ''), 'hex').toString('utf8')
   if (name !== undefined) return NAMED_REFERENCES[name]
   const code = hex !== undefined ? parseInt(hex, 16) : Number(decimal)
   // A code point that is none (beyond U+10FFFF, a surrogate, NUL) is left as written.
@@ -547,17 +550,41 @@ function referenced (whole: string, hex: string | undefined, decimal: string | u
 }
 
 /**
- * The text with its HTML character references and percent-escapes decoded, or null when it holds
- * none: an instruction written in them (`&#73;gnore`, `%59%6F%75%20%61%72%65`) is read by a model
- * as what they stand for, and passed every rule. A run of percent-escapes that is no UTF-8 is
- * decoded with U+FFFD in place of its bad bytes.
+ * The text with its HTML character references and percent-escapes decoded, with where each of its
+ * units comes from (as visibleCopy's: a decoded unit maps to its whole escape), or null when it
+ * holds none: an instruction written in them (`&#73;gnore`, `%59%6F%75%20%61%72%65`) is read by a
+ * model as what they stand for, and passed every rule; an address in a pasted URL
+ * (`?email=marie%40orange.fr`) was never found.
  */
-export function unescaped (text: string): string | null {
+export function unescapedCopy (text: string): VisibleCopy | null {
   if ((!text.includes('&') && !text.includes('%')) || !HAS_ESCAPE.test(text)) return null
-  const decoded = text
-    .replace(CHARACTER_REFERENCE, referenced)
-    .replace(PERCENT_RUN, run => Buffer.from(run.replace(/%/g, ''), 'hex').toString('utf8'))
-  return decoded === text ? null : decoded
+  // A decoded escape is never longer than the escape: the copy has text.length units at most.
+  const from = new Int32Array(text.length)
+  const to = new Int32Array(text.length)
+  let out = ''
+  let len = 0
+  let at = 0
+  const kept = (end: number): void => {
+    for (let i = at; i < end; i++) { from[len] = i; to[len++] = i + 1 }
+    out += text.slice(at, end)
+  }
+  ESCAPE.lastIndex = 0
+  let m: RegExpExecArray | null
+  while ((m = ESCAPE.exec(text)) !== null) {
+    kept(m.index)
+    const decoded = unescape(m)
+    const end = m.index + m[0].length
+    for (let k = 0; k < decoded.length; k++) { from[len] = m.index; to[len++] = end }
+    out += decoded
+    at = end
+  }
+  kept(text.length)
+  return out === text ? null : { text: out, from: from.subarray(0, len), to: to.subarray(0, len) }
+}
+
+/** The text with its HTML character references and percent-escapes decoded (unescapedCopy), or null. */
+export function unescaped (text: string): string | null {
+  return unescapedCopy(text)?.text ?? null
 }
 
 // --- the visible copy, for the secret and personal-data detectors ----------------------------

@@ -1,7 +1,7 @@
 // One scan of one text: injection rules on the normalized text, secrets and personal data on
 // the raw text, and the same again inside base64 and hex runs that decode to text (bounded in
 // count, size and depth). Plain functions: the plugin only wires them into the pipeline.
-import { rulesView, normalizeForMarkers, invisibleAsSpaces, leetAgainstLetter, unescaped, visibleCopy, type VisibleCopy } from './normalize.js'
+import { rulesView, normalizeForMarkers, invisibleAsSpaces, leetAgainstLetter, unescapedCopy, visibleCopy, type VisibleCopy } from './normalize.js'
 import { INJECTION_RULES, RULE_KEYS, hasMarkerGate, matchWordRules } from './injection.js'
 import { findSpans, type Category, type Detection } from './detectors.js'
 import { charTable, hasRun } from './text.js'
@@ -104,10 +104,12 @@ function decodeRuns (raw: string, seen: VisibleCopy | null, depth: number, budge
 }
 
 function detectInto (text: string, depth: number, budget: Budget, out: Detection[]): void {
-  const plain = injectionsInto(text, out)
+  const escaped = unescapedCopy(text)
+  const plain = injectionsInto(text, out, escaped)
   // A plain text (ASCII, no control character) is its own visible copy.
   const seen = plain ? null : visibleCopy(text)
-  spansInto(text, seen, out)
+  // Spans in the raw text, its visible copy, and the text with its escapes decoded (a URL's %40).
+  spansInto(text, seen, escaped, out)
   // The runs as written and as read: in the raw text alone, an invisible character inside a run
   // cut it in two (the second half no longer aligned) and full-width letters were no run at all,
   // so that what it encoded passed; in the copy alone, a letter NFKC makes ASCII just before a
@@ -121,38 +123,49 @@ function detectInto (text: string, depth: number, budget: Budget, out: Detection
  * space between card groups or a zero-width space inside a key no longer hides them. A span
  * found in the copy is mapped back to the raw characters it was read from (all of them, the
  * invisible ones between included), so that redaction leaves no part of it. `seen`: the
- * copy, null when it is the text itself (visibleCopy).
+ * copy, null when it is the text itself (visibleCopy). And in the text with its percent-escapes
+ * and character references decoded (`escaped`, unescapedCopy; null: none), where an address in a
+ * pasted URL (`?email=marie%40orange.fr`) is found, redacted over its escapes.
  */
-function spansInto (text: string, seen: VisibleCopy | null, out: Detection[]): void {
+function spansInto (text: string, seen: VisibleCopy | null, escaped: VisibleCopy | null, out: Detection[]): void {
   const first = out.length
   findSpans(text, out)
-  if (seen === null) return
-  const found: Detection[] = []
-  findSpans(seen.text, found)
-  if (found.length === 0) return
-  // The raw text's spans, to leave out what the copy finds again. A set: searched through for
+  if (seen === null && escaped === null) return
+  // The raw text's spans, to leave out what a copy finds again. A set: searched through for
   // each span of the copy, a text of n addresses and one no-break space took n^2 / 2 steps
   // (40,000 addresses, 670 KB: 7.5 s).
-  const raw = new Set<string>()
-  for (let i = first; i < out.length; i++) raw.add(`${out[i].start}:${out[i].end}:${out[i].type}`)
-  for (const d of found) {
-    const start = seen.from[d.start]
-    const end = seen.to[d.end - 1]
-    if (!raw.has(`${start}:${end}:${d.type}`)) out.push({ category: d.category, type: d.type, score: d.score, start, end })
+  let raw: Set<string> | null = null
+  for (const copy of [seen, escaped]) {
+    if (copy === null) continue
+    const found: Detection[] = []
+    findSpans(copy.text, found)
+    if (found.length === 0) continue
+    if (raw === null) {
+      raw = new Set<string>()
+      for (let i = first; i < out.length; i++) raw.add(`${out[i].start}:${out[i].end}:${out[i].type}`)
+    }
+    for (const d of found) {
+      const start = copy.from[d.start]
+      const end = copy.to[d.end - 1]
+      const key = `${start}:${end}:${d.type}`
+      if (raw.has(key)) continue
+      raw.add(key)
+      out.push({ category: d.category, type: d.type, score: d.score, start, end })
+    }
   }
 }
 
 /**
  * The injection rules' findings in one text (no spans), and in it again with its HTML character
- * references and percent-escapes decoded (unescaped), when it holds any; whether the text is
- * plain (rulesView).
+ * references and percent-escapes decoded (`escaped`, unescapedCopy; undefined: not made yet),
+ * when it holds any; whether the text is plain (rulesView).
  */
-function injectionsInto (text: string, out: Detection[]): boolean {
+function injectionsInto (text: string, out: Detection[], escaped?: VisibleCopy | null): boolean {
   const plain = readInjections(text, out)
   // An instruction written as &#73;gnore or %59%6F%75 is read by a model as it is decoded, and
   // passed every rule.
-  const decoded = unescaped(text)
-  if (decoded !== null) readInjections(decoded, out)
+  const decoded = escaped === undefined ? unescapedCopy(text) : escaped
+  if (decoded !== null) readInjections(decoded.text, out)
   return plain
 }
 
