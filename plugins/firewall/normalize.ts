@@ -532,32 +532,36 @@ export function normalizeForMarkers (text: string): string {
 
 // --- escapes a model reads as what they stand for ---------------------------------------------
 
-// HTML character references (numeric, and the named ones of markup: `&lt;|im_start|&gt;`) and
-// runs of percent-escapes (UTF-8 bytes, as URLs write them), in one search.
-const ESCAPE = /((?:%[0-9A-Fa-f]{2}){1,4096})|&#(?:[xX]([0-9A-Fa-f]{1,8})|([0-9]{1,10}));?|&(lt|gt|amp|quot|apos|nbsp);/g
+// HTML character references (numeric, and the named ones of markup: `&lt;|im_start|&gt;`), runs
+// of percent-escapes (UTF-8 bytes, as URLs write them) and of \x escapes (bytes, as C and Python
+// write them), and \u escapes (JSON, JavaScript: \u0069, \u{69}), in one search.
+const ESCAPE = /((?:%[0-9A-Fa-f]{2}){1,4096})|&#(?:[xX]([0-9A-Fa-f]{1,8})|([0-9]{1,10}));?|&(lt|gt|amp|quot|apos|nbsp);|((?:\\x[0-9A-Fa-f]{2}){1,4096})|\\u(?:([0-9A-Fa-f]{4})|\{([0-9A-Fa-f]{1,6})\})/g
 const NAMED_REFERENCES: Readonly<Record<string, string>> = { lt: '<', gt: '>', amp: '&', quot: '"', apos: "'", nbsp: '\u00a0' }
-const HAS_ESCAPE = /&#|&(?:lt|gt|amp|quot|apos|nbsp);|%[0-9A-Fa-f]{2}/
+const HAS_ESCAPE = /&#|&(?:lt|gt|amp|quot|apos|nbsp);|%[0-9A-Fa-f]{2}|\\x[0-9A-Fa-f]{2}|\\u[0-9A-Fa-f{]/
 
 /** What one escape (a match of ESCAPE) stands for. */
 function unescape (m: RegExpExecArray): string {
-  const [whole, percent, hex, decimal, name] = m
-  // A run of percent-escapes that is no UTF-8 has U+FFFD in place of its bad bytes.
+  const [whole, percent, hex, decimal, name, bytes, unit, point] = m
+  // A run of percent or \x escapes that is no UTF-8 has U+FFFD in place of its bad bytes.
   if (percent !== undefined) return Buffer.from(percent.replace(/%/g, ''), 'hex').toString('utf8')
+  if (bytes !== undefined) return Buffer.from(bytes.replace(/\\x/g, ''), 'hex').toString('utf8')
   if (name !== undefined) return NAMED_REFERENCES[name]
-  const code = hex !== undefined ? parseInt(hex, 16) : Number(decimal)
+  // A \u escape is a UTF-16 unit, a surrogate too (a pair of them is one character).
+  if (unit !== undefined) return String.fromCharCode(parseInt(unit, 16))
+  const code = hex !== undefined ? parseInt(hex, 16) : point !== undefined ? parseInt(point, 16) : Number(decimal)
   // A code point that is none (beyond U+10FFFF, a surrogate, NUL) is left as written.
   return code > 0 && code <= 0x10ffff && (code < 0xd800 || code > 0xdfff) ? String.fromCodePoint(code) : whole
 }
 
 /**
- * The text with its HTML character references and percent-escapes decoded, with where each of its
+ * The text with its HTML character references, percent-escapes and backslash escapes decoded, with where each of its
  * units comes from (as visibleCopy's: a decoded unit maps to its whole escape), or null when it
  * holds none: an instruction written in them (`&#73;gnore`, `%59%6F%75%20%61%72%65`) is read by a
  * model as what they stand for, and passed every rule; an address in a pasted URL
  * (`?email=marie%40orange.fr`) was never found.
  */
 export function unescapedCopy (text: string): VisibleCopy | null {
-  if ((!text.includes('&') && !text.includes('%')) || !HAS_ESCAPE.test(text)) return null
+  if ((!text.includes('&') && !text.includes('%') && !text.includes('\\')) || !HAS_ESCAPE.test(text)) return null
   // A decoded escape is never longer than the escape: the copy has text.length units at most.
   const from = new Int32Array(text.length)
   const to = new Int32Array(text.length)

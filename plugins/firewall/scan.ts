@@ -123,9 +123,9 @@ function detectInto (text: string, depth: number, budget: Budget, out: Detection
  * space between card groups or a zero-width space inside a key no longer hides them. A span
  * found in the copy is mapped back to the raw characters it was read from (all of them, the
  * invisible ones between included), so that redaction leaves no part of it. `seen`: the
- * copy, null when it is the text itself (visibleCopy). And in the text with its percent-escapes
- * and character references decoded (`escaped`, unescapedCopy; null: none), where an address in a
- * pasted URL (`?email=marie%40orange.fr`) is found, redacted over its escapes.
+ * copy, null when it is the text itself (visibleCopy). And in the text with its escapes decoded
+ * (percent, character references, backslash: `escaped`, unescapedCopy; null: none), where an
+ * address in a pasted URL (`?email=marie%40orange.fr`) is found, redacted over its escapes.
  */
 function spansInto (text: string, seen: VisibleCopy | null, escaped: VisibleCopy | null, out: Detection[]): void {
   const first = out.length
@@ -156,13 +156,13 @@ function spansInto (text: string, seen: VisibleCopy | null, escaped: VisibleCopy
 }
 
 /**
- * The injection rules' findings in one text (no spans), and in it again with its HTML character
- * references and percent-escapes decoded (`escaped`, unescapedCopy; undefined: not made yet),
+ * The injection rules' findings in one text (no spans), and in it again with its escapes decoded
+ * (percent, character references, backslash: `escaped`, unescapedCopy; undefined: not made yet),
  * when it holds any; whether the text is plain (rulesView).
  */
 function injectionsInto (text: string, out: Detection[], escaped?: VisibleCopy | null): boolean {
   const plain = readInjections(text, out)
-  // An instruction written as &#73;gnore or %59%6F%75 is read by a model as it is decoded, and
+  // An instruction written as &#73;gnore, %59%6F%75 or \u0069 is read by a model as it is decoded, and
   // passed every rule.
   const decoded = escaped === undefined ? unescapedCopy(text) : escaped
   if (decoded !== null) readInjections(decoded.text, out)
