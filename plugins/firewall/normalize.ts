@@ -451,6 +451,37 @@ function startsDelimiter (s: string, i: number, c: number): boolean {
   }
 }
 
+// Markup comments, by their delimiters: HTML, C-style and Jinja/Twig (as COMMENT_DELIMITERS).
+const COMMENTS: ReadonlyArray<readonly [string, string]> = [['<!--', '-->'], ['/*', '*/'], ['{#', '#}']]
+
+/**
+ * The text without its markup comments, content and all, as markup shows it; null when it holds
+ * none. The rules read comments' delimiters removed and their words kept (a hidden instruction
+ * is read), and so a comment inside a word split it ("Ign<!-- x -->ore" read "ign x ore"): this is
+ * the other reading. One pass: each opener and closer is searched for once from where the last
+ * search of its kind stopped, and a kind with an opener that is never closed is looked for no more.
+ */
+export function withoutComments (text: string): string | null {
+  if (!text.includes('<!--') && !text.includes('/*') && !text.includes('{#')) return null
+  const next = COMMENTS.map(([open]) => text.indexOf(open))
+  let out = ''
+  let at = 0
+  for (;;) {
+    let kind = -1
+    for (let k = 0; k < COMMENTS.length; k++) if (next[k] >= 0 && (kind < 0 || next[k] < next[kind])) kind = k
+    if (kind < 0) break
+    const [open, close] = COMMENTS[kind]
+    const start = next[kind]
+    const end = text.indexOf(close, start + open.length)
+    if (end < 0) { next[kind] = -1; continue }
+    out += text.slice(at, start)
+    at = end + close.length
+    // Openers inside the comment just cut are no openers.
+    for (let k = 0; k < COMMENTS.length; k++) if (next[k] >= 0 && next[k] < at) next[k] = text.indexOf(COMMENTS[k][0], at)
+  }
+  return at === 0 ? null : out + text.slice(at)
+}
+
 // ANSI escape sequences (CSI: ESC [ or U+009B, parameters, a final byte), which a terminal shows
 // as nothing (colour, bold): only their escape character was removed, as a control, and the rest
 // joined the word it touched ("\x1b[31mIgnore" read "eimignore", and passed every rule).
