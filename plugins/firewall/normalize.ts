@@ -451,6 +451,20 @@ function startsDelimiter (s: string, i: number, c: number): boolean {
   }
 }
 
+// A hyphen (or a soft hyphen) at a line's end between two letters: a word broken across lines,
+// as wrapped or PDF text writes it.
+const LINE_END_HYPHEN = /(\p{L})[-\u00ad\u2010\u2011]\r?\n[ \t]{0,8}(?=\p{L})/gu
+
+/**
+ * The text with its words hyphenated across a line break made whole ("in-\nstructions" is
+ * "instructions"); null when it holds none: the rules read the two halves as two words.
+ */
+export function unhyphenated (text: string): string | null {
+  if (!text.includes('\n')) return null
+  const whole = text.replace(LINE_END_HYPHEN, '$1')
+  return whole === text ? null : whole
+}
+
 // Markup comments, by their delimiters: HTML, C-style and Jinja/Twig (as COMMENT_DELIMITERS).
 const COMMENTS: ReadonlyArray<readonly [string, string]> = [['<!--', '-->'], ['/*', '*/'], ['{#', '#}']]
 

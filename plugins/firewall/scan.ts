@@ -1,7 +1,7 @@
 // One scan of one text: injection rules on the normalized text, secrets and personal data on
 // the raw text, and the same again inside base64 and hex runs that decode to text (bounded in
 // count, size and depth). Plain functions: the plugin only wires them into the pipeline.
-import { rulesView, normalizeForMarkers, invisibleAsSpaces, leetAgainstLetter, unescapedCopy, visibleCopy, withoutComments, type VisibleCopy } from './normalize.js'
+import { rulesView, normalizeForMarkers, invisibleAsSpaces, leetAgainstLetter, unescapedCopy, unhyphenated, visibleCopy, withoutComments, type VisibleCopy } from './normalize.js'
 import { INJECTION_RULES, RULE_KEYS, hasMarkerGate, matchWordRules } from './injection.js'
 import { findSpans, type Category, type Detection } from './detectors.js'
 import { charTable, hasRun } from './text.js'
@@ -183,6 +183,13 @@ function readInjections (text: string, out: Detection[]): boolean {
   const bare = withoutComments(text)
   if (bare !== null) {
     const also = matchWordRules(rulesView(bare, RULE_KEYS))
+    for (let i = 0; i < also.length; i++) matched[i] |= also[i]
+  }
+  // A text with a word hyphenated across a line break is read again with it whole: "in-\nstructions"
+  // was two words.
+  const whole = unhyphenated(text)
+  if (whole !== null) {
+    const also = matchWordRules(rulesView(whole, RULE_KEYS))
     for (let i = 0; i < also.length; i++) matched[i] |= also[i]
   }
   // A text with invisible characters is read twice: without them, and with each as a space
