@@ -342,17 +342,6 @@ for (let c = 0; c < 128; c++) {
   else if (LEET_CODES[c] !== 0) READ_AS[c] = LEET_CODES[c]
   else if ((c < 32 && c !== 9 && c !== 10 && c !== 13) || c === 127) READ_AS[c] = DROPPED
 }
-// The same without leetspeak: its digits, @ and $ separators (rulesView's second reading).
-const READ_AS_PLAIN = READ_AS.map((read, c) => c < 128 && LEET_CODES[c] !== 0 ? 0 : read)
-
-// A character leetspeak reads as a letter, against a letter (ASCII or full-width: NFKC makes it
-// ASCII). Read as a letter, it joins the word it touches: the 3 of "3Ignore" or of "DAN3" made
-// "eignore" and "dane", and the text passed every rule. Such a text is read again without
-// leetspeak (rulesView's `leet`).
-const LEET_AGAINST_LETTER = /[0134578@$\uff10\uff11\uff13\uff14\uff15\uff17\uff18\uff20\uff04]\p{L}|\p{L}[0134578@$\uff10\uff11\uff13\uff14\uff15\uff17\uff18\uff20\uff04]/u
-
-/** Whether a character leetspeak reads as a letter touches a letter: the text is then read without leetspeak too. */
-export const leetAgainstLetter = (text: string): boolean => LEET_AGAINST_LETTER.test(text)
 
 // A filter of word keys: 2^14 bits (2 KB, small enough to stay in the CPU's nearest cache while
 // a text is collapsed), one per key, at a multiplicative hash of it. It may let through a key
@@ -382,7 +371,7 @@ interface Collapsed { length: number, keyCount: number, spaced: boolean, control
  * at the first markup comment delimiter: the text then needs the full normalization first.
  * Bytes, not charCodeAt: rulesView costs 3-20% less at 1, 4 and 20 KB (A/B in one process).
  */
-function collapse (s: string, check: boolean, only: Uint8Array | null, readAs: Uint8Array): Collapsed | null {
+function collapse (s: string, check: boolean, only: Uint8Array | null): Collapsed | null {
   const n = s.length
   const text = bytes
   const buf = words
@@ -398,7 +387,7 @@ function collapse (s: string, check: boolean, only: Uint8Array | null, readAs: U
   // text[n] is a space (asciiBytes): it ends the last word.
   for (let i = 0; i <= n; i++) {
     const c = text[i]
-    const read = readAs[c]
+    const read = READ_AS[c]
     if (read >= 97) { buf[len++] = read; continue }
     if (read === DROPPED) { control = true; continue }
     if (check && DELIMITER_START[c] === 1 && startsDelimiter(s, i, c)) return null
@@ -428,13 +417,13 @@ function collapse (s: string, check: boolean, only: Uint8Array | null, readAs: U
 const NOT_ASCII_RUN = /[^\x00-\x7f]+/g
 
 /** Collapses a text that needed no check, its characters outside ASCII read as separators. */
-function collapseAny (text: string, only: Uint8Array | null, readAs: Uint8Array): Collapsed {
+function collapseAny (text: string, only: Uint8Array | null): Collapsed {
   let s = text
   if (!asciiBytes(s)) {
     s = s.replace(NOT_ASCII_RUN, ' ')
     asciiBytes(s)
   }
-  return collapse(s, false, only, readAs) as Collapsed
+  return collapse(s, false, only) as Collapsed
 }
 
 // The first characters of the markup comment delimiters (<!--, ->, /*, */, {#, #}).
@@ -506,27 +495,26 @@ const ANSI_CSI = /(?:\u001b\[|\u009b)[\u0030-\u003f]{0,32}[\u0020-\u002f]{0,8}[\
  * The text as the injection rules read it: lowercase ASCII words, one space between words,
  * with the keys of its words. ANSI escape sequences removed, NFKC (full-width and compatibility
  * forms), invisible characters removed, diacritics dropped, homoglyphs folded, markup comment delimiters removed, leetspeak
- * undone (unless `leet` is false: its characters are then separators), letters spaced out one
+ * undone, letters spaced out one
  * by one joined, everything that is not a letter one space.
  */
-export function rulesView (text: string, only: Uint8Array | null = null, leet = true): RulesView {
-  const readAs = leet ? READ_AS : READ_AS_PLAIN
+export function rulesView (text: string, only: Uint8Array | null = null): RulesView {
   // Optimization: most texts are ASCII with no comment delimiter; copying the text's bytes tells
   // the first, the one pass that collapses them checks the second, and only the other texts are
   // normalized first and collapsed again.
   let s = text.includes('\u001b') || text.includes('\u009b') ? text.replace(ANSI_CSI, '') : text
   const ascii = asciiBytes(s)
-  let collapsed = ascii ? collapse(s, true, only, readAs) : null
+  let collapsed = ascii ? collapse(s, true, only) : null
   // A text that held an escape sequence held a control character: not plain.
   const plain = collapsed !== null && !collapsed.control && s === text
   if (collapsed === null) {
     if (!ascii) s = plainLetters(s)
     if (s.includes('<!--') || s.includes('->') || s.includes('/*') || s.includes('*/') || s.includes('{#') || s.includes('#}')) s = s.replace(COMMENT_DELIMITERS, '')
-    collapsed = collapseAny(s, only, readAs)
+    collapsed = collapseAny(s, only)
   }
   if (collapsed.spaced) {
     const lower = s.toLowerCase()
-    collapsed = collapseAny(joinSpacedLetters(leet ? lower.replace(LEET_CHARS, (c) => LEET[c]) : lower), only, readAs)
+    collapsed = collapseAny(joinSpacedLetters(lower.replace(LEET_CHARS, (c) => LEET[c])), only)
   }
   return { words: words.toString('latin1', 0, collapsed.length), keys: keys.subarray(0, collapsed.keyCount), starts: starts.subarray(0, collapsed.keyCount), plain }
 }

@@ -1,7 +1,7 @@
 // One scan of one text: injection rules on the normalized text, secrets and personal data on
 // the raw text, and the same again inside base64 and hex runs that decode to text (bounded in
 // count, size and depth). Plain functions: the plugin only wires them into the pipeline.
-import { rulesView, normalizeForMarkers, invisibleAsSpaces, leetAgainstLetter, unescapedCopy, unhyphenated, visibleCopy, withoutComments, type VisibleCopy } from './normalize.js'
+import { rulesView, normalizeForMarkers, invisibleAsSpaces, unescapedCopy, unhyphenated, visibleCopy, withoutComments, type VisibleCopy } from './normalize.js'
 import { INJECTION_RULES, RULE_KEYS, hasMarkerGate, matchWordRules } from './injection.js'
 import { findSpans, type Category, type Detection } from './detectors.js'
 import { charTable, hasRun } from './text.js'
@@ -172,12 +172,6 @@ function injectionsInto (text: string, out: Detection[], escaped?: VisibleCopy |
 function readInjections (text: string, out: Detection[]): boolean {
   const view = rulesView(text, RULE_KEYS)
   const matched = matchWordRules(view)
-  // A text where leetspeak's digits, @ or $ touch a letter is read again without leetspeak: read as
-  // letters, they joined the word they touch ("3Ignore" was "eignore", "DAN3" "dane").
-  if (leetAgainstLetter(text)) {
-    const also = matchWordRules(rulesView(text, RULE_KEYS, false))
-    for (let i = 0; i < also.length; i++) matched[i] |= also[i]
-  }
   // A text with markup comments is read again without them, content and all: a comment inside a
   // word split it ("Ign<!-- x -->ore"), where their delimiters alone are removed.
   const bare = withoutComments(text)
