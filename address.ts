@@ -32,13 +32,13 @@ export function clientAddress (request: FastifyRequest): string {
 }
 
 /**
- * Fastify's trustProxy for BFF_TRUST_PROXY (comma-separated addresses and ranges), reading an
+ * Fastify's trustProxy for BFF_TRUST_PROXY's entries (addresses and ranges), reading an
  * X-Forwarded-For hop with a port by its address: proxy-addr trusts none with a port, so a
  * trusted proxy behind the balancer that wrote one was taken for the client, and every client
  * behind it shared its rate-limit key.
  */
-export function trustedProxies (list: string): (address: string, hop: number) => boolean {
-  const trusted = proxyAddr.compile(list.split(',').map(entry => entry.trim()))
+export function trustedProxies (list: readonly string[]): (address: string, hop: number) => boolean {
+  const trusted = proxyAddr.compile([...list])
   return (address, hop) => {
     const bare = bareAddress(address)
     return bare !== null && trusted(bare, hop)

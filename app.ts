@@ -6,7 +6,7 @@ import { readFileSync } from 'node:fs'
 import { randomUUID } from 'node:crypto'
 import { Counter, Gauge } from 'prom-client'
 import type { SpanExporter } from '@opentelemetry/sdk-trace'
-import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins, rateLimitStore, storeFor } from './schemas/config.js'
+import { type Config, ConfigError, DEV_JWT_SECRET, productionProblems, corsOrigins, listEntries, rateLimitStore, storeFor } from './schemas/config.js'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { ProblemSchema } from './schemas/manifest.js'
@@ -478,7 +478,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     http: { headersTimeout: timeouts.headersTimeout, connectionsCheckingInterval: timeouts.connectionsCheckingInterval, requireHostHeader: false },
     // The client's address (the guard's key before identity, logs) from X-Forwarded-For, through
     // the proxies named here only: believed from anyone, any client could pick its own key.
-    ...(config.BFF_TRUST_PROXY === undefined ? {} : { trustProxy: trustedProxies(config.BFF_TRUST_PROXY) }),
+    ...(config.BFF_TRUST_PROXY === undefined ? {} : { trustProxy: trustedProxies(listEntries(config.BFF_TRUST_PROXY)) }),
     requestIdHeader: false,
     // A request's logger becomes a pino child only when the request writes a line (request-logger.ts).
     childLoggerFactory: requestLoggerFactory,

@@ -271,10 +271,11 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
     }
   }
   if (config.BFF_TRUST_PROXY !== undefined) {
-    const wrong = config.BFF_TRUST_PROXY.split(',').filter(entry => !isProxyRange(entry))
-    if (wrong.length > 0) {
+    const entries = listEntries(config.BFF_TRUST_PROXY)
+    const wrong = entries.filter(entry => !isProxyRange(entry))
+    if (wrong.length > 0 || entries.length === 0) {
       refuse('BFF_TRUST_PROXY', 'comma-separated addresses and CIDR ranges of the proxies (no hop count, no /0: a client reaching the gateway directly could then pick its own address)',
-        `bad: ${wrong.map(b => JSON.stringify(b)).join(', ')}`)
+        wrong.length > 0 ? `bad: ${wrong.map(b => JSON.stringify(b)).join(', ')}` : 'it names none')
     }
   }
   // A store named redis needs the Redis to talk to (a REDIS_URL refused above is named already);
@@ -468,7 +469,6 @@ function isListenHost (host: string): boolean {
     !labels.every(label => NUMBER_LABEL.test(label)) && !(absolute && /^[0-9]+$/.test(last))
 }
 
-/** The entries of BFF_CORS_ORIGINS, trimmed, empty ones dropped. */
 /**
  * An address or CIDR range of BFF_TRUST_PROXY: an IPv4 or IPv6 address, with a prefix from 1 to
  * its width. Not a hop count, which Fastify itself refuses to honour (a client reaching the
@@ -483,9 +483,16 @@ function isProxyRange (entry: string): boolean {
   return bits >= 1 && bits <= (family === 4 ? 32 : 128)
 }
 
-export function corsOrigins (value: string): string[] {
+/**
+ * The entries of a comma-separated variable (BFF_CORS_ORIGINS, BFF_TRUST_PROXY), trimmed, empty
+ * ones dropped: `a, b,` is `a,b`, as people write lists.
+ */
+export function listEntries (value: string): string[] {
   return value.split(',').map(o => o.trim()).filter(o => o !== '')
 }
+
+/** The entries of BFF_CORS_ORIGINS. */
+export const corsOrigins = listEntries
 
 /** An https URL, or http to this host (a sidecar): what no one on the network can answer in its place. */
 function fetchedSafely (url: string): boolean {

@@ -290,10 +290,18 @@ t.test('BFF_TRUST_PROXY: behind a proxy, callers without a token count by their 
   t.equal(await flood(await guarded(t, { BFF_TRUST_PROXY: '10.0.0.0/8' })), 429, 'another proxy\'s range: not believed')
   // A hop count believed a client that reached the gateway directly (Fastify itself no longer
   // honours one); /0 believes everyone; a bad range stopped start-up without naming the variable.
-  for (const bad of ['true', '1', '2', 'any', '10.0.0.0/8, 127.0.0.1', '10.0.0.0/33', '0.0.0.0/0', '::/0', '.', 'a:b', '10.0.0.1/8/1']) {
+  for (const bad of ['true', '1', '2', 'any', '10.0.0.0/33', '0.0.0.0/0', '::/0', '.', 'a:b', '10.0.0.1/8/1', ',', ' , ']) {
     t.throws(() => testConfig({ BFF_TRUST_PROXY: bad }), /BFF_TRUST_PROXY=.* is invalid/, bad)
   }
   t.equal(testConfig({ BFF_TRUST_PROXY: '10.0.0.0/8,::1,2001:db8::/32' }).BFF_TRUST_PROXY, '10.0.0.0/8,::1,2001:db8::/32')
+})
+
+t.test('BFF_TRUST_PROXY: a list written with spaces after its commas is read as BFF_CORS_ORIGINS is', async t => {
+  // Before, `10.0.0.0/8, 127.0.0.1` stopped start-up (" 127.0.0.1" is no address), where
+  // BFF_CORS_ORIGINS of the same shape started: its entries are trimmed, empty ones dropped.
+  const app = await guarded(t, { BFF_TRUST_PROXY: '10.0.0.0/8, 127.0.0.1 ,' })
+  for (let i = 0; i < 3; i++) await app.inject({ url: '/api/v1/ping', headers: { 'x-forwarded-for': `203.0.113.${i + 1}` } })
+  t.equal((await app.inject({ url: '/api/v1/ping', headers: { 'x-forwarded-for': '198.51.100.7' } })).statusCode, 401, 'the proxy after the space is believed: the victim\'s own budget')
 })
 
 // Some balancers write X-Forwarded-For as IP:port (Azure's Application Gateway): each client
