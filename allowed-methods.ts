@@ -48,4 +48,17 @@ export class RouteMethods {
     }
     return other ? found.join(', ') : null
   }
+
+  /**
+   * Whether the router refuses `path` (no query string) for some method, as it does a parameter
+   * longer than maxParamLength: it does so only for a method with a parametric route at that
+   * place, so the same path was a 414 to GET and a 404 to a method with no such route (PUT).
+   */
+  refused (app: FastifyInstance, path: string): boolean {
+    for (const method of this.sorted) {
+      const route = app.findRoute({ method: method as HTTPMethods, url: path }) as ReturnType<FastifyInstance['findRoute']> | null
+      if (route !== null && route.searchParams === undefined) return true
+    }
+    return false
+  }
 }

@@ -1,4 +1,4 @@
-import Fastify, { type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply, type RouteOptions } from 'fastify'
+import Fastify, { errorCodes, type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply, type RouteOptions } from 'fastify'
 import { markClientRequestId, uuidv7 } from './ids.js'
 import { closeAfterAnswer, framesBody, lingering, lingeringClose } from './lingering.js'
 import { STATUS_CODES, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http'
@@ -495,17 +495,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // same problem+json, request id and security headers as every other refusal.
     frameworkErrors: (error, request, reply) => {
       stamp(request, reply)
-      // A REST path whose parameter is too long (414) or not valid percent-encoding (400) is
-      // recorded under the operation it was made to, as the same call with a bad parameter the
-      // router takes is (VALIDATION_FAILED); a path no operation serves is not, as a 404 is not.
-      if ((error.code === 'FST_ERR_MAX_PARAM_LENGTH' || error.code === 'FST_ERR_BAD_URL') && app.hasDecorator('audit')) {
-        const op = overlongOperation(app, request.method, request.url, REST_PREFIX, MAX_PATH_PARAM_LENGTH)
-        if (op !== null) {
-          const { problem } = toProblem(error, request.id)
-          app.audit.refused(request, reply, op.name, problem.code, problem.status, REST_PREFIX + op.path)
-        }
-      }
-      errorHandler(error, request, reply)
+      refusedByRouter(error, request, reply)
     },
     // Requests Node's HTTP parser refuses (junk in the head, a head over 16 KB, a timeout).
     clientErrorHandler: (err, socket) => {
@@ -587,8 +577,30 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     return new MantleError('BAD_REQUEST', `${request.method} is not served at ${path}: ${allow}`, { status: 405, headers: { allow } })
   }
   app.setNotFoundHandler((request, reply) => {
-    errorHandler(notFound(request), request, reply)
+    const error = notFound(request)
+    // A path the router refuses to some method for a parameter too long is refused so to every
+    // one (the router has no parametric route of this method there to refuse it with): a 404
+    // said the path was served to no method where GET's answer was a 414. A path that is not
+    // valid percent-encoding never comes here: the not-found router refuses it itself.
+    if (error.code === 'NOT_FOUND' && routeMethods.refused(app, request.url.split('?')[0])) {
+      refusedByRouter(new errorCodes.FST_ERR_MAX_PARAM_LENGTH(request.url.split('?')[0]), request, reply)
+      return
+    }
+    errorHandler(error, request, reply)
   })
+  // A REST path whose parameter is too long (414) or not valid percent-encoding (400) is recorded
+  // under the operation it was made to, as the same call with a bad parameter the router takes is
+  // (VALIDATION_FAILED); a path no operation serves is not, as a 404 is not.
+  function refusedByRouter (error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
+    if ((error.code === 'FST_ERR_MAX_PARAM_LENGTH' || error.code === 'FST_ERR_BAD_URL') && app.hasDecorator('audit')) {
+      const op = overlongOperation(app, request.method, request.url, REST_PREFIX, MAX_PATH_PARAM_LENGTH)
+      if (op !== null) {
+        const { problem } = toProblem(error, request.id)
+        app.audit.refused(request, reply, op.name, problem.code, problem.status, REST_PREFIX + op.path)
+      }
+    }
+    errorHandler(error, request, reply)
+  }
   // Node hands a CONNECT request to 'connect' listeners, and without one drops the connection
   // unanswered (found by `npm run fuzz`): the gateway is no proxy, so it answers 405.
   app.server.on('connect', (_req, socket: Duplex) => {
