@@ -1,6 +1,6 @@
 import Fastify, { errorCodes, type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply, type RouteOptions } from 'fastify'
 import { markClientRequestId, uuidv7 } from './ids.js'
-import { closeAfterAnswer, framesBody, lingering, lingeringClose } from './lingering.js'
+import { answeredStraight, closeAfterAnswer, framesBody, lingering, lingeringClose } from './lingering.js'
 import { STATUS_CODES, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync } from 'node:fs'
 import { randomUUID } from 'node:crypto'
@@ -290,7 +290,12 @@ function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): [number
       socket.destroy()
       return null
     }
-    return answerRefusal(err, socket)
+    // Its request, still reading its body, is answered so (a 408, a chunk Node's parser refuses):
+    // what it is recorded as. Not when its client stopped sending (the connection's end mid-body,
+    // HPE_INVALID_EOF_STATE): it left, and is recorded so.
+    const answered = answerRefusal(err, socket)
+    if (err.code !== 'HPE_INVALID_EOF_STATE') answeredStraight.set(res.req, answered)
+    return answered
   }
   return answerRefusal(err, socket)
 }

@@ -14,6 +14,15 @@ const LINGER_MS = 2000
 /** The connections closing so: what they still bring is read and dropped. */
 export const lingering = new WeakSet<Duplex>()
 
+/**
+ * The answer written straight to the connection of a request whose body was still arriving
+ * (app.ts's clientErrorHandler: a 408 for a body too slow, a 400 for a chunk the parser refuses), by that request: its status and
+ * contract code. The request then ends as if its client had left (Node's 'aborted'), and what
+ * records it records this answer instead: an admin call's audit entry said CLIENT_CLOSED 499 where
+ * its client was answered 408.
+ */
+export const answeredStraight = new WeakMap<IncomingMessage, readonly [status: number, code: string]>()
+
 /** Half-closes `socket` (nothing more it brings is served: app.ts) and destroys it when the client closes, or after LINGER_MS. */
 export function lingeringClose (socket: Duplex): void {
   if (lingering.has(socket)) return

@@ -17,6 +17,7 @@ import { Spool } from './spool.js'
 import { AuditWriter } from './writer.js'
 import { migrate, migrationStatus } from './migrations.js'
 import { withHook } from '../../route-hooks.js'
+import { answeredStraight } from '../../lingering.js'
 
 export { type AuditEntry, type StoredEntry, type VerifyResult, GENESIS, hashEntry, categoryOf } from './entry.js'
 
@@ -736,9 +737,13 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   const adminAudit = (action: string) => function auditAdminCall (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void): void {
     if (audited.has(request) || overloaded.has(request)) { done(null, payload); return }
     audited.add(request)
-    const status = reply.statusCode < 400 ? 'ok' : (refusals.get(request) ?? (reply.statusCode === 400 ? 'VALIDATION_FAILED' : 'INTERNAL'))
+    // Answered on its connection already (a 408 for a body too slow), it ends as its client's
+    // leaving (499 CLIENT_CLOSED here): recorded as what it was answered.
+    const straight = answeredStraight.get(request.raw)
+    const statusCode = straight?.[0] ?? reply.statusCode
+    const status = straight?.[1] ?? (statusCode < 400 ? 'ok' : (refusals.get(request) ?? (statusCode === 400 ? 'VALIDATION_FAILED' : 'INTERNAL')))
     const category = refusedIdentity(status) ? 'auth' : 'admin'
-    enqueue(httpEntry(request, reply, action, category, status, reply.statusCode, descriptions.get(request)))
+    enqueue(httpEntry(request, reply, action, category, status, statusCode, descriptions.get(request)))
     done(null, payload)
   }
   // A route that audits itself is refused, as the stage refuses calls, while neither the store

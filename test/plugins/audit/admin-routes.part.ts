@@ -182,13 +182,25 @@ t.test('a request whose client leaves before its body arrived is no malformed bo
   }
   await partial('/admin/cache/invalidate', 'admin-left', true)
   t.equal(await partial('/admin/cache/invalidate', 'admin-slow', false), 'HTTP/1.1 408 Request Timeout', 'a body too slow is answered 408')
+  // A body Node's parser refuses midway (a chunk size that is no number) is answered 400 on its
+  // connection, and recorded so, not as the client's leaving.
+  const junk = connect(port, '127.0.0.1')
+  await once(junk, 'connect')
+  junk.on('error', () => {})
+  let junkAnswer = ''
+  junk.on('data', (d: Buffer) => { junkAnswer += d.toString('latin1') })
+  junk.write(`POST /admin/cache/invalidate HTTP/1.1\r\nhost: x\r\nauthorization: ${caller.authorization}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nx-request-id: admin-junk\r\n\r\n2\r\n{"\r\nzz\r\n`)
+  await once(junk, 'close')
+  t.equal(junkAnswer.split('\r\n')[0], 'HTTP/1.1 400 Bad Request', 'a chunk the parser refuses is answered 400')
   await partial('/api/v1/agents/a1/runs', 'call-left', true)
   t.equal(await partial('/api/v1/agents/a1/runs', 'call-slow', false), 'HTTP/1.1 408 Request Timeout')
   await sleep(100)
   const rows = await entries(app)
-  for (const id of ['admin-left', 'admin-slow']) {
-    t.match(rows.filter(r => r.requestId === id), [{ action: 'admin.cache.invalidate', category: 'admin', status: 'CLIENT_CLOSED', statusCode: 499, tenantId: 'acme' }], `${id}: its one entry says the client left`)
-  }
+  t.match(rows.filter(r => r.requestId === 'admin-left'), [{ action: 'admin.cache.invalidate', category: 'admin', status: 'CLIENT_CLOSED', statusCode: 499, tenantId: 'acme' }], 'its one entry says the client left')
+  // The one answered 408 is recorded as what its client was answered: it was CLIENT_CLOSED 499,
+  // as if the client had gone unanswered.
+  t.match(rows.filter(r => r.requestId === 'admin-slow'), [{ action: 'admin.cache.invalidate', category: 'admin', status: 'BAD_REQUEST', statusCode: 408, tenantId: 'acme' }], 'its one entry says the 408 its client was answered')
+  t.match(rows.filter(r => r.requestId === 'admin-junk'), [{ action: 'admin.cache.invalidate', category: 'admin', status: 'BAD_REQUEST', statusCode: 400, tenantId: 'acme' }], 'and the 400 its client was answered')
   for (const id of ['call-left', 'call-slow']) t.same(rows.filter(r => r.requestId === id), [], `${id}: no entry, nothing was refused`)
   const metrics = (await app.inject({ url: '/metrics' })).body
   t.notMatch(metrics, /mantle_http_errors_total\{code="VALIDATION_FAILED"/, 'no 400 counted that no one was sent')
