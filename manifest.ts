@@ -208,6 +208,9 @@ function schemaChecker (): Ajv {
 }
 
 /** How long a manifest file must stay unchanged to be read as written whole (a reload's read). */
+/** The longest event topic, in characters (code points): POST /internal/events takes no longer one. */
+export const MAX_TOPIC_LENGTH = 256
+
 export const SETTLE_MS = 250
 /** Reads of a file that keeps changing before a reload gives up on it. */
 const SETTLE_READS = 8
@@ -422,6 +425,9 @@ export function compileManifest (doc: unknown, source = 'manifest'): Manifest {
     // An event is a tRPC subscription procedure, in the same router as the operations.
     if (TRPC_RESERVED.has(name)) faults.push(`${at}: ${name} cannot name a tRPC subscription (tRPC reserves then, call and apply)`)
     checkRoles(ev.roles, `${at}.roles`, faults)
+    // POST /internal/events refuses a longer topic: the manifest loaded, and every post of its events was a 400.
+    // (Counted in code points, as Ajv's maxLength counts them.)
+    if ([...ev.topic].length > MAX_TOPIC_LENGTH) faults.push(`${at}.topic: ${JSON.stringify(ev.topic)} is longer than ${MAX_TOPIC_LENGTH} characters, more than POST /internal/events takes, so no event of it could be posted`)
     const payload = resolveRefs(ev.payload, resolvedSchemas, `${at}.payload`, faults, [])
     checkSchema(checker, payload, `${at}.payload`, faults)
     events.push(Object.freeze({ name, topic: ev.topic, payload, payloadDocument: ev.payload, roles: Object.freeze([...(ev.roles ?? defaults.roles ?? [])]), zone: ev.zone ?? defaults.zone ?? 'public', description: ev.description ?? null }))

@@ -363,6 +363,16 @@ t.test('a role no token can carry is refused at its path, in defaults, operation
   t.same(faultsOf(doc({ a: { ...query, roles: ['team lead', 'r'.repeat(256), 'rôle', 'a:b/c'] } })), [], 'inner spaces, 256 characters, Latin-1 letters and punctuation are roles a token carries')
 })
 
+t.test('an event topic longer than POST /internal/events takes is refused at its path', async t => {
+  // POST /internal/events refuses a topic over 256 characters (400), so such an event could never
+  // be posted: the manifest loaded, and every post of its events was refused.
+  const long = 't'.repeat(257)
+  t.same(faultsOf(doc({ a: query }, { events: { e: { topic: long, payload: output } } })),
+    [`events.e.topic: ${JSON.stringify(long)} is longer than 256 characters, more than POST /internal/events takes, so no event of it could be posted`])
+  t.same(faultsOf(doc({ a: query }, { events: { e: { topic: 't'.repeat(256), payload: output } } })), [], '256 characters are a topic')
+  t.same(faultsOf(doc({ a: query }, { events: { e: { topic: '\u{1F600}'.repeat(256), payload: output } } })), [], 'counted in characters, as the endpoint counts them')
+})
+
 t.test('a kernel.url the Kernel client cannot use is refused at its path, as KERNEL_URL is', async t => {
   // The pattern took them: start-up then stopped with a bare "Invalid URL", or, port 0, every call failed.
   t.same(faultsOf(doc({ a: query }, {}, { url: 'http://k:99999' })), ['kernel.url: the port "99999" is not 1..65535'])

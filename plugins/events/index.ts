@@ -7,6 +7,7 @@ import { Counter, Gauge } from 'prom-client'
 import { watchPings } from '../redis/index.js'
 import { MAX_ANSWER_DEPTH, nestsDeeperThan } from '../pipeline/index.js'
 import { MantleError } from '../../errors.js'
+import { MAX_TOPIC_LENGTH } from '../../manifest.js'
 import { EventBus, isKernelEvent, type KernelEventMessage, type BusCounters } from './bus.js'
 
 export { EventBus, isKernelEvent, type KernelEventMessage, type Listener } from './bus.js'
@@ -280,7 +281,7 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
         body: {
           type: 'object',
           required: ['topic', 'tenantId', 'payload'],
-          properties: { topic: { type: 'string', minLength: 1, maxLength: 256 }, tenantId: { type: 'string', minLength: 1, maxLength: 256 }, payload: {} }
+          properties: { topic: { type: 'string', minLength: 1, maxLength: MAX_TOPIC_LENGTH }, tenantId: { type: 'string', minLength: 1, maxLength: 256 }, payload: {} }
         },
         response: { 202: { type: 'object', properties: { accepted: { type: 'boolean' } } } }
       },
