@@ -65,7 +65,10 @@ interface RequestContext {
   tracestate: string | undefined
   idempotencyKey: string | null | undefined
   memo: Map<string, Promise<unknown>>
-  /** The operation runs one root field (its call keeps the Idempotency-Key as sent); set by its first call with a key. */
+  /**
+   * The operation runs one root field (its call keeps the Idempotency-Key as sent, its response
+   * carries its RateLimit-*); set by its first call with a key or with RateLimit-*.
+   */
   oneCall?: boolean
   /** The document runs a mutation (its fields' errors past the answer's bound say they ran: see onResolution). */
   mutation?: boolean
@@ -289,6 +292,12 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
         answer: ctx.answer
       })
       if (op.type === 'mutation') ctx.mutation = true
+      // A document of one operation field answers that call's RateLimit-* (also when it was
+      // counted, then failed), as REST and a tRPC call alone do: it answered the HTTP guard's
+      // while the operation's limit counted the call. A refusal's own (errorFormatter) have the
+      // last word. A document of several fields has no one call's to carry.
+      const limits = ctx.reply === undefined ? null : rateLimitOf(result.ok ? result.headers : result.callHeaders)
+      if (limits !== null && (ctx.oneCall ??= runsOneField(info)) && ctx.reply?.sent === false) ctx.reply.headers(limits)
       if (result.ok) {
         (ctx.answered ??= new Map()).set(String(info.path.key), requestId)
         // Reported once the document has run (onResolution below).
@@ -730,6 +739,16 @@ function runsOneField (info: GraphQLResolveInfo): boolean {
     if (!field.name.value.startsWith('__') && ++calls > 1) return false
   }
   return calls === 1
+}
+
+/** The RateLimit-* fields among a call's header fields, or null for none. */
+function rateLimitOf (headers: Record<string, string> | null | undefined): Record<string, string> | null {
+  if (headers == null) return null
+  let limits: Record<string, string> | null = null
+  for (const name in headers) {
+    if (name.length > 10 && name.slice(0, 10).toLowerCase() === 'ratelimit-') (limits ??= {})[name] = headers[name]
+  }
+  return limits
 }
 
 /**

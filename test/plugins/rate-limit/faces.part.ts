@@ -168,6 +168,49 @@ t.test('GraphQL: each field is a call (identical ones too, which share one Kerne
   t.notOk(free.headers['retry-after'], 'none on an answer without a refusal')
 })
 
+t.test('GraphQL: a document of one operation field carries its operation\'s RateLimit-*, as REST and tRPC do; one of several, the guard\'s', async t => {
+  // Before, such a document answered the HTTP guard's RateLimit-* while the operation's limit
+  // counted its call: a client pacing itself by RateLimit-Remaining got 429 RATE_LIMITED.
+  const kernel = await startTestKernel(t, {
+    'GET /v1/ok': (_req, res) => json(res, 200, { ok: true }),
+    'GET /v1/gone': (_req, res) => json(res, 404, { message: 'gone' })
+  })
+  const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
+  const manifest = testManifest({
+    limited: { type: 'query', rest: 'GET /limited', kernel: 'GET /v1/ok', input: { type: 'object' }, output, rateLimit: { max: 3, windowMs: 60_000 } },
+    gone: { type: 'query', rest: 'GET /gone', kernel: 'GET /v1/gone', input: { type: 'object' }, output, rateLimit: { max: 5, windowMs: 60_000 } },
+    free: { type: 'query', rest: 'GET /free', kernel: 'GET /v1/ok', input: { type: 'object' }, output }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, { BFF_RATE_LIMIT_GLOBAL_MAX: 1000 }, { manifest, kernelUrl: kernel.url })
+  const headers = bearer({ tenant: 'g-' + randomUUID() })
+  const post = async (query: string) => await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query } })
+  // The same document twice: the second runs JIT-compiled (mercurius compiles after one run).
+  for (const [res, remaining] of [[await post('{ limited { ok } }'), '2'], [await post('{ limited { ok } }'), '1']] as const) {
+    t.same(res.json(), { data: { limited: { ok: true } } })
+    t.equal(res.headers['ratelimit-limit'], '3', 'the operation\'s limit, not the guard\'s')
+    t.equal(res.headers['ratelimit-remaining'], remaining)
+    t.ok(Number(res.headers['ratelimit-reset']) >= 1)
+  }
+  // Over GET, and beside __typename, which calls nothing: still one call.
+  const get = await app.inject({ url: '/graphql?query=' + encodeURIComponent('{ __typename limited { ok } }'), headers })
+  t.equal(get.statusCode, 200)
+  t.same([get.headers['ratelimit-limit'], get.headers['ratelimit-remaining']], ['3', '0'], 'GET, beside __typename')
+  // A call counted, then failed (the Kernel's 404): its operation's RateLimit-*, as REST's.
+  const gone = await post('{ gone { ok } }')
+  t.match(gone.json().errors, [{ extensions: { code: 'NOT_FOUND' } }])
+  t.same([gone.headers['ratelimit-limit'], gone.headers['ratelimit-remaining']], ['5', '4'], 'counted, then failed')
+  // Refused by its limit: the refusal's own, as before.
+  const refused = await post('{ limited { ok } }')
+  t.match(refused.json().errors, [{ extensions: { code: 'RATE_LIMITED' } }])
+  t.same([refused.headers['ratelimit-limit'], refused.headers['ratelimit-remaining']], ['3', '0'])
+  t.ok(Number(refused.headers['retry-after']) >= 1)
+  // A document of several fields has no one call's RateLimit-* to carry: the guard's, as before.
+  const several = await post('{ a: gone { ok } b: free { ok } }')
+  t.equal(several.headers['ratelimit-limit'], '1000', 'several fields: the guard\'s')
+  // One field of an operation without a limit: the guard's.
+  t.equal((await post('{ free { ok } }')).headers['ratelimit-limit'], '1000', 'no limit of its own: the guard\'s')
+})
+
 t.test('WebSocket: every frame is counted; the error frame carries RATE_LIMITED', async t => {
   const { app } = await setup(t)
   await app.listen({ port: 0, host: '127.0.0.1' })
