@@ -1242,6 +1242,8 @@ function errorHandler (err: FastifyError | MantleError | Error, request: Fastify
   if (level === 'error') request.log.error({ err, requestId: problem.requestId }, 'unexpected error')
   else if (level === 'warn') request.server.callFailedLog.warn(request.log, request.routeOptions.config?.op ?? '-', problem.code, { code: problem.code, detail: detailForLog(err, problem), requestId: problem.requestId })
   if (headers !== null) reply.headers(headers)
-  request.server.errorAnswered(problem.code, problem.status)
+  // A request answered on its connection already (a 408 for a body too slow) ends here as its
+  // client's leaving: that answer was counted (clientErrorHandler), this one reaches no one.
+  if (!answeredStraight.has(request.raw)) request.server.errorAnswered(problem.code, problem.status)
   reply.code(problem.status).type('application/problem+json').send(problem)
 }

@@ -73,6 +73,24 @@ t.test('a body or a head that never finishes arriving is answered 408 problem+js
   t.equal(health.status, 200, 'the gateway serves on')
 })
 
+t.test('a request answered 408 is counted once, as the 408 it was answered', async t => {
+  // It ends, once its connection closes, as Node's 'aborted' (CLIENT_CLOSED): it was counted a
+  // second time in mantle_http_errors_total, as a 499 no one was sent, beside its 408.
+  const app = await buildTestApp(t, { BFF_REQUEST_TIMEOUT_MS: 500 })
+  let open = 0
+  app.server.on('connection', (socket: Socket) => { open++; socket.once('close', () => { open-- }) })
+  const port = await listen(app)
+  const body = stalled(t, port, STALLED_BODY, 'a')
+  await body.closed
+  t.match(body.answer(), /^HTTP\/1\.1 408 /)
+  await until(() => open === 0, 'the connection closed on the gateway\'s side', 3000)
+  // The request's error handling follows its connection's close within the same turn or the next.
+  await new Promise(resolve => setTimeout(resolve, 100))
+  const metrics = (await app.inject({ url: '/metrics' })).body
+  t.match(metrics, /mantle_http_errors_total\{code="BAD_REQUEST",status="408"\} 1\n/, 'its 408')
+  t.notMatch(metrics, /mantle_http_errors_total\{code="CLIENT_CLOSED"/, 'no 499 beside it')
+})
+
 t.test('a body that arrives whole after its 408 runs nothing', async t => {
   // Its answer went out while the body still came: the rest arriving within the linger completed
   // the request, and the call ran, a mutation included, behind the 408 the client was given.
