@@ -735,7 +735,18 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   // refusals leave none (counted as refused).
   const overloaded = new WeakSet<FastifyRequest>()
   const adminAudit = (action: string) => function auditAdminCall (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void): void {
-    if (audited.has(request) || overloaded.has(request)) { done(null, payload); return }
+    recordAdmin(request, reply, action)
+    done(null, payload)
+  }
+  // A request answered on its connection already (a 408 for a body too slow) whose body then
+  // arrived whole runs nothing (app.ts, notAnsweredAlready: no answer, no onSend): it left no
+  // entry. Recorded here, ahead of that hook, as what it was answered.
+  const answeredFirst = (action: string) => function auditAnsweredAdminCall (request: FastifyRequest, reply: FastifyReply, done: () => void): void {
+    if (answeredStraight.has(request.raw)) recordAdmin(request, reply, action)
+    done()
+  }
+  function recordAdmin (request: FastifyRequest, reply: FastifyReply, action: string): void {
+    if (audited.has(request) || overloaded.has(request)) return
     audited.add(request)
     // Answered on its connection already (a 408 for a body too slow), it ends as its client's
     // leaving (499 CLIENT_CLOSED here): recorded as what it was answered.
@@ -744,7 +755,6 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     const status = straight?.[1] ?? (statusCode < 400 ? 'ok' : (refusals.get(request) ?? (statusCode === 400 ? 'VALIDATION_FAILED' : 'INTERNAL')))
     const category = refusedIdentity(status) ? 'auth' : 'admin'
     enqueue(httpEntry(request, reply, action, category, status, statusCode, descriptions.get(request)))
-    done(null, payload)
   }
   // A route that audits itself is refused, as the stage refuses calls, while neither the store
   // nor the spool takes entries and the backlog is full: before, its entries (not droppable) were
@@ -761,6 +771,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       route.onRequest = withHook(route.onRequest, auditGuard, true)
       route.onError = withHook(route.onError, noteRefusal)
       route.onSend = withHook(route.onSend, adminAudit(action))
+      route.preValidation = withHook(route.preValidation, answeredFirst(action), true)
     } else if (protocolOf(route.url) !== 'http') {
       // The operation a REST route serves (config.op), not its document's operationId: the batch
       // route has one too, and is no operation.

@@ -206,6 +206,36 @@ t.test('a request whose client leaves before its body arrived is no malformed bo
   t.notMatch(metrics, /mantle_http_errors_total\{code="VALIDATION_FAILED"/, 'no 400 counted that no one was sent')
 })
 
+// A body that arrives whole after its 408 runs nothing (app.ts): no answer, so no onSend, and the
+// request to the gateway's own endpoint left no entry at all.
+t.test('an admin request answered 408 whose body then arrives whole leaves its one entry, and runs nothing', async t => {
+  const app = await buildDemoApp(t, { BFF_REQUEST_TIMEOUT_MS: 300 })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as AddressInfo).port
+  const caller = bearer({ tenant: 'acme', user: 'ops', roles: ['system'] })
+  const body = '{"tags":["agents"]}'
+  const socket = connect({ port, host: '127.0.0.1', allowHalfOpen: true })
+  t.teardown(() => socket.destroy())
+  await once(socket, 'connect')
+  socket.on('error', () => {})
+  let answer = ''
+  socket.on('data', (d: Buffer) => { answer += d.toString('latin1') })
+  socket.write(`POST /admin/cache/invalidate HTTP/1.1\r\nhost: x\r\nauthorization: ${caller.authorization}\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nx-request-id: late-body\r\n\r\n${body.slice(0, 4)}`)
+  await until(() => answer.includes('\r\n\r\n'), 'the 408', 3000)
+  t.match(answer, /^HTTP\/1\.1 408 /)
+  socket.write(body.slice(4))
+  let rows: Row[] = []
+  const deadline = Date.now() + 3000
+  while (rows.length === 0 && Date.now() < deadline) {
+    await sleep(50)
+    rows = (await entries(app)).filter(r => r.requestId === 'late-body')
+  }
+  // metadata empty: the handler, which describes the invalidation, never ran.
+  t.match(rows, [{ action: 'admin.cache.invalidate', category: 'admin', status: 'BAD_REQUEST', statusCode: 408, tenantId: 'acme', metadata: {} }], 'its one entry, as what it was answered')
+  t.same(rows[0]?.metadata, {}, 'nothing ran')
+  t.equal((answer.match(/HTTP\/1\.1 \d+/g) ?? []).length, 1, 'one answer')
+})
+
 t.test('an answer sent again after an onSend hook failed leaves one entry, not one per try', async t => {
   const app = await buildApp(testConfig(), { logger: false })
   t.teardown(async () => await app.close())
