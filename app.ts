@@ -12,7 +12,7 @@ import type { Duplex } from 'node:stream'
 import { ProblemSchema } from './schemas/manifest.js'
 import { SETTLE_MS, loadManifestFile, type Manifest } from './manifest.js'
 import { toProblem, logLevelOf, detailForLog, MantleError, BodyRefused, type ErrorCode } from './errors.js'
-import { jsonText } from './json-body.js'
+import { addJsonBodyParser } from './json-body.js'
 import pipeline, { PROTOCOLS, type Protocol } from './plugins/pipeline/index.js'
 import { compiledSchemas, COMPILED_SCHEMAS, COMPILED_SCHEMA_TEXT } from './compiled.js'
 import metrics from './plugins/metrics/index.js'
@@ -528,14 +528,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // the type on every request. Fastify refused it (400 "The JSON body is empty"), a DELETE, whose
   // input is its path and query, included. A body that is not UTF-8, or that names another
   // charset, is refused (json-body.ts).
-  const parseJson = app.getDefaultJsonParser('error', 'error')
-  app.removeContentTypeParser('application/json')
-  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, body, done) => {
-    const text = jsonText(request.headers['content-type'], body as Buffer)
-    if (typeof text !== 'string') done(text, undefined)
-    else if (text === '') done(null, undefined)
-    else parseJson(request, text, done)
-  })
+  addJsonBodyParser(app, 'error')
   // So is a body of no bytes under any other type (Content-Length: 0): it has no media type to be
   // wrong. `curl -d ''` labels it application/x-www-form-urlencoded, fetch's `body: ''`
   // text/plain, and a mutation without input was refused 415. Any other body is refused as

@@ -3,6 +3,7 @@
 // another charset, is refused, never read with U+FFFD for each bad byte (a name "caf\xE9"
 // reached the Kernel as "caf\uFFFD"), as a query string and a path already were.
 import { Transform, pipeline, type Readable } from 'node:stream'
+import type { FastifyInstance } from 'fastify'
 import { BodyRefused } from './errors.js'
 
 /** One strict decoder for every body: bytes that are not UTF-8 throw. The BOM is kept, for the JSON parser to judge. */
@@ -82,4 +83,25 @@ export function checkedUtf8 (contentType: string | undefined, payload: Readable)
   })
   // A client that leaves mid-body fails the check too, as it failed the payload.
   return pipeline(payload, check, () => {})
+}
+
+/**
+ * The gateway's JSON body parser, in `app`'s scope: an empty body is an absent one (many clients
+ * set the type on every request), a body not in UTF-8 is refused (jsonText). `prototypeKeys`:
+ * 'error' refuses a `__proto__` key or a `constructor` holding a `prototype` anywhere in the body
+ * (secure-json-parse, Fastify's own), 'keep' keeps them as the own keys JSON.parse makes, for a
+ * face whose body is a call's input: the pipeline refuses them there after the token, the roles
+ * and the limits, as on every other face (a viewer's such body to an editor's mutation was a 400
+ * over REST, a 403 everywhere else), and a REST batch refuses that call alone.
+ */
+export function addJsonBodyParser (app: FastifyInstance, prototypeKeys: 'error' | 'keep'): void {
+  const action = prototypeKeys === 'keep' ? 'ignore' : 'error'
+  const parseJson = app.getDefaultJsonParser(action, action)
+  if (app.hasContentTypeParser('application/json')) app.removeContentTypeParser('application/json')
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, (request, body, done) => {
+    const text = jsonText(request.headers['content-type'], body as Buffer)
+    if (typeof text !== 'string') done(text, undefined)
+    else if (text === '') done(null, undefined)
+    else parseJson(request, text, done)
+  })
 }

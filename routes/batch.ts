@@ -5,6 +5,7 @@ import { MantleError, refusalHeaders } from '../errors.js'
 import { callKey, failureHeaders, headerConcerns, idempotencyKeyHeader, idempotencyKeyOf, problemResponse, refusalHeaderDoc, single, tooManyRequests, type HeaderConcerns } from '../adapters/rest/index.js'
 import { ProblemSchema } from '../schemas/manifest.js'
 import { clientRequestId } from '../ids.js'
+import { addJsonBodyParser } from '../json-body.js'
 
 // The batch body's own validator, without the coercion Fastify's Ajv does: a call id 1 was
 // answered as "1", and ["x"] as "x" (a client matching results to its ids found none).
@@ -87,6 +88,8 @@ function documented (maxCalls: number, secured: boolean, on: HeaderConcerns): Re
  * one Kernel call; results keep their ids and order. A call's failure is its own error entry.
  */
 export default async function batchRoute (app: FastifyInstance, opts: BatchOptions): Promise<void> {
+  // A call's input may hold a prototype key: that call's refusal, by its pipeline (json-body.ts).
+  addJsonBodyParser(app, 'keep')
   // With the audit on: once the batch is whole, each call's refusal is its own (the audit stage).
   const reached = app.hasDecorator('audit') ? app.audit.reached : null
   app.post('/batch', {

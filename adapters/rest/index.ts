@@ -9,6 +9,7 @@ import { takesIfNoneMatch } from '../../plugins/cache/index.js'
 import { COMPRESSION_THRESHOLD, negotiate } from '../../plugins/compression/index.js'
 import { clientRequestId } from '../../ids.js'
 import { MantleError } from '../../errors.js'
+import { addJsonBodyParser } from '../../json-body.js'
 import type { JsonSchema, Operation } from '../../manifest.js'
 
 // The REST face decodes (path params + query string or JSON body into one input), hands the
@@ -225,6 +226,8 @@ export function checkedIdempotencyKey (key: string | undefined): string | null |
 }
 
 export default async function restAdapter (app: FastifyInstance, opts: RestAdapterOptions): Promise<void> {
+  // A body is a call's input: a prototype key in it is the pipeline's to refuse (json-body.ts).
+  addJsonBodyParser(app, 'keep')
   // Path params and query strings arrive as strings: this Ajv only coerces them to the types the
   // input schema declares. Validation proper is the pipeline's, the same on every face. One Ajv
   // per schema, compiled once per schema text in the process (compiledOnce), as the pipeline's.

@@ -67,8 +67,9 @@ t.test('a deeply nested input is a 400 on every path, never the 500 of a stack o
   t.equal(kernel.requests.length, 3, 'only the calls at the bound reached the Kernel')
 })
 
-// REST refuses a body with a "__proto__" key (Fastify's secure-json-parse), and so must every
-// face: an upstream that merges its input into an object would take the key as a prototype.
+// An input with a "__proto__" key is refused on every face (by the pipeline, after the token and
+// the roles; REST's parser keeps the key for it): an upstream that merges its input into an
+// object would take the key as a prototype.
 
 t.test('an input holding "__proto__" or constructor.prototype is refused on every face, and never reaches the Kernel', async t => {
   const kernel = await startTestKernel(t, { 'POST /v1/things': (req, res) => json(res, 200, { body: req.body }) })
@@ -89,6 +90,18 @@ t.test('an input holding "__proto__" or constructor.prototype is refused on ever
     t.ok(answers[1].result !== undefined, 'the batch\'s other call is answered')
   }
   t.same(kernel.requests.map(r => r.body), ['{"meta":{}}', '{"meta":{}}', '{"meta":{}}'], 'only the clean calls reached the Kernel')
+
+  // A REST batch refused such a call's batch whole (its parser refused the body): now that call
+  // alone, as a tRPC batch does; the batch's own keys stay closed.
+  const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: '{"calls":[{"id":"a","op":"makeThing","input":{"meta":{"__proto__":{"polluted":true}}}},{"id":"b","op":"makeThing","input":{"meta":{}}}]}' })
+  t.equal(batch.statusCode, 200)
+  t.match(batch.json().results, [{ id: 'a', error: { code: 'VALIDATION_FAILED', detail: 'The input contains a forbidden prototype property' } }, { id: 'b', result: {} }])
+  for (const body of ['{"calls":[],"__proto__":{"x":1}}', '{"calls":[{"id":"a","op":"makeThing","input":{},"__proto__":{"x":1}}]}']) {
+    const refused = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: body })
+    t.match([refused.statusCode, refused.json().code], [400, 'VALIDATION_FAILED'], `a batch's own __proto__ key: ${body}`)
+  }
+  t.equal(kernel.requests.length, 4, 'the clean call of the batch alone reached the Kernel')
+  t.equal(Object.getPrototypeOf({}).polluted, undefined, 'nothing polluted')
 })
 
 t.test('inputFault: the first thing wrong with a parsed input, anywhere in it', async t => {
