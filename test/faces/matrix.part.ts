@@ -12,7 +12,9 @@ import { buildTestApp, startTestKernel, testManifest, token, json, drained, bear
 
 // `…2`: the call second of two in one request, after a call of `companion` (a query) or `poke` (a
 // mutation), which every manifest here has, as the call is a query or a mutation.
-const FACES = ['rest', 'batch', 'batch2', 'trpc', 'trpcBatch', 'trpcBatch2', 'trpcWs', 'graphql', 'graphql2', 'websocket'] as const
+// `trpcPost`: a query over POST (tRPC's methodOverride); `graphqlGet`: a query document over GET
+// (a mutation goes as on `trpc` and `graphql`: neither takes one otherwise).
+const FACES = ['rest', 'batch', 'batch2', 'trpc', 'trpcPost', 'trpcBatch', 'trpcBatch2', 'trpcWs', 'graphql', 'graphqlGet', 'graphql2', 'websocket'] as const
 type FaceName = typeof FACES[number]
 
 interface Call { op: string, input: Record<string, unknown>, auth: string | undefined, key?: string }
@@ -51,7 +53,7 @@ async function facesOf (t: Test, app: FastifyInstance): Promise<Record<FaceName,
     if (res.statusCode !== 200) return { code: res.json().code, status: res.statusCode, retryAfter: res.headers['retry-after'] !== undefined, cache: null }
     const [r] = res.json().results as Array<{ result?: unknown, cache?: string, error?: { code: string, status: number, retryAfter?: number } }>
     if (r.error === undefined) return { code: null, status: 200, retryAfter: false, cache: r.cache ?? null }
-    return { code: r.error.code, status: r.error.status, retryAfter: r.error.retryAfter !== undefined && res.headers['retry-after'] !== undefined, cache: r.cache ?? null }
+    return { code: r.error.code, status: r.error.status, retryAfter: r.error.retryAfter !== undefined && r.error.retryAfter === Number(res.headers['retry-after']), cache: r.cache ?? null }
   }
 
   const batch2: Face = async c => {
@@ -59,19 +61,24 @@ async function facesOf (t: Test, app: FastifyInstance): Promise<Record<FaceName,
     if (res.statusCode !== 200) return { code: res.json().code, status: res.statusCode, retryAfter: res.headers['retry-after'] !== undefined, cache: null }
     const r = (res.json().results as Array<{ result?: unknown, cache?: string, error?: { code: string, status: number, retryAfter?: number } }>)[1]
     if (r.error === undefined) return { code: null, status: 200, retryAfter: false, cache: r.cache ?? null }
-    return { code: r.error.code, status: r.error.status, retryAfter: r.error.retryAfter !== undefined && res.headers['retry-after'] !== undefined, cache: r.cache ?? null }
+    return { code: r.error.code, status: r.error.status, retryAfter: r.error.retryAfter !== undefined && r.error.retryAfter === Number(res.headers['retry-after']), cache: r.cache ?? null }
   }
 
   type TrpcBody = { result?: { data: unknown }, error?: { data: { code: string, httpStatus: number, retryAfter?: number } } }
-  // A wait is in data.retryAfter, and over HTTP in Retry-After too (`header`: null over WebSocket, which has none).
+  // A wait is in data.retryAfter, and over HTTP in Retry-After too, the same seconds (`header`: null
+  // over WebSocket, which has none). So on every face that carries both.
   const trpcSeen = (body: TrpcBody, cache: string | null, header: unknown): Seen => body.error === undefined
     ? { code: null, status: 200, retryAfter: false, cache }
-    : { code: body.error.data.code, status: body.error.data.httpStatus, retryAfter: header !== undefined && body.error.data.retryAfter !== undefined, cache }
+    : { code: body.error.data.code, status: body.error.data.httpStatus, retryAfter: header !== undefined && body.error.data.retryAfter !== undefined && (header === null || Number(header) === body.error.data.retryAfter), cache }
   const trpc: Face = async c => {
     const op = opOf(c.op)
     const res = op.type === 'query'
       ? await app.inject({ method: 'GET', url: `/trpc/${c.op}?input=${encodeURIComponent(JSON.stringify(c.input))}`, headers: headers(c) })
       : await app.inject({ method: 'POST', url: `/trpc/${c.op}`, headers: { ...headers(c), 'content-type': 'application/json' }, payload: JSON.stringify(c.input) })
+    return trpcSeen(res.json(), (res.headers['x-cache'] as string | undefined) ?? null, res.headers['retry-after'])
+  }
+  const trpcPost: Face = async c => {
+    const res = await app.inject({ method: 'POST', url: `/trpc/${c.op}`, headers: { ...headers(c), 'content-type': 'application/json' }, payload: JSON.stringify(c.input) })
     return trpcSeen(res.json(), (res.headers['x-cache'] as string | undefined) ?? null, res.headers['retry-after'])
   }
   const trpcBatch: Face = async c => {
@@ -146,7 +153,8 @@ async function facesOf (t: Test, app: FastifyInstance): Promise<Record<FaceName,
 
   const graphql: Face = async c => await document(c, false)
   const graphql2: Face = async c => await document(c, true)
-  const document = async (c: Call, companion: boolean): Promise<Seen> => {
+  const graphqlGet: Face = async c => await document(c, false, opOf(c.op).type === 'query')
+  const document = async (c: Call, companion: boolean, overGet = false): Promise<Seen> => {
     const op = opOf(c.op)
     // Each input field is an argument, written as a literal.
     const literal = (v: unknown): string => v !== null && typeof v === 'object' && !Array.isArray(v)
@@ -154,15 +162,17 @@ async function facesOf (t: Test, app: FastifyInstance): Promise<Record<FaceName,
       : Array.isArray(v) ? '[' + v.map(literal).join(', ') + ']' : JSON.stringify(v)
     const args = Object.entries(c.input).map(([k, v]) => `${k}: ${literal(v)}`).join(', ')
     const doc = `${op.type} { ${companion ? companionOf(c.op) + ' { ok } ' : ''}${c.op}${args === '' ? '' : `(${args})`} { ok } }`
-    const res = await app.inject({ method: 'POST', url: '/graphql', headers: headers(c), payload: { query: doc } })
+    const res = overGet
+      ? await app.inject({ method: 'GET', url: '/graphql?query=' + encodeURIComponent(doc), headers: headers(c) })
+      : await app.inject({ method: 'POST', url: '/graphql', headers: headers(c), payload: { query: doc } })
     const body = res.json() as { data?: unknown, errors?: Array<{ message: string, extensions?: { code: string, status: number, retryAfter?: number } }>, extensions?: { cache?: Record<string, string> } }
     const cache = (res.headers['x-cache'] as string | undefined) ?? body.extensions?.cache?.[c.op] ?? null
     if (body.errors === undefined || body.errors.length === 0) return { code: null, status: 200, retryAfter: false, cache }
     const e = body.errors.find(e => !['companion', 'poke'].includes((e as { path?: string[] }).path?.[0] ?? '')) ?? body.errors[0]
-    return { code: e.extensions?.code ?? `(no code: ${e.message})`, status: e.extensions?.status ?? res.statusCode, retryAfter: res.headers['retry-after'] !== undefined && e.extensions?.retryAfter !== undefined, cache }
+    return { code: e.extensions?.code ?? `(no code: ${e.message})`, status: e.extensions?.status ?? res.statusCode, retryAfter: e.extensions?.retryAfter !== undefined && Number(res.headers['retry-after']) === e.extensions.retryAfter, cache }
   }
 
-  return { rest, batch, batch2, trpc, trpcBatch, trpcBatch2, trpcWs, graphql, graphql2, websocket }
+  return { rest, batch, batch2, trpc, trpcPost, trpcBatch, trpcBatch2, trpcWs, graphql, graphqlGet, graphql2, websocket }
 }
 
 type Row = Record<string, any>
@@ -264,9 +274,9 @@ export async function runMatrix (t: Test, app: FastifyInstance, situations: Situ
 // refuse is refused by GraphQL's validation, the document's refusal (`http`, security).
 const onBatch = 'README, Audit trail: `http` on a batch'
 const onGraphql = 'README, Audit trail: `http` on GraphQL'
-const refusedBeforeBody = { batch: onBatch, batch2: onBatch, trpcWs: 'the upgrade\'s 401, `trpc`', graphql: onGraphql, graphql2: onGraphql, websocket: 'the upgrade\'s 401, `http`' }
+const refusedBeforeBody = { batch: onBatch, batch2: onBatch, trpcPost: 'README, Metrics: a 401 before the body is no call (a POST\'s; a GET has none to read first)', trpcWs: 'the upgrade\'s 401, `trpc`', graphql: onGraphql, graphqlGet: onGraphql, graphql2: onGraphql, websocket: 'the upgrade\'s 401, `http`' }
 const validated = 'README, Audit trail: refused by GraphQL\'s validation, the document\'s entry'
-const byGraphqlValidation = { graphql: validated, graphql2: validated }
+const byGraphqlValidation = { graphql: validated, graphqlGet: validated, graphql2: validated }
 const unparsed = 'README, Audit trail: a document that does not parse (a lone surrogate\'s escape) is the document\'s entry'
 const unknownField = 'a field the schema lacks is a document GraphQL\'s validation refuses, VALIDATION_FAILED'
 // README, Response cache: tRPC over WebSocket is not among the faces that say how a call was answered.
@@ -286,6 +296,9 @@ t.test('one situation, every face: the same decision, audit entry and count', as
     'POST /v1/items/bad/take': (_req, res) => json(res, 422, { message: 'bad' }),
     'POST /v1/items/busy/take': (_req, res) => { res.setHeader('retry-after', '7'); json(res, 429, { message: 'busy' }) },
     'POST /v1/items/i1/take': (_req, res) => json(res, 200, { ok: true }),
+    'POST /v1/items/theirs/take': (_req, res) => json(res, 403, { message: 'not yours' }),
+    'POST /v1/items/who/take': (_req, res) => json(res, 401, { message: 'who are you' }),
+    'POST /v1/items/flaky/take': (_req, res) => json(res, 500, { message: 'on fire' }),
     'POST /v1/items/new/take': (_req, res) => json(res, 201, { ok: true }),
     'POST /v1/items/gone/take': (_req, res) => { res.writeHead(204).end() },
     'POST /v1/items/hold/take': (_req, res) => { waiting.push(res); for (const w of arrivals.splice(0)) w() }
@@ -321,7 +334,7 @@ t.test('one situation, every face: the same decision, audit entry and count', as
     { name: 'a cache miss', call: { op: 'getItem', input: { id: 'i1' } }, expect: { code: null, cache: 'miss' }, cacheUnsaid },
     { name: 'a cache hit', before: [{ op: 'getItem', input: { id: 'i1' } }], call: { op: 'getItem', input: { id: 'i1' } }, expect: { code: null, cache: 'hit' }, cacheUnsaid },
     { name: 'a stale entry', before: [{ op: 'brief', input: { id: 'i1' } }], wait: 1100, call: { op: 'brief', input: { id: 'i1' } }, expect: { code: null, cache: 'stale' }, cacheUnsaid },
-    { name: 'an unknown operation', call: { op: 'noSuchThing', input: {} }, expect: { code: 'NOT_FOUND', status: 404 }, decidesApart: { graphql: unknownField, graphql2: unknownField } },
+    { name: 'an unknown operation', call: { op: 'noSuchThing', input: {} }, expect: { code: 'NOT_FOUND', status: 404 }, decidesApart: { graphql: unknownField, graphqlGet: unknownField, graphql2: unknownField } },
     { name: 'no token', call: { op: 'plain', input: { id: 'i1' }, auth: 'none' }, expect: { code: 'UNAUTHENTICATED', status: 401 }, recordedApart: refusedBeforeBody },
     { name: 'an expired token', call: { op: 'plain', input: { id: 'i1' }, auth: { ttlSeconds: -60 } }, expect: { code: 'UNAUTHENTICATED', status: 401 }, recordedApart: refusedBeforeBody },
     { name: 'a missing role', call: { op: 'adminOnly', input: { id: 'i1' }, auth: { roles: ['viewer'] } }, expect: { code: 'FORBIDDEN', status: 403 } },
@@ -332,8 +345,8 @@ t.test('one situation, every face: the same decision, audit entry and count', as
     { name: 'a __proto__ key', call: { op: 'take', input: { id: 'i1', data: JSON.parse('{"__proto__":{"x":1}}') } }, expect: { code: 'VALIDATION_FAILED', status: 400 } },
     { name: 'a __proto__ key from a caller without the role', call: { op: 'take', input: { id: 'i1', data: JSON.parse('{"__proto__":{"x":1}}') }, auth: { roles: ['viewer'] } }, expect: { code: 'FORBIDDEN', status: 403 } },
     { name: 'a constructor.prototype key', call: { op: 'take', input: { id: 'i1', data: JSON.parse('{"constructor":{"prototype":{"x":1}}}') } }, expect: { code: 'VALIDATION_FAILED', status: 400 } },
-    { name: 'a lone surrogate', call: { op: 'take', input: { id: 'i1', data: 'a\ud800b' } }, expect: { code: 'VALIDATION_FAILED', status: 400 }, recordedApart: { graphql: unparsed, graphql2: unparsed } },
-    { name: 'input too big', call: { op: 'take', input: { id: 'i1', data: 'x'.repeat(1_100_000) } }, expect: { code: 'PAYLOAD_TOO_LARGE', status: 413 }, recordedApart: { batch: onBatch, batch2: onBatch, trpcBatch2: 'README, Audit trail: `trpc` for a tRPC batch', graphql: onGraphql, graphql2: onGraphql }, skip: { websocket: 'README, WebSocket: a frame over BFF_BODY_LIMIT closes with 1009', trpcWs: 'the same' } },
+    { name: 'a lone surrogate', call: { op: 'take', input: { id: 'i1', data: 'a\ud800b' } }, expect: { code: 'VALIDATION_FAILED', status: 400 }, recordedApart: { graphql: unparsed, graphqlGet: unparsed, graphql2: unparsed } },
+    { name: 'input too big', call: { op: 'take', input: { id: 'i1', data: 'x'.repeat(1_100_000) } }, expect: { code: 'PAYLOAD_TOO_LARGE', status: 413 }, recordedApart: { batch: onBatch, batch2: onBatch, trpcBatch2: 'README, Audit trail: `trpc` for a tRPC batch', graphql: onGraphql, graphqlGet: onGraphql, graphql2: onGraphql }, skip: { websocket: 'README, WebSocket: a frame over BFF_BODY_LIMIT closes with 1009', trpcWs: 'the same' } },
     { name: 'rate limited', before: [{ op: 'limited', input: { id: 'i1' } }], call: { op: 'limited', input: { id: 'i1' } }, expect: { code: 'RATE_LIMITED', status: 429, retryAfter: true } },
     { name: 'firewall block', call: { op: 'ask', input: { prompt: injection } }, expect: { code: 'FIREWALL_BLOCKED', status: 403 } },
     { name: 'firewall monitor', call: { op: 'muse', input: { prompt: injection } }, expect: { code: null } },
@@ -342,6 +355,10 @@ t.test('one situation, every face: the same decision, audit entry and count', as
     { name: 'a key reused', before: [{ op: 'take', input: { id: 'i1' }, key: 'k' }], call: { op: 'take', input: { id: 'i1', n: 2 }, key: 'k' }, expect: { code: 'IDEMPOTENCY_KEY_REUSED', status: 422 }, skip: noKeyOverTrpcWs },
     { name: 'a malformed key', call: { op: 'take', input: { id: 'i1' }, key: 'k\u0001' }, expect: { code: 'VALIDATION_FAILED', status: 400 }, skip: noKeyOverTrpcWs },
     { name: 'a key whose first call is running', running: { op: 'take', input: { id: 'hold' }, key: 'k' }, call: { op: 'take', input: { id: 'hold' }, key: 'k' }, expect: { code: 'IDEMPOTENCY_CONFLICT', status: 409, retryAfter: true }, skip: noKeyOverTrpcWs },
+    { name: 'a replayed Kernel refusal', before: [{ op: 'take', input: { id: 'locked' }, key: 'k' }], call: { op: 'take', input: { id: 'locked' }, key: 'k' }, expect: { code: 'KERNEL_REJECTED', status: 409 }, skip: noKeyOverTrpcWs },
+    { name: 'a keyed call again after a Kernel failure', before: [{ op: 'take', input: { id: 'flaky' }, key: 'k' }], call: { op: 'take', input: { id: 'flaky' }, key: 'k' }, expect: { code: 'KERNEL_ERROR', status: 502 }, skip: noKeyOverTrpcWs },
+    { name: 'Kernel 403', call: { op: 'take', input: { id: 'theirs' } }, expect: { code: 'KERNEL_REJECTED', status: 403 } },
+    { name: 'Kernel 401', call: { op: 'take', input: { id: 'who' } }, expect: { code: 'KERNEL_REJECTED', status: 401 } },
     { name: 'Kernel 201', call: { op: 'take', input: { id: 'new' } }, expect: { code: null, status: 201 } },
     { name: 'Kernel 204', call: { op: 'take', input: { id: 'gone' } }, expect: { code: null, status: 204 } },
     { name: 'Kernel 404', call: { op: 'plain', input: { id: 'nowhere' } }, expect: { code: 'NOT_FOUND', status: 404 } },
