@@ -286,6 +286,12 @@ const noKeyOverTrpcWs = { trpcWs: 'README, Idempotency keys: wsLink carries no k
 t.test('one situation, every face: the same decision, audit entry and count', async t => {
   const kernel = await startTestKernel(t, {
     'GET /v1/items/i1': (_req, res) => json(res, 200, { ok: true }),
+    // Answers a tenant's first read, then too slowly.
+    'GET /v1/items/once': (req, res) => {
+      const tenant = String(req.headers['x-tenant-id'])
+      if (answered.has(tenant)) setTimeout(() => json(res, 200, { ok: true }), 2000).unref()
+      else { answered.add(tenant); json(res, 200, { ok: true }) }
+    },
     'GET /v1/companion': (_req, res) => json(res, 200, { ok: true }),
     'POST /v1/companion': (_req, res) => json(res, 200, { ok: true }),
     'GET /v1/items/broken': (_req, res) => json(res, 500, { message: 'on fire' }),
@@ -303,6 +309,7 @@ t.test('one situation, every face: the same decision, audit entry and count', as
     'POST /v1/items/gone/take': (_req, res) => { res.writeHead(204).end() },
     'POST /v1/items/hold/take': (_req, res) => { waiting.push(res); for (const w of arrivals.splice(0)) w() }
   })
+  const answered = new Set<string>()
   const waiting: Array<import('node:http').ServerResponse> = []
   const arrivals: Array<() => void> = []
   const held: Held = {
@@ -318,6 +325,7 @@ t.test('one situation, every face: the same decision, audit entry and count', as
     poke: { type: 'mutation', rest: 'POST /poke', kernel: 'POST /v1/companion', output: { type: 'object', properties: { ok: { type: 'boolean' } } } },
     getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: id, output, cache: { ttlSeconds: 60, tags: ['item:{id}'] }, timeoutMs: 500 },
     plain: { type: 'query', rest: 'GET /plain/:id', kernel: 'GET /v1/items/{id}', input: id, output, timeoutMs: 500 },
+    lasting: { type: 'query', rest: 'GET /lasting/:id', kernel: 'GET /v1/items/{id}', input: id, output, cache: { ttlSeconds: 1 }, timeoutMs: 300 },
     brief: { type: 'query', rest: 'GET /brief/:id', kernel: 'GET /v1/items/{id}', input: id, output, cache: { ttlSeconds: 1, swrSeconds: 600 } },
     limited: { type: 'query', rest: 'GET /limited/:id', kernel: 'GET /v1/items/{id}', input: id, output, rateLimit: { max: 1, windowMs: 60_000 } },
     adminOnly: { type: 'query', rest: 'GET /admin-only/:id', kernel: 'GET /v1/items/{id}', input: id, output, roles: ['admin'] },
@@ -334,6 +342,7 @@ t.test('one situation, every face: the same decision, audit entry and count', as
     { name: 'a cache miss', call: { op: 'getItem', input: { id: 'i1' } }, expect: { code: null, cache: 'miss' }, cacheUnsaid },
     { name: 'a cache hit', before: [{ op: 'getItem', input: { id: 'i1' } }], call: { op: 'getItem', input: { id: 'i1' } }, expect: { code: null, cache: 'hit' }, cacheUnsaid },
     { name: 'a stale entry', before: [{ op: 'brief', input: { id: 'i1' } }], wait: 1100, call: { op: 'brief', input: { id: 'i1' } }, expect: { code: null, cache: 'stale' }, cacheUnsaid },
+    { name: 'an expired entry in place of a Kernel timeout', before: [{ op: 'lasting', input: { id: 'once' } }], wait: 1100, call: { op: 'lasting', input: { id: 'once' } }, expect: { code: null, cache: 'stale' }, cacheUnsaid },
     { name: 'an unknown operation', call: { op: 'noSuchThing', input: {} }, expect: { code: 'NOT_FOUND', status: 404 }, decidesApart: { graphql: unknownField, graphqlGet: unknownField, graphql2: unknownField } },
     { name: 'no token', call: { op: 'plain', input: { id: 'i1' }, auth: 'none' }, expect: { code: 'UNAUTHENTICATED', status: 401 }, recordedApart: refusedBeforeBody },
     { name: 'an expired token', call: { op: 'plain', input: { id: 'i1' }, auth: { ttlSeconds: -60 } }, expect: { code: 'UNAUTHENTICATED', status: 401 }, recordedApart: refusedBeforeBody },
