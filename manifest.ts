@@ -207,10 +207,10 @@ function schemaChecker (): Ajv {
   return checker
 }
 
-/** How long a manifest file must stay unchanged to be read as written whole (a reload's read). */
 /** The longest event topic, in characters (code points): POST /internal/events takes no longer one. */
 export const MAX_TOPIC_LENGTH = 256
 
+/** How long a manifest file must stay unchanged to be read as written whole (a reload's read). */
 export const SETTLE_MS = 250
 /** Reads of a file that keeps changing before a reload gives up on it. */
 const SETTLE_READS = 8
