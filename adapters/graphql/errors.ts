@@ -125,8 +125,8 @@ export function errorFormatter (execution: ExecutionResult & { errors: readonly 
   // Over HTTP, the refusals' Retry-After and RateLimit-* go on the response, as on tRPC: of
   // several, the longest wait's. Their WWW-Authenticate only on a 401, as REST and tRPC send
   // it: a 200 with an UNAUTHENTICATED field says so in the field's error. A subscription's
-  // errors (over WebSocket) have no reply. A document's replayed calls are not marked
-  // (README), its fields being several calls.
+  // errors (over WebSocket) have no reply. The replayed calls of a document of several calls
+  // are not marked (README); one of one call is, by its resolver.
   const headers = refusalHeaders(errors.map(headersOf), false, statusCode === 401)
   if (headers !== null && ctx.reply !== undefined && !ctx.reply.sent) ctx.reply.headers(headers)
   // A document refused whole over HTTP (no call answered): counted as REST's refusals are

@@ -295,9 +295,11 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
       // A document of one operation field answers that call's RateLimit-* (also when it was
       // counted, then failed), as REST and a tRPC call alone do: it answered the HTTP guard's
       // while the operation's limit counted the call. A refusal's own (errorFormatter) have the
-      // last word. A document of several fields has no one call's to carry.
-      const limits = ctx.reply === undefined ? null : rateLimitOf(result.ok ? result.headers : result.callHeaders)
-      if (limits !== null && (ctx.oneCall ??= runsOneField(info)) && ctx.reply?.sent === false) ctx.reply.headers(limits)
+      // last word. So does it say a replay (Idempotent-Replayed), a replayed refusal's too: a
+      // client retrying a keyed mutation could not tell the stored answer from a new run. A
+      // document of several fields has no one call's to carry.
+      const own = ctx.reply === undefined ? null : oneCallHeadersOf(result.ok ? result.headers : result.callHeaders, result.ok ? null : result.headers)
+      if (own !== null && (ctx.oneCall ??= runsOneField(info)) && ctx.reply?.sent === false) ctx.reply.headers(own)
       if (result.ok) {
         (ctx.answered ??= new Map()).set(String(info.path.key), requestId)
         // Reported once the document has run (onResolution below).
@@ -741,14 +743,20 @@ function runsOneField (info: GraphQLResolveInfo): boolean {
   return calls === 1
 }
 
-/** The RateLimit-* fields among a call's header fields, or null for none. */
-function rateLimitOf (headers: Record<string, string> | null | undefined): Record<string, string> | null {
-  if (headers == null) return null
-  let limits: Record<string, string> | null = null
-  for (const name in headers) {
-    if (name.length > 10 && name.slice(0, 10).toLowerCase() === 'ratelimit-') (limits ??= {})[name] = headers[name]
+/**
+ * What a document of one call answers of that call's header fields, or null for none: its
+ * RateLimit-* (`headers`, the call's), and Idempotent-Replayed from them or from its refusal's
+ * (`refusal`: a replayed refusal carries it there).
+ */
+function oneCallHeadersOf (headers: Record<string, string> | null | undefined, refusal: Record<string, string> | null | undefined): Record<string, string> | null {
+  let own: Record<string, string> | null = null
+  if (headers != null) {
+    for (const name in headers) {
+      if (name.length > 10 && name.slice(0, 10).toLowerCase() === 'ratelimit-') (own ??= {})[name] = headers[name]
+    }
   }
-  return limits
+  if (headers?.['idempotent-replayed'] === 'true' || refusal?.['idempotent-replayed'] === 'true') (own ??= {})['idempotent-replayed'] = 'true'
+  return own
 }
 
 /**

@@ -249,6 +249,36 @@ t.test('identical query fields of one request reach the Kernel once; mutations a
   t.equal(kernel.requests.length, before + 2, 'the refused mutation never reached the Kernel')
 })
 
+t.test('a document of one mutation field says a replay with Idempotent-Replayed, as REST and a tRPC call alone do; one of several fields does not', async t => {
+  // A GraphQL client retrying a keyed mutation could not tell the stored answer from a new run.
+  const { kernel, gql } = await items(t, {
+    'POST /items': (req, res) => {
+      const { id } = JSON.parse(req.body) as { id: string }
+      if (id === 'gone') json(res, 404, { message: 'no such list' })
+      else json(res, 201, { id })
+    }
+  })
+  const send = async (query: string, key: string) => await gql({ query }, { ...bearer(), 'idempotency-key': key })
+  const first = await send('mutation { addItem(id: "r1") { id } }', 'replay-1')
+  t.same(first.body, { data: { addItem: { id: 'r1' } } })
+  t.equal(first.headers.get('idempotent-replayed'), null, 'the first run is not a replay')
+  const again = await send('mutation { addItem(id: "r1") { id } }', 'replay-1')
+  t.same(again.body, { data: { addItem: { id: 'r1' } } })
+  t.equal(again.headers.get('idempotent-replayed'), 'true', 'the repeat is marked')
+  const refused = await send('mutation { addItem(id: "gone") { id } }', 'replay-2')
+  t.match(refused.body, { errors: [{ extensions: { code: 'NOT_FOUND' } }] })
+  t.equal(refused.headers.get('idempotent-replayed'), null)
+  const refusedAgain = await send('mutation { addItem(id: "gone") { id } }', 'replay-2')
+  t.match(refusedAgain.body, { errors: [{ extensions: { code: 'NOT_FOUND' } }] })
+  t.equal(refusedAgain.headers.get('idempotent-replayed'), 'true', 'a replayed refusal is marked too')
+  t.equal(kernel.requests.length, 2, 'each key ran once')
+  const two = 'mutation { a: addItem(id: "t1") { id } b: addItem(id: "t2") { id } }'
+  await send(two, 'replay-3')
+  const twoAgain = await send(two, 'replay-3')
+  t.same(twoAgain.body, { data: { a: { id: 't1' }, b: { id: 't2' } } })
+  t.equal(twoAgain.headers.get('idempotent-replayed'), null, 'several calls: no one header says which')
+})
+
 t.test('arguments become the op input: lists, input objects, enums, JSON, nulls', async t => {
   const { kernel, gql } = await items(t, { 'POST /items': (req, res) => json(res, 201, { id: JSON.parse(req.body).id }) })
   const res = await gql({
