@@ -298,6 +298,9 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   // With the audit on: from here on, a refusal is the call's, which the audit stage records.
   const reached = app.hasDecorator('audit') ? app.audit.reached : null
   const mutation = op.type === 'mutation'
+  // The fields a POST, PUT or PATCH takes in its body that a client may put in its query string
+  // instead (the input's, composed ones too; not the path's, which win anyway).
+  const bodyFields = inBody ? new Set(Object.keys(composedFields(op.input).properties).filter(k => !pathParams.includes(k))) : null
   return async function restHandler (request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
     // If-Match (RFC 9110 §13.1.1: a server MUST evaluate it before performing the method) compares
     // strongly, and the gateway's entity tags are all weak: on a mutation, a list of tags cannot
@@ -316,6 +319,15 @@ function handlerFor (app: FastifyInstance, op: Operation) {
     // client sent. `{}`, like an absent or empty body, holds none.
     if (!inBody && request.body !== undefined && !isEmptyObject(request.body)) {
       throw new MantleError('VALIDATION_FAILED', `A ${op.method} takes its input from the path and the query string, not a body: send its fields in the query string`)
+    }
+    // And a POST, PUT or PATCH from the path and the JSON body: a field of its input in the query
+    // string was dropped without a word (`POST /agents?model=x` made an agent of the default
+    // model). A parameter the input does not name (a cache-buster, a tracking tag) is let be.
+    if (bodyFields !== null && bodyFields.size > 0) {
+      const query = request.query as Record<string, unknown>
+      for (const key in query) {
+        if (bodyFields.has(key)) throw new MantleError('VALIDATION_FAILED', `input.${key} goes in the JSON body of a ${op.method}, not in its query string`)
+      }
     }
     reached?.(request)
     let input: Record<string, unknown>

@@ -384,6 +384,24 @@ t.test('a DELETE whose body holds fields is refused, never run without them', as
   t.equal(deleted.statusCode, 200, 'DELETE with {}')
 })
 
+t.test('a POST, PUT or PATCH naming one of its input\'s fields in the query string is refused, never run without it; other query parameters are let be', async t => {
+  // Their input is the path and the JSON body (the contract): `POST /agents?model=x` created an
+  // agent of the default model, `PATCH /agents/a1?name=x` renamed nothing and answered 200.
+  const app = await buildDemoApp(t)
+  const h = { ...bearer({ roles: ['viewer', 'editor'] }), 'content-type': 'application/json' }
+  const created = await app.inject({ method: 'POST', url: '/api/v1/agents?model=mantle-large', headers: h, payload: { name: 'n' } })
+  t.equal(created.statusCode, 400)
+  t.match(created.json(), { code: 'VALIDATION_FAILED', detail: /input\.model.*body/ })
+  const patched = await app.inject({ method: 'PATCH', url: '/api/v1/agents/a1?name=Renamed', headers: h, payload: {} })
+  t.equal(patched.statusCode, 400, 'PATCH too')
+  t.not((await app.inject({ url: '/api/v1/agents/a1', headers: h })).json().name, 'Renamed', 'nothing ran')
+  // A parameter the input does not name (a cache-buster, a tracking tag) is no input: let be.
+  const busted = await app.inject({ method: 'POST', url: '/api/v1/agents?_=1733600000&utm_source=x', headers: h, payload: { name: 'n' } })
+  t.equal(busted.statusCode, 201, 'an unnamed parameter is let be')
+  // A path parameter's name in the query string is the path's, as before (the path wins).
+  t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/agents/a1?id=a2', headers: h, payload: { name: 'x' } })).statusCode, 200)
+})
+
 t.test('an integer beyond what a JavaScript number carries exactly is refused on every face, never rounded', async t => {
   // Before, 1234567890123456789 reached the Kernel as 1234567890123456800: a GET answered
   // another item, a DELETE removed another one.
