@@ -196,7 +196,10 @@ t.test('a replayed refusal is marked as a replayed answer is, and never marks a 
   await gql()
   const replayed = await gql()
   t.match(replayed.json(), { errors: [{ extensions: { code: 'NOT_FOUND' } }] })
-  t.notOk(replayed.headers['idempotent-replayed'], 'GraphQL documents are not marked')
+  t.equal(replayed.headers['idempotent-replayed'], 'true', 'a GraphQL document of one call: its replayed refusal says so, as a tRPC request of one call\'s (e2d176f)')
+  const several = async () => await s.app.inject({ method: 'POST', url: '/graphql', headers: s.headers(key + '.gql2'), payload: { query: 'mutation { a: renameItem(id: "nope", name: "n") { id } b: renameItem(id: "nope", name: "m") { id } }' } })
+  await several()
+  t.notOk((await several()).headers['idempotent-replayed'], 'a GraphQL document of several calls is not marked')
 })
 
 t.test('REST batch: call ids are unique, and a key made of one never spells another', async t => {
