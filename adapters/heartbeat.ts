@@ -11,9 +11,10 @@ import type { Socket } from 'node:net'
 export class Heartbeat {
   /**
    * The sockets watched, each with whether it answered since the last ping, the bytes the
-   * operating system had taken of it then (taken), and what to do before it is cut.
+   * operating system had taken of it at the last tick (taken), the bytes sent on it up to and
+   * including the last ping (pinged), and what to do before it is cut.
    */
-  private readonly watched = new Map<WebSocket, { alive: boolean, taken: number, dead: (() => void) | undefined }>()
+  private readonly watched = new Map<WebSocket, { alive: boolean, taken: number, pinged: number, dead: (() => void) | undefined }>()
   private readonly timer: NodeJS.Timeout
 
   constructor (intervalMs: number) {
@@ -23,7 +24,7 @@ export class Heartbeat {
 
   /** Pings `socket` until it closes; `dead` runs just before it is terminated for a missed pong. */
   watch (socket: WebSocket, dead?: () => void): void {
-    const beat = { alive: true, taken: 0, dead }
+    const beat = { alive: true, taken: 0, pinged: 0, dead }
     this.watched.set(socket, beat)
     socket.on('pong', () => { beat.alive = true })
     socket.once('close', () => { this.watched.delete(socket) })
@@ -41,9 +42,13 @@ export class Heartbeat {
         // The ping waits behind every frame queued before it: a peer still taking them (the
         // operating system took more of them since the ping) is reading, only not yet as far as
         // the ping. It was cut, on a link slower than what was queued over one interval, though
-        // it read on. One that takes nothing is cut, as one that sends no pong.
+        // it read on. One that takes nothing is cut, as one that sends no pong. Only the frames
+        // before the ping excuse it: once the ping was in the OS's hands at the last tick, what the
+        // OS took after it (events sent since) says nothing of the peer. Counted as progress, a peer
+        // gone (or reading nothing) whose socket's buffers took a small event per interval was kept
+        // for as long as they had room, hours at one event per 30 s.
         const now = taken(socket)
-        if (now > beat.taken) {
+        if (now > beat.taken && beat.taken < beat.pinged) {
           beat.taken = now
           continue
         }
@@ -55,6 +60,7 @@ export class Heartbeat {
       beat.alive = false
       beat.taken = taken(socket)
       socket.ping()
+      beat.pinged = sent(socket)
     }
   }
 }
@@ -67,4 +73,9 @@ export class Heartbeat {
 function taken (socket: WebSocket): number {
   const raw = (socket as unknown as { _socket?: Socket })._socket
   return raw === undefined ? 0 : raw.bytesWritten - raw.writableLength
+}
+
+/** The bytes written to `socket` so far, those still queued in Node included (a ping just sent, say). */
+function sent (socket: WebSocket): number {
+  return (socket as unknown as { _socket?: Socket })._socket?.bytesWritten ?? 0
 }

@@ -64,3 +64,33 @@ t.test('heartbeat: a pong keeps a peer; a missed one with nothing taken cuts it 
   mock.timers.tick(100)
   t.same([peer.pings, peer.terminated, dead], [2, true, 1], 'missed: cut, its dead hook run once')
 })
+
+t.test('heartbeat: a peer that sends no pong is cut once its ping is in the operating system\'s hands, however much more the OS takes after it', async t => {
+  // What the operating system takes after the ping says nothing of the peer: a peer gone (its
+  // network with it) or one that reads nothing still has its socket's buffers taking a trickle of
+  // small events, interval after interval. Only the frames queued before the ping excuse a late pong.
+  mock.timers.enable({ apis: ['setInterval'] })
+  t.teardown(() => mock.timers.reset())
+  const beat = new Heartbeat(100)
+  t.teardown(() => beat.stop())
+  const gone = new FakeSocket()
+  const behind = new FakeSocket()
+  beat.watch(gone as unknown as WebSocket)
+  beat.watch(behind as unknown as WebSocket)
+  behind.queue(300_000)
+  mock.timers.tick(100)
+  t.same([gone.pings, behind.pings], [1, 1], 'each pinged')
+  // The behind peer takes what was queued before its ping, then (the ping in the OS's hands)
+  // only what was sent after it; the gone one, with nothing queued, only what was sent after.
+  behind.take(300_000)
+  for (const s of [gone, behind]) { s.queue(200); s.take(200) }
+  mock.timers.tick(100)
+  t.notOk(behind.terminated, 'the behind peer, which took the frames before its ping during the interval, stays')
+  t.ok(gone.terminated, 'the gone peer, its ping handed to the OS at once, is cut at the next tick (an event taken by the OS after it is no pong)')
+  for (let i = 0; i < 5 && !behind.terminated; i++) {
+    behind.queue(200)
+    behind.take(200)
+    mock.timers.tick(100)
+  }
+  t.ok(behind.terminated, 'the behind peer is cut an interval after its ping reached the OS, events still taken after it')
+})
