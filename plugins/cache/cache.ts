@@ -266,8 +266,9 @@ export class ResponseCache {
           // and every instance served the old entry as a hit for its ttl. A call never sent
           // (breaker open, bulkhead full, its time out before a connection, the connection
           // refused) changed nothing.
+          // A refusal after a retry does not undo what an earlier attempt may have done (retriedSent).
           const code = err instanceof MantleError ? err.code : null
-          changed = ctx.answered || (ctx.sent && code !== 'KERNEL_REJECTED' && code !== 'NOT_FOUND')
+          changed = ctx.answered || (ctx.sent && ((code !== 'KERNEL_REJECTED' && code !== 'NOT_FOUND') || ctx.retriedSent))
           unanswered = changed && !ctx.answered && (code === 'KERNEL_TIMEOUT' || code === 'KERNEL_UNAVAILABLE')
           throw err
         } finally {

@@ -386,6 +386,7 @@ export class KernelClient {
             if (this.budget!.withdraw()) {
               metrics.retry()
               retried = result
+              if (result.unsent !== true) ctx.retriedSent = true
               await (leave === null ? sleep(wait) : leave.pause(wait))
               continue
             }

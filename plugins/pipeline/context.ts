@@ -77,6 +77,12 @@ export class CallContext {
    * whatever came back, a timeout or a lost connection included.
    */
   sent: boolean
+  /**
+   * An attempt the Kernel may have acted on (it went out, then a 5xx or a lost connection) was
+   * retried: a refusal of a later attempt (a 412 to If-None-Match: *, the target made by the first
+   * one) does not show that nothing changed.
+   */
+  retriedSent: boolean
   readonly startedAt: number
   /**
    * Shared by the calls of one request that carries several (a REST batch, a GraphQL document,
@@ -149,6 +155,7 @@ export class CallContext {
     this.status = 200
     this.answered = false
     this.sent = false
+    this.retriedSent = false
     this.startedAt = performance.now()
     this.memo = null
     this.answer = null

@@ -215,6 +215,32 @@ for (const { store, env } of STORES) {
     t.same([after.headers['x-cache'], after.json().n], ['miss', 2], 'the change the Kernel made is read')
   })
 
+  // A keyed mutation is retried after a Kernel failure; the retry's refusal does not show that
+  // nothing changed: the first attempt may have been carried out. A create-only call
+  // (If-None-Match: *, sent on to the Kernel since 7b68d9a) is refused 412 on its retry exactly
+  // when its first attempt created the target, and the tags were then kept: every instance served
+  // the old entry as a hit for its ttl.
+  t.test(`${store}: a keyed mutation whose retry the Kernel refused, after a failed attempt it may have carried out, drops its tags`, async t => {
+    const kernel = await itemKernel(t)
+    let version = 1
+    let attempts = 0
+    kernel.on('GET /v1/items/a', (_req, res) => json(res, 200, { id: 'a', n: version }))
+    kernel.on('PATCH /v1/items/a', (req, res) => {
+      attempts++
+      if (attempts === 1) {
+        version++ // carried out, then the Kernel fails before answering
+        json(res, 503, { message: 'restarting' })
+      } else json(res, 412, { message: `${String(req.headers['if-none-match'])}: it exists` })
+    })
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url, {}, { retries: 1 }), kernelUrl: kernel.url })
+    const headers = bearer({ tenant: tenant() })
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).json().n, 1)
+    const refused = await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers: { ...headers, 'idempotency-key': 'k-' + randomUUID(), 'if-none-match': '*' }, payload: {} })
+    t.same([refused.statusCode, refused.json().code, attempts], [412, 'KERNEL_REJECTED', 2], 'retried once, the retry refused')
+    const after = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.same([after.headers['x-cache'], after.json().n], ['miss', 2], 'the change the first attempt made is read')
+  })
+
   t.test(`${store}: a mutation that never reached the Kernel (connection refused) drops nothing`, async t => {
     const kernel = await itemKernel(t)
     const app = await buildTestApp(t, { ...env, BFF_CIRCUIT_BREAKER_ENABLED: false }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })

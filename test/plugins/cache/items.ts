@@ -13,8 +13,8 @@ const Item = { type: 'object', properties: { id: { type: 'string' }, n: { type: 
 const Mine = { type: 'object', properties: { ...Item.properties, user: { type: 'string' } } }
 const idInput = { type: 'object', required: ['id'], properties: { id: { type: 'string' }, q: { type: 'string' } } }
 
-/** `changes`: fields to set on some of the operations (a timeout, say). */
-export function itemManifest (kernelUrl: string, changes: Record<string, Record<string, unknown>> = {}): ReturnType<typeof testManifest> {
+/** `changes`: fields to set on some of the operations (a timeout, say); `kernel`: the manifest's kernel settings beside its url (retries 0 unless set). */
+export function itemManifest (kernelUrl: string, changes: Record<string, Record<string, unknown>> = {}, kernel: Record<string, unknown> = {}): ReturnType<typeof testManifest> {
   const ops: Record<string, Record<string, unknown>> = {
     getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: Item, cache: { ttlSeconds: 10, tags: ['item:{id}', 'items'] } },
     getFresh: { type: 'query', rest: 'GET /fresh/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: Item, cache: { ttlSeconds: 10, swrSeconds: 20, tags: ['item:{id}'] } },
@@ -26,7 +26,7 @@ export function itemManifest (kernelUrl: string, changes: Record<string, Record<
     failItem: { type: 'mutation', rest: 'POST /items/:id/fail', kernel: 'POST /v1/broken/{id}', input: idInput, output: Item, invalidates: ['item:{id}'] }
   }
   for (const [name, fields] of Object.entries(changes)) ops[name] = { ...ops[name], ...fields }
-  return testManifest(ops, { url: kernelUrl, retries: 0 })
+  return testManifest(ops, { url: kernelUrl, retries: 0, ...kernel })
 }
 
 /** A Kernel whose item reads count up, so a test sees which answer it got. */
