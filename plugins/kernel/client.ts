@@ -369,6 +369,10 @@ export class KernelClient {
             return result.value
           }
           if (result.outcome === 'bad_answer') throw new MantleError('KERNEL_ERROR', result.message!)
+          // A 304 to a mutation's If-None-Match (one the Kernel serves over GET or HEAD, RFC 9110
+          // §13.1.2) is its condition not holding, the method not performed: to the client's
+          // method, a 412 (§13.1.2 for any other). It was taken for a redirect: 502 KERNEL_ERROR.
+          if (result.status === 304 && op.type === 'mutation' && ctx.ifNoneMatch !== undefined) throw conditionFailed()
           throw result.outcome === 'redirect' ? redirected(result, op) : clientError(result)
         }
         this.breaker?.failure(permit)
@@ -970,6 +974,10 @@ function utc (year: number, month: string, day: string, hours: string, minutes: 
 // Without the Location: it may name hosts inside the network, which clients have no need of.
 function notInQuery (key: string): MantleError {
   return new MantleError('VALIDATION_FAILED', `input.${key} holds an object, which the Kernel's query string cannot carry`)
+}
+
+function conditionFailed (): MantleError {
+  return new MantleError('KERNEL_REJECTED', 'The Kernel says the If-None-Match condition does not hold (it answered 304): the mutation was not performed', { status: 412 })
 }
 
 function redirected (result: Attempt, op: Operation): MantleError {

@@ -113,6 +113,30 @@ t.test('a REST mutation\'s If-None-Match and If-Match: * reach the Kernel, which
   t.same([got.method, got.headers['if-none-match'], got.headers['if-match']], ['GET', undefined, undefined], 'a query forwards none')
 })
 
+t.test('a REST mutation the Kernel serves over GET, its If-None-Match not holding there (a 304), is refused 412 KERNEL_REJECTED, never a 502', async t => {
+  // The conditions go on to the Kernel (7b68d9a); a Kernel serving the mutation over GET answers a
+  // false If-None-Match with 304 (RFC 9110 §13.1.2), and the method is not performed. The gateway
+  // took that 304 for a redirect it does not follow: 502 KERNEL_ERROR, a 5xx a client's header
+  // chose, for what RFC 9110 answers 412 to the client's own method.
+  const kernel = await startTestKernel(t)
+  let performed = 0
+  kernel.on('GET /v1/things/t1/touch', (req, res) => {
+    if (req.headers['if-none-match'] === '*') { res.writeHead(304); res.end(); return }
+    performed++
+    json(res, 200, { id: 't1', name: 'touched' })
+  })
+  const thing = { type: 'object', properties: { id: { type: 'string' }, name: { type: 'string' } } }
+  const manifest = testManifest({
+    touchThing: { type: 'mutation', rest: 'POST /things/:id/touch', kernel: 'GET /v1/things/{id}/touch', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: thing }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const refused = await app.inject({ method: 'POST', url: '/api/v1/things/t1/touch', headers: { ...bearer(), 'if-none-match': '*' }, payload: {} })
+  t.same([refused.statusCode, refused.json().code], [412, 'KERNEL_REJECTED'], 'the condition did not hold: 412, as to a PUT')
+  t.equal(performed, 0, 'the Kernel did not perform it')
+  const plain = await app.inject({ method: 'POST', url: '/api/v1/things/t1/touch', headers: bearer(), payload: {} })
+  t.same([plain.statusCode, performed], [200, 1], 'without the condition it runs')
+})
+
 t.test('bad input is a 400 VALIDATION_FAILED that names the field', async t => {
   const app = await buildDemoApp(t)
   const cases: Array<[string, string, unknown, RegExp]> = [
