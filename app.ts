@@ -16,7 +16,7 @@ import { addJsonBodyParser } from './json-body.js'
 import pipeline, { PROTOCOLS, type Protocol } from './plugins/pipeline/index.js'
 import { compiledSchemas, COMPILED_SCHEMAS, COMPILED_SCHEMA_TEXT } from './compiled.js'
 import metrics from './plugins/metrics/index.js'
-import auth, { ANONYMOUS, parsePublicKeys } from './plugins/auth/index.js'
+import auth, { ANONYMOUS, parsePublicKeys, parseSecrets } from './plugins/auth/index.js'
 import kernel from './plugins/kernel/index.js'
 import events, { EVENTS_CHANNEL } from './plugins/events/index.js'
 import redis from './plugins/redis/index.js'
@@ -992,15 +992,20 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   }
   if (config.BFF_AUTH_ENABLED) {
     // The development secret is the fallback only when no key source is configured.
-    const noKeys = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined
+    const noKeys = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_SECRETS === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined
     if (noKeys) app.log.warn('no token key is configured: using the well-known development secret')
     // A secret read from a file often ends with that file's line break, which the gateway keeps
     // (a secret may hold any bytes) and many issuers trim: every token was then refused 401, with
     // nothing at start-up to say why.
     const secret = config.BFF_JWT_SECRET
     if (secret !== undefined && secret.trim() !== secret) app.log.warn('BFF_JWT_SECRET begins or ends with white space (a line break from a secret file?): tokens are verified with the secret as it is, white space included')
+    const secrets = config.BFF_JWT_SECRETS === undefined ? undefined : parseSecrets(config.BFF_JWT_SECRETS)
+    for (const [kid, s] of secrets ?? []) {
+      if (s.trim() !== s) app.log.warn({ kid }, 'a secret of BFF_JWT_SECRETS begins or ends with white space: tokens of its kid are verified with the secret as it is, white space included')
+    }
     await app.register(auth, {
       secret: noKeys ? DEV_JWT_SECRET : config.BFF_JWT_SECRET,
+      secrets,
       publicKeys: config.BFF_JWT_PUBLIC_KEYS === undefined ? undefined : parsePublicKeys(config.BFF_JWT_PUBLIC_KEYS),
       jwksUrl: config.BFF_JWKS_URL,
       issuer: config.BFF_JWT_ISSUER,

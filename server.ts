@@ -121,7 +121,7 @@ export function banner (started: Started, config: Readonly<Config>): string {
   // Only with the development secret (no key source at all): a token signed with a configured
   // secret, system role included, went to stdout and so into the logs of any run without
   // NODE_ENV=production (a staging run). `npm run token` mints one with any secret.
-  const devSecret = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined
+  const devSecret = config.BFF_JWT_SECRET === undefined && config.BFF_JWT_SECRETS === undefined && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined
   if (config.BFF_AUTH_ENABLED && config.NODE_ENV !== 'production' && devSecret) {
     const token = mintToken(DEV_JWT_SECRET, {
       tenant: 'demo',

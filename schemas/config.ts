@@ -4,7 +4,7 @@ import { fileURLToPath } from 'node:url'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { isIP } from 'node:net'
-import { isAsymmetricKey, parsePublicKeys, SECRET_IS_A_KEY } from '../plugins/auth/keys.js'
+import { isAsymmetricKey, parsePublicKeys, parseSecrets, SECRET_IS_A_KEY } from '../plugins/auth/keys.js'
 
 /** The demo manifest: the embedded default when BFF_MANIFEST is not set. */
 export const DEMO_MANIFEST = fileURLToPath(new URL('../kernel/manifest.yaml', import.meta.url))
@@ -72,7 +72,8 @@ export const ConfigSchema = Type.Object({
   BFF_CIRCUIT_BREAKER_THRESHOLD: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000000, description: 'consecutive Kernel failures that open the breaker (overrides the manifest)' })),
   BFF_CIRCUIT_BREAKER_TIMEOUT: Type.Optional(Type.Integer({ minimum: 1, maximum: 86400000, description: 'ms the breaker stays open before one probe (overrides the manifest)' })),
   BFF_KERNEL_KEEP_ALIVE_TIMEOUT_MS: Type.Integer({ minimum: 100, maximum: 600000, default: 4000, description: 'ms an idle Kernel connection is kept for reuse when the Kernel sends no Keep-Alive timeout; keep it below the Kernel\'s own idle timeout' }),
-  BFF_JWT_SECRET: Type.Optional(Type.String({ minLength: 1, description: 'HS256 secret (32 bytes or more in production)' })),
+  BFF_JWT_SECRET: Type.Optional(Type.String({ minLength: 1, description: 'HS256 secret of tokens without a kid (32 bytes or more in production)' })),
+  BFF_JWT_SECRETS: Type.Optional(Type.String({ minLength: 1, description: 'HS256 secrets by kid, a JSON object {"<kid>": "<secret>"} (each 32 bytes or more in production); an HS256 token with a kid is verified with its secret' })),
   BFF_JWT_PUBLIC_KEYS: Type.Optional(Type.String({ minLength: 1, description: 'RS256 / ES256 public keys by kid, a JSON object {"<kid>": "<PEM public key>"}' })),
   BFF_JWKS_URL: Type.Optional(Type.String({ pattern: '^https?://\\S+$', description: 'JWKS URL whose RS256 / ES256 signing keys are accepted by kid' })),
   BFF_JWT_ISSUER: Type.Optional(Type.String({ minLength: 1, description: 'required `iss` of tokens' })),
@@ -245,6 +246,15 @@ export function loadConfig (env: Record<string, string | number | boolean | unde
       problems.push((err as Error).message)
     }
   }
+  // Its messages name the kid, never a secret (parseSecrets).
+  if (config.BFF_JWT_SECRETS !== undefined && !bad.has('BFF_JWT_SECRETS')) {
+    try {
+      parseSecrets(config.BFF_JWT_SECRETS)
+    } catch (err) {
+      bad.add('BFF_JWT_SECRETS')
+      problems.push((err as Error).message)
+    }
+  }
   // HS256 is an HMAC keyed with the secret's text: an IdP's public key put here (its PEM, the bare
   // base64 Keycloak shows, its JWK) made a secret anyone who fetched that key had, who then signed
   // HS256 tokens of any tenant and role that the gateway took.
@@ -385,7 +395,7 @@ function urlProblem (value: string, check: UrlCheck): string | null {
 }
 
 // Secrets an error message never shows (a refused internal token is still someone's token).
-const SECRET_VARIABLES = new Set(['BFF_JWT_SECRET', 'BFF_INTERNAL_TOKEN', 'BFF_METRICS_TOKEN'])
+const SECRET_VARIABLES = new Set(['BFF_JWT_SECRET', 'BFF_JWT_SECRETS', 'BFF_INTERNAL_TOKEN', 'BFF_METRICS_TOKEN'])
 
 /**
  * A value as an error message may show it: a secret as ***, a URL's password masked. The password
@@ -508,13 +518,19 @@ export function productionProblems (config: Config, bad: ReadonlySet<string> = n
   if (config.NODE_ENV !== 'production' || bad.has('NODE_ENV')) return []
   const problems: string[] = []
   const valid = (...names: string[]): boolean => names.every(name => !bad.has(name))
-  if (config.BFF_AUTH_ENABLED && valid('BFF_AUTH_ENABLED', 'BFF_JWT_SECRET', 'BFF_JWT_PUBLIC_KEYS', 'BFF_JWKS_URL')) {
-    if (config.BFF_JWT_SECRET !== undefined) {
-      if (Buffer.byteLength(config.BFF_JWT_SECRET) < 32) problems.push('BFF_JWT_SECRET is shorter than 32 bytes')
-      else if (config.BFF_JWT_SECRET === DEV_JWT_SECRET) problems.push('BFF_JWT_SECRET is the development secret, which is published in the source (anyone could sign tokens): set a secret of your own')
-      else if (EXAMPLE_SECRETS.BFF_JWT_SECRET.includes(config.BFF_JWT_SECRET)) problems.push('BFF_JWT_SECRET is the example\'s placeholder, which is published in the repository (anyone could sign tokens): set a secret of your own')
-    } else if (config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined) {
-      problems.push('BFF_JWT_SECRET is missing (or set BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL)')
+  if (config.BFF_AUTH_ENABLED && valid('BFF_AUTH_ENABLED', 'BFF_JWT_SECRET', 'BFF_JWT_SECRETS', 'BFF_JWT_PUBLIC_KEYS', 'BFF_JWKS_URL')) {
+    // Each secret by kid is held to BFF_JWT_SECRET's checks, named by its kid (never shown).
+    const secrets: Array<[string, string]> = [
+      ...(config.BFF_JWT_SECRET === undefined ? [] : [['BFF_JWT_SECRET', config.BFF_JWT_SECRET] as [string, string]]),
+      ...[...(config.BFF_JWT_SECRETS === undefined ? [] : parseSecrets(config.BFF_JWT_SECRETS))].map(([kid, secret]): [string, string] => [`BFF_JWT_SECRETS: the secret ${JSON.stringify(kid)}`, secret])
+    ]
+    for (const [what, secret] of secrets) {
+      if (Buffer.byteLength(secret) < 32) problems.push(`${what} is shorter than 32 bytes`)
+      else if (secret === DEV_JWT_SECRET) problems.push(`${what} is the development secret, which is published in the source (anyone could sign tokens): set a secret of your own`)
+      else if (EXAMPLE_SECRETS.BFF_JWT_SECRET.includes(secret)) problems.push(`${what} is the example's placeholder, which is published in the repository (anyone could sign tokens): set a secret of your own`)
+    }
+    if (secrets.length === 0 && config.BFF_JWT_PUBLIC_KEYS === undefined && config.BFF_JWKS_URL === undefined) {
+      problems.push('BFF_JWT_SECRET is missing (or set BFF_JWT_SECRETS, BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL)')
     }
     if (config.BFF_JWKS_URL !== undefined && !fetchedSafely(config.BFF_JWKS_URL)) {
       problems.push('BFF_JWKS_URL is plain http to another host (keys fetched in clear can be replaced on the way, and whoever replaces them can sign tokens): use https')
@@ -569,7 +585,7 @@ export function unknownVariables (env: Record<string, string | undefined> = proc
  * cache would never use); set to its default, it is not.
  */
 export const FEATURE_SETTINGS: ReadonlyArray<{ flag: keyof Config, settings: ReadonlyArray<keyof Config> }> = [
-  { flag: 'BFF_AUTH_ENABLED', settings: ['BFF_JWT_SECRET', 'BFF_JWT_PUBLIC_KEYS', 'BFF_JWKS_URL', 'BFF_JWT_ISSUER', 'BFF_JWT_AUDIENCE', 'BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT', 'BFF_WS_MAX_CONNECTIONS_PER_TENANT'] },
+  { flag: 'BFF_AUTH_ENABLED', settings: ['BFF_JWT_SECRET', 'BFF_JWT_SECRETS', 'BFF_JWT_PUBLIC_KEYS', 'BFF_JWKS_URL', 'BFF_JWT_ISSUER', 'BFF_JWT_AUDIENCE', 'BFF_EVENTS_MAX_SUBSCRIPTIONS_PER_TENANT', 'BFF_WS_MAX_CONNECTIONS_PER_TENANT'] },
   { flag: 'BFF_RATE_LIMIT_ENABLED', settings: ['BFF_RATE_LIMIT_STORE', 'BFF_RATE_LIMIT_GLOBAL_MAX', 'BFF_RATE_LIMIT_GLOBAL_WINDOW_MS'] },
   { flag: 'BFF_METRICS_ENABLED', settings: ['BFF_METRICS_TOKEN'] },
   { flag: 'BFF_CIRCUIT_BREAKER_ENABLED', settings: ['BFF_CIRCUIT_BREAKER_THRESHOLD', 'BFF_CIRCUIT_BREAKER_TIMEOUT'] },

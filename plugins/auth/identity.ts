@@ -15,8 +15,8 @@ export interface Identity {
   readonly expiresAt: number
   /**
    * The JWKS key the token was verified with, withdrawn when the JWKS withdraws or replaces it
-   * (connections close then); absent for the HS256 secret and BFF_JWT_PUBLIC_KEYS, which change
-   * only by restart.
+   * (connections close then); absent for the HS256 secrets (BFF_JWT_SECRET, BFF_JWT_SECRETS) and
+   * BFF_JWT_PUBLIC_KEYS, which change only by restart.
    */
   readonly lease?: KeyLease
 }
@@ -92,8 +92,14 @@ function cachedSize (token: string, identity: Identity): number {
 export const ANONYMOUS: Identity = Object.freeze({ tenant: 'public', user: 'anonymous', roles: Object.freeze([]), zone: 'public', expiresAt: Infinity })
 
 export interface IdentityOptions {
-  /** HS256 secret; HS256 tokens are refused without it. */
+  /** HS256 secret of tokens without a kid; such tokens are refused without it. */
   secret?: string | undefined
+  /**
+   * HS256 secrets by kid (see parseSecrets). When given, an HS256 token with a kid is verified
+   * with that kid's secret only (an unknown kid is refused); without them, an HS256 token's kid is
+   * ignored and `secret` verifies it.
+   */
+  secrets?: ReadonlyMap<string, string> | undefined
   /** RS256 / ES256 public keys by kid (see parsePublicKeys). */
   publicKeys?: ReadonlyMap<string, PublicKey> | undefined
   /** A JWKS URL whose signing keys are accepted by kid. */
@@ -219,13 +225,18 @@ const refuse = (why: string): MantleError => new MantleError('UNAUTHENTICATED', 
 
 /**
  * A verifier of bearer tokens to identities (CONTRACT §2). Throws UNAUTHENTICATED.
- * HS256 is checked only against the secret; RS256 / ES256 only against the public key its
- * `kid` names, with that key's own algorithm. Verification stays synchronous: keys live in
+ * HS256 is checked only against a secret: the one its `kid` names when secrets by kid are given
+ * (`secret` for a token without a kid); RS256 / ES256 only against the public key its `kid`
+ * names, with that key's own algorithm. The kids of the two are apart: an HS256 token naming a
+ * public key's kid is refused (a public key is never an HMAC secret). Verification stays synchronous: keys live in
  * memory, and the JWKS fetcher fills them in the background.
  */
 export function createIdentityVerifier (options: IdentityOptions): IdentityVerifier {
   // The configuration refuses it first (loadConfig); here for any other caller.
   if (options.secret !== undefined && isAsymmetricKey(options.secret)) throw new Error('BFF_JWT_SECRET cannot be the HS256 secret: ' + SECRET_IS_A_KEY)
+  for (const [kid, secret] of options.secrets ?? []) {
+    if (isAsymmetricKey(secret)) throw new Error(`BFF_JWT_SECRETS: the secret ${JSON.stringify(kid)} cannot be an HS256 secret: ${SECRET_IS_A_KEY}`)
+  }
   const toleranceMs = (options.clockToleranceSec ?? 5) * 1000
   const verifierFor = (key: string, alg: string): Verify => createVerifier({
     key,
@@ -238,6 +249,7 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
     ...(options.clockTimestamp === undefined ? {} : { clockTimestamp: options.clockTimestamp })
   })
   const hs: KeyVerifier | undefined = options.secret === undefined ? undefined : { alg: 'HS256', verify: verifierFor(options.secret, 'HS256'), signed: signedBy(options.secret, 'HS256') }
+  const hsByKid = new Map<string, KeyVerifier>([...options.secrets ?? []].map(([kid, secret]) => [kid, { alg: 'HS256', verify: verifierFor(secret, 'HS256'), signed: signedBy(secret, 'HS256') }]))
   const toVerifiers = (keys: ReadonlyMap<string, PublicKey>): Map<string, KeyVerifier> =>
     new Map([...keys].map(([kid, k]) => [kid, { alg: k.alg, verify: verifierFor(k.pem, k.alg), signed: signedBy(k.pem, k.alg) }]))
   // Verified identities by token. fast-jwt's own cache hashes every token (SHA-256) per call;
@@ -302,7 +314,14 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
     if (header === undefined) throw refuse(reasons.FAST_JWT_MALFORMED as string)
     const { alg, kid } = header
     if (alg === 'HS256') {
-      if (hs === undefined) throw refuse('HS256 tokens are not accepted here')
+      // With secrets by kid, a kid names one of them: never BFF_JWT_SECRET, nor a public key's kid.
+      if (hsByKid.size > 0 && kid !== undefined) {
+        if (typeof kid !== 'string' || kid === '') throw refuse('an HS256 token\'s key id (kid) must be a non-empty string')
+        const key = hsByKid.get(kid)
+        if (key === undefined) throw refuse(`unknown key id (kid) ${JSON.stringify(kid.slice(0, 64))}`)
+        return key
+      }
+      if (hs === undefined) throw refuse(hsByKid.size > 0 ? 'an HS256 token needs a key id (kid)' : 'HS256 tokens are not accepted here')
       return hs
     }
     // Named only when it is a string: String() of {"toString": 1} threw (a 500 for any caller).
@@ -383,7 +402,7 @@ export function createIdentityVerifier (options: IdentityOptions): IdentityVerif
     close: (): void => { jwks?.close() },
     cached: (): number => verified.size,
     cachedBytes: (): number => verified.calculatedSize,
-    hasKeys: (): boolean => hs !== undefined || configured.size > 0 || fetched.size > 0,
+    hasKeys: (): boolean => hs !== undefined || hsByKid.size > 0 || configured.size > 0 || fetched.size > 0,
     keysFor: (refusal: unknown): Promise<void> | null => refusal instanceof MantleError && unknownKids.has(refusal) ? jwks?.inFlight ?? null : null
   })
 }
@@ -425,6 +444,8 @@ export interface TokenClaims {
   ttlSeconds?: number
   issuer?: string | undefined
   audience?: string | undefined
+  /** The `kid` of the token's header (a secret of BFF_JWT_SECRETS); none when absent. */
+  kid?: string | undefined
 }
 
 /** Mints an HS256 token with the CONTRACT §2 claims (dev tokens, `npm run token`, tests). */
@@ -434,7 +455,8 @@ export function mintToken (secret: string, claims: TokenClaims): string {
     algorithm: 'HS256',
     expiresIn: (claims.ttlSeconds ?? 3600) * 1000,
     ...(claims.issuer === undefined ? {} : { iss: claims.issuer }),
-    ...(claims.audience === undefined ? {} : { aud: claims.audience })
+    ...(claims.audience === undefined ? {} : { aud: claims.audience }),
+    ...(claims.kid === undefined ? {} : { kid: claims.kid })
   })
   return sign({ sub: claims.user, tid: claims.tenant, roles: claims.roles ?? [], zone: claims.zone ?? 'public' })
 }

@@ -10,7 +10,7 @@ import { StageOrder, requestOf, type CallContext } from '../pipeline/index.js'
 import { createIdentityVerifier, zoneRefusal, IDENTITY_CACHE_BYTES, type Identity, type IdentityOptions } from './identity.js'
 
 export { mintToken, ANONYMOUS, KeyLease, type Identity } from './identity.js'
-export { parsePublicKeys, type PublicKey } from './keys.js'
+export { parsePublicKeys, parseSecrets, type PublicKey } from './keys.js'
 
 declare module 'fastify' {
   interface FastifyInstance {

@@ -116,6 +116,34 @@ export function parsePublicKeys (text: string): Map<string, PublicKey> {
 }
 
 /**
+ * Parses BFF_JWT_SECRETS: a JSON object of kid to HS256 secret, several at once so that a shared
+ * secret is rotated without a window of 401s (issuers and gateway pods move to the new kid one by
+ * one). Throws an Error naming the variable and the bad kid, never a secret; each secret is
+ * refused as BFF_JWT_SECRET is when it is an RSA or EC key (isAsymmetricKey).
+ */
+export function parseSecrets (text: string): Map<string, string> {
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(text)
+  } catch {
+    throw new Error('BFF_JWT_SECRETS is not valid JSON: expected {"<kid>": "<HS256 secret>", ...}')
+  }
+  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) {
+    throw new Error('BFF_JWT_SECRETS must be a JSON object {"<kid>": "<HS256 secret>", ...}')
+  }
+  const secrets = new Map<string, string>()
+  for (const [kid, secret] of Object.entries(parsed)) {
+    if (kid === '' || typeof secret !== 'string' || secret === '') {
+      throw new Error(`BFF_JWT_SECRETS: the secret ${JSON.stringify(kid)} is not a non-empty string`)
+    }
+    if (isAsymmetricKey(secret)) throw new Error(`BFF_JWT_SECRETS: the secret ${JSON.stringify(kid)} cannot be an HS256 secret: ${SECRET_IS_A_KEY}`)
+    secrets.set(kid, secret)
+  }
+  if (secrets.size === 0) throw new Error('BFF_JWT_SECRETS holds no secret: expected {"<kid>": "<HS256 secret>", ...}')
+  return secrets
+}
+
+/**
  * The signing keys of a JWKS document: RSA (of MIN_RSA_BITS or more) and EC P-256 keys with
  * `use: sig` or no use, and `key_ops` holding `verify` or none, by kid.
  */

@@ -156,7 +156,7 @@ t.test('loadConfig() with no argument reads process.env', async t => {
 
 t.test('production problems', async t => {
   const prod = (env: Record<string, string>): Config => loadConfig({ NODE_ENV: 'production', BFF_AUDIT_ENABLED: 'false', ...env })
-  t.same(productionProblems(prod({})), ['BFF_JWT_SECRET is missing (or set BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL)'])
+  t.same(productionProblems(prod({})), ['BFF_JWT_SECRET is missing (or set BFF_JWT_SECRETS, BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL)'])
   t.same(productionProblems(prod({ BFF_JWT_SECRET: 'a'.repeat(31) })), ['BFF_JWT_SECRET is shorter than 32 bytes'])
   t.same(productionProblems(prod({ BFF_JWT_SECRET: 'a'.repeat(32) })), [], '32 bytes is enough')
   t.same(productionProblems(prod({ BFF_JWT_SECRET: 'é'.repeat(16) })), [], 'bytes, not characters: 16 × é is 32 bytes')
