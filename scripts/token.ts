@@ -1,14 +1,15 @@
 import { parseArgs } from 'node:util'
 import { pathToFileURL } from 'node:url'
 import { resolve } from 'node:path'
-import { mintToken } from '../plugins/auth/index.js'
+import { mintToken, parseSecrets } from '../plugins/auth/index.js'
 import { HEADER_SAFE, carriesRole } from '../plugins/auth/claims.js'
 import { DEV_JWT_SECRET, INTEGER_TEXT, loadConfig } from '../schemas/config.js'
 import type { Zone } from '../schemas/manifest.js'
 
-const USAGE = `Usage: npm run token -- [--tenant t1] [--user u1] [--roles viewer,editor] [--zone public|internal|restricted] [--ttl 3600]
+const USAGE = `Usage: npm run token -- [--tenant t1] [--user u1] [--roles viewer,editor] [--zone public|internal|restricted] [--ttl 3600] [--kid k1]
 Mints an HS256 JWT with the Mantle claims, signed with BFF_JWT_SECRET (the development secret when no key source is set;
-with BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL alone it cannot sign, and says so).`
+with BFF_JWT_PUBLIC_KEYS or BFF_JWKS_URL alone it cannot sign, and says so), or with --kid, with that kid's secret of
+BFF_JWT_SECRETS, the kid in the token's header.`
 
 /** Returns the token for argv, or throws with the usage text. */
 export function tokenFromArgs (args: string[], env: NodeJS.ProcessEnv = process.env): string {
@@ -20,6 +21,7 @@ export function tokenFromArgs (args: string[], env: NodeJS.ProcessEnv = process.
       roles: { type: 'string', default: 'viewer' },
       zone: { type: 'string', default: 'public' },
       ttl: { type: 'string', default: '3600' },
+      kid: { type: 'string' },
       help: { type: 'boolean', default: false }
     },
     strict: true
@@ -38,21 +40,34 @@ export function tokenFromArgs (args: string[], env: NodeJS.ProcessEnv = process.
   const refused = roles.find(role => !carriesRole(role))
   if (refused !== undefined) throw new Error(`--roles must be comma-separated roles of 1 to 256 visible characters (Latin-1): the gateway refuses a token with ${JSON.stringify(refused)}\n${USAGE}`)
   const config = loadConfig(env)
+  // The kids are named, never a secret.
+  const secrets = config.BFF_JWT_SECRETS === undefined ? undefined : parseSecrets(config.BFF_JWT_SECRETS)
+  const kids = (): string => [...secrets?.keys() ?? []].map(kid => JSON.stringify(kid)).join(', ')
+  let secret = config.BFF_JWT_SECRET
+  if (values.kid !== undefined) {
+    if (secrets === undefined) throw new Error('cannot sign: --kid names a secret of BFF_JWT_SECRETS, which is not set')
+    secret = secrets.get(values.kid)
+    if (secret === undefined) throw new Error(`cannot sign: BFF_JWT_SECRETS holds no secret ${JSON.stringify(values.kid)} (it holds ${kids()})`)
+  } else if (secret === undefined && secrets !== undefined) {
+    // A token without a kid is verified with BFF_JWT_SECRET alone: one of the development secret was refused 401.
+    throw new Error(`cannot sign: BFF_JWT_SECRETS is set and BFF_JWT_SECRET is not, so the gateway takes HS256 tokens only with a kid: give --kid, one of ${kids()}`)
+  }
   // With public keys or a JWKS and no secret, the gateway takes only tokens their private keys
   // sign, which this script does not hold: a token of the development secret was printed, and
   // refused 401.
   const keySources = (['BFF_JWT_PUBLIC_KEYS', 'BFF_JWKS_URL'] as const).filter(name => config[name] !== undefined)
-  if (config.BFF_JWT_SECRET === undefined && keySources.length > 0) {
+  if (secret === undefined && keySources.length > 0) {
     throw new Error(`cannot sign: ${keySources.join(' and ')} ${keySources.length > 1 ? 'are' : 'is'} set and BFF_JWT_SECRET is not, so the gateway accepts only tokens signed with the matching private keys, which this script does not hold (and refuses the development secret); mint tokens with your identity provider, or set BFF_JWT_SECRET to sign HS256 ones`)
   }
-  return mintToken(config.BFF_JWT_SECRET ?? DEV_JWT_SECRET, {
+  return mintToken(secret ?? DEV_JWT_SECRET, {
     tenant: values.tenant,
     user: values.user,
     roles,
     zone,
     ttlSeconds: ttl,
     issuer: config.BFF_JWT_ISSUER,
-    audience: config.BFF_JWT_AUDIENCE
+    audience: config.BFF_JWT_AUDIENCE,
+    kid: values.kid
   })
 }
 

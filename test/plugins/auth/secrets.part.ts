@@ -4,6 +4,7 @@ import { readFileSync } from 'node:fs'
 import { createIdentityVerifier, mintToken } from '../../../plugins/auth/identity.js'
 import { loadConfig, productionProblems, ConfigError } from '../../../schemas/config.js'
 import { buildTestApp, testConfig } from '../../helper.js'
+import { tokenFromArgs } from '../../../scripts/token.js'
 import { banner, type Started } from '../../../server.js'
 
 // CONTRACT §2: HS256 secrets several at once by kid (BFF_JWT_SECRETS), so that a shared secret
@@ -108,6 +109,26 @@ t.test('with BFF_JWT_SECRETS alone the gateway holds no development secret', asy
   t.equal(await diagz(mintToken(first, { ...claims, roles: ['system'], kid: 'k1' })), 200)
   t.equal(await diagz(mintToken('mantle-dev-secret-not-for-production-0000', { ...claims, roles: ['system'] })), 401, 'the development secret is not taken')
   t.equal((await app.inject({ method: 'GET', url: '/readyz' })).statusCode, 200, '/readyz: identity holds keys')
+})
+
+t.test('npm run token signs with the secret of --kid, and says what it needs', async t => {
+  const env = { BFF_JWT_SECRETS: JSON.stringify({ k1: first, k2: second }) }
+  const identify = createIdentityVerifier({ secrets: new Map([['k1', first], ['k2', second]]) })
+  t.match(identify(`Bearer ${tokenFromArgs(['--kid', 'k2', '--user', 'bob'], env)}`), { user: 'bob' }, '--kid k2: signed with k2\'s secret, kid in its header')
+  const header = JSON.parse(Buffer.from(tokenFromArgs(['--kid', 'k1'], env).split('.')[0], 'base64url').toString()) as Record<string, unknown>
+  t.match(header, { alg: 'HS256', kid: 'k1' })
+  t.throws(() => tokenFromArgs(['--kid', 'k9'], env), /^cannot sign: BFF_JWT_SECRETS holds no secret "k9" \(it holds "k1", "k2"\)/)
+  t.throws(() => tokenFromArgs([], env), /^cannot sign: .*give --kid, one of "k1", "k2"/, 'BFF_JWT_SECRETS alone: a kid is needed')
+  t.throws(() => tokenFromArgs(['--kid', 'k1'], { BFF_JWT_SECRET: legacy }), /^cannot sign: --kid names a secret of BFF_JWT_SECRETS, which is not set/)
+  const both = { ...env, BFF_JWT_SECRET: legacy }
+  t.match(createIdentityVerifier({ secret: legacy })(`Bearer ${tokenFromArgs([], both)}`), { user: 'dev' }, 'no --kid: BFF_JWT_SECRET, as before')
+  for (const bad of [['--kid', 'k9'], []]) {
+    try {
+      tokenFromArgs(bad, env)
+    } catch (err) {
+      t.notOk((err as Error).message.includes(first) || (err as Error).message.includes(second), 'no secret in the message')
+    }
+  }
 })
 
 t.test('.env.example\'s BFF_JWT_SECRETS loads, and production refuses each of its placeholders', async t => {
