@@ -82,23 +82,28 @@ export function isAsymmetricKey (text: string): boolean {
 /** Why BFF_JWT_SECRET cannot be a key (isAsymmetricKey), in the configuration's and the verifier's refusal. */
 export const SECRET_IS_A_KEY = 'it is an RSA or EC key (a PEM, its bare base64, or a JWK), and HS256 keyed with a public key takes tokens anyone holding that public key signs: put public keys in BFF_JWT_PUBLIC_KEYS ({"<kid>": "<PEM public key>"}) or give BFF_JWKS_URL'
 
+/** The entries of `variable`'s JSON object of kid to `what`; throws an Error naming it when the text is no such object. */
+function kidEntries (text: string, variable: string, what: string): Array<[string, unknown]> {
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(text)
+  } catch {
+    throw new Error(`${variable} is not valid JSON: expected {"<kid>": "${what}", ...}`)
+  }
+  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) {
+    throw new Error(`${variable} must be a JSON object {"<kid>": "${what}", ...}`)
+  }
+  return Object.entries(parsed)
+}
+
 /**
  * Parses BFF_JWT_PUBLIC_KEYS: a JSON object of kid to PEM public key (RSA or EC P-256).
  * Throws an Error naming the variable and the bad kid, or saying it holds no key: `{}` started a
  * gateway that refused every token (401 on every call, /readyz ready) with no word at start-up.
  */
 export function parsePublicKeys (text: string): Map<string, PublicKey> {
-  let parsed: unknown
-  try {
-    parsed = JSON.parse(text)
-  } catch {
-    throw new Error('BFF_JWT_PUBLIC_KEYS is not valid JSON: expected {"<kid>": "<PEM public key>", ...}')
-  }
-  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) {
-    throw new Error('BFF_JWT_PUBLIC_KEYS must be a JSON object {"<kid>": "<PEM public key>", ...}')
-  }
   const keys = new Map<string, PublicKey>()
-  for (const [kid, pem] of Object.entries(parsed)) {
+  for (const [kid, pem] of kidEntries(text, 'BFF_JWT_PUBLIC_KEYS', '<PEM public key>')) {
     if (kid === '' || typeof pem !== 'string' || !pem.includes('-----BEGIN PUBLIC KEY-----')) {
       throw new Error(`BFF_JWT_PUBLIC_KEYS: the key ${JSON.stringify(kid)} is not a PEM public key`)
     }
@@ -122,17 +127,8 @@ export function parsePublicKeys (text: string): Map<string, PublicKey> {
  * refused as BFF_JWT_SECRET is when it is an RSA or EC key (isAsymmetricKey).
  */
 export function parseSecrets (text: string): Map<string, string> {
-  let parsed: unknown
-  try {
-    parsed = JSON.parse(text)
-  } catch {
-    throw new Error('BFF_JWT_SECRETS is not valid JSON: expected {"<kid>": "<HS256 secret>", ...}')
-  }
-  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) {
-    throw new Error('BFF_JWT_SECRETS must be a JSON object {"<kid>": "<HS256 secret>", ...}')
-  }
   const secrets = new Map<string, string>()
-  for (const [kid, secret] of Object.entries(parsed)) {
+  for (const [kid, secret] of kidEntries(text, 'BFF_JWT_SECRETS', '<HS256 secret>')) {
     if (kid === '' || typeof secret !== 'string' || secret === '') {
       throw new Error(`BFF_JWT_SECRETS: the secret ${JSON.stringify(kid)} is not a non-empty string`)
     }
