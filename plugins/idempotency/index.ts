@@ -94,6 +94,18 @@ export function inputHash (input: unknown): string {
   return digest('sha256', canonicalJson(input), 'base64url')
 }
 
+/**
+ * The hash a repeat of `ctx`'s call must match: its input's, and with the conditions REST sends on
+ * to the Kernel (If-Match, If-None-Match), those too: they make another request of the same input.
+ * The hash covered the input only, and a key reused without a create-only condition replayed the
+ * first call's 412 (or one reused with it the first call's 201). A call without them keeps its
+ * input's hash (records of earlier versions match as before).
+ */
+function requestHash (ctx: CallContext): string {
+  if (ctx.ifMatch === undefined && ctx.ifNoneMatch === undefined) return inputHash(ctx.input)
+  return digest('sha256', canonicalJson(ctx.input) + '\n' + JSON.stringify([ctx.ifMatch ?? null, ctx.ifNoneMatch ?? null]), 'base64url')
+}
+
 interface OpMetrics { replay: () => void, conflict: () => void, reused: () => void, full: () => void }
 const nothing = (): void => {}
 const noOpMetrics: OpMetrics = { replay: nothing, conflict: nothing, reused: nothing, full: nothing }
@@ -416,7 +428,7 @@ async function idempotencyPlugin (app: FastifyInstance, opts: IdempotencyOptions
 
       const once = async (ctx: CallContext, next: Next, idempotencyKey: string): Promise<unknown> => {
         const key = storeKey(ctx.tenant, op.name, idempotencyKey)
-        const hash = inputHash(ctx.input)
+        const hash = requestHash(ctx)
         const giveUp = performance.now() + waitMs
         let delay = FIRST_POLL_MS
         // Made at a repeat's first wait, not before: a call that claims its key pays nothing.

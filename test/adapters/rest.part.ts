@@ -137,6 +137,32 @@ t.test('a REST mutation the Kernel serves over GET, its If-None-Match not holdin
   t.same([plain.statusCode, performed], [200, 1], 'without the condition it runs')
 })
 
+t.test('an Idempotency-Key names the request with its conditions: the same key with other conditions is 422, with the same ones a replay', async t => {
+  // The stored request's hash covered the input only: a key reused without the create-only
+  // condition replayed the first call's 412, and one reused with it the first call's 201.
+  const kernel = await startTestKernel(t)
+  let exists = false
+  kernel.on('PUT /v1/things/t1', (req, res) => {
+    if (req.headers['if-none-match'] === '*' && exists) return json(res, 412, { message: 'precondition failed' })
+    const created = !exists
+    exists = true
+    json(res, created ? 201 : 200, { id: 't1', name: 'n' })
+  })
+  const thing = { type: 'object', properties: { id: { type: 'string' }, name: { type: 'string' } } }
+  const manifest = testManifest({
+    putThing: { type: 'mutation', rest: 'PUT /things/:id', kernel: 'PUT /v1/things/{id}', input: { type: 'object', required: ['id', 'name'], properties: { id: { type: 'string' }, name: { type: 'string' } } }, output: thing }
+  }, { url: kernel.url })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const put = async (key: string, headers: Record<string, string> = {}) => await app.inject({ method: 'PUT', url: '/api/v1/things/t1', headers: { ...bearer(), 'idempotency-key': key, ...headers }, payload: { name: 'n' } })
+  t.equal((await put('k-1', { 'if-none-match': '*' })).statusCode, 201, 'created')
+  const replay = await put('k-1', { 'if-none-match': '*' })
+  t.same([replay.statusCode, replay.headers['idempotent-replayed']], [201, 'true'], 'the same request again: a replay')
+  const other = await put('k-1')
+  t.same([other.statusCode, other.json().code], [422, 'IDEMPOTENCY_KEY_REUSED'], 'the key without its condition: another request')
+  t.same([(await put('k-2')).statusCode, (await put('k-2', { 'if-match': '*' })).json().code], [200, 'IDEMPOTENCY_KEY_REUSED'], 'a condition added to a key used without')
+  t.equal(kernel.requests.length, 2, 'two requests ran')
+})
+
 t.test('bad input is a 400 VALIDATION_FAILED that names the field', async t => {
   const app = await buildDemoApp(t)
   const cases: Array<[string, string, unknown, RegExp]> = [
