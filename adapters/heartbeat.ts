@@ -65,17 +65,21 @@ export class Heartbeat {
   }
 }
 
+/** `socket`'s net.Socket: ws keeps it as `_socket`, and offers no other way to it once open. */
+function rawOf (socket: WebSocket): Socket | undefined {
+  return (socket as unknown as { _socket?: Socket })._socket
+}
+
 /**
  * The bytes the operating system has taken of `socket` so far: net.Socket's bytesWritten counts
- * what is still queued in Node too (writableLength). ws keeps its socket as `_socket` (it offers
- * no other way to it once open).
+ * what is still queued in Node too (writableLength).
  */
 function taken (socket: WebSocket): number {
-  const raw = (socket as unknown as { _socket?: Socket })._socket
+  const raw = rawOf(socket)
   return raw === undefined ? 0 : raw.bytesWritten - raw.writableLength
 }
 
 /** The bytes written to `socket` so far, those still queued in Node included (a ping just sent, say). */
 function sent (socket: WebSocket): number {
-  return (socket as unknown as { _socket?: Socket })._socket?.bytesWritten ?? 0
+  return rawOf(socket)?.bytesWritten ?? 0
 }

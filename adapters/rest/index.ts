@@ -299,8 +299,8 @@ function handlerFor (app: FastifyInstance, op: Operation) {
   const reached = app.hasDecorator('audit') ? app.audit.reached : null
   const mutation = op.type === 'mutation'
   // The fields a POST, PUT or PATCH takes in its body that a client may put in its query string
-  // instead (the input's, composed ones too; not the path's, which win anyway).
-  const bodyFields = inBody ? new Set(Object.keys(composedFields(op.input).properties).filter(k => !pathParams.includes(k))) : null
+  // instead (the input's, composed ones too; not the path's, which win anyway). None otherwise.
+  const bodyFields = new Set(inBody ? Object.keys(composedFields(op.input).properties).filter(k => !pathParams.includes(k)) : [])
   return async function restHandler (request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
     // If-Match (RFC 9110 §13.1.1: a server MUST evaluate it before performing the method) compares
     // strongly, and the gateway's entity tags are all weak: on a mutation, a list of tags cannot
@@ -314,16 +314,18 @@ function handlerFor (app: FastifyInstance, op: Operation) {
         throw new MantleError('BAD_REQUEST', 'If-Match cannot hold: the gateway\'s entity tags are weak, and If-Match compares strong ones; the mutation did not run', { status: 412 })
       }
     }
-    // A DELETE's input is its path and query string (a GET's body is never parsed): a body with
-    // fields was read and dropped without a word, and the mutation ran with other input than the
-    // client sent. `{}`, like an absent or empty body, holds none.
-    if (!inBody && request.body !== undefined && !isEmptyObject(request.body)) {
-      throw new MantleError('VALIDATION_FAILED', `A ${op.method} takes its input from the path and the query string, not a body: send its fields in the query string`)
-    }
-    // And a POST, PUT or PATCH from the path and the JSON body: a field of its input in the query
-    // string was dropped without a word (`POST /agents?model=x` made an agent of the default
-    // model). A parameter the input does not name (a cache-buster, a tracking tag) is let be.
-    if (bodyFields !== null && bodyFields.size > 0) {
+    // Input from the one place its method takes it (CONTRACT §3); input sent in the other was
+    // dropped without a word, and the mutation ran with other input than the client sent.
+    if (!inBody) {
+      // A DELETE's is its path and query string (a GET's body is never parsed). `{}`, like an
+      // absent or empty body, holds none.
+      if (request.body !== undefined && !isEmptyObject(request.body)) {
+        throw new MantleError('VALIDATION_FAILED', `A ${op.method} takes its input from the path and the query string, not a body: send its fields in the query string`)
+      }
+    } else if (bodyFields.size > 0) {
+      // A POST, PUT or PATCH's is its path and JSON body (`POST /agents?model=x` made an agent of
+      // the default model). A parameter the input does not name (a cache-buster, a tracking tag)
+      // is let be.
       const query = request.query as Record<string, unknown>
       for (const key in query) {
         if (bodyFields.has(key)) throw new MantleError('VALIDATION_FAILED', `input.${key} goes in the JSON body of a ${op.method}, not in its query string`)
@@ -347,7 +349,7 @@ function handlerFor (app: FastifyInstance, op: Operation) {
       for (const p of pathParams) input[p] = params[p]
     }
     const headers = request.headers
-    const ctx = new CallContext(request.id, 'rest', op, input, headers.authorization, single(headers.traceparent), op.type === 'mutation' ? idempotencyKeyOf(request) : undefined)
+    const ctx = new CallContext(request.id, 'rest', op, input, headers.authorization, single(headers.traceparent), mutation ? idempotencyKeyOf(request) : undefined)
     // Read for every query, not only those cached at start-up: a manifest reload may add a cache
     // (the ETags then went out, but a matching If-None-Match never got its 304).
     // Before, a cached query over POST answered a matching If-None-Match with a 304.

@@ -22,13 +22,19 @@ class FakeSocket extends EventEmitter {
   take (bytes: number): void { this._socket.writableLength -= bytes }
 }
 
-t.test('heartbeat: a peer still taking what was queued before its ping is not cut for the pong it cannot have read yet; one that takes nothing is', async t => {
-  // The ping goes out behind every frame queued before it. A peer reading them slower than
-  // (bytes queued) / interval could not answer in time and was cut with 1006 though it read on.
+/** A heartbeat of 100 ms on mocked timers (mock.timers.tick runs its ticks), stopped and reset at teardown. */
+function mockedHeartbeat (t: { teardown: (fn: () => unknown) => void }): Heartbeat {
   mock.timers.enable({ apis: ['setInterval'] })
   t.teardown(() => mock.timers.reset())
   const beat = new Heartbeat(100)
   t.teardown(() => beat.stop())
+  return beat
+}
+
+t.test('heartbeat: a peer still taking what was queued before its ping is not cut for the pong it cannot have read yet; one that takes nothing is', async t => {
+  // The ping goes out behind every frame queued before it. A peer reading them slower than
+  // (bytes queued) / interval could not answer in time and was cut with 1006 though it read on.
+  const beat = mockedHeartbeat(t)
   const reading = new FakeSocket()
   const stalled = new FakeSocket()
   const silent = new FakeSocket()
@@ -50,10 +56,7 @@ t.test('heartbeat: a peer still taking what was queued before its ping is not cu
 })
 
 t.test('heartbeat: a pong keeps a peer; a missed one with nothing taken cuts it at the next tick', async t => {
-  mock.timers.enable({ apis: ['setInterval'] })
-  t.teardown(() => mock.timers.reset())
-  const beat = new Heartbeat(100)
-  t.teardown(() => beat.stop())
+  const beat = mockedHeartbeat(t)
   const peer = new FakeSocket()
   let dead = 0
   beat.watch(peer as unknown as WebSocket, () => { dead++ })
@@ -69,10 +72,7 @@ t.test('heartbeat: a peer that sends no pong is cut once its ping is in the oper
   // What the operating system takes after the ping says nothing of the peer: a peer gone (its
   // network with it) or one that reads nothing still has its socket's buffers taking a trickle of
   // small events, interval after interval. Only the frames queued before the ping excuse a late pong.
-  mock.timers.enable({ apis: ['setInterval'] })
-  t.teardown(() => mock.timers.reset())
-  const beat = new Heartbeat(100)
-  t.teardown(() => beat.stop())
+  const beat = mockedHeartbeat(t)
   const gone = new FakeSocket()
   const behind = new FakeSocket()
   beat.watch(gone as unknown as WebSocket)

@@ -4,6 +4,10 @@ import { createSigner } from 'fast-jwt'
 import type { FastifyInstance } from 'fastify'
 import { buildDemoApp, buildTestApp, startTestKernel, testManifest, json, bearer, token, SECRET } from '../helper.js'
 
+// The things of the conditional-request tests: a PUT the test Kernel serves, and what it answers.
+const THING = { type: 'object', properties: { id: { type: 'string' }, name: { type: 'string' } } }
+const PUT_THING = { type: 'mutation', rest: 'PUT /things/:id', kernel: 'PUT /v1/things/{id}', input: { type: 'object', required: ['id', 'name'], properties: { id: { type: 'string' }, name: { type: 'string' } } }, output: THING }
+
 t.test('REST reads reach the Kernel and answer only what the output schema declares', async t => {
   const app = await buildDemoApp(t)
   const res = await app.inject({ method: 'GET', url: '/api/v1/agents/a1', headers: bearer() })
@@ -89,10 +93,9 @@ t.test('a REST mutation\'s If-None-Match and If-Match: * reach the Kernel, which
       json(res, exists ? 200 : 201, { id, name: things.get(id) })
     })
   }
-  const thing = { type: 'object', properties: { id: { type: 'string' }, name: { type: 'string' } } }
   const manifest = testManifest({
-    putThing: { type: 'mutation', rest: 'PUT /things/:id', kernel: 'PUT /v1/things/{id}', input: { type: 'object', required: ['id', 'name'], properties: { id: { type: 'string' }, name: { type: 'string' } } }, output: thing },
-    getThing: { type: 'query', rest: 'GET /things/:id', kernel: 'GET /v1/things/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: thing }
+    putThing: PUT_THING,
+    getThing: { type: 'query', rest: 'GET /things/:id', kernel: 'GET /v1/things/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: THING }
   }, { url: kernel.url })
   const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
   const put = async (id: string, headers: Record<string, string>) => await app.inject({ method: 'PUT', url: `/api/v1/things/${id}`, headers: { ...bearer(), ...headers }, payload: { name: 'second' } })
@@ -125,9 +128,8 @@ t.test('a REST mutation the Kernel serves over GET, its If-None-Match not holdin
     performed++
     json(res, 200, { id: 't1', name: 'touched' })
   })
-  const thing = { type: 'object', properties: { id: { type: 'string' }, name: { type: 'string' } } }
   const manifest = testManifest({
-    touchThing: { type: 'mutation', rest: 'POST /things/:id/touch', kernel: 'GET /v1/things/{id}/touch', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: thing }
+    touchThing: { type: 'mutation', rest: 'POST /things/:id/touch', kernel: 'GET /v1/things/{id}/touch', input: { type: 'object', required: ['id'], properties: { id: { type: 'string' } } }, output: THING }
   }, { url: kernel.url })
   const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
   const refused = await app.inject({ method: 'POST', url: '/api/v1/things/t1/touch', headers: { ...bearer(), 'if-none-match': '*' }, payload: {} })
@@ -148,9 +150,8 @@ t.test('an Idempotency-Key names the request with its conditions: the same key w
     exists = true
     json(res, created ? 201 : 200, { id: 't1', name: 'n' })
   })
-  const thing = { type: 'object', properties: { id: { type: 'string' }, name: { type: 'string' } } }
   const manifest = testManifest({
-    putThing: { type: 'mutation', rest: 'PUT /things/:id', kernel: 'PUT /v1/things/{id}', input: { type: 'object', required: ['id', 'name'], properties: { id: { type: 'string' }, name: { type: 'string' } } }, output: thing }
+    putThing: PUT_THING
   }, { url: kernel.url })
   const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
   const put = async (key: string, headers: Record<string, string> = {}) => await app.inject({ method: 'PUT', url: '/api/v1/things/t1', headers: { ...bearer(), 'idempotency-key': key, ...headers }, payload: { name: 'n' } })
