@@ -6,6 +6,7 @@ import { loadConfig, demoKernel, demoKernelRefusal, startWarnings, productionPro
 import { mintToken } from './plugins/auth/index.js'
 import type { KernelEventMessage } from './plugins/events/index.js'
 import { longestTimeoutMs, type Manifest } from './manifest.js'
+import { noArguments } from './cli.js'
 
 /** A shutdown's grace at the least (ms). */
 const MIN_GRACE_MS = 10_000
@@ -272,6 +273,12 @@ async function main (): Promise<void> {
   shutdowns.serve(shutDown)
 }
 
+const USAGE = `Usage: npm start (from a checkout), or node dist/server.js (built)
+Mantle takes no arguments: it is configured by its environment (PORT=8080 npm start), every
+variable with its default in .env.example and README.md ("Configuration"). With none set it
+starts on the embedded default: memory stores, the demo Kernel it starts itself, and a
+development token printed with its URLs.`
+
 if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) {
-  await main()
+  if (noArguments('mantle', process.argv.slice(2), USAGE)) await main()
 }

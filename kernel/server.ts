@@ -7,6 +7,7 @@ import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from
 import type { AddressInfo } from 'node:net'
 import { pathToFileURL } from 'node:url'
 import { DECIMAL_TEXT, INTEGER_TEXT } from '../schemas/config.js'
+import { noArguments } from '../cli.js'
 
 export interface KernelEvent { topic: string, tenantId: string, payload: unknown }
 
@@ -560,6 +561,11 @@ async function main (): Promise<void> {
   process.once('SIGINT', shutdown)
 }
 
+const USAGE = `Usage: npm run kernel
+The demo Kernel takes no arguments: it is configured by its environment: KERNEL_PORT (4001),
+KERNEL_HOST (127.0.0.1), KERNEL_RUN_DELAY_MS (50), KERNEL_EVENTS_URL (where it POSTs its events,
+with BFF_INTERNAL_TOKEN as its bearer token), KERNEL_LOGGER=true (README.md, "Other scripts").`
+
 if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(process.argv[1]).href) {
-  await main()
+  if (noArguments('kernel', process.argv.slice(2), USAGE)) await main()
 }

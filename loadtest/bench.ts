@@ -32,6 +32,7 @@ import { runAudit, type AuditReport } from './bench-audit.js'
 import { PROFILES, type LoadProfile } from './scenarios.js'
 import { formatSuite, runSuite, SUITE_FACES, type SuiteFace } from './suite.js'
 import { perfAvailable } from './perf-profile.js'
+import { answerHelp, refuseUsage } from '../cli.js'
 
 const SECTIONS = ['spine', 'faces', 'cache', 'ws-scale', 'rate-limit', 'firewall', 'audit'] as const
 type Section = typeof SECTIONS[number]
@@ -97,6 +98,16 @@ const PAUSE_MS = 250
 
 class UsageError extends Error {}
 
+const BENCH_USAGE = `Usage: npm run bench -- [--section ${SECTIONS.join('|')}|all (comma-separated; default all = spine,faces,cache)]\n` +
+  '         [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
+  '         [--connections-scale <n>] [--scale-clients <n>] [--scale-batch <n>] [--scale-events <n>]\n' +
+  '         [--rate-limit-checks <n>] [--perf <target>]\n' +
+  '   or: npm run bench -- --scenario smoke|load|stress|spike|soak [--scale <f>] [--rate-scale <f>] [--faces rest,trpc,graphql,websocket]\n' +
+  '       (exit status 99 when a threshold is crossed)\n' +
+  `spine targets: ${REST_TARGETS.map((t) => t.name).join(', ')}\n` +
+  '--perf <target>: samples that target during its first round with Linux perf (gateway-spine, gateway-cache,\n' +
+  '       firewall-on, gateway-audit, ...) and prints where its CPU went, by the nearest JavaScript frame\n'
+
 function parseOptions (argv: string[]): Options {
   const { values } = parseArgs({
     args: argv,
@@ -119,21 +130,8 @@ function parseOptions (argv: string[]): Options {
       'rate-scale': { type: 'string', default: '1' },
       faces: { type: 'string', default: SUITE_FACES.join(',') },
       perf: { type: 'string' },
-      help: { type: 'boolean', default: false }
     }
   })
-  if (values.help === true) {
-    process.stdout.write(`usage: npm run bench -- [--section ${SECTIONS.join('|')}|all (comma-separated; default all = spine,faces,cache)]\n` +
-      '         [--duration <s>] [--rounds <n>] [--connections <n>] [--only <name,...>] [--out <file>]\n' +
-      '         [--connections-scale <n>] [--scale-clients <n>] [--scale-batch <n>] [--scale-events <n>]\n' +
-      '         [--rate-limit-checks <n>] [--perf <target>]\n' +
-      '   or: npm run bench -- --scenario smoke|load|stress|spike|soak [--scale <f>] [--rate-scale <f>] [--faces rest,trpc,graphql,websocket]\n' +
-      '       (exit status 99 when a threshold is crossed)\n' +
-      `spine targets: ${REST_TARGETS.map((t) => t.name).join(', ')}\n` +
-      '--perf <target>: samples that target during its first round with Linux perf (gateway-spine, gateway-cache,\n' +
-      '       firewall-on, gateway-audit, ...) and prints where its CPU went, by the nearest JavaScript frame\n')
-    process.exit(0)
-  }
   const positive = (name: string, raw: string, integer: boolean): number => {
     const n = Number(raw)
     if (!Number.isFinite(n) || n <= 0 || (integer && !Number.isInteger(n))) {
@@ -413,11 +411,12 @@ async function run (opts: Options, processes: RunningProcess[]): Promise<void> {
 
 async function main (): Promise<void> {
   let opts: Options
+  const argv = process.argv.slice(2)
+  if (answerHelp(argv, BENCH_USAGE)) return
   try {
-    opts = parseOptions(process.argv.slice(2))
+    opts = parseOptions(argv)
   } catch (err) {
-    process.stderr.write(`bench: ${(err as Error).message}\n`)
-    process.exitCode = 2
+    refuseUsage('bench', (err as Error).message, BENCH_USAGE)
     return
   }
   const processes: RunningProcess[] = []

@@ -19,6 +19,7 @@ import { freePort, startKernelProcess, startProcess, stopAll, killAllNow, type R
 import { mintToken } from '../plugins/auth/index.js'
 import { textTable, fmt, sleep } from './measure.js'
 import { nearestRank } from './histogram.js'
+import { answerHelp, refuseUsage } from '../cli.js'
 
 export interface ChaosOptions {
   /** Seconds each phase lasts. */
@@ -296,13 +297,20 @@ export function chaosOptions (args: string[], env: NodeJS.ProcessEnv = process.e
   return { phaseSeconds, concurrency, redisPort, postgresUrl: values['postgres-url'] }
 }
 
+const CHAOS_USAGE = `Usage: npm run chaos -- [--phase-seconds 5] [--concurrency 16] [--redis-port 6379] [--postgres-url <url>]
+The gateway under steady load while Redis, then PostgreSQL, is cut through a proxy, the Kernel
+slowed and stopped, then a SIGTERM under load; exit status 1 when an audit entry is lost, a call
+before the SIGTERM went unanswered, or a phase answered what it must not (5xx, or any non-2xx
+while only Redis or PostgreSQL was away). Each phase lasts --phase-seconds.`
+
 async function main (): Promise<void> {
+  const argv = process.argv.slice(2)
+  if (answerHelp(argv, CHAOS_USAGE)) return
   let opts: Omit<ChaosOptions, 'log'>
   try {
-    opts = chaosOptions(process.argv.slice(2))
+    opts = chaosOptions(argv)
   } catch (err) {
-    process.stderr.write(`chaos: ${(err as Error).message}\n`)
-    process.exitCode = 2
+    refuseUsage('chaos', (err as Error).message, CHAOS_USAGE)
     return
   }
   const report = await runChaos({ ...opts, log: line => process.stderr.write(line + '\n') })

@@ -20,6 +20,7 @@
 import { createHmac } from 'node:crypto'
 import { connect as netConnect } from 'node:net'
 import { parseArgs } from 'node:util'
+import { answerHelp, refuseUsage } from '../cli.js'
 import { Pool } from 'undici'
 import { WebSocket, type RawData } from 'ws'
 
@@ -914,17 +915,24 @@ export function formatFuzz (r: FuzzReport, rss: { before: number, after: number 
 
 // --- npm run fuzz ---------------------------------------------------------------------------
 
+const FUZZ_USAGE = 'Usage: npm run fuzz -- [--count 10000] [--seed 1] [--concurrency 16]'
+
 async function main (): Promise<void> {
-  const { values } = parseArgs({
-    options: {
-      count: { type: 'string', default: '10000' },
-      seed: { type: 'string', default: '1' },
-      concurrency: { type: 'string', default: '16' },
-      help: { type: 'boolean', default: false }
-    }
-  })
-  if (values.help === true) {
-    process.stdout.write('usage: npm run fuzz -- [--count 10000] [--seed 1] [--concurrency 16]\n')
+  const argv = process.argv.slice(2)
+  if (answerHelp(argv, FUZZ_USAGE)) return
+  let values: { count: string, seed: string, concurrency: string }
+  try {
+    values = parseArgs({
+      args: argv,
+      options: {
+        count: { type: 'string', default: '10000' },
+        seed: { type: 'string', default: '1' },
+        concurrency: { type: 'string', default: '16' }
+      }
+    }).values
+  } catch (err) {
+    // An option it does not take: said in one line with the usage, not as a stack trace.
+    refuseUsage('fuzz', (err as Error).message, FUZZ_USAGE)
     return
   }
   const count = Number(values.count)

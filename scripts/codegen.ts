@@ -22,6 +22,7 @@ import { parse as parseYaml } from 'yaml'
 import { loadManifestFile, withoutBom, type JsonSchema, type Manifest } from '../manifest.js'
 import { ErrorCodes } from '../errors.js'
 import { inputAjv } from '../plugins/pipeline/index.js'
+import { answerHelp, refuseUsage } from '../cli.js'
 
 const REF = /^#\/schemas\/([A-Za-z_][A-Za-z0-9_]*)$/
 const IDENTIFIER = /^[A-Za-z_$][A-Za-z0-9_$]*$/
@@ -286,12 +287,20 @@ export async function codegen (args: string[], env: NodeJS.ProcessEnv = process.
   return outPath
 }
 
-if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) {
+const USAGE = `Usage: npm run codegen -- [--manifest <file>] [--out <file>]
+Writes the typed tRPC router declaration of a manifest (--manifest, else BFF_MANIFEST, else
+kernel/manifest.yaml) to --out (generated/trpc-router.d.ts).`
+
+if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href && !answerHelp(process.argv.slice(2), USAGE)) {
   codegen(process.argv.slice(2)).then(
     out => { console.log(`mantle: wrote ${out}`) },
-    (err: Error) => {
-      console.error(`mantle: ${err.message}`)
-      process.exitCode = 1
+    (err: Error & { code?: string }) => {
+      // An option it does not take (node:util's parseArgs) is the command line's fault: exit 2, with the usage.
+      if (err.code?.startsWith('ERR_PARSE_ARGS_') === true) refuseUsage('mantle', err.message, USAGE)
+      else {
+        console.error(`mantle: ${err.message}`)
+        process.exitCode = 1
+      }
     }
   )
 }

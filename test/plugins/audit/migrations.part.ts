@@ -275,7 +275,7 @@ if (available) {
     const root = fileURLToPath(new URL('../../../', import.meta.url))
     const base = mkdtempSync(join(tmpdir(), 'mantle-no-migrations-'))
     t.teardown(() => rmSync(base, { recursive: true, force: true }))
-    for (const file of ['scripts/migrate.ts', 'plugins/audit/migrations.ts', 'schemas/config.ts', 'plugins/auth/keys.ts', 'read-json.ts', 'package.json']) cpSync(join(root, file), join(base, file))
+    for (const file of ['scripts/migrate.ts', 'plugins/audit/migrations.ts', 'schemas/config.ts', 'plugins/auth/keys.ts', 'read-json.ts', 'cli.ts', 'package.json']) cpSync(join(root, file), join(base, file))
     symlinkSync(join(root, 'node_modules'), join(base, 'node_modules'))
     for (const command of ['status', 'up']) {
       const run = spawnSync(process.execPath, ['--import', 'tsx', 'scripts/migrate.ts', command], { cwd: base, env: { ...process.env, DATABASE_URL: PG_URL }, encoding: 'utf8', timeout: 60_000 })
