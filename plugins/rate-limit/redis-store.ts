@@ -2,7 +2,7 @@ import type { Redis } from 'ioredis'
 import { SLIDING_WINDOW_LUA, type WindowCount } from './window.js'
 
 /** The commands the store runs on its keys (SLIDING_WINDOW_LUA's), which Redis must permit (plugins/redis checks them). */
-export const RATE_LIMIT_COMMANDS: readonly string[] = ['time', 'hmget', 'hset', 'pexpire']
+export const RATE_LIMIT_COMMANDS: readonly string[] = ['time', 'hmget', 'hset', 'pexpire', 'del']
 
 type Callback = (err: Error | null | undefined, result?: [number, number]) => void
 interface WithScript { mantleRateLimit: (key: string, windowMs: number, max: number, cb: Callback) => void }

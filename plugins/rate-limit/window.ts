@@ -170,7 +170,11 @@ function retryAfter (state: WindowState, elapsed: number, windowMs: number, max:
  * Redis's own (TIME), so instances with skewed clocks still share one window. KEYS[1] is the
  * limit's key, a hash {w, c, p, m}, and, while other window lengths are in use for it (state.o),
  * {w2, c2, p2, m2, k2} and {w3, c3, p3, m3, k3} (an empty m2 or m3: none); ARGV: windowMs, max.
- * Returns {current, ttl}.
+ * Returns {current, ttl}. A key of another type at that name (a string or a list some other
+ * program wrote) is dropped and counted anew, as a key never counted: HMGET failed WRONGTYPE, and
+ * the script with it, on every check of that key, each failure holding every key of the instance
+ * in memory for a second (the limiter's pause), an outage logged and counted each time. Any other
+ * error of HMGET (NOPERM: an ACL changed) is the script's, as before.
  */
 export const SLIDING_WINDOW_LUA = `
 local window = tonumber(ARGV[1])
@@ -179,7 +183,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local index = math.floor(now / window)
 local elapsed = now - index * window
-local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p', 'm', 'w2', 'c2', 'p2', 'm2', 'k2', 'w3', 'c3', 'p3', 'm3', 'k3')
+local s = redis.pcall('HMGET', KEYS[1], 'w', 'c', 'p', 'm', 'w2', 'c2', 'p2', 'm2', 'k2', 'w3', 'c3', 'p3', 'm3', 'k3')
+if s.err then
+  if not string.find(s.err, 'WRONGTYPE', 1, true) then return redis.error_reply(s.err) end
+  redis.call('DEL', KEYS[1])
+  s = {}
+end
 local w = tonumber(s[1])
 local c = tonumber(s[2]) or 0
 local p = tonumber(s[3]) or 0

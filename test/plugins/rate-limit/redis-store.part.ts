@@ -362,3 +362,38 @@ t.test('in Redis too, one window length keeps the hash and the answers as they w
   t.same(Object.keys(await redis.hgetall(key)).sort(), ['c', 'm', 'p', 'w'], 'only the four fields')
   t.equal(state.o, undefined, 'nor in memory')
 })
+
+t.test('a key of another type at a limit\'s name (some other program wrote it) is counted anew in Redis, never a fallback for every key', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/limited': (_req, res) => json(res, 200, { ok: true }) })
+  const tenant = 'rl-foreign-' + randomUUID()
+  const foreign = opKey(tenant, 'u1', 'tight')
+  const other = opKey(tenant, 'u2', 'tight')
+  const redis = await redisClient(t, [foreign, other])
+  await redis.set(foreign, 'not a hash')
+  const app = await buildTestApp(t, { REDIS_URL, ...PATIENT }, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
+  t.equal((await app.inject({ url: '/api/v1/tight', headers: bearer({ tenant, user: 'u1' }) })).statusCode, 200)
+  // Another user's call right after: the failed check held every check in memory for a second.
+  t.equal((await app.inject({ url: '/api/v1/tight', headers: bearer({ tenant, user: 'u2' }) })).statusCode, 200)
+  t.equal(await metric(app, 'mantle_rate_limit_fallback_total'), 0, 'both checks were answered by Redis')
+  t.equal(app.rateLimiter.fallbackActive, false, 'no outage began')
+  t.equal(await redis.type(foreign), 'hash', 'the foreign value is replaced by the limit\'s count')
+  t.equal(await redis.hget(foreign, 'c'), '1')
+  t.equal(await redis.hget(other, 'c'), '1', 'and the other user\'s call counted in Redis')
+})
+
+t.test('Redis refusing the script a command (an ACL changed) is still a refusal: the limit holds from memory, never counted anew', async t => {
+  // The script reads with pcall to tell a key of another type: any other failure is raised as before.
+  const kernel = await startTestKernel(t, { 'GET /v1/limited': (_req, res) => json(res, 200, { ok: true }) })
+  const admin = await redisClient(t, [])
+  const name = `mantle-test-${randomUUID()}`
+  await admin.call('ACL', 'SETUSER', name, 'on', '>s3cret-pw-0123', '~bff:*', '&bff:*', '+@all')
+  t.teardown(async () => { await admin.call('ACL', 'DELUSER', name) })
+  const url = new URL(REDIS_URL)
+  const app = await buildTestApp(t, { REDIS_URL: `redis://${name}:s3cret-pw-0123@${url.host}${url.pathname}`, ...PATIENT }, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
+  await admin.call('ACL', 'SETUSER', name, '-hmget')
+  const headers = bearer({ tenant: 'rl-acl-' + randomUUID(), user: 'u1' })
+  const codes: number[] = []
+  for (let i = 0; i < 7; i++) codes.push((await app.inject({ url: '/api/v1/tight', headers })).statusCode)
+  t.same(codes, [200, 200, 200, 200, 200, 429, 429], 'the limit of 5 holds')
+  t.ok(await metric(app, 'mantle_rate_limit_fallback_total') > 0, 'counted in memory, as a fallback')
+})
