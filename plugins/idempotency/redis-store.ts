@@ -14,18 +14,36 @@ import { tenantIndex, type Claim, type DoneRecord, type IdempotencyRecord, type 
 // mutations filled Redis: with `noeviction` every tenant's claims were refused (memory fallback),
 // with an LRU policy other tenants' outcomes were evicted and their repeats ran again. The index
 // expires with its last record. Two keys per script: like the cache's, not for Redis Cluster.
+//
+// A key of another type under either name (a hash or a list some other program wrote) failed the
+// scripts WRONGTYPE, taken for a Redis outage: the call ran from memory, on each instance a repeat
+// reached, and its outcome was offered to Redis every 250 ms for its TTL. A record's is read as a
+// record this version cannot read (an empty text: the key is taken, 409); an index's is dropped
+// and made anew (it only counts the tenant's records: the records themselves are kept).
 const NOW = `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)`
-const INDEX = `
+// A command's answer run with pcall: whether it failed WRONGTYPE (a key of another type). Any
+// other failure (NOPERM: an ACL changed) is raised, as redis.call raises it.
+const FOREIGN = `
+local function foreign (r)
+  if type(r) ~= 'table' or r.err == nil then return false end
+  if string.find(r.err, 'WRONGTYPE', 1, true) then return true end
+  error(r)
+end`
+const INDEX = `${FOREIGN}
 local function index (now, ms)
-  redis.call('ZADD', KEYS[2], now + ms, ARGV[#ARGV])
+  if foreign(redis.pcall('ZADD', KEYS[2], now + ms, ARGV[#ARGV])) then
+    redis.call('DEL', KEYS[2])
+    redis.call('ZADD', KEYS[2], now + ms, ARGV[#ARGV])
+  end
   if redis.call('PTTL', KEYS[2]) < ms then redis.call('PEXPIRE', KEYS[2], ms) end
 end`
 const CLAIM = `${INDEX}
-local v = redis.call('GET', KEYS[1])
+local v = redis.pcall('GET', KEYS[1])
+if foreign(v) then return '' end
 if v then return v end${NOW}
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if foreign(redis.pcall('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)) then redis.call('DEL', KEYS[2]) end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
   local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   return math.max(1, tonumber(first[2]) - now)
@@ -34,16 +52,19 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 index(now, tonumber(ARGV[2]))
 return false`
 const COMPLETE = `${INDEX}
-local v = redis.call('GET', KEYS[1])
+local v = redis.pcall('GET', KEYS[1])
+if foreign(v) then return 0 end
 if v == false or v == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])${NOW}
   index(now, tonumber(ARGV[3]))
   return 1
 end
 return 0`
-const RELEASE = `
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('ZREM', KEYS[2], ARGV[2])
+const RELEASE = `${FOREIGN}
+local v = redis.pcall('GET', KEYS[1])
+if foreign(v) then return 0 end
+if v == ARGV[1] then
+  if foreign(redis.pcall('ZREM', KEYS[2], ARGV[2])) then redis.call('DEL', KEYS[2]) end
   return redis.call('DEL', KEYS[1])
 end
 return 0`

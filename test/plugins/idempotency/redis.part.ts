@@ -114,6 +114,56 @@ t.test('a record Redis holds that this version cannot read takes the key: 409, n
   t.match(diagz.stores.idempotency, { type: 'redis', healthy: true }, 'Redis is healthy')
 })
 
+t.test('a key of another type under a record\'s name takes the key as an unreadable record does; under a tenant\'s index, it is made anew', async t => {
+  // Some other program wrote a hash or a string there: the scripts failed WRONGTYPE, taken for a
+  // Redis outage. A record's key: the call ran from memory, on each instance (a second Kernel call
+  // for a repeat on another), and its outcome was offered to Redis every 250 ms for its TTL. A
+  // tenant's index: every keyed call of that tenant ran so, for as long as the index was there.
+  const one = await idemSetup(t, 'redis')
+  const two = await idemSetup(t, 'redis', {}, {}, one.kernel)
+  const redis = await redisClient(t)
+  const taken = randomUUID()
+  const record = storeKey(one.tenant, 'createItem', taken)
+  await redis.hset(record, 'some', 'hash')
+  await redis.pexpire(record, 60_000)
+  for (const s of [one, two]) {
+    const answer = await s.create({ name: 'x' }, taken, one.tenant)
+    t.match([answer.statusCode, answer.json()], [409, { code: 'IDEMPOTENCY_CONFLICT' }], 'a record of another type: 409')
+  }
+  t.equal(one.calls(), 0, `never a Kernel call (${one.calls()})`)
+
+  const tenant = 'idem-' + randomUUID()
+  const key = randomUUID()
+  const index = tenantIndex(storeKey(tenant, 'createItem', key))!.index
+  await redis.set(index, 'a string', 'PX', 60_000)
+  t.teardown(async () => { await redis.del(index) })
+  const first = await one.create({ name: 'y' }, key, tenant)
+  t.equal(first.statusCode, 201)
+  const repeat = await two.create({ name: 'y' }, key, tenant)
+  t.equal(repeat.headers['idempotent-replayed'], 'true', 'a repeat on another instance replays')
+  t.equal(one.calls(), 1, `one Kernel call (${one.calls()})`)
+  t.equal(await redis.type(index), 'zset', 'the index is made anew')
+  for (const s of [one, two]) {
+    t.equal(await metric(s.app, 'mantle_idempotency_store_fallbacks_total'), 0, 'not a fallback')
+    t.equal(await metric(s.app, 'mantle_idempotency_pending_redis_writes'), 0, 'nothing waits for Redis')
+  }
+})
+
+t.test('Redis refusing the store a command (an ACL changed) is still a refusal: the call runs from memory, never 409 for an unreadable record', async t => {
+  // The scripts read with pcall to tell a key of another type: any other failure is raised as before.
+  const admin = await redisClient(t)
+  const name = `mantle-test-${randomUUID()}`
+  await admin.call('ACL', 'SETUSER', name, 'on', '>s3cret-pw-0123', '~bff:*', '&bff:*', '+@all')
+  t.teardown(async () => { await admin.call('ACL', 'DELUSER', name) })
+  const url = new URL(REDIS_URL)
+  const s = await idemSetup(t, 'redis', { REDIS_URL: `redis://${name}:s3cret-pw-0123@${url.host}${url.pathname}` })
+  t.equal((await s.create({ name: 'a' }, randomUUID())).statusCode, 201, 'claimed in Redis')
+  await admin.call('ACL', 'SETUSER', name, '-get')
+  const answer = await s.create({ name: 'b' }, randomUUID())
+  t.equal(answer.statusCode, 201, 'the call runs, claimed in memory')
+  t.equal(await metric(s.app, 'mantle_idempotency_store_fallbacks_total'), 1, 'as a fallback')
+})
+
 t.test('Redis cut through a proxy: no 5xx, keys held in memory, back to Redis after the cut', async t => {
   const proxy = await startTcpProxy(t, 6379)
   const s = await idemSetup(t, 'redis', { REDIS_URL: redisVia(proxy.port) })
