@@ -46,7 +46,15 @@ end
 // Without the bound one tenant's distinct reads (an entry each) filled Redis: under an LRU policy
 // other tenants' idempotency records were evicted (their repeats ran their mutations again) and
 // their rate-limit windows; under noeviction every tenant's writes were refused.
+// An index or sizes key of another type (which some other program wrote under the name) is
+// replaced, as a tag key is (GET_STRING): its WRONGTYPE failed every write of the tenant, and
+// each failure held the whole shared tier off for a second, every tenant's reads with it. An
+// index replaced takes the sizes with it (their counts would never be let go); the tenant's
+// entries already in Redis then go uncounted until they expire.
 const WRITE = GET_STRING + `
+local function wrongType (r)
+  return type(r) == 'table' and r.err ~= nil and string.sub(r.err, 1, 9) == 'WRONGTYPE'
+end
 local n = #KEYS - 2
 local v = {}
 for i = 2, n do v[i - 1] = get(KEYS[i]) or '' end
@@ -56,14 +64,25 @@ local ms = tonumber(ARGV[3])
 local size = 3 * #KEYS[1] + #ARGV[1] + #ARGV[2] + 192
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local gone = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, 256)
+local gone = redis.pcall('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, 256)
+if wrongType(gone) then
+  redis.call('DEL', index, sizes)
+  gone = {}
+end
+if gone.err then return gone end
+local total = redis.pcall('HGET', sizes, '')
+if wrongType(total) then
+  redis.call('DEL', sizes)
+  total = false
+end
+if type(total) == 'table' then return total end
 local freed = 0
 for _, m in ipairs(gone) do
   freed = freed + (tonumber(redis.call('HGET', sizes, m)) or 0)
   redis.call('HDEL', sizes, m)
 end
 if #gone > 0 then redis.call('ZREM', index, unpack(gone)) end
-local total = math.max(0, (tonumber(redis.call('HGET', sizes, '')) or 0) - freed)
+total = math.max(0, (tonumber(total) or 0) - freed)
 local old = tonumber(redis.call('HGET', sizes, KEYS[1])) or 0
 local max = tonumber(ARGV[5])
 if max > 0 and total - old + size > max then

@@ -7,7 +7,7 @@ import { Redis } from 'ioredis'
 import { buildTestApp, bearer, json } from '../../helper.js'
 import { redisVia, startTcpProxy } from '../../proxy.js'
 import { itemKernel, itemManifest, metric, eventually } from './items.js'
-import { entryKey, etagOf, localKey, RedisTier, tagKey, TAG_KEY_MAX, type CachedAnswer } from '../../../plugins/cache/index.js'
+import { entryKey, etagOf, localKey, RedisTier, tagKey, TAG_KEY_MAX, tenantBudgetKeys, type CachedAnswer } from '../../../plugins/cache/index.js'
 import { canonicalJson } from '../../../plugins/pipeline/index.js'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -541,4 +541,38 @@ t.test('one tenant\'s entries in Redis are bounded (BFF_CACHE_REDIS_MAX_BYTES_PE
   // Another tenant's entry is written as ever.
   t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/b', headers: bearer({ tenant: b }) })).headers['x-cache'], 'miss')
   t.equal((await two.inject({ method: 'GET', url: '/api/v1/items/b', headers: bearer({ tenant: b }) })).headers['x-cache'], 'hit', 'the other tenant\'s entry is in Redis')
+})
+
+t.test('a tenant\'s index or sizes key some other program wrote as another type: its answers are still written to Redis, and no other tenant\'s read skips Redis for it', async t => {
+  // The write's script read the tenant's index (a sorted set) and sizes (a hash) with commands
+  // that fail with WRONGTYPE on any other type, and so did every write of the tenant: none of its
+  // answers reached Redis, and each failure held the whole shared tier off for a second, every
+  // other tenant's reads and invalidations with it (as a tag key of another type did, 920ac85).
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const one = await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })
+  const two = await buildTestApp(t, { REDIS_URL }, { manifest, kernelUrl: kernel.url })
+  const x = tenant()
+  const y = tenant()
+  const redis = new Redis(REDIS_URL)
+  t.teardown(() => redis.disconnect())
+  const [index, sizes] = tenantBudgetKeys(entryKey('getItem', x, { id: 'a' }))
+  await redis.set(index, 'junk', 'PX', 60_000)
+  await redis.rpush(sizes, 'junk')
+  await redis.pexpire(sizes, 60_000)
+  t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/b', headers: bearer({ tenant: y }) })).headers['x-cache'], 'miss', 'the other tenant\'s entry, in Redis')
+  const read = await two.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant: x }) })
+  t.same([read.statusCode, read.headers['x-cache']], [200, 'miss'])
+  t.equal((await two.inject({ method: 'GET', url: '/api/v1/items/b', headers: bearer({ tenant: y }) })).headers['x-cache'], 'hit', 'the other tenant\'s read still reaches Redis')
+  t.equal(await metric(two, 'mantle_cache_redis_fallbacks_total'), 0, 'no cache operation skipped Redis')
+  t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/a', headers: bearer({ tenant: x }) })).headers['x-cache'], 'hit', 'the tenant\'s answer was written to Redis')
+  t.equal(kernel.reads(), 2)
+  t.same([await redis.type(index), await redis.type(sizes)], ['zset', 'hash'], 'its index and sizes are kept again')
+  // The sizes alone of another type.
+  await redis.del(sizes)
+  await redis.rpush(sizes, 'junk')
+  t.equal((await two.inject({ method: 'GET', url: '/api/v1/items/c', headers: bearer({ tenant: x }) })).headers['x-cache'], 'miss')
+  t.equal((await one.inject({ method: 'GET', url: '/api/v1/items/c', headers: bearer({ tenant: x }) })).headers['x-cache'], 'hit', 'written to Redis')
+  t.equal(await metric(two, 'mantle_cache_redis_fallbacks_total'), 0)
+  t.equal(await redis.type(sizes), 'hash')
 })
