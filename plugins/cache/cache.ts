@@ -577,12 +577,13 @@ export class ResponseCache {
    * Replays the invalidations Redis missed while it was away or held off. The tags stay pending
    * until Redis has them, so that meanwhile no Redis read brings back an entry they dropped.
    */
-  async replayPending (): Promise<void> {
+  async replayPending (closing = false): Promise<void> {
     const redis = this.opts.redis
     // Redis down: its connection's 'ready' replays.
     if (redis === null || this.pending.size === 0 || !redis.up()) return
-    // Held off (another call is trying Redis): the replay comes when the hold ends.
-    if (!this.redisOpen()) {
+    // Held off (another call is trying Redis): the replay comes when the hold ends. Not at close,
+    // when no replay comes after this one.
+    if (!closing && !this.redisOpen()) {
       this.scheduleReplay()
       return
     }
@@ -746,7 +747,11 @@ export class ResponseCache {
   /**
    * The app closes: the scheduled replay stops, and the second invalidations still waiting are
    * carried out now, while Redis is still open (sooner than their time, but other instances keep
-   * serving what this one would otherwise never drop); none is scheduled from now on.
+   * serving what this one would otherwise never drop); none is scheduled from now on. So are the
+   * invalidations Redis has not had yet (the hold after a failed command not over: tried once, the
+   * hold or not). Cancelled with the replay's timer, they were lost without a word: a gateway
+   * stopped within a second of a Redis blip (a rolling deploy) left the mutations it had answered
+   * uninvalidated on every other instance, which served what they dropped for its ttl.
    */
   async close (): Promise<void> {
     this.closed = true
@@ -756,6 +761,9 @@ export class ResponseCache {
     this.later.clear()
     for (const d of due) clearTimeout(d.timer)
     await Promise.all(due.map(async d => { await this.invalidate(d.tenant, d.tags, 'mutation') }))
+    if (this.pending.size === 0) return
+    await this.replayPending(true)
+    if (this.pending.size > 0) this.opts.log.warn({ tags: this.pending.size }, 'cache: closing with invalidated tags Redis never had: other instances serve what they drop until it expires')
   }
 
   /** The Redis tier when it is usable; null (counted as a fallback when Redis is configured) when not. */

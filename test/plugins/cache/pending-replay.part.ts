@@ -736,3 +736,32 @@ t.test('the tenants\' spells that are over make room for another tenant\'s, and 
   t.equal(await read('lost0'), 'miss', 'a spell over starts again from its loss')
   t.match(cache.invalidationsDetail, /for any tenant$/, 'for every tenant')
 })
+
+t.test('redis: an invalidation still waiting for the hold to end when the gateway closes reaches Redis before it closes', async t => {
+  // A gateway stopped (a rolling deploy's SIGTERM) within the second the cache holds off Redis
+  // after a failed command: close() cancelled the replay scheduled for the hold's end, and the
+  // mutation it had answered 200 was never invalidated in Redis nor on any other instance, which
+  // served the entry it dropped as a hit for its whole ttl.
+  const kernel = await itemKernel(t)
+  const manifest = itemManifest(kernel.url)
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  const env = { REDIS_URL: redisVia(proxy.port), BFF_CACHE_STORE: 'redis', BFF_IDEMPOTENCY_STORE: 'memory', BFF_RATE_LIMIT_STORE: 'memory' }
+  const app = await buildTestApp(t, env, { manifest, kernelUrl: kernel.url })
+  const other = await buildTestApp(t, { REDIS_URL, BFF_CACHE_STORE: 'redis' }, { manifest, kernelUrl: kernel.url })
+  const who = 'cache-' + randomUUID()
+  const headers = bearer({ tenant: who })
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })).json().n, 1)
+  t.equal((await other.inject({ method: 'GET', url: '/api/v1/items/a', headers })).headers['x-cache'], 'hit', 'the entry is shared through Redis')
+  // One command times out: the cache holds off Redis for a second, the connection staying up.
+  proxy.delay(700)
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/b', headers })).statusCode, 200)
+  proxy.restore()
+  t.equal((await app.inject({ method: 'PATCH', url: '/api/v1/items/a', headers, payload: {} })).statusCode, 200)
+  t.equal(await metric(app, 'mantle_cache_pending_invalidations'), 1, 'the invalidation waits for the hold to end')
+  await app.close()
+  const key = localKey('getItem', who, canonicalJson({ id: 'a' }))
+  await eventually(async () => other.responseCache.cache.memory.get(key) === undefined, 'the other instance drops the entry from memory', 3000)
+  const after = await other.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+  t.equal(after.headers['x-cache'], 'miss', 'nor does it read it back from Redis')
+  t.not(after.json().n, 1)
+})
