@@ -3,6 +3,7 @@ import type { Redis } from 'ioredis'
 import { LRUCache } from 'lru-cache'
 import type { CachedAnswer } from './memory.js'
 import { INVALIDATE_CHANNEL } from './keys.js'
+import { FOREIGN_LUA } from '../redis/lua.js'
 
 // The shared tier. Each tag of a tenant has a version (an integer); an entry is stored with the
 // versions of its tags as they were BEFORE the Kernel call, and only if they are still those
@@ -51,10 +52,7 @@ end
 // each failure held the whole shared tier off for a second, every tenant's reads with it. An
 // index replaced takes the sizes with it (their counts would never be let go); the tenant's
 // entries already in Redis then go uncounted until they expire.
-const WRITE = GET_STRING + `
-local function wrongType (r)
-  return type(r) == 'table' and r.err ~= nil and string.sub(r.err, 1, 9) == 'WRONGTYPE'
-end
+const WRITE = GET_STRING + FOREIGN_LUA + `
 local n = #KEYS - 2
 local v = {}
 for i = 2, n do v[i - 1] = get(KEYS[i]) or '' end
@@ -65,17 +63,15 @@ local size = 3 * #KEYS[1] + #ARGV[1] + #ARGV[2] + 192
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local gone = redis.pcall('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, 256)
-if wrongType(gone) then
+if foreign(gone) then
   redis.call('DEL', index, sizes)
   gone = {}
 end
-if gone.err then return gone end
 local total = redis.pcall('HGET', sizes, '')
-if wrongType(total) then
+if foreign(total) then
   redis.call('DEL', sizes)
   total = false
 end
-if type(total) == 'table' then return total end
 local freed = 0
 for _, m in ipairs(gone) do
   freed = freed + (tonumber(redis.call('HGET', sizes, m)) or 0)

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto'
 import type { Redis } from 'ioredis'
+import { FOREIGN_LUA } from '../redis/lua.js'
 import { tenantIndex, type Claim, type DoneRecord, type IdempotencyRecord, type IdempotencyStore } from './store.js'
 
 // Each step is one Lua script: one round trip, atomic for its key. The running record is its
@@ -23,15 +24,7 @@ import { tenantIndex, type Claim, type DoneRecord, type IdempotencyRecord, type 
 const NOW = `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)`
-// A command's answer run with pcall: whether it failed WRONGTYPE (a key of another type). Any
-// other failure (NOPERM: an ACL changed) is raised, as redis.call raises it.
-const FOREIGN = `
-local function foreign (r)
-  if type(r) ~= 'table' or r.err == nil then return false end
-  if string.find(r.err, 'WRONGTYPE', 1, true) then return true end
-  error(r)
-end`
-const INDEX = `${FOREIGN}
+const INDEX = `${FOREIGN_LUA}
 local function index (now, ms)
   if foreign(redis.pcall('ZADD', KEYS[2], now + ms, ARGV[#ARGV])) then
     redis.call('DEL', KEYS[2])
@@ -60,7 +53,7 @@ if v == false or v == ARGV[1] then
   return 1
 end
 return 0`
-const RELEASE = `${FOREIGN}
+const RELEASE = `${FOREIGN_LUA}
 local v = redis.pcall('GET', KEYS[1])
 if foreign(v) then return 0 end
 if v == ARGV[1] then

@@ -9,6 +9,8 @@
 // log of timestamps (a sorted set) grows with `max`; the estimate assumes the previous window's
 // calls were spread evenly.
 
+import { FOREIGN_LUA } from '../redis/lua.js'
+
 /** What @fastify/rate-limit's store contract answers: refused when `current > max`. */
 export interface WindowCount {
   /** Calls in the window with this one; `max + 1` when this one is refused. */
@@ -176,7 +178,7 @@ function retryAfter (state: WindowState, elapsed: number, windowMs: number, max:
  * in memory for a second (the limiter's pause), an outage logged and counted each time. Any other
  * error of HMGET (NOPERM: an ACL changed) is the script's, as before.
  */
-export const SLIDING_WINDOW_LUA = `
+export const SLIDING_WINDOW_LUA = `${FOREIGN_LUA}
 local window = tonumber(ARGV[1])
 local max = tonumber(ARGV[2])
 local t = redis.call('TIME')
@@ -184,8 +186,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local index = math.floor(now / window)
 local elapsed = now - index * window
 local s = redis.pcall('HMGET', KEYS[1], 'w', 'c', 'p', 'm', 'w2', 'c2', 'p2', 'm2', 'k2', 'w3', 'c3', 'p3', 'm3', 'k3')
-if s.err then
-  if not string.find(s.err, 'WRONGTYPE', 1, true) then return redis.error_reply(s.err) end
+if foreign(s) then
   redis.call('DEL', KEYS[1])
   s = {}
 end
