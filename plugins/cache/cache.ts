@@ -96,6 +96,9 @@ interface Fill {
   readonly since: number
 }
 
+/** The 2xx statuses HTTP lets a cache keep without explicit freshness (RFC 9110 §15.1): 200, 203, 204, 206. */
+const KEPT_STATUSES: ReadonlySet<number> = new Set([200, 203, 204, 206])
+
 const noop = (): void => {}
 const noMetrics: CacheMetrics = { outcome: noop, coalesced: noop, invalidated: noop, fallback: noop, discarded: noop, evicted: noop, lost: noop, tagEvicted: noop }
 
@@ -383,7 +386,8 @@ export class ResponseCache {
       // Where If-None-Match is read (a GET): a POST query's ETag could never give a 304.
       if (takesIfNoneMatch(ctx.op)) {
         ctx.setHeader('etag', a.etag)
-        if (ctx.ifNoneMatch !== undefined && matchesIfNoneMatch(ctx.ifNoneMatch, a.etag)) ctx.status = 304
+        // A 304 stands for the 200 it spares (RFC 9110 §15.4.5): a 202 or a 204 is answered as it is.
+        if (ctx.ifNoneMatch !== undefined && a.status === 200 && matchesIfNoneMatch(ctx.ifNoneMatch, a.etag)) ctx.status = 304
       }
       // At most the ttl: `freshUntil` is a time of day (instances share it through Redis), and a
       // wall clock stepped back an hour made an entry's remaining freshness an hour longer, which
@@ -443,8 +447,11 @@ export class ResponseCache {
     ctx.memo = null
     const value = await next(ctx)
     const answer = make(value, ctx.status)
-    // Only 2xx answers return from the Kernel call (errors throw), but say it where it matters.
-    if (answer.status < 200 || answer.status > 299) return answer
+    // Only 2xx answers return from the Kernel call (errors throw); of those, only the ones HTTP
+    // lets a cache keep by default are stored (KEPT_STATUSES). Another (a 202: the work is under
+    // way, the answer not known yet) is answered as it came and fresh for no one: before, it was
+    // stored and replayed as a hit for the ttl to a client polling for the answer.
+    if (!KEPT_STATUSES.has(answer.status)) return { ...answer, freshUntil: Math.min(answer.freshUntil, this.now()) }
     // Tags invalidated during the call: the answer may predate the change, and memory.set below
     // refuses it. Not written to Redis either: were the invalidation lost (Redis away, the pending
     // bound reached), its versions would never be bumped and every other instance would serve it.

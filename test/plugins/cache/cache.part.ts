@@ -647,3 +647,36 @@ t.test('a 304, to GET or HEAD, and a HEAD answered 204 carry no Content-Length; 
   t.equal(empty.statusCode, 204)
   t.equal(empty.headers['content-length'], undefined, 'HEAD 204: no Content-Length')
 })
+
+// A 2xx the Kernel answers that HTTP does not let a cache keep by default (RFC 9110 §15.1: of the
+// 2xx, only 200, 203, 204 and 206 are): a 202 Accepted says the work is under way and the answer
+// not known yet. Before, it was stored like a 200 and replayed as a hit, max-age the ttl, so a
+// client polling for the answer got the 202 until the entry expired.
+for (const { store, env } of STORES) {
+  t.test(`${store}: a 202 from the Kernel is answered uncached, not kept; a 200 after it is`, async t => {
+    const kernel = await itemKernel(t)
+    let pending = 2
+    let reads = 0
+    kernel.on('GET /v1/items/d', (_req, res) => {
+      reads++
+      if (pending-- > 0) json(res, 202, { id: 'd', n: 0 })
+      else json(res, 200, { id: 'd', n: reads })
+    })
+    const app = await buildTestApp(t, env, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+    const headers = bearer({ tenant: tenant() })
+    const answers = []
+    for (let i = 0; i < 4; i++) answers.push(await app.inject({ method: 'GET', url: '/api/v1/items/d', headers }))
+    t.same(answers.map(a => a.statusCode), [202, 202, 200, 200], 'the Kernel asked again until it had the answer')
+    t.same(answers.map(a => a.headers['x-cache']), ['miss', 'miss', 'miss', 'hit'])
+    t.same(answers.map(a => a.json().n), [0, 0, 3, 3])
+    t.equal(reads, 3, 'the 202s were not kept: only the 200 was')
+    t.equal(answers[0].headers['cache-control'], 'private, max-age=0', 'a browser does not keep the 202 either')
+    t.equal(answers[2].headers['cache-control'], 'private, max-age=10')
+    // A 304 stands for a 200 (RFC 9110 §15.4.5): If-None-Match does not turn a 202 into one.
+    pending = 1
+    const other = bearer({ tenant: tenant() })
+    const accepted = await app.inject({ method: 'GET', url: '/api/v1/items/d', headers: { ...other, 'if-none-match': '*' } })
+    t.equal(accepted.statusCode, 202, 'If-None-Match: * with a 202')
+    t.equal((await app.inject({ method: 'GET', url: '/api/v1/items/d', headers: { ...other, 'if-none-match': '*' } })).statusCode, 304, 'and with the 200 after it')
+  })
+}
