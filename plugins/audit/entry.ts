@@ -248,8 +248,8 @@ export interface ChainSource {
    * read in the same snapshot (the entries of the page all come after it).
    */
   page: (after: number, end: number, n: number) => Promise<{ anchorSeq: number, anchorHash: string, rows: WalkedRow[] }>
-  /** The first entry after `after` (null for none) and the chain head, in one snapshot. */
-  tail: (after: number) => Promise<{ next: WalkedRow | null, headSeq: number, headHash: string }>
+  /** The first entry after `after` (null for none), the chain head and the retention anchor, in one snapshot. */
+  tail: (after: number) => Promise<{ next: WalkedRow | null, headSeq: number, headHash: string, anchorSeq: number, anchorHash: string }>
   /** The entry at `seq`, or null. */
   at: (seq: number) => Promise<WalkedRow | null>
 }
@@ -326,6 +326,14 @@ export async function walkChain (source: ChainSource, start: () => Promise<WalkS
   }
   signal?.throwIfAborted()
   const tail = await source.tail(Math.max(after, end))
+  // Retention removed entries past the last one walked since the walk's last read (its last
+  // page is a statement of its own): the entry after them links to the new anchor, as a walk
+  // begun then would find. Before, that entry was held to the last one walked, and an intact
+  // chain was answered broken at it whenever retention ran between the two reads.
+  if (tail.anchorSeq > walker.position) {
+    skipped += Math.max(0, Math.min(tail.anchorSeq, end) - Math.max(walker.position, known))
+    walker = walker.from(tail.anchorSeq, tail.anchorHash)
+  }
   walker.endsAt(tail.next?.e ?? null, tail.headSeq, tail.headHash, tail.next?.intact ?? true)
   return withSkipped(walker.result(), skipped)
 }
@@ -400,6 +408,9 @@ export class ChainWalker {
 
   /** The hash the next entry must link to. */
   get hash (): string { return this.prevHash }
+
+  /** The position of the last entry walked (or of the anchor the walk starts from). */
+  get position (): number { return this.prevSeq }
 
   /**
    * This walk, going on from an anchor retention moved past it (the entries between were

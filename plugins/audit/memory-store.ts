@@ -119,7 +119,7 @@ export class MemoryAuditStore implements AuditStore {
     },
     tail: async (after) => {
       const next = this.ring.peekAt(this.indexAfter(after))
-      return { next: next === undefined ? null : { e: next, intact: true }, headSeq: this.headSeq, headHash: this.headHash }
+      return { next: next === undefined ? null : { e: next, intact: true }, headSeq: this.headSeq, headHash: this.headHash, anchorSeq: this.anchorSeq, anchorHash: this.anchorHash }
     },
     at: async (seq) => {
       const e = this.ring.peekAt(this.indexAfter(seq - 1))

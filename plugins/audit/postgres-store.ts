@@ -608,14 +608,14 @@ export class PostgresAuditStore implements AuditStore {
       return { anchorSeq: Number(rows[0].anchor_seq), anchorHash: rows[0].anchor_hash, rows: rows.filter(r => r.id !== null).map(walked) }
     },
     tail: async (after) => {
-      const row = (await this.read<{ head_seq: string, head_hash: string } & Nullable<Row & { whole_ms: boolean }>>({
-        text: `SELECT c.head_seq, c.head_hash, e.* FROM bff_audit_chain c LEFT JOIN LATERAL
+      const row = (await this.read<{ head_seq: string, head_hash: string, anchor_seq: string, anchor_hash: string } & Nullable<Row & { whole_ms: boolean }>>({
+        text: `SELECT c.head_seq, c.head_hash, c.anchor_seq, c.anchor_hash, e.* FROM bff_audit_chain c LEFT JOIN LATERAL
            (SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq > $1 ORDER BY seq LIMIT 1) e ON true
          WHERE c.id = 1`,
         values: [after],
         types: VERIFY_TYPES
       })).rows[0]
-      return { next: row.id === null ? null : walked(row), headSeq: Number(row.head_seq), headHash: row.head_hash }
+      return { next: row.id === null ? null : walked(row), headSeq: Number(row.head_seq), headHash: row.head_hash, anchorSeq: Number(row.anchor_seq), anchorHash: row.anchor_hash }
     },
     at: async (seq) => {
       const row = (await this.read<Row & { whole_ms: boolean }>({ text: `SELECT ${COLUMNS}, ${WHOLE_MS} FROM bff_audit_entries WHERE seq = $1`, values: [seq], types: VERIFY_TYPES })).rows[0]

@@ -1,0 +1,74 @@
+// Verify at the edges of a walk: what retention does between the walk's reads.
+import t from 'tap'
+import type { AuditEntry, AuditStore, ChainSource } from '../../../plugins/audit/entry.js'
+import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
+import { postgresAvailable, pgStore, sql } from './db.js'
+import { entry } from './entries.js'
+
+/** Ten entries stamped one second apart from a minute ago. */
+function ten (): { base: number, batch: AuditEntry[] } {
+  const base = Date.now() - 60_000
+  return { base, batch: Array.from({ length: 10 }, (_, i) => entry({ timestamp: base + i * 1000 })) }
+}
+
+/**
+ * Runs `meanwhile` once, just before the walk's last read (where the range ends: the entry after
+ * it, and the head): what another instance's retention committing between two of the walk's
+ * statements does. The source is the store's own; only the moment is chosen.
+ */
+function beforeTheEnd (store: AuditStore, meanwhile: () => Promise<unknown>): void {
+  const source = (store as unknown as { source: ChainSource }).source
+  const tail = source.tail
+  let once = false
+  source.tail = async after => {
+    if (!once) {
+      once = true
+      await meanwhile()
+    }
+    return await tail(after)
+  }
+}
+
+// The walk read the range page by page, then the entry after it and the head in a statement of
+// its own. Retention that removed the range and what follows it in between (the oldest entries,
+// which a range of the oldest day holds, while the hourly run removes them) left that entry
+// linked to retention's new anchor, not to the last entry walked: an intact chain was answered
+// broken ("ok": false, naming the first entry kept).
+if (await postgresAvailable()) {
+  t.test('postgres: retention past a range\'s end before the walk reads the entry after it is no break', async t => {
+    const { url, store } = await pgStore(t)
+    const { base, batch } = ten()
+    await store.write(batch)
+    await sql(url, 'UPDATE bff_audit_entries SET created_at = now() - interval \'2 days\' WHERE seq <= 6')
+    beforeTheEnd(store, async () => { t.equal(await store.prune(86_400_000, 100), 6, 'retention removed the first six') })
+    t.same(await store.verify({ to: new Date(base + 2000) }), { ok: true, checked: 3, firstBroken: null }, 'the three of the range walked, the rest links to the anchor')
+    t.same(await store.verify({}), { ok: true, checked: 4, firstBroken: null }, 'the chain is whole')
+  })
+
+  t.test('postgres: a range with no entry, retention past it before the walk reads the entry after it', async t => {
+    const { url, store } = await pgStore(t)
+    const { base, batch } = ten()
+    await store.write(batch)
+    await sql(url, 'UPDATE bff_audit_entries SET created_at = now() - interval \'2 days\' WHERE seq <= 6')
+    beforeTheEnd(store, async () => await store.prune(86_400_000, 100))
+    t.same(await store.verify({ from: new Date(base + 2500), to: new Date(base + 2600) }), { ok: true, checked: 0, firstBroken: null })
+  })
+
+  t.test('postgres: a change past the range is still found once retention moved meanwhile', async t => {
+    const { url, store } = await pgStore(t)
+    const { base, batch } = ten()
+    await store.write(batch)
+    await sql(url, 'UPDATE bff_audit_entries SET created_at = now() - interval \'2 days\' WHERE seq <= 6')
+    await sql(url, 'UPDATE bff_audit_entries SET status = \'FORGED\' WHERE seq = 7')
+    beforeTheEnd(store, async () => await store.prune(86_400_000, 100))
+    t.same(await store.verify({ to: new Date(base + 2000) }), { ok: false, checked: 3, firstBroken: { id: batch[6].id, requestId: batch[6].requestId } }, 'the entry after the anchor is held to its own hash')
+  })
+}
+
+t.test('memory: retention past a range\'s end before the walk reads the entry after it is no break', async t => {
+  const store = new MemoryAuditStore({ max: 100 })
+  const { base, batch } = ten()
+  await store.write(batch)
+  beforeTheEnd(store, async () => { t.equal(await store.prune(Date.now() - (base + 5500), 100), 6) })
+  t.same(await store.verify({ to: new Date(base + 2000) }), { ok: true, checked: 3, firstBroken: null })
+})
