@@ -378,6 +378,20 @@ function decodeCursor (cursor: string): number | null {
 }
 
 /**
+ * A range's start as its text says it, to the whole millisecond the entries are stamped with:
+ * Date keeps the first three digits of a second's fraction, so `…05.0005Z` read as `…05.000Z`,
+ * and the entry of that millisecond, which came before the range, was in it. One finer than the
+ * millisecond starts at the next one. (A range's end needs nothing: `…05.0009Z` holds `…05.000Z`.)
+ */
+function rangeStart (text: string): Date {
+  const date = new Date(text)
+  const fraction = FRACTION.exec(text)?.[1] ?? ''
+  if (/[1-9]/.test(fraction.slice(3))) date.setTime(date.getTime() + 1)
+  return date
+}
+const FRACTION = /\.([0-9]+)/
+
+/**
  * The first of `dates` that is no time at all: the date-time format admits a leap second
  * (`23:59:60`), which Date cannot represent (its time is NaN).
  */
@@ -813,6 +827,9 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     if (bad !== null) throw new MantleError('VALIDATION_FAILED', `querystring.${bad} is not a time this endpoint can use (a leap second?)`)
     // As verify refuses it: a reversed range answered 200 with nothing, as if no entry were there.
     if (query.from !== undefined && query.to !== undefined && query.from > query.to) throw new MantleError('VALIDATION_FAILED', 'querystring.from is after querystring.to')
+    // Its start to the whole millisecond, once the range is known not to be reversed (a range
+    // within one millisecond then holds nothing).
+    if (q.from !== undefined) query.from = rangeStart(q.from)
     if (q.cursor !== undefined) {
       const seq = decodeCursor(q.cursor)
       if (seq === null) throw new MantleError('VALIDATION_FAILED', 'querystring.cursor is not a cursor this endpoint gave')
@@ -865,11 +882,12 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     }
   }, async (request, reply) => {
     const body = (request.body ?? {}) as { from?: string, to?: string, next?: string, limit?: number }
-    const from = body.from === undefined ? undefined : new Date(body.from)
+    let from = body.from === undefined ? undefined : new Date(body.from)
     const to = body.to === undefined ? undefined : new Date(body.to)
     const bad = unplaceable({ from, to })
     if (bad !== null) throw new MantleError('VALIDATION_FAILED', `body.${bad} is not a time this endpoint can use (a leap second?)`)
     if (from !== undefined && to !== undefined && from > to) throw new MantleError('VALIDATION_FAILED', 'body.from is after body.to')
+    if (body.from !== undefined) from = rangeStart(body.from)
     let next: VerifyCursor | undefined
     if (body.next !== undefined) {
       // The range travels in the cursor: a from or to beside it would be ignored, so it is refused.

@@ -4,6 +4,7 @@ import type { AuditEntry, AuditStore, ChainSource } from '../../../plugins/audit
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
 import { postgresAvailable, pgStore, sql } from './db.js'
 import { entry } from './entries.js'
+import { bearer, buildDemoApp, drained } from '../../helper.js'
 
 /** Ten entries stamped one second apart from a minute ago. */
 function ten (): { base: number, batch: AuditEntry[] } {
@@ -71,4 +72,25 @@ t.test('memory: retention past a range\'s end before the walk reads the entry af
   await store.write(batch)
   beforeTheEnd(store, async () => { t.equal(await store.prune(Date.now() - (base + 5500), 100), 6) })
   t.same(await store.verify({ to: new Date(base + 2000) }), { ok: true, checked: 3, firstBroken: null })
+})
+
+// A range's start with more than three digits of a second's fraction: Date keeps the first three
+// (…00.0005Z read as …00.000Z), and the stored timestamps are whole milliseconds, so the entry of
+// that millisecond, which came before `from`, was answered as in the range.
+t.test('GET /admin/audit: a from with a fraction finer than the millisecond leaves out the millisecond before it', async t => {
+  const app = await buildDemoApp(t)
+  const second = Date.UTC(2026, 0, 2, 3, 4, 5)
+  for (const ms of [0, 1]) app.audit.enqueue(entry({ timestamp: second + ms, action: 'edge.probe' }))
+  await drained(app)
+  const at = (ms: string): string => encodeURIComponent(new Date(second).toISOString().replace('.000Z', ms + 'Z'))
+  const times = async (query: string): Promise<string[]> => {
+    const res = await app.inject({ method: 'GET', url: `/admin/audit?action=edge.probe${query}`, headers: bearer() })
+    t.equal(res.statusCode, 200, res.body.slice(0, 200))
+    return (res.json().entries as Array<{ timestamp: string }>).map(e => e.timestamp).sort()
+  }
+  t.same(await times(`&from=${at('.0005')}`), [new Date(second + 1).toISOString()], 'from …05.0005Z: not the entry of …05.000Z')
+  t.same(await times(`&from=${at('.0010')}`), [new Date(second + 1).toISOString()], 'from …05.0010Z: the entry of …05.001Z')
+  t.same(await times(`&from=${at('.0000')}`), [new Date(second).toISOString(), new Date(second + 1).toISOString()], 'from …05.0000Z: both')
+  t.same(await times(`&to=${at('.0009')}`), [new Date(second).toISOString()], 'to …05.0009Z: the entry of …05.000Z only')
+  t.same(await times(`&from=${at('.0005')}&to=${at('.0005')}`), [], 'a range within one millisecond holds no entry (not a reversed range)')
 })
