@@ -91,7 +91,7 @@ function counters (app: FastifyInstance, bus: () => EventBus, redisUp: (() => nu
   if (redisUp !== null) new Gauge({ name: 'mantle_events_redis_up', help: '1 when the Redis event subscriber is connected and subscribed (absent without Redis)', registers, collect () { this.set(redisUp()) } }) // eslint-disable-line no-new
   // Both stay at 0 without Redis (nothing is published to it).
   new Gauge({ name: 'mantle_events_publishing', help: 'Publishes of this instance waiting for Redis\'s answer (1 s at most each; bounded, 10,000: past it a publish is refused, mantle_events_publishes_refused_total)', registers, collect () { this.set(sizes().publishing) } }) // eslint-disable-line no-new
-  new Gauge({ name: 'mantle_events_uncertain', help: 'Events whose publish to Redis timed out, delivered here, remembered to drop their echo from Redis (30 s each; bounded, 1,000: past it the oldest is forgotten)', registers, collect () { this.set(sizes().uncertain) } }) // eslint-disable-line no-new
+  new Gauge({ name: 'mantle_events_uncertain', help: 'Events whose publish to Redis timed out (or whose connection dropped on its way), delivered here, remembered to drop their echo from Redis (30 s each; bounded, 1,000: past it the oldest is forgotten)', registers, collect () { this.set(sizes().uncertain) } }) // eslint-disable-line no-new
   const publishRefused = new Counter({ name: 'mantle_events_publishes_refused_total', help: 'Events refused with OVERLOADED because 10,000 publishes of this instance already waited for Redis', registers })
   return {
     bus: { delivered: (event, n) => delivered.labels(event).inc(n), dropped: reason => dropped.labels(reason).inc(), refused: bound => refused.labels(bound).inc() },
@@ -156,7 +156,12 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
     // autoResendUnfulfilledCommands): a publish that timed out was delivered here alone, then sent
     // to Redis anyway on the reconnect, late, after newer events (other instances got a run's old
     // status after its new one), where its log line says it reached this instance only.
-    publisher = new Redis(opts.redisUrl, { ...common, enableOfflineQueue: false, autoResendUnfulfilledCommands: false, connectionName: 'mantle-events-pub' })
+    // And they fail when it drops (maxRetriesPerRequest 0: ioredis rejects them at each close).
+    // With 1, the publishes in flight at a first drop were neither sent again nor rejected: each
+    // waited out its command timeout (1 s), and its timeout then dropped the publisher's new
+    // connection, ready and answering, for another reconnect (events posted meanwhile reached
+    // this instance alone).
+    publisher = new Redis(opts.redisUrl, { ...common, maxRetriesPerRequest: 0, enableOfflineQueue: false, autoResendUnfulfilledCommands: false, connectionName: 'mantle-events-pub' })
     // What Redis said, not the error whole: ioredis hangs the refused command on it, and a refused
     // AUTH's arguments are REDIS_URL's user and password.
     for (const r of [subscriber, publisher]) r.on('error', (err: Error) => app.log.debug({ err: err.message }, 'redis events connection error'))
@@ -242,11 +247,13 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
         // A refusal for want of permission is logged once, by the shared connection.
         if (shared?.denied(EVENTS, err) !== true) app.log.warn({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
         // A connection that answers nothing is dropped, and ioredis makes it again. Only then
-        // may Redis have taken the event (and ioredis sends it again on its new connection).
+        // may Redis have taken the event: it timed out, or its connection dropped while it was
+        // on its way (ioredis rejects it so, maxRetriesPerRequest 0; a publish it could not send
+        // fails at once, without a connection: no offline queue).
         if ((err as Error).message === 'Command timed out') {
           if (publisher.status === 'ready') publisher.disconnect(true)
           mayComeBack = true
-        }
+        } else if ((err as Error).name === 'MaxRetriesPerRequestError') mayComeBack = true
       } finally {
         echoed = publishing.get(publishId) === true
         publishing.delete(publishId)
