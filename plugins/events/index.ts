@@ -113,6 +113,8 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
   const shared = opts.redisUrl !== undefined && app.hasDecorator('redis') ? app.redis : null
   const metrics = counters(app, () => bus, opts.redisUrl === undefined ? null : () => subscribed ? 1 : 0, () => ({ publishing: publishing.size, uncertain: uncertain.size }))
   const maxPublishing = opts.maxPublishing ?? MAX_PUBLISHING
+  /** A publish failed (Redis away, not a refusal) and none has reached Redis since: logged once. */
+  let publishWarned = false
   const bus: EventBus = new EventBus(app.pipeline.manifest.events, opts.checkRoles, opts.maxSubscriptions, metrics?.bus, opts.maxSubscriptionsPerTenant, app.hasDecorator('loadShedding') ? app.loadShedding.refuse : null)
 
   // Events delivered here because their publish timed out, by the publish's own id, with when
@@ -235,6 +237,7 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
       let echoed: boolean
       try {
         await publisher.publish(EVENTS_CHANNEL, text)
+        publishWarned = false
         shared?.allowed(EVENTS)
         // Through Redis, the event comes back to this instance only on its subscriber. Before, with
         // the subscriber down and the publisher up, it never did: deliver it here then.
@@ -244,8 +247,14 @@ async function eventsPlugin (app: FastifyInstance, opts: EventsOptions): Promise
         // too, and was delivered twice.
         mayComeBack = true
       } catch (err) {
-        // A refusal for want of permission is logged once, by the shared connection.
-        if (shared?.denied(EVENTS, err) !== true) app.log.warn({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
+        // A refusal for want of permission is logged once, by the shared connection; an outage
+        // once too, until a publish reaches Redis again (it was a line per event: as many a second
+        // as the Kernel posted).
+        if (shared?.denied(EVENTS, err) !== true) {
+          if (!publishWarned) app.log.warn({ err: (err as Error).message }, 'Redis publish failed: events are delivered on this instance only until a publish reaches Redis again')
+          else app.log.debug({ err: (err as Error).message }, 'Redis publish failed: event delivered on this instance only')
+          publishWarned = true
+        }
         // A connection that answers nothing is dropped, and ioredis makes it again. Only then
         // may Redis have taken the event: it timed out, or its connection dropped while it was
         // on its way (ioredis rejects it so, maxRetriesPerRequest 0; a publish it could not send

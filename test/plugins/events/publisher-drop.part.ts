@@ -42,3 +42,31 @@ t.test('a publish on its way when the publisher\'s connection drops fails at onc
   t.ok(app.events.health().up, 'up')
   t.same(got, ['cut'], 'once')
 })
+
+// Each publish that failed for want of Redis was logged at warn, one line per event: a Kernel
+// posting hundreds of events a second during an outage wrote as many lines. Once per outage now
+// (until a publish reaches Redis again), as the stores log theirs.
+t.test('publishes failing while Redis is away are logged once per outage, not once per event', async t => {
+  const tenant = 'tenant-' + randomUUID()
+  const proxy = await startTcpProxy(t, Number(new URL(REDIS_URL).port || 6379))
+  const lines: Array<{ level: number, msg: string }> = []
+  const app = await buildDemoApp(t, { REDIS_URL: redisVia(proxy.port), LOG_LEVEL: 'info' }, { logger: undefined, logStream: { write: line => { lines.push(JSON.parse(line)) } } })
+  await until(() => app.events.health().up, 'the Redis subscriber and publisher')
+  const got: string[] = []
+  app.events.bus.subscribe('runUpdated', tenant, p => got.push((p as { id: string }).id))
+  const failed = (): number => lines.filter(l => /Redis publish failed/.test(l.msg)).length
+  const publish = async (id: string): Promise<void> => { await app.events.publish({ topic: 'runs.updated', tenantId: tenant, payload: run(id) }) }
+  proxy.cut('reset')
+  await until(() => !app.events.health().up, 'Redis away')
+  for (let i = 0; i < 5; i++) await publish(`away-${i}`)
+  t.same(got, ['away-0', 'away-1', 'away-2', 'away-3', 'away-4'], 'each delivered here')
+  t.equal(failed(), 1, 'logged once')
+  proxy.restore()
+  await until(() => app.events.health().up, 'Redis back', 10_000)
+  await publish('back')
+  await until(() => got.includes('back'), 'the event through Redis')
+  proxy.cut('reset')
+  await until(() => !app.events.health().up, 'Redis away again')
+  for (let i = 0; i < 3; i++) await publish(`again-${i}`)
+  t.equal(failed(), 2, 'once more for the next outage')
+})
