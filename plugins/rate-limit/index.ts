@@ -88,6 +88,9 @@ async function rateLimitPlugin (app: FastifyInstance, opts: RateLimitPluginOptio
     redis.client.on('ready', reconnected)
     // Redis permits the gateway's commands again (an ACL put back): as a reconnection.
     redis.onAllowed(reconnected)
+    // Redis answers (the heartbeat's PING) after a check that failed on a connection that stayed
+    // up: no longer said to be on memory (not while Redis refuses the limiter its commands).
+    redis.onAnswer(() => { if (!redis.refuses(RATE_LIMITS)) limiter.answered() })
     app.addHook('onClose', async () => { redis.client.off('ready', reconnected) })
   }
   if (app.hasDecorator('diagz')) {

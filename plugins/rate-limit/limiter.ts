@@ -56,6 +56,14 @@ export class RateLimiter {
   private pausedUntil = 0
   private outage = false
   /**
+   * A check was answered from memory, and Redis has not answered since (a check it counted, its
+   * connection ready again, or the heartbeat's PING: `answered`): what the gauge and /diagz say.
+   * `outage` alone, a check that timed out on a connection that stayed up (a Redis busy for a
+   * moment: one PING missed, not two) kept them saying "fallback" until the next guarded call,
+   * for hours without traffic, the alert on it firing for a Redis that had answered all along.
+   */
+  private failing = false
+  /**
    * A check of an outage is trying Redis again: the others stay in memory until it answers. The
    * pause alone let another through each `retryRedisMs` while it waited: with a command timeout
    * longer than that (BFF_REDIS_COMMAND_TIMEOUT_MS up to 60 s), a Redis that stalls with its
@@ -77,11 +85,22 @@ export class RateLimiter {
 
   /**
    * True while Redis is configured and checks are answered from memory: after a failed check,
-   * until one Redis counts (not one it refuses) or Redis' connection is ready again, and whenever it is not ready (a
-   * check would go to memory: from start-up without traffic, the gauge said 0).
+   * until one Redis counts (not one it refuses), Redis' connection is ready again or Redis answers
+   * (`answered`), and whenever it is not ready (a check would go to memory: from start-up without
+   * traffic, the gauge said 0).
    */
   get fallbackActive (): boolean {
-    return this.redis !== null && (this.outage || !this.up())
+    return this.redis !== null && (this.failing || !this.up())
+  }
+
+  /**
+   * Redis answers (the heartbeat's PING), and does not refuse the limiter its commands: the gauge
+   * and /diagz say so now. Checks still try Redis one at a time after a failure (`outage`): a
+   * Redis that stalls now and then answers some PINGs, and every check in flight after each of
+   * them waited out the command timeout. A check answered from memory meanwhile says "fallback" again.
+   */
+  answered (): void {
+    this.failing = false
   }
 
   /** Keys the memory store holds (the embedded store, or the fallback's). */
@@ -144,12 +163,14 @@ export class RateLimiter {
       this.outage = true
       this.log.warn({ err: why }, 'rate limits fall back to memory (per instance) until Redis is back')
     }
+    this.failing = true
     this.counters?.fellBack()
     return this.local(scope, key, windowMs, max)
   }
 
   private recovered (): void {
     this.outage = false
+    this.failing = false
     this.pausedUntil = 0
     this.counted?.()
     this.log.info('rate limits are counted in Redis again')

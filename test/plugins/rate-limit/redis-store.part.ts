@@ -190,6 +190,39 @@ t.test('after a failed check, limits go back to Redis as soon as its connection 
   t.ok(await metric(app, 'mantle_rate_limit_checks_total{scope="op",store="redis"}') >= 2)
 })
 
+// A Redis busy for a moment (a fork, a long script) answered one check after the command timeout,
+// its connection kept (one PING missed, not the two that drop it): the fallback gauge, and /diagz,
+// stayed at "fallback" until the next guarded call, hours without traffic (MantleRedisFallbackActive
+// firing after 2 minutes), though Redis answered every PING since.
+t.test('after a check Redis answered too late, the connection kept, the fallback is over without a call once Redis answers', async t => {
+  const kernel = await startTestKernel(t, { 'GET /v1/limited': (_req, res) => json(res, 200, { ok: true }) })
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  const tenant = 'rl-' + randomUUID()
+  await redisClient(t, [opKey(tenant, 'u1', 'loose')])
+  const app = await buildTestApp(t, { REDIS_URL: redisVia(proxy.port), BFF_REDIS_COMMAND_TIMEOUT_MS: 300 }, { manifest: manifest(kernel.url), kernelUrl: kernel.url })
+  const headers = bearer({ tenant, user: 'u1' })
+  const call = async (): Promise<number> => (await app.inject({ url: '/api/v1/loose', headers })).statusCode
+  t.equal(await call(), 200)
+  t.equal(app.rateLimiter.fallbackActive, false)
+  const connections = proxy.connections
+  proxy.delay(600)
+  const failedAt = performance.now()
+  t.equal(await call(), 200, 'a check Redis does not answer in time is answered from memory')
+  t.equal(app.rateLimiter.fallbackActive, true)
+  proxy.restore()
+  // The heartbeat's PINGs (each second) are answered again; no call comes.
+  const end = performance.now() + 4000
+  while (app.rateLimiter.fallbackActive && performance.now() < end) await new Promise(resolve => setTimeout(resolve, 50))
+  t.equal(app.rateLimiter.fallbackActive, false, 'over without a call')
+  t.equal(await metric(app, 'mantle_rate_limit_fallback_active'), 0)
+  t.equal(proxy.connections, connections, 'on the same connection: not ended by a reconnect')
+  t.ok(app.redis.up())
+  // The next call once the pause after the failed check (1 s from its 300 ms timeout) is over goes to Redis.
+  await new Promise(resolve => setTimeout(resolve, Math.max(0, failedAt + 1700 - performance.now())))
+  t.equal(await call(), 200)
+  t.equal(app.rateLimiter.fallbackActive, false, 'counted in Redis again')
+})
+
 t.test('a gateway configured for Redis that cannot reach it starts and limits from memory, logging once', async t => {
   const kernel = await startTestKernel(t, { 'GET /v1/limited': (_req, res) => json(res, 200, { ok: true }) })
   const proxy = await startTcpProxy(t, REDIS_PORT)
