@@ -164,7 +164,12 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
     // timed out (a starved or slow Redis) or whose connection closed (a shutdown, another cut) was
     // an unhandled rejection, which ends a Node process; and the connection then stayed ready
     // without the subscription, missing every other instance's invalidation until it next dropped.
-    const subscriber = shared.client.duplicate({ lazyConnect: false, enableOfflineQueue: true, maxRetriesPerRequest: null, autoResubscribe: false, connectionName: 'mantle-cache-sub' })
+    // Its commands on their way when the connection drops fail then (maxRetriesPerRequest 0;
+    // autoResendUnfulfilledCommands is off, the shared connection's): with null ioredis kept them
+    // unsettled, and a SUBSCRIBE caught so held off the new connection's own (one at a time)
+    // until its command timeout, which then dropped that connection, ready, to subscribe on the
+    // next: an extra reconnect, and the in-process tier emptied twice.
+    const subscriber = shared.client.duplicate({ lazyConnect: false, enableOfflineQueue: true, maxRetriesPerRequest: 0, autoResubscribe: false, connectionName: 'mantle-cache-sub' })
     let lost = false
     // Not subscribed yet (at start-up, or since its connection closed): what the in-process tier
     // takes in meanwhile may miss an invalidation, published before Redis had the SUBSCRIBE.
@@ -187,7 +192,8 @@ async function cachePlugin (app: FastifyInstance, opts: CacheOptions): Promise<v
         c.resync()
         subscribedOnce()
       }, (err: Error) => {
-        if (closing) return
+        // Its connection dropped on the way: the next 'ready' subscribes.
+        if (closing || err.name === 'MaxRetriesPerRequestError') return
         // Refused for want of permission (the ACL of REDIS_URL's user changed: `resetchannels`,
         // `-subscribe`): reported to the shared connection (logged once, /readyz fails naming
         // it), and asked again at each PING answered on this connection and when Redis permits

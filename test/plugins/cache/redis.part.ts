@@ -576,3 +576,34 @@ t.test('a tenant\'s index or sizes key some other program wrote as another type:
   t.equal(await metric(two, 'mantle_cache_redis_fallbacks_total'), 0)
   t.equal(await redis.type(sizes), 'hash')
 })
+
+// The subscriber's connection dropped with its SUBSCRIBE on the way (Redis restarted, a failover,
+// a cut just after a reconnect): ioredis neither sent it again nor failed it, and it held off the
+// new connection's own SUBSCRIBE until its command timeout, which then dropped that connection,
+// ready, to subscribe on the one after: deaf to invalidations for the timeout more, and the
+// in-process tier emptied once more.
+t.test('a SUBSCRIBE on its way when the cache subscriber\'s connection drops does not hold off, nor drop, the next connection', async t => {
+  const kernel = await itemKernel(t)
+  const proxy = await startTcpProxy(t, REDIS_PORT)
+  // The subscriber's connections, each named in its handshake.
+  let made = 0
+  proxy.watch(chunk => { if (chunk.includes('mantle-cache-sub')) made++ })
+  const app = await buildTestApp(t, { REDIS_URL: redisVia(proxy.port) }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url })
+  const subscribed = async (): Promise<number> => await metric(app, 'mantle_cache_subscriber_up')
+  await eventually(async () => await subscribed() === 1, 'subscribed')
+  // Every connection reset; the subscriber's next SUBSCRIBE is held on its way to Redis.
+  proxy.cut('reset')
+  proxy.restore()
+  proxy.holdSends(chunk => chunk.includes('subscribe') && chunk.includes('bff:cache:invalidate'))
+  await eventually(async () => proxy.holding > 0, 'the SUBSCRIBE on its way')
+  const before = made
+  const cutAt = performance.now()
+  proxy.cut('reset')
+  proxy.restore()
+  await eventually(async () => await subscribed() === 1, 'subscribed again')
+  const took = Math.round(performance.now() - cutAt)
+  // Past the command timeout (500 ms) of the SUBSCRIBE caught by the cut.
+  await new Promise(resolve => setTimeout(resolve, 1500))
+  t.equal(made - before, 1, `the connection made anew once, not dropped again once subscribed (subscribed ${took} ms after the cut)`)
+  t.equal(await subscribed(), 1, 'subscribed')
+})
