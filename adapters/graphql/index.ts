@@ -345,7 +345,10 @@ async function graphqlAdapter (app: FastifyInstance, opts: FaceOptions, slots: C
     // upgrades of /graphql were refused 401 without the guard counting them.
     if (route.url === '/graphql') {
       route.onRequest = withHook(route.onRequest, checkUpgrade)
-      if (contexts !== null) route.onSend = withHook(route.onSend, refusedDocument)
+      // First of the route's onSend hooks: it reads the code from the answer as the handler made
+      // it. Last, it ran after compression's (a body over 1 KB, compressed, was read as no code)
+      // and HEAD's (no body), and the entry said VALIDATION_FAILED beside a 413 or a 405.
+      if (contexts !== null) route.onSend = withHook(route.onSend, refusedDocument, true)
     }
   })
   // GraphQL over HTTP's own media type, for clients that ask for it (the status codes are
