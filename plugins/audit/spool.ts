@@ -132,6 +132,11 @@ export class Spool {
    * reads them again; each was counted again at every retry of an outage.
    */
   private countedTo = 0
+  /**
+   * How often the file was found shorter than written (cut short from outside, see shortened): a
+   * drain's offsets are those of the file before, so a drain stops once it changes.
+   */
+  private shrinks = 0
 
   /** Where the entries the store refused for their own data go, beside the spool. */
   readonly quarantine: Quarantine
@@ -271,7 +276,8 @@ export class Spool {
       // a batch was fsynced into a file no directory named, acknowledged, and lost with the
       // process. What it holds not yet replayed goes to a new file first. (During a drain, its
       // compaction does that, after the drain's last read of the old file.)
-      if (!this.draining && await unlinked(fh)) {
+      const st = await fh.stat()
+      if (!this.draining && st.nlink === 0) {
         const relink = this.rewrite(fh)
         this.relinking = relink.catch(() => {})
         try {
@@ -281,6 +287,8 @@ export class Spool {
         }
         this.torn = false
         fh = await this.handle()
+      } else if (st.size < this.bytes) {
+        this.shortened(st.size)
       }
       try {
         this.bytes = await appendWhole(fh, data, this.bytes, this.torn)
@@ -323,6 +331,8 @@ export class Spool {
     if (end <= start || this.closed) return 0
     const fh = this.fh ?? await this.serial(async () => await this.handle())
     const { window, line: maxLine } = this.limits
+    // The file this drain reads by its offsets: cut short from outside meanwhile, it is not.
+    const shrinks = this.shrinks
     // Appends only ever write past `end`: reading up to it needs no lock.
     let replayed = 0
     // The start of a line that runs on past the window, held until its newline; none while
@@ -339,16 +349,16 @@ export class Spool {
       pending = []
       await commit(batch)
       replayed += batch.length
-      this.done = mark
+      if (this.shrinks === shrinks) this.done = mark
     }
-    for (let at = start; at < end;) {
+    for (let at = start; at < end && this.shrinks === shrinks;) {
       const { bytesRead, buffer } = await fh.read(Buffer.allocUnsafe(Math.min(window, end - at)), 0, Math.min(window, end - at), at)
       if (bytesRead === 0) break
       const data = buffer.subarray(0, bytesRead)
       const base = at
       at += bytesRead
       let pos = 0
-      for (let nl = data.indexOf(10); nl !== -1; nl = data.indexOf(10, pos)) {
+      for (let nl = data.indexOf(10); nl !== -1 && this.shrinks === shrinks; nl = data.indexOf(10, pos)) {
         if (skipping) skipping = false
         else {
           const piece = data.subarray(pos, nl)
@@ -367,8 +377,8 @@ export class Spool {
         pos = nl + 1
         mark = base + pos
         if (mark > this.countedTo) this.countedTo = mark
-        if (pending.length === 0) this.done = mark
-        else if (pending.length >= join) await flush()
+        if (pending.length >= join) await flush()
+        else if (pending.length === 0 && this.shrinks === shrinks) this.done = mark
       }
       if (skipping || pos === data.length) continue
       if (heldBytes + data.length - pos > maxLine) {
@@ -381,7 +391,7 @@ export class Spool {
         heldBytes += data.length - pos
       }
     }
-    if (pending.length > 0) await flush()
+    if (pending.length > 0 && this.shrinks === shrinks) await flush()
     await this.serial(async () => { await this.compact() })
     return replayed
   }
@@ -392,7 +402,10 @@ export class Spool {
     const fh = await this.handle()
     // The file is another process's now: its batches appended since must not be cut.
     await this.mustHold()
-    if (this.bytes === this.done && !await unlinked(fh)) {
+    const st = await fh.stat()
+    if (st.size < this.bytes) this.shortened(st.size)
+    if (this.done === 0) return
+    if (this.bytes === this.done && st.nlink !== 0) {
       await fh.truncate(0)
       await fh.datasync()
       this.cut()
@@ -434,6 +447,23 @@ export class Spool {
     // back the old file, replayed part and all, without them).
     this.unsynced = true
     await this.handle()
+  }
+
+  /**
+   * The file is `size` bytes, shorter than written: cut short from outside (an operator's
+   * `: > audit.spool`, a logrotate copytruncate). What it still holds is the start of what was
+   * written; the rest is gone. The spool goes on from its real end, on a line of its own (the cut
+   * may have left half a line: one corrupt line, skipped on replay), and replays what was not
+   * replayed of what is left. Before, it went on by the length it had written: the next append
+   * (O_APPEND: at the real end) joined a line cut mid-way, the acknowledged batch lost with it,
+   * and every compaction failed ("shorter than written"), the file never cut again.
+   */
+  private shortened (size: number): void {
+    this.bytes = size
+    this.done = Math.min(this.done, size)
+    this.countedTo = Math.min(this.countedTo, size)
+    this.torn = true
+    this.shrinks++
   }
 
   /** The replayed part is cut from the file: offsets from its new start. */

@@ -1,6 +1,6 @@
 import t, { type Test } from 'tap'
 import { createHash } from 'node:crypto'
-import { appendFileSync, chownSync, lchownSync, existsSync, mkdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
+import { appendFileSync, chownSync, truncateSync, lchownSync, existsSync, mkdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { FileHandle } from 'node:fs/promises'
@@ -492,6 +492,54 @@ t.test('spool: a spool file removed under it is made again; what it held and wha
   t.equal(await spool.drain(async batch => { seen.push(batch) }), 1)
   t.same(seen, [a, b, c], 'each once, in order')
   t.equal(statSync(spool.path).size, 0)
+})
+
+// A spool file cut short from outside (an operator's `: > audit.spool` to clear it, a
+// logrotate copytruncate, a restore): the spool went on by the length it had written. Its next
+// append landed (O_APPEND) at the file's real end, joined to a line cut mid-way there (the
+// acknowledged batch lost with it as one corrupt line), and every compaction after failed
+// ("shorter than written"): each replay said failed, the file never cut again while every new
+// batch went through it.
+t.test('spool: a spool file cut short from outside: the batches appended after come back whole, and it is compacted again', async t => {
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  t.teardown(() => spool.close())
+  const a = [entry(), entry()]
+  const b = [entry()]
+  await spool.append(a)
+  const aEnd = statSync(spool.path).size
+  await spool.append(b)
+  // Cut in the middle of b's line.
+  truncateSync(spool.path, aEnd + 10)
+  const c = [entry()]
+  await spool.append(c)
+  t.equal(spool.size, statSync(spool.path).size, 'the spool knows where its file ends')
+  const seen: AuditEntry[][] = []
+  t.equal(await spool.drain(async batch => { seen.push(batch) }), 3)
+  t.same(seen, [a, c], 'the batch acknowledged after the cut comes back whole')
+  t.equal(spool.corrupt, 1, 'what is left of the batch cut mid-way is one corrupt line')
+  t.equal(statSync(spool.path).size, 0, 'compacted')
+  // Emptied from outside, then appended to: replayed, and compacted.
+  await spool.append(a)
+  truncateSync(spool.path, 0)
+  await spool.append(b)
+  t.equal(await spool.drain(async batch => { seen.push(batch) }), 1)
+  t.same(seen.slice(2), [b])
+  t.equal(spool.size, 0)
+  t.equal(statSync(spool.path).size, 0, 'compacted')
+  // Emptied during a drain (b gone with it): its compaction does not fail, and the batch appended after is kept.
+  await spool.append(a)
+  await spool.append(b)
+  const d = [entry()]
+  const during: AuditEntry[][] = []
+  t.equal(await spool.drain(async batch => {
+    during.push(batch)
+    if (during.length === 1) { truncateSync(spool.path, 0); await spool.append(d) }
+  }), 2)
+  t.same(during, [a], 'the drain stops at the cut')
+  t.equal(await spool.drain(async batch => { during.push(batch) }), 1)
+  t.same(during, [a, d], 'the batch appended after the cut, once')
+  t.equal(statSync(spool.path).size, 0, 'compacted')
 })
 
 t.test('quarantine: a quarantine file removed under it is made again, with the records it held', async t => {
