@@ -620,12 +620,22 @@ export class Quarantine {
           throw err
         }
         this.fh = fh
-      } else if (await unlinked(this.fh)) {
-        // Removed under the open handle (a cleaner of the tmpdir, as for the spool): its records,
-        // which are nowhere else, go to a new file first, then this append. Before, records went
-        // on into a file no directory named, and were lost with the process.
-        this.fh = await this.relinked(this.fh)
-        this.torn = false
+      } else {
+        const st = await this.fh.stat()
+        if (st.nlink === 0) {
+          // Removed under the open handle (a cleaner of the tmpdir, as for the spool): its records,
+          // which are nowhere else, go to a new file first, then this append. Before, records went
+          // on into a file no directory named, and were lost with the process.
+          this.fh = await this.relinked(this.fh)
+          this.torn = false
+        } else if (st.size < this.bytes) {
+          // Emptied or cut short from outside (an operator who stored its entries by hand): it goes
+          // on from its real end, on a line of its own. Before, an append that failed then was cut
+          // back to the length written before, past the end: a run of NUL bytes the next record
+          // followed on its line, unreadable as JSON.
+          this.bytes = st.size
+          this.torn = true
+        }
       }
       try {
         this.bytes = await appendWhole(this.fh, data, this.bytes, this.torn)
@@ -679,11 +689,6 @@ async function copyRange (from: FileHandle, to: FileHandle, start: number, end: 
     at += bytesRead
   }
   return at - start
-}
-
-/** Whether the file of `fh` has been removed from every directory (nothing finds it after a crash). */
-async function unlinked (fh: FileHandle): Promise<boolean> {
-  return (await fh.stat()).nlink === 0
 }
 
 async function syncDir (dir: string): Promise<void> {

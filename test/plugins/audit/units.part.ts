@@ -556,6 +556,33 @@ t.test('quarantine: a quarantine file removed under it is made again, with the r
   t.same(ids, [a.id, b.id], 'the records it held, then the new one, in a file the directory names')
 })
 
+// An operator empties the quarantine once its entries are stored by hand (`: > audit.quarantine`):
+// the quarantine went on by the length it had written. An append that failed then (a full disk)
+// was cut back to that length, past the file's end: the file grew a run of NUL bytes, and the
+// next record followed them on its line, unreadable as JSON.
+t.test('quarantine: a quarantine file emptied from outside: a failed append after leaves nothing, the next record is a line of its own', async t => {
+  const dir = spoolDir(t)
+  const spool = await Spool.open(dir)
+  t.teardown(() => spool.close())
+  const record = (time: string): QuarantineRecord => ({ time, sqlstate: '22P02', error: 'refused', entry: entry() })
+  await spool.quarantine.append([record('a'), record('b')])
+  truncateSync(spool.quarantine.path, 0)
+  // The disk takes 7 bytes of the next append, then fails.
+  const fh = (spool.quarantine as unknown as { fh: FileHandle }).fh
+  const write = fh.write.bind(fh) as (data: Buffer, offset: number, length: number) => Promise<{ bytesWritten: number }>
+  let failNext = true
+  ;(fh as unknown as { write: typeof write }).write = async (data, offset, length) => {
+    if (failNext) { failNext = false; await write(data, offset, 7); throw new Error('ENOSPC: no space left on device, write') }
+    return await write(data, offset, length)
+  }
+  await t.rejects(spool.quarantine.append([record('c')]), /ENOSPC/)
+  t.equal(statSync(spool.quarantine.path).size, 0, 'nothing of the failed append is left')
+  await spool.quarantine.append([record('d')])
+  const text = readFileSync(spool.quarantine.path, 'utf8')
+  t.notOk(text.includes('\u0000'), 'no NUL bytes')
+  t.same(text.split('\n').filter(l => l !== '').map(l => (JSON.parse(l) as QuarantineRecord).time), ['d'], 'the record after, on a line of its own')
+})
+
 t.test('spool: a failed append whose cut fails too leaves a torn line of its own; the next batch is whole', async t => {
   const dir = spoolDir(t)
   for (const target of ['spool', 'quarantine'] as const) {
