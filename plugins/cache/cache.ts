@@ -832,6 +832,13 @@ export class ResponseCache {
 /** The tier's commands, as ioredis names them: its read, and its scripts (defineCommand's). */
 type TierCommand = 'mget' | 'evalsha'
 
+/**
+ * A Kernel call that failed as RFC 5861's stale-if-error has it: any 502, 503 or 504 (an expired
+ * entry answers instead). KERNEL_ERROR was left out: a Kernel answering 503 while it restarts (or
+ * its proxy, with no healthy upstream) got the client 502 for an entry kept for Kernel outages,
+ * until the breaker opened, and always with a Kernel failing some calls but not `threshold` in a
+ * row; so did a 2xx it could not pass on (an HTML maintenance page).
+ */
 function kernelDown (err: unknown): boolean {
-  return err instanceof MantleError && (err.code === 'KERNEL_UNAVAILABLE' || err.code === 'KERNEL_TIMEOUT')
+  return err instanceof MantleError && (err.code === 'KERNEL_UNAVAILABLE' || err.code === 'KERNEL_TIMEOUT' || err.code === 'KERNEL_ERROR')
 }

@@ -397,6 +397,33 @@ for (const { store, env } of STORES) {
     t.equal((await app2.inject({ method: 'GET', url: '/api/v1/items/a', headers })).statusCode, 503)
   })
 
+  t.test(`${store}: a Kernel that fails (a 5xx, a 2xx that is not JSON: 502 KERNEL_ERROR), breaker still closed, has an expired entry answer, marked stale`, async t => {
+    // RFC 5861's stale-if-error: a 502 is an error as a 503 or a 504 is. A Kernel that answers
+    // 503 (restarting, or its proxy with no healthy upstream) is down as one that refuses
+    // connections is; its expired entries answered 502 until the breaker opened, and never with
+    // a Kernel failing some calls but not `threshold` in a row.
+    const kernel = await itemKernel(t)
+    let now = Date.now()
+    const app = await buildTestApp(t, { ...env, BFF_CIRCUIT_BREAKER_THRESHOLD: 1000 }, { manifest: itemManifest(kernel.url), kernelUrl: kernel.url, cacheClock: () => now })
+    const headers = bearer({ tenant: tenant() })
+    for (const id of ['a', 'b']) t.equal((await app.inject({ method: 'GET', url: `/api/v1/items/${id}`, headers })).statusCode, 200)
+    kernel.on('GET /v1/items/a', (_req, res) => json(res, 503, { message: 'restarting' }))
+    kernel.on('GET /v1/items/b', (_req, res) => { res.writeHead(200, { 'content-type': 'text/html' }); res.end('<html>maintenance</html>') })
+    now += 60_000 // expired (no swr on getItem)
+    for (const id of ['a', 'b']) {
+      const stale = await app.inject({ method: 'GET', url: `/api/v1/items/${id}`, headers })
+      t.equal(stale.statusCode, 200, `${id}: ${stale.body}`)
+      t.equal(stale.headers['x-cache'], 'stale', id)
+      t.equal(stale.json().n, id === 'a' ? 1 : 2, id)
+    }
+    t.equal(app.kernel.breakerState(), 'closed', 'the breaker did not open')
+    t.equal(kernel.reads(), 4, 'the Kernel was asked')
+    now += 400_000 // beyond what is kept for a Kernel outage
+    const gone = await app.inject({ method: 'GET', url: '/api/v1/items/a', headers })
+    t.equal(gone.statusCode, 502)
+    t.equal(gone.json().code, 'KERNEL_ERROR')
+  })
+
   t.test(`${store}: an invalidation racing a refill in flight does not let the refill put the old answer back`, async t => {
     const kernel = await itemKernel(t)
     const { release } = versionedItem(kernel, 1)
