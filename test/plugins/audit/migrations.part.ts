@@ -15,7 +15,7 @@ import { testConfig, SECRET, until } from '../../helper.js'
 import { migrate, migrationStatus } from '../../../plugins/audit/migrations.js'
 import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
 import { main as migrateMain } from '../../../scripts/migrate.js'
-import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_URL, PG_PORT } from './db.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, PG_URL, PG_PORT, MIGRATE_SOURCES } from './db.js'
 import { entry } from './entries.js'
 import { startTcpProxy } from '../../proxy.js'
 
@@ -275,7 +275,7 @@ if (available) {
     const root = fileURLToPath(new URL('../../../', import.meta.url))
     const base = mkdtempSync(join(tmpdir(), 'mantle-no-migrations-'))
     t.teardown(() => rmSync(base, { recursive: true, force: true }))
-    for (const file of ['scripts/migrate.ts', 'plugins/audit/migrations.ts', 'schemas/config.ts', 'plugins/auth/keys.ts', 'read-json.ts', 'cli.ts', 'package.json']) cpSync(join(root, file), join(base, file))
+    for (const file of [...MIGRATE_SOURCES, 'package.json']) cpSync(join(root, file), join(base, file))
     symlinkSync(join(root, 'node_modules'), join(base, 'node_modules'))
     for (const command of ['status', 'up']) {
       const run = spawnSync(process.execPath, ['--import', 'tsx', 'scripts/migrate.ts', command], { cwd: base, env: { ...process.env, DATABASE_URL: PG_URL }, encoding: 'utf8', timeout: 60_000 })

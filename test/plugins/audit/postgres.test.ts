@@ -12,7 +12,7 @@ import { ConfigError } from '../../../schemas/config.js'
 import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, drained, until, SECRET } from '../../helper.js'
 import { connect } from '../../adapters/websocket-helper.js'
-import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, startPoolerProxy, PG_URL } from './db.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, startPoolerProxy, PG_URL, MIGRATE_SOURCES } from './db.js'
 import { main as migrateMain } from '../../../scripts/migrate.js'
 import type { AuditEntry } from '../../../plugins/audit/index.js'
 import type { AuditPage } from '../../../plugins/audit/entry.js'
@@ -1032,7 +1032,7 @@ if (await postgresAvailable()) {
     const base = mkdtempSync(join(tmpdir(), 'mantle migrate '))
     t.teardown(() => rmSync(base, { recursive: true, force: true }))
     // The script and what it imports: the migrations, and the check of DATABASE_URL (schemas/config.ts).
-    for (const file of ['scripts/migrate.ts', 'plugins/audit/migrations.ts', 'schemas/config.ts', 'plugins/auth/keys.ts', 'read-json.ts']) cpSync(join(root, file), join(base, file))
+    for (const file of MIGRATE_SOURCES) cpSync(join(root, file), join(base, file))
     cpSync(join(root, 'migrations'), join(base, 'migrations'), { recursive: true })
     cpSync(join(root, 'package.json'), join(base, 'package.json'))
     symlinkSync(join(root, 'node_modules'), join(base, 'node_modules'))
