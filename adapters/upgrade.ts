@@ -1,7 +1,7 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
-import { longestTimeoutMs, type Manifest } from '../manifest.js'
+import type { Pipeline } from '../plugins/pipeline/index.js'
 
 /**
  * Sockets of the shared WebSocket server whose face closes them itself at shutdown, once their
@@ -20,9 +20,15 @@ export const closedByTheirFace = new WeakSet<WebSocket>()
  */
 export const ANSWER_MARGIN_MS = 1000
 
-/** How long a WebSocket face's shutdown waits for its calls in flight (/ws, /trpc). */
-export function inFlightBoundMs (manifest: Manifest): number {
-  return longestTimeoutMs(manifest) + ANSWER_MARGIN_MS
+/**
+ * How long a WebSocket face's shutdown waits for its calls in flight (/ws, /trpc): by the longest
+ * timeout of every manifest applied since start-up, as server.ts' grace, since a call that started
+ * before a reload runs on with its old deadline. By the manifest in force alone, a reload that
+ * shortened a timeout let the drain close a socket with 1001 while such a call still ran: its
+ * answer was lost (a mutation carried out at the Kernel, its client never told).
+ */
+export function inFlightBoundMs (pipeline: Pick<Pipeline, 'longestTimeoutMs'>): number {
+  return pipeline.longestTimeoutMs + ANSWER_MARGIN_MS
 }
 
 /**

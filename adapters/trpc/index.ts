@@ -706,7 +706,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         const busy = open.map(socket => contexts.get(socket)).filter(ctx => ctx !== undefined && ctx.inFlight > 0) as TrpcContext[]
         if (busy.length > 0) {
           let timer: NodeJS.Timeout | undefined
-          const bound = new Promise<void>(resolve => { timer = setTimeout(resolve, inFlightBoundMs(app.pipeline.manifest)) })
+          const bound = new Promise<void>(resolve => { timer = setTimeout(resolve, inFlightBoundMs(app.pipeline)) })
           await Promise.race([Promise.all(busy.map(async ctx => { await new Promise<void>(resolve => { ctx.idle = resolve; ctx.socket?.once('close', () => { resolve() }) }) })), bound])
           clearTimeout(timer)
           // The last answers go out once their resolve has returned: tRPC sends them a few

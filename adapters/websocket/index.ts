@@ -101,7 +101,7 @@ export function createWebSocketFace (settings: Partial<WebSocketFaceSettings> = 
       // The calls in flight are let finish and answered first, as HTTP requests are: each ends
       // by its operation's timeoutMs, which the shutdown's grace allows (server.ts), so the wait
       // is bounded by the longest of them and the time an answer then takes (inFlightBoundMs).
-      const calls = new Promise<void>(resolve => { timer = setTimeout(resolve, inFlightBoundMs(app.pipeline.manifest)) })
+      const calls = new Promise<void>(resolve => { timer = setTimeout(resolve, inFlightBoundMs(app.pipeline)) })
       await Promise.race([Promise.all([...connections].map(async c => await c.drain())), calls])
       clearTimeout(timer)
       const grace = new Promise<void>(resolve => { timer = setTimeout(resolve, limits.closeGraceMs) })

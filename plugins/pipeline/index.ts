@@ -5,7 +5,7 @@ import { addGatewayFormats } from '../../formats.js'
 import { compiledOnce } from '../../compiled.js'
 import fastJson from 'fast-json-stringify'
 import { ownFieldsOnly } from '../../own-properties.js'
-import { canonicalJson, type Manifest, type Operation } from '../../manifest.js'
+import { canonicalJson, longestTimeoutMs, type Manifest, type Operation } from '../../manifest.js'
 import { MantleError, describeValidation } from '../../errors.js'
 import type { CallContext } from './context.js'
 import { addUniqueItems } from './unique-items.js'
@@ -67,6 +67,13 @@ export interface OperationEntry {
 export interface Pipeline {
   /** The manifest in force: the start-up one, or the last one a reload applied. */
   readonly manifest: Manifest
+  /**
+   * The longest operation `timeoutMs` of every manifest in force since start-up: what a call in
+   * flight may still take, a call still running on a chain a reload replaced keeping its own
+   * deadline (the manifest in force alone let a shutdown's drain cut it after a reload that
+   * shortened a timeout).
+   */
+  readonly longestTimeoutMs: number
   addStage: (definition: StageDefinition) => void
   setTerminal: (factory: (op: Operation) => Next) => void
   /** Wraps every stage, and the Kernel call as the stage `kernel`, at compile time (one wrapper). */
@@ -101,10 +108,12 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
   for (const op of manifest.operations) entries.set(op.name, { op, run: notReady, stages: [], serialize: outputSerializer(op) })
   let compiled = false
   let current = manifest
+  let longest = longestTimeoutMs(manifest)
   let ordered: StageDefinition[] = []
 
   return {
     get manifest () { return current },
+    get longestTimeoutMs () { return longest },
     addStage (definition) {
       if (compiled) throw new Error(`stage ${definition.name} added after the pipeline was compiled`)
       if (definitions.some(d => d.name === definition.name)) throw new Error(`stage ${definition.name} is added twice`)
@@ -147,6 +156,7 @@ export function createPipeline (manifest: Manifest): Pipeline & { compile: () =>
         entry.stages = b.stages
       }
       current = next
+      longest = Math.max(longest, longestTimeoutMs(next))
       return []
     }
   }

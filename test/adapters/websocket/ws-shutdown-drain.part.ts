@@ -5,10 +5,14 @@
 // once with 1001 and the answer of a call in flight was lost (a mutation carried out at the
 // Kernel, its client never told; wsLink reported "WebSocket closed").
 import t from 'tap'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import WebSocket from 'ws'
 import { buildApp } from '../../../app.js'
 import { startTestKernel, testManifest, testConfig, json, token, until } from '../../helper.js'
 import type { AuditStore } from '../../../plugins/audit/entry.js'
+import { loadManifestFile } from '../../../manifest.js'
 
 /** The audit entries of `poke`, oldest first: read from the store, which outlives the closed app. */
 async function pokes (store: AuditStore): Promise<string[]> {
@@ -117,5 +121,54 @@ for (const face of FACES) {
     await s.closed
     const told = face.notifies ? [{ reconnect: true }] : []
     t.same(s.seen, [...told, { id: 1, ok: false, code: 'KERNEL_TIMEOUT' }, { close: 1001 }])
+  })
+}
+
+// A reload that shortened an operation's timeoutMs, then a shutdown: a call that started before
+// the reload runs on the chain it started on, with its old, longer deadline (README, "Changing
+// the manifest without a restart"). The drain waited only for the timeouts of the manifest in
+// force, closed the socket with 1001 while that call still ran, and its answer was lost (a
+// mutation carried out at the Kernel, its client never told). server.ts' grace already kept
+// the longest of every manifest applied since start-up; the faces' drains did not.
+for (const face of FACES) {
+  t.test(`${face.path}: at shutdown after a reload shortened the timeout, a call that started before it is still answered before the close`, async t => {
+    const dir = mkdtempSync(join(tmpdir(), 'mantle-drain-reload-'))
+    t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+    const file = join(dir, 'manifest.yaml')
+    const doc = (timeoutMs: number): string => `version: 1
+kernel: { url: "http://127.0.0.1:1" }
+operations:
+  poke: { type: mutation, rest: POST /poke, kernel: POST /poke, output: { type: boolean }, timeoutMs: ${timeoutMs} }
+`
+    writeFileSync(file, doc(8000))
+    let release!: () => void
+    const gate = new Promise<void>(resolve => { release = resolve })
+    let calls = 0
+    const kernel = await startTestKernel(t, { 'POST /poke': async (_req, res) => { calls++; await gate; json(res, 200, true) } })
+    const app = await buildApp(testConfig({ ...face.env, BFF_MANIFEST: file }), { logger: false, manifest: await loadManifestFile(file), kernelUrl: kernel.url, manifestSettleMs: 10 })
+    t.teardown(() => app.close())
+    await app.listen({ port: 0, host: '127.0.0.1' })
+    const { port } = app.server.address() as { port: number }
+    const ws = new WebSocket(`ws://127.0.0.1:${port}${face.path}?access_token=${token()}`)
+    t.teardown(() => ws.terminate())
+    await new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject) })
+    const seen: Array<{ id: unknown, ok: boolean, code?: string } | { close: number }> = []
+    ws.on('message', (data) => {
+      const frame = JSON.parse(data.toString())
+      if (frame.id !== undefined && frame.id !== null) seen.push(face.answer(frame))
+    })
+    const closed = new Promise<void>(resolve => ws.once('close', (code: number) => { seen.push({ close: code }); resolve() }))
+    ws.send(face.call(1, 'poke'))
+    await until(() => calls === 1, 'the call at the Kernel')
+    writeFileSync(file, doc(100))
+    t.same(await app.reloadManifest(), { applied: true, reasons: [] })
+    const closing = app.close()
+    // Past the drain's bound under the new manifest (100 ms and the answer's margin, 1 s), well
+    // within the old one's: the call's own deadline is 8 s.
+    await Promise.race([closed, new Promise(resolve => setTimeout(resolve, 3000))])
+    release()
+    await closed
+    await closing
+    t.same(seen, [{ id: 1, ok: true, code: undefined }, { close: 1001 }], 'the answer, then the close')
   })
 }
