@@ -61,7 +61,7 @@ export const ConfigSchema = Type.Object({
   BFF_COMPRESSION_ENABLED: Flag('br / gzip / deflate response compression of bodies over 1 KB'),
   BFF_LOAD_SHEDDING_ENABLED: Flag('503 OVERLOADED past the BFF_MAX_* bounds (@fastify/under-pressure)'),
   BFF_MAX_EVENT_LOOP_DELAY_MS: Type.Integer({ minimum: 0, default: 500, description: 'mean event-loop delay (ms, sampled each second) beyond which requests are shed; 0: not checked' }),
-  BFF_MAX_HEAP_BYTES: Type.Optional(Type.Integer({ minimum: 0, description: 'heap used (bytes) beyond which requests are shed; default 90% of the V8 heap limit; 0: not checked' })),
+  BFF_MAX_HEAP_BYTES: Type.Optional(Type.Integer({ minimum: 0, description: 'heap used (bytes) beyond which requests are shed; default 90% of the V8 old-generation limit (--max-old-space-size); 0: not checked' })),
   BFF_MAX_RSS_BYTES: Type.Integer({ minimum: 0, default: 0, description: 'resident memory (bytes) beyond which requests are shed; 0: not checked' }),
   BFF_OPENAPI_ENABLED: Flag('/openapi.json and /docs'),
   BFF_CIRCUIT_BREAKER_ENABLED: Flag('Kernel retries and circuit breaker (the bulkhead, kernel.maxInFlight, always applies)'),

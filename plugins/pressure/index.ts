@@ -17,7 +17,7 @@ import { PROBE_PATHS } from '../../probes.js'
 export interface PressureOptions {
   /** Mean event-loop delay (ms) over one sample beyond which requests are shed; 0: not checked. */
   maxEventLoopDelayMs: number
-  /** Heap used (bytes); 0: not checked; undefined: 90% of V8's heap limit. */
+  /** Heap used (bytes); 0: not checked; undefined: 90% of V8's old-generation limit (defaultHeapBound). */
   maxHeapBytes?: number | undefined
   /** Resident set size (bytes); 0: not checked. */
   maxRssBytes: number
@@ -54,8 +54,33 @@ declare module 'fastify' {
  */
 export const EXEMPT_ROUTES: ReadonlySet<string> = new Set([...PROBE_PATHS, '/diagz'])
 
-/** The default heap bound: 90% of the heap V8 may grow to, beyond which it is about to fail. */
-export const defaultHeapBound = (): number => Math.floor(getHeapStatistics().heap_size_limit * 0.9)
+/**
+ * V8's young generation at its largest: three semi-spaces, 16 MiB each on 64-bit unless
+ * `--max-semi-space-size` (MiB) says otherwise, in Node's arguments or NODE_OPTIONS.
+ */
+export function youngGenerationBytes (argv: readonly string[] = [...process.execArgv, ...(process.env.NODE_OPTIONS ?? '').split(/\s+/)]): number {
+  let semiMiB = 16
+  for (const arg of argv) {
+    const m = /^--max[-_]semi[-_]space[-_]size=(\d+)$/.exec(arg)
+    if (m !== null) semiMiB = Number(m[1])
+  }
+  return 3 * semiMiB * 2 ** 20
+}
+
+/**
+ * The default heap bound: 90% of the old generation's limit (`--max-old-space-size`), beyond
+ * which the process is about to fail. V8's heap_size_limit is that limit plus the young
+ * generation, and a heap filled with live objects dies when its old generation is full, its
+ * heapUsed then the old generation and one semi-space at most: 90% of heap_size_limit was never
+ * reached with --max-old-space-size=256 (274 MiB; the process died at 253) nor deploy/k8s' 384
+ * (389 MiB; it died at 372), and the heap bound shed nothing.
+ */
+export const defaultHeapBound = (): number => {
+  const limit = getHeapStatistics().heap_size_limit
+  const young = youngGenerationBytes()
+  // A young generation said to be half the heap or more is none we know of: the whole limit then.
+  return Math.floor((young < limit / 2 ? limit - young : limit) * 0.9)
+}
 
 async function pressurePlugin (app: FastifyInstance, opts: PressureOptions): Promise<void> {
   const limits = {

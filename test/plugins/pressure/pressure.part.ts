@@ -1,5 +1,7 @@
 import t from 'tap'
 import type { FastifyInstance } from 'fastify'
+import { spawnSync } from 'node:child_process'
+import { fileURLToPath } from 'node:url'
 import { WebSocket } from 'ws'
 import { createClient } from 'graphql-ws'
 import { buildApp } from '../../../app.js'
@@ -234,4 +236,33 @@ t.test('each bound that is checked has its shed counter from 0: the first sheddi
   t.teardown(() => off.close())
   await off.ready()
   t.notMatch((await off.inject({ method: 'GET', url: '/metrics' })).body, /^mantle_load_shed_total\{/m)
+})
+
+// The default heap bound was 90% of V8's heap_size_limit, which is --max-old-space-size plus the
+// young generation (48 MiB: three 16 MiB semi-spaces). A heap filled with live objects dies of
+// out-of-memory when the old generation is full, its heapUsed then at most the old generation and
+// one semi-space: below the bound with --max-old-space-size=64 (62 of 101 MiB), 256 (253 of 274)
+// and deploy/k8s' 384 (372 of 389). The heap bound never shed: the process died instead. (Its
+// check is one heap figure per call in the test; the plugin samples it each second.)
+t.test('the default heap bound is reached before the heap runs out: a filling heap is shed, not killed', async t => {
+  const script = `
+    const { defaultHeapBound } = await import('./plugins/pressure/index.ts')
+    const bound = defaultHeapBound()
+    const keep = []
+    for (let i = 0; ; i++) {
+      keep.push(Array.from({ length: 1000 }, (_, x) => ({ x, i })))
+      const used = process.memoryUsage().heapUsed
+      if (used > bound) { console.log('past the bound at ' + Math.round(used / 2 ** 20) + ' MiB'); process.exit(0) }
+    }`
+  // The last: semi-spaces of 32 MiB (a young generation of 96), as a flag may set them.
+  for (const flags of [['--max-old-space-size=64'], ['--max-old-space-size=256'], ['--max-old-space-size=128', '--max-semi-space-size=32']]) {
+    const child = spawnSync(process.execPath, [...flags, '--import', 'tsx', '--input-type=module', '-e', script], {
+      cwd: fileURLToPath(new URL('../../../', import.meta.url)),
+      env: { ...process.env, NODE_OPTIONS: '', NODE_V8_COVERAGE: '' },
+      encoding: 'utf8',
+      timeout: 120_000
+    })
+    t.match(child.stdout, /^past the bound at \d+ MiB/, `${flags.join(' ')}: the bound is passed while the process lives (exit ${String(child.status)}, ${child.signal ?? 'no signal'}; ${child.stderr.split('\n').find(l => /heap|memory/i.test(l)) ?? ''})`)
+    t.equal(child.status, 0)
+  }
 })
