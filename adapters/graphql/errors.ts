@@ -35,13 +35,26 @@ function headersOf (error: GraphQLError): Record<string, string> | null {
 
 const isContractCode = (code: unknown): code is ErrorCode => typeof code === 'string' && Object.hasOwn(ErrorCodes, code)
 
+/**
+ * Whether an error of execution is graphql's refusal of a field's arguments as the variables make
+ * them (graphql-js' getArgumentValues, and graphql-jit's, word for word: `Argument "id" of non-null
+ * type "String!" must not be null.`): a variable of a nullable type with a default may stand
+ * where a non-null value is wanted, and a `null` the client sends for it is refused only as the
+ * field runs, before its resolver. The client's mistake, not an answer the schema cannot carry:
+ * it was a KERNEL_ERROR (502), no call having run. Serialization errors never begin so.
+ */
+function isArgumentError (error: GraphQLError): boolean {
+  return error.message.startsWith('Argument "')
+}
+
 /** Where mercurius wraps the errors of a refused document (parse, validation, variables). */
 interface Wrapped { errors?: unknown, statusCode?: unknown }
 
 /**
  * One error in the contract's shape. Errors that already carry a contract code (a failed call,
  * a limit) keep it. GraphQL's own errors are VALIDATION_FAILED when the document was refused
- * (syntax, validation, variables) and KERNEL_ERROR when they come from execution: resolvers
+ * (syntax, validation, variables) or a field's arguments were (isArgumentError), and KERNEL_ERROR
+ * when they come from execution otherwise: resolvers
  * only throw contract errors, so these are answers the schema cannot serialize (an enum value
  * the manifest does not list), as runCall says of answers its output schema refuses. Other
  * errors (Fastify's: body too large, wrong media type, malformed JSON) map as REST maps them.
@@ -60,7 +73,7 @@ function formatOne (error: GraphQLError, refused: boolean, requestId: string, lo
   }
   const original = error.originalError
   if (original === undefined || original instanceof GraphQLError) {
-    return { ...json, extensions: refused ? { code: 'VALIDATION_FAILED', status: 400, requestId } : { code: 'KERNEL_ERROR', status: 502, requestId } }
+    return { ...json, extensions: refused || isArgumentError(error) ? { code: 'VALIDATION_FAILED', status: 400, requestId } : { code: 'KERNEL_ERROR', status: 502, requestId } }
   }
   const { problem, headers } = toProblem(original, requestId)
   if (problem.code === 'INTERNAL') log(original)
