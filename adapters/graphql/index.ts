@@ -706,13 +706,28 @@ const JIT_MARKER = '__MAGIC_'
  *   the pipeline's checks read its members as the object's (inherited ones);
  * - a variable named as a member of Object.prototype (`$constructor`, `$toString`): the compiled
  *   form reads a variable from the request's without asking whether it is their own, and one
- *   left out was the inherited function (a 400, "String cannot represent a non string value").
+ *   left out was the inherited function (a 400, "String cannot represent a non string value");
+ * - a directive's argument given by a variable of a nullable type with a default
+ *   (`@skip(if: $v)`, `$v: Boolean = true`): sent as null, graphql-js refuses it (a 400, or the
+ *   field's VALIDATION_FAILED below the root), and the compiled form left the field out, a 200:
+ *   the same request was answered two ways, before and after the text was compiled.
  */
 function jitMisreads (document: DocumentNode): boolean {
   let found = misread.get(document)
   if (found === undefined) {
     found = false
     let depth = 0
+    // Variables of a nullable type with a default (`$v: Boolean = true`), which may stand in a
+    // directive's `if: Boolean!`: graphql-jit reads one sent as null as false for @include and
+    // for @skip (it compiles `$v === true`, `$v === false`), where graphql-js refuses the null.
+    let defaulted: Set<string> | null = null
+    for (const definition of document.definitions) {
+      if (definition.kind !== Kind.OPERATION_DEFINITION) continue
+      for (const variable of definition.variableDefinitions ?? []) {
+        if (variable.defaultValue !== undefined && variable.type.kind !== Kind.NON_NULL_TYPE) (defaulted ??= new Set()).add(variable.variable.name.value)
+      }
+    }
+    const nullable = defaulted
     const stop = (): typeof BREAK => {
       found = true
       return BREAK
@@ -724,7 +739,14 @@ function jitMisreads (document: DocumentNode): boolean {
       StringValue (node) { return node.value.includes(JIT_MARKER) ? stop() : undefined },
       EnumValue (node) { return node.value.includes(JIT_MARKER) ? stop() : undefined },
       ObjectField (node) { return node.name.value === '__proto__' || node.name.value.includes(JIT_MARKER) ? stop() : undefined },
-      VariableDefinition (node) { return inheritedName(node.variable.name.value) ? stop() : undefined }
+      VariableDefinition (node) { return inheritedName(node.variable.name.value) ? stop() : undefined },
+      Directive (node) {
+        if (nullable === null) return undefined
+        for (const argument of node.arguments ?? []) {
+          if (argument.value.kind === Kind.VARIABLE && nullable.has(argument.value.name.value)) return stop()
+        }
+        return undefined
+      }
     })
     misread.set(document, found)
   }
