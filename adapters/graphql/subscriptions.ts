@@ -17,6 +17,7 @@ import { atExpiry } from '../expiry.js'
 import { decisions, messageGuardOf, type Decision } from '../face.js'
 import { clientAddress } from '../../address.js'
 import { forbiddenKey, MAY_HOLD_FORBIDDEN_KEY } from '../../own-properties.js'
+import { MAX_ID_LENGTH } from '../websocket/frames.js'
 
 // Subscriptions ride on mercurius' graphql-ws server (`subscription` option). What this module
 // adds: identity per connection, event streams from the events plugin's bus scoped to the
@@ -740,6 +741,10 @@ export function createSubscriptions (app: FastifyInstance, settings: Subscriptio
         // and ended the process, every tenant's connections with it.
         if (id !== undefined && id !== null && typeof id !== 'string' && typeof id !== 'number') return invalid(null, 'Invalid message: an id must be a string')
         if (transport && (type === subscribe || type === complete) && (typeof id !== 'string' || id === '')) return invalid(id, `Invalid message: a ${type} needs an id string`)
+        // A subscription's id goes into each of its frames: of any length up to the frame limit,
+        // 50 subscriptions under 60 KB ids made each event of the tenant 3 MB of frames for that
+        // one connection (8.4 KB with short ids). Bounded as /ws bounds its frame ids; not echoed.
+        if (type === subscribe && typeof id === 'string' && id.length > MAX_ID_LENGTH) return invalid(null, `Invalid message: an id holds at most ${MAX_ID_LENGTH} characters`)
         // A subscribe is refused for its id, as a malformed one is, and the connection stays open
         // (graphql-transport-ws: one before connection_init closes with 4401, below); any other
         // such message is one the protocol does not define.

@@ -138,8 +138,10 @@ t.test('what a client leaves unread is counted in UTF-8 bytes: no frame is queue
   const peaked = peakBuffered(server)
   const socket = (c.ws as unknown as { _socket: { pause: () => void, resume: () => void } })._socket
   socket.pause()
-  // Each refusal echoes the id: two UTF-8 bytes a character.
-  const junk = JSON.stringify({ type: 'subscribe', id: 'é'.repeat(200 * 1024), payload: { query: '{' } })
+  // Each refusal echoes the variable's value, twice (graphql's message names it twice): 200 Ki
+  // two-byte characters in all. (It echoed the id, which now holds at most 128 characters:
+  // graphql-subscription-ids.part.ts.)
+  const junk = JSON.stringify({ type: 'subscribe', id: '1', payload: { query: 'subscription ($v: Boolean!) { runUpdated @include(if: $v) { id } }', variables: { v: 'é'.repeat(100 * 1024) } } })
   for (let sent = 0; sent < 200 && server.readyState === WebSocket.OPEN; sent++) {
     c.ws.send(junk)
     await new Promise(resolve => setTimeout(resolve, 5))
