@@ -249,9 +249,9 @@ export function peakBuffered (server: WebSocket): () => { peak: number, before: 
   return () => ({ peak, before, step })
 }
 
-/** An initialised raw graphql-transport-ws socket on `url`: the frames it got, a sender, and how it closed. */
-export async function openGraphqlWs (t: Teardown, url: string, options: ClientOptions = {}): Promise<{ ws: WebSocket, frames: any[], send: (m: unknown) => void, closed: () => [number, string] | null }> {
-  const ws = new WebSocket(url, 'graphql-transport-ws', { headers: { authorization: `Bearer ${token({ roles: ['viewer'] })}` }, ...options })
+/** An initialised raw socket on `url` in `protocol` (graphql-transport-ws, or the legacy graphql-ws): the frames it got, a sender, and how it closed. */
+export async function openGraphqlWs (t: Teardown, url: string, options: ClientOptions = {}, protocol = 'graphql-transport-ws'): Promise<{ ws: WebSocket, frames: any[], send: (m: unknown) => void, closed: () => [number, string] | null }> {
+  const ws = new WebSocket(url, protocol, { headers: { authorization: `Bearer ${token({ roles: ['viewer'] })}` }, ...options })
   t.teardown(() => ws.terminate())
   const frames: any[] = []
   let closed: [number, string] | null = null

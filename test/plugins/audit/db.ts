@@ -191,3 +191,23 @@ export async function startPoolerProxy (t: Teardown): Promise<{ port: number, st
  * their own, and a new import of the script's (cli.ts) failed one of them.
  */
 export const MIGRATE_SOURCES: readonly string[] = ['scripts/migrate.ts', 'plugins/audit/migrations.ts', 'schemas/config.ts', 'plugins/auth/keys.ts', 'read-json.ts', 'cli.ts']
+
+/**
+ * The statements `run` sends PostgreSQL (reads and writes: every query of a pg client meanwhile),
+ * each with its parameters.
+ */
+export async function statementsOf (run: () => Promise<unknown>, match = /^\s*(WITH|SELECT|DELETE)/): Promise<Array<{ text: string, values: unknown[] }>> {
+  const seen: Array<{ text: string, values: unknown[] }> = []
+  const query = pg.Client.prototype.query
+  pg.Client.prototype.query = function (this: pg.Client, q: string | pg.QueryConfig, values?: unknown) {
+    const text = typeof q === 'string' ? q : q.text
+    if (match.test(text)) seen.push({ text, values: (typeof q === 'string' ? values : q.values) as unknown[] ?? [] })
+    return (query as (...args: unknown[]) => unknown).apply(this, [...arguments])
+  } as typeof query
+  try {
+    await run()
+  } finally {
+    pg.Client.prototype.query = query
+  }
+  return seen
+}

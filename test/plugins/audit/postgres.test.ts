@@ -12,7 +12,7 @@ import { ConfigError } from '../../../schemas/config.js'
 import { startKernel } from '../../../kernel/server.js'
 import { testConfig, bearer, drained, until, SECRET } from '../../helper.js'
 import { connect } from '../../adapters/websocket-helper.js'
-import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, startPoolerProxy, PG_URL, MIGRATE_SOURCES } from './db.js'
+import { postgresAvailable, createTestDatabase, databaseUrl, sql, spoolDir, startPoolerProxy, statementsOf, PG_URL, MIGRATE_SOURCES } from './db.js'
 import { main as migrateMain } from '../../../scripts/migrate.js'
 import type { AuditEntry } from '../../../plugins/audit/index.js'
 import type { AuditPage } from '../../../plugins/audit/entry.js'
@@ -62,26 +62,6 @@ async function restCalls (app: FastifyInstance, url: string, n: number, prefix =
     if (res.statusCode !== 200) throw new Error(res.body)
   }
   return ids
-}
-
-/**
- * The statements `run` sends PostgreSQL (reads and writes: every query of a pg client meanwhile),
- * each with its parameters.
- */
-async function statementsOf (run: () => Promise<unknown>, match = /^\s*(WITH|SELECT|DELETE)/): Promise<Array<{ text: string, values: unknown[] }>> {
-  const seen: Array<{ text: string, values: unknown[] }> = []
-  const query = pg.Client.prototype.query
-  pg.Client.prototype.query = function (this: pg.Client, q: string | pg.QueryConfig, values?: unknown) {
-    const text = typeof q === 'string' ? q : q.text
-    if (match.test(text)) seen.push({ text, values: (typeof q === 'string' ? values : q.values) as unknown[] ?? [] })
-    return (query as (...args: unknown[]) => unknown).apply(this, [...arguments])
-  } as typeof query
-  try {
-    await run()
-  } finally {
-    pg.Client.prototype.query = query
-  }
-  return seen
 }
 
 interface PlanNode { 'Node Type': string, 'Index Name'?: string, 'Index Cond'?: string, 'Rows Removed by Filter'?: number, Plans?: PlanNode[] }

@@ -1,9 +1,8 @@
 // Verify at the edges of a walk: what retention does between the walk's reads.
 import t from 'tap'
-import pg from 'pg'
 import type { AuditEntry, AuditPage, AuditStore, ChainSource } from '../../../plugins/audit/entry.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
-import { postgresAvailable, pgStore, sql } from './db.js'
+import { postgresAvailable, pgStore, sql, statementsOf } from './db.js'
 import { entry } from './entries.js'
 import { bearer, buildDemoApp, drained } from '../../helper.js'
 
@@ -98,19 +97,7 @@ t.test('GET /admin/audit: a from with a fraction finer than the millisecond leav
 
 /** The statements `run` sends that read the audit entries, with their parameters. */
 async function readsOf (run: () => Promise<unknown>): Promise<Array<{ text: string, values: unknown[] }>> {
-  const seen: Array<{ text: string, values: unknown[] }> = []
-  const query = pg.Client.prototype.query
-  pg.Client.prototype.query = function (this: pg.Client, q: string | pg.QueryConfig, values?: unknown) {
-    const text = typeof q === 'string' ? q : q.text
-    if (/^\s*SELECT/.test(text) && text.includes('bff_audit_entries')) seen.push({ text, values: (typeof q === 'string' ? values : q.values) as unknown[] ?? [] })
-    return (query as (...args: unknown[]) => unknown).apply(this, [...arguments])
-  } as typeof query
-  try {
-    await run()
-  } finally {
-    pg.Client.prototype.query = query
-  }
-  return seen
+  return await statementsOf(run, /^\s*SELECT[\s\S]*bff_audit_entries/)
 }
 
 interface PlanNode { 'Rows Removed by Filter'?: number, Plans?: PlanNode[] }
