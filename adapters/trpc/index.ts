@@ -2,7 +2,7 @@ import { clientRequestId, uuidv7 } from '../../ids.js'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { TRPCError } from '@trpc/server'
 import { incomingMessageToRequest } from '@trpc/server/adapters/node-http'
-import { getWSConnectionHandler } from '@trpc/server/adapters/ws'
+import { getWSConnectionHandler, jsonEncoder, type Encoder } from '@trpc/server/adapters/ws'
 import { resolveResponse, type TRPCRequestInfo } from '@trpc/server/http'
 import type { WebSocket } from 'ws'
 import type { IncomingHttpHeaders, IncomingMessage } from 'node:http'
@@ -109,6 +109,31 @@ function unreadableParams (error: TRPCError): string {
   return error.cause instanceof SyntaxError
     ? 'The connectionParams message is not JSON'
     : 'The connectionParams message must be {"method":"connectionParams","data":{<name>:<string>}}'
+}
+
+/**
+ * A query's or mutation's `params.lastEventId`, dropped: @trpc/server's WebSocket adapter put it
+ * into every call's input (`{ ...input, lastEventId }`, or `{ lastEventId }` for none), where over
+ * HTTP it puts a `Last-Event-ID` into a subscription's alone. The same call then differed by face:
+ * an input schema without `additionalProperties: false` sent the Kernel a `lastEventId` its
+ * client never put in the input, one with it refused the call VALIDATION_FAILED. A
+ * subscription's is kept, and refused there as any input is (tRPC's `lastEventId`, README).
+ */
+function dropLastEventId (call: unknown): void {
+  if (call === null || typeof call !== 'object' || (call as { method?: unknown }).method === 'subscription') return
+  const params = (call as { params?: unknown }).params
+  if (params !== null && typeof params === 'object' && Object.hasOwn(params, 'lastEventId')) delete (params as { lastEventId?: unknown }).lastEventId
+}
+
+/** tRPC's JSON encoder, each call of a message read as over HTTP (dropLastEventId). */
+const wsEncoder: Encoder = {
+  encode: jsonEncoder.encode,
+  decode: (data) => {
+    const message = jsonEncoder.decode(data)
+    if (Array.isArray(message)) for (const call of message) dropLastEventId(call)
+    else dropLastEventId(message)
+    return message
+  }
 }
 
 interface Wildcard { '*'?: string }
@@ -534,6 +559,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         // 1000 calls, no client's tick, a message holds it about as long as one read of /ws
         // call frames does.
         maxBatchSize: limits.maxCallsPerMessage,
+        experimental_encoder: wsEncoder,
         keepAlive: { enabled: true, pingMs: limits.pingMs, pongWaitMs: Math.min(limits.pingMs, 10_000) },
         // Once per connection, when it opens or when its connectionParams arrive. A connection
         // without a valid token gets the error, then is closed with 4401; a valid one is closed
