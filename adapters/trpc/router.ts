@@ -184,7 +184,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       // Over WebSocket the connection itself closes when its token expires (adapters/trpc/index.ts).
       const socket = ctx.socket
       const stream = live.stream(name, identity, signal, requestId, socket === null && !isSocket(ctx.caller) ? ctx.caller : null)
-      return socket === null ? pulledSafely(stream) : overSocket(stream, ctx, socket, signal, limits, requestId)
+      return socket === null ? pulledSafely(stream) : overSocket(stream, socket, signal, limits, subscriptionSlot(ctx, signal))
     })
   }
 
@@ -195,8 +195,29 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
 async function * stopped (): AsyncGenerator<never, void, unknown> {}
 
 /**
- * A subscription over WebSocket. The connection holds a bounded number of them, counted from
- * the first pull, so a subscription that tRPC drops before starting it never takes a slot.
+ * A WebSocket subscription's slot among its connection's, taken as soon as it is decided, given
+ * back (the returned function, once) when it ends or is stopped. Counted from the first pull, the
+ * subscriptions of one message (wsLink sends every call started in one tick in one message) were
+ * all decided before any was counted: past the bound each was answered `started`, recorded as
+ * granted, then ended with OVERLOADED. tRPC aborts `signal` when it drops a subscription before
+ * starting it (the socket closed meanwhile), whose stream is then never pulled: the slot comes
+ * back then too.
+ */
+function subscriptionSlot (ctx: TrpcContext, signal: AbortSignal | undefined): () => void {
+  ctx.subscriptions++
+  let held = true
+  const release = (): void => {
+    if (!held) return
+    held = false
+    ctx.subscriptions--
+    signal?.removeEventListener('abort', release)
+  }
+  signal?.addEventListener('abort', release, { once: true })
+  return release
+}
+
+/**
+ * A subscription over WebSocket, holding its connection's slot (subscriptionSlot) until it ends.
  *
  * @trpc/server sends each event the moment the stream yields it, whatever the socket already
  * holds for its client. Over SSE the response is written only as fast as the client reads;
@@ -204,13 +225,7 @@ async function * stopped (): AsyncGenerator<never, void, unknown> {}
  * client that stops reading lets the bus's queue fill, which loses the oldest events
  * (slow_consumer), as the README promises, instead of the socket's buffer growing without end.
  */
-async function * overSocket (stream: AsyncGenerator<unknown, void, unknown>, ctx: TrpcContext, socket: WebSocket, signal: AbortSignal | undefined, limits: RouterLimits, requestId: string): AsyncGenerator<unknown, void, unknown> {
-  try {
-    socketRoom(ctx, limits)
-  } catch (err) {
-    throw ProblemError.from(err, requestId)
-  }
-  ctx.subscriptions++
+async function * overSocket (stream: AsyncGenerator<unknown, void, unknown>, socket: WebSocket, signal: AbortSignal | undefined, limits: RouterLimits, release: () => void): AsyncGenerator<unknown, void, unknown> {
   try {
     for await (const payload of stream) {
       yield payload
@@ -220,7 +235,7 @@ async function * overSocket (stream: AsyncGenerator<unknown, void, unknown>, ctx
       }
     }
   } finally {
-    ctx.subscriptions--
+    release()
   }
 }
 
