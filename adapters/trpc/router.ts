@@ -95,6 +95,9 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
   })
   const procedures: Record<string, AnyTRPCProcedure> = {}
   const decide = decisions(app)
+  // WebSocket subscriptions granted and not yet on the bus (grantedSlot), which counts them from
+  // their first pull: the bus's bounds count them as held.
+  const granted: Granted = { total: 0, byTenant: new Map() }
 
   for (const op of app.pipeline.manifest.operations) {
     const name = op.name
@@ -172,7 +175,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
           // The bus checks its bound again at the first pull, once the SSE response's headers are
           // out; a WebSocket's own bound too (overSocket): both are checked here first, so that
           // the refusal is the one recorded.
-          app.events.bus.checkRoom(id.tenant)
+          app.events.bus.checkRoom(id.tenant, granted.total, granted.byTenant.get(id.tenant) ?? 0)
           if (ctx.socket !== null) socketRoom(ctx, limits)
           return id
         })
@@ -184,7 +187,7 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
       // Over WebSocket the connection itself closes when its token expires (adapters/trpc/index.ts).
       const socket = ctx.socket
       const stream = live.stream(name, identity, signal, requestId, socket === null && !isSocket(ctx.caller) ? ctx.caller : null)
-      return socket === null ? pulledSafely(stream) : overSocket(stream, socket, signal, limits, subscriptionSlot(ctx, signal))
+      return socket === null ? pulledSafely(stream) : overSocket(stream, socket, signal, limits, subscriptionSlot(ctx, signal), grantedSlot(granted, identity.tenant, signal))
     })
   }
 
@@ -216,6 +219,33 @@ function subscriptionSlot (ctx: TrpcContext, signal: AbortSignal | undefined): (
   return release
 }
 
+/** WebSocket subscriptions granted and not yet subscribed on the bus: in all, and by tenant. */
+interface Granted { total: number, byTenant: Map<string, number> }
+
+/**
+ * A granted WebSocket subscription, counted in `granted` until it is on the bus (the returned
+ * function, once: at its first pull, or tRPC's abort of `signal` when it drops it unstarted). The
+ * bus counts a subscription from its first pull, and tRPC pulls none of a message's until it
+ * has decided them all: subscriptions sent together all passed the bus's bounds (the instance's,
+ * the tenant's share), each answered `started`, recorded granted, then ended OVERLOADED.
+ */
+function grantedSlot (granted: Granted, tenant: string, signal: AbortSignal | undefined): () => void {
+  granted.total++
+  granted.byTenant.set(tenant, (granted.byTenant.get(tenant) ?? 0) + 1)
+  let held = true
+  const release = (): void => {
+    if (!held) return
+    held = false
+    granted.total--
+    const left = (granted.byTenant.get(tenant) ?? 1) - 1
+    if (left > 0) granted.byTenant.set(tenant, left)
+    else granted.byTenant.delete(tenant)
+    signal?.removeEventListener('abort', release)
+  }
+  signal?.addEventListener('abort', release, { once: true })
+  return release
+}
+
 /**
  * A subscription over WebSocket, holding its connection's slot (subscriptionSlot) until it ends.
  *
@@ -225,8 +255,10 @@ function subscriptionSlot (ctx: TrpcContext, signal: AbortSignal | undefined): (
  * client that stops reading lets the bus's queue fill, which loses the oldest events
  * (slow_consumer), as the README promises, instead of the socket's buffer growing without end.
  */
-async function * overSocket (stream: AsyncGenerator<unknown, void, unknown>, socket: WebSocket, signal: AbortSignal | undefined, limits: RouterLimits, release: () => void): AsyncGenerator<unknown, void, unknown> {
+async function * overSocket (stream: AsyncGenerator<unknown, void, unknown>, socket: WebSocket, signal: AbortSignal | undefined, limits: RouterLimits, release: () => void, subscribed: () => void): AsyncGenerator<unknown, void, unknown> {
   try {
+    // The first pull subscribes on the bus in this same turn (the stream's first step, below).
+    subscribed()
     for await (const payload of stream) {
       yield payload
       if (socket.bufferedAmount > limits.maxBufferedBytes) {
@@ -235,6 +267,7 @@ async function * overSocket (stream: AsyncGenerator<unknown, void, unknown>, soc
       }
     }
   } finally {
+    subscribed()
     release()
   }
 }

@@ -126,18 +126,19 @@ export class EventBus {
    * or while the instance sheds load (a subscribe on a socket already open never passed the
    * shedding of HTTP requests, and a subscription costs for as long as it lasts), as `subscribe`
    * would refuse: for a face that answers before its subscription starts (an SSE response's
-   * status and headers).
+   * status and headers). `pending`, `pendingOfTenant`: subscriptions the face has granted and not
+   * yet subscribed (tRPC's, from their first pull), counted as held.
    */
-  checkRoom (tenant: string): void {
+  checkRoom (tenant: string, pending = 0, pendingOfTenant = 0): void {
     if (this.shedding !== null) {
       const shed = this.shedding()
       if (shed !== null) throw shed
     }
-    if (this.count >= this.maxSubscriptions) {
+    if (this.count + pending >= this.maxSubscriptions) {
       this.counters.refused('instance')
       throw new MantleError('OVERLOADED', 'Too many event subscriptions on this instance', { headers: { 'retry-after': '5' } })
     }
-    if (this.subscriptionsOf(tenant) >= this.maxPerTenant) {
+    if (this.subscriptionsOf(tenant) + pendingOfTenant >= this.maxPerTenant) {
       this.counters.refused('tenant')
       throw new MantleError('OVERLOADED', `A tenant holds at most ${this.maxPerTenant} event subscriptions on this instance`, { headers: { 'retry-after': '5' } })
     }
