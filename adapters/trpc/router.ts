@@ -207,12 +207,17 @@ async function * stopped (): AsyncGenerator<never, void, unknown> {}
  * back then too.
  */
 function subscriptionSlot (ctx: TrpcContext, signal: AbortSignal | undefined): () => void {
-  ctx.subscriptions++
+  return heldUntil(signal, () => { ctx.subscriptions++ }, () => { ctx.subscriptions-- })
+}
+
+/** `take` now, then `give` once: when the returned function is called, or when `signal` aborts. */
+function heldUntil (signal: AbortSignal | undefined, take: () => void, give: () => void): () => void {
+  take()
   let held = true
   const release = (): void => {
     if (!held) return
     held = false
-    ctx.subscriptions--
+    give()
     signal?.removeEventListener('abort', release)
   }
   signal?.addEventListener('abort', release, { once: true })
@@ -230,20 +235,15 @@ interface Granted { total: number, byTenant: Map<string, number> }
  * the tenant's share), each answered `started`, recorded granted, then ended OVERLOADED.
  */
 function grantedSlot (granted: Granted, tenant: string, signal: AbortSignal | undefined): () => void {
-  granted.total++
-  granted.byTenant.set(tenant, (granted.byTenant.get(tenant) ?? 0) + 1)
-  let held = true
-  const release = (): void => {
-    if (!held) return
-    held = false
+  return heldUntil(signal, () => {
+    granted.total++
+    granted.byTenant.set(tenant, (granted.byTenant.get(tenant) ?? 0) + 1)
+  }, () => {
     granted.total--
     const left = (granted.byTenant.get(tenant) ?? 1) - 1
     if (left > 0) granted.byTenant.set(tenant, left)
     else granted.byTenant.delete(tenant)
-    signal?.removeEventListener('abort', release)
-  }
-  signal?.addEventListener('abort', release, { once: true })
-  return release
+  })
 }
 
 /**
