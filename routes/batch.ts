@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify'
 import { Ajv } from 'ajv'
 import { AnswerBudget, runCall, callEnvelope } from '../adapters/face.js'
 import { MantleError, refusalHeaders } from '../errors.js'
-import { callKey, failureHeaders, headerConcerns, idempotencyKeyHeader, idempotencyKeyOf, problemResponse, refusalHeaderDoc, single, tooManyRequests, type HeaderConcerns } from '../adapters/rest/index.js'
+import { COMPRESSED_VARY, callKey, failureHeaders, headerConcerns, idempotencyKeyHeader, idempotencyKeyOf, problemResponse, refusalHeaderDoc, single, tooManyRequests, type HeaderConcerns } from '../adapters/rest/index.js'
 import { ProblemSchema } from '../schemas/manifest.js'
 import { clientRequestId } from '../ids.js'
 import { addJsonBodyParser } from '../json-body.js'
@@ -69,7 +69,7 @@ function documented (maxCalls: number, secured: boolean, on: HeaderConcerns): Re
       '2xx': {
         description: 'The calls\' results, in their order. Retry-After and RateLimit-* are those of the refused call that asks the longest wait, else RateLimit-* the HTTP guard\'s',
         // A refused call's wait: what a 5XX may carry (failureHeaders).
-        headers: { 'x-request-id': { type: 'string', description: 'The request id; the calls\' are it, a dot and the call\'s index' }, ...failureHeaders(on) },
+        headers: { 'x-request-id': { type: 'string', description: 'The request id; the calls\' are it, a dot and the call\'s index' }, ...failureHeaders(on), ...(on.compression ? { Vary: COMPRESSED_VARY } : {}) },
         type: 'object',
         required: ['results'],
         properties: { results: { type: 'array', items: result } }

@@ -51,6 +51,8 @@ export interface HeaderConcerns {
   rateLimit: boolean
   firewall: boolean
   shedding: boolean
+  /** Response compression on: an answer of 1 KiB or more may carry `Vary: accept-encoding`. */
+  compression: boolean
 }
 
 type HeaderDoc = Record<string, { type: 'string', description: string }>
@@ -69,6 +71,9 @@ const RATE_LIMIT_HEADERS: HeaderDoc = {
   'RateLimit-Reset': { type: 'string', description: 'Seconds until the window frees a call' }
 }
 
+/** The Vary of an answer compression may encode, where no other concern adds one. */
+export const COMPRESSED_VARY = { type: 'string', description: 'accept-encoding, when the answer is compressed (1 KiB or more, to an Accept-Encoding naming br, gzip or deflate)' } as const
+
 /** The response headers a 2xx answer of `op` may carry, for the OpenAPI document only. */
 function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
   const doc: HeaderDoc = { 'x-request-id': { type: 'string', description: 'The request id: the client\'s x-request-id when it is plain and short, else one the gateway made' } }
@@ -78,6 +83,9 @@ function responseHeaders (op: Operation, on: HeaderConcerns): HeaderDoc {
     if (takesIfNoneMatch(op)) doc.ETag = { type: 'string', description: 'A weak tag of the answer (W/"…"); send it back in If-None-Match for a 304 (when the operation is cached)' }
     doc['Cache-Control'] = { type: 'string', description: 'private, max-age=<seconds of freshness left> (0 when stale; when the operation is cached)' }
     doc.Vary = { type: 'string', description: 'authorization (the answer is the token\'s), and accept-encoding when compressed' }
+  } else if (on.compression) {
+    // Compression's own: it was declared on a cached query's alone, and every other 2xx of 1 KiB or more sent it undeclared.
+    doc.Vary = COMPRESSED_VARY
   }
   if (on.idempotency && op.type === 'mutation') {
     doc['Idempotent-Replayed'] = { type: 'string', description: 'true when the answer is the stored one of an earlier call with the same Idempotency-Key' }
@@ -197,7 +205,7 @@ export function callKey (key: string | null | undefined, suffix: string): string
  * decorators say which headers exist.
  */
 export function headerConcerns (app: FastifyInstance): HeaderConcerns {
-  return { cache: app.hasDecorator('responseCache'), idempotency: app.hasDecorator('idempotency'), idempotencyFor: app.hasDecorator('idempotency') ? duration(app.idempotency.ttlSeconds) : '', rateLimit: app.hasDecorator('rateLimiter'), firewall: app.hasPlugin('mantle-firewall'), shedding: app.hasPlugin('mantle-pressure') }
+  return { cache: app.hasDecorator('responseCache'), idempotency: app.hasDecorator('idempotency'), idempotencyFor: app.hasDecorator('idempotency') ? duration(app.idempotency.ttlSeconds) : '', rateLimit: app.hasDecorator('rateLimiter'), firewall: app.hasPlugin('mantle-firewall'), shedding: app.hasPlugin('mantle-pressure'), compression: app.hasPlugin('mantle-compression') }
 }
 
 /** The Idempotency-Key request header, for the document (`keyed`: what a key does to the calls). */
