@@ -23,6 +23,19 @@ export interface BusCounters {
   refused: (bound: 'instance' | 'tenant') => void
 }
 
+/**
+ * The JSON each delivered payload was parsed from (the event's serializer's), by the payload the
+ * bus hands every subscriber: for a face whose library encodes its messages itself (tRPC over
+ * WebSocket), which then splices it in rather than stringifying the payload again for each
+ * subscriber. Forgotten with the payload.
+ */
+const eventJsons = new WeakMap<object, string>()
+
+/** The JSON of a payload the bus delivered (undefined for any other value). */
+export function eventJsonOf (payload: unknown): string | undefined {
+  return payload !== null && typeof payload === 'object' ? eventJsons.get(payload) : undefined
+}
+
 const noCounters: BusCounters = { delivered () {}, dropped () {}, refused () {} }
 
 interface CompiledPayload { serialize: (payload: unknown) => string, check: ValidateFunction, free: boolean }
@@ -260,6 +273,7 @@ export class EventBus {
         this.counters.dropped('invalid')
         continue
       }
+      if (payload !== null && typeof payload === 'object') eventJsons.set(payload, json)
       // A copy: a listener that unsubscribes while we deliver does not skip its neighbour.
       for (const listener of [...set]) listener(payload, json)
       this.counters.delivered(def.name, set.size)

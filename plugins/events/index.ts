@@ -10,7 +10,7 @@ import { MantleError } from '../../errors.js'
 import { MAX_TOPIC_LENGTH } from '../../manifest.js'
 import { EventBus, isKernelEvent, type KernelEventMessage, type BusCounters } from './bus.js'
 
-export { EventBus, isKernelEvent, type KernelEventMessage, type Listener } from './bus.js'
+export { EventBus, eventJsonOf, isKernelEvent, type KernelEventMessage, type Listener } from './bus.js'
 
 /** The Redis channel Kernel events travel on (CONTRACT §4). */
 export const EVENTS_CHANNEL = 'bff:events'
