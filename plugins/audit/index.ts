@@ -378,13 +378,23 @@ function decodeCursor (cursor: string): number | null {
 }
 
 /**
+ * A date-time of the endpoints' format as a Date. An offset of hours alone (`+05`), which ISO
+ * 8601 and the format admit, is read as `+05:00`: Date read it as no time at all, and the request
+ * was refused 400 as if it named a leap second.
+ */
+function timeOf (text: string): Date {
+  return new Date(HOURS_OFFSET.test(text) ? text + ':00' : text)
+}
+const HOURS_OFFSET = /[+-][0-9]{2}$/
+
+/**
  * A range's start as its text says it, to the whole millisecond the entries are stamped with:
  * Date keeps the first three digits of a second's fraction, so `…05.0005Z` read as `…05.000Z`,
  * and the entry of that millisecond, which came before the range, was in it. One finer than the
  * millisecond starts at the next one. (A range's end needs nothing: `…05.0009Z` holds `…05.000Z`.)
  */
 function rangeStart (text: string): Date {
-  const date = new Date(text)
+  const date = timeOf(text)
   const fraction = FRACTION.exec(text)?.[1] ?? ''
   if (/[1-9]/.test(fraction.slice(3))) date.setTime(date.getTime() + 1)
   return date
@@ -821,8 +831,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
   }, async (request, reply) => {
     const q = request.query as { tenant?: string, from?: string, to?: string, requestId?: string, action?: string, status?: string, limit: number, cursor?: string }
     const query: AuditQuery = { limit: q.limit, tenant: q.tenant, requestId: q.requestId, action: q.action, status: q.status }
-    if (q.from !== undefined) query.from = new Date(q.from)
-    if (q.to !== undefined) query.to = new Date(q.to)
+    if (q.from !== undefined) query.from = timeOf(q.from)
+    if (q.to !== undefined) query.to = timeOf(q.to)
     const bad = unplaceable(query)
     if (bad !== null) throw new MantleError('VALIDATION_FAILED', `querystring.${bad} is not a time this endpoint can use (a leap second?)`)
     // As verify refuses it: a reversed range answered 200 with nothing, as if no entry were there.
@@ -882,8 +892,8 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     }
   }, async (request, reply) => {
     const body = (request.body ?? {}) as { from?: string, to?: string, next?: string, limit?: number }
-    let from = body.from === undefined ? undefined : new Date(body.from)
-    const to = body.to === undefined ? undefined : new Date(body.to)
+    let from = body.from === undefined ? undefined : timeOf(body.from)
+    const to = body.to === undefined ? undefined : timeOf(body.to)
     const bad = unplaceable({ from, to })
     if (bad !== null) throw new MantleError('VALIDATION_FAILED', `body.${bad} is not a time this endpoint can use (a leap second?)`)
     if (from !== undefined && to !== undefined && from > to) throw new MantleError('VALIDATION_FAILED', 'body.from is after body.to')
