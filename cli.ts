@@ -25,6 +25,12 @@ export function answerHelp (argv: readonly string[], usage: string): boolean {
   return true
 }
 
+/** Whether `err` is node:util's parseArgs refusing the command line (an option it does not take, a value missing). */
+export function refusedByParseArgs (err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code
+  return typeof code === 'string' && code.startsWith('ERR_PARSE_ARGS_')
+}
+
 /** Refuses a command line: `<name>: <message>` and the usage on stderr, exit status 2. */
 export function refuseUsage (name: string, message: string, usage: string): void {
   process.stderr.write(`${name}: ${message}\n${line(usage)}`)

@@ -22,7 +22,7 @@ import { parse as parseYaml } from 'yaml'
 import { loadManifestFile, withoutBom, type JsonSchema, type Manifest } from '../manifest.js'
 import { ErrorCodes } from '../errors.js'
 import { inputAjv } from '../plugins/pipeline/index.js'
-import { answerHelp, refuseUsage } from '../cli.js'
+import { answerHelp, refusedByParseArgs, refuseUsage } from '../cli.js'
 
 const REF = /^#\/schemas\/([A-Za-z_][A-Za-z0-9_]*)$/
 const IDENTIFIER = /^[A-Za-z_$][A-Za-z0-9_$]*$/
@@ -294,9 +294,9 @@ kernel/manifest.yaml) to --out (generated/trpc-router.d.ts).`
 if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href && !answerHelp(process.argv.slice(2), USAGE)) {
   codegen(process.argv.slice(2)).then(
     out => { console.log(`mantle: wrote ${out}`) },
-    (err: Error & { code?: string }) => {
+    (err: Error) => {
       // An option it does not take (node:util's parseArgs) is the command line's fault: exit 2, with the usage.
-      if (err.code?.startsWith('ERR_PARSE_ARGS_') === true) refuseUsage('mantle', err.message, USAGE)
+      if (refusedByParseArgs(err)) refuseUsage('mantle', err.message, USAGE)
       else {
         console.error(`mantle: ${err.message}`)
         process.exitCode = 1

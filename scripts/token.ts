@@ -1,7 +1,7 @@
 import { parseArgs } from 'node:util'
 import { pathToFileURL } from 'node:url'
 import { resolve } from 'node:path'
-import { answerHelp, refuseUsage } from '../cli.js'
+import { answerHelp, refusedByParseArgs, refuseUsage } from '../cli.js'
 import { mintToken, parseSecrets } from '../plugins/auth/index.js'
 import { HEADER_SAFE, carriesRole } from '../plugins/auth/claims.js'
 import { DEV_JWT_SECRET, INTEGER_TEXT, loadConfig } from '../schemas/config.js'
@@ -77,7 +77,7 @@ if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(p
     if (!answerHelp(process.argv.slice(2), USAGE)) process.stdout.write(tokenFromArgs(process.argv.slice(2)) + '\n')
   } catch (err) {
     // An option it does not take (node:util's parseArgs) is said with the usage; its own refusals carry it already.
-    if ((err as { code?: string }).code?.startsWith('ERR_PARSE_ARGS_') === true) refuseUsage('token', (err as Error).message, USAGE)
+    if (refusedByParseArgs(err)) refuseUsage('token', (err as Error).message, USAGE)
     else {
       process.stderr.write((err as Error).message + '\n')
       process.exitCode = 2

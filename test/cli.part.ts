@@ -1,7 +1,8 @@
 import t from 'tap'
 import { spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
-import { answerHelp, asksHelp, noArguments, refuseUsage } from '../cli.js'
+import { parseArgs } from 'node:util'
+import { answerHelp, asksHelp, noArguments, refusedByParseArgs, refuseUsage } from '../cli.js'
 import { main as migrate, UsageError, USAGE as MIGRATE_USAGE } from '../scripts/migrate.js'
 
 // One convention for every command's arguments (cli.ts): --help or -h prints the usage on stdout
@@ -75,6 +76,11 @@ t.test('cli.ts: what a command line asks', async t => {
   t.notOk(asksHelp([]))
   t.notOk(asksHelp(['--', '--help']), 'not after --')
   t.notOk(asksHelp(['--helpful', '-hh']))
+  let thrown: unknown = null
+  try { parseArgs({ args: ['--nope'], options: {} }) } catch (err) { thrown = err }
+  t.ok(refusedByParseArgs(thrown), 'parseArgs refusing an option')
+  t.notOk(refusedByParseArgs(new Error('--zone must be public')), 'a command\'s own refusal')
+  t.notOk(refusedByParseArgs(null))
 
   const written: string[] = []
   const stdout = process.stdout.write

@@ -388,16 +388,15 @@ function timeOf (text: string): Date {
 const HOURS_OFFSET = /[+-][0-9]{2}$/
 
 /**
- * A range's start as its text says it, to the whole millisecond the entries are stamped with:
- * Date keeps the first three digits of a second's fraction, so `…05.0005Z` read as `…05.000Z`,
- * and the entry of that millisecond, which came before the range, was in it. One finer than the
- * millisecond starts at the next one. (A range's end needs nothing: `…05.0009Z` holds `…05.000Z`.)
+ * A range's start (`date`, read from `text`) as its text says it, to the whole millisecond the
+ * entries are stamped with: Date keeps the first three digits of a second's fraction, so
+ * `…05.0005Z` read as `…05.000Z`, and the entry of that millisecond, which came before the range,
+ * was in it. One finer than the millisecond starts at the next one. (A range's end needs
+ * nothing: `…05.0009Z` holds `…05.000Z`.)
  */
-function rangeStart (text: string): Date {
-  const date = timeOf(text)
+function rangeStart (date: Date, text: string): Date {
   const fraction = FRACTION.exec(text)?.[1] ?? ''
-  if (/[1-9]/.test(fraction.slice(3))) date.setTime(date.getTime() + 1)
-  return date
+  return /[1-9]/.test(fraction.slice(3)) ? new Date(date.getTime() + 1) : date
 }
 const FRACTION = /\.([0-9]+)/
 
@@ -839,7 +838,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     if (query.from !== undefined && query.to !== undefined && query.from > query.to) throw new MantleError('VALIDATION_FAILED', 'querystring.from is after querystring.to')
     // Its start to the whole millisecond, once the range is known not to be reversed (a range
     // within one millisecond then holds nothing).
-    if (q.from !== undefined) query.from = rangeStart(q.from)
+    if (q.from !== undefined && query.from !== undefined) query.from = rangeStart(query.from, q.from)
     if (q.cursor !== undefined) {
       const seq = decodeCursor(q.cursor)
       if (seq === null) throw new MantleError('VALIDATION_FAILED', 'querystring.cursor is not a cursor this endpoint gave')
@@ -897,7 +896,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
     const bad = unplaceable({ from, to })
     if (bad !== null) throw new MantleError('VALIDATION_FAILED', `body.${bad} is not a time this endpoint can use (a leap second?)`)
     if (from !== undefined && to !== undefined && from > to) throw new MantleError('VALIDATION_FAILED', 'body.from is after body.to')
-    if (body.from !== undefined) from = rangeStart(body.from)
+    if (body.from !== undefined && from !== undefined) from = rangeStart(from, body.from)
     let next: VerifyCursor | undefined
     if (body.next !== undefined) {
       // The range travels in the cursor: a from or to beside it would be ignored, so it is refused.
