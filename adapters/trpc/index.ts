@@ -20,6 +20,7 @@ import { idempotencyKeyOf, single } from '../rest/index.js'
 import { BATCH_TOO_LONG, ProblemError, errorShape, isInternal } from './errors.js'
 import { buildRouter, earlyRequestIds, unparsed } from './router.js'
 import { DEFAULT_SETTINGS as WEBSOCKET_DEFAULTS } from '../websocket/index.js'
+import { MAX_ID_LENGTH } from '../websocket/frames.js'
 import { LiveSubscriptions } from './subscriptions.js'
 import { untilIdentityEnds, IDENTITY_ENDED } from '../expiry.js'
 import type { Identity } from '../../plugins/auth/index.js'
@@ -143,13 +144,33 @@ function encodeMessage (message: unknown): string {
   return head.slice(0, -1) + (head === '{}' ? '' : ',') + '"result":' + body.slice(0, -1) + (body === '{}' ? '' : ',') + '"data":' + json + '}}'
 }
 
-/** tRPC's JSON encoder, each call of a message read as over HTTP (dropLastEventId), an event's payload encoded once (encodeMessage). */
+/**
+ * Refuses a subscription whose id is longer than MAX_ID_LENGTH: @trpc/server holds its id while it
+ * lasts and writes it into each of its messages (`started`, every event, `stopped`). Of any length
+ * up to the frame limit, 32 subscriptions (a connection's bound) under 60 KB ids made each event of
+ * the tenant some 2 MB of messages to encode and write to that one connection. Bounded as /ws
+ * bounds its frame ids and /graphql its subscribe ids. Thrown from the decoder, the message is
+ * refused whole, as one tRPC cannot parse is (id null, VALIDATION_FAILED); never echoed.
+ */
+function checkSubscriptionId (call: unknown): void {
+  if (call === null || typeof call !== 'object' || (call as { method?: unknown }).method !== 'subscription') return
+  const id = (call as { id?: unknown }).id
+  if (typeof id === 'string' && id.length > MAX_ID_LENGTH) throw new Error(`A subscription's id holds at most ${MAX_ID_LENGTH} characters`)
+}
+
+/** One call of a message as the face reads it: its subscription id bounded, its lastEventId dropped. */
+function readCall (call: unknown): void {
+  checkSubscriptionId(call)
+  dropLastEventId(call)
+}
+
+/** tRPC's JSON encoder, each call of a message read as over HTTP (dropLastEventId), its subscription ids bounded (checkSubscriptionId), an event's payload encoded once (encodeMessage). */
 const wsEncoder: Encoder = {
   encode: encodeMessage,
   decode: (data) => {
     const message = jsonEncoder.decode(data)
-    if (Array.isArray(message)) for (const call of message) dropLastEventId(call)
-    else dropLastEventId(message)
+    if (Array.isArray(message)) for (const call of message) readCall(call)
+    else readCall(message)
     return message
   }
 }
