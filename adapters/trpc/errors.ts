@@ -91,6 +91,9 @@ const INTERNAL_DETAIL = 'The gateway could not complete the call'
 /** @trpc/server's refusal of a WebSocket message of more calls than its maxBatchSize. */
 export const BATCH_TOO_LONG = 'Batch call exceeds maximum size'
 
+/** How @trpc/server's refusal of a WebSocket subscription whose id its connection runs begins. */
+export const DUPLICATE_ID = 'Duplicate id '
+
 /** What tRPC itself refused, in contract terms. */
 function fromTrpc (error: TRPCError): { code: ErrorCode, status: number, detail: string } {
   const cause = error.cause

@@ -17,7 +17,7 @@ import { httpAuthorization, httpContext, socketContext, TRPC_CALLS, type TrpcCon
 import { decisions, messageGuardOf, runCall } from '../face.js'
 import { clientAddress } from '../../address.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
-import { BATCH_TOO_LONG, ProblemError, errorShape, isInternal } from './errors.js'
+import { BATCH_TOO_LONG, DUPLICATE_ID, ProblemError, errorShape, isInternal } from './errors.js'
 import { buildRouter, earlyRequestIds, unparsed } from './router.js'
 import { DEFAULT_SETTINGS as WEBSOCKET_DEFAULTS } from '../websocket/index.js'
 import { MAX_ID_LENGTH } from '../websocket/frames.js'
@@ -586,6 +586,19 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           // The refusal rethrown, or the trail's OVERLOADED when it cannot record.
         }
       }
+      // Records a refusal tRPC made itself of a connection's message, once, under the connection's
+      // token's tenant and user, with the request id its error carries (set here: tRPC formats it
+      // after): `action` the event's name, or `trpc` for the message.
+      const recordRefusal = (error: TRPCError, ctx: TrpcContext, action: string, category: 'read' | 'security'): void => {
+        const requestId = uuidv7()
+        earlyRequestIds.set(error, requestId)
+        const { code } = errorShape(error, requestId).data
+        try {
+          decide({ requestId, protocol: 'trpc', path: action === 'trpc' ? '/trpc' : '/trpc/' + action, action, category, caller: tokenOwner(ctx.authorization), clientRequestId: false }, () => { throw new MantleError(code as ErrorCode, error.message) })
+        } catch {
+          // The refusal rethrown, or the trail's OVERLOADED when it cannot record.
+        }
+      }
       const onConnection = getWSConnectionHandler({
         router,
         wss: app.websocketServer,
@@ -647,21 +660,16 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           socket.once('close', disarm)
           return ctx
         },
-        onError: ({ error, ctx, req, path }) => {
+        onError: ({ error, ctx, req, path, type }) => {
           // A message of more calls than maxCallsPerMessage is refused whole (413 each), as an HTTP
           // batch of more than BFF_BATCH_MAX_CALLS is, which is recorded (`trpc`, security): so is
           // this one, once, with the request id its errors carry (set here: tRPC formats them
           // after). Before, it left no entry. Never its calls' input.
-          if (ctx !== undefined && path === undefined && error.message === BATCH_TOO_LONG) {
-            const requestId = uuidv7()
-            earlyRequestIds.set(error, requestId)
-            const { code } = errorShape(error, requestId).data
-            try {
-              decide({ requestId, protocol: 'trpc', path: '/trpc', action: 'trpc', category: 'security', caller: tokenOwner(ctx.authorization), clientRequestId: false }, () => { throw new MantleError(code as ErrorCode, error.message) })
-            } catch {
-              // The refusal rethrown, or the trail's OVERLOADED when it cannot record.
-            }
-          }
+          if (ctx !== undefined && path === undefined && error.message === BATCH_TOO_LONG) recordRefusal(error, ctx, 'trpc', 'security')
+          // A subscription sent with the id of one its connection runs is refused by tRPC before
+          // any procedure runs (BAD_REQUEST, `Duplicate id 1`): recorded as the event's refused
+          // subscription, as one refused for its input is. Before, it left no entry (issue 6).
+          if (ctx !== undefined && type === 'subscription' && path !== undefined && events.has(path) && error.message.startsWith(DUPLICATE_ID)) recordRefusal(error, ctx, path, 'read')
           // A connectionParams message that is not JSON, or not an object of strings: tRPC sends
           // its error, then closes without a code (1005, a network drop to wsLink). Closed first
           // with 4400 and why, as /graphql closes on a message its protocol does not define.

@@ -1,0 +1,31 @@
+import t from 'tap'
+import type { AddressInfo } from 'node:net'
+import { buildDemoApp, drained, until } from '../helper.js'
+import { connect } from './websocket-helper.js'
+
+// Issue 6: one audit entry per call on every face, refused calls too. A tRPC WebSocket
+// subscription sent with the id of one the connection already runs is refused by tRPC itself
+// (BAD_REQUEST, `Duplicate id 1`) before any procedure runs: it left no entry.
+
+t.test('WebSocket: a subscription sent again with an id in use is refused, and recorded so', async t => {
+  const app = await buildDemoApp(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as AddressInfo).port
+  const client = await connect(t, `ws://127.0.0.1:${port}/trpc`, { tenant: 'tdup', user: 'udup', roles: ['viewer'] })
+  const frames: Array<Record<string, any>> = []
+  client.ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
+  client.send({ id: 1, method: 'subscription', params: { path: 'runUpdated' } })
+  await until(() => frames.some(f => f.id === 1 && f.result?.type === 'started'), 'the first subscription started')
+  client.send({ id: 1, method: 'subscription', params: { path: 'runUpdated' } })
+  await until(() => frames.some(f => f.id === 1 && f.error !== undefined), 'the second one refused')
+  const refusal = frames.find(f => f.id === 1 && f.error !== undefined)!
+  t.match(refusal.error.data, { code: 'BAD_REQUEST', httpStatus: 400 }, 'refused BAD_REQUEST')
+  t.match(refusal.error.message, /Duplicate id 1/)
+  await drained(app)
+  const rows = (await app.audit.store.query({ action: 'runUpdated', limit: 100 })).entries.filter(r => r.tenantId === 'tdup')
+  t.equal(rows.filter(r => r.status === 'ok').length, 1, 'the first recorded granted')
+  const refused = rows.filter(r => r.status !== 'ok')
+  t.equal(refused.length, 1, 'the second recorded refused')
+  t.match(refused[0], { status: 'BAD_REQUEST', statusCode: 400, userId: 'udup', protocol: 'trpc', path: '/trpc/runUpdated', requestId: refusal.error.data.requestId })
+  t.equal(app.events.bus.subscriptions, 1, 'the bus still holds the first alone')
+})
