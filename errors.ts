@@ -95,10 +95,10 @@ export function detailForLog (err: unknown, problem: Problem): string | undefine
 export class BodyRefused extends MantleError {}
 
 /**
- * The headers of a response that carries refusals (a tRPC call or batch, a GraphQL document),
- * each with its own headers or none: all of them, and on top those of the refusal that asks the
- * longest wait (its Retry-After and RateLimit-*), since a client that waits less is refused
- * again. `perCall` false: the response carries several calls, and a header that speaks for one
+ * The headers of a response that carries refusals (a tRPC call or batch, a GraphQL document, a
+ * REST batch), each with its own headers or none: all of them, but Retry-After and RateLimit-*
+ * those of the refusal that asks the longest wait alone (a client that waits less is refused
+ * again; the first of equal waits), never one call's wait beside another's window. `perCall` false: the response carries several calls, and a header that speaks for one
  * call only (Idempotent-Replayed) is left out, lest it mark calls that ran. The challenge
  * (WWW-Authenticate) only when the response is a 401 (`unauthorized`; RFC 9110 §11.6.1): a 200
  * or 207 that carries an UNAUTHENTICATED call says so in that call's error, and a challenge on
@@ -113,10 +113,21 @@ export function refusalHeaders (list: Iterable<Record<string, string> | null>, p
     if (longest === null || waitOf(h) > waitOf(longest)) longest = h
   }
   if (longest === null) return null
-  const headers: Record<string, string> = all.length < 2 ? { ...longest } : Object.assign({}, ...all, longest)
+  let headers: Record<string, string> = { ...longest }
+  if (all.length > 1) {
+    headers = Object.assign({}, ...all)
+    for (const name in headers) if (isWaitHeader(name)) delete headers[name]
+    Object.assign(headers, longest)
+  }
   if (!perCall) delete headers['idempotent-replayed']
   if (!unauthorized) delete headers['www-authenticate']
   return Object.keys(headers).length === 0 ? null : headers
+}
+
+/** Retry-After or a RateLimit-* field: what a refusal says of its own wait and window. */
+function isWaitHeader (name: string): boolean {
+  const lower = name.toLowerCase()
+  return lower === 'retry-after' || lower.startsWith('ratelimit')
 }
 
 /** The seconds a problem's Retry-After asks for (0 without one). */

@@ -194,3 +194,27 @@ t.test('identical queries in one batch answered 204 by the Kernel get the same o
   t.same(second, first === undefined ? undefined : { ...first, id: '2' }, 'the identical second call gets the same outcome')
   t.equal(kernel.requests.length, 2, 'one Kernel call for the two')
 })
+
+// README: the answer carries the `Retry-After` and `RateLimit-*` of its refused calls, "of
+// several, the longest wait's". They were merged from every refused call, the longest wait's
+// on top: a call refused with a wait and no window (a Kernel 423 with Retry-After: 30) beside one
+// refused RATE_LIMITED (Retry-After: 2, RateLimit-Limit: 1) gave an answer whose Retry-After
+// was the one and whose RateLimit-* the other's: a window that the wait did not belong to.
+t.test('a batch\'s Retry-After and RateLimit-* come from one refused call, the longest wait\'s', async t => {
+  const kernel = await startTestKernel(t, {
+    'GET /v1/limited': (_req, res) => json(res, 200, { ok: true }),
+    'POST /v1/locked': (_req, res) => { res.setHeader('retry-after', '30'); json(res, 423, { message: 'locked' }) }
+  })
+  const output = { type: 'object', properties: { ok: { type: 'boolean' } } }
+  const manifest = testManifest({
+    limited: { type: 'query', rest: 'GET /limited', kernel: 'GET /v1/limited', input: { type: 'object', properties: { n: { type: 'integer' } } }, output, rateLimit: { max: 1, windowMs: 2000 } },
+    locked: { type: 'mutation', rest: 'POST /locked', kernel: 'POST /v1/locked', input: { type: 'object' }, output }
+  })
+  const app = await buildTestApp(t, { BFF_RATE_LIMIT_ENABLED: true }, { manifest, kernelUrl: kernel.url })
+  const res = await app.inject({ method: 'POST', url: '/api/v1/batch', headers: bearer(), payload: { calls: [{ id: 'a', op: 'limited', input: { n: 1 } }, { id: 'b', op: 'limited', input: { n: 2 } }, { id: 'c', op: 'locked', input: {} }] } })
+  t.equal(res.statusCode, 200)
+  const { results } = res.json() as { results: Array<{ id: string, error?: { code: string, retryAfter?: number } }> }
+  t.same(results.map(r => r.error?.code ?? 'ok').sort(), ['KERNEL_REJECTED', 'RATE_LIMITED', 'ok'], 'one call ran, one refused by its limit, one by the Kernel')
+  t.equal(res.headers['retry-after'], '30', 'the longest wait')
+  for (const name of ['ratelimit-limit', 'ratelimit-remaining', 'ratelimit-reset']) t.equal(res.headers[name], undefined, `no ${name}: the call that asks the longest wait has none`)
+})
