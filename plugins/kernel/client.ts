@@ -931,7 +931,9 @@ export function secondsToWait (value: string | string[] | undefined): string | u
   if (typeof value !== 'string') return undefined
   const text = value.trim()
   let seconds: number
-  if (/^\d{1,10}$/.test(text)) seconds = Number(text)
+  // Any run of digits (delta-seconds, RFC 9110 §10.2.3): one too long for a number is Infinity,
+  // capped below like any other. Cut at 10 digits, a longer one was read as no wait at all.
+  if (/^\d+$/.test(text)) seconds = Number(text)
   else {
     const at = httpDate(text)
     if (Number.isNaN(at)) return undefined

@@ -202,6 +202,18 @@ t.test('a Kernel 429 passes its Retry-After on, a Kernel 401 carries a challenge
   t.equal(hits(kernel, '/v1/items/l1'), 2, 'a 429 is not retried')
 })
 
+// delta-seconds is any run of digits (RFC 9110 §10.2.3): one of 11 digits or more was read as no
+// number, then as no HTTP-date, and the client was told no wait at all instead of the day at most.
+t.test('a Kernel Retry-After of 11 digits or more is capped at a day, not ignored', async t => {
+  const { app, kernel } = await setup(t)
+  const waits = { d11: '99999999999', d400: '9'.repeat(400), zeros: '000000000030' }
+  for (const [id, wait] of Object.entries(waits)) kernel.on(`GET /v1/items/${id}`, (_req, res) => { res.setHeader('retry-after', wait); json(res, 429, {}) })
+  const rest = async (id: string) => await app.inject({ method: 'GET', url: `/api/v1/items/${id}`, headers: bearer() })
+  t.equal((await rest('d11')).headers['retry-after'], '86400', '11 digits: at most a day')
+  t.equal((await rest('d400')).headers['retry-after'], '86400', '400 digits: at most a day')
+  t.equal((await rest('zeros')).headers['retry-after'], '30', 'leading zeros: 30 s')
+})
+
 // RFC 9110 §5.6.7: a recipient MUST accept all three HTTP-date formats. Only the IMF-fixdate was
 // read; a Retry-After in the obsolete RFC 850 or asctime form reached the client as no wait at all.
 t.test('a Kernel Retry-After in any of the three HTTP-date formats is passed on as seconds', async t => {
