@@ -225,7 +225,9 @@ export interface VerifyOptions {
 export const VERIFY_MAX_ENTRIES = 100_000
 /**
  * A verify call stops at its first page after this long (ms), half the reads' timeout: a walk of
- * a large table held one connection, and one snapshot, for hours.
+ * a large table held one connection, and one snapshot, for hours. Timed on the monotonic clock
+ * (performance.now()): on the wall clock, a step (an NTP correction) cut a walk short or let it
+ * run past its bound.
  */
 export const VERIFY_MAX_MS = 5_000
 /**
@@ -266,7 +268,7 @@ export interface WalkStart { walker: ChainWalker, after: number, end: number, an
  */
 export async function walkChain (source: ChainSource, start: () => Promise<WalkStart>, opts: VerifyOptions = {}): Promise<VerifyResult> {
   const limit = Math.min(opts.limit ?? VERIFY_MAX_ENTRIES, VERIFY_MAX_ENTRIES)
-  const deadline = Date.now() + VERIFY_MAX_MS
+  const deadline = performance.now() + VERIFY_MAX_MS
   const signal = opts.signal
   let walker: ChainWalker
   let after: number
@@ -294,7 +296,7 @@ export async function walkChain (source: ChainSource, start: () => Promise<WalkS
   let first = true
   while (after < end) {
     signal?.throwIfAborted()
-    if (walker.checked >= limit || (!first && Date.now() >= deadline)) {
+    if (walker.checked >= limit || (!first && performance.now() >= deadline)) {
       return { ...walker.result(), next: { seq: after + 1, hash: walker.hash, end }, through: after, ...(skipped > 0 ? { skipped } : {}) }
     }
     if (!first) await nextTurn()

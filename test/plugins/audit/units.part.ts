@@ -207,13 +207,33 @@ t.test('memory store: one verify call walks at most VERIFY_MAX_ENTRIES, then ans
   store.writeNow(Array.from({ length: VERIFY_MAX_ENTRIES + 10 }, (_, i) => entry({ timestamp: base + i })))
   // The walk's clock held still: a call also stops at VERIFY_MAX_MS (5 s), and a loaded CI machine
   // (a second of hashing here when quiet) could reach that first, short of the bound shown here.
+  // The walk times it on the monotonic clock (performance.now()), held here with the wall clock.
   const now = Date.now
+  const monotonic = performance.now
   const held = now()
+  const heldMonotonic = monotonic.call(performance)
   Date.now = () => held
-  t.teardown(() => { Date.now = now })
+  performance.now = () => heldMonotonic
+  t.teardown(() => { Date.now = now; performance.now = monotonic })
   const first = await store.verify({}, { limit: VERIFY_MAX_ENTRIES + 10 })
   t.match(first, { ok: true, checked: VERIFY_MAX_ENTRIES, next: { seq: VERIFY_MAX_ENTRIES + 1, end: VERIFY_MAX_ENTRIES + 10 }, through: VERIFY_MAX_ENTRIES }, 'a larger limit is held to the most')
   t.same(await store.verify({}, { next: first.next }), { ok: true, checked: 10, firstBroken: null })
+})
+
+// The per-call bound is a duration: on the wall clock, one stepped forward an hour (an NTP
+// correction) while a verify walked stopped it at its first page, and one stepped back let it run
+// an hour past its bound. Timed on a monotonic clock, a step changes nothing.
+t.test('memory store: a wall clock stepped forward while a verify walks does not cut it short', async t => {
+  const store = new MemoryAuditStore({ max: 10_000 })
+  const base = Date.now() - 60_000
+  store.writeNow(Array.from({ length: 10_000 }, (_, i) => entry({ timestamp: base + i })))
+  const now = Date.now
+  let reads = 0
+  // The first read is the walk's start; every one after it is an hour later.
+  Date.now = () => reads++ === 0 ? now() : now() + 3_600_000
+  t.teardown(() => { Date.now = now })
+  const walked = store.verify({})
+  t.same(await walked, { ok: true, checked: 10_000, firstBroken: null }, 'all 10,000 (5 pages) in one call')
 })
 
 t.test('memory store: a changed row moved just out of a range is found at the range\'s edge', async t => {
