@@ -86,16 +86,16 @@ if (available) {
     const name = await createTestDatabase(t)
     const direct = databaseUrl(name)
     const pooled = databaseUrl(name, await startPooler(t))
-    t.match(await within(migrate(pooled), 20_000, 'up'), { from: 0, to: 4 })
+    t.match(await within(migrate(pooled), 20_000, 'up'), { from: 0, to: 5 })
     t.same(await migrationLocks(direct), [], 'released when the migration committed, the connection kept')
-    t.match(await within(migrate(pooled), 5000, 'the next up'), { from: 4, to: 4, ran: [] }, 'the next migrate takes it at once')
+    t.match(await within(migrate(pooled), 5000, 'the next up'), { from: 5, to: 5, ran: [] }, 'the next migrate takes it at once')
     // A failed run: 002's undo refuses while entries are stored.
     const store = new PostgresAuditStore({ databaseUrl: direct })
     t.teardown(() => store.close())
     await store.write([entry()])
     await t.rejects(within(migrate(pooled, 1), 5000, 'down 1'), /migration 002 is not undone/)
     t.same(await migrationLocks(direct), [], 'released when the failed migration rolled back, the connection kept')
-    t.same(await versions(direct), [0, 1, 2, 3, 4], 'nothing of the failed run is left: 004 and 003 were undone and rolled back with it')
+    t.same(await versions(direct), [0, 1, 2, 3, 4, 5], 'nothing of the failed run is left: 005, 004 and 003 were undone and rolled back with it')
   })
 
   t.test('while a migration runs, its transaction holds the lock; a failed run leaves the database as it was; every wait is bounded', async t => {
@@ -115,10 +115,10 @@ if (available) {
       if (activity?.state !== 'active') await new Promise(resolve => setTimeout(resolve, 20))
     }
     t.same(activity, { state: 'active', in_transaction: true }, 'in its transaction')
-    t.match(await within(migrationStatus(url), 5000, 'status'), { current: 2, max: 4, pending: [3, 4] }, 'status takes no lock, and sees nothing of the running migration')
+    t.match(await within(migrationStatus(url), 5000, 'status'), { current: 2, max: 5, pending: [3, 4, 5] }, 'status takes no lock, and sees nothing of the running migration')
     await t.rejects(within(migrate(url, undefined, { lockTimeoutMs: 200 }), 5000, 'a second migrate'), /^another migration of this database is running: the migration lock was not free after 200 ms/, 'a second migration waits for the lock no longer than its lock_timeout')
     await writer.query('ROLLBACK')
-    t.match(await within(running, 20_000, 'the migration'), { from: 2, to: 4 })
+    t.match(await within(running, 20_000, 'the migration'), { from: 2, to: 5 })
     t.same(await migrationLocks(url), [], 'released')
 
     // A run that fails half-way: 003 is applied, and 004's version row waits past the lock_timeout
@@ -129,7 +129,7 @@ if (available) {
     await rival.query('ROLLBACK')
     t.same(await versions(url), [0, 1, 2], 'no version row of the failed run')
     t.equal(await hashIndex(url), 'btree', '003\'s change is rolled back with it')
-    t.match(await migrate(url), { from: 2, to: 4 })
+    t.match(await migrate(url), { from: 2, to: 5 })
     t.equal(await hashIndex(url), 'hash')
   })
 
@@ -142,13 +142,13 @@ if (available) {
     t.teardown(() => store.close())
     await store.write([entry(), entry()])
     await t.rejects(migrateMain(['down', '1'], { DATABASE_URL: url }), /^migration 002 is not undone while bff_audit_entries holds entries: it would drop their hash chain \(seq\), which cannot be rebuilt\. Keep version 2 or above, or copy the entries elsewhere and delete them first/)
-    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 4 of 4; pending: none', 'still at 4: the undo steps run before it are rolled back')
+    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 5 of 5; pending: none', 'still at 5: the undo steps run before it are rolled back')
     await t.rejects(migrateMain(['down', '0'], { DATABASE_URL: url }), /^migration 002 is not undone/)
-    t.match(await migrateMain(['down', '2'], { DATABASE_URL: url }), /^migrated down from 4 to 2/, 'the index steps undo with entries')
-    t.match(await migrateMain(['up'], { DATABASE_URL: url }), /^migrated up from 2 to 4/)
+    t.match(await migrateMain(['down', '2'], { DATABASE_URL: url }), /^migrated down from 5 to 2/, 'the index steps undo with entries')
+    t.match(await migrateMain(['up'], { DATABASE_URL: url }), /^migrated up from 2 to 5/)
     t.equal((await store.verify({})).ok, true, 'the chain is whole')
     await sql(url, 'DELETE FROM bff_audit_entries')
-    t.match(await migrateMain(['down', '1'], { DATABASE_URL: url }), /^migrated down from 4 to 1/, 'an empty table: 002 undoes')
+    t.match(await migrateMain(['down', '1'], { DATABASE_URL: url }), /^migrated down from 5 to 1/, 'an empty table: 002 undoes')
     await sql(url, "INSERT INTO bff_audit_entries (id, request_id, \"timestamp\", hash, previous_hash, tenant_id, user_id, protocol, action, category, risk_level, status, status_code, duration_ms) VALUES (gen_random_uuid(), 'r', now(), 'h', 'p', 't', 'u', 'rest', 'a', 'read', 'low', 'ok', 200, 1)")
     await t.rejects(migrateMain(['down', '0'], { DATABASE_URL: url }), /^migration 001 is not undone while bff_audit_entries holds entries: it would drop the audit trail/)
     t.equal((await sql(url, 'SELECT 1 FROM bff_audit_entries')).length, 1, 'the entry is kept')
@@ -162,11 +162,11 @@ if (available) {
   t.test('a word a command does not take is refused, and nothing runs', async t => {
     const url = databaseUrl(await createTestDatabase(t))
     await t.rejects(migrateMain(['up', '3'], { DATABASE_URL: url }), /^up takes no version \(it migrates to the newest\): got "3"; use up, down \[version\] or status$/)
-    t.same(await migrationStatus(url), { current: 0, max: 4, pending: [1, 2, 3, 4] }, 'nothing migrated')
+    t.same(await migrationStatus(url), { current: 0, max: 5, pending: [1, 2, 3, 4, 5] }, 'nothing migrated')
     await migrate(url)
     await t.rejects(migrateMain(['down', '2', '1'], { DATABASE_URL: url }), /^down takes one version at most: got "2" "1"; use up, down \[version\] or status$/)
     await t.rejects(migrateMain(['status', 'now'], { DATABASE_URL: url }), /^status takes nothing: got "now"; use up, down \[version\] or status$/)
-    t.same(await versions(url), [0, 1, 2, 3, 4], 'nothing undone')
+    t.same(await versions(url), [0, 1, 2, 3, 4, 5], 'nothing undone')
   })
 
   // A rolled-back deploy: down said "from 5 to 5 (nothing to do)", and down 3 ran 004's undo,
@@ -174,14 +174,14 @@ if (available) {
   t.test('a database newer than this release: down refuses, status says so, up and a production start accept it', async t => {
     const url = databaseUrl(await createTestDatabase(t))
     await migrate(url)
-    await sql(url, "INSERT INTO bff_schema_version (version, name, md5, run_at) VALUES (5, 'from-a-newer-release', 'x', now())")
-    const NEWER = /^the database is at version 5, newer than this release \(its newest migration is 4\): run down from the release that has migration 5$/
+    await sql(url, "INSERT INTO bff_schema_version (version, name, md5, run_at) VALUES (6, 'from-a-newer-release', 'x', now())")
+    const NEWER = /^the database is at version 6, newer than this release \(its newest migration is 5\): run down from the release that has migration 6$/
     await t.rejects(migrateMain(['down'], { DATABASE_URL: url }), NEWER)
     await t.rejects(migrateMain(['down', '3'], { DATABASE_URL: url }), NEWER)
     await t.rejects(migrate(url, 3), NEWER, 'migrate() itself refuses')
-    t.same(await versions(url), [0, 1, 2, 3, 4, 5], 'nothing undone')
-    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 5 of 4; pending: none (the database is newer than this release, whose newest migration is 4)')
-    t.equal(await migrateMain(['up'], { DATABASE_URL: url }), 'migrated up from 5 to 5 (nothing to do)')
+    t.same(await versions(url), [0, 1, 2, 3, 4, 5, 6], 'nothing undone')
+    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 6 of 5; pending: none (the database is newer than this release, whose newest migration is 5)')
+    t.equal(await migrateMain(['up'], { DATABASE_URL: url }), 'migrated up from 6 to 6 (nothing to do)')
     const app = await buildApp(testConfig({ NODE_ENV: 'production', BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t) }), { logger: false })
     t.teardown(() => app.close())
     await app.ready()
@@ -217,14 +217,14 @@ if (available) {
     const name = await createTestDatabase(t)
     await sql(databaseUrl(name), 'CREATE SCHEMA one; CREATE SCHEMA two')
     const inSchema = (schema: string): string => databaseUrl(name) + '?options=' + encodeURIComponent(`-c search_path=${schema}`)
-    t.match(await migrate(inSchema('one')), { from: 0, to: 4 })
-    t.match(await migrate(inSchema('two')), { from: 0, to: 4 })
-    t.same(await versions(inSchema('two')), [0, 1, 2, 3, 4])
+    t.match(await migrate(inSchema('one')), { from: 0, to: 5 })
+    t.match(await migrate(inSchema('two')), { from: 0, to: 5 })
+    t.same(await versions(inSchema('two')), [0, 1, 2, 3, 4, 5])
     const tables = await sql<{ t: string }>(databaseUrl(name), "SELECT schemaname || '.' || tablename AS t FROM pg_tables WHERE tablename LIKE 'bff_%' ORDER BY 1")
     t.same(tables.map(r => r.t), ['one.bff_audit_chain', 'one.bff_audit_entries', 'one.bff_schema_version', 'two.bff_audit_chain', 'two.bff_audit_entries', 'two.bff_schema_version'])
-    t.match(await migrationStatus(inSchema('two')), { current: 4, pending: [] })
-    t.match(await migrate(inSchema('one'), 3), { from: 4, to: 3 })
-    t.match(await migrationStatus(inSchema('two')), { current: 4 }, 'the other deployment\'s version is its own')
+    t.match(await migrationStatus(inSchema('two')), { current: 5, pending: [] })
+    t.match(await migrate(inSchema('one'), 3), { from: 5, to: 3 })
+    t.match(await migrationStatus(inSchema('two')), { current: 5 }, 'the other deployment\'s version is its own')
   })
 
   // A PostgreSQL (or a pooler: PgBouncer waiting for a server connection) that takes the
@@ -266,7 +266,7 @@ if (available) {
     t.equal(app.audit.health().up, false, 'entries are spooled meanwhile')
     await other.query('COMMIT')
     await until(() => app.audit.health().up, 'the audit store up once the migration has run', 15_000)
-    t.same(await versions(url), [0, 1, 2, 3, 4], 'migrated')
+    t.same(await versions(url), [0, 1, 2, 3, 4, 5], 'migrated')
   })
 
   // Without dist/migrations, status said "version 0 of -Infinity", up "nothing to do" (exit 0),

@@ -247,7 +247,7 @@ if (available) {
     await app.ready()
     return { app, proxy, direct, dir, lines }
   }
-  const REFUSAL = /^Refusing to start in production: the audit database has pending migrations \(4\): run npm run migrate/
+  const REFUSAL = /^Refusing to start in production: the audit database has pending migrations \(4, 5\): run npm run migrate/
   const fatalLines = (lines: string[]): string[] => lines.map(l => JSON.parse(l) as { level: number, msg: string }).filter(l => l.level === 60).map(l => l.msg)
 
   t.test('production: pending migrations found once PostgreSQL is back are fatal; until the shutdown /readyz and the audit reads answer 503, nothing retries, and every entry is spooled', async t => {
@@ -268,13 +268,13 @@ if (available) {
     for (const scope of ['all', 'instance']) {
       const ready = await app.inject({ method: 'GET', url: `/readyz?scope=${scope}` })
       t.equal(ready.statusCode, 503, `/readyz?scope=${scope}`)
-      t.match(ready.json(), { status: 'not-ready', failing: ['migrations'], checks: { postgres: 'pending migrations (4): shutting down' } })
+      t.match(ready.json(), { status: 'not-ready', failing: ['migrations'], checks: { postgres: 'pending migrations (4, 5): shutting down' } })
     }
     ids.push('admin-read')
     const read = await app.inject({ method: 'GET', url: '/admin/audit', headers: { ...bearer({ roles: ['system'] }), 'x-request-id': 'admin-read' } })
     t.equal(read.statusCode, 503, 'GET /admin/audit: a 503, not a 500')
     t.equal(read.headers['retry-after'], '5')
-    t.match(read.json(), { code: 'OVERLOADED', detail: /pending migrations \(4\): this instance is shutting down/ })
+    t.match(read.json(), { code: 'OVERLOADED', detail: /pending migrations \(4, 5\): this instance is shutting down/ })
 
     // The writer goes on spooling while the shutdown comes, without asking PostgreSQL again.
     const failures = async (): Promise<number> => (await app.inject({ method: 'GET', url: '/diagz', headers: bearer({ roles: ['system'] }) })).json().audit.failures

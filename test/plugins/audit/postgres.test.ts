@@ -589,6 +589,8 @@ if (available) {
     t.equal(rows[odd.length + 1].request_id, 'twice-in-one-batch')
     t.match(rows[odd.length + 2].request_id, /^twice-in-one-batch~/, 'the second call with that request id is stored with a suffix')
     t.same(await store.verify({}), { ok: true, checked: odd.length + 3, firstBroken: null }, 'every hash recomputed from the stored text matches')
+    // A query by tenant alone passes its tenant in an array (tenant_id = ANY: see query).
+    for (const [i, e] of entries.entries()) t.same((await store.query({ limit: 5, tenant: e.tenantId })).entries.map(x => x.id), [e.id], `found by its tenant: ${JSON.stringify(odd[i])}`)
   })
 
   t.test('the batch\'s binary columns: PostgreSQL reads each value as it reads the same value written as text', async t => {
@@ -811,16 +813,17 @@ if (available) {
 
   t.test('migrations: up, down and status; production refuses pending migrations and starts once migrated', async t => {
     const url = databaseUrl(await createTestDatabase(t))
-    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 0 of 4; pending: 1, 2, 3, 4')
+    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 0 of 5; pending: 1, 2, 3, 4, 5')
     const prod = { NODE_ENV: 'production', BFF_JWT_SECRET: SECRET, BFF_AUDIT_STORE: 'postgres', DATABASE_URL: url, BFF_AUDIT_SPOOL_DIR: spoolDir(t) }
     await t.rejects(buildApp(testConfig(prod), { logger: false }), ConfigError)
-    await t.rejects(buildApp(testConfig(prod), { logger: false }), /pending migrations \(1, 2, 3, 4\): run npm run migrate/)
-    t.match(await migrateMain(['up'], { DATABASE_URL: url }), /^migrated up from 0 to 4: 001\.do\.audit-entries\.sql, 002\.do\.audit-chain\.sql, 003\.do\.audit-hash-index\.sql, 004\.do\.audit-request-id-pattern-index\.sql$/)
+    await t.rejects(buildApp(testConfig(prod), { logger: false }), /pending migrations \(1, 2, 3, 4, 5\): run npm run migrate/)
+    t.match(await migrateMain(['up'], { DATABASE_URL: url }), /^migrated up from 0 to 5: 001\.do\.audit-entries\.sql, 002\.do\.audit-chain\.sql, 003\.do\.audit-hash-index\.sql, 004\.do\.audit-request-id-pattern-index\.sql, 005\.do\.audit-tenant-seq-index\.sql$/)
     t.match(await migrateMain([], { DATABASE_URL: url }), /nothing to do/)
-    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 4 of 4; pending: none')
+    t.equal(await migrateMain(['status'], { DATABASE_URL: url }), 'version 5 of 5; pending: none')
     const indexes = async (): Promise<string[]> => (await sql<{ indexname: string, method: string }>(url,
       "SELECT indexname, am.amname AS method FROM pg_indexes JOIN pg_class c ON c.relname = indexname JOIN pg_am am ON am.oid = c.relam WHERE tablename = 'bff_audit_entries' ORDER BY indexname")).map(r => `${r.indexname} ${r.method}`)
-    t.same(await indexes(), ['bff_audit_entries_hash_idx hash', 'bff_audit_entries_pkey btree', 'bff_audit_entries_request_id_idx btree', 'bff_audit_entries_seq_key btree', 'bff_audit_entries_tenant_id_idx btree', 'bff_audit_entries_tenant_id_timestamp_idx btree', 'bff_audit_entries_timestamp_idx btree'])
+    t.same(await indexes(), ['bff_audit_entries_hash_idx hash', 'bff_audit_entries_pkey btree', 'bff_audit_entries_request_id_idx btree', 'bff_audit_entries_seq_key btree', 'bff_audit_entries_tenant_id_seq_idx btree', 'bff_audit_entries_tenant_id_timestamp_idx btree', 'bff_audit_entries_timestamp_idx btree'])
+    t.match(await sql(url, "SELECT indexdef FROM pg_indexes WHERE indexname = 'bff_audit_entries_tenant_id_seq_idx'"), [{ indexdef: /USING btree \(tenant_id, seq\)$/ }], 'on (tenant_id, seq), in place of (tenant_id)')
     const app = await buildApp(testConfig(prod), { logger: false })
     t.teardown(() => app.close())
     await app.ready()
@@ -834,7 +837,9 @@ if (available) {
     t.match(plan, /bff_audit_entries_request_id_idx/)
     t.notMatch(plan, /Seq Scan/)
     // Number('') is 0: `down "$VERSION"` with VERSION unset dropped every table.
-    for (const arg of ['', ' ', '1.0', '-0']) await t.rejects(migrateMain(['down', arg], { DATABASE_URL: url }), /down needs a version from 0 to 4/, `down ${JSON.stringify(arg)} refused`)
+    for (const arg of ['', ' ', '1.0', '-0']) await t.rejects(migrateMain(['down', arg], { DATABASE_URL: url }), /down needs a version from 0 to 5/, `down ${JSON.stringify(arg)} refused`)
+    t.match(await migrateMain(['down'], { DATABASE_URL: url }), /^migrated down from 5 to 4/)
+    t.same((await indexes()).filter(i => i.includes('tenant')), ['bff_audit_entries_tenant_id_idx btree', 'bff_audit_entries_tenant_id_timestamp_idx btree'], 'down to 4: the index on tenant_id again')
     t.match(await migrateMain(['down'], { DATABASE_URL: url }), /^migrated down from 4 to 3/)
     t.ok((await indexes()).includes('bff_audit_entries_request_id_key btree'), 'down to 3: the unique constraint again')
     t.match(await migrateMain(['down'], { DATABASE_URL: url }), /^migrated down from 3 to 2/)

@@ -100,44 +100,80 @@ async function readsOf (run: () => Promise<unknown>): Promise<Array<{ text: stri
   return await statementsOf(run, /^\s*SELECT[\s\S]*bff_audit_entries/)
 }
 
-interface PlanNode { 'Rows Removed by Filter'?: number, Plans?: PlanNode[] }
+interface PlanNode { 'Node Type': string, 'Index Name'?: string, 'Actual Rows': number, 'Actual Loops': number, 'Rows Removed by Filter'?: number, 'Rows Removed by Index Recheck'?: number, Plans?: PlanNode[] }
+
+/** Each of `statements`' plan nodes, run (EXPLAIN ANALYZE). */
+async function planNodes (url: string, statements: Array<{ text: string, values: unknown[] }>): Promise<PlanNode[]> {
+  const nodes: PlanNode[] = []
+  const walk = (n: PlanNode): void => { nodes.push(n); for (const c of n.Plans ?? []) walk(c) }
+  for (const { text, values } of statements) walk((await sql<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(url, `EXPLAIN (ANALYZE, FORMAT JSON) ${text}`, values))[0]['QUERY PLAN'][0].Plan)
+  return nodes
+}
 
 /** The rows PostgreSQL read and passed over running `statements` (EXPLAIN ANALYZE: Rows Removed by Filter, every node). */
 async function passedOver (url: string, statements: Array<{ text: string, values: unknown[] }>): Promise<number> {
-  let sum = 0
-  const walk = (n: PlanNode): void => { sum += n['Rows Removed by Filter'] ?? 0; for (const c of n.Plans ?? []) walk(c) }
-  for (const { text, values } of statements) walk((await sql<{ 'QUERY PLAN': Array<{ Plan: PlanNode }> }>(url, `EXPLAIN (ANALYZE, FORMAT JSON) ${text}`, values))[0]['QUERY PLAN'][0].Plan)
-  return sum
+  return (await planNodes(url, statements)).reduce((sum, n) => sum + (n['Rows Removed by Filter'] ?? 0), 0)
+}
+
+/** The table's rows PostgreSQL read running `statements`, kept or passed over: every scan's, of every loop. */
+async function rowsRead (url: string, statements: Array<{ text: string, values: unknown[] }>): Promise<number> {
+  return (await planNodes(url, statements)).filter(n => n['Node Type'].endsWith('Scan') && n['Node Type'] !== 'Bitmap Index Scan')
+    .reduce((sum, n) => sum + n['Actual Rows'] * n['Actual Loops'] + (n['Rows Removed by Filter'] ?? 0) + (n['Rows Removed by Index Recheck'] ?? 0), 0)
 }
 
 // GET /admin/audit?tenant=X, no time range: one statement, newest first by position, which
 // PostgreSQL runs by the seq index backwards, filtering each row on its tenant, as if a tenant's
 // entries were spread evenly over the table. A tenant whose entries are all old (one that has
 // left, or is quiet) had the whole table read past for its first page: 0.43 s at a million rows,
-// past the reads' 10 s timeout (503) at some twenty million, 90 days of a busy gateway.
+// past the reads' 10 s timeout (503) at some twenty million, 90 days of a busy gateway. Read
+// then in windows of the newest positions (60,003 rows passed over for that page at a million)
+// and the rest through the (tenant_id) index, sorted (every entry of the tenant's below the
+// windows read); migration 005's (tenant_id, seq) index serves the statement itself: the page's
+// rows are the only ones read.
 if (await postgresAvailable()) {
-  t.test('postgres: GET /admin/audit by a tenant whose entries are nearly all old reads windows of the newest, not the table', async t => {
+  t.test('postgres: GET /admin/audit by a tenant whose entries are nearly all old reads the page\'s rows alone, through the (tenant_id, seq) index', async t => {
     const { url, store } = await pgStore(t)
     // 150,000 entries; those of tenant "quiet" one in ten of the oldest 10,000, and the newest
-    // three (a page of it: three from the windows, the rest from below them).
+    // three (a page of it: three among the newest, the rest far below them); those of tenant
+    // "gone" the next 15,000 (a tenant of a tenth of the table, which has left).
     const quiet = (n: number): boolean => (n < 10_000 && n % 10 === 0) || n >= 149_997
+    const tenant = (n: number): string => quiet(n) ? 'quiet' : n >= 10_000 && n < 25_000 ? 'gone' : `t${n % 20}`
     for (let i = 0; i < 150_000; i += 5000) {
-      await store.write(Array.from({ length: 5000 }, (_, k) => entry({ tenantId: quiet(i + k) ? 'quiet' : `t${(i + k) % 20}` })))
+      await store.write(Array.from({ length: 5000 }, (_, k) => entry({ tenantId: tenant(i + k) })))
     }
     await sql(url, 'ANALYZE bff_audit_entries')
     const expected = async (tenant: string, beforeSeq = 1e9): Promise<number[]> => (await sql<{ seq: string }>(url,
       'SELECT seq FROM bff_audit_entries WHERE tenant_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT 50', [tenant, beforeSeq])).map(r => Number(r.seq))
     let page: AuditPage | undefined
-    const first = await passedOver(url, await readsOf(async () => { page = await store.query({ limit: 50, tenant: 'quiet' }) }))
-    t.ok(first <= 70_000, `${first} rows passed over: windows of the newest positions at most (10,000, 20,000, 40,000), then the tenant's own`)
+    let reads = await readsOf(async () => { page = await store.query({ limit: 50, tenant: 'quiet' }) })
+    const first = await passedOver(url, reads)
+    t.ok(first <= 70_000, `${first} rows passed over`)
+    t.equal(first, 0, 'no row passed over')
+    const read = await rowsRead(url, reads)
+    t.ok(read <= 51, `the page's rows and the one after it read, no other (${read})`)
+    t.same((await planNodes(url, reads)).filter(n => n['Node Type'].endsWith('Scan')).map(n => `${n['Node Type']} ${n['Index Name']}`), ['Index Scan bff_audit_entries_tenant_id_seq_idx'], 'one scan, of the (tenant_id, seq) index')
     t.same(page?.entries.map(e => e.seq), await expected('quiet'), 'newest first, as SQL says')
-    const next = await passedOver(url, await readsOf(async () => { page = await store.query({ limit: 50, tenant: 'quiet', beforeSeq: page?.nextSeq ?? 0 }) }))
+    reads = await readsOf(async () => { page = await store.query({ limit: 50, tenant: 'quiet', beforeSeq: page?.nextSeq ?? 0 }) })
+    const next = await passedOver(url, reads)
     t.ok(next <= 70_000, `its next page: ${next}`)
+    const nextRead = await rowsRead(url, reads)
+    t.ok(next === 0 && nextRead <= 51, `its next page reads its own rows alone (${next} passed over, ${nextRead} read)`)
     t.same(page?.entries.map(e => e.seq), await expected('quiet', (await expected('quiet'))[49]), 'the next page, as SQL says')
-    // A tenant found among the newest: its first window fills the page.
-    const busy = await passedOver(url, await readsOf(async () => { page = await store.query({ limit: 50, tenant: 't3' }) }))
+    // A tenant found among the newest.
+    reads = await readsOf(async () => { page = await store.query({ limit: 50, tenant: 't3' }) })
+    const busy = await passedOver(url, reads)
     t.ok(busy <= 2000, `a busy tenant: ${busy}`)
+    const busyRead = await rowsRead(url, reads)
+    t.ok(busy === 0 && busyRead <= 51, `a busy tenant reads its page's rows alone (${busy} passed over, ${busyRead} read)`)
     t.same(page?.entries.map(e => e.seq), await expected('t3'))
+    // A tenant of a tenth of the table whose entries are all old: PostgreSQL, which takes a
+    // tenant's entries to be spread evenly, read the seq index backwards for it (the 125,000
+    // entries since passed over) where the (tenant_id, seq) index was there.
+    reads = await readsOf(async () => { page = await store.query({ limit: 50, tenant: 'gone' }) })
+    const gone = await passedOver(url, reads)
+    const goneRead = await rowsRead(url, reads)
+    t.ok(gone === 0 && goneRead <= 51, `a tenant that left reads its page's rows alone (${gone} passed over, ${goneRead} read)`)
+    t.same(page?.entries.map(e => e.seq), await expected('gone'))
     t.same((await store.query({ limit: 50, tenant: 'nobody' })).entries, [], 'a tenant with no entry')
   })
 }
