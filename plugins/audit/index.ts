@@ -544,6 +544,7 @@ async function auditPlugin (app: FastifyInstance, opts: AuditOptions): Promise<v
       },
       spooled: n => { tally.spooled += n; entries?.inc({ outcome: 'spooled' }, n) },
       replayed: n => { tally.replayed += n; entries?.inc({ outcome: 'replayed' }, n) },
+      found: n => { tally.stored += n; entries?.inc({ outcome: 'stored' }, n) },
       failed: () => { tally.failures++; failures?.inc() },
       quarantined: n => { tally.quarantined += n; quarantined?.inc(n) },
       dropped: n => { entries?.inc({ outcome: 'dropped' }, n) },

@@ -6,6 +6,12 @@ export interface WriterHooks {
   stored?: (n: number, seconds: number) => void
   spooled?: (n: number) => void
   replayed?: (n: number) => void
+  /**
+   * Entries a replay found stored already, which no count said the store had: a write whose
+   * COMMIT went through but whose answer was lost looked failed, and its batch was counted
+   * spooled only (so was one a crash caught between a replay's commit and its cut). Stored, not a flush.
+   */
+  found?: (n: number) => void
   failed?: (err: Error) => void
   /** Entries of a batch the store refused for their own data went to the quarantine file. */
   quarantined?: (n: number, sqlstate: string | null) => void
@@ -128,6 +134,15 @@ export class AuditWriter {
    * was being isolated): its replay skips them rather than quarantining them twice.
    */
   private readonly setAside = new Set<string>()
+  /**
+   * Ids of entries counted stored (or replayed) whose line is still to be replayed: the batch in
+   * flight a full queue took to the spool while its write ran (takeInFlight), and what a replay's
+   * isolation stored before the store went away, its line left in the spool. Left out of that
+   * replay as the quarantined are (`kept`), so that it counts an entry it finds stored already
+   * (`found`) only when no count said so. Cleared with setAside once the spool is replayed whole:
+   * a batch at most per append of a full queue or failed replay, each followed by a replay.
+   */
+  private readonly storedAside = new Set<string>()
   /**
    * The last append of a full queue to the spool while it runs (appends run in order, so it
    * settles after every earlier one). The spool's size grows only once the append is fsynced:
@@ -309,7 +324,7 @@ export class AuditWriter {
     const flight = this.inFlight
     if (flight === null || flight.spooled) return null
     flight.spooled = true
-    if (flight.quarantined.size === 0 && this.setAside.size === 0) return flight.batch
+    if (flight.quarantined.size === 0 && this.setAside.size === 0 && this.storedAside.size === 0) return flight.batch
     // `setAside` too: an entry quarantined while an earlier copy was away that came back.
     const rest = this.kept(flight.batch).filter(e => !flight.quarantined.has(e.id))
     return rest.length > 0 ? rest : null
@@ -318,10 +333,21 @@ export class AuditWriter {
   /**
    * `entries` without those quarantined while a copy of their batch was away (see deliver): on
    * disk, they would be quarantined again by a replay after a restart, which knows none of them;
-   * replayed, they are skipped.
+   * replayed, they are skipped. Nor those stored and counted while a copy was away (storedAside).
    */
   private kept (entries: AuditEntry[]): AuditEntry[] {
-    return this.setAside.size === 0 ? entries : entries.filter(e => !this.setAside.has(e.id))
+    return this.setAside.size === 0 && this.storedAside.size === 0 ? entries : entries.filter(e => !this.setAside.has(e.id) && !this.storedAside.has(e.id))
+  }
+
+  /**
+   * The store's write of `batch`; with `found`, what it skipped as stored already is added to
+   * `found.n`. The store counts only the entries it added: it skips an id it holds and an id met
+   * earlier in the batch alike, so those it held are the batch's distinct ids less what it added.
+   */
+  private async write (batch: AuditEntry[], found: { n: number } | null): Promise<number> {
+    const n = await this.opts.store.write(batch)
+    if (found !== null && n < batch.length) found.n += new Set(batch.map(e => e.id)).size - n
+    return n
   }
 
   /** Spool lines of at most one batch each (a replay never writes more than a batch per transaction), `ahead` first. */
@@ -415,6 +441,8 @@ export class AuditWriter {
     // and the cut, the copy of a batch whose write succeeded after a full queue took it to the
     // spool), nor those quarantined from a line the store refused for its data.
     let n = 0
+    // The entries it found stored already, which no count said were (see `found`).
+    const found = { n: 0 }
     // Whether the store took a batch of this replay, and whether the failure (if any) is the
     // store's: thrown by a commit, not by the spool itself (reading it, cutting what was replayed).
     let committed = false
@@ -431,20 +459,29 @@ export class AuditWriter {
         if (this.abandoned) throw new Abandoned('the writer closed during the replay')
         const batch = this.kept(joined)
         try {
-          n += await this.opts.store.write(batch)
+          n += await this.write(batch, found)
         } catch (err) {
           if (!this.refused(err)) { storeFailed = true; throw err }
-          const isolated = await this.isolate(spool, batch, err, id => this.setAside.add(id))
+          const isolated = await this.isolate(spool, batch, err, id => this.setAside.add(id), undefined, found)
           n += isolated.stored
-          if (isolated.error !== null) { storeFailed = true; throw isolated.error }
+          if (isolated.error !== null) {
+            // The line stays in the spool: what the isolation stored (counted replayed) is left
+            // out of its next replay, as what it quarantined is.
+            for (const e of batch.slice(0, batch.length - isolated.rest.length)) this.storedAside.add(e.id)
+            storeFailed = true
+            throw isolated.error
+          }
         }
         committed = true
       }, this.opts.batchSize)
       this.setAside.clear()
+      this.storedAside.clear()
       if (n > 0) this.opts.log.info(`audit spool replayed: ${n} entries`)
+      if (found.n > 0) this.opts.hooks?.found?.(found.n)
       this.opts.hooks?.replayed?.(n)
       this.recovered()
     } catch (err) {
+      if (found.n > 0) this.opts.hooks?.found?.(found.n)
       if (n > 0) this.opts.hooks?.replayed?.(n)
       if (err instanceof Abandoned) return
       if (storeFailed) {
@@ -479,7 +516,7 @@ export class AuditWriter {
    * isolation went on, and what it quarantined after the copy was taken was quarantined again by
    * the replay of a process that had not seen it (the ids set aside live in memory only).
    */
-  private async isolate (spool: Spool, batch: AuditEntry[], err: unknown, quarantined: (id: string) => void, handedOff: () => boolean = () => false): Promise<Isolation> {
+  private async isolate (spool: Spool, batch: AuditEntry[], err: unknown, quarantined: (id: string) => void, handedOff: () => boolean = () => false, found: { n: number } | null = null): Promise<Isolation> {
     let stored = 0
     const refusals = new Map<string | null, number>()
     // Spans still to handle, the next one last; each with the error the store gave it, if tried.
@@ -496,7 +533,7 @@ export class AuditWriter {
       if (error === undefined) {
         const part = from === 0 && to === batch.length ? batch : batch.slice(from, to)
         try {
-          stored += await this.opts.store.write(part)
+          stored += await this.write(part, found)
           continue
         } catch (e) {
           error = e
@@ -548,6 +585,8 @@ export class AuditWriter {
         // back in the queue, and is written (and skipped) again.
         const stored = await this.opts.store.write(batch)
         flight.done = true
+        // A full queue took a copy of it to the spool meanwhile: its replay leaves them out.
+        if (flight.spooled) for (const e of batch) this.storedAside.add(e.id)
         if (!flight.counted) this.opts.hooks?.stored?.(stored, (performance.now() - started) / 1000)
         else this.storedLate(flight, stored, started)
         // Every entry it took is in the store now, those it had already included (an earlier
@@ -566,6 +605,8 @@ export class AuditWriter {
           // An entry quarantined while the batch was being taken (its quarantine's append under
           // way) is set aside: the copy holds it.
           const isolated = await this.isolate(spool, batch, err, id => (flight.spooled ? this.setAside : flight.quarantined).add(id), () => flight.spooled)
+          // Those it stored before a full queue took a copy to the spool: left out of its replay.
+          if (flight.spooled) for (const e of batch.slice(0, batch.length - isolated.rest.length)) this.storedAside.add(e.id)
           if (isolated.stored > 0 && !flight.counted) this.opts.hooks?.stored?.(isolated.stored, (performance.now() - started) / 1000)
           else if (isolated.stored > 0) this.storedLate(flight, isolated.stored, started)
           if (flight.orphaned !== null) this.orphanStored(flight, isolated.stored)

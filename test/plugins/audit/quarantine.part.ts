@@ -40,12 +40,13 @@ function holding (store: PostgresAuditStore, n: number): { store: AuditStore, re
 /** A writer on `store` and a spool of its own, counting what its hooks report. */
 async function writerOn (t: Teardown, store: AuditStore, batchSize = 10, dir = spoolDir(t)): Promise<{ writer: AuditWriter, spool: Spool, dir: string, counts: Record<string, number>, errors: Array<{ obj: Record<string, unknown>, msg: string }> }> {
   const spool = await Spool.open(dir)
-  const counts: Record<string, number> = { stored: 0, spooled: 0, replayed: 0, failed: 0, quarantined: 0 }
+  const counts: Record<string, number> = { stored: 0, spooled: 0, replayed: 0, failed: 0, quarantined: 0, found: 0 }
   const errors: Array<{ obj: Record<string, unknown>, msg: string }> = []
   const hooks: WriterHooks = {
     stored: n => { counts.stored += n },
     spooled: n => { counts.spooled += n },
     replayed: n => { counts.replayed += n },
+    found: n => { counts.found += n },
     failed: () => { counts.failed++ },
     quarantined: n => { counts.quarantined += n }
   }
@@ -262,6 +263,10 @@ if (available) {
       t.same(await storedIds(url), [batch[0].id, batch[2].id, batch[3].id, queued.id], 'in order, each once')
       t.same(quarantined(dir).map(l => l.entry.id), [batch[1].id], 'quarantined once')
       t.same(await pgs.verify({}), { ok: true, checked: 4, firstBroken: null })
+      // The entries an isolation stored before the store went away were counted then: the
+      // replay of the rest finds none stored that no count said was.
+      t.equal(counts.stored + counts.replayed, 4, 'each stored entry counted once, stored or replayed')
+      t.equal(counts.found, 0, 'none found stored uncounted')
     })
   }
 
@@ -274,7 +279,7 @@ if (available) {
     const dir = spoolDir(t)
     const spool = await Spool.open(dir)
     const counts = { quarantined: 0, stored: 0, replayed: 0 }
-    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 5, intervalMs: 5, log: { warn: () => {}, info: () => {}, error: () => {} }, hooks: { quarantined: n => { counts.quarantined += n }, stored: n => { counts.stored += n }, replayed: n => { counts.replayed += n } } })
+    const writer = new AuditWriter({ store, spool, batchSize: 10, queueMax: 5, intervalMs: 5, log: { warn: () => {}, info: () => {}, error: () => {} }, hooks: { quarantined: n => { counts.quarantined += n }, stored: n => { counts.stored += n }, found: n => { counts.stored += n }, replayed: n => { counts.replayed += n } } })
     t.teardown(async () => { await writer.close(); await spool.close() })
     const batch = [entry(), entry({ userId: 'a\u0000b' }), entry(), entry()]
     for (const e of batch) writer.enqueue(e)
@@ -288,6 +293,8 @@ if (available) {
     t.same(await storedIds(url), [batch[0], batch[2], batch[3], ...full].map(e => e.id), 'in order, each once')
     t.same(quarantined(dir).map(l => l.entry.id), [batch[1].id], 'quarantined once')
     t.equal(counts.quarantined, 1)
+    // `found` counted stored, as the gateway's hooks do: the copy's replay finds none it did not count.
+    t.same(counts, { quarantined: 1, stored: 3, replayed: full.length }, 'each entry counted once: the three its isolation stored, not again by the replay of the copy')
     t.same(await pgs.verify({}), { ok: true, checked: 8, firstBroken: null })
   })
 
