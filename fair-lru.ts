@@ -6,9 +6,11 @@
  * holds more than that tenant. Ties go to the tenant whose entry is being added, unless that
  * entry is all it holds (then to another tenant holding as much, if any).
  *
- * Every operation is O(1) but the byte index's, O(log tenants): a tenant's entries in a Map in
- * use order; tenants by count in buckets (count -> tenants) with the largest count kept; by
- * bytes in a binary max-heap. Nothing holds more than the entries do: a tenant is forgotten with
+ * Every operation is O(1) but the byte index's, O(log tenants), and that of an entry set to
+ * expire before one set earlier, O(log such entries): a tenant's entries in a Map in use order;
+ * tenants by count in buckets (count -> tenants) with the largest count kept; by bytes in a
+ * binary max-heap; entries set out of expiry order in a binary min-heap by expiry (none where
+ * every entry has one TTL: the idempotency store's, the rate limiter's). Nothing holds more than the entries do: a tenant is forgotten with
  * its last entry, an empty bucket at once. No call walks all the entries: expired ones go a
  * bounded number at a time (set: as many as make room and PURGE_AHEAD more; purgeStale: a
  * slice), since one walk over 100,000 entries held the event loop, and every request, for
@@ -29,11 +31,14 @@ interface Group<V> {
 }
 
 interface Entry<V> {
+  readonly key: string
   readonly value: V
   readonly bytes: number
   /** performance.now() at which it expires. */
   readonly until: number
   readonly group: Group<V>
+  /** Its index in the heap of entries set out of expiry order (`early`), -1 when it is not there. */
+  early: number
 }
 
 /** Expired entries set drops past those that make room for its entry (so that they go before live ones). */
@@ -63,6 +68,18 @@ export class FairLru<V> {
   /** Tenants by bytes held, largest first (a binary max-heap). */
   private readonly heap: Array<Group<V>> = []
   private totalBytes = 0
+  /**
+   * The latest expiry set since the store was last empty: an entry set to expire at or after it
+   * expires after every entry set before it, so those entries, in the order they were set,
+   * expire in that order too.
+   */
+  private latest = -Infinity
+  /**
+   * The entries set to expire before `latest` (an operation with a shorter TTL than one set
+   * before it), soonest first (a binary min-heap): the walk from the oldest stops at the first
+   * live entry, and these could be behind it.
+   */
+  private readonly early: Array<Entry<V>> = []
 
   /** `onEvict`: called for each entry a bound pushed out (not for those that expired), with its key, tenant and value. */
   constructor (private readonly maxEntries: number, private readonly maxBytes: number, private readonly onEvict: (key: string, tenant: string, value: V) => void = () => {}) {}
@@ -130,7 +147,9 @@ export class FairLru<V> {
       this.groups.set(tenant, group)
       this.heap.push(group)
     }
-    const entry: Entry<V> = { value, bytes, until: performance.now() + ttlMs, group }
+    const entry: Entry<V> = { key, value, bytes, until: performance.now() + ttlMs, group, early: -1 }
+    if (entry.until >= this.latest) this.latest = entry.until
+    else this.pushEarly(entry)
     this.entries.set(key, entry)
     group.entries.set(key, entry)
     this.counted(group, group.entries.size - 1)
@@ -151,6 +170,8 @@ export class FairLru<V> {
     if (entry === undefined) return
     const group = entry.group
     this.entries.delete(key)
+    if (entry.early >= 0) this.removeEarly(entry)
+    if (this.entries.size === 0) this.latest = -Infinity
     group.entries.delete(key)
     this.counted(group, group.entries.size + 1)
     group.bytes -= entry.bytes
@@ -178,6 +199,8 @@ export class FairLru<V> {
     this.heap.length = 0
     this.totalBytes = 0
     this.sweep = null
+    this.latest = -Infinity
+    this.early.length = 0
   }
 
   /**
@@ -221,20 +244,26 @@ export class FairLru<V> {
   }
 
   /**
-   * Drops expired entries, oldest first, up to the first live one, until an entry of `bytes` fits
-   * and PURGE_AHEAD more at most (the rest go with the next calls): where every entry has the
-   * same TTL (the idempotency store's), the order they were set in is the order they expire in
-   * (set moves a key to the end). With other TTLs (the response cache's, by operation),
-   * purgeStale and reads drop the rest.
+   * Drops expired entries until an entry of `bytes` fits and PURGE_AHEAD more at most (the rest
+   * go with the next calls): the oldest set first, up to the first live one, then those set out
+   * of expiry order (`early`), soonest first. Those two find every expired entry: an entry set
+   * after a live one and not out of order expires after it (set moves a key to the end). Before
+   * `early`, one TTL per operation (the response cache's) left an answer expired behind a live
+   * one of a longer-lived operation counting toward its tenant's share, and a bound took a live
+   * entry in its place.
    */
   private dropExpired (bytes: number): void {
     const now = performance.now()
     let ahead = PURGE_AHEAD
+    const enough = (): boolean => this.entries.size < this.maxEntries && this.totalBytes + bytes <= this.maxBytes && ahead-- <= 0
     for (const [key, entry] of this.entries) {
-      if (entry.until > now) return
-      const fits = this.entries.size < this.maxEntries && this.totalBytes + bytes <= this.maxBytes
-      if (fits && ahead-- <= 0) return
+      if (entry.until > now) break
+      if (enough()) return
       this.delete(key)
+    }
+    while (this.early.length > 0 && this.early[0].until <= now) {
+      if (enough()) return
+      this.delete(this.early[0].key)
     }
   }
 
@@ -330,6 +359,16 @@ export class FairLru<V> {
     for (let i = 1; i < this.heap.length; i++) {
       if (this.heap[i].bytes > this.heap[(i - 1) >> 1].bytes) wrong.push(`the heap is out of order at ${i}`)
     }
+    let early = 0
+    for (const [key, entry] of this.entries) {
+      if (entry.early < 0) continue
+      early++
+      if (this.early[entry.early] !== entry) wrong.push(`${key} is not at its place in the expiry heap`)
+    }
+    if (early !== this.early.length) wrong.push(`${this.early.length} entries in the expiry heap, ${early} held there`)
+    for (let i = 1; i < this.early.length; i++) {
+      if (this.early[i].until < this.early[(i - 1) >> 1].until) wrong.push(`the expiry heap is out of order at ${i}`)
+    }
     if (count > this.maxEntries) wrong.push(`${count} entries past the bound`)
     if (bytes > this.maxBytes) wrong.push(`${bytes} bytes past the bound`)
     return wrong
@@ -409,6 +448,56 @@ export class FairLru<V> {
       this.swap(i, largest)
       i = largest
     }
+  }
+
+  private pushEarly (entry: Entry<V>): void {
+    entry.early = this.early.length
+    this.early.push(entry)
+    this.earlyUp(entry.early)
+  }
+
+  private removeEarly (entry: Entry<V>): void {
+    const last = this.early.pop()!
+    if (last !== entry) {
+      this.early[entry.early] = last
+      last.early = entry.early
+      this.earlyDown(last.early)
+      this.earlyUp(last.early)
+    }
+    entry.early = -1
+  }
+
+  private earlyUp (i: number): void {
+    const early = this.early
+    while (i > 0) {
+      const parent = (i - 1) >> 1
+      if (early[parent].until <= early[i].until) return
+      this.swapEarly(i, parent)
+      i = parent
+    }
+  }
+
+  private earlyDown (i: number): void {
+    const early = this.early
+    for (;;) {
+      const left = 2 * i + 1
+      const right = left + 1
+      let soonest = i
+      if (left < early.length && early[left].until < early[soonest].until) soonest = left
+      if (right < early.length && early[right].until < early[soonest].until) soonest = right
+      if (soonest === i) return
+      this.swapEarly(i, soonest)
+      i = soonest
+    }
+  }
+
+  private swapEarly (i: number, j: number): void {
+    const a = this.early[i]
+    const b = this.early[j]
+    this.early[i] = b
+    this.early[j] = a
+    a.early = j
+    b.early = i
   }
 
   private swap (i: number, j: number): void {

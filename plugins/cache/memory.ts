@@ -196,8 +196,8 @@ function entryBytes (entry: LocalEntry, key: string): number {
  * The bounds are shared fairly between tenants (FairLru): past one, the entry that goes is the
  * least recently used of the tenant holding the most entries (or bytes). Entries past their
  * `keepUntil` are dropped when read, at each metrics scrape (purgeAll, a slice at a time, SCRAPE_SLICES at most), and
- * before a bound takes a live entry, from the oldest set up to the first live one (operations keep
- * theirs for different times, so an older live entry can shield a dead one until then). In one LRU for all, a
+ * before a bound takes a live entry, those set behind an older live one too (operations keep theirs
+ * for different times: FairLru keeps the entries set out of expiry order apart). In one LRU for all, a
  * tenant's distinct reads (its input is part of the key: a filter value each) pushed every other
  * tenant's fresh entries out.
  */

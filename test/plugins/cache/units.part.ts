@@ -205,8 +205,8 @@ t.test('the memory tier shares its bounds fairly: a tenant past them evicts its 
   expiring.set('h1', 'hog', answer(5000), [], expiring.clock.now())
   t.equal(evicted, 0, 'the expired entry made room, no live one was evicted')
   t.ok(expiring.get('h0') && expiring.get('h1'))
-  // An expired entry set after a live one (operations keep theirs for different times) is not
-  // reached by set's walk from the oldest; a metrics scrape (purge) drops it.
+  // An expired entry set after a live one (operations keep theirs for different times): a
+  // metrics scrape (purge) drops it, and so does a bound, before it takes a live entry.
   const shielded = new MemoryTier(10, 1 << 20, () => 1000)
   shielded.set('long', 'a', answer(5000), [], shielded.clock.now())
   shielded.set('dead', 'b', answer(1000), [], shielded.clock.now())
@@ -214,6 +214,14 @@ t.test('the memory tier shares its bounds fairly: a tenant past them evicts its 
   await shielded.purgeAll()
   t.equal(shielded.size, 1, 'purge drops the expired entry behind a live one')
   t.ok(shielded.get('long'), 'and keeps the live one')
+  const behind = new MemoryTier(3, 1 << 20, () => 1000, () => { evicted++ })
+  evicted = 0
+  behind.set('long', 'a', answer(5000), [], behind.clock.now())
+  behind.set('dead', 'a', answer(1000), [], behind.clock.now())
+  behind.set('b', 'b', answer(5000), [], behind.clock.now())
+  behind.set('a1', 'a', answer(5000), [], behind.clock.now())
+  t.equal(evicted, 0, 'the bound took the expired entry behind a live one, no live entry')
+  t.ok(behind.get('long') && behind.get('b') && behind.get('a1'))
   // A stored answer over an eighth of the bytes replaces the one under its key, not kept itself.
   byBytes.set('quiet', 'quiet', sized(20_000), [], byBytes.clock.now())
   t.equal(byBytes.get('quiet'), undefined)

@@ -184,6 +184,67 @@ t.test('the fair LRU: an entry that would not stay takes nothing with it; expire
   t.same(ttl.check(), [])
 })
 
+// The response cache keeps each operation's answers for its own time: an answer that expired
+// behind a live one of a longer-lived operation still counted toward its tenant's share, and a
+// bound then took that tenant's (or another's) live entry while the dead one stayed.
+t.test('the fair LRU: an expired entry set after a longer-lived one goes before any live entry', async t => {
+  let evicted = 0
+  const byCount = new FairLru<number>(3, 1 << 20, () => { evicted++ })
+  byCount.set('long', 'A', 0, 1, 60_000)
+  byCount.set('short', 'A', 1, 1, 0) // expired as soon as set
+  byCount.set('b0', 'B', 0, 1, 60_000)
+  byCount.set('a1', 'A', 2, 1, 60_000)
+  t.same([byCount.has('long'), byCount.has('b0'), byCount.has('a1'), evicted], [true, true, true, 0], 'past the count bound, the expired entry went, no live one')
+  t.same(byCount.check(), [])
+  const byBytes = new FairLru<number>(1000, 100, () => { evicted++ })
+  byBytes.set('long', 'A', 0, 30, 60_000)
+  for (let i = 0; i < 3; i++) byBytes.set('short' + i, 'A', i, 20, 0)
+  byBytes.set('b0', 'B', 0, 40, 60_000)
+  t.same([byBytes.has('long'), byBytes.has('b0'), byBytes.held('A'), evicted], [true, true, { count: 1, bytes: 30 }, 0], 'past the byte bound, the same')
+  t.same(byBytes.check(), [])
+  // Many of them, behind a live one: dropped a bounded number at a time, each set making room.
+  const many = new FairLru<number>(1000, 1 << 20, () => { evicted++ })
+  many.set('long', 'A', 0, 1, 60_000)
+  for (let i = 0; i < 999; i++) many.set('x' + i, 'A', i, 1, 0)
+  for (let i = 0; i < 100; i++) many.set('y' + i, 'B', i, 1, 60_000)
+  t.same([many.has('long'), many.held('B').count, evicted], [true, 100, 0], 'no live entry went for 100 sets at the bound')
+  t.ok(many.size < 1000, `expired entries went ahead of need (${many.size} held)`)
+  t.same(many.check(), [])
+  // One TTL for all (the idempotency store's) or none (the rate limiter's): in the order they were set.
+  const same = new FairLru<number>(2, 1 << 20, () => { evicted++ })
+  evicted = 0
+  same.set('i0', 'A', 0, 1, Infinity)
+  same.set('i1', 'A', 1, 1, Infinity)
+  same.set('i2', 'A', 2, 1, Infinity)
+  t.same([same.has('i0'), same.has('i1'), same.has('i2'), evicted], [false, true, true, 1], 'the oldest goes past the bound')
+  t.same(same.check(), [])
+  // Mixed TTLs at random: the indexes stay true, and no bound takes a live entry while an expired one is held.
+  let seed = 7
+  const random = (n: number): number => { seed = (seed * 1103515245 + 12345) % 2 ** 31; return seed % n }
+  const dead = new Set<string>()
+  const wrong: string[] = []
+  // (The entry being set is not one: ttl 0 here has it expire as soon as it is set.)
+  let setting = ''
+  const mixed = new FairLru<number>(20, 2000, key => {
+    if (!dead.has(key) && [...mixed.items()].some(([k]) => k !== setting && dead.has(k))) wrong.push(`${key} evicted beside an expired entry`)
+  })
+  for (let i = 0; i < 3000 && wrong.length === 0; i++) {
+    const key = 'k' + random(60)
+    const op = random(10)
+    if (op < 7) {
+      const ttl = [0, 60_000, Infinity][random(3)]
+      setting = key
+      mixed.set(key, 't' + random(3), i, 20 + random(200), ttl)
+      if (ttl === 0) dead.add(key)
+      else dead.delete(key)
+    } else if (op < 8) mixed.get(key)
+    else if (op < 9) mixed.delete(key)
+    else mixed.purgeStale(random(30))
+    wrong.push(...mixed.check().map(w => `after op ${i}: ${w}`))
+  }
+  t.same(wrong, [], 'mixed TTLs')
+})
+
 t.test('the fair LRU keeps its indexes true under random traffic', async t => {
   let seed = 42
   const random = (n: number): number => { seed = (seed * 1103515245 + 12345) % 2 ** 31; return seed % n }
