@@ -18,7 +18,7 @@ import { decisions, messageGuardOf, runCall } from '../face.js'
 import { clientAddress } from '../../address.js'
 import { idempotencyKeyOf, single } from '../rest/index.js'
 import { BATCH_TOO_LONG, DUPLICATE_ID, ProblemError, errorShape, isInternal } from './errors.js'
-import { buildRouter, earlyRequestIds, unparsed } from './router.js'
+import { buildRouter, earlyRequestIds, unparsed, wrongMethod } from './router.js'
 import { DEFAULT_SETTINGS as WEBSOCKET_DEFAULTS } from '../websocket/index.js'
 import { MAX_ID_LENGTH } from '../websocket/frames.js'
 import { LiveSubscriptions } from './subscriptions.js'
@@ -588,13 +588,14 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       }
       // Records a refusal tRPC made itself of a connection's message, once, under the connection's
       // token's tenant and user, with the request id its error carries (set here: tRPC formats it
-      // after): `action` the event's name, or `trpc` for the message.
-      const recordRefusal = (error: TRPCError, ctx: TrpcContext, action: string, category: 'read' | 'security'): void => {
+      // after): `action` the procedure's name, or `trpc` for the message; `answered`: the error
+      // the client gets in its place (wrongMethod), its code and status.
+      const recordRefusal = (error: TRPCError, ctx: TrpcContext, action: string, category: 'read' | 'security', answered = error): void => {
         const requestId = uuidv7()
         earlyRequestIds.set(error, requestId)
-        const { code } = errorShape(error, requestId).data
+        const { code, httpStatus } = errorShape(answered, requestId).data
         try {
-          decide({ requestId, protocol: 'trpc', path: action === 'trpc' ? '/trpc' : '/trpc/' + action, action, category, caller: tokenOwner(ctx.authorization), clientRequestId: false }, () => { throw new MantleError(code as ErrorCode, error.message) })
+          decide({ requestId, protocol: 'trpc', path: action === 'trpc' ? '/trpc' : '/trpc/' + action, action, category, caller: tokenOwner(ctx.authorization), clientRequestId: false }, () => { throw new MantleError(code as ErrorCode, answered.message, { status: httpStatus }) })
         } catch {
           // The refusal rethrown, or the trail's OVERLOADED when it cannot record.
         }
@@ -670,6 +671,11 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           // any procedure runs (BAD_REQUEST, `Duplicate id 1`): recorded as the event's refused
           // subscription, as one refused for its input is. Before, it left no entry (issue 6).
           if (ctx !== undefined && type === 'subscription' && path !== undefined && events.has(path) && error.message.startsWith(DUPLICATE_ID)) recordRefusal(error, ctx, path, 'read')
+          // A call whose method is not its procedure's type (`query` of a mutation): answered 405
+          // METHOD_NOT_SUPPORTED (wrongMethod) and recorded, security, the procedure as action, as
+          // a mutation over GET is over HTTP. Before, answered NOT_FOUND 404 and left out.
+          const misdirected = ctx === undefined ? null : wrongMethod(router._def.procedures, error, path, type)
+          if (misdirected !== null) recordRefusal(error, ctx!, path!, 'security', misdirected)
           // A connectionParams message that is not JSON, or not an object of strings: tRPC sends
           // its error, then closes without a code (1005, a network drop to wsLink). Closed first
           // with 4400 and why, as /graphql closes on a message its protocol does not define.

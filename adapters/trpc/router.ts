@@ -1,6 +1,6 @@
 import { uuidv7 } from '../../ids.js'
 import type { FastifyInstance } from 'fastify'
-import { initTRPC, type AnyTRPCProcedure, type AnyTRPCRouter } from '@trpc/server'
+import { initTRPC, TRPCError, type AnyTRPCProcedure, type AnyTRPCRouter } from '@trpc/server'
 import { WebSocket } from 'ws'
 import { decisions, runCall, type Decision } from '../face.js'
 import { callKey } from '../rest/index.js'
@@ -39,6 +39,29 @@ export const earlyRequestIds = new WeakMap<object, string>()
  * synchronously up to that refusal.
  */
 export const unparsed: { watching: boolean, requestId: string | null, idless: boolean } = { watching: false, requestId: null, idless: false }
+
+/** Each misdirected call's refusal (wrongMethod), made once for the face's onError and the formatter. */
+const misdirected = new WeakMap<TRPCError, TRPCError>()
+
+/**
+ * A WebSocket call whose method is not its procedure's type (`query` of a mutation,
+ * `subscription` of a query, `query` of an event): @trpc/server refuses it NOT_FOUND (`No
+ * "query"-procedure on path "x"`), as if there were no such procedure. The refusal it gets
+ * instead, METHOD_NOT_SUPPORTED (405), as over HTTP, where tRPC refuses a mutation over GET so
+ * (CONTRACT: the same mistake, the same error on every face); null for any other error. Both
+ * the error formatter (the answer) and the face's onError (the audit entry) ask here.
+ */
+export function wrongMethod (procedures: Readonly<Record<string, unknown>>, error: TRPCError, path: string | undefined, type: string | undefined): TRPCError | null {
+  if (error.code !== 'NOT_FOUND' || error instanceof ProblemError || path === undefined || !Object.hasOwn(procedures, path)) return null
+  const found = misdirected.get(error)
+  if (found !== undefined) return found
+  const procedure = procedures[path] as AnyTRPCProcedure
+  const own = procedure._def.type
+  if (own === type || error.message !== `No "${type}"-procedure on path "${path}"`) return null
+  const refusal = new TRPCError({ code: 'METHOD_NOT_SUPPORTED', message: `Unsupported ${type} call to ${own} procedure at path "${path}"` })
+  misdirected.set(error, refusal)
+  return refusal
+}
 
 /** @trpc/server's refusal of one call of a message whose id is null (the others run). */
 const ID_REQUIRED = '`id` is required'
@@ -80,8 +103,8 @@ export function buildRouter (app: FastifyInstance, live: LiveSubscriptions, limi
   const t = initTRPC.context<TrpcContext>().create({
     isDev: false,
     isServer: true,
-    errorFormatter: ({ error, ctx, path }): MantleErrorShape => {
-      const shape = errorShape(error, ctx?.requestId ?? earlyRequestIds.get(error) ?? undefined, path)
+    errorFormatter: ({ error, ctx, path, type }): MantleErrorShape => {
+      const shape = errorShape(wrongMethod(procedures, error, path, type) ?? error, ctx?.requestId ?? earlyRequestIds.get(error) ?? undefined, path)
       if (unparsed.watching && error.code === 'PARSE_ERROR' && path === undefined) {
         unparsed.requestId = shape.data.requestId
         unparsed.idless = error.message === ID_REQUIRED
