@@ -2,7 +2,7 @@ import { parseArgs } from 'node:util'
 import { pathToFileURL } from 'node:url'
 import { resolve } from 'node:path'
 import { answerHelp, refusedByParseArgs, refuseUsage } from '../cli.js'
-import { mintToken, parseSecrets } from '../plugins/auth/index.js'
+import { ANONYMOUS, mintToken, parseSecrets } from '../plugins/auth/index.js'
 import { HEADER_SAFE, carriesRole } from '../plugins/auth/claims.js'
 import { DEV_JWT_SECRET, INTEGER_TEXT, loadConfig } from '../schemas/config.js'
 import type { Zone } from '../schemas/manifest.js'
@@ -37,6 +37,7 @@ export function tokenFromArgs (args: string[], env: NodeJS.ProcessEnv = process.
   for (const [option, value] of [['--tenant', values.tenant], ['--user', values.user]] as const) {
     if (!HEADER_SAFE.test(value)) throw new Error(`${option} must be 1 to 256 visible characters (Latin-1), without spaces around them: the gateway refuses a token with ${JSON.stringify(value)}\n${USAGE}`)
   }
+  if (values.tenant === ANONYMOUS.tenant) throw new Error(`--tenant ${ANONYMOUS.tenant} is reserved for calls without a token: the gateway refuses a token with it\n${USAGE}`)
   const roles = values.roles.split(',').map(r => r.trim()).filter(r => r !== '')
   const refused = roles.find(role => !carriesRole(role))
   if (refused !== undefined) throw new Error(`--roles must be comma-separated roles of 1 to 256 visible characters (Latin-1): the gateway refuses a token with ${JSON.stringify(refused)}\n${USAGE}`)

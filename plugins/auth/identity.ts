@@ -418,6 +418,12 @@ function toIdentity (claims: Record<string, unknown>, toleranceMs: number, lease
   if (!HEADER_SAFE.test(sub) || !HEADER_SAFE.test(tid)) {
     throw refuse('sub and tid must be visible characters (they travel as x-user-id and x-tenant-id)')
   }
+  // The tenant of calls without an accepted token (the audit trail's `public` / `anonymous`) and
+  // of every call with identity off (ANONYMOUS): a token's calls under it could not be told
+  // from those in GET /admin/audit?tenant=public.
+  if (tid === ANONYMOUS.tenant) {
+    throw refuse(`tid "${ANONYMOUS.tenant}" is reserved for calls without a token`)
+  }
   if (!Array.isArray(roles) || !roles.every(r => typeof r === 'string')) {
     throw refuse('roles must be an array of strings')
   }
