@@ -38,7 +38,81 @@ interface Entry<V> {
   readonly until: number
   readonly group: Group<V>
   /** Its index in the heap of entries set out of expiry order (`early`), -1 when it is not there. */
-  early: number
+  at: number
+}
+
+/**
+ * A binary heap whose items keep their own index (`at`; -1 once removed), so that one can be
+ * moved or removed where it is: `first(a, b)` when a goes above b. The byte index's (tenants,
+ * largest first) and the expiry index's (entries set out of expiry order, soonest first).
+ */
+class PlacedHeap<T extends { at: number }> {
+  readonly items: T[] = []
+
+  constructor (private readonly first: (a: T, b: T) => boolean) {}
+
+  push (item: T): void {
+    item.at = this.items.length
+    this.items.push(item)
+    this.up(item.at)
+  }
+
+  remove (item: T): void {
+    const last = this.items.pop()!
+    if (last !== item) {
+      this.items[item.at] = last
+      last.at = item.at
+      this.down(last.at)
+      this.up(last.at)
+    }
+    item.at = -1
+  }
+
+  clear (): void { this.items.length = 0 }
+
+  /** Moves the item at `i` up while it goes above its parent. */
+  up (i: number): void {
+    const items = this.items
+    while (i > 0) {
+      const parent = (i - 1) >> 1
+      if (!this.first(items[i], items[parent])) return
+      this.swap(i, parent)
+      i = parent
+    }
+  }
+
+  /** Moves the item at `i` down while a child goes above it. */
+  down (i: number): void {
+    const items = this.items
+    for (;;) {
+      const left = 2 * i + 1
+      const right = left + 1
+      let top = i
+      if (left < items.length && this.first(items[left], items[top])) top = left
+      if (right < items.length && this.first(items[right], items[top])) top = right
+      if (top === i) return
+      this.swap(i, top)
+      i = top
+    }
+  }
+
+  /** What is wrong with the heap's order (FairLru.check). */
+  disorder (name: string): string[] {
+    const wrong: string[] = []
+    for (let i = 1; i < this.items.length; i++) {
+      if (this.first(this.items[i], this.items[(i - 1) >> 1])) wrong.push(`the ${name} is out of order at ${i}`)
+    }
+    return wrong
+  }
+
+  private swap (i: number, j: number): void {
+    const a = this.items[i]
+    const b = this.items[j]
+    this.items[i] = b
+    this.items[j] = a
+    a.at = j
+    b.at = i
+  }
 }
 
 /** Expired entries set drops past those that make room for its entry (so that they go before live ones). */
@@ -65,8 +139,8 @@ export class FairLru<V> {
   /** Tenants by how many entries they hold (only counts some tenant holds). */
   private readonly byCount = new Map<number, Set<Group<V>>>()
   private mostCount = 0
-  /** Tenants by bytes held, largest first (a binary max-heap). */
-  private readonly heap: Array<Group<V>> = []
+  /** Tenants by bytes held, largest first. */
+  private readonly byBytes = new PlacedHeap<Group<V>>((a, b) => a.bytes > b.bytes)
   private totalBytes = 0
   /**
    * The latest expiry set since the store was last empty: an entry set to expire at or after it
@@ -79,7 +153,7 @@ export class FairLru<V> {
    * before it), soonest first (a binary min-heap): the walk from the oldest stops at the first
    * live entry, and these could be behind it.
    */
-  private readonly early: Array<Entry<V>> = []
+  private readonly early = new PlacedHeap<Entry<V>>((a, b) => a.until < b.until)
 
   /** `onEvict`: called for each entry a bound pushed out (not for those that expired), with its key, tenant and value. */
   constructor (private readonly maxEntries: number, private readonly maxBytes: number, private readonly onEvict: (key: string, tenant: string, value: V) => void = () => {}) {}
@@ -143,19 +217,19 @@ export class FairLru<V> {
     }
     let group = this.groups.get(tenant)
     if (group === undefined) {
-      group = { tenant, entries: new Map(), bytes: 0, at: this.heap.length }
+      group = { tenant, entries: new Map(), bytes: 0, at: -1 }
       this.groups.set(tenant, group)
-      this.heap.push(group)
+      this.byBytes.push(group)
     }
-    const entry: Entry<V> = { key, value, bytes, until: performance.now() + ttlMs, group, early: -1 }
+    const entry: Entry<V> = { key, value, bytes, until: performance.now() + ttlMs, group, at: -1 }
     if (entry.until >= this.latest) this.latest = entry.until
-    else this.pushEarly(entry)
+    else this.early.push(entry)
     this.entries.set(key, entry)
     group.entries.set(key, entry)
     this.counted(group, group.entries.size - 1)
     group.bytes += bytes
     this.totalBytes += bytes
-    this.siftUp(group.at)
+    this.byBytes.up(group.at)
     while (this.entries.size > this.maxEntries || this.totalBytes > this.maxBytes) {
       const victim = this.entries.size > this.maxEntries ? this.mostEntries(group) : this.mostBytes(group)
       const [oldest, gone] = victim.entries.entries().next().value!
@@ -170,24 +244,18 @@ export class FairLru<V> {
     if (entry === undefined) return
     const group = entry.group
     this.entries.delete(key)
-    if (entry.early >= 0) this.removeEarly(entry)
+    if (entry.at >= 0) this.early.remove(entry)
     if (this.entries.size === 0) this.latest = -Infinity
     group.entries.delete(key)
     this.counted(group, group.entries.size + 1)
     group.bytes -= entry.bytes
     this.totalBytes -= entry.bytes
     if (group.entries.size > 0) {
-      this.siftDown(group.at)
+      this.byBytes.down(group.at)
       return
     }
     this.groups.delete(group.tenant)
-    const last = this.heap.pop()!
-    if (last !== group) {
-      this.heap[group.at] = last
-      last.at = group.at
-      this.siftDown(last.at)
-      this.siftUp(last.at)
-    }
+    this.byBytes.remove(group)
   }
 
   /** Drops every entry. */
@@ -196,11 +264,11 @@ export class FairLru<V> {
     this.groups.clear()
     this.byCount.clear()
     this.mostCount = 0
-    this.heap.length = 0
+    this.byBytes.clear()
     this.totalBytes = 0
     this.sweep = null
     this.latest = -Infinity
-    this.early.length = 0
+    this.early.clear()
   }
 
   /**
@@ -261,9 +329,10 @@ export class FairLru<V> {
       if (enough()) return
       this.delete(key)
     }
-    while (this.early.length > 0 && this.early[0].until <= now) {
+    const early = this.early.items
+    while (early.length > 0 && early[0].until <= now) {
       if (enough()) return
-      this.delete(this.early[0].key)
+      this.delete(early[0].key)
     }
   }
 
@@ -294,13 +363,14 @@ export class FairLru<V> {
         kept -= counted.entries.values().next().value!.bytes
       }
     }
-    const stack = this.heap.length > 0 ? [0] : []
+    const heap = this.byBytes.items
+    const stack = heap.length > 0 ? [0] : []
     while (stack.length > 0 && kept > this.maxBytes) {
       const i = stack.pop()!
-      const group = this.heap[i]
+      const group = heap[i]
       if (group.bytes < bytes) continue
-      if (2 * i + 1 < this.heap.length) stack.push(2 * i + 1)
-      if (2 * i + 2 < this.heap.length) stack.push(2 * i + 2)
+      if (2 * i + 1 < heap.length) stack.push(2 * i + 1)
+      if (2 * i + 2 < heap.length) stack.push(2 * i + 2)
       if (group === own) continue
       let left = group.bytes
       let first = group === counted
@@ -340,7 +410,7 @@ export class FairLru<V> {
       }
       if (sum !== group.bytes) wrong.push(`${tenant} counts ${group.bytes} bytes, holds ${sum}`)
       if (this.byCount.get(group.entries.size)?.has(group) !== true) wrong.push(`${tenant} is not in its count's bucket`)
-      if (this.heap[group.at] !== group) wrong.push(`${tenant} is not at its place in the heap`)
+      if (this.byBytes.items[group.at] !== group) wrong.push(`${tenant} is not at its place in the heap`)
       count += group.entries.size
       bytes += sum
       most = Math.max(most, group.entries.size)
@@ -355,20 +425,16 @@ export class FairLru<V> {
       bucketed += set.size
     }
     if (bucketed !== this.groups.size) wrong.push(`${bucketed} tenants in buckets, ${this.groups.size} held`)
-    if (this.heap.length !== this.groups.size) wrong.push(`${this.heap.length} tenants in the heap, ${this.groups.size} held`)
-    for (let i = 1; i < this.heap.length; i++) {
-      if (this.heap[i].bytes > this.heap[(i - 1) >> 1].bytes) wrong.push(`the heap is out of order at ${i}`)
-    }
+    if (this.byBytes.items.length !== this.groups.size) wrong.push(`${this.byBytes.items.length} tenants in the heap, ${this.groups.size} held`)
+    wrong.push(...this.byBytes.disorder('heap'))
     let early = 0
     for (const [key, entry] of this.entries) {
-      if (entry.early < 0) continue
+      if (entry.at < 0) continue
       early++
-      if (this.early[entry.early] !== entry) wrong.push(`${key} is not at its place in the expiry heap`)
+      if (this.early.items[entry.at] !== entry) wrong.push(`${key} is not at its place in the expiry heap`)
     }
-    if (early !== this.early.length) wrong.push(`${this.early.length} entries in the expiry heap, ${early} held there`)
-    for (let i = 1; i < this.early.length; i++) {
-      if (this.early[i].until < this.early[(i - 1) >> 1].until) wrong.push(`the expiry heap is out of order at ${i}`)
-    }
+    if (early !== this.early.items.length) wrong.push(`${this.early.items.length} entries in the expiry heap, ${early} held there`)
+    wrong.push(...this.early.disorder('expiry heap'))
     if (count > this.maxEntries) wrong.push(`${count} entries past the bound`)
     if (bytes > this.maxBytes) wrong.push(`${bytes} bytes past the bound`)
     return wrong
@@ -396,11 +462,12 @@ export class FairLru<V> {
 
   /** The same over the byte bound. A tenant tied for the most is the heap's root or a child of it. */
   private mostBytes (adding: Group<V>): Group<V> {
-    const top = this.heap[0]
+    const heap = this.byBytes.items
+    const top = heap[0]
     if (adding.entries.size > 0 && adding.bytes === top.bytes) {
       if (adding.entries.size > 1) return adding
-      for (let i = 0; i < 3 && i < this.heap.length; i++) {
-        if (this.heap[i] !== adding && this.heap[i].bytes === top.bytes) return this.heap[i]
+      for (let i = 0; i < 3 && i < heap.length; i++) {
+        if (heap[i] !== adding && heap[i].bytes === top.bytes) return heap[i]
       }
       return adding
     }
@@ -424,88 +491,5 @@ export class FairLru<V> {
       to.add(group)
     }
     if (now > this.mostCount) this.mostCount = now
-  }
-
-  private siftUp (i: number): void {
-    const heap = this.heap
-    while (i > 0) {
-      const parent = (i - 1) >> 1
-      if (heap[parent].bytes >= heap[i].bytes) return
-      this.swap(i, parent)
-      i = parent
-    }
-  }
-
-  private siftDown (i: number): void {
-    const heap = this.heap
-    for (;;) {
-      const left = 2 * i + 1
-      const right = left + 1
-      let largest = i
-      if (left < heap.length && heap[left].bytes > heap[largest].bytes) largest = left
-      if (right < heap.length && heap[right].bytes > heap[largest].bytes) largest = right
-      if (largest === i) return
-      this.swap(i, largest)
-      i = largest
-    }
-  }
-
-  private pushEarly (entry: Entry<V>): void {
-    entry.early = this.early.length
-    this.early.push(entry)
-    this.earlyUp(entry.early)
-  }
-
-  private removeEarly (entry: Entry<V>): void {
-    const last = this.early.pop()!
-    if (last !== entry) {
-      this.early[entry.early] = last
-      last.early = entry.early
-      this.earlyDown(last.early)
-      this.earlyUp(last.early)
-    }
-    entry.early = -1
-  }
-
-  private earlyUp (i: number): void {
-    const early = this.early
-    while (i > 0) {
-      const parent = (i - 1) >> 1
-      if (early[parent].until <= early[i].until) return
-      this.swapEarly(i, parent)
-      i = parent
-    }
-  }
-
-  private earlyDown (i: number): void {
-    const early = this.early
-    for (;;) {
-      const left = 2 * i + 1
-      const right = left + 1
-      let soonest = i
-      if (left < early.length && early[left].until < early[soonest].until) soonest = left
-      if (right < early.length && early[right].until < early[soonest].until) soonest = right
-      if (soonest === i) return
-      this.swapEarly(i, soonest)
-      i = soonest
-    }
-  }
-
-  private swapEarly (i: number, j: number): void {
-    const a = this.early[i]
-    const b = this.early[j]
-    this.early[i] = b
-    this.early[j] = a
-    a.early = j
-    b.early = i
-  }
-
-  private swap (i: number, j: number): void {
-    const a = this.heap[i]
-    const b = this.heap[j]
-    this.heap[i] = b
-    this.heap[j] = a
-    a.at = j
-    b.at = i
   }
 }
