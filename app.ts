@@ -238,11 +238,12 @@ const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/
 
 /**
  * A problem+json answer written straight to a socket, for requests that never become a Fastify
- * request; the gateway then closes its side.
+ * request; the gateway then closes its side. Returns the request id it carries.
  */
-function answerRaw (socket: Duplex, status: number, detail: string, extra: string = '', code: ErrorCode = 'BAD_REQUEST'): void {
+function answerRaw (socket: Duplex, status: number, detail: string, extra: string = '', code: ErrorCode = 'BAD_REQUEST'): string {
   const { id, body } = rawProblem(status, detail, code)
   socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nx-request-id: ${id}\r\n${SECURITY_LINES}${extra}Connection: close\r\n\r\n${body}`)
+  return id
 }
 
 /**
@@ -263,7 +264,7 @@ function rawProblem (status: number, detail: string, code: ErrorCode): { id: str
  * Nothing is written in front of the answer of a call that runs on the connection, nor to a
  * connection that sent nothing.
  */
-function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): [number, ErrorCode] | null {
+function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): Refusal | null {
   if (lingering.has(socket)) return null
   if (err.code === 'ECONNRESET' || socket.destroyed || !socket.writable) {
     socket.destroy()
@@ -294,7 +295,7 @@ function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): [number
     // what it is recorded as. Not when its client stopped sending (the connection's end mid-body,
     // HPE_INVALID_EOF_STATE): it left, and is recorded so.
     const answered = answerRefusal(err, socket)
-    if (err.code !== 'HPE_INVALID_EOF_STATE') answeredStraight.set(res.req, answered)
+    if (err.code !== 'HPE_INVALID_EOF_STATE') answeredStraight.set(res.req, [answered[0], answered[1]])
     return answered
   }
   return answerRefusal(err, socket)
@@ -316,12 +317,15 @@ const REFUSALS = new Map<string | undefined, [number, string, ErrorCode]>([
   [OFFER_BODY_OVERFLOW, [413, 'The request body is larger than the limit', 'PAYLOAD_TOO_LARGE']]
 ])
 
-/** The clientErrorHandler's answer, as problem+json, and the lingering close; its status and code. */
-function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): [number, ErrorCode] {
+/** A refusal written straight to a socket: its status, code and request id. */
+type Refusal = [number, ErrorCode, string]
+
+/** The clientErrorHandler's answer, as problem+json, and the lingering close; its status, code and request id. */
+function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): Refusal {
   const [status, detail, code] = REFUSALS.get(err.code) ?? [400, 'The request is not valid HTTP', 'BAD_REQUEST']
-  answerRaw(socket, status, detail, '', code)
+  const id = answerRaw(socket, status, detail, '', code)
   lingeringClose(socket)
-  return [status, code]
+  return [status, code, id]
 }
 
 /**
@@ -452,6 +456,13 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   const timeouts = requestTimeouts(config.BFF_REQUEST_TIMEOUT_MS)
   // Set once the metrics are registered (below): the answers written before any route runs count too.
   let errorAnswered: (code: string, status: number) => void = () => {}
+  // A refusal written straight to the socket (answerRaw, rawProblem) belongs to no Fastify request,
+  // so it has no access-log line: one info line carries the request id its client was given
+  // (nothing of the request itself, whose head may not even parse); the error is counted too.
+  const refusedStraight = (reqId: string, code: ErrorCode, status: number): void => {
+    app.log.info({ reqId, res: { statusCode: status }, code }, 'request refused')
+    errorAnswered(code, status)
+  }
   const app = Fastify({
     // Fastify's default (10 s) was no longer than the audit spool's watch of a lock another
     // container may hold (two heartbeats, 10 s): a container restarted after a crash or an OOM
@@ -505,7 +516,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // Requests Node's HTTP parser refuses (junk in the head, a head over 16 KB, a timeout).
     clientErrorHandler: (err, socket) => {
       const answered = answerClientError(err, socket)
-      if (answered !== null) errorAnswered(answered[1], answered[0])
+      if (answered !== null) refusedStraight(answered[2], answered[1], answered[0])
     },
     // A query string that is not valid percent-encoding is refused (onRequest below), not taken literally.
     routerOptions: { ignoreTrailingSlash: true, maxParamLength: MAX_PATH_PARAM_LENGTH, querystringParser: parseQuery },
@@ -604,15 +615,14 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   app.server.on('connect', (_req, socket: Duplex) => {
     socket.on('error', () => {})
     // A 405 names the methods that are served (RFC 9110 §15.5.6).
-    answerRaw(socket, 405, 'CONNECT is not served', 'Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n')
-    errorAnswered('BAD_REQUEST', 405)
+    refusedStraight(answerRaw(socket, 405, 'CONNECT is not served', 'Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n'), 'BAD_REQUEST', 405)
     lingeringClose(socket)
   })
   // An Expect other than 100-continue: Node answers a bare 417 (no body, no request id, no
   // security header) unless a listener answers it, so the gateway does, as problem+json.
   app.server.on('checkExpectation', (_req, res) => {
     const { id, body } = rawProblem(417, 'The only expectation served is 100-continue', 'BAD_REQUEST')
-    errorAnswered('BAD_REQUEST', 417)
+    refusedStraight(id, 'BAD_REQUEST', 417)
     res.writeHead(417, { ...SECURITY_HEADERS, 'content-type': 'application/problem+json', 'content-length': Buffer.byteLength(body), 'x-request-id': id, connection: 'close' })
     res.end(body)
   })
@@ -832,8 +842,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       if (socket._httpMessage?.headersSent === true) {
         socket.destroy()
       } else {
-        answerRaw(socket, 503, 'The gateway is shutting down: retry on another instance', 'Retry-After: 1\r\n', 'OVERLOADED')
-        errorAnswered('OVERLOADED', 503)
+        refusedStraight(answerRaw(socket, 503, 'The gateway is shutting down: retry on another instance', 'Retry-After: 1\r\n', 'OVERLOADED'), 'OVERLOADED', 503)
         lingeringClose(socket)
       }
     }
@@ -1142,9 +1151,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // text/html 400 of its own (found exploring the gateway).
     app.websocketServer.on('wsClientError', (err: Error, socket: Duplex) => {
       const version = /Sec-WebSocket-Version/i.test(err.message) ? 'Sec-WebSocket-Version: 13, 8\r\n' : ''
-      answerRaw(socket, 400, `The WebSocket handshake is refused: ${err.message}`, version)
+      const id = answerRaw(socket, 400, `The WebSocket handshake is refused: ${err.message}`, version)
       lingeringClose(socket)
-      errorAnswered('BAD_REQUEST', 400)
+      refusedStraight(id, 'BAD_REQUEST', 400)
     })
   }
   if (config.BFF_TRPC_ENABLED) await app.register(trpc, face)

@@ -273,6 +273,41 @@ t.test('the access log: an absolute-form target is logged as its path; url and h
   t.ok(lines.every(l => JSON.stringify(l).length < 2_000), 'no line of 6 KB')
 })
 
+// Requests refused before they became Fastify requests (a head Node's parser refused or found too
+// large, CONNECT, an Expect other than 100-continue, a WebSocket handshake ws refused) were
+// answered with a request id that no log line carried, at any level: a client reporting its 431
+// could not be found in the logs.
+t.test('a refusal written straight to the socket logs one info line with the request id it answered', async t => {
+  const lines: Array<Record<string, unknown>> = []
+  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
+  const app = await buildApp(testConfig({ LOG_LEVEL: 'info', BFF_AUTH_ENABLED: false }), { logStream, manifest: await demoManifest() })
+  t.teardown(() => app.close())
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  const raw = async (head: string): Promise<string> => await new Promise((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1', () => { socket.write(head) })
+    let answer = ''
+    socket.on('data', (chunk: Buffer) => { answer += chunk.toString('latin1') })
+    socket.on('close', () => { resolve(answer) })
+    socket.on('error', reject)
+  })
+  const heads: Array<[string, number]> = [
+    [`GET /healthz HTTP/1.1\r\nHost: h\r\nx-big: ${'a'.repeat(20_000)}\r\n\r\n`, 431],
+    ['GET /healthz HTTP/1.1\r\nHost h\r\n\r\n', 400],
+    ['CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n', 405],
+    ['GET /healthz HTTP/1.1\r\nHost: h\r\nExpect: foo\r\nConnection: close\r\n\r\n', 417],
+    ['GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n', 400]
+  ]
+  for (const [head, status] of heads) {
+    const answer = await raw(head)
+    t.equal(Number(answer.slice(9, 12)), status)
+    const id = /\r\nx-request-id: ([^\r]+)\r\n/i.exec(answer)?.[1]
+    const logged = lines.filter(l => l.reqId === id)
+    t.same(logged.map(l => [l.level, l.msg, (l.res as { statusCode?: number } | undefined)?.statusCode]), [[30, 'request refused', status]], `${status}: one info line with its request id ${String(id)}`)
+  }
+  t.notOk(lines.some(l => JSON.stringify(l).includes('a'.repeat(100))), 'nothing of the refused head is logged')
+})
+
 // CORS answers every OPTIONS through one route, `*`: a preflight of `POST /api/v1/agents/<id>/runs`
 // (and an OPTIONS without one) was logged with the id, which the operation's own requests log by
 // their pattern. So was a 404 of a path whose slashes were doubled (a client's base URL ending in
