@@ -1,9 +1,9 @@
 import fp from 'fastify-plugin'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyBaseLogger, FastifyInstance } from 'fastify'
 import { ROOT_CONTEXT, SpanKind, SpanStatusCode, TraceFlags, trace, createNoopMeter, type Attributes, type Context, type Meter, type MeterProvider, type ObservableCallback } from '@opentelemetry/api'
 import { Counter, Gauge } from 'prom-client'
 import { TracerProvider, BatchSpanProcessor, ParentBasedSampler, TraceIdRatioBasedSampler, type ReadableSpan, type SpanExporter } from '@opentelemetry/sdk-trace'
-import type { ExportResult } from '@opentelemetry/core'
+import { ExportResultCode, type ExportResult } from '@opentelemetry/core'
 import { OTLPTraceExporter } from '@opentelemetry/exporter-trace-otlp-http'
 import { resourceFromAttributes } from '@opentelemetry/resources'
 import { StageOrder } from '../pipeline/index.js'
@@ -87,14 +87,33 @@ export class SpanQueueReport implements MeterProvider {
   }
 }
 
-/** An exporter, with the spans handed to it and not yet answered for counted. */
+/**
+ * An exporter, with the spans handed to it and not yet answered for counted, and the collector's
+ * outages logged: a warn line when an export fails after one that did not (or as the first), an
+ * info line when one is taken again; not a line per batch. The SDK itself reports only to
+ * OpenTelemetry's diag logger, silent unless set: a collector away or refusing left no line.
+ */
 class UnansweredCount implements SpanExporter {
   unanswered = 0
-  constructor (private readonly exporter: SpanExporter) {}
+  private failing = false
+  constructor (private readonly exporter: SpanExporter, private readonly log: FastifyBaseLogger) {}
 
   export (spans: ReadableSpan[], done: (result: ExportResult) => void): void {
     this.unanswered += spans.length
-    this.exporter.export(spans, result => { this.unanswered -= spans.length; done(result) })
+    this.exporter.export(spans, result => {
+      this.unanswered -= spans.length
+      this.watch(result)
+      done(result)
+    })
+  }
+
+  private watch (result: ExportResult): void {
+    const failed = result.code !== ExportResultCode.SUCCESS
+    if (failed === this.failing) return
+    this.failing = failed
+    // The error's message only: an OTLPExporterError carries the collector's answer (up to 4 MB) as `data`.
+    if (failed) this.log.warn({ err: result.error?.message }, 'trace export failed: spans are lost until the collector takes them again')
+    else this.log.info('trace export works again')
   }
 
   async shutdown (): Promise<void> { await this.exporter.shutdown() }
@@ -104,7 +123,7 @@ class UnansweredCount implements SpanExporter {
 
 async function tracingPlugin (app: FastifyInstance, opts: TracingOptions): Promise<void> {
   const report = new SpanQueueReport()
-  const exporter = new UnansweredCount(opts.exporter ?? new OTLPTraceExporter({ url: opts.url, timeoutMillis: EXPORT_TIMEOUT_MS }))
+  const exporter = new UnansweredCount(opts.exporter ?? new OTLPTraceExporter({ url: opts.url, timeoutMillis: EXPORT_TIMEOUT_MS }), app.log)
   const provider = new TracerProvider({
     resource: resourceFromAttributes({ 'service.name': opts.serviceName, 'service.version': opts.version }),
     sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(opts.sampleRatio) }),

@@ -1,7 +1,7 @@
 import t from 'tap'
 import { createServer } from 'node:http'
 import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net'
-import { buildTestApp, startTestKernel, json, bearer, testManifest, testConfig } from '../../helper.js'
+import { buildTestApp, startTestKernel, json, bearer, testManifest, testConfig, until } from '../../helper.js'
 import { tracesUrl } from '../../../app.js'
 import { parentContext, SpanQueueReport } from '../../../plugins/tracing/index.js'
 import { childTraceparent } from '../../../plugins/kernel/index.js'
@@ -348,4 +348,34 @@ t.test('spans the batch processor drops with its queue full are counted as dropp
   report.getMeter().createCounter('otel.sdk.span.started').add(1)
   t.equal(done.length, 3, 'other counters of the SDK are not counted')
   t.equal(report.length(), 0, 'no queue before the processor reports one')
+})
+
+// A collector that refused or could not be reached left no line in the logs at any level (the
+// SDK reports to OpenTelemetry's diag logger, which is silent unless set): an operator whose
+// OTLP endpoint was wrong saw nothing. Now one warn line per outage, one info line when it ends.
+t.test('a collector outage is logged once when it starts and once when it ends, not per batch', async t => {
+  const kernel = await startTestKernel(t, { 'GET /things/a': (_req, res) => json(res, 200, { id: 'a' }) })
+  const answers = [1, 1, 1, 0, 1] // failed, failed, failed, exported, failed
+  let exports = 0
+  const exporter = {
+    export: (_spans: unknown[], done: (result: { code: number, error?: Error }) => void) => {
+      const code = answers[exports++]
+      done(code === 0 ? { code } : { code, error: new Error('connect ECONNREFUSED 127.0.0.1:4318') })
+    },
+    shutdown: async () => {}
+  }
+  const lines: Array<Record<string, unknown>> = []
+  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
+  const app = await buildTestApp(t, { OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: 'http://127.0.0.1:9/v1/traces', LOG_LEVEL: 'info' }, { manifest, kernelUrl: kernel.url, traceExporter: exporter, logger: undefined, logStream })
+  const exporterLines = (): Array<[unknown, unknown]> => lines.filter(l => typeof l.msg === 'string' && l.msg.startsWith('trace export')).map(l => [l.level, l.msg])
+  for (let n = 1; n <= answers.length; n++) {
+    t.equal((await app.inject({ url: '/api/v1/things/a', headers: bearer() })).statusCode, 200)
+    await until(() => exports === n, `export ${n}`)
+  }
+  t.same(exporterLines(), [
+    [40, 'trace export failed: spans are lost until the collector takes them again'],
+    [30, 'trace export works again'],
+    [40, 'trace export failed: spans are lost until the collector takes them again']
+  ], 'a warn line when exports start failing, an info line when one is taken again')
+  t.equal(lines.find(l => l.level === 40 && typeof l.msg === 'string' && l.msg.startsWith('trace export'))?.err, 'connect ECONNREFUSED 127.0.0.1:4318', 'with the error')
 })
