@@ -1,5 +1,5 @@
 import Fastify, { errorCodes, type FastifyInstance, type FastifyServerOptions, type FastifyError, type FastifyRequest, type FastifyReply, type RouteOptions } from 'fastify'
-import { markClientRequestId, uuidv7 } from './ids.js'
+import { keepRequestId, markClientRequestId, requestIdOf, uuidv7 } from './ids.js'
 import { answeredStraight, closeAfterAnswer, framesBody, lingering, lingeringClose } from './lingering.js'
 import { STATUS_CODES, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http'
 import { readFileSync } from 'node:fs'
@@ -238,10 +238,11 @@ const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/
 
 /**
  * A problem+json answer written straight to a socket, for requests that never become a Fastify
- * request; the gateway then closes its side. Returns the request id it carries.
+ * request (or whose request's answer is no longer Fastify's: `id` is then that request's); the
+ * gateway then closes its side. Returns the request id it carries.
  */
-function answerRaw (socket: Duplex, status: number, detail: string, extra: string = '', code: ErrorCode = 'BAD_REQUEST'): string {
-  const { id, body } = rawProblem(status, detail, code)
+function answerRaw (socket: Duplex, status: number, detail: string, extra: string = '', code: ErrorCode = 'BAD_REQUEST', id: string = uuidv7()): string {
+  const body = rawProblem(status, detail, code, id)
   socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nx-request-id: ${id}\r\n${SECURITY_LINES}${extra}Connection: close\r\n\r\n${body}`)
   return id
 }
@@ -251,9 +252,8 @@ function answerRaw (socket: Duplex, status: number, detail: string, extra: strin
  * made (UUIDv7), in the body and the header, and the security headers (these had a v4 id in the
  * body alone, and no security header).
  */
-function rawProblem (status: number, detail: string, code: ErrorCode): { id: string, body: string } {
-  const id = uuidv7()
-  return { id, body: JSON.stringify(toProblem(new MantleError(code, detail, { status }), id).problem) }
+function rawProblem (status: number, detail: string, code: ErrorCode, id: string): string {
+  return JSON.stringify(toProblem(new MantleError(code, detail, { status }), id).problem)
 }
 
 /**
@@ -294,7 +294,7 @@ function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): Refusal
     // Its request, still reading its body, is answered so (a 408, a chunk Node's parser refuses):
     // what it is recorded as. Not when its client stopped sending (the connection's end mid-body,
     // HPE_INVALID_EOF_STATE): it left, and is recorded so.
-    const answered = answerRefusal(err, socket)
+    const answered = answerRefusal(err, socket, requestIdOf(res.req))
     if (err.code !== 'HPE_INVALID_EOF_STATE') answeredStraight.set(res.req, [answered[0], answered[1]])
     return answered
   }
@@ -321,9 +321,9 @@ const REFUSALS = new Map<string | undefined, [number, string, ErrorCode]>([
 type Refusal = [number, ErrorCode, string]
 
 /** The clientErrorHandler's answer, as problem+json, and the lingering close; its status, code and request id. */
-function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex): Refusal {
+function answerRefusal (err: NodeJS.ErrnoException, socket: Duplex, requestId?: string): Refusal {
   const [status, detail, code] = REFUSALS.get(err.code) ?? [400, 'The request is not valid HTTP', 'BAD_REQUEST']
-  const id = answerRaw(socket, status, detail, '', code)
+  const id = answerRaw(socket, status, detail, '', code, requestId)
   lingeringClose(socket)
   return [status, code, id]
 }
@@ -500,9 +500,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     childLoggerFactory: requestLoggerFactory,
     genReqId: (req) => {
       const id = req.headers['x-request-id']
-      if (typeof id !== 'string' || !REQUEST_ID.test(id)) return uuidv7()
+      if (typeof id !== 'string' || !REQUEST_ID.test(id)) return keepRequestId(req, uuidv7())
       markClientRequestId(req)
-      return id
+      return keepRequestId(req, id)
     },
     // Refused below (onRequest) instead, as problem+json with a request id and the security
     // headers: Fastify's own 503 while closing had none of them.
@@ -621,7 +621,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   // An Expect other than 100-continue: Node answers a bare 417 (no body, no request id, no
   // security header) unless a listener answers it, so the gateway does, as problem+json.
   app.server.on('checkExpectation', (_req, res) => {
-    const { id, body } = rawProblem(417, 'The only expectation served is 100-continue', 'BAD_REQUEST')
+    const id = uuidv7()
+    const body = rawProblem(417, 'The only expectation served is 100-continue', 'BAD_REQUEST', id)
     refusedStraight(id, 'BAD_REQUEST', 417)
     res.writeHead(417, { ...SECURITY_HEADERS, 'content-type': 'application/problem+json', 'content-length': Buffer.byteLength(body), 'x-request-id': id, connection: 'close' })
     res.end(body)
@@ -842,7 +843,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       if (socket._httpMessage?.headersSent === true) {
         socket.destroy()
       } else {
-        refusedStraight(answerRaw(socket, 503, 'The gateway is shutting down: retry on another instance', 'Retry-After: 1\r\n', 'OVERLOADED'), 'OVERLOADED', 503)
+        refusedStraight(answerRaw(socket, 503, 'The gateway is shutting down: retry on another instance', 'Retry-After: 1\r\n', 'OVERLOADED', requestIdOf(socket._httpMessage?.req)), 'OVERLOADED', 503)
         lingeringClose(socket)
       }
     }

@@ -100,6 +100,23 @@ export function checkedTracestate (header: string): string | undefined {
   return keys.length === 0 ? undefined : header
 }
 
+const REQUEST_ID = Symbol('mantle.requestId')
+
+/**
+ * Keeps a request's id on its raw IncomingMessage (Fastify's genReqId): an answer written to its
+ * socket past Fastify (a 408 for a body too slow, a 503 at shutdown) carries the id its request's
+ * log lines and audit entry carry, not one made for the answer.
+ */
+export function keepRequestId (raw: object, id: string): string {
+  (raw as Record<symbol, string>)[REQUEST_ID] = id
+  return id
+}
+
+/** The id genReqId gave this request, if it became one. */
+export function requestIdOf (raw: object | null | undefined): string | undefined {
+  return raw == null ? undefined : (raw as Record<symbol, string | undefined>)[REQUEST_ID]
+}
+
 const CLIENT_REQUEST_ID = Symbol('mantle.clientRequestId')
 
 /**

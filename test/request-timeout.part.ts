@@ -91,6 +91,42 @@ t.test('a request answered 408 is counted once, as the 408 it was answered', asy
   t.notMatch(metrics, /mantle_http_errors_total\{code="CLIENT_CLOSED"/, 'no 499 beside it')
 })
 
+// A request whose body was too slow is a request already: it has its id, its access-log line and
+// (on the gateway's own endpoints) its audit entry under that id. Its 408 carried another id, made
+// for the answer, in x-request-id and the body's requestId: even the client's own x-request-id
+// came back as some other one, and neither could be found in the logs or the audit trail.
+t.test('a request answered 408 for its body is answered with its own request id', async t => {
+  const lines: Array<Record<string, unknown>> = []
+  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
+  const app = await buildTestApp(t, { BFF_REQUEST_TIMEOUT_MS: 500, LOG_LEVEL: 'info' }, { logger: undefined, logStream })
+  const port = await listen(app)
+  const own = stalled(t, port, STALLED_BODY.replace('\r\n\r\n', '\r\nx-request-id: slow-body-1\r\n\r\n'), 'a')
+  await own.closed
+  t.match(own.answer(), /^HTTP\/1\.1 408 /)
+  t.match(own.answer(), /\r\nx-request-id: slow-body-1\r\n/, 'the client\'s own id in the header')
+  t.equal(problemOf(own.answer()).requestId, 'slow-body-1', 'and in the body')
+  const made = stalled(t, port, STALLED_BODY, 'a')
+  await made.closed
+  const id = /\r\nx-request-id: ([^\r]+)\r\n/.exec(made.answer())?.[1]
+  t.equal(problemOf(made.answer()).requestId, id)
+  const incoming = lines.filter(l => l.msg === 'incoming request' && l.reqId !== 'slow-body-1').map(l => l.reqId)
+  t.same(incoming, [id], 'a gateway-made id: the one its access-log line carries')
+})
+
+t.test('a request whose body still arrives at shutdown is answered 503 with its own request id', async t => {
+  const lines: Array<Record<string, unknown>> = []
+  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
+  const app = await buildTestApp(t, { LOG_LEVEL: 'info' }, { logger: undefined, logStream })
+  const port = await listen(app)
+  const body = stalled(t, port, STALLED_BODY.replace('\r\n\r\n', '\r\nx-request-id: arriving-1\r\n\r\n'), 'a', 200)
+  await until(() => lines.some(l => l.reqId === 'arriving-1'), 'the request to be read')
+  await app.close()
+  await body.closed
+  t.match(body.answer(), /^HTTP\/1\.1 503 /)
+  t.match(body.answer(), /\r\nx-request-id: arriving-1\r\n/, 'the client\'s own id')
+  t.equal(problemOf(body.answer()).requestId, 'arriving-1')
+})
+
 t.test('a body that arrives whole after its 408 runs nothing', async t => {
   // Its answer went out while the body still came: the rest arriving within the linger completed
   // the request, and the call ran, a mutation included, behind the 408 the client was given.
