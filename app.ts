@@ -248,6 +248,18 @@ function answerRaw (socket: Duplex, status: number, detail: string, extra: strin
 }
 
 /**
+ * The request id of an answer written past Fastify to a request whose head was read: the one
+ * genReqId gave it, when it became a Fastify request; else the client's own x-request-id when it
+ * is valid, as every answer's (README, "Request ids"); else a new one.
+ */
+function answeredId (req: IncomingMessage | null | undefined): string {
+  const kept = requestIdOf(req)
+  if (kept !== undefined) return kept
+  const id = req?.headers['x-request-id']
+  return typeof id === 'string' && REQUEST_ID.test(id) ? id : uuidv7()
+}
+
+/**
  * The problem of an answer Fastify never sees. As every other answer: a request id the gateway
  * made (UUIDv7), in the body and the header, and the security headers (these had a v4 id in the
  * body alone, and no security header).
@@ -294,7 +306,7 @@ function answerClientError (err: NodeJS.ErrnoException, socket: Duplex): Refusal
     // Its request, still reading its body, is answered so (a 408, a chunk Node's parser refuses):
     // what it is recorded as. Not when its client stopped sending (the connection's end mid-body,
     // HPE_INVALID_EOF_STATE): it left, and is recorded so.
-    const answered = answerRefusal(err, socket, requestIdOf(res.req))
+    const answered = answerRefusal(err, socket, answeredId(res.req))
     if (err.code !== 'HPE_INVALID_EOF_STATE') answeredStraight.set(res.req, [answered[0], answered[1]])
     return answered
   }
@@ -612,16 +624,16 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
   }
   // Node hands a CONNECT request to 'connect' listeners, and without one drops the connection
   // unanswered (found by `npm run fuzz`): the gateway is no proxy, so it answers 405.
-  app.server.on('connect', (_req, socket: Duplex) => {
+  app.server.on('connect', (req: IncomingMessage, socket: Duplex) => {
     socket.on('error', () => {})
     // A 405 names the methods that are served (RFC 9110 §15.5.6).
-    refusedStraight(answerRaw(socket, 405, 'CONNECT is not served', 'Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n'), 'BAD_REQUEST', 405)
+    refusedStraight(answerRaw(socket, 405, 'CONNECT is not served', 'Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n', 'BAD_REQUEST', answeredId(req)), 'BAD_REQUEST', 405)
     lingeringClose(socket)
   })
   // An Expect other than 100-continue: Node answers a bare 417 (no body, no request id, no
   // security header) unless a listener answers it, so the gateway does, as problem+json.
-  app.server.on('checkExpectation', (_req, res) => {
-    const id = uuidv7()
+  app.server.on('checkExpectation', (req, res) => {
+    const id = answeredId(req)
     const body = rawProblem(417, 'The only expectation served is 100-continue', 'BAD_REQUEST', id)
     refusedStraight(id, 'BAD_REQUEST', 417)
     res.writeHead(417, { ...SECURITY_HEADERS, 'content-type': 'application/problem+json', 'content-length': Buffer.byteLength(body), 'x-request-id': id, connection: 'close' })
@@ -843,7 +855,7 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
       if (socket._httpMessage?.headersSent === true) {
         socket.destroy()
       } else {
-        refusedStraight(answerRaw(socket, 503, 'The gateway is shutting down: retry on another instance', 'Retry-After: 1\r\n', 'OVERLOADED', requestIdOf(socket._httpMessage?.req)), 'OVERLOADED', 503)
+        refusedStraight(answerRaw(socket, 503, 'The gateway is shutting down: retry on another instance', 'Retry-After: 1\r\n', 'OVERLOADED', answeredId(socket._httpMessage?.req)), 'OVERLOADED', 503)
         lingeringClose(socket)
       }
     }
@@ -1150,9 +1162,9 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // 8, a malformed Sec-WebSocket-Protocol or -Extensions): answered as every refusal is,
     // problem+json with a request id and the security headers, and counted. ws wrote a bare
     // text/html 400 of its own (found exploring the gateway).
-    app.websocketServer.on('wsClientError', (err: Error, socket: Duplex) => {
+    app.websocketServer.on('wsClientError', (err: Error, socket: Duplex, req: IncomingMessage) => {
       const version = /Sec-WebSocket-Version/i.test(err.message) ? 'Sec-WebSocket-Version: 13, 8\r\n' : ''
-      const id = answerRaw(socket, 400, `The WebSocket handshake is refused: ${err.message}`, version)
+      const id = answerRaw(socket, 400, `The WebSocket handshake is refused: ${err.message}`, version, 'BAD_REQUEST', answeredId(req))
       lingeringClose(socket)
       refusedStraight(id, 'BAD_REQUEST', 400)
     })

@@ -302,10 +302,44 @@ t.test('a refusal written straight to the socket logs one info line with the req
     const answer = await raw(head)
     t.equal(Number(answer.slice(9, 12)), status)
     const id = /\r\nx-request-id: ([^\r]+)\r\n/i.exec(answer)?.[1]
-    const logged = lines.filter(l => l.reqId === id)
+    // A WebSocket handshake is a Fastify request (its access log's `incoming request` line) until ws refuses it.
+    const logged = lines.filter(l => l.reqId === id && l.msg !== 'incoming request')
     t.same(logged.map(l => [l.level, l.msg, (l.res as { statusCode?: number } | undefined)?.statusCode]), [[30, 'request refused', status]], `${status}: one info line with its request id ${String(id)}`)
   }
   t.notOk(lines.some(l => JSON.stringify(l).includes('a'.repeat(100))), 'nothing of the refused head is logged')
+})
+
+// Every answer carries the client's own x-request-id when it is valid (README): CONNECT's 405, the
+// 417 of an Expect other than 100-continue and the 400 of a WebSocket handshake ws refused, whose
+// heads were read, came back with an id made for the answer.
+t.test('a refusal of a request whose head was read carries the client\'s own x-request-id', async t => {
+  const lines: Array<Record<string, unknown>> = []
+  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
+  const app = await buildApp(testConfig({ LOG_LEVEL: 'info', BFF_AUTH_ENABLED: false }), { logStream, manifest: await demoManifest() })
+  t.teardown(() => app.close())
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const { port } = app.server.address() as AddressInfo
+  const raw = async (head: string): Promise<string> => await new Promise((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1', () => { socket.write(head) })
+    let answer = ''
+    socket.on('data', (chunk: Buffer) => { answer += chunk.toString('latin1') })
+    socket.on('close', () => { resolve(answer) })
+    socket.on('error', reject)
+  })
+  const heads: Array<[string, number, string]> = [
+    ['CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\nx-request-id: own-405\r\n\r\n', 405, 'own-405'],
+    ['GET /healthz HTTP/1.1\r\nHost: h\r\nExpect: foo\r\nx-request-id: own-417\r\nConnection: close\r\n\r\n', 417, 'own-417'],
+    ['GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nx-request-id: own-ws\r\n\r\n', 400, 'own-ws']
+  ]
+  for (const [head, status, id] of heads) {
+    const answer = await raw(head)
+    t.equal(Number(answer.slice(9, 12)), status)
+    t.match(answer, new RegExp(`\\r\\nx-request-id: ${id}\\r\\n`), `${status}: the client's id in the header`)
+    t.equal((JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)) as { requestId?: string }).requestId, id, `${status}: and in the body`)
+    t.ok(lines.some(l => l.reqId === id && l.msg === 'request refused'), `${status}: and on its log line`)
+  }
+  const bad = await raw(`CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\nx-request-id: ${'x'.repeat(129)}\r\n\r\n`)
+  t.match(bad, /\r\nx-request-id: [0-9a-f]{8}-[0-9a-f]{4}-7/, 'an id that is not valid: one made by the gateway')
 })
 
 // CORS answers every OPTIONS through one route, `*`: a preflight of `POST /api/v1/agents/<id>/runs`
