@@ -11,6 +11,8 @@ export interface PostgresStoreOptions {
   connectTimeoutMs?: number
   /** A query that takes longer fails (ms). */
   queryTimeoutMs?: number
+  /** Most positions one page of GET /admin/audit with a time range reads by the seq index (QUERY_SCAN, the default). */
+  queryScan?: number
 }
 
 /** PostgreSQL's SQLSTATE for a unique index that refused a row. */
@@ -310,6 +312,13 @@ function fromRow (r: Row): StoredEntry {
 const QUERY_WINDOW = 10_000
 
 /**
+ * Most positions one page of GET /admin/audit with a time range reads by the seq index (a few
+ * hundred ms): a page of a filter that matches little in them ends there, short or empty, with
+ * a cursor to go on from the position reached.
+ */
+const QUERY_SCAN = 1_000_000
+
+/**
  * A stored position as the walk and GET /admin/audit compute with it: one past 2^53 - 1 either
  * way (put there by hand: the gateway would have to write 2^53 entries first) as the nearest safe
  * integer. As it was, Number() rounded 2^63 - 1 up to 2^63, and the statement that carried it back
@@ -414,9 +423,12 @@ export class PostgresAuditStore implements AuditStore {
    */
   private readonly begin: string
   private readonly readTimeout: string
+  /** Most positions a page with a time range reads by the seq index (QUERY_SCAN). */
+  private readonly scan: number
 
   constructor (opts: PostgresStoreOptions) {
     const timeout = Math.trunc(opts.queryTimeoutMs ?? 10000)
+    this.scan = Math.max(QUERY_WINDOW, Math.trunc(opts.queryScan ?? QUERY_SCAN))
     // Statements end on the server too: pg's query_timeout only stops waiting, and a query of a
     // large table went on scanning (with its parallel workers) after its 500, each retry adding
     // one more.
@@ -667,15 +679,16 @@ export class PostgresAuditStore implements AuditStore {
     const where: string[] = []
     const params: unknown[] = []
     const add = (sql: string, value: unknown): void => { params.push(value); where.push(sql.replace('?', '$' + params.length)) }
-    // A page by tenant with no time bound (nor request id, whose own index finds it) is read
-    // through the (tenant_id, seq) index alone (migration 005), which holds the tenant's entries
+    // A page by tenant (with no request id, whose own index finds it) is read through the
+    // (tenant_id, seq) index alone (migration 005), with a time bound window by window (see
+    // `windows`), which holds the tenant's entries
     // in position order. Asked for as tenant_id = X ORDER BY seq DESC, PostgreSQL, which takes a
     // tenant's entries to be spread evenly over the table, read a tenant of a large share by the
     // seq index backwards: one that has left, its entries all old, had every entry since passed
     // over (900,000 of a million rows for a tenant of a tenth). As tenant_id = ANY(ARRAY[X])
     // ordered by tenant_id then seq, no other index's order serves it (tenant_id = X made the
     // order by tenant_id void in PostgreSQL's eyes, and left it the seq index's).
-    const byTenant = q.tenant !== undefined && q.requestId === undefined && q.from === undefined && q.to === undefined
+    const byTenant = q.tenant !== undefined && q.requestId === undefined
     if (q.tenant !== undefined) add(byTenant ? 'tenant_id = ANY(?)' : 'tenant_id = ?', byTenant ? [q.tenant] : q.tenant)
     if (q.from !== undefined) add('"timestamp" >= ?', q.from)
     if (q.to !== undefined) add('"timestamp" <= ?', q.to)
@@ -688,17 +701,21 @@ export class PostgresAuditStore implements AuditStore {
     if (q.status !== undefined) add('status = ?', q.status)
     if (q.beforeSeq !== undefined) add('seq < ?', q.beforeSeq)
     const filter = where.length > 0 ? 'WHERE ' + where.join(' AND ') : ''
+    // The order of a page: its tenant's first, so that the (tenant_id, seq) index serves it.
+    const order = `${byTenant ? 'tenant_id DESC, ' : ''}seq DESC`
     const want = q.limit + 1
     let rows: StoredEntry[]
+    // Where a short page's scan stopped, entries below it not yet read (timeBounded).
+    let resume: number | null = null
     if (q.from === undefined && q.to === undefined) {
-      rows = (await this.read<Row>({ text: `SELECT ${COLUMNS} FROM bff_audit_entries ${filter} ORDER BY ${byTenant ? 'tenant_id DESC, ' : ''}seq DESC LIMIT $${params.length + 1}`, values: [...params, want] })).rows.map(fromRow)
+      rows = (await this.read<Row>({ text: `SELECT ${COLUMNS} FROM bff_audit_entries ${filter} ORDER BY ${order} LIMIT $${params.length + 1}`, values: [...params, want] })).rows.map(fromRow)
     } else {
-      rows = await this.timeBounded(q, where, params, want)
+      ({ rows, resume } = await this.timeBounded(q, where, params, order, want))
     }
     const more = rows.length > q.limit
     if (more) rows.pop()
     // A cursor names a safe position (see `position`).
-    return { entries: rows, nextSeq: more ? position(rows[rows.length - 1].seq) : null }
+    return { entries: rows, nextSeq: more ? position(rows[rows.length - 1].seq) : resume }
   }
 
   /**
@@ -711,28 +728,36 @@ export class PostgresAuditStore implements AuditStore {
    * 89-day range: 3.5 s against 0.18 s). Where the range lies comes first from the timestamp
    * index (its first and last entries by time): a range farther below the cursor than it is long
    * is read through the timestamp index (`seq + 0`: never in the seq index's order); otherwise
-   * the positions below the cursor are read by the seq index in windows of QUERY_WINDOW,
-   * doubling, three at most, down to the range's first entry, until a page is full, and what lies below them
-   * (entries whose timestamps are out of position order: several instances, a replayed spool)
-   * through the timestamp index. The cost follows the range and the page, never the table.
+   * the positions below the cursor are read by the seq index in windows (see `windows`), down
+   * to the range's first entry, until a page is full, and what lies below them (entries whose
+   * timestamps are out of position order: several instances, a replayed spool) through the
+   * timestamp index. A page of an `action` or `status` reads at most `scan` positions: one not
+   * full by then ends there, with `resume`, the position to go on below. The cost follows the
+   * page, never the table.
    */
-  private async timeBounded (q: AuditQuery, where: readonly string[], params: readonly unknown[], want: number): Promise<StoredEntry[]> {
+  private async timeBounded (q: AuditQuery, where: readonly string[], params: readonly unknown[], order: string, want: number): Promise<{ rows: StoredEntry[], resume: number | null }> {
     const filter = 'WHERE ' + where.join(' AND ')
     // The range's own bounds, numbered for the statement that reads where it lies.
     const { inRange, params: bounds } = timeRange(q)
     if (q.beforeSeq !== undefined) bounds.push(q.beforeSeq)
-    const ends = (await this.read<{ top: string | null, first: string | null, last: string | null }>({
-      text: `SELECT ${q.beforeSeq !== undefined ? `$${bounds.length}::int8` : '(SELECT max(seq) FROM bff_audit_entries)'} AS top, ${rangeEnds(inRange)}`,
+    const ends = (await this.read<{ top: string | null, bottom: string | null, first: string | null, last: string | null }>({
+      text: `SELECT ${q.beforeSeq !== undefined ? `$${bounds.length}::int8` : '(SELECT max(seq) FROM bff_audit_entries)'} AS top, (SELECT min(seq) FROM bff_audit_entries) AS bottom, ${rangeEnds(inRange)}`,
       values: bounds
     })).rows[0]
-    if (ends.top === null || ends.first === null || ends.last === null) return []
+    if (ends.top === null || ends.bottom === null || ends.first === null || ends.last === null) return { rows: [], resume: null }
     const first = position(ends.first)
     const last = position(ends.last)
     // Below the cursor, or past the newest entry.
     const top = q.beforeSeq ?? position(ends.top) + 1
     const floor = Math.min(first, last)
-    if (top - 1 - Math.max(first, last) > Math.abs(last - first)) return await this.belowByIndex(filter, params, top, want)
-    return await this.windows(filter, params, top, floor, want)
+    // Entries below the range's first position, none when it is the oldest.
+    const under = floor > position(ends.bottom)
+    if (top - 1 - Math.max(first, last) > Math.abs(last - first)) return { rows: await this.belowByIndex(filter, params, top, want), resume: null }
+    // Past the windows a page reads only matches (the range's positions, its tenant's entries or
+    // its request id's through their index) but for an `action` or `status`, which no index
+    // serves: those are bounded.
+    const bounded = q.requestId === undefined && (q.action !== undefined || q.status !== undefined)
+    return await this.windows(filter, params, order, top, floor, under, want, bounded ? this.scan : Infinity)
   }
 
   /** Up to `n` entries of `filter` below position `below`, newest first, through an index of the filter (`seq + 0`: never the seq index's order). */
@@ -746,25 +771,40 @@ export class PostgresAuditStore implements AuditStore {
   /**
    * Up to `want` entries of `filter` below position `top`, newest first: the positions from
    * `top` down to `floor` by the seq index in windows of QUERY_WINDOW, doubling, until the page
-   * is full, then what lies below them through an index of the filter (belowByIndex).
+   * is full, then what lies below `floor` (if any entry does, `under`) through an index of the
+   * filter (belowByIndex). At most `scan` positions are read (Infinity: down to `floor`): a page
+   * not full by then ends there, `resume` the position reached.
+   * A tenant's page (`order` by tenant_id, then seq) reads each window through the (tenant_id,
+   * seq) index, the tenant's entries alone: by the seq index PostgreSQL, which takes a tenant's
+   * entries to be spread evenly, passed over every other tenant's (900,000 rows for a window of a
+   * tenant that has left).
    */
-  private async windows (filter: string, params: readonly unknown[], top: number, floor: number, want: number): Promise<StoredEntry[]> {
+  private async windows (filter: string, params: readonly unknown[], order: string, top: number, floor: number, under: boolean, want: number, scan: number): Promise<{ rows: StoredEntry[], resume: number | null }> {
     const rows: StoredEntry[] = []
-    // Three windows at most (70,000 positions): a filter that matches little or nothing then
-    // reads the rest of the range through the timestamp index in one statement, as a range far
-    // below does, rather than window after window (8 statements over 500,000 rows, 3 times the
-    // time of one).
-    for (let size = QUERY_WINDOW; top > floor && rows.length < want && size <= QUERY_WINDOW * 4; size *= 2) {
-      const bottom = Math.max(top - size, floor)
+    // Three windows at most (10,000, 20,000, then what is left of `scan`): a filter that matches
+    // little or nothing reads `scan` positions in a few statements rather than window after
+    // window (8 statements over 500,000 rows, 3 times the time of one). Until 2026-12-08,
+    // after three windows, the rest of the range was read through the timestamp index, on every
+    // page: a rare `action` or `status` over 89 days read 400,000 of a million rows per page
+    // (0.15 s; past the reads' timeout, a 503, at tens of millions).
+    let left = scan
+    for (let size = QUERY_WINDOW, n = 1; top > floor && rows.length < want && left > 0; size *= 2, n++) {
+      const bottom = Math.max(top - (n >= 3 ? left : Math.min(size, left)), floor)
       const page = await this.read<Row>({
-        text: `SELECT ${COLUMNS} FROM bff_audit_entries ${filter} AND seq < $${params.length + 1} AND seq >= $${params.length + 2} ORDER BY seq DESC LIMIT $${params.length + 3}`,
+        text: `SELECT ${COLUMNS} FROM bff_audit_entries ${filter} AND seq < $${params.length + 1} AND seq >= $${params.length + 2} ORDER BY ${order} LIMIT $${params.length + 3}`,
         values: [...params, top, bottom, want - rows.length]
       })
       for (const r of page.rows) rows.push(fromRow(r))
+      left -= top - bottom
       top = bottom
     }
-    if (rows.length < want) for (const e of await this.belowByIndex(filter, params, top, want - rows.length)) rows.push(e)
-    return rows
+    if (rows.length >= want) return { rows, resume: null }
+    if (top > floor) return { rows, resume: top }
+    if (!under) return { rows, resume: null }
+    // Below the range's first position: entries stamped out of position order (several
+    // instances, a replayed spool), through an index of the filter.
+    for (const e of await this.belowByIndex(filter, params, top, want - rows.length)) rows.push(e)
+    return { rows, resume: null }
   }
 
   /**

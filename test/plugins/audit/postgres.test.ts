@@ -709,8 +709,8 @@ if (available) {
       cursor = page?.nextSeq ?? 0
     }
     t.ok(cursor > 0, 'more pages')
-    // A filter that matches nothing: three windows, then the rest of the range in one statement
-    // through the timestamp index (window after window was 8 statements over 500,000 rows).
+    // A filter that matches nothing: three windows, the last the rest of the page's span (window
+    // after window was 8 statements over 500,000 rows), then what lies below the range.
     const statements = (await statementsOf(async () => { page = await store.query({ limit: 50, action: 'none', from }) })).filter(s => s.text.includes('bff_audit_entries'))
     t.equal(page?.entries.length, 0)
     t.ok(statements.length <= 5, `${statements.length} statements: where the range lies, three windows, the rest`)

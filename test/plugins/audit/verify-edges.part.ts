@@ -2,6 +2,7 @@
 import t from 'tap'
 import type { AuditEntry, AuditPage, AuditStore, ChainSource } from '../../../plugins/audit/entry.js'
 import { MemoryAuditStore } from '../../../plugins/audit/memory-store.js'
+import { PostgresAuditStore } from '../../../plugins/audit/postgres-store.js'
 import { postgresAvailable, pgStore, sql, statementsOf } from './db.js'
 import { entry } from './entries.js'
 import { bearer, buildDemoApp, drained } from '../../helper.js'
@@ -175,5 +176,54 @@ if (await postgresAvailable()) {
     t.ok(gone === 0 && goneRead <= 51, `a tenant that left reads its page's rows alone (${gone} passed over, ${goneRead} read)`)
     t.same(page?.entries.map(e => e.seq), await expected('gone'))
     t.same((await store.query({ limit: 50, tenant: 'nobody' })).entries, [], 'a tenant with no entry')
+  })
+}
+
+// GET /admin/audit with a time range and a filter no index serves (`action`, `status`): past three
+// windows of the newest positions, the rest of the range below the cursor was read through the
+// timestamp index, on every page: a rare action over 89 days read 400,000 of a million rows for
+// each page (past the reads' 10 s timeout, a 503, at tens of millions). A page now reads at most
+// QUERY_SCAN positions (here 20,000) and, not full by then, is answered short with a cursor to go
+// on. A tenant's page with a time range read its windows by the seq index too, passing over every
+// other tenant's entries, then the rest of its range through an index and sorted it: each window
+// now reads the tenant's entries alone, through the (tenant_id, seq) index.
+if (await postgresAvailable()) {
+  t.test('postgres: a page of GET /admin/audit with a time range reads a bounded span, and a tenant\'s its own entries', async t => {
+    const { url } = await pgStore(t)
+    const store = new PostgresAuditStore({ databaseUrl: url, queryScan: 20_000 })
+    t.teardown(() => store.close())
+    // 100,000 entries a second apart; action "rare" one in 1,600 (63 of them); tenant "gone"
+    // the oldest 15,000 but one in ten.
+    const base = Date.now() - 200_000_000
+    const fill = (n: number): AuditEntry => entry({ timestamp: base + n * 1000, action: n % 1600 === 7 ? 'rare' : 'getAgent', tenantId: n < 15_000 && n % 10 !== 0 ? 'gone' : `t${n % 20}` })
+    for (let i = 0; i < 100_000; i += 5000) await store.write(Array.from({ length: 5000 }, (_, k) => fill(i + k)))
+    await sql(url, 'ANALYZE bff_audit_entries')
+    const from = new Date(base)
+    const all = async (where: string, params: unknown[]): Promise<number[]> => (await sql<{ seq: string }>(url,
+      `SELECT seq FROM bff_audit_entries WHERE ${where} ORDER BY seq DESC`, params)).map(r => Number(r.seq))
+    // Every page of the rare action over the whole range, walked with its cursors.
+    const seen: number[] = []
+    const reads: number[] = []
+    let cursor: number | null | undefined
+    for (let pages = 0; cursor !== null && pages < 20; pages++) {
+      let page: AuditPage | undefined
+      const statements = await readsOf(async () => { page = await store.query({ limit: 50, from, action: 'rare', beforeSeq: cursor ?? undefined }) })
+      reads.push(await rowsRead(url, statements))
+      seen.push(...(page?.entries.map(e => e.seq) ?? []))
+      cursor = page?.nextSeq ?? null
+    }
+    t.same(seen, await all('action = $1', ['rare']), 'the pages walked hold every entry of it, newest first, once')
+    t.ok(reads.length > 1 && reads.every(n => n <= 20_100), `each page read at most its 20,000 positions (rows read: ${reads.join(', ')})`)
+    // A tenant that left, over the whole range: its own entries alone.
+    let page: AuditPage | undefined
+    let statements = await readsOf(async () => { page = await store.query({ limit: 50, from, tenant: 'gone' }) })
+    const gone = await all('tenant_id = $1', ['gone'])
+    t.same(page?.entries.map(e => e.seq), gone.slice(0, 50), 'its newest 50')
+    let read = await rowsRead(url, statements)
+    t.ok(read <= 51 + 4, `its first page read its rows alone (and the table's and the range's ends: 4) (${read})`)
+    statements = await readsOf(async () => { page = await store.query({ limit: 50, from, tenant: 'gone', beforeSeq: page?.nextSeq ?? 0 }) })
+    t.same(page?.entries.map(e => e.seq), gone.slice(50, 100), 'its next 50')
+    read = await rowsRead(url, statements)
+    t.ok(read <= 51 + 4, `its next page too (${read})`)
   })
 }
