@@ -454,6 +454,11 @@ export interface AuditQuery {
   beforeSeq?: number
 }
 
+/**
+ * A page of GET /admin/audit: `nextSeq` null at the end of the results. A page may hold fewer
+ * than its limit, or none, with a `nextSeq` (PostgreSQL: a page by `action` or `status` stops
+ * after the positions it may read); only a null `nextSeq` ends the results.
+ */
 export interface AuditPage { entries: StoredEntry[], nextSeq: number | null }
 
 export interface AuditStore {
