@@ -549,6 +549,11 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       }
       // Each connection's context, once tRPC made it: whose token a message it refuses spoke with.
       const contexts = new WeakMap<WebSocket, TrpcContext>()
+      // Each identified connection's context by its upgrade, for onError: tRPC hands onError its
+      // context only once createContext's promise settles, a microtask after the connectionParams
+      // message, and messages read with that one (a duplicate id, a batch of too many calls) were
+      // refused with none, their refusal unrecorded.
+      const identified = new WeakMap<IncomingMessage, TrpcContext>()
       // The open sockets, which this face closes itself at shutdown (below); bounded by the
       // connection slots.
       const sockets = new Set<WebSocket>()
@@ -655,13 +660,16 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
             throw ProblemError.from(err, requestId)
           }
           authenticated.add(socket)
+          identified.set(req, ctx)
           if (guard !== null) guarded.set(socket, { caller: identity, address: upgrade?.address ?? 'unknown' })
           // 4401 too when the JWKS withdraws (or replaces) the key the token was verified with.
           const disarm = untilIdentityEnds(identity, why => socket.close(CLOSE_UNAUTHENTICATED, IDENTITY_ENDED[why]))
           socket.once('close', disarm)
           return ctx
         },
-        onError: ({ error, ctx, req, path, type }) => {
+        onError: ({ error, ctx: settled, req, path, type }) => {
+          // The connection's context, settled or not (identified); undefined before its token is accepted.
+          const ctx = settled ?? identified.get(req)
           // A message of more calls than maxCallsPerMessage is refused whole (413 each), as an HTTP
           // batch of more than BFF_BATCH_MAX_CALLS is, which is recorded (`trpc`, security): so is
           // this one, once, with the request id its errors carry (set here: tRPC formats them
