@@ -677,8 +677,14 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
           if (ctx !== undefined && path === undefined && error.message === BATCH_TOO_LONG) recordRefusal(error, ctx, 'trpc', 'security')
           // A subscription sent with the id of one its connection runs is refused by tRPC before
           // any procedure runs (BAD_REQUEST, `Duplicate id 1`): recorded as the event's refused
-          // subscription, as one refused for its input is. Before, it left no entry (issue 6).
-          if (ctx !== undefined && type === 'subscription' && path !== undefined && events.has(path) && error.message.startsWith(DUPLICATE_ID)) recordRefusal(error, ctx, path, 'read')
+          // subscription, as one refused for its input is. Before, it left no entry (issue 6). One
+          // naming an operation is refused so before its method is looked at: recorded as the
+          // misdirected call it is (security), as with an id not in use (below). One naming no
+          // procedure is not, as its 404 is not.
+          if (ctx !== undefined && type === 'subscription' && path !== undefined && error.message.startsWith(DUPLICATE_ID)) {
+            if (events.has(path)) recordRefusal(error, ctx, path, 'read')
+            else if (operations.has(path)) recordRefusal(error, ctx, path, 'security')
+          }
           // A call whose method is not its procedure's type (`query` of a mutation): answered 405
           // METHOD_NOT_SUPPORTED (wrongMethod) and recorded, security, the procedure as action, as
           // a mutation over GET is over HTTP. Before, answered NOT_FOUND 404 and left out.

@@ -76,3 +76,26 @@ t.test('WebSocket: a message of too many calls sent with the connectionParams is
   const rows = (await app.audit.store.query({ tenant: 'tbigearly', limit: 100 })).entries
   t.match(rows, [{ action: 'trpc', category: 'security', status: 'PAYLOAD_TOO_LARGE', userId: 'ubig', requestId: refusal.error.data.requestId }], 'recorded once, under the connection\'s token')
 })
+
+// The same duplicate id naming an operation (a query) rather than an event: refused alike
+// (Duplicate id, before its method is looked at), and recorded as the misdirected call it is
+// (security, the operation as action), as the same call with an id not in use is (405). It left no entry.
+t.test('WebSocket: a subscription of an operation sent with an id in use is recorded too', async t => {
+  const app = await buildDemoApp(t)
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as AddressInfo).port
+  const client = await connect(t, `ws://127.0.0.1:${port}/trpc`, { tenant: 'tdupop', user: 'udupop', roles: ['viewer'] })
+  const frames: Array<Record<string, any>> = []
+  client.ws.on('message', d => frames.push(JSON.parse(String(d)) as Record<string, any>))
+  client.send({ id: 1, method: 'subscription', params: { path: 'runUpdated' } })
+  await until(() => frames.some(f => f.id === 1 && f.result?.type === 'started'), 'the first subscription started')
+  client.send({ id: 1, method: 'subscription', params: { path: 'getAgent', input: { id: 'a1' } } })
+  client.send({ id: 1, method: 'subscription', params: { path: 'noSuchThing' } })
+  await until(() => frames.filter(f => f.id === 1 && f.error !== undefined).length === 2, 'both refused')
+  const [refusal, none] = frames.filter(f => f.id === 1 && f.error !== undefined)
+  t.match(refusal.error.message, /Duplicate id 1/)
+  await drained(app)
+  const rows = (await app.audit.store.query({ tenant: 'tdupop', limit: 100 })).entries.filter(r => r.status !== 'ok')
+  t.match(rows, [{ status: 'BAD_REQUEST', statusCode: 400, category: 'security', userId: 'udupop', protocol: 'trpc', action: 'getAgent', path: '/trpc/getAgent', requestId: refusal.error.data.requestId }], 'the operation\'s: recorded once')
+  t.equal(rows.filter(r => r.requestId === none.error.data.requestId).length, 0, 'a procedure that is none: unrecorded')
+})
