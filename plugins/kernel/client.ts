@@ -189,7 +189,10 @@ export class KernelClient {
       const input = ctx.input
       let path = parts[0]
       for (let i = 1; i < parts.length; i += 2) {
-        const segment = pathSegment(input[parts[i]])
+        const value = input[parts[i]]
+        // JSON's null has no form in a path: String(null) named the resource "null".
+        if (value === null) throw new MantleError('VALIDATION_FAILED', `input.${parts[i]} must not be null: it is a segment of the Kernel's path`)
+        const segment = pathSegment(value)
         // An empty one names another Kernel route: `DELETE /v1/items/{id}` with id "" is
         // `DELETE /v1/items/`, which a Kernel ignoring trailing slashes takes for the collection.
         if (segment === '') throw new MantleError('VALIDATION_FAILED', `input.${parts[i]} must not be empty: it is a segment of the Kernel's path`)
@@ -218,8 +221,11 @@ export class KernelClient {
           // query string (it went as "[object Object]", and one whose toString is not a function
           // threw, a 500). Declared fields are held to scalars when the manifest compiles.
           if (Array.isArray(v)) {
-            for (const item of v) {
-              if (item !== null && typeof item === 'object') throw notInQuery(key)
+            for (let i = 0; i < v.length; i++) {
+              const item: unknown = v[i]
+              // A null item has no form in a query string: it went as the text "null".
+              if (item === null) throw new MantleError('VALIDATION_FAILED', `input.${key}.${i} is null, which the Kernel's query string cannot carry`)
+              if (typeof item === 'object') throw notInQuery(key)
               query.append(key, String(item))
             }
           } else if (typeof v === 'object') {

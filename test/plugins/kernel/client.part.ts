@@ -907,6 +907,35 @@ t.test('an empty path parameter is 400, never another Kernel route', async t => 
   t.equal(kernel.requests.length, 0, 'nothing reached the Kernel')
 })
 
+// JSON's null has no form in a URL: String(null) made it the text "null", so a nullable path
+// parameter sent as null named the resource "null" at the Kernel, and a null item of a query-string
+// array the item "null": what a client sending the text would get. Refused, on every face.
+t.test('a null path parameter or query-string item is 400, never the text "null" at the Kernel', async t => {
+  const kernel = await startTestKernel(t, {})
+  const anything = { type: 'object', additionalProperties: true }
+  const manifest = testManifest({
+    getThing: { type: 'query', rest: 'GET /things/:id', kernel: 'GET /v1/things/{id}', input: { type: 'object', required: ['id'], properties: { id: { type: ['string', 'null'] } } }, output: anything },
+    listThings: { type: 'query', rest: 'GET /things', kernel: 'GET /v1/things', input: { type: 'object', properties: { tags: { type: 'array', items: { type: ['string', 'null'] } } } }, output: anything },
+    runThing: { type: 'mutation', rest: 'POST /things/:id/runs', kernel: 'POST /v1/things/{id}/runs', input: { type: 'object', required: ['id'], properties: { id: { type: ['integer', 'null'] } } }, output: anything }
+  }, { retries: 0 })
+  const app = await buildTestApp(t, {}, { manifest, kernelUrl: kernel.url })
+  const headers = { ...bearer(), 'content-type': 'application/json' }
+  const batch = await app.inject({ method: 'POST', url: '/api/v1/batch', headers, payload: { calls: [{ id: 'a', op: 'getThing', input: { id: null } }, { id: 'b', op: 'listThings', input: { tags: ['x', null] } }, { id: 'c', op: 'runThing', input: { id: null } }] } })
+  t.match(batch.json().results, [
+    { id: 'a', error: { code: 'VALIDATION_FAILED', status: 400, detail: "input.id must not be null: it is a segment of the Kernel's path" } },
+    { id: 'b', error: { code: 'VALIDATION_FAILED', status: 400, detail: "input.tags.1 is null, which the Kernel's query string cannot carry" } },
+    { id: 'c', error: { code: 'VALIDATION_FAILED', status: 400, detail: "input.id must not be null: it is a segment of the Kernel's path" } }
+  ])
+  const trpc = await app.inject({ url: `/trpc/getThing?input=${encodeURIComponent('{"id":null}')}`, headers })
+  t.match([trpc.statusCode, trpc.json()], [400, { error: { data: { code: 'VALIDATION_FAILED' } } }], 'tRPC')
+  const graphql = await app.inject({ method: 'POST', url: '/graphql', headers, payload: { query: '{ getThing(id: null) }' } })
+  t.match(graphql.json(), { errors: [{ extensions: { code: 'VALIDATION_FAILED', status: 400 } }] }, 'GraphQL')
+  t.same(kernel.requests.map(r => r.url), [], 'none reached the Kernel')
+  // The text "null" is a text like any: sent as it is.
+  kernel.on('GET /v1/things/null', (req, res) => json(res, 200, { url: req.url }))
+  t.same((await app.inject({ url: '/api/v1/things/null', headers: bearer() })).json(), { url: '/v1/things/null' })
+})
+
 t.test('Kernel answer headers over 16 KiB are 502 KERNEL_ERROR, not retried and not a breaker failure', async t => {
   const { app, kernel } = await setup(t, { retries: 2, circuitBreaker: { threshold: 3, resetTimeoutMs: 60000 } })
   kernel.on('GET /v1/items/big', (_req, res) => { res.writeHead(200, { 'content-type': 'application/json', link: 'x'.repeat(20_000) }); res.end('{"id":"big"}') })
