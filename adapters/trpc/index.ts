@@ -232,6 +232,16 @@ function refuseUnusableUrl (request: FastifyRequest): void {
   if (!target.startsWith('/') && !plainUrl(target)) throw new MantleError('BAD_REQUEST', 'The request target is not a URL without credentials')
 }
 
+/**
+ * Refuses a GET or HEAD call whose query string names `input` more than once: tRPC reads the first
+ * (URLSearchParams.get), and the other went unseen, where REST refuses a repeated scalar field
+ * and GraphQL a repeated `query` or `variables`. Before the handler has the request, as a bad
+ * Host is: the route's onError hook records it.
+ */
+function refuseRepeatedInput (request: FastifyRequest): void {
+  if (request.method !== 'POST' && Array.isArray((request.query as Record<string, unknown>).input)) throw new MantleError('VALIDATION_FAILED', 'The query string names `input` more than once: send one')
+}
+
 /** Whether tRPC waits for a WebSocket's connectionParams (`?connectionParams=1`, the first one as tRPC reads it). */
 function awaitsParams (request: FastifyRequest): boolean {
   const value = (request.query as Record<string, unknown> | null | undefined)?.connectionParams
@@ -496,6 +506,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       handler: async (request, reply) => {
         const path = (request.params as Wildcard)['*'] ?? ''
         refuseUnusableUrl(request)
+        refuseRepeatedInput(request)
         // From here on tRPC answers: its calls' refusals are the audit stage's, its own refusedEarly's.
         reached?.(request)
         const call = singleCall(request, path)

@@ -305,6 +305,10 @@ t.test('raw HTTP: the ugly cases are 4xx tRPC errors with contract codes, never 
     ['not JSON', { method: 'POST', url: '/trpc/putItem', headers: { ...h, 'content-type': 'text/plain' }, payload: 'n=1' }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
     ['multipart', { method: 'POST', url: '/trpc/putItem', headers: { ...h, 'content-type': 'multipart/form-data; boundary=x' }, payload: '--x--' }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
     ['no content type', { method: 'POST', url: '/trpc/putItem', headers: h }, 415, 'UNSUPPORTED_MEDIA_TYPE'],
+    // tRPC read the first of two inputs (URLSearchParams.get) and dropped the other unseen, where
+    // REST refuses a repeated scalar field and GraphQL a repeated query or variables.
+    ['input repeated', { url: `/trpc/getItem?input=${input({ id: 'i1' })}&input=${input({ id: 'i2' })}` }, 400, 'VALIDATION_FAILED', /^The query string names `input` more than once/],
+    ['a batch, input repeated', { url: `/trpc/getItem,getItem?batch=1&input=${input({ 0: { id: 'i1' }, 1: { id: 'i1' } })}&input=${input({ 0: { id: 'i2' }, 1: { id: 'i2' } })}` }, 400, 'VALIDATION_FAILED', /^The query string names `input` more than once/],
     ['bad connectionParams', { url: '/trpc/getItem?connectionParams=%7B' }, 400, 'VALIDATION_FAILED'],
     ['connectionParams not strings', { url: `/trpc/getItem?connectionParams=${input({ token: 1 })}` }, 400, 'VALIDATION_FAILED'],
     ['bad Host', { url: '/trpc/getItem', headers: { ...h, host: 'a b' } }, 400, 'BAD_REQUEST'],
