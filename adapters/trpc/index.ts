@@ -242,6 +242,47 @@ function refuseRepeatedInput (request: FastifyRequest): void {
   if (request.method !== 'POST' && Array.isArray((request.query as Record<string, unknown>).input)) throw new MantleError('VALIDATION_FAILED', 'The query string names `input` more than once: send one')
 }
 
+/** The procedure path as tRPC splits it at commas: it decodes the path once more than Fastify (`%252C` is a comma to it). */
+function trpcPath (request: FastifyRequest): string {
+  const path = (request.params as Wildcard)['*'] ?? ''
+  try {
+    return decodeURIComponent(path)
+  } catch {
+    return path
+  }
+}
+
+/** A key of a batch's input that names one of its `calls`: an index as tRPC reads it (inputs[0], inputs[1], ...). */
+const callIndex = (key: string, calls: number): boolean => /^(?:0|[1-9][0-9]{0,8})$/.test(key) && Number(key) < calls
+
+/**
+ * Refuses a batch (`?batch=1`) whose input names a key that is no index of its calls (`"2"` in a
+ * batch of two, `"00"`, `"x"`): tRPC reads inputs[0], inputs[1], ... and dropped any other key
+ * unread, the call it was meant for run without it, where the REST batch refuses a key it does
+ * not take. A call with no key is still a call without input (httpBatchLink leaves an undefined
+ * input out). An input that is not JSON, or no object, is tRPC's to refuse. Before the handler
+ * has the request: the route's onError hook records it. Cost: the batch's input parsed once more
+ * (tRPC's handler parses it again); nothing for a single call.
+ */
+function refuseStrayBatchInputs (request: FastifyRequest): void {
+  const query = request.query as Record<string, unknown>
+  const batch = Array.isArray(query.batch) ? query.batch[0] : query.batch
+  if (batch !== '1') return
+  const text = request.method === 'POST' ? request.body : query.input
+  if (typeof text !== 'string' || text === '') return
+  let inputs: unknown
+  try {
+    inputs = JSON.parse(text)
+  } catch {
+    return
+  }
+  if (inputs === null || typeof inputs !== 'object' || Array.isArray(inputs)) return
+  const calls = trpcPath(request).split(',').length
+  for (const key of Object.keys(inputs)) {
+    if (!callIndex(key, calls)) throw new MantleError('VALIDATION_FAILED', `The batch's input names no call of it: ${JSON.stringify(key)} (its keys are the calls' indexes, 0 to ${calls - 1})`)
+  }
+}
+
 /** Whether tRPC waits for a WebSocket's connectionParams (`?connectionParams=1`, the first one as tRPC reads it). */
 function awaitsParams (request: FastifyRequest): boolean {
   const value = (request.query as Record<string, unknown> | null | undefined)?.connectionParams
@@ -374,8 +415,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
     const boundBatch = (request: FastifyRequest, _reply: FastifyReply, done: (err?: Error) => void): void => {
       // Counted in the path as tRPC reads it: it decodes the path once more before splitting it
       // at commas, so `%252C` (a comma to tRPC) had gone through uncounted.
-      let path = (request.params as Wildcard)['*'] ?? ''
-      try { path = decodeURIComponent(path) } catch {}
+      const path = trpcPath(request)
       let calls = 1
       for (let i = path.indexOf(','); i !== -1 && calls <= opts.maxCalls; i = path.indexOf(',', i + 1)) calls++
       if (calls > opts.maxCalls) done(new MantleError('PAYLOAD_TOO_LARGE', `A batch carries at most ${opts.maxCalls} calls`))
@@ -507,6 +547,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
         const path = (request.params as Wildcard)['*'] ?? ''
         refuseUnusableUrl(request)
         refuseRepeatedInput(request)
+        refuseStrayBatchInputs(request)
         // From here on tRPC answers: its calls' refusals are the audit stage's, its own refusedEarly's.
         reached?.(request)
         const call = singleCall(request, path)

@@ -309,6 +309,12 @@ t.test('raw HTTP: the ugly cases are 4xx tRPC errors with contract codes, never 
     // REST refuses a repeated scalar field and GraphQL a repeated query or variables.
     ['input repeated', { url: `/trpc/getItem?input=${input({ id: 'i1' })}&input=${input({ id: 'i2' })}` }, 400, 'VALIDATION_FAILED', /^The query string names `input` more than once/],
     ['a batch, input repeated', { url: `/trpc/getItem,getItem?batch=1&input=${input({ 0: { id: 'i1' }, 1: { id: 'i1' } })}&input=${input({ 0: { id: 'i2' }, 1: { id: 'i2' } })}` }, 400, 'VALIDATION_FAILED', /^The query string names `input` more than once/],
+    // A key of a batch's input that is no index of its calls was dropped unread, the call it was
+    // meant for run without it (tRPC reads inputs[0], inputs[1], ...), where the REST batch refuses
+    // a key it does not take.
+    ['a batch input naming a third call', { url: `/trpc/getItem,getItem?batch=1&input=${input({ 0: { id: 'i1' }, 1: { id: 'i1' }, 2: { id: 'i2' } })}` }, 400, 'VALIDATION_FAILED', /^The batch's input names no call of it: "2"/],
+    ['a batch input keyed 00 and 01', { url: `/trpc/getItem,getItem?batch=1&input=${input({ '00': { id: 'i1' }, '01': { id: 'i2' } })}` }, 400, 'VALIDATION_FAILED', /^The batch's input names no call of it: "00"/],
+    ['a batch body naming no call', { method: 'POST', url: '/trpc/putItem,putItem?batch=1', headers: jsonHeaders, payload: '{"0":{"n":1},"x":{"n":2}}' }, 400, 'VALIDATION_FAILED', /^The batch's input names no call of it: "x"/],
     ['bad connectionParams', { url: '/trpc/getItem?connectionParams=%7B' }, 400, 'VALIDATION_FAILED'],
     ['connectionParams not strings', { url: `/trpc/getItem?connectionParams=${input({ token: 1 })}` }, 400, 'VALIDATION_FAILED'],
     ['bad Host', { url: '/trpc/getItem', headers: { ...h, host: 'a b' } }, 400, 'BAD_REQUEST'],
