@@ -233,13 +233,18 @@ function refuseUnusableUrl (request: FastifyRequest): void {
 }
 
 /**
- * Refuses a GET or HEAD call whose query string names `input` more than once: tRPC reads the first
- * (URLSearchParams.get), and the other went unseen, where REST refuses a repeated scalar field
- * and GraphQL a repeated `query` or `variables`. Before the handler has the request, as a bad
- * Host is: the route's onError hook records it.
+ * Refuses an HTTP call whose `input` tRPC would not read as sent: a GET or HEAD whose query string
+ * names it more than once (tRPC reads the first, URLSearchParams.get, and the other went unseen,
+ * where REST refuses a repeated scalar field and GraphQL a repeated `query` or `variables`), and a
+ * POST whose query string names it at all (its input is its body: the mutation ran without the
+ * one in its URL, where REST refuses a POST whose query string names a field of its input).
+ * Before the handler has the request, as a bad Host is: the route's onError hook records it.
  */
-function refuseRepeatedInput (request: FastifyRequest): void {
-  if (request.method !== 'POST' && Array.isArray((request.query as Record<string, unknown>).input)) throw new MantleError('VALIDATION_FAILED', 'The query string names `input` more than once: send one')
+function refuseMisplacedInput (request: FastifyRequest): void {
+  const input = (request.query as Record<string, unknown>).input
+  if (input === undefined) return
+  if (request.method === 'POST') throw new MantleError('VALIDATION_FAILED', 'A POST takes its input from its body, not the query string: send it as the JSON body')
+  if (Array.isArray(input)) throw new MantleError('VALIDATION_FAILED', 'The query string names `input` more than once: send one')
 }
 
 /** The procedure path as tRPC splits it at commas: it decodes the path once more than Fastify (`%252C` is a comma to it). */
@@ -546,7 +551,7 @@ export function createTrpcFace (settings: Partial<TrpcFaceSettings> = {}) {
       handler: async (request, reply) => {
         const path = (request.params as Wildcard)['*'] ?? ''
         refuseUnusableUrl(request)
-        refuseRepeatedInput(request)
+        refuseMisplacedInput(request)
         refuseStrayBatchInputs(request)
         // From here on tRPC answers: its calls' refusals are the audit stage's, its own refusedEarly's.
         reached?.(request)

@@ -309,6 +309,11 @@ t.test('raw HTTP: the ugly cases are 4xx tRPC errors with contract codes, never 
     // REST refuses a repeated scalar field and GraphQL a repeated query or variables.
     ['input repeated', { url: `/trpc/getItem?input=${input({ id: 'i1' })}&input=${input({ id: 'i2' })}` }, 400, 'VALIDATION_FAILED', /^The query string names `input` more than once/],
     ['a batch, input repeated', { url: `/trpc/getItem,getItem?batch=1&input=${input({ 0: { id: 'i1' }, 1: { id: 'i1' } })}&input=${input({ 0: { id: 'i2' }, 1: { id: 'i2' } })}` }, 400, 'VALIDATION_FAILED', /^The query string names `input` more than once/],
+    // A POST's input is its body (a query's too, methodOverride): one in its query string was
+    // dropped unread, and the mutation ran without it, as REST refuses a POST whose query string
+    // names a field of its input.
+    ['a POST with its input in the query string', { method: 'POST', url: `/trpc/putItem?input=${input({ n: 1 })}`, headers: jsonHeaders }, 400, 'VALIDATION_FAILED', /^A POST takes its input from its body, not the query string/],
+    ['a POST batch with its input in the query string', { method: 'POST', url: `/trpc/putItem,putItem?batch=1&input=${input({ 0: { n: 1 }, 1: { n: 2 } })}`, headers: jsonHeaders, payload: '{}' }, 400, 'VALIDATION_FAILED', /^A POST takes its input from its body, not the query string/],
     // A key of a batch's input that is no index of its calls was dropped unread, the call it was
     // meant for run without it (tRPC reads inputs[0], inputs[1], ...), where the REST batch refuses
     // a key it does not take.
