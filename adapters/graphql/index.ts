@@ -511,6 +511,11 @@ function checkRequest (request: FastifyRequest, maxQuery: number): void {
   if (request.method === 'GET' || request.method === 'HEAD') {
     params = request.query as Record<string, unknown>
   } else {
+    // A POST's parameters are its body's (mercurius reads nothing else): `variables` in its URL,
+    // express-graphql's convention beside an `application/graphql` body, were dropped unread,
+    // and the mutation ran with its arguments unset. Another URL parameter is let be.
+    const url = request.query as Record<string, unknown>
+    if (url.query !== undefined || url.variables !== undefined) throw new MantleError('VALIDATION_FAILED', 'A POST carries its `query` and `variables` in its body, not the URL: send them in the JSON body (or the document as an application/graphql body, with no variables)')
     const body = request.body
     if (body === null || typeof body !== 'object' || Array.isArray(body)) throw new MantleError('VALIDATION_FAILED', 'The body must be a JSON object')
     params = body as Record<string, unknown>

@@ -233,3 +233,27 @@ t.test('at shutdown, the mutations of a document not begun yet are refused (thro
   t.same(body.data, { a: true, b: null, c: null })
   t.same(body.errors.map(e => [e.path[0], e.extensions.code]), [['b', 'OVERLOADED'], ['c', 'OVERLOADED']])
 })
+
+t.test('a POST whose URL carries the query or variables is refused 400: they are the body\'s, and the mutation ran without them', async t => {
+  // express-graphql's convention for `application/graphql` (the body the document, variables in
+  // the URL): mercurius reads a POST's body alone, and the mutation ran with its arguments unset.
+  const kernel = await startTestKernel(t, { 'POST /v1/say': (req, res) => json(res, 200, JSON.parse(req.body)) })
+  const manifest = testManifest({ say: { type: 'mutation', rest: 'POST /say', kernel: 'POST /v1/say', input: { type: 'object', properties: { s: { type: 'string' } } }, output: { type: 'object', properties: { s: { type: 'string' } } } } })
+  const app = await buildApp(testConfig({ BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url })
+  t.teardown(() => app.close())
+  const document = 'mutation($s: String) { say(s: $s) { s } }'
+  const vars = encodeURIComponent('{"s":"x"}')
+  for (const [name, url, type, payload] of [
+    ['application/graphql, variables in the URL', `/graphql?variables=${vars}`, 'application/graphql', document],
+    ['JSON, variables in the URL', `/graphql?variables=${vars}`, 'application/json', JSON.stringify({ query: document })],
+    ['JSON, query in the URL too', `/graphql?query=${encodeURIComponent('mutation { say(s: "y") { s } }')}`, 'application/json', JSON.stringify({ query: document, variables: { s: 'x' } })]
+  ]) {
+    const res = await app.inject({ method: 'POST', url, headers: { ...bearer(), 'content-type': type }, payload })
+    t.equal(res.statusCode, 400, name)
+    t.match(res.json(), { errors: [{ message: /^A POST carries its `query` and `variables` in its body, not the URL/, extensions: { code: 'VALIDATION_FAILED', status: 400 } }] }, name)
+  }
+  t.equal(kernel.requests.length, 0, 'none reached the Kernel')
+  // A URL parameter that is none of GraphQL's is let be.
+  const served = await app.inject({ method: 'POST', url: '/graphql?trace=1', headers: { ...bearer(), 'content-type': 'application/json' }, payload: JSON.stringify({ query: document, variables: { s: 'x' } }) })
+  t.same(served.json(), { data: { say: { s: 'x' } } })
+})
