@@ -539,7 +539,14 @@ function checkRequest (request: FastifyRequest, maxQuery: number): void {
     // Over GET they are JSON text, which mercurius parses and then runs with whatever it is:
     // `variables="d1"` was a 500 (found by `npm run fuzz`). Text that is not JSON is its 400.
     if (request.method !== 'POST') {
-      if (typeof value !== 'string' || value === '') continue
+      // An empty one is none (a URL built with no variables): mercurius handed `variables=` to
+      // graphql-js's execute as the text '', which it asserts against, a 500 on a document's
+      // first run (graphql-jit, compiled from the second, read it as none).
+      if (value === '') {
+        delete params[key]
+        continue
+      }
+      if (typeof value !== 'string') continue
       try { value = JSON.parse(value) } catch { continue }
     }
     if (value !== undefined && value !== null && (typeof value !== 'object' || Array.isArray(value))) throw new MantleError('VALIDATION_FAILED', `\`${key}\` must be a JSON object`)

@@ -87,6 +87,19 @@ t.test('over GET, variables or extensions that are JSON but not an object are a 
   t.same(ok.json(), { data: { getAgent: { id: 'a1' } } })
 })
 
+t.test('over GET, an empty variables or extensions is none: answered on the first run as on the next, never a 500', async t => {
+  // `variables=` (a URL built with no variables) reached graphql-js's execute as the text '',
+  // which it asserts against: a 500 INTERNAL on a document's first run, and an answer once
+  // mercurius had compiled it (graphql-jit reads '' as no variables).
+  const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
+  for (const [document, key] of [['{ getAgent(id: "a1") { id } }', 'variables'], ['query Q($id: String = "a1") { getAgent(id: $id) { id } }', 'variables'], ['query R($id: String = "a1") { getAgent(id: $id) { id } }', 'extensions']]) {
+    for (const run of [1, 2, 3]) {
+      const res = await app.inject({ method: 'GET', url: `/graphql?query=${encodeURIComponent(document)}&${key}=`, headers: bearer() })
+      t.same([res.statusCode, res.json()], [200, { data: { getAgent: { id: 'a1' } } }], `${document} ${key}=, run ${run}`)
+    }
+  }
+})
+
 t.test('over graphql-ws, a subscribe whose query is not a GraphQL string does not bring the gateway down', async t => {
   const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
   await app.listen({ port: 0, host: '127.0.0.1' })
