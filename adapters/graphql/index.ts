@@ -537,7 +537,7 @@ function checkRequest (request: FastifyRequest, maxQuery: number): void {
   for (const key of ['variables', 'extensions'] as const) {
     let value = params[key]
     // Over GET they are JSON text, which mercurius parses and then runs with whatever it is:
-    // `variables="d1"` was a 500 (found by `npm run fuzz`). Text that is not JSON is its 400.
+    // `variables="d1"` was a 500 (found by `npm run fuzz`). Text that is not JSON is a 400.
     if (request.method !== 'POST') {
       // An empty one is none (a URL built with no variables): mercurius handed `variables=` to
       // graphql-js's execute as the text '', which it asserts against, a 500 on a document's
@@ -547,7 +547,8 @@ function checkRequest (request: FastifyRequest, maxQuery: number): void {
         continue
       }
       if (typeof value !== 'string') continue
-      try { value = JSON.parse(value) } catch { continue }
+      // Refused here, naming the parameter: mercurius's refusal said "The body is not valid JSON".
+      try { value = JSON.parse(value) } catch { throw new MantleError('VALIDATION_FAILED', `\`${key}\` is not valid JSON`) }
     }
     if (value !== undefined && value !== null && (typeof value !== 'object' || Array.isArray(value))) throw new MantleError('VALIDATION_FAILED', `\`${key}\` must be a JSON object`)
   }

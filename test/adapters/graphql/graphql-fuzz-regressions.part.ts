@@ -100,6 +100,16 @@ t.test('over GET, an empty variables or extensions is none: answered on the firs
   }
 })
 
+t.test('over GET, variables or extensions that are not JSON are refused naming the parameter, not a body the GET has not', async t => {
+  // mercurius's own refusal said "The body is not valid JSON" of a query string parameter.
+  const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
+  const query = encodeURIComponent('query Q($id: String!) { getAgent(id: $id) { id } }')
+  for (const [key, value] of [['variables', '{nope'], ['variables', ' '], ['variables', 'undefined'], ['extensions', '{']]) {
+    const res = await app.inject({ method: 'GET', url: `/graphql?query=${query}&${key}=${encodeURIComponent(value)}`, headers: bearer() })
+    t.same([res.statusCode, res.json().errors[0].message, res.json().errors[0].extensions.code], [400, `\`${key}\` is not valid JSON`, 'VALIDATION_FAILED'], `${key}=${value}`)
+  }
+})
+
 t.test('over graphql-ws, a subscribe whose query is not a GraphQL string does not bring the gateway down', async t => {
   const app = await buildDemoApp(t, { BFF_TRPC_ENABLED: false, BFF_WEBSOCKET_ENABLED: false })
   await app.listen({ port: 0, host: '127.0.0.1' })
