@@ -764,11 +764,14 @@ export class PostgresAuditStore implements AuditStore {
     const floor = Math.min(first, last)
     // Entries below the range's first position, none when it is the oldest.
     const under = floor > position(ends.bottom)
-    if (top - 1 - Math.max(first, last) > Math.abs(last - first)) return { rows: await this.belowByIndex(filter, params, top, want), resume: null }
     // Past the windows a page reads only matches (the range's positions, its tenant's entries or
     // its request id's through their index) but for an `action` or `status`, which no index
     // serves: those are bounded.
     const bounded = q.requestId === undefined && (q.action !== undefined || q.status !== undefined)
+    // A range far below, through the timestamp index: its every entry is read. Not for a bounded
+    // page whose range spans more than it may read, which walks its windows down to it instead
+    // (until 2026-12-08 a rare action over an old month read the whole month on every page).
+    if (top - 1 - Math.max(first, last) > Math.abs(last - first) && !(bounded && Math.abs(last - first) >= this.scan)) return { rows: await this.belowByIndex(filter, params, top, want), resume: null }
     return await this.windows(filter, params, order, top, floor, under, want, bounded ? this.scan : Infinity)
   }
 

@@ -225,6 +225,23 @@ if (await postgresAvailable()) {
     t.same(page?.entries.map(e => e.seq), gone.slice(50, 100), 'its next 50')
     read = await rowsRead(url, statements)
     t.ok(read <= 51 + 4, `its next page too (${read})`)
+    // A range far below the newest entry (its oldest 40,000 seconds, 60,000 positions above it):
+    // read whole through the timestamp index, a page of a rare action read every row of the range
+    // (40,000; a month of a busy gateway's 90 days: tens of millions, a 503), past the positions
+    // it may read. Its pages read at most those, short or empty, as any other page of it.
+    const old = new Date(base + 40_000 * 1000 - 1)
+    seen.length = 0
+    reads.length = 0
+    cursor = undefined
+    for (let pages = 0; cursor !== null && pages < 20; pages++) {
+      let page: AuditPage | undefined
+      const statements = await readsOf(async () => { page = await store.query({ limit: 50, from, to: old, action: 'rare', beforeSeq: cursor ?? undefined }) })
+      reads.push(await rowsRead(url, statements))
+      seen.push(...(page?.entries.map(e => e.seq) ?? []))
+      cursor = page?.nextSeq ?? null
+    }
+    t.same(seen, await all('action = $1 AND "timestamp" <= $2', ['rare', old]), 'a range far below: the pages walked hold every entry of it, newest first, once')
+    t.ok(reads.every(n => n <= 20_100), `a range far below: each page read at most its 20,000 positions (rows read: ${reads.join(', ')})`)
   })
 }
 
