@@ -337,6 +337,15 @@ function timeRange (range: { from?: Date, to?: Date }): { inRange: string, param
   return { inRange: where.join(' AND '), params }
 }
 
+/**
+ * Where a page of GET /admin/audit starts reading: below its cursor, or past the newest entry
+ * (`newest`), whichever is lower. A cursor above the newest entry (kept across a restore of an
+ * older backup, or made by hand) had windows read positions that hold nothing, page after page.
+ */
+function below (cursor: number | undefined, newest: string): number {
+  return Math.min(cursor ?? Infinity, position(newest) + 1)
+}
+
 /** The positions of a range's first and last entries by time (`first`, `last`), through the timestamp index. */
 function rangeEnds (inRange: string): string {
   return `(SELECT seq FROM bff_audit_entries WHERE ${inRange} ORDER BY "timestamp" LIMIT 1) AS first,
@@ -717,7 +726,7 @@ export class PostgresAuditStore implements AuditStore {
       })).rows[0]
       rows = []
       if (ends.top !== null && ends.bottom !== null) {
-        ({ rows, resume } = await this.windows(filter, params, order, q.beforeSeq ?? position(ends.top) + 1, position(ends.bottom), false, want, this.scan))
+        ({ rows, resume } = await this.windows(filter, params, order, below(q.beforeSeq, ends.top), position(ends.bottom), false, want, this.scan))
       }
     } else if (q.from === undefined && q.to === undefined) {
       rows = (await this.read<Row>({ text: `SELECT ${COLUMNS} FROM bff_audit_entries ${filter} ORDER BY ${order} LIMIT $${params.length + 1}`, values: [...params, want] })).rows.map(fromRow)
@@ -751,16 +760,14 @@ export class PostgresAuditStore implements AuditStore {
     const filter = 'WHERE ' + where.join(' AND ')
     // The range's own bounds, numbered for the statement that reads where it lies.
     const { inRange, params: bounds } = timeRange(q)
-    if (q.beforeSeq !== undefined) bounds.push(q.beforeSeq)
     const ends = (await this.read<{ top: string | null, bottom: string | null, first: string | null, last: string | null }>({
-      text: `SELECT ${q.beforeSeq !== undefined ? `$${bounds.length}::int8` : '(SELECT max(seq) FROM bff_audit_entries)'} AS top, (SELECT min(seq) FROM bff_audit_entries) AS bottom, ${rangeEnds(inRange)}`,
+      text: `SELECT (SELECT max(seq) FROM bff_audit_entries) AS top, (SELECT min(seq) FROM bff_audit_entries) AS bottom, ${rangeEnds(inRange)}`,
       values: bounds
     })).rows[0]
     if (ends.top === null || ends.bottom === null || ends.first === null || ends.last === null) return { rows: [], resume: null }
     const first = position(ends.first)
     const last = position(ends.last)
-    // Below the cursor, or past the newest entry.
-    const top = q.beforeSeq ?? position(ends.top) + 1
+    const top = below(q.beforeSeq, ends.top)
     const floor = Math.min(first, last)
     // Entries below the range's first position, none when it is the oldest.
     const under = floor > position(ends.bottom)

@@ -283,3 +283,35 @@ if (await postgresAvailable()) {
     }
   })
 }
+
+// A cursor above the newest entry (one kept across a restore of an older backup, or made by
+// hand: the endpoint takes any position) on a page by `action` or `status`: its windows started
+// at the cursor, so the page read only positions that hold nothing and answered empty with a
+// cursor a million positions lower, page after page (some nine billion of them from 2^53), where
+// the memory store, and a page with no action or status, answer the entries below it.
+if (await postgresAvailable()) {
+  t.test('postgres: a page by action or status with a cursor above the newest entry answers the entries below it', async t => {
+    const { url } = await pgStore(t)
+    const store = new PostgresAuditStore({ databaseUrl: url, queryScan: 10_000 })
+    t.teardown(() => store.close())
+    // 12,000 entries a second apart, action "rare" one in 1,000: a range of all of them spans more
+    // positions than a page may read.
+    const base = Date.now() - 100_000_000
+    await store.write(Array.from({ length: 12_000 }, (_, n) => entry({ timestamp: base + n * 1000, action: n % 1000 === 0 ? 'rare' : 'getAgent' })))
+    await sql(url, 'ANALYZE bff_audit_entries')
+    const want = (await sql<{ seq: string }>(url, 'SELECT seq FROM bff_audit_entries WHERE action = $1 ORDER BY seq DESC', ['rare'])).map(r => Number(r.seq))
+    const far = Number.MAX_SAFE_INTEGER
+    for (const q of [{ action: 'rare' }, { action: 'rare', from: new Date(base) }, { action: 'rare', status: 'ok', to: new Date(base + 12_000_000) }]) {
+      // Walked from it, a page holding what lies below the cursor (and at most 10,000 positions).
+      const seen: number[] = []
+      let cursor: number | null = far
+      for (let pages = 0; cursor !== null && pages < 5; pages++) {
+        const page: AuditPage = await store.query({ limit: 50, ...q, beforeSeq: cursor })
+        seen.push(...page.entries.map(e => e.seq))
+        cursor = page.nextSeq
+      }
+      t.same(seen, want, `${JSON.stringify(q)}: the entries below it, in two pages`)
+      t.equal(cursor, null, `${JSON.stringify(q)}: and the end`)
+    }
+  })
+}
