@@ -775,10 +775,14 @@ export class PostgresAuditStore implements AuditStore {
     // its request id's through their index) but for an `action` or `status`, which no index
     // serves: those are bounded.
     const bounded = q.requestId === undefined && (q.action !== undefined || q.status !== undefined)
-    // A range far below, through the timestamp index: its every entry is read. Not for a bounded
-    // page whose range spans more than it may read, which walks its windows down to it instead
-    // (until 2026-12-08 a rare action over an old month read the whole month on every page).
-    if (top - 1 - Math.max(first, last) > Math.abs(last - first) && !(bounded && Math.abs(last - first) >= this.scan)) return { rows: await this.belowByIndex(filter, params, top, want), resume: null }
+    // Read through the timestamp index (a range far below, the entries below its first position),
+    // a range has its every entry read: not by a bounded page whose range spans more positions
+    // than it may read, which walks its windows instead, down to the range, and below it down to
+    // the oldest entry (until 2026-12-08 a rare action over an old month read the whole month on
+    // every page, and a walk over the last month read it whole on its last page).
+    const large = bounded && Math.abs(last - first) >= this.scan
+    if (top - 1 - Math.max(first, last) > Math.abs(last - first) && !large) return { rows: await this.belowByIndex(filter, params, top, want), resume: null }
+    if (large) return await this.windows(filter, params, order, top, position(ends.bottom), false, want, this.scan)
     return await this.windows(filter, params, order, top, floor, under, want, bounded ? this.scan : Infinity)
   }
 

@@ -242,6 +242,22 @@ if (await postgresAvailable()) {
     }
     t.same(seen, await all('action = $1 AND "timestamp" <= $2', ['rare', old]), 'a range far below: the pages walked hold every entry of it, newest first, once')
     t.ok(reads.every(n => n <= 20_100), `a range far below: each page read at most its 20,000 positions (rows read: ${reads.join(', ')})`)
+    // A range that starts past the oldest entry (its newest 60,000 seconds): once its windows reached
+    // the range's first position, the entries below it (stamped out of order) were read through the
+    // timestamp index, every entry of the range (60,000), on the walk's last page.
+    const recent = new Date(base + 40_000 * 1000)
+    seen.length = 0
+    reads.length = 0
+    cursor = undefined
+    for (let pages = 0; cursor !== null && pages < 20; pages++) {
+      let page: AuditPage | undefined
+      const statements = await readsOf(async () => { page = await store.query({ limit: 50, from: recent, action: 'rare', beforeSeq: cursor ?? undefined }) })
+      reads.push(await rowsRead(url, statements))
+      seen.push(...(page?.entries.map(e => e.seq) ?? []))
+      cursor = page?.nextSeq ?? null
+    }
+    t.same(seen, await all('action = $1 AND "timestamp" >= $2', ['rare', recent]), 'a range past the oldest entry: the pages walked hold every entry of it, newest first, once')
+    t.ok(reads.every(n => n <= 20_100), `a range past the oldest entry: each page read at most its 20,000 positions (rows read: ${reads.join(', ')})`)
   })
 }
 
