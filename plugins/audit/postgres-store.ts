@@ -753,8 +753,10 @@ export class PostgresAuditStore implements AuditStore {
    * to the range's first entry, until a page is full, and what lies below them (entries whose
    * timestamps are out of position order: several instances, a replayed spool) through the
    * timestamp index. A page of an `action` or `status` reads at most `scan` positions: one not
-   * full by then ends there, with `resume`, the position to go on below. The cost follows the
-   * page, never the table.
+   * full by then ends there, with `resume`, the position to go on below; one whose range spans
+   * more than `scan` reads none of it through the timestamp index (which reads it whole), its
+   * windows going on below the range down to the oldest entry. The cost follows the page, never
+   * the table.
    */
   private async timeBounded (q: AuditQuery, where: readonly string[], params: readonly unknown[], order: string, want: number): Promise<{ rows: StoredEntry[], resume: number | null }> {
     const filter = 'WHERE ' + where.join(' AND ')
