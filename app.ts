@@ -797,6 +797,19 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     }
     return false
   }
+  // Every request has the access log's two lines (README, "Errors"), but Fastify writes its second,
+  // `request completed`, on the answer's 'finish' or 'error', neither of which comes once the
+  // client has left (its connection closed while the call ran): such a request had only
+  // `incoming request`. Written here instead, with the status its audit entry records (499
+  // CLIENT_CLOSED, or the answer written straight to its connection: lingering.ts). Only when the
+  // access log is written (LOG_LEVEL info or lower): at warn, Fastify adds no listener for it.
+  if ((app.log as { isLevelEnabled?: (level: string) => boolean }).isLevelEnabled?.('info') === true) {
+    app.addHook('onRequestAbort', (request, done) => {
+      const straight = answeredStraight.get(request.raw)
+      request.log.info({ res: { statusCode: straight?.[0] ?? 499 }, code: straight?.[1] ?? 'CLIENT_CLOSED' }, 'request completed')
+      done()
+    })
+  }
   app.addHook('onRequest', (request, reply, done) => {
     stamp(request, reply)
     // With CORS on, refused once it has set its headers; a preflight CORS answers itself closes too.

@@ -111,6 +111,10 @@ t.test('a request answered 408 for its body is answered with its own request id'
   t.equal(problemOf(made.answer()).requestId, id)
   const incoming = lines.filter(l => l.msg === 'incoming request' && l.reqId !== 'slow-body-1').map(l => l.reqId)
   t.same(incoming, [id], 'a gateway-made id: the one its access-log line carries')
+  // Its access log's second line too, with what it was answered (it ends as its client's leaving
+  // would: Fastify's own line never came).
+  await until(() => lines.some(l => l.reqId === id && l.msg === 'request completed'), 'its request completed line')
+  t.match(lines.find(l => l.reqId === id && l.msg === 'request completed'), { res: { statusCode: 408 }, code: 'BAD_REQUEST' })
 })
 
 t.test('a request whose body still arrives at shutdown is answered 503 with its own request id', async t => {

@@ -227,3 +227,26 @@ t.test('a half-open breaker\'s probe whose caller leaves is let finish: its outc
   await until(() => app.kernel.inFlight() === 0, 'the probe to end')
   t.equal(app.kernel.breakerState(), 'closed', 'its answer closed the breaker')
 })
+
+// Every request has the access log's two lines (README, "Errors"): one whose client left while its
+// Kernel call ran had only `incoming request`, as Fastify writes `request completed` on the
+// answer's 'finish', which never comes once the connection is gone.
+t.test('a client that leaves mid-call still has its second access-log line, saying it left', async t => {
+  const kernel = await startTestKernel(t, {})
+  kernel.on('GET /v1/items/hang', () => { /* never answers */ })
+  const lines: Array<Record<string, unknown>> = []
+  const logStream = { write: (line: string) => { lines.push(JSON.parse(line) as Record<string, unknown>) } }
+  const m = testManifest({ getItem: { type: 'query', rest: 'GET /items/:id', kernel: 'GET /v1/items/{id}', input: idInput, output: item, timeoutMs: 5000 } })
+  const app = await buildTestApp(t, { LOG_LEVEL: 'info' }, { manifest: m, kernelUrl: kernel.url, logger: undefined, logStream })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as AddressInfo).port
+  const req = send(port, 'GET', '/api/v1/items/hang', 'left-log-1')
+  await until(() => app.kernel.inFlight() === 1, 'the call to reach the Kernel')
+  req.destroy()
+  await until(() => app.kernel.inFlight() === 0, 'the call to be cancelled', 2000)
+  t.match(await auditOf(app, 'left-log-1'), [{ status: 'CLIENT_CLOSED', statusCode: 499 }])
+  const mine = lines.filter(l => l.reqId === 'left-log-1').map(l => l.msg)
+  t.same(mine.filter(m => m !== 'incoming request' && m !== 'request completed' && m !== 'request closed by the client'), [], 'no other line')
+  const second = lines.find(l => l.reqId === 'left-log-1' && l.msg !== 'incoming request')
+  t.match(second, { level: 30, msg: 'request completed', res: { statusCode: 499 }, code: 'CLIENT_CLOSED' }, 'the second line says the client left')
+})
