@@ -58,8 +58,8 @@ export function slowReader (socket: WebSocket | null, max = MAX_BUFFERED_BYTES, 
 }
 
 /** Where a client that did not read is cut: a face, and how its client reads it. */
-export type SlowReaderFace = 'ws' | 'graphql' | 'trpc' | 'trpc_sse'
-const FACES: ReadonlyArray<[SlowReaderFace, string, string]> = [['ws', 'ws', 'websocket'], ['graphql', 'graphql', 'websocket'], ['trpc', 'trpc', 'websocket'], ['trpc_sse', 'trpc', 'sse']]
+export type SlowReaderFace = 'ws' | 'graphql' | 'trpc' | 'trpc_sse' | 'trpc_stream'
+const FACES: ReadonlyArray<[SlowReaderFace, string, string]> = [['ws', 'ws', 'websocket'], ['graphql', 'graphql', 'websocket'], ['trpc', 'trpc', 'websocket'], ['trpc_sse', 'trpc', 'sse'], ['trpc_stream', 'trpc', 'stream']]
 /** The counter of each registry (one per app), made by the first face that asks for it. */
 const cutCounters = new WeakMap<Registry, Map<SlowReaderFace, CounterSeries>>()
 /** The counter each socket's cut is counted in (only while metrics are on). */
@@ -76,7 +76,7 @@ export function slowReaderCuts (app: FastifyInstance, face: SlowReaderFace): Cou
   if (series === undefined) {
     const counter = new CallCounter({
       name: 'mantle_slow_reader_cuts_total',
-      help: 'Clients cut for leaving more than their bound unread (a WebSocket closed with 1013: over its 4 MiB, or its tenant\'s or the instance\'s share of the unread bytes; a tRPC SSE stream ended past its 4 MiB), by face and transport',
+      help: 'Clients cut for leaving more than their bound unread (a WebSocket closed with 1013: over its 4 MiB, or its tenant\'s or the instance\'s share of the unread bytes; a tRPC SSE stream ended past its 4 MiB or its tenant\'s share, a tRPC streamed batch cut past its tenant\'s share), by face and transport',
       labelNames: ['face', 'transport'],
       registers: [registry]
     })

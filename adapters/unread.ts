@@ -2,7 +2,7 @@ import { getHeapStatistics } from 'node:v8'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
 import { MantleError } from '../errors.js'
-import { FRAME_OVERHEAD, queueFrame } from './slow-reader.js'
+import { FRAME_OVERHEAD, queueFrame, slowReaderCuts } from './slow-reader.js'
 import { PROBE_PATHS } from '../probes.js'
 
 /**
@@ -213,6 +213,9 @@ export const COUNTED_ANSWER_BYTES = 16 * 1024
 export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantOf: (request: FastifyRequest) => string | undefined): void {
   const leftOut = (): MantleError => overloaded('This answer was left out: this tenant\'s clients have too many answers unread on this instance. The call did run (a mutation was carried out)')
   const anonymousLeftOut = (): MantleError => overloaded('This answer was left out: clients without a token have too many answers unread on this instance')
+  // A streamed answer cut past the share, counted as a WebSocket or an SSE stream cut so, and no
+  // warn line (an OVERLOADED refusal writes none): it wrote one per stream, counted nowhere.
+  const streamCuts = slowReaderCuts(app, 'trpc_stream')
   app.addHook('onRequest', (request, _reply, done) => {
     if (unread.within) {
       done()
@@ -238,8 +241,8 @@ export function answerBounds (app: FastifyInstance, unread: UnreadBytes, tenantO
         done(tenant === undefined ? anonymousLeftOut() : leftOut())
         return
       }
-      const cut = (reason: MantleError): void => {
-        request.log.warn(reason.message)
+      const cut = (): void => {
+        streamCuts?.inc()
         reply.raw.destroy()
       }
       const made = (): void => { madeWhole.add(reply.raw) }

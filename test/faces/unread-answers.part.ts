@@ -19,11 +19,12 @@ type Teardown = { teardown: (fn: () => unknown) => void }
 const output = { type: 'object', properties: { data: { type: 'string' } } }
 
 /** A gateway listening, in front of a Kernel serving `routes` (GET /v1/<name>) as queries GET /api/v1/<name>; a tenant's share of unread bytes `perTenant`. */
-async function gatewayOf (t: Teardown, routes: Record<string, TestHandler>, perTenant: number): Promise<{ port: number, base: string, held: () => Promise<number> }> {
+async function gatewayOf (t: Teardown, routes: Record<string, TestHandler>, perTenant: number, lines?: string[]): Promise<{ port: number, base: string, held: () => Promise<number> }> {
   const kernel = await startTestKernel(t, Object.fromEntries(Object.entries(routes).map(([name, route]) => [`GET /v1/${name}`, route])))
   const ops = Object.fromEntries(Object.keys(routes).map(name => [`get${name[0].toUpperCase()}${name.slice(1)}`, { type: 'query', rest: `GET /${name}`, kernel: `GET /v1/${name}`, output, timeoutMs: 10000 }]))
   const manifest = testManifest(ops, { url: kernel.url })
-  const app = await buildApp(testConfig({ BFF_WEBSOCKET_ENABLED: false }), { logger: false, manifest, kernelUrl: kernel.url, unreadBytes: { max: 64 * 1024 * 1024, perTenant } })
+  const logs = lines === undefined ? { logger: false as const } : { logger: undefined, logStream: { write: (line: string) => { lines.push(line) } } }
+  const app = await buildApp(testConfig({ BFF_WEBSOCKET_ENABLED: false, LOG_LEVEL: 'warn' }), { ...logs, manifest, kernelUrl: kernel.url, unreadBytes: { max: 64 * 1024 * 1024, perTenant } })
   t.teardown(() => app.close())
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as { port: number }
@@ -157,10 +158,11 @@ t.test('an answer left unread is counted in the UTF-8 bytes it is sent as, not i
 })
 
 t.test('a streamed tRPC batch (httpBatchStreamLink\'s jsonl) counts as it is made, and is cut past the share', async t => {
+  const lines: string[] = []
   const { port, base, held } = await gatewayOf(t, {
     big: (_req, res) => json(res, 200, { data: big }),
     small: (_req, res) => json(res, 200, { data: 'small' })
-  }, 12 * 1024 * 1024)
+  }, 12 * 1024 * 1024, lines)
   const hog = `Bearer ${token({ tenant: 'hog' })}`
   const streamed = `${hog}\r\ntrpc-accept: application/jsonl`
 
@@ -195,4 +197,8 @@ t.test('a streamed tRPC batch (httpBatchStreamLink\'s jsonl) counts as it is mad
   t.notOk(last.endsWith('0\r\n\r\n'), 'its chunked body never ended')
   t.equal(await heldOnce(held, bytes => bytes === 0), 0, 'what it held is let go')
   t.equal((await fetch(`${base}/trpc/getSmall`, { headers: { authorization: `Bearer ${token({ tenant: 'cut' })}` } })).status, 200, 'the tenant is served again')
+  // As a WebSocket or an SSE stream cut past its bound: counted, and no warn line (a refusal for
+  // load writes none). It wrote one warn line per stream cut, and was counted nowhere.
+  t.match((await (await fetch(`${base}/metrics`)).text()), /^mantle_slow_reader_cuts_total\{face="trpc",transport="stream"\} 1$/m, 'the cut is counted')
+  t.same(lines.filter(line => (JSON.parse(line) as { level: number }).level >= 40), [], 'no warn line')
 })
