@@ -35,6 +35,18 @@ const EXPORT_TIMEOUT_MS = 2000
 // still unanswered (the exporter's own shutdown awaits each, unbounded).
 const SHUTDOWN_TIMEOUT_MS = EXPORT_TIMEOUT_MS + 500
 
+// Exports in flight at most: the one the batch processor waits for, and one it stopped waiting
+// for after its EXPORT_TIMEOUT_MS (it then sends the next batch, while the exporter keeps the first
+// until the collector answers: a collector trickling its answer never trips the exporter's idle
+// timeout). Beyond it an export fails at once, its spans counted failed. The exporter's default
+// (30) held up to 30 batches of 512 spans in flight, 15,360 spans beyond SPAN_QUEUE_MAX.
+const EXPORTS_IN_FLIGHT = 2
+
+/** The OTLP/HTTP exporter to the collector at `url`. */
+export function collectorExporter (url: string): SpanExporter {
+  return new OTLPTraceExporter({ url, timeoutMillis: EXPORT_TIMEOUT_MS, concurrencyLimit: EXPORTS_IN_FLIGHT })
+}
+
 /** The caller's W3C traceparent as a remote parent context (ROOT_CONTEXT when absent or invalid). */
 export function parentContext (traceparent: string | undefined): Context {
   const parent = parseTraceparent(traceparent)
@@ -123,7 +135,7 @@ class UnansweredCount implements SpanExporter {
 
 async function tracingPlugin (app: FastifyInstance, opts: TracingOptions): Promise<void> {
   const report = new SpanQueueReport()
-  const exporter = new UnansweredCount(opts.exporter ?? new OTLPTraceExporter({ url: opts.url, timeoutMillis: EXPORT_TIMEOUT_MS }), app.log)
+  const exporter = new UnansweredCount(opts.exporter ?? collectorExporter(opts.url), app.log)
   const provider = new TracerProvider({
     resource: resourceFromAttributes({ 'service.name': opts.serviceName, 'service.version': opts.version }),
     sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(opts.sampleRatio) }),

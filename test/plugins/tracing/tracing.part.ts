@@ -3,7 +3,9 @@ import { createServer } from 'node:http'
 import { createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net'
 import { buildTestApp, startTestKernel, json, bearer, testManifest, testConfig, until } from '../../helper.js'
 import { tracesUrl } from '../../../app.js'
-import { parentContext, SpanQueueReport } from '../../../plugins/tracing/index.js'
+import { collectorExporter, parentContext, SpanQueueReport } from '../../../plugins/tracing/index.js'
+import { InMemorySpanExporter, SimpleSpanProcessor, TracerProvider } from '@opentelemetry/sdk-trace'
+import type { ExportResult } from '@opentelemetry/core'
 import { childTraceparent } from '../../../plugins/kernel/index.js'
 import { buildApp } from '../../../app.js'
 import { startKernel } from '../../../kernel/server.js'
@@ -378,4 +380,27 @@ t.test('a collector outage is logged once when it starts and once when it ends, 
     [40, 'trace export failed: spans are lost until the collector takes them again']
   ], 'a warn line when exports start failing, an info line when one is taken again')
   t.equal(lines.find(l => l.level === 40 && typeof l.msg === 'string' && l.msg.startsWith('trace export'))?.err, 'connect ECONNREFUSED 127.0.0.1:4318', 'with the error')
+})
+
+// README: at most 4,096 finished spans wait for export. The batch processor stops waiting for an
+// export after its 2 s and sends the next batch, while the exporter keeps the first in flight
+// (a collector that trickles its answer never trips its idle timeout): up to the exporter's
+// default of 30 exports of 512 spans each, 15,360 more spans held. Two at most now: the one the
+// processor waits for and one it gave up on; a third is refused at once, its spans failed.
+t.test('the collector exporter holds at most two exports in flight', async t => {
+  const held: Array<import('node:http').ServerResponse> = []
+  const collector = createServer((req, res) => { req.resume(); held.push(res) })
+  await new Promise<void>(resolve => collector.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { collector.closeAllConnections(); collector.close() })
+  const spans = new InMemorySpanExporter()
+  const provider = new TracerProvider({ spanProcessors: [new SimpleSpanProcessor({ exporter: spans })] })
+  for (let i = 0; i < 3; i++) provider.getTracer('t').startSpan(`s${i}`).end()
+  const exporter = collectorExporter(`http://127.0.0.1:${(collector.address() as AddressInfo).port}/v1/traces`)
+  t.teardown(() => exporter.shutdown())
+  const results: Array<ExportResult | null> = [null, null, null]
+  t.equal(spans.getFinishedSpans().length, 3)
+  spans.getFinishedSpans().forEach((span, i) => { exporter.export([span], result => { results[i] = result }) })
+  t.same(results.slice(0, 2), [null, null], 'two in flight')
+  t.match(results[2], { code: 1, error: { message: 'Concurrent export limit reached' } }, 'the third refused at once')
+  await until(() => held.length === 2, 'the two exports to reach the collector')
 })
