@@ -253,10 +253,13 @@ function answerRaw (socket: Duplex, status: number, detail: string, extra: strin
  * is valid, as every answer's (README, "Request ids"); else a new one.
  */
 function answeredId (req: IncomingMessage | null | undefined): string {
-  const kept = requestIdOf(req)
-  if (kept !== undefined) return kept
-  const id = req?.headers['x-request-id']
-  return typeof id === 'string' && REQUEST_ID.test(id) ? id : uuidv7()
+  return requestIdOf(req) ?? (req == null ? undefined : clientsRequestId(req)) ?? uuidv7()
+}
+
+/** The client's own x-request-id, when it is short and plain (REQUEST_ID); else undefined. */
+function clientsRequestId (req: IncomingMessage): string | undefined {
+  const id = req.headers['x-request-id']
+  return typeof id === 'string' && REQUEST_ID.test(id) ? id : undefined
 }
 
 /**
@@ -511,8 +514,8 @@ export async function buildApp (config: Readonly<Config>, options: BuildOptions 
     // A request's logger becomes a pino child only when the request writes a line (request-logger.ts).
     childLoggerFactory: requestLoggerFactory,
     genReqId: (req) => {
-      const id = req.headers['x-request-id']
-      if (typeof id !== 'string' || !REQUEST_ID.test(id)) return keepRequestId(req, uuidv7())
+      const id = clientsRequestId(req)
+      if (id === undefined) return keepRequestId(req, uuidv7())
       markClientRequestId(req)
       return keepRequestId(req, id)
     },
