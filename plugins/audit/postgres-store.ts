@@ -346,6 +346,14 @@ function below (cursor: number | undefined, newest: string): number {
   return Math.min(cursor ?? Infinity, position(newest) + 1)
 }
 
+/**
+ * Whether a page filters on what no index serves (an `action` or `status`, without a request id,
+ * whose own index finds it): such a page reads at most its store's `scan` positions.
+ */
+function unindexed (q: AuditQuery): boolean {
+  return q.requestId === undefined && (q.action !== undefined || q.status !== undefined)
+}
+
 /** The positions of a range's first and last entries by time (`first`, `last`), through the timestamp index. */
 function rangeEnds (inRange: string): string {
   return `(SELECT seq FROM bff_audit_entries WHERE ${inRange} ORDER BY "timestamp" LIMIT 1) AS first,
@@ -715,7 +723,7 @@ export class PostgresAuditStore implements AuditStore {
     let rows: StoredEntry[]
     // Where a short page's scan stopped, entries below it not yet read (windows).
     let resume: number | null = null
-    if (q.from === undefined && q.to === undefined && q.requestId === undefined && (q.action !== undefined || q.status !== undefined)) {
+    if (q.from === undefined && q.to === undefined && unindexed(q)) {
       // An `action` or `status`, which no index serves, with no time range: windows of the
       // positions below the cursor, as with one, down to the oldest entry. In one statement,
       // PostgreSQL read the table newest first by position filtering each row (or all of it, then
@@ -774,17 +782,15 @@ export class PostgresAuditStore implements AuditStore {
     // Entries below the range's first position, none when it is the oldest.
     const under = floor > position(ends.bottom)
     // Past the windows a page reads only matches (the range's positions, its tenant's entries or
-    // its request id's through their index) but for an `action` or `status`, which no index
-    // serves: those are bounded.
-    const bounded = q.requestId === undefined && (q.action !== undefined || q.status !== undefined)
+    // its request id's through their index) but for an `action` or `status`: those are bounded.
+    const bounded = unindexed(q)
     // Read through the timestamp index (a range far below, the entries below its first position),
     // a range has its every entry read: not by a bounded page whose range spans more positions
     // than it may read, which walks its windows instead, down to the range, and below it down to
     // the oldest entry (until 2026-12-08 a rare action over an old month read the whole month on
     // every page, and a walk over the last month read it whole on its last page).
-    const large = bounded && Math.abs(last - first) >= this.scan
-    if (top - 1 - Math.max(first, last) > Math.abs(last - first) && !large) return { rows: await this.belowByIndex(filter, params, top, want), resume: null }
-    if (large) return await this.windows(filter, params, order, top, position(ends.bottom), false, want, this.scan)
+    if (bounded && Math.abs(last - first) >= this.scan) return await this.windows(filter, params, order, top, position(ends.bottom), false, want, this.scan)
+    if (top - 1 - Math.max(first, last) > Math.abs(last - first)) return { rows: await this.belowByIndex(filter, params, top, want), resume: null }
     return await this.windows(filter, params, order, top, floor, under, want, bounded ? this.scan : Infinity)
   }
 
